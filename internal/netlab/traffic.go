@@ -1,0 +1,150 @@
+package netlab
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Greeting is what ServeTCP and StartTCPServer write to every connection.
+const Greeting = "ok"
+
+// ListenTCP opens a TCP listener inside the namespace.
+func (n *NS) ListenTCP(addr string) (net.Listener, error) {
+	var l net.Listener
+	err := n.Do(func() (err error) {
+		l, err = net.Listen("tcp", addr)
+		return err
+	})
+	return l, err
+}
+
+// StartTCPServer listens inside the namespace and greets every connection
+// with "ok\n", so a dialer can tell a real end-to-end connection from a
+// middlebox answer.
+func (n *NS) StartTCPServer(addr string) (io.Closer, error) {
+	l, err := n.ListenTCP(addr)
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			io.WriteString(c, Greeting+"\n")
+			c.Close()
+		}
+	}()
+	return l, nil
+}
+
+// ServeTCP is StartTCPServer for tests.
+func (n *NS) ServeTCP(t testing.TB, addr string) {
+	t.Helper()
+	c, err := n.StartTCPServer(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+}
+
+// DialTCP connects from inside the namespace and reads the greeting. It
+// returns nil only when the whole exchange worked.
+func (n *NS) DialTCP(addr string, timeout time.Duration) error {
+	return n.Do(func() error {
+		c, err := net.DialTimeout("tcp", addr, timeout)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(timeout))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			return fmt.Errorf("netlab: read greeting from %s: %w", addr, err)
+		}
+		if strings.TrimSpace(line) != Greeting {
+			return fmt.Errorf("netlab: unexpected greeting %q from %s", line, addr)
+		}
+		return nil
+	})
+}
+
+// StartUDPEcho answers every datagram with "echo:" + its payload.
+func (n *NS) StartUDPEcho(addr string) (io.Closer, error) {
+	var pc net.PacketConn
+	err := n.Do(func() (err error) {
+		pc, err = net.ListenPacket("udp", addr)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			k, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(append([]byte("echo:"), buf[:k]...), from)
+		}
+	}()
+	return pc, nil
+}
+
+// ServeUDPEcho is StartUDPEcho for tests.
+func (n *NS) ServeUDPEcho(t testing.TB, addr string) {
+	t.Helper()
+	c, err := n.StartUDPEcho(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+}
+
+// ProbeUDP sends one datagram from inside the namespace and waits for the
+// echo. nil means the round trip worked.
+func (n *NS) ProbeUDP(addr string, timeout time.Duration) error {
+	return n.Do(func() error {
+		c, err := net.Dial("udp", addr)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		msg := "probe-" + Rand(8)
+		c.SetDeadline(time.Now().Add(timeout))
+		if _, err := c.Write([]byte(msg)); err != nil {
+			return err
+		}
+		buf := make([]byte, 2048)
+		k, err := c.Read(buf)
+		if err != nil {
+			return err
+		}
+		if string(buf[:k]) != "echo:"+msg {
+			return errors.New("netlab: wrong UDP echo")
+		}
+		return nil
+	})
+}
+
+// Eventually polls cond until it returns nil or timeout passes, returning
+// the last error. Data-plane changes (routes, handshakes) take a moment.
+func Eventually(timeout time.Duration, cond func() error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := cond()
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -1,0 +1,117 @@
+package netlab
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+)
+
+// SocketDir is where userspace WireGuard devices put their control sockets
+// (shared by every namespace on the machine).
+const SocketDir = "/var/run/wireguard"
+
+var wgBuild struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// BuildWireGuard compiles the userspace WireGuard daemon
+// (golang.zx2c4.com/wireguard, a tool of this module) once per process and
+// returns the binary's path. It needs the Go toolchain and runs from inside
+// the module, as tests do.
+func BuildWireGuard() (string, error) {
+	wgBuild.once.Do(func() {
+		dir, err := os.MkdirTemp("", "netlab-wg-")
+		if err != nil {
+			wgBuild.err = err
+			return
+		}
+		path := filepath.Join(dir, "wireguard-go")
+		out, err := exec.Command("go", "build", "-o", path, "golang.zx2c4.com/wireguard").CombinedOutput()
+		if err != nil {
+			wgBuild.err = fmt.Errorf("netlab: go build golang.zx2c4.com/wireguard: %v: %s", err, bytes.TrimSpace(out))
+			return
+		}
+		wgBuild.path = path
+	})
+	return wgBuild.path, wgBuild.err
+}
+
+// WireGuardBinary is BuildWireGuard for tests.
+func WireGuardBinary(t testing.TB) string {
+	t.Helper()
+	p, err := BuildWireGuard()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// DefaultWGCommand runs the wireguard-go binary in the foreground; the
+// interface name is appended.
+func DefaultWGCommand() ([]string, error) {
+	p, err := BuildWireGuard()
+	if err != nil {
+		return nil, err
+	}
+	return []string{p, "-f"}, nil
+}
+
+// StartWireGuardDevice starts a userspace WireGuard interface named ifname
+// inside ns with cmd (the interface name is appended to it) and waits for
+// its control socket, so wgctrl can configure it at once. The process is
+// stopped when ns is closed.
+func StartWireGuardDevice(ns *NS, ifname string, cmd []string) error {
+	sock := filepath.Join(SocketDir, ifname+".sock")
+	var stderr syncBuffer
+	_, err := ns.Start(func(c *exec.Cmd) {
+		c.Stderr = &stderr
+		c.Stdout = &stderr
+		c.Env = append(os.Environ(), "LOG_LEVEL=error", "WG_PROCESS_FOREGROUND=1")
+	}, append(append([]string{}, cmd...), ifname)...)
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := os.Stat(sock); err == nil {
+			if _, err := ns.Run("ip", "link", "show", ifname); err == nil {
+				return nil
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("netlab: wireguard %s: no control socket %s after 10s: %s", ifname, sock, stderr.String())
+}
+
+// StartWireGuard is StartWireGuardDevice for tests, with the built binary.
+func StartWireGuard(t testing.TB, ns *NS, ifname, bin string) {
+	t.Helper()
+	if err := StartWireGuardDevice(ns, ifname, []string{bin, "-f"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// syncBuffer collects a child's output while the parent may read it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
