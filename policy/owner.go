@@ -1,0 +1,137 @@
+package policy
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+)
+
+// OwnerID names an administrative domain: "wg:<base64 public key>" for a
+// WireGuard peer, "static:<name>" for a statically configured client.
+type OwnerID string
+
+// Owner is one administrative domain and the prefixes it was given. Prefixes
+// are the configured ones (masked, minus those too short to confer ownership);
+// the effective ownership of an address is decided by Lookup, since a more
+// specific prefix of another owner takes precedence.
+type Owner struct {
+	ID       OwnerID
+	Label    string // operator label, or the static client's name; may be empty
+	Prefixes []netip.Prefix
+}
+
+// Ownership maps addresses to owners.
+type Ownership interface {
+	// Lookup returns the owner whose prefix is the longest match for src.
+	// IPv4 addresses must be unmapped (10.0.0.1, not ::ffff:10.0.0.1); an
+	// IPv4-mapped or zoned address has no owner.
+	Lookup(src netip.Addr) (Owner, bool)
+	// Owners returns a snapshot of every owner, safe to keep and modify.
+	Owners() []Owner
+}
+
+// Errors returned by constructors; match with errors.Is.
+var (
+	ErrInvalidConfig = errors.New("invalid configuration")
+	ErrOverlap       = errors.New("prefixes of different clients overlap")
+	ErrShortPrefix   = errors.New("prefix too short to own")
+)
+
+// Static is ownership from configuration: named clients, each owning a list
+// of prefixes. It is immutable.
+type Static struct {
+	t *table
+}
+
+var _ Ownership = (*Static)(nil)
+
+// NewStatic validates and masks the prefixes of each named client. A prefix
+// shorter than MinOwnedBits6 / MinOwnedBits4, an IPv4-mapped IPv6 prefix, or
+// a prefix of one client overlapping (equal to, inside, or around) a prefix of
+// another client is an error: static clients are separate administrative
+// domains (RFC 6887 §18.1), and overlapping claims are a configuration
+// mistake better refused than silently resolved.
+func NewStatic(clients map[string][]netip.Prefix) (*Static, error) {
+	names := make([]string, 0, len(clients))
+	for n := range clients {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	var (
+		owners []Owner
+		spans  []span
+		claim  []struct {
+			s    span
+			name string
+		}
+	)
+	for _, name := range names {
+		if name == "" || strings.ContainsFunc(name, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
+			return nil, fmt.Errorf("policy: static client name %q: must be non-empty without spaces or control characters: %w", name, ErrInvalidConfig)
+		}
+		var pfx []netip.Prefix
+		for _, p := range clients[name] {
+			if err := checkOwnedPrefix(p); err != nil {
+				return nil, fmt.Errorf("policy: static client %q: %w", name, err)
+			}
+			p = p.Masked()
+			if !slices.Contains(pfx, p) {
+				pfx = append(pfx, p)
+			}
+		}
+		if len(pfx) == 0 {
+			return nil, fmt.Errorf("policy: static client %q owns no prefix: %w", name, ErrInvalidConfig)
+		}
+		slices.SortFunc(pfx, comparePrefix)
+		idx := int32(len(owners))
+		owners = append(owners, Owner{ID: OwnerID("static:" + name), Label: name, Prefixes: pfx})
+		for _, p := range pfx {
+			s := spanOf(p)
+			s.owner = idx
+			for _, c := range claim {
+				if c.name != name && !(s.last.less(c.s.first) || c.s.last.less(s.first)) {
+					return nil, fmt.Errorf("policy: static client %q prefix %s overlaps client %q: %w", name, p, c.name, ErrOverlap)
+				}
+			}
+			claim = append(claim, struct {
+				s    span
+				name string
+			}{s, name})
+			spans = append(spans, s)
+		}
+	}
+	return &Static{t: build(owners, spans)}, nil
+}
+
+// Lookup implements Ownership.
+func (s *Static) Lookup(src netip.Addr) (Owner, bool) { return s.t.lookup(src) }
+
+// Owners implements Ownership.
+func (s *Static) Owners() []Owner { return s.t.snapshot() }
+
+// checkOwnedPrefix rejects prefixes that cannot be owned.
+func checkOwnedPrefix(p netip.Prefix) error {
+	switch {
+	case !p.IsValid():
+		return fmt.Errorf("invalid prefix %s: %w", p, ErrInvalidConfig)
+	case p.Addr().Is4In6():
+		return fmt.Errorf("prefix %s is IPv4-mapped; write it as IPv4: %w", p, ErrInvalidConfig)
+	case p.Addr().Is4() && p.Bits() < MinOwnedBits4:
+		return fmt.Errorf("prefix %s shorter than /%d: %w", p, MinOwnedBits4, ErrShortPrefix)
+	case p.Addr().Is6() && p.Bits() < MinOwnedBits6:
+		return fmt.Errorf("prefix %s shorter than /%d: %w", p, MinOwnedBits6, ErrShortPrefix)
+	}
+	return nil
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return a.Bits() - b.Bits()
+}
+
+func (s *Static) current() *table { return s.t }
+func (s *Static) miss()           {}

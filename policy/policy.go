@@ -1,0 +1,355 @@
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+)
+
+// Reason is the outcome of a policy decision. The engine maps reasons to
+// PCP and NAT-PMP result codes in one place; this package only says why.
+type Reason uint8
+
+const (
+	Allowed            Reason = iota // the request may proceed
+	NoOwner                          // the source belongs to no owner (NOT_AUTHORIZED)
+	NotOwned                         // the address to open belongs to another owner or none (NOT_AUTHORIZED, TP-03)
+	NeverOpenable                    // the address is in a never-openable class (NOT_AUTHORIZED, TP-03)
+	ThirdPartyDenied                 // THIRD_PARTY is switched off (UNSUPP_OPTION, TP-02 / OPT-08)
+	ProtocolDenied                   // protocol not in the allowed list (UNSUPP_PROTOCOL, MAP-04)
+	PortDenied                       // port outside the allowed or inside the denied ranges (NOT_AUTHORIZED)
+	AllPortsDenied                   // port 0 (all ports) not allowed (UNSUPP_PROTOCOL, MAP-05)
+	AllProtocolsDenied               // protocol 0 (all protocols) not allowed (UNSUPP_PROTOCOL, MAP-05)
+	ClientQuota                      // per-client lease limit reached (USER_EX_QUOTA, MAP-15)
+	GlobalQuota                      // global lease limit reached (NO_RESOURCES, MAP-15)
+	numReasons
+)
+
+var reasonNames = [numReasons]string{
+	Allowed:            "allowed",
+	NoOwner:            "no-owner",
+	NotOwned:           "not-owned",
+	NeverOpenable:      "never-openable",
+	ThirdPartyDenied:   "third-party-denied",
+	ProtocolDenied:     "protocol-denied",
+	PortDenied:         "port-denied",
+	AllPortsDenied:     "all-ports-denied",
+	AllProtocolsDenied: "all-protocols-denied",
+	ClientQuota:        "client-quota",
+	GlobalQuota:        "global-quota",
+}
+
+func (r Reason) String() string {
+	if r < numReasons {
+		return reasonNames[r]
+	}
+	return fmt.Sprintf("Reason(%d)", uint8(r))
+}
+
+// ThirdPartyMode says whether the THIRD_PARTY option may be used.
+type ThirdPartyMode uint8
+
+const (
+	// ThirdPartyOwned (the default) allows THIRD_PARTY only for addresses the
+	// requester itself owns (PROTOCOL.md choice (b)): it adds no power, since
+	// the owner could send from that address anyway (SEC-03).
+	ThirdPartyOwned ThirdPartyMode = iota
+	// ThirdPartyOff refuses THIRD_PARTY; the engine answers UNSUPP_OPTION (TP-02).
+	ThirdPartyOff
+)
+
+func (m ThirdPartyMode) String() string {
+	switch m {
+	case ThirdPartyOwned:
+		return "owned"
+	case ThirdPartyOff:
+		return "off"
+	}
+	return fmt.Sprintf("ThirdPartyMode(%d)", uint8(m))
+}
+
+// PortRange is the closed range [First, Last] of ports, First >= 1.
+type PortRange struct{ First, Last uint16 }
+
+func (r PortRange) String() string {
+	if r.First == r.Last {
+		return fmt.Sprint(r.First)
+	}
+	return fmt.Sprintf("%d-%d", r.First, r.Last)
+}
+
+// Request is what Authorize judges.
+type Request struct {
+	Source netip.Addr // packet source; an IPv4-mapped source is unmapped first
+	// Target is the address to open: the PCP Client IP (== Source after the
+	// engine's ADDRESS_MISMATCH check) or the THIRD_PARTY address.
+	Target     netip.Addr
+	ThirdParty bool  // Target came from a THIRD_PARTY option
+	Protocol   uint8 // IANA protocol number; 0 = all protocols
+	// InternalPort is the port to open on Target; 0 = all ports.
+	InternalPort uint16
+	// ExternalPort is the external port the engine is about to assign, 0 if
+	// not chosen yet (not checked). Do not pass a mere suggestion: a
+	// suggestion never causes failure (MAP-09); filter candidates with
+	// PortAllowed instead.
+	ExternalPort uint16
+}
+
+// Defaults applied by New to zero Config fields.
+const (
+	DefaultMinLifetime        = 120 * time.Second // RFC 6887 §15 SHOULD, LIFE-01
+	DefaultMaxLifetime        = 24 * time.Hour
+	DefaultMaxLeasesPerClient = 256
+	DefaultMaxLeases          = 65536
+)
+
+// DefaultProtocols are allowed when Config.AllowedProtocols is empty: TCP and
+// UDP (MAP-04).
+var DefaultProtocols = []uint8{6, 17}
+
+// Config holds the operator's rules. The zero value is the safe default.
+type Config struct {
+	MinLifetime, MaxLifetime time.Duration // zero: 120 s and 24 h
+	// Lease limits; zero selects the default. State is always bounded
+	// (SEC-04), so there is no "unlimited".
+	MaxLeasesPerClient, MaxLeases int
+	AllowedProtocols              []uint8 // empty: DefaultProtocols; 0 is not a protocol here (see AllowAllProtocols)
+	// AllowPorts, if non-empty, lists the only ports that may be opened;
+	// DenyPorts are refused even inside AllowPorts.
+	AllowPorts, DenyPorts []PortRange
+	AllowAllPorts         bool // allow port 0 (all ports) mappings; default no (MAP-05)
+	AllowAllProtocols     bool // allow protocol 0 (all protocols) mappings; default no (MAP-05)
+	ThirdParty            ThirdPartyMode
+	// DenyDocumentation makes the documentation and benchmarking ranges
+	// never openable. Off by default: tests and labs use 2001:db8::/32.
+	DenyDocumentation bool
+	// HostAddrs reports whether an address is one of the host's own; such
+	// addresses are never openable. Called on every request: it must be
+	// fast and safe for concurrent use. Nil: no host addresses.
+	HostAddrs func(netip.Addr) bool
+}
+
+// Policy applies Config over an Ownership. It is immutable and safe for
+// concurrent use.
+type Policy struct {
+	own       Ownership
+	fast      tableSource // own, when it exposes its table (no interface copies of Owner)
+	minLife   time.Duration
+	maxLife   time.Duration
+	maxClient int
+	maxAll    int
+	proto     [256]bool
+	allPorts  bool
+	allProtos bool
+	ports     [65536 / 64]uint64 // bit set: port allowed
+	tp        ThirdPartyMode
+	denyDoc   bool
+	host      func(netip.Addr) bool
+}
+
+// tableSource is implemented by this package's ownerships so that Authorize
+// can compare owner indices in one table snapshot instead of copying Owners.
+type tableSource interface {
+	current() *table
+	miss()
+}
+
+// New validates cfg, applies defaults and returns a Policy over own.
+func New(cfg Config, own Ownership) (*Policy, error) {
+	if own == nil {
+		return nil, fmt.Errorf("policy: nil ownership: %w", ErrInvalidConfig)
+	}
+	p := &Policy{
+		own:       own,
+		minLife:   cfg.MinLifetime,
+		maxLife:   cfg.MaxLifetime,
+		maxClient: cfg.MaxLeasesPerClient,
+		maxAll:    cfg.MaxLeases,
+		allPorts:  cfg.AllowAllPorts,
+		allProtos: cfg.AllowAllProtocols,
+		tp:        cfg.ThirdParty,
+		denyDoc:   cfg.DenyDocumentation,
+		host:      cfg.HostAddrs,
+	}
+	if ts, ok := own.(tableSource); ok {
+		p.fast = ts
+	}
+	if p.minLife == 0 {
+		p.minLife = DefaultMinLifetime
+	}
+	if p.maxLife == 0 {
+		p.maxLife = DefaultMaxLifetime
+	}
+	switch {
+	case p.minLife < 0 || p.maxLife < 0:
+		return nil, fmt.Errorf("policy: negative lifetime bound: %w", ErrInvalidConfig)
+	case p.minLife > p.maxLife:
+		return nil, fmt.Errorf("policy: min lifetime %v exceeds max lifetime %v: %w", p.minLife, p.maxLife, ErrInvalidConfig)
+	case p.maxLife > time.Duration(^uint32(0))*time.Second:
+		return nil, fmt.Errorf("policy: max lifetime %v exceeds the 32-bit lifetime field: %w", p.maxLife, ErrInvalidConfig)
+	}
+	if p.maxClient == 0 {
+		p.maxClient = DefaultMaxLeasesPerClient
+	}
+	if p.maxAll == 0 {
+		p.maxAll = DefaultMaxLeases
+	}
+	if p.maxClient < 0 || p.maxAll < 0 {
+		return nil, fmt.Errorf("policy: negative lease limit: %w", ErrInvalidConfig)
+	}
+	if p.tp > ThirdPartyOff {
+		return nil, fmt.Errorf("policy: unknown third-party mode %d: %w", p.tp, ErrInvalidConfig)
+	}
+	protos := cfg.AllowedProtocols
+	if len(protos) == 0 {
+		protos = DefaultProtocols
+	}
+	for _, n := range protos {
+		if n == 0 {
+			return nil, fmt.Errorf("policy: protocol 0 in allowed protocols (use all-protocols instead): %w", ErrInvalidConfig)
+		}
+		p.proto[n] = true
+	}
+	for _, r := range append(append([]PortRange(nil), cfg.AllowPorts...), cfg.DenyPorts...) {
+		if r.First == 0 || r.First > r.Last {
+			return nil, fmt.Errorf("policy: bad port range %d-%d: %w", r.First, r.Last, ErrInvalidConfig)
+		}
+	}
+	setPorts := func(r PortRange, on bool) {
+		for q := int(r.First); q <= int(r.Last); q++ {
+			if on {
+				p.ports[q/64] |= 1 << (q % 64)
+			} else {
+				p.ports[q/64] &^= 1 << (q % 64)
+			}
+		}
+	}
+	if len(cfg.AllowPorts) == 0 {
+		setPorts(PortRange{1, 65535}, true)
+	}
+	for _, r := range cfg.AllowPorts {
+		setPorts(r, true)
+	}
+	for _, r := range cfg.DenyPorts {
+		setPorts(r, false)
+	}
+	return p, nil
+}
+
+// Ownership returns the ownership the policy consults.
+func (p *Policy) Ownership() Ownership { return p.own }
+
+// ThirdPartyMode returns the configured THIRD_PARTY mode.
+func (p *Policy) ThirdPartyMode() ThirdPartyMode { return p.tp }
+
+// PortAllowed reports whether port (≥ 1) may be opened under the port rules.
+// The engine uses it to skip unusable suggested external ports (MAP-09).
+func (p *Policy) PortAllowed(port uint16) bool {
+	return p.ports[port/64]&(1<<(port%64)) != 0
+}
+
+// Authorize decides whether r.Source may open r.Target for r.Protocol and
+// ports. It returns the requester's owner (zero if NoOwner) and the reason.
+// Checks run in MAP-01 order: THIRD_PARTY switch, ownership of the source,
+// never-openable target, same owner, protocol, ports. It does not allocate
+// and takes no lock.
+func (p *Policy) Authorize(r Request) (Owner, Reason) {
+	if r.ThirdParty && p.tp == ThirdPartyOff {
+		return Owner{}, ThirdPartyDenied
+	}
+	src := r.Source.Unmap()
+	var o Owner
+	if p.fast != nil {
+		t := p.fast.current()
+		si := noOwner
+		if src.IsValid() && src.Zone() == "" {
+			si = t.find(src)
+		}
+		if si < 0 {
+			p.fast.miss()
+			return Owner{}, NoOwner
+		}
+		o = t.owners[si]
+		if p.neverOpenable(r.Target) {
+			return o, NeverOpenable
+		}
+		if t.find(r.Target) != si {
+			p.fast.miss()
+			return o, NotOwned
+		}
+	} else {
+		var ok bool
+		if o, ok = p.own.Lookup(src); !ok {
+			return Owner{}, NoOwner
+		}
+		if p.neverOpenable(r.Target) {
+			return o, NeverOpenable
+		}
+		if to, ok := p.own.Lookup(r.Target); !ok || to.ID != o.ID {
+			return o, NotOwned
+		}
+	}
+	switch {
+	case r.Protocol == 0:
+		if !p.allProtos {
+			return o, AllProtocolsDenied
+		}
+	case !p.proto[r.Protocol]:
+		return o, ProtocolDenied
+	}
+	if r.InternalPort == 0 {
+		if !p.allPorts {
+			return o, AllPortsDenied
+		}
+	} else if !p.PortAllowed(r.InternalPort) {
+		return o, PortDenied
+	}
+	if r.ExternalPort != 0 && !p.PortAllowed(r.ExternalPort) {
+		return o, PortDenied
+	}
+	return o, Allowed
+}
+
+// CheckQuota decides whether a client holding clientLeases, on a server
+// holding totalLeases, may create one more lease. Renewals must not be
+// checked (MAP-15: limits apply to new mappings only). The per-client limit
+// is checked first: it is the more specific cause (HDR-07).
+func (p *Policy) CheckQuota(clientLeases, totalLeases int) Reason {
+	if clientLeases >= p.maxClient {
+		return ClientQuota
+	}
+	if totalLeases >= p.maxAll {
+		return GlobalQuota
+	}
+	return Allowed
+}
+
+// ClampLifetime clamps a requested lifetime into [min, max] (LIFE-01,
+// choice (e)). Zero (a delete) stays zero; negative values are treated as 0.
+func (p *Policy) ClampLifetime(d time.Duration) time.Duration {
+	switch {
+	case d <= 0:
+		return 0
+	case d < p.minLife:
+		return p.minLife
+	case d > p.maxLife:
+		return p.maxLife
+	}
+	return d
+}
+
+// MinLifetime and MaxLifetime return the effective clamp bounds.
+func (p *Policy) MinLifetime() time.Duration { return p.minLife }
+func (p *Policy) MaxLifetime() time.Duration { return p.maxLife }
+
+// neverOpenable reports whether a is in a class no one may open, whatever
+// the ownership says.
+func (p *Policy) neverOpenable(a netip.Addr) bool {
+	if neverOpenable(a) {
+		return true
+	}
+	if p.denyDoc && isDocumentation(a) {
+		return true
+	}
+	return p.host != nil && p.host(a)
+}

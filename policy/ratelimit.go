@@ -1,0 +1,82 @@
+package policy
+
+import (
+	"math"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/golang-lru/v2/simplelru"
+)
+
+// RateLimiter is a per-source token bucket with bounded memory (PKT-08,
+// SEC-04). Buckets live in an LRU of at most maxSources entries, so a flood
+// from any number of sources cannot grow memory, and one source's flood
+// spends only its own tokens. A source whose bucket was evicted comes back
+// with a full bucket: eviction can only favour a legitimate client, never
+// starve it. It is safe for concurrent use.
+type RateLimiter struct {
+	mu    sync.Mutex
+	rate  float64 // tokens per second
+	burst float64
+	lru   *simplelru.LRU[netip.Addr, *bucket]
+	free  []*bucket // evicted buckets, reused to avoid an allocation per new source
+}
+
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+// NewRateLimiter returns a limiter allowing each source rate requests per
+// second with bursts of burst, remembering at most maxSources sources.
+// Invalid arguments (rate ≤ 0 or NaN, burst < 1, maxSources < 1) are raised
+// to the smallest meaningful value: a limiter is never unlimited by mistake.
+func NewRateLimiter(rate float64, burst int, maxSources int) *RateLimiter {
+	if !(rate > 0) || math.IsInf(rate, 0) {
+		rate = 1
+	}
+	burst = max(burst, 1)
+	maxSources = max(maxSources, 1)
+	l := &RateLimiter{rate: rate, burst: float64(burst)}
+	l.lru, _ = simplelru.NewLRU(maxSources, func(_ netip.Addr, b *bucket) {
+		if len(l.free) < 64 {
+			l.free = append(l.free, b)
+		}
+	})
+	return l
+}
+
+// Allow reports whether src may be served at now, spending one token.
+func (l *RateLimiter) Allow(src netip.Addr, now time.Time) bool {
+	src = src.Unmap()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b, ok := l.lru.Get(src)
+	if !ok {
+		if n := len(l.free); n > 0 {
+			b, l.free = l.free[n-1], l.free[:n-1]
+		} else {
+			b = new(bucket)
+		}
+		*b = bucket{tokens: l.burst - 1, last: now}
+		l.lru.Add(src, b)
+		return true
+	}
+	if dt := now.Sub(b.last); dt > 0 {
+		b.tokens = min(l.burst, b.tokens+dt.Seconds()*l.rate)
+		b.last = now
+	}
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// Len returns the number of sources currently remembered.
+func (l *RateLimiter) Len() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.lru.Len()
+}

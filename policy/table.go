@@ -1,0 +1,235 @@
+package policy
+
+import (
+	"cmp"
+	"encoding/binary"
+	"math/bits"
+	"net/netip"
+	"slices"
+)
+
+// Prefix length limits below which a prefix confers no ownership: a peer
+// with a default route (::/0, 0.0.0.0/0) or a huge aggregate must not own
+// the internet. /32 is the smallest IPv6 allocation a RIR gives an ISP; /8
+// still admits a whole RFC 1918 10.0.0.0/8 routed to a site-to-site peer.
+const (
+	MinOwnedBits6 = 32
+	MinOwnedBits4 = 8
+)
+
+// u128 is an address in one 128-bit space: IPv6 as is, IPv4 as its
+// IPv4-mapped form (::ffff:a.b.c.d), so both families share one table.
+type u128 struct{ hi, lo uint64 }
+
+func key(a netip.Addr) u128 {
+	b := a.As16()
+	return u128{binary.BigEndian.Uint64(b[:8]), binary.BigEndian.Uint64(b[8:])}
+}
+
+func (u u128) less(v u128) bool { return u.hi < v.hi || (u.hi == v.hi && u.lo < v.lo) }
+
+func (u u128) addOne() (u128, bool) {
+	lo, c := bits.Add64(u.lo, 1, 0)
+	hi, c := bits.Add64(u.hi, 0, c)
+	return u128{hi, lo}, c != 0
+}
+
+func (u u128) subOne() u128 {
+	lo, b := bits.Sub64(u.lo, 1, 0)
+	hi, _ := bits.Sub64(u.hi, 0, b)
+	return u128{hi, lo}
+}
+
+func (u u128) addr() netip.Addr {
+	var b [16]byte
+	binary.BigEndian.PutUint64(b[:8], u.hi)
+	binary.BigEndian.PutUint64(b[8:], u.lo)
+	return netip.AddrFrom16(b)
+}
+
+// mask128 returns the host-part mask of a /n prefix in the 128-bit space.
+func hostMask(n int) u128 {
+	switch {
+	case n <= 0:
+		return u128{^uint64(0), ^uint64(0)}
+	case n < 64:
+		return u128{^uint64(0) >> n, ^uint64(0)}
+	case n < 128:
+		return u128{0, ^uint64(0) >> (n - 64)}
+	}
+	return u128{}
+}
+
+// span is a masked prefix as a closed range [first, last] in the 128-bit
+// space, with its length in that space (IPv4 /n is /96+n).
+type span struct {
+	first, last u128
+	bits        int
+	owner       int32 // index into table.owners, or noOwner for a deliberate hole
+}
+
+func spanOf(p netip.Prefix) span {
+	p = p.Masked()
+	n := p.Bits()
+	if p.Addr().Is4() {
+		n += 96
+	}
+	f := key(p.Addr())
+	m := hostMask(n)
+	return span{first: f, last: u128{f.hi | m.hi, f.lo | m.lo}, bits: n}
+}
+
+const noOwner int32 = -1
+
+// table is an immutable longest-prefix-match index: the prefixes, which are
+// nested or disjoint, flattened into sorted elementary intervals, each
+// labelled with its most specific owner. A lookup is one binary search over
+// ~2n starts with no allocation and no lock; a refresh builds a new table and
+// swaps a pointer.
+type table struct {
+	starts []u128  // starts[0] is always ::
+	owner  []int32 // owner of [starts[i], starts[i+1])
+	owners []Owner
+	byID   map[OwnerID]int32
+}
+
+// build flattens spans (exact duplicates already resolved by the caller)
+// into a table.
+func build(owners []Owner, spans []span) *table {
+	slices.SortFunc(spans, func(a, b span) int {
+		if a.first != b.first {
+			if a.first.less(b.first) {
+				return -1
+			}
+			return 1
+		}
+		return cmp.Compare(a.bits, b.bits) // enclosing (shorter) first
+	})
+	t := &table{
+		starts: make([]u128, 0, 2*len(spans)+1),
+		owner:  make([]int32, 0, 2*len(spans)+1),
+		owners: owners,
+		byID:   make(map[OwnerID]int32, len(owners)),
+	}
+	for i, o := range owners {
+		t.byID[o.ID] = int32(i)
+	}
+	emit := func(at u128, o int32) {
+		if n := len(t.starts); n > 0 && t.starts[n-1] == at {
+			t.starts, t.owner = t.starts[:n-1], t.owner[:n-1]
+		}
+		if n := len(t.owner); n > 0 && t.owner[n-1] == o {
+			return
+		}
+		t.starts = append(t.starts, at)
+		t.owner = append(t.owner, o)
+	}
+	emit(u128{}, noOwner)
+	type open struct {
+		last  u128
+		owner int32
+	}
+	var stack []open
+	top := func() int32 {
+		if len(stack) == 0 {
+			return noOwner
+		}
+		return stack[len(stack)-1].owner
+	}
+	// closeUntil pops every open span that ends before at, handing the
+	// range after it back to the span that encloses it.
+	closeUntil := func(at u128, all bool) {
+		for len(stack) > 0 && (all || stack[len(stack)-1].last.less(at)) {
+			s := stack[len(stack)-1]
+			stack = stack[:len(stack)-1]
+			if next, overflow := s.last.addOne(); !overflow {
+				emit(next, top())
+			}
+		}
+	}
+	for _, s := range spans {
+		closeUntil(s.first, false)
+		emit(s.first, s.owner)
+		stack = append(stack, open{s.last, s.owner})
+	}
+	closeUntil(u128{}, true)
+	return t
+}
+
+// find returns the owner index for a, or noOwner.
+func (t *table) find(a netip.Addr) int32 {
+	k := key(a)
+	s := t.starts
+	lo, hi := 0, len(s)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if k.less(s[m]) {
+			hi = m
+		} else {
+			lo = m + 1
+		}
+	}
+	return t.owner[lo-1]
+}
+
+func (t *table) lookup(a netip.Addr) (Owner, bool) {
+	if !a.IsValid() || a.Is4In6() || a.Zone() != "" {
+		return Owner{}, false
+	}
+	i := t.find(a)
+	if i < 0 {
+		return Owner{}, false
+	}
+	return t.owners[i], true
+}
+
+func (t *table) snapshot() []Owner {
+	out := make([]Owner, len(t.owners))
+	for i, o := range t.owners {
+		o.Prefixes = slices.Clone(o.Prefixes)
+		out[i] = o
+	}
+	return out
+}
+
+// appendRange decomposes [a, b] into the fewest prefixes, reported in their
+// natural family (IPv4 ranges inside ::ffff:0:0/96 as IPv4 prefixes).
+func appendRange(out []netip.Prefix, a, b u128) []netip.Prefix {
+	for {
+		// The largest aligned block starting at a that does not pass b.
+		n := 128 - trailingZeros(a)
+		for n < 128 {
+			m := hostMask(n)
+			if !b.less(u128{a.hi | m.hi, a.lo | m.lo}) {
+				break
+			}
+			n++
+		}
+		m := hostMask(n)
+		end := u128{a.hi | m.hi, a.lo | m.lo}
+		out = append(out, prefixOf(a, n))
+		next, overflow := end.addOne()
+		if overflow || b.less(next) {
+			return out
+		}
+		a = next
+	}
+}
+
+func trailingZeros(u u128) int {
+	if u.lo != 0 {
+		return bits.TrailingZeros64(u.lo)
+	}
+	if u.hi != 0 {
+		return 64 + bits.TrailingZeros64(u.hi)
+	}
+	return 128
+}
+
+func prefixOf(a u128, n int) netip.Prefix {
+	addr := a.addr()
+	if addr.Is4In6() && n >= 96 {
+		return netip.PrefixFrom(addr.Unmap(), n-96)
+	}
+	return netip.PrefixFrom(addr, n)
+}

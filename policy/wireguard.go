@@ -1,0 +1,393 @@
+package policy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+)
+
+// Defaults for WireGuard ownership.
+const (
+	DefaultRefresh      = 5 * time.Second // periodic re-read of every serving interface
+	DefaultMissInterval = time.Second     // at most one on-demand re-read per interval
+	changeBuffer        = 1024
+)
+
+// Change reports ownership an owner lost: its peer was removed (or its
+// interface vanished), its AllowedIPs shrank, or another peer took a more
+// specific part of them. Lost lists exactly the address space lost, as the
+// fewest prefixes; the engine revokes the owner's leases inside it (LIFE-05).
+type Change struct {
+	Owner   OwnerID
+	Removed bool // the owner no longer exists at all
+	Lost    []netip.Prefix
+}
+
+// deviceReader is the part of *wgctrl.Client WireGuard uses.
+type deviceReader interface {
+	Device(name string) (*wgtypes.Device, error)
+}
+
+// WireGuard is ownership by WireGuard cryptokey routing: each peer of the
+// serving interfaces owns its AllowedIPs (DESIGN.md "Who owns what",
+// PROTOCOL.md choice (a)). The view is re-read every refresh interval and,
+// rate-limited, when a lookup misses; a lookup never waits for a re-read
+// (the client's retransmission finds the fresh view).
+//
+// Handling of awkward AllowedIPs:
+//   - prefixes shorter than MinOwnedBits6 / MinOwnedBits4 (notably ::/0 and
+//     0.0.0.0/0 of full-tunnel peers) are ignored for ownership, with one
+//     warning per peer and prefix;
+//   - IPv4-mapped IPv6 prefixes are ignored (IPv4 ownership comes from IPv4
+//     AllowedIPs), with one warning;
+//   - the same peer on several interfaces is one owner;
+//   - the same prefix held by different peers on different interfaces
+//     belongs to neither (a hole), with one warning: the source alone
+//     cannot tell which peer sent it.
+//
+// A failed read of an interface keeps its previous peers (a transient
+// error must not revoke every lease); an interface that no longer exists
+// loses its peers.
+type WireGuard struct {
+	dev       deviceReader
+	ifaces    []string
+	refresh   time.Duration
+	missEvery time.Duration
+	log       *zap.Logger
+	labels    map[string]string
+
+	t       atomic.Pointer[table]
+	missCh  chan struct{}
+	changes chan Change
+
+	mu       sync.Mutex // serialises refreshes; guards the fields below
+	last     time.Time
+	lastGood map[string][]wgtypes.Peer
+	warned   map[string]bool
+}
+
+var _ Ownership = (*WireGuard)(nil)
+
+// WireGuardOption adjusts NewWireGuard.
+type WireGuardOption func(*WireGuard)
+
+// WithLabels names peers for the operator: keys are base64 public keys.
+func WithLabels(labels map[string]string) WireGuardOption {
+	return func(w *WireGuard) { w.labels = labels }
+}
+
+// WithMissInterval sets the minimum gap between on-demand re-reads.
+func WithMissInterval(d time.Duration) WireGuardOption {
+	return func(w *WireGuard) {
+		if d > 0 {
+			w.missEvery = d
+		}
+	}
+}
+
+// NewWireGuard reads the peers of ifaces once and returns their ownership.
+// refresh ≤ 0 selects DefaultRefresh. Every interface must exist now.
+func NewWireGuard(c *wgctrl.Client, ifaces []string, refresh time.Duration, log *zap.Logger, opts ...WireGuardOption) (*WireGuard, error) {
+	if c == nil {
+		return nil, fmt.Errorf("policy: nil wgctrl client: %w", ErrInvalidConfig)
+	}
+	return newWireGuard(c, ifaces, refresh, log, opts...)
+}
+
+func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log *zap.Logger, opts ...WireGuardOption) (*WireGuard, error) {
+	if len(ifaces) == 0 {
+		return nil, fmt.Errorf("policy: no WireGuard interface: %w", ErrInvalidConfig)
+	}
+	if refresh <= 0 {
+		refresh = DefaultRefresh
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	w := &WireGuard{
+		dev:       dev,
+		ifaces:    slices.Clone(ifaces),
+		refresh:   refresh,
+		missEvery: DefaultMissInterval,
+		log:       log,
+		missCh:    make(chan struct{}, 1),
+		changes:   make(chan Change, changeBuffer),
+		lastGood:  make(map[string][]wgtypes.Peer),
+		warned:    make(map[string]bool),
+	}
+	for _, o := range opts {
+		o(w)
+	}
+	for _, name := range w.ifaces {
+		d, err := dev.Device(name)
+		if err != nil {
+			return nil, fmt.Errorf("policy: reading WireGuard interface %q: %w", name, err)
+		}
+		w.lastGood[name] = d.Peers
+	}
+	w.mu.Lock()
+	w.t.Store(w.buildLocked())
+	w.last = time.Now()
+	w.mu.Unlock()
+	return w, nil
+}
+
+// Lookup implements Ownership. A miss asks Run for a re-read.
+func (w *WireGuard) Lookup(src netip.Addr) (Owner, bool) {
+	o, ok := w.t.Load().lookup(src)
+	if !ok {
+		w.miss()
+	}
+	return o, ok
+}
+
+// Owners implements Ownership.
+func (w *WireGuard) Owners() []Owner { return w.t.Load().snapshot() }
+
+func (w *WireGuard) current() *table { return w.t.Load() }
+
+func (w *WireGuard) miss() {
+	select {
+	case w.missCh <- struct{}{}:
+	default:
+	}
+}
+
+// Changes delivers ownership losses. The engine must keep draining it while
+// Run runs: Run blocks on a full channel rather than drop a revocation.
+func (w *WireGuard) Changes() <-chan Change { return w.changes }
+
+// Run re-reads the interfaces every refresh interval and on lookup misses
+// (at most once per miss interval) until ctx ends; it then returns nil.
+// Read errors are logged, not returned: ownership keeps its last good view.
+func (w *WireGuard) Run(ctx context.Context) error {
+	tick := time.NewTicker(w.refresh)
+	defer tick.Stop()
+	var delayed <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		case <-delayed:
+			delayed = nil
+		case <-w.missCh:
+			w.mu.Lock()
+			wait := w.missEvery - time.Since(w.last)
+			w.mu.Unlock()
+			if wait > 0 {
+				if delayed == nil {
+					delayed = time.After(wait)
+				}
+				continue
+			}
+		}
+		if err := w.Refresh(ctx); err != nil && ctx.Err() == nil {
+			w.log.Warn("refreshing WireGuard ownership", zap.Error(err))
+		}
+	}
+}
+
+// Refresh re-reads every interface now, swaps in the new view and sends the
+// resulting Changes. It returns the read errors (the view is still updated
+// from the interfaces that could be read) or ctx's error if ctx ends while
+// a Change waits to be delivered.
+func (w *WireGuard) Refresh(ctx context.Context) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var errs []error
+	for _, name := range w.ifaces {
+		d, err := w.dev.Device(name)
+		switch {
+		case err == nil:
+			w.lastGood[name] = d.Peers
+		case errors.Is(err, os.ErrNotExist):
+			if _, had := w.lastGood[name]; had {
+				w.log.Warn("WireGuard interface gone; its peers own nothing", zap.String("interface", name))
+			}
+			delete(w.lastGood, name)
+		default:
+			errs = append(errs, fmt.Errorf("policy: reading WireGuard interface %q: %w", name, err))
+		}
+	}
+	w.last = time.Now()
+	old := w.t.Load()
+	nt := w.buildLocked()
+	w.t.Store(nt)
+	for _, c := range diff(old, nt) {
+		w.log.Info("WireGuard ownership lost",
+			zap.String("owner", string(c.Owner)), zap.Bool("removed", c.Removed),
+			zap.Stringers("lost", c.Lost))
+		select {
+		case w.changes <- c:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// buildLocked turns the last good peers of every interface into a table.
+func (w *WireGuard) buildLocked() *table {
+	var owners []Owner
+	idx := make(map[OwnerID]int32)
+	type claim struct {
+		owner int32
+		hole  bool
+	}
+	claims := make(map[netip.Prefix]*claim)
+	for _, name := range w.ifaces {
+		peers, ok := w.lastGood[name]
+		if !ok {
+			continue
+		}
+		for _, peer := range peers {
+			k := peer.PublicKey.String()
+			id := OwnerID("wg:" + k)
+			i, ok := idx[id]
+			if !ok {
+				i = int32(len(owners))
+				idx[id] = i
+				owners = append(owners, Owner{ID: id, Label: w.labels[k]})
+			}
+			for _, ipn := range peer.AllowedIPs {
+				p, ok := prefixFromIPNet(ipn)
+				if !ok {
+					continue
+				}
+				if err := checkOwnedPrefix(p); err != nil {
+					w.warnOnce(id, p, "AllowedIP ignored for ownership", err)
+					continue
+				}
+				p = p.Masked()
+				switch c := claims[p]; {
+				case c == nil:
+					claims[p] = &claim{owner: i}
+					owners[i].Prefixes = append(owners[i].Prefixes, p)
+				case c.owner != i && !c.hole:
+					c.hole = true
+					w.warnOnce(id, p, "AllowedIP held by two peers on different interfaces; neither owns it",
+						fmt.Errorf("also held by %s", owners[c.owner].ID))
+				}
+			}
+		}
+	}
+	spans := make([]span, 0, len(claims))
+	for p, c := range claims {
+		s := spanOf(p)
+		s.owner = c.owner
+		if c.hole {
+			s.owner = noOwner
+			// The first claimant listed it; it owns it no more.
+			o := &owners[c.owner]
+			o.Prefixes = slices.DeleteFunc(o.Prefixes, func(q netip.Prefix) bool { return q == p })
+		}
+		spans = append(spans, s)
+	}
+	for i := range owners {
+		slices.SortFunc(owners[i].Prefixes, comparePrefix)
+	}
+	return build(owners, spans)
+}
+
+func (w *WireGuard) warnOnce(id OwnerID, p netip.Prefix, msg string, err error) {
+	k := string(id) + " " + p.String() + " " + msg
+	if w.warned[k] {
+		return
+	}
+	w.warned[k] = true
+	w.log.Warn(msg, zap.String("owner", string(id)), zap.Stringer("prefix", p), zap.Error(err))
+}
+
+func prefixFromIPNet(n net.IPNet) (netip.Prefix, bool) {
+	ones, size := n.Mask.Size()
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok || (size != 32 && size != 128) {
+		return netip.Prefix{}, false
+	}
+	if size == 32 {
+		if !a.Unmap().Is4() {
+			return netip.Prefix{}, false
+		}
+		a = a.Unmap()
+	}
+	return netip.PrefixFrom(a, ones), true
+}
+
+// diff returns the ownership each owner of old lost in new: one sweep over
+// both tables' intervals, which together partition the address space.
+func diff(old, new *table) []Change {
+	remap := make([]int32, len(old.owners))
+	for i, o := range old.owners {
+		if j, ok := new.byID[o.ID]; ok {
+			remap[i] = j
+		} else {
+			remap[i] = noOwner - 1 // equal to no owner index of new
+		}
+	}
+	type rng struct{ a, b u128 }
+	lost := make(map[int32][]rng)
+	maxU := u128{^uint64(0), ^uint64(0)}
+	end := func(t *table, i int) u128 {
+		if i+1 < len(t.starts) {
+			return t.starts[i+1].subOne()
+		}
+		return maxU
+	}
+	for i, j := 0, 0; ; {
+		a := old.starts[i]
+		if a.less(new.starts[j]) {
+			a = new.starts[j]
+		}
+		oe, ne := end(old, i), end(new, j)
+		b := oe
+		if ne.less(b) {
+			b = ne
+		}
+		if o := old.owner[i]; o >= 0 && remap[o] != new.owner[j] {
+			rs := lost[o]
+			if n := len(rs); n > 0 {
+				if next, _ := rs[n-1].b.addOne(); next == a {
+					rs[n-1].b = b
+					lost[o] = rs
+					goto advance
+				}
+			}
+			lost[o] = append(rs, rng{a, b})
+		}
+	advance:
+		if b == maxU {
+			break
+		}
+		if oe == b {
+			i++
+		}
+		if ne == b {
+			j++
+		}
+	}
+	var out []Change
+	for i, o := range old.owners {
+		rs, ok := lost[int32(i)]
+		if !ok {
+			continue
+		}
+		c := Change{Owner: o.ID, Removed: remap[i] < 0}
+		for _, r := range rs {
+			c.Lost = appendRange(c.Lost, r.a, r.b)
+		}
+		out = append(out, c)
+	}
+	return out
+}
