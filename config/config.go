@@ -1,0 +1,117 @@
+// Package config turns pcpd serve's command-line flags and TOML config file
+// into one typed, validated Config.
+//
+// Every flag has a file key of the same name and meaning ("--max-lifetime
+// 2h" is "max-lifetime = \"2h\""); a flag given on the command line replaces
+// the file's value. Validation reports every mistake at once, one line each,
+// before the daemon touches anything: an operator fixing a config file should
+// not have to restart pcpd once per typo.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"go.uber.org/zap/zapcore"
+)
+
+// Defaults, shared by flag help, the example config and validation.
+const (
+	DefaultInterface          = "wg0"
+	DefaultNftTable           = "pcpd"
+	DefaultStateDir           = "/var/lib/pcpd"
+	DefaultSocket             = "/run/pcpd/pcpd.sock"
+	DefaultMinLifetime        = 2 * time.Minute
+	DefaultMaxLifetime        = 24 * time.Hour
+	DefaultMaxLeasesPerClient = 256
+	DefaultMaxLeases          = 65536
+	DefaultPort               = 5351
+	DefaultIPv4PortRange      = "1024-65535"
+)
+
+// Third-party modes (--third-party).
+const (
+	// ThirdPartyOff answers every THIRD_PARTY option UNSUPP_OPTION
+	// (RFC 6887 §13.1: a server with THIRD_PARTY disabled MUST).
+	ThirdPartyOff = "off"
+	// ThirdPartyOwned (the default) accepts THIRD_PARTY for addresses inside
+	// the requester's own prefixes only (PROTOCOL.md choice (b)): the owner
+	// could send from them anyway, so it adds no power (SEC-03).
+	ThirdPartyOwned = "owned"
+)
+
+// Ownership sources, as reported by Config.OwnershipSource.
+const (
+	OwnershipWireGuard = "wireguard"
+	OwnershipStatic    = "static"
+)
+
+// ErrInvalid is wrapped by every validation error.
+var ErrInvalid = errors.New("invalid configuration")
+
+// Config is pcpd serve's validated configuration. Addresses, prefixes and
+// durations are typed; prefixes are masked.
+type Config struct {
+	// File is the config file that was read, or "".
+	File string
+
+	Interfaces []string         // serving interfaces, at least one
+	Listen     []netip.AddrPort // explicit listen addresses; empty = every address of Interfaces
+	// Clients is static ownership (client name → prefixes). Empty means
+	// ownership comes from WireGuard on Interfaces.
+	Clients      map[string][]netip.Prefix
+	ExternalIPv4 netip.Addr // invalid (zero) when unset: IPv4 mappings refused
+
+	NftTable  string // table (family inet) pcpd manages in standalone mode
+	NftAttach string // attached mode: the admin's existing inet table; "" = standalone
+	StateDir  string
+	Socket    string
+
+	MinLifetime, MaxLifetime      time.Duration
+	MaxLeasesPerClient, MaxLeases int
+	IPv4PortLow, IPv4PortHigh     uint16
+
+	Metrics  string // host:port for Prometheus /metrics; "" = off
+	LogLevel zapcore.Level
+
+	StrictNonce   bool   // RFC nonce checks (MAP-14, MAP-19, PEER-06) instead of choice (c)
+	ThirdParty    string // ThirdPartyOff or ThirdPartyOwned
+	DisableMap    bool
+	DisablePeer   bool
+	DisableNATPMP bool
+}
+
+// OwnershipSource says where ownership comes from: static clients when any
+// are configured, else WireGuard.
+func (c *Config) OwnershipSource() string {
+	if len(c.Clients) > 0 {
+		return OwnershipStatic
+	}
+	return OwnershipWireGuard
+}
+
+// Attached reports whether pcpd attaches to an existing nftables table.
+func (c *Config) Attached() bool { return c.NftAttach != "" }
+
+// Table is the nftables table pcpd's objects live in.
+func (c *Config) Table() string {
+	if c.Attached() {
+		return c.NftAttach
+	}
+	return c.NftTable
+}
+
+// Errors is every mistake found in a configuration, in a stable order.
+type Errors []error
+
+func (e Errors) Error() string {
+	if len(e) == 1 {
+		return e[0].Error()
+	}
+	return fmt.Sprintf("%v (and %d more)", e[0], len(e)-1)
+}
+
+// Unwrap lets errors.Is see ErrInvalid through an Errors value.
+func (e Errors) Unwrap() []error { return e }

@@ -1,0 +1,258 @@
+package config
+
+import (
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/spf13/pflag"
+	"go.uber.org/zap/zapcore"
+)
+
+func load(t *testing.T, file string, args ...string) (*Config, error) {
+	t.Helper()
+	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	AddFlags(fs)
+	if file != "" {
+		path := filepath.Join(t.TempDir(), "pcpd.toml")
+		if err := os.WriteFile(path, []byte(file), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		args = append([]string{"--config", path}, args...)
+	}
+	if err := fs.Parse(args); err != nil {
+		t.Fatalf("flag parse: %v", err)
+	}
+	return Load(fs)
+}
+
+func TestDefaults(t *testing.T) {
+	c, err := load(t, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &Config{
+		Interfaces:         []string{"wg0"},
+		NftTable:           "pcpd",
+		StateDir:           "/var/lib/pcpd",
+		Socket:             "/run/pcpd/pcpd.sock",
+		MinLifetime:        2 * time.Minute,
+		MaxLifetime:        24 * time.Hour,
+		MaxLeasesPerClient: 256,
+		MaxLeases:          65536,
+		IPv4PortLow:        1024,
+		IPv4PortHigh:       65535,
+		LogLevel:           zapcore.InfoLevel,
+		ThirdParty:         ThirdPartyOwned,
+	}
+	if diff := cmp.Diff(want, c, cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); diff != "" {
+		t.Fatalf("defaults (-want +got):\n%s", diff)
+	}
+	if c.OwnershipSource() != OwnershipWireGuard || c.Attached() || c.Table() != "pcpd" {
+		t.Fatalf("derived: source %s attached %v table %s", c.OwnershipSource(), c.Attached(), c.Table())
+	}
+}
+
+// Flags override the file key by key; everything else keeps the file's value.
+func TestFileAndFlags(t *testing.T) {
+	file := `
+interface = ["wg0", "wg1"]
+listen = ["2001:db8:1::1", "[2001:db8:1::2]:5351", "10.100.0.1:5351"]
+external-ipv4 = "198.51.100.1"
+nft-attach = "filter"
+state-dir = "/srv/pcpd"
+min-lifetime = "1m"
+max-lifetime = "2h"
+max-leases = 1000
+strict-nonce = true
+third-party = "off"
+metrics = "127.0.0.1:9351"
+log-level = "debug"
+ipv4-port-range = "20000-29999"
+disable-natpmp = true
+
+[client]
+home = ["2001:db8:1:2::/64", "10.100.0.2"]
+office = ["2001:db8:2::/48"]
+`
+	c, err := load(t, file, "--max-lifetime", "3h", "--interface", "wg9", "--client", "lab=2001:db8:9::/48,2001:db8:a::5/64")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &Config{
+		Interfaces: []string{"wg9"},
+		Listen: []netip.AddrPort{
+			netip.MustParseAddrPort("[2001:db8:1::1]:5351"),
+			netip.MustParseAddrPort("[2001:db8:1::2]:5351"),
+			netip.MustParseAddrPort("10.100.0.1:5351"),
+		},
+		Clients: map[string][]netip.Prefix{
+			"lab": {netip.MustParsePrefix("2001:db8:9::/48"), netip.MustParsePrefix("2001:db8:a::/64")},
+		},
+		ExternalIPv4:       netip.MustParseAddr("198.51.100.1"),
+		NftTable:           "pcpd",
+		NftAttach:          "filter",
+		StateDir:           "/srv/pcpd",
+		Socket:             "/run/pcpd/pcpd.sock",
+		MinLifetime:        time.Minute,
+		MaxLifetime:        3 * time.Hour,
+		MaxLeasesPerClient: 256,
+		MaxLeases:          1000,
+		IPv4PortLow:        20000,
+		IPv4PortHigh:       29999,
+		Metrics:            "127.0.0.1:9351",
+		LogLevel:           zapcore.DebugLevel,
+		StrictNonce:        true,
+		ThirdParty:         ThirdPartyOff,
+		DisableNATPMP:      true,
+	}
+	c.File = ""
+	if diff := cmp.Diff(want, c, cmp.Comparer(func(a, b netip.Addr) bool { return a == b }),
+		cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b }),
+		cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
+		t.Fatalf("(-want +got):\n%s", diff)
+	}
+	if c.OwnershipSource() != OwnershipStatic || c.Table() != "filter" {
+		t.Fatalf("derived: %s %s", c.OwnershipSource(), c.Table())
+	}
+}
+
+// Each mistake yields its own one-line message; the CLI prints them and
+// exits 2 (cmd/pcpd TestServeBadConfig).
+func TestValidationErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		file string
+		args []string
+		want []string // substrings, one per expected error, in order
+	}{
+		{name: "bad duration", args: []string{"--max-lifetime", "2x"},
+			want: []string{`--max-lifetime: "2x" is not a duration`}},
+		{name: "sub-second", args: []string{"--min-lifetime", "1500ms"},
+			want: []string{"--min-lifetime: 1.5s is not a whole number of seconds"}},
+		{name: "min above max", args: []string{"--min-lifetime", "2h", "--max-lifetime", "1h"},
+			want: []string{"--min-lifetime: 2h0m0s is longer than max-lifetime 1h0m0s"}},
+		{name: "max beyond 32 bits", args: []string{"--max-lifetime", "1200000h"},
+			want: []string{"exceeds the largest PCP lifetime"}},
+		{name: "client without prefix", args: []string{"--client", "home"},
+			want: []string{`--client "home": want NAME=PREFIX`}},
+		{name: "client bad prefix", args: []string{"--client", "home=2001:db8::/200"},
+			want: []string{`client "home": "2001:db8::/200" is not a prefix`}},
+		{name: "client bad name", args: []string{"--client", "ho me=2001:db8::/48"},
+			want: []string{`client name "ho me"`}},
+		{name: "client twice", args: []string{"--client", "a=2001:db8:1::/48", "--client", "a=2001:db8:2::/48"},
+			want: []string{`client "a" given twice`}},
+		{name: "clients overlap", args: []string{"--client", "a=2001:db8:1::/48", "--client", "b=2001:db8:1:2::/64"},
+			want: []string{"overlaps client"}},
+		{name: "prefix too short", args: []string{"--client", "a=2001:db8::/16"},
+			want: []string{"shorter than /32"}},
+		{name: "external not v4", args: []string{"--external-ipv4", "2001:db8::1"},
+			want: []string{`--external-ipv4: "2001:db8::1" is not an IPv4 address`}},
+		{name: "external loopback", args: []string{"--external-ipv4", "127.0.0.1"},
+			want: []string{"--external-ipv4: 127.0.0.1 is not a unicast address"}},
+		{name: "wildcard listen", args: []string{"--listen", "[::]:5351"},
+			want: []string{"wildcard address would answer on every interface"}},
+		{name: "listen hostname", args: []string{"--listen", "example.com"},
+			want: []string{`--listen: "example.com": want an IP address`}},
+		{name: "interface too long", args: []string{"--interface", "averyveryverylongname"},
+			want: []string{"is not an interface name"}},
+		{name: "no interface", file: "interface = []\n",
+			want: []string{"at least one interface is needed"}},
+		{name: "relative state dir", args: []string{"--state-dir", "state"},
+			want: []string{`--state-dir: "state" is not an absolute path`}},
+		{name: "socket too long", args: []string{"--socket", "/" + strings.Repeat("s", 120)},
+			want: []string{"a unix socket path holds at most 107"}},
+		{name: "quota zero", args: []string{"--max-leases", "0"},
+			want: []string{`--max-leases: "0": want a whole number`}},
+		{name: "per-client above total", args: []string{"--max-leases", "10", "--max-leases-per-client", "20"},
+			want: []string{"--max-leases-per-client: 20 exceeds max-leases 10"}},
+		{name: "port range", args: []string{"--ipv4-port-range", "2000-1000"},
+			want: []string{`--ipv4-port-range: "2000-1000": want LOW-HIGH`}},
+		{name: "metrics", args: []string{"--metrics", "9351"},
+			want: []string{`--metrics: "9351": want HOST:PORT`}},
+		{name: "log level", args: []string{"--log-level", "loud"},
+			want: []string{`--log-level: "loud": want debug, info, warn or error`}},
+		{name: "third party", args: []string{"--third-party", "all"},
+			want: []string{`--third-party: "all": want owned or off`}},
+		{name: "nft table", args: []string{"--nft-table", "my table"},
+			want: []string{`--nft-table: "my table" is not a table name`}},
+		{name: "unknown file key", file: "max_lifetime = \"2h\"\n",
+			want: []string{`unknown key "max_lifetime"`}},
+		{name: "file wrong type", file: "max-lifetime = 3600\n",
+			want: []string{`max-lifetime: want a duration string such as "90s" or "2h", got integer 3600`}},
+		{name: "file int as string", file: "max-leases = \"10\"\n",
+			want: []string{`max-leases: want an integer, got string "10"`}},
+		{name: "file syntax", file: "max-lifetime = \n",
+			want: []string{"pcpd.toml: toml:"}},
+		{name: "file client not table", file: "client = \"home\"\n",
+			want: []string{"client: want a table of client names"}},
+		{name: "several mistakes at once",
+			args: []string{"--max-lifetime", "x", "--log-level", "loud", "--external-ipv4", "nope"},
+			want: []string{"--external-ipv4", "--max-lifetime", "--log-level"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := load(t, tt.file, tt.args...)
+			if err == nil {
+				t.Fatalf("no error, config %+v", c)
+			}
+			if !errors.Is(err, ErrInvalid) && !strings.Contains(err.Error(), "read config file") {
+				t.Errorf("error does not wrap ErrInvalid: %v", err)
+			}
+			var errs Errors
+			if !errors.As(err, &errs) {
+				t.Fatalf("error is %T, want Errors", err)
+			}
+			if len(errs) != len(tt.want) {
+				t.Fatalf("got %d errors, want %d: %v", len(errs), len(tt.want), []error(errs))
+			}
+			for i, e := range errs {
+				msg := e.Error()
+				if strings.Contains(msg, "\n") {
+					t.Errorf("message is not one line: %q", msg)
+				}
+				if !strings.HasPrefix(msg, "config: ") {
+					t.Errorf("message lacks the package prefix: %q", msg)
+				}
+				if !strings.Contains(msg, tt.want[i]) {
+					t.Errorf("error %d = %q, want it to contain %q", i, msg, tt.want[i])
+				}
+			}
+		})
+	}
+}
+
+func TestMissingFile(t *testing.T) {
+	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	AddFlags(fs)
+	if err := fs.Parse([]string{"--config", filepath.Join(t.TempDir(), "absent.toml")}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Load(fs)
+	if err == nil || !strings.Contains(err.Error(), "no such file") {
+		t.Fatalf("got %v, want a no-such-file error", err)
+	}
+}
+
+// Every flag has a file key of the same name (DESIGN.md); the settings table
+// is the single source of both, and this keeps DESIGN's flags present.
+func TestEveryDesignFlagExists(t *testing.T) {
+	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	AddFlags(fs)
+	for _, name := range []string{"config", "interface", "listen", "client", "external-ipv4", "nft-table",
+		"state-dir", "socket", "min-lifetime", "max-lifetime", "max-leases-per-client", "max-leases", "metrics"} {
+		if fs.Lookup(name) == nil {
+			t.Errorf("flag --%s missing", name)
+		}
+	}
+	for _, s := range settings {
+		if _, err := load(t, s.name+" = 0\n"); err != nil && strings.Contains(err.Error(), "unknown key") {
+			t.Errorf("flag --%s has no file key", s.name)
+		}
+	}
+}

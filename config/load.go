@@ -1,0 +1,294 @@
+package config
+
+import (
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+
+	"github.com/BurntSushi/toml"
+	"github.com/spf13/pflag"
+)
+
+// kind is how a setting is spelled on the command line and in the file.
+type kind int
+
+const (
+	kString   kind = iota // one string
+	kInt                  // integer (a TOML integer; digits on the command line)
+	kDuration             // Go duration string: "90s", "2h"
+	kBool                 // flag without value; TOML boolean
+	kList                 // repeatable flag; TOML array of strings
+	kClients              // --client NAME=PFX[,PFX]; TOML table [client] NAME = ["PFX", ...]
+)
+
+// setting is one configuration knob: its flag, its file key (the same
+// name), its default and its help text.
+type setting struct {
+	name  string
+	kind  kind
+	def   string   // default for kString/kInt/kDuration; "true" for kBool
+	defs  []string // default for kList
+	usage string
+}
+
+// settings is the single list of every knob; flags, file keys, the example
+// config and the README table all follow it.
+var settings = []setting{
+	{name: "interface", kind: kList, defs: []string{DefaultInterface},
+		usage: "interface to serve on (repeatable); requests from any other interface are never answered"},
+	{name: "listen", kind: kList,
+		usage: "explicit listen address, host or [host]:port (repeatable; default: every address of each --interface, port 5351)"},
+	{name: "client", kind: kClients,
+		usage: "static ownership: client NAME owns these prefixes (repeatable); with no --client, ownership is WireGuard's (peers' AllowedIPs on --interface)"},
+	{name: "external-ipv4", kind: kString,
+		usage: "public IPv4 address for IPv4 mappings (PCP over IPv4 and NAT-PMP); unset: IPv4 mappings are refused"},
+	{name: "nft-table", kind: kString, def: DefaultNftTable,
+		usage: "nftables table (family inet) pcpd creates and manages in standalone mode"},
+	{name: "nft-attach", kind: kString,
+		usage: "attached mode: create only pcpd's set and chain inside this existing inet table, for the admin's forward chain to jump to (replaces --nft-table)"},
+	{name: "state-dir", kind: kString, def: DefaultStateDir,
+		usage: "directory for durable state (leases, epoch)"},
+	{name: "socket", kind: kString, def: DefaultSocket,
+		usage: "control socket for pcpd leases/revoke/status"},
+	{name: "min-lifetime", kind: kDuration, def: DefaultMinLifetime.String(),
+		usage: "shortest lifetime granted; shorter requests are raised to it (RFC 6887 §15 suggests 2m)"},
+	{name: "max-lifetime", kind: kDuration, def: DefaultMaxLifetime.String(),
+		usage: "longest lifetime granted; longer requests are cut to it"},
+	{name: "max-leases-per-client", kind: kInt, def: fmt.Sprint(DefaultMaxLeasesPerClient),
+		usage: "leases one client may hold; beyond it new mappings get USER_EX_QUOTA"},
+	{name: "max-leases", kind: kInt, def: fmt.Sprint(DefaultMaxLeases),
+		usage: "leases in total; beyond it new mappings get NO_RESOURCES"},
+	{name: "ipv4-port-range", kind: kString, def: DefaultIPv4PortRange,
+		usage: "external IPv4 ports pcpd may allocate, LOW-HIGH"},
+	{name: "metrics", kind: kString,
+		usage: "serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9351 (off unless given)"},
+	{name: "log-level", kind: kString, def: "info",
+		usage: "log level: debug (sampled per-packet detail), info (one line per decision), warn, error"},
+	{name: "strict-nonce", kind: kBool,
+		usage: "RFC 6887 strict nonce checks: a request with another nonce for an existing mapping gets NOT_AUTHORIZED; default: a new nonce from the same owner replaces the mapping, so a rebooted client is not locked out"},
+	{name: "third-party", kind: kString, def: ThirdPartyOwned,
+		usage: "THIRD_PARTY option: owned (allowed only for addresses inside the requester's own prefixes, which adds no power) or off (answered UNSUPP_OPTION)"},
+	{name: "disable-map", kind: kBool, usage: "refuse PCP MAP requests (NOT_AUTHORIZED)"},
+	{name: "disable-peer", kind: kBool, usage: "refuse PCP PEER requests (NOT_AUTHORIZED)"},
+	{name: "disable-natpmp", kind: kBool, usage: "do not answer NAT-PMP (RFC 6886) requests"},
+}
+
+// FlagConfig is the flag naming the config file.
+const FlagConfig = "config"
+
+// AddFlags registers --config and every setting's flag on fs.
+func AddFlags(fs *pflag.FlagSet) {
+	fs.String(FlagConfig, "", "TOML config file; every flag has a key of the same name, and flags given on the command line override it")
+	for _, s := range settings {
+		switch s.kind {
+		case kString, kInt, kDuration:
+			fs.String(s.name, s.def, s.usage)
+		case kBool:
+			fs.Bool(s.name, s.def == "true", s.usage)
+		case kList:
+			fs.StringArray(s.name, s.defs, s.usage)
+		case kClients:
+			fs.StringArray(s.name, nil, s.usage)
+		}
+	}
+	if f := fs.Lookup("client"); f != nil {
+		f.Usage = strings.Replace(f.Usage, "static ownership", "NAME=PFX[,PFX]: static ownership", 1)
+	}
+}
+
+// value is one setting's raw value and where it came from.
+type value struct {
+	where   string // "--name", "FILE: name" or "default name", for messages
+	str     string
+	list    []string
+	b       bool
+	clients []client
+}
+
+// client is one static client before validation.
+type client struct {
+	where, name string
+	prefixes    []string
+}
+
+// Load reads the config file named by --config (if any), lays the flags
+// given on the command line over it and validates the result. The returned
+// error is an Errors listing every mistake; nothing outside the file is read.
+func Load(fs *pflag.FlagSet) (*Config, error) {
+	vals := map[string]*value{}
+	for _, s := range settings {
+		vals[s.name] = &value{where: s.name, str: s.def, list: slices.Clone(s.defs), b: s.def == "true"}
+	}
+	var errs Errors
+	file := ""
+	if f := fs.Lookup(FlagConfig); f != nil {
+		file = f.Value.String()
+	}
+	if file != "" {
+		errs = append(errs, readFile(file, vals)...)
+	}
+	for _, s := range settings {
+		f := fs.Lookup(s.name)
+		if f == nil || !f.Changed {
+			continue
+		}
+		v := &value{where: "--" + s.name}
+		switch s.kind {
+		case kString, kInt, kDuration:
+			v.str = f.Value.String()
+		case kBool:
+			v.b, _ = fs.GetBool(s.name)
+		case kList:
+			v.list, _ = fs.GetStringArray(s.name)
+		case kClients:
+			arr, _ := fs.GetStringArray(s.name)
+			for _, a := range arr {
+				name, pfx, ok := strings.Cut(a, "=")
+				if !ok {
+					errs = append(errs, fmt.Errorf("config: --client %q: want NAME=PREFIX[,PREFIX...]: %w", a, ErrInvalid))
+					continue
+				}
+				c := client{where: "--client", name: name}
+				if pfx != "" {
+					c.prefixes = strings.Split(pfx, ",")
+				}
+				v.clients = append(v.clients, c)
+			}
+		}
+		vals[s.name] = v
+	}
+	cfg, verrs := validate(vals)
+	errs = append(errs, verrs...)
+	if len(errs) > 0 {
+		return nil, errs
+	}
+	cfg.File = file
+	return cfg, nil
+}
+
+// readFile decodes a TOML file into vals, checking each key's type. Unknown
+// keys are mistakes (a misspelt key silently ignored is worse).
+func readFile(path string, vals map[string]*value) Errors {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Errors{fmt.Errorf("config: read config file: %w", err)}
+	}
+	var m map[string]any
+	if _, err := toml.Decode(string(data), &m); err != nil {
+		// toml's messages carry line and column; keep them on one line.
+		return Errors{fmt.Errorf("config: %s: %s: %w", path, strings.Join(strings.Fields(err.Error()), " "), ErrInvalid)}
+	}
+	var errs Errors
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		raw := m[k]
+		i := slices.IndexFunc(settings, func(s setting) bool { return s.name == k })
+		if i < 0 || k == FlagConfig {
+			errs = append(errs, fmt.Errorf("config: %s: unknown key %q: %w", path, k, ErrInvalid))
+			continue
+		}
+		s := settings[i]
+		where := path + ": " + k
+		v := &value{where: where}
+		bad := func(want string) {
+			errs = append(errs, fmt.Errorf("config: %s: want %s, got %s: %w", where, want, tomlType(raw), ErrInvalid))
+		}
+		switch s.kind {
+		case kString, kDuration:
+			str, ok := raw.(string)
+			if !ok {
+				if s.kind == kDuration {
+					bad(`a duration string such as "90s" or "2h"`)
+				} else {
+					bad("a string")
+				}
+				continue
+			}
+			v.str = str
+		case kInt:
+			n, ok := raw.(int64)
+			if !ok {
+				bad("an integer")
+				continue
+			}
+			v.str = fmt.Sprint(n)
+		case kBool:
+			b, ok := raw.(bool)
+			if !ok {
+				bad("true or false")
+				continue
+			}
+			v.b = b
+		case kList:
+			list, ok := stringList(raw)
+			if !ok {
+				bad("an array of strings")
+				continue
+			}
+			v.list = list
+		case kClients:
+			tbl, ok := raw.(map[string]any)
+			if !ok {
+				bad(`a table of client names to prefix arrays ([client] name = ["2001:db8:1::/48"])`)
+				continue
+			}
+			names := make([]string, 0, len(tbl))
+			for n := range tbl {
+				names = append(names, n)
+			}
+			slices.Sort(names)
+			for _, n := range names {
+				list, ok := stringList(tbl[n])
+				if !ok {
+					errs = append(errs, fmt.Errorf("config: %s.%s: want an array of prefix strings, got %s: %w", where, n, tomlType(tbl[n]), ErrInvalid))
+					continue
+				}
+				v.clients = append(v.clients, client{where: where + "." + n, name: n, prefixes: list})
+			}
+		}
+		vals[k] = v
+	}
+	return errs
+}
+
+// stringList accepts an array of strings, or one string as a one-element list.
+func stringList(raw any) ([]string, bool) {
+	switch x := raw.(type) {
+	case string:
+		return []string{x}, true
+	case []any:
+		out := make([]string, 0, len(x))
+		for _, e := range x {
+			s, ok := e.(string)
+			if !ok {
+				return nil, false
+			}
+			out = append(out, s)
+		}
+		return out, true
+	}
+	return nil, false
+}
+
+func tomlType(raw any) string {
+	switch x := raw.(type) {
+	case string:
+		return fmt.Sprintf("string %q", x)
+	case int64:
+		return fmt.Sprintf("integer %d", x)
+	case float64:
+		return fmt.Sprintf("float %v", x)
+	case bool:
+		return fmt.Sprintf("boolean %v", x)
+	case []any:
+		return "an array"
+	case map[string]any:
+		return "a table"
+	}
+	return fmt.Sprintf("%T", raw)
+}

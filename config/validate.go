@@ -1,0 +1,308 @@
+package config
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.uber.org/zap/zapcore"
+
+	"github.com/pcpd/pcpd/policy"
+)
+
+// maxLifetime is the largest lifetime the 32-bit PCP lifetime field holds.
+const maxLifetime = time.Duration(1<<32-1) * time.Second
+
+// maxSocketPath is sun_path's size minus its terminating NUL.
+const maxSocketPath = 107
+
+// validate turns raw values into a Config, collecting one error per mistake.
+func validate(vals map[string]*value) (*Config, Errors) {
+	var errs Errors
+	fail := func(v *value, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("config: %s: %s: %w", v.where, fmt.Sprintf(format, args...), ErrInvalid))
+	}
+	c := &Config{}
+
+	// Interfaces.
+	iv := vals["interface"]
+	if len(iv.list) == 0 {
+		fail(iv, "at least one interface is needed")
+	}
+	for _, name := range iv.list {
+		switch {
+		case name == "" || len(name) > 15:
+			fail(iv, "%q is not an interface name (1-15 characters)", name)
+		case strings.ContainsAny(name, "/: \t") || name == "." || name == "..":
+			fail(iv, "%q is not an interface name (no '/', ':' or spaces)", name)
+		case slices.Contains(c.Interfaces, name):
+			fail(iv, "%q given twice", name)
+		default:
+			c.Interfaces = append(c.Interfaces, name)
+		}
+	}
+
+	// Listen addresses.
+	lv := vals["listen"]
+	for _, s := range lv.list {
+		ap, err := parseListen(s)
+		switch {
+		case err != nil:
+			fail(lv, "%q: %v", s, err)
+		case slices.Contains(c.Listen, ap):
+			fail(lv, "%q given twice", s)
+		default:
+			c.Listen = append(c.Listen, ap)
+		}
+	}
+
+	// Static clients.
+	cv := vals["client"]
+	clientsOK := true
+	for _, cl := range cv.clients {
+		w := &value{where: cl.where}
+		if !validName(cl.name) {
+			fail(w, "client name %q: use letters, digits, '.', '_' or '-' (at most 64)", cl.name)
+			clientsOK = false
+			continue
+		}
+		if _, dup := c.Clients[cl.name]; dup {
+			fail(w, "client %q given twice", cl.name)
+			clientsOK = false
+			continue
+		}
+		if len(cl.prefixes) == 0 {
+			fail(w, "client %q owns no prefix", cl.name)
+			clientsOK = false
+			continue
+		}
+		var pfx []netip.Prefix
+		for _, s := range cl.prefixes {
+			p, err := parsePrefix(s)
+			if err != nil {
+				fail(w, "client %q: %v", cl.name, err)
+				clientsOK = false
+				continue
+			}
+			pfx = append(pfx, p)
+		}
+		if c.Clients == nil {
+			c.Clients = map[string][]netip.Prefix{}
+		}
+		c.Clients[cl.name] = pfx
+	}
+	if clientsOK && len(c.Clients) > 0 {
+		// policy owns the rules for what may be owned (too short,
+		// overlapping clients); ask it now rather than at start-up.
+		if _, err := policy.NewStatic(c.Clients); err != nil {
+			msg := strings.TrimPrefix(err.Error(), "policy: ")
+			for _, sentinel := range []error{policy.ErrInvalidConfig, policy.ErrOverlap, policy.ErrShortPrefix} {
+				msg = strings.TrimSuffix(msg, ": "+sentinel.Error())
+			}
+			fail(cv, "%s", msg)
+		}
+	}
+
+	// External IPv4.
+	if ev := vals["external-ipv4"]; ev.str != "" {
+		a, err := netip.ParseAddr(ev.str)
+		a = a.Unmap()
+		switch {
+		case err != nil || !a.Is4():
+			fail(ev, "%q is not an IPv4 address", ev.str)
+		case !a.IsGlobalUnicast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+			fail(ev, "%s is not a unicast address others can reach", a)
+		default:
+			c.ExternalIPv4 = a
+		}
+	}
+
+	// nftables.
+	tv := vals["nft-table"]
+	if !validName(tv.str) {
+		fail(tv, "%q is not a table name: use letters, digits, '.', '_' or '-' (at most 64)", tv.str)
+	}
+	c.NftTable = tv.str
+	if av := vals["nft-attach"]; av.str != "" {
+		if !validName(av.str) {
+			fail(av, "%q is not a table name: use letters, digits, '.', '_' or '-' (at most 64)", av.str)
+		}
+		c.NftAttach = av.str
+	}
+
+	// Paths.
+	sv := vals["state-dir"]
+	if !filepath.IsAbs(sv.str) {
+		fail(sv, "%q is not an absolute path", sv.str)
+	}
+	c.StateDir = filepath.Clean(sv.str)
+	kv := vals["socket"]
+	switch {
+	case !filepath.IsAbs(kv.str):
+		fail(kv, "%q is not an absolute path", kv.str)
+	case len(kv.str) > maxSocketPath:
+		fail(kv, "path is %d bytes, a unix socket path holds at most %d", len(kv.str), maxSocketPath)
+	case strings.HasSuffix(kv.str, "/"):
+		fail(kv, "%q names a directory, not a socket", kv.str)
+	}
+	c.Socket = filepath.Clean(kv.str)
+
+	// Lifetimes.
+	var minOK, maxOK bool
+	c.MinLifetime, minOK = parseDuration(vals["min-lifetime"], fail)
+	c.MaxLifetime, maxOK = parseDuration(vals["max-lifetime"], fail)
+	if mv := vals["max-lifetime"]; maxOK && c.MaxLifetime > maxLifetime {
+		fail(mv, "%v exceeds the largest PCP lifetime (%d s)", c.MaxLifetime, int64(maxLifetime/time.Second))
+		maxOK = false
+	}
+	if minOK && maxOK && c.MinLifetime > c.MaxLifetime {
+		fail(vals["min-lifetime"], "%v is longer than max-lifetime %v", c.MinLifetime, c.MaxLifetime)
+	}
+
+	// Quotas.
+	var perOK, allOK bool
+	c.MaxLeasesPerClient, perOK = parseCount(vals["max-leases-per-client"], fail)
+	c.MaxLeases, allOK = parseCount(vals["max-leases"], fail)
+	if perOK && allOK && c.MaxLeasesPerClient > c.MaxLeases {
+		fail(vals["max-leases-per-client"], "%d exceeds max-leases %d", c.MaxLeasesPerClient, c.MaxLeases)
+	}
+
+	// IPv4 port range.
+	rv := vals["ipv4-port-range"]
+	lo, hi, ok := parsePortRange(rv.str)
+	if !ok {
+		fail(rv, "%q: want LOW-HIGH with 1 <= LOW <= HIGH <= 65535", rv.str)
+	}
+	c.IPv4PortLow, c.IPv4PortHigh = lo, hi
+
+	// Metrics.
+	if mv := vals["metrics"]; mv.str != "" {
+		host, port, err := net.SplitHostPort(mv.str)
+		if n, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil || n == 0 {
+			fail(mv, "%q: want HOST:PORT, e.g. 127.0.0.1:9351 or [::1]:9351", mv.str)
+		} else if host != "" && host != "localhost" {
+			if _, err := netip.ParseAddr(host); err != nil {
+				fail(mv, "%q: host must be an IP address or localhost", mv.str)
+			}
+		}
+		c.Metrics = mv.str
+	}
+
+	// Logging.
+	gv := vals["log-level"]
+	switch gv.str {
+	case "debug", "info", "warn", "error":
+		c.LogLevel, _ = zapcore.ParseLevel(gv.str)
+	default:
+		fail(gv, "%q: want debug, info, warn or error", gv.str)
+	}
+
+	// Protocol switches.
+	pv := vals["third-party"]
+	switch pv.str {
+	case ThirdPartyOff, ThirdPartyOwned:
+		c.ThirdParty = pv.str
+	default:
+		fail(pv, "%q: want owned or off", pv.str)
+	}
+	c.StrictNonce = vals["strict-nonce"].b
+	c.DisableMap = vals["disable-map"].b
+	c.DisablePeer = vals["disable-peer"].b
+	c.DisableNATPMP = vals["disable-natpmp"].b
+	return c, errs
+}
+
+// validName accepts names that are safe in logs, nftables and file keys.
+func validName(s string) bool {
+	if s == "" || len(s) > 64 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// parseListen accepts "host" or "[host]:port" / "a.b.c.d:port"; the host
+// must be a literal address of this machine's interfaces, never a wildcard:
+// a wildcard socket would answer on every interface (SEC-01).
+func parseListen(s string) (netip.AddrPort, error) {
+	var ap netip.AddrPort
+	if a, err := netip.ParseAddr(strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")); err == nil {
+		ap = netip.AddrPortFrom(a, DefaultPort)
+	} else if ap, err = netip.ParseAddrPort(s); err != nil {
+		return ap, fmt.Errorf("want an IP address, or [address]:port")
+	}
+	a := ap.Addr().Unmap()
+	switch {
+	case a.IsUnspecified():
+		return ap, fmt.Errorf("a wildcard address would answer on every interface; name the interfaces with --interface instead")
+	case a.IsMulticast():
+		return ap, fmt.Errorf("multicast is not a listen address")
+	case ap.Port() == 0:
+		return ap, fmt.Errorf("port 0 is not a listen port")
+	}
+	return netip.AddrPortFrom(a, ap.Port()), nil
+}
+
+// parsePrefix accepts a prefix or a single address (a /32 or /128), and
+// masks host bits.
+func parsePrefix(s string) (netip.Prefix, error) {
+	s = strings.TrimSpace(s)
+	if p, err := netip.ParsePrefix(s); err == nil {
+		if p.Addr().Zone() != "" {
+			return p, fmt.Errorf("prefix %q has a zone", s)
+		}
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil || a.Zone() != "" {
+		return netip.Prefix{}, fmt.Errorf("%q is not a prefix (e.g. 2001:db8:1::/48) or address", s)
+	}
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+func parseDuration(v *value, fail func(*value, string, ...any)) (time.Duration, bool) {
+	d, err := time.ParseDuration(v.str)
+	switch {
+	case err != nil:
+		fail(v, "%q is not a duration (e.g. 90s, 2h, 24h)", v.str)
+		return 0, false
+	case d < time.Second:
+		fail(v, "%v is shorter than one second", d)
+		return 0, false
+	case d%time.Second != 0:
+		fail(v, "%v is not a whole number of seconds (PCP lifetimes are in seconds)", d)
+		return 0, false
+	}
+	return d, true
+}
+
+func parseCount(v *value, fail func(*value, string, ...any)) (int, bool) {
+	n, err := strconv.Atoi(v.str)
+	if err != nil || n < 1 || n > 1<<24 {
+		fail(v, "%q: want a whole number from 1 to %d", v.str, 1<<24)
+		return 0, false
+	}
+	return n, true
+}
+
+func parsePortRange(s string) (lo, hi uint16, ok bool) {
+	a, b, found := strings.Cut(s, "-")
+	if !found {
+		b = a
+	}
+	l, err1 := strconv.ParseUint(strings.TrimSpace(a), 10, 16)
+	h, err2 := strconv.ParseUint(strings.TrimSpace(b), 10, 16)
+	if err1 != nil || err2 != nil || l == 0 || l > h {
+		return 0, 0, false
+	}
+	return uint16(l), uint16(h), true
+}
