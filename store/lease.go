@@ -1,0 +1,92 @@
+package store
+
+import (
+	"net/netip"
+	"strconv"
+	"time"
+)
+
+// Key is a lease's identity: who holds it and what inside the tunnel it opens
+// (DESIGN.md "Leases keyed by (client, protocol, internal address, internal
+// port)"). Remote is zero for MAP and NAT-PMP leases; a PEER lease also names
+// its remote peer, because one internal tuple may hold several PEER mappings
+// (PEER-04 keys on the remote too) next to one MAP (MAP-08).
+type Key struct {
+	Owner        string // client name: WireGuard peer (public key, base64) or static client name; ≤ 255 octets
+	Protocol     uint8  // IANA protocol number; 0 = all
+	InternalAddr netip.Addr
+	InternalPort uint16         // 0 = all ports
+	Remote       netip.AddrPort // PEER remote peer; zero for MAP / NAT-PMP
+}
+
+// Kind says which protocol created a lease; MAP-20 and PMP-05 treat them
+// differently.
+type Kind uint8
+
+const (
+	KindMap    Kind = 1 // PCP MAP (RFC 6887 §11)
+	KindPeer   Kind = 2 // PCP PEER (RFC 6887 §12)
+	KindNATPMP Kind = 3 // NAT-PMP mapping (RFC 6886 §3.3)
+)
+
+func (k Kind) String() string {
+	switch k {
+	case KindMap:
+		return "map"
+	case KindPeer:
+		return "peer"
+	case KindNATPMP:
+		return "natpmp"
+	}
+	return "kind(" + strconv.Itoa(int(k)) + ")"
+}
+
+// Filter is one FILTER option kept on a MAP lease (RFC 6887 §13.3, FLT-01):
+// inbound traffic is admitted only from Prefix, and only from Port unless it
+// is 0.
+type Filter struct {
+	Prefix netip.Prefix
+	Port   uint16
+}
+
+// Lease is everything pcpd must remember about one mapping across a restart.
+type Lease struct {
+	Key
+	Kind          Kind
+	Nonce         [12]byte
+	ExternalAddr  netip.Addr
+	ExternalPort  uint16
+	Filters       []Filter       // FLT-01..04; at most MaxFilters
+	ClientAddr    netip.AddrPort // where the last reply went: unsolicited ANNOUNCE / mapping updates (ANN-06, UPD-02)
+	ServerAddr    netip.AddrPort // the serving address the request came in on (HDR-02: send from there)
+	Created       time.Time
+	Expires       time.Time
+	Description   string // DESCRIPTION option (OPT-09); ≤ MaxDescription octets
+	ThirdParty    bool   // created through THIRD_PARTY (TP-04): echo the option in updates
+	PreferFailure bool   // created with PREFER_FAILURE (UPD-02: losing its external → CANNOT_PROVIDE_EXTERNAL)
+}
+
+// Limits the encoder enforces; a lease beyond them is refused with
+// ErrInvalidLease before anything is written.
+const (
+	MaxOwner       = 255
+	MaxDescription = 1016 // RFC 7220 option data can not carry more (OPT-09)
+	MaxFilters     = 255
+)
+
+// State is what Open found on disk.
+type State struct {
+	// Leases as stored, expired ones included: the engine drops those (it
+	// also has to remove them from the kernel, so it must see them).
+	Leases []Lease
+	// EpochOrigin is the wall time at which the PCP epoch was 0 (EPO-04).
+	// Zero when Fresh.
+	EpochOrigin time.Time
+	// Fresh means the mapping state was lost, may have been lost, or is new:
+	// the engine must reset the epoch (ResetEpoch) and announce (ANN-03,
+	// EPO-03). Fresh stays true on every Open until ResetEpoch succeeds.
+	Fresh bool
+	// Recovered is non-empty when Open had to repair something: what was
+	// wrong and what it did (e.g. restored from the backup copy).
+	Recovered string
+}

@@ -1,0 +1,428 @@
+package store
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
+	"go.uber.org/zap"
+)
+
+// maxCheckErrors bounds how many tx.Check findings are kept for the report.
+const maxCheckErrors = 5
+
+// Open opens (or creates) the state in dir and returns what it holds.
+//
+// State.Fresh is true when the epoch must be reset: a new directory, a
+// state file that was missing, unreadable or corrupt (and then restored
+// from the backup copy or started empty), a doubtful clock, or a reset that
+// an earlier run asked for but never completed. State.Recovered and an
+// error-level log line say what happened whenever it was more than a new
+// directory.
+//
+// When the directory is read-only, Open still returns the leases it can
+// read, and every write fails with ErrUnavailable until it becomes
+// writable again. Open fails only when the directory can not be used at all
+// (another pcpd holds it, or the file is corrupt and can not be moved
+// aside).
+func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	o := options{now: time.Now, lockTimeout: 2 * time.Second}
+	for _, f := range opts {
+		f(&o)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, State{}, fmt.Errorf("store: state directory: %w", err)
+	}
+	s := &Store{dir: dir, path: filepath.Join(dir, DBName), log: log, opt: o}
+	st, err := s.load()
+	if err != nil {
+		return nil, State{}, err
+	}
+	if st.Recovered != "" {
+		log.Error("state recovery", zap.String("dir", dir), zap.String("recovered", st.Recovered),
+			zap.Bool("epoch_reset", st.Fresh), zap.Int("leases", len(st.Leases)))
+	}
+	if s.db != nil && !o.noSnapshot {
+		// The file was just read and checked end to end: it is the new
+		// last good copy. Written in the background; Close waits for it.
+		db := s.db
+		s.bg.Add(1)
+		go func() {
+			defer s.bg.Done()
+			start := time.Now()
+			if err := s.snapshot(db); err != nil {
+				log.Warn("backup copy not written", zap.Error(err))
+				return
+			}
+			log.Debug("backup copy written", zap.Duration("took", time.Since(start)))
+		}()
+	}
+	return s, st, nil
+}
+
+// loaded is what a readable state file holds.
+type loaded struct {
+	leases []Lease
+	epoch  time.Time // zero: absent (reset pending)
+	seen   time.Time
+}
+
+func (s *Store) load() (State, error) {
+	bak := filepath.Join(s.dir, BackupName)
+	// Leftovers of a crash in createEmpty or snapshot; never the state.
+	_ = os.Remove(s.path + tmpSuffix)
+	_ = os.Remove(bak + tmpSuffix)
+
+	_, err := os.Stat(s.path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if _, berr := os.Stat(bak); berr == nil {
+			return s.recover(fmt.Errorf("state file %s missing", s.path))
+		}
+		if err := createEmpty(s.path, &s.opt); err != nil {
+			if isReadOnlyErr(err) {
+				s.log.Error("state directory not writable: serving without durable state, every change refused until it is",
+					zap.String("dir", s.dir), zap.Error(err))
+				return State{Fresh: true, Recovered: "state directory not writable: " + err.Error()}, nil
+			}
+			return State{}, fmt.Errorf("store: create %s: %w", s.path, err)
+		}
+		db, ld, err := readState(s.path, &s.opt, false)
+		if err != nil {
+			return State{}, fmt.Errorf("store: new state file: %w", err)
+		}
+		s.db = db
+		s.log.Info("new state directory", zap.String("dir", s.dir))
+		return State{Leases: ld.leases, Fresh: true}, nil
+	case err != nil:
+		return State{}, fmt.Errorf("store: %w", err)
+	}
+
+	db, ld, err := readState(s.path, &s.opt, false)
+	if err == nil {
+		s.db = db
+		return s.judge(ld)
+	}
+	if errors.Is(err, ErrLocked) {
+		return State{}, err
+	}
+	if isReadOnlyErr(err) {
+		// Read what is there; writes wait for the directory to come back.
+		rodb, ld, rerr := readState(s.path, &s.opt, true)
+		if rerr != nil {
+			return State{}, fmt.Errorf("store: state directory read-only and state unreadable (%w); can not repair it: %w", rerr, ErrUnavailable)
+		}
+		_ = rodb.Close()
+		s.log.Error("state directory read-only: leases loaded, every change refused until it is writable",
+			zap.String("dir", s.dir), zap.Error(err))
+		st, jerr := s.judge(ld)
+		st.Recovered = join(st.Recovered, "state directory read-only: "+err.Error())
+		return st, jerr
+	}
+	if isEnvErr(err) {
+		return State{}, fmt.Errorf("store: open %s: %w", s.path, err)
+	}
+	return s.recover(err)
+}
+
+// judge decides whether the epoch survives (EPO-04): only with an origin on
+// record and a clock that has not gone backwards since the last run.
+func (s *Store) judge(ld loaded) (State, error) {
+	now := s.opt.now()
+	st := State{Leases: ld.leases, EpochOrigin: ld.epoch}
+	switch {
+	case ld.epoch.IsZero():
+		st.Recovered = "epoch reset still pending from an earlier start"
+	case ld.epoch.After(now.Add(ClockSlack)):
+		st.Recovered = fmt.Sprintf("clock doubtful: epoch origin %s is in the future (now %s)",
+			ld.epoch.Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+	case ld.seen.After(now.Add(ClockSlack)):
+		st.Recovered = fmt.Sprintf("clock doubtful: pcpd was last alive at %s, later than now (%s)",
+			ld.seen.Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+	default:
+		return st, nil
+	}
+	st.Fresh = true
+	st.EpochOrigin = time.Time{}
+	// Forget the old origin on disk too, so that a crash before the engine
+	// calls ResetEpoch can not bring it back.
+	if s.db != nil && !ld.epoch.IsZero() {
+		if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Delete(metaEpoch) }); err != nil {
+			return State{}, fmt.Errorf("store: clear epoch: %w", err)
+		}
+	}
+	return st, nil
+}
+
+// recover handles a state file that can not be used: move it aside, then
+// restore the backup copy if it passes the same checks, else start empty.
+// Either way the epoch resets: the copy may be older than the last commit.
+func (s *Store) recover(cause error) (State, error) {
+	now := s.opt.now().UTC()
+	stamp := now.Format("20060102T150405.000000000Z")
+	var what []string
+	if _, err := os.Stat(s.path); err == nil {
+		aside := s.path + ".corrupt-" + stamp
+		if err := os.Rename(s.path, aside); err != nil {
+			return State{}, fmt.Errorf("store: state file unusable (%v) and can not be moved aside: %w", cause, err)
+		}
+		what = append(what, fmt.Sprintf("state file unusable (%v), moved to %s", cause, filepath.Base(aside)))
+	} else {
+		what = append(what, cause.Error())
+	}
+
+	bak := filepath.Join(s.dir, BackupName)
+	if fi, err := os.Stat(bak); err == nil {
+		db, ld, rerr := restore(bak, s.path, &s.opt)
+		if rerr == nil {
+			s.db = db
+			what = append(what, fmt.Sprintf("restored %d leases from backup %s written %s; epoch reset because later changes may be lost",
+				len(ld.leases), BackupName, fi.ModTime().UTC().Format(time.RFC3339)))
+			return State{Leases: ld.leases, Fresh: true, Recovered: strings.Join(what, "; ")}, nil
+		}
+		aside := bak + ".corrupt-" + stamp
+		if err := os.Rename(bak, aside); err != nil {
+			return State{}, fmt.Errorf("store: backup unusable (%v) and can not be moved aside: %w", rerr, err)
+		}
+		what = append(what, fmt.Sprintf("backup unusable (%v), moved to %s", rerr, filepath.Base(aside)))
+	} else {
+		what = append(what, "no backup copy")
+	}
+
+	if err := createEmpty(s.path, &s.opt); err != nil {
+		return State{}, fmt.Errorf("store: create %s: %w", s.path, err)
+	}
+	db, _, err := readState(s.path, &s.opt, false)
+	if err != nil {
+		return State{}, fmt.Errorf("store: new state file: %w", err)
+	}
+	s.db = db
+	what = append(what, "started with no leases")
+	return State{Fresh: true, Recovered: strings.Join(what, "; ")}, nil
+}
+
+// restore copies the backup to the state path (through a temporary file),
+// checks it and clears its epoch so the reset is remembered.
+func restore(bak, path string, o *options) (*bolt.DB, loaded, error) {
+	tmp := path + tmpSuffix
+	if err := copyFile(bak, tmp); err != nil {
+		return nil, loaded{}, err
+	}
+	db, ld, err := readState(tmp, o, false)
+	if err != nil {
+		_ = os.Remove(tmp)
+		return nil, loaded{}, err
+	}
+	err = db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Delete(metaEpoch) })
+	if cerr := db.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err == nil {
+		err = syncDir(filepath.Dir(path))
+	}
+	if err != nil {
+		_ = os.Remove(tmp)
+		return nil, loaded{}, err
+	}
+	db, err = bolt.Open(path, 0o600, boltOptions(o, false))
+	if err != nil {
+		return nil, loaded{}, err
+	}
+	return db, ld, nil
+}
+
+func copyFile(from, to string) error {
+	in, err := os.Open(from)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(to, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	if err := out.Sync(); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// createEmpty writes a new, empty state file through a temporary file and
+// a rename, so a zero-length or half-initialised leases.db never exists
+// and can always be treated as corruption.
+func createEmpty(path string, o *options) error {
+	tmp := path + tmpSuffix
+	_ = os.Remove(tmp)
+	db, err := bolt.Open(tmp, 0o600, boltOptions(o, false))
+	if err != nil {
+		return err
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		meta, err := tx.CreateBucket(bucketMeta)
+		if err != nil {
+			return err
+		}
+		if _, err := tx.CreateBucket(bucketLeases); err != nil {
+			return err
+		}
+		return meta.Put(metaFormat, []byte{formatVersion})
+	})
+	if cerr := db.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err == nil {
+		err = syncDir(filepath.Dir(path))
+	}
+	if err != nil {
+		_ = os.Remove(tmp)
+	}
+	return err
+}
+
+// readState opens path, reads every record and runs bbolt's consistency
+// check. A corrupt file makes bbolt panic or even fault on a wild page
+// pointer; both come back as an ErrCorrupt error here instead of killing
+// the daemon (SetPanicOnFault covers faults on the mmap in this
+// goroutine). Our own full traversal runs before tx.Check, whose goroutine
+// has no such protection, so every page Check visits has been touched
+// safely already.
+func readState(path string, o *options, readOnly bool) (db *bolt.DB, ld loaded, err error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, loaded{}, err
+	}
+	if fi.Size() == 0 {
+		// bbolt would initialise an empty file as a new database: that is
+		// exactly the silent loss we must not have. createEmpty never leaves
+		// a zero-length state file, so this is damage.
+		return nil, loaded{}, fmt.Errorf("store: %s is empty: %w", filepath.Base(path), ErrCorrupt)
+	}
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			if db != nil {
+				func() {
+					defer func() { _ = recover() }()
+					_ = db.Close()
+				}()
+			}
+			db, ld, err = nil, loaded{}, fmt.Errorf("store: reading %s: bbolt panicked (%v): %w", filepath.Base(path), r, ErrCorrupt)
+		}
+	}()
+	db, err = bolt.Open(path, 0o600, boltOptions(o, readOnly))
+	if err != nil {
+		switch {
+		case errors.Is(err, berrors.ErrTimeout):
+			return nil, loaded{}, fmt.Errorf("store: %s: %w", path, ErrLocked)
+		case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrVersionMismatch),
+			errors.Is(err, berrors.ErrChecksum), strings.Contains(err.Error(), "file size too small"):
+			return nil, loaded{}, fmt.Errorf("store: open %s: %w: %w", filepath.Base(path), ErrCorrupt, err)
+		}
+		return nil, loaded{}, err
+	}
+	err = db.View(func(tx *bolt.Tx) error {
+		var err error
+		ld, err = readTx(tx)
+		if err != nil {
+			return err
+		}
+		var problems []string
+		for cerr := range tx.Check() {
+			if len(problems) < maxCheckErrors {
+				problems = append(problems, cerr.Error())
+			}
+		}
+		if len(problems) > 0 {
+			return fmt.Errorf("store: consistency check: %s: %w", strings.Join(problems, "; "), ErrCorrupt)
+		}
+		return nil
+	})
+	if err != nil {
+		_ = db.Close()
+		return nil, loaded{}, err
+	}
+	return db, ld, nil
+}
+
+func readTx(tx *bolt.Tx) (loaded, error) {
+	var ld loaded
+	meta, leases := tx.Bucket(bucketMeta), tx.Bucket(bucketLeases)
+	if meta == nil || leases == nil {
+		return ld, fmt.Errorf("store: buckets missing: %w", ErrCorrupt)
+	}
+	if v := meta.Get(metaFormat); len(v) != 1 || v[0] != formatVersion {
+		return ld, fmt.Errorf("store: unknown format %x: %w", v, ErrCorrupt)
+	}
+	if v := meta.Get(metaEpoch); v != nil {
+		t, ok := bytesTime(v)
+		if !ok {
+			return ld, fmt.Errorf("store: bad epoch record %x: %w", v, ErrCorrupt)
+		}
+		ld.epoch = t
+	}
+	if v := meta.Get(metaSeen); v != nil {
+		t, ok := bytesTime(v)
+		if !ok {
+			return ld, fmt.Errorf("store: bad heartbeat record %x: %w", v, ErrCorrupt)
+		}
+		ld.seen = t
+	}
+	// Size the slice once: growing it by doubling would briefly hold two
+	// copies of a million leases.
+	n := leases.Stats().KeyN
+	ld.leases = make([]Lease, 0, n)
+	in := interner{}
+	c := leases.Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		if v == nil {
+			return ld, fmt.Errorf("store: unexpected bucket in leases: %w", ErrCorrupt)
+		}
+		l, err := decodeLease(k, v, in)
+		if err != nil {
+			return ld, err
+		}
+		ld.leases = append(ld.leases, l)
+	}
+	return ld, nil
+}
+
+// isEnvErr: the environment, not the file, stops us (Open fails instead of
+// moving a good file aside).
+func isEnvErr(err error) bool {
+	for _, e := range []error{syscall.ENOSPC, syscall.ENOMEM, syscall.EMFILE, syscall.ENFILE, syscall.EINTR, syscall.EAGAIN} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return errors.Is(err, ErrLocked) || isReadOnlyErr(err)
+}
+
+func join(a, b string) string {
+	if a == "" {
+		return b
+	}
+	return a + "; " + b
+}
