@@ -62,10 +62,6 @@ func NewStatic(clients map[string][]netip.Prefix) (*Static, error) {
 	var (
 		owners []Owner
 		spans  []span
-		claim  []struct {
-			s    span
-			name string
-		}
 	)
 	for _, name := range names {
 		if name == "" || strings.ContainsFunc(name, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
@@ -90,17 +86,25 @@ func NewStatic(clients map[string][]netip.Prefix) (*Static, error) {
 		for _, p := range pfx {
 			s := spanOf(p)
 			s.owner = idx
-			for _, c := range claim {
-				if c.name != name && !(s.last.less(c.s.first) || c.s.last.less(s.first)) {
-					return nil, fmt.Errorf("policy: static client %q prefix %s overlaps client %q: %w", name, p, c.name, ErrOverlap)
-				}
-			}
-			claim = append(claim, struct {
-				s    span
-				name string
-			}{s, name})
 			spans = append(spans, s)
 		}
+	}
+	sortSpans(spans)
+	// Prefixes are nested or disjoint, so in (first, shorter-first) order a
+	// prefix overlaps an earlier one only if an open enclosing one is still
+	// on the stack; the innermost is enough to check (an outer one of
+	// another client would have failed against it already).
+	var stack []span
+	for _, s := range spans {
+		for len(stack) > 0 && stack[len(stack)-1].last.less(s.first) {
+			stack = stack[:len(stack)-1]
+		}
+		if n := len(stack); n > 0 && stack[n-1].owner != s.owner {
+			in := owners[stack[n-1].owner]
+			return nil, fmt.Errorf("policy: static client %q prefix %s overlaps client %q prefix %s: %w",
+				owners[s.owner].Label, prefixOf(s.first, s.bits), in.Label, prefixOf(stack[n-1].first, stack[n-1].bits), ErrOverlap)
+		}
+		stack = append(stack, s)
 	}
 	return &Static{t: build(owners, spans)}, nil
 }
@@ -122,9 +126,15 @@ func checkOwnedPrefix(p netip.Prefix) error {
 		return fmt.Errorf("prefix %s shorter than /%d: %w", p, MinOwnedBits4, ErrShortPrefix)
 	case p.Addr().Is6() && p.Bits() < MinOwnedBits6:
 		return fmt.Errorf("prefix %s shorter than /%d: %w", p, MinOwnedBits6, ErrShortPrefix)
+	case p.Addr().Is6() && p.Overlaps(mappedPrefix):
+		// IPv4 shares the table as ::ffff:a.b.c.d, so an IPv6 prefix around
+		// ::ffff:0:0/96 (only reserved ::/8 space) would claim all of IPv4.
+		return fmt.Errorf("prefix %s covers the IPv4-mapped range ::ffff:0:0/96: %w", p, ErrInvalidConfig)
 	}
 	return nil
 }
+
+var mappedPrefix = netip.MustParsePrefix("::ffff:0:0/96")
 
 func comparePrefix(a, b netip.Prefix) int {
 	if c := a.Addr().Compare(b.Addr()); c != 0 {

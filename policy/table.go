@@ -96,15 +96,7 @@ type table struct {
 // build flattens spans (exact duplicates already resolved by the caller)
 // into a table.
 func build(owners []Owner, spans []span) *table {
-	slices.SortFunc(spans, func(a, b span) int {
-		if a.first != b.first {
-			if a.first.less(b.first) {
-				return -1
-			}
-			return 1
-		}
-		return cmp.Compare(a.bits, b.bits) // enclosing (shorter) first
-	})
+	sortSpans(spans)
 	t := &table{
 		starts: make([]u128, 0, 2*len(spans)+1),
 		owner:  make([]int32, 0, 2*len(spans)+1),
@@ -154,6 +146,19 @@ func build(owners []Owner, spans []span) *table {
 	}
 	closeUntil(u128{}, true)
 	return t
+}
+
+// sortSpans orders spans by first address, enclosing (shorter) ones first.
+func sortSpans(spans []span) {
+	slices.SortFunc(spans, func(a, b span) int {
+		if a.first != b.first {
+			if a.first.less(b.first) {
+				return -1
+			}
+			return 1
+		}
+		return cmp.Compare(a.bits, b.bits)
+	})
 }
 
 // find returns the owner index for a, or noOwner.
