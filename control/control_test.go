@@ -1,0 +1,344 @@
+package control
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/store"
+)
+
+// table is an in-memory Backend: the protocol under test is the socket's,
+// not the engine's (the lab test drives the real engine through it).
+type table struct {
+	mu     sync.Mutex
+	leases []store.Lease
+	status Status
+}
+
+func (t *table) Leases() []store.Lease {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return append([]store.Lease(nil), t.leases...)
+}
+
+func (t *table) Status() Status { return t.status }
+
+func (t *table) Revoke(r Revoke) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var keep []store.Lease
+	n := 0
+	for _, l := range t.leases {
+		if r.All || (r.Owner != "" && l.Owner == r.Owner) || (r.Key != nil && l.Key == *r.Key) {
+			n++
+			continue
+		}
+		keep = append(keep, l)
+	}
+	t.leases = keep
+	return n, nil
+}
+
+var t0 = time.Date(2026, 11, 23, 10, 0, 0, 0, time.UTC)
+
+func lease(owner string, proto uint8, addr string, port uint16) store.Lease {
+	a := netip.MustParseAddr(addr)
+	return store.Lease{
+		Key:          store.Key{Owner: owner, Protocol: proto, InternalAddr: a, InternalPort: port},
+		Kind:         store.KindMap,
+		ExternalAddr: a, ExternalPort: port,
+		Created: t0, Expires: t0.Add(time.Hour + 500*time.Millisecond),
+	}
+}
+
+func start(t *testing.T, b Backend) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "run", "pcpd.sock")
+	ln, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, ln, b, zap.NewNop()) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+		if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("socket left behind after Serve returned: %v", err)
+		}
+	})
+	return path
+}
+
+func TestSocketModes(t *testing.T) {
+	path := start(t, &table{})
+	fi, err := os.Lstat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v, want socket 0600", fi.Mode())
+	}
+	di, err := os.Stat(filepath.Dir(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if di.Mode().Perm() != 0o700 {
+		t.Errorf("socket directory mode %v, want 0700", di.Mode().Perm())
+	}
+}
+
+func TestStaleSocket(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "pcpd.sock")
+
+	t.Run("stale file from a killed daemon is replaced", func(t *testing.T) {
+		ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln.SetUnlinkOnClose(false) // what kill -9 leaves behind
+		ln.Close()
+		if _, err := os.Lstat(path); err != nil {
+			t.Fatalf("setup: %v", err)
+		}
+		ln2, err := Listen(path)
+		if err != nil {
+			t.Fatalf("Listen over a stale socket: %v", err)
+		}
+		ln2.Close()
+	})
+
+	t.Run("live daemon is not displaced", func(t *testing.T) {
+		ln, err := Listen(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.Close()
+			}
+		}()
+		_, err = Listen(path)
+		if !errors.Is(err, ErrInUse) {
+			t.Fatalf("second Listen: %v, want ErrInUse", err)
+		}
+		if _, err := os.Lstat(path); err != nil {
+			t.Fatalf("live socket removed: %v", err)
+		}
+	})
+
+	t.Run("a regular file is never removed", func(t *testing.T) {
+		f := filepath.Join(dir, "notasocket")
+		if err := os.WriteFile(f, []byte("keep"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Listen(f); !errors.Is(err, ErrNotSocket) {
+			t.Fatalf("Listen on a file: %v, want ErrNotSocket", err)
+		}
+		if b, _ := os.ReadFile(f); string(b) != "keep" {
+			t.Fatal("file was touched")
+		}
+	})
+}
+
+func TestLeasesAndStatus(t *testing.T) {
+	peer := lease("peerkey=", 17, "2001:db8:1:2::10", 5000)
+	peer.Kind = store.KindPeer
+	peer.Remote = netip.MustParseAddrPort("[2001:db8:99::1]:4000")
+	peer.Filters = []store.Filter{{Prefix: netip.MustParsePrefix("2001:db8:99::/48")}, {Prefix: netip.MustParsePrefix("2001:db8:98::/48"), Port: 80}}
+	peer.Description = "game"
+	b := &table{
+		leases: []store.Lease{lease("home", 6, "2001:db8:1:2::10", 443), peer},
+		status: Status{PID: 42, Epoch: 7, Leases: 2, Owners: 1, OwnershipSource: "wireguard:wg0", Listen: []string{"[2001:db8:1::1]:5351"}, Started: t0},
+	}
+	c := &Client{Path: start(t, b)}
+	var got []Lease
+	n, err := c.Leases(context.Background(), func(l Lease) error { got = append(got, l); return nil })
+	if err != nil || n != 2 {
+		t.Fatalf("Leases: %d, %v", n, err)
+	}
+	want := []Lease{
+		{Client: "home", Kind: "map", Protocol: "tcp",
+			InternalAddress: netip.MustParseAddr("2001:db8:1:2::10"), InternalPort: 443,
+			ExternalAddress: netip.MustParseAddr("2001:db8:1:2::10"), ExternalPort: 443,
+			CreatedAt: t0, ExpiresAt: t0.Add(time.Hour)},
+		{Client: "peerkey=", Kind: "peer", Protocol: "udp",
+			InternalAddress: netip.MustParseAddr("2001:db8:1:2::10"), InternalPort: 5000,
+			ExternalAddress: netip.MustParseAddr("2001:db8:1:2::10"), ExternalPort: 5000,
+			Remote: "[2001:db8:99::1]:4000", Filters: []string{"2001:db8:99::/48", "[2001:db8:98::/48]:80"},
+			Description: "game", CreatedAt: t0, ExpiresAt: t0.Add(time.Hour)},
+	}
+	if diff := cmp.Diff(want, got, cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); diff != "" {
+		t.Fatalf("leases (-want +got):\n%s", diff)
+	}
+	st, err := c.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(b.status, st); diff != "" {
+		t.Fatalf("status (-want +got):\n%s", diff)
+	}
+}
+
+// The JSON a script sees: field names DESIGN.md promises, RFC 3339 times.
+func TestLeaseJSONFields(t *testing.T) {
+	b, err := json.Marshal(LeaseFrom(lease("home", 6, "2001:db8:1:2::10", 443)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range map[string]any{
+		"client": "home", "protocol": "tcp", "internal_address": "2001:db8:1:2::10", "internal_port": 443.0,
+		"external_address": "2001:db8:1:2::10", "external_port": 443.0, "expires_at": "2026-11-23T11:00:00Z",
+	} {
+		if m[k] != v {
+			t.Errorf("%s = %v, want %v (%s)", k, m[k], v, b)
+		}
+	}
+}
+
+func TestRevoke(t *testing.T) {
+	tests := []struct {
+		name string
+		req  Request
+		n    int
+		left int
+	}{
+		{"all", Request{All: true}, 4, 0},
+		{"client", Request{Client: "a"}, 2, 2},
+		{"unknown client", Request{Client: "nobody"}, 0, 4},
+		{"by what it opens, any owner", Request{Leases: []LeaseRef{{Protocol: "tcp", InternalAddress: netip.MustParseAddr("2001:db8:1::1"), InternalPort: 80}}}, 1, 3},
+		{"several", Request{Leases: []LeaseRef{
+			{Protocol: "tcp", InternalAddress: netip.MustParseAddr("2001:db8:1::1"), InternalPort: 80},
+			{Protocol: "udp", InternalAddress: netip.MustParseAddr("2001:db8:2::1"), InternalPort: 53}}}, 2, 2},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := &table{leases: []store.Lease{
+				lease("a", 6, "2001:db8:1::1", 80), lease("a", 17, "2001:db8:1::1", 80),
+				lease("b", 6, "2001:db8:2::1", 80), lease("b", 17, "2001:db8:2::1", 53),
+			}}
+			c := &Client{Path: start(t, b)}
+			n, err := c.Revoke(context.Background(), tt.req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n != tt.n || len(b.Leases()) != tt.left {
+				t.Fatalf("revoked %d (want %d), %d left (want %d)", n, tt.n, len(b.Leases()), tt.left)
+			}
+		})
+	}
+}
+
+// Malformed requests get a coded error, and the connection stays usable.
+func TestBadRequests(t *testing.T) {
+	path := start(t, &table{})
+	conn, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(conn)
+	for _, tt := range []struct{ line, code string }{
+		{`not json`, CodeBadRequest},
+		{`{"op":"leases","bogus":1}`, CodeBadRequest},
+		{`{"op":"reboot"}`, CodeUnknownOp},
+		{`{"op":"revoke"}`, CodeBadRequest},
+		{`{"op":"revoke","all":true,"client":"a"}`, CodeBadRequest},
+		{`{"op":"revoke","leases":[{"protocol":"sctpish","internal_address":"2001:db8::1","internal_port":1}]}`, CodeBadRequest},
+	} {
+		fmt.Fprintln(conn, tt.line)
+		line, err := r.ReadBytes('\n')
+		if err != nil {
+			t.Fatalf("%s: %v", tt.line, err)
+		}
+		var rep Reply
+		if err := json.Unmarshal(line, &rep); err != nil {
+			t.Fatal(err)
+		}
+		if rep.OK || rep.Error == nil || rep.Error.Code != tt.code {
+			t.Errorf("%s → %s, want code %s", tt.line, line, tt.code)
+		}
+	}
+	fmt.Fprintln(conn, `{"op":"status"}`)
+	line, _ := r.ReadBytes('\n')
+	var rep Reply
+	if json.Unmarshal(line, &rep) != nil || !rep.OK {
+		t.Fatalf("status after errors: %s", line)
+	}
+}
+
+func TestRemoteError(t *testing.T) {
+	c := &Client{Path: filepath.Join(t.TempDir(), "absent.sock")}
+	if _, err := c.Status(context.Background()); err == nil {
+		t.Fatal("status from a missing socket succeeded")
+	}
+}
+
+func TestParseLeaseRef(t *testing.T) {
+	for _, tt := range []struct {
+		in   string
+		want LeaseRef
+		err  bool
+	}{
+		{in: "tcp/2001:db8:1:2::10/443", want: LeaseRef{"tcp", netip.MustParseAddr("2001:db8:1:2::10"), 443}},
+		{in: "UDP/10.100.0.2/53", want: LeaseRef{"udp", netip.MustParseAddr("10.100.0.2"), 53}},
+		{in: "6/10.100.0.2/80", want: LeaseRef{"tcp", netip.MustParseAddr("10.100.0.2"), 80}},
+		{in: "tcp/2001:db8::1", err: true},
+		{in: "tcp/host/80", err: true},
+		{in: "tcp/2001:db8::1/99999", err: true},
+		{in: "quic/2001:db8::1/443", err: true},
+	} {
+		got, err := ParseLeaseRef(tt.in)
+		if (err != nil) != tt.err || (!tt.err && got != tt.want) {
+			t.Errorf("ParseLeaseRef(%q) = %v, %v", tt.in, got, err)
+		}
+	}
+}
+
+// 100 000 leases stream through the socket well under the 2 s budget
+// pcpd leases has (the CLI adds only formatting; see cmd/pcpd).
+func TestManyLeases(t *testing.T) {
+	b := &table{}
+	for i := 0; i < 100_000; i++ {
+		a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 2, 14: byte(i >> 8), 15: byte(i)})
+		b.leases = append(b.leases, lease(fmt.Sprintf("client%d", i%500), 6, a.String(), uint16(1024+i%60000)))
+	}
+	c := &Client{Path: start(t, b)}
+	begin := time.Now()
+	n, err := c.Leases(context.Background(), func(Lease) error { return nil })
+	took := time.Since(begin)
+	if err != nil || n != 100_000 {
+		t.Fatalf("Leases: %d, %v", n, err)
+	}
+	t.Logf("100000 leases over the socket in %v", took)
+	if took > time.Second {
+		t.Errorf("took %v, want well under 2s", took)
+	}
+}

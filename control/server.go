@@ -1,0 +1,254 @@
+package control
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/store"
+)
+
+// requestTimeout bounds how long a connected client may take to send a
+// request line; a stuck client must not pin a goroutine forever.
+const requestTimeout = 30 * time.Second
+
+// maxRequest bounds a request line (a revoke names at most a few thousand
+// leases by hand).
+const maxRequest = 1 << 20
+
+// Listen creates the control socket at path, mode 0600, creating its
+// directory mode 0700 if missing. If a socket file is already there and a
+// daemon answers on it, Listen fails with ErrInUse and leaves it alone; if
+// nobody answers (the previous daemon was killed), the stale file is removed
+// first. Anything else at path is never removed (ErrNotSocket).
+func Listen(path string) (*net.UnixListener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("control: create socket directory: %w", err)
+	}
+	if err := removeStale(path); err != nil {
+		return nil, err
+	}
+	// The umask makes the socket 0600 from its first instant; the chmod
+	// after is belt and braces for filesystems that ignore it. The umask
+	// is process-wide: pcpd creates no other files at this moment.
+	old := syscall.Umask(0o177)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("control: listen: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control: chmod socket: %w", err)
+	}
+	ln.SetUnlinkOnClose(true)
+	return ln, nil
+}
+
+func removeStale(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("control: %w", err)
+	}
+	if fi.Mode().Type() != fs.ModeSocket {
+		return fmt.Errorf("control: %s: %w", path, ErrNotSocket)
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("control: %s: %w (is pcpd already running? stop it, or give this one another --socket)", path, ErrInUse)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("control: probe %s: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("control: remove stale socket: %w", err)
+	}
+	return nil
+}
+
+// Serve answers connections on ln until ctx ends, then closes ln and waits
+// for the connections being served.
+func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) error {
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	conns := map[net.Conn]struct{}{}
+	stop := context.AfterFunc(ctx, func() {
+		ln.Close()
+		mu.Lock()
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+	})
+	defer stop()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			wg.Wait()
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("control: accept: %w", err)
+		}
+		mu.Lock()
+		conns[c] = struct{}{}
+		mu.Unlock()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			serveConn(c, b, log)
+			mu.Lock()
+			delete(conns, c)
+			mu.Unlock()
+			c.Close()
+		}()
+	}
+}
+
+func serveConn(c net.Conn, b Backend, log *zap.Logger) {
+	r := bufio.NewReaderSize(c, 4096)
+	w := bufio.NewWriterSize(c, 64<<10)
+	for {
+		c.SetReadDeadline(time.Now().Add(requestTimeout))
+		line, err := readLine(r)
+		if err != nil {
+			return // EOF, timeout or oversized: nothing useful to answer
+		}
+		c.SetReadDeadline(time.Time{})
+		if len(bytes.TrimSpace(line)) == 0 {
+			continue
+		}
+		if err := handle(line, w, b, log); err != nil {
+			log.Debug("control: write reply", zap.Error(err))
+			return
+		}
+		if err := w.Flush(); err != nil {
+			return
+		}
+	}
+}
+
+func readLine(r *bufio.Reader) ([]byte, error) {
+	var line []byte
+	for {
+		chunk, isPrefix, err := r.ReadLine()
+		if err != nil {
+			return nil, err
+		}
+		line = append(line, chunk...)
+		if len(line) > maxRequest {
+			return nil, fmt.Errorf("control: request too long: %w", ErrProtocol)
+		}
+		if !isPrefix {
+			return line, nil
+		}
+	}
+}
+
+// handle answers one request line.
+func handle(line []byte, w *bufio.Writer, b Backend, log *zap.Logger) error {
+	enc := json.NewEncoder(w)
+	fail := func(code, format string, args ...any) error {
+		return enc.Encode(Reply{Error: &ReplyError{Code: code, Message: fmt.Sprintf(format, args...)}})
+	}
+	var req Request
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		return fail(CodeBadRequest, "request is not valid: %v", err)
+	}
+	switch req.Op {
+	case OpLeases:
+		leases := b.Leases()
+		if err := enc.Encode(Reply{OK: true, Count: len(leases)}); err != nil {
+			return err
+		}
+		for _, l := range leases {
+			if err := enc.Encode(LeaseFrom(l)); err != nil {
+				return err
+			}
+		}
+		return nil
+	case OpStatus:
+		st := b.Status()
+		return enc.Encode(Reply{OK: true, Status: &st})
+	case OpRevoke:
+		n, err := revoke(req, b, log)
+		if err != nil {
+			if errors.Is(err, ErrProtocol) {
+				return fail(CodeBadRequest, "%v", err)
+			}
+			return fail(CodeFailed, "%v", err)
+		}
+		return enc.Encode(Reply{OK: true, Revoked: n})
+	}
+	return fail(CodeUnknownOp, "unknown op %q (want %s, %s or %s)", req.Op, OpLeases, OpStatus, OpRevoke)
+}
+
+func revoke(req Request, b Backend, log *zap.Logger) (int, error) {
+	set := 0
+	for _, on := range []bool{req.All, req.Client != "", len(req.Leases) > 0} {
+		if on {
+			set++
+		}
+	}
+	if set != 1 {
+		return 0, fmt.Errorf("control: revoke needs exactly one of all, client, leases: %w", ErrProtocol)
+	}
+	switch {
+	case req.All:
+		n, err := b.Revoke(Revoke{All: true})
+		log.Info("revoked all leases", zap.Int("count", n), zap.Error(err))
+		return n, err
+	case req.Client != "":
+		n, err := b.Revoke(Revoke{Owner: req.Client})
+		log.Info("revoked a client's leases", zap.String("client", req.Client), zap.Int("count", n), zap.Error(err))
+		return n, err
+	}
+	// Leases named by what they open: find their full keys (the owner is
+	// part of a lease's identity, the operator need not know it).
+	want := map[LeaseRef]bool{}
+	for _, ref := range req.Leases {
+		p, err := ParseProtocol(ref.Protocol)
+		if err != nil || !ref.InternalAddress.IsValid() {
+			return 0, fmt.Errorf("control: bad lease %s: %w", ref, ErrProtocol)
+		}
+		ref.Protocol = ProtocolName(p)
+		ref.InternalAddress = ref.InternalAddress.Unmap()
+		want[ref] = true
+	}
+	var keys []store.Key
+	for _, l := range b.Leases() {
+		ref := LeaseRef{Protocol: ProtocolName(l.Protocol), InternalAddress: l.InternalAddr.Unmap(), InternalPort: l.InternalPort}
+		if want[ref] {
+			keys = append(keys, l.Key)
+		}
+	}
+	total := 0
+	for i := range keys {
+		n, err := b.Revoke(Revoke{Key: &keys[i]})
+		total += n
+		if err != nil {
+			return total, err
+		}
+		log.Info("revoked lease", zap.String("client", keys[i].Owner), zap.Uint8("protocol", keys[i].Protocol),
+			zap.Stringer("address", keys[i].InternalAddr), zap.Uint16("port", keys[i].InternalPort))
+	}
+	return total, nil
+}
