@@ -462,7 +462,7 @@ ff                                // one stray octet
 	},
 	{
 		id: "ADDR-02: dual-stack socket source ::ffff:10.0.0.5 matches the mapped field", ref: "RFC 6887 §5",
-		src: "::ffff:10.0.0.5",
+		src:  "::ffff:10.0.0.5",
 		req:  `02 00 0000 00000000 00000000000000000000ffff0a000005 // ANNOUNCE from ::ffff:10.0.0.5`,
 		want: &Request{Opcode: OpAnnounce, ClientAddr: addr("10.0.0.5")},
 	},
@@ -576,7 +576,7 @@ aabbcc 00                         // data, pad
 	},
 	{
 		id: "OPT-07: ANNOUNCE + DESCRIPTION (optional) ignored", ref: "RFC 6887 §7.3",
-		src: "2001:db8:1::10",
+		src:  "2001:db8:1::10",
 		req:  `02 00 0000 00000000 20010db8000100000000000000000010 // ANNOUNCE` + "\n80 00 0001 61 000000 // DESCRIPTION \"a\"",
 		want: &Request{Opcode: OpAnnounce, ClientAddr: addr("2001:db8:1::10")},
 	},
@@ -592,7 +592,7 @@ aabbcc 00                         // data, pad
 	},
 	{
 		id: "OPT-08: THIRD_PARTY switched off → UNSUPP_OPTION", ref: "RFC 6887 §13.1",
-		p:  Parser{DisableThirdParty: true}, src: "2001:db8:1::10", code: UnsuppOption,
+		p: Parser{DisableThirdParty: true}, src: "2001:db8:1::10", code: UnsuppOption,
 		req: hdrMap6 + dataMap443 + `01 00 0010 20010db8000100000000000000000020 // THIRD_PARTY 2001:db8:1::20`,
 	},
 	{
