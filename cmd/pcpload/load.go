@@ -1,0 +1,674 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/pcp"
+)
+
+// config is one load run. The zero value is not usable; see defaults in
+// main.go.
+type config struct {
+	Server netip.AddrPort
+	// Src is the prefix the simulated clients' source addresses come from
+	// (the first Clients addresses after the prefix's own address). The
+	// server must consider them owned.
+	Src     netip.Prefix
+	Clients int
+	// UnauthSrc holds sources the server must refuse (opUnauth); one per
+	// worker is used.
+	UnauthSrc netip.Prefix
+	// Freebind sets IP(V6)_FREEBIND so sources need not be configured
+	// addresses (a local route for the prefix suffices).
+	Freebind bool
+
+	Ports    int // lease slots per client: internal ports PortBase..PortBase+Ports-1
+	PortBase int
+	Protocol pcp.Protocol
+	Lifetime time.Duration
+
+	Concurrency int           // closed loop: workers; open loop: most requests in flight
+	Rate        float64       // requests/s; 0 = closed loop (flat out)
+	Duration    time.Duration // 0 = unbounded (Count must be set)
+	Count       int64         // 0 = unbounded (Duration must be set)
+	Timeout     time.Duration // a reply later than this is a loss
+	Prefill     int           // leases created (closed loop) before the measured phase
+	Mix         mix
+	Seed        uint64
+}
+
+// opStats counts what happened to one kind of request.
+type opStats struct {
+	Sent       uint64            `json:"sent"`
+	Answered   uint64            `json:"answered"`
+	Timeouts   uint64            `json:"timeouts"`
+	SendErrors uint64            `json:"send_errors"`
+	Results    map[string]uint64 `json:"results"`
+	Latency    latency           `json:"latency_us"`
+	RatePerSec float64           `json:"rate_per_s"`
+
+	results [256 + numExtra]uint64
+	hist    *hist
+}
+
+// Reply classes besides the 256 PCP result codes.
+const (
+	resEcho     = 256 + iota // the reply is the request, byte for byte (the floor)
+	resUnparsed              // a matching reply that does not decode as a PCP response
+	numExtra
+)
+
+func resultName(i int) string {
+	switch i {
+	case resEcho:
+		return "echo"
+	case resUnparsed:
+		return "unparsed"
+	}
+	return pcp.ResultCode(i).String()
+}
+
+func (s *opStats) merge(o *opStats) {
+	s.Sent += o.Sent
+	s.Answered += o.Answered
+	s.Timeouts += o.Timeouts
+	s.SendErrors += o.SendErrors
+	for i, c := range o.results {
+		s.results[i] += c
+	}
+	if s.hist == nil {
+		s.hist = new(hist)
+	}
+	if o.hist != nil {
+		s.hist.merge(o.hist)
+	}
+}
+
+func (s *opStats) finish(elapsed time.Duration) {
+	s.Results = map[string]uint64{}
+	for i, c := range s.results {
+		if c > 0 {
+			s.Results[resultName(i)] = c
+		}
+	}
+	if s.hist != nil {
+		s.Latency = s.hist.summary()
+	}
+	if elapsed > 0 {
+		s.RatePerSec = float64(s.Answered) / elapsed.Seconds()
+	}
+}
+
+// phase is the outcome of the prefill or the measured phase.
+type phase struct {
+	ElapsedSec float64             `json:"elapsed_s"`
+	Total      opStats             `json:"total"`
+	Ops        map[string]*opStats `json:"ops"`
+	Unmatched  uint64              `json:"unmatched"`
+	Fallbacks  map[string]uint64   `json:"fallbacks,omitempty"`
+	ops        [numOps]opStats
+	fallbacks  [numOps][numOps]uint64
+}
+
+func (p *phase) merge(o *phase) {
+	for i := range p.ops {
+		p.ops[i].merge(&o.ops[i])
+		for j := range p.fallbacks[i] {
+			p.fallbacks[i][j] += o.fallbacks[i][j]
+		}
+	}
+	p.Unmatched += o.Unmatched
+}
+
+func (p *phase) finish(elapsed time.Duration) {
+	p.ElapsedSec = elapsed.Seconds()
+	p.Ops = map[string]*opStats{}
+	p.Fallbacks = map[string]uint64{}
+	p.Total = opStats{}
+	for i := range p.ops {
+		s := &p.ops[i]
+		if s.Sent == 0 {
+			continue
+		}
+		p.Total.merge(s)
+		s.finish(elapsed)
+		p.Ops[op(i).String()] = s
+		for j, c := range p.fallbacks[i] {
+			if c > 0 {
+				p.Fallbacks[op(i).String()+"->"+op(j).String()] = c
+			}
+		}
+	}
+	p.Total.finish(elapsed)
+}
+
+// report is the whole result of a run.
+type report struct {
+	Server      string  `json:"server"`
+	Mode        string  `json:"mode"` // "closed" or "open"
+	Concurrency int     `json:"concurrency"`
+	Rate        float64 `json:"rate,omitempty"`
+	Clients     int     `json:"clients"`
+	Mix         string  `json:"mix"`
+	Timeout     string  `json:"timeout"`
+	Prefill     *phase  `json:"prefill,omitempty"`
+	Run         *phase  `json:"run"`
+	LiveLeases  int     `json:"live_leases"` // slots this run believes live at the end
+}
+
+// source is one simulated client: a UDP socket bound to its own address
+// and connected to the server, so the kernel filters replies by address.
+type source struct {
+	addr netip.Addr
+	conn *net.UDPConn
+}
+
+// worker drives its own share of the clients with one request in flight
+// at a time. Slots (client, port) of its clients are its alone, so its
+// lease bookkeeping needs no locks.
+type worker struct {
+	cfg     *config
+	id      int
+	srcs    []source // clients g with g % workers == id
+	unauth  source
+	rng     *rand.Rand
+	workers int
+	tag     uint32 // nonce prefix unique to this run
+
+	// Slot s = port*len(srcs) + local source, so consecutive new MAPs
+	// come from different clients.
+	gen  []uint32 // per slot: bumped on delete, so a re-created lease gets a fresh nonce
+	pos  []int32  // per slot: index in live, or -1
+	live []uint32 // live slots
+	free []uint32 // never-used or deleted slots, popped from the end
+	seq  uint32   // for malformed/unauth nonces
+
+	req  pcp.Request
+	resp pcp.Response
+	out  []byte
+	in   []byte
+}
+
+const (
+	nonceMalformed = 0xffffffff // nonce word 1 of malformed requests
+	nonceUnauth    = 0xfffffffe // of unauthorised ones
+)
+
+var (
+	errConfig = errors.New("bad configuration")
+	errSocket = errors.New("socket")
+)
+
+func newWorker(cfg *config, id, workers int, tag uint32) *worker {
+	w := &worker{cfg: cfg, id: id, workers: workers, tag: tag,
+		rng: rand.New(rand.NewPCG(cfg.Seed, uint64(id)+1)),
+		out: make([]byte, 0, 128), in: make([]byte, pcp.MaxMessageSize+4)}
+	return w
+}
+
+// initSlots sets up lease bookkeeping once the sources are known.
+func (w *worker) initSlots() {
+	n := len(w.srcs) * w.cfg.Ports
+	w.gen = make([]uint32, n)
+	w.pos = make([]int32, n)
+	w.free = make([]uint32, n)
+	for i := range w.pos {
+		w.pos[i] = -1
+		w.free[i] = uint32(n - 1 - i) // pop yields 0, 1, 2, ...
+	}
+}
+
+func (w *worker) slotSource(s uint32) int { return int(s) % len(w.srcs) }
+func (w *worker) slotPort(s uint32) uint16 {
+	return uint16(w.cfg.PortBase + int(s)/len(w.srcs))
+}
+
+// slotGlobal numbers slots across workers (client g = local*workers+id),
+// for the nonce.
+func (w *worker) slotGlobal(s uint32) uint32 {
+	return uint32(w.slotSource(s)*w.workers+w.id)*uint32(w.cfg.Ports) + uint32(int(s)/len(w.srcs))
+}
+
+func (w *worker) setLive(s uint32) {
+	if w.pos[s] >= 0 {
+		return
+	}
+	w.pos[s] = int32(len(w.live))
+	w.live = append(w.live, s)
+}
+
+func (w *worker) setFree(s uint32) {
+	i := w.pos[s]
+	if i < 0 {
+		return
+	}
+	last := w.live[len(w.live)-1]
+	w.live[i] = last
+	w.pos[last] = i
+	w.live = w.live[:len(w.live)-1]
+	w.pos[s] = -1
+	w.gen[s]++
+	w.free = append(w.free, s)
+}
+
+// choose turns the mix's pick into something doable: renewing or deleting
+// needs a live lease, a new MAP a free slot. It returns the op done and
+// the slot (for new, renew, delete).
+func (w *worker) choose(want op) (op, uint32) {
+	o := want
+	switch {
+	case o == opNew && len(w.free) == 0 && len(w.live) > 0:
+		o = opRenew
+	case (o == opRenew || o == opDelete) && len(w.live) == 0 && len(w.free) > 0:
+		o = opNew
+	}
+	switch o {
+	case opNew:
+		// A slot is in free only while not live: taken here, it returns
+		// to free unless the server grants it (see do).
+		s := w.free[len(w.free)-1]
+		w.free = w.free[:len(w.free)-1]
+		return o, s
+	case opRenew, opDelete:
+		return o, w.live[w.rng.IntN(len(w.live))]
+	}
+	return o, 0
+}
+
+func (w *worker) nonce(a, b uint32) pcp.Nonce {
+	var n pcp.Nonce
+	binary.BigEndian.PutUint32(n[0:4], w.tag)
+	binary.BigEndian.PutUint32(n[4:8], a)
+	binary.BigEndian.PutUint32(n[8:12], b)
+	return n
+}
+
+// build writes the request for o into w.out and returns the socket to send
+// it on.
+func (w *worker) build(o op, slot uint32) *source {
+	r := &w.req
+	*r = pcp.Request{Opcode: pcp.OpMap, Lifetime: w.cfg.Lifetime}
+	r.Map.Protocol = w.cfg.Protocol
+	var src *source
+	switch o {
+	case opNew, opRenew, opDelete:
+		src = &w.srcs[w.slotSource(slot)]
+		r.Map.Nonce = w.nonce(w.slotGlobal(slot), w.gen[slot])
+		r.Map.InternalPort = w.slotPort(slot)
+		r.Map.ExternalPort = r.Map.InternalPort
+		if o == opDelete {
+			r.Lifetime = 0
+		}
+	case opUnauth:
+		src = &w.unauth
+		w.seq++
+		r.Map.Nonce = w.nonce(nonceUnauth, w.seq)
+		r.Map.InternalPort = uint16(w.cfg.PortBase)
+		r.Map.ExternalPort = r.Map.InternalPort
+	case opMalformed:
+		src = &w.srcs[w.rng.IntN(len(w.srcs))]
+		w.seq++
+		r.Map.Nonce = w.nonce(nonceMalformed, w.seq)
+		r.Map.InternalPort = uint16(w.cfg.PortBase)
+	}
+	r.ClientAddr = src.addr
+	r.Map.ExternalAddr = unspecified(src.addr)
+	if o != opMalformed {
+		w.out = pcp.AppendRequest(w.out[:0], r)
+		return src
+	}
+	// Rotate through rejections that still carry the nonce at its MAP
+	// offset, so the (copied) error reply can be matched.
+	switch w.seq % 4 {
+	case 0: // protocol 0 with a port: MALFORMED_REQUEST (PROTOCOL.md MAP-03)
+		r.Map.Protocol = pcp.ProtoAll
+		w.out = pcp.AppendRequest(w.out[:0], r)
+	case 1: // length not a multiple of 4: MALFORMED_REQUEST (PKT-05)
+		w.out = append(pcp.AppendRequest(w.out[:0], r), 0)
+	case 2: // unknown mandatory option 4: UNSUPP_OPTION (OPT-03)
+		w.out = append(pcp.AppendRequest(w.out[:0], r), 4, 0, 0, 4, 0, 0, 0, 0)
+	case 3: // unassigned opcode 5: UNSUPP_OPCODE, payload copied (PKT-07)
+		w.out = pcp.AppendRequest(w.out[:0], r)
+		w.out[1] = 5
+	}
+	return src
+}
+
+// unspecified is the all-zeros suggested address of a's family (§11.1).
+func unspecified(a netip.Addr) netip.Addr {
+	if a.Is4() {
+		return netip.IPv4Unspecified()
+	}
+	return netip.IPv6Unspecified()
+}
+
+// do sends one request and waits for its reply; start is when it counts
+// from (the intended send time in the open loop, else zero = now).
+func (w *worker) do(ph *phase, want op, start time.Time) {
+	o, slot := w.choose(want)
+	if o != want {
+		ph.fallbacks[want][o]++
+	}
+	st := &ph.ops[o]
+	if st.hist == nil {
+		st.hist = new(hist)
+	}
+	src := w.build(o, slot)
+	st.Sent++
+	now := time.Now()
+	if start.IsZero() || now.After(start) {
+		start = now
+	}
+	if _, err := src.conn.Write(w.out); err != nil {
+		st.SendErrors++
+		w.lost(o, slot)
+		return
+	}
+	deadline := now.Add(w.cfg.Timeout)
+	src.conn.SetReadDeadline(deadline)
+	for {
+		n, err := src.conn.Read(w.in)
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				st.Timeouts++
+			} else {
+				// ICMP port unreachable (nobody listening) surfaces as
+				// ECONNREFUSED on a connected socket: also a loss.
+				st.SendErrors++
+			}
+			w.lost(o, slot)
+			return
+		}
+		b := w.in[:n]
+		if !w.matches(b) {
+			ph.Unmatched++ // a late reply to an earlier, timed-out request
+			continue
+		}
+		st.hist.record(time.Since(start))
+		st.Answered++
+		res := w.classify(b)
+		st.results[res]++
+		ok := res == int(pcp.Success) || res == resEcho
+		switch {
+		case o == opNew && ok:
+			w.setLive(slot)
+		case o == opNew: // refused: the slot stays free
+			w.free = append(w.free, slot)
+		case o == opDelete:
+			w.setFree(slot)
+		}
+		return
+	}
+}
+
+// lost updates the bookkeeping for a request that got no reply: the
+// server's state is unknown, so a new MAP's slot is tried again later
+// (then as a renewal, if the server did install it) and a deleted lease
+// is taken as gone.
+func (w *worker) lost(o op, slot uint32) {
+	switch o {
+	case opNew:
+		w.free = append(w.free, slot)
+	case opDelete:
+		w.setFree(slot)
+	}
+}
+
+// matches reports whether b answers the request in w.out: same opcode and
+// the same nonce (MAP replies copy it; error replies copy the request).
+func (w *worker) matches(b []byte) bool {
+	const nonceAt = pcp.HeaderSize
+	if len(b) < nonceAt+12 || len(w.out) < nonceAt+12 {
+		return false
+	}
+	return b[1]&0x7f == w.out[1]&0x7f && bytes.Equal(b[nonceAt:nonceAt+12], w.out[nonceAt:nonceAt+12])
+}
+
+func (w *worker) classify(b []byte) int {
+	if bytes.Equal(b, w.out) {
+		return resEcho
+	}
+	if err := pcp.ParseResponse(b, &w.resp); err != nil {
+		return resUnparsed
+	}
+	return int(w.resp.Result)
+}
+
+// freebind lets a socket bind an address that is not configured on any
+// interface: a "local" route for the whole source prefix (ip route add
+// local PFX dev lo) then delivers replies, and thousands of clients need
+// no thousands of addresses.
+func freebind(network, address string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		if network == "udp6" {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_FREEBIND, 1)
+		} else {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_FREEBIND, 1)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// nthAddr returns the n-th address after p's own address.
+func nthAddr(p netip.Prefix, n int) (netip.Addr, error) {
+	a := p.Masked().Addr()
+	b := a.As16()
+	carry := uint64(n)
+	for i := 15; i >= 0 && carry > 0; i-- {
+		s := uint64(b[i]) + carry&0xff
+		b[i] = byte(s)
+		carry = carry>>8 + s>>8
+	}
+	out := netip.AddrFrom16(b)
+	if a.Is4() {
+		out = out.Unmap()
+	}
+	if carry != 0 || !p.Contains(out) {
+		return netip.Addr{}, fmt.Errorf("pcpload: %s has fewer than %d addresses: %w", p, n, errConfig)
+	}
+	return out, nil
+}
+
+func dial(cfg *config, a netip.Addr) (source, error) {
+	d := net.Dialer{LocalAddr: net.UDPAddrFromAddrPort(netip.AddrPortFrom(a, 0))}
+	if cfg.Freebind {
+		d.Control = freebind
+	}
+	c, err := d.Dial("udp", cfg.Server.String())
+	if err != nil {
+		return source{}, fmt.Errorf("pcpload: socket from %s: %w: %w", a, errSocket, err)
+	}
+	return source{addr: a, conn: c.(*net.UDPConn)}, nil
+}
+
+func (c *config) validate() error {
+	switch {
+	case !c.Server.IsValid():
+		return fmt.Errorf("pcpload: --server is required: %w", errConfig)
+	case !c.Src.IsValid():
+		return fmt.Errorf("pcpload: --src is required: %w", errConfig)
+	case c.Src.Addr().Is4() != c.Server.Addr().Unmap().Is4():
+		return fmt.Errorf("pcpload: --src %s and --server %s are of different families: %w", c.Src, c.Server, errConfig)
+	case c.Concurrency < 1:
+		return fmt.Errorf("pcpload: --concurrency must be >= 1: %w", errConfig)
+	case c.Clients < c.Concurrency:
+		return fmt.Errorf("pcpload: --clients (%d) must be >= --concurrency (%d): each worker owns its clients: %w", c.Clients, c.Concurrency, errConfig)
+	case c.Ports < 1 || c.PortBase < 1 || c.PortBase+c.Ports > 65536:
+		return fmt.Errorf("pcpload: ports %d..%d out of range: %w", c.PortBase, c.PortBase+c.Ports-1, errConfig)
+	case c.Duration <= 0 && c.Count <= 0:
+		return fmt.Errorf("pcpload: give --duration or --count: %w", errConfig)
+	case c.Timeout <= 0:
+		return fmt.Errorf("pcpload: --timeout must be > 0: %w", errConfig)
+	case c.Rate < 0:
+		return fmt.Errorf("pcpload: --rate must be >= 0: %w", errConfig)
+	case c.Mix[opUnauth] > 0 && !c.UnauthSrc.IsValid():
+		return fmt.Errorf("pcpload: unauth in --mix needs --unauth-src: %w", errConfig)
+	case int64(c.Clients)*int64(c.Ports) > 1<<26:
+		return fmt.Errorf("pcpload: --clients x --ports exceeds %d slots: %w", 1<<26, errConfig)
+	case c.Prefill > c.Clients*c.Ports:
+		return fmt.Errorf("pcpload: --prefill %d exceeds the %d slots (--clients x --ports): %w", c.Prefill, c.Clients*c.Ports, errConfig)
+	}
+	return nil
+}
+
+// run opens the sockets, runs the prefill, then the measured phase.
+func run(ctx context.Context, cfg config) (*report, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	nw := cfg.Concurrency
+	tag := rand.Uint32()
+	ws := make([]*worker, nw)
+	for i := range ws {
+		ws[i] = newWorker(&cfg, i, nw, tag)
+	}
+	defer func() {
+		for _, w := range ws {
+			for _, s := range w.srcs {
+				s.conn.Close()
+			}
+			if w.unauth.conn != nil {
+				w.unauth.conn.Close()
+			}
+		}
+	}()
+	for g := 0; g < cfg.Clients; g++ {
+		a, err := nthAddr(cfg.Src, g+1)
+		if err != nil {
+			return nil, err
+		}
+		s, err := dial(&cfg, a)
+		if err != nil {
+			return nil, err
+		}
+		w := ws[g%nw]
+		w.srcs = append(w.srcs, s)
+	}
+	if cfg.UnauthSrc.IsValid() {
+		for i, w := range ws {
+			a, err := nthAddr(cfg.UnauthSrc, i+1)
+			if err != nil {
+				return nil, err
+			}
+			if w.unauth, err = dial(&cfg, a); err != nil {
+				return nil, err
+			}
+		}
+	}
+	for _, w := range ws {
+		w.initSlots()
+	}
+	rep := &report{
+		Server: cfg.Server.String(), Mode: "closed", Concurrency: nw, Clients: cfg.Clients,
+		Mix: cfg.Mix.String(), Timeout: cfg.Timeout.String(),
+	}
+	if cfg.Rate > 0 {
+		rep.Mode, rep.Rate = "open", cfg.Rate
+	}
+
+	if cfg.Prefill > 0 {
+		ph := runPhase(ws, func(w *worker, ph *phase) {
+			n := cfg.Prefill / nw
+			if w.id < cfg.Prefill%nw {
+				n++
+			}
+			for range n {
+				if ctx.Err() != nil {
+					return
+				}
+				w.do(ph, opNew, time.Time{})
+			}
+		})
+		rep.Prefill = ph
+	}
+
+	var issued atomic.Int64
+	var stop atomic.Bool
+	if cfg.Duration > 0 {
+		t := time.AfterFunc(cfg.Duration, func() { stop.Store(true) })
+		defer t.Stop()
+	}
+	go func() { <-ctx.Done(); stop.Store(true) }()
+	total := cfg.Mix.total()
+	if cfg.Rate == 0 {
+		rep.Run = runPhase(ws, func(w *worker, ph *phase) {
+			for !stop.Load() && (cfg.Count <= 0 || issued.Add(1) <= cfg.Count) {
+				w.do(ph, cfg.Mix.pick(w.rng.IntN(total)), time.Time{})
+			}
+		})
+	} else {
+		tickets := make(chan time.Time, 1<<14)
+		go pace(tickets, cfg.Rate, cfg.Count, &stop)
+		rep.Run = runPhase(ws, func(w *worker, ph *phase) {
+			for t := range tickets {
+				w.do(ph, cfg.Mix.pick(w.rng.IntN(total)), t)
+			}
+		})
+	}
+	for _, w := range ws {
+		rep.LiveLeases += len(w.live)
+	}
+	return rep, nil
+}
+
+// runPhase runs body on every worker at once and merges their counts.
+func runPhase(ws []*worker, body func(*worker, *phase)) *phase {
+	parts := make([]phase, len(ws))
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for i, w := range ws {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			body(w, &parts[i])
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(t0)
+	var ph phase
+	for i := range parts {
+		ph.merge(&parts[i])
+	}
+	ph.finish(elapsed)
+	return &ph
+}
+
+// pace issues one ticket (the intended send time) every 1/rate seconds.
+// A request's latency counts from its intended time, so when the server
+// (or the generator) falls behind, the queueing shows in the percentiles
+// instead of silently lowering the rate (no coordinated omission).
+func pace(tickets chan<- time.Time, rate float64, count int64, stop *atomic.Bool) {
+	defer close(tickets)
+	interval := time.Duration(float64(time.Second) / rate)
+	start := time.Now()
+	for i := int64(0); count <= 0 || i < count; i++ {
+		if stop.Load() {
+			return
+		}
+		due := start.Add(time.Duration(i) * interval)
+		// Sleeping per ticket would be too coarse at high rates: sleep
+		// only when more than a tick ahead, and send late tickets at once.
+		if d := time.Until(due); d > 200*time.Microsecond {
+			time.Sleep(d)
+		}
+		tickets <- due
+	}
+}
