@@ -1,0 +1,224 @@
+package pinhole
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
+)
+
+// encodedOp is a validated Op with its set and element.
+type encodedOp struct {
+	op   Op
+	k    kind
+	elem nftables.SetElement // without timeout
+	id   string              // set and key: equal ids touch the same element
+}
+
+func encode(op Op) (encodedOp, error) {
+	v, err := op.validate()
+	if err != nil {
+		return encodedOp{}, err
+	}
+	k := kindOf(v.Pinhole)
+	e := element(k, v.Pinhole)
+	return encodedOp{op: v, k: k, elem: e, id: specs[k].name + "|" + string(e.Key) + "|" + string(e.KeyEnd)}, nil
+}
+
+// Apply sends ops to the kernel in one netlink transaction: all of them
+// take effect, or none. When one fails, the error is an *OpError naming it
+// (found by replaying prefixes of the batch in transactions that are
+// always rolled back). Ops are validated before anything is sent.
+//
+// Install and Refresh set the entry to exactly op.Timeout: the element is
+// removed and re-added within the transaction, because the kernel keeps the
+// old expiry when an element is re-added with an unchanged timeout. Delete
+// first adds the element, then removes it, so an entry the kernel already
+// expired does not fail the batch. Both work whatever the kernel holds, so
+// retrying a batch is always safe.
+func (b *Backend) Apply(ops []Op) error {
+	enc := make([]encodedOp, len(ops))
+	for i, op := range ops {
+		e, err := encode(op)
+		if err != nil {
+			return &OpError{Index: i, Op: op, Err: err}
+		}
+		enc[i] = e
+	}
+	if len(enc) == 0 {
+		return nil
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	err := b.flushOps(enc)
+	if err == nil {
+		return nil
+	}
+	return b.blame(enc, err)
+}
+
+func (b *Backend) flushOps(enc []encodedOp) error {
+	if err := b.queueOps(enc); err != nil {
+		return err
+	}
+	return b.conn.Flush()
+}
+
+// queueOps queues enc as few netlink messages as it can. Within a phase no
+// two ops touch the same element, so the phase can go as three grouped
+// steps (make sure it exists; delete; add with the new timeout) without
+// changing the outcome; a repeated element starts a new phase.
+func (b *Backend) queueOps(enc []encodedOp) error {
+	seen := map[string]bool{}
+	start := 0
+	for i, e := range enc {
+		if seen[e.id] {
+			if err := b.queuePhase(enc[start:i]); err != nil {
+				return err
+			}
+			clear(seen)
+			start = i
+		}
+		seen[e.id] = true
+	}
+	return b.queuePhase(enc[start:])
+}
+
+// deleteGuardTimeout is the timeout of the element Delete adds just before
+// removing it; it never outlives the transaction.
+const deleteGuardTimeout = time.Second
+
+func (b *Backend) queuePhase(phase []encodedOp) error {
+	var ensure, del, add [numKinds][]nftables.SetElement
+	for _, e := range phase {
+		t := ceilMillis(e.op.Timeout)
+		if e.op.Kind == Delete {
+			t = deleteGuardTimeout
+		}
+		el := e.elem
+		el.Timeout = t
+		ensure[e.k] = append(ensure[e.k], el)
+		del[e.k] = append(del[e.k], e.elem)
+		if e.op.Kind != Delete {
+			add[e.k] = append(add[e.k], el)
+		}
+	}
+	for _, stage := range []struct {
+		elems *[numKinds][]nftables.SetElement
+		queue func(*nftables.Set, []nftables.SetElement) error
+	}{{&ensure, b.conn.SetAddElements}, {&del, b.conn.SetDeleteElements}, {&add, b.conn.SetAddElements}} {
+		for k, elems := range stage.elems {
+			if len(elems) == 0 {
+				continue
+			}
+			if err := stage.queue(b.sets[k], elems); err != nil {
+				return fmt.Errorf("pinhole: encode %s: %w", b.sets[k].Name, err)
+			}
+		}
+	}
+	return nil
+}
+
+// ceilMillis rounds up: the kernel counts element timeouts in milliseconds
+// and a sub-millisecond remainder must not turn into "no timeout".
+func ceilMillis(d time.Duration) time.Duration {
+	return (d + time.Millisecond - 1).Truncate(time.Millisecond)
+}
+
+// blame finds which op made the batch fail. The kernel aborts a failed
+// transaction as a whole and reports each failing message, but the
+// nftables library does not say which message an error belongs to. So
+// prefixes of the batch are replayed, each followed by a message that always
+// fails (deleting an element with a key of the wrong length), which makes
+// the kernel roll the probe back: the shortest failing prefix ends at the
+// culprit.
+func (b *Backend) blame(enc []encodedOp, orig error) error {
+	if errors.Is(orig, os.ErrPermission) || errors.Is(orig, unix.ENOBUFS) || errors.Is(orig, unix.EPERM) {
+		return &OpError{Index: -1, Err: classify(orig)}
+	}
+	probe := func(n int) ([]error, error) {
+		if err := b.queueOps(enc[:n]); err != nil {
+			return nil, err
+		}
+		if err := b.conn.SetDeleteElements(b.sets[kindAddr], []nftables.SetElement{{Key: []byte{0}}}); err != nil {
+			return nil, err
+		}
+		errs := leafErrors(b.conn.Flush())
+		if len(errs) == 0 {
+			return nil, fmt.Errorf("pinhole: probe transaction was not rolled back: %w", ErrUnhealthy)
+		}
+		return errs[:len(errs)-1], nil // the last one is the sentinel's
+	}
+	lo, hi := 1, len(enc) // the shortest failing prefix is in [lo, hi]
+	if errs, err := probe(hi); err != nil {
+		return &OpError{Index: -1, Err: errors.Join(classify(orig), err)}
+	} else if len(errs) == 0 {
+		// The kernel's state changed between the attempt and the probe
+		// (an element expired): the batch may go through now.
+		if err := b.flushOps(enc); err != nil {
+			return &OpError{Index: -1, Err: classify(err)}
+		}
+		return nil
+	}
+	var culprit []error
+	for lo < hi {
+		mid := (lo + hi) / 2
+		errs, err := probe(mid)
+		if err != nil {
+			return &OpError{Index: -1, Err: errors.Join(classify(orig), err)}
+		}
+		if len(errs) > 0 {
+			hi, culprit = mid, errs
+		} else {
+			lo = mid + 1
+		}
+	}
+	if culprit == nil {
+		errs, err := probe(hi)
+		if err != nil || len(errs) == 0 {
+			return &OpError{Index: -1, Err: errors.Join(classify(orig), err)}
+		}
+		culprit = errs
+	}
+	i := hi - 1
+	return &OpError{Index: i, Op: enc[i].op, Err: classify(culprit[0])}
+}
+
+// leafErrors lists the per-message errors of a failed Flush (which joins
+// them), or the error itself when it is not a joined one.
+func leafErrors(err error) []error {
+	if err == nil {
+		return nil
+	}
+	for e := err; e != nil; e = errors.Unwrap(e) {
+		if m, ok := e.(interface{ Unwrap() []error }); ok {
+			return m.Unwrap()
+		}
+	}
+	return []error{err}
+}
+
+// List returns every entry in pcpd's sets, with the time the kernel will
+// keep it. After a restart the daemon compares this with its leases.
+func (b *Backend) List() ([]Entry, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []Entry
+	for k := range numKinds {
+		elems, err := b.conn.GetSetElements(b.sets[k])
+		if err != nil {
+			return nil, fmt.Errorf("pinhole: read set %s: %w", b.sets[k].Name, classify(err))
+		}
+		for _, e := range elems {
+			p, err := decode(k, e)
+			if err != nil {
+				return nil, fmt.Errorf("pinhole: set %s holds an element pcpd did not write: %w", b.sets[k].Name, err)
+			}
+			out = append(out, Entry{Pinhole: p, Remaining: e.Expires})
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,444 @@
+package pinhole
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"golang.org/x/sys/unix"
+)
+
+// Config says where pcpd's objects live.
+type Config struct {
+	// Table is the inet table: pcpd's own (standalone, created by Setup), or
+	// the admin's existing table (Attached). Default "pcpd".
+	Table string
+	// Attached: create only pcpd's sets and chains inside the admin's
+	// existing Table; the admin's forward chain must "jump" to Chain.
+	Attached bool
+	// Chain is, in attached mode, the regular chain the admin jumps to; it
+	// also prefixes the names of all other objects pcpd creates there
+	// (Chain + "_"). Default "pcpd". Unused standalone.
+	Chain string
+	// AllowEcho lets ICMPv6 echo requests reach the protected prefixes.
+	AllowEcho bool
+}
+
+func (c *Config) fill() error {
+	if c.Table == "" {
+		c.Table = "pcpd"
+	}
+	if c.Chain == "" {
+		c.Chain = "pcpd"
+	}
+	for _, n := range []string{c.Table, c.Chain} {
+		// NFT_NAME_MAXLEN is 256 including the NUL; leave room for suffixes.
+		if len(n) > 200 || slices.Contains([]byte(n), 0) {
+			return fmt.Errorf("pinhole: bad object name %q: %w", n, ErrInvalid)
+		}
+	}
+	return nil
+}
+
+// Backend manages pcpd's nftables objects over one netlink connection. It
+// is safe for concurrent use; calls are serialized.
+type Backend struct {
+	mu   sync.Mutex
+	conn *nftables.Conn
+	cfg  Config
+
+	table                  *nftables.Table
+	sets                   [numKinds]*nftables.Set
+	protected6, protected4 *nftables.Set
+	chainEntry             string
+	chainGuard6            string
+	chainGuard4            string
+	chainPrerouting        string
+
+	protected    []netip.Prefix // last SetProtected, re-applied by Setup
+	hasProtected bool
+}
+
+// New returns a Backend that talks to the kernel through conn. The caller
+// builds conn (nftables.New, with nftables.WithNetNSFd to aim it at a
+// network namespace; nftables.AsLasting saves a socket per call). New does
+// not touch the kernel; call Setup.
+func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
+	if conn == nil {
+		return nil, fmt.Errorf("pinhole: nil connection: %w", ErrInvalid)
+	}
+	if err := cfg.fill(); err != nil {
+		return nil, err
+	}
+	b := &Backend{conn: conn, cfg: cfg}
+	b.table = &nftables.Table{Family: nftables.TableFamilyINet, Name: cfg.Table}
+	prefix := ""
+	if cfg.Attached {
+		prefix = cfg.Chain + "_"
+		b.chainEntry = cfg.Chain
+	} else {
+		b.chainEntry = "forward"
+	}
+	b.chainGuard6 = prefix + "guard6"
+	b.chainGuard4 = prefix + "guard4"
+	b.chainPrerouting = prefix + "prerouting"
+	for k := range numKinds {
+		b.sets[k] = newSet(b.table, prefix, specs[k])
+	}
+	b.protected6 = &nftables.Set{Table: b.table, Name: prefix + "protected6", KeyType: nftables.TypeIP6Addr,
+		Interval: true, KeyByteOrder: binaryutil.BigEndian, Comment: "pcpd: guarded IPv6 prefixes"}
+	b.protected4 = &nftables.Set{Table: b.table, Name: prefix + "protected4", KeyType: nftables.TypeIPAddr,
+		Interval: true, KeyByteOrder: binaryutil.BigEndian, Comment: "pcpd: guarded IPv4 prefixes"}
+	return b, nil
+}
+
+// allSets lists every set pcpd owns.
+func (b *Backend) allSets() []*nftables.Set {
+	return append(b.sets[:], b.protected6, b.protected4)
+}
+
+// Setup creates pcpd's table (standalone), sets and chains where missing,
+// and rewrites the rules of pcpd's own chains, all in one transaction. It
+// is idempotent and keeps set contents, so it is also the repair step after
+// Healthy fails and the first step after a restart (pinholes installed
+// before the restart stay in place). It never touches other objects.
+func (b *Backend) Setup() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.cfg.Attached {
+		if _, err := b.conn.ListTableOfFamily(b.cfg.Table, nftables.TableFamilyINet); err != nil {
+			return fmt.Errorf("pinhole: attached mode: inet table %q: %w: %w", b.cfg.Table, ErrNoTable, err)
+		}
+	} else {
+		b.conn.AddTable(b.table)
+	}
+	for _, s := range b.allSets() {
+		s.ID = 0 // fresh batch-local ID; the kernel matches existing sets by name
+		if err := b.conn.AddSet(s, nil); err != nil {
+			return fmt.Errorf("pinhole: set %s: %w", s.Name, err)
+		}
+	}
+	if b.hasProtected {
+		if err := b.queueProtected(b.protected); err != nil {
+			return err
+		}
+	}
+	chains := b.chains()
+	for _, c := range chains {
+		b.conn.AddChain(c)
+	}
+	for _, cr := range b.layout() {
+		c := chains[cr.name]
+		b.conn.FlushChain(c)
+		for _, exprs := range cr.rules {
+			b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: exprs})
+		}
+	}
+	if err := b.conn.Flush(); err != nil {
+		return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))
+	}
+	return nil
+}
+
+// chains returns pcpd's chain objects, regular chains first so jumps to
+// them resolve within the batch.
+func (b *Backend) chains() map[string]*nftables.Chain {
+	m := map[string]*nftables.Chain{
+		b.chainGuard6: {Table: b.table, Name: b.chainGuard6},
+		b.chainGuard4: {Table: b.table, Name: b.chainGuard4},
+		b.chainPrerouting: {Table: b.table, Name: b.chainPrerouting, Type: nftables.ChainTypeNAT,
+			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest},
+	}
+	if b.cfg.Attached {
+		m[b.chainEntry] = &nftables.Chain{Table: b.table, Name: b.chainEntry}
+	} else {
+		accept := nftables.ChainPolicyAccept
+		m[b.chainEntry] = &nftables.Chain{Table: b.table, Name: b.chainEntry, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept}
+	}
+	return m
+}
+
+// SetProtected replaces the protected prefixes: traffic to them is dropped
+// (standalone) unless a pinhole, an established flow or essential ICMPv6
+// lets it in. Traffic to any other address is left alone. Both families
+// may be given; overlapping prefixes are merged.
+func (b *Backend) SetProtected(prefixes []netip.Prefix) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err := b.queueProtected(prefixes); err != nil {
+		return err
+	}
+	if err := b.conn.Flush(); err != nil {
+		return fmt.Errorf("pinhole: set protected prefixes: %w", classify(err))
+	}
+	b.protected = slices.Clone(prefixes)
+	b.hasProtected = true
+	return nil
+}
+
+func (b *Backend) queueProtected(prefixes []netip.Prefix) error {
+	var v4, v6 []netip.Prefix
+	for _, p := range prefixes {
+		if !p.IsValid() {
+			return fmt.Errorf("pinhole: protected prefix %v: %w", p, ErrInvalid)
+		}
+		if p.Addr().Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		if p.Addr().Is4() {
+			v4 = append(v4, p.Masked())
+		} else {
+			v6 = append(v6, p.Masked())
+		}
+	}
+	for _, x := range []struct {
+		s *nftables.Set
+		p []netip.Prefix
+	}{{b.protected6, v6}, {b.protected4, v4}} {
+		b.conn.FlushSet(x.s)
+		if elems := intervalElements(x.p); len(elems) > 0 {
+			if err := b.conn.SetAddElements(x.s, elems); err != nil {
+				return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
+			}
+		}
+	}
+	return nil
+}
+
+// intervalElements encodes prefixes (one family) for a plain interval set:
+// a start element, and an end element one past the last address. The
+// kernel refuses overlapping intervals, so they are merged first.
+func intervalElements(prefixes []netip.Prefix) []nftables.SetElement {
+	type span struct{ first, last netip.Addr }
+	var spans []span
+	for _, p := range prefixes {
+		f, l := prefixRange(p)
+		spans = append(spans, span{f, l})
+	}
+	slices.SortFunc(spans, func(a, b span) int { return a.first.Compare(b.first) })
+	var merged []span
+	for _, s := range spans {
+		if n := len(merged); n > 0 {
+			last := &merged[n-1]
+			if next := last.last.Next(); !next.IsValid() || s.first.Compare(next) <= 0 {
+				if s.last.Compare(last.last) > 0 {
+					last.last = s.last
+				}
+				continue
+			}
+		}
+		merged = append(merged, s)
+	}
+	var elems []nftables.SetElement
+	for _, s := range merged {
+		elems = append(elems, nftables.SetElement{Key: s.first.AsSlice()})
+		if end := s.last.Next(); end.IsValid() {
+			elems = append(elems, nftables.SetElement{Key: end.AsSlice(), IntervalEnd: true})
+		}
+	}
+	return elems
+}
+
+// Protected returns the protected prefixes the kernel holds.
+func (b *Backend) Protected() ([]netip.Prefix, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []netip.Prefix
+	for _, s := range []*nftables.Set{b.protected6, b.protected4} {
+		elems, err := b.conn.GetSetElements(s)
+		if err != nil {
+			return nil, fmt.Errorf("pinhole: read set %s: %w", s.Name, classify(err))
+		}
+		// The kernel dumps an interval set's elements highest first.
+		slices.SortFunc(elems, func(a, b nftables.SetElement) int {
+			x, _ := netip.AddrFromSlice(a.Key)
+			y, _ := netip.AddrFromSlice(b.Key)
+			return x.Compare(y)
+		})
+		for i := 0; i < len(elems); i++ {
+			if elems[i].IntervalEnd {
+				continue
+			}
+			first, _ := netip.AddrFromSlice(elems[i].Key)
+			var last netip.Addr
+			if i+1 < len(elems) && elems[i+1].IntervalEnd {
+				end, _ := netip.AddrFromSlice(elems[i+1].Key)
+				last = end.Prev()
+			} else {
+				last = allOnes(first)
+			}
+			out = append(out, rangePrefixes(first, last)...)
+		}
+	}
+	return out, nil
+}
+
+func allOnes(a netip.Addr) netip.Addr {
+	b := a.AsSlice()
+	for i := range b {
+		b[i] = 0xff
+	}
+	r, _ := netip.AddrFromSlice(b)
+	return r
+}
+
+// rangePrefixes splits first..last into the fewest prefixes.
+func rangePrefixes(first, last netip.Addr) []netip.Prefix {
+	var out []netip.Prefix
+	for first.IsValid() && first.Compare(last) <= 0 {
+		bits := first.BitLen()
+		for bits > 0 {
+			p := netip.PrefixFrom(first, bits-1)
+			if p.Masked().Addr() != first {
+				break
+			}
+			if _, l := prefixRange(p); l.Compare(last) > 0 {
+				break
+			}
+			bits--
+		}
+		p := netip.PrefixFrom(first, bits)
+		out = append(out, p)
+		_, l := prefixRange(p)
+		first = l.Next()
+	}
+	return out
+}
+
+// Teardown removes pcpd's objects, and nothing else. Standalone, that is
+// pcpd's table. Attached, it is pcpd's sets and chains; the entry chain is
+// left in place, empty, while the admin's ruleset still jumps to it.
+func (b *Backend) Teardown() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.cfg.Attached {
+		if _, err := b.conn.ListTableOfFamily(b.cfg.Table, nftables.TableFamilyINet); err != nil {
+			return nil // already gone
+		}
+		b.conn.DelTable(b.table)
+		if err := b.conn.Flush(); err != nil {
+			return fmt.Errorf("pinhole: teardown: %w", classify(err))
+		}
+		return nil
+	}
+	present, err := b.presentChains()
+	if err != nil {
+		return err
+	}
+	if present[b.chainEntry] {
+		b.conn.FlushChain(&nftables.Chain{Table: b.table, Name: b.chainEntry})
+	}
+	for _, name := range []string{b.chainGuard6, b.chainGuard4, b.chainPrerouting} {
+		if present[name] {
+			b.conn.DelChain(&nftables.Chain{Table: b.table, Name: name})
+		}
+	}
+	sets, err := b.presentSets()
+	if err != nil {
+		return err
+	}
+	for _, s := range b.allSets() {
+		if sets[s.Name] {
+			b.conn.DelSet(s)
+		}
+	}
+	if err := b.conn.Flush(); err != nil {
+		return fmt.Errorf("pinhole: teardown: %w", classify(err))
+	}
+	if present[b.chainEntry] {
+		b.conn.DelChain(&nftables.Chain{Table: b.table, Name: b.chainEntry})
+		if err := b.conn.Flush(); err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("pinhole: teardown: chain %s: %w", b.chainEntry, classify(err))
+		}
+	}
+	return nil
+}
+
+// presentChains returns the names of the chains in pcpd's table; an absent
+// table has none.
+func (b *Backend) presentChains() (map[string]bool, error) {
+	all, err := b.conn.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return nil, fmt.Errorf("pinhole: list chains: %w", classify(err))
+	}
+	m := map[string]bool{}
+	for _, c := range all {
+		if c.Table.Name == b.cfg.Table {
+			m[c.Name] = true
+		}
+	}
+	return m, nil
+}
+
+func (b *Backend) presentSets() (map[string]bool, error) {
+	m := map[string]bool{}
+	if _, err := b.conn.ListTableOfFamily(b.cfg.Table, nftables.TableFamilyINet); err != nil {
+		return m, nil
+	}
+	sets, err := b.conn.GetSets(b.table)
+	if err != nil {
+		return nil, fmt.Errorf("pinhole: list sets: %w", classify(err))
+	}
+	for _, s := range sets {
+		m[s.Name] = true
+	}
+	return m, nil
+}
+
+// Healthy checks that every object pcpd owns is present and that its
+// chains hold exactly the rules Setup wrote (counted, not compared). On
+// error (wrapping ErrUnhealthy) the daemon should run Setup and re-install
+// its leases; existing set elements survive Setup.
+func (b *Backend) Healthy() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, err := b.conn.ListTableOfFamily(b.cfg.Table, nftables.TableFamilyINet); err != nil {
+		return fmt.Errorf("pinhole: table inet %s: %w: %w", b.cfg.Table, ErrUnhealthy, err)
+	}
+	sets, err := b.presentSets()
+	if err != nil {
+		return err
+	}
+	for _, s := range b.allSets() {
+		if !sets[s.Name] {
+			return fmt.Errorf("pinhole: set %s missing: %w", s.Name, ErrUnhealthy)
+		}
+	}
+	present, err := b.presentChains()
+	if err != nil {
+		return err
+	}
+	for _, cr := range b.layout() {
+		if !present[cr.name] {
+			return fmt.Errorf("pinhole: chain %s missing: %w", cr.name, ErrUnhealthy)
+		}
+		rules, err := b.conn.GetRules(b.table, &nftables.Chain{Table: b.table, Name: cr.name})
+		if err != nil {
+			return fmt.Errorf("pinhole: rules of %s: %w: %w", cr.name, ErrUnhealthy, err)
+		}
+		if len(rules) != len(cr.rules) {
+			return fmt.Errorf("pinhole: chain %s has %d rules, want %d: %w", cr.name, len(rules), len(cr.rules), ErrUnhealthy)
+		}
+	}
+	return nil
+}
+
+// classify adds this package's sentinel to a kernel error.
+func classify(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.EEXIST), errors.Is(err, unix.ENOTEMPTY), errors.Is(err, unix.EBUSY):
+		return fmt.Errorf("%w: %w", ErrConflict, err)
+	case errors.Is(err, unix.ENOENT):
+		return fmt.Errorf("%w: %w", ErrMissing, err)
+	case errors.Is(err, unix.ENFILE), errors.Is(err, unix.ENOSPC), errors.Is(err, unix.E2BIG):
+		return fmt.Errorf("%w: %w", ErrFull, err)
+	}
+	return err
+}

@@ -1,0 +1,151 @@
+package pinhole_test
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+const (
+	tcp = 6
+	udp = 17
+)
+
+// Traffic checks: a dropped SYN or datagram shows as a timeout, so a
+// negative check costs failWait.
+const (
+	okWait   = 3 * time.Second
+	failWait = 700 * time.Millisecond
+)
+
+// newBackend runs Setup for a Backend aimed at ns.
+func newBackend(t testing.TB, ns *netlab.NS, cfg pinhole.Config) *pinhole.Backend {
+	t.Helper()
+	conn, err := ns.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := pinhole.New(conn, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Setup(); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	return b
+}
+
+// guardedTopology is the three-namespace topology with pcpd's standalone
+// table on Host guarding Client's prefixes.
+func guardedTopology(t *testing.T, cfg pinhole.Config) (*netlab.Topology, *pinhole.Backend) {
+	t.Helper()
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	b := newBackend(t, topo.Host, cfg)
+	if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+		t.Fatalf("SetProtected: %v", err)
+	}
+	return topo, b
+}
+
+func apply(t testing.TB, b *pinhole.Backend, ops ...pinhole.Op) {
+	t.Helper()
+	if err := b.Apply(ops); err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+}
+
+func install(p pinhole.Pinhole, d time.Duration) pinhole.Op {
+	return pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: d}
+}
+
+func del(p pinhole.Pinhole) pinhole.Op { return pinhole.Op{Kind: pinhole.Delete, Pinhole: p} }
+
+// reach tries one connection (TCP: connect and read the greeting; UDP: an
+// echo round trip) from ns to addr, optionally from a given source address.
+func reach(ns *netlab.NS, proto uint8, src netip.Addr, addr netip.AddrPort, timeout time.Duration) error {
+	if !src.IsValid() {
+		if proto == tcp {
+			return ns.DialTCP(addr.String(), timeout)
+		}
+		return ns.ProbeUDP(addr.String(), timeout)
+	}
+	return ns.Do(func() error {
+		network := "tcp"
+		var local net.Addr = &net.TCPAddr{IP: src.AsSlice()}
+		if proto == udp {
+			network, local = "udp", &net.UDPAddr{IP: src.AsSlice()}
+		}
+		d := net.Dialer{LocalAddr: local, Timeout: timeout}
+		c, err := d.Dial(network, addr.String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(timeout))
+		msg := "probe"
+		if proto == udp {
+			if _, err := c.Write([]byte(msg)); err != nil {
+				return err
+			}
+		}
+		buf := make([]byte, 64)
+		n, err := c.Read(buf)
+		if err != nil {
+			return err
+		}
+		got := strings.TrimSpace(string(buf[:n]))
+		if (proto == tcp && got != netlab.Greeting) || (proto == udp && got != "echo:"+msg) {
+			return fmt.Errorf("unexpected answer %q", got)
+		}
+		return nil
+	})
+}
+
+// serve starts the TCP greeter or UDP echo server in ns on addr.
+func serve(t *testing.T, ns *netlab.NS, proto uint8, addr netip.AddrPort) {
+	t.Helper()
+	if proto == tcp {
+		ns.ServeTCP(t, addr.String())
+	} else {
+		ns.ServeUDPEcho(t, addr.String())
+	}
+}
+
+func mustReach(t *testing.T, what string, ns *netlab.NS, proto uint8, src netip.Addr, addr netip.AddrPort) {
+	t.Helper()
+	if err := netlab.Eventually(okWait, func() error { return reach(ns, proto, src, addr, time.Second) }); err != nil {
+		t.Fatalf("%s: %s from %v to %s: want reachable, got %v", what, protoName(proto), src, addr, err)
+	}
+}
+
+func mustNotReach(t *testing.T, what string, ns *netlab.NS, proto uint8, src netip.Addr, addr netip.AddrPort) {
+	t.Helper()
+	if err := reach(ns, proto, src, addr, failWait); err == nil {
+		t.Fatalf("%s: %s from %v to %s: want blocked, got through", what, protoName(proto), src, addr)
+	}
+}
+
+func protoName(p uint8) string {
+	switch p {
+	case tcp:
+		return "TCP"
+	case udp:
+		return "UDP"
+	}
+	return fmt.Sprint(p)
+}
+
+func nftList(t testing.TB, ns *netlab.NS, args ...string) string {
+	t.Helper()
+	out, err := ns.Run(append([]string{"nft", "list"}, args...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}

@@ -1,0 +1,306 @@
+package pinhole
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+)
+
+// kind is which set a Pinhole lives in. Each shape has its own set so the
+// common case (address . protocol . port, no filter) is one hash lookup.
+type kind int
+
+const (
+	kindPort          kind = iota // pin6: ipv6 . proto . port
+	kindProto                     // pin6_proto: ipv6 . proto (all ports)
+	kindAddr                      // pin6_addr: ipv6 (all protocols)
+	kindFilter                    // pin6_filter: ipv6 . proto . port-range . remote-range . rport-range
+	kindAddrFilter                // pin6_addr_filter: ipv6 . remote-range (all protocols)
+	kindRedirect6                 // redir6: ipv6 . proto . ext port → ipv6 . int port
+	kindRedirect6Filter           // redir6_filter: as redir6 plus remote-range . rport-range
+	kindNAPT4                     // napt4: ext ipv4 . proto . ext port → int ipv4 . int port
+	kindNAPT4Filter               // napt4_filter: as napt4 plus remote-range . rport-range
+	numKinds
+)
+
+// setSpec describes one of pcpd's pinhole sets.
+type setSpec struct {
+	name     string
+	comment  string
+	key      []nftables.SetDatatype
+	data     []nftables.SetDatatype // nil: a plain set
+	interval bool                   // concatenated ranges (the kernel's pipapo set)
+}
+
+var (
+	tIP6   = nftables.TypeIP6Addr
+	tIP4   = nftables.TypeIPAddr
+	tProto = nftables.TypeInetProto
+	tPort  = nftables.TypeInetService
+)
+
+var specs = [numKinds]setSpec{
+	kindPort:            {name: "pin6", comment: "pcpd: IPv6 pinholes", key: []nftables.SetDatatype{tIP6, tProto, tPort}},
+	kindProto:           {name: "pin6_proto", comment: "pcpd: IPv6 all-ports pinholes", key: []nftables.SetDatatype{tIP6, tProto}},
+	kindAddr:            {name: "pin6_addr", comment: "pcpd: IPv6 all-protocols pinholes", key: []nftables.SetDatatype{tIP6}},
+	kindFilter:          {name: "pin6_filter", comment: "pcpd: IPv6 filtered pinholes", key: []nftables.SetDatatype{tIP6, tProto, tPort, tIP6, tPort}, interval: true},
+	kindAddrFilter:      {name: "pin6_addr_filter", comment: "pcpd: IPv6 filtered all-protocols pinholes", key: []nftables.SetDatatype{tIP6, tIP6}, interval: true},
+	kindRedirect6:       {name: "redir6", comment: "pcpd: IPv6 port redirects", key: []nftables.SetDatatype{tIP6, tProto, tPort}, data: []nftables.SetDatatype{tIP6, tPort}},
+	kindRedirect6Filter: {name: "redir6_filter", comment: "pcpd: IPv6 filtered port redirects", key: []nftables.SetDatatype{tIP6, tProto, tPort, tIP6, tPort}, data: []nftables.SetDatatype{tIP6, tPort}, interval: true},
+	kindNAPT4:           {name: "napt4", comment: "pcpd: IPv4 NAPT mappings", key: []nftables.SetDatatype{tIP4, tProto, tPort}, data: []nftables.SetDatatype{tIP4, tPort}},
+	kindNAPT4Filter:     {name: "napt4_filter", comment: "pcpd: IPv4 filtered NAPT mappings", key: []nftables.SetDatatype{tIP4, tProto, tPort, tIP4, tPort}, data: []nftables.SetDatatype{tIP4, tPort}, interval: true},
+}
+
+// newSet builds the nftables.Set for spec inside table, with name prefix.
+func newSet(table *nftables.Table, prefix string, spec setSpec) *nftables.Set {
+	s := &nftables.Set{
+		Table:        table,
+		Name:         prefix + spec.name,
+		HasTimeout:   true,
+		Interval:     spec.interval,
+		KeyByteOrder: binaryutil.BigEndian,
+		Comment:      spec.comment,
+	}
+	if len(spec.key) > 1 {
+		s.KeyType = nftables.MustConcatSetType(spec.key...)
+		s.Concatenation = true
+	} else {
+		s.KeyType = spec.key[0]
+	}
+	if spec.data != nil {
+		s.IsMap = true
+		s.DataType = nftables.MustConcatSetType(spec.data...)
+	}
+	return s
+}
+
+// kindOf picks the set for a normalized Pinhole.
+func kindOf(p Pinhole) kind {
+	filtered := p.RemotePrefix.IsValid()
+	switch {
+	case p.InternalAddr.Is4():
+		if filtered {
+			return kindNAPT4Filter
+		}
+		return kindNAPT4
+	case p.ExternalPort != p.InternalPort:
+		if filtered {
+			return kindRedirect6Filter
+		}
+		return kindRedirect6
+	case p.Protocol == 0:
+		if filtered {
+			return kindAddrFilter
+		}
+		return kindAddr
+	case filtered:
+		return kindFilter
+	case p.InternalPort == 0:
+		return kindProto
+	default:
+		return kindPort
+	}
+}
+
+// Key fields are laid out as the kernel's registers hold them: each field
+// starts on a 4-byte boundary, padded with zeros, ports in network order.
+func putAddr(b []byte, a netip.Addr) []byte { return append(b, a.AsSlice()...) }
+func putProto(b []byte, p uint8) []byte    { return append(b, p, 0, 0, 0) }
+func putPort(b []byte, p uint16) []byte    { return append(b, byte(p>>8), byte(p), 0, 0) }
+
+// portRange is the interval a port field matches: 0 means any port.
+func portRange(p uint16) (uint16, uint16) {
+	if p == 0 {
+		return 0, 0xffff
+	}
+	return p, p
+}
+
+// prefixRange returns the first and last address of pfx.
+func prefixRange(pfx netip.Prefix) (netip.Addr, netip.Addr) {
+	first := pfx.Masked().Addr()
+	b := first.AsSlice()
+	for i := pfx.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	last, _ := netip.AddrFromSlice(b)
+	return first, last
+}
+
+// rangePrefix is the inverse of prefixRange; ok is false when first..last
+// is not exactly one prefix.
+func rangePrefix(first, last netip.Addr) (netip.Prefix, bool) {
+	if first.BitLen() != last.BitLen() {
+		return netip.Prefix{}, false
+	}
+	for bits := 0; bits <= first.BitLen(); bits++ {
+		p := netip.PrefixFrom(first, bits)
+		if p.Masked().Addr() != first {
+			continue
+		}
+		if _, l := prefixRange(p); l == last {
+			return p, true
+		}
+	}
+	return netip.Prefix{}, false
+}
+
+// element encodes a normalized Pinhole as an element of its set (timeout
+// left for the caller).
+func element(k kind, p Pinhole) nftables.SetElement {
+	var key, end, val []byte
+	switch k {
+	case kindPort:
+		key = putPort(putProto(putAddr(nil, p.InternalAddr), p.Protocol), p.InternalPort)
+	case kindProto:
+		key = putProto(putAddr(nil, p.InternalAddr), p.Protocol)
+	case kindAddr:
+		key = putAddr(nil, p.InternalAddr)
+	case kindAddrFilter:
+		rf, rl := prefixRange(p.RemotePrefix)
+		key = putAddr(putAddr(nil, p.InternalAddr), rf)
+		end = putAddr(putAddr(nil, p.InternalAddr), rl)
+	case kindFilter, kindRedirect6Filter, kindNAPT4Filter:
+		addr, port := p.InternalAddr, p.InternalPort
+		if k != kindFilter {
+			addr, port = p.ExternalAddr, p.ExternalPort
+		}
+		pf, pl := portRange(port)
+		rf, rl := prefixRange(p.RemotePrefix)
+		sf, sl := portRange(p.RemotePort)
+		key = putPort(putAddr(putPort(putProto(putAddr(nil, addr), p.Protocol), pf), rf), sf)
+		end = putPort(putAddr(putPort(putProto(putAddr(nil, addr), p.Protocol), pl), rl), sl)
+	case kindRedirect6, kindNAPT4:
+		key = putPort(putProto(putAddr(nil, p.ExternalAddr), p.Protocol), p.ExternalPort)
+	}
+	if k == kindRedirect6 || k == kindRedirect6Filter || k == kindNAPT4 || k == kindNAPT4Filter {
+		val = putPort(putAddr(nil, p.InternalAddr), p.InternalPort)
+	}
+	return nftables.SetElement{Key: key, KeyEnd: end, Val: val}
+}
+
+// decoder reads consecutive register-aligned fields.
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (d *decoder) take(n int) []byte {
+	if d.err != nil {
+		return nil
+	}
+	if len(d.b) < n {
+		d.err = fmt.Errorf("pinhole: short element: %w", ErrInvalid)
+		return nil
+	}
+	v := d.b[:n]
+	if pad := (n + 3) &^ 3; pad <= len(d.b) {
+		d.b = d.b[pad:]
+	} else {
+		d.b = nil
+	}
+	return v
+}
+
+func (d *decoder) addr(n int) netip.Addr {
+	v := d.take(n)
+	if v == nil {
+		return netip.Addr{}
+	}
+	a, _ := netip.AddrFromSlice(v)
+	return a
+}
+
+func (d *decoder) proto() uint8 {
+	v := d.take(1)
+	if v == nil {
+		return 0
+	}
+	return v[0]
+}
+
+func (d *decoder) port() uint16 {
+	v := d.take(2)
+	if v == nil {
+		return 0
+	}
+	return binary.BigEndian.Uint16(v)
+}
+
+// decode turns a kernel element of set k back into a Pinhole.
+func decode(k kind, e nftables.SetElement) (Pinhole, error) {
+	alen := 16
+	if k == kindNAPT4 || k == kindNAPT4Filter {
+		alen = 4
+	}
+	var p Pinhole
+	key := &decoder{b: e.Key}
+	end := &decoder{b: e.KeyEnd}
+	val := &decoder{b: e.Val}
+	remote := func() error {
+		rf, rl := key.addr(alen), end.addr(alen)
+		pfx, ok := rangePrefix(rf, rl)
+		if !ok {
+			return fmt.Errorf("pinhole: %s: remote range %s-%s is not a prefix: %w", specs[k].name, rf, rl, ErrInvalid)
+		}
+		p.RemotePrefix = pfx
+		return nil
+	}
+	anyPort := func(first, last uint16) (uint16, error) {
+		switch {
+		case first == last:
+			return first, nil
+		case first == 0 && last == 0xffff:
+			return 0, nil
+		}
+		return 0, fmt.Errorf("pinhole: %s: port range %d-%d: %w", specs[k].name, first, last, ErrInvalid)
+	}
+	var err error
+	switch k {
+	case kindPort:
+		p.InternalAddr, p.Protocol, p.InternalPort = key.addr(16), key.proto(), key.port()
+	case kindProto:
+		p.InternalAddr, p.Protocol = key.addr(16), key.proto()
+	case kindAddr:
+		p.InternalAddr = key.addr(16)
+	case kindAddrFilter:
+		p.InternalAddr = key.addr(16)
+		end.addr(16)
+		err = remote()
+	case kindFilter, kindRedirect6Filter, kindNAPT4Filter:
+		a := key.addr(alen)
+		end.addr(alen)
+		p.Protocol = key.proto()
+		end.proto()
+		port, perr := anyPort(key.port(), end.port())
+		rerr := remote()
+		rport, serr := anyPort(key.port(), end.port())
+		err = firstErr(perr, rerr, serr)
+		p.RemotePort = rport
+		if k == kindFilter {
+			p.InternalAddr, p.InternalPort = a, port
+		} else {
+			p.ExternalAddr, p.ExternalPort = a, port
+			p.InternalAddr, p.InternalPort = val.addr(alen), val.port()
+		}
+	case kindRedirect6, kindNAPT4:
+		p.ExternalAddr, p.Protocol, p.ExternalPort = key.addr(alen), key.proto(), key.port()
+		p.InternalAddr, p.InternalPort = val.addr(alen), val.port()
+	}
+	if err = firstErr(err, key.err, end.err, val.err); err != nil {
+		return Pinhole{}, err
+	}
+	return p.normalize()
+}
+
+func firstErr(errs ...error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}

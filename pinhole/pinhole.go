@@ -1,0 +1,231 @@
+// Package pinhole is pcpd's nftables backend: it keeps expiring inbound
+// pinholes, port redirects and IPv4 NAPT mappings in the kernel, over netlink
+// (github.com/google/nftables), and guards the protected prefixes.
+//
+// Expiry is the kernel's job: every entry is a set element with its own
+// timeout, so nothing outlives its lease even when pcpd is killed. The
+// package knows nothing of PCP; the engine translates leases into Pinholes.
+//
+// See README.md in this directory for the table layout and for the two ways
+// pcpd fits into a host's firewall (standalone and attached), each with a
+// worked example.
+package pinhole
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+)
+
+// Protocol numbers with a port field at the start of the transport header.
+// Only these may carry a non-zero port: for any other protocol the "port"
+// bytes would be whatever the header holds there.
+var portProtocols = map[uint8]bool{
+	6:   true, // TCP
+	17:  true, // UDP
+	33:  true, // DCCP
+	132: true, // SCTP
+	136: true, // UDP-Lite
+}
+
+// HasPorts reports whether protocol proto carries 16-bit ports that a
+// Pinhole may name.
+func HasPorts(proto uint8) bool { return portProtocols[proto] }
+
+// Sentinel errors. Errors returned by this package wrap one of these (and,
+// for kernel failures, the errno as well).
+var (
+	// ErrInvalid: a Pinhole, Op or Config that can never be installed.
+	ErrInvalid = errors.New("invalid")
+	// ErrConflict: the kernel holds a different mapping under the same key
+	// (an external port already forwarded elsewhere), or intervals overlap.
+	ErrConflict = errors.New("conflicting entry")
+	// ErrMissing: pcpd's table, set or chain is gone (tampering, or Setup
+	// never ran); run Setup and re-install.
+	ErrMissing = errors.New("object missing")
+	// ErrFull: the kernel refused to grow a set.
+	ErrFull = errors.New("set full")
+	// ErrUnhealthy: Healthy found pcpd's objects incomplete or altered.
+	ErrUnhealthy = errors.New("ruleset damaged")
+	// ErrNoTable: attached mode, and the admin's table does not exist.
+	ErrNoTable = errors.New("table not found")
+)
+
+// Pinhole is one inbound opening. Its shape decides what gets installed:
+//
+//   - IPv6, ExternalPort == InternalPort (or 0): a plain pinhole, traffic to
+//     InternalAddr/Protocol/InternalPort is let through the guard.
+//   - IPv6, ExternalPort != InternalPort: a port redirect on the same address
+//     (e.g. 80 → 443), DNAT-ed and let through.
+//   - IPv4: a NAPT mapping, ExternalAddr:ExternalPort DNAT-ed to
+//     InternalAddr:InternalPort and let through.
+//
+// Protocol 0 means all protocols (ports must then be 0); port 0 means all
+// ports (plain IPv6 pinholes only). A valid RemotePrefix restricts the
+// pinhole to remote peers inside it, and a non-zero RemotePort to that
+// source port (FILTER and PEER).
+type Pinhole struct {
+	Protocol     uint8
+	InternalAddr netip.Addr
+	InternalPort uint16
+	ExternalAddr netip.Addr // IPv6: zero value or InternalAddr
+	ExternalPort uint16     // IPv6: 0 means InternalPort
+	RemotePrefix netip.Prefix
+	RemotePort   uint16
+}
+
+// String is for logs and error messages.
+func (p Pinhole) String() string {
+	s := fmt.Sprintf("proto %d %s", p.Protocol, netip.AddrPortFrom(p.InternalAddr, p.InternalPort))
+	if p.ExternalAddr.IsValid() && (p.ExternalAddr != p.InternalAddr || p.ExternalPort != p.InternalPort) {
+		s += fmt.Sprintf(" via %s", netip.AddrPortFrom(p.ExternalAddr, p.ExternalPort))
+	}
+	if p.RemotePrefix.IsValid() {
+		s += fmt.Sprintf(" from %s", p.RemotePrefix)
+		if p.RemotePort != 0 {
+			s += fmt.Sprintf(" port %d", p.RemotePort)
+		}
+	}
+	return s
+}
+
+// normalize validates p and returns it in canonical form: IPv6 external
+// fields filled in, remote prefix masked. Everything Apply sends and List
+// returns is canonical, so the two compare equal.
+func (p Pinhole) normalize() (Pinhole, error) {
+	bad := func(format string, a ...any) (Pinhole, error) {
+		return Pinhole{}, fmt.Errorf("pinhole: %s: %s: %w", p, fmt.Sprintf(format, a...), ErrInvalid)
+	}
+	in := p.InternalAddr
+	if !in.IsValid() || in.IsUnspecified() || in.Zone() != "" {
+		return bad("internal address must be a unicast address without zone")
+	}
+	in = in.Unmap()
+	p.InternalAddr = in
+	if p.Protocol == 0 && (p.InternalPort != 0 || p.ExternalPort != 0 || p.RemotePort != 0) {
+		return bad("protocol 0 (all protocols) requires ports 0")
+	}
+	if !HasPorts(p.Protocol) && (p.InternalPort != 0 || p.ExternalPort != 0 || p.RemotePort != 0) {
+		return bad("protocol %d has no ports", p.Protocol)
+	}
+	if p.RemotePrefix.IsValid() {
+		rp := netip.PrefixFrom(p.RemotePrefix.Addr().Unmap(), p.RemotePrefix.Bits())
+		if p.RemotePrefix.Addr().Is4In6() {
+			rp = netip.PrefixFrom(rp.Addr(), p.RemotePrefix.Bits()-96)
+		}
+		if !rp.IsValid() || rp.Addr().Is4() != in.Is4() || rp.Addr().Zone() != "" {
+			return bad("remote prefix must be of the internal address's family")
+		}
+		p.RemotePrefix = rp.Masked()
+	} else {
+		p.RemotePrefix = netip.Prefix{}
+		if p.RemotePort != 0 {
+			return bad("remote port without remote prefix")
+		}
+	}
+	if in.Is6() {
+		if p.ExternalAddr.IsValid() && p.ExternalAddr.Unmap() != in {
+			return bad("IPv6 external address must equal the internal address")
+		}
+		p.ExternalAddr = in
+		if p.ExternalPort == 0 {
+			p.ExternalPort = p.InternalPort
+		}
+		if p.InternalPort == 0 && p.ExternalPort != 0 {
+			return bad("all-ports pinhole cannot have an external port")
+		}
+		return p, nil
+	}
+	// IPv4: NAPT only.
+	ext := p.ExternalAddr.Unmap()
+	if !ext.Is4() || ext.IsUnspecified() {
+		return bad("IPv4 mapping needs an IPv4 external address")
+	}
+	p.ExternalAddr = ext
+	if p.Protocol == 0 || p.InternalPort == 0 || p.ExternalPort == 0 {
+		return bad("IPv4 mapping needs a protocol with ports and both ports")
+	}
+	return p, nil
+}
+
+// OpKind says what an Op does.
+type OpKind uint8
+
+const (
+	// Install puts the pinhole in place with the given timeout. Installing
+	// what is already there is not an error: it resets the timeout.
+	Install OpKind = iota + 1
+	// Refresh sets a new remaining timeout; if the kernel expired the entry
+	// meanwhile it is put back. In the kernel it is the same as Install.
+	Refresh
+	// Delete removes the pinhole; deleting one that already expired (or
+	// never existed) is not an error.
+	Delete
+)
+
+func (k OpKind) String() string {
+	switch k {
+	case Install:
+		return "install"
+	case Refresh:
+		return "refresh"
+	case Delete:
+		return "delete"
+	}
+	return fmt.Sprintf("OpKind(%d)", uint8(k))
+}
+
+// Op is one change in an Apply batch. Timeout is the remaining life of the
+// entry (Install and Refresh; at least 1 ms); the kernel removes the entry
+// when it runs out.
+type Op struct {
+	Kind    OpKind
+	Pinhole Pinhole
+	Timeout time.Duration
+}
+
+// maxTimeout keeps timeouts far below what the kernel's jiffies conversion
+// accepts; leases are clamped long before this anyway.
+const maxTimeout = 365 * 24 * time.Hour
+
+func (o Op) validate() (Op, error) {
+	switch o.Kind {
+	case Install, Refresh:
+		if o.Timeout < time.Millisecond || o.Timeout > maxTimeout {
+			return Op{}, fmt.Errorf("pinhole: %s %s: timeout %v out of range [1ms, %v]: %w", o.Kind, o.Pinhole, o.Timeout, maxTimeout, ErrInvalid)
+		}
+	case Delete:
+	default:
+		return Op{}, fmt.Errorf("pinhole: %s: %w", o.Kind, ErrInvalid)
+	}
+	p, err := o.Pinhole.normalize()
+	if err != nil {
+		return Op{}, err
+	}
+	o.Pinhole = p
+	return o, nil
+}
+
+// OpError is the error Apply returns when one Op fails. The whole batch is
+// then discarded by the kernel: nothing of it was applied.
+type OpError struct {
+	Index int // position in the batch; -1 when no single op is to blame
+	Op    Op
+	Err   error
+}
+
+func (e *OpError) Error() string {
+	if e.Index < 0 {
+		return fmt.Sprintf("pinhole: batch failed: %v", e.Err)
+	}
+	return fmt.Sprintf("pinhole: op %d (%s %s): %v", e.Index, e.Op.Kind, e.Op.Pinhole, e.Err)
+}
+
+func (e *OpError) Unwrap() error { return e.Err }
+
+// Entry is what the kernel holds for one Pinhole.
+type Entry struct {
+	Pinhole   Pinhole
+	Remaining time.Duration
+}

@@ -1,0 +1,181 @@
+package pinhole
+
+import (
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// Registers are addressed in 32-bit units; a concatenated lookup key starts
+// at reg0 and each field takes ceil(len/4) registers, which is exactly the
+// element layout of layout.go.
+const reg0 = unix.NFT_REG32_00
+
+// Header offsets (RFC 8200, RFC 791, and the first four bytes every
+// port-carrying transport header shares).
+const (
+	ip6SrcOff = 8
+	ip6DstOff = 24
+	ip4SrcOff = 12
+	ip4DstOff = 16
+	thSrcOff  = 0
+	thDstOff  = 2
+)
+
+// ipsDstNAT is IPS_DST_NAT from linux/netfilter/nf_conntrack_common.h.
+const ipsDstNAT = 1 << 5
+
+func loadNet(off, n, reg uint32) expr.Any {
+	return &expr.Payload{Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n, DestRegister: reg}
+}
+
+func loadTh(off, reg uint32) expr.Any {
+	return &expr.Payload{Base: expr.PayloadBaseTransportHeader, Offset: off, Len: 2, DestRegister: reg}
+}
+
+func loadMeta(k expr.MetaKey, reg uint32) expr.Any { return &expr.Meta{Key: k, Register: reg} }
+
+func loadCt(k expr.CtKey, reg uint32) expr.Any { return &expr.Ct{Key: k, Register: reg} }
+
+func eq(reg uint32, data ...byte) expr.Any {
+	return &expr.Cmp{Op: expr.CmpOpEq, Register: reg, Data: data}
+}
+
+func lookup(s *nftables.Set, reg uint32) expr.Any {
+	return &expr.Lookup{SourceRegister: reg, SetName: s.Name, SetID: s.ID}
+}
+
+// bitsSet matches when (reg & mask) != 0; ct state and status are host
+// endian in the register.
+func bitsSet(reg, mask uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(mask), Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: reg, Data: make([]byte, 4)},
+	}
+}
+
+func nfproto(fam byte) []expr.Any {
+	return []expr.Any{loadMeta(expr.MetaKeyNFPROTO, reg0), eq(reg0, fam)}
+}
+
+var (
+	accept = &expr.Verdict{Kind: expr.VerdictAccept}
+	drop   = &expr.Verdict{Kind: expr.VerdictDrop}
+)
+
+func goTo(chain string) expr.Any { return &expr.Verdict{Kind: expr.VerdictGoto, Chain: chain} }
+
+func rule(parts ...[]expr.Any) []expr.Any {
+	var out []expr.Any
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}
+
+func x(e ...expr.Any) []expr.Any { return e }
+
+// Lookup keys built from the packet, as the guard (forward) sees it.
+func keyPacket6(k kind) []expr.Any {
+	switch k {
+	case kindPort:
+		return x(loadNet(ip6DstOff, 16, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+4), loadTh(thDstOff, reg0+5))
+	case kindProto:
+		return x(loadNet(ip6DstOff, 16, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+4))
+	case kindAddr:
+		return x(loadNet(ip6DstOff, 16, reg0))
+	case kindFilter, kindRedirect6Filter:
+		return x(loadNet(ip6DstOff, 16, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+4), loadTh(thDstOff, reg0+5),
+			loadNet(ip6SrcOff, 16, reg0+6), loadTh(thSrcOff, reg0+10))
+	case kindAddrFilter:
+		return x(loadNet(ip6DstOff, 16, reg0), loadNet(ip6SrcOff, 16, reg0+4))
+	case kindRedirect6:
+		return x(loadNet(ip6DstOff, 16, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+4), loadTh(thDstOff, reg0+5))
+	}
+	panic("pinhole: no IPv6 packet key for kind")
+}
+
+func keyPacket4(k kind) []expr.Any {
+	switch k {
+	case kindNAPT4:
+		return x(loadNet(ip4DstOff, 4, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+1), loadTh(thDstOff, reg0+2))
+	case kindNAPT4Filter:
+		return x(loadNet(ip4DstOff, 4, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+1), loadTh(thDstOff, reg0+2),
+			loadNet(ip4SrcOff, 4, reg0+3), loadTh(thSrcOff, reg0+4))
+	}
+	panic("pinhole: no IPv4 packet key for kind")
+}
+
+// chainRules holds every rule of every chain pcpd owns, by chain name.
+type chainRules struct {
+	name  string
+	rules [][]expr.Any
+}
+
+// layout returns the rules of pcpd's chains: the entry chain (standalone:
+// the forward base chain; attached: the chain the admin jumps to), the two
+// guards, and the DNAT prerouting chain.
+func (b *Backend) layout() []chainRules {
+	ctEstablished := rule(x(loadCt(expr.CtKeySTATE, reg0)), bitsSet(reg0, expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED))
+	ctDNAT := rule(x(loadCt(expr.CtKeySTATUS, reg0)), bitsSet(reg0, ipsDstNAT))
+
+	entry := [][]expr.Any{
+		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6DstOff, 16, reg0), lookup(b.protected6, reg0), goTo(b.chainGuard6))),
+		rule(nfproto(unix.NFPROTO_IPV4), x(loadNet(ip4DstOff, 4, reg0), lookup(b.protected4, reg0), goTo(b.chainGuard4))),
+	}
+
+	// RFC 4890 section 4.3.1 (must not drop in transit) and 4.3.2 (should not):
+	// destination unreachable, packet too big, time exceeded, parameter
+	// problem. Errors that belong to a tracked flow are "related" anyway;
+	// these rules also pass the ones conntrack cannot match.
+	icmp := rule(x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_ICMPV6),
+		&expr.Payload{Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1, DestRegister: reg0},
+		&expr.Range{Op: expr.CmpOpEq, Register: reg0, FromData: []byte{1}, ToData: []byte{4}}, accept))
+	// A flow that was DNAT-ed came in through a live mapping: the maps'
+	// elements carry the lease's timeout, so once a mapping lapses no new
+	// flow is translated, and an untranslated packet to the internal port
+	// meets the drop below. (Matching the conntrack original tuple against
+	// the map would be tighter, but nft cannot list such rules.)
+	guard6 := [][]expr.Any{rule(ctEstablished, x(accept)), rule(ctDNAT, x(accept)), icmp}
+	if b.cfg.AllowEcho {
+		guard6 = append(guard6, rule(x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_ICMPV6),
+			&expr.Payload{Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1, DestRegister: reg0},
+			eq(reg0, 128), accept)))
+	}
+	for _, k := range []kind{kindPort, kindProto, kindAddr, kindFilter, kindAddrFilter} {
+		// The nfproto match is implied by the jump here, but without it
+		// nft lists raw "@nh,192,128" instead of "ip6 daddr".
+		guard6 = append(guard6, rule(nfproto(unix.NFPROTO_IPV6), keyPacket6(k), x(lookup(b.sets[k], reg0), accept)))
+	}
+
+	guard4 := [][]expr.Any{rule(ctEstablished, x(accept)), rule(ctDNAT, x(accept))}
+	if !b.cfg.Attached {
+		// Standalone, the guards are the last word for protected prefixes.
+		// Attached, falling off the end returns to the admin's chain, whose
+		// own rules and policy decide.
+		guard6 = append(guard6, x(drop))
+		guard4 = append(guard4, x(drop))
+	}
+
+	dnat := func(fam byte, natFam uint32, key []expr.Any, s *nftables.Set, portReg uint32) []expr.Any {
+		return rule(nfproto(fam), key, x(
+			&expr.Lookup{SourceRegister: reg0, DestRegister: reg0, IsDestRegSet: true, SetName: s.Name, SetID: s.ID},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: natFam, RegAddrMin: reg0, RegProtoMin: portReg, Specified: true},
+		))
+	}
+	prerouting := [][]expr.Any{
+		dnat(unix.NFPROTO_IPV6, unix.NFPROTO_IPV6, keyPacket6(kindRedirect6), b.sets[kindRedirect6], reg0+4),
+		dnat(unix.NFPROTO_IPV6, unix.NFPROTO_IPV6, keyPacket6(kindRedirect6Filter), b.sets[kindRedirect6Filter], reg0+4),
+		dnat(unix.NFPROTO_IPV4, unix.NFPROTO_IPV4, keyPacket4(kindNAPT4), b.sets[kindNAPT4], reg0+1),
+		dnat(unix.NFPROTO_IPV4, unix.NFPROTO_IPV4, keyPacket4(kindNAPT4Filter), b.sets[kindNAPT4Filter], reg0+1),
+	}
+
+	return []chainRules{
+		{b.chainGuard6, guard6},
+		{b.chainGuard4, guard4},
+		{b.chainEntry, entry},
+		{b.chainPrerouting, prerouting},
+	}
+}
