@@ -273,7 +273,8 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		if p.neverOpenable(r.Target) {
 			return o, NeverOpenable
 		}
-		if t.find(r.Target) != si {
+		// The common case, Target == Source, needs no second lookup.
+		if r.Target != src && t.find(r.Target) != si {
 			p.fast.miss()
 			return o, NotOwned
 		}

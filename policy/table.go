@@ -91,7 +91,21 @@ type table struct {
 	owner  []int32 // owner of [starts[i], starts[i+1])
 	owners []Owner
 	byID   map[OwnerID]int32
+	// Per family, one exact-match map per prefix length present, longest
+	// first: with the handful of lengths real configurations use, a lookup
+	// is a few hash probes, where the binary search over 2n intervals costs
+	// a cache miss per level. Nil when a family uses more than
+	// maxHashLengths lengths; find then falls back to the search.
+	len4, len6 []lengthMap
 }
+
+type lengthMap struct {
+	mask u128 // network mask of the length, in the 128-bit space
+	m    map[u128]int32
+}
+
+// maxHashLengths bounds the probes of a hashed lookup.
+const maxHashLengths = 8
 
 // build flattens spans (exact duplicates already resolved by the caller)
 // into a table.
@@ -145,8 +159,43 @@ func build(owners []Owner, spans []span) *table {
 		stack = append(stack, open{s.last, s.owner})
 	}
 	closeUntil(u128{}, true)
+	t.len4, t.len6 = hashByLength(spans, true), hashByLength(spans, false)
 	return t
 }
+
+// hashByLength indexes one family's spans by prefix length, or returns nil
+// if they use more than maxHashLengths lengths.
+func hashByLength(spans []span, v4 bool) []lengthMap {
+	byLen := make(map[int]map[u128]int32)
+	for _, s := range spans {
+		if isV4Span(s) != v4 {
+			continue
+		}
+		m := byLen[s.bits]
+		if m == nil {
+			if len(byLen) == maxHashLengths {
+				return nil
+			}
+			m = make(map[u128]int32)
+			byLen[s.bits] = m
+		}
+		m[s.first] = s.owner
+	}
+	out := make([]lengthMap, 0, len(byLen))
+	for n, m := range byLen {
+		h := hostMask(n)
+		out = append(out, lengthMap{mask: u128{^h.hi, ^h.lo}, m: m})
+	}
+	// Longest first: the first hit is the longest match.
+	slices.SortFunc(out, func(a, b lengthMap) int { return cmp.Compare(b.mask.ones(), a.mask.ones()) })
+	return out
+}
+
+func (u u128) ones() int { return bits.OnesCount64(u.hi) + bits.OnesCount64(u.lo) }
+
+// isV4Span reports whether a span lies in the IPv4-mapped range (IPv6
+// spans never reach into it: checkOwnedPrefix rejects those).
+func isV4Span(s span) bool { return s.bits >= 96 && s.first.hi == 0 && s.first.lo>>32 == 0xffff }
 
 // sortSpans orders spans by first address, enclosing (shorter) ones first.
 func sortSpans(spans []span) {
@@ -164,6 +213,24 @@ func sortSpans(spans []span) {
 // find returns the owner index for a, or noOwner.
 func (t *table) find(a netip.Addr) int32 {
 	k := key(a)
+	lens := t.len6
+	if a.Is4() {
+		lens = t.len4
+	}
+	if lens != nil {
+		for i := range lens {
+			l := &lens[i]
+			if o, ok := l.m[u128{k.hi & l.mask.hi, k.lo & l.mask.lo}]; ok {
+				return o
+			}
+		}
+		return noOwner
+	}
+	return t.search(k)
+}
+
+// search finds k's owner by binary search over the intervals.
+func (t *table) search(k u128) int32 {
 	s := t.starts
 	lo, hi := 0, len(s)
 	for lo < hi {

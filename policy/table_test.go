@@ -2,6 +2,7 @@ package policy
 
 import (
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -40,18 +41,26 @@ func bruteOwner(claims map[netip.Prefix]int32, a netip.Addr) int32 {
 }
 
 // randomClaims draws prefixes from a small pool of bases so that many nest.
-func randomClaims(r *rand.Rand, n, nOwners int) map[netip.Prefix]int32 {
+// With few set, lengths come from a handful of values (the hashed lookup);
+// otherwise from the whole range (the interval search).
+func randomClaims(r *rand.Rand, n, nOwners int, few ...bool) map[netip.Prefix]int32 {
 	claims := make(map[netip.Prefix]int32)
+	len4 := func() int { return 8 + r.IntN(25) }
+	len6 := func() int { return 32 + r.IntN(97) }
+	if len(few) > 0 && few[0] {
+		len4 = func() int { return []int{8, 16, 24, 30, 32}[r.IntN(5)] }
+		len6 = func() int { return []int{32, 48, 56, 64, 126, 127, 128}[r.IntN(7)] }
+	}
 	for len(claims) < n {
 		var p netip.Prefix
 		if r.IntN(3) == 0 {
 			a := netip.AddrFrom4([4]byte{10, byte(r.IntN(4)), byte(r.IntN(4)), byte(r.IntN(8))})
-			p = netip.PrefixFrom(a, 8+r.IntN(25)).Masked()
+			p = netip.PrefixFrom(a, len4()).Masked()
 		} else {
 			var b [16]byte
 			copy(b[:], []byte{0x20, 0x01, 0x0d, 0xb8, 0, byte(r.IntN(4)), 0, 0, 0, byte(r.IntN(4))})
 			b[15] = byte(r.IntN(8))
-			p = netip.PrefixFrom(netip.AddrFrom16(b), 32+r.IntN(97)).Masked()
+			p = netip.PrefixFrom(netip.AddrFrom16(b), len6()).Masked()
 		}
 		o := int32(r.IntN(nOwners))
 		if r.IntN(10) == 0 {
@@ -87,13 +96,19 @@ func natural(u u128) netip.Addr { return u.addr().Unmap() }
 
 func TestTableLongestMatchAgainstBruteForce(t *testing.T) {
 	r := rand.New(rand.NewPCG(1, 2))
-	for round := range 50 {
-		claims := randomClaims(r, 1+r.IntN(60), 5)
+	for round := range 100 {
+		claims := randomClaims(r, 1+r.IntN(60), 5, round%2 == 0)
 		tab := tableOf(5, claims)
+		if round%2 == 0 && (tab.len4 == nil || tab.len6 == nil) {
+			t.Fatalf("round %d: few lengths but no hashed lookup", round)
+		}
 		for _, a := range probes(r, claims) {
 			want := bruteOwner(claims, a)
 			if got := tab.find(a); got != want {
 				t.Fatalf("round %d: find(%s) = %d, want %d; claims %v", round, a, got, want, claims)
+			}
+			if got := tab.search(key(a)); got != want {
+				t.Fatalf("round %d: search(%s) = %d, want %d; claims %v", round, a, got, want, claims)
 			}
 		}
 		// The flattened intervals are canonical: strictly increasing starts,
@@ -186,17 +201,12 @@ func TestDiffLIFE05(t *testing.T) {
 		for p, o := range randomClaims(r, r.IntN(10), 4) {
 			newC[p] = o
 		}
-		oldT, newT := tableOf(4, oldC), tableOf(4, newC)
-		// Owner 3 disappears from new entirely half the time.
-		if round%2 == 0 {
-			newT.owners = newT.owners[:3]
-			delete(newT.byID, "test:3")
-			for i, o := range newT.owner {
-				if o == 3 {
-					newT.owner[i] = noOwner
-				}
-			}
+		nNew := 4
+		if round%2 == 0 { // owner 3 disappears from new entirely
+			nNew = 3
+			maps.DeleteFunc(newC, func(_ netip.Prefix, o int32) bool { return o == 3 })
 		}
+		oldT, newT := tableOf(4, oldC), tableOf(nNew, newC)
 		changes := diff(oldT, newT)
 		lost := make(map[OwnerID][]netip.Prefix)
 		for _, c := range changes {

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -181,7 +182,6 @@ func (w *WireGuard) Run(ctx context.Context) error {
 			return nil
 		case <-tick.C:
 		case <-delayed:
-			delayed = nil
 		case <-w.missCh:
 			w.mu.Lock()
 			wait := w.missEvery - time.Since(w.last)
@@ -193,6 +193,8 @@ func (w *WireGuard) Run(ctx context.Context) error {
 				continue
 			}
 		}
+		// Whatever caused it, this re-read serves every miss so far.
+		delayed = nil
 		if err := w.Refresh(ctx); err != nil && ctx.Err() == nil {
 			w.log.Warn("refreshing WireGuard ownership", zap.Error(err))
 		}
@@ -212,7 +214,9 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 		switch {
 		case err == nil:
 			w.lastGood[name] = d.Peers
-		case errors.Is(err, os.ErrNotExist):
+		case errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED):
+			// Gone, or a userspace daemon's stale socket: no traffic can
+			// reach these peers, so they own nothing.
 			if _, had := w.lastGood[name]; had {
 				w.log.Warn("WireGuard interface gone; its peers own nothing", zap.String("interface", name))
 			}

@@ -1,0 +1,119 @@
+package policy
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"runtime"
+	"testing"
+	"time"
+)
+
+// TestRateLimiterPKT08: a flood from A spends only A's tokens; B is still
+// served; A recovers at the configured rate.
+func TestRateLimiterPKT08(t *testing.T) {
+	l := NewRateLimiter(10, 5, 100)
+	t0 := time.Unix(1_000_000, 0)
+	a, b := addr("2001:db8:a::1"), addr("2001:db8:b::1")
+	allowed := 0
+	for range 1000 {
+		if l.Allow(a, t0) {
+			allowed++
+		}
+	}
+	if allowed != 5 {
+		t.Errorf("flood from A at one instant: %d allowed, want the burst 5", allowed)
+	}
+	if !l.Allow(b, t0) {
+		t.Error("B refused while A floods")
+	}
+	if l.Allow(a, t0.Add(50*time.Millisecond)) {
+		t.Error("A allowed after 50 ms at 10/s (half a token)")
+	}
+	if !l.Allow(a, t0.Add(100*time.Millisecond)) {
+		t.Error("A refused after 100 ms at 10/s (one token)")
+	}
+	// A long pause refills only up to the burst.
+	n := 0
+	for range 100 {
+		if l.Allow(a, t0.Add(time.Hour)) {
+			n++
+		}
+	}
+	if n != 5 {
+		t.Errorf("after an hour: %d allowed, want burst 5", n)
+	}
+	// An IPv4-mapped source is the same source as its IPv4 form.
+	l4 := NewRateLimiter(1, 1, 10)
+	if !l4.Allow(addr("10.0.0.1"), t0) || l4.Allow(addr("::ffff:10.0.0.1"), t0) {
+		t.Error("mapped and plain IPv4 counted separately")
+	}
+	// Time going backwards neither refills nor panics.
+	if l4.Allow(addr("10.0.0.1"), t0.Add(-time.Hour)) {
+		t.Error("clock step back refilled the bucket")
+	}
+}
+
+// TestRateLimiterFloodBoundedSEC04: a million distinct sources keep the LRU
+// at its cap and the heap bounded, and a steady legitimate client sending
+// within its rate is never refused during the flood.
+func TestRateLimiterFloodBoundedSEC04(t *testing.T) {
+	const limit = 10_000
+	l := NewRateLimiter(1, 3, limit)
+	legit := addr("2001:db8:ffff::1")
+	var before runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	now := time.Unix(2_000_000, 0)
+	var b [16]byte
+	b[0], b[1] = 0x20, 0x01
+	for i := range 1_000_000 {
+		binary.BigEndian.PutUint64(b[8:], uint64(i))
+		now = now.Add(time.Microsecond)
+		if !l.Allow(netip.AddrFrom16(b), now) {
+			t.Fatalf("fresh source %d refused", i)
+		}
+		if i%2000 == 0 { // legit: one request per 2 ms of flood time ≪ its bucket
+			now = now.Add(time.Second)
+			if !l.Allow(legit, now) {
+				t.Fatalf("legitimate client refused at flood packet %d", i)
+			}
+		}
+		if n := l.Len(); n > limit {
+			t.Fatalf("LRU holds %d sources, cap %d", n, limit)
+		}
+	}
+	if n := l.Len(); n != limit {
+		t.Errorf("LRU holds %d sources after the flood, want exactly the cap %d", n, limit)
+	}
+	var after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	// 10 000 entries cost well under 10 MiB; a million would cost ~100 MiB.
+	if grow := int64(after.HeapAlloc) - int64(before.HeapAlloc); grow > 10<<20 {
+		t.Errorf("heap grew by %d bytes during the flood", grow)
+	}
+}
+
+func TestRateLimiterBadArguments(t *testing.T) {
+	l := NewRateLimiter(0, 0, 0) // raised to 1/s, burst 1, one source
+	t0 := time.Unix(0, 0)
+	if !l.Allow(addr("10.0.0.1"), t0) || l.Allow(addr("10.0.0.1"), t0) {
+		t.Error("zero arguments did not become burst 1")
+	}
+	if !l.Allow(addr("10.0.0.2"), t0) || l.Len() != 1 {
+		t.Errorf("maxSources 0 did not become 1: len %d", l.Len())
+	}
+}
+
+func BenchmarkRateLimiterAllow(b *testing.B) {
+	l := NewRateLimiter(1e9, 1e9, 10_000)
+	srcs := make([]netip.Addr, 1000)
+	for i := range srcs {
+		srcs[i] = netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)})
+	}
+	now := time.Now()
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		l.Allow(srcs[i%len(srcs)], now)
+	}
+}

@@ -1,0 +1,348 @@
+package policy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+)
+
+// devices is an in-memory stand-in for wgctrl, for the unit tests of the
+// refresh and change logic; TestWireGuardNamespace runs the same code
+// against real userspace WireGuard.
+type devices struct {
+	mu    sync.Mutex
+	peers map[string][]wgtypes.Peer
+	err   map[string]error
+	calls atomic.Int64
+}
+
+func (d *devices) Device(name string) (*wgtypes.Device, error) {
+	d.calls.Add(1)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.err[name]; err != nil {
+		return nil, err
+	}
+	p, ok := d.peers[name]
+	if !ok {
+		return nil, os.ErrNotExist
+	}
+	return &wgtypes.Device{Name: name, Peers: slices.Clone(p)}, nil
+}
+
+func (d *devices) set(name string, peers ...wgtypes.Peer) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.peers == nil {
+		d.peers = make(map[string][]wgtypes.Peer)
+	}
+	if peers == nil {
+		delete(d.peers, name)
+		return
+	}
+	d.peers[name] = peers
+}
+
+func (d *devices) fail(name string, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.err == nil {
+		d.err = make(map[string]error)
+	}
+	d.err[name] = err
+}
+
+func ipnets(ps ...string) []net.IPNet {
+	var out []net.IPNet
+	for _, s := range ps {
+		_, n, err := net.ParseCIDR(s)
+		if err != nil {
+			panic(err)
+		}
+		out = append(out, *n)
+	}
+	return out
+}
+
+// testKey derives a deterministic public key.
+func testKey(i int) wgtypes.Key {
+	var k wgtypes.Key
+	copy(k[:], fmt.Sprintf("peer-%08d-key-for-policy-test", i))
+	return k
+}
+
+func peer(i int, allowed ...string) wgtypes.Peer {
+	return wgtypes.Peer{PublicKey: testKey(i), AllowedIPs: ipnets(allowed...)}
+}
+
+func wgID(i int) OwnerID { return OwnerID("wg:" + testKey(i).String()) }
+
+// TestWireGuardDefaultRouteOwnsNothing: a full-tunnel peer's ::/0 and
+// 0.0.0.0/0 (and other too-short prefixes) confer no ownership, with one
+// warning each, however often the view is refreshed.
+func TestWireGuardDefaultRouteOwnsNothing(t *testing.T) {
+	d := &devices{}
+	d.set("wg0",
+		peer(1, "2001:db8:a::/48", "10.0.1.0/24"),
+		peer(2, "::/0", "0.0.0.0/0", "2000::/3", "10.0.0.0/7", "::ffff:10.0.0.0/104", "2001:db8:c::/48"))
+	core, logs := observer.New(zap.WarnLevel)
+	w, err := newWireGuard(d, []string{"wg0"}, time.Hour, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if err := w.Refresh(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := logs.FilterMessage("AllowedIP ignored for ownership").Len(); n != 5 {
+		t.Errorf("%d warnings about ignored AllowedIPs, want 5 (one per prefix): %v", n, logs.All())
+	}
+	p, err := New(Config{}, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := addr("2001:db8:c::1")
+	for _, tc := range []struct {
+		src, dst string
+		want     Reason
+	}{
+		{"2001:db8:c::1", "2001:db8:c::1", Allowed},
+		{"2001:db8:c::1", "2606:4700::1111", NotOwned}, // the internet is not peer 2's
+		{"2001:db8:c::1", "2001:db8:a::1", NotOwned},   // nor peer 1's addresses
+		{"2606:4700::1111", "2606:4700::1111", NoOwner},
+		{"1.1.1.1", "1.1.1.1", NoOwner},
+		{"10.1.0.1", "10.1.0.1", NoOwner}, // 10.0.0.0/7 ignored
+		{"10.0.1.9", "10.0.1.9", Allowed},
+	} {
+		if _, r := p.Authorize(Request{Source: addr(tc.src), Target: addr(tc.dst), ThirdParty: tc.src != tc.dst, Protocol: 6, InternalPort: 80}); r != tc.want {
+			t.Errorf("%s → %s: %v, want %v", tc.src, tc.dst, r, tc.want)
+		}
+	}
+	o, ok := w.Lookup(c)
+	if !ok || o.ID != wgID(2) || !slices.Equal(o.Prefixes, []netip.Prefix{pfx("2001:db8:c::/48")}) {
+		t.Errorf("Lookup(%s) = %+v, %v", c, o, ok)
+	}
+}
+
+// TestWireGuardLongestMatchSEC02: a peer cannot open an address inside
+// another peer's more specific AllowedIP, where WireGuard would deliver it.
+func TestWireGuardLongestMatchSEC02(t *testing.T) {
+	d := &devices{}
+	d.set("wg0", peer(1, "2001:db8:a::/48"), peer(2, "2001:db8:a:5::/64"))
+	w, err := newWireGuard(d, []string{"wg0"}, time.Hour, nil, WithLabels(map[string]string{testKey(2).String(): "nas"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{}, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		src, dst string
+		owner    OwnerID
+		want     Reason
+	}{
+		{"2001:db8:a::1", "2001:db8:a:6::1", wgID(1), Allowed},
+		{"2001:db8:a::1", "2001:db8:a:5::1", wgID(1), NotOwned},
+		{"2001:db8:a:5::1", "2001:db8:a:5::2", wgID(2), Allowed},
+		{"2001:db8:a:5::1", "2001:db8:a::1", wgID(2), NotOwned},
+	} {
+		o, r := p.Authorize(Request{Source: addr(tc.src), Target: addr(tc.dst), ThirdParty: true, Protocol: 17, InternalPort: 9})
+		if r != tc.want || o.ID != tc.owner {
+			t.Errorf("%s → %s: %s %v, want %s %v", tc.src, tc.dst, o.ID, r, tc.owner, tc.want)
+		}
+	}
+	if o, _ := w.Lookup(addr("2001:db8:a:5::9")); o.Label != "nas" {
+		t.Errorf("label = %q, want nas", o.Label)
+	}
+}
+
+// TestWireGuardInterfaces: one peer on two interfaces is one owner; one
+// prefix held by different peers on different interfaces is nobody's.
+func TestWireGuardInterfaces(t *testing.T) {
+	d := &devices{}
+	d.set("wg0", peer(1, "2001:db8:a::/48"), peer(2, "2001:db8:d::/64", "10.0.0.0/24"))
+	d.set("wg1", peer(1, "10.1.0.0/16"), peer(3, "2001:db8:d::/64", "2001:db8:e::/64"))
+	core, logs := observer.New(zap.WarnLevel)
+	w, err := newWireGuard(d, []string{"wg0", "wg1"}, time.Hour, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o, ok := w.Lookup(addr("10.1.2.3")); !ok || o.ID != wgID(1) || len(o.Prefixes) != 2 {
+		t.Errorf("peer 1 on wg1: %+v %v", o, ok)
+	}
+	if o, ok := w.Lookup(addr("2001:db8:d::1")); ok {
+		t.Errorf("conflicting prefix owned by %s", o.ID)
+	}
+	if o, ok := w.Lookup(addr("10.0.0.1")); !ok || o.ID != wgID(2) || len(o.Prefixes) != 1 {
+		t.Errorf("peer 2 keeps its other prefix: %+v %v", o, ok)
+	}
+	if logs.FilterMessageSnippet("held by two peers").Len() != 1 {
+		t.Errorf("conflict warnings: %v", logs.All())
+	}
+	if _, err := newWireGuard(d, []string{"wg0", "wg9"}, time.Hour, nil); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("missing interface at start: %v", err)
+	}
+}
+
+// expectChange waits for the next Change.
+func expectChange(t *testing.T, w *WireGuard, timeout time.Duration) Change {
+	t.Helper()
+	select {
+	case c := <-w.Changes():
+		return c
+	case <-time.After(timeout):
+		t.Fatalf("no change within %v", timeout)
+	}
+	return Change{}
+}
+
+func prefixStrings(ps []netip.Prefix) []string {
+	var out []string
+	for _, p := range ps {
+		out = append(out, p.String())
+	}
+	slices.Sort(out)
+	return out
+}
+
+// TestWireGuardChangesLIFE05: removal, shrinking, a carve-out by another
+// peer and a vanished interface each report exactly the lost space; a
+// transient read error reports nothing and keeps the view.
+func TestWireGuardChangesLIFE05(t *testing.T) {
+	d := &devices{}
+	d.set("wg0", peer(1, "2001:db8:a::/48", "10.0.1.0/24"), peer(2, "2001:db8:b::/48"))
+	d.set("wg1", peer(3, "2001:db8:c::/64"))
+	w, err := newWireGuard(d, []string{"wg0", "wg1"}, time.Hour, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	step := func(name string, mutate func(), want ...Change) {
+		t.Helper()
+		mutate()
+		err := w.Refresh(ctx)
+		var got []Change
+		for len(w.Changes()) > 0 {
+			got = append(got, <-w.Changes())
+		}
+		if len(got) != len(want) {
+			t.Fatalf("%s: changes %+v, want %+v (refresh err %v)", name, got, want, err)
+		}
+		for i := range want {
+			if got[i].Owner != want[i].Owner || got[i].Removed != want[i].Removed ||
+				!slices.Equal(prefixStrings(got[i].Lost), prefixStrings(want[i].Lost)) {
+				t.Errorf("%s: change %+v, want %+v", name, got[i], want[i])
+			}
+		}
+	}
+	step("no change", func() {})
+	step("shrink", func() {
+		d.set("wg0", peer(1, "2001:db8:a::/49", "10.0.1.0/24"), peer(2, "2001:db8:b::/48"))
+	}, Change{Owner: wgID(1), Lost: []netip.Prefix{pfx("2001:db8:a:8000::/49")}})
+	step("grow is no loss", func() {
+		d.set("wg0", peer(1, "2001:db8:a::/48", "10.0.1.0/24"), peer(2, "2001:db8:b::/48"))
+	})
+	step("carved by another peer", func() {
+		d.set("wg0", peer(1, "2001:db8:a::/48", "10.0.1.0/24"), peer(2, "2001:db8:b::/48", "10.0.1.128/25"))
+	}, Change{Owner: wgID(1), Lost: []netip.Prefix{pfx("10.0.1.128/25")}})
+	step("transient error keeps the view", func() {
+		d.fail("wg0", errors.New("permission denied"))
+	})
+	if o, ok := w.Lookup(addr("2001:db8:b::1")); !ok || o.ID != wgID(2) {
+		t.Errorf("view lost on a transient error: %+v %v", o, ok)
+	}
+	d.fail("wg0", nil)
+	step("peer removed", func() {
+		d.set("wg0", peer(1, "2001:db8:a::/48", "10.0.1.0/24"))
+	}, Change{Owner: wgID(2), Removed: true, Lost: []netip.Prefix{pfx("2001:db8:b::/48"), pfx("10.0.1.128/25")}})
+	step("interface gone", func() { d.set("wg1") },
+		Change{Owner: wgID(3), Removed: true, Lost: []netip.Prefix{pfx("2001:db8:c::/64")}})
+	step("stale userspace socket counts as gone", func() { d.fail("wg0", fmt.Errorf("dial: %w", syscall.ECONNREFUSED)) },
+		Change{Owner: wgID(1), Removed: true, Lost: []netip.Prefix{pfx("2001:db8:a::/48"), pfx("10.0.1.0/24")}})
+	if n := len(w.Owners()); n != 0 {
+		t.Errorf("%d owners left", n)
+	}
+}
+
+// TestWireGuardRefreshOnMiss: a lookup miss triggers a re-read without
+// waiting for the interval, and a storm of misses costs one wgctrl call per
+// miss interval, not one per request.
+func TestWireGuardRefreshOnMiss(t *testing.T) {
+	d := &devices{}
+	d.set("wg0", peer(1, "2001:db8:a::/48"))
+	w, err := newWireGuard(d, []string{"wg0"}, time.Hour, nil, WithMissInterval(200*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- w.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	d.set("wg0", peer(1, "2001:db8:a::/48"), peer(2, "2001:db8:b::/48"))
+	start, before := time.Now(), d.calls.Load()
+	p, err := New(Config{}, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := addr("2001:db8:b::1")
+	for {
+		_, r := p.Authorize(Request{Source: b, Target: b, Protocol: 6, InternalPort: 22})
+		if r == Allowed {
+			break
+		}
+		if time.Since(start) > 5*time.Second {
+			t.Fatal("new peer never seen")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	// Misses for 1 s: at most one re-read per 200 ms (plus the one above).
+	before = d.calls.Load()
+	for end := time.Now().Add(time.Second); time.Now().Before(end); {
+		w.Lookup(addr("2001:db8:ff::1"))
+	}
+	if n := d.calls.Load() - before; n < 2 || n > 7 {
+		t.Errorf("%d wgctrl reads during 1 s of misses, want about 5", n)
+	}
+}
+
+// TestWireGuardPeriodicRefresh: Run re-reads on the interval with no misses.
+func TestWireGuardPeriodicRefresh(t *testing.T) {
+	d := &devices{}
+	d.set("wg0", peer(1, "2001:db8:a::/48"), peer(2, "2001:db8:b::/48"))
+	w, err := newWireGuard(d, []string{"wg0"}, 100*time.Millisecond, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	start := time.Now()
+	d.set("wg0", peer(1, "2001:db8:a::/48"))
+	c := expectChange(t, w, 2*time.Second)
+	if c.Owner != wgID(2) || !c.Removed {
+		t.Errorf("change %+v", c)
+	}
+	if el := time.Since(start); el > 300*time.Millisecond {
+		t.Errorf("change after %v with a 100 ms interval", el)
+	}
+}
