@@ -1,0 +1,148 @@
+package policy
+
+import (
+	"context"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+)
+
+func lostContains(c Change, a string) bool {
+	return slices.ContainsFunc(c.Lost, func(p netip.Prefix) bool { return p.Contains(addr(a)) })
+}
+
+// TestWireGuardNamespace runs ownership against a real userspace WireGuard
+// device (golang.zx2c4.com/wireguard) in a throwaway namespace, configured
+// through wgctrl: two peers may each open only their own addresses, a
+// full-tunnel peer owns nothing, and shrinking AllowedIPs, removing a peer
+// or deleting the interface each produce the change event within the
+// refresh interval (PROTOCOL.md choice (a), SEC-02, TP-03, LIFE-05).
+func TestWireGuardNamespace(t *testing.T) {
+	netlab.RequireRoot(t)
+	ns := netlab.NewNS(t, "pol")
+	ifname := netlab.UniqueIfName("wgt")
+	netlab.StartWireGuard(t, ns, ifname, netlab.WireGuardBinary(t))
+	c, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+
+	key := func() wgtypes.Key {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	priv, a, b, full := key(), key().PublicKey(), key().PublicKey(), key().PublicKey()
+	if err := c.ConfigureDevice(ifname, wgtypes.Config{PrivateKey: &priv, ReplacePeers: true, Peers: []wgtypes.PeerConfig{
+		{PublicKey: a, AllowedIPs: ipnets("2001:db8:a::/48", "10.9.1.0/24")},
+		{PublicKey: b, AllowedIPs: ipnets("2001:db8:b::/64", "10.9.2.2/32")},
+		{PublicKey: full, AllowedIPs: ipnets("::/0", "0.0.0.0/0")}, // a full-tunnel client's routes
+	}}); err != nil {
+		t.Fatal(err)
+	}
+
+	const interval = 300 * time.Millisecond
+	core, logs := observer.New(zap.InfoLevel)
+	w, err := NewWireGuard(c, []string{ifname}, interval, zap.New(core), WithLabels(map[string]string{a.String(): "alice"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	p, err := New(Config{}, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idA, idB := OwnerID("wg:"+a.String()), OwnerID("wg:"+b.String())
+	check := func(step, src, dst string, owner OwnerID, want Reason) {
+		t.Helper()
+		o, r := p.Authorize(Request{Source: addr(src), Target: addr(dst), ThirdParty: src != dst, Protocol: 6, InternalPort: 443})
+		if r != want || o.ID != owner {
+			t.Errorf("%s: %s → %s: %s %v, want %s %v", step, src, dst, o.ID, r, owner, want)
+		}
+	}
+	check("start", "2001:db8:a::10", "2001:db8:a::10", idA, Allowed)
+	check("start", "2001:db8:a::10", "2001:db8:a:77::1", idA, Allowed)
+	check("start", "10.9.1.10", "10.9.1.10", idA, Allowed)
+	check("start", "2001:db8:a::10", "2001:db8:b::10", idA, NotOwned)
+	check("start", "10.9.1.10", "10.9.2.2", idA, NotOwned)
+	check("start", "2001:db8:b::10", "2001:db8:b::10", idB, Allowed)
+	check("start", "10.9.2.2", "10.9.2.2", idB, Allowed)
+	check("start", "2001:db8:b::10", "2001:db8:a::10", idB, NotOwned)
+	check("start", "10.9.2.2", "10.9.2.3", idB, NotOwned)
+	check("start: full tunnel owns nothing", "2606:4700::1111", "2606:4700::1111", "", NoOwner)
+	check("start: full tunnel owns nothing", "192.0.2.1", "192.0.2.1", "", NoOwner)
+	if o, _ := w.Lookup(addr("10.9.1.1")); o.Label != "alice" {
+		t.Errorf("label %q, want alice", o.Label)
+	}
+	if n := logs.FilterMessage("AllowedIP ignored for ownership").Len(); n != 2 {
+		t.Errorf("%d warnings about the full-tunnel peer's default routes, want 2", n)
+	}
+
+	waitChange := func(step string, configure func() error) Change {
+		t.Helper()
+		start := time.Now()
+		if err := configure(); err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		ch := expectChange(t, w, 10*interval)
+		// "Within the configured interval": one interval plus the
+		// wgctrl round trip.
+		if el := time.Since(start); el > interval+200*time.Millisecond {
+			t.Errorf("%s: change after %v, interval %v", step, el, interval)
+		}
+		return ch
+	}
+
+	ch := waitChange("shrink", func() error {
+		return c.ConfigureDevice(ifname, wgtypes.Config{Peers: []wgtypes.PeerConfig{
+			{PublicKey: a, UpdateOnly: true, ReplaceAllowedIPs: true, AllowedIPs: ipnets("2001:db8:a:1::/64")},
+		}})
+	})
+	if ch.Owner != idA || ch.Removed || !lostContains(ch, "2001:db8:a::10") || !lostContains(ch, "2001:db8:a:ffff::1") ||
+		!lostContains(ch, "10.9.1.10") || lostContains(ch, "2001:db8:a:1::1") {
+		t.Errorf("shrink: change %+v", ch)
+	}
+	check("after shrink", "2001:db8:a:1::5", "2001:db8:a:1::5", idA, Allowed)
+	check("after shrink", "2001:db8:a:1::5", "2001:db8:a::10", idA, NotOwned)
+	check("after shrink", "10.9.1.10", "10.9.1.10", "", NoOwner)
+
+	ch = waitChange("remove peer", func() error {
+		return c.ConfigureDevice(ifname, wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: b, Remove: true}}})
+	})
+	want := []string{"10.9.2.2/32", "2001:db8:b::/64"}
+	if ch.Owner != idB || !ch.Removed || !slices.Equal(prefixStrings(ch.Lost), want) {
+		t.Errorf("remove: change %+v, want %s removed, lost %v", ch, idB, want)
+	}
+	check("after remove", "2001:db8:b::10", "2001:db8:b::10", "", NoOwner)
+
+	ch = waitChange("interface deleted", func() error {
+		_, err := ns.Run("ip", "link", "del", ifname)
+		return err
+	})
+	if ch.Owner != idA || !ch.Removed || !slices.Equal(prefixStrings(ch.Lost), []string{"2001:db8:a:1::/64"}) {
+		t.Errorf("interface deleted: change %+v", ch)
+	}
+	check("after delete", "2001:db8:a:1::5", "2001:db8:a:1::5", "", NoOwner)
+	if n := logs.FilterMessage("WireGuard ownership lost").Len(); n != 3 {
+		t.Errorf("%d ownership-lost log entries, want 3", n)
+	}
+}
