@@ -14,15 +14,15 @@ import (
 type kind int
 
 const (
-	kindPort          kind = iota // pin6: ipv6 . proto . port
-	kindProto                     // pin6_proto: ipv6 . proto (all ports)
-	kindAddr                      // pin6_addr: ipv6 (all protocols)
-	kindFilter                    // pin6_filter: ipv6 . proto . port-range . remote-range . rport-range
-	kindAddrFilter                // pin6_addr_filter: ipv6 . remote-range (all protocols)
-	kindRedirect6                 // redir6: ipv6 . proto . ext port → ipv6 . int port
-	kindRedirect6Filter           // redir6_filter: as redir6 plus remote-range . rport-range
-	kindNAPT4                     // napt4: ext ipv4 . proto . ext port → int ipv4 . int port
-	kindNAPT4Filter               // napt4_filter: as napt4 plus remote-range . rport-range
+	kindPort            kind = iota // pin6: ipv6 . proto . port
+	kindProto                       // pin6_proto: ipv6 . proto (all ports)
+	kindAddr                        // pin6_addr: ipv6 (all protocols)
+	kindFilter                      // pin6_filter: ipv6 . proto . port-range . remote-range . rport-range
+	kindAddrFilter                  // pin6_addr_filter: ipv6 . remote-range (all protocols)
+	kindRedirect6                   // redir6: ipv6 . proto . ext port → ipv6 . int port
+	kindRedirect6Filter             // redir6_filter: as redir6 plus remote-range . rport-range
+	kindNAPT4                       // napt4: ext ipv4 . proto . ext port → int ipv4 . int port
+	kindNAPT4Filter                 // napt4_filter: as napt4 plus remote-range . rport-range
 	numKinds
 )
 
@@ -108,8 +108,8 @@ func kindOf(p Pinhole) kind {
 // Key fields are laid out as the kernel's registers hold them: each field
 // starts on a 4-byte boundary, padded with zeros, ports in network order.
 func putAddr(b []byte, a netip.Addr) []byte { return append(b, a.AsSlice()...) }
-func putProto(b []byte, p uint8) []byte    { return append(b, p, 0, 0, 0) }
-func putPort(b []byte, p uint16) []byte    { return append(b, byte(p>>8), byte(p), 0, 0) }
+func putProto(b []byte, p uint8) []byte     { return append(b, p, 0, 0, 0) }
+func putPort(b []byte, p uint16) []byte     { return append(b, byte(p>>8), byte(p), 0, 0) }
 
 // portRange is the interval a port field matches: 0 means any port.
 func portRange(p uint16) (uint16, uint16) {

@@ -1,10 +1,13 @@
 package pinhole_test
 
 import (
+	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 )
 
@@ -35,6 +38,198 @@ func TestPinholeLifecycle(t *testing.T) {
 			mustReach(t, "after re-install", topo.Internet, proto, netip.Addr{}, dst)
 			time.Sleep(2500 * time.Millisecond)
 			mustNotReach(t, "after kernel expiry", topo.Internet, proto, netip.Addr{}, dst)
+		})
+	}
+}
+
+// TestFilterAdmitsOnlyRemote_6887_13_3: a FILTER pinhole (RFC 6887 section
+// 13.3; PEER uses the same sets) lets in only the given remote prefix and,
+// when set, remote port. A second internet address plays the stranger.
+func TestFilterAdmitsOnlyRemote_6887_13_3(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	friend, stranger := topo.InternetV6, netip.MustParseAddr("2001:db8:ffff::3")
+	topo.Internet.MustRun(t, "ip", "addr", "add", stranger.String()+"/64", "dev", "eth0", "nodad")
+
+	for _, tc := range []struct {
+		name  string
+		proto uint8
+		port  uint16 // 0: all ports
+	}{
+		{"TCP", tcp, 8100},
+		{"UDP", udp, 8101},
+		{"TCP all ports", tcp, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			svc := tc.port
+			if svc == 0 {
+				svc = 8102
+			}
+			dst := netip.AddrPortFrom(topo.ClientV6, svc)
+			serve(t, topo.Client, tc.proto, dst)
+			p := pinhole.Pinhole{Protocol: tc.proto, InternalAddr: topo.ClientV6, InternalPort: tc.port,
+				RemotePrefix: netip.PrefixFrom(friend, 128)}
+			apply(t, b, install(p, time.Minute))
+			mustReach(t, "filtered remote", topo.Internet, tc.proto, friend, dst)
+			mustNotReach(t, "other remote", topo.Internet, tc.proto, stranger, dst)
+			apply(t, b, del(p))
+			mustNotReach(t, "filtered remote after delete", topo.Internet, tc.proto, friend, dst)
+		})
+	}
+
+	t.Run("all protocols", func(t *testing.T) {
+		dst := netip.AddrPortFrom(topo.ClientV6, 8103)
+		serve(t, topo.Client, tcp, dst)
+		outside := netip.MustParseAddr("2001:db8:ffff::4")
+		topo.Internet.MustRun(t, "ip", "addr", "add", outside.String()+"/64", "dev", "eth0", "nodad")
+		p := pinhole.Pinhole{InternalAddr: topo.ClientV6, RemotePrefix: netip.MustParsePrefix("2001:db8:ffff::/126")}
+		apply(t, b, install(p, time.Minute))
+		mustReach(t, "remote inside prefix", topo.Internet, tcp, friend, dst)
+		mustNotReach(t, "remote outside prefix", topo.Internet, tcp, outside, dst)
+		apply(t, b, del(p))
+	})
+
+	t.Run("remote port", func(t *testing.T) {
+		dst := netip.AddrPortFrom(topo.ClientV6, 8104)
+		serve(t, topo.Client, udp, dst)
+		p := pinhole.Pinhole{Protocol: udp, InternalAddr: topo.ClientV6, InternalPort: dst.Port(),
+			RemotePrefix: netip.PrefixFrom(friend, 128), RemotePort: 40000}
+		apply(t, b, install(p, time.Minute))
+		mustNotReach(t, "wrong source port", topo.Internet, udp, friend, dst)
+		if err := topo.Internet.Do(func() error {
+			c, err := net.DialUDP("udp", &net.UDPAddr{IP: friend.AsSlice(), Port: 40000}, net.UDPAddrFromAddrPort(dst))
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(okWait))
+			if _, err := c.Write([]byte("x")); err != nil {
+				return err
+			}
+			_, err = c.Read(make([]byte, 16))
+			return err
+		}); err != nil {
+			t.Fatalf("from remote port 40000: %v", err)
+		}
+	})
+}
+
+// TestRedirect80To443: an IPv6 port redirect on the client's own address
+// (StartOS asks for 80 → 443) reaches the service on 443; 443 itself stays
+// closed, and the redirect ends with its lease.
+func TestRedirect80To443(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	for _, proto := range []uint8{tcp, udp} {
+		t.Run(protoName(proto), func(t *testing.T) {
+			svc := netip.AddrPortFrom(topo.ClientV6, 443)
+			ext := netip.AddrPortFrom(topo.ClientV6, 80)
+			serve(t, topo.Client, proto, svc)
+			mustNotReach(t, "before install", topo.Internet, proto, netip.Addr{}, ext)
+			p := pinhole.Pinhole{Protocol: proto, InternalAddr: topo.ClientV6, InternalPort: 443, ExternalPort: 80}
+			apply(t, b, install(p, 2*time.Second))
+			mustReach(t, "redirected", topo.Internet, proto, netip.Addr{}, ext)
+			mustNotReach(t, "internal port directly", topo.Internet, proto, netip.Addr{}, svc)
+			time.Sleep(2500 * time.Millisecond)
+			mustNotReach(t, "after kernel expiry", topo.Internet, proto, netip.Addr{}, ext)
+		})
+	}
+	t.Run("filtered", func(t *testing.T) {
+		stranger := netip.MustParseAddr("2001:db8:ffff::5")
+		topo.Internet.MustRun(t, "ip", "addr", "add", stranger.String()+"/64", "dev", "eth0", "nodad")
+		topo.Client.ServeTCP(t, netip.AddrPortFrom(topo.ClientV6, 8443).String())
+		ext := netip.AddrPortFrom(topo.ClientV6, 8080)
+		p := pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV6, InternalPort: 8443, ExternalPort: 8080,
+			RemotePrefix: netip.PrefixFrom(topo.InternetV6, 128)}
+		apply(t, b, install(p, time.Minute))
+		mustReach(t, "filtered remote", topo.Internet, tcp, topo.InternetV6, ext)
+		mustNotReach(t, "other remote", topo.Internet, tcp, stranger, ext)
+		apply(t, b, del(p))
+		mustNotReach(t, "after delete", topo.Internet, tcp, topo.InternetV6, ext)
+	})
+}
+
+// TestNAPT4: an IPv4 mapping makes the client's service reachable on the
+// host's public IPv4 and port, for TCP and UDP, until delete or expiry.
+func TestNAPT4(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	for _, proto := range []uint8{tcp, udp} {
+		t.Run(protoName(proto), func(t *testing.T) {
+			svc := netip.AddrPortFrom(topo.ClientV4, 8000+uint16(proto))
+			pub := netip.AddrPortFrom(topo.HostPublicV4, 18000+uint16(proto))
+			serve(t, topo.Client, proto, svc)
+			mustNotReach(t, "before install", topo.Internet, proto, netip.Addr{}, pub)
+			p := pinhole.Pinhole{Protocol: proto, InternalAddr: topo.ClientV4, InternalPort: svc.Port(),
+				ExternalAddr: topo.HostPublicV4, ExternalPort: pub.Port()}
+			apply(t, b, install(p, time.Minute))
+			mustReach(t, "mapped", topo.Internet, proto, netip.Addr{}, pub)
+			apply(t, b, del(p))
+			mustNotReach(t, "after delete", topo.Internet, proto, netip.Addr{}, pub)
+			apply(t, b, install(p, 2*time.Second))
+			mustReach(t, "re-mapped", topo.Internet, proto, netip.Addr{}, pub)
+			time.Sleep(2500 * time.Millisecond)
+			mustNotReach(t, "after kernel expiry", topo.Internet, proto, netip.Addr{}, pub)
+		})
+	}
+	t.Run("filtered", func(t *testing.T) {
+		stranger := netip.MustParseAddr("198.51.100.3")
+		topo.Internet.MustRun(t, "ip", "addr", "add", stranger.String()+"/24", "dev", "eth0")
+		svc := netip.AddrPortFrom(topo.ClientV4, 8200)
+		pub := netip.AddrPortFrom(topo.HostPublicV4, 18200)
+		topo.Client.ServeTCP(t, svc.String())
+		p := pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV4, InternalPort: svc.Port(),
+			ExternalAddr: topo.HostPublicV4, ExternalPort: pub.Port(), RemotePrefix: netip.PrefixFrom(topo.InternetV4, 32)}
+		apply(t, b, install(p, time.Minute))
+		mustReach(t, "filtered remote", topo.Internet, tcp, topo.InternetV4, pub)
+		mustNotReach(t, "other remote", topo.Internet, tcp, stranger, pub)
+	})
+	t.Run("direct to client IPv4 stays closed", func(t *testing.T) {
+		// Internet gets a route to the client's tunnel address: a packet
+		// aimed there directly was not translated and meets the guard.
+		topo.Internet.MustRun(t, "ip", "route", "add", topo.ClientPrefix4.String(), "via", topo.HostPublicV4.String())
+		svc := netip.AddrPortFrom(topo.ClientV4, 8300)
+		topo.Client.ServeTCP(t, svc.String())
+		p := pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV4, InternalPort: svc.Port(),
+			ExternalAddr: topo.HostPublicV4, ExternalPort: 18300}
+		apply(t, b, install(p, time.Minute))
+		mustReach(t, "via public address", topo.Internet, tcp, netip.Addr{}, netip.AddrPortFrom(topo.HostPublicV4, 18300))
+		mustNotReach(t, "client address directly", topo.Internet, tcp, netip.Addr{}, svc)
+	})
+}
+
+// TestUnprotectedUntouched: the guard only looks at traffic to protected
+// prefixes; everything else passes as if pcpd were not there.
+func TestUnprotectedUntouched(t *testing.T) {
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	b := newBackend(t, topo.Host, pinhole.Config{})
+	dst := netip.AddrPortFrom(topo.ClientV6, 8400)
+	topo.Client.ServeTCP(t, dst.String())
+	if err := b.SetProtected([]netip.Prefix{netip.MustParsePrefix("2001:db8:9::/48")}); err != nil {
+		t.Fatal(err)
+	}
+	mustReach(t, "not protected", topo.Internet, tcp, netip.Addr{}, dst)
+	if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6}); err != nil {
+		t.Fatal(err)
+	}
+	mustNotReach(t, "protected", topo.Internet, tcp, netip.Addr{}, dst)
+	if err := b.SetProtected(nil); err != nil {
+		t.Fatal(err)
+	}
+	mustReach(t, "protection lifted", topo.Internet, tcp, netip.Addr{}, dst)
+}
+
+// TestICMPv6_4890: echo requests reach a protected client only when
+// AllowEcho says so; the RFC 4890 error types are always let in (checked in
+// the ruleset listing, as the topology cannot easily provoke them).
+func TestICMPv6_4890(t *testing.T) {
+	for _, allow := range []bool{false, true} {
+		t.Run(map[bool]string{false: "echo off", true: "echo on"}[allow], func(t *testing.T) {
+			topo, _ := guardedTopology(t, pinhole.Config{AllowEcho: allow})
+			_, err := topo.Internet.Run("ping", "-6", "-c", "1", "-W", "1", topo.ClientV6.String())
+			if (err == nil) != allow {
+				t.Fatalf("ping with AllowEcho=%v: err=%v", allow, err)
+			}
+			if l := nftList(t, topo.Host, "chain", "inet", "pcpd", "guard6"); !strings.Contains(l, "icmpv6 type 1-4 accept") {
+				t.Fatalf("guard6 lacks the RFC 4890 rule:\n%s", l)
+			}
 		})
 	}
 }
