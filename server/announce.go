@@ -1,0 +1,90 @@
+package server
+
+import (
+	"context"
+	"net/netip"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/pcp"
+)
+
+// announceSends is how many unsolicited announcements go out per event
+// (ANN-05, PMP-13: at most 10).
+const announceSends = 10
+
+var (
+	allHosts4 = netip.MustParseAddr("224.0.0.1")
+	allHosts6 = netip.MustParseAddr("ff02::1")
+)
+
+// announce sends the unsolicited ANNOUNCE after start (ANN-03..06), and on
+// IPv4 the NAT-PMP external address announcement (PMP-13): 10 times, gaps
+// of 250 ms doubling, each with the epoch of its moment. Every start
+// announces, also when the epoch continued (EPO-04): clients learn the
+// server is back and their epoch check passes.
+func (s *Server) announce(ctx context.Context) {
+	defer close(s.announceDone)
+	// Wait for the serving sockets (the listener opens them at start).
+	for i := 0; i < 50 && len(s.lis.sockets()) == 0; i++ {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	gap := s.cfg.AnnounceGap
+	for i := 0; i < announceSends; i++ {
+		if i > 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(gap):
+			}
+			gap *= 2
+		}
+		s.announceOnce()
+	}
+}
+
+// announceOnce sends one round of unsolicited announcements from every
+// serving socket.
+func (s *Server) announceOnce() {
+	now := s.now()
+	s.mu.Lock()
+	epoch := s.epoch.at(now)
+	s.mu.Unlock()
+	ann := pcp.AppendResponse(nil, &pcp.Response{Opcode: pcp.OpAnnounce, Result: pcp.Success, Epoch: epoch})
+	var pmp []byte
+	if s.cfg.ExternalIPv4.IsValid() && !s.cfg.DisableNATPMP {
+		pmp = pcp.AppendPMPAddressResponse(nil, pcp.PMPSuccess, epoch, s.cfg.ExternalIPv4)
+	}
+	pcpT, pmpT := s.announceTargets()
+	for _, c := range s.lis.sockets() {
+		send := func(b []byte, to netip.AddrPort) {
+			if err := c.send(b, to); err != nil {
+				s.plog.Debug("announce", zap.Stringer("to", to), zap.Error(err))
+			}
+		}
+		for _, to := range pcpT[c.local] {
+			send(ann, to)
+		}
+		if pmp != nil && c.local.Addr().Is4() {
+			for _, to := range pmpT[c.local] {
+				send(pmp, to)
+			}
+		}
+		if !s.cfg.AnnounceMulticast {
+			continue
+		}
+		if c.local.Addr().Is4() {
+			send(ann, netip.AddrPortFrom(allHosts4, pcp.ClientPort))
+			if pmp != nil {
+				send(pmp, netip.AddrPortFrom(allHosts4, pcp.ClientPort))
+			}
+		} else {
+			send(ann, netip.AddrPortFrom(allHosts6.WithZone(c.iface), pcp.ClientPort))
+		}
+	}
+}

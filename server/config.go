@@ -1,0 +1,145 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/vishvananda/netns"
+)
+
+// ErrInvalidConfig marks a configuration mistake found by New.
+var ErrInvalidConfig = errors.New("invalid configuration")
+
+// Config is the engine's part of pcpd's configuration. Lifetime clamps,
+// quotas, protocol and port rules and THIRD_PARTY belong to the policy
+// (package policy); nftables table names to the pinhole backend.
+type Config struct {
+	// Interfaces to serve on (default wg0). Every address of each is
+	// served, unless Listen narrows them.
+	Interfaces []string
+	// Listen, if set, lists the only addresses served (port 0 means 5351);
+	// each is served on whichever of Interfaces holds it.
+	Listen []netip.AddrPort
+	// NetNS, if open, is the network namespace whose interfaces are served
+	// (tests; production leaves it unset and serves its own namespace).
+	NetNS netns.NsHandle
+
+	// ExternalIPv4 is the public IPv4 address for IPv4 mappings (PCP with
+	// IPv4 addresses, NAT-PMP). Invalid: IPv4 mappings are refused
+	// (MAP-12, VER-02).
+	ExternalIPv4 netip.Addr
+	// IPv4Ports is the range external IPv4 ports are allocated from
+	// (default 1024-65535). Ports outside it, where the host's own services
+	// live, are never mapped.
+	IPv4Ports PortRange
+
+	// StrictNonce selects RFC 6887's strict nonce checks (MAP-14, MAP-19,
+	// PEER-06). The default (false) is PROTOCOL.md choice (c): a new nonce
+	// from the mapping's own authenticated owner replaces the mapping, so a
+	// rebooted client is not locked out until its old lease expires; other
+	// owners never reach the mapping anyway (NOT_AUTHORIZED by ownership).
+	StrictNonce bool
+
+	// Opcode switches (SEC-04). The zero value of each Disable* serves.
+	DisableMap    bool // MAP → NOT_AUTHORIZED (MAP-23)
+	DisablePeer   bool // PEER → NOT_AUTHORIZED (PEER-08)
+	DisableNATPMP bool // version 0 → UNSUPP_VERSION (VER-02)
+
+	// MaxFilters is the FILTER limit per mapping (FLT-06, default 8).
+	MaxFilters int
+	// DescriptionCap is how many octets of a DESCRIPTION are kept (OPT-09,
+	// default 256; RFC 7220 asks for at least 128).
+	DescriptionCap int
+
+	// RateLimit and RateBurst bound requests per source address (PKT-08:
+	// excess is dropped). Zero: 50 per second, burst 100.
+	RateLimit float64
+	RateBurst int
+	// RateSources bounds the rate limiter's memory (default 65536 sources).
+	RateSources int
+
+	// AnnounceMulticast also sends the unsolicited ANNOUNCE (and NAT-PMP
+	// address announcement) to the all-hosts multicast groups (ANN-04,
+	// PMP-13). WireGuard carries no multicast (ANN-06), so it is off by
+	// default; unicast to every known client is always done.
+	AnnounceMulticast bool
+	// AnnounceGap is the first gap between unsolicited announcements
+	// (ANN-05; default and minimum 250 ms, doubling, 10 sends).
+	AnnounceGap time.Duration
+
+	// TamperInterval is how often the firewall's health is checked and a
+	// tampered table restored (default 5 s).
+	TamperInterval time.Duration
+	// MaxBatch bounds how many requests share one kernel transaction and
+	// one fsync (default 256).
+	MaxBatch int
+	// QueueLen bounds the packets waiting for the engine (default 4096);
+	// beyond it packets are dropped (PKT-08).
+	QueueLen int
+}
+
+// PortRange is the closed range [First, Last].
+type PortRange struct{ First, Last uint16 }
+
+func (r PortRange) contains(p uint16) bool { return p >= r.First && p <= r.Last }
+
+func (c *Config) setDefaults() error {
+	if len(c.Interfaces) == 0 {
+		c.Interfaces = []string{"wg0"}
+	}
+	if c.IPv4Ports == (PortRange{}) {
+		c.IPv4Ports = PortRange{1024, 65535}
+	}
+	if c.MaxFilters == 0 {
+		c.MaxFilters = 8
+	}
+	if c.DescriptionCap == 0 {
+		c.DescriptionCap = 256
+	}
+	if c.RateLimit == 0 {
+		c.RateLimit = 50
+	}
+	if c.RateBurst == 0 {
+		c.RateBurst = 100
+	}
+	if c.RateSources == 0 {
+		c.RateSources = 65536
+	}
+	if c.AnnounceGap == 0 {
+		c.AnnounceGap = 250 * time.Millisecond
+	}
+	if c.TamperInterval == 0 {
+		c.TamperInterval = 5 * time.Second
+	}
+	if c.MaxBatch == 0 {
+		c.MaxBatch = 256
+	}
+	if c.QueueLen == 0 {
+		c.QueueLen = 4096
+	}
+	switch {
+	case c.ExternalIPv4.IsValid() && !c.ExternalIPv4.Unmap().Is4():
+		return fmt.Errorf("server: external IPv4 %s is not IPv4: %w", c.ExternalIPv4, ErrInvalidConfig)
+	case c.IPv4Ports.First == 0 || c.IPv4Ports.First > c.IPv4Ports.Last:
+		return fmt.Errorf("server: bad IPv4 port range %d-%d: %w", c.IPv4Ports.First, c.IPv4Ports.Last, ErrInvalidConfig)
+	case c.MaxFilters < 1:
+		return fmt.Errorf("server: filter limit %d: must be at least 1: %w", c.MaxFilters, ErrInvalidConfig)
+	case c.DescriptionCap < 128 || c.DescriptionCap > 1016:
+		return fmt.Errorf("server: description cap %d: must be 128-1016: %w", c.DescriptionCap, ErrInvalidConfig)
+	case c.RateLimit < 0 || c.RateBurst < 1 || c.RateSources < 1:
+		return fmt.Errorf("server: bad rate limit: %w", ErrInvalidConfig)
+	case c.AnnounceGap < 250*time.Millisecond:
+		return fmt.Errorf("server: announce gap %v below 250ms (RFC 6887 §14.1.3): %w", c.AnnounceGap, ErrInvalidConfig)
+	case c.MaxBatch < 1 || c.QueueLen < 1 || c.TamperInterval < 0:
+		return fmt.Errorf("server: bad batch, queue or tamper settings: %w", ErrInvalidConfig)
+	}
+	c.ExternalIPv4 = c.ExternalIPv4.Unmap()
+	for _, a := range c.Listen {
+		if !a.Addr().IsValid() {
+			return fmt.Errorf("server: bad listen address %s: %w", a, ErrInvalidConfig)
+		}
+	}
+	return nil
+}

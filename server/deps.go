@@ -1,0 +1,66 @@
+package server
+
+import (
+	"net/netip"
+	"time"
+
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
+)
+
+// Firewall is what the engine needs from the nftables backend
+// (*pinhole.Backend). Apply is one kernel transaction: all of ops or none.
+type Firewall interface {
+	// Setup creates (or re-creates) the backend's tables, chains and sets.
+	Setup() error
+	// SetProtected sets the prefixes whose inbound traffic the backend
+	// guards (the owned prefixes).
+	SetProtected(prefixes []netip.Prefix) error
+	Apply(ops []pinhole.Op) error
+	List() ([]pinhole.Entry, error)
+	// Healthy reports whether the backend's objects are intact.
+	Healthy() error
+}
+
+// LeaseStore is the durable lease store (*store.Store). Commit is one
+// transaction and one fsync.
+type LeaseStore interface {
+	Commit(put []store.Lease, del []store.Key) error
+	ResetEpoch(origin time.Time) error
+}
+
+// Policy decides who may open what (*policy.Policy).
+type Policy interface {
+	Authorize(policy.Request) (policy.Owner, policy.Reason)
+	CheckQuota(clientLeases, totalLeases int) policy.Reason
+	ClampLifetime(time.Duration) time.Duration
+	PortAllowed(port uint16) bool
+	ThirdPartyMode() policy.ThirdPartyMode
+	Ownership() policy.Ownership
+}
+
+// Deps are the engine's collaborators, built by the caller (cmd/pcpd, or a
+// test with a namespace-bound firewall and a temporary store).
+type Deps struct {
+	Firewall Firewall
+	Store    LeaseStore
+	// State is what store.Open found: the leases and epoch to resume.
+	State  store.State
+	Policy Policy
+	// OwnershipChanged, if set, signals that ownership may have changed
+	// (WireGuard peers or AllowedIPs); the engine then re-checks every
+	// lease at once instead of at its next periodic sweep (LIFE-05).
+	OwnershipChanged <-chan struct{}
+	// OwnershipSource names where ownership comes from, for Status
+	// ("wireguard:wg0", "static").
+	OwnershipSource string
+	// Registerer, if set, gets the engine's metrics (see also
+	// Server.Collectors).
+	Registerer prometheus.Registerer
+	// Now is the clock (default time.Now); tests move it.
+	Now func() time.Time
+}

@@ -1,0 +1,297 @@
+package server
+
+import (
+	"errors"
+	"net/netip"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+)
+
+// Request is one datagram for HandleBatch: what arrived, where from, and on
+// which serving address.
+type Request struct {
+	Local  netip.AddrPort // the serving address it was sent to
+	Source netip.AddrPort // the sender
+	Data   []byte
+}
+
+// outcome is what handling one request produced.
+type outcome struct {
+	reply []byte // nil: no reply (silent drop)
+	// fail is the reply if the batch's commit fails: set by requests that
+	// staged a state change (NO_RESOURCES, choice (g)).
+	fail  []byte
+	proto string // "pcp" or "natpmp", for metrics
+	op    string
+	res   string
+	after func() // runs after a successful commit: the decision's log line
+}
+
+// Handle handles one request as a batch of its own and returns the reply
+// (nil for a silent drop). Tests, fuzzing and benchmarks drive the engine
+// through it; the network path uses HandleBatch.
+func (s *Server) Handle(local, src netip.AddrPort, b []byte) []byte {
+	return s.HandleBatch([]Request{{Local: local, Source: src, Data: b}})[0]
+}
+
+// HandleBatch handles requests that arrived together: every state change
+// goes to the kernel in one transaction and to the store in one commit,
+// and only then are the replies released. If the commit fails, the batch
+// is rolled back and each request is handled again on its own, so one bad
+// request does not fail the others.
+func (s *Server) HandleBatch(reqs []Request) [][]byte {
+	now := s.now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.expireLocked(now)
+	outs := s.handleLocked(reqs, now)
+	replies := make([][]byte, len(outs))
+	for i, o := range outs {
+		replies[i] = o.reply
+		if o.reply != nil {
+			s.m.requests.WithLabelValues(o.proto, o.op, o.res).Inc()
+		}
+	}
+	return replies
+}
+
+func (s *Server) handleLocked(reqs []Request, now time.Time) []outcome {
+	t := s.begin(now)
+	outs := make([]outcome, len(reqs))
+	for i := range reqs {
+		outs[i] = s.handle(t, &reqs[i])
+	}
+	if t.empty() {
+		return outs
+	}
+	s.m.batchSize.Observe(float64(len(reqs)))
+	if err := t.commit(); err != nil {
+		t.rollback()
+		if len(reqs) > 1 {
+			s.log.Warn("batch commit failed; handling its requests one by one", zap.Int("requests", len(reqs)), zap.Error(err))
+			for i := range reqs {
+				outs[i] = s.handleLocked(reqs[i:i+1], now)[0]
+			}
+			return outs
+		}
+		s.log.Error("cannot make a change durable; answered NO_RESOURCES", zap.Stringer("client", reqs[0].Source), zap.Error(err))
+		o := outs[0]
+		return []outcome{{reply: o.fail, proto: o.proto, op: o.op, res: "commit-failed"}}
+	}
+	for _, o := range outs {
+		if o.after != nil {
+			o.after()
+		}
+	}
+	return outs
+}
+
+// call is the context of one request.
+type call struct {
+	t     *tx
+	src   netip.AddrPort
+	local netip.AddrPort
+	data  []byte
+	now   time.Time
+	epoch pcp.Epoch
+}
+
+func (s *Server) drop(reason string, src netip.AddrPort) outcome {
+	s.m.dropped.WithLabelValues(reason).Inc()
+	s.plog.Debug("dropped", zap.String("reason", reason), zap.Stringer("from", src))
+	return outcome{}
+}
+
+// handle runs the checks of PKT-09 in order and dispatches by version.
+func (s *Server) handle(t *tx, r *Request) outcome {
+	b := r.Data
+	src := netip.AddrPortFrom(r.Source.Addr().Unmap(), r.Source.Port())
+	c := &call{t: t, src: src, local: r.Local, data: b, now: t.now, epoch: s.epoch.at(t.now)}
+	// PKT-01, PKT-02: nothing to answer, whatever the version.
+	switch {
+	case len(b) < 2:
+		return s.drop("short", src)
+	case b[1]&0x80 != 0:
+		return s.drop("response", src)
+	}
+	pmp := b[0] == pcp.PMPVersion && s.natpmpOn(src.Addr())
+	if b[0] == pcp.Version || pmp {
+		// PKT-03 before overload (PKT-09); the codec drops it too.
+		if b[0] == pcp.Version && len(b) < pcp.HeaderSize {
+			return s.drop("short", src)
+		}
+		// PKT-08: a per-source token bucket; excess is dropped, so a
+		// flooding client cannot starve the others.
+		if !s.rl.Allow(src.Addr(), c.now) {
+			return s.drop("rate-limit", src)
+		}
+	}
+	if pmp {
+		return s.handlePMP(c)
+	}
+	return s.handlePCP(c)
+}
+
+// natpmpOn reports whether NAT-PMP is served to src (PMP-01): it needs an
+// external IPv4 and an IPv4 client.
+func (s *Server) natpmpOn(src netip.Addr) bool {
+	return !s.cfg.DisableNATPMP && s.cfg.ExternalIPv4.IsValid() && src.Is4()
+}
+
+func (s *Server) handlePCP(c *call) outcome {
+	o := outcome{proto: "pcp"}
+	p := pcp.Parser{
+		DisableThirdParty: s.pol.ThirdPartyMode() == policy.ThirdPartyOff,
+		// PORT_SET is ignored: every MAP is single-port, which RFC 7753
+		// allows (OPT-10).
+		IgnorePortSet: true,
+		// Option semantics come after ownership and protocol (MAP-01).
+		DeferOptionChecks: true,
+	}
+	var req pcp.Request
+	if err := p.ParseRequest(c.data, c.src.Addr(), &req); err != nil {
+		var pe *pcp.ParseError
+		if !errors.As(err, &pe) || pe.Silent {
+			return s.drop("malformed", c.src)
+		}
+		o.op = opName(c.data)
+		o.res = pe.Result.String()
+		o.reply = pcp.AppendErrorResponse(nil, c.data, pe.Result, pe.Result.ErrorLifetime(), c.epoch)
+		s.plog.Debug("refused", zap.Stringer("from", c.src), zap.Stringer("result", pe.Result), zap.Error(err))
+		return o
+	}
+	o.op = req.Opcode.String()
+	resp := pcp.Response{Opcode: req.Opcode, Epoch: c.epoch}
+	var code pcp.ResultCode
+	var err error
+	mark := c.t.mark()
+	switch req.Opcode {
+	case pcp.OpAnnounce:
+		// ANN-01, ANN-02: no state, lifetime 0, nothing echoed.
+		code = pcp.Success
+	case pcp.OpMap:
+		code, err = s.serveMap(c, &req, &resp, &o)
+	case pcp.OpPeer:
+		code, err = s.servePeer(c, &req, &resp, &o)
+	}
+	o.res = code.String()
+	if code != pcp.Success {
+		if c.t.mark() != mark {
+			// A handler must not stage changes and then fail; undoing here
+			// keeps HDR-06 even if one does.
+			s.log.DPanic("handler staged changes and failed", zap.Stringer("result", code))
+		}
+		lt := resp.Lifetime
+		if lt == 0 {
+			lt = code.ErrorLifetime()
+		}
+		o.reply = pcp.AppendErrorResponse(nil, c.data, code, lt, c.epoch)
+		s.plog.Debug("refused", zap.Stringer("from", c.src), zap.Stringer("opcode", req.Opcode), zap.Stringer("result", code), zap.Error(err))
+		o.after = nil
+		return o
+	}
+	resp.Result = pcp.Success
+	if resp.Len() > pcp.MaxMessageSize || resp.Len() > len(c.data) {
+		// Cannot happen (echoed options never exceed the request's), but
+		// the no-amplification promise (f) must not rest on that.
+		s.log.DPanic("success reply larger than its request", zap.Int("reply", resp.Len()), zap.Int("request", len(c.data)))
+	}
+	o.reply = pcp.AppendResponse(nil, &resp)
+	if c.t.mark() != mark {
+		o.fail = pcp.AppendErrorResponse(nil, c.data, pcp.NoResources, pcp.NoResources.ErrorLifetime(), c.epoch)
+	}
+	return o
+}
+
+func opName(b []byte) string {
+	if len(b) < 2 {
+		return "none"
+	}
+	if b[0] != pcp.Version {
+		return "bad-version"
+	}
+	switch op := pcp.Opcode(b[1] & 0x7f); op {
+	case pcp.OpAnnounce, pcp.OpMap, pcp.OpPeer:
+		return op.String()
+	}
+	return "other"
+}
+
+// Internal errors of the engine. resultCode maps them, and policy reasons,
+// to PCP result codes in one place.
+var (
+	errDisabled         = errors.New("opcode switched off")
+	errNoExternalIPv4   = errors.New("no external IPv4 configured")
+	errNonce            = errors.New("mapping nonce mismatch (strict mode)")
+	errPeerOnly         = errors.New("only PEER mappings exist; MAP cannot delete them")
+	errCannotProvide    = errors.New("suggested external address or port not available")
+	errNoPorts          = errors.New("no external port free")
+	errTooManyFilters   = errors.New("too many filters for one mapping")
+	errUnsuppProtocol   = errors.New("protocol not supported")
+	errInternalPortZero = errors.New("internal port 0 with a lifetime")
+)
+
+// policyError carries a policy decision as an error.
+type policyError struct{ reason policy.Reason }
+
+func (e *policyError) Error() string { return "server: policy: " + e.reason.String() }
+
+// resultCode maps an engine error to the PCP result code it is answered
+// with.
+func resultCode(err error) pcp.ResultCode {
+	var pe *policyError
+	var parse *pcp.ParseError
+	switch {
+	case err == nil:
+		return pcp.Success
+	case errors.As(err, &pe):
+		switch pe.reason {
+		case policy.Allowed:
+			return pcp.Success
+		case policy.ThirdPartyDenied:
+			return pcp.UnsuppOption
+		case policy.ProtocolDenied, policy.AllPortsDenied, policy.AllProtocolsDenied:
+			return pcp.UnsuppProtocol
+		case policy.ClientQuota:
+			return pcp.UserExQuota
+		case policy.GlobalQuota:
+			return pcp.NoResources
+		}
+		return pcp.NotAuthorized // NoOwner, NotOwned, NeverOpenable, PortDenied
+	case errors.As(err, &parse):
+		return parse.Result
+	case errors.Is(err, errDisabled), errors.Is(err, errNoExternalIPv4),
+		errors.Is(err, errNonce), errors.Is(err, errPeerOnly):
+		return pcp.NotAuthorized
+	case errors.Is(err, errCannotProvide):
+		return pcp.CannotProvideExternal
+	case errors.Is(err, errTooManyFilters):
+		return pcp.ExcessiveRemotePeers
+	case errors.Is(err, errUnsuppProtocol):
+		return pcp.UnsuppProtocol
+	case errors.Is(err, errInternalPortZero):
+		return pcp.NotAuthorized
+	}
+	return pcp.NoResources // errNoPorts and anything unforeseen: the catch-all
+}
+
+// pmpResult maps a PCP result code to NAT-PMP's (RFC 6886 §3.5).
+func pmpResult(c pcp.ResultCode) pcp.PMPResultCode {
+	switch c {
+	case pcp.Success:
+		return pcp.PMPSuccess
+	case pcp.NetworkFailure:
+		return pcp.PMPNetworkFailure
+	case pcp.NoResources, pcp.UserExQuota:
+		return pcp.PMPOutOfResources
+	}
+	return pcp.PMPNotAuthorized
+}
+
+// fail is the handlers' return for a refusal: the code for the wire, the
+// error for the log.
+func fail(err error) (pcp.ResultCode, error) { return resultCode(err), err }

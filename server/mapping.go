@@ -1,0 +1,473 @@
+package server
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+	"unicode/utf8"
+
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
+)
+
+// TIME_WAIT added to a conflicting mapping's remaining lifetime in a
+// CANNOT_PROVIDE_EXTERNAL reply (PF-05, RFC 6887 §13.2).
+const timeWait = 240 * time.Second
+
+// ask is a request for an inbound mapping, whatever protocol carried it
+// (PCP MAP or PEER, NAT-PMP).
+type ask struct {
+	kind     store.Kind
+	key      store.Key
+	nonce    [12]byte
+	suggAddr netip.Addr // unmapped; invalid or unspecified: no suggestion
+	suggPort uint16
+	pf       bool
+	grant    time.Duration // clamped lifetime
+	filters  []pcp.Filter
+	hasDesc  bool
+	desc     []byte
+	tp       bool
+}
+
+// authorize runs the policy for a request to open addr and maps the
+// outcome. For deletes only ownership matters: a mapping made before a
+// protocol or port rule changed must still be deletable.
+func (s *Server) authorize(c *call, addr netip.Addr, tp bool, proto uint8, port uint16, deleting bool) (policy.Owner, error) {
+	owner, reason := s.pol.Authorize(policy.Request{
+		Source: c.src.Addr(), Target: addr, ThirdParty: tp, Protocol: proto, InternalPort: port,
+	})
+	if deleting {
+		switch reason {
+		case policy.ProtocolDenied, policy.PortDenied, policy.AllPortsDenied, policy.AllProtocolsDenied:
+			reason = policy.Allowed
+		}
+	}
+	if reason != policy.Allowed {
+		return owner, &policyError{reason}
+	}
+	return owner, nil
+}
+
+// serveMap is MAP (RFC 6887 §11, §15), steps in MAP-01's order.
+func (s *Server) serveMap(c *call, req *pcp.Request, resp *pcp.Response, o *outcome) (pcp.ResultCode, error) {
+	if s.cfg.DisableMap {
+		return fail(errDisabled) // MAP-23
+	}
+	internal := c.src.Addr()
+	tp := req.Options.ThirdParty.IsValid()
+	if tp {
+		internal = req.Options.ThirdParty.Unmap() // TP-04
+	}
+	m := &req.Map
+	proto := uint8(m.Protocol)
+	deleting := req.Lifetime == 0
+	owner, err := s.authorize(c, internal, tp, proto, m.InternalPort, deleting)
+	if err != nil {
+		return fail(err)
+	}
+	if !deleting && proto != protoTCP && proto != protoUDP && proto != 0 {
+		return fail(errUnsuppProtocol) // MAP-04 (policy may allow more; the backend ports only these)
+	}
+	if !deleting && (proto == 0 || m.InternalPort == 0) {
+		// MAP-05, MAP-10: UDP and all-traffic wildcards include UDP
+		// 5350/5351, which are never mapped, so they cannot be granted
+		// whole; a TCP all-ports wildcard would be possible in the kernel
+		// but is not offered.
+		return fail(errUnsuppProtocol)
+	}
+	if internal.Is4() && !s.cfg.ExternalIPv4.IsValid() && !deleting {
+		return fail(errNoExternalIPv4) // MAP-12
+	}
+	if err := req.CheckOptions(); err != nil {
+		return fail(err)
+	}
+	key := store.Key{Owner: string(owner.ID), Protocol: proto, InternalAddr: internal, InternalPort: m.InternalPort}
+	sugg := m.ExternalAddr.Unmap()
+	// MAP-13: the suggested address's family picks the mapping; pcpd maps
+	// each family to itself only.
+	familyMet := !sugg.IsValid() || sugg.Is4() == internal.Is4()
+	resp.Map = req.Map
+	resp.Peer = req.Peer
+
+	if deleting {
+		// MAP-16..MAP-20. The reply copies the request's opcode data
+		// (MAP-17), whether or not anything was deleted (MAP-18).
+		resp.Lifetime = 0
+		if !familyMet {
+			return pcp.Success, nil
+		}
+		l, ok := s.tab.get(key)
+		if !ok {
+			for _, other := range s.tab.onTuple(tupleOf(key)) {
+				if other.Owner == key.Owner && other.Kind == store.KindPeer {
+					return fail(errPeerOnly) // MAP-20
+				}
+			}
+			return pcp.Success, nil
+		}
+		if s.cfg.StrictNonce && l.Kind == store.KindMap && l.Nonce != m.Nonce {
+			resp.Lifetime = remaining(l, c.now)
+			return fail(errNonce) // MAP-19
+		}
+		old := *l
+		c.t.set(key, nil, true)
+		o.after = func() {
+			s.log.Info("deleted", leaseFields(&old, c.src)...)
+		}
+		return pcp.Success, nil
+	}
+
+	a := ask{
+		kind: store.KindMap, key: key, nonce: m.Nonce,
+		suggAddr: sugg, suggPort: m.ExternalPort, pf: req.Options.PreferFailure,
+		grant:   s.pol.ClampLifetime(req.Lifetime),
+		filters: req.Options.Filters, hasDesc: req.Options.HasDescription, desc: req.Options.Description, tp: tp,
+	}
+	if !familyMet {
+		if a.pf {
+			return fail(fmt.Errorf("server: suggested family differs from the internal address's: %w", errCannotProvide))
+		}
+		a.suggAddr, a.suggPort = netip.Addr{}, 0
+	}
+	l, renewed, code, err := s.mapInbound(c, &a, resp)
+	if code != pcp.Success {
+		return code, err
+	}
+	resp.Lifetime = a.grant
+	resp.Map.ExternalPort = l.ExternalPort
+	resp.Map.ExternalAddr = l.ExternalAddr
+	resp.Options = req.Options
+	if a.hasDesc {
+		resp.Options.Description = []byte(l.Description)
+	}
+	lc := *l
+	o.after = func() {
+		verb := "mapped"
+		if renewed {
+			verb = "renewed"
+		}
+		s.log.Info(verb, append(leaseFields(&lc, c.src), zap.Duration("lifetime", a.grant))...)
+	}
+	return pcp.Success, nil
+}
+
+// mapInbound creates, renews or replaces the MAP or NAT-PMP lease a.key.
+// It stages the change in c.t and returns the new lease, or a refusal
+// with nothing staged.
+func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response) (*store.Lease, bool, pcp.ResultCode, error) {
+	now := c.now
+	ex, found := s.tab.get(a.key)
+	nonced := a.kind == store.KindMap && found && ex.Kind == store.KindMap
+	if nonced && ex.Nonce != a.nonce && s.cfg.StrictNonce {
+		resp.Lifetime = remaining(ex, now)
+		code, err := fail(errNonce) // MAP-14
+		return nil, false, code, err
+	}
+	// Choice (c): the owner's new nonce replaces the mapping (a rebooted
+	// client); the same nonce, or NAT-PMP, renews it.
+	renew := found && !(nonced && ex.Nonce != a.nonce)
+	var next store.Lease
+	if renew {
+		if a.pf && (a.suggPort != ex.ExternalPort || (specified(a.suggAddr) && a.suggAddr != ex.ExternalAddr)) {
+			resp.Lifetime = remaining(ex, now) + timeWait // PF-03, PF-05
+			code, err := fail(errCannotProvide)
+			return nil, false, code, err
+		}
+		next = *ex
+		next.Filters = slices.Clone(ex.Filters)
+	} else {
+		ext, lt, err := s.external(c, a)
+		if err != nil {
+			if lt > 0 {
+				resp.Lifetime = lt
+			}
+			code, err := fail(err)
+			return nil, false, code, err
+		}
+		if !found {
+			if r := s.pol.CheckQuota(s.tab.byOwner[a.key.Owner], s.tab.len()); r != policy.Allowed {
+				code, err := fail(&policyError{r}) // MAP-15
+				return nil, false, code, err
+			}
+		}
+		next = store.Lease{Key: a.key, Created: now, ExternalAddr: ext.Addr(), ExternalPort: ext.Port()}
+	}
+	next.Filters = applyFilters(next.Filters, a.filters)
+	if len(next.Filters) > s.cfg.MaxFilters {
+		code, err := fail(errTooManyFilters) // FLT-06
+		return nil, false, code, err
+	}
+	next.Kind = a.kind
+	next.Nonce = a.nonce
+	next.Expires = now.Add(a.grant) // LIFE-03: a renewal may shorten
+	next.ClientAddr = c.src
+	next.ServerAddr = c.local
+	next.ThirdParty = a.tp
+	next.PreferFailure = a.pf
+	if a.hasDesc {
+		next.Description = truncateUTF8(a.desc, s.cfg.DescriptionCap) // OPT-09
+	}
+	c.t.set(a.key, &next, true)
+	return &next, renew, pcp.Success, nil
+}
+
+// applyFilters adds the request's FILTERs to a mapping's in order
+// (FLT-03, FLT-04): a prefix-length-0 filter clears all before it.
+func applyFilters(have []store.Filter, req []pcp.Filter) []store.Filter {
+	for _, f := range req {
+		if f.Clear() {
+			have = have[:0]
+			continue
+		}
+		sf := store.Filter{Prefix: f.Remote.Masked(), Port: f.RemotePort}
+		if !slices.Contains(have, sf) {
+			have = append(have, sf)
+		}
+	}
+	if len(have) == 0 {
+		return nil
+	}
+	return have
+}
+
+// external chooses the external endpoint for a new mapping of a.key. On
+// refusal it may return a lifetime for the error (PF-05).
+func (s *Server) external(c *call, a *ask) (netip.AddrPort, time.Duration, error) {
+	k := a.key
+	tp := tupleOf(k)
+	// One tuple, one external endpoint: a MAP next to a PEER (MAP-08), or
+	// a PEER next to a MAP, takes over the endpoint already in use.
+	for _, other := range s.tab.onTuple(tp) {
+		if other.Key == k || other.ExternalAddr.Is4() != k.InternalAddr.Is4() {
+			continue
+		}
+		ext := netip.AddrPortFrom(other.ExternalAddr, other.ExternalPort)
+		if a.pf && (a.suggPort != ext.Port() || (specified(a.suggAddr) && a.suggAddr != ext.Addr())) {
+			return netip.AddrPort{}, remaining(other, c.now) + timeWait, errCannotProvide
+		}
+		return ext, 0, nil
+	}
+	extAddr := k.InternalAddr // choice (d): IPv6 external = internal
+	first, last := uint16(1024), uint16(65535)
+	if k.InternalAddr.Is4() {
+		extAddr = s.cfg.ExternalIPv4
+		first, last = s.cfg.IPv4Ports.First, s.cfg.IPv4Ports.Last
+	}
+	suggOK := !specified(a.suggAddr) || a.suggAddr == extAddr
+	if a.kind == store.KindPeer && k.InternalAddr.Is6() {
+		// PEER-08: an IPv6 PEER's external is its internal endpoint.
+		e := endpoint{addr: extAddr, proto: k.Protocol, port: k.InternalPort}
+		if (a.suggPort != 0 && a.suggPort != k.InternalPort) || !suggOK || !s.usable(c, a, e) {
+			return netip.AddrPort{}, 0, errCannotProvide // PEER-04
+		}
+		return netip.AddrPortFrom(extAddr, k.InternalPort), 0, nil
+	}
+	try := func(p uint16) bool {
+		return s.usable(c, a, endpoint{addr: extAddr, proto: k.Protocol, port: p})
+	}
+	if a.suggPort != 0 && suggOK && try(a.suggPort) {
+		return netip.AddrPortFrom(extAddr, a.suggPort), 0, nil
+	}
+	if a.pf || (a.kind == store.KindPeer && (a.suggPort != 0 || !suggOK)) {
+		// PF-04, PEER-04: the suggestion had to be met.
+		lt := time.Duration(0)
+		if h, ok := s.tab.holder(endpoint{addr: extAddr, proto: k.Protocol, port: a.suggPort}); ok {
+			for _, l := range s.tab.onTuple(tuple{proto: k.Protocol, addr: h.addr, port: h.port}) {
+				lt = max(lt, remaining(l, c.now)+timeWait) // PF-05
+			}
+		}
+		return netip.AddrPort{}, lt, errCannotProvide
+	}
+	// MAP-09, MAP-11, MAP-12: the internal port, else the lowest free.
+	if try(k.InternalPort) {
+		return netip.AddrPortFrom(extAddr, k.InternalPort), 0, nil
+	}
+	for p := int(first); p <= int(last); p++ {
+		if try(uint16(p)) {
+			return netip.AddrPortFrom(extAddr, uint16(p)), 0, nil
+		}
+	}
+	return netip.AddrPort{}, 0, errNoPorts
+}
+
+// usable reports whether e may become the external endpoint of a.key.
+func (s *Server) usable(c *call, a *ask, e endpoint) bool {
+	k := a.key
+	switch {
+	case e.port == 0:
+		return false
+	case e.proto == protoUDP && (e.port == pcp.ClientPort || e.port == pcp.Port):
+		return false // MAP-10, on every external address
+	case !s.pol.PortAllowed(e.port):
+		return false
+	}
+	if h, ok := s.tab.holder(e); ok && (h.addr != k.InternalAddr || h.port != k.InternalPort) {
+		return false
+	}
+	if !e.addr.Is4() {
+		return true
+	}
+	if !s.cfg.IPv4Ports.contains(e.port) {
+		return false // the host's own ports stay the host's
+	}
+	// PMP-06: the other protocol's same port is kept for its client.
+	other := uint8(protoTCP)
+	if e.proto == protoTCP {
+		other = protoUDP
+	}
+	if h, ok := s.tab.holder(endpoint{addr: e.addr, proto: other, port: e.port}); ok && h.addr != k.InternalAddr {
+		return false
+	}
+	// MAP-22: a freed port waits out its idle time for its last holder.
+	if q, ok := s.quar[e]; ok {
+		if !c.now.Before(q.until) {
+			delete(s.quar, e)
+		} else if q.addr != k.InternalAddr || q.port != k.InternalPort || (q.nonce != a.nonce && a.kind != store.KindNATPMP) {
+			return false
+		}
+	}
+	return true
+}
+
+// servePeer is PEER (RFC 6887 §12).
+func (s *Server) servePeer(c *call, req *pcp.Request, resp *pcp.Response, o *outcome) (pcp.ResultCode, error) {
+	if s.cfg.DisablePeer {
+		return fail(errDisabled) // PEER-08
+	}
+	internal := c.src.Addr()
+	tp := req.Options.ThirdParty.IsValid()
+	if tp {
+		internal = req.Options.ThirdParty.Unmap()
+	}
+	m := &req.Map
+	proto := uint8(m.Protocol)
+	owner, err := s.authorize(c, internal, tp, proto, m.InternalPort, false)
+	if err != nil {
+		return fail(err)
+	}
+	if proto != protoTCP && proto != protoUDP {
+		return fail(errUnsuppProtocol)
+	}
+	if internal.Is4() && !s.cfg.ExternalIPv4.IsValid() {
+		return fail(errNoExternalIPv4)
+	}
+	if err := req.CheckOptions(); err != nil {
+		return fail(err)
+	}
+	remote := netip.AddrPortFrom(req.Peer.RemoteAddr.Unmap(), req.Peer.RemotePort)
+	key := store.Key{Owner: string(owner.ID), Protocol: proto, InternalAddr: internal, InternalPort: m.InternalPort, Remote: remote}
+	resp.Map = req.Map
+	resp.Peer = req.Peer
+	resp.Options = req.Options
+	now := c.now
+	sugg := m.ExternalAddr.Unmap()
+	if specified(sugg) && sugg.Is4() != internal.Is4() {
+		sugg = netip.Addr{} // no family translation: an unmet hint
+	}
+	clamped := s.pol.ClampLifetime(req.Lifetime)
+	ex, found := s.tab.get(key)
+	if found {
+		if s.cfg.StrictNonce && ex.Nonce != m.Nonce {
+			resp.Lifetime = remaining(ex, now)
+			return fail(errNonce) // PEER-06
+		}
+		// PEER-07: never shortens; lifetime 0 is a query.
+		rem := remaining(ex, now)
+		grant := max(clamped, rem)
+		next := *ex
+		next.Nonce = m.Nonce
+		next.ClientAddr = c.src
+		next.ServerAddr = c.local
+		if req.Options.HasDescription {
+			next.Description = truncateUTF8(req.Options.Description, s.cfg.DescriptionCap)
+		}
+		if grant > rem {
+			next.Expires = now.Add(grant)
+		}
+		if !leaseEqual(&next, ex) {
+			c.t.set(key, &next, true)
+		}
+		resp.Lifetime = next.Expires.Sub(now).Truncate(time.Second)
+		resp.Map.ExternalAddr, resp.Map.ExternalPort = ex.ExternalAddr, ex.ExternalPort
+		if req.Options.HasDescription {
+			resp.Options.Description = []byte(next.Description)
+		}
+		return pcp.Success, nil
+	}
+	if clamped == 0 {
+		// A query for a mapping that does not exist: nothing to report,
+		// nothing created.
+		resp.Lifetime = 0
+		return pcp.Success, nil
+	}
+	a := ask{kind: store.KindPeer, key: key, nonce: m.Nonce, suggAddr: sugg, suggPort: m.ExternalPort, grant: clamped, tp: tp}
+	ext, _, err := s.external(c, &a)
+	if err != nil {
+		return fail(err)
+	}
+	if r := s.pol.CheckQuota(s.tab.byOwner[key.Owner], s.tab.len()); r != policy.Allowed {
+		return fail(&policyError{r})
+	}
+	next := store.Lease{
+		Key: key, Kind: store.KindPeer, Nonce: m.Nonce,
+		ExternalAddr: ext.Addr(), ExternalPort: ext.Port(),
+		ClientAddr: c.src, ServerAddr: c.local, Created: now, Expires: now.Add(clamped), ThirdParty: tp,
+	}
+	if req.Options.HasDescription {
+		next.Description = truncateUTF8(req.Options.Description, s.cfg.DescriptionCap)
+		resp.Options.Description = []byte(next.Description)
+	}
+	c.t.set(key, &next, true)
+	resp.Lifetime = clamped
+	resp.Map.ExternalAddr, resp.Map.ExternalPort = ext.Addr(), ext.Port()
+	o.after = func() {
+		s.log.Info("peer mapped", append(leaseFields(&next, c.src), zap.Duration("lifetime", clamped))...)
+	}
+	return pcp.Success, nil
+}
+
+func leaseEqual(a, b *store.Lease) bool {
+	return a.Key == b.Key && a.Kind == b.Kind && a.Nonce == b.Nonce && a.ExternalAddr == b.ExternalAddr &&
+		a.ExternalPort == b.ExternalPort && slices.Equal(a.Filters, b.Filters) && a.ClientAddr == b.ClientAddr &&
+		a.ServerAddr == b.ServerAddr && a.Created.Equal(b.Created) && a.Expires.Equal(b.Expires) &&
+		a.Description == b.Description && a.ThirdParty == b.ThirdParty && a.PreferFailure == b.PreferFailure
+}
+
+// remaining is a lease's remaining lifetime in whole seconds, as the wire
+// carries it.
+func remaining(l *store.Lease, now time.Time) time.Duration {
+	d := l.Expires.Sub(now)
+	if d < 0 {
+		return 0
+	}
+	return d.Truncate(time.Second)
+}
+
+func specified(a netip.Addr) bool { return a.IsValid() && !a.IsUnspecified() }
+
+// truncateUTF8 keeps at most n octets of d, cut at a character boundary.
+func truncateUTF8(d []byte, n int) string {
+	if len(d) <= n {
+		return string(d)
+	}
+	d = d[:n]
+	for len(d) > 0 && !utf8.Valid(d) {
+		d = d[:len(d)-1]
+	}
+	return string(d)
+}
+
+func leaseFields(l *store.Lease, client netip.AddrPort) []zap.Field {
+	return []zap.Field{
+		zap.String("client", l.Owner), zap.String("kind", l.Kind.String()),
+		zap.String("protocol", protoName(l.Protocol)),
+		zap.Stringer("internal", netip.AddrPortFrom(l.InternalAddr, l.InternalPort)),
+		zap.Stringer("external", netip.AddrPortFrom(l.ExternalAddr, l.ExternalPort)),
+		zap.Stringer("from", client),
+	}
+}

@@ -1,0 +1,62 @@
+package server
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the engine's Prometheus collectors.
+type metrics struct {
+	requests      *prometheus.CounterVec // protocol, opcode, result
+	dropped       *prometheus.CounterVec // reason
+	batchSize     prometheus.Histogram
+	kernelSeconds prometheus.Histogram
+	storeSeconds  prometheus.Histogram
+	kernelErrors  prometheus.Counter
+	storeErrors   prometheus.Counter
+	revocations   *prometheus.CounterVec // cause
+	restores      prometheus.Counter
+	leases        prometheus.GaugeFunc
+}
+
+func newMetrics(leases func() float64) *metrics {
+	return &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pcpd_requests_total", Help: "Requests answered, by protocol (pcp, natpmp), opcode and result.",
+		}, []string{"protocol", "opcode", "result"}),
+		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pcpd_requests_dropped_total", Help: "Requests dropped without an answer, by reason.",
+		}, []string{"reason"}),
+		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "pcpd_batch_requests", Help: "Requests handled together in one kernel transaction and one fsync.",
+			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128, 256},
+		}),
+		kernelSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "pcpd_kernel_apply_seconds", Help: "Latency of one nftables transaction.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 14),
+		}),
+		storeSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "pcpd_store_commit_seconds", Help: "Latency of one durable store commit (fsync).",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 14),
+		}),
+		kernelErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pcpd_kernel_errors_total", Help: "Failed nftables transactions.",
+		}),
+		storeErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pcpd_store_errors_total", Help: "Failed store commits.",
+		}),
+		revocations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pcpd_revocations_total", Help: "Leases ended by the server, by cause (ownership, operator).",
+		}, []string{"cause"}),
+		restores: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pcpd_firewall_restores_total", Help: "Times the nftables objects were found damaged or incomplete and restored.",
+		}),
+		leases: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "pcpd_leases", Help: "Live leases.",
+		}, leases),
+	}
+}
+
+func (m *metrics) collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.kernelSeconds, m.storeSeconds,
+		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.leases}
+}

@@ -1,0 +1,135 @@
+package server
+
+import (
+	"errors"
+	"net/netip"
+	"slices"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/store"
+)
+
+// handlePMP serves NAT-PMP v0 (RFC 6886). NAT-PMP and PCP share one lease
+// table (PMP-05): a NAT-PMP mapping is a MAP lease without a nonce.
+func (s *Server) handlePMP(c *call) outcome {
+	o := outcome{proto: "natpmp"}
+	var req pcp.PMPRequest
+	if err := pcp.ParsePMPRequest(c.data, &req); err != nil {
+		var pe *pcp.ParseError
+		if errors.As(err, &pe) && !pe.Silent && pe.Result == pcp.UnsuppOpcode {
+			o.op, o.res = "other", pcp.PMPUnsupportedOpcode.String()
+			o.reply = pcp.AppendPMPUnsupportedOpcode(nil, c.data, c.epoch) // PMP-02
+			return o
+		}
+		return s.drop("malformed", c.src)
+	}
+	o.op = req.Opcode.String()
+	if req.Opcode == pcp.PMPOpAddress {
+		o.res = pcp.PMPSuccess.String()
+		o.reply = pcp.AppendPMPAddressResponse(nil, pcp.PMPSuccess, c.epoch, s.cfg.ExternalIPv4)
+		return o
+	}
+	ext, lt, code, err := s.servePMPMap(c, &req, &o)
+	res := pmpResult(code)
+	o.res = res.String()
+	if res != pcp.PMPSuccess {
+		// PMP-09: the full reply, internal port copied, nothing mapped.
+		s.plog.Debug("refused", zap.Stringer("from", c.src), zap.Stringer("result", res), zap.Error(err))
+		o.after = nil
+		o.reply = pcp.AppendPMPMapResponse(nil, req.Opcode, res, c.epoch, req.InternalPort, 0, 0)
+		return o
+	}
+	o.reply = pcp.AppendPMPMapResponse(nil, req.Opcode, res, c.epoch, req.InternalPort, ext, lt)
+	if o.after != nil {
+		o.fail = pcp.AppendPMPMapResponse(nil, req.Opcode, pcp.PMPOutOfResources, c.epoch, req.InternalPort, 0, 0)
+	}
+	return o
+}
+
+// servePMPMap handles NAT-PMP mapping requests (§3.3, §3.4). It returns
+// the external port and lifetime to report.
+func (s *Server) servePMPMap(c *call, req *pcp.PMPRequest, o *outcome) (uint16, time.Duration, pcp.ResultCode, error) {
+	proto := uint8(req.Opcode.Protocol())
+	internal := c.src.Addr() // PMP-04: always the source
+	deleting := req.Lifetime == 0
+	if !deleting && req.InternalPort == 0 {
+		code, err := fail(errInternalPortZero) // PMP-10 (impl)
+		return 0, 0, code, err
+	}
+	owner, err := s.authorize(c, internal, false, proto, req.InternalPort, deleting)
+	if err != nil {
+		code, err := fail(err)
+		return 0, 0, code, err
+	}
+	key := store.Key{Owner: string(owner.ID), Protocol: proto, InternalAddr: internal, InternalPort: req.InternalPort}
+	if deleting {
+		// PMP-07, PMP-08: result 0, external port 0, lifetime 0, also when
+		// nothing existed. Internal port 0 deletes every mapping of this
+		// client and protocol.
+		var gone []store.Lease
+		if req.InternalPort == 0 {
+			for _, l := range s.tab.byKey {
+				if l.Owner == key.Owner && l.InternalAddr == internal && l.Protocol == proto && l.Kind != store.KindPeer {
+					gone = append(gone, *l)
+				}
+			}
+			slices.SortFunc(gone, func(a, b store.Lease) int { return compareKeys(a.Key, b.Key) })
+		} else if l, ok := s.tab.get(key); ok {
+			gone = append(gone, *l)
+		}
+		for _, l := range gone {
+			c.t.set(l.Key, nil, true)
+		}
+		if len(gone) > 0 {
+			o.after = func() {
+				for _, l := range gone {
+					s.log.Info("deleted", leaseFields(&l, c.src)...)
+				}
+			}
+		}
+		return 0, 0, pcp.Success, nil
+	}
+	a := ask{kind: store.KindNATPMP, key: key, suggPort: req.SuggestedExternalPort, grant: s.pol.ClampLifetime(req.Lifetime)}
+	var resp pcp.Response
+	l, renewed, code, err := s.mapInbound(c, &a, &resp)
+	if code != pcp.Success {
+		return 0, 0, code, err
+	}
+	lc := *l
+	o.after = func() {
+		verb := "mapped"
+		if renewed {
+			verb = "renewed"
+		}
+		s.log.Info(verb, append(leaseFields(&lc, c.src), zap.Duration("lifetime", a.grant))...)
+	}
+	return l.ExternalPort, a.grant, pcp.Success, nil
+}
+
+// announceTargets lists where unsolicited announcements go: each known
+// client's address and port, grouped by the serving address it used
+// (ANN-04, ANN-06). NAT-PMP clients listen on port 5350 (RFC 6886 §3.2.1).
+func (s *Server) announceTargets() (pcpT, pmpT map[netip.AddrPort][]netip.AddrPort) {
+	pcpT, pmpT = map[netip.AddrPort][]netip.AddrPort{}, map[netip.AddrPort][]netip.AddrPort{}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, l := range s.tab.byKey {
+		if !l.ClientAddr.IsValid() {
+			continue
+		}
+		if l.Kind == store.KindNATPMP {
+			to := netip.AddrPortFrom(l.ClientAddr.Addr(), pcp.ClientPort)
+			if !slices.Contains(pmpT[l.ServerAddr], to) {
+				pmpT[l.ServerAddr] = append(pmpT[l.ServerAddr], to)
+			}
+			continue
+		}
+		if !slices.Contains(pcpT[l.ServerAddr], l.ClientAddr) {
+			pcpT[l.ServerAddr] = append(pcpT[l.ServerAddr], l.ClientAddr)
+		}
+	}
+	return pcpT, pmpT
+}

@@ -1,0 +1,342 @@
+// Package server is pcpd's engine: it joins the codec (pcp), the policy
+// (policy), the nftables backend (pinhole) and the durable store (store).
+// A request goes: rate limit → decode → opcode handler → staged change in
+// the lease table → group commit (one kernel transaction and one fsync for
+// every request that arrived together) → reply. A SUCCESS is sent only after
+// both the pinhole and the lease are in place (PROTOCOL.md choice (g)).
+//
+// One goroutine, the engine loop, owns all state changes; the operator API
+// (Leases, Revoke, Status) takes the same lock.
+package server
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
+)
+
+// Server is the PCP and NAT-PMP engine.
+type Server struct {
+	cfg  Config
+	fw   Firewall
+	st   LeaseStore
+	pol  Policy
+	log  *zap.Logger
+	plog *zap.Logger // per-packet, sampled: senders decide how much gets logged
+	now  func() time.Time
+	m    *metrics
+	rl   *policy.RateLimiter
+	deps Deps
+
+	mu        sync.Mutex
+	tab       *table
+	quar      map[endpoint]quarantine
+	epoch     epochClock
+	started   time.Time
+	restarted bool // the epoch continued from disk (EPO-04)
+	protected []netip.Prefix
+
+	in  chan packet
+	lis *listener
+
+	// announceDone is closed when the start-up announcements are over
+	// (tests).
+	announceDone chan struct{}
+}
+
+// quarantine keeps a freed IPv4 external port for its last holder (MAP-22).
+type quarantine struct {
+	addr  netip.Addr
+	port  uint16
+	nonce [12]byte
+	until time.Time
+}
+
+// New checks cfg and builds a Server. It touches neither the kernel nor the
+// network; Run does.
+func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	if deps.Firewall == nil || deps.Store == nil || deps.Policy == nil {
+		return nil, fmt.Errorf("server: firewall, store and policy are required: %w", ErrInvalidConfig)
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if deps.Now == nil {
+		deps.Now = time.Now
+	}
+	log = log.Named("server")
+	s := &Server{
+		cfg:  cfg,
+		fw:   deps.Firewall,
+		st:   deps.Store,
+		pol:  deps.Policy,
+		log:  log,
+		now:  deps.Now,
+		deps: deps,
+		plog: log.WithOptions(zap.WrapCore(func(c zapcore.Core) zapcore.Core {
+			return zapcore.NewSamplerWithOptions(c, time.Second, 20, 1000)
+		})),
+		rl:           policy.NewRateLimiter(cfg.RateLimit, cfg.RateBurst, cfg.RateSources),
+		tab:          newTable(),
+		quar:         map[endpoint]quarantine{},
+		in:           make(chan packet, cfg.QueueLen),
+		announceDone: make(chan struct{}),
+	}
+	s.m = newMetrics(func() float64 {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return float64(s.tab.len())
+	})
+	if deps.Registerer != nil {
+		for _, c := range s.m.collectors() {
+			if err := deps.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("server: register metrics: %w", err)
+			}
+		}
+	}
+	s.lis = &listener{
+		log:      log.Named("listen"),
+		ifaces:   cfg.Interfaces,
+		explicit: cfg.Listen,
+		port:     Port,
+		ns:       cfg.NetNS,
+		out:      s.in,
+		onDrop:   func() { s.m.dropped.WithLabelValues("queue-full").Inc() },
+	}
+	return s, nil
+}
+
+// Collectors returns the engine's Prometheus collectors (for a caller that
+// did not pass a Registerer).
+func (s *Server) Collectors() []prometheus.Collector { return s.m.collectors() }
+
+// Run restores state into the kernel, then serves until ctx ends. On return
+// the pinholes stay in the kernel with their timeouts, so a restart does
+// not interrupt traffic.
+func (s *Server) Run(ctx context.Context) error {
+	if err := s.Start(); err != nil {
+		return err
+	}
+	return s.Serve(ctx)
+}
+
+// Start restores the leases of Deps.State: drops expired ones, reconciles
+// the kernel with them, continues or resets the epoch (EPO-03, EPO-04). It
+// is Run's first half, separate so tests can drive the engine without
+// sockets.
+func (s *Server) Start() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.restore()
+}
+
+// Serve opens the serving sockets and runs the engine loop until ctx ends.
+func (s *Server) Serve(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	lisErr := make(chan error, 1)
+	go func() { lisErr <- s.lis.run(ctx) }()
+	go s.announce(ctx)
+
+	tamper := time.NewTicker(s.cfg.TamperInterval)
+	defer tamper.Stop()
+	sweep := time.NewTicker(10 * time.Second)
+	defer sweep.Stop()
+	expiry := time.NewTimer(time.Hour)
+	defer expiry.Stop()
+	batch := make([]packet, 0, s.cfg.MaxBatch)
+	for {
+		s.resetExpiry(expiry)
+		select {
+		case <-ctx.Done():
+			<-lisErr
+			s.log.Info("stopped; pinholes stay in the kernel until their leases expire")
+			return nil
+		case err := <-lisErr:
+			return err
+		case p := <-s.in:
+			// Everything already waiting joins this batch: one kernel
+			// transaction and one fsync for all of it (group commit).
+			batch = append(batch[:0], p)
+		drain:
+			for len(batch) < s.cfg.MaxBatch {
+				select {
+				case p := <-s.in:
+					batch = append(batch, p)
+				default:
+					break drain
+				}
+			}
+			s.serveBatch(batch)
+		case <-expiry.C:
+			s.expire()
+		case <-tamper.C:
+			s.checkFirewall()
+		case <-sweep.C:
+			s.sweepOwnership()
+		case <-s.deps.OwnershipChanged:
+			s.sweepOwnership()
+		}
+	}
+}
+
+func (s *Server) resetExpiry(t *time.Timer) {
+	s.mu.Lock()
+	next, ok := s.tab.next()
+	s.mu.Unlock()
+	d := time.Hour
+	if ok {
+		d = max(next.Sub(s.now()), 0) + 10*time.Millisecond
+	}
+	if !t.Stop() {
+		select {
+		case <-t.C:
+		default:
+		}
+	}
+	t.Reset(d)
+}
+
+// serveBatch handles packets that arrived together and sends the replies.
+func (s *Server) serveBatch(batch []packet) {
+	reqs := make([]Request, len(batch))
+	for i, p := range batch {
+		reqs[i] = Request{Local: p.conn.local, Source: p.src, Data: p.b}
+	}
+	replies := s.HandleBatch(reqs)
+	for i, r := range replies {
+		if r == nil {
+			continue
+		}
+		if err := batch[i].conn.send(r, batch[i].src); err != nil {
+			s.plog.Debug("send reply", zap.Stringer("to", batch[i].src), zap.Error(err))
+		}
+	}
+}
+
+// expire ends every lease whose time is up. The kernel has removed (or is
+// about to remove) their pinholes by itself; only the store is told.
+func (s *Server) expire() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.expireLocked(s.now())
+}
+
+func (s *Server) expireLocked(now time.Time) {
+	keys := s.tab.expired(now)
+	if len(keys) == 0 {
+		return
+	}
+	t := s.begin(now)
+	for _, k := range keys {
+		t.set(k, nil, false)
+	}
+	if err := t.commit(); err != nil {
+		// The leases are gone from the kernel anyway; keeping them out of
+		// the table is right. The store drops them at the next start.
+		s.log.Warn("cannot record expired leases; they are dropped at the next start", zap.Error(err))
+	}
+	s.log.Debug("leases expired", zap.Int("count", len(keys)))
+}
+
+// sweepOwnership revokes every lease whose internal address its owner no
+// longer owns (peer removed, AllowedIPs shrunk: LIFE-05).
+func (s *Server) sweepOwnership() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.updateProtected()
+	own := s.pol.Ownership()
+	now := s.now()
+	t := s.begin(now)
+	var gone []*store.Lease
+	for _, l := range s.tab.byKey {
+		if o, ok := own.Lookup(l.InternalAddr); !ok || string(o.ID) != l.Owner {
+			gone = append(gone, l)
+		}
+	}
+	if len(gone) == 0 {
+		return
+	}
+	slices.SortFunc(gone, func(a, b *store.Lease) int { return compareKeys(a.Key, b.Key) })
+	logs := make([]store.Lease, len(gone))
+	for i, l := range gone {
+		logs[i] = *l
+		t.set(l.Key, nil, true)
+	}
+	if err := t.commit(); err != nil {
+		t.rollback()
+		s.log.Error("cannot revoke leases no longer owned; retrying at the next sweep", zap.Error(err))
+		return
+	}
+	for _, l := range logs {
+		s.m.revocations.WithLabelValues("ownership").Inc()
+		s.log.Info("revoked: address no longer owned by the client",
+			zap.String("peer", l.Owner), zap.Stringer("address", l.InternalAddr),
+			zap.Uint16("port", l.InternalPort), zap.String("protocol", protoName(l.Protocol)),
+			zap.Stringer("external", netip.AddrPortFrom(l.ExternalAddr, l.ExternalPort)))
+	}
+}
+
+// updateProtected tells the firewall which prefixes to guard: every owned
+// prefix.
+func (s *Server) updateProtected() {
+	var pfx []netip.Prefix
+	for _, o := range s.pol.Ownership().Owners() {
+		pfx = append(pfx, o.Prefixes...)
+	}
+	slices.SortFunc(pfx, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	pfx = slices.Compact(pfx)
+	if slices.Equal(pfx, s.protected) && s.protected != nil {
+		return
+	}
+	if err := s.fw.SetProtected(pfx); err != nil {
+		s.log.Error("cannot update the protected prefixes", zap.Error(err))
+		return
+	}
+	if s.protected == nil {
+		s.protected = []netip.Prefix{}
+	}
+	s.protected = append(s.protected[:0], pfx...)
+}
+
+func compareKeys(a, b store.Key) int {
+	if a.Owner != b.Owner {
+		if a.Owner < b.Owner {
+			return -1
+		}
+		return 1
+	}
+	if c := a.InternalAddr.Compare(b.InternalAddr); c != 0 {
+		return c
+	}
+	if a.Protocol != b.Protocol {
+		return int(a.Protocol) - int(b.Protocol)
+	}
+	if a.InternalPort != b.InternalPort {
+		return int(a.InternalPort) - int(b.InternalPort)
+	}
+	return a.Remote.Compare(b.Remote)
+}
+
+func protoName(p uint8) string { return pcp.Protocol(p).String() }
+
+func zapErr(err error) zap.Field { return zap.Error(err) }

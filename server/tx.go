@@ -1,0 +1,230 @@
+package server
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/store"
+)
+
+// tx collects the state changes of one batch of requests: the lease table
+// is changed at once (later requests of the batch see earlier ones), the
+// kernel and the store only at commit, together: one Firewall.Apply and one
+// Store.Commit for the whole batch (group commit). If either fails, the
+// table is rolled back and the kernel restored, so an error changes nothing
+// (HDR-06, choice (g)).
+type tx struct {
+	s    *Server
+	now  time.Time
+	ops  []pinhole.Op
+	inv  []pinhole.Op // undo for ops, applied in reverse if the store fails
+	fin  map[store.Key]*store.Lease
+	undo []undoRec
+	qund []quarUndo
+}
+
+type undoRec struct {
+	key  store.Key
+	prev *store.Lease
+}
+
+type quarUndo struct {
+	e    endpoint
+	prev quarantine
+	had  bool
+}
+
+func (s *Server) begin(now time.Time) *tx {
+	return &tx{s: s, now: now, fin: map[store.Key]*store.Lease{}}
+}
+
+// mark is a position in the undo log: a request changed state iff the mark
+// moved while it was handled.
+func (t *tx) mark() int { return len(t.undo) }
+
+func (t *tx) empty() bool { return len(t.undo) == 0 }
+
+// remaining is how long the kernel should keep a lease's pinholes.
+func (t *tx) remaining(l *store.Lease) time.Duration {
+	d := l.Expires.Sub(t.now)
+	if d < time.Millisecond {
+		d = time.Millisecond
+	}
+	return d
+}
+
+// set moves the lease at key from its current state to next (nil: deleted).
+// kernel says whether the kernel must follow (not for expiry, which the
+// kernel does by itself).
+func (t *tx) set(key store.Key, next *store.Lease, kernel bool) {
+	prev, _ := t.s.tab.get(key)
+	var prevCopy *store.Lease
+	if prev != nil {
+		c := *prev
+		prevCopy = &c
+	}
+	if kernel {
+		t.diff(prevCopy, next)
+	}
+	t.undo = append(t.undo, undoRec{key: key, prev: prevCopy})
+	if next == nil {
+		t.s.tab.del(key)
+		if prevCopy != nil {
+			t.freed(prevCopy)
+		}
+		t.fin[key] = nil
+	} else {
+		c := *next
+		t.s.tab.put(c)
+		t.fin[key] = &c
+	}
+}
+
+// freed quarantines an IPv4 external port that no lease holds any more
+// (MAP-22): for the protocol's idle time only the same client may reclaim it.
+func (t *tx) freed(l *store.Lease) {
+	if !l.ExternalAddr.Is4() {
+		return
+	}
+	e := endpointOf(l)
+	if _, held := t.s.tab.holder(e); held {
+		return
+	}
+	idle := 2 * time.Minute
+	if l.Protocol == protoTCP {
+		idle = 124 * time.Minute
+	}
+	prev, had := t.s.quar[e]
+	t.qund = append(t.qund, quarUndo{e: e, prev: prev, had: had})
+	t.s.quar[e] = quarantine{addr: l.InternalAddr, port: l.InternalPort, nonce: l.Nonce, until: t.now.Add(idle)}
+}
+
+// diff queues the kernel operations that turn prev's pinholes into next's.
+func (t *tx) diff(prev, next *store.Lease) {
+	var old, neu []pinhole.Pinhole
+	if prev != nil {
+		old = pinholesOf(prev)
+	}
+	if next != nil {
+		neu = pinholesOf(next)
+	}
+	for _, p := range old {
+		if !slices.Contains(neu, p) {
+			t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
+			t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: t.remaining(prev)})
+		}
+	}
+	for _, p := range neu {
+		if slices.Contains(old, p) {
+			if !prev.Expires.Equal(next.Expires) {
+				t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: t.remaining(next)})
+				t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: t.remaining(prev)})
+			}
+			continue
+		}
+		t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: t.remaining(next)})
+		t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
+	}
+}
+
+// rollback restores the table and quarantine to the state before the tx.
+func (t *tx) rollback() {
+	for i := len(t.undo) - 1; i >= 0; i-- {
+		u := t.undo[i]
+		if u.prev == nil {
+			t.s.tab.del(u.key)
+		} else {
+			t.s.tab.put(*u.prev)
+		}
+	}
+	for i := len(t.qund) - 1; i >= 0; i-- {
+		q := t.qund[i]
+		if q.had {
+			t.s.quar[q.e] = q.prev
+		} else {
+			delete(t.s.quar, q.e)
+		}
+	}
+	t.undo, t.qund, t.ops, t.inv = nil, nil, nil, nil
+	clear(t.fin)
+}
+
+// commit makes the tx durable: kernel first, then the store. A crash
+// between the two leaves a pinhole without a lease or a lease without its
+// new timeout, both repaired by the reconcile at the next start; a SUCCESS
+// is only ever sent after both.
+func (t *tx) commit() error {
+	if len(t.undo) == 0 {
+		return nil
+	}
+	var put []store.Lease
+	var del []store.Key
+	for k, l := range t.fin {
+		if l == nil {
+			del = append(del, k)
+		} else {
+			put = append(put, *l)
+		}
+	}
+	start := time.Now()
+	if len(t.ops) > 0 {
+		if err := t.s.fw.Apply(t.ops); err != nil {
+			t.s.m.kernelErrors.Inc()
+			return fmt.Errorf("server: kernel: %w", err)
+		}
+	}
+	kdone := time.Now()
+	if err := t.s.st.Commit(put, del); err != nil {
+		t.s.m.storeErrors.Inc()
+		if len(t.inv) > 0 {
+			inv := slices.Clone(t.inv)
+			slices.Reverse(inv)
+			if ierr := t.s.fw.Apply(inv); ierr != nil {
+				t.s.log.Error("cannot undo kernel changes after a store failure; the next reconcile repairs them", zapErr(ierr))
+			}
+		}
+		return fmt.Errorf("server: store: %w", err)
+	}
+	t.s.m.kernelSeconds.Observe(kdone.Sub(start).Seconds())
+	t.s.m.storeSeconds.Observe(time.Since(kdone).Seconds())
+	return nil
+}
+
+const (
+	protoTCP = 6
+	protoUDP = 17
+)
+
+// pinholesOf translates a lease into kernel pinholes: one per FILTER (or
+// one for any remote without filters), one for a PEER's remote peer.
+func pinholesOf(l *store.Lease) []pinhole.Pinhole {
+	base := pinhole.Pinhole{
+		Protocol:     l.Protocol,
+		InternalAddr: l.InternalAddr,
+		InternalPort: l.InternalPort,
+		ExternalAddr: l.ExternalAddr,
+		ExternalPort: l.ExternalPort,
+	}
+	if l.Kind == store.KindPeer {
+		r := l.Remote.Addr().Unmap()
+		base.RemotePrefix = netip.PrefixFrom(r, r.BitLen())
+		base.RemotePort = l.Remote.Port()
+		return []pinhole.Pinhole{base}
+	}
+	if len(l.Filters) == 0 {
+		return []pinhole.Pinhole{base}
+	}
+	out := make([]pinhole.Pinhole, 0, len(l.Filters))
+	for _, f := range l.Filters {
+		p := base
+		p.RemotePrefix = f.Prefix.Masked()
+		p.RemotePort = f.Port
+		if !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
