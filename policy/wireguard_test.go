@@ -346,3 +346,64 @@ func TestWireGuardPeriodicRefresh(t *testing.T) {
 		t.Errorf("change after %v with a 100 ms interval", el)
 	}
 }
+
+// TestWireGuardConcurrentSwap: lookups run without a lock while refreshes
+// swap tables (run with -race).
+func TestWireGuardConcurrentSwap(t *testing.T) {
+	d := &devices{}
+	d.set("wg0", peer(1, "2001:db8:a::/48"), peer(2, "2001:db8:b::/48"))
+	w, err := newWireGuard(d, []string{"wg0"}, time.Hour, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{}, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { // drain
+		for {
+			select {
+			case <-w.Changes():
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for range 2 {
+		wg.Go(func() {
+			a, b := addr("2001:db8:a::1"), addr("2001:db8:b::1")
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if o, r := p.Authorize(Request{Source: a, Target: a, Protocol: 6, InternalPort: 1}); r != Allowed || o.ID != wgID(1) {
+					t.Errorf("peer 1 lost its stable prefix: %s %v", o.ID, r)
+					return
+				}
+				// Peer 2 comes and goes; either answer is consistent.
+				if o, r := p.Authorize(Request{Source: b, Target: b, Protocol: 6, InternalPort: 1}); r != Allowed && r != NoOwner || r == Allowed && o.ID != wgID(2) {
+					t.Errorf("peer 2: %s %v", o.ID, r)
+					return
+				}
+			}
+		})
+	}
+	for i := range 200 {
+		if i%2 == 0 {
+			d.set("wg0", peer(1, "2001:db8:a::/48"))
+		} else {
+			d.set("wg0", peer(1, "2001:db8:a::/48"), peer(2, "2001:db8:b::/48"))
+		}
+		if err := w.Refresh(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(stop)
+	wg.Wait()
+}
