@@ -315,4 +315,3 @@ func loadNft(t *testing.T, ns *netlab.NS, ruleset string) {
 		t.Fatalf("nft -f: %v\n%s", err, out)
 	}
 }
-
