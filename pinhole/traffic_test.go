@@ -3,12 +3,16 @@ package pinhole_test
 import (
 	"net"
 	"net/netip"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
+	"github.com/vishvananda/netns"
 )
 
 // TestPinholeLifecycle is the headline: for TCP and UDP, a
@@ -232,4 +236,60 @@ func TestICMPv6_4890(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestKernelExpiryWithoutProcess: the pinholes are installed by a separate
+// process that then exits, so no pcpd code is alive while they work and
+// when they lapse: expiry is the kernel's alone.
+func TestKernelExpiryWithoutProcess(t *testing.T) {
+	topo, _ := guardedTopology(t, pinhole.Config{})
+	tcpDst := netip.AddrPortFrom(topo.ClientV6, 8500)
+	udpDst := netip.AddrPortFrom(topo.ClientV6, 8501)
+	serve(t, topo.Client, tcp, tcpDst)
+	serve(t, topo.Client, udp, udpDst)
+	mustNotReach(t, "before install", topo.Internet, tcp, netip.Addr{}, tcpDst)
+
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperInstall$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "PINHOLE_HELPER_NETNS="+topo.Host.Name,
+		"PINHOLE_HELPER_PINHOLES="+tcpDst.String()+","+udpDst.String(), "PINHOLE_HELPER_TIMEOUT=3s")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("installer process: %v\n%s", err, out)
+	}
+	installed := time.Now()
+	mustReach(t, "installed by a process that has exited", topo.Internet, tcp, netip.Addr{}, tcpDst)
+	mustReach(t, "installed by a process that has exited", topo.Internet, udp, netip.Addr{}, udpDst)
+	time.Sleep(time.Until(installed.Add(3500 * time.Millisecond)))
+	mustNotReach(t, "after kernel expiry", topo.Internet, tcp, netip.Addr{}, tcpDst)
+	mustNotReach(t, "after kernel expiry", topo.Internet, udp, netip.Addr{}, udpDst)
+}
+
+// TestHelperInstall is the installer process of
+// TestKernelExpiryWithoutProcess; it does nothing in a normal run.
+func TestHelperInstall(t *testing.T) {
+	nsName := os.Getenv("PINHOLE_HELPER_NETNS")
+	if nsName == "" {
+		t.Skip("helper process only")
+	}
+	timeout, err := time.ParseDuration(os.Getenv("PINHOLE_HELPER_TIMEOUT"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := netns.GetFromName(nsName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := nftables.New(nftables.WithNetNSFd(int(h)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := pinhole.New(conn, pinhole.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ops []pinhole.Op
+	for i, s := range strings.Split(os.Getenv("PINHOLE_HELPER_PINHOLES"), ",") {
+		ap := netip.MustParseAddrPort(s)
+		ops = append(ops, install(pinhole.Pinhole{Protocol: []uint8{tcp, udp}[i], InternalAddr: ap.Addr(), InternalPort: ap.Port()}, timeout))
+	}
+	apply(t, b, ops...)
 }
