@@ -77,6 +77,7 @@ type loaded struct {
 	leases []Lease
 	epoch  time.Time // zero: absent (reset pending)
 	seen   time.Time
+	meta   string // non-empty: a meta page was damaged (see damagedMeta)
 }
 
 func (s *Store) load() (State, error) {
@@ -143,6 +144,8 @@ func (s *Store) judge(ld loaded) (State, error) {
 	now := s.opt.now()
 	st := State{Leases: ld.leases, EpochOrigin: ld.epoch}
 	switch {
+	case ld.meta != "":
+		st.Recovered = "state file damaged (" + ld.meta + "): the last transaction may be lost; kept the older consistent state"
 	case ld.epoch.IsZero():
 		st.Recovered = "epoch reset still pending from an earlier start"
 	case ld.epoch.After(now.Add(ClockSlack)):
@@ -285,6 +288,9 @@ func createEmpty(path string, o *options) error {
 		if _, err := tx.CreateBucket(bucketLeases); err != nil {
 			return err
 		}
+		if err := meta.Put(metaDigest, digest{}.bytes()); err != nil {
+			return err
+		}
 		return meta.Put(metaFormat, []byte{formatVersion})
 	})
 	if cerr := db.Close(); err == nil {
@@ -320,6 +326,10 @@ func readState(path string, o *options, readOnly bool) (db *bolt.DB, ld loaded, 
 		// a zero-length state file, so this is damage.
 		return nil, loaded{}, fmt.Errorf("store: %s is empty: %w", filepath.Base(path), ErrCorrupt)
 	}
+	meta, err := damagedMeta(path)
+	if err != nil {
+		return nil, loaded{}, err
+	}
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if r := recover(); r != nil {
@@ -349,6 +359,7 @@ func readState(path string, o *options, readOnly bool) (db *bolt.DB, ld loaded, 
 		if err != nil {
 			return err
 		}
+		ld.meta = meta
 		var problems []string
 		for cerr := range tx.Check() {
 			if len(problems) < maxCheckErrors {
@@ -390,11 +401,16 @@ func readTx(tx *bolt.Tx) (loaded, error) {
 		}
 		ld.seen = t
 	}
+	want, ok := parseDigest(meta.Get(metaDigest))
+	if !ok {
+		return ld, fmt.Errorf("store: digest record missing: %w", ErrCorrupt)
+	}
 	// Size the slice once: growing it by doubling would briefly hold two
 	// copies of a million leases.
 	n := leases.Stats().KeyN
 	ld.leases = make([]Lease, 0, n)
 	in := interner{}
+	var got digest
 	c := leases.Cursor()
 	for k, v := c.First(); k != nil; k, v = c.Next() {
 		if v == nil {
@@ -405,6 +421,11 @@ func readTx(tx *bolt.Tx) (loaded, error) {
 			return ld, err
 		}
 		ld.leases = append(ld.leases, l)
+		got.add(v, +1)
+	}
+	if got != want {
+		return ld, fmt.Errorf("store: found %d leases (checksum sum %x), the digest says %d (%x): %w",
+			got.count, got.sum, want.count, want.sum, ErrCorrupt)
 	}
 	return ld, nil
 }

@@ -50,7 +50,47 @@ var (
 	metaFormat = []byte("format") // store format version, 1 octet
 	metaEpoch  = []byte("epoch")  // epoch origin, Unix ns; absent = reset pending
 	metaSeen   = []byte("seen")   // latest wall time the daemon was alive, Unix ns
+	metaDigest = []byte("digest") // lease count(8) and sum of record checksums(8)
 )
+
+// digest summarises the leases bucket: how many records and the sum of their
+// checksums. bbolt does not checksum its data pages, and a flipped bit in a
+// page header's element count drops records without any error (the page
+// sweep test found this); the digest, kept in the same transactions as the
+// records, turns that into detected corruption.
+type digest struct {
+	count uint64
+	sum   uint64
+}
+
+func (d *digest) add(val []byte, sign int) {
+	c := uint64(recordCRC(val))
+	if sign > 0 {
+		d.count++
+		d.sum += c
+	} else {
+		d.count--
+		d.sum -= c
+	}
+}
+
+func (d digest) bytes() []byte {
+	return binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, d.count), d.sum)
+}
+
+func parseDigest(b []byte) (digest, bool) {
+	if len(b) != 16 {
+		return digest{}, false
+	}
+	return digest{binary.BigEndian.Uint64(b[:8]), binary.BigEndian.Uint64(b[8:])}, true
+}
+
+func recordCRC(val []byte) uint32 {
+	if len(val) < 4 {
+		return 0
+	}
+	return binary.BigEndian.Uint32(val[len(val)-4:])
+}
 
 const formatVersion = 1
 
@@ -195,16 +235,32 @@ func (s *Store) applyAt(bs []*batch, now time.Time) error {
 		if meta == nil || leases == nil {
 			return fmt.Errorf("store: buckets missing: %w", ErrCorrupt)
 		}
+		d, ok := parseDigest(meta.Get(metaDigest))
+		if !ok {
+			return fmt.Errorf("store: digest missing: %w", ErrCorrupt)
+		}
 		for _, b := range bs {
 			for _, k := range b.del {
-				if err := leases.Delete(k); err != nil {
-					return err
+				if old := leases.Get(k); old != nil {
+					d.add(old, -1)
+					if err := leases.Delete(k); err != nil {
+						return err
+					}
 				}
 			}
 			for i := range b.keys {
+				if old := leases.Get(b.keys[i]); old != nil {
+					d.add(old, -1)
+				}
 				if err := leases.Put(b.keys[i], b.vals[i]); err != nil {
 					return err
 				}
+				d.add(b.vals[i], +1)
+			}
+		}
+		if len(bs) > 0 {
+			if err := meta.Put(metaDigest, d.bytes()); err != nil {
+				return err
 			}
 		}
 		if !epoch.IsZero() {
