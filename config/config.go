@@ -21,6 +21,7 @@ import (
 const (
 	DefaultInterface          = "wg0"
 	DefaultNftTable           = "pcpd"
+	DefaultNftChain           = "pcpd"
 	DefaultStateDir           = "/var/lib/pcpd"
 	DefaultSocket             = "/run/pcpd/pcpd.sock"
 	DefaultMinLifetime        = 2 * time.Minute
@@ -66,6 +67,7 @@ type Config struct {
 
 	NftTable  string // table (family inet) pcpd manages in standalone mode
 	NftAttach string // attached mode: the admin's existing inet table; "" = standalone
+	NftChain  string // attached mode: pcpd's chain (and object name prefix) in NftAttach
 	StateDir  string
 	Socket    string
 

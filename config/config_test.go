@@ -39,6 +39,7 @@ func TestDefaults(t *testing.T) {
 	want := &Config{
 		Interfaces:         []string{"wg0"},
 		NftTable:           "pcpd",
+		NftChain:           "pcpd",
 		StateDir:           "/var/lib/pcpd",
 		Socket:             "/run/pcpd/pcpd.sock",
 		MinLifetime:        2 * time.Minute,
@@ -97,6 +98,7 @@ office = ["2001:db8:2::/48"]
 		ExternalIPv4:       netip.MustParseAddr("198.51.100.1"),
 		NftTable:           "pcpd",
 		NftAttach:          "filter",
+		NftChain:           "pcpd",
 		StateDir:           "/srv/pcpd",
 		Socket:             "/run/pcpd/pcpd.sock",
 		MinLifetime:        time.Minute,

@@ -47,6 +47,8 @@ var settings = []setting{
 		usage: "nftables table (family inet) pcpd creates and manages in standalone mode"},
 	{name: "nft-attach", kind: kString,
 		usage: "attached mode: create only pcpd's set and chain inside this existing inet table, for the admin's forward chain to jump to (replaces --nft-table)"},
+	{name: "nft-chain", kind: kString, def: DefaultNftChain,
+		usage: "attached mode: the chain pcpd creates in the --nft-attach table for the admin's forward chain to jump to; its other objects there are named CHAIN_*"},
 	{name: "state-dir", kind: kString, def: DefaultStateDir,
 		usage: "directory for durable state (leases, epoch)"},
 	{name: "socket", kind: kString, def: DefaultSocket,

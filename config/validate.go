@@ -134,6 +134,11 @@ func validate(vals map[string]*value) (*Config, Errors) {
 		}
 		c.NftAttach = av.str
 	}
+	hv := vals["nft-chain"]
+	if !validName(hv.str) {
+		fail(hv, "%q is not a chain name: use letters, digits, '.', '_' or '-' (at most 64)", hv.str)
+	}
+	c.NftChain = hv.str
 
 	// Paths.
 	sv := vals["state-dir"]

@@ -167,16 +167,19 @@ func LeaseFrom(l store.Lease) Lease {
 
 // Status is the daemon's state at a glance (`pcpd status`).
 type Status struct {
-	Version         string    `json:"version,omitempty"`
-	PID             int       `json:"pid"`
-	Started         time.Time `json:"started"`
-	Epoch           uint32    `json:"epoch"`
-	Leases          int       `json:"leases"`
-	Owners          int       `json:"owners"` // clients that may map (WireGuard peers or static clients)
-	OwnershipSource string    `json:"ownership_source"`
-	Listen          []string  `json:"listen"`
-	NftTable        string    `json:"nft_table,omitempty"`
-	StateDir        string    `json:"state_dir,omitempty"`
+	Version string    `json:"version,omitempty"`
+	PID     int       `json:"pid"`
+	Started time.Time `json:"started"`
+	Epoch   uint32    `json:"epoch"`
+	Leases  int       `json:"leases"`
+	Owners  int       `json:"owners"` // clients holding leases
+	// Restarted: the epoch continued from stored state (no client needs
+	// to re-map after this restart).
+	Restarted       bool     `json:"restarted"`
+	OwnershipSource string   `json:"ownership_source"`
+	Listen          []string `json:"listen"`
+	NftTable        string   `json:"nft_table,omitempty"`
+	StateDir        string   `json:"state_dir,omitempty"`
 }
 
 // Revoke selects leases to end; exactly one field is set.

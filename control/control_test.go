@@ -231,7 +231,9 @@ func TestRevoke(t *testing.T) {
 	}{
 		{"all", Request{All: true}, 4, 0},
 		{"client", Request{Client: "a"}, 2, 2},
+		{"client with prefix", Request{Client: "wg:key="}, 1, 3},
 		{"unknown client", Request{Client: "nobody"}, 0, 4},
+		{"client without its prefix", Request{Client: "key="}, 1, 3},
 		{"by what it opens, any owner", Request{Leases: []LeaseRef{{Protocol: "tcp", InternalAddress: netip.MustParseAddr("2001:db8:1::1"), InternalPort: 80}}}, 1, 3},
 		{"several", Request{Leases: []LeaseRef{
 			{Protocol: "tcp", InternalAddress: netip.MustParseAddr("2001:db8:1::1"), InternalPort: 80},
@@ -241,7 +243,7 @@ func TestRevoke(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			b := &table{leases: []store.Lease{
 				lease("a", 6, "2001:db8:1::1", 80), lease("a", 17, "2001:db8:1::1", 80),
-				lease("b", 6, "2001:db8:2::1", 80), lease("b", 17, "2001:db8:2::1", 53),
+				lease("b", 6, "2001:db8:2::1", 80), lease("wg:key=", 17, "2001:db8:2::1", 53),
 			}}
 			c := &Client{Path: start(t, b)}
 			n, err := c.Revoke(context.Background(), tt.req)

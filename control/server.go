@@ -201,6 +201,21 @@ func handle(line []byte, w *bufio.Writer, b Backend, log *zap.Logger) error {
 	return fail(CodeUnknownOp, "unknown op %q (want %s, %s or %s)", req.Op, OpLeases, OpStatus, OpRevoke)
 }
 
+// resolveOwner lets the operator name a client as pcpd leases shows it
+// ("wg:KEY", "static:NAME") or without the prefix ("KEY", "NAME").
+func resolveOwner(name string, leases []store.Lease) string {
+	owners := map[string]bool{}
+	for _, l := range leases {
+		owners[l.Owner] = true
+	}
+	for _, cand := range []string{name, "static:" + name, "wg:" + name} {
+		if owners[cand] {
+			return cand
+		}
+	}
+	return name
+}
+
 func revoke(req Request, b Backend, log *zap.Logger) (int, error) {
 	set := 0
 	for _, on := range []bool{req.All, req.Client != "", len(req.Leases) > 0} {
@@ -217,7 +232,8 @@ func revoke(req Request, b Backend, log *zap.Logger) (int, error) {
 		log.Info("revoked all leases", zap.Int("count", n), zap.Error(err))
 		return n, err
 	case req.Client != "":
-		n, err := b.Revoke(Revoke{Owner: req.Client})
+		owner := resolveOwner(req.Client, b.Leases())
+		n, err := b.Revoke(Revoke{Owner: owner})
 		log.Info("revoked a client's leases", zap.String("client", req.Client), zap.Int("count", n), zap.Error(err))
 		return n, err
 	}

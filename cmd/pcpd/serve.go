@@ -1,0 +1,317 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/google/nftables"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+	"github.com/vishvananda/netns"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"golang.zx2c4.com/wireguard/wgctrl"
+
+	"github.com/pcpd/pcpd/config"
+	"github.com/pcpd/pcpd/control"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/server"
+	"github.com/pcpd/pcpd/store"
+)
+
+func newServeCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "serve [--config FILE] [flags]",
+		Short: "Run the PCP / NAT-PMP daemon",
+		Long: `Run the daemon: answer PCP (RFC 6887) and NAT-PMP (RFC 6886) requests that
+arrive on the serving interfaces (UDP port 5351), open and close nftables
+pinholes for the addresses their senders own, keep every lease durable in
+--state-dir, and serve the control socket that pcpd leases / revoke / status
+use.
+
+Ownership: with --client entries, each named client owns its prefixes and a
+request is honoured only for addresses inside its sender's own prefixes.
+Without them, ownership is WireGuard's: the request's source picks the peer
+(longest match over every peer's AllowedIPs on --interface), and the address
+to open must lie in that same peer's AllowedIPs. A peer that disappears or
+whose AllowedIPs shrink loses its leases at once.
+
+Firewall: by default pcpd creates its own inet table (--nft-table) whose
+forward chain guards the owned prefixes: established traffic, essential
+ICMPv6 and pinholes pass, the rest is dropped. With --nft-attach TABLE it
+instead creates only its sets and one chain (--nft-chain) inside the admin's
+existing table, which the admin's forward chain jumps to. Either way pcpd
+touches only its own objects and never flushes the ruleset; pinholes are set
+elements with kernel timeouts, so none outlives its lease, even if pcpd is
+killed. A restart keeps leases, pinholes and the PCP epoch.
+
+Every flag has a config file key of the same name (TOML; see
+dist/pcpd.toml). Flags override the file. A configuration mistake is
+reported as one line per mistake on stderr, and pcpd exits with code 2
+before touching anything.
+
+With systemd (Type=notify) pcpd reports readiness once its state is restored
+and it is about to serve. SIGINT or SIGTERM stop it; pinholes stay in the
+kernel with their timeouts.`,
+		Example: `  pcpd serve --interface wg0
+  pcpd serve --config /etc/pcpd/pcpd.toml
+  pcpd serve --interface wg0 --external-ipv4 203.0.113.7 --metrics 127.0.0.1:9351
+  pcpd serve --interface lan0 --client home=2001:db8:1:2::/64,192.168.1.0/24`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config.Load(cmd.Flags())
+			if err != nil {
+				var errs config.Errors
+				if errors.As(err, &errs) {
+					for _, e := range errs {
+						fmt.Fprintf(cmd.ErrOrStderr(), "pcpd: %v\n", e)
+					}
+					return silent(exitUsage)
+				}
+				return usage(err)
+			}
+			return serve(cmd.Context(), cfg, cmd.ErrOrStderr())
+		},
+	}
+	config.AddFlags(cmd.Flags())
+	cmd.Flags().SortFlags = false
+	return cmd
+}
+
+// newLogger logs to w in the console format; under systemd (the journal
+// adds its own timestamps) without the time.
+func newLogger(level zapcore.Level, w zapcore.WriteSyncer) *zap.Logger {
+	ec := zap.NewProductionEncoderConfig()
+	ec.EncodeTime = zapcore.ISO8601TimeEncoder
+	if os.Getenv("JOURNAL_STREAM") != "" {
+		ec.TimeKey = ""
+	}
+	core := zapcore.NewCore(zapcore.NewConsoleEncoder(ec), w, zap.NewAtomicLevelAt(level))
+	return zap.New(core)
+}
+
+// serve runs the daemon until ctx ends. Runtime errors exit 1.
+func serve(ctx context.Context, cfg *config.Config, stderr interface{ Write([]byte) (int, error) }) (err error) {
+	log := newLogger(cfg.LogLevel, zapcore.Lock(zapcore.AddSync(stderr)))
+	defer log.Sync()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	// The control socket comes first: if another pcpd is running, this one
+	// must stop before it touches that one's nftables table or state.
+	ctl, err := control.Listen(cfg.Socket)
+	if err != nil {
+		return failure(err)
+	}
+	defer ctl.Close()
+
+	// Ownership.
+	var (
+		own       policy.Ownership
+		ownSource string
+		changed   chan struct{}
+		bg        []func(context.Context) error
+	)
+	if len(cfg.Clients) > 0 {
+		st, err := policy.NewStatic(cfg.Clients)
+		if err != nil {
+			return usage(err) // config.Load checked this already
+		}
+		own, ownSource = st, config.OwnershipStatic
+	} else {
+		wg, err := wgctrl.New()
+		if err != nil {
+			return failure(fmt.Errorf("serve: open WireGuard control: %w", err))
+		}
+		defer wg.Close()
+		w, err := policy.NewWireGuard(wg, cfg.Interfaces, 0, log.Named("policy"))
+		if err != nil {
+			return failure(fmt.Errorf("serve: %w (ownership comes from WireGuard unless --client is given)", err))
+		}
+		own, ownSource = w, config.OwnershipWireGuard+":"+strings.Join(cfg.Interfaces, ",")
+		changed = make(chan struct{}, 1)
+		bg = append(bg, w.Run, func(ctx context.Context) error {
+			// Wake the engine on every ownership loss; it re-checks all
+			// leases at once (LIFE-05).
+			for {
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-w.Changes():
+					select {
+					case changed <- struct{}{}:
+					default:
+					}
+				}
+			}
+		})
+	}
+	host := newHostAddrs()
+	bg = append(bg, host.run)
+	tp := policy.ThirdPartyOwned
+	if cfg.ThirdParty == config.ThirdPartyOff {
+		tp = policy.ThirdPartyOff
+	}
+	pol, err := policy.New(policy.Config{
+		MinLifetime:        cfg.MinLifetime,
+		MaxLifetime:        cfg.MaxLifetime,
+		MaxLeasesPerClient: cfg.MaxLeasesPerClient,
+		MaxLeases:          cfg.MaxLeases,
+		ThirdParty:         tp,
+		HostAddrs:          host.contains,
+	}, own)
+	if err != nil {
+		return usage(err)
+	}
+
+	// Durable state.
+	st, state, err := store.Open(cfg.StateDir, log.Named("store"))
+	if err != nil {
+		return failure(err)
+	}
+	defer st.Close()
+
+	// Firewall.
+	nft, err := nftables.New()
+	if err != nil {
+		return failure(fmt.Errorf("serve: open nftables: %w", err))
+	}
+	fw, err := pinhole.New(nft, pinhole.Config{Table: cfg.Table(), Attached: cfg.Attached(), Chain: cfg.NftChain})
+	if err != nil {
+		return failure(err)
+	}
+
+	srv, err := server.New(server.Config{
+		Interfaces:    cfg.Interfaces,
+		Listen:        cfg.Listen,
+		NetNS:         netns.None(), // serve this process's namespace (the zero handle is fd 0)
+		ExternalIPv4:  cfg.ExternalIPv4,
+		IPv4Ports:     server.PortRange{First: cfg.IPv4PortLow, Last: cfg.IPv4PortHigh},
+		StrictNonce:   cfg.StrictNonce,
+		DisableMap:    cfg.DisableMap,
+		DisablePeer:   cfg.DisablePeer,
+		DisableNATPMP: cfg.DisableNATPMP,
+	}, server.Deps{
+		Firewall:         fw,
+		Store:            st,
+		State:            state,
+		Policy:           pol,
+		OwnershipChanged: changed,
+		OwnershipSource:  ownSource,
+	}, log)
+	if err != nil {
+		return failure(err)
+	}
+
+	// Metrics: bind now, so a taken port fails the start, not later.
+	var metrics *http.Server
+	if cfg.Metrics != "" {
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		for _, c := range srv.Collectors() {
+			if err := reg.Register(c); err != nil {
+				return failure(fmt.Errorf("serve: metrics: %w", err))
+			}
+		}
+		ln, err := net.Listen("tcp", cfg.Metrics)
+		if err != nil {
+			return failure(fmt.Errorf("serve: metrics: %w", err))
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go metrics.Serve(ln)
+		defer metrics.Close()
+	}
+
+	// Restore leases into the kernel before serving (EPO-04).
+	if err := srv.Start(); err != nil {
+		return failure(err)
+	}
+	for _, f := range bg {
+		go f(ctx)
+	}
+	started := time.Now()
+	ctlDone := make(chan error, 1)
+	go func() {
+		ctlDone <- control.Serve(ctx, ctl, &backend{srv: srv, cfg: cfg, started: started}, log.Named("control"))
+	}()
+	srvDone := make(chan error, 1)
+	go func() { srvDone <- srv.Serve(ctx) }()
+
+	log.Info("serving",
+		zap.Strings("interfaces", cfg.Interfaces),
+		zap.String("ownership", ownSource),
+		zap.String("nft_table", cfg.Table()),
+		zap.Bool("attached", cfg.Attached()),
+		zap.String("state_dir", cfg.StateDir),
+		zap.String("socket", cfg.Socket),
+		zap.String("metrics", cfg.Metrics),
+		zap.Int("leases_restored", len(srv.Leases())),
+	)
+	if ok, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
+		log.Warn("systemd readiness notification failed", zap.Error(err))
+	} else if ok {
+		log.Debug("told systemd we are ready")
+	}
+
+	select {
+	case err = <-srvDone:
+		cancel()
+		<-ctlDone
+	case err = <-ctlDone:
+		cancel()
+		<-srvDone
+	}
+	daemon.SdNotify(false, daemon.SdNotifyStopping)
+	if err != nil {
+		return failure(err)
+	}
+	return nil
+}
+
+// backend adapts the engine to the control socket.
+type backend struct {
+	srv     *server.Server
+	cfg     *config.Config
+	started time.Time
+}
+
+func (b *backend) Leases() []store.Lease { return b.srv.Leases() }
+
+func (b *backend) Revoke(r control.Revoke) (int, error) {
+	return b.srv.Revoke(server.RevokeFilter{Owner: r.Owner, Key: r.Key, All: r.All})
+}
+
+func (b *backend) Status() control.Status {
+	s := b.srv.Status()
+	if s.Started.IsZero() {
+		s.Started = b.started
+	}
+	out := control.Status{
+		Version:         version(),
+		PID:             os.Getpid(),
+		Started:         s.Started.UTC().Truncate(time.Second),
+		Epoch:           uint32(s.Epoch),
+		Leases:          s.Leases,
+		Owners:          s.Owners,
+		Restarted:       s.Restarted,
+		OwnershipSource: s.OwnershipSource,
+		NftTable:        b.cfg.Table(),
+		StateDir:        b.cfg.StateDir,
+	}
+	for _, a := range s.Listen {
+		out.Listen = append(out.Listen, a.String())
+	}
+	return out
+}
