@@ -4,7 +4,6 @@ import (
 	"net/netip"
 	"time"
 
-
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/pcpd/pcpd/pinhole"

@@ -6,7 +6,6 @@ import (
 	"slices"
 	"time"
 
-
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/store"
 )

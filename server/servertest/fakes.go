@@ -1,0 +1,196 @@
+// Package servertest has in-memory stand-ins for the engine's kernel and
+// disk collaborators, for fast protocol tests and fuzzing without root. The
+// end-to-end tests in package server use the real nftables backend and
+// store instead.
+package servertest
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/store"
+)
+
+// ErrInjected is the error returned by a Fail* hook.
+var ErrInjected = errors.New("servertest: injected failure")
+
+// Firewall is an in-memory pinhole.Backend: pinholes with expiry times on
+// the given clock. Apply is all-or-nothing, like one netlink transaction.
+type Firewall struct {
+	mu      sync.Mutex
+	Now     func() time.Time
+	holes   map[pinhole.Pinhole]time.Time
+	broken  bool
+	Applies int // successful Apply calls
+	Ops     int // ops in successful Apply calls
+	// FailApply, if set, is consulted before each Apply; a non-nil error
+	// fails it with nothing applied.
+	FailApply func(ops []pinhole.Op) error
+	Protected []string
+}
+
+// NewFirewall returns an empty firewall on clock now.
+func NewFirewall(now func() time.Time) *Firewall {
+	return &Firewall{Now: now, holes: map[pinhole.Pinhole]time.Time{}}
+}
+
+func (f *Firewall) Setup() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.broken = false
+	return nil
+}
+
+func (f *Firewall) SetProtected(p []netip.Prefix) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.Protected = f.Protected[:0]
+	for _, x := range p {
+		f.Protected = append(f.Protected, x.String())
+	}
+	return nil
+}
+
+func (f *Firewall) Apply(ops []pinhole.Op) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.FailApply != nil {
+		if err := f.FailApply(ops); err != nil {
+			return err
+		}
+	}
+	if f.broken {
+		return fmt.Errorf("servertest: table missing: %w", pinhole.ErrMissing)
+	}
+	next := maps.Clone(f.holes)
+	now := f.Now()
+	for i, op := range ops {
+		switch op.Kind {
+		case pinhole.Install, pinhole.Refresh:
+			if op.Timeout < time.Millisecond {
+				return &pinhole.OpError{Index: i, Op: op, Err: pinhole.ErrInvalid}
+			}
+			next[op.Pinhole] = now.Add(op.Timeout)
+		case pinhole.Delete:
+			delete(next, op.Pinhole)
+		default:
+			return &pinhole.OpError{Index: i, Op: op, Err: pinhole.ErrInvalid}
+		}
+	}
+	f.holes = next
+	f.Applies++
+	f.Ops += len(ops)
+	return nil
+}
+
+func (f *Firewall) List() ([]pinhole.Entry, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.broken {
+		return nil, pinhole.ErrMissing
+	}
+	now := f.Now()
+	var out []pinhole.Entry
+	for p, exp := range f.holes {
+		if exp.After(now) {
+			out = append(out, pinhole.Entry{Pinhole: p, Remaining: exp.Sub(now)})
+		}
+	}
+	slices.SortFunc(out, func(a, b pinhole.Entry) int { return a.Pinhole.InternalAddr.Compare(b.Pinhole.InternalAddr) })
+	return out, nil
+}
+
+func (f *Firewall) Healthy() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.broken {
+		return pinhole.ErrUnhealthy
+	}
+	return nil
+}
+
+// Tamper simulates someone deleting the table: every pinhole is gone and
+// Healthy fails until Setup.
+func (f *Firewall) Tamper() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.broken = true
+	clear(f.holes)
+}
+
+// Holes returns the live pinholes and their remaining time.
+func (f *Firewall) Holes() map[pinhole.Pinhole]time.Duration {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	now := f.Now()
+	out := map[pinhole.Pinhole]time.Duration{}
+	for p, exp := range f.holes {
+		if exp.After(now) {
+			out[p] = exp.Sub(now)
+		}
+	}
+	return out
+}
+
+// Store is an in-memory store.Store.
+type Store struct {
+	mu      sync.Mutex
+	leases  map[store.Key]store.Lease
+	origin  time.Time
+	Commits int
+	// FailCommit, if set, fails Commit when it returns non-nil.
+	FailCommit func(put []store.Lease, del []store.Key) error
+}
+
+// NewStore returns an empty store.
+func NewStore() *Store { return &Store{leases: map[store.Key]store.Lease{}} }
+
+func (s *Store) Commit(put []store.Lease, del []store.Key) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.FailCommit != nil {
+		if err := s.FailCommit(put, del); err != nil {
+			return err
+		}
+	}
+	for _, k := range del {
+		delete(s.leases, k)
+	}
+	for _, l := range put {
+		l.Filters = slices.Clone(l.Filters)
+		s.leases[l.Key] = l
+	}
+	s.Commits++
+	return nil
+}
+
+func (s *Store) ResetEpoch(origin time.Time) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.origin = origin
+	return nil
+}
+
+// State is what store.Open would return for this store's contents.
+func (s *Store) State() store.State {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := store.State{EpochOrigin: s.origin, Fresh: s.origin.IsZero()}
+	for _, l := range s.leases {
+		st.Leases = append(st.Leases, l)
+	}
+	return st
+}
+
+// Leases returns the stored leases.
+func (s *Store) Leases() map[store.Key]store.Lease {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.leases)
+}
