@@ -12,7 +12,8 @@ import (
 
 // encodedOp is a validated Op with its set and element.
 type encodedOp struct {
-	op   Op
+	orig Op // as the caller gave it, for OpError
+	op   Op // normalized
 	k    kind
 	elem nftables.SetElement // without timeout
 	id   string              // set and key: equal ids touch the same element
@@ -25,7 +26,7 @@ func encode(op Op) (encodedOp, error) {
 	}
 	k := kindOf(v.Pinhole)
 	e := element(k, v.Pinhole)
-	return encodedOp{op: v, k: k, elem: e, id: specs[k].name + "|" + string(e.Key) + "|" + string(e.KeyEnd)}, nil
+	return encodedOp{orig: op, op: v, k: k, elem: e, id: specs[k].name + "|" + string(e.Key) + "|" + string(e.KeyEnd)}, nil
 }
 
 // Apply sends ops to the kernel in one netlink transaction: all of them
@@ -184,7 +185,7 @@ func (b *Backend) blame(enc []encodedOp, orig error) error {
 		culprit = errs
 	}
 	i := hi - 1
-	return &OpError{Index: i, Op: enc[i].op, Err: classify(culprit[0])}
+	return &OpError{Index: i, Op: enc[i].orig, Err: classify(culprit[0])}
 }
 
 // leafErrors lists the per-message errors of a failed Flush (which joins
