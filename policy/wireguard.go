@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -75,7 +76,8 @@ type WireGuard struct {
 	mu       sync.Mutex // serialises refreshes; guards the fields below
 	last     time.Time
 	lastGood map[string][]wgtypes.Peer
-	warned   map[string]bool
+	warned   map[string]bool // warnings given by the last build
+	warnNext map[string]bool // warnings of the build in progress
 }
 
 var _ Ownership = (*WireGuard)(nil)
@@ -209,16 +211,21 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	var errs []error
+	changed := false
 	for _, name := range w.ifaces {
 		d, err := w.dev.Device(name)
 		switch {
 		case err == nil:
+			if old, had := w.lastGood[name]; !had || !samePeers(old, d.Peers) {
+				changed = true
+			}
 			w.lastGood[name] = d.Peers
 		case errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED):
 			// Gone, or a userspace daemon's stale socket: no traffic can
 			// reach these peers, so they own nothing.
 			if _, had := w.lastGood[name]; had {
 				w.log.Warn("WireGuard interface gone; its peers own nothing", zap.String("interface", name))
+				changed = true
 			}
 			delete(w.lastGood, name)
 		default:
@@ -226,6 +233,10 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 		}
 	}
 	w.last = time.Now()
+	if !changed {
+		// The common periodic case: one wgctrl read, no rebuild.
+		return errors.Join(errs...)
+	}
 	old := w.t.Load()
 	nt := w.buildLocked()
 	w.t.Store(nt)
@@ -244,6 +255,10 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 
 // buildLocked turns the last good peers of every interface into a table.
 func (w *WireGuard) buildLocked() *table {
+	// Warnings are remembered only while their cause persists, so a bad
+	// prefix that goes away and comes back is reported again.
+	w.warnNext = make(map[string]bool)
+	defer func() { w.warned, w.warnNext = w.warnNext, nil }()
 	var owners []Owner
 	idx := make(map[OwnerID]int32)
 	type claim struct {
@@ -307,11 +322,24 @@ func (w *WireGuard) buildLocked() *table {
 
 func (w *WireGuard) warnOnce(id OwnerID, p netip.Prefix, msg string, err error) {
 	k := string(id) + " " + p.String() + " " + msg
+	if w.warnNext[k] {
+		return
+	}
+	w.warnNext[k] = true
 	if w.warned[k] {
 		return
 	}
-	w.warned[k] = true
 	w.log.Warn(msg, zap.String("owner", string(id)), zap.Stringer("prefix", p), zap.Error(err))
+}
+
+// samePeers reports whether two reads list the same peers with the same
+// AllowedIPs in the same order (what ownership depends on).
+func samePeers(a, b []wgtypes.Peer) bool {
+	return slices.EqualFunc(a, b, func(p, q wgtypes.Peer) bool {
+		return p.PublicKey == q.PublicKey && slices.EqualFunc(p.AllowedIPs, q.AllowedIPs, func(x, y net.IPNet) bool {
+			return x.IP.Equal(y.IP) && bytes.Equal(x.Mask, y.Mask)
+		})
+	})
 }
 
 func prefixFromIPNet(n net.IPNet) (netip.Prefix, bool) {

@@ -111,6 +111,20 @@ func TestWireGuardDefaultRouteOwnsNothing(t *testing.T) {
 	if n := logs.FilterMessage("AllowedIP ignored for ownership").Len(); n != 5 {
 		t.Errorf("%d warnings about ignored AllowedIPs, want 5 (one per prefix): %v", n, logs.All())
 	}
+	// Fixed, then broken again: warned again, once.
+	d.set("wg0", peer(1, "2001:db8:a::/48", "10.0.1.0/24"), peer(2, "2001:db8:c::/48"))
+	if err := w.Refresh(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	d.set("wg0", peer(1, "2001:db8:a::/48", "10.0.1.0/24"), peer(2, "::/0", "2001:db8:c::/48"))
+	for range 2 {
+		if err := w.Refresh(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := logs.FilterMessage("AllowedIP ignored for ownership").Len(); n != 6 {
+		t.Errorf("%d warnings after ::/0 came back, want 6", n)
+	}
 	p, err := New(Config{}, w)
 	if err != nil {
 		t.Fatal(err)
