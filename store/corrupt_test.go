@@ -199,6 +199,8 @@ func TestANN03PageSweep(t *testing.T) {
 		{"header bit flip", func(p []byte, seed uint64) { p[int(seed)%16] ^= 1 << (seed % 8) }},
 		{"count bit flip", func(p []byte, seed uint64) { p[10+int(seed)%2] ^= 1 << (seed % 8) }},
 		{"overflow bit flip", func(p []byte, seed uint64) { p[12+int(seed)%4] ^= 1 << (seed % 8) }},
+		{"element bit flip", func(p []byte, seed uint64) { p[16+int(seed*31)%256] ^= 1 << (seed % 8) }},
+		{"element bit flip 2", func(p []byte, seed uint64) { p[16+int(seed*17+5)%256] ^= 1 << ((seed + 3) % 8) }},
 	}
 	var fresh, intact int
 	for pg := range pages {

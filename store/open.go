@@ -326,7 +326,7 @@ func readState(path string, o *options, readOnly bool) (db *bolt.DB, ld loaded, 
 		// a zero-length state file, so this is damage.
 		return nil, loaded{}, fmt.Errorf("store: %s is empty: %w", filepath.Base(path), ErrCorrupt)
 	}
-	meta, err := damagedMeta(path)
+	shape, err := inspectFile(path)
 	if err != nil {
 		return nil, loaded{}, err
 	}
@@ -359,7 +359,7 @@ func readState(path string, o *options, readOnly bool) (db *bolt.DB, ld loaded, 
 		if err != nil {
 			return err
 		}
-		ld.meta = meta
+		ld.meta = shape.damagedMeta
 		var problems []string
 		for cerr := range tx.Check() {
 			if len(problems) < maxCheckErrors {
