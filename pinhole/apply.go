@@ -10,6 +10,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// MaxBatch is the most ops one Apply takes. A transaction must fit in one
+// sendmsg on the netlink socket (default send buffer: 208 KiB); 256 ops of
+// the largest shape (filtered mappings, about 450 bytes per op) fit with
+// room to spare. Larger changes go as several transactions.
+const MaxBatch = 256
+
 // encodedOp is a validated Op with its set and element.
 type encodedOp struct {
 	orig Op // as the caller gave it, for OpError
@@ -41,6 +47,9 @@ func encode(op Op) (encodedOp, error) {
 // expired does not fail the batch. Both work whatever the kernel holds, so
 // retrying a batch is always safe.
 func (b *Backend) Apply(ops []Op) error {
+	if len(ops) > MaxBatch {
+		return fmt.Errorf("pinhole: batch of %d ops exceeds MaxBatch (%d): %w", len(ops), MaxBatch, ErrInvalid)
+	}
 	enc := make([]encodedOp, len(ops))
 	for i, op := range ops {
 		e, err := encode(op)
@@ -137,7 +146,10 @@ func ceilMillis(d time.Duration) time.Duration {
 // the kernel roll the probe back: the shortest failing prefix ends at the
 // culprit.
 func (b *Backend) blame(enc []encodedOp, orig error) error {
-	if errors.Is(orig, os.ErrPermission) || errors.Is(orig, unix.ENOBUFS) || errors.Is(orig, unix.EPERM) {
+	if errors.Is(orig, os.ErrPermission) || errors.Is(orig, unix.ENOBUFS) ||
+		errors.Is(orig, unix.EPERM) || errors.Is(orig, unix.EMSGSIZE) {
+		// Not about any one op: the batch never reached nftables, or the
+		// kernel could not report back.
 		return &OpError{Index: -1, Err: classify(orig)}
 	}
 	probe := func(n int) ([]error, error) {

@@ -315,3 +315,29 @@ func loadNft(t *testing.T, ns *netlab.NS, ruleset string) {
 		t.Fatalf("nft -f: %v\n%s", err, out)
 	}
 }
+
+// TestMaxBatchFits: a full batch of the largest shape (filtered IPv4
+// mappings: key, key end and data per element) fits one transaction, and
+// then installs and deletes as one.
+func TestMaxBatchFits(t *testing.T) {
+	ns := netlab.NewNS(t, "max")
+	b := newBackend(t, ns, pinhole.Config{})
+	var ins, dels []pinhole.Op
+	for i := range pinhole.MaxBatch {
+		p := pinhole.Pinhole{Protocol: udp, InternalAddr: c4, InternalPort: uint16(10000 + i), ExternalAddr: pub,
+			ExternalPort: uint16(20000 + i), RemotePrefix: netip.MustParsePrefix("203.0.113.0/24"), RemotePort: 53}
+		ins, dels = append(ins, install(p, time.Minute)), append(dels, del(p))
+	}
+	apply(t, b, ins...)
+	if got, _ := listPinholes(t, b); len(got) != pinhole.MaxBatch {
+		t.Fatalf("listed %d, want %d", len(got), pinhole.MaxBatch)
+	}
+	apply(t, b, ins...) // again: resets timeouts, no error
+	apply(t, b, dels...)
+	if got, _ := listPinholes(t, b); len(got) != 0 {
+		t.Fatalf("listed %d after delete", len(got))
+	}
+	if err := b.Apply(append(ins, ins[0])); !errors.Is(err, pinhole.ErrInvalid) {
+		t.Fatalf("Apply of MaxBatch+1 ops: %v, want ErrInvalid", err)
+	}
+}

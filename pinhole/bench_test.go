@@ -1,0 +1,126 @@
+package pinhole_test
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// benchPinhole is the i-th of many distinct plain IPv6 pinholes.
+func benchPinhole(i int) pinhole.Pinhole {
+	a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 2, 0, 0, 0, 0, byte(i >> 24), byte(i >> 16), byte(i >> 8), byte(i)})
+	return pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 443}
+}
+
+// lastingBackend is a Backend on a lasting netlink connection (one socket
+// for all calls), as a daemon would hold it.
+func lastingBackend(b testing.TB, ns *netlab.NS) *pinhole.Backend {
+	b.Helper()
+	h, err := ns.Handle()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { h.Close() })
+	conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { conn.CloseLasting() })
+	be, err := pinhole.New(conn, pinhole.Config{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := be.Setup(); err != nil {
+		b.Fatal(err)
+	}
+	return be
+}
+
+// prefill installs n pinholes in chunks.
+func prefill(b testing.TB, be *pinhole.Backend, n int) {
+	b.Helper()
+	const chunk = pinhole.MaxBatch
+	for start := 0; start < n; start += chunk {
+		var ops []pinhole.Op
+		for i := start; i < min(n, start+chunk); i++ {
+			ops = append(ops, install(benchPinhole(i), time.Hour))
+		}
+		if err := be.Apply(ops); err != nil {
+			b.Fatalf("prefill at %d: %v", start, err)
+		}
+	}
+}
+
+// BenchmarkApply measures kernel operations per second: batches of Refresh
+// (the steady-state op; in the kernel an add, a delete and an add) on
+// pinholes beside 0, 10 000 and 100 000 others already in the set, plus
+// Install+Delete pairs of pinholes that were not there.
+//
+//	go test ./pinhole -run '^$' -bench Apply -benchtime 2s
+func BenchmarkApply(b *testing.B) {
+	netlab.RequireRoot(b)
+	for _, present := range []int{0, 10_000, 100_000} {
+		ns := netlab.NewNS(b, "bench")
+		be := lastingBackend(b, ns)
+		prefill(b, be, present)
+		for _, batch := range []int{1, 16, 256} {
+			b.Run(fmt.Sprintf("present=%d/batch=%d/refresh", present, batch), func(b *testing.B) {
+				// Refresh targets: the present pinholes, or (present=0) a
+				// batch of our own installed first.
+				base := 0
+				if present == 0 {
+					base = 1 << 30
+					var ops []pinhole.Op
+					for i := range batch {
+						ops = append(ops, install(benchPinhole(base+i), time.Hour))
+					}
+					apply(b, be, ops...)
+				}
+				pool := max(present, batch)
+				ops := make([]pinhole.Op, batch)
+				next := 0
+				b.ResetTimer()
+				for b.Loop() {
+					for j := range ops {
+						ops[j] = pinhole.Op{Kind: pinhole.Refresh, Pinhole: benchPinhole(base + next%pool), Timeout: time.Hour}
+						next++
+					}
+					if err := be.Apply(ops); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.ReportMetric(float64(b.N*batch)/b.Elapsed().Seconds(), "ops/s")
+			})
+			b.Run(fmt.Sprintf("present=%d/batch=%d/install+delete", present, batch), func(b *testing.B) {
+				ins := make([]pinhole.Op, batch)
+				dels := make([]pinhole.Op, batch)
+				for j := range batch {
+					p := benchPinhole(1<<31 + j)
+					ins[j], dels[j] = install(p, time.Hour), del(p)
+				}
+				b.ResetTimer()
+				for b.Loop() {
+					if err := be.Apply(ins); err != nil {
+						b.Fatal(err)
+					}
+					if err := be.Apply(dels); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.ReportMetric(float64(2*b.N*batch)/b.Elapsed().Seconds(), "ops/s")
+			})
+		}
+		b.Run(fmt.Sprintf("present=%d/list", present), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := be.List(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
