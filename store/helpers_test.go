@@ -109,3 +109,5 @@ func reopen(t *testing.T, s *Store, opts ...Option) (*Store, State) {
 }
 
 func fixedClock(t time.Time) Option { return WithClock(func() time.Time { return t }) }
+
+func cmpLease(a, b Lease) string { return cmp.Diff(a, b, cmpOpts) }
