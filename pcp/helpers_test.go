@@ -59,3 +59,5 @@ func withFilters(o Options, fs ...Filter) Options {
 
 // cmpOpts lets go-cmp compare netip values (unexported fields).
 var cmpOpts = cmpopts.EquateComparable(netip.Addr{}, netip.Prefix{})
+
+func netipAddrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
