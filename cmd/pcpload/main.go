@@ -27,6 +27,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"sort"
 	"strings"
 	"syscall"
@@ -87,7 +88,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	cfg := config{Freebind: true, Protocol: pcp.ProtoTCP}
 	fs.Var(addrPortValue{&cfg.Server}, "server", "server `ADDR:PORT`, e.g. [2001:db8:1:2::1]:5351")
 	fs.Var(prefixValue{&cfg.Src}, "src", "`PREFIX` the clients' source addresses are taken from (the server must consider them owned)")
-	fs.Var(prefixValue{&cfg.UnauthSrc}, "unauth-src", "`PREFIX` of sources the server must refuse (for unauth in --mix; one per worker)")
+	fs.Var(prefixValue{&cfg.UnauthSrc}, "unauth-src", "`PREFIX` of sources the server must refuse (for unauth in --mix)")
+	fs.IntVar(&cfg.UnauthClients, "unauth-clients", 0, "sources used from --unauth-src (0 = as many as --clients)")
 	fs.IntVar(&cfg.Clients, "clients", 256, "simulated clients (source addresses, one socket each)")
 	fs.BoolVar(&cfg.Freebind, "freebind", true, "bind sources with IP(V6)_FREEBIND (then a local route for --src suffices)")
 	fs.IntVar(&cfg.Ports, "ports", 256, "lease slots per client (internal ports --port-base..)")
@@ -103,6 +105,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	mixStr := fs.String("mix", "new=100", "request mix, weights: new=..,renew=..,delete=..,malformed=..,unauth=..")
 	fs.Uint64Var(&cfg.Seed, "seed", 1, "random seed for the op sequence")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
+	cpuProfile := fs.String("cpuprofile", "", "write the generator's own CPU profile to `FILE`")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -120,6 +123,17 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		cfg.Protocol = pcp.ProtoUDP
 	default:
 		return fmt.Errorf("pcpload: --proto %q: want tcp or udp: %w", *proto, errConfig)
+	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return fmt.Errorf("pcpload: %w", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("pcpload: %w", err)
+		}
+		defer pprof.StopCPUProfile()
 	}
 	rep, err := run(ctx, cfg)
 	if err != nil {

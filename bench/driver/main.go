@@ -1,0 +1,626 @@
+// Command driver runs the end-to-end benchmark behind BENCHMARKS.md
+// "End to end (pcpload)": it builds a throwaway lab (internal/netlab: a
+// client namespace and a tunnel-host namespace joined by a veth), then
+// puts the UDP echo floor, pcpd and miniupnpd in turn on the host side at
+// the same address and drives each with the same pcpload scenarios from
+// the client side. It prints a markdown table of rates and ratios and
+// keeps every pcpload JSON report.
+//
+// Run it through bench/run (make bench), which builds the binaries. It
+// needs root (namespaces, nftables) and removes everything it made.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+)
+
+// The load comes from addresses that exist only as a local route in the
+// client namespace (pcpload binds them with IPV6_FREEBIND); the host
+// routes them back via the client's one real address, so neither side
+// keeps thousands of addresses or neighbour entries.
+var (
+	srcPrefix    = netip.MustParsePrefix("2001:db8:1:2:0:1::/96") // owned: inside the client's /64
+	unauthPrefix = netip.MustParsePrefix("2001:db8:1:3::/112")    // not owned by anyone
+	ownedPrefix  = netip.MustParsePrefix("2001:db8:1:2::/64")     // pcpd --client load=
+)
+
+type options struct {
+	pcpload, pcpd string
+	servers       []string
+	duration      time.Duration
+	clients       int
+	concurrency   int
+	openInFlight  int
+	timeout       time.Duration
+	out           string
+	scale         bool
+	bigLeases     int
+	pcpdArgs      []string
+	pprofURL      string
+	mupnpPrefill  int
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
+
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, " ") }
+func (l *listFlag) Set(s string) error { *l = append(*l, s); return nil }
+
+func run(ctx context.Context, args []string) error {
+	var o options
+	fs := flag.NewFlagSet("driver", flag.ContinueOnError)
+	fs.StringVar(&o.pcpload, "pcpload", "", "pcpload binary")
+	fs.StringVar(&o.pcpd, "pcpd", "", "pcpd binary")
+	servers := fs.String("servers", "floor,pcpd,miniupnpd", "servers to measure, in order")
+	fs.DurationVar(&o.duration, "duration", 5*time.Second, "length of each measured run")
+	fs.IntVar(&o.clients, "clients", 4096, "simulated clients (source addresses)")
+	fs.IntVar(&o.concurrency, "concurrency", 32, "closed-loop clients in flight")
+	fs.IntVar(&o.openInFlight, "open-inflight", 256, "open loop: most requests in flight")
+	fs.DurationVar(&o.timeout, "timeout", time.Second, "a reply later than this is a loss")
+	fs.StringVar(&o.out, "out", "bench/results", "directory for reports (a dated subdirectory is made)")
+	fs.BoolVar(&o.scale, "scale", true, "pcpd only: also run with 100 000 and --big-leases live leases")
+	fs.IntVar(&o.bigLeases, "big-leases", 1_000_000, "leases for the memory / start-up / listing figures")
+	var extra listFlag
+	fs.Var(&extra, "pcpd-arg", "extra argument for pcpd serve (repeatable)")
+	fs.IntVar(&o.mupnpPrefill, "miniupnpd-prefill", 256, "leases renewed in miniupnpd's renewal run (it slows to a crawl with many)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	o.servers = strings.Split(*servers, ",")
+	o.pcpdArgs = extra
+	if os.Geteuid() != 0 {
+		return errors.New("driver: needs root (network namespaces, nftables)")
+	}
+	stamp := time.Now().UTC().Format("20060102-150405")
+	o.out = filepath.Join(o.out, stamp)
+	if err := os.MkdirAll(o.out, 0o755); err != nil {
+		return err
+	}
+	b := &bench{o: o, res: map[string]map[string]*figure{}}
+	if err := b.setup(); err != nil {
+		return err
+	}
+	defer b.topo.Close()
+	go func() { <-ctx.Done(); b.topo.Close(); os.Exit(130) }()
+
+	for _, s := range o.servers {
+		var err error
+		switch s {
+		case "floor":
+			err = b.runServer(ctx, "floor", b.startFloor)
+		case "pcpd":
+			err = b.runServer(ctx, "pcpd", b.startPcpd)
+			if err == nil && o.scale {
+				err = b.runScale(ctx)
+			}
+		case "miniupnpd":
+			err = b.runServer(ctx, "miniupnpd", b.startMiniupnpd)
+		default:
+			err = fmt.Errorf("driver: unknown server %q", s)
+		}
+		if err != nil {
+			b.logf("%s: %v", s, err)
+			b.notes = append(b.notes, fmt.Sprintf("%s: %v", s, err))
+		}
+	}
+	table := b.table()
+	fmt.Print(table)
+	return os.WriteFile(filepath.Join(o.out, "table.md"), []byte(table), 0o644)
+}
+
+// figure is one measured number (with the run it came from).
+type figure struct {
+	value float64
+	unit  string
+	note  string
+}
+
+type bench struct {
+	o      options
+	topo   *netlab.Topology
+	server netip.AddrPort
+	res    map[string]map[string]*figure // server → figure name → value
+	notes  []string
+	log    *os.File
+}
+
+func (b *bench) logf(format string, args ...any) {
+	msg := fmt.Sprintf("%s "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
+	os.Stderr.WriteString(msg)
+	if b.log != nil {
+		b.log.WriteString(msg)
+	}
+}
+
+func (b *bench) put(server, name string, v float64, unit, note string) {
+	if b.res[server] == nil {
+		b.res[server] = map[string]*figure{}
+	}
+	b.res[server][name] = &figure{value: v, unit: unit, note: note}
+}
+
+func (b *bench) setup() error {
+	var err error
+	b.log, err = os.Create(filepath.Join(b.o.out, "driver.log"))
+	if err != nil {
+		return err
+	}
+	b.topo, err = netlab.BuildTopology(netlab.TopologyOptions{})
+	if err != nil {
+		return err
+	}
+	t := b.topo
+	b.server = netip.AddrPortFrom(t.HostTunnelV6, pcp.Port)
+	for _, p := range []netip.Prefix{srcPrefix, unauthPrefix} {
+		if _, err := t.Client.Run("ip", "-6", "route", "add", "local", p.String(), "dev", "lo"); err != nil {
+			t.Close()
+			return err
+		}
+		if _, err := t.Host.Run("ip", "-6", "route", "add", p.String(), "via", t.ClientV6.String(), "dev", t.HostLANIf); err != nil {
+			t.Close()
+			return err
+		}
+	}
+	b.logf("lab: client %s, host %s (%s), server %s", t.Client.Name, t.Host.Name, t.HostLANIf, b.server)
+	return nil
+}
+
+// proc is a server under test.
+type proc struct {
+	cmd  *exec.Cmd
+	logf *os.File
+}
+
+func (p *proc) pid() int { return p.cmd.Process.Pid }
+
+// stop ends the process group: SIGTERM, then SIGKILL after 10 s.
+func (p *proc) stop(sig syscall.Signal) {
+	syscall.Kill(-p.cmd.Process.Pid, sig)
+	done := make(chan struct{})
+	go func() { p.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		<-done
+	}
+	if p.logf != nil {
+		p.logf.Close()
+	}
+}
+
+func (b *bench) startIn(ns *netlab.NS, name string, args ...string) (*proc, error) {
+	lf, err := os.OpenFile(filepath.Join(b.o.out, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(lf, "# %s: %s\n", time.Now().Format(time.RFC3339), strings.Join(args, " "))
+	cmd, err := ns.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = lf, lf }, args...)
+	if err != nil {
+		lf.Close()
+		return nil, err
+	}
+	return &proc{cmd: cmd, logf: lf}, nil
+}
+
+func (b *bench) startFloor(fresh bool) (*proc, error) {
+	return b.startIn(b.topo.Host, "floor", b.o.pcpload, "floor", "--listen", b.server.String())
+}
+
+func (b *bench) pcpdStateDir() string { return filepath.Join(b.o.out, "pcpd-state") }
+func (b *bench) pcpdSocket() string   { return filepath.Join(b.pcpdStateDir(), "pcpd.sock") }
+
+// startPcpd starts pcpd serve on the host side with static ownership of
+// the client's /64; fresh wipes its state first.
+func (b *bench) startPcpd(fresh bool) (*proc, error) {
+	if b.o.pcpd == "" {
+		return nil, errors.New("no pcpd binary (cmd/pcpd did not build)")
+	}
+	if fresh {
+		os.RemoveAll(b.pcpdStateDir())
+		// Leftover pinholes of a previous pcpd would be reconciled away;
+		// deleting the table makes the fresh start independent of that.
+		b.topo.Host.Run("nft", "delete", "table", "inet", "pcpdbench")
+	}
+	if err := os.MkdirAll(b.pcpdStateDir(), 0o700); err != nil {
+		return nil, err
+	}
+	big := strconv.Itoa(4 * b.o.bigLeases)
+	args := []string{b.o.pcpd, "serve",
+		"--interface", b.topo.HostLANIf,
+		"--client", "load=" + ownedPrefix.String(),
+		"--state-dir", b.pcpdStateDir(),
+		"--socket", b.pcpdSocket(),
+		"--nft-table", "pcpdbench",
+		"--max-leases", big,
+		"--max-leases-per-client", big,
+	}
+	args = append(args, b.o.pcpdArgs...)
+	return b.startIn(b.topo.Host, "pcpd", args...)
+}
+
+// waitServing sends ANNOUNCE from the client's own address every 20 ms
+// until the server answers, and returns how long that took.
+func (b *bench) waitServing(timeout time.Duration) (time.Duration, error) {
+	var conn *net.UDPConn
+	err := b.topo.Client.Do(func() (err error) {
+		conn, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.topo.ClientV6, 0)), net.UDPAddrFromAddrPort(b.server))
+		return err
+	})
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close()
+	req := pcp.AppendRequest(nil, &pcp.Request{Opcode: pcp.OpAnnounce, ClientAddr: b.topo.ClientV6})
+	buf := make([]byte, 2048)
+	t0 := time.Now()
+	for time.Since(t0) < timeout {
+		conn.Write(req)
+		conn.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+		if _, err := conn.Read(buf); err == nil {
+			return time.Since(t0), nil
+		}
+		var ne net.Error
+		if err != nil && !(errors.As(err, &ne) && ne.Timeout()) {
+			time.Sleep(20 * time.Millisecond) // ECONNREFUSED: not listening yet
+		}
+	}
+	return 0, fmt.Errorf("driver: %s did not answer ANNOUNCE within %s", b.server, timeout)
+}
+
+// loadReport is the part of pcpload's JSON the driver reads.
+type loadReport struct {
+	Prefill *loadPhase `json:"prefill"`
+	Run     *loadPhase `json:"run"`
+}
+
+type loadPhase struct {
+	ElapsedSec float64              `json:"elapsed_s"`
+	Total      loadStats            `json:"total"`
+	Ops        map[string]loadStats `json:"ops"`
+}
+
+type loadStats struct {
+	Sent       uint64             `json:"sent"`
+	Answered   uint64             `json:"answered"`
+	Timeouts   uint64             `json:"timeouts"`
+	SendErrors uint64             `json:"send_errors"`
+	Results    map[string]uint64  `json:"results"`
+	Latency    map[string]float64 `json:"latency_us"`
+	Rate       float64            `json:"rate_per_s"`
+}
+
+func (s loadStats) String() string {
+	return fmt.Sprintf("%.0f/s sent %d answered %d timeouts %d p50 %.0fµs p99 %.0fµs p99.9 %.0fµs %v",
+		s.Rate, s.Sent, s.Answered, s.Timeouts, s.Latency["p50"], s.Latency["p99"], s.Latency["p99_9"], s.Results)
+}
+
+// load runs pcpload in the client namespace and keeps its JSON report.
+func (b *bench) load(ctx context.Context, server, name string, args ...string) (*loadReport, error) {
+	full := []string{"ip", "netns", "exec", b.topo.Client.Name, b.o.pcpload, "run",
+		"--server", b.server.String(),
+		"--src", srcPrefix.String(),
+		"--unauth-src", unauthPrefix.String(),
+		"--clients", strconv.Itoa(b.o.clients),
+		"--timeout", b.o.timeout.String(),
+		"--json"}
+	full = append(full, args...)
+	b.logf("%s %s: %s", server, name, strings.Join(full[4:], " "))
+	cmd := exec.CommandContext(ctx, full[0], full[1:]...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("driver: pcpload %s: %v: %s", name, err, bytes.TrimSpace(stderr.Bytes()))
+	}
+	os.WriteFile(filepath.Join(b.o.out, server+"-"+name+".json"), stdout.Bytes(), 0o644)
+	var r loadReport
+	if err := json.Unmarshal(stdout.Bytes(), &r); err != nil {
+		return nil, fmt.Errorf("driver: pcpload %s: %w", name, err)
+	}
+	if r.Prefill != nil {
+		b.logf("  prefill: %s", r.Prefill.Total)
+	}
+	b.logf("  run:     %s", r.Run.Total)
+	return &r, nil
+}
+
+func (b *bench) dur() string { return b.o.duration.String() }
+
+// runServer measures one server: every closed-loop scenario on a fresh
+// start, then (restarted fresh, so the lease count is small again) the
+// open loop at 80 % of the server's own new-MAP rate.
+func (b *bench) runServer(ctx context.Context, name string, start func(fresh bool) (*proc, error)) error {
+	p, err := start(true)
+	if err != nil {
+		return err
+	}
+	if d, err := b.waitServing(30 * time.Second); err != nil {
+		p.stop(syscall.SIGTERM)
+		return err
+	} else {
+		b.logf("%s: serving after %s", name, d.Round(time.Millisecond))
+	}
+	c := strconv.Itoa(b.o.concurrency)
+	prefill := b.o.clients
+	if name == "miniupnpd" {
+		prefill = b.o.mupnpPrefill
+	}
+	type scen struct {
+		key  string
+		args []string
+	}
+	scens := []scen{
+		{"malformed", []string{"--mix", "malformed=100", "--concurrency", c, "--duration", b.dur()}},
+		{"unauth", []string{"--mix", "unauth=100", "--concurrency", c, "--duration", b.dur()}},
+		{"renew", []string{"--mix", "renew=100", "--concurrency", c, "--duration", b.dur(),
+			"--prefill", strconv.Itoa(prefill), "--port-base", "20000", "--ports", "1"}},
+		{"mixed", []string{"--mix", "new=20,renew=60,delete=10,malformed=5,unauth=5", "--concurrency", c,
+			"--duration", b.dur(), "--prefill", strconv.Itoa(prefill), "--port-base", "21000", "--ports", "16"}},
+		{"new", []string{"--mix", "new=100", "--concurrency", c, "--duration", b.dur(), "--port-base", "30000", "--ports", "256"}},
+	}
+	var newRate float64
+	for _, s := range scens {
+		r, err := b.load(ctx, name, s.key, s.args...)
+		if err != nil {
+			p.stop(syscall.SIGTERM)
+			return err
+		}
+		st := r.Run.Total
+		b.put(name, s.key, st.Rate, "/s", lossNote(st))
+		b.put(name, s.key+"-p99", st.Latency["p99"], "µs", "")
+		if s.key == "new" {
+			newRate = st.Rate
+		}
+		if s.key == "renew" && r.Prefill != nil {
+			b.put(name, "prefill", r.Prefill.Total.Rate, "/s", lossNote(r.Prefill.Total))
+		}
+	}
+	p.stop(syscall.SIGTERM)
+	if newRate < 1 {
+		return fmt.Errorf("driver: %s answered no new MAP: no open-loop run", name)
+	}
+	if p, err = start(true); err != nil {
+		return err
+	}
+	defer p.stop(syscall.SIGTERM)
+	if _, err := b.waitServing(30 * time.Second); err != nil {
+		return err
+	}
+	rate := 0.8 * newRate
+	r, err := b.load(ctx, name, "open80", "--mix", "new=100", "--rate", fmt.Sprintf("%.0f", rate),
+		"--concurrency", strconv.Itoa(min(b.o.openInFlight, b.o.clients)), "--duration", b.dur(),
+		"--port-base", "30000", "--ports", "256")
+	if err != nil {
+		return err
+	}
+	st := r.Run.Total
+	b.put(name, "open80-p99", st.Latency["p99"], "µs", fmt.Sprintf("at %.0f/s; p50 %.0f µs, p99.9 %.0f µs%s", rate, st.Latency["p50"], st.Latency["p99_9"], lossSuffix(st)))
+	return nil
+}
+
+func lossNote(s loadStats) string {
+	lost := s.Timeouts + s.SendErrors
+	if lost == 0 {
+		return ""
+	}
+	return fmt.Sprintf("%.2f%% lost", 100*float64(lost)/float64(max(s.Sent, 1)))
+}
+
+func lossSuffix(s loadStats) string {
+	if n := lossNote(s); n != "" {
+		return "; " + n
+	}
+	return ""
+}
+
+// runScale grows pcpd to 100 000 live leases, measures the closed-loop
+// rates again, times `pcpd leases --json`, then grows to bigLeases and
+// reads memory and the restart time.
+func (b *bench) runScale(ctx context.Context) error {
+	p, err := b.startPcpd(true)
+	if err != nil {
+		return err
+	}
+	defer func() { p.stop(syscall.SIGTERM) }()
+	if _, err := b.waitServing(30 * time.Second); err != nil {
+		return err
+	}
+	c := strconv.Itoa(b.o.concurrency)
+	const hundredK = 100_000
+	// Slots: clients x ports per run; separate port ranges per run.
+	perClient := func(n int) string { return strconv.Itoa((n + b.o.clients - 1) / b.o.clients) }
+	r, err := b.load(ctx, "pcpd", "grow100k", "--mix", "renew=100", "--concurrency", c, "--count", "1",
+		"--prefill", strconv.Itoa(hundredK), "--port-base", "1024", "--ports", perClient(hundredK))
+	if err != nil {
+		return err
+	}
+	b.put("pcpd", "grow100k", r.Prefill.Total.Rate, "/s", lossNote(r.Prefill.Total))
+	b.put("pcpd", "rss100k", rssMB(p.pid()), "MB", "")
+	for _, s := range []struct{ key, mix, base, ports string }{
+		{"renew100k", "renew=100", "20000", "1"},
+		{"new100k", "new=100", "30000", "256"},
+		{"malformed100k", "malformed=100", "", ""},
+		{"unauth100k", "unauth=100", "", ""},
+	} {
+		args := []string{"--mix", s.mix, "--concurrency", c, "--duration", b.dur()}
+		if s.key == "renew100k" {
+			args = append(args, "--prefill", strconv.Itoa(b.o.clients))
+		}
+		if s.base != "" {
+			args = append(args, "--port-base", s.base, "--ports", s.ports)
+		}
+		r, err := b.load(ctx, "pcpd", s.key, args...)
+		if err != nil {
+			return err
+		}
+		b.put("pcpd", s.key, r.Run.Total.Rate, "/s", lossNote(r.Run.Total))
+	}
+	if d, n, err := b.timeLeases(); err != nil {
+		b.notes = append(b.notes, "pcpd leases --json: "+err.Error())
+	} else {
+		b.put("pcpd", "leases-json", d.Seconds(), "s", fmt.Sprintf("%d leases", n))
+	}
+
+	// Grow to bigLeases, on ports above the 100k run's.
+	have := b.leaseCount()
+	need := b.o.bigLeases - have
+	if need > 0 {
+		r, err := b.load(ctx, "pcpd", "growbig", "--mix", "renew=100", "--concurrency", c, "--count", "1",
+			"--prefill", strconv.Itoa(need), "--port-base", "40000", "--ports", perClient(need))
+		if err != nil {
+			return err
+		}
+		b.put("pcpd", "growbig", r.Prefill.Total.Rate, "/s", lossNote(r.Prefill.Total))
+	}
+	n := b.leaseCount()
+	b.put("pcpd", "rssbig", rssMB(p.pid()), "MB", fmt.Sprintf("%d live leases", n))
+	if d, n, err := b.timeLeases(); err == nil {
+		b.put("pcpd", "leases-json-big", d.Seconds(), "s", fmt.Sprintf("%d leases", n))
+	}
+	// Restart: SIGTERM, then time from exec to the first answer (pcpd
+	// serves only once its state is loaded and the kernel reconciled).
+	p.stop(syscall.SIGTERM)
+	t0 := time.Now()
+	if p, err = b.startPcpd(false); err != nil {
+		return err
+	}
+	if _, err := b.waitServing(5 * time.Minute); err != nil {
+		return err
+	}
+	b.put("pcpd", "startbig", time.Since(t0).Seconds(), "s", fmt.Sprintf("%d leases", n))
+	time.Sleep(2 * time.Second)
+	b.put("pcpd", "rssbig-restart", rssMB(p.pid()), "MB", "after restart")
+	return nil
+}
+
+// leaseCount asks pcpd status... via the leases listing (the one
+// interface that surely counts).
+func (b *bench) leaseCount() int {
+	_, n, err := b.timeLeases()
+	if err != nil {
+		return 0
+	}
+	return n
+}
+
+// timeLeases times `pcpd leases --json` (output to a file, then counted).
+func (b *bench) timeLeases() (time.Duration, int, error) {
+	path := filepath.Join(b.o.out, "leases.json")
+	f, err := os.Create(path)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer os.Remove(path)
+	cmd := exec.Command("ip", "netns", "exec", b.topo.Host.Name, b.o.pcpd, "leases", "--socket", b.pcpdSocket(), "--json")
+	var stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = f, &stderr
+	t0 := time.Now()
+	err = cmd.Run()
+	d := time.Since(t0)
+	f.Close()
+	if err != nil {
+		return 0, 0, fmt.Errorf("pcpd leases: %v: %s", err, bytes.TrimSpace(stderr.Bytes()))
+	}
+	rf, err := os.Open(path)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer rf.Close()
+	dec := json.NewDecoder(bufio.NewReaderSize(rf, 1<<20))
+	if _, err := dec.Token(); err != nil { // [
+		return 0, 0, fmt.Errorf("pcpd leases --json: %w", err)
+	}
+	n := 0
+	for dec.More() {
+		var v json.RawMessage
+		if err := dec.Decode(&v); err != nil {
+			return 0, 0, fmt.Errorf("pcpd leases --json: lease %d: %w", n, err)
+		}
+		n++
+	}
+	b.logf("pcpd leases --json: %d leases in %s", n, d.Round(time.Millisecond))
+	return d, n, nil
+}
+
+// rssMB reads VmRSS of pid in MB (10^6 bytes).
+func rssMB(pid int) float64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			kb, _ := strconv.ParseFloat(f[1], 64)
+			return kb * 1024 / 1e6
+		}
+	}
+	return 0
+}
+
+// machine describes where the numbers come from.
+func machine() string {
+	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
+	cpu := ""
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(data), "\n") {
+			if strings.HasPrefix(line, "model name") {
+				_, cpu, _ = strings.Cut(line, ": ")
+				break
+			}
+		}
+	}
+	rev, _ := exec.Command("git", "rev-parse", "--short", "HEAD").Output()
+	return fmt.Sprintf("%d cores (%s), Linux %s, %s, commit %s, %s",
+		numCPU(), cpu, strings.TrimSpace(string(kernel)), goVersion(), strings.TrimSpace(string(rev)), time.Now().UTC().Format("2006-01-02 15:04 MST"))
+}
+
+func numCPU() int {
+	out, err := exec.Command("nproc").Output()
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(strings.TrimSpace(string(out)))
+	return n
+}
+
+func goVersion() string {
+	out, err := exec.Command("go", "version").Output()
+	if err != nil {
+		return "go ?"
+	}
+	f := strings.Fields(string(out))
+	if len(f) >= 3 {
+		return f[2]
+	}
+	return "go ?"
+}
+
+var _ io.Writer = (*os.File)(nil)
