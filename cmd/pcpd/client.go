@@ -182,7 +182,7 @@ Exits 0 on SUCCESS, 1 on any other result or when the server does not answer.`,
 			defer cancel()
 			var resp pcp.Response
 			if err := c.Do(ctx, req, &resp); err != nil {
-				if errors.Is(err, context.DeadlineExceeded) {
+				if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, pcp.ErrNoResponse) {
 					err = fmt.Errorf("no answer from %s within %v", c.Server, cf.timeout)
 				}
 				return failure(fmt.Errorf("map: %w", err))
@@ -299,7 +299,7 @@ Exits 0 on SUCCESS, 1 on any other result or when the server does not answer.`,
 			defer cancel()
 			var resp pcp.Response
 			if err := c.Do(ctx, req, &resp); err != nil {
-				if errors.Is(err, context.DeadlineExceeded) {
+				if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, pcp.ErrNoResponse) {
 					err = fmt.Errorf("no answer from %s within %v", c.Server, cf.timeout)
 				}
 				return failure(fmt.Errorf("announce: %w", err))

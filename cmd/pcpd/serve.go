@@ -119,7 +119,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr interface{ Write([]by
 	var (
 		own       policy.Ownership
 		ownSource string
-		changed   chan struct{}
+		changes   <-chan policy.Change
 		bg        []func(context.Context) error
 	)
 	if len(cfg.Clients) > 0 {
@@ -139,22 +139,8 @@ func serve(ctx context.Context, cfg *config.Config, stderr interface{ Write([]by
 			return failure(fmt.Errorf("serve: %w (ownership comes from WireGuard unless --client is given)", err))
 		}
 		own, ownSource = w, config.OwnershipWireGuard+":"+strings.Join(cfg.Interfaces, ",")
-		changed = make(chan struct{}, 1)
-		bg = append(bg, w.Run, func(ctx context.Context) error {
-			// Wake the engine on every ownership loss; it re-checks all
-			// leases at once (LIFE-05).
-			for {
-				select {
-				case <-ctx.Done():
-					return nil
-				case <-w.Changes():
-					select {
-					case changed <- struct{}{}:
-					default:
-					}
-				}
-			}
-		})
+		changes = w.Changes()
+		bg = append(bg, w.Run)
 	}
 	host := newHostAddrs()
 	bg = append(bg, host.run)
@@ -202,12 +188,12 @@ func serve(ctx context.Context, cfg *config.Config, stderr interface{ Write([]by
 		DisablePeer:   cfg.DisablePeer,
 		DisableNATPMP: cfg.DisableNATPMP,
 	}, server.Deps{
-		Firewall:         fw,
-		Store:            st,
-		State:            state,
-		Policy:           pol,
-		OwnershipChanged: changed,
-		OwnershipSource:  ownSource,
+		Firewall:        fw,
+		Store:           st,
+		State:           state,
+		Policy:          pol,
+		Changes:         changes,
+		OwnershipSource: ownSource,
 	}, log)
 	if err != nil {
 		return failure(err)
