@@ -50,10 +50,10 @@ type Deps struct {
 	// State is what store.Open found: the leases and epoch to resume.
 	State  store.State
 	Policy Policy
-	// OwnershipChanged, if set, signals that ownership may have changed
-	// (WireGuard peers or AllowedIPs); the engine then re-checks every
-	// lease at once instead of at its next periodic sweep (LIFE-05).
-	OwnershipChanged <-chan struct{}
+	// Changes, if set, delivers ownership losses ((*policy.WireGuard).Changes):
+	// the engine drains it and revokes at once the leases no longer owned,
+	// instead of at its next periodic sweep (LIFE-05).
+	Changes <-chan policy.Change
 	// OwnershipSource names where ownership comes from, for Status
 	// ("wireguard:wg0", "static").
 	OwnershipSource string

@@ -188,7 +188,17 @@ func (s *Server) Serve(ctx context.Context) error {
 			s.checkFirewall()
 		case <-sweep.C:
 			s.sweepOwnership()
-		case <-s.deps.OwnershipChanged:
+		case c := <-s.deps.Changes:
+			s.log.Debug("ownership lost", zap.String("peer", string(c.Owner)), zap.Bool("removed", c.Removed), zap.Any("lost", c.Lost))
+			// Drain what else is queued: one sweep covers all of it.
+		more:
+			for {
+				select {
+				case <-s.deps.Changes:
+				default:
+					break more
+				}
+			}
 			s.sweepOwnership()
 		}
 	}

@@ -1,0 +1,241 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/server/servertest"
+	"github.com/pcpd/pcpd/store"
+)
+
+// TestResultCode maps every internal error and policy reason to its code,
+// in one place.
+func TestResultCode(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want pcp.ResultCode
+	}{
+		{nil, pcp.Success},
+		{&policyError{policy.NoOwner}, pcp.NotAuthorized},
+		{&policyError{policy.NotOwned}, pcp.NotAuthorized},
+		{&policyError{policy.NeverOpenable}, pcp.NotAuthorized},
+		{&policyError{policy.PortDenied}, pcp.NotAuthorized},
+		{&policyError{policy.ThirdPartyDenied}, pcp.UnsuppOption},
+		{&policyError{policy.ProtocolDenied}, pcp.UnsuppProtocol},
+		{&policyError{policy.AllPortsDenied}, pcp.UnsuppProtocol},
+		{&policyError{policy.AllProtocolsDenied}, pcp.UnsuppProtocol},
+		{&policyError{policy.ClientQuota}, pcp.UserExQuota},
+		{&policyError{policy.GlobalQuota}, pcp.NoResources},
+		{fmt.Errorf("x: %w", errDisabled), pcp.NotAuthorized},
+		{errNoExternalIPv4, pcp.NotAuthorized},
+		{errNonce, pcp.NotAuthorized},
+		{errPeerOnly, pcp.NotAuthorized},
+		{fmt.Errorf("x: %w", errCannotProvide), pcp.CannotProvideExternal},
+		{errNoPorts, pcp.NoResources},
+		{errTooManyFilters, pcp.ExcessiveRemotePeers},
+		{errUnsuppProtocol, pcp.UnsuppProtocol},
+		{errInternalPortZero, pcp.NotAuthorized},
+		{errors.New("anything else"), pcp.NoResources},
+	} {
+		if got := resultCode(c.err); got != c.want {
+			t.Errorf("resultCode(%v) = %v, want %v", c.err, got, c.want)
+		}
+	}
+	for c, want := range map[pcp.ResultCode]pcp.PMPResultCode{
+		pcp.Success: pcp.PMPSuccess, pcp.NotAuthorized: pcp.PMPNotAuthorized, pcp.NetworkFailure: pcp.PMPNetworkFailure,
+		pcp.NoResources: pcp.PMPOutOfResources, pcp.UserExQuota: pcp.PMPOutOfResources, pcp.UnsuppProtocol: pcp.PMPNotAuthorized,
+	} {
+		if got := pmpResult(c); got != want {
+			t.Errorf("pmpResult(%v) = %v, want %v", c, got, want)
+		}
+	}
+}
+
+// TestGroupCommit: requests that arrive together share one kernel
+// transaction and one store commit; a failing one does not fail the
+// others.
+func TestGroupCommit(t *testing.T) {
+	h := newHarness(t)
+	var reqs []Request
+	for i := range 50 {
+		b := pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, uint16(1000+i), 0, time.Hour, 1))
+		reqs = append(reqs, Request{Local: local6, Source: netip.AddrPortFrom(addrA, 5000), Data: b})
+	}
+	applies, commits := h.fw.Applies, h.st.Commits
+	replies := h.s.HandleBatch(reqs)
+	for i, r := range replies {
+		if len(r) < 4 || r[3] != 0 {
+			t.Fatalf("reply %d: % x", i, r)
+		}
+	}
+	if h.fw.Applies-applies != 1 || h.st.Commits-commits != 1 {
+		t.Fatalf("%d applies and %d commits for one batch", h.fw.Applies-applies, h.st.Commits-commits)
+	}
+	t.Run("isolation", func(t *testing.T) {
+		bad := hole(6, addrA, 2001, addrA, 2001)
+		h.fw.FailApply = func(ops []pinhole.Op) error {
+			for _, o := range ops {
+				if o.Pinhole == bad {
+					return servertest.ErrInjected
+				}
+			}
+			return nil
+		}
+		defer func() { h.fw.FailApply = nil }()
+		var reqs []Request
+		for i := range 3 {
+			b := pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, uint16(2000+i), 0, time.Hour, 1))
+			reqs = append(reqs, Request{Local: local6, Source: netip.AddrPortFrom(addrA, 5000), Data: b})
+		}
+		replies := h.s.HandleBatch(reqs)
+		for i, want := range []pcp.ResultCode{pcp.Success, pcp.NoResources, pcp.Success} {
+			if replies[i][3] != byte(want) {
+				t.Fatalf("reply %d: % x, want %v", i, replies[i][:4], want)
+			}
+		}
+		if _, ok := h.lease(ownerA, 6, addrA, 2001); ok {
+			t.Fatal("failed request left a lease")
+		}
+	})
+	t.Run("concurrent", func(t *testing.T) {
+		var wg sync.WaitGroup
+		for i := range 20 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				b := pcp.AppendRequest(nil, mapReq(addrB, pcp.ProtoUDP, uint16(3000+i), 0, time.Hour, 1))
+				if r := h.s.Handle(local6, netip.AddrPortFrom(addrB, 5000), b); r[3] != 0 {
+					t.Errorf("% x", r)
+				}
+			}()
+		}
+		wg.Wait()
+	})
+}
+
+// mutableOwnership lets a test take addresses away (LIFE-05).
+type mutableOwnership struct {
+	mu     sync.Mutex
+	owners map[policy.OwnerID][]netip.Prefix
+}
+
+func (m *mutableOwnership) Lookup(a netip.Addr) (policy.Owner, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	best, bits := policy.Owner{}, -1
+	for id, ps := range m.owners {
+		for _, p := range ps {
+			if p.Contains(a) && p.Bits() > bits {
+				best, bits = policy.Owner{ID: id, Prefixes: ps}, p.Bits()
+			}
+		}
+	}
+	return best, bits >= 0
+}
+
+func (m *mutableOwnership) Owners() []policy.Owner {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []policy.Owner
+	for id, ps := range m.owners {
+		out = append(out, policy.Owner{ID: id, Prefixes: ps})
+	}
+	return out
+}
+
+// TestLIFE05Revocation: when a peer loses an address its leases go at
+// once, with a log line naming peer, address and port.
+func TestLIFE05Revocation(t *testing.T) {
+	h := newHarness(t)
+	own := &mutableOwnership{owners: map[policy.OwnerID][]netip.Prefix{
+		"wg:A": {netip.MustParsePrefix("2001:db8:a::/48")},
+		"wg:B": {netip.MustParsePrefix("2001:db8:b::/48")},
+	}}
+	h.own = own
+	h.start()
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
+	h.expect(h.do(mapReq(addrA2, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
+	h.expect(h.do(mapReq(addrB, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
+	own.mu.Lock()
+	own.owners["wg:A"] = []netip.Prefix{netip.MustParsePrefix("2001:db8:a::11/128")}
+	own.mu.Unlock()
+	h.s.sweepOwnership()
+	if len(h.s.Leases()) != 2 || len(h.fw.Holes()) != 2 || len(h.st.Leases()) != 2 {
+		t.Fatalf("after shrink: %v", h.s.Leases())
+	}
+	if _, ok := h.fw.Holes()[hole(6, addrA, 443, addrA, 443)]; ok {
+		t.Fatal("revoked pinhole still in the kernel")
+	}
+	logs := h.logs.FilterMessageSnippet("revoked").All()
+	if len(logs) != 1 {
+		t.Fatalf("log lines %v", logs)
+	}
+	f := logs[0].ContextMap()
+	if f["peer"] != "wg:A" || f["address"] != addrA.String() || fmt.Sprint(f["port"]) != "443" {
+		t.Fatalf("log fields %v", f)
+	}
+	own.mu.Lock()
+	delete(own.owners, "wg:B")
+	own.mu.Unlock()
+	h.s.sweepOwnership()
+	if len(h.s.Leases()) != 1 {
+		t.Fatalf("after peer removal: %v", h.s.Leases())
+	}
+}
+
+// TestTamperRestore: a deleted table is noticed and every live lease's
+// pinhole comes back.
+func TestTamperRestore(t *testing.T) {
+	h := newHarness(t)
+	h.do(mapReq(addrA, pcp.ProtoTCP, 443, 80, time.Hour, 1))
+	h.do(mapReq(v4A, pcp.ProtoUDP, 53, 0, time.Hour, 1))
+	h.fw.Tamper()
+	h.clock.Advance(time.Minute)
+	h.s.checkFirewall()
+	holes := h.fw.Holes()
+	if len(holes) != 2 || holes[hole(6, addrA, 443, addrA, 80)] != 59*time.Minute {
+		t.Fatalf("after restore: %v", holes)
+	}
+	if len(h.logs.FilterMessageSnippet("restoring").All()) == 0 {
+		t.Fatal("restore not logged")
+	}
+}
+
+// TestOperatorAPI: Leases, Revoke, Status.
+func TestOperatorAPI(t *testing.T) {
+	h := newHarness(t)
+	h.do(mapReq(addrA, pcp.ProtoTCP, 443, 80, time.Hour, 1))
+	h.do(mapReq(addrA, pcp.ProtoUDP, 53, 0, time.Hour, 1))
+	h.do(mapReq(addrB, pcp.ProtoTCP, 22, 0, time.Hour, 1))
+	ls := h.s.Leases()
+	if len(ls) != 3 || ls[0].Owner != ownerA || ls[2].Owner != ownerB {
+		t.Fatalf("leases %v", ls)
+	}
+	st := h.s.Status()
+	if st.Leases != 3 || st.Owners != 2 {
+		t.Fatalf("status %+v", st)
+	}
+	k := store.Key{Owner: ownerA, Protocol: 17, InternalAddr: addrA, InternalPort: 53}
+	if n, err := h.s.Revoke(RevokeFilter{Key: &k}); n != 1 || err != nil {
+		t.Fatalf("revoke key: %d %v", n, err)
+	}
+	if n, err := h.s.Revoke(RevokeFilter{Owner: ownerA}); n != 1 || err != nil {
+		t.Fatalf("revoke owner: %d %v", n, err)
+	}
+	if n, err := h.s.Revoke(RevokeFilter{All: true}); n != 1 || err != nil {
+		t.Fatalf("revoke all: %d %v", n, err)
+	}
+	if len(h.fw.Holes()) != 0 || len(h.st.Leases()) != 0 {
+		t.Fatal("revoked state left behind")
+	}
+	if _, err := h.s.Revoke(RevokeFilter{}); err == nil {
+		t.Fatal("empty filter accepted")
+	}
+}
