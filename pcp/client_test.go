@@ -79,7 +79,7 @@ func (s *fakeServer) serve() {
 			wrong.Map.Nonce[0] ^= 0xff
 			wrong.Map.ExternalPort = 1
 			s.conn.WriteToUDPAddrPort(AppendResponse(nil, &wrong), from) // wrong nonce
-			s.conn.WriteToUDPAddrPort([]byte{2, 0x81, 0, 0}, from)      // undecodable
+			s.conn.WriteToUDPAddrPort([]byte{2, 0x81, 0, 0}, from)       // undecodable
 		}
 		s.conn.WriteToUDPAddrPort(AppendResponse(nil, &resp), from)
 	}
