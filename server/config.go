@@ -22,8 +22,9 @@ type Config struct {
 	// Listen, if set, lists the only addresses served (port 0 means 5351);
 	// each is served on whichever of Interfaces holds it.
 	Listen []netip.AddrPort
-	// NetNS, if open, is the network namespace whose interfaces are served
-	// (tests; production leaves it unset and serves its own namespace).
+	// NetNS, if a handle > 0, is the network namespace whose interfaces are
+	// served (tests). The zero value and netns.None() serve the process's
+	// own namespace.
 	NetNS netns.NsHandle
 
 	// ExternalIPv4 is the public IPv4 address for IPv4 mappings (PCP with

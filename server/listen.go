@@ -101,7 +101,7 @@ func (l *listener) sockets() []*udpConn {
 func (l *listener) run(ctx context.Context) error {
 	var h *netlink.Handle
 	var err error
-	if l.ns.IsOpen() {
+	if nsSet(l.ns) {
 		h, err = netlink.NewHandleAt(l.ns)
 	} else {
 		h, err = netlink.NewHandle()
@@ -121,7 +121,7 @@ func (l *listener) run(ctx context.Context) error {
 	}
 	subscribe := func(done chan struct{}) {
 		var nsp *netns.NsHandle
-		if l.ns.IsOpen() {
+		if nsSet(l.ns) {
 			nsp = &l.ns
 		}
 		ach := make(chan netlink.AddrUpdate, 64)

@@ -13,7 +13,7 @@ import (
 // returned to the scheduler if switching back succeeded; otherwise it dies
 // with the goroutine, so no other goroutine ever runs in the wrong namespace.
 func inNS(ns netns.NsHandle, fn func() error) error {
-	if !ns.IsOpen() {
+	if !nsSet(ns) {
 		return fn()
 	}
 	errc := make(chan error, 1)
@@ -37,3 +37,8 @@ func inNS(ns netns.NsHandle, fn func() error) error {
 	}()
 	return <-errc
 }
+
+// nsSet reports whether ns names a namespace to enter. The zero value (fd
+// 0, stdin) and netns.None() (-1) both mean "this process's namespace", so
+// a Config literal without NetNS serves where the process runs.
+func nsSet(ns netns.NsHandle) bool { return ns > 0 }
