@@ -174,7 +174,7 @@ func (c *Client) exchange(ctx context.Context, msg []byte, irt time.Duration, at
 	buf := make([]byte, 2048)
 	rt := jitter(irt)
 	for i := 0; i < attempts; i++ {
-		if err := ctx.Err(); err != nil {
+		if err := ctxErr(ctx); err != nil {
 			return err
 		}
 		if _, err := c.Conn.WriteTo(msg, dst); err != nil {
@@ -207,10 +207,22 @@ func (c *Client) exchange(ctx context.Context, msg []byte, irt time.Duration, at
 		}
 		rt = min(jitter(2*rt), mrt)
 	}
-	if err := ctx.Err(); err != nil {
+	if err := ctxErr(ctx); err != nil {
 		return err
 	}
 	return ErrNoResponse
+}
+
+// ctxErr is ctx.Err, also when the deadline has passed but the context's
+// timer has not fired yet (a read deadline can expire first).
+func ctxErr(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if d, ok := ctx.Deadline(); ok && !time.Now().Before(d) {
+		return context.DeadlineExceeded
+	}
+	return nil
 }
 
 // jitter applies §8.1.1's RAND in [-0.1, +0.1].
