@@ -258,3 +258,46 @@ func TestEveryDesignFlagExists(t *testing.T) {
 		}
 	}
 }
+
+// dist/pcpd.toml is the documented example: it loads without a mistake and
+// mentions every key (set or commented out with its default).
+func TestExampleConfig(t *testing.T) {
+	path := filepath.Join("..", "dist", "pcpd.toml")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	AddFlags(fs)
+	if err := fs.Parse([]string{"--config", path}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(fs); err != nil {
+		t.Fatalf("example config: %v", err)
+	}
+	for _, s := range settings {
+		key := s.name + " ="
+		if s.kind == kClients {
+			key = "[" + s.name + "]"
+		}
+		if !strings.Contains(string(data), key) {
+			t.Errorf("example config does not mention %q", key)
+		}
+	}
+	// Uncommenting every key must still load: the commented values are valid.
+	var lines []string
+	for _, l := range strings.Split(string(data), "\n") {
+		if strings.HasPrefix(l, "# ") && (strings.Contains(l, " = ") || strings.HasPrefix(l, "# [")) && !strings.Contains(l, "nft-attach") {
+			l = strings.TrimPrefix(l, "# ")
+		}
+		lines = append(lines, l)
+	}
+	all := filepath.Join(t.TempDir(), "all.toml")
+	os.WriteFile(all, []byte(strings.Join(lines, "\n")), 0o600)
+	fs = pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	AddFlags(fs)
+	fs.Parse([]string{"--config", all})
+	if _, err := Load(fs); err != nil {
+		t.Fatalf("example config with every key uncommented: %v", err)
+	}
+}
