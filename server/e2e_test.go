@@ -1,0 +1,486 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
+)
+
+// lab is the real thing in three namespaces: userspace WireGuard between
+// Host and Client, WireGuard ownership, the nftables backend in Host, a
+// bbolt store in a temporary directory, and the engine serving the Host's
+// WireGuard interface.
+type lab struct {
+	t    *testing.T
+	topo *netlab.Topology
+	log  *zap.Logger
+	fw   *pinhole.Backend
+	wgc  *wgctrl.Client
+	wg   *policy.WireGuard
+	pol  *policy.Policy
+	dir  string
+	cfg  Config
+
+	st     *store.Store
+	srv    *Server
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func newLab(t *testing.T, mod ...func(*Config)) *lab {
+	netlab.RequireRoot(t)
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{WireGuard: true})
+	l := &lab{t: t, topo: topo, dir: t.TempDir(), log: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))}
+	conn, err := topo.Host.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.fw, err = pinhole.New(conn, pinhole.Config{}); err != nil {
+		t.Fatal(err)
+	}
+	if l.wgc, err = wgctrl.New(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.wgc.Close() })
+	if l.wg, err = policy.NewWireGuard(l.wgc, []string{topo.HostLANIf}, 200*time.Millisecond, l.log.Named("wg")); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go l.wg.Run(ctx)
+	if l.pol, err = policy.New(policy.Config{}, l.wg); err != nil {
+		t.Fatal(err)
+	}
+	ns, err := topo.Host.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Close() })
+	l.cfg = Config{
+		Interfaces:     []string{topo.HostLANIf},
+		NetNS:          ns,
+		ExternalIPv4:   topo.HostPublicV4,
+		TamperInterval: 300 * time.Millisecond,
+	}
+	for _, m := range mod {
+		m(&l.cfg)
+	}
+	l.start()
+	t.Cleanup(l.stop)
+	return l
+}
+
+// start runs a fresh Server on the lab's state directory, as the daemon's
+// start would.
+func (l *lab) start() {
+	l.t.Helper()
+	st, state, err := store.Open(l.dir, l.log.Named("store"))
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	srv, err := New(l.cfg, Deps{Firewall: l.fw, Store: st, State: state, Policy: l.pol, Changes: l.wg.Changes(), OwnershipSource: "wireguard"}, l.log)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	l.st, l.srv, l.cancel, l.done = st, srv, cancel, make(chan error, 1)
+	go func() { l.done <- srv.Run(ctx) }()
+	if err := netlab.Eventually(5*time.Second, func() error {
+		if n := len(srv.Status().Listen); n < 2 {
+			return errors.New("not serving yet")
+		}
+		return nil
+	}); err != nil {
+		l.t.Fatal(err)
+	}
+}
+
+func (l *lab) stop() {
+	if l.cancel == nil {
+		return
+	}
+	l.cancel()
+	if err := <-l.done; err != nil {
+		l.t.Errorf("Run: %v", err)
+	}
+	l.st.Close()
+	l.cancel = nil
+}
+
+// exchange sends b from the Client namespace (from laddr, if valid) to dst
+// and returns the reply. The socket is connected: a reply from any other
+// address than dst is never seen (HDR-02).
+func (l *lab) exchange(laddr, dst netip.AddrPort, b []byte) ([]byte, error) {
+	var c *net.UDPConn
+	err := l.topo.Client.Do(func() (err error) {
+		var la *net.UDPAddr
+		if laddr.IsValid() {
+			la = net.UDPAddrFromAddrPort(laddr)
+		}
+		c, err = net.DialUDP("udp", la, net.UDPAddrFromAddrPort(dst))
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	buf := make([]byte, 2048)
+	for range 6 {
+		if _, err := c.Write(b); err != nil {
+			return nil, err
+		}
+		c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		n, err := c.Read(buf)
+		if err == nil {
+			return buf[:n], nil
+		}
+	}
+	return nil, errors.New("no reply")
+}
+
+func (l *lab) server6() netip.AddrPort { return netip.AddrPortFrom(l.topo.HostTunnelV6, Port) }
+func (l *lab) server4() netip.AddrPort { return netip.AddrPortFrom(l.topo.HostTunnelV4, Port) }
+
+func (l *lab) pcp(r *pcp.Request) pcp.Response {
+	l.t.Helper()
+	dst := l.server6()
+	if r.ClientAddr.Is4() {
+		dst = l.server4()
+	}
+	out, err := l.exchange(netip.AddrPort{}, dst, pcp.AppendRequest(nil, r))
+	if err != nil {
+		l.t.Fatalf("PCP %v: %v", r.Opcode, err)
+	}
+	var resp pcp.Response
+	if err := pcp.ParseResponse(out, &resp); err != nil {
+		l.t.Fatalf("reply % x: %v", out, err)
+	}
+	return resp
+}
+
+// reach reports whether a TCP connection from the Internet namespace to
+// addr gets through to the client's service.
+func (l *lab) reach(addr netip.AddrPort) bool {
+	return l.topo.Internet.DialTCP(addr.String(), 700*time.Millisecond) == nil
+}
+
+func (l *lab) kernelHoles() []pinhole.Entry {
+	l.t.Helper()
+	es, err := l.fw.List()
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	return es
+}
+
+// TestE2EMapDeleteTraffic: MAP opens, delete closes, as seen by real TCP
+// from the internet through nftables and WireGuard; the redirect 80 → 443
+// works; a TCP MAP leaves UDP closed (MAP-06); LIFE-02 in the kernel.
+func TestE2EMapDeleteTraffic(t *testing.T) {
+	l := newLab(t)
+	c := l.topo.ClientV6
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 443).String())
+	svc := netip.AddrPortFrom(c, 443)
+	if l.reach(svc) {
+		t.Fatal("reachable before any MAP: the guard is not in place")
+	}
+	resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 443, time.Hour, 1))
+	if resp.Result != pcp.Success || resp.Map.ExternalPort != 443 {
+		t.Fatalf("MAP: %+v", resp)
+	}
+	if !l.reach(svc) {
+		t.Fatal("MAP-granted pinhole does not pass traffic")
+	}
+	t.Run("LIFE-02", func(t *testing.T) {
+		es := l.kernelHoles()
+		if len(es) != 1 || es[0].Remaining < time.Hour-2*time.Second || es[0].Remaining > time.Hour {
+			t.Fatalf("kernel: %+v", es)
+		}
+	})
+	t.Run("MAP-11 redirect", func(t *testing.T) {
+		resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 80, time.Hour, 2)) // new nonce: replaced (c)
+		if resp.Result != pcp.Success || resp.Map.ExternalPort != 80 {
+			t.Fatalf("MAP: %+v", resp)
+		}
+		if !l.reach(netip.AddrPortFrom(c, 80)) {
+			t.Fatal("port 80 not redirected to 443")
+		}
+	})
+	t.Run("MAP-06", func(t *testing.T) {
+		l.topo.Client.ServeUDPEcho(t, netip.AddrPortFrom(c, 443).String())
+		if l.topo.Internet.ProbeUDP(netip.AddrPortFrom(c, 443).String(), 500*time.Millisecond) == nil {
+			t.Fatal("UDP passes after a TCP-only MAP")
+		}
+	})
+	t.Run("MAP-16 delete", func(t *testing.T) {
+		resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, 0, 2))
+		if resp.Result != pcp.Success || resp.Lifetime != 0 {
+			t.Fatalf("delete: %+v", resp)
+		}
+		if l.reach(netip.AddrPortFrom(c, 80)) || len(l.kernelHoles()) != 0 {
+			t.Fatal("delete left the pinhole open")
+		}
+	})
+}
+
+// TestE2EOwnership: the client cannot open an address of another peer
+// (TP-03 / SEC-02), checked in the kernel; a spoofed source never arrives;
+// ADDRESS_MISMATCH over the tunnel; removing the peer's AllowedIPs revokes
+// its leases (LIFE-05).
+func TestE2EOwnership(t *testing.T) {
+	l := newLab(t)
+	other, _ := wgtypes.GeneratePrivateKey()
+	otherPfx := netip.MustParsePrefix("2001:db8:1:3::/64")
+	err := l.wgc.ConfigureDevice(l.topo.HostLANIf, wgtypes.Config{Peers: []wgtypes.PeerConfig{{
+		PublicKey: other.PublicKey(), AllowedIPs: []net.IPNet{{IP: otherPfx.Addr().AsSlice(), Mask: net.CIDRMask(64, 128)}},
+	}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := netip.MustParseAddr("2001:db8:1:3::10")
+	if err := netlab.Eventually(3*time.Second, func() error {
+		if o, ok := l.wg.Lookup(victim); !ok || o.ID == "" {
+			return errors.New("second peer not seen yet")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	c := l.topo.ClientV6
+	r := mapReq(c, pcp.ProtoTCP, 22, 0, time.Hour, 1)
+	r.Options.ThirdParty = victim
+	if resp := l.pcp(r); resp.Result != pcp.NotAuthorized {
+		t.Fatalf("THIRD_PARTY for another peer's address: %v", resp.Result)
+	}
+	t.Run("ADDR-01", func(t *testing.T) {
+		r := mapReq(netip.MustParseAddr("2001:db8:1:2::99"), pcp.ProtoTCP, 22, 0, time.Hour, 1)
+		out, err := l.exchange(netip.AddrPort{}, l.server6(), pcp.AppendRequest(nil, r))
+		if err != nil || len(out) < 4 || out[3] != byte(pcp.AddressMismatch) {
+			t.Fatalf("% x %v", out, err)
+		}
+	})
+	if n := len(l.kernelHoles()); n != 0 {
+		t.Fatalf("%d pinholes after refused requests", n)
+	}
+	t.Run("LIFE-05", func(t *testing.T) {
+		if resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); resp.Result != pcp.Success {
+			t.Fatalf("MAP: %v", resp.Result)
+		}
+		// Shrink the client's AllowedIPs to its IPv4 address only.
+		err := l.wgc.ConfigureDevice(l.topo.HostLANIf, wgtypes.Config{Peers: []wgtypes.PeerConfig{{
+			PublicKey: l.topo.ClientKey.PublicKey(), UpdateOnly: true, ReplaceAllowedIPs: true,
+			AllowedIPs: []net.IPNet{{IP: l.topo.ClientV4.AsSlice(), Mask: net.CIDRMask(32, 32)}},
+		}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		if err := netlab.Eventually(5*time.Second, func() error {
+			if len(l.kernelHoles()) != 0 || len(l.srv.Leases()) != 0 {
+				return errors.New("lease not revoked yet")
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("revoked %v after AllowedIPs shrank", time.Since(start).Round(time.Millisecond))
+	})
+}
+
+// TestE2ERestart: a restart on the same state directory keeps leases,
+// pinholes, traffic and the epoch (EPO-04), and announces to the client
+// (ANN-03..06) with growing gaps.
+func TestE2ERestart(t *testing.T) {
+	l := newLab(t)
+	c := l.topo.ClientV6
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 443).String())
+	// A fixed client socket: the announcements come back to it.
+	laddr := netip.AddrPortFrom(c, 40000)
+	out, err := l.exchange(laddr, l.server6(), pcp.AppendRequest(nil, mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)))
+	if err != nil || out[3] != 0 {
+		t.Fatalf("MAP: % x %v", out, err)
+	}
+	before := l.srv.Status().Epoch
+	l.stop()
+	if !l.reach(netip.AddrPortFrom(c, 443)) {
+		t.Fatal("pinhole gone while pcpd is stopped")
+	}
+	// Listen where the client's replies went before restarting.
+	var conn *net.UDPConn
+	if err := l.topo.Client.Do(func() (err error) {
+		conn, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(laddr))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	time.Sleep(2 * time.Second)
+	l.start()
+	st := l.srv.Status()
+	if !st.Restarted || st.Leases != 1 || st.Epoch < before+1 || st.Epoch > before+4 {
+		t.Fatalf("after restart: %+v (epoch before %d)", st, before)
+	}
+	if !l.reach(netip.AddrPortFrom(c, 443)) {
+		t.Fatal("traffic broken after restart")
+	}
+	t.Run("ANN-05", func(t *testing.T) {
+		var at []time.Time
+		buf := make([]byte, 100)
+		for len(at) < 4 {
+			conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+			n, err := conn.Read(buf)
+			if err != nil {
+				t.Fatalf("after %d announcements: %v", len(at), err)
+			}
+			var r pcp.Response
+			if err := pcp.ParseResponse(buf[:n], &r); err != nil || r.Opcode != pcp.OpAnnounce || r.Result != 0 || r.Lifetime != 0 {
+				t.Fatalf("unsolicited % x: %v", buf[:n], err)
+			}
+			if r.Epoch < before {
+				t.Fatalf("announced epoch %d went back from %d", r.Epoch, before)
+			}
+			at = append(at, time.Now())
+		}
+		prev := time.Duration(0)
+		for i := 1; i < len(at); i++ {
+			gap := at[i].Sub(at[i-1])
+			if gap < 200*time.Millisecond || gap < prev*3/2 {
+				t.Fatalf("gap %d = %v after %v", i, gap, prev)
+			}
+			prev = gap
+		}
+	})
+}
+
+// TestE2ENATPMP: a NAT-PMP mapping is reachable on the public IPv4 and the
+// mapping's reply comes from the address asked (HDR-02).
+func TestE2ENATPMP(t *testing.T) {
+	l := newLab(t)
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(l.topo.ClientV4, 8080).String())
+	pub := netip.AddrPortFrom(l.topo.HostPublicV4, 18080)
+	if l.reach(pub) {
+		t.Fatal("reachable before mapping")
+	}
+	b := pcp.AppendPMPRequest(nil, &pcp.PMPRequest{Opcode: pcp.PMPOpMapTCP, InternalPort: 8080, SuggestedExternalPort: 18080, Lifetime: time.Hour})
+	out, err := l.exchange(netip.AddrPort{}, l.server4(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r pcp.PMPResponse
+	if err := pcp.ParsePMPResponse(out, &r); err != nil || r.Result != 0 || r.ExternalPort != 18080 {
+		t.Fatalf("% x %v", out, err)
+	}
+	if !l.reach(pub) {
+		t.Fatal("NAT-PMP mapping does not pass traffic on the public IPv4")
+	}
+	t.Run("MAP-12 PCP IPv4", func(t *testing.T) {
+		l.topo.Client.ServeTCP(t, netip.AddrPortFrom(l.topo.ClientV4, 9090).String())
+		resp := l.pcp(mapReq(l.topo.ClientV4, pcp.ProtoTCP, 9090, 19090, time.Hour, 1))
+		if resp.Result != 0 || resp.Map.ExternalAddr != l.topo.HostPublicV4 || resp.Map.ExternalPort != 19090 {
+			t.Fatalf("%+v", resp)
+		}
+		if !l.reach(netip.AddrPortFrom(l.topo.HostPublicV4, 19090)) {
+			t.Fatal("PCP IPv4 mapping does not pass traffic")
+		}
+	})
+	b = pcp.AppendPMPRequest(nil, &pcp.PMPRequest{Opcode: pcp.PMPOpMapTCP, InternalPort: 8080})
+	if _, err := l.exchange(netip.AddrPort{}, l.server4(), b); err != nil {
+		t.Fatal(err)
+	}
+	if l.reach(pub) {
+		t.Fatal("NAT-PMP delete left the mapping open")
+	}
+}
+
+// TestE2ESEC01Interfaces: requests that arrive on another interface, even
+// addressed to a served address, are never answered; served addresses
+// follow the interface (HDR-02: a new address is served, from itself).
+func TestE2ESEC01Interfaces(t *testing.T) {
+	l := newLab(t)
+	ann := pcp.AppendRequest(nil, pcp.NewAnnounce(netip.MustParseAddr("2001:db8:ffff::2")))
+	var c *net.UDPConn
+	if err := l.topo.Internet.Do(func() (err error) {
+		c, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(l.server6()))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(ann)
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	if n, err := c.Read(make([]byte, 100)); err == nil {
+		t.Fatalf("answered a request from the WAN (%d octets)", n)
+	}
+	t.Run("HDR-02", func(t *testing.T) {
+		extra := netip.MustParseAddr("2001:db8:1::2")
+		l.topo.Host.MustRun(t, "ip", "addr", "add", extra.String()+"/128", "dev", l.topo.HostLANIf, "nodad")
+		dst := netip.AddrPortFrom(extra, Port)
+		if err := netlab.Eventually(5*time.Second, func() error {
+			_, err := l.exchange(netip.AddrPort{}, dst, pcp.AppendRequest(nil, pcp.NewAnnounce(l.topo.ClientV6)))
+			return err
+		}); err != nil {
+			t.Fatalf("new address not served: %v", err)
+		}
+		l.topo.Host.MustRun(t, "ip", "link", "set", l.topo.HostLANIf, "down")
+		if err := netlab.Eventually(5*time.Second, func() error {
+			if len(l.srv.Status().Listen) != 0 {
+				return errors.New("still serving a down interface")
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		// IPv6 addresses and routes vanish with the link; the IPv4 address
+		// stays, so serving must resume on it by itself.
+		l.topo.Host.MustRun(t, "ip", "link", "set", l.topo.HostLANIf, "up")
+		if err := netlab.Eventually(5*time.Second, func() error {
+			_, err := l.exchange(netip.AddrPort{}, l.server4(), pcp.AppendRequest(nil, pcp.NewAnnounce(l.topo.ClientV4)))
+			return err
+		}); err != nil {
+			t.Fatalf("not served again after the interface came back: %v", err)
+		}
+	})
+}
+
+// TestE2ETamper: deleting pcpd's table is noticed and repaired, pinholes
+// included.
+func TestE2ETamper(t *testing.T) {
+	l := newLab(t)
+	c := l.topo.ClientV6
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 443).String())
+	if resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); resp.Result != 0 {
+		t.Fatal(resp.Result)
+	}
+	l.topo.Host.MustRun(t, "nft", "delete", "table", "inet", "pcpd")
+	start := time.Now()
+	if err := netlab.Eventually(5*time.Second, func() error {
+		es, err := l.fw.List()
+		if err != nil {
+			return err
+		}
+		if len(es) != 1 {
+			return errors.New("not restored")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("restored after %v", time.Since(start).Round(time.Millisecond))
+	if !l.reach(netip.AddrPortFrom(c, 443)) {
+		t.Fatal("restored pinhole does not pass traffic")
+	}
+}
