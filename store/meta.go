@@ -2,10 +2,8 @@ package store
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"hash/fnv"
-	"io"
 	"os"
 )
 
@@ -163,17 +161,17 @@ func (w *walker) read(id uint64, wantFlags uint16) ([]byte, error) {
 		return nil, corruptf("page %d outside the file (high-water mark %d)", id, w.m.hwm)
 	}
 	ps := int64(w.m.pageSize)
-	hdr := make([]byte, pageHeaderSize)
-	if _, err := w.f.ReadAt(hdr, int64(id)*ps); err != nil {
+	buf := make([]byte, ps)
+	if _, err := w.f.ReadAt(buf, int64(id)*ps); err != nil {
 		return nil, corruptf("page %d unreadable (%v)", id, err)
 	}
-	if got := ne.Uint64(hdr[0:8]); got != id {
+	if got := ne.Uint64(buf[0:8]); got != id {
 		return nil, corruptf("page %d says it is page %d", id, got)
 	}
-	if flags := ne.Uint16(hdr[8:10]); flags&wantFlags == 0 {
+	if flags := ne.Uint16(buf[8:10]); flags&wantFlags == 0 {
 		return nil, corruptf("page %d has flags %#x, want %#x", id, flags, wantFlags)
 	}
-	over := uint64(ne.Uint32(hdr[12:16]))
+	over := uint64(ne.Uint32(buf[12:16]))
 	if id+over >= w.m.hwm {
 		return nil, corruptf("page %d overflows past the file (%d more pages)", id, over)
 	}
@@ -183,9 +181,11 @@ func (w *walker) read(id uint64, wantFlags uint16) ([]byte, error) {
 		}
 		w.seen[i] = true
 	}
-	buf := make([]byte, int64(over+1)*ps)
-	if _, err := w.f.ReadAt(buf, int64(id)*ps); err != nil && !errors.Is(err, io.EOF) {
-		return nil, corruptf("page %d unreadable (%v)", id, err)
+	if over > 0 {
+		buf = append(buf, make([]byte, int64(over)*ps)...)
+		if _, err := w.f.ReadAt(buf[ps:], int64(id+1)*ps); err != nil {
+			return nil, corruptf("page %d unreadable (%v)", id, err)
+		}
 	}
 	return buf, nil
 }

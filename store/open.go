@@ -17,6 +17,10 @@ import (
 	"go.uber.org/zap"
 )
 
+// dropEvery: how many leases to decode between dropping the mapped pages
+// already read from our RSS (see dropMapped).
+const dropEvery = 100_000
+
 // maxCheckErrors bounds how many tx.Check findings are kept for the report.
 const maxCheckErrors = 5
 
@@ -308,13 +312,13 @@ func createEmpty(path string, o *options) error {
 	return err
 }
 
-// readState opens path, reads every record and runs bbolt's consistency
-// check. A corrupt file makes bbolt panic or even fault on a wild page
-// pointer; both come back as an ErrCorrupt error here instead of killing
-// the daemon (SetPanicOnFault covers faults on the mmap in this
-// goroutine). Our own full traversal runs before tx.Check, whose goroutine
-// has no such protection, so every page Check visits has been touched
-// safely already.
+// readState opens path, runs bbolt's consistency check and reads every
+// record. inspectFile first checks, with bounded plain reads, that the pages
+// form a proper tree inside the file, so neither bbolt nor tx.Check (in a
+// goroutine of its own) can be sent into a cycle, a huge loop or outside
+// the mapping. Should bbolt still panic or fault, it comes back here as
+// ErrCorrupt instead of killing the daemon (recover, and SetPanicOnFault for
+// faults on the mapping in this goroutine).
 func readState(path string, o *options, readOnly bool) (db *bolt.DB, ld loaded, err error) {
 	fi, err := os.Stat(path)
 	if err != nil {
@@ -354,12 +358,6 @@ func readState(path string, o *options, readOnly bool) (db *bolt.DB, ld loaded, 
 		return nil, loaded{}, err
 	}
 	err = db.View(func(tx *bolt.Tx) error {
-		var err error
-		ld, err = readTx(tx)
-		if err != nil {
-			return err
-		}
-		ld.meta = shape.damagedMeta
 		var problems []string
 		for cerr := range tx.Check() {
 			if len(problems) < maxCheckErrors {
@@ -369,7 +367,14 @@ func readState(path string, o *options, readOnly bool) (db *bolt.DB, ld loaded, 
 		if len(problems) > 0 {
 			return fmt.Errorf("store: consistency check: %s: %w", strings.Join(problems, "; "), ErrCorrupt)
 		}
-		return nil
+		addr, size := db.Info().Data, tx.Size()
+		drop := func() { dropMapped(addr, size) }
+		drop()
+		var err error
+		ld, err = readTx(tx, drop)
+		drop()
+		ld.meta = shape.damagedMeta
+		return err
 	})
 	if err != nil {
 		_ = db.Close()
@@ -378,7 +383,9 @@ func readState(path string, o *options, readOnly bool) (db *bolt.DB, ld loaded, 
 	return db, ld, nil
 }
 
-func readTx(tx *bolt.Tx) (loaded, error) {
+// readTx decodes everything; drop is called every dropEvery leases to keep
+// the mapped file out of the RSS while loading.
+func readTx(tx *bolt.Tx, drop func()) (loaded, error) {
 	var ld loaded
 	meta, leases := tx.Bucket(bucketMeta), tx.Bucket(bucketLeases)
 	if meta == nil || leases == nil {
@@ -405,9 +412,11 @@ func readTx(tx *bolt.Tx) (loaded, error) {
 	if !ok {
 		return ld, fmt.Errorf("store: digest record missing: %w", ErrCorrupt)
 	}
-	// Size the slice once: growing it by doubling would briefly hold two
-	// copies of a million leases.
-	n := leases.Stats().KeyN
+	// Size the slice once from the digest: growing it by doubling would
+	// briefly hold two copies of a million leases. A damaged count can not
+	// ask for more than the file could hold (a record takes ≥ 48 octets
+	// with its page element), and the digest check below catches it.
+	n := min(want.count, uint64(tx.Size()/48))
 	ld.leases = make([]Lease, 0, n)
 	in := interner{}
 	var got digest
@@ -422,6 +431,9 @@ func readTx(tx *bolt.Tx) (loaded, error) {
 		}
 		ld.leases = append(ld.leases, l)
 		got.add(v, +1)
+		if len(ld.leases)%dropEvery == 0 {
+			drop()
+		}
 	}
 	if got != want {
 		return ld, fmt.Errorf("store: found %d leases (checksum sum %x), the digest says %d (%x): %w",

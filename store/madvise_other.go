@@ -1,0 +1,5 @@
+//go:build !linux
+
+package store
+
+func dropMapped(addr uintptr, n int64) {}
