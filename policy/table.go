@@ -99,10 +99,21 @@ type table struct {
 	len4, len6 []lengthMap
 }
 
+// lengthMap holds the prefixes of one length. Most keys fit in 64 bits
+// (IPv4 in the low half, IPv6 up to /64 in the high half); those use a
+// uint64-keyed map, which Go hashes faster and stores more densely.
 type lengthMap struct {
 	mask u128 // network mask of the length, in the 128-bit space
-	m    map[u128]int32
+	half uint8
+	m64  map[uint64]int32
+	m128 map[u128]int32
 }
+
+const (
+	keyBoth uint8 = iota // needs all 128 bits
+	keyHi                // IPv6 /64 or shorter: the low half is masked off
+	keyLo                // IPv4: the high half is always zero
+)
 
 // maxHashLengths bounds the probes of a hashed lookup.
 const maxHashLengths = 8
@@ -166,25 +177,42 @@ func build(owners []Owner, spans []span) *table {
 // hashByLength indexes one family's spans by prefix length, or returns nil
 // if they use more than maxHashLengths lengths.
 func hashByLength(spans []span, v4 bool) []lengthMap {
-	byLen := make(map[int]map[u128]int32)
+	byLen := make(map[int][]span)
 	for _, s := range spans {
 		if isV4Span(s) != v4 {
 			continue
 		}
-		m := byLen[s.bits]
-		if m == nil {
-			if len(byLen) == maxHashLengths {
-				return nil
-			}
-			m = make(map[u128]int32)
-			byLen[s.bits] = m
+		if _, ok := byLen[s.bits]; !ok && len(byLen) == maxHashLengths {
+			return nil
 		}
-		m[s.first] = s.owner
+		byLen[s.bits] = append(byLen[s.bits], s)
 	}
 	out := make([]lengthMap, 0, len(byLen))
-	for n, m := range byLen {
+	for n, ss := range byLen {
 		h := hostMask(n)
-		out = append(out, lengthMap{mask: u128{^h.hi, ^h.lo}, m: m})
+		l := lengthMap{mask: u128{^h.hi, ^h.lo}}
+		switch {
+		case v4:
+			l.half = keyLo
+		case n <= 64:
+			l.half = keyHi
+		}
+		if l.half == keyBoth {
+			l.m128 = make(map[u128]int32, len(ss))
+		} else {
+			l.m64 = make(map[uint64]int32, len(ss))
+		}
+		for _, s := range ss {
+			switch l.half {
+			case keyLo:
+				l.m64[s.first.lo] = s.owner
+			case keyHi:
+				l.m64[s.first.hi] = s.owner
+			default:
+				l.m128[s.first] = s.owner
+			}
+		}
+		out = append(out, l)
 	}
 	// Longest first: the first hit is the longest match.
 	slices.SortFunc(out, func(a, b lengthMap) int { return cmp.Compare(b.mask.ones(), a.mask.ones()) })
@@ -220,7 +248,19 @@ func (t *table) find(a netip.Addr) int32 {
 	if lens != nil {
 		for i := range lens {
 			l := &lens[i]
-			if o, ok := l.m[u128{k.hi & l.mask.hi, k.lo & l.mask.lo}]; ok {
+			var (
+				o  int32
+				ok bool
+			)
+			switch l.half {
+			case keyLo:
+				o, ok = l.m64[k.lo&l.mask.lo]
+			case keyHi:
+				o, ok = l.m64[k.hi&l.mask.hi]
+			default:
+				o, ok = l.m128[u128{k.hi & l.mask.hi, k.lo & l.mask.lo}]
+			}
+			if ok {
 				return o
 			}
 		}
