@@ -107,8 +107,13 @@ func (p *Parser) ParseRequest(b []byte, src netip.Addr, req *Request) error {
 	client := addrFrom16(b[8:24])
 	// ADDR-02: a dual-stack socket reports IPv4 sources as IPv4-mapped;
 	// zones never appear in the field.
-	if src.IsValid() && client != src.Unmap().WithZone("") {
-		return errMismatch
+	if src.IsValid() {
+		if src = src.Unmap(); src.Zone() != "" {
+			src = src.WithZone("")
+		}
+		if client != src {
+			return errMismatch
+		}
 	}
 	if op > OpPeer {
 		return errOpcode
