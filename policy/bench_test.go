@@ -161,3 +161,36 @@ func BenchmarkRefresh10kPeersChanged(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkAuthorize10kPeersManyLengths: peers' IPv6 prefixes use more than
+// maxHashLengths lengths, so lookups fall back to the interval search.
+func BenchmarkAuthorize10kPeersManyLengths(b *testing.B) {
+	d, reqs := benchPeers(10_000)
+	peers := d.peers["wg0"]
+	for i := range peers {
+		n := 48 + i%17 // /48 … /64
+		peers[i].AllowedIPs[0].Mask = net.CIDRMask(n, 128)
+		peers[i].AllowedIPs[0].IP = peers[i].AllowedIPs[0].IP.Mask(peers[i].AllowedIPs[0].Mask)
+	}
+	// Shorter prefixes now nest; keep only requests whose peer still owns them.
+	w, err := newWireGuard(d, []string{"wg0"}, 0, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if w.current().len6 != nil {
+		b.Fatal("hashed lookup still in use")
+	}
+	p, err := New(Config{}, w)
+	if err != nil {
+		b.Fatal(err)
+	}
+	reqs = slices.DeleteFunc(reqs, func(r Request) bool { _, reason := p.Authorize(r); return reason != Allowed })
+	b.ReportAllocs()
+	done := cpuClock(b)
+	for i := 0; b.Loop(); i++ {
+		if _, r := p.Authorize(reqs[i%len(reqs)]); r != Allowed {
+			b.Fatal(r)
+		}
+	}
+	done()
+}
