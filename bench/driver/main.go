@@ -58,6 +58,7 @@ type options struct {
 	pcpdArgs      []string
 	pprofURL      string
 	mupnpPrefill  int
+	perf          bool
 }
 
 func main() {
@@ -91,6 +92,7 @@ func run(ctx context.Context, args []string) error {
 	var extra listFlag
 	fs.Var(&extra, "pcpd-arg", "extra argument for pcpd serve (repeatable)")
 	fs.IntVar(&o.mupnpPrefill, "miniupnpd-prefill", 256, "leases renewed in miniupnpd's renewal run (it slows to a crawl with many)")
+	fs.BoolVar(&o.perf, "perf", false, "profile the server under test with perf(1) during each run (reports in the output directory)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -150,6 +152,7 @@ type bench struct {
 	res    map[string]map[string]*figure // server → figure name → value
 	notes  []string
 	log    *os.File
+	cur    *proc // the server under test, for perf
 }
 
 func (b *bench) logf(format string, args ...any) {
@@ -228,7 +231,8 @@ func (b *bench) startIn(ns *netlab.NS, name string, args ...string) (*proc, erro
 		lf.Close()
 		return nil, err
 	}
-	return &proc{cmd: cmd, logf: lf}, nil
+	b.cur = &proc{cmd: cmd, logf: lf}
+	return b.cur, nil
 }
 
 func (b *bench) startFloor(fresh bool) (*proc, error) {
@@ -262,6 +266,9 @@ func (b *bench) startPcpd(fresh bool) (*proc, error) {
 		"--nft-table", "pcpdbench",
 		"--max-leases", big,
 		"--max-leases-per-client", big,
+		// One log line per decision (the default, info) would measure the
+		// logger; a production tunnel host under load would run at warn.
+		"--log-level", "warn",
 	}
 	args = append(args, b.o.pcpdArgs...)
 	return b.startIn(b.topo.Host, "pcpd", args...)
@@ -331,13 +338,38 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		"--unauth-src", unauthPrefix.String(),
 		"--clients", strconv.Itoa(b.o.clients),
 		"--timeout", b.o.timeout.String(),
+		"--mark",
 		"--json"}
 	full = append(full, args...)
 	b.logf("%s %s: %s", server, name, strings.Join(full[4:], " "))
 	cmd := exec.CommandContext(ctx, full[0], full[1:]...)
 	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
+	cmd.Stdout = &stdout
+	errPipe, err := cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("driver: pcpload %s: %w", name, err)
+	}
+	var perfDone chan struct{}
+	sc := bufio.NewScanner(errPipe)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "pcpload: measuring" {
+			if b.o.perf && b.cur != nil && b.o.duration >= 3*time.Second && perfDone == nil {
+				perfDone = make(chan struct{})
+				go func() { defer close(perfDone); b.profile(server+"-"+name, b.cur.pid()) }()
+			}
+			continue
+		}
+		stderr.WriteString(line + "\n")
+	}
+	err = cmd.Wait()
+	if perfDone != nil {
+		<-perfDone
+	}
+	if err != nil {
 		return nil, fmt.Errorf("driver: pcpload %s: %v: %s", name, err, bytes.TrimSpace(stderr.Bytes()))
 	}
 	os.WriteFile(filepath.Join(b.o.out, server+"-"+name+".json"), stdout.Bytes(), 0o644)
@@ -350,6 +382,35 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	}
 	b.logf("  run:     %s", r.Run.Total)
 	return &r, nil
+}
+
+// profile samples pid with perf(1) for the middle of a run (after the
+// prefill and probe, 1 s before the end) and keeps two views: the hottest
+// functions, and the call tree with children's time included, which shows
+// where in pcpd's own code the time goes.
+func (b *bench) profile(name string, pid int) {
+	time.Sleep(time.Second) // past the start-up of the run
+	data := filepath.Join(b.o.out, name+".perf.data")
+	secs := fmt.Sprintf("%.1f", (b.o.duration - 2*time.Second).Seconds())
+	if out, err := exec.Command("perf", "record", "-F", "499", "-g", "-p", strconv.Itoa(pid), "-o", data, "--", "sleep", secs).CombinedOutput(); err != nil {
+		b.logf("perf record: %v: %s", err, bytes.TrimSpace(out))
+		return
+	}
+	defer os.Remove(data)
+	var report bytes.Buffer
+	for _, args := range [][]string{
+		{"--no-children", "--sort", "dso,symbol", "-g", "none", "--percent-limit", "0.7"},
+		{"--children", "--sort", "symbol", "-g", "none", "--percent-limit", "3"},
+	} {
+		out, _ := exec.Command("perf", append([]string{"report", "-i", data, "--stdio"}, args...)...).Output()
+		for _, line := range strings.Split(string(out), "\n") {
+			if strings.Contains(line, "%") || strings.HasPrefix(line, "# Samples") || strings.HasPrefix(line, "# Event count") {
+				report.WriteString(strings.TrimRight(line, " -") + "\n")
+			}
+		}
+		report.WriteString("\n")
+	}
+	os.WriteFile(filepath.Join(b.o.out, name+".perf.txt"), report.Bytes(), 0o644)
 }
 
 func (b *bench) dur() string { return b.o.duration.String() }

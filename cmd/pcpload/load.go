@@ -51,6 +51,9 @@ type config struct {
 	Prefill     int           // leases created (closed loop) before the measured phase
 	Mix         mix
 	Seed        uint64
+	// OnMeasure, if set, is called as the measured phase starts (after
+	// the probe and the prefill), so a driver can time a profiler.
+	OnMeasure func()
 }
 
 // opStats counts what happened to one kind of request.
@@ -121,9 +124,12 @@ type phase struct {
 	Total      opStats             `json:"total"`
 	Ops        map[string]*opStats `json:"ops"`
 	Unmatched  uint64              `json:"unmatched"`
-	Fallbacks  map[string]uint64   `json:"fallbacks,omitempty"`
-	ops        [numOps]opStats
-	fallbacks  [numOps][numOps]uint64
+	// Announces counts unsolicited ANNOUNCEs (RFC 6887 §14.1.3): a
+	// server that just started or lost state sends them to its clients.
+	Announces uint64            `json:"unsolicited_announces"`
+	Fallbacks map[string]uint64 `json:"fallbacks,omitempty"`
+	ops       [numOps]opStats
+	fallbacks [numOps][numOps]uint64
 }
 
 func (p *phase) merge(o *phase) {
@@ -134,6 +140,7 @@ func (p *phase) merge(o *phase) {
 		}
 	}
 	p.Unmatched += o.Unmatched
+	p.Announces += o.Announces
 }
 
 func (p *phase) finish(elapsed time.Duration) {
@@ -404,7 +411,11 @@ func (w *worker) do(ph *phase, want op, start time.Time) {
 		}
 		b := w.in[:n]
 		if !w.matches(b) {
-			ph.Unmatched++ // a late reply to an earlier, timed-out request
+			if len(b) >= 2 && b[0] == pcp.Version && b[1] == 0x80|byte(pcp.OpAnnounce) {
+				ph.Announces++
+			} else {
+				ph.Unmatched++ // a late reply to an earlier, timed-out request
+			}
 			continue
 		}
 		st.hist.record(time.Since(start))
@@ -619,6 +630,9 @@ func run(ctx context.Context, cfg config) (*report, error) {
 		rep.Prefill = ph
 	}
 
+	if cfg.OnMeasure != nil {
+		cfg.OnMeasure()
+	}
 	var issued atomic.Int64
 	var stop atomic.Bool
 	if cfg.Duration > 0 {

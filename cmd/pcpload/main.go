@@ -105,6 +105,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	mixStr := fs.String("mix", "new=100", "request mix, weights: new=..,renew=..,delete=..,malformed=..,unauth=..")
 	fs.Uint64Var(&cfg.Seed, "seed", 1, "random seed for the op sequence")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
+	mark := fs.Bool("mark", false, "print \"pcpload: measuring\" on stderr as the measured phase starts (for drivers that profile the server)")
 	cpuProfile := fs.String("cpuprofile", "", "write the generator's own CPU profile to `FILE`")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -134,6 +135,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			return fmt.Errorf("pcpload: %w", err)
 		}
 		defer pprof.StopCPUProfile()
+	}
+	if *mark {
+		cfg.OnMeasure = func() { fmt.Fprintln(stderr, "pcpload: measuring") }
 	}
 	rep, err := run(ctx, cfg)
 	if err != nil {
@@ -179,6 +183,9 @@ func writePhase(w io.Writer, p *phase) {
 	line("total", &p.Total)
 	if p.Unmatched > 0 {
 		fmt.Fprintf(w, "  unmatched (late) replies: %d\n", p.Unmatched)
+	}
+	if p.Announces > 0 {
+		fmt.Fprintf(w, "  unsolicited ANNOUNCEs received: %d\n", p.Announces)
 	}
 	if len(p.Fallbacks) > 0 {
 		fmt.Fprintf(w, "  substituted ops (nothing live / no free slot): %s\n", formatResults(p.Fallbacks))
