@@ -11,12 +11,15 @@ import (
 // port)"). Remote is zero for MAP and NAT-PMP leases; a PEER lease also names
 // its remote peer, because one internal tuple may hold several PEER mappings
 // (PEER-04 keys on the remote too) next to one MAP (MAP-08).
+//
+// Fields are ordered for size, not meaning (a million leases are held in
+// memory): 80 octets instead of 88.
 type Key struct {
 	Owner        string // client name: WireGuard peer (public key, base64) or static client name; ≤ 255 octets
-	Protocol     uint8  // IANA protocol number; 0 = all
 	InternalAddr netip.Addr
-	InternalPort uint16         // 0 = all ports
 	Remote       netip.AddrPort // PEER remote peer; zero for MAP / NAT-PMP
+	InternalPort uint16         // 0 = all ports
+	Protocol     uint8          // IANA protocol number; 0 = all
 }
 
 // Kind says which protocol created a lease; MAP-20 and PMP-05 treat them
@@ -52,18 +55,18 @@ type Filter struct {
 // Lease is everything pcpd must remember about one mapping across a restart.
 type Lease struct {
 	Key
-	Kind          Kind
-	Nonce         [12]byte
 	ExternalAddr  netip.Addr
-	ExternalPort  uint16
 	Filters       []Filter       // FLT-01..04; at most MaxFilters
 	ClientAddr    netip.AddrPort // where the last reply went: unsolicited ANNOUNCE / mapping updates (ANN-06, UPD-02)
 	ServerAddr    netip.AddrPort // the serving address the request came in on (HDR-02: send from there)
 	Created       time.Time
 	Expires       time.Time
 	Description   string // DESCRIPTION option (OPT-09); ≤ MaxDescription octets
-	ThirdParty    bool   // created through THIRD_PARTY (TP-04): echo the option in updates
-	PreferFailure bool   // created with PREFER_FAILURE (UPD-02: losing its external → CANNOT_PROVIDE_EXTERNAL)
+	Nonce         [12]byte
+	ExternalPort  uint16
+	Kind          Kind
+	ThirdParty    bool // created through THIRD_PARTY (TP-04): echo the option in updates
+	PreferFailure bool // created with PREFER_FAILURE (UPD-02: losing its external → CANNOT_PROVIDE_EXTERNAL)
 }
 
 // Limits the encoder enforces; a lease beyond them is refused with
