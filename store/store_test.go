@@ -239,3 +239,39 @@ func TestClosed(t *testing.T) {
 		t.Fatalf("second Close = %v", err)
 	}
 }
+
+// TestSnapshot: Snapshot is the copy Open falls back to; a crash while
+// writing it (a leftover temporary file) harms nothing.
+func TestSnapshot(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openT(t, dir, WithoutOpenSnapshot())
+	if err := s.Commit(leasesN(0, 10), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(leasesN(10, 20), nil); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	writeFile(t, filepath.Join(dir, BackupName+tmpSuffix), []byte("half a snapshot"))
+	writeFile(t, filepath.Join(dir, DBName+tmpSuffix), []byte("half a new file"))
+	s, st := openT(t, dir, WithoutOpenSnapshot())
+	if st.Recovered != "" && !strings.Contains(st.Recovered, "pending") {
+		t.Fatalf("leftover temporary files disturbed Open: %q", st.Recovered)
+	}
+	wantLeases(t, st.Leases, leasesN(0, 20))
+	for _, n := range []string{BackupName + tmpSuffix, DBName + tmpSuffix} {
+		if _, err := os.Stat(filepath.Join(dir, n)); !os.IsNotExist(err) {
+			t.Errorf("%s left behind: %v", n, err)
+		}
+	}
+	s.Close()
+	writeFile(t, filepath.Join(dir, DBName), garbage(8192, 9))
+	_, st = openT(t, dir)
+	if !st.Fresh || !strings.Contains(st.Recovered, "restored 10 leases") {
+		t.Fatalf("Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
+	}
+	wantLeases(t, st.Leases, leasesN(0, 10))
+}
