@@ -1,0 +1,282 @@
+package conformance
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+)
+
+// The lab: netlab's three-namespace topology with the extra addresses the
+// suite needs, and the Env hooks (sockets in the client namespace, data
+// plane from the internet namespace, outside vantage point).
+
+var (
+	labTP       = netip.MustParseAddr("2001:db8:1:2::20") // second address of client c1
+	labOther    = netip.MustParseAddr("2001:db8:1:3::10") // client c2
+	labOther4   = netip.MustParseAddr("10.100.0.3")       // client c2
+	labNotOwned = netip.MustParseAddr("2001:db8:1:5::10") // nobody's
+	labAlt      = netip.MustParseAddr("2001:db8:1:3::1")  // Host's second LAN address
+)
+
+type lab struct {
+	topo *netlab.Topology
+}
+
+func newLab(t *testing.T) *lab {
+	t.Helper()
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	steps := []struct {
+		ns   *netlab.NS
+		args []string
+	}{
+		{topo.Client, []string{"ip", "addr", "add", labTP.String() + "/64", "dev", "eth0", "nodad"}},
+		{topo.Client, []string{"ip", "addr", "add", labOther.String() + "/64", "dev", "eth0", "nodad"}},
+		{topo.Client, []string{"ip", "addr", "add", labNotOwned.String() + "/64", "dev", "eth0", "nodad"}},
+		{topo.Client, []string{"ip", "addr", "add", labOther4.String() + "/24", "dev", "eth0"}},
+		{topo.Host, []string{"ip", "addr", "add", labAlt.String() + "/64", "dev", "lan0", "nodad"}},
+		{topo.Host, []string{"ip", "addr", "add", "2001:db8:1:5::1/64", "dev", "lan0", "nodad"}},
+		{topo.Internet, []string{"ip", "addr", "add", "2001:db8:ffff::3/64", "dev", "eth0", "nodad"}},
+		{topo.Internet, []string{"ip", "addr", "add", "2001:db8:ffff::4/64", "dev", "eth0", "nodad"}},
+		{topo.Internet, []string{"ip", "addr", "add", "198.51.100.3/24", "dev", "eth0"}},
+		{topo.Internet, []string{"ip", "addr", "add", "198.51.100.4/24", "dev", "eth0"}},
+	}
+	for _, s := range steps {
+		s.ns.MustRun(t, s.args...)
+	}
+	return &lab{topo: topo}
+}
+
+// env returns an Env for a server on the Host's LAN addresses, with every
+// hook the lab offers. The caller fills in the target's policy.
+func (l *lab) env(t *testing.T) *Env {
+	topo := l.topo
+	listen := func(ns *netlab.NS) func(netip.AddrPort) (net.PacketConn, error) {
+		return func(a netip.AddrPort) (net.PacketConn, error) {
+			var c net.PacketConn
+			err := ns.Do(func() (err error) {
+				c, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(a))
+				return err
+			})
+			return c, err
+		}
+	}
+	e := &Env{
+		Server:       netip.AddrPortFrom(topo.HostTunnelV6, 5351),
+		Client:       topo.ClientV6,
+		ServerAlt:    netip.AddrPortFrom(labAlt, 5351),
+		Server4:      netip.AddrPortFrom(topo.HostTunnelV4, 5351),
+		Client4:      topo.ClientV4,
+		ThirdParty:   labTP,
+		OtherClient:  labOther,
+		OtherClient4: labOther4,
+		NotOwned:     labNotOwned,
+		ListenPacket: listen(topo.Client),
+		Outside: &Outside{
+			ListenPacket: listen(topo.Internet),
+			Targets:      []netip.AddrPort{netip.AddrPortFrom(topo.HostPublicV4, 5351), netip.AddrPortFrom(topo.HostWANV6, 5351)},
+			Source4:      topo.InternetV4,
+			Source6:      topo.InternetV6,
+		},
+		Data: &DataPlane{
+			Serve: func(proto byte, port uint16) (io.Closer, error) {
+				addr := fmt.Sprintf("[::]:%d", port)
+				if proto == protoUDP {
+					return topo.Client.StartUDPEcho(addr)
+				}
+				return topo.Client.StartTCPServer(addr)
+			},
+			Probe: func(proto byte, from, to netip.AddrPort) error {
+				return probeFrom(topo.Internet, proto, from, to)
+			},
+			Sources6: []netip.Addr{topo.InternetV6, netip.MustParseAddr("2001:db8:ffff::3"), netip.MustParseAddr("2001:db8:ffff::4")},
+			Sources4: []netip.Addr{topo.InternetV4, netip.MustParseAddr("198.51.100.3"), netip.MustParseAddr("198.51.100.4")},
+		},
+	}
+	if testing.Verbose() && os.Getenv("PCPD_CONFORMANCE_TRACE") != "" {
+		e.Logf = t.Logf
+	}
+	return e
+}
+
+// probeFrom connects from the namespace (source from, if given) to to and
+// wants the netlab greeting (TCP) or echo (UDP) within a second.
+func probeFrom(ns *netlab.NS, proto byte, from, to netip.AddrPort) error {
+	const timeout = time.Second
+	return ns.Do(func() error {
+		d := net.Dialer{Timeout: timeout}
+		if from.Addr().IsValid() {
+			if proto == protoUDP {
+				d.LocalAddr = net.UDPAddrFromAddrPort(from)
+			} else {
+				d.LocalAddr = net.TCPAddrFromAddrPort(from)
+			}
+		}
+		network := "tcp"
+		if proto == protoUDP {
+			network = "udp"
+		}
+		c, err := d.Dial(network, to.String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(timeout))
+		if proto == protoUDP {
+			msg := "probe-" + netlab.Rand(8)
+			if _, err := c.Write([]byte(msg)); err != nil {
+				return err
+			}
+			buf := make([]byte, 256)
+			n, err := c.Read(buf)
+			if err != nil {
+				return err
+			}
+			if string(buf[:n]) != "echo:"+msg {
+				return errors.New("wrong UDP echo")
+			}
+			return nil
+		}
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			return err
+		}
+		if strings.TrimSpace(line) != netlab.Greeting {
+			return fmt.Errorf("unexpected greeting %q", line)
+		}
+		return nil
+	})
+}
+
+// lockedBuffer collects a daemon's output for failure messages.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// pcpdDaemon runs cmd/pcpd serve in the lab's Host namespace.
+type pcpdDaemon struct {
+	l    *lab
+	args []string
+	cmd  *exec.Cmd
+	log  *lockedBuffer
+}
+
+// buildPcpd builds cmd/pcpd into the module's tmp/ directory.
+func buildPcpd(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		t.Fatalf("go env GOMOD: %v", err)
+	}
+	root := filepath.Dir(strings.TrimSpace(string(out)))
+	bin := filepath.Join(root, "tmp", "pcpd-conformance")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/pcpd")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Skipf("cmd/pcpd does not build, cannot self-host the suite: %v\n%s", err, out)
+	}
+	return bin
+}
+
+func (d *pcpdDaemon) start() error {
+	cmd, err := d.l.topo.Host.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = d.log, d.log }, d.args...)
+	if err != nil {
+		return err
+	}
+	d.cmd = cmd
+	return d.waitReady()
+}
+
+// waitReady polls with ANNOUNCE from the client until pcpd answers.
+func (d *pcpdDaemon) waitReady() error {
+	topo := d.l.topo
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		var ok bool
+		topo.Client.Do(func() error {
+			c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(topo.ClientV6, 0)), net.UDPAddrFromAddrPort(netip.AddrPortFrom(topo.HostTunnelV6, 5351)))
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.Write(announce(topo.ClientV6))
+			c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+			buf := make([]byte, 64)
+			n, err := c.Read(buf)
+			ok = err == nil && n == 24 && buf[1] == 0x80 && buf[3] == 0
+			return nil
+		})
+		if ok {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("pcpd did not answer ANNOUNCE within 15 s:\n%s", d.log.String())
+}
+
+func (d *pcpdDaemon) stop() error {
+	if d.cmd == nil {
+		return nil
+	}
+	syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
+	d.cmd.Wait()
+	d.cmd = nil
+	return nil
+}
+
+// startPcpd starts pcpd with static ownership: c1 owns the client's
+// /64 and IPv4, c2 the other client's; lifetimes from 3 s so expiry is
+// testable.
+func startPcpd(t *testing.T, l *lab) *pcpdDaemon {
+	bin := buildPcpd(t)
+	dir := t.TempDir()
+	topo := l.topo
+	d := &pcpdDaemon{l: l, log: &lockedBuffer{}, args: []string{bin, "serve",
+		"--interface", topo.HostLANIf,
+		"--client", "c1=" + topo.ClientPrefix6.String() + "," + topo.ClientPrefix4.String(),
+		"--client", "c2=2001:db8:1:3::/64," + labOther4.String() + "/32",
+		"--external-ipv4", topo.HostPublicV4.String(),
+		"--state-dir", filepath.Join(dir, "state"),
+		"--socket", filepath.Join(dir, "pcpd.sock"),
+		"--nft-table", "pcpdconf",
+		"--min-lifetime", "3s",
+		"--max-leases-per-client", "40",
+		"--log-level", "warn",
+	}}
+	if err := d.start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		d.stop()
+		if t.Failed() {
+			t.Logf("pcpd log:\n%s", d.log.String())
+		}
+	})
+	return d
+}
