@@ -165,10 +165,14 @@ func (b *Backend) blame(enc []encodedOp, orig error) error {
 		}
 		return errs[:len(errs)-1], nil // the last one is the sentinel's
 	}
-	lo, hi := 1, len(enc) // the shortest failing prefix is in [lo, hi]
-	if errs, err := probe(hi); err != nil {
+	// The shortest failing prefix has length in [lo, hi]; culprit holds the
+	// errors of the prefix of length hi.
+	lo, hi := 1, len(enc)
+	culprit, err := probe(hi)
+	if err != nil {
 		return &OpError{Index: -1, Err: errors.Join(classify(orig), err)}
-	} else if len(errs) == 0 {
+	}
+	if len(culprit) == 0 {
 		// The kernel's state changed between the attempt and the probe
 		// (an element expired): the batch may go through now.
 		if err := b.flushOps(enc); err != nil {
@@ -176,7 +180,6 @@ func (b *Backend) blame(enc []encodedOp, orig error) error {
 		}
 		return nil
 	}
-	var culprit []error
 	for lo < hi {
 		mid := (lo + hi) / 2
 		errs, err := probe(mid)
@@ -188,13 +191,6 @@ func (b *Backend) blame(enc []encodedOp, orig error) error {
 		} else {
 			lo = mid + 1
 		}
-	}
-	if culprit == nil {
-		errs, err := probe(hi)
-		if err != nil || len(errs) == 0 {
-			return &OpError{Index: -1, Err: errors.Join(classify(orig), err)}
-		}
-		culprit = errs
 	}
 	i := hi - 1
 	return &OpError{Index: i, Op: enc[i].orig, Err: classify(culprit[0])}

@@ -110,8 +110,12 @@ func (b *Backend) Setup() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.cfg.Attached {
-		if _, err := b.conn.ListTableOfFamily(b.cfg.Table, nftables.TableFamilyINet); err != nil {
-			return fmt.Errorf("pinhole: attached mode: inet table %q: %w: %w", b.cfg.Table, ErrNoTable, err)
+		ok, err := b.tableExists()
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return fmt.Errorf("pinhole: attached mode: inet table %q: %w", b.cfg.Table, ErrNoTable)
 		}
 	} else {
 		b.conn.AddTable(b.table)
@@ -316,10 +320,11 @@ func rangePrefixes(first, last netip.Addr) []netip.Prefix {
 func (b *Backend) Teardown() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	ok, err := b.tableExists()
+	if err != nil || !ok {
+		return err // nothing of ours can be left without the table
+	}
 	if !b.cfg.Attached {
-		if _, err := b.conn.ListTableOfFamily(b.cfg.Table, nftables.TableFamilyINet); err != nil {
-			return nil // already gone
-		}
 		b.conn.DelTable(b.table)
 		if err := b.conn.Flush(); err != nil {
 			return fmt.Errorf("pinhole: teardown: %w", classify(err))
@@ -359,6 +364,19 @@ func (b *Backend) Teardown() error {
 	return nil
 }
 
+// tableExists asks the kernel whether the configured table exists; only a
+// definite "no such table" counts as absent.
+func (b *Backend) tableExists() (bool, error) {
+	_, err := b.conn.ListTableOfFamily(b.cfg.Table, nftables.TableFamilyINet)
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, unix.ENOENT):
+		return false, nil
+	}
+	return false, fmt.Errorf("pinhole: look up inet %s: %w", b.cfg.Table, err)
+}
+
 // presentChains returns the names of the chains in pcpd's table; an absent
 // table has none.
 func (b *Backend) presentChains() (map[string]bool, error) {
@@ -377,8 +395,8 @@ func (b *Backend) presentChains() (map[string]bool, error) {
 
 func (b *Backend) presentSets() (map[string]bool, error) {
 	m := map[string]bool{}
-	if _, err := b.conn.ListTableOfFamily(b.cfg.Table, nftables.TableFamilyINet); err != nil {
-		return m, nil
+	if ok, err := b.tableExists(); err != nil || !ok {
+		return m, err
 	}
 	sets, err := b.conn.GetSets(b.table)
 	if err != nil {
@@ -397,8 +415,10 @@ func (b *Backend) presentSets() (map[string]bool, error) {
 func (b *Backend) Healthy() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if _, err := b.conn.ListTableOfFamily(b.cfg.Table, nftables.TableFamilyINet); err != nil {
-		return fmt.Errorf("pinhole: table inet %s: %w: %w", b.cfg.Table, ErrUnhealthy, err)
+	if ok, err := b.tableExists(); err != nil {
+		return err
+	} else if !ok {
+		return fmt.Errorf("pinhole: table inet %s missing: %w", b.cfg.Table, ErrUnhealthy)
 	}
 	sets, err := b.presentSets()
 	if err != nil {

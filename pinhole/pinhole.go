@@ -160,7 +160,9 @@ const (
 	// meanwhile it is put back. In the kernel it is the same as Install.
 	Refresh
 	// Delete removes the pinhole; deleting one that already expired (or
-	// never existed) is not an error.
+	// never existed) is not an error. For a redirect or NAPT mapping the
+	// internal address and port must match what the kernel holds under the
+	// external key, or the op fails with ErrConflict.
 	Delete
 )
 
