@@ -41,7 +41,7 @@ type lab struct {
 	done   chan error
 }
 
-func newLab(t *testing.T, mod ...func(*Config)) *lab {
+func newLab(t *testing.T, mod ...func(*Config, *policy.Config)) *lab {
 	netlab.RequireRoot(t)
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{WireGuard: true})
 	l := &lab{t: t, topo: topo, dir: t.TempDir(), log: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))}
@@ -62,7 +62,11 @@ func newLab(t *testing.T, mod ...func(*Config)) *lab {
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	go l.wg.Run(ctx)
-	if l.pol, err = policy.New(policy.Config{}, l.wg); err != nil {
+	var pcfg policy.Config
+	for _, m := range mod {
+		m(&l.cfg, &pcfg)
+	}
+	if l.pol, err = policy.New(pcfg, l.wg); err != nil {
 		t.Fatal(err)
 	}
 	ns, err := topo.Host.Handle()
@@ -70,14 +74,11 @@ func newLab(t *testing.T, mod ...func(*Config)) *lab {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ns.Close() })
-	l.cfg = Config{
-		Interfaces:     []string{topo.HostLANIf},
-		NetNS:          ns,
-		ExternalIPv4:   topo.HostPublicV4,
-		TamperInterval: 300 * time.Millisecond,
-	}
-	for _, m := range mod {
-		m(&l.cfg)
+	l.cfg.Interfaces = []string{topo.HostLANIf}
+	l.cfg.NetNS = ns
+	l.cfg.ExternalIPv4 = topo.HostPublicV4
+	if l.cfg.TamperInterval == 0 {
+		l.cfg.TamperInterval = 300 * time.Millisecond
 	}
 	l.start()
 	t.Cleanup(l.stop)
@@ -161,7 +162,8 @@ func (l *lab) pcp(r *pcp.Request) pcp.Response {
 	if r.ClientAddr.Is4() {
 		dst = l.server4()
 	}
-	out, err := l.exchange(netip.AddrPort{}, dst, pcp.AppendRequest(nil, r))
+	// Send from the Client IP, as a PCP client does.
+	out, err := l.exchange(netip.AddrPortFrom(r.ClientAddr, 0), dst, pcp.AppendRequest(nil, r))
 	if err != nil {
 		l.t.Fatalf("PCP %v: %v", r.Opcode, err)
 	}

@@ -1,0 +1,153 @@
+package server
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+)
+
+// dialFrom connects from the Internet namespace with a fixed source port.
+func (l *lab) dialFrom(srcPort uint16, dst netip.AddrPort) error {
+	return l.topo.Internet.Do(func() error {
+		d := net.Dialer{Timeout: 700 * time.Millisecond, LocalAddr: &net.TCPAddr{IP: l.topo.InternetV6.AsSlice(), Port: int(srcPort)}}
+		c, err := d.Dial("tcp", dst.String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil || line != netlab.Greeting+"\n" {
+			return fmt.Errorf("greeting %q: %v", line, err)
+		}
+		return nil
+	})
+}
+
+// TestE2EFilterPeerThirdParty: FILTER admits only its remote prefix
+// (FLT-07), PEER only its remote address and port (PEER-08), a
+// THIRD_PARTY mapping opens the named address (TP-04), and a pinhole
+// survives the end of a connection (MAP-21).
+func TestE2EFilterPeerThirdParty(t *testing.T) {
+	l := newLab(t)
+	c := l.topo.ClientV6
+	svc := netip.AddrPortFrom(c, 443)
+	l.topo.Client.ServeTCP(t, svc.String())
+	t.Run("FLT-07", func(t *testing.T) {
+		r := mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)
+		r.Options.Filters = []pcp.Filter{{Remote: netip.MustParsePrefix("2001:db8:99::/48")}}
+		if resp := l.pcp(r); resp.Result != 0 {
+			t.Fatal(resp.Result)
+		}
+		if l.reach(svc) {
+			t.Fatal("a remote outside the filter got in")
+		}
+		r.Options.Filters = []pcp.Filter{{}, {Remote: netip.MustParsePrefix("2001:db8:ffff::/64")}}
+		if resp := l.pcp(r); resp.Result != 0 {
+			t.Fatal(resp.Result)
+		}
+		if !l.reach(svc) {
+			t.Fatal("a remote inside the filter was dropped")
+		}
+		t.Run("MAP-21", func(t *testing.T) {
+			// The previous connection ended with FIN; a new one still
+			// works.
+			if !l.reach(svc) {
+				t.Fatal("pinhole closed with the connection")
+			}
+		})
+		l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, 0, 1))
+	})
+	t.Run("PEER-08", func(t *testing.T) {
+		rem := netip.AddrPortFrom(l.topo.InternetV6, 45000)
+		if resp := l.pcp(peerReq(c, pcp.ProtoTCP, 443, rem, time.Hour, 1)); resp.Result != 0 {
+			t.Fatal(resp.Result)
+		}
+		if err := l.dialFrom(45000, svc); err != nil {
+			t.Fatalf("the PEER's remote cannot connect: %v", err)
+		}
+		if l.dialFrom(45001, svc) == nil {
+			t.Fatal("another remote port got in through a PEER pinhole")
+		}
+	})
+	t.Run("TP-04", func(t *testing.T) {
+		other := netip.MustParseAddr("2001:db8:1:2::20")
+		l.topo.Client.MustRun(t, "ip", "addr", "add", other.String()+"/64", "dev", l.topo.ClientIf, "nodad")
+		l.topo.Client.ServeTCP(t, netip.AddrPortFrom(other, 8443).String())
+		r := mapReq(c, pcp.ProtoTCP, 8443, 0, time.Hour, 1)
+		r.Options.ThirdParty = other
+		if resp := l.pcp(r); resp.Result != 0 || resp.Map.ExternalAddr != other {
+			t.Fatalf("%+v", resp)
+		}
+		if !l.reach(netip.AddrPortFrom(other, 8443)) {
+			t.Fatal("THIRD_PARTY mapping does not pass traffic")
+		}
+	})
+}
+
+// TestE2ELIFE04ExpiryWithoutDaemon: a pinhole ends at its lease's expiry
+// even when pcpd is not running; the next start drops the lease.
+func TestE2ELIFE04ExpiryWithoutDaemon(t *testing.T) {
+	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+	c := l.topo.ClientV6
+	svc := netip.AddrPortFrom(c, 443)
+	l.topo.Client.ServeTCP(t, svc.String())
+	if resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, 3*time.Second, 1)); resp.Result != 0 || resp.Lifetime != 3*time.Second {
+		t.Fatalf("%+v", resp)
+	}
+	l.stop()
+	if !l.reach(svc) {
+		t.Fatal("closed before expiry")
+	}
+	time.Sleep(3500 * time.Millisecond)
+	if l.reach(svc) {
+		t.Fatal("pinhole outlived its lease with pcpd stopped")
+	}
+	l.start()
+	if n := len(l.srv.Leases()); n != 0 {
+		t.Fatalf("%d expired leases restored", n)
+	}
+	if !l.srv.Status().Restarted {
+		t.Fatal("dropping expired leases is no state loss; the epoch must continue")
+	}
+}
+
+// TestE2EPMP13Announce: after a restart NAT-PMP clients get the external
+// address announcement on port 5350, with the continued epoch.
+func TestE2EPMP13Announce(t *testing.T) {
+	l := newLab(t)
+	b := pcp.AppendPMPRequest(nil, &pcp.PMPRequest{Opcode: pcp.PMPOpMapUDP, InternalPort: 5000, Lifetime: time.Hour})
+	if _, err := l.exchange(netip.AddrPort{}, l.server4(), b); err != nil {
+		t.Fatal(err)
+	}
+	l.stop()
+	var conn *net.UDPConn
+	if err := l.topo.Client.Do(func() (err error) {
+		conn, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(l.topo.ClientV4, pcp.ClientPort)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	l.start()
+	buf := make([]byte, 64)
+	conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, from, err := conn.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r pcp.PMPResponse
+	if err := pcp.ParsePMPResponse(buf[:n], &r); err != nil || r.Opcode != pcp.PMPOpAddress || r.Result != 0 || r.ExternalAddr != l.topo.HostPublicV4 {
+		t.Fatalf("% x: %v", buf[:n], err)
+	}
+	if from != l.server4() {
+		t.Fatalf("announcement from %v, want %v", from, l.server4())
+	}
+}
