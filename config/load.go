@@ -36,41 +36,41 @@ type setting struct {
 // config and the README table all follow it.
 var settings = []setting{
 	{name: "interface", kind: kList, defs: []string{DefaultInterface},
-		usage: "interface to serve on (repeatable); requests from any other interface are never answered"},
+		usage: "interface `NAME` to serve on (repeatable); requests from any other interface are never answered"},
 	{name: "listen", kind: kList,
-		usage: "explicit listen address, host or [host]:port (repeatable; default: every address of each --interface, port 5351)"},
+		usage: "explicit listen address `ADDR`, host or [host]:port (repeatable; default: every address of each --interface, port 5351)"},
 	{name: "client", kind: kClients,
-		usage: "static ownership: client NAME owns these prefixes (repeatable); with no --client, ownership is WireGuard's (peers' AllowedIPs on --interface)"},
+		usage: "static ownership, `NAME=PFX[,PFX]`: client NAME owns these prefixes (repeatable); with no --client, ownership is WireGuard's (peers' AllowedIPs on --interface)"},
 	{name: "external-ipv4", kind: kString,
-		usage: "public IPv4 address for IPv4 mappings (PCP over IPv4 and NAT-PMP); unset: IPv4 mappings are refused"},
+		usage: "public IPv4 address `ADDR` for IPv4 mappings (PCP over IPv4 and NAT-PMP); unset: IPv4 mappings are refused"},
 	{name: "nft-table", kind: kString, def: DefaultNftTable,
-		usage: "nftables table (family inet) pcpd creates and manages in standalone mode"},
+		usage: "nftables table `NAME` (family inet) pcpd creates and manages in standalone mode"},
 	{name: "nft-attach", kind: kString,
-		usage: "attached mode: create only pcpd's set and chain inside this existing inet table, for the admin's forward chain to jump to (replaces --nft-table)"},
+		usage: "attached mode: create only pcpd's sets and chain inside the admin's existing inet table `TABLE`, for its forward chain to jump to (replaces --nft-table)"},
 	{name: "nft-chain", kind: kString, def: DefaultNftChain,
-		usage: "attached mode: the chain pcpd creates in the --nft-attach table for the admin's forward chain to jump to; its other objects there are named CHAIN_*"},
+		usage: "attached mode: the chain `NAME` pcpd fills in the --nft-attach table, for the admin's forward chain to jump to; its other objects there are named NAME_*"},
 	{name: "state-dir", kind: kString, def: DefaultStateDir,
-		usage: "directory for durable state (leases, epoch)"},
+		usage: "directory `DIR` for durable state (leases, epoch)"},
 	{name: "socket", kind: kString, def: DefaultSocket,
-		usage: "control socket for pcpd leases/revoke/status"},
-	{name: "min-lifetime", kind: kDuration, def: DefaultMinLifetime.String(),
-		usage: "shortest lifetime granted; shorter requests are raised to it (RFC 6887 §15 suggests 2m)"},
-	{name: "max-lifetime", kind: kDuration, def: DefaultMaxLifetime.String(),
-		usage: "longest lifetime granted; longer requests are cut to it"},
+		usage: "control socket `PATH` for pcpd leases, revoke and status"},
+	{name: "min-lifetime", kind: kDuration, def: "2m",
+		usage: "shortest lifetime granted, a `DURATION`; shorter requests are raised to it (RFC 6887 §15 suggests 2m)"},
+	{name: "max-lifetime", kind: kDuration, def: "24h",
+		usage: "longest lifetime granted, a `DURATION`; longer requests are cut to it"},
 	{name: "max-leases-per-client", kind: kInt, def: fmt.Sprint(DefaultMaxLeasesPerClient),
-		usage: "leases one client may hold; beyond it new mappings get USER_EX_QUOTA"},
+		usage: "`N` leases one client may hold; beyond it new mappings get USER_EX_QUOTA"},
 	{name: "max-leases", kind: kInt, def: fmt.Sprint(DefaultMaxLeases),
-		usage: "leases in total; beyond it new mappings get NO_RESOURCES"},
+		usage: "`N` leases in total; beyond it new mappings get NO_RESOURCES"},
 	{name: "ipv4-port-range", kind: kString, def: DefaultIPv4PortRange,
-		usage: "external IPv4 ports pcpd may allocate, LOW-HIGH"},
+		usage: "external IPv4 ports pcpd may allocate, `LOW-HIGH`"},
 	{name: "metrics", kind: kString,
-		usage: "serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9351 (off unless given)"},
+		usage: "serve Prometheus metrics at http://`ADDR`/metrics, e.g. 127.0.0.1:9351 (off unless given)"},
 	{name: "log-level", kind: kString, def: "info",
-		usage: "log level: debug (sampled per-packet detail), info (one line per decision), warn, error"},
+		usage: "log `LEVEL`: debug (sampled per-packet detail), info (one line per decision), warn, error"},
 	{name: "strict-nonce", kind: kBool,
 		usage: "RFC 6887 strict nonce checks: a request with another nonce for an existing mapping gets NOT_AUTHORIZED; default: a new nonce from the same owner replaces the mapping, so a rebooted client is not locked out"},
 	{name: "third-party", kind: kString, def: ThirdPartyOwned,
-		usage: "THIRD_PARTY option: owned (allowed only for addresses inside the requester's own prefixes, which adds no power) or off (answered UNSUPP_OPTION)"},
+		usage: "THIRD_PARTY option `MODE`: owned (allowed only for addresses inside the requester's own prefixes, which adds no power) or off (answered UNSUPP_OPTION)"},
 	{name: "disable-map", kind: kBool, usage: "refuse PCP MAP requests (NOT_AUTHORIZED)"},
 	{name: "disable-peer", kind: kBool, usage: "refuse PCP PEER requests (NOT_AUTHORIZED)"},
 	{name: "disable-natpmp", kind: kBool, usage: "do not answer NAT-PMP (RFC 6886) requests"},
@@ -81,7 +81,7 @@ const FlagConfig = "config"
 
 // AddFlags registers --config and every setting's flag on fs.
 func AddFlags(fs *pflag.FlagSet) {
-	fs.String(FlagConfig, "", "TOML config file; every flag has a key of the same name, and flags given on the command line override it")
+	fs.String(FlagConfig, "", "TOML config `FILE`; every flag has a key of the same name, and flags given on the command line override it")
 	for _, s := range settings {
 		switch s.kind {
 		case kString, kInt, kDuration:
@@ -93,9 +93,6 @@ func AddFlags(fs *pflag.FlagSet) {
 		case kClients:
 			fs.StringArray(s.name, nil, s.usage)
 		}
-	}
-	if f := fs.Lookup("client"); f != nil {
-		f.Usage = strings.Replace(f.Usage, "static ownership", "NAME=PFX[,PFX]: static ownership", 1)
 	}
 }
 

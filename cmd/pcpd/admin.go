@@ -18,7 +18,7 @@ import (
 )
 
 func addSocketFlag(cmd *cobra.Command, path *string) {
-	cmd.Flags().StringVar(path, "socket", config.DefaultSocket, "the daemon's control socket (pcpd serve --socket)")
+	cmd.Flags().StringVar(path, "socket", config.DefaultSocket, "the daemon's control socket `PATH` (pcpd serve --socket)")
 }
 
 // controlErr turns a control client error into an exit: a daemon that
@@ -203,7 +203,7 @@ Exits 1 if nothing matched.`,
 	}
 	addSocketFlag(cmd, &socket)
 	cmd.Flags().BoolVar(&all, "all", false, "revoke every lease")
-	cmd.Flags().StringVar(&client, "client", "", "revoke every lease of this client")
+	cmd.Flags().StringVar(&client, "client", "", "revoke every lease of client `NAME` (as pcpd leases shows it; the wg: or static: prefix may be left out)")
 	return cmd
 }
 

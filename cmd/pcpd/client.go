@@ -26,8 +26,8 @@ type clientFlags struct {
 }
 
 func (f *clientFlags) add(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&f.server, "server", "", "the PCP server: ADDRESS or [ADDRESS]:PORT (port 5351 if not given); required")
-	cmd.Flags().StringVar(&f.clientIP, "client-ip", "", "send from this local address and name it in the PCP Client IP field (default: the address the route to --server picks)")
+	cmd.Flags().StringVar(&f.server, "server", "", "the PCP server `ADDR`: ADDRESS or [ADDRESS]:PORT (port 5351 if not given); required")
+	cmd.Flags().StringVar(&f.clientIP, "client-ip", "", "send from local address `ADDR` and name it in the PCP Client IP field (default: the address the route to --server picks)")
 	cmd.Flags().DurationVar(&f.timeout, "timeout", 15*time.Second, "give up after this long (PCP retransmits at 3 s, 6 s, 12 s)")
 	cmd.MarkFlagRequired("server")
 }
@@ -196,18 +196,18 @@ Exits 0 on SUCCESS, 1 on any other result or when the server does not answer.`,
 	}
 	cf.add(cmd)
 	f := cmd.Flags()
-	f.StringVar(&proto, "proto", "tcp", "protocol: tcp, udp, or an IANA number")
-	f.Uint16Var(&port, "port", 0, "internal port to open; required")
-	f.Uint16Var(&extPort, "external-port", 0, "suggested external port (0: no preference; pcpd grants the internal port)")
-	f.StringVar(&extAddr, "external-address", "", "suggested external address (default: all-zeros of the client's family; ::ffff:0.0.0.0 from an IPv6 client asks for an IPv4 mapping)")
+	f.StringVar(&proto, "proto", "tcp", "`PROTO`: tcp, udp, or an IANA protocol number")
+	f.Uint16Var(&port, "port", 0, "internal port `N` to open; required")
+	f.Uint16Var(&extPort, "external-port", 0, "suggested external port `N` (0: no preference; pcpd then grants the internal port)")
+	f.StringVar(&extAddr, "external-address", "", "suggested external address `ADDR` (default: all-zeros of the client's family; ::ffff:0.0.0.0 from an IPv6 client asks for an IPv4 mapping)")
 	f.DurationVar(&lifetime, "lifetime", 2*time.Hour, "requested lifetime; the server clamps it to its own limits")
 	f.BoolVar(&del, "delete", false, "delete the mapping (lifetime 0)")
-	f.StringVar(&thirdParty, "third-party", "", "THIRD_PARTY option: open this address instead of the sender's (§13.1)")
+	f.StringVar(&thirdParty, "third-party", "", "THIRD_PARTY option: open address `ADDR` instead of the sender's (§13.1)")
 	f.BoolVar(&preferFailure, "prefer-failure", false, "PREFER_FAILURE option: fail rather than grant another external port (§13.2)")
-	f.StringArrayVar(&filters, "filter", nil, "FILTER option: admit only this remote PREFIX or [PREFIX]:PORT (repeatable, §13.3)")
-	f.StringVar(&description, "description", "", "DESCRIPTION option (RFC 7220)")
-	f.StringVar(&nonceHex, "nonce", "", "use this mapping nonce (24 hex digits) instead of a fresh one")
-	f.StringVar(&peer, "peer", "", "send PEER for the connection to this remote [ADDRESS]:PORT instead of MAP")
+	f.StringArrayVar(&filters, "filter", nil, "FILTER option: admit only this remote `PREFIX` or [PREFIX]:PORT (repeatable, §13.3)")
+	f.StringVar(&description, "description", "", "DESCRIPTION option (RFC 7220) carrying `TEXT`")
+	f.StringVar(&nonceHex, "nonce", "", "use mapping nonce `HEX` (24 hex digits) instead of a fresh one")
+	f.StringVar(&peer, "peer", "", "send PEER for the connection to remote `[ADDR]:PORT` instead of MAP")
 	return cmd
 }
 

@@ -76,15 +76,6 @@ nftables accept rule (IPv6) or port mapping (IPv4), makes the lease durable,
 and only then answers SUCCESS. The kernel removes every pinhole when its
 lease ends, even if pcpd is not running.
 
-Commands:
-  serve      run the daemon
-  leases     list live leases            (talks to the daemon's control socket)
-  revoke     end leases                  (control socket)
-  status     show epoch, counts, listen addresses (control socket)
-  map        ask a PCP server for a mapping, as a client would
-  announce   send a PCP ANNOUNCE, as a client would
-  lab        build a throwaway demo network and show a pinhole working
-
 Exit codes: 0 success; 1 failure (daemon unreachable, PCP error result,
 lab step failed); 2 bad command line or configuration.`,
 		SilenceErrors: true,
