@@ -109,6 +109,7 @@ func BenchmarkAuthorize10kPeersDenied(b *testing.B) {
 		reqs[i].Target = reqs[(i+3)%len(reqs)].Target
 		reqs[i].ThirdParty = true
 	}
+	rand.New(rand.NewPCG(7, 8)).Shuffle(len(reqs), func(i, j int) { reqs[i], reqs[j] = reqs[j], reqs[i] })
 	b.ReportAllocs()
 	done := cpuClock(b)
 	for i := 0; b.Loop(); i++ {
@@ -185,6 +186,7 @@ func BenchmarkAuthorize10kPeersManyLengths(b *testing.B) {
 		b.Fatal(err)
 	}
 	reqs = slices.DeleteFunc(reqs, func(r Request) bool { _, reason := p.Authorize(r); return reason != Allowed })
+	rand.New(rand.NewPCG(7, 8)).Shuffle(len(reqs), func(i, j int) { reqs[i], reqs[j] = reqs[j], reqs[i] })
 	b.ReportAllocs()
 	done := cpuClock(b)
 	for i := 0; b.Loop(); i++ {
