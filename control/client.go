@@ -73,21 +73,36 @@ func (c *Client) call(ctx context.Context, req Request) (net.Conn, *bufio.Reader
 // Leases calls fn for every live lease, streaming: the daemon's reply is
 // never held in memory whole. It returns how many leases there were.
 func (c *Client) Leases(ctx context.Context, fn func(Lease) error) (int, error) {
+	return c.LeasesJSON(ctx, func(line []byte) error {
+		var l Lease
+		if err := json.Unmarshal(line, &l); err != nil {
+			return fmt.Errorf("control: bad lease: %v: %w", err, ErrProtocol)
+		}
+		return fn(l)
+	})
+}
+
+// LeasesJSON is Leases without decoding: fn gets each lease as the JSON
+// object the daemon sent (one line, no newline; valid JSON, checked), which
+// `pcpd leases --json` prints as it is. The slice is reused after fn returns.
+func (c *Client) LeasesJSON(ctx context.Context, fn func(line []byte) error) (int, error) {
 	conn, r, rep, err := c.call(ctx, Request{Op: OpLeases})
 	if err != nil {
 		return 0, err
 	}
 	defer conn.Close()
-	dec := json.NewDecoder(r)
 	for i := 0; i < rep.Count; i++ {
-		var l Lease
-		if err := dec.Decode(&l); err != nil {
+		line, err := readLine(r)
+		if err != nil {
 			if errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
 			}
 			return i, fmt.Errorf("control: lease %d of %d: %v: %w", i+1, rep.Count, err, ErrProtocol)
 		}
-		if err := fn(l); err != nil {
+		if !json.Valid(line) {
+			return i, fmt.Errorf("control: lease %d of %d is not JSON: %w", i+1, rep.Count, ErrProtocol)
+		}
+		if err := fn(line); err != nil {
 			return i, err
 		}
 	}

@@ -144,19 +144,29 @@ func serveConn(c net.Conn, b Backend, log *zap.Logger) {
 	}
 }
 
+// readLine returns the next line without its newline. A line that fits
+// the reader's buffer is returned without copying (valid until the next
+// read); longer ones, up to maxRequest, are assembled.
 func readLine(r *bufio.Reader) ([]byte, error) {
-	var line []byte
+	line, err := r.ReadSlice('\n')
+	if err == nil {
+		return line[:len(line)-1], nil
+	}
+	if !errors.Is(err, bufio.ErrBufferFull) {
+		return nil, err
+	}
+	long := append([]byte(nil), line...)
 	for {
-		chunk, isPrefix, err := r.ReadLine()
-		if err != nil {
+		line, err = r.ReadSlice('\n')
+		long = append(long, line...)
+		if len(long) > maxRequest {
+			return nil, fmt.Errorf("control: line too long: %w", ErrProtocol)
+		}
+		switch {
+		case err == nil:
+			return long[:len(long)-1], nil
+		case !errors.Is(err, bufio.ErrBufferFull):
 			return nil, err
-		}
-		line = append(line, chunk...)
-		if len(line) > maxRequest {
-			return nil, fmt.Errorf("control: request too long: %w", ErrProtocol)
-		}
-		if !isPrefix {
-			return line, nil
 		}
 	}
 }
@@ -179,8 +189,10 @@ func handle(line []byte, w *bufio.Writer, b Backend, log *zap.Logger) error {
 		if err := enc.Encode(Reply{OK: true, Count: len(leases)}); err != nil {
 			return err
 		}
-		for _, l := range leases {
-			if err := enc.Encode(LeaseFrom(l)); err != nil {
+		var buf []byte
+		for i := range leases {
+			buf = append(appendLeaseJSON(buf[:0], &leases[i]), '\n')
+			if _, err := w.Write(buf); err != nil {
 				return err
 			}
 		}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -71,19 +70,15 @@ array is streamed, so even 100 000 leases print in well under 2 seconds.`,
 	return cmd
 }
 
+// printLeasesJSON prints the daemon's lease objects as they come, inside
+// one JSON array: nothing is decoded or held, so 100 000 leases take a
+// fraction of a second.
 func printLeasesJSON(cmd *cobra.Command, c *control.Client, out *bufio.Writer) error {
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
 	sep := "[\n  "
-	n, err := c.Leases(cmd.Context(), func(l control.Lease) error {
-		buf.Reset()
-		if err := enc.Encode(l); err != nil {
-			return err
-		}
+	n, err := c.LeasesJSON(cmd.Context(), func(line []byte) error {
 		out.WriteString(sep)
 		sep = ",\n  "
-		_, err := out.Write(bytes.TrimSuffix(buf.Bytes(), []byte("\n")))
+		_, err := out.Write(line)
 		return err
 	})
 	if err != nil {
