@@ -357,7 +357,11 @@ func TestAppendLeaseJSON(t *testing.T) {
 	for _, l := range []store.Lease{
 		lease("static:home", 6, "10.100.0.2", 80),
 		full,
-		func() store.Lease { l := full; l.Description = "quote \" backslash \\ tab \t <html> & é 中 \u2028"; return l }(),
+		func() store.Lease {
+			l := full
+			l.Description = "quote \" backslash \\ tab \t <html> & é 中 \u2028"
+			return l
+		}(),
 		func() store.Lease { l := full; l.Description = "bad utf-8 \xff"; return l }(),
 		func() store.Lease { l := full; l.Protocol = 132; l.ExternalAddr = netip.Addr{}; return l }(),
 	} {
