@@ -425,11 +425,15 @@ func readTx(tx *bolt.Tx, drop func()) (loaded, error) {
 		if v == nil {
 			return ld, fmt.Errorf("store: unexpected bucket in leases: %w", ErrCorrupt)
 		}
-		l, err := decodeLease(k, v, in)
-		if err != nil {
+		i := len(ld.leases)
+		if i < cap(ld.leases) {
+			ld.leases = ld.leases[:i+1] // zeroed by make
+		} else {
+			ld.leases = append(ld.leases, Lease{})
+		}
+		if err := decodeLeaseInto(&ld.leases[i], k, v, in); err != nil {
 			return ld, err
 		}
-		ld.leases = append(ld.leases, l)
 		got.add(v, +1)
 		if len(ld.leases)%dropEvery == 0 {
 			drop()
