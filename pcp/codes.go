@@ -8,6 +8,22 @@
 // made here, in the order of PROTOCOL.md PKT-09; decisions that need server
 // state (ownership, leases, quotas) belong to the engine.
 //
+// No amplification (PROTOCOL.md (f)): every reply this package builds is
+// at most MaxMessageSize octets and, for PCP, a multiple of 4. A reply is
+// never longer than its request except in these cases, all forced by the
+// RFCs: a PCP error reply pads a request whose length is not a multiple of
+// 4 by 1-3 octets (AppendErrorResponse; worst 2 → 4 octets, VER-04); the
+// NAT-PMP address reply is 12 octets for a 2-octet request and the mapping
+// reply 16 for 12 (RFC 6886 §3.2-3.3); the NAT-PMP unsupported-opcode echo
+// of a 2-3-octet request is 4 octets (AppendPMPUnsupportedOpcode). Success
+// replies built from a decoded request echo at most what it carried
+// (DESCRIPTION only shrinks, ignored options are dropped). The fuzz
+// targets in ../fuzz check all of this.
+//
+// Decoded values may alias their input: Options.Description points into
+// the packet, Options.Filters into the Options value itself. Copy them
+// before keeping them beyond the packet buffer or the value.
+//
 // The package imports only the standard library.
 package pcp
 
