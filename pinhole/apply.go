@@ -1,9 +1,11 @@
 package pinhole
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/google/nftables"
@@ -18,11 +20,12 @@ const MaxBatch = 256
 
 // encodedOp is a validated Op with its set and element.
 type encodedOp struct {
-	orig Op // as the caller gave it, for OpError
-	op   Op // normalized
-	k    kind
-	elem nftables.SetElement // without timeout
-	id   string              // set and key: equal ids touch the same element
+	index int // in the caller's batch
+	orig  Op  // as the caller gave it, for OpError
+	op    Op  // normalized
+	k     kind
+	elem  nftables.SetElement // without timeout
+	id    string              // set and key: equal ids touch the same element
 }
 
 func encode(op Op) (encodedOp, error) {
@@ -56,18 +59,51 @@ func (b *Backend) Apply(ops []Op) error {
 		if err != nil {
 			return &OpError{Index: i, Op: op, Err: err}
 		}
+		e.index = i
 		enc[i] = e
-	}
-	if len(enc) == 0 {
-		return nil
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	err := b.flushOps(enc)
-	if err == nil {
-		return nil
+	for len(enc) > 0 {
+		err := b.flushOps(enc)
+		if err == nil {
+			return nil
+		}
+		err = b.blame(enc, err)
+		var oe *OpError
+		if !errors.As(err, &oe) || oe.Index < 0 {
+			return err
+		}
+		pos := slices.IndexFunc(enc, func(e encodedOp) bool { return e.index == oe.Index })
+		if gone, cerr := b.absentDelete(enc[pos], oe.Err); cerr != nil || !gone {
+			return err
+		}
+		// The op deletes an element that is not there: nothing to do, so
+		// the rest of the batch goes without it.
+		enc = slices.Delete(enc, pos, pos+1)
 	}
-	return b.blame(enc, err)
+	return nil
+}
+
+// absentDelete reports whether a Delete failed only because its element is
+// absent and overlaps another element of a concatenated-range set: the
+// kernel then refuses the add that precedes the delete (EEXIST), though there
+// is nothing to delete. A present element with other mapping data is a
+// real conflict.
+func (b *Backend) absentDelete(e encodedOp, err error) (bool, error) {
+	if e.op.Kind != Delete || !specs[e.k].interval || !errors.Is(err, unix.EEXIST) {
+		return false, nil
+	}
+	elems, gerr := b.conn.GetSetElements(b.sets[e.k])
+	if gerr != nil {
+		return false, gerr
+	}
+	for _, x := range elems {
+		if bytes.Equal(x.Key, e.elem.Key) && bytes.Equal(x.KeyEnd, e.elem.KeyEnd) {
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
 func (b *Backend) flushOps(enc []encodedOp) error {
@@ -192,8 +228,8 @@ func (b *Backend) blame(enc []encodedOp, orig error) error {
 			lo = mid + 1
 		}
 	}
-	i := hi - 1
-	return &OpError{Index: i, Op: enc[i].orig, Err: classify(culprit[0])}
+	e := enc[hi-1]
+	return &OpError{Index: e.index, Op: e.orig, Err: classify(culprit[0])}
 }
 
 // leafErrors lists the per-message errors of a failed Flush (which joins

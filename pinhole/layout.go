@@ -293,7 +293,11 @@ func decode(k kind, e nftables.SetElement) (Pinhole, error) {
 	if err = firstErr(err, key.err, end.err, val.err); err != nil {
 		return Pinhole{}, err
 	}
-	return p.normalize()
+	n, err := p.normalize()
+	if err != nil {
+		return Pinhole{}, fmt.Errorf("pinhole: %s: %s: %w", specs[k].name, p, err)
+	}
+	return n, nil
 }
 
 func firstErr(errs ...error) error {

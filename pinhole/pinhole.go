@@ -92,10 +92,11 @@ func (p Pinhole) String() string {
 
 // normalize validates p and returns it in canonical form: IPv6 external
 // fields filled in, remote prefix masked. Everything Apply sends and List
-// returns is canonical, so the two compare equal.
+// returns is canonical, so the two compare equal. Its errors say what is
+// wrong; callers add which pinhole.
 func (p Pinhole) normalize() (Pinhole, error) {
 	bad := func(format string, a ...any) (Pinhole, error) {
-		return Pinhole{}, fmt.Errorf("pinhole: %s: %s: %w", p, fmt.Sprintf(format, a...), ErrInvalid)
+		return Pinhole{}, fmt.Errorf("%s: %w", fmt.Sprintf(format, a...), ErrInvalid)
 	}
 	in := p.InternalAddr
 	if !in.IsValid() || in.IsUnspecified() || in.Zone() != "" {
@@ -195,11 +196,11 @@ func (o Op) validate() (Op, error) {
 	switch o.Kind {
 	case Install, Refresh:
 		if o.Timeout < time.Millisecond || o.Timeout > maxTimeout {
-			return Op{}, fmt.Errorf("pinhole: %s %s: timeout %v out of range [1ms, %v]: %w", o.Kind, o.Pinhole, o.Timeout, maxTimeout, ErrInvalid)
+			return Op{}, fmt.Errorf("timeout %v out of range [1ms, %v]: %w", o.Timeout, maxTimeout, ErrInvalid)
 		}
 	case Delete:
 	default:
-		return Op{}, fmt.Errorf("pinhole: %s: %w", o.Kind, ErrInvalid)
+		return Op{}, fmt.Errorf("unknown op kind: %w", ErrInvalid)
 	}
 	p, err := o.Pinhole.normalize()
 	if err != nil {

@@ -341,3 +341,41 @@ func TestMaxBatchFits(t *testing.T) {
 		t.Fatalf("Apply of MaxBatch+1 ops: %v, want ErrInvalid", err)
 	}
 }
+
+// TestOverlappingFilters: the kernel's concatenated-range set refuses a
+// filtered pinhole whose remote range starts inside another one of the same
+// mapping (ErrConflict: the engine must not send nested FILTER prefixes),
+// while deleting such a never-installed pinhole is still a no-op that does
+// not fail the rest of its batch.
+func TestOverlappingFilters(t *testing.T) {
+	ns := netlab.NewNS(t, "ovl")
+	b := newBackend(t, ns, pinhole.Config{})
+	filtered := func(pfx string) pinhole.Pinhole {
+		return pinhole.Pinhole{Protocol: tcp, InternalAddr: c6, InternalPort: 22, ExternalAddr: c6, ExternalPort: 22,
+			RemotePrefix: netip.MustParsePrefix(pfx)}
+	}
+	outer, inner := filtered("2001:db8:5::/48"), filtered("2001:db8:5:1::/64")
+	apply(t, b, install(outer, time.Minute))
+	if err := b.Apply([]pinhole.Op{install(inner, time.Minute)}); !errors.Is(err, pinhole.ErrConflict) {
+		t.Fatalf("nested filter install: %v, want ErrConflict", err)
+	}
+	plain := everyShape[0]
+	apply(t, b, del(inner), install(plain, time.Minute), del(inner))
+	got, _ := listPinholes(t, b)
+	want := []pinhole.Pinhole{outer, plain}
+	slices.SortFunc(want, sortPinholes)
+	if diff := cmp.Diff(want, got, cmpAddr, cmpPrefix); diff != "" {
+		t.Errorf("after deleting the absent nested filter (-want +got):\n%s", diff)
+	}
+	// A present filtered mapping with other internal data is still a conflict.
+	m := pinhole.Pinhole{Protocol: tcp, InternalAddr: c4, InternalPort: 80, ExternalAddr: pub, ExternalPort: 8080,
+		RemotePrefix: netip.MustParsePrefix("203.0.113.0/24")}
+	apply(t, b, install(m, time.Minute))
+	other := m
+	other.InternalAddr = c4b
+	err := b.Apply([]pinhole.Op{install(plain, time.Minute), del(other)})
+	var oe *pinhole.OpError
+	if !errors.As(err, &oe) || oe.Index != 1 || !errors.Is(err, pinhole.ErrConflict) {
+		t.Fatalf("delete with other mapping data: %v, want op 1 ErrConflict", err)
+	}
+}
