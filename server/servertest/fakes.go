@@ -68,22 +68,25 @@ func (f *Firewall) Apply(ops []pinhole.Op) error {
 	if f.broken {
 		return fmt.Errorf("servertest: table missing: %w", pinhole.ErrMissing)
 	}
-	next := maps.Clone(f.holes)
-	now := f.Now()
 	for i, op := range ops {
 		switch op.Kind {
 		case pinhole.Install, pinhole.Refresh:
 			if op.Timeout < time.Millisecond {
 				return &pinhole.OpError{Index: i, Op: op, Err: pinhole.ErrInvalid}
 			}
-			next[op.Pinhole] = now.Add(op.Timeout)
 		case pinhole.Delete:
-			delete(next, op.Pinhole)
 		default:
 			return &pinhole.OpError{Index: i, Op: op, Err: pinhole.ErrInvalid}
 		}
 	}
-	f.holes = next
+	now := f.Now()
+	for _, op := range ops {
+		if op.Kind == pinhole.Delete {
+			delete(f.holes, op.Pinhole)
+		} else {
+			f.holes[op.Pinhole] = now.Add(op.Timeout)
+		}
+	}
 	f.Applies++
 	f.Ops += len(ops)
 	return nil

@@ -1,0 +1,122 @@
+package server
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/server/servertest"
+	"github.com/pcpd/pcpd/store"
+)
+
+// benchServer builds an engine on fw and st owning 2001:db8::/32.
+func benchServer(b *testing.B, fw Firewall, st LeaseStore, state store.State) *Server {
+	own, err := policy.NewStatic(map[string][]netip.Prefix{"bench": {netip.MustParsePrefix("2001:db8::/32")}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	pol, err := policy.New(policy.Config{MaxLeasesPerClient: 1 << 20, MaxLeases: 1 << 20}, own)
+	if err != nil {
+		b.Fatal(err)
+	}
+	s, err := New(Config{RateLimit: 1e12, RateBurst: 1 << 30}, Deps{Firewall: fw, Store: st, State: state, Policy: pol}, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		b.Fatal(err)
+	}
+	return s
+}
+
+// requests are n MAP requests from n distinct addresses (new mappings).
+func requests(n, round int) []Request {
+	out := make([]Request, n)
+	for i := range out {
+		a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 1, byte(round >> 8), byte(round), 0, 0, 0, 0, 0, 0, byte(i >> 8), byte(i)})
+		r := mapReq(a, pcp.ProtoTCP, 443, 443, time.Hour, 1)
+		out[i] = Request{Local: local6, Source: netip.AddrPortFrom(a, 5000), Data: pcp.AppendRequest(nil, r)}
+	}
+	return out
+}
+
+func benchBatches(b *testing.B, s *Server, batch int) {
+	b.ReportAllocs()
+	b.ResetTimer()
+	done := 0
+	for round := 0; done < b.N; round++ {
+		reqs := requests(batch, round)
+		b.StopTimer()
+		b.StartTimer()
+		for i, r := range s.HandleBatch(reqs) {
+			if len(r) < 4 || r[3] != 0 {
+				b.Fatalf("request %d: % x", i, r)
+			}
+		}
+		done += batch
+	}
+	b.ReportMetric(float64(done)/b.Elapsed().Seconds(), "maps/s")
+}
+
+// BenchmarkEngineMap is the engine's own cost per new MAP (decode, policy,
+// allocation, table, reply) over in-memory kernel and store.
+func BenchmarkEngineMap(b *testing.B) {
+	fw := servertest.NewFirewall(time.Now)
+	st := servertest.NewStore()
+	s := benchServer(b, fw, st, st.State())
+	benchBatches(b, s, 1)
+}
+
+// BenchmarkEngineRenew is a renewal of one mapping, the steady-state load.
+func BenchmarkEngineRenew(b *testing.B) {
+	fw := servertest.NewFirewall(time.Now)
+	st := servertest.NewStore()
+	s := benchServer(b, fw, st, st.State())
+	req := requests(1, 0)[0]
+	b.ReportAllocs()
+	for b.Loop() {
+		if r := s.Handle(req.Local, req.Source, req.Data); r[3] != 0 {
+			b.Fatalf("% x", r)
+		}
+	}
+}
+
+// BenchmarkRealMap: new MAPs through the real nftables backend (in a
+// throwaway namespace) and the real bbolt store (fsync per commit), one
+// request per batch versus 64 sharing one transaction and one fsync.
+func BenchmarkRealMap(b *testing.B) {
+	netlab.RequireRoot(b)
+	for _, batch := range []int{1, 64} {
+		b.Run("batch="+itoa(batch), func(b *testing.B) {
+			ns := netlab.NewNS(b, "bench")
+			conn, err := ns.NftConn()
+			if err != nil {
+				b.Fatal(err)
+			}
+			fw, err := pinhole.New(conn, pinhole.Config{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			st, state, err := store.Open(b.TempDir(), zap.NewNop())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer st.Close()
+			s := benchServer(b, fw, st, state)
+			benchBatches(b, s, batch)
+		})
+	}
+}
+
+func itoa(n int) string {
+	if n < 10 {
+		return string(rune('0' + n))
+	}
+	return itoa(n/10) + string(rune('0'+n%10))
+}
