@@ -180,3 +180,54 @@ func (w lockedWriter) Write(p []byte) (int, error) {
 	defer w.mu.Unlock()
 	return w.b.Write(p)
 }
+
+// dist/pcpd.service runs pcpd as an unprivileged user with CAP_NET_ADMIN
+// only. The same here, with setpriv: nftables, the interface-bound
+// sockets, the store and the control socket all work, and a client's MAP
+// opens its port.
+func TestServeLeastPrivilege(t *testing.T) {
+	netlab.RequireRoot(t)
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		t.Skip("setpriv (util-linux) not installed")
+	}
+	bin := binary(t)
+	os.Chmod(filepath.Dir(bin), 0o755)
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	dir := t.TempDir()
+	os.Chmod(filepath.Dir(dir), 0o755) // t.TempDir's parent is 0700
+	os.Chmod(dir, 0o755)
+	work := filepath.Join(dir, "pcpd")
+	os.Mkdir(work, 0o700)
+	os.Chown(work, 65534, 65534)
+	sock := filepath.Join(work, "run", "pcpd.sock")
+	var log logBuffer
+	_, err := topo.Host.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = &log, &log },
+		"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+		"--inh-caps=-all,+net_admin", "--ambient-caps=-all,+net_admin", "--bounding-set=-all,+net_admin",
+		bin, "serve", "--interface", topo.HostLANIf, "--client", "home="+topo.ClientPrefix6.String(),
+		"--state-dir", filepath.Join(work, "state"), "--socket", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlab.Eventually(10*time.Second, func() error {
+		st, err := (&control.Client{Path: sock}).Status(context.Background())
+		if err == nil && len(st.Listen) == 0 {
+			err = os.ErrNotExist
+		}
+		return err
+	}); err != nil {
+		t.Fatalf("unprivileged pcpd not serving: %v\n%s", err, log.String())
+	}
+	if fi, err := os.Stat(sock); err != nil || fi.Sys().(*syscall.Stat_t).Uid != 65534 {
+		t.Errorf("control socket not owned by the unprivileged user: %v", err)
+	}
+	target := net.JoinHostPort(topo.ClientV6.String(), "8080")
+	topo.Client.ServeTCP(t, target)
+	out, err := topo.Client.Run(bin, "map", "--server", topo.HostTunnelV6.String(), "--port", "8080")
+	if err != nil || !strings.Contains(out, "SUCCESS") {
+		t.Fatalf("map: %v\n%s\n%s", err, out, log.String())
+	}
+	if err := netlab.Eventually(5*time.Second, func() error { return topo.Internet.DialTCP(target, time.Second) }); err != nil {
+		t.Fatalf("mapped port unreachable: %v\n%s", err, log.String())
+	}
+}
