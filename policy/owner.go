@@ -26,7 +26,8 @@ type Owner struct {
 type Ownership interface {
 	// Lookup returns the owner whose prefix is the longest match for src.
 	// IPv4 addresses must be unmapped (10.0.0.1, not ::ffff:10.0.0.1); an
-	// IPv4-mapped or zoned address has no owner.
+	// IPv4-mapped or zoned address has no owner. The returned Prefixes are
+	// shared with the lookup structure: read them, do not modify them.
 	Lookup(src netip.Addr) (Owner, bool)
 	// Owners returns a snapshot of every owner, safe to keep and modify.
 	Owners() []Owner
