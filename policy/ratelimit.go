@@ -21,6 +21,23 @@ type RateLimiter struct {
 	burst float64
 	lru   *simplelru.LRU[netip.Addr, *bucket]
 	free  []*bucket // evicted buckets, reused to avoid an allocation per new source
+	bits6 int       // IPv6 sources are counted per /bits6 (128: per address)
+}
+
+// RateLimiterOption adjusts NewRateLimiter.
+type RateLimiterOption func(*RateLimiter)
+
+// WithIPv6Prefix counts IPv6 sources per /bits prefix instead of per
+// address. A WireGuard peer may send from any address of its AllowedIPs, so
+// per address it could mint a fresh bucket per request; per /64 it cannot
+// (short of owning many /64s), at the price of hosts in one /64 sharing a
+// bucket. bits outside [1, 128] leave the default, 128.
+func WithIPv6Prefix(bits int) RateLimiterOption {
+	return func(l *RateLimiter) {
+		if bits >= 1 && bits <= 128 {
+			l.bits6 = bits
+		}
+	}
 }
 
 type bucket struct {
@@ -32,13 +49,16 @@ type bucket struct {
 // second with bursts of burst, remembering at most maxSources sources.
 // Invalid arguments (rate ≤ 0 or NaN, burst < 1, maxSources < 1) are raised
 // to the smallest meaningful value: a limiter is never unlimited by mistake.
-func NewRateLimiter(rate float64, burst int, maxSources int) *RateLimiter {
+func NewRateLimiter(rate float64, burst int, maxSources int, opts ...RateLimiterOption) *RateLimiter {
 	if !(rate > 0) || math.IsInf(rate, 0) {
 		rate = 1
 	}
 	burst = max(burst, 1)
 	maxSources = max(maxSources, 1)
-	l := &RateLimiter{rate: rate, burst: float64(burst)}
+	l := &RateLimiter{rate: rate, burst: float64(burst), bits6: 128}
+	for _, o := range opts {
+		o(l)
+	}
 	l.lru, _ = simplelru.NewLRU(maxSources, func(_ netip.Addr, b *bucket) {
 		if len(l.free) < 64 {
 			l.free = append(l.free, b)
@@ -49,7 +69,11 @@ func NewRateLimiter(rate float64, burst int, maxSources int) *RateLimiter {
 
 // Allow reports whether src may be served at now, spending one token.
 func (l *RateLimiter) Allow(src netip.Addr, now time.Time) bool {
-	src = src.Unmap()
+	src = src.Unmap().WithZone("")
+	if src.Is6() && l.bits6 < 128 {
+		p, _ := src.Prefix(l.bits6)
+		src = p.Addr()
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	b, ok := l.lru.Get(src)

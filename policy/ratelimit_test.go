@@ -94,6 +94,31 @@ func TestRateLimiterFloodBoundedSEC04(t *testing.T) {
 	}
 }
 
+// TestRateLimiterIPv6PrefixPKT08: per-/64 counting stops a source from
+// minting fresh buckets by cycling addresses inside its prefix.
+func TestRateLimiterIPv6PrefixPKT08(t *testing.T) {
+	t0 := time.Unix(3_000_000, 0)
+	for _, c := range []struct {
+		bits    int
+		allowed int
+	}{{0, 100}, {128, 100}, {64, 2}} {
+		l := NewRateLimiter(1, 2, 1000, WithIPv6Prefix(c.bits))
+		n := 0
+		for i := range 100 {
+			a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0xa, 0, 0, 0, 0, 0, 0, 0, 0, 0, byte(i)})
+			if l.Allow(a, t0) {
+				n++
+			}
+		}
+		if n != c.allowed {
+			t.Errorf("/%d: %d of 100 addresses in one /64 allowed, want %d", c.bits, n, c.allowed)
+		}
+		if !l.Allow(addr("2001:db8:a:1::1"), t0) || !l.Allow(addr("10.0.0.1"), t0) {
+			t.Errorf("/%d: another /64 or IPv4 source refused", c.bits)
+		}
+	}
+}
+
 func TestRateLimiterBadArguments(t *testing.T) {
 	l := NewRateLimiter(0, 0, 0) // raised to 1/s, burst 1, one source
 	t0 := time.Unix(0, 0)
