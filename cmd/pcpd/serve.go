@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -101,7 +102,7 @@ func newLogger(level zapcore.Level, w zapcore.WriteSyncer) *zap.Logger {
 }
 
 // serve runs the daemon until ctx ends. Runtime errors exit 1.
-func serve(ctx context.Context, cfg *config.Config, stderr interface{ Write([]byte) (int, error) }) (err error) {
+func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error) {
 	log := newLogger(cfg.LogLevel, zapcore.Lock(zapcore.AddSync(stderr)))
 	defer log.Sync()
 	ctx, cancel := context.WithCancel(ctx)
