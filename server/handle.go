@@ -60,7 +60,15 @@ func (s *Server) HandleBatch(reqs []Request) [][]byte {
 }
 
 func (s *Server) handleLocked(reqs []Request, now time.Time) []outcome {
+	return s.handleTx(reqs, now, false)
+}
+
+// handleTx handles reqs in one transaction. retry marks the one-by-one
+// re-run after a failed batch: those requests already passed the rate
+// limiter.
+func (s *Server) handleTx(reqs []Request, now time.Time, retry bool) []outcome {
 	t := s.begin(now)
+	t.retry = retry
 	outs := make([]outcome, len(reqs))
 	for i := range reqs {
 		outs[i] = s.handle(t, &reqs[i])
@@ -74,7 +82,7 @@ func (s *Server) handleLocked(reqs []Request, now time.Time) []outcome {
 		if len(reqs) > 1 {
 			s.log.Warn("batch commit failed; handling its requests one by one", zap.Int("requests", len(reqs)), zap.Error(err))
 			for i := range reqs {
-				outs[i] = s.handleLocked(reqs[i:i+1], now)[0]
+				outs[i] = s.handleTx(reqs[i:i+1], now, true)[0]
 			}
 			return outs
 		}
@@ -89,6 +97,10 @@ func (s *Server) handleLocked(reqs []Request, now time.Time) []outcome {
 	}
 	return outs
 }
+
+// pfPenalty is how many extra rate-limit tokens a failed PREFER_FAILURE
+// request costs (PF-06).
+const pfPenalty = 4
 
 // call is the context of one request.
 type call struct {
@@ -126,7 +138,7 @@ func (s *Server) handle(t *tx, r *Request) outcome {
 		}
 		// PKT-08: a per-source token bucket; excess is dropped, so a
 		// flooding client cannot starve the others.
-		if !s.rl.Allow(src.Addr(), c.now) {
+		if !t.retry && !s.rl.Allow(src.Addr(), c.now) {
 			return s.drop("rate-limit", src)
 		}
 	}
@@ -179,6 +191,14 @@ func (s *Server) handlePCP(c *call) outcome {
 		code, err = s.servePeer(c, &req, &resp, &o)
 	}
 	o.res = code.String()
+	if code == pcp.CannotProvideExternal && req.Options.PreferFailure && !c.t.retry {
+		// PF-06: failed PREFER_FAILURE requests probe which ports are in
+		// use; each costs extra tokens, so probing is throttled sooner
+		// than ordinary requests.
+		for range pfPenalty {
+			s.rl.Allow(c.src.Addr(), c.now)
+		}
+	}
 	if code != pcp.Success {
 		if c.t.mark() != mark {
 			// A handler must not stage changes and then fail; undoing here

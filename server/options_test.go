@@ -329,3 +329,22 @@ func TestRestoreReconcile(t *testing.T) {
 		t.Fatalf("store %v", h.st.Leases())
 	}
 }
+
+// TestPF06ProbeThrottle: failed PREFER_FAILURE requests use up a client's
+// rate budget faster than ordinary ones.
+func TestPF06ProbeThrottle(t *testing.T) {
+	h := newHarness(t, func(c *Config, _ *policy.Config) { c.RateLimit, c.RateBurst = 0.001, 20 })
+	h.do(mapReq(addrA, pcp.ProtoTCP, 443, 80, time.Hour, 1))
+	r := mapReq(addrA, pcp.ProtoTCP, 444, 80, time.Hour, 2)
+	r.Options.PreferFailure = true
+	b := pcp.AppendRequest(nil, r)
+	answered := 0
+	for range 40 {
+		if h.raw(addrA, b) != nil {
+			answered++
+		}
+	}
+	if answered > 5 {
+		t.Fatalf("%d failed PREFER_FAILURE probes answered from a budget of 19", answered)
+	}
+}

@@ -146,6 +146,15 @@ func (s *Server) Start() error {
 
 // Serve opens the serving sockets and runs the engine loop until ctx ends.
 func (s *Server) Serve(ctx context.Context) error {
+	s.mu.Lock()
+	started := !s.started.IsZero()
+	s.mu.Unlock()
+	if !started {
+		return fmt.Errorf("server: Serve before Start: %w", ErrInvalidConfig)
+	}
+	// Leases restored from disk may belong to peers removed while pcpd
+	// was down (LIFE-05).
+	s.sweepOwnership()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	lisErr := make(chan error, 1)

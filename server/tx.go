@@ -24,6 +24,8 @@ type tx struct {
 	fin  map[store.Key]*store.Lease
 	undo []undoRec
 	qund []quarUndo
+	// retry: the request is handled again alone after its batch failed.
+	retry bool
 }
 
 type undoRec struct {
