@@ -1,6 +1,7 @@
 package store
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -235,5 +236,55 @@ func TestANN03PageSweep(t *testing.T) {
 	t.Logf("%d pages × %d damages: %d detected (epoch reset), %d harmless (free or unused space)", pages, len(damages), fresh, intact)
 	if fresh == 0 {
 		t.Fatal("no damage detected at all")
+	}
+}
+
+// TestANN03DamagedMetaPage: bbolt silently falls back to the older meta
+// page when the newer one is damaged, losing the last transaction. Open
+// notices either meta page failing its checksum and resets the epoch, but
+// keeps the (consistent) leases instead of going back to the backup.
+func TestANN03DamagedMetaPage(t *testing.T) {
+	counts := map[int]bool{}
+	for _, page := range []int64{0, 1} {
+		dir := corruptFixture(t) // last transaction: 300 → 400 leases
+		f, err := os.OpenFile(filepath.Join(dir, DBName), os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Inside the meta (after the 16-octet page header): txid's octets.
+		if _, err := f.WriteAt([]byte{0xde, 0xad}, page*4096+16+48); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		s, st := openT(t, dir, fixedClock(t0.Add(time.Minute)))
+		if !st.Fresh || !strings.Contains(st.Recovered, fmt.Sprintf("meta page %d", page)) {
+			t.Fatalf("meta page %d damaged: Fresh = %v, Recovered = %q", page, st.Fresh, st.Recovered)
+		}
+		if len(asideFiles(t, dir, DBName)) != 0 {
+			t.Fatal("state file moved aside for a damaged meta page")
+		}
+		switch len(st.Leases) {
+		case 400:
+			wantLeases(t, st.Leases, leasesN(0, 400))
+		case 300: // the newer meta was hit: the last transaction is gone
+			wantLeases(t, st.Leases, leasesN(0, 300))
+		default:
+			t.Fatalf("%d leases", len(st.Leases))
+		}
+		counts[len(st.Leases)] = true
+		// The next transaction rewrites the damaged page.
+		if err := s.Commit([]Lease{leaseN(5000)}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Commit([]Lease{leaseN(5001)}, nil); err != nil {
+			t.Fatal(err)
+		}
+		_, st = reopen(t, s, fixedClock(t0.Add(2*time.Minute)))
+		if !st.Fresh || strings.Contains(st.Recovered, "meta page") {
+			t.Fatalf("after two commits: Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
+		}
+	}
+	if !counts[300] || !counts[400] {
+		t.Fatalf("lease counts seen %v: expected one damage to hit the newer and one the older meta page", counts)
 	}
 }
