@@ -9,10 +9,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/google/nftables"
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/vishvananda/netns"
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv6"
 )
 
 // TestPinholeLifecycle is the headline: for TCP and UDP, a
@@ -221,8 +224,8 @@ func TestUnprotectedUntouched(t *testing.T) {
 }
 
 // TestICMPv6_4890: echo requests reach a protected client only when
-// AllowEcho says so; the RFC 4890 error types are always let in (checked in
-// the ruleset listing, as the topology cannot easily provoke them).
+// AllowEcho says so (RFC 4890 leaves echo to local policy); the error types
+// are covered by TestICMPv6Errors_4890_4_3.
 func TestICMPv6_4890(t *testing.T) {
 	for _, allow := range []bool{false, true} {
 		t.Run(map[bool]string{false: "echo off", true: "echo on"}[allow], func(t *testing.T) {
@@ -292,4 +295,90 @@ func TestHelperInstall(t *testing.T) {
 		ops = append(ops, install(pinhole.Pinhole{Protocol: []uint8{tcp, udp}[i], InternalAddr: ap.Addr(), InternalPort: ap.Port()}, timeout))
 	}
 	apply(t, b, ops...)
+}
+
+// TestICMPv6Errors_4890_4_3: ICMPv6 errors that RFC 4890 section 4.3.1/4.3.2
+// says must (should) not be dropped in transit reach a protected client
+// even when they belong to no tracked flow; an unknown type does not (and,
+// as a control, does arrive while the prefix is not protected).
+func TestICMPv6Errors_4890_4_3(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	// The invoking packet: an IPv6 header of a flow the host never saw.
+	inner := make([]byte, 48)
+	inner[0], inner[6], inner[7] = 0x60, 17, 64
+	copy(inner[8:24], topo.ClientV6.AsSlice())
+	copy(inner[24:40], netip.MustParseAddr("2001:db8:ffff::99").AsSlice())
+	msgs := []icmp.Message{
+		{Type: ipv6.ICMPTypeDestinationUnreachable, Body: &icmp.DstUnreach{Data: inner}},
+		{Type: ipv6.ICMPTypePacketTooBig, Body: &icmp.PacketTooBig{MTU: 1280, Data: inner}},
+		{Type: ipv6.ICMPTypeTimeExceeded, Body: &icmp.TimeExceeded{Data: inner}},
+		{Type: ipv6.ICMPTypeParameterProblem, Code: 1, Body: &icmp.ParamProb{Pointer: 6, Data: inner}},
+		{Type: ipv6.ICMPType(200), Body: &icmp.RawBody{Data: inner}}, // private experimentation
+	}
+	check := func(want map[int]bool) {
+		t.Helper()
+		got, err := sendICMPv6(topo, msgs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(want, got); diff != "" {
+			t.Errorf("ICMPv6 types reaching the client (-want +got):\n%s", diff)
+		}
+	}
+	if err := b.SetProtected(nil); err != nil {
+		t.Fatal(err)
+	}
+	check(map[int]bool{1: true, 2: true, 3: true, 4: true, 200: true})
+	if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6}); err != nil {
+		t.Fatal(err)
+	}
+	check(map[int]bool{1: true, 2: true, 3: true, 4: true})
+}
+
+// sendICMPv6 sends msgs from Internet to Client over raw sockets and
+// returns the types Client received.
+func sendICMPv6(topo *netlab.Topology, msgs []icmp.Message) (map[int]bool, error) {
+	var rx net.PacketConn
+	if err := topo.Client.Do(func() (err error) {
+		rx, err = net.ListenPacket("ip6:ipv6-icmp", topo.ClientV6.String())
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	defer rx.Close()
+	got := map[int]bool{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 1500)
+		rx.SetReadDeadline(time.Now().Add(time.Second))
+		for {
+			n, from, err := rx.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			if from.(*net.IPAddr).IP.Equal(topo.InternetV6.AsSlice()) && n > 0 {
+				got[int(buf[0])] = true
+			}
+		}
+	}()
+	err := topo.Internet.Do(func() error {
+		tx, err := net.ListenPacket("ip6:ipv6-icmp", topo.InternetV6.String())
+		if err != nil {
+			return err
+		}
+		defer tx.Close()
+		for _, m := range msgs {
+			b, err := m.Marshal(nil) // the kernel fills in the ICMPv6 checksum
+			if err != nil {
+				return err
+			}
+			if _, err := tx.WriteTo(b, &net.IPAddr{IP: topo.ClientV6.AsSlice()}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	<-done
+	return got, err
 }
