@@ -38,22 +38,24 @@ step by step, each step marked PASS or FAIL:
                      pcpd serve                      owns 2001:db8:1:2::/64
                                                      TCP service on [2001:db8:1:2::10]:PORT
 
-  1. three network namespaces (internet, tunnel host, client), a userspace
-     WireGuard tunnel between host and client (run by this binary), routes;
-  2. pcpd serve in the host namespace on the WireGuard interface, ownership
-     from WireGuard (the client peer's AllowedIPs);
-  3. a TCP service on the client's public IPv6 address;
-  4. a TCP connect from the internet namespace fails: pcpd's firewall guards
-     the client's prefix;
-  5. the client runs pcpd map against pcpd over the tunnel: SUCCESS;
-  6. the same connect from the internet now succeeds;
-  7. pcpd leases shows the lease, pcpd status the daemon, /metrics counts it;
-  8. the client deletes the mapping (pcpd map --delete);
-  9. the connect fails again;
- 10. an IPv4 mapping (NAPT on the host's public IPv4) works the same way;
- 11. the client maps again and the operator ends it with pcpd revoke;
- 12. everything is removed: namespaces, processes, nftables tables (they
-     live in the namespaces), state directory.
+   1. three network namespaces (internet, tunnel host, client), a userspace
+      WireGuard tunnel between host and client (run by this binary), routes;
+   2. pcpd serve in the host namespace on the WireGuard interface, ownership
+      from WireGuard (the client peer's AllowedIPs);
+   3. a TCP service on the client's public IPv6 address;
+   4. a TCP connect from the internet namespace fails: pcpd's firewall
+      guards the client's prefix;
+   5. the client runs pcpd map against pcpd over the tunnel: SUCCESS;
+   6. the same connect from the internet now succeeds;
+   7. pcpd leases shows the lease, pcpd status the daemon, /metrics counts it;
+   8. pcpd is killed with SIGKILL: the pinhole keeps working (the kernel
+      holds it); pcpd restarts with the lease and the epoch restored;
+   9. the client deletes the mapping (pcpd map --delete);
+  10. the connect fails again;
+  11. an IPv4 mapping (NAPT on the host's public IPv4) works the same way;
+  12. the client maps again and the operator ends it with pcpd revoke;
+  13. everything is removed: namespaces, processes, nftables tables (they
+      live in the namespaces), state directory.
 
 Cleanup also runs on failure and on Ctrl-C. Nothing outside the namespaces is
 changed except temporary files and the WireGuard control sockets in
@@ -93,6 +95,9 @@ type lab struct {
 	topo   *netlab.Topology
 	log    *logBuffer
 	n      int
+
+	serveCmd    *exec.Cmd
+	serveExited chan error
 }
 
 func (l *lab) step(name string, fn func() error) error {
@@ -147,6 +152,7 @@ func (l *lab) run(ctx context.Context) (err error) {
 		{"client: pcpd map --proto tcp --port PORT (over the tunnel)", l.mapTCP6},
 		{"internet reaches the client's service through the pinhole", l.expectOpen6},
 		{"pcpd leases, pcpd status and the Prometheus metrics on the tunnel host", l.leases},
+		{"kill -9 pcpd: the pinhole still works; restart it: lease and epoch are restored", l.restart},
 		{"client: pcpd map --delete", l.delete6},
 		{"internet cannot reach the client's service again", l.expectBlocked6},
 		{"IPv4: client maps the same port on the host's public IPv4 and internet reaches it", l.ipv4},
@@ -217,6 +223,7 @@ func (l *lab) serve() error {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
+	l.serveCmd, l.serveExited = cmd, exited
 	c := &control.Client{Path: l.socket, Timeout: 2 * time.Second}
 	deadline := time.Now().Add(15 * time.Second)
 	for {
@@ -377,6 +384,40 @@ func (l *lab) revoke() error {
 		return fmt.Errorf("pcpd revoke: %w", err)
 	}
 	return l.expectBlocked6()
+}
+
+func (l *lab) restart() error {
+	c := &control.Client{Path: l.socket}
+	before, err := c.Status(context.Background())
+	if err != nil {
+		return err
+	}
+	if err := l.serveCmd.Process.Kill(); err != nil {
+		return err
+	}
+	<-l.serveExited
+	l.show(fmt.Sprintf("killed pcpd (pid %d, epoch %d) with SIGKILL", before.PID, before.Epoch))
+	// Expiry and access are the kernel's: the pinhole works without pcpd.
+	if err := l.expectOpen6(); err != nil {
+		return fmt.Errorf("with pcpd dead: %w", err)
+	}
+	if err := l.serve(); err != nil {
+		return err
+	}
+	after, err := c.Status(context.Background())
+	if err != nil {
+		return err
+	}
+	l.show(fmt.Sprintf("restarted: pid %d, %d lease(s), epoch %d (restored from disk: %v)", after.PID, after.Leases, after.Epoch, after.Restarted))
+	switch {
+	case after.Leases != before.Leases:
+		return fmt.Errorf("%d leases after the restart, %d before", after.Leases, before.Leases)
+	case !after.Restarted || after.Epoch < before.Epoch:
+		// RFC 6887 §8.5: an epoch that went back tells clients their
+		// mappings were lost; these were not.
+		return fmt.Errorf("epoch went from %d to %d (restarted %v): clients would re-map needlessly", before.Epoch, after.Epoch, after.Restarted)
+	}
+	return l.expectOpen6()
 }
 
 func (l *lab) delete6() error {
