@@ -35,8 +35,9 @@ func newLeasesCmd() *cobra.Command {
 		Short: "List every live lease held by the running daemon",
 		Long: `List every live lease the running pcpd holds, read from its control socket.
 
-The table shows, per lease: the client that holds it (a WireGuard peer's
-public key, or a static client's name), the kind (map, peer, natpmp), the
+The table shows, per lease: the client that holds it ("wg:" and a WireGuard
+peer's public key as wg show prints it, or "static:" and a static client's
+name), the kind (map, peer, natpmp), the
 protocol, the internal address:port it opens, the external address:port
 traffic arrives on (equal for IPv6 unless a port redirect was granted), and
 when it expires.
