@@ -159,17 +159,19 @@ func (b *Backend) layout() []chainRules {
 		guard4 = append(guard4, x(drop))
 	}
 
-	dnat := func(fam byte, natFam uint32, key []expr.Any, s *nftables.Set, portReg uint32) []expr.Any {
+	// The map's data (address . port) lands in the registers the lookup key
+	// came from; the port starts after the address.
+	dnat := func(fam byte, key []expr.Any, s *nftables.Set, portReg uint32) []expr.Any {
 		return rule(nfproto(fam), key, x(
 			&expr.Lookup{SourceRegister: reg0, DestRegister: reg0, IsDestRegSet: true, SetName: s.Name, SetID: s.ID},
-			&expr.NAT{Type: expr.NATTypeDestNAT, Family: natFam, RegAddrMin: reg0, RegProtoMin: portReg, Specified: true},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(fam), RegAddrMin: reg0, RegProtoMin: portReg, Specified: true},
 		))
 	}
 	prerouting := [][]expr.Any{
-		dnat(unix.NFPROTO_IPV6, unix.NFPROTO_IPV6, keyPacket6(kindRedirect6), b.sets[kindRedirect6], reg0+4),
-		dnat(unix.NFPROTO_IPV6, unix.NFPROTO_IPV6, keyPacket6(kindRedirect6Filter), b.sets[kindRedirect6Filter], reg0+4),
-		dnat(unix.NFPROTO_IPV4, unix.NFPROTO_IPV4, keyPacket4(kindNAPT4), b.sets[kindNAPT4], reg0+1),
-		dnat(unix.NFPROTO_IPV4, unix.NFPROTO_IPV4, keyPacket4(kindNAPT4Filter), b.sets[kindNAPT4Filter], reg0+1),
+		dnat(unix.NFPROTO_IPV6, keyPacket6(kindRedirect6), b.sets[kindRedirect6], reg0+4),
+		dnat(unix.NFPROTO_IPV6, keyPacket6(kindRedirect6Filter), b.sets[kindRedirect6Filter], reg0+4),
+		dnat(unix.NFPROTO_IPV4, keyPacket4(kindNAPT4), b.sets[kindNAPT4], reg0+1),
+		dnat(unix.NFPROTO_IPV4, keyPacket4(kindNAPT4Filter), b.sets[kindNAPT4Filter], reg0+1),
 	}
 
 	return []chainRules{
