@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/pcpd/pcpd/pcp"
@@ -29,6 +30,27 @@ func (e *Env) peerSupported(r *response) {
 func withinLifetime(got, want, slack uint32) bool { return got <= want && got+slack >= want }
 
 var mapChecks = []Check{
+	{ID: "MAP-01", Section: "RFC 6887 §11.3", Level: Impl, Name: "MAP checks in order: protocol/port, THIRD_PARTY, ownership, protocol", Run: func(e *Env) Result {
+		s := e.sock()
+		var did []string
+		if e.ThirdParty.IsValid() && e.OtherClient.IsValid() {
+			m := s.newMap(0, e.port(), 0, 600, thirdParty(e.OtherClient))
+			e.wantError(s, m.bytes(), pcp.MalformedRequest, "protocol 0 port ≠ 0 + THIRD_PARTY of another client")
+			m = s.newMap(132, e.port(), 0, 600, thirdParty(e.OtherClient))
+			e.wantError(s, m.bytes(), pcp.NotAuthorized, "protocol 132 + THIRD_PARTY of another client")
+			did = append(did, "proto 0/port≠0 + foreign TP → 03; proto 132 + foreign TP → 02")
+		}
+		if e.NotOwned.IsValid() {
+			n := e.sockFrom(e.NotOwned, e.Server)
+			m := n.newMap(132, e.port(), 0, 600)
+			e.wantError(n, m.bytes(), pcp.NotAuthorized, "protocol 132 from a non-owned source")
+			did = append(did, "proto 132 from a non-owned source → 02")
+		}
+		if len(did) == 0 {
+			e.naf("needs THIRD_PARTY with another client, or a non-owned source")
+		}
+		return pass("%s", strings.Join(did, "; "))
+	}},
 	{ID: "MAP-02", Section: "RFC 6887 §11.3", Level: Must, Name: "MAP reply copies nonce, protocol, internal port", Run: func(e *Env) Result {
 		s := e.sock()
 		m := s.mapTCP()
@@ -193,6 +215,19 @@ var mapChecks = []Check{
 			return failr("int %d, no suggestion → %s", p, ext(m.r))
 		}
 		return pass("int %d → %s", p, ext(m.r))
+	}},
+	{ID: "MAP-12", Section: "RFC 6887 §11.3", Level: Impl, Name: "IPv4 mapping is two-way: outbound leaves from the external port", Needs: []Need{NeedExternalV4, NeedOutbound}, Run: func(e *Env) Result {
+		s := e.sock4()
+		p := e.port()
+		m := s.create(s.newMap(protoUDP, p, p, 600))
+		got, err := e.Data.Outbound(netip.AddrPortFrom(e.Client4, p))
+		if err != nil {
+			return failr("outbound UDP from %s: %v", netip.AddrPortFrom(e.Client4, p), err)
+		}
+		if got != ext(m.r) {
+			return failr("mapping %d → %s, but outbound from %d is seen as %s", p, ext(m.r), p, got)
+		}
+		return pass("outbound from %s seen as %s", netip.AddrPortFrom(e.Client4, p), got)
 	}},
 	{ID: "MAP-13", Section: "RFC 6887 §10, §11.3, EID 3621", Level: Impl, Name: "suggested address of the other family: own family granted", Run: func(e *Env) Result {
 		if !e.Client.Is6() {

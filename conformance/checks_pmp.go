@@ -204,4 +204,18 @@ var pmpChecks = []Check{
 		}
 		return pass("7200 → %d%s", r.Life, note)
 	}},
+	{ID: "PMP-11", Section: "RFC 6886 §3.9", Level: Must, Name: "two-way mapping: outbound from the internal port leaves from the external port", Needs: []Need{NeedNATPMP, NeedOutbound}, Run: func(e *Env) Result {
+		s := e.sock4()
+		p := e.port()
+		m := s.pmpMapping(1, p, p, 3600)
+		want := netip.AddrPortFrom(e.ExternalV4, m.ExtPort)
+		got, err := e.Data.Outbound(netip.AddrPortFrom(e.Client4, p))
+		if err != nil {
+			return failr("outbound UDP from %s: %v", netip.AddrPortFrom(e.Client4, p), err)
+		}
+		if got != want {
+			return failr("mapping %d → %s, but outbound from %d is seen as %s", p, want, p, got)
+		}
+		return pass("outbound from %s seen as %s", netip.AddrPortFrom(e.Client4, p), got)
+	}},
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -67,6 +68,7 @@ func TestConformancePcpd(t *testing.T) {
 	e.MinLifetime = 3 * time.Second
 	e.Restart = func() error { d.stop(); return d.start() }
 	e.Stop = d.stop
+	e.Wipe = d.wipe
 	e.Start = d.start
 	runSuite(t, e, true)
 }
@@ -83,16 +85,24 @@ func TestConformanceMiniupnpd(t *testing.T) {
 	netlab.RequireRoot(t)
 	l := newLab(t)
 	log := &lockedBuffer{}
-	d, err := miniupnpd.Start(l.topo.Host, miniupnpd.Options{MinLifetime: 3, Log: log})
+	dir := t.TempDir()
+	d, err := miniupnpd.Start(l.topo.Host, miniupnpd.Options{MinLifetime: 3, Log: log, Dir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		d.Close()
+		if path := os.Getenv("PCPD_MINIUPNPD_LOG"); path != "" {
+			os.WriteFile(path, []byte(log.String()), 0o644)
+		}
 		if testing.Verbose() {
 			t.Logf("miniupnpd log:\n%s", tail(log.String(), 4000))
 		}
 	})
+	// miniupnpd multicasts its unsolicited announcements without naming an
+	// interface; give the Host a multicast route towards the LAN so they
+	// can leave (a router's default route usually plays this part).
+	l.topo.Host.MustRun(t, "ip", "route", "add", "224.0.0.0/4", "dev", "lan0")
 	// The internet reaches miniupnpd's external address on the WAN link.
 	l.topo.Internet.MustRun(t, "ip", "route", "add", d.ExternalIPv4.String()+"/32", "dev", "eth0")
 	e := l.env(t)
@@ -109,6 +119,12 @@ func TestConformanceMiniupnpd(t *testing.T) {
 	e.MinLifetime = 3 * time.Second
 	e.Outside.Targets = append(e.Outside.Targets, netipAddrPort(d.ExternalIPv4, 5351))
 	e.Restart = d.Restart
+	e.Wipe = func() error {
+		// The lease files are miniupnpd's only durable state.
+		os.Remove(filepath.Join(dir, "upnp.leases"))
+		os.Remove(filepath.Join(dir, "upnp6.leases"))
+		return d.Restart()
+	}
 	runSuite(t, e, false)
 }
 

@@ -107,6 +107,9 @@ type Env struct {
 	// (kill -9, then start; it returns once the server answers again).
 	// Used by ANN-03..05, EPO-04 and PMP-13.
 	Restart func() error
+	// Wipe, if set, restarts the target with its mapping state destroyed
+	// (EPO-03: the epoch must then reset).
+	Wipe func() error
 	// Stop and Start, if both set, let the expiry check kill the server
 	// and prove the kernel expires pinholes on its own (LIFE-04).
 	Stop, Start func() error
@@ -148,6 +151,10 @@ type DataPlane struct {
 	// Sources6 and Sources4 are internet source addresses Probe can use;
 	// FILTER checks need at least two of the client's family.
 	Sources6, Sources4 []netip.Addr
+	// Outbound, if set, sends a UDP datagram from the client's address
+	// and port from to an internet reflector and returns the source
+	// address and port the internet saw (PMP-11: two-way mappings).
+	Outbound func(from netip.AddrPort) (netip.AddrPort, error)
 }
 
 // Status is a check's verdict.
@@ -203,6 +210,8 @@ const (
 	NeedNotOwned   Need = "non-owned source"
 	NeedData       Need = "data plane"
 	NeedRestart    Need = "restart hook"
+	NeedWipe       Need = "state-wipe hook"
+	NeedOutbound   Need = "outbound reflector"
 	NeedStopStart  Need = "stop/start hooks"
 	NeedOutside    Need = "outside vantage"
 	NeedServerAlt  Need = "second server address"
@@ -241,6 +250,10 @@ func (e *Env) missing(c *Check) (Need, bool) {
 			ok = e.Data != nil
 		case NeedRestart:
 			ok = e.Restart != nil
+		case NeedWipe:
+			ok = e.Wipe != nil
+		case NeedOutbound:
+			ok = e.Data != nil && e.Data.Outbound != nil
 		case NeedStopStart:
 			ok = e.Stop != nil && e.Start != nil
 		case NeedOutside:

@@ -53,6 +53,9 @@ func newLab(t *testing.T) *lab {
 		{topo.Internet, []string{"ip", "addr", "add", "2001:db8:ffff::4/64", "dev", "eth0", "nodad"}},
 		{topo.Internet, []string{"ip", "addr", "add", "198.51.100.3/24", "dev", "eth0"}},
 		{topo.Internet, []string{"ip", "addr", "add", "198.51.100.4/24", "dev", "eth0"}},
+		// Without SNAT, replies to the client's private IPv4 still find
+		// their way back, so PMP-11 can report what source was seen.
+		{topo.Internet, []string{"ip", "route", "add", "10.100.0.0/24", "via", "198.51.100.1"}},
 	}
 	for _, s := range steps {
 		s.ns.MustRun(t, s.args...)
@@ -105,6 +108,15 @@ func (l *lab) env(t *testing.T) *Env {
 			Sources6: []netip.Addr{topo.InternetV6, netip.MustParseAddr("2001:db8:ffff::3"), netip.MustParseAddr("2001:db8:ffff::4")},
 			Sources4: []netip.Addr{topo.InternetV4, netip.MustParseAddr("198.51.100.3"), netip.MustParseAddr("198.51.100.4")},
 		},
+	}
+	refl := netip.AddrPortFrom(topo.InternetV4, 7777)
+	rc, err := startReflector(topo.Internet, refl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rc.Close() })
+	e.Data.Outbound = func(from netip.AddrPort) (netip.AddrPort, error) {
+		return outbound(topo.Client, from, refl)
 	}
 	if testing.Verbose() && os.Getenv("PCPD_CONFORMANCE_TRACE") != "" {
 		e.Logf = t.Logf
@@ -181,10 +193,20 @@ func (l *lockedBuffer) String() string {
 
 // pcpdDaemon runs cmd/pcpd serve in the lab's Host namespace.
 type pcpdDaemon struct {
-	l    *lab
-	args []string
-	cmd  *exec.Cmd
-	log  *lockedBuffer
+	l     *lab
+	args  []string
+	cmd   *exec.Cmd
+	log   *lockedBuffer
+	state string // --state-dir
+}
+
+// wipe restarts pcpd with its state directory deleted (EPO-03).
+func (d *pcpdDaemon) wipe() error {
+	d.stop()
+	if err := os.RemoveAll(d.state); err != nil {
+		return err
+	}
+	return d.start()
 }
 
 // buildPcpd builds cmd/pcpd into the module's tmp/ directory.
@@ -272,6 +294,7 @@ func startPcpd(t *testing.T, l *lab) *pcpdDaemon {
 	if err := d.start(); err != nil {
 		t.Fatal(err)
 	}
+	d.state = filepath.Join(dir, "state")
 	t.Cleanup(func() {
 		d.stop()
 		if t.Failed() {
@@ -279,4 +302,52 @@ func startPcpd(t *testing.T, l *lab) *pcpdDaemon {
 		}
 	})
 	return d
+}
+
+// startReflector answers every datagram with the sender's address:port.
+func startReflector(ns *netlab.NS, at netip.AddrPort) (io.Closer, error) {
+	var c *net.UDPConn
+	err := ns.Do(func() (err error) {
+		c, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(at))
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			_, from, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			c.WriteToUDPAddrPort([]byte(netip.AddrPortFrom(from.Addr().Unmap(), from.Port()).String()), from)
+		}
+	}()
+	return c, nil
+}
+
+// outbound sends from the client's from to the reflector and returns the
+// source address the internet saw.
+func outbound(ns *netlab.NS, from, refl netip.AddrPort) (netip.AddrPort, error) {
+	var seen netip.AddrPort
+	err := ns.Do(func() error {
+		c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(from), net.UDPAddrFromAddrPort(refl))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(time.Second))
+		if _, err := c.Write([]byte("who am i")); err != nil {
+			return err
+		}
+		buf := make([]byte, 128)
+		n, err := c.Read(buf)
+		if err != nil {
+			return err
+		}
+		seen, err = netip.ParseAddrPort(string(buf[:n]))
+		return err
+	})
+	return seen, err
 }
