@@ -63,6 +63,8 @@ func newFuzzServer(tb testing.TB) (*server.Server, *servertest.Firewall, *server
 	s, err := server.New(server.Config{
 		ExternalIPv4: netip.MustParseAddr("198.51.100.1"),
 		RateLimit:    1e9, RateBurst: 1 << 30,
+		// No conntrack flushes: the fuzzer runs in the machine's namespace.
+		KeepConnections: true,
 	}, server.Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol, Now: clock}, nil)
 	if err != nil {
 		tb.Fatal(err)

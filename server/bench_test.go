@@ -25,7 +25,7 @@ func benchServer(b *testing.B, fw Firewall, st LeaseStore, state store.State) *S
 	if err != nil {
 		b.Fatal(err)
 	}
-	s, err := New(Config{RateLimit: 1e12, RateBurst: 1 << 30}, Deps{Firewall: fw, Store: st, State: state, Policy: pol}, zap.NewNop())
+	s, err := New(Config{RateLimit: 1e12, RateBurst: 1 << 30, KeepConnections: true}, Deps{Firewall: fw, Store: st, State: state, Policy: pol}, zap.NewNop())
 	if err != nil {
 		b.Fatal(err)
 	}

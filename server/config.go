@@ -48,6 +48,10 @@ type Config struct {
 	DisablePeer   bool // PEER → NOT_AUTHORIZED (PEER-08)
 	DisableNATPMP bool // version 0 → UNSUPP_VERSION (VER-02)
 
+	// KeepConnections leaves established inbound connections alone when
+	// their mapping is deleted or revoked (default: they are ended, PMP-12).
+	KeepConnections bool
+
 	// MaxFilters is the FILTER limit per mapping (FLT-06, default 8).
 	MaxFilters int
 	// DescriptionCap is how many octets of a DESCRIPTION are kept (OPT-09,

@@ -3,6 +3,7 @@ package server
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"testing"
@@ -149,5 +150,60 @@ func TestE2EPMP13Announce(t *testing.T) {
 	}
 	if from != l.server4() {
 		t.Fatalf("announcement from %v, want %v", from, l.server4())
+	}
+}
+
+// TestE2EPMP12EndsConnections: deleting a NAT-PMP mapping ends the
+// connections that came in through it, not only new ones.
+func TestE2EPMP12EndsConnections(t *testing.T) {
+	l := newLab(t)
+	ln, err := l.topo.Client.ListenTCP(netip.AddrPortFrom(l.topo.ClientV4, 8080).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); io.Copy(c, c) }()
+		}
+	}()
+	mapping := func(lifetime time.Duration) {
+		b := pcp.AppendPMPRequest(nil, &pcp.PMPRequest{Opcode: pcp.PMPOpMapTCP, InternalPort: 8080, SuggestedExternalPort: 18080, Lifetime: lifetime})
+		if _, err := l.exchange(netip.AddrPort{}, l.server4(), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mapping(time.Hour)
+	var c net.Conn
+	if err := l.topo.Internet.Do(func() (err error) {
+		c, err = net.DialTimeout("tcp", netip.AddrPortFrom(l.topo.HostPublicV4, 18080).String(), 2*time.Second)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	echo := func() error {
+		c.SetDeadline(time.Now().Add(time.Second))
+		if _, err := c.Write([]byte("x")); err != nil {
+			return err
+		}
+		_, err := io.ReadFull(c, make([]byte, 1))
+		return err
+	}
+	if err := echo(); err != nil {
+		t.Fatalf("connection through the mapping: %v", err)
+	}
+	mapping(0)
+	if err := netlab.Eventually(3*time.Second, func() error {
+		if echo() == nil {
+			return fmt.Errorf("connection still passes after delete")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
 	}
 }

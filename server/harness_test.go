@@ -76,7 +76,7 @@ func newHarness(t *testing.T, opts ...option) *harness {
 	t.Helper()
 	clock := &fakeClock{t: time.Date(2026, 11, 23, 9, 0, 0, 0, time.UTC)}
 	h := &harness{t: t, clock: clock, fw: servertest.NewFirewall(clock.Now), st: servertest.NewStore()}
-	h.cfg = Config{ExternalIPv4: ext4, Interfaces: []string{"lo"}}
+	h.cfg = Config{ExternalIPv4: ext4, Interfaces: []string{"lo"}, KeepConnections: true}
 	for _, o := range opts {
 		o(&h.cfg, &h.pcfg)
 	}

@@ -26,6 +26,9 @@ type tx struct {
 	qund []quarUndo
 	// retry: the request is handled again alone after its batch failed.
 	retry bool
+	// ended are leases removed on purpose (delete, revocation): their
+	// connections are flushed after the commit.
+	ended []store.Lease
 }
 
 type undoRec struct {
@@ -76,6 +79,9 @@ func (t *tx) set(key store.Key, next *store.Lease, kernel bool) {
 		t.s.tab.del(key)
 		if prevCopy != nil {
 			t.freed(prevCopy)
+			if kernel {
+				t.ended = append(t.ended, *prevCopy)
+			}
 		}
 		t.fin[key] = nil
 	} else {
@@ -150,7 +156,7 @@ func (t *tx) rollback() {
 			delete(t.s.quar, q.e)
 		}
 	}
-	t.undo, t.qund, t.ops, t.inv = nil, nil, nil, nil
+	t.undo, t.qund, t.ops, t.inv, t.ended = nil, nil, nil, nil, nil
 	clear(t.fin)
 }
 
@@ -190,6 +196,7 @@ func (t *tx) commit() error {
 		}
 		return fmt.Errorf("server: store: %w", err)
 	}
+	t.s.flushConntrack(t.ended)
 	t.s.m.kernelSeconds.Observe(kdone.Sub(start).Seconds())
 	t.s.m.storeSeconds.Observe(time.Since(kdone).Seconds())
 	return nil
