@@ -45,6 +45,13 @@ func runSuite(t *testing.T, e *Env, mustPass bool) []Outcome {
 			t.Error(err)
 		}
 	}
+	if path := os.Getenv("PCPD_CONFORMANCE_JSON"); path != "" {
+		var b bytes.Buffer
+		NewReport(e.Name, outs).WriteJSON(&b)
+		if err := os.WriteFile(path, b.Bytes(), 0o644); err != nil {
+			t.Error(err)
+		}
+	}
 	p, f, n := Counts(outs)
 	t.Logf("%s: %d checks, %d pass, %d fail, %d n.a.", e.Name, len(outs), p, f, n)
 	return outs

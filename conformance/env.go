@@ -426,9 +426,23 @@ func matches(req, reply []byte) bool {
 	return true
 }
 
+// drain discards datagrams already queued on the socket: late answers to
+// an earlier request's retransmissions would otherwise match the next
+// request with the same nonce (a create and its delete).
+func (s *sock) drain() {
+	for {
+		d, err := s.recv(time.Now())
+		if err != nil {
+			return
+		}
+		s.e.logf("← drained stale %s from %s", hexdump(d.b), d.from)
+	}
+}
+
 // try sends b and waits for a matching reply from the server, sending up
 // to three times. It returns nil if none came.
 func (s *sock) try(b []byte) []byte {
+	s.drain()
 	for attempt := 0; attempt < 3; attempt++ {
 		s.send(b)
 		deadline := time.Now().Add(s.e.Timeout)
@@ -473,6 +487,7 @@ func (s *sock) ask(b []byte) *response {
 // silent sends b once and reports what arrived within Silence (nil: the
 // request was dropped, as wanted).
 func (s *sock) silent(b []byte) []byte {
+	s.drain()
 	s.send(b)
 	deadline := time.Now().Add(s.e.Silence)
 	for {

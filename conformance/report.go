@@ -1,6 +1,7 @@
 package conformance
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"strings"
@@ -129,4 +130,64 @@ func WriteComparison(w io.Writer, targets []string, runs [][]Outcome) error {
 	}
 	_, err := fmt.Fprintln(w)
 	return err
+}
+
+// Report is a run in a form that can be saved and compared later
+// (pcp-conformance -compare).
+type Report struct {
+	Target  string   `json:"target"`
+	Results []Record `json:"results"`
+}
+
+// Record is one check's outcome without its code.
+type Record struct {
+	ID      string `json:"id"`
+	Section string `json:"section"`
+	Level   Level  `json:"level"`
+	Name    string `json:"name"`
+	Status  string `json:"status"` // pass, FAIL, n.a.
+	Detail  string `json:"detail"`
+}
+
+// NewReport converts a run.
+func NewReport(target string, outs []Outcome) *Report {
+	r := &Report{Target: target}
+	for _, o := range outs {
+		c := o.Check
+		r.Results = append(r.Results, Record{c.ID, c.Section, c.Level, c.Name, o.Result.Status.String(), o.Result.Detail})
+	}
+	return r
+}
+
+// WriteJSON writes the report as indented JSON.
+func (r *Report) WriteJSON(w io.Writer) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+// ReadReport reads a report written by WriteJSON.
+func ReadReport(rd io.Reader) (*Report, error) {
+	var r Report
+	if err := json.NewDecoder(rd).Decode(&r); err != nil {
+		return nil, fmt.Errorf("conformance: read report: %w", err)
+	}
+	return &r, nil
+}
+
+// Outcomes converts the report back (checks without Run functions), for
+// WriteMarkdown and WriteComparison.
+func (r *Report) Outcomes() []Outcome {
+	var outs []Outcome
+	for _, x := range r.Results {
+		st := Pass
+		switch x.Status {
+		case Fail.String():
+			st = Fail
+		case NA.String():
+			st = NA
+		}
+		outs = append(outs, Outcome{Check: Check{ID: x.ID, Section: x.Section, Level: x.Level, Name: x.Name}, Result: Result{st, x.Detail}})
+	}
+	return outs
 }

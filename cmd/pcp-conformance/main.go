@@ -18,6 +18,7 @@ import (
 	"io"
 	"os"
 	"regexp"
+	"strings"
 
 	"github.com/pcpd/pcpd/conformance"
 )
@@ -32,8 +33,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	only := fs.String("run", "", "run only checks whose ID matches this regular expression, e.g. '^(PKT|VER)-'")
 	list := fs.Bool("list", false, "list the checks and exit")
 	trace := fs.Bool("v", false, "trace every packet on stderr")
+	jsonOut := fs.String("json", "", "also write the results as JSON to this file (for -compare)")
+	compare := fs.String("compare", "", "instead of running, print saved JSON reports FILE[,FILE...] side by side, then each in full")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if *compare != "" {
+		return compareReports(strings.Split(*compare, ","), stdout, stderr)
 	}
 	checks := conformance.Checks()
 	if *list {
@@ -75,8 +81,48 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, err)
 		return 1
 	}
+	if *jsonOut != "" {
+		f, err := os.Create(*jsonOut)
+		if err == nil {
+			err = conformance.NewReport(env.Name, outs).WriteJSON(f)
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "pcp-conformance: -json: %v\n", err)
+			return 1
+		}
+	}
 	if _, fail, _ := conformance.Counts(outs); fail > 0 {
 		return 1
+	}
+	return 0
+}
+
+// compareReports prints saved reports side by side, then each in full.
+func compareReports(files []string, stdout, stderr io.Writer) int {
+	var names []string
+	var runs [][]conformance.Outcome
+	for _, name := range files {
+		f, err := os.Open(name)
+		if err != nil {
+			fmt.Fprintf(stderr, "pcp-conformance: %v\n", err)
+			return 2
+		}
+		r, err := conformance.ReadReport(f)
+		f.Close()
+		if err != nil {
+			fmt.Fprintf(stderr, "pcp-conformance: %s: %v\n", name, err)
+			return 2
+		}
+		names = append(names, r.Target)
+		runs = append(runs, r.Outcomes())
+	}
+	conformance.WriteComparison(stdout, names, runs)
+	for i := range runs {
+		fmt.Fprintln(stdout)
+		conformance.WriteMarkdown(stdout, names[i], runs[i])
 	}
 	return 0
 }

@@ -2,8 +2,12 @@ package main
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/pcpd/pcpd/conformance"
 )
 
 func TestUsage(t *testing.T) {
@@ -26,5 +30,30 @@ func TestUsage(t *testing.T) {
 				t.Errorf("run(%q) = %d, stdout %q, stderr %q; want %d and %q", tt.args, code, out.String(), errb.String(), tt.code, tt.want)
 			}
 		})
+	}
+}
+
+func TestCompare(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, target, status string) string {
+		r := &conformance.Report{Target: target, Results: []conformance.Record{{ID: "PKT-01", Section: "RFC 6887 §8.2", Level: conformance.Must, Name: "short", Status: status, Detail: "d|x"}}}
+		path := filepath.Join(dir, name)
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.WriteJSON(f)
+		f.Close()
+		return path
+	}
+	a, b := write("a.json", "pcpd", "pass"), write("b.json", "other", "FAIL")
+	var out, errb bytes.Buffer
+	if code := run([]string{"-compare", a + "," + b}, &out, &errb); code != 0 {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	for _, want := range []string{"| PKT-01 | RFC 6887 §8.2 | MUST | short | pass | **FAIL** |", `d\|x`, "### other"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
 	}
 }
