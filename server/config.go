@@ -129,8 +129,10 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("server: external IPv4 %s is not IPv4: %w", c.ExternalIPv4, ErrInvalidConfig)
 	case c.IPv4Ports.First == 0 || c.IPv4Ports.First > c.IPv4Ports.Last:
 		return fmt.Errorf("server: bad IPv4 port range %d-%d: %w", c.IPv4Ports.First, c.IPv4Ports.Last, ErrInvalidConfig)
-	case c.MaxFilters < 1:
-		return fmt.Errorf("server: filter limit %d: must be at least 1: %w", c.MaxFilters, ErrInvalidConfig)
+	case c.MaxFilters < 1 || c.MaxFilters > 64:
+		// ≤ 64 keeps one request's kernel change well inside one
+		// transaction (pinhole.MaxBatch).
+		return fmt.Errorf("server: filter limit %d: must be 1-64: %w", c.MaxFilters, ErrInvalidConfig)
 	case c.DescriptionCap < 128 || c.DescriptionCap > 1016:
 		return fmt.Errorf("server: description cap %d: must be 128-1016: %w", c.DescriptionCap, ErrInvalidConfig)
 	case c.RateLimit < 0 || c.RateBurst < 1 || c.RateSources < 1:

@@ -239,3 +239,45 @@ func TestOperatorAPI(t *testing.T) {
 		t.Fatal("empty filter accepted")
 	}
 }
+
+// TestLargeBatches: batches whose kernel changes exceed one transaction are
+// cut so that each SUCCESS still rests on one atomic kernel change; bulk
+// revocation goes in several transactions.
+func TestLargeBatches(t *testing.T) {
+	h := newHarness(t, func(c *Config, p *policy.Config) { p.MaxLeasesPerClient, c.RateBurst = 1000, 10000 })
+	var reqs []Request
+	for i := range 256 {
+		r := mapReq(addrA, pcp.ProtoTCP, uint16(1000+i), 0, time.Hour, 1)
+		for j := range 4 {
+			r.Options.Filters = append(r.Options.Filters, pcp.Filter{Remote: netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0x99, byte(j)}), 48)})
+		}
+		reqs = append(reqs, Request{Local: local6, Source: netip.AddrPortFrom(addrA, 5000), Data: pcp.AppendRequest(nil, r)})
+	}
+	applies := h.fw.Applies
+	for i, r := range h.s.HandleBatch(reqs) {
+		if len(r) < 4 || r[3] != 0 {
+			t.Fatalf("reply %d: % x", i, r)
+		}
+	}
+	if n := h.fw.Applies - applies; n < 4 || n > 6 {
+		t.Fatalf("%d transactions for 1024 ops", n)
+	}
+	if len(h.fw.Holes()) != 1024 {
+		t.Fatalf("%d pinholes", len(h.fw.Holes()))
+	}
+	if n, err := h.s.Revoke(RevokeFilter{All: true}); n != 256 || err != nil {
+		t.Fatalf("revoke: %d %v", n, err)
+	}
+	if len(h.fw.Holes()) != 0 || len(h.st.Leases()) != 0 {
+		t.Fatal("revocation incomplete")
+	}
+	t.Run("restart", func(t *testing.T) {
+		h.s.HandleBatch(reqs)
+		h.fw.Tamper()
+		h.fw.Setup()
+		h.start()
+		if len(h.fw.Holes()) != 1024 {
+			t.Fatalf("restored %d pinholes", len(h.fw.Holes()))
+		}
+	})
+}

@@ -67,14 +67,29 @@ func (s *Server) handleLocked(reqs []Request, now time.Time) []outcome {
 // re-run after a failed batch: those requests already passed the rate
 // limiter.
 func (s *Server) handleTx(reqs []Request, now time.Time, retry bool) []outcome {
-	t := s.begin(now)
-	t.retry = retry
 	outs := make([]outcome, len(reqs))
-	for i := range reqs {
-		outs[i] = s.handle(t, &reqs[i])
+	for start := 0; start < len(reqs); {
+		// Cut the batch where its kernel changes would no longer fit one
+		// transaction: every SUCCESS rests on one atomic change.
+		t := s.begin(now)
+		t.retry = retry
+		end := start
+		for end < len(reqs) && (end == start || len(t.ops) <= s.opsBudget) {
+			outs[end] = s.handle(t, &reqs[end])
+			end++
+		}
+		s.commitOutcomes(t, reqs[start:end], outs[start:end], now)
+		start = end
 	}
+	return outs
+}
+
+// commitOutcomes commits t, the changes of reqs; on failure it rolls back
+// and handles each request again alone (or, alone already, answers with
+// its failure reply).
+func (s *Server) commitOutcomes(t *tx, reqs []Request, outs []outcome, now time.Time) {
 	if t.empty() {
-		return outs
+		return
 	}
 	s.m.batchSize.Observe(float64(len(reqs)))
 	if err := t.commit(); err != nil {
@@ -84,18 +99,18 @@ func (s *Server) handleTx(reqs []Request, now time.Time, retry bool) []outcome {
 			for i := range reqs {
 				outs[i] = s.handleTx(reqs[i:i+1], now, true)[0]
 			}
-			return outs
+			return
 		}
 		s.log.Error("cannot make a change durable; answered NO_RESOURCES", zap.Stringer("client", reqs[0].Source), zap.Error(err))
 		o := outs[0]
-		return []outcome{{reply: o.fail, proto: o.proto, op: o.op, res: "commit-failed"}}
+		outs[0] = outcome{reply: o.fail, proto: o.proto, op: o.op, res: "commit-failed"}
+		return
 	}
 	for _, o := range outs {
 		if o.after != nil {
 			o.after()
 		}
 	}
-	return outs
 }
 
 // pfPenalty is how many extra rate-limit tokens a failed PREFER_FAILURE

@@ -105,7 +105,7 @@ func (s *Server) reconcile(leases []store.Lease, now time.Time) ([]store.Lease, 
 	if len(ops) == 0 {
 		return leases, true
 	}
-	if err := s.fw.Apply(ops); err == nil {
+	if err := s.applyAtomic(ops, nil); err == nil {
 		if orphans > 0 {
 			s.log.Info("removed pinholes no lease explains", zap.Int("count", orphans))
 		}
@@ -114,7 +114,7 @@ func (s *Server) reconcile(leases []store.Lease, now time.Time) ([]store.Lease, 
 		s.log.Warn("restoring all pinholes in one transaction failed; trying lease by lease", zap.Error(err))
 	}
 	if orphans > 0 {
-		if err := s.fw.Apply(ops[:orphans]); err != nil {
+		if err := s.applyAll(ops[:orphans]); err != nil {
 			s.log.Error("cannot remove orphan pinholes", zap.Error(err))
 		}
 	}
@@ -174,7 +174,7 @@ func (s *Server) checkFirewall() {
 		}
 		return
 	}
-	if err := s.fw.Apply(ops); err != nil {
+	if err := s.applyAll(ops); err != nil {
 		s.log.Error("cannot re-install missing pinholes", zap.Int("missing", len(ops)), zap.Error(err))
 		return
 	}

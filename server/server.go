@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/store"
 )
@@ -45,6 +46,9 @@ type Server struct {
 	epoch     epochClock
 	started   time.Time
 	restarted bool // the epoch continued from disk (EPO-04)
+	// opsBudget is how many kernel ops a batch may collect before it is
+	// cut: one more request must still fit in pinhole.MaxBatch.
+	opsBudget int
 	protected []netip.Prefix
 
 	in  chan packet
@@ -95,6 +99,8 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		quar:         map[endpoint]quarantine{},
 		in:           make(chan packet, cfg.QueueLen),
 		announceDone: make(chan struct{}),
+		// A request changes at most one lease: its old and new pinholes.
+		opsBudget: pinhole.MaxBatch - 2*(cfg.MaxFilters+1),
 	}
 	s.m = newMetrics(func() float64 {
 		s.mu.Lock()

@@ -178,21 +178,15 @@ func (t *tx) commit() error {
 		}
 	}
 	start := time.Now()
-	if len(t.ops) > 0 {
-		if err := t.s.fw.Apply(t.ops); err != nil {
-			t.s.m.kernelErrors.Inc()
-			return fmt.Errorf("server: kernel: %w", err)
-		}
+	if err := t.s.applyAtomic(t.ops, t.inv); err != nil {
+		t.s.m.kernelErrors.Inc()
+		return fmt.Errorf("server: kernel: %w", err)
 	}
 	kdone := time.Now()
 	if err := t.s.st.Commit(put, del); err != nil {
 		t.s.m.storeErrors.Inc()
-		if len(t.inv) > 0 {
-			inv := slices.Clone(t.inv)
-			slices.Reverse(inv)
-			if ierr := t.s.fw.Apply(inv); ierr != nil {
-				t.s.log.Error("cannot undo kernel changes after a store failure; the next reconcile repairs them", zapErr(ierr))
-			}
+		if err := t.s.applyAll(reversed(t.inv)); err != nil {
+			t.s.log.Error("cannot undo kernel changes after a store failure; the next reconcile repairs them", zapErr(err))
 		}
 		return fmt.Errorf("server: store: %w", err)
 	}
@@ -235,5 +229,43 @@ func pinholesOf(l *store.Lease) []pinhole.Pinhole {
 			out = append(out, p)
 		}
 	}
+	return out
+}
+
+// applyAtomic applies ops as one kernel transaction when they fit in one
+// (the engine keeps batches that small); larger ones go as several, and if
+// a later one fails the earlier ones are undone with inv (inv[i] undoes
+// ops[i]).
+func (s *Server) applyAtomic(ops, inv []pinhole.Op) error {
+	for i := 0; i < len(ops); i += pinhole.MaxBatch {
+		j := min(i+pinhole.MaxBatch, len(ops))
+		if err := s.fw.Apply(ops[i:j]); err != nil {
+			if i > 0 {
+				if uerr := s.applyAll(reversed(inv[:i])); uerr != nil {
+					s.log.Error("cannot undo a partly applied change; the tamper check repairs it", zapErr(uerr))
+				}
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// applyAll applies ops in transactions of at most pinhole.MaxBatch, for
+// repairs that need no rollback; it goes on after a failed chunk and
+// returns the first error.
+func (s *Server) applyAll(ops []pinhole.Op) error {
+	var first error
+	for i := 0; i < len(ops); i += pinhole.MaxBatch {
+		if err := s.fw.Apply(ops[i:min(i+pinhole.MaxBatch, len(ops))]); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+func reversed(ops []pinhole.Op) []pinhole.Op {
+	out := slices.Clone(ops)
+	slices.Reverse(out)
 	return out
 }

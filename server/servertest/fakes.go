@@ -68,6 +68,10 @@ func (f *Firewall) Apply(ops []pinhole.Op) error {
 	if f.broken {
 		return fmt.Errorf("servertest: table missing: %w", pinhole.ErrMissing)
 	}
+	if len(ops) > pinhole.MaxBatch {
+		// As the real backend: a transaction must fit one sendmsg.
+		return fmt.Errorf("servertest: batch of %d ops exceeds MaxBatch: %w", len(ops), pinhole.ErrInvalid)
+	}
 	for i, op := range ops {
 		switch op.Kind {
 		case pinhole.Install, pinhole.Refresh:
