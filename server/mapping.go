@@ -246,6 +246,11 @@ func (s *Server) external(c *call, a *ask) (netip.AddrPort, time.Duration, error
 		if other.Key == k || other.ExternalAddr.Is4() != k.InternalAddr.Is4() {
 			continue
 		}
+		if a.kind == store.KindPeer && k.InternalAddr.Is6() {
+			// PEER-08: without NAT the remote sees the internal
+			// endpoint, whatever port a MAP redirects inbound.
+			break
+		}
 		ext := netip.AddrPortFrom(other.ExternalAddr, other.ExternalPort)
 		if a.pf && (a.suggPort != ext.Port() || (specified(a.suggAddr) && a.suggAddr != ext.Addr())) {
 			return netip.AddrPort{}, remaining(other, c.now) + timeWait, errCannotProvide

@@ -348,3 +348,40 @@ func TestPF06ProbeThrottle(t *testing.T) {
 		t.Fatalf("%d failed PREFER_FAILURE probes answered from a budget of 19", answered)
 	}
 }
+
+// TestEPO03ExternalIPv4Changed: a restart with another external IPv4
+// drops the IPv4 mappings and resets the epoch; IPv6 mappings stay.
+func TestEPO03ExternalIPv4Changed(t *testing.T) {
+	h := newHarness(t)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
+	h.expect(h.do(mapReq(v4A, pcp.ProtoTCP, 22, 2222, time.Hour, 1)), pcp.Success)
+	h.clock.Advance(time.Minute)
+	h.cfg.ExternalIPv4 = netip.MustParseAddr("203.0.113.9")
+	h.start()
+	if e := h.do(pcp.NewAnnounce(addrA)).Epoch; e != 0 {
+		t.Fatalf("epoch %d", e)
+	}
+	ls := h.s.Leases()
+	if len(ls) != 1 || ls[0].InternalAddr != addrA || len(h.fw.Holes()) != 1 {
+		t.Fatalf("leases %v, pinholes %v", ls, h.fw.Holes())
+	}
+}
+
+// TestPEER05NextToMap: a PEER on a tuple that has a MAP succeeds and
+// reports the internal endpoint for IPv6 (PEER-08); for IPv4 it shares
+// the MAP's external port (one external endpoint per tuple).
+func TestPEER05NextToMap(t *testing.T) {
+	h := newHarness(t)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 80, time.Hour, 1)), pcp.Success)
+	resp := h.do(peerReq(addrA, pcp.ProtoTCP, 443, remote, time.Hour, 1))
+	h.expect(resp, pcp.Success)
+	if resp.Map.ExternalPort != 443 {
+		t.Fatalf("IPv6 PEER external port %d", resp.Map.ExternalPort)
+	}
+	m := h.do(mapReq(v4A, pcp.ProtoUDP, 5000, 6000, time.Hour, 1))
+	p := h.do(peerReq(v4A, pcp.ProtoUDP, 5000, netip.MustParseAddrPort("192.0.2.1:53"), time.Hour, 1))
+	h.expect(p, pcp.Success)
+	if p.Map.ExternalPort != m.Map.ExternalPort || p.Map.ExternalAddr != ext4 {
+		t.Fatalf("IPv4 PEER %v:%d, MAP %d", p.Map.ExternalAddr, p.Map.ExternalPort, m.Map.ExternalPort)
+	}
+}

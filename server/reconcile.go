@@ -33,12 +33,22 @@ func (s *Server) restore() error {
 
 	var live []store.Lease
 	var expired []store.Key
+	moved := 0
 	for _, l := range st.Leases {
-		if l.Expires.After(now) {
-			live = append(live, l)
-		} else {
+		switch {
+		case !l.Expires.After(now):
 			expired = append(expired, l.Key)
+		case l.ExternalAddr.Is4() && l.ExternalAddr != s.cfg.ExternalIPv4:
+			// The external IPv4 changed (or is gone): these mappings
+			// cannot be kept, which is a loss of mapping state (EPO-03).
+			expired = append(expired, l.Key)
+			moved++
+		default:
+			live = append(live, l)
 		}
+	}
+	if moved > 0 {
+		lost, why = true, "external IPv4 address changed"
 	}
 	kept, ok := s.reconcile(live, now)
 	if !ok {
