@@ -1,0 +1,649 @@
+package reliability
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/control"
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// binDir holds the pcpd binary built for this test process.
+var binDir string
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
+var pcpdBuild struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// pcpdBinary builds ./cmd/pcpd once per test process: the tests run the
+// real daemon, exactly as an operator would.
+func pcpdBinary(t testing.TB) string {
+	t.Helper()
+	pcpdBuild.once.Do(func() {
+		out, err := exec.Command("go", "env", "GOMOD").Output()
+		if err != nil {
+			pcpdBuild.err = fmt.Errorf("go env GOMOD: %w", err)
+			return
+		}
+		gomod := strings.TrimSpace(string(out))
+		if gomod == "" || gomod == os.DevNull {
+			pcpdBuild.err = errors.New("not inside the pcpd module")
+			return
+		}
+		if binDir, err = os.MkdirTemp("", "pcpd-rel-bin-"); err != nil {
+			pcpdBuild.err = err
+			return
+		}
+		path := filepath.Join(binDir, "pcpd")
+		cmd := exec.Command("go", "build", "-o", path, "./cmd/pcpd")
+		cmd.Dir = filepath.Dir(gomod)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			pcpdBuild.err = fmt.Errorf("go build ./cmd/pcpd: %v: %s", err, out)
+			return
+		}
+		pcpdBuild.path = path
+	})
+	if pcpdBuild.err != nil {
+		t.Fatal(pcpdBuild.err)
+	}
+	return pcpdBuild.path
+}
+
+func requireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("reliability: needs root (network namespaces, nftables, tmpfs, bind mounts); CI runs it as root: sudo go test ./reliability/")
+	}
+}
+
+// Address plan on top of netlab's topology. The client namespace answers
+// for whole extra prefixes (AnyIP local routes) and the host routes them to
+// it, so one namespace can play many clients and many spoofed sources.
+var (
+	floodPrefix6  = netip.MustParsePrefix("2001:db8:1:3::/64") // client "flood"
+	victimPrefix6 = netip.MustParsePrefix("2001:db8:1:4::/64") // client "victim"
+	nobodyPrefix6 = netip.MustParsePrefix("2001:db8:1:5::/64") // owned by no client
+	floodPrefix4  = netip.MustParsePrefix("10.100.1.0/24")     // client "flood"
+	nobodyPrefix4 = netip.MustParsePrefix("10.100.2.0/24")     // owned by no client
+	victimAddr6   = netip.MustParseAddr("2001:db8:1:4::5")     // a victim's server address
+	hostV4Routes  = netip.MustParsePrefix("10.100.0.0/16")     // Internet → Host
+	metricsAddr   = "127.0.0.1:9351"                           // inside the host namespace
+	servicePort   = uint16(8080)                               // the client's TCP service
+)
+
+// labOptions chooses a lab.
+type labOptions struct {
+	wireGuard bool     // WireGuard topology, ownership from WireGuard
+	stateDir  string   // default: a fresh temporary directory
+	extra     []string // more pcpd serve flags
+}
+
+// lab is one topology with one pcpd (started, killed, restarted at will).
+type lab struct {
+	t      testing.TB
+	topo   *netlab.Topology
+	bin    string
+	dir    string // state directory
+	socket string
+	opts   labOptions
+	log    *logBuf
+
+	mu      sync.Mutex
+	cmd     *exec.Cmd
+	exited  chan struct{}
+	exitErr error // exit status once exited closes
+
+	fw *pinhole.Backend // reads pcpd's sets in the host namespace
+}
+
+func newLab(t testing.TB, opts labOptions) *lab {
+	t.Helper()
+	requireRoot(t)
+	l := &lab{t: t, bin: pcpdBinary(t), opts: opts, log: &logBuf{}}
+	l.topo = netlab.NewTopology(t, netlab.TopologyOptions{WireGuard: opts.wireGuard})
+	if opts.wireGuard {
+		t.Cleanup(func() {
+			for _, ifc := range []string{l.topo.HostLANIf, l.topo.ClientIf} {
+				os.Remove(filepath.Join(netlab.SocketDir, ifc+".sock"))
+			}
+		})
+	}
+	tmp := t.TempDir()
+	l.dir = opts.stateDir
+	if l.dir == "" {
+		l.dir = filepath.Join(tmp, "state")
+	}
+	l.socket = filepath.Join(tmp, "pcpd.sock")
+	t.Cleanup(func() {
+		l.kill9()
+		if t.Failed() {
+			t.Logf("pcpd log (last 60 lines):\n%s", l.log.tail(60))
+		}
+	})
+
+	h, c, in := l.topo.Host, l.topo.Client, l.topo.Internet
+	if !opts.wireGuard {
+		cli := l.topo.ClientV6.String()
+		for _, p := range []netip.Prefix{floodPrefix6, victimPrefix6, nobodyPrefix6} {
+			h.MustRun(t, "ip", "-6", "route", "add", p.String(), "via", cli, "dev", l.topo.HostLANIf)
+			c.MustRun(t, "ip", "-6", "route", "add", "local", p.String(), "dev", "lo")
+		}
+		for _, p := range []netip.Prefix{floodPrefix4, nobodyPrefix4} {
+			h.MustRun(t, "ip", "route", "add", p.String(), "via", l.topo.ClientV4.String(), "dev", l.topo.HostLANIf)
+			c.MustRun(t, "ip", "route", "add", "local", p.String(), "dev", "lo")
+		}
+	}
+	in.MustRun(t, "ip", "route", "add", hostV4Routes.String(), "via", l.topo.HostPublicV4.String())
+	// Many spoofed sources must not fill the neighbour or route caches of
+	// the namespaces before they reach pcpd.
+	for _, ns := range []*netlab.NS{h, c} {
+		ns.MustRun(t, "sh", "-c", "echo 1000000 > /proc/sys/net/ipv6/route/max_size 2>/dev/null; true")
+	}
+
+	conn, err := l.topo.Host.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.fw, err = pinhole.New(conn, pinhole.Config{Table: "pcpd"}); err != nil {
+		t.Fatal(err)
+	}
+	if opts.wireGuard {
+		l.waitTunnel()
+	}
+	return l
+}
+
+// waitTunnel waits until the WireGuard tunnel carries traffic.
+func (l *lab) waitTunnel() {
+	l.t.Helper()
+	probe := net.JoinHostPort(l.topo.HostTunnelV6.String(), "9")
+	c, err := l.topo.Host.StartTCPServer(probe)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	defer c.Close()
+	if err := netlab.Eventually(15*time.Second, func() error { return l.topo.Client.DialTCP(probe, time.Second) }); err != nil {
+		l.t.Fatalf("tunnel carries no traffic: %v", err)
+	}
+}
+
+// args is pcpd serve's command line.
+func (l *lab) args() []string {
+	a := []string{"serve",
+		"--interface", l.topo.HostLANIf,
+		"--external-ipv4", l.topo.HostPublicV4.String(),
+		"--state-dir", l.dir,
+		"--socket", l.socket,
+		"--log-level", "info",
+		"--metrics", metricsAddr,
+	}
+	if !l.opts.wireGuard {
+		a = append(a,
+			"--client", "cli="+l.topo.ClientPrefix6.String()+","+l.topo.ClientPrefix4.String(),
+			"--client", "flood="+floodPrefix6.String()+","+floodPrefix4.String(),
+			"--client", "victim="+victimPrefix6.String(),
+		)
+	}
+	return append(a, l.opts.extra...)
+}
+
+// start runs pcpd serve in the host namespace and waits until it answers
+// an ANNOUNCE from the client over the serving interface.
+func (l *lab) start() {
+	l.t.Helper()
+	if err := l.tryStart(15 * time.Second); err != nil {
+		l.t.Fatal(err)
+	}
+}
+
+func (l *lab) tryStart(timeout time.Duration) error {
+	l.mu.Lock()
+	if l.cmd != nil {
+		l.mu.Unlock()
+		return errors.New("pcpd already running")
+	}
+	fmt.Fprintf(l.log, "=== %s pcpd %s\n", time.Now().Format("15:04:05.000"), strings.Join(l.args(), " "))
+	cmd, err := l.topo.Host.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = l.log, l.log }, append([]string{l.bin}, l.args()...)...)
+	if err != nil {
+		l.mu.Unlock()
+		return err
+	}
+	exited := make(chan struct{})
+	l.cmd, l.exited = cmd, exited
+	l.mu.Unlock()
+	go func() {
+		err := cmd.Wait()
+		l.mu.Lock()
+		l.exitErr = err
+		l.mu.Unlock()
+		close(exited)
+	}()
+	deadline := time.Now().Add(timeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		resp, err := l.announce(ctx, l.topo.ClientV6)
+		cancel()
+		if err == nil && resp.Result == pcp.Success {
+			return nil
+		}
+		select {
+		case <-exited:
+			return fmt.Errorf("pcpd exited before serving (%v); log:\n%s", l.exitErr, l.log.tail(30))
+		default:
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("pcpd not answering ANNOUNCE after %v (last: %v); log:\n%s", timeout, err, l.log.tail(30))
+		}
+	}
+}
+
+// pid is the running pcpd's process id (not the ip netns exec wrapper's:
+// ip netns exec execs the command, so they are the same process).
+func (l *lab) pid() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.cmd == nil {
+		return 0
+	}
+	return l.cmd.Process.Pid
+}
+
+// running reports whether pcpd is alive.
+func (l *lab) running() bool {
+	l.mu.Lock()
+	ex := l.exited
+	l.mu.Unlock()
+	if ex == nil {
+		return false
+	}
+	select {
+	case <-ex:
+		return false
+	default:
+		return true
+	}
+}
+
+// kill9 kills pcpd with SIGKILL and waits for it to be gone.
+func (l *lab) kill9() { l.signal(syscall.SIGKILL) }
+
+// stop ends pcpd with SIGTERM (an orderly stop).
+func (l *lab) stop() { l.signal(syscall.SIGTERM) }
+
+func (l *lab) signal(sig syscall.Signal) {
+	l.mu.Lock()
+	cmd, ex := l.cmd, l.exited
+	l.cmd = nil
+	l.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	cmd.Process.Signal(sig)
+	select {
+	case <-ex:
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		<-ex
+	}
+	fmt.Fprintf(l.log, "=== %s pcpd stopped by %v\n", time.Now().Format("15:04:05.000"), sig)
+}
+
+// server6 and server4 are pcpd's serving addresses.
+func (l *lab) server6() netip.AddrPort { return netip.AddrPortFrom(l.topo.HostTunnelV6, pcp.Port) }
+func (l *lab) server4() netip.AddrPort { return netip.AddrPortFrom(l.topo.HostTunnelV4, pcp.Port) }
+
+func (l *lab) serverFor(src netip.Addr) netip.AddrPort {
+	if src.Is4() {
+		return l.server4()
+	}
+	return l.server6()
+}
+
+// socket opens a UDP socket in ns bound to src (any address: FREEBIND lets
+// the client namespace use addresses it only has a local route for).
+func socketIn(ns *netlab.NS, src netip.Addr) (*net.UDPConn, error) {
+	network := "udp6"
+	if src.Is4() {
+		network = "udp4"
+	}
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		rc.Control(func(fd uintptr) {
+			if src.Is4() {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_FREEBIND, 1)
+			} else {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_FREEBIND, 1)
+			}
+		})
+		return serr
+	}}
+	var pc net.PacketConn
+	err := ns.Do(func() (err error) {
+		pc, err = lc.ListenPacket(context.Background(), network, netip.AddrPortFrom(src, 0).String())
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return pc.(*net.UDPConn), nil
+}
+
+// clientSocket is socketIn for the client namespace; closed at test end.
+func (l *lab) clientSocket(src netip.Addr) *net.UDPConn {
+	l.t.Helper()
+	c, err := socketIn(l.topo.Client, src)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	l.t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// pcpClient returns a PCP client in the client namespace speaking from src.
+// Retransmission is quick: the lab's network loses nothing, so a missing
+// answer means pcpd did not answer.
+func (l *lab) pcpClient(src netip.Addr) *pcp.Client {
+	return &pcp.Client{Conn: l.clientSocket(src), Server: l.serverFor(src), InitialTimeout: 250 * time.Millisecond, MaxAttempts: 3}
+}
+
+// announce sends one ANNOUNCE from src and returns the response.
+func (l *lab) announce(ctx context.Context, src netip.Addr) (*pcp.Response, error) {
+	c, err := socketIn(l.topo.Client, src)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	pc := &pcp.Client{Conn: c, Server: l.serverFor(src), InitialTimeout: 100 * time.Millisecond, MaxAttempts: 1}
+	var resp pcp.Response
+	if err := pc.Do(ctx, pcp.NewAnnounce(src), &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+// do sends req through c with a bounded wait.
+func do(c *pcp.Client, req *pcp.Request) (*pcp.Response, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	var resp pcp.Response
+	if err := c.Do(ctx, req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+// mustMap maps proto/port for c's client address and requires SUCCESS.
+func (l *lab) mustMap(c *pcp.Client, src netip.Addr, proto pcp.Protocol, port uint16, life time.Duration) *pcp.Response {
+	l.t.Helper()
+	req := pcp.NewMap(src, proto, port, life)
+	req.Map.ExternalPort = port
+	resp, err := do(c, req)
+	if err != nil {
+		l.t.Fatalf("MAP %v/%d from %s: %v", proto, port, src, err)
+	}
+	if resp.Result != pcp.Success {
+		l.t.Fatalf("MAP %v/%d from %s: %v", proto, port, src, resp.Result)
+	}
+	return resp
+}
+
+// rawExchange sends b from conn to pcpd and returns the first datagram
+// that comes back from pcpd's address within wait (nil: none).
+func rawExchange(conn *net.UDPConn, server netip.AddrPort, b []byte, wait time.Duration) ([]byte, error) {
+	if _, err := conn.WriteToUDPAddrPort(b, server); err != nil {
+		return nil, err
+	}
+	buf := make([]byte, 4096)
+	deadline := time.Now().Add(wait)
+	for {
+		conn.SetReadDeadline(deadline)
+		n, from, err := conn.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return nil, nil
+			}
+			return nil, err
+		}
+		if netip.AddrPortFrom(from.Addr().Unmap(), from.Port()) == server {
+			return append([]byte(nil), buf[:n]...), nil
+		}
+	}
+}
+
+// kernel lists pcpd's pinholes as the kernel holds them.
+func (l *lab) kernel() []pinhole.Entry {
+	l.t.Helper()
+	es, err := l.fw.List()
+	if err != nil {
+		l.t.Fatalf("list pcpd's nftables sets: %v", err)
+	}
+	return es
+}
+
+// kernelHas reports whether a pinhole for addr proto/port is in the kernel.
+func (l *lab) kernelHas(addr netip.Addr, proto pcp.Protocol, port uint16) bool {
+	for _, e := range l.kernel() {
+		p := e.Pinhole
+		if p.InternalAddr == addr && p.Protocol == uint8(proto) && p.InternalPort == port {
+			return true
+		}
+	}
+	return false
+}
+
+// leases runs `pcpd leases --json` against the control socket.
+func (l *lab) leases() []control.Lease {
+	l.t.Helper()
+	ls, err := l.tryLeases()
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	return ls
+}
+
+func (l *lab) tryLeases() ([]control.Lease, error) {
+	out, err := exec.Command(l.bin, "leases", "--json", "--socket", l.socket).Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return nil, fmt.Errorf("pcpd leases --json: %v: %s", err, ee.Stderr)
+		}
+		return nil, fmt.Errorf("pcpd leases --json: %w", err)
+	}
+	var ls []control.Lease
+	if err := json.Unmarshal(out, &ls); err != nil {
+		return nil, fmt.Errorf("pcpd leases --json: %v: %.200s", err, out)
+	}
+	return ls, nil
+}
+
+// leaseKey identifies a lease for set comparisons.
+type leaseKey struct {
+	addr  netip.Addr
+	proto string
+	port  uint16
+}
+
+func leaseSet(ls []control.Lease) map[leaseKey]control.Lease {
+	m := make(map[leaseKey]control.Lease, len(ls))
+	for _, x := range ls {
+		m[leaseKey{x.InternalAddress, x.Protocol, x.InternalPort}] = x
+	}
+	return m
+}
+
+// status asks the daemon for its status over the control socket.
+func (l *lab) status() control.Status {
+	l.t.Helper()
+	c := &control.Client{Path: l.socket, Timeout: 5 * time.Second}
+	st, err := c.Status(context.Background())
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	return st
+}
+
+// metrics fetches /metrics from inside the host namespace.
+func (l *lab) metrics() (map[string]float64, error) {
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, addr string) (c net.Conn, err error) {
+			err = l.topo.Host.Do(func() (err error) {
+				c, err = (&net.Dialer{}).DialContext(ctx, network, addr)
+				return err
+			})
+			return c, err
+		},
+	}}
+	resp, err := hc.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	m := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		if i < 0 {
+			continue
+		}
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err != nil {
+			continue
+		}
+		m[line[:i]] += v
+	}
+	return m, sc.Err()
+}
+
+// proc reads a pcpd process figure: VmRSS in KiB and open descriptors.
+type procStat struct {
+	rssKiB int
+	fds    int
+}
+
+func readProc(pid int) (procStat, error) {
+	var ps procStat
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return ps, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			ps.rssKiB, _ = strconv.Atoi(f[1])
+		}
+	}
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return ps, err
+	}
+	ps.fds = len(ents)
+	return ps, nil
+}
+
+// dialService tries a TCP connection from the internet namespace to the
+// client's service.
+func (l *lab) dialService(addr netip.Addr, port uint16) error {
+	return l.topo.Internet.DialTCP(netip.AddrPortFrom(addr, port).String(), time.Second)
+}
+
+// logBuf collects pcpd's output across runs.
+type logBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *logBuf) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *logBuf) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// since returns what was logged after offset.
+func (b *logBuf) since(off int) string {
+	s := b.String()
+	if off > len(s) {
+		return ""
+	}
+	return s[off:]
+}
+
+func (b *logBuf) len() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Len()
+}
+
+func (b *logBuf) tail(n int) string {
+	lines := strings.Split(strings.TrimRight(b.String(), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// waitFor polls cond every 20 ms until it holds or timeout passes and
+// returns how long it took.
+func waitFor(timeout time.Duration, cond func() bool) (time.Duration, bool) {
+	start := time.Now()
+	for {
+		if cond() {
+			return time.Since(start), true
+		}
+		if time.Since(start) > timeout {
+			return time.Since(start), false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// percentile returns the p-th percentile (0–100) of sorted durations.
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(float64(len(sorted)-1) * p / 100)
+	return sorted[i]
+}

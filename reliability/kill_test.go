@@ -1,0 +1,212 @@
+package reliability
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+)
+
+// ack is one SUCCESS pcpd sent: the lease it promised and when.
+type ack struct {
+	key   leaseKey
+	epoch pcp.Epoch
+	at    time.Time
+}
+
+// TestKill9UnderLoadEPO04 kills pcpd with SIGKILL while clients are mapping
+// as fast as they can, again and again (issue 9 "kill -9 under load";
+// PROTOCOL.md EPO-04, LIFE-04, choice (g)). After every restart:
+//   - every lease answered SUCCESS before the kill is listed by
+//     `pcpd leases --json` and its pinhole is in the kernel;
+//   - the epoch continued: epoch after ≥ epoch before + elapsed − 2 (and
+//     not ahead of real time by more than 2 s, EPO-02);
+//   - a pinhole opened before the first cycle passes TCP traffic while
+//     pcpd is dead and after it is back.
+//
+// Then a short lease (3 s, allowed by --min-lifetime 1s) is taken and pcpd
+// killed: the kernel element must vanish and traffic fail within lifetime
+// + 1 s of the request with no pcpd running, and the restarted pcpd must
+// not bring it back.
+func TestKill9UnderLoadEPO04(t *testing.T) {
+	cycles := 20
+	if os.Getenv("PCPD_LONG") != "" {
+		cycles = 200
+	}
+	if n, err := strconv.Atoi(os.Getenv("PCPD_CYCLES")); err == nil && n > 0 {
+		cycles = n
+	}
+	l := newLab(t, labOptions{extra: []string{"--max-leases-per-client", "1000000", "--max-leases", "1000000", "--min-lifetime", "1s"}})
+	l.start()
+	cli := l.topo.ClientV6
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(cli, servicePort).String())
+	l.mustMap(l.pcpClient(cli), cli, pcp.ProtoTCP, servicePort, time.Hour)
+	if err := l.dialService(cli, servicePort); err != nil {
+		t.Fatalf("pinhole does not pass traffic before any kill: %v", err)
+	}
+
+	var (
+		mu       sync.Mutex
+		acked    = map[leaseKey]ack{}
+		last     ack
+		nextPort atomic.Uint32
+		probes   int
+		restarts []time.Duration
+	)
+	nextPort.Store(10000)
+	const workers = 4
+	socks := make([]*net.UDPConn, workers)
+	for i := range socks {
+		socks[i] = l.clientSocket(cli)
+	}
+	for cycle := 0; cycle < cycles; cycle++ {
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		for w := 0; w < workers; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c := &pcp.Client{Conn: socks[w], Server: l.server6(), InitialTimeout: 200 * time.Millisecond, MaxAttempts: 2}
+				for ctx.Err() == nil {
+					port := uint16(nextPort.Add(1))
+					if port < 10000 {
+						return // wrapped: enough
+					}
+					req := pcp.NewMap(cli, pcp.ProtoUDP, port, time.Hour)
+					var resp pcp.Response
+					if err := c.Do(ctx, req, &resp); err != nil {
+						continue
+					}
+					at := time.Now()
+					if resp.Result != pcp.Success {
+						t.Errorf("cycle %d: MAP udp/%d: %v", cycle, port, resp.Result)
+						continue
+					}
+					a := ack{key: leaseKey{cli, "udp", port}, epoch: resp.Epoch, at: at}
+					mu.Lock()
+					acked[a.key] = a
+					if a.at.After(last.at) {
+						last = a
+					}
+					mu.Unlock()
+				}
+			}()
+		}
+		time.Sleep(time.Duration(100+rand.IntN(300)) * time.Millisecond)
+		mu.Lock()
+		before := last
+		mu.Unlock()
+		l.kill9()
+		cancel()
+		wg.Wait()
+
+		// The kernel holds the pinholes: traffic passes with pcpd dead.
+		if err := l.dialService(cli, servicePort); err != nil {
+			t.Fatalf("cycle %d: pinhole stopped passing traffic with pcpd killed: %v", cycle, err)
+		}
+		probes++
+		start := time.Now()
+		l.start()
+		restarts = append(restarts, time.Since(start))
+		if os.Getenv("PCPD_DEBUG") != "" {
+			t.Logf("cycle %d restart %v\n%s", cycle, time.Since(start), l.log.tail(15))
+		}
+		ctx2, cancel2 := context.WithTimeout(context.Background(), 2*time.Second)
+		resp, err := l.announce(ctx2, cli)
+		cancel2()
+		now := time.Now()
+		if err != nil {
+			t.Fatalf("cycle %d: ANNOUNCE after restart: %v", cycle, err)
+		}
+		if before.at.IsZero() {
+			t.Fatalf("cycle %d: no MAP answered SUCCESS under load", cycle)
+		}
+		elapsed := now.Sub(before.at).Seconds()
+		lo, hi := float64(before.epoch)+elapsed-2, float64(before.epoch)+elapsed+2
+		if e := float64(resp.Epoch); e < lo || e > hi {
+			t.Fatalf("cycle %d: epoch %d after restart, %d before (%.1fs ago): want %.0f–%.0f (EPO-04: no reset while state is intact)",
+				cycle, resp.Epoch, before.epoch, elapsed, lo, hi)
+		}
+		ls := leaseSet(l.leases())
+		kern := map[leaseKey]bool{}
+		for _, e := range l.kernel() {
+			kern[leaseKey{e.Pinhole.InternalAddr, protoName(e.Pinhole.Protocol), e.Pinhole.InternalPort}] = true
+		}
+		mu.Lock()
+		lost, missing := 0, 0
+		var example leaseKey
+		for k := range acked {
+			if _, ok := ls[k]; !ok {
+				lost++
+				example = k
+			}
+			if !kern[k] {
+				missing++
+				example = k
+			}
+		}
+		n := len(acked)
+		mu.Unlock()
+		if lost > 0 || missing > 0 {
+			t.Fatalf("cycle %d: of %d leases answered SUCCESS, %d are not in pcpd leases and %d not in the kernel (e.g. %v)", cycle, n, lost, missing, example)
+		}
+		if err := l.dialService(cli, servicePort); err != nil {
+			t.Fatalf("cycle %d: pinhole does not pass traffic after restart: %v", cycle, err)
+		}
+		probes++
+	}
+	slices.Sort(restarts)
+	t.Logf("kill -9 cycles survived: %d; leases answered SUCCESS: %d, lost: 0; traffic probes passed: %d; restart to first ANNOUNCE answered: median %v, max %v",
+		cycles, len(acked), probes, restarts[len(restarts)/2].Round(time.Millisecond), restarts[len(restarts)-1].Round(time.Millisecond))
+
+	t.Run("LIFE-04 no pinhole outlives its lease with pcpd dead", func(t *testing.T) {
+		const port, life = 8081, 3 * time.Second
+		l.topo.Client.ServeTCP(t, netip.AddrPortFrom(cli, port).String())
+		t0 := time.Now()
+		resp := l.mustMap(l.pcpClient(cli), cli, pcp.ProtoTCP, port, life)
+		if resp.Lifetime != life {
+			t.Fatalf("granted %v, asked %v (--min-lifetime 1s)", resp.Lifetime, life)
+		}
+		l.kill9()
+		if err := l.dialService(cli, port); err != nil {
+			t.Fatalf("short lease does not pass traffic before expiry: %v", err)
+		}
+		_, ok := waitFor(life+2*time.Second, func() bool { return !l.kernelHas(cli, pcp.ProtoTCP, port) })
+		vanished := time.Since(t0)
+		if !ok || vanished > life+time.Second {
+			t.Fatalf("kernel element for tcp/%d still present %v after the request (lifetime %v; allowed +1s)", port, vanished, life)
+		}
+		if err := l.dialService(cli, port); err == nil {
+			t.Fatalf("traffic to tcp/%d still passes after its lease expired", port)
+		}
+		after := time.Since(t0)
+		l.start()
+		if l.kernelHas(cli, pcp.ProtoTCP, port) {
+			t.Fatal("restarted pcpd re-installed an expired pinhole")
+		}
+		if _, ok := leaseSet(l.leases())[leaseKey{cli, "tcp", port}]; ok {
+			t.Fatal("restarted pcpd lists an expired lease")
+		}
+		t.Logf("lifetime %v: kernel element gone %v after the request (pcpd dead), traffic refused at %v", life, vanished.Round(10*time.Millisecond), after.Round(10*time.Millisecond))
+	})
+}
+
+func protoName(p uint8) string {
+	switch p {
+	case 6:
+		return "tcp"
+	case 17:
+		return "udp"
+	}
+	return fmt.Sprint(p)
+}
