@@ -62,6 +62,9 @@ var targetArgs = map[string][]string{
 	"FuzzErrorResponse":     {"byte('\\x03')", "byte('\\x01')", "byte('\\f')"},
 	"FuzzResponseRoundTrip": {""},
 	"FuzzPMPRoundTrip":      {"uint16(0)\nuint32(43981)", "uint16(3)\nuint32(0)"},
+	// The engine's target (server_fuzz_test.go) also gets the codec's
+	// packets as committed seeds, from an IPv6 and an IPv4 source.
+	"FuzzServerHandle": {"bool(false)", "bool(true)"},
 }
 
 func TestWriteSeedCorpus(t *testing.T) {
