@@ -64,6 +64,10 @@ type Config struct {
 	RateBurst int
 	// RateSources bounds the rate limiter's memory (default 65536 sources).
 	RateSources int
+	// RatePrefix6 counts IPv6 sources per prefix of this length (default
+	// 64): a WireGuard peer may send from any address of its AllowedIPs
+	// and must not mint a fresh bucket per address.
+	RatePrefix6 int
 
 	// AnnounceMulticast also sends the unsolicited ANNOUNCE (and NAT-PMP
 	// address announcement) to the all-hosts multicast groups (ANN-04,
@@ -112,6 +116,9 @@ func (c *Config) setDefaults() error {
 	if c.RateSources == 0 {
 		c.RateSources = 65536
 	}
+	if c.RatePrefix6 == 0 {
+		c.RatePrefix6 = 64
+	}
 	if c.AnnounceGap == 0 {
 		c.AnnounceGap = 250 * time.Millisecond
 	}
@@ -135,7 +142,7 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("server: filter limit %d: must be 1-64: %w", c.MaxFilters, ErrInvalidConfig)
 	case c.DescriptionCap < 128 || c.DescriptionCap > 1016:
 		return fmt.Errorf("server: description cap %d: must be 128-1016: %w", c.DescriptionCap, ErrInvalidConfig)
-	case c.RateLimit < 0 || c.RateBurst < 1 || c.RateSources < 1:
+	case c.RateLimit < 0 || c.RateBurst < 1 || c.RateSources < 1 || c.RatePrefix6 < 1 || c.RatePrefix6 > 128:
 		return fmt.Errorf("server: bad rate limit: %w", ErrInvalidConfig)
 	case c.AnnounceGap < 250*time.Millisecond:
 		return fmt.Errorf("server: announce gap %v below 250ms (RFC 6887 §14.1.3): %w", c.AnnounceGap, ErrInvalidConfig)

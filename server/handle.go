@@ -17,6 +17,8 @@ type Request struct {
 	Local  netip.AddrPort // the serving address it was sent to
 	Source netip.AddrPort // the sender
 	Data   []byte
+	// admitted: the socket reader already ran admit.
+	admitted bool
 }
 
 // outcome is what handling one request produced.
@@ -138,29 +140,44 @@ func (s *Server) handle(t *tx, r *Request) outcome {
 	b := r.Data
 	src := netip.AddrPortFrom(r.Source.Addr().Unmap(), r.Source.Port())
 	c := &call{t: t, src: src, local: r.Local, data: b, now: t.now, epoch: s.epoch.at(t.now)}
-	// PKT-01, PKT-02: nothing to answer, whatever the version.
-	switch {
-	case len(b) < 2:
-		return s.drop("short", src)
-	case b[1]&0x80 != 0:
-		return s.drop("response", src)
-	}
-	pmp := b[0] == pcp.PMPVersion && s.natpmpOn(src.Addr())
-	if b[0] == pcp.Version || pmp {
-		// PKT-03 before overload (PKT-09); the codec drops it too.
-		if b[0] == pcp.Version && len(b) < pcp.HeaderSize {
-			return s.drop("short", src)
-		}
-		// PKT-08: a per-source token bucket; excess is dropped, so a
-		// flooding client cannot starve the others.
-		if !t.retry && !s.rl.Allow(src.Addr(), c.now) {
-			return s.drop("rate-limit", src)
+	if !r.admitted && !t.retry {
+		if reason := s.admit(b, src, c.now); reason != "" {
+			return s.drop(reason, src)
 		}
 	}
+	pmp := len(b) >= 2 && b[0] == pcp.PMPVersion && s.natpmpOn(src.Addr())
 	if pmp {
 		return s.handlePMP(c)
 	}
 	return s.handlePCP(c)
+}
+
+// admit runs the checks of PKT-09 that come before any work: silent drops
+// (PKT-01..03) and the per-source token bucket (PKT-08: excess is dropped,
+// so a flooding client cannot starve the others). It returns why a packet
+// is dropped, or "". The network path runs it in the socket readers,
+// before a packet takes a place in the engine's queue.
+func (s *Server) admit(b []byte, src netip.AddrPort, now time.Time) string {
+	switch {
+	case len(b) < 2:
+		return "short"
+	case b[1]&0x80 != 0:
+		return "response"
+	}
+	pmp := b[0] == pcp.PMPVersion && s.natpmpOn(src.Addr())
+	if b[0] != pcp.Version && !pmp {
+		// Unsupported versions are answered before overload is judged
+		// (PKT-09); the answer is never larger than 4 octets over the
+		// request (VER-04).
+		return ""
+	}
+	if b[0] == pcp.Version && len(b) < pcp.HeaderSize {
+		return "short" // PKT-03
+	}
+	if !s.rl.Allow(src.Addr(), now) {
+		return "rate-limit"
+	}
+	return ""
 }
 
 // natpmpOn reports whether NAT-PMP is served to src (PMP-01): it needs an

@@ -66,7 +66,10 @@ type listener struct {
 	port     uint16
 	ns       netns.NsHandle
 	out      chan<- packet
-	onDrop   func()
+	onDrop   func(reason string)
+	// admit decides, before a packet is queued, whether it is worth the
+	// engine's time ("" = yes).
+	admit func(b []byte, src netip.AddrPort) string
 
 	mu    sync.Mutex
 	conns map[netip.AddrPort]*udpConn
@@ -287,6 +290,14 @@ func (l *listener) read(c *udpConn) {
 			continue
 		}
 		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+		if l.admit != nil {
+			if reason := l.admit(buf[:n], src); reason != "" {
+				if l.onDrop != nil {
+					l.onDrop(reason)
+				}
+				continue
+			}
+		}
 		p := packet{conn: c, src: src, b: append([]byte(nil), buf[:n]...), at: time.Now()}
 		select {
 		case l.out <- p:
@@ -294,7 +305,7 @@ func (l *listener) read(c *udpConn) {
 			// The engine is saturated: shedding load here keeps memory
 			// bounded (PKT-08, SEC-04).
 			if l.onDrop != nil {
-				l.onDrop()
+				l.onDrop("queue-full")
 			}
 		}
 	}

@@ -94,7 +94,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		plog: log.WithOptions(zap.WrapCore(func(c zapcore.Core) zapcore.Core {
 			return zapcore.NewSamplerWithOptions(c, time.Second, 20, 1000)
 		})),
-		rl:           policy.NewRateLimiter(cfg.RateLimit, cfg.RateBurst, cfg.RateSources),
+		rl:           policy.NewRateLimiter(cfg.RateLimit, cfg.RateBurst, cfg.RateSources, policy.WithIPv6Prefix(cfg.RatePrefix6)),
 		tab:          newTable(),
 		quar:         map[endpoint]quarantine{},
 		in:           make(chan packet, cfg.QueueLen),
@@ -121,7 +121,10 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		port:     Port,
 		ns:       cfg.NetNS,
 		out:      s.in,
-		onDrop:   func() { s.m.dropped.WithLabelValues("queue-full").Inc() },
+		onDrop:   func(reason string) { s.m.dropped.WithLabelValues(reason).Inc() },
+		admit: func(b []byte, src netip.AddrPort) string {
+			return s.admit(b, src, s.now())
+		},
 	}
 	return s, nil
 }
@@ -240,7 +243,7 @@ func (s *Server) resetExpiry(t *time.Timer) {
 func (s *Server) serveBatch(batch []packet) {
 	reqs := make([]Request, len(batch))
 	for i, p := range batch {
-		reqs[i] = Request{Local: p.conn.local, Source: p.src, Data: p.b}
+		reqs[i] = Request{Local: p.conn.local, Source: p.src, Data: p.b, admitted: true}
 	}
 	replies := s.HandleBatch(reqs)
 	for i, r := range replies {
