@@ -65,13 +65,31 @@ type Options struct {
 	// PortSet is the PORT_SET option (RFC 7753); valid when HasPortSet.
 	PortSet    PortSet
 	HasPortSet bool
+	// Unknown keeps the options pcpd does not understand, in request order
+	// (at most MaxUnknown of them): optional ones (128-255), which the
+	// parser ignores (OPT-04), and, with Parser.KeepUnknownMandatory,
+	// mandatory ones (0-127), so the caller decides UNSUPP_OPTION itself.
+	// They are never echoed in a reply and Equal does not compare them.
+	// Data aliases the request.
+	Unknown []RawOption
 
 	// order records the codes of the options above in the order they
 	// appeared, so a reply echoes them in request order (HDR-05).
 	order  [maxOrder]OptionCode
 	norder uint8
-	// filterBuf backs Filters.
-	filterBuf [MaxFilters]Filter
+	// filterBuf backs Filters, unknownBuf Unknown.
+	filterBuf  [MaxFilters]Filter
+	unknownBuf [MaxUnknown]RawOption
+}
+
+// MaxUnknown bounds how many unknown options a decoded Options keeps.
+const MaxUnknown = 8
+
+// RawOption is an option as it came on the wire: its code and its data
+// (Length octets, padding excluded).
+type RawOption struct {
+	Code OptionCode
+	Data []byte
 }
 
 // maxOrder bounds the options Options can echo: each single option once

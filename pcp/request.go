@@ -21,6 +21,12 @@ type Parser struct {
 	// FLT-08, OPT-10 size) so the engine can run it after ownership as
 	// MAP-01 orders, by calling Request.CheckOptions.
 	DeferOptionChecks bool
+	// KeepUnknownMandatory accepts unknown mandatory options (0-127) and
+	// keeps them in Options.Unknown instead of failing with UNSUPP_OPTION,
+	// for a caller that decides about them itself. A request carrying
+	// more unknown options than Options can keep still fails, so no
+	// mandatory option is ever dropped unseen.
+	KeepUnknownMandatory bool
 }
 
 // Errors ParseRequest returns: shared, read-only values (see ParseError).
@@ -195,6 +201,7 @@ type optSummary struct {
 	filter4    bool // some non-clearing FILTER has an IPv4 remote
 	filter6    bool // some non-clearing FILTER has an IPv6 remote
 	hasOptions bool
+	nunknown   int // options of codes pcpd does not know
 }
 
 const (
@@ -216,6 +223,7 @@ func (p *Parser) walkOptions(b []byte, op Opcode, s *optSummary, out *Options) e
 		out.HasDescription = false
 		out.PortSet = PortSet{}
 		out.HasPortSet = false
+		out.Unknown = out.unknownBuf[:0]
 		out.norder = 0
 	}
 	for off := 0; off < len(b); {
@@ -315,10 +323,12 @@ func (p *Parser) checkOption(s *optSummary, code OptionCode, data []byte, op Opc
 		s.portSet = true
 		s.portSize = be.Uint16(data)
 	default:
-		if code.Mandatory() {
+		s.nunknown++
+		if code.Mandatory() && (!p.KeepUnknownMandatory || s.nunknown > MaxUnknown) {
 			return errOptUnknown // OPT-03
 		}
-		// OPT-04: unknown optional options (PREFIX64 too) are ignored.
+		// OPT-04: unknown optional options (PREFIX64 too) are ignored,
+		// but kept for the caller to look at.
 	}
 	return nil
 }
@@ -346,6 +356,9 @@ func fillOption(o *Options, code OptionCode, data []byte, op Opcode, p *Parser) 
 		o.PortSet = decodePortSet(data)
 		o.HasPortSet = true
 	default:
+		if len(o.Unknown) < MaxUnknown {
+			o.Unknown = append(o.Unknown, RawOption{Code: code, Data: data})
+		}
 		return
 	}
 	o.order[o.norder] = code
