@@ -14,6 +14,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"go.uber.org/zap"
+	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 )
 
@@ -27,6 +29,13 @@ const clientPort = 5350
 // readSize is larger than the 1100-octet PCP maximum so that an oversized
 // request is seen as oversized (PKT-04) instead of silently truncated.
 const readSize = 2048
+
+// rcvBuf is the serving sockets' receive buffer: room for bursts, small
+// enough that a flood queued in it does not delay others for long.
+const rcvBuf = 1 << 20
+
+// readBatch is how many datagrams one recvmmsg takes.
+const readBatch = 64
 
 // packet is one datagram received on a serving socket.
 type packet struct {
@@ -253,6 +262,12 @@ func (l *listener) open(ifc string, ap netip.AddrPort) (*net.UDPConn, error) {
 				serr = fmt.Errorf("SO_BINDTODEVICE %s: %w", ifc, serr)
 				return
 			}
+			// A large receive buffer absorbs bursts while the reader sheds
+			// a flooding source (FORCE passes rmem_max; needs CAP_NET_ADMIN,
+			// which pcpd has anyway).
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, rcvBuf) != nil {
+				_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, rcvBuf)
+			}
 			// A fresh IPv6 address is tentative until DAD ends; FREEBIND lets
 			// us bind it at once instead of waiting for the next poll.
 			if network == "udp6" {
@@ -278,34 +293,59 @@ func (l *listener) open(ifc string, ap netip.AddrPort) (*net.UDPConn, error) {
 	return pc.(*net.UDPConn), nil
 }
 
+// batchReader reads many datagrams per system call (recvmmsg).
+type batchReader interface {
+	ReadBatch(ms []ipv4.Message, flags int) (int, error)
+}
+
 func (l *listener) read(c *udpConn) {
 	defer l.wg.Done()
-	buf := make([]byte, readSize)
+	var br batchReader
+	if c.local.Addr().Is4() {
+		br = ipv4.NewPacketConn(c.pc)
+	} else {
+		br = ipv6.NewPacketConn(c.pc)
+	}
+	// Draining the socket in batches keeps up with a flooding source, so
+	// other clients' packets wait less behind the ones admit drops.
+	msgs := make([]ipv4.Message, readBatch)
+	for i := range msgs {
+		msgs[i].Buffers = [][]byte{make([]byte, readSize)}
+	}
 	for {
-		n, src, err := c.pc.ReadFromUDPAddrPort(buf)
+		n, err := br.ReadBatch(msgs, 0)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
 			continue
 		}
-		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
-		if l.admit != nil {
-			if reason := l.admit(buf[:n], src); reason != "" {
-				if l.onDrop != nil {
-					l.onDrop(reason)
-				}
+		now := time.Now()
+		for _, m := range msgs[:n] {
+			ua, ok := m.Addr.(*net.UDPAddr)
+			if !ok {
 				continue
 			}
-		}
-		p := packet{conn: c, src: src, b: append([]byte(nil), buf[:n]...), at: time.Now()}
-		select {
-		case l.out <- p:
-		default:
-			// The engine is saturated: shedding load here keeps memory
-			// bounded (PKT-08, SEC-04).
-			if l.onDrop != nil {
-				l.onDrop("queue-full")
+			src := ua.AddrPort()
+			src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+			b := m.Buffers[0][:m.N]
+			if l.admit != nil {
+				if reason := l.admit(b, src); reason != "" {
+					if l.onDrop != nil {
+						l.onDrop(reason)
+					}
+					continue
+				}
+			}
+			p := packet{conn: c, src: src, b: append([]byte(nil), b...), at: now}
+			select {
+			case l.out <- p:
+			default:
+				// The engine is saturated: shedding load here keeps
+				// memory bounded (PKT-08, SEC-04).
+				if l.onDrop != nil {
+					l.onDrop("queue-full")
+				}
 			}
 		}
 	}
