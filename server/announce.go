@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"net/netip"
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -61,7 +62,28 @@ func (s *Server) announceOnce() {
 		pmp = pcp.AppendPMPAddressResponse(nil, pcp.PMPSuccess, epoch, s.cfg.ExternalIPv4)
 	}
 	pcpT, pmpT := s.announceTargets()
-	for _, c := range s.lis.sockets() {
+	s.mu.Lock()
+	orphans := slices.Clone(s.orphans)
+	s.mu.Unlock()
+	socks := s.lis.sockets()
+	// Clients known only from orphan pinholes get it on the clients' port
+	// (5350), from the first serving address of their family.
+	for _, a := range orphans {
+		i := slices.IndexFunc(socks, func(c *udpConn) bool {
+			return c.local.Addr().Is4() == a.Is4() && !c.local.Addr().IsLinkLocalUnicast()
+		})
+		if i < 0 {
+			continue
+		}
+		to := netip.AddrPortFrom(a, pcp.ClientPort)
+		if err := socks[i].send(ann, to); err != nil {
+			s.plog.Debug("announce", zap.Stringer("to", to), zap.Error(err))
+		}
+		if pmp != nil && a.Is4() {
+			socks[i].send(pmp, to)
+		}
+	}
+	for _, c := range socks {
 		send := func(b []byte, to netip.AddrPort) {
 			if err := c.send(b, to); err != nil {
 				s.plog.Debug("announce", zap.Stringer("to", to), zap.Error(err))

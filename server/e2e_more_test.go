@@ -207,3 +207,42 @@ func TestE2EPMP12EndsConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestE2EANN03StateLoss: with the state directory lost, the epoch resets,
+// the now unexplained pinholes are removed, and the client (known only
+// from those pinholes) is told by an unsolicited ANNOUNCE on port 5350.
+func TestE2EANN03StateLoss(t *testing.T) {
+	l := newLab(t)
+	c := l.topo.ClientV6
+	if resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); resp.Result != 0 {
+		t.Fatal(resp.Result)
+	}
+	time.Sleep(2 * time.Second) // so that a continued epoch would be ≥ 2
+	l.stop()
+	l.dir = t.TempDir() // the old state is gone
+	var conn *net.UDPConn
+	if err := l.topo.Client.Do(func() (err error) {
+		conn, err = net.ListenUDP("udp6", net.UDPAddrFromAddrPort(netip.AddrPortFrom(c, pcp.ClientPort)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	l.start()
+	if st := l.srv.Status(); st.Restarted || st.Epoch > 1 || st.Leases != 0 {
+		t.Fatalf("after state loss: %+v", st)
+	}
+	if n := len(l.kernelHoles()); n != 0 {
+		t.Fatalf("%d unexplained pinholes kept", n)
+	}
+	buf := make([]byte, 64)
+	conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, err := conn.Read(buf)
+	if err != nil {
+		t.Fatalf("no ANNOUNCE: %v", err)
+	}
+	var r pcp.Response
+	if err := pcp.ParseResponse(buf[:n], &r); err != nil || r.Opcode != pcp.OpAnnounce || r.Epoch > 1 {
+		t.Fatalf("% x: %v", buf[:n], err)
+	}
+}

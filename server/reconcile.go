@@ -86,6 +86,9 @@ func (s *Server) restore() error {
 	return nil
 }
 
+// maxOrphanTargets bounds the addresses announced to from orphan pinholes.
+const maxOrphanTargets = 4096
+
 // reconcile makes the kernel hold exactly the pinholes of leases, with
 // their remaining lifetimes. It returns the leases it could put in place
 // and whether all could.
@@ -107,6 +110,15 @@ func (s *Server) reconcile(leases []store.Lease, now time.Time) ([]store.Lease, 
 		}
 	}
 	orphans := len(ops)
+	// Pinholes nobody's lease explains belonged to clients whose state we
+	// lost (or whose leases ended while pcpd was down): they are told by
+	// the unsolicited ANNOUNCE, which is all they need to re-map (ANN-03).
+	for _, op := range ops {
+		a := op.Pinhole.InternalAddr
+		if !slices.Contains(s.orphans, a) && len(s.orphans) < maxOrphanTargets {
+			s.orphans = append(s.orphans, a)
+		}
+	}
 	for i := range leases {
 		for _, p := range pinholesOf(&leases[i]) {
 			ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: want[p]})

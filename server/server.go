@@ -50,6 +50,10 @@ type Server struct {
 	// cut: one more request must still fit in pinhole.MaxBatch.
 	opsBudget int
 	protected []netip.Prefix
+	// orphans are the internal addresses of pinholes found in the kernel
+	// at start that no lease explained: clients to announce to even
+	// though the store does not know them.
+	orphans []netip.Addr
 
 	in  chan packet
 	lis *listener
