@@ -268,9 +268,18 @@ func TestE2EOwnership(t *testing.T) {
 	if resp := l.pcp(r); resp.Result != pcp.NotAuthorized {
 		t.Fatalf("THIRD_PARTY for another peer's address: %v", resp.Result)
 	}
+	t.Run("SEC-03", func(t *testing.T) {
+		// The client sends from the other peer's address: WireGuard's
+		// cryptokey routing drops it before pcpd could see it.
+		l.topo.Client.MustRun(t, "ip", "addr", "add", victim.String()+"/128", "dev", l.topo.ClientIf, "nodad")
+		r := mapReq(victim, pcp.ProtoTCP, 22, 0, time.Hour, 1)
+		if out, err := l.exchange(netip.AddrPortFrom(victim, 0), l.server6(), pcp.AppendRequest(nil, r)); err == nil {
+			t.Fatalf("spoofed source answered: % x", out)
+		}
+	})
 	t.Run("ADDR-01", func(t *testing.T) {
 		r := mapReq(netip.MustParseAddr("2001:db8:1:2::99"), pcp.ProtoTCP, 22, 0, time.Hour, 1)
-		out, err := l.exchange(netip.AddrPort{}, l.server6(), pcp.AppendRequest(nil, r))
+		out, err := l.exchange(netip.AddrPortFrom(c, 0), l.server6(), pcp.AppendRequest(nil, r))
 		if err != nil || len(out) < 4 || out[3] != byte(pcp.AddressMismatch) {
 			t.Fatalf("% x %v", out, err)
 		}
@@ -339,14 +348,17 @@ func TestE2ERestart(t *testing.T) {
 	if !l.reach(netip.AddrPortFrom(c, 443)) {
 		t.Fatal("traffic broken after restart")
 	}
-	t.Run("ANN-05", func(t *testing.T) {
+	t.Run("ANN-04/ANN-05/ANN-06", func(t *testing.T) {
 		var at []time.Time
 		buf := make([]byte, 100)
 		for len(at) < 4 {
 			conn.SetReadDeadline(time.Now().Add(3 * time.Second))
-			n, err := conn.Read(buf)
+			n, from, err := conn.ReadFromUDPAddrPort(buf)
 			if err != nil {
 				t.Fatalf("after %d announcements: %v", len(at), err)
+			}
+			if from != l.server6() {
+				t.Fatalf("ANN-04: announcement from %v, want the serving address %v", from, l.server6())
 			}
 			var r pcp.Response
 			if err := pcp.ParseResponse(buf[:n], &r); err != nil || r.Opcode != pcp.OpAnnounce || r.Result != 0 || r.Lifetime != 0 {

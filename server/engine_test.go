@@ -281,3 +281,59 @@ func TestLargeBatches(t *testing.T) {
 		}
 	})
 }
+
+// TestMAP01Order: several faults in one request: the step that comes first
+// in MAP-01's order decides (HDR-07 "most specific", made deterministic).
+func TestMAP01Order(t *testing.T) {
+	h := newHarness(t, func(c *Config, p *policy.Config) { p.MaxLeasesPerClient = 1; c.MaxFilters = 1 })
+	// TP to another client's address + unsupported protocol: ownership
+	// comes before protocol.
+	r := mapReq(addrA, pcp.ProtoSCTP, 80, 0, time.Hour, 1)
+	r.Options.ThirdParty = addrB
+	h.expect(h.do(r), pcp.NotAuthorized)
+	// Unsupported protocol + PREFER_FAILURE with port 0: protocol before
+	// option semantics.
+	r = mapReq(addrA, pcp.ProtoSCTP, 80, 0, time.Hour, 1)
+	r.Options.PreferFailure = true
+	h.expect(h.do(r), pcp.UnsuppProtocol)
+	// Quota before the filter limit.
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 1, 0, time.Hour, 1)), pcp.Success)
+	r = mapReq(addrA, pcp.ProtoTCP, 2, 0, time.Hour, 1)
+	r.Options.Filters = []pcp.Filter{{Remote: netip.MustParsePrefix("2001:db8:99::/48")}, {Remote: netip.MustParsePrefix("2001:db8:98::/48")}}
+	h.expect(h.do(r), pcp.UserExQuota)
+	// Delete before existence: deleting what is not there is SUCCESS
+	// even with a PREFER_FAILURE-free, FILTER-free request of another nonce.
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 3, 0, 0, 9)), pcp.Success)
+}
+
+// TestHDR08LargestReply: a MAP filling 1100 octets with FILTERs is granted
+// and its reply, echoing them all, is exactly as long: never more.
+func TestHDR08LargestReply(t *testing.T) {
+	h := newHarness(t, func(c *Config, _ *policy.Config) { c.MaxFilters = 64 })
+	r := mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1)
+	for i := range pcp.MaxFilters {
+		r.Options.Filters = append(r.Options.Filters, pcp.Filter{Remote: netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0x99, byte(i)}), 48)})
+	}
+	b := pcp.AppendRequest(nil, r)
+	out := h.raw(addrA, b)
+	if len(out) < 4 || out[3] != 0 || len(out) != len(b) || len(out) > pcp.MaxMessageSize {
+		t.Fatalf("request %d octets, reply %d: % x", len(b), len(out), out[:min(len(out), 4)])
+	}
+}
+
+// TestSEC04BoundedState: per-source rate state stays bounded whatever the
+// number of sources (and the other bounds: quotas MAP-15, filters FLT-06,
+// descriptions OPT-09, PF probes PF-06, off-switches MAP-23).
+func TestSEC04BoundedState(t *testing.T) {
+	h := newHarness(t, func(c *Config, _ *policy.Config) { c.RateSources = 1000 })
+	for i := range 100000 {
+		src := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0xc0, 0, byte(i >> 16), byte(i >> 8), byte(i), 0, 0, 0, 0, 0, 0, 1})
+		h.raw(src, pcp.AppendRequest(nil, pcp.NewAnnounce(src)))
+	}
+	if n := h.s.rl.Len(); n > 1000 {
+		t.Fatalf("rate limiter holds %d sources", n)
+	}
+	if h.s.tab.len() != 0 || len(h.s.quar) != 0 {
+		t.Fatal("ANNOUNCE flood left state")
+	}
+}

@@ -209,7 +209,7 @@ func TestPEER01to08(t *testing.T) {
 			t.Fatalf("PEER shortened to %v", resp.Lifetime)
 		}
 	})
-	t.Run("PEER-05/06", func(t *testing.T) {
+	t.Run("PEER-06", func(t *testing.T) {
 		// Default (c): a new nonce takes the PEER over.
 		r := peerReq(addrA, pcp.ProtoTCP, 5000, remote, time.Hour, 9)
 		h.expect(h.do(r), pcp.Success)

@@ -166,9 +166,9 @@ func TestPKT08RateLimit(t *testing.T) {
 	}
 }
 
-// TestPKT01PKT02Drop: short and response packets get nothing, NAT-PMP
-// included.
-func TestPKT01PKT02Drop(t *testing.T) {
+// TestPKT01to03Drop: short (PKT-01, PKT-03) and response (PKT-02) packets
+// get nothing, NAT-PMP included.
+func TestPKT01to03Drop(t *testing.T) {
 	h := newHarness(t)
 	for _, b := range [][]byte{{}, {2}, {0}, append([]byte{2, 0x81}, make([]byte, 22)...), {0, 0x80}, append([]byte{2, 1}, make([]byte, 18)...)} {
 		if out := h.raw(v4A, b); out != nil {
