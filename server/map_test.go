@@ -121,6 +121,7 @@ func TestMAP04UnsupportedProtocol(t *testing.T) {
 	before := h.snap()
 	t.Run("MAP-04", func(t *testing.T) {
 		h.expect(h.do(mapReq(addrA, pcp.ProtoSCTP, 80, 0, time.Hour, 1)), pcp.UnsuppProtocol)
+		h.expect(h.do(mapReq(addrA, pcp.ProtoSCTP, 80, 0, 0, 1)), pcp.UnsuppProtocol)
 		h.unchanged(before)
 	})
 	t.Run("MAP-05", func(t *testing.T) {

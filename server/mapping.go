@@ -70,8 +70,11 @@ func (s *Server) serveMap(c *call, req *pcp.Request, resp *pcp.Response, o *outc
 	if err != nil {
 		return fail(err)
 	}
-	if !deleting && proto != protoTCP && proto != protoUDP && proto != 0 {
-		return fail(errUnsuppProtocol) // MAP-04 (policy may allow more; the backend ports only these)
+	if proto != protoTCP && proto != protoUDP && proto != 0 {
+		// MAP-04, before the delete step (MAP-01): an SCTP delete is as
+		// unsupported as an SCTP map. (Policy may allow more protocols;
+		// the engine maps only these.)
+		return fail(errUnsuppProtocol)
 	}
 	if !deleting && (proto == 0 || m.InternalPort == 0) {
 		// MAP-05, MAP-10: UDP and all-traffic wildcards include UDP
