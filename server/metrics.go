@@ -9,6 +9,7 @@ type metrics struct {
 	requests      *prometheus.CounterVec // protocol, opcode, result
 	dropped       *prometheus.CounterVec // reason
 	batchSize     prometheus.Histogram
+	latency       prometheus.Histogram
 	kernelSeconds prometheus.Histogram
 	storeSeconds  prometheus.Histogram
 	kernelErrors  prometheus.Counter
@@ -29,6 +30,10 @@ func newMetrics(leases func() float64) *metrics {
 		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "pcpd_batch_requests", Help: "Requests handled together in one kernel transaction and one fsync.",
 			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128, 256},
+		}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "pcpd_request_seconds", Help: "Time from a request's arrival to its reply being sent.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
 		}),
 		kernelSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "pcpd_kernel_apply_seconds", Help: "Latency of one nftables transaction.",
@@ -57,6 +62,6 @@ func newMetrics(leases func() float64) *metrics {
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.kernelSeconds, m.storeSeconds,
+	return []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.latency, m.kernelSeconds, m.storeSeconds,
 		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.leases}
 }

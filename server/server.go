@@ -256,7 +256,9 @@ func (s *Server) serveBatch(batch []packet) {
 		}
 		if err := batch[i].conn.send(r, batch[i].src); err != nil {
 			s.plog.Debug("send reply", zap.Stringer("to", batch[i].src), zap.Error(err))
+			continue
 		}
+		s.m.latency.Observe(time.Since(batch[i].at).Seconds())
 	}
 }
 
