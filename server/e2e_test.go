@@ -441,6 +441,20 @@ func TestE2ESEC01Interfaces(t *testing.T) {
 	if n, err := c.Read(make([]byte, 100)); err == nil {
 		t.Fatalf("answered a request from the WAN (%d octets)", n)
 	}
+	// NAT-PMP to the external address from the WAN (6886 §3.3 too).
+	var c4 *net.UDPConn
+	if err := l.topo.Internet.Do(func() (err error) {
+		c4, err = net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(l.topo.HostPublicV4, Port)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c4.Close()
+	c4.Write([]byte{0, 0})
+	c4.SetReadDeadline(time.Now().Add(time.Second))
+	if n, err := c4.Read(make([]byte, 100)); err == nil {
+		t.Fatalf("answered NAT-PMP from the WAN (%d octets)", n)
+	}
 	t.Run("HDR-02", func(t *testing.T) {
 		extra := netip.MustParseAddr("2001:db8:1::2")
 		l.topo.Host.MustRun(t, "ip", "addr", "add", extra.String()+"/128", "dev", l.topo.HostLANIf, "nodad")
