@@ -59,6 +59,8 @@ type options struct {
 	pprofURL      string
 	mupnpPrefill  int
 	perf          bool
+	scaleOnly     bool
+	pcpdEnv       []string
 }
 
 func main() {
@@ -89,15 +91,18 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&o.out, "out", "bench/results", "directory for reports (a dated subdirectory is made)")
 	fs.BoolVar(&o.scale, "scale", true, "pcpd only: also run with 100 000 and --big-leases live leases")
 	fs.IntVar(&o.bigLeases, "big-leases", 1_000_000, "leases for the memory / start-up / listing figures")
-	var extra listFlag
+	var extra, env listFlag
 	fs.Var(&extra, "pcpd-arg", "extra argument for pcpd serve (repeatable)")
-	fs.IntVar(&o.mupnpPrefill, "miniupnpd-prefill", 256, "leases renewed in miniupnpd's renewal run (it slows to a crawl with many)")
+	fs.Var(&env, "pcpd-env", "NAME=VALUE in pcpd's environment, e.g. GODEBUG=gctrace=1 (repeatable)")
+	fs.IntVar(&o.mupnpPrefill, "miniupnpd-prefill", 64, "leases renewed in miniupnpd's renewal run (it slows to a crawl with many)")
+	fs.BoolVar(&o.scaleOnly, "scale-only", false, "pcpd: run only the lease-count figures (implies --scale)")
 	fs.BoolVar(&o.perf, "perf", false, "profile the server under test with perf(1) during each run (reports in the output directory)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	o.servers = strings.Split(*servers, ",")
 	o.pcpdArgs = extra
+	o.pcpdEnv = env
 	if os.Geteuid() != 0 {
 		return errors.New("driver: needs root (network namespaces, nftables)")
 	}
@@ -119,8 +124,10 @@ func run(ctx context.Context, args []string) error {
 		case "floor":
 			err = b.runServer(ctx, "floor", b.startFloor)
 		case "pcpd":
-			err = b.runServer(ctx, "pcpd", b.startPcpd)
-			if err == nil && o.scale {
+			if !o.scaleOnly {
+				err = b.runServer(ctx, "pcpd", b.startPcpd)
+			}
+			if err == nil && (o.scale || o.scaleOnly) {
 				err = b.runScale(ctx)
 			}
 		case "miniupnpd":
@@ -152,7 +159,20 @@ type bench struct {
 	res    map[string]map[string]*figure // server → figure name → value
 	notes  []string
 	log    *os.File
-	cur    *proc // the server under test, for perf
+	cur    server // the server under test, for perf
+}
+
+// server is a server under test.
+type server interface {
+	pid() int
+	stop(syscall.Signal)
+}
+
+func (b *bench) path(name string) string { return filepath.Join(b.o.out, name) }
+
+func runOut(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).Output()
+	return string(out), err
 }
 
 func (b *bench) logf(format string, args ...any) {
@@ -231,12 +251,17 @@ func (b *bench) startIn(ns *netlab.NS, name string, args ...string) (*proc, erro
 		lf.Close()
 		return nil, err
 	}
-	b.cur = &proc{cmd: cmd, logf: lf}
-	return b.cur, nil
+	p := &proc{cmd: cmd, logf: lf}
+	b.cur = p
+	return p, nil
 }
 
-func (b *bench) startFloor(fresh bool) (*proc, error) {
-	return b.startIn(b.topo.Host, "floor", b.o.pcpload, "floor", "--listen", b.server.String())
+func (b *bench) startFloor(fresh bool) (server, error) {
+	p, err := b.startIn(b.topo.Host, "floor", b.o.pcpload, "floor", "--listen", b.server.String())
+	if err != nil {
+		return nil, err
+	}
+	return p, nil
 }
 
 func (b *bench) pcpdStateDir() string { return filepath.Join(b.o.out, "pcpd-state") }
@@ -244,7 +269,7 @@ func (b *bench) pcpdSocket() string   { return filepath.Join(b.pcpdStateDir(), "
 
 // startPcpd starts pcpd serve on the host side with static ownership of
 // the client's /64; fresh wipes its state first.
-func (b *bench) startPcpd(fresh bool) (*proc, error) {
+func (b *bench) startPcpd(fresh bool) (server, error) {
 	if b.o.pcpd == "" {
 		return nil, errors.New("no pcpd binary (cmd/pcpd did not build)")
 	}
@@ -271,7 +296,14 @@ func (b *bench) startPcpd(fresh bool) (*proc, error) {
 		"--log-level", "warn",
 	}
 	args = append(args, b.o.pcpdArgs...)
-	return b.startIn(b.topo.Host, "pcpd", args...)
+	if len(b.o.pcpdEnv) > 0 {
+		args = append(append([]string{"env"}, b.o.pcpdEnv...), args...)
+	}
+	p, err := b.startIn(b.topo.Host, "pcpd", args...)
+	if err != nil {
+		return nil, err
+	}
+	return p, nil
 }
 
 // waitServing sends ANNOUNCE from the client's own address every 20 ms
@@ -339,6 +371,7 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		"--clients", strconv.Itoa(b.o.clients),
 		"--timeout", b.o.timeout.String(),
 		"--mark",
+		"--probe-timeout", "60s",
 		"--json"}
 	full = append(full, args...)
 	b.logf("%s %s: %s", server, name, strings.Join(full[4:], " "))
@@ -418,7 +451,7 @@ func (b *bench) dur() string { return b.o.duration.String() }
 // runServer measures one server: every closed-loop scenario on a fresh
 // start, then (restarted fresh, so the lease count is small again) the
 // open loop at 80 % of the server's own new-MAP rate.
-func (b *bench) runServer(ctx context.Context, name string, start func(fresh bool) (*proc, error)) error {
+func (b *bench) runServer(ctx context.Context, name string, start func(fresh bool) (server, error)) error {
 	p, err := start(true)
 	if err != nil {
 		return err

@@ -51,6 +51,8 @@ type config struct {
 	Prefill     int           // leases created (closed loop) before the measured phase
 	Mix         mix
 	Seed        uint64
+	// ProbeTimeout bounds the wait for the server's first answer (default 5 s).
+	ProbeTimeout time.Duration
 	// OnMeasure, if set, is called as the measured phase starts (after
 	// the probe and the prefill), so a driver can time a profiler.
 	OnMeasure func()
@@ -662,15 +664,18 @@ func run(ctx context.Context, cfg config) (*report, error) {
 	return rep, nil
 }
 
-// probe sends ANNOUNCE until something answers (at most 10 times, 500 ms
-// apart), so the first measured requests do not pay for neighbour
-// discovery, and a server that is not there is an error, not a run of
-// timeouts.
+// probe sends ANNOUNCE every 500 ms until something answers, so the first
+// measured requests do not pay for neighbour discovery, and a server that
+// is not there is an error, not a run of timeouts.
 func probe(ctx context.Context, cfg *config, src *source) error {
 	req := pcp.Request{Opcode: pcp.OpAnnounce, ClientAddr: src.addr}
 	out := pcp.AppendRequest(nil, &req)
 	in := make([]byte, pcp.MaxMessageSize+4)
-	for range 10 {
+	wait := cfg.ProbeTimeout
+	if wait <= 0 {
+		wait = 5 * time.Second
+	}
+	for t0 := time.Now(); time.Since(t0) < wait; {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -683,7 +688,7 @@ func probe(ctx context.Context, cfg *config, src *source) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("pcpload: no reply from %s to ANNOUNCE from %s in 5 s: %w", cfg.Server, src.addr, errSocket)
+	return fmt.Errorf("pcpload: no reply from %s to ANNOUNCE from %s in %s: %w", cfg.Server, src.addr, wait, errSocket)
 }
 
 // runPhase runs body on every worker at once and merges their counts.

@@ -101,6 +101,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fs.DurationVar(&cfg.Duration, "duration", 0, "length of the measured phase (0 = until --count)")
 	fs.Int64Var(&cfg.Count, "count", 0, "requests in the measured phase (0 = until --duration)")
 	fs.DurationVar(&cfg.Timeout, "timeout", time.Second, "a reply later than this is a loss")
+	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", 5*time.Second, "how long to wait for the server to answer a first ANNOUNCE")
 	fs.IntVar(&cfg.Prefill, "prefill", 0, "leases created before the measured phase (not measured in it)")
 	mixStr := fs.String("mix", "new=100", "request mix, weights: new=..,renew=..,delete=..,malformed=..,unauth=..")
 	fs.Uint64Var(&cfg.Seed, "seed", 1, "random seed for the op sequence")
