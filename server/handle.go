@@ -50,7 +50,7 @@ func (s *Server) HandleBatch(reqs []Request) [][]byte {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.expireLocked(now)
-	outs := s.handleLocked(reqs, now)
+	outs := s.handleTx(reqs, now, false)
 	replies := make([][]byte, len(outs))
 	for i, o := range outs {
 		replies[i] = o.reply
@@ -61,13 +61,9 @@ func (s *Server) HandleBatch(reqs []Request) [][]byte {
 	return replies
 }
 
-func (s *Server) handleLocked(reqs []Request, now time.Time) []outcome {
-	return s.handleTx(reqs, now, false)
-}
-
-// handleTx handles reqs in one transaction. retry marks the one-by-one
-// re-run after a failed batch: those requests already passed the rate
-// limiter.
+// handleTx handles reqs in as few transactions as fit (see the cut below).
+// retry marks the one-by-one re-run after a failed batch: those requests
+// already passed the rate limiter.
 func (s *Server) handleTx(reqs []Request, now time.Time, retry bool) []outcome {
 	outs := make([]outcome, len(reqs))
 	for start := 0; start < len(reqs); {
