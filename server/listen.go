@@ -50,6 +50,7 @@ type packet struct {
 // leave from exactly the address and port the client sent to (HDR-02).
 type udpConn struct {
 	iface string
+	index int // the interface's index when bound: a re-created interface is a new one
 	local netip.AddrPort
 	pc    *net.UDPConn
 }
@@ -179,15 +180,21 @@ func (l *listener) run(ctx context.Context) error {
 	}
 }
 
+// link names a serving interface as the kernel knows it now.
+type link struct {
+	name  string
+	index int
+}
+
 // want computes the serving addresses from the interfaces' current state.
-func (l *listener) want(h *netlink.Handle) map[netip.AddrPort]string {
-	want := map[netip.AddrPort]string{}
+func (l *listener) want(h *netlink.Handle) map[netip.AddrPort]link {
+	want := map[netip.AddrPort]link{}
 	for _, name := range l.ifaces {
-		link, err := h.LinkByName(name)
-		if err != nil || link.Attrs().Flags&net.FlagUp == 0 {
+		lnk, err := h.LinkByName(name)
+		if err != nil || lnk.Attrs().Flags&net.FlagUp == 0 {
 			continue
 		}
-		addrs, err := h.AddrList(link, netlink.FAMILY_ALL)
+		addrs, err := h.AddrList(lnk, netlink.FAMILY_ALL)
 		if err != nil {
 			continue
 		}
@@ -213,7 +220,7 @@ func (l *listener) want(h *netlink.Handle) map[netip.AddrPort]string {
 					port = p
 				}
 			}
-			want[netip.AddrPortFrom(ip, port)] = name
+			want[netip.AddrPortFrom(ip, port)] = link{name: name, index: lnk.Attrs().Index}
 		}
 	}
 	return want
@@ -227,26 +234,28 @@ func (l *listener) resync(h *netlink.Handle) {
 		l.conns = map[netip.AddrPort]*udpConn{}
 	}
 	for ap, c := range l.conns {
-		if ifc, ok := want[ap]; !ok || ifc != c.iface {
+		// SO_BINDTODEVICE holds the interface index: an interface deleted
+		// and re-created under the same name needs a new socket.
+		if w, ok := want[ap]; !ok || w.name != c.iface || w.index != c.index {
 			c.pc.Close()
 			delete(l.conns, ap)
 			l.log.Info("stopped serving", zap.String("interface", c.iface), zap.Stringer("address", ap))
 		}
 	}
-	for ap, ifc := range want {
+	for ap, w := range want {
 		if _, ok := l.conns[ap]; ok {
 			continue
 		}
-		pc, err := l.open(ifc, ap)
+		pc, err := l.open(w.name, ap)
 		if err != nil {
-			l.log.Warn("cannot serve address", zap.String("interface", ifc), zap.Stringer("address", ap), zap.Error(err))
+			l.log.Warn("cannot serve address", zap.String("interface", w.name), zap.Stringer("address", ap), zap.Error(err))
 			continue
 		}
-		c := &udpConn{iface: ifc, local: ap, pc: pc}
+		c := &udpConn{iface: w.name, index: w.index, local: ap, pc: pc}
 		l.conns[ap] = c
 		l.wg.Add(1)
 		go l.read(c)
-		l.log.Info("serving", zap.String("interface", ifc), zap.Stringer("address", ap))
+		l.log.Info("serving", zap.String("interface", w.name), zap.Stringer("address", ap))
 	}
 }
 

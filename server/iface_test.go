@@ -1,0 +1,86 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/server/servertest"
+)
+
+// TestInterfaceComesBack: the serving interface is deleted and re-created
+// under the same name: pcpd keeps running, stops serving while it is gone
+// and serves the new one (a new interface index) without a restart.
+func TestInterfaceComesBack(t *testing.T) {
+	srvNS, cliNS := netlab.NewNS(t, "srv"), netlab.NewNS(t, "cli")
+	srvAddr, cliAddr := netip.MustParseAddr("2001:db8:7::1"), netip.MustParseAddr("2001:db8:7::2")
+	build := func() {
+		if err := netlab.Veth(cliNS, "eth0", srvNS, "pcp0"); err != nil {
+			t.Fatal(err)
+		}
+		srvNS.MustRun(t, "ip", "addr", "add", srvAddr.String()+"/64", "dev", "pcp0", "nodad")
+		cliNS.MustRun(t, "ip", "addr", "add", cliAddr.String()+"/64", "dev", "eth0", "nodad")
+	}
+	build()
+	h, err := srvNS.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	own, _ := policy.NewStatic(map[string][]netip.Prefix{"c": {netip.MustParsePrefix("2001:db8:7::/64")}})
+	pol, _ := policy.New(policy.Config{}, own)
+	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
+	s, err := New(Config{Interfaces: []string{"pcp0"}, NetNS: h, KeepConnections: true},
+		Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	ask := func() error {
+		var c *net.UDPConn
+		if err := cliNS.Do(func() (err error) {
+			c, err = net.DialUDP("udp6", &net.UDPAddr{IP: cliAddr.AsSlice()}, net.UDPAddrFromAddrPort(netip.AddrPortFrom(srvAddr, Port)))
+			return err
+		}); err != nil {
+			return err
+		}
+		defer c.Close()
+		c.Write(pcp.AppendRequest(nil, pcp.NewAnnounce(cliAddr)))
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		_, err := c.Read(make([]byte, 64))
+		return err
+	}
+	if err := netlab.Eventually(5*time.Second, ask); err != nil {
+		t.Fatalf("not served: %v", err)
+	}
+	srvNS.MustRun(t, "ip", "link", "del", "pcp0")
+	if err := netlab.Eventually(5*time.Second, func() error {
+		if len(s.Status().Listen) != 0 {
+			return errors.New("still serving a deleted interface")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	build()
+	start := time.Now()
+	if err := netlab.Eventually(5*time.Second, ask); err != nil {
+		t.Fatalf("not served after the interface came back: %v", err)
+	}
+	t.Logf("served again %v after the interface came back", time.Since(start).Round(time.Millisecond))
+}
