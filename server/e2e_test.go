@@ -513,4 +513,18 @@ func TestE2ETamper(t *testing.T) {
 	if !l.reach(netip.AddrPortFrom(c, 443)) {
 		t.Fatal("restored pinhole does not pass traffic")
 	}
+	t.Run("flushed set", func(t *testing.T) {
+		l.topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
+		if err := netlab.Eventually(5*time.Second, func() error {
+			if es, err := l.fw.List(); err != nil || len(es) != 1 {
+				return errors.New("not restored")
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if !l.reach(netip.AddrPortFrom(c, 443)) {
+			t.Fatal("restored pinhole does not pass traffic")
+		}
+	})
 }
