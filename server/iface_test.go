@@ -3,6 +3,8 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
+	"runtime"
 	"net"
 	"net/netip"
 	"testing"
@@ -83,4 +85,64 @@ func TestInterfaceComesBack(t *testing.T) {
 		t.Fatalf("not served after the interface came back: %v", err)
 	}
 	t.Logf("served again %v after the interface came back", time.Since(start).Round(time.Millisecond))
+}
+
+// TestServeNoLeaks: starting and stopping the engine leaves no goroutine
+// (sockets, netlink subscriptions, announcements) behind.
+func TestServeNoLeaks(t *testing.T) {
+	ns := netlab.NewNS(t, "leak")
+	ns.MustRun(t, "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+	ns.MustRun(t, "ip", "link", "set", "d1", "up")
+	ns.MustRun(t, "ip", "addr", "add", "2001:db8:8::1/64", "dev", "d0", "nodad")
+	ns.MustRun(t, "ip", "addr", "add", "10.8.0.1/24", "dev", "d0")
+	ns.MustRun(t, "ip", "link", "set", "d0", "up")
+	h, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	own, _ := policy.NewStatic(map[string][]netip.Prefix{"c": {netip.MustParsePrefix("2001:db8:8::/64")}})
+	pol, _ := policy.New(policy.Config{}, own)
+	cycle := func() {
+		fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
+		s, err := New(Config{Interfaces: []string{"d0"}, NetNS: h, KeepConnections: true},
+			Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Start(); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- s.Serve(ctx) }()
+		if err := netlab.Eventually(3*time.Second, func() error {
+			if len(s.Status().Listen) < 2 {
+				return errors.New("not serving")
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		<-s.announceDone
+	}
+	cycle()
+	time.Sleep(100 * time.Millisecond)
+	base := runtime.NumGoroutine()
+	for range 5 {
+		cycle()
+	}
+	if err := netlab.Eventually(3*time.Second, func() error {
+		if n := runtime.NumGoroutine(); n > base+1 {
+			return fmt.Errorf("%d goroutines, %d before", n, base)
+		}
+		return nil
+	}); err != nil {
+		buf := make([]byte, 1<<16)
+		t.Fatalf("%v\n%s", err, buf[:runtime.Stack(buf, true)])
+	}
 }
