@@ -4,9 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"runtime"
 	"net"
 	"net/netip"
+	"runtime"
 	"testing"
 	"time"
 
