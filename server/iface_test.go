@@ -146,3 +146,83 @@ func TestServeNoLeaks(t *testing.T) {
 		t.Fatalf("%v\n%s", err, buf[:runtime.Stack(buf, true)])
 	}
 }
+
+// TestANN04Multicast: with AnnounceMulticast (non-WireGuard links) the
+// unsolicited ANNOUNCE goes to [ff02::1]:5350 and 224.0.0.1:5350, and the
+// NAT-PMP announcement to 224.0.0.1:5350 (PMP-13), from port 5351 of the
+// serving address.
+func TestANN04Multicast(t *testing.T) {
+	srvNS, cliNS := netlab.NewNS(t, "msrv"), netlab.NewNS(t, "mcli")
+	if err := netlab.Veth(cliNS, "eth0", srvNS, "lan0"); err != nil {
+		t.Fatal(err)
+	}
+	srvNS.MustRun(t, "ip", "addr", "add", "2001:db8:9::1/64", "dev", "lan0", "nodad")
+	srvNS.MustRun(t, "ip", "addr", "add", "10.9.0.1/24", "dev", "lan0")
+	cliNS.MustRun(t, "ip", "addr", "add", "2001:db8:9::2/64", "dev", "eth0", "nodad")
+	cliNS.MustRun(t, "ip", "addr", "add", "10.9.0.2/24", "dev", "eth0")
+	var c6, c4 *net.UDPConn
+	if err := cliNS.Do(func() (err error) {
+		if c6, err = net.ListenUDP("udp6", &net.UDPAddr{Port: pcp.ClientPort}); err != nil {
+			return err
+		}
+		c4, err = net.ListenUDP("udp4", &net.UDPAddr{Port: pcp.ClientPort})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c6.Close()
+	defer c4.Close()
+	h, err := srvNS.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	own, _ := policy.NewStatic(map[string][]netip.Prefix{"c": {netip.MustParsePrefix("2001:db8:9::/64")}})
+	pol, _ := policy.New(policy.Config{}, own)
+	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
+	s, err := New(Config{Interfaces: []string{"lan0"}, NetNS: h, KeepConnections: true, AnnounceMulticast: true,
+		ExternalIPv4: netip.MustParseAddr("198.51.100.9")},
+		Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	buf := make([]byte, 64)
+	c6.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, from, err := c6.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		t.Fatalf("no IPv6 multicast ANNOUNCE: %v", err)
+	}
+	var r pcp.Response
+	if err := pcp.ParseResponse(buf[:n], &r); err != nil || r.Opcode != pcp.OpAnnounce || from.Port() != Port {
+		t.Fatalf("from %v: % x: %v", from, buf[:n], err)
+	}
+	var sawPCP, sawPMP bool
+	for !sawPCP || !sawPMP {
+		c4.SetReadDeadline(time.Now().Add(3 * time.Second))
+		n, from, err := c4.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			t.Fatalf("IPv4 multicast: PCP %v, NAT-PMP %v: %v", sawPCP, sawPMP, err)
+		}
+		if from != netip.MustParseAddrPort("10.9.0.1:5351") {
+			t.Fatalf("from %v", from)
+		}
+		switch buf[0] {
+		case pcp.Version:
+			sawPCP = true
+		case pcp.PMPVersion:
+			var p pcp.PMPResponse
+			if err := pcp.ParsePMPResponse(buf[:n], &p); err != nil || p.ExternalAddr != netip.MustParseAddr("198.51.100.9") {
+				t.Fatalf("% x: %v", buf[:n], err)
+			}
+			sawPMP = true
+		}
+	}
+}
