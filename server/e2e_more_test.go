@@ -246,3 +246,24 @@ func TestE2EANN03StateLoss(t *testing.T) {
 		t.Fatalf("% x: %v", buf[:n], err)
 	}
 }
+
+// TestE2EMAP05Wildcard: a TCP all-ports mapping opens every TCP port of
+// the address in the kernel, and nothing else.
+func TestE2EMAP05Wildcard(t *testing.T) {
+	l := newLab(t, func(_ *Config, p *policy.Config) { p.AllowAllPorts = true })
+	c := l.topo.ClientV6
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 2222).String())
+	l.topo.Client.ServeUDPEcho(t, netip.AddrPortFrom(c, 2222).String())
+	if l.reach(netip.AddrPortFrom(c, 2222)) {
+		t.Fatal("open before the MAP")
+	}
+	if resp := l.pcp(mapReq(c, pcp.ProtoTCP, 0, 0, time.Hour, 1)); resp.Result != 0 {
+		t.Fatal(resp.Result)
+	}
+	if !l.reach(netip.AddrPortFrom(c, 2222)) {
+		t.Fatal("all-ports mapping does not pass TCP")
+	}
+	if l.topo.Internet.ProbeUDP(netip.AddrPortFrom(c, 2222).String(), 500*time.Millisecond) == nil {
+		t.Fatal("a TCP wildcard lets UDP in")
+	}
+}

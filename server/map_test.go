@@ -533,3 +533,28 @@ func TestOPT09Description(t *testing.T) {
 		t.Fatal("length 0 did not clear")
 	}
 }
+
+// TestMAP05Wildcard: with all ports allowed by policy, a TCP all-ports MAP
+// on IPv6 is granted whole and deleted by its port-0 delete (MAP-16); UDP,
+// all-protocol and IPv4 wildcards stay UNSUPP_PROTOCOL.
+func TestMAP05Wildcard(t *testing.T) {
+	h := newHarness(t, func(_ *Config, p *policy.Config) { p.AllowAllPorts = true })
+	resp := h.do(mapReq(addrA, pcp.ProtoTCP, 0, 0, time.Hour, 1))
+	h.expect(resp, pcp.Success)
+	if resp.Map.ExternalPort != 0 || resp.Map.ExternalAddr != addrA {
+		t.Fatalf("%+v", resp.Map)
+	}
+	if _, ok := h.fw.Holes()[hole(6, addrA, 0, addrA, 0)]; !ok {
+		t.Fatalf("pinholes %v", h.fw.Holes())
+	}
+	// Ordinary TCP mappings on the same address coexist.
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 80, time.Hour, 1)), pcp.Success)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoUDP, 0, 0, time.Hour, 1)), pcp.UnsuppProtocol)
+	h.expect(h.do(mapReq(v4A, pcp.ProtoTCP, 0, 0, time.Hour, 1)), pcp.UnsuppProtocol)
+	t.Run("MAP-16", func(t *testing.T) {
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 0, 0, 0, 1)), pcp.Success)
+		if _, ok := h.fw.Holes()[hole(6, addrA, 0, addrA, 0)]; ok || len(h.fw.Holes()) != 1 {
+			t.Fatalf("pinholes %v", h.fw.Holes())
+		}
+	})
+}

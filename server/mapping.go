@@ -76,11 +76,12 @@ func (s *Server) serveMap(c *call, req *pcp.Request, resp *pcp.Response, o *outc
 		// the engine maps only these.)
 		return fail(errUnsuppProtocol)
 	}
-	if !deleting && (proto == 0 || m.InternalPort == 0) {
+	if !deleting && (proto == 0 || m.InternalPort == 0) && !(proto == protoTCP && internal.Is6()) {
 		// MAP-05, MAP-10: UDP and all-traffic wildcards include UDP
 		// 5350/5351, which are never mapped, so they cannot be granted
-		// whole; a TCP all-ports wildcard would be possible in the kernel
-		// but is not offered.
+		// whole; nor can all ports of a NAPT address. A TCP all-ports
+		// wildcard on an IPv6 address is granted where the policy allows
+		// all ports (it refused above otherwise).
 		return fail(errUnsuppProtocol)
 	}
 	if internal.Is4() && !s.cfg.ExternalIPv4.IsValid() && !deleting {
@@ -259,6 +260,18 @@ func (s *Server) external(c *call, a *ask) (netip.AddrPort, time.Duration, error
 			return netip.AddrPort{}, remaining(other, c.now) + timeWait, errCannotProvide
 		}
 		return ext, 0, nil
+	}
+	if k.InternalPort == 0 {
+		// An all-ports wildcard (IPv6 TCP only): the whole address, no
+		// external port to choose.
+		e := endpoint{addr: k.InternalAddr, proto: k.Protocol}
+		if a.suggPort != 0 && a.pf {
+			return netip.AddrPort{}, 0, errCannotProvide
+		}
+		if h, ok := s.tab.holder(e); ok && (h.addr != k.InternalAddr || h.port != 0) {
+			return netip.AddrPort{}, 0, errCannotProvide
+		}
+		return netip.AddrPortFrom(k.InternalAddr, 0), 0, nil
 	}
 	extAddr := k.InternalAddr // choice (d): IPv6 external = internal
 	first, last := uint16(1024), uint16(65535)
