@@ -318,10 +318,7 @@ func TestDiskFullNoResources(t *testing.T) {
 	// per-source rate limit never hides an answer.
 	var ok, refused []leaseKey
 	for i := 0; i < 600 && len(refused) < 20; i++ {
-		src := floodPrefix6.Addr().Next()
-		for j := 0; j < i; j++ {
-			src = src.Next()
-		}
+		src := floodSrc(uint32(i))
 		req := pcp.NewMap(src, pcp.ProtoUDP, 3000, time.Hour)
 		resp, err := do(l.pcpClient(src), req)
 		if err != nil {

@@ -91,7 +91,7 @@ func requireRoot(t testing.TB) {
 // for whole extra prefixes (AnyIP local routes) and the host routes them to
 // it, so one namespace can play many clients and many spoofed sources.
 var (
-	floodPrefix6  = netip.MustParsePrefix("2001:db8:1:3::/64") // client "flood"
+	floodPrefix6  = netip.MustParsePrefix("2001:db8:100::/40") // client "flood": 2^24 /64s
 	victimPrefix6 = netip.MustParsePrefix("2001:db8:1:4::/64") // client "victim"
 	nobodyPrefix6 = netip.MustParsePrefix("2001:db8:1:5::/64") // owned by no client
 	floodPrefix4  = netip.MustParsePrefix("10.100.1.0/24")     // client "flood"
@@ -165,6 +165,7 @@ func newLab(t testing.TB, opts labOptions) *lab {
 		}
 	}
 	in.MustRun(t, "ip", "route", "add", hostV4Routes.String(), "via", l.topo.HostPublicV4.String())
+	in.MustRun(t, "ip", "-6", "route", "add", floodPrefix6.String(), "via", l.topo.HostWANV6.String())
 	// Many spoofed sources must not fill the neighbour or route caches of
 	// the namespaces before they reach pcpd.
 	for _, ns := range []*netlab.NS{h, c} {
@@ -182,6 +183,17 @@ func newLab(t testing.TB, opts labOptions) *lab {
 		l.waitTunnel()
 	}
 	return l
+}
+
+// floodSrc returns the n-th source of the flood client, each in its own
+// /64: pcpd rate-limits IPv6 sources per /64 (server.Config.RatePrefix6),
+// so distinct /64s are what an attacker would use and what keeps the
+// tests' own bulk traffic clear of the limit.
+func floodSrc(n uint32) netip.Addr {
+	a := floodPrefix6.Addr().As16()
+	a[5], a[6], a[7] = byte(n>>16), byte(n>>8), byte(n)
+	a[15] = 1
+	return netip.AddrFrom16(a)
 }
 
 // waitTunnel waits until the WireGuard tunnel carries traffic.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -59,16 +58,14 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 		mu       sync.Mutex
 		acked    = map[leaseKey]ack{}
 		last     ack
-		nextPort atomic.Uint32
 		probes   int
 		restarts []time.Duration
 	)
-	nextPort.Store(10000)
+	// The load: workers mapping udp/5000 for ever new sources of the flood
+	// client, each in its own /64 (pcpd rate-limits per /64), so every
+	// request reaches the store and the kernel.
 	const workers = 4
-	socks := make([]*net.UDPConn, workers)
-	for i := range socks {
-		socks[i] = l.clientSocket(cli)
-	}
+	var nextSrc atomic.Uint32
 	for cycle := 0; cycle < cycles; cycle++ {
 		ctx, cancel := context.WithCancel(context.Background())
 		var wg sync.WaitGroup
@@ -76,23 +73,26 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				c := &pcp.Client{Conn: socks[w], Server: l.server6(), InitialTimeout: 200 * time.Millisecond, MaxAttempts: 2}
 				for ctx.Err() == nil {
-					port := uint16(nextPort.Add(1))
-					if port < 10000 {
-						return // wrapped: enough
+					src := floodSrc(nextSrc.Add(1))
+					conn, err := socketIn(l.topo.Client, src)
+					if err != nil {
+						t.Error(err)
+						return
 					}
-					req := pcp.NewMap(cli, pcp.ProtoUDP, port, time.Hour)
+					c := &pcp.Client{Conn: conn, Server: l.server6(), InitialTimeout: 200 * time.Millisecond, MaxAttempts: 2}
 					var resp pcp.Response
-					if err := c.Do(ctx, req, &resp); err != nil {
+					err = c.Do(ctx, pcp.NewMap(src, pcp.ProtoUDP, 5000, time.Hour), &resp)
+					conn.Close()
+					if err != nil {
 						continue
 					}
 					at := time.Now()
 					if resp.Result != pcp.Success {
-						t.Errorf("cycle %d: MAP udp/%d: %v", cycle, port, resp.Result)
+						t.Errorf("cycle %d: MAP udp/5000 from %s: %v", cycle, src, resp.Result)
 						continue
 					}
-					a := ack{key: leaseKey{cli, "udp", port}, epoch: resp.Epoch, at: at}
+					a := ack{key: leaseKey{src, "udp", 5000}, epoch: resp.Epoch, at: at}
 					mu.Lock()
 					acked[a.key] = a
 					if a.at.After(last.at) {
