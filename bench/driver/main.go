@@ -37,11 +37,14 @@ import (
 // The load comes from addresses that exist only as a local route in the
 // client namespace (pcpload binds them with IPV6_FREEBIND); the host
 // routes them back via the client's one real address, so neither side
-// keeps thousands of addresses or neighbour entries.
+// keeps thousands of addresses or neighbour entries. Each simulated
+// client sends from its own /64 (pcpload --per-prefix 64), as WireGuard
+// peers own prefixes: pcpd rate-limits per /64 (PKT-08), and thousands of
+// clients in one /64 would share one bucket of 50 requests/s.
 var (
-	srcPrefix    = netip.MustParsePrefix("2001:db8:1:2:0:1::/96") // owned: inside the client's /64
-	unauthPrefix = netip.MustParsePrefix("2001:db8:1:3::/112")    // not owned by anyone
-	ownedPrefix  = netip.MustParsePrefix("2001:db8:1:2::/64")     // pcpd --client load=
+	srcPrefix    = netip.MustParsePrefix("2001:db8:1:4000::/50") // owned: 16384 /64s
+	unauthPrefix = netip.MustParsePrefix("2001:db8:2:4000::/50") // owned by nobody
+	ownedPrefix  = netip.MustParsePrefix("2001:db8:1::/48")      // pcpd --client load=
 )
 
 type options struct {
@@ -368,6 +371,7 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		"--server", b.server.String(),
 		"--src", srcPrefix.String(),
 		"--unauth-src", unauthPrefix.String(),
+		"--per-prefix", "64",
 		"--clients", strconv.Itoa(b.o.clients),
 		"--timeout", b.o.timeout.String(),
 		"--mark",

@@ -28,6 +28,10 @@ type config struct {
 	// server must consider them owned.
 	Src     netip.Prefix
 	Clients int
+	// PerPrefix, if set, gives each client its own /PerPrefix inside Src
+	// (address 1 of it), as WireGuard peers each own a prefix; servers
+	// that rate-limit per /64 then see each client apart.
+	PerPrefix int
 	// UnauthSrc holds sources the server must refuse (opUnauth); the
 	// first UnauthClients of them are used (0: as many as Clients, so a
 	// per-source rate limit in the server bites no sooner than for the
@@ -472,19 +476,61 @@ func (w *worker) classify(b []byte) int {
 
 // nthAddr returns the n-th address after p's own address.
 func nthAddr(p netip.Prefix, n int) (netip.Addr, error) {
+	return nthSubnetAddr(p, 0, n)
+}
+
+// nthSubnetAddr returns address 1 of the n-th /per subnet of p (n counts
+// from 1, like nthAddr); per == 0 means plain addresses (nthAddr).
+func nthSubnetAddr(p netip.Prefix, per, n int) (netip.Addr, error) {
 	a := p.Masked().Addr()
-	b := a.As16()
-	carry := uint64(n)
-	for i := 15; i >= 0 && carry > 0; i-- {
-		s := uint64(b[i]) + carry&0xff
-		b[i] = byte(s)
-		carry = carry>>8 + s>>8
+	bits := a.BitLen()
+	var hi, lo uint64 // the 128-bit offset to add
+	switch {
+	case per == 0:
+		lo = uint64(n)
+	case per < p.Bits() || per > bits:
+		return netip.Addr{}, fmt.Errorf("pcpload: /%d subnets do not fit in %s: %w", per, p, errConfig)
+	default:
+		// (n-1) << (bits-per), plus 1 for the subnet's first host.
+		shift := uint(bits - per)
+		m := uint64(n - 1)
+		switch {
+		case shift >= 64:
+			hi = m << (shift - 64)
+		case shift == 0:
+			lo = m
+		default:
+			hi, lo = m>>(64-shift), m<<shift
+		}
+		if per < bits {
+			lo++ // never overflows: the low bits were zero
+		}
 	}
-	out := netip.AddrFrom16(b)
 	if a.Is4() {
-		out = out.Unmap()
+		lo += uint64(binary.BigEndian.Uint32(a.AsSlice()))
+		if hi != 0 || lo > 0xffffffff {
+			return netip.Addr{}, fmt.Errorf("pcpload: %s has fewer than %d addresses: %w", p, n, errConfig)
+		}
+		var b [4]byte
+		binary.BigEndian.PutUint32(b[:], uint32(lo))
+		out := netip.AddrFrom4(b)
+		if !p.Contains(out) {
+			return netip.Addr{}, fmt.Errorf("pcpload: %s has fewer than %d addresses: %w", p, n, errConfig)
+		}
+		return out, nil
 	}
-	if carry != 0 || !p.Contains(out) {
+	b := a.As16()
+	ahi, alo := binary.BigEndian.Uint64(b[:8]), binary.BigEndian.Uint64(b[8:])
+	nlo := alo + lo
+	carry := uint64(0)
+	if nlo < alo {
+		carry = 1
+	}
+	nhi := ahi + hi + carry
+	binary.BigEndian.PutUint64(b[:8], nhi)
+	binary.BigEndian.PutUint64(b[8:], nlo)
+	out := netip.AddrFrom16(b)
+	if nhi < ahi || !p.Contains(out) {
 		return netip.Addr{}, fmt.Errorf("pcpload: %s has fewer than %d addresses: %w", p, n, errConfig)
 	}
 	return out, nil
@@ -573,7 +619,7 @@ func run(ctx context.Context, cfg config) (*report, error) {
 		}
 	}()
 	for g := 0; g < cfg.Clients; g++ {
-		a, err := nthAddr(cfg.Src, g+1)
+		a, err := nthSubnetAddr(cfg.Src, cfg.PerPrefix, g+1)
 		if err != nil {
 			return nil, err
 		}
@@ -590,7 +636,7 @@ func run(ctx context.Context, cfg config) (*report, error) {
 			n = cfg.Clients
 		}
 		for g := range max(n, nw) {
-			a, err := nthAddr(cfg.UnauthSrc, g+1)
+			a, err := nthSubnetAddr(cfg.UnauthSrc, cfg.PerPrefix, g+1)
 			if err != nil {
 				return nil, err
 			}

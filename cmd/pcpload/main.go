@@ -91,6 +91,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fs.Var(prefixValue{&cfg.UnauthSrc}, "unauth-src", "`PREFIX` of sources the server must refuse (for unauth in --mix)")
 	fs.IntVar(&cfg.UnauthClients, "unauth-clients", 0, "sources used from --unauth-src (0 = as many as --clients)")
 	fs.IntVar(&cfg.Clients, "clients", 256, "simulated clients (source addresses, one socket each)")
+	fs.IntVar(&cfg.PerPrefix, "per-prefix", 0, "give each client address 1 of its own /`N` inside --src (and --unauth-src), e.g. 64 as WireGuard peers own prefixes; 0 = consecutive addresses")
 	fs.BoolVar(&cfg.Freebind, "freebind", true, "bind sources with IP(V6)_FREEBIND (then a local route for --src suffices)")
 	fs.IntVar(&cfg.Ports, "ports", 256, "lease slots per client (internal ports --port-base..)")
 	fs.IntVar(&cfg.PortBase, "port-base", 10000, "first internal port")

@@ -172,6 +172,35 @@ func TestNthAddr(t *testing.T) {
 	if _, err := nthAddr(netip.MustParsePrefix("127.0.1.0/24"), 256); !errors.Is(err, errConfig) {
 		t.Errorf("nthAddr past the prefix: err = %v, want errConfig", err)
 	}
+	subnets := []struct {
+		pfx  string
+		per  int
+		n    int
+		want string
+	}{
+		{"2001:db8:1:4000::/50", 64, 1, "2001:db8:1:4000::1"},
+		{"2001:db8:1:4000::/50", 64, 2, "2001:db8:1:4001::1"},
+		{"2001:db8:1:4000::/50", 64, 0x4000, "2001:db8:1:7fff::1"},
+		{"2001:db8::/32", 56, 0x101, "2001:db8:1::1"},
+		{"2001:db8::/32", 56, 0x102, "2001:db8:1:100::1"},
+		{"2001:db8:1:2::/64", 120, 3, "2001:db8:1:2::201"},
+		{"2001:db8:1:2::/64", 128, 3, "2001:db8:1:2::2"},
+		{"10.0.0.0/8", 24, 2, "10.0.1.1"},
+	}
+	for _, tt := range subnets {
+		got, err := nthSubnetAddr(netip.MustParsePrefix(tt.pfx), tt.per, tt.n)
+		if err != nil || got != netip.MustParseAddr(tt.want) {
+			t.Errorf("nthSubnetAddr(%s, /%d, %d) = %v, %v; want %s", tt.pfx, tt.per, tt.n, got, err, tt.want)
+		}
+	}
+	for _, bad := range []struct {
+		pfx    string
+		per, n int
+	}{{"2001:db8:1:4000::/50", 64, 0x4001}, {"2001:db8:1:4000::/50", 48, 1}, {"10.0.0.0/8", 24, 0x10001}} {
+		if _, err := nthSubnetAddr(netip.MustParsePrefix(bad.pfx), bad.per, bad.n); !errors.Is(err, errConfig) {
+			t.Errorf("nthSubnetAddr(%s, /%d, %d): err = %v, want errConfig", bad.pfx, bad.per, bad.n, err)
+		}
+	}
 }
 
 // TestRunAgainstFloor drives the echo floor on loopback with every kind of
