@@ -3,8 +3,8 @@ package reliability
 import (
 	"errors"
 	"fmt"
-	"os"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"sync"
