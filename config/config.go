@@ -74,6 +74,10 @@ type Config struct {
 	MinLifetime, MaxLifetime      time.Duration
 	MaxLeasesPerClient, MaxLeases int
 	IPv4PortLow, IPv4PortHigh     uint16
+	// AllowPorts, if set, are the only internal ports that may be opened;
+	// DenyPorts never are. Each entry is a closed range [0] to [1].
+	AllowPorts, DenyPorts [][2]uint16
+	AllowAllPorts         bool // port 0 (all ports) mappings
 
 	Metrics  string // host:port for Prometheus /metrics; "" = off
 	LogLevel zapcore.Level

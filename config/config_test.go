@@ -76,6 +76,9 @@ metrics = "127.0.0.1:9351"
 log-level = "debug"
 ipv4-port-range = "20000-29999"
 disable-natpmp = true
+allow-ports = "22, 80,443,1024-65535"
+deny-ports = "5000-5010"
+allow-all-ports = true
 
 [client]
 home = ["2001:db8:1:2::/64", "10.100.0.2"]
@@ -107,6 +110,9 @@ office = ["2001:db8:2::/48"]
 		MaxLeases:          1000,
 		IPv4PortLow:        20000,
 		IPv4PortHigh:       29999,
+		AllowPorts:         [][2]uint16{{22, 22}, {80, 80}, {443, 443}, {1024, 65535}},
+		DenyPorts:          [][2]uint16{{5000, 5010}},
+		AllowAllPorts:      true,
 		Metrics:            "127.0.0.1:9351",
 		LogLevel:           zapcore.DebugLevel,
 		StrictNonce:        true,
@@ -175,6 +181,10 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{"--max-leases-per-client: 20 exceeds max-leases 10"}},
 		{name: "port range", args: []string{"--ipv4-port-range", "2000-1000"},
 			want: []string{`--ipv4-port-range: "2000-1000": want LOW-HIGH`}},
+		{name: "allow ports", args: []string{"--allow-ports", "22,80-x"},
+			want: []string{`--allow-ports: "80-x": want ports and LOW-HIGH ranges`}},
+		{name: "deny ports", args: []string{"--deny-ports", "0"},
+			want: []string{`--deny-ports: "0": want ports`}},
 		{name: "metrics", args: []string{"--metrics", "9351"},
 			want: []string{`--metrics: "9351": want HOST:PORT`}},
 		{name: "log level", args: []string{"--log-level", "loud"},

@@ -185,6 +185,31 @@ func validate(vals map[string]*value) (*Config, Errors) {
 	}
 	c.IPv4PortLow, c.IPv4PortHigh = lo, hi
 
+	// Port rules.
+	for _, k := range []string{"allow-ports", "deny-ports"} {
+		v := vals[k]
+		if v.str == "" {
+			continue
+		}
+		var list [][2]uint16
+		ok := true
+		for _, part := range strings.Split(v.str, ",") {
+			lo, hi, good := parsePortRange(part)
+			if !good {
+				fail(v, "%q: want ports and LOW-HIGH ranges separated by commas, e.g. 22,80,1024-65535", part)
+				ok = false
+				break
+			}
+			list = append(list, [2]uint16{lo, hi})
+		}
+		if ok && k == "allow-ports" {
+			c.AllowPorts = list
+		} else if ok {
+			c.DenyPorts = list
+		}
+	}
+	c.AllowAllPorts = vals["allow-all-ports"].b
+
 	// Metrics.
 	if mv := vals["metrics"]; mv.str != "" {
 		host, port, err := net.SplitHostPort(mv.str)

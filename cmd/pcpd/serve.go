@@ -156,6 +156,9 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		MaxLeases:          cfg.MaxLeases,
 		ThirdParty:         tp,
 		HostAddrs:          host.contains,
+		AllowPorts:         portRanges(cfg.AllowPorts),
+		DenyPorts:          portRanges(cfg.DenyPorts),
+		AllowAllPorts:      cfg.AllowAllPorts,
 	}, own)
 	if err != nil {
 		return usage(err)
@@ -265,6 +268,14 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		return failure(err)
 	}
 	return nil
+}
+
+func portRanges(rs [][2]uint16) []policy.PortRange {
+	var out []policy.PortRange
+	for _, r := range rs {
+		out = append(out, policy.PortRange{First: r[0], Last: r[1]})
+	}
+	return out
 }
 
 // backend adapts the engine to the control socket.
