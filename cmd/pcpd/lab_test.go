@@ -231,3 +231,12 @@ func TestServeLeastPrivilege(t *testing.T) {
 		t.Fatalf("mapped port unreachable: %v\n%s", err, log.String())
 	}
 }
+
+// TestMain removes the binary binary() built.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if pcpdBin.path != "" {
+		os.RemoveAll(filepath.Dir(pcpdBin.path))
+	}
+	os.Exit(code)
+}
