@@ -70,6 +70,7 @@ type WireGuard struct {
 	labels    map[string]string
 
 	t       atomic.Pointer[table]
+	stats   wgCounters
 	missCh  chan struct{}
 	changes chan Change
 
@@ -167,6 +168,24 @@ func (w *WireGuard) miss() {
 	}
 }
 
+// WireGuardStats counts ownership refreshes, for the operator's metrics.
+type WireGuardStats struct {
+	Refreshes uint64 // re-reads of the interfaces, periodic or on a miss
+	Failures  uint64 // re-reads in which some interface could not be read
+	Rebuilds  uint64 // re-reads that found a change and rebuilt the view
+}
+
+type wgCounters struct{ refreshes, failures, rebuilds atomic.Uint64 }
+
+// Stats returns the refresh counters; safe for concurrent use.
+func (w *WireGuard) Stats() WireGuardStats {
+	return WireGuardStats{
+		Refreshes: w.stats.refreshes.Load(),
+		Failures:  w.stats.failures.Load(),
+		Rebuilds:  w.stats.rebuilds.Load(),
+	}
+}
+
 // Changes delivers ownership losses. The engine must keep draining it while
 // Run runs: Run blocks on a full channel rather than drop a revocation.
 func (w *WireGuard) Changes() <-chan Change { return w.changes }
@@ -233,6 +252,13 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 		}
 	}
 	w.last = time.Now()
+	w.stats.refreshes.Add(1)
+	if len(errs) > 0 {
+		w.stats.failures.Add(1)
+	}
+	if changed {
+		w.stats.rebuilds.Add(1)
+	}
 	if !changed {
 		// The common periodic case: one wgctrl read, no rebuild.
 		return errors.Join(errs...)

@@ -355,16 +355,20 @@ func (l *lab) leases() error {
 	if err != nil {
 		return fmt.Errorf("metrics: %w", err)
 	}
-	l.show("curl http://" + labMetrics + "/metrics | grep -E '^pcpd_(leases|requests_total)'")
+	l.show("curl http://" + labMetrics + "/metrics | grep -E '^pcpd_(leases|requests_total|ownership_refreshes_total)'")
 	var shown []string
 	for _, line := range strings.Split(string(body), "\n") {
-		if strings.HasPrefix(line, "pcpd_leases ") || strings.HasPrefix(line, "pcpd_requests_total{") {
+		if strings.HasPrefix(line, "pcpd_leases ") || strings.HasPrefix(line, "pcpd_requests_total{") ||
+			strings.HasPrefix(line, "pcpd_ownership_refreshes_total ") {
 			shown = append(shown, line)
 		}
 	}
 	l.show(strings.Join(shown, "\n"))
 	if !strings.Contains(string(body), "pcpd_leases 1") {
 		return errors.New("metrics do not show the one live lease (pcpd_leases 1)")
+	}
+	if !strings.Contains(string(body), "pcpd_ownership_refreshes_total ") {
+		return errors.New("metrics lack the WireGuard ownership refresh counter")
 	}
 	return nil
 }

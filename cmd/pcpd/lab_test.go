@@ -61,7 +61,7 @@ func TestLab(t *testing.T) {
 	if n := strings.Count(s, "     PASS ("); n != 13 || strings.Contains(s, "FAIL") {
 		t.Errorf("%d steps passed, want 13, and no FAIL", n)
 	}
-	for _, want := range []string{"result    SUCCESS", "1 lease(s)", "pcpd_leases 1", "revoked 1 lease(s)", "PASS: every step of the lab passed"} {
+	for _, want := range []string{"result    SUCCESS", "1 lease(s)", "pcpd_leases 1", "pcpd_ownership_refreshes_total", "revoked 1 lease(s)", "PASS: every step of the lab passed"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("output lacks %q", want)
 		}

@@ -123,6 +123,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		changes   <-chan policy.Change
 		bg        []func(context.Context) error
 	)
+	var wgStats *policy.WireGuard // nil with static ownership
 	if len(cfg.Clients) > 0 {
 		st, err := policy.NewStatic(cfg.Clients)
 		if err != nil {
@@ -142,6 +143,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		own, ownSource = w, config.OwnershipWireGuard+":"+strings.Join(cfg.Interfaces, ",")
 		changes = w.Changes()
 		bg = append(bg, w.Run)
+		wgStats = w
 	}
 	host := newHostAddrs()
 	bg = append(bg, host.run)
@@ -208,6 +210,9 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	if cfg.Metrics != "" {
 		reg := prometheus.NewRegistry()
 		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		if wgStats != nil {
+			reg.MustRegister(wireGuardCollectors(wgStats)...)
+		}
 		for _, c := range srv.Collectors() {
 			if err := reg.Register(c); err != nil {
 				return failure(fmt.Errorf("serve: metrics: %w", err))
@@ -312,4 +317,22 @@ func (b *backend) Status() control.Status {
 		out.Listen = append(out.Listen, a.String())
 	}
 	return out
+}
+
+// wireGuardCollectors exports how often WireGuard ownership is re-read:
+// a stalled refresh (Refreshes flat) or a failing one (Failures rising)
+// means revocations are late.
+func wireGuardCollectors(w *policy.WireGuard) []prometheus.Collector {
+	counter := func(name, help string, get func(policy.WireGuardStats) uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "pcpd", Subsystem: "ownership", Name: name, Help: help},
+			func() float64 { return float64(get(w.Stats())) })
+	}
+	return []prometheus.Collector{
+		counter("refreshes_total", "Re-reads of the WireGuard peers (periodic and on lookup misses).",
+			func(s policy.WireGuardStats) uint64 { return s.Refreshes }),
+		counter("refresh_failures_total", "Re-reads in which some WireGuard interface could not be read.",
+			func(s policy.WireGuardStats) uint64 { return s.Failures }),
+		counter("rebuilds_total", "Re-reads that found changed peers and rebuilt the ownership view.",
+			func(s policy.WireGuardStats) uint64 { return s.Rebuilds }),
+	}
 }
