@@ -135,6 +135,27 @@ func TestOwnershipAttacksSEC02(t *testing.T) {
 	if n := len(l.leases()); n != leasesBefore {
 		t.Fatalf("leases: %d before, %d after the attacks", leasesBefore, n)
 	}
+	// Positive control: THIRD_PARTY for an address the client does own is
+	// honoured, and the same kernel comparison sees exactly that pinhole.
+	own := netip.MustParseAddr("2001:db8:1:2::77")
+	conn, err := socketIn(l.topo.Client, cli)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reply, err := rawExchange(conn, l.server6(), cat(m(cli, 9010, time.Hour), tpOpt(own)), 3*time.Second)
+	conn.Close()
+	if err != nil || resultOf(reply) != 0 {
+		t.Fatalf("control: THIRD_PARTY for an owned address: %x %v", reply, err)
+	}
+	var appearedNow []pinhole.Pinhole
+	for p := range kernelSet(l.kernel()) {
+		if !before[p] {
+			appearedNow = append(appearedNow, p)
+		}
+	}
+	if len(appearedNow) != 1 || appearedNow[0].InternalAddr != own || appearedNow[0].InternalPort != 9010 {
+		t.Fatalf("control: kernel comparison saw %v, want exactly tcp [%s]:9010", appearedNow, own)
+	}
 	t.Logf("ownership attacks: %d sent, %d refused with the expected code; pinholes appeared: 0, vanished: 0 (kernel checked)", len(attacks), refused)
 }
 

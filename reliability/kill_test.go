@@ -190,6 +190,17 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 	t.Run("LIFE-04 no pinhole outlives its lease with pcpd dead", func(t *testing.T) {
 		const port, life = 8081, 3 * time.Second
 		l.topo.Client.ServeTCP(t, netip.AddrPortFrom(cli, port).String())
+		l.topo.Client.ServeTCP(t, netip.AddrPortFrom(l.topo.ClientV4, port).String())
+		// An IPv4 NAPT mapping by NAT-PMP with the same lifetime.
+		t4 := time.Now()
+		var pr pcp.PMPResponse
+		pctx, pcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := pmpc.DoPMP(pctx, &pcp.PMPRequest{Opcode: pcp.PMPOpMapTCP, InternalPort: port, SuggestedExternalPort: port, Lifetime: life}, &pr)
+		pcancel()
+		if err != nil || pr.Result != pcp.PMPSuccess || pr.Lifetime != life {
+			t.Fatalf("NAT-PMP map tcp/%d for %v: %v, lifetime %v, %v", port, life, pr.Result, pr.Lifetime, err)
+		}
+		ext := netip.AddrPortFrom(l.topo.HostPublicV4, pr.ExternalPort).String()
 		t0 := time.Now()
 		resp := l.mustMap(l.pcpClient(cli), cli, pcp.ProtoTCP, port, life)
 		if resp.Lifetime != life {
@@ -199,13 +210,24 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 		if err := l.dialService(cli, port); err != nil {
 			t.Fatalf("short lease does not pass traffic before expiry: %v", err)
 		}
+		if err := l.topo.Internet.DialTCP(ext, time.Second); err != nil {
+			t.Fatalf("short NAT-PMP mapping %s does not pass traffic before expiry: %v", ext, err)
+		}
+		_, ok4 := waitFor(life+2*time.Second, func() bool { return !l.kernelHas(l.topo.ClientV4, pcp.ProtoTCP, port) })
+		vanished4 := time.Since(t4)
 		_, ok := waitFor(life+2*time.Second, func() bool { return !l.kernelHas(cli, pcp.ProtoTCP, port) })
 		vanished := time.Since(t0)
 		if !ok || vanished > life+time.Second {
 			t.Fatalf("kernel element for tcp/%d still present %v after the request (lifetime %v; allowed +1s)", port, vanished, life)
 		}
+		if !ok4 || vanished4 > life+time.Second {
+			t.Fatalf("NAPT element for %s still present %v after the request (lifetime %v; allowed +1s)", ext, vanished4, life)
+		}
 		if err := l.dialService(cli, port); err == nil {
 			t.Fatalf("traffic to tcp/%d still passes after its lease expired", port)
+		}
+		if err := l.topo.Internet.DialTCP(ext, time.Second); err == nil {
+			t.Fatalf("traffic to %s still passes after its NAT-PMP lease expired", ext)
 		}
 		after := time.Since(t0)
 		l.start()
@@ -215,7 +237,8 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 		if _, ok := leaseSet(l.leases())[leaseKey{cli, "tcp", port}]; ok {
 			t.Fatal("restarted pcpd lists an expired lease")
 		}
-		t.Logf("lifetime %v: kernel element gone %v after the request (pcpd dead), traffic refused at %v", life, vanished.Round(10*time.Millisecond), after.Round(10*time.Millisecond))
+		t.Logf("lifetime %v, pcpd dead: IPv6 pinhole element gone %v after the request, IPv4 NAPT element %v; traffic refused on both at %v",
+			life, vanished.Round(10*time.Millisecond), vanished4.Round(10*time.Millisecond), after.Round(10*time.Millisecond))
 	})
 }
 
