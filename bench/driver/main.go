@@ -18,7 +18,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -619,8 +618,8 @@ func (b *bench) runScale(ctx context.Context) error {
 	return nil
 }
 
-// leaseCount asks pcpd status... via the leases listing (the one
-// interface that surely counts).
+// leaseCount counts pcpd's live leases by listing them (pcpd leases
+// --json is the interface the issue names; status output is for people).
 func (b *bench) leaseCount() int {
 	_, n, err := b.timeLeases()
 	if err != nil {
@@ -720,5 +719,3 @@ func goVersion() string {
 	}
 	return "go ?"
 }
-
-var _ io.Writer = (*os.File)(nil)
