@@ -507,6 +507,10 @@ type leaseKey struct {
 	port  uint16
 }
 
+func (k leaseKey) String() string {
+	return fmt.Sprintf("%s [%s]:%d", k.proto, k.addr, k.port)
+}
+
 func leaseSet(ls []control.Lease) map[leaseKey]control.Lease {
 	m := make(map[leaseKey]control.Lease, len(ls))
 	for _, x := range ls {
