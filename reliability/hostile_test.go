@@ -579,3 +579,58 @@ func TestNonServingInterfaceSEC01(t *testing.T) {
 	}
 	t.Logf("non-serving interface: %d requests from the internet to 4 host addresses, 0 answered, kernel unchanged; client control answered", sent)
 }
+
+// TestOwnershipAttacksWireGuard is the ownership attack over a real
+// WireGuard tunnel, ownership from the peer's AllowedIPs (PROTOCOL.md
+// choice (a), SEC-03): THIRD_PARTY outside the peer's AllowedIPs, the
+// host's tunnel addresses, a spoofed Client IP, and datagrams whose source
+// lies outside the peer's AllowedIPs (WireGuard itself must drop them, so
+// pcpd never sees them). Nothing is granted and no pinhole appears.
+func TestOwnershipAttacksWireGuard(t *testing.T) {
+	l := newLab(t, labOptions{wireGuard: true})
+	l.start()
+	cli, cli4 := l.topo.ClientV6, l.topo.ClientV4
+	before := kernelSet(l.kernel())
+	outside := netip.MustParseAddr("2001:db8:1:4::5") // no peer's AllowedIPs
+	attacks := []struct {
+		name string
+		src  netip.Addr
+		pkt  []byte
+		want int // wantDrop: never reaches pcpd
+	}{
+		{"TP-03 THIRD_PARTY outside the peer's AllowedIPs", cli, cat(mapBytes(cli, pcp.ProtoTCP, 9000, time.Hour), tpOpt(outside)), int(pcp.NotAuthorized)},
+		{"TP-03 THIRD_PARTY = host's tunnel address", cli, cat(mapBytes(cli, pcp.ProtoTCP, 9000, time.Hour), tpOpt(l.topo.HostTunnelV6)), wantNotSuccess},
+		{"TP-03 THIRD_PARTY = ::ffff:10.100.0.1 (host) over IPv4", cli4, cat(mapBytes(cli4, pcp.ProtoTCP, 9000, time.Hour), tpOpt(l.topo.HostTunnelV4)), wantNotSuccess},
+		{"TP-03 THIRD_PARTY = 10.100.0.3 (outside AllowedIPs) over IPv4", cli4, cat(mapBytes(cli4, pcp.ProtoTCP, 9000, time.Hour), tpOpt(netip.MustParseAddr("10.100.0.3"))), int(pcp.NotAuthorized)},
+		{"ADDR-01 Client IP outside the peer's AllowedIPs", cli, setClientIP(mapBytes(cli, pcp.ProtoTCP, 9000, time.Hour), outside), int(pcp.AddressMismatch)},
+		{"SEC-03 spoofed IPv6 source outside AllowedIPs", outside, mapBytes(outside, pcp.ProtoTCP, 9000, time.Hour), wantDrop},
+	}
+	for _, a := range attacks {
+		conn, err := socketIn(l.topo.Client, a.src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		reply, err := rawExchange(conn, l.serverFor(a.src), a.pkt, 2*time.Second)
+		conn.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := resultOf(reply)
+		switch {
+		case a.want == wantDrop && reply != nil:
+			t.Errorf("%s: answered (result %d): the source should never have passed WireGuard", a.name, got)
+		case a.want == wantDrop:
+		case reply == nil:
+			t.Errorf("%s: no answer", a.name)
+		case got == 0:
+			t.Errorf("%s: SUCCESS", a.name)
+		case a.want >= 0 && got != a.want:
+			t.Errorf("%s: result %d, want %d", a.name, got, a.want)
+		}
+	}
+	after := kernelSet(l.kernel())
+	if len(after) != len(before) {
+		t.Fatalf("kernel: %d pinholes before, %d after the attacks", len(before), len(after))
+	}
+	t.Logf("WireGuard ownership attacks: %d sent, all refused or dropped by WireGuard; pinholes appeared: 0", len(attacks))
+}
