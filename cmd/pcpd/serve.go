@@ -173,11 +173,13 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	}
 	defer st.Close()
 
-	// Firewall.
-	nft, err := nftables.New()
+	// Firewall. One lasting netlink socket: opening and closing a socket
+	// per batch cost 5-14 ms a batch (BENCHMARKS.md).
+	nft, err := nftables.New(nftables.AsLasting())
 	if err != nil {
 		return failure(fmt.Errorf("serve: open nftables: %w", err))
 	}
+	defer nft.CloseLasting()
 	fw, err := pinhole.New(nft, pinhole.Config{Table: cfg.Table(), Attached: cfg.Attached(), Chain: cfg.NftChain})
 	if err != nil {
 		return failure(err)
