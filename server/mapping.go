@@ -245,15 +245,14 @@ func (s *Server) external(c *call, a *ask) (netip.AddrPort, time.Duration, error
 	k := a.key
 	tp := tupleOf(k)
 	// One tuple, one external endpoint: a MAP next to a PEER (MAP-08), or
-	// a PEER next to a MAP, takes over the endpoint already in use.
+	// a PEER next to a MAP (PEER-05: the suggestion is ignored and the
+	// mapping's current external returned, RFC 6887 §12.3), takes over
+	// the endpoint already in use. On IPv6 that is the internal endpoint
+	// unless a MAP redirects a port; then the PEER reports, and its
+	// pinhole admits the remote on, the MAP's external port.
 	for _, other := range s.tab.onTuple(tp) {
 		if other.Key == k || other.ExternalAddr.Is4() != k.InternalAddr.Is4() {
 			continue
-		}
-		if a.kind == store.KindPeer && k.InternalAddr.Is6() {
-			// PEER-08: without NAT the remote sees the internal
-			// endpoint, whatever port a MAP redirects inbound.
-			break
 		}
 		ext := netip.AddrPortFrom(other.ExternalAddr, other.ExternalPort)
 		if a.pf && (a.suggPort != ext.Port() || (specified(a.suggAddr) && a.suggAddr != ext.Addr())) {

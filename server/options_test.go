@@ -9,6 +9,7 @@ import (
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/server/servertest"
+	"github.com/pcpd/pcpd/store"
 )
 
 // TestPF01to05PreferFailure.
@@ -368,20 +369,64 @@ func TestEPO03ExternalIPv4Changed(t *testing.T) {
 }
 
 // TestPEER05NextToMap: a PEER on a tuple that has a MAP succeeds and
-// reports the internal endpoint for IPv6 (PEER-08); for IPv4 it shares
+// reports the MAP's external endpoint (RFC 6887 §12.3 "returns the current
+// values"), on IPv6 even when the MAP redirects a port; for IPv4 it shares
 // the MAP's external port (one external endpoint per tuple).
 func TestPEER05NextToMap(t *testing.T) {
 	h := newHarness(t)
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 80, time.Hour, 1)), pcp.Success)
 	resp := h.do(peerReq(addrA, pcp.ProtoTCP, 443, remote, time.Hour, 1))
 	h.expect(resp, pcp.Success)
-	if resp.Map.ExternalPort != 443 {
-		t.Fatalf("IPv6 PEER external port %d", resp.Map.ExternalPort)
+	if resp.Map.ExternalPort != 80 {
+		t.Fatalf("IPv6 PEER external port %d, the MAP's is 80", resp.Map.ExternalPort)
 	}
 	m := h.do(mapReq(v4A, pcp.ProtoUDP, 5000, 6000, time.Hour, 1))
 	p := h.do(peerReq(v4A, pcp.ProtoUDP, 5000, netip.MustParseAddrPort("192.0.2.1:53"), time.Hour, 1))
 	h.expect(p, pcp.Success)
 	if p.Map.ExternalPort != m.Map.ExternalPort || p.Map.ExternalAddr != ext4 {
 		t.Fatalf("IPv4 PEER %v:%d, MAP %d", p.Map.ExternalAddr, p.Map.ExternalPort, m.Map.ExternalPort)
+	}
+}
+
+// TestPEER05PeerOnMapMapping: a PEER for a tuple that already has a MAP
+// mapping returns that mapping's external address and port, whatever was
+// suggested (RFC 6887 §12.3), on IPv6 (also when the MAP redirects) and
+// IPv4 alike.
+func TestPEER05PeerOnMapMapping(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		client     netip.Addr
+		port, sugg uint16
+		remote     netip.AddrPort
+	}{
+		{"IPv6", addrA, 24036, 24036, netip.MustParseAddrPort("[2001:db8:ffff::2]:443")},
+		{"IPv6 redirect", addrA, 443, 8443, netip.MustParseAddrPort("[2001:db8:ffff::2]:443")},
+		{"IPv4", v4A, 24036, 30000, netip.MustParseAddrPort("192.0.2.9:443")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t)
+			m := mapReq(tc.client, pcp.ProtoTCP, tc.port, tc.sugg, time.Hour, 1)
+			if tc.client.Is4() {
+				m.Map.ExternalAddr = ext4
+			}
+			mr := h.do(m)
+			h.expect(mr, pcp.Success)
+			p := peerReq(tc.client, pcp.ProtoTCP, tc.port, tc.remote, 600*time.Second, 2)
+			p.Map.ExternalPort = mr.Map.ExternalPort + 3
+			p.Map.ExternalAddr = mr.Map.ExternalAddr
+			pr := h.do(p)
+			h.expect(pr, pcp.Success)
+			if pr.Map.ExternalAddr != mr.Map.ExternalAddr || pr.Map.ExternalPort != mr.Map.ExternalPort {
+				t.Fatalf("MAP external %v:%d, PEER got %v:%d", mr.Map.ExternalAddr, mr.Map.ExternalPort, pr.Map.ExternalAddr, pr.Map.ExternalPort)
+			}
+			if len(h.st.Leases()) != 2 {
+				t.Fatalf("leases %v", h.st.Leases())
+			}
+			for k, l := range h.st.Leases() {
+				if l.Kind == store.KindPeer && k.Remote != tc.remote {
+					t.Fatalf("PEER lease key remote %v, want %v", k.Remote, tc.remote)
+				}
+			}
+		})
 	}
 }
