@@ -81,6 +81,14 @@ type Config struct {
 	// TamperInterval is how often the firewall's health is checked and a
 	// tampered table restored (default 5 s).
 	TamperInterval time.Duration
+	// TouchInterval is how often the store is told the daemon is alive
+	// (store.Touch), so a clock that went backwards while pcpd was down is
+	// noticed at the next start (EPO-04). Default 1 minute.
+	TouchInterval time.Duration
+	// SnapshotInterval is how often the store writes its last good copy
+	// (store.Snapshot); one is also written at graceful shutdown. Default
+	// 1 hour.
+	SnapshotInterval time.Duration
 	// MaxBatch bounds how many requests share one kernel transaction and
 	// one fsync (default 256).
 	MaxBatch int
@@ -125,6 +133,12 @@ func (c *Config) setDefaults() error {
 	if c.TamperInterval == 0 {
 		c.TamperInterval = 5 * time.Second
 	}
+	if c.TouchInterval == 0 {
+		c.TouchInterval = time.Minute
+	}
+	if c.SnapshotInterval == 0 {
+		c.SnapshotInterval = time.Hour
+	}
 	if c.MaxBatch == 0 {
 		c.MaxBatch = 256
 	}
@@ -146,7 +160,7 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("server: bad rate limit: %w", ErrInvalidConfig)
 	case c.AnnounceGap < 250*time.Millisecond:
 		return fmt.Errorf("server: announce gap %v below 250ms (RFC 6887 §14.1.3): %w", c.AnnounceGap, ErrInvalidConfig)
-	case c.MaxBatch < 1 || c.QueueLen < 1 || c.TamperInterval < 0:
+	case c.MaxBatch < 1 || c.QueueLen < 1 || c.TamperInterval < 0 || c.TouchInterval < 0 || c.SnapshotInterval < 0:
 		return fmt.Errorf("server: bad batch, queue or tamper settings: %w", ErrInvalidConfig)
 	}
 	c.ExternalIPv4 = c.ExternalIPv4.Unmap()

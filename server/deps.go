@@ -32,6 +32,15 @@ type LeaseStore interface {
 	ResetEpoch(origin time.Time) error
 }
 
+// Toucher and Snapshotter are optional extras of a LeaseStore
+// (*store.Store has both): the engine calls Touch every TouchInterval
+// (EPO-04 clock-doubt detection) and Snapshot every SnapshotInterval and at
+// graceful shutdown (the last good copy a damaged file is restored from).
+type (
+	Toucher     interface{ Touch(now time.Time) error }
+	Snapshotter interface{ Snapshot() error }
+)
+
 // Policy decides who may open what (*policy.Policy).
 type Policy interface {
 	Authorize(policy.Request) (policy.Owner, policy.Reason)

@@ -226,3 +226,59 @@ func TestANN04Multicast(t *testing.T) {
 		}
 	}
 }
+
+// TestEPO04StoreHousekeeping: while serving, the engine marks the store
+// alive every TouchInterval (clock-doubt detection at the next start,
+// EPO-04) and writes the backup copy every SnapshotInterval and once more
+// at graceful shutdown.
+func TestEPO04StoreHousekeeping(t *testing.T) {
+	ns := netlab.NewNS(t, "hk")
+	ns.MustRun(t, "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+	ns.MustRun(t, "ip", "link", "set", "d1", "up")
+	ns.MustRun(t, "ip", "addr", "add", "2001:db8:8::1/64", "dev", "d0", "nodad")
+	ns.MustRun(t, "ip", "link", "set", "d0", "up")
+	h, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	own, _ := policy.NewStatic(map[string][]netip.Prefix{"c": {netip.MustParsePrefix("2001:db8:8::/64")}})
+	pol, _ := policy.New(policy.Config{}, own)
+	// serve runs the engine for d, stops it, and returns the store's
+	// counts while serving and after Serve returned.
+	serve := func(touch, snapshot, d time.Duration) (touches, snaps, snapsAfter int) {
+		fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
+		s, err := New(Config{Interfaces: []string{"d0"}, NetNS: h, KeepConnections: true,
+			TouchInterval: touch, SnapshotInterval: snapshot},
+			Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zaptest.NewLogger(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Start(); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- s.Serve(ctx) }()
+		time.Sleep(d)
+		touches, snaps = st.Housekeeping()
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		_, snapsAfter = st.Housekeeping()
+		return touches, snaps, snapsAfter
+	}
+	t.Run("periodic", func(t *testing.T) {
+		touches, snaps, _ := serve(50*time.Millisecond, 200*time.Millisecond, time.Second)
+		if touches < 5 || snaps < 2 {
+			t.Fatalf("after 1 s: %d touches (every 50 ms), %d snapshots (every 200 ms)", touches, snaps)
+		}
+	})
+	t.Run("shutdown", func(t *testing.T) {
+		_, snaps, after := serve(time.Minute, time.Hour, 300*time.Millisecond)
+		if snaps != 0 || after != 1 {
+			t.Fatalf("snapshots: %d while serving (want 0), %d when Serve returned (want 1)", snaps, after)
+		}
+	})
+}

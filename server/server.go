@@ -173,6 +173,10 @@ func (s *Server) Serve(ctx context.Context) error {
 	lisErr := make(chan error, 1)
 	go func() { lisErr <- s.lis.run(ctx) }()
 	go s.announce(ctx)
+	hkDone := make(chan struct{})
+	go func() { defer close(hkDone); s.housekeep(ctx) }()
+	// The shutdown snapshot is written before Serve returns.
+	defer func() { cancel(); <-hkDone }()
 
 	tamper := time.NewTicker(s.cfg.TamperInterval)
 	defer tamper.Stop()

@@ -151,6 +151,8 @@ type Store struct {
 	leases  map[store.Key]store.Lease
 	origin  time.Time
 	Commits int
+
+	touches, snapshots int
 	// FailCommit, if set, fails Commit when it returns non-nil.
 	FailCommit func(put []store.Lease, del []store.Key) error
 }
@@ -182,6 +184,29 @@ func (s *Store) ResetEpoch(origin time.Time) error {
 	defer s.mu.Unlock()
 	s.origin = origin
 	return nil
+}
+
+// Touch counts liveness marks (store.Store.Touch).
+func (s *Store) Touch(now time.Time) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.touches++
+	return nil
+}
+
+// Snapshot counts backup copies (store.Store.Snapshot).
+func (s *Store) Snapshot() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.snapshots++
+	return nil
+}
+
+// Housekeeping returns how often Touch and Snapshot were called.
+func (s *Store) Housekeeping() (touches, snapshots int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.touches, s.snapshots
 }
 
 // State is what store.Open would return for this store's contents.

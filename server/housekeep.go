@@ -1,0 +1,54 @@
+package server
+
+import (
+	"context"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// housekeep keeps the store's liveness mark and backup copy fresh while
+// the engine serves: Touch every TouchInterval, so a clock that went
+// backwards while pcpd was down is noticed at the next start instead of
+// continuing the epoch from a bogus origin (EPO-04); Snapshot every
+// SnapshotInterval and once more when ctx ends (graceful shutdown), so the
+// copy a damaged state file is restored from is recent. Both run here, off
+// the engine loop: a Snapshot copies the whole file, and the store lets
+// commits go on meanwhile. Stores without these methods are left alone.
+func (s *Server) housekeep(ctx context.Context) {
+	toucher, _ := s.st.(Toucher)
+	snap, _ := s.st.(Snapshotter)
+	if toucher == nil && snap == nil {
+		return
+	}
+	touch := time.NewTicker(s.cfg.TouchInterval)
+	defer touch.Stop()
+	backup := time.NewTicker(s.cfg.SnapshotInterval)
+	defer backup.Stop()
+	snapshot := func(why string) {
+		if snap == nil {
+			return
+		}
+		if err := snap.Snapshot(); err != nil {
+			s.log.Warn("cannot write the state backup copy", zap.String("when", why), zap.Error(err))
+			return
+		}
+		s.log.Debug("state backup copy written", zap.String("when", why))
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			snapshot("shutdown")
+			return
+		case <-touch.C:
+			if toucher == nil {
+				continue
+			}
+			if err := toucher.Touch(s.now()); err != nil {
+				s.log.Warn("cannot record that the daemon is alive; a clock step while down may go unnoticed", zap.Error(err))
+			}
+		case <-backup.C:
+			snapshot("periodic")
+		}
+	}
+}
