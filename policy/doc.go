@@ -10,6 +10,13 @@
 // 2001:db8::/32 cannot open an address inside another peer's more specific
 // 2001:db8:1::/48, which is where traffic to it would be delivered.
 //
+// WireGuard enforces that longest match only among the peers of the
+// interface a packet arrives on, and a lookup does not know that interface.
+// So with several interfaces, a prefix of one peer that equals or lies
+// inside a prefix of a different peer on a different interface is owned by
+// nobody (a hole, logged as a warning): a source there could come from
+// either peer.
+//
 // Very short prefixes never confer ownership: a full-tunnel peer whose
 // AllowedIPs hold ::/0 or 0.0.0.0/0 (or any IPv6 prefix shorter than /32,
 // IPv4 shorter than /8) would otherwise "own" the internet. WireGuard

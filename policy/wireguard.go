@@ -54,9 +54,11 @@ type deviceReader interface {
 //   - IPv4-mapped IPv6 prefixes are ignored (IPv4 ownership comes from IPv4
 //     AllowedIPs), with one warning;
 //   - the same peer on several interfaces is one owner;
-//   - the same prefix held by different peers on different interfaces
-//     belongs to neither (a hole), with one warning: the source alone
-//     cannot tell which peer sent it.
+//   - a prefix held by different peers on different interfaces, or lying
+//     inside another peer's prefix on a different interface, belongs to
+//     neither (a hole), with one warning: WireGuard checks a source only
+//     against the peers of the interface it arrived on, so the source
+//     alone cannot tell which peer sent it.
 //
 // A failed read of an interface keeps its previous peers (a transient
 // error must not revoke every lease); an interface that no longer exists
@@ -280,6 +282,14 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 }
 
 // buildLocked turns the last good peers of every interface into a table.
+//
+// WireGuard checks a packet's source only against the peers of the
+// interface it arrived on, and the lookup does not know that interface. So
+// a prefix is a hole (owned by nobody, with a warning) when it overlaps —
+// equals, or lies inside — a prefix of a different peer on a different
+// interface: there, a source could come from either peer. Nested prefixes of
+// one interface keep WireGuard's longest match, which its own routing
+// enforces.
 func (w *WireGuard) buildLocked() *table {
 	// Warnings are remembered only while their cause persists, so a bad
 	// prefix that goes away and comes back is reported again.
@@ -287,12 +297,18 @@ func (w *WireGuard) buildLocked() *table {
 	defer func() { w.warned, w.warnNext = w.warnNext, nil }()
 	var owners []Owner
 	idx := make(map[OwnerID]int32)
-	type claim struct {
+	type holder struct {
 		owner int32
-		hole  bool
+		iface int
+	}
+	type claim struct {
+		span
+		p       netip.Prefix
+		holders []holder
+		hole    bool
 	}
 	claims := make(map[netip.Prefix]*claim)
-	for _, name := range w.ifaces {
+	for ifi, name := range w.ifaces {
 		peers, ok := w.lastGood[name]
 		if !ok {
 			continue
@@ -316,27 +332,77 @@ func (w *WireGuard) buildLocked() *table {
 					continue
 				}
 				p = p.Masked()
+				h := holder{i, ifi}
 				switch c := claims[p]; {
 				case c == nil:
-					claims[p] = &claim{owner: i}
+					claims[p] = &claim{span: spanOf(p), p: p, holders: []holder{h}}
 					owners[i].Prefixes = append(owners[i].Prefixes, p)
-				case c.owner != i && !c.hole:
-					c.hole = true
-					w.warnOnce(id, p, "AllowedIP held by two peers on different interfaces; neither owns it",
-						fmt.Errorf("also held by %s", owners[c.owner].ID))
+				case !slices.Contains(c.holders, h):
+					if c.holders[0].owner != i && !c.hole {
+						c.hole = true
+						w.warnOnce(id, p, "AllowedIP held by two peers on different interfaces; neither owns it",
+							fmt.Errorf("also held by %s", owners[c.holders[0].owner].ID))
+					}
+					c.holders = append(c.holders, h)
 				}
 			}
 		}
 	}
+	// conflict: some holder of a and some of b are different peers on
+	// different interfaces.
+	conflict := func(a, b *claim) (int32, bool) {
+		for _, x := range a.holders {
+			for _, y := range b.holders {
+				if x.owner != y.owner && x.iface != y.iface {
+					return x.owner, true
+				}
+			}
+		}
+		return 0, false
+	}
+	sorted := make([]*claim, 0, len(claims))
+	for _, c := range claims {
+		sorted = append(sorted, c)
+	}
+	slices.SortFunc(sorted, func(a, b *claim) int {
+		if a.first != b.first {
+			if a.first.less(b.first) {
+				return -1
+			}
+			return 1
+		}
+		return a.bits - b.bits
+	})
+	// Prefixes are nested or disjoint: in (first, shorter-first) order the
+	// stack holds exactly the prefixes enclosing the current one (at most
+	// one per length). Conflict is not transitive, so check them all.
+	var stack []*claim
+	for _, c := range sorted {
+		for len(stack) > 0 && stack[len(stack)-1].last.less(c.first) {
+			stack = stack[:len(stack)-1]
+		}
+		for _, outer := range stack {
+			if c.hole {
+				break
+			}
+			if o, ok := conflict(outer, c); ok {
+				c.hole = true
+				w.warnOnce(owners[c.holders[0].owner].ID, c.p,
+					"AllowedIP overlaps another peer's on a different interface; neither owns the overlap",
+					fmt.Errorf("inside %s of %s", outer.p, owners[o].ID))
+			}
+		}
+		stack = append(stack, c)
+	}
 	spans := make([]span, 0, len(claims))
-	for p, c := range claims {
-		s := spanOf(p)
-		s.owner = c.owner
+	for _, c := range sorted {
+		s := c.span
+		s.owner = c.holders[0].owner
 		if c.hole {
 			s.owner = noOwner
 			// The first claimant listed it; it owns it no more.
-			o := &owners[c.owner]
-			o.Prefixes = slices.DeleteFunc(o.Prefixes, func(q netip.Prefix) bool { return q == p })
+			o := &owners[c.holders[0].owner]
+			o.Prefixes = slices.DeleteFunc(o.Prefixes, func(q netip.Prefix) bool { return q == c.p })
 		}
 		spans = append(spans, s)
 	}

@@ -426,3 +426,48 @@ func TestWireGuardConcurrentSwap(t *testing.T) {
 	close(stop)
 	wg.Wait()
 }
+
+// TestWireGuardNestedAcrossInterfacesSEC02: WireGuard checks a source only
+// against the peers of the interface it arrived on. Peer 1 on wg0 holding
+// 2001:db8::/48 may send from 2001:db8:0:1::5 even though peer 2 on wg1
+// holds 2001:db8:0:1::/64, so that /64 must belong to neither (a hole, with
+// a warning); otherwise peer 1 could map, replace or delete peer 2's leases.
+// Nesting within one interface keeps the longest match (WireGuard enforces
+// it), and one peer on two interfaces is one owner.
+func TestWireGuardNestedAcrossInterfacesSEC02(t *testing.T) {
+	d := &devices{}
+	d.set("wg0", peer(1, "2001:db8::/48", "10.9.0.0/16"), peer(3, "2001:db8:0:3::/64"))
+	d.set("wg1", peer(2, "2001:db8:0:1::/64", "10.9.4.0/24"), peer(1, "2001:db8:0:4::/64"),
+		peer(4, "2001:db8:5::/48"), peer(5, "2001:db8:5:6::/64"))
+	d.set("wg2", peer(6, "2001:db8:5:6:7::/80"))
+	core, logs := observer.New(zap.WarnLevel)
+	w, err := newWireGuard(d, []string{"wg0", "wg1", "wg2"}, time.Hour, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		src  string
+		want OwnerID // "" = nobody
+	}{
+		{"2001:db8:0:1::5", ""},      // the reviewer's case: inside peer 2's /64 on wg1
+		{"10.9.4.7", ""},             // the same for IPv4
+		{"2001:db8:0:2::5", wgID(1)}, // the rest of peer 1's /48
+		{"10.9.5.7", wgID(1)},
+		{"2001:db8:0:3::5", wgID(3)}, // nested on the same interface: longest match
+		{"2001:db8:0:4::5", wgID(1)}, // peer 1 on both interfaces
+		{"2001:db8:5:6::1", wgID(5)}, // nested on wg1 only
+		{"2001:db8:5:6:7::1", ""},    // peer 6 on wg2 inside wg1's peers 4 and 5
+		{"2001:db8:5:7::1", wgID(4)}, // peer 4 keeps the rest
+	} {
+		o, ok := w.Lookup(addr(tc.src))
+		if got := map[bool]OwnerID{true: o.ID}[ok]; got != tc.want {
+			t.Errorf("SEC-02: owner of %s = %q, want %q", tc.src, got, tc.want)
+		}
+	}
+	if n := logs.FilterMessageSnippet("different interface").Len(); n != 3 {
+		t.Errorf("overlap warnings: %d, want 3: %v", n, logs.All())
+	}
+	if o, _ := w.Lookup(addr("2001:db8:0:2::1")); slices.Contains(o.Prefixes, netip.MustParsePrefix("2001:db8:0:1::/64")) {
+		t.Errorf("peer 1 lists the hole: %v", o.Prefixes)
+	}
+}
