@@ -126,6 +126,9 @@ func (b *Backend) Setup() error {
 			return fmt.Errorf("pinhole: set %s: %w", s.Name, err)
 		}
 	}
+	if err := b.queueSentinels(); err != nil {
+		return err
+	}
 	if b.hasProtected {
 		if err := b.queueProtected(b.protected); err != nil {
 			return err
@@ -408,10 +411,13 @@ func (b *Backend) presentSets() (map[string]bool, error) {
 	return m, nil
 }
 
-// Healthy checks that every object pcpd owns is present and that its
-// chains hold exactly the rules Setup wrote (counted, not compared). On
-// error (wrapping ErrUnhealthy) the daemon should run Setup and re-install
-// its leases; existing set elements survive Setup.
+// Healthy checks that every object pcpd owns is present, that its chains
+// hold exactly the rules Setup wrote (counted, not compared) and that no
+// pinhole set was flushed (its sentinel element is there; see
+// sentinel.go). Its cost does not depend on how many pinholes there are:
+// nothing is dumped. On error (wrapping ErrUnhealthy) the daemon should run
+// Setup and re-install its leases; existing set elements survive Setup.
+// Single elements deleted by hand are not noticed here; List finds them.
 func (b *Backend) Healthy() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -445,7 +451,7 @@ func (b *Backend) Healthy() error {
 			return fmt.Errorf("pinhole: chain %s has %d rules, want %d: %w", cr.name, len(rules), len(cr.rules), ErrUnhealthy)
 		}
 	}
-	return nil
+	return b.checkSentinels()
 }
 
 // classify adds this package's sentinel to a kernel error.

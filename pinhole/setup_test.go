@@ -254,6 +254,9 @@ func TestHealthyAndRepair(t *testing.T) {
 		{"chain flushed", "flush chain inet pcpd guard6"},
 		{"rule added", "add rule inet pcpd guard4 accept"},
 		{"table deleted", "delete table inet pcpd"},
+		// Noticed by the set's sentinel element, without a dump.
+		{"map flushed", "flush map inet pcpd napt4"},
+		{"filtered set flushed", "flush set inet pcpd pin6_filter"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ns := netlab.NewNS(t, "heal")
