@@ -2,6 +2,7 @@ package conformance
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"time"
@@ -110,6 +111,43 @@ var dataChecks = []Check{
 		}
 		e.wantReach(ext(m.r), src[:1], []bool{true}, fmt.Sprintf("after %s", r.Result))
 		return pass("%d FILTERs → %s; mapping still open to %s", n, r.Result, src[0])
+	}},
+	{ID: "PMP-12", Section: "RFC 6886 §3.4, RFC 6887 §15", Level: Should, Name: "deleting a mapping ends its open TCP connections", Needs: []Need{NeedHold}, Run: func(e *Env) Result {
+		s := e.sock()
+		m := s.mapTCP()
+		c, err := e.Data.EchoTCP(m.req.IntPort)
+		if err != nil {
+			return failr("echo server: %v", err)
+		}
+		e.cleanup(func() { c.Close() })
+		conn, err := e.Data.DialTCP(ext(m.r))
+		if err != nil {
+			return failr("connect to %s: %v", ext(m.r), err)
+		}
+		e.cleanup(func() { conn.Close() })
+		echo := func(msg string) error {
+			conn.SetDeadline(time.Now().Add(1500 * time.Millisecond))
+			if _, err := conn.Write([]byte(msg)); err != nil {
+				return err
+			}
+			buf := make([]byte, len(msg))
+			if _, err := io.ReadFull(conn, buf); err != nil {
+				return err
+			}
+			if string(buf) != msg {
+				return fmt.Errorf("echo %q, sent %q", buf, msg)
+			}
+			return nil
+		}
+		if err := echo("before"); err != nil {
+			return failr("echo through the live mapping: %v", err)
+		}
+		e.expectResult(s.ask(m.deleteReq().bytes()), pcp.Success, "delete")
+		if err := echo("after"); err == nil {
+			return failr("the connection through %s still carries data after the delete", ext(m.r))
+		} else {
+			return pass("after delete the open connection stopped: %v", err)
+		}
 	}},
 	{ID: "PKT-08", Section: "RFC 6887 §8.2, §17.2", Level: May, Name: "a flood from one source does not deny service to another", Run: func(e *Env) Result {
 		// The second source: another client's address, else the second

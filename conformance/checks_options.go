@@ -390,22 +390,8 @@ var optionChecks = []Check{
 	}},
 	{ID: "TP-02", Section: "RFC 6887 §13.1", Level: Must, Name: "THIRD_PARTY not offered → UNSUPP_OPTION", Run: tpOff},
 	{ID: "OPT-08", Section: "RFC 6887 §7.3, §13.1", Level: Must, Name: "mandatory option not allowed for this client → UNSUPP_OPTION", Run: tpOff},
-	{ID: "TP-03", Section: "RFC 6887 §13.1, PROTOCOL.md (b)", Level: Must, Name: "THIRD_PARTY for another client's address → NOT_AUTHORIZED", Needs: []Need{NeedTP, NeedOther}, Run: func(e *Env) Result {
-		s := e.sock()
-		p := e.port()
-		m := s.newMap(protoTCP, p, p, 600, thirdParty(e.OtherClient))
-		r := s.ask(m.bytes())
-		if r.Result == pcp.Success {
-			(&mapping{s: s, req: m, r: r}).deleteQuietly()
-		}
-		e.expectResult(r, pcp.NotAuthorized, "THIRD_PARTY "+e.OtherClient.String())
-		loop := netip.IPv6Loopback()
-		if e.Client.Is4() {
-			loop = netip.MustParseAddr("127.0.0.1")
-		}
-		e.wantError(s, s.mapBytes(600, thirdParty(loop)), pcp.NotAuthorized, "THIRD_PARTY loopback")
-		return pass("other client's %s → 02; %s → 02", e.OtherClient, loop)
-	}},
+	{ID: "TP-03", Section: "RFC 6887 §13.1, PROTOCOL.md (b)", Level: Must, Name: "THIRD_PARTY for another client's address → NOT_AUTHORIZED", Needs: []Need{NeedTP, NeedOther}, Run: tp03},
+	{ID: "SEC-03", Section: "RFC 6887 §13.1, §17.1, §18", Level: Must, Name: "THIRD_PARTY adds no power: only addresses the requester may use", Needs: []Need{NeedTP, NeedOther}, Run: tp03},
 	{ID: "TP-04", Section: "RFC 6887 §11.3, §13.1", Level: Must, Name: "THIRD_PARTY maps the named address, echoed, deletable", Needs: []Need{NeedTP}, Run: func(e *Env) Result {
 		s := e.sock()
 		p := e.port()
@@ -443,4 +429,23 @@ func tpOff(e *Env) Result {
 	s := e.sock()
 	e.wantError(s, s.mapBytes(600, thirdParty(other(other(e.Client)))), pcp.UnsuppOption, "THIRD_PARTY")
 	return pass("THIRD_PARTY → 05")
+}
+
+// tp03 is TP-03 (and SEC-03): THIRD_PARTY naming another client's
+// address or a never-openable one is refused.
+func tp03(e *Env) Result {
+	s := e.sock()
+	p := e.port()
+	m := s.newMap(protoTCP, p, p, 600, thirdParty(e.OtherClient))
+	r := s.ask(m.bytes())
+	if r.Result == pcp.Success {
+		(&mapping{s: s, req: m, r: r}).deleteQuietly()
+	}
+	e.expectResult(r, pcp.NotAuthorized, "THIRD_PARTY "+e.OtherClient.String())
+	loop := netip.IPv6Loopback()
+	if e.Client.Is4() {
+		loop = netip.MustParseAddr("127.0.0.1")
+	}
+	e.wantError(s, s.mapBytes(600, thirdParty(loop)), pcp.NotAuthorized, "THIRD_PARTY loopback")
+	return pass("other client's %s → 02; %s → 02", e.OtherClient, loop)
 }

@@ -151,6 +151,11 @@ type DataPlane struct {
 	// Sources6 and Sources4 are internet source addresses Probe can use;
 	// FILTER checks need at least two of the client's family.
 	Sources6, Sources4 []netip.Addr
+	// EchoTCP, if set, starts a TCP echo server on the client at port
+	// (every address), and DialTCP connects to it from the internet and
+	// keeps the connection open (PMP-12: a deleted mapping ends it).
+	EchoTCP func(port uint16) (io.Closer, error)
+	DialTCP func(to netip.AddrPort) (net.Conn, error)
 	// Outbound, if set, sends a UDP datagram from the client's address
 	// and port from to an internet reflector and returns the source
 	// address and port the internet saw (PMP-11: two-way mappings).
@@ -212,6 +217,7 @@ const (
 	NeedRestart    Need = "restart hook"
 	NeedWipe       Need = "state-wipe hook"
 	NeedOutbound   Need = "outbound reflector"
+	NeedHold       Need = "long-lived TCP hooks"
 	NeedStopStart  Need = "stop/start hooks"
 	NeedOutside    Need = "outside vantage"
 	NeedServerAlt  Need = "second server address"
@@ -252,6 +258,8 @@ func (e *Env) missing(c *Check) (Need, bool) {
 			ok = e.Restart != nil
 		case NeedWipe:
 			ok = e.Wipe != nil
+		case NeedHold:
+			ok = e.Data != nil && e.Data.EchoTCP != nil && e.Data.DialTCP != nil
 		case NeedOutbound:
 			ok = e.Data != nil && e.Data.Outbound != nil
 		case NeedStopStart:

@@ -109,6 +109,15 @@ func (l *lab) env(t *testing.T) *Env {
 			Sources4: []netip.Addr{topo.InternetV4, netip.MustParseAddr("198.51.100.3"), netip.MustParseAddr("198.51.100.4")},
 		},
 	}
+	e.Data.EchoTCP = func(port uint16) (io.Closer, error) { return startTCPEcho(topo.Client, port) }
+	e.Data.DialTCP = func(to netip.AddrPort) (net.Conn, error) {
+		var c net.Conn
+		err := topo.Internet.Do(func() (err error) {
+			c, err = net.DialTimeout("tcp", to.String(), time.Second)
+			return err
+		})
+		return c, err
+	}
 	refl := netip.AddrPortFrom(topo.InternetV4, 7777)
 	rc, err := startReflector(topo.Internet, refl)
 	if err != nil {
@@ -350,4 +359,25 @@ func outbound(ns *netlab.NS, from, refl netip.AddrPort) (netip.AddrPort, error) 
 		return err
 	})
 	return seen, err
+}
+
+// startTCPEcho echoes on every TCP connection to port, on every address.
+func startTCPEcho(ns *netlab.NS, port uint16) (io.Closer, error) {
+	l, err := ns.ListenTCP(fmt.Sprintf("[::]:%d", port))
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	return l, nil
 }
