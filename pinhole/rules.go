@@ -21,6 +21,12 @@ const (
 	ip4DstOff = 16
 	thSrcOff  = 0
 	thDstOff  = 2
+	// RFC 9293 §3.1: the flags octet and its bits.
+	tcpFlagsOff = 13
+	tcpFIN      = 0x01
+	tcpSYN      = 0x02
+	tcpRST      = 0x04
+	tcpACK      = 0x10
 )
 
 // ipsDstNAT is IPS_DST_NAT from linux/netfilter/nf_conntrack_common.h.
@@ -121,7 +127,24 @@ func (b *Backend) layout() []chainRules {
 	ctEstablished := rule(x(loadCt(expr.CtKeySTATE, reg0)), bitsSet(reg0, expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED))
 	ctDNAT := rule(x(loadCt(expr.CtKeySTATUS, reg0)), bitsSet(reg0, ipsDstNAT))
 
+	// No mid-stream pickup from the protected side: with the kernel's
+	// default nf_conntrack_tcp_loose=1, a non-SYN segment without a
+	// conntrack entry creates one in the ESTABLISHED state. When the
+	// engine ends the connections of a deleted mapping (PMP-12) by
+	// deleting their entries, one segment from the client would revive
+	// the flow with the client as its originator, and the remote's data
+	// would pass the guard as "established". So a new TCP flow from a
+	// protected address must start with a bare SYN. (It also ends a
+	// client's connections whose entries the kernel lost, e.g. after a
+	// conntrack flush; they could not be told from revived ones.)
+	ctNew := rule(x(loadCt(expr.CtKeySTATE, reg0)), bitsSet(reg0, expr.CtStateBitNEW))
+	notBareSYN := x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_TCP),
+		&expr.Payload{Base: expr.PayloadBaseTransportHeader, Offset: tcpFlagsOff, Len: 1, DestRegister: reg0},
+		&expr.Bitwise{SourceRegister: reg0, DestRegister: reg0, Len: 1, Mask: []byte{tcpFIN | tcpSYN | tcpRST | tcpACK}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: reg0, Data: []byte{tcpSYN}})
 	entry := [][]expr.Any{
+		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6SrcOff, 16, reg0), lookup(b.protected6, reg0)), notBareSYN, ctNew, x(drop)),
+		rule(nfproto(unix.NFPROTO_IPV4), x(loadNet(ip4SrcOff, 4, reg0), lookup(b.protected4, reg0)), notBareSYN, ctNew, x(drop)),
 		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6DstOff, 16, reg0), lookup(b.protected6, reg0), goTo(b.chainGuard6))),
 		rule(nfproto(unix.NFPROTO_IPV4), x(loadNet(ip4DstOff, 4, reg0), lookup(b.protected4, reg0), goTo(b.chainGuard4))),
 	}

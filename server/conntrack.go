@@ -16,8 +16,13 @@ import (
 // original destination is the mapping's external endpoint are touched:
 // connections the client opened itself are left alone, and so are PEER
 // mappings. Expiry does not flush: the kernel ends pinholes on time even
-// with pcpd dead, and the same must hold with it alive. It runs in the
-// background, off the request path (a flush walks the conntrack table).
+// with pcpd dead, and the same must hold with it alive.
+//
+// It runs before the replies of the batch are sent: a flush in the
+// background raced the client, and a connection could still carry data
+// after its delete was acknowledged (PMP-12, found by the conformance
+// suite). A flush walks the conntrack table once per batch, whatever the
+// number of mappings ended.
 func (s *Server) flushConntrack(ended []store.Lease) {
 	var filters []netlink.CustomConntrackFilter
 	for _, l := range ended {
@@ -35,7 +40,7 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 	if len(filters) == 0 || s.cfg.KeepConnections {
 		return
 	}
-	go func() {
+	func() {
 		var h *netlink.Handle
 		var err error
 		if nsSet(s.cfg.NetNS) {

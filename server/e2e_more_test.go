@@ -267,3 +267,75 @@ func TestE2EMAP05Wildcard(t *testing.T) {
 		t.Fatal("a TCP wildcard lets UDP in")
 	}
 }
+
+// TestE2EPMP12DeleteEndsConnectionAtOnce: once the delete of an IPv6 PCP
+// MAP is acknowledged, an inbound TCP connection through it carries no
+// more data: not a second later, at once (the conntrack flush is done
+// before the reply; it used to run in the background and race the
+// client). Also when the client side speaks first after the delete, so
+// conntrack's loose pickup of its mid-stream segment must not revive the
+// flow.
+func TestE2EPMP12DeleteEndsConnectionAtOnce(t *testing.T) {
+	l := newLab(t)
+	for i, clientFirst := range []bool{false, true} {
+		name := "remote speaks first"
+		if clientFirst {
+			name = "client speaks first"
+		}
+		t.Run(name, func(t *testing.T) {
+			port := uint16(9100 + i)
+			ln, err := l.topo.Client.ListenTCP(netip.AddrPortFrom(l.topo.ClientV6, port).String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			accepted := make(chan net.Conn, 1)
+			go func() {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				accepted <- c
+				io.Copy(c, c)
+			}()
+			req := mapReq(l.topo.ClientV6, pcp.ProtoTCP, port, port, time.Hour, byte(i+1))
+			if r := l.pcp(req); r.Result != pcp.Success {
+				t.Fatalf("MAP: %v", r.Result)
+			}
+			var c net.Conn
+			if err := l.topo.Internet.Do(func() (err error) {
+				c, err = net.DialTimeout("tcp", netip.AddrPortFrom(l.topo.ClientV6, port).String(), 2*time.Second)
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			inside := <-accepted
+			defer inside.Close()
+			echo := func(msg string) error {
+				c.SetDeadline(time.Now().Add(time.Second))
+				if _, err := c.Write([]byte(msg)); err != nil {
+					return err
+				}
+				_, err := io.ReadFull(c, make([]byte, len(msg)))
+				return err
+			}
+			if err := echo("before"); err != nil {
+				t.Fatalf("through the live mapping: %v", err)
+			}
+			del := mapReq(l.topo.ClientV6, pcp.ProtoTCP, port, 0, 0, byte(i+1))
+			if r := l.pcp(del); r.Result != pcp.Success {
+				t.Fatalf("delete: %v", r.Result)
+			}
+			if clientFirst {
+				// A mid-stream segment from the inside, before the
+				// remote sends anything.
+				inside.Write([]byte("late"))
+				time.Sleep(100 * time.Millisecond)
+			}
+			if err := echo("after"); err == nil {
+				t.Fatal("the connection still carries data after the delete was acknowledged")
+			}
+		})
+	}
+}
