@@ -61,6 +61,7 @@ type Backend struct {
 
 	protected    []netip.Prefix // last SetProtected, re-applied by Setup
 	hasProtected bool
+	owned        bool // a Setup succeeded: the objects are pcpd's (ownership.go)
 }
 
 // New returns a Backend that talks to the kernel through conn. The caller
@@ -109,6 +110,9 @@ func (b *Backend) allSets() []*nftables.Set {
 func (b *Backend) Setup() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if err := b.checkOwnershipLocked(); err != nil {
+		return err
+	}
 	if b.cfg.Attached {
 		ok, err := b.tableExists()
 		if err != nil {
@@ -148,6 +152,7 @@ func (b *Backend) Setup() error {
 	if err := b.conn.Flush(); err != nil {
 		return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))
 	}
+	b.owned = true
 	return nil
 }
 
@@ -326,6 +331,9 @@ func (b *Backend) Teardown() error {
 	ok, err := b.tableExists()
 	if err != nil || !ok {
 		return err // nothing of ours can be left without the table
+	}
+	if err := b.checkOwnershipLocked(); err != nil {
+		return err
 	}
 	if !b.cfg.Attached {
 		b.conn.DelTable(b.table)
