@@ -160,16 +160,15 @@ func (s *Server) admit(b []byte, src netip.AddrPort, now time.Time) string {
 	case b[1]&0x80 != 0:
 		return "response"
 	}
-	pmp := b[0] == pcp.PMPVersion && s.natpmpOn(src.Addr())
-	if b[0] != pcp.Version && !pmp {
-		// Unsupported versions are answered before overload is judged
-		// (PKT-09); the answer is never larger than 4 octets over the
-		// request (VER-04).
-		return ""
-	}
 	if b[0] == pcp.Version && len(b) < pcp.HeaderSize {
 		return "short" // PKT-03
 	}
+	// Every packet that would be answered spends a token, unsupported
+	// versions too (their answer is never larger than 4 octets over the
+	// request, VER-04): otherwise one client could fill the shared queue
+	// with them for free. PKT-09 puts the version check before overload
+	// for which result code an answer carries; under overload the packet
+	// is not answered at all (PKT-08 allows dropping).
 	if !s.rl.Allow(src.Addr(), now) {
 		return "rate-limit"
 	}

@@ -1,0 +1,52 @@
+package server
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+)
+
+// TestPKT08UnsupportedVersionSpendsTokens: a packet answered with
+// UNSUPP_VERSION (version 3, or version 0 where NAT-PMP is not served)
+// spends a token like any other, so a client cannot fill the shared queue
+// with them for free; another client is still admitted (PKT-08).
+func TestPKT08UnsupportedVersionSpendsTokens(t *testing.T) {
+	const burst = 10
+	h := newHarness(t, func(c *Config, _ *policy.Config) { c.RateLimit, c.RateBurst = 1, burst })
+	now := h.clock.Now()
+	v3 := make([]byte, 1100)
+	v3[0], v3[1] = 3, 1
+	v0 := []byte{0, 0} // from IPv6: NAT-PMP is not served there (PMP-01)
+	mapB := pcp.AppendRequest(nil, mapReq(addrB, pcp.ProtoTCP, 80, 80, time.Hour, 1))
+	for _, tc := range []struct {
+		name string
+		pkt  []byte
+		src  netip.Addr
+	}{
+		{"version 3", v3, addrA},
+		{"version 0 without NAT-PMP", v0, addrA2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			src := netip.AddrPortFrom(tc.src, 5350)
+			admitted := 0
+			for range 1000 {
+				if h.s.admit(tc.pkt, src, now) == "" {
+					admitted++
+				}
+			}
+			if admitted > burst {
+				t.Errorf("PKT-08: %d of 1000 admitted from one source, want ≤ %d", admitted, burst)
+			}
+			mapA := pcp.AppendRequest(nil, mapReq(tc.src, pcp.ProtoTCP, 80, 80, time.Hour, 1))
+			if r := h.s.admit(mapA, src, now); r != "rate-limit" {
+				t.Errorf("PKT-08: the flooder's MAP after its flood: %q, want rate-limit", r)
+			}
+			if r := h.s.admit(mapB, netip.AddrPortFrom(addrB, 5350), now); r != "" {
+				t.Errorf("PKT-08: another client's MAP: %q, want admitted", r)
+			}
+		})
+	}
+}
