@@ -1,7 +1,9 @@
 package server
 
 import (
+	"context"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -310,7 +312,8 @@ func TestEPO03EPO04Restart(t *testing.T) {
 }
 
 // TestRestoreReconcile: start-up drops expired leases, re-adds missing
-// pinholes, refreshes timeouts and removes orphans of ours.
+// pinholes and refreshes timeouts; the audit that follows in the
+// background removes orphans of ours.
 func TestRestoreReconcile(t *testing.T) {
 	h := newHarness(t)
 	h.do(mapReq(addrA, pcp.ProtoTCP, 1, 0, time.Hour, 1))
@@ -322,6 +325,13 @@ func TestRestoreReconcile(t *testing.T) {
 	})
 	h.clock.Advance(300 * time.Second)
 	h.start()
+	if holes := h.fw.Holes(); len(holes) != 2 || holes[orphan] == 0 {
+		t.Fatalf("before the audit: %v", holes)
+	}
+	h.s.auditFirewall(context.Background())
+	if !slices.Contains(h.s.orphans, addrB) {
+		t.Fatalf("orphan's client not among the announce targets: %v", h.s.orphans)
+	}
 	holes := h.fw.Holes()
 	if len(holes) != 1 || holes[hole(6, addrA, 1, addrA, 1)] != time.Hour-300*time.Second {
 		t.Fatalf("after restore: %v", holes)

@@ -178,8 +178,11 @@ func (s *Server) Serve(ctx context.Context) error {
 	// The shutdown snapshot is written before Serve returns.
 	defer func() { cancel(); <-hkDone }()
 
-	tamper := time.NewTicker(s.cfg.TamperInterval)
-	defer tamper.Stop()
+	// Tamper check and audit run beside the engine loop: neither blocks
+	// serving (the audit's kernel dump takes seconds at 100 000 leases).
+	fwDone := make(chan struct{})
+	go func() { defer close(fwDone); s.watchFirewall(ctx) }()
+	defer func() { cancel(); <-fwDone }()
 	sweep := time.NewTicker(10 * time.Second)
 	defer sweep.Stop()
 	expiry := time.NewTimer(time.Hour)
@@ -210,8 +213,6 @@ func (s *Server) Serve(ctx context.Context) error {
 			s.serveBatch(batch)
 		case <-expiry.C:
 			s.expire()
-		case <-tamper.C:
-			s.checkFirewall()
 		case <-sweep.C:
 			s.sweepOwnership()
 		case c := <-s.deps.Changes:
