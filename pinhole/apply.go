@@ -138,30 +138,45 @@ func (b *Backend) queueOps(enc []encodedOp) error {
 const deleteGuardTimeout = time.Second
 
 func (b *Backend) queuePhase(phase []encodedOp) error {
-	var ensure, del, add [numKinds][]nftables.SetElement
-	for _, e := range phase {
-		t := ceilMillis(e.op.Timeout)
-		if e.op.Kind == Delete {
+	// Slots numKinds.. hold the SNAT companions of NAPT elements: they go
+	// through the same three steps as the element they belong to.
+	const slots = int(numKinds) + numSNAT
+	var ensure, del, add [slots][]nftables.SetElement
+	queue := func(slot int, elem nftables.SetElement, op Op) {
+		t := ceilMillis(op.Timeout)
+		if op.Kind == Delete {
 			t = deleteGuardTimeout
 		}
-		el := e.elem
+		el := elem
 		el.Timeout = t
-		ensure[e.k] = append(ensure[e.k], el)
-		del[e.k] = append(del[e.k], e.elem)
-		if e.op.Kind != Delete {
-			add[e.k] = append(add[e.k], el)
+		ensure[slot] = append(ensure[slot], el)
+		del[slot] = append(del[slot], elem)
+		if op.Kind != Delete {
+			add[slot] = append(add[slot], el)
 		}
 	}
+	for _, e := range phase {
+		queue(int(e.k), e.elem, e.op)
+		if i, el, ok := snatElement(e.k, e.op.Pinhole); ok {
+			queue(int(numKinds)+i, el, e.op)
+		}
+	}
+	set := func(slot int) *nftables.Set {
+		if slot < int(numKinds) {
+			return b.sets[slot]
+		}
+		return b.snat[slot-int(numKinds)]
+	}
 	for _, stage := range []struct {
-		elems *[numKinds][]nftables.SetElement
+		elems *[slots][]nftables.SetElement
 		queue func(*nftables.Set, []nftables.SetElement) error
 	}{{&ensure, b.conn.SetAddElements}, {&del, b.conn.SetDeleteElements}, {&add, b.conn.SetAddElements}} {
-		for k, elems := range stage.elems {
+		for slot, elems := range stage.elems {
 			if len(elems) == 0 {
 				continue
 			}
-			if err := stage.queue(b.sets[k], elems); err != nil {
-				return fmt.Errorf("pinhole: encode %s: %w", b.sets[k].Name, err)
+			if err := stage.queue(set(slot), elems); err != nil {
+				return fmt.Errorf("pinhole: encode %s: %w", set(slot).Name, err)
 			}
 		}
 	}

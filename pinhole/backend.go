@@ -53,11 +53,13 @@ type Backend struct {
 
 	table                  *nftables.Table
 	sets                   [numKinds]*nftables.Set
+	snat                   [numSNAT]*nftables.Set
 	protected6, protected4 *nftables.Set
 	chainEntry             string
 	chainGuard6            string
 	chainGuard4            string
 	chainPrerouting        string
+	chainPostrouting       string
 
 	protected    []netip.Prefix // last SetProtected, re-applied by Setup
 	hasProtected bool
@@ -87,8 +89,12 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 	b.chainGuard6 = prefix + "guard6"
 	b.chainGuard4 = prefix + "guard4"
 	b.chainPrerouting = prefix + "prerouting"
+	b.chainPostrouting = prefix + "postrouting"
 	for k := range numKinds {
 		b.sets[k] = newSet(b.table, prefix, specs[k])
+	}
+	for i := range numSNAT {
+		b.snat[i] = newSet(b.table, prefix, snatSpecs[i])
 	}
 	b.protected6 = &nftables.Set{Table: b.table, Name: prefix + "protected6", KeyType: nftables.TypeIP6Addr,
 		Interval: true, KeyByteOrder: binaryutil.BigEndian, Comment: "pcpd: guarded IPv6 prefixes"}
@@ -99,7 +105,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 
 // allSets lists every set pcpd owns.
 func (b *Backend) allSets() []*nftables.Set {
-	return append(b.sets[:], b.protected6, b.protected4)
+	return append(append(b.sets[:], b.snat[:]...), b.protected6, b.protected4)
 }
 
 // Setup creates pcpd's table (standalone), sets and chains where missing,
@@ -164,6 +170,11 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 		b.chainGuard4: {Table: b.table, Name: b.chainGuard4},
 		b.chainPrerouting: {Table: b.table, Name: b.chainPrerouting, Type: nftables.ChainTypeNAT,
 			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest},
+		// One below srcnat: the kernel takes the first NAT binding a
+		// chain at the hook sets up, so pcpd's SNAT of a mapped internal
+		// port wins over the host's general masquerade at srcnat.
+		b.chainPostrouting: {Table: b.table, Name: b.chainPostrouting, Type: nftables.ChainTypeNAT,
+			Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityRef(*nftables.ChainPriorityNATSource - 1)},
 	}
 	if b.cfg.Attached {
 		m[b.chainEntry] = &nftables.Chain{Table: b.table, Name: b.chainEntry}
@@ -349,7 +360,7 @@ func (b *Backend) Teardown() error {
 	if present[b.chainEntry] {
 		b.conn.FlushChain(&nftables.Chain{Table: b.table, Name: b.chainEntry})
 	}
-	for _, name := range []string{b.chainGuard6, b.chainGuard4, b.chainPrerouting} {
+	for _, name := range []string{b.chainGuard6, b.chainGuard4, b.chainPrerouting, b.chainPostrouting} {
 		if present[name] {
 			b.conn.DelChain(&nftables.Chain{Table: b.table, Name: name})
 		}

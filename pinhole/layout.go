@@ -54,6 +54,41 @@ var specs = [numKinds]setSpec{
 	kindNAPT4Filter:     {name: "napt4_filter", comment: "pcpd: IPv4 filtered NAPT mappings", key: []nftables.SetDatatype{tIP4, tProto, tPort, tIP4, tPort}, data: []nftables.SetDatatype{tIP4, tPort}, interval: true},
 }
 
+// The SNAT maps make IPv4 NAPT mappings two-way (RFC 6886 §3.9, MAP-12):
+// a new outbound flow from the internal address and port leaves from the
+// external ones. Every napt4 / napt4_filter element has exactly one
+// companion here, keyed by the internal side, written and removed in the
+// same transaction with the same timeout; they are not Pinholes of their
+// own and List does not return them.
+const (
+	snat4       = iota // int ipv4 . proto . int port → ext ipv4 . ext port
+	snat4Filter        // as snat4 plus remote-range . rport-range
+	numSNAT
+)
+
+var snatSpecs = [numSNAT]setSpec{
+	snat4:       {name: "snat4", comment: "pcpd: IPv4 NAPT outbound", key: []nftables.SetDatatype{tIP4, tProto, tPort}, data: []nftables.SetDatatype{tIP4, tPort}},
+	snat4Filter: {name: "snat4_filter", comment: "pcpd: IPv4 filtered NAPT outbound", key: []nftables.SetDatatype{tIP4, tProto, tPort, tIP4, tPort}, data: []nftables.SetDatatype{tIP4, tPort}, interval: true},
+}
+
+// snatElement is the SNAT companion of a NAPT pinhole of kind k, if any.
+func snatElement(k kind, p Pinhole) (int, nftables.SetElement, bool) {
+	val := putPort(putAddr(nil, p.ExternalAddr), p.ExternalPort)
+	switch k {
+	case kindNAPT4:
+		key := putPort(putProto(putAddr(nil, p.InternalAddr), p.Protocol), p.InternalPort)
+		return snat4, nftables.SetElement{Key: key, Val: val}, true
+	case kindNAPT4Filter:
+		pf, pl := portRange(p.InternalPort)
+		rf, rl := prefixRange(p.RemotePrefix)
+		sf, sl := portRange(p.RemotePort)
+		key := putPort(putAddr(putPort(putProto(putAddr(nil, p.InternalAddr), p.Protocol), pf), rf), sf)
+		end := putPort(putAddr(putPort(putProto(putAddr(nil, p.InternalAddr), p.Protocol), pl), rl), sl)
+		return snat4Filter, nftables.SetElement{Key: key, KeyEnd: end, Val: val}, true
+	}
+	return 0, nftables.SetElement{}, false
+}
+
 // newSet builds the nftables.Set for spec inside table, with name prefix.
 func newSet(table *nftables.Table, prefix string, spec setSpec) *nftables.Set {
 	s := &nftables.Set{

@@ -191,14 +191,21 @@ func TestApplyOneTransaction(t *testing.T) {
 	goneKey := append(append([]byte{}, webKey[:16]...), 17, 0, 0, 0, 0, 53, 0, 0)
 	naptKey := []byte{198, 51, 100, 1, 6, 0, 0, 0, 0x1f, 0x90, 0, 0}
 	naptData := []byte{10, 100, 0, 2, 0, 80, 0, 0} // ip daddr . th dport after DNAT
+	// The NAPT element's SNAT companion (two-way mapping, RFC 6886 §3.9)
+	// travels with it through every step.
+	snatKey := []byte{10, 100, 0, 2, 6, 0, 0, 0, 0, 80, 0, 0} // ip saddr . meta l4proto . th sport
+	snatData := []byte{198, 51, 100, 1, 0x1f, 0x90, 0, 0}     // ip saddr . th sport after SNAT
 	want := [][]sentMsg{{
 		{Op: "begin"},
 		{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: webKey, TimeoutMs: 90000}, {Key: goneKey, TimeoutMs: 1000}}},
 		{Op: "newsetelem", Set: "napt4", Elems: []sentElem{{Key: naptKey, Data: naptData, TimeoutMs: 2}}},
+		{Op: "newsetelem", Set: "snat4", Elems: []sentElem{{Key: snatKey, Data: snatData, TimeoutMs: 2}}},
 		{Op: "delsetelem", Set: "pin6", Elems: []sentElem{{Key: webKey}, {Key: goneKey}}},
 		{Op: "delsetelem", Set: "napt4", Elems: []sentElem{{Key: naptKey, Data: naptData}}},
+		{Op: "delsetelem", Set: "snat4", Elems: []sentElem{{Key: snatKey, Data: snatData}}},
 		{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: webKey, TimeoutMs: 90000}}},
 		{Op: "newsetelem", Set: "napt4", Elems: []sentElem{{Key: naptKey, Data: naptData, TimeoutMs: 2}}},
+		{Op: "newsetelem", Set: "snat4", Elems: []sentElem{{Key: snatKey, Data: snatData, TimeoutMs: 2}}},
 		{Op: "end"},
 	}}
 	if diff := cmp.Diff(want, f.batches); diff != "" {

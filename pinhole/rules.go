@@ -197,10 +197,27 @@ func (b *Backend) layout() []chainRules {
 		dnat(unix.NFPROTO_IPV4, keyPacket4(kindNAPT4Filter), b.sets[kindNAPT4Filter], reg0+1),
 	}
 
+	// Two-way NAPT (RFC 6886 §3.9): a new outbound flow from a mapped
+	// internal address and port leaves from its external address and
+	// port. Flows that came in through the DNAT are already translated
+	// and never reach a nat chain again.
+	snat := func(key []expr.Any, s *nftables.Set) []expr.Any {
+		return rule(nfproto(unix.NFPROTO_IPV4), key, x(
+			&expr.Lookup{SourceRegister: reg0, DestRegister: reg0, IsDestRegSet: true, SetName: s.Name, SetID: s.ID},
+			&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: reg0, RegProtoMin: reg0 + 1, Specified: true},
+		))
+	}
+	postrouting := [][]expr.Any{
+		snat(x(loadNet(ip4SrcOff, 4, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+1), loadTh(thSrcOff, reg0+2)), b.snat[snat4]),
+		snat(x(loadNet(ip4SrcOff, 4, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+1), loadTh(thSrcOff, reg0+2),
+			loadNet(ip4DstOff, 4, reg0+3), loadTh(thDstOff, reg0+4)), b.snat[snat4Filter]),
+	}
+
 	return []chainRules{
 		{b.chainGuard6, guard6},
 		{b.chainGuard4, guard4},
 		{b.chainEntry, entry},
 		{b.chainPrerouting, prerouting},
+		{b.chainPostrouting, postrouting},
 	}
 }
