@@ -35,6 +35,11 @@ type Config struct {
 	// (default 1024-65535). Ports outside it, where the host's own services
 	// live, are never mapped.
 	IPv4Ports PortRange
+	// ReservedPorts are never handed out as external IPv4 ports (TCP and
+	// UDP), in addition to what is always reserved: 5350/5351, the listen
+	// port of each WireGuard interface served, and every port with a
+	// listening socket on the host (checked at allocation time).
+	ReservedPorts []uint16
 
 	// StrictNonce selects RFC 6887's strict nonce checks (MAP-14, MAP-19,
 	// PEER-06). The default (false) is PROTOCOL.md choice (c): a new nonce

@@ -332,7 +332,7 @@ func (s *Server) usable(c *call, a *ask, e endpoint) bool {
 	if !e.addr.Is4() {
 		return true
 	}
-	if !s.cfg.IPv4Ports.contains(e.port) {
+	if !s.cfg.IPv4Ports.contains(e.port) || s.hostPorts.reserved(e.proto, e.port) {
 		return false // the host's own ports stay the host's
 	}
 	// PMP-06: the other protocol's same port is kept for its client.

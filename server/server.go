@@ -43,6 +43,7 @@ type Server struct {
 	mu        sync.Mutex
 	tab       *table
 	quar      map[endpoint]quarantine
+	hostPorts hostPorts
 	epoch     epochClock
 	started   time.Time
 	restarted bool // the epoch continued from disk (EPO-04)
@@ -106,6 +107,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		// A request changes at most one lease: its old and new pinholes.
 		opsBudget: pinhole.MaxBatch - 2*(cfg.MaxFilters+1),
 	}
+	s.hostPorts.s = s
 	s.m = newMetrics(func() float64 {
 		s.mu.Lock()
 		defer s.mu.Unlock()

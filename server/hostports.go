@@ -1,0 +1,113 @@
+package server
+
+import (
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/wgctrl"
+
+	"github.com/pcpd/pcpd/pcp"
+)
+
+// hostPortsTTL is how long a scan of the host's ports is trusted. A port
+// opened by a service is protected from new mappings within this time; the
+// scan is a netlink dump, cheap enough for the rare allocation.
+const hostPortsTTL = 2 * time.Second
+
+// tcpListen is TCP_LISTEN in sock_diag's state field.
+const tcpListen = 10
+
+// hostPorts knows which IPv4 ports the host itself uses, so that no NAPT
+// mapping takes one: a mapping's DNAT would steal the service's traffic
+// (a client mapping UDP 51820 would carry the WireGuard tunnel itself
+// away). Reserved are pcpd's own 5350/5351, Config.ReservedPorts, the
+// listen port of every WireGuard interface among Config.Interfaces, and
+// every port with a listening TCP or a bound UDP socket on the host, any
+// address, either family (an IPv6 wildcard socket takes IPv4 too).
+type hostPorts struct {
+	s *Server
+
+	mu     sync.Mutex
+	at     time.Time // of the last scan; zero: none yet
+	tcp    map[uint16]bool
+	udp    map[uint16]bool
+	warned bool
+}
+
+// reserved reports whether the host uses port for protocol proto.
+func (h *hostPorts) reserved(proto uint8, port uint16) bool {
+	if port == pcp.Port || port == pcp.ClientPort {
+		return true
+	}
+	for _, p := range h.s.cfg.ReservedPorts {
+		if p == port {
+			return true
+		}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.at.IsZero() || time.Since(h.at) > hostPortsTTL {
+		h.scan()
+	}
+	if proto == protoTCP {
+		return h.tcp[port]
+	}
+	return h.udp[port]
+}
+
+// scan refreshes the sets. On failure the previous ones are kept (and
+// logged once): a scan that fails must not open the host's ports.
+func (h *hostPorts) scan() {
+	tcp, udp := map[uint16]bool{}, map[uint16]bool{}
+	err := inNS(h.s.cfg.NetNS, func() error {
+		var errs []error
+		for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
+			ts, err := netlink.SocketDiagTCP(fam)
+			if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+				errs = append(errs, err)
+			}
+			for _, s := range ts {
+				if s.State == tcpListen {
+					tcp[s.ID.SourcePort] = true
+				}
+			}
+			us, err := netlink.SocketDiagUDP(fam)
+			if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+				errs = append(errs, err)
+			}
+			for _, s := range us {
+				udp[s.ID.SourcePort] = true
+			}
+		}
+		// Kernel WireGuard's socket may not be in the dump; ask WireGuard.
+		if wg, err := wgctrl.New(); err == nil {
+			for _, name := range h.s.cfg.Interfaces {
+				if d, err := wg.Device(name); err == nil && d.ListenPort > 0 {
+					udp[uint16(d.ListenPort)] = true
+				}
+			}
+			wg.Close()
+		}
+		return errors.Join(errs...)
+	})
+	h.at = time.Now()
+	if err != nil {
+		if !h.warned {
+			h.s.log.Warn("cannot list the host's sockets; keeping the last known ports reserved", zap.Error(err))
+			h.warned = true
+		}
+		if h.tcp != nil {
+			for p := range h.tcp {
+				tcp[p] = true
+			}
+			for p := range h.udp {
+				udp[p] = true
+			}
+		}
+	}
+	h.tcp, h.udp = tcp, udp
+}

@@ -1,0 +1,92 @@
+package server
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+)
+
+// TestE2EMAP12HostPortsReserved: an IPv4 NAPT mapping never takes a
+// public port the host itself uses, whatever the client suggests: the
+// WireGuard listen port (a UDP mapping there would DNAT the tunnel away),
+// a port a host service listens on, pcpd's 5350/5351 (TCP too), and the
+// configured reserved ports. A reserved suggestion counts as taken: another
+// port is granted (MAP-09), or CANNOT_PROVIDE_EXTERNAL with PREFER_FAILURE
+// (PF-04). The tunnel keeps working.
+func TestE2EMAP12HostPortsReserved(t *testing.T) {
+	const reservedCfg = 40001
+	l := newLab(t, func(c *Config, _ *policy.Config) { c.ReservedPorts = []uint16{reservedCfg} })
+	wgPort := uint16(l.topo.HostWGPort)
+	// A host service on TCP 2222, listening on every address.
+	var ln net.Listener
+	if err := l.topo.Host.Do(func() (err error) {
+		ln, err = net.Listen("tcp", ":2222")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	// A service started after pcpd: found at allocation time.
+	time.Sleep(hostPortsTTL)
+
+	pcpMap := func(proto pcp.Protocol, port, sugg uint16, pf bool, n byte) pcp.Response {
+		r := mapReq(l.topo.ClientV4, proto, port, sugg, time.Hour, n)
+		r.Map.ExternalAddr = l.topo.HostPublicV4
+		r.Options.PreferFailure = pf
+		return l.pcp(r)
+	}
+	for i, tc := range []struct {
+		name  string
+		proto pcp.Protocol
+		port  uint16
+	}{
+		{"WireGuard listen port", pcp.ProtoUDP, wgPort},
+		{"host TCP listener", pcp.ProtoTCP, 2222},
+		{"PCP port over TCP", pcp.ProtoTCP, pcp.Port},
+		{"NAT-PMP announce port over TCP", pcp.ProtoTCP, pcp.ClientPort},
+		{"configured reserved port", pcp.ProtoUDP, reservedCfg},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// Internal port = the reserved one too, so the fallback to
+			// the internal port must skip it as well.
+			r := pcpMap(tc.proto, tc.port, tc.port, false, byte(2*i+1))
+			if r.Result != pcp.Success || r.Map.ExternalPort == tc.port || r.Map.ExternalPort == 0 {
+				t.Fatalf("MAP %v suggesting %d: %v, external port %d", tc.proto, tc.port, r.Result, r.Map.ExternalPort)
+			}
+			if r := pcpMap(tc.proto, tc.port+1, tc.port, true, byte(2*i+2)); r.Result != pcp.CannotProvideExternal {
+				t.Fatalf("MAP %v + PREFER_FAILURE suggesting %d: %v, external port %d", tc.proto, tc.port, r.Result, r.Map.ExternalPort)
+			}
+		})
+	}
+	t.Run("NAT-PMP", func(t *testing.T) {
+		b := pcp.AppendPMPRequest(nil, &pcp.PMPRequest{Opcode: pcp.PMPOpMapUDP, InternalPort: wgPort, SuggestedExternalPort: wgPort, Lifetime: time.Hour})
+		out, err := l.exchange(netip.AddrPort{}, l.server4(), b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r pcp.PMPResponse
+		if err := pcp.ParsePMPResponse(out, &r); err != nil || r.Result != 0 || r.ExternalPort == wgPort {
+			t.Fatalf("NAT-PMP UDP %d: % x %v", wgPort, out, err)
+		}
+	})
+	for _, e := range l.kernelHoles() {
+		if e.Pinhole.ExternalAddr == l.topo.HostPublicV4 && e.Pinhole.Protocol == protoUDP && e.Pinhole.ExternalPort == wgPort {
+			t.Fatalf("kernel maps the WireGuard port: %v", e.Pinhole)
+		}
+	}
+	// The tunnel still carries traffic: a request over it is answered.
+	if r := l.pcp(pcp.NewAnnounce(l.topo.ClientV4)); r.Result != pcp.Success {
+		t.Fatalf("ANNOUNCE over the tunnel: %v", r.Result)
+	}
+	if err := netlab.Eventually(2*time.Second, func() error {
+		_, err := l.topo.Client.Run("ping", "-c", "1", "-W", "1", l.topo.HostTunnelV4.String())
+		return err
+	}); err != nil {
+		t.Fatalf("ping over the tunnel: %v", err)
+	}
+}
