@@ -34,7 +34,7 @@ func (s *Server) restore() error {
 
 	var live, movedLeases []store.Lease
 	var expired []store.Key
-	moved := 0
+	moved, doubtful := 0, 0
 	for _, l := range st.Leases {
 		switch {
 		case !l.Expires.After(now):
@@ -46,8 +46,14 @@ func (s *Server) restore() error {
 			movedLeases = append(movedLeases, l)
 			moved++
 		default:
+			if s.clampRestored(&l, now) {
+				doubtful++
+			}
 			live = append(live, l)
 		}
+	}
+	if doubtful > 0 {
+		lost, why = true, "restored leases reach beyond the max lifetime (clock behind?)"
 	}
 	if moved > 0 {
 		lost, why = true, "external IPv4 address changed"

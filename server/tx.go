@@ -52,34 +52,26 @@ func (t *tx) mark() int { return len(t.undo) }
 
 func (t *tx) empty() bool { return len(t.undo) == 0 }
 
-// remaining is how long the kernel should keep a lease's pinholes.
-func (t *tx) remaining(l *store.Lease) time.Duration {
-	d := l.Expires.Sub(t.now)
-	if d < time.Millisecond {
-		d = time.Millisecond
-	}
-	return d
-}
-
 // set moves the lease at key from its current state to next (nil: deleted).
-// kernel says whether the kernel must follow (not for expiry, which the
-// kernel does by itself).
-func (t *tx) set(key store.Key, next *store.Lease, kernel bool) {
+// The kernel always follows, expiry included: its element normally lapsed
+// at the same moment, but one restored with a longer timeout (a restart
+// with the clock behind) or re-added must not outlive the lease (LIFE-04);
+// deleting an absent element is a no-op. ended says the lease ends on
+// purpose (delete, revocation), so its connections are flushed too.
+func (t *tx) set(key store.Key, next *store.Lease, ended bool) {
 	prev, _ := t.s.tab.get(key)
 	var prevCopy *store.Lease
 	if prev != nil {
 		c := *prev
 		prevCopy = &c
 	}
-	if kernel {
-		t.diff(prevCopy, next)
-	}
+	t.diff(key, prevCopy, next)
 	t.undo = append(t.undo, undoRec{key: key, prev: prevCopy})
 	if next == nil {
 		t.s.tab.del(key)
 		if prevCopy != nil {
 			t.freed(prevCopy)
-			if kernel {
+			if ended {
 				t.ended = append(t.ended, *prevCopy)
 			}
 		}
@@ -110,8 +102,12 @@ func (t *tx) freed(l *store.Lease) {
 	t.s.quar[e] = quarantine{addr: l.InternalAddr, port: l.InternalPort, nonce: l.Nonce, until: t.now.Add(idle)}
 }
 
-// diff queues the kernel operations that turn prev's pinholes into next's.
-func (t *tx) diff(prev, next *store.Lease) {
+// diff queues the kernel operations that turn prev's pinholes into next's
+// (both the lease at key). Leases on one internal tuple can share a kernel
+// element (a PEER to R:p and a MAP with FILTER R/128:p): an element stays
+// while any live lease holds it, with the latest expiry among them, so
+// ending or shortening one lease never cuts another's pinhole.
+func (t *tx) diff(key store.Key, prev, next *store.Lease) {
 	var old, neu []pinhole.Pinhole
 	if prev != nil {
 		old = pinholesOf(prev)
@@ -119,22 +115,65 @@ func (t *tx) diff(prev, next *store.Lease) {
 	if next != nil {
 		neu = pinholesOf(next)
 	}
+	if len(old) == 0 && len(neu) == 0 {
+		return
+	}
+	var others []*store.Lease
+	for _, l := range t.s.tab.onTuple(tupleOf(key)) {
+		if l.Key != key && l.Expires.After(t.now) {
+			others = append(others, l)
+		}
+	}
+	// held returns the latest expiry of another live lease holding p.
+	held := func(p pinhole.Pinhole) (time.Time, bool) {
+		var at time.Time
+		ok := false
+		for _, l := range others {
+			if l.Expires.After(at) && slices.Contains(pinholesOf(l), p) {
+				at, ok = l.Expires, true
+			}
+		}
+		return at, ok
+	}
+	later := func(a time.Time, l *store.Lease) time.Time {
+		if l.Expires.After(a) {
+			return l.Expires
+		}
+		return a
+	}
+	left := func(at time.Time) time.Duration { return max(at.Sub(t.now), time.Millisecond) }
 	for _, p := range old {
-		if !slices.Contains(neu, p) {
+		if slices.Contains(neu, p) {
+			continue
+		}
+		at, ok := held(p)
+		before := later(at, prev)
+		switch {
+		case !ok:
 			t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
-			t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: t.remaining(prev)})
+			t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left(before)})
+		case !at.Equal(before):
+			t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: left(at)})
+			t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: left(before)})
 		}
 	}
 	for _, p := range neu {
-		if slices.Contains(old, p) {
-			if !prev.Expires.Equal(next.Expires) {
-				t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: t.remaining(next)})
-				t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: t.remaining(prev)})
+		at, ok := held(p)
+		after := later(at, next)
+		switch {
+		case slices.Contains(old, p) || ok:
+			before := at
+			if slices.Contains(old, p) {
+				before = later(at, prev)
 			}
-			continue
+			if !after.Equal(before) {
+				t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: left(after)})
+				t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: left(before)})
+			}
+		default:
+			t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left(after)})
+			t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
 		}
-		t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: t.remaining(next)})
-		t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
 	}
 }
 
