@@ -2,6 +2,7 @@ package server
 
 import (
 	"net"
+	"sync"
 
 	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
@@ -18,13 +19,15 @@ import (
 // mappings. Expiry does not flush: the kernel ends pinholes on time even
 // with pcpd dead, and the same must hold with it alive.
 //
-// It runs before the replies of the batch are sent: a flush in the
-// background raced the client, and a connection could still carry data
-// after its delete was acknowledged (PMP-12, found by the conformance
-// suite). A flush walks the conntrack table once per batch, whatever the
-// number of mappings ended.
+// It only queues the flush (the tx calls it under s.mu); the conntrack
+// flusher runs it. Replies of the batch wait for it (serveBatch,
+// HandleBatch: waitConntrack), so a connection cannot carry data after its
+// delete was acknowledged (PMP-12, found by the conformance suite).
 func (s *Server) flushConntrack(ended []store.Lease) {
-	var filters []netlink.CustomConntrackFilter
+	if s.cfg.KeepConnections {
+		return
+	}
+	var fs []ctFilter
 	for _, l := range ended {
 		if l.Kind == store.KindPeer || !l.ExternalAddr.IsValid() || l.ExternalPort == 0 {
 			continue
@@ -35,34 +38,145 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 			f.AddPort(netlink.ConntrackOrigDstPort, l.ExternalPort) != nil {
 			continue
 		}
-		filters = append(filters, f)
+		fs = append(fs, ctFilter{f: f, v4: l.ExternalAddr.Is4()})
 	}
-	if len(filters) == 0 || s.cfg.KeepConnections {
+	if len(fs) > 0 {
+		s.ct.add(fs)
+	}
+}
+
+type ctFilter struct {
+	f  *netlink.ConntrackFilter
+	v4 bool
+}
+
+// ctFlusher coalesces conntrack flushes. A flush walks (dumps) the whole
+// conntrack table in user space whatever the number of mappings ended, so
+// one per batch, each in its own goroutine, overlapped ~30 at a time under
+// 10 % deletes and took 94 % of pcpd's CPU (BENCHMARKS.md). Now at most one
+// walk is in flight; filters queued meanwhile go together in the next one.
+// Sequence numbers tell a waiter when its filters were covered.
+type ctFlusher struct {
+	walk    func([]ctFilter) // one walk deleting what matches any filter
+	mu      sync.Mutex
+	pending []ctFilter
+	queued  uint64 // filters sets queued so far
+	done    uint64 // all sets up to this one are flushed
+	running bool
+	waiters []ctWaiter
+}
+
+type ctWaiter struct {
+	seq uint64
+	fn  func()
+}
+
+// add queues filters and starts a walk if none is in flight.
+func (c *ctFlusher) add(fs []ctFilter) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.pending = append(c.pending, fs...)
+	c.queued++
+	if !c.running {
+		c.running = true
+		go c.run()
+	}
+}
+
+// seq is the sequence number of the last filters queued.
+func (c *ctFlusher) seq() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.queued
+}
+
+// after calls fn (at once, or from the flusher) when every filter set up to
+// seq has been flushed.
+func (c *ctFlusher) after(seq uint64, fn func()) {
+	c.mu.Lock()
+	if c.done >= seq {
+		c.mu.Unlock()
+		fn()
 		return
 	}
-	func() {
-		var h *netlink.Handle
-		var err error
-		if nsSet(s.cfg.NetNS) {
-			h, err = netlink.NewHandleAt(s.cfg.NetNS)
-		} else {
-			h, err = netlink.NewHandle()
-		}
-		if err != nil {
-			s.log.Debug("conntrack flush", zap.Error(err))
+	c.waiters = append(c.waiters, ctWaiter{seq: seq, fn: fn})
+	c.mu.Unlock()
+}
+
+func (c *ctFlusher) run() {
+	for {
+		c.mu.Lock()
+		fs, upTo := c.pending, c.queued
+		c.pending = nil
+		if len(fs) == 0 {
+			c.running = false
+			c.mu.Unlock()
 			return
 		}
-		defer h.Close()
-		var n uint
-		for _, fam := range []netlink.InetFamily{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-			k, err := h.ConntrackDeleteFilters(netlink.ConntrackTable, fam, filters...)
-			if err != nil {
-				s.log.Debug("conntrack flush", zap.Error(err))
+		c.mu.Unlock()
+
+		c.walk(fs)
+
+		c.mu.Lock()
+		c.done = upTo
+		var ready []func()
+		kept := c.waiters[:0]
+		for _, w := range c.waiters {
+			if w.seq <= upTo {
+				ready = append(ready, w.fn)
+			} else {
+				kept = append(kept, w)
 			}
-			n += k
 		}
-		if n > 0 {
-			s.log.Info("ended connections of removed mappings", zap.Uint("flows", n))
+		c.waiters = kept
+		c.mu.Unlock()
+		for _, fn := range ready {
+			fn()
 		}
-	}()
+	}
+}
+
+// walkConntrack deletes the flows matching any of fs: one dump per address
+// family that has filters.
+func (s *Server) walkConntrack(fs []ctFilter) {
+	var h *netlink.Handle
+	var err error
+	if nsSet(s.cfg.NetNS) {
+		h, err = netlink.NewHandleAt(s.cfg.NetNS)
+	} else {
+		h, err = netlink.NewHandle()
+	}
+	if err != nil {
+		s.log.Debug("conntrack flush", zap.Error(err))
+		return
+	}
+	defer h.Close()
+	var n uint
+	for _, fam := range []netlink.InetFamily{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		var filters []netlink.CustomConntrackFilter
+		for _, f := range fs {
+			if f.v4 == (fam == netlink.FAMILY_V4) {
+				filters = append(filters, f.f)
+			}
+		}
+		if len(filters) == 0 {
+			continue
+		}
+		k, err := h.ConntrackDeleteFilters(netlink.ConntrackTable, fam, filters...)
+		if err != nil {
+			s.log.Debug("conntrack flush", zap.Error(err))
+		}
+		n += k
+	}
+	s.m.ctWalks.Inc()
+	if n > 0 {
+		s.log.Info("ended connections of removed mappings", zap.Uint("flows", n))
+	}
+}
+
+// waitConntrack blocks until every flush queued so far has run.
+func (s *Server) waitConntrack() {
+	done := make(chan struct{})
+	s.ct.after(s.ct.seq(), func() { close(done) })
+	<-done
 }

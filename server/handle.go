@@ -45,7 +45,20 @@ func (s *Server) Handle(local, src netip.AddrPort, b []byte) []byte {
 // and only then are the replies released. If the commit fails, the batch
 // is rolled back and each request is handled again on its own, so one bad
 // request does not fail the others.
+//
+// It returns once the connections of mappings the batch ended are gone
+// (PMP-12).
 func (s *Server) HandleBatch(reqs []Request) [][]byte {
+	seq := s.ct.seq()
+	replies := s.handleBatch(reqs)
+	if s.ct.seq() != seq {
+		s.waitConntrack()
+	}
+	return replies
+}
+
+// handleBatch is HandleBatch without waiting for the conntrack flush.
+func (s *Server) handleBatch(reqs []Request) [][]byte {
 	now := s.now()
 	s.mu.Lock()
 	defer s.mu.Unlock()

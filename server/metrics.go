@@ -16,6 +16,7 @@ type metrics struct {
 	storeErrors   prometheus.Counter
 	revocations   *prometheus.CounterVec // cause
 	restores      prometheus.Counter
+	ctWalks       prometheus.Counter
 	leases        prometheus.GaugeFunc
 }
 
@@ -55,6 +56,9 @@ func newMetrics(leases func() float64) *metrics {
 		restores: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "pcpd_firewall_restores_total", Help: "Times the nftables objects were found damaged or incomplete and restored.",
 		}),
+		ctWalks: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pcpd_conntrack_flushes_total", Help: "Walks of the conntrack table ending the connections of deleted or revoked mappings (several mappings' flushes share one).",
+		}),
 		leases: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "pcpd_leases", Help: "Live leases.",
 		}, leases),
@@ -63,5 +67,5 @@ func newMetrics(leases func() float64) *metrics {
 
 func (m *metrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.latency, m.kernelSeconds, m.storeSeconds,
-		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.leases}
+		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.ctWalks, m.leases}
 }

@@ -58,6 +58,7 @@ type Server struct {
 
 	in  chan packet
 	lis *listener
+	ct  ctFlusher
 
 	// announceDone is closed when the start-up announcements are over
 	// (tests).
@@ -108,6 +109,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		opsBudget: pinhole.MaxBatch - 2*(cfg.MaxFilters+1),
 	}
 	s.hostPorts.s = s
+	s.ct.walk = s.walkConntrack
 	s.m = newMetrics(func() float64 {
 		s.mu.Lock()
 		defer s.mu.Unlock()
@@ -251,12 +253,25 @@ func (s *Server) resetExpiry(t *time.Timer) {
 }
 
 // serveBatch handles packets that arrived together and sends the replies.
+// When the batch ended mappings, its replies wait for their conntrack
+// flush (PMP-12), sent from the flusher; the engine goes on meanwhile.
 func (s *Server) serveBatch(batch []packet) {
 	reqs := make([]Request, len(batch))
 	for i, p := range batch {
 		reqs[i] = Request{Local: p.conn.local, Source: p.src, Data: p.b, admitted: true}
 	}
-	replies := s.HandleBatch(reqs)
+	seq := s.ct.seq()
+	replies := s.handleBatch(reqs)
+	if after := s.ct.seq(); after != seq {
+		// batch is the engine loop's buffer, reused for the next batch.
+		pending := slices.Clone(batch)
+		s.ct.after(after, func() { s.sendReplies(pending, replies) })
+		return
+	}
+	s.sendReplies(batch, replies)
+}
+
+func (s *Server) sendReplies(batch []packet, replies [][]byte) {
 	for i, r := range replies {
 		if r == nil {
 			continue
