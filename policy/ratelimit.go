@@ -16,12 +16,17 @@ import (
 // with a full bucket: eviction can only favour a legitimate client, never
 // starve it. It is safe for concurrent use.
 type RateLimiter struct {
+	b     buckets[netip.Addr]
+	bits6 int // IPv6 sources are counted per /bits6 (128: per address)
+}
+
+// buckets is the token buckets of one limiter, keyed by source or owner.
+type buckets[K comparable] struct {
 	mu    sync.Mutex
 	rate  float64 // tokens per second
 	burst float64
-	lru   *simplelru.LRU[netip.Addr, *bucket]
-	free  []*bucket // evicted buckets, reused to avoid an allocation per new source
-	bits6 int       // IPv6 sources are counted per /bits6 (128: per address)
+	lru   *simplelru.LRU[K, *bucket]
+	free  []*bucket // evicted buckets, reused to avoid an allocation per new key
 }
 
 // RateLimiterOption adjusts NewRateLimiter.
@@ -50,21 +55,24 @@ type bucket struct {
 // Invalid arguments (rate ≤ 0 or NaN, burst < 1, maxSources < 1) are raised
 // to the smallest meaningful value: a limiter is never unlimited by mistake.
 func NewRateLimiter(rate float64, burst int, maxSources int, opts ...RateLimiterOption) *RateLimiter {
-	if !(rate > 0) || math.IsInf(rate, 0) {
-		rate = 1
-	}
-	burst = max(burst, 1)
-	maxSources = max(maxSources, 1)
-	l := &RateLimiter{rate: rate, burst: float64(burst), bits6: 128}
+	l := &RateLimiter{bits6: 128}
+	l.b.init(rate, burst, maxSources)
 	for _, o := range opts {
 		o(l)
 	}
-	l.lru, _ = simplelru.NewLRU(maxSources, func(_ netip.Addr, b *bucket) {
+	return l
+}
+
+func (l *buckets[K]) init(rate float64, burst, maxKeys int) {
+	if !(rate > 0) || math.IsInf(rate, 0) {
+		rate = 1
+	}
+	l.rate, l.burst = rate, float64(max(burst, 1))
+	l.lru, _ = simplelru.NewLRU(max(maxKeys, 1), func(_ K, b *bucket) {
 		if len(l.free) < 64 {
 			l.free = append(l.free, b)
 		}
 	})
-	return l
 }
 
 // Allow reports whether src may be served at now, spending one token.
@@ -74,9 +82,13 @@ func (l *RateLimiter) Allow(src netip.Addr, now time.Time) bool {
 		p, _ := src.Prefix(l.bits6)
 		src = p.Addr()
 	}
+	return l.b.allow(src, now)
+}
+
+func (l *buckets[K]) allow(k K, now time.Time) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	b, ok := l.lru.Get(src)
+	b, ok := l.lru.Get(k)
 	if !ok {
 		if n := len(l.free); n > 0 {
 			b, l.free = l.free[n-1], l.free[:n-1]
@@ -84,7 +96,7 @@ func (l *RateLimiter) Allow(src netip.Addr, now time.Time) bool {
 			b = new(bucket)
 		}
 		*b = bucket{tokens: l.burst - 1, last: now}
-		l.lru.Add(src, b)
+		l.lru.Add(k, b)
 		return true
 	}
 	if dt := now.Sub(b.last); dt > 0 {
@@ -99,8 +111,32 @@ func (l *RateLimiter) Allow(src netip.Addr, now time.Time) bool {
 }
 
 // Len returns the number of sources currently remembered.
-func (l *RateLimiter) Len() int {
+func (l *RateLimiter) Len() int { return l.b.len() }
+
+func (l *buckets[K]) len() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.lru.Len()
 }
+
+// OwnerRateLimiter is a token bucket per owner, in addition to the
+// per-source one: an owner with many prefixes (a peer holding a /48 has
+// 65 536 /64 source buckets) cannot crowd the queue or the source LRU
+// beyond its own bucket (PKT-08, SEC-04). Memory is bounded like
+// RateLimiter's; it is safe for concurrent use.
+type OwnerRateLimiter struct{ b buckets[OwnerID] }
+
+// NewOwnerRateLimiter returns a limiter allowing each owner rate requests
+// per second with bursts of burst, remembering at most maxOwners owners.
+// Invalid arguments are raised as NewRateLimiter's are.
+func NewOwnerRateLimiter(rate float64, burst, maxOwners int) *OwnerRateLimiter {
+	l := &OwnerRateLimiter{}
+	l.b.init(rate, burst, maxOwners)
+	return l
+}
+
+// Allow reports whether owner may be served at now, spending one token.
+func (l *OwnerRateLimiter) Allow(owner OwnerID, now time.Time) bool { return l.b.allow(owner, now) }
+
+// Len returns the number of owners currently remembered.
+func (l *OwnerRateLimiter) Len() int { return l.b.len() }

@@ -144,3 +144,33 @@ func BenchmarkRateLimiterAllow(b *testing.B) {
 	}
 	done()
 }
+
+// TestOwnerRateLimiterPKT08: one bucket per owner, independent of the
+// others, refilled at its rate, with bounded memory.
+func TestOwnerRateLimiterPKT08(t *testing.T) {
+	l := NewOwnerRateLimiter(2, 3, 2)
+	now := time.Date(2026, 11, 23, 9, 0, 0, 0, time.UTC)
+	allowed := func(o OwnerID) int {
+		n := 0
+		for range 10 {
+			if l.Allow(o, now) {
+				n++
+			}
+		}
+		return n
+	}
+	if n := allowed("wg:a"); n != 3 {
+		t.Errorf("burst: %d allowed, want 3", n)
+	}
+	if n := allowed("wg:b"); n != 3 {
+		t.Errorf("another owner: %d allowed, want 3", n)
+	}
+	now = now.Add(time.Second)
+	if n := allowed("wg:a"); n != 2 {
+		t.Errorf("after 1 s at 2/s: %d allowed, want 2", n)
+	}
+	allowed("wg:c")
+	if l.Len() != 2 {
+		t.Errorf("owners remembered: %d, want the bound 2", l.Len())
+	}
+}
