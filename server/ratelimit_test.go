@@ -50,3 +50,37 @@ func TestPKT08UnsupportedVersionSpendsTokens(t *testing.T) {
 		})
 	}
 }
+
+// TestPKT08OwnerBucket: an owner sending from many /64s (each its own
+// source bucket) is held to its owner bucket once the queue fills, and
+// another owner is still admitted; with an idle queue nothing changes.
+func TestPKT08OwnerBucket(t *testing.T) {
+	const burst = 2
+	h := newHarness(t, func(c *Config, _ *policy.Config) { c.RateLimit, c.RateBurst, c.QueueLen = 1, burst, 16 })
+	now := h.clock.Now()
+	flood := func() int {
+		admitted := 0
+		for i := range 200 {
+			src := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x0a, 0, byte(i), 15: 1}) // 2001:db8:a:<i>::1, owner a
+			m := pcp.AppendRequest(nil, mapReq(src, pcp.ProtoTCP, 80, 80, time.Hour, 1))
+			if h.s.admit(m, netip.AddrPortFrom(src, 5350), now) == "" {
+				admitted++
+			}
+		}
+		return admitted
+	}
+	if n := flood(); n != 200 {
+		t.Fatalf("idle queue: %d of 200 sources of one owner admitted, want all", n)
+	}
+	for range cap(h.s.in) / ownerQueueShare {
+		h.s.in <- packet{}
+	}
+	now = now.Add(time.Hour) // fresh source buckets
+	if n := flood(); n > ownerRateFactor*burst {
+		t.Errorf("PKT-08: filling queue: %d of 200 sources of one owner admitted, want ≤ %d", n, ownerRateFactor*burst)
+	}
+	mapB := pcp.AppendRequest(nil, mapReq(addrB, pcp.ProtoTCP, 80, 80, time.Hour, 1))
+	if r := h.s.admit(mapB, netip.AddrPortFrom(addrB, 5350), now); r != "" {
+		t.Errorf("PKT-08: another owner's MAP: %q, want admitted", r)
+	}
+}

@@ -38,6 +38,7 @@ type Server struct {
 	now  func() time.Time
 	m    *metrics
 	rl   *policy.RateLimiter
+	orl  *policy.OwnerRateLimiter // per owner, when the queue fills (admit)
 	deps Deps
 
 	mu        sync.Mutex
@@ -101,6 +102,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 			return zapcore.NewSamplerWithOptions(c, time.Second, 20, 1000)
 		})),
 		rl:           policy.NewRateLimiter(cfg.RateLimit, cfg.RateBurst, cfg.RateSources, policy.WithIPv6Prefix(cfg.RatePrefix6)),
+		orl:          policy.NewOwnerRateLimiter(ownerRateFactor*cfg.RateLimit, ownerRateFactor*cfg.RateBurst, cfg.RateSources),
 		tab:          newTable(),
 		quar:         map[endpoint]quarantine{},
 		in:           make(chan packet, cfg.QueueLen),
