@@ -3,6 +3,7 @@ package server
 import (
 	"container/heap"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/pcpd/pcpd/store"
@@ -36,10 +37,18 @@ type hold struct {
 // Server.mu) and indexed every way a request needs: by key, by owner (for
 // quotas), by internal tuple, by external endpoint (allocation, PMP-06), and
 // by expiry.
+//
+// Memory matters (1 000 000 leases in a few hundred MB): each lease is one
+// allocation, held by pointer from every index; the tuple index holds a
+// small slice (a tuple nearly always has one lease; a map per tuple cost
+// ~650 bytes), the expiry heap a pointer and a Unix time (16 bytes, was
+// the whole key and a time.Time: 104), and owner IDs are interned (one
+// string per owner, not per lease).
 type table struct {
 	byKey   map[store.Key]*store.Lease
 	byOwner map[string]int
-	byTuple map[tuple]map[store.Key]struct{}
+	names   map[string]string // owner ID interning
+	byTuple map[tuple][]*store.Lease
 	byExt   map[endpoint]*hold
 	exp     expHeap
 }
@@ -48,9 +57,22 @@ func newTable() *table {
 	return &table{
 		byKey:   map[store.Key]*store.Lease{},
 		byOwner: map[string]int{},
-		byTuple: map[tuple]map[store.Key]struct{}{},
+		names:   map[string]string{},
+		byTuple: map[tuple][]*store.Lease{},
 		byExt:   map[endpoint]*hold{},
 	}
+}
+
+// grow sizes an empty table's indexes for n leases (restart): growing a
+// map of a million entries step by step rehashes it ~20 times.
+func (t *table) grow(n int) {
+	if t.len() > 0 || n == 0 {
+		return
+	}
+	t.byKey = make(map[store.Key]*store.Lease, n)
+	t.byTuple = make(map[tuple][]*store.Lease, n)
+	t.byExt = make(map[endpoint]*hold, n)
+	t.exp = make(expHeap, 0, n)
 }
 
 func tupleOf(k store.Key) tuple {
@@ -74,15 +96,15 @@ func (t *table) put(l store.Lease) {
 		t.del(l.Key)
 	}
 	c := l
-	t.byKey[l.Key] = &c
-	t.byOwner[l.Owner]++
-	tp := tupleOf(l.Key)
-	s := t.byTuple[tp]
-	if s == nil {
-		s = map[store.Key]struct{}{}
-		t.byTuple[tp] = s
+	if n, ok := t.names[c.Owner]; ok {
+		c.Owner = n
+	} else {
+		t.names[c.Owner] = c.Owner
 	}
-	s[l.Key] = struct{}{}
+	t.byKey[c.Key] = &c
+	t.byOwner[c.Owner]++
+	tp := tupleOf(c.Key)
+	t.byTuple[tp] = append(t.byTuple[tp], &c)
 	e := endpointOf(&c)
 	h := t.byExt[e]
 	if h == nil {
@@ -90,7 +112,7 @@ func (t *table) put(l store.Lease) {
 		t.byExt[e] = h
 	}
 	h.n++
-	heap.Push(&t.exp, expItem{at: l.Expires, key: l.Key})
+	heap.Push(&t.exp, expItem{at: c.Expires.UnixNano(), l: &c})
 }
 
 // del removes a lease; it reports whether there was one.
@@ -102,12 +124,17 @@ func (t *table) del(k store.Key) bool {
 	delete(t.byKey, k)
 	if t.byOwner[k.Owner]--; t.byOwner[k.Owner] <= 0 {
 		delete(t.byOwner, k.Owner)
+		delete(t.names, k.Owner)
 	}
 	tp := tupleOf(k)
-	if s := t.byTuple[tp]; s != nil {
-		delete(s, k)
-		if len(s) == 0 {
+	if ls := t.byTuple[tp]; ls != nil {
+		if i := slices.Index(ls, l); i >= 0 {
+			ls = slices.Delete(ls, i, i+1)
+		}
+		if len(ls) == 0 {
 			delete(t.byTuple, tp)
+		} else {
+			t.byTuple[tp] = ls
 		}
 	}
 	e := endpointOf(l)
@@ -122,12 +149,7 @@ func (t *table) del(k store.Key) bool {
 
 // onTuple returns the leases on an internal tuple.
 func (t *table) onTuple(tp tuple) []*store.Lease {
-	s := t.byTuple[tp]
-	out := make([]*store.Lease, 0, len(s))
-	for k := range s {
-		out = append(out, t.byKey[k])
-	}
-	return out
+	return slices.Clone(t.byTuple[tp])
 }
 
 // holder tells who holds an external endpoint.
@@ -136,27 +158,36 @@ func (t *table) holder(e endpoint) (*hold, bool) {
 	return h, ok
 }
 
+// live reports whether heap entry it still stands for its lease: the lease
+// is in the table (not replaced by a newer copy) with that expiry.
+func (t *table) live(it expItem) bool {
+	cur, ok := t.byKey[it.l.Key]
+	return ok && cur == it.l && cur.Expires.UnixNano() == it.at
+}
+
 // expired pops every lease whose expiry is at or before now.
 func (t *table) expired(now time.Time) []store.Key {
 	var out []store.Key
 	for t.exp.Len() > 0 {
 		it := t.exp[0]
-		if it.at.After(now) {
+		if it.at > now.UnixNano() {
 			break
 		}
 		heap.Pop(&t.exp)
-		if l, ok := t.byKey[it.key]; ok && !l.Expires.After(now) && l.Expires.Equal(it.at) {
-			out = append(out, it.key)
+		if t.live(it) && !it.l.Expires.After(now) {
+			out = append(out, it.l.Key)
 		}
 	}
-	// Stale heap entries of renewed leases would otherwise pile up under
-	// heavy renewal; rebuild when they outnumber live leases.
-	if t.exp.Len() > 2*len(t.byKey)+64 {
+	// Stale heap entries of renewed or deleted leases would otherwise pile
+	// up (and keep those old copies alive); rebuild when they outnumber
+	// half the live leases.
+	if t.exp.Len() > len(t.byKey)+len(t.byKey)/2+64 {
 		t.exp = t.exp[:0]
-		for k, l := range t.byKey {
-			t.exp = append(t.exp, expItem{at: l.Expires, key: k})
+		for _, l := range t.byKey {
+			t.exp = append(t.exp, expItem{at: l.Expires.UnixNano(), l: l})
 		}
 		heap.Init(&t.exp)
+		t.exp = slices.Clip(t.exp)
 	}
 	return out
 }
@@ -165,28 +196,31 @@ func (t *table) expired(now time.Time) []store.Key {
 func (t *table) next() (time.Time, bool) {
 	for t.exp.Len() > 0 {
 		it := t.exp[0]
-		if l, ok := t.byKey[it.key]; ok && l.Expires.Equal(it.at) {
-			return it.at, true
+		if t.live(it) {
+			return it.l.Expires, true
 		}
 		heap.Pop(&t.exp)
 	}
 	return time.Time{}, false
 }
 
+// expItem is a lease in the expiry heap, with the expiry (Unix ns) it had
+// when pushed.
 type expItem struct {
-	at  time.Time
-	key store.Key
+	at int64
+	l  *store.Lease
 }
 
 type expHeap []expItem
 
 func (h expHeap) Len() int           { return len(h) }
-func (h expHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h expHeap) Less(i, j int) bool { return h[i].at < h[j].at }
 func (h expHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
 func (h *expHeap) Push(x any)        { *h = append(*h, x.(expItem)) }
 func (h *expHeap) Pop() any {
 	old := *h
 	it := old[len(old)-1]
+	old[len(old)-1] = expItem{}
 	*h = old[:len(old)-1]
 	return it
 }
