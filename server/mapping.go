@@ -121,7 +121,7 @@ func (s *Server) serveMap(c *call, req *pcp.Request, resp *pcp.Response, o *outc
 		old := *l
 		c.t.set(key, nil, true)
 		o.after = func() {
-			s.log.Info("deleted", leaseFields(&old, c.src)...)
+			s.plog.Info("deleted", leaseFields(&old, c.src)...)
 		}
 		return pcp.Success, nil
 	}
@@ -151,11 +151,13 @@ func (s *Server) serveMap(c *call, req *pcp.Request, resp *pcp.Response, o *outc
 	}
 	lc := *l
 	o.after = func() {
-		verb := "mapped"
-		if renewed {
-			verb = "renewed"
+		// Per request: new mappings through the sampled logger, renewals
+		// (the bulk of the traffic) only at debug.
+		if !renewed {
+			s.plog.Info("mapped", append(leaseFields(&lc, c.src), zap.Duration("lifetime", a.grant))...)
+		} else if ce := s.log.Check(zap.DebugLevel, "renewed"); ce != nil {
+			ce.Write(append(leaseFields(&lc, c.src), zap.Duration("lifetime", a.grant))...)
 		}
-		s.log.Info(verb, append(leaseFields(&lc, c.src), zap.Duration("lifetime", a.grant))...)
 	}
 	return pcp.Success, nil
 }
@@ -446,7 +448,7 @@ func (s *Server) servePeer(c *call, req *pcp.Request, resp *pcp.Response, o *out
 	resp.Lifetime = clamped
 	resp.Map.ExternalAddr, resp.Map.ExternalPort = ext.Addr(), ext.Port()
 	o.after = func() {
-		s.log.Info("peer mapped", append(leaseFields(&next, c.src), zap.Duration("lifetime", clamped))...)
+		s.plog.Info("peer mapped", append(leaseFields(&next, c.src), zap.Duration("lifetime", clamped))...)
 	}
 	return pcp.Success, nil
 }

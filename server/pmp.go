@@ -86,7 +86,7 @@ func (s *Server) servePMPMap(c *call, req *pcp.PMPRequest, o *outcome) (uint16, 
 		if len(gone) > 0 {
 			o.after = func() {
 				for _, l := range gone {
-					s.log.Info("deleted", leaseFields(&l, c.src)...)
+					s.plog.Info("deleted", leaseFields(&l, c.src)...)
 				}
 			}
 		}
@@ -100,11 +100,13 @@ func (s *Server) servePMPMap(c *call, req *pcp.PMPRequest, o *outcome) (uint16, 
 	}
 	lc := *l
 	o.after = func() {
-		verb := "mapped"
-		if renewed {
-			verb = "renewed"
+		// Per request: new mappings through the sampled logger, renewals
+		// (the bulk of the traffic) only at debug.
+		if !renewed {
+			s.plog.Info("mapped", append(leaseFields(&lc, c.src), zap.Duration("lifetime", a.grant))...)
+		} else if ce := s.log.Check(zap.DebugLevel, "renewed"); ce != nil {
+			ce.Write(append(leaseFields(&lc, c.src), zap.Duration("lifetime", a.grant))...)
 		}
-		s.log.Info(verb, append(leaseFields(&lc, c.src), zap.Duration("lifetime", a.grant))...)
 	}
 	return l.ExternalPort, a.grant, pcp.Success, nil
 }

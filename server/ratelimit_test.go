@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap/zapcore"
+
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
 )
@@ -82,5 +84,31 @@ func TestPKT08OwnerBucket(t *testing.T) {
 	mapB := pcp.AppendRequest(nil, mapReq(addrB, pcp.ProtoTCP, 80, 80, time.Hour, 1))
 	if r := h.s.admit(mapB, netip.AddrPortFrom(addrB, 5350), now); r != "" {
 		t.Errorf("PKT-08: another owner's MAP: %q, want admitted", r)
+	}
+}
+
+// TestPerRequestLogsSampled (SEC-04: bounded CPU): per-request log lines
+// go through the sampled logger (at most 20 a second each, then 1 in
+// 1000) and renewals only at debug, so a busy or hostile client cannot
+// make pcpd log one line per request.
+func TestPerRequestLogsSampled(t *testing.T) {
+	h := newHarness(t, func(c *Config, _ *policy.Config) { c.RateBurst = 1000 })
+	for i := range 100 {
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, uint16(2000+i), 0, time.Hour, 1)), pcp.Success)
+	}
+	for i := range 100 {
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, uint16(2000+i), 0, time.Hour, 1)), pcp.Success)
+	}
+	for i := range 100 {
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, uint16(2000+i), 0, 0, 1)), pcp.Success)
+	}
+	info := h.logs.FilterLevelExact(zapcore.InfoLevel)
+	for _, msg := range []string{"mapped", "deleted"} {
+		if n := info.FilterMessage(msg).Len(); n == 0 || n > 40 {
+			t.Errorf("%d %q lines at info for 100 requests, want 1-40 (sampled)", n, msg)
+		}
+	}
+	if n := info.FilterMessage("renewed").Len(); n != 0 {
+		t.Errorf("%d renewals logged at info, want them at debug", n)
 	}
 }
