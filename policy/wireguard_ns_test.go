@@ -148,3 +148,68 @@ func TestWireGuardNamespace(t *testing.T) {
 		t.Errorf("%d ownership-lost log entries, want 3", n)
 	}
 }
+
+// TestWireGuardNestedAcrossInterfacesNamespace: the reviewer's case on real
+// WireGuard devices. Peer A on the first interface holds 2001:db8::/48
+// (and 10.8.0.0/16), peer B on the second 2001:db8:0:1::/64 (and
+// 10.8.1.0/24). The first interface accepts from A a packet with source
+// 2001:db8:0:1::5 (it knows no B), so that source must not be B's: the
+// nested prefix is owned by nobody, and A keeps the rest (SEC-02).
+func TestWireGuardNestedAcrossInterfacesNamespace(t *testing.T) {
+	netlab.RequireRoot(t)
+	ns := netlab.NewNS(t, "polx")
+	if0, if1 := netlab.UniqueIfName("wgt"), netlab.UniqueIfName("wgt")
+	bin := netlab.WireGuardBinary(t)
+	netlab.StartWireGuard(t, ns, if0, bin)
+	netlab.StartWireGuard(t, ns, if1, bin)
+	c, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	key := func() wgtypes.Key {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	p0, p1, a, b := key(), key(), key().PublicKey(), key().PublicKey()
+	for _, d := range []struct {
+		name string
+		priv wgtypes.Key
+		peer wgtypes.PeerConfig
+	}{
+		{if0, p0, wgtypes.PeerConfig{PublicKey: a, AllowedIPs: ipnets("2001:db8::/48", "10.8.0.0/16")}},
+		{if1, p1, wgtypes.PeerConfig{PublicKey: b, AllowedIPs: ipnets("2001:db8:0:1::/64", "10.8.1.0/24")}},
+	} {
+		if err := c.ConfigureDevice(d.name, wgtypes.Config{PrivateKey: &d.priv, ReplacePeers: true, Peers: []wgtypes.PeerConfig{d.peer}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w, err := NewWireGuard(c, []string{if0, if1}, time.Hour, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{}, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idA := OwnerID("wg:" + a.String())
+	for _, tc := range []struct {
+		src, dst string
+		owner    OwnerID
+		want     Reason
+	}{
+		{"2001:db8:0:1::5", "2001:db8:0:1::5", "", NoOwner}, // A posing as B
+		{"10.8.1.5", "10.8.1.5", "", NoOwner},
+		{"2001:db8:0:2::5", "2001:db8:0:2::5", idA, Allowed},
+		{"2001:db8:0:2::5", "2001:db8:0:1::5", idA, NotOwned},
+		{"10.8.2.5", "10.8.2.5", idA, Allowed},
+	} {
+		o, r := p.Authorize(Request{Source: addr(tc.src), Target: addr(tc.dst), ThirdParty: tc.src != tc.dst, Protocol: 6, InternalPort: 443})
+		if r != tc.want || o.ID != tc.owner {
+			t.Errorf("SEC-02: %s → %s: %q %v, want %q %v", tc.src, tc.dst, o.ID, r, tc.owner, tc.want)
+		}
+	}
+}
