@@ -28,6 +28,8 @@ const (
 	DefaultMaxLifetime        = 24 * time.Hour
 	DefaultMaxLeasesPerClient = 256
 	DefaultMaxLeases          = 65536
+	DefaultRateLimit          = 50
+	DefaultRateBurst          = 100
 	DefaultPort               = 5351
 	DefaultIPv4PortRange      = "1024-65535"
 )
@@ -73,7 +75,10 @@ type Config struct {
 
 	MinLifetime, MaxLifetime      time.Duration
 	MaxLeasesPerClient, MaxLeases int
-	IPv4PortLow, IPv4PortHigh     uint16
+	// RateLimit and RateBurst: requests a second per source (IPv6 /64 or
+	// IPv4 address) and the burst allowed above it (PKT-08).
+	RateLimit, RateBurst      int
+	IPv4PortLow, IPv4PortHigh uint16
 	// AllowPorts, if set, are the only internal ports that may be opened;
 	// DenyPorts never are. Each entry is a closed range [0] to [1].
 	AllowPorts, DenyPorts [][2]uint16

@@ -46,6 +46,8 @@ func TestDefaults(t *testing.T) {
 		MaxLifetime:        24 * time.Hour,
 		MaxLeasesPerClient: 256,
 		MaxLeases:          65536,
+		RateLimit:          50,
+		RateBurst:          100,
 		IPv4PortLow:        1024,
 		IPv4PortHigh:       65535,
 		LogLevel:           zapcore.InfoLevel,
@@ -70,6 +72,7 @@ state-dir = "/srv/pcpd"
 min-lifetime = "1m"
 max-lifetime = "2h"
 max-leases = 1000
+rate-limit = 500
 strict-nonce = true
 third-party = "off"
 metrics = "127.0.0.1:9351"
@@ -84,7 +87,7 @@ allow-all-ports = true
 home = ["2001:db8:1:2::/64", "10.100.0.2"]
 office = ["2001:db8:2::/48"]
 `
-	c, err := load(t, file, "--max-lifetime", "3h", "--interface", "wg9", "--client", "lab=2001:db8:9::/48,2001:db8:a::5/64")
+	c, err := load(t, file, "--max-lifetime", "3h", "--rate-burst", "2000", "--interface", "wg9", "--client", "lab=2001:db8:9::/48,2001:db8:a::5/64")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,6 +111,8 @@ office = ["2001:db8:2::/48"]
 		MaxLifetime:        3 * time.Hour,
 		MaxLeasesPerClient: 256,
 		MaxLeases:          1000,
+		RateLimit:          500,
+		RateBurst:          2000,
 		IPv4PortLow:        20000,
 		IPv4PortHigh:       29999,
 		AllowPorts:         [][2]uint16{{22, 22}, {80, 80}, {443, 443}, {1024, 65535}},
@@ -177,6 +182,10 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{"a unix socket path holds at most 107"}},
 		{name: "quota zero", args: []string{"--max-leases", "0"},
 			want: []string{`--max-leases: "0": want a whole number`}},
+		{name: "rate limit zero", args: []string{"--rate-limit", "0"},
+			want: []string{`--rate-limit: "0": want a whole number`}},
+		{name: "rate burst not a number", file: "rate-burst = \"lots\"\n",
+			want: []string{`rate-burst: want an integer, got string "lots"`}},
 		{name: "per-client above total", args: []string{"--max-leases", "10", "--max-leases-per-client", "20"},
 			want: []string{"--max-leases-per-client: 20 exceeds max-leases 10"}},
 		{name: "port range", args: []string{"--ipv4-port-range", "2000-1000"},

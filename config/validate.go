@@ -177,6 +177,10 @@ func validate(vals map[string]*value) (*Config, Errors) {
 		fail(vals["max-leases-per-client"], "%d exceeds max-leases %d", c.MaxLeasesPerClient, c.MaxLeases)
 	}
 
+	// Rate limit per source.
+	c.RateLimit, _ = parseCount(vals["rate-limit"], fail)
+	c.RateBurst, _ = parseCount(vals["rate-burst"], fail)
+
 	// IPv4 port range.
 	rv := vals["ipv4-port-range"]
 	lo, hi, ok := parsePortRange(rv.str)

@@ -192,6 +192,8 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		ExternalIPv4:  cfg.ExternalIPv4,
 		IPv4Ports:     server.PortRange{First: cfg.IPv4PortLow, Last: cfg.IPv4PortHigh},
 		StrictNonce:   cfg.StrictNonce,
+		RateLimit:     float64(cfg.RateLimit),
+		RateBurst:     cfg.RateBurst,
 		DisableMap:    cfg.DisableMap,
 		DisablePeer:   cfg.DisablePeer,
 		DisableNATPMP: cfg.DisableNATPMP,
