@@ -55,6 +55,54 @@ type udpConn struct {
 	pc    *net.UDPConn
 }
 
+// reply is one datagram to send.
+type reply struct {
+	b  []byte
+	to netip.AddrPort
+}
+
+// batchWriter sends many datagrams per system call (sendmmsg).
+type batchWriter interface {
+	WriteBatch(ms []ipv4.Message, flags int) (int, error)
+}
+
+// sendBatch sends rs with as few sendmmsg calls as it takes (one sendto
+// per reply was half of pcpd's CPU on the error path). It returns the
+// first error; the replies after a failed one are still tried.
+func (c *udpConn) sendBatch(rs []reply) error {
+	if len(rs) == 1 {
+		return c.send(rs[0].b, rs[0].to)
+	}
+	var bw batchWriter
+	v4 := c.local.Addr().Is4()
+	if v4 {
+		bw = ipv4.NewPacketConn(c.pc)
+	} else {
+		bw = ipv6.NewPacketConn(c.pc)
+	}
+	ms := make([]ipv4.Message, len(rs))
+	for i, r := range rs {
+		to := r.to
+		if v4 {
+			to = netip.AddrPortFrom(to.Addr().Unmap(), to.Port())
+		}
+		ms[i] = ipv4.Message{Buffers: [][]byte{r.b}, Addr: net.UDPAddrFromAddrPort(to)}
+	}
+	var first error
+	for len(ms) > 0 {
+		n, err := bw.WriteBatch(ms, 0)
+		if err != nil {
+			if first == nil {
+				first = err
+			}
+			// The datagram at n failed: skip it, go on with the rest.
+			n++
+		}
+		ms = ms[min(n, len(ms)):]
+	}
+	return first
+}
+
 func (c *udpConn) send(b []byte, to netip.AddrPort) error {
 	if c.local.Addr().Is4() {
 		to = netip.AddrPortFrom(to.Addr().Unmap(), to.Port())
@@ -80,6 +128,9 @@ type listener struct {
 	// admit decides, before a packet is queued, whether it is worth the
 	// engine's time ("" = yes).
 	admit func(b []byte, src netip.AddrPort) string
+	// early, if set, answers requests that need no engine (Server.early):
+	// handled means the reader sends reply (nil: nothing) itself.
+	early func(b []byte, src netip.AddrPort, now time.Time) (reply []byte, handled bool)
 
 	mu    sync.Mutex
 	conns map[netip.AddrPort]*udpConn
@@ -321,7 +372,12 @@ func (l *listener) read(c *udpConn) {
 	for i := range msgs {
 		msgs[i].Buffers = [][]byte{make([]byte, readSize)}
 	}
+	var replies []reply
 	for {
+		if len(replies) > 0 {
+			c.sendBatch(replies)
+			replies = replies[:0]
+		}
 		n, err := br.ReadBatch(msgs, 0)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
@@ -342,6 +398,14 @@ func (l *listener) read(c *udpConn) {
 				if reason := l.admit(b, src); reason != "" {
 					if l.onDrop != nil {
 						l.onDrop(reason)
+					}
+					continue
+				}
+			}
+			if l.early != nil {
+				if r, ok := l.early(b, src, now); ok {
+					if r != nil {
+						replies = append(replies, reply{b: r, to: src})
 					}
 					continue
 				}

@@ -135,6 +135,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		admit: func(b []byte, src netip.AddrPort) string {
 			return s.admit(b, src, s.now())
 		},
+		early: s.early,
 	}
 	return s, nil
 }
@@ -278,16 +279,30 @@ func (s *Server) serveBatch(batch []packet) {
 	s.sendReplies(batch, replies)
 }
 
+// sendReplies sends a batch's replies, per socket in one sendmmsg.
 func (s *Server) sendReplies(batch []packet, replies [][]byte) {
-	for i, r := range replies {
-		if r == nil {
-			continue
+	var rs []reply
+	for i := 0; i < len(batch); {
+		conn := batch[i].conn
+		rs = rs[:0]
+		j := i
+		for ; j < len(batch) && batch[j].conn == conn; j++ {
+			if replies[j] != nil {
+				rs = append(rs, reply{b: replies[j], to: batch[j].src})
+			}
 		}
-		if err := batch[i].conn.send(r, batch[i].src); err != nil {
-			s.plog.Debug("send reply", zap.Stringer("to", batch[i].src), zap.Error(err))
-			continue
+		if len(rs) > 0 {
+			if err := conn.sendBatch(rs); err != nil {
+				s.plog.Debug("send replies", zap.Stringer("from", conn.local), zap.Error(err))
+			}
 		}
-		s.m.latency.Observe(time.Since(batch[i].at).Seconds())
+		now := time.Now()
+		for k := i; k < j; k++ {
+			if replies[k] != nil {
+				s.m.latency.Observe(now.Sub(batch[k].at).Seconds())
+			}
+		}
+		i = j
 	}
 }
 

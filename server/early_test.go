@@ -1,0 +1,68 @@
+package server
+
+import (
+	"bytes"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+)
+
+// TestEarlyAnswersAsEngine: the socket readers' early answers (malformed
+// requests, PKT-05..07 and VER-01; MAP and PEER refused by ownership,
+// MAP-01's first step, and THIRD_PARTY for another client's address,
+// TP-04) are byte for byte what the engine answers; everything that needs
+// the lease table (allowed MAP and PEER, ANNOUNCE, NAT-PMP) is left to
+// the engine.
+func TestEarlyAnswersAsEngine(t *testing.T) {
+	h := newHarness(t)
+	stranger := netip.MustParseAddr("2001:db8:ee::1")
+	req := func(r *pcp.Request) []byte { return pcp.AppendRequest(nil, r) }
+	tpOther := mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1)
+	tpOther.Options.ThirdParty = addrB
+	badOpcode := req(mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1))
+	badOpcode[1] = 9
+	short := req(mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1))[:30]
+	v3 := req(mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1))
+	v3[0] = 3
+	odd := append(req(mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1)), 0, 0)
+	for _, tc := range []struct {
+		name    string
+		src     netip.Addr
+		b       []byte
+		handled bool
+	}{
+		{"PKT-05 unsupported opcode", addrA, badOpcode, true},
+		{"PKT-04 not a multiple of 4", addrA, odd, true},
+		{"PKT-03 short", addrA, short, true},
+		{"VER-01 version 3", addrA, v3, true},
+		{"MAP-01 unowned source", stranger, req(mapReq(stranger, pcp.ProtoTCP, 80, 0, time.Hour, 1)), true},
+		{"MAP-01 unowned source, delete", stranger, req(mapReq(stranger, pcp.ProtoTCP, 80, 0, 0, 1)), true},
+		{"PEER unowned source", stranger, req(peerReq(stranger, pcp.ProtoTCP, 80, remote, time.Hour, 1)), true},
+		{"TP-04 another client's address", addrA, req(tpOther), true},
+		{"allowed MAP", addrA, req(mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1)), false},
+		{"allowed PEER", addrA, req(peerReq(addrA, pcp.ProtoTCP, 80, remote, time.Hour, 1)), false},
+		{"ANNOUNCE", addrA, req(pcp.NewAnnounce(addrA)), false},
+		{"NAT-PMP", v4A, []byte{0, 0}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			src := netip.AddrPortFrom(tc.src, 40000)
+			got, handled := h.s.early(tc.b, src, h.clock.Now())
+			if handled != tc.handled {
+				t.Fatalf("handled early: %v, want %v", handled, tc.handled)
+			}
+			if !handled {
+				return
+			}
+			local := local6
+			if tc.src.Is4() {
+				local = local4
+			}
+			want := h.s.Handle(local, src, tc.b)
+			if !bytes.Equal(got, want) {
+				t.Fatalf("early answer\n% x\nengine's\n% x", got, want)
+			}
+		})
+	}
+}
