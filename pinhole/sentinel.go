@@ -18,7 +18,9 @@ import (
 
 // sentinelElement is set k's sentinel: every field zero, with the key (and
 // map data) lengths of the set's types, each field padded to 4 bytes.
-func sentinelElement(k kind) nftables.SetElement {
+func sentinelElement(k kind) nftables.SetElement { return sentinelOf(specs[k]) }
+
+func sentinelOf(spec setSpec) nftables.SetElement {
 	size := func(ts []nftables.SetDatatype) int {
 		n := 0
 		for _, t := range ts {
@@ -26,12 +28,12 @@ func sentinelElement(k kind) nftables.SetElement {
 		}
 		return n
 	}
-	e := nftables.SetElement{Key: make([]byte, size(specs[k].key))}
-	if specs[k].interval {
+	e := nftables.SetElement{Key: make([]byte, size(spec.key))}
+	if spec.interval {
 		e.KeyEnd = make([]byte, len(e.Key))
 	}
-	if specs[k].data != nil {
-		e.Val = make([]byte, size(specs[k].data))
+	if spec.data != nil {
+		e.Val = make([]byte, size(spec.data))
 	}
 	return e
 }
@@ -42,12 +44,27 @@ func isSentinel(k kind, e nftables.SetElement) bool {
 	return bytes.Equal(e.Key, s.Key) && (!specs[k].interval || bytes.Equal(e.KeyEnd, s.KeyEnd))
 }
 
+// sentineled lists the sets that carry a sentinel, with its element: the
+// pinhole sets and their SNAT companions.
+func (b *Backend) sentineled() ([]*nftables.Set, []nftables.SetElement) {
+	var sets []*nftables.Set
+	var elems []nftables.SetElement
+	for k := range numKinds {
+		sets, elems = append(sets, b.sets[k]), append(elems, sentinelElement(k))
+	}
+	for i := range numSNAT {
+		sets, elems = append(sets, b.snat[i]), append(elems, sentinelOf(snatSpecs[i]))
+	}
+	return sets, elems
+}
+
 // queueSentinels queues adding every set's sentinel (no timeout: it stays
 // until the set is flushed or deleted). Adding one that is there is a no-op.
 func (b *Backend) queueSentinels() error {
-	for k := range numKinds {
-		if err := b.conn.SetAddElements(b.sets[k], []nftables.SetElement{sentinelElement(k)}); err != nil {
-			return fmt.Errorf("pinhole: sentinel of %s: %w", b.sets[k].Name, err)
+	sets, elems := b.sentineled()
+	for i, s := range sets {
+		if err := b.conn.SetAddElements(s, elems[i:i+1]); err != nil {
+			return fmt.Errorf("pinhole: sentinel of %s: %w", s.Name, err)
 		}
 	}
 	return nil
@@ -58,13 +75,13 @@ func (b *Backend) queueSentinels() error {
 // kernel refuses deleting an absent element (ENOENT) and then applies
 // nothing. Its cost does not grow with the sets' sizes.
 func (b *Backend) checkSentinels() error {
-	for k := range numKinds {
-		el := []nftables.SetElement{sentinelElement(k)}
-		if err := b.conn.SetDeleteElements(b.sets[k], el); err != nil {
-			return fmt.Errorf("pinhole: sentinel of %s: %w", b.sets[k].Name, err)
+	sets, elems := b.sentineled()
+	for i, s := range sets {
+		if err := b.conn.SetDeleteElements(s, elems[i:i+1]); err != nil {
+			return fmt.Errorf("pinhole: sentinel of %s: %w", s.Name, err)
 		}
-		if err := b.conn.SetAddElements(b.sets[k], el); err != nil {
-			return fmt.Errorf("pinhole: sentinel of %s: %w", b.sets[k].Name, err)
+		if err := b.conn.SetAddElements(s, elems[i:i+1]); err != nil {
+			return fmt.Errorf("pinhole: sentinel of %s: %w", s.Name, err)
 		}
 	}
 	if err := b.conn.Flush(); err != nil {

@@ -256,6 +256,7 @@ func TestHealthyAndRepair(t *testing.T) {
 		{"table deleted", "delete table inet pcpd"},
 		// Noticed by the set's sentinel element, without a dump.
 		{"map flushed", "flush map inet pcpd napt4"},
+		{"SNAT map flushed", "flush map inet pcpd snat4"},
 		{"filtered set flushed", "flush set inet pcpd pin6_filter"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
