@@ -1,11 +1,13 @@
 package server
 
 import (
+	"errors"
 	"net"
 	"sync"
 
 	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/store"
 )
@@ -38,7 +40,7 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 			f.AddPort(netlink.ConntrackOrigDstPort, l.ExternalPort) != nil {
 			continue
 		}
-		fs = append(fs, ctFilter{f: f, v4: l.ExternalAddr.Is4()})
+		fs = append(fs, ctFilter{f: f, v4: l.ExternalAddr.Is4(), t: ctTarget{addr: l.ExternalAddr, proto: l.Protocol, port: l.ExternalPort}})
 	}
 	if len(fs) > 0 {
 		s.ct.add(fs)
@@ -46,8 +48,9 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 }
 
 type ctFilter struct {
-	f  *netlink.ConntrackFilter
+	f  *netlink.ConntrackFilter // for the generic walk (kernels before 5.8)
 	v4 bool
+	t  ctTarget
 }
 
 // ctFlusher coalesces conntrack flushes. A flush walks (dumps) the whole
@@ -136,9 +139,48 @@ func (c *ctFlusher) run() {
 	}
 }
 
-// walkConntrack deletes the flows matching any of fs: one dump per address
-// family that has filters.
+// walkConntrack deletes the flows matching any of fs. First with the
+// kernel filtering (a dump per distinct target that returns only its
+// flows: ~µs per thousand conntrack entries instead of copying and parsing
+// every entry); if the kernel refuses CTA_FILTER, with the generic walk.
 func (s *Server) walkConntrack(fs []ctFilter) {
+	fd := 0
+	if nsSet(s.cfg.NetNS) {
+		fd = int(s.cfg.NetNS)
+	}
+	if d, err := dialConntrack(fd); err == nil {
+		seen := map[ctTarget]bool{}
+		n, ok := 0, true
+		for _, f := range fs {
+			if seen[f.t] {
+				continue
+			}
+			seen[f.t] = true
+			k, err := d.end(f.t)
+			n += k
+			if err != nil {
+				s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))
+				if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP) {
+					ok = false
+					break
+				}
+			}
+		}
+		d.close()
+		if ok {
+			s.m.ctWalks.Inc()
+			if n > 0 {
+				s.log.Info("ended connections of removed mappings", zap.Int("flows", n))
+			}
+			return
+		}
+	}
+	s.walkConntrackGeneric(fs)
+}
+
+// walkConntrackGeneric is the walk for kernels without CTA_FILTER: one
+// dump of the whole table per address family that has filters.
+func (s *Server) walkConntrackGeneric(fs []ctFilter) {
 	var h *netlink.Handle
 	var err error
 	if nsSet(s.cfg.NetNS) {

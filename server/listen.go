@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"runtime"
 	"slices"
 	"sync"
 	"syscall"
@@ -304,8 +305,15 @@ func (l *listener) resync(h *netlink.Handle) {
 		}
 		c := &udpConn{iface: w.name, index: w.index, local: ap, pc: pc}
 		l.conns[ap] = c
-		l.wg.Add(1)
-		go l.read(c)
+		// One reader per core: the readers answer malformed and refused
+		// requests themselves (Server.early), and one goroutine reading,
+		// answering and sending kept a single core busy while the other
+		// idled. Datagrams of one socket may then reach the engine out of
+		// arrival order, which UDP never promised anyway.
+		for range readers() {
+			l.wg.Add(1)
+			go l.read(c)
+		}
 		l.log.Info("serving", zap.String("interface", w.name), zap.Stringer("address", ap))
 	}
 }
@@ -423,6 +431,8 @@ func (l *listener) read(c *udpConn) {
 		}
 	}
 }
+
+func readers() int { return max(1, min(runtime.GOMAXPROCS(0), 4)) }
 
 func (l *listener) closeAll() {
 	l.mu.Lock()
