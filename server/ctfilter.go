@@ -65,19 +65,30 @@ func (d *ctDeleter) close() { d.c.Close() }
 
 func nfgen(family uint8) []byte { return []byte{family, 0, 0, 0} }
 
-// end deletes every flow whose original tuple goes to t; it returns how many.
-func (d *ctDeleter) end(t ctTarget) (int, error) {
+// end deletes every flow whose original tuple goes to one of ts (one
+// family and protocol); it returns how many. Every kernel dump walks the
+// whole conntrack hash table, so a group costs one dump: filtered by
+// protocol and port (and IPv4 address) when it has one target, by
+// protocol alone when it has more; what comes back is matched here.
+func (d *ctDeleter) end(ts []ctTarget) (int, error) {
+	t := ts[0]
 	fam, ipAttr, ip := uint8(unix.AF_INET6), uint16(ctaIPv6Dst), t.addr.AsSlice()
 	if t.addr.Is4() {
 		fam, ipAttr = unix.AF_INET, ctaIPv4Dst
 	}
 	// The kernel compares IPv6 addresses with the result of
 	// ipv6_addr_cmp inverted (equal addresses fail the filter; seen on
-	// 6.18), so IPv6 dumps filter by protocol and port only and the
-	// address is checked here (origDstIs) before any delete.
-	flags := uint32(ctaFilterFProtoNum | ctaFilterFDstPort)
-	if t.addr.Is4() {
-		flags |= ctaFilterFIPDst
+	// 6.18), so IPv6 dumps never filter by address.
+	flags := uint32(ctaFilterFProtoNum)
+	if len(ts) == 1 {
+		flags |= ctaFilterFDstPort
+		if t.addr.Is4() {
+			flags |= ctaFilterFIPDst
+		}
+	}
+	want := make(map[ctTarget]bool, len(ts))
+	for _, t := range ts {
+		want[t] = true
 	}
 	ae := netlink.NewAttributeEncoder()
 	ae.Nested(ctaTupleOrig, func(ae *netlink.AttributeEncoder) error {
@@ -127,9 +138,12 @@ func (d *ctDeleter) end(t ctTarget) (int, error) {
 				zone = ad.Bytes()
 			}
 		}
-		// Checked here too: a kernel that does not know CTA_FILTER
-		// ignores it and dumps every flow.
-		if tuple == nil || !origDstIs(tuple, ipAttr, ip, t) {
+		// Checked here in any case: a kernel that does not know
+		// CTA_FILTER ignores it and dumps every flow.
+		if tuple == nil {
+			continue
+		}
+		if dst, ok := origDst(tuple, ipAttr); !ok || !want[dst] {
 			continue
 		}
 		del := netlink.NewAttributeEncoder()
@@ -157,11 +171,12 @@ func (d *ctDeleter) end(t ctTarget) (int, error) {
 	return n, errors.Join(errs...)
 }
 
-// origDstIs reports whether a CTA_TUPLE_ORIG payload goes to t.
-func origDstIs(tuple []byte, ipAttr uint16, ip []byte, t ctTarget) bool {
+// origDst reads the destination of a CTA_TUPLE_ORIG payload.
+func origDst(tuple []byte, ipAttr uint16) (ctTarget, bool) {
+	var t ctTarget
 	ad, err := netlink.NewAttributeDecoder(tuple)
 	if err != nil {
-		return false
+		return t, false
 	}
 	ipOK, protoOK, portOK := false, false, false
 	for ad.Next() {
@@ -169,8 +184,8 @@ func origDstIs(tuple []byte, ipAttr uint16, ip []byte, t ctTarget) bool {
 		case ctaTupleIP:
 			ad.Nested(func(nd *netlink.AttributeDecoder) error {
 				for nd.Next() {
-					if nd.Type() == ipAttr && string(nd.Bytes()) == string(ip) {
-						ipOK = true
+					if nd.Type() == ipAttr {
+						t.addr, ipOK = netip.AddrFromSlice(nd.Bytes())
 					}
 				}
 				return nil
@@ -180,14 +195,18 @@ func origDstIs(tuple []byte, ipAttr uint16, ip []byte, t ctTarget) bool {
 				for nd.Next() {
 					switch b := nd.Bytes(); nd.Type() {
 					case ctaProtoNum:
-						protoOK = len(b) == 1 && b[0] == t.proto
+						if protoOK = len(b) == 1; protoOK {
+							t.proto = b[0]
+						}
 					case ctaProtoDst:
-						portOK = len(b) == 2 && binary.BigEndian.Uint16(b) == t.port
+						if portOK = len(b) == 2; portOK {
+							t.port = binary.BigEndian.Uint16(b)
+						}
 					}
 				}
 				return nil
 			})
 		}
 	}
-	return ad.Err() == nil && ipOK && protoOK && portOK
+	return t, ad.Err() == nil && ipOK && protoOK && portOK
 }
