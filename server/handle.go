@@ -31,6 +31,9 @@ type outcome struct {
 	op    string
 	res   string
 	after func() // runs after a successful commit: the decision's log line
+	// ends: the request ended a mapping on purpose, so its reply waits
+	// for the conntrack flush (PMP-12); other replies need not.
+	ends bool
 }
 
 // Handle handles one request as a batch of its own and returns the reply
@@ -50,28 +53,30 @@ func (s *Server) Handle(local, src netip.AddrPort, b []byte) []byte {
 // (PMP-12).
 func (s *Server) HandleBatch(reqs []Request) [][]byte {
 	seq := s.ct.seq()
-	replies := s.handleBatch(reqs)
+	replies, _ := s.handleBatch(reqs)
 	if s.ct.seq() != seq {
 		s.waitConntrack()
 	}
 	return replies
 }
 
-// handleBatch is HandleBatch without waiting for the conntrack flush.
-func (s *Server) handleBatch(reqs []Request) [][]byte {
+// handleBatch is HandleBatch without waiting for the conntrack flush; ends
+// marks the requests whose replies must wait for it.
+func (s *Server) handleBatch(reqs []Request) (replies [][]byte, ends []bool) {
 	now := s.now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.expireLocked(now)
 	outs := s.handleTx(reqs, now, false)
-	replies := make([][]byte, len(outs))
+	replies = make([][]byte, len(outs))
+	ends = make([]bool, len(outs))
 	for i, o := range outs {
-		replies[i] = o.reply
+		replies[i], ends[i] = o.reply, o.ends
 		if o.reply != nil {
 			s.m.requests.WithLabelValues(o.proto, o.op, o.res).Inc()
 		}
 	}
-	return replies
+	return replies, ends
 }
 
 // handleTx handles reqs in as few transactions as fit (see the cut below).
@@ -86,7 +91,9 @@ func (s *Server) handleTx(reqs []Request, now time.Time, retry bool) []outcome {
 		t.retry = retry
 		end := start
 		for end < len(reqs) && (end == start || len(t.ops) <= s.opsBudget) {
+			n := len(t.ended)
 			outs[end] = s.handle(t, &reqs[end])
+			outs[end].ends = len(t.ended) > n
 			end++
 		}
 		s.commitOutcomes(t, reqs[start:end], outs[start:end], now)

@@ -269,11 +269,23 @@ func (s *Server) serveBatch(batch []packet) {
 		reqs[i] = Request{Local: p.conn.local, Source: p.src, Data: p.b, admitted: true}
 	}
 	seq := s.ct.seq()
-	replies := s.handleBatch(reqs)
+	replies, ends := s.handleBatch(reqs)
 	if after := s.ct.seq(); after != seq {
-		// batch is the engine loop's buffer, reused for the next batch.
-		pending := slices.Clone(batch)
-		s.ct.after(after, func() { s.sendReplies(pending, replies) })
+		// Only the replies of requests that ended a mapping wait; batch
+		// is the engine loop's buffer, reused for the next batch.
+		var held []packet
+		var heldReplies [][]byte
+		for i := range replies {
+			if ends[i] && replies[i] != nil {
+				held = append(held, batch[i])
+				heldReplies = append(heldReplies, replies[i])
+				replies[i] = nil
+			}
+		}
+		s.sendReplies(batch, replies)
+		if len(held) > 0 {
+			s.ct.after(after, func() { s.sendReplies(held, heldReplies) })
+		}
 		return
 	}
 	s.sendReplies(batch, replies)
