@@ -96,23 +96,42 @@ func (t *table) put(l store.Lease) {
 		t.del(l.Key)
 	}
 	c := l
+	t.insert(&c)
+}
+
+// insert indexes c, which the table then owns.
+func (t *table) insert(c *store.Lease) {
 	if n, ok := t.names[c.Owner]; ok {
 		c.Owner = n
 	} else {
 		t.names[c.Owner] = c.Owner
 	}
-	t.byKey[c.Key] = &c
+	t.byKey[c.Key] = c
 	t.byOwner[c.Owner]++
 	tp := tupleOf(c.Key)
-	t.byTuple[tp] = append(t.byTuple[tp], &c)
-	e := endpointOf(&c)
+	t.byTuple[tp] = append(t.byTuple[tp], c)
+	e := endpointOf(c)
 	h := t.byExt[e]
 	if h == nil {
-		h = &hold{addr: l.InternalAddr, port: l.InternalPort}
+		h = &hold{addr: c.InternalAddr, port: c.InternalPort}
 		t.byExt[e] = h
 	}
 	h.n++
-	heap.Push(&t.exp, expItem{at: c.Expires.UnixNano(), l: &c})
+	heap.Push(&t.exp, expItem{at: c.Expires.UnixNano(), l: c})
+}
+
+// putAll inserts leases (a restart) and keeps them where they are: the
+// table points into ls instead of copying each lease into an allocation
+// of its own (a million 288-byte allocations at a 1 000 000-lease start).
+// ls must not be used by the caller afterwards. Slots of leases that end
+// later stay allocated until the whole slice is unreferenced.
+func (t *table) putAll(ls []store.Lease) {
+	for i := range ls {
+		if _, ok := t.byKey[ls[i].Key]; ok {
+			t.del(ls[i].Key)
+		}
+		t.insert(&ls[i])
+	}
 }
 
 // del removes a lease; it reports whether there was one.
