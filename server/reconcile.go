@@ -122,26 +122,40 @@ const maxOrphanTargets = 4096
 // The pinholes of gone (leases dropped because the external IPv4 changed)
 // are removed: they are known without a dump.
 func (s *Server) reconcile(leases, gone []store.Lease, now time.Time) ([]store.Lease, bool) {
-	want := make(map[pinhole.Pinhole]time.Duration, len(leases))
-	ops := make([]pinhole.Op, 0, len(leases))
+	// Leases share a pinhole only on one internal tuple (a PEER and a
+	// filtered MAP): only those pinholes need a map, for the latest expiry
+	// among their holders. A map of every pinhole (≈ 110 bytes an entry)
+	// and a list of every op cost ≈ 250 MB and seconds at 1 000 000 leases;
+	// the ops now go to the kernel as they are made.
+	perTuple := make(map[tuple]int32, len(leases))
 	for i := range leases {
-		for _, p := range pinholesOf(&leases[i]) {
-			d := leases[i].Expires.Sub(now)
-			if old, ok := want[p]; ok {
-				want[p] = max(old, d)
-				continue
-			}
-			want[p] = d
-			ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p})
+		perTuple[tupleOf(leases[i].Key)]++
+	}
+	for i := range gone {
+		// Their pinholes are deleted below unless a live lease holds one.
+		if tp := tupleOf(gone[i].Key); perTuple[tp] > 0 {
+			perTuple[tp]++
 		}
 	}
-	for i := range ops {
-		ops[i].Timeout = want[ops[i].Pinhole]
+	shared := map[pinhole.Pinhole]time.Duration{}
+	for i := range leases {
+		if perTuple[tupleOf(leases[i].Key)] < 2 {
+			continue
+		}
+		for _, p := range pinholesOf(&leases[i]) {
+			shared[p] = max(shared[p], leases[i].Expires.Sub(now))
+		}
+	}
+	timeout := func(l *store.Lease, p pinhole.Pinhole) time.Duration {
+		if d, ok := shared[p]; ok {
+			return d
+		}
+		return l.Expires.Sub(now)
 	}
 	var dels []pinhole.Op
 	for i := range gone {
 		for _, p := range pinholesOf(&gone[i]) {
-			if _, ok := want[p]; !ok {
+			if _, ok := shared[p]; !ok {
 				dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
 			}
 		}
@@ -151,19 +165,41 @@ func (s *Server) reconcile(leases, gone []store.Lease, now time.Time) ([]store.L
 			s.log.Error("cannot remove the pinholes of dropped leases; they end with their timeouts", zap.Error(err))
 		}
 	}
-	if len(ops) == 0 {
-		return leases, true
+	ops := make([]pinhole.Op, 0, pinhole.MaxBatch)
+	var err error
+	apply := func() {
+		if len(ops) > 0 && err == nil {
+			err = s.fw.Apply(ops)
+		}
+		ops = ops[:0]
 	}
-	err := s.applyAtomic(ops, nil)
+	done := map[pinhole.Pinhole]bool{}
+	for i := 0; i < len(leases) && err == nil; i++ {
+		for _, p := range pinholesOf(&leases[i]) {
+			if _, ok := shared[p]; ok {
+				if done[p] {
+					continue
+				}
+				done[p] = true
+			}
+			ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: timeout(&leases[i], p)})
+			if len(ops) == pinhole.MaxBatch {
+				apply()
+			}
+		}
+	}
+	apply()
 	if err == nil {
 		return leases, true
 	}
+	// Re-installing what went in already is harmless (it only resets the
+	// timeout to the same value).
 	s.log.Warn("restoring all pinholes failed; trying lease by lease", zap.Error(err))
 	var kept []store.Lease
 	for i := range leases {
 		var lops []pinhole.Op
 		for _, p := range pinholesOf(&leases[i]) {
-			lops = append(lops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: want[p]})
+			lops = append(lops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: timeout(&leases[i], p)})
 		}
 		if err := s.fw.Apply(lops); err != nil {
 			s.log.Error("cannot restore lease; dropped", append(leaseFields(&leases[i], leases[i].ClientAddr), zap.Error(err))...)
