@@ -109,7 +109,13 @@ func run(ctx context.Context, args []string) error {
 		return errors.New("driver: needs root (network namespaces, nftables)")
 	}
 	stamp := time.Now().UTC().Format("20060102-150405")
-	o.out = filepath.Join(o.out, stamp)
+	// Absolute: pcpd serve refuses a relative --state-dir or --socket,
+	// and both are derived from this directory.
+	abs, err := filepath.Abs(filepath.Join(o.out, stamp))
+	if err != nil {
+		return err
+	}
+	o.out = abs
 	if err := os.MkdirAll(o.out, 0o755); err != nil {
 		return err
 	}
