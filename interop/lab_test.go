@@ -20,13 +20,16 @@ import (
 	"github.com/pcpd/pcpd/pcp"
 )
 
-// binDir holds the pcpd binary built for this test process.
+// binDir holds the pcpd binary built for this test process (tsBuild.dir
+// the Tailscale client's).
 var binDir string
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binDir != "" {
-		os.RemoveAll(binDir)
+	for _, dir := range []string{binDir, tsBuild.dir} {
+		if dir != "" {
+			os.RemoveAll(dir)
+		}
 	}
 	os.Exit(code)
 }
