@@ -115,7 +115,8 @@ type lab struct {
 	log  *lockedBuffer
 }
 
-func newLab(t *testing.T) *lab {
+// newLab starts the lab; extra are more pcpd serve flags.
+func newLab(t *testing.T, extra ...string) *lab {
 	t.Helper()
 	requireRoot(t)
 	bin := pcpdBinary(t)
@@ -130,6 +131,7 @@ func newLab(t *testing.T) *lab {
 		"--socket", filepath.Join(dir, "pcpd.sock"),
 		"--log-level", "warn",
 	}
+	args = append(args, extra...)
 	cmd, err := topo.Host.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = l.log, l.log }, args...)
 	if err != nil {
 		t.Fatal(err)
@@ -171,9 +173,15 @@ func (l *lab) waitReady() error {
 // namespace (a socket stays in the namespace it was created in), aimed at
 // pcpd's IPv6 LAN address. The caller closes c.Conn.
 func (l *lab) pcpClient() (*pcp.Client, error) {
+	return l.pcpClientFrom(l.topo.ClientV6, l.topo.HostTunnelV6)
+}
+
+// pcpClientFrom is pcpClient from the client address from to the server
+// address server.
+func (l *lab) pcpClientFrom(from, server netip.Addr) (*pcp.Client, error) {
 	var conn *net.UDPConn
 	err := l.topo.Client.Do(func() (err error) {
-		conn, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(l.topo.ClientV6, 0)))
+		conn, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(from, 0)))
 		return err
 	})
 	if err != nil {
@@ -181,7 +189,7 @@ func (l *lab) pcpClient() (*pcp.Client, error) {
 	}
 	return &pcp.Client{
 		Conn:           conn,
-		Server:         netip.AddrPortFrom(l.topo.HostTunnelV6, pcp.Port),
+		Server:         netip.AddrPortFrom(server, pcp.Port),
 		InitialTimeout: 250 * time.Millisecond,
 	}, nil
 }

@@ -9,19 +9,49 @@ import (
 	"github.com/pcpd/pcpd/pcp"
 )
 
-// TestStartOSExchange replays the exchange StartOS's PCP client makes
-// over IPv6 to the router's LAN address, port 5351, with pcp's client
-// from the Client namespace: an ANNOUNCE probe; TCP and UDP MAPs as
-// separate requests, lifetime 3600, suggested external port = internal
-// port; the 80 → 443 redirect MAP; renewals with the same nonce and the
-// granted lifetime; deletes with suggested external port 0. Every step
-// must succeed, every granted external port must be the requested one,
-// and the data plane is checked after the maps and after the deletes.
+// TestStartOSExchange replays the exchange StartOS's PCP client makes to
+// the router's LAN address, port 5351, with pcp's client from the Client
+// namespace: an ANNOUNCE probe; TCP and UDP MAPs as separate requests,
+// lifetime 3600, suggested external port = internal port; the 80 → 443
+// redirect MAP; renewals with the same nonce and the granted lifetime;
+// deletes with suggested external port 0. Every step must succeed, every
+// granted external port must be the requested one, and the data plane is
+// checked after the maps and after the deletes. IPv6 (a pinhole on the
+// client's own address, MAP-11) is the StartOS case; IPv4 (NAPT to the
+// external IPv4, MAP-12) runs the same exchange.
 func TestStartOSExchange(t *testing.T) {
 	requireRoot(t)
-	l := newLab(t)
+	for _, fam := range []struct {
+		name           string
+		client, server func(l *lab) netip.Addr
+		external       func(l *lab) netip.Addr // the granted external address
+		flags          []string                // more pcpd serve flags
+	}{
+		{"IPv6",
+			func(l *lab) netip.Addr { return l.topo.ClientV6 },
+			func(l *lab) netip.Addr { return l.topo.HostTunnelV6 },
+			func(l *lab) netip.Addr { return l.topo.ClientV6 }, nil},
+		// External IPv4 ports below 1024 belong to the host's own
+		// services by default (--ipv4-port-range 1024-65535); a router
+		// that forwards port 80 to a StartOS server opens the range.
+		{"IPv4",
+			func(l *lab) netip.Addr { return l.topo.ClientV4 },
+			func(l *lab) netip.Addr { return l.topo.HostTunnelV4 },
+			func(l *lab) netip.Addr { return l.topo.HostPublicV4 },
+			[]string{"--ipv4-port-range", "1-65535"}},
+	} {
+		t.Run(fam.name, func(t *testing.T) {
+			l := newLab(t, fam.flags...)
+			startOSExchange(t, l, fam.client(l), fam.server(l), fam.external(l))
+		})
+	}
+}
+
+// startOSExchange runs the exchange from client to server; extAddr is the
+// external address every mapping must get.
+func startOSExchange(t *testing.T, l *lab, client, server, extAddr netip.Addr) {
 	topo := l.topo
-	c, err := l.pcpClient()
+	c, err := l.pcpClientFrom(client, server)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +77,6 @@ func TestStartOSExchange(t *testing.T) {
 		httpPort  = 80   // the redirect's external port
 		lifetime  = 3600 * time.Second
 	)
-	client := topo.ClientV6
 	topo.Client.ServeTCP(t, netip.AddrPortFrom(client, appPort).String())
 	topo.Client.ServeUDPEcho(t, netip.AddrPortFrom(client, appPort).String())
 	topo.Client.ServeTCP(t, netip.AddrPortFrom(client, httpsPort).String())
@@ -67,7 +96,7 @@ func TestStartOSExchange(t *testing.T) {
 	}
 	// reach checks the data plane through m's external port.
 	reach := func(m *mapping) error {
-		at := netip.AddrPortFrom(client, m.external)
+		at := netip.AddrPortFrom(extAddr, m.external)
 		if m.proto == pcp.ProtoUDP {
 			return l.reachUDP(at)
 		}
@@ -78,7 +107,7 @@ func TestStartOSExchange(t *testing.T) {
 		if m.proto == pcp.ProtoUDP {
 			proto = "udp"
 		}
-		return l.blocked(proto, netip.AddrPortFrom(client, m.external))
+		return l.blocked(proto, netip.AddrPortFrom(extAddr, m.external))
 	}
 
 	steps := []struct {
@@ -98,7 +127,7 @@ func TestStartOSExchange(t *testing.T) {
 				}
 			}
 		}},
-		{"MAP-09 MAP TCP, UDP and MAP-11 redirect", func(t *testing.T) {
+		{"MAP-09 TCP and UDP maps, 80→443 redirect", func(t *testing.T) {
 			for _, m := range maps {
 				m.req = pcp.NewMap(client, m.proto, m.internal, lifetime)
 				m.req.Map.ExternalPort = m.external
@@ -106,15 +135,15 @@ func TestStartOSExchange(t *testing.T) {
 				if resp.Map.ExternalPort != m.external {
 					t.Fatalf("%s: granted external port %d, want the suggested %d", m.name, resp.Map.ExternalPort, m.external)
 				}
-				if resp.Map.ExternalAddr != client {
-					t.Errorf("%s: external address %s, want the client's own %s (IPv6 pinhole)", m.name, resp.Map.ExternalAddr, client)
+				if resp.Map.ExternalAddr != extAddr {
+					t.Errorf("%s: external address %s, want %s", m.name, resp.Map.ExternalAddr, extAddr)
 				}
 				if resp.Lifetime != lifetime {
 					t.Errorf("%s: granted lifetime %v, want %v", m.name, resp.Lifetime, lifetime)
 				}
 				m.granted = resp.Lifetime
 				if err := reach(m); err != nil {
-					t.Errorf("%s: internet → [%s]:%d does not reach the service on %d: %v", m.name, client, m.external, m.internal, err)
+					t.Errorf("%s: internet → %s does not reach the service on %d: %v", m.name, netip.AddrPortFrom(extAddr, m.external), m.internal, err)
 				}
 			}
 		}},
