@@ -96,4 +96,26 @@ func TestNatpmpc(t *testing.T) {
 			}
 		})
 	}
+
+	// PMP-08: natpmpc's "0 as private port and lifetime" deletes every
+	// TCP mapping of this client at once.
+	t.Run("PMP-08 delete all TCP", func(t *testing.T) {
+		ports := []uint16{8181, 8282}
+		for _, p := range ports {
+			topo.Client.ServeTCP(t, fmt.Sprintf("%s:%d", topo.ClientV4, p))
+			l.natpmpc(t, "-a", fmt.Sprint(p), fmt.Sprint(p), "tcp", "3600")
+			if err := l.reachTCP(netip.AddrPortFrom(topo.HostPublicV4, p)); err != nil {
+				t.Fatalf("tcp %d not reachable after the mapping: %v", p, err)
+			}
+		}
+		out := l.natpmpc(t, "-a", "0", "0", "tcp", "0")
+		if m := natpmpcMapped.FindStringSubmatch(out); m == nil || m[3] != "0" || m[4] != "0" {
+			t.Fatalf("natpmpc delete-all: want local port 0, lifetime 0:\n%s", out)
+		}
+		for _, p := range ports {
+			if err := l.blocked("tcp", netip.AddrPortFrom(topo.HostPublicV4, p)); err != nil {
+				t.Errorf("PMP-08: %v", err)
+			}
+		}
+	})
 }
