@@ -11,6 +11,7 @@ import (
 
 	"github.com/pcpd/pcpd/internal/miniupnpd"
 	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/internal/pcpdtest"
 )
 
 // runSuite runs every check as a subtest named by its PROTOCOL.md ID:
@@ -91,7 +92,7 @@ func TestConformanceMiniupnpd(t *testing.T) {
 	}
 	netlab.RequireRoot(t)
 	l := newLab(t)
-	log := &lockedBuffer{}
+	log := &pcpdtest.Log{}
 	dir := t.TempDir()
 	d, err := miniupnpd.Start(l.topo.Host, miniupnpd.Options{MinLifetime: 3, Log: log, Dir: dir})
 	if err != nil {

@@ -2,22 +2,19 @@ package conformance
 
 import (
 	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/internal/pcpdtest"
 )
 
 // The lab: netlab's three-namespace topology with the extra addresses the
@@ -182,31 +179,22 @@ func probeFrom(ns *netlab.NS, proto byte, from, to netip.AddrPort) error {
 	})
 }
 
-// lockedBuffer collects a daemon's output for failure messages.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
+func TestMain(m *testing.M) { os.Exit(pcpdtest.Main(m)) }
 
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// pcpdDaemon runs cmd/pcpd serve in the lab's Host namespace.
+// pcpdDaemon runs cmd/pcpd serve in the lab's Host namespace, for the
+// Env's Start, Stop, Restart and Wipe hooks.
 type pcpdDaemon struct {
-	l     *lab
-	args  []string
-	cmd   *exec.Cmd
-	log   *lockedBuffer
+	pcpd  *pcpdtest.Daemon
 	state string // --state-dir
+}
+
+// start runs pcpd and waits until it answers ANNOUNCE.
+func (d *pcpdDaemon) start() error { return d.pcpd.Start() }
+
+// stop kills pcpd (SIGKILL: the suite's restarts are crashes).
+func (d *pcpdDaemon) stop() error {
+	d.pcpd.Kill()
+	return nil
 }
 
 // wipe restarts pcpd with its state directory deleted (EPO-03).
@@ -218,99 +206,34 @@ func (d *pcpdDaemon) wipe() error {
 	return d.start()
 }
 
-// buildPcpd builds cmd/pcpd into the module's tmp/ directory.
-func buildPcpd(t *testing.T) string {
-	t.Helper()
-	out, err := exec.Command("go", "env", "GOMOD").Output()
-	if err != nil {
-		t.Fatalf("go env GOMOD: %v", err)
-	}
-	root := filepath.Dir(strings.TrimSpace(string(out)))
-	bin := filepath.Join(root, "tmp", "pcpd-conformance")
-	build := exec.Command("go", "build", "-o", bin, "./cmd/pcpd")
-	build.Dir = root
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Skipf("cmd/pcpd does not build, cannot self-host the suite: %v\n%s", err, out)
-	}
-	return bin
-}
-
-func (d *pcpdDaemon) start() error {
-	cmd, err := d.l.topo.Host.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = d.log, d.log }, d.args...)
-	if err != nil {
-		return err
-	}
-	d.cmd = cmd
-	return d.waitReady()
-}
-
-// waitReady polls with ANNOUNCE from the client until pcpd answers.
-func (d *pcpdDaemon) waitReady() error {
-	topo := d.l.topo
-	deadline := time.Now().Add(15 * time.Second)
-	for time.Now().Before(deadline) {
-		var ok bool
-		topo.Client.Do(func() error {
-			c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(topo.ClientV6, 0)), net.UDPAddrFromAddrPort(netip.AddrPortFrom(topo.HostTunnelV6, 5351)))
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			c.Write(announce(topo.ClientV6))
-			c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-			buf := make([]byte, 64)
-			n, err := c.Read(buf)
-			ok = err == nil && n == 24 && buf[1] == 0x80 && buf[3] == 0
-			return nil
-		})
-		if ok {
-			return nil
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return fmt.Errorf("pcpd did not answer ANNOUNCE within 15 s:\n%s", d.log.String())
-}
-
-func (d *pcpdDaemon) stop() error {
-	if d.cmd == nil {
-		return nil
-	}
-	syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
-	d.cmd.Wait()
-	d.cmd = nil
-	return nil
-}
-
 // startPcpd starts pcpd with static ownership: c1 owns the client's
 // /64 and IPv4, c2 the other client's; lifetimes from 3 s so expiry is
-// testable.
+// testable. The suite cannot self-host without cmd/pcpd: a build failure
+// skips.
 func startPcpd(t *testing.T, l *lab) *pcpdDaemon {
-	bin := buildPcpd(t)
-	dir := t.TempDir()
-	topo := l.topo
-	d := &pcpdDaemon{l: l, log: &lockedBuffer{}, args: []string{bin, "serve",
-		"--interface", topo.HostLANIf,
-		"--client", "c1=" + topo.ClientPrefix6.String() + "," + topo.ClientPrefix4.String(),
-		"--client", "c2=2001:db8:1:3::/64," + labOther4.String() + "/32",
-		"--external-ipv4", topo.HostPublicV4.String(),
-		"--state-dir", filepath.Join(dir, "state"),
-		"--socket", filepath.Join(dir, "pcpd.sock"),
-		"--nft-table", "pcpdconf",
-		"--min-lifetime", "3s",
-		"--max-leases-per-client", "40",
-		"--log-level", "warn",
-	}}
-	if err := d.start(); err != nil {
-		t.Fatal(err)
+	t.Helper()
+	if _, err := pcpdtest.Build(); err != nil {
+		t.Skipf("cmd/pcpd does not build, cannot self-host the suite: %v", err)
 	}
-	d.state = filepath.Join(dir, "state")
-	t.Cleanup(func() {
-		d.stop()
-		if t.Failed() {
-			t.Logf("pcpd log:\n%s", d.log.String())
-		}
+	topo := l.topo
+	state := filepath.Join(t.TempDir(), "state")
+	d := pcpdtest.Start(t, pcpdtest.Config{
+		NS: topo.Host,
+		Args: []string{"serve",
+			"--interface", topo.HostLANIf,
+			"--client", "c1=" + topo.ClientPrefix6.String() + "," + topo.ClientPrefix4.String(),
+			"--client", "c2=2001:db8:1:3::/64," + labOther4.String() + "/32",
+			"--external-ipv4", topo.HostPublicV4.String(),
+			"--state-dir", state,
+			"--socket", filepath.Join(filepath.Dir(state), "pcpd.sock"),
+			"--nft-table", "pcpdconf",
+			"--min-lifetime", "3s",
+			"--max-leases-per-client", "40",
+			"--log-level", "warn",
+		},
+		Ready: pcpdtest.Announce(topo.Client, topo.ClientV6, netip.AddrPortFrom(topo.HostTunnelV6, 5351)),
 	})
-	return d
+	return &pcpdDaemon{pcpd: d, state: state}
 }
 
 // startReflector answers every datagram with the sender's address:port.

@@ -1,77 +1,26 @@
 package interop
 
 import (
-	"bytes"
-	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/internal/pcpdtest"
 	"github.com/pcpd/pcpd/pcp"
 )
 
-// binDir holds the pcpd binary built for this test process (tsBuild.dir
-// the Tailscale client's).
-var binDir string
-
 func TestMain(m *testing.M) {
-	code := m.Run()
-	for _, dir := range []string{binDir, tsBuild.dir} {
-		if dir != "" {
-			os.RemoveAll(dir)
-		}
+	code := pcpdtest.Main(m)
+	if tsBuild.dir != "" {
+		os.RemoveAll(tsBuild.dir)
 	}
 	os.Exit(code)
-}
-
-var pcpdBuild struct {
-	once sync.Once
-	path string
-	err  error
-}
-
-// pcpdBinary builds ./cmd/pcpd once per test process: interop is about
-// the daemon an operator runs, not an in-process server.
-func pcpdBinary(t testing.TB) string {
-	t.Helper()
-	pcpdBuild.once.Do(func() {
-		out, err := exec.Command("go", "env", "GOMOD").Output()
-		if err != nil {
-			pcpdBuild.err = fmt.Errorf("interop: go env GOMOD: %w", err)
-			return
-		}
-		gomod := strings.TrimSpace(string(out))
-		if gomod == "" || gomod == os.DevNull {
-			pcpdBuild.err = errors.New("interop: not inside the pcpd module")
-			return
-		}
-		if binDir, err = os.MkdirTemp("", "pcpd-interop-bin-"); err != nil {
-			pcpdBuild.err = err
-			return
-		}
-		path := filepath.Join(binDir, "pcpd")
-		cmd := exec.Command("go", "build", "-o", path, "./cmd/pcpd")
-		cmd.Dir = filepath.Dir(gomod)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			pcpdBuild.err = fmt.Errorf("interop: go build ./cmd/pcpd: %v: %s", err, out)
-			return
-		}
-		pcpdBuild.path = path
-	})
-	if pcpdBuild.err != nil {
-		t.Fatal(pcpdBuild.err)
-	}
-	return pcpdBuild.path
 }
 
 func requireRoot(t testing.TB) {
@@ -89,41 +38,21 @@ func requireTool(t testing.TB, name, pkg string) {
 	}
 }
 
-// lockedBuffer collects pcpd's output from its goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // lab is netlab's veth topology with pcpd serving on the Host's lan0:
 // client c1 owns the Client's /64 and its IPv4, mapped to the Host's
 // public 198.51.100.1.
 type lab struct {
 	topo *netlab.Topology
-	log  *lockedBuffer
+	pcpd *pcpdtest.Daemon
 }
 
 // newLab starts the lab; extra are more pcpd serve flags.
 func newLab(t *testing.T, extra ...string) *lab {
 	t.Helper()
 	requireRoot(t)
-	bin := pcpdBinary(t)
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	dir := t.TempDir()
-	l := &lab{topo: topo, log: &lockedBuffer{}}
-	args := []string{bin, "serve",
+	args := []string{"serve",
 		"--interface", topo.HostLANIf,
 		"--client", "c1=" + topo.ClientPrefix6.String() + "," + topo.ClientPrefix4.String(),
 		"--external-ipv4", topo.HostPublicV4.String(),
@@ -131,42 +60,12 @@ func newLab(t *testing.T, extra ...string) *lab {
 		"--socket", filepath.Join(dir, "pcpd.sock"),
 		"--log-level", "warn",
 	}
-	args = append(args, extra...)
-	cmd, err := topo.Host.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = l.log, l.log }, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("pcpd log:\n%s", l.log.String())
-		}
+	d := pcpdtest.Start(t, pcpdtest.Config{
+		NS:    topo.Host,
+		Args:  append(args, extra...),
+		Ready: pcpdtest.Announce(topo.Client, topo.ClientV6, netip.AddrPortFrom(topo.HostTunnelV6, pcp.Port)),
 	})
-	if err := l.waitReady(); err != nil {
-		t.Fatal(err)
-	}
-	return l
-}
-
-// waitReady polls with ANNOUNCE from the client until pcpd answers.
-func (l *lab) waitReady() error {
-	deadline := time.Now().Add(15 * time.Second)
-	for time.Now().Before(deadline) {
-		c, err := l.pcpClient()
-		if err != nil {
-			return err
-		}
-		c.MaxAttempts, c.InitialTimeout = 1, 200*time.Millisecond
-		var resp pcp.Response
-		err = c.Do(context.Background(), pcp.NewAnnounce(l.topo.ClientV6), &resp)
-		c.Conn.Close()
-		if err == nil && resp.Result == pcp.Success {
-			return nil
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return fmt.Errorf("interop: pcpd did not answer ANNOUNCE within 15 s:\n%s", l.log.String())
+	return &lab{topo: topo, pcpd: d}
 }
 
 // pcpClient returns pcp's client on a socket opened inside the Client

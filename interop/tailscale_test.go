@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/pcpd/pcpd/internal/pcpdtest"
 )
 
 var tsBuild struct {
@@ -76,7 +78,7 @@ func TestTailscalePortmapperPCP(t *testing.T) {
 
 	var stdin io.WriteCloser
 	var stdout io.Reader
-	logs := &lockedBuffer{}
+	logs := &pcpdtest.Log{}
 	cmd, err := topo.Client.Start(func(c *exec.Cmd) {
 		stdin, _ = c.StdinPipe()
 		stdout, _ = c.StdoutPipe()

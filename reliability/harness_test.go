@@ -2,7 +2,6 @@ package reliability
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,7 +15,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -25,60 +23,12 @@ import (
 
 	"github.com/pcpd/pcpd/control"
 	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/internal/pcpdtest"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
 )
 
-// binDir holds the pcpd binary built for this test process.
-var binDir string
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if binDir != "" {
-		os.RemoveAll(binDir)
-	}
-	os.Exit(code)
-}
-
-var pcpdBuild struct {
-	once sync.Once
-	path string
-	err  error
-}
-
-// pcpdBinary builds ./cmd/pcpd once per test process: the tests run the
-// real daemon, exactly as an operator would.
-func pcpdBinary(t testing.TB) string {
-	t.Helper()
-	pcpdBuild.once.Do(func() {
-		out, err := exec.Command("go", "env", "GOMOD").Output()
-		if err != nil {
-			pcpdBuild.err = fmt.Errorf("go env GOMOD: %w", err)
-			return
-		}
-		gomod := strings.TrimSpace(string(out))
-		if gomod == "" || gomod == os.DevNull {
-			pcpdBuild.err = errors.New("not inside the pcpd module")
-			return
-		}
-		if binDir, err = os.MkdirTemp("", "pcpd-rel-bin-"); err != nil {
-			pcpdBuild.err = err
-			return
-		}
-		path := filepath.Join(binDir, "pcpd")
-		cmd := exec.Command("go", "build", "-o", path, "./cmd/pcpd")
-		cmd.Dir = filepath.Dir(gomod)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			pcpdBuild.err = fmt.Errorf("go build ./cmd/pcpd: %v: %s", err, out)
-			return
-		}
-		pcpdBuild.path = path
-	})
-	if pcpdBuild.err != nil {
-		t.Fatal(pcpdBuild.err)
-	}
-	return pcpdBuild.path
-}
+func TestMain(m *testing.M) { os.Exit(pcpdtest.Main(m)) }
 
 func requireRoot(t testing.TB) {
 	t.Helper()
@@ -117,12 +67,8 @@ type lab struct {
 	dir    string // state directory
 	socket string
 	opts   labOptions
-	log    *logBuf
-
-	mu      sync.Mutex
-	cmd     *exec.Cmd
-	exited  chan struct{}
-	exitErr error // exit status once exited closes
+	pcpd   *pcpdtest.Daemon
+	log    logBuf // pcpd's output across its runs
 
 	fw *pinhole.Backend // reads pcpd's sets in the host namespace
 }
@@ -130,7 +76,7 @@ type lab struct {
 func newLab(t testing.TB, opts labOptions) *lab {
 	t.Helper()
 	requireRoot(t)
-	l := &lab{t: t, bin: pcpdBinary(t), opts: opts, log: &logBuf{}}
+	l := &lab{t: t, bin: pcpdtest.Binary(t), opts: opts}
 	l.topo = netlab.NewTopology(t, netlab.TopologyOptions{WireGuard: opts.wireGuard})
 	if opts.wireGuard {
 		t.Cleanup(func() {
@@ -145,12 +91,12 @@ func newLab(t testing.TB, opts labOptions) *lab {
 		l.dir = filepath.Join(tmp, "state")
 	}
 	l.socket = filepath.Join(tmp, "pcpd.sock")
-	t.Cleanup(func() {
-		l.kill9()
-		if t.Failed() {
-			t.Logf("pcpd log (last 60 lines):\n%s", l.log.tail(60))
-		}
+	l.pcpd = pcpdtest.New(t, pcpdtest.Config{
+		NS:    l.topo.Host,
+		Args:  l.args(),
+		Ready: pcpdtest.Announce(l.topo.Client, l.topo.ClientV6, l.server6()),
 	})
+	l.log = logBuf{l.pcpd.Log()}
 
 	h, c, in := l.topo.Host, l.topo.Client, l.topo.Internet
 	if !opts.wireGuard {
@@ -232,104 +178,19 @@ func (l *lab) args() []string {
 
 // start runs pcpd serve in the host namespace and waits until it answers
 // an ANNOUNCE from the client over the serving interface.
-func (l *lab) start() {
-	l.t.Helper()
-	if err := l.tryStart(15 * time.Second); err != nil {
-		l.t.Fatal(err)
-	}
-}
+func (l *lab) start() { l.t.Helper(); l.pcpd.MustStart() }
 
-func (l *lab) tryStart(timeout time.Duration) error {
-	l.mu.Lock()
-	if l.cmd != nil {
-		l.mu.Unlock()
-		return errors.New("pcpd already running")
-	}
-	fmt.Fprintf(l.log, "=== %s pcpd %s\n", time.Now().Format("15:04:05.000"), strings.Join(l.args(), " "))
-	cmd, err := l.topo.Host.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = l.log, l.log }, append([]string{l.bin}, l.args()...)...)
-	if err != nil {
-		l.mu.Unlock()
-		return err
-	}
-	exited := make(chan struct{})
-	l.cmd, l.exited = cmd, exited
-	l.mu.Unlock()
-	go func() {
-		err := cmd.Wait()
-		l.mu.Lock()
-		l.exitErr = err
-		l.mu.Unlock()
-		close(exited)
-	}()
-	deadline := time.Now().Add(timeout)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-		resp, err := l.announce(ctx, l.topo.ClientV6)
-		cancel()
-		if err == nil && resp.Result == pcp.Success {
-			return nil
-		}
-		select {
-		case <-exited:
-			return fmt.Errorf("pcpd exited before serving (%v); log:\n%s", l.exitErr, l.log.tail(30))
-		default:
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("pcpd not answering ANNOUNCE after %v (last: %v); log:\n%s", timeout, err, l.log.tail(30))
-		}
-	}
-}
-
-// pid is the running pcpd's process id (not the ip netns exec wrapper's:
-// ip netns exec execs the command, so they are the same process).
-func (l *lab) pid() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.cmd == nil {
-		return 0
-	}
-	return l.cmd.Process.Pid
-}
+// pid is the running pcpd's process id.
+func (l *lab) pid() int { return l.pcpd.PID() }
 
 // running reports whether pcpd is alive.
-func (l *lab) running() bool {
-	l.mu.Lock()
-	ex := l.exited
-	l.mu.Unlock()
-	if ex == nil {
-		return false
-	}
-	select {
-	case <-ex:
-		return false
-	default:
-		return true
-	}
-}
+func (l *lab) running() bool { return l.pcpd.Running() }
 
 // kill9 kills pcpd with SIGKILL and waits for it to be gone.
-func (l *lab) kill9() { l.signal(syscall.SIGKILL) }
+func (l *lab) kill9() { l.pcpd.Kill() }
 
 // stop ends pcpd with SIGTERM (an orderly stop).
-func (l *lab) stop() { l.signal(syscall.SIGTERM) }
-
-func (l *lab) signal(sig syscall.Signal) {
-	l.mu.Lock()
-	cmd, ex := l.cmd, l.exited
-	l.cmd = nil
-	l.mu.Unlock()
-	if cmd == nil {
-		return
-	}
-	cmd.Process.Signal(sig)
-	select {
-	case <-ex:
-	case <-time.After(10 * time.Second):
-		cmd.Process.Kill()
-		<-ex
-	}
-	fmt.Fprintf(l.log, "=== %s pcpd stopped by %v\n", time.Now().Format("15:04:05.000"), sig)
-}
+func (l *lab) stop() { l.pcpd.Stop() }
 
 // server6 and server4 are pcpd's serving addresses.
 func (l *lab) server6() netip.AddrPort { return netip.AddrPortFrom(l.topo.HostTunnelV6, pcp.Port) }
@@ -599,46 +460,12 @@ func (l *lab) dialService(addr netip.Addr, port uint16) error {
 	return l.topo.Internet.DialTCP(netip.AddrPortFrom(addr, port).String(), time.Second)
 }
 
-// logBuf collects pcpd's output across runs.
-type logBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
+// logBuf is pcpd's output under the names the tests use.
+type logBuf struct{ *pcpdtest.Log }
 
-func (b *logBuf) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *logBuf) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
-// since returns what was logged after offset.
-func (b *logBuf) since(off int) string {
-	s := b.String()
-	if off > len(s) {
-		return ""
-	}
-	return s[off:]
-}
-
-func (b *logBuf) len() int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Len()
-}
-
-func (b *logBuf) tail(n int) string {
-	lines := strings.Split(strings.TrimRight(b.String(), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
+func (b logBuf) len() int             { return b.Len() }
+func (b logBuf) since(off int) string { return b.Since(off) }
+func (b logBuf) tail(n int) string    { return b.Tail(n) }
 
 // waitFor polls cond every 20 ms until it holds or timeout passes and
 // returns how long it took.

@@ -16,33 +16,12 @@ import (
 
 	"github.com/pcpd/pcpd/control"
 	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/internal/pcpdtest"
 )
-
-var pcpdBin struct {
-	once sync.Once
-	path string
-	err  error
-	out  []byte
-}
 
 // binary builds this command once per test run: the lab and serve tests
 // run the real executable, as an operator would.
-func binary(t *testing.T) string {
-	t.Helper()
-	pcpdBin.once.Do(func() {
-		dir, err := os.MkdirTemp("", "pcpd-bin-")
-		if err != nil {
-			pcpdBin.err = err
-			return
-		}
-		pcpdBin.path = filepath.Join(dir, "pcpd")
-		pcpdBin.out, pcpdBin.err = exec.Command("go", "build", "-o", pcpdBin.path, ".").CombinedOutput()
-	})
-	if pcpdBin.err != nil {
-		t.Fatalf("go build: %v\n%s", pcpdBin.err, pcpdBin.out)
-	}
-	return pcpdBin.path
-}
+func binary(t *testing.T) string { return pcpdtest.Binary(t) }
 
 // The README's first command, end to end: every step passes, and nothing
 // is left behind (namespaces, WireGuard sockets).
@@ -233,10 +212,4 @@ func TestServeLeastPrivilege(t *testing.T) {
 }
 
 // TestMain removes the binary binary() built.
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if pcpdBin.path != "" {
-		os.RemoveAll(filepath.Dir(pcpdBin.path))
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(pcpdtest.Main(m)) }
