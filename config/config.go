@@ -32,6 +32,15 @@ const (
 	DefaultRateBurst          = 100
 	DefaultPort               = 5351
 	DefaultIPv4PortRange      = "1024-65535"
+	// DefaultTouchInterval and DefaultSnapshotInterval are
+	// server.Config's own defaults.
+	DefaultTouchInterval    = time.Minute
+	DefaultSnapshotInterval = time.Hour
+	// MaxReservedPorts bounds --reserved-ports: the engine checks a
+	// candidate external port against each reserved one, so a long list
+	// would slow every allocation. Larger blocks belong outside
+	// --ipv4-port-range.
+	MaxReservedPorts = 1024
 )
 
 // Third-party modes (--third-party).
@@ -83,6 +92,14 @@ type Config struct {
 	// DenyPorts never are. Each entry is a closed range [0] to [1].
 	AllowPorts, DenyPorts [][2]uint16
 	AllowAllPorts         bool // port 0 (all ports) mappings
+	// ReservedPorts are never allocated as external IPv4 ports, in
+	// addition to the host's listening ports; sorted, without repeats.
+	ReservedPorts []uint16
+
+	// TouchInterval: how often the store records that the daemon is
+	// alive (EPO-04 clock-doubt detection at the next start).
+	// SnapshotInterval: how often the state's backup copy is written.
+	TouchInterval, SnapshotInterval time.Duration
 
 	Metrics  string // host:port for Prometheus /metrics; "" = off
 	LogLevel zapcore.Level

@@ -50,6 +50,8 @@ func TestDefaults(t *testing.T) {
 		RateBurst:          100,
 		IPv4PortLow:        1024,
 		IPv4PortHigh:       65535,
+		TouchInterval:      time.Minute,
+		SnapshotInterval:   time.Hour,
 		LogLevel:           zapcore.InfoLevel,
 		ThirdParty:         ThirdPartyOwned,
 	}
@@ -82,12 +84,16 @@ disable-natpmp = true
 allow-ports = "22, 80,443,1024-65535"
 deny-ports = "5000-5010"
 allow-all-ports = true
+reserved-ports = "8080,9000-9002"
+touch-interval = "30s"
+snapshot-interval = "6h"
 
 [client]
 home = ["2001:db8:1:2::/64", "10.100.0.2"]
 office = ["2001:db8:2::/48"]
 `
-	c, err := load(t, file, "--max-lifetime", "3h", "--rate-burst", "2000", "--interface", "wg9", "--client", "lab=2001:db8:9::/48,2001:db8:a::5/64")
+	c, err := load(t, file, "--max-lifetime", "3h", "--rate-burst", "2000", "--interface", "wg9", "--client", "lab=2001:db8:9::/48,2001:db8:a::5/64",
+		"--snapshot-interval", "15m")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,6 +124,9 @@ office = ["2001:db8:2::/48"]
 		AllowPorts:         [][2]uint16{{22, 22}, {80, 80}, {443, 443}, {1024, 65535}},
 		DenyPorts:          [][2]uint16{{5000, 5010}},
 		AllowAllPorts:      true,
+		ReservedPorts:      []uint16{8080, 9000, 9001, 9002},
+		TouchInterval:      30 * time.Second,
+		SnapshotInterval:   15 * time.Minute,
 		Metrics:            "127.0.0.1:9351",
 		LogLevel:           zapcore.DebugLevel,
 		StrictNonce:        true,
@@ -194,6 +203,24 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{`--allow-ports: "80-x": want ports and LOW-HIGH ranges`}},
 		{name: "deny ports", args: []string{"--deny-ports", "0"},
 			want: []string{`--deny-ports: "0": want ports`}},
+		{name: "reserved ports not a list", args: []string{"--reserved-ports", "8080;8081"},
+			want: []string{`--reserved-ports: "8080;8081": want ports and LOW-HIGH ranges`}},
+		{name: "reserved port zero", file: "reserved-ports = \"0-10\"\n",
+			want: []string{`reserved-ports: "0-10": want ports`}},
+		{name: "reserved ports as an array", file: "reserved-ports = [\"8080\"]\n",
+			want: []string{"reserved-ports: want a string, got an array"}},
+		{name: "too many reserved ports", args: []string{"--reserved-ports", "1024-65535"},
+			want: []string{"--reserved-ports: 64512 ports: at most 1024"}},
+		{name: "reserved ports fill the IPv4 range", args: []string{"--ipv4-port-range", "40000-40009", "--reserved-ports", "40000-40004,40005-40009"},
+			want: []string{"--reserved-ports: reserves every port of ipv4-port-range 40000-40009"}},
+		{name: "touch interval", args: []string{"--touch-interval", "often"},
+			want: []string{`--touch-interval: "often" is not a duration`}},
+		{name: "touch interval sub-second", args: []string{"--touch-interval", "100ms"},
+			want: []string{"--touch-interval: 100ms is shorter than one second"}},
+		{name: "snapshot interval negative", args: []string{"--snapshot-interval", "-1h"},
+			want: []string{"--snapshot-interval: -1h0m0s is shorter than one second"}},
+		{name: "snapshot interval as a number", file: "snapshot-interval = 3600\n",
+			want: []string{`snapshot-interval: want a duration string such as "90s" or "2h", got integer 3600`}},
 		{name: "metrics", args: []string{"--metrics", "9351"},
 			want: []string{`--metrics: "9351": want HOST:PORT`}},
 		{name: "log level", args: []string{"--log-level", "loud"},
@@ -246,6 +273,44 @@ func TestValidationErrors(t *testing.T) {
 			}
 		})
 	}
+}
+
+// --reserved-ports: the ranges become sorted ports without repeats; what
+// server.Config.ReservedPorts takes.
+func TestReservedPorts(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		want []uint16
+	}{
+		{name: "unset", want: nil},
+		{name: "one port", args: []string{"--reserved-ports", "51820"}, want: []uint16{51820}},
+		{name: "ports and a range", args: []string{"--reserved-ports", "9000-9002, 8080"}, want: []uint16{8080, 9000, 9001, 9002}},
+		{name: "overlapping ranges", args: []string{"--reserved-ports", "10-12,11-13,12"}, want: []uint16{10, 11, 12, 13}},
+		{name: "outside the IPv4 range", args: []string{"--ipv4-port-range", "20000-29999", "--reserved-ports", "80"}, want: []uint16{80}},
+		{name: "all but one of the IPv4 range", args: []string{"--ipv4-port-range", "40000-40002", "--reserved-ports", "40000-40001"}, want: []uint16{40000, 40001}},
+		{name: "the most allowed", args: []string{"--reserved-ports", "2000-3023"}, want: seq(2000, 3023)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := load(t, "", tt.args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tt.want, c.ReservedPorts); diff != "" {
+				t.Fatalf("ReservedPorts (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// seq is the ports lo to hi.
+func seq(lo, hi uint16) []uint16 {
+	var s []uint16
+	for p := int(lo); p <= int(hi); p++ {
+		s = append(s, uint16(p))
+	}
+	return s
 }
 
 func TestMissingFile(t *testing.T) {

@@ -190,29 +190,20 @@ func validate(vals map[string]*value) (*Config, Errors) {
 	c.IPv4PortLow, c.IPv4PortHigh = lo, hi
 
 	// Port rules.
-	for _, k := range []string{"allow-ports", "deny-ports"} {
-		v := vals[k]
-		if v.str == "" {
-			continue
-		}
-		var list [][2]uint16
-		ok := true
-		for _, part := range strings.Split(v.str, ",") {
-			lo, hi, good := parsePortRange(part)
-			if !good {
-				fail(v, "%q: want ports and LOW-HIGH ranges separated by commas, e.g. 22,80,1024-65535", part)
-				ok = false
-				break
-			}
-			list = append(list, [2]uint16{lo, hi})
-		}
-		if ok && k == "allow-ports" {
-			c.AllowPorts = list
-		} else if ok {
-			c.DenyPorts = list
+	c.AllowPorts, _ = parsePortList(vals["allow-ports"], fail)
+	c.DenyPorts, _ = parsePortList(vals["deny-ports"], fail)
+	c.AllowAllPorts = vals["allow-all-ports"].b
+
+	// Reserved external IPv4 ports.
+	if rv := vals["reserved-ports"]; rv.str != "" {
+		if list, ok := parsePortList(rv, fail); ok {
+			c.ReservedPorts = reservedPorts(rv, list, c.IPv4PortLow, c.IPv4PortHigh, fail)
 		}
 	}
-	c.AllowAllPorts = vals["allow-all-ports"].b
+
+	// Store housekeeping.
+	c.TouchInterval, _ = parseDuration(vals["touch-interval"], fail)
+	c.SnapshotInterval, _ = parseDuration(vals["snapshot-interval"], fail)
 
 	// Metrics.
 	if mv := vals["metrics"]; mv.str != "" {
@@ -326,6 +317,60 @@ func parseCount(v *value, fail func(*value, string, ...any)) (int, bool) {
 		return 0, false
 	}
 	return n, true
+}
+
+// parsePortList parses a LIST of ports and LOW-HIGH ranges separated by
+// commas; "" is no list (nil, true).
+func parsePortList(v *value, fail func(*value, string, ...any)) ([][2]uint16, bool) {
+	if v.str == "" {
+		return nil, true
+	}
+	var list [][2]uint16
+	for _, part := range strings.Split(v.str, ",") {
+		lo, hi, ok := parsePortRange(part)
+		if !ok {
+			fail(v, "%q: want ports and LOW-HIGH ranges separated by commas, e.g. 22,80,1024-65535", part)
+			return nil, false
+		}
+		list = append(list, [2]uint16{lo, hi})
+	}
+	return list, true
+}
+
+// reservedPorts expands the reserved ranges into sorted ports without
+// repeats (overlapping ranges are fine). It refuses more than
+// MaxReservedPorts, and a list that leaves nothing of the IPv4 port range
+// [low, high] (zero when that range is invalid) to allocate.
+func reservedPorts(v *value, ranges [][2]uint16, low, high uint16, fail func(*value, string, ...any)) []uint16 {
+	var n int
+	for _, r := range ranges {
+		n += int(r[1]) - int(r[0]) + 1
+	}
+	if n > MaxReservedPorts {
+		fail(v, "%d ports: at most %d (keep larger blocks out of ipv4-port-range instead)", n, MaxReservedPorts)
+		return nil
+	}
+	ports := make([]uint16, 0, n)
+	for _, r := range ranges {
+		for p := int(r[0]); p <= int(r[1]); p++ {
+			ports = append(ports, uint16(p))
+		}
+	}
+	slices.Sort(ports)
+	ports = slices.Compact(ports)
+	if low != 0 {
+		free := int(high) - int(low) + 1
+		for _, p := range ports {
+			if p >= low && p <= high {
+				free--
+			}
+		}
+		if free == 0 {
+			fail(v, "reserves every port of ipv4-port-range %d-%d: no IPv4 mapping could be made", low, high)
+			return nil
+		}
+	}
+	return ports
 }
 
 func parsePortRange(s string) (lo, hi uint16, ok bool) {

@@ -107,6 +107,13 @@ func TestServeBadConfig(t *testing.T) {
 			lines: []string{`unknown key "max_leases"`}},
 		{name: "file and flag both wrong", file: "min-lifetime = \"1x\"\n", args: []string{"--third-party", "yes"},
 			lines: []string{`pcpd.toml: min-lifetime: "1x" is not a duration`, `--third-party: "yes": want owned or off`}},
+		{name: "reserved ports and housekeeping intervals", file: "snapshot-interval = \"0s\"\n",
+			args: []string{"--reserved-ports", "80,x", "--touch-interval", "1m30.5s"},
+			lines: []string{
+				`pcpd: config: --reserved-ports: "x": want ports and LOW-HIGH ranges`,
+				`pcpd: config: --touch-interval: 1m30.5s is not a whole number of seconds`,
+				`pcpd.toml: snapshot-interval: 0s is shorter than one second`,
+			}},
 		{name: "missing config file", args: []string{"--config", "/nonexistent/pcpd.toml"},
 			lines: []string{"pcpd: config: read config file: open /nonexistent/pcpd.toml: no such file or directory"}},
 	}

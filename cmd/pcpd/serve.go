@@ -186,17 +186,20 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	}
 
 	srv, err := server.New(server.Config{
-		Interfaces:    cfg.Interfaces,
-		Listen:        cfg.Listen,
-		NetNS:         netns.None(), // serve this process's namespace (the zero handle is fd 0)
-		ExternalIPv4:  cfg.ExternalIPv4,
-		IPv4Ports:     server.PortRange{First: cfg.IPv4PortLow, Last: cfg.IPv4PortHigh},
-		StrictNonce:   cfg.StrictNonce,
-		RateLimit:     float64(cfg.RateLimit),
-		RateBurst:     cfg.RateBurst,
-		DisableMap:    cfg.DisableMap,
-		DisablePeer:   cfg.DisablePeer,
-		DisableNATPMP: cfg.DisableNATPMP,
+		Interfaces:       cfg.Interfaces,
+		Listen:           cfg.Listen,
+		NetNS:            netns.None(), // serve this process's namespace (the zero handle is fd 0)
+		ExternalIPv4:     cfg.ExternalIPv4,
+		IPv4Ports:        server.PortRange{First: cfg.IPv4PortLow, Last: cfg.IPv4PortHigh},
+		ReservedPorts:    cfg.ReservedPorts,
+		StrictNonce:      cfg.StrictNonce,
+		RateLimit:        float64(cfg.RateLimit),
+		RateBurst:        cfg.RateBurst,
+		TouchInterval:    cfg.TouchInterval,
+		SnapshotInterval: cfg.SnapshotInterval,
+		DisableMap:       cfg.DisableMap,
+		DisablePeer:      cfg.DisablePeer,
+		DisableNATPMP:    cfg.DisableNATPMP,
 	}, server.Deps{
 		Firewall:        fw,
 		Store:           st,
