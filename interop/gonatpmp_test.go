@@ -1,7 +1,6 @@
 package interop
 
 import (
-	"fmt"
 	"net"
 	"net/netip"
 	"testing"
@@ -52,47 +51,27 @@ func TestGoNatPmp(t *testing.T) {
 		{"PMP-04 UDP", "udp", 7171},
 	} {
 		t.Run(tc.id, func(t *testing.T) {
-			listen := fmt.Sprintf("%s:%d", topo.ClientV4, tc.port)
-			if tc.proto == "tcp" {
-				topo.Client.ServeTCP(t, listen)
-			} else {
-				topo.Client.ServeUDPEcho(t, listen)
-			}
-			public := netip.AddrPortFrom(topo.HostPublicV4, tc.port)
-			if err := l.blocked(tc.proto, public); err != nil {
-				t.Fatalf("before the mapping: %v", err)
-			}
-
-			res, err := addMapping(tc.proto, int(tc.port), int(tc.port), 3600)
-			if err != nil {
-				t.Fatalf("AddPortMapping %s %d: %v", tc.proto, tc.port, err)
-			}
-			if res.InternalPort != tc.port || res.MappedExternalPort != tc.port || res.PortMappingLifetimeInSeconds != 3600 {
-				t.Fatalf("AddPortMapping: internal %d external %d lifetime %d, want %d %d 3600",
-					res.InternalPort, res.MappedExternalPort, res.PortMappingLifetimeInSeconds, tc.port, tc.port)
-			}
-			if tc.proto == "tcp" {
-				err = l.reachTCP(public)
-			} else {
-				err = l.reachUDP(public)
-			}
-			if err != nil {
-				t.Fatalf("PMP-11: internet → %s %s does not reach the client after the mapping: %v", tc.proto, public, err)
-			}
-
-			// PMP-07: lifetime 0 (external port 0, as the library's
-			// documentation asks) deletes.
-			res, err = addMapping(tc.proto, int(tc.port), 0, 0)
-			if err != nil {
-				t.Fatalf("AddPortMapping delete: %v", err)
-			}
-			if res.InternalPort != tc.port || res.MappedExternalPort != 0 || res.PortMappingLifetimeInSeconds != 0 {
-				t.Fatalf("delete reply: internal %d external %d lifetime %d, want %d 0 0",
-					res.InternalPort, res.MappedExternalPort, res.PortMappingLifetimeInSeconds, tc.port)
-			}
-			if err := l.blocked(tc.proto, public); err != nil {
-				t.Fatalf("PMP-07: %v", err)
-			}
+			l.checkPMPMapDelete(t, tc.proto, tc.port, func(t *testing.T) {
+				res, err := addMapping(tc.proto, int(tc.port), int(tc.port), 3600)
+				if err != nil {
+					t.Fatalf("AddPortMapping %s %d: %v", tc.proto, tc.port, err)
+				}
+				if res.InternalPort != tc.port || res.MappedExternalPort != tc.port || res.PortMappingLifetimeInSeconds != 3600 {
+					t.Fatalf("AddPortMapping: internal %d external %d lifetime %d, want %d %d 3600",
+						res.InternalPort, res.MappedExternalPort, res.PortMappingLifetimeInSeconds, tc.port, tc.port)
+				}
+			}, func(t *testing.T) {
+				// PMP-07: lifetime 0 (external port 0, as the library's
+				// documentation asks) deletes.
+				res, err := addMapping(tc.proto, int(tc.port), 0, 0)
+				if err != nil {
+					t.Fatalf("AddPortMapping delete: %v", err)
+				}
+				if res.InternalPort != tc.port || res.MappedExternalPort != 0 || res.PortMappingLifetimeInSeconds != 0 {
+					t.Fatalf("delete reply: internal %d external %d lifetime %d, want %d 0 0",
+						res.InternalPort, res.MappedExternalPort, res.PortMappingLifetimeInSeconds, tc.port)
+				}
+			})
 		})
 	}
 }

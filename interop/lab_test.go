@@ -116,6 +116,47 @@ func (l *lab) reachUDP(addr netip.AddrPort) error {
 	})
 }
 
+// serve starts the Client's greeting (tcp) or echo (udp) service at addr
+// until the test ends.
+func (l *lab) serve(t *testing.T, proto string, addr netip.AddrPort) {
+	t.Helper()
+	if proto == "tcp" {
+		l.topo.Client.ServeTCP(t, addr.String())
+	} else {
+		l.topo.Client.ServeUDPEcho(t, addr.String())
+	}
+}
+
+// reach is reachTCP or reachUDP by proto.
+func (l *lab) reach(proto string, addr netip.AddrPort) error {
+	if proto == "tcp" {
+		return l.reachTCP(addr)
+	}
+	return l.reachUDP(addr)
+}
+
+// checkPMPMapDelete is RFC 6886 §3.3-3.4 for one NAT-PMP client: a
+// service on the Client's IPv4 proto/port is closed to the internet
+// before mapIt (which maps port to the same external port for an hour and
+// checks the client's view of the reply), open after it (PMP-04, PMP-11),
+// and closed again after deleteIt (lifetime 0, PMP-07).
+func (l *lab) checkPMPMapDelete(t *testing.T, proto string, port uint16, mapIt, deleteIt func(t *testing.T)) {
+	t.Helper()
+	l.serve(t, proto, netip.AddrPortFrom(l.topo.ClientV4, port))
+	public := netip.AddrPortFrom(l.topo.HostPublicV4, port)
+	if err := l.blocked(proto, public); err != nil {
+		t.Fatalf("before the mapping: %v", err)
+	}
+	mapIt(t)
+	if err := l.reach(proto, public); err != nil {
+		t.Fatalf("PMP-11: internet → %s %s does not reach the client after the mapping: %v", proto, public, err)
+	}
+	deleteIt(t)
+	if err := l.blocked(proto, public); err != nil {
+		t.Fatalf("PMP-07: %v", err)
+	}
+}
+
 // blocked returns nil when proto traffic from Internet to addr does NOT
 // reach the service. After a delete one attempt is enough: pcpd replies
 // only after the kernel change.

@@ -53,47 +53,26 @@ func TestNatpmpc(t *testing.T) {
 		{"PMP-04 UDP", "udp", 9090},
 	} {
 		t.Run(tc.id, func(t *testing.T) {
-			listen := fmt.Sprintf("%s:%d", topo.ClientV4, tc.port)
-			if tc.proto == "tcp" {
-				topo.Client.ServeTCP(t, listen)
-			} else {
-				topo.Client.ServeUDPEcho(t, listen)
-			}
-			public := netip.AddrPortFrom(topo.HostPublicV4, tc.port)
 			port := fmt.Sprint(tc.port)
-
-			if err := l.blocked(tc.proto, public); err != nil {
-				t.Fatalf("before the mapping: %v", err)
-			}
-
-			out := l.natpmpc(t, "-a", port, port, tc.proto, "3600")
-			m := natpmpcMapped.FindStringSubmatch(out)
-			if m == nil {
-				t.Fatalf("natpmpc map: no success line:\n%s", out)
-			}
-			if m[1] != port || !strings.EqualFold(m[2], tc.proto) || m[3] != port || m[4] != "3600" {
-				t.Fatalf("natpmpc map: got public %s %s local %s lifetime %s, want %s %s %s 3600:\n%s",
-					m[1], m[2], m[3], m[4], port, tc.proto, port, out)
-			}
-			var err error
-			if tc.proto == "tcp" {
-				err = l.reachTCP(public)
-			} else {
-				err = l.reachUDP(public)
-			}
-			if err != nil {
-				t.Fatalf("PMP-11: internet → %s %s does not reach the client after the mapping: %v", tc.proto, public, err)
-			}
-
-			// PMP-07: lifetime 0 deletes; the reply has external port 0
-			// and lifetime 0, which libnatpmp prints as a success line.
-			out = l.natpmpc(t, "-a", port, port, tc.proto, "0")
-			if m := natpmpcMapped.FindStringSubmatch(out); m == nil || m[1] != "0" || m[3] != port || m[4] != "0" {
-				t.Fatalf("natpmpc delete: want public port 0, local port %s, lifetime 0:\n%s", port, out)
-			}
-			if err := l.blocked(tc.proto, public); err != nil {
-				t.Fatalf("PMP-07: %v", err)
-			}
+			l.checkPMPMapDelete(t, tc.proto, tc.port, func(t *testing.T) {
+				out := l.natpmpc(t, "-a", port, port, tc.proto, "3600")
+				m := natpmpcMapped.FindStringSubmatch(out)
+				if m == nil {
+					t.Fatalf("natpmpc map: no success line:\n%s", out)
+				}
+				if m[1] != port || !strings.EqualFold(m[2], tc.proto) || m[3] != port || m[4] != "3600" {
+					t.Fatalf("natpmpc map: got public %s %s local %s lifetime %s, want %s %s %s 3600:\n%s",
+						m[1], m[2], m[3], m[4], port, tc.proto, port, out)
+				}
+			}, func(t *testing.T) {
+				// PMP-07: lifetime 0 deletes; the reply has external port
+				// 0 and lifetime 0, which libnatpmp prints as a success
+				// line.
+				out := l.natpmpc(t, "-a", port, port, tc.proto, "0")
+				if m := natpmpcMapped.FindStringSubmatch(out); m == nil || m[1] != "0" || m[3] != port || m[4] != "0" {
+					t.Fatalf("natpmpc delete: want public port 0, local port %s, lifetime 0:\n%s", port, out)
+				}
+			})
 		})
 	}
 
