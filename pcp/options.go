@@ -2,6 +2,7 @@ package pcp
 
 import (
 	"bytes"
+	"net/netip"
 	"slices"
 )
 
@@ -137,4 +138,57 @@ func appendPortSet(dst []byte, ps PortSet) []byte {
 		b[4] = 1
 	}
 	return dst
+}
+
+// nextOption splits the option at b[off:] (§7.3: code, reserved, 16-bit
+// length, data padded to a multiple of 4 octets) into its code and data,
+// and returns where the next option starts. The caller keeps off and
+// len(b) multiples of 4, so the 4-octet header is always there; ok is
+// false when the data or its padding runs past b.
+func nextOption(b []byte, off int) (code OptionCode, data []byte, next int, ok bool) {
+	l := int(be.Uint16(b[off+2:]))
+	start := off + optHeaderSize
+	next = start + pad4(l)
+	if next > len(b) {
+		return 0, nil, 0, false
+	}
+	return OptionCode(b[off]), b[start : start+l], next, true
+}
+
+// reset empties o before decoding into it, keeping its backing arrays.
+func (o *Options) reset() {
+	o.ThirdParty = netip.Addr{}
+	o.PreferFailure = false
+	o.Filters = o.filterBuf[:0]
+	o.Description = nil
+	o.HasDescription = false
+	o.PortSet = PortSet{}
+	o.HasPortSet = false
+	o.Unknown = o.unknownBuf[:0]
+	o.norder = 0
+}
+
+// add decodes one known option, already validated, into o and records
+// its place in the order the options came in (HDR-05). Description data
+// is not copied: it points into the message.
+func (o *Options) add(code OptionCode, data []byte) {
+	switch code {
+	case OptThirdParty:
+		o.ThirdParty = addrFrom16(data)
+	case OptPreferFailure:
+		o.PreferFailure = true
+	case OptFilter:
+		f, _ := decodeFilter(data)
+		o.Filters = append(o.Filters, f)
+	case OptDescription:
+		o.Description = data
+		o.HasDescription = true
+	case OptPortSet:
+		o.PortSet = decodePortSet(data)
+		o.HasPortSet = true
+	default:
+		return
+	}
+	o.order[o.norder] = code
+	o.norder++
 }

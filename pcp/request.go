@@ -216,26 +216,13 @@ const (
 // the second pass over options already validated and fills out.
 func (p *Parser) walkOptions(b []byte, op Opcode, s *optSummary, out *Options) error {
 	if out != nil {
-		out.ThirdParty = netip.Addr{}
-		out.PreferFailure = false
-		out.Filters = out.filterBuf[:0]
-		out.Description = nil
-		out.HasDescription = false
-		out.PortSet = PortSet{}
-		out.HasPortSet = false
-		out.Unknown = out.unknownBuf[:0]
-		out.norder = 0
+		out.reset()
 	}
 	for off := 0; off < len(b); {
-		// len(b) and off are multiples of 4, so the header is there.
-		code := OptionCode(b[off])
-		l := int(be.Uint16(b[off+2:]))
-		start := off + optHeaderSize
-		next := start + pad4(l)
-		if next > len(b) {
+		code, data, next, ok := nextOption(b, off)
+		if !ok {
 			return errOptTruncated
 		}
-		data := b[start : start+l]
 		off = next
 		if out != nil {
 			fillOption(out, code, data, op, p)
@@ -334,35 +321,26 @@ func (p *Parser) checkOption(s *optSummary, code OptionCode, data []byte, op Opc
 }
 
 // fillOption is checkOption's second pass: the option is known valid.
+// What a request may carry but pcpd ignores is dropped here; unknown
+// options are kept aside.
 func fillOption(o *Options, code OptionCode, data []byte, op Opcode, p *Parser) {
 	switch code {
-	case OptThirdParty:
-		o.ThirdParty = addrFrom16(data)
-	case OptPreferFailure:
-		o.PreferFailure = true
-	case OptFilter:
-		f, _ := decodeFilter(data)
-		o.Filters = append(o.Filters, f)
+	case OptThirdParty, OptPreferFailure, OptFilter:
 	case OptDescription:
 		if op == OpAnnounce || !validDescription(data) {
 			return // OPT-09: a bad DESCRIPTION is ignored
 		}
-		o.Description = data
-		o.HasDescription = true
 	case OptPortSet:
 		if op != OpMap || p.IgnorePortSet {
 			return
 		}
-		o.PortSet = decodePortSet(data)
-		o.HasPortSet = true
 	default:
 		if len(o.Unknown) < MaxUnknown {
 			o.Unknown = append(o.Unknown, RawOption{Code: code, Data: data})
 		}
 		return
 	}
-	o.order[o.norder] = code
-	o.norder++
+	o.add(code, data)
 }
 
 // validDescription applies RFC 7220 §3 and OPT-09: UTF-8, no NUL, at most

@@ -1,9 +1,6 @@
 package pcp
 
-import (
-	"net/netip"
-	"time"
-)
+import "time"
 
 // AppendResponse appends the wire form of r (RFC 6887 §7.2, HDR-01,
 // HDR-05): version 2, R set, the opcode, octet 2 zero, result, lifetime,
@@ -162,25 +159,15 @@ func walkResponseOptions(b []byte, out *Options) error {
 	var seen uint8
 	nfilter := 0
 	if out != nil {
-		out.ThirdParty = netip.Addr{}
-		out.PreferFailure = false
-		out.Filters = out.filterBuf[:0]
-		out.Description = nil
-		out.HasDescription = false
-		out.PortSet = PortSet{}
-		out.HasPortSet = false
-		out.norder = 0
+		out.reset()
 	}
 	for off := 0; off < len(b); {
-		code := OptionCode(b[off])
-		l := int(be.Uint16(b[off+2:]))
-		start := off + optHeaderSize
-		next := start + pad4(l)
-		if next > len(b) {
+		code, data, next, ok := nextOption(b, off)
+		if !ok {
 			return errRespOption
 		}
-		data := b[start : start+l]
 		off = next
+		l := len(data)
 		var bit uint8
 		switch code {
 		case OptThirdParty:
@@ -215,26 +202,9 @@ func walkResponseOptions(b []byte, out *Options) error {
 			return errRespOption
 		}
 		seen |= bit
-		if out == nil {
-			continue
+		if out != nil {
+			out.add(code, data)
 		}
-		switch code {
-		case OptThirdParty:
-			out.ThirdParty = addrFrom16(data)
-		case OptPreferFailure:
-			out.PreferFailure = true
-		case OptFilter:
-			f, _ := decodeFilter(data)
-			out.Filters = append(out.Filters, f)
-		case OptDescription:
-			out.Description = data
-			out.HasDescription = true
-		case OptPortSet:
-			out.PortSet = decodePortSet(data)
-			out.HasPortSet = true
-		}
-		out.order[out.norder] = code
-		out.norder++
 	}
 	return nil
 }
