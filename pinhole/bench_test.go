@@ -68,7 +68,7 @@ func BenchmarkApply(b *testing.B) {
 		ns := netlab.NewNS(b, "bench")
 		be := lastingBackend(b, ns)
 		prefill(b, be, present)
-		for _, batch := range []int{1, 16, 256} {
+		for _, batch := range []int{1, 32, 256} {
 			b.Run(fmt.Sprintf("present=%d/batch=%d/refresh", present, batch), func(b *testing.B) {
 				// Refresh targets: the present pinholes, or (present=0) a
 				// batch of our own installed first.

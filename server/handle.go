@@ -6,9 +6,11 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
 )
 
 // Request is one datagram for HandleBatch: what arrived, where from, and on
@@ -24,16 +26,102 @@ type Request struct {
 // outcome is what handling one request produced.
 type outcome struct {
 	reply []byte // nil: no reply (silent drop)
-	// fail is the reply if the batch's commit fails: set by requests that
-	// staged a state change (NO_RESOURCES, choice (g)).
-	fail  []byte
+	// fail says how to build the reply if the batch's commit fails: set
+	// by requests that staged a state change (NO_RESOURCES, choice (g)).
+	// It is built only then.
+	fail  failReply
 	proto string // "pcp" or "natpmp", for metrics
 	op    string
 	res   string
-	after func() // runs after a successful commit: the decision's log line
+	// log is the decision's log line, written after a successful commit
+	// (built only if the logger wants it); after, if set, runs then too.
+	log   logRec
+	after func()
 	// ends: the request ended a mapping on purpose, so its reply waits
 	// for the conntrack flush (PMP-12); other replies need not.
 	ends bool
+}
+
+// failReply is what a request's reply becomes if its change cannot be
+// committed: NO_RESOURCES (PCP) or OUT_OF_RESOURCES (NAT-PMP).
+type failReply struct {
+	kind  uint8 // 0: none (nothing staged)
+	epoch pcp.Epoch
+	pmpOp pcp.PMPOpcode
+	port  uint16 // NAT-PMP internal port
+}
+
+const (
+	failPCP = 1 + iota
+	failPMP
+)
+
+// build encodes the failure reply to request b.
+func (f *failReply) build(b []byte) []byte {
+	switch f.kind {
+	case failPCP:
+		return pcp.AppendErrorResponse(nil, b, pcp.NoResources, pcp.NoResources.ErrorLifetime(), f.epoch)
+	case failPMP:
+		return pcp.AppendPMPMapResponse(nil, f.pmpOp, pcp.PMPOutOfResources, f.epoch, f.port, 0, 0)
+	}
+	return nil
+}
+
+// logRec is a decision's log line: msg about lease, requested from from.
+type logRec struct {
+	msg   string // "": none
+	lease store.Lease
+	from  netip.AddrPort
+	grant time.Duration // lifetime granted; 0: not logged
+}
+
+// Log messages of logRec and the logger that writes each: new mappings
+// and deletions through the sampled per-packet logger, renewals (the bulk
+// of the traffic) only at debug.
+const (
+	msgMapped     = "mapped"
+	msgRenewed    = "renewed"
+	msgDeleted    = "deleted"
+	msgPeerMapped = "peer mapped"
+)
+
+// write logs r if its logger is enabled for it; the fields are built only
+// then.
+func (s *Server) writeLog(r *logRec) {
+	var ce *zapcore.CheckedEntry
+	switch r.msg {
+	case "":
+		return
+	case msgRenewed:
+		ce = s.log.Check(zap.DebugLevel, r.msg)
+	default:
+		ce = s.plog.Check(zap.InfoLevel, r.msg)
+	}
+	if ce == nil {
+		return
+	}
+	fs := leaseFields(&r.lease, r.from)
+	if r.grant != 0 {
+		fs = append(fs, zap.Duration("lifetime", r.grant))
+	}
+	ce.Write(fs...)
+}
+
+// reqLabels are the requests counter's labels.
+type reqLabels struct{ proto, op, res string }
+
+// countRequest counts an answered request; the counters are cached per
+// label set (under mu).
+func (s *Server) countRequest(proto, op, res string) {
+	k := reqLabels{proto, op, res}
+	c, ok := s.counters[k]
+	if !ok {
+		c = s.m.requests.WithLabelValues(proto, op, res)
+		if len(s.counters) < 1024 {
+			s.counters[k] = c
+		}
+	}
+	c.Inc()
 }
 
 // Handle handles one request as a batch of its own and returns the reply
@@ -61,29 +149,41 @@ func (s *Server) HandleBatch(reqs []Request) [][]byte {
 }
 
 // handleBatch is HandleBatch without waiting for the conntrack flush; ends
-// marks the requests whose replies must wait for it.
+// marks the requests whose replies must wait for it (nil: none).
 func (s *Server) handleBatch(reqs []Request) (replies [][]byte, ends []bool) {
 	now := s.now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.expireLocked(now)
-	outs := s.handleTx(reqs, now, false)
+	if cap(s.outs) < len(reqs) {
+		s.outs = make([]outcome, len(reqs))
+	}
+	outs := s.outs[:len(reqs)]
+	s.handleTx(reqs, now, false, outs)
 	replies = make([][]byte, len(outs))
-	ends = make([]bool, len(outs))
-	for i, o := range outs {
-		replies[i], ends[i] = o.reply, o.ends
+	for i := range outs {
+		o := &outs[i]
+		replies[i] = o.reply
+		if o.ends {
+			// Rare (deletes): only then is there anything to mark.
+			if ends == nil {
+				ends = make([]bool, len(outs))
+			}
+			ends[i] = true
+		}
 		if o.reply != nil {
-			s.m.requests.WithLabelValues(o.proto, o.op, o.res).Inc()
+			s.countRequest(o.proto, o.op, o.res)
 		}
 	}
+	clear(outs) // the buffer is kept: drop its references to replies and leases
 	return replies, ends
 }
 
-// handleTx handles reqs in as few transactions as fit (see the cut below).
-// retry marks the one-by-one re-run after a failed batch: those requests
-// already passed the rate limiter.
-func (s *Server) handleTx(reqs []Request, now time.Time, retry bool) []outcome {
-	outs := make([]outcome, len(reqs))
+// handleTx handles reqs in as few transactions as fit (see the cut below)
+// and leaves their outcomes in outs (len(reqs) of them). retry marks the
+// one-by-one re-run after a failed batch: those requests already passed
+// the rate limiter.
+func (s *Server) handleTx(reqs []Request, now time.Time, retry bool, outs []outcome) {
 	for start := 0; start < len(reqs); {
 		// Cut the batch where its kernel changes would no longer fit one
 		// transaction: every SUCCESS rests on one atomic change.
@@ -97,9 +197,9 @@ func (s *Server) handleTx(reqs []Request, now time.Time, retry bool) []outcome {
 			end++
 		}
 		s.commitOutcomes(t, reqs[start:end], outs[start:end], now)
+		s.release(t)
 		start = end
 	}
-	return outs
 }
 
 // commitOutcomes commits t, the changes of reqs; on failure it rolls back
@@ -115,16 +215,18 @@ func (s *Server) commitOutcomes(t *tx, reqs []Request, outs []outcome, now time.
 		if len(reqs) > 1 {
 			s.log.Warn("batch commit failed; handling its requests one by one", zap.Int("requests", len(reqs)), zap.Error(err))
 			for i := range reqs {
-				outs[i] = s.handleTx(reqs[i:i+1], now, true)[0]
+				s.handleTx(reqs[i:i+1], now, true, outs[i:i+1])
 			}
 			return
 		}
 		s.log.Error("cannot make a change durable; answered NO_RESOURCES", zap.Stringer("client", reqs[0].Source), zap.Error(err))
-		o := outs[0]
-		outs[0] = outcome{reply: o.fail, proto: o.proto, op: o.op, res: "commit-failed"}
+		o := &outs[0]
+		outs[0] = outcome{reply: o.fail.build(reqs[0].Data), proto: o.proto, op: o.op, res: "commit-failed"}
 		return
 	}
-	for _, o := range outs {
+	for i := range outs {
+		o := &outs[i]
+		s.writeLog(&o.log)
 		if o.after != nil {
 			o.after()
 		}
@@ -228,8 +330,9 @@ func (s *Server) handlePCP(c *call) outcome {
 		// Option semantics come after ownership and protocol (MAP-01).
 		DeferOptionChecks: true,
 	}
-	var req pcp.Request
-	if err := p.ParseRequest(c.data, c.src.Addr(), &req); err != nil {
+	// The engine's scratch request: handlePCP runs under mu, one at a time.
+	req := &s.pcpReq
+	if err := p.ParseRequest(c.data, c.src.Addr(), req); err != nil {
 		var pe *pcp.ParseError
 		if !errors.As(err, &pe) || pe.Silent {
 			return s.drop("malformed", c.src)
@@ -241,7 +344,8 @@ func (s *Server) handlePCP(c *call) outcome {
 		return o
 	}
 	o.op = req.Opcode.String()
-	resp := pcp.Response{Opcode: req.Opcode, Epoch: c.epoch}
+	resp := &s.pcpResp
+	*resp = pcp.Response{Opcode: req.Opcode, Epoch: c.epoch}
 	var code pcp.ResultCode
 	var err error
 	mark := c.t.mark()
@@ -250,9 +354,9 @@ func (s *Server) handlePCP(c *call) outcome {
 		// ANN-01, ANN-02: no state, lifetime 0, nothing echoed.
 		code = pcp.Success
 	case pcp.OpMap:
-		code, err = s.serveMap(c, &req, &resp, &o)
+		code, err = s.serveMap(c, req, resp, &o)
 	case pcp.OpPeer:
-		code, err = s.servePeer(c, &req, &resp, &o)
+		code, err = s.servePeer(c, req, resp, &o)
 	}
 	o.res = code.String()
 	if code == pcp.CannotProvideExternal && req.Options.PreferFailure && !c.t.retry {
@@ -274,8 +378,10 @@ func (s *Server) handlePCP(c *call) outcome {
 			lt = code.ErrorLifetime()
 		}
 		o.reply = pcp.AppendErrorResponse(nil, c.data, code, lt, c.epoch)
-		s.plog.Debug("refused", zap.Stringer("from", c.src), zap.Stringer("opcode", req.Opcode), zap.Stringer("result", code), zap.Error(err))
-		o.after = nil
+		if ce := s.plog.Check(zap.DebugLevel, "refused"); ce != nil {
+			ce.Write(zap.Stringer("from", c.src), zap.Stringer("opcode", req.Opcode), zap.Stringer("result", code), zap.Error(err))
+		}
+		o.after, o.log.msg = nil, ""
 		return o
 	}
 	resp.Result = pcp.Success
@@ -284,9 +390,9 @@ func (s *Server) handlePCP(c *call) outcome {
 		// the no-amplification promise (f) must not rest on that.
 		s.log.DPanic("success reply larger than its request", zap.Int("reply", resp.Len()), zap.Int("request", len(c.data)))
 	}
-	o.reply = pcp.AppendResponse(nil, &resp)
+	o.reply = pcp.AppendResponse(nil, resp)
 	if c.t.mark() != mark {
-		o.fail = pcp.AppendErrorResponse(nil, c.data, pcp.NoResources, pcp.NoResources.ErrorLifetime(), c.epoch)
+		o.fail = failReply{kind: failPCP, epoch: c.epoch}
 	}
 	return o
 }

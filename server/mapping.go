@@ -118,11 +118,8 @@ func (s *Server) serveMap(c *call, req *pcp.Request, resp *pcp.Response, o *outc
 			resp.Lifetime = remaining(l, c.now)
 			return fail(errNonce) // MAP-19
 		}
-		old := *l
+		o.log = logRec{msg: msgDeleted, lease: *l, from: c.src}
 		c.t.set(key, nil, true)
-		o.after = func() {
-			s.plog.Info("deleted", leaseFields(&old, c.src)...)
-		}
 		return pcp.Success, nil
 	}
 
@@ -138,10 +135,11 @@ func (s *Server) serveMap(c *call, req *pcp.Request, resp *pcp.Response, o *outc
 		}
 		a.suggAddr, a.suggPort = netip.Addr{}, 0
 	}
-	l, renewed, code, err := s.mapInbound(c, &a, resp)
+	code, err := s.mapInbound(c, &a, resp, o)
 	if code != pcp.Success {
 		return code, err
 	}
+	l := &o.log.lease
 	resp.Lifetime = a.grant
 	resp.Map.ExternalPort = l.ExternalPort
 	resp.Map.ExternalAddr = l.ExternalAddr
@@ -149,30 +147,20 @@ func (s *Server) serveMap(c *call, req *pcp.Request, resp *pcp.Response, o *outc
 	if a.hasDesc {
 		resp.Options.Description = []byte(l.Description)
 	}
-	lc := *l
-	o.after = func() {
-		// Per request: new mappings through the sampled logger, renewals
-		// (the bulk of the traffic) only at debug.
-		if !renewed {
-			s.plog.Info("mapped", append(leaseFields(&lc, c.src), zap.Duration("lifetime", a.grant))...)
-		} else if ce := s.log.Check(zap.DebugLevel, "renewed"); ce != nil {
-			ce.Write(append(leaseFields(&lc, c.src), zap.Duration("lifetime", a.grant))...)
-		}
-	}
 	return pcp.Success, nil
 }
 
 // mapInbound creates, renews or replaces the MAP or NAT-PMP lease a.key.
-// It stages the change in c.t and returns the new lease, or a refusal
-// with nothing staged.
-func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response) (*store.Lease, bool, pcp.ResultCode, error) {
+// It stages the change in c.t and leaves the new lease in o.log (the
+// "mapped" or "renewed" line), or refuses with nothing staged.
+func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response, o *outcome) (pcp.ResultCode, error) {
 	now := c.now
 	ex, found := s.tab.get(a.key)
 	nonced := a.kind == store.KindMap && found && ex.Kind == store.KindMap
 	if nonced && ex.Nonce != a.nonce && s.cfg.StrictNonce {
 		resp.Lifetime = remaining(ex, now)
 		code, err := fail(errNonce) // MAP-14
-		return nil, false, code, err
+		return code, err
 	}
 	// Choice (c): the owner's new nonce replaces the mapping (a rebooted
 	// client); the same nonce, or NAT-PMP, renews it.
@@ -182,7 +170,7 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response) (*store.Lease, 
 		if a.pf && (a.suggPort != ex.ExternalPort || (specified(a.suggAddr) && a.suggAddr != ex.ExternalAddr)) {
 			resp.Lifetime = remaining(ex, now) + timeWait // PF-03, PF-05
 			code, err := fail(errCannotProvide)
-			return nil, false, code, err
+			return code, err
 		}
 		next = *ex
 		next.Filters = slices.Clone(ex.Filters)
@@ -193,12 +181,12 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response) (*store.Lease, 
 				resp.Lifetime = lt
 			}
 			code, err := fail(err)
-			return nil, false, code, err
+			return code, err
 		}
 		if !found {
 			if r := s.pol.CheckQuota(s.tab.byOwner[a.key.Owner], s.tab.len()); r != policy.Allowed {
 				code, err := fail(&policyError{r}) // MAP-15
-				return nil, false, code, err
+				return code, err
 			}
 		}
 		next = store.Lease{Key: a.key, Created: now, ExternalAddr: ext.Addr(), ExternalPort: ext.Port()}
@@ -206,7 +194,7 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response) (*store.Lease, 
 	next.Filters = applyFilters(next.Filters, a.filters)
 	if len(next.Filters) > s.cfg.MaxFilters {
 		code, err := fail(errTooManyFilters) // FLT-06
-		return nil, false, code, err
+		return code, err
 	}
 	next.Kind = a.kind
 	next.Nonce = a.nonce
@@ -218,8 +206,13 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response) (*store.Lease, 
 	if a.hasDesc {
 		next.Description = truncateUTF8(a.desc, s.cfg.DescriptionCap) // OPT-09
 	}
-	c.t.set(a.key, &next, true)
-	return &next, renew, pcp.Success, nil
+	msg := msgMapped
+	if renew {
+		msg = msgRenewed
+	}
+	o.log = logRec{msg: msg, lease: next, from: c.src, grant: a.grant}
+	c.t.set(a.key, &o.log.lease, true)
+	return pcp.Success, nil
 }
 
 // applyFilters adds the request's FILTERs to a mapping's in order
@@ -444,12 +437,10 @@ func (s *Server) servePeer(c *call, req *pcp.Request, resp *pcp.Response, o *out
 		next.Description = truncateUTF8(req.Options.Description, s.cfg.DescriptionCap)
 		resp.Options.Description = []byte(next.Description)
 	}
-	c.t.set(key, &next, true)
+	o.log = logRec{msg: msgPeerMapped, lease: next, from: c.src, grant: clamped}
+	c.t.set(key, &o.log.lease, true)
 	resp.Lifetime = clamped
 	resp.Map.ExternalAddr, resp.Map.ExternalPort = ext.Addr(), ext.Port()
-	o.after = func() {
-		s.plog.Info("peer mapped", append(leaseFields(&next, c.src), zap.Duration("lifetime", clamped))...)
-	}
 	return pcp.Success, nil
 }
 

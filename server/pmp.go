@@ -38,13 +38,13 @@ func (s *Server) handlePMP(c *call) outcome {
 	if res != pcp.PMPSuccess {
 		// PMP-09: the full reply, internal port copied, nothing mapped.
 		s.plog.Debug("refused", zap.Stringer("from", c.src), zap.Stringer("result", res), zap.Error(err))
-		o.after = nil
+		o.after, o.log.msg = nil, ""
 		o.reply = pcp.AppendPMPMapResponse(nil, req.Opcode, res, c.epoch, req.InternalPort, 0, 0)
 		return o
 	}
 	o.reply = pcp.AppendPMPMapResponse(nil, req.Opcode, res, c.epoch, req.InternalPort, ext, lt)
-	if o.after != nil {
-		o.fail = pcp.AppendPMPMapResponse(nil, req.Opcode, pcp.PMPOutOfResources, c.epoch, req.InternalPort, 0, 0)
+	if o.after != nil || o.log.msg != "" {
+		o.fail = failReply{kind: failPMP, epoch: c.epoch, pmpOp: req.Opcode, port: req.InternalPort}
 	}
 	return o
 }
@@ -83,10 +83,15 @@ func (s *Server) servePMPMap(c *call, req *pcp.PMPRequest, o *outcome) (uint16, 
 		for _, l := range gone {
 			c.t.set(l.Key, nil, true)
 		}
-		if len(gone) > 0 {
+		switch len(gone) {
+		case 0:
+		case 1:
+			o.log = logRec{msg: msgDeleted, lease: gone[0], from: c.src}
+		default:
+			src := c.src // not c: the closure would move every call to the heap
 			o.after = func() {
 				for _, l := range gone {
-					s.plog.Info("deleted", leaseFields(&l, c.src)...)
+					s.plog.Info(msgDeleted, leaseFields(&l, src)...)
 				}
 			}
 		}
@@ -94,21 +99,11 @@ func (s *Server) servePMPMap(c *call, req *pcp.PMPRequest, o *outcome) (uint16, 
 	}
 	a := ask{kind: store.KindNATPMP, key: key, suggPort: req.SuggestedExternalPort, grant: s.pol.ClampLifetime(req.Lifetime)}
 	var resp pcp.Response
-	l, renewed, code, err := s.mapInbound(c, &a, &resp)
+	code, err := s.mapInbound(c, &a, &resp, o)
 	if code != pcp.Success {
 		return 0, 0, code, err
 	}
-	lc := *l
-	o.after = func() {
-		// Per request: new mappings through the sampled logger, renewals
-		// (the bulk of the traffic) only at debug.
-		if !renewed {
-			s.plog.Info("mapped", append(leaseFields(&lc, c.src), zap.Duration("lifetime", a.grant))...)
-		} else if ce := s.log.Check(zap.DebugLevel, "renewed"); ce != nil {
-			ce.Write(append(leaseFields(&lc, c.src), zap.Duration("lifetime", a.grant))...)
-		}
-	}
-	return l.ExternalPort, a.grant, pcp.Success, nil
+	return o.log.lease.ExternalPort, a.grant, pcp.Success, nil
 }
 
 // announceTargets lists where unsolicited announcements go: each known

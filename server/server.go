@@ -61,6 +61,17 @@ type Server struct {
 	lis *listener
 	ct  ctFlusher
 
+	// Engine-loop scratch, under mu: the last finished tx (its buffers
+	// are reused), the decoded request and the reply being built (a
+	// pcp.Request is 2 KB, with its filter array inline), and the
+	// requests counter per label set (a WithLabelValues lookup per reply
+	// was measurable).
+	spare    *tx
+	pcpReq   pcp.Request
+	pcpResp  pcp.Response
+	counters map[reqLabels]prometheus.Counter
+	outs     []outcome
+
 	// announceDone is closed when the start-up announcements are over
 	// (tests).
 	announceDone chan struct{}
@@ -105,6 +116,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		orl:          policy.NewOwnerRateLimiter(ownerRateFactor*cfg.RateLimit, ownerRateFactor*cfg.RateBurst, cfg.RateSources),
 		tab:          newTable(),
 		quar:         map[endpoint]quarantine{},
+		counters:     map[reqLabels]prometheus.Counter{},
 		in:           make(chan packet, cfg.QueueLen),
 		announceDone: make(chan struct{}),
 		// A request changes at most one lease: its old and new pinholes.
@@ -276,7 +288,7 @@ func (s *Server) serveBatch(batch []packet) {
 		var held []packet
 		var heldReplies [][]byte
 		for i := range replies {
-			if ends[i] && replies[i] != nil {
+			if ends != nil && ends[i] && replies[i] != nil {
 				held = append(held, batch[i])
 				heldReplies = append(heldReplies, replies[i])
 				replies[i] = nil

@@ -13,15 +13,17 @@ import (
 // tx collects the state changes of one batch of requests: the lease table
 // is changed at once (later requests of the batch see earlier ones), the
 // kernel and the store only at commit, together: one Firewall.Apply and one
-// Store.Commit for the whole batch (group commit). If either fails, the
-// table is rolled back and the kernel restored, so an error changes nothing
-// (HDR-06, choice (g)).
+// Store.Commit for the whole batch (group commit), run at the same time. If
+// either fails, the other is undone, the table is rolled back and the
+// kernel restored, so an error changes nothing (HDR-06, choice (g)).
+//
+// A tx is reused from batch to batch (Server.spare): its slices keep their
+// capacity, so a steady load stages its changes without allocating.
 type tx struct {
 	s    *Server
 	now  time.Time
 	ops  []pinhole.Op
 	inv  []pinhole.Op // undo for ops, applied in reverse if the store fails
-	fin  map[store.Key]*store.Lease
 	undo []undoRec
 	qund []quarUndo
 	// retry: the request is handled again alone after its batch failed.
@@ -29,11 +31,22 @@ type tx struct {
 	// ended are leases removed on purpose (delete, revocation): their
 	// connections are flushed after the commit.
 	ended []store.Lease
+
+	// Scratch space of diff and commit, kept for the next batch.
+	old, neu, tmp []pinhole.Pinhole
+	others        []*store.Lease
+	put           []store.Lease
+	del           []store.Key
+	seen          map[store.Key]struct{}
+	storeErr      chan error
+	storeDur      time.Duration
 }
 
+// undoRec is the state of the lease at key before a set: prev if had.
 type undoRec struct {
 	key  store.Key
-	prev *store.Lease
+	had  bool
+	prev store.Lease
 }
 
 type quarUndo struct {
@@ -42,8 +55,34 @@ type quarUndo struct {
 	had  bool
 }
 
+// begin starts a tx, reusing the one the last finished tx left behind.
 func (s *Server) begin(now time.Time) *tx {
-	return &tx{s: s, now: now, fin: map[store.Key]*store.Lease{}}
+	t := s.spare
+	if t == nil {
+		t = &tx{s: s, storeErr: make(chan error, 1)}
+	}
+	s.spare = nil
+	t.now = now
+	return t
+}
+
+// release hands a finished (committed or rolled back) tx back for reuse.
+// Nothing may use t afterwards.
+func (s *Server) release(t *tx) {
+	t.reset()
+	t.retry = false
+	s.spare = t
+}
+
+// reset empties t, keeping its buffers. The leases in undo and ended are
+// cleared so the buffers do not keep old descriptions and filters alive.
+func (t *tx) reset() {
+	clear(t.undo)
+	clear(t.ended)
+	clear(t.others)
+	clear(t.put)
+	t.undo, t.qund, t.ops, t.inv, t.ended = t.undo[:0], t.qund[:0], t.ops[:0], t.inv[:0], t.ended[:0]
+	t.put, t.del = t.put[:0], t.del[:0]
 }
 
 // mark is a position in the undo log: a request changed state iff the mark
@@ -59,27 +98,26 @@ func (t *tx) empty() bool { return len(t.undo) == 0 }
 // deleting an absent element is a no-op. ended says the lease ends on
 // purpose (delete, revocation), so its connections are flushed too.
 func (t *tx) set(key store.Key, next *store.Lease, ended bool) {
-	prev, _ := t.s.tab.get(key)
-	var prevCopy *store.Lease
-	if prev != nil {
-		c := *prev
-		prevCopy = &c
+	t.undo = append(t.undo, undoRec{key: key})
+	u := &t.undo[len(t.undo)-1]
+	var prev *store.Lease
+	if cur, ok := t.s.tab.get(key); ok && cur != nil {
+		// The undo record holds its own copy: the table's may be reused
+		// once the lease is replaced.
+		u.had, u.prev = true, *cur
+		prev = &u.prev
 	}
-	t.diff(key, prevCopy, next)
-	t.undo = append(t.undo, undoRec{key: key, prev: prevCopy})
+	t.diff(key, prev, next)
 	if next == nil {
 		t.s.tab.del(key)
-		if prevCopy != nil {
-			t.freed(prevCopy)
+		if prev != nil {
+			t.freed(prev)
 			if ended {
-				t.ended = append(t.ended, *prevCopy)
+				t.ended = append(t.ended, *prev)
 			}
 		}
-		t.fin[key] = nil
 	} else {
-		c := *next
-		t.s.tab.put(c)
-		t.fin[key] = &c
+		t.s.tab.put(*next)
 	}
 }
 
@@ -108,28 +146,34 @@ func (t *tx) freed(l *store.Lease) {
 // while any live lease holds it, with the latest expiry among them, so
 // ending or shortening one lease never cuts another's pinhole.
 func (t *tx) diff(key store.Key, prev, next *store.Lease) {
-	var old, neu []pinhole.Pinhole
+	old, neu := t.old[:0], t.neu[:0]
 	if prev != nil {
-		old = pinholesOf(prev)
+		old = appendPinholes(old, prev)
 	}
 	if next != nil {
-		neu = pinholesOf(next)
+		neu = appendPinholes(neu, next)
 	}
+	t.old, t.neu = old, neu
 	if len(old) == 0 && len(neu) == 0 {
 		return
 	}
-	var others []*store.Lease
+	others := t.others[:0]
 	for _, l := range t.s.tab.onTuple(tupleOf(key)) {
 		if l.Key != key && l.Expires.After(t.now) {
 			others = append(others, l)
 		}
 	}
+	t.others = others
 	// held returns the latest expiry of another live lease holding p.
 	held := func(p pinhole.Pinhole) (time.Time, bool) {
 		var at time.Time
 		ok := false
 		for _, l := range others {
-			if l.Expires.After(at) && slices.Contains(pinholesOf(l), p) {
+			if !l.Expires.After(at) {
+				continue
+			}
+			t.tmp = appendPinholes(t.tmp[:0], l)
+			if slices.Contains(t.tmp, p) {
 				at, ok = l.Expires, true
 			}
 		}
@@ -180,11 +224,11 @@ func (t *tx) diff(key store.Key, prev, next *store.Lease) {
 // rollback restores the table and quarantine to the state before the tx.
 func (t *tx) rollback() {
 	for i := len(t.undo) - 1; i >= 0; i-- {
-		u := t.undo[i]
-		if u.prev == nil {
+		u := &t.undo[i]
+		if !u.had {
 			t.s.tab.del(u.key)
 		} else {
-			t.s.tab.put(*u.prev)
+			t.s.tab.put(u.prev)
 		}
 	}
 	for i := len(t.qund) - 1; i >= 0; i-- {
@@ -195,44 +239,118 @@ func (t *tx) rollback() {
 			delete(t.s.quar, q.e)
 		}
 	}
-	t.undo, t.qund, t.ops, t.inv, t.ended = nil, nil, nil, nil, nil
-	clear(t.fin)
+	t.reset()
 }
 
-// commit makes the tx durable: kernel first, then the store. A crash
-// between the two leaves a pinhole without a lease or a lease without its
-// new timeout, both repaired by the reconcile at the next start; a SUCCESS
-// is only ever sent after both.
-func (t *tx) commit() error {
-	if len(t.undo) == 0 {
-		return nil
+// changes lists what the store must write: the table's current lease for
+// every key the tx touched (put), or its deletion (del). With before set,
+// it lists the state before the tx instead (to undo a commit).
+func (t *tx) changes(before bool) ([]store.Lease, []store.Key) {
+	put, del := t.put[:0], t.del[:0]
+	one := len(t.undo) == 1
+	if !one {
+		if t.seen == nil {
+			t.seen = make(map[store.Key]struct{}, len(t.undo))
+		}
+		clear(t.seen)
 	}
-	var put []store.Lease
-	var del []store.Key
-	for k, l := range t.fin {
+	for i := range t.undo {
+		u := &t.undo[i]
+		if !one {
+			if _, dup := t.seen[u.key]; dup {
+				// The first record of a key holds its state before the
+				// tx; the table holds the state after it.
+				continue
+			}
+			t.seen[u.key] = struct{}{}
+		}
+		var l *store.Lease
+		if before {
+			if u.had {
+				l = &u.prev
+			}
+		} else if cur, ok := t.s.tab.get(u.key); ok {
+			l = cur
+		}
 		if l == nil {
-			del = append(del, k)
+			del = append(del, u.key)
 		} else {
 			put = append(put, *l)
 		}
 	}
-	start := time.Now()
-	if err := t.s.applyAtomic(t.ops, t.inv); err != nil {
-		t.s.m.kernelErrors.Inc()
-		return fmt.Errorf("server: kernel: %w", err)
+	t.put, t.del = put, del
+	return put, del
+}
+
+// commit makes the tx durable: the kernel transaction and the store commit
+// run at the same time, so a batch waits for the slower of the two, not
+// for both in turn. If one fails the other is undone (the kernel with
+// inv, the store by writing the leases' previous state back) and the error
+// returned; the caller rolls the table back. A SUCCESS is only ever sent
+// after both succeeded.
+//
+// A crash while they run can leave a pinhole without its lease (or with a
+// newer timeout than the stored lease) or a stored lease without its
+// pinhole (or its new timeout). The reconcile at the next start re-installs
+// every stored live lease with its stored expiry, and the audit removes
+// kernel entries no lease explains, so both are repaired; neither was ever
+// answered with a SUCCESS.
+func (t *tx) commit() error {
+	if len(t.undo) == 0 {
+		return nil
 	}
-	kdone := time.Now()
-	if err := t.s.st.Commit(put, del); err != nil {
+	t.changes(false)
+	// The store commit runs beside the kernel transaction; the engine
+	// waits for both below. Without kernel ops there is nothing to overlap.
+	overlap := len(t.ops) > 0
+	if overlap {
+		go t.storeCommit()
+	}
+	start := time.Now()
+	kerr := t.s.applyAtomic(t.ops, t.inv)
+	kdur := time.Since(start)
+	var serr error
+	if overlap {
+		serr = <-t.storeErr
+	} else {
+		t.storeCommit()
+		serr = <-t.storeErr
+	}
+	sdur := t.storeDur
+	switch {
+	case kerr != nil && serr != nil:
+		t.s.m.kernelErrors.Inc()
+		t.s.m.storeErrors.Inc()
+		return fmt.Errorf("server: kernel: %w; store: %w", kerr, serr)
+	case kerr != nil:
+		t.s.m.kernelErrors.Inc()
+		// The store holds the batch: write back what it held before.
+		if uerr := t.s.st.Commit(t.changes(true)); uerr != nil {
+			t.s.log.Error("cannot undo store changes after a kernel failure; the next start restores their pinholes", zapErr(uerr))
+		}
+		return fmt.Errorf("server: kernel: %w", kerr)
+	case serr != nil:
 		t.s.m.storeErrors.Inc()
 		if err := t.s.applyAll(reversed(t.inv)); err != nil {
 			t.s.log.Error("cannot undo kernel changes after a store failure; the next reconcile repairs them", zapErr(err))
 		}
-		return fmt.Errorf("server: store: %w", err)
+		return fmt.Errorf("server: store: %w", serr)
 	}
 	t.s.flushConntrack(t.ended)
-	t.s.m.kernelSeconds.Observe(kdone.Sub(start).Seconds())
-	t.s.m.storeSeconds.Observe(time.Since(kdone).Seconds())
+	if overlap {
+		t.s.m.kernelSeconds.Observe(kdur.Seconds())
+	}
+	t.s.m.storeSeconds.Observe(sdur.Seconds())
 	return nil
+}
+
+// storeCommit writes t.put and t.del and reports on t.storeErr (its
+// duration in t.storeDur, valid once the error is received).
+func (t *tx) storeCommit() {
+	start := time.Now()
+	err := t.s.st.Commit(t.put, t.del)
+	t.storeDur = time.Since(start)
+	t.storeErr <- err
 }
 
 const (
@@ -242,7 +360,10 @@ const (
 
 // pinholesOf translates a lease into kernel pinholes: one per FILTER (or
 // one for any remote without filters), one for a PEER's remote peer.
-func pinholesOf(l *store.Lease) []pinhole.Pinhole {
+func pinholesOf(l *store.Lease) []pinhole.Pinhole { return appendPinholes(nil, l) }
+
+// appendPinholes appends l's pinholes (pinholesOf) to dst.
+func appendPinholes(dst []pinhole.Pinhole, l *store.Lease) []pinhole.Pinhole {
 	base := pinhole.Pinhole{
 		Protocol:     l.Protocol,
 		InternalAddr: l.InternalAddr,
@@ -254,21 +375,21 @@ func pinholesOf(l *store.Lease) []pinhole.Pinhole {
 		r := l.Remote.Addr().Unmap()
 		base.RemotePrefix = netip.PrefixFrom(r, r.BitLen())
 		base.RemotePort = l.Remote.Port()
-		return []pinhole.Pinhole{base}
+		return append(dst, base)
 	}
 	if len(l.Filters) == 0 {
-		return []pinhole.Pinhole{base}
+		return append(dst, base)
 	}
-	out := make([]pinhole.Pinhole, 0, len(l.Filters))
+	n := len(dst)
 	for _, f := range l.Filters {
 		p := base
 		p.RemotePrefix = f.Prefix.Masked()
 		p.RemotePort = f.Port
-		if !slices.Contains(out, p) {
-			out = append(out, p)
+		if !slices.Contains(dst[n:], p) {
+			dst = append(dst, p)
 		}
 	}
-	return out
+	return dst
 }
 
 // applyAtomic applies ops as one kernel transaction when they fit in one
