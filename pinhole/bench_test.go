@@ -57,7 +57,7 @@ func prefill(b testing.TB, be *pinhole.Backend, n int) {
 }
 
 // BenchmarkApply measures kernel operations per second: batches of Refresh
-// (the steady-state op; in the kernel an add, a delete and an add) on
+// (the steady-state op; in the kernel two in-place adds) on
 // pinholes beside 0, 10 000 and 100 000 others already in the set, plus
 // Install+Delete pairs of pinholes that were not there.
 //
