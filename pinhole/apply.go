@@ -54,17 +54,19 @@ func (b *Backend) Apply(ops []Op) error {
 	if len(ops) > MaxBatch {
 		return fmt.Errorf("pinhole: batch of %d ops exceeds MaxBatch (%d): %w", len(ops), MaxBatch, ErrInvalid)
 	}
-	enc := make([]encodedOp, len(ops))
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	// The encoded batch reuses the last one's slice (under mu).
+	enc := b.enc[:0]
+	defer func() { clear(enc); b.enc = enc[:0] }()
 	for i, op := range ops {
 		e, err := encode(op)
 		if err != nil {
 			return &OpError{Index: i, Op: op, Err: err}
 		}
 		e.index = i
-		enc[i] = e
+		enc = append(enc, e)
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
 	for len(enc) > 0 {
 		err := b.flushOps(enc)
 		if err == nil {
@@ -119,17 +121,21 @@ func (b *Backend) flushOps(enc []encodedOp) error {
 // steps (make sure it exists; delete; add with the new timeout) without
 // changing the outcome; a repeated element starts a new phase.
 func (b *Backend) queueOps(enc []encodedOp) error {
-	seen := map[string]bool{}
+	if b.seen == nil {
+		b.seen = make(map[string]struct{}, len(enc))
+	}
+	seen := b.seen
+	clear(seen)
 	start := 0
 	for i, e := range enc {
-		if seen[e.id] {
+		if _, dup := seen[e.id]; dup {
 			if err := b.queuePhase(enc[start:i]); err != nil {
 				return err
 			}
 			clear(seen)
 			start = i
 		}
-		seen[e.id] = true
+		seen[e.id] = struct{}{}
 	}
 	return b.queuePhase(enc[start:])
 }
@@ -151,13 +157,25 @@ const deleteGuardTimeout = time.Second
 // in-place updates.
 const refreshNudge = 10 * time.Millisecond
 
+// Apply's steps, each one message per set: first adds (the delete guard,
+// or the nudged timeout), deletes, then adds with the exact timeout. Slots
+// numKinds.. hold the SNAT companions of NAPT elements: they go through
+// the same steps as the element they belong to.
+const (
+	stepEnsure = iota
+	stepDelete
+	stepAdd
+	numSteps
+	numSlots = int(numKinds) + numSNAT
+)
+
 func (b *Backend) queuePhase(phase []encodedOp) error {
-	// Slots numKinds.. hold the SNAT companions of NAPT elements: they go
-	// through the same steps as the element they belong to.
-	const slots = int(numKinds) + numSNAT
-	// Three steps, each one message per set: first adds (the delete guard,
-	// or the nudged timeout), deletes, then adds with the exact timeout.
-	var ensure, del, add [slots][]nftables.SetElement
+	for st := range b.steps {
+		for slot := range b.steps[st] {
+			b.steps[st][slot] = b.steps[st][slot][:0]
+		}
+	}
+	ensure, del, add := &b.steps[stepEnsure], &b.steps[stepDelete], &b.steps[stepAdd]
 	queue := func(slot int, elem nftables.SetElement, op Op) {
 		el := elem
 		t := ceilMillis(op.Timeout)
@@ -192,15 +210,16 @@ func (b *Backend) queuePhase(phase []encodedOp) error {
 		}
 		return b.snat[slot-int(numKinds)]
 	}
-	for _, stage := range []struct {
-		elems *[slots][]nftables.SetElement
-		queue func(*nftables.Set, []nftables.SetElement) error
-	}{{&ensure, b.conn.SetAddElements}, {&del, b.conn.SetDeleteElements}, {&add, b.conn.SetAddElements}} {
-		for slot, elems := range stage.elems {
+	for st := range b.steps {
+		queue := b.conn.SetAddElements
+		if st == stepDelete {
+			queue = b.conn.SetDeleteElements
+		}
+		for slot, elems := range b.steps[st] {
 			if len(elems) == 0 {
 				continue
 			}
-			if err := stage.queue(set(slot), elems); err != nil {
+			if err := queue(set(slot), elems); err != nil {
 				return fmt.Errorf("pinhole: encode %s: %w", set(slot).Name, err)
 			}
 		}

@@ -64,6 +64,13 @@ type Backend struct {
 	protected    []netip.Prefix // last SetProtected, re-applied by Setup
 	hasProtected bool
 	owned        bool // a Setup succeeded: the objects are pcpd's (ownership.go)
+
+	// Apply's scratch, under mu: the elements of each step per set (the
+	// nftables library encodes them at once and keeps nothing) and the
+	// elements seen in the current phase.
+	steps [numSteps][numSlots][]nftables.SetElement
+	seen  map[string]struct{}
+	enc   []encodedOp
 }
 
 // New returns a Backend that talks to the kernel through conn. The caller
