@@ -352,6 +352,7 @@ func (s *Server) expireLocked(now time.Time) {
 		// the table is right. The store drops them at the next start.
 		s.log.Warn("cannot record expired leases; they are dropped at the next start", zap.Error(err))
 	}
+	s.release(t)
 	s.log.Debug("leases expired", zap.Int("count", len(keys)))
 }
 

@@ -337,9 +337,7 @@ func (t *tx) commit() error {
 		return fmt.Errorf("server: store: %w", serr)
 	}
 	t.s.flushConntrack(t.ended)
-	if overlap {
-		t.s.m.kernelSeconds.Observe(kdur.Seconds())
-	}
+	t.s.m.kernelSeconds.Observe(kdur.Seconds())
 	t.s.m.storeSeconds.Observe(sdur.Seconds())
 	return nil
 }
