@@ -1,32 +1,27 @@
 package policy
 
 import (
+	"hash/maphash"
 	"math"
+	"math/bits"
 	"net/netip"
 	"sync"
 	"time"
-
-	"github.com/hashicorp/golang-lru/v2/simplelru"
 )
 
 // RateLimiter is a per-source token bucket with bounded memory (PKT-08,
-// SEC-04). Buckets live in an LRU of at most maxSources entries, so a flood
-// from any number of sources cannot grow memory, and one source's flood
-// spends only its own tokens. A source whose bucket was evicted comes back
-// with a full bucket: eviction can only favour a legitimate client, never
-// starve it. It is safe for concurrent use.
+// SEC-04). Buckets live in a fixed table of at most maxSources entries,
+// allocated once, so a flood from any number of sources cannot grow memory,
+// and one source's flood spends only its own tokens. A new source takes the
+// place of the least recently used bucket of its set (the table is
+// set-associative); a source whose bucket was evicted comes back with a
+// full bucket: eviction can only favour a legitimate client, never starve
+// it. It is safe for concurrent use: the table is split into independently
+// locked shards, so the socket readers (one per core) do not queue on one
+// lock, and Allow does not allocate.
 type RateLimiter struct {
-	b     buckets[netip.Addr]
+	b     buckets
 	bits6 int // IPv6 sources are counted per /bits6 (128: per address)
-}
-
-// buckets is the token buckets of one limiter, keyed by source or owner.
-type buckets[K comparable] struct {
-	mu    sync.Mutex
-	rate  float64 // tokens per second
-	burst float64
-	lru   *simplelru.LRU[K, *bucket]
-	free  []*bucket // evicted buckets, reused to avoid an allocation per new key
 }
 
 // RateLimiterOption adjusts NewRateLimiter.
@@ -45,11 +40,6 @@ func WithIPv6Prefix(bits int) RateLimiterOption {
 	}
 }
 
-type bucket struct {
-	tokens float64
-	last   time.Time
-}
-
 // NewRateLimiter returns a limiter allowing each source rate requests per
 // second with bursts of burst, remembering at most maxSources sources.
 // Invalid arguments (rate ≤ 0 or NaN, burst < 1, maxSources < 1) are raised
@@ -63,80 +53,174 @@ func NewRateLimiter(rate float64, burst int, maxSources int, opts ...RateLimiter
 	return l
 }
 
-func (l *buckets[K]) init(rate float64, burst, maxKeys int) {
-	if !(rate > 0) || math.IsInf(rate, 0) {
-		rate = 1
-	}
-	l.rate, l.burst = rate, float64(max(burst, 1))
-	l.lru, _ = simplelru.NewLRU(max(maxKeys, 1), func(_ K, b *bucket) {
-		if len(l.free) < 64 {
-			l.free = append(l.free, b)
-		}
-	})
-}
-
 // Allow reports whether src may be served at now, spending one token.
 func (l *RateLimiter) Allow(src netip.Addr, now time.Time) bool {
-	src = src.Unmap().WithZone("")
+	src = src.Unmap()
+	k := key(src) // IPv4 as ::ffff:a.b.c.d, so it never meets an IPv6 key
 	if src.Is6() && l.bits6 < 128 {
-		p, _ := src.Prefix(l.bits6)
-		src = p.Addr()
+		m := hostMask(l.bits6)
+		k = u128{k.hi &^ m.hi, k.lo &^ m.lo}
 	}
-	return l.b.allow(src, now)
-}
-
-func (l *buckets[K]) allow(k K, now time.Time) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	b, ok := l.lru.Get(k)
-	if !ok {
-		if n := len(l.free); n > 0 {
-			b, l.free = l.free[n-1], l.free[:n-1]
-		} else {
-			b = new(bucket)
-		}
-		*b = bucket{tokens: l.burst - 1, last: now}
-		l.lru.Add(k, b)
-		return true
-	}
-	if dt := now.Sub(b.last); dt > 0 {
-		b.tokens = min(l.burst, b.tokens+dt.Seconds()*l.rate)
-		b.last = now
-	}
-	if b.tokens < 1 {
-		return false
-	}
-	b.tokens--
-	return true
+	return l.b.allow(k, now)
 }
 
 // Len returns the number of sources currently remembered.
 func (l *RateLimiter) Len() int { return l.b.len() }
 
-func (l *buckets[K]) len() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.lru.Len()
-}
-
 // OwnerRateLimiter is a token bucket per owner, in addition to the
 // per-source one: an owner with many prefixes (a peer holding a /48 has
-// 65 536 /64 source buckets) cannot crowd the queue or the source LRU
+// 65 536 /64 source buckets) cannot crowd the queue or the source table
 // beyond its own bucket (PKT-08, SEC-04). Memory is bounded like
-// RateLimiter's; it is safe for concurrent use.
-type OwnerRateLimiter struct{ b buckets[OwnerID] }
+// RateLimiter's; it is safe for concurrent use and Allow does not
+// allocate.
+type OwnerRateLimiter struct {
+	b    buckets
+	seed maphash.Seed
+}
 
 // NewOwnerRateLimiter returns a limiter allowing each owner rate requests
 // per second with bursts of burst, remembering at most maxOwners owners.
 // Invalid arguments are raised as NewRateLimiter's are.
 func NewOwnerRateLimiter(rate float64, burst, maxOwners int) *OwnerRateLimiter {
-	l := &OwnerRateLimiter{}
+	l := &OwnerRateLimiter{seed: maphash.MakeSeed()}
 	l.b.init(rate, burst, maxOwners)
 	return l
 }
 
 // Allow reports whether owner may be served at now, spending one token.
-func (l *OwnerRateLimiter) Allow(owner OwnerID, now time.Time) bool { return l.b.allow(owner, now) }
+func (l *OwnerRateLimiter) Allow(owner OwnerID, now time.Time) bool {
+	return l.AllowKey(l.Key(owner), now)
+}
+
+// OwnerKey is an owner as the limiter keys it: a 128-bit keyed hash of its
+// ID (a collision between two owners is a 2⁻¹²⁸ event), cheap to compare
+// and to keep in atomics.
+type OwnerKey struct{ Hi, Lo uint64 }
+
+// Key returns owner's key in this limiter.
+func (l *OwnerRateLimiter) Key(owner OwnerID) OwnerKey {
+	var h maphash.Hash
+	h.SetSeed(l.seed)
+	h.WriteString(string(owner))
+	hi := h.Sum64()
+	h.WriteByte(0)
+	return OwnerKey{hi, h.Sum64()}
+}
+
+// AllowKey is Allow for an owner already hashed by Key.
+func (l *OwnerRateLimiter) AllowKey(k OwnerKey, now time.Time) bool {
+	return l.b.allow(u128{k.Hi, k.Lo}, now)
+}
 
 // Len returns the number of owners currently remembered.
 func (l *OwnerRateLimiter) Len() int { return l.b.len() }
+
+// buckets is the token buckets of one limiter: a set-associative table of
+// ways-entry sets, the sets spread over shards that each have a lock. The
+// table is allocated once; nothing is allocated per key.
+type buckets struct {
+	rate   float64 // tokens per second
+	burst  float64
+	base   time.Time // entry times are offsets from it (monotonic when now is)
+	sets   uint64
+	ways   int
+	seed   [2]uint64
+	slots  []slot
+	shards [nShards]shard
+}
+
+// slot is one bucket of the table.
+type slot struct {
+	k      u128
+	last   int64 // now - base in nanoseconds at the last refill
+	tokens float64
+	used   bool
+}
+
+// shard is the lock of the sets whose index is congruent to it modulo
+// nShards, padded so two shards' locks never share a cache line.
+type shard struct {
+	mu sync.Mutex
+	n  int // entries in use
+	_  [64 - 16]byte
+}
+
+const (
+	nShards = 64
+	maxWays = 8 // entries compared per lookup: a cache line or two
+)
+
+func (l *buckets) init(rate float64, burst, maxKeys int) {
+	if !(rate > 0) || math.IsInf(rate, 0) {
+		rate = 1
+	}
+	l.rate, l.burst = rate, float64(max(burst, 1))
+	maxKeys = max(maxKeys, 1)
+	l.ways = min(maxWays, maxKeys)
+	l.sets = uint64(maxKeys / l.ways) // sets×ways ≤ maxKeys: the bound holds exactly
+	l.slots = make([]slot, int(l.sets)*l.ways)
+	l.base = time.Now()
+	s := maphash.MakeSeed()
+	l.seed[0] = maphash.Comparable(s, uint64(1)) | 1
+	l.seed[1] = maphash.Comparable(s, uint64(2))
+}
+
+// set returns the index of k's set: a keyed mix, so a sender cannot pick
+// keys that all land in one set.
+func (l *buckets) set(k u128) uint64 {
+	h := (k.hi ^ l.seed[1]) * 0x9e3779b97f4a7c15
+	h ^= bits.RotateLeft64(k.lo, 31) ^ l.seed[0]
+	h *= 0xbf58476d1ce4e5b9
+	h ^= h >> 29
+	hi, _ := bits.Mul64(h, l.sets) // uniform in [0, sets) without a division
+	return hi
+}
+
+func (l *buckets) allow(k u128, now time.Time) bool {
+	t := int64(now.Sub(l.base))
+	si := l.set(k)
+	sh := &l.shards[si%nShards]
+	set := l.slots[int(si)*l.ways : int(si+1)*l.ways]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	victim := 0
+	for i := range set {
+		e := &set[i]
+		if !e.used {
+			victim = i
+			break
+		}
+		if e.k == k {
+			if dt := t - e.last; dt > 0 {
+				e.tokens = min(l.burst, e.tokens+float64(dt)*1e-9*l.rate)
+				e.last = t
+			}
+			if e.tokens < 1 {
+				return false
+			}
+			e.tokens--
+			return true
+		}
+		if e.last < set[victim].last {
+			victim = i
+		}
+	}
+	e := &set[victim]
+	if !e.used {
+		// A free entry is only found after every used one of the set (they
+		// fill in order, and entries are never freed), so k is not in it.
+		sh.n++
+	}
+	*e = slot{k: k, last: t, tokens: l.burst - 1, used: true}
+	return true
+}
+
+func (l *buckets) len() int {
+	n := 0
+	for i := range l.shards {
+		l.shards[i].mu.Lock()
+		n += l.shards[i].n
+		l.shards[i].mu.Unlock()
+	}
+	return n
+}

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/pcpd/pcpd/pcp"
 )
 
@@ -48,7 +50,7 @@ func TestEarlyAnswersAsEngine(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			src := netip.AddrPortFrom(tc.src, 40000)
-			got, handled := h.s.early(tc.b, src, h.clock.Now())
+			got, handled := h.s.early(nil, tc.b, src, h.clock.Now())
 			if handled != tc.handled {
 				t.Fatalf("handled early: %v, want %v", handled, tc.handled)
 			}
@@ -62,6 +64,44 @@ func TestEarlyAnswersAsEngine(t *testing.T) {
 			want := h.s.Handle(local, src, tc.b)
 			if !bytes.Equal(got, want) {
 				t.Fatalf("early answer\n% x\nengine's\n% x", got, want)
+			}
+		})
+	}
+}
+
+// TestEarlyAllocs: the readers' answers to malformed and unauthorised
+// requests, and their verdict on ones for the engine, allocate nothing
+// (issue 8: at 100 k/s every allocation per packet is GC work on a core
+// the load generator shares). Per-request logging is off, as in
+// production (sampled, debug level).
+func TestEarlyAllocs(t *testing.T) {
+	h := newHarness(t)
+	h.s.plog = zap.NewNop()
+	stranger := netip.MustParseAddr("2001:db8:ee::1")
+	badOpcode := pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1))
+	badOpcode[1] = 9
+	for _, tc := range []struct {
+		name    string
+		src     netip.Addr
+		b       []byte
+		handled bool
+	}{
+		{"malformed", addrA, badOpcode, true},
+		{"silent drop", addrA, []byte{2, 0x81, 0, 0}, true},
+		{"unauthorised MAP", stranger, pcp.AppendRequest(nil, mapReq(stranger, pcp.ProtoTCP, 80, 0, time.Hour, 1)), true},
+		{"unauthorised PEER", stranger, pcp.AppendRequest(nil, peerReq(stranger, pcp.ProtoTCP, 80, remote, time.Hour, 1)), true},
+		{"allowed MAP, for the engine", addrA, pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1)), false},
+		{"ANNOUNCE, for the engine", addrA, pcp.AppendRequest(nil, pcp.NewAnnounce(addrA)), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			src := netip.AddrPortFrom(tc.src, 40000)
+			dst := make([]byte, 0, 2048)
+			now := h.clock.Now()
+			if _, handled := h.s.early(dst, tc.b, src, now); handled != tc.handled {
+				t.Fatalf("handled %v, want %v", handled, tc.handled)
+			}
+			if n := testing.AllocsPerRun(1000, func() { h.s.early(dst, tc.b, src, now) }); n != 0 {
+				t.Errorf("%v allocations per request, want 0", n)
 			}
 		})
 	}

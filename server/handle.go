@@ -294,25 +294,10 @@ func (s *Server) admit(b []byte, src netip.AddrPort, now time.Time) string {
 	if !s.rl.Allow(src.Addr(), now) {
 		return "rate-limit"
 	}
-	if len(s.in) >= cap(s.in)/ownerQueueShare {
-		// The queue is filling: now each owner also spends from its own
-		// bucket, so one with many prefixes (a /48 is 65 536 /64 source
-		// buckets) cannot take the queue from the others. Without
-		// contention an owner may use what nobody else wants (a LAN of
-		// many hosts behind one static client).
-		if o, ok := s.pol.Ownership().Lookup(src.Addr()); ok && !s.orl.Allow(o.ID, now) {
-			return "owner-rate-limit"
-		}
-	}
+	// The per-owner bucket comes after the early answers, for what needs
+	// the engine (Server.early, ownerGate).
 	return ""
 }
-
-// The per-owner bucket (admit): ownerRateFactor times the per-source rate
-// and burst, applied once the queue is 1/ownerQueueShare full.
-const (
-	ownerRateFactor = 8
-	ownerQueueShare = 8
-)
 
 // natpmpOn reports whether NAT-PMP is served to src (PMP-01): it needs an
 // external IPv4 and an IPv4 client.

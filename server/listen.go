@@ -2,21 +2,20 @@ package server
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"runtime"
 	"slices"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"go.uber.org/zap"
-	"golang.org/x/net/ipv4"
-	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 )
 
@@ -54,6 +53,7 @@ type udpConn struct {
 	index int // the interface's index when bound: a re-created interface is a new one
 	local netip.AddrPort
 	pc    *net.UDPConn
+	rc    syscall.RawConn // pc's, for recvmmsg and sendmmsg
 }
 
 // reply is one datagram to send.
@@ -62,10 +62,8 @@ type reply struct {
 	to netip.AddrPort
 }
 
-// batchWriter sends many datagrams per system call (sendmmsg).
-type batchWriter interface {
-	WriteBatch(ms []ipv4.Message, flags int) (int, error)
-}
+// sendPool holds the sendmmsg arrays of the engine's reply batches.
+var sendPool = sync.Pool{New: func() any { return newMmsg(readBatch) }}
 
 // sendBatch sends rs with as few sendmmsg calls as it takes (one sendto
 // per reply was half of pcpd's CPU on the error path). It returns the
@@ -74,33 +72,20 @@ func (c *udpConn) sendBatch(rs []reply) error {
 	if len(rs) == 1 {
 		return c.send(rs[0].b, rs[0].to)
 	}
-	var bw batchWriter
-	v4 := c.local.Addr().Is4()
-	if v4 {
-		bw = ipv4.NewPacketConn(c.pc)
-	} else {
-		bw = ipv6.NewPacketConn(c.pc)
-	}
-	ms := make([]ipv4.Message, len(rs))
-	for i, r := range rs {
-		to := r.to
-		if v4 {
-			to = netip.AddrPortFrom(to.Addr().Unmap(), to.Port())
-		}
-		ms[i] = ipv4.Message{Buffers: [][]byte{r.b}, Addr: net.UDPAddrFromAddrPort(to)}
-	}
+	m := sendPool.Get().(*mmsg)
+	defer sendPool.Put(m)
 	var first error
-	for len(ms) > 0 {
-		n, err := bw.WriteBatch(ms, 0)
-		if err != nil {
-			if first == nil {
-				first = err
-			}
-			// The datagram at n failed: skip it, go on with the rest.
-			n++
+	for len(rs) > 0 {
+		n := min(len(rs), len(m.hdrs))
+		for i, r := range rs[:n] {
+			m.set(i, r.b, r.to, c)
 		}
-		ms = ms[min(n, len(ms)):]
+		if err := c.sendmmsg(m, n); err != nil && first == nil {
+			first = err
+		}
+		rs = rs[n:]
 	}
+	m.release(len(m.hdrs))
 	return first
 }
 
@@ -110,6 +95,118 @@ func (c *udpConn) send(b []byte, to netip.AddrPort) error {
 	}
 	_, err := c.pc.WriteToUDPAddrPort(b, to)
 	return err
+}
+
+// mmsg is the arrays one recvmmsg or sendmmsg call hands the kernel,
+// allocated once per reader (or pooled): the datagrams themselves cost no
+// allocation. x/net's ReadBatch and WriteBatch allocated a net.UDPAddr
+// and its IP per datagram, and the headers per call.
+type mmsg struct {
+	hdrs  []unix.Mmsghdr
+	iovs  []unix.Iovec
+	names []unix.RawSockaddrInet6 // large enough for a sockaddr_in too
+
+	// The system call and its result, kept here so that the function
+	// handed to RawConn.Read/Write is made once, not per call.
+	fd       uintptr
+	off, cnt int
+	r        int
+	errno    unix.Errno
+	recvF    func(fd uintptr) bool
+	sendF    func(fd uintptr) bool
+}
+
+func newMmsg(n int) *mmsg {
+	m := &mmsg{
+		hdrs:  make([]unix.Mmsghdr, n),
+		iovs:  make([]unix.Iovec, n),
+		names: make([]unix.RawSockaddrInet6, n),
+	}
+	for i := range m.hdrs {
+		h := &m.hdrs[i].Hdr
+		h.Name = (*byte)(unsafe.Pointer(&m.names[i]))
+		h.Namelen = unix.SizeofSockaddrInet6
+		h.Iov = &m.iovs[i]
+		h.SetIovlen(1)
+	}
+	m.recvF = func(fd uintptr) bool { return m.call(unix.SYS_RECVMMSG, fd) }
+	m.sendF = func(fd uintptr) bool { return m.call(unix.SYS_SENDMMSG, fd) }
+	return m
+}
+
+// call runs recvmmsg or sendmmsg on hdrs[off:off+cnt]; false asks the
+// runtime poller to wait for the socket (EAGAIN).
+func (m *mmsg) call(trap, fd uintptr) bool {
+	r, _, e := unix.Syscall6(trap, fd, uintptr(unsafe.Pointer(&m.hdrs[m.off])), uintptr(m.cnt), unix.MSG_DONTWAIT, 0, 0)
+	if e == unix.EAGAIN || e == unix.EINTR {
+		return false
+	}
+	m.r, m.errno = int(r), e
+	return true
+}
+
+// set makes entry i the datagram b to to, for sending on c.
+func (m *mmsg) set(i int, b []byte, to netip.AddrPort, c *udpConn) {
+	m.iovs[i].Base = unsafe.SliceData(b)
+	m.iovs[i].SetLen(len(b))
+	h := &m.hdrs[i].Hdr
+	a := to.Addr()
+	if c.local.Addr().Is4() {
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(&m.names[i]))
+		*sa = unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: a.Unmap().As4()}
+		putPort(&sa.Port, to.Port())
+		h.Namelen = unix.SizeofSockaddrInet4
+		return
+	}
+	sa := &m.names[i]
+	*sa = unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: a.As16()}
+	putPort(&sa.Port, to.Port())
+	if a.Zone() != "" {
+		// Link-local: the scope is the socket's interface (it is bound to
+		// it, so a reply can leave by no other).
+		sa.Scope_id = uint32(c.index)
+	}
+	h.Namelen = unix.SizeofSockaddrInet6
+}
+
+// release drops the references to the first n datagrams' buffers, so a
+// pooled mmsg does not keep replies alive.
+func (m *mmsg) release(n int) {
+	for i := range n {
+		m.iovs[i].Base = nil
+	}
+}
+
+// sendmmsg sends entries [0, n) of m. A datagram the kernel refuses is
+// skipped (its error returned if it is the first) and the rest still go.
+func (c *udpConn) sendmmsg(m *mmsg, n int) error {
+	var first error
+	for m.off = 0; m.off < n; {
+		m.cnt = n - m.off
+		if err := c.rc.Write(m.sendF); err != nil {
+			return err // the socket is closed
+		}
+		if m.errno != 0 {
+			if first == nil {
+				first = fmt.Errorf("server: sendmmsg to %s: %w", c.local, m.errno)
+			}
+			m.off++ // the datagram at off failed: skip it
+			continue
+		}
+		m.off += max(m.r, 1)
+	}
+	return first
+}
+
+// putPort stores a port in network byte order.
+func putPort(p *uint16, port uint16) {
+	b := (*[2]byte)(unsafe.Pointer(p))
+	b[0], b[1] = byte(port>>8), byte(port)
+}
+
+func getPort(p *uint16) uint16 {
+	b := (*[2]byte)(unsafe.Pointer(p))
+	return uint16(b[0])<<8 | uint16(b[1])
 }
 
 // listener keeps one socket per address of each serving interface, bound to
@@ -131,7 +228,10 @@ type listener struct {
 	admit func(b []byte, src netip.AddrPort) string
 	// early, if set, answers requests that need no engine (Server.early):
 	// handled means the reader sends reply (nil: nothing) itself.
-	early func(b []byte, src netip.AddrPort, now time.Time) (reply []byte, handled bool)
+	// The reply is appended to the dst it is given.
+	early func(dst, b []byte, src netip.AddrPort, now time.Time) (reply []byte, handled bool)
+	// es is the readers' state for Server.early.
+	es earlyState
 
 	mu    sync.Mutex
 	conns map[netip.AddrPort]*udpConn
@@ -303,7 +403,13 @@ func (l *listener) resync(h *netlink.Handle) {
 			l.log.Warn("cannot serve address", zap.String("interface", w.name), zap.Stringer("address", ap), zap.Error(err))
 			continue
 		}
-		c := &udpConn{iface: w.name, index: w.index, local: ap, pc: pc}
+		rc, err := pc.SyscallConn()
+		if err != nil {
+			pc.Close()
+			l.log.Warn("cannot serve address", zap.String("interface", w.name), zap.Stringer("address", ap), zap.Error(err))
+			continue
+		}
+		c := &udpConn{iface: w.name, index: w.index, local: ap, pc: pc, rc: rc}
 		l.conns[ap] = c
 		// One reader per core: the readers answer malformed and refused
 		// requests themselves (Server.early), and one goroutine reading,
@@ -361,47 +467,53 @@ func (l *listener) open(ifc string, ap netip.AddrPort) (*net.UDPConn, error) {
 	return pc.(*net.UDPConn), nil
 }
 
-// batchReader reads many datagrams per system call (recvmmsg).
-type batchReader interface {
-	ReadBatch(ms []ipv4.Message, flags int) (int, error)
-}
-
 func (l *listener) read(c *udpConn) {
 	defer l.wg.Done()
-	var br batchReader
-	if c.local.Addr().Is4() {
-		br = ipv4.NewPacketConn(c.pc)
-	} else {
-		br = ipv6.NewPacketConn(c.pc)
+	// Draining the socket in batches (recvmmsg) keeps up with a flooding
+	// source, so other clients' packets wait less behind the ones admit
+	// drops; the replies the reader makes itself go out in one sendmmsg
+	// per batch. Nothing here allocates per datagram but the copy of one
+	// queued for the engine.
+	in := newMmsg(readBatch)
+	bufs := make([]byte, readBatch*readSize)
+	for i := range in.iovs {
+		in.iovs[i].Base = &bufs[i*readSize]
+		in.iovs[i].SetLen(readSize)
 	}
-	// Draining the socket in batches keeps up with a flooding source, so
-	// other clients' packets wait less behind the ones admit drops.
-	msgs := make([]ipv4.Message, readBatch)
-	for i := range msgs {
-		msgs[i].Buffers = [][]byte{make([]byte, readSize)}
-	}
-	var replies []reply
+	out := newMmsg(readBatch)
+	arena := make([]byte, 0, 64<<10) // the batch's replies, back to back
+	ends := make([]int, 0, readBatch)
+	tos := make([]netip.AddrPort, 0, readBatch)
 	for {
-		if len(replies) > 0 {
-			c.sendBatch(replies)
-			replies = replies[:0]
-		}
-		n, err := br.ReadBatch(msgs, 0)
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
+		if len(ends) > 0 {
+			start := 0
+			for i, end := range ends {
+				out.set(i, arena[start:end], tos[i], c)
+				start = end
 			}
+			if err := c.sendmmsg(out, len(ends)); err != nil {
+				l.log.Debug("send replies", zap.Stringer("from", c.local), zap.Error(err))
+			}
+			arena, ends, tos = arena[:0], ends[:0], tos[:0]
+		}
+		in.off, in.cnt = 0, readBatch
+		if err := c.rc.Read(in.recvF); err != nil {
+			return // closed
+		}
+		if in.errno != 0 {
 			continue
 		}
+		n := in.r
 		now := time.Now()
-		for _, m := range msgs[:n] {
-			ua, ok := m.Addr.(*net.UDPAddr)
+		queued := false
+		for i := range n {
+			h := &in.hdrs[i]
+			src, ok := sockaddrPort(&in.names[i], h.Hdr.Namelen, c)
+			h.Hdr.Namelen = unix.SizeofSockaddrInet6 // for the next call
 			if !ok {
 				continue
 			}
-			src := ua.AddrPort()
-			src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
-			b := m.Buffers[0][:m.N]
+			b := bufs[i*readSize : i*readSize+int(h.Len)]
 			if l.admit != nil {
 				if reason := l.admit(b, src); reason != "" {
 					if l.onDrop != nil {
@@ -411,9 +523,13 @@ func (l *listener) read(c *udpConn) {
 				}
 			}
 			if l.early != nil {
-				if r, ok := l.early(b, src, now); ok {
-					if r != nil {
-						replies = append(replies, reply{b: r, to: src})
+				before := len(arena)
+				r, ok := l.early(arena, b, src, now)
+				if ok {
+					if len(r) > before {
+						arena = r
+						ends = append(ends, len(arena))
+						tos = append(tos, src)
 					}
 					continue
 				}
@@ -421,6 +537,7 @@ func (l *listener) read(c *udpConn) {
 			p := packet{conn: c, src: src, b: append([]byte(nil), b...), at: now}
 			select {
 			case l.out <- p:
+				queued = true
 			default:
 				// The engine is saturated: shedding load here keeps
 				// memory bounded (PKT-08, SEC-04).
@@ -429,7 +546,37 @@ func (l *listener) read(c *udpConn) {
 				}
 			}
 		}
+		if queued {
+			// Let the engine run now. Under a flood the readers never
+			// block (the socket always has data), and the engine,
+			// readied by the channel send, would otherwise wait for this
+			// goroutine's preemption (10 ms) with both cores' Ps held by
+			// readers: a well-behaved client's request, queued in
+			// microseconds, was answered tens of milliseconds later.
+			runtime.Gosched()
+		}
 	}
+}
+
+// sockaddrPort decodes a source address the kernel wrote, IPv4-mapped
+// sources unmapped, link-local ones zoned with c's interface.
+func sockaddrPort(sa *unix.RawSockaddrInet6, n uint32, c *udpConn) (netip.AddrPort, bool) {
+	switch {
+	case sa.Family == unix.AF_INET6 && n >= unix.SizeofSockaddrInet6:
+		a := netip.AddrFrom16(sa.Addr).Unmap()
+		if sa.Scope_id != 0 && a.Is6() {
+			zone := c.iface
+			if int(sa.Scope_id) != c.index {
+				zone = strconv.FormatUint(uint64(sa.Scope_id), 10)
+			}
+			a = a.WithZone(zone)
+		}
+		return netip.AddrPortFrom(a, getPort(&sa.Port)), true
+	case sa.Family == unix.AF_INET && n >= unix.SizeofSockaddrInet4:
+		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+		return netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), getPort(&sa4.Port)), true
+	}
+	return netip.AddrPort{}, false
 }
 
 func readers() int { return max(1, min(runtime.GOMAXPROCS(0), 4)) }

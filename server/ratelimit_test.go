@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap/zapcore"
 
 	"github.com/pcpd/pcpd/pcp"
@@ -54,36 +55,82 @@ func TestPKT08UnsupportedVersionSpendsTokens(t *testing.T) {
 }
 
 // TestPKT08OwnerBucket: an owner sending from many /64s (each its own
-// source bucket) is held to its owner bucket once the queue fills, and
-// another owner is still admitted; with an idle queue nothing changes.
+// source bucket) spends its owner bucket on every request for the engine;
+// the bucket binds as soon as another owner wants the engine too (within
+// ownerContendWindow) or the queue fills, and the excess is dropped by the
+// reader before it is queued. Alone, with a short queue, the owner may use
+// the whole engine (a LAN behind one static client).
 func TestPKT08OwnerBucket(t *testing.T) {
 	const burst = 2
 	h := newHarness(t, func(c *Config, _ *policy.Config) { c.RateLimit, c.RateBurst, c.QueueLen = 1, burst, 16 })
 	now := h.clock.Now()
-	flood := func() int {
-		admitted := 0
-		for i := range 200 {
-			src := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x0a, 0, byte(i), 15: 1}) // 2001:db8:a:<i>::1, owner a
+	ownerBurst := ownerRateFactor * burst
+	// send offers n MAPs from owner a's /64s to the reader's checks and
+	// counts those that would be queued for the engine.
+	next := 0
+	send := func(n int) (queued int) {
+		for range n {
+			next++
+			src := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x0a, 0, byte(next), 15: 1}) // 2001:db8:a:<i>::1, owner a
 			m := pcp.AppendRequest(nil, mapReq(src, pcp.ProtoTCP, 80, 80, time.Hour, 1))
-			if h.s.admit(m, netip.AddrPortFrom(src, 5350), now) == "" {
-				admitted++
+			ap := netip.AddrPortFrom(src, 5350)
+			if h.s.admit(m, ap, now) != "" {
+				t.Fatalf("source %s refused by its own bucket", src)
+			}
+			if r, handled := h.s.early(nil, m, ap, now); !handled {
+				queued++
+			} else if r != nil {
+				t.Fatalf("allowed MAP answered early: % x", r)
 			}
 		}
-		return admitted
+		return queued
 	}
-	if n := flood(); n != 200 {
-		t.Fatalf("idle queue: %d of 200 sources of one owner admitted, want all", n)
+	queuedB := func() bool {
+		m := pcp.AppendRequest(nil, mapReq(addrB, pcp.ProtoTCP, 80, 80, time.Hour, 1))
+		_, handled := h.s.early(nil, m, netip.AddrPortFrom(addrB, 5350), now)
+		return !handled
 	}
+	dropped := func() float64 {
+		var m dto.Metric
+		if err := h.s.m.dropped.WithLabelValues("owner-rate-limit").Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		return m.GetCounter().GetValue()
+	}
+
+	if n := send(200); n != 200 {
+		t.Fatalf("alone, short queue: %d of 200 requests of one owner queued, want all", n)
+	}
+	if !queuedB() {
+		t.Fatal("PKT-08: another owner's first MAP dropped")
+	}
+	// a's bucket was spent while it was alone: with b around it binds at once.
+	if n := send(200); n != 0 {
+		t.Errorf("PKT-08: another owner active: %d of 200 queued, a's bucket was already spent", n)
+	}
+	now = now.Add(time.Second) // refills ownerRateFactor × rate tokens
+	if n, want := send(200), ownerRateFactor*1; n != want {
+		t.Errorf("PKT-08: 1 s later, another owner active: %d of 200 queued, want the refill %d", n, want)
+	}
+	if !queuedB() {
+		t.Error("PKT-08: the other owner dropped while a floods")
+	}
+	if d := dropped(); d != 200+200-ownerRateFactor {
+		t.Errorf("owner-rate-limit drops counted: %v, want %d", d, 400-ownerRateFactor)
+	}
+	// b quiet for longer than the window: a is alone again.
+	now = now.Add(ownerContendWindow + time.Second)
+	if n := send(200); n != 200 {
+		t.Errorf("b quiet for %v: %d of 200 queued, want all", ownerContendWindow+time.Second, n)
+	}
+	// Alone but the queue filling: the bucket binds again (its tokens: the
+	// burst, refilled during the quiet spell, minus what the 200 spent).
 	for range cap(h.s.in) / ownerQueueShare {
 		h.s.in <- packet{}
 	}
-	now = now.Add(time.Hour) // fresh source buckets
-	if n := flood(); n > ownerRateFactor*burst {
-		t.Errorf("PKT-08: filling queue: %d of 200 sources of one owner admitted, want ≤ %d", n, ownerRateFactor*burst)
-	}
-	mapB := pcp.AppendRequest(nil, mapReq(addrB, pcp.ProtoTCP, 80, 80, time.Hour, 1))
-	if r := h.s.admit(mapB, netip.AddrPortFrom(addrB, 5350), now); r != "" {
-		t.Errorf("PKT-08: another owner's MAP: %q, want admitted", r)
+	now = now.Add(time.Hour)
+	if n := send(200); n != ownerBurst {
+		t.Errorf("PKT-08: queue 1/%d full: %d of 200 queued, want the owner burst %d", ownerQueueShare, n, ownerBurst)
 	}
 }
 
