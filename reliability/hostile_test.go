@@ -237,91 +237,108 @@ func medianDur(d []time.Duration) time.Duration {
 // another measures its latency (issue 9 "one peer flooding ... p99";
 // PROTOCOL.md PKT-08, SEC-04). Two floods: from one source, and from the
 // flooding client's whole prefix (a /40: every datagram from a fresh /64,
-// which a per-/64 limit does not stop). The victim's p99 under flood must
-// stay within 2× its idle p99; on a shared 2-core machine the comparison
-// uses the median of several rounds' p99 and a 2 ms absolute allowance
-// (idle p99 is a fraction of a millisecond, below scheduler noise).
+// which a per-/64 limit does not stop; the per-owner bucket does). The
+// victim's p99 under flood must stay within 2× its p99 without pcpd in the
+// way, plus 2 ms of scheduler noise (idle p99 is a fraction of a
+// millisecond on a quiet machine).
+//
+// "Without pcpd in the way" is the larger of idle and a control flood: the
+// same sender, same sources, same rate, to a closed port, so that the
+// sender, the veth and the kernel cost the machine what they cost under
+// the real flood and none of it reaches pcpd. The flooder shares this
+// machine's two cores with pcpd and the victim, which no server can help
+// (the victim's own process is descheduled as often as pcpd is), so 2×
+// plain idle is not a bound any server could meet here: on a loaded box
+// the control alone gave 12-46 ms against 1-11 ms idle. Control and real
+// rounds alternate, so both see the same background load (other tests
+// share the machine); each figure is the median of the rounds' p99s.
 func TestFloodFairnessPKT08(t *testing.T) {
 	l := newLab(t, labOptions{})
 	l.start()
 	cli := l.topo.ClientV6
 	const rounds, perRound, rate = 4, 80, 40.0 // under the 50/s per-source limit
-	measure := func() (p99s []time.Duration, lost int) {
-		for r := 0; r < rounds; r++ {
-			rtts, n := latencyRound(t, l, cli, perRound, rate)
-			p99s = append(p99s, percentile(rtts, 99))
-			lost += n
-		}
-		return p99s, lost
+	var idle []time.Duration
+	idleLost := 0
+	for r := 0; r < rounds; r++ {
+		rtts, n := latencyRound(t, l, cli, perRound, rate)
+		idle = append(idle, percentile(rtts, 99))
+		idleLost += n
 	}
-	idle, idleLost := measure()
 	idleP99 := medianDur(idle)
-	var controlP99 time.Duration
-	const floodSenders = 1 // two senders make the control flood itself cost the victim 17 ms on 2 cores
 
+	// flood sends MAP requests from sources(i) to dst until stop is called,
+	// which returns the datagrams sent per second.
+	flood := func(t *testing.T, dst netip.AddrPort, sources func(i uint32) netip.Addr) (stop func() float64) {
+		sp := newSpoofer(t, l.topo.Client, dst)
+		done := make(chan struct{})
+		var sent atomic.Int64
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := uint32(0); ; i++ {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				src := sources(i)
+				if err := sp.send(src, mapBytes(src, pcp.ProtoUDP, 7000, time.Hour)); err != nil {
+					t.Error(err)
+					return
+				}
+				sent.Add(1)
+			}
+		}()
+		start := time.Now()
+		return func() float64 {
+			close(done)
+			wg.Wait()
+			return float64(sent.Load()) / time.Since(start).Seconds()
+		}
+	}
 	closedPort := netip.AddrPortFrom(l.topo.HostTunnelV6, 5399)
+	var next atomic.Uint32 // the whole-prefix sources go on across rounds
 	for _, mode := range []struct {
 		name    string
-		dst     netip.AddrPort
 		sources func(i uint32) netip.Addr
-		control bool
 	}{
-		// The control floods a port nobody listens on: the same CPU load on
-		// this machine (sender, veth, kernel), none of it reaching pcpd.
-		// What the victim loses there is the test bed's, not pcpd's.
-		{"control: same flood to a closed port", closedPort, func(uint32) netip.Addr { return floodSrc(1) }, true},
-		{"one source", l.server6(), func(uint32) netip.Addr { return floodSrc(1) }, false},
-		{"whole prefix, a new /64 per datagram", l.server6(), func(i uint32) netip.Addr { return floodSrc(2 + i%(1<<23)) }, false},
+		{"one source", func(uint32) netip.Addr { return floodSrc(1) }},
+		{"whole prefix, a new /64 per datagram", func(uint32) netip.Addr { return floodSrc(2 + next.Add(1)%(1<<23)) }},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
 			m0, _ := l.metrics()
-			sp := newSpoofer(t, l.topo.Client, mode.dst)
-			stop := make(chan struct{})
-			var sent atomic.Int64
-			var wg sync.WaitGroup
-			for g := uint32(0); g < floodSenders; g++ {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					for i := g << 28; ; i++ {
-						select {
-						case <-stop:
-							return
-						default:
-						}
-						src := mode.sources(i)
-						if err := sp.send(src, mapBytes(src, pcp.ProtoUDP, 7000, time.Hour)); err != nil {
-							t.Error(err)
-							return
-						}
-						sent.Add(1)
-					}
-				}()
-			}
 			start := time.Now()
-			time.Sleep(200 * time.Millisecond)
-			flood, floodLost := measure()
-			close(stop)
-			wg.Wait()
-			secs := time.Since(start).Seconds()
-			m1, _ := l.metrics()
-			floodP99 := medianDur(flood)
-			answered := metricSum(m1, "pcpd_requests_total") - metricSum(m0, "pcpd_requests_total")
-			t.Logf("%s: flood %.0f datagrams/s for %.1fs; pcpd answered %.0f/s, dropped %s; victim p99 idle %v (rounds %v, lost %d), under flood %v (rounds %v, lost %d)",
-				mode.name, float64(sent.Load())/secs, secs, answered/secs, dropSummary(m0, m1),
-				idleP99, idle, idleLost, floodP99, flood, floodLost)
-			if mode.control {
-				controlP99 = floodP99
-				return
+			var ctl, fl []time.Duration
+			var ctlLost, flLost int
+			var ctlRate, flRate float64
+			for r := 0; r < rounds; r++ {
+				for _, real := range []bool{false, true} {
+					dst := closedPort
+					if real {
+						dst = l.server6()
+					}
+					stop := flood(t, dst, mode.sources)
+					time.Sleep(200 * time.Millisecond)
+					rtts, n := latencyRound(t, l, cli, perRound, rate)
+					sent := stop()
+					if real {
+						fl, flLost, flRate = append(fl, percentile(rtts, 99)), flLost+n, flRate+sent/rounds
+					} else {
+						ctl, ctlLost, ctlRate = append(ctl, percentile(rtts, 99)), ctlLost+n, ctlRate+sent/rounds
+					}
+				}
 			}
-			// 2× the victim's p99 without pcpd in the way: idle, or under the
-			// control flood, whichever is worse (the flooder shares this
-			// machine's two cores with pcpd and the victim, which no server
-			// can help), plus 2 ms of scheduler noise.
+			secs := time.Since(start).Seconds() / 2 // half the time flooded pcpd
+			m1, _ := l.metrics()
+			floodP99, controlP99 := medianDur(fl), medianDur(ctl)
+			answered := metricSum(m1, "pcpd_requests_total") - metricSum(m0, "pcpd_requests_total")
 			bound := 2*max(idleP99, controlP99) + 2*time.Millisecond
-			if floodP99 > bound || floodLost > 0 {
-				knownBug(t, "a flood delays every client: per-source limit was behind the shared queue (bug 1); a client rotating /64s meets no per-client limit while the queue is short (bug 2), RELIABILITY.md")
-				t.Errorf("%s: victim p99 %v under flood (lost %d), idle %v: above the bound %v (the control flood, which never reaches pcpd, gave %v)", mode.name, floodP99, floodLost, idleP99, bound, controlP99)
+			t.Logf("%s: flood %.0f datagrams/s (control %.0f/s to a closed port), %.1fs on pcpd; pcpd answered %.0f/s, dropped %s; victim p99 idle %v (rounds %v, lost %d), control %v (rounds %v, lost %d), under flood %v (rounds %v, lost %d); bound %v",
+				mode.name, flRate, ctlRate, secs, answered/secs, dropSummary(m0, m1),
+				idleP99, idle, idleLost, controlP99, ctl, ctlLost, floodP99, fl, flLost, bound)
+			if floodP99 > bound || flLost > 0 {
+				t.Errorf("%s: victim p99 %v under flood (lost %d), idle %v, control flood to a closed port %v: above the bound %v", mode.name, floodP99, flLost, idleP99, controlP99, bound)
 			}
 			// Let the flood's accepted MAPs settle before the next mode.
 			time.Sleep(500 * time.Millisecond)
@@ -516,10 +533,14 @@ func TestMillionSourcesMemorySEC04(t *testing.T) {
 		t.Fatalf("RSS grew %d MiB in all (bound 64)", growth)
 	}
 	if growthLate > 16 {
-		// Seen at 11:06 after the reader-per-core and owner-bucket
-		// changes: +5/+6/+7 MiB per 250k sources, not yet flat. Whether
-		// that is GC pacing or per-source state is not settled.
-		knownBug(t, fmt.Sprintf("RSS grew %d MiB over the last 750k sources (bound 16)", growthLate))
+		// The growth that was here (+5/+6/+7 MiB per 250k sources, 11:06)
+		// was the per-source limiter: a golang-lru map churned by a new key
+		// per packet kept growing at its 65 536-entry cap (live heap +13.6
+		// MiB at 250k sources, +18.7 MiB at 1M), plus x/net's allocations
+		// per datagram. The limiter is now a fixed table (2.5 MiB, flat:
+		// policy TestRateLimiterMemoryFlatSEC04) and the readers allocate
+		// nothing per datagram: 27/29/28/28 MiB after each 250k.
+		t.Fatalf("RSS grew %d MiB over the last 750k sources (bound 16): per-source state is not bounded", growthLate)
 	}
 }
 
