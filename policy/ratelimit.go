@@ -129,11 +129,13 @@ type buckets struct {
 	shards [nShards]shard
 }
 
-// slot is one bucket of the table.
+// slot is one bucket of the table: 32 bytes, so a set of four is two
+// cache lines. float32 counts tokens exactly up to 2²⁴, far above any
+// sane burst; a larger one is as good as unlimited anyway.
 type slot struct {
 	k      u128
 	last   int64 // now - base in nanoseconds at the last refill
-	tokens float64
+	tokens float32
 	used   bool
 }
 
@@ -147,7 +149,7 @@ type shard struct {
 
 const (
 	nShards = 64
-	maxWays = 8 // entries compared per lookup: a cache line or two
+	maxWays = 4 // entries compared per lookup: two cache lines
 )
 
 func (l *buckets) init(rate float64, burst, maxKeys int) {
@@ -192,7 +194,7 @@ func (l *buckets) allow(k u128, now time.Time) bool {
 		}
 		if e.k == k {
 			if dt := t - e.last; dt > 0 {
-				e.tokens = min(l.burst, e.tokens+float64(dt)*1e-9*l.rate)
+				e.tokens = float32(min(l.burst, float64(e.tokens)+float64(dt)*1e-9*l.rate))
 				e.last = t
 			}
 			if e.tokens < 1 {
@@ -211,7 +213,7 @@ func (l *buckets) allow(k u128, now time.Time) bool {
 		// fill in order, and entries are never freed), so k is not in it.
 		sh.n++
 	}
-	*e = slot{k: k, last: t, tokens: l.burst - 1, used: true}
+	*e = slot{k: k, last: t, tokens: float32(l.burst - 1), used: true}
 	return true
 }
 
