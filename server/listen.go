@@ -152,8 +152,14 @@ func (m *mmsg) set(i int, b []byte, to netip.AddrPort, c *udpConn) {
 	h := &m.hdrs[i].Hdr
 	a := to.Addr()
 	if c.local.Addr().Is4() {
+		if a = a.Unmap(); !a.Is4() {
+			// Never a request's source on an IPv4 socket; an empty name
+			// makes the kernel refuse this one datagram, not panic here.
+			h.Namelen = 0
+			return
+		}
 		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(&m.names[i]))
-		*sa = unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: a.Unmap().As4()}
+		*sa = unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: a.As4()}
 		putPort(&sa.Port, to.Port())
 		h.Namelen = unix.SizeofSockaddrInet4
 		return
