@@ -214,7 +214,7 @@ func TestRunAgainstFloor(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { f.serve(ctx, 0); close(done) }()
+	go func() { f.serve(ctx, 0, defaultFloorBatch); close(done) }()
 	defer func() { cancel(); <-done }()
 	server := f.conns[0].LocalAddr().(interface{ AddrPort() netip.AddrPort }).AddrPort()
 
@@ -313,7 +313,7 @@ func TestOpenLoopCount(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { f.serve(ctx, 1); close(done) }()
+	go func() { f.serve(ctx, 1, 1); close(done) }() // per datagram; TestRunAgainstFloor runs the batched floor
 	defer func() { cancel(); <-done }()
 	server := f.conns[0].LocalAddr().(interface{ AddrPort() netip.AddrPort }).AddrPort()
 	rep, err := run(context.Background(), config{
