@@ -63,7 +63,14 @@ type options struct {
 	perf          bool
 	scaleOnly     bool
 	pcpdEnv       []string
+	scenarios     map[string]bool // nil: all
+	openRate      float64
+	openPre       time.Duration
+	timeline      time.Duration
 }
+
+// want reports whether scenario key is to be run (--scenarios).
+func (o *options) want(key string) bool { return o.scenarios == nil || o.scenarios[key] }
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -99,8 +106,18 @@ func run(ctx context.Context, args []string) error {
 	fs.IntVar(&o.mupnpPrefill, "miniupnpd-prefill", 64, "leases renewed in miniupnpd's renewal run (it slows to a crawl with many)")
 	fs.BoolVar(&o.scaleOnly, "scale-only", false, "pcpd: run only the lease-count figures (implies --scale)")
 	fs.BoolVar(&o.perf, "perf", false, "profile the server under test with perf(1) during each run (reports in the output directory)")
+	scenarios := fs.String("scenarios", "", "comma-separated scenarios to run (malformed,unauth,renew,mixed,new,open80); empty: all")
+	fs.Float64Var(&o.openRate, "open-rate", 0, "open loop at this rate instead of 80 % of the closed-loop new-MAP rate (lets open80 run alone, or at the same rate before and after a change)")
+	fs.DurationVar(&o.openPre, "open-delay", 0, "open loop: wait this long after the fresh start before measuring (0: at once, as the table figure does; the start-up announcements then overlap the run)")
+	fs.DurationVar(&o.timeline, "timeline", 0, "open loop: have pcpload report a timeline in buckets this long (in the JSON report)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *scenarios != "" {
+		o.scenarios = map[string]bool{}
+		for _, k := range strings.Split(*scenarios, ",") {
+			o.scenarios[strings.TrimSpace(k)] = true
+		}
 	}
 	o.servers = strings.Split(*servers, ",")
 	o.pcpdArgs = extra
@@ -491,6 +508,9 @@ func (b *bench) runServer(ctx context.Context, name string, start func(fresh boo
 	}
 	var newRate float64
 	for _, s := range scens {
+		if !b.o.want(s.key) {
+			continue
+		}
 		r, err := b.load(ctx, name, s.key, s.args...)
 		if err != nil {
 			p.stop(syscall.SIGTERM)
@@ -507,20 +527,35 @@ func (b *bench) runServer(ctx context.Context, name string, start func(fresh boo
 		}
 	}
 	p.stop(syscall.SIGTERM)
-	if newRate < 1 {
+	if !b.o.want("open80") {
+		return nil
+	}
+	rate := 0.8 * newRate
+	if b.o.openRate > 0 {
+		rate = b.o.openRate
+	}
+	if rate < 1 {
 		return fmt.Errorf("driver: %s answered no new MAP: no open-loop run", name)
 	}
 	if p, err = start(true); err != nil {
 		return err
 	}
+	started := time.Now()
 	defer p.stop(syscall.SIGTERM)
 	if _, err := b.waitServing(30 * time.Second); err != nil {
 		return err
 	}
-	rate := 0.8 * newRate
-	r, err := b.load(ctx, name, "open80", "--mix", "new=100", "--rate", fmt.Sprintf("%.0f", rate),
+	if d := b.o.openPre - time.Since(started); d > 0 {
+		time.Sleep(d)
+	}
+	args := []string{"--mix", "new=100", "--rate", fmt.Sprintf("%.0f", rate),
 		"--concurrency", strconv.Itoa(min(b.o.openInFlight, b.o.clients)), "--duration", b.dur(),
-		"--port-base", "30000", "--ports", "256")
+		"--port-base", "30000", "--ports", "256"}
+	if b.o.timeline > 0 {
+		args = append(args, "--timeline", b.o.timeline.String())
+	}
+	b.logf("%s open80: server started at %s", name, started.UTC().Format(time.RFC3339Nano))
+	r, err := b.load(ctx, name, "open80", args...)
 	if err != nil {
 		return err
 	}

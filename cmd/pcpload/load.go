@@ -60,6 +60,10 @@ type config struct {
 	// OnMeasure, if set, is called as the measured phase starts (after
 	// the probe and the prefill), so a driver can time a profiler.
 	OnMeasure func()
+	// Timeline, if set, splits the measured phase into buckets this long
+	// (by intended send time) and reports each one's count and worst
+	// latency, so a tail can be matched with events in the server.
+	Timeline time.Duration
 }
 
 // opStats counts what happened to one kind of request.
@@ -134,8 +138,47 @@ type phase struct {
 	// server that just started or lost state sends them to its clients.
 	Announces uint64            `json:"unsolicited_announces"`
 	Fallbacks map[string]uint64 `json:"fallbacks,omitempty"`
+	// Start is the wall-clock start of the phase; Timeline its buckets
+	// (config.Timeline), for matching slow requests with server events.
+	Start     time.Time `json:"start"`
+	Timeline  []bucket  `json:"timeline,omitempty"`
 	ops       [numOps]opStats
 	fallbacks [numOps][numOps]uint64
+	tlStart   time.Time
+	tlBucket  time.Duration
+}
+
+// bucket is one slice of the measured phase's timeline.
+type bucket struct {
+	AtMs     int64   `json:"at_ms"` // intended send time, from the phase's start
+	Sent     uint64  `json:"sent"`
+	Lost     uint64  `json:"lost"`
+	Over5ms  uint64  `json:"over_5ms"`
+	MaxUs    float64 `json:"max_us"`
+	maxNanos time.Duration
+}
+
+// note records one request in the timeline: sent at its intended time at,
+// answered after d (lost: d < 0).
+func (p *phase) note(at time.Time, d time.Duration) {
+	if p.tlBucket <= 0 {
+		return
+	}
+	i := int(max(at.Sub(p.tlStart), 0) / p.tlBucket)
+	for len(p.Timeline) <= i {
+		p.Timeline = append(p.Timeline, bucket{AtMs: int64(len(p.Timeline)) * p.tlBucket.Milliseconds()})
+	}
+	b := &p.Timeline[i]
+	b.Sent++
+	switch {
+	case d < 0:
+		b.Lost++
+	default:
+		if d > 5*time.Millisecond {
+			b.Over5ms++
+		}
+		b.maxNanos = max(b.maxNanos, d)
+	}
 }
 
 func (p *phase) merge(o *phase) {
@@ -147,10 +190,23 @@ func (p *phase) merge(o *phase) {
 	}
 	p.Unmatched += o.Unmatched
 	p.Announces += o.Announces
+	for len(p.Timeline) < len(o.Timeline) {
+		p.Timeline = append(p.Timeline, bucket{AtMs: o.Timeline[len(p.Timeline)].AtMs})
+	}
+	for i, b := range o.Timeline {
+		t := &p.Timeline[i]
+		t.Sent += b.Sent
+		t.Lost += b.Lost
+		t.Over5ms += b.Over5ms
+		t.maxNanos = max(t.maxNanos, b.maxNanos)
+	}
 }
 
 func (p *phase) finish(elapsed time.Duration) {
 	p.ElapsedSec = elapsed.Seconds()
+	for i := range p.Timeline {
+		p.Timeline[i].MaxUs = float64(p.Timeline[i].maxNanos) / 1e3
+	}
 	p.Ops = map[string]*opStats{}
 	p.Fallbacks = map[string]uint64{}
 	p.Total = opStats{}
@@ -397,6 +453,7 @@ func (w *worker) do(ph *phase, want op, start time.Time) {
 	}
 	if _, err := src.conn.Write(w.out); err != nil {
 		st.SendErrors++
+		ph.note(start, -1)
 		w.lost(o, slot)
 		return
 	}
@@ -412,6 +469,7 @@ func (w *worker) do(ph *phase, want op, start time.Time) {
 				// ECONNREFUSED on a connected socket: also a loss.
 				st.SendErrors++
 			}
+			ph.note(start, -1)
 			w.lost(o, slot)
 			return
 		}
@@ -424,7 +482,9 @@ func (w *worker) do(ph *phase, want op, start time.Time) {
 			}
 			continue
 		}
-		st.hist.record(time.Since(start))
+		d := time.Since(start)
+		st.hist.record(d)
+		ph.note(start, d)
 		st.Answered++
 		res := w.classify(b)
 		st.results[res]++
@@ -663,7 +723,7 @@ func run(ctx context.Context, cfg config) (*report, error) {
 	}
 
 	if cfg.Prefill > 0 {
-		ph := runPhase(ws, func(w *worker, ph *phase) {
+		ph := runPhase(ws, 0, func(w *worker, ph *phase) {
 			n := cfg.Prefill / nw
 			if w.id < cfg.Prefill%nw {
 				n++
@@ -690,7 +750,7 @@ func run(ctx context.Context, cfg config) (*report, error) {
 	go func() { <-ctx.Done(); stop.Store(true) }()
 	total := cfg.Mix.total()
 	if cfg.Rate == 0 {
-		rep.Run = runPhase(ws, func(w *worker, ph *phase) {
+		rep.Run = runPhase(ws, cfg.Timeline, func(w *worker, ph *phase) {
 			for !stop.Load() && (cfg.Count <= 0 || issued.Add(1) <= cfg.Count) {
 				w.do(ph, cfg.Mix.pick(w.rng.IntN(total)), time.Time{})
 			}
@@ -698,7 +758,7 @@ func run(ctx context.Context, cfg config) (*report, error) {
 	} else {
 		tickets := make(chan time.Time, 1<<14)
 		go pace(tickets, cfg.Rate, cfg.Count, &stop)
-		rep.Run = runPhase(ws, func(w *worker, ph *phase) {
+		rep.Run = runPhase(ws, cfg.Timeline, func(w *worker, ph *phase) {
 			for t := range tickets {
 				w.do(ph, cfg.Mix.pick(w.rng.IntN(total)), t)
 			}
@@ -737,11 +797,15 @@ func probe(ctx context.Context, cfg *config, src *source) error {
 	return fmt.Errorf("pcpload: no reply from %s to ANNOUNCE from %s in %s: %w", cfg.Server, src.addr, wait, errSocket)
 }
 
-// runPhase runs body on every worker at once and merges their counts.
-func runPhase(ws []*worker, body func(*worker, *phase)) *phase {
+// runPhase runs body on every worker at once and merges their counts;
+// timeline > 0 also keeps a timeline in buckets that long.
+func runPhase(ws []*worker, timeline time.Duration, body func(*worker, *phase)) *phase {
 	parts := make([]phase, len(ws))
 	var wg sync.WaitGroup
 	t0 := time.Now()
+	for i := range parts {
+		parts[i].tlStart, parts[i].tlBucket = t0, timeline
+	}
 	for i, w := range ws {
 		wg.Add(1)
 		go func() {
@@ -751,7 +815,7 @@ func runPhase(ws []*worker, body func(*worker, *phase)) *phase {
 	}
 	wg.Wait()
 	elapsed := time.Since(t0)
-	var ph phase
+	ph := phase{Start: t0}
 	for i := range parts {
 		ph.merge(&parts[i])
 	}

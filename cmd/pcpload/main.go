@@ -108,6 +108,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fs.Uint64Var(&cfg.Seed, "seed", 1, "random seed for the op sequence")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	mark := fs.Bool("mark", false, "print \"pcpload: measuring\" on stderr as the measured phase starts (for drivers that profile the server)")
+	fs.DurationVar(&cfg.Timeline, "timeline", 0, "also report the measured phase as a timeline in buckets this long (JSON), to match slow requests with server events")
 	cpuProfile := fs.String("cpuprofile", "", "write the generator's own CPU profile to `FILE`")
 	if err := fs.Parse(args); err != nil {
 		return err
