@@ -15,6 +15,9 @@ import (
 // (ANN-05, PMP-13: at most 10).
 const announceSends = 10
 
+// announceChunk is how many announcements share one sendmmsg.
+const announceChunk = 256
+
 var (
 	allHosts4 = netip.MustParseAddr("224.0.0.1")
 	allHosts6 = netip.MustParseAddr("ff02::1")
@@ -83,18 +86,28 @@ func (s *Server) announceOnce() {
 			socks[i].send(pmp, to)
 		}
 	}
+	var rs []reply
 	for _, c := range socks {
 		send := func(b []byte, to netip.AddrPort) {
 			if err := c.send(b, to); err != nil {
 				s.plog.Debug("announce", zap.Stringer("to", to), zap.Error(err))
 			}
 		}
+		// One sendmmsg per announceChunk clients: a round reaches every
+		// known client, thousands of datagrams, and one sendto each was
+		// CPU taken from the engine on a small host.
+		rs = rs[:0]
 		for _, to := range pcpT[c.local] {
-			send(ann, to)
+			rs = append(rs, reply{b: ann, to: to})
 		}
 		if pmp != nil && c.local.Addr().Is4() {
 			for _, to := range pmpT[c.local] {
-				send(pmp, to)
+				rs = append(rs, reply{b: pmp, to: to})
+			}
+		}
+		for i := 0; i < len(rs); i += announceChunk {
+			if err := c.sendBatch(rs[i:min(i+announceChunk, len(rs))]); err != nil {
+				s.plog.Debug("announce", zap.Stringer("from", c.local), zap.Error(err))
 			}
 		}
 		if !s.cfg.AnnounceMulticast {
