@@ -140,8 +140,13 @@ type phase struct {
 	Fallbacks map[string]uint64 `json:"fallbacks,omitempty"`
 	// Start is the wall-clock start of the phase; Timeline its buckets
 	// (config.Timeline), for matching slow requests with server events.
-	Start     time.Time `json:"start"`
-	Timeline  []bucket  `json:"timeline,omitempty"`
+	Start    time.Time `json:"start"`
+	Timeline []bucket  `json:"timeline,omitempty"`
+	// SendLag (open loop) is how long after its intended time each request
+	// was sent: the generator's own share of the latency (latency counts
+	// from the intended time).
+	SendLag   *latency `json:"send_lag_us,omitempty"`
+	lag       *hist
 	ops       [numOps]opStats
 	fallbacks [numOps][numOps]uint64
 	tlStart   time.Time
@@ -190,6 +195,12 @@ func (p *phase) merge(o *phase) {
 	}
 	p.Unmatched += o.Unmatched
 	p.Announces += o.Announces
+	if o.lag != nil {
+		if p.lag == nil {
+			p.lag = new(hist)
+		}
+		p.lag.merge(o.lag)
+	}
 	for len(p.Timeline) < len(o.Timeline) {
 		p.Timeline = append(p.Timeline, bucket{AtMs: o.Timeline[len(p.Timeline)].AtMs})
 	}
@@ -206,6 +217,10 @@ func (p *phase) finish(elapsed time.Duration) {
 	p.ElapsedSec = elapsed.Seconds()
 	for i := range p.Timeline {
 		p.Timeline[i].MaxUs = float64(p.Timeline[i].maxNanos) / 1e3
+	}
+	if p.lag != nil {
+		l := p.lag.summary()
+		p.SendLag = &l
 	}
 	p.Ops = map[string]*opStats{}
 	p.Fallbacks = map[string]uint64{}
@@ -448,8 +463,19 @@ func (w *worker) do(ph *phase, want op, start time.Time) {
 	src := w.build(o, slot)
 	st.Sent++
 	now := time.Now()
-	if start.IsZero() || now.After(start) {
+	// Open loop: the latency counts from the ticket's intended time (see
+	// pace), so a generator or server that falls behind shows in the
+	// percentiles; how late the generator itself sent is kept apart
+	// (SendLag). It used to count from the actual send whenever the ticket
+	// was late, which hid every queueing delay before the send.
+	switch {
+	case start.IsZero():
 		start = now
+	default:
+		if ph.lag == nil {
+			ph.lag = new(hist)
+		}
+		ph.lag.record(max(now.Sub(start), 0))
 	}
 	if _, err := src.conn.Write(w.out); err != nil {
 		st.SendErrors++

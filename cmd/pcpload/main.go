@@ -167,6 +167,9 @@ func writeText(w io.Writer, r *report) {
 	}
 	fmt.Fprintf(w, "\nrun (%.2fs):\n", r.Run.ElapsedSec)
 	writePhase(w, r.Run)
+	if l := r.Run.SendLag; l != nil {
+		fmt.Fprintf(w, "  sent late by (generator's share, in the latency): p50 %.0f µs, p99 %.0f µs, max %.0f µs\n", l.P50, l.P99, l.Max)
+	}
 	fmt.Fprintf(w, "\nlive leases at the end (as this run knows them): %d\n", r.LiveLeases)
 }
 
