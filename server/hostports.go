@@ -31,22 +31,44 @@ const tcpListen = 10
 type hostPorts struct {
 	s *Server
 
+	// static holds the ports reserved whatever the host does: 5350, 5351
+	// and Config.ReservedPorts, made once (the configuration is fixed).
+	// A bitmap, so a candidate costs one lookup however long the list.
+	staticOnce sync.Once
+	static     *portSet
+
 	mu     sync.Mutex
 	at     time.Time // of the last scan; zero: none yet
-	tcp    map[uint16]bool
-	udp    map[uint16]bool
+	tcp    *portSet
+	udp    *portSet
 	warned bool
+}
+
+// portSet is a set of ports: one bit each, 8 KiB for all 65 536.
+type portSet [1 << 16 / 64]uint64
+
+func (p *portSet) add(port uint16)      { p[port/64] |= 1 << (port % 64) }
+func (p *portSet) has(port uint16) bool { return p[port/64]&(1<<(port%64)) != 0 }
+
+// union adds every port of o.
+func (p *portSet) union(o *portSet) {
+	for i := range p {
+		p[i] |= o[i]
+	}
 }
 
 // reserved reports whether the host uses port for protocol proto.
 func (h *hostPorts) reserved(proto uint8, port uint16) bool {
-	if port == pcp.Port || port == pcp.ClientPort {
-		return true
-	}
-	for _, p := range h.s.cfg.ReservedPorts {
-		if p == port {
-			return true
+	h.staticOnce.Do(func() {
+		h.static = new(portSet)
+		h.static.add(pcp.Port)
+		h.static.add(pcp.ClientPort)
+		for _, p := range h.s.cfg.ReservedPorts {
+			h.static.add(p)
 		}
+	})
+	if h.static.has(port) {
+		return true
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -54,15 +76,15 @@ func (h *hostPorts) reserved(proto uint8, port uint16) bool {
 		h.scan()
 	}
 	if proto == protoTCP {
-		return h.tcp[port]
+		return h.tcp.has(port)
 	}
-	return h.udp[port]
+	return h.udp.has(port)
 }
 
 // scan refreshes the sets. On failure the previous ones are kept (and
 // logged once): a scan that fails must not open the host's ports.
 func (h *hostPorts) scan() {
-	tcp, udp := map[uint16]bool{}, map[uint16]bool{}
+	tcp, udp := new(portSet), new(portSet)
 	err := inNS(h.s.cfg.NetNS, func() error {
 		var errs []error
 		for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
@@ -72,7 +94,7 @@ func (h *hostPorts) scan() {
 			}
 			for _, s := range ts {
 				if s.State == tcpListen {
-					tcp[s.ID.SourcePort] = true
+					tcp.add(s.ID.SourcePort)
 				}
 			}
 			us, err := netlink.SocketDiagUDP(fam)
@@ -80,14 +102,14 @@ func (h *hostPorts) scan() {
 				errs = append(errs, err)
 			}
 			for _, s := range us {
-				udp[s.ID.SourcePort] = true
+				udp.add(s.ID.SourcePort)
 			}
 		}
 		// Kernel WireGuard's socket may not be in the dump; ask WireGuard.
 		if wg, err := wgctrl.New(); err == nil {
 			for _, name := range h.s.cfg.Interfaces {
 				if d, err := wg.Device(name); err == nil && d.ListenPort > 0 {
-					udp[uint16(d.ListenPort)] = true
+					udp.add(uint16(d.ListenPort))
 				}
 			}
 			wg.Close()
@@ -101,12 +123,8 @@ func (h *hostPorts) scan() {
 			h.warned = true
 		}
 		if h.tcp != nil {
-			for p := range h.tcp {
-				tcp[p] = true
-			}
-			for p := range h.udp {
-				udp[p] = true
-			}
+			tcp.union(h.tcp)
+			udp.union(h.udp)
 		}
 	}
 	h.tcp, h.udp = tcp, udp

@@ -3,12 +3,16 @@ package server
 import (
 	"net"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/server/servertest"
 )
 
 // TestE2EMAP12HostPortsReserved: an IPv4 NAPT mapping never takes a
@@ -88,5 +92,82 @@ func TestE2EMAP12HostPortsReserved(t *testing.T) {
 		return err
 	}); err != nil {
 		t.Fatalf("ping over the tunnel: %v", err)
+	}
+}
+
+// TestPortSet: every port, 0 and 65535 included, is in the set iff added;
+// neighbours in the same word are not; union keeps both sides.
+func TestPortSet(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		ports []uint16
+	}{
+		{"empty", nil},
+		{"edges", []uint16{0, 65535}},
+		{"one word", []uint16{64, 65, 127}},
+		{"word boundaries", []uint16{63, 64, 4095, 4096, 65472}},
+		{"pcp ports", []uint16{pcp.ClientPort, pcp.Port}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var s portSet
+			for _, p := range tc.ports {
+				s.add(p)
+			}
+			for p := range 1 << 16 {
+				if got, want := s.has(uint16(p)), slices.Contains(tc.ports, uint16(p)); got != want {
+					t.Fatalf("has(%d) = %v, want %v", p, got, want)
+				}
+			}
+			var u portSet
+			u.add(1000)
+			u.union(&s)
+			if !u.has(1000) {
+				t.Fatal("union lost its own port")
+			}
+			for _, p := range tc.ports {
+				if !u.has(p) {
+					t.Fatalf("union lost %d", p)
+				}
+			}
+		})
+	}
+}
+
+// TestReservedPortsStatic: pcpd's own ports and every configured reserved
+// port are reserved for both protocols, with a list far beyond the 1 024
+// the configuration allowed when each candidate walked it (no scan of the
+// host is needed for them).
+func TestReservedPortsStatic(t *testing.T) {
+	var list []uint16
+	for p := uint16(20000); p < 60000; p += 3 {
+		list = append(list, p)
+	}
+	own, err := policy.NewStatic(map[string][]netip.Prefix{"a": {netip.MustParsePrefix("2001:db8::/32")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pol, err := policy.New(policy.Config{}, own)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(Config{ReservedPorts: list}, Deps{Firewall: servertest.NewFirewall(time.Now), Store: servertest.NewStore(), Policy: pol}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &s.hostPorts
+	for _, proto := range []uint8{protoTCP, protoUDP} {
+		for _, p := range append([]uint16{pcp.Port, pcp.ClientPort}, list...) {
+			if !h.reserved(proto, p) {
+				t.Fatalf("%s port %d not reserved", protoName(proto), p)
+			}
+		}
+	}
+	if !h.at.IsZero() {
+		t.Error("static ports made the host be scanned")
+	}
+	// A port off the list is not in the static set (whether the host uses
+	// it is the scan's business).
+	if h.static.has(20001) || h.static.has(19999) || h.static.has(60001) {
+		t.Error("static set holds ports not configured")
 	}
 }
