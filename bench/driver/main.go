@@ -67,6 +67,7 @@ type options struct {
 	openRate      float64
 	openPre       time.Duration
 	timeline      time.Duration
+	metrics       string // pcpd --metrics ADDR (in the host namespace), scraped after each run
 }
 
 // want reports whether scenario key is to be run (--scenarios).
@@ -109,6 +110,7 @@ func run(ctx context.Context, args []string) error {
 	scenarios := fs.String("scenarios", "", "comma-separated scenarios to run (malformed,unauth,renew,mixed,new,open80); empty: all")
 	fs.Float64Var(&o.openRate, "open-rate", 0, "open loop at this rate instead of 80 % of the closed-loop new-MAP rate (lets open80 run alone, or at the same rate before and after a change)")
 	fs.DurationVar(&o.openPre, "open-delay", 0, "open loop: wait this long after the fresh start before measuring (0: at once, as the table figure does; the start-up announcements then overlap the run)")
+	fs.StringVar(&o.metrics, "metrics", "", "pcpd only: serve metrics on `ADDR` in the host namespace (e.g. 127.0.0.1:9400) and keep a scrape after each run (<server>-<scenario>.metrics.txt)")
 	fs.DurationVar(&o.timeline, "timeline", 0, "open loop: have pcpload report a timeline in buckets this long (in the JSON report)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -320,6 +322,9 @@ func (b *bench) startPcpd(fresh bool) (server, error) {
 		// logger; a production tunnel host under load would run at warn.
 		"--log-level", "warn",
 	}
+	if b.o.metrics != "" {
+		args = append(args, "--metrics", b.o.metrics)
+	}
 	args = append(args, b.o.pcpdArgs...)
 	if len(b.o.pcpdEnv) > 0 {
 		args = append(append([]string{"env"}, b.o.pcpdEnv...), args...)
@@ -432,6 +437,14 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		return nil, fmt.Errorf("driver: pcpload %s: %v: %s", name, err, bytes.TrimSpace(stderr.Bytes()))
 	}
 	os.WriteFile(filepath.Join(b.o.out, server+"-"+name+".json"), stdout.Bytes(), 0o644)
+	if b.o.metrics != "" && server == "pcpd" {
+		// The counters and histograms are cumulative since pcpd's start.
+		if out, err := b.topo.Host.Run("curl", "-sS", "--max-time", "5", "http://"+b.o.metrics+"/metrics"); err != nil {
+			b.logf("metrics: %v", err)
+		} else {
+			os.WriteFile(filepath.Join(b.o.out, server+"-"+name+".metrics.txt"), []byte(out), 0o644)
+		}
+	}
 	var r loadReport
 	if err := json.Unmarshal(stdout.Bytes(), &r); err != nil {
 		return nil, fmt.Errorf("driver: pcpload %s: %w", name, err)
