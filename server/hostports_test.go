@@ -171,3 +171,55 @@ func TestReservedPortsStatic(t *testing.T) {
 		t.Error("static set holds ports not configured")
 	}
 }
+
+// TestHostPortsBackgroundRefresh: with the background refresher on (as
+// housekeep runs it beside the engine), an allocation's check uses the
+// sets the refresher keeps fresh instead of dumping the host's sockets
+// itself (2.6-3 ms in the engine every 2 s); a listener opened since is
+// reserved after the next refresh; an idle server is not rescanned; and
+// a stale set (refresher stopped or behind) is rescanned inline.
+func TestHostPortsBackgroundRefresh(t *testing.T) {
+	s := &Server{log: zap.NewNop()}
+	h := &hostPorts{s: s}
+	h.setBackground(true)
+	const spare = 39999         // not static: only 5350, 5351 are
+	h.reserved(protoTCP, spare) // first use: scans inline
+	first := h.at
+	if first.IsZero() {
+		t.Fatal("first use did not scan")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	port := uint16(ln.Addr().(*net.TCPAddr).Port)
+	if h.reserved(protoTCP, port) {
+		t.Fatalf("port %d reserved before any rescan (the check scanned inline)", port)
+	}
+	if h.at != first {
+		t.Fatal("a fresh set was rescanned inline")
+	}
+	h.refresh()
+	if !h.reserved(protoTCP, port) || h.at == first {
+		t.Fatalf("listener on %d not reserved after the background refresh", port)
+	}
+	// Idle: no allocation asked within hostPortsIdle, no rescan.
+	h.mu.Lock()
+	h.lastUse = time.Now().Add(-hostPortsIdle - time.Second)
+	at := h.at
+	h.mu.Unlock()
+	h.refresh()
+	if h.at != at {
+		t.Error("idle server rescanned")
+	}
+	// Stale beyond the TTL and the slack: the check scans itself.
+	h.mu.Lock()
+	h.at = time.Now().Add(-hostPortsTTL - hostPortsSlack - time.Second)
+	stale := h.at
+	h.mu.Unlock()
+	h.reserved(protoTCP, spare)
+	if h.at == stale {
+		t.Error("stale set used without a rescan")
+	}
+}

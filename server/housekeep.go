@@ -12,19 +12,30 @@ import (
 // backwards while pcpd was down is noticed at the next start instead of
 // continuing the epoch from a bogus origin (EPO-04); Snapshot every
 // SnapshotInterval and once more when ctx ends (graceful shutdown), so the
-// copy a damaged state file is restored from is recent. Both run here, off
-// the engine loop: a Snapshot copies the whole file, and the store lets
-// commits go on meanwhile. Stores without these methods are left alone.
+// copy a damaged state file is restored from is recent. It also rescans
+// the host's ports every hostPortsTTL while IPv4 ports are being
+// allocated, so the engine does not wait for that dump. All of it runs
+// here, off the engine loop: a Snapshot copies the whole file, and the
+// store lets commits go on meanwhile. Stores without Touch or Snapshot are
+// left alone.
 func (s *Server) housekeep(ctx context.Context) {
 	toucher, _ := s.st.(Toucher)
 	snap, _ := s.st.(Snapshotter)
-	if toucher == nil && snap == nil {
-		return
+	s.hostPorts.setBackground(true)
+	defer s.hostPorts.setBackground(false)
+	ports := time.NewTicker(hostPortsTTL)
+	defer ports.Stop()
+	var touchC, backupC <-chan time.Time
+	if toucher != nil {
+		touch := time.NewTicker(s.cfg.TouchInterval)
+		defer touch.Stop()
+		touchC = touch.C
 	}
-	touch := time.NewTicker(s.cfg.TouchInterval)
-	defer touch.Stop()
-	backup := time.NewTicker(s.cfg.SnapshotInterval)
-	defer backup.Stop()
+	if snap != nil {
+		backup := time.NewTicker(s.cfg.SnapshotInterval)
+		defer backup.Stop()
+		backupC = backup.C
+	}
 	snapshot := func(why string) {
 		if snap == nil {
 			return
@@ -40,14 +51,13 @@ func (s *Server) housekeep(ctx context.Context) {
 		case <-ctx.Done():
 			snapshot("shutdown")
 			return
-		case <-touch.C:
-			if toucher == nil {
-				continue
-			}
+		case <-ports.C:
+			s.hostPorts.refresh()
+		case <-touchC:
 			if err := toucher.Touch(s.now()); err != nil {
 				s.log.Warn("cannot record that the daemon is alive; a clock step while down may go unnoticed", zap.Error(err))
 			}
-		case <-backup.C:
+		case <-backupC:
 			snapshot("periodic")
 		}
 	}
