@@ -68,6 +68,7 @@ type options struct {
 	openPre       time.Duration
 	timeline      time.Duration
 	metrics       string // pcpd --metrics ADDR (in the host namespace), scraped after each run
+	stateRoot     string // where pcpd-state goes; "": the output directory
 }
 
 // want reports whether scenario key is to be run (--scenarios).
@@ -111,6 +112,7 @@ func run(ctx context.Context, args []string) error {
 	fs.Float64Var(&o.openRate, "open-rate", 0, "open loop at this rate instead of 80 % of the closed-loop new-MAP rate (lets open80 run alone, or at the same rate before and after a change)")
 	fs.DurationVar(&o.openPre, "open-delay", 0, "open loop: wait this long after the fresh start before measuring (0: at once, as the table figure does; the start-up announcements then overlap the run)")
 	fs.StringVar(&o.metrics, "metrics", "", "pcpd only: serve metrics on `ADDR` in the host namespace (e.g. 127.0.0.1:9400) and keep a scrape after each run (<server>-<scenario>.metrics.txt)")
+	fs.StringVar(&o.stateRoot, "state-root", "", "pcpd only: put its state directory under `DIR` instead of the output directory, e.g. /dev/shm to take the disk's fsync latency out of a run (a diagnostic, not the table's figure)")
 	fs.DurationVar(&o.timeline, "timeline", 0, "open loop: have pcpload report a timeline in buckets this long (in the JSON report)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -135,10 +137,19 @@ func run(ctx context.Context, args []string) error {
 		return err
 	}
 	o.out = abs
+	if o.stateRoot != "" {
+		if o.stateRoot, err = filepath.Abs(o.stateRoot); err != nil {
+			return err
+		}
+	}
 	if err := os.MkdirAll(o.out, 0o755); err != nil {
 		return err
 	}
 	b := &bench{o: o, res: map[string]map[string]*figure{}}
+	if o.stateRoot != "" {
+		// Outside the results: not kept (on tmpfs it would hold memory).
+		defer os.RemoveAll(b.pcpdStateDir())
+	}
 	if err := b.setup(); err != nil {
 		return err
 	}
@@ -291,8 +302,13 @@ func (b *bench) startFloor(fresh bool) (server, error) {
 	return p, nil
 }
 
-func (b *bench) pcpdStateDir() string { return filepath.Join(b.o.out, "pcpd-state") }
-func (b *bench) pcpdSocket() string   { return filepath.Join(b.pcpdStateDir(), "pcpd.sock") }
+func (b *bench) pcpdStateDir() string {
+	if b.o.stateRoot != "" {
+		return filepath.Join(b.o.stateRoot, "pcpd-state-"+filepath.Base(b.o.out))
+	}
+	return filepath.Join(b.o.out, "pcpd-state")
+}
+func (b *bench) pcpdSocket() string { return filepath.Join(b.pcpdStateDir(), "pcpd.sock") }
 
 // startPcpd starts pcpd serve on the host side with static ownership of
 // the client's /64; fresh wipes its state first.
