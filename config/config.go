@@ -36,11 +36,6 @@ const (
 	// server.Config's own defaults.
 	DefaultTouchInterval    = time.Minute
 	DefaultSnapshotInterval = time.Hour
-	// MaxReservedPorts bounds --reserved-ports: the engine checks a
-	// candidate external port against each reserved one, so a long list
-	// would slow every allocation. Larger blocks belong outside
-	// --ipv4-port-range.
-	MaxReservedPorts = 1024
 )
 
 // Third-party modes (--third-party).

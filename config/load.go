@@ -78,7 +78,7 @@ var settings = []setting{
 	{name: "ipv4-port-range", kind: kString, def: DefaultIPv4PortRange,
 		usage: "external IPv4 ports pcpd may allocate, `LOW-HIGH`"},
 	{name: "reserved-ports", kind: kString,
-		usage: "external IPv4 ports never allocated (TCP and UDP), `LIST` of ports and LOW-HIGH ranges, e.g. 8080,9000-9010, at most " + fmt.Sprint(MaxReservedPorts) + " ports; the host's listening ports and 5350-5351 are always kept (default: none more)"},
+		usage: "external IPv4 ports never allocated (TCP and UDP), `LIST` of ports and LOW-HIGH ranges, e.g. 8080,9000-9010; the host's listening ports and 5350-5351 are always kept (default: none more)"},
 	{name: "metrics", kind: kString,
 		usage: "serve Prometheus metrics at http://`ADDR`/metrics, e.g. 127.0.0.1:9351 (off unless given)"},
 	{name: "log-level", kind: kString, def: "info",

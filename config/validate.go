@@ -338,17 +338,14 @@ func parsePortList(v *value, fail func(*value, string, ...any)) ([][2]uint16, bo
 }
 
 // reservedPorts expands the reserved ranges into sorted ports without
-// repeats (overlapping ranges are fine). It refuses more than
-// MaxReservedPorts, and a list that leaves nothing of the IPv4 port range
-// [low, high] (zero when that range is invalid) to allocate.
+// repeats (overlapping ranges are fine). Any number is fine (the engine
+// keeps them as a 65 536-bit set); it refuses a list that leaves nothing
+// of the IPv4 port range [low, high] (zero when that range is invalid) to
+// allocate.
 func reservedPorts(v *value, ranges [][2]uint16, low, high uint16, fail func(*value, string, ...any)) []uint16 {
 	var n int
 	for _, r := range ranges {
 		n += int(r[1]) - int(r[0]) + 1
-	}
-	if n > MaxReservedPorts {
-		fail(v, "%d ports: at most %d (keep larger blocks out of ipv4-port-range instead)", n, MaxReservedPorts)
-		return nil
 	}
 	ports := make([]uint16, 0, n)
 	for _, r := range ranges {
