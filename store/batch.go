@@ -6,76 +6,68 @@ import (
 )
 
 // batch is one caller's change, encoded (and so validated) before any
-// transaction starts: a lease the format can not hold fails only its own
-// caller, never the transaction it would have shared.
+// record is written: a lease the format can not hold fails only its own
+// caller, never the record it would have shared. buf holds the change as
+// log entries (wal.go), deletes first, then puts, in the caller's order.
 type batch struct {
-	del  [][]byte
-	keys [][]byte
-	vals [][]byte
+	buf []byte
 }
 
-func encodeBatch(put []Lease, del []Key) (*batch, error) {
+// batchPool recycles encode buffers: after warm-up, encoding a change
+// allocates nothing per lease.
+var batchPool = sync.Pool{New: func() any { return new(batch) }}
+
+// maxPooled: bigger buffers (a restore's 50 000-lease commit) are left to
+// the garbage collector instead of being kept for single-lease commits.
+const maxPooled = 1 << 20
+
+func getBatch() *batch { return batchPool.Get().(*batch) }
+
+func putBatch(b *batch) {
+	if cap(b.buf) > maxPooled {
+		b.buf = nil
+	}
+	b.buf = b.buf[:0]
+	batchPool.Put(b)
+}
+
+func (b *batch) encode(put []Lease, del []Key) error {
 	for i := range put {
 		if err := put[i].validate(); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	for i := range del {
 		if err := validateKey(&del[i]); err != nil {
-			return nil, err
+			return err
 		}
 	}
-	// One buffer for the whole batch; slices are cut only after the last
-	// append so no reallocation can leave one pointing at old memory.
-	var buf []byte
-	ends := make([]int, 0, len(del)+2*len(put))
+	buf := b.buf[:0]
 	for i := range del {
-		buf = appendKey(buf, &del[i])
-		ends = append(ends, len(buf))
+		buf = appendDelEntry(buf, &del[i])
 	}
 	for i := range put {
-		start := len(buf)
-		buf = appendKey(buf, &put[i].Key)
-		ends = append(ends, len(buf))
-		buf = appendValue(buf, buf[start:], &put[i])
-		ends = append(ends, len(buf))
+		buf = appendPutEntry(buf, &put[i])
 	}
-	b := &batch{
-		del:  make([][]byte, len(del)),
-		keys: make([][]byte, len(put)),
-		vals: make([][]byte, len(put)),
-	}
-	start, j := 0, 0
-	cut := func() []byte {
-		v := buf[start:ends[j]:ends[j]]
-		start = ends[j]
-		j++
-		return v
-	}
-	for i := range del {
-		b.del[i] = cut()
-	}
-	for i := range put {
-		b.keys[i] = cut()
-		b.vals[i] = cut()
-	}
-	return b, nil
+	b.buf = buf
+	return nil
 }
 
-// maxGroup bounds how many callers share one transaction, which bounds the
+// maxGroup bounds how many callers share one record, which bounds the
 // latency of the last one in it.
 const maxGroup = 1024
 
-// Committer is group commit: callers arriving while a transaction is being
-// written wait and then share the next transaction, so N concurrent
-// requests cost a few fsync rounds, not N. Each caller gets the result of
-// the transaction its change was in. Safe for concurrent use.
+// Committer is group commit: callers arriving while a record is being
+// written and synced wait and then share the next record, so N concurrent
+// requests cost a few fdatasyncs, not N. Each caller gets the result of
+// the record its change was in. Safe for concurrent use.
 type Committer struct {
 	s *Store
 
 	mu      sync.Mutex
 	queue   []*request
 	running bool
+	bs      []*batch // run's scratch, one run at a time
 
 	txs      atomic.Uint64
 	requests atomic.Uint64
@@ -86,9 +78,11 @@ type request struct {
 	done chan error
 }
 
+var requestPool = sync.Pool{New: func() any { return &request{done: make(chan error, 1)} }}
+
 // CommitterStats: Requests/Transactions is the mean group size.
 type CommitterStats struct {
-	Transactions uint64
+	Transactions uint64 // records written (each one fdatasync)
 	Requests     uint64
 }
 
@@ -100,16 +94,18 @@ func (c *Committer) Stats() CommitterStats {
 	return CommitterStats{Transactions: c.txs.Load(), Requests: c.requests.Load()}
 }
 
-// Commit is Store.Commit through the group: it blocks until the
-// transaction holding this change is durable (nil) or has failed (an error,
-// and nothing of any change in that transaction was applied). Changes of
-// one group are applied in arrival order.
+// Commit is Store.Commit through the group: it blocks until the record
+// holding this change is durable (nil) or has failed (an error, and
+// nothing of any change in that record was applied). Changes of one group
+// are applied in arrival order.
 func (c *Committer) Commit(put []Lease, del []Key) error {
-	b, err := encodeBatch(put, del)
-	if err != nil {
+	b := getBatch()
+	if err := b.encode(put, del); err != nil {
+		putBatch(b)
 		return err
 	}
-	r := &request{b: b, done: make(chan error, 1)}
+	r := requestPool.Get().(*request)
+	r.b = b
 	c.mu.Lock()
 	c.queue = append(c.queue, r)
 	if !c.running {
@@ -117,11 +113,15 @@ func (c *Committer) Commit(put []Lease, del []Key) error {
 		go c.run()
 	}
 	c.mu.Unlock()
-	return <-r.done
+	err := <-r.done
+	putBatch(b)
+	r.b = nil
+	requestPool.Put(r)
+	return err
 }
 
 // run writes groups until the queue is empty. Everything that queued while
-// one transaction was being written goes into the next.
+// one record was being written goes into the next.
 func (c *Committer) run() {
 	for {
 		c.mu.Lock()
@@ -138,11 +138,13 @@ func (c *Committer) run() {
 		}
 		c.mu.Unlock()
 
-		bs := make([]*batch, len(group))
-		for i, r := range group {
-			bs[i] = r.b
+		bs := c.bs[:0]
+		for _, r := range group {
+			bs = append(bs, r.b)
 		}
 		err := c.s.apply(bs)
+		clear(bs)
+		c.bs = bs[:0]
 		c.txs.Add(1)
 		c.requests.Add(uint64(len(group)))
 		for _, r := range group {

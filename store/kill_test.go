@@ -19,6 +19,7 @@ const (
 	killChildEnv  = "PCPD_STORE_KILL_CHILD"
 	killCycleEnv  = "PCPD_STORE_KILL_CYCLE"
 	killCyclesEnv = "PCPD_STORE_KILL_CYCLES" // more cycles on demand
+	killCkptEnv   = "PCPD_STORE_KILL_CKPT"   // checkpoint size in octets: fold often, so kills land mid-fold
 )
 
 // TestKillHelperProcess is the child of TestKill9MidCommit: it commits in a
@@ -40,7 +41,11 @@ func TestKillHelperProcess(t *testing.T) {
 			os.Exit(3)
 		}
 	}
-	s, st, err := Open(dir, nil)
+	var opts []Option
+	if n, err := strconv.Atoi(os.Getenv(killCkptEnv)); err == nil {
+		opts = append(opts, WithCheckpoint(int64(n), 10*time.Millisecond))
+	}
+	s, st, err := Open(dir, nil, opts...)
 	if err != nil {
 		say("E %v", err)
 		os.Exit(2)
@@ -86,11 +91,26 @@ func TestKillHelperProcess(t *testing.T) {
 // TestKill9MidCommit kills a process with SIGKILL while it commits as fast
 // as it can, reopens, and checks that every acknowledged commit is there,
 // nothing deleted came back, and the epoch continued (issue 9 "kill -9
-// under load"; EPO-04).
+// under load"; EPO-04). With the default checkpoint size the kills land
+// between log appends (everything since Open is in the log); with 4 KiB
+// checkpoints every few milliseconds, they also land in rotations and in
+// the folds into bbolt.
 func TestKill9MidCommit(t *testing.T) {
 	if os.Getenv(killChildEnv) != "" {
 		t.Skip("in the helper")
 	}
+	for _, tt := range []struct {
+		name string
+		ckpt string
+	}{
+		{"log only", ""},
+		{"checkpoints every 4 KiB", "4096"},
+	} {
+		t.Run(tt.name, func(t *testing.T) { kill9MidCommit(t, tt.ckpt) })
+	}
+}
+
+func kill9MidCommit(t *testing.T, ckpt string) {
 	cycles := 8
 	if v, err := strconv.Atoi(os.Getenv(killCyclesEnv)); err == nil {
 		cycles = v
@@ -107,7 +127,7 @@ func TestKill9MidCommit(t *testing.T) {
 			t.Fatal(err)
 		}
 		cmd := exec.Command(os.Args[0], "-test.run=^TestKillHelperProcess$", "-test.count=1")
-		cmd.Env = append(os.Environ(), killChildEnv+"="+dir, killCycleEnv+"="+strconv.Itoa(cycle))
+		cmd.Env = append(os.Environ(), killChildEnv+"="+dir, killCycleEnv+"="+strconv.Itoa(cycle), killCkptEnv+"="+ckpt)
 		cmd.ExtraFiles = []*os.File{w}
 		cmd.Stderr = os.Stderr
 		if err := cmd.Start(); err != nil {

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -42,23 +43,38 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	o := options{now: time.Now, lockTimeout: 2 * time.Second}
+	o := options{now: time.Now, lockTimeout: 2 * time.Second,
+		ckptBytes: DefaultCheckpointBytes, ckptEvery: DefaultCheckpointInterval}
 	for _, f := range opts {
 		f(&o)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, State{}, fmt.Errorf("store: state directory: %w", err)
 	}
-	s := &Store{dir: dir, path: filepath.Join(dir, DBName), log: log, opt: o}
+	s := &Store{dir: dir, path: filepath.Join(dir, DBName), log: log, opt: o,
+		ckKick: make(chan struct{}, 1), ckStop: make(chan struct{}), ckDone: make(chan struct{})}
 	st, err := s.load()
 	if err != nil {
+		if s.db != nil {
+			_ = s.db.Close()
+		}
 		return nil, State{}, err
 	}
 	if st.Recovered != "" {
 		log.Error("state recovery", zap.String("dir", dir), zap.String("recovered", st.Recovered),
 			zap.Bool("epoch_reset", st.Fresh), zap.Int("leases", len(st.Leases)))
 	}
-	if s.db != nil && !o.noSnapshot {
+	if s.db != nil {
+		// Fold what the log held into the state file, so the file is
+		// complete again, and start a new log generation. If that fails
+		// (disk full), the log stays as it is and the next commit tries
+		// again; until then commits fail.
+		if err := s.setupLog(); err != nil {
+			log.Error("log not folded into the state file; commits are refused until it is", zap.Error(err))
+		}
+	}
+	go s.checkpointer()
+	if s.db != nil && s.walReady.Load() && !o.noSnapshot {
 		// The file was just read and checked end to end: it is the new
 		// last good copy. Written in the background; Close waits for it.
 		db := s.db
@@ -82,6 +98,8 @@ type loaded struct {
 	epoch  time.Time // zero: absent (reset pending)
 	seen   time.Time
 	meta   string // non-empty: a meta page was damaged (see damagedMeta)
+	walgen uint64
+	sel    *logSel // the log replayed on top (nil: none)
 }
 
 func (s *Store) load() (State, error) {
@@ -96,6 +114,8 @@ func (s *Store) load() (State, error) {
 		if _, berr := os.Stat(bak); berr == nil {
 			return s.recover(fmt.Errorf("state file %s missing", s.path))
 		}
+		sel, logFound := logBounds(s.dir, 0)
+		s.sel = sel
 		if err := createEmpty(s.path, &s.opt); err != nil {
 			if isReadOnlyErr(err) {
 				s.log.Error("state directory not writable: serving without durable state, every change refused until it is",
@@ -104,20 +124,26 @@ func (s *Store) load() (State, error) {
 			}
 			return State{}, fmt.Errorf("store: create %s: %w", s.path, err)
 		}
-		db, ld, err := readState(s.path, &s.opt, false)
+		db, ld, err := readState(s.path, &s.opt, false, "")
 		if err != nil {
 			return State{}, fmt.Errorf("store: new state file: %w", err)
 		}
 		s.db = db
+		if logFound {
+			// The log of a state file that is gone: what it held is lost.
+			return State{Leases: ld.leases, Fresh: true,
+				Recovered: fmt.Sprintf("state file %s missing but its log is there: leases lost, log not replayed; started with no leases", s.path)}, nil
+		}
 		s.log.Info("new state directory", zap.String("dir", s.dir))
 		return State{Leases: ld.leases, Fresh: true}, nil
 	case err != nil:
 		return State{}, fmt.Errorf("store: %w", err)
 	}
 
-	db, ld, err := readState(s.path, &s.opt, false)
+	db, ld, err := readState(s.path, &s.opt, false, s.dir)
 	if err == nil {
 		s.db = db
+		s.sel = ld.sel
 		return s.judge(ld)
 	}
 	if errors.Is(err, ErrLocked) {
@@ -125,7 +151,7 @@ func (s *Store) load() (State, error) {
 	}
 	if isReadOnlyErr(err) {
 		// Read what is there; writes wait for the directory to come back.
-		rodb, ld, rerr := readState(s.path, &s.opt, true)
+		rodb, ld, rerr := readState(s.path, &s.opt, true, s.dir)
 		if rerr != nil {
 			return State{}, fmt.Errorf("store: state directory read-only and state unreadable (%w); can not repair it: %w", rerr, ErrUnavailable)
 		}
@@ -150,6 +176,8 @@ func (s *Store) judge(ld loaded) (State, error) {
 	switch {
 	case ld.meta != "":
 		st.Recovered = "state file damaged (" + ld.meta + "): the last transaction may be lost; kept the older consistent state"
+	case ld.sel != nil && ld.sel.problem != "":
+		st.Recovered = "log damaged (" + ld.sel.problem + "): changes logged after the damage are lost; kept the state up to it"
 	case ld.epoch.IsZero():
 		st.Recovered = "epoch reset still pending from an earlier start"
 	case ld.epoch.After(now.Add(ClockSlack)):
@@ -164,12 +192,12 @@ func (s *Store) judge(ld loaded) (State, error) {
 	st.Fresh = true
 	st.EpochOrigin = time.Time{}
 	// Forget the old origin on disk too, so that a crash before the engine
-	// calls ResetEpoch can not bring it back.
-	if s.db != nil && !ld.epoch.IsZero() {
-		if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Delete(metaEpoch) }); err != nil {
-			return State{}, fmt.Errorf("store: clear epoch: %w", err)
-		}
-	}
+	// calls ResetEpoch can not bring it back: the fold of the log that Open
+	// does next (or the first one that succeeds) deletes it, after
+	// whatever the log says.
+	s.pendingMu.Lock()
+	s.pendingClear = true
+	s.pendingMu.Unlock()
 	return st, nil
 }
 
@@ -177,6 +205,14 @@ func (s *Store) judge(ld loaded) (State, error) {
 // restore the backup copy if it passes the same checks, else start empty.
 // Either way the epoch resets: the copy may be older than the last commit.
 func (s *Store) recover(cause error) (State, error) {
+	// The log only makes sense on top of the state file it belongs to:
+	// with that file gone, which of its segments are already in the backup
+	// can not be told. Start a generation above all of it instead, so none
+	// of it is replayed later, and clear the epoch in the first fold.
+	s.sel, _ = logBounds(s.dir, 0)
+	s.pendingMu.Lock()
+	s.pendingClear = true
+	s.pendingMu.Unlock()
 	now := s.opt.now().UTC()
 	stamp := now.Format("20060102T150405.000000000Z")
 	var what []string
@@ -195,6 +231,7 @@ func (s *Store) recover(cause error) (State, error) {
 		db, ld, rerr := restore(bak, s.path, &s.opt)
 		if rerr == nil {
 			s.db = db
+			s.sel.nextGen = max(s.sel.nextGen, ld.walgen)
 			what = append(what, fmt.Sprintf("restored %d leases from backup %s written %s; epoch reset because later changes may be lost",
 				len(ld.leases), BackupName, fi.ModTime().UTC().Format(time.RFC3339)))
 			return State{Leases: ld.leases, Fresh: true, Recovered: strings.Join(what, "; ")}, nil
@@ -211,7 +248,7 @@ func (s *Store) recover(cause error) (State, error) {
 	if err := createEmpty(s.path, &s.opt); err != nil {
 		return State{}, fmt.Errorf("store: create %s: %w", s.path, err)
 	}
-	db, _, err := readState(s.path, &s.opt, false)
+	db, _, err := readState(s.path, &s.opt, false, "")
 	if err != nil {
 		return State{}, fmt.Errorf("store: new state file: %w", err)
 	}
@@ -227,7 +264,7 @@ func restore(bak, path string, o *options) (*bolt.DB, loaded, error) {
 	if err := copyFile(bak, tmp); err != nil {
 		return nil, loaded{}, err
 	}
-	db, ld, err := readState(tmp, o, false)
+	db, ld, err := readState(tmp, o, false, "")
 	if err != nil {
 		_ = os.Remove(tmp)
 		return nil, loaded{}, err
@@ -319,7 +356,10 @@ func createEmpty(path string, o *options) error {
 // the mapping. Should bbolt still panic or fault, it comes back here as
 // ErrCorrupt instead of killing the daemon (recover, and SetPanicOnFault for
 // faults on the mapping in this goroutine).
-func readState(path string, o *options, readOnly bool) (db *bolt.DB, ld loaded, err error) {
+//
+// With logDir, the log there is read and its records for this file are
+// applied on top of what is decoded (ld.sel says which).
+func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.DB, ld loaded, err error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return nil, loaded{}, err
@@ -371,7 +411,7 @@ func readState(path string, o *options, readOnly bool) (db *bolt.DB, ld loaded, 
 		drop := func() { dropMapped(addr, size) }
 		drop()
 		var err error
-		ld, err = readTx(tx, drop)
+		ld, err = readTx(tx, drop, logDir)
 		drop()
 		ld.meta = shape.damagedMeta
 		return err
@@ -385,7 +425,7 @@ func readState(path string, o *options, readOnly bool) (db *bolt.DB, ld loaded, 
 
 // readTx decodes everything; drop is called every dropEvery leases to keep
 // the mapped file out of the RSS while loading.
-func readTx(tx *bolt.Tx, drop func()) (loaded, error) {
+func readTx(tx *bolt.Tx, drop func(), logDir string) (loaded, error) {
 	var ld loaded
 	meta, leases := tx.Bucket(bucketMeta), tx.Bucket(bucketLeases)
 	if meta == nil || leases == nil {
@@ -393,6 +433,17 @@ func readTx(tx *bolt.Tx, drop func()) (loaded, error) {
 	}
 	if v := meta.Get(metaFormat); len(v) != 1 || v[0] != formatVersion {
 		return ld, fmt.Errorf("store: unknown format %x: %w", v, ErrCorrupt)
+	}
+	var err error
+	if ld.walgen, err = readWALGen(meta); err != nil {
+		return ld, err
+	}
+	var ov *overlay
+	if logDir != "" {
+		if ld.sel, err = readLog(logDir, ld.walgen); err != nil {
+			return ld, err
+		}
+		ov = newOverlay(ld.sel.recs)
 	}
 	if v := meta.Get(metaEpoch); v != nil {
 		t, ok := bytesTime(v)
@@ -417,6 +468,9 @@ func readTx(tx *bolt.Tx, drop func()) (loaded, error) {
 	// ask for more than the file could hold (a record takes ≥ 48 octets
 	// with its page element), and the digest check below catches it.
 	n := min(want.count, uint64(tx.Size()/48))
+	if ov != nil {
+		n += uint64(ov.puts())
+	}
 	ld.leases = make([]Lease, 0, n)
 	in := interner{}
 	var got digest
@@ -424,6 +478,17 @@ func readTx(tx *bolt.Tx, drop func()) (loaded, error) {
 	for k, v := c.First(); k != nil; k, v = c.Next() {
 		if v == nil {
 			return ld, fmt.Errorf("store: unexpected bucket in leases: %w", ErrCorrupt)
+		}
+		got.add(v, +1)
+		if ov != nil {
+			if j, ok := ov.idx[string(k)]; ok {
+				e := &ov.ent[j]
+				e.used = true
+				if e.val == nil {
+					continue // deleted by a logged commit
+				}
+				v = e.val
+			}
 		}
 		i := len(ld.leases)
 		if i < cap(ld.leases) {
@@ -434,7 +499,6 @@ func readTx(tx *bolt.Tx, drop func()) (loaded, error) {
 		if err := decodeLeaseInto(&ld.leases[i], k, v, in); err != nil {
 			return ld, err
 		}
-		got.add(v, +1)
 		if len(ld.leases)%dropEvery == 0 {
 			drop()
 		}
@@ -442,6 +506,38 @@ func readTx(tx *bolt.Tx, drop func()) (loaded, error) {
 	if got != want {
 		return ld, fmt.Errorf("store: found %d leases (checksum sum %x), the digest says %d (%x): %w",
 			got.count, got.sum, want.count, want.sum, ErrCorrupt)
+	}
+	if ov == nil {
+		return ld, nil
+	}
+	// Logged leases the file does not have yet, then the logged heartbeat
+	// and epoch.
+	for j := range ov.ent {
+		e := &ov.ent[j]
+		if e.used || e.val == nil {
+			continue
+		}
+		ld.leases = append(ld.leases, Lease{})
+		if err := decodeLeaseInto(&ld.leases[len(ld.leases)-1], e.key, e.val, in); err != nil {
+			return ld, fmt.Errorf("store: logged lease: %w", err)
+		}
+	}
+	if ov.hasSeen {
+		t, ok := bytesTime(binary.BigEndian.AppendUint64(nil, uint64(ov.seen)))
+		if !ok {
+			return ld, fmt.Errorf("store: logged heartbeat %d out of range: %w", ov.seen, ErrCorrupt)
+		}
+		ld.seen = t
+	}
+	switch ov.epochOp {
+	case epochSet:
+		t, ok := bytesTime(binary.BigEndian.AppendUint64(nil, uint64(ov.epoch)))
+		if !ok {
+			return ld, fmt.Errorf("store: logged epoch %d out of range: %w", ov.epoch, ErrCorrupt)
+		}
+		ld.epoch = t
+	case epochClear:
+		ld.epoch = time.Time{}
 	}
 	return ld, nil
 }

@@ -105,7 +105,26 @@ type options struct {
 	now         func() time.Time
 	lockTimeout time.Duration
 	noSnapshot  bool
+	ckptBytes   int64
+	ckptEvery   time.Duration
 }
+
+// Checkpoint defaults: fold the log into bbolt once a segment holds this
+// much, or this long after the last checkpoint when anything was logged.
+// Commits wait for a checkpoint only when the active segment reaches
+// logFullFactor × the size (the previous checkpoint has not finished).
+const (
+	DefaultCheckpointBytes    = 16 << 20
+	DefaultCheckpointInterval = 30 * time.Second
+	logFullFactor             = 4
+	// logRunway: how far a segment file is zero-filled past what a record
+	// needs when it grows. Small, so that a full disk turns into ENOSPC
+	// within a few dozen commits of a new state directory; a segment's
+	// growth doubles, so the metadata-carrying sync of growing happens a
+	// handful of times per segment, and never once both segments have
+	// reached their size (they are reused, never truncated).
+	logRunway = 16 << 10
+)
 
 // WithClock replaces time.Now (tests of the epoch rules).
 func WithClock(now func() time.Time) Option { return func(o *options) { o.now = now } }
@@ -118,43 +137,84 @@ func WithLockTimeout(d time.Duration) Option { return func(o *options) { o.lockT
 // clean load (benchmarks of Open alone).
 func WithoutOpenSnapshot() Option { return func(o *options) { o.noSnapshot = true } }
 
+// WithCheckpoint sets when the log is folded into the state file: once
+// the active log segment holds size octets, and every interval while
+// anything is logged (defaults DefaultCheckpointBytes,
+// DefaultCheckpointInterval).
+func WithCheckpoint(size int64, interval time.Duration) Option {
+	return func(o *options) {
+		if size > 0 {
+			o.ckptBytes = size
+		}
+		if interval > 0 {
+			o.ckptEvery = interval
+		}
+	}
+}
+
 // Store is the open state directory. Its methods are safe for concurrent
 // use.
+//
+// Lock order: ckMu, then mu, then wmu.
 type Store struct {
 	dir  string
 	path string
 	log  *zap.Logger
 	opt  options
 
-	// mu guards db and closed. Writers hold it shared (bbolt serialises
-	// them itself); replacing the handle after a failure holds it
-	// exclusively.
+	// mu guards db, closed and (exclusively) setting up wal. Writers hold
+	// it shared; replacing the handle or setting up the log after a
+	// failure holds it exclusively.
 	mu     sync.RWMutex
 	db     *bolt.DB // nil while the file can not be opened for writing
 	broken atomic.Bool
 	closed bool
 
+	// The log writer; wmu serialises appends (one record, one fdatasync
+	// at a time: a record is written only after the one before it is
+	// durable, which is what lets Open tell a torn tail from damage).
+	wmu      sync.Mutex
+	wal      walWriter
+	walReady atomic.Bool // false: log not set up (read-only, or setting it up failed); apply does it first
+
+	// sel is what Open replays; kept until the first fold, then dropped.
+	sel *logSel
+
+	// ckMu serialises checkpoints (folds and rotations).
+	ckMu    sync.Mutex
+	foldBuf []byte
+	ckKick  chan struct{}
+	ckStop  chan struct{}
+	ckDone  chan struct{}
+	ckLast  time.Time // last checkpoint error logged (rate limit), under ckMu
+
 	// pendingEpoch is an epoch origin ResetEpoch could not write; the next
-	// successful transaction writes it, so a reset is never forgotten.
+	// successful record carries it, so a reset is never forgotten.
+	// pendingClear: Open decided the epoch must go (Fresh) but could not
+	// write that yet; the next fold does it.
 	pendingMu    sync.Mutex
 	pendingEpoch time.Time
+	pendingClear bool
 
 	snapMu sync.Mutex // one snapshot at a time
 	bg     sync.WaitGroup
 
-	commits  atomic.Uint64
-	failures atomic.Uint64
+	commits     atomic.Uint64
+	failures    atomic.Uint64
+	checkpoints atomic.Uint64
 }
 
-// Stats counts transactions (for metrics and the group-commit tests).
+// Stats counts log records and checkpoints (for metrics and the
+// group-commit tests).
 type Stats struct {
-	Commits  uint64 // write transactions committed (each one fsync round)
-	Failures uint64 // write transactions that failed and were rolled back
+	Commits     uint64 // records appended to the log (each one fdatasync)
+	Failures    uint64 // commits that failed; nothing of them was applied
+	Checkpoints uint64 // log segments folded into the state file
 }
 
-// Stats returns the transaction counters.
+// Stats returns the counters.
 func (s *Store) Stats() Stats {
-	return Stats{Commits: s.commits.Load(), Failures: s.failures.Load()}
+	return Stats{Commits: s.commits.Load(), Failures: s.failures.Load(), Checkpoints: s.checkpoints.Load()}
 }
 
 // Dir returns the state directory.
@@ -169,21 +229,23 @@ func boltOptions(o *options, readOnly bool) *bolt.Options {
 	}
 }
 
-// Commit applies deletes, then puts, in one transaction with one fsync
-// round: all of it is durable when Commit returns nil, none of it when it
-// returns an error. Deleting an absent key is not an error. A key both
+// Commit applies deletes, then puts, as one log record with one
+// fdatasync: all of it is durable when Commit returns nil, none of it when
+// it returns an error. Deleting an absent key is not an error. A key both
 // deleted and put ends up put.
 func (s *Store) Commit(put []Lease, del []Key) error {
-	b, err := encodeBatch(put, del)
-	if err != nil {
+	b := getBatch()
+	defer putBatch(b)
+	if err := b.encode(put, del); err != nil {
 		return err
 	}
-	return s.apply([]*batch{b})
+	bs := [1]*batch{b}
+	return s.apply(bs[:])
 }
 
 // ResetEpoch makes origin the epoch origin (EPO-03). If it can not be
 // written now, the error says so and the store writes it with the next
-// transaction that succeeds; until then a restart still sees Fresh.
+// commit that succeeds; until then a restart still sees Fresh.
 func (s *Store) ResetEpoch(origin time.Time) error {
 	s.pendingMu.Lock()
 	s.pendingEpoch = origin
@@ -196,99 +258,129 @@ func (s *Store) ResetEpoch(origin time.Time) error {
 // does the same, so Touch matters only when nothing else is written; call it
 // every minute or so.
 func (s *Store) Touch(now time.Time) error {
-	return s.applyAt([]*batch{}, now)
+	return s.applyAt(nil, now)
 }
 
 func (s *Store) apply(bs []*batch) error { return s.applyAt(bs, s.opt.now()) }
 
-// applyAt runs one write transaction holding every batch, the heartbeat
-// time and any pending epoch origin.
+// applyAt appends one record holding every batch, the heartbeat time and
+// any pending epoch origin. When the log is full it waits for the
+// checkpoint that makes room, and fails if that checkpoint fails.
 func (s *Store) applyAt(bs []*batch, now time.Time) error {
+	for range 3 {
+		full, err := s.tryAppend(bs, now)
+		if !full {
+			if err != nil {
+				s.failures.Add(1)
+			}
+			return err
+		}
+		if err := s.checkpoint(ckRoom); err != nil {
+			s.failures.Add(1)
+			if errors.Is(err, ErrClosed) {
+				return fmt.Errorf("store: commit: %w", ErrClosed)
+			}
+			return fmt.Errorf("store: commit: log full and no checkpoint possible: %w", err)
+		}
+	}
+	s.failures.Add(1)
+	return fmt.Errorf("store: commit: log still full after checkpoints: %w", ErrUnavailable)
+}
+
+// tryAppend writes and syncs one record; full means there was no room
+// (nothing written).
+func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if s.closed {
-		return fmt.Errorf("store: commit: %w", ErrClosed)
+		return false, fmt.Errorf("store: commit: %w", ErrClosed)
 	}
-	if s.broken.Load() || s.db == nil {
-		// Reopen needs the handle to ourselves.
+	if !s.walReady.Load() {
+		// Setting the log up needs the store to ourselves.
 		s.mu.RUnlock()
 		err := s.reopen()
 		s.mu.RLock()
 		if err != nil {
-			s.failures.Add(1)
-			return err
+			return false, err
 		}
 		if s.closed {
-			return fmt.Errorf("store: commit: %w", ErrClosed)
+			return false, fmt.Errorf("store: commit: %w", ErrClosed)
 		}
-		if s.db == nil {
-			s.failures.Add(1)
-			return fmt.Errorf("store: commit: state file not open: %w", ErrUnavailable)
+		if !s.walReady.Load() {
+			return false, fmt.Errorf("store: commit: log not set up: %w", ErrUnavailable)
 		}
 	}
 	s.pendingMu.Lock()
 	epoch := s.pendingEpoch
 	s.pendingMu.Unlock()
-
-	err := s.update(func(tx *bolt.Tx) error {
-		meta, leases := tx.Bucket(bucketMeta), tx.Bucket(bucketLeases)
-		if meta == nil || leases == nil {
-			return fmt.Errorf("store: buckets missing: %w", ErrCorrupt)
-		}
-		// Fuller pages than bbolt's default 0.5: leases arrive in key order
-		// per client, and a smaller file loads faster and maps less.
-		leases.FillPercent = 0.9
-		d, ok := parseDigest(meta.Get(metaDigest))
-		if !ok {
-			return fmt.Errorf("store: digest missing: %w", ErrCorrupt)
-		}
-		for _, b := range bs {
-			for _, k := range b.del {
-				if old := leases.Get(k); old != nil {
-					d.add(old, -1)
-					if err := leases.Delete(k); err != nil {
-						return err
-					}
-				}
-			}
-			for i := range b.keys {
-				if old := leases.Get(b.keys[i]); old != nil {
-					d.add(old, -1)
-				}
-				if err := leases.Put(b.keys[i], b.vals[i]); err != nil {
-					return err
-				}
-				d.add(b.vals[i], +1)
-			}
-		}
-		if len(bs) > 0 {
-			if err := meta.Put(metaDigest, d.bytes()); err != nil {
-				return err
-			}
-		}
-		if !epoch.IsZero() {
-			if err := meta.Put(metaEpoch, timeBytes(epoch)); err != nil {
-				return err
-			}
-		}
-		return meta.Put(metaSeen, timeBytes(now))
-	})
-	if err != nil {
-		s.failures.Add(1)
-		// Whatever bbolt kept in memory after a failed write, the next
-		// transaction starts from what is on disk.
-		s.broken.Store(true)
-		return fmt.Errorf("store: commit: %w: %w", ErrUnavailable, err)
-	}
-	s.commits.Add(1)
+	op := byte(epochKeep)
 	if !epoch.IsZero() {
+		op = epochSet
+	}
+
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	w := &s.wal
+	seg := &w.seg[w.active]
+	w.buf = beginRecord(w.buf[:0], seg.gen, w.seq, now, op, epoch)
+	for _, b := range bs {
+		w.buf = append(w.buf, b.buf...)
+	}
+	finishRecord(w.buf)
+	rec := w.buf
+	defer func() {
+		if cap(w.buf) > maxPooled {
+			w.buf = nil
+		}
+	}()
+	n := int64(len(rec))
+	if w.off > walHeaderSize && w.off+n > s.opt.ckptBytes*logFullFactor {
+		return true, nil
+	}
+	if err := seg.claim(w.off+n, s.opt.ckptBytes); err != nil {
+		return false, fmt.Errorf("store: commit: %w: %w", ErrUnavailable, err)
+	}
+	_, err = seg.f.WriteAt(rec, w.off)
+	if err == nil {
+		err = fdatasync(seg.f)
+	}
+	if err != nil {
+		s.invalidate(seg, w.off)
+		return false, fmt.Errorf("store: commit: %w: %w", ErrUnavailable, err)
+	}
+	if w.off == walHeaderSize {
+		w.first = time.Now()
+	}
+	w.off += n
+	seg.end = w.off
+	w.seq++
+	s.commits.Add(1)
+	if op == epochSet {
 		s.pendingMu.Lock()
 		if s.pendingEpoch.Equal(epoch) {
 			s.pendingEpoch = time.Time{}
 		}
 		s.pendingMu.Unlock()
 	}
-	return nil
+	if w.off >= s.opt.ckptBytes {
+		select {
+		case s.ckKick <- struct{}{}:
+		default:
+		}
+	}
+	return false, nil
+}
+
+// invalidate is called after a failed write or sync at off: it zeroes the
+// record's header, so that a record the caller was told failed can not be
+// replayed after a crash should its octets have reached the disk anyway.
+// Best effort: the next record is written at the same offset and
+// overwrites it regardless.
+func (s *Store) invalidate(seg *walSeg, off int64) {
+	var z [recHdrLen]byte
+	if _, err := seg.f.WriteAt(z[:], off); err == nil {
+		_ = fdatasync(seg.f)
+	}
 }
 
 // update is db.Update with a panic turned into an error: a fault inside
@@ -302,28 +394,36 @@ func (s *Store) update(fn func(*bolt.Tx) error) (err error) {
 	return s.db.Update(fn)
 }
 
-// reopen replaces a handle that failed a write, or opens the file when the
-// directory was read-only at Open.
+// reopen replaces a handle that failed a write, opens the file when the
+// directory was read-only at Open, and sets the log up when that has not
+// happened yet (folding whatever it holds into the state file first).
 func (s *Store) reopen() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return fmt.Errorf("store: commit: %w", ErrClosed)
 	}
-	if !s.broken.Load() && s.db != nil {
+	if !s.broken.Load() && s.db != nil && s.walReady.Load() {
 		return nil // someone else did it
 	}
-	if s.db != nil {
-		_ = s.db.Close()
-		s.db = nil
+	if s.broken.Load() || s.db == nil {
+		if s.db != nil {
+			_ = s.db.Close()
+			s.db = nil
+		}
+		db, err := s.openWritable()
+		if err != nil {
+			return fmt.Errorf("store: reopen %s: %w: %w", s.path, ErrUnavailable, err)
+		}
+		s.db = db
+		s.broken.Store(false)
+		s.log.Info("state file writable again", zap.String("path", s.path))
 	}
-	db, err := s.openWritable()
-	if err != nil {
-		return fmt.Errorf("store: reopen %s: %w: %w", s.path, ErrUnavailable, err)
+	if !s.walReady.Load() {
+		if err := s.setupLog(); err != nil {
+			return fmt.Errorf("store: set up log: %w: %w", ErrUnavailable, err)
+		}
 	}
-	s.db = db
-	s.broken.Store(false)
-	s.log.Info("state file writable again", zap.String("path", s.path))
 	return nil
 }
 
@@ -338,8 +438,10 @@ func (s *Store) openWritable() (*bolt.DB, error) {
 	return bolt.Open(s.path, 0o600, boltOptions(&s.opt, false))
 }
 
-// Close waits for a running snapshot and closes the file. Leases stay on
-// disk; Close does not touch the kernel.
+// Close folds the log into the state file, waits for a running snapshot
+// and closes the files. Leases stay on disk; Close does not touch the
+// kernel. A final fold that fails loses nothing: the log is replayed by the
+// next Open.
 func (s *Store) Close() error {
 	s.mu.Lock()
 	if s.closed {
@@ -348,9 +450,22 @@ func (s *Store) Close() error {
 	}
 	s.closed = true
 	s.mu.Unlock()
+	if s.ckStop != nil {
+		close(s.ckStop)
+		<-s.ckDone
+	}
 	s.bg.Wait()
+	s.mu.RLock()
+	healthy := s.db != nil && s.walReady.Load() && !s.broken.Load()
+	s.mu.RUnlock()
+	if healthy {
+		if err := s.checkpoint(ckAll); err != nil {
+			s.log.Warn("final checkpoint failed; the next start replays the log", zap.Error(err))
+		}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.wal.close()
 	if s.db == nil {
 		return nil
 	}
@@ -362,11 +477,25 @@ func (s *Store) Close() error {
 	return nil
 }
 
-// Snapshot writes the current state to leases.db.bak: a consistent copy
-// taken in a read transaction (commits go on meanwhile), written to a
-// temporary file, fsynced and renamed over the old copy, so a crash during
-// Snapshot leaves the previous copy intact.
+// Snapshot writes the current state to leases.db.bak: it first folds the
+// log into the state file (so the copy holds every commit acknowledged
+// before the call), then copies the file in a read transaction (commits go
+// on meanwhile, into the log), to a temporary file, fsynced and renamed
+// over the old copy, so a crash during Snapshot leaves the previous copy
+// intact.
 func (s *Store) Snapshot() error {
+	s.mu.RLock()
+	closed := s.closed
+	s.mu.RUnlock()
+	if closed {
+		return fmt.Errorf("store: snapshot: %w", ErrClosed)
+	}
+	if err := s.checkpoint(ckAll); err != nil {
+		if errors.Is(err, ErrClosed) {
+			return fmt.Errorf("store: snapshot: %w", ErrClosed)
+		}
+		return fmt.Errorf("store: snapshot: %w", err)
+	}
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if s.closed {

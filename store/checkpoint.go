@@ -1,0 +1,434 @@
+package store
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	"go.uber.org/zap"
+)
+
+// walWriter is the state of the log; guarded by Store.wmu (and set up
+// under Store.mu held exclusively).
+type walWriter struct {
+	seg    [2]walSeg
+	active int       // index of the segment commits go to
+	off    int64     // next write offset in it
+	seq    uint64    // seq of the next record
+	folded uint64    // bbolt's walgen: every generation below is in bbolt
+	first  time.Time // when the active segment got its first record
+	buf    []byte    // the record being written, reused
+}
+
+type walSeg struct {
+	f     *os.File
+	gen   uint64 // generation in its header (valid when used)
+	used  bool   // header written for gen in this run
+	alloc int64  // octets of the file already written: rewriting them needs no metadata sync
+	end   int64  // end of its records
+}
+
+// pending: segment i holds records not yet folded into bbolt (and is not
+// the one being written).
+func (w *walWriter) pending(i int) bool {
+	return i != w.active && w.seg[i].used && w.seg[i].gen >= w.folded && w.seg[i].end > walHeaderSize
+}
+
+func (w *walWriter) close() {
+	for i := range w.seg {
+		if w.seg[i].f != nil {
+			_ = w.seg[i].f.Close()
+		}
+		w.seg[i] = walSeg{}
+	}
+}
+
+var zeros = make([]byte, 64<<10)
+
+// claim makes sure the file holds written octets up to need, zero-filling
+// past its end if not: after that, writing a record there and syncing it
+// changes no file metadata. On a full disk this is where ENOSPC shows.
+func (g *walSeg) claim(need, ckptBytes int64) error {
+	if need <= g.alloc {
+		return nil
+	}
+	return g.grow(need, max(need+logRunway, min(2*g.alloc, ckptBytes+logRunway)))
+}
+
+// grow zero-fills the file up to target; it fails only if it could not
+// reach need.
+func (g *walSeg) grow(need, target int64) error {
+	for g.alloc < target {
+		n := min(target-g.alloc, int64(len(zeros)))
+		m, err := g.f.WriteAt(zeros[:n], g.alloc)
+		g.alloc += int64(m)
+		if err != nil {
+			if g.alloc >= need {
+				return nil
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// openSeg opens (creating it, zero-filled, if needed) segment file i.
+func (s *Store) openSeg(i int) error {
+	g := &s.wal.seg[i]
+	if g.f != nil {
+		return nil
+	}
+	path := filepath.Join(s.dir, segName(i))
+	_, serr := os.Stat(path)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return err
+	}
+	*g = walSeg{f: f, alloc: fi.Size()}
+	if g.alloc < walHeaderSize+logRunway {
+		err := g.grow(walHeaderSize+logRunway, walHeaderSize+logRunway)
+		if err == nil {
+			err = fdatasync(f)
+		}
+		if err == nil && serr != nil {
+			err = syncDir(s.dir)
+		}
+		if err != nil {
+			f.Close()
+			*g = walSeg{}
+			return err
+		}
+	}
+	return nil
+}
+
+// startSegment makes segment gen%2 the active one, generation gen, first
+// record seq; durable before it returns.
+func (s *Store) startSegment(gen, seq uint64) error {
+	w := &s.wal
+	i := int(gen % 2)
+	if err := s.openSeg(i); err != nil {
+		return err
+	}
+	g := &w.seg[i]
+	hdr := appendSegHeader(make([]byte, 0, walHdrLen), segHeader{gen: gen, firstSeq: seq})
+	if _, err := g.f.WriteAt(hdr, 0); err != nil {
+		return err
+	}
+	if err := fdatasync(g.f); err != nil {
+		return err
+	}
+	g.gen, g.used, g.end = gen, true, walHeaderSize
+	w.active, w.off, w.seq, w.first = i, walHeaderSize, seq, time.Time{}
+	return nil
+}
+
+// rotate starts the next generation in the other segment, which must not
+// be pending. The header is not synced here: the first record written
+// after it is, in the same file, and until then the old header (an older,
+// folded generation) is just as good. Caller holds wmu.
+func (s *Store) rotate() error {
+	w := &s.wal
+	o := 1 - w.active
+	if w.pending(o) {
+		return fmt.Errorf("store: rotate: segment %d not folded yet", o)
+	}
+	if err := s.openSeg(o); err != nil {
+		return err
+	}
+	gen := w.seg[w.active].gen + 1
+	hdr := appendSegHeader(make([]byte, 0, walHdrLen), segHeader{gen: gen, firstSeq: w.seq})
+	if _, err := w.seg[o].f.WriteAt(hdr, 0); err != nil {
+		return err
+	}
+	w.seg[w.active].end = w.off
+	g := &w.seg[o]
+	g.gen, g.used, g.end = gen, true, walHeaderSize
+	w.active, w.off, w.first = o, walHeaderSize, time.Time{}
+	return nil
+}
+
+const (
+	ckAuto = iota // background: rotate if anything is logged, fold
+	ckAll         // Snapshot, Close: everything acknowledged ends up in bbolt
+	ckRoom        // a commit found the log full: make room, fold later
+)
+
+// checkpoint folds a pending segment, rotates and folds the segment that
+// was active. Only one runs at a time.
+func (s *Store) checkpoint(mode int) error {
+	s.ckMu.Lock()
+	defer s.ckMu.Unlock()
+	s.mu.RLock()
+	closed := s.closed
+	needSetup := s.broken.Load() || s.db == nil || !s.walReady.Load()
+	s.mu.RUnlock()
+	if needSetup && !closed {
+		if err := s.reopen(); err != nil {
+			return err
+		}
+	}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.db == nil || !s.walReady.Load() || s.broken.Load() {
+		if s.closed {
+			return fmt.Errorf("store: checkpoint: %w", ErrClosed)
+		}
+		return fmt.Errorf("store: checkpoint: state not writable: %w", ErrUnavailable)
+	}
+	s.wmu.Lock()
+	w := &s.wal
+	o := 1 - w.active
+	pend := w.pending(o)
+	s.wmu.Unlock()
+	if pend {
+		if err := s.fold(o); err != nil {
+			return err
+		}
+	}
+	s.wmu.Lock()
+	old := -1
+	if w.off > walHeaderSize {
+		old = w.active
+		if err := s.rotate(); err != nil {
+			s.wmu.Unlock()
+			return fmt.Errorf("store: checkpoint: %w: %w", ErrUnavailable, err)
+		}
+	}
+	s.wmu.Unlock()
+	if old < 0 {
+		return nil
+	}
+	if mode == ckRoom {
+		s.kick()
+		return nil
+	}
+	return s.fold(old)
+}
+
+func (s *Store) kick() {
+	select {
+	case s.ckKick <- struct{}{}:
+	default:
+	}
+}
+
+// fold writes segment i's records into bbolt in one transaction, with
+// walgen past its generation. Caller holds ckMu and mu (shared); segment i
+// is not active, so nobody writes it meanwhile.
+func (s *Store) fold(i int) error {
+	s.wmu.Lock()
+	g := s.wal.seg[i]
+	s.wmu.Unlock()
+	buf, err := readAt(g.f, walHeaderSize, g.end-walHeaderSize, s.foldBuf)
+	if cap(buf) <= 4*DefaultCheckpointBytes {
+		s.foldBuf = buf
+	}
+	if err != nil {
+		return fmt.Errorf("store: checkpoint: read %s: %w: %w", segName(i), ErrUnavailable, err)
+	}
+	var recs []logRecord
+	for p := buf; len(p) > 0; {
+		r, n, err := decodeRecord(p)
+		if err != nil || r.gen != g.gen {
+			return fmt.Errorf("store: checkpoint: %s changed under the store at offset %d (%v): %w",
+				segName(i), walHeaderSize+len(buf)-len(p), err, ErrCorrupt)
+		}
+		recs = append(recs, r)
+		p = p[n:]
+	}
+	err = s.update(func(tx *bolt.Tx) error { return foldTx(tx, recs, g.gen+1, true, false) })
+	if err != nil {
+		s.broken.Store(true)
+		return fmt.Errorf("store: checkpoint: %w: %w", ErrUnavailable, err)
+	}
+	s.wmu.Lock()
+	s.wal.folded = g.gen + 1
+	s.wmu.Unlock()
+	s.checkpoints.Add(1)
+	return nil
+}
+
+// foldTx applies recs in order: entries, heartbeat, epoch changes; then
+// walgen (setGen) and clearing the epoch (clearEpoch: Open decided the
+// epoch must reset, after whatever the log said).
+func foldTx(tx *bolt.Tx, recs []logRecord, walgen uint64, setGen, clearEpoch bool) error {
+	meta, leases := tx.Bucket(bucketMeta), tx.Bucket(bucketLeases)
+	if meta == nil || leases == nil {
+		return fmt.Errorf("store: buckets missing: %w", ErrCorrupt)
+	}
+	// Fuller pages than bbolt's default 0.5: a smaller file loads faster
+	// and maps less.
+	leases.FillPercent = 0.9
+	d, ok := parseDigest(meta.Get(metaDigest))
+	if !ok {
+		return fmt.Errorf("store: digest missing: %w", ErrCorrupt)
+	}
+	for _, r := range recs {
+		err := walkEntries(r.entries, func(op byte, key, val []byte) error {
+			if old := leases.Get(key); old != nil {
+				d.add(old, -1)
+				if op == entryDel {
+					if err := leases.Delete(key); err != nil {
+						return err
+					}
+				}
+			}
+			if op == entryPut {
+				if err := leases.Put(key, val); err != nil {
+					return err
+				}
+				d.add(val, +1)
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		switch r.epochOp {
+		case epochSet:
+			if err := meta.Put(metaEpoch, binary.BigEndian.AppendUint64(nil, uint64(r.epoch))); err != nil {
+				return err
+			}
+		case epochClear:
+			if err := meta.Delete(metaEpoch); err != nil {
+				return err
+			}
+		}
+	}
+	if len(recs) > 0 {
+		if err := meta.Put(metaDigest, d.bytes()); err != nil {
+			return err
+		}
+		last := recs[len(recs)-1]
+		if err := meta.Put(metaSeen, binary.BigEndian.AppendUint64(nil, uint64(last.seen))); err != nil {
+			return err
+		}
+	}
+	if clearEpoch {
+		if err := meta.Delete(metaEpoch); err != nil {
+			return err
+		}
+	}
+	if setGen {
+		return meta.Put(metaWALGen, binary.BigEndian.AppendUint64(nil, walgen))
+	}
+	return nil
+}
+
+func readWALGen(meta *bolt.Bucket) (uint64, error) {
+	v := meta.Get(metaWALGen)
+	switch len(v) {
+	case 0:
+		return 0, nil // written before the log existed, or new
+	case 8:
+		return binary.BigEndian.Uint64(v), nil
+	}
+	return 0, fmt.Errorf("store: bad walgen record %x: %w", v, ErrCorrupt)
+}
+
+// setupLog folds what the log holds into the state file and starts a new
+// generation. With s.sel (Open) it replays what Open already read and
+// judged; otherwise (the directory was read-only at Open, or an earlier
+// attempt failed) it reads the log again. Caller holds mu exclusively (or
+// is Open).
+func (s *Store) setupLog() error {
+	sel := s.sel
+	if sel == nil {
+		var w uint64
+		err := s.db.View(func(tx *bolt.Tx) error {
+			m := tx.Bucket(bucketMeta)
+			if m == nil {
+				return fmt.Errorf("store: meta bucket missing: %w", ErrCorrupt)
+			}
+			var err error
+			w, err = readWALGen(m)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		if sel, err = readLog(s.dir, w); err != nil {
+			return err
+		}
+		if sel.problem != "" {
+			s.log.Error("log damaged; replaying what precedes the damage", zap.String("problem", sel.problem))
+		}
+	}
+	s.wal.close()
+	s.pendingMu.Lock()
+	clearEpoch := s.pendingClear
+	s.pendingMu.Unlock()
+	if sel.folds || clearEpoch {
+		err := s.update(func(tx *bolt.Tx) error { return foldTx(tx, sel.recs, sel.nextGen, sel.folds, clearEpoch) })
+		if err != nil {
+			s.broken.Store(true)
+			return err
+		}
+		if len(sel.recs) > 0 {
+			s.log.Info("log replayed into the state file", zap.Int("records", len(sel.recs)))
+		}
+	}
+	s.pendingMu.Lock()
+	s.pendingClear = s.pendingClear && !clearEpoch
+	s.pendingMu.Unlock()
+	s.sel = nil
+	stamp := s.opt.now().UTC().Format("20060102T150405.000000000Z")
+	for _, i := range sel.damaged {
+		p := filepath.Join(s.dir, segName(i))
+		if err := os.Rename(p, p+".corrupt-"+stamp); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("store: move damaged log aside: %w", err)
+		}
+	}
+	s.wal.folded = sel.nextGen
+	if err := s.startSegment(sel.nextGen, sel.nextSeq); err != nil {
+		s.wal.close()
+		return err
+	}
+	// Open the other segment too, so rotating never creates a file.
+	if err := s.openSeg(1 - s.wal.active); err != nil {
+		s.wal.close()
+		return err
+	}
+	s.walReady.Store(true)
+	return nil
+}
+
+// checkpointer folds the log in the background: when a commit finds the
+// active segment past the checkpoint size, and every interval.
+func (s *Store) checkpointer() {
+	defer close(s.ckDone)
+	t := time.NewTicker(s.opt.ckptEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ckStop:
+			return
+		case <-s.ckKick:
+		case <-t.C:
+		}
+		s.mu.RLock()
+		idle := s.closed || !s.walReady.Load()
+		s.mu.RUnlock()
+		if idle {
+			continue // nothing to fold; commits set the log up
+		}
+		if err := s.checkpoint(ckAuto); err != nil && !errors.Is(err, ErrClosed) {
+			s.ckMu.Lock()
+			if time.Since(s.ckLast) > 10*time.Second {
+				s.ckLast = time.Now()
+				s.log.Error("checkpoint failed; commits go on into the log until it is full", zap.Error(err))
+			}
+			s.ckMu.Unlock()
+		}
+	}
+}

@@ -1,0 +1,21 @@
+package store
+
+import (
+	"os"
+	"syscall"
+)
+
+// fdatasync flushes f's data, and its metadata only where needed to read
+// the data back (size, extents): none when the data overwrote written
+// space, which is what the log arranges.
+func fdatasync(f *os.File) error {
+	for {
+		err := syscall.Fdatasync(int(f.Fd()))
+		if err != syscall.EINTR {
+			if err != nil {
+				return &os.PathError{Op: "fdatasync", Path: f.Name(), Err: err}
+			}
+			return nil
+		}
+	}
+}

@@ -1,0 +1,648 @@
+package store
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+// noCheckpoint keeps everything in the log (no fold before Close), so a
+// copy of the directory is what a kill -9 would leave.
+var noCheckpoint = WithCheckpoint(1<<30, time.Hour)
+
+// crashImage copies the state directory's files as they are now, while the
+// store is open: every acknowledged commit was fdatasynced, so the page
+// cache holds exactly what a kill -9 at this moment would leave on disk.
+func crashImage(t *testing.T, dir string) string {
+	t.Helper()
+	nd := t.TempDir()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The log first, then the state file: a checkpoint running meanwhile
+	// only moves the state file forward (its log segment then reads as
+	// already folded), whereas the other order could pair an old state
+	// file with a segment already reused for a newer generation.
+	slices.SortStableFunc(ents, func(a, b os.DirEntry) int {
+		return cmpBool(!strings.HasPrefix(a.Name(), LogName), !strings.HasPrefix(b.Name(), LogName))
+	})
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		if err := copyFile(filepath.Join(dir, e.Name()), filepath.Join(nd, e.Name())); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return nd
+}
+
+func TestLogRecordRoundTrip(t *testing.T) {
+	l, d := fullLease(), leaseN(7)
+	ents := appendPutEntry(appendDelEntry(nil, &d.Key), &l)
+	tests := []struct {
+		name string
+		rec  logRecord
+	}{
+		{"heartbeat only", logRecord{gen: 1, seq: 1, seen: t0.UnixNano()}},
+		{"epoch set", logRecord{gen: 0, seq: 99, seen: t0.UnixNano(), epochOp: epochSet, epoch: t0.Add(-time.Hour).UnixNano()}},
+		{"epoch clear", logRecord{gen: 1 << 40, seq: 1 << 50, seen: -1, epochOp: epochClear}},
+		{"put and delete", logRecord{gen: 3, seq: 4, seen: 5, entries: ents}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := appendLogRecord([]byte("prefix"), &tt.rec)[len("prefix"):]
+			got, n, err := decodeRecord(append(b, 0, 0, 0)) // trailing zeros: the preallocated rest
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n != len(b) {
+				t.Fatalf("decoded %d octets of %d", n, len(b))
+			}
+			if d := cmp.Diff(tt.rec, got, cmp.AllowUnexported(logRecord{}), cmpEmptyBytes); d != "" {
+				t.Fatalf("round trip (-want +got):\n%s", d)
+			}
+		})
+	}
+	// The entries decode back to the leases.
+	var got []string
+	err := walkEntries(ents, func(op byte, key, val []byte) error {
+		k, err := decodeKey(key, nil)
+		if err != nil {
+			return err
+		}
+		if op == entryDel {
+			got = append(got, "del "+k.Owner)
+			return nil
+		}
+		dl, err := decodeLease(key, val, nil)
+		if err != nil {
+			return err
+		}
+		if d := cmpLease(l, dl); d != "" {
+			t.Errorf("lease differs: %s", d)
+		}
+		got = append(got, "put "+dl.Owner)
+		return nil
+	})
+	if err != nil || len(got) != 2 || got[0] != "del "+leaseN(7).Owner || got[1] != "put "+l.Owner {
+		t.Fatalf("entries: %v, %v", got, err)
+	}
+}
+
+func cmpBool(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case a:
+		return 1
+	}
+	return -1
+}
+
+// stopCheckpointer stops the background checkpoints of s, so a test
+// controls every fold.
+func stopCheckpointer(s *Store) {
+	close(s.ckStop)
+	<-s.ckDone
+	s.ckStop = nil
+}
+
+var cmpEmptyBytes = cmp.Comparer(func(a, b []byte) bool { return bytes.Equal(a, b) })
+
+// FuzzLogRecord: decodeRecord never panics; whatever it accepts re-encodes
+// to exactly the octets it read; and a record built from the fuzzer's
+// values decodes back to itself.
+func FuzzLogRecord(f *testing.F) {
+	l := fullLease()
+	f.Add(appendLogRecord(nil, &logRecord{gen: 1, seq: 2, seen: 3, entries: appendPutEntry(nil, &l)}), uint64(1), uint64(2), int64(3), byte(1), int64(4), []byte("key"))
+	f.Add(appendLogRecord(nil, &logRecord{gen: 7, seq: 8, epochOp: epochClear, entries: appendDelEntry(nil, &l.Key)}), uint64(0), uint64(0), int64(0), byte(0), int64(0), []byte{})
+	f.Add([]byte{0, 0, 0, 9}, uint64(5), uint64(6), int64(-7), byte(2), int64(8), bytes.Repeat([]byte{0xff}, 300))
+	f.Fuzz(func(t *testing.T, data []byte, gen, seq uint64, seen int64, op byte, epoch int64, kv []byte) {
+		if r, n, err := decodeRecord(data); err == nil {
+			again := appendLogRecord(nil, &r)
+			if !bytes.Equal(again, data[:n]) {
+				t.Fatalf("re-encoding differs:\n%x\n%x", again, data[:n])
+			}
+		}
+		want := logRecord{gen: gen, seq: seq, seen: seen, epochOp: op % 3}
+		if want.epochOp == epochSet {
+			want.epoch = epoch
+		}
+		// One put and one delete whose key and value are the fuzzer's octets.
+		if len(kv) >= 4 && len(kv) <= 0xffff {
+			e := []byte{entryPut}
+			e = binary.BigEndian.AppendUint16(e, uint16(len(kv)))
+			e = append(e, kv...)
+			e = binary.BigEndian.AppendUint16(e, uint16(len(kv)))
+			e = append(e, kv...)
+			e = append(e, entryDel)
+			e = binary.BigEndian.AppendUint16(e, uint16(len(kv)))
+			want.entries = append(e, kv...)
+		}
+		b := appendLogRecord(nil, &want)
+		got, n, err := decodeRecord(b)
+		if err != nil || n != len(b) {
+			t.Fatalf("decode(encode(%+v)) = %v, %d of %d octets", want, err, n, len(b))
+		}
+		if d := cmp.Diff(want, got, cmp.AllowUnexported(logRecord{}), cmpEmptyBytes); d != "" {
+			t.Fatalf("decode(encode(x)) != x (-want +got):\n%s", d)
+		}
+		// A cut anywhere is a torn record, never something else.
+		for _, cut := range []int{0, 1, recHdrLen - 1, recHdrLen, len(b) / 2, len(b) - 1} {
+			if cut >= 0 && cut < len(b) {
+				if _, _, err := decodeRecord(b[:cut]); !errors.Is(err, errTorn) {
+					t.Fatalf("record cut at %d of %d: %v, want errTorn", cut, len(b), err)
+				}
+			}
+		}
+	})
+}
+
+// TestLogReplay: commits that only reached the log (no checkpoint) are all
+// there after a crash, in order: puts, deletes, replacements, the epoch and
+// the heartbeat; and the replay is folded into the state file at Open.
+func TestLogReplay(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openT(t, dir, fixedClock(t0), noCheckpoint, WithoutOpenSnapshot())
+	origin := t0.Add(-time.Hour)
+	if err := s.ResetEpoch(origin); err != nil {
+		t.Fatal(err)
+	}
+	want := map[int]Lease{}
+	c := s.NewCommitter()
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 50 {
+				if err := c.Commit([]Lease{leaseN(g*1000 + i)}, nil); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	for g := range 4 {
+		for i := range 50 {
+			want[g*1000+i] = leaseN(g*1000 + i)
+		}
+	}
+	// Replace one, delete one, delete and put one in the same commit.
+	r := leaseN(1)
+	r.Expires = r.Expires.Add(time.Hour)
+	want[1] = r
+	delete(want, 2)
+	if err := s.Commit([]Lease{r, leaseN(3)}, []Key{leaseN(2).Key, leaseN(3).Key}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Touch(t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Stats(); got.Checkpoints != 0 || got.Commits < 200/maxGroup+3 {
+		t.Fatalf("stats %+v: want records and no checkpoint", got)
+	}
+	img := crashImage(t, dir)
+
+	check := func(t *testing.T, st State) {
+		t.Helper()
+		var ws []Lease
+		for _, l := range want {
+			ws = append(ws, l)
+		}
+		wantLeases(t, st.Leases, ws)
+		if st.Fresh || !st.EpochOrigin.Equal(origin) || st.Recovered != "" {
+			t.Fatalf("Fresh = %v, EpochOrigin = %v, Recovered = %q", st.Fresh, st.EpochOrigin, st.Recovered)
+		}
+	}
+	// The heartbeat came from the log: a clock behind it is doubtful.
+	_, st := openT(t, crashImage(t, img), fixedClock(t0), WithoutOpenSnapshot())
+	if !st.Fresh || !strings.Contains(st.Recovered, "last alive") {
+		t.Fatalf("heartbeat from the log ignored: Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
+	}
+	s2, st := openT(t, img, fixedClock(t0.Add(2*time.Minute)), WithoutOpenSnapshot())
+	check(t, st)
+	// Open folded the log: the state file alone now holds everything.
+	s2.Close()
+	for i := range 2 {
+		os.Remove(filepath.Join(img, segName(i)))
+	}
+	_, st = openT(t, img, fixedClock(t0.Add(3*time.Minute)), WithoutOpenSnapshot())
+	check(t, st)
+}
+
+// recordOffsets returns where each record of sc starts, and the tail.
+func recordOffsets(sc segScan) []int64 {
+	offs := []int64{walHeaderSize}
+	for _, r := range sc.recs {
+		n := int64(recHdrLen + 9 + len(r.entries))
+		if r.epochOp == epochSet {
+			n += 8
+		}
+		offs = append(offs, offs[len(offs)-1]+n)
+	}
+	return offs
+}
+
+// activeSegment returns the segment file holding records, and its scan.
+func activeSegment(t *testing.T, dir string) (string, segScan) {
+	t.Helper()
+	var path string
+	var sc segScan
+	for i := range 2 {
+		p := filepath.Join(dir, segName(i))
+		data, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		if c := scanSegment(data, i); c.hdrOK && len(c.recs) > 0 {
+			if path != "" {
+				t.Fatal("two segments hold records")
+			}
+			path, sc = p, c
+		}
+	}
+	if path == "" {
+		t.Fatal("no log record found")
+	}
+	return path, sc
+}
+
+// lastRecord returns the active segment file and the span of its last
+// record.
+func lastRecord(t *testing.T, dir string) (path string, start, end int64) {
+	t.Helper()
+	path, sc := activeSegment(t, dir)
+	offs := recordOffsets(sc)
+	if offs[len(offs)-1] != sc.tail {
+		t.Fatalf("offsets %v, tail %d", offs, sc.tail)
+	}
+	return path, offs[len(offs)-2], offs[len(offs)-1]
+}
+
+// TestLogTornTail: the last record cut at every octet (the rest zeros, as
+// in preallocated space, or the octets of an older record, as in a reused
+// segment) is a write that was never acknowledged: Open drops it silently
+// and keeps everything before it, epoch included.
+func TestLogTornTail(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openT(t, dir, fixedClock(t0), noCheckpoint, WithoutOpenSnapshot())
+	if err := s.ResetEpoch(t0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(leasesN(0, 3), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit([]Lease{leaseN(3)}, []Key{leaseN(0).Key}); err != nil {
+		t.Fatal(err)
+	}
+	img := crashImage(t, dir)
+	path, start, end := lastRecord(t, img)
+	orig, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fills := []struct {
+		name string
+		fill func(b []byte)
+	}{
+		{"zeros", func(b []byte) { clear(b) }},
+		{"stale octets", func(b []byte) { copy(b, garbage(len(b), uint64(len(b)))) }},
+	}
+	for _, fl := range fills {
+		t.Run(fl.name, func(t *testing.T) {
+			for cut := start; cut < end; cut++ {
+				nd := crashImage(t, img)
+				b := append([]byte(nil), orig...)
+				fl.fill(b[cut:end])
+				writeFile(t, filepath.Join(nd, filepath.Base(path)), b)
+				s, st, err := Open(nd, nil, fixedClock(t0.Add(time.Minute)), WithoutOpenSnapshot())
+				if err != nil {
+					t.Fatalf("cut at %d: %v", cut, err)
+				}
+				if st.Fresh || st.Recovered != "" {
+					t.Fatalf("cut at %d (record %d..%d): Fresh = %v, Recovered = %q", cut, start, end, st.Fresh, st.Recovered)
+				}
+				wantLeases(t, st.Leases, leasesN(0, 3))
+				s.Close()
+			}
+		})
+	}
+	t.Logf("last record %d..%d cut at each of its %d octets, 2 fillings: dropped, the rest kept", start, end, end-start)
+}
+
+// TestLogDamage: damage before valid records of the same generation is not
+// a torn tail. Open keeps the state up to the damage, resets the epoch,
+// says why, and moves the damaged segment aside.
+func TestLogDamage(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openT(t, dir, fixedClock(t0), noCheckpoint, WithoutOpenSnapshot())
+	if err := s.ResetEpoch(t0); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		if err := s.Commit([]Lease{leaseN(i)}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	img := crashImage(t, dir)
+	segPath, sc := activeSegment(t, img)
+	if len(sc.recs) != 11 {
+		t.Fatalf("%d records, want 11 (epoch + 10 commits)", len(sc.recs))
+	}
+	offs := recordOffsets(sc)
+	tests := []struct {
+		name      string
+		at        int64 // octet to flip
+		leases    int   // how many of leaseN(0..) survive
+		recovered string
+	}{
+		{"length of record 5", offs[5] + 2, 4, "is damaged, yet record"},
+		{"checksum of record 5", offs[5] + 5, 4, "is damaged, yet record"},
+		{"generation of record 5", offs[5] + 15, 4, "is damaged, yet record"},
+		{"seq of record 5", offs[5] + 23, 4, "is damaged, yet record"},
+		{"a lease in record 8", offs[8] + 60, 7, "is damaged, yet record"},
+		{"segment header", 10, 0, "header"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			nd := crashImage(t, img)
+			p := filepath.Join(nd, filepath.Base(segPath))
+			b, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b[tt.at] ^= 0x40
+			writeFile(t, p, b)
+			s, st := openT(t, nd, fixedClock(t0.Add(time.Minute)))
+			if !st.Fresh || !st.EpochOrigin.IsZero() || !strings.Contains(st.Recovered, "log damaged") || !strings.Contains(st.Recovered, tt.recovered) {
+				t.Fatalf("Fresh = %v, EpochOrigin = %v, Recovered = %q", st.Fresh, st.EpochOrigin, st.Recovered)
+			}
+			wantLeases(t, st.Leases, leasesN(0, tt.leases))
+			if m, _ := filepath.Glob(p + ".corrupt-*"); len(m) != 1 {
+				t.Fatalf("damaged segment not moved aside: %v", m)
+			}
+			// The store works on, the reset stays pending, and once the
+			// engine resets, continuity holds again.
+			if err := s.Commit([]Lease{leaseN(100)}, nil); err != nil {
+				t.Fatal(err)
+			}
+			s, st = reopen(t, s, fixedClock(t0.Add(2*time.Minute)))
+			if !st.Fresh || !strings.Contains(st.Recovered, "pending") {
+				t.Fatalf("second start: Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
+			}
+			wantLeases(t, st.Leases, append(leasesN(0, tt.leases), leaseN(100)))
+			if err := s.ResetEpoch(t0.Add(2 * time.Minute)); err != nil {
+				t.Fatal(err)
+			}
+			_, st = reopen(t, s, fixedClock(t0.Add(3*time.Minute)))
+			if st.Fresh || st.Recovered != "" {
+				t.Fatalf("after ResetEpoch: Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
+			}
+		})
+	}
+}
+
+// TestLogGenerations: what a checkpoint folded is never replayed again,
+// even though its segment keeps the records until it is reused; a
+// checkpoint's state file without the log's newer generations, or a state
+// file older than the log, is noticed.
+func TestLogGenerations(t *testing.T) {
+	t.Run("folded segments stay folded", func(t *testing.T) {
+		dir := t.TempDir()
+		s, _ := openT(t, dir, fixedClock(t0), noCheckpoint, WithoutOpenSnapshot())
+		if err := s.ResetEpoch(t0); err != nil {
+			t.Fatal(err)
+		}
+		// gen g: put 0..10; checkpoint; gen g+1: delete 0..5; checkpoint
+		// (segment of gen g still holds the puts); gen g+2: put 20.
+		if err := s.Commit(leasesN(0, 10), nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.checkpoint(ckAll); err != nil {
+			t.Fatal(err)
+		}
+		var del []Key
+		for i := range 5 {
+			del = append(del, leaseN(i).Key)
+		}
+		if err := s.Commit(nil, del); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.checkpoint(ckAll); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Commit([]Lease{leaseN(20)}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if got := s.Stats().Checkpoints; got != 2 {
+			t.Fatalf("%d checkpoints, want 2", got)
+		}
+		_, st := openT(t, crashImage(t, dir), fixedClock(t0.Add(time.Minute)), WithoutOpenSnapshot())
+		if st.Fresh || st.Recovered != "" {
+			t.Fatalf("Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
+		}
+		wantLeases(t, st.Leases, append(leasesN(5, 10), leaseN(20)))
+	})
+	t.Run("crash between fold and next record", func(t *testing.T) {
+		// Both segments pending is the state a crash leaves when a fold
+		// had not finished: both replay, oldest first.
+		dir := t.TempDir()
+		s, _ := openT(t, dir, fixedClock(t0), noCheckpoint, WithoutOpenSnapshot())
+		stopCheckpointer(s)
+		if err := s.ResetEpoch(t0); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Commit(leasesN(0, 10), nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.checkpoint(ckRoom); err != nil { // rotate, fold later
+			t.Fatal(err)
+		}
+		if err := s.Commit(nil, []Key{leaseN(0).Key}); err != nil {
+			t.Fatal(err)
+		}
+		if got := s.Stats().Checkpoints; got != 0 {
+			t.Fatalf("%d checkpoints, want none yet", got)
+		}
+		_, st := openT(t, crashImage(t, dir), fixedClock(t0.Add(time.Minute)), WithoutOpenSnapshot())
+		if st.Fresh || st.Recovered != "" {
+			t.Fatalf("Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
+		}
+		wantLeases(t, st.Leases, leasesN(1, 10))
+	})
+	t.Run("state file older than its log", func(t *testing.T) {
+		dir := t.TempDir()
+		s, _ := openT(t, dir, fixedClock(t0), noCheckpoint, WithoutOpenSnapshot())
+		if err := s.ResetEpoch(t0); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Commit(leasesN(0, 5), nil); err != nil {
+			t.Fatal(err)
+		}
+		old := crashImage(t, dir)
+		if err := s.checkpoint(ckAll); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.checkpoint(ckAll); err != nil { // nothing to fold: no-op
+			t.Fatal(err)
+		}
+		if err := s.Commit(leasesN(5, 10), nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.checkpoint(ckAll); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Commit(leasesN(10, 12), nil); err != nil {
+			t.Fatal(err)
+		}
+		// The current log with the state file from before the checkpoints.
+		nd := crashImage(t, dir)
+		if err := copyFile(filepath.Join(old, DBName), filepath.Join(nd, DBName)); err != nil {
+			t.Fatal(err)
+		}
+		_, st := openT(t, nd, fixedClock(t0.Add(time.Minute)), WithoutOpenSnapshot())
+		if !st.Fresh || !strings.Contains(st.Recovered, "the log starts at generation") {
+			t.Fatalf("Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
+		}
+	})
+}
+
+// TestCheckpointWhileCommitting: with checkpoints every few KiB and
+// milliseconds, concurrent committers keep going; nothing acknowledged is
+// lost, a snapshot taken meanwhile holds everything acknowledged before
+// it, and the log stays small.
+func TestCheckpointWhileCommitting(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openT(t, dir, WithCheckpoint(8<<10, 5*time.Millisecond), WithoutOpenSnapshot())
+	if err := s.ResetEpoch(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	c := s.NewCommitter()
+	const workers = 8
+	var acked atomic.Int64
+	var hi [workers]int // highest i each worker had acknowledged
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for g := range workers {
+		hi[g] = -1
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				n := g*100_000 + i
+				var del []Key
+				if i%4 == 3 {
+					del = []Key{leaseN(n - 3).Key} // deletes land in other segments than their puts
+				}
+				if err := c.Commit([]Lease{leaseN(n)}, del); err != nil {
+					t.Error(err)
+					return
+				}
+				hi[g] = i
+				acked.Add(1)
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	if err := s.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	st := s.Stats()
+	t.Logf("%d commits in %d records, %d checkpoints", acked.Load(), st.Commits, st.Checkpoints)
+	if st.Checkpoints < 5 {
+		t.Fatalf("only %d checkpoints", st.Checkpoints)
+	}
+	for i := range 2 {
+		fi, err := os.Stat(filepath.Join(dir, segName(i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Size() > 1<<20 {
+			t.Errorf("segment %d grew to %d octets with 8 KiB checkpoints", i, fi.Size())
+		}
+	}
+	var want []Lease
+	for g := range workers {
+		for i := 0; i <= hi[g]; i++ {
+			if i%4 == 0 && i+3 <= hi[g] {
+				continue // deleted by the commit of i+3
+			}
+			want = append(want, leaseN(g*100_000+i))
+		}
+	}
+	// A crash image taken while the checkpointer may be folding, and a
+	// clean reopen, both hold exactly what was acknowledged.
+	_, cst := openT(t, crashImage(t, dir), WithoutOpenSnapshot())
+	wantLeases(t, cst.Leases, want)
+	_, state := reopen(t, s)
+	wantLeases(t, state.Leases, want)
+	// The snapshot is a consistent earlier state: restore it alone.
+	_, bst := openT(t, copyDir(t, dir, BackupName, DBName), WithoutOpenSnapshot())
+	if len(bst.Leases) == 0 || len(bst.Leases) > len(state.Leases)+workers {
+		t.Fatalf("snapshot holds %d leases, final state %d", len(bst.Leases), len(state.Leases))
+	}
+}
+
+// TestLogFull: a record larger than the log limit still goes in (into an
+// empty segment), and commits beyond the limit wait for the checkpoint
+// instead of failing.
+func TestLogFull(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openT(t, dir, WithCheckpoint(4<<10, time.Hour), WithoutOpenSnapshot())
+	if err := s.Commit(leasesN(0, 1000), nil); err != nil { // ≈ 140 KiB, the limit is 16 KiB
+		t.Fatal(err)
+	}
+	for i := range 300 {
+		if err := s.Commit([]Lease{leaseN(1000 + i)}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := s.Stats(); st.Checkpoints < 3 {
+		t.Fatalf("%+v: the log was never folded", st)
+	}
+	_, st := reopen(t, s)
+	wantLeases(t, st.Leases, leasesN(0, 1300))
+}
+
+// TestLogFilesNotStateFiles: a directory whose log files are all that is
+// left is not taken for a new one.
+func TestLogWithoutStateFile(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openT(t, dir, noCheckpoint, WithoutOpenSnapshot())
+	if err := s.Commit(leasesN(0, 5), nil); err != nil {
+		t.Fatal(err)
+	}
+	nd := crashImage(t, dir)
+	if err := os.Remove(filepath.Join(nd, DBName)); err != nil {
+		t.Fatal(err)
+	}
+	_, st := openT(t, nd, WithoutOpenSnapshot())
+	if !st.Fresh || !strings.Contains(st.Recovered, "log is there") {
+		t.Fatalf("Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
+	}
+	if _, err := os.Stat(filepath.Join(nd, segName(0))); errors.Is(err, fs.ErrNotExist) {
+		t.Fatal("log removed")
+	}
+}
