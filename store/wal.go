@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -284,60 +285,134 @@ type segScan struct {
 	problem string      // damage that is not a torn tail
 }
 
-// scanSegment reads one segment: its header, then records up to the first
-// that is not complete and valid. A torn tail is normal after a crash (that
-// write was never acknowledged: acknowledging waits for the sync). But a
-// valid record of the same generation after it can not come from a crash,
-// because a record is written only after the one before it was synced: that
-// is damage at rest, and what follows it is lost.
+// scanSegment scans a segment held in memory (tests).
 func scanSegment(data []byte, idx int) segScan {
+	sc, _ := scanSegmentAt(bytes.NewReader(data), int64(len(data)), idx, 0)
+	return sc
+}
+
+// scanChunk is how much of a segment file the scan reads at a time.
+const scanChunk = 1 << 20
+
+// scanSegmentAt reads one segment: its header, then records up to the
+// first that is not complete and valid. A segment of a generation below w
+// is stale: only its header is read. A torn tail is normal after a crash
+// (that write was never acknowledged: acknowledging waits for the sync).
+// But a valid record of the same generation after it can not come from a
+// crash, because a record is written only after the one before it was
+// synced: that is damage at rest, and what follows it is lost. The rest of
+// the file is searched for such a record a chunk at a time, so a segment of
+// tens of MiB costs no more memory than the records it holds.
+func scanSegmentAt(f io.ReaderAt, size int64, idx int, w uint64) (segScan, error) {
 	sc := segScan{idx: idx, exists: true}
-	h, ok, why := parseSegHeader(data)
+	hdr := make([]byte, min(size, walHdrLen))
+	if _, err := f.ReadAt(hdr, 0); err != nil && !errors.Is(err, io.EOF) {
+		return sc, err
+	}
+	h, ok, why := parseSegHeader(hdr)
 	if !ok {
 		if why != "" {
 			sc.problem = fmt.Sprintf("%s: %s", segName(idx), why)
 		}
-		return sc
+		return sc, nil
 	}
 	sc.hdr, sc.hdrOK = h, true
 	sc.lastSeq = h.firstSeq - 1
-	off := int64(walHeaderSize)
-	for off < int64(len(data)) {
-		r, n, err := decodeRecord(data[off:])
+	sc.tail = walHeaderSize
+	if h.gen < w {
+		return sc, nil
+	}
+	// buf holds the file from walHeaderSize on, as far as read.
+	var buf []byte
+	off := 0 // in buf: start of the next record
+	for walHeaderSize+int64(off) < size {
+		need := recHdrLen
+		if len(buf)-off >= recHdrLen {
+			if binary.BigEndian.Uint64(buf[off+8:]) != h.gen {
+				break // an older generation's record, or nothing: the end
+			}
+			need = recHdrLen + int(min(int64(binary.BigEndian.Uint32(buf[off:])), maxRecord))
+		}
+		if len(buf)-off < need {
+			have := walHeaderSize + int64(len(buf))
+			if have >= size {
+				break
+			}
+			n := min(max(int64(need-(len(buf)-off)), scanChunk), size-have)
+			buf = slices.Grow(buf, int(n))[:len(buf)+int(n)]
+			if _, err := f.ReadAt(buf[len(buf)-int(n):], have); err != nil && !errors.Is(err, io.EOF) {
+				return sc, err
+			}
+			continue
+		}
+		r, n, err := decodeRecord(buf[off:])
 		if err != nil || r.gen != h.gen || r.seq != sc.lastSeq+1 {
 			break
 		}
 		sc.recs = append(sc.recs, r)
 		sc.lastSeq = r.seq
-		off += int64(n)
+		off += n
 	}
-	sc.tail = off
-	if off < int64(len(data)) {
-		if at, seq, found := laterRecord(data, off+1, h.gen, sc.lastSeq+1); found {
+	sc.tail = walHeaderSize + int64(off)
+	if sc.tail < size {
+		at, seq, found, err := laterRecord(f, size, sc.tail+1, h.gen, sc.lastSeq+1)
+		if err != nil {
+			return sc, err
+		}
+		if found {
 			sc.problem = fmt.Sprintf("%s: record %d at offset %d is damaged, yet record %d at offset %d is intact",
-				segName(idx), sc.lastSeq+1, off, seq, at)
+				segName(idx), sc.lastSeq+1, sc.tail, seq, at)
 		}
 	}
-	return sc
+	return sc, nil
 }
 
 // laterRecord finds a valid record of generation gen with seq ≥ minSeq at
-// or after offset from.
-func laterRecord(data []byte, from int64, gen, minSeq uint64) (at int64, seq uint64, found bool) {
+// or after offset from, reading a chunk at a time.
+func laterRecord(f io.ReaderAt, size, from int64, gen, minSeq uint64) (at int64, seq uint64, found bool, err error) {
 	needle := binary.BigEndian.AppendUint64(nil, gen)
-	p := from + 8 // the generation sits 8 octets into a record
-	for p < int64(len(data)) {
-		i := bytes.Index(data[p:], needle)
-		if i < 0 {
-			return 0, 0, false
+	chunk := make([]byte, scanChunk+recHdrLen)
+	for base := from; base < size; base += scanChunk {
+		n := min(int64(len(chunk)), size-base)
+		c := chunk[:n]
+		if _, err := f.ReadAt(c, base); err != nil && !errors.Is(err, io.EOF) {
+			return 0, 0, false, err
 		}
-		start := p + int64(i) - 8
-		if r, _, err := decodeRecord(data[start:]); err == nil && r.gen == gen && r.seq >= minSeq {
-			return start, r.seq, true
+		// A record starting at base+p has its generation at base+p+8.
+		for p := 8; p < len(c); {
+			i := bytes.Index(c[p:], needle)
+			if i < 0 {
+				break
+			}
+			start := p + i - 8
+			p += i + 1
+			if start >= scanChunk {
+				break // the next chunk sees it
+			}
+			// Cheap checks before reading and checksumming a record that
+			// could be megabytes long at each chance match: the seq must
+			// be one a later record of this segment could have.
+			if start+recHdrLen > len(c) {
+				continue
+			}
+			q := binary.BigEndian.Uint64(c[start+16:])
+			if q < minSeq || q-minSeq > uint64(size)/recHdrLen {
+				continue
+			}
+			l := int64(binary.BigEndian.Uint32(c[start:]))
+			if base+int64(start)+recHdrLen+l > size {
+				continue
+			}
+			rec := make([]byte, recHdrLen+l)
+			if _, err := f.ReadAt(rec, base+int64(start)); err != nil && !errors.Is(err, io.EOF) {
+				return 0, 0, false, err
+			}
+			if r, _, err := decodeRecord(rec); err == nil && r.gen == gen && r.seq >= minSeq {
+				return base + int64(start), r.seq, true, nil
+			}
 		}
-		p += int64(i) + 1
 	}
-	return 0, 0, false
+	return 0, 0, false, nil
 }
 
 // logSel is the part of the log to replay on top of a state file.
@@ -357,16 +432,15 @@ func readLog(dir string, w uint64) (*logSel, error) {
 	var scans []segScan
 	var maxSeq uint64
 	for i := range 2 {
-		data, err := os.ReadFile(filepath.Join(dir, segName(i)))
+		sc, err := scanSegmentFile(filepath.Join(dir, segName(i)), i, w)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
 		if err != nil {
 			return nil, fmt.Errorf("store: read log: %w", err)
 		}
-		sc := scanSegment(data, i)
-		if sc.hdrOK && sc.lastSeq > maxSeq {
-			maxSeq = sc.lastSeq
+		if sc.hdrOK {
+			maxSeq = max(maxSeq, sc.lastSeq, sc.hdr.firstSeq)
 		}
 		scans = append(scans, sc)
 	}
@@ -400,7 +474,14 @@ func readLog(dir string, w uint64) (*logSel, error) {
 	}
 	for _, c := range cands {
 		sel.recs = append(sel.recs, c.recs...)
-		sel.nextGen = max(sel.nextGen, c.hdr.gen+1)
+	}
+	// Nothing logged since the last fold (a clean shutdown leaves the
+	// active segment folded or empty): generation w starts over in the
+	// same file, and Open writes nothing to the state file.
+	if len(sel.recs) > 0 || len(problems) > 0 {
+		for _, c := range cands {
+			sel.nextGen = max(sel.nextGen, c.hdr.gen+1)
+		}
 		sel.folds = true
 	}
 	sel.problem = strings.Join(problems, "; ")
@@ -492,4 +573,18 @@ func logBounds(dir string, w uint64) (sel *logSel, found bool) {
 		}
 	}
 	return sel, found
+}
+
+// scanSegmentFile scans segment file path (see scanSegmentAt).
+func scanSegmentFile(path string, idx int, w uint64) (segScan, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return segScan{}, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return segScan{}, err
+	}
+	return scanSegmentAt(f, fi.Size(), idx, w)
 }
