@@ -146,7 +146,11 @@ func TestCorruptStateANN03(t *testing.T) {
 	cli := l.topo.ClientV6
 	db := filepath.Join(l.dir, "leases.db")
 	const n = 20
-	prepare := func(t *testing.T) map[leaseKey]control.Lease {
+	// prepare leaves 20 leases on disk. stopped with SIGTERM, pcpd folds
+	// its write-ahead log into leases.db on the way out, so damage to
+	// leases.db hits the leases; killed with SIGKILL, they are only in the
+	// log (store.LogName.0 / .1) until the next start.
+	prepare := func(t *testing.T, kill bool) map[leaseKey]control.Lease {
 		l.kill9()
 		os.RemoveAll(l.dir)
 		seedEpoch(t, l.dir)
@@ -162,9 +166,14 @@ func TestCorruptStateANN03(t *testing.T) {
 		if len(ls) != n {
 			t.Fatalf("%d leases before the damage, want %d", len(ls), n)
 		}
-		l.kill9()
+		if kill {
+			l.kill9()
+		} else {
+			l.stop()
+		}
 		return ls
 	}
+	logs := []string{filepath.Join(l.dir, store.LogName+".0"), filepath.Join(l.dir, store.LogName+".1")}
 	damage := func(path string, at, size int64) func(t *testing.T) {
 		return func(t *testing.T) {
 			f, err := os.OpenFile(path, os.O_WRONLY, 0)
@@ -200,19 +209,23 @@ func TestCorruptStateANN03(t *testing.T) {
 	}
 	cases := []struct {
 		name    string
+		kill    bool // leases only in the log
 		corrupt []func(t *testing.T)
 	}{
-		{"truncated to 0", []func(*testing.T){truncate(db, false)}},
-		{"truncated to half", []func(*testing.T){truncate(db, true)}},
-		{"meta pages overwritten", []func(*testing.T){damage(db, 0, 8192)}},
-		{"middle page overwritten", []func(*testing.T){damage(db, -1, 4096)}},
-		{"one data byte flipped", []func(*testing.T){flipLeaseByte(db)}},
-		{"file and backup both garbage", []func(*testing.T){damage(db, 0, 64<<10), damage(db+".bak", 0, 64<<10)}},
-		{"file deleted", []func(*testing.T){func(t *testing.T) { os.Remove(db) }}},
+		{"truncated to 0", false, []func(*testing.T){truncate(db, false)}},
+		{"truncated to half", false, []func(*testing.T){truncate(db, true)}},
+		{"meta pages overwritten", false, []func(*testing.T){damage(db, 0, 8192)}},
+		{"middle page overwritten", false, []func(*testing.T){damage(db, -1, 4096)}},
+		{"one data byte flipped", false, []func(*testing.T){flipLeaseByte(db, false)}},
+		{"file and backup both garbage", false, []func(*testing.T){damage(db, 0, 64<<10), damage(db+".bak", 0, 64<<10)}},
+		{"file deleted", false, []func(*testing.T){func(t *testing.T) { os.Remove(db) }}},
+		{"after kill -9: file truncated to half", true, []func(*testing.T){truncate(db, true)}},
+		{"after kill -9: first logged lease's byte flipped", true, []func(*testing.T){flipLeaseByte(logs[0], true, logs[1])}},
+		{"after kill -9: log deleted", true, []func(*testing.T){func(t *testing.T) { os.Remove(logs[0]); os.Remove(logs[1]) }}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			before := prepare(t)
+			before := prepare(t, c.kill)
 			for _, f := range c.corrupt {
 				f(t)
 			}
@@ -263,22 +276,33 @@ func TestCorruptStateANN03(t *testing.T) {
 }
 
 // flipLeaseByte flips one byte inside a stored lease record (found by the
-// client address the records carry).
-func flipLeaseByte(path string) func(t *testing.T) {
+// client address the records carry) in the first of paths holding one:
+// the last such record, or with first the first one. (In the log, damage
+// to the very last record can not be told from a write torn by a crash,
+// which was never acknowledged; the first record has intact ones after
+// it.)
+func flipLeaseByte(path string, first bool, more ...string) func(t *testing.T) {
 	return func(t *testing.T) {
-		b, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatal(err)
-		}
 		needle := netip.MustParseAddr("2001:db8:1:2::10").AsSlice()
-		i := strings.LastIndex(string(b), string(needle))
-		if i < 0 {
-			t.Fatal("no lease record found in the state file")
+		for _, p := range append([]string{path}, more...) {
+			b, err := os.ReadFile(p)
+			if err != nil {
+				continue
+			}
+			i := strings.LastIndex(string(b), string(needle))
+			if first {
+				i = strings.Index(string(b), string(needle))
+			}
+			if i < 0 {
+				continue
+			}
+			b[i+15] ^= 0x01
+			if err := os.WriteFile(p, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			return
 		}
-		b[i+15] ^= 0x01
-		if err := os.WriteFile(path, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
+		t.Fatalf("no lease record found in %s %v", path, more)
 	}
 }
 

@@ -146,12 +146,15 @@ func (s *Store) load() (State, error) {
 		s.sel = ld.sel
 		return s.judge(ld)
 	}
-	if errors.Is(err, ErrLocked) {
+	if errors.Is(err, ErrLocked) || isStreamErr(err) {
 		return State{}, err
 	}
 	if isReadOnlyErr(err) {
 		// Read what is there; writes wait for the directory to come back.
 		rodb, ld, rerr := readState(s.path, &s.opt, true, s.dir)
+		if isStreamErr(rerr) {
+			return State{}, rerr
+		}
 		if rerr != nil {
 			return State{}, fmt.Errorf("store: state directory read-only and state unreadable (%w); can not repair it: %w", rerr, ErrUnavailable)
 		}
@@ -229,6 +232,9 @@ func (s *Store) recover(cause error) (State, error) {
 	bak := filepath.Join(s.dir, BackupName)
 	if fi, err := os.Stat(bak); err == nil {
 		db, ld, rerr := restore(bak, s.path, &s.opt)
+		if isStreamErr(rerr) {
+			return State{}, rerr
+		}
 		if rerr == nil {
 			s.db = db
 			s.sel.nextGen = max(s.sel.nextGen, ld.walgen)
@@ -411,7 +417,7 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 		drop := func() { dropMapped(addr, size) }
 		drop()
 		var err error
-		ld, err = readTx(tx, drop, logDir)
+		ld, err = readTx(tx, drop, logDir, o.stream)
 		drop()
 		ld.meta = shape.damagedMeta
 		return err
@@ -425,7 +431,21 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 
 // readTx decodes everything; drop is called every dropEvery leases to keep
 // the mapped file out of the RSS while loading.
-func readTx(tx *bolt.Tx, drop func(), logDir string) (loaded, error) {
+func isStreamErr(err error) bool {
+	var se *streamError
+	return errors.As(err, &se)
+}
+
+// streamError is an error of the WithStream callback: Open returns it as
+// it is, never taking it for damage.
+type streamError struct{ err error }
+
+func (e *streamError) Error() string { return e.err.Error() }
+func (e *streamError) Unwrap() error { return e.err }
+
+// readTx decodes the state (with logDir, the log's records applied on
+// top); with stream, each live lease goes to it instead of ld.leases.
+func readTx(tx *bolt.Tx, drop func(), logDir string, stream func(*Lease) error) (loaded, error) {
 	var ld loaded
 	meta, leases := tx.Bucket(bucketMeta), tx.Bucket(bucketLeases)
 	if meta == nil || leases == nil {
@@ -467,61 +487,110 @@ func readTx(tx *bolt.Tx, drop func(), logDir string) (loaded, error) {
 	// briefly hold two copies of a million leases. A damaged count can not
 	// ask for more than the file could hold (a record takes ≥ 48 octets
 	// with its page element), and the digest check below catches it.
-	n := min(want.count, uint64(tx.Size()/48))
-	if ov != nil {
-		n += uint64(ov.puts())
-	}
-	ld.leases = make([]Lease, 0, n)
 	in := interner{}
-	var got digest
-	c := leases.Cursor()
-	for k, v := c.First(); k != nil; k, v = c.Next() {
-		if v == nil {
-			return ld, fmt.Errorf("store: unexpected bucket in leases: %w", ErrCorrupt)
-		}
-		got.add(v, +1)
-		if ov != nil {
-			if j, ok := ov.idx[string(k)]; ok {
-				e := &ov.ent[j]
-				e.used = true
-				if e.val == nil {
-					continue // deleted by a logged commit
+	// visit decodes every live lease (the file's, with the log applied on
+	// top) into the slot next gives, and hands it to keep; then it checks
+	// the digest.
+	visit := func(next func() *Lease, keep func(*Lease) error) error {
+		var got digest
+		count := 0
+		c := leases.Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			if v == nil {
+				return fmt.Errorf("store: unexpected bucket in leases: %w", ErrCorrupt)
+			}
+			got.add(v, +1)
+			if ov != nil {
+				if j, ok := ov.idx[string(k)]; ok {
+					e := &ov.ent[j]
+					e.used = true
+					if e.val == nil {
+						continue // deleted by a logged commit
+					}
+					v = e.val
 				}
-				v = e.val
+			}
+			l := next()
+			if err := decodeLeaseInto(l, k, v, in); err != nil {
+				return err
+			}
+			if err := keep(l); err != nil {
+				return err
+			}
+			if count++; count%dropEvery == 0 {
+				drop()
 			}
 		}
-		i := len(ld.leases)
-		if i < cap(ld.leases) {
-			ld.leases = ld.leases[:i+1] // zeroed by make
-		} else {
-			ld.leases = append(ld.leases, Lease{})
+		if got != want {
+			return fmt.Errorf("store: found %d leases (checksum sum %x), the digest says %d (%x): %w",
+				got.count, got.sum, want.count, want.sum, ErrCorrupt)
 		}
-		if err := decodeLeaseInto(&ld.leases[i], k, v, in); err != nil {
+		if ov == nil {
+			return nil
+		}
+		// Logged leases the file does not have yet.
+		for j := range ov.ent {
+			e := &ov.ent[j]
+			if e.used || e.val == nil {
+				continue
+			}
+			l := next()
+			if err := decodeLeaseInto(l, e.key, e.val, in); err != nil {
+				return fmt.Errorf("store: logged lease: %w", err)
+			}
+			if err := keep(l); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if stream != nil {
+		// Everything is checked before the first lease is handed out, so
+		// that damage found half way can not have fed the engine leases
+		// of a file Open then replaces with the backup: one pass to check,
+		// one to hand out, each decoding into the same scratch lease.
+		var scratch Lease
+		next := func() *Lease { scratch = Lease{}; return &scratch }
+		if err := visit(next, func(*Lease) error { return nil }); err != nil {
 			return ld, err
 		}
-		if len(ld.leases)%dropEvery == 0 {
-			drop()
+		err := visit(next, func(l *Lease) error {
+			if err := stream(l); err != nil {
+				return &streamError{err}
+			}
+			return nil
+		})
+		if err != nil {
+			return ld, err
 		}
-	}
-	if got != want {
-		return ld, fmt.Errorf("store: found %d leases (checksum sum %x), the digest says %d (%x): %w",
-			got.count, got.sum, want.count, want.sum, ErrCorrupt)
+	} else {
+		// Size the slice once from the digest: growing it by doubling
+		// would briefly hold two copies of a million leases. A damaged
+		// count can not ask for more than the file could hold (a record
+		// takes ≥ 48 octets with its page element), and the digest check
+		// catches it.
+		n := min(want.count, uint64(tx.Size()/48))
+		if ov != nil {
+			n += uint64(ov.puts())
+		}
+		ld.leases = make([]Lease, 0, n)
+		next := func() *Lease {
+			i := len(ld.leases)
+			if i < cap(ld.leases) {
+				ld.leases = ld.leases[:i+1] // zeroed by make
+			} else {
+				ld.leases = append(ld.leases, Lease{})
+			}
+			return &ld.leases[i]
+		}
+		if err := visit(next, func(*Lease) error { return nil }); err != nil {
+			return ld, err
+		}
 	}
 	if ov == nil {
 		return ld, nil
 	}
-	// Logged leases the file does not have yet, then the logged heartbeat
-	// and epoch.
-	for j := range ov.ent {
-		e := &ov.ent[j]
-		if e.used || e.val == nil {
-			continue
-		}
-		ld.leases = append(ld.leases, Lease{})
-		if err := decodeLeaseInto(&ld.leases[len(ld.leases)-1], e.key, e.val, in); err != nil {
-			return ld, fmt.Errorf("store: logged lease: %w", err)
-		}
-	}
+	// The logged heartbeat and epoch.
 	if ov.hasSeen {
 		t, ok := bytesTime(binary.BigEndian.AppendUint64(nil, uint64(ov.seen)))
 		if !ok {

@@ -107,6 +107,7 @@ type options struct {
 	noSnapshot  bool
 	ckptBytes   int64
 	ckptEvery   time.Duration
+	stream      func(*Lease) error
 }
 
 // Checkpoint defaults: fold the log into bbolt once a segment holds this
@@ -136,6 +137,16 @@ func WithLockTimeout(d time.Duration) Option { return func(o *options) { o.lockT
 // WithoutOpenSnapshot skips the backup copy Open normally writes after a
 // clean load (benchmarks of Open alone).
 func WithoutOpenSnapshot() Option { return func(o *options) { o.noSnapshot = true } }
+
+// WithStream makes Open hand each live lease to fn instead of collecting
+// them in State.Leases (which stays nil), so a restart with a million
+// leases never holds them all decoded at once. *Lease is valid only during
+// the call: copy what must outlive it. Leases come in no particular order
+// and only after the whole state was read and checked (Open reads it
+// twice), so fn never sees a lease of a file Open then replaces; when Open
+// restores the backup, fn gets the backup's leases. An error from fn ends
+// Open with that error.
+func WithStream(fn func(*Lease) error) Option { return func(o *options) { o.stream = fn } }
 
 // WithCheckpoint sets when the log is folded into the state file: once
 // the active log segment holds size octets, and every interval while
@@ -475,6 +486,18 @@ func (s *Store) Close() error {
 		return fmt.Errorf("store: close: %w", err)
 	}
 	return nil
+}
+
+// Checkpoint folds everything logged so far into the state file now,
+// instead of waiting for the background checkpoint (tests, tools).
+func (s *Store) Checkpoint() error {
+	s.mu.RLock()
+	closed := s.closed
+	s.mu.RUnlock()
+	if closed {
+		return fmt.Errorf("store: checkpoint: %w", ErrClosed)
+	}
+	return s.checkpoint(ckAll)
 }
 
 // Snapshot writes the current state to leases.db.bak: it first folds the

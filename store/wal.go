@@ -447,6 +447,21 @@ func readLog(dir string, w uint64) (*logSel, error) {
 	sel := &logSel{nextGen: w, nextSeq: maxSeq + 1}
 	var cands []segScan
 	var problems []string
+	// Once a state file has a walgen, some segment always names at least
+	// the generation folded last (walgen-1): it is reused for a newer one
+	// only after that one is folded too. Without such a segment the log
+	// was deleted or replaced, and whatever it held is lost.
+	if w > 0 {
+		newest, any := uint64(0), false
+		for _, sc := range scans {
+			if sc.hdrOK {
+				newest, any = max(newest, sc.hdr.gen), true
+			}
+		}
+		if !any || newest+1 < w {
+			problems = append(problems, fmt.Sprintf("log missing: the state file needs generation %d, no segment has it or the one before", w))
+		}
+	}
 	for _, sc := range scans {
 		switch {
 		case !sc.hdrOK && sc.problem != "":
