@@ -18,12 +18,11 @@ import (
 // under Store.mu held exclusively).
 type walWriter struct {
 	seg    [2]walSeg
-	active int       // index of the segment commits go to
-	off    int64     // next write offset in it
-	seq    uint64    // seq of the next record
-	folded uint64    // bbolt's walgen: every generation below is in bbolt
-	first  time.Time // when the active segment got its first record
-	buf    []byte    // the record being written, reused
+	active int    // index of the segment commits go to
+	off    int64  // next write offset in it
+	seq    uint64 // seq of the next record
+	folded uint64 // bbolt's walgen: every generation below is in bbolt
+	buf    []byte // the record being written, reused
 }
 
 type walSeg struct {
@@ -130,7 +129,7 @@ func (s *Store) startSegment(gen, seq uint64) error {
 		return err
 	}
 	g.gen, g.used, g.end = gen, true, walHeaderSize
-	w.active, w.off, w.seq, w.first = i, walHeaderSize, seq, time.Time{}
+	w.active, w.off, w.seq = i, walHeaderSize, seq
 	return nil
 }
 
@@ -155,7 +154,7 @@ func (s *Store) rotate() error {
 	w.seg[w.active].end = w.off
 	g := &w.seg[o]
 	g.gen, g.used, g.end = gen, true, walHeaderSize
-	w.active, w.off, w.first = o, walHeaderSize, time.Time{}
+	w.active, w.off = o, walHeaderSize
 	return nil
 }
 
@@ -232,7 +231,10 @@ func (s *Store) fold(i int) error {
 	g := s.wal.seg[i]
 	s.wmu.Unlock()
 	buf, err := readAt(g.f, walHeaderSize, g.end-walHeaderSize, s.foldBuf)
-	if cap(buf) <= 4*DefaultCheckpointBytes {
+	// Keep a small buffer for the next fold; a big one (a segment of
+	// several MiB) is not worth holding in the daemon's memory between
+	// checkpoints.
+	if cap(buf) <= maxPooled {
 		s.foldBuf = buf
 	}
 	if err != nil {

@@ -359,9 +359,6 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 		s.invalidate(seg, w.off)
 		return false, fmt.Errorf("store: commit: %w: %w", ErrUnavailable, err)
 	}
-	if w.off == walHeaderSize {
-		w.first = time.Now()
-	}
 	w.off += n
 	seg.end = w.off
 	w.seq++
