@@ -436,8 +436,9 @@ func isStreamErr(err error) bool {
 	return errors.As(err, &se)
 }
 
-// streamError is an error of the WithStream callback: Open returns it as
-// it is, never taking it for damage.
+// streamError is an error of the WithStream callback, or of reading the
+// log: Open returns it as it is, never taking it for damage of the state
+// file.
 type streamError struct{ err error }
 
 func (e *streamError) Error() string { return e.err.Error() }
@@ -461,7 +462,9 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, stream func(*Lease) error) 
 	var ov *overlay
 	if logDir != "" {
 		if ld.sel, err = readLog(logDir, ld.walgen); err != nil {
-			return ld, err
+			// The log file could not be read (I/O): nothing says the
+			// state file is bad, so it must not be moved aside.
+			return ld, &streamError{err}
 		}
 		ov = newOverlay(ld.sel.recs)
 	}

@@ -737,3 +737,31 @@ func TestWithStream(t *testing.T) {
 		wantLeases(t, got, want)
 	})
 }
+
+// TestLogUnreadable: a log segment that can not be read is an error of
+// Open, not a reason to take the state file for damaged and move it
+// aside.
+func TestLogUnreadable(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openT(t, dir, noCheckpoint, WithoutOpenSnapshot())
+	if err := s.Commit(leasesN(0, 5), nil); err != nil {
+		t.Fatal(err)
+	}
+	nd := crashImage(t, dir)
+	// A directory where a segment file should be: reading it fails.
+	for i := range 2 {
+		p := filepath.Join(nd, segName(i))
+		if err := os.Remove(p); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Mkdir(p, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := Open(nd, nil, WithoutOpenSnapshot()); err == nil {
+		t.Fatal("Open succeeded with unreadable log segments")
+	}
+	if m := asideFiles(t, nd, DBName); len(m) != 0 {
+		t.Fatalf("state file moved aside: %v", m)
+	}
+}
