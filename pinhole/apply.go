@@ -43,11 +43,13 @@ func encode(op Op) (encodedOp, error) {
 // (found by replaying prefixes of the batch in transactions that are
 // always rolled back). Ops are validated before anything is sent.
 //
-// Install and Refresh set the entry's timeout to op.Timeout (at most
-// refreshNudge less, see queuePhase) in place: the element is added twice,
-// with a nudged and then with the exact timeout, because the kernel keeps
-// the old expiry when an element is re-added with an unchanged timeout.
-// Delete first adds the element, then removes it, so an entry the kernel
+// Install and Refresh set the entry's timeout to op.Timeout. Where the
+// kernel updates elements in place (Setup's probe, probe.go), the element
+// is added twice, with a nudged and then with the exact timeout, because
+// the kernel keeps the old expiry when an element is re-added with an
+// unchanged timeout: it ends with op.Timeout or at most refreshNudge less
+// (see queuePhase). Elsewhere it is added, deleted and added again, which
+// re-creates it with exactly op.Timeout. Delete first adds the element, then removes it, so an entry the kernel
 // already expired does not fail the batch. Both work whatever the kernel
 // holds, so retrying a batch is always safe.
 func (b *Backend) Apply(ops []Op) error {
@@ -148,14 +150,16 @@ const deleteGuardTimeout = time.Second
 // added by Install and Refresh. Adding an element that exists (without
 // NLM_F_EXCL) updates its timeout and restarts its countdown only when the
 // timeout differs from the one it holds, compared in jiffies (Linux ≥
-// 6.10; verified on 6.18 by TestRefreshInPlace): of the two adds, at least
-// one differs by a jiffy or more (10 ms at the lowest HZ, 100), and the
-// later one that differs wins. So the element ends with op.Timeout, or,
-// when it already held exactly that, op.Timeout less the nudge: never
-// longer than asked, at most 10 ms shorter. Before, an Install or Refresh
-// was an add, a delete and an add (a new element) per entry; now it is two
-// in-place updates.
-const refreshNudge = 10 * time.Millisecond
+// 6.10, probed by Setup; verified on 6.18 by TestRefreshInPlace): of the
+// two adds, at least one differs by a jiffy or more, and the later one
+// that differs wins. A jiffy is at most 41.7 ms (HZ 24, the lowest any
+// architecture offers; 10 ms at HZ 100, the lowest on x86 and arm64), so
+// the nudge of 50 ms is more than a jiffy at every HZ. The element ends
+// with op.Timeout, or, when it already held exactly that, op.Timeout less
+// the nudge: never longer than asked, at most 50 ms shorter. Without the
+// kernel feature (and for timeouts too short to nudge) an Install or
+// Refresh is an add, a delete and an add (a new element) per entry.
+const refreshNudge = 50 * time.Millisecond
 
 // Apply's steps, each one message per set: first adds (the delete guard,
 // or the nudged timeout), deletes, then adds with the exact timeout. Slots
@@ -185,9 +189,10 @@ func (b *Backend) queuePhase(phase []encodedOp) error {
 			ensure[slot] = append(ensure[slot], el)
 			del[slot] = append(del[slot], elem)
 			return
-		case t <= 2*refreshNudge:
-			// Too short to nudge: re-create the element (it then holds
-			// exactly t whatever it held).
+		case !b.inPlace || t <= 2*refreshNudge:
+			// The kernel cannot update in place, or the timeout is too
+			// short to nudge: re-create the element (it then holds exactly
+			// t whatever it held).
 			el.Timeout = t
 			ensure[slot] = append(ensure[slot], el)
 			del[slot] = append(del[slot], elem)
@@ -340,7 +345,7 @@ func (b *Backend) List() ([]Entry, error) {
 			return nil, fmt.Errorf("pinhole: read set %s: %w", sets[k].Name, classify(err))
 		}
 		for _, e := range elems {
-			if isSentinel(k, e) {
+			if isSentinel(k, e) || isProbe(k, e) {
 				continue
 			}
 			p, err := decode(k, e)

@@ -64,6 +64,11 @@ type Backend struct {
 	protected    []netip.Prefix // last SetProtected, re-applied by Setup
 	hasProtected bool
 	owned        bool // a Setup succeeded: the objects are pcpd's (ownership.go)
+	// inPlace: the kernel updates an element's timeout when it is re-added
+	// (Linux ≥ 6.10), found by the probe of the first successful Setup
+	// (probed); without it Install and Refresh re-create the element
+	// (probe.go).
+	inPlace, probed bool
 
 	// Apply's scratch, under mu: the elements of each step per set (the
 	// nftables library encodes them at once and keeps nothing) and the
@@ -166,6 +171,13 @@ func (b *Backend) Setup() error {
 		return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))
 	}
 	b.owned = true
+	if !b.probed {
+		ok, err := b.probeInPlace()
+		if err != nil {
+			return err
+		}
+		b.inPlace, b.probed = ok, true
+	}
 	return nil
 }
 

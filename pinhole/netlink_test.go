@@ -157,6 +157,10 @@ func fakeBackend(t *testing.T, f *fakeKernel) *Backend {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Setup's probe never ran (the fake kernel holds nothing to read
+	// back): take the in-place path, as on Linux ≥ 6.10. Tests of the
+	// other path turn it off.
+	b.inPlace = true
 	return b
 }
 
@@ -199,7 +203,7 @@ func TestApplyOneTransaction(t *testing.T) {
 	snatData := []byte{198, 51, 100, 1, 0x1f, 0x90, 0, 0}     // ip saddr . th sport after SNAT
 	want := [][]sentMsg{{
 		{Op: "begin"},
-		{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: webKey, TimeoutMs: 89990}, {Key: goneKey, TimeoutMs: 1000}}},
+		{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: webKey, TimeoutMs: 89950}, {Key: goneKey, TimeoutMs: 1000}}},
 		{Op: "newsetelem", Set: "napt4", Elems: []sentElem{{Key: naptKey, Data: naptData, TimeoutMs: 2}}},
 		{Op: "newsetelem", Set: "snat4", Elems: []sentElem{{Key: snatKey, Data: snatData, TimeoutMs: 2}}},
 		{Op: "delsetelem", Set: "pin6", Elems: []sentElem{{Key: goneKey}}},
@@ -208,6 +212,35 @@ func TestApplyOneTransaction(t *testing.T) {
 		{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: webKey, TimeoutMs: 90000}}},
 		{Op: "newsetelem", Set: "napt4", Elems: []sentElem{{Key: naptKey, Data: naptData, TimeoutMs: 2}}},
 		{Op: "newsetelem", Set: "snat4", Elems: []sentElem{{Key: snatKey, Data: snatData, TimeoutMs: 2}}},
+		{Op: "end"},
+	}}
+	if diff := cmp.Diff(want, f.batches); diff != "" {
+		t.Errorf("batches (-want +got):\n%s", diff)
+	}
+}
+
+// TestApplyRecreateWithoutInPlace: on a kernel that does not update an
+// element's timeout when it is re-added (before Linux 6.10), Install and
+// Refresh re-create the element (add, delete, add with the exact timeout),
+// so a renewal extends and a shortening shortens on any kernel.
+func TestApplyRecreateWithoutInPlace(t *testing.T) {
+	f := &fakeKernel{}
+	b := fakeBackend(t, f)
+	b.inPlace = false
+	web := Pinhole{Protocol: 6, InternalAddr: tAddr, InternalPort: 443}
+	if err := b.Apply([]Op{{Kind: Refresh, Pinhole: web, Timeout: 90 * time.Second}}); err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+	key := []byte{
+		0x20, 0x01, 0x0d, 0xb8, 0x00, 0x01, 0x00, 0x02, 0, 0, 0, 0, 0, 0, 0x00, 0x10,
+		6, 0, 0, 0,
+		0x01, 0xbb, 0, 0,
+	}
+	want := [][]sentMsg{{
+		{Op: "begin"},
+		{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: key, TimeoutMs: 90000}}},
+		{Op: "delsetelem", Set: "pin6", Elems: []sentElem{{Key: key}}},
+		{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: key, TimeoutMs: 90000}}},
 		{Op: "end"},
 	}}
 	if diff := cmp.Diff(want, f.batches); diff != "" {

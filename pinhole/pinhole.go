@@ -103,6 +103,10 @@ func (p Pinhole) normalize() (Pinhole, error) {
 		return bad("internal address must be a unicast address without zone")
 	}
 	in = in.Unmap()
+	if in.IsLoopback() {
+		// Never forwarded, so never pinholed; ::1 is Setup's probe key.
+		return bad("internal address must not be a loopback address")
+	}
 	p.InternalAddr = in
 	if p.Protocol == 0 && (p.InternalPort != 0 || p.ExternalPort != 0 || p.RemotePort != 0) {
 		return bad("protocol 0 (all protocols) requires ports 0")

@@ -1,8 +1,11 @@
 package pinhole_test
 
 import (
+	"errors"
+	"net/netip"
 	"regexp"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -28,14 +31,35 @@ func expiries(t *testing.T, ns *netlab.NS) []time.Duration {
 	return ds
 }
 
-// TestRefreshInPlace: Install and Refresh update an existing element in
-// place (two adds, no delete). On this kernel that must restart the
-// countdown when the timeout is unchanged, lengthen it, and shorten it, for
-// every shape and its SNAT companion, and leave no extra element.
+// TestRefreshInPlace: Install and Refresh set an existing element's
+// timeout, on this kernel (which Setup's probe must find updating elements
+// in place, Linux ≥ 6.10: two adds, no delete) and with the probe's result
+// forced off (the add, delete, add sequence older kernels get, run against
+// this real kernel). Either way the same timeout must restart the
+// countdown, a longer one lengthen it and a shorter one shorten it, for
+// every shape and its SNAT companion, with no extra element left.
 func TestRefreshInPlace(t *testing.T) {
 	netlab.RequireRoot(t)
-	ns := netlab.NewNS(t, "inplace")
-	b := newBackend(t, ns, pinhole.Config{})
+	for _, tc := range []struct {
+		name    string
+		inPlace bool
+	}{{"in place", true}, {"re-created", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			ns := netlab.NewNS(t, "inplace")
+			b := newBackend(t, ns, pinhole.Config{})
+			if !b.UpdatesInPlace() {
+				t.Fatal("Setup's probe found no in-place timeout update on this kernel (Linux ≥ 6.10 has it)")
+			}
+			if got := expiries(t, ns); len(got) != 0 {
+				t.Fatalf("Setup left %d elements with a timeout (the probe element?)", len(got))
+			}
+			pinhole.SetUpdatesInPlace(b, tc.inPlace)
+			testRefresh(t, ns, b)
+		})
+	}
+}
+
+func testRefresh(t *testing.T, ns *netlab.NS, b *pinhole.Backend) {
 	refresh := func(d time.Duration) {
 		var ops []pinhole.Op
 		for _, p := range everyShape {
@@ -79,5 +103,31 @@ func TestRefreshInPlace(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	if got, _ := listPinholes(t, b); len(got) != 0 {
 		t.Fatalf("after a 15 ms refresh and 100 ms: %v", got)
+	}
+}
+
+// TestProbeLeavesNothing: a second Setup (the repair after a failed
+// Healthy) keeps the probe's result without probing again, List never
+// shows the probe element, and a loopback internal address (the probe's
+// key) is refused as a pinhole.
+func TestProbeLeavesNothing(t *testing.T) {
+	netlab.RequireRoot(t)
+	ns := netlab.NewNS(t, "probe")
+	b := newBackend(t, ns, pinhole.Config{})
+	if err := b.Setup(); err != nil {
+		t.Fatalf("second Setup: %v", err)
+	}
+	if !b.UpdatesInPlace() {
+		t.Fatal("UpdatesInPlace false after a second Setup")
+	}
+	if got, _ := listPinholes(t, b); len(got) != 0 {
+		t.Fatalf("List after Setup: %v", got)
+	}
+	if out := nftList(t, ns, "table", "inet", "pcpd"); strings.Contains(out, "::1") {
+		t.Fatalf("the probe element is still in the table:\n%s", out)
+	}
+	err := b.Apply([]pinhole.Op{install(pinhole.Pinhole{InternalAddr: netip.IPv6Loopback()}, time.Minute)})
+	if !errors.Is(err, pinhole.ErrInvalid) {
+		t.Fatalf("Install of a ::1 pinhole: %v, want ErrInvalid", err)
 	}
 }
