@@ -7,6 +7,10 @@ import (
 	"go.uber.org/zap"
 )
 
+// storeDebtRetry is how often housekeep retries writing the store's debt
+// (Server.storeDebt); a variable for tests.
+var storeDebtRetry = 5 * time.Second
+
 // housekeep keeps the store's liveness mark and backup copy fresh while
 // the engine serves: Touch every TouchInterval, so a clock that went
 // backwards while pcpd was down is noticed at the next start instead of
@@ -14,10 +18,12 @@ import (
 // SnapshotInterval and once more when ctx ends (graceful shutdown), so the
 // copy a damaged state file is restored from is recent. It also rescans
 // the host's ports every hostPortsTTL while IPv4 ports are being
-// allocated, so the engine does not wait for that dump. All of it runs
-// here, off the engine loop: a Snapshot copies the whole file, and the
-// store lets commits go on meanwhile. Stores without Touch or Snapshot are
-// left alone.
+// allocated, so the engine does not wait for that dump, and every
+// storeDebtRetry writes the leases the store could not be told about
+// (payStoreDebt), so a debt does not wait for the next request. All of it
+// runs here, off the engine loop: a Snapshot copies the whole file, and
+// the store lets commits go on meanwhile. Stores without Touch or Snapshot
+// are left alone.
 func (s *Server) housekeep(ctx context.Context) {
 	toucher, _ := s.st.(Toucher)
 	snap, _ := s.st.(Snapshotter)
@@ -25,6 +31,8 @@ func (s *Server) housekeep(ctx context.Context) {
 	defer s.hostPorts.setBackground(false)
 	ports := time.NewTicker(hostPortsTTL)
 	defer ports.Stop()
+	debt := time.NewTicker(storeDebtRetry)
+	defer debt.Stop()
 	var touchC, backupC <-chan time.Time
 	if toucher != nil {
 		touch := time.NewTicker(s.cfg.TouchInterval)
@@ -53,6 +61,8 @@ func (s *Server) housekeep(ctx context.Context) {
 			return
 		case <-ports.C:
 			s.hostPorts.refresh()
+		case <-debt.C:
+			s.payStoreDebt()
 		case <-touchC:
 			if err := toucher.Touch(s.now()); err != nil {
 				s.log.Warn("cannot record that the daemon is alive; a clock step while down may go unnoticed", zap.Error(err))

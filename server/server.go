@@ -52,6 +52,12 @@ type Server struct {
 	// cut: one more request must still fit in pinhole.MaxBatch.
 	opsBudget int
 	protected []netip.Prefix
+	// storeDebt holds the keys whose stored state may differ from the
+	// table: a kernel failure whose store commit had succeeded, and whose
+	// write-back of the previous state failed too. Every store commit
+	// includes the table's state for them (tx.changes) until one succeeds;
+	// housekeep retries them alone meanwhile (payStoreDebt).
+	storeDebt map[store.Key]struct{}
 	// orphans are the internal addresses of pinholes found in the kernel
 	// at start that no lease explained: clients to announce to even
 	// though the store does not know them.
@@ -116,6 +122,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		orl:          policy.NewOwnerRateLimiter(ownerRateFactor*cfg.RateLimit, ownerRateFactor*cfg.RateBurst, cfg.RateSources),
 		tab:          newTable(),
 		quar:         map[endpoint]quarantine{},
+		storeDebt:    map[store.Key]struct{}{},
 		counters:     map[reqLabels]prometheus.Counter{},
 		in:           make(chan packet, cfg.QueueLen),
 		announceDone: make(chan struct{}),

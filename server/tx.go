@@ -6,6 +6,8 @@ import (
 	"slices"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/store"
 )
@@ -244,15 +246,26 @@ func (t *tx) rollback() {
 
 // changes lists what the store must write: the table's current lease for
 // every key the tx touched (put), or its deletion (del). With before set,
-// it lists the state before the tx instead (to undo a commit).
+// it lists the state before the tx instead (to undo a commit). Either way
+// it adds the table's current state for every key in the store's debt
+// (Server.storeDebt) that the tx did not touch: for those the table holds
+// the state before and after the tx alike.
 func (t *tx) changes(before bool) ([]store.Lease, []store.Key) {
 	put, del := t.put[:0], t.del[:0]
-	one := len(t.undo) == 1
+	debt := t.s.storeDebt
+	one := len(t.undo) == 1 && len(debt) == 0
 	if !one {
 		if t.seen == nil {
 			t.seen = make(map[store.Key]struct{}, len(t.undo))
 		}
 		clear(t.seen)
+	}
+	current := func(key store.Key) {
+		if cur, ok := t.s.tab.get(key); ok && cur != nil {
+			put = append(put, *cur)
+		} else {
+			del = append(del, key)
+		}
 	}
 	for i := range t.undo {
 		u := &t.undo[i]
@@ -264,22 +277,65 @@ func (t *tx) changes(before bool) ([]store.Lease, []store.Key) {
 			}
 			t.seen[u.key] = struct{}{}
 		}
-		var l *store.Lease
-		if before {
-			if u.had {
-				l = &u.prev
-			}
-		} else if cur, ok := t.s.tab.get(u.key); ok {
-			l = cur
-		}
-		if l == nil {
+		switch {
+		case !before:
+			current(u.key)
+		case u.had:
+			put = append(put, u.prev)
+		default:
 			del = append(del, u.key)
-		} else {
-			put = append(put, *l)
+		}
+	}
+	for key := range debt {
+		if _, touched := t.seen[key]; !touched {
+			current(key)
 		}
 	}
 	t.put, t.del = put, del
 	return put, del
+}
+
+// owe records that the store may hold, for every key the tx touched, a
+// state the table does not (the write-back after a kernel failure
+// failed): the next store commit writes the table's state for them.
+func (t *tx) owe() {
+	for i := range t.undo {
+		t.s.storeDebt[t.undo[i].key] = struct{}{}
+	}
+}
+
+// paid clears the store's debt: a commit that included it succeeded.
+func (s *Server) paid() {
+	if len(s.storeDebt) > 0 {
+		s.log.Info("store is consistent with the lease table again", zap.Int("leases", len(s.storeDebt)))
+		clear(s.storeDebt)
+	}
+}
+
+// payStoreDebt writes the table's state for the keys in the store's debt,
+// alone (housekeep calls it, so a debt is paid without waiting for the
+// next request).
+func (s *Server) payStoreDebt() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.storeDebt) == 0 {
+		return
+	}
+	var put []store.Lease
+	var del []store.Key
+	for key := range s.storeDebt {
+		if cur, ok := s.tab.get(key); ok && cur != nil {
+			put = append(put, *cur)
+		} else {
+			del = append(del, key)
+		}
+	}
+	if err := s.st.Commit(put, del); err != nil {
+		s.m.storeErrors.Inc()
+		s.log.Warn("cannot write the lease table's state back to the store; retrying", zap.Int("leases", len(s.storeDebt)), zap.Error(err))
+		return
+	}
+	s.paid()
 }
 
 // commit makes the tx durable: the kernel transaction and the store commit
@@ -324,9 +380,17 @@ func (t *tx) commit() error {
 		return fmt.Errorf("server: kernel: %w; store: %w", kerr, serr)
 	case kerr != nil:
 		t.s.m.kernelErrors.Inc()
-		// The store holds the batch: write back what it held before.
+		// The store holds the batch (and paid the debt it carried): write
+		// back what it held before, the debt's keys included.
+		t.s.paid()
 		if uerr := t.s.st.Commit(t.changes(true)); uerr != nil {
-			t.s.log.Error("cannot undo store changes after a kernel failure; the next start restores their pinholes", zapErr(uerr))
+			// The store keeps the batch's leases, which the client was
+			// told NO_RESOURCES (a new one would get its pinhole back at
+			// the next start; a deleted one would be lost): the table's
+			// state for them goes with the next commit.
+			t.s.m.storeErrors.Inc()
+			t.owe()
+			t.s.log.Error("cannot undo store changes after a kernel failure; the next store commit writes them back", zap.Int("leases", len(t.s.storeDebt)), zapErr(uerr))
 		}
 		return fmt.Errorf("server: kernel: %w", kerr)
 	case serr != nil:
@@ -336,6 +400,7 @@ func (t *tx) commit() error {
 		}
 		return fmt.Errorf("server: store: %w", serr)
 	}
+	t.s.paid()
 	t.s.flushConntrack(t.ended)
 	t.s.m.kernelSeconds.Observe(kdur.Seconds())
 	t.s.m.storeSeconds.Observe(sdur.Seconds())

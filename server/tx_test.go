@@ -1,10 +1,16 @@
 package server
 
 import (
+	"context"
 	"errors"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
@@ -80,5 +86,144 @@ func TestCommitUndo(t *testing.T) {
 				t.Fatalf("renewal after the failures: %+v %v", l, ok)
 			}
 		})
+	}
+}
+
+// counterValue reads a Prometheus counter.
+func counterValue(t *testing.T, c prometheus.Counter) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
+}
+
+// TestReviewKernelFailUndoFails: the kernel transaction fails, the store
+// commit beside it succeeds, and writing the previous leases back to the
+// store fails too. The store then holds a state the client was told
+// NO_RESOURCES about (a new lease, restored with its pinhole at the next
+// start; or, for a delete, no lease while the table keeps it). The next
+// successful store commit, or housekeeping's retry, must write the
+// table's state for those keys, so a restart restores what the table
+// held.
+func TestReviewKernelFailUndoFails(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		delete bool // the failing request deletes an existing lease
+		pay    string
+	}{
+		{"new lease, next commit", false, "commit"},
+		{"new lease, housekeeping", false, "housekeep"},
+		{"delete, next commit", true, "commit"},
+		{"delete, housekeeping", true, "housekeep"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t)
+			lifetime := time.Hour
+			if tc.delete {
+				h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1)), pcp.Success)
+				lifetime = 0
+			}
+			storeErrs := counterValue(t, h.s.m.storeErrors)
+			var commits atomic.Int32
+			h.fw.FailApply = func([]pinhole.Op) error { return servertest.ErrInjected }
+			h.st.FailCommit = func([]store.Lease, []store.Key) error {
+				if commits.Add(1) == 1 {
+					return nil
+				}
+				return servertest.ErrInjected
+			}
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, lifetime, 1)), pcp.NoResources)
+			h.fw.FailApply, h.st.FailCommit = nil, nil
+			want := 0
+			if tc.delete {
+				want = 1
+			}
+			if n := h.s.tab.len(); n != want {
+				t.Fatalf("table holds %d leases after NO_RESOURCES, want %d", n, want)
+			}
+			if got := counterValue(t, h.s.m.storeErrors) - storeErrs; got != 1 {
+				t.Errorf("pcpd_store_errors_total rose by %v, want 1 (the failed write-back)", got)
+			}
+			// The failure is in place: the store disagrees with the table.
+			if _, ok := h.lease(ownerA, 6, addrA, 22); ok == tc.delete {
+				t.Fatalf("store holds the lease: %v; the injected failure did not happen", ok)
+			}
+			switch tc.pay {
+			case "commit":
+				// Any other change goes with the debt.
+				h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
+			case "housekeep":
+				defer func(d time.Duration) { storeDebtRetry = d }(storeDebtRetry)
+				storeDebtRetry = 10 * time.Millisecond
+				ctx, cancel := context.WithCancel(context.Background())
+				done := make(chan struct{})
+				go func() { defer close(done); h.s.housekeep(ctx) }()
+				deadline := time.Now().Add(5 * time.Second)
+				for {
+					h.s.mu.Lock()
+					n := len(h.s.storeDebt)
+					h.s.mu.Unlock()
+					if n == 0 || time.Now().After(deadline) {
+						break
+					}
+					time.Sleep(5 * time.Millisecond)
+				}
+				cancel()
+				<-done
+			}
+			if _, ok := h.lease(ownerA, 6, addrA, 22); ok != tc.delete {
+				t.Errorf("store holds the lease: %v, want %v (as the table)", ok, tc.delete)
+			}
+			h.start() // kill and restart
+			_, hole := h.fw.Holes()[hole(6, addrA, 22, addrA, 22)]
+			if hole != tc.delete {
+				t.Errorf("after restart: pinhole for port 22: %v, want %v: %v", hole, tc.delete, h.fw.Holes())
+			}
+			if _, ok := h.s.tab.get(store.Key{Owner: ownerA, Protocol: 6, InternalAddr: addrA, InternalPort: 22}); ok != tc.delete {
+				t.Errorf("after restart: lease for port 22: %v, want %v", ok, tc.delete)
+			}
+		})
+	}
+}
+
+// TestStoreDebtRetried: while the store keeps failing, the debt stays and
+// goes with every commit; a housekeeping retry that fails is counted.
+func TestStoreDebtRetried(t *testing.T) {
+	h := newHarness(t)
+	var commits atomic.Int32
+	h.fw.FailApply = func([]pinhole.Op) error { return servertest.ErrInjected }
+	h.st.FailCommit = func([]store.Lease, []store.Key) error {
+		if commits.Add(1) == 1 {
+			return nil
+		}
+		return servertest.ErrInjected
+	}
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1)), pcp.NoResources)
+	h.fw.FailApply = nil
+	before := counterValue(t, h.s.m.storeErrors)
+	h.s.payStoreDebt()
+	if got := counterValue(t, h.s.m.storeErrors) - before; got != 1 {
+		t.Errorf("failed retry counted %v times, want 1", got)
+	}
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.NoResources)
+	h.st.FailCommit = nil
+	var put []store.Lease
+	var del []store.Key
+	h.st.FailCommit = func(p []store.Lease, d []store.Key) error { put, del = slices.Clone(p), slices.Clone(d); return nil }
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
+	h.st.FailCommit = nil
+	if len(put) != 1 || put[0].InternalPort != 443 || len(del) != 1 || del[0].InternalPort != 22 {
+		t.Errorf("commit after the failures: put %v, del %v; want the new lease and the debt's deletion", put, del)
+	}
+	if _, ok := h.lease(ownerA, 6, addrA, 22); ok {
+		t.Error("the store still holds the lease answered NO_RESOURCES")
+	}
+	h.s.mu.Lock()
+	n := len(h.s.storeDebt)
+	h.s.mu.Unlock()
+	if n != 0 {
+		t.Errorf("debt of %d keys after a successful commit", n)
 	}
 }
