@@ -196,7 +196,7 @@ func (s *Server) handleTx(reqs []Request, now time.Time, retry bool, outs []outc
 			outs[end].ends = len(t.ended) > n
 			end++
 		}
-		s.commitOutcomes(t, reqs[start:end], outs[start:end], now)
+		s.commitOutcomes(t, reqs[start:end], outs[start:end])
 		s.release(t)
 		start = end
 	}
@@ -205,7 +205,7 @@ func (s *Server) handleTx(reqs []Request, now time.Time, retry bool, outs []outc
 // commitOutcomes commits t, the changes of reqs; on failure it rolls back
 // and handles each request again alone (or, alone already, answers with
 // its failure reply).
-func (s *Server) commitOutcomes(t *tx, reqs []Request, outs []outcome, now time.Time) {
+func (s *Server) commitOutcomes(t *tx, reqs []Request, outs []outcome) {
 	if t.empty() {
 		return
 	}
@@ -215,7 +215,11 @@ func (s *Server) commitOutcomes(t *tx, reqs []Request, outs []outcome, now time.
 		if len(reqs) > 1 {
 			s.log.Warn("batch commit failed; handling its requests one by one", zap.Int("requests", len(reqs)), zap.Error(err))
 			for i := range reqs {
-				s.handleTx(reqs[i:i+1], now, true, outs[i:i+1])
+				// Each retry at its own time: after a failed commit (and
+				// the retries before it) the batch's now may be well
+				// behind, and kernel timeouts computed from it would
+				// outlast their leases.
+				s.handleTx(reqs[i:i+1], s.now(), true, outs[i:i+1])
 			}
 			return
 		}

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -225,5 +226,64 @@ func TestStoreDebtRetried(t *testing.T) {
 	h.s.mu.Unlock()
 	if n != 0 {
 		t.Errorf("debt of %d keys after a successful commit", n)
+	}
+}
+
+// batchOf encodes requests as one batch from their clients.
+func batchOf(rs ...*pcp.Request) []Request {
+	var out []Request
+	for _, r := range rs {
+		local := local6
+		if r.ClientAddr.Is4() {
+			local = local4
+		}
+		out = append(out, Request{Local: local, Source: netip.AddrPortFrom(r.ClientAddr, 40000), Data: pcp.AppendRequest(nil, r)})
+	}
+	return out
+}
+
+// TestRetryFreshTime: the requests of a failed batch are retried one by
+// one, each at the time of its retry, not the batch's: a kernel timeout
+// computed from a stale now would outlast its lease by the delay.
+func TestRetryFreshTime(t *testing.T) {
+	h := newHarness(t)
+	var applies atomic.Int32
+	h.fw.FailApply = func([]pinhole.Op) error {
+		if applies.Add(1) == 1 {
+			// The failed batch took a while (a slow kernel, a blame
+			// search): the retries start later.
+			h.clock.Advance(10 * time.Minute)
+			return servertest.ErrInjected
+		}
+		return nil
+	}
+	replies := h.s.HandleBatch(batchOf(
+		mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1),
+		mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1),
+	))
+	h.fw.FailApply = nil
+	for i, b := range replies {
+		var resp pcp.Response
+		if err := pcp.ParseResponse(b, &resp); err != nil || resp.Result != pcp.Success {
+			t.Fatalf("reply %d: %v %v", i, resp.Result, err)
+		}
+	}
+	now := h.clock.Now()
+	holes := h.fw.Holes()
+	for _, port := range []uint16{22, 443} {
+		l, ok := h.lease(ownerA, 6, addrA, port)
+		if !ok {
+			t.Fatalf("port %d: no stored lease", port)
+		}
+		if want := now.Add(time.Hour); !l.Expires.Equal(want) {
+			t.Errorf("port %d: lease expires %v, want %v (the retry's now + 1h)", port, l.Expires, want)
+		}
+		left, ok := holes[hole(6, addrA, port, addrA, port)]
+		if !ok {
+			t.Fatalf("port %d: no pinhole", port)
+		}
+		if lease := l.Expires.Sub(now); left > lease {
+			t.Errorf("port %d: pinhole left %v outlasts its lease (%v left)", port, left, lease)
+		}
 	}
 }
