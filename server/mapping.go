@@ -234,6 +234,30 @@ func applyFilters(have []store.Filter, req []pcp.Filter) []store.Filter {
 	return have
 }
 
+// filterCovered reports whether filter i of fs admits no remote that
+// another filter of fs does not: one whose prefix contains i's and whose
+// port is i's or any (0); of equal filters the first one stays. Such
+// filters stay in the lease (FLT-04: filters may overlap, the reply echoes
+// them, the operator lists them), but get no kernel element of their own:
+// the kernel's concatenated-range sets refuse an element that starts
+// inside another (2001:db8:5:1::/64 inside 2001:db8:5::/48), which would
+// fail a legitimate request with NO_RESOURCES.
+func filterCovered(fs []store.Filter, i int) bool {
+	f := fs[i].Prefix.Masked()
+	for j := range fs {
+		g := fs[j].Prefix.Masked()
+		switch {
+		case j == i,
+			g.Bits() > f.Bits() || !g.Contains(f.Addr()),
+			fs[j].Port != 0 && fs[j].Port != fs[i].Port,
+			j > i && g == f && fs[j].Port == fs[i].Port: // equal: the first stays
+			continue
+		}
+		return true
+	}
+	return false
+}
+
 // external chooses the external endpoint for a new mapping of a.key. On
 // refusal it may return a lifetime for the error (PF-05).
 func (s *Server) external(c *call, a *ask) (netip.AddrPort, time.Duration, error) {

@@ -340,7 +340,8 @@ func (s *Server) payStoreDebt() {
 
 // commit makes the tx durable: the kernel transaction and the store commit
 // run at the same time, so a batch waits for the slower of the two, not
-// for both in turn. If one fails the other is undone (the kernel with
+// for both in turn (a retry of a failed batch's request runs them one
+// after the other, kernel first, and skips the store if the kernel fails). If one fails the other is undone (the kernel with
 // inv, the store by writing the leases' previous state back) and the error
 // returned; the caller rolls the table back. A SUCCESS is only ever sent
 // after both succeeded.
@@ -357,8 +358,11 @@ func (t *tx) commit() error {
 	}
 	t.changes(false)
 	// The store commit runs beside the kernel transaction; the engine
-	// waits for both below. Without kernel ops there is nothing to overlap.
-	overlap := len(t.ops) > 0
+	// waits for both below. Without kernel ops there is nothing to
+	// overlap. A retry (one request of a failed batch, alone) goes kernel
+	// first, store second: it is the likeliest to fail in the kernel
+	// again, and then it costs no store commit and no write-back.
+	overlap := len(t.ops) > 0 && !t.retry
 	if overlap {
 		go t.storeCommit()
 	}
@@ -366,14 +370,21 @@ func (t *tx) commit() error {
 	kerr := t.s.applyAtomic(t.ops, t.inv)
 	kdur := time.Since(start)
 	var serr error
-	if overlap {
+	stored := true // the store commit ran
+	switch {
+	case overlap:
 		serr = <-t.storeErr
-	} else {
+	case kerr == nil:
 		t.storeCommit()
 		serr = <-t.storeErr
+	default:
+		stored = false
 	}
 	sdur := t.storeDur
 	switch {
+	case kerr != nil && !stored:
+		t.s.m.kernelErrors.Inc()
+		return fmt.Errorf("server: kernel: %w", kerr)
 	case kerr != nil && serr != nil:
 		t.s.m.kernelErrors.Inc()
 		t.s.m.storeErrors.Inc()
@@ -421,8 +432,9 @@ const (
 	protoUDP = 17
 )
 
-// pinholesOf translates a lease into kernel pinholes: one per FILTER (or
-// one for any remote without filters), one for a PEER's remote peer.
+// pinholesOf translates a lease into kernel pinholes: one per FILTER that
+// no broader FILTER of the lease covers (filterCovered), or one for any
+// remote without filters; one for a PEER's remote peer.
 func pinholesOf(l *store.Lease) []pinhole.Pinhole { return appendPinholes(nil, l) }
 
 // appendPinholes appends l's pinholes (pinholesOf) to dst.
@@ -444,7 +456,10 @@ func appendPinholes(dst []pinhole.Pinhole, l *store.Lease) []pinhole.Pinhole {
 		return append(dst, base)
 	}
 	n := len(dst)
-	for _, f := range l.Filters {
+	for i, f := range l.Filters {
+		if len(l.Filters) > 1 && filterCovered(l.Filters, i) {
+			continue // a broader filter's element admits it
+		}
 		p := base
 		p.RemotePrefix = f.Prefix.Masked()
 		p.RemotePort = f.Port
