@@ -391,10 +391,15 @@ func (t *tx) commit() error {
 		return fmt.Errorf("server: kernel: %w; store: %w", kerr, serr)
 	case kerr != nil:
 		t.s.m.kernelErrors.Inc()
-		// The store holds the batch (and paid the debt it carried): write
-		// back what it held before, the debt's keys included.
-		t.s.paid()
-		if uerr := t.s.st.Commit(t.changes(true)); uerr != nil {
+		// The store holds the batch, and the debt it carried is paid:
+		// write back what it held before the batch.
+		owed := len(t.s.storeDebt)
+		clear(t.s.storeDebt)
+		if uerr := t.s.st.Commit(t.changes(true)); uerr == nil {
+			if owed > 0 {
+				t.s.log.Info("store is consistent with the lease table again", zap.Int("leases", owed))
+			}
+		} else {
 			// The store keeps the batch's leases, which the client was
 			// told NO_RESOURCES (a new one would get its pinhole back at
 			// the next start; a deleted one would be lost): the table's

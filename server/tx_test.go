@@ -287,3 +287,31 @@ func TestRetryFreshTime(t *testing.T) {
 		}
 	}
 }
+
+// TestStoreDebtPaidByFailedBatch: a batch whose kernel transaction fails
+// still paid the debt in its store commit; its write-back then restores
+// only the batch's own keys, and the store ends as the table.
+func TestStoreDebtPaidByFailedBatch(t *testing.T) {
+	h := newHarness(t)
+	var commits atomic.Int32
+	h.fw.FailApply = func([]pinhole.Op) error { return servertest.ErrInjected }
+	h.st.FailCommit = func([]store.Lease, []store.Key) error {
+		if commits.Add(1) == 1 {
+			return nil
+		}
+		return servertest.ErrInjected
+	}
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1)), pcp.NoResources)
+	h.st.FailCommit = nil // the kernel still fails
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.NoResources)
+	h.fw.FailApply = nil
+	if ls := h.st.Leases(); len(ls) != 0 {
+		t.Errorf("store holds %d leases, want none (as the table): %v", len(ls), ls)
+	}
+	h.s.mu.Lock()
+	n := len(h.s.storeDebt)
+	h.s.mu.Unlock()
+	if n != 0 {
+		t.Errorf("debt of %d keys after a successful write-back", n)
+	}
+}
