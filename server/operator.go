@@ -17,7 +17,7 @@ func (s *Server) Leases() []store.Lease {
 	defer s.mu.Unlock()
 	now := s.now()
 	out := make([]store.Lease, 0, s.tab.len())
-	for _, l := range s.tab.byKey {
+	for _, l := range s.tab.all() {
 		if !l.Expires.After(now) {
 			continue
 		}
@@ -64,7 +64,7 @@ func (s *Server) Revoke(f RevokeFilter) (int, error) {
 			keys = append(keys, *f.Key)
 		}
 	default:
-		for k := range s.tab.byKey {
+		for k := range s.tab.all() {
 			if f.All || k.Owner == f.Owner {
 				keys = append(keys, k)
 			}

@@ -72,7 +72,7 @@ func (s *Server) servePMPMap(c *call, req *pcp.PMPRequest, o *outcome) (uint16, 
 		// client and protocol.
 		var gone []store.Lease
 		if req.InternalPort == 0 {
-			for _, l := range s.tab.byKey {
+			for _, l := range s.tab.all() {
 				if l.Owner == key.Owner && l.InternalAddr == internal && l.Protocol == proto && l.Kind != store.KindPeer {
 					gone = append(gone, *l)
 				}
@@ -134,7 +134,7 @@ func (s *Server) announceTargets() (pcpT, pmpT map[netip.AddrPort][]netip.AddrPo
 	ts := make([]target, 0, n+n/8)
 	s.mu.Lock()
 	i := 0
-	for _, l := range s.tab.byKey {
+	for _, l := range s.tab.all() {
 		if l.ClientAddr.IsValid() {
 			ts = append(ts, target{l.ServerAddr, l.ClientAddr, l.Kind == store.KindNATPMP})
 		}

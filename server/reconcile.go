@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"iter"
 	"slices"
 	"time"
 
@@ -18,12 +19,15 @@ import (
 // The epoch continues only if every live lease is back in the kernel and
 // the store vouches for its state (EPO-04); otherwise it resets (EPO-03)
 // and clients learn of it from the unsolicited ANNOUNCE (ANN-03).
+//
+// The stored leases go into the lease table one by one (restoring.add) and
+// are not kept: the table is the only copy, and the kernel is reconciled
+// from it. A store that hands leases over as it reads them can feed add
+// directly.
 func (s *Server) restore() error {
 	now := s.now()
 	st := s.deps.State
 	s.started = now
-	lost := st.Fresh
-	why := "fresh or recovered state"
 	if st.Recovered != "" {
 		s.log.Warn("store recovered", zap.String("detail", st.Recovered))
 	}
@@ -31,64 +35,97 @@ func (s *Server) restore() error {
 		return fmt.Errorf("server: firewall setup: %w", err)
 	}
 	s.updateProtected()
+	// The caller's reference goes now, so the stored leases are garbage
+	// once the table has taken them.
+	ls := s.deps.State.Leases
+	s.deps.State.Leases = nil
+	st.Leases = nil
+	r := s.restoring(now)
+	for l := range drain(ls) {
+		r.add(l)
+	}
+	ls = nil
+	return r.finish(st)
+}
 
-	// Sized up front: growing a slice of a million leases (288 MB) step
-	// by step cost 2.4 s of a 1 000 000-lease start.
-	live := make([]store.Lease, 0, len(st.Leases))
-	var movedLeases []store.Lease
-	var expired []store.Key
-	moved, doubtful := 0, 0
-	for _, l := range st.Leases {
-		switch {
-		case !l.Expires.After(now):
-			expired = append(expired, l.Key)
-		case l.ExternalAddr.Is4() && l.ExternalAddr != s.cfg.ExternalIPv4:
-			// The external IPv4 changed (or is gone): these mappings
-			// cannot be kept, which is a loss of mapping state (EPO-03).
-			expired = append(expired, l.Key)
-			movedLeases = append(movedLeases, l)
-			moved++
-		default:
-			if s.clampRestored(&l, now) {
-				doubtful++
+// drain yields pointers to the leases of ls and clears each after use: its
+// strings and FILTERs become garbage at once, not when ls goes.
+func drain(ls []store.Lease) iter.Seq[*store.Lease] {
+	return func(yield func(*store.Lease) bool) {
+		for i := range ls {
+			ok := yield(&ls[i])
+			ls[i] = store.Lease{}
+			if !ok {
+				return
 			}
-			live = append(live, l)
 		}
 	}
-	if doubtful > 0 {
+}
+
+// restoring is a restore in progress: stored leases admitted into the table.
+type restoring struct {
+	s        *Server
+	now      time.Time
+	drop     []store.Key       // expired or moved: out of the store
+	gone     []pinhole.Pinhole // of moved leases: out of the kernel
+	moved    int
+	doubtful int
+	expired  int
+}
+
+func (s *Server) restoring(now time.Time) *restoring {
+	return &restoring{s: s, now: now}
+}
+
+// add admits one stored lease: expired ones and IPv4 ones whose external
+// address is no longer ours are dropped, the rest clamped and put in the
+// table (which copies what it keeps; l may be reused).
+func (r *restoring) add(l *store.Lease) {
+	switch {
+	case !l.Expires.After(r.now):
+		r.drop = append(r.drop, l.Key)
+		r.expired++
+	case l.ExternalAddr.Is4() && l.ExternalAddr != r.s.cfg.ExternalIPv4:
+		// The external IPv4 changed (or is gone): these mappings
+		// cannot be kept, which is a loss of mapping state (EPO-03).
+		r.drop = append(r.drop, l.Key)
+		r.gone = append(r.gone, pinholesOf(l)...)
+		r.moved++
+	default:
+		if r.s.clampRestored(l, r.now) {
+			r.doubtful++
+		}
+		r.s.tab.insert(l)
+	}
+}
+
+// finish reconciles the kernel with the table, drops from the store what
+// was not restored, and continues or resets the epoch.
+func (r *restoring) finish(st store.State) error {
+	s, now := r.s, r.now
+	lost := st.Fresh
+	why := "fresh or recovered state"
+	if r.doubtful > 0 {
 		lost, why = true, "restored leases reach beyond the max lifetime (clock behind?)"
 	}
-	if moved > 0 {
+	if r.moved > 0 {
 		lost, why = true, "external IPv4 address changed"
 	}
-	kept, ok := s.reconcile(live, movedLeases, now)
+	unrestored, ok := s.reconcile(r.gone, now)
+	r.gone = nil
 	if !ok {
 		lost, why = true, "some leases could not be restored into the kernel"
 	}
-	var drop []store.Key
-	drop = append(drop, expired...)
-	if len(kept) < len(live) {
-		// A set of the kept keys: comparing each live lease with every kept
-		// one was quadratic (45 s for 107 000 leases).
-		in := make(map[store.Key]struct{}, len(kept))
-		for i := range kept {
-			in[kept[i].Key] = struct{}{}
-		}
-		for _, l := range live {
-			if _, ok := in[l.Key]; !ok {
-				drop = append(drop, l.Key)
-			}
-		}
-	}
+	drop := append(r.drop, unrestored...)
 	if len(drop) > 0 {
 		if err := s.st.Commit(nil, drop); err != nil {
 			s.log.Warn("cannot drop expired or unrestorable leases from the store", zap.Error(err))
 		}
 	}
-	s.tab.putAll(kept)
+	kept := s.tab.len()
 	if !lost && s.epoch.resume(st.EpochOrigin, now) {
 		s.restarted = true
-		s.log.Info("state restored; epoch continues", zap.Int("leases", len(kept)), zap.Int("expired", len(expired)),
+		s.log.Info("state restored; epoch continues", zap.Int("leases", kept), zap.Int("expired", r.expired+r.moved),
 			zap.Uint32("epoch", uint32(s.epoch.at(now))))
 	} else {
 		if !lost {
@@ -98,7 +135,7 @@ func (s *Server) restore() error {
 		if err := s.st.ResetEpoch(now); err != nil {
 			return fmt.Errorf("server: reset epoch: %w", err)
 		}
-		s.log.Warn("mapping state lost or doubtful: epoch reset to 0", zap.String("why", why), zap.Int("leases", len(kept)))
+		s.log.Warn("mapping state lost or doubtful: epoch reset to 0", zap.String("why", why), zap.Int("leases", kept))
 	}
 	return nil
 }
@@ -106,10 +143,11 @@ func (s *Server) restore() error {
 // maxOrphanTargets bounds the addresses announced to from orphan pinholes.
 const maxOrphanTargets = 4096
 
-// reconcile puts the pinholes of leases back into the kernel with their
-// remaining lifetimes, in transactions of pinhole.MaxBatch ops (re-adding a
-// pinhole that is there only resets its timeout). It returns the leases it
-// could put in place and whether all could.
+// reconcile puts the pinholes of the table's leases back into the kernel
+// with their remaining lifetimes, in transactions of pinhole.MaxBatch ops
+// (re-adding a pinhole that is there only resets its timeout). Leases it
+// cannot put in place leave the table; it returns their keys and whether
+// all could.
 //
 // It does not list the kernel's pinholes: a dump of a large set takes the
 // kernel time quadratic in its size (~2-7 s per 100 000, minutes at
@@ -119,45 +157,18 @@ const maxOrphanTargets = 4096
 // (auditFirewall); until then, and for ever above auditMaxLeases, they are
 // left to their kernel timeouts.
 //
-// The pinholes of gone (leases dropped because the external IPv4 changed)
-// are removed: they are known without a dump.
-func (s *Server) reconcile(leases, gone []store.Lease, now time.Time) ([]store.Lease, bool) {
-	// Leases share a pinhole only on one internal tuple (a PEER and a
-	// filtered MAP): only those pinholes need a map, for the latest expiry
-	// among their holders. A map of every pinhole (≈ 110 bytes an entry)
-	// and a list of every op cost ≈ 250 MB and seconds at 1 000 000 leases;
-	// the ops now go to the kernel as they are made.
-	perTuple := make(map[tuple]int32, len(leases))
-	for i := range leases {
-		perTuple[tupleOf(leases[i].Key)]++
-	}
-	for i := range gone {
-		// Their pinholes are deleted below unless a live lease holds one.
-		if tp := tupleOf(gone[i].Key); perTuple[tp] > 0 {
-			perTuple[tp]++
-		}
-	}
-	shared := map[pinhole.Pinhole]time.Duration{}
-	for i := range leases {
-		if perTuple[tupleOf(leases[i].Key)] < 2 {
-			continue
-		}
-		for _, p := range pinholesOf(&leases[i]) {
-			shared[p] = max(shared[p], leases[i].Expires.Sub(now))
-		}
-	}
-	timeout := func(l *store.Lease, p pinhole.Pinhole) time.Duration {
-		if d, ok := shared[p]; ok {
-			return d
-		}
-		return l.Expires.Sub(now)
-	}
+// The pinholes gone (of leases dropped because the external IPv4 changed)
+// are removed, unless a live lease on the same tuple holds one: they are
+// known without a dump.
+func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Key, bool) {
 	var dels []pinhole.Op
-	for i := range gone {
-		for _, p := range pinholesOf(&gone[i]) {
-			if _, ok := shared[p]; !ok {
-				dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
-			}
+	for _, p := range gone {
+		held := false
+		for _, l := range s.tab.onTuple(tuple{proto: p.Protocol, addr: p.InternalAddr, port: p.InternalPort}) {
+			held = held || slices.Contains(pinholesOf(l), p)
+		}
+		if !held && !slices.ContainsFunc(dels, func(o pinhole.Op) bool { return o.Pinhole == p }) {
+			dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
 		}
 	}
 	if len(dels) > 0 {
@@ -167,47 +178,40 @@ func (s *Server) reconcile(leases, gone []store.Lease, now time.Time) ([]store.L
 	}
 	ops := make([]pinhole.Op, 0, pinhole.MaxBatch)
 	var err error
-	apply := func() {
-		if len(ops) > 0 && err == nil {
+	s.tab.installs(now, func(op pinhole.Op) bool {
+		ops = append(ops, op)
+		if len(ops) == pinhole.MaxBatch {
 			err = s.fw.Apply(ops)
+			ops = ops[:0]
 		}
-		ops = ops[:0]
+		return err == nil
+	})
+	if err == nil && len(ops) > 0 {
+		err = s.fw.Apply(ops)
 	}
-	done := map[pinhole.Pinhole]bool{}
-	for i := 0; i < len(leases) && err == nil; i++ {
-		for _, p := range pinholesOf(&leases[i]) {
-			if _, ok := shared[p]; ok {
-				if done[p] {
-					continue
-				}
-				done[p] = true
-			}
-			ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: timeout(&leases[i], p)})
-			if len(ops) == pinhole.MaxBatch {
-				apply()
-			}
-		}
-	}
-	apply()
 	if err == nil {
-		return leases, true
+		return nil, true
 	}
 	// Re-installing what went in already is harmless (it only resets the
 	// timeout to the same value).
 	s.log.Warn("restoring all pinholes failed; trying lease by lease", zap.Error(err))
-	var kept []store.Lease
-	for i := range leases {
+	var failed []store.Lease
+	for _, l := range s.tab.all() {
 		var lops []pinhole.Op
-		for _, p := range pinholesOf(&leases[i]) {
-			lops = append(lops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: timeout(&leases[i], p)})
+		for _, p := range pinholesOf(l) {
+			lops = append(lops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: s.tab.timeout(p, l, now)})
 		}
 		if err := s.fw.Apply(lops); err != nil {
-			s.log.Error("cannot restore lease; dropped", append(leaseFields(&leases[i], leases[i].ClientAddr), zap.Error(err))...)
-			continue
+			s.log.Error("cannot restore lease; dropped", append(leaseFields(l, l.ClientAddr), zap.Error(err))...)
+			failed = append(failed, *l)
 		}
-		kept = append(kept, leases[i])
 	}
-	return kept, len(kept) == len(leases)
+	keys := make([]store.Key, len(failed))
+	for i := range failed {
+		keys[i] = failed[i].Key
+		s.tab.del(failed[i].Key)
+	}
+	return keys, len(failed) == 0
 }
 
 // checkFirewall restores pcpd's nftables objects and pinholes when someone
@@ -232,18 +236,33 @@ func (s *Server) checkFirewall() {
 	}
 	s.protected = nil
 	s.updateProtected()
-	var ops []pinhole.Op
-	for _, l := range s.tab.byKey {
-		for _, p := range pinholesOf(l) {
-			ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: max(l.Expires.Sub(now), time.Millisecond)})
+	// In batches as they are made: a list of every op would be ≈ 120 MB
+	// at 1 000 000 leases.
+	ops := make([]pinhole.Op, 0, pinhole.MaxBatch)
+	n := 0
+	var err error
+	s.tab.installs(now, func(op pinhole.Op) bool {
+		ops = append(ops, op)
+		n++
+		if len(ops) == pinhole.MaxBatch {
+			if e := s.fw.Apply(ops); e != nil && err == nil {
+				err = e
+			}
+			ops = ops[:0]
+		}
+		return true
+	})
+	if len(ops) > 0 {
+		if e := s.fw.Apply(ops); e != nil && err == nil {
+			err = e
 		}
 	}
 	s.m.restores.Inc()
-	if err := s.applyAll(ops); err != nil {
-		s.log.Error("cannot re-install pinholes", zap.Int("pinholes", len(ops)), zap.Error(err))
+	if err != nil {
+		s.log.Error("cannot re-install pinholes", zap.Int("pinholes", n), zap.Error(err))
 		return
 	}
-	s.log.Warn("re-installed every lease's pinholes", zap.Int("count", len(ops)))
+	s.log.Warn("re-installed every lease's pinholes", zap.Int("count", n))
 }
 
 // auditMaxLeases: above this many leases the audit is skipped. The kernel's
@@ -287,7 +306,7 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	now := s.now()
 	wanted := make(map[pinhole.Pinhole]struct{}, len(present))
 	var missing []pinhole.Op
-	for _, l := range s.tab.byKey {
+	for _, l := range s.tab.all() {
 		if !l.Expires.After(now) {
 			continue
 		}

@@ -373,9 +373,9 @@ func (s *Server) sweepOwnership() {
 	now := s.now()
 	t := s.begin(now)
 	var gone []*store.Lease
-	for _, l := range s.tab.byKey {
+	for _, l := range s.tab.all() {
 		if o, ok := own.Lookup(l.InternalAddr); !ok || string(o.ID) != l.Owner {
-			gone = append(gone, l)
+			gone = append(gone, new(*l)) // l is the table's scratch copy
 		}
 	}
 	if len(gone) == 0 {

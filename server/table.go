@@ -1,11 +1,14 @@
 package server
 
 import (
-	"container/heap"
+	"hash/maphash"
+	"iter"
+	"math/bits"
 	"net/netip"
 	"slices"
 	"time"
 
+	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -38,41 +41,130 @@ type hold struct {
 // quotas), by internal tuple, by external endpoint (allocation, PMP-06), and
 // by expiry.
 //
-// Memory matters (1 000 000 leases in a few hundred MB): each lease is one
-// allocation, held by pointer from every index; the tuple index holds a
-// small slice (a tuple nearly always has one lease; a map per tuple cost
-// ~650 bytes), the expiry heap a pointer and a Unix time (16 bytes, was
-// the whole key and a time.Time: 104), and owner IDs are interned (one
-// string per owner, not per lease).
+// Memory matters: 1 000 000 leases must fit in a few hundred MB, and the
+// garbage collector must not have to trace them. So nothing per lease holds
+// a pointer:
+//
+//   - a lease is a fixed-size rec (136 bytes) in pages of a slab; addresses
+//     are 16 bytes and a family/zone tag, times Unix nanoseconds, the owner
+//     and the serving address small interned numbers. The rare variable
+//     parts (FILTERs, DESCRIPTION) live in a side map keyed by slot.
+//   - the key, tuple and endpoint indexes are open-addressing hash tables of
+//     uint32 slot references (4 bytes a bucket, load ≤ 3/4): the key lives
+//     in the slot, not in the index. Leases sharing a tuple or an endpoint
+//     are chained through the slots (nextTup, nextExt).
+//   - expiry is an indexed 4-ary min-heap of (time, slot); a slot knows its
+//     heap position, so a renewal moves its entry instead of leaving a stale
+//     one behind.
+//
+// Freed slots go on a free list and are reused. Leases leave the table as
+// store.Lease values decoded from their slot: get and onTuple return fresh
+// copies; changing them changes nothing in the table.
+//
+// About 190 bytes a lease all included at 1 000 000 (table_test.go
+// TestTableMemory; the map-of-pointers table it replaces kept ≈ 620).
 type table struct {
-	byKey   map[store.Key]*store.Lease
+	pages [][]rec // slab; slot ref r (1-based) is pages[(r-1)>>pageShift][(r-1)&pageMask]
+	top   uint32  // refs 1..top have been handed out
+	free  uint32  // free list head (linked through nextTup); 0 = none
+	n     int     // live leases
+
+	byKey, byTup, byExt index
+	exp                 []hitem
+	extra               map[uint32]extra
+
+	// byOwner counts leases per owner (quotas, Status).
 	byOwner map[string]int
-	names   map[string]string // owner ID interning
-	byTuple map[tuple][]*store.Lease
-	byExt   map[endpoint]*hold
-	exp     expHeap
+	owners  []string // owner number → ID; "" = free
+	ownerNo map[string]uint32
+	ownFree []uint32
+
+	zones  []string // zone number-1 → zone; never shrinks (interface names)
+	zoneNo map[string]uint16
+	srvs   []netip.AddrPort // serving address number-1 → address; never shrinks (the host's own)
+	srvNo  map[netip.AddrPort]uint32
+
+	seed maphash.Seed
+	buf  store.Lease // scan's reused lease
 }
+
+const (
+	pageShift = 10
+	pageLen   = 1 << pageShift
+	pageMask  = pageLen - 1
+)
+
+// caddr is a netip.Addr without its pointer: m is 0 (invalid), 1 (IPv4) or
+// 2 (IPv6) in its low two bits and an interned zone number above them.
+type caddr struct {
+	a [16]byte
+	m uint16
+}
+
+const maxZones = 1<<14 - 1
+
+// rec is one lease in the slab. It holds no pointer.
+type rec struct {
+	exp, created int64  // Unix ns; minInt64 = zero time
+	owner        uint32 // owner number
+	srv          uint32 // serving address number; 0 = invalid
+	nextTup      uint32 // next lease on the same tuple (free list: next free slot)
+	nextExt      uint32 // next lease holding the same external endpoint
+	hpos         uint32 // position in the expiry heap
+	iaddr, eaddr caddr
+	remote       caddr
+	client       caddr
+	iport, eport uint16
+	rport, cport uint16
+	nonce        [12]byte
+	proto        uint8
+	kind         uint8
+	flags        uint8
+}
+
+const (
+	fLive  = 1 << iota // the slot holds a lease
+	fExtra             // extra[slot] exists
+	fThird             // ThirdParty
+	fPrefer            // PreferFailure
+)
+
+// extra is the variable part of a lease, kept only when not empty.
+type extra struct {
+	filters []store.Filter
+	desc    string
+}
+
+// hitem is an expiry heap entry.
+type hitem struct {
+	at  int64
+	ref uint32
+}
+
+const zeroTime = -1 << 63
 
 func newTable() *table {
 	return &table{
-		byKey:   map[store.Key]*store.Lease{},
+		extra:   map[uint32]extra{},
 		byOwner: map[string]int{},
-		names:   map[string]string{},
-		byTuple: map[tuple][]*store.Lease{},
-		byExt:   map[endpoint]*hold{},
+		ownerNo: map[string]uint32{},
+		zoneNo:  map[string]uint16{},
+		srvNo:   map[netip.AddrPort]uint32{},
+		seed:    maphash.MakeSeed(),
 	}
 }
 
 // grow sizes an empty table's indexes for n leases (restart): growing a
-// map of a million entries step by step rehashes it ~20 times.
+// hash table of a million entries step by step rehashes it ~20 times.
 func (t *table) grow(n int) {
 	if t.len() > 0 || n == 0 {
 		return
 	}
-	t.byKey = make(map[store.Key]*store.Lease, n)
-	t.byTuple = make(map[tuple][]*store.Lease, n)
-	t.byExt = make(map[endpoint]*hold, n)
-	t.exp = make(expHeap, 0, n)
+	t.byKey.size(n)
+	t.byTup.size(n)
+	t.byExt.size(n)
+	t.exp = make([]hitem, 0, n)
+	t.pages = make([][]rec, 0, (n+pageLen-1)/pageLen)
 }
 
 func tupleOf(k store.Key) tuple {
@@ -83,163 +175,709 @@ func endpointOf(l *store.Lease) endpoint {
 	return endpoint{addr: l.ExternalAddr, proto: l.Protocol, port: l.ExternalPort}
 }
 
-func (t *table) len() int { return len(t.byKey) }
+func (t *table) len() int { return t.n }
 
-func (t *table) get(k store.Key) (*store.Lease, bool) {
-	l, ok := t.byKey[k]
-	return l, ok
+func (t *table) rec(ref uint32) *rec {
+	return &t.pages[(ref-1)>>pageShift][(ref-1)&pageMask]
 }
 
-// put inserts or replaces a lease. The table keeps its own copy.
-func (t *table) put(l store.Lease) {
-	if _, ok := t.byKey[l.Key]; ok {
-		t.del(l.Key)
-	}
-	c := l
-	t.insert(&c)
-}
+// --- encoding ---
 
-// insert indexes c, which the table then owns.
-func (t *table) insert(c *store.Lease) {
-	if n, ok := t.names[c.Owner]; ok {
-		c.Owner = n
-	} else {
-		t.names[c.Owner] = c.Owner
+// enc encodes a; with intern false an unknown zone reports false (a lookup
+// of an address no lease has).
+func (t *table) enc(a netip.Addr, intern bool) (caddr, bool) {
+	var c caddr
+	switch {
+	case !a.IsValid():
+		return c, true
+	case a.Is4():
+		b := a.As4()
+		copy(c.a[:], b[:])
+		c.m = 1
+		return c, true
 	}
-	t.byKey[c.Key] = c
-	t.byOwner[c.Owner]++
-	tp := tupleOf(c.Key)
-	t.byTuple[tp] = append(t.byTuple[tp], c)
-	e := endpointOf(c)
-	h := t.byExt[e]
-	if h == nil {
-		h = &hold{addr: c.InternalAddr, port: c.InternalPort}
-		t.byExt[e] = h
+	c.a, c.m = a.As16(), 2
+	z := a.Zone()
+	if z == "" {
+		return c, true
 	}
-	h.n++
-	heap.Push(&t.exp, expItem{at: c.Expires.UnixNano(), l: c})
-}
-
-// putAll inserts leases (a restart) and keeps them where they are: the
-// table points into ls instead of copying each lease into an allocation
-// of its own (a million 288-byte allocations at a 1 000 000-lease start).
-// ls must not be used by the caller afterwards. Slots of leases that end
-// later stay allocated until the whole slice is unreferenced.
-func (t *table) putAll(ls []store.Lease) {
-	for i := range ls {
-		if _, ok := t.byKey[ls[i].Key]; ok {
-			t.del(ls[i].Key)
+	n, ok := t.zoneNo[z]
+	if !ok {
+		if !intern || len(t.zones) >= maxZones {
+			// Past maxZones (interface names: never in practice) the
+			// zone is dropped rather than refusing the lease.
+			return c, !intern
 		}
-		t.insert(&ls[i])
+		t.zones = append(t.zones, z)
+		n = uint16(len(t.zones))
+		t.zoneNo[z] = n
 	}
+	c.m |= n << 2
+	return c, true
+}
+
+func (t *table) dec(c caddr) netip.Addr {
+	switch c.m & 3 {
+	case 0:
+		return netip.Addr{}
+	case 1:
+		return netip.AddrFrom4([4]byte(c.a[:4]))
+	}
+	a := netip.AddrFrom16(c.a)
+	if z := c.m >> 2; z != 0 {
+		a = a.WithZone(t.zones[z-1])
+	}
+	return a
+}
+
+func encTime(tm time.Time) int64 {
+	if tm.IsZero() {
+		return zeroTime
+	}
+	return tm.UnixNano()
+}
+
+func decTime(n int64) time.Time {
+	if n == zeroTime {
+		return time.Time{}
+	}
+	return time.Unix(0, n).UTC()
+}
+
+func (t *table) ownerOf(id string) uint32 {
+	if n, ok := t.ownerNo[id]; ok {
+		return n
+	}
+	var n uint32
+	if k := len(t.ownFree); k > 0 {
+		n = t.ownFree[k-1]
+		t.ownFree = t.ownFree[:k-1]
+		t.owners[n] = id
+	} else {
+		n = uint32(len(t.owners))
+		t.owners = append(t.owners, id)
+	}
+	t.ownerNo[id] = n
+	return n
+}
+
+func (t *table) srvOf(a netip.AddrPort) uint32 {
+	if a == (netip.AddrPort{}) {
+		return 0
+	}
+	if n, ok := t.srvNo[a]; ok {
+		return n
+	}
+	t.srvs = append(t.srvs, a)
+	n := uint32(len(t.srvs))
+	t.srvNo[a] = n
+	return n
+}
+
+// encode fills r from l, interning what it must. The links and heap
+// position are left alone.
+func (t *table) encode(r *rec, l *store.Lease) {
+	r.exp, r.created = encTime(l.Expires), encTime(l.Created)
+	r.owner = t.ownerOf(l.Owner)
+	r.srv = t.srvOf(l.ServerAddr)
+	r.iaddr, _ = t.enc(l.InternalAddr, true)
+	r.eaddr, _ = t.enc(l.ExternalAddr, true)
+	r.remote, _ = t.enc(l.Remote.Addr(), true)
+	r.client, _ = t.enc(l.ClientAddr.Addr(), true)
+	r.iport, r.eport, r.rport, r.cport = l.InternalPort, l.ExternalPort, l.Remote.Port(), l.ClientAddr.Port()
+	r.nonce, r.proto, r.kind = l.Nonce, l.Protocol, uint8(l.Kind)
+	r.flags = fLive
+	if l.ThirdParty {
+		r.flags |= fThird
+	}
+	if l.PreferFailure {
+		r.flags |= fPrefer
+	}
+	if len(l.Filters) > 0 || l.Description != "" {
+		r.flags |= fExtra
+	}
+}
+
+// decode writes the lease in slot ref to l. Filters are shared with the
+// table (as they were when the table held pointers): clone before changing.
+func (t *table) decode(ref uint32, l *store.Lease) {
+	r := t.rec(ref)
+	*l = store.Lease{
+		Key: store.Key{
+			Owner:        t.owners[r.owner],
+			InternalAddr: t.dec(r.iaddr),
+			InternalPort: r.iport,
+			Protocol:     r.proto,
+		},
+		ExternalAddr:  t.dec(r.eaddr),
+		ExternalPort:  r.eport,
+		Created:       decTime(r.created),
+		Expires:       decTime(r.exp),
+		Nonce:         r.nonce,
+		Kind:          store.Kind(r.kind),
+		ThirdParty:    r.flags&fThird != 0,
+		PreferFailure: r.flags&fPrefer != 0,
+	}
+	if r.remote.m != 0 || r.rport != 0 {
+		l.Remote = netip.AddrPortFrom(t.dec(r.remote), r.rport)
+	}
+	if r.client.m != 0 || r.cport != 0 {
+		l.ClientAddr = netip.AddrPortFrom(t.dec(r.client), r.cport)
+	}
+	if r.srv != 0 {
+		l.ServerAddr = t.srvs[r.srv-1]
+	}
+	if r.flags&fExtra != 0 {
+		x := t.extra[ref]
+		l.Filters, l.Description = x.filters, x.desc
+	}
+}
+
+// --- hashing ---
+
+// The index kinds; each hashes and compares its own fields of a rec.
+const (
+	ixKey = iota
+	ixTup
+	ixExt
+)
+
+func putAddr(b []byte, c caddr) {
+	copy(b, c.a[:])
+	b[16], b[17] = byte(c.m), byte(c.m>>8)
+}
+
+func (t *table) hash(kind int, r *rec) uint64 {
+	var b [48]byte
+	switch kind {
+	case ixKey:
+		putAddr(b[:], r.iaddr)
+		putAddr(b[18:], r.remote)
+		b[36], b[37], b[38], b[39] = byte(r.owner), byte(r.owner>>8), byte(r.owner>>16), byte(r.owner>>24)
+		b[40], b[41], b[42], b[43], b[44] = byte(r.iport), byte(r.iport>>8), byte(r.rport), byte(r.rport>>8), r.proto
+		return maphash.Bytes(t.seed, b[:45])
+	case ixTup:
+		putAddr(b[:], r.iaddr)
+		b[18], b[19], b[20] = byte(r.iport), byte(r.iport>>8), r.proto
+		return maphash.Bytes(t.seed, b[:21])
+	}
+	putAddr(b[:], r.eaddr)
+	b[18], b[19], b[20] = byte(r.eport), byte(r.eport>>8), r.proto
+	return maphash.Bytes(t.seed, b[:21])
+}
+
+func same(kind int, a, b *rec) bool {
+	switch kind {
+	case ixKey:
+		return a.owner == b.owner && a.iaddr == b.iaddr && a.iport == b.iport && a.proto == b.proto &&
+			a.remote == b.remote && a.rport == b.rport
+	case ixTup:
+		return a.iaddr == b.iaddr && a.iport == b.iport && a.proto == b.proto
+	}
+	return a.eaddr == b.eaddr && a.eport == b.eport && a.proto == b.proto
+}
+
+// index is an open-addressing hash table (linear probing, backward-shift
+// deletion) of slot refs; 0 is an empty bucket. The key of an entry is in
+// its slot, so the index holds 4 bytes a bucket and no pointer.
+type index struct {
+	b []uint32
+	n int
+}
+
+func (x *index) size(n int) {
+	c := 8
+	for c*3/4 < n {
+		c *= 2
+	}
+	if c > len(x.b) {
+		x.b = make([]uint32, c)
+		x.n = 0
+	}
+}
+
+func (t *table) ix(kind int) *index {
+	switch kind {
+	case ixKey:
+		return &t.byKey
+	case ixTup:
+		return &t.byTup
+	}
+	return &t.byExt
+}
+
+// find returns the bucket of the entry whose slot matches q's kind fields,
+// or -1.
+func (t *table) find(kind int, q *rec) int {
+	x := t.ix(kind)
+	if x.n == 0 {
+		return -1
+	}
+	mask := len(x.b) - 1
+	for i := int(t.hash(kind, q)) & mask; ; i = (i + 1) & mask {
+		ref := x.b[i]
+		if ref == 0 {
+			return -1
+		}
+		if same(kind, t.rec(ref), q) {
+			return i
+		}
+	}
+}
+
+// bucket returns the bucket holding ref itself.
+func (t *table) bucket(kind int, ref uint32) int {
+	x := t.ix(kind)
+	mask := len(x.b) - 1
+	for i := int(t.hash(kind, t.rec(ref))) & mask; ; i = (i + 1) & mask {
+		switch x.b[i] {
+		case ref:
+			return i
+		case 0:
+			panic("server: lease table index lost a slot")
+		}
+	}
+}
+
+// add puts ref in the index; no entry with its key may be there.
+func (t *table) add(kind int, ref uint32) {
+	x := t.ix(kind)
+	if (x.n+1)*4 > len(x.b)*3 {
+		t.rehash(kind, max(len(x.b)*2, 8))
+	}
+	mask := len(x.b) - 1
+	i := int(t.hash(kind, t.rec(ref))) & mask
+	for x.b[i] != 0 {
+		i = (i + 1) & mask
+	}
+	x.b[i] = ref
+	x.n++
+}
+
+func (t *table) rehash(kind int, c int) {
+	x := t.ix(kind)
+	old := x.b
+	x.b, x.n = make([]uint32, c), 0
+	mask := c - 1
+	for _, ref := range old {
+		if ref == 0 {
+			continue
+		}
+		i := int(t.hash(kind, t.rec(ref))) & mask
+		for x.b[i] != 0 {
+			i = (i + 1) & mask
+		}
+		x.b[i] = ref
+		x.n++
+	}
+}
+
+// remove empties bucket i, shifting back the entries after it that would
+// otherwise no longer be found.
+func (t *table) remove(kind int, i int) {
+	x := t.ix(kind)
+	mask := len(x.b) - 1
+	for j := (i + 1) & mask; x.b[j] != 0; j = (j + 1) & mask {
+		h := int(t.hash(kind, t.rec(x.b[j]))) & mask
+		// The entry at j stays if its home h lies cyclically in (i, j].
+		if (i < j && i < h && h <= j) || (i > j && (h > i || h <= j)) {
+			continue
+		}
+		x.b[i] = x.b[j]
+		i = j
+	}
+	x.b[i] = 0
+	x.n--
+}
+
+// --- chains ---
+
+func (r *rec) next(kind int) *uint32 {
+	if kind == ixTup {
+		return &r.nextTup
+	}
+	return &r.nextExt
+}
+
+// link appends ref to the chain of its tuple or endpoint (kind ixTup or
+// ixExt). Oldest first: the head is who holds an endpoint (holder).
+func (t *table) link(kind int, ref uint32) {
+	r := t.rec(ref)
+	*r.next(kind) = 0
+	i := t.find(kind, r)
+	if i < 0 {
+		t.add(kind, ref)
+		return
+	}
+	p := t.rec(t.ix(kind).b[i])
+	for *p.next(kind) != 0 {
+		p = t.rec(*p.next(kind))
+	}
+	*p.next(kind) = ref
+}
+
+func (t *table) unlink(kind int, ref uint32) {
+	r := t.rec(ref)
+	x := t.ix(kind)
+	i := t.find(kind, r)
+	head := x.b[i]
+	if head == ref {
+		if nx := *r.next(kind); nx != 0 {
+			x.b[i] = nx // same key, same bucket
+		} else {
+			t.remove(kind, i)
+		}
+		return
+	}
+	p := t.rec(head)
+	for *p.next(kind) != ref {
+		p = t.rec(*p.next(kind))
+	}
+	*p.next(kind) = *r.next(kind)
+}
+
+// --- expiry heap (4-ary, indexed by slot) ---
+
+func (t *table) hset(i int, it hitem) {
+	t.exp[i] = it
+	t.rec(it.ref).hpos = uint32(i)
+}
+
+func (t *table) hup(i int) {
+	it := t.exp[i]
+	for i > 0 {
+		p := (i - 1) / 4
+		if t.exp[p].at <= it.at {
+			break
+		}
+		t.hset(i, t.exp[p])
+		i = p
+	}
+	t.hset(i, it)
+}
+
+func (t *table) hdown(i int) {
+	it := t.exp[i]
+	n := len(t.exp)
+	for {
+		c := 4*i + 1
+		if c >= n {
+			break
+		}
+		m := c
+		for k := c + 1; k < min(c+4, n); k++ {
+			if t.exp[k].at < t.exp[m].at {
+				m = k
+			}
+		}
+		if t.exp[m].at >= it.at {
+			break
+		}
+		t.hset(i, t.exp[m])
+		i = m
+	}
+	t.hset(i, it)
+}
+
+func (t *table) hremove(i int) {
+	last := len(t.exp) - 1
+	if i != last {
+		moved := t.exp[last]
+		t.exp = t.exp[:last]
+		t.hset(i, moved)
+		t.hdown(i)
+		t.hup(int(t.rec(moved.ref).hpos))
+		return
+	}
+	t.exp = t.exp[:last]
+}
+
+// --- the table's operations ---
+
+// keyRec is a query rec for k; false if no lease can have that key (its
+// owner or a zone was never seen).
+func (t *table) keyRec(k store.Key) (rec, bool) {
+	var q rec
+	n, ok := t.ownerNo[k.Owner]
+	if !ok {
+		return q, false
+	}
+	q.owner = n
+	q.proto, q.iport, q.rport = k.Protocol, k.InternalPort, k.Remote.Port()
+	var ok1, ok2 bool
+	q.iaddr, ok1 = t.enc(k.InternalAddr, false)
+	q.remote, ok2 = t.enc(k.Remote.Addr(), false)
+	return q, ok1 && ok2
+}
+
+func (t *table) lookup(k store.Key) uint32 {
+	q, ok := t.keyRec(k)
+	if !ok {
+		return 0
+	}
+	i := t.find(ixKey, &q)
+	if i < 0 {
+		return 0
+	}
+	return t.byKey.b[i]
+}
+
+// get returns a copy of the lease at k.
+func (t *table) get(k store.Key) (*store.Lease, bool) {
+	ref := t.lookup(k)
+	if ref == 0 {
+		return nil, false
+	}
+	l := new(store.Lease)
+	t.decode(ref, l)
+	return l, true
+}
+
+// put inserts or replaces a lease. The table keeps its own copy (Filters
+// shared: the caller must not change them afterwards).
+func (t *table) put(l store.Lease) {
+	t.insert(&l)
+}
+
+// insert is put by pointer (restore: no 288-byte copy per lease).
+func (t *table) insert(l *store.Lease) {
+	if ref := t.lookup(l.Key); ref != 0 {
+		t.delRef(ref)
+	}
+	ref := t.free
+	if ref != 0 {
+		t.free = t.rec(ref).nextTup
+	} else {
+		if t.top&pageMask == 0 && int(t.top>>pageShift) == len(t.pages) {
+			t.pages = append(t.pages, make([]rec, pageLen))
+		}
+		t.top++
+		ref = t.top
+	}
+	r := t.rec(ref)
+	t.encode(r, l)
+	if r.flags&fExtra != 0 {
+		t.extra[ref] = extra{filters: l.Filters, desc: l.Description}
+	}
+	t.byOwner[l.Owner]++
+	t.add(ixKey, ref)
+	t.link(ixTup, ref)
+	t.link(ixExt, ref)
+	t.exp = append(t.exp, hitem{at: r.exp, ref: ref})
+	t.hup(len(t.exp) - 1)
+	t.n++
 }
 
 // del removes a lease; it reports whether there was one.
 func (t *table) del(k store.Key) bool {
-	l, ok := t.byKey[k]
-	if !ok {
+	ref := t.lookup(k)
+	if ref == 0 {
 		return false
 	}
-	delete(t.byKey, k)
-	if t.byOwner[k.Owner]--; t.byOwner[k.Owner] <= 0 {
-		delete(t.byOwner, k.Owner)
-		delete(t.names, k.Owner)
-	}
-	tp := tupleOf(k)
-	if ls := t.byTuple[tp]; ls != nil {
-		if i := slices.Index(ls, l); i >= 0 {
-			ls = slices.Delete(ls, i, i+1)
-		}
-		if len(ls) == 0 {
-			delete(t.byTuple, tp)
-		} else {
-			t.byTuple[tp] = ls
-		}
-	}
-	e := endpointOf(l)
-	if h := t.byExt[e]; h != nil {
-		if h.n--; h.n <= 0 {
-			delete(t.byExt, e)
-		}
-	}
-	// The heap entry is left behind and skipped when it surfaces.
+	t.delRef(ref)
 	return true
 }
 
-// onTuple returns the leases on an internal tuple.
-func (t *table) onTuple(tp tuple) []*store.Lease {
-	return slices.Clone(t.byTuple[tp])
-}
-
-// holder tells who holds an external endpoint.
-func (t *table) holder(e endpoint) (*hold, bool) {
-	h, ok := t.byExt[e]
-	return h, ok
-}
-
-// live reports whether heap entry it still stands for its lease: the lease
-// is in the table (not replaced by a newer copy) with that expiry.
-func (t *table) live(it expItem) bool {
-	cur, ok := t.byKey[it.l.Key]
-	return ok && cur == it.l && cur.Expires.UnixNano() == it.at
-}
-
-// expired pops every lease whose expiry is at or before now.
-func (t *table) expired(now time.Time) []store.Key {
-	var out []store.Key
-	for t.exp.Len() > 0 {
-		it := t.exp[0]
-		if it.at > now.UnixNano() {
-			break
-		}
-		heap.Pop(&t.exp)
-		if t.live(it) && !it.l.Expires.After(now) {
-			out = append(out, it.l.Key)
-		}
+func (t *table) delRef(ref uint32) {
+	r := t.rec(ref)
+	t.remove(ixKey, t.bucket(ixKey, ref))
+	t.unlink(ixTup, ref)
+	t.unlink(ixExt, ref)
+	t.hremove(int(r.hpos))
+	if r.flags&fExtra != 0 {
+		delete(t.extra, ref)
 	}
-	// Stale heap entries of renewed or deleted leases would otherwise pile
-	// up (and keep those old copies alive); rebuild when they outnumber
-	// half the live leases.
-	if t.exp.Len() > len(t.byKey)+len(t.byKey)/2+64 {
-		t.exp = t.exp[:0]
-		for _, l := range t.byKey {
-			t.exp = append(t.exp, expItem{at: l.Expires.UnixNano(), l: l})
-		}
-		heap.Init(&t.exp)
-		t.exp = slices.Clip(t.exp)
+	id := t.owners[r.owner]
+	if t.byOwner[id]--; t.byOwner[id] <= 0 {
+		delete(t.byOwner, id)
+		delete(t.ownerNo, id)
+		t.owners[r.owner] = ""
+		t.ownFree = append(t.ownFree, r.owner)
+	}
+	*r = rec{nextTup: t.free}
+	t.free = ref
+	t.n--
+}
+
+// onTuple returns copies of the leases on an internal tuple, oldest first.
+func (t *table) onTuple(tp tuple) []*store.Lease {
+	var q rec
+	var ok bool
+	if q.iaddr, ok = t.enc(tp.addr, false); !ok {
+		return nil
+	}
+	q.proto, q.iport = tp.proto, tp.port
+	i := t.find(ixTup, &q)
+	if i < 0 {
+		return nil
+	}
+	var out []*store.Lease
+	for ref := t.byTup.b[i]; ref != 0; ref = t.rec(ref).nextTup {
+		l := new(store.Lease)
+		t.decode(ref, l)
+		out = append(out, l)
 	}
 	return out
 }
 
+// holder tells who holds an external endpoint: the internal address and
+// port of its oldest holder (the engine gives an endpoint to one internal
+// endpoint only), and how many leases hold it.
+func (t *table) holder(e endpoint) (hold, bool) {
+	var q rec
+	var ok bool
+	if q.eaddr, ok = t.enc(e.addr, false); !ok {
+		return hold{}, false
+	}
+	q.proto, q.eport = e.proto, e.port
+	i := t.find(ixExt, &q)
+	if i < 0 {
+		return hold{}, false
+	}
+	head := t.byExt.b[i]
+	r := t.rec(head)
+	h := hold{addr: t.dec(r.iaddr), port: r.iport}
+	for ref := head; ref != 0; ref = t.rec(ref).nextExt {
+		h.n++
+	}
+	return h, true
+}
+
+// all yields every lease, in slot order. The lease is the table's scratch
+// copy, overwritten at the next step: copy it to keep it. The table must
+// not change during the walk.
+func (t *table) all() iter.Seq2[store.Key, *store.Lease] {
+	return func(yield func(store.Key, *store.Lease) bool) {
+		for ref := uint32(1); ref <= t.top; ref++ {
+			if t.rec(ref).flags&fLive == 0 {
+				continue
+			}
+			t.decode(ref, &t.buf)
+			if !yield(t.buf.Key, &t.buf) {
+				return
+			}
+		}
+	}
+}
+
+// expired lists the keys of every lease whose expiry is at or before now,
+// earliest first. They stay in the table (and are listed again) until
+// deleted.
+func (t *table) expired(now time.Time) []store.Key {
+	at := now.UnixNano()
+	if len(t.exp) == 0 || t.exp[0].at > at {
+		return nil
+	}
+	// The entries due form a subtree at the heap's root.
+	var due []hitem
+	stack := []int{0}
+	for len(stack) > 0 {
+		i := stack[len(stack)-1]
+		stack = stack[:len(stack)-1]
+		if i >= len(t.exp) || t.exp[i].at > at {
+			continue
+		}
+		due = append(due, t.exp[i])
+		for c := 4*i + 1; c <= 4*i+4; c++ {
+			stack = append(stack, c)
+		}
+	}
+	slices.SortFunc(due, func(a, b hitem) int {
+		if a.at != b.at {
+			return cmp64(a.at, b.at)
+		}
+		return int(a.ref) - int(b.ref)
+	})
+	out := make([]store.Key, len(due))
+	var l store.Lease
+	for i, it := range due {
+		t.decode(it.ref, &l)
+		out[i] = l.Key
+	}
+	return out
+}
+
+func cmp64(a, b int64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
 // next is the earliest expiry, if any.
 func (t *table) next() (time.Time, bool) {
-	for t.exp.Len() > 0 {
-		it := t.exp[0]
-		if t.live(it) {
-			return it.l.Expires, true
-		}
-		heap.Pop(&t.exp)
+	if len(t.exp) == 0 {
+		return time.Time{}, false
 	}
-	return time.Time{}, false
+	return decTime(t.exp[0].at), true
 }
 
-// expItem is a lease in the expiry heap, with the expiry (Unix ns) it had
-// when pushed.
-type expItem struct {
-	at int64
-	l  *store.Lease
+// heapBytes is the table's own memory, for tests and metrics: slab pages,
+// indexes, heap (side tables and interning excluded).
+func (t *table) heapBytes() int {
+	const recSize = 136
+	n := len(t.pages)*pageLen*recSize + 4*(len(t.byKey.b)+len(t.byTup.b)+len(t.byExt.b)) + 16*cap(t.exp)
+	return n + bits.UintSize/8*cap(t.pages)
 }
 
-type expHeap []expItem
+// installs emits an Install op for each pinhole of each lease, in no
+// particular order; a pinhole leases on one tuple share (a PEER and a
+// filtered MAP) once, with the latest expiry among them. It stops when emit
+// returns false. emit must not change the table.
+func (t *table) installs(now time.Time, emit func(pinhole.Op) bool) {
+	left := func(at time.Time) time.Duration { return max(at.Sub(now), time.Millisecond) }
+	var l store.Lease
+	type shared struct {
+		p  pinhole.Pinhole
+		at time.Time
+	}
+	var sh []shared
+	for _, head := range t.byTup.b {
+		if head == 0 {
+			continue
+		}
+		if t.rec(head).nextTup == 0 {
+			// Nearly always: one lease on the tuple.
+			t.decode(head, &l)
+			for _, p := range pinholesOf(&l) {
+				if !emit(pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left(l.Expires)}) {
+					return
+				}
+			}
+			continue
+		}
+		sh = sh[:0]
+		for ref := head; ref != 0; ref = t.rec(ref).nextTup {
+			t.decode(ref, &l)
+			for _, p := range pinholesOf(&l) {
+				i := slices.IndexFunc(sh, func(s shared) bool { return s.p == p })
+				switch {
+				case i < 0:
+					sh = append(sh, shared{p, l.Expires})
+				case l.Expires.After(sh[i].at):
+					sh[i].at = l.Expires
+				}
+			}
+		}
+		for _, s := range sh {
+			if !emit(pinhole.Op{Kind: pinhole.Install, Pinhole: s.p, Timeout: left(s.at)}) {
+				return
+			}
+		}
+	}
+}
 
-func (h expHeap) Len() int           { return len(h) }
-func (h expHeap) Less(i, j int) bool { return h[i].at < h[j].at }
-func (h expHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *expHeap) Push(x any)        { *h = append(*h, x.(expItem)) }
-func (h *expHeap) Pop() any {
-	old := *h
-	it := old[len(old)-1]
-	old[len(old)-1] = expItem{}
-	*h = old[:len(old)-1]
-	return it
+// timeout is the kernel timeout of pinhole p of lease l: the latest expiry
+// among the leases on l's tuple that hold p.
+func (t *table) timeout(p pinhole.Pinhole, l *store.Lease, now time.Time) time.Duration {
+	at := l.Expires
+	for _, o := range t.onTuple(tupleOf(l.Key)) {
+		if o.Expires.After(at) && slices.Contains(pinholesOf(o), p) {
+			at = o.Expires
+		}
+	}
+	return max(at.Sub(now), time.Millisecond)
 }
