@@ -123,10 +123,10 @@ type rec struct {
 }
 
 const (
-	fLive  = 1 << iota // the slot holds a lease
-	fExtra             // extra[slot] exists
-	fThird             // ThirdParty
-	fPrefer            // PreferFailure
+	fLive   = 1 << iota // the slot holds a lease
+	fExtra              // extra[slot] exists
+	fThird              // ThirdParty
+	fPrefer             // PreferFailure
 )
 
 // extra is the variable part of a lease, kept only when not empty.

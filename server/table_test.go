@@ -126,7 +126,7 @@ var (
 	v6a   = netip.MustParseAddr("2001:db8::a")
 	v6b   = netip.MustParseAddr("2001:db8::b")
 	v4a   = netip.MustParseAddr("10.0.0.2")
-	tExt4  = netip.MustParseAddr("192.0.2.1")
+	tExt4 = netip.MustParseAddr("192.0.2.1")
 	srv6  = netip.MustParseAddrPort("[2001:db8::1]:5351")
 	peerR = netip.MustParseAddrPort("[2001:db8:9::1]:4000")
 )
