@@ -38,6 +38,16 @@ const (
 	DefaultSnapshotInterval = time.Hour
 )
 
+// Memory limit (--memory-limit). The automatic limit budgets the most the
+// daemon should need with max-leases leases: a base for the runtime, the
+// sockets, rate limiter and WireGuard state, and per lease the lease table
+// (≈ 180 bytes at 1 000 000) with room for the garbage between collections.
+const (
+	MemoryLimitAuto     = "auto"
+	MemoryLimitBase     = 64 << 20
+	MemoryLimitPerLease = 256
+)
+
 // Third-party modes (--third-party).
 const (
 	// ThirdPartyOff answers every THIRD_PARTY option UNSUPP_OPTION
@@ -79,6 +89,9 @@ type Config struct {
 
 	MinLifetime, MaxLifetime      time.Duration
 	MaxLeasesPerClient, MaxLeases int
+	// MemoryLimit is the Go runtime's soft memory limit in bytes
+	// (runtime/debug.SetMemoryLimit); 0 means none. See MemoryLimitAuto.
+	MemoryLimit int64
 	// RateLimit and RateBurst: requests a second per source (IPv6 /64 or
 	// IPv4 address) and the burst allowed above it (PKT-08).
 	RateLimit, RateBurst      int

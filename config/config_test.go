@@ -46,6 +46,7 @@ func TestDefaults(t *testing.T) {
 		MaxLifetime:        24 * time.Hour,
 		MaxLeasesPerClient: 256,
 		MaxLeases:          65536,
+		MemoryLimit:        64<<20 + 256*65536,
 		RateLimit:          50,
 		RateBurst:          100,
 		IPv4PortLow:        1024,
@@ -74,6 +75,7 @@ state-dir = "/srv/pcpd"
 min-lifetime = "1m"
 max-lifetime = "2h"
 max-leases = 1000
+memory-limit = "auto"
 rate-limit = 500
 strict-nonce = true
 third-party = "off"
@@ -117,6 +119,7 @@ office = ["2001:db8:2::/48"]
 		MaxLifetime:        3 * time.Hour,
 		MaxLeasesPerClient: 256,
 		MaxLeases:          1000,
+		MemoryLimit:        64<<20 + 256*1000,
 		RateLimit:          500,
 		RateBurst:          2000,
 		IPv4PortLow:        20000,
@@ -191,6 +194,10 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{"a unix socket path holds at most 107"}},
 		{name: "quota zero", args: []string{"--max-leases", "0"},
 			want: []string{`--max-leases: "0": want a whole number`}},
+		{name: "memory limit", args: []string{"--memory-limit", "lots"},
+			want: []string{`--memory-limit: "lots": want auto, 0 (no limit), or a size`}},
+		{name: "memory limit too small", args: []string{"--memory-limit", "4k"},
+			want: []string{`--memory-limit: "4k": want auto, 0 (no limit), or a size`}},
 		{name: "rate limit zero", args: []string{"--rate-limit", "0"},
 			want: []string{`--rate-limit: "0": want a whole number`}},
 		{name: "rate burst not a number", file: "rate-burst = \"lots\"\n",
@@ -381,5 +388,38 @@ func TestExampleConfig(t *testing.T) {
 	fs.Parse([]string{"--config", all})
 	if _, err := Load(fs); err != nil {
 		t.Fatalf("example config with every key uncommented: %v", err)
+	}
+}
+
+// --memory-limit: auto follows --max-leases (flag or file), 0 turns the
+// limit off, and sizes take binary suffixes.
+func TestMemoryLimit(t *testing.T) {
+	tests := []struct {
+		name string
+		file string
+		args []string
+		want int64
+	}{
+		{"default is auto at the default max-leases", "", nil, MemoryLimitBase + MemoryLimitPerLease*DefaultMaxLeases},
+		{"auto follows max-leases", "", []string{"--max-leases", "1000000"}, 64<<20 + 256*1_000_000},
+		{"auto follows the file's max-leases", "max-leases = 4000000\n", nil, 64<<20 + 256*4_000_000},
+		{"off", "", []string{"--memory-limit", "0"}, 0},
+		{"bytes", "", []string{"--memory-limit", "536870912"}, 512 << 20},
+		{"MiB", "memory-limit = \"512MiB\"\n", nil, 512 << 20},
+		{"M", "", []string{"--memory-limit", "300M"}, 300 << 20},
+		{"G lower case", "", []string{"--memory-limit", "2g"}, 2 << 30},
+		{"KiB", "", []string{"--memory-limit", "4096KiB"}, 4 << 20},
+		{"flag over file", "memory-limit = \"1G\"\n", []string{"--memory-limit", "auto"}, 64<<20 + 256*65536},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := load(t, tc.file, tc.args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.MemoryLimit != tc.want {
+				t.Fatalf("MemoryLimit %d, want %d", c.MemoryLimit, tc.want)
+			}
+		})
 	}
 }

@@ -65,6 +65,8 @@ var settings = []setting{
 		usage: "`N` leases one client may hold; beyond it new mappings get USER_EX_QUOTA"},
 	{name: "max-leases", kind: kInt, def: fmt.Sprint(DefaultMaxLeases),
 		usage: "`N` leases in total; beyond it new mappings get NO_RESOURCES"},
+	{name: "memory-limit", kind: kString, def: MemoryLimitAuto,
+		usage: "soft limit on the Go runtime's memory, a `SIZE` in bytes or with a K, M or G suffix (binary: KiB, MiB, GiB), or auto (64 MiB + 256 bytes × max-leases) or 0 (no limit); ignored when GOMEMLIMIT is set"},
 	{name: "rate-limit", kind: kInt, def: fmt.Sprint(DefaultRateLimit),
 		usage: "`N` requests a second answered per source (an IPv6 /64 or an IPv4 address, PKT-08); beyond it (and the burst) requests are dropped"},
 	{name: "rate-burst", kind: kInt, def: fmt.Sprint(DefaultRateBurst),

@@ -177,6 +177,18 @@ func validate(vals map[string]*value) (*Config, Errors) {
 		fail(vals["max-leases-per-client"], "%d exceeds max-leases %d", c.MaxLeasesPerClient, c.MaxLeases)
 	}
 
+	// Memory limit: auto follows max-leases.
+	mv := vals["memory-limit"]
+	if strings.TrimSpace(mv.str) == MemoryLimitAuto {
+		if allOK {
+			c.MemoryLimit = MemoryLimitBase + MemoryLimitPerLease*int64(c.MaxLeases)
+		}
+	} else if n, ok := parseSize(mv.str); ok {
+		c.MemoryLimit = n
+	} else {
+		fail(mv, "%q: want auto, 0 (no limit), or a size such as 512MiB or 2G", mv.str)
+	}
+
 	// Rate limit per source.
 	c.RateLimit, _ = parseCount(vals["rate-limit"], fail)
 	c.RateBurst, _ = parseCount(vals["rate-burst"], fail)
@@ -381,4 +393,30 @@ func parsePortRange(s string) (lo, hi uint16, ok bool) {
 		return 0, 0, false
 	}
 	return uint16(l), uint16(h), true
+}
+
+// parseSize reads a byte count: digits with an optional binary suffix K,
+// KiB, M, MiB, G or GiB (any case, B optional). A size under 1 MiB other
+// than 0 is refused: the runtime could not work within it.
+func parseSize(s string) (int64, bool) {
+	s = strings.ToLower(strings.TrimSpace(s))
+	s = strings.TrimSuffix(strings.TrimSuffix(s, "b"), "i")
+	shift := 0
+	switch {
+	case strings.HasSuffix(s, "k"):
+		shift = 10
+	case strings.HasSuffix(s, "m"):
+		shift = 20
+	case strings.HasSuffix(s, "g"):
+		shift = 30
+	}
+	if shift > 0 {
+		s = s[:len(s)-1]
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
+	if err != nil || n < 0 || n > (1<<62)>>shift {
+		return 0, false
+	}
+	n <<= shift
+	return n, n == 0 || n >= 1<<20
 }

@@ -236,10 +236,15 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		defer metrics.Close()
 	}
 
+	// The server has its own reference to the stored leases and drops it
+	// as it restores them; this one must not keep them alive.
+	state.Leases = nil
+
 	// Restore leases into the kernel before serving (EPO-04).
 	if err := srv.Start(); err != nil {
 		return failure(err)
 	}
+	chooseMemory(cfg, os.Getenv).apply(log)
 	for _, f := range bg {
 		go f(ctx)
 	}
@@ -259,7 +264,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		zap.String("state_dir", cfg.StateDir),
 		zap.String("socket", cfg.Socket),
 		zap.String("metrics", cfg.Metrics),
-		zap.Int("leases_restored", len(srv.Leases())),
+		zap.Int("leases_restored", srv.Status().Leases), // not len(srv.Leases()): a sorted copy of them all
 	)
 	if ok, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 		log.Warn("systemd readiness notification failed", zap.Error(err))
