@@ -48,7 +48,7 @@ func checkTable(t testing.TB, tab *table) {
 				t.Fatalf("slot %d: not in index %d", ref, kind)
 			}
 			found := false
-			for c := tab.ix(kind).b[i]; c != 0; c = *tab.rec(c).next(kind) {
+			for c := tab.ix(kind).ref(i); c != 0; c = *tab.rec(c).next(kind) {
 				if !same(kind, tab.rec(c), r) || tab.rec(c).flags&fLive == 0 {
 					t.Fatalf("index %d: chain of slot %d holds slot %d of another key or free", kind, ref, c)
 				}
@@ -68,9 +68,13 @@ func checkTable(t testing.TB, tab *table) {
 	for _, kind := range []int{ixKey, ixTup, ixExt} {
 		x := tab.ix(kind)
 		n := 0
-		for i, ref := range x.b {
-			if ref == 0 {
+		for i, b := range x.b {
+			if b == 0 {
 				continue
+			}
+			ref := b & refMask
+			if b&^refMask != tagOf(tab.hash(kind, tab.rec(ref))) {
+				t.Fatalf("index %d: bucket %d has the wrong tag", kind, i)
 			}
 			n++
 			// Every entry is reachable from its home bucket without
