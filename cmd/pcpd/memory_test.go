@@ -1,6 +1,8 @@
 package main
 
 import (
+	"runtime"
+	"runtime/debug"
 	"testing"
 
 	"github.com/pcpd/pcpd/config"
@@ -28,5 +30,27 @@ func TestChooseMemory(t *testing.T) {
 				t.Fatalf("got %+v, want %+v", got, tc.want)
 			}
 		})
+	}
+}
+
+// heapFree sees memory freed by a transient as free, and FreeOSMemory (what
+// trimMemory calls) returns it: what the trimmer relies on.
+func TestHeapFreeSeesTransient(t *testing.T) {
+	debug.FreeOSMemory()
+	free0, _ := heapFree()
+	big := make([][]byte, 64)
+	for i := range big {
+		big[i] = make([]byte, 1<<20)
+	}
+	runtime.KeepAlive(big)
+	big = nil
+	runtime.GC()
+	free1, _ := heapFree()
+	if free1 < free0+32<<20 {
+		t.Fatalf("64 MiB freed: free heap %d → %d bytes, want ≥ 32 MiB more", free0, free1)
+	}
+	debug.FreeOSMemory()
+	if free2, _ := heapFree(); free2 > free0+8<<20 {
+		t.Fatalf("after FreeOSMemory %d bytes free, want about %d", free2, free0)
 	}
 }

@@ -245,6 +245,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		return failure(err)
 	}
 	chooseMemory(cfg, os.Getenv).apply(log)
+	go trimMemory(ctx, log)
 	for _, f := range bg {
 		go f(ctx)
 	}
