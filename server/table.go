@@ -517,20 +517,22 @@ func (r *rec) next(kind int) *uint32 {
 }
 
 // link appends ref to the chain of its tuple or endpoint (kind ixTup or
-// ixExt). Oldest first: the head is who holds an endpoint (holder).
-func (t *table) link(kind int, ref uint32) {
+// ixExt) and reports whether it is alone on it. Oldest first: the head is
+// who holds an endpoint (holder).
+func (t *table) link(kind int, ref uint32) bool {
 	r := t.rec(ref)
 	*r.next(kind) = 0
 	i := t.find(kind, r)
 	if i < 0 {
 		t.add(kind, ref)
-		return
+		return true
 	}
 	p := t.rec(t.ix(kind).ref(i))
 	for *p.next(kind) != 0 {
 		p = t.rec(*p.next(kind))
 	}
 	*p.next(kind) = ref
+	return false
 }
 
 func (t *table) unlink(kind int, ref uint32) {
@@ -656,8 +658,9 @@ func (t *table) put(l store.Lease) {
 	t.insert(&l)
 }
 
-// insert is put by pointer (restore: no 288-byte copy per lease).
-func (t *table) insert(l *store.Lease) {
+// insert is put by pointer (restore: no 288-byte copy per lease). It
+// reports whether the lease is alone on its tuple.
+func (t *table) insert(l *store.Lease) (alone bool) {
 	if ref := t.lookup(l.Key); ref != 0 {
 		t.delRef(ref)
 	}
@@ -681,11 +684,12 @@ func (t *table) insert(l *store.Lease) {
 	}
 	t.byOwner[l.Owner]++
 	t.add(ixKey, ref)
-	t.link(ixTup, ref)
+	alone = t.link(ixTup, ref)
 	t.link(ixExt, ref)
 	t.exp = append(t.exp, hitem{at: r.exp, ref: ref})
 	t.hup(len(t.exp) - 1)
 	t.n++
+	return alone
 }
 
 // del removes a lease; it reports whether there was one.
