@@ -198,6 +198,14 @@ type Backend interface {
 	Status() Status
 }
 
+// LeaseStreamer, when a Backend has it, serves the leases op instead of
+// Leases: count gets the number of leases, then each every lease in
+// Leases' order (the lease is reused after each returns). A million leases
+// then need not be copied whole for one listing (server.ListLeases).
+type LeaseStreamer interface {
+	StreamLeases(count func(n int) error, each func(*store.Lease) error) error
+}
+
 // ProtocolName spells an IANA protocol number as operators write it.
 func ProtocolName(p uint8) string {
 	switch p {

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -373,5 +374,66 @@ func TestAppendLeaseJSON(t *testing.T) {
 		if string(got) != string(want) {
 			t.Errorf("appendLeaseJSON:\n got %s\nwant %s", got, want)
 		}
+	}
+}
+
+// streamer is a Backend that lists through LeaseStreamer; its Leases must
+// not be used for the leases op.
+type streamer struct {
+	*table
+	fail error // returned by each after the first lease
+}
+
+func (s *streamer) Leases() []store.Lease { panic("leases op must stream") }
+
+func (s *streamer) StreamLeases(count func(int) error, each func(*store.Lease) error) error {
+	ls := s.table.Leases()
+	if err := count(len(ls)); err != nil {
+		return err
+	}
+	var l store.Lease // reused, as the engine does
+	for i := range ls {
+		if i > 0 && s.fail != nil {
+			return s.fail
+		}
+		l = ls[i]
+		if err := each(&l); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// A backend that streams gives the same lines as one that returns a slice;
+// a stream cut short is an error at the client, not a short list.
+func TestLeasesStreamed(t *testing.T) {
+	ls := []store.Lease{lease("home", 6, "2001:db8:1:2::10", 443), lease("home", 17, "2001:db8:1:2::11", 53), lease("work", 6, "2001:db8:1:3::1", 22)}
+	tests := []struct {
+		name    string
+		fail    error
+		wantErr bool
+	}{
+		{"whole", nil, false},
+		{"cut short", errors.New("engine gave up"), true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			plain := &Client{Path: start(t, &table{leases: ls})}
+			streamed := &Client{Path: start(t, &streamer{table: &table{leases: ls}, fail: tc.fail})}
+			var want, got []string
+			if _, err := plain.LeasesJSON(context.Background(), func(l []byte) error { want = append(want, string(l)); return nil }); err != nil {
+				t.Fatal(err)
+			}
+			n, err := streamed.LeasesJSON(context.Background(), func(l []byte) error { got = append(got, string(l)); return nil })
+			if tc.wantErr {
+				if err == nil || !errors.Is(err, ErrProtocol) {
+					t.Fatalf("cut-short stream: %d leases, err %v", n, err)
+				}
+				return
+			}
+			if err != nil || n != len(ls) || !slices.Equal(got, want) {
+				t.Fatalf("streamed %d %v:\n%q\nwant\n%q", n, err, got, want)
+			}
+		})
 	}
 }

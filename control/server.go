@@ -185,6 +185,16 @@ func handle(line []byte, w *bufio.Writer, b Backend, log *zap.Logger) error {
 	}
 	switch req.Op {
 	case OpLeases:
+		if ls, ok := b.(LeaseStreamer); ok {
+			var buf []byte
+			return ls.StreamLeases(func(n int) error {
+				return enc.Encode(Reply{OK: true, Count: n})
+			}, func(l *store.Lease) error {
+				buf = append(appendLeaseJSON(buf[:0], l), '\n')
+				_, err := w.Write(buf)
+				return err
+			})
+		}
 		leases := b.Leases()
 		if err := enc.Encode(Reply{OK: true, Count: len(leases)}); err != nil {
 			return err

@@ -62,11 +62,7 @@ func drain(ls []store.Lease) iter.Seq[*store.Lease] {
 	}
 }
 
-// restoring is a restore in progress: stored leases admitted into the
-// table, their pinholes going into the kernel beside it. The kernel's part
-// (≈ 6 µs a pinhole, most of a 1 000 000-lease start) runs in a goroutine
-// of its own, in transactions of pinhole.MaxBatch ops, while the leases
-// are read and indexed.
+// restoring is a restore in progress: stored leases admitted into the table.
 type restoring struct {
 	s        *Server
 	now      time.Time
@@ -75,69 +71,15 @@ type restoring struct {
 	moved    int
 	doubtful int
 	expired  int
-
-	ops   []pinhole.Op      // the batch being filled
-	work  chan []pinhole.Op // full batches, to install
-	spare chan []pinhole.Op // applied batches, for reuse
-	done  chan error        // install's first error, once work is closed
 }
 
 func (s *Server) restoring(now time.Time) *restoring {
-	r := &restoring{s: s, now: now, work: make(chan []pinhole.Op, 4), spare: make(chan []pinhole.Op, 6), done: make(chan error, 1)}
-	go r.install()
-	return r
-}
-
-// install applies the batches add fills until work is closed; after a
-// failure it only drains them (reconcile then goes lease by lease). It is
-// the firewall's only user meanwhile: Start holds s.mu and nothing serves.
-func (r *restoring) install() {
-	var err error
-	for ops := range r.work {
-		if err == nil {
-			err = r.s.fw.Apply(ops)
-		}
-		select {
-		case r.spare <- ops[:0]:
-		default:
-		}
-	}
-	r.done <- err
-}
-
-func (r *restoring) emit(op pinhole.Op) {
-	if r.ops == nil {
-		select {
-		case r.ops = <-r.spare:
-		default:
-			r.ops = make([]pinhole.Op, 0, pinhole.MaxBatch)
-		}
-	}
-	r.ops = append(r.ops, op)
-	if len(r.ops) == pinhole.MaxBatch {
-		r.work <- r.ops
-		r.ops = nil
-	}
-}
-
-// installed waits for every pinhole add queued to be applied and returns
-// the first error.
-func (r *restoring) installed() error {
-	if len(r.ops) > 0 {
-		r.work <- r.ops
-		r.ops = nil
-	}
-	close(r.work)
-	return <-r.done
+	return &restoring{s: s, now: now}
 }
 
 // add admits one stored lease: expired ones and IPv4 ones whose external
-// address is no longer ours are dropped, the rest clamped, put in the
-// table (which copies what it keeps; l may be reused) and their pinholes
-// queued for the kernel. A pinhole leases on one tuple share (a PEER and a
-// filtered MAP) is queued with the latest expiry among those admitted so
-// far: Install sets exactly the timeout given, so the last one queued, with
-// the latest of all, stands.
+// address is no longer ours are dropped, the rest clamped and put in the
+// table (which copies what it keeps; l may be reused).
 func (r *restoring) add(l *store.Lease) {
 	switch {
 	case !l.Expires.After(r.now):
@@ -153,14 +95,7 @@ func (r *restoring) add(l *store.Lease) {
 		if r.s.clampRestored(l, r.now) {
 			r.doubtful++
 		}
-		alone := r.s.tab.insert(l)
-		for _, p := range pinholesOf(l) {
-			d := max(l.Expires.Sub(r.now), time.Millisecond)
-			if !alone {
-				d = r.s.tab.timeout(p, l, r.now)
-			}
-			r.emit(pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: d})
-		}
+		r.s.tab.insert(l)
 	}
 }
 
@@ -176,7 +111,7 @@ func (r *restoring) finish(st store.State) error {
 	if r.moved > 0 {
 		lost, why = true, "external IPv4 address changed"
 	}
-	unrestored, ok := s.reconcile(r.gone, r.installed(), now)
+	unrestored, ok := s.reconcile(r.gone, now)
 	r.gone = nil
 	if !ok {
 		lost, why = true, "some leases could not be restored into the kernel"
@@ -208,12 +143,11 @@ func (r *restoring) finish(st store.State) error {
 // maxOrphanTargets bounds the addresses announced to from orphan pinholes.
 const maxOrphanTargets = 4096
 
-// reconcile finishes putting the pinholes of the table's leases back into
-// the kernel with their remaining lifetimes (restoring.add queued them, in
-// transactions of pinhole.MaxBatch ops; re-adding a pinhole that is there
-// only resets its timeout). If that failed (installErr), it goes lease by
-// lease; leases it cannot put in place leave the table. It returns their
-// keys and whether all could.
+// reconcile puts the pinholes of the table's leases back into the kernel
+// with their remaining lifetimes, in transactions of pinhole.MaxBatch ops
+// (re-adding a pinhole that is there only resets its timeout). Leases it
+// cannot put in place leave the table; it returns their keys and whether
+// all could.
 //
 // It does not list the kernel's pinholes: a dump of a large set takes the
 // kernel time quadratic in its size (~2-7 s per 100 000, minutes at
@@ -226,7 +160,7 @@ const maxOrphanTargets = 4096
 // The pinholes gone (of leases dropped because the external IPv4 changed)
 // are removed, unless a live lease on the same tuple holds one: they are
 // known without a dump.
-func (s *Server) reconcile(gone []pinhole.Pinhole, installErr error, now time.Time) ([]store.Key, bool) {
+func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Key, bool) {
 	var dels []pinhole.Op
 	for _, p := range gone {
 		held := false
@@ -242,7 +176,19 @@ func (s *Server) reconcile(gone []pinhole.Pinhole, installErr error, now time.Ti
 			s.log.Error("cannot remove the pinholes of dropped leases; they end with their timeouts", zap.Error(err))
 		}
 	}
-	err := installErr
+	ops := make([]pinhole.Op, 0, pinhole.MaxBatch)
+	var err error
+	s.tab.installs(now, func(op pinhole.Op) bool {
+		ops = append(ops, op)
+		if len(ops) == pinhole.MaxBatch {
+			err = s.fw.Apply(ops)
+			ops = ops[:0]
+		}
+		return err == nil
+	})
+	if err == nil && len(ops) > 0 {
+		err = s.fw.Apply(ops)
+	}
 	if err == nil {
 		return nil, true
 	}

@@ -85,7 +85,16 @@ type table struct {
 	srvNo  map[netip.AddrPort]uint32
 
 	seed maphash.Seed
-	buf  store.Lease // scan's reused lease
+	buf  store.Lease // all's reused lease
+
+	// Pinning (listings, see pin): while pins > 0 a deleted lease's slot
+	// keeps its content and its owner number stays taken; both wait in
+	// pend and pendOwners until the last unpin. pinEpoch changes when a
+	// pin is broken (too much waiting: pinMax).
+	pins       int
+	pinEpoch   uint64
+	pend       []uint32
+	pendOwners []uint32
 }
 
 const (
@@ -517,22 +526,20 @@ func (r *rec) next(kind int) *uint32 {
 }
 
 // link appends ref to the chain of its tuple or endpoint (kind ixTup or
-// ixExt) and reports whether it is alone on it. Oldest first: the head is
-// who holds an endpoint (holder).
-func (t *table) link(kind int, ref uint32) bool {
+// ixExt). Oldest first: the head is who holds an endpoint (holder).
+func (t *table) link(kind int, ref uint32) {
 	r := t.rec(ref)
 	*r.next(kind) = 0
 	i := t.find(kind, r)
 	if i < 0 {
 		t.add(kind, ref)
-		return true
+		return
 	}
 	p := t.rec(t.ix(kind).ref(i))
 	for *p.next(kind) != 0 {
 		p = t.rec(*p.next(kind))
 	}
 	*p.next(kind) = ref
-	return false
 }
 
 func (t *table) unlink(kind int, ref uint32) {
@@ -658,9 +665,8 @@ func (t *table) put(l store.Lease) {
 	t.insert(&l)
 }
 
-// insert is put by pointer (restore: no 288-byte copy per lease). It
-// reports whether the lease is alone on its tuple.
-func (t *table) insert(l *store.Lease) (alone bool) {
+// insert is put by pointer (restore: no 288-byte copy per lease).
+func (t *table) insert(l *store.Lease) {
 	if ref := t.lookup(l.Key); ref != 0 {
 		t.delRef(ref)
 	}
@@ -684,12 +690,11 @@ func (t *table) insert(l *store.Lease) (alone bool) {
 	}
 	t.byOwner[l.Owner]++
 	t.add(ixKey, ref)
-	alone = t.link(ixTup, ref)
+	t.link(ixTup, ref)
 	t.link(ixExt, ref)
 	t.exp = append(t.exp, hitem{at: r.exp, ref: ref})
 	t.hup(len(t.exp) - 1)
 	t.n++
-	return alone
 }
 
 // del removes a lease; it reports whether there was one.
@@ -708,19 +713,89 @@ func (t *table) delRef(ref uint32) {
 	t.unlink(ixTup, ref)
 	t.unlink(ixExt, ref)
 	t.hremove(int(r.hpos))
-	if r.flags&fExtra != 0 {
-		delete(t.extra, ref)
-	}
+	t.n--
 	id := t.owners[r.owner]
+	ownerGone := false
 	if t.byOwner[id]--; t.byOwner[id] <= 0 {
 		delete(t.byOwner, id)
 		delete(t.ownerNo, id)
-		t.owners[r.owner] = ""
-		t.ownFree = append(t.ownFree, r.owner)
+		ownerGone = true
+	}
+	if t.pins > 0 {
+		// A listing may still read it: keep the content, free later.
+		r.flags &^= fLive
+		t.pend = append(t.pend, ref)
+		if ownerGone {
+			t.pendOwners = append(t.pendOwners, r.owner)
+		}
+		if len(t.pend) > max(pinMax, t.n/4) {
+			t.breakPins()
+		}
+		return
+	}
+	if ownerGone {
+		t.freeOwner(r.owner)
+	}
+	t.freeSlot(ref)
+}
+
+func (t *table) freeOwner(n uint32) {
+	t.owners[n] = ""
+	t.ownFree = append(t.ownFree, n)
+}
+
+func (t *table) freeSlot(ref uint32) {
+	r := t.rec(ref)
+	if r.flags&fExtra != 0 {
+		delete(t.extra, ref)
 	}
 	*r = rec{nextTup: t.free}
 	t.free = ref
-	t.n--
+}
+
+// pinMax is how many deleted slots a listing may hold back (renewals each
+// delete one) before its pin is broken: ≈ 9 MB of slab. A listing's client
+// that stops reading must not make the table grow without end.
+const pinMax = 65536
+
+// pin keeps the content of every slot as it is now until unpin, so a
+// listing can read the leases of a moment outside the lock: a deleted
+// lease's slot is not reused or cleared (put is a delete and an insert, so
+// a renewed lease's old slot stays as it was too). It returns the epoch
+// unpin and pinned need.
+func (t *table) pin() uint64 {
+	t.pins++
+	return t.pinEpoch
+}
+
+// pinned reports whether the pin taken at epoch still holds.
+func (t *table) pinned(epoch uint64) bool { return t.pins > 0 && t.pinEpoch == epoch }
+
+// unpin ends a pin; the last one frees what waited.
+func (t *table) unpin(epoch uint64) {
+	if !t.pinned(epoch) {
+		return // broken meanwhile
+	}
+	if t.pins--; t.pins == 0 {
+		t.releasePins()
+	}
+}
+
+// breakPins ends every pin at once (pinned reports false to their holders).
+func (t *table) breakPins() {
+	t.pins = 0
+	t.pinEpoch++
+	t.releasePins()
+}
+
+func (t *table) releasePins() {
+	for _, ref := range t.pend {
+		t.freeSlot(ref)
+	}
+	for _, n := range t.pendOwners {
+		t.freeOwner(n)
+	}
+	t.pend, t.pendOwners = nil, nil
 }
 
 // onTuple returns copies of the leases on an internal tuple, oldest first.

@@ -111,8 +111,11 @@ func checkTable(t testing.TB, tab *table) {
 			t.Fatal("free list loops")
 		}
 	}
-	if free+live != int(tab.top) {
-		t.Fatalf("%d free + %d live != %d slots", free, live, tab.top)
+	if free+live+len(tab.pend) != int(tab.top) {
+		t.Fatalf("%d free + %d live + %d pinned != %d slots", free, live, len(tab.pend), tab.top)
+	}
+	if tab.pins == 0 && (len(tab.pend) > 0 || len(tab.pendOwners) > 0) {
+		t.Fatalf("no pin, %d slots and %d owners waiting", len(tab.pend), len(tab.pendOwners))
 	}
 	if !reflect.DeepEqual(owners, tab.byOwner) && !(len(owners) == 0 && len(tab.byOwner) == 0) {
 		t.Fatalf("owner counts %v, want %v", tab.byOwner, owners)
@@ -120,8 +123,11 @@ func checkTable(t testing.TB, tab *table) {
 	if len(tab.ownerNo) != len(owners) {
 		t.Fatalf("%d interned owners, %d holding leases", len(tab.ownerNo), len(owners))
 	}
-	if len(tab.extra) > live {
-		t.Fatalf("%d extras for %d leases", len(tab.extra), live)
+	if taken := len(tab.owners) - len(tab.ownFree); taken != len(owners)+len(tab.pendOwners) {
+		t.Fatalf("%d owner numbers taken, %d owners + %d waiting", taken, len(owners), len(tab.pendOwners))
+	}
+	if len(tab.extra) > live+len(tab.pend) {
+		t.Fatalf("%d extras for %d leases and %d held-back slots", len(tab.extra), live, len(tab.pend))
 	}
 }
 

@@ -305,6 +305,11 @@ type backend struct {
 
 func (b *backend) Leases() []store.Lease { return b.srv.Leases() }
 
+// StreamLeases lists without a copy of every lease (control.LeaseStreamer).
+func (b *backend) StreamLeases(count func(int) error, each func(*store.Lease) error) error {
+	return b.srv.ListLeases(count, each)
+}
+
 func (b *backend) Revoke(r control.Revoke) (int, error) {
 	return b.srv.Revoke(server.RevokeFilter{Owner: r.Owner, Key: r.Key, All: r.All})
 }

@@ -1,0 +1,134 @@
+package server
+
+import (
+	"bytes"
+	"cmp"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/pcpd/pcpd/store"
+)
+
+// listChunk is how many leases ListLeases decodes per hold of s.mu.
+const listChunk = 1024
+
+// listKey is what ListLeases sorts by: a lease's key in compact form (the
+// owner as its rank among the owners' IDs), ≈ 52 bytes, and its slot.
+type listKey struct {
+	rank, ref     uint32
+	iaddr, remote caddr
+	iport, rport  uint16
+	proto         uint8
+}
+
+// ListLeases gives every live lease to each, in Leases' order (by owner,
+// internal address, protocol, port and remote), after count has been told
+// how many there are. Unlike Leases it copies no lease whole: it sorts
+// compact keys (≈ 52 bytes a lease instead of 288) and decodes listChunk
+// leases at a time, holding s.mu only for that, so the engine serves on
+// while a slow reader takes the list; the table is pinned meanwhile
+// (table.pin) and each sees the leases as they were when the listing
+// began. At 1 000 000 leases that is ≈ 55 MB beside the table instead of a
+// 290 MB snapshot (resident memory: README, "Memory"). The lease given to
+// each is reused afterwards.
+func (s *Server) ListLeases(count func(n int) error, each func(*store.Lease) error) error {
+	s.mu.Lock()
+	t := s.tab
+	now := s.now().UnixNano()
+	rank := ownerRanks(t)
+	keys := make([]listKey, 0, t.len())
+	for ref := uint32(1); ref <= t.top; ref++ {
+		r := t.rec(ref)
+		if r.flags&fLive == 0 || r.exp <= now {
+			continue // Leases lists live leases only (Expires after now)
+		}
+		keys = append(keys, listKey{rank: rank[r.owner], ref: ref, iaddr: r.iaddr, remote: r.remote,
+			iport: r.iport, rport: r.rport, proto: r.proto})
+	}
+	zones := t.zones // append-only: the entries the keys use stay
+	epoch := t.pin()
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		t.unpin(epoch)
+		s.mu.Unlock()
+	}()
+
+	slices.SortFunc(keys, func(a, b listKey) int { return a.compare(&b, zones) })
+	if err := count(len(keys)); err != nil {
+		return err
+	}
+	buf := make([]store.Lease, min(listChunk, len(keys)))
+	for i := 0; i < len(keys); i += listChunk {
+		chunk := keys[i:min(i+listChunk, len(keys))]
+		s.mu.Lock()
+		if !t.pinned(epoch) {
+			s.mu.Unlock()
+			return fmt.Errorf("server: lease listing read too slowly: the table changed too much meanwhile")
+		}
+		for j := range chunk {
+			t.decode(chunk[j].ref, &buf[j])
+		}
+		s.mu.Unlock()
+		for j := range chunk {
+			if err := each(&buf[j]); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// ownerRanks maps each owner number in use to its ID's rank in string
+// order.
+func ownerRanks(t *table) []uint32 {
+	ids := make([]string, 0, len(t.ownerNo))
+	for id := range t.ownerNo {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	rank := make([]uint32, len(t.owners))
+	for i, id := range ids {
+		rank[t.ownerNo[id]] = uint32(i)
+	}
+	return rank
+}
+
+// compare orders as compareKeys does on the decoded keys.
+func (a *listKey) compare(b *listKey, zones []string) int {
+	if c := cmp.Compare(a.rank, b.rank); c != 0 {
+		return c
+	}
+	if c := compareAddr(a.iaddr, b.iaddr, zones); c != 0 {
+		return c
+	}
+	if c := cmp.Compare(a.proto, b.proto); c != 0 {
+		return c
+	}
+	if c := cmp.Compare(a.iport, b.iport); c != 0 {
+		return c
+	}
+	if c := compareAddr(a.remote, b.remote, zones); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.rport, b.rport)
+}
+
+// compareAddr orders encoded addresses as netip.Addr.Compare: by family
+// (invalid, IPv4, IPv6), then address, then zone.
+func compareAddr(a, b caddr, zones []string) int {
+	if c := cmp.Compare(a.m&3, b.m&3); c != 0 {
+		return c
+	}
+	if c := bytes.Compare(a.a[:], b.a[:]); c != 0 {
+		return c
+	}
+	zone := func(m uint16) string {
+		if z := m >> 2; z != 0 {
+			return zones[z-1]
+		}
+		return ""
+	}
+	return strings.Compare(zone(a.m), zone(b.m))
+}
