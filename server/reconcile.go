@@ -35,8 +35,10 @@ func (s *Server) restore() error {
 		return fmt.Errorf("server: firewall setup: %w", err)
 	}
 	s.updateProtected()
-	// The caller's reference goes now, so the stored leases are garbage
-	// once the table has taken them.
+	// The server's reference goes now, and each stored lease is cleared
+	// once the table has it (the caller's slice too: Start consumes it),
+	// so the stored leases' strings and FILTERs are garbage as restore
+	// goes, and the slice when restore is done (ls is dead after the loop).
 	ls := s.deps.State.Leases
 	s.deps.State.Leases = nil
 	st.Leases = nil
@@ -44,7 +46,6 @@ func (s *Server) restore() error {
 	for l := range drain(ls) {
 		r.add(l)
 	}
-	ls = nil
 	return r.finish(st)
 }
 
@@ -79,7 +80,9 @@ func (s *Server) restoring(now time.Time) *restoring {
 
 // add admits one stored lease: expired ones and IPv4 ones whose external
 // address is no longer ours are dropped, the rest clamped and put in the
-// table (which copies what it keeps; l may be reused).
+// table. l may be reused by the caller afterwards (a streaming store
+// decoding into one Lease): the table copies the lease and gets its own
+// FILTER slice (strings are immutable).
 func (r *restoring) add(l *store.Lease) {
 	switch {
 	case !l.Expires.After(r.now):
@@ -95,6 +98,7 @@ func (r *restoring) add(l *store.Lease) {
 		if r.s.clampRestored(l, r.now) {
 			r.doubtful++
 		}
+		l.Filters = slices.Clip(slices.Clone(l.Filters))
 		r.s.tab.insert(l)
 	}
 }
