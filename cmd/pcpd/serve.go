@@ -306,8 +306,13 @@ type backend struct {
 func (b *backend) Leases() []store.Lease { return b.srv.Leases() }
 
 // StreamLeases lists without a copy of every lease (control.LeaseStreamer).
+// After a large listing the memory it used goes back to the system at once
+// (handBackAfter), before the reply's last lines are flushed.
 func (b *backend) StreamLeases(count func(int) error, each func(*store.Lease) error) error {
-	return b.srv.ListLeases(count, each)
+	n := 0
+	err := b.srv.ListLeases(func(c int) error { n = c; return count(c) }, each)
+	handBackAfter(n)
+	return err
 }
 
 func (b *backend) Revoke(r control.Revoke) (int, error) {
