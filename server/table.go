@@ -844,8 +844,10 @@ func (t *table) holder(e endpoint) (hold, bool) {
 }
 
 // all yields every lease, in slot order. The lease is the table's scratch
-// copy, overwritten at the next step: copy it to keep it. The table must
-// not change during the walk.
+// copy, overwritten at the next step (or by another walk): copy it to keep
+// it. The table may change between steps (a walk that lets go of s.mu now
+// and then, announceTargets): leases deleted meanwhile are not yielded,
+// leases added meanwhile may or may not be.
 func (t *table) all() iter.Seq2[store.Key, *store.Lease] {
 	return func(yield func(store.Key, *store.Lease) bool) {
 		for ref := uint32(1); ref <= t.top; ref++ {
