@@ -128,15 +128,25 @@ func (s *Server) announceTargets() (pcpT, pmpT map[netip.AddrPort][]netip.AddrPo
 		server, client netip.AddrPort
 		pmp            bool
 	}
-	s.mu.Lock()
-	n := s.tab.len()
-	s.mu.Unlock()
-	ts := make([]target, 0, n+n/8)
+	// Deduplicated as the walk goes: a list of every lease's target and a
+	// set sized for all of them held ≈ 180 MB at 1 000 000 leases just
+	// after a restart, for a few thousand distinct clients.
+	pcpT, pmpT = map[netip.AddrPort][]netip.AddrPort{}, map[netip.AddrPort][]netip.AddrPort{}
+	seen := map[target]struct{}{}
 	s.mu.Lock()
 	i := 0
 	for _, l := range s.tab.all() {
 		if l.ClientAddr.IsValid() {
-			ts = append(ts, target{l.ServerAddr, l.ClientAddr, l.Kind == store.KindNATPMP})
+			t := target{l.ServerAddr, l.ClientAddr, l.Kind == store.KindNATPMP}
+			m := pcpT
+			if t.pmp {
+				m = pmpT
+				t.client = netip.AddrPortFrom(t.client.Addr(), pcp.ClientPort)
+			}
+			if _, dup := seen[t]; !dup {
+				seen[t] = struct{}{}
+				m[t.server] = append(m[t.server], t.client)
+			}
 		}
 		if i++; i%announceYield == 0 {
 			s.mu.Unlock()
@@ -145,19 +155,5 @@ func (s *Server) announceTargets() (pcpT, pmpT map[netip.AddrPort][]netip.AddrPo
 		}
 	}
 	s.mu.Unlock()
-	pcpT, pmpT = map[netip.AddrPort][]netip.AddrPort{}, map[netip.AddrPort][]netip.AddrPort{}
-	seen := make(map[target]struct{}, len(ts))
-	for _, t := range ts {
-		m := pcpT
-		if t.pmp {
-			m = pmpT
-			t.client = netip.AddrPortFrom(t.client.Addr(), pcp.ClientPort)
-		}
-		if _, dup := seen[t]; dup {
-			continue
-		}
-		seen[t] = struct{}{}
-		m[t.server] = append(m[t.server], t.client)
-	}
 	return pcpT, pmpT
 }
