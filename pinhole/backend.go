@@ -26,6 +26,9 @@ type Config struct {
 	Chain string
 	// AllowEcho lets ICMPv6 echo requests reach the protected prefixes.
 	AllowEcho bool
+	// Meter is the kernel's per-source request meter (meter.go),
+	// standalone only.
+	Meter Meter
 }
 
 func (c *Config) fill() error {
@@ -41,6 +44,7 @@ func (c *Config) fill() error {
 			return fmt.Errorf("pinhole: bad object name %q: %w", n, ErrInvalid)
 		}
 	}
+	c.Meter.fill()
 	return nil
 }
 
@@ -55,6 +59,8 @@ type Backend struct {
 	sets                   [numKinds]*nftables.Set
 	snat                   [numSNAT]*nftables.Set
 	protected6, protected4 *nftables.Set
+	meter6, meter4         *nftables.Set // standalone only (meter.go)
+	chainInput             string        // standalone only: the meter's chain
 	chainEntry             string
 	chainGuard6            string
 	chainGuard4            string
@@ -97,6 +103,8 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		b.chainEntry = cfg.Chain
 	} else {
 		b.chainEntry = "forward"
+		b.chainInput = "input"
+		b.meter6, b.meter4 = meterSets(b.table, prefix, cfg.Meter.Size)
 	}
 	b.chainGuard6 = prefix + "guard6"
 	b.chainGuard4 = prefix + "guard4"
@@ -117,7 +125,11 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 
 // allSets lists every set pcpd owns.
 func (b *Backend) allSets() []*nftables.Set {
-	return append(append(b.sets[:], b.snat[:]...), b.protected6, b.protected4)
+	all := append(append(b.sets[:], b.snat[:]...), b.protected6, b.protected4)
+	if b.meter6 != nil {
+		all = append(all, b.meter6, b.meter4)
+	}
+	return all
 }
 
 // Setup creates pcpd's table (standalone), sets and chains where missing,
@@ -201,6 +213,10 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 		accept := nftables.ChainPolicyAccept
 		m[b.chainEntry] = &nftables.Chain{Table: b.table, Name: b.chainEntry, Type: nftables.ChainTypeFilter,
 			Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept}
+		// The request meter's chain: policy accept, it drops nothing but
+		// over-rate datagrams to pcpd's ports (meter.go).
+		m[b.chainInput] = &nftables.Chain{Table: b.table, Name: b.chainInput, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &accept}
 	}
 	return m
 }

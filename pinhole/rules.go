@@ -213,11 +213,15 @@ func (b *Backend) layout() []chainRules {
 			loadNet(ip4DstOff, 4, reg0+3), loadTh(thDstOff, reg0+4)), b.snat[snat4Filter]),
 	}
 
-	return []chainRules{
+	out := []chainRules{
 		{b.chainGuard6, guard6},
 		{b.chainGuard4, guard4},
 		{b.chainEntry, entry},
 		{b.chainPrerouting, prerouting},
 		{b.chainPostrouting, postrouting},
 	}
+	if b.chainInput != "" {
+		out = append(out, chainRules{b.chainInput, b.meterRules()})
+	}
+	return out
 }

@@ -1,0 +1,121 @@
+package pinhole
+
+import (
+	"slices"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// The request meter (PKT-08, issue 9): in standalone mode pcpd's table has
+// an input base chain that drops PCP and NAT-PMP datagrams from a source
+// sending far above pcpd's own per-source limit, before they are queued in
+// pcpd's socket. pcpd's userspace limiter (policy.RateLimiter) stays the
+// precise one; the meter only sheds a flood so that it does not sit in the
+// socket queue ahead of other clients' requests and cost them recvmmsg
+// slots. Its rate should be a multiple of pcpd's own, so that the kernel
+// never drops what pcpd would have answered.
+//
+// A source is what pcpd's limiter counts: an IPv6 /64, an IPv4 address.
+// The per-source state lives in two dynamic sets of bounded size whose
+// elements time out once a source goes quiet. When a set is full, the
+// kernel's dynset expression does not match for a source it cannot add
+// (the rule's drop is not reached): new sources then go uncounted to the
+// socket, where pcpd's own limiter, bounded too, sees them. The meter
+// never drops a source it is not tracking.
+//
+// In attached mode pcpd adds no base chain to the admin's table; the
+// equivalent rules for the admin's own input chain are, with a set of the
+// same shape declared in that table:
+//
+//	set pcpd_meter6 { type ipv6_addr; size 65536; flags dynamic,timeout; timeout 10s; }
+//	set pcpd_meter4 { type ipv4_addr; size 65536; flags dynamic,timeout; timeout 10s; }
+//	udp dport 5351 update @pcpd_meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: timeout 10s limit rate over 200/second burst 400 packets } drop
+//	udp dport 5351 update @pcpd_meter4 { ip saddr timeout 10s limit rate over 200/second burst 400 packets } drop
+//
+// (nft lists pcpd's own rules the same way: meta nfproto is implied.)
+
+// Meter configures the request meter. Rate 0 installs no meter rules.
+type Meter struct {
+	// Rate is datagrams a second per source above which the kernel drops;
+	// Burst is how many a source may send at once first.
+	Rate, Burst uint32
+	// Ports are the UDP ports pcpd serves on (default 5351).
+	Ports []uint16
+	// Size bounds each meter set (default MeterSize); tests make it small.
+	Size uint32
+}
+
+const (
+	// MeterSize bounds each meter set: at most this many sources are
+	// tracked per family, whatever the number of sources sending.
+	MeterSize = 65536
+	// MeterTimeout is how long a quiet source's state is kept.
+	MeterTimeout = 10 * time.Second
+	// DefaultMeterPort is the PCP / NAT-PMP server port (RFC 6887 §19.1).
+	DefaultMeterPort = 5351
+)
+
+// meterPrefix6 is the IPv6 source prefix length the meter counts by, the
+// same as pcpd's userspace limiter default.
+const meterPrefix6 = 64
+
+func (m *Meter) fill() {
+	if len(m.Ports) == 0 {
+		m.Ports = []uint16{DefaultMeterPort}
+	}
+	m.Ports = slices.Clone(m.Ports)
+	slices.Sort(m.Ports)
+	m.Ports = slices.Compact(m.Ports)
+	if m.Size == 0 {
+		m.Size = MeterSize
+	}
+	if m.Burst == 0 {
+		m.Burst = m.Rate
+	}
+}
+
+// meterSets builds the two meter sets.
+func meterSets(table *nftables.Table, prefix string, size uint32) (six, four *nftables.Set) {
+	mk := func(name string, key nftables.SetDatatype, comment string) *nftables.Set {
+		return &nftables.Set{Table: table, Name: prefix + name, KeyType: key, KeyByteOrder: binaryutil.BigEndian,
+			Dynamic: true, HasTimeout: true, Timeout: MeterTimeout, Size: size, Comment: comment}
+	}
+	return mk("meter6", nftables.TypeIP6Addr, "pcpd: request rate per IPv6 /64"),
+		mk("meter4", nftables.TypeIPAddr, "pcpd: request rate per IPv4 source")
+}
+
+// meterRules are the input chain's rules: one per family and served port.
+func (b *Backend) meterRules() [][]expr.Any {
+	m := b.cfg.Meter
+	if m.Rate == 0 || b.cfg.Attached {
+		return nil
+	}
+	limit := func() []expr.Any {
+		return []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.Rate), Over: true,
+			Unit: expr.LimitTimeSecond, Burst: m.Burst}}
+	}
+	update := func(s *nftables.Set) expr.Any {
+		return &expr.Dynset{SrcRegKey: reg0, SetName: s.Name, SetID: s.ID, Operation: unix.NFT_DYNSET_OP_UPDATE,
+			Timeout: MeterTimeout, Exprs: limit()}
+	}
+	mask6 := make([]byte, 16)
+	for i := range meterPrefix6 / 8 {
+		mask6[i] = 0xff
+	}
+	var out [][]expr.Any
+	for _, port := range m.Ports {
+		udpPort := x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_UDP),
+			loadTh(thDstOff, reg0), eq(reg0, byte(port>>8), byte(port)))
+		out = append(out,
+			rule(nfproto(unix.NFPROTO_IPV6), udpPort, x(loadNet(ip6SrcOff, 16, reg0),
+				&expr.Bitwise{SourceRegister: reg0, DestRegister: reg0, Len: 16, Mask: mask6, Xor: make([]byte, 16)},
+				update(b.meter6), drop)),
+			rule(nfproto(unix.NFPROTO_IPV4), udpPort, x(loadNet(ip4SrcOff, 4, reg0), update(b.meter4), drop)),
+		)
+	}
+	return out
+}
