@@ -49,6 +49,8 @@ func TestDefaults(t *testing.T) {
 		MemoryLimit:        64<<20 + 256*65536,
 		RateLimit:          50,
 		RateBurst:          100,
+		KernelRateLimit:    200,
+		KernelRateBurst:    400,
 		IPv4PortLow:        1024,
 		IPv4PortHigh:       65535,
 		TouchInterval:      time.Minute,
@@ -77,6 +79,7 @@ max-lifetime = "2h"
 max-leases = 1000
 memory-limit = "auto"
 rate-limit = 500
+kernel-rate-limit = 3000
 strict-nonce = true
 third-party = "off"
 metrics = "127.0.0.1:9351"
@@ -122,6 +125,8 @@ office = ["2001:db8:2::/48"]
 		MemoryLimit:        64<<20 + 256*1000,
 		RateLimit:          500,
 		RateBurst:          2000,
+		KernelRateLimit:    3000,
+		KernelRateBurst:    8000,
 		IPv4PortLow:        20000,
 		IPv4PortHigh:       29999,
 		AllowPorts:         [][2]uint16{{22, 22}, {80, 80}, {443, 443}, {1024, 65535}},
@@ -200,6 +205,12 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{`--memory-limit: "4k": want auto, 0 (no limit), or a size`}},
 		{name: "rate limit zero", args: []string{"--rate-limit", "0"},
 			want: []string{`--rate-limit: "0": want a whole number`}},
+		{name: "kernel rate limit negative", args: []string{"--kernel-rate-limit", "-1"},
+			want: []string{`--kernel-rate-limit: "-1": want 0 (off) or a whole number`}},
+		{name: "kernel rate limit below rate limit", args: []string{"--rate-limit", "100", "--kernel-rate-limit", "99"},
+			want: []string{"--kernel-rate-limit: 99 is below rate-limit 100"}},
+		{name: "kernel rate limit as a string", file: "kernel-rate-limit = \"off\"\n",
+			want: []string{`kernel-rate-limit: want an integer, got string "off"`}},
 		{name: "rate burst not a number", file: "rate-burst = \"lots\"\n",
 			want: []string{`rate-burst: want an integer, got string "lots"`}},
 		{name: "per-client above total", args: []string{"--max-leases", "10", "--max-leases-per-client", "20"},
@@ -282,6 +293,32 @@ func TestValidationErrors(t *testing.T) {
 
 // --reserved-ports: the ranges become sorted ports without repeats; what
 // server.Config.ReservedPorts takes.
+// The kernel's request meter (--kernel-rate-limit, PKT-08) follows
+// --rate-limit unless set; 0 turns it off; its burst follows --rate-burst.
+func TestKernelRateLimit(t *testing.T) {
+	for _, tt := range []struct {
+		name        string
+		args        []string
+		rate, burst int
+	}{
+		{"default", nil, 200, 400},
+		{"follows rate-limit and rate-burst", []string{"--rate-limit", "500", "--rate-burst", "30"}, 2000, 120},
+		{"off", []string{"--kernel-rate-limit", "0"}, 0, 400},
+		{"explicit", []string{"--kernel-rate-limit", "1000"}, 1000, 400},
+		{"equal to rate-limit", []string{"--rate-limit", "70", "--kernel-rate-limit", "70"}, 70, 400},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := load(t, "", tt.args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.KernelRateLimit != tt.rate || c.KernelRateBurst != tt.burst {
+				t.Errorf("kernel rate %d burst %d, want %d and %d", c.KernelRateLimit, c.KernelRateBurst, tt.rate, tt.burst)
+			}
+		})
+	}
+}
+
 func TestReservedPorts(t *testing.T) {
 	tests := []struct {
 		name string

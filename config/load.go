@@ -71,6 +71,8 @@ var settings = []setting{
 		usage: "`N` requests a second answered per source (an IPv6 /64 or an IPv4 address, PKT-08); beyond it (and the burst) requests are dropped"},
 	{name: "rate-burst", kind: kInt, def: fmt.Sprint(DefaultRateBurst),
 		usage: "`N` requests a source may send at once before --rate-limit applies"},
+	{name: "kernel-rate-limit", kind: kInt,
+		usage: "`N` datagrams a second per source above which the kernel drops requests before they reach pcpd (standalone mode; a flood then does not delay other clients), 0 = off; its burst is 4 × --rate-burst (default: 4 × --rate-limit)"},
 	{name: "allow-ports", kind: kString,
 		usage: "only these internal ports may be opened, `LIST` of ports and LOW-HIGH ranges, e.g. 22,80,443,1024-65535 (default: all)"},
 	{name: "deny-ports", kind: kString,

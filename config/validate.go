@@ -192,6 +192,17 @@ func validate(vals map[string]*value) (*Config, Errors) {
 	// Rate limit per source.
 	c.RateLimit, _ = parseCount(vals["rate-limit"], fail)
 	c.RateBurst, _ = parseCount(vals["rate-burst"], fail)
+	c.KernelRateBurst = KernelRateFactor * c.RateBurst
+	if kv := vals["kernel-rate-limit"]; kv.str == "" {
+		c.KernelRateLimit = KernelRateFactor * c.RateLimit
+	} else if n, err := strconv.Atoi(kv.str); err != nil || n < 0 || n > 1<<24 {
+		fail(kv, "%q: want 0 (off) or a whole number up to %d", kv.str, 1<<24)
+	} else if n != 0 && n < c.RateLimit {
+		// The meter would drop requests pcpd's own limiter answers.
+		fail(kv, "%d is below rate-limit %d", n, c.RateLimit)
+	} else {
+		c.KernelRateLimit = n
+	}
 
 	// IPv4 port range.
 	rv := vals["ipv4-port-range"]

@@ -180,7 +180,8 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		return failure(fmt.Errorf("serve: open nftables: %w", err))
 	}
 	defer nft.CloseLasting()
-	fw, err := pinhole.New(nft, pinhole.Config{Table: cfg.Table(), Attached: cfg.Attached(), Chain: cfg.NftChain})
+	fw, err := pinhole.New(nft, pinhole.Config{Table: cfg.Table(), Attached: cfg.Attached(), Chain: cfg.NftChain,
+		Meter: kernelMeter(cfg)})
 	if err != nil {
 		return failure(err)
 	}
@@ -358,4 +359,18 @@ func wireGuardCollectors(w *policy.WireGuard) []prometheus.Collector {
 		counter("rebuilds_total", "Re-reads that found changed peers and rebuilt the ownership view.",
 			func(s policy.WireGuardStats) uint64 { return s.Rebuilds }),
 	}
+}
+
+// kernelMeter is the kernel's request meter (PKT-08): per source, the
+// configured rate on every port pcpd serves. Attached mode installs none
+// (pinhole.Meter documents the rule the admin can add).
+func kernelMeter(cfg *config.Config) pinhole.Meter {
+	m := pinhole.Meter{Rate: uint32(cfg.KernelRateLimit), Burst: uint32(cfg.KernelRateBurst)}
+	for _, ap := range cfg.Listen {
+		m.Ports = append(m.Ports, ap.Port())
+	}
+	if len(m.Ports) == 0 {
+		m.Ports = []uint16{config.DefaultPort}
+	}
+	return m
 }
