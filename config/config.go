@@ -30,10 +30,6 @@ const (
 	DefaultMaxLeases          = 65536
 	DefaultRateLimit          = 50
 	DefaultRateBurst          = 100
-	// KernelRateFactor: unless --kernel-rate-limit says otherwise, the
-	// kernel's request meter allows this many times --rate-limit and
-	// --rate-burst, so it never drops what pcpd would answer.
-	KernelRateFactor = 4
 	DefaultPort               = 5351
 	DefaultIPv4PortRange      = "1024-65535"
 	// DefaultTouchInterval and DefaultSnapshotInterval are
@@ -51,6 +47,11 @@ const (
 	MemoryLimitBase     = 64 << 20
 	MemoryLimitPerLease = 256
 )
+
+// KernelRateFactor: unless --kernel-rate-limit says otherwise, the kernel's
+// request meter allows this many times --rate-limit and --rate-burst, so it
+// never drops what pcpd would answer.
+const KernelRateFactor = 4
 
 // Third-party modes (--third-party).
 const (
@@ -98,14 +99,14 @@ type Config struct {
 	MemoryLimit int64
 	// RateLimit and RateBurst: requests a second per source (IPv6 /64 or
 	// IPv4 address) and the burst allowed above it (PKT-08).
-	RateLimit, RateBurst      int
+	RateLimit, RateBurst int
 	// KernelRateLimit and KernelRateBurst: the kernel's request meter per
 	// source (standalone mode; pinhole.Meter), dropping a flood before it
 	// queues in pcpd's socket. KernelRateLimit 0 is off. By default
 	// KernelRateFactor times RateLimit; KernelRateBurst is always
 	// KernelRateFactor times RateBurst.
 	KernelRateLimit, KernelRateBurst int
-	IPv4PortLow, IPv4PortHigh uint16
+	IPv4PortLow, IPv4PortHigh        uint16
 	// AllowPorts, if set, are the only internal ports that may be opened;
 	// DenyPorts never are. Each entry is a closed range [0] to [1].
 	AllowPorts, DenyPorts [][2]uint16
