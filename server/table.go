@@ -671,10 +671,13 @@ func (t *table) insert(l *store.Lease) {
 	if ref := t.lookup(l.Key); ref != 0 {
 		t.delRef(ref)
 	}
+	// While pinned, a renewal (delete + insert) must not move a lease into a
+	// free slot behind a walk's cursor (all, announceTargets): take a new one.
 	ref := t.free
-	if ref != 0 {
+	if ref != 0 && t.pins == 0 {
 		t.free = t.rec(ref).nextTup
 	} else {
+		ref = 0
 		if t.top == refMask {
 			panic("server: lease table full (67 108 863 leases)")
 		}

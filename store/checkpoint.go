@@ -151,6 +151,11 @@ func (s *Store) rotate() error {
 	if _, err := w.seg[o].f.WriteAt(hdr, 0); err != nil {
 		return err
 	}
+	// Durable before the fold records walgen = gen: some segment always
+	// names walgen, so a lost active segment is noticed.
+	if err := fdatasync(w.seg[o].f); err != nil {
+		return err
+	}
 	w.seg[w.active].end = w.off
 	g := &w.seg[o]
 	g.gen, g.used, g.end = gen, true, walHeaderSize

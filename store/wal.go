@@ -458,7 +458,7 @@ func readLog(dir string, w uint64) (*logSel, error) {
 				newest, any = max(newest, sc.hdr.gen), true
 			}
 		}
-		if !any || newest+1 < w {
+		if !any || newest < w {
 			problems = append(problems, fmt.Sprintf("log missing: the state file needs generation %d, no segment has it or the one before", w))
 		}
 	}
@@ -487,7 +487,12 @@ func readLog(dir string, w uint64) (*logSel, error) {
 		problems = append(problems, fmt.Sprintf("log segments do not follow each other (generation %d ends at record %d, generation %d starts at %d)",
 			cands[0].hdr.gen, cands[0].lastSeq, cands[1].hdr.gen, cands[1].hdr.firstSeq))
 	}
-	for _, c := range cands {
+	// Replay only a prefix of history: nothing after a damaged record, a
+	// gap between segments, or a log that starts past the state file.
+	for i, c := range cands {
+		if c.hdr.gen != w+uint64(i) || (i > 0 && (c.hdr.firstSeq != cands[i-1].lastSeq+1 || cands[i-1].problem != "")) {
+			break
+		}
 		sel.recs = append(sel.recs, c.recs...)
 	}
 	// Nothing logged since the last fold (a clean shutdown leaves the
