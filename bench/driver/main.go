@@ -542,8 +542,21 @@ func (b *bench) runServer(ctx context.Context, name string, start func(fresh boo
 		}
 		r, err := b.load(ctx, name, s.key, s.args...)
 		if err != nil {
+			// One scenario that the server cannot answer (miniupnpd stops
+			// answering at all after a few thousand requests) must not
+			// cost the rest of its row: note it, start the server afresh
+			// and go on.
+			b.logf("%s %s: %v", name, s.key, err)
+			b.notes = append(b.notes, fmt.Sprintf("%s %s: %v", name, s.key, err))
 			p.stop(syscall.SIGTERM)
-			return err
+			if p, err = start(true); err != nil {
+				return err
+			}
+			if _, err := b.waitServing(30 * time.Second); err != nil {
+				p.stop(syscall.SIGTERM)
+				return err
+			}
+			continue
 		}
 		st := r.Run.Total
 		b.put(name, s.key, st.Rate, "/s", lossNote(st))
