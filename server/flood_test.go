@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netns"
 	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/internal/netlab"
@@ -37,29 +38,8 @@ func TestPKT08FloodIsolation(t *testing.T) {
 	own, _ := policy.NewStatic(map[string][]netip.Prefix{
 		"a": {netip.MustParsePrefix("2001:db8:a::/48")}, "b": {netip.MustParsePrefix("2001:db8:b::/48")},
 	})
-	pol, _ := policy.New(policy.Config{}, own)
-	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
-	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(srvAddr, 0)}, NetNS: h,
-		RateLimit: 100, RateBurst: 100, KeepConnections: true},
-		Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ctx) }()
-	defer func() { cancel(); <-done }()
-	if err := netlab.Eventually(3*time.Second, func() error {
-		if len(s.Status().Listen) == 0 {
-			return context.DeadlineExceeded
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	stopServer := serveOnLoopback(t, h, srvAddr, own, 100, 100)
+	defer stopServer()
 	dial := func(src netip.Addr) *net.UDPConn {
 		var c *net.UDPConn
 		if err := ns.Do(func() (err error) {
@@ -177,29 +157,8 @@ func TestReaderAllocsPerDatagram(t *testing.T) {
 	}
 	defer h.Close()
 	own, _ := policy.NewStatic(map[string][]netip.Prefix{"a": {netip.MustParsePrefix("2001:db8:a::/48")}})
-	pol, _ := policy.New(policy.Config{}, own)
-	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
-	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(srvAddr, 0)}, NetNS: h,
-		RateLimit: 1e9, RateBurst: 1 << 20, KeepConnections: true},
-		Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ctx) }()
-	defer func() { cancel(); <-done }()
-	if err := netlab.Eventually(3*time.Second, func() error {
-		if len(s.Status().Listen) == 0 {
-			return context.DeadlineExceeded
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	stop := serveOnLoopback(t, h, srvAddr, own, 1e9, 1<<20)
+	defer stop()
 	badOpcode := pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1))
 	badOpcode[1] = 9
 	for _, tc := range []struct {
@@ -254,4 +213,37 @@ func TestReaderAllocsPerDatagram(t *testing.T) {
 			}
 		})
 	}
+}
+
+// serveOnLoopback runs a server with static ownership own on srvAddr (an
+// address on the namespace's loopback) with the given per-source rate
+// limit, and waits until it listens. stop ends it; call it before the
+// namespace handle is closed.
+func serveOnLoopback(t *testing.T, h netns.NsHandle, srvAddr netip.Addr, own *policy.Static, rate float64, burst int) (stop func()) {
+	t.Helper()
+	pol, _ := policy.New(policy.Config{}, own)
+	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
+	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(srvAddr, 0)}, NetNS: h,
+		RateLimit: rate, RateBurst: burst, KeepConnections: true},
+		Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	stop = func() { cancel(); <-done }
+	if err := netlab.Eventually(3*time.Second, func() error {
+		if len(s.Status().Listen) == 0 {
+			return context.DeadlineExceeded
+		}
+		return nil
+	}); err != nil {
+		stop()
+		t.Fatal(err)
+	}
+	return stop
 }
