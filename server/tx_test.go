@@ -127,14 +127,7 @@ func TestReviewKernelFailUndoFails(t *testing.T) {
 				lifetime = 0
 			}
 			storeErrs := counterValue(t, h.s.m.storeErrors)
-			var commits atomic.Int32
-			h.fw.FailApply = func([]pinhole.Op) error { return servertest.ErrInjected }
-			h.st.FailCommit = func([]store.Lease, []store.Key) error {
-				if commits.Add(1) == 1 {
-					return nil
-				}
-				return servertest.ErrInjected
-			}
+			failWriteBack(h)
 			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, lifetime, 1)), pcp.NoResources)
 			h.fw.FailApply, h.st.FailCommit = nil, nil
 			want := 0
@@ -193,14 +186,7 @@ func TestReviewKernelFailUndoFails(t *testing.T) {
 // goes with every commit; a housekeeping retry that fails is counted.
 func TestStoreDebtRetried(t *testing.T) {
 	h := newHarness(t)
-	var commits atomic.Int32
-	h.fw.FailApply = func([]pinhole.Op) error { return servertest.ErrInjected }
-	h.st.FailCommit = func([]store.Lease, []store.Key) error {
-		if commits.Add(1) == 1 {
-			return nil
-		}
-		return servertest.ErrInjected
-	}
+	failWriteBack(h)
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1)), pcp.NoResources)
 	h.fw.FailApply = nil
 	before := counterValue(t, h.s.m.storeErrors)
@@ -293,14 +279,7 @@ func TestRetryFreshTime(t *testing.T) {
 // only the batch's own keys, and the store ends as the table.
 func TestStoreDebtPaidByFailedBatch(t *testing.T) {
 	h := newHarness(t)
-	var commits atomic.Int32
-	h.fw.FailApply = func([]pinhole.Op) error { return servertest.ErrInjected }
-	h.st.FailCommit = func([]store.Lease, []store.Key) error {
-		if commits.Add(1) == 1 {
-			return nil
-		}
-		return servertest.ErrInjected
-	}
+	failWriteBack(h)
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1)), pcp.NoResources)
 	h.st.FailCommit = nil // the kernel still fails
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.NoResources)
@@ -313,5 +292,20 @@ func TestStoreDebtPaidByFailedBatch(t *testing.T) {
 	h.s.mu.Unlock()
 	if n != 0 {
 		t.Errorf("debt of %d keys after a successful write-back", n)
+	}
+}
+
+// failWriteBack makes the next batch's kernel transaction fail while its
+// concurrent store commit succeeds, and every later store commit (the
+// write-back of the previous leases first) fail: the store is left
+// disagreeing with the table, which the server must record as debt.
+func failWriteBack(h *harness) {
+	var commits atomic.Int32
+	h.fw.FailApply = func([]pinhole.Op) error { return servertest.ErrInjected }
+	h.st.FailCommit = func([]store.Lease, []store.Key) error {
+		if commits.Add(1) == 1 {
+			return nil
+		}
+		return servertest.ErrInjected
 	}
 }
