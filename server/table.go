@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -863,6 +864,41 @@ func (t *table) all() iter.Seq2[store.Key, *store.Lease] {
 			}
 		}
 	}
+}
+
+// unowned appends to dst the keys of the leases in slots from..from+n-1
+// whose internal address own does not give to their owner, and returns the
+// slot to start the next step at (0: the walk reached the end). It reads
+// only the address and owner of a slot, not the whole lease, and looks an
+// address up once for a run of leases on it (a client's leases tend to sit
+// together), so a step of n slots costs about n lookups at worst.
+func (t *table) unowned(from uint32, n int, own policy.Ownership, dst []store.Key) ([]store.Key, uint32) {
+	if from == 0 {
+		from = 1
+	}
+	end := min(uint64(from)+uint64(n), uint64(t.top)+1)
+	var last caddr
+	var lastOwner policy.Owner
+	var lastOK, have bool
+	for ref := from; uint64(ref) < end; ref++ {
+		r := t.rec(ref)
+		if r.flags&fLive == 0 {
+			continue
+		}
+		if !have || r.iaddr != last {
+			last, have = r.iaddr, true
+			lastOwner, lastOK = own.Lookup(t.dec(r.iaddr))
+		}
+		if !lastOK || string(lastOwner.ID) != t.owners[r.owner] {
+			var l store.Lease
+			t.decode(ref, &l)
+			dst = append(dst, l.Key)
+		}
+	}
+	if end > uint64(t.top) {
+		return dst, 0
+	}
+	return dst, uint32(end)
 }
 
 // expired lists the keys of every lease whose expiry is at or before now,
