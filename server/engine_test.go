@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -150,43 +151,57 @@ func (m *mutableOwnership) Owners() []policy.Owner {
 	return out
 }
 
-// TestLIFE05Revocation: when a peer loses an address its leases go at
-// once, with a log line naming peer, address and port.
+// TestLIFE05Revocation: when a peer loses an address its leases go, with a
+// log line naming peer, address and port: at once on a full sweep (start,
+// a change report), and at the periodic step without one (a table this
+// small is one step long). The periodic step also makes the firewall guard
+// an owner added since the last pass.
 func TestLIFE05Revocation(t *testing.T) {
-	h := newHarness(t)
-	own := &mutableOwnership{owners: map[policy.OwnerID][]netip.Prefix{
-		"wg:A": {netip.MustParsePrefix("2001:db8:a::/48")},
-		"wg:B": {netip.MustParsePrefix("2001:db8:b::/48")},
-	}}
-	h.own = own
-	h.start()
-	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
-	h.expect(h.do(mapReq(addrA2, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
-	h.expect(h.do(mapReq(addrB, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
-	own.mu.Lock()
-	own.owners["wg:A"] = []netip.Prefix{netip.MustParsePrefix("2001:db8:a::11/128")}
-	own.mu.Unlock()
-	h.s.sweepOwnership()
-	if len(h.s.Leases()) != 2 || len(h.fw.Holes()) != 2 || len(h.st.Leases()) != 2 {
-		t.Fatalf("after shrink: %v", h.s.Leases())
-	}
-	if _, ok := h.fw.Holes()[hole(6, addrA, 443, addrA, 443)]; ok {
-		t.Fatal("revoked pinhole still in the kernel")
-	}
-	logs := h.logs.FilterMessageSnippet("revoked").All()
-	if len(logs) != 1 {
-		t.Fatalf("log lines %v", logs)
-	}
-	f := logs[0].ContextMap()
-	if f["peer"] != "wg:A" || f["address"] != addrA.String() || fmt.Sprint(f["port"]) != "443" {
-		t.Fatalf("log fields %v", f)
-	}
-	own.mu.Lock()
-	delete(own.owners, "wg:B")
-	own.mu.Unlock()
-	h.s.sweepOwnership()
-	if len(h.s.Leases()) != 1 {
-		t.Fatalf("after peer removal: %v", h.s.Leases())
+	for _, sweep := range []struct {
+		name string
+		run  func(*Server)
+	}{{"full", (*Server).sweepOwnership}, {"periodic step", (*Server).sweepStep}} {
+		t.Run(sweep.name, func(t *testing.T) {
+			h := newHarness(t)
+			own := &mutableOwnership{owners: map[policy.OwnerID][]netip.Prefix{
+				"wg:A": {netip.MustParsePrefix("2001:db8:a::/48")},
+				"wg:B": {netip.MustParsePrefix("2001:db8:b::/48")},
+			}}
+			h.own = own
+			h.start()
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
+			h.expect(h.do(mapReq(addrA2, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
+			h.expect(h.do(mapReq(addrB, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
+			own.mu.Lock()
+			own.owners["wg:A"] = []netip.Prefix{netip.MustParsePrefix("2001:db8:a::11/128")}
+			own.mu.Unlock()
+			sweep.run(h.s)
+			if len(h.s.Leases()) != 2 || len(h.fw.Holes()) != 2 || len(h.st.Leases()) != 2 {
+				t.Fatalf("after shrink: %v", h.s.Leases())
+			}
+			if _, ok := h.fw.Holes()[hole(6, addrA, 443, addrA, 443)]; ok {
+				t.Fatal("revoked pinhole still in the kernel")
+			}
+			logs := h.logs.FilterMessageSnippet("revoked").All()
+			if len(logs) != 1 {
+				t.Fatalf("log lines %v", logs)
+			}
+			f := logs[0].ContextMap()
+			if f["peer"] != "wg:A" || f["address"] != addrA.String() || fmt.Sprint(f["port"]) != "443" {
+				t.Fatalf("log fields %v", f)
+			}
+			own.mu.Lock()
+			delete(own.owners, "wg:B")
+			own.owners["wg:C"] = []netip.Prefix{netip.MustParsePrefix("2001:db8:c::/48")}
+			own.mu.Unlock()
+			sweep.run(h.s)
+			if len(h.s.Leases()) != 1 {
+				t.Fatalf("after peer removal: %v", h.s.Leases())
+			}
+			if !slices.Contains(h.fw.Protected, "2001:db8:c::/48") {
+				t.Fatalf("guarded prefixes %v lack the added owner's", h.fw.Protected)
+			}
+		})
 	}
 }
 

@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/store"
 )
@@ -83,42 +82,10 @@ func TestTableUnownedSteps(t *testing.T) {
 	}
 }
 
-// TestLIFE05PeriodicStep: without a change report, the periodic step
-// revokes a lease whose address its owner lost, and the firewall's guarded
-// prefixes follow an added owner at the start of the next pass.
-func TestLIFE05PeriodicStep(t *testing.T) {
-	h := newHarness(t)
-	own := &mutableOwnership{owners: map[policy.OwnerID][]netip.Prefix{
-		"wg:A": {netip.MustParsePrefix("2001:db8:a::/48")},
-		"wg:B": {netip.MustParsePrefix("2001:db8:b::/48")},
-	}}
-	h.own = own
-	h.start()
-	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
-	h.expect(h.do(mapReq(addrB, pcp.ProtoTCP, 443, 0, time.Hour, 1)), pcp.Success)
-	own.mu.Lock()
-	delete(own.owners, "wg:B")
-	own.owners["wg:C"] = []netip.Prefix{netip.MustParsePrefix("2001:db8:c::/48")}
-	own.mu.Unlock()
-	h.s.sweepStep() // the table is one step long: this pass is complete
-	if ls := h.s.Leases(); len(ls) != 1 || ls[0].Owner != "wg:A" || len(h.fw.Holes()) != 1 {
-		t.Fatalf("after one step: leases %v, pinholes %d", ls, len(h.fw.Holes()))
-	}
-	h.s.sweepStep() // a new pass
-	if !slices.Contains(h.fw.Protected, "2001:db8:c::/48") {
-		t.Fatalf("guarded prefixes %v lack the added owner's", h.fw.Protected)
-	}
-}
-
 // BenchmarkSweepStep: what one periodic ownership step holds the engine
 // for, in a table of a million leases all still owned.
 func BenchmarkSweepStep(b *testing.B) {
-	const n = 1_000_000
-	gen := benchLeases(n, 4096)
-	tab := newTable()
-	for i := range n {
-		tab.put(gen(i))
-	}
+	tab, gen := benchTable(1_000_000)
 	ids := make([]policy.OwnerID, 4096)
 	for i := range ids {
 		ids[i] = policy.OwnerID(gen(i).Owner)
