@@ -89,8 +89,11 @@ type Config struct {
 	NftTable  string // table (family inet) pcpd manages in standalone mode
 	NftAttach string // attached mode: the admin's existing inet table; "" = standalone
 	NftChain  string // attached mode: pcpd's chain (and object name prefix) in NftAttach
-	StateDir  string
-	Socket    string
+	// NftNotrack: standalone, pcpd's own control datagrams are marked
+	// untracked (pinhole/notrack.go). Default true.
+	NftNotrack bool
+	StateDir   string
+	Socket     string
 
 	MinLifetime, MaxLifetime      time.Duration
 	MaxLeasesPerClient, MaxLeases int

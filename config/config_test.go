@@ -40,6 +40,7 @@ func TestDefaults(t *testing.T) {
 		Interfaces:         []string{"wg0"},
 		NftTable:           "pcpd",
 		NftChain:           "pcpd",
+		NftNotrack:         true,
 		StateDir:           "/var/lib/pcpd",
 		Socket:             "/run/pcpd/pcpd.sock",
 		MinLifetime:        2 * time.Minute,
@@ -73,6 +74,7 @@ interface = ["wg0", "wg1"]
 listen = ["2001:db8:1::1", "[2001:db8:1::2]:5351", "10.100.0.1:5351"]
 external-ipv4 = "198.51.100.1"
 nft-attach = "filter"
+nft-notrack = false
 state-dir = "/srv/pcpd"
 min-lifetime = "1m"
 max-lifetime = "2h"

@@ -49,6 +49,8 @@ var settings = []setting{
 		usage: "attached mode: create only pcpd's sets and chain inside the admin's existing inet table `TABLE`, for its forward chain to jump to (replaces --nft-table)"},
 	{name: "nft-chain", kind: kString, def: DefaultNftChain,
 		usage: "attached mode: the chain `NAME` pcpd fills in the --nft-attach table, for the admin's forward chain to jump to; its other objects there are named NAME_*"},
+	{name: "nft-notrack", kind: kBool, def: "true",
+		usage: "standalone mode: keep pcpd's own datagrams (UDP to its port on this host, and from it) out of conntrack, so requests cannot fill the conntrack table; --nft-notrack=false when other rules on the host need them tracked (they see \"ct state untracked\")"},
 	{name: "state-dir", kind: kString, def: DefaultStateDir,
 		usage: "directory `DIR` for durable state (leases, epoch)"},
 	{name: "socket", kind: kString, def: DefaultSocket,

@@ -139,6 +139,7 @@ func validate(vals map[string]*value) (*Config, Errors) {
 		fail(hv, "%q is not a chain name: use letters, digits, '.', '_' or '-' (at most 64)", hv.str)
 	}
 	c.NftChain = hv.str
+	c.NftNotrack = vals["nft-notrack"].b
 
 	// Paths.
 	sv := vals["state-dir"]

@@ -27,8 +27,14 @@ type Config struct {
 	// AllowEcho lets ICMPv6 echo requests reach the protected prefixes.
 	AllowEcho bool
 	// Meter is the kernel's per-source request meter (meter.go),
-	// standalone only.
+	// standalone only. Its Ports are the ports pcpd serves on, which the
+	// notrack rules match too.
 	Meter Meter
+	// TrackControl leaves pcpd's own control traffic (UDP to and from
+	// Meter.Ports on this host) to conntrack. By default, standalone, two
+	// raw-priority chains mark it untracked (notrack.go); set it when the
+	// host's other rules need those datagrams tracked.
+	TrackControl bool
 }
 
 func (c *Config) fill() error {
@@ -61,6 +67,8 @@ type Backend struct {
 	protected6, protected4 *nftables.Set
 	meter6, meter4         *nftables.Set // standalone only (meter.go)
 	chainInput             string        // standalone only: the meter's chain
+	chainNotrackIn         string        // standalone only: raw chains (notrack.go)
+	chainNotrackOut        string
 	chainEntry             string
 	chainGuard6            string
 	chainGuard4            string
@@ -104,6 +112,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 	} else {
 		b.chainEntry = "forward"
 		b.chainInput = "input"
+		b.chainNotrackIn, b.chainNotrackOut = "notrack_in", "notrack_out"
 		b.meter6, b.meter4 = meterSets(b.table, prefix, cfg.Meter.Size)
 	}
 	b.chainGuard6 = prefix + "guard6"
@@ -168,6 +177,9 @@ func (b *Backend) Setup() error {
 			return err
 		}
 	}
+	if err := b.queueNotrackRemoval(); err != nil {
+		return err
+	}
 	chains := b.chains()
 	for _, c := range chains {
 		b.conn.AddChain(c)
@@ -217,6 +229,11 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 		// over-rate datagrams to pcpd's ports (meter.go).
 		m[b.chainInput] = &nftables.Chain{Table: b.table, Name: b.chainInput, Type: nftables.ChainTypeFilter,
 			Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &accept}
+	}
+	if b.notracking() {
+		for _, c := range b.notrackChains() {
+			m[c.Name] = c
+		}
 	}
 	return m
 }

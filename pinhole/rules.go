@@ -122,7 +122,8 @@ type chainRules struct {
 
 // layout returns the rules of pcpd's chains: the entry chain (standalone:
 // the forward base chain; attached: the chain the admin jumps to), the two
-// guards, and the DNAT prerouting chain.
+// guards, the DNAT prerouting and SNAT postrouting chains and, standalone,
+// the request meter's input chain and the raw notrack chains (notrack.go).
 func (b *Backend) layout() []chainRules {
 	ctEstablished := rule(x(loadCt(expr.CtKeySTATE, reg0)), bitsSet(reg0, expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED))
 	ctDNAT := rule(x(loadCt(expr.CtKeySTATUS, reg0)), bitsSet(reg0, ipsDstNAT))
@@ -222,6 +223,10 @@ func (b *Backend) layout() []chainRules {
 	}
 	if b.chainInput != "" {
 		out = append(out, chainRules{b.chainInput, b.meterRules()})
+	}
+	if b.notracking() {
+		in, outRules := b.notrackRules()
+		out = append(out, chainRules{b.chainNotrackIn, in}, chainRules{b.chainNotrackOut, outRules})
 	}
 	return out
 }

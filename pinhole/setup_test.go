@@ -254,6 +254,9 @@ func TestHealthyAndRepair(t *testing.T) {
 		{"chain flushed", "flush chain inet pcpd guard6"},
 		{"rule added", "add rule inet pcpd guard4 accept"},
 		{"table deleted", "delete table inet pcpd"},
+		// The raw chains that keep pcpd's own datagrams out of conntrack.
+		{"notrack chain deleted", "delete chain inet pcpd notrack_in"},
+		{"notrack chain flushed", "flush chain inet pcpd notrack_out"},
 		// Noticed by the set's sentinel element, without a dump.
 		{"map flushed", "flush map inet pcpd napt4"},
 		{"SNAT map flushed", "flush map inet pcpd snat4"},

@@ -181,7 +181,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	}
 	defer nft.CloseLasting()
 	fw, err := pinhole.New(nft, pinhole.Config{Table: cfg.Table(), Attached: cfg.Attached(), Chain: cfg.NftChain,
-		Meter: kernelMeter(cfg)})
+		Meter: kernelMeter(cfg), TrackControl: !cfg.NftNotrack})
 	if err != nil {
 		return failure(err)
 	}

@@ -1,0 +1,131 @@
+package pinhole
+
+import (
+	"fmt"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// pcpd's own control traffic is kept out of conntrack (standalone mode).
+//
+// The guard's ct expressions (rules.go) make the kernel track every packet
+// of the namespace, pcpd's requests and answers included: each datagram
+// to pcpd's port from a new source address and port would create a
+// conntrack entry (and every answer look one up). Nothing needs them:
+// pcpd's requests are single datagrams answered by a single datagram, and
+// no rule of pcpd's matches on them by state. They are also the one kind
+// of traffic anyone who can reach pcpd's port controls in volume: spoofed
+// requests from a million sources would each leave an entry for 30 s (the
+// UDP unreplied timeout) and can fill nf_conntrack_max, after which the
+// kernel drops new flows of every client, forwarded ones included.
+//
+// So two raw-priority base chains, which run before conntrack (priority
+// -200) looks at a packet, mark them untracked:
+//
+//	chain notrack_in {
+//		type filter hook prerouting priority raw; policy accept;
+//		udp dport 5351 fib daddr type local notrack
+//	}
+//	chain notrack_out {
+//		type filter hook output priority raw; policy accept;
+//		udp sport 5351 notrack
+//	}
+//
+// What must stay tracked, and why the rules are this narrow:
+//
+//   - Forwarded traffic. The guard accepts replies ("ct state
+//     established") and DNAT-ed flows ("ct status dnat") by their
+//     conntrack entry, NAT (pcpd's DNAT/SNAT maps, the host's masquerade)
+//     only translates tracked flows, and the engine deletes a lapsed
+//     mapping's flows by their entries. A PCP request a client behind this
+//     host sends to an upstream PCP server (an ISP's CGN) has destination
+//     port 5351 too, and must be masqueraded: "fib daddr type local"
+//     limits the input rule to datagrams addressed to this host (raw
+//     prerouting runs before any DNAT, so it sees the address the client
+//     used). Multicast and broadcast are not "local" and stay tracked;
+//     pcpd receives neither.
+//   - pcpd's ports are never mapped (server/hostports.go reserves
+//     5350-5351 and the listen ports), so an untracked request can never
+//     be one a DNAT map of pcpd's should have translated; untracked
+//     packets skip the nat chains.
+//   - Locally generated traffic to port 5351 (a PCP client on this host)
+//     has a source port of its own and stays tracked; only datagrams sent
+//     from pcpd's port are untracked: its answers and unsolicited
+//     ANNOUNCEs (RFC 6887 §14.1.3, RFC 6886 §3.2.1).
+//
+// Everything else on the host (the admin's own tables) sees pcpd's
+// datagrams with "ct state untracked": a rule accepting only "ct state
+// new" to port 5351, or an output chain accepting only "ct state
+// established", would drop them, and a DNAT or redirect of the admin's to
+// pcpd's port needs the answer un-NATed by conntrack. For those hosts
+// Config.TrackControl (pcpd: --nft-notrack=false) installs no raw chains.
+//
+// Attached mode installs none of it (pcpd adds no base chain to the
+// admin's table). The admin can add the same two chains, or just their
+// rules, to a table of their own.
+
+// notrackRules are the two raw chains' rules: one per served port each.
+func (b *Backend) notrackRules() (in, out [][]expr.Any) {
+	udpPort := func(off uint32, port uint16) []expr.Any {
+		return x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_UDP),
+			loadTh(off, reg0), eq(reg0, byte(port>>8), byte(port)))
+	}
+	// fib daddr type local: the route type of the destination address
+	// (RTN_LOCAL), host endian in the register.
+	local := x(&expr.Fib{Register: reg0, FlagDADDR: true, ResultADDRTYPE: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: reg0, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)})
+	for _, port := range b.cfg.Meter.Ports {
+		in = append(in, rule(udpPort(thDstOff, port), local, x(&expr.Notrack{})))
+		out = append(out, rule(udpPort(thSrcOff, port), x(&expr.Notrack{})))
+	}
+	return in, out
+}
+
+// notrackChains are the raw chains' objects. Priority raw (-300) runs
+// before conntrack's own hook (-200), which is what lets notrack work.
+func (b *Backend) notrackChains() []*nftables.Chain {
+	accept := nftables.ChainPolicyAccept
+	return []*nftables.Chain{
+		{Table: b.table, Name: b.chainNotrackIn, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRaw, Policy: &accept},
+		{Table: b.table, Name: b.chainNotrackOut, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw, Policy: &accept},
+	}
+}
+
+// notracking: the raw chains are part of what Setup installs.
+func (b *Backend) notracking() bool { return !b.cfg.Attached && !b.cfg.TrackControl }
+
+// isNotrackChain: name is one of the raw chains' names. They are pcpd's
+// whether or not this Backend installs them (a pcpd run before with
+// another setting may have), so ownership accepts them and Setup removes
+// them when TrackControl is set.
+func (b *Backend) isNotrackChain(name string) bool {
+	return !b.cfg.Attached && (name == b.chainNotrackIn || name == b.chainNotrackOut)
+}
+
+// queueNotrackRemoval queues deleting the raw chains that are present,
+// when this Backend is not to have them: turning the setting off must not
+// leave pcpd's control traffic untracked.
+func (b *Backend) queueNotrackRemoval() error {
+	if b.cfg.Attached || b.notracking() {
+		return nil
+	}
+	ok, err := b.tableExists()
+	if err != nil || !ok {
+		return err
+	}
+	present, err := b.presentChains()
+	if err != nil {
+		return fmt.Errorf("pinhole: notrack chains: %w", err)
+	}
+	for _, c := range b.notrackChains() {
+		if present[c.Name] {
+			b.conn.DelChain(c)
+		}
+	}
+	return nil
+}
