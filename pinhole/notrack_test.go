@@ -204,6 +204,43 @@ func TestControlTrafficUntracked(t *testing.T) {
 		})
 	}
 
+	// A client may know its gateway by its link-local address (the IPv6
+	// default router): fib counts it as local too.
+	t.Run("ipv6 link-local", func(t *testing.T) {
+		var ll netip.Addr
+		if err := netlab.Eventually(okWait, func() error {
+			out, err := topo.Host.Run("ip", "-6", "-o", "addr", "show", "dev", topo.HostLANIf, "scope", "link")
+			if err != nil || strings.Contains(out, "tentative") {
+				return fmt.Errorf("no usable link-local address yet: %q, %v", out, err)
+			}
+			f := strings.Fields(out)
+			for i := range f[:len(f)-1] {
+				if f[i] == "inet6" {
+					ll = netip.MustParsePrefix(f[i+1]).Addr()
+				}
+			}
+			if !ll.IsValid() {
+				return fmt.Errorf("no link-local address in %q", out)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		pcp := netip.AddrPortFrom(ll, 5351)
+		topo.Host.ServeUDPEcho(t, netip.AddrPortFrom(ll.WithZone(topo.HostLANIf), 5351).String())
+		flushConntrack(t, topo.Host)
+		if err := netlab.Eventually(okWait, func() error {
+			return exchange(topo.Client, netip.AddrPort{}, netip.AddrPortFrom(ll.WithZone(topo.ClientIf), 5351))
+		}); err != nil {
+			t.Fatalf("→ %v: %v", pcp, err)
+		}
+		for _, f := range ctFlows(t, topo.Host) {
+			if d, _ := netip.AddrFromSlice(f.Forward.DstIP); d == ll || f.Forward.SrcPort == 5351 {
+				t.Errorf("request to %v or its answer tracked; table:\n%s", pcp, flowList(t, topo.Host))
+			}
+		}
+	})
+
 	// The guard still guards forwarded traffic: an unopened port of the
 	// client stays closed, an answer to the client's own flow passes.
 	serve(t, topo.Client, udp, netip.AddrPortFrom(topo.ClientV6, 7000))
