@@ -28,6 +28,7 @@ func BenchmarkControlDatagram(b *testing.B) {
 		{"no table", false, pinhole.Config{}},
 		{"tracked", true, pinhole.Config{TrackControl: true}},
 		{"notrack", true, pinhole.Config{}},
+		{"tracked, meter", true, pinhole.Config{TrackControl: true, Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}}},
 		{"notrack, meter", true, pinhole.Config{Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}}},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
