@@ -21,8 +21,9 @@ import (
 // nor wait for a batch's kernel transaction and fsync, and the socket's
 // reader answers them as fast as it reads (the engine is one goroutine).
 //
+// ANNOUNCE is answered here too (it depends on nothing but the epoch).
 // It returns handled=false for anything else, which goes to the engine:
-// NAT-PMP, ANNOUNCE, requests the policy allows, and configurations where
+// NAT-PMP, requests the policy allows, and configurations where
 // a refusal would come from an earlier step (MAP or PEER switched off).
 // Before that, the sender's owner spends a token of its bucket (ownerGate):
 // a packet over the owner's quota while others want the engine is dropped
@@ -60,9 +61,18 @@ func (s *Server) early(dst, b []byte, src netip.AddrPort, now time.Time) (reply 
 		return pcp.AppendErrorResponse(dst, b, pe.Result, pe.Result.ErrorLifetime(), s.epoch.at(now)), true
 	}
 	switch {
+	case req.Opcode == pcp.OpAnnounce:
+		// ANN-01, ANN-02: stateless, the same for any source (handlePCP's
+		// answer, byte for byte). Answered here it never waits behind
+		// the engine's commits: a client probing the server's epoch is
+		// not slowed by someone else's flood of mappings (issue 9). The
+		// per-source bucket (admit) already ran, as for every early
+		// answer; it spends no owner token, as no engine work is done.
+		s.lis.es.count(s.m, req.Opcode.String(), pcp.Success)
+		return pcp.AppendResponse(dst, &pcp.Response{Opcode: pcp.OpAnnounce, Result: pcp.Success, Epoch: s.epoch.at(now)}), true
 	case req.Opcode == pcp.OpMap && !s.cfg.DisableMap, req.Opcode == pcp.OpPeer && !s.cfg.DisablePeer:
 	default:
-		return s.toEngine(src, policy.Owner{}, false, now) // ANNOUNCE, or refused by the engine's earlier step
+		return s.toEngine(src, policy.Owner{}, false, now) // refused by the engine's earlier step
 	}
 	internal := src.Addr()
 	tp := req.Options.ThirdParty.IsValid()

@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"encoding/binary"
 	"net/netip"
 	"testing"
 	"time"
@@ -14,9 +15,9 @@ import (
 // TestEarlyAnswersAsEngine: the socket readers' early answers (malformed
 // requests, PKT-05..07 and VER-01; MAP and PEER refused by ownership,
 // MAP-01's first step, and THIRD_PARTY for another client's address,
-// TP-04) are byte for byte what the engine answers; everything that needs
-// the lease table (allowed MAP and PEER, ANNOUNCE, NAT-PMP) is left to
-// the engine.
+// TP-04) and ANNOUNCE (ANN-01, ANN-02, from any source) are byte for
+// byte what the engine answers; everything that needs the lease table
+// (allowed MAP and PEER, NAT-PMP) is left to the engine.
 func TestEarlyAnswersAsEngine(t *testing.T) {
 	h := newHarness(t)
 	stranger := netip.MustParseAddr("2001:db8:ee::1")
@@ -45,7 +46,9 @@ func TestEarlyAnswersAsEngine(t *testing.T) {
 		{"TP-04 another client's address", addrA, req(tpOther), true},
 		{"allowed MAP", addrA, req(mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1)), false},
 		{"allowed PEER", addrA, req(peerReq(addrA, pcp.ProtoTCP, 80, remote, time.Hour, 1)), false},
-		{"ANNOUNCE", addrA, req(pcp.NewAnnounce(addrA)), false},
+		{"ANN-02 ANNOUNCE", addrA, req(pcp.NewAnnounce(addrA)), true},
+		{"ANN-01 ANNOUNCE, lifetime 99", addrA, announceLifetime(99), true},
+		{"ANN-02 ANNOUNCE from an unowned source", stranger, req(pcp.NewAnnounce(stranger)), true},
 		{"NAT-PMP", v4A, []byte{0, 0}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -94,7 +97,7 @@ func TestEarlyAllocs(t *testing.T) {
 		{"unauthorised MAP", stranger, pcp.AppendRequest(nil, mapReq(stranger, pcp.ProtoTCP, 80, 0, time.Hour, 1)), true},
 		{"unauthorised PEER", stranger, pcp.AppendRequest(nil, peerReq(stranger, pcp.ProtoTCP, 80, remote, time.Hour, 1)), true},
 		{"allowed MAP, for the engine", addrA, pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1)), false},
-		{"ANNOUNCE, for the engine", addrA, pcp.AppendRequest(nil, pcp.NewAnnounce(addrA)), false},
+		{"ANNOUNCE", addrA, pcp.AppendRequest(nil, pcp.NewAnnounce(addrA)), true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			src := netip.AddrPortFrom(tc.src, 40000)
@@ -108,4 +111,12 @@ func TestEarlyAllocs(t *testing.T) {
 			}
 		})
 	}
+}
+
+// announceLifetime is an ANNOUNCE request with a requested lifetime,
+// which ANN-01 says is ignored.
+func announceLifetime(secs uint32) []byte {
+	b := pcp.AppendRequest(nil, pcp.NewAnnounce(addrA))
+	binary.BigEndian.PutUint32(b[4:8], secs)
+	return b
 }
