@@ -207,6 +207,9 @@ func (s *Server) handleTx(reqs []Request, now time.Time, retry bool, outs []outc
 // its failure reply).
 func (s *Server) commitOutcomes(t *tx, reqs []Request, outs []outcome) {
 	if t.empty() {
+		for i := range outs {
+			s.writeLog(&outs[i].log) // absorbed renewals (absorb.go)
+		}
 		return
 	}
 	s.m.batchSize.Observe(float64(len(reqs)))

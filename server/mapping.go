@@ -211,6 +211,9 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response, o *outcome) (pc
 		msg = msgRenewed
 	}
 	o.log = logRec{msg: msg, lease: next, from: c.src, grant: a.grant}
+	if renew && s.absorb(c.t, ex, &o.log.lease, a.grant) {
+		return pcp.Success, nil // an early renewal: no commit needed (absorb.go)
+	}
 	c.t.set(a.key, &o.log.lease, true)
 	return pcp.Success, nil
 }
@@ -428,7 +431,7 @@ func (s *Server) servePeer(c *call, req *pcp.Request, resp *pcp.Response, o *out
 		if grant > rem {
 			next.Expires = now.Add(grant)
 		}
-		if !leaseEqual(&next, ex) {
+		if !leaseEqual(&next, ex) && !s.absorb(c.t, ex, &next, next.Expires.Sub(now)) {
 			c.t.set(key, &next, true)
 		}
 		resp.Lifetime = next.Expires.Sub(now).Truncate(time.Second)

@@ -18,6 +18,9 @@ type metrics struct {
 	restores      prometheus.Counter
 	ctWalks       prometheus.Counter
 	leases        prometheus.GaugeFunc
+	absorbed      prometheus.Counter
+	flushLeases   prometheus.Histogram
+	flushSeconds  prometheus.Histogram
 }
 
 func newMetrics(leases func() float64) *metrics {
@@ -62,10 +65,22 @@ func newMetrics(leases func() float64) *metrics {
 		leases: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "pcpd_leases", Help: "Live leases.",
 		}, leases),
+		absorbed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pcpd_renewals_absorbed_total", Help: "Early renewals answered without a kernel transaction or store commit; the next flush writes them.",
+		}),
+		flushLeases: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "pcpd_absorbed_flush_leases", Help: "Leases written by one flush of absorbed renewals.",
+			Buckets: prometheus.ExponentialBuckets(1, 4, 10),
+		}),
+		flushSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "pcpd_absorbed_flush_seconds", Help: "Latency of one flush of absorbed renewals (kernel transaction and store commit).",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
 	}
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.latency, m.kernelSeconds, m.storeSeconds,
-		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.ctWalks, m.leases}
+		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.ctWalks, m.leases,
+		m.absorbed, m.flushLeases, m.flushSeconds}
 }

@@ -58,6 +58,10 @@ type Server struct {
 	// includes the table's state for them (tx.changes) until one succeeds;
 	// housekeep retries them alone meanwhile (payStoreDebt).
 	storeDebt map[store.Key]struct{}
+	// dirty holds the leases whose renewal was absorbed (absorb.go): the
+	// table has the promised expiry, the kernel and the store the one
+	// here (synced) until the next flush.
+	dirty map[store.Key]time.Time
 	// orphans are the internal addresses of pinholes found in the kernel
 	// at start that no lease explained: clients to announce to even
 	// though the store does not know them.
@@ -127,6 +131,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		tab:          newTable(),
 		quar:         map[endpoint]quarantine{},
 		storeDebt:    map[store.Key]struct{}{},
+		dirty:        map[store.Key]time.Time{},
 		counters:     map[reqLabels]prometheus.Counter{},
 		in:           make(chan packet, cfg.QueueLen),
 		announceDone: make(chan struct{}),
@@ -208,10 +213,13 @@ func (s *Server) Serve(ctx context.Context) error {
 	lisErr := make(chan error, 1)
 	go func() { lisErr <- s.lis.run(ctx) }()
 	go s.announce(ctx)
+	// Housekeeping ends after the last flush of absorbed renewals (below),
+	// so its shutdown snapshot has them.
+	hkCtx, hkCancel := context.WithCancel(context.WithoutCancel(ctx))
 	hkDone := make(chan struct{})
-	go func() { defer close(hkDone); s.housekeep(ctx) }()
+	go func() { defer close(hkDone); s.housekeep(hkCtx) }()
 	// The shutdown snapshot is written before Serve returns.
-	defer func() { cancel(); <-hkDone }()
+	defer func() { hkCancel(); <-hkDone }()
 
 	// Tamper check and audit run beside the engine loop: neither blocks
 	// serving (the audit's kernel dump takes seconds at 100 000 leases).
@@ -220,6 +228,11 @@ func (s *Server) Serve(ctx context.Context) error {
 	defer func() { cancel(); <-fwDone }()
 	sweep := time.NewTicker(sweepEvery)
 	defer sweep.Stop()
+	flush := time.NewTicker(absorbFlush)
+	defer flush.Stop()
+	// Absorbed renewals are written before Serve returns, whyever it does
+	// (deferred after the housekeeping's, so it runs first).
+	defer s.flushDirty("shutdown")
 	expiry := time.NewTimer(time.Hour)
 	defer expiry.Stop()
 	batch := make([]packet, 0, s.cfg.MaxBatch)
@@ -248,6 +261,8 @@ func (s *Server) Serve(ctx context.Context) error {
 			s.serveBatch(batch)
 		case <-expiry.C:
 			s.expire()
+		case <-flush.C:
+			s.flushDirty("periodic")
 		case <-sweep.C:
 			s.sweepStep()
 		case c := <-s.deps.Changes:

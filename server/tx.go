@@ -36,6 +36,7 @@ type tx struct {
 
 	// Scratch space of diff and commit, kept for the next batch.
 	old, neu, tmp []pinhole.Pinhole
+	kprev         store.Lease // set's kernel view of a dirty lease
 	others        []*store.Lease
 	put           []store.Lease
 	del           []store.Key
@@ -44,11 +45,15 @@ type tx struct {
 	storeDur      time.Duration
 }
 
-// undoRec is the state of the lease at key before a set: prev if had.
+// undoRec is the state of the lease at key before a set: prev if had;
+// dirty if it was an absorbed renewal's (Server.dirty), synced the expiry
+// the kernel and the store held for it then.
 type undoRec struct {
-	key  store.Key
-	had  bool
-	prev store.Lease
+	key    store.Key
+	had    bool
+	dirty  bool
+	prev   store.Lease
+	synced time.Time
 }
 
 type quarUndo struct {
@@ -87,6 +92,17 @@ func (t *tx) reset() {
 	t.put, t.del = t.put[:0], t.del[:0]
 }
 
+// staged reports whether the tx changed the lease at key already (it has
+// an undo record): such a lease is not committed yet.
+func (t *tx) staged(key store.Key) bool {
+	for i := range t.undo {
+		if t.undo[i].key == key {
+			return true
+		}
+	}
+	return false
+}
+
 // mark is a position in the undo log: a request changed state iff the mark
 // moved while it was handled.
 func (t *tx) mark() int { return len(t.undo) }
@@ -102,14 +118,26 @@ func (t *tx) empty() bool { return len(t.undo) == 0 }
 func (t *tx) set(key store.Key, next *store.Lease, ended bool) {
 	t.undo = append(t.undo, undoRec{key: key})
 	u := &t.undo[len(t.undo)-1]
-	var prev *store.Lease
+	var prev, kprev *store.Lease
 	if cur, ok := t.s.tab.get(key); ok && cur != nil {
 		// The undo record holds its own copy: the table's may be reused
 		// once the lease is replaced.
 		u.had, u.prev = true, *cur
-		prev = &u.prev
+		prev, kprev = &u.prev, &u.prev
+		if at, ok := t.s.dirty[key]; ok {
+			// An absorbed renewal's lease: the kernel still holds its
+			// synced expiry, not the table's, and the diff must start
+			// from what the kernel holds. This commit writes the lease
+			// through, so it is no longer dirty; rollback marks it
+			// again.
+			u.dirty, u.synced = true, at
+			delete(t.s.dirty, key)
+			t.kprev = u.prev
+			t.kprev.Expires = at
+			kprev = &t.kprev
+		}
 	}
-	t.diff(key, prev, next)
+	t.diff(key, kprev, next)
 	if next == nil {
 		t.s.tab.del(key)
 		if prev != nil {
@@ -161,7 +189,17 @@ func (t *tx) diff(key store.Key, prev, next *store.Lease) {
 	}
 	others := t.others[:0]
 	for _, l := range t.s.tab.onTuple(tupleOf(key)) {
-		if l.Key != key && l.Expires.After(t.now) {
+		if l.Key == key {
+			continue
+		}
+		if at, ok := t.s.dirty[l.Key]; ok {
+			// What the kernel holds for it (l is a copy): a shared
+			// element's timeout is computed from the kernel's view, so
+			// it never lapses before a lease written through here, and
+			// the dirty lease's own flush raises it later.
+			l.Expires = at
+		}
+		if l.Expires.After(t.now) {
 			others = append(others, l)
 		}
 	}
@@ -231,6 +269,9 @@ func (t *tx) rollback() {
 			t.s.tab.del(u.key)
 		} else {
 			t.s.tab.put(u.prev)
+		}
+		if u.dirty {
+			t.s.dirty[u.key] = u.synced
 		}
 	}
 	for i := len(t.qund) - 1; i >= 0; i-- {

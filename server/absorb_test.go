@@ -1,0 +1,321 @@
+package server
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/server/servertest"
+	"github.com/pcpd/pcpd/store"
+)
+
+// absorbState is what the absorbed-renewal tests look at for lease
+// (addrA, TCP, 443): the table's expiry (what the client was told), the
+// stored one, the kernel element's, and the dirty mark.
+type absorbState struct {
+	table, stored, kernel time.Time
+	dirty                 bool
+	synced                time.Time
+}
+
+func (h *harness) absorbState() absorbState {
+	h.t.Helper()
+	key := store.Key{Owner: ownerA, Protocol: 6, InternalAddr: addrA, InternalPort: 443}
+	var st absorbState
+	now := h.clock.Now()
+	h.s.mu.Lock()
+	if l, ok := h.s.tab.get(key); ok {
+		st.table = l.Expires
+	}
+	st.synced, st.dirty = h.s.dirty[key]
+	h.s.mu.Unlock()
+	if l, ok := h.st.Leases()[key]; ok {
+		st.stored = l.Expires
+	}
+	if d, ok := h.fw.Holes()[hole(6, addrA, 443, addrA, 443)]; ok {
+		st.kernel = now.Add(d)
+	}
+	return st
+}
+
+// commits counts the store commits and kernel transactions since the call.
+func (h *harness) commits() func() (store, kernel int) {
+	s0, k0 := h.st.Commits, h.fw.Applies
+	return func() (int, int) { return h.st.Commits - s0, h.fw.Applies - k0 }
+}
+
+// TestAbsorbedRenewal: an early renewal of a committed lease with the same
+// nonce (MAP, NAT-PMP, PEER) is answered without a store commit or a
+// kernel transaction; the flush then brings the kernel element and the
+// stored lease to the expiry the client was told. A due renewal (less
+// than half the grant left in the kernel and store) and a lease the same
+// batch created are written through.
+func TestAbsorbedRenewal(t *testing.T) {
+	const grant = time.Hour
+	for _, tc := range []struct {
+		name    string
+		after   time.Duration // from the first request to the renewal
+		absorb  bool
+		request func(h *harness) // the renewal; the first request is the same with nonce 1
+	}{
+		{"early MAP renewal", time.Minute, true, func(h *harness) {
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1)), pcp.Success)
+		}},
+		{"due MAP renewal (grant/2 passed)", grant/2 + time.Second, false, func(h *harness) {
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1)), pcp.Success)
+		}},
+		{"MAP renewal with a new nonce (a replacement)", time.Minute, false, func(h *harness) {
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 2)), pcp.Success)
+		}},
+		{"shortening MAP renewal", time.Minute, false, func(h *harness) {
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant/2, 1)), pcp.Success)
+		}},
+		{"MAP renewal from another client port", time.Minute, false, func(h *harness) {
+			b := pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1))
+			if out := h.s.Handle(local6, netip.AddrPortFrom(addrA, 40001), b); out == nil || out[3] != 0 {
+				t.Fatalf("renewal: % x", out)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1)), pcp.Success)
+			first := h.absorbState()
+			h.clock.Advance(tc.after)
+			absorbed := counterValue(t, h.s.m.absorbed)
+			n := h.commits()
+			tc.request(h)
+			at := h.clock.Now()
+			st := h.absorbState()
+			stores, kernels := n()
+			if !tc.absorb {
+				if st.dirty || stores != 1 || counterValue(t, h.s.m.absorbed) != absorbed {
+					t.Fatalf("not absorbable, yet absorbed: dirty %v, %d store commits", st.dirty, stores)
+				}
+				if !st.stored.Equal(st.table) {
+					t.Fatalf("written through: stored expiry %v, table's %v", st.stored, st.table)
+				}
+				return
+			}
+			if stores != 0 || kernels != 0 {
+				t.Fatalf("absorbed renewal made %d store commits and %d kernel transactions, want none", stores, kernels)
+			}
+			if got := counterValue(t, h.s.m.absorbed) - absorbed; got != 1 {
+				t.Errorf("pcpd_renewals_absorbed_total rose by %v, want 1", got)
+			}
+			if !st.table.Equal(at.Add(grant)) || !st.dirty || !st.synced.Equal(first.stored) {
+				t.Fatalf("table expiry %v (want %v), dirty %v synced %v (want %v)", st.table, at.Add(grant), st.dirty, st.synced, first.stored)
+			}
+			if !st.stored.Equal(first.stored) || !st.kernel.Equal(first.kernel) {
+				t.Fatalf("store %v / kernel %v changed before the flush", st.stored, st.kernel)
+			}
+			if l := h.s.Leases(); len(l) != 1 || !l[0].Expires.Equal(at.Add(grant)) {
+				t.Errorf("pcpd leases shows %+v, want the told expiry %v", l, at.Add(grant))
+			}
+			h.s.flushDirty("test")
+			st = h.absorbState()
+			if st.dirty || !st.stored.Equal(at.Add(grant)) || !st.kernel.Equal(at.Add(grant)) {
+				t.Fatalf("after the flush: dirty %v, stored %v, kernel %v; want %v", st.dirty, st.stored, st.kernel, at.Add(grant))
+			}
+		})
+	}
+}
+
+// TestAbsorbedRenewalKinds: NAT-PMP (which shares mapInbound) and PEER
+// renewals are absorbed too, and their flush writes the told expiry.
+func TestAbsorbedRenewalKinds(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		req  func(h *harness)
+		key  store.Key
+	}{
+		{"NAT-PMP", func(h *harness) {
+			if r := h.pmp(v4A, pcp.PMPOpMapTCP, 8080, 8080, time.Hour); r.Result != 0 {
+				t.Fatalf("%+v", r)
+			}
+		}, store.Key{Owner: ownerA, Protocol: 6, InternalAddr: v4A, InternalPort: 8080}},
+		{"PEER", func(h *harness) {
+			h.expect(h.do(peerReq(addrA, pcp.ProtoTCP, 443, remote, time.Hour, 1)), pcp.Success)
+		}, store.Key{Owner: ownerA, Protocol: 6, InternalAddr: addrA, InternalPort: 443, Remote: remote}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t)
+			tc.req(h)
+			h.clock.Advance(time.Minute)
+			n := h.commits()
+			tc.req(h)
+			if stores, kernels := n(); stores != 0 || kernels != 0 {
+				t.Fatalf("renewal made %d store commits and %d kernel transactions, want none", stores, kernels)
+			}
+			want := h.clock.Now().Add(time.Hour)
+			h.s.flushDirty("test")
+			if l := h.st.Leases()[tc.key]; !l.Expires.Equal(want) {
+				t.Errorf("stored expiry after the flush %v, want %v", l.Expires, want)
+			}
+		})
+	}
+}
+
+// TestAbsorbSameBatch: a renewal of a lease created in the same batch is
+// not absorbed (the lease is not committed: the batch may roll back).
+func TestAbsorbSameBatch(t *testing.T) {
+	h := newHarness(t)
+	b := pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, 443, 443, time.Hour, 1))
+	src := netip.AddrPortFrom(addrA, 40000)
+	out := h.s.HandleBatch([]Request{{Local: local6, Source: src, Data: b}, {Local: local6, Source: src, Data: b}})
+	for i, r := range out {
+		if r == nil || r[3] != 0 {
+			t.Fatalf("reply %d: % x", i, r)
+		}
+	}
+	if st := h.absorbState(); st.dirty || counterValue(t, h.s.m.absorbed) != 0 {
+		t.Fatalf("a renewal of a lease staged in its own batch was absorbed (dirty %v)", st.dirty)
+	}
+	// The store has the lease: a failed commit would have rolled back
+	// the creation, and the absorbed renewal with it.
+	if _, ok := h.lease(ownerA, 6, addrA, 443); !ok {
+		t.Fatal("lease not stored")
+	}
+}
+
+// TestAbsorbRollback: a write-through of a dirty lease that fails leaves
+// it dirty with the same synced expiry and the table at the told expiry;
+// a failed flush keeps it dirty and the next one writes it; a delete of a
+// dirty lease removes its kernel element.
+func TestAbsorbRollback(t *testing.T) {
+	setup := func(t *testing.T) (*harness, absorbState) {
+		h := newHarness(t)
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, time.Hour, 1)), pcp.Success)
+		h.clock.Advance(time.Minute)
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, time.Hour, 1)), pcp.Success)
+		st := h.absorbState()
+		if !st.dirty {
+			t.Fatal("renewal not absorbed")
+		}
+		return h, st
+	}
+	for _, tc := range []struct {
+		name string
+		fail func(h *harness) // installs the failure
+		act  func(h *harness) // the change that fails
+	}{
+		{"filter change, kernel fails", func(h *harness) {
+			h.fw.FailApply = func([]pinhole.Op) error { return servertest.ErrInjected }
+		}, func(h *harness) {
+			r := mapReq(addrA, pcp.ProtoTCP, 443, 443, time.Hour, 1)
+			r.Options.Filters = append(r.Options.Filters, pcp.Filter{Remote: netip.MustParsePrefix("2001:db8:99::/48")})
+			h.expect(h.do(r), pcp.NoResources)
+		}},
+		{"delete, store fails", func(h *harness) {
+			h.st.FailCommit = func([]store.Lease, []store.Key) error { return servertest.ErrInjected }
+		}, func(h *harness) {
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, 0, 1)), pcp.NoResources)
+		}},
+		{"flush, kernel fails", func(h *harness) {
+			h.fw.FailApply = func([]pinhole.Op) error { return servertest.ErrInjected }
+		}, func(h *harness) { h.s.flushDirty("test") }},
+		{"flush, store fails", func(h *harness) {
+			h.st.FailCommit = func([]store.Lease, []store.Key) error { return servertest.ErrInjected }
+		}, func(h *harness) { h.s.flushDirty("test") }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, before := setup(t)
+			tc.fail(h)
+			tc.act(h)
+			h.fw.FailApply, h.st.FailCommit = nil, nil
+			after := h.absorbState()
+			if !after.dirty || !after.synced.Equal(before.synced) || !after.table.Equal(before.table) {
+				t.Fatalf("after the failure: dirty %v synced %v table %v; want dirty, synced %v, table %v",
+					after.dirty, after.synced, after.table, before.synced, before.table)
+			}
+			if !after.kernel.Equal(before.kernel) {
+				t.Fatalf("kernel element %v, want the synced %v", after.kernel, before.kernel)
+			}
+			h.s.flushDirty("test")
+			if st := h.absorbState(); st.dirty || !st.stored.Equal(before.table) || !st.kernel.Equal(before.table) {
+				t.Fatalf("after the next flush: dirty %v stored %v kernel %v, want %v", st.dirty, st.stored, st.kernel, before.table)
+			}
+		})
+	}
+	t.Run("delete of a dirty lease", func(t *testing.T) {
+		h, _ := setup(t)
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, 0, 1)), pcp.Success)
+		if st := h.absorbState(); st.dirty || !st.kernel.IsZero() || !st.stored.IsZero() || !st.table.IsZero() {
+			t.Fatalf("after the delete: %+v, want nothing left", st)
+		}
+		n := h.commits()
+		h.s.flushDirty("test")
+		if s, k := n(); s != 0 || k != 0 {
+			t.Errorf("flush after the delete wrote %d commits, %d transactions", s, k)
+		}
+	})
+	t.Run("expiry of a dirty lease", func(t *testing.T) {
+		h, before := setup(t)
+		h.clock.Advance(before.table.Sub(h.clock.Now()))
+		h.s.flushDirty("test") // expires it first
+		if st := h.absorbState(); st.dirty || !st.kernel.IsZero() || !st.stored.IsZero() || !st.table.IsZero() {
+			t.Fatalf("after expiry: %+v, want nothing left", st)
+		}
+	})
+}
+
+// TestAbsorbCrash: pcpd stops without a flush (a crash); the restored
+// lease's expiry still covers half the grant from the last renewal, when
+// an RFC client renews again, and the kernel never holds more than the
+// client was told.
+func TestAbsorbCrash(t *testing.T) {
+	const grant = time.Hour
+	h := newHarness(t)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1)), pcp.Success)
+	var last time.Time
+	for range 40 { // renewals every minute; the later ones are due
+		h.clock.Advance(time.Minute)
+		last = h.clock.Now()
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1)), pcp.Success)
+		st := h.absorbState()
+		if st.kernel.After(st.table) {
+			t.Fatalf("kernel element %v outlives the told expiry %v", st.kernel, st.table)
+		}
+		if st.stored.Before(last.Add(grant / 2)) {
+			t.Fatalf("at %v the store holds %v: a crash now loses the lease before the client's next renewal (%v)",
+				last, st.stored, last.Add(grant/2))
+		}
+	}
+	h.start() // no Close, no flush: a crash
+	l, ok := h.s.tab.get(store.Key{Owner: ownerA, Protocol: 6, InternalAddr: addrA, InternalPort: 443})
+	if !ok || l.Expires.Before(last.Add(grant/2)) {
+		t.Fatalf("restored lease %+v, want an expiry ≥ %v", l, last.Add(grant/2))
+	}
+}
+
+// TestAbsorbSharedElement: a lease written through next to a dirty lease
+// sharing its kernel element (a PEER and a filtered MAP) computes the
+// element's timeout from what the kernel holds for the dirty one, so the
+// element never lapses before the new lease's expiry.
+func TestAbsorbSharedElement(t *testing.T) {
+	h := newHarness(t)
+	filtered := mapReq(addrA, pcp.ProtoTCP, 443, 443, time.Hour, 2)
+	filtered.Options.Filters = append(filtered.Options.Filters, pcp.Filter{Remote: netip.PrefixFrom(remote.Addr(), 128), RemotePort: remote.Port()})
+	h.expect(h.do(filtered), pcp.Success)
+	h.clock.Advance(time.Minute)
+	h.expect(h.do(filtered), pcp.Success) // absorbed: kernel at 60 min, table at 61
+	if st := h.absorbState(); !st.dirty {
+		t.Fatal("renewal not absorbed")
+	}
+	// A PEER on the element, ending between the two.
+	peer := peerReq(addrA, pcp.ProtoTCP, 443, remote, time.Hour-30*time.Second, 1)
+	h.expect(h.do(peer), pcp.Success)
+	want := h.clock.Now().Add(time.Hour - 30*time.Second)
+	p := pinhole.Pinhole{Protocol: 6, InternalAddr: addrA, InternalPort: 443, ExternalAddr: addrA, ExternalPort: 443,
+		RemotePrefix: netip.PrefixFrom(remote.Addr(), 128), RemotePort: remote.Port()}
+	d, ok := h.fw.Holes()[p]
+	if !ok || h.clock.Now().Add(d).Before(want) {
+		t.Fatalf("shared element ends at %v, before the PEER's expiry %v", h.clock.Now().Add(d), want)
+	}
+	h.s.flushDirty("test")
+	if d := h.fw.Holes()[p]; d != time.Hour {
+		t.Errorf("after the flush the element has %v, want the MAP's told hour", d)
+	}
+}
