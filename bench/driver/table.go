@@ -22,6 +22,7 @@ type row struct {
 var rows = []row{
 	{label: "new MAP, closed loop", key: "new", minFloor: 0.30, minMini: 100, target: "≥ 30 % of floor, ≥ 100× miniupnpd"},
 	{label: "renewal, closed loop", key: "renew", minFloor: 0.50, target: "≥ 50 % of floor"},
+	{label: "renewal written through (4 s lifetime, not absorbed), closed loop", key: "renew-wt"},
 	{label: "malformed, closed loop", key: "malformed", minFloor: 0.80, target: "≥ 80 % of floor"},
 	{label: "unauthorised, closed loop", key: "unauth", minFloor: 0.80, target: "≥ 80 % of floor"},
 	{label: "mixed 20/60/10/5/5, closed loop", key: "mixed"},
