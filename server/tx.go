@@ -88,6 +88,7 @@ func (t *tx) reset() {
 	clear(t.ended)
 	clear(t.others)
 	clear(t.put)
+	t.kprev = store.Lease{}
 	t.undo, t.qund, t.ops, t.inv, t.ended = t.undo[:0], t.qund[:0], t.ops[:0], t.inv[:0], t.ended[:0]
 	t.put, t.del = t.put[:0], t.del[:0]
 }
