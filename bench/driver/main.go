@@ -69,6 +69,7 @@ type options struct {
 	timeline      time.Duration
 	metrics       string // pcpd --metrics ADDR (in the host namespace), scraped after each run
 	stateRoot     string // where pcpd-state goes; "": the output directory
+	fifo          bool   // run the server under test and pcpload as SCHED_FIFO (chrt -f 1)
 }
 
 // want reports whether scenario key is to be run (--scenarios).
@@ -114,6 +115,7 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&o.metrics, "metrics", "", "pcpd only: serve metrics on `ADDR` in the host namespace (e.g. 127.0.0.1:9400) and keep a scrape after each run (<server>-<scenario>.metrics.txt)")
 	fs.StringVar(&o.stateRoot, "state-root", "", "pcpd only: put its state directory under `DIR` instead of the output directory, e.g. /dev/shm to take the disk's fsync latency out of a run (a diagnostic, not the table's figure)")
 	fs.DurationVar(&o.timeline, "timeline", 0, "open loop: have pcpload report a timeline in buckets this long (in the JSON report)")
+	fs.BoolVar(&o.fifo, "fifo", false, "run the server under test and pcpload at real-time priority (chrt -f 1), the same for every server: other tenants' processes on a shared machine then stop adding 10-100 ms stalls to the latency tail (a diagnostic; the kernel's own threads, e.g. the journal's, stay at normal priority)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -283,6 +285,9 @@ func (b *bench) startIn(ns *netlab.NS, name string, args ...string) (*proc, erro
 	if err != nil {
 		return nil, err
 	}
+	if b.o.fifo {
+		args = append([]string{"chrt", "-f", "1"}, args...)
+	}
 	fmt.Fprintf(lf, "# %s: %s\n", time.Now().Format(time.RFC3339), strings.Join(args, " "))
 	cmd, err := ns.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = lf, lf }, args...)
 	if err != nil {
@@ -425,6 +430,9 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		"--json"}
 	full = append(full, args...)
 	b.logf("%s %s: %s", server, name, strings.Join(full[4:], " "))
+	if b.o.fifo {
+		full = append(append(full[:4:4], "chrt", "-f", "1"), full[4:]...)
+	}
 	cmd := exec.CommandContext(ctx, full[0], full[1:]...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout = &stdout

@@ -266,6 +266,7 @@ type report struct {
 type source struct {
 	addr netip.Addr
 	conn *net.UDPConn
+	fd   int // conn's descriptor, for the open loop's raw reads and writes
 }
 
 // worker drives its own share of the clients with one request in flight
@@ -782,13 +783,11 @@ func run(ctx context.Context, cfg config) (*report, error) {
 			}
 		})
 	} else {
-		tickets := make(chan time.Time, 1<<14)
-		go pace(tickets, cfg.Rate, cfg.Count, &stop)
-		rep.Run = runPhase(ws, cfg.Timeline, func(w *worker, ph *phase) {
-			for t := range tickets {
-				w.do(ph, cfg.Mix.pick(w.rng.IntN(total)), t)
-			}
-		})
+		l, err := newOpenLoop(&cfg, ws)
+		if err != nil {
+			return nil, fmt.Errorf("pcpload: open loop: %w: %w", errSocket, err)
+		}
+		rep.Run = l.run(&stop, cfg.Timeline)
 	}
 	for _, w := range ws {
 		rep.LiveLeases += len(w.live)
@@ -847,26 +846,4 @@ func runPhase(ws []*worker, timeline time.Duration, body func(*worker, *phase)) 
 	}
 	ph.finish(elapsed)
 	return &ph
-}
-
-// pace issues one ticket (the intended send time) every 1/rate seconds.
-// A request's latency counts from its intended time, so when the server
-// (or the generator) falls behind, the queueing shows in the percentiles
-// instead of silently lowering the rate (no coordinated omission).
-func pace(tickets chan<- time.Time, rate float64, count int64, stop *atomic.Bool) {
-	defer close(tickets)
-	interval := time.Duration(float64(time.Second) / rate)
-	start := time.Now()
-	for i := int64(0); count <= 0 || i < count; i++ {
-		if stop.Load() {
-			return
-		}
-		due := start.Add(time.Duration(i) * interval)
-		// Sleeping per ticket would be too coarse at high rates: sleep
-		// only when more than a tick ahead, and send late tickets at once.
-		if d := time.Until(due); d > 200*time.Microsecond {
-			time.Sleep(d)
-		}
-		tickets <- due
-	}
 }
