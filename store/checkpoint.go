@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"time"
 
@@ -57,7 +58,76 @@ func (g *walSeg) claim(need, ckptBytes int64) error {
 	if need <= g.alloc {
 		return nil
 	}
-	return g.grow(need, max(need+logRunway, min(2*g.alloc, ckptBytes+logRunway)))
+	return g.grow(need, growTarget(need, g.alloc, ckptBytes))
+}
+
+// growTarget is how far a segment holding alloc octets grows when need
+// octets are wanted: doubling, up to the checkpoint size.
+func growTarget(need, alloc, ckptBytes int64) int64 {
+	return max(need+logRunway, min(2*alloc, ckptBytes+logRunway))
+}
+
+// growChunk is how much growAhead zero-fills (and syncs) at a time: one
+// chunk is what a concurrent commit's fdatasync may have to carry along.
+const growChunk = 256 << 10
+
+// maybeGrowAhead starts growAhead for segment i once half of what it has
+// is used, so that commits find the room already written. Zero-filling in
+// the commit itself stalled the commit path while a fresh segment grew:
+// 8 MiB of zeros written and synced in one commit took 30 ms at 23 000
+// new MAPs a second (open-loop p99 at 80 %). Caller holds wmu.
+func (s *Store) maybeGrowAhead(i int) {
+	g := &s.wal.seg[i]
+	if g.alloc-s.wal.off > g.alloc/2 || g.alloc >= s.opt.ckptBytes+logRunway {
+		return
+	}
+	if !s.growing.CompareAndSwap(false, true) {
+		return
+	}
+	target := growTarget(s.wal.off, g.alloc, s.opt.ckptBytes)
+	s.bg.Add(1)
+	go s.growAhead(i, g.f, target)
+}
+
+// growAhead zero-fills segment i (file f) up to target, a chunk at a
+// time. Each chunk is written under wmu past the segment's alloc, so never
+// over a record (records go below alloc, also under wmu), and synced
+// outside it, so commits go on meanwhile. It stops at an error (a full
+// disk: commits then grow the file themselves and report ENOSPC), when
+// the store closes, or when the segment was replaced.
+func (s *Store) growAhead(i int, f *os.File, target int64) {
+	defer s.bg.Done()
+	defer s.growing.Store(false)
+	for {
+		s.mu.RLock()
+		if s.closed || !s.walReady.Load() {
+			s.mu.RUnlock()
+			return
+		}
+		s.wmu.Lock()
+		g := &s.wal.seg[i]
+		if g.f != f || g.alloc >= target {
+			s.wmu.Unlock()
+			s.mu.RUnlock()
+			return
+		}
+		n := min(target-g.alloc, growChunk)
+		var err error
+		for k := int64(0); k < n && err == nil; {
+			var m int
+			m, err = f.WriteAt(zeros[:min(n-k, int64(len(zeros)))], g.alloc)
+			g.alloc += int64(m)
+			k += int64(m)
+		}
+		s.wmu.Unlock()
+		if err == nil {
+			err = fdatasync(f)
+		}
+		s.mu.RUnlock()
+		if err != nil {
+			return
+		}
+	}
 }
 
 // grow zero-fills the file up to target; it fails only if it could not
@@ -267,6 +337,9 @@ func (s *Store) fold(i int) error {
 	return nil
 }
 
+// foldYield: entries a fold applies between yields (≈ 0.1 ms of work).
+const foldYield = 64
+
 // kvChange is one logged change: val nil deletes key.
 type kvChange struct{ key, val []byte }
 
@@ -302,6 +375,13 @@ func foldTx(tx *bolt.Tx, recs []logRecord, walgen uint64, setGen, clearEpoch boo
 	for i := range ents {
 		if i+1 < len(ents) && bytes.Equal(ents[i].key, ents[i+1].key) {
 			continue // a later change of the same key wins
+		}
+		if i%foldYield == foldYield-1 {
+			// A fold of 16 MiB of log is half a second of CPU; Go
+			// preempts it only every 10 ms, so on two cores the engine
+			// and the socket readers waited up to that long for a turn
+			// again and again. Yielding this often lets them in at once.
+			runtime.Gosched()
 		}
 		key, val := ents[i].key, ents[i].val
 		if old := leases.Get(key); old != nil {

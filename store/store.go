@@ -213,6 +213,11 @@ type Store struct {
 	commits     atomic.Uint64
 	failures    atomic.Uint64
 	checkpoints atomic.Uint64
+
+	// growing: a growAhead runs (at most one). syncGrown counts the
+	// octets commits had to zero-fill themselves (tests).
+	growing   atomic.Bool
+	syncGrown atomic.Int64
 }
 
 // Stats counts log records and checkpoints (for metrics and the
@@ -348,7 +353,10 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 	if w.off > walHeaderSize && w.off+n > s.opt.ckptBytes*logFullFactor {
 		return true, nil
 	}
-	if err := seg.claim(w.off+n, s.opt.ckptBytes); err != nil {
+	before := seg.alloc
+	err = seg.claim(w.off+n, s.opt.ckptBytes)
+	s.syncGrown.Add(seg.alloc - before)
+	if err != nil {
 		return false, fmt.Errorf("store: commit: %w: %w", ErrUnavailable, err)
 	}
 	_, err = seg.f.WriteAt(rec, w.off)
@@ -363,6 +371,7 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 	seg.end = w.off
 	w.seq++
 	s.commits.Add(1)
+	s.maybeGrowAhead(w.active)
 	if op == epochSet {
 		s.pendingMu.Lock()
 		if s.pendingEpoch.Equal(epoch) {
