@@ -70,6 +70,7 @@ type options struct {
 	metrics       string // pcpd --metrics ADDR (in the host namespace), scraped after each run
 	stateRoot     string // where pcpd-state goes; "": the output directory
 	fifo          bool   // run the server under test and pcpload as SCHED_FIFO (chrt -f 1)
+	trace         time.Duration
 }
 
 // want reports whether scenario key is to be run (--scenarios).
@@ -116,8 +117,15 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&o.stateRoot, "state-root", "", "pcpd only: put its state directory under `DIR` instead of the output directory, e.g. /dev/shm to take the disk's fsync latency out of a run (a diagnostic, not the table's figure)")
 	fs.DurationVar(&o.timeline, "timeline", 0, "open loop: have pcpload report a timeline in buckets this long (in the JSON report)")
 	fs.BoolVar(&o.fifo, "fifo", false, "run the server under test and pcpload at real-time priority (chrt -f 1), the same for every server: other tenants' processes on a shared machine then stop adding 10-100 ms stalls to the latency tail (a diagnostic; the kernel's own threads, e.g. the journal's, stay at normal priority)")
+	fs.DurationVar(&o.trace, "trace", 0, "pcpd open loop: take a Go execution trace of pcpd this long as the measured phase starts (pcpd-open80.trace; needs --metrics, sets PCPD_DEBUG_PPROF=1; view with go tool trace)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if o.trace > 0 {
+		if o.metrics == "" {
+			return errors.New("driver: --trace needs --metrics")
+		}
+		env = append(env, "PCPD_DEBUG_PPROF=1")
 	}
 	if *scenarios != "" {
 		o.scenarios = map[string]bool{}
@@ -448,6 +456,17 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	for sc.Scan() {
 		line := sc.Text()
 		if line == "pcpload: measuring" {
+			if b.o.trace > 0 && server == "pcpd" && name == "open80" && perfDone == nil {
+				perfDone = make(chan struct{})
+				go func() {
+					defer close(perfDone)
+					url := fmt.Sprintf("http://%s/debug/pprof/trace?seconds=%g", b.o.metrics, b.o.trace.Seconds())
+					if _, err := b.topo.Host.Run("curl", "-sS", "--max-time", "60", "-o", filepath.Join(b.o.out, server+"-"+name+".trace"), url); err != nil {
+						b.logf("trace: %v", err)
+					}
+				}()
+				continue
+			}
 			if b.o.perf && b.cur != nil && b.o.duration >= 3*time.Second && perfDone == nil {
 				perfDone = make(chan struct{})
 				go func() { defer close(perfDone); b.profile(server+"-"+name, b.cur.pid()) }()

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"strings"
 	"time"
@@ -232,6 +233,15 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		if os.Getenv("PCPD_DEBUG_PPROF") == "1" {
+			// Opt-in, for profiling a running daemon (bench/driver
+			// --trace): Go's profiles and execution trace beside the
+			// metrics, on the same (operator-chosen, usually loopback)
+			// address. Off by default: a trace costs the daemon CPU.
+			mux.HandleFunc("/debug/pprof/", pprof.Index)
+			mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		}
 		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go metrics.Serve(ln)
 		defer metrics.Close()
