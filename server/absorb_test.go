@@ -319,3 +319,68 @@ func TestAbsorbSharedElement(t *testing.T) {
 		t.Errorf("after the flush the element has %v, want the MAP's told hour", d)
 	}
 }
+
+// TestFlushDue: a dirty lease is written when its synced expiry comes
+// within flushLead, not before (nothing depends on the write until then),
+// and only those: a lease made later stays dirty until its own deadline.
+// Due leases are written at most flushChunk a step, and flushDue says
+// when more are due. Beyond maxDirty dirty leases, renewals are written
+// through.
+func TestFlushDue(t *testing.T) {
+	const grant = time.Hour
+	defer func(c, m int) { flushChunk, maxDirty = c, m }(flushChunk, maxDirty)
+	flushChunk, maxDirty = 3, 5
+	h := newHarness(t)
+	early, late := []uint16{441, 442, 443, 444}, []uint16{450, 451}
+	for _, p := range early {
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, p, p, grant, 1)), pcp.Success)
+	}
+	synced := h.absorbState().stored // port 443's, as every early lease's
+	h.clock.Advance(10 * time.Minute)
+	for _, p := range late {
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, p, p, grant, 1)), pcp.Success)
+	}
+	h.clock.Advance(time.Second)
+	n := h.commits()
+	for _, p := range append(early, late...) { // 451 last: the one over maxDirty
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, p, p, grant, 1)), pcp.Success)
+	}
+	if stores, _ := n(); stores != 1 || len(h.s.dirty) != maxDirty {
+		t.Fatalf("6 renewals with room for %d dirty: %d store commits, %d dirty; want 1 written through, %d dirty",
+			maxDirty, stores, len(h.s.dirty), maxDirty)
+	}
+	told := h.clock.Now().Add(grant)
+	if st := h.absorbState(); !st.dirty || !st.table.Equal(told) {
+		t.Fatalf("port 443: dirty %v, table expiry %v; want absorbed, %v", st.dirty, st.table, told)
+	}
+	step := func(wantMore bool, wantStores, wantDirty int) {
+		t.Helper()
+		n := h.commits()
+		if more := h.s.flushDue(); more != wantMore {
+			t.Fatalf("flushDue: more %v, want %v", more, wantMore)
+		}
+		if stores, _ := n(); stores != wantStores || len(h.s.dirty) != wantDirty {
+			t.Fatalf("flush step: %d store commits, %d left dirty; want %d, %d", stores, len(h.s.dirty), wantStores, wantDirty)
+		}
+	}
+
+	// Not due: the synced expiry is more than flushLead away.
+	h.clock.Advance(synced.Sub(h.clock.Now()) - flushLead - time.Millisecond)
+	step(false, 0, maxDirty)
+	// The 4 early leases are due: a step of flushChunk (3), then one of
+	// the last; 450 is not due and stays dirty.
+	h.clock.Advance(2 * time.Millisecond)
+	step(true, 1, maxDirty-flushChunk)
+	step(false, 1, 1)
+	if _, ok := h.s.dirty[store.Key{Owner: ownerA, Protocol: 6, InternalAddr: addrA, InternalPort: 450}]; !ok {
+		t.Fatal("the lease not yet due was written")
+	}
+	if st := h.absorbState(); st.dirty || !st.stored.Equal(told) || !st.kernel.Equal(told) {
+		t.Fatalf("after the steps: dirty %v, stored %v, kernel %v; want %v", st.dirty, st.stored, st.kernel, told)
+	}
+	step(false, 0, 1)
+	// 450's deadline, 10 minutes later.
+	h.clock.Advance(10 * time.Minute)
+	step(false, 1, 0)
+	step(false, 0, 0)
+}

@@ -66,7 +66,7 @@ func newMetrics(leases func() float64) *metrics {
 			Name: "pcpd_leases", Help: "Live leases.",
 		}, leases),
 		absorbed: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_renewals_absorbed_total", Help: "Early renewals answered without a kernel transaction or store commit; the next flush writes them.",
+			Name: "pcpd_renewals_absorbed_total", Help: "Early renewals answered without a kernel transaction or store commit; a flush writes them when due.",
 		}),
 		flushLeases: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "pcpd_absorbed_flush_leases", Help: "Leases written by one flush of absorbed renewals.",

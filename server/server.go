@@ -62,6 +62,9 @@ type Server struct {
 	// table has the promised expiry, the kernel and the store the one
 	// here (synced) until the next flush.
 	dirty map[store.Key]time.Time
+	// dirtyNext is at or before the earliest synced expiry in dirty
+	// (flushDue's quick check).
+	dirtyNext time.Time
 	// orphans are the internal addresses of pinholes found in the kernel
 	// at start that no lease explained: clients to announce to even
 	// though the store does not know them.
@@ -230,6 +233,9 @@ func (s *Server) Serve(ctx context.Context) error {
 	defer sweep.Stop()
 	flush := time.NewTicker(absorbFlush)
 	defer flush.Stop()
+	flushMore := time.NewTimer(time.Hour) // the next flush step while more are due
+	flushMore.Stop()
+	defer flushMore.Stop()
 	// Absorbed renewals are written before Serve returns, whyever it does
 	// (deferred after the housekeeping's, so it runs first).
 	defer s.flushDirty("shutdown")
@@ -262,7 +268,13 @@ func (s *Server) Serve(ctx context.Context) error {
 		case <-expiry.C:
 			s.expire()
 		case <-flush.C:
-			s.flushDirty("periodic")
+			if s.flushDue() {
+				flushMore.Reset(flushGap)
+			}
+		case <-flushMore.C:
+			if s.flushDue() {
+				flushMore.Reset(flushGap)
+			}
 		case <-sweep.C:
 			s.sweepStep()
 		case c := <-s.deps.Changes:
