@@ -48,7 +48,9 @@ import (
 //     not one in the store's debt, where the store may hold something
 //     else entirely. An absorbed renewal has no undo record, so a
 //     rollback of its batch leaves it as it is, which is right: it
-//     never depended on the commit.
+//     never depended on the commit. Its SUCCESS stands too: the
+//     one-by-one retry of a failed batch skips it (commitOutcomes), as
+//     handled again later it could be written through and fail.
 //   - Whatever writes a dirty lease (renewal written through, delete,
 //     revocation, expiry, the flush) goes through tx.set, which diffs
 //     the kernel from the synced expiry, clears the mark, and on
@@ -122,6 +124,7 @@ func (s *Server) absorb(t *tx, ex, next *store.Lease, grant time.Duration) bool 
 			s.dirtyNext = synced
 		}
 	}
+	t.absorbs++
 	s.m.absorbed.Inc()
 	return true
 }

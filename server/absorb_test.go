@@ -384,3 +384,55 @@ func TestFlushDue(t *testing.T) {
 	step(false, 1, 0)
 	step(false, 0, 0)
 }
+
+// TestAbsorbBatchRetry: a renewal absorbed in a batch whose commit fails
+// (another request's change) keeps its SUCCESS: it never depended on the
+// commit, and the table keeps what it was told. Handled again alone, at a
+// later time, it could find its lease due and be written through, and a
+// failure then answered it NO_RESOURCES while the table kept the first
+// pass's expiry: a state change on an error (HDR-06).
+func TestAbsorbBatchRetry(t *testing.T) {
+	const grant = time.Hour
+	h := newHarness(t)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1)), pcp.Success)
+	before := h.absorbState()
+	// Just absorbable: the synced expiry is grant/2 + 50 ms away.
+	h.clock.Advance(grant/2 - 50*time.Millisecond)
+	told := h.clock.Now().Add(grant)
+	// The kernel fails from now on, and the failed transaction takes
+	// 100 ms: a retry alone finds the lease due.
+	h.fw.FailApply = func([]pinhole.Op) error {
+		h.clock.Advance(100 * time.Millisecond)
+		return servertest.ErrInjected
+	}
+	renew := pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1))
+	other := pcp.AppendRequest(nil, mapReq(addrB, pcp.ProtoTCP, 80, 80, grant, 1))
+	out := h.s.HandleBatch([]Request{
+		{Local: local6, Source: netip.AddrPortFrom(addrA, 40000), Data: renew},
+		{Local: local6, Source: netip.AddrPortFrom(addrB, 40000), Data: other},
+	})
+	var r0, r1 pcp.Response
+	if err := pcp.ParseResponse(out[0], &r0); err != nil {
+		t.Fatal(err)
+	}
+	if err := pcp.ParseResponse(out[1], &r1); err != nil {
+		t.Fatal(err)
+	}
+	if r1.Result != pcp.NoResources {
+		t.Fatalf("the failing request: %v, want NO_RESOURCES", r1.Result)
+	}
+	h.fw.FailApply = nil
+	st := h.absorbState()
+	switch {
+	case r0.Result == pcp.Success:
+		if !st.table.Equal(told) || !st.dirty || !st.synced.Equal(before.stored) {
+			t.Fatalf("renewal answered SUCCESS: table %v (want %v), dirty %v synced %v (want %v)", st.table, told, st.dirty, st.synced, before.stored)
+		}
+	case !st.table.Equal(before.table) || st.dirty:
+		t.Fatalf("renewal answered %v, yet the table's expiry moved %v → %v (dirty %v): HDR-06", r0.Result, before.table, st.table, st.dirty)
+	}
+	h.s.flushDirty("test")
+	if st := h.absorbState(); st.dirty || !st.stored.Equal(st.table) || !st.kernel.Equal(st.table) {
+		t.Fatalf("after the flush: %+v", st)
+	}
+}

@@ -40,6 +40,9 @@ type outcome struct {
 	// ends: the request ended a mapping on purpose, so its reply waits
 	// for the conntrack flush (PMP-12); other replies need not.
 	ends bool
+	// absorbed: the request was an absorbed renewal (absorb.go), which
+	// does not depend on its batch's commit.
+	absorbed bool
 }
 
 // failReply is what a request's reply becomes if its change cannot be
@@ -191,9 +194,10 @@ func (s *Server) handleTx(reqs []Request, now time.Time, retry bool, outs []outc
 		t.retry = retry
 		end := start
 		for end < len(reqs) && (end == start || len(t.ops) <= s.opsBudget) {
-			n := len(t.ended)
+			n, a := len(t.ended), t.absorbs
 			outs[end] = s.handle(t, &reqs[end])
 			outs[end].ends = len(t.ended) > n
+			outs[end].absorbed = t.absorbs > a
 			end++
 		}
 		s.commitOutcomes(t, reqs[start:end], outs[start:end])
@@ -218,6 +222,16 @@ func (s *Server) commitOutcomes(t *tx, reqs []Request, outs []outcome) {
 		if len(reqs) > 1 {
 			s.log.Warn("batch commit failed; handling its requests one by one", zap.Int("requests", len(reqs)), zap.Error(err))
 			for i := range reqs {
+				if outs[i].absorbed {
+					// Its SUCCESS stands: the rollback left the absorbed
+					// renewal in the table (absorb.go). Handled again,
+					// later, it may find its lease due and be written
+					// through; a failure then would answer NO_RESOURCES
+					// with the table still holding the first pass's
+					// expiry (HDR-06).
+					s.writeLog(&outs[i].log)
+					continue
+				}
 				// Each retry at its own time: after a failed commit (and
 				// the retries before it) the batch's now may be well
 				// behind, and kernel timeouts computed from it would

@@ -33,6 +33,9 @@ type tx struct {
 	// ended are leases removed on purpose (delete, revocation): their
 	// connections are flushed after the commit.
 	ended []store.Lease
+	// absorbs counts the renewals absorbed while t was open (absorb.go):
+	// they are in the table, with no undo record.
+	absorbs int
 
 	// Scratch space of diff and commit, kept for the next batch.
 	old, neu, tmp []pinhole.Pinhole
@@ -89,6 +92,7 @@ func (t *tx) reset() {
 	clear(t.others)
 	clear(t.put)
 	t.kprev = store.Lease{}
+	t.absorbs = 0
 	t.undo, t.qund, t.ops, t.inv, t.ended = t.undo[:0], t.qund[:0], t.ops[:0], t.inv[:0], t.ended[:0]
 	t.put, t.del = t.put[:0], t.del[:0]
 }
