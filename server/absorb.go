@@ -36,8 +36,11 @@ import (
 //     the synced expiry, which some earlier SUCCESS promised, and the
 //     client was since promised more (LIFE-04 holds).
 //   - A lease is absorbed only while its synced expiry is at least
-//     max(grant/2, absorbMinLeft) away. An RFC client renews at about
-//     half its lifetime, so if pcpd crashes before the flush, the stored
+//     max(grant·5/8, absorbMinLeft) away (absorbLeft). An RFC client
+//     renews at 1/2 to 5/8 of its lifetime, uniformly at random (RFC 6887
+//     §11.2.1; a NAT-PMP client at 1/2; with grant/2 here, one renewing
+//     after half its lifetime could come after the stored expiry), so if
+//     pcpd crashes before the flush, the stored
 //     expiry (restored into the kernel at the next start) still covers
 //     the client's next renewal, which then writes through. Nothing the
 //     client relies on before that renewal is lost. A client that does
@@ -92,6 +95,10 @@ var (
 	maxDirty    = 65536
 )
 
+// absorbLeft is the least synced lifetime left for a renewal granted
+// grant to be absorbed (see above).
+func absorbLeft(grant time.Duration) time.Duration { return max(grant*5/8, absorbMinLeft) }
+
 // absorb answers the renewal of ex (the table's lease) to next, granted
 // grant, without a kernel op or a store write, if it can (see above). It
 // reports whether it did; then the table holds next.
@@ -108,7 +115,7 @@ func (s *Server) absorb(t *tx, ex, next *store.Lease, grant time.Duration) bool 
 	if !dirty {
 		synced = ex.Expires
 	}
-	if synced.Sub(t.now) < max(grant/2, absorbMinLeft) {
+	if synced.Sub(t.now) < absorbLeft(grant) {
 		return false // due: the crash guarantee needs a fresh synced expiry
 	}
 	if _, owed := s.storeDebt[ex.Key]; owed || t.staged(ex.Key) {

@@ -50,7 +50,7 @@ func (h *harness) commits() func() (store, kernel int) {
 // nonce (MAP, NAT-PMP, PEER) is answered without a store commit or a
 // kernel transaction; the flush then brings the kernel element and the
 // stored lease to the expiry the client was told. A due renewal (less
-// than half the grant left in the kernel and store) and a lease the same
+// than 5/8 of the grant left in the kernel and store) and a lease the same
 // batch created are written through.
 func TestAbsorbedRenewal(t *testing.T) {
 	const grant = time.Hour
@@ -63,7 +63,7 @@ func TestAbsorbedRenewal(t *testing.T) {
 		{"early MAP renewal", time.Minute, true, func(h *harness) {
 			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1)), pcp.Success)
 		}},
-		{"due MAP renewal (grant/2 passed)", grant/2 + time.Second, false, func(h *harness) {
+		{"due MAP renewal (3/8 of the grant passed)", grant*3/8 + time.Second, false, func(h *harness) {
 			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1)), pcp.Success)
 		}},
 		{"MAP renewal with a new nonce (a replacement)", time.Minute, false, func(h *harness) {
@@ -262,9 +262,10 @@ func TestAbsorbRollback(t *testing.T) {
 }
 
 // TestAbsorbCrash: pcpd stops without a flush (a crash); the restored
-// lease's expiry still covers half the grant from the last renewal, when
-// an RFC client renews again, and the kernel never holds more than the
-// client was told.
+// lease's expiry still covers 5/8 of the grant from the last renewal, the
+// latest time an RFC client renews again (RFC 6887 §11.2.1: at 1/2 to 5/8
+// of the lifetime, uniformly at random), and the kernel never holds more
+// than the client was told.
 func TestAbsorbCrash(t *testing.T) {
 	const grant = time.Hour
 	h := newHarness(t)
@@ -278,15 +279,15 @@ func TestAbsorbCrash(t *testing.T) {
 		if st.kernel.After(st.table) {
 			t.Fatalf("kernel element %v outlives the told expiry %v", st.kernel, st.table)
 		}
-		if st.stored.Before(last.Add(grant / 2)) {
-			t.Fatalf("at %v the store holds %v: a crash now loses the lease before the client's next renewal (%v)",
-				last, st.stored, last.Add(grant/2))
+		if st.stored.Before(last.Add(grant * 5 / 8)) {
+			t.Fatalf("at %v the store holds %v: a crash now loses the lease before the client's next renewal (as late as %v)",
+				last, st.stored, last.Add(grant*5/8))
 		}
 	}
 	h.start() // no Close, no flush: a crash
 	l, ok := h.s.tab.get(store.Key{Owner: ownerA, Protocol: 6, InternalAddr: addrA, InternalPort: 443})
-	if !ok || l.Expires.Before(last.Add(grant/2)) {
-		t.Fatalf("restored lease %+v, want an expiry ≥ %v", l, last.Add(grant/2))
+	if !ok || l.Expires.Before(last.Add(grant*5/8)) {
+		t.Fatalf("restored lease %+v, want an expiry ≥ %v", l, last.Add(grant*5/8))
 	}
 }
 
@@ -396,8 +397,8 @@ func TestAbsorbBatchRetry(t *testing.T) {
 	h := newHarness(t)
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1)), pcp.Success)
 	before := h.absorbState()
-	// Just absorbable: the synced expiry is grant/2 + 50 ms away.
-	h.clock.Advance(grant/2 - 50*time.Millisecond)
+	// Just absorbable: the synced expiry is absorbLeft(grant) + 50 ms away.
+	h.clock.Advance(grant - absorbLeft(grant) - 50*time.Millisecond)
 	told := h.clock.Now().Add(grant)
 	// The kernel fails from now on, and the failed transaction takes
 	// 100 ms: a retry alone finds the lease due.
