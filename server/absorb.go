@@ -61,14 +61,16 @@ import (
 //     others) is computed with the other leases' synced expiries: what
 //     the kernel holds.
 //
-// Not absorbed: a replacement by the same owner with a new nonce that
-// changes nothing else (a rebooted client, or issue 9's flood). After a
+// A replacement by the same owner with a new nonce that changes nothing
+// else (a rebooted client, or issue 9's flood) is absorbed only as a
+// bare replacement (bareReplacement). In general it is not safe: after a
 // crash the store would hold the old nonce, and the client's next request
 // would be handled as a replacement rather than a renewal (a refusal under
 // strict nonces, MAP-14). A replacement starts from the request's filters
 // and description where a renewal keeps the mapping's (FLT-03), so a
 // client renewing without repeating its FILTERs would find its pinhole
-// opened to every remote: not the same outcome, so not safe.
+// opened to every remote; a NAPT mapping's replacement picks its external
+// port again.
 
 // absorbMinLeft is the least synced lifetime left for a renewal to be
 // absorbed, whatever the grant: a short lease is written through.
@@ -99,6 +101,24 @@ var (
 // grant to be absorbed (see above).
 func absorbLeft(grant time.Duration) time.Duration { return max(grant*5/8, absorbMinLeft) }
 
+// bareReplacement reports whether next, which replaces ex with a new
+// nonce (choice (c)), may be absorbed like a renewal: only where the
+// replacement the client's next request makes after a crash (the store
+// still holding ex) ends the same way as the renewal it makes without
+// one. That holds for a plain pinhole: a MAP whose external endpoint is
+// its internal one (no NAPT port to pick again), with no FILTER and no
+// DESCRIPTION on either side (a replacement starts from the request's
+// filters and description, a renewal keeps the mapping's), and lenient
+// nonces (strict ones refuse the replacement, MAP-14). The stored nonce
+// and creation time lag until the flush, which nothing before the
+// client's next renewal reads. A flood of such replacements from one
+// source (issue 9, known bug 1) then costs no commit each.
+func (s *Server) bareReplacement(ex, next *store.Lease) bool {
+	return !s.cfg.StrictNonce && ex.Kind == store.KindMap && next.Kind == store.KindMap &&
+		ex.ExternalAddr == ex.InternalAddr && ex.ExternalPort == ex.InternalPort &&
+		len(ex.Filters) == 0 && len(next.Filters) == 0 && ex.Description == "" && next.Description == ""
+}
+
 // absorb answers the renewal of ex (the table's lease) to next, granted
 // grant, without a kernel op or a store write, if it can (see above). It
 // reports whether it did; then the table holds next.
@@ -108,6 +128,9 @@ func (s *Server) absorb(t *tx, ex, next *store.Lease, grant time.Duration) bool 
 	}
 	same := *next
 	same.Expires = ex.Expires
+	if next.Nonce != ex.Nonce && s.bareReplacement(ex, next) {
+		same.Nonce, same.Created = ex.Nonce, ex.Created
+	}
 	if !leaseEqual(&same, ex) {
 		return false
 	}

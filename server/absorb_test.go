@@ -7,6 +7,7 @@ import (
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/server/servertest"
 	"github.com/pcpd/pcpd/store"
 )
@@ -66,7 +67,7 @@ func TestAbsorbedRenewal(t *testing.T) {
 		{"due MAP renewal (3/8 of the grant passed)", grant*3/8 + time.Second, false, func(h *harness) {
 			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1)), pcp.Success)
 		}},
-		{"MAP renewal with a new nonce (a replacement)", time.Minute, false, func(h *harness) {
+		{"MAP replacement with a new nonce, a bare pinhole", time.Minute, true, func(h *harness) {
 			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 2)), pcp.Success)
 		}},
 		{"shortening MAP renewal", time.Minute, false, func(h *harness) {
@@ -435,5 +436,58 @@ func TestAbsorbBatchRetry(t *testing.T) {
 	h.s.flushDirty("test")
 	if st := h.absorbState(); st.dirty || !st.stored.Equal(st.table) || !st.kernel.Equal(st.table) {
 		t.Fatalf("after the flush: %+v", st)
+	}
+}
+
+// TestAbsorbedReplacement: a replacement (the owner's new nonce, choice
+// (c)) is absorbed only where a replacement after a crash would end the
+// same: a plain pinhole with no FILTER and no DESCRIPTION, lenient
+// nonces. The flush then stores the new nonce. Filtered, described and
+// NAPT mappings are written through; strict nonces refuse it (MAP-14).
+func TestAbsorbedReplacement(t *testing.T) {
+	filtered := func(r *pcp.Request) *pcp.Request {
+		r.Options.Filters = []pcp.Filter{{Remote: netip.MustParsePrefix("2001:db8:99::/48")}}
+		return r
+	}
+	described := func(r *pcp.Request) *pcp.Request {
+		r.Options.HasDescription, r.Options.Description = true, []byte("web")
+		return r
+	}
+	same := func(r *pcp.Request) *pcp.Request { return r }
+	for _, tc := range []struct {
+		name   string
+		client netip.Addr
+		with   func(*pcp.Request) *pcp.Request // both requests
+		strict bool
+		code   pcp.ResultCode
+		absorb bool
+	}{
+		{"bare IPv6 pinhole", addrA, same, false, pcp.Success, true},
+		{"with FILTER", addrA, filtered, false, pcp.Success, false},
+		{"with DESCRIPTION", addrA, described, false, pcp.Success, false},
+		{"IPv4 NAPT mapping", v4A, same, false, pcp.Success, false},
+		{"strict nonces", addrA, same, true, pcp.NotAuthorized, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, func(c *Config, _ *policy.Config) { c.StrictNonce = tc.strict })
+			key := store.Key{Owner: ownerA, Protocol: 6, InternalAddr: tc.client, InternalPort: 443}
+			h.expect(h.do(tc.with(mapReq(tc.client, pcp.ProtoTCP, 443, 443, time.Hour, 1))), pcp.Success)
+			h.clock.Advance(time.Minute)
+			n := h.commits()
+			h.expect(h.do(tc.with(mapReq(tc.client, pcp.ProtoTCP, 443, 443, time.Hour, 2))), tc.code)
+			stores, kernels := n()
+			_, dirty := h.s.dirty[key]
+			written := stores > 0 || kernels > 0
+			if tc.absorb != dirty || written != (!tc.absorb && tc.code == pcp.Success) {
+				t.Fatalf("absorbed: want %v; dirty %v, %d store commits, %d kernel transactions", tc.absorb, dirty, stores, kernels)
+			}
+			if tc.code != pcp.Success {
+				return
+			}
+			h.s.flushDirty("test")
+			if l := h.st.Leases()[key]; l.Nonce != (pcp.Nonce{2}) || !l.Created.Equal(h.clock.Now()) && tc.absorb {
+				t.Fatalf("stored after the flush: nonce %x created %v; want the replacement's", l.Nonce, l.Created)
+			}
+		})
 	}
 }

@@ -211,8 +211,8 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response, o *outcome) (pc
 		msg = msgRenewed
 	}
 	o.log = logRec{msg: msg, lease: next, from: c.src, grant: a.grant}
-	if renew && s.absorb(c.t, ex, &o.log.lease, a.grant) {
-		return pcp.Success, nil // an early renewal: no commit needed (absorb.go)
+	if found && s.absorb(c.t, ex, &o.log.lease, a.grant) {
+		return pcp.Success, nil // an early renewal or bare replacement: no commit needed (absorb.go)
 	}
 	c.t.set(a.key, &o.log.lease, true)
 	return pcp.Success, nil
