@@ -85,19 +85,48 @@ func (s *Store) maybeGrowAhead(i int) {
 		return
 	}
 	target := growTarget(s.wal.off, g.alloc, s.opt.ckptBytes)
+	// The grower syncs through a file description of its own. Linux
+	// reports a writeback error (EIO) once per open file description: a
+	// grower's fdatasync through g.f, running beside a commit's, could
+	// take the error that belongs to the commit's record (its page is
+	// written back by whichever sync comes first), and the commit's own
+	// fdatasync would then return nil for a record that never reached the
+	// disk. Through its own description, every commit's sync still sees it.
+	sf, err := s.growSyncFile(i, g.f)
+	if err != nil {
+		s.growing.Store(false)
+		return // commits grow the file themselves
+	}
 	s.bg.Add(1)
-	go s.growAhead(i, g.f, target)
+	go s.growAhead(i, g.f, sf, target)
 }
 
-// growAhead zero-fills segment i (file f) up to target, a chunk at a
-// time. Each chunk is written under wmu past the segment's alloc, so never
+// growSyncFile opens segment i again (the file f has open), for the
+// grower's syncs. Caller holds wmu.
+func (s *Store) growSyncFile(i int, f *os.File) (*os.File, error) {
+	sf, err := os.OpenFile(filepath.Join(s.dir, segName(i)), os.O_WRONLY, 0)
+	if err != nil {
+		return nil, err
+	}
+	a, err1 := f.Stat()
+	b, err2 := sf.Stat()
+	if err1 != nil || err2 != nil || !os.SameFile(a, b) {
+		sf.Close()
+		return nil, fmt.Errorf("store: segment %d replaced on disk", i)
+	}
+	return sf, nil
+}
+
+// growAhead zero-fills segment i (file f; sf is its own description of
+// it, for syncing) up to target, a chunk at a time. Each chunk is written under wmu past the segment's alloc, so never
 // over a record (records go below alloc, also under wmu), and synced
 // outside it, so commits go on meanwhile. It stops at an error (a full
 // disk: commits then grow the file themselves and report ENOSPC), when
 // the store closes, or when the segment was replaced.
-func (s *Store) growAhead(i int, f *os.File, target int64) {
+func (s *Store) growAhead(i int, f, sf *os.File, target int64) {
 	defer s.bg.Done()
 	defer s.growing.Store(false)
+	defer sf.Close()
 	for {
 		s.mu.RLock()
 		if s.closed || !s.walReady.Load() {
@@ -121,7 +150,7 @@ func (s *Store) growAhead(i int, f *os.File, target int64) {
 		}
 		s.wmu.Unlock()
 		if err == nil {
-			err = fdatasync(f)
+			err = fdatasync(sf) // not f: see maybeGrowAhead
 		}
 		s.mu.RUnlock()
 		if err != nil {
