@@ -17,15 +17,7 @@ import (
 // ctFlows lists the UDP conntrack entries of ns, both families.
 func ctFlows(t *testing.T, ns *netlab.NS) []*netlink.ConntrackFlow {
 	t.Helper()
-	h, err := ns.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nh, err := netlink.NewHandleAt(h)
-	if err != nil {
-		t.Fatal(err)
-	}
+	nh := nsNetlink(t, ns)
 	defer nh.Close()
 	var out []*netlink.ConntrackFlow
 	for _, fam := range []netlink.InetFamily{netlink.FAMILY_V4, netlink.FAMILY_V6} {
@@ -89,15 +81,7 @@ func exchange(ns *netlab.NS, src netip.AddrPort, dst netip.AddrPort) error {
 // flushConntrack empties ns's conntrack table, so each case starts clean.
 func flushConntrack(t *testing.T, ns *netlab.NS) {
 	t.Helper()
-	h, err := ns.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nh, err := netlink.NewHandleAt(h)
-	if err != nil {
-		t.Fatal(err)
-	}
+	nh := nsNetlink(t, ns)
 	defer nh.Close()
 	if err := nh.ConntrackTableFlush(netlink.ConntrackTable); err != nil {
 		t.Fatalf("conntrack flush: %v", err)
@@ -289,4 +273,19 @@ func TestTrackControl(t *testing.T) {
 	if got := nftList(t, ns, "ruleset"); strings.Contains(got, "notrack") || strings.Contains(got, "priority raw") {
 		t.Errorf("attached Setup installed raw chains:\n%s", got)
 	}
+}
+
+// nsNetlink is a netlink handle in ns (the caller closes it).
+func nsNetlink(t *testing.T, ns *netlab.NS) *netlink.Handle {
+	t.Helper()
+	h, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close() // the netlink handle keeps its own socket in ns
+	nh, err := netlink.NewHandleAt(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nh
 }
