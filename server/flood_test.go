@@ -215,17 +215,19 @@ func TestReaderAllocsPerDatagram(t *testing.T) {
 	}
 }
 
-// serveOnLoopback runs a server with static ownership own on srvAddr (an
-// address on the namespace's loopback) with the given per-source rate
-// limit, and waits until it listens. stop ends it; call it before the
-// namespace handle is closed.
-func serveOnLoopback(t *testing.T, h netns.NsHandle, srvAddr netip.Addr, own *policy.Static, rate float64, burst int) (stop func()) {
+// serving is a Server whose Serve runs, on a fake firewall and store.
+type serving struct {
+	s    *Server
+	st   *servertest.Store
+	stop func() error // ends Serve and returns its error
+}
+
+// startServing creates a server with cfg and pol on a fake firewall and
+// store, starts it and runs Serve until stop.
+func startServing(t testing.TB, cfg Config, pol *policy.Policy, log *zap.Logger) *serving {
 	t.Helper()
-	pol, _ := policy.New(policy.Config{}, own)
 	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
-	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(srvAddr, 0)}, NetNS: h,
-		RateLimit: rate, RateBurst: burst, KeepConnections: true},
-		Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zap.NewNop())
+	s, err := New(cfg, Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -235,9 +237,21 @@ func serveOnLoopback(t *testing.T, h netns.NsHandle, srvAddr netip.Addr, own *po
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Serve(ctx) }()
-	stop = func() { cancel(); <-done }
+	return &serving{s: s, st: st, stop: func() error { cancel(); return <-done }}
+}
+
+// serveOnLoopback runs a server with static ownership own on srvAddr (an
+// address on the namespace's loopback) with the given per-source rate
+// limit, and waits until it listens. stop ends it; call it before the
+// namespace handle is closed.
+func serveOnLoopback(t *testing.T, h netns.NsHandle, srvAddr netip.Addr, own *policy.Static, rate float64, burst int) (stop func()) {
+	t.Helper()
+	pol, _ := policy.New(policy.Config{}, own)
+	sv := startServing(t, Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(srvAddr, 0)}, NetNS: h,
+		RateLimit: rate, RateBurst: burst, KeepConnections: true}, pol, zap.NewNop())
+	stop = func() { sv.stop() }
 	if err := netlab.Eventually(3*time.Second, func() error {
-		if len(s.Status().Listen) == 0 {
+		if len(sv.s.Status().Listen) == 0 {
 			return context.DeadlineExceeded
 		}
 		return nil

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -15,7 +14,6 @@ import (
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
-	"github.com/pcpd/pcpd/server/servertest"
 )
 
 // TestInterfaceComesBack: the serving interface is deleted and re-created
@@ -39,19 +37,9 @@ func TestInterfaceComesBack(t *testing.T) {
 	defer h.Close()
 	own, _ := policy.NewStatic(map[string][]netip.Prefix{"c": {netip.MustParsePrefix("2001:db8:7::/64")}})
 	pol, _ := policy.New(policy.Config{}, own)
-	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
-	s, err := New(Config{Interfaces: []string{"pcp0"}, NetNS: h, KeepConnections: true},
-		Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zaptest.NewLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ctx) }()
-	defer func() { cancel(); <-done }()
+	sv := startServing(t, Config{Interfaces: []string{"pcp0"}, NetNS: h, KeepConnections: true}, pol, zaptest.NewLogger(t))
+	defer sv.stop()
+	s := sv.s
 
 	ask := func() error {
 		var c *net.UDPConn
@@ -104,31 +92,19 @@ func TestServeNoLeaks(t *testing.T) {
 	own, _ := policy.NewStatic(map[string][]netip.Prefix{"c": {netip.MustParsePrefix("2001:db8:8::/64")}})
 	pol, _ := policy.New(policy.Config{}, own)
 	cycle := func() {
-		fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
-		s, err := New(Config{Interfaces: []string{"d0"}, NetNS: h, KeepConnections: true},
-			Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := s.Start(); err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- s.Serve(ctx) }()
+		sv := startServing(t, Config{Interfaces: []string{"d0"}, NetNS: h, KeepConnections: true}, pol, nil)
 		if err := netlab.Eventually(3*time.Second, func() error {
-			if len(s.Status().Listen) < 2 {
+			if len(sv.s.Status().Listen) < 2 {
 				return errors.New("not serving")
 			}
 			return nil
 		}); err != nil {
 			t.Fatal(err)
 		}
-		cancel()
-		if err := <-done; err != nil {
+		if err := sv.stop(); err != nil {
 			t.Fatal(err)
 		}
-		<-s.announceDone
+		<-sv.s.announceDone
 	}
 	cycle()
 	time.Sleep(100 * time.Millisecond)
@@ -179,20 +155,9 @@ func TestANN04Multicast(t *testing.T) {
 	defer h.Close()
 	own, _ := policy.NewStatic(map[string][]netip.Prefix{"c": {netip.MustParsePrefix("2001:db8:9::/64")}})
 	pol, _ := policy.New(policy.Config{}, own)
-	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
-	s, err := New(Config{Interfaces: []string{"lan0"}, NetNS: h, KeepConnections: true, AnnounceMulticast: true,
-		ExternalIPv4: netip.MustParseAddr("198.51.100.9")},
-		Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ctx) }()
-	defer func() { cancel(); <-done }()
+	sv := startServing(t, Config{Interfaces: []string{"lan0"}, NetNS: h, KeepConnections: true, AnnounceMulticast: true,
+		ExternalIPv4: netip.MustParseAddr("198.51.100.9")}, pol, nil)
+	defer sv.stop()
 
 	buf := make([]byte, 64)
 	c6.SetReadDeadline(time.Now().Add(3 * time.Second))
@@ -247,26 +212,14 @@ func TestEPO04StoreHousekeeping(t *testing.T) {
 	// serve runs the engine for d, stops it, and returns the store's
 	// counts while serving and after Serve returned.
 	serve := func(touch, snapshot, d time.Duration) (touches, snaps, snapsAfter int) {
-		fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
-		s, err := New(Config{Interfaces: []string{"d0"}, NetNS: h, KeepConnections: true,
-			TouchInterval: touch, SnapshotInterval: snapshot},
-			Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zaptest.NewLogger(t))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := s.Start(); err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- s.Serve(ctx) }()
+		sv := startServing(t, Config{Interfaces: []string{"d0"}, NetNS: h, KeepConnections: true,
+			TouchInterval: touch, SnapshotInterval: snapshot}, pol, zaptest.NewLogger(t))
 		time.Sleep(d)
-		touches, snaps = st.Housekeeping()
-		cancel()
-		if err := <-done; err != nil {
+		touches, snaps = sv.st.Housekeeping()
+		if err := sv.stop(); err != nil {
 			t.Fatal(err)
 		}
-		_, snapsAfter = st.Housekeeping()
+		_, snapsAfter = sv.st.Housekeeping()
 		return touches, snaps, snapsAfter
 	}
 	t.Run("periodic", func(t *testing.T) {
