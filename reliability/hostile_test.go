@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -372,6 +373,7 @@ func TestFloodFairnessPKT08(t *testing.T) {
 	} {
 		t.Run(mode.name, func(t *testing.T) {
 			m0, _ := l.metrics()
+			k0 := kernelDrops(l.topo.Host)
 			start := time.Now()
 			var ctl, fl, ctlMap, flMap []time.Duration
 			var ctlLost, flLost int
@@ -402,9 +404,10 @@ func TestFloodFairnessPKT08(t *testing.T) {
 			answered := metricSum(m1, "pcpd_requests_total") - metricSum(m0, "pcpd_requests_total")
 			bound := 2*max(idleP99, controlP99) + 2*time.Millisecond
 			mapBound := 2*max(idleMapP99, controlMapP99) + 2*time.Millisecond
-			t.Logf("%s: flood %.0f datagrams/s (control %.0f/s to a closed port), %.1fs on pcpd; pcpd answered %.0f/s, dropped %s, absorbed %.0f renewals; lost: idle %d, control %d, flood %d",
+			k1 := kernelDrops(l.topo.Host)
+			t.Logf("%s: flood %.0f datagrams/s (control %.0f/s to a closed port), %.1fs on pcpd; pcpd answered %.0f/s, dropped %s, absorbed %.0f renewals; lost: idle %d, control %d, flood %d; kernel drops in the host namespace (socket buffer full, UDP errors, backlog) %v",
 				mode.name, flRate, ctlRate, secs, answered/secs, dropSummary(m0, m1),
-				m1["pcpd_renewals_absorbed_total"]-m0["pcpd_renewals_absorbed_total"], idleLost, ctlLost, flLost)
+				m1["pcpd_renewals_absorbed_total"]-m0["pcpd_renewals_absorbed_total"], idleLost, ctlLost, flLost, k1.minus(k0))
 			t.Logf("%s: victim ANNOUNCE p99 idle %v (rounds %v), control %v (rounds %v), under flood %v (rounds %v); bound %v",
 				mode.name, idleP99, idle, controlP99, ctl, floodP99, fl, bound)
 			t.Logf("%s: victim MAP renewal p99 idle %v (rounds %v), control %v (rounds %v), under flood %v (rounds %v); bound %v",
@@ -423,6 +426,63 @@ func TestFloodFairnessPKT08(t *testing.T) {
 			time.Sleep(500 * time.Millisecond)
 		})
 	}
+}
+
+// drops are the kernel's counts of datagrams dropped on their way to a
+// socket: where a lost victim request went (a full socket buffer, or the
+// per-CPU backlog the test bed's veth traffic passes through).
+type drops struct{ rcvbuf, inErrors, backlog uint64 }
+
+func (d drops) minus(o drops) drops {
+	return drops{d.rcvbuf - o.rcvbuf, d.inErrors - o.inErrors, d.backlog - o.backlog}
+}
+
+func (d drops) String() string {
+	return fmt.Sprintf("rcvbuf %d, in-errors %d, backlog %d", d.rcvbuf, d.inErrors, d.backlog)
+}
+
+// kernelDrops reads ns's UDP counters (/proc/net/snmp6, snmp) and the
+// backlog drops of /proc/net/softnet_stat (per CPU, not per namespace).
+// Unreadable counters read as 0: they only explain a failure.
+func kernelDrops(ns *netlab.NS) drops {
+	var d drops
+	for _, file := range []string{"/proc/net/snmp6", "/proc/net/snmp"} {
+		out, _ := ns.Run("cat", file)
+		lines := strings.Split(out, "\n")
+		for i, line := range lines {
+			f := strings.Fields(line)
+			switch {
+			case len(f) == 2 && f[0] == "Udp6RcvbufErrors":
+				d.rcvbuf += parseUint(f[1])
+			case len(f) == 2 && f[0] == "Udp6InErrors":
+				d.inErrors += parseUint(f[1])
+			case len(f) > 1 && f[0] == "Udp:" && i > 0 && strings.HasPrefix(lines[i-1], "Udp:"):
+				// The values line; the line before names them.
+				names := strings.Fields(lines[i-1])
+				for j, n := range names {
+					if j < len(f) && n == "RcvbufErrors" {
+						d.rcvbuf += parseUint(f[j])
+					}
+					if j < len(f) && n == "InErrors" {
+						d.inErrors += parseUint(f[j])
+					}
+				}
+			}
+		}
+	}
+	out, _ := ns.Run("cat", "/proc/net/softnet_stat")
+	for _, line := range strings.Split(out, "\n") {
+		if f := strings.Fields(line); len(f) > 1 {
+			n, _ := strconv.ParseUint(f[1], 16, 64)
+			d.backlog += n
+		}
+	}
+	return d
+}
+
+func parseUint(s string) uint64 {
+	n, _ := strconv.ParseUint(s, 10, 64)
+	return n
 }
 
 // knownBug skips the rest of a test that has just found a pcpd bug already
