@@ -151,7 +151,13 @@ func (l *lab) waitTunnel() {
 		l.t.Fatal(err)
 	}
 	defer c.Close()
-	if err := netlab.Eventually(15*time.Second, func() error { return l.topo.Client.DialTCP(probe, time.Second) }); err != nil {
+	// 30 s, not 15: after the host's WireGuard device is re-created
+	// (TestWireGuardInterfaceGone) the client still sends with its old
+	// session's keys, which the new device cannot decrypt; WireGuard only
+	// starts a new handshake after KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
+	// (10 + 5 s, plus jitter) without an answer, so recovery takes 15 s
+	// and more (one CI run timed out at exactly 15 s).
+	if err := netlab.Eventually(30*time.Second, func() error { return l.topo.Client.DialTCP(probe, time.Second) }); err != nil {
 		l.t.Fatalf("tunnel carries no traffic: %v", err)
 	}
 }
