@@ -80,15 +80,7 @@ func TestGroupCommit(t *testing.T) {
 		t.Fatalf("%d applies and %d commits for one batch", h.fw.Applies-applies, h.st.Commits-commits)
 	}
 	t.Run("isolation", func(t *testing.T) {
-		bad := hole(6, addrA, 2001, addrA, 2001)
-		h.fw.FailApply = func(ops []pinhole.Op) error {
-			for _, o := range ops {
-				if o.Pinhole == bad {
-					return servertest.ErrInjected
-				}
-			}
-			return nil
-		}
+		h.fw.FailApply = failOnPinhole(hole(6, addrA, 2001, addrA, 2001))
 		defer func() { h.fw.FailApply = nil }()
 		var reqs []Request
 		for i := range 3 {
@@ -350,5 +342,18 @@ func TestSEC04BoundedState(t *testing.T) {
 	}
 	if h.s.tab.len() != 0 || len(h.s.quar) != 0 {
 		t.Fatal("ANNOUNCE flood left state")
+	}
+}
+
+// failOnPinhole makes a fake firewall refuse every transaction that
+// touches p (and only those).
+func failOnPinhole(p pinhole.Pinhole) func([]pinhole.Op) error {
+	return func(ops []pinhole.Op) error {
+		for _, op := range ops {
+			if op.Pinhole == p {
+				return servertest.ErrInjected
+			}
+		}
+		return nil
 	}
 }

@@ -95,15 +95,7 @@ func TestNestedFiltersOneElement(t *testing.T) {
 // kernel refuses again costs no store commit (nor a write-back).
 func TestRetryKernelFirst(t *testing.T) {
 	h := newHarness(t)
-	bad := hole(6, addrA, 22, addrA, 22)
-	h.fw.FailApply = func(ops []pinhole.Op) error {
-		for _, op := range ops {
-			if op.Pinhole == bad {
-				return servertest.ErrInjected
-			}
-		}
-		return nil
-	}
+	h.fw.FailApply = failOnPinhole(hole(6, addrA, 22, addrA, 22))
 	var commits atomic.Int32
 	h.st.FailCommit = func([]store.Lease, []store.Key) error { commits.Add(1); return nil }
 	replies := h.s.HandleBatch(batchOf(

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"iter"
 	"os"
 	"path/filepath"
 	"testing"
@@ -42,10 +43,7 @@ func TestDamageInOlderSegmentStopsReplay(t *testing.T) {
 	// The older segment: generation of the first (active at Open) one.
 	var old string
 	var sc segScan
-	for i := range 2 {
-		p := filepath.Join(img, segName(i))
-		b, _ := os.ReadFile(p)
-		c := scanSegment(b, i)
+	for p, c := range segments(img) {
 		if c.hdrOK && len(c.recs) == 4 {
 			old, sc = p, c
 		}
@@ -101,10 +99,8 @@ func TestLostActiveSegmentIsNoticed(t *testing.T) {
 			img := crashImage(t, dir)
 			var p string
 			var best uint64
-			for i := range 2 {
-				q := filepath.Join(img, segName(i))
-				b, _ := os.ReadFile(q)
-				if c := scanSegment(b, i); c.hdrOK && c.hdr.gen >= best {
+			for q, c := range segments(img) {
+				if c.hdrOK && c.hdr.gen >= best {
 					p, best = q, c.hdr.gen
 				}
 			}
@@ -122,5 +118,19 @@ func TestLostActiveSegmentIsNoticed(t *testing.T) {
 				t.Errorf("4 acknowledged commits lost, yet the epoch continues (Fresh=false, Recovered=%q)", st.Recovered)
 			}
 		})
+	}
+}
+
+// segments yields the path and scan of each log segment file in dir, in
+// segment order (a missing file scans as empty).
+func segments(dir string) iter.Seq2[string, segScan] {
+	return func(yield func(string, segScan) bool) {
+		for i := range 2 {
+			p := filepath.Join(dir, segName(i))
+			b, _ := os.ReadFile(p)
+			if !yield(p, scanSegment(b, i)) {
+				return
+			}
+		}
 	}
 }
