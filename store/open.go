@@ -289,7 +289,7 @@ func restore(bak, path string, o *options) (*bolt.DB, loaded, error) {
 		_ = os.Remove(tmp)
 		return nil, loaded{}, err
 	}
-	db, err = bolt.Open(path, 0o600, boltOptions(o, false))
+	db, err = openBolt(path, o, false)
 	if err != nil {
 		return nil, loaded{}, err
 	}
@@ -323,7 +323,7 @@ func copyFile(from, to string) error {
 func createEmpty(path string, o *options) error {
 	tmp := path + tmpSuffix
 	_ = os.Remove(tmp)
-	db, err := bolt.Open(tmp, 0o600, boltOptions(o, false))
+	db, err := openBolt(tmp, o, false)
 	if err != nil {
 		return err
 	}
@@ -392,7 +392,7 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 			db, ld, err = nil, loaded{}, fmt.Errorf("store: reading %s: bbolt panicked (%v): %w", filepath.Base(path), r, ErrCorrupt)
 		}
 	}()
-	db, err = bolt.Open(path, 0o600, boltOptions(o, readOnly))
+	db, err = openBolt(path, o, readOnly)
 	if err != nil {
 		switch {
 		case errors.Is(err, berrors.ErrTimeout):
