@@ -416,6 +416,11 @@ func foldTx(tx *bolt.Tx, recs []logRecord, walgen uint64, setGen, clearEpoch boo
 		}
 		return a.seq - b.seq
 	})
+	// One cursor reads every key's stored record: Bucket.Get makes a
+	// cursor, and allocates its stack, per call (≈ 3 of the fold's 7
+	// allocations a lease). Seek starts from the root each time, so the
+	// Puts and Deletes in between do not disturb it.
+	cur := leases.Cursor()
 	for i := range ents {
 		if i+1 < len(ents) && bytes.Equal(ents[i].key, ents[i+1].key) {
 			continue // a later change of the same key wins
@@ -428,7 +433,7 @@ func foldTx(tx *bolt.Tx, recs []logRecord, walgen uint64, setGen, clearEpoch boo
 			runtime.Gosched()
 		}
 		key, val := ents[i].key, ents[i].val
-		if old := leases.Get(key); old != nil {
+		if k, old := cur.Seek(key); old != nil && bytes.Equal(k, key) {
 			d.add(old, -1)
 			if val == nil {
 				if err := leases.Delete(key); err != nil {
