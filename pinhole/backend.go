@@ -66,6 +66,7 @@ type Backend struct {
 	snat                   [numSNAT]*nftables.Set
 	protected6, protected4 *nftables.Set
 	meter6, meter4         *nftables.Set // standalone only (meter.go)
+	owners6, owners4       *nftables.Set // standalone only: the owner meter (ownermeter.go)
 	chainInput             string        // standalone only: the meter's chain
 	chainNotrackIn         string        // standalone only: raw chains (notrack.go)
 	chainNotrackOut        string
@@ -77,6 +78,8 @@ type Backend struct {
 
 	protected    []netip.Prefix // last SetProtected, re-applied by Setup
 	hasProtected bool
+	owners       []Owner // last SetOwners, re-applied by Setup
+	hasOwners    bool
 	owned        bool // a Setup succeeded: the objects are pcpd's (ownership.go)
 	// inPlace: the kernel updates an element's timeout when it is re-added
 	// (Linux ≥ 6.10), found by the probe of the first successful Setup
@@ -114,6 +117,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		b.chainInput = "input"
 		b.chainNotrackIn, b.chainNotrackOut = "notrack_in", "notrack_out"
 		b.meter6, b.meter4 = meterSets(b.table, prefix, cfg.Meter.Size)
+		b.owners6, b.owners4 = ownerMaps(b.table, prefix)
 	}
 	b.chainGuard6 = prefix + "guard6"
 	b.chainGuard4 = prefix + "guard4"
@@ -137,6 +141,9 @@ func (b *Backend) allSets() []*nftables.Set {
 	all := append(append(b.sets[:], b.snat[:]...), b.protected6, b.protected4)
 	if b.meter6 != nil {
 		all = append(all, b.meter6, b.meter4)
+	}
+	if b.owners6 != nil {
+		all = append(all, b.owners6, b.owners4)
 	}
 	return all
 }
@@ -189,6 +196,11 @@ func (b *Backend) Setup() error {
 		b.conn.FlushChain(c)
 		for _, exprs := range cr.rules {
 			b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: exprs})
+		}
+	}
+	if b.hasOwners && b.ownerMetering() {
+		if err := b.queueOwners(b.owners, true); err != nil {
+			return err
 		}
 	}
 	if err := b.conn.Flush(); err != nil {
@@ -521,6 +533,9 @@ func (b *Backend) Healthy() error {
 		if len(rules) != len(cr.rules) {
 			return fmt.Errorf("pinhole: chain %s has %d rules, want %d: %w", cr.name, len(rules), len(cr.rules), ErrUnhealthy)
 		}
+	}
+	if err := b.checkOwnerChains(present); err != nil {
+		return err
 	}
 	return b.checkSentinels()
 }

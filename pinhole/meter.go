@@ -47,6 +47,10 @@ type Meter struct {
 	Ports []uint16
 	// Size bounds each meter set (default MeterSize); tests make it small.
 	Size uint32
+	// OwnerRate and OwnerBurst are the owner meter's (ownermeter.go): per
+	// owner, all its sources together. Default OwnerRateFactor times Rate
+	// and Burst.
+	OwnerRate, OwnerBurst uint32
 }
 
 const (
@@ -76,6 +80,12 @@ func (m *Meter) fill() {
 	if m.Burst == 0 {
 		m.Burst = m.Rate
 	}
+	if m.OwnerRate == 0 {
+		m.OwnerRate = OwnerRateFactor * m.Rate
+	}
+	if m.OwnerBurst == 0 {
+		m.OwnerBurst = OwnerRateFactor * m.Burst
+	}
 }
 
 // meterSets builds the two meter sets.
@@ -88,7 +98,8 @@ func meterSets(table *nftables.Table, prefix string, size uint32) (six, four *nf
 		mk("meter4", nftables.TypeIPAddr, "pcpd: request rate per IPv4 source")
 }
 
-// meterRules are the input chain's rules: one per family and served port.
+// meterRules are the input chain's rules: one per family and served port,
+// each port's owner meter rules (ownermeter.go) first.
 func (b *Backend) meterRules() [][]expr.Any {
 	m := b.cfg.Meter
 	if m.Rate == 0 || b.cfg.Attached {
@@ -110,6 +121,7 @@ func (b *Backend) meterRules() [][]expr.Any {
 	for _, port := range m.Ports {
 		udpPort := x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_UDP),
 			loadTh(thDstOff, reg0), eq(reg0, byte(port>>8), byte(port)))
+		out = append(out, b.ownerMeterRules(udpPort)...) // first: see ownermeter.go
 		out = append(out,
 			rule(nfproto(unix.NFPROTO_IPV6), udpPort, x(loadNet(ip6SrcOff, 16, reg0),
 				&expr.Bitwise{SourceRegister: reg0, DestRegister: reg0, Len: 16, Mask: mask6, Xor: make([]byte, 16)},

@@ -25,6 +25,13 @@ type Firewall interface {
 	Healthy() error
 }
 
+// OwnerMeter is an optional extra of a Firewall (*pinhole.Backend has it):
+// its kernel request meter counts per owner, so it needs every owner's
+// prefixes, given again whenever they change (pinhole/ownermeter.go).
+type OwnerMeter interface {
+	SetOwners(owners []pinhole.Owner) error
+}
+
 // LeaseStore is the durable lease store (*store.Store). Commit is one
 // transaction and one fsync.
 type LeaseStore interface {

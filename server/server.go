@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -52,6 +53,9 @@ type Server struct {
 	// cut: one more request must still fit in pinhole.MaxBatch.
 	opsBudget int
 	protected []netip.Prefix
+	// meterOwners is what the firewall's owner meter was last given
+	// (updateProtected); nil: not yet, or to be given again.
+	meterOwners []pinhole.Owner
 	// storeDebt holds the keys whose stored state may differ from the
 	// table: a kernel failure whose store commit had succeeded, and whose
 	// write-back of the previous state failed too. Every store commit
@@ -470,8 +474,10 @@ func (s *Server) revokeUnowned(keys []store.Key) {
 }
 
 // updateProtected tells the firewall which prefixes to guard: every owned
-// prefix.
+// prefix; and, when it meters requests per owner (OwnerMeter), which
+// owner has which.
 func (s *Server) updateProtected() {
+	s.updateMeterOwners()
 	var pfx []netip.Prefix
 	for _, o := range s.pol.Ownership().Owners() {
 		pfx = append(pfx, o.Prefixes...)
@@ -494,6 +500,33 @@ func (s *Server) updateProtected() {
 		s.protected = []netip.Prefix{}
 	}
 	s.protected = append(s.protected[:0], pfx...)
+}
+
+// updateMeterOwners gives the firewall's owner meter (pinhole/ownermeter.go)
+// the owners and their prefixes when they changed: the kernel then holds a
+// flood from all of one owner's sources (a fresh /64 each) to the owner's
+// rate before it reaches the socket (issue 9).
+func (s *Server) updateMeterOwners() {
+	om, ok := s.fw.(OwnerMeter)
+	if !ok {
+		return
+	}
+	owners := s.pol.Ownership().Owners()
+	meter := make([]pinhole.Owner, 0, len(owners))
+	for _, o := range owners {
+		meter = append(meter, pinhole.Owner{ID: string(o.ID), Prefixes: o.Prefixes})
+	}
+	slices.SortFunc(meter, func(a, b pinhole.Owner) int { return strings.Compare(a.ID, b.ID) })
+	if s.meterOwners != nil && slices.EqualFunc(meter, s.meterOwners, func(a, b pinhole.Owner) bool {
+		return a.ID == b.ID && slices.Equal(a.Prefixes, b.Prefixes)
+	}) {
+		return
+	}
+	if err := om.SetOwners(meter); err != nil {
+		s.log.Error("cannot update the owner meter's prefixes", zap.Error(err))
+		return
+	}
+	s.meterOwners = meter
 }
 
 func compareKeys(a, b store.Key) int {

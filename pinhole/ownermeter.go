@@ -1,0 +1,404 @@
+package pinhole
+
+import (
+	"fmt"
+	"hash/fnv"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// The owner meter (PKT-08, SEC-04, issue 9): the request meter of meter.go
+// counted per owner as well as per source.
+//
+// The per-source meter keys IPv6 by /64, so a client that owns a large
+// prefix (a WireGuard peer with a /40 in AllowedIPs) and sends every
+// datagram from a fresh /64 is never over its rate; once the meter set is
+// full (MeterSize sources) its new /64s are not even tracked, and the
+// whole flood reaches pcpd's socket, where pcpd's per-owner bucket sheds
+// it (server/early.go) only after it has cost a recvmmsg slot and sat in
+// the socket queue ahead of other clients' requests. So the kernel also
+// counts per owner: two interval verdict maps from the owners' prefixes
+// to a chain per owner, whose one rule is the limit:
+//
+//	map owners6 { type ipv6_addr : verdict; flags interval;
+//		elements = { 2001:db8:100::/40 : jump owner_1e2a3b4c, ... } }
+//	map owners4 { type ipv4_addr : verdict; flags interval; ... }
+//	chain owner_1e2a3b4c { limit rate over 1600/second burst 3200 packets drop }
+//	... udp dport 5351 ip6 saddr vmap @owners6
+//	... udp dport 5351 ip saddr vmap @owners4
+//
+// (in the meter's chain, before the per-source rules). A limit expression
+// keeps its state in its rule, so each owner's chain is its bucket, for
+// all of its sources and both families. A source in no owner's prefix
+// misses the map, which ends the rule, and only the per-source rules
+// count it; a datagram under its owner's rate returns from the owner's
+// chain and meets them too. Because the owner rules come first, a flood
+// shed per owner never reaches (and never fills) the per-source sets.
+//
+// Why not a dynamic set keyed by an owner id from the map (a lookup into
+// a register, then "update @ownermeter { <register> limit ... }"): the
+// kernel takes it, but nft cannot print a map lookup as a dynset key
+// (nftables 1.0.6 aborts in netlink_parse_concat_key listing the chain),
+// and a meter that breaks "nft list ruleset" is not acceptable; setting
+// the packet mark from the map to key the dynset would clobber a mark the
+// host's other rules (policy routing, if the rule runs at prerouting)
+// may use.
+//
+// The maps hold the prefixes pcpd's policy knows (WireGuard AllowedIPs or
+// static clients), as SetOwners gives them, flattened to disjoint ranges
+// by longest match (a peer's /64 inside another's /48 is that peer's);
+// their size and the number of owner chains are bounded by the
+// configuration, never by traffic. An owner's chain is named after a hash
+// of its OwnerID (collisions moved on in ID order), so it, and its
+// bucket, survive other owners coming and going; SetOwners adds the
+// chains of new owners and deletes those of owners gone, in the same
+// transaction as the maps' new contents.
+//
+// The rate is per owner: Meter.OwnerRate, by default OwnerRateFactor times
+// Meter.Rate, which is pcpd's per-owner bucket (8 times the per-source
+// one) times the same margin the per-source meter keeps, so the kernel
+// never drops what pcpd would answer. Unlike pcpd's bucket, which binds
+// only while another owner wants the engine, the kernel's always binds:
+// one owner alone is held to OwnerRate datagrams a second (1600 by
+// default), far above what any client's mappings need.
+
+// OwnerRateFactor: unless Meter.OwnerRate says otherwise, an owner's
+// kernel rate and burst are this many times the per-source ones (pcpd's
+// per-owner bucket is 8 times its per-source bucket).
+const OwnerRateFactor = 8
+
+// ownerChainPrefix starts the name of every owner chain.
+const ownerChainPrefix = "owner_"
+
+// Owner is one owner's prefixes, as SetOwners takes them.
+type Owner struct {
+	// ID identifies the owner (policy.OwnerID); only its hash reaches the
+	// kernel, in its chain's name.
+	ID       string
+	Prefixes []netip.Prefix
+}
+
+// ownerMaps builds the owner meter's two verdict maps.
+func ownerMaps(table *nftables.Table, prefix string) (six, four *nftables.Set) {
+	mk := func(name string, key nftables.SetDatatype, comment string) *nftables.Set {
+		return &nftables.Set{Table: table, Name: prefix + name, KeyType: key, KeyByteOrder: binaryutil.BigEndian,
+			IsMap: true, Interval: true, DataType: nftables.TypeVerdict, Comment: comment}
+	}
+	return mk("owners6", nftables.TypeIP6Addr, "pcpd: IPv6 prefix to owner meter chain"),
+		mk("owners4", nftables.TypeIPAddr, "pcpd: IPv4 prefix to owner meter chain")
+}
+
+// ownerMeterRules are the owner meter's rules for one served port, given
+// the expressions that match a datagram to it (the per-source rules'
+// match, so both move together). They go before the per-source rules.
+func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
+	if b.owners6 == nil || b.cfg.Meter.OwnerRate == 0 {
+		return nil
+	}
+	vmap := func(s *nftables.Set) expr.Any {
+		return &expr.Lookup{SourceRegister: reg0, DestRegister: unix.NFT_REG_VERDICT, IsDestRegSet: true, SetName: s.Name, SetID: s.ID}
+	}
+	return [][]expr.Any{
+		rule(nfproto(unix.NFPROTO_IPV6), match, x(loadNet(ip6SrcOff, 16, reg0), vmap(b.owners6))),
+		rule(nfproto(unix.NFPROTO_IPV4), match, x(loadNet(ip4SrcOff, 4, reg0), vmap(b.owners4))),
+	}
+}
+
+// ownerLimitRule is every owner chain's one rule.
+func (b *Backend) ownerLimitRule() []expr.Any {
+	m := b.cfg.Meter
+	return x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.OwnerRate), Over: true,
+		Unit: expr.LimitTimeSecond, Burst: m.OwnerBurst}, drop)
+}
+
+// ownerMetering: SetOwners has something to do.
+func (b *Backend) ownerMetering() bool { return b.owners6 != nil && b.cfg.Meter.OwnerRate > 0 }
+
+// isOwnerChain: name is an owner chain's. Ownership accepts them whatever
+// this Backend's settings (a pcpd run before may have made them).
+func (b *Backend) isOwnerChain(name string) bool {
+	return !b.cfg.Attached && strings.HasPrefix(name, ownerChainPrefix)
+}
+
+// SetOwners replaces the owner meter's prefixes (standalone with a meter;
+// a no-op otherwise). Setup re-applies the last ones.
+func (b *Backend) SetOwners(owners []Owner) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.ownerMetering() {
+		return nil
+	}
+	owners = slices.Clone(owners)
+	if err := b.queueOwners(owners, false); err != nil {
+		return err
+	}
+	if err := b.conn.Flush(); err != nil {
+		return fmt.Errorf("pinhole: set owner prefixes: %w", classify(err))
+	}
+	b.owners, b.hasOwners = owners, true
+	return nil
+}
+
+// OwnerRange is one prefix of the owner maps and the owner chain it jumps
+// to (OwnerChains names each owner's).
+type OwnerRange struct {
+	Prefix netip.Prefix
+	Chain  string
+}
+
+// Owners returns the owner maps' contents, IPv6 then IPv4, each in address
+// order: the ranges the kernel holds, as prefixes, with their chains.
+func (b *Backend) Owners() ([]OwnerRange, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.owners6 == nil {
+		return nil, nil
+	}
+	var out []OwnerRange
+	for _, s := range []*nftables.Set{b.owners6, b.owners4} {
+		elems, err := b.conn.GetSetElements(s)
+		if err != nil {
+			return nil, fmt.Errorf("pinhole: read set %s: %w", s.Name, classify(err))
+		}
+		slices.SortFunc(elems, func(a, b nftables.SetElement) int {
+			x, _ := netip.AddrFromSlice(a.Key)
+			y, _ := netip.AddrFromSlice(b.Key)
+			if c := x.Compare(y); c != 0 {
+				return c
+			}
+			// An end and the next range's start share a key: end first.
+			switch {
+			case a.IntervalEnd && !b.IntervalEnd:
+				return -1
+			case !a.IntervalEnd && b.IntervalEnd:
+				return 1
+			}
+			return 0
+		})
+		for i, e := range elems {
+			if e.IntervalEnd {
+				continue
+			}
+			first, _ := netip.AddrFromSlice(e.Key)
+			last := allOnes(first)
+			if i+1 < len(elems) && elems[i+1].IntervalEnd {
+				end, _ := netip.AddrFromSlice(elems[i+1].Key)
+				last = end.Prev()
+			}
+			chain := verdictChain(e.Val)
+			for _, p := range rangePrefixes(first, last) {
+				out = append(out, OwnerRange{Prefix: p, Chain: chain})
+			}
+		}
+	}
+	return out, nil
+}
+
+// verdictChain reads the chain name out of a verdict element's data (the
+// attributes inside NFTA_DATA_VERDICT: code, then chain).
+func verdictChain(b []byte) string {
+	for len(b) >= 4 {
+		n, typ := int(binaryutil.NativeEndian.Uint16(b[:2])), binaryutil.NativeEndian.Uint16(b[2:4])&^unix.NLA_F_NESTED
+		if n < 4 || n > len(b) {
+			return ""
+		}
+		if typ == unix.NFTA_VERDICT_CHAIN {
+			return strings.TrimRight(string(b[4:n]), "\x00")
+		}
+		b = b[min((n+3)&^3, len(b)):]
+	}
+	return ""
+}
+
+// OwnerChains returns each owner's chain name (by Owner.ID), as SetOwners
+// names them: a hash of the ID, collisions moved on in ID order.
+func OwnerChains(owners []Owner) map[string]string {
+	ids := make([]string, 0, len(owners))
+	for _, o := range owners {
+		ids = append(ids, o.ID)
+	}
+	slices.Sort(ids)
+	ids = slices.Compact(ids)
+	out := make(map[string]string, len(ids))
+	used := make(map[uint32]bool, len(ids))
+	for _, id := range ids {
+		h := fnv.New32a()
+		h.Write([]byte(id))
+		v := h.Sum32()
+		for used[v] {
+			v++
+		}
+		used[v] = true
+		out[id] = fmt.Sprintf("%s%08x", ownerChainPrefix, v)
+	}
+	return out
+}
+
+// queueOwners queues replacing both owner maps' contents and the owner
+// chains: new owners' chains are added, those of owners gone deleted once
+// the maps no longer jump to them. An existing owner's chain keeps its
+// rule, and so its bucket, unless rewrite (Setup: repair) is set.
+func (b *Backend) queueOwners(owners []Owner, rewrite bool) error {
+	chains := OwnerChains(owners)
+	var v6, v4 []ownedSpan
+	for _, o := range owners {
+		for _, p := range o.Prefixes {
+			if !p.IsValid() {
+				return fmt.Errorf("pinhole: owner %q prefix %v: %w", o.ID, p, ErrInvalid)
+			}
+			if p.Addr().Is4In6() && p.Bits() >= 96 {
+				p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+			}
+			p = p.Masked()
+			first, last := prefixRange(p)
+			s := ownedSpan{first: first, last: last, chain: chains[o.ID]}
+			if p.Addr().Is4() {
+				v4 = append(v4, s)
+			} else {
+				v6 = append(v6, s)
+			}
+		}
+	}
+	present, err := b.presentChains()
+	if err != nil {
+		return err
+	}
+	for _, name := range chains {
+		c := &nftables.Chain{Table: b.table, Name: name}
+		if present[name] && !rewrite {
+			continue
+		}
+		b.conn.AddChain(c)
+		b.conn.FlushChain(c)
+		b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: b.ownerLimitRule()})
+	}
+	for _, x := range []struct {
+		s     *nftables.Set
+		spans []ownedSpan
+	}{{b.owners6, v6}, {b.owners4, v4}} {
+		b.conn.FlushSet(x.s)
+		if elems := ownerElements(flattenOwned(x.spans)); len(elems) > 0 {
+			if err := b.conn.SetAddElements(x.s, elems); err != nil {
+				return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
+			}
+		}
+	}
+	keep := make(map[string]bool, len(chains))
+	for _, name := range chains {
+		keep[name] = true
+	}
+	for name := range present {
+		if b.isOwnerChain(name) && !keep[name] {
+			c := &nftables.Chain{Table: b.table, Name: name}
+			b.conn.FlushChain(c)
+			b.conn.DelChain(c)
+		}
+	}
+	return nil
+}
+
+// checkOwnerChains is Healthy's part for the owner meter: every owner
+// chain SetOwners made is there with its one rule.
+func (b *Backend) checkOwnerChains(present map[string]bool) error {
+	if !b.hasOwners || !b.ownerMetering() {
+		return nil
+	}
+	for _, name := range OwnerChains(b.owners) {
+		if !present[name] {
+			return fmt.Errorf("pinhole: chain %s missing: %w", name, ErrUnhealthy)
+		}
+		rules, err := b.conn.GetRules(b.table, &nftables.Chain{Table: b.table, Name: name})
+		if err != nil {
+			return fmt.Errorf("pinhole: rules of %s: %w: %w", name, ErrUnhealthy, err)
+		}
+		if len(rules) != 1 {
+			return fmt.Errorf("pinhole: chain %s has %d rules, want 1: %w", name, len(rules), ErrUnhealthy)
+		}
+	}
+	return nil
+}
+
+// ownedSpan is an address range and the owner id it maps to.
+type ownedSpan struct {
+	first, last netip.Addr
+	chain       string
+}
+
+// flattenOwned turns prefixes (one family; nested or disjoint, as prefixes
+// are) into disjoint ranges in address order, each address going to the
+// owner of the longest prefix holding it, with adjacent ranges of the same
+// owner merged. Equal prefixes of two owners (which the policy refuses)
+// go to the later one.
+func flattenOwned(spans []ownedSpan) []ownedSpan {
+	// Outer before inner: by first address, then the wider range first.
+	slices.SortStableFunc(spans, func(a, b ownedSpan) int {
+		if c := a.first.Compare(b.first); c != 0 {
+			return c
+		}
+		return b.last.Compare(a.last)
+	})
+	var out []ownedSpan
+	emit := func(first, last netip.Addr, chain string) {
+		if first.Compare(last) > 0 {
+			return
+		}
+		if n := len(out); n > 0 && out[n-1].chain == chain && out[n-1].last.Next() == first {
+			out[n-1].last = last
+			return
+		}
+		out = append(out, ownedSpan{first, last, chain})
+	}
+	var (
+		stack []ownedSpan
+		cur   netip.Addr // first address not yet emitted; invalid: past the end
+	)
+	// pop closes the innermost open range: what is left of it up to its
+	// end is its owner's.
+	pop := func() {
+		top := stack[len(stack)-1]
+		stack = stack[:len(stack)-1]
+		if cur.IsValid() {
+			emit(cur, top.last, top.chain)
+			if cur.Compare(top.last) <= 0 {
+				cur = top.last.Next()
+			}
+		}
+	}
+	for _, s := range spans {
+		for len(stack) > 0 && stack[len(stack)-1].last.Compare(s.first) < 0 {
+			pop()
+		}
+		if len(stack) > 0 && cur.IsValid() && cur.Compare(s.first) < 0 {
+			// The enclosing range owns what lies before the inner one.
+			emit(cur, s.first.Prev(), stack[len(stack)-1].chain)
+		}
+		cur = s.first
+		stack = append(stack, s)
+	}
+	for len(stack) > 0 {
+		pop()
+	}
+	return out
+}
+
+// ownerElements encodes disjoint ranges for an interval map: a start
+// element jumping to the owner's chain, an end element one past the last address
+// (none at the end of the address space). Adjacent ranges of different
+// owners share a key, as an end and as a start.
+func ownerElements(spans []ownedSpan) []nftables.SetElement {
+	var elems []nftables.SetElement
+	for _, s := range spans {
+		elems = append(elems, nftables.SetElement{Key: s.first.AsSlice(),
+			VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: s.chain}})
+		if end := s.last.Next(); end.IsValid() {
+			elems = append(elems, nftables.SetElement{Key: end.AsSlice(), IntervalEnd: true})
+		}
+	}
+	return elems
+}

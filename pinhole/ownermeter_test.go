@@ -1,0 +1,250 @@
+package pinhole_test
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// sendRoundRobin sends n datagrams to dst from each of srcs inside ns,
+// interleaved (one from each source in turn, as a flood from a whole
+// prefix arrives), and returns how many more the counter saw and how
+// long the sending took.
+func sendRoundRobin(t *testing.T, ns *netlab.NS, srcs []netip.Addr, dst netip.AddrPort, n int, c *udpCounter) (int64, time.Duration) {
+	t.Helper()
+	before := c.settle()
+	start := time.Now()
+	err := ns.Do(func() error {
+		var conns []*net.UDPConn
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+		for _, src := range srcs {
+			conn, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(src, 0)), net.UDPAddrFromAddrPort(dst))
+			if err != nil {
+				return err
+			}
+			conns = append(conns, conn)
+		}
+		msg := make([]byte, 60)
+		for i := range n {
+			for _, conn := range conns {
+				if _, err := conn.Write(msg); err != nil {
+					return err
+				}
+			}
+			if i%8 == 7 {
+				time.Sleep(time.Millisecond) // no socket buffer overflows
+			}
+		}
+		return nil
+	})
+	took := time.Since(start)
+	if err != nil {
+		t.Fatalf("send to %v: %v", dst, err)
+	}
+	return c.settle() - before, took
+}
+
+// TestOwnerMeterPKT08 (issue 9): the kernel holds an owner's datagrams to
+// pcpd's port, from all of its sources (a fresh /64 each, as a WireGuard
+// peer with a large prefix can send) and both families, to the owner's
+// rate, even where the per-source meter is full and tracks none of them;
+// a more specific prefix of another owner, sources nobody owns and other
+// ports are not held by it; SetOwners follows changes (an owner removed is
+// no longer held, its chain is gone); Healthy notices a damaged owner
+// chain and Setup repairs it; nft lists all of it.
+func TestOwnerMeterPKT08(t *testing.T) {
+	const (
+		rate, burst           = 20, 40
+		ownerRate, ownerBurst = 50, 100
+		perSource             = 40 // datagrams from each of the flood's sources: at most the per-source burst
+	)
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	// Size 2: the per-source sets are full after two sources, as a
+	// million-source flood leaves them; the owner meter must not care.
+	b := newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: rate, Burst: burst, Ports: []uint16{5351}, Size: 2,
+		OwnerRate: ownerRate, OwnerBurst: ownerBurst}})
+
+	flooderPfx := netip.MustParsePrefix("2001:db8:77::/48")
+	innerPfx := netip.MustParsePrefix("2001:db8:77:5::/64") // another owner's, inside the flooder's
+	var flood []netip.Addr
+	for i := range 8 {
+		flood = append(flood, netip.MustParseAddr(fmt.Sprintf("2001:db8:77:%x::1", 0x100+i)))
+	}
+	inner := netip.MustParseAddr("2001:db8:77:5::1")
+	nobody := netip.MustParseAddr("2001:db8:99::1")
+	for _, a := range append(append([]netip.Addr{}, flood...), inner, nobody) {
+		topo.Client.MustRun(t, "ip", "addr", "add", a.String()+"/128", "dev", topo.ClientIf, "nodad")
+	}
+	owners := []pinhole.Owner{
+		{ID: "wg:flooder", Prefixes: []netip.Prefix{flooderPfx, topo.ClientPrefix4}},
+		{ID: "wg:inner", Prefixes: []netip.Prefix{innerPfx}},
+	}
+	if err := b.SetOwners(owners); err != nil {
+		t.Fatalf("SetOwners: %v", err)
+	}
+	chains := pinhole.OwnerChains(owners)
+
+	// The kernel holds the flattened ranges (longest match), and nft
+	// lists the maps, the rules and the owner chains.
+	got, err := b.Owners()
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := func(p netip.Prefix, chain string) bool {
+		for _, r := range got {
+			if r.Chain == chain && r.Prefix.Overlaps(p) && r.Prefix.Bits() <= p.Bits() {
+				return true
+			}
+		}
+		return false
+	}
+	if !in(innerPfx, chains["wg:inner"]) || in(innerPfx, chains["wg:flooder"]) || !in(netip.PrefixFrom(flood[0], 64), chains["wg:flooder"]) ||
+		!in(topo.ClientPrefix4, chains["wg:flooder"]) || in(netip.PrefixFrom(nobody, 64), chains["wg:flooder"]) {
+		t.Fatalf("owner maps hold %v; want %v and %v for %s, %v for %s", got, flooderPfx, topo.ClientPrefix4, chains["wg:flooder"], innerPfx, chains["wg:inner"])
+	}
+	ruleset := nftList(t, topo.Host, "table", "inet", "pcpd")
+	for _, want := range []string{
+		"udp dport 5351 ip6 saddr vmap @owners6\n\t\tudp dport 5351 ip saddr vmap @owners4\n\t\tudp dport 5351 update @meter6",
+		"2001:db8:77:5::/64 : jump " + chains["wg:inner"],
+		"chain " + chains["wg:flooder"] + " {\n\t\tlimit rate over 50/second burst 100 packets drop\n\t}",
+	} {
+		if !strings.Contains(ruleset, want) {
+			t.Fatalf("ruleset lacks %q:\n%s", want, ruleset)
+		}
+	}
+
+	dst := netip.AddrPortFrom(topo.HostTunnelV6, 5351)
+	srv := countUDP(t, topo.Host, dst)
+	srv4 := countUDP(t, topo.Host, netip.AddrPortFrom(topo.HostTunnelV4, 5351))
+	srvPort := countUDP(t, topo.Host, netip.AddrPortFrom(topo.HostTunnelV6, 5352))
+
+	// The flooder's eight /64s, each within the per-source burst, 320
+	// together: held to the owner's burst and rate.
+	n, took := sendRoundRobin(t, topo.Client, flood, dst, perSource, srv)
+	if most := int64(ownerBurst + ownerRate*took.Seconds() + 20); n > most || n < ownerBurst {
+		t.Errorf("flood of %d from %d /64s of one owner in %v: socket got %d, want %d..%d", perSource*len(flood), len(flood), took, n, ownerBurst, most)
+	}
+	// Right after: the owner's IPv4 address shares the empty bucket.
+	if n, took := sendRoundRobin(t, topo.Client, []netip.Addr{topo.ClientV4}, netip.AddrPortFrom(topo.HostTunnelV4, 5351), 30, srv4); n > int64(ownerRate*took.Seconds()+10) {
+		t.Errorf("30 from the owner's IPv4 address after its IPv6 flood: socket got %d in %v, want the owner's rate", n, took)
+	}
+	// The other owner's /64 inside the flooder's /48, sources nobody
+	// owns (the per-source set is full: not tracked at all), and the
+	// flooder to another port: not held by the flooder's bucket.
+	if n, _ := sendRoundRobin(t, topo.Client, []netip.Addr{inner}, dst, burst/2, srv); n != burst/2 {
+		t.Errorf("%d from the inner owner %v right after the flood: socket got %d, want all", burst/2, inner, n)
+	}
+	if n, _ := sendRoundRobin(t, topo.Client, []netip.Addr{nobody}, dst, 300, srv); n != 300 {
+		t.Errorf("300 from %v, owned by nobody, per-source set full: socket got %d, want all", nobody, n)
+	}
+	if n, _ := sendRoundRobin(t, topo.Client, flood[:4], netip.AddrPortFrom(topo.HostTunnelV6, 5352), 75, srvPort); n != 300 {
+		t.Errorf("300 from the flooder to port 5352: socket got %d, want all", n)
+	}
+
+	// Damage: an owner chain loses its rule. Healthy notices, Setup
+	// repairs (the owners re-applied).
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("Healthy: %v", err)
+	}
+	topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", chains["wg:flooder"])
+	if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+		t.Fatalf("Healthy after the owner chain was flushed: %v, want ErrUnhealthy", err)
+	}
+	if err := b.Setup(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("Healthy after Setup: %v", err)
+	}
+
+	// The flooder is no longer an owner: its sources are not held (the
+	// per-source set is full), its chain is gone, the inner owner stays.
+	if err := b.SetOwners(owners[1:]); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("Healthy after SetOwners: %v", err)
+	}
+	// (burst/2 each: two of them may be in the per-source set.)
+	if n, _ := sendRoundRobin(t, topo.Client, flood, dst, burst/2, srv); n != int64(burst/2*len(flood)) {
+		t.Errorf("flood of %d from a removed owner's /64s: socket got %d, want all", burst/2*len(flood), n)
+	}
+	ruleset = nftList(t, topo.Host, "table", "inet", "pcpd")
+	if strings.Contains(ruleset, chains["wg:flooder"]) || !strings.Contains(ruleset, "chain "+chains["wg:inner"]) {
+		t.Errorf("after the flooder was removed the ruleset should hold %s, not %s:\n%s", chains["wg:inner"], chains["wg:flooder"], ruleset)
+	}
+	if err := b.SetOwners(nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := b.Owners(); err != nil || len(got) != 0 {
+		t.Errorf("Owners after SetOwners(nil): %v, %v; want none", got, err)
+	}
+	if out := nftList(t, topo.Host, "table", "inet", "pcpd"); strings.Contains(out, "chain owner_") {
+		t.Errorf("owner chains left after SetOwners(nil):\n%s", out)
+	}
+}
+
+// TestOwnerMeterUpgrade: a table laid out by a pcpd without the owner
+// meter (no owner maps or chains, the per-source rules alone in the input
+// chain) is pcpd's to a new Backend, whose Setup adds the owner meter
+// and passes Healthy; the owner chains a previous run left are pcpd's
+// too, and SetOwners replaces them.
+func TestOwnerMeterUpgrade(t *testing.T) {
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	cfg := pinhole.Config{Meter: pinhole.Meter{Rate: 200, Burst: 400}}
+	old := newBackend(t, topo.Host, cfg)
+	if err := old.SetOwners([]pinhole.Owner{{ID: "wg:x", Prefixes: []netip.Prefix{topo.ClientPrefix6}}}); err != nil {
+		t.Fatal(err)
+	}
+	// Back to the layout of before: the input chain with the per-source
+	// rules only, no maps, no owner chains.
+	xchain := pinhole.OwnerChains([]pinhole.Owner{{ID: "wg:x"}})["wg:x"]
+	script := strings.Join([]string{
+		"flush chain inet pcpd input",
+		"add rule inet pcpd input udp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: timeout 10s limit rate over 200/second burst 400 packets } drop",
+		"add rule inet pcpd input udp dport 5351 update @meter4 { ip saddr timeout 10s limit rate over 200/second burst 400 packets } drop",
+		"delete map inet pcpd owners6",
+		"delete map inet pcpd owners4",
+		"delete chain inet pcpd " + xchain,
+	}, "\n")
+	file := filepath.Join(t.TempDir(), "old.nft")
+	if err := os.WriteFile(file, []byte(script+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	topo.Host.MustRun(t, "nft", "-f", file)
+	if err := old.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+		t.Fatalf("Healthy on the old layout: %v, want ErrUnhealthy", err)
+	}
+
+	for _, step := range []string{"upgrade", "restart with owner chains left"} {
+		b := newBackend(t, topo.Host, cfg) // a new process: ownership checked anew
+		if err := b.Healthy(); err != nil {
+			t.Fatalf("%s: Healthy: %v", step, err)
+		}
+		owners := []pinhole.Owner{{ID: "wg:" + step, Prefixes: []netip.Prefix{topo.ClientPrefix6}}}
+		if err := b.SetOwners(owners); err != nil {
+			t.Fatalf("%s: SetOwners: %v", step, err)
+		}
+		if err := b.Healthy(); err != nil {
+			t.Fatalf("%s: Healthy after SetOwners: %v", step, err)
+		}
+		ruleset := nftList(t, topo.Host, "table", "inet", "pcpd")
+		if !strings.Contains(ruleset, "ip6 saddr vmap @owners6") || !strings.Contains(ruleset, "chain "+pinhole.OwnerChains(owners)["wg:"+step]) ||
+			strings.Count(ruleset, "chain owner_") != 1 {
+			t.Fatalf("%s: ruleset:\n%s", step, ruleset)
+		}
+	}
+}
