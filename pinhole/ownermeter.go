@@ -29,7 +29,7 @@ import (
 //	map owners6 { type ipv6_addr : verdict; flags interval;
 //		elements = { 2001:db8:100::/40 : jump owner_1e2a3b4c, ... } }
 //	map owners4 { type ipv4_addr : verdict; flags interval; ... }
-//	chain owner_1e2a3b4c { limit rate over 1600/second burst 3200 packets drop }
+//	chain owner_1e2a3b4c { limit rate over 1600/second burst 3200 packets counter drop }
 //	... udp dport 5351 ip6 saddr vmap @owners6
 //	... udp dport 5351 ip saddr vmap @owners4
 //
@@ -110,11 +110,13 @@ func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
 	}
 }
 
-// ownerLimitRule is every owner chain's one rule.
+// ownerLimitRule is every owner chain's one rule. Its counter is what the
+// owner's datagrams cost it in drops ("nft list chain inet pcpd owner_..."),
+// kept across SetOwners; Setup's repair rewrites the rule and zeroes it.
 func (b *Backend) ownerLimitRule() []expr.Any {
 	m := b.cfg.Meter
 	return x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.OwnerRate), Over: true,
-		Unit: expr.LimitTimeSecond, Burst: m.OwnerBurst}, drop)
+		Unit: expr.LimitTimeSecond, Burst: m.OwnerBurst}, &expr.Counter{}, drop)
 }
 
 // ownerMetering: SetOwners has something to do.
