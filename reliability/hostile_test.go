@@ -298,7 +298,9 @@ func TestFloodFairnessPKT08(t *testing.T) {
 				t.Fatalf("taskset %d: %v: %s", pid, err, out)
 			}
 		}
-		t.Cleanup(func() { exec.Command("taskset", "-a", "-p", "-c", "0-"+strconv.Itoa(runtime.NumCPU()-1), strconv.Itoa(os.Getpid())).Run() })
+		t.Cleanup(func() {
+			exec.Command("taskset", "-a", "-p", "-c", "0-"+strconv.Itoa(runtime.NumCPU()-1), strconv.Itoa(os.Getpid())).Run()
+		})
 		t.Logf("pinned: flooder on CPU 1; pcpd (pid %d) and the victim on CPU 0", l.pcpd.PID())
 	}
 	conn := l.clientSocket(cli) // one socket: the renewals keep the mapping's client port
