@@ -193,6 +193,17 @@ func TestLIFE05Revocation(t *testing.T) {
 			if !slices.Contains(h.fw.Protected, "2001:db8:c::/48") {
 				t.Fatalf("guarded prefixes %v lack the added owner's", h.fw.Protected)
 			}
+			// The owner meter follows: B gone, C added, A shrunk; and
+			// is not rewritten while nothing changes.
+			h.s.sweepAt = 0 // a periodic pass starts over
+			if want := []string{"wg:A=2001:db8:a::11/128", "wg:C=2001:db8:c::/48"}; !slices.Equal(h.fw.Owners, want) {
+				t.Fatalf("owner meter holds %v, want %v", h.fw.Owners, want)
+			}
+			n := h.fw.OwnerSets
+			sweep.run(h.s)
+			if h.fw.OwnerSets != n {
+				t.Fatalf("owner meter set again (%d times, was %d) with no change", h.fw.OwnerSets, n)
+			}
 		})
 	}
 }

@@ -477,9 +477,10 @@ func (s *Server) revokeUnowned(keys []store.Key) {
 // prefix; and, when it meters requests per owner (OwnerMeter), which
 // owner has which.
 func (s *Server) updateProtected() {
-	s.updateMeterOwners()
+	owners := s.pol.Ownership().Owners()
+	s.updateMeterOwners(owners)
 	var pfx []netip.Prefix
-	for _, o := range s.pol.Ownership().Owners() {
+	for _, o := range owners {
 		pfx = append(pfx, o.Prefixes...)
 	}
 	slices.SortFunc(pfx, func(a, b netip.Prefix) int {
@@ -506,12 +507,11 @@ func (s *Server) updateProtected() {
 // the owners and their prefixes when they changed: the kernel then holds a
 // flood from all of one owner's sources (a fresh /64 each) to the owner's
 // rate before it reaches the socket (issue 9).
-func (s *Server) updateMeterOwners() {
+func (s *Server) updateMeterOwners(owners []policy.Owner) {
 	om, ok := s.fw.(OwnerMeter)
 	if !ok {
 		return
 	}
-	owners := s.pol.Ownership().Owners()
 	meter := make([]pinhole.Owner, 0, len(owners))
 	for _, o := range owners {
 		meter = append(meter, pinhole.Owner{ID: string(o.ID), Prefixes: o.Prefixes})

@@ -33,6 +33,10 @@ type Firewall struct {
 	// fails it with nothing applied.
 	FailApply func(ops []pinhole.Op) error
 	Protected []string
+	// Owners is what SetOwners was last given, "id=prefix" each, and
+	// OwnerSets how often it was called.
+	Owners    []string
+	OwnerSets int
 }
 
 // NewFirewall returns an empty firewall on clock now.
@@ -53,6 +57,20 @@ func (f *Firewall) SetProtected(p []netip.Prefix) error {
 	f.Protected = f.Protected[:0]
 	for _, x := range p {
 		f.Protected = append(f.Protected, x.String())
+	}
+	return nil
+}
+
+// SetOwners records the owner meter's prefixes (server.OwnerMeter).
+func (f *Firewall) SetOwners(owners []pinhole.Owner) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.OwnerSets++
+	f.Owners = f.Owners[:0]
+	for _, o := range owners {
+		for _, p := range o.Prefixes {
+			f.Owners = append(f.Owners, o.ID+"="+p.String())
+		}
 	}
 	return nil
 }
