@@ -403,6 +403,13 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		// 26.3/66.9, 9.6/355, 24.5/121, 6.9/17.6, 5.3/13.9, 7.7/13.0,
 		// 4.8/15.4 ms: 7 of 7 pass.
 		{"one source", func(uint32) netip.Addr { return floodSrc(1) }, ""},
+		// The whole prefix: every datagram from a fresh /64, so the
+		// per-/64 meter's set fills and tracks none of them; until the
+		// owner meter (pinhole/ownermeter.go, 2026-12-02 night) all
+		// 75-120 k/s reached pcpd's socket, where the per-owner bucket
+		// shed them, and 2 of 7 runs (20:06-20:16, loaded box) lost one
+		// victim request. Now the kernel holds the owner to 1600/s
+		// (both modes: the one source is the same owner's).
 		{"whole prefix, a new /64 per datagram", func(uint32) netip.Addr { return floodSrc(2 + next.Add(1)%(1<<23)) }, ""},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
