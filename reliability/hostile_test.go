@@ -287,9 +287,12 @@ func TestFloodFairnessPKT08(t *testing.T) {
 	// receive path of the flood's datagrams (nftables, the drop) runs on
 	// the sender's CPU, so this also moves the server's kernel cost of the
 	// flood off pcpd's CPU, which a real NIC would not: it flatters the
-	// server (RELIABILITY.md, flood section).
-	pin := os.Getenv("PCPD_FLOOD_PIN") != ""
-	if pin {
+	// server. PCPD_FLOOD_PIN=rps also steers the host's receive processing
+	// of everything arriving from the client namespace to CPU 0 (RPS on
+	// the host's veth), as a NIC interrupting the server's CPU would: the
+	// flooder's CPU then pays only for sending (RELIABILITY.md, flood).
+	pin := os.Getenv("PCPD_FLOOD_PIN")
+	if pin != "" {
 		if runtime.NumCPU() < 2 {
 			t.Skip("PCPD_FLOOD_PIN needs 2 CPUs")
 		}
@@ -301,7 +304,10 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		t.Cleanup(func() {
 			exec.Command("taskset", "-a", "-p", "-c", "0-"+strconv.Itoa(runtime.NumCPU()-1), strconv.Itoa(os.Getpid())).Run()
 		})
-		t.Logf("pinned: flooder on CPU 1; pcpd (pid %d) and the victim on CPU 0", l.pcpd.PID())
+		if pin == "rps" {
+			l.topo.Host.MustRun(t, "sh", "-c", "for q in /sys/class/net/"+l.topo.HostLANIf+"/queues/rx-*; do echo 1 > $q/rps_cpus; done")
+		}
+		t.Logf("pinned (%s): flooder on CPU 1; pcpd (pid %d) and the victim on CPU 0", pin, l.pcpd.PID())
 	}
 	conn := l.clientSocket(cli) // one socket: the renewals keep the mapping's client port
 	renew := mapBytes(cli, pcp.ProtoTCP, servicePort, time.Hour)
@@ -327,7 +333,7 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if pin {
+			if pin != "" {
 				// The locked thread ends with the goroutine.
 				runtime.LockOSThread()
 				var cpu unix.CPUSet
