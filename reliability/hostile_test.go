@@ -296,6 +296,11 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		if runtime.NumCPU() < 2 {
 			t.Skip("PCPD_FLOOD_PIN needs 2 CPUs")
 		}
+		// Set, so that the runtime does not follow the affinity below
+		// down to 1: with one P, the flooder's locked thread starved the
+		// victim's goroutine (a run hung for 8 minutes).
+		runtime.GOMAXPROCS(runtime.NumCPU())
+		t.Cleanup(func() { runtime.SetDefaultGOMAXPROCS() })
 		for _, pid := range []int{l.pcpd.PID(), os.Getpid()} {
 			if out, err := exec.Command("taskset", "-a", "-p", "-c", "0", strconv.Itoa(pid)).CombinedOutput(); err != nil {
 				t.Fatalf("taskset %d: %v: %s", pid, err, out)
@@ -307,7 +312,7 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		if pin == "rps" {
 			l.topo.Host.MustRun(t, "sh", "-c", "for q in /sys/class/net/"+l.topo.HostLANIf+"/queues/rx-*; do echo 1 > $q/rps_cpus; done")
 		}
-		t.Logf("pinned (%s): flooder on CPU 1; pcpd (pid %d) and the victim on CPU 0", pin, l.pcpd.PID())
+		t.Logf("pinned (%s): flooder on CPU 1; pcpd (pid %d, its GOMAXPROCS following the affinity to 1) and the victim on CPU 0", pin, l.pcpd.PID())
 	}
 	conn := l.clientSocket(cli) // one socket: the renewals keep the mapping's client port
 	renew := mapBytes(cli, pcp.ProtoTCP, servicePort, time.Hour)
