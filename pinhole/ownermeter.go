@@ -128,15 +128,19 @@ func (b *Backend) isOwnerChain(name string) bool {
 	return !b.cfg.Attached && strings.HasPrefix(name, ownerChainPrefix)
 }
 
-// SetOwners replaces the owner meter's prefixes (standalone with a meter;
-// a no-op otherwise). Setup re-applies the last ones.
+// SetOwners replaces the owner meter's prefixes (standalone; attached, a
+// no-op). Setup re-applies the last ones. Without a meter (Rate 0) it
+// empties the maps and removes the owner chains a run with one left.
 func (b *Backend) SetOwners(owners []Owner) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if !b.ownerMetering() {
+	if b.owners6 == nil {
 		return nil
 	}
 	owners = slices.Clone(owners)
+	if !b.ownerMetering() {
+		owners = nil
+	}
 	if err := b.queueOwners(owners, false); err != nil {
 		return err
 	}

@@ -207,7 +207,7 @@ func TestOwnerMeterPKT08(t *testing.T) {
 // meter (no owner maps or chains, the per-source rules alone in the input
 // chain) is pcpd's to a new Backend, whose Setup adds the owner meter
 // and passes Healthy; the owner chains a previous run left are pcpd's
-// too, and SetOwners replaces them.
+// too, and SetOwners replaces them, or removes them when the meter is off.
 func TestOwnerMeterUpgrade(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	cfg := pinhole.Config{Meter: pinhole.Meter{Rate: 200, Burst: 400}}
@@ -252,5 +252,21 @@ func TestOwnerMeterUpgrade(t *testing.T) {
 			strings.Count(ruleset, "chain owner_") != 1 {
 			t.Fatalf("%s: ruleset:\n%s", step, ruleset)
 		}
+	}
+
+	// Restarted with the meter off (--kernel-rate-limit 0): the owner
+	// chains and map elements of the last run go.
+	b := newBackend(t, topo.Host, pinhole.Config{})
+	if err := b.SetOwners([]pinhole.Owner{{ID: "wg:y", Prefixes: []netip.Prefix{topo.ClientPrefix6}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("meter off: Healthy: %v", err)
+	}
+	if got, err := b.Owners(); err != nil || len(got) != 0 {
+		t.Errorf("meter off: owner maps hold %v (%v), want nothing", got, err)
+	}
+	if ruleset := nftList(t, topo.Host, "table", "inet", "pcpd"); strings.Contains(ruleset, "chain owner_") || strings.Contains(ruleset, "vmap") {
+		t.Errorf("meter off: owner meter left:\n%s", ruleset)
 	}
 }
