@@ -6,8 +6,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -281,39 +279,6 @@ func TestFloodFairnessPKT08(t *testing.T) {
 	// nonce, 1 h: absorbed, no commit of their own, but the engine's);
 	// 40/s together, under the 50/s per-source limit.
 	const rounds, perRound, rate = 4, 160, 40.0
-	// PCPD_FLOOD_PIN=1 (an experiment, not the default): the flooder runs
-	// alone on CPU 1, pcpd and the victim (this process's other threads)
-	// on CPU 0, as if the flooder were another machine. With veth the
-	// receive path of the flood's datagrams (nftables, the drop) runs on
-	// the sender's CPU, so this also moves the server's kernel cost of the
-	// flood off pcpd's CPU, which a real NIC would not: it flatters the
-	// server. PCPD_FLOOD_PIN=rps also steers the host's receive processing
-	// of everything arriving from the client namespace to CPU 0 (RPS on
-	// the host's veth), as a NIC interrupting the server's CPU would: the
-	// flooder's CPU then pays only for sending (RELIABILITY.md, flood).
-	pin := os.Getenv("PCPD_FLOOD_PIN")
-	if pin != "" {
-		if runtime.NumCPU() < 2 {
-			t.Skip("PCPD_FLOOD_PIN needs 2 CPUs")
-		}
-		// Set, so that the runtime does not follow the affinity below
-		// down to 1: with one P, the flooder's locked thread starved the
-		// victim's goroutine (a run hung for 8 minutes).
-		runtime.GOMAXPROCS(runtime.NumCPU())
-		t.Cleanup(func() { runtime.SetDefaultGOMAXPROCS() })
-		for _, pid := range []int{l.pcpd.PID(), os.Getpid()} {
-			if out, err := exec.Command("taskset", "-a", "-p", "-c", "0", strconv.Itoa(pid)).CombinedOutput(); err != nil {
-				t.Fatalf("taskset %d: %v: %s", pid, err, out)
-			}
-		}
-		t.Cleanup(func() {
-			exec.Command("taskset", "-a", "-p", "-c", "0-"+strconv.Itoa(runtime.NumCPU()-1), strconv.Itoa(os.Getpid())).Run()
-		})
-		if pin == "rps" {
-			l.topo.Host.MustRun(t, "sh", "-c", "for q in /sys/class/net/"+l.topo.HostLANIf+"/queues/rx-*; do echo 1 > $q/rps_cpus; done")
-		}
-		t.Logf("pinned (%s): flooder on CPU 1; pcpd (pid %d, its GOMAXPROCS following the affinity to 1) and the victim on CPU 0", pin, l.pcpd.PID())
-	}
 	conn := l.clientSocket(cli) // one socket: the renewals keep the mapping's client port
 	renew := mapBytes(cli, pcp.ProtoTCP, servicePort, time.Hour)
 	if reply, err := rawExchange(conn, l.server6(), renew, time.Second); err != nil || len(reply) < 4 || reply[3] != 0 {
@@ -338,16 +303,6 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if pin != "" {
-				// The locked thread ends with the goroutine.
-				runtime.LockOSThread()
-				var cpu unix.CPUSet
-				cpu.Set(1)
-				if err := unix.SchedSetaffinity(0, &cpu); err != nil {
-					t.Error(err)
-					return
-				}
-			}
 			for i := uint32(0); ; i++ {
 				select {
 				case <-done:
