@@ -648,8 +648,18 @@ func TestQuotaAndRateLimitMAP15(t *testing.T) {
 // sources: the last 750 000 may add at most 16 MiB (the per-source state
 // is bounded, not proportional), the whole run at most 64 MiB; pcpd still
 // answers a legitimate client afterwards.
+//
+// The sources are all in one owner's prefix, so pcpd's kernel owner meter
+// (pinhole/ownermeter.go) would drop all but 1600 a second of them before
+// pcpd saw them (24 384 of the million reached pcpd with it on). That is
+// the meter's job, but this test is about pcpd's own per-source state,
+// which must stay bounded where nothing sheds the flood first (attached
+// mode installs no meter; sources spread over many owners): so the lab
+// runs without the kernel meter (--kernel-rate-limit 0). The meter's own
+// state is bounded by construction (sets of MeterSize, maps as large as
+// the configured prefixes).
 func TestMillionSourcesMemorySEC04(t *testing.T) {
-	l := newLab(t, labOptions{})
+	l := newLab(t, labOptions{extra: []string{"--kernel-rate-limit", "0"}})
 	l.start()
 	pid := l.pid()
 	sp := newSpoofer(t, l.topo.Client, l.server6())
