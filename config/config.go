@@ -109,7 +109,12 @@ type Config struct {
 	// KernelRateFactor times RateLimit; KernelRateBurst is always
 	// KernelRateFactor times RateBurst.
 	KernelRateLimit, KernelRateBurst int
-	IPv4PortLow, IPv4PortHigh        uint16
+	// KernelOwnerRateLimit and KernelOwnerRateBurst: the kernel's meter per
+	// client (owner), all its sources together (pinhole.Meter.OwnerRate).
+	// 0: pinhole's default, pinhole.OwnerRateFactor times the per-source
+	// meter. A set rate has twice its rate as burst.
+	KernelOwnerRateLimit, KernelOwnerRateBurst int
+	IPv4PortLow, IPv4PortHigh                  uint16
 	// AllowPorts, if set, are the only internal ports that may be opened;
 	// DenyPorts never are. Each entry is a closed range [0] to [1].
 	AllowPorts, DenyPorts [][2]uint16

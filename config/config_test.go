@@ -211,6 +211,10 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{`--kernel-rate-limit: "-1": want 0 (off) or a whole number`}},
 		{name: "kernel rate limit below rate limit", args: []string{"--rate-limit", "100", "--kernel-rate-limit", "99"},
 			want: []string{"--kernel-rate-limit: 99 is below rate-limit 100"}},
+		{name: "kernel owner rate limit zero", args: []string{"--kernel-owner-rate-limit", "0"},
+			want: []string{`--kernel-owner-rate-limit: "0": want a whole number from 1`}},
+		{name: "kernel owner rate limit below the per-source one", args: []string{"--kernel-rate-limit", "300", "--kernel-owner-rate-limit", "299"},
+			want: []string{"--kernel-owner-rate-limit: 299 is below kernel-rate-limit 300"}},
 		{name: "kernel rate limit as a string", file: "kernel-rate-limit = \"off\"\n",
 			want: []string{`kernel-rate-limit: want an integer, got string "off"`}},
 		{name: "rate burst not a number", file: "rate-burst = \"lots\"\n",
@@ -302,12 +306,15 @@ func TestKernelRateLimit(t *testing.T) {
 		name        string
 		args        []string
 		rate, burst int
+		owner       int // --kernel-owner-rate-limit; 0: pinhole's default
 	}{
-		{"default", nil, 200, 400},
-		{"follows rate-limit and rate-burst", []string{"--rate-limit", "500", "--rate-burst", "30"}, 2000, 120},
-		{"off", []string{"--kernel-rate-limit", "0"}, 0, 400},
-		{"explicit", []string{"--kernel-rate-limit", "1000"}, 1000, 400},
-		{"equal to rate-limit", []string{"--rate-limit", "70", "--kernel-rate-limit", "70"}, 70, 400},
+		{"default", nil, 200, 400, 0},
+		{"follows rate-limit and rate-burst", []string{"--rate-limit", "500", "--rate-burst", "30"}, 2000, 120, 0},
+		{"off", []string{"--kernel-rate-limit", "0"}, 0, 400, 0},
+		{"explicit", []string{"--kernel-rate-limit", "1000"}, 1000, 400, 0},
+		{"equal to rate-limit", []string{"--rate-limit", "70", "--kernel-rate-limit", "70"}, 70, 400, 0},
+		{"owner rate", []string{"--kernel-owner-rate-limit", "5000"}, 200, 400, 5000},
+		{"owner rate equal to the source's", []string{"--kernel-owner-rate-limit", "200"}, 200, 400, 200},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c, err := load(t, "", tt.args...)
@@ -316,6 +323,9 @@ func TestKernelRateLimit(t *testing.T) {
 			}
 			if c.KernelRateLimit != tt.rate || c.KernelRateBurst != tt.burst {
 				t.Errorf("kernel rate %d burst %d, want %d and %d", c.KernelRateLimit, c.KernelRateBurst, tt.rate, tt.burst)
+			}
+			if c.KernelOwnerRateLimit != tt.owner || c.KernelOwnerRateBurst != 2*tt.owner {
+				t.Errorf("kernel owner rate %d burst %d, want %d and %d", c.KernelOwnerRateLimit, c.KernelOwnerRateBurst, tt.owner, 2*tt.owner)
 			}
 		})
 	}

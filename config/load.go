@@ -75,6 +75,8 @@ var settings = []setting{
 		usage: "`N` requests a source may send at once before --rate-limit applies"},
 	{name: "kernel-rate-limit", kind: kInt,
 		usage: "`N` datagrams a second per source above which the kernel drops requests before they reach pcpd (standalone mode; a flood then does not delay other clients), 0 = off; its burst is 4 × --rate-burst (default: 4 × --rate-limit)"},
+	{name: "kernel-owner-rate-limit", kind: kInt,
+		usage: "`N` datagrams a second per client (all its sources together, e.g. every /64 of a WireGuard peer's AllowedIPs) above which the kernel drops requests (standalone mode, with --kernel-rate-limit on); its burst is 2 × N (default: 8 × --kernel-rate-limit)"},
 	{name: "allow-ports", kind: kString,
 		usage: "only these internal ports may be opened, `LIST` of ports and LOW-HIGH ranges, e.g. 22,80,443,1024-65535 (default: all)"},
 	{name: "deny-ports", kind: kString,

@@ -205,6 +205,17 @@ func validate(vals map[string]*value) (*Config, Errors) {
 		c.KernelRateLimit = n
 	}
 
+	if kv := vals["kernel-owner-rate-limit"]; kv.str != "" {
+		if n, err := strconv.Atoi(kv.str); err != nil || n < 1 || n > 1<<24 {
+			fail(kv, "%q: want a whole number from 1 to %d", kv.str, 1<<24)
+		} else if n < c.KernelRateLimit {
+			// One source alone would be held below its own meter.
+			fail(kv, "%d is below kernel-rate-limit %d", n, c.KernelRateLimit)
+		} else {
+			c.KernelOwnerRateLimit, c.KernelOwnerRateBurst = n, 2*n
+		}
+	}
+
 	// IPv4 port range.
 	rv := vals["ipv4-port-range"]
 	lo, hi, ok := parsePortRange(rv.str)

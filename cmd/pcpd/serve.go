@@ -375,7 +375,8 @@ func wireGuardCollectors(w *policy.WireGuard) []prometheus.Collector {
 // configured rate on every port pcpd serves. Attached mode installs none
 // (pinhole.Meter documents the rule the admin can add).
 func kernelMeter(cfg *config.Config) pinhole.Meter {
-	m := pinhole.Meter{Rate: uint32(cfg.KernelRateLimit), Burst: uint32(cfg.KernelRateBurst)}
+	m := pinhole.Meter{Rate: uint32(cfg.KernelRateLimit), Burst: uint32(cfg.KernelRateBurst),
+		OwnerRate: uint32(cfg.KernelOwnerRateLimit), OwnerBurst: uint32(cfg.KernelOwnerRateBurst)}
 	for _, ap := range cfg.Listen {
 		m.Ports = append(m.Ports, ap.Port())
 	}
