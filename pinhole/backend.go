@@ -67,8 +67,8 @@ type Backend struct {
 	protected6, protected4 *nftables.Set
 	meter6, meter4         *nftables.Set // standalone only (meter.go)
 	owners6, owners4       *nftables.Set // standalone only: the owner meter (ownermeter.go)
-	chainInput             string        // standalone only: the meter's chain
-	chainNotrackIn         string        // standalone only: raw chains (notrack.go)
+	chainControlIn         string        // standalone only: the control chains (notrack.go)
+	chainControlLocal      string
 	chainNotrackOut        string
 	chainEntry             string
 	chainGuard6            string
@@ -114,8 +114,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		b.chainEntry = cfg.Chain
 	} else {
 		b.chainEntry = "forward"
-		b.chainInput = "input"
-		b.chainNotrackIn, b.chainNotrackOut = "notrack_in", "notrack_out"
+		b.chainControlIn, b.chainControlLocal, b.chainNotrackOut = "control_in", "control_local", "notrack_out"
 		b.meter6, b.meter4 = meterSets(b.table, prefix, cfg.Meter.Size)
 		b.owners6, b.owners4 = ownerMaps(b.table, prefix)
 	}
@@ -184,7 +183,7 @@ func (b *Backend) Setup() error {
 			return err
 		}
 	}
-	if err := b.queueNotrackRemoval(); err != nil {
+	if err := b.queueStaleControlRemoval(); err != nil {
 		return err
 	}
 	chains := b.chains()
@@ -237,15 +236,9 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 		accept := nftables.ChainPolicyAccept
 		m[b.chainEntry] = &nftables.Chain{Table: b.table, Name: b.chainEntry, Type: nftables.ChainTypeFilter,
 			Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept}
-		// The request meter's chain: policy accept, it drops nothing but
-		// over-rate datagrams to pcpd's ports (meter.go).
-		m[b.chainInput] = &nftables.Chain{Table: b.table, Name: b.chainInput, Type: nftables.ChainTypeFilter,
-			Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &accept}
 	}
-	if b.notracking() {
-		for _, c := range b.notrackChains() {
-			m[c.Name] = c
-		}
+	for _, c := range b.controlChains() {
+		m[c.Name] = c
 	}
 	return m
 }

@@ -10,10 +10,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The request meter (PKT-08, issue 9): in standalone mode pcpd's table has
-// an input base chain that drops PCP and NAT-PMP datagrams from a source
-// sending far above pcpd's own per-source limit, before they are queued in
-// pcpd's socket. pcpd's userspace limiter (policy.RateLimiter) stays the
+// The request meter (PKT-08, issue 9): in standalone mode pcpd's table
+// drops PCP and NAT-PMP datagrams from a source sending far above pcpd's
+// own per-source limit, before they are queued in pcpd's socket (its rules
+// are in the control_local chain, which the raw prerouting chain
+// control_in hands the datagrams to pcpd's ports on a local address:
+// notrack.go). pcpd's userspace limiter (policy.RateLimiter) stays the
 // precise one; the meter only sheds a flood so that it does not sit in the
 // socket queue ahead of other clients' requests and cost them recvmmsg
 // slots. Its rate should be a multiple of pcpd's own, so that the kernel
@@ -98,8 +100,9 @@ func meterSets(table *nftables.Table, prefix string, size uint32) (six, four *nf
 		mk("meter4", nftables.TypeIPAddr, "pcpd: request rate per IPv4 source")
 }
 
-// meterRules are the input chain's rules: one per family and served port,
-// each port's owner meter rules (ownermeter.go) first.
+// meterRules are the meter's rules in control_local (notrack.go): one per
+// family and served port, each port's owner meter rules (ownermeter.go)
+// first.
 func (b *Backend) meterRules() [][]expr.Any {
 	m := b.cfg.Meter
 	if m.Rate == 0 || b.cfg.Attached {

@@ -98,16 +98,23 @@ func TestRequestMeterPKT08(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: rate, Burst: burst, Ports: []uint16{5351}, Size: 2}})
 
-	// The rules read as intended.
-	ruleset := nftList(t, topo.Host, "chain", "inet", "pcpd", "input")
+	// The rules read as intended: one raw prerouting chain picks out the
+	// datagrams to pcpd's port on a local address and hands them to the
+	// meter (and notrack), and no input chain is left to pass.
+	ruleset := nftList(t, topo.Host, "table", "inet", "pcpd")
 	for _, want := range []string{
-		"hook input priority filter; policy accept;",
-		"udp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: timeout 10s limit rate over 20/second burst 40 packets } drop",
-		"udp dport 5351 update @meter4 { ip saddr timeout 10s limit rate over 20/second burst 40 packets } drop",
+		"chain control_in {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tudp dport 5351 fib daddr type local goto control_local\n\t}",
+		"chain control_local {\n\t\tudp dport 5351 ip6 saddr vmap @owners6\n",
+		"\t\tudp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: timeout 10s limit rate over 20/second burst 40 packets } drop\n" +
+			"\t\tudp dport 5351 update @meter4 { ip saddr timeout 10s limit rate over 20/second burst 40 packets } drop\n" +
+			"\t\tnotrack\n\t}",
 	} {
 		if !strings.Contains(ruleset, want) {
-			t.Fatalf("input chain lacks %q:\n%s", want, ruleset)
+			t.Fatalf("table lacks %q:\n%s", want, ruleset)
 		}
+	}
+	if strings.Contains(ruleset, "hook input") {
+		t.Fatalf("table has an input chain:\n%s", ruleset)
 	}
 	set := nftList(t, topo.Host, "set", "inet", "pcpd", "meter6")
 	for _, want := range []string{"size 2", "flags dynamic,timeout", "timeout 10s"} {

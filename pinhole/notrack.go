@@ -2,6 +2,7 @@ package pinhole
 
 import (
 	"fmt"
+	"slices"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -22,17 +23,32 @@ import (
 // UDP unreplied timeout) and can fill nf_conntrack_max, after which the
 // kernel drops new flows of every client, forwarded ones included.
 //
-// So two raw-priority base chains, which run before conntrack (priority
-// -200) looks at a packet, mark them untracked:
+// So raw-priority base chains, which run before conntrack (priority -200)
+// looks at a packet, mark them untracked. The input side shares its chain
+// with the request meter (meter.go): one base chain picks out the
+// datagrams to pcpd's port on a local address and hands them to a regular
+// chain that meters them, then marks them untracked:
 //
-//	chain notrack_in {
+//	chain control_in {
 //		type filter hook prerouting priority raw; policy accept;
-//		udp dport 5351 fib daddr type local notrack
+//		udp dport 5351 fib daddr type local goto control_local
+//	}
+//	chain control_local {
+//		udp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: ... } drop
+//		udp dport 5351 update @meter4 { ip saddr ... } drop
+//		notrack
 //	}
 //	chain notrack_out {
 //		type filter hook output priority raw; policy accept;
 //		udp sport 5351 notrack
 //	}
+//
+// Every base chain a packet passes costs a hook call and a walk of its
+// rules; before, the meter had an input chain of its own (and the fib
+// match its own raw chain), which cost every request about 0.2 µs more
+// (see BENCHMARKS.md). The meter now also drops a flood before conntrack
+// and routing see it. Setup removes the former chains ("input",
+// "notrack_in") of a table an older pcpd made.
 //
 // What must stay tracked, and why the rules are this narrow:
 //
@@ -74,51 +90,85 @@ import (
 // admin's table). The admin can add the same two chains, or just their
 // rules, to a table of their own.
 
-// notrackRules are the two raw chains' rules: one per served port each.
-func (b *Backend) notrackRules() (in, out [][]expr.Any) {
+// controlRules are the rules of the control chains: control_in's, one per
+// served port, and control_local's (the meter's, then notrack), and
+// notrack_out's, one per served port. Any may be empty.
+func (b *Backend) controlRules() (in, local, out [][]expr.Any) {
 	udpPort := func(off uint32, port uint16) []expr.Any {
 		return x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_UDP),
 			loadTh(off, reg0), eq(reg0, byte(port>>8), byte(port)))
 	}
 	// fib daddr type local: the route type of the destination address
 	// (RTN_LOCAL), host endian in the register.
-	local := x(&expr.Fib{Register: reg0, FlagDADDR: true, ResultADDRTYPE: true},
+	isLocal := x(&expr.Fib{Register: reg0, FlagDADDR: true, ResultADDRTYPE: true},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: reg0, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)})
 	for _, port := range b.cfg.Meter.Ports {
-		in = append(in, rule(udpPort(thDstOff, port), local, x(&expr.Notrack{})))
-		out = append(out, rule(udpPort(thSrcOff, port), x(&expr.Notrack{})))
+		in = append(in, rule(udpPort(thDstOff, port), isLocal, x(goTo(b.chainControlLocal))))
 	}
-	return in, out
+	local = b.meterRules()
+	if b.notracking() {
+		local = append(local, x(&expr.Notrack{}))
+		for _, port := range b.cfg.Meter.Ports {
+			out = append(out, rule(udpPort(thSrcOff, port), x(&expr.Notrack{})))
+		}
+	}
+	return in, local, out
 }
 
-// notrackChains are the raw chains' objects. Priority raw (-300) runs
-// before conntrack's own hook (-200), which is what lets notrack work.
-func (b *Backend) notrackChains() []*nftables.Chain {
+// controlChains are the control chains' objects (none when controlling is
+// false). Priority raw (-300) runs before conntrack's own hook (-200),
+// which is what lets notrack work.
+func (b *Backend) controlChains() []*nftables.Chain {
+	if !b.controlling() {
+		return nil
+	}
 	accept := nftables.ChainPolicyAccept
-	return []*nftables.Chain{
-		{Table: b.table, Name: b.chainNotrackIn, Type: nftables.ChainTypeFilter,
+	out := []*nftables.Chain{
+		{Table: b.table, Name: b.chainControlIn, Type: nftables.ChainTypeFilter,
 			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRaw, Policy: &accept},
-		{Table: b.table, Name: b.chainNotrackOut, Type: nftables.ChainTypeFilter,
-			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw, Policy: &accept},
+		{Table: b.table, Name: b.chainControlLocal},
 	}
+	if b.notracking() {
+		out = append(out, &nftables.Chain{Table: b.table, Name: b.chainNotrackOut, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw, Policy: &accept})
+	}
+	return out
 }
 
-// notracking: the raw chains are part of what Setup installs.
+// notracking: the notrack rules are part of what Setup installs.
 func (b *Backend) notracking() bool { return !b.cfg.Attached && !b.cfg.TrackControl }
 
-// isNotrackChain: name is one of the raw chains' names. They are pcpd's
-// whether or not this Backend installs them (a pcpd run before with
-// another setting may have), so ownership accepts them and Setup removes
-// them when TrackControl is set.
-func (b *Backend) isNotrackChain(name string) bool {
-	return !b.cfg.Attached && (name == b.chainNotrackIn || name == b.chainNotrackOut)
+// controlling: Setup installs the control chains (there is something for
+// them to do: notrack, or the meter).
+func (b *Backend) controlling() bool {
+	return !b.cfg.Attached && (b.notracking() || len(b.meterRules()) > 0)
 }
 
-// queueNotrackRemoval queues deleting the raw chains that are present,
-// when this Backend is not to have them: turning the setting off must not
-// leave pcpd's control traffic untracked.
-func (b *Backend) queueNotrackRemoval() error {
-	if b.cfg.Attached || b.notracking() {
+// controlChainNames are the names of every chain pcpd has used for its
+// control traffic in standalone mode, those of older versions included
+// ("input" held the meter, "notrack_in" the input notrack rule), regular
+// chains last so that deleting them in this order drops the jumps to them
+// first. They are pcpd's whether or not this Backend installs them (a
+// pcpd run before with other settings, or an older pcpd, may have), so
+// ownership accepts them and Setup removes those it does not install.
+func (b *Backend) controlChainNames() []string {
+	if b.cfg.Attached {
+		return nil
+	}
+	return []string{"input", "notrack_in", b.chainControlIn, b.chainNotrackOut, b.chainControlLocal}
+}
+
+// isControlChain: name is one of controlChainNames.
+func (b *Backend) isControlChain(name string) bool {
+	return slices.Contains(b.controlChainNames(), name)
+}
+
+// queueStaleControlRemoval queues deleting the control chains that are
+// present but not part of this Backend's layout: turning notrack off must
+// not leave pcpd's control traffic untracked, and an older pcpd's chains
+// must not meter or untrack a second time.
+func (b *Backend) queueStaleControlRemoval() error {
+	if b.cfg.Attached {
 		return nil
 	}
 	ok, err := b.tableExists()
@@ -127,11 +177,12 @@ func (b *Backend) queueNotrackRemoval() error {
 	}
 	present, err := b.presentChains()
 	if err != nil {
-		return fmt.Errorf("pinhole: notrack chains: %w", err)
+		return fmt.Errorf("pinhole: control chains: %w", err)
 	}
-	for _, c := range b.notrackChains() {
-		if present[c.Name] {
-			b.conn.DelChain(c)
+	want := b.chains()
+	for _, name := range b.controlChainNames() {
+		if present[name] && want[name] == nil {
+			b.conn.DelChain(&nftables.Chain{Table: b.table, Name: name})
 		}
 	}
 	return nil

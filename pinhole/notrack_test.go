@@ -110,7 +110,8 @@ func TestControlTrafficUntracked(t *testing.T) {
 	ruleset := nftList(t, topo.Host, "table", "inet", "pcpd")
 	for _, want := range []string{
 		"type filter hook prerouting priority raw; policy accept;",
-		"udp dport 5351 fib daddr type local notrack",
+		"udp dport 5351 fib daddr type local goto control_local",
+		"chain control_local {\n\t\tnotrack\n\t}",
 		"type filter hook output priority raw; policy accept;",
 		"udp sport 5351 notrack",
 	} {
@@ -241,37 +242,111 @@ func flowList(t *testing.T, ns *netlab.NS) string {
 	return b.String()
 }
 
-// TestTrackControl: with Config.TrackControl Setup installs no raw chains
-// and removes those an earlier run installed (turning the setting off must
-// not leave pcpd's traffic untracked); the table stays pcpd's either way.
-// Attached mode installs none.
+// TestTrackControl: with Config.TrackControl Setup installs no notrack
+// rules and removes those an earlier run installed (turning the setting
+// off must not leave pcpd's traffic untracked); the meter keeps its chains
+// when it is on, and without it there are none; the table stays pcpd's
+// either way. Attached mode installs none.
 func TestTrackControl(t *testing.T) {
 	ns := netlab.NewNS(t, "track")
+	meter := pinhole.Meter{Rate: 100, Burst: 200}
 	b := newBackend(t, ns, pinhole.Config{})
-	if got := nftList(t, ns, "table", "inet", "pcpd"); !strings.Contains(got, "notrack_in") || !strings.Contains(got, "notrack_out") {
+	if got := nftList(t, ns, "table", "inet", "pcpd"); !strings.Contains(got, "control_in") || !strings.Contains(got, "notrack_out") {
 		t.Fatalf("default Setup: no raw chains:\n%s", got)
 	}
-	tracking := newBackend(t, ns, pinhole.Config{TrackControl: true}) // a fresh Backend: checks ownership
-	got := nftList(t, ns, "table", "inet", "pcpd")
-	if strings.Contains(got, "notrack") {
-		t.Fatalf("TrackControl Setup left raw chains:\n%s", got)
-	}
-	if err := tracking.Healthy(); err != nil {
-		t.Errorf("Healthy with TrackControl: %v", err)
+	for _, tc := range []struct {
+		name  string
+		cfg   pinhole.Config
+		want  []string // in the table
+		notIn []string
+	}{
+		{"no meter", pinhole.Config{TrackControl: true}, nil, []string{"notrack", "control_", "priority raw"}},
+		{"meter", pinhole.Config{TrackControl: true, Meter: meter},
+			[]string{"fib daddr type local goto control_local", "update @meter6", "update @meter4"}, []string{"notrack"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tracking := newBackend(t, ns, tc.cfg) // a fresh Backend: checks ownership
+			got := nftList(t, ns, "table", "inet", "pcpd")
+			for _, w := range tc.want {
+				if !strings.Contains(got, w) {
+					t.Errorf("TrackControl Setup: table lacks %q:\n%s", w, got)
+				}
+			}
+			for _, w := range tc.notIn {
+				if strings.Contains(got, w) {
+					t.Errorf("TrackControl Setup left %q:\n%s", w, got)
+				}
+			}
+			if err := tracking.Healthy(); err != nil {
+				t.Errorf("Healthy with TrackControl: %v", err)
+			}
+		})
 	}
 	// The first Backend notices its chains are gone, and puts them back.
 	if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
 		t.Errorf("Healthy without the raw chains: %v, want ErrUnhealthy", err)
 	}
-	if err := tracking.Teardown(); err != nil {
+	if err := b.Setup(); err != nil {
+		t.Fatalf("Setup after TrackControl: %v", err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Errorf("Healthy after Setup: %v", err)
+	}
+	if err := b.Teardown(); err != nil {
 		t.Fatalf("Teardown: %v", err)
 	}
 
 	// Attached: nothing of it in the admin's table.
 	loadNft(t, ns, "table inet filter {\n\tchain pcpd {\n\t}\n}\n")
-	newBackend(t, ns, pinhole.Config{Table: "filter", Attached: true})
-	if got := nftList(t, ns, "ruleset"); strings.Contains(got, "notrack") || strings.Contains(got, "priority raw") {
+	newBackend(t, ns, pinhole.Config{Table: "filter", Attached: true, Meter: meter})
+	if got := nftList(t, ns, "ruleset"); strings.Contains(got, "notrack") || strings.Contains(got, "priority raw") || strings.Contains(got, "meter") {
 		t.Errorf("attached Setup installed raw chains:\n%s", got)
+	}
+}
+
+// TestControlChainsUpgrade: a table an older pcpd made, with the meter in
+// an input chain of its own and the notrack rule in notrack_in, is still
+// pcpd's, and Setup replaces both by the control chains in one step: no
+// datagram is metered or untracked twice, and nothing of the old layout is
+// left for Healthy to miss.
+func TestControlChainsUpgrade(t *testing.T) {
+	ns := netlab.NewNS(t, "upgrade")
+	cfg := pinhole.Config{Meter: pinhole.Meter{Rate: 20, Burst: 40}}
+	newBackend(t, ns, cfg)
+	// The older layout (pcpd before the control chains), sets as they were.
+	ns.MustRun(t, "nft", "delete chain inet pcpd control_in; delete chain inet pcpd control_local")
+	loadNft(t, ns, `table inet pcpd {
+	chain input {
+		type filter hook input priority filter; policy accept;
+		udp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: timeout 10s limit rate over 20/second burst 40 packets } drop
+		udp dport 5351 update @meter4 { ip saddr timeout 10s limit rate over 20/second burst 40 packets } drop
+	}
+	chain notrack_in {
+		type filter hook prerouting priority raw; policy accept;
+		udp dport 5351 fib daddr type local notrack
+	}
+}
+`)
+	b := newBackend(t, ns, cfg) // a fresh Backend: ownership must accept the old chains
+	got := nftList(t, ns, "table", "inet", "pcpd")
+	for _, gone := range []string{"chain input", "notrack_in", "hook input"} {
+		if strings.Contains(got, gone) {
+			t.Errorf("after Setup the old layout's %q is left:\n%s", gone, got)
+		}
+	}
+	for _, want := range []string{"goto control_local", "update @meter6", "notrack"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("after Setup the table lacks %q:\n%s", want, got)
+		}
+	}
+	if err := b.Healthy(); err != nil {
+		t.Errorf("Healthy after the upgrade: %v", err)
+	}
+	if err := b.Teardown(); err != nil {
+		t.Fatalf("Teardown: %v", err)
+	}
+	if got := nftList(t, ns, "ruleset"); strings.Contains(got, "pcpd") {
+		t.Errorf("Teardown left:\n%s", got)
 	}
 }
 

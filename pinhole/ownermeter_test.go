@@ -216,10 +216,15 @@ func TestOwnerMeterUpgrade(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Back to the layout of before: the input chain with the per-source
-	// rules only, no maps, no owner chains.
+	// rules only, notrack in notrack_in, no control chains, no maps, no
+	// owner chains.
 	xchain := pinhole.OwnerChains([]pinhole.Owner{{ID: "wg:x"}})["wg:x"]
 	script := strings.Join([]string{
-		"flush chain inet pcpd input",
+		"delete chain inet pcpd control_in",
+		"delete chain inet pcpd control_local",
+		"add chain inet pcpd notrack_in { type filter hook prerouting priority raw; policy accept; }",
+		"add rule inet pcpd notrack_in udp dport 5351 fib daddr type local notrack",
+		"add chain inet pcpd input { type filter hook input priority filter; policy accept; }",
 		"add rule inet pcpd input udp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: timeout 10s limit rate over 200/second burst 400 packets } drop",
 		"add rule inet pcpd input udp dport 5351 update @meter4 { ip saddr timeout 10s limit rate over 200/second burst 400 packets } drop",
 		"delete map inet pcpd owners6",

@@ -73,7 +73,7 @@ func (b *Backend) checkOwnershipLocked() error {
 	}
 	names := b.chains()
 	for _, c := range chains {
-		if c.Table.Name == b.cfg.Table && names[c.Name] == nil && !b.isNotrackChain(c.Name) && !b.isOwnerChain(c.Name) {
+		if c.Table.Name == b.cfg.Table && names[c.Name] == nil && !b.isControlChain(c.Name) && !b.isOwnerChain(c.Name) {
 			return b.notOurs(fmt.Sprintf("it holds chain %q", c.Name))
 		}
 	}

@@ -123,7 +123,7 @@ type chainRules struct {
 // layout returns the rules of pcpd's chains: the entry chain (standalone:
 // the forward base chain; attached: the chain the admin jumps to), the two
 // guards, the DNAT prerouting and SNAT postrouting chains and, standalone,
-// the request meter's input chain and the raw notrack chains (notrack.go).
+// the control chains: the request meter and notrack (notrack.go).
 func (b *Backend) layout() []chainRules {
 	ctEstablished := rule(x(loadCt(expr.CtKeySTATE, reg0)), bitsSet(reg0, expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED))
 	ctDNAT := rule(x(loadCt(expr.CtKeySTATUS, reg0)), bitsSet(reg0, ipsDstNAT))
@@ -221,12 +221,12 @@ func (b *Backend) layout() []chainRules {
 		{b.chainPrerouting, prerouting},
 		{b.chainPostrouting, postrouting},
 	}
-	if b.chainInput != "" {
-		out = append(out, chainRules{b.chainInput, b.meterRules()})
-	}
-	if b.notracking() {
-		in, outRules := b.notrackRules()
-		out = append(out, chainRules{b.chainNotrackIn, in}, chainRules{b.chainNotrackOut, outRules})
+	if b.controlling() {
+		in, local, outRules := b.controlRules()
+		out = append(out, chainRules{b.chainControlIn, in}, chainRules{b.chainControlLocal, local})
+		if b.notracking() {
+			out = append(out, chainRules{b.chainNotrackOut, outRules})
+		}
 	}
 	return out
 }

@@ -255,7 +255,8 @@ func TestHealthyAndRepair(t *testing.T) {
 		{"rule added", "add rule inet pcpd guard4 accept"},
 		{"table deleted", "delete table inet pcpd"},
 		// The raw chains that keep pcpd's own datagrams out of conntrack.
-		{"notrack chain deleted", "delete chain inet pcpd notrack_in"},
+		{"control chain deleted", "delete chain inet pcpd control_in"},
+		{"control chain flushed", "flush chain inet pcpd control_local"},
 		{"notrack chain flushed", "flush chain inet pcpd notrack_out"},
 		// Noticed by the set's sentinel element, without a dump.
 		{"map flushed", "flush map inet pcpd napt4"},
