@@ -120,3 +120,50 @@ func announceLifetime(secs uint32) []byte {
 	binary.BigEndian.PutUint32(b[4:8], secs)
 	return b
 }
+
+// TestEarlyTally: a socket reader's early answers reach the shared
+// request counters when its tally is flushed (once per batch), each
+// counted once, also past the tally's room for kinds of answers.
+func TestEarlyTally(t *testing.T) {
+	h := newHarness(t)
+	stranger := netip.MustParseAddr("2001:db8:ee::1")
+	src := netip.AddrPortFrom(stranger, 40000)
+	unauth := pcp.AppendRequest(nil, mapReq(stranger, pcp.ProtoTCP, 80, 0, time.Hour, 1))
+	badOpcode := pcp.AppendRequest(nil, mapReq(stranger, pcp.ProtoTCP, 80, 0, time.Hour, 1))
+	badOpcode[1] = 9
+	counter := func(op string, res pcp.ResultCode) float64 {
+		return counterValue(t, h.s.m.requests.WithLabelValues("pcp", op, res.String()))
+	}
+	for _, tc := range []struct {
+		name   string
+		filled int // kinds already in the tally
+	}{
+		{"room", 0},
+		{"full", tallySize},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var tl tally
+			for i := range tc.filled {
+				tl.add(&h.s.lis.es, h.s.m, "filler", pcp.ResultCode(100+i))
+			}
+			before := [2]float64{counter("MAP", pcp.NotAuthorized), counter("other", pcp.UnsuppOpcode)}
+			for range 3 {
+				h.s.earlyTallied(&tl, nil, unauth, src, h.clock.Now())
+				h.s.earlyTallied(&tl, nil, badOpcode, src, h.clock.Now())
+			}
+			if tc.filled == 0 {
+				if got := counter("MAP", pcp.NotAuthorized) - before[0]; got != 0 {
+					t.Errorf("before the flush: %v counted, want 0", got)
+				}
+			}
+			tl.flush()
+			tl.flush() // counts nothing twice
+			if got := counter("MAP", pcp.NotAuthorized) - before[0]; got != 3 {
+				t.Errorf("NOT_AUTHORIZED MAP answers counted: %v, want 3", got)
+			}
+			if got := counter("other", pcp.UnsuppOpcode) - before[1]; got != 3 {
+				t.Errorf("UNSUPP_OPCODE answers counted: %v, want 3", got)
+			}
+		})
+	}
+}

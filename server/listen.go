@@ -231,11 +231,16 @@ type listener struct {
 	onDrop   func(reason string)
 	// admit decides, before a packet is queued, whether it is worth the
 	// engine's time ("" = yes).
-	admit func(b []byte, src netip.AddrPort) string
-	// early, if set, answers requests that need no engine (Server.early):
-	// handled means the reader sends reply (nil: nothing) itself.
-	// The reply is appended to the dst it is given.
-	early func(dst, b []byte, src netip.AddrPort, now time.Time) (reply []byte, handled bool)
+	// now is the time of the batch the packet came in (clock's).
+	admit func(b []byte, src netip.AddrPort, now time.Time) string
+	// clock is admit's clock (the Server's; nil: the wall clock), read
+	// once per batch.
+	clock func() time.Time
+	// early, if set, answers requests that need no engine
+	// (Server.earlyTallied): handled means the reader sends reply (nil:
+	// nothing) itself. The reply is appended to the dst it is given; the
+	// answers are counted in the reader's tally.
+	early func(t *tally, dst, b []byte, src netip.AddrPort, now time.Time) (reply []byte, handled bool)
 	// es is the readers' state for Server.early.
 	es earlyState
 
@@ -490,7 +495,9 @@ func (l *listener) read(c *udpConn) {
 	arena := make([]byte, 0, 64<<10) // the batch's replies, back to back
 	ends := make([]int, 0, readBatch)
 	tos := make([]netip.AddrPort, 0, readBatch)
+	var counts tally
 	for {
+		counts.flush()
 		if len(ends) > 0 {
 			start := 0
 			for i, end := range ends {
@@ -511,6 +518,10 @@ func (l *listener) read(c *udpConn) {
 		}
 		n := in.r
 		now := time.Now()
+		admitNow := now
+		if l.clock != nil {
+			admitNow = l.clock()
+		}
 		queued := false
 		for i := range n {
 			h := &in.hdrs[i]
@@ -521,7 +532,7 @@ func (l *listener) read(c *udpConn) {
 			}
 			b := bufs[i*readSize : i*readSize+int(h.Len)]
 			if l.admit != nil {
-				if reason := l.admit(b, src); reason != "" {
+				if reason := l.admit(b, src, admitNow); reason != "" {
 					if l.onDrop != nil {
 						l.onDrop(reason)
 					}
@@ -530,7 +541,7 @@ func (l *listener) read(c *udpConn) {
 			}
 			if l.early != nil {
 				before := len(arena)
-				r, ok := l.early(arena, b, src, now)
+				r, ok := l.early(&counts, arena, b, src, now)
 				if ok {
 					if len(r) > before {
 						arena = r

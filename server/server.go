@@ -166,11 +166,12 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		port:     Port,
 		ns:       cfg.NetNS,
 		out:      s.in,
-		onDrop:   func(reason string) { s.m.dropped.WithLabelValues(reason).Inc() },
-		admit: func(b []byte, src netip.AddrPort) string {
-			return s.admit(b, src, s.now())
-		},
-		early: s.early,
+		// The readers' counter cache: WithLabelValues hashed the label
+		// and took a lock per dropped packet, i.e. per packet of a flood.
+		onDrop: func(reason string) { s.lis.es.counter(s.m, counterKey{res: reason}).Inc() },
+		admit:  s.admit,
+		clock:  s.now,
+		early:  s.earlyTallied,
 	}
 	return s, nil
 }
