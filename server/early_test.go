@@ -167,3 +167,35 @@ func TestEarlyTally(t *testing.T) {
 		})
 	}
 }
+
+// BenchmarkEarlyCount: counting an early answer, from as many goroutines
+// as cores (the socket readers), each answer counted at once (shared) or
+// in the reader's tally flushed every 4 answers (a closed-loop batch of
+// the issue 8 benchmark was 3-5 datagrams).
+func BenchmarkEarlyCount(b *testing.B) {
+	m := newMetrics(func() float64 { return 0 })
+	for _, tc := range []struct {
+		name  string
+		tally bool
+	}{{"shared", false}, {"tally", true}} {
+		b.Run(tc.name, func(b *testing.B) {
+			var e earlyState
+			b.RunParallel(func(pb *testing.PB) {
+				var t *tally
+				if tc.tally {
+					t = new(tally)
+				}
+				n := 0
+				for pb.Next() {
+					e.count(t, m, "MAP", pcp.NotAuthorized)
+					if n++; t != nil && n%4 == 0 {
+						t.flush()
+					}
+				}
+				if t != nil {
+					t.flush()
+				}
+			})
+		})
+	}
+}
