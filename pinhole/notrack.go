@@ -46,9 +46,10 @@ import (
 // Every base chain a packet passes costs a hook call and a walk of its
 // rules; before, the meter had an input chain of its own (and the fib
 // match its own raw chain), which cost about 0.4 µs more per request and
-// answer (BenchmarkControlDatagram, BENCHMARKS.md "What changed" 16). The meter now also drops a flood before conntrack
-// and routing see it. Setup removes the former chains ("input",
-// "notrack_in") of a table an older pcpd made.
+// answer (BenchmarkControlDatagram, BENCHMARKS.md "What changed" 16).
+// The meter now also drops a flood before conntrack and routing see it.
+// Setup removes the former chains ("input", "notrack_in") of a table an
+// older pcpd made.
 //
 // What must stay tracked, and why the rules are this narrow:
 //
