@@ -19,3 +19,13 @@ func fdatasync(f *os.File) error {
 		}
 	}
 }
+
+// freeSpace is how many octets an unprivileged writer may still claim on
+// dir's file system.
+func freeSpace(dir string) (int64, bool) {
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(dir, &fs); err != nil {
+		return 0, false
+	}
+	return int64(fs.Bavail) * int64(fs.Bsize), true
+}

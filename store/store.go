@@ -214,10 +214,18 @@ type Store struct {
 	failures    atomic.Uint64
 	checkpoints atomic.Uint64
 
-	// growing: a growAhead runs (at most one). syncGrown counts the
-	// octets commits had to zero-fill themselves (tests).
-	growing   atomic.Bool
-	syncGrown atomic.Int64
+	// growing: a grower runs (at most one). syncGrown counts the octets
+	// commits had to zero-fill themselves, activeGrown those the grower
+	// zero-filled in the active segment (tests). spareStuck (under wmu):
+	// the spare is not filled ahead (no room, or it failed) until the
+	// next rotation. foldOnly: the log switched to the spare early; the
+	// checkpointer's next run folds without rotating again.
+	growing     atomic.Bool
+	syncGrown   atomic.Int64
+	activeGrown atomic.Int64
+	switches    atomic.Int64 // tryAppend's early rotations
+	spareStuck  bool
+	foldOnly    atomic.Bool
 }
 
 // Stats counts log records and checkpoints (for metrics and the
@@ -368,6 +376,19 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 	defer s.wmu.Unlock()
 	w := &s.wal
 	seg := &w.seg[w.active]
+	if w.off+recordLen(bs, op) > seg.alloc && s.spareReady() {
+		// The active segment is out of written room and the spare is
+		// ready: go on in the spare (a checkpoint's rotation, early)
+		// instead of growing the file commits sync. The checkpointer
+		// folds what the active one holds. Should the rotation fail, the
+		// record goes where it would have.
+		if err := s.rotate(); err == nil {
+			s.switches.Add(1)
+			s.foldOnly.Store(true)
+			s.kick()
+			seg = &w.seg[w.active]
+		}
+	}
 	w.buf = beginRecord(w.buf[:0], seg.gen, w.seq, now, op, epoch)
 	for _, b := range bs {
 		w.buf = append(w.buf, b.buf...)
@@ -401,7 +422,7 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 	seg.end = w.off
 	w.seq++
 	s.commits.Add(1)
-	s.maybeGrowAhead(w.active)
+	s.maybeGrowAhead()
 	if op == epochSet {
 		s.pendingMu.Lock()
 		if s.pendingEpoch.Equal(epoch) {
@@ -416,6 +437,18 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 		}
 	}
 	return false, nil
+}
+
+// recordLen is the length of the record tryAppend writes for bs.
+func recordLen(bs []*batch, epochOp byte) int64 {
+	n := int64(recHdrLen + 8 + 1) // header, seen, epochOp
+	if epochOp == epochSet {
+		n += 8
+	}
+	for _, b := range bs {
+		n += int64(len(b.buf))
+	}
+	return n
 }
 
 // invalidate is called after a failed write or sync at off: it zeroes the

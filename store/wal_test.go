@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -535,82 +536,93 @@ func TestLogGenerations(t *testing.T) {
 // lost, a snapshot taken meanwhile holds everything acknowledged before
 // it, and the log stays small.
 func TestCheckpointWhileCommitting(t *testing.T) {
-	dir := t.TempDir()
-	s, _ := openT(t, dir, WithCheckpoint(8<<10, 5*time.Millisecond), WithoutOpenSnapshot())
-	if err := s.ResetEpoch(time.Now()); err != nil {
-		t.Fatal(err)
-	}
-	c := s.NewCommitter()
-	const workers = 8
-	var acked atomic.Int64
-	var hi [workers]int // highest i each worker had acknowledged
-	var wg sync.WaitGroup
-	stop := make(chan struct{})
-	for g := range workers {
-		hi[g] = -1
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				n := g*100_000 + i
-				var del []Key
-				if i%4 == 3 {
-					del = []Key{leaseN(n - 3).Key} // deletes land in other segments than their puts
-				}
-				if err := c.Commit([]Lease{leaseN(n)}, del); err != nil {
-					t.Error(err)
-					return
-				}
-				hi[g] = i
-				acked.Add(1)
+	// 8 KiB: checkpoints rotate before the first segment needs to grow;
+	// 256 KiB: commits also switch to the spare early (tryAppend) while
+	// the checkpointer folds.
+	for _, tc := range []struct {
+		ckpt  int64
+		every time.Duration
+	}{{8 << 10, 5 * time.Millisecond}, {256 << 10, 40 * time.Millisecond}} {
+		ckpt := tc.ckpt
+		t.Run(fmt.Sprint(ckpt), func(t *testing.T) {
+			dir := t.TempDir()
+			s, _ := openT(t, dir, WithCheckpoint(ckpt, tc.every), WithoutOpenSnapshot())
+			if err := s.ResetEpoch(time.Now()); err != nil {
+				t.Fatal(err)
 			}
-		}()
-	}
-	time.Sleep(300 * time.Millisecond)
-	if err := s.Snapshot(); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(200 * time.Millisecond)
-	close(stop)
-	wg.Wait()
-	st := s.Stats()
-	t.Logf("%d commits in %d records, %d checkpoints", acked.Load(), st.Commits, st.Checkpoints)
-	if st.Checkpoints < 5 {
-		t.Fatalf("only %d checkpoints", st.Checkpoints)
-	}
-	for i := range 2 {
-		fi, err := os.Stat(filepath.Join(dir, segName(i)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if fi.Size() > 1<<20 {
-			t.Errorf("segment %d grew to %d octets with 8 KiB checkpoints", i, fi.Size())
-		}
-	}
-	var want []Lease
-	for g := range workers {
-		for i := 0; i <= hi[g]; i++ {
-			if i%4 == 0 && i+3 <= hi[g] {
-				continue // deleted by the commit of i+3
+			c := s.NewCommitter()
+			const workers = 8
+			var acked atomic.Int64
+			var hi [workers]int // highest i each worker had acknowledged
+			var wg sync.WaitGroup
+			stop := make(chan struct{})
+			for g := range workers {
+				hi[g] = -1
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for i := 0; ; i++ {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						n := g*100_000 + i
+						var del []Key
+						if i%4 == 3 {
+							del = []Key{leaseN(n - 3).Key} // deletes land in other segments than their puts
+						}
+						if err := c.Commit([]Lease{leaseN(n)}, del); err != nil {
+							t.Error(err)
+							return
+						}
+						hi[g] = i
+						acked.Add(1)
+					}
+				}()
 			}
-			want = append(want, leaseN(g*100_000+i))
-		}
-	}
-	// A crash image taken while the checkpointer may be folding, and a
-	// clean reopen, both hold exactly what was acknowledged.
-	_, cst := openT(t, crashImage(t, dir), WithoutOpenSnapshot())
-	wantLeases(t, cst.Leases, want)
-	_, state := reopen(t, s)
-	wantLeases(t, state.Leases, want)
-	// The snapshot is a consistent earlier state: restore it alone.
-	_, bst := openT(t, copyDir(t, dir, BackupName, DBName), WithoutOpenSnapshot())
-	if len(bst.Leases) == 0 || len(bst.Leases) > len(state.Leases)+workers {
-		t.Fatalf("snapshot holds %d leases, final state %d", len(bst.Leases), len(state.Leases))
+			time.Sleep(300 * time.Millisecond)
+			if err := s.Snapshot(); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(200 * time.Millisecond)
+			close(stop)
+			wg.Wait()
+			st := s.Stats()
+			t.Logf("%d commits in %d records, %d checkpoints, %d switches to the spare", acked.Load(), st.Commits, st.Checkpoints, s.switches.Load())
+			if st.Checkpoints < 5 {
+				t.Fatalf("only %d checkpoints", st.Checkpoints)
+			}
+			for i := range 2 {
+				fi, err := os.Stat(filepath.Join(dir, segName(i)))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if fi.Size() > 1<<20 {
+					t.Errorf("segment %d grew to %d octets with %d-octet checkpoints", i, fi.Size(), ckpt)
+				}
+			}
+			var want []Lease
+			for g := range workers {
+				for i := 0; i <= hi[g]; i++ {
+					if i%4 == 0 && i+3 <= hi[g] {
+						continue // deleted by the commit of i+3
+					}
+					want = append(want, leaseN(g*100_000+i))
+				}
+			}
+			// A crash image taken while the checkpointer may be folding, and a
+			// clean reopen, both hold exactly what was acknowledged.
+			_, cst := openT(t, crashImage(t, dir), WithoutOpenSnapshot())
+			wantLeases(t, cst.Leases, want)
+			_, state := reopen(t, s)
+			wantLeases(t, state.Leases, want)
+			// The snapshot is a consistent earlier state: restore it alone.
+			_, bst := openT(t, copyDir(t, dir, BackupName, DBName), WithoutOpenSnapshot())
+			if len(bst.Leases) == 0 || len(bst.Leases) > len(state.Leases)+workers {
+				t.Fatalf("snapshot holds %d leases, final state %d", len(bst.Leases), len(state.Leases))
+			}
+		})
 	}
 }
 
@@ -804,6 +816,96 @@ func TestLogGrowsAhead(t *testing.T) {
 			}
 			_, st := reopen(t, s)
 			wantLeases(t, st.Leases, leasesN(0, total))
+		})
+	}
+}
+
+// TestLogSwitchesToSpare: once the spare segment is zero-filled to its
+// full size, a commit that finds the active segment out of written room
+// goes on in the spare instead of growing the file commits sync (whose
+// growth every concurrent commit's fdatasync carried). Across several
+// rotations the active segment grows only at the very start, before the
+// spare is ready; both segments end at full size; nothing acknowledged is
+// lost.
+func TestLogSwitchesToSpare(t *testing.T) {
+	const ckpt = 1 << 20
+	for _, tc := range []struct {
+		name  string
+		batch int // leases per commit (≈ 140 octets each)
+	}{{"small records", 4}, {"large records", 64}} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if free, ok := freeSpace(dir); !ok || free < 2*(ckpt+logRunway)+spareHeadroom {
+				t.Skipf("%d octets free: the spare is not filled ahead", free)
+			}
+			s, _ := openT(t, dir, WithCheckpoint(ckpt, time.Hour), WithoutOpenSnapshot())
+			if err := s.ResetEpoch(time.Now()); err != nil {
+				t.Fatal(err)
+			}
+			total := 0
+			for s.Stats().Checkpoints < 3 && total < 200_000 {
+				if err := s.Commit(leasesN(total, total+tc.batch), nil); err != nil {
+					t.Fatal(err)
+				}
+				total += tc.batch
+				time.Sleep(100 * time.Microsecond)
+			}
+			if st := s.Stats(); st.Checkpoints < 3 {
+				t.Fatalf("%+v after %d leases: the log did not rotate", st, total)
+			}
+			// Without the switch each segment grows to full size while
+			// active (≥ 2 MiB here); with it, only the first, until the
+			// spare is ready.
+			if s.switches.Load() == 0 {
+				t.Error("the log never switched to the spare early")
+			}
+			if g := s.activeGrown.Load() + s.syncGrown.Load(); g > ckpt/2 {
+				t.Errorf("the active segment was grown by %d octets (grower %d, commits %d)", g, s.activeGrown.Load(), s.syncGrown.Load())
+			}
+			_, st := reopen(t, s)
+			for i := range 2 {
+				fi, err := os.Stat(filepath.Join(dir, segName(i)))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if fi.Size() < ckpt+logRunway {
+					t.Errorf("segment %d has %d octets, want %d", i, fi.Size(), ckpt+logRunway)
+				}
+			}
+			wantLeases(t, st.Leases, leasesN(0, total))
+		})
+	}
+}
+
+// TestRecordLen: tryAppend decides whether a record fits before building
+// it; recordLen must be the built record's length.
+func TestRecordLen(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		op    byte
+		batch [][]Lease
+	}{
+		{"empty", epochKeep, nil},
+		{"epoch", epochSet, nil},
+		{"one", epochKeep, [][]Lease{leasesN(0, 1)}},
+		{"several", epochSet, [][]Lease{leasesN(0, 3), leasesN(3, 40)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var bs []*batch
+			for _, put := range tc.batch {
+				b := new(batch)
+				if err := b.encode(put, []Key{put[0].Key}); err != nil {
+					t.Fatal(err)
+				}
+				bs = append(bs, b)
+			}
+			rec := beginRecord(nil, 1, 1, time.Now(), tc.op, time.Now())
+			for _, b := range bs {
+				rec = append(rec, b.buf...)
+			}
+			if got := recordLen(bs, tc.op); got != int64(len(rec)) {
+				t.Fatalf("recordLen = %d, record has %d octets", got, len(rec))
+			}
 		})
 	}
 }
