@@ -75,7 +75,12 @@
 // fail once what a segment already holds is used up; a segment that has
 // reached its size is reused, so a long-running store keeps accepting
 // commits on a full disk until the log is full and a checkpoint can not
-// grow leases.db.
+// grow leases.db. While the file system has room to spare (64 MiB beyond
+// it), a background grower zero-fills the segment that is not active to
+// its full size, and a commit that finds the active segment out of
+// written room switches the log to it (an early rotation): the file that
+// commits sync never grows under them, since every concurrent commit's
+// fdatasync would carry the growth's pages and size change.
 //
 // The package is a leaf: it knows nothing of PCP, nftables or the engine.
 package store
