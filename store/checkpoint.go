@@ -110,8 +110,15 @@ func (s *Store) growNext() (i int, to int64, ok bool) {
 	w := &s.wal
 	a := &w.seg[w.active]
 	full := s.segFull()
-	if a.alloc < full && a.alloc-w.off <= min(a.alloc/2, 4*growChunk) && !s.spareReady() {
-		return w.active, min(a.alloc+growChunk, growTarget(w.off, a.alloc, s.opt.ckptBytes)), true
+	if a.alloc < full && !s.spareReady() {
+		// Once half of it is used, the active segment doubles (up to its
+		// full size), a chunk at a time.
+		if a.alloc-w.off <= a.alloc/2 {
+			s.activeTo = max(s.activeTo, growTarget(w.off, a.alloc, s.opt.ckptBytes))
+		}
+		if a.alloc < s.activeTo {
+			return w.active, min(a.alloc+growChunk, s.activeTo), true
+		}
 	}
 	o := 1 - w.active
 	g := &w.seg[o]
@@ -308,6 +315,7 @@ func (s *Store) startSegment(gen, seq uint64) error {
 	}
 	g.gen, g.used, g.end = gen, true, walHeaderSize
 	w.active, w.off, w.seq = i, walHeaderSize, seq
+	s.activeTo = 0
 	return nil
 }
 
@@ -339,6 +347,7 @@ func (s *Store) rotate() error {
 	g.gen, g.used, g.end = gen, true, walHeaderSize
 	w.active, w.off = o, walHeaderSize
 	s.spareStuck = false // a new spare: ask the file system again
+	s.activeTo = 0
 	return nil
 }
 

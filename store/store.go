@@ -225,6 +225,7 @@ type Store struct {
 	activeGrown atomic.Int64
 	switches    atomic.Int64 // tryAppend's early rotations
 	spareStuck  bool
+	activeTo    int64 // under wmu: the grower grows the active segment up to here
 	foldOnly    atomic.Bool
 }
 
