@@ -377,17 +377,26 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 	defer s.wmu.Unlock()
 	w := &s.wal
 	seg := &w.seg[w.active]
-	if w.off+recordLen(bs, op) > seg.alloc && s.spareReady() {
+	if w.off > walHeaderSize && w.off+recordLen(bs, op) > seg.alloc && !s.spareStuck && s.spareReady() {
 		// The active segment is out of written room and the spare is
 		// ready: go on in the spare (a checkpoint's rotation, early)
 		// instead of growing the file commits sync. The checkpointer
-		// folds what the active one holds. Should the rotation fail, the
-		// record goes where it would have.
+		// folds what the active one holds. Never away from an empty
+		// segment: a generation with no record is never folded, so
+		// walgen would stay on it while the next rotation overwrote it
+		// with the generation after next, and a crash in that window
+		// would find the log not starting where the state file says
+		// (review of the spare, TestNoSwitchFromEmptySegment). Should
+		// the rotation fail, the record goes where it would have, and
+		// the spare is not tried again until a checkpoint makes a new
+		// one (each try would write and sync its header again).
 		if err := s.rotate(); err == nil {
 			s.switches.Add(1)
 			s.foldOnly.Store(true)
 			s.kick()
 			seg = &w.seg[w.active]
+		} else {
+			s.spareStuck = true
 		}
 	}
 	w.buf = beginRecord(w.buf[:0], seg.gen, w.seq, now, op, epoch)
