@@ -21,58 +21,6 @@ import (
 // full load for ≈ 40 % less memory.
 const gcPercent = 25
 
-// heapFloor is the heap growth pcpd allows between collections however
-// small the live data: at GOGC 25 a tunnel host with a 10-30 MB heap under
-// load collected ≈ 24 times a second, each cycle taking one of two cores'
-// Ps for 1-4 ms (open-loop trace, BENCHMARKS.md). A floor of a few tens of
-// MB changes nothing at 1 000 000 leases (≈ 300 MB live: 25 % is more),
-// where the memory target is, and makes small heaps collect rarely.
-const heapFloor = 32 << 20
-
-// gcPercentMax bounds the percentage the floor asks for when almost
-// nothing is live (the heap target is then at most 9 × live, tiny).
-const gcPercentMax = 800
-
-// gcEvery is how often tuneGC follows the live heap.
-const gcEvery = time.Second
-
-// gcPercentFor is the GC percentage that lets the heap grow by the larger
-// of base % of live and heapFloor before the next collection.
-func gcPercentFor(live uint64, base int) int {
-	if live == 0 {
-		return gcPercentMax
-	}
-	floor := int((heapFloor*100 + live - 1) / live)
-	return min(max(base, floor), max(base, gcPercentMax))
-}
-
-// tuneGC sets the GC percentage from the live heap every gcEvery until ctx
-// ends (gcPercentFor), when the percentage is pcpd's own (p.gcPercent; not
-// when GOGC is set). The memory limit still caps the heap either way.
-func (p memoryPolicy) tuneGC(ctx context.Context) {
-	if p.gcPercent == -2 {
-		return
-	}
-	t := time.NewTicker(gcEvery)
-	defer t.Stop()
-	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
-	cur := p.gcPercent
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		metrics.Read(s)
-		// Only a change of more than an eighth is applied: the target
-		// need not follow every collection's small drift.
-		if want := gcPercentFor(s[0].Value.Uint64(), p.gcPercent); want > cur+cur/8 || want < cur-cur/8 {
-			debug.SetGCPercent(want)
-			cur = want
-		}
-	}
-}
-
 // memoryPolicy is how the Go runtime's memory is held: what was chosen and
 // why, for the log.
 type memoryPolicy struct {

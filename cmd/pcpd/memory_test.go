@@ -54,26 +54,3 @@ func TestHeapFreeSeesTransient(t *testing.T) {
 		t.Fatalf("after FreeOSMemory %d bytes free, want about %d", free2, free0)
 	}
 }
-
-// gcPercentFor: small heaps grow by heapFloor between collections, large
-// ones by pcpd's own percentage; nothing live asks for the cap.
-func TestGCPercentFor(t *testing.T) {
-	for _, tt := range []struct {
-		name string
-		live uint64
-		want int
-	}{
-		{"nothing live", 0, gcPercentMax},
-		{"tiny heap: capped", 1 << 20, gcPercentMax},
-		{"16 MiB live: the floor", 16 << 20, 200},
-		{"at the floor x 4: base", 128 << 20, 25},
-		{"1M leases: base", 300 << 20, 25},
-		{"rounds up", 3 << 20 * 11, 97},
-	} {
-		t.Run(tt.name, func(t *testing.T) {
-			if got := gcPercentFor(tt.live, gcPercent); got != tt.want {
-				t.Errorf("gcPercentFor(%d, %d) = %d, want %d", tt.live, gcPercent, got, tt.want)
-			}
-		})
-	}
-}
