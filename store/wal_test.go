@@ -845,18 +845,7 @@ func TestLogSwitchesToSpare(t *testing.T) {
 			// The grower fills the spare from the first commit on; wait
 			// for it (on a busy disk it can take a while), so what the
 			// active segment grows below is not a race with it.
-			for deadline := time.Now().Add(10 * time.Second); ; {
-				s.wmu.Lock()
-				ready := s.spareReady()
-				s.wmu.Unlock()
-				if ready {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatal("the spare segment was not filled ahead")
-				}
-				time.Sleep(5 * time.Millisecond)
-			}
+			waitSpare(t, s)
 			total := 0
 			for s.Stats().Checkpoints < 3 && total < 200_000 {
 				if err := s.Commit(leasesN(total, total+tc.batch), nil); err != nil {
