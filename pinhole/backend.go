@@ -330,30 +330,61 @@ func (b *Backend) Protected() ([]netip.Prefix, error) {
 	defer b.mu.Unlock()
 	var out []netip.Prefix
 	for _, s := range []*nftables.Set{b.protected6, b.protected4} {
-		elems, err := b.conn.GetSetElements(s)
+		rs, err := b.readIntervals(s)
 		if err != nil {
-			return nil, fmt.Errorf("pinhole: read set %s: %w", s.Name, classify(err))
+			return nil, err
 		}
-		// The kernel dumps an interval set's elements highest first.
-		slices.SortFunc(elems, func(a, b nftables.SetElement) int {
-			x, _ := netip.AddrFromSlice(a.Key)
-			y, _ := netip.AddrFromSlice(b.Key)
-			return x.Compare(y)
-		})
-		for i := 0; i < len(elems); i++ {
-			if elems[i].IntervalEnd {
-				continue
-			}
-			first, _ := netip.AddrFromSlice(elems[i].Key)
-			var last netip.Addr
-			if i+1 < len(elems) && elems[i+1].IntervalEnd {
-				end, _ := netip.AddrFromSlice(elems[i+1].Key)
-				last = end.Prev()
-			} else {
-				last = allOnes(first)
-			}
-			out = append(out, rangePrefixes(first, last)...)
+		for _, r := range rs {
+			out = append(out, rangePrefixes(r.first, r.last)...)
 		}
+	}
+	return out, nil
+}
+
+// intervalRange is one range of an interval set or map as the kernel
+// holds it, with a map's data for it.
+type intervalRange struct {
+	first, last netip.Addr
+	val         []byte
+}
+
+// readIntervals returns the ranges of interval set s in address order.
+// The kernel dumps the elements highest first, each range as its start
+// and, unless it runs to the top of the address space, its end (the first
+// address past it, flagged IntervalEnd). Caller holds b.mu.
+func (b *Backend) readIntervals(s *nftables.Set) ([]intervalRange, error) {
+	elems, err := b.conn.GetSetElements(s)
+	if err != nil {
+		return nil, fmt.Errorf("pinhole: read set %s: %w", s.Name, classify(err))
+	}
+	slices.SortFunc(elems, func(a, b nftables.SetElement) int {
+		x, _ := netip.AddrFromSlice(a.Key)
+		y, _ := netip.AddrFromSlice(b.Key)
+		if c := x.Compare(y); c != 0 {
+			return c
+		}
+		// An end and the next range's start share a key: end first, or
+		// the range before would read as running to the top.
+		switch {
+		case a.IntervalEnd && !b.IntervalEnd:
+			return -1
+		case !a.IntervalEnd && b.IntervalEnd:
+			return 1
+		}
+		return 0
+	})
+	var out []intervalRange
+	for i, e := range elems {
+		if e.IntervalEnd {
+			continue
+		}
+		first, _ := netip.AddrFromSlice(e.Key)
+		last := allOnes(first)
+		if i+1 < len(elems) && elems[i+1].IntervalEnd {
+			end, _ := netip.AddrFromSlice(elems[i+1].Key)
+			last = end.Prev()
+		}
+		out = append(out, intervalRange{first: first, last: last, val: e.Val})
 	}
 	return out, nil
 }

@@ -168,37 +168,13 @@ func (b *Backend) Owners() ([]OwnerRange, error) {
 	}
 	var out []OwnerRange
 	for _, s := range []*nftables.Set{b.owners6, b.owners4} {
-		elems, err := b.conn.GetSetElements(s)
+		rs, err := b.readIntervals(s)
 		if err != nil {
-			return nil, fmt.Errorf("pinhole: read set %s: %w", s.Name, classify(err))
+			return nil, err
 		}
-		slices.SortFunc(elems, func(a, b nftables.SetElement) int {
-			x, _ := netip.AddrFromSlice(a.Key)
-			y, _ := netip.AddrFromSlice(b.Key)
-			if c := x.Compare(y); c != 0 {
-				return c
-			}
-			// An end and the next range's start share a key: end first.
-			switch {
-			case a.IntervalEnd && !b.IntervalEnd:
-				return -1
-			case !a.IntervalEnd && b.IntervalEnd:
-				return 1
-			}
-			return 0
-		})
-		for i, e := range elems {
-			if e.IntervalEnd {
-				continue
-			}
-			first, _ := netip.AddrFromSlice(e.Key)
-			last := allOnes(first)
-			if i+1 < len(elems) && elems[i+1].IntervalEnd {
-				end, _ := netip.AddrFromSlice(elems[i+1].Key)
-				last = end.Prev()
-			}
-			chain := verdictChain(e.Val)
-			for _, p := range rangePrefixes(first, last) {
+		for _, r := range rs {
+			chain := verdictChain(r.val)
+			for _, p := range rangePrefixes(r.first, r.last) {
 				out = append(out, OwnerRange{Prefix: p, Chain: chain})
 			}
 		}

@@ -95,7 +95,11 @@ func TestListRoundTrip(t *testing.T) {
 func TestSetupIdempotent(t *testing.T) {
 	ns := netlab.NewNS(t, "idem")
 	b := newBackend(t, ns, pinhole.Config{})
-	prot := []netip.Prefix{netip.MustParsePrefix("2001:db8:1::/48"), netip.MustParsePrefix("10.100.0.0/24")}
+	// Two adjacent prefixes read back as two (one's end and the other's
+	// start share a key in the kernel's dump; the old sort, without the
+	// end-first tie-break, happened to pass this too).
+	prot := []netip.Prefix{netip.MustParsePrefix("2001:db8:1::/48"), netip.MustParsePrefix("2001:db8:2::/48"),
+		netip.MustParsePrefix("10.100.0.0/24")}
 	if err := b.SetProtected(prot); err != nil {
 		t.Fatal(err)
 	}
