@@ -33,6 +33,20 @@ type Ownership interface {
 	Owners() []Owner
 }
 
+// Holes is an optional extra of an Ownership (*WireGuard and *Static have
+// it): the prefixes that are deliberately owned by nobody although they
+// may lie inside an owner's prefix (WireGuard AllowedIPs that overlap
+// across interfaces). Lookup misses inside a hole unless a more specific
+// owned prefix holds the address, exactly as if the hole were an owner of
+// its own; whoever mirrors the ownership by longest match (the kernel's
+// owner meter, pinhole/ownermeter.go) needs them, or the enclosing owner's
+// prefix covers the hole there.
+type Holes interface {
+	// Holes returns the hole prefixes in address order, safe to keep and
+	// modify.
+	Holes() []netip.Prefix
+}
+
 // Errors returned by constructors; match with errors.Is.
 var (
 	ErrInvalidConfig = errors.New("invalid configuration")
@@ -46,7 +60,10 @@ type Static struct {
 	t *table
 }
 
-var _ Ownership = (*Static)(nil)
+var (
+	_ Ownership = (*Static)(nil)
+	_ Holes     = (*Static)(nil)
+)
 
 // NewStatic validates and masks the prefixes of each named client. A prefix
 // shorter than MinOwnedBits6 / MinOwnedBits4, an IPv4-mapped IPv6 prefix, or
@@ -115,6 +132,9 @@ func (s *Static) Lookup(src netip.Addr) (Owner, bool) { return s.t.lookup(src) }
 
 // Owners implements Ownership.
 func (s *Static) Owners() []Owner { return s.t.snapshot() }
+
+// Holes implements Holes: none, since NewStatic refuses overlaps.
+func (s *Static) Holes() []netip.Prefix { return s.t.holesCopy() }
 
 // checkOwnedPrefix rejects prefixes that cannot be owned.
 func checkOwnedPrefix(p netip.Prefix) error {

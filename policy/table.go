@@ -91,6 +91,10 @@ type table struct {
 	owner  []int32 // owner of [starts[i], starts[i+1])
 	owners []Owner
 	byID   map[OwnerID]int32
+	// holes are the prefixes labelled noOwner (WireGuard's overlaps across
+	// interfaces), in address order: Holes hands them to the kernel's
+	// owner meter, which must not let the enclosing owner's range cover them.
+	holes []netip.Prefix
 	// Per family, one exact-match map per prefix length present, longest
 	// first: with the handful of lengths real configurations use, a lookup
 	// is a few hash probes, where the binary search over 2n intervals costs
@@ -168,6 +172,9 @@ func build(owners []Owner, spans []span) *table {
 		closeUntil(s.first, false)
 		emit(s.first, s.owner)
 		stack = append(stack, open{s.last, s.owner})
+		if s.owner == noOwner {
+			t.holes = append(t.holes, prefixOf(s.first, s.bits))
+		}
 	}
 	closeUntil(u128{}, true)
 	t.len4, t.len6 = hashByLength(spans, true), hashByLength(spans, false)
@@ -294,6 +301,9 @@ func (t *table) lookup(a netip.Addr) (Owner, bool) {
 	}
 	return t.owners[i], true
 }
+
+// holesCopy returns the holes, safe to keep and modify.
+func (t *table) holesCopy() []netip.Prefix { return slices.Clone(t.holes) }
 
 func (t *table) snapshot() []Owner {
 	out := make([]Owner, len(t.owners))

@@ -83,7 +83,10 @@ type WireGuard struct {
 	warnNext map[string]bool // warnings of the build in progress
 }
 
-var _ Ownership = (*WireGuard)(nil)
+var (
+	_ Ownership = (*WireGuard)(nil)
+	_ Holes     = (*WireGuard)(nil)
+)
 
 // WireGuardOption adjusts NewWireGuard.
 type WireGuardOption func(*WireGuard)
@@ -160,6 +163,10 @@ func (w *WireGuard) Lookup(src netip.Addr) (Owner, bool) {
 
 // Owners implements Ownership.
 func (w *WireGuard) Owners() []Owner { return w.t.Load().snapshot() }
+
+// Holes implements Holes: the AllowedIPs nobody owns because they overlap
+// another peer's on a different interface.
+func (w *WireGuard) Holes() []netip.Prefix { return w.t.Load().holesCopy() }
 
 func (w *WireGuard) current() *table { return w.t.Load() }
 

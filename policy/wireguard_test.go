@@ -208,6 +208,9 @@ func TestWireGuardInterfaces(t *testing.T) {
 	if logs.FilterMessageSnippet("held by two peers").Len() != 1 {
 		t.Errorf("conflict warnings: %v", logs.All())
 	}
+	if got := prefixStrings(w.Holes()); !slices.Equal(got, []string{"2001:db8:d::/64"}) {
+		t.Errorf("holes %v, want the conflicting prefix", got)
+	}
 	if _, err := newWireGuard(d, []string{"wg0", "wg9"}, time.Hour, nil); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("missing interface at start: %v", err)
 	}
@@ -466,6 +469,36 @@ func TestWireGuardNestedAcrossInterfacesSEC02(t *testing.T) {
 	}
 	if n := logs.FilterMessageSnippet("different interface").Len(); n != 3 {
 		t.Errorf("overlap warnings: %d, want 3: %v", n, logs.All())
+	}
+	// The holes, and the longest match over the owners' prefixes and the
+	// holes (a hole owned by nobody), as the kernel's owner meter
+	// flattens them, agree with Lookup everywhere.
+	holes := w.Holes()
+	if got, want := prefixStrings(holes), []string{"10.9.4.0/24", "2001:db8:0:1::/64", "2001:db8:5:6:7::/80"}; !slices.Equal(got, want) {
+		t.Errorf("holes %v, want %v", got, want)
+	}
+	owners := w.Owners()
+	for _, a := range []string{"2001:db8:0:1::5", "10.9.4.7", "2001:db8:0:2::5", "10.9.5.7", "2001:db8:0:3::5", "2001:db8:0:4::5",
+		"2001:db8:5:6::1", "2001:db8:5:6:7::1", "2001:db8:5:7::1", "2001:db8:0:1:ffff:ffff:ffff:ffff", "2001:db8:0:2::"} {
+		o, ok := w.Lookup(addr(a))
+		want := map[bool]OwnerID{true: o.ID}[ok]
+		var got OwnerID
+		bits := -1
+		for _, h := range holes {
+			if h.Contains(addr(a)) && h.Bits() > bits {
+				got, bits = "", h.Bits()
+			}
+		}
+		for _, o := range owners {
+			for _, p := range o.Prefixes {
+				if p.Contains(addr(a)) && p.Bits() > bits {
+					got, bits = o.ID, p.Bits()
+				}
+			}
+		}
+		if got != want {
+			t.Errorf("longest match of %s over owners and holes: %q; Lookup: %q", a, got, want)
+		}
 	}
 	if o, _ := w.Lookup(addr("2001:db8:0:2::1")); slices.Contains(o.Prefixes, netip.MustParsePrefix("2001:db8:0:1::/64")) {
 		t.Errorf("peer 1 lists the hole: %v", o.Prefixes)
