@@ -78,7 +78,8 @@ type Backend struct {
 
 	protected    []netip.Prefix // last SetProtected, re-applied by Setup
 	hasProtected bool
-	owners       []Owner // last SetOwners, re-applied by Setup
+	owners       []Owner        // last SetOwners, re-applied by Setup
+	holes        []netip.Prefix // and its holes
 	hasOwners    bool
 	owned        bool // a Setup succeeded: the objects are pcpd's (ownership.go)
 	// inPlace: the kernel updates an element's timeout when it is re-added
@@ -198,7 +199,7 @@ func (b *Backend) Setup() error {
 		}
 	}
 	if b.hasOwners && b.ownerMetering() {
-		if err := b.queueOwners(b.owners, true); err != nil {
+		if err := b.queueOwners(b.owners, b.holes, true); err != nil {
 			return err
 		}
 	}

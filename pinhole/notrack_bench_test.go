@@ -19,17 +19,22 @@ import (
 // in this process, and the veth delivers in the sender's softirq, so the
 // kernel's netfilter work is in it; it is steadier than wall time on a
 // shared machine. Each op is a burst of 32 requests, then their 32 answers.
+// "owned" makes the client's prefixes an owner's, so its datagrams pass
+// through its owner chain (ownermeter.go) as a client's do; the owner rate
+// is out of reach.
 func BenchmarkControlDatagram(b *testing.B) {
 	for _, tc := range []struct {
 		name  string
 		table bool
 		cfg   pinhole.Config
+		owned bool
 	}{
-		{"no table", false, pinhole.Config{}},
-		{"tracked", true, pinhole.Config{TrackControl: true}},
-		{"notrack", true, pinhole.Config{}},
-		{"tracked, meter", true, pinhole.Config{TrackControl: true, Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}}},
-		{"notrack, meter", true, pinhole.Config{Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}}},
+		{"no table", false, pinhole.Config{}, false},
+		{"tracked", true, pinhole.Config{TrackControl: true}, false},
+		{"notrack", true, pinhole.Config{}, false},
+		{"tracked, meter", true, pinhole.Config{TrackControl: true, Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}}, false},
+		{"notrack, meter", true, pinhole.Config{Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}}, false},
+		{"notrack, meter, owned", true, pinhole.Config{Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}}, true},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
@@ -37,6 +42,11 @@ func BenchmarkControlDatagram(b *testing.B) {
 				be := newBackend(b, topo.Host, tc.cfg)
 				if err := be.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
 					b.Fatal(err)
+				}
+				if tc.owned {
+					if err := be.SetOwners([]pinhole.Owner{{ID: "static:client", Prefixes: []netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}}}, nil); err != nil {
+						b.Fatal(err)
+					}
 				}
 			}
 			srv := netip.AddrPortFrom(topo.HostTunnelV6, 5351)

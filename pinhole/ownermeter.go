@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 
@@ -110,13 +111,39 @@ func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
 	}
 }
 
-// ownerLimitRule is every owner chain's one rule. Its counter is what the
-// owner's datagrams cost it in drops ("nft list chain inet pcpd owner_..."),
-// kept across SetOwners; Setup's repair rewrites the rule and zeroes it.
-func (b *Backend) ownerLimitRule() []expr.Any {
+// ownerRules are every owner chain's two rules: the reverse-path check,
+// then the limit. Their counters are what the owner's datagrams cost it in
+// drops ("nft list chain inet pcpd owner_..."): spoofed ones, then those
+// over its rate; both are kept across SetOwners, and Setup's repair
+// rewrites the rules and zeroes them.
+//
+//	fib saddr . iif oif 0 counter drop
+//	limit rate over 1600/second burst 3200 packets counter drop
+//
+// fib saddr . iif oif is the interface the host routes the source address
+// through, if that is the one the datagram arrived on, else 0: strict
+// reverse path (RFC 3704 §2.2, rp_filter=1), which the kernel's own
+// rp_filter would check only later, in routing (and not at all for IPv6),
+// after this raw prerouting chain has run. Without it, datagrams spoofed
+// from an owner's prefix on another interface (the WAN, another LAN) would
+// drain the owner's bucket and hold its real requests to nothing. They
+// are dropped rather than passed on to the per-source meter: they cannot
+// be a request pcpd answers (its sockets are bound to the serving
+// interfaces, and the host routes the owner's prefix, which its pinholes
+// and DNAT need, through the interface its requests come in on), and
+// counted per source they would drain the victim's /64 bucket instead.
+// The lookup runs only for sources an owner holds (the map's jump leads
+// here), so unowned sources and the per-source meter cost nothing more.
+// WireGuard interfaces already check sources against the peers'
+// AllowedIPs; the check matters for spoofing from elsewhere.
+func (b *Backend) ownerRules() [][]expr.Any {
 	m := b.cfg.Meter
-	return x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.OwnerRate), Over: true,
-		Unit: expr.LimitTimeSecond, Burst: m.OwnerBurst}, &expr.Counter{}, drop)
+	return [][]expr.Any{
+		x(&expr.Fib{Register: reg0, FlagSADDR: true, FlagIIF: true, ResultOIF: true},
+			eq(reg0, 0, 0, 0, 0), &expr.Counter{}, drop),
+		x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.OwnerRate), Over: true,
+			Unit: expr.LimitTimeSecond, Burst: m.OwnerBurst}, &expr.Counter{}, drop),
+	}
 }
 
 // ownerMetering: SetOwners has something to do.
@@ -129,25 +156,30 @@ func (b *Backend) isOwnerChain(name string) bool {
 }
 
 // SetOwners replaces the owner meter's prefixes (standalone; attached, a
-// no-op). Setup re-applies the last ones. Without a meter (Rate 0) it
-// empties the maps and removes the owner chains a run with one left.
-func (b *Backend) SetOwners(owners []Owner) error {
+// no-op). holes are prefixes owned by nobody (policy.Holes: WireGuard
+// AllowedIPs that overlap across interfaces): they take part in the
+// longest match like an owner's, so that the owner whose prefix encloses
+// one is not charged for its sources, but get no element, so their
+// sources are metered per source only, as a source nobody owns is.
+// Setup re-applies the last ones. Without a meter (Rate 0) it empties the
+// maps and removes the owner chains a run with one left.
+func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.owners6 == nil {
 		return nil
 	}
-	owners = slices.Clone(owners)
+	owners, holes = slices.Clone(owners), slices.Clone(holes)
 	if !b.ownerMetering() {
-		owners = nil
+		owners, holes = nil, nil
 	}
-	if err := b.queueOwners(owners, false); err != nil {
+	if err := b.queueOwners(owners, holes, false); err != nil {
 		return err
 	}
 	if err := b.conn.Flush(); err != nil {
 		return fmt.Errorf("pinhole: set owner prefixes: %w", classify(err))
 	}
-	b.owners, b.hasOwners = owners, true
+	b.owners, b.holes, b.hasOwners = owners, holes, true
 	return nil
 }
 
@@ -226,27 +258,12 @@ func OwnerChains(owners []Owner) map[string]string {
 // chains: new owners' chains are added, those of owners gone deleted once
 // the maps no longer jump to them. An existing owner's chain keeps its
 // rule, and so its bucket, unless rewrite (Setup: repair) is set.
-func (b *Backend) queueOwners(owners []Owner, rewrite bool) error {
-	chains := OwnerChains(owners)
-	var v6, v4 []ownedSpan
-	for _, o := range owners {
-		for _, p := range o.Prefixes {
-			if !p.IsValid() {
-				return fmt.Errorf("pinhole: owner %q prefix %v: %w", o.ID, p, ErrInvalid)
-			}
-			if p.Addr().Is4In6() && p.Bits() >= 96 {
-				p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
-			}
-			p = p.Masked()
-			first, last := prefixRange(p)
-			s := ownedSpan{first: first, last: last, chain: chains[o.ID]}
-			if p.Addr().Is4() {
-				v4 = append(v4, s)
-			} else {
-				v6 = append(v6, s)
-			}
-		}
+func (b *Backend) queueOwners(owners []Owner, holes []netip.Prefix, rewrite bool) error {
+	v6, v4, err := ownedSpans(owners, holes)
+	if err != nil {
+		return err
 	}
+	chains := OwnerChains(owners)
 	present, err := b.presentChains()
 	if err != nil {
 		return err
@@ -254,11 +271,20 @@ func (b *Backend) queueOwners(owners []Owner, rewrite bool) error {
 	for _, name := range chains {
 		c := &nftables.Chain{Table: b.table, Name: name}
 		if present[name] && !rewrite {
-			continue
+			// Kept, with its bucket, if its rules are this pcpd's (an
+			// older pcpd's chain had the limit alone).
+			if ok, err := b.ownerChainIntact(name); err != nil || ok {
+				if err != nil {
+					return err
+				}
+				continue
+			}
 		}
 		b.conn.AddChain(c)
 		b.conn.FlushChain(c)
-		b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: b.ownerLimitRule()})
+		for _, r := range b.ownerRules() {
+			b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: r})
+		}
 	}
 	for _, x := range []struct {
 		s     *nftables.Set
@@ -285,8 +311,51 @@ func (b *Backend) queueOwners(owners []Owner, rewrite bool) error {
 	return nil
 }
 
+// ownedSpans turns the owners' prefixes and the holes into the spans of
+// each family that flattenOwned takes; a hole's span has no chain. Holes
+// come last, so a hole equal to an owner's prefix (which the policy never
+// hands over) wins: charging nobody is the safe side.
+func ownedSpans(owners []Owner, holes []netip.Prefix) (v6, v4 []ownedSpan, err error) {
+	chains := OwnerChains(owners)
+	add := func(id string, p netip.Prefix, chain string) error {
+		if !p.IsValid() {
+			return fmt.Errorf("pinhole: owner %q prefix %v: %w", id, p, ErrInvalid)
+		}
+		if p.Addr().Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		p = p.Masked()
+		first, last := prefixRange(p)
+		s := ownedSpan{first: first, last: last, chain: chain}
+		if p.Addr().Is4() {
+			v4 = append(v4, s)
+		} else {
+			v6 = append(v6, s)
+		}
+		return nil
+	}
+	for _, o := range owners {
+		for _, p := range o.Prefixes {
+			if err := add(o.ID, p, chains[o.ID]); err != nil {
+				return nil, nil, err
+			}
+		}
+	}
+	for _, p := range holes {
+		if err := add("(hole)", p, ""); err != nil {
+			return nil, nil, err
+		}
+	}
+	return v6, v4, nil
+}
+
 // checkOwnerChains is Healthy's part for the owner meter: every owner
-// chain SetOwners made is there with its one rule.
+// chain SetOwners made is there with exactly its rules (compared, not
+// counted: an owner chain is where a rule of the admin's, or of an
+// intruder's, would exempt one client from the meter or charge another),
+// and the owner maps hold exactly the ranges SetOwners gave them. The maps
+// are as large as the configured prefixes, never the traffic, so dumping
+// them is cheap (two netlink dumps of ~2 elements per prefix).
 func (b *Backend) checkOwnerChains(present map[string]bool) error {
 	if !b.hasOwners || !b.ownerMetering() {
 		return nil
@@ -295,18 +364,93 @@ func (b *Backend) checkOwnerChains(present map[string]bool) error {
 		if !present[name] {
 			return fmt.Errorf("pinhole: chain %s missing: %w", name, ErrUnhealthy)
 		}
-		rules, err := b.conn.GetRules(b.table, &nftables.Chain{Table: b.table, Name: name})
+		ok, err := b.ownerChainIntact(name)
 		if err != nil {
-			return fmt.Errorf("pinhole: rules of %s: %w: %w", name, ErrUnhealthy, err)
+			return fmt.Errorf("pinhole: %w: %w", ErrUnhealthy, err)
 		}
-		if len(rules) != 1 {
-			return fmt.Errorf("pinhole: chain %s has %d rules, want 1: %w", name, len(rules), ErrUnhealthy)
+		if !ok {
+			return fmt.Errorf("pinhole: chain %s does not hold the owner meter's rules: %w", name, ErrUnhealthy)
+		}
+	}
+	v6, v4, err := ownedSpans(b.owners, b.holes)
+	if err != nil {
+		return err
+	}
+	for _, x := range []struct {
+		s     *nftables.Set
+		spans []ownedSpan
+	}{{b.owners6, v6}, {b.owners4, v4}} {
+		var want []ownedSpan
+		for _, sp := range flattenOwned(x.spans) {
+			if sp.chain != "" {
+				want = append(want, sp)
+			}
+		}
+		got, err := b.readIntervals(x.s)
+		if err != nil {
+			return fmt.Errorf("%w: %w", ErrUnhealthy, err)
+		}
+		if !slices.EqualFunc(got, want, func(g intervalRange, w ownedSpan) bool {
+			return g.first == w.first && g.last == w.last && verdictChain(g.val) == w.chain
+		}) {
+			return fmt.Errorf("pinhole: map %s does not hold the owners' ranges (%d held, %d given): %w", x.s.Name, len(got), len(want), ErrUnhealthy)
 		}
 	}
 	return nil
 }
 
-// ownedSpan is an address range and the owner id it maps to.
+// ownerChainIntact reports whether owner chain name holds exactly
+// ownerRules (their counters aside).
+func (b *Backend) ownerChainIntact(name string) (bool, error) {
+	rules, err := b.conn.GetRules(b.table, &nftables.Chain{Table: b.table, Name: name})
+	if err != nil {
+		return false, fmt.Errorf("rules of %s: %w", name, classify(err))
+	}
+	want := b.ownerRules()
+	if len(rules) != len(want) {
+		return false, nil
+	}
+	for i, r := range rules {
+		if len(r.Exprs) != len(want[i]) {
+			return false, nil
+		}
+		for j, e := range r.Exprs {
+			if _, ok := e.(*expr.Counter); ok {
+				e = &expr.Counter{} // its figures change with traffic
+			}
+			if !reflect.DeepEqual(e, asListed(want[i][j])) {
+				return false, nil
+			}
+		}
+	}
+	return true, nil
+}
+
+// asListed is e (of the kinds ownerRules uses) as the kernel lists it: a
+// 32-bit register that starts a 128-bit one under the old number
+// (NFT_REG32_00 is listed as NFT_REG_1).
+func asListed(e expr.Any) expr.Any {
+	reg := func(r uint32) uint32 {
+		if r >= unix.NFT_REG32_00 && (r-unix.NFT_REG32_00)%4 == 0 {
+			return unix.NFT_REG_1 + (r-unix.NFT_REG32_00)/4
+		}
+		return r
+	}
+	switch v := e.(type) {
+	case *expr.Fib:
+		c := *v
+		c.Register = reg(c.Register)
+		return &c
+	case *expr.Cmp:
+		c := *v
+		c.Register = reg(c.Register)
+		return &c
+	}
+	return e
+}
+
+// ownedSpan is an address range and the owner chain it maps to; "" is a
+// hole (owned by nobody), which gets no element.
 type ownedSpan struct {
 	first, last netip.Addr
 	chain       string
@@ -372,10 +516,14 @@ func flattenOwned(spans []ownedSpan) []ownedSpan {
 // ownerElements encodes disjoint ranges for an interval map: a start
 // element jumping to the owner's chain, an end element one past the last address
 // (none at the end of the address space). Adjacent ranges of different
-// owners share a key, as an end and as a start.
+// owners share a key, as an end and as a start. A hole's range has no
+// element: the map misses there, as outside every owner's prefix.
 func ownerElements(spans []ownedSpan) []nftables.SetElement {
 	var elems []nftables.SetElement
 	for _, s := range spans {
+		if s.chain == "" {
+			continue
+		}
 		elems = append(elems, nftables.SetElement{Key: s.first.AsSlice(),
 			VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: s.chain}})
 		if end := s.last.Next(); end.IsValid() {

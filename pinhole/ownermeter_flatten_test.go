@@ -82,3 +82,56 @@ func TestOwnerChainsStable(t *testing.T) {
 		}
 	}
 }
+
+// TestOwnerElementsHoles: a hole (a prefix owned by nobody, policy.Holes)
+// takes part in the longest match but gets no element, so the map misses
+// there and the enclosing owner's chain is not charged (RELIABILITY.md
+// known bug 4); a more specific owner inside a hole keeps its range; a
+// hole equal to an owner's prefix wins.
+func TestOwnerElementsHoles(t *testing.T) {
+	pfx := netip.MustParsePrefix
+	a, b := "wg:a", "wg:b"
+	for _, c := range []struct {
+		name   string
+		owners []Owner
+		holes  []netip.Prefix
+		want   string // key:chain for a start, key:end for an end; space separated
+	}{
+		{"no hole", []Owner{{ID: a, Prefixes: []netip.Prefix{pfx("2001:db8::/32")}}}, nil,
+			"2001:db8:::a 2001:db9:::end"},
+		{"hole inside", []Owner{{ID: a, Prefixes: []netip.Prefix{pfx("2001:db8::/32")}}}, []netip.Prefix{pfx("2001:db8:5::/48")},
+			"2001:db8:::a 2001:db8:5:::end 2001:db8:6:::a 2001:db9:::end"},
+		{"owner inside a hole", []Owner{{ID: a, Prefixes: []netip.Prefix{pfx("2001:db8::/32")}}, {ID: b, Prefixes: []netip.Prefix{pfx("2001:db8:5:1::/64")}}},
+			[]netip.Prefix{pfx("2001:db8:5::/48")},
+			"2001:db8:::a 2001:db8:5:::end 2001:db8:5:1:::b 2001:db8:5:2:::end 2001:db8:6:::a 2001:db9:::end"},
+		{"hole equal to an owner's prefix", []Owner{{ID: a, Prefixes: []netip.Prefix{pfx("10.9.0.0/16")}}, {ID: b, Prefixes: []netip.Prefix{pfx("10.9.4.0/24")}}},
+			[]netip.Prefix{pfx("10.9.4.0/24")},
+			"10.9.0.0:a 10.9.4.0:end 10.9.5.0:a 10.10.0.0:end"},
+		{"hole alone", nil, []netip.Prefix{pfx("10.9.4.0/24")}, ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			chains := OwnerChains(c.owners)
+			v6, v4, err := ownedSpans(c.owners, c.holes)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, e := range append(ownerElements(flattenOwned(v6)), ownerElements(flattenOwned(v4))...) {
+				k, _ := netip.AddrFromSlice(e.Key)
+				switch {
+				case e.IntervalEnd:
+					got = append(got, k.String()+":end")
+				case e.VerdictData.Chain == chains[a]:
+					got = append(got, k.String()+":a")
+				case e.VerdictData.Chain == chains[b]:
+					got = append(got, k.String()+":b")
+				default:
+					got = append(got, k.String()+":"+e.VerdictData.Chain)
+				}
+			}
+			if g := strings.Join(got, " "); g != c.want {
+				t.Errorf("got  %s\nwant %s", g, c.want)
+			}
+		})
+	}
+}

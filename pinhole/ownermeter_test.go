@@ -88,11 +88,14 @@ func TestOwnerMeterPKT08(t *testing.T) {
 	for _, a := range append(append([]netip.Addr{}, flood...), inner, nobody) {
 		topo.Client.MustRun(t, "ip", "addr", "add", a.String()+"/128", "dev", topo.ClientIf, "nodad")
 	}
+	// The host routes the owners' prefixes to the client, as it must for
+	// their pinholes: the owner chains' reverse-path check wants it.
+	topo.Host.MustRun(t, "ip", "-6", "route", "add", flooderPfx.String(), "via", topo.ClientV6.String(), "dev", topo.HostLANIf)
 	owners := []pinhole.Owner{
 		{ID: "wg:flooder", Prefixes: []netip.Prefix{flooderPfx, topo.ClientPrefix4}},
 		{ID: "wg:inner", Prefixes: []netip.Prefix{innerPfx}},
 	}
-	if err := b.SetOwners(owners); err != nil {
+	if err := b.SetOwners(owners, nil); err != nil {
 		t.Fatalf("SetOwners: %v", err)
 	}
 	chains := pinhole.OwnerChains(owners)
@@ -119,7 +122,7 @@ func TestOwnerMeterPKT08(t *testing.T) {
 	for _, want := range []string{
 		"udp dport 5351 ip6 saddr vmap @owners6\n\t\tudp dport 5351 ip saddr vmap @owners4\n\t\tudp dport 5351 update @meter6",
 		"2001:db8:77:5::/64 : jump " + chains["wg:inner"],
-		"chain " + chains["wg:flooder"] + " {\n\t\tlimit rate over 20/second burst 100 packets counter packets 0 bytes 0 drop\n\t}",
+		"chain " + chains["wg:flooder"] + " {\n\t\tfib saddr . iif oif 0 counter packets 0 bytes 0 drop\n\t\tlimit rate over 20/second burst 100 packets counter packets 0 bytes 0 drop\n\t}",
 	} {
 		if !strings.Contains(ruleset, want) {
 			t.Fatalf("ruleset lacks %q:\n%s", want, ruleset)
@@ -178,7 +181,7 @@ func TestOwnerMeterPKT08(t *testing.T) {
 
 	// The flooder is no longer an owner: its sources are not held (the
 	// per-source set is full), its chain is gone, the inner owner stays.
-	if err := b.SetOwners(owners[1:]); err != nil {
+	if err := b.SetOwners(owners[1:], nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := b.Healthy(); err != nil {
@@ -192,7 +195,7 @@ func TestOwnerMeterPKT08(t *testing.T) {
 	if strings.Contains(ruleset, chains["wg:flooder"]) || !strings.Contains(ruleset, "chain "+chains["wg:inner"]) {
 		t.Errorf("after the flooder was removed the ruleset should hold %s, not %s:\n%s", chains["wg:inner"], chains["wg:flooder"], ruleset)
 	}
-	if err := b.SetOwners(nil); err != nil {
+	if err := b.SetOwners(nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	if got, err := b.Owners(); err != nil || len(got) != 0 {
@@ -212,7 +215,7 @@ func TestOwnerMeterUpgrade(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	cfg := pinhole.Config{Meter: pinhole.Meter{Rate: 200, Burst: 400}}
 	old := newBackend(t, topo.Host, cfg)
-	if err := old.SetOwners([]pinhole.Owner{{ID: "wg:x", Prefixes: []netip.Prefix{topo.ClientPrefix6}}}); err != nil {
+	if err := old.SetOwners([]pinhole.Owner{{ID: "wg:x", Prefixes: []netip.Prefix{topo.ClientPrefix6}}}, nil); err != nil {
 		t.Fatal(err)
 	}
 	// Back to the layout of before: the input chain with the per-source
@@ -246,7 +249,7 @@ func TestOwnerMeterUpgrade(t *testing.T) {
 			t.Fatalf("%s: Healthy: %v", step, err)
 		}
 		owners := []pinhole.Owner{{ID: "wg:" + step, Prefixes: []netip.Prefix{topo.ClientPrefix6}}}
-		if err := b.SetOwners(owners); err != nil {
+		if err := b.SetOwners(owners, nil); err != nil {
 			t.Fatalf("%s: SetOwners: %v", step, err)
 		}
 		if err := b.Healthy(); err != nil {
@@ -262,7 +265,7 @@ func TestOwnerMeterUpgrade(t *testing.T) {
 	// Restarted with the meter off (--kernel-rate-limit 0): the owner
 	// chains and map elements of the last run go.
 	b := newBackend(t, topo.Host, pinhole.Config{})
-	if err := b.SetOwners([]pinhole.Owner{{ID: "wg:y", Prefixes: []netip.Prefix{topo.ClientPrefix6}}}); err != nil {
+	if err := b.SetOwners([]pinhole.Owner{{ID: "wg:y", Prefixes: []netip.Prefix{topo.ClientPrefix6}}}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := b.Healthy(); err != nil {

@@ -27,9 +27,10 @@ type Firewall interface {
 
 // OwnerMeter is an optional extra of a Firewall (*pinhole.Backend has it):
 // its kernel request meter counts per owner, so it needs every owner's
-// prefixes, given again whenever they change (pinhole/ownermeter.go).
+// prefixes, and the prefixes owned by nobody inside them (policy.Holes),
+// given again whenever they change (pinhole/ownermeter.go).
 type OwnerMeter interface {
-	SetOwners(owners []pinhole.Owner) error
+	SetOwners(owners []pinhole.Owner, holes []netip.Prefix) error
 }
 
 // LeaseStore is the durable lease store (*store.Store). Commit is one

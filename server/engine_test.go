@@ -113,10 +113,18 @@ func TestGroupCommit(t *testing.T) {
 	})
 }
 
-// mutableOwnership lets a test take addresses away (LIFE-05).
+// mutableOwnership lets a test take addresses away (LIFE-05). holes are
+// what it reports as policy.Holes (Lookup ignores them).
 type mutableOwnership struct {
 	mu     sync.Mutex
 	owners map[policy.OwnerID][]netip.Prefix
+	holes  []netip.Prefix
+}
+
+func (m *mutableOwnership) Holes() []netip.Prefix {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.holes)
 }
 
 func (m *mutableOwnership) Lookup(a netip.Addr) (policy.Owner, bool) {
@@ -203,6 +211,16 @@ func TestLIFE05Revocation(t *testing.T) {
 			sweep.run(h.s)
 			if h.fw.OwnerSets != n {
 				t.Fatalf("owner meter set again (%d times, was %d) with no change", h.fw.OwnerSets, n)
+			}
+			// A hole appears (an overlap across WireGuard interfaces):
+			// the meter gets it, though no owner's prefixes changed.
+			own.mu.Lock()
+			own.holes = []netip.Prefix{netip.MustParsePrefix("2001:db8:c:1::/64")}
+			own.mu.Unlock()
+			h.s.sweepAt = 0
+			sweep.run(h.s)
+			if want := []string{"2001:db8:c:1::/64"}; !slices.Equal(h.fw.OwnerHoles, want) || h.fw.OwnerSets != n+1 {
+				t.Fatalf("owner meter holes %v after %d sets (was %d), want %v after one more", h.fw.OwnerHoles, h.fw.OwnerSets, n, want)
 			}
 		})
 	}

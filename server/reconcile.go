@@ -238,7 +238,7 @@ func (s *Server) checkFirewall() {
 		s.log.Error("cannot restore firewall objects", zap.Error(err))
 		return
 	}
-	s.protected, s.meterOwners = nil, nil
+	s.protected, s.meterOwners, s.meterHoles = nil, nil, nil
 	s.updateProtected()
 	// In batches as they are made: a list of every op would be ≈ 120 MB
 	// at 1 000 000 leases.

@@ -53,9 +53,10 @@ type Server struct {
 	// cut: one more request must still fit in pinhole.MaxBatch.
 	opsBudget int
 	protected []netip.Prefix
-	// meterOwners is what the firewall's owner meter was last given
-	// (updateProtected); nil: not yet, or to be given again.
+	// meterOwners and meterHoles are what the firewall's owner meter was
+	// last given (updateProtected); nil: not yet, or to be given again.
 	meterOwners []pinhole.Owner
+	meterHoles  []netip.Prefix
 	// storeDebt holds the keys whose stored state may differ from the
 	// table: a kernel failure whose store commit had succeeded, and whose
 	// write-back of the previous state failed too. Every store commit
@@ -507,7 +508,11 @@ func (s *Server) updateProtected() {
 // updateMeterOwners gives the firewall's owner meter (pinhole/ownermeter.go)
 // the owners and their prefixes when they changed: the kernel then holds a
 // flood from all of one owner's sources (a fresh /64 each) to the owner's
-// rate before it reaches the socket (issue 9).
+// rate before it reaches the socket (issue 9). The ownership's holes
+// (policy.Holes: WireGuard AllowedIPs that overlap across interfaces) go
+// with them: without them the kernel would charge a hole's sources to the
+// owner whose prefix encloses it, and a peer of another interface could
+// drain that owner's bucket.
 func (s *Server) updateMeterOwners(owners []policy.Owner) {
 	om, ok := s.fw.(OwnerMeter)
 	if !ok {
@@ -518,16 +523,20 @@ func (s *Server) updateMeterOwners(owners []policy.Owner) {
 		meter = append(meter, pinhole.Owner{ID: string(o.ID), Prefixes: o.Prefixes})
 	}
 	slices.SortFunc(meter, func(a, b pinhole.Owner) int { return strings.Compare(a.ID, b.ID) })
-	if s.meterOwners != nil && slices.EqualFunc(meter, s.meterOwners, func(a, b pinhole.Owner) bool {
+	holes := []netip.Prefix{}
+	if h, ok := s.pol.Ownership().(policy.Holes); ok {
+		holes = append(holes, h.Holes()...)
+	}
+	if s.meterOwners != nil && slices.Equal(holes, s.meterHoles) && slices.EqualFunc(meter, s.meterOwners, func(a, b pinhole.Owner) bool {
 		return a.ID == b.ID && slices.Equal(a.Prefixes, b.Prefixes)
 	}) {
 		return
 	}
-	if err := om.SetOwners(meter); err != nil {
+	if err := om.SetOwners(meter, holes); err != nil {
 		s.log.Error("cannot update the owner meter's prefixes", zap.Error(err))
 		return
 	}
-	s.meterOwners = meter
+	s.meterOwners, s.meterHoles = meter, holes
 }
 
 func compareKeys(a, b store.Key) int {

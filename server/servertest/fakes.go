@@ -33,10 +33,11 @@ type Firewall struct {
 	// fails it with nothing applied.
 	FailApply func(ops []pinhole.Op) error
 	Protected []string
-	// Owners is what SetOwners was last given, "id=prefix" each, and
-	// OwnerSets how often it was called.
-	Owners    []string
-	OwnerSets int
+	// Owners is what SetOwners was last given, "id=prefix" each,
+	// OwnerHoles its holes, and OwnerSets how often it was called.
+	Owners     []string
+	OwnerHoles []string
+	OwnerSets  int
 }
 
 // NewFirewall returns an empty firewall on clock now.
@@ -62,7 +63,7 @@ func (f *Firewall) SetProtected(p []netip.Prefix) error {
 }
 
 // SetOwners records the owner meter's prefixes (server.OwnerMeter).
-func (f *Firewall) SetOwners(owners []pinhole.Owner) error {
+func (f *Firewall) SetOwners(owners []pinhole.Owner, holes []netip.Prefix) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.OwnerSets++
@@ -71,6 +72,10 @@ func (f *Firewall) SetOwners(owners []pinhole.Owner) error {
 		for _, p := range o.Prefixes {
 			f.Owners = append(f.Owners, o.ID+"="+p.String())
 		}
+	}
+	f.OwnerHoles = f.OwnerHoles[:0]
+	for _, p := range holes {
+		f.OwnerHoles = append(f.OwnerHoles, p.String())
 	}
 	return nil
 }
