@@ -25,12 +25,16 @@ import (
 // it (server/early.go) only after it has cost a recvmmsg slot and sat in
 // the socket queue ahead of other clients' requests. So the kernel also
 // counts per owner: two interval verdict maps from the owners' prefixes
-// to a chain per owner, whose one rule is the limit:
+// to a chain per owner, whose rules are a reverse-path check and the
+// limit (ownerRules):
 //
 //	map owners6 { type ipv6_addr : verdict; flags interval;
 //		elements = { 2001:db8:100::/40 : jump owner_1e2a3b4c, ... } }
 //	map owners4 { type ipv4_addr : verdict; flags interval; ... }
-//	chain owner_1e2a3b4c { limit rate over 1600/second burst 3200 packets counter drop }
+//	chain owner_1e2a3b4c {
+//		fib saddr . iif oif 0 counter drop
+//		limit rate over 1600/second burst 3200 packets counter drop
+//	}
 //	... udp dport 5351 ip6 saddr vmap @owners6
 //	... udp dport 5351 ip saddr vmap @owners4
 //
@@ -53,8 +57,13 @@ import (
 //
 // The maps hold the prefixes pcpd's policy knows (WireGuard AllowedIPs or
 // static clients), as SetOwners gives them, flattened to disjoint ranges
-// by longest match (a peer's /64 inside another's /48 is that peer's);
-// their size and the number of owner chains are bounded by the
+// by longest match (a peer's /64 inside another's /48 is that peer's).
+// The holes SetOwners is given (prefixes owned by nobody: WireGuard
+// AllowedIPs that overlap across interfaces) take part in the longest
+// match but get no element, so a hole inside an owner's prefix is not
+// that owner's here either, as in the policy (RELIABILITY.md known bug 4:
+// a peer on wg1 whose /48 lies in a wg0 peer's /32 drained that peer's
+// bucket). Their size and the number of owner chains are bounded by the
 // configuration, never by traffic. An owner's chain is named after a hash
 // of its OwnerID (collisions moved on in ID order), so it, and its
 // bucket, survive other owners coming and going; SetOwners adds the
