@@ -149,7 +149,8 @@ func (b *Backend) allSets() []*nftables.Set {
 }
 
 // Setup creates pcpd's table (standalone), sets and chains where missing,
-// and rewrites the rules of pcpd's own chains, all in one transaction. It
+// and rewrites the rules of pcpd's own chains, all in one transaction (the
+// owner meter's chains and maps then in transactions of their own). It
 // is idempotent and keeps set contents, so it is also the repair step after
 // Healthy fails and the first step after a restart (pinholes installed
 // before the restart stay in place). It never touches other objects.
@@ -198,13 +199,18 @@ func (b *Backend) Setup() error {
 			b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: exprs})
 		}
 	}
-	if b.hasOwners && b.ownerMetering() {
-		if err := b.queueOwners(b.owners, b.holes, true); err != nil {
-			return err
-		}
-	}
 	if err := b.conn.Flush(); err != nil {
 		return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))
+	}
+	// The owner meter's chains and maps after the layout, in transactions
+	// of their own (writeOwners: one would overflow the netlink socket with
+	// many owners). Until they are written, the maps hold what they held
+	// (or, in a table made anew, nothing: no owner is metered for that
+	// moment).
+	if b.hasOwners && b.ownerMetering() {
+		if err := b.writeOwners(b.owners, b.holes, true); err != nil {
+			return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, err)
+		}
 	}
 	b.owned = true
 	if !b.probed {
@@ -282,11 +288,30 @@ func (b *Backend) queueProtected(prefixes []netip.Prefix) error {
 		p []netip.Prefix
 	}{{b.protected6, v6}, {b.protected4, v4}} {
 		b.conn.FlushSet(x.s)
-		if elems := intervalElements(x.p); len(elems) > 0 {
-			if err := b.conn.SetAddElements(x.s, elems); err != nil {
-				return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
-			}
+		if err := b.queueAddElements(x.s, intervalElements(x.p)); err != nil {
+			return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
 		}
+	}
+	return nil
+}
+
+// elemChunk bounds the elements of one set-element message. The nftables
+// library puts all the elements of a SetAddElements call in one netlink
+// attribute, whose length field has 16 bits: past 64 KiB (about 1 600
+// elements of an interval set, 750 of an owner map) it wrapped, and the
+// kernel silently took only the start of the list (SetProtected of 2 000
+// prefixes kept 976; SetOwners of 1 000 owners kept 345 ranges).
+const elemChunk = 256
+
+// queueAddElements queues adding elems to s in messages of at most
+// elemChunk elements, all in the caller's transaction.
+func (b *Backend) queueAddElements(s *nftables.Set, elems []nftables.SetElement) error {
+	for len(elems) > 0 {
+		n := min(len(elems), elemChunk)
+		if err := b.conn.SetAddElements(s, elems[:n]); err != nil {
+			return err
+		}
+		elems = elems[n:]
 	}
 	return nil
 }

@@ -124,3 +124,62 @@ func BenchmarkApply(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkHealthyOwners: what the tamper check (Healthy, every 5 s in
+// pcpd) costs with many owners: one GetRules per owner chain, and since
+// RELIABILITY.md known bug 4 a dump of both owner maps, compared with
+// what SetOwners gave; "owners" is that dump alone (Owners reads the same
+// two maps).
+//
+//	go test ./pinhole -run '^$' -bench HealthyOwners
+func BenchmarkHealthyOwners(b *testing.B) {
+	netlab.RequireRoot(b)
+	for _, n := range []int{100, 1000} {
+		ns := netlab.NewNS(b, "bench")
+		h, err := ns.Handle()
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { h.Close() })
+		conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { conn.CloseLasting() })
+		be, err := pinhole.New(conn, pinhole.Config{Meter: pinhole.Meter{Rate: 200}})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := be.Setup(); err != nil {
+			b.Fatal(err)
+		}
+		// n peers, each a /64 and an IPv4 /32, and a hole every tenth.
+		var owners []pinhole.Owner
+		var holes []netip.Prefix
+		for i := range n {
+			p6 := netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 1, byte(i >> 8), byte(i)}), 64)
+			p4 := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 32)
+			owners = append(owners, pinhole.Owner{ID: fmt.Sprintf("wg:peer%d", i), Prefixes: []netip.Prefix{p6, p4}})
+			if i%10 == 0 {
+				holes = append(holes, netip.PrefixFrom(p6.Addr(), 80))
+			}
+		}
+		if err := be.SetOwners(owners, holes); err != nil {
+			b.Fatal(err)
+		}
+		b.Run(fmt.Sprintf("owners=%d/healthy", n), func(b *testing.B) {
+			for b.Loop() {
+				if err := be.Healthy(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(fmt.Sprintf("owners=%d/owners", n), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := be.Owners(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

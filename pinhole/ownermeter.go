@@ -182,11 +182,8 @@ func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
 	if !b.ownerMetering() {
 		owners, holes = nil, nil
 	}
-	if err := b.queueOwners(owners, holes, false); err != nil {
+	if err := b.writeOwners(owners, holes, false); err != nil {
 		return err
-	}
-	if err := b.conn.Flush(); err != nil {
-		return fmt.Errorf("pinhole: set owner prefixes: %w", classify(err))
 	}
 	b.owners, b.holes, b.hasOwners = owners, holes, true
 	return nil
@@ -263,11 +260,32 @@ func OwnerChains(owners []Owner) map[string]string {
 	return out
 }
 
-// queueOwners queues replacing both owner maps' contents and the owner
-// chains: new owners' chains are added, those of owners gone deleted once
-// the maps no longer jump to them. An existing owner's chain keeps its
-// rule, and so its bucket, unless rewrite (Setup: repair) is set.
-func (b *Backend) queueOwners(owners []Owner, holes []netip.Prefix, rewrite bool) error {
+// ownerChainBatch bounds the owner chains written in one transaction. The
+// nftables library asks the kernel to echo every rule it adds, and the
+// kernel queues each echo and ack on the netlink socket before the library
+// reads any: past about 75 owner chains of one rule (50 of two) in one
+// transaction the socket's receive buffer overflowed and Flush failed with
+// ENOBUFS, so pcpd could not install the owner meter for more peers, nor
+// repair it (BenchmarkHealthyOwners builds 1000).
+const ownerChainBatch = 16
+
+// ownerMapTxn bounds the map elements of one transaction: a transaction is
+// one sendmsg, which the netlink socket's send buffer (208 KiB by default)
+// bounds, and an owner map element takes about 90 bytes. With more, the
+// maps fill over several transactions; for that moment some owners'
+// ranges are missing (their sources metered per source only, as
+// nobody's), never charged to another owner.
+const ownerMapTxn = 1024
+
+// writeOwners replaces both owner maps' contents and the owner chains:
+// first the chains of new owners (and, with rewrite, Setup's repair, or
+// when their rules are not this pcpd's, existing ones) are written, in
+// transactions of ownerChainBatch chains, before any map element jumps to
+// them; then one transaction (several past ownerMapTxn elements) replaces
+// the maps' contents and deletes the chains of owners gone. An existing owner's chain keeps its rules, and
+// so its bucket, unless rewritten. A failure part way leaves chains no
+// map refers to, which the next call deletes.
+func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool) error {
 	v6, v4, err := ownedSpans(owners, holes)
 	if err != nil {
 		return err
@@ -277,32 +295,57 @@ func (b *Backend) queueOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 	if err != nil {
 		return err
 	}
+	names := make([]string, 0, len(chains))
 	for _, name := range chains {
-		c := &nftables.Chain{Table: b.table, Name: name}
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	// Which to write, read before anything is queued.
+	write := names[:0:0]
+	for _, name := range names {
 		if present[name] && !rewrite {
 			// Kept, with its bucket, if its rules are this pcpd's (an
 			// older pcpd's chain had the limit alone).
-			if ok, err := b.ownerChainIntact(name); err != nil || ok {
-				if err != nil {
-					return err
-				}
+			ok, err := b.ownerChainIntact(name)
+			if err != nil {
+				return err
+			}
+			if ok {
 				continue
 			}
 		}
+		write = append(write, name)
+	}
+	for i, name := range write {
+		c := &nftables.Chain{Table: b.table, Name: name}
 		b.conn.AddChain(c)
 		b.conn.FlushChain(c)
 		for _, r := range b.ownerRules() {
 			b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: r})
 		}
+		if (i+1)%ownerChainBatch == 0 {
+			if err := b.conn.Flush(); err != nil {
+				return fmt.Errorf("pinhole: write owner chains: %w", classify(err))
+			}
+		}
 	}
+	queued := 0
 	for _, x := range []struct {
 		s     *nftables.Set
 		spans []ownedSpan
 	}{{b.owners6, v6}, {b.owners4, v4}} {
 		b.conn.FlushSet(x.s)
-		if elems := ownerElements(flattenOwned(x.spans)); len(elems) > 0 {
-			if err := b.conn.SetAddElements(x.s, elems); err != nil {
+		for elems := ownerElements(flattenOwned(x.spans)); len(elems) > 0; {
+			n := min(len(elems), ownerMapTxn-queued)
+			if err := b.queueAddElements(x.s, elems[:n]); err != nil {
 				return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
+			}
+			elems, queued = elems[n:], queued+n
+			if queued == ownerMapTxn {
+				if err := b.conn.Flush(); err != nil {
+					return fmt.Errorf("pinhole: set owner prefixes: %w", classify(err))
+				}
+				queued = 0
 			}
 		}
 	}
@@ -316,6 +359,9 @@ func (b *Backend) queueOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 			b.conn.FlushChain(c)
 			b.conn.DelChain(c)
 		}
+	}
+	if err := b.conn.Flush(); err != nil {
+		return fmt.Errorf("pinhole: set owner prefixes: %w", classify(err))
 	}
 	return nil
 }
