@@ -202,6 +202,7 @@ func (b *Backend) Setup() error {
 	if err := b.conn.Flush(); err != nil {
 		return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))
 	}
+	b.owned = true
 	// The owner meter's chains and maps after the layout, in transactions
 	// of their own (writeOwners: one would overflow the netlink socket with
 	// many owners). Until they are written, the maps hold what they held
@@ -212,7 +213,6 @@ func (b *Backend) Setup() error {
 			return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, err)
 		}
 	}
-	b.owned = true
 	if !b.probed {
 		ok, err := b.probeInPlace()
 		if err != nil {

@@ -134,7 +134,7 @@ func BenchmarkApply(b *testing.B) {
 //	go test ./pinhole -run '^$' -bench HealthyOwners
 func BenchmarkHealthyOwners(b *testing.B) {
 	netlab.RequireRoot(b)
-	for _, n := range []int{100, 1000} {
+	for _, n := range []int{60, 1000} {
 		ns := netlab.NewNS(b, "bench")
 		h, err := ns.Handle()
 		if err != nil {
