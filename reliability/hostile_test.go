@@ -491,7 +491,9 @@ func kernelDrops(ns *netlab.NS) drops {
 
 // ownerMeterDrops sums the counters of pcpd's owner meter chains
 // (pinhole/ownermeter.go) in ns: datagrams the kernel dropped because
-// their owner was over its rate.
+// their owner was over its rate, or because they came from an owner's
+// prefix on an interface the host does not route it through (the
+// reverse-path rule; none in these labs, whose sources are routed).
 func ownerMeterDrops(ns *netlab.NS) uint64 {
 	out, _ := ns.Run("nft", "list", "table", "inet", "pcpd")
 	var n uint64
