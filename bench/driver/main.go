@@ -723,7 +723,7 @@ func (b *bench) runScale(ctx context.Context) error {
 		b.put("pcpd", "growbig", r.Prefill.Total.Rate, "/s", lossNote(r.Prefill.Total))
 	}
 	n := b.leaseCount()
-	b.put("pcpd", "rssbig", rssMB(p.pid()), "MB", fmt.Sprintf("%d live leases", n))
+	b.put("pcpd", "rssbig", rssMB(p.pid()), "MB", fmt.Sprintf("%d live leases; %s", n, rssParts(p.pid())))
 	if d, n, err := b.timeLeases(); err == nil {
 		b.put("pcpd", "leases-json-big", d.Seconds(), "s", fmt.Sprintf("%d leases", n))
 	}
@@ -739,7 +739,7 @@ func (b *bench) runScale(ctx context.Context) error {
 	}
 	b.put("pcpd", "startbig", time.Since(t0).Seconds(), "s", fmt.Sprintf("%d leases", n))
 	time.Sleep(2 * time.Second)
-	b.put("pcpd", "rssbig-restart", rssMB(p.pid()), "MB", "after restart")
+	b.put("pcpd", "rssbig-restart", rssMB(p.pid()), "MB", "after restart; "+rssParts(p.pid()))
 	return nil
 }
 
@@ -805,6 +805,28 @@ func rssMB(pid int) float64 {
 		}
 	}
 	return 0
+}
+
+// rssParts says what VmRSS of pid is made of (MB): anonymous memory (the
+// Go heap and stacks), file pages mapped (the bbolt file), shared memory.
+func rssParts(pid int) string {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return ""
+	}
+	var parts []string
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		switch f[0] {
+		case "RssAnon:", "RssFile:", "RssShmem:":
+			kb, _ := strconv.ParseFloat(f[1], 64)
+			parts = append(parts, fmt.Sprintf("%s %.0f", strings.ToLower(strings.TrimSuffix(f[0][3:], ":")), kb*1024/1e6))
+		}
+	}
+	return strings.Join(parts, ", ")
 }
 
 // machine describes where the numbers come from.
