@@ -32,6 +32,7 @@ type walSeg struct {
 	used  bool   // header written for gen in this run
 	alloc int64  // octets of the file already written: rewriting them needs no metadata sync
 	end   int64  // end of its records
+	busy  bool   // the grower is zero-filling past alloc (without wmu): nobody else writes there
 }
 
 // pending: segment i holds records not yet folded into bbolt (and is not
@@ -125,10 +126,10 @@ func (s *Store) growNext() (i int, to int64, ok bool) {
 	if g.f == nil || g.alloc >= full || s.spareStuck {
 		return 0, 0, false
 	}
-	if free, ok := freeSpace(s.dir); !ok || free < full-g.alloc+spareHeadroom {
-		s.spareStuck = true
-		return 0, 0, false
-	}
+	// Whether the file system has room for it (spareHeadroom) is asked
+	// once per spare, by the grower before its first chunk (spareRoomOK):
+	// statfs under wmu, on every commit and every chunk, held up the
+	// commits waiting for wmu.
 	return o, min(g.alloc+spareChunk, full), true
 }
 
@@ -137,8 +138,9 @@ func (s *Store) growNext() (i int, to int64, ok bool) {
 // itself stalled the commit path while a fresh segment grew: 8 MiB of
 // zeros written and synced in one commit took 30 ms at 23 000 new MAPs a
 // second (open-loop p99 at 80 %). Caller holds wmu.
+// Caller holds mu (shared) too.
 func (s *Store) maybeGrowAhead() {
-	if s.growing.Load() {
+	if s.closed || s.growing.Load() {
 		return
 	}
 	if _, _, ok := s.growNext(); !ok {
@@ -167,12 +169,22 @@ func (s *Store) growSyncFile(i int, f *os.File) (*os.File, error) {
 	return sf, nil
 }
 
-// grower zero-fills the chunks growNext picks until it has none. Each
-// chunk is written under wmu past its segment's alloc, so never over a
-// record (records go below alloc, also under wmu), and synced outside
-// it, so commits go on meanwhile. It stops at an error (a full disk:
-// commits then grow the active file themselves and report ENOSPC; a
-// spare's chunk is given back), or when the store closes.
+// grower zero-fills the chunks growNext picks until it has none. A chunk
+// lies past its segment's alloc, where no record is (records go below
+// alloc): the grower marks the segment busy under wmu, writes the chunk
+// without wmu, so that commits with room go on meanwhile, and advances
+// alloc under wmu again. A commit that needs room past alloc in a busy
+// segment waits for the chunk (tryAppend), and nothing else writes past
+// alloc: a rotation writes only the header, and the spare is switched to
+// only once full. The chunk is synced outside wmu too. The grower stops
+// at an error (a full disk: commits then grow the active file themselves
+// and report ENOSPC; a spare's chunk is given back), or when the store
+// closes.
+//
+// It clears growing under wmu when it finds no work: maybeGrowAhead
+// checks growing under wmu, so a commit that adds work after that check
+// starts a new grower (clearing it only after releasing wmu could miss
+// that commit's work until the next commit came).
 //
 // The grower syncs through a file description of its own. Linux reports
 // a writeback error (EIO) once per open file description: a grower's
@@ -184,7 +196,6 @@ func (s *Store) growSyncFile(i int, f *os.File) (*os.File, error) {
 // it.
 func (s *Store) grower() {
 	defer s.bg.Done()
-	defer s.growing.Store(false)
 	var sfs, of [2]*os.File // sync descriptions, and the segment files they are for
 	defer func() {
 		for _, f := range sfs {
@@ -196,11 +207,28 @@ func (s *Store) grower() {
 	for {
 		s.mu.RLock()
 		if s.closed || !s.walReady.Load() {
+			s.growing.Store(false)
 			s.mu.RUnlock()
 			return
 		}
 		s.wmu.Lock()
 		i, to, ok := s.growNext()
+		if ok && i != s.wal.active && !s.spareRoomOK {
+			// A new spare: ask the file system once, outside wmu.
+			s.wmu.Unlock()
+			free, fok := freeSpace(s.dir)
+			s.wmu.Lock()
+			if i == 1-s.wal.active && !s.spareRoomOK && !s.spareStuck { // still that spare
+				if !fok || free < s.segFull()-s.wal.seg[i].alloc+spareHeadroom {
+					s.spareStuck = true
+				} else {
+					s.spareRoomOK = true
+				}
+			}
+			s.wmu.Unlock()
+			s.mu.RUnlock()
+			continue
+		}
 		g := &s.wal.seg[i]
 		if ok && of[i] != g.f {
 			if sfs[i] != nil {
@@ -213,17 +241,23 @@ func (s *Store) grower() {
 			sfs[i], of[i] = sf, g.f
 		}
 		if !ok {
+			s.growing.Store(false)
 			s.wmu.Unlock()
 			s.mu.RUnlock()
 			return
 		}
 		from := g.alloc
+		g.busy = true
+		s.wmu.Unlock()
 		var err error
-		for g.alloc < to && err == nil {
+		at := from
+		for at < to && err == nil {
 			var m int
-			m, err = g.f.WriteAt(zeros[:min(to-g.alloc, int64(len(zeros)))], g.alloc)
-			g.alloc += int64(m)
+			m, err = g.f.WriteAt(zeros[:min(to-at, int64(len(zeros)))], at)
+			at += int64(m)
 		}
+		s.wmu.Lock()
+		g.alloc = at
 		active := i == s.wal.active
 		if active {
 			s.activeGrown.Add(g.alloc - from)
@@ -234,12 +268,17 @@ func (s *Store) grower() {
 			}
 			s.spareStuck = true
 		}
+		g.busy = false
+		s.grown.Broadcast()
 		s.wmu.Unlock()
 		if err == nil {
 			err = fdatasync(sfs[i])
 		}
 		s.mu.RUnlock()
 		if err != nil {
+			s.wmu.Lock()
+			s.growing.Store(false)
+			s.wmu.Unlock()
 			return
 		}
 	}
@@ -320,9 +359,17 @@ func (s *Store) startSegment(gen, seq uint64) error {
 }
 
 // rotate starts the next generation in the other segment, which must not
-// be pending. The header is not synced here: the first record written
-// after it is, in the same file, and until then the old header (an older,
-// folded generation) is just as good. Caller holds wmu.
+// be pending. The header is synced before rotate returns: the fold that
+// follows records walgen = gen, and some segment must always name
+// walgen, so that a lost active segment is noticed. Caller holds wmu.
+//
+// A rotation that fails after its header was written (the write failed
+// part way, or the sync did) puts back the header the segment had before
+// and syncs that: otherwise the disk could hold generation gen starting
+// at w.seq while the log goes on in the active segment past that seq, and
+// the next Open would find two segments that do not follow each other and
+// reset the epoch, as for lost records. Should putting it back fail too,
+// no record is appended until it has been put back (undoHeader).
 func (s *Store) rotate() error {
 	w := &s.wal
 	o := 1 - w.active
@@ -332,14 +379,26 @@ func (s *Store) rotate() error {
 	if err := s.openSeg(o); err != nil {
 		return err
 	}
-	gen := w.seg[w.active].gen + 1
-	hdr := appendSegHeader(make([]byte, 0, walHdrLen), segHeader{gen: gen, firstSeq: w.seq})
-	if _, err := w.seg[o].f.WriteAt(hdr, 0); err != nil {
+	if err := s.undoHeader(); err != nil {
 		return err
 	}
-	// Durable before the fold records walgen = gen: some segment always
-	// names walgen, so a lost active segment is noticed.
-	if err := fdatasync(w.seg[o].f); err != nil {
+	f := w.seg[o].f
+	prev := make([]byte, walHdrLen)
+	if _, err := f.ReadAt(prev, 0); err != nil {
+		return fmt.Errorf("store: rotate: read %s header: %w", segName(o), err)
+	}
+	gen := w.seg[w.active].gen + 1
+	hdr := appendSegHeader(make([]byte, 0, walHdrLen), segHeader{gen: gen, firstSeq: w.seq})
+	_, err := f.WriteAt(hdr, 0)
+	if err == nil {
+		err = fdatasync(f)
+	}
+	if err != nil {
+		s.hdrUndo = &headerUndo{idx: o, prev: prev}
+		if uerr := s.undoHeader(); uerr != nil {
+			s.log.Error("log segment header of a failed rotation not put back yet; commits wait for it",
+				zap.String("segment", segName(o)), zap.Error(uerr))
+		}
 		return err
 	}
 	w.seg[w.active].end = w.off
@@ -347,7 +406,35 @@ func (s *Store) rotate() error {
 	g.gen, g.used, g.end = gen, true, walHeaderSize
 	w.active, w.off = o, walHeaderSize
 	s.spareStuck = false // a new spare: ask the file system again
+	s.spareRoomOK = false
 	s.activeTo = 0
+	return nil
+}
+
+// headerUndo is a segment header to put back: what the segment held
+// before a rotation that failed after writing over it.
+type headerUndo struct {
+	idx  int
+	prev []byte
+}
+
+// undoHeader puts back (written and synced) the header a failed rotation
+// may have left on disk, if any. Until it succeeds, no record may be
+// written to the active segment. Caller holds wmu.
+func (s *Store) undoHeader() error {
+	u := s.hdrUndo
+	if u == nil {
+		return nil
+	}
+	f := s.wal.seg[u.idx].f
+	_, err := f.WriteAt(u.prev, 0)
+	if err == nil {
+		err = fdatasync(f)
+	}
+	if err != nil {
+		return fmt.Errorf("store: put back %s header after a failed rotation: %w", segName(u.idx), err)
+	}
+	s.hdrUndo = nil
 	return nil
 }
 
@@ -463,6 +550,9 @@ func (s *Store) fold(i int) error {
 	s.dropMappedPages()
 	s.wmu.Lock()
 	s.wal.folded = g.gen + 1
+	// The folded segment is the spare now: fill it ahead at once, not
+	// only once the next commit comes.
+	s.maybeGrowAhead()
 	s.wmu.Unlock()
 	s.checkpoints.Add(1)
 	return nil
@@ -660,6 +750,7 @@ func (s *Store) setupLog() error {
 		}
 	}
 	s.wal.close()
+	s.hdrUndo = nil // the log is read again from disk
 	s.pendingMu.Lock()
 	clearEpoch := s.pendingClear
 	s.pendingMu.Unlock()

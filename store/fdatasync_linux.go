@@ -5,10 +5,10 @@ import (
 	"syscall"
 )
 
-// fdatasync flushes f's data, and its metadata only where needed to read
-// the data back (size, extents): none when the data overwrote written
-// space, which is what the log arranges.
-func fdatasync(f *os.File) error {
+// fdatasyncOS flushes f's data, and its metadata only where needed to
+// read the data back (size, extents): none when the data overwrote
+// written space, which is what the log arranges.
+func fdatasyncOS(f *os.File) error {
 	for {
 		err := syscall.Fdatasync(int(f.Fd()))
 		if err != syscall.EINTR {

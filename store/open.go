@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -53,6 +54,7 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 	}
 	s := &Store{dir: dir, path: filepath.Join(dir, DBName), log: log, opt: o,
 		ckKick: make(chan struct{}, 1), ckStop: make(chan struct{}), ckDone: make(chan struct{})}
+	s.grown = sync.NewCond(&s.wmu)
 	st, err := s.load()
 	if err != nil {
 		if s.db != nil {

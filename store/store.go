@@ -185,6 +185,7 @@ type Store struct {
 	// at a time: a record is written only after the one before it is
 	// durable, which is what lets Open tell a torn tail from damage).
 	wmu      sync.Mutex
+	grown    *sync.Cond // on wmu: the grower finished a chunk (walSeg.busy cleared)
 	wal      walWriter
 	walReady atomic.Bool // false: log not set up (read-only, or setting it up failed); apply does it first
 
@@ -214,7 +215,8 @@ type Store struct {
 	failures    atomic.Uint64
 	checkpoints atomic.Uint64
 
-	// growing: a grower runs (at most one). syncGrown counts the octets
+	// growing: a grower runs (at most one; set and cleared under wmu,
+	// but for a grower that ends because the store closed). syncGrown counts the octets
 	// commits had to zero-fill themselves, activeGrown those the grower
 	// zero-filled in the active segment (tests). spareStuck (under wmu):
 	// the spare is not filled ahead (no room, or it failed) until the
@@ -225,8 +227,12 @@ type Store struct {
 	activeGrown atomic.Int64
 	switches    atomic.Int64 // tryAppend's early rotations
 	spareStuck  bool
+	spareRoomOK bool  // under wmu: the file system had room for the spare when its growth began
 	activeTo    int64 // under wmu: the grower grows the active segment up to here
-	foldOnly    atomic.Bool
+	// hdrUndo (under wmu): a header a failed rotation wrote over and could
+	// not yet put back; no record is appended before it is (rotate).
+	hdrUndo  *headerUndo
+	foldOnly atomic.Bool
 }
 
 // Stats counts log records and checkpoints (for metrics and the
@@ -358,6 +364,12 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	w := &s.wal
+	// The grower writes past alloc without wmu (grower): a record that
+	// needs room there waits for its chunk. (Nothing is decided before
+	// this wait, which releases wmu.)
+	for w.seg[w.active].busy && w.off+recordLen(bs, op) > w.seg[w.active].alloc {
+		s.grown.Wait()
+	}
 	seg := &w.seg[w.active]
 	if w.off > walHeaderSize && w.off+recordLen(bs, op) > seg.alloc && !s.spareStuck && s.spareReady() {
 		// The active segment is out of written room and the spare is
@@ -380,6 +392,9 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 		} else {
 			s.spareStuck = true
 		}
+	}
+	if err := s.undoHeader(); err != nil {
+		return false, fmt.Errorf("store: commit: %w: %w", ErrUnavailable, err)
 	}
 	w.buf = beginRecord(w.buf[:0], seg.gen, w.seq, now, op, epoch)
 	for _, b := range bs {
