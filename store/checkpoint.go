@@ -92,6 +92,9 @@ func (s *Store) spareReady() bool {
 	return w.seg[o].f != nil && !w.pending(o) && w.seg[o].alloc >= s.segFull()
 }
 
+// statfsFree is freeSpace; tests count its calls.
+var statfsFree = freeSpace
+
 // spareHeadroom: the spare is zero-filled ahead of need only while the
 // file system keeps this much free beyond it (a nearly full disk keeps
 // its space for the records themselves).
@@ -216,7 +219,7 @@ func (s *Store) grower() {
 		if ok && i != s.wal.active && !s.spareRoomOK {
 			// A new spare: ask the file system once, outside wmu.
 			s.wmu.Unlock()
-			free, fok := freeSpace(s.dir)
+			free, fok := statfsFree(s.dir)
 			s.wmu.Lock()
 			if i == 1-s.wal.active && !s.spareRoomOK && !s.spareStuck { // still that spare
 				if !fok || free < s.segFull()-s.wal.seg[i].alloc+spareHeadroom {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -172,4 +173,45 @@ func TestSpareGrowsAfterFold(t *testing.T) {
 		t.Fatalf("the new spare is full already (%d octets): the test proves nothing", small)
 	}
 	waitSpare(t, s) // no commit from here on
+}
+
+// TestStatfsOncePerSpare: the grower asks the file system for room once
+// per spare, not for every 64 KiB chunk, and commits never do (review S3:
+// statfs ran under the log lock on every commit and every chunk).
+func TestStatfsOncePerSpare(t *testing.T) {
+	const ckpt = 1 << 20
+	var calls atomic.Int64
+	statfsFree = func(dir string) (int64, bool) {
+		calls.Add(1)
+		return freeSpace(dir)
+	}
+	t.Cleanup(func() { statfsFree = freeSpace }) // after Close (registered later, runs first)
+	s, _ := openT(t, t.TempDir(), WithCheckpoint(ckpt, time.Hour), WithoutOpenSnapshot())
+	n := 0
+	for range 3 {
+		for range 10 {
+			if err := s.Commit(leasesN(n, n+8), nil); err != nil {
+				t.Fatal(err)
+			}
+			n += 8
+		}
+		waitSpare(t, s)
+		// The log moves to the full spare; the segment it leaves is
+		// folded and grown as the next spare, from 20 KiB.
+		if err := s.Checkpoint(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitSpare(t, s)
+	s.wmu.Lock()
+	stuck := s.spareStuck
+	s.wmu.Unlock()
+	if stuck {
+		t.Skip("file system too full for the spare")
+	}
+	// One spare at Open, one after each of the 3 rotations; each grows
+	// by 1 MiB, 16 chunks.
+	if got := calls.Load(); got < 1 || got > 4 {
+		t.Errorf("%d statfs calls for 4 spares and %d commits, want 1 to 4", got, n/8)
+	}
 }
