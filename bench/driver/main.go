@@ -409,9 +409,17 @@ type loadReport struct {
 }
 
 type loadPhase struct {
-	ElapsedSec float64              `json:"elapsed_s"`
-	Total      loadStats            `json:"total"`
-	Ops        map[string]loadStats `json:"ops"`
+	ElapsedSec float64 `json:"elapsed_s"`
+	CPU        *struct {
+		UserSec      float64 `json:"user_s"`
+		SysSec       float64 `json:"sys_s"`
+		PerRequestUs float64 `json:"us_per_request"`
+	} `json:"cpu"`
+	// ServerCPUUs is the server's CPU per request over the run (the
+	// driver's, from /proc; not in pcpload's JSON).
+	ServerCPUUs float64              `json:"-"`
+	Total       loadStats            `json:"total"`
+	Ops         map[string]loadStats `json:"ops"`
 }
 
 type loadStats struct {
@@ -457,10 +465,14 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		return nil, fmt.Errorf("driver: pcpload %s: %w", name, err)
 	}
 	var perfDone chan struct{}
+	var srvCPU0 time.Duration
 	sc := bufio.NewScanner(errPipe)
 	for sc.Scan() {
 		line := sc.Text()
 		if line == "pcpload: measuring" {
+			if b.cur != nil {
+				srvCPU0 = procCPU(b.cur.pid())
+			}
 			if b.o.trace > 0 && server == "pcpd" && name == "open80" && perfDone == nil {
 				perfDone = make(chan struct{})
 				go func() {
@@ -481,6 +493,10 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		stderr.WriteString(line + "\n")
 	}
 	err = cmd.Wait()
+	var srvCPU time.Duration
+	if b.cur != nil && srvCPU0 > 0 {
+		srvCPU = procCPU(b.cur.pid()) - srvCPU0
+	}
 	if perfDone != nil {
 		<-perfDone
 	}
@@ -504,6 +520,14 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		b.logf("  prefill: %s", r.Prefill.Total)
 	}
 	b.logf("  run:     %s", r.Run.Total)
+	if n := float64(max(r.Run.Total.Sent, 1)); r.Run.CPU != nil {
+		// Both sides' CPU per request: on a 2-core box their sum
+		// decides the highest rate the pair can carry at all.
+		r.Run.ServerCPUUs = float64(srvCPU.Microseconds()) / n
+		b.logf("  cpu:     %s %.1f µs a request (%.2f cores), pcpload %.1f µs (%.2f cores)", server,
+			r.Run.ServerCPUUs, srvCPU.Seconds()/max(r.Run.ElapsedSec, 1e-9),
+			r.Run.CPU.PerRequestUs, (r.Run.CPU.UserSec+r.Run.CPU.SysSec)/max(r.Run.ElapsedSec, 1e-9))
+	}
 	return &r, nil
 }
 
@@ -644,7 +668,11 @@ func (b *bench) runServer(ctx context.Context, name string, start func(fresh boo
 		return err
 	}
 	st := r.Run.Total
-	b.put(name, "open80-p99", st.Latency["p99"], "µs", fmt.Sprintf("at %.0f/s; p50 %.0f µs, p99.9 %.0f µs%s", rate, st.Latency["p50"], st.Latency["p99_9"], lossSuffix(st)))
+	cpu := ""
+	if c := r.Run.CPU; c != nil {
+		cpu = fmt.Sprintf("; CPU a request: %s %.0f µs, pcpload %.0f µs", name, r.Run.ServerCPUUs, c.PerRequestUs)
+	}
+	b.put(name, "open80-p99", st.Latency["p99"], "µs", fmt.Sprintf("at %.0f/s; p50 %.0f µs, p99.9 %.0f µs%s%s", rate, st.Latency["p50"], st.Latency["p99_9"], lossSuffix(st), cpu))
 	return nil
 }
 
@@ -793,6 +821,28 @@ func (b *bench) timeLeases() (time.Duration, int, error) {
 }
 
 // rssMB reads VmRSS of pid in MB (10^6 bytes).
+// procCPU is pid's user+system CPU time so far (0 if unknown).
+func procCPU(pid int) time.Duration {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name, which may hold spaces: state is
+	// field 3, utime and stime 14 and 15 (proc(5)).
+	i := bytes.LastIndexByte(data, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(data[i+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	const ticks = 100 // USER_HZ: sysconf(_SC_CLK_TCK) on Linux
+	return time.Duration(ut+st) * time.Second / ticks
+}
+
 func rssMB(pid int) float64 {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {

@@ -145,12 +145,44 @@ type phase struct {
 	// SendLag (open loop) is how long after its intended time each request
 	// was sent: the generator's own share of the latency (latency counts
 	// from the intended time).
-	SendLag   *latency `json:"send_lag_us,omitempty"`
+	SendLag *latency `json:"send_lag_us,omitempty"`
+	// CPU is the generator's own CPU time over the phase (the whole
+	// process: every thread, the runtime included), so its cost per
+	// request can be set against the server's on a shared machine.
+	CPU       *cpuUse `json:"cpu,omitempty"`
 	lag       *hist
 	ops       [numOps]opStats
 	fallbacks [numOps][numOps]uint64
 	tlStart   time.Time
 	tlBucket  time.Duration
+}
+
+// cpuUse is CPU time spent by this process.
+type cpuUse struct {
+	UserSec float64 `json:"user_s"`
+	SysSec  float64 `json:"sys_s"`
+	// PerRequestUs is user+sys per request sent, in µs.
+	PerRequestUs float64 `json:"us_per_request"`
+}
+
+// cpuNow is the process's user and system CPU time so far.
+func cpuNow() (user, sys time.Duration) {
+	var ru unix.Rusage
+	if unix.Getrusage(unix.RUSAGE_SELF, &ru) != nil {
+		return 0, 0
+	}
+	return time.Duration(ru.Utime.Nano()), time.Duration(ru.Stime.Nano())
+}
+
+// setCPU fills p.CPU from the CPU times taken at the phase's start; call
+// after finish (it needs Total.Sent).
+func (p *phase) setCPU(user0, sys0 time.Duration) {
+	u, s := cpuNow()
+	c := &cpuUse{UserSec: (u - user0).Seconds(), SysSec: (s - sys0).Seconds()}
+	if p.Total.Sent > 0 {
+		c.PerRequestUs = (c.UserSec + c.SysSec) * 1e6 / float64(p.Total.Sent)
+	}
+	p.CPU = c
 }
 
 // bucket is one slice of the measured phase's timeline.
@@ -827,6 +859,7 @@ func probe(ctx context.Context, cfg *config, src *source) error {
 func runPhase(ws []*worker, timeline time.Duration, body func(*worker, *phase)) *phase {
 	parts := make([]phase, len(ws))
 	var wg sync.WaitGroup
+	u0, s0 := cpuNow()
 	t0 := time.Now()
 	for i := range parts {
 		parts[i].tlStart, parts[i].tlBucket = t0, timeline
@@ -845,5 +878,6 @@ func runPhase(ws []*worker, timeline time.Duration, body func(*worker, *phase)) 
 		ph.merge(&parts[i])
 	}
 	ph.finish(elapsed)
+	ph.setCPU(u0, s0)
 	return &ph
 }

@@ -170,6 +170,9 @@ func writeText(w io.Writer, r *report) {
 	if l := r.Run.SendLag; l != nil {
 		fmt.Fprintf(w, "  sent late by (generator's share, in the latency): p50 %.0f µs, p99 %.0f µs, max %.0f µs\n", l.P50, l.P99, l.Max)
 	}
+	if c := r.Run.CPU; c != nil {
+		fmt.Fprintf(w, "  generator CPU: user %.2fs sys %.2fs, %.1f µs a request\n", c.UserSec, c.SysSec, c.PerRequestUs)
+	}
 	fmt.Fprintf(w, "\nlive leases at the end (as this run knows them): %d\n", r.LiveLeases)
 }
 

@@ -114,6 +114,7 @@ func (l *openLoop) now() int64 { return int64(time.Since(l.base)) }
 // still in flight (at most cfg.Timeout) and returns the phase.
 func (l *openLoop) run(stop *atomic.Bool, timeline time.Duration) *phase {
 	defer unix.Close(l.epfd)
+	u0, s0 := cpuNow()
 	l.base = time.Now()
 	l.ph.Start, l.ph.tlStart, l.ph.tlBucket = l.base, l.base, timeline
 	done := make(chan struct{})
@@ -123,6 +124,7 @@ func (l *openLoop) run(stop *atomic.Bool, timeline time.Duration) *phase {
 	<-done
 	elapsed := time.Since(l.base)
 	l.ph.finish(elapsed)
+	l.ph.setCPU(u0, s0)
 	return l.ph
 }
 
