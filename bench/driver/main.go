@@ -466,12 +466,13 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	}
 	var perfDone chan struct{}
 	var srvCPU0 time.Duration
+	srvMeasured := false
 	sc := bufio.NewScanner(errPipe)
 	for sc.Scan() {
 		line := sc.Text()
 		if line == "pcpload: measuring" {
 			if b.cur != nil {
-				srvCPU0 = procCPU(b.cur.pid())
+				srvCPU0, srvMeasured = procCPU(b.cur.pid()), true
 			}
 			if b.o.trace > 0 && server == "pcpd" && name == "open80" && perfDone == nil {
 				perfDone = make(chan struct{})
@@ -494,7 +495,7 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	}
 	err = cmd.Wait()
 	var srvCPU time.Duration
-	if b.cur != nil && srvCPU0 > 0 {
+	if b.cur != nil && srvMeasured {
 		srvCPU = procCPU(b.cur.pid()) - srvCPU0
 	}
 	if perfDone != nil {
