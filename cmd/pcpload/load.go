@@ -52,9 +52,13 @@ type config struct {
 	Duration    time.Duration // 0 = unbounded (Count must be set)
 	Count       int64         // 0 = unbounded (Duration must be set)
 	Timeout     time.Duration // a reply later than this is a loss
-	Prefill     int           // leases created (closed loop) before the measured phase
-	Mix         mix
-	Seed        uint64
+	// Tick (open loop) is the shortest time between two of the loop's
+	// wake-ups: the requests due in between go out together in one
+	// sendmmsg (0: defaultTick). Their wait counts as latency.
+	Tick    time.Duration
+	Prefill int // leases created (closed loop) before the measured phase
+	Mix     mix
+	Seed    uint64
 	// ProbeTimeout bounds the wait for the server's first answer (default 5 s).
 	ProbeTimeout time.Duration
 	// OnMeasure, if set, is called as the measured phase starts (after
@@ -146,11 +150,16 @@ type phase struct {
 	// was sent: the generator's own share of the latency (latency counts
 	// from the intended time).
 	SendLag *latency `json:"send_lag_us,omitempty"`
+	// RecvLag (open loop) is how long after the kernel received each reply
+	// the generator read it: not in the latency, which ends at the
+	// kernel's receive timestamp.
+	RecvLag *latency `json:"recv_lag_us,omitempty"`
 	// CPU is the generator's own CPU time over the phase (the whole
 	// process: every thread, the runtime included), so its cost per
 	// request can be set against the server's on a shared machine.
 	CPU       *cpuUse `json:"cpu,omitempty"`
 	lag       *hist
+	rlag      *hist
 	ops       [numOps]opStats
 	fallbacks [numOps][numOps]uint64
 	tlStart   time.Time
@@ -233,6 +242,12 @@ func (p *phase) merge(o *phase) {
 		}
 		p.lag.merge(o.lag)
 	}
+	if o.rlag != nil {
+		if p.rlag == nil {
+			p.rlag = new(hist)
+		}
+		p.rlag.merge(o.rlag)
+	}
 	for len(p.Timeline) < len(o.Timeline) {
 		p.Timeline = append(p.Timeline, bucket{AtMs: o.Timeline[len(p.Timeline)].AtMs})
 	}
@@ -253,6 +268,10 @@ func (p *phase) finish(elapsed time.Duration) {
 	if p.lag != nil {
 		l := p.lag.summary()
 		p.SendLag = &l
+	}
+	if p.rlag != nil {
+		l := p.rlag.summary()
+		p.RecvLag = &l
 	}
 	p.Ops = map[string]*opStats{}
 	p.Fallbacks = map[string]uint64{}
@@ -298,7 +317,6 @@ type report struct {
 type source struct {
 	addr netip.Addr
 	conn *net.UDPConn
-	fd   int // conn's descriptor, for the open loop's raw reads and writes
 }
 
 // worker drives its own share of the clients with one request in flight

@@ -99,6 +99,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fs.DurationVar(&cfg.Lifetime, "lifetime", time.Hour, "requested lifetime of new MAPs and renewals")
 	fs.IntVar(&cfg.Concurrency, "concurrency", 32, "closed loop: concurrent clients; open loop: most requests in flight")
 	fs.Float64Var(&cfg.Rate, "rate", 0, "open loop at this many requests/s (0 = closed loop, flat out)")
+	fs.DurationVar(&cfg.Tick, "tick", defaultTick, "open loop: shortest time between two sends; the requests due in between go out together (their wait is latency)")
 	fs.DurationVar(&cfg.Duration, "duration", 0, "length of the measured phase (0 = until --count)")
 	fs.Int64Var(&cfg.Count, "count", 0, "requests in the measured phase (0 = until --duration)")
 	fs.DurationVar(&cfg.Timeout, "timeout", time.Second, "a reply later than this is a loss")
@@ -169,6 +170,9 @@ func writeText(w io.Writer, r *report) {
 	writePhase(w, r.Run)
 	if l := r.Run.SendLag; l != nil {
 		fmt.Fprintf(w, "  sent late by (generator's share, in the latency): p50 %.0f µs, p99 %.0f µs, max %.0f µs\n", l.P50, l.P99, l.Max)
+	}
+	if l := r.Run.RecvLag; l != nil {
+		fmt.Fprintf(w, "  read late by (after the kernel's receive stamp, not in the latency): p50 %.0f µs, p99 %.0f µs, max %.0f µs\n", l.P50, l.P99, l.Max)
 	}
 	if c := r.Run.CPU; c != nil {
 		fmt.Fprintf(w, "  generator CPU: user %.2fs sys %.2fs, %.1f µs a request\n", c.UserSec, c.SysSec, c.PerRequestUs)

@@ -2,49 +2,58 @@ package main
 
 import (
 	"encoding/binary"
-	"net"
+	"fmt"
+	"net/netip"
 	"runtime"
-	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/pcp"
 )
 
-// The open loop (--rate) is driven by two OS threads instead of one
-// goroutine per worker:
+// The open loop (--rate) runs on one locked OS thread and one socket.
+// Each round it
 //
-//   - the sender sleeps to each batch's intended time with nanosleep
-//     (timer slack 1 µs), then writes every request that is due on the
-//     raw socket of its client;
-//   - the receiver waits on one epoll set over every client socket and
-//     reads each reply as it comes.
+//   - reads every reply queued (recvmmsg, up to 64 a call, MSG_DONTWAIT),
+//     each with the kernel's time of arrival (SO_TIMESTAMPNS);
+//   - hands every request due by now to the kernel in one sendmmsg, each
+//     with its client's source address in an IPV6_PKTINFO / IP_PKTINFO
+//     message (with IP(V6)_FREEBIND, as the clients' own sockets bind
+//     them); the socket is bound to the wildcard address, and the
+//     clients' addresses are local, so replies to any of them come back
+//     to it;
+//   - sleeps with nanosleep (timer slack 1 µs) to the next request's time,
+//     but no sooner than --tick after the last send, so at high rates one
+//     wake-up carries several requests and reads several replies.
 //
-// The goroutine-per-worker loop (a pacer handing tickets over a channel
-// to 256 workers, each parked in the netpoller) sent its requests 0.3 ms
-// late at the median and 1–3 ms at p99 on the 2-core bench machine at
-// 23 000/s, and every hand-over was a goroutine wake-up competing with
-// the server under test for the same two cores. Latency still counts from
-// the intended send time, so whatever the generator adds stays in the
-// figures; SendLag reports the generator's own share.
+// A request's latency runs from its intended send time (its ticket: no
+// coordinated omission; the sender's lateness, at most a tick plus its
+// scheduling, is in it and also reported apart as SendLag) to the
+// kernel's receive timestamp of the reply, so how long a reply waits for
+// the next round is the generator's time, not the server's: it is
+// reported apart as RecvLag and is not in the latency.
 //
-// Both threads share the workers' lease bookkeeping, the in-flight table
-// and the statistics under one mutex; neither system call runs under it.
+// Before this, the sender thread woke once per request for one write(2)
+// on its client's connected socket, and a receiver thread once per reply
+// from an epoll set over 4096 sockets for one recvfrom: 32-39 µs of
+// pcpload CPU a request at 20 000-25 000/s, twice the closed loop's
+// 16 µs, on the same two cores as the server (BENCHMARKS.md, open loop).
 type openLoop struct {
-	cfg   *config
-	ws    []*worker
-	base  time.Time // the phase's start; every instant below is ns since base
-	ph    *phase
-	mu    sync.Mutex
-	slots []inflight // at most cfg.Concurrency requests in flight
-	idle  []int32    // indices of free slots
+	cfg      *config
+	ws       []*worker
+	base     time.Time // the phase's start; every instant below is ns since base
+	baseUnix int64     // base as Unix ns, for the kernel's receive timestamps
+	ph       *phase
+	slots    []inflight // at most cfg.Concurrency requests in flight
+	idle     []int32    // indices of free slots
 	// pidx maps a worker's lease slot to its in-flight entry (or -1), so
 	// a reply, which names the slot by its nonce, finds its request.
 	pidx  [][]int32
-	epfd  int
-	stop  atomic.Bool
+	fd    int // the socket every request goes out on and every reply comes in on
+	v4    bool
 	count uint64 // sequence of requests, for the in-flight entries' stamps
 }
 
@@ -63,6 +72,15 @@ type inflight struct {
 // the open loop: its word 2 is the in-flight index | stamp<<16, since such
 // requests have no lease slot to be found by.
 const openIdxBits = 16
+
+const (
+	openBatch   = 64 // datagrams per sendmmsg / recvmmsg
+	openMsgSize = pcp.MaxMessageSize + 4
+	openCtlSize = 64 // room for one PKTINFO (send) or one timestamp (receive)
+	// DefaultTick is the open loop's shortest time between two sends:
+	// at 25 000/s, 5 requests a wake-up instead of 1.
+	defaultTick = 200 * time.Microsecond
+)
 
 func newOpenLoop(cfg *config, ws []*worker) (*openLoop, error) {
 	l := &openLoop{cfg: cfg, ws: ws, ph: &phase{}}
@@ -84,28 +102,50 @@ func newOpenLoop(cfg *config, ws []*worker) (*openLoop, error) {
 		l.ph.ops[o].hist = new(hist)
 	}
 	l.ph.lag = new(hist)
+	l.ph.rlag = new(hist)
+	l.v4 = cfg.Server.Addr().Unmap().Is4()
 	var err error
-	if l.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
+	if l.fd, err = openSocket(l.v4); err != nil {
 		return nil, err
 	}
-	for _, w := range ws {
-		for _, group := range [][]source{w.srcs, w.unauth} {
-			for i := range group {
-				fd, err := rawFD(group[i].conn)
-				if err != nil {
-					unix.Close(l.epfd)
-					return nil, err
-				}
-				group[i].fd = fd
-				ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(fd)}
-				if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
-					unix.Close(l.epfd)
-					return nil, err
-				}
-			}
-		}
-	}
 	return l, nil
+}
+
+// openSocket opens the open loop's socket: bound to the wildcard address
+// (a port of its own), sources set per datagram, receive timestamps on.
+func openSocket(v4 bool) (int, error) {
+	family, level, freebind := unix.AF_INET6, unix.IPPROTO_IPV6, unix.IPV6_FREEBIND
+	var sa unix.Sockaddr = &unix.SockaddrInet6{}
+	if v4 {
+		family, level, freebind = unix.AF_INET, unix.IPPROTO_IP, unix.IP_FREEBIND
+		sa = &unix.SockaddrInet4{}
+	}
+	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("socket: %w", err)
+	}
+	fail := func(what string, err error) (int, error) {
+		unix.Close(fd)
+		return -1, fmt.Errorf("%s: %w", what, err)
+	}
+	if err := unix.SetsockoptInt(fd, level, freebind, 1); err != nil {
+		return fail("freebind", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, 1); err != nil {
+		return fail("SO_TIMESTAMPNS", err)
+	}
+	// One socket now queues what 4096 did: room for every request in
+	// flight and then some (FORCE passes rmem_max as root).
+	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 4<<20) != nil {
+		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
+	}
+	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 4<<20) != nil {
+		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 4<<20)
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return fail("bind", err)
+	}
+	return fd, nil
 }
 
 func (l *openLoop) now() int64 { return int64(time.Since(l.base)) }
@@ -113,23 +153,87 @@ func (l *openLoop) now() int64 { return int64(time.Since(l.base)) }
 // run sends at cfg.Rate until stop (or cfg.Count), waits for the requests
 // still in flight (at most cfg.Timeout) and returns the phase.
 func (l *openLoop) run(stop *atomic.Bool, timeline time.Duration) *phase {
-	defer unix.Close(l.epfd)
+	defer unix.Close(l.fd)
+	// The loop's thread spends most of its time in nanosleep, holding a
+	// P. With no P idle, sysmon takes the P of a thread whose system call
+	// lasts over 20 µs (polling every 20 µs to see), and each return from
+	// a sleep then wins a P back through the scheduler: a quarter of
+	// pcpload's CPU in a profile at 20 000/s. A spare P keeps sysmon from
+	// doing so (it leaves a thread in a system call alone while a P sits
+	// idle, and backs off to 10 ms).
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1))
 	u0, s0 := cpuNow()
 	l.base = time.Now()
+	l.baseUnix = l.base.UnixNano()
 	l.ph.Start, l.ph.tlStart, l.ph.tlBucket = l.base, l.base, timeline
-	done := make(chan struct{})
-	go func() { defer close(done); l.receive() }()
-	l.send(stop)
-	l.stop.Store(true)
-	<-done
+	l.loop(stop)
 	elapsed := time.Since(l.base)
 	l.ph.finish(elapsed)
 	l.ph.setCPU(u0, s0)
 	return l.ph
 }
 
-// send is the sender thread.
-func (l *openLoop) send(stop *atomic.Bool) {
+// sendBuf is the sender's batch: one datagram, its address and its
+// source per entry, allocated once.
+type sendBuf struct {
+	hdrs   [openBatch]unix.Mmsghdr
+	iovs   [openBatch]unix.Iovec
+	data   [openBatch][openMsgSize]byte
+	ctl    [openBatch][openCtlSize]byte
+	idx    [openBatch]int32  // in-flight entry of each datagram
+	stamps [openBatch]uint64 // and its stamp, to tell a reused entry
+	ops    [openBatch]op
+	name   unix.RawSockaddrInet6 // the server (an Inet4 for IPv4)
+}
+
+func (l *openLoop) newSendBuf() *sendBuf {
+	b := new(sendBuf)
+	a := l.cfg.Server
+	namelen := uint32(unix.SizeofSockaddrInet6)
+	if l.v4 {
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(&b.name))
+		sa.Family = unix.AF_INET
+		sa.Addr = a.Addr().Unmap().As4()
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], a.Port())
+		namelen = unix.SizeofSockaddrInet4
+	} else {
+		b.name.Family = unix.AF_INET6
+		b.name.Addr = a.Addr().As16()
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&b.name.Port))[:], a.Port())
+	}
+	for i := range b.hdrs {
+		h := &b.hdrs[i].Hdr
+		h.Name = (*byte)(unsafe.Pointer(&b.name))
+		h.Namelen = namelen
+		h.Iov = &b.iovs[i]
+		h.SetIovlen(1)
+		h.Control = &b.ctl[i][0]
+		b.iovs[i].Base = &b.data[i][0]
+	}
+	return b
+}
+
+// setSource writes datagram k's source address (a PKTINFO message).
+func (l *openLoop) setSource(b *sendBuf, k int, a netip.Addr) {
+	c := b.ctl[k][:]
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&c[0]))
+	if l.v4 {
+		h.Level, h.Type = unix.IPPROTO_IP, unix.IP_PKTINFO
+		h.SetLen(unix.CmsgLen(unix.SizeofInet4Pktinfo))
+		p := (*unix.Inet4Pktinfo)(unsafe.Pointer(&c[unix.CmsgLen(0)]))
+		*p = unix.Inet4Pktinfo{Spec_dst: a.Unmap().As4()}
+		b.hdrs[k].Hdr.SetControllen(unix.CmsgSpace(unix.SizeofInet4Pktinfo))
+		return
+	}
+	h.Level, h.Type = unix.IPPROTO_IPV6, unix.IPV6_PKTINFO
+	h.SetLen(unix.CmsgLen(unix.SizeofInet6Pktinfo))
+	p := (*unix.Inet6Pktinfo)(unsafe.Pointer(&c[unix.CmsgLen(0)]))
+	*p = unix.Inet6Pktinfo{Addr: a.As16()}
+	b.hdrs[k].Hdr.SetControllen(unix.CmsgSpace(unix.SizeofInet6Pktinfo))
+}
+
+// loop is the open loop's thread.
+func (l *openLoop) loop(stop *atomic.Bool) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	// Sleeps end within a few µs of the asked time instead of the default
@@ -137,98 +241,133 @@ func (l *openLoop) send(stop *atomic.Bool) {
 	unix.Prctl(unix.PR_SET_TIMERSLACK, 1000, 0, 0, 0)
 	cfg := l.cfg
 	interval := float64(time.Second) / cfg.Rate
-	total := cfg.Mix.total()
+	tick := int64(cfg.Tick)
+	if tick <= 0 {
+		tick = int64(defaultTick)
+	}
+	sb, rb := l.newSendBuf(), newRecvBuf()
 	var next int64 // tickets issued
-	var lastSweep int64
+	var lastSweep, lastSend int64
 	for cfg.Count <= 0 || next < cfg.Count {
 		if stop.Load() {
 			break
 		}
+		l.receive(rb)
 		now := l.now()
 		if now-lastSweep >= int64(5*time.Millisecond) {
 			l.sweep(now)
 			lastSweep = now
+			// A goroutine that never passes through the scheduler looks
+			// to sysmon like one running for over 10 ms: it then takes
+			// the P at every system call and polls every 20 µs to do
+			// it again (18 % of pcpload's CPU in a profile at
+			// 20 000/s). A yield now and then resets that clock.
+			runtime.Gosched()
 		}
+		// The next wake-up: the next ticket's time, but no sooner than a
+		// tick after the last send (the tickets due by then go together).
 		due := int64(float64(next) * interval)
-		if due > now {
-			// Sleep to the next ticket, but wake for the sweep.
-			sleepNs(min(due-now, int64(5*time.Millisecond)))
+		wake := max(due, lastSend+tick)
+		if wake > now {
+			sleepNs(min(wake-now, int64(5*time.Millisecond)))
 			continue
 		}
-		// Every ticket due by now goes out in this round, round robin
-		// over the workers (each owns its clients' lease slots).
+		lastSend = now
+		// Every ticket due by now goes out, round robin over the workers
+		// (each owns its clients' lease slots), up to openBatch a call.
 		for due <= now && (cfg.Count <= 0 || next < cfg.Count) {
-			w := l.ws[next%int64(len(l.ws))]
-			if !l.sendOne(w, cfg.Mix.pick(w.rng.IntN(total)), due) {
-				// Concurrency requests in flight: the ticket waits (and
-				// its wait is latency); look again shortly.
+			k, full := l.fill(sb, &next, now, interval)
+			l.flush(sb, k)
+			if full {
+				// Concurrency requests in flight: the tickets wait (and
+				// their wait is latency); look again shortly.
 				sleepNs(int64(20 * time.Microsecond))
 				break
 			}
-			next++
 			due = int64(float64(next) * interval)
 		}
 	}
 	// Wait for the replies still due, as the closed loop's workers do.
 	deadline := l.now() + int64(cfg.Timeout) + int64(10*time.Millisecond)
 	for l.now() < deadline {
-		l.mu.Lock()
-		busy := len(l.idle) < len(l.slots)
-		l.mu.Unlock()
-		if !busy {
+		l.receive(rb)
+		if len(l.idle) == len(l.slots) {
 			return
 		}
 		l.sweep(l.now())
-		sleepNs(int64(time.Millisecond))
+		sleepNs(int64(tick))
 	}
+	l.receive(rb)
 	l.sweep(int64(1) << 62)
 }
 
-// sendOne sends the request for ticket due from w; false when the most
-// requests are in flight.
-func (l *openLoop) sendOne(w *worker, want op, due int64) bool {
-	l.mu.Lock()
-	if len(l.idle) == 0 {
-		l.mu.Unlock()
-		return false
-	}
+// fill builds up to openBatch requests for the tickets from *next that
+// are due by now into b, registering each in flight, and returns how
+// many; full reports that the most requests are in flight.
+func (l *openLoop) fill(b *sendBuf, next *int64, now int64, interval float64) (k int, full bool) {
+	cfg := l.cfg
+	total := cfg.Mix.total()
 	ph := l.ph
-	o, slot := w.choose(want)
-	if (o == opRenew || o == opDelete) && l.pidx[w.id][slot] >= 0 {
-		// That lease has a request in flight already; a second one would
-		// race it. Another live slot, or a new MAP if there is none.
-		o, slot = l.otherLive(w)
-	}
-	if o != want {
-		ph.fallbacks[want][o]++
-	}
-	src := w.build(o, slot)
-	l.count++
-	i := l.idle[len(l.idle)-1]
-	l.idle = l.idle[:len(l.idle)-1]
-	sent := l.now()
-	l.slots[i] = inflight{stamp: l.count, worker: int32(w.id), slot: slot, op: o, opcode: w.out[1], due: due, sent: sent}
-	switch o {
-	case opNew, opRenew, opDelete:
-		l.pidx[w.id][slot] = i
-	default:
-		binary.BigEndian.PutUint32(w.out[pcp.HeaderSize+8:], uint32(i)|uint32(l.count)<<openIdxBits)
-	}
-	ph.ops[o].Sent++
-	ph.lag.record(time.Duration(max(sent-due, 0)))
-	l.mu.Unlock()
-	// w.out is the sender's alone (the receiver matches by the in-flight
-	// table), so the write runs outside the lock.
-	_, err := unix.Write(src.fd, w.out)
-	if err != nil {
-		l.mu.Lock()
-		if l.slots[i].stamp == l.count {
-			ph.ops[o].SendErrors++
-			l.finish(i, -1)
+	for k < openBatch && (cfg.Count <= 0 || *next < cfg.Count) {
+		due := int64(float64(*next) * interval)
+		if due > now {
+			break
 		}
-		l.mu.Unlock()
+		if len(l.idle) == 0 {
+			return k, true
+		}
+		w := l.ws[*next%int64(len(l.ws))]
+		want := cfg.Mix.pick(w.rng.IntN(total))
+		o, slot := w.choose(want)
+		if (o == opRenew || o == opDelete) && l.pidx[w.id][slot] >= 0 {
+			// That lease has a request in flight already; a second one
+			// would race it. Another live slot, or a new MAP if there is
+			// none.
+			o, slot = l.otherLive(w)
+		}
+		if o != want {
+			ph.fallbacks[want][o]++
+		}
+		src := w.build(o, slot)
+		l.count++
+		i := l.idle[len(l.idle)-1]
+		l.idle = l.idle[:len(l.idle)-1]
+		l.slots[i] = inflight{stamp: l.count, worker: int32(w.id), slot: slot, op: o, opcode: w.out[1], due: due, sent: now}
+		switch o {
+		case opNew, opRenew, opDelete:
+			l.pidx[w.id][slot] = i
+		default:
+			binary.BigEndian.PutUint32(w.out[pcp.HeaderSize+8:], uint32(i)|uint32(l.count)<<openIdxBits)
+		}
+		ph.ops[o].Sent++
+		ph.lag.record(time.Duration(max(now-due, 0)))
+		b.iovs[k].SetLen(copy(b.data[k][:], w.out))
+		l.setSource(b, k, src.addr)
+		b.idx[k], b.stamps[k], b.ops[k] = i, l.count, o
+		k++
+		*next++
 	}
-	return true
+	return k, false
+}
+
+// flush sends the k datagrams of b; one the kernel refuses is a send
+// error (and its request no longer in flight), the rest still go.
+func (l *openLoop) flush(b *sendBuf, k int) {
+	for off := 0; off < k; {
+		n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(l.fd), uintptr(unsafe.Pointer(&b.hdrs[off])), uintptr(k-off), 0, 0, 0)
+		switch {
+		case errno == unix.EINTR:
+			continue
+		case errno != 0:
+			if i := b.idx[off]; l.slots[i].stamp == b.stamps[off] {
+				l.ph.ops[b.ops[off]].SendErrors++
+				l.finish(i, -1)
+			}
+			off++
+		default:
+			off += max(int(n), 1)
+		}
+	}
 }
 
 // otherLive picks a live slot of w with no request in flight (a few
@@ -249,7 +388,6 @@ func (l *openLoop) otherLive(w *worker) (op, uint32) {
 
 // finish releases in-flight entry i, answered after d (lost: d < 0), and
 // updates the lease bookkeeping as the closed loop's worker.do does.
-// Called with l.mu held.
 func (l *openLoop) finish(i int32, d time.Duration) {
 	e := &l.slots[i]
 	w := l.ws[e.worker]
@@ -269,8 +407,6 @@ func (l *openLoop) finish(i int32, d time.Duration) {
 
 // sweep counts requests sent more than cfg.Timeout before now as lost.
 func (l *openLoop) sweep(now int64) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	limit := int64(l.cfg.Timeout)
 	for i := range l.slots {
 		e := &l.slots[i]
@@ -281,52 +417,84 @@ func (l *openLoop) sweep(now int64) {
 	}
 }
 
-// receive is the receiver thread: it reads every reply as it arrives and
-// stamps it before taking the lock.
-func (l *openLoop) receive() {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	const maxEv = 256
-	type got struct {
-		n  int
-		at int64
+// recvBuf is the receiving side's batch, allocated once.
+type recvBuf struct {
+	hdrs [openBatch]unix.Mmsghdr
+	iovs [openBatch]unix.Iovec
+	data [openBatch][openMsgSize]byte
+	ctl  [openBatch][openCtlSize]byte
+	resp pcp.Response
+}
+
+func newRecvBuf() *recvBuf {
+	b := new(recvBuf)
+	for i := range b.hdrs {
+		b.hdrs[i].Hdr.Iov = &b.iovs[i]
+		b.hdrs[i].Hdr.SetIovlen(1)
+		b.hdrs[i].Hdr.Control = &b.ctl[i][0]
+		b.iovs[i].Base = &b.data[i][0]
 	}
-	events := make([]unix.EpollEvent, maxEv)
-	bufs := make([]byte, maxEv*(pcp.MaxMessageSize+4))
-	gots := make([]got, maxEv)
-	var resp pcp.Response
-	for !l.stop.Load() {
-		n, err := unix.EpollWait(l.epfd, events, 20)
-		if err != nil || n <= 0 {
+	return b
+}
+
+// receive reads every reply queued, each stamped with its arrival.
+func (l *openLoop) receive(b *recvBuf) {
+	for {
+		for i := range b.hdrs {
+			b.iovs[i].SetLen(openMsgSize)
+			b.hdrs[i].Hdr.SetControllen(openCtlSize)
+			b.hdrs[i].Hdr.Flags = 0
+		}
+		r, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, uintptr(l.fd), uintptr(unsafe.Pointer(&b.hdrs[0])), openBatch, unix.MSG_DONTWAIT, 0, 0)
+		if errno == unix.EINTR {
 			continue
 		}
-		// Level-triggered: one read per ready socket per round; a socket
-		// with more queued is reported again at once.
-		for k := range n {
-			b := bufs[k*(pcp.MaxMessageSize+4) : (k+1)*(pcp.MaxMessageSize+4)]
-			m, _, err := unix.Recvfrom(int(events[k].Fd), b, unix.MSG_DONTWAIT)
-			gots[k] = got{n: m, at: l.now()}
-			if err != nil {
-				// ECONNREFUSED (nothing listening) arrives as an error on
-				// the connected socket; the request then times out.
-				gots[k].n = -1
-			}
+		if errno != 0 || r == 0 {
+			return // EAGAIN: nothing more queued
 		}
-		l.mu.Lock()
+		user := l.now()
+		n := int(r)
 		for k := range n {
-			if gots[k].n < 0 {
-				continue
+			at := user
+			if t, ok := rxStamp(b.ctl[k][:b.hdrs[k].Hdr.Controllen]); ok {
+				// The kernel's clock is the wall clock; base was read from
+				// both. A stamp after the read (a clock step) is not used.
+				if a := t - l.baseUnix; a > 0 && a <= user {
+					at = a
+				}
 			}
-			b := bufs[k*(pcp.MaxMessageSize+4) : k*(pcp.MaxMessageSize+4)+gots[k].n]
-			l.reply(b, gots[k].at, &resp)
+			l.reply(b.data[k][:b.hdrs[k].Len], at, user, &b.resp)
 		}
-		l.mu.Unlock()
+		if n < openBatch {
+			return
+		}
 	}
 }
 
+// rxStamp returns the SCM_TIMESTAMPNS receive time (Unix ns) in the
+// control messages c.
+func rxStamp(c []byte) (int64, bool) {
+	hl := unix.CmsgLen(0)
+	for len(c) >= hl {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&c[0]))
+		if int(h.Len) < hl || int(h.Len) > len(c) {
+			return 0, false
+		}
+		if h.Level == unix.SOL_SOCKET && h.Type == unix.SCM_TIMESTAMPNS && int(h.Len) >= hl+int(unsafe.Sizeof(unix.Timespec{})) {
+			ts := (*unix.Timespec)(unsafe.Pointer(&c[hl]))
+			return ts.Nano(), true
+		}
+		c = c[min(unix.CmsgSpace(int(h.Len)-hl), len(c)):]
+	}
+	return 0, false
+}
+
 // reply matches one datagram with its request by the nonce and records
-// it. Called with l.mu held.
-func (l *openLoop) reply(b []byte, at int64, resp *pcp.Response) {
+// it.
+//
+// at is the reply's arrival (the kernel's stamp), user when the loop
+// read it.
+func (l *openLoop) reply(b []byte, at, user int64, resp *pcp.Response) {
 	const nonceAt = pcp.HeaderSize
 	ph := l.ph
 	if len(b) < nonceAt+12 {
@@ -366,6 +534,7 @@ func (l *openLoop) reply(b []byte, at int64, resp *pcp.Response) {
 	e := &l.slots[i]
 	w = l.ws[e.worker]
 	d := time.Duration(at - e.due)
+	ph.rlag.record(time.Duration(user - at))
 	st := &ph.ops[e.op]
 	st.hist.record(d)
 	st.Answered++
@@ -390,22 +559,8 @@ func (l *openLoop) reply(b []byte, at int64, resp *pcp.Response) {
 	}
 }
 
-// rawFD returns the descriptor of c, which stays open (and owned by c)
-// until the run closes its sockets.
-func rawFD(c *net.UDPConn) (int, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd := -1
-	if err := rc.Control(func(f uintptr) { fd = int(f) }); err != nil {
-		return -1, err
-	}
-	return fd, nil
-}
-
 // sleepNs sleeps d nanoseconds on this thread (nanosleep: precise with
-// the timer slack the sender sets, unlike a Go timer).
+// the timer slack the loop sets, unlike a Go timer).
 func sleepNs(d int64) {
 	if d <= 0 {
 		return
