@@ -70,6 +70,7 @@ type options struct {
 	metrics       string // pcpd --metrics ADDR (in the host namespace), scraped after each run
 	stateRoot     string // where pcpd-state goes; "": the output directory
 	fifo          bool   // run the server under test and pcpload as SCHED_FIFO (chrt -f 1)
+	fifoLimit     time.Duration
 	trace         time.Duration
 }
 
@@ -117,8 +118,12 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&o.stateRoot, "state-root", "", "pcpd only: put its state directory under `DIR` instead of the output directory, e.g. /dev/shm to take the disk's fsync latency out of a run (a diagnostic, not the table's figure)")
 	fs.DurationVar(&o.timeline, "timeline", 0, "open loop: have pcpload report a timeline in buckets this long (in the JSON report)")
 	fs.BoolVar(&o.fifo, "fifo", false, "run the server under test and pcpload at real-time priority (chrt -f 1), the same for every server: other tenants' processes on a shared machine then stop adding 10-100 ms stalls to the latency tail (a diagnostic; the kernel's own threads, e.g. the journal's, stay at normal priority)")
+	fs.DurationVar(&o.fifoLimit, "fifo-limit", 2*time.Minute, "with --fifo: the most any real-time process may live (at most 10m): then it is set back to SCHED_OTHER and killed, and the kernel kills it sooner once it has used that much CPU (RLIMIT_CPU), so a stuck run cannot hold the machine")
 	fs.DurationVar(&o.trace, "trace", 0, "pcpd open loop: take a Go execution trace of pcpd this long as the measured phase starts (pcpd-open80.trace; needs --metrics, sets PCPD_DEBUG_PPROF=1; view with go tool trace)")
 	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := o.checkFIFO(); err != nil {
 		return err
 	}
 	if o.trace > 0 {
@@ -266,14 +271,18 @@ func (b *bench) setup() error {
 
 // proc is a server under test.
 type proc struct {
-	cmd  *exec.Cmd
-	logf *os.File
+	cmd   *exec.Cmd
+	logf  *os.File
+	watch *time.Timer // --fifo: demotes and kills the process at the limit
 }
 
 func (p *proc) pid() int { return p.cmd.Process.Pid }
 
 // stop ends the process group: SIGTERM, then SIGKILL after 10 s.
 func (p *proc) stop(sig syscall.Signal) {
+	if p.watch != nil {
+		p.watch.Stop()
+	}
 	syscall.Kill(-p.cmd.Process.Pid, sig)
 	done := make(chan struct{})
 	go func() { p.cmd.Wait(); close(done) }()
@@ -294,7 +303,7 @@ func (b *bench) startIn(ns *netlab.NS, name string, args ...string) (*proc, erro
 		return nil, err
 	}
 	if b.o.fifo {
-		args = append([]string{"chrt", "-f", "1"}, args...)
+		args = fifoArgs(b.o.fifoLimit, args)
 	}
 	fmt.Fprintf(lf, "# %s: %s\n", time.Now().Format(time.RFC3339), strings.Join(args, " "))
 	cmd, err := ns.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = lf, lf }, args...)
@@ -303,6 +312,9 @@ func (b *bench) startIn(ns *netlab.NS, name string, args ...string) (*proc, erro
 		return nil, err
 	}
 	p := &proc{cmd: cmd, logf: lf}
+	if b.o.fifo {
+		p.watch = b.fifoWatch(cmd.Process.Pid, name)
+	}
 	b.cur = p
 	return p, nil
 }
@@ -452,7 +464,7 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	full = append(full, args...)
 	b.logf("%s %s: %s", server, name, strings.Join(full[4:], " "))
 	if b.o.fifo {
-		full = append(append(full[:4:4], "chrt", "-f", "1"), full[4:]...)
+		full = append(full[:4:4], fifoArgs(b.o.fifoLimit, full[4:])...)
 	}
 	cmd := exec.CommandContext(ctx, full[0], full[1:]...)
 	var stdout, stderr bytes.Buffer
@@ -461,8 +473,12 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	if err != nil {
 		return nil, err
 	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("driver: pcpload %s: %w", name, err)
+	}
+	if b.o.fifo {
+		defer b.fifoWatch(cmd.Process.Pid, "pcpload "+name).Stop()
 	}
 	var perfDone chan struct{}
 	var srvCPU0 time.Duration
@@ -822,6 +838,41 @@ func (b *bench) timeLeases() (time.Duration, int, error) {
 }
 
 // rssMB reads VmRSS of pid in MB (10^6 bytes).
+// maxFIFOLimit bounds --fifo-limit: a real-time process on a shared
+// 2-core machine starves everyone else's (one was left at SCHED_FIFO for
+// 35 minutes once).
+const maxFIFOLimit = 10 * time.Minute
+
+// checkFIFO refuses --fifo without a limit or with a long one.
+func (o *options) checkFIFO() error {
+	if o.fifo && (o.fifoLimit <= 0 || o.fifoLimit > maxFIFOLimit) {
+		return fmt.Errorf("driver: --fifo-limit %s: want > 0 and <= %s", o.fifoLimit, maxFIFOLimit)
+	}
+	return nil
+}
+
+// fifoArgs runs args at SCHED_FIFO 1 with RLIMIT_CPU set to limit (the
+// kernel sends SIGXCPU there and SIGKILL 5 s of CPU later). prlimit and
+// chrt both exec their command, so the pid stays the process's own (for
+// perf, /proc readings and the watchdog).
+func fifoArgs(limit time.Duration, args []string) []string {
+	sec := max(int(limit.Seconds()), 1)
+	return append([]string{"prlimit", fmt.Sprintf("--cpu=%d:%d", sec, sec+5), "chrt", "-f", "1"}, args...)
+}
+
+// fifoWatch is the wall-clock half of --fifo-limit: after the limit it
+// sets every thread of pid back to SCHED_OTHER and kills it (a process
+// blocked most of the time never reaches its CPU limit, yet may hold a
+// core in bursts for as long as it lives). Stop the timer when the
+// process ends.
+func (b *bench) fifoWatch(pid int, name string) *time.Timer {
+	return time.AfterFunc(b.o.fifoLimit, func() {
+		b.logf("%s: --fifo-limit %s reached: demoting and killing pid %d", name, b.o.fifoLimit, pid)
+		exec.Command("chrt", "-a", "-o", "-p", "0", strconv.Itoa(pid)).Run()
+		syscall.Kill(pid, syscall.SIGKILL)
+	})
+}
+
 // procCPU is pid's user+system CPU time so far (0 if unknown).
 func procCPU(pid int) time.Duration {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
