@@ -154,6 +154,9 @@ type phase struct {
 	// the generator read it: not in the latency, which ends at the
 	// kernel's receive timestamp.
 	RecvLag *latency `json:"recv_lag_us,omitempty"`
+	// SendCalls (open loop) counts sendmmsg calls: Total.Sent/SendCalls
+	// requests went out per wake-up.
+	SendCalls uint64 `json:"send_calls,omitempty"`
 	// CPU is the generator's own CPU time over the phase (the whole
 	// process: every thread, the runtime included), so its cost per
 	// request can be set against the server's on a shared machine.

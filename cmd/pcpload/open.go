@@ -354,6 +354,7 @@ func (l *openLoop) fill(b *sendBuf, next *int64, now int64, interval float64) (k
 // error (and its request no longer in flight), the rest still go.
 func (l *openLoop) flush(b *sendBuf, k int) {
 	for off := 0; off < k; {
+		l.ph.SendCalls++
 		n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(l.fd), uintptr(unsafe.Pointer(&b.hdrs[off])), uintptr(k-off), 0, 0, 0)
 		switch {
 		case errno == unix.EINTR:

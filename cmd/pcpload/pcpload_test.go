@@ -412,3 +412,49 @@ func TestOpenLoopCountsFromIntendedTime(t *testing.T) {
 		t.Errorf("timeline holds %d requests in %d buckets, want %d", sent, len(run.Timeline), count)
 	}
 }
+
+// TestOpenLoopBatchesAndStamps: at a long --tick every wake-up sends the
+// requests due since the last one in one sendmmsg, and reads the replies
+// that came in meanwhile; their latency ends at the kernel's receive
+// stamp, not at the read a tick later (that wait is RecvLag, apart).
+func TestOpenLoopBatchesAndStamps(t *testing.T) {
+	f, err := listenFloor([]netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:0")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { f.serve(ctx, 1, defaultFloorBatch); close(done) }()
+	defer func() { cancel(); <-done }()
+	server := f.conns[0].LocalAddr().(interface{ AddrPort() netip.AddrPort }).AddrPort()
+	const count, tick = 200, 20 * time.Millisecond
+	rep, err := run(context.Background(), config{
+		Server: server, Src: netip.MustParsePrefix("127.0.6.0/24"), Clients: 64,
+		UnauthSrc: netip.MustParsePrefix("127.0.7.0/24"),
+		Ports:     16, PortBase: 20000, Protocol: 17, Lifetime: time.Hour,
+		Concurrency: 64, Rate: 1000, Count: count, Timeout: 2 * time.Second, Tick: tick,
+		Mix: mix{opNew: 2, opRenew: 1, opMalformed: 1, opUnauth: 1},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rep.Run
+	if r.Total.Answered != count {
+		t.Fatalf("answered %d of %d: %+v", r.Total.Answered, count, r.Total)
+	}
+	// 1000/s at one wake-up per 20 ms: about 20 a call.
+	if r.SendCalls == 0 || r.SendCalls > count/5 {
+		t.Errorf("%d sendmmsg calls for %d requests: not batched by tick", r.SendCalls, count)
+	}
+	if r.RecvLag == nil || r.RecvLag.P50 < 5_000 {
+		t.Fatalf("recv lag %+v: replies are read a tick after they come", r.RecvLag)
+	}
+	// Latency = send lag (up to a tick) + the echo's round trip; read
+	// times would add another tick.
+	if r.SendLag == nil || r.Total.Latency.P50 > r.SendLag.P50+8_000 {
+		t.Errorf("latency p50 %.0f µs, send lag p50 %+v µs: latency does not end at the kernel's stamp", r.Total.Latency.P50, r.SendLag)
+	}
+	if r.CPU == nil || r.CPU.PerRequestUs <= 0 {
+		t.Errorf("generator CPU %+v not reported", r.CPU)
+	}
+}
