@@ -481,7 +481,8 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		defer b.fifoWatch(cmd.Process.Pid, "pcpload "+name).Stop()
 	}
 	var perfDone chan struct{}
-	var srvCPU0 time.Duration
+	var srvCPU0, srvWait0 time.Duration
+	var idle0, all0 uint64
 	srvMeasured := false
 	sc := bufio.NewScanner(errPipe)
 	for sc.Scan() {
@@ -489,6 +490,8 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		if line == "pcpload: measuring" {
 			if b.cur != nil {
 				srvCPU0, srvMeasured = procCPU(b.cur.pid()), true
+				srvWait0 = procRunWait(b.cur.pid())
+				idle0, all0 = boxIdle()
 			}
 			if b.o.trace > 0 && server == "pcpd" && name == "open80" && perfDone == nil {
 				perfDone = make(chan struct{})
@@ -510,9 +513,13 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		stderr.WriteString(line + "\n")
 	}
 	err = cmd.Wait()
-	var srvCPU time.Duration
+	var srvCPU, srvWait time.Duration
+	var idleFrac float64
 	if b.cur != nil && srvMeasured {
+		idle, all := boxIdle()
+		idleFrac = float64(idle-idle0) / float64(max(all-all0, 1))
 		srvCPU = procCPU(b.cur.pid()) - srvCPU0
+		srvWait = procRunWait(b.cur.pid()) - srvWait0
 	}
 	if perfDone != nil {
 		<-perfDone
@@ -544,6 +551,11 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		b.logf("  cpu:     %s %.1f µs a request (%.2f cores), pcpload %.1f µs (%.2f cores)", server,
 			r.Run.ServerCPUUs, srvCPU.Seconds()/max(r.Run.ElapsedSec, 1e-9),
 			r.Run.CPU.PerRequestUs, (r.Run.CPU.UserSec+r.Run.CPU.SysSec)/max(r.Run.ElapsedSec, 1e-9))
+		// Time the server's threads were ready to run but waited for a
+		// core: on a shared box, the other tenants' (and pcpload's) share
+		// of its latency.
+		b.logf("  wait:    %s threads runnable but not running %.0f ms in all (%.1f%% of the run's wall time, summed over threads); machine %.0f%% idle",
+			server, float64(srvWait.Microseconds())/1e3, 100*srvWait.Seconds()/max(r.Run.ElapsedSec, 1e-9), 100*idleFrac)
 	}
 	return &r, nil
 }
@@ -838,6 +850,44 @@ func (b *bench) timeLeases() (time.Duration, int, error) {
 }
 
 // rssMB reads VmRSS of pid in MB (10^6 bytes).
+// procRunWait is the time pid's threads have spent runnable but waiting
+// for a CPU (the second field of each thread's schedstat), summed over
+// the threads alive now.
+func procRunWait(pid int) time.Duration {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
+	var sum time.Duration
+	for _, t := range tasks {
+		data, err := os.ReadFile(t)
+		if err != nil {
+			continue
+		}
+		if f := strings.Fields(string(data)); len(f) >= 2 {
+			ns, _ := strconv.ParseInt(f[1], 10, 64)
+			sum += time.Duration(ns)
+		}
+	}
+	return sum
+}
+
+// boxIdle returns the machine's idle and total CPU time so far, in
+// USER_HZ ticks (the first line of /proc/stat).
+func boxIdle() (idle, all uint64) {
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	f := strings.Fields(line)
+	for i, v := range f[1:] {
+		n, _ := strconv.ParseUint(v, 10, 64)
+		all += n
+		if i == 3 || i == 4 { // idle, iowait
+			idle += n
+		}
+	}
+	return idle, all
+}
+
 // maxFIFOLimit bounds --fifo-limit: a real-time process on a shared
 // 2-core machine starves everyone else's (one was left at SCHED_FIFO for
 // 35 minutes once).
