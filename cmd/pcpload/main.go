@@ -10,7 +10,9 @@
 // need only a local route, not configuration). A worker owns a share of
 // the clients and keeps one request in flight: --concurrency workers flat
 // out (closed loop), or at most --concurrency requests in flight at a
-// fixed --rate (open loop, latency counted from the intended send time).
+// fixed --rate (open loop, latency counted from the intended send time to
+// the kernel's receive stamp of the reply; one thread sends for every
+// client on one socket, the source address set per datagram, see open.go).
 // A reply later than --timeout is a loss.
 //
 // pcpload only ever sends to the --server it is given; run it inside the

@@ -77,7 +77,7 @@ const (
 	openBatch   = 64 // datagrams per sendmmsg / recvmmsg
 	openMsgSize = pcp.MaxMessageSize + 4
 	openCtlSize = 64 // room for one PKTINFO (send) or one timestamp (receive)
-	// DefaultTick is the open loop's shortest time between two sends:
+	// defaultTick is the open loop's shortest time between two sends:
 	// at 25 000/s, 5 requests a wake-up instead of 1.
 	defaultTick = 200 * time.Microsecond
 )
@@ -269,7 +269,9 @@ func (l *openLoop) loop(stop *atomic.Bool) {
 		due := int64(float64(next) * interval)
 		wake := max(due, lastSend+tick)
 		if wake > now {
-			sleepNs(min(wake-now, int64(5*time.Millisecond)))
+			// Wake for the sweep at least every 5 ms (or every tick, if
+			// longer).
+			sleepNs(min(wake-now, max(int64(5*time.Millisecond), tick)))
 			continue
 		}
 		lastSend = now
