@@ -269,20 +269,12 @@ func (b *Backend) SetProtected(prefixes []netip.Prefix) error {
 }
 
 func (b *Backend) queueProtected(prefixes []netip.Prefix) error {
-	var v4, v6 []netip.Prefix
 	for _, p := range prefixes {
 		if !p.IsValid() {
 			return fmt.Errorf("pinhole: protected prefix %v: %w", p, ErrInvalid)
 		}
-		if p.Addr().Is4In6() && p.Bits() >= 96 {
-			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
-		}
-		if p.Addr().Is4() {
-			v4 = append(v4, p.Masked())
-		} else {
-			v6 = append(v6, p.Masked())
-		}
 	}
+	v6, v4 := splitProtected(prefixes)
 	for _, x := range []struct {
 		s *nftables.Set
 		p []netip.Prefix
@@ -293,6 +285,25 @@ func (b *Backend) queueProtected(prefixes []netip.Prefix) error {
 		}
 	}
 	return nil
+}
+
+// splitProtected masks valid prefixes and sorts them by family (IPv4-mapped
+// ones as IPv4), as the protected sets hold them.
+func splitProtected(prefixes []netip.Prefix) (v6, v4 []netip.Prefix) {
+	for _, p := range prefixes {
+		if !p.IsValid() {
+			continue
+		}
+		if p.Addr().Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		if p.Addr().Is4() {
+			v4 = append(v4, p.Masked())
+		} else {
+			v6 = append(v6, p.Masked())
+		}
+	}
+	return v6, v4
 }
 
 // elemChunk bounds the elements of one set-element message. The nftables
@@ -547,7 +558,8 @@ func (b *Backend) presentSets() (map[string]bool, error) {
 // Healthy checks that every object pcpd owns is present, that its chains
 // hold exactly the rules Setup wrote (counted, not compared) and that no
 // pinhole set was flushed (its sentinel element is there; see
-// sentinel.go). Its cost does not depend on how many pinholes there are:
+// sentinel.go), and that the owner maps and protected sets hold what was
+// given. Its cost does not depend on how many pinholes there are:
 // nothing is dumped. On error (wrapping ErrUnhealthy) the daemon should run
 // Setup and re-install its leases; existing set elements survive Setup.
 // Single elements deleted by hand are not noticed here; List finds them.
@@ -587,7 +599,62 @@ func (b *Backend) Healthy() error {
 	if err := b.checkOwnerChains(present); err != nil {
 		return err
 	}
+	if err := b.checkProtected(); err != nil {
+		return err
+	}
 	return b.checkSentinels()
+}
+
+// checkProtected is Healthy's part for the inbound guard: the protected
+// sets hold exactly the ranges SetProtected gave them. A flushed or edited
+// protected set turns the guard off for the clients it lost (their
+// forwarded traffic no longer reaches guard6/guard4, and the forward
+// chain's policy lets it through), so it is damage Setup must repair, not
+// a detail. Like the owner maps, the sets are as large as the configured
+// prefixes, never the traffic, so dumping them is cheap.
+func (b *Backend) checkProtected() error {
+	if !b.hasProtected {
+		return nil
+	}
+	v6, v4 := splitProtected(b.protected)
+	for _, x := range []struct {
+		s *nftables.Set
+		p []netip.Prefix
+	}{{b.protected6, v6}, {b.protected4, v4}} {
+		got, err := b.readIntervals(x.s)
+		if err != nil {
+			return fmt.Errorf("pinhole: set %s: %w: %w", x.s.Name, ErrUnhealthy, err)
+		}
+		want := elementRanges(intervalElements(x.p))
+		if len(got) != len(want) {
+			return fmt.Errorf("pinhole: set %s holds %d ranges, want %d: %w", x.s.Name, len(got), len(want), ErrUnhealthy)
+		}
+		for i, r := range got {
+			if r.first != want[i][0] || r.last != want[i][1] {
+				return fmt.Errorf("pinhole: set %s holds %v-%v, want %v-%v: %w", x.s.Name, r.first, r.last, want[i][0], want[i][1], ErrUnhealthy)
+			}
+		}
+	}
+	return nil
+}
+
+// elementRanges turns intervalElements' output back into inclusive
+// ranges, the form readIntervals returns.
+func elementRanges(elems []nftables.SetElement) [][2]netip.Addr {
+	var out [][2]netip.Addr
+	for i := 0; i < len(elems); i++ {
+		first, _ := netip.AddrFromSlice(elems[i].Key)
+		var last netip.Addr
+		if i+1 < len(elems) && elems[i+1].IntervalEnd {
+			end, _ := netip.AddrFromSlice(elems[i+1].Key)
+			last = end.Prev()
+			i++
+		} else {
+			_, last = prefixRange(netip.PrefixFrom(first, 0))
+		}
+		out = append(out, [2]netip.Addr{first, last})
+	}
+	return out
 }
 
 // classify adds this package's sentinel to a kernel error.

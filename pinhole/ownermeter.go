@@ -281,8 +281,9 @@ const ownerMapTxn = 1024
 // first the chains of new owners (and, with rewrite, Setup's repair, or
 // when their rules are not this pcpd's, existing ones) are written, in
 // transactions of ownerChainBatch chains, before any map element jumps to
-// them; then one transaction (several past ownerMapTxn elements) replaces
-// the maps' contents and deletes the chains of owners gone. An existing owner's chain keeps its rules, and
+// them; then one transaction per map (several past ownerMapTxn elements)
+// replaces the maps' contents, and last the chains of owners gone are
+// deleted, ownerChainBatch per transaction. An existing owner's chain keeps its rules, and
 // so its bucket, unless rewritten. A failure part way leaves chains no
 // map refers to, which the next call deletes.
 func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool) error {
@@ -329,12 +330,15 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 			}
 		}
 	}
-	queued := 0
 	for _, x := range []struct {
 		s     *nftables.Set
 		spans []ownedSpan
 	}{{b.owners6, v6}, {b.owners4, v4}} {
+		// Each map ends its own transaction, so a cut at ownerMapTxn (even)
+		// never separates an interval's start from its end: an IPv6 map of
+		// odd length (a range open at the top) cannot shift the IPv4 cuts.
 		b.conn.FlushSet(x.s)
+		queued := 0
 		for elems := ownerElements(flattenOwned(x.spans)); len(elems) > 0; {
 			n := min(len(elems), ownerMapTxn-queued)
 			if err := b.queueAddElements(x.s, elems[:n]); err != nil {
@@ -348,20 +352,36 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 				queued = 0
 			}
 		}
+		if err := b.conn.Flush(); err != nil {
+			return fmt.Errorf("pinhole: set owner prefixes: %w", classify(err))
+		}
 	}
+	// Gone owners' chains go last, when no map element jumps to them any
+	// more, and ownerChainBatch at a time: every delete is acked, and one
+	// transaction deleting hundreds (a WireGuard interface with its peers
+	// gone) overflowed the socket with ENOBUFS after the kernel had
+	// committed it, so SetOwners reported a failure, kept the old owners,
+	// and Healthy and Setup then disagreed with the kernel every 5 s.
 	keep := make(map[string]bool, len(chains))
 	for _, name := range chains {
 		keep[name] = true
 	}
+	var gone []string
 	for name := range present {
 		if b.isOwnerChain(name) && !keep[name] {
-			c := &nftables.Chain{Table: b.table, Name: name}
-			b.conn.FlushChain(c)
-			b.conn.DelChain(c)
+			gone = append(gone, name)
 		}
 	}
-	if err := b.conn.Flush(); err != nil {
-		return fmt.Errorf("pinhole: set owner prefixes: %w", classify(err))
+	slices.Sort(gone)
+	for i, name := range gone {
+		c := &nftables.Chain{Table: b.table, Name: name}
+		b.conn.FlushChain(c)
+		b.conn.DelChain(c)
+		if (i+1)%ownerChainBatch == 0 || i == len(gone)-1 {
+			if err := b.conn.Flush(); err != nil {
+				return fmt.Errorf("pinhole: delete owner chains: %w", classify(err))
+			}
+		}
 	}
 	return nil
 }
