@@ -28,7 +28,13 @@ import (
 	"github.com/pcpd/pcpd/pinhole"
 )
 
-func TestMain(m *testing.M) { os.Exit(pcpdtest.Main(m)) }
+func TestMain(m *testing.M) {
+	if arg := os.Getenv(flooderEnv); arg != "" {
+		// Re-executed as TestFloodFairnessPKT08's flooder process.
+		os.Exit(flooderMain(arg))
+	}
+	os.Exit(pcpdtest.Main(m))
+}
 
 func requireRoot(t testing.TB) {
 	t.Helper()
