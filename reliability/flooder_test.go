@@ -37,8 +37,16 @@ import (
 //
 // An earlier try (removed in dddfded) ran the flooder as a goroutine of
 // the test, its thread locked and moved to CPU 1 while the rest of the
-// process was moved to CPU 0; 2 of 3 runs hung. A separate process shares
-// no Go scheduler with the victim, whatever the cause was.
+// process was moved to CPU 0; 2 of 3 runs crawled or hung. Why it crawls:
+// Go (≥ 1.25) follows the process's affinity, so about a second after
+// `taskset -a` the test ran with GOMAXPROCS 1, and that one P was held by
+// the flooding goroutine spinning in sendmsg on CPU 1; every other
+// goroutine (the victim, its timers, the netpoller's wake-ups) ran only
+// when the flooder was preempted, every 10 ms. A stand-alone reproduction
+// (2026-12-03, RELIABILITY.md) gave timer oversleeps of 11-98 ms and
+// loopback round trips of 26-56 ms at GOMAXPROCS 1, under 3.6 ms with
+// GOMAXPROCS 2 set explicitly. A separate process shares no Go scheduler
+// with the victim.
 //
 // The control rounds are the same flood, same rate, to a port that a rule
 // of the test's own in the host's raw prerouting drops: the kernel's cost
@@ -70,8 +78,17 @@ const (
 	clientCPU = 1 // the victim (this process), the flooder, the client's receive path
 )
 
-// pinSlack is the absolute slack the pinned bed allows on top of 2 × idle.
-const pinSlack = 0
+// kernelSlack is what the pinned bed allows on top of 2 × idle: what the
+// kernel's receive path alone costs the victim when it looks at and drops
+// the same flood on the server's CPU, pcpd not involved (the control
+// rounds: control − idle, never negative). No server in user space can
+// avoid it: the victim's datagram waits in the server CPU's receive
+// backlog behind flood datagrams before any rule or socket sees it. The
+// control's rule is a plain port match, cheaper than the owner meter's
+// lookups, so the meter's own cost is still charged to pcpd. No slack for
+// timers: the round trips are timed with the monotonic clock and no timer
+// is on their path.
+func kernelSlack(idle, control time.Duration) time.Duration { return max(0, control-idle) }
 
 // pinSelf moves every thread of the test process to cpu (children started
 // afterwards inherit it) and restores all CPUs at the end of the test.
