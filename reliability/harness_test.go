@@ -185,7 +185,10 @@ func (l *lab) args() []string {
 			"--client", "victim="+victimPrefix6.String(),
 		)
 	}
-	return append(a, l.opts.extra...)
+	a = append(a, l.opts.extra...)
+	// PCPD_LAB_EXTRA: more serve flags for an experiment (e.g.
+	// "--kernel-owner-rate-limit 400"), after the test's own.
+	return append(a, strings.Fields(os.Getenv("PCPD_LAB_EXTRA"))...)
 }
 
 // start runs pcpd serve in the host namespace and waits until it answers
