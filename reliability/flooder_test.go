@@ -44,8 +44,9 @@ import (
 // goroutine (the victim, its timers, the netpoller's wake-ups) ran only
 // when the flooder was preempted, every 10 ms. A stand-alone reproduction
 // (2026-12-03, RELIABILITY.md) gave timer oversleeps of 11-98 ms and
-// loopback round trips of 26-56 ms at GOMAXPROCS 1, under 3.6 ms with
-// GOMAXPROCS 2 set explicitly. A separate process shares no Go scheduler
+// loopback round trips of 26-56 ms at GOMAXPROCS 1; with GOMAXPROCS 2
+// set explicitly, round trips ≤ 3.6 ms and oversleeps ≤ 2 ms after the
+// first second. A separate process shares no Go scheduler
 // with the victim.
 //
 // The control rounds are the same flood, same rate, to a port that a rule
