@@ -10,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
 )
 
 // TestEarlyAnswersAsEngine: the socket readers' early answers (malformed
@@ -196,6 +197,50 @@ func BenchmarkEarlyCount(b *testing.B) {
 					t.flush()
 				}
 			})
+		})
+	}
+}
+
+// BenchmarkEarly is a socket reader's user-space work per error answer:
+// admit (the per-source bucket) and early, for a malformed request and an
+// unauthorised MAP, each from a rotating set of sources as in the bench.
+func BenchmarkEarly(b *testing.B) {
+	h := newHarness(b)
+	h.s.plog = zap.NewNop()
+	h.s.rl = policy.NewRateLimiter(1<<30, 1<<30, 1<<16)
+	stranger := netip.MustParseAddr("2001:db8:ee::1")
+	badOpcode := pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1))
+	badOpcode[1] = 9
+	for _, tc := range []struct {
+		name string
+		src  netip.Addr
+		b    []byte
+	}{
+		{"malformed", addrA, badOpcode},
+		{"unauthorised", stranger, pcp.AppendRequest(nil, mapReq(stranger, pcp.ProtoTCP, 80, 0, time.Hour, 1))},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			srcs := make([]netip.AddrPort, 4096)
+			for i := range srcs {
+				a := tc.src.As16()
+				a[6], a[7] = byte(i>>8), byte(i)
+				srcs[i] = netip.AddrPortFrom(netip.AddrFrom16(a), 40000)
+			}
+			dst := make([]byte, 0, 2048)
+			var t tally
+			now := h.clock.Now()
+			i := 0
+			for b.Loop() {
+				src := srcs[i%len(srcs)]
+				i++
+				if h.s.admit(tc.b, src, now) != "" {
+					b.Fatal("dropped")
+				}
+				h.s.earlyTallied(&t, dst, tc.b, src, now)
+				if i%32 == 0 {
+					t.flush()
+				}
+			}
 		})
 	}
 }

@@ -59,7 +59,7 @@ func (c *fakeClock) Advance(d time.Duration) {
 }
 
 type harness struct {
-	t     *testing.T
+	t     testing.TB
 	s     *Server
 	fw    *servertest.Firewall
 	st    *servertest.Store
@@ -72,7 +72,7 @@ type harness struct {
 
 type option func(*Config, *policy.Config)
 
-func newHarness(t *testing.T, opts ...option) *harness {
+func newHarness(t testing.TB, opts ...option) *harness {
 	t.Helper()
 	clock := &fakeClock{t: time.Date(2026, 11, 23, 9, 0, 0, 0, time.UTC)}
 	h := &harness{t: t, clock: clock, fw: servertest.NewFirewall(clock.Now), st: servertest.NewStore()}
