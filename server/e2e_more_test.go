@@ -339,32 +339,3 @@ func TestE2EPMP12DeleteEndsConnectionAtOnce(t *testing.T) {
 		})
 	}
 }
-
-// TestE2EEverySocketRead: each served address has one socket per reader in
-// an SO_REUSEPORT group (listen.go), and the kernel spreads sources over
-// them by hash, so every socket of the group must have its reader: 32
-// clients on distinct ports (all on one socket by chance: 2^-31 with two)
-// are each answered.
-func TestE2EEverySocketRead(t *testing.T) {
-	l := newLab(t)
-	for _, ap := range []netip.AddrPort{l.server6(), l.server4()} {
-		l.srv.lis.mu.Lock()
-		c := l.srv.lis.conns[ap]
-		l.srv.lis.mu.Unlock()
-		if c == nil {
-			t.Fatalf("%s not served", ap)
-		}
-		if got, want := 1+len(c.siblings), readers(); got != want {
-			t.Errorf("%s: %d sockets, want one per reader (%d)", ap, got, want)
-		}
-		for i := range 32 {
-			client := l.topo.ClientV6
-			if ap.Addr().Is4() {
-				client = l.topo.ClientV4
-			}
-			if _, err := l.exchange(netip.AddrPort{}, ap, pcp.AppendRequest(nil, pcp.NewAnnounce(client))); err != nil {
-				t.Fatalf("%s, client %d: %v", ap, i, err)
-			}
-		}
-	}
-}

@@ -54,17 +54,6 @@ type udpConn struct {
 	local netip.AddrPort
 	pc    *net.UDPConn
 	rc    syscall.RawConn // pc's, for recvmmsg and sendmmsg
-	// siblings are the address's other sockets, in one SO_REUSEPORT group
-	// with this one (listener.resync): each has a reader of its own.
-	siblings []*udpConn
-}
-
-// close closes the socket and its siblings.
-func (c *udpConn) close() {
-	c.pc.Close()
-	for _, s := range c.siblings {
-		s.pc.Close()
-	}
 }
 
 // reply is one datagram to send.
@@ -411,7 +400,7 @@ func (l *listener) resync(h *netlink.Handle) {
 		// SO_BINDTODEVICE holds the interface index: an interface deleted
 		// and re-created under the same name needs a new socket.
 		if w, ok := want[ap]; !ok || w.name != c.iface || w.index != c.index {
-			c.close()
+			c.pc.Close()
 			delete(l.conns, ap)
 			l.log.Info("stopped serving", zap.String("interface", c.iface), zap.Stringer("address", ap))
 		}
@@ -420,58 +409,30 @@ func (l *listener) resync(h *netlink.Handle) {
 		if _, ok := l.conns[ap]; ok {
 			continue
 		}
+		pc, err := l.open(w.name, ap)
+		if err != nil {
+			l.log.Warn("cannot serve address", zap.String("interface", w.name), zap.Stringer("address", ap), zap.Error(err))
+			continue
+		}
+		rc, err := pc.SyscallConn()
+		if err != nil {
+			pc.Close()
+			l.log.Warn("cannot serve address", zap.String("interface", w.name), zap.Stringer("address", ap), zap.Error(err))
+			continue
+		}
+		c := &udpConn{iface: w.name, index: w.index, local: ap, pc: pc, rc: rc}
+		l.conns[ap] = c
 		// One reader per core: the readers answer malformed and refused
 		// requests themselves (Server.early), and one goroutine reading,
 		// answering and sending kept a single core busy while the other
-		// idled. Each reader has a socket of its own, the address's
-		// sockets joined in one SO_REUSEPORT group (the kernel spreads
-		// the sources over them by hash): readers sharing one socket
-		// take turns holding its read lock, and every turn woke the
-		// waiting reader and parked the other, about one park and one
-		// netpoll per 2-3 requests under load (BENCHMARKS.md item 17).
-		// A source always lands on the same socket, so its requests
-		// reach the engine in order.
-		var c *udpConn
-		for i := range readers() {
-			u, err := l.openConn(w, ap)
-			if err != nil {
-				msg := "cannot serve address"
-				if i > 0 {
-					msg = "serving address with fewer readers"
-				}
-				l.log.Warn(msg, zap.String("interface", w.name), zap.Stringer("address", ap), zap.Error(err))
-				break
-			}
-			if i == 0 {
-				c = u
-			} else {
-				c.siblings = append(c.siblings, u)
-			}
-		}
-		if c == nil {
-			continue
-		}
-		l.conns[ap] = c
-		for _, u := range append([]*udpConn{c}, c.siblings...) {
+		// idled. Datagrams of one socket may then reach the engine out of
+		// arrival order, which UDP never promised anyway.
+		for range readers() {
 			l.wg.Add(1)
-			go l.read(u)
+			go l.read(c)
 		}
 		l.log.Info("serving", zap.String("interface", w.name), zap.Stringer("address", ap))
 	}
-}
-
-// openConn opens one serving socket of ap on w.
-func (l *listener) openConn(w link, ap netip.AddrPort) (*udpConn, error) {
-	pc, err := l.open(w.name, ap)
-	if err != nil {
-		return nil, err
-	}
-	rc, err := pc.SyscallConn()
-	if err != nil {
-		pc.Close()
-		return nil, fmt.Errorf("server: %s on %s: %w", ap, w.name, err)
-	}
-	return &udpConn{iface: w.name, index: w.index, local: ap, pc: pc, rc: rc}, nil
 }
 
 func (l *listener) open(ifc string, ap netip.AddrPort) (*net.UDPConn, error) {
@@ -484,12 +445,6 @@ func (l *listener) open(ifc string, ap netip.AddrPort) (*net.UDPConn, error) {
 		err := rc.Control(func(fd uintptr) {
 			if serr = unix.SetsockoptString(int(fd), unix.SOL_SOCKET, unix.SO_BINDTODEVICE, ifc); serr != nil {
 				serr = fmt.Errorf("SO_BINDTODEVICE %s: %w", ifc, serr)
-				return
-			}
-			// The address's sockets share it (resync); only sockets of
-			// the same user may join the group.
-			if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); serr != nil {
-				serr = fmt.Errorf("SO_REUSEPORT: %w", serr)
 				return
 			}
 			// A large receive buffer absorbs bursts while the reader sheds
@@ -646,7 +601,7 @@ func readers() int { return max(1, min(runtime.GOMAXPROCS(0), 4)) }
 func (l *listener) closeAll() {
 	l.mu.Lock()
 	for ap, c := range l.conns {
-		c.close()
+		c.pc.Close()
 		delete(l.conns, ap)
 	}
 	l.mu.Unlock()
