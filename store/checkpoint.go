@@ -358,6 +358,11 @@ func (s *Store) startSegment(gen, seq uint64) error {
 	g.gen, g.used, g.end = gen, true, walHeaderSize
 	w.active, w.off, w.seq = i, walHeaderSize, seq
 	s.activeTo = 0
+	// A new active segment means a new spare: ask the file system again
+	// (as rotate does). A stale spareRoomOK from before a reopen, often
+	// after a fold failed on a nearly full disk, let the grower fill the
+	// new spare without statfs, taking room bbolt needs (store review).
+	s.spareStuck, s.spareRoomOK = false, false
 	return nil
 }
 
