@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
@@ -10,6 +11,7 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
@@ -351,9 +353,11 @@ func TestE2ERestart(t *testing.T) {
 	t.Run("ANN-04/ANN-05/ANN-06", func(t *testing.T) {
 		var at []time.Time
 		buf := make([]byte, 100)
+		arrivalStamps(t, conn)
+		oob := make([]byte, 128)
 		for len(at) < 4 {
 			conn.SetReadDeadline(time.Now().Add(3 * time.Second))
-			n, from, err := conn.ReadFromUDPAddrPort(buf)
+			n, oobn, _, from, err := conn.ReadMsgUDPAddrPort(buf, oob)
 			if err != nil {
 				t.Fatalf("after %d announcements: %v", len(at), err)
 			}
@@ -367,11 +371,13 @@ func TestE2ERestart(t *testing.T) {
 			if r.Epoch < before {
 				t.Fatalf("announced epoch %d went back from %d", r.Epoch, before)
 			}
-			at = append(at, time.Now())
+			at = append(at, arrivalTime(t, oob[:oobn]))
 		}
 		// Sends are spaced 250, 500, 1000 ms apart (each gap at least
-		// twice the last); receive times add scheduling jitter, hence
-		// the slack.
+		// twice the last). The times are the kernel's arrival stamps, not
+		// when this goroutine got to read them: on a loaded box a late
+		// read of one announcement made the next gap look short (816 ms
+		// for 1 s). The slack covers the server's own send jitter.
 		want := 250 * time.Millisecond
 		for i := 1; i < len(at); i++ {
 			if gap := at[i].Sub(at[i-1]); gap < want-150*time.Millisecond {
@@ -527,4 +533,36 @@ func TestE2ETamper(t *testing.T) {
 			t.Fatal("restored pinhole does not pass traffic")
 		}
 	})
+}
+
+// arrivalStamps asks the kernel to stamp each datagram conn receives with
+// its arrival time (SO_TIMESTAMPNS), read back by arrivalTime.
+func arrivalStamps(t *testing.T, conn *net.UDPConn) {
+	t.Helper()
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, 1)
+	}); err != nil || serr != nil {
+		t.Fatalf("SO_TIMESTAMPNS: %v %v", err, serr)
+	}
+}
+
+// arrivalTime returns the SCM_TIMESTAMPNS arrival time in oob.
+func arrivalTime(t *testing.T, oob []byte) time.Time {
+	t.Helper()
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		t.Fatalf("control messages: %v", err)
+	}
+	for _, m := range msgs {
+		if m.Header.Level == unix.SOL_SOCKET && m.Header.Type == unix.SCM_TIMESTAMPNS && len(m.Data) >= 16 {
+			return time.Unix(int64(binary.NativeEndian.Uint64(m.Data)), int64(binary.NativeEndian.Uint64(m.Data[8:])))
+		}
+	}
+	t.Fatal("no SCM_TIMESTAMPNS on an announcement")
+	return time.Time{}
 }
