@@ -329,6 +329,7 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		t.Logf("pinned bed: pcpd (pid %d) and the host's receive path on CPU %d; the victim, the flooder (SCHED_IDLE) and the client's receive path on CPU %d; control flood dropped by a raw prerouting rule",
 			l.pcpd.PID(), serverCPU, clientCPU)
 	}
+	t.Logf("pcpd's sockets: %s; owner meter: %s", socketMem(l.topo.Host), ownerMeterLimit(l.topo.Host))
 	// Half the victim's requests are ANNOUNCEs (stateless: answered by
 	// the socket readers), half early renewals of its own mapping (same
 	// nonce, 1 h: absorbed, no commit of their own, but the engine's);
@@ -459,12 +460,19 @@ func TestFloodFairnessPKT08(t *testing.T) {
 					if real {
 						dst = l.server6()
 					}
+					kr0 := kernelDrops(l.topo.Host)
 					stop := flood(t, dst, mode.sources, mode.kind)
 					time.Sleep(200 * time.Millisecond)
+					kr1 := kernelDrops(l.topo.Host)
 					rtts, mrtts, seq, n := latencyRound(t, l, conn, cli, perRound, rate, renew)
 					sent := stop()
 					if pin {
-						t.Logf("%s round %d %s: %.0f datagrams/s; slowest victim requests %s", mode.name, r, map[bool]string{false: "control", true: "flood"}[real], sent, slowest(seq, 4))
+						// Receive-buffer drops before the victim starts
+						// (the owner bucket's burst, full at each flood
+						// round's start) and while it measures.
+						kr2 := kernelDrops(l.topo.Host)
+						t.Logf("%s round %d %s: %.0f datagrams/s; rcvbuf drops %d in the first 200 ms, %d after; slowest victim requests %s", mode.name, r, map[bool]string{false: "control", true: "flood"}[real], sent,
+							kr1.rcvbuf-kr0.rcvbuf, kr2.rcvbuf-kr1.rcvbuf, slowest(seq, 4))
 					}
 					if real {
 						fl, flLost, flRate = append(fl, percentile(rtts, 99)), flLost+n, flRate+sent/rounds
@@ -502,6 +510,14 @@ func TestFloodFairnessPKT08(t *testing.T) {
 			t.Logf("%s: victim MAP renewal p99 idle %v (rounds %v), control %v (rounds %v), under flood %v (rounds %v); bound %v",
 				mode.name, idleMapP99, idleMap, controlMapP99, ctlMap, floodMapP99, flMap, mapBound)
 			annBad, mapBad := floodP99 > bound || flLost > 0, floodMapP99 > mapBound
+			// Nothing lost (issue 9): a datagram dropped because pcpd's
+			// socket buffer was full could as well have been a victim's,
+			// whether or not this run's victim was unlucky (known bug 5:
+			// the owner meter's burst of 3200 overflowed the buffer). In
+			// the host namespace only pcpd's sockets receive UDP.
+			if d := k1.minus(k0).rcvbuf; d > 0 {
+				t.Errorf("%s: %d datagrams dropped because pcpd's socket buffer was full (%s)", mode.name, d, socketMem(l.topo.Host))
+			}
 			if annBad || mapBad {
 				if !annBad && mode.knownBug != "" {
 					// The known bug is the renewal probe's; an ANNOUNCE
@@ -569,6 +585,19 @@ func kernelDrops(ns *netlab.NS) drops {
 	return d
 }
 
+// socketMem is ss's memory line of pcpd's serving sockets in ns (skmem:
+// rb is the receive buffer's size, r what is queued, d the drops).
+func socketMem(ns *netlab.NS) string {
+	out, _ := ns.Run("ss", "-u", "-a", "-n", "-m", "sport", "=", ":"+strconv.Itoa(pcp.Port))
+	var mem []string
+	for _, line := range strings.Split(out, "\n") {
+		if line = strings.TrimSpace(line); strings.HasPrefix(line, "skmem:") {
+			mem = append(mem, line)
+		}
+	}
+	return strings.Join(mem, " ")
+}
+
 // ownerMeterDrops sums the counters of pcpd's owner meter chains
 // (pinhole/ownermeter.go) in ns: datagrams the kernel dropped because
 // their owner was over its rate, or because they came from an owner's
@@ -590,6 +619,26 @@ func ownerMeterDrops(ns *netlab.NS) uint64 {
 		}
 	}
 	return n
+}
+
+// ownerMeterLimit is the limit rule of pcpd's first owner chain in ns
+// ("limit rate over 400/second burst 800 packets"), or "none".
+func ownerMeterLimit(ns *netlab.NS) string {
+	out, _ := ns.Run("nft", "list", "table", "inet", "pcpd")
+	inOwner := false
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 2 && f[0] == "chain":
+			inOwner = strings.HasPrefix(f[1], "owner_")
+		case inOwner && len(f) > 0 && f[0] == "limit":
+			if i := slices.Index(f, "counter"); i > 0 {
+				f = f[:i]
+			}
+			return strings.Join(f, " ")
+		}
+	}
+	return "none"
 }
 
 func parseUint(s string) uint64 {
