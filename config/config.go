@@ -111,8 +111,10 @@ type Config struct {
 	KernelRateLimit, KernelRateBurst int
 	// KernelOwnerRateLimit and KernelOwnerRateBurst: the kernel's meter per
 	// client (owner), all its sources together (pinhole.Meter.OwnerRate).
-	// 0: pinhole's default, pinhole.OwnerRateFactor times the per-source
-	// meter. A set rate has twice its rate as burst.
+	// By default what pcpd's own per-owner bucket admits,
+	// policy.OwnerRateFactor times RateLimit and RateBurst (at least the
+	// per-source meter's); 0 when the kernel meter is off. A set rate has
+	// twice its rate as burst.
 	KernelOwnerRateLimit, KernelOwnerRateBurst int
 	IPv4PortLow, IPv4PortHigh                  uint16
 	// AllowPorts, if set, are the only internal ports that may be opened;

@@ -52,12 +52,15 @@ func TestDefaults(t *testing.T) {
 		RateBurst:          100,
 		KernelRateLimit:    200,
 		KernelRateBurst:    400,
-		IPv4PortLow:        1024,
-		IPv4PortHigh:       65535,
-		TouchInterval:      time.Minute,
-		SnapshotInterval:   time.Hour,
-		LogLevel:           zapcore.InfoLevel,
-		ThirdParty:         ThirdPartyOwned,
+		// What pcpd's own owner bucket admits (known bug 5).
+		KernelOwnerRateLimit: 400,
+		KernelOwnerRateBurst: 800,
+		IPv4PortLow:          1024,
+		IPv4PortHigh:         65535,
+		TouchInterval:        time.Minute,
+		SnapshotInterval:     time.Hour,
+		LogLevel:             zapcore.InfoLevel,
+		ThirdParty:           ThirdPartyOwned,
 	}
 	if diff := cmp.Diff(want, c, cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); diff != "" {
 		t.Fatalf("defaults (-want +got):\n%s", diff)
@@ -114,34 +117,36 @@ office = ["2001:db8:2::/48"]
 		Clients: map[string][]netip.Prefix{
 			"lab": {netip.MustParsePrefix("2001:db8:9::/48"), netip.MustParsePrefix("2001:db8:a::/64")},
 		},
-		ExternalIPv4:       netip.MustParseAddr("198.51.100.1"),
-		NftTable:           "pcpd",
-		NftAttach:          "filter",
-		NftChain:           "pcpd",
-		StateDir:           "/srv/pcpd",
-		Socket:             "/run/pcpd/pcpd.sock",
-		MinLifetime:        time.Minute,
-		MaxLifetime:        3 * time.Hour,
-		MaxLeasesPerClient: 256,
-		MaxLeases:          1000,
-		MemoryLimit:        64<<20 + 256*1000,
-		RateLimit:          500,
-		RateBurst:          2000,
-		KernelRateLimit:    3000,
-		KernelRateBurst:    8000,
-		IPv4PortLow:        20000,
-		IPv4PortHigh:       29999,
-		AllowPorts:         [][2]uint16{{22, 22}, {80, 80}, {443, 443}, {1024, 65535}},
-		DenyPorts:          [][2]uint16{{5000, 5010}},
-		AllowAllPorts:      true,
-		ReservedPorts:      []uint16{8080, 9000, 9001, 9002},
-		TouchInterval:      30 * time.Second,
-		SnapshotInterval:   15 * time.Minute,
-		Metrics:            "127.0.0.1:9351",
-		LogLevel:           zapcore.DebugLevel,
-		StrictNonce:        true,
-		ThirdParty:         ThirdPartyOff,
-		DisableNATPMP:      true,
+		ExternalIPv4:         netip.MustParseAddr("198.51.100.1"),
+		NftTable:             "pcpd",
+		NftAttach:            "filter",
+		NftChain:             "pcpd",
+		StateDir:             "/srv/pcpd",
+		Socket:               "/run/pcpd/pcpd.sock",
+		MinLifetime:          time.Minute,
+		MaxLifetime:          3 * time.Hour,
+		MaxLeasesPerClient:   256,
+		MaxLeases:            1000,
+		MemoryLimit:          64<<20 + 256*1000,
+		RateLimit:            500,
+		RateBurst:            2000,
+		KernelRateLimit:      3000,
+		KernelRateBurst:      8000,
+		KernelOwnerRateLimit: 4000,  // 8 × rate-limit
+		KernelOwnerRateBurst: 16000, // 8 × rate-burst
+		IPv4PortLow:          20000,
+		IPv4PortHigh:         29999,
+		AllowPorts:           [][2]uint16{{22, 22}, {80, 80}, {443, 443}, {1024, 65535}},
+		DenyPorts:            [][2]uint16{{5000, 5010}},
+		AllowAllPorts:        true,
+		ReservedPorts:        []uint16{8080, 9000, 9001, 9002},
+		TouchInterval:        30 * time.Second,
+		SnapshotInterval:     15 * time.Minute,
+		Metrics:              "127.0.0.1:9351",
+		LogLevel:             zapcore.DebugLevel,
+		StrictNonce:          true,
+		ThirdParty:           ThirdPartyOff,
+		DisableNATPMP:        true,
 	}
 	c.File = ""
 	if diff := cmp.Diff(want, c, cmp.Comparer(func(a, b netip.Addr) bool { return a == b }),
@@ -301,20 +306,24 @@ func TestValidationErrors(t *testing.T) {
 // server.Config.ReservedPorts takes.
 // The kernel's request meter (--kernel-rate-limit, PKT-08) follows
 // --rate-limit unless set; 0 turns it off; its burst follows --rate-burst.
+// Its owner share (--kernel-owner-rate-limit) is by default what pcpd's
+// own per-owner bucket admits (policy.OwnerRateFactor × --rate-limit and
+// --rate-burst), never below the per-source meter (known bug 5).
 func TestKernelRateLimit(t *testing.T) {
 	for _, tt := range []struct {
-		name        string
-		args        []string
-		rate, burst int
-		owner       int // --kernel-owner-rate-limit; 0: pinhole's default
+		name                  string
+		args                  []string
+		rate, burst           int
+		ownerRate, ownerBurst int // 0: no owner meter
 	}{
-		{"default", nil, 200, 400, 0},
-		{"follows rate-limit and rate-burst", []string{"--rate-limit", "500", "--rate-burst", "30"}, 2000, 120, 0},
-		{"off", []string{"--kernel-rate-limit", "0"}, 0, 400, 0},
-		{"explicit", []string{"--kernel-rate-limit", "1000"}, 1000, 400, 0},
-		{"equal to rate-limit", []string{"--rate-limit", "70", "--kernel-rate-limit", "70"}, 70, 400, 0},
-		{"owner rate", []string{"--kernel-owner-rate-limit", "5000"}, 200, 400, 5000},
-		{"owner rate equal to the source's", []string{"--kernel-owner-rate-limit", "200"}, 200, 400, 200},
+		{"default", nil, 200, 400, 400, 800},
+		{"follows rate-limit and rate-burst", []string{"--rate-limit", "500", "--rate-burst", "30"}, 2000, 120, 4000, 240},
+		{"off", []string{"--kernel-rate-limit", "0"}, 0, 400, 0, 0},
+		{"explicit", []string{"--kernel-rate-limit", "1000"}, 1000, 400, 1000, 800},
+		{"equal to rate-limit", []string{"--rate-limit", "70", "--kernel-rate-limit", "70"}, 70, 400, 560, 800},
+		{"owner rate", []string{"--kernel-owner-rate-limit", "5000"}, 200, 400, 5000, 10000},
+		{"owner rate equal to the source's", []string{"--kernel-owner-rate-limit", "200"}, 200, 400, 200, 400},
+		{"owner rate of before", []string{"--kernel-owner-rate-limit", "1600"}, 200, 400, 1600, 3200},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c, err := load(t, "", tt.args...)
@@ -324,8 +333,8 @@ func TestKernelRateLimit(t *testing.T) {
 			if c.KernelRateLimit != tt.rate || c.KernelRateBurst != tt.burst {
 				t.Errorf("kernel rate %d burst %d, want %d and %d", c.KernelRateLimit, c.KernelRateBurst, tt.rate, tt.burst)
 			}
-			if c.KernelOwnerRateLimit != tt.owner || c.KernelOwnerRateBurst != 2*tt.owner {
-				t.Errorf("kernel owner rate %d burst %d, want %d and %d", c.KernelOwnerRateLimit, c.KernelOwnerRateBurst, tt.owner, 2*tt.owner)
+			if c.KernelOwnerRateLimit != tt.ownerRate || c.KernelOwnerRateBurst != tt.ownerBurst {
+				t.Errorf("kernel owner rate %d burst %d, want %d and %d", c.KernelOwnerRateLimit, c.KernelOwnerRateBurst, tt.ownerRate, tt.ownerBurst)
 			}
 		})
 	}

@@ -76,7 +76,7 @@ var settings = []setting{
 	{name: "kernel-rate-limit", kind: kInt,
 		usage: "`N` datagrams a second per source above which the kernel drops requests before they reach pcpd (standalone mode; a flood then does not delay other clients), 0 = off; its burst is 4 × --rate-burst (default: 4 × --rate-limit)"},
 	{name: "kernel-owner-rate-limit", kind: kInt,
-		usage: "`N` datagrams a second per client (all its sources together, e.g. every /64 of a WireGuard peer's AllowedIPs) above which the kernel drops requests (standalone mode, with --kernel-rate-limit on); its burst is 2 × N (default: 8 × --kernel-rate-limit)"},
+		usage: "`N` datagrams a second per client (all its sources together, e.g. every /64 of a WireGuard peer's AllowedIPs) above which the kernel drops requests (standalone mode, with --kernel-rate-limit on); its burst is 2 × N (default: what pcpd's own per-client bucket admits, 8 × --rate-limit, burst 8 × --rate-burst, at least --kernel-rate-limit)"},
 	{name: "allow-ports", kind: kString,
 		usage: "only these internal ports may be opened, `LIST` of ports and LOW-HIGH ranges, e.g. 22,80,443,1024-65535 (default: all)"},
 	{name: "deny-ports", kind: kString,

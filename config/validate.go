@@ -205,15 +205,24 @@ func validate(vals map[string]*value) (*Config, Errors) {
 		c.KernelRateLimit = n
 	}
 
-	if kv := vals["kernel-owner-rate-limit"]; kv.str != "" {
-		if n, err := strconv.Atoi(kv.str); err != nil || n < 1 || n > 1<<24 {
-			fail(kv, "%q: want a whole number from 1 to %d", kv.str, 1<<24)
-		} else if n < c.KernelRateLimit {
-			// One source alone would be held below its own meter.
-			fail(kv, "%d is below kernel-rate-limit %d", n, c.KernelRateLimit)
-		} else {
-			c.KernelOwnerRateLimit, c.KernelOwnerRateBurst = n, 2*n
+	if kv := vals["kernel-owner-rate-limit"]; kv.str == "" {
+		if c.KernelRateLimit != 0 {
+			// What pcpd's own per-owner bucket admits (server, ownerGate)
+			// and no more: the kernel meter's owner share beyond it was
+			// only read and dropped, and on a one-core server its burst
+			// of 3200 overflowed the socket buffer, others' requests
+			// with it (RELIABILITY.md known bug 5). Never below one
+			// source's own meter.
+			c.KernelOwnerRateLimit = max(policy.OwnerRateFactor*c.RateLimit, c.KernelRateLimit)
+			c.KernelOwnerRateBurst = max(policy.OwnerRateFactor*c.RateBurst, c.KernelRateBurst)
 		}
+	} else if n, err := strconv.Atoi(kv.str); err != nil || n < 1 || n > 1<<24 {
+		fail(kv, "%q: want a whole number from 1 to %d", kv.str, 1<<24)
+	} else if n < c.KernelRateLimit {
+		// One source alone would be held below its own meter.
+		fail(kv, "%d is below kernel-rate-limit %d", n, c.KernelRateLimit)
+	} else {
+		c.KernelOwnerRateLimit, c.KernelOwnerRateBurst = n, 2*n
 	}
 
 	// IPv4 port range.

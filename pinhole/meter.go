@@ -51,7 +51,7 @@ type Meter struct {
 	Size uint32
 	// OwnerRate and OwnerBurst are the owner meter's (ownermeter.go): per
 	// owner, all its sources together. Default OwnerRateFactor times Rate
-	// and Burst.
+	// and Burst; pcpd sets them to what its own per-owner bucket admits.
 	OwnerRate, OwnerBurst uint32
 }
 

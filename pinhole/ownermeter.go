@@ -33,7 +33,7 @@ import (
 //	map owners4 { type ipv4_addr : verdict; flags interval; ... }
 //	chain owner_1e2a3b4c {
 //		fib saddr . iif oif 0 counter drop
-//		limit rate over 1600/second burst 3200 packets counter drop
+//		limit rate over 400/second burst 800 packets counter drop
 //	}
 //	... udp dport 5351 ip6 saddr vmap @owners6
 //	... udp dport 5351 ip saddr vmap @owners4
@@ -70,18 +70,24 @@ import (
 // chains of new owners and deletes those of owners gone, in the same
 // transaction as the maps' new contents.
 //
-// The rate is per owner: Meter.OwnerRate, by default OwnerRateFactor times
-// Meter.Rate, which is pcpd's per-owner bucket (8 times the per-source
-// one) times the same margin the per-source meter keeps, so the kernel
-// never drops what pcpd would answer. Unlike pcpd's bucket, which binds
-// only while another owner wants the engine, the kernel's always binds:
-// one owner alone is held to OwnerRate datagrams a second (1600 by
-// default), far above what any client's mappings need.
+// The rate is per owner: Meter.OwnerRate. pcpd sets it to what its own
+// per-owner bucket admits (policy.OwnerRateFactor times its per-source
+// limit: 400 a second, burst 800, by default), with no margin: unlike the
+// per-source meter's 4 × margin, which costs little (one source's 400
+// extra datagrams), an owner's share beyond pcpd's bucket was datagrams
+// pcpd only read and dropped, and the former 4 × (1600/s, burst 3200)
+// let one flooding owner overflow pcpd's socket buffer on a one-core
+// server, other clients' requests with it (RELIABILITY.md known bug 5).
+// Unlike pcpd's bucket, which binds only while another owner wants the
+// engine, the kernel's always binds: one owner alone is held to OwnerRate
+// datagrams a second, above what a client's mappings need (pcpd's quota
+// is 256 per client by default; --kernel-owner-rate-limit raises it).
 
 // OwnerRateFactor: unless Meter.OwnerRate says otherwise, an owner's
-// kernel rate and burst are this many times the per-source ones (pcpd's
-// per-owner bucket is 8 times its per-source bucket).
-const OwnerRateFactor = 8
+// kernel rate and burst are this many times the per-source ones: with
+// pcpd's default per-source meter (4 times its own per-source limit) that
+// is pcpd's per-owner bucket (8 times its per-source one).
+const OwnerRateFactor = 2
 
 // ownerChainPrefix starts the name of every owner chain.
 const ownerChainPrefix = "owner_"
@@ -127,7 +133,7 @@ func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
 // rewrites the rules and zeroes them.
 //
 //	fib saddr . iif oif 0 counter drop
-//	limit rate over 1600/second burst 3200 packets counter drop
+//	limit rate over 400/second burst 800 packets counter drop
 //
 // fib saddr . iif oif is the interface the host routes the source address
 // through, if that is the one the datagram arrived on, else 0: strict

@@ -67,6 +67,12 @@ func (l *RateLimiter) Allow(src netip.Addr, now time.Time) bool {
 // Len returns the number of sources currently remembered.
 func (l *RateLimiter) Len() int { return l.b.len() }
 
+// OwnerRateFactor is how many times a source's rate and burst an owner's
+// bucket holds, all its sources together: the server's OwnerRateLimiter
+// and, by default, the kernel's owner meter (config, pinhole.Meter), so
+// that the kernel lets through what this bucket admits and no more.
+const OwnerRateFactor = 8
+
 // OwnerRateLimiter is a token bucket per owner, in addition to the
 // per-source one: an owner with many prefixes (a peer holding a /48 has
 // 65 536 /64 source buckets) cannot crowd the queue or the source table

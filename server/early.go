@@ -164,7 +164,7 @@ type ownerGate struct {
 
 // Tunables of the owner bucket.
 const (
-	ownerRateFactor    = 8
+	ownerRateFactor    = policy.OwnerRateFactor
 	ownerQueueShare    = 8
 	ownerContendWindow = 5 * time.Second
 	// gateResolution is how stale the latest owner's time may be before
