@@ -72,11 +72,13 @@ import (
 //
 // The rate is per owner: Meter.OwnerRate. pcpd sets it to what its own
 // per-owner bucket admits (policy.OwnerRateFactor times its per-source
-// limit: 400 a second, burst 800, by default), with no margin: unlike the
-// per-source meter's 4 × margin, which costs little (one source's 400
-// extra datagrams), an owner's share beyond pcpd's bucket was datagrams
-// pcpd only read and dropped, and the former 4 × (1600/s, burst 3200)
-// let one flooding owner overflow pcpd's socket buffer on a one-core
+// limit: 400 a second, burst 800, by default), with no margin. The
+// per-source meter's 4 × margin costs little (a flooding source gets 300
+// datagrams of burst and 150/s more into the socket than pcpd answers);
+// the owner share's did not: what the kernel let through beyond pcpd's
+// bucket pcpd only read and dropped, and the former 4 × (1600/s, burst
+// 3200, more than the ≈ 2 500 small datagrams pcpd's 2 MiB socket buffer
+// holds) let one flooding owner overflow that buffer on a one-core
 // server, other clients' requests with it (RELIABILITY.md known bug 5).
 // Unlike pcpd's bucket, which binds only while another owner wants the
 // engine, the kernel's always binds: one owner alone is held to OwnerRate

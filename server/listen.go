@@ -31,7 +31,14 @@ const clientPort = 5350
 const readSize = 2048
 
 // rcvBuf is the serving sockets' receive buffer: room for bursts, small
-// enough that a flood queued in it does not delay others for long.
+// enough that a flood queued in it does not delay others for long. The
+// kernel doubles it (2 MiB) and charges each datagram its buffer's true
+// size, ≈ 830 bytes for a 60-octet request: ≈ 2 500 requests, three
+// owners' bursts at the kernel owner meter's default (800, what pcpd's
+// owner bucket admits). The meter's former burst of 3 200 overflowed it
+// whenever pcpd ran late (RELIABILITY.md known bug 5); sizing the buffer
+// to the meter instead would not scale (every owner has its burst) and
+// would queue others' requests behind more of the flood.
 const rcvBuf = 1 << 20
 
 // readBatch is how many datagrams one recvmmsg takes.
