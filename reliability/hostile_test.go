@@ -979,3 +979,68 @@ func TestOwnershipAttacksWireGuard(t *testing.T) {
 	}
 	t.Logf("WireGuard ownership attacks: %d sent, all refused or dropped by WireGuard; pinholes appeared: 0", len(attacks))
 }
+
+// TestSiteRenewsAtOncePKT08: the legitimate case the kernel's owner meter
+// must not cut (known bug 5 lowered its default to pcpd's own owner
+// bucket, 400/s, burst 800): a site whose hosts, each in its own /64 of
+// one client's prefix, renew the client's whole quota (256 leases, the
+// default --max-leases-per-client) back to back. Every renewal is
+// answered SUCCESS and the owner meter drops nothing. Checked to fail
+// with PCPD_LAB_EXTRA="--kernel-rate-limit 100 --kernel-owner-rate-limit
+// 100" (burst 200: 200 of 256 answered, the owner meter dropped 56).
+func TestSiteRenewsAtOncePKT08(t *testing.T) {
+	requireRoot(t)
+	l := newLab(t, labOptions{})
+	l.start()
+	const hosts = 256
+	reqs := make([][]byte, hosts)
+	for i := range hosts {
+		src := floodSrc(uint32(1 + i))
+		req := pcp.NewMap(src, pcp.ProtoUDP, 6000, time.Hour)
+		if r, err := do(l.pcpClient(src), req); err != nil || r.Result != pcp.Success {
+			t.Fatalf("host %d: MAP: %v %v", i, r, err)
+		}
+		reqs[i] = pcp.AppendRequest(nil, req) // the same nonce: a renewal
+	}
+	time.Sleep(3 * time.Second) // the owner bucket refills (800 at 400/s)
+	m0, err := l.metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	o0 := ownerMeterDrops(l.topo.Host)
+	sp := newSpoofer(t, l.topo.Client, l.server6())
+	start := time.Now()
+	for i, b := range reqs {
+		if err := sp.send(floodSrc(uint32(1+i)), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sent := time.Since(start)
+	var ok float64
+	err = netlab.Eventually(5*time.Second, func() error {
+		m1, err := l.metrics()
+		if err != nil {
+			return err
+		}
+		if ok = mapSuccesses(m1) - mapSuccesses(m0); ok < hosts {
+			return fmt.Errorf("%.0f of %d renewals answered SUCCESS", ok, hosts)
+		}
+		return nil
+	})
+	drops := ownerMeterDrops(l.topo.Host) - o0
+	t.Logf("%d renewals from %d /64s of one client sent in %v: %.0f answered SUCCESS; owner meter %s dropped %d", hosts, hosts, sent, ok, ownerMeterLimit(l.topo.Host), drops)
+	if err != nil || drops > 0 {
+		t.Errorf("a site renewing its %d leases at once: %v; owner meter drops %d", hosts, err, drops)
+	}
+}
+
+// mapSuccesses is pcpd's count of MAP requests answered SUCCESS.
+func mapSuccesses(m map[string]float64) float64 {
+	var n float64
+	for k, v := range m {
+		if strings.HasPrefix(k, "pcpd_requests_total{") && strings.Contains(k, `opcode="MAP"`) && strings.Contains(k, `result="SUCCESS"`) {
+			n += v
+		}
+	}
+	return n
+}
