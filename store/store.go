@@ -251,25 +251,51 @@ func (s *Store) Stats() Stats {
 // Dir returns the state directory.
 func (s *Store) Dir() string { return s.dir }
 
-// boltOptions: bbolt maps leases.db at its size rounded up to a power of
-// two and re-maps it as the file grows. Mapping 1 GiB from the start (to
-// spare a checkpoint the re-map's copying, ≈ 4 % of both cores under new
-// MAPs) was tried and reverted: the pages a checkpoint touches then stay
-// counted in pcpd's resident memory for as long as it runs (RSS at
-// 1 000 000 leases 392 → 413-417 MB, over the 400 MB target), where each
-// re-map used to drop them.
+// boltMmap is the address space bbolt maps for leases.db from the start.
+// bbolt otherwise maps the file's size rounded up to a power of two and
+// re-maps it whenever a write transaction outgrows the map; a re-map in
+// the middle of a checkpoint's fold first copies every key and value the
+// fold has touched out of the old map onto the heap (node.dereference),
+// and waits for every read transaction to end (a backup copy being
+// written): 8.9 % of pcpd's CPU and 46 % of what it allocated in a
+// new-MAP run from a fresh state directory (BENCHMARKS.md item 18 of
+// h/newmap2, item 20 here). The map is address space only: the pages
+// resident are those read, and a fold drops them again
+// (dropMappedPages; before it did, this map kept them counted in pcpd's
+// RSS: item 14). 1 GiB holds several million leases; past it bbolt
+// re-maps in 1 GiB steps. A read-only open keeps bbolt's default: it
+// never grows the file.
+const boltMmap = 1 << 30
+
 func boltOptions(o *options, readOnly bool) *bolt.Options {
-	return &bolt.Options{
+	bo := &bolt.Options{
 		Timeout:      o.lockTimeout,
 		FreelistType: bolt.FreelistMapType, // array freelists get slow with big files
 		ReadOnly:     readOnly,
 		NoSync:       false, // durability is the point; never switch it off
 	}
+	if !readOnly {
+		bo.InitialMmapSize = boltMmap
+	}
+	return bo
 }
 
-// openBolt opens the state file at path with boltOptions.
+// boltGrow is how far bbolt grows leases.db past what a transaction
+// needs. bbolt's default, 16 MiB once the map is larger than that (which
+// boltMmap makes it from the start), would make even an empty state file
+// 16 MiB of zeros. The step costs one truncate and fsync per transaction
+// that grows the file, and transactions are checkpoints (one per log
+// segment folded), so a small step adds no measurable work.
+const boltGrow = 64 << 10
+
+// openBolt opens the state file at path with boltOptions and boltGrow.
 func openBolt(path string, o *options, readOnly bool) (*bolt.DB, error) {
-	return bolt.Open(path, 0o600, boltOptions(o, readOnly))
+	db, err := bolt.Open(path, 0o600, boltOptions(o, readOnly))
+	if err != nil {
+		return nil, err
+	}
+	db.AllocSize = boltGrow
+	return db, nil
 }
 
 // Commit applies deletes, then puts, as one log record with one
