@@ -73,6 +73,9 @@ var snatSpecs = [numSNAT]setSpec{
 
 // snatElement is the SNAT companion of a NAPT pinhole of kind k, if any.
 func snatElement(k kind, p Pinhole) (int, nftables.SetElement, bool) {
+	if k != kindNAPT4 && k != kindNAPT4Filter {
+		return 0, nftables.SetElement{}, false
+	}
 	val := putPort(putAddr(nil, p.ExternalAddr), p.ExternalPort)
 	switch k {
 	case kindNAPT4:
@@ -142,9 +145,22 @@ func kindOf(p Pinhole) kind {
 
 // Key fields are laid out as the kernel's registers hold them: each field
 // starts on a 4-byte boundary, padded with zeros, ports in network order.
-func putAddr(b []byte, a netip.Addr) []byte { return append(b, a.AsSlice()...) }
-func putProto(b []byte, p uint8) []byte     { return append(b, p, 0, 0, 0) }
-func putPort(b []byte, p uint16) []byte     { return append(b, byte(p>>8), byte(p), 0, 0) }
+// putAddr appends a's 4 or 16 octets (none for the zero Addr, as
+// AsSlice, which allocated a copy on every call).
+func putAddr(b []byte, a netip.Addr) []byte {
+	switch {
+	case a.Is4():
+		v := a.As4()
+		return append(b, v[:]...)
+	case a.IsValid():
+		v := a.As16()
+		return append(b, v[:]...)
+	}
+	return b
+}
+
+func putProto(b []byte, p uint8) []byte { return append(b, p, 0, 0, 0) }
+func putPort(b []byte, p uint16) []byte { return append(b, byte(p>>8), byte(p), 0, 0) }
 
 // portRange is the interval a port field matches: 0 means any port.
 func portRange(p uint16) (uint16, uint16) {
@@ -189,7 +205,8 @@ func element(k kind, p Pinhole) nftables.SetElement {
 	var key, end, val []byte
 	switch k {
 	case kindPort:
-		key = putPort(putProto(putAddr(nil, p.InternalAddr), p.Protocol), p.InternalPort)
+		// The commonest shape (a new MAP), in one allocation.
+		key = putPort(putProto(putAddr(make([]byte, 0, 24), p.InternalAddr), p.Protocol), p.InternalPort)
 	case kindProto:
 		key = putProto(putAddr(nil, p.InternalAddr), p.Protocol)
 	case kindAddr:

@@ -3,6 +3,7 @@ package server
 import (
 	"errors"
 	"net/netip"
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -144,7 +145,7 @@ func (s *Server) Handle(local, src netip.AddrPort, b []byte) []byte {
 // (PMP-12).
 func (s *Server) HandleBatch(reqs []Request) [][]byte {
 	seq := s.ct.seq()
-	replies, _ := s.handleBatch(reqs)
+	replies, _ := s.handleBatch(reqs, nil)
 	if s.ct.seq() != seq {
 		s.waitConntrack()
 	}
@@ -152,8 +153,10 @@ func (s *Server) HandleBatch(reqs []Request) [][]byte {
 }
 
 // handleBatch is HandleBatch without waiting for the conntrack flush; ends
-// marks the requests whose replies must wait for it (nil: none).
-func (s *Server) handleBatch(reqs []Request) (replies [][]byte, ends []bool) {
+// marks the requests whose replies must wait for it (nil: none). The
+// replies go into dst's array when it has room (the engine's, reused from
+// batch to batch).
+func (s *Server) handleBatch(reqs []Request, dst [][]byte) (replies [][]byte, ends []bool) {
 	now := s.now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -163,7 +166,7 @@ func (s *Server) handleBatch(reqs []Request) (replies [][]byte, ends []bool) {
 	}
 	outs := s.outs[:len(reqs)]
 	s.handleTx(reqs, now, false, outs)
-	replies = make([][]byte, len(outs))
+	replies = slices.Grow(dst[:0], len(outs))[:len(outs)]
 	for i := range outs {
 		o := &outs[i]
 		replies[i] = o.reply

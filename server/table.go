@@ -756,6 +756,17 @@ func (t *table) get(k store.Key) (*store.Lease, bool) {
 	return l, true
 }
 
+// getInto decodes the lease at k into l, as get but without allocating
+// one (tx.changes reads every lease a batch wrote).
+func (t *table) getInto(k store.Key, l *store.Lease) bool {
+	ref := t.lookup(k)
+	if ref == 0 {
+		return false
+	}
+	t.decode(ref, l)
+	return true
+}
+
 // put inserts or replaces a lease. The table keeps its own copy (Filters
 // shared: the caller must not change them afterwards).
 func (t *table) put(l store.Lease) {

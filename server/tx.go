@@ -307,8 +307,11 @@ func (t *tx) changes(before bool) ([]store.Lease, []store.Key) {
 		clear(t.seen)
 	}
 	current := func(key store.Key) {
-		if cur, ok := t.s.tab.get(key); ok && cur != nil {
-			put = append(put, *cur)
+		// Decoded straight into put's next slot: a batch of new MAPs
+		// otherwise allocated one lease copy per request here.
+		put = slices.Grow(put, 1)
+		if t.s.tab.getInto(key, &put[:len(put)+1][len(put)]) {
+			put = put[:len(put)+1]
 		} else {
 			del = append(del, key)
 		}
