@@ -44,7 +44,7 @@ func mappingLen(t *testing.T, addr uintptr) int64 {
 // TestFoldKeepsTheMap: a checkpoint that grows the state file well past
 // its old size folds into the same mapping (boltMmap), so bbolt never
 // re-maps in the middle of a fold (a re-map copies everything the fold
-// touched onto the heap: BENCHMARKS.md item 20); and the file still grows
+// touched onto the heap: BENCHMARKS.md item 21); and the file still grows
 // only boltGrow past what it holds (bbolt's 16 MiB step would make a small
 // state file 16 MiB of zeros, and TestANN03Corruption's truncations would
 // then cut nothing).

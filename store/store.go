@@ -258,7 +258,7 @@ func (s *Store) Dir() string { return s.dir }
 // fold has touched out of the old map onto the heap (node.dereference),
 // and waits for every read transaction to end (a backup copy being
 // written): a fold of 50 000 new leases into an empty file took 1.7 M
-// allocations with re-maps, 0.1 M without (BENCHMARKS.md item 20). The
+// allocations with re-maps, 0.1 M without (BENCHMARKS.md item 21). The
 // map is address space only: the pages resident are those read, and a
 // fold drops them again (dropMappedPages; before it did, this map kept
 // them counted in pcpd's RSS: item 14). 1 GiB holds several million leases; past it bbolt
