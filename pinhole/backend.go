@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -50,6 +51,9 @@ func (c *Config) fill() error {
 			return fmt.Errorf("pinhole: bad object name %q: %w", n, ErrInvalid)
 		}
 	}
+	if c.Meter.ReversePath > ReversePathOff {
+		return fmt.Errorf("pinhole: %v: %w", c.Meter.ReversePath, ErrInvalid)
+	}
 	c.Meter.fill()
 	return nil
 }
@@ -82,6 +86,11 @@ type Backend struct {
 	holes        []netip.Prefix // and its holes
 	hasOwners    bool
 	owned        bool // a Setup succeeded: the objects are pcpd's (ownership.go)
+	// ownerCounts is each owner chain's drop counters (reverse path, rate)
+	// as last read; drops their growth since this Backend first saw each
+	// chain (MeterDrops, ownermeter.go).
+	ownerCounts map[string][2]uint64
+	drops       [2]atomic.Uint64
 	// inPlace: the kernel updates an element's timeout when it is re-added
 	// (Linux ≥ 6.10), found by the probe of the first successful Setup
 	// (probed); without it Install and Refresh re-create the element
@@ -208,9 +217,26 @@ func (b *Backend) Setup() error {
 	// many owners). Until they are written, the maps hold what they held
 	// (or, in a table made anew, nothing: no owner is metered for that
 	// moment).
+	//
+	// A failure here does not fail the layout, which is committed: Setup
+	// returns an error wrapping ErrOwnerMeter, and the caller installs its
+	// pinholes all the same and retries with RepairOwners (RELIABILITY.md
+	// bug 4, review S3: before, one owner meter write error failed all of
+	// Setup, and the server re-installed no lease until it could write
+	// the meter). That opens nothing: the owner meter only drops requests
+	// to pcpd's own port before they reach the socket (a flood beyond an
+	// owner's rate, or spoofed owned sources: the reverse-path rule). The
+	// guard, the pinhole sets and the per-source meter are in the layout
+	// above, and the leases to re-install were each authorised when made
+	// and held before the damage. Without the meter's chains or map
+	// elements an owner's sources are metered per source only, as sources
+	// nobody owns, and pcpd's own per-source and per-owner buckets still
+	// apply; the requests that pass for want of its reverse-path rule
+	// would pass the same way whether or not the pinholes are back.
+	var meterErr error
 	if b.hasOwners && b.ownerMetering() {
 		if err := b.writeOwners(b.owners, b.holes, true); err != nil {
-			return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, err)
+			meterErr = fmt.Errorf("pinhole: setup of inet %s: %w: %w", b.cfg.Table, ErrOwnerMeter, err)
 		}
 	}
 	if !b.probed {
@@ -220,7 +246,7 @@ func (b *Backend) Setup() error {
 		}
 		b.inPlace, b.probed = ok, true
 	}
-	return nil
+	return meterErr
 }
 
 // chains returns pcpd's chain objects, regular chains first so jumps to
@@ -596,13 +622,16 @@ func (b *Backend) Healthy() error {
 			return fmt.Errorf("pinhole: chain %s has %d rules, want %d: %w", cr.name, len(rules), len(cr.rules), ErrUnhealthy)
 		}
 	}
-	if err := b.checkOwnerChains(present); err != nil {
-		return err
-	}
 	if err := b.checkProtected(); err != nil {
 		return err
 	}
-	return b.checkSentinels()
+	if err := b.checkSentinels(); err != nil {
+		return err
+	}
+	// Last, so that an error wrapping ErrOwnerMeter means all else is
+	// intact: the caller then repairs the owner meter alone
+	// (RepairOwners), without re-installing every pinhole.
+	return b.checkOwnerChains(present)
 }
 
 // checkProtected is Healthy's part for the inbound guard: the protected

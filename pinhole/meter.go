@@ -1,6 +1,7 @@
 package pinhole
 
 import (
+	"fmt"
 	"slices"
 	"time"
 
@@ -53,6 +54,55 @@ type Meter struct {
 	// owner, all its sources together. Default OwnerRateFactor times Rate
 	// and Burst; pcpd sets them to what its own per-owner bucket admits.
 	OwnerRate, OwnerBurst uint32
+	// ReversePath is the owner chains' reverse-path check (ownermeter.go,
+	// ownerRules); the zero value is ReversePathStrict.
+	ReversePath ReversePath
+}
+
+// ReversePath says how an owner chain checks that a datagram from an
+// owner's prefix came in where the host routes that prefix (RFC 3704),
+// before charging the owner for it.
+type ReversePath uint8
+
+const (
+	// ReversePathStrict (the default) drops a datagram unless the host
+	// routes its source through the interface it arrived on: fib saddr .
+	// iif oif 0 drop, as rp_filter=1. It is what keeps datagrams spoofed
+	// from an owner's prefix on the WAN or another LAN from draining that
+	// owner's bucket (RELIABILITY.md known bug 4). With an owned prefix
+	// routed over several paths (multipath, ECMP), IPv6 checks only the
+	// path the kernel's hash picks, so requests arriving on the other
+	// path are dropped (IPv4 checks every next hop).
+	ReversePathStrict ReversePath = iota
+	// ReversePathLoose drops a datagram only when the host has no route
+	// back to its source at all: fib saddr oif 0 drop, as rp_filter=2.
+	// Multipath routes pass; but the host routes every owned prefix (its
+	// pinholes need that), so a spoofed owned source passes too: against
+	// spoofing it is little more than ReversePathOff.
+	ReversePathLoose
+	// ReversePathOff checks nothing: the owner chain holds the limit
+	// alone, and every datagram from an owner's prefix is charged to it.
+	ReversePathOff
+)
+
+var reversePathNames = [...]string{ReversePathStrict: "strict", ReversePathLoose: "loose", ReversePathOff: "off"}
+
+// String is the mode's name, as ParseReversePath takes it.
+func (r ReversePath) String() string {
+	if int(r) < len(reversePathNames) {
+		return reversePathNames[r]
+	}
+	return fmt.Sprintf("ReversePath(%d)", r)
+}
+
+// ParseReversePath reads "strict", "loose" or "off".
+func ParseReversePath(s string) (ReversePath, error) {
+	for i, n := range reversePathNames {
+		if s == n {
+			return ReversePath(i), nil
+		}
+	}
+	return 0, fmt.Errorf("pinhole: reverse-path mode %q: want strict, loose or off: %w", s, ErrInvalid)
 }
 
 const (

@@ -1,6 +1,7 @@
 package pinhole
 
 import (
+	"errors"
 	"fmt"
 	"hash/fnv"
 	"net/netip"
@@ -128,13 +129,15 @@ func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
 	}
 }
 
-// ownerRules are every owner chain's two rules: the reverse-path check,
-// then the limit. Their counters are what the owner's datagrams cost it in
-// drops ("nft list chain inet pcpd owner_..."): spoofed ones, then those
-// over its rate; both are kept across SetOwners, and Setup's repair
+// ownerRules are every owner chain's rules: the reverse-path check (unless
+// Meter.ReversePath is off), then the limit. Their counters are what the
+// owner's datagrams cost it in drops ("nft list chain inet pcpd
+// owner_..."): spoofed ones, then those over its rate; MeterDrops adds
+// them up per kind. Both are kept across SetOwners, and Setup's repair
 // rewrites the rules and zeroes them.
 //
-//	fib saddr . iif oif 0 counter drop
+//	fib saddr . iif oif 0 counter drop			(strict, the default)
+//	fib saddr oif 0 counter drop				(loose)
 //	limit rate over 400/second burst 800 packets counter drop
 //
 // fib saddr . iif oif is the interface the host routes the source address
@@ -153,14 +156,27 @@ func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
 // here), so unowned sources and the per-source meter cost nothing more.
 // WireGuard interfaces already check sources against the peers'
 // AllowedIPs; the check matters for spoofing from elsewhere.
+//
+// An owned prefix routed over several paths (a multipath route) fails the
+// strict check for IPv6 on the paths the kernel's lookup does not pick
+// (the IPv6 fib lookup hashes to one next hop; IPv4 checks them all): the
+// review of bug 4 lost 106 of 200 sources. Loose (fib saddr oif 0, RFC
+// 3704 §2.3, rp_filter=2) drops only sources the host has no route back
+// for, which lets such requests through but, since the host routes every
+// owned prefix, catches almost no spoofing; off has no rule at all.
 func (b *Backend) ownerRules() [][]expr.Any {
 	m := b.cfg.Meter
-	return [][]expr.Any{
-		x(&expr.Fib{Register: reg0, FlagSADDR: true, FlagIIF: true, ResultOIF: true},
-			eq(reg0, 0, 0, 0, 0), &expr.Counter{}, drop),
-		x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.OwnerRate), Over: true,
-			Unit: expr.LimitTimeSecond, Burst: m.OwnerBurst}, &expr.Counter{}, drop),
+	var rules [][]expr.Any
+	switch m.ReversePath {
+	case ReversePathStrict:
+		rules = append(rules, x(&expr.Fib{Register: reg0, FlagSADDR: true, FlagIIF: true, ResultOIF: true},
+			eq(reg0, 0, 0, 0, 0), &expr.Counter{}, drop))
+	case ReversePathLoose:
+		rules = append(rules, x(&expr.Fib{Register: reg0, FlagSADDR: true, ResultOIF: true},
+			eq(reg0, 0, 0, 0, 0), &expr.Counter{}, drop))
 	}
+	return append(rules, x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.OwnerRate), Over: true,
+		Unit: expr.LimitTimeSecond, Burst: m.OwnerBurst}, &expr.Counter{}, drop))
 }
 
 // ownerMetering: SetOwners has something to do.
@@ -195,6 +211,97 @@ func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
 	}
 	b.owners, b.holes, b.hasOwners = owners, holes, true
 	return nil
+}
+
+// RepairOwners writes the owner meter again from the last SetOwners:
+// owner chains missing or not holding ownerRules are rewritten (intact
+// ones keep their buckets), the maps refilled, chains of no owner
+// deleted. It touches nothing else, so it is the retry after Setup or
+// Healthy reported ErrOwnerMeter, without re-installing pinholes.
+func (b *Backend) RepairOwners() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.hasOwners || !b.ownerMetering() {
+		return nil
+	}
+	if err := b.writeOwners(b.owners, b.holes, false); err != nil {
+		return fmt.Errorf("pinhole: repair of the owner meter: %w: %w", ErrOwnerMeter, err)
+	}
+	return nil
+}
+
+// MeterDrops are the datagrams the owner chains dropped, by rule, since
+// this Backend first saw each chain.
+type MeterDrops struct {
+	// ReversePath: dropped by the reverse-path rule (Meter.ReversePath):
+	// sources in an owner's prefix that arrived where the host does not
+	// route that prefix (spoofed, or a multipath route, in strict mode).
+	ReversePath uint64
+	// OwnerRate: dropped by the owner's limit (Meter.OwnerRate).
+	OwnerRate uint64
+}
+
+// MeterDrops returns the owner chains' drop counters, added up per rule
+// (each chain's counters are per owner: "nft list chain inet pcpd
+// owner_..."). It asks the kernel nothing: the counters are read where the
+// Backend reads the owner chains anyway, by Healthy (pcpd: every 5 s),
+// SetOwners, and before Setup rewrites or SetOwners deletes a chain, so
+// the figures lag by up to one Healthy. A chain's counters from before
+// this Backend first read it (a previous pcpd's) are not included; drops
+// between a chain's last read and its loss to tampering are lost.
+func (b *Backend) MeterDrops() MeterDrops {
+	return MeterDrops{ReversePath: b.drops[0].Load(), OwnerRate: b.drops[1].Load()}
+}
+
+// foldOwnerCounters adds what owner chain name's counters (its listed
+// rules) grew by since its last read to b.drops. A chain not seen before
+// sets the base; a counter below the last read was zeroed by a rewrite
+// nobody reported, and counts from 0.
+func (b *Backend) foldOwnerCounters(name string, rules []*nftables.Rule) {
+	var now [2]uint64
+	for _, r := range rules {
+		kind, n := -1, uint64(0)
+		for _, e := range r.Exprs {
+			switch e := e.(type) {
+			case *expr.Fib:
+				kind = 0
+			case *expr.Limit:
+				kind = 1
+			case *expr.Counter:
+				n += e.Packets
+			}
+		}
+		if kind >= 0 {
+			now[kind] += n
+		}
+	}
+	last, seen := b.ownerCounts[name]
+	if b.ownerCounts == nil {
+		b.ownerCounts = map[string][2]uint64{}
+	}
+	b.ownerCounts[name] = now
+	if !seen {
+		return
+	}
+	for k := range now {
+		d := now[k]
+		if d >= last[k] {
+			d -= last[k]
+		}
+		b.drops[k].Add(d)
+	}
+}
+
+// readOwnerCounters folds owner chain name's counters in before it is
+// rewritten or deleted. Best effort: a failed read loses at most what the
+// chain dropped since its last read.
+func (b *Backend) readOwnerCounters(name string) {
+	if _, seen := b.ownerCounts[name]; !seen {
+		return
+	}
+	if rules, err := b.conn.GetRules(b.table, &nftables.Chain{Table: b.table, Name: name}); err == nil {
+		b.foldOwnerCounters(name, rules)
+	}
 }
 
 // OwnerRange is one prefix of the owner maps and the owner chain it jumps
@@ -312,6 +419,9 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 	// Which to write, read before anything is queued.
 	write := names[:0:0]
 	for _, name := range names {
+		if present[name] && rewrite {
+			b.readOwnerCounters(name) // its counters are about to be zeroed
+		}
 		if present[name] && !rewrite {
 			// Kept, with its bucket, if its rules are this pcpd's (an
 			// older pcpd's chain had the limit alone).
@@ -325,6 +435,18 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 		}
 		write = append(write, name)
 	}
+	// Chains written count their drops from 0 once their transaction is
+	// committed (MeterDrops).
+	var pending []string
+	committed := func() {
+		for _, name := range pending {
+			if b.ownerCounts == nil {
+				b.ownerCounts = map[string][2]uint64{}
+			}
+			b.ownerCounts[name] = [2]uint64{}
+		}
+		pending = pending[:0]
+	}
 	for i, name := range write {
 		c := &nftables.Chain{Table: b.table, Name: name}
 		b.conn.AddChain(c)
@@ -332,10 +454,12 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 		for _, r := range b.ownerRules() {
 			b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: r})
 		}
+		pending = append(pending, name)
 		if (i+1)%ownerChainBatch == 0 {
 			if err := b.conn.Flush(); err != nil {
 				return fmt.Errorf("pinhole: write owner chains: %w", classify(err))
 			}
+			committed()
 		}
 	}
 	for _, x := range []struct {
@@ -357,12 +481,14 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 				if err := b.conn.Flush(); err != nil {
 					return fmt.Errorf("pinhole: set owner prefixes: %w", classify(err))
 				}
+				committed()
 				queued = 0
 			}
 		}
 		if err := b.conn.Flush(); err != nil {
 			return fmt.Errorf("pinhole: set owner prefixes: %w", classify(err))
 		}
+		committed()
 	}
 	// Gone owners' chains go last, when no map element jumps to them any
 	// more, and ownerChainBatch at a time: every delete is acked, and one
@@ -381,6 +507,9 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 		}
 	}
 	slices.Sort(gone)
+	for _, name := range gone {
+		b.readOwnerCounters(name) // before its counters go with it
+	}
 	for i, name := range gone {
 		c := &nftables.Chain{Table: b.table, Name: name}
 		b.conn.FlushChain(c)
@@ -388,6 +517,9 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 		if (i+1)%ownerChainBatch == 0 || i == len(gone)-1 {
 			if err := b.conn.Flush(); err != nil {
 				return fmt.Errorf("pinhole: delete owner chains: %w", classify(err))
+			}
+			for _, name := range gone[i-i%ownerChainBatch : i+1] {
+				delete(b.ownerCounts, name)
 			}
 		}
 	}
@@ -439,10 +571,22 @@ func ownedSpans(owners []Owner, holes []netip.Prefix) (v6, v4 []ownedSpan, err e
 // and the owner maps hold exactly the ranges SetOwners gave them. The maps
 // are as large as the configured prefixes, never the traffic, so dumping
 // them is cheap (two netlink dumps of ~2 elements per prefix).
-func (b *Backend) checkOwnerChains(present map[string]bool) error {
+//
+// Every error it returns wraps ErrUnhealthy and ErrOwnerMeter: Healthy
+// runs it last, so the caller knows that only the owner meter needs
+// repair (RepairOwners).
+func (b *Backend) checkOwnerChains(present map[string]bool) (err error) {
 	if !b.hasOwners || !b.ownerMetering() {
 		return nil
 	}
+	defer func() {
+		if err != nil {
+			if !errors.Is(err, ErrUnhealthy) {
+				err = fmt.Errorf("%w: %w", err, ErrUnhealthy)
+			}
+			err = fmt.Errorf("%w (%w)", err, ErrOwnerMeter)
+		}
+	}()
 	for _, name := range OwnerChains(b.owners) {
 		if !present[name] {
 			return fmt.Errorf("pinhole: chain %s missing: %w", name, ErrUnhealthy)
@@ -489,6 +633,7 @@ func (b *Backend) ownerChainIntact(name string) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("rules of %s: %w", name, classify(err))
 	}
+	b.foldOwnerCounters(name, rules)
 	want := b.ownerRules()
 	if len(rules) != len(want) {
 		return false, nil

@@ -50,6 +50,11 @@ var (
 	ErrUnhealthy = errors.New("ruleset damaged")
 	// ErrNoTable: attached mode, and the admin's table does not exist.
 	ErrNoTable = errors.New("table not found")
+	// ErrOwnerMeter: the owner meter (ownermeter.go) could not be written,
+	// or Healthy found it other than SetOwners left it, while everything
+	// else is in place: pinholes can be installed, and RepairOwners is
+	// the retry. Healthy wraps ErrUnhealthy with it.
+	ErrOwnerMeter = errors.New("owner meter not in place")
 )
 
 // Pinhole is one inbound opening. Its shape decides what gets installed:
