@@ -64,6 +64,18 @@ const (
 	ThirdPartyOwned = "owned"
 )
 
+// Reverse-path modes of the kernel's owner meter (--kernel-reverse-path,
+// pinhole.ReversePath).
+const (
+	// ReversePathStrict (the default): a request from a client's prefix
+	// must arrive on the interface the host routes that prefix through.
+	ReversePathStrict = "strict"
+	// ReversePathLoose: the host must have some route back to the source.
+	ReversePathLoose = "loose"
+	// ReversePathOff: no check.
+	ReversePathOff = "off"
+)
+
 // Ownership sources, as reported by Config.OwnershipSource.
 const (
 	OwnershipWireGuard = "wireguard"
@@ -116,7 +128,10 @@ type Config struct {
 	// per-source meter's); 0 when the kernel meter is off. A set rate has
 	// twice its rate as burst.
 	KernelOwnerRateLimit, KernelOwnerRateBurst int
-	IPv4PortLow, IPv4PortHigh                  uint16
+	// KernelReversePath is the kernel owner meter's reverse-path check:
+	// ReversePathStrict, ReversePathLoose or ReversePathOff.
+	KernelReversePath         string
+	IPv4PortLow, IPv4PortHigh uint16
 	// AllowPorts, if set, are the only internal ports that may be opened;
 	// DenyPorts never are. Each entry is a closed range [0] to [1].
 	AllowPorts, DenyPorts [][2]uint16

@@ -55,6 +55,7 @@ func TestDefaults(t *testing.T) {
 		// What pcpd's own owner bucket admits (known bug 5).
 		KernelOwnerRateLimit: 400,
 		KernelOwnerRateBurst: 800,
+		KernelReversePath:    ReversePathStrict,
 		IPv4PortLow:          1024,
 		IPv4PortHigh:         65535,
 		TouchInterval:        time.Minute,
@@ -85,6 +86,7 @@ max-leases = 1000
 memory-limit = "auto"
 rate-limit = 500
 kernel-rate-limit = 3000
+kernel-reverse-path = "loose"
 strict-nonce = true
 third-party = "off"
 metrics = "127.0.0.1:9351"
@@ -134,6 +136,7 @@ office = ["2001:db8:2::/48"]
 		KernelRateBurst:      8000,
 		KernelOwnerRateLimit: 4000,  // 8 × rate-limit
 		KernelOwnerRateBurst: 16000, // 8 × rate-burst
+		KernelReversePath:    ReversePathLoose,
 		IPv4PortLow:          20000,
 		IPv4PortHigh:         29999,
 		AllowPorts:           [][2]uint16{{22, 22}, {80, 80}, {443, 443}, {1024, 65535}},
@@ -220,6 +223,10 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{`--kernel-owner-rate-limit: "0": want a whole number from 1`}},
 		{name: "kernel owner rate limit below the per-source one", args: []string{"--kernel-rate-limit", "300", "--kernel-owner-rate-limit", "299"},
 			want: []string{"--kernel-owner-rate-limit: 299 is below kernel-rate-limit 300"}},
+		{name: "kernel reverse path unknown", args: []string{"--kernel-reverse-path", "feasible"},
+			want: []string{`--kernel-reverse-path: "feasible": want strict, loose or off`}},
+		{name: "kernel reverse path empty", file: "kernel-reverse-path = \"\"\n",
+			want: []string{`kernel-reverse-path: "": want strict, loose or off`}},
 		{name: "kernel rate limit as a string", file: "kernel-rate-limit = \"off\"\n",
 			want: []string{`kernel-rate-limit: want an integer, got string "off"`}},
 		{name: "rate burst not a number", file: "rate-burst = \"lots\"\n",
@@ -335,6 +342,32 @@ func TestKernelRateLimit(t *testing.T) {
 			}
 			if c.KernelOwnerRateLimit != tt.ownerRate || c.KernelOwnerRateBurst != tt.ownerBurst {
 				t.Errorf("kernel owner rate %d burst %d, want %d and %d", c.KernelOwnerRateLimit, c.KernelOwnerRateBurst, tt.ownerRate, tt.ownerBurst)
+			}
+		})
+	}
+}
+
+// --kernel-reverse-path: strict unless set (RELIABILITY.md bug 4: the
+// check is what keeps a spoofed source from using up a client's rate);
+// the flag wins over the file.
+func TestKernelReversePath(t *testing.T) {
+	for _, tt := range []struct {
+		name, file string
+		args       []string
+		want       string
+	}{
+		{"default", "", nil, ReversePathStrict},
+		{"loose", "", []string{"--kernel-reverse-path", "loose"}, ReversePathLoose},
+		{"off in the file", "kernel-reverse-path = \"off\"\n", nil, ReversePathOff},
+		{"flag over file", "kernel-reverse-path = \"off\"\n", []string{"--kernel-reverse-path", "strict"}, ReversePathStrict},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := load(t, tt.file, tt.args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.KernelReversePath != tt.want {
+				t.Errorf("KernelReversePath %q, want %q", c.KernelReversePath, tt.want)
 			}
 		})
 	}

@@ -77,6 +77,8 @@ var settings = []setting{
 		usage: "`N` datagrams a second per source above which the kernel drops requests before they reach pcpd (standalone mode; a flood then does not delay other clients), 0 = off; its burst is 4 × --rate-burst (default: 4 × --rate-limit)"},
 	{name: "kernel-owner-rate-limit", kind: kInt,
 		usage: "`N` datagrams a second per client (all its sources together, e.g. every /64 of a WireGuard peer's AllowedIPs) above which the kernel drops requests (standalone mode, with --kernel-rate-limit on); its burst is 2 × N (default: what pcpd's own per-client bucket admits, 8 × --rate-limit, burst 8 × --rate-burst, at least --kernel-rate-limit)"},
+	{name: "kernel-reverse-path", kind: kString, def: ReversePathStrict,
+		usage: "`MODE` of the kernel meter's reverse-path check on requests from a client's prefix (standalone mode, with --kernel-rate-limit on): strict (they must arrive on the interface the host routes that prefix through, as rp_filter=1: requests spoofed from a client's prefix on another interface are dropped and cannot use up its rate), loose (some route back must exist, as rp_filter=2; for a client prefix routed over several paths, whose IPv6 requests strict drops on all paths but one) or off"},
 	{name: "allow-ports", kind: kString,
 		usage: "only these internal ports may be opened, `LIST` of ports and LOW-HIGH ranges, e.g. 22,80,443,1024-65535 (default: all)"},
 	{name: "deny-ports", kind: kString,

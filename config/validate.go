@@ -225,6 +225,13 @@ func validate(vals map[string]*value) (*Config, Errors) {
 		c.KernelOwnerRateLimit, c.KernelOwnerRateBurst = n, 2*n
 	}
 
+	switch kv := vals["kernel-reverse-path"]; kv.str {
+	case ReversePathStrict, ReversePathLoose, ReversePathOff:
+		c.KernelReversePath = kv.str
+	default:
+		fail(kv, "%q: want strict, loose or off", kv.str)
+	}
+
 	// IPv4 port range.
 	rv := vals["ipv4-port-range"]
 	lo, hi, ok := parsePortRange(rv.str)

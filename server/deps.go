@@ -29,8 +29,16 @@ type Firewall interface {
 // its kernel request meter counts per owner, so it needs every owner's
 // prefixes, and the prefixes owned by nobody inside them (policy.Holes),
 // given again whenever they change (pinhole/ownermeter.go).
+//
+// Its failures leave the rest alone: Setup returns an error wrapping
+// pinhole.ErrOwnerMeter when all but the owner meter is in place, and
+// Healthy one wrapping it when only the owner meter is damaged;
+// RepairOwners writes the owner meter again. MeterDrops is what its rules
+// dropped, per rule, for /metrics.
 type OwnerMeter interface {
 	SetOwners(owners []pinhole.Owner, holes []netip.Prefix) error
+	RepairOwners() error
+	MeterDrops() pinhole.MeterDrops
 }
 
 // LeaseStore is the durable lease store (*store.Store). Commit is one

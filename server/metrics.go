@@ -2,6 +2,8 @@ package server
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/pcpd/pcpd/pinhole"
 )
 
 // metrics are the engine's Prometheus collectors.
@@ -21,10 +23,16 @@ type metrics struct {
 	absorbed      prometheus.Counter
 	flushLeases   prometheus.Histogram
 	flushSeconds  prometheus.Histogram
+	// The kernel owner meter's (OwnerMeter), when the firewall has one.
+	meterErrors prometheus.Counter
+	kernelDrops prometheus.Collector
 }
 
 func newMetrics(leases func() float64) *metrics {
 	return &metrics{
+		meterErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pcpd_owner_meter_errors_total", Help: "Failed writes of the kernel's owner meter (its chains and maps); retried at the next ownership pass or firewall check.",
+		}),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "pcpd_requests_total", Help: "Requests answered, by protocol (pcp, natpmp), opcode and result.",
 		}, []string{"protocol", "opcode", "result"}),
@@ -80,7 +88,36 @@ func newMetrics(leases func() float64) *metrics {
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.latency, m.kernelSeconds, m.storeSeconds,
+	c := []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.latency, m.kernelSeconds, m.storeSeconds,
 		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.ctWalks, m.leases,
 		m.absorbed, m.flushLeases, m.flushSeconds}
+	if m.kernelDrops != nil {
+		c = append(c, m.meterErrors, m.kernelDrops)
+	}
+	return c
+}
+
+// kernelDrops reports the owner meter's drops (pinhole.MeterDrops) by
+// rule: reverse-path (a source in a client's prefix arriving where the
+// host does not route that prefix: spoofed, or a multipath route under
+// strict) apart from owner-rate-limit (the client over its rate), the
+// reason names of pcpd_requests_dropped_total. Reading them asks the
+// kernel nothing: the backend gathers them at each health check.
+type kernelDrops struct {
+	desc  *prometheus.Desc
+	drops func() pinhole.MeterDrops
+}
+
+func newKernelDrops(drops func() pinhole.MeterDrops) *kernelDrops {
+	return &kernelDrops{drops: drops, desc: prometheus.NewDesc("pcpd_kernel_requests_dropped_total",
+		"Requests the kernel's owner meter dropped before they reached pcpd, by reason (reverse-path, owner-rate-limit); updated at each firewall check.",
+		[]string{"reason"}, nil)}
+}
+
+func (k *kernelDrops) Describe(ch chan<- *prometheus.Desc) { ch <- k.desc }
+
+func (k *kernelDrops) Collect(ch chan<- prometheus.Metric) {
+	d := k.drops()
+	ch <- prometheus.MustNewConstMetric(k.desc, prometheus.CounterValue, float64(d.ReversePath), "reverse-path")
+	ch <- prometheus.MustNewConstMetric(k.desc, prometheus.CounterValue, float64(d.OwnerRate), "owner-rate-limit")
 }

@@ -7,6 +7,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/server/servertest"
 )
 
 // TestMetrics: requests by protocol, opcode and result; leases;
@@ -21,6 +23,26 @@ func TestMetrics(t *testing.T) {
 	h.do(mapReq(addrA, pcp.ProtoSCTP, 443, 0, time.Hour, 1))
 	h.pmp(v4A, pcp.PMPOpMapUDP, 53, 0, time.Hour)
 	h.s.Revoke(RevokeFilter{Owner: ownerA})
+	got := gather(t, reg)
+	for k, v := range map[string]float64{
+		"pcpd_requests_total,opcode=MAP,protocol=pcp,result=SUCCESS":         1,
+		"pcpd_requests_total,opcode=MAP,protocol=pcp,result=UNSUPP_PROTOCOL": 1,
+		"pcpd_requests_total,opcode=MAP_UDP,protocol=natpmp,result=SUCCESS":  1,
+		"pcpd_revocations_total,cause=operator":                              2,
+		"pcpd_leases":                                                        0,
+		"pcpd_batch_requests":                                                2,
+		"pcpd_kernel_apply_seconds":                                          3,
+	} {
+		if got[k] != v {
+			t.Errorf("%s = %v, want %v (all: %v)", k, got[k], v, got)
+		}
+	}
+}
+
+// gather reads every metric of reg as "name,label=value,..." → value (a
+// histogram's sample count).
+func gather(t *testing.T, reg *prometheus.Registry) map[string]float64 {
+	t.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -42,17 +64,67 @@ func TestMetrics(t *testing.T) {
 			}
 		}
 	}
+	return got
+}
+
+// TestOwnerMeterFailure (RELIABILITY.md bug 4, review S3): when the firewall
+// is restored but its owner meter cannot be written, every lease's pinholes
+// are re-installed all the same, and the failure is logged and counted;
+// the next checks retry the owner meter alone (no re-install, no lock)
+// until it is written. The owner meter's kernel drops reach /metrics by
+// reason.
+func TestOwnerMeterFailure(t *testing.T) {
+	h := newHarness(t)
+	reg := prometheus.NewRegistry()
+	for _, c := range h.s.Collectors() {
+		reg.MustRegister(c)
+	}
+	h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1))
+	h.do(mapReq(addrB, pcp.ProtoUDP, 53, 0, time.Hour, 1))
+	if h.fw.OwnerSets == 0 {
+		t.Fatal("the owner meter was never given the owners")
+	}
+	h.fw.FailOwners = func() error { return servertest.ErrInjected }
+	h.fw.Tamper()
+	h.clock.Advance(time.Minute)
+	h.s.checkFirewall()
+	if n := len(h.fw.Holes()); n != 2 {
+		t.Fatalf("%d pinholes after a restore whose owner meter failed, want both leases' 2", n)
+	}
+	applies := h.fw.Applies
+	if got := gather(t, reg)["pcpd_owner_meter_errors_total"]; got < 1 {
+		t.Errorf("pcpd_owner_meter_errors_total = %v, want ≥ 1", got)
+	}
+	if len(h.logs.FilterMessageSnippet("not the kernel's owner meter").All()) == 0 {
+		t.Error("the owner meter's failure is not logged")
+	}
+	// Still failing: retried, counted, nothing re-installed.
+	errs := gather(t, reg)["pcpd_owner_meter_errors_total"]
+	h.s.checkFirewall()
+	if got := gather(t, reg)["pcpd_owner_meter_errors_total"]; got != errs+1 || h.fw.Applies != applies || h.fw.OwnerRepairs != 0 {
+		t.Errorf("retry while failing: errors %v (was %v), applies %d (was %d), repairs %d", got, errs, h.fw.Applies, applies, h.fw.OwnerRepairs)
+	}
+	// Writable again: the owner meter alone is written.
+	h.fw.FailOwners = nil
+	h.s.checkFirewall()
+	if h.fw.OwnerRepairs != 1 || h.fw.Applies != applies {
+		t.Errorf("retry: %d repairs, %d applies (was %d), want one repair and no re-install", h.fw.OwnerRepairs, h.fw.Applies, applies)
+	}
+	if err := h.fw.Healthy(); err != nil {
+		t.Errorf("Healthy after the retry: %v", err)
+	}
+	if n := len(h.fw.Holes()); n != 2 {
+		t.Errorf("%d pinholes, want 2", n)
+	}
+
+	h.fw.Drops = pinhole.MeterDrops{ReversePath: 7, OwnerRate: 11}
+	got := gather(t, reg)
 	for k, v := range map[string]float64{
-		"pcpd_requests_total,opcode=MAP,protocol=pcp,result=SUCCESS":         1,
-		"pcpd_requests_total,opcode=MAP,protocol=pcp,result=UNSUPP_PROTOCOL": 1,
-		"pcpd_requests_total,opcode=MAP_UDP,protocol=natpmp,result=SUCCESS":  1,
-		"pcpd_revocations_total,cause=operator":                              2,
-		"pcpd_leases":                                                        0,
-		"pcpd_batch_requests":                                                2,
-		"pcpd_kernel_apply_seconds":                                          3,
+		"pcpd_kernel_requests_dropped_total,reason=reverse-path":     7,
+		"pcpd_kernel_requests_dropped_total,reason=owner-rate-limit": 11,
 	} {
 		if got[k] != v {
-			t.Errorf("%s = %v, want %v (all: %v)", k, got[k], v, got)
+			t.Errorf("%s = %v, want %v", k, got[k], v)
 		}
 	}
 }

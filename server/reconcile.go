@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"iter"
 	"slices"
@@ -31,7 +32,11 @@ func (s *Server) restore() error {
 	if st.Recovered != "" {
 		s.log.Warn("store recovered", zap.String("detail", st.Recovered))
 	}
-	if err := s.fw.Setup(); err != nil {
+	if err := s.fw.Setup(); errors.Is(err, pinhole.ErrOwnerMeter) {
+		// All else is in place: serve, and retry the meter (checkFirewall).
+		s.m.meterErrors.Inc()
+		s.log.Error("cannot write the kernel's owner meter; serving without it, retrying at the next firewall check", zap.Error(err))
+	} else if err != nil {
 		return fmt.Errorf("server: firewall setup: %w", err)
 	}
 	s.updateProtected()
@@ -224,9 +229,27 @@ func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Key, 
 // runs without s.mu, so serving goes on; only a repair takes the lock, and
 // re-installs every lease's pinholes (a flushed set or a re-created table
 // has lost them all).
+//
+// When only the kernel's owner meter is off (its writing failed, or
+// someone changed it: Healthy's error wraps pinhole.ErrOwnerMeter), only
+// the meter is written again, without the lock or a re-install: it holds
+// no pinhole. And when Setup restores everything but the owner meter, the
+// pinholes are re-installed all the same (reasons at pinhole's Setup: the
+// meter only drops requests, and the leases were each authorised); the
+// meter is retried at the next check.
 func (s *Server) checkFirewall() {
 	herr := s.fw.Healthy()
 	if herr == nil {
+		return
+	}
+	if om, ok := s.fw.(OwnerMeter); ok && errors.Is(herr, pinhole.ErrOwnerMeter) {
+		s.log.Warn("kernel owner meter damaged or missing; restoring it", zap.Error(herr))
+		if err := om.RepairOwners(); err != nil {
+			s.m.meterErrors.Inc()
+			s.log.Error("cannot restore the kernel's owner meter; retrying at the next firewall check", zap.Error(err))
+			return
+		}
+		s.m.restores.Inc()
 		return
 	}
 	s.mu.Lock()
@@ -234,7 +257,10 @@ func (s *Server) checkFirewall() {
 	now := s.now()
 	s.expireLocked(now)
 	s.log.Warn("firewall objects damaged or missing; restoring", zap.Error(herr))
-	if err := s.fw.Setup(); err != nil {
+	if err := s.fw.Setup(); errors.Is(err, pinhole.ErrOwnerMeter) {
+		s.m.meterErrors.Inc()
+		s.log.Error("restored the firewall objects but not the kernel's owner meter; re-installing pinholes, retrying the meter at the next firewall check", zap.Error(err))
+	} else if err != nil {
 		s.log.Error("cannot restore firewall objects", zap.Error(err))
 		return
 	}

@@ -154,6 +154,9 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		defer s.mu.Unlock()
 		return float64(s.tab.len())
 	})
+	if om, ok := s.fw.(OwnerMeter); ok {
+		s.m.kernelDrops = newKernelDrops(om.MeterDrops)
+	}
 	if deps.Registerer != nil {
 		for _, c := range s.m.collectors() {
 			if err := deps.Registerer.Register(c); err != nil {
@@ -558,6 +561,8 @@ func (s *Server) updateMeterOwners(owners []policy.Owner) {
 		return
 	}
 	if err := om.SetOwners(meter, holes); err != nil {
+		// Retried at the next pass (s.meterOwners unchanged).
+		s.m.meterErrors.Inc()
 		s.log.Error("cannot update the owner meter's prefixes", zap.Error(err))
 		return
 	}

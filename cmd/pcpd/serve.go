@@ -377,6 +377,9 @@ func wireGuardCollectors(w *policy.WireGuard) []prometheus.Collector {
 func kernelMeter(cfg *config.Config) pinhole.Meter {
 	m := pinhole.Meter{Rate: uint32(cfg.KernelRateLimit), Burst: uint32(cfg.KernelRateBurst),
 		OwnerRate: uint32(cfg.KernelOwnerRateLimit), OwnerBurst: uint32(cfg.KernelOwnerRateBurst)}
+	// config has validated the name (were it unknown, the zero value is
+	// strict: the safe side).
+	m.ReversePath, _ = pinhole.ParseReversePath(cfg.KernelReversePath)
 	for _, ap := range cfg.Listen {
 		m.Ports = append(m.Ports, ap.Port())
 	}

@@ -2,10 +2,13 @@ package main
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -108,4 +111,118 @@ func TestServeHousekeepingAndReservedFlags(t *testing.T) {
 			t.Errorf("state file not written within 5 s with --touch-interval 1s")
 		}
 	})
+}
+
+// --kernel-reverse-path reaches the kernel (the owner chain's rule per
+// mode) and the reverse-path drops reach /metrics apart from the rate
+// drops: 40 requests spoofed from the client's prefix via the WAN are
+// dropped and counted as reverse-path under strict (the default), and
+// neither under off, whose owner chain has no such rule (RELIABILITY.md
+// bug 4, review S1).
+func TestServeKernelReversePath(t *testing.T) {
+	netlab.RequireRoot(t)
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	spoof := netip.MustParseAddr("2001:db8:1:2::99") // the client's /64
+	topo.Internet.MustRun(t, "ip", "addr", "add", spoof.String()+"/128", "dev", "lo", "nodad")
+	const metricsAddr = "127.0.0.1:9359"
+	for _, tt := range []struct {
+		mode        string // "": the default
+		rule        string // in the owner chain; "" none
+		reversePath int    // pcpd_kernel_requests_dropped_total{reason="reverse-path"}
+	}{
+		{"", "fib saddr . iif oif 0 counter", 40},
+		{"off", "", 0},
+	} {
+		t.Run("mode="+tt.mode, func(t *testing.T) {
+			dir := t.TempDir()
+			args := []string{"serve", "--interface", topo.HostLANIf,
+				"--client", "home=" + topo.ClientPrefix6.String(),
+				"--state-dir", filepath.Join(dir, "state"), "--socket", filepath.Join(dir, "pcpd.sock"),
+				"--metrics", metricsAddr}
+			if tt.mode != "" {
+				args = append(args, "--kernel-reverse-path", tt.mode)
+			}
+			d := pcpdtest.Start(t, pcpdtest.Config{NS: topo.Host, Args: args,
+				Ready: pcpdtest.Announce(topo.Client, topo.ClientV6, netip.AddrPortFrom(topo.HostTunnelV6, pcp.Port))})
+			defer d.Stop()
+			var chain string
+			if err := netlab.Eventually(5*time.Second, func() error {
+				out, err := topo.Host.Run("nft", "list", "table", "inet", "pcpd")
+				if i := strings.Index(out, "chain owner_"); err == nil && i >= 0 {
+					chain = out[i:]
+					chain = chain[:strings.Index(chain, "}")]
+					return nil
+				}
+				return fmt.Errorf("no owner chain: %v\n%s", err, out)
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if got := strings.Contains(chain, "fib saddr"); got != (tt.rule != "") || !strings.Contains(chain, tt.rule) {
+				t.Errorf("owner chain with --kernel-reverse-path %q, want rule %q:\n%s", tt.mode, tt.rule, chain)
+			}
+			// ANNOUNCEs (a valid request, so pcpd's answer, were it to
+			// get one, is not what is measured): sent from the WAN side.
+			req := make([]byte, 24)
+			req[0], req[1] = 2, 0 // version 2, ANNOUNCE
+			if err := topo.Internet.Do(func() error {
+				c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(spoof, 0)), net.UDPAddrFromAddrPort(netip.AddrPortFrom(topo.HostTunnelV6, pcp.Port)))
+				if err != nil {
+					return err
+				}
+				defer c.Close()
+				for range 40 {
+					if _, err := c.Write(req); err != nil {
+						return err
+					}
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			// The figures follow the firewall check (every 5 s).
+			want := fmt.Sprintf("pcpd_kernel_requests_dropped_total{reason=\"reverse-path\"} %d\n", tt.reversePath)
+			var body string
+			if err := netlab.Eventually(12*time.Second, func() (err error) {
+				body, err = scrape(topo.Host, metricsAddr)
+				if err == nil && !strings.Contains(body, want) {
+					err = fmt.Errorf("no %q", want)
+				}
+				return err
+			}); err != nil {
+				t.Errorf("/metrics: %v\n%s", err, grepLines(body, "pcpd_kernel_requests_dropped_total"))
+			}
+			if !strings.Contains(body, "pcpd_kernel_requests_dropped_total{reason=\"owner-rate-limit\"} 0\n") {
+				t.Errorf("/metrics: owner-rate-limit drops not apart and 0:\n%s", grepLines(body, "pcpd_kernel_requests_dropped_total"))
+			}
+		})
+	}
+}
+
+// scrape fetches http://addr/metrics from inside ns (the socket is made
+// in ns; a plain HTTP/1.0 GET).
+func scrape(ns *netlab.NS, addr string) (string, error) {
+	var c net.Conn
+	if err := ns.Do(func() (err error) {
+		c, err = net.DialTimeout("tcp", addr, 2*time.Second)
+		return err
+	}); err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := fmt.Fprintf(c, "GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n", addr); err != nil {
+		return "", err
+	}
+	b, err := io.ReadAll(c)
+	return string(b), err
+}
+
+func grepLines(s, substr string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

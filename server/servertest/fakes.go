@@ -38,6 +38,17 @@ type Firewall struct {
 	Owners     []string
 	OwnerHoles []string
 	OwnerSets  int
+	// FailOwners, if set, is consulted by Setup (when SetOwners has been
+	// called), SetOwners and RepairOwners, as the real backend writes the
+	// owner meter in each: a non-nil error leaves the owner meter off (Setup
+	// still restores the rest, as pinhole's does, and returns the error
+	// wrapping pinhole.ErrOwnerMeter); Healthy then reports the owner
+	// meter alone until a write succeeds.
+	FailOwners   func() error
+	OwnerRepairs int // successful RepairOwners calls
+	meterOff     bool
+	// Drops is what MeterDrops reports.
+	Drops pinhole.MeterDrops
 }
 
 // NewFirewall returns an empty firewall on clock now.
@@ -49,7 +60,42 @@ func (f *Firewall) Setup() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.broken = false
+	if f.OwnerSets > 0 {
+		if err := f.writeOwners(); err != nil {
+			return fmt.Errorf("servertest: setup: %w: %w", pinhole.ErrOwnerMeter, err)
+		}
+	}
 	return nil
+}
+
+// writeOwners is a write of the owner meter, under f.mu.
+func (f *Firewall) writeOwners() error {
+	if f.FailOwners != nil {
+		if err := f.FailOwners(); err != nil {
+			f.meterOff = true
+			return err
+		}
+	}
+	f.meterOff = false
+	return nil
+}
+
+// RepairOwners writes the owner meter again (server.OwnerMeter).
+func (f *Firewall) RepairOwners() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.writeOwners(); err != nil {
+		return fmt.Errorf("servertest: repair owner meter: %w: %w", pinhole.ErrOwnerMeter, err)
+	}
+	f.OwnerRepairs++
+	return nil
+}
+
+// MeterDrops reports Drops (server.OwnerMeter).
+func (f *Firewall) MeterDrops() pinhole.MeterDrops {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.Drops
 }
 
 func (f *Firewall) SetProtected(p []netip.Prefix) error {
@@ -66,6 +112,9 @@ func (f *Firewall) SetProtected(p []netip.Prefix) error {
 func (f *Firewall) SetOwners(owners []pinhole.Owner, holes []netip.Prefix) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if err := f.writeOwners(); err != nil {
+		return err
+	}
 	f.OwnerSets++
 	f.Owners = f.Owners[:0]
 	for _, o := range owners {
@@ -141,6 +190,9 @@ func (f *Firewall) Healthy() error {
 	defer f.mu.Unlock()
 	if f.broken {
 		return pinhole.ErrUnhealthy
+	}
+	if f.meterOff {
+		return fmt.Errorf("servertest: owner meter missing: %w (%w)", pinhole.ErrUnhealthy, pinhole.ErrOwnerMeter)
 	}
 	return nil
 }
