@@ -35,6 +35,9 @@ func BenchmarkControlDatagram(b *testing.B) {
 		{"tracked, meter", true, pinhole.Config{TrackControl: true, Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}}, false},
 		{"notrack, meter", true, pinhole.Config{Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}}, false},
 		{"notrack, meter, owned", true, pinhole.Config{Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}}, true},
+		// The owner chain's reverse-path rule (strict above): loose, and none.
+		{"notrack, meter, owned, loose", true, pinhole.Config{Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20, ReversePath: pinhole.ReversePathLoose}}, true},
+		{"notrack, meter, owned, off", true, pinhole.Config{Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20, ReversePath: pinhole.ReversePathOff}}, true},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
