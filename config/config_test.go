@@ -223,6 +223,8 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{`--kernel-owner-rate-limit: "0": want a whole number from 1`}},
 		{name: "kernel owner rate limit below the per-source one", args: []string{"--kernel-rate-limit", "300", "--kernel-owner-rate-limit", "299"},
 			want: []string{"--kernel-owner-rate-limit: 299 is below kernel-rate-limit 300"}},
+		{name: "kernel owner rate limit without the kernel meter", args: []string{"--kernel-rate-limit", "0", "--kernel-owner-rate-limit", "500"},
+			want: []string{"--kernel-owner-rate-limit: needs the kernel meter (kernel-rate-limit is 0)"}},
 		{name: "kernel reverse path unknown", args: []string{"--kernel-reverse-path", "feasible"},
 			want: []string{`--kernel-reverse-path: "feasible": want strict, loose or off`}},
 		{name: "kernel reverse path empty", file: "kernel-reverse-path = \"\"\n",
@@ -331,6 +333,7 @@ func TestKernelRateLimit(t *testing.T) {
 		{"owner rate", []string{"--kernel-owner-rate-limit", "5000"}, 200, 400, 5000, 10000},
 		{"owner rate equal to the source's", []string{"--kernel-owner-rate-limit", "200"}, 200, 400, 200, 400},
 		{"owner rate of before", []string{"--kernel-owner-rate-limit", "1600"}, 200, 400, 1600, 3200},
+		{"owner burst not below the source's", []string{"--rate-burst", "1000", "--kernel-owner-rate-limit", "300"}, 200, 4000, 300, 4000},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c, err := load(t, "", tt.args...)

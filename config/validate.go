@@ -218,11 +218,17 @@ func validate(vals map[string]*value) (*Config, Errors) {
 		}
 	} else if n, err := strconv.Atoi(kv.str); err != nil || n < 1 || n > 1<<24 {
 		fail(kv, "%q: want a whole number from 1 to %d", kv.str, 1<<24)
+	} else if c.KernelRateLimit == 0 {
+		// The owner chains hang off the per-source meter's rules: with
+		// that meter off nothing jumps to them, and the setting would
+		// silently do nothing.
+		fail(kv, "needs the kernel meter (kernel-rate-limit is 0)")
 	} else if n < c.KernelRateLimit {
 		// One source alone would be held below its own meter.
 		fail(kv, "%d is below kernel-rate-limit %d", n, c.KernelRateLimit)
 	} else {
-		c.KernelOwnerRateLimit, c.KernelOwnerRateBurst = n, 2*n
+		// Nor one source's burst below its own meter's.
+		c.KernelOwnerRateLimit, c.KernelOwnerRateBurst = n, max(2*n, c.KernelRateBurst)
 	}
 
 	switch kv := vals["kernel-reverse-path"]; kv.str {

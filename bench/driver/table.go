@@ -29,6 +29,7 @@ var rows = []row{
 	{label: "new MAP p99, closed loop", key: "new-p99"},
 	{label: "new MAP p99, open loop at 80 % of own max", key: "open80-p99", maxAbs: 5000, target: "< 5 ms"},
 	{label: "new MAP while growing 0 → 100 000 leases", key: "grow100k", floorKey: "new", minFloor: 0.30, target: "≥ 30 % of floor"},
+	{label: "wait after the growth for its fold (the rows below run settled, errors first)", key: "settle100k"},
 	{label: "new MAP, 100 000 live leases", key: "new100k", floorKey: "new", minFloor: 0.30, target: "≥ 30 % of floor"},
 	{label: "renewal, 100 000 live leases", key: "renew100k", floorKey: "renew", minFloor: 0.50, target: "≥ 50 % of floor"},
 	{label: "malformed, 100 000 live leases", key: "malformed100k", floorKey: "malformed", minFloor: 0.80, target: "≥ 80 % of floor"},
