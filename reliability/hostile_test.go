@@ -608,34 +608,38 @@ func socketMem(ns *netlab.NS) string {
 // prefix on an interface the host does not route it through (the
 // reverse-path rule; none in these labs, whose sources are routed).
 func ownerMeterDrops(ns *netlab.NS) uint64 {
-	out, _ := ns.Run("nft", "list", "table", "inet", "pcpd")
 	var n uint64
-	inOwner := false
-	for _, line := range strings.Split(out, "\n") {
-		f := strings.Fields(line)
-		switch {
-		case len(f) >= 2 && f[0] == "chain":
-			inOwner = strings.HasPrefix(f[1], "owner_")
-		case inOwner:
-			if i := slices.Index(f, "counter"); i >= 0 && i+2 < len(f) && f[i+1] == "packets" {
-				n += parseUint(f[i+2])
-			}
+	for _, f := range ownerChainRules(ns) {
+		if i := slices.Index(f, "counter"); i >= 0 && i+2 < len(f) && f[i+1] == "packets" {
+			n += parseUint(f[i+2])
 		}
 	}
 	return n
 }
 
-// ownerMeterLimit is the limit rule of pcpd's first owner chain in ns
-// ("limit rate over 400/second burst 800 packets"), or "none".
-func ownerMeterLimit(ns *netlab.NS) string {
+// ownerChainRules lists the rules of pcpd's owner chains in ns (one
+// owner_* chain per client), each split into fields.
+func ownerChainRules(ns *netlab.NS) [][]string {
 	out, _ := ns.Run("nft", "list", "table", "inet", "pcpd")
+	var rules [][]string
 	inOwner := false
 	for _, line := range strings.Split(out, "\n") {
 		f := strings.Fields(line)
 		switch {
 		case len(f) >= 2 && f[0] == "chain":
 			inOwner = strings.HasPrefix(f[1], "owner_")
-		case inOwner && len(f) > 0 && f[0] == "limit":
+		case inOwner && len(f) > 0 && f[0] != "}" && f[0] != "type":
+			rules = append(rules, f)
+		}
+	}
+	return rules
+}
+
+// ownerMeterLimit is the limit rule of pcpd's first owner chain in ns
+// ("limit rate over 400/second burst 800 packets"), or "none".
+func ownerMeterLimit(ns *netlab.NS) string {
+	for _, f := range ownerChainRules(ns) {
+		if f[0] == "limit" {
 			if i := slices.Index(f, "counter"); i > 0 {
 				f = f[:i]
 			}
