@@ -158,11 +158,13 @@ func (b *Backend) allSets() []*nftables.Set {
 }
 
 // Setup creates pcpd's table (standalone), sets and chains where missing,
-// and rewrites the rules of pcpd's own chains, all in one transaction (the
-// owner meter's chains and maps then in transactions of their own). It
-// is idempotent and keeps set contents, so it is also the repair step after
-// Healthy fails and the first step after a restart (pinholes installed
-// before the restart stay in place). It never touches other objects.
+// and rewrites the rules of pcpd's own chains, all in one transaction; then
+// it brings the protected sets to the last SetProtected (writeProtected)
+// and writes the owner meter's chains and maps, each in bounded
+// transactions of their own. It is idempotent and keeps set contents, so
+// it is also the repair step after Healthy fails and the first step after a
+// restart (pinholes installed before the restart stay in place). It never
+// touches other objects.
 func (b *Backend) Setup() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -189,11 +191,14 @@ func (b *Backend) Setup() error {
 	if err := b.queueSentinels(); err != nil {
 		return err
 	}
-	if b.hasProtected {
-		if err := b.queueProtected(b.protected); err != nil {
-			return err
-		}
-	}
+	// The protected sets' contents are not in this transaction: with
+	// thousands of static clients' prefixes it exceeded the netlink
+	// socket's send buffer (EMSGSIZE at about 4 000 prefixes), and pcpd
+	// could not start. This transaction leaves them as they are (AddSet
+	// keeps an existing set's elements), so it never turns the guard off
+	// for a prefix the kernel guards: it only puts back what guards them
+	// (the entry chain's rules, guard6/guard4), and writeProtected below
+	// then adds and removes prefixes component by component.
 	if err := b.queueStaleControlRemoval(); err != nil {
 		return err
 	}
@@ -212,6 +217,20 @@ func (b *Backend) Setup() error {
 		return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))
 	}
 	b.owned = true
+	// Now the guard's prefixes, in transactions of at most protectedTxn
+	// elements (writeProtected). Between them the sets hold, for every
+	// address, either what they held before or what they must hold, and
+	// an address guarded both before and after is guarded throughout: a
+	// repair of a damaged set (Healthy: checkProtected) only adds to the
+	// guard until the last transaction, and at a first start, in a table
+	// made anew, the clients not yet added are as unguarded as they were
+	// before pcpd ran. Before the owner meter (as updateProtected does in
+	// the server): the guard is what keeps clients' inbound traffic out.
+	if b.hasProtected {
+		if err := b.writeProtected(b.protected); err != nil {
+			return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, err)
+		}
+	}
 	// The owner meter's chains and maps after the layout, in transactions
 	// of their own (writeOwners: one would overflow the netlink socket with
 	// many owners). Until they are written, the maps hold what they held
@@ -279,22 +298,42 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 // SetProtected replaces the protected prefixes: traffic to them is dropped
 // (standalone) unless a pinhole, an established flow or essential ICMPv6
 // lets it in. Traffic to any other address is left alone. Both families
-// may be given; overlapping prefixes are merged.
+// may be given; overlapping prefixes are merged. Only what changed is
+// written, in transactions of bounded size (writeProtected): an address
+// protected before and after stays protected throughout; one no longer
+// given may be unguarded, and one newly given guarded, before the call
+// returns. On error the sets hold a mix of the old and new prefixes, each
+// address one or the other, and the Backend keeps the old list (Healthy
+// reports the difference and Setup writes the old list back).
 func (b *Backend) SetProtected(prefixes []netip.Prefix) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if err := b.queueProtected(prefixes); err != nil {
-		return err
-	}
-	if err := b.conn.Flush(); err != nil {
-		return fmt.Errorf("pinhole: set protected prefixes: %w", classify(err))
+	if err := b.writeProtected(prefixes); err != nil {
+		return fmt.Errorf("pinhole: set protected prefixes: %w", err)
 	}
 	b.protected = slices.Clone(prefixes)
 	b.hasProtected = true
 	return nil
 }
 
-func (b *Backend) queueProtected(prefixes []netip.Prefix) error {
+// protectedTxn bounds the set elements (deleted and added) of one
+// transaction of writeProtected. One transaction is one sendmsg, which
+// the netlink socket's send buffer bounds (208 KiB by default; a protected
+// element takes 30 to 50 bytes): Setup, which held every protected element
+// in its one transaction, failed with EMSGSIZE at about 4 000 prefixes, and
+// SetProtected, a flush and every element in one transaction, at about
+// 10 000.
+const protectedTxn = 1024
+
+// writeProtected brings both protected sets to prefixes. It reads what the
+// kernel holds and writes only the difference, as transactions
+// (planIntervalSync) that each replace whole overlap components: a range
+// the kernel holds is deleted in the same transaction as the ranges to
+// hold that overlap it are added, so the guard never lapses for an address
+// that is to stay guarded, and no transaction adds a range overlapping one
+// the set still holds (the kernel refuses that). An unchanged set costs a
+// dump and nothing else. Caller holds b.mu.
+func (b *Backend) writeProtected(prefixes []netip.Prefix) error {
 	for _, p := range prefixes {
 		if !p.IsValid() {
 			return fmt.Errorf("pinhole: protected prefix %v: %w", p, ErrInvalid)
@@ -305,12 +344,115 @@ func (b *Backend) queueProtected(prefixes []netip.Prefix) error {
 		s *nftables.Set
 		p []netip.Prefix
 	}{{b.protected6, v6}, {b.protected4, v4}} {
-		b.conn.FlushSet(x.s)
-		if err := b.queueAddElements(x.s, intervalElements(x.p)); err != nil {
-			return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
+		held, err := b.readIntervals(x.s)
+		if err != nil {
+			return err
+		}
+		have := make([][2]netip.Addr, len(held))
+		for i, r := range held {
+			have[i] = [2]netip.Addr{r.first, r.last}
+		}
+		for _, txn := range planIntervalSync(have, elementRanges(intervalElements(x.p)), protectedTxn) {
+			if err := b.queueElements(x.s, b.conn.SetDeleteElements, rangesElements(txn.del)); err != nil {
+				return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
+			}
+			if err := b.queueElements(x.s, b.conn.SetAddElements, rangesElements(txn.add)); err != nil {
+				return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
+			}
+			if err := b.conn.Flush(); err != nil {
+				return fmt.Errorf("pinhole: set %s: %w", x.s.Name, classify(err))
+			}
 		}
 	}
 	return nil
+}
+
+// intervalTxn is one transaction of planIntervalSync: ranges to delete
+// from an interval set, then ranges to add, inclusive.
+type intervalTxn struct{ del, add [][2]netip.Addr }
+
+// planIntervalSync plans the transactions that take an interval set from
+// the ranges it holds (have) to want, each sorted and disjoint. Ranges of
+// both lists that overlap, directly or through others, form a component;
+// a component whose only ranges are one held and an equal one wanted is
+// left alone, any other is replaced whole in one transaction (its held
+// ranges deleted, its wanted ones added). So after every transaction each
+// address is covered as before or as wanted, never less than both, and the
+// set's ranges never overlap. Components are packed into transactions of
+// at most limit elements; one larger than limit gets a transaction of its
+// own (splitting it would open the guard on the addresses it keeps).
+func planIntervalSync(have, want [][2]netip.Addr, limit int) []intervalTxn {
+	type item struct {
+		r      [2]netip.Addr
+		wanted bool
+	}
+	items := make([]item, 0, len(have)+len(want))
+	for _, r := range have {
+		items = append(items, item{r, false})
+	}
+	for _, r := range want {
+		items = append(items, item{r, true})
+	}
+	slices.SortStableFunc(items, func(a, b item) int { return a.r[0].Compare(b.r[0]) })
+	var (
+		txns []intervalTxn
+		cur  intervalTxn
+		n    int
+	)
+	for i := 0; i < len(items); {
+		j, end := i+1, items[i].r[1]
+		for ; j < len(items) && items[j].r[0].Compare(end) <= 0; j++ {
+			if items[j].r[1].Compare(end) > 0 {
+				end = items[j].r[1]
+			}
+		}
+		comp := items[i:j]
+		i = j
+		if len(comp) == 2 && comp[0].wanted != comp[1].wanted && comp[0].r == comp[1].r {
+			continue // held as wanted
+		}
+		m := 0
+		for _, it := range comp {
+			m += rangeElementCount(it.r)
+		}
+		if n > 0 && n+m > limit {
+			txns, cur, n = append(txns, cur), intervalTxn{}, 0
+		}
+		for _, it := range comp {
+			if it.wanted {
+				cur.add = append(cur.add, it.r)
+			} else {
+				cur.del = append(cur.del, it.r)
+			}
+		}
+		n += m
+	}
+	if n > 0 {
+		txns = append(txns, cur)
+	}
+	return txns
+}
+
+// rangeElementCount is how many elements an interval set holds for r: a
+// start, and an end unless r runs to the top of the address space.
+func rangeElementCount(r [2]netip.Addr) int {
+	if r[1].Next().IsValid() {
+		return 2
+	}
+	return 1
+}
+
+// rangesElements encodes disjoint inclusive ranges as interval set
+// elements, as intervalElements does.
+func rangesElements(rs [][2]netip.Addr) []nftables.SetElement {
+	var elems []nftables.SetElement
+	for _, r := range rs {
+		elems = append(elems, nftables.SetElement{Key: r[0].AsSlice()})
+		if end := r[1].Next(); end.IsValid() {
+			elems = append(elems, nftables.SetElement{Key: end.AsSlice(), IntervalEnd: true})
+		}
+	}
+	return elems
 }
 
 // splitProtected masks valid prefixes and sorts them by family (IPv4-mapped
@@ -343,9 +485,15 @@ const elemChunk = 256
 // queueAddElements queues adding elems to s in messages of at most
 // elemChunk elements, all in the caller's transaction.
 func (b *Backend) queueAddElements(s *nftables.Set, elems []nftables.SetElement) error {
+	return b.queueElements(s, b.conn.SetAddElements, elems)
+}
+
+// queueElements queues op (adding or deleting) on elems of s in messages
+// of at most elemChunk elements, all in the caller's transaction.
+func (b *Backend) queueElements(s *nftables.Set, op func(*nftables.Set, []nftables.SetElement) error, elems []nftables.SetElement) error {
 	for len(elems) > 0 {
 		n := min(len(elems), elemChunk)
-		if err := b.conn.SetAddElements(s, elems[:n]); err != nil {
+		if err := op(s, elems[:n]); err != nil {
 			return err
 		}
 		elems = elems[n:]
