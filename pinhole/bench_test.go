@@ -3,6 +3,7 @@ package pinhole_test
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -173,6 +174,48 @@ func BenchmarkHealthyOwners(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+		})
+		// What Healthy costs the rest of pcpd: an Apply of one pinhole
+		// (a new mapping) while Healthy runs back to back in another
+		// goroutine, as checkFirewall's does beside the engine. Healthy
+		// held the Backend's lock for all of its reads, so an Apply
+		// waited for up to one whole Healthy (RELIABILITY.md bug 4, N3).
+		b.Run(fmt.Sprintf("owners=%d/apply-during-healthy", n), func(b *testing.B) {
+			stop := make(chan struct{})
+			done := make(chan error, 1)
+			go func() {
+				for {
+					select {
+					case <-stop:
+						done <- nil
+						return
+					default:
+					}
+					if err := be.Healthy(); err != nil {
+						done <- err
+						return
+					}
+				}
+			}()
+			var lat []time.Duration
+			i := 0
+			for b.Loop() {
+				t0 := time.Now()
+				if err := be.Apply([]pinhole.Op{{Kind: pinhole.Install, Pinhole: benchPinhole(i), Timeout: time.Minute}}); err != nil {
+					b.Fatal(err)
+				}
+				lat = append(lat, time.Since(t0))
+				i++
+				time.Sleep(time.Millisecond) // not back to back: Healthy gets the lock between
+			}
+			close(stop)
+			if err := <-done; err != nil {
+				b.Fatal(err)
+			}
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
+			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+			b.ReportMetric(float64(lat[len(lat)-1].Microseconds())/1000, "max-ms")
 		})
 		b.Run(fmt.Sprintf("owners=%d/owners", n), func(b *testing.B) {
 			for b.Loop() {

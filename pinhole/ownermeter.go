@@ -199,6 +199,7 @@ func (b *Backend) isOwnerChain(name string) bool {
 func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.gen++
 	if b.owners6 == nil {
 		return nil
 	}
@@ -221,6 +222,7 @@ func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
 func (b *Backend) RepairOwners() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.gen++
 	if !b.hasOwners || !b.ownerMetering() {
 		return nil
 	}
@@ -575,8 +577,8 @@ func ownedSpans(owners []Owner, holes []netip.Prefix) (v6, v4 []ownedSpan, err e
 // Every error it returns wraps ErrUnhealthy and ErrOwnerMeter: Healthy
 // runs it last, so the caller knows that only the owner meter needs
 // repair (RepairOwners).
-func (b *Backend) checkOwnerChains(present map[string]bool) (err error) {
-	if !b.hasOwners || !b.ownerMetering() {
+func (w *healthWant) checkOwnerChains(v kview, present map[string]bool, read map[string][]*nftables.Rule) (err error) {
+	if !w.meter {
 		return nil
 	}
 	defer func() {
@@ -587,11 +589,12 @@ func (b *Backend) checkOwnerChains(present map[string]bool) (err error) {
 			err = fmt.Errorf("%w (%w)", err, ErrOwnerMeter)
 		}
 	}()
-	for _, name := range OwnerChains(b.owners) {
+	for _, name := range OwnerChains(w.owners) {
 		if !present[name] {
 			return fmt.Errorf("pinhole: chain %s missing: %w", name, ErrUnhealthy)
 		}
-		ok, err := b.ownerChainIntact(name)
+		ok, rules, err := v.ownerChainIntact(name, w.ownerRules)
+		read[name] = rules
 		if err != nil {
 			return fmt.Errorf("pinhole: %w: %w", ErrUnhealthy, err)
 		}
@@ -599,21 +602,21 @@ func (b *Backend) checkOwnerChains(present map[string]bool) (err error) {
 			return fmt.Errorf("pinhole: chain %s does not hold the owner meter's rules: %w", name, ErrUnhealthy)
 		}
 	}
-	v6, v4, err := ownedSpans(b.owners, b.holes)
+	v6, v4, err := ownedSpans(w.owners, w.holes)
 	if err != nil {
 		return err
 	}
 	for _, x := range []struct {
 		s     *nftables.Set
 		spans []ownedSpan
-	}{{b.owners6, v6}, {b.owners4, v4}} {
+	}{{&w.owners6, v6}, {&w.owners4, v4}} {
 		var want []ownedSpan
 		for _, sp := range flattenOwned(x.spans) {
 			if sp.chain != "" {
 				want = append(want, sp)
 			}
 		}
-		got, err := b.readIntervals(x.s)
+		got, err := v.readIntervals(x.s)
 		if err != nil {
 			return fmt.Errorf("%w: %w", ErrUnhealthy, err)
 		}
@@ -627,31 +630,40 @@ func (b *Backend) checkOwnerChains(present map[string]bool) (err error) {
 }
 
 // ownerChainIntact reports whether owner chain name holds exactly
-// ownerRules (their counters aside).
+// ownerRules (their counters aside), and folds its counters in. Caller
+// holds b.mu.
 func (b *Backend) ownerChainIntact(name string) (bool, error) {
-	rules, err := b.conn.GetRules(b.table, &nftables.Chain{Table: b.table, Name: name})
-	if err != nil {
-		return false, fmt.Errorf("rules of %s: %w", name, classify(err))
+	ok, rules, err := b.view().ownerChainIntact(name, b.ownerRules())
+	if err == nil {
+		b.foldOwnerCounters(name, rules)
 	}
-	b.foldOwnerCounters(name, rules)
-	want := b.ownerRules()
+	return ok, err
+}
+
+// ownerChainIntact reports whether owner chain name holds exactly want
+// (their counters aside), with the rules it read.
+func (v kview) ownerChainIntact(name string, want [][]expr.Any) (bool, []*nftables.Rule, error) {
+	rules, err := v.conn.GetRules(v.table, &nftables.Chain{Table: v.table, Name: name})
+	if err != nil {
+		return false, nil, fmt.Errorf("rules of %s: %w", name, classify(err))
+	}
 	if len(rules) != len(want) {
-		return false, nil
+		return false, rules, nil
 	}
 	for i, r := range rules {
 		if len(r.Exprs) != len(want[i]) {
-			return false, nil
+			return false, rules, nil
 		}
 		for j, e := range r.Exprs {
 			if _, ok := e.(*expr.Counter); ok {
 				e = &expr.Counter{} // its figures change with traffic
 			}
 			if !reflect.DeepEqual(e, asListed(want[i][j])) {
-				return false, nil
+				return false, rules, nil
 			}
 		}
 	}
-	return true, nil
+	return true, rules, nil
 }
 
 // asListed is e (of the kinds ownerRules uses) as the kernel lists it: a

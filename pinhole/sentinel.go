@@ -74,17 +74,22 @@ func (b *Backend) queueSentinels() error {
 // sentinel: it succeeds, changing nothing, iff every sentinel is there; the
 // kernel refuses deleting an absent element (ENOENT) and then applies
 // nothing. Its cost does not grow with the sets' sizes.
-func (b *Backend) checkSentinels() error {
-	sets, elems := b.sentineled()
-	for i, s := range sets {
-		if err := b.conn.SetDeleteElements(s, elems[i:i+1]); err != nil {
+//
+// It runs on Healthy's own connection, beside Apply's transactions on the
+// Backend's: those never touch a sentinel, and the kernel serializes
+// transactions.
+func (w *healthWant) checkSentinels(v kview) error {
+	elems := w.sentinels
+	for i := range w.sentineled {
+		s := &w.sentineled[i]
+		if err := v.conn.SetDeleteElements(s, elems[i:i+1]); err != nil {
 			return fmt.Errorf("pinhole: sentinel of %s: %w", s.Name, err)
 		}
-		if err := b.conn.SetAddElements(s, elems[i:i+1]); err != nil {
+		if err := v.conn.SetAddElements(s, elems[i:i+1]); err != nil {
 			return fmt.Errorf("pinhole: sentinel of %s: %w", s.Name, err)
 		}
 	}
-	if err := b.conn.Flush(); err != nil {
+	if err := v.conn.Flush(); err != nil {
 		return fmt.Errorf("pinhole: a pinhole set lost its sentinel (flushed?): %w: %w", ErrUnhealthy, classify(err))
 	}
 	return nil
