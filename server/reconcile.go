@@ -264,7 +264,14 @@ func (s *Server) checkFirewall() {
 		s.log.Error("cannot restore firewall objects", zap.Error(err))
 		return
 	}
-	s.protected, s.meterOwners, s.meterHoles = nil, nil, nil
+	// The guard's prefixes are given again (SetProtected writes only what
+	// the kernel lacks). The owner meter's are not forced: Setup has just
+	// written the firewall's last owners, which s.meterOwners records, and
+	// updateMeterOwners still gives any change since. Forcing them wrote
+	// the meter a second time right after Setup, and when Setup's write had
+	// failed, failed and counted it again: pcpd_owner_meter_errors_total
+	// went up by two for one failed repair.
+	s.protected = nil
 	s.updateProtected()
 	// In batches as they are made: a list of every op would be ≈ 120 MB
 	// at 1 000 000 leases.
