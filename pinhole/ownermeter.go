@@ -196,6 +196,15 @@ func (b *Backend) isOwnerChain(name string) bool {
 // sources are metered per source only, as a source nobody owns is.
 // Setup re-applies the last ones. Without a meter (Rate 0) it empties the
 // maps and removes the owner chains a run with one left.
+//
+// Once they are valid, the owners given are what the kernel should hold,
+// even if writing them fails part way: Healthy then compares the kernel
+// with them and reports ErrOwnerMeter, and RepairOwners and Setup write
+// them. Before, a failed SetOwners kept the last owners written, and after
+// a failed first one there were none: Healthy checked nothing (the meter
+// absent or half written passed), RepairOwners did nothing, and the
+// server's test double, which reports the meter off after any failed
+// write, disagreed (TestFailedSetOwnersAgrees).
 func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -207,11 +216,11 @@ func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
 	if !b.ownerMetering() {
 		owners, holes = nil, nil
 	}
-	if err := b.writeOwners(owners, holes, false); err != nil {
-		return err
+	if _, _, err := ownedSpans(owners, holes); err != nil {
+		return err // invalid: not adopted, or every repair would fail on it
 	}
 	b.owners, b.holes, b.hasOwners = owners, holes, true
-	return nil
+	return b.writeOwners(owners, holes, false)
 }
 
 // RepairOwners writes the owner meter again from the last SetOwners:

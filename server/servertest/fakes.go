@@ -38,8 +38,8 @@ type Firewall struct {
 	Owners     []string
 	OwnerHoles []string
 	OwnerSets  int
-	// FailOwners, if set, is consulted by Setup (when SetOwners has been
-	// called), SetOwners and RepairOwners, as the real backend writes the
+	// FailOwners, if set, is consulted by Setup and RepairOwners (when
+	// SetOwners has been called) and SetOwners, as the real backend writes the
 	// owner meter in each: a non-nil error leaves the owner meter off (Setup
 	// still restores the rest, as pinhole's does, and returns the error
 	// wrapping pinhole.ErrOwnerMeter); Healthy then reports the owner
@@ -47,6 +47,10 @@ type Firewall struct {
 	FailOwners   func() error
 	OwnerRepairs int // successful RepairOwners calls
 	meterOff     bool
+	// hasOwners: SetOwners was called, failed or not. As pinhole's, the
+	// owners given are what the meter should hold from then on: Setup and
+	// RepairOwners write them; before any, both leave the meter alone.
+	hasOwners bool
 	// Drops is what MeterDrops reports.
 	Drops pinhole.MeterDrops
 }
@@ -60,7 +64,7 @@ func (f *Firewall) Setup() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.broken = false
-	if f.OwnerSets > 0 {
+	if f.hasOwners {
 		if err := f.writeOwners(); err != nil {
 			return fmt.Errorf("servertest: setup: %w: %w", pinhole.ErrOwnerMeter, err)
 		}
@@ -84,6 +88,9 @@ func (f *Firewall) writeOwners() error {
 func (f *Firewall) RepairOwners() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if !f.hasOwners {
+		return nil
+	}
 	if err := f.writeOwners(); err != nil {
 		return fmt.Errorf("servertest: repair owner meter: %w: %w", pinhole.ErrOwnerMeter, err)
 	}
@@ -112,6 +119,7 @@ func (f *Firewall) SetProtected(p []netip.Prefix) error {
 func (f *Firewall) SetOwners(owners []pinhole.Owner, holes []netip.Prefix) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.hasOwners = true
 	if err := f.writeOwners(); err != nil {
 		return err
 	}
