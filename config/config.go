@@ -126,7 +126,8 @@ type Config struct {
 	// By default what pcpd's own per-owner bucket admits,
 	// policy.OwnerRateFactor times RateLimit and RateBurst (at least the
 	// per-source meter's); 0 when the kernel meter is off. A set rate has
-	// twice its rate as burst.
+	// twice its rate as burst. The burst is never below
+	// MaxLeasesPerClient (a client's whole quota renewed at once).
 	KernelOwnerRateLimit, KernelOwnerRateBurst int
 	// KernelReversePath is the kernel owner meter's reverse-path check:
 	// ReversePathStrict, ReversePathLoose or ReversePathOff.

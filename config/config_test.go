@@ -317,7 +317,9 @@ func TestValidationErrors(t *testing.T) {
 // --rate-limit unless set; 0 turns it off; its burst follows --rate-burst.
 // Its owner share (--kernel-owner-rate-limit) is by default what pcpd's
 // own per-owner bucket admits (policy.OwnerRateFactor × --rate-limit and
-// --rate-burst), never below the per-source meter (known bug 5).
+// --rate-burst), never below the per-source meter (known bug 5), and its
+// burst never below --max-leases-per-client (a client's whole quota
+// renewed at once must not be cut in the kernel).
 func TestKernelRateLimit(t *testing.T) {
 	for _, tt := range []struct {
 		name                  string
@@ -326,7 +328,10 @@ func TestKernelRateLimit(t *testing.T) {
 		ownerRate, ownerBurst int // 0: no owner meter
 	}{
 		{"default", nil, 200, 400, 400, 800},
-		{"follows rate-limit and rate-burst", []string{"--rate-limit", "500", "--rate-burst", "30"}, 2000, 120, 4000, 240},
+		{"follows rate-limit and rate-burst", []string{"--rate-limit", "500", "--rate-burst", "30"}, 2000, 120, 4000, 256}, // the quota, 256 > 8 × 30
+		{"owner burst follows the quota", []string{"--max-leases-per-client", "2000"}, 200, 400, 400, 2000},
+		{"quota below the owner burst", []string{"--max-leases-per-client", "100"}, 200, 400, 400, 800},
+		{"owner rate set, burst follows the quota", []string{"--kernel-owner-rate-limit", "300", "--max-leases-per-client", "1000"}, 200, 400, 300, 1000},
 		{"off", []string{"--kernel-rate-limit", "0"}, 0, 400, 0, 0},
 		{"explicit", []string{"--kernel-rate-limit", "1000"}, 1000, 400, 1000, 800},
 		{"equal to rate-limit", []string{"--rate-limit", "70", "--kernel-rate-limit", "70"}, 70, 400, 560, 800},
