@@ -115,6 +115,12 @@ type Config struct {
 	// RateLimit and RateBurst: requests a second per source (IPv6 /64 or
 	// IPv4 address) and the burst allowed above it (PKT-08).
 	RateLimit, RateBurst int
+	// OwnerRateBurst is the burst of pcpd's own per-client bucket
+	// (server.Config.OwnerBurst): policy.OwnerRateFactor times RateBurst,
+	// and never below MaxLeasesPerClient, so that a site renewing a
+	// client's whole quota at once is answered whole (the bucket binds
+	// when the queue fills, as such a burst makes it).
+	OwnerRateBurst int
 	// KernelRateLimit and KernelRateBurst: the kernel's request meter per
 	// source (standalone mode; pinhole.Meter), dropping a flood before it
 	// queues in pcpd's socket. KernelRateLimit 0 is off. By default

@@ -50,6 +50,7 @@ func TestDefaults(t *testing.T) {
 		MemoryLimit:        64<<20 + 256*65536,
 		RateLimit:          50,
 		RateBurst:          100,
+		OwnerRateBurst:     800,
 		KernelRateLimit:    200,
 		KernelRateBurst:    400,
 		// What pcpd's own owner bucket admits (known bug 5).
@@ -132,6 +133,7 @@ office = ["2001:db8:2::/48"]
 		MemoryLimit:          64<<20 + 256*1000,
 		RateLimit:            500,
 		RateBurst:            2000,
+		OwnerRateBurst:       16000,
 		KernelRateLimit:      3000,
 		KernelRateBurst:      8000,
 		KernelOwnerRateLimit: 4000,  // 8 × rate-limit
@@ -326,19 +328,21 @@ func TestKernelRateLimit(t *testing.T) {
 		args                  []string
 		rate, burst           int
 		ownerRate, ownerBurst int // 0: no owner meter
+		bucketBurst           int // pcpd's own owner bucket's; 0: 800
 	}{
-		{"default", nil, 200, 400, 400, 800},
-		{"follows rate-limit and rate-burst", []string{"--rate-limit", "500", "--rate-burst", "30"}, 2000, 120, 4000, 256}, // the quota, 256 > 8 × 30
-		{"owner burst follows the quota", []string{"--max-leases-per-client", "2000"}, 200, 400, 400, 2000},
-		{"quota below the owner burst", []string{"--max-leases-per-client", "100"}, 200, 400, 400, 800},
-		{"owner rate set, burst follows the quota", []string{"--kernel-owner-rate-limit", "300", "--max-leases-per-client", "1000"}, 200, 400, 300, 1000},
-		{"off", []string{"--kernel-rate-limit", "0"}, 0, 400, 0, 0},
-		{"explicit", []string{"--kernel-rate-limit", "1000"}, 1000, 400, 1000, 800},
-		{"equal to rate-limit", []string{"--rate-limit", "70", "--kernel-rate-limit", "70"}, 70, 400, 560, 800},
-		{"owner rate", []string{"--kernel-owner-rate-limit", "5000"}, 200, 400, 5000, 10000},
-		{"owner rate equal to the source's", []string{"--kernel-owner-rate-limit", "200"}, 200, 400, 200, 400},
-		{"owner rate of before", []string{"--kernel-owner-rate-limit", "1600"}, 200, 400, 1600, 3200},
-		{"owner burst not below the source's", []string{"--rate-burst", "1000", "--kernel-owner-rate-limit", "300"}, 200, 4000, 300, 4000},
+		{"default", nil, 200, 400, 400, 800, 0},
+		{"follows rate-limit and rate-burst", []string{"--rate-limit", "500", "--rate-burst", "30"}, 2000, 120, 4000, 256, 256}, // the quota, 256 > 8 × 30
+		{"owner burst follows the quota", []string{"--max-leases-per-client", "2000"}, 200, 400, 400, 2000, 2000},
+		{"quota below the owner burst", []string{"--max-leases-per-client", "100"}, 200, 400, 400, 800, 0},
+		{"owner rate set, burst follows the quota", []string{"--kernel-owner-rate-limit", "300", "--max-leases-per-client", "1000"}, 200, 400, 300, 1000, 1000},
+		{"kernel meter off, bucket follows the quota", []string{"--kernel-rate-limit", "0", "--max-leases-per-client", "1000"}, 0, 400, 0, 0, 1000},
+		{"off", []string{"--kernel-rate-limit", "0"}, 0, 400, 0, 0, 0},
+		{"explicit", []string{"--kernel-rate-limit", "1000"}, 1000, 400, 1000, 800, 0},
+		{"equal to rate-limit", []string{"--rate-limit", "70", "--kernel-rate-limit", "70"}, 70, 400, 560, 800, 0},
+		{"owner rate", []string{"--kernel-owner-rate-limit", "5000"}, 200, 400, 5000, 10000, 0},
+		{"owner rate equal to the source's", []string{"--kernel-owner-rate-limit", "200"}, 200, 400, 200, 400, 0},
+		{"owner rate of before", []string{"--kernel-owner-rate-limit", "1600"}, 200, 400, 1600, 3200, 0},
+		{"owner burst not below the source's", []string{"--rate-burst", "1000", "--kernel-owner-rate-limit", "300"}, 200, 4000, 300, 4000, 8000},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c, err := load(t, "", tt.args...)
@@ -350,6 +354,13 @@ func TestKernelRateLimit(t *testing.T) {
 			}
 			if c.KernelOwnerRateLimit != tt.ownerRate || c.KernelOwnerRateBurst != tt.ownerBurst {
 				t.Errorf("kernel owner rate %d burst %d, want %d and %d", c.KernelOwnerRateLimit, c.KernelOwnerRateBurst, tt.ownerRate, tt.ownerBurst)
+			}
+			want := tt.bucketBurst
+			if want == 0 {
+				want = 800
+			}
+			if c.OwnerRateBurst != want {
+				t.Errorf("pcpd's owner bucket burst %d, want %d", c.OwnerRateBurst, want)
 			}
 		})
 	}

@@ -64,7 +64,7 @@ var settings = []setting{
 	{name: "max-lifetime", kind: kDuration, def: "24h",
 		usage: "longest lifetime granted, a `DURATION`; longer requests are cut to it"},
 	{name: "max-leases-per-client", kind: kInt, def: fmt.Sprint(DefaultMaxLeasesPerClient),
-		usage: "`N` leases one client may hold; beyond it new mappings get USER_EX_QUOTA (the kernel's per-client burst, --kernel-owner-rate-limit, is at least N)"},
+		usage: "`N` leases one client may hold; beyond it new mappings get USER_EX_QUOTA; the per-client request bursts (pcpd's own, 8 × --rate-burst, and the kernel's, --kernel-owner-rate-limit) are at least N, so a client's whole quota renewed at once is answered"},
 	{name: "max-leases", kind: kInt, def: fmt.Sprint(DefaultMaxLeases),
 		usage: "`N` leases in total; beyond it new mappings get NO_RESOURCES"},
 	{name: "memory-limit", kind: kString, def: MemoryLimitAuto,

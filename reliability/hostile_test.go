@@ -988,15 +988,31 @@ func TestOwnershipAttacksWireGuard(t *testing.T) {
 // must not cut (known bug 5 lowered its default to pcpd's own owner
 // bucket, 400/s, burst 800): a site whose hosts, each in its own /64 of
 // one client's prefix, renew the client's whole quota (256 leases, the
-// default --max-leases-per-client) back to back. Every renewal is
-// answered SUCCESS and the owner meter drops nothing. Checked to fail
-// with PCPD_LAB_EXTRA="--kernel-rate-limit 100 --kernel-owner-rate-limit
-// 100" (burst 200: 200 of 256 answered, the owner meter dropped 56).
+// default --max-leases-per-client; and 1 200, an explicit quota above the
+// burst of 800, which the kernel cut to 800 until the owner burst followed
+// the quota) back to back. Every renewal is answered SUCCESS and the owner
+// meter drops nothing. Checked to fail with PCPD_LAB_EXTRA="--kernel-rate-limit 100
+// --kernel-owner-rate-limit 100" (burst 200: 200 of 256 answered, the
+// owner meter dropped 56), and the 1 200 case without the config fix.
 func TestSiteRenewsAtOncePKT08(t *testing.T) {
 	requireRoot(t)
-	l := newLab(t, labOptions{})
+	for _, tc := range []struct {
+		name  string
+		hosts int
+		extra []string
+	}{
+		{"default quota", 256, nil},
+		{"quota 1200", 1200, []string{"--max-leases-per-client", "1200"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			siteRenewsAtOnce(t, tc.hosts, tc.extra)
+		})
+	}
+}
+
+func siteRenewsAtOnce(t *testing.T, hosts int, extra []string) {
+	l := newLab(t, labOptions{extra: extra})
 	l.start()
-	const hosts = 256
 	reqs := make([][]byte, hosts)
 	for i := range hosts {
 		src := floodSrc(uint32(1 + i))
@@ -1006,7 +1022,8 @@ func TestSiteRenewsAtOncePKT08(t *testing.T) {
 		}
 		reqs[i] = pcp.AppendRequest(nil, req) // the same nonce: a renewal
 	}
-	time.Sleep(3 * time.Second) // the owner bucket refills (800 at 400/s)
+	// The owner bucket refills (its burst, at least the quota, at 400/s).
+	time.Sleep(time.Second + time.Duration(max(800, hosts))*time.Second/400)
 	m0, err := l.metrics()
 	if err != nil {
 		t.Fatal(err)
@@ -1026,12 +1043,19 @@ func TestSiteRenewsAtOncePKT08(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if ok = mapSuccesses(m1) - mapSuccesses(m0); ok < hosts {
+		if ok = mapSuccesses(m1) - mapSuccesses(m0); ok < float64(hosts) {
 			return fmt.Errorf("%.0f of %d renewals answered SUCCESS", ok, hosts)
 		}
 		return nil
 	})
 	drops := ownerMeterDrops(l.topo.Host) - o0
+	if m1, err := l.metrics(); err == nil {
+		for k, v := range m1 {
+			if strings.Contains(k, "dropped") && v != m0[k] {
+				t.Logf("%s: %.0f", k, v-m0[k])
+			}
+		}
+	}
 	t.Logf("%d renewals from %d /64s of one client sent in %v: %.0f answered SUCCESS; owner meter %s dropped %d", hosts, hosts, sent, ok, ownerMeterLimit(l.topo.Host), drops)
 	if err != nil || drops > 0 {
 		t.Errorf("a site renewing its %d leases at once: %v; owner meter drops %d", hosts, err, drops)

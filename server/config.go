@@ -67,6 +67,12 @@ type Config struct {
 	// excess is dropped). Zero: 50 per second, burst 100.
 	RateLimit float64
 	RateBurst int
+	// OwnerBurst is the burst of the per-owner bucket (early.go), all of
+	// an owner's sources together; its rate is ownerRateFactor ×
+	// RateLimit. Zero: ownerRateFactor × RateBurst. pcpd sets it to at
+	// least the per-client lease quota (config), so that a site renewing
+	// all of a client's leases at once is answered whole.
+	OwnerBurst int
 	// RateSources bounds the rate limiter's memory (default 65536 sources).
 	RateSources int
 	// RatePrefix6 counts IPv6 sources per prefix of this length (default
@@ -131,6 +137,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.RateBurst == 0 {
 		c.RateBurst = 100
+	}
+	if c.OwnerBurst == 0 {
+		c.OwnerBurst = ownerRateFactor * c.RateBurst
 	}
 	if c.RateSources == 0 {
 		c.RateSources = 65536

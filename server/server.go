@@ -136,7 +136,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 			return zapcore.NewSamplerWithOptions(c, time.Second, 20, 1000)
 		})),
 		rl:           policy.NewRateLimiter(cfg.RateLimit, cfg.RateBurst, cfg.RateSources, policy.WithIPv6Prefix(cfg.RatePrefix6)),
-		orl:          policy.NewOwnerRateLimiter(ownerRateFactor*cfg.RateLimit, ownerRateFactor*cfg.RateBurst, cfg.RateSources),
+		orl:          policy.NewOwnerRateLimiter(ownerRateFactor*cfg.RateLimit, cfg.OwnerBurst, cfg.RateSources),
 		tab:          newTable(),
 		quar:         map[endpoint]quarantine{},
 		storeDebt:    map[store.Key]struct{}{},

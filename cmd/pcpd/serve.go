@@ -197,6 +197,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		StrictNonce:      cfg.StrictNonce,
 		RateLimit:        float64(cfg.RateLimit),
 		RateBurst:        cfg.RateBurst,
+		OwnerBurst:       cfg.OwnerRateBurst,
 		TouchInterval:    cfg.TouchInterval,
 		SnapshotInterval: cfg.SnapshotInterval,
 		DisableMap:       cfg.DisableMap,
