@@ -819,8 +819,9 @@ const healthTries = 3
 // hold exactly the rules Setup wrote (counted, not compared) and that no
 // pinhole set was flushed (its sentinel element is there; see
 // sentinel.go), and that the owner maps and protected sets hold what was
-// given. Its cost does not depend on how many pinholes there are:
-// nothing is dumped. On error (wrapping ErrUnhealthy) the daemon should run
+// given. Its cost does not depend on how many pinholes there are: no
+// pinhole set is dumped (the protected sets and owner maps are, as large
+// as the configuration). On error (wrapping ErrUnhealthy) the daemon should run
 // Setup and re-install its leases; existing set elements survive Setup.
 // Single elements deleted by hand are not noticed here; List finds them.
 //
