@@ -228,8 +228,9 @@ func (b *Backend) Setup() error {
 	// elements (writeProtected). Between them the sets hold, for every
 	// address, either what they held before or what they must hold, and
 	// an address guarded both before and after is guarded throughout: a
-	// repair of a damaged set (Healthy: checkProtected) only adds to the
-	// guard until the last transaction, and at a first start, in a table
+	// repair of a damaged set (Healthy: checkProtected) adds what the set
+	// lost and removes only what nobody gave (an element added by hand),
+	// never a wanted prefix's guard, and at a first start, in a table
 	// made anew, the clients not yet added are as unguarded as they were
 	// before pcpd ran. Before the owner meter (as updateProtected does in
 	// the server): the guard is what keeps clients' inbound traffic out.
