@@ -72,6 +72,7 @@ type Backend struct {
 	protected6, protected4 *nftables.Set
 	meter6, meter4         *nftables.Set // standalone only (meter.go)
 	owners6, owners4       *nftables.Set // standalone only: the owner meter (ownermeter.go)
+	served6, served4       *nftables.Set // standalone only: the serving addresses (notrack.go)
 	chainControlIn         string        // standalone only: the control chains (notrack.go)
 	chainControlLocal      string
 	chainNotrackOut        string
@@ -88,6 +89,8 @@ type Backend struct {
 
 	protected    []netip.Prefix // last SetProtected, re-applied by Setup
 	hasProtected bool
+	served       []netip.Addr // last SetServed (servedAddrs' form), re-applied by Setup
+	hasServed    bool
 	owners       []Owner        // last SetOwners, re-applied by Setup
 	holes        []netip.Prefix // and its holes
 	hasOwners    bool
@@ -133,6 +136,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		b.chainControlIn, b.chainControlLocal, b.chainNotrackOut = "control_in", "control_local", "notrack_out"
 		b.meter6, b.meter4 = meterSets(b.table, prefix, cfg.Meter.Size)
 		b.owners6, b.owners4 = ownerMaps(b.table, prefix)
+		b.served6, b.served4 = servedSets(b.table)
 	}
 	b.chainGuard6 = prefix + "guard6"
 	b.chainGuard4 = prefix + "guard4"
@@ -159,6 +163,9 @@ func (b *Backend) allSets() []*nftables.Set {
 	}
 	if b.owners6 != nil {
 		all = append(all, b.owners6, b.owners4)
+	}
+	if b.served6 != nil {
+		all = append(all, b.served6, b.served4)
 	}
 	return all
 }
@@ -197,6 +204,11 @@ func (b *Backend) Setup() error {
 	}
 	if err := b.queueSentinels(); err != nil {
 		return err
+	}
+	if b.hasServed {
+		if err := b.queueServed(b.served); err != nil {
+			return err
+		}
 	}
 	// The protected sets' contents are not in this transaction: with
 	// thousands of static clients' prefixes it exceeded the netlink
@@ -782,6 +794,10 @@ type healthWant struct {
 	holes                  []netip.Prefix
 	owners6, owners4       nftables.Set
 	ownerRules             [][]expr.Any
+	servedSets             bool // the served sets exist (standalone mode)
+	hasServed              bool
+	served                 []netip.Addr
+	served6, served4       nftables.Set
 }
 
 // healthWantLocked copies what Healthy compares the kernel with. The
@@ -804,6 +820,10 @@ func (b *Backend) healthWantLocked() *healthWant {
 		w.sentineled = append(w.sentineled, *s)
 	}
 	w.sentinels = elems
+	if b.served6 != nil {
+		w.servedSets, w.hasServed, w.served = true, b.hasServed, b.served
+		w.served6, w.served4 = *b.served6, *b.served4
+	}
 	if b.hasOwners && b.ownerMetering() {
 		w.meter, w.owners, w.holes = true, b.owners, b.holes
 		w.owners6, w.owners4 = *b.owners6, *b.owners4
@@ -819,8 +839,8 @@ const healthTries = 3
 // Healthy checks that every object pcpd owns is present, that its chains
 // hold exactly the rules Setup wrote (counted, not compared) and that no
 // pinhole set was flushed (its sentinel element is there; see
-// sentinel.go), and that the owner maps and protected sets hold what was
-// given. Its cost does not depend on how many pinholes there are: no
+// sentinel.go), and that the owner maps, protected sets and served sets
+// hold what was given. Its cost does not depend on how many pinholes there are: no
 // pinhole set is dumped (the protected sets and owner maps are, as large
 // as the configuration). On error (wrapping ErrUnhealthy) the daemon should run
 // Setup and re-install its leases; existing set elements survive Setup.
@@ -918,6 +938,9 @@ func (w *healthWant) check(v kview) (map[string][]*nftables.Rule, error) {
 		}
 	}
 	if err := w.checkProtected(v); err != nil {
+		return read, err
+	}
+	if err := w.checkServed(v); err != nil {
 		return read, err
 	}
 	if err := w.checkSentinels(v); err != nil {

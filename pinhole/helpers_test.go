@@ -41,12 +41,31 @@ func newBackend(t testing.TB, ns *netlab.NS, cfg pinhole.Config) *pinhole.Backen
 	return b
 }
 
+// setServed tells b that pcpd serves on addrs (as the server's listener
+// does): the control chains meter and untrack the datagrams to pcpd's
+// port on them, and on no other address (notrack.go).
+func setServed(t testing.TB, b *pinhole.Backend, addrs ...netip.Addr) {
+	t.Helper()
+	if err := b.SetServed(addrs); err != nil {
+		t.Fatalf("SetServed: %v", err)
+	}
+}
+
+// serveTunnel: pcpd serves on Host's addresses towards Client, as it does
+// on a WireGuard interface.
+func serveTunnel(t testing.TB, b *pinhole.Backend, topo *netlab.Topology) {
+	t.Helper()
+	setServed(t, b, topo.HostTunnelV6, topo.HostTunnelV4)
+}
+
 // guardedTopology is the three-namespace topology with pcpd's standalone
-// table on Host guarding Client's prefixes.
+// table on Host guarding Client's prefixes, serving on Host's tunnel
+// addresses.
 func guardedTopology(t *testing.T, cfg pinhole.Config) (*netlab.Topology, *pinhole.Backend) {
 	t.Helper()
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	b := newBackend(t, topo.Host, cfg)
+	serveTunnel(t, b, topo)
 	if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
 		t.Fatalf("SetProtected: %v", err)
 	}

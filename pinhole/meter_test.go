@@ -96,14 +96,17 @@ func TestRequestMeterPKT08(t *testing.T) {
 		most = burst + rate + 20
 	)
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-	newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: rate, Burst: burst, Ports: []uint16{5351}, Size: 2}})
+	b := newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: rate, Burst: burst, Ports: []uint16{5351}, Size: 2}})
+	// pcpd serves on the WAN too here: the Internet's sources are
+	// metered on Host's WAN addresses.
+	setServed(t, b, topo.HostTunnelV6, topo.HostTunnelV4, topo.HostWANV6, topo.HostPublicV4)
 
 	// The rules read as intended: one raw prerouting chain picks out the
-	// datagrams to pcpd's port on a local address and hands them to the
-	// meter (and notrack), and no input chain is left to pass.
+	// datagrams to pcpd's port on an address it serves and hands them to
+	// the meter (and notrack), and no input chain is left to pass.
 	ruleset := nftList(t, topo.Host, "table", "inet", "pcpd")
 	for _, want := range []string{
-		"chain control_in {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tudp dport 5351 fib daddr type local goto control_local\n\t}",
+		"chain control_in {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tudp dport 5351 ip6 daddr @served6 goto control_local\n\t\tudp dport 5351 ip daddr @served4 goto control_local\n\t}",
 		"chain control_local {\n\t\tudp dport 5351 ip6 saddr vmap @owners6\n",
 		"\t\tudp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: timeout 10s limit rate over 20/second burst 40 packets } drop\n" +
 			"\t\tudp dport 5351 update @meter4 { ip saddr timeout 10s limit rate over 20/second burst 40 packets } drop\n" +

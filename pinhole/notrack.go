@@ -2,6 +2,7 @@ package pinhole
 
 import (
 	"fmt"
+	"net/netip"
 	"slices"
 
 	"github.com/google/nftables"
@@ -26,12 +27,15 @@ import (
 // So raw-priority base chains, which run before conntrack (priority -200)
 // looks at a packet, mark them untracked. The input side shares its chain
 // with the request meter (meter.go): one base chain picks out the
-// datagrams to pcpd's port on a local address and hands them to a regular
-// chain that meters them, then marks them untracked:
+// datagrams to pcpd's port on an address pcpd serves and hands them to a
+// regular chain that meters them, then marks them untracked:
 //
+//	set served6 { type ipv6_addr; }   (the addresses pcpd listens on: SetServed)
+//	set served4 { type ipv4_addr; }
 //	chain control_in {
 //		type filter hook prerouting priority raw; policy accept;
-//		udp dport 5351 fib daddr type local goto control_local
+//		udp dport 5351 ip6 daddr @served6 goto control_local
+//		udp dport 5351 ip daddr @served4 goto control_local
 //	}
 //	chain control_local {
 //		udp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: ... } drop
@@ -51,6 +55,19 @@ import (
 // Setup removes the former chains ("input", "notrack_in") of a table an
 // older pcpd made.
 //
+// Which datagrams: until 2026-12-03 the rule was "udp dport 5351 fib
+// daddr type local", a route lookup per datagram to port 5351; during a
+// flood it was 6.7 % of the server's CPU (nft_fib6_eval_type,
+// RELIABILITY.md "The flood bound"). A lookup in a hash set of a few
+// addresses costs a fraction of it (BENCHMARKS.md "What changed" 21). The
+// sets hold what the server's listener serves (SetServed: every address
+// it has a socket on), updated when that changes, which the listener
+// follows through netlink (a deleted interface stops being served within
+// a millisecond: reliability's TestWireGuardInterfaceGone), so they are a
+// subset of the host's local addresses: the rule matches a subset of what
+// the fib match did, and every datagram it leaves out is one no socket of
+// pcpd's would have received.
+//
 // What must stay tracked, and why the rules are this narrow:
 //
 //   - Forwarded traffic. The guard accepts replies ("ct state
@@ -59,11 +76,36 @@ import (
 //     only translates tracked flows, and the engine deletes a lapsed
 //     mapping's flows by their entries. A PCP request a client behind this
 //     host sends to an upstream PCP server (an ISP's CGN) has destination
-//     port 5351 too, and must be masqueraded: "fib daddr type local"
-//     limits the input rule to datagrams addressed to this host (raw
-//     prerouting runs before any DNAT, so it sees the address the client
-//     used). Multicast and broadcast are not "local" and stay tracked;
-//     pcpd receives neither.
+//     port 5351 too, and must be masqueraded: the upstream's address is
+//     not one pcpd serves, so the rule leaves it alone (raw prerouting
+//     runs before any DNAT, so it sees the address the client used).
+//     Multicast and broadcast addresses are never in the sets (the
+//     listener binds unicast addresses) and stay tracked; pcpd receives
+//     neither.
+//   - Datagrams to port 5351 on a local address pcpd does not serve (the
+//     WAN address, loopback, an interface not given to --interface) are
+//     tracked and not metered (under the fib rule they were both). They
+//     reach no socket of pcpd's (its sockets are bound to the serving
+//     addresses and interfaces, SEC-01): the host answers them as any
+//     closed port, port unreachable, or the admin's input rules drop them.
+//     Their conntrack entries are what a datagram to any other closed
+//     port of the host costs, which pcpd's notrack never covered; the
+//     meter is there to keep a flood out of pcpd's socket queue, which
+//     they never enter.
+//   - A datagram to a served address that arrives on another interface
+//     is metered and untracked, as before, and then reaches no socket
+//     either (SO_BINDTODEVICE).
+//   - The sets lag the addresses by the listener's reaction (a netlink
+//     notification, ≈ 1 ms; at worst its 2-s poll), and keep the last
+//     addresses while pcpd is not running (a restart's Setup keeps them
+//     until the listener gives its own). A new address's requests are
+//     tracked and unmetered for that moment, as with TrackControl. An
+//     address the host has just lost stays in the set as long: were the
+//     host to forward datagrams to it on port 5351 (the address moved to
+//     a machine behind or beyond this host) in that moment, they would go
+//     untracked, unmasqueraded. The fib rule had no such window; it needs
+//     an address to move between hosts within it, which is taken as not
+//     worth a route lookup on every request.
 //   - pcpd's ports are never mapped (server/hostports.go reserves
 //     5350-5351 and the listen ports), so an untracked request can never
 //     be one a DNAT map of pcpd's should have translated; untracked
@@ -73,38 +115,61 @@ import (
 //     from pcpd's port are untracked: its answers and unsolicited
 //     ANNOUNCEs (RFC 6887 §14.1.3, RFC 6886 §3.2.1).
 //
+// The sets are matched by address only, each served port against both:
+// with explicit listen addresses on different ports (--listen), a
+// datagram to a served address on another of pcpd's ports is metered and
+// untracked too. It is addressed to this host, so nothing forwarded is
+// concerned; a set of address . port pairs would need no "udp dport"
+// first, but then every UDP packet the host forwards would pay its
+// lookup, where now it stops at the port comparison.
+//
 // Everything else on the host (the admin's own tables) sees pcpd's
 // datagrams with "ct state untracked": a rule accepting only "ct state
 // new" to port 5351, or an output chain accepting only "ct state
 // established", would drop them, and a DNAT or redirect of the admin's to
 // pcpd's port needs the answer un-NATed by conntrack. For those hosts
-// Config.TrackControl (pcpd: --nft-notrack=false) installs no raw chains.
+// Config.TrackControl (pcpd: --nft-notrack=false) installs no notrack
+// rules; the meter, when on, keeps control_in and its sets.
 //
 // It is not a speed-up: in the issue 8 benchmark (perf -a, malformed and
 // unauthorised requests) conntrack cost about 1.1 µs of kernel CPU per
-// request and answer, and the raw chains cost about 0.85 µs (half of it the
-// fib route lookup, half two more base chains on the path). Its point is
-// that the conntrack table, shared by every namespace of the host
-// (nf_conntrack_max), stays out of reach of whoever can send to pcpd.
+// request and answer, and the raw chains cost about 0.85 µs (half of it
+// the fib route lookup since replaced by the set, half two more base
+// chains on the path). Its point is that the conntrack table, shared by
+// every namespace of the host (nf_conntrack_max), stays out of reach of
+// whoever can send to pcpd.
 //
-// Attached mode installs none of it (pcpd adds no base chain to the
-// admin's table). The admin can add the same two chains, or just their
-// rules, to a table of their own.
+// Attached mode installs none of it (pcpd adds no base chain or served
+// set to the admin's table). The admin can add the same chains, or just
+// their rules, to a table of their own ("fib daddr type local" in place of
+// the sets there: nothing would keep such sets up to date).
+//
+// The sets are pcpd's objects like the others: Setup creates them (an
+// older pcpd's table is upgraded in the same transaction that rewrites
+// control_in) and fills them with the last SetServed, Healthy compares
+// their contents with it (they are as large as the served addresses, so
+// the dump is cheap), and a flushed set is restored by the repair. An
+// older pcpd refuses a table holding them (ErrNotOurs, as for the owner
+// meter): a downgrade needs "nft delete table inet pcpd" first.
 
 // controlRules are the rules of the control chains: control_in's, one per
-// served port, and control_local's (the meter's, then notrack), and
+// served port and family, and control_local's (the meter's, then notrack), and
 // notrack_out's, one per served port. Any may be empty.
 func (b *Backend) controlRules() (in, local, out [][]expr.Any) {
 	udpPort := func(off uint32, port uint16) []expr.Any {
 		return x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_UDP),
 			loadTh(off, reg0), eq(reg0, byte(port>>8), byte(port)))
 	}
-	// fib daddr type local: the route type of the destination address
-	// (RTN_LOCAL), host endian in the register.
-	isLocal := x(&expr.Fib{Register: reg0, FlagDADDR: true, ResultADDRTYPE: true},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: reg0, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)})
+	// ip6 daddr @served6, ip daddr @served4: the address is one pcpd
+	// serves (SetServed). The port comparison comes first: every packet
+	// the host forwards passes this chain, and most stop there.
+	served := func(fam byte, off, n uint32, s *nftables.Set) []expr.Any {
+		return rule(nfproto(fam), x(loadNet(off, n, reg0), lookup(s, reg0)))
+	}
 	for _, port := range b.cfg.Meter.Ports {
-		in = append(in, rule(udpPort(thDstOff, port), isLocal, x(goTo(b.chainControlLocal))))
+		in = append(in,
+			rule(udpPort(thDstOff, port), served(unix.NFPROTO_IPV6, ip6DstOff, 16, b.served6), x(goTo(b.chainControlLocal))),
+			rule(udpPort(thDstOff, port), served(unix.NFPROTO_IPV4, ip4DstOff, 4, b.served4), x(goTo(b.chainControlLocal))))
 	}
 	local = b.meterRules()
 	if b.notracking() {
@@ -185,6 +250,136 @@ func (b *Backend) queueStaleControlRemoval() error {
 		if present[name] && want[name] == nil {
 			b.conn.DelChain(&nftables.Chain{Table: b.table, Name: name})
 		}
+	}
+	return nil
+}
+
+// servedSets builds the sets of the addresses pcpd serves (standalone
+// only): plain hash sets, one lookup per datagram to pcpd's port.
+func servedSets(table *nftables.Table) (six, four *nftables.Set) {
+	return &nftables.Set{Table: table, Name: "served6", KeyType: nftables.TypeIP6Addr, KeyByteOrder: binaryutil.BigEndian,
+			Comment: "pcpd: IPv6 addresses pcpd serves on"},
+		&nftables.Set{Table: table, Name: "served4", KeyType: nftables.TypeIPAddr, KeyByteOrder: binaryutil.BigEndian,
+			Comment: "pcpd: IPv4 addresses pcpd serves on"}
+}
+
+// SetServed replaces the addresses pcpd serves on (its listening
+// sockets' addresses; zones and duplicates do not matter): the datagrams
+// to pcpd's ports on them, and only those, are metered and kept out of
+// conntrack (see the top of this file). The server calls it whenever the
+// serving addresses change; Setup re-applies the last given. Attached, it
+// only records them: there are no sets.
+func (b *Backend) SetServed(addrs []netip.Addr) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.gen++ // Healthy compares the served sets: a read it overlaps is done again
+	served, err := servedAddrs(addrs)
+	if err != nil {
+		return err
+	}
+	if err := b.queueServed(served); err != nil {
+		return err
+	}
+	if b.served6 != nil {
+		if err := b.conn.Flush(); err != nil {
+			return fmt.Errorf("pinhole: set served addresses: %w", classify(err))
+		}
+	}
+	b.served, b.hasServed = served, true
+	return nil
+}
+
+// Served returns the addresses the served sets hold, sorted (none
+// attached).
+func (b *Backend) Served() ([]netip.Addr, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.readServed()
+}
+
+// servedAddrs checks addrs and returns them as the sets hold them:
+// unzoned, IPv4-mapped ones as IPv4, sorted, each once.
+func servedAddrs(addrs []netip.Addr) ([]netip.Addr, error) {
+	out := make([]netip.Addr, 0, len(addrs))
+	for _, a := range addrs {
+		if !a.IsValid() {
+			return nil, fmt.Errorf("pinhole: served address %v: %w", a, ErrInvalid)
+		}
+		out = append(out, a.WithZone("").Unmap())
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return slices.Compact(out), nil
+}
+
+// queueServed queues replacing the served sets' contents with served
+// (servedAddrs' form), in the caller's transaction.
+func (b *Backend) queueServed(served []netip.Addr) error {
+	if b.served6 == nil {
+		return nil
+	}
+	var v6, v4 []nftables.SetElement
+	for _, a := range served {
+		if a.Is4() {
+			v4 = append(v4, nftables.SetElement{Key: a.AsSlice()})
+		} else {
+			v6 = append(v6, nftables.SetElement{Key: a.AsSlice()})
+		}
+	}
+	for _, x := range []struct {
+		s     *nftables.Set
+		elems []nftables.SetElement
+	}{{b.served6, v6}, {b.served4, v4}} {
+		b.conn.FlushSet(x.s)
+		if err := b.queueAddElements(x.s, x.elems); err != nil {
+			return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
+		}
+	}
+	return nil
+}
+
+// readServed dumps the served sets. Caller holds b.mu.
+func (b *Backend) readServed() ([]netip.Addr, error) {
+	if b.served6 == nil {
+		return nil, nil
+	}
+	return b.view().readServed(b.served6, b.served4)
+}
+
+// readServed reads the served sets through v, sorted.
+func (v kview) readServed(sets ...*nftables.Set) ([]netip.Addr, error) {
+	var out []netip.Addr
+	for _, s := range sets {
+		elems, err := v.conn.GetSetElements(s)
+		if err != nil {
+			return nil, fmt.Errorf("pinhole: read set %s: %w", s.Name, classify(err))
+		}
+		for _, e := range elems {
+			a, ok := netip.AddrFromSlice(e.Key)
+			if !ok {
+				return nil, fmt.Errorf("pinhole: set %s: element of %d bytes: %w", s.Name, len(e.Key), ErrInvalid)
+			}
+			out = append(out, a)
+		}
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out, nil
+}
+
+// checkServed is Healthy's part for the served sets: they hold exactly
+// the last SetServed. A flushed set leaves pcpd's requests tracked and
+// unmetered (a conntrack flood is back within reach); an address added by
+// hand would untrack datagrams the host may forward. Before any SetServed
+// there is nothing to compare with (a restart keeps what the sets held).
+func (w *healthWant) checkServed(v kview) error {
+	if !w.servedSets || !w.hasServed {
+		return nil
+	}
+	got, err := v.readServed(&w.served6, &w.served4)
+	if err != nil {
+		return fmt.Errorf("pinhole: served sets: %w: %w", ErrUnhealthy, err)
+	}
+	if !slices.Equal(got, w.served) {
+		return fmt.Errorf("pinhole: served sets hold %v, want %v: %w", got, w.served, ErrUnhealthy)
 	}
 	return nil
 }

@@ -43,6 +43,7 @@ func BenchmarkControlDatagram(b *testing.B) {
 			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
 			if tc.table {
 				be := newBackend(b, topo.Host, tc.cfg)
+				serveTunnel(b, be, topo)
 				if err := be.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
 					b.Fatal(err)
 				}

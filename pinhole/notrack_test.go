@@ -89,14 +89,15 @@ func flushConntrack(t *testing.T, ns *netlab.NS) {
 }
 
 // TestControlTrafficUntracked (notrack.go): in standalone mode pcpd's own
-// requests (UDP to 5351 on an address of this host) and its answers from
+// requests (UDP to 5351 on an address it serves) and its answers from
 // 5351 leave no conntrack entry, so spoofed requests cannot fill the
-// table. Traffic to another port of the host, a client's request to an
-// upstream PCP server (forwarded, masqueraded: it needs its entry) and a
-// local client's request from an ephemeral port stay tracked, and the
-// guard still guards.
+// table. Traffic to another port of the host, to 5351 on an address of
+// the host pcpd does not serve (no socket of pcpd's gets it), a client's
+// request to an upstream PCP server (forwarded, masqueraded: it needs its
+// entry) and a local client's request from an ephemeral port stay
+// tracked, and the guard still guards.
 func TestControlTrafficUntracked(t *testing.T) {
-	topo, _ := guardedTopology(t, pinhole.Config{})
+	topo, b := guardedTopology(t, pinhole.Config{}) // serving on the tunnel addresses
 	// The host masquerades its clients' IPv4 towards the Internet, as a
 	// router does: only a tracked flow is translated, and its answer only
 	// finds its way back through the entry.
@@ -110,7 +111,8 @@ func TestControlTrafficUntracked(t *testing.T) {
 	ruleset := nftList(t, topo.Host, "table", "inet", "pcpd")
 	for _, want := range []string{
 		"type filter hook prerouting priority raw; policy accept;",
-		"udp dport 5351 fib daddr type local goto control_local",
+		"udp dport 5351 ip6 daddr @served6 goto control_local",
+		"udp dport 5351 ip daddr @served4 goto control_local",
 		"chain control_local {\n\t\tnotrack\n\t}",
 		"type filter hook output priority raw; policy accept;",
 		"udp sport 5351 notrack",
@@ -121,15 +123,16 @@ func TestControlTrafficUntracked(t *testing.T) {
 	}
 
 	for _, fam := range []struct {
-		name                 string
-		host, client, remote netip.Addr
+		name                       string
+		host, wan, client, remote netip.Addr
 	}{
-		{"ipv6", topo.HostTunnelV6, topo.ClientV6, topo.InternetV6},
-		{"ipv4", topo.HostTunnelV4, topo.ClientV4, topo.InternetV4},
+		{"ipv6", topo.HostTunnelV6, topo.HostWANV6, topo.ClientV6, topo.InternetV6},
+		{"ipv4", topo.HostTunnelV4, topo.HostPublicV4, topo.ClientV4, topo.InternetV4},
 	} {
 		t.Run(fam.name, func(t *testing.T) {
 			pcp := netip.AddrPortFrom(fam.host, 5351)
 			other := netip.AddrPortFrom(fam.host, 5352)
+			unserved := netip.AddrPortFrom(fam.wan, 5351)
 			upstream := netip.AddrPortFrom(fam.remote, 5351)
 
 			// What pcpd sends unsolicited from its port (ANNOUNCE) is not
@@ -148,6 +151,7 @@ func TestControlTrafficUntracked(t *testing.T) {
 
 			topo.Host.ServeUDPEcho(t, pcp.String())
 			topo.Host.ServeUDPEcho(t, other.String())
+			topo.Host.ServeUDPEcho(t, unserved.String())
 			topo.Internet.ServeUDPEcho(t, upstream.String())
 			for _, tc := range []struct {
 				name    string
@@ -159,6 +163,9 @@ func TestControlTrafficUntracked(t *testing.T) {
 				{"request to pcpd", topo.Client, netip.AddrPortFrom(fam.client, 40001), pcp, false},
 				{"request from pcpd's own port number", topo.Client, netip.AddrPortFrom(fam.client, 5351), pcp, false},
 				{"another port of the host", topo.Client, netip.AddrPortFrom(fam.client, 40002), other, true},
+				// Local, but not served: as any closed port of the host
+				// (under "fib daddr type local" it was untracked).
+				{"pcpd's port on an address it does not serve", topo.Client, netip.AddrPortFrom(fam.client, 40004), unserved, true},
 				{"client to an upstream PCP server (forwarded)", topo.Client, netip.AddrPortFrom(fam.client, 40003), upstream, true},
 				{"local PCP client to upstream", topo.Host, netip.AddrPort{}, upstream, true},
 			} {
@@ -190,7 +197,8 @@ func TestControlTrafficUntracked(t *testing.T) {
 	}
 
 	// A client may know its gateway by its link-local address (the IPv6
-	// default router): fib counts it as local too.
+	// default router): the listener serves it like the others (without
+	// its zone in the set).
 	t.Run("ipv6 link-local", func(t *testing.T) {
 		var ll netip.Addr
 		if err := netlab.Eventually(okWait, func() error {
@@ -212,6 +220,7 @@ func TestControlTrafficUntracked(t *testing.T) {
 			t.Fatal(err)
 		}
 		pcp := netip.AddrPortFrom(ll, 5351)
+		setServed(t, b, topo.HostTunnelV6, topo.HostTunnelV4, ll.WithZone(topo.HostLANIf))
 		topo.Host.ServeUDPEcho(t, netip.AddrPortFrom(ll.WithZone(topo.HostLANIf), 5351).String())
 		flushConntrack(t, topo.Host)
 		if err := netlab.Eventually(okWait, func() error {
@@ -262,7 +271,8 @@ func TestTrackControl(t *testing.T) {
 	}{
 		{"no meter", pinhole.Config{TrackControl: true}, nil, []string{"notrack", "control_", "priority raw"}},
 		{"meter", pinhole.Config{TrackControl: true, Meter: meter},
-			[]string{"fib daddr type local goto control_local", "update @meter6", "update @meter4"}, []string{"notrack"}},
+			[]string{"ip6 daddr @served6 goto control_local", "ip daddr @served4 goto control_local", "update @meter6", "update @meter4"},
+			[]string{"notrack", "fib daddr"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tracking := newBackend(t, ns, tc.cfg) // a fresh Backend: checks ownership
@@ -304,18 +314,23 @@ func TestTrackControl(t *testing.T) {
 	}
 }
 
-// TestControlChainsUpgrade: a table an older pcpd made, with the meter in
-// an input chain of its own and the notrack rule in notrack_in, is still
-// pcpd's, and Setup replaces both by the control chains in one step: no
-// datagram is metered or untracked twice, and nothing of the old layout is
-// left for Healthy to miss.
+// TestControlChainsUpgrade: a table an older pcpd made is still pcpd's,
+// and Setup replaces its control layout in one step: no datagram is
+// metered or untracked twice, and nothing of the old layout is left for
+// Healthy to miss. Layouts: the meter in an input chain of its own and
+// the notrack rule in notrack_in (before the control chains); control_in
+// matching "fib daddr type local", without the served sets (before
+// 2026-12-03).
 func TestControlChainsUpgrade(t *testing.T) {
-	ns := netlab.NewNS(t, "upgrade")
 	cfg := pinhole.Config{Meter: pinhole.Meter{Rate: 20, Burst: 40}}
-	newBackend(t, ns, cfg)
-	// The older layout (pcpd before the control chains), sets as they were.
-	ns.MustRun(t, "nft", "delete chain inet pcpd control_in; delete chain inet pcpd control_local")
-	loadNft(t, ns, `table inet pcpd {
+	for _, tc := range []struct {
+		name string
+		old  func(t *testing.T, ns *netlab.NS) // turns a current table into the old layout
+		gone []string
+	}{
+		{"input and notrack_in chains", func(t *testing.T, ns *netlab.NS) {
+			ns.MustRun(t, "nft", "delete chain inet pcpd control_in; delete chain inet pcpd control_local")
+			loadNft(t, ns, `table inet pcpd {
 	chain input {
 		type filter hook input priority filter; policy accept;
 		udp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: timeout 10s limit rate over 20/second burst 40 packets } drop
@@ -327,27 +342,157 @@ func TestControlChainsUpgrade(t *testing.T) {
 	}
 }
 `)
-	b := newBackend(t, ns, cfg) // a fresh Backend: ownership must accept the old chains
-	got := nftList(t, ns, "table", "inet", "pcpd")
-	for _, gone := range []string{"chain input", "notrack_in", "hook input"} {
-		if strings.Contains(got, gone) {
-			t.Errorf("after Setup the old layout's %q is left:\n%s", gone, got)
+		}, []string{"chain input", "notrack_in", "hook input", "fib daddr"}},
+		{"fib daddr type local, no served sets", func(t *testing.T, ns *netlab.NS) {
+			ns.MustRun(t, "nft", "flush chain inet pcpd control_in; delete set inet pcpd served6; delete set inet pcpd served4; "+
+				"add rule inet pcpd control_in udp dport 5351 fib daddr type local goto control_local")
+		}, []string{"fib daddr"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ns := netlab.NewNS(t, "upgrade")
+			newBackend(t, ns, cfg)
+			tc.old(t, ns)
+			if got := nftList(t, ns, "table", "inet", "pcpd"); !strings.Contains(got, tc.gone[0]) {
+				t.Fatalf("the old layout lacks %q:\n%s", tc.gone[0], got)
+			}
+			b := newBackend(t, ns, cfg) // a fresh Backend: ownership must accept the old layout
+			got := nftList(t, ns, "table", "inet", "pcpd")
+			for _, gone := range tc.gone {
+				if strings.Contains(got, gone) {
+					t.Errorf("after Setup the old layout's %q is left:\n%s", gone, got)
+				}
+			}
+			for _, want := range []string{"set served6 {", "set served4 {", "udp dport 5351 ip6 daddr @served6 goto control_local",
+				"udp dport 5351 ip daddr @served4 goto control_local", "update @meter6", "notrack"} {
+				if !strings.Contains(got, want) {
+					t.Errorf("after Setup the table lacks %q:\n%s", want, got)
+				}
+			}
+			if err := b.Healthy(); err != nil {
+				t.Errorf("Healthy after the upgrade: %v", err)
+			}
+			setServed(t, b, netip.MustParseAddr("2001:db8::1"))
+			if err := b.Healthy(); err != nil {
+				t.Errorf("Healthy after SetServed: %v", err)
+			}
+			if err := b.Teardown(); err != nil {
+				t.Fatalf("Teardown: %v", err)
+			}
+			if got := nftList(t, ns, "ruleset"); strings.Contains(got, "pcpd") {
+				t.Errorf("Teardown left:\n%s", got)
+			}
+		})
+	}
+}
+
+// TestServedSets: the served sets hold exactly the last SetServed (zones
+// and IPv4-mapped forms folded, duplicates once), follow additions and
+// removals, survive a restart's Setup until the new process gives its
+// own, and tampering with them is noticed by Healthy and repaired by
+// Setup: a flushed set would leave pcpd's requests tracked and unmetered,
+// an added address would untrack datagrams the host may forward.
+func TestServedSets(t *testing.T) {
+	ns := netlab.NewNS(t, "served")
+	cfg := pinhole.Config{Meter: pinhole.Meter{Rate: 200}}
+	b := newBackend(t, ns, cfg)
+	a6, b6 := netip.MustParseAddr("2001:db8:1::1"), netip.MustParseAddr("2001:db8:2::1")
+	a4, b4 := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("198.51.100.1")
+	ll := netip.MustParseAddr("fe80::1")
+	steps := []struct {
+		name  string
+		given []netip.Addr
+		want  []netip.Addr // sorted
+	}{
+		{"first", []netip.Addr{a6, a4}, []netip.Addr{a4, a6}},
+		{"address added", []netip.Addr{a6, a4, b6, ll.WithZone("wg0")}, []netip.Addr{a4, a6, b6, ll}},
+		{"address removed", []netip.Addr{b6, ll.WithZone("wg0"), a4}, []netip.Addr{a4, b6, ll}},
+		{"duplicates and mapped", []netip.Addr{b4, netip.AddrFrom16(b4.As16()), a6, a6}, []netip.Addr{b4, a6}},
+		{"interface gone", nil, nil},
+		{"back", []netip.Addr{a6, b4}, []netip.Addr{b4, a6}},
+	}
+	for _, st := range steps {
+		setServed(t, b, st.given...)
+		if got := mustServed(t, b); fmt.Sprint(got) != fmt.Sprint(st.want) {
+			t.Errorf("%s: served sets hold %v, want %v", st.name, got, st.want)
+		}
+		if err := b.Healthy(); err != nil {
+			t.Errorf("%s: Healthy: %v", st.name, err)
 		}
 	}
-	for _, want := range []string{"goto control_local", "update @meter6", "notrack"} {
-		if !strings.Contains(got, want) {
-			t.Errorf("after Setup the table lacks %q:\n%s", want, got)
+	want := mustServed(t, b)
+	if err := b.SetServed([]netip.Addr{{}}); !errors.Is(err, pinhole.ErrInvalid) {
+		t.Errorf("SetServed of the zero Addr: %v, want ErrInvalid", err)
+	}
+
+	// A restart: the new Backend's Setup keeps what the sets hold.
+	b = newBackend(t, ns, cfg)
+	if got := mustServed(t, b); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("after a restart's Setup: %v, want %v kept", got, want)
+	}
+	setServed(t, b, want...)
+
+	cmd := func(c string) func() string { return func() string { return c } }
+	for _, tamperCmd := range []func() string{
+		cmd("flush set inet pcpd served6"),
+		cmd("flush set inet pcpd served4"),
+		cmd("delete element inet pcpd served6 { 2001:db8:1::1 }"),
+		cmd("add element inet pcpd served4 { 203.0.113.9 }"),
+		cmd("flush chain inet pcpd control_in"),
+		// The handle as of now: each repair rewrites the rules.
+		func() string { return "delete rule inet pcpd control_in handle " + ruleHandle(t, ns, "control_in", "@served4") },
+	} {
+		tamper := tamperCmd()
+		ns.MustRun(t, "nft", tamper)
+		if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+			t.Errorf("nft %s: Healthy %v, want ErrUnhealthy (served %v)", tamper, err, mustServed(t, b))
+			continue
+		}
+		if err := b.Setup(); err != nil {
+			t.Fatalf("Setup after nft %s: %v", tamper, err)
+		}
+		if err := b.Healthy(); err != nil {
+			t.Errorf("Healthy after repairing nft %s: %v", tamper, err)
+		}
+		if got := mustServed(t, b); fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("after repairing nft %s: served %v, want %v", tamper, got, want)
 		}
 	}
-	if err := b.Healthy(); err != nil {
-		t.Errorf("Healthy after the upgrade: %v", err)
+
+	// Attached: no sets; SetServed only records.
+	loadNft(t, ns, "table inet filter {\n\tchain pcpd {\n\t}\n}\n")
+	att := newBackend(t, ns, pinhole.Config{Table: "filter", Attached: true, Meter: cfg.Meter})
+	setServed(t, att, a6, a4)
+	if err := att.Healthy(); err != nil {
+		t.Errorf("attached Healthy after SetServed: %v", err)
 	}
-	if err := b.Teardown(); err != nil {
-		t.Fatalf("Teardown: %v", err)
+	if got := nftList(t, ns, "table", "inet", "filter"); strings.Contains(got, "served") {
+		t.Errorf("attached: served sets in the admin's table:\n%s", got)
 	}
-	if got := nftList(t, ns, "ruleset"); strings.Contains(got, "pcpd") {
-		t.Errorf("Teardown left:\n%s", got)
+}
+
+func mustServed(t *testing.T, b *pinhole.Backend) []netip.Addr {
+	t.Helper()
+	got, err := b.Served()
+	if err != nil {
+		t.Fatal(err)
 	}
+	return got
+}
+
+// ruleHandle is the handle of the first rule of chain containing what, as
+// "nft -a" lists it ("" when none: the delete then fails).
+func ruleHandle(t *testing.T, ns *netlab.NS, chain, what string) string {
+	t.Helper()
+	out, err := ns.Run("nft", "-a", "list", "chain", "inet", "pcpd", chain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if i := strings.LastIndex(line, "# handle "); i >= 0 && strings.Contains(line, what) {
+			return strings.TrimSpace(line[i+len("# handle "):])
+		}
+	}
+	return ""
 }
 
 // nsNetlink is a netlink handle in ns (the caller closes it).

@@ -34,6 +34,7 @@ func bug4Backend(t *testing.T, ns *netlab.NS) *pinhole.Backend {
 func TestOwnerMeterHoleBug4(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	b := bug4Backend(t, topo.Host)
+	serveTunnel(t, b, topo)
 	for _, tc := range []struct {
 		name   string
 		outer  netip.Prefix // A's
@@ -104,6 +105,7 @@ func TestOwnerMeterHoleBug4(t *testing.T) {
 func TestOwnerMeterSpoofBug4(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	b := bug4Backend(t, topo.Host)
+	serveTunnel(t, b, topo)
 	owners := []pinhole.Owner{{ID: "static:victim", Prefixes: []netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}}}
 	if err := b.SetOwners(owners, nil); err != nil {
 		t.Fatal(err)

@@ -58,6 +58,7 @@ func TestOwnerMeterReversePathModes(t *testing.T) {
 			// The owner's rate far above the 400 datagrams sent: only
 			// the reverse-path rule may drop.
 			b := newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}, ReversePath: tc.mode}})
+			serveTunnel(t, b, topo)
 			if err := b.SetOwners(owners, nil); err != nil {
 				t.Fatal(err)
 			}
@@ -99,6 +100,7 @@ func TestOwnerMeterReversePathModes(t *testing.T) {
 func TestOwnerMeterDropsSplit(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	b := bug4Backend(t, topo.Host)
+	serveTunnel(t, b, topo)
 	victim := pinhole.Owner{ID: "static:victim", Prefixes: []netip.Prefix{topo.ClientPrefix6}}
 	other := pinhole.Owner{ID: "static:other", Prefixes: []netip.Prefix{netip.MustParsePrefix("2001:db8:99::/48")}}
 	if err := b.SetOwners([]pinhole.Owner{victim, other}, nil); err != nil {

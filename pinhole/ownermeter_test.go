@@ -76,6 +76,7 @@ func TestOwnerMeterPKT08(t *testing.T) {
 	// million-source flood leaves them; the owner meter must not care.
 	b := newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: rate, Burst: burst, Ports: []uint16{5351}, Size: 2,
 		OwnerRate: ownerRate, OwnerBurst: ownerBurst}})
+	serveTunnel(t, b, topo)
 
 	flooderPfx := netip.MustParsePrefix("2001:db8:77::/48")
 	innerPfx := netip.MustParsePrefix("2001:db8:77:5::/64") // another owner's, inside the flooder's

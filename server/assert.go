@@ -8,7 +8,9 @@ import (
 
 // The real collaborators satisfy the engine's interfaces.
 var (
-	_ Firewall   = (*pinhole.Backend)(nil)
-	_ LeaseStore = (*store.Store)(nil)
-	_ Policy     = (*policy.Policy)(nil)
+	_ Firewall     = (*pinhole.Backend)(nil)
+	_ OwnerMeter   = (*pinhole.Backend)(nil)
+	_ ServedSetter = (*pinhole.Backend)(nil)
+	_ LeaseStore   = (*store.Store)(nil)
+	_ Policy       = (*policy.Policy)(nil)
 )

@@ -41,6 +41,15 @@ type OwnerMeter interface {
 	MeterDrops() pinhole.MeterDrops
 }
 
+// ServedSetter is an optional extra of a Firewall (*pinhole.Backend has
+// it): its raw chains meter pcpd's requests and keep them out of
+// conntrack only on the addresses pcpd serves (pinhole/notrack.go), so it
+// needs them, given again whenever the listener's sockets change. A
+// failed call is retried at the listener's next pass.
+type ServedSetter interface {
+	SetServed(addrs []netip.Addr) error
+}
+
 // LeaseStore is the durable lease store (*store.Store). Commit is one
 // transaction and one fsync.
 type LeaseStore interface {

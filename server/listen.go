@@ -250,6 +250,9 @@ type listener struct {
 	early func(t *tally, dst, b []byte, src netip.AddrPort, now time.Time) (reply []byte, handled bool)
 	// es is the readers' state for Server.early.
 	es earlyState
+	// onServe, if set, gets the serving addresses after every pass over
+	// the interfaces (resync), from the run goroutine only, outside mu.
+	onServe func([]netip.AddrPort)
 
 	mu    sync.Mutex
 	conns map[netip.AddrPort]*udpConn
@@ -398,6 +401,11 @@ func (l *listener) want(h *netlink.Handle) map[netip.AddrPort]link {
 
 func (l *listener) resync(h *netlink.Handle) {
 	want := l.want(h)
+	if l.onServe != nil {
+		// Deferred before the lock's: runs after the unlock, with the
+		// sockets as this pass left them (closed ones gone, new ones open).
+		defer func() { l.onServe(l.addrs()) }()
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.conns == nil {

@@ -57,6 +57,9 @@ type Server struct {
 	// last given (updateProtected); nil: not yet, or to be given again.
 	meterOwners []pinhole.Owner
 	meterHoles  []netip.Prefix
+	// served is the addresses last given to the firewall's ServedSetter
+	// (nil: none yet), the listener goroutine's alone (updateServed).
+	served []netip.Addr
 	// storeDebt holds the keys whose stored state may differ from the
 	// table: a kernel failure whose store commit had succeeded, and whose
 	// write-back of the previous state failed too. Every store commit
@@ -177,6 +180,9 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		admit:  s.admit,
 		clock:  s.now,
 		early:  s.earlyTallied,
+	}
+	if ss, ok := s.fw.(ServedSetter); ok {
+		s.lis.onServe = func(aps []netip.AddrPort) { s.updateServed(ss, aps) }
 	}
 	return s, nil
 }
@@ -567,6 +573,30 @@ func (s *Server) updateMeterOwners(owners []policy.Owner) {
 		return
 	}
 	s.meterOwners, s.meterHoles = meter, holes
+}
+
+// updateServed gives the firewall the addresses the listener serves when
+// they changed since the last success (ServedSetter): the kernel meters
+// and untracks the requests to them, and to no other address (pinhole's
+// notrack.go has why). It runs on the listener's goroutine only, which
+// owns s.served; a failure is retried at the listener's next pass (at
+// most 2 s later). A firewall repair (checkFirewall's Setup) re-applies
+// the backend's last addresses itself.
+func (s *Server) updateServed(fw ServedSetter, aps []netip.AddrPort) {
+	addrs := make([]netip.Addr, 0, len(aps))
+	for _, ap := range aps {
+		addrs = append(addrs, ap.Addr().WithZone(""))
+	}
+	slices.SortFunc(addrs, netip.Addr.Compare)
+	addrs = slices.Compact(addrs)
+	if s.served != nil && slices.Equal(addrs, s.served) {
+		return
+	}
+	if err := fw.SetServed(addrs); err != nil {
+		s.log.Error("cannot update the kernel's set of served addresses; retrying", zap.Error(err))
+		return
+	}
+	s.served = addrs
 }
 
 func compareKeys(a, b store.Key) int {
