@@ -59,7 +59,7 @@ import (
 // daddr type local", a route lookup per datagram to port 5351; during a
 // flood it was 6.7 % of the server's CPU (nft_fib6_eval_type,
 // RELIABILITY.md "The flood bound"). A lookup in a hash set of a few
-// addresses costs a fraction of it (BENCHMARKS.md "What changed" 21). The
+// addresses costs a fraction of it (BENCHMARKS.md "What changed" 22). The
 // sets hold what the server's listener serves (SetServed: every address
 // it has a socket on), updated when that changes, which the listener
 // follows through netlink (a deleted interface stops being served within

@@ -1,0 +1,70 @@
+package server
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+)
+
+// TestE2EServedFollowsListener: the firewall's served sets (pinhole's
+// notrack.go: the addresses whose datagrams to pcpd's port are metered
+// and untracked) hold what the listener serves, follow an address added
+// to and removed from the serving interface and the interface going down
+// and up, and are restored by the tamper watch when flushed.
+func TestE2EServedFollowsListener(t *testing.T) {
+	l := newLab(t)
+	extra := netip.MustParseAddr("2001:db8:1::7")
+	host := l.topo.Host
+	for _, step := range []struct {
+		name  string
+		do    []string // a command in the host namespace
+		has   []netip.Addr
+		lacks []netip.Addr
+	}{
+		{"started", nil, []netip.Addr{l.topo.HostTunnelV6, l.topo.HostTunnelV4}, []netip.Addr{l.topo.HostWANV6, l.topo.HostPublicV4}},
+		{"address added", []string{"ip", "addr", "add", extra.String() + "/128", "dev", l.topo.HostLANIf, "nodad"}, []netip.Addr{extra}, nil},
+		{"address removed", []string{"ip", "addr", "del", extra.String() + "/128", "dev", l.topo.HostLANIf}, nil, []netip.Addr{extra}},
+		{"served6 flushed", []string{"nft", "flush", "set", "inet", "pcpd", "served6"}, []netip.Addr{l.topo.HostTunnelV6}, nil},
+		{"served4 flushed", []string{"nft", "flush", "set", "inet", "pcpd", "served4"}, []netip.Addr{l.topo.HostTunnelV4}, nil},
+		{"interface down", []string{"ip", "link", "set", l.topo.HostLANIf, "down"}, nil, []netip.Addr{l.topo.HostTunnelV6, l.topo.HostTunnelV4}},
+		{"interface up", []string{"ip", "link", "set", l.topo.HostLANIf, "up"}, []netip.Addr{l.topo.HostTunnelV4}, nil},
+	} {
+		if step.do != nil {
+			host.MustRun(t, step.do...)
+		}
+		var got, listening []netip.Addr
+		if err := netlab.Eventually(5*time.Second, func() error {
+			listening = listening[:0]
+			for _, ap := range l.srv.Status().Listen {
+				listening = append(listening, ap.Addr().WithZone(""))
+			}
+			slices.SortFunc(listening, netip.Addr.Compare)
+			listening = slices.Compact(listening)
+			var err error
+			if got, err = l.fw.Served(); err != nil {
+				return err
+			}
+			if !slices.Equal(got, listening) {
+				return fmt.Errorf("served sets %v, listening on %v", got, listening)
+			}
+			for _, a := range step.has {
+				if !slices.Contains(got, a) {
+					return fmt.Errorf("served sets %v lack %v", got, a)
+				}
+			}
+			for _, a := range step.lacks {
+				if slices.Contains(got, a) {
+					return fmt.Errorf("served sets %v hold %v", got, a)
+				}
+			}
+			return nil
+		}); err != nil {
+			t.Fatalf("%s: %v", step.name, err)
+		}
+		t.Logf("%s: served %v", step.name, got)
+	}
+}
