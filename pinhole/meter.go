@@ -15,7 +15,7 @@ import (
 // drops PCP and NAT-PMP datagrams from a source sending far above pcpd's
 // own per-source limit, before they are queued in pcpd's socket (its rules
 // are in the control_local chain, which the raw prerouting chain
-// control_in hands the datagrams to pcpd's ports on a local address:
+// control_in hands the datagrams to pcpd's ports on a served address:
 // notrack.go). pcpd's userspace limiter (policy.RateLimiter) stays the
 // precise one; the meter only sheds a flood so that it does not sit in the
 // socket queue ahead of other clients' requests and cost them recvmmsg

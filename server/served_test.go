@@ -7,16 +7,49 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
 )
 
 // TestE2EServedFollowsListener: the firewall's served sets (pinhole's
 // notrack.go: the addresses whose datagrams to pcpd's port are metered
 // and untracked) hold what the listener serves, follow an address added
 // to and removed from the serving interface and the interface going down
-// and up, and are restored by the tamper watch when flushed.
+// and up, and are restored by the tamper watch when flushed. With them,
+// a request to pcpd leaves no conntrack entry (the whole path: listener,
+// server, sets, raw chains).
 func TestE2EServedFollowsListener(t *testing.T) {
 	l := newLab(t)
+	t.Run("requests untracked", func(t *testing.T) {
+		ns, err := l.topo.Host.Handle()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ns.Close()
+		nh, err := netlink.NewHandleAt(ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nh.Close()
+		for _, c := range []netip.Addr{l.topo.ClientV6, l.topo.ClientV4} {
+			if resp := l.pcp(pcp.NewAnnounce(c)); resp.Result != pcp.Success {
+				t.Fatalf("ANNOUNCE from %v: %v", c, resp.Result)
+			}
+		}
+		for _, fam := range []netlink.InetFamily{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+			flows, err := nh.ConntrackTableList(netlink.ConntrackTable, fam)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range flows {
+				if f.Forward.DstPort == Port || f.Forward.SrcPort == Port {
+					t.Errorf("pcpd's request or answer tracked: %s", f)
+				}
+			}
+		}
+	})
 	extra := netip.MustParseAddr("2001:db8:1::7")
 	host := l.topo.Host
 	for _, step := range []struct {
