@@ -63,10 +63,10 @@ import (
 // sets hold what the server's listener serves (SetServed: every address
 // it has a socket on), updated when that changes, which the listener
 // follows through netlink (a deleted interface stops being served within
-// a millisecond: reliability's TestWireGuardInterfaceGone), so they are a
-// subset of the host's local addresses: the rule matches a subset of what
-// the fib match did, and every datagram it leaves out is one no socket of
-// pcpd's would have received.
+// a millisecond: reliability's TestWireGuardInterfaceGone), so, but for
+// that lag (below), they are a subset of the host's local addresses: the
+// rule matches a subset of what the fib match did, and every datagram it
+// leaves out is one no socket of pcpd's would have received.
 //
 // What must stay tracked, and why the rules are this narrow:
 //
@@ -153,8 +153,8 @@ import (
 // meter): a downgrade needs "nft delete table inet pcpd" first.
 
 // controlRules are the rules of the control chains: control_in's, one per
-// served port and family, and control_local's (the meter's, then notrack), and
-// notrack_out's, one per served port. Any may be empty.
+// served port and family, and control_local's (the meter's, then
+// notrack), and notrack_out's, one per served port. Any may be empty.
 func (b *Backend) controlRules() (in, local, out [][]expr.Any) {
 	udpPort := func(off uint32, port uint16) []expr.Any {
 		return x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_UDP),
