@@ -123,7 +123,7 @@ func TestControlTrafficUntracked(t *testing.T) {
 	}
 
 	for _, fam := range []struct {
-		name                       string
+		name                      string
 		host, wan, client, remote netip.Addr
 	}{
 		{"ipv6", topo.HostTunnelV6, topo.HostWANV6, topo.ClientV6, topo.InternetV6},
@@ -439,7 +439,9 @@ func TestServedSets(t *testing.T) {
 		cmd("add element inet pcpd served4 { 203.0.113.9 }"),
 		cmd("flush chain inet pcpd control_in"),
 		// The handle as of now: each repair rewrites the rules.
-		func() string { return "delete rule inet pcpd control_in handle " + ruleHandle(t, ns, "control_in", "@served4") },
+		func() string {
+			return "delete rule inet pcpd control_in handle " + ruleHandle(t, ns, "control_in", "@served4")
+		},
 	} {
 		tamper := tamperCmd()
 		ns.MustRun(t, "nft", tamper)
