@@ -840,9 +840,9 @@ const healthTries = 3
 // hold exactly the rules Setup wrote (counted, not compared) and that no
 // pinhole set was flushed (its sentinel element is there; see
 // sentinel.go), and that the owner maps, protected sets and served sets
-// hold what was given. Its cost does not depend on how many pinholes there are: no
-// pinhole set is dumped (the protected sets and owner maps are, as large
-// as the configuration). On error (wrapping ErrUnhealthy) the daemon should run
+// hold what was given. Its cost does not depend on how many pinholes
+// there are: no pinhole set is dumped (the sets it dumps are as large as
+// the configuration). On error (wrapping ErrUnhealthy) the daemon should run
 // Setup and re-install its leases; existing set elements survive Setup.
 // Single elements deleted by hand are not noticed here; List finds them.
 //
@@ -853,7 +853,8 @@ const healthTries = 3
 // install) waited meanwhile (RELIABILITY.md bug 4, review N3). Apply does
 // not change anything Healthy reads (it adds and deletes pinhole
 // elements, never a sentinel); the Backend's other writes (Setup,
-// SetProtected, SetOwners, RepairOwners, Teardown) count in b.gen, and a
+// SetProtected, SetServed, SetOwners, RepairOwners, Teardown) count in
+// b.gen, and a
 // read that overlapped one is done again, so a write in progress is never
 // reported as damage. After healthTries reads that each overlapped a
 // write it reports nothing: the writes are themselves putting the wanted
