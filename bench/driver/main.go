@@ -24,6 +24,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -77,6 +78,15 @@ type options struct {
 
 // want reports whether scenario key is to be run (--scenarios).
 func (o *options) want(key string) bool { return o.scenarios == nil || o.scenarios[key] }
+
+// runs reports whether runServer runs closed-loop scenario key: the ones
+// asked for, and the new-MAP closed loop whenever the open loop needs
+// its rate (open80 runs at 80 % of the server's own new-MAP maximum in
+// the same run; without --open-rate, --scenarios open80 alone used to
+// fail with "answered no new MAP").
+func (o *options) runs(key string) bool {
+	return o.want(key) || key == "new" && o.want("open80") && o.openRate <= 0
+}
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -194,6 +204,14 @@ func run(ctx context.Context, args []string) error {
 			b.notes = append(b.notes, fmt.Sprintf("%s: %v", s, err))
 		}
 	}
+	// The floor at pcpd's own open-loop rate: its open80 runs at the
+	// floor's 80 % (three to four times pcpd's rate), which says little
+	// about how much of pcpd's tail the bed adds at pcpd's load.
+	if b.pcpdOpenRate > 0 && slices.Contains(o.servers, "floor") {
+		if err := b.openLoop(ctx, "floor", "open80-at-pcpd", b.startFloor, b.pcpdOpenRate); err != nil {
+			b.notes = append(b.notes, fmt.Sprintf("floor open80-at-pcpd: %v", err))
+		}
+	}
 	table := b.table()
 	fmt.Print(table)
 	return os.WriteFile(filepath.Join(o.out, "table.md"), []byte(table), 0o644)
@@ -214,6 +232,9 @@ type bench struct {
 	notes  []string
 	log    *os.File
 	cur    server // the server under test, for perf
+	// pcpdOpenRate is the rate of pcpd's open80 run, at which the floor
+	// runs the open loop again (open80-at-pcpd): the same offered load.
+	pcpdOpenRate float64
 }
 
 // server is a server under test.
@@ -433,6 +454,12 @@ type loadPhase struct {
 	ServerCPUUs float64              `json:"-"`
 	Total       loadStats            `json:"total"`
 	Ops         map[string]loadStats `json:"ops"`
+	// The open loop's: the latency from the intended send time (the
+	// measure before 2026-12-03; Total's runs from the send), how late
+	// the requests went out, and how many a wake-up sent.
+	LatencyFromDue map[string]float64 `json:"latency_from_due_us"`
+	SendLag        map[string]float64 `json:"send_lag_us"`
+	Burst          map[string]float64 `json:"burst"`
 }
 
 type loadStats struct {
@@ -633,7 +660,7 @@ func (b *bench) runServer(ctx context.Context, name string, start func(fresh boo
 	}
 	var newRate float64
 	for _, s := range scens {
-		if !b.o.want(s.key) {
+		if !b.o.runs(s.key) {
 			continue
 		}
 		r, err := b.load(ctx, name, s.key, s.args...)
@@ -675,7 +702,14 @@ func (b *bench) runServer(ctx context.Context, name string, start func(fresh boo
 	if rate < 1 {
 		return fmt.Errorf("driver: %s answered no new MAP: no open-loop run", name)
 	}
-	if p, err = start(true); err != nil {
+	return b.openLoop(ctx, name, "open80", start, rate)
+}
+
+// openLoop runs the open loop (mix new=100) at rate against a fresh start
+// of the server and records its latency as key-p99.
+func (b *bench) openLoop(ctx context.Context, name, key string, start func(fresh bool) (server, error), rate float64) error {
+	p, err := start(true)
+	if err != nil {
 		return err
 	}
 	started := time.Now()
@@ -692,8 +726,8 @@ func (b *bench) runServer(ctx context.Context, name string, start func(fresh boo
 	if b.o.timeline > 0 {
 		args = append(args, "--timeline", b.o.timeline.String())
 	}
-	b.logf("%s open80: server started at %s", name, started.UTC().Format(time.RFC3339Nano))
-	r, err := b.load(ctx, name, "open80", args...)
+	b.logf("%s %s: server started at %s", name, key, started.UTC().Format(time.RFC3339Nano))
+	r, err := b.load(ctx, name, key, args...)
 	if err != nil {
 		return err
 	}
@@ -702,8 +736,21 @@ func (b *bench) runServer(ctx context.Context, name string, start func(fresh boo
 	if c := r.Run.CPU; c != nil {
 		cpu = fmt.Sprintf("; CPU a request: %s %.0f µs, pcpload %.0f µs", name, r.Run.ServerCPUUs, c.PerRequestUs)
 	}
-	b.put(name, "open80-p99", st.Latency["p99"], "µs", fmt.Sprintf("at %.0f/s; p50 %.0f µs, p99.9 %.0f µs%s%s", rate, st.Latency["p50"], st.Latency["p99_9"], lossSuffix(st), cpu))
+	b.put(name, key+"-p99", st.Latency["p99"], "µs", fmt.Sprintf("at %.0f/s; p50 %.0f µs, p99.9 %.0f µs%s%s%s", rate, st.Latency["p50"], st.Latency["p99_9"], lossSuffix(st), fromDue(r.Run), cpu))
+	if name == "pcpd" && key == "open80" {
+		b.pcpdOpenRate = rate
+	}
 	return nil
+}
+
+// fromDue is the open loop's old measure (from the intended send time,
+// the send lag included) for the table's note.
+func fromDue(p *loadPhase) string {
+	if p.LatencyFromDue == nil {
+		return ""
+	}
+	return fmt.Sprintf("; from the intended send time p50 %.0f µs, p99 %.0f µs, p99.9 %.0f µs (send lag p99 %.0f µs)",
+		p.LatencyFromDue["p50"], p.LatencyFromDue["p99"], p.LatencyFromDue["p99_9"], p.SendLag["p99"])
 }
 
 func lossNote(s loadStats) string {

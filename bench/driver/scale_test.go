@@ -55,3 +55,35 @@ func TestScaleRowsOrder(t *testing.T) {
 		t.Fatalf("%d error rows at 100 000 leases, want 2 (malformed, unauth)", errorRows)
 	}
 }
+
+// TestRunsNewForOpen80: the open loop runs at 80 % of the new-MAP closed
+// loop's rate in the same run, so asking for open80 runs that closed loop
+// too, unless --open-rate gives the rate.
+func TestRunsNewForOpen80(t *testing.T) {
+	for _, c := range []struct {
+		scenarios string // "": all
+		openRate  float64
+		key       string
+		want      bool
+	}{
+		{"open80", 0, "new", true},
+		{"open80", 0, "renew", false},
+		{"open80", 20000, "new", false},
+		{"new,open80", 20000, "new", true},
+		{"renew", 0, "new", false},
+		{"", 0, "new", true},
+		{"", 0, "malformed", true},
+		{"malformed", 0, "malformed", true},
+	} {
+		o := options{openRate: c.openRate}
+		if c.scenarios != "" {
+			o.scenarios = map[string]bool{}
+			for _, k := range strings.Split(c.scenarios, ",") {
+				o.scenarios[k] = true
+			}
+		}
+		if got := o.runs(c.key); got != c.want {
+			t.Errorf("--scenarios %q --open-rate %g: runs(%s) = %v, want %v", c.scenarios, c.openRate, c.key, got, c.want)
+		}
+	}
+}

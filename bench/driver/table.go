@@ -28,6 +28,7 @@ var rows = []row{
 	{label: "mixed 20/60/10/5/5, closed loop", key: "mixed"},
 	{label: "new MAP p99, closed loop", key: "new-p99"},
 	{label: "new MAP p99, open loop at 80 % of own max", key: "open80-p99", maxAbs: 5000, target: "< 5 ms"},
+	{label: "new MAP p99, open loop at pcpd's open-loop rate (the floor: what the bed adds at pcpd's load)", key: "open80-at-pcpd-p99"},
 	{label: "new MAP while growing 0 → 100 000 leases", key: "grow100k", floorKey: "new", minFloor: 0.30, target: "≥ 30 % of floor"},
 	{label: "wait after the growth for its fold (the rows below run settled, errors first)", key: "settle100k"},
 	{label: "new MAP, 100 000 live leases", key: "new100k", floorKey: "new", minFloor: 0.30, target: "≥ 30 % of floor"},

@@ -147,13 +147,29 @@ type phase struct {
 	Start    time.Time `json:"start"`
 	Timeline []bucket  `json:"timeline,omitempty"`
 	// SendLag (open loop) is how long after its intended time each request
-	// was sent: the generator's own share of the latency (latency counts
-	// from the intended time).
+	// was sent: the generator's own lateness, not in the latency (which
+	// counts from the send) but in LatencyFromDue.
 	SendLag *latency `json:"send_lag_us,omitempty"`
 	// RecvLag (open loop) is how long after the kernel received each reply
 	// the generator read it: not in the latency, which ends at the
 	// kernel's receive timestamp.
 	RecvLag *latency `json:"recv_lag_us,omitempty"`
+	// LatencyFromDue (open loop) is every request's latency counted from
+	// its intended send time (the measure before 2026-12-03: latency plus
+	// the send lag), for comparison; Total.Latency counts from the send.
+	LatencyFromDue *latency `json:"latency_from_due_us,omitempty"`
+	// SendCall (open loop) is how long each sendmmsg call took: a
+	// datagram left at most that long after the stamp its latency counts
+	// from.
+	SendCall *latency `json:"send_call_us,omitempty"`
+	// Burst (open loop) is how many requests each wake-up sent (in
+	// requests, not µs): at a steady pace about rate × tick, more when
+	// the thread woke late and caught up.
+	Burst *latency `json:"burst,omitempty"`
+	// WindowHeld (open loop) counts tickets sent late because the most
+	// requests were in flight (their latency counts from their intended
+	// time).
+	WindowHeld uint64 `json:"window_held,omitempty"`
 	// SendCalls (open loop) counts sendmmsg calls: Total.Sent/SendCalls
 	// requests went out per wake-up.
 	SendCalls uint64 `json:"send_calls,omitempty"`
@@ -163,6 +179,9 @@ type phase struct {
 	CPU       *cpuUse `json:"cpu,omitempty"`
 	lag       *hist
 	rlag      *hist
+	dueLat    *hist
+	call      *hist
+	burst     *hist // requests a wake-up, recorded as µs
 	ops       [numOps]opStats
 	fallbacks [numOps][numOps]uint64
 	tlStart   time.Time
@@ -275,6 +294,15 @@ func (p *phase) finish(elapsed time.Duration) {
 	if p.rlag != nil {
 		l := p.rlag.summary()
 		p.RecvLag = &l
+	}
+	for _, h := range []struct {
+		h   *hist
+		out **latency
+	}{{p.dueLat, &p.LatencyFromDue}, {p.call, &p.SendCall}, {p.burst, &p.Burst}} {
+		if h.h != nil && h.h.n > 0 {
+			l := h.h.summary()
+			*h.out = &l
+		}
 	}
 	p.Ops = map[string]*opStats{}
 	p.Fallbacks = map[string]uint64{}

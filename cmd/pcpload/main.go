@@ -171,7 +171,16 @@ func writeText(w io.Writer, r *report) {
 	fmt.Fprintf(w, "\nrun (%.2fs):\n", r.Run.ElapsedSec)
 	writePhase(w, r.Run)
 	if l := r.Run.SendLag; l != nil {
-		fmt.Fprintf(w, "  sent late by (generator's share, in the latency): p50 %.0f µs, p99 %.0f µs, max %.0f µs\n", l.P50, l.P99, l.Max)
+		fmt.Fprintf(w, "  sent late by (generator's share, not in the latency): p50 %.0f µs, p99 %.0f µs, max %.0f µs\n", l.P50, l.P99, l.Max)
+	}
+	if l := r.Run.LatencyFromDue; l != nil {
+		fmt.Fprintf(w, "  latency from the intended send time (with the send lag): p50 %.0f µs, p99 %.0f µs, p99.9 %.0f µs\n", l.P50, l.P99, l.P999)
+	}
+	if l := r.Run.SendCall; l != nil {
+		fmt.Fprintf(w, "  sendmmsg call (bound on the send stamp's error): p50 %.0f µs, p99 %.0f µs, max %.0f µs\n", l.P50, l.P99, l.Max)
+	}
+	if l := r.Run.Burst; l != nil {
+		fmt.Fprintf(w, "  requests a wake-up: p50 %.0f, p99 %.0f, max %.0f; %d held for a free in-flight slot\n", l.P50, l.P99, l.Max, r.Run.WindowHeld)
 	}
 	if l := r.Run.RecvLag; l != nil {
 		fmt.Fprintf(w, "  read late by (after the kernel's receive stamp, not in the latency): p50 %.0f µs, p99 %.0f µs, max %.0f µs\n", l.P50, l.P99, l.Max)

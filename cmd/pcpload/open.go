@@ -29,12 +29,20 @@ import (
 //     but no sooner than --tick after the last send, so at high rates one
 //     wake-up carries several requests and reads several replies.
 //
-// A request's latency runs from its intended send time (its ticket: no
-// coordinated omission; the sender's lateness, at most a tick plus its
-// scheduling, is in it and also reported apart as SendLag) to the
-// kernel's receive timestamp of the reply, so how long a reply waits for
-// the next round is the generator's time, not the server's: it is
-// reported apart as RecvLag and is not in the latency.
+// A request's latency runs from when it left the generator (the clock
+// read immediately before the sendmmsg call that carried it) to the
+// kernel's receive timestamp of its reply: what the server and the
+// network took, not the generator's own delays on either side. Those are
+// reported apart: how late the request went out after its intended time
+// (its ticket; at least the wait for the next tick, plus however long the
+// thread waited for a CPU) is SendLag, and how long a reply waited to be
+// read is RecvLag. A ticket that waited because --concurrency requests
+// were in flight waited for the server, not for the generator: its
+// latency counts from its intended time (no coordinated omission; see
+// inflight.latency). The old measure, every request from its intended
+// time, is kept as LatencyFromDue; SendCall bounds how far "immediately
+// before the call" can be from the datagram's actual departure (the
+// kernel may reschedule inside a sendmmsg between datagrams).
 //
 // Before this, the sender thread woke once per request for one write(2)
 // on its client's connected socket, and a receiver thread once per reply
@@ -55,6 +63,10 @@ type openLoop struct {
 	fd    int // the socket every request goes out on and every reply comes in on
 	v4    bool
 	count uint64 // sequence of requests, for the in-flight entries' stamps
+	// fullAt is when the loop last found --concurrency requests in
+	// flight (-1: never): every ticket due by then was held back by the
+	// server's slowness, not by the generator.
+	fullAt int64
 }
 
 // inflight is one request awaiting its reply.
@@ -64,8 +76,23 @@ type inflight struct {
 	slot   uint32 // lease slot (new, renew, delete); unused otherwise
 	op     op
 	opcode byte  // of the request, which the reply repeats
+	held   bool  // the ticket waited for a free in-flight entry
 	due    int64 // intended send time
-	sent   int64 // actual send time; the timeout counts from it
+	sent   int64 // actual send time (just before its sendmmsg); the timeout counts from it
+}
+
+// latency is the request's latency if its reply arrived at at, and the
+// old measure, from its intended time. The latency counts from the send,
+// except for a ticket held back because the most requests were in
+// flight: that wait was the server's (its replies were late), so it
+// counts from the intended time, as a client that had to wait would see
+// it. Negative spans (a clock step) count as 0.
+func (e *inflight) latency(at int64) (d, fromDue time.Duration) {
+	from := e.sent
+	if e.held {
+		from = e.due
+	}
+	return time.Duration(max(at-from, 0)), time.Duration(max(at-e.due, 0))
 }
 
 // openNonceIdx marks the nonce of a malformed or unauthorised request in
@@ -83,7 +110,7 @@ const (
 )
 
 func newOpenLoop(cfg *config, ws []*worker) (*openLoop, error) {
-	l := &openLoop{cfg: cfg, ws: ws, ph: &phase{}}
+	l := &openLoop{cfg: cfg, ws: ws, ph: &phase{}, fullAt: -1}
 	n := min(cfg.Concurrency, 1<<openIdxBits)
 	l.slots = make([]inflight, n)
 	l.idle = make([]int32, n)
@@ -103,6 +130,9 @@ func newOpenLoop(cfg *config, ws []*worker) (*openLoop, error) {
 	}
 	l.ph.lag = new(hist)
 	l.ph.rlag = new(hist)
+	l.ph.dueLat = new(hist)
+	l.ph.call = new(hist)
+	l.ph.burst = new(hist)
 	l.v4 = cfg.Server.Addr().Unmap().Is4()
 	var err error
 	if l.fd, err = openSocket(l.v4); err != nil {
@@ -277,16 +307,23 @@ func (l *openLoop) loop(stop *atomic.Bool) {
 		lastSend = now
 		// Every ticket due by now goes out, round robin over the workers
 		// (each owns its clients' lease slots), up to openBatch a call.
+		burst := next
 		for due <= now && (cfg.Count <= 0 || next < cfg.Count) {
 			k, full := l.fill(sb, &next, now, interval)
 			l.flush(sb, k)
 			if full {
+				l.fullAt = now
+				l.ph.burst.record(time.Duration(next-burst) * time.Microsecond)
 				// Concurrency requests in flight: the tickets wait (and
 				// their wait is latency); look again shortly.
 				sleepNs(int64(20 * time.Microsecond))
+				burst = -1
 				break
 			}
 			due = int64(float64(next) * interval)
+		}
+		if burst >= 0 {
+			l.ph.burst.record(time.Duration(next-burst) * time.Microsecond)
 		}
 	}
 	// Wait for the replies still due, as the closed loop's workers do.
@@ -334,7 +371,11 @@ func (l *openLoop) fill(b *sendBuf, next *int64, now int64, interval float64) (k
 		l.count++
 		i := l.idle[len(l.idle)-1]
 		l.idle = l.idle[:len(l.idle)-1]
-		l.slots[i] = inflight{stamp: l.count, worker: int32(w.id), slot: slot, op: o, opcode: w.out[1], due: due, sent: now}
+		// sent is set again by flush, just before the call that sends it.
+		l.slots[i] = inflight{stamp: l.count, worker: int32(w.id), slot: slot, op: o, opcode: w.out[1], due: due, sent: now, held: due <= l.fullAt}
+		if due <= l.fullAt {
+			ph.WindowHeld++
+		}
 		switch o {
 		case opNew, opRenew, opDelete:
 			l.pidx[w.id][slot] = i
@@ -357,7 +398,12 @@ func (l *openLoop) fill(b *sendBuf, next *int64, now int64, interval float64) (k
 func (l *openLoop) flush(b *sendBuf, k int) {
 	for off := 0; off < k; {
 		l.ph.SendCalls++
+		t0 := l.now()
 		n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(l.fd), uintptr(unsafe.Pointer(&b.hdrs[off])), uintptr(k-off), 0, 0, 0)
+		l.ph.call.record(time.Duration(l.now() - t0))
+		if errno == 0 {
+			l.stampSent(b, off, int(n), t0)
+		}
 		switch {
 		case errno == unix.EINTR:
 			continue
@@ -369,6 +415,17 @@ func (l *openLoop) flush(b *sendBuf, k int) {
 			off++
 		default:
 			off += max(int(n), 1)
+		}
+	}
+}
+
+// stampSent records t, read just before the sendmmsg call, as the send
+// time of the n datagrams of b from off that the call sent (an entry
+// reused since, which a stamp mismatch tells, is left alone).
+func (l *openLoop) stampSent(b *sendBuf, off, n int, t int64) {
+	for j := off; j < min(off+n, len(b.idx)); j++ {
+		if e := &l.slots[b.idx[j]]; e.stamp == b.stamps[j] {
+			e.sent = t
 		}
 	}
 }
@@ -536,8 +593,9 @@ func (l *openLoop) reply(b []byte, at, user int64, resp *pcp.Response) {
 	}
 	e := &l.slots[i]
 	w = l.ws[e.worker]
-	d := time.Duration(at - e.due)
+	d, fromDue := e.latency(at)
 	ph.rlag.record(time.Duration(user - at))
+	ph.dueLat.record(fromDue)
 	st := &ph.ops[e.op]
 	st.hist.record(d)
 	st.Answered++

@@ -458,12 +458,87 @@ func TestOpenLoopBatchesAndStamps(t *testing.T) {
 	if r.RecvLag == nil || r.RecvLag.P50 < 10_000 {
 		t.Fatalf("recv lag %+v: replies are read a tick after they come", r.RecvLag)
 	}
-	// Latency = send lag (up to a tick) + the echo's 2 ms; read times
-	// would add most of another tick.
-	if r.SendLag == nil || r.Total.Latency.P50 > r.SendLag.P50+8_000 {
-		t.Errorf("latency p50 %.0f µs, send lag p50 %+v µs: latency does not end at the kernel's stamp", r.Total.Latency.P50, r.SendLag)
+	// Latency = the echo's 2 ms: the wait for the tick (up to 20 ms, p50
+	// ≈ 10) is the send lag, outside it, and read times would add most
+	// of another tick.
+	if r.SendLag == nil || r.SendLag.P50 < 5_000 {
+		t.Fatalf("send lag %+v: requests wait for the tick", r.SendLag)
+	}
+	if r.Total.Latency.P50 > 8_000 {
+		t.Errorf("latency p50 %.0f µs, send lag p50 %.0f µs: latency does not run from the send to the kernel's stamp", r.Total.Latency.P50, r.SendLag.P50)
+	}
+	// The old measure, from the intended time, has the tick's wait in it.
+	if d := r.LatencyFromDue; d == nil || d.P50 < r.Total.Latency.P50+r.SendLag.P50/2 {
+		t.Errorf("latency from the intended time %+v, from the send p50 %.0f µs: the send lag is not in it", d, r.Total.Latency.P50)
+	}
+	if r.SendCall == nil || r.Burst == nil || r.Burst.Max < 10 {
+		t.Errorf("send call %+v, burst %+v: not reported, or not batched by the tick", r.SendCall, r.Burst)
 	}
 	if r.CPU == nil || r.CPU.PerRequestUs <= 0 {
 		t.Errorf("generator CPU %+v not reported", r.CPU)
+	}
+}
+
+// TestInflightLatency: a request's latency runs from its send, unless its
+// ticket waited for a free in-flight entry (the server's slowness: then
+// from its intended time); the old measure always runs from the intended
+// time.
+func TestInflightLatency(t *testing.T) {
+	const ms = int64(time.Millisecond)
+	for _, c := range []struct {
+		name             string
+		e                inflight
+		at               int64
+		wantD, wantOfDue time.Duration
+	}{
+		{"on time", inflight{due: 10 * ms, sent: 10 * ms}, 11 * ms, time.Millisecond, time.Millisecond},
+		{"generator late", inflight{due: 10 * ms, sent: 16 * ms}, 17 * ms, time.Millisecond, 7 * time.Millisecond},
+		{"held by the window", inflight{due: 10 * ms, sent: 16 * ms, held: true}, 17 * ms, 7 * time.Millisecond, 7 * time.Millisecond},
+		{"stamp before the send (clock step)", inflight{due: 10 * ms, sent: 12 * ms}, 11 * ms, 0, time.Millisecond},
+		{"stamp before the intended time", inflight{due: 10 * ms, sent: 12 * ms}, 9 * ms, 0, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			d, ofDue := c.e.latency(c.at)
+			if d != c.wantD || ofDue != c.wantOfDue {
+				t.Errorf("latency(%d) = %s, %s; want %s, %s", c.at, d, ofDue, c.wantD, c.wantOfDue)
+			}
+		})
+	}
+}
+
+// TestStampSent: the send time of the datagrams a sendmmsg call sent is
+// the stamp taken before that call; datagrams it did not send, and
+// entries reused since, keep theirs.
+func TestStampSent(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		off, n  int
+		reused  int32 // entry whose stamp no longer matches (-1: none)
+		wantNew []bool
+	}{
+		{"all sent", 0, 4, -1, []bool{true, true, true, true}},
+		{"first two sent", 0, 2, -1, []bool{true, true, false, false}},
+		{"rest after an error", 1, 3, -1, []bool{false, true, true, true}},
+		{"reused entry", 0, 4, 2, []bool{true, true, false, true}},
+		{"n past the batch", 2, 100, -1, []bool{false, false, true, true}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			l := &openLoop{slots: make([]inflight, 4)}
+			b := new(sendBuf)
+			for i := range 4 {
+				// Datagram i is entry 3-i, stamp 100+i, sent at 1.
+				b.idx[i], b.stamps[i] = int32(3-i), uint64(100+i)
+				l.slots[3-i] = inflight{stamp: uint64(100 + i), sent: 1}
+			}
+			if c.reused >= 0 {
+				l.slots[3-c.reused].stamp = 999
+			}
+			l.stampSent(b, c.off, c.n, 42)
+			for i, want := range c.wantNew {
+				if got := l.slots[3-i].sent == 42; got != want {
+					t.Errorf("datagram %d: stamped %v, want %v", i, got, want)
+				}
+			}
+		})
 	}
 }
