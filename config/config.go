@@ -53,6 +53,14 @@ const (
 // never drops what pcpd would answer.
 const KernelRateFactor = 4
 
+// QuotaBurstCap bounds how far --max-leases-per-client raises the
+// per-client bursts (OwnerRateBurst, KernelOwnerRateBurst): a burst lets
+// that many of one client's datagrams into pcpd's socket back to back, and
+// pcpd's 2 MiB receive buffer holds about 2 500 small ones (RELIABILITY.md
+// known bug 5). A site renewing a larger quota at once loses the excess
+// to the meters and recovers it by retransmission (RFC 6887 §8.1.1).
+const QuotaBurstCap = 2048
+
 // Third-party modes (--third-party).
 const (
 	// ThirdPartyOff answers every THIRD_PARTY option UNSUPP_OPTION
@@ -117,9 +125,9 @@ type Config struct {
 	RateLimit, RateBurst int
 	// OwnerRateBurst is the burst of pcpd's own per-client bucket
 	// (server.Config.OwnerBurst): policy.OwnerRateFactor times RateBurst,
-	// and never below MaxLeasesPerClient, so that a site renewing a
-	// client's whole quota at once is answered whole (the bucket binds
-	// when the queue fills, as such a burst makes it).
+	// and never below MaxLeasesPerClient (up to QuotaBurstCap), so that
+	// a site renewing a client's whole quota at once is answered whole
+	// (the bucket binds when the queue fills, as such a burst makes it).
 	OwnerRateBurst int
 	// KernelRateLimit and KernelRateBurst: the kernel's request meter per
 	// source (standalone mode; pinhole.Meter), dropping a flood before it
@@ -133,7 +141,8 @@ type Config struct {
 	// policy.OwnerRateFactor times RateLimit and RateBurst (at least the
 	// per-source meter's); 0 when the kernel meter is off. A set rate has
 	// twice its rate as burst. The burst is never below
-	// MaxLeasesPerClient (a client's whole quota renewed at once).
+	// MaxLeasesPerClient, up to QuotaBurstCap (a client's whole quota
+	// renewed at once).
 	KernelOwnerRateLimit, KernelOwnerRateBurst int
 	// KernelReversePath is the kernel owner meter's reverse-path check:
 	// ReversePathStrict, ReversePathLoose or ReversePathOff.

@@ -533,3 +533,31 @@ func TestMemoryLimit(t *testing.T) {
 		})
 	}
 }
+
+// TestQuotaBurstCapped: the quota raises the per-client bursts only up to
+// QuotaBurstCap. A quota set to max-leases (no per-client quota) gave one
+// client a burst of 65 536, above the ~2 500 datagrams that overflow
+// pcpd's socket buffer on a one-core server (review of 2026-12-03).
+func TestQuotaBurstCapped(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		args        []string
+		owner, kern int
+	}{
+		{"default", nil, 800, 800},
+		{"quota 1200", []string{"--max-leases-per-client", "1200"}, 1200, 1200},
+		{"quota 65536", []string{"--max-leases-per-client", "65536"}, QuotaBurstCap, QuotaBurstCap},
+		{"quota 65536, explicit owner rate", []string{"--max-leases-per-client", "65536", "--kernel-owner-rate-limit", "500"}, QuotaBurstCap, QuotaBurstCap},
+		{"explicit rate-burst above the cap", []string{"--max-leases-per-client", "65536", "--rate-burst", "500"}, 4000, 4000},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := load(t, "", tc.args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.OwnerRateBurst != tc.owner || c.KernelOwnerRateBurst != tc.kern {
+				t.Errorf("owner bucket burst %d, kernel owner burst %d; want %d, %d", c.OwnerRateBurst, c.KernelOwnerRateBurst, tc.owner, tc.kern)
+			}
+		})
+	}
+}

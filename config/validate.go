@@ -193,7 +193,8 @@ func validate(vals map[string]*value) (*Config, Errors) {
 	// Rate limit per source.
 	c.RateLimit, _ = parseCount(vals["rate-limit"], fail)
 	c.RateBurst, _ = parseCount(vals["rate-burst"], fail)
-	c.OwnerRateBurst = max(policy.OwnerRateFactor*c.RateBurst, c.MaxLeasesPerClient)
+	quotaBurst := min(c.MaxLeasesPerClient, QuotaBurstCap)
+	c.OwnerRateBurst = max(policy.OwnerRateFactor*c.RateBurst, quotaBurst)
 	c.KernelRateBurst = KernelRateFactor * c.RateBurst
 	if kv := vals["kernel-rate-limit"]; kv.str == "" {
 		c.KernelRateLimit = KernelRateFactor * c.RateLimit
@@ -229,7 +230,7 @@ func validate(vals map[string]*value) (*Config, Errors) {
 		fail(kv, "%d is below kernel-rate-limit %d", n, c.KernelRateLimit)
 	} else {
 		// Nor one source's burst below its own meter's.
-		c.KernelOwnerRateLimit, c.KernelOwnerRateBurst = n, max(2*n, c.KernelRateBurst, c.MaxLeasesPerClient)
+		c.KernelOwnerRateLimit, c.KernelOwnerRateBurst = n, max(2*n, c.KernelRateBurst, quotaBurst)
 	}
 	// Either way the owner's burst is at least its quota, as pcpd's own
 	// owner bucket's (OwnerRateBurst): a site whose hosts renew all of a
@@ -240,7 +241,11 @@ func validate(vals map[string]*value) (*Config, Errors) {
 	// such a burst fills the queue to 1/8 (TestSiteRenewsAtOncePKT08: 807
 	// of 1 200 answered with the kernel's burst alone raised). The price: a flooding client gets that much more
 	// into pcpd's socket at once; past about 2 500 small datagrams it
-	// overflows the 2 MiB buffer on a one-core server (known bug 5).
+	// overflows the 2 MiB buffer on a one-core server (known bug 5), so
+	// the quota raises the bursts only up to QuotaBurstCap: a quota set
+	// to max-leases (no per-client quota) must not take the per-client
+	// flood limit away with it. An explicit --rate-burst or
+	// --kernel-owner-rate-limit above it is the operator's own choice.
 
 	switch kv := vals["kernel-reverse-path"]; kv.str {
 	case ReversePathStrict, ReversePathLoose, ReversePathOff:
