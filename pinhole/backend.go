@@ -856,15 +856,21 @@ const healthTries = 3
 // SetProtected, SetServed, SetOwners, RepairOwners, Teardown) count in
 // b.gen, and a
 // read that overlapped one is done again, so a write in progress is never
-// reported as damage. After healthTries reads that each overlapped a
-// write it reports nothing: the writes are themselves putting the wanted
-// state in place, and the next check reads again.
+// reported as damage. The last of healthTries reads, after reads that
+// each overlapped a write, is done under the lock, as before N3, so a
+// stream of writes delays a check but cannot hide damage from it.
 func (b *Backend) Healthy() error {
 	for try := 1; ; try++ {
 		b.mu.Lock()
 		w := b.healthWantLocked()
-		if b.conn.TestDial != nil {
-			// A fake-dialled test connection, used as it is, under the lock.
+		if b.conn.TestDial != nil || try == healthTries {
+			// A fake-dialled test connection, used as it is, under the
+			// lock; and the last try, after every read overlapped a write
+			// of the Backend's: held under the lock, so that writes that
+			// never stop (a failing SetProtected the server retries each
+			// sweep) cannot hide damage from every check (review of
+			// 2026-12-03: a flushed served set went unreported in 10 of 10
+			// checks with a writer running back to back).
 			defer b.mu.Unlock()
 			read, err := w.check(kview{conn: b.conn, table: &w.table})
 			b.foldOwnerReads(read)
@@ -888,9 +894,6 @@ func (b *Backend) Healthy() error {
 		b.mu.Unlock()
 		if same {
 			return err
-		}
-		if try == healthTries {
-			return nil
 		}
 	}
 }
