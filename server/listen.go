@@ -251,7 +251,8 @@ type listener struct {
 	// es is the readers' state for Server.early.
 	es earlyState
 	// onServe, if set, gets the serving addresses after every pass over
-	// the interfaces (resync), from the run goroutine only, outside mu.
+	// the interfaces (resync), from the run goroutine only, outside mu;
+	// addresses still in duplicate address detection are left out (link).
 	onServe func([]netip.AddrPort)
 
 	mu    sync.Mutex
@@ -357,6 +358,12 @@ func (l *listener) run(ctx context.Context) error {
 type link struct {
 	name  string
 	index int
+	// tentative: the address is still in IPv6 duplicate address detection.
+	// It is served (the socket binds with IP_FREEBIND), but the kernel
+	// has no local route for it yet and would forward datagrams to it, so
+	// it is not given to onServe (the firewall's served sets) until DAD
+	// completes (the kernel announces that; the 2-s pass catches it too).
+	tentative bool
 }
 
 // want computes the serving addresses from the interfaces' current state.
@@ -393,7 +400,8 @@ func (l *listener) want(h *netlink.Handle) map[netip.AddrPort]link {
 					port = p
 				}
 			}
-			want[netip.AddrPortFrom(ip, port)] = link{name: name, index: lnk.Attrs().Index}
+			want[netip.AddrPortFrom(ip, port)] = link{name: name, index: lnk.Attrs().Index,
+				tentative: a.Flags&unix.IFA_F_TENTATIVE != 0}
 		}
 	}
 	return want
@@ -404,7 +412,9 @@ func (l *listener) resync(h *netlink.Handle) {
 	if l.onServe != nil {
 		// Deferred before the lock's: runs after the unlock, with the
 		// sockets as this pass left them (closed ones gone, new ones open).
-		defer func() { l.onServe(l.addrs()) }()
+		defer func() {
+			l.onServe(slices.DeleteFunc(l.addrs(), func(ap netip.AddrPort) bool { return want[ap].tentative }))
+		}()
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()

@@ -100,4 +100,60 @@ func TestE2EServedFollowsListener(t *testing.T) {
 		}
 		t.Logf("%s: served %v", step.name, got)
 	}
+	t.Run("tentative address left out until DAD completes", func(t *testing.T) {
+		// Served while in duplicate address detection (the socket binds
+		// with IP_FREEBIND), but without a local route the kernel would
+		// forward datagrams to it: they must stay tracked and unmetered
+		// until DAD completes (review of 2026-12-03). DAD here takes
+		// dad_transmits x 1 s.
+		// WireGuard interfaces (IFF_NOARP) skip DAD: a veth pair of the
+		// host's own, served from a restart on.
+		const dadIf = "tdad0"
+		tent := netip.MustParseAddr("2001:db8:7::9")
+		host.MustRun(t, "ip", "link", "add", dadIf, "type", "veth", "peer", "name", "tdad1")
+		t.Cleanup(func() { _, _ = host.Run("ip", "link", "del", dadIf) })
+		host.MustRun(t, "sysctl", "-qw", "net.ipv6.conf."+dadIf+".accept_dad=1")
+		host.MustRun(t, "sysctl", "-qw", "net.ipv6.conf."+dadIf+".dad_transmits=4")
+		host.MustRun(t, "ip", "link", "set", "tdad1", "up")
+		host.MustRun(t, "ip", "link", "set", dadIf, "up")
+		l.stop()
+		l.cfg.Interfaces = append(l.cfg.Interfaces, dadIf)
+		l.start()
+		host.MustRun(t, "ip", "addr", "add", tent.String()+"/64", "dev", dadIf)
+		listens := func() bool {
+			for _, ap := range l.srv.Status().Listen {
+				if ap.Addr().WithZone("") == tent {
+					return true
+				}
+			}
+			return false
+		}
+		if err := netlab.Eventually(2*time.Second, func() error {
+			if !listens() {
+				return fmt.Errorf("not yet listening on %v", tent)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		if got, err := l.fw.Served(); err != nil {
+			t.Fatal(err)
+		} else if slices.Contains(got, tent) {
+			t.Fatalf("served sets %v hold %v while it is tentative", got, tent)
+		}
+		if err := netlab.Eventually(10*time.Second, func() error {
+			got, err := l.fw.Served()
+			if err != nil {
+				return err
+			}
+			if !slices.Contains(got, tent) {
+				return fmt.Errorf("served sets %v lack %v after DAD", got, tent)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("%v in the served sets %v after pcpd listened on it", tent, time.Since(start).Round(time.Millisecond))
+	})
 }
