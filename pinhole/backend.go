@@ -37,6 +37,13 @@ type Config struct {
 	// raw-priority chains mark it untracked (notrack.go); set it when the
 	// host's other rules need those datagrams tracked.
 	TrackControl bool
+	// Routes answers which interfaces the host routes each owner's
+	// prefixes through, for the owner meter's reverse-path check
+	// (ownermeter.go, ownerRules): they pass it without a route lookup.
+	// It must ask the network namespace conn is aimed at (pcpd:
+	// NetlinkRoutes(nil), its own). Nil: every datagram of an owner's is
+	// looked up, as before.
+	Routes Routes
 }
 
 func (c *Config) fill() error {
@@ -99,7 +106,13 @@ type Backend struct {
 	// as last read; drops their growth since this Backend first saw each
 	// chain (MeterDrops, ownermeter.go).
 	ownerCounts map[string][2]uint64
-	drops       [2]atomic.Uint64
+	// ownerIfs is, per owner chain, the interfaces its reverse-path rule
+	// passes without a route lookup (ownerRules), as last written;
+	// ownersGen counts SetOwners, so that FollowRoutes does not write
+	// what it read for owners replaced meanwhile.
+	ownerIfs  map[string][]int
+	ownersGen uint64
+	drops     [2]atomic.Uint64
 	// inPlace: the kernel updates an element's timeout when it is re-added
 	// (Linux ≥ 6.10), found by the probe of the first successful Setup
 	// (probed); without it Install and Refresh re-create the element
@@ -793,7 +806,7 @@ type healthWant struct {
 	owners                 []Owner
 	holes                  []netip.Prefix
 	owners6, owners4       nftables.Set
-	ownerRules             [][]expr.Any
+	ownerRules             map[string][][]expr.Any // per owner chain
 	servedSets             bool // the served sets exist (standalone mode)
 	hasServed              bool
 	served                 []netip.Addr
@@ -827,7 +840,10 @@ func (b *Backend) healthWantLocked() *healthWant {
 	if b.hasOwners && b.ownerMetering() {
 		w.meter, w.owners, w.holes = true, b.owners, b.holes
 		w.owners6, w.owners4 = *b.owners6, *b.owners4
-		w.ownerRules = b.ownerRules()
+		w.ownerRules = map[string][][]expr.Any{}
+		for _, name := range OwnerChains(b.owners) {
+			w.ownerRules[name] = b.ownerRules(b.ownerIfs[name])
+		}
 	}
 	return w
 }

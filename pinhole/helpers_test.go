@@ -10,6 +10,7 @@ import (
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
+	"github.com/vishvananda/netlink"
 )
 
 const (
@@ -24,12 +25,16 @@ const (
 	failWait = 700 * time.Millisecond
 )
 
-// newBackend runs Setup for a Backend aimed at ns.
+// newBackend runs Setup for a Backend aimed at ns, whose routes it asks
+// (unless cfg.Routes says otherwise; noRoutes for none).
 func newBackend(t testing.TB, ns *netlab.NS, cfg pinhole.Config) *pinhole.Backend {
 	t.Helper()
 	conn, err := ns.NftConn()
 	if err != nil {
 		t.Fatal(err)
+	}
+	if cfg.Routes == nil {
+		cfg.Routes = nsRoutes(t, ns)
 	}
 	b, err := pinhole.New(conn, cfg)
 	if err != nil {
@@ -167,4 +172,42 @@ func nftList(t testing.TB, ns *netlab.NS, args ...string) string {
 		t.Fatal(err)
 	}
 	return out
+}
+
+// nsRoutes asks ns's routes (pinhole.NetlinkRoutes).
+func nsRoutes(t testing.TB, ns *netlab.NS) pinhole.Routes {
+	t.Helper()
+	h, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	nl, err := netlink.NewHandleAt(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nl.Close)
+	return pinhole.NetlinkRoutes(nl)
+}
+
+// noRoutes knows no routes: every owned datagram's route is looked up
+// (pinhole.Config.Routes nil, in a test that needs a Routes).
+type noRoutes struct{}
+
+func (noRoutes) Interfaces(netip.Prefix) ([]int, error) { return nil, nil }
+
+// ifIndex is the index of ns's interface name.
+func ifIndex(t testing.TB, ns *netlab.NS, name string) int {
+	t.Helper()
+	var i int
+	if err := ns.Do(func() error {
+		ifi, err := net.InterfaceByName(name)
+		if err == nil {
+			i = ifi.Index
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return i
 }

@@ -164,16 +164,21 @@ func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
 // 3704 §2.3, rp_filter=2) drops only sources the host has no route back
 // for, which lets such requests through but, since the host routes every
 // owned prefix, catches almost no spoofing; off has no rule at all.
-func (b *Backend) ownerRules() [][]expr.Any {
+func (b *Backend) ownerRules(ifs []int) [][]expr.Any {
 	m := b.cfg.Meter
 	var rules [][]expr.Any
-	switch m.ReversePath {
-	case ReversePathStrict:
-		rules = append(rules, x(&expr.Fib{Register: reg0, FlagSADDR: true, FlagIIF: true, ResultOIF: true},
-			eq(reg0, 0, 0, 0, 0), &expr.Counter{}, drop))
-	case ReversePathLoose:
-		rules = append(rules, x(&expr.Fib{Register: reg0, FlagSADDR: true, ResultOIF: true},
-			eq(reg0, 0, 0, 0, 0), &expr.Counter{}, drop))
+	if m.ReversePath != ReversePathOff {
+		var r []expr.Any
+		if len(ifs) > 0 {
+			// The owner's own interfaces pass without a lookup.
+			r = append(r, loadMeta(expr.MetaKeyIIF, reg0))
+			for _, i := range ifs {
+				r = append(r, &expr.Cmp{Op: expr.CmpOpNeq, Register: reg0, Data: binaryutil.NativeEndian.PutUint32(uint32(i))})
+			}
+		}
+		r = append(r, &expr.Fib{Register: reg0, FlagSADDR: true, FlagIIF: m.ReversePath == ReversePathStrict, ResultOIF: true},
+			eq(reg0, 0, 0, 0, 0), &expr.Counter{}, drop)
+		rules = append(rules, r)
 	}
 	return append(rules, x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.OwnerRate), Over: true,
 		Unit: expr.LimitTimeSecond, Burst: m.OwnerBurst}, &expr.Counter{}, drop))
@@ -206,20 +211,25 @@ func (b *Backend) isOwnerChain(name string) bool {
 // server's test double, which reports the meter off after any failed
 // write, disagreed (TestFailedSetOwnersAgrees).
 func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.gen++
 	if b.owners6 == nil {
 		return nil
 	}
 	owners, holes = slices.Clone(owners), slices.Clone(holes)
+	// The routes are asked before the lock is taken (two lookups per
+	// prefix): serving goes on meanwhile. A failed lookup leaves that
+	// owner to the route lookup per datagram (ownerRules), as before.
+	ifs, _ := b.ownerInterfaces(owners)
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if !b.ownerMetering() {
 		owners, holes = nil, nil
 	}
 	if _, _, err := ownedSpans(owners, holes); err != nil {
 		return err // invalid: not adopted, or every repair would fail on it
 	}
-	b.owners, b.holes, b.hasOwners = owners, holes, true
+	b.gen++
+	b.owners, b.holes, b.hasOwners, b.ownerIfs = owners, holes, true, ifs
+	b.ownersGen++
 	return b.writeOwners(owners, holes, false)
 }
 
@@ -436,7 +446,7 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 		if present[name] && !rewrite {
 			// Kept, with its bucket, if its rules are this pcpd's (an
 			// older pcpd's chain had the limit alone).
-			ok, err := b.ownerChainIntact(name)
+			ok, err := b.ownerChainIntact(name, b.ownerIfs[name])
 			if err != nil {
 				return err
 			}
@@ -462,7 +472,7 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 		c := &nftables.Chain{Table: b.table, Name: name}
 		b.conn.AddChain(c)
 		b.conn.FlushChain(c)
-		for _, r := range b.ownerRules() {
+		for _, r := range b.ownerRules(b.ownerIfs[name]) {
 			b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: r})
 		}
 		pending = append(pending, name)
@@ -602,7 +612,7 @@ func (w *healthWant) checkOwnerChains(v kview, present map[string]bool, read map
 		if !present[name] {
 			return fmt.Errorf("pinhole: chain %s missing: %w", name, ErrUnhealthy)
 		}
-		ok, rules, err := v.ownerChainIntact(name, w.ownerRules)
+		ok, rules, err := v.ownerChainIntact(name, w.ownerRules[name])
 		read[name] = rules
 		if err != nil {
 			return fmt.Errorf("pinhole: %w: %w", ErrUnhealthy, err)
@@ -639,10 +649,10 @@ func (w *healthWant) checkOwnerChains(v kview, present map[string]bool, read map
 }
 
 // ownerChainIntact reports whether owner chain name holds exactly
-// ownerRules (their counters aside), and folds its counters in. Caller
-// holds b.mu.
-func (b *Backend) ownerChainIntact(name string) (bool, error) {
-	ok, rules, err := b.view().ownerChainIntact(name, b.ownerRules())
+// ownerRules(ifs) (their counters aside), and folds its counters in.
+// Caller holds b.mu.
+func (b *Backend) ownerChainIntact(name string, ifs []int) (bool, error) {
+	ok, rules, err := b.view().ownerChainIntact(name, b.ownerRules(ifs))
 	if err == nil {
 		b.foldOwnerCounters(name, rules)
 	}
@@ -686,6 +696,10 @@ func asListed(e expr.Any) expr.Any {
 		return r
 	}
 	switch v := e.(type) {
+	case *expr.Meta:
+		c := *v
+		c.Register = reg(c.Register)
+		return &c
 	case *expr.Fib:
 		c := *v
 		c.Register = reg(c.Register)

@@ -15,9 +15,11 @@ import (
 // TestOwnerMeterReversePathModes (RELIABILITY.md bug 4, review S1): an
 // owner's prefix the host routes over two paths (a multipath route over
 // the LAN and the WAN), 200 of the owner's sources, one datagram each, all
-// arriving on the LAN. Strict drops some of the IPv6 ones (the IPv6 fib
-// lookup checks the one next hop its hash picks) and none of the IPv4
-// ones (IPv4 checks every next hop); loose and off admit all. Each mode's
+// arriving on the LAN. Strict admits all: the owner chain passes both next
+// hops' interfaces without a lookup (Config.Routes, ownerRules). Without
+// the routes (Routes nil, as before) strict drops some of the IPv6 ones
+// (the IPv6 fib lookup checks the one next hop its hash picks) and none
+// of the IPv4 ones (IPv4 checks every next hop); loose and off admit all. Each mode's
 // owner chain is what Healthy accepts, switching modes rewrites the chains
 // SetOwners finds (the same table, a new Backend each), and MeterDrops
 // counts what the reverse-path rule dropped, apart from the rate drops.
@@ -44,20 +46,28 @@ func TestOwnerMeterReversePathModes(t *testing.T) {
 	dst6, dst4 := netip.AddrPortFrom(topo.HostTunnelV6, 5351), netip.AddrPortFrom(topo.HostTunnelV4, 5351)
 	srv6, srv4 := countUDP(t, topo.Host, dst6), countUDP(t, topo.Host, dst4)
 
+	lan, wan := topo.HostLANIf, topo.HostWANIf
+	if ifIndex(t, topo.Host, lan) > ifIndex(t, topo.Host, wan) {
+		lan, wan = wan, lan // listed in index order
+	}
+	both := fmt.Sprintf("iif != %q iif != %q ", lan, wan)
 	for _, tc := range []struct {
+		name     string
 		mode     pinhole.ReversePath
-		rule     string // the reverse-path rule as nft lists it; "" none
-		someLost bool   // IPv6: some dropped, not all
+		routes   pinhole.Routes // nil: the host's
+		rule     string         // the reverse-path rule as nft lists it; "" none
+		someLost bool           // IPv6: some dropped, not all
 	}{
-		{pinhole.ReversePathStrict, "fib saddr . iif oif 0 counter", true},
-		{pinhole.ReversePathLoose, "fib saddr oif 0 counter", false},
-		{pinhole.ReversePathOff, "", false},
-		{pinhole.ReversePathStrict, "fib saddr . iif oif 0 counter", true}, // and back
+		{"strict", pinhole.ReversePathStrict, nil, both + "fib saddr . iif oif 0 counter", false},
+		{"strict without routes", pinhole.ReversePathStrict, noRoutes{}, "\t\tfib saddr . iif oif 0 counter", true},
+		{"loose", pinhole.ReversePathLoose, nil, both + "fib saddr oif 0 counter", false},
+		{"off", pinhole.ReversePathOff, nil, "", false},
+		{"strict again", pinhole.ReversePathStrict, nil, both + "fib saddr . iif oif 0 counter", false},
 	} {
-		t.Run(tc.mode.String(), func(t *testing.T) {
+		t.Run(tc.name, func(t *testing.T) {
 			// The owner's rate far above the 400 datagrams sent: only
 			// the reverse-path rule may drop.
-			b := newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}, ReversePath: tc.mode}})
+			b := newBackend(t, topo.Host, pinhole.Config{Routes: tc.routes, Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}, ReversePath: tc.mode}})
 			serveTunnel(t, b, topo)
 			if err := b.SetOwners(owners, nil); err != nil {
 				t.Fatal(err)
@@ -71,16 +81,16 @@ func TestOwnerMeterReversePathModes(t *testing.T) {
 			}
 			got6, _ := sendRoundRobin(t, topo.Client, src6, dst6, 1, srv6)
 			got4, _ := sendRoundRobin(t, topo.Client, src4, dst4, 1, srv4)
-			t.Logf("%s: %d of %d IPv6 sources and %d of %d IPv4 ones reached the socket", tc.mode, got6, n, got4, n)
+			t.Logf("%s: %d of %d IPv6 sources and %d of %d IPv4 ones reached the socket", tc.name, got6, n, got4, n)
 			if tc.someLost {
 				if got6 == 0 || got6 == n {
-					t.Errorf("strict, IPv6 multipath: %d of %d got through, want some dropped (the lookup picks one next hop) and some not", got6, n)
+					t.Errorf("%s, IPv6 multipath: %d of %d got through, want some dropped (the lookup picks one next hop) and some not", tc.name, got6, n)
 				}
 			} else if got6 != n {
-				t.Errorf("%s, IPv6 multipath: %d of %d got through, want all", tc.mode, got6, n)
+				t.Errorf("%s, IPv6 multipath: %d of %d got through, want all", tc.name, got6, n)
 			}
 			if got4 != n {
-				t.Errorf("%s, IPv4 multipath: %d of %d got through, want all", tc.mode, got4, n)
+				t.Errorf("%s, IPv4 multipath: %d of %d got through, want all", tc.name, got4, n)
 			}
 			if err := b.Healthy(); err != nil { // reads the counters
 				t.Fatalf("Healthy: %v", err)

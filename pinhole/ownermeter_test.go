@@ -120,10 +120,13 @@ func TestOwnerMeterPKT08(t *testing.T) {
 		t.Fatalf("owner maps hold %v; want %v and %v for %s, %v for %s", got, flooderPfx, topo.ClientPrefix4, chains["wg:flooder"], innerPfx, chains["wg:inner"])
 	}
 	ruleset := nftList(t, topo.Host, "table", "inet", "pcpd")
+	lan, wan := topo.HostLANIf, topo.HostWANIf
 	for _, want := range []string{
 		"udp dport 5351 ip6 saddr vmap @owners6\n\t\tudp dport 5351 ip saddr vmap @owners4\n\t\tudp dport 5351 update @meter6",
 		"2001:db8:77:5::/64 : jump " + chains["wg:inner"],
-		"chain " + chains["wg:flooder"] + " {\n\t\tfib saddr . iif oif 0 counter packets 0 bytes 0 drop\n\t\tlimit rate over 20/second burst 100 packets counter packets 0 bytes 0 drop\n\t}",
+		// Both of the flooder's prefixes are routed through the LAN:
+		// datagrams from there skip the route lookup.
+		"chain " + chains["wg:flooder"] + " {\n\t\tiif != \"" + lan + "\" fib saddr . iif oif 0 counter packets 0 bytes 0 drop\n\t\tlimit rate over 20/second burst 100 packets counter packets 0 bytes 0 drop\n\t}",
 	} {
 		if !strings.Contains(ruleset, want) {
 			t.Fatalf("ruleset lacks %q:\n%s", want, ruleset)
@@ -181,6 +184,12 @@ func TestOwnerMeterPKT08(t *testing.T) {
 			{"add", "rule", "inet", "pcpd", fl, "counter", "accept"}, {"add", "rule", "inet", "pcpd", fl, "counter", "accept"}}},
 		{"reverse-path rule gone", [][]string{{"flush", "chain", "inet", "pcpd", fl},
 			{"add", "rule", "inet", "pcpd", fl, "counter", "accept"},
+			{"add", "rule", "inet", "pcpd", fl, "limit", "rate", "over", "20/second", "burst", "100", "packets", "counter", "drop"}}},
+		{"WAN added to the reverse-path rule's interfaces", [][]string{{"flush", "chain", "inet", "pcpd", fl},
+			{"add", "rule", "inet", "pcpd", fl, "iif", "!=", lan, "iif", "!=", wan, "fib", "saddr", ".", "iif", "oif", "0", "counter", "drop"},
+			{"add", "rule", "inet", "pcpd", fl, "limit", "rate", "over", "20/second", "burst", "100", "packets", "counter", "drop"}}},
+		{"reverse-path rule's interface changed", [][]string{{"flush", "chain", "inet", "pcpd", fl},
+			{"add", "rule", "inet", "pcpd", fl, "iif", "!=", wan, "fib", "saddr", ".", "iif", "oif", "0", "counter", "drop"},
 			{"add", "rule", "inet", "pcpd", fl, "limit", "rate", "over", "20/second", "burst", "100", "packets", "counter", "drop"}}},
 		{"owner's range removed from the map", [][]string{{"delete", "element", "inet", "pcpd", "owners6", "{", innerPfx.String(), "}"}}},
 		{"nobody's range charged to the flooder", [][]string{{"add", "element", "inet", "pcpd", "owners6", "{", "2001:db8:99::/48", ":", "jump", fl, "}"}}},

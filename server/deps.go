@@ -50,6 +50,14 @@ type ServedSetter interface {
 	SetServed(addrs []netip.Addr) error
 }
 
+// RouteFollower is an optional extra of an OwnerMeter (*pinhole.Backend
+// has it): FollowRoutes brings the owner meter's reverse-path check up to
+// date with the host's routes of the owned prefixes. checkFirewall calls
+// it before every Healthy, which bounds its lag to TamperInterval.
+type RouteFollower interface {
+	FollowRoutes() error
+}
+
 // LeaseStore is the durable lease store (*store.Store). Commit is one
 // transaction and one fsync.
 type LeaseStore interface {

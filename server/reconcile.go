@@ -238,6 +238,13 @@ func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Key, 
 // meter only drops requests, and the leases were each authorised); the
 // meter is retried at the next check.
 func (s *Server) checkFirewall() {
+	if rf, ok := s.fw.(RouteFollower); ok {
+		// First, so that Healthy compares the owner chains with the
+		// routes as they are now.
+		if err := rf.FollowRoutes(); err != nil {
+			s.log.Warn("kernel owner meter: cannot follow the routes of the owned prefixes", zap.Error(err))
+		}
+	}
 	herr := s.fw.Healthy()
 	if herr == nil {
 		return

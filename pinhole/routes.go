@@ -1,0 +1,242 @@
+package pinhole
+
+import (
+	"errors"
+	"fmt"
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"net/netip"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Routes tells the owner meter's reverse-path check which interfaces the
+// host routes an owned prefix through (ownerRules: datagrams arriving on
+// them skip the route lookup): Config.Routes, which pcpd sets to
+// NetlinkRoutes(nil).
+type Routes interface {
+	// Interfaces returns the indexes of the interfaces through which the
+	// host routes every address of p: every next hop of the route that
+	// holds all of p, none when no single unicast route does (no route,
+	// a reject route, or a more specific route at either end of p).
+	// An error is a failed lookup, not a missing route.
+	Interfaces(p netip.Prefix) ([]int, error)
+}
+
+// NetlinkRoutes answers Routes with route lookups through h (nil: the
+// calling process's network namespace). Each prefix costs two lookups
+// (RTM_GETROUTE with RTM_F_FIB_MATCH, which returns the matched route
+// whole, every next hop of a multipath route included, where a plain
+// lookup returns the one next hop its hash picks): of its first and its
+// last address, which must find the same route holding all of p. A more
+// specific route strictly inside p (not at either end) is not seen: its
+// addresses count as routed where the rest of p is. The lookups follow
+// the host's policy rules as a lookup of the host's own would, without an
+// input interface.
+func NetlinkRoutes(h *netlink.Handle) Routes {
+	if h == nil {
+		h = &netlink.Handle{} // what netlink's package functions use
+	}
+	return netlinkRoutes{h}
+}
+
+type netlinkRoutes struct{ h *netlink.Handle }
+
+func (n netlinkRoutes) Interfaces(p netip.Prefix) ([]int, error) {
+	p = p.Masked()
+	first, err := n.route(p.Addr())
+	if first == nil || err != nil {
+		return nil, err
+	}
+	_, end := prefixRange(p)
+	last, err := n.route(end)
+	if last == nil || err != nil {
+		return nil, err
+	}
+	dst := routeDst(first, p)
+	if !dst.IsValid() || dst.Bits() > p.Bits() || routeDst(last, p) != dst || first.Type != unix.RTN_UNICAST {
+		return nil, nil
+	}
+	var ifs []int
+	for _, nh := range first.MultiPath {
+		ifs = append(ifs, nh.LinkIndex)
+	}
+	if len(first.MultiPath) == 0 {
+		ifs = append(ifs, first.LinkIndex)
+	}
+	ifs = slices.DeleteFunc(ifs, func(i int) bool { return i <= 0 })
+	slices.Sort(ifs)
+	return slices.Compact(ifs), nil
+}
+
+// route is the route the host matches a, whole (nil: none).
+func (n netlinkRoutes) route(a netip.Addr) (*netlink.Route, error) {
+	rs, err := n.h.RouteGetWithOptions(a.AsSlice(), &netlink.RouteGetOptions{FIBMatch: true})
+	switch {
+	case errors.Is(err, unix.ENETUNREACH), errors.Is(err, unix.EHOSTUNREACH), errors.Is(err, unix.ESRCH),
+		errors.Is(err, unix.EACCES), errors.Is(err, unix.EINVAL):
+		// No route, or a reject route (unreachable, prohibit): no
+		// interface routes it.
+		return nil, nil
+	case err != nil:
+		return nil, fmt.Errorf("pinhole: route of %v: %w", a, err)
+	case len(rs) != 1:
+		return nil, nil
+	}
+	return &rs[0], nil
+}
+
+// routeDst is r's destination prefix (a default route has none listed).
+func routeDst(r *netlink.Route, p netip.Prefix) netip.Prefix {
+	if r.Dst == nil {
+		if p.Addr().Is4() {
+			return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+		}
+		return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+	}
+	a, ok := netip.AddrFromSlice(r.Dst.IP)
+	ones, _ := r.Dst.Mask.Size()
+	if !ok {
+		return netip.Prefix{}
+	}
+	if p.Addr().Is4() {
+		a = a.Unmap()
+	}
+	return netip.PrefixFrom(a, ones).Masked()
+}
+
+// ownerInterfaces is, per owner chain, the interfaces through which the
+// host routes every prefix of the owner (Config.Routes): the intersection
+// over its prefixes, none when they are routed apart (the chain then looks
+// every datagram's route up, as without them). An owner whose lookup
+// failed has no entry (err says why); with the check off, nothing is
+// asked. It takes no lock: Config.Routes is fixed.
+func (b *Backend) ownerInterfaces(owners []Owner) (map[string][]int, error) {
+	if b.cfg.Meter.ReversePath == ReversePathOff || b.cfg.Routes == nil || len(owners) == 0 {
+		return nil, nil
+	}
+	chains := OwnerChains(owners)
+	out := make(map[string][]int, len(chains))
+	failed := map[string]bool{}
+	seen := map[string]bool{}
+	var errs []error
+	for _, o := range owners {
+		name := chains[o.ID]
+		for _, p := range o.Prefixes {
+			if p.Addr().Is4In6() && p.Bits() >= 96 {
+				p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+			}
+			if !p.IsValid() || failed[name] {
+				continue
+			}
+			ifs, err := b.cfg.Routes.Interfaces(p)
+			if err != nil {
+				failed[name] = true
+				errs = append(errs, fmt.Errorf("owner %q: %w", o.ID, err))
+				continue
+			}
+			if !seen[name] {
+				seen[name], out[name] = true, ifs
+				continue
+			}
+			out[name] = slices.DeleteFunc(out[name], func(i int) bool { return !slices.Contains(ifs, i) })
+		}
+	}
+	for name := range failed {
+		delete(out, name)
+	}
+	for name := range out {
+		if len(out[name]) == 0 {
+			out[name] = nil
+		}
+	}
+	return out, errors.Join(errs...)
+}
+
+// FollowRoutes asks the routes of the owners' prefixes again and rewrites
+// the reverse-path rule of every owner chain whose interfaces changed (a
+// route moved to another interface, a next hop added or gone, an
+// interface re-created with a new index), in place: the chain's limit
+// rule, and so its bucket, stays. pcpd calls it before each Healthy
+// (server: every TamperInterval, 5 s), which bounds how long the check
+// lags a route change; until then, a datagram arriving on an interface
+// the owner's prefix moved to meets the route lookup (the fib expression),
+// which passes it, and one arriving on the interface the prefix left
+// still passes unlooked. The lookups run without the lock. An owner whose
+// lookup failed keeps its rule (the error says which).
+func (b *Backend) FollowRoutes() error {
+	b.mu.Lock()
+	if !b.hasOwners || !b.ownerMetering() || b.cfg.Meter.ReversePath == ReversePathOff || b.cfg.Routes == nil {
+		b.mu.Unlock()
+		return nil
+	}
+	owners, gen := b.owners, b.ownersGen
+	b.mu.Unlock()
+	ifs, lerr := b.ownerInterfaces(owners)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if gen != b.ownersGen {
+		return lerr // SetOwners wrote newer routes meanwhile
+	}
+	var changed []string
+	for name, now := range ifs {
+		if !slices.Equal(now, b.ownerIfs[name]) {
+			changed = append(changed, name)
+		}
+	}
+	slices.Sort(changed)
+	if len(changed) == 0 {
+		return lerr
+	}
+	b.gen++ // a Healthy reading meanwhile reads again
+	if b.ownerIfs == nil {
+		b.ownerIfs = map[string][]int{}
+	}
+	var pending []string
+	committed := func() {
+		for _, name := range pending {
+			b.ownerIfs[name] = ifs[name]
+			c := b.ownerCounts[name]
+			c[0] = 0 // the replaced rule counts from 0
+			b.ownerCounts[name] = c
+		}
+		pending = pending[:0]
+	}
+	for _, name := range changed {
+		chain := &nftables.Chain{Table: b.table, Name: name}
+		rules, err := b.conn.GetRules(b.table, chain)
+		if err != nil {
+			return errors.Join(lerr, fmt.Errorf("pinhole: rules of %s: %w", name, classify(err)))
+		}
+		b.foldOwnerCounters(name, rules)
+		var handle uint64
+		for _, r := range rules {
+			if slices.ContainsFunc(r.Exprs, func(e expr.Any) bool { _, ok := e.(*expr.Fib); return ok }) {
+				handle = r.Handle
+			}
+		}
+		if handle == 0 || len(rules) != len(b.ownerRules(nil)) {
+			// Not this pcpd's rules (damaged, or gone): Healthy reports
+			// it, and RepairOwners writes the chain whole, with these.
+			b.ownerIfs[name] = ifs[name]
+			continue
+		}
+		b.conn.ReplaceRule(&nftables.Rule{Table: b.table, Chain: chain, Handle: handle, Exprs: b.ownerRules(ifs[name])[0]})
+		pending = append(pending, name)
+		if len(pending) == ownerChainBatch {
+			if err := b.conn.Flush(); err != nil {
+				return errors.Join(lerr, fmt.Errorf("pinhole: follow routes: %w", classify(err)))
+			}
+			committed()
+		}
+	}
+	if len(pending) > 0 {
+		if err := b.conn.Flush(); err != nil {
+			return errors.Join(lerr, fmt.Errorf("pinhole: follow routes: %w", classify(err)))
+		}
+		committed()
+	}
+	return lerr
+}
