@@ -330,7 +330,7 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		t.Logf("pinned bed: pcpd (pid %d) and the host's receive path on CPU %d; the victim, the flooder (SCHED_IDLE) and the client's receive path on CPU %d; control flood dropped by a raw prerouting rule",
 			l.pcpd.PID(), serverCPU, clientCPU)
 	}
-	t.Logf("pcpd's sockets: %s; owner meter: %s", socketMem(l.topo.Host), ownerMeterLimit(l.topo.Host))
+	t.Logf("pcpd's sockets: %s; owner meter: %s; reverse path: %s", socketMem(l.topo.Host), ownerMeterLimit(l.topo.Host), ownerReversePath(l.topo.Host))
 	// Half the victim's requests are ANNOUNCEs (stateless: answered by
 	// the socket readers), half early renewals of its own mapping (same
 	// nonce, 1 h: absorbed, no commit of their own, but the engine's);
@@ -640,6 +640,20 @@ func ownerChainRules(ns *netlab.NS) [][]string {
 func ownerMeterLimit(ns *netlab.NS) string {
 	for _, f := range ownerChainRules(ns) {
 		if f[0] == "limit" {
+			if i := slices.Index(f, "counter"); i > 0 {
+				f = f[:i]
+			}
+			return strings.Join(f, " ")
+		}
+	}
+	return "none"
+}
+
+// ownerReversePath is the reverse-path rule of pcpd's first owner chain
+// in ns ("iif != \"lan0\" fib saddr . iif oif 0"), or "none".
+func ownerReversePath(ns *netlab.NS) string {
+	for _, f := range ownerChainRules(ns) {
+		if slices.Contains(f, "fib") {
 			if i := slices.Index(f, "counter"); i > 0 {
 				f = f[:i]
 			}
