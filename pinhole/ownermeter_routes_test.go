@@ -1,0 +1,155 @@
+package pinhole_test
+
+import (
+	"fmt"
+	"net/netip"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// TestOwnerMeterFollowsRoutes (RELIABILITY.md runs V): the owner chain's
+// reverse-path rule passes the datagrams arriving on the interfaces the
+// host routes the owner's prefixes through without a route lookup, and
+// drops, and counts as spoofed, the owner's sources arriving on any other
+// (here the WAN); when the route moves, FollowRoutes (pcpd: before each
+// Healthy, every TamperInterval) moves the rule with it, in place (the
+// limit rule, and so the owner's bucket, stays), and Healthy accepts the
+// result; a multipath route passes every next hop's interface. Each step
+// sends from the same owned addresses on the LAN and on the WAN, both
+// families.
+func TestOwnerMeterFollowsRoutes(t *testing.T) {
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	// The owner's rate (2 × 200/s, burst 800) far above what is sent:
+	// only the reverse-path rule may drop.
+	b := newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
+	pfx6, pfx4 := netip.MustParsePrefix("2001:db8:77::/48"), netip.MustParsePrefix("10.77.0.0/16")
+	src6, src4 := netip.MustParseAddr("2001:db8:77::1"), netip.MustParseAddr("10.77.0.1")
+	for _, a := range []netip.Addr{src6, src4} {
+		p := netip.PrefixFrom(a, a.BitLen()).String()
+		topo.Client.MustRun(t, "ip", "addr", "add", p, "dev", topo.ClientIf, "nodad")
+		topo.Internet.MustRun(t, "ip", "addr", "add", p, "dev", "lo", "nodad")
+	}
+	topo.Internet.MustRun(t, "ip", "route", "add", topo.HostTunnelV4.String()+"/32", "via", topo.HostPublicV4.String())
+	route := func(via ...string) {
+		t.Helper()
+		for _, fam := range []struct {
+			flag string
+			pfx  netip.Prefix
+			lan  netip.Addr
+			wan  netip.Addr
+		}{{"-6", pfx6, topo.ClientV6, topo.InternetV6}, {"-4", pfx4, topo.ClientV4, topo.InternetV4}} {
+			args := []string{"ip", fam.flag, "route", "replace", fam.pfx.String()}
+			for _, v := range via {
+				gw, dev := fam.lan, topo.HostLANIf
+				if v == "wan" {
+					gw, dev = fam.wan, topo.HostWANIf
+				}
+				if len(via) > 1 {
+					args = append(args, "nexthop")
+				}
+				args = append(args, "via", gw.String(), "dev", dev)
+			}
+			topo.Host.MustRun(t, args...)
+		}
+	}
+	route("lan")
+	owners := []pinhole.Owner{{ID: "static:routed", Prefixes: []netip.Prefix{pfx6, pfx4}}}
+	if err := b.SetOwners(owners, nil); err != nil {
+		t.Fatal(err)
+	}
+	chain := pinhole.OwnerChains(owners)["static:routed"]
+	dst6, dst4 := netip.AddrPortFrom(topo.HostTunnelV6, 5351), netip.AddrPortFrom(topo.HostTunnelV4, 5351)
+	srv6, srv4 := countUDP(t, topo.Host, dst6), countUDP(t, topo.Host, dst4)
+	limitHandle := regexp.MustCompile(`limit rate over [^\n]* # handle (\d+)`)
+	handle := func() string {
+		m := limitHandle.FindStringSubmatch(topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", "pcpd", chain))
+		if m == nil {
+			t.Fatalf("no limit rule in %s", chain)
+		}
+		return m[1]
+	}
+	firstHandle := handle()
+
+	var dropped uint64
+	const n = 20
+	for _, step := range []struct {
+		name    string
+		via     []string // the route's next hops; nil: unchanged
+		follow  bool     // FollowRoutes first
+		ifs     []string // the interfaces the rule passes unlooked, in index order
+		lan     bool     // the owner's sources get through from the LAN
+		wan     bool     // and from the WAN
+		healthy bool     // Healthy accepts the chain
+	}{
+		{"routed through the LAN", nil, false, []string{topo.HostLANIf}, true, false, true},
+		// Not followed yet: the LAN still passes unlooked (the lag,
+		// bounded by pcpd's tamper interval), the WAN meets the lookup,
+		// which passes it now.
+		{"moved to the WAN, not followed", []string{"wan"}, false, []string{topo.HostLANIf}, true, true, true},
+		{"moved to the WAN, followed", nil, true, []string{topo.HostWANIf}, false, true, true},
+		{"multipath", []string{"lan", "wan"}, true, indexOrder(t, topo.Host, topo.HostLANIf, topo.HostWANIf), true, true, true},
+		{"back to the LAN", []string{"lan"}, true, []string{topo.HostLANIf}, true, false, true},
+	} {
+		if step.via != nil {
+			route(step.via...)
+		}
+		if step.follow {
+			if err := b.FollowRoutes(); err != nil {
+				t.Fatalf("%s: FollowRoutes: %v", step.name, err)
+			}
+		}
+		out := nftList(t, topo.Host, "chain", "inet", "pcpd", chain)
+		var want strings.Builder
+		for _, i := range step.ifs {
+			fmt.Fprintf(&want, "iif != %q ", i)
+		}
+		want.WriteString("fib saddr . iif oif 0 counter")
+		if !strings.Contains(out, "\t"+want.String()) {
+			t.Errorf("%s: owner chain, want %q:\n%s", step.name, want.String(), out)
+		}
+		if h := handle(); h != firstHandle {
+			t.Errorf("%s: the limit rule was rewritten (handle %s, was %s): the owner's bucket was lost", step.name, h, firstHandle)
+		}
+		for _, from := range []struct {
+			side string
+			ns   *netlab.NS
+			pass bool
+		}{{"LAN", topo.Client, step.lan}, {"WAN", topo.Internet, step.wan}} {
+			for _, f := range []struct {
+				src netip.Addr
+				dst netip.AddrPort
+				srv *udpCounter
+			}{{src6, dst6, srv6}, {src4, dst4, srv4}} {
+				got, _ := sendRoundRobin(t, from.ns, []netip.Addr{f.src}, f.dst, n, f.srv)
+				want := int64(0)
+				if from.pass {
+					want = n
+				} else {
+					dropped += n
+				}
+				if got != want {
+					t.Errorf("%s: %d from %v on the %s: socket got %d, want %d", step.name, n, f.src, from.side, got, want)
+				}
+			}
+		}
+		err := b.Healthy() // reads the counters
+		if (err == nil) != step.healthy {
+			t.Errorf("%s: Healthy: %v", step.name, err)
+		}
+		if d := b.MeterDrops(); d.ReversePath != dropped || d.OwnerRate != 0 {
+			t.Errorf("%s: MeterDrops %+v, want %d dropped by the reverse-path rule, none by the rate", step.name, d, dropped)
+		}
+	}
+}
+
+// indexOrder is names sorted by their interface index in ns.
+func indexOrder(t *testing.T, ns *netlab.NS, a, b string) []string {
+	if ifIndex(t, ns, a) > ifIndex(t, ns, b) {
+		a, b = b, a
+	}
+	return []string{a, b}
+}
