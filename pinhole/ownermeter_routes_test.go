@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -152,4 +153,60 @@ func indexOrder(t *testing.T, ns *netlab.NS, a, b string) []string {
 		a, b = b, a
 	}
 	return []string{a, b}
+}
+
+// TestNetlinkRoutes: which interfaces NetlinkRoutes says the host routes a
+// prefix through, for the routes a host has: on-link prefixes holding the
+// host's own addresses, routed prefixes, multipath (every next hop), a
+// more specific route at an end of the prefix or a reject route (none:
+// every datagram then meets the route lookup), the default route.
+func TestNetlinkRoutes(t *testing.T) {
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	h := topo.Host
+	for _, r := range [][]string{
+		{"-6", "route", "add", "2001:db8:70::/48", "via", topo.ClientV6.String(), "dev", topo.HostLANIf},
+		{"-4", "route", "add", "10.70.0.0/16", "via", topo.ClientV4.String(), "dev", topo.HostLANIf},
+		{"-6", "route", "add", "2001:db8:71::/48", "nexthop", "via", topo.ClientV6.String(), "dev", topo.HostLANIf, "nexthop", "via", topo.InternetV6.String(), "dev", topo.HostWANIf},
+		{"-6", "route", "add", "2001:db8:72::/48", "via", topo.ClientV6.String(), "dev", topo.HostLANIf},
+		{"-6", "route", "add", "2001:db8:72::/64", "via", topo.InternetV6.String(), "dev", topo.HostWANIf},
+		{"-6", "route", "add", "unreachable", "2001:db8:73::/48"},
+		{"-4", "route", "add", "default", "via", topo.InternetV4.String(), "dev", topo.HostWANIf},
+	} {
+		h.MustRun(t, append([]string{"ip"}, r...)...)
+	}
+	lan, wan := ifIndex(t, h, topo.HostLANIf), ifIndex(t, h, topo.HostWANIf)
+	r := nsRoutes(t, h)
+	for _, tc := range []struct {
+		name string
+		pfx  string
+		want []int
+	}{
+		{"on-link /64 with the host's address", "2001:db8:1:2::/64", []int{lan}},
+		{"on-link IPv4 /24 (network, host, broadcast addresses)", "10.100.0.0/24", []int{lan}},
+		{"a client's /128", topo.ClientV6.String() + "/128", []int{lan}},
+		{"routed /48", "2001:db8:70::/48", []int{lan}},
+		{"a /64 inside the routed /48", "2001:db8:70:5::/64", []int{lan}},
+		{"routed IPv4 /16", "10.70.0.0/16", []int{lan}},
+		{"IPv4-mapped", "::ffff:10.70.0.0/112", []int{lan}},
+		{"multipath", "2001:db8:71::/48", []int{min(lan, wan), max(lan, wan)}},
+		{"more specific at the start, elsewhere", "2001:db8:72::/48", nil},
+		{"wider than its route", "2001:db8:70::/40", nil},
+		{"unreachable", "2001:db8:73::/48", nil},
+		{"no route", "2001:db8:74::/48", nil},
+		{"IPv4 default route", "192.0.2.0/24", []int{wan}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := netip.MustParsePrefix(tc.pfx)
+			if p.Addr().Is4In6() {
+				p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96) // as ownerInterfaces hands it over
+			}
+			got, err := r.Interfaces(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("Interfaces(%v) = %v, want %v (LAN %d, WAN %d)", p, got, tc.want, lan, wan)
+			}
+		})
+	}
 }

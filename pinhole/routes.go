@@ -20,7 +20,7 @@ type Routes interface {
 	// Interfaces returns the indexes of the interfaces through which the
 	// host routes every address of p: every next hop of the route that
 	// holds all of p, none when no single unicast route does (no route,
-	// a reject route, or a more specific route at either end of p).
+	// a reject route, or a more specific route near either end of p).
 	// An error is a failed lookup, not a missing route.
 	Interfaces(p netip.Prefix) ([]int, error)
 }
@@ -29,10 +29,12 @@ type Routes interface {
 // calling process's network namespace). Each prefix costs two lookups
 // (RTM_GETROUTE with RTM_F_FIB_MATCH, which returns the matched route
 // whole, every next hop of a multipath route included, where a plain
-// lookup returns the one next hop its hash picks): of its first and its
-// last address, which must find the same route holding all of p. A more
-// specific route strictly inside p (not at either end) is not seen: its
-// addresses count as routed where the rest of p is. The lookups follow
+// lookup returns the one next hop its hash picks): of the first and the
+// last address of p (past the host's own, routeFrom), which must find the
+// same route holding all of p. A more specific route strictly inside p is
+// not seen, nor are the host's own addresses inside it: their addresses
+// count as routed where the rest of p is (a datagram from them arriving
+// there passes unlooked, as with the check off). The lookups follow
 // the host's policy rules as a lookup of the host's own would, without an
 // input interface.
 func NetlinkRoutes(h *netlink.Handle) Routes {
@@ -46,12 +48,12 @@ type netlinkRoutes struct{ h *netlink.Handle }
 
 func (n netlinkRoutes) Interfaces(p netip.Prefix) ([]int, error) {
 	p = p.Masked()
-	first, err := n.route(p.Addr())
+	lo, hi := prefixRange(p)
+	first, err := n.routeFrom(lo, p, netip.Addr.Next)
 	if first == nil || err != nil {
 		return nil, err
 	}
-	_, end := prefixRange(p)
-	last, err := n.route(end)
+	last, err := n.routeFrom(hi, p, netip.Addr.Prev)
 	if last == nil || err != nil {
 		return nil, err
 	}
@@ -69,6 +71,36 @@ func (n netlinkRoutes) Interfaces(p netip.Prefix) ([]int, error) {
 	ifs = slices.DeleteFunc(ifs, func(i int) bool { return i <= 0 })
 	slices.Sort(ifs)
 	return slices.Compact(ifs), nil
+}
+
+// localProbes bounds the addresses routeFrom tries past the host's own.
+const localProbes = 8
+
+// routeFrom is the route of a, or of the first address from a on (step)
+// inside p that is not the host's own: a prefix on one of the host's links
+// holds host routes of the local table (its addresses, IPv6's
+// subnet-router anycast address, IPv4's network and broadcast addresses),
+// which say nothing of where the prefix is routed. Nil: no route, or only
+// the host's own addresses within localProbes.
+func (n netlinkRoutes) routeFrom(a netip.Addr, p netip.Prefix, step func(netip.Addr) netip.Addr) (*netlink.Route, error) {
+	for range localProbes {
+		r, err := n.route(a)
+		if r == nil || err != nil {
+			return nil, err
+		}
+		switch r.Type {
+		case unix.RTN_LOCAL, unix.RTN_BROADCAST, unix.RTN_ANYCAST:
+			// (IPv4 reports these in table main with fibmatch.)
+		default:
+			if r.Table != unix.RT_TABLE_LOCAL {
+				return r, nil
+			}
+		}
+		if a = step(a); !a.IsValid() || !p.Contains(a) {
+			break
+		}
+	}
+	return nil, nil
 }
 
 // route is the route the host matches a, whole (nil: none).

@@ -131,3 +131,27 @@ func TestOwnerMeterFailure(t *testing.T) {
 		}
 	}
 }
+
+// TestFirewallCheckFollowsRoutes: every firewall check (every
+// TamperInterval) first has the owner meter follow the routes of the
+// owned prefixes (pinhole's FollowRoutes), which bounds how long its
+// reverse-path rule lags a route change; a failure is logged and the
+// check goes on, with nothing restored.
+func TestFirewallCheckFollowsRoutes(t *testing.T) {
+	h := newHarness(t)
+	h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1))
+	applies := h.fw.Applies
+	h.s.checkFirewall()
+	h.s.checkFirewall()
+	if h.fw.RouteFollows != 2 {
+		t.Errorf("two firewall checks followed the routes %d times, want 2", h.fw.RouteFollows)
+	}
+	h.fw.FailRoutes = func() error { return servertest.ErrInjected }
+	h.s.checkFirewall()
+	if h.fw.RouteFollows != 3 || h.fw.Applies != applies || h.fw.OwnerRepairs != 0 {
+		t.Errorf("a failed follow: %d follows, %d applies (was %d), %d repairs; want 3 and nothing restored", h.fw.RouteFollows, h.fw.Applies, applies, h.fw.OwnerRepairs)
+	}
+	if len(h.logs.FilterMessageSnippet("cannot follow the routes").All()) != 1 {
+		t.Error("the failed follow is not logged")
+	}
+}

@@ -53,6 +53,21 @@ type Firewall struct {
 	hasOwners bool
 	// Drops is what MeterDrops reports.
 	Drops pinhole.MeterDrops
+	// RouteFollows counts FollowRoutes calls; FailRoutes, if set, is
+	// what they return.
+	RouteFollows int
+	FailRoutes   func() error
+}
+
+// FollowRoutes counts the call (server.RouteFollower).
+func (f *Firewall) FollowRoutes() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.RouteFollows++
+	if f.FailRoutes != nil {
+		return f.FailRoutes()
+	}
+	return nil
 }
 
 // NewFirewall returns an empty firewall on clock now.
