@@ -76,7 +76,8 @@ const (
 // pinhole.ReversePath).
 const (
 	// ReversePathStrict (the default): a request from a client's prefix
-	// must arrive on the interface the host routes that prefix through.
+	// must arrive on an interface the host routes that prefix through
+	// (any next hop's, for a multipath route).
 	ReversePathStrict = "strict"
 	// ReversePathLoose: the host must have some route back to the source.
 	ReversePathLoose = "loose"

@@ -66,19 +66,25 @@ type ReversePath uint8
 
 const (
 	// ReversePathStrict (the default) drops a datagram unless the host
-	// routes its source through the interface it arrived on: fib saddr .
-	// iif oif 0 drop, as rp_filter=1. It is what keeps datagrams spoofed
-	// from an owner's prefix on the WAN or another LAN from draining that
-	// owner's bucket (RELIABILITY.md known bug 4). With an owned prefix
-	// routed over several paths (multipath, ECMP), IPv6 checks only the
-	// path the kernel's hash picks, so requests arriving on the other
-	// path are dropped (IPv4 checks every next hop).
+	// routes its source through the interface it arrived on, as
+	// rp_filter=1: iif != <the owner's interfaces> fib saddr . iif oif 0
+	// drop. It is what keeps datagrams spoofed from an owner's prefix on
+	// the WAN or another LAN from draining that owner's bucket
+	// (RELIABILITY.md known bug 4). Datagrams arriving on an interface
+	// through which the host routes all of the owner's prefixes (every
+	// next hop of a multipath route; Config.Routes, followed by
+	// FollowRoutes) pass without a route lookup; the others are looked
+	// up, and with an owned prefix routed over several paths IPv6 checks
+	// only the path the kernel's hash picks (IPv4 checks every next hop).
+	// Without Config.Routes every datagram is looked up.
 	ReversePathStrict ReversePath = iota
 	// ReversePathLoose drops a datagram only when the host has no route
-	// back to its source at all: fib saddr oif 0 drop, as rp_filter=2.
-	// Multipath routes pass; but the host routes every owned prefix (its
-	// pinholes need that), so a spoofed owned source passes too: against
-	// spoofing it is little more than ReversePathOff.
+	// back to its source at all, as rp_filter=2: iif != <the owner's
+	// interfaces> fib saddr oif 0 drop (the same interfaces pass
+	// unlooked: the host routes the source there). Multipath routes pass;
+	// but the host routes every owned prefix (its pinholes need that), so
+	// a spoofed owned source passes too: against spoofing it is little
+	// more than ReversePathOff.
 	ReversePathLoose
 	// ReversePathOff checks nothing: the owner chain holds the limit
 	// alone, and every datagram from an owner's prefix is charged to it.

@@ -33,7 +33,7 @@ import (
 //		elements = { 2001:db8:100::/40 : jump owner_1e2a3b4c, ... } }
 //	map owners4 { type ipv4_addr : verdict; flags interval; ... }
 //	chain owner_1e2a3b4c {
-//		fib saddr . iif oif 0 counter drop
+//		iif != "lan0" fib saddr . iif oif 0 counter drop
 //		limit rate over 400/second burst 800 packets counter drop
 //	}
 //	... udp dport 5351 ip6 saddr vmap @owners6
@@ -129,15 +129,17 @@ func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
 	}
 }
 
-// ownerRules are every owner chain's rules: the reverse-path check (unless
-// Meter.ReversePath is off), then the limit. Their counters are what the
-// owner's datagrams cost it in drops ("nft list chain inet pcpd
+// ownerRules are an owner chain's rules: the reverse-path check (unless
+// Meter.ReversePath is off), then the limit. ifs are the interfaces
+// through which the host routes every prefix of the owner (Config.Routes;
+// ownerInterfaces, FollowRoutes), in index order. Their counters are what
+// the owner's datagrams cost it in drops ("nft list chain inet pcpd
 // owner_..."): spoofed ones, then those over its rate; MeterDrops adds
 // them up per kind. Both are kept across SetOwners, and Setup's repair
 // rewrites the rules and zeroes them.
 //
-//	fib saddr . iif oif 0 counter drop			(strict, the default)
-//	fib saddr oif 0 counter drop				(loose)
+//	iif != "lan0" fib saddr . iif oif 0 counter drop	(strict, the default)
+//	iif != "lan0" fib saddr oif 0 counter drop		(loose)
 //	limit rate over 400/second burst 800 packets counter drop
 //
 // fib saddr . iif oif is the interface the host routes the source address
@@ -152,18 +154,38 @@ func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
 // interfaces, and the host routes the owner's prefix, which its pinholes
 // and DNAT need, through the interface its requests come in on), and
 // counted per source they would drain the victim's /64 bucket instead.
-// The lookup runs only for sources an owner holds (the map's jump leads
-// here), so unowned sources and the per-source meter cost nothing more.
 // WireGuard interfaces already check sources against the peers'
 // AllowedIPs; the check matters for spoofing from elsewhere.
 //
-// An owned prefix routed over several paths (a multipath route) fails the
-// strict check for IPv6 on the paths the kernel's lookup does not pick
-// (the IPv6 fib lookup hashes to one next hop; IPv4 checks them all): the
-// review of bug 4 lost 106 of 200 sources. Loose (fib saddr oif 0, RFC
-// 3704 §2.3, rp_filter=2) drops only sources the host has no route back
-// for, which lets such requests through but, since the host routes every
-// owned prefix, catches almost no spoofing; off has no rule at all.
+// The "iif != ..." comparisons come first so that a datagram arriving on
+// one of ifs, where the owner's own requests and floods arrive, ends the
+// rule without a route lookup: on Linux 6.18 each IPv6 fib lookup
+// allocated a route (ip6_create_rt_rcu) freed through RCU, and in the
+// pinned flood bed the lookups and their freeing took a quarter of the
+// server's CPU (RELIABILITY.md, runs U and V). That changes no verdict
+// strict would give on a host whose routes ifs reflect: a source of the
+// owner's arriving on an interface that routes all of its prefixes is
+// what strict passes. A datagram arriving anywhere else meets the lookup
+// as before, so a spoofed source from the WAN or another LAN is still
+// dropped and counted here, and a route moved to a new interface passes
+// the owner's requests there before FollowRoutes catches up. What the
+// comparisons pass that the lookup might not: on a stale ifs, the
+// interface a route has just left (until FollowRoutes, pcpd: at most
+// TamperInterval, 5 s); a more specific route carved out of the owner's
+// prefix onto another interface, or the host's own addresses inside it
+// (NetlinkRoutes does not see them), from the owner's interface; and,
+// deliberately, every next hop of a multipath route, where the IPv6 fib
+// lookup checks only the one its hash picks (review S1: with a route over
+// the LAN and the WAN it passed 94–116 of 200 sources; with ifs, 200).
+// An owner whose prefixes are routed through different interfaces gets
+// the intersection, often none: every datagram of its meets the lookup.
+//
+// Loose (fib saddr oif 0, RFC 3704 §2.3, rp_filter=2) drops only sources
+// the host has no route back for; it takes the same comparisons (a
+// source arriving where the host routes it has a route back), so it costs
+// the same. Since the host routes every owned prefix it catches almost no
+// spoofing; it stays for hosts whose policy routing makes the strict
+// lookup fail where requests do arrive. Off has no rule at all.
 func (b *Backend) ownerRules(ifs []int) [][]expr.Any {
 	m := b.cfg.Meter
 	var rules [][]expr.Any
