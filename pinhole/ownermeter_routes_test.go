@@ -16,7 +16,7 @@ import (
 // reverse-path rule passes the datagrams arriving on the interfaces the
 // host routes the owner's prefixes through without a route lookup, and
 // drops, and counts as spoofed, the owner's sources arriving on any other
-// (here the WAN); when the route moves, FollowRoutes (pcpd: before each
+// (the WAN, another LAN the host serves); when the route moves, FollowRoutes (pcpd: before each
 // Healthy, every TamperInterval) moves the rule with it, in place (the
 // limit rule, and so the owner's bucket, stays), and Healthy accepts the
 // result; a multipath route passes every next hop's interface. Each step
@@ -35,6 +35,20 @@ func TestOwnerMeterFollowsRoutes(t *testing.T) {
 		topo.Internet.MustRun(t, "ip", "addr", "add", p, "dev", "lo", "nodad")
 	}
 	topo.Internet.MustRun(t, "ip", "route", "add", topo.HostTunnelV4.String()+"/32", "via", topo.HostPublicV4.String())
+	// Another LAN of the host's, whose hosts claim the owner's addresses.
+	lan2 := netlab.NewNS(t, "lan2")
+	if err := netlab.Veth(topo.Host, "lan2", lan2, "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	topo.Host.MustRun(t, "ip", "addr", "add", "2001:db8:2::1/64", "dev", "lan2", "nodad")
+	topo.Host.MustRun(t, "ip", "addr", "add", "10.102.0.1/24", "dev", "lan2")
+	lan2.MustRun(t, "ip", "addr", "add", "2001:db8:2::2/64", "dev", "eth0", "nodad")
+	lan2.MustRun(t, "ip", "addr", "add", "10.102.0.2/24", "dev", "eth0")
+	lan2.MustRun(t, "ip", "-6", "route", "add", "default", "via", "2001:db8:2::1")
+	lan2.MustRun(t, "ip", "route", "add", "default", "via", "10.102.0.1")
+	for _, a := range []netip.Addr{src6, src4} {
+		lan2.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(a, a.BitLen()).String(), "dev", "lo", "nodad")
+	}
 	route := func(via ...string) {
 		t.Helper()
 		for _, fam := range []struct {
@@ -119,7 +133,7 @@ func TestOwnerMeterFollowsRoutes(t *testing.T) {
 			side string
 			ns   *netlab.NS
 			pass bool
-		}{{"LAN", topo.Client, step.lan}, {"WAN", topo.Internet, step.wan}} {
+		}{{"LAN", topo.Client, step.lan}, {"WAN", topo.Internet, step.wan}, {"other LAN", lan2, false}} {
 			for _, f := range []struct {
 				src netip.Addr
 				dst netip.AddrPort
