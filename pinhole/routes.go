@@ -3,11 +3,11 @@ package pinhole
 import (
 	"errors"
 	"fmt"
-	"github.com/google/nftables"
-	"github.com/google/nftables/expr"
 	"net/netip"
 	"slices"
 
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
