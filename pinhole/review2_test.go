@@ -129,3 +129,35 @@ func review2Masked(t *testing.T, period time.Duration) {
 		t.Errorf("Healthy after the writes stopped passes with served4 flushed")
 	}
 }
+
+// TestReview2OtherFamilyNotGuarded: writeProtected syncs protected6 then
+// protected4 and stops at the first failed transaction, so a new IPv4
+// client given in the same SetProtected as an oversized IPv6 component is
+// left unguarded (and stays so while the server retries).
+func TestReview2OtherFamilyNotGuarded(t *testing.T) {
+	ns := netlab.NewNS(t, "r2fam")
+	b := newBackend(t, ns, pinhole.Config{Meter: pinhole.Meter{Rate: 200}})
+	var specifics []netip.Prefix
+	for i := 0; i < 6000; i++ {
+		j := 2 * i
+		specifics = append(specifics, netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, byte(j >> 8), byte(j)}), 64))
+	}
+	if err := b.SetProtected(specifics); err != nil {
+		t.Fatal(err)
+	}
+	v4 := netip.MustParsePrefix("192.0.2.0/24")
+	err := b.SetProtected([]netip.Prefix{netip.MustParsePrefix("2001:db8::/48"), v4})
+	got, perr := b.Protected()
+	if perr != nil {
+		t.Fatal(perr)
+	}
+	guarded := false
+	for _, p := range got {
+		if p == v4 {
+			guarded = true
+		}
+	}
+	if !guarded {
+		t.Errorf("new IPv4 client %v not guarded after SetProtected (error %v)", v4, err)
+	}
+}
