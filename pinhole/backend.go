@@ -360,13 +360,15 @@ func (b *Backend) SetProtected(prefixes []netip.Prefix) error {
 const protectedTxn = 1024
 
 // writeProtected brings both protected sets to prefixes. It reads what the
-// kernel holds and writes only the difference, as transactions
-// (planIntervalSync) that each replace whole overlap components: a range
-// the kernel holds is deleted in the same transaction as the ranges to
-// hold that overlap it are added, so the guard never lapses for an address
-// that is to stay guarded, and no transaction adds a range overlapping one
-// the set still holds (the kernel refuses that). An unchanged set costs a
-// dump and nothing else. Caller holds b.mu.
+// kernel holds and writes only the difference, in transactions of at most
+// protectedTxn elements (planIntervalSync) that never uncover an address
+// guarded before and after (a range the kernel holds is deleted only in a
+// transaction that adds what covers its addresses still wanted) and never
+// add a range overlapping one the set still holds (the kernel refuses
+// that). An unchanged set costs a dump and nothing else. A failure in one
+// family's set does not keep the other's from being written (before,
+// protected6 failing left a new IPv4 client unguarded): the error joins
+// both. Caller holds b.mu.
 func (b *Backend) writeProtected(prefixes []netip.Prefix) error {
 	for _, p := range prefixes {
 		if !p.IsValid() {
@@ -374,28 +376,30 @@ func (b *Backend) writeProtected(prefixes []netip.Prefix) error {
 		}
 	}
 	v6, v4 := splitProtected(prefixes)
-	for _, x := range []struct {
-		s *nftables.Set
-		p []netip.Prefix
-	}{{b.protected6, v6}, {b.protected4, v4}} {
-		held, err := b.readIntervals(x.s)
-		if err != nil {
-			return err
+	return errors.Join(b.syncProtected(b.protected6, v6), b.syncProtected(b.protected4, v4))
+}
+
+// syncProtected brings one protected set to prefixes (writeProtected),
+// stopping at the first failed transaction: the set then holds, for every
+// address, what it held before or what it must hold.
+func (b *Backend) syncProtected(s *nftables.Set, prefixes []netip.Prefix) error {
+	held, err := b.readIntervals(s)
+	if err != nil {
+		return err
+	}
+	have := make([][2]netip.Addr, len(held))
+	for i, r := range held {
+		have[i] = [2]netip.Addr{r.first, r.last}
+	}
+	for _, txn := range planIntervalSync(have, elementRanges(intervalElements(prefixes)), protectedTxn) {
+		if err := b.queueElements(s, b.conn.SetDeleteElements, rangesElements(txn.del)); err != nil {
+			return fmt.Errorf("pinhole: set %s: %w", s.Name, err)
 		}
-		have := make([][2]netip.Addr, len(held))
-		for i, r := range held {
-			have[i] = [2]netip.Addr{r.first, r.last}
+		if err := b.queueElements(s, b.conn.SetAddElements, rangesElements(txn.add)); err != nil {
+			return fmt.Errorf("pinhole: set %s: %w", s.Name, err)
 		}
-		for _, txn := range planIntervalSync(have, elementRanges(intervalElements(x.p)), protectedTxn) {
-			if err := b.queueElements(x.s, b.conn.SetDeleteElements, rangesElements(txn.del)); err != nil {
-				return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
-			}
-			if err := b.queueElements(x.s, b.conn.SetAddElements, rangesElements(txn.add)); err != nil {
-				return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
-			}
-			if err := b.conn.Flush(); err != nil {
-				return fmt.Errorf("pinhole: set %s: %w", x.s.Name, classify(err))
-			}
+		if err := b.conn.Flush(); err != nil {
+			return fmt.Errorf("pinhole: set %s: %w", s.Name, classify(err))
 		}
 	}
 	return nil
@@ -406,16 +410,33 @@ func (b *Backend) writeProtected(prefixes []netip.Prefix) error {
 type intervalTxn struct{ del, add [][2]netip.Addr }
 
 // planIntervalSync plans the transactions that take an interval set from
-// the ranges it holds (have) to want, each sorted and disjoint. Ranges of
-// both lists that overlap, directly or through others, form a component;
-// a component whose only ranges are one held and an equal one wanted is
-// left alone, any other is replaced whole in one transaction (its held
-// ranges deleted, its wanted ones added). So after every transaction each
-// address is covered as before or as wanted, never less than both, and the
-// set's ranges never overlap. Components are packed into transactions of
-// at most limit elements; one larger than limit gets a transaction of its
-// own (splitting it would open the guard on the addresses it keeps).
+// the ranges it holds (have) to want, each sorted and disjoint. After
+// every transaction each address held before and wanted after is covered
+// (the guard never lapses for a client that stays), the set's ranges never
+// overlap (the kernel refuses that), and no transaction has more than
+// limit elements (one transaction is one sendmsg; limit below 6 counts
+// as 6).
+//
+// Ranges of both lists that overlap, directly or through others, form a
+// component, whose union is one range. A component whose only ranges are
+// one held and an equal one wanted is left alone. One of at most limit
+// elements is replaced whole in one transaction (its held ranges deleted,
+// its wanted ones added), several packed into a transaction. A larger one
+// (thousands of clients' /64s held and the site's /48 wanted, or back)
+// is changed in steps that never uncover a kept address, since an
+// interval set element is any range, not just a prefix (growComponent,
+// shrinkComponent): first its held ranges are merged, a batch at a time,
+// into one range that grows from the component's start (each step deletes
+// the growing range and the next held ranges and adds their hull, which
+// lies within the component's union: held or wanted addresses), until it
+// is the whole union; then that range is cut down, a batch at a time, to
+// the wanted ranges (each step deletes the rest, adds the next wanted
+// ranges and a rest that starts at the following wanted range). Held
+// addresses not wanted stay guarded until the shrinking drops them, and
+// wanted ones not held are guarded from the growing on: each address is
+// guarded before, after or both, never neither if both.
 func planIntervalSync(have, want [][2]netip.Addr, limit int) []intervalTxn {
+	limit = max(limit, 6)
 	type item struct {
 		r      [2]netip.Addr
 		wanted bool
@@ -446,25 +467,100 @@ func planIntervalSync(have, want [][2]netip.Addr, limit int) []intervalTxn {
 			continue // held as wanted
 		}
 		m := 0
+		var held, wanted [][2]netip.Addr
 		for _, it := range comp {
 			m += rangeElementCount(it.r)
+			if it.wanted {
+				wanted = append(wanted, it.r)
+			} else {
+				held = append(held, it.r)
+			}
+		}
+		if m > limit {
+			if n > 0 {
+				txns, cur, n = append(txns, cur), intervalTxn{}, 0
+			}
+			union := [2]netip.Addr{comp[0].r[0], end}
+			txns = append(txns, growComponent(held, union, limit)...)
+			txns = append(txns, shrinkComponent(wanted, union, limit)...)
+			continue
 		}
 		if n > 0 && n+m > limit {
 			txns, cur, n = append(txns, cur), intervalTxn{}, 0
 		}
-		for _, it := range comp {
-			if it.wanted {
-				cur.add = append(cur.add, it.r)
-			} else {
-				cur.del = append(cur.del, it.r)
-			}
-		}
+		cur.del = append(cur.del, held...)
+		cur.add = append(cur.add, wanted...)
 		n += m
 	}
 	if n > 0 {
 		txns = append(txns, cur)
 	}
 	return txns
+}
+
+// growComponent plans the transactions that take held, the sorted held
+// ranges of one component, to its union as one range. Each deletes the
+// range grown so far (none at first) and the next held ranges and adds
+// their hull from union's start: the addresses it newly covers lie within
+// union, so each is held or wanted, and it overlaps no held range left
+// (those start past the last one deleted). At most limit elements each
+// (limit >= 6): 2 for the grown range, 2 for the hull, 2 per held range.
+func growComponent(held [][2]netip.Addr, union [2]netip.Addr, limit int) []intervalTxn {
+	if len(held) == 1 && held[0] == union {
+		return nil
+	}
+	batch := max((limit-4)/2, 1)
+	var (
+		txns  []intervalTxn
+		grown [][2]netip.Addr // the range grown so far, once there is one
+	)
+	for len(held) > 0 {
+		k := min(batch, len(held))
+		txn := intervalTxn{del: append(slices.Clone(grown), held[:k]...)}
+		hull := [2]netip.Addr{union[0], held[k-1][1]}
+		if held = held[k:]; len(held) == 0 {
+			hull = union
+		}
+		txn.add = [][2]netip.Addr{hull}
+		grown = [][2]netip.Addr{hull}
+		txns = append(txns, txn)
+	}
+	if len(txns) == 0 { // nothing held: the union is wanted
+		txns = append(txns, intervalTxn{add: [][2]netip.Addr{union}})
+	}
+	return txns
+}
+
+// shrinkComponent plans the transactions that take one component's union,
+// held as one range, to wanted, its sorted wanted ranges. Each deletes
+// the rest (the union at first), adds the next wanted ranges and, unless
+// they are the last, a new rest from the following wanted range to the
+// last one's end: everything wanted stays covered, and the rest overlaps
+// no range added (wanted ranges are merged, so a gap of at least one
+// address lies between two of them). At most limit elements each (limit
+// >= 6).
+func shrinkComponent(wanted [][2]netip.Addr, union [2]netip.Addr, limit int) []intervalTxn {
+	if len(wanted) == 1 && wanted[0] == union {
+		return nil
+	}
+	batch := max((limit-4)/2, 1)
+	var txns []intervalTxn
+	rest := union
+	for {
+		k := min(batch, len(wanted))
+		if len(wanted)-k == 1 {
+			k++ // the last one in place of a rest that would equal it
+		}
+		txn := intervalTxn{del: [][2]netip.Addr{rest}, add: slices.Clone(wanted[:k])}
+		if wanted = wanted[k:]; len(wanted) > 0 {
+			rest = [2]netip.Addr{wanted[0][0], wanted[len(wanted)-1][1]}
+			txn.add = append(txn.add, rest)
+		}
+		txns = append(txns, txn)
+		if len(wanted) == 0 {
+			return txns
+		}
+	}
 }
 
 // rangeElementCount is how many elements an interval set holds for r: a
