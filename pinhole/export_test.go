@@ -8,3 +8,24 @@ func SetUpdatesInPlace(b *Backend, v bool) {
 	b.inPlace = v
 	b.mu.Unlock()
 }
+
+// BreakProtectedSet points the Backend's protected set of family (4 or 6)
+// at a set the kernel does not have, so that writing it fails, until
+// restore is called.
+func BreakProtectedSet(b *Backend, family int) (restore func()) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	p := &b.protected6
+	if family == 4 {
+		p = &b.protected4
+	}
+	s := *p
+	broken := *s
+	broken.Name += "-missing"
+	*p = &broken
+	return func() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		*p = s
+	}
+}
