@@ -230,7 +230,8 @@ func (b *Backend) Setup() error {
 	// keeps an existing set's elements), so it never turns the guard off
 	// for a prefix the kernel guards: it only puts back what guards them
 	// (the entry chain's rules, guard6/guard4), and writeProtected below
-	// then adds and removes prefixes component by component.
+	// then adds and removes prefixes in bounded transactions that never
+	// uncover an address guarded before and after.
 	if err := b.queueStaleControlRemoval(); err != nil {
 		return err
 	}
@@ -433,8 +434,8 @@ type intervalTxn struct{ del, add [][2]netip.Addr }
 // the wanted ranges (each step deletes the rest, adds the next wanted
 // ranges and a rest that starts at the following wanted range). Held
 // addresses not wanted stay guarded until the shrinking drops them, and
-// wanted ones not held are guarded from the growing on: each address is
-// guarded before, after or both, never neither if both.
+// wanted ones not held are guarded from the growing on; an address held
+// and wanted is guarded throughout.
 func planIntervalSync(have, want [][2]netip.Addr, limit int) []intervalTxn {
 	limit = max(limit, 6)
 	type item struct {
