@@ -337,8 +337,9 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 // protected before and after stays protected throughout; one no longer
 // given may be unguarded, and one newly given guarded, before the call
 // returns. On error the sets hold a mix of the old and new prefixes, each
-// address one or the other, and the Backend keeps the old list (Healthy
-// reports the difference and Setup writes the old list back).
+// address one or the other (a family whose set could be written holds the
+// new ones), and the Backend keeps the old list (Healthy reports the
+// difference and Setup writes the old list back).
 func (b *Backend) SetProtected(prefixes []netip.Prefix) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
