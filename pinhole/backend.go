@@ -905,7 +905,7 @@ type healthWant struct {
 	holes                  []netip.Prefix
 	owners6, owners4       nftables.Set
 	ownerRules             map[string][][]expr.Any // per owner chain
-	servedSets             bool // the served sets exist (standalone mode)
+	servedSets             bool                    // the served sets exist (standalone mode)
 	hasServed              bool
 	served                 []netip.Addr
 	served6, served4       nftables.Set

@@ -171,9 +171,11 @@ func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
 // the owner's requests there before FollowRoutes catches up. What the
 // comparisons pass that the lookup might not: on a stale ifs, the
 // interface a route has just left (until FollowRoutes, pcpd: at most
-// TamperInterval, 5 s); a more specific route carved out of the owner's
-// prefix onto another interface, or the host's own addresses inside it
-// (NetlinkRoutes does not see them), from the owner's interface; and,
+// TamperInterval, 5 s); the host's own addresses inside the owner's
+// prefix (NetlinkRoutes does not see them), from the owner's interface
+// (NetlinkRoutes gives no interfaces for a prefix with a route carved out
+// of it onto another interface, on a host with policy rules of its own,
+// or while its lookups fail: routes.go); and,
 // deliberately, every next hop of a multipath route, where the IPv6 fib
 // lookup checks only the one its hash picks (review S1: with a route over
 // the LAN and the WAN it passed 94–116 of 200 sources; with ifs, 200).
@@ -461,6 +463,11 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 	slices.Sort(names)
 	// Which to write, read before anything is queued.
 	write := names[:0:0]
+	type replacement struct {
+		name   string
+		handle uint64
+	}
+	var replace []replacement
 	for _, name := range names {
 		if present[name] && rewrite {
 			b.readOwnerCounters(name) // its counters are about to be zeroed
@@ -475,8 +482,35 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 			if ok {
 				continue
 			}
+			// Only the reverse-path rule differs (its interfaces: a route
+			// moved, or a lookup failed, since the last FollowRoutes):
+			// replaced in place as FollowRoutes does, so the limit rule,
+			// and the owner's bucket, stay (review of 2026-12-03).
+			if h, err := b.reversePathHandle(name, b.ownerIfs[name]); err != nil {
+				return err
+			} else if h != 0 {
+				replace = append(replace, replacement{name, h})
+				continue
+			}
 		}
 		write = append(write, name)
+	}
+	for i, r := range replace {
+		chain := &nftables.Chain{Table: b.table, Name: r.name}
+		b.conn.ReplaceRule(&nftables.Rule{Table: b.table, Chain: chain, Handle: r.handle, Exprs: b.ownerRules(b.ownerIfs[r.name])[0]})
+		if (i+1)%ownerChainBatch == 0 || i == len(replace)-1 {
+			if err := b.conn.Flush(); err != nil {
+				return fmt.Errorf("pinhole: replace owner chains' reverse-path rules: %w", classify(err))
+			}
+		}
+	}
+	for _, r := range replace {
+		c := b.ownerCounts[r.name]
+		c[0] = 0 // the replaced rule counts from 0
+		if b.ownerCounts == nil {
+			b.ownerCounts = map[string][2]uint64{}
+		}
+		b.ownerCounts[r.name] = c
 	}
 	// Chains written count their drops from 0 once their transaction is
 	// committed (MeterDrops).
@@ -681,6 +715,28 @@ func (b *Backend) ownerChainIntact(name string, ifs []int) (bool, error) {
 	return ok, err
 }
 
+// reversePathHandle is the handle of owner chain name's reverse-path rule
+// when the chain holds ownerRules(ifs) but for that rule's interfaces (its
+// first rule has a fib expression, the others are as wanted); 0 if not.
+// Caller holds b.mu.
+func (b *Backend) reversePathHandle(name string, ifs []int) (uint64, error) {
+	want := b.ownerRules(ifs)
+	rules, err := b.conn.GetRules(b.table, &nftables.Chain{Table: b.table, Name: name})
+	if err != nil {
+		return 0, fmt.Errorf("rules of %s: %w", name, classify(err))
+	}
+	if len(want) < 2 || len(rules) != len(want) ||
+		!slices.ContainsFunc(rules[0].Exprs, func(e expr.Any) bool { _, ok := e.(*expr.Fib); return ok }) {
+		return 0, nil
+	}
+	for i := 1; i < len(rules); i++ {
+		if !ruleIs(rules[i], want[i]) {
+			return 0, nil
+		}
+	}
+	return rules[0].Handle, nil
+}
+
 // ownerChainIntact reports whether owner chain name holds exactly want
 // (their counters aside), with the rules it read.
 func (v kview) ownerChainIntact(name string, want [][]expr.Any) (bool, []*nftables.Rule, error) {
@@ -692,19 +748,27 @@ func (v kview) ownerChainIntact(name string, want [][]expr.Any) (bool, []*nftabl
 		return false, rules, nil
 	}
 	for i, r := range rules {
-		if len(r.Exprs) != len(want[i]) {
+		if !ruleIs(r, want[i]) {
 			return false, rules, nil
-		}
-		for j, e := range r.Exprs {
-			if _, ok := e.(*expr.Counter); ok {
-				e = &expr.Counter{} // its figures change with traffic
-			}
-			if !reflect.DeepEqual(e, asListed(want[i][j])) {
-				return false, rules, nil
-			}
 		}
 	}
 	return true, rules, nil
+}
+
+// ruleIs: r holds exactly want's expressions, counters' figures aside.
+func ruleIs(r *nftables.Rule, want []expr.Any) bool {
+	if len(r.Exprs) != len(want) {
+		return false
+	}
+	for j, e := range r.Exprs {
+		if _, ok := e.(*expr.Counter); ok {
+			e = &expr.Counter{} // its figures change with traffic
+		}
+		if !reflect.DeepEqual(e, asListed(want[j])) {
+			return false
+		}
+	}
+	return true
 }
 
 // asListed is e (of the kinds ownerRules uses) as the kernel lists it: a

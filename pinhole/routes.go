@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"sync"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -31,9 +33,10 @@ type Routes interface {
 // whole, every next hop of a multipath route included, where a plain
 // lookup returns the one next hop its hash picks): of the first and the
 // last address of p (past the host's own, routeFrom), which must find the
-// same route holding all of p. A more specific route strictly inside p is
-// not seen, nor are the host's own addresses inside it: their addresses
-// count as routed where the rest of p is (a datagram from them arriving
+// same route holding all of p; a more specific route strictly inside p
+// must lead through the same interfaces (from the route dump, below). The
+// host's own addresses inside p are not seen: they count as routed where
+// the rest of p is (a datagram from them arriving
 // there passes unlooked, as with the check off). The lookups follow
 // the host's policy rules as a lookup of the host's own would, without an
 // input interface.
@@ -43,6 +46,17 @@ type Routes interface {
 // creation per lookup: FollowRoutes makes 4 000 a round at 1 000 owners,
 // ≈ 45 ms of CPU with the kept socket, BenchmarkFollowRoutes), and opens
 // one per lookup only if that socket cannot be had.
+//
+// It answers "none" (every datagram looked up, as the fib rule alone)
+// whenever the lookups cannot stand for the kernel's own check (review of
+// 2026-12-03, branch h/review3): the kernel's reverse-path lookup runs
+// from the datagram's destination and arrival interface, so with policy
+// rules beyond the three default ones (source-based routing of the served
+// addresses, "to" rules into other tables, a VRF's l3mdev rule) a lookup
+// without them may name the wrong interface; and a route strictly inside
+// p through another interface (a /64 of the owner's /48 carved out to
+// another LAN) is not seen by the two lookups at p's ends. Both are read
+// from a dump of the rules and of the routes, kept for dumpTTL.
 func NetlinkRoutes(h *netlink.Handle) Routes {
 	if h == nil {
 		var err error
@@ -50,13 +64,90 @@ func NetlinkRoutes(h *netlink.Handle) Routes {
 			h = &netlink.Handle{} // what netlink's package functions use
 		}
 	}
-	return netlinkRoutes{h}
+	return &netlinkRoutes{h: h}
 }
 
-type netlinkRoutes struct{ h *netlink.Handle }
+// dumpTTL is how long NetlinkRoutes uses one dump of the policy rules and
+// routes: a FollowRoutes round asks every owner's prefixes within it.
+const dumpTTL = time.Second
 
-func (n netlinkRoutes) Interfaces(p netip.Prefix) ([]int, error) {
+type netlinkRoutes struct {
+	h *netlink.Handle
+
+	mu     sync.Mutex
+	at     time.Time
+	custom [2]bool            // per family (0 IPv4, 1 IPv6): policy rules beyond the defaults
+	routes [2][]netlink.Route // per family: every table's routes but local's
+}
+
+// family indexes netlinkRoutes' per-family state.
+func family(p netip.Prefix) (idx, af int) {
+	if p.Addr().Is4() {
+		return 0, unix.AF_INET
+	}
+	return 1, unix.AF_INET6
+}
+
+// dump returns, for p's family, whether the host has policy rules beyond
+// the defaults and its routes outside the local table, from a dump at
+// most dumpTTL old.
+func (n *netlinkRoutes) dump(p netip.Prefix) (bool, []netlink.Route, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.at.IsZero() || time.Since(n.at) > dumpTTL {
+		for i, af := range []int{unix.AF_INET, unix.AF_INET6} {
+			rules, err := n.h.RuleList(af)
+			if err != nil {
+				return false, nil, fmt.Errorf("pinhole: policy rules: %w", err)
+			}
+			n.custom[i] = slices.ContainsFunc(rules, func(r netlink.Rule) bool { return !defaultRule(r) })
+			routes, err := n.h.RouteListFiltered(af, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
+			if err != nil {
+				return false, nil, fmt.Errorf("pinhole: routes: %w", err)
+			}
+			n.routes[i] = slices.DeleteFunc(routes, func(r netlink.Route) bool { return r.Table == unix.RT_TABLE_LOCAL })
+		}
+		n.at = time.Now()
+	}
+	i, _ := family(p)
+	return n.custom[i], n.routes[i], nil
+}
+
+// defaultRule: r is one of the policy rules every namespace starts with
+// (0: lookup local, 32766: lookup main, 32767: lookup default), with no
+// selector.
+func defaultRule(r netlink.Rule) bool {
+	switch {
+	case r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL,
+		r.Priority == 32766 && r.Table == unix.RT_TABLE_MAIN,
+		r.Priority == 32767 && r.Table == unix.RT_TABLE_DEFAULT:
+	default:
+		return false
+	}
+	return r.Src == nil && r.Dst == nil && r.IifName == "" && r.OifName == "" && r.Mark == 0 && r.Mask == nil &&
+		!r.Invert && r.Tos == 0 && r.IPProto == 0 && r.Dport == nil && r.Sport == nil && r.UIDRange == nil
+}
+
+// routeIfs are r's interfaces: every next hop's.
+func routeIfs(r *netlink.Route) []int {
+	var ifs []int
+	for _, nh := range r.MultiPath {
+		ifs = append(ifs, nh.LinkIndex)
+	}
+	if len(r.MultiPath) == 0 {
+		ifs = append(ifs, r.LinkIndex)
+	}
+	ifs = slices.DeleteFunc(ifs, func(i int) bool { return i <= 0 })
+	slices.Sort(ifs)
+	return slices.Compact(ifs)
+}
+
+func (n *netlinkRoutes) Interfaces(p netip.Prefix) ([]int, error) {
 	p = p.Masked()
+	custom, routes, err := n.dump(p)
+	if custom || err != nil {
+		return nil, err
+	}
 	lo, hi := prefixRange(p)
 	first, err := n.routeFrom(lo, p, netip.Addr.Next)
 	if first == nil || err != nil {
@@ -70,16 +161,24 @@ func (n netlinkRoutes) Interfaces(p netip.Prefix) ([]int, error) {
 	if !dst.IsValid() || dst.Bits() > p.Bits() || routeDst(last, p) != dst || first.Type != unix.RTN_UNICAST {
 		return nil, nil
 	}
-	var ifs []int
-	for _, nh := range first.MultiPath {
-		ifs = append(ifs, nh.LinkIndex)
+	ifs := routeIfs(first)
+	for i := range routes {
+		// A route strictly inside p (the lookups at p's ends do not see
+		// it) must lead through these interfaces too, or p has none.
+		in := routeDst(&routes[i], p)
+		if !in.IsValid() || in.Bits() <= p.Bits() || !p.Contains(in.Addr()) {
+			continue
+		}
+		if routes[i].Type != unix.RTN_UNICAST || !isSubset(routeIfs(&routes[i]), ifs) {
+			return nil, nil
+		}
 	}
-	if len(first.MultiPath) == 0 {
-		ifs = append(ifs, first.LinkIndex)
-	}
-	ifs = slices.DeleteFunc(ifs, func(i int) bool { return i <= 0 })
-	slices.Sort(ifs)
-	return slices.Compact(ifs), nil
+	return ifs, nil
+}
+
+// isSubset: every element of a is in b.
+func isSubset(a, b []int) bool {
+	return !slices.ContainsFunc(a, func(i int) bool { return !slices.Contains(b, i) })
 }
 
 // localProbes bounds the addresses routeFrom tries past the host's own.
@@ -91,7 +190,7 @@ const localProbes = 8
 // subnet-router anycast address, IPv4's network and broadcast addresses),
 // which say nothing of where the prefix is routed. Nil: no route, or only
 // the host's own addresses within localProbes.
-func (n netlinkRoutes) routeFrom(a netip.Addr, p netip.Prefix, step func(netip.Addr) netip.Addr) (*netlink.Route, error) {
+func (n *netlinkRoutes) routeFrom(a netip.Addr, p netip.Prefix, step func(netip.Addr) netip.Addr) (*netlink.Route, error) {
 	for range localProbes {
 		r, err := n.route(a)
 		if r == nil || err != nil {
@@ -113,7 +212,7 @@ func (n netlinkRoutes) routeFrom(a netip.Addr, p netip.Prefix, step func(netip.A
 }
 
 // route is the route the host matches a, whole (nil: none).
-func (n netlinkRoutes) route(a netip.Addr) (*netlink.Route, error) {
+func (n *netlinkRoutes) route(a netip.Addr) (*netlink.Route, error) {
 	rs, err := n.h.RouteGetWithOptions(a.AsSlice(), &netlink.RouteGetOptions{FIBMatch: true})
 	switch {
 	case errors.Is(err, unix.ENETUNREACH), errors.Is(err, unix.EHOSTUNREACH), errors.Is(err, unix.ESRCH),
@@ -152,8 +251,8 @@ func routeDst(r *netlink.Route, p netip.Prefix) netip.Prefix {
 // host routes every prefix of the owner (Config.Routes): the intersection
 // over its prefixes, none when they are routed apart (the chain then looks
 // every datagram's route up, as without them). An owner whose lookup
-// failed has no entry (err says why); with the check off, nothing is
-// asked. It takes no lock: Config.Routes is fixed.
+// failed has none, so its datagrams are all looked up (err says why);
+// with the check off, nothing is asked. It takes no lock: Config.Routes is fixed.
 func (b *Backend) ownerInterfaces(owners []Owner) (map[string][]int, error) {
 	if b.cfg.Meter.ReversePath == ReversePathOff || b.cfg.Routes == nil || len(owners) == 0 {
 		return nil, nil
@@ -186,7 +285,11 @@ func (b *Backend) ownerInterfaces(owners []Owner) (map[string][]int, error) {
 		}
 	}
 	for name := range failed {
-		delete(out, name)
+		// No interfaces: every datagram of the owner looked up, as the
+		// fib rule alone, until a lookup succeeds (review of 2026-12-03:
+		// keeping the last interfaces let a route that moved away pass
+		// unlooked for as long as the lookups failed).
+		out[name] = nil
 	}
 	for name := range out {
 		if len(out[name]) == 0 {
@@ -206,7 +309,7 @@ func (b *Backend) ownerInterfaces(owners []Owner) (map[string][]int, error) {
 // the owner's prefix moved to meets the route lookup (the fib expression),
 // which passes it, and one arriving on the interface the prefix left
 // still passes unlooked. The lookups run without the lock. An owner whose
-// lookup failed keeps its rule (the error says which).
+// lookup failed gets no interfaces (the error says which).
 func (b *Backend) FollowRoutes() error {
 	b.mu.Lock()
 	if !b.hasOwners || !b.ownerMetering() || b.cfg.Meter.ReversePath == ReversePathOff || b.cfg.Routes == nil {
