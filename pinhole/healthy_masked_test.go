@@ -30,11 +30,7 @@ func TestHealthyNotMaskedByWrites(t *testing.T) {
 func healthyMasked(t *testing.T, period time.Duration) {
 	ns := netlab.NewNS(t, "hmask")
 	b := newBackend(t, ns, pinhole.Config{Meter: pinhole.Meter{Rate: 200}})
-	var specifics []netip.Prefix
-	for i := 0; i < 6000; i++ {
-		j := 2 * i
-		specifics = append(specifics, netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, byte(j >> 8), byte(j)}), 64))
-	}
+	specifics := siteSixtyFours(6000)
 	if err := b.SetProtected(specifics); err != nil {
 		t.Fatal(err)
 	}

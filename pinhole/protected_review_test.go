@@ -9,29 +9,32 @@ import (
 	"github.com/pcpd/pcpd/pinhole"
 )
 
+// siteSixtyFours are n /64s of 2001:db8::/48, every other one (so that
+// none are adjacent and the set holds n ranges).
+func siteSixtyFours(n int) []netip.Prefix {
+	var out []netip.Prefix
+	for i := range n {
+		j := 2 * i
+		out = append(out, netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, byte(j >> 8), byte(j)}), 64))
+	}
+	return out
+}
+
 // TestProtectedOneComponentTooBig: planIntervalSync puts a whole overlap
 // component in one transaction, whatever its size. An operator who
 // protects many clients' /64s one by one and then adds the site's /48
 // (which covers them all), or goes back, makes one component of every
 // prefix: one transaction larger than the netlink socket's send buffer.
 func TestProtectedOneComponentTooBig(t *testing.T) {
-	many := func(n int) []netip.Prefix {
-		var out []netip.Prefix
-		for i := 0; i < n; i++ {
-			j := 2 * i
-			out = append(out, netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, byte(j >> 8), byte(j)}), 64))
-		}
-		return out
-	}
 	site := []netip.Prefix{netip.MustParsePrefix("2001:db8::/48")}
 	for _, n := range []int{3000, 6000} {
 		for _, dir := range []string{"specifics->aggregate", "aggregate->specifics"} {
 			t.Run(fmt.Sprint(n, dir), func(t *testing.T) {
 				ns := netlab.NewNS(t, "r2big")
 				b := newBackend(t, ns, pinhole.Config{Meter: pinhole.Meter{Rate: 200}})
-				from, to := many(n), site
+				from, to := siteSixtyFours(n), site
 				if dir == "aggregate->specifics" {
-					from, to = site, many(n)
+					from, to = site, siteSixtyFours(n)
 				}
 				if err := b.SetProtected(from); err != nil {
 					t.Fatalf("SetProtected(from): %v", err)
@@ -58,11 +61,7 @@ func TestProtectedOneComponentTooBig(t *testing.T) {
 func TestProtectedOtherFamilyGuarded(t *testing.T) {
 	ns := netlab.NewNS(t, "r2fam")
 	b := newBackend(t, ns, pinhole.Config{Meter: pinhole.Meter{Rate: 200}})
-	var specifics []netip.Prefix
-	for i := 0; i < 6000; i++ {
-		j := 2 * i
-		specifics = append(specifics, netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, byte(j >> 8), byte(j)}), 64))
-	}
+	specifics := siteSixtyFours(6000)
 	if err := b.SetProtected(specifics); err != nil {
 		t.Fatal(err)
 	}

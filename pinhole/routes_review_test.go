@@ -54,6 +54,29 @@ func TestNetlinkRoutesSameDstOtherTable(t *testing.T) {
 	}
 }
 
+// routeModes are the two ways a test's backend learns the owners' routes:
+// none (every owned datagram looked up, the rule before rpfset) and
+// NetlinkRoutes in the host namespace. A spoof must be dropped in both.
+type routeMode struct {
+	name   string
+	routes func(*testing.T, *netlab.NS) pinhole.Routes
+}
+
+// backend is a fresh topology's host backend learning routes this way,
+// metering port 5351 and serving the tunnel addresses.
+func (m routeMode) backend(t *testing.T) (*netlab.Topology, *pinhole.Backend) {
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	b := newBackend(t, topo.Host, pinhole.Config{Routes: m.routes(t, topo.Host),
+		Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
+	serveTunnel(t, b, topo)
+	return topo, b
+}
+
+var routeModes = []routeMode{
+	{"lookup on every datagram (before rpfset)", func(*testing.T, *netlab.NS) pinhole.Routes { return noRoutes{} }},
+	{"NetlinkRoutes", func(t *testing.T, ns *netlab.NS) pinhole.Routes { return nsRoutes(t, ns) }},
+}
+
 // TestOwnerMeterSourcePolicyRouting (review of 2026-12-03): the kernel's fib lookup of
 // the reverse-path rule is made from the datagram's destination (pcpd's
 // served address: fib saddr sets the flow's source to the packet's daddr),
@@ -66,18 +89,9 @@ func TestNetlinkRoutesSameDstOtherTable(t *testing.T) {
 // passes them unlooked (iif != "wan0"), charges the owner and delivers them
 // to pcpd's socket. Each row must drop the WAN spoofs.
 func TestOwnerMeterSourcePolicyRouting(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		routes func(*testing.T, *netlab.NS) pinhole.Routes
-	}{
-		{"lookup on every datagram (before rpfset)", func(*testing.T, *netlab.NS) pinhole.Routes { return noRoutes{} }},
-		{"NetlinkRoutes", func(t *testing.T, ns *netlab.NS) pinhole.Routes { return nsRoutes(t, ns) }},
-	} {
+	for _, tc := range routeModes {
 		t.Run(tc.name, func(t *testing.T) {
-			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-			b := newBackend(t, topo.Host, pinhole.Config{Routes: tc.routes(t, topo.Host),
-				Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
-			serveTunnel(t, b, topo)
+			topo, b := tc.backend(t)
 			pfx6, pfx4 := netip.MustParsePrefix("2001:db8:77::/48"), netip.MustParsePrefix("10.77.0.0/16")
 			src6, src4 := netip.MustParseAddr("2001:db8:77::1"), netip.MustParseAddr("10.77.0.1")
 			for _, a := range []netip.Addr{src6, src4} {
@@ -234,18 +248,9 @@ func TestSetOwnersKeepsBucketOnRouteChange(t *testing.T) {
 // source addresses the kernel makes" for static ownership, then maps for
 // a host on the other LAN). Before rpfset the lookup dropped it.
 func TestOwnerMeterCarvedOut(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		routes func(*testing.T, *netlab.NS) pinhole.Routes
-	}{
-		{"lookup on every datagram (before rpfset)", func(*testing.T, *netlab.NS) pinhole.Routes { return noRoutes{} }},
-		{"NetlinkRoutes", func(t *testing.T, ns *netlab.NS) pinhole.Routes { return nsRoutes(t, ns) }},
-	} {
+	for _, tc := range routeModes {
 		t.Run(tc.name, func(t *testing.T) {
-			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-			b := newBackend(t, topo.Host, pinhole.Config{Routes: tc.routes(t, topo.Host),
-				Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
-			serveTunnel(t, b, topo)
+			topo, b := tc.backend(t)
 			lan2 := netlab.NewNS(t, "lan2")
 			if err := netlab.Veth(topo.Host, "lan2", lan2, "eth0"); err != nil {
 				t.Fatal(err)
