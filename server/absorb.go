@@ -150,7 +150,12 @@ func (s *Server) absorb(t *tx, ex, next *store.Lease, grant time.Duration) bool 
 	if !dirty && len(s.dirty) >= maxDirty {
 		return false // the flush's bound (above): written through
 	}
-	s.tab.put(*next)
+	if next.Nonce != ex.Nonce || !next.Created.Equal(ex.Created) || !s.tab.extend(ex.Key, next.Expires) {
+		// A bare replacement's new nonce (or a pinned table): the whole
+		// lease goes in. Otherwise next is ex with a later expiry
+		// (leaseEqual above), and extend changes just that.
+		s.tab.put(*next)
+	}
 	if !dirty {
 		s.dirty[ex.Key] = synced
 		if s.dirtyNext.IsZero() || synced.Before(s.dirtyNext) {

@@ -269,6 +269,10 @@ type call struct {
 	data  []byte
 	now   time.Time
 	epoch pcp.Epoch
+	// ex is mapInbound's copy of the lease it renews or replaces: the
+	// table's get would allocate one per request (288 B), and the call
+	// lives on the handler's stack.
+	ex store.Lease
 }
 
 func (s *Server) drop(reason string, src netip.AddrPort) outcome {

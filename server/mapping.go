@@ -155,7 +155,8 @@ func (s *Server) serveMap(c *call, req *pcp.Request, resp *pcp.Response, o *outc
 // "mapped" or "renewed" line), or refuses with nothing staged.
 func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response, o *outcome) (pcp.ResultCode, error) {
 	now := c.now
-	ex, found := s.tab.get(a.key)
+	ex := &c.ex
+	found := s.tab.getInto(a.key, ex)
 	nonced := a.kind == store.KindMap && found && ex.Kind == store.KindMap
 	if nonced && ex.Nonce != a.nonce && s.cfg.StrictNonce {
 		resp.Lifetime = remaining(ex, now)

@@ -808,6 +808,34 @@ func (t *table) insert(l *store.Lease) {
 	t.n++
 }
 
+// extend moves the expiry of the lease at k to at and changes nothing
+// else: the slot, its index entries and its heap item stay, where put
+// removes and re-inserts all of them (delRef and insert: 10 % of pcpd's
+// CPU in the absorbed-renewal bench, BENCHMARKS.md item 25). It refuses
+// (false) while a listing has the table pinned, since the listing reads
+// slots outside the lock and a renewal must then leave the old slot as it
+// was (pin), and when there is no such lease; the caller then puts.
+func (t *table) extend(k store.Key, at time.Time) bool {
+	if t.pins > 0 {
+		return false
+	}
+	ref := t.lookup(k)
+	if ref == 0 {
+		return false
+	}
+	r := t.rec(ref)
+	old := r.exp
+	r.exp = encTime(at)
+	i := int(r.hpos)
+	t.exp[i].at = r.exp
+	if r.exp < old {
+		t.hup(i)
+	} else {
+		t.hdown(i)
+	}
+	return true
+}
+
 // del removes a lease; it reports whether there was one.
 func (t *table) del(k store.Key) bool {
 	ref := t.lookup(k)

@@ -411,6 +411,19 @@ func TestTableModel(t *testing.T) {
 						delete(m.m, k)
 						tab.del(k)
 					}
+				case rnd.IntN(2) == 0:
+					// An absorbed renewal (extend): the expiry moves, the
+					// lease keeps its place on its chains.
+					k := randKey()
+					at := tNow.Add(time.Duration(rnd.IntN(100)) * time.Second)
+					e, want := m.m[k]
+					if got := tab.extend(k, at); got != want {
+						t.Fatalf("op %d: extend %v = %v, want %v", i, k, got, want)
+					}
+					if want {
+						e.l.Expires = at
+						m.m[k] = e
+					}
 				default:
 					// Nothing changes: the questions below are asked anyway.
 				}
@@ -462,6 +475,47 @@ func TestTableModel(t *testing.T) {
 				t.Fatalf("all yielded %d, want %d", n, len(m.m))
 			}
 		})
+	}
+}
+
+// TestTableExtendPinned: while a listing holds a pin, extend refuses and
+// changes nothing (the listing reads slots outside the lock); after the
+// last unpin it moves the expiry in place.
+func TestTableExtendPinned(t *testing.T) {
+	tab := newTable()
+	a := lease("a", v6a, 6, 443, v6a, 443, time.Hour)
+	b := lease("a", v6b, 6, 443, v6b, 443, 2*time.Hour)
+	tab.put(a)
+	tab.put(b)
+	for _, step := range []struct {
+		pinned bool
+		at     time.Duration
+		want   bool
+		first  store.Key // expired(tNow+3h)[0]
+	}{
+		{pinned: true, at: 3 * time.Hour, want: false, first: a.Key},
+		{pinned: false, at: 3 * time.Hour, want: true, first: b.Key},
+		{pinned: false, at: time.Minute, want: true, first: a.Key},
+	} {
+		var epoch uint64
+		if step.pinned {
+			epoch = tab.pin()
+		}
+		ref := tab.lookup(a.Key)
+		before := *tab.rec(ref)
+		if got := tab.extend(a.Key, tNow.Add(step.at)); got != step.want {
+			t.Fatalf("pinned %v: extend = %v, want %v", step.pinned, got, step.want)
+		}
+		if !step.want && *tab.rec(ref) != before {
+			t.Fatalf("pinned: the slot changed")
+		}
+		if step.pinned {
+			tab.unpin(epoch)
+		}
+		checkTable(t, tab)
+		if got := tab.expired(tNow.Add(3 * time.Hour)); len(got) != 2 || got[0] != step.first {
+			t.Fatalf("pinned %v, extend to %v: expired %v, want %v first", step.pinned, step.at, got, step.first)
+		}
 	}
 }
 
