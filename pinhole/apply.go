@@ -215,6 +215,21 @@ func (b *Backend) queuePhase(phase []encodedOp) error {
 		}
 		return b.snat[slot-int(numKinds)]
 	}
+	for slot := range del {
+		if len(del[slot]) == 0 && len(add[slot]) > 0 {
+			// Nothing to delete in this set: its two adds go as one
+			// message, the nudged elements before the exact ones, in
+			// the order the two messages would have had. The kernel
+			// handles a message's elements one by one, as it handles
+			// consecutive messages of a transaction, and each message
+			// costs an acknowledgement to read (two recvmsg and a page
+			// of buffer in mdlayher/netlink): a batch of new MAPs or
+			// in-place refreshes in one set then needs one message, not
+			// two (BENCHMARKS.md item 25).
+			ensure[slot] = append(ensure[slot], add[slot]...)
+			add[slot] = add[slot][:0]
+		}
+	}
 	for st := range b.steps {
 		queue := b.conn.SetAddElements
 		if st == stepDelete {

@@ -261,9 +261,83 @@ func TestApplyRepeatedElementPhases(t *testing.T) {
 	for _, m := range f.batches[0] {
 		ops = append(ops, m.Op)
 	}
-	want := []string{"begin", "newsetelem", "newsetelem", "newsetelem", "delsetelem", "end"}
+	// The Install's two adds share one message (nothing to delete in its
+	// phase); the Delete's phase is its guard add and the delete.
+	want := []string{"begin", "newsetelem", "newsetelem", "delsetelem", "end"}
 	if diff := cmp.Diff(want, ops); diff != "" {
 		t.Errorf("messages (-want +got):\n%s", diff)
+	}
+}
+
+// TestApplyMergedAdds: where a phase deletes nothing from a set, the
+// nudged and the exact adds of its elements go as one message (nudged ones
+// first, in op order), one message per set; a set with a delete keeps the
+// three steps.
+func TestApplyMergedAdds(t *testing.T) {
+	key := func(port uint16) []byte {
+		return []byte{
+			0x20, 0x01, 0x0d, 0xb8, 0x00, 0x01, 0x00, 0x02, 0, 0, 0, 0, 0, 0, 0x00, 0x10,
+			6, 0, 0, 0,
+			byte(port >> 8), byte(port), 0, 0,
+		}
+	}
+	naptKey := []byte{198, 51, 100, 1, 6, 0, 0, 0, 0x1f, 0x90, 0, 0}
+	naptData := []byte{10, 100, 0, 2, 0, 80, 0, 0}
+	snatKey := []byte{10, 100, 0, 2, 6, 0, 0, 0, 0, 80, 0, 0}
+	snatData := []byte{198, 51, 100, 1, 0x1f, 0x90, 0, 0}
+	web := func(port uint16) Pinhole { return Pinhole{Protocol: 6, InternalAddr: tAddr, InternalPort: port} }
+	napt := Pinhole{Protocol: 6, InternalAddr: tCli4, InternalPort: 80, ExternalAddr: tPub, ExternalPort: 8080}
+	for _, tc := range []struct {
+		name string
+		ops  []Op
+		want []sentMsg
+	}{{
+		name: "installs and a refresh",
+		ops: []Op{
+			{Kind: Install, Pinhole: web(443), Timeout: 90 * time.Second},
+			{Kind: Refresh, Pinhole: web(80), Timeout: time.Hour},
+			{Kind: Install, Pinhole: napt, Timeout: time.Minute},
+		},
+		want: []sentMsg{
+			{Op: "begin"},
+			{Op: "newsetelem", Set: "pin6", Elems: []sentElem{
+				{Key: key(443), TimeoutMs: 89950}, {Key: key(80), TimeoutMs: 3599950},
+				{Key: key(443), TimeoutMs: 90000}, {Key: key(80), TimeoutMs: 3600000}}},
+			{Op: "newsetelem", Set: "napt4", Elems: []sentElem{
+				{Key: naptKey, Data: naptData, TimeoutMs: 59950}, {Key: naptKey, Data: naptData, TimeoutMs: 60000}}},
+			{Op: "newsetelem", Set: "snat4", Elems: []sentElem{
+				{Key: snatKey, Data: snatData, TimeoutMs: 59950}, {Key: snatKey, Data: snatData, TimeoutMs: 60000}}},
+			{Op: "end"},
+		},
+	}, {
+		name: "a delete in one set only",
+		ops: []Op{
+			{Kind: Install, Pinhole: web(443), Timeout: 90 * time.Second},
+			{Kind: Delete, Pinhole: web(80)},
+			{Kind: Install, Pinhole: napt, Timeout: time.Minute},
+		},
+		want: []sentMsg{
+			{Op: "begin"},
+			{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: key(443), TimeoutMs: 89950}, {Key: key(80), TimeoutMs: 1000}}},
+			{Op: "newsetelem", Set: "napt4", Elems: []sentElem{
+				{Key: naptKey, Data: naptData, TimeoutMs: 59950}, {Key: naptKey, Data: naptData, TimeoutMs: 60000}}},
+			{Op: "newsetelem", Set: "snat4", Elems: []sentElem{
+				{Key: snatKey, Data: snatData, TimeoutMs: 59950}, {Key: snatKey, Data: snatData, TimeoutMs: 60000}}},
+			{Op: "delsetelem", Set: "pin6", Elems: []sentElem{{Key: key(80)}}},
+			{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: key(443), TimeoutMs: 90000}}},
+			{Op: "end"},
+		},
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := &fakeKernel{}
+			b := fakeBackend(t, f)
+			if err := b.Apply(tc.ops); err != nil {
+				t.Fatalf("Apply: %v", err)
+			}
+			if diff := cmp.Diff([][]sentMsg{tc.want}, f.batches); diff != "" {
+				t.Errorf("batches (-want +got):\n%s", diff)
+			}
+		})
 	}
 }
 
