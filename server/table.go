@@ -939,23 +939,47 @@ func (t *table) releasePins() {
 
 // onTuple returns copies of the leases on an internal tuple, oldest first.
 func (t *table) onTuple(tp tuple) []*store.Lease {
-	var q rec
-	var ok bool
-	if q.iaddr, ok = t.enc(tp.addr, false); !ok {
-		return nil
-	}
-	q.proto, q.iport = tp.proto, tp.port
-	i := t.find(ixTup, &q)
-	if i < 0 {
-		return nil
-	}
 	var out []*store.Lease
-	for ref := t.byTup.ref(i); ref != 0; ref = t.rec(ref).nextTup {
+	for ref := range t.tupleRefs(tp) {
 		l := new(store.Lease)
 		t.decode(ref, l)
 		out = append(out, l)
 	}
 	return out
+}
+
+// onTupleInto is onTuple into buf's leases (reused, grown as needed)
+// instead of fresh ones: a written-through renewal's diff (tx.diff) reads
+// the tuple's leases once a request, and each fresh copy is 288 bytes.
+func (t *table) onTupleInto(tp tuple, buf []store.Lease) []store.Lease {
+	buf = buf[:0]
+	for ref := range t.tupleRefs(tp) {
+		buf = append(buf, store.Lease{})
+		t.decode(ref, &buf[len(buf)-1])
+	}
+	return buf
+}
+
+// tupleRefs yields the slots of the leases on an internal tuple, oldest
+// first.
+func (t *table) tupleRefs(tp tuple) iter.Seq[uint32] {
+	return func(yield func(uint32) bool) {
+		var q rec
+		var ok bool
+		if q.iaddr, ok = t.enc(tp.addr, false); !ok {
+			return
+		}
+		q.proto, q.iport = tp.proto, tp.port
+		i := t.find(ixTup, &q)
+		if i < 0 {
+			return
+		}
+		for ref := t.byTup.ref(i); ref != 0; ref = t.rec(ref).nextTup {
+			if !yield(ref) {
+				return
+			}
+		}
+	}
 }
 
 // holder tells who holds an external endpoint: the internal address and

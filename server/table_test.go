@@ -353,6 +353,7 @@ func TestTableModel(t *testing.T) {
 				tab.grow(64)
 			}
 			m := &model{m: map[store.Key]modelEntry{}}
+			var into []store.Lease // onTupleInto's buffer, reused across steps
 			owners := []string{"a", "b", "c", "d"}
 			addrs := []netip.Addr{v6a, v6b, v4a, netip.MustParseAddr("fe80::1%eth0"), netip.MustParseAddr("::ffff:10.0.0.3")}
 			randKey := func() store.Key {
@@ -443,6 +444,15 @@ func TestTableModel(t *testing.T) {
 				}
 				if gotTup := keysOf(tab.onTuple(tp)); !slices.Equal(gotTup, wantTup) {
 					t.Fatalf("op %d: onTuple %v, want %v", i, gotTup, wantTup)
+				}
+				into = tab.onTupleInto(tp, into)
+				if len(into) != len(wantTup) {
+					t.Fatalf("op %d: onTupleInto has %d leases, want %d", i, len(into), len(wantTup))
+				}
+				for j := range into {
+					if !reflect.DeepEqual(into[j], m.m[wantTup[j]].l) {
+						t.Fatalf("op %d: onTupleInto[%d] = %+v, want %+v", i, j, into[j], m.m[wantTup[j]].l)
+					}
 				}
 				e := endpoint{addr: addrs[rnd.IntN(len(addrs))], proto: k.Protocol, port: uint16(rnd.IntN(3))}
 				holders := m.sorted(func(l *store.Lease) bool { return endpointOf(l) == e })

@@ -41,6 +41,7 @@ type tx struct {
 	old, neu, tmp []pinhole.Pinhole
 	kprev         store.Lease // set's kernel view of a dirty lease
 	others        []*store.Lease
+	tup           []store.Lease // diff's copies of a tuple's leases; others points into it
 	put           []store.Lease
 	del           []store.Key
 	seen          map[store.Key]struct{}
@@ -90,6 +91,7 @@ func (t *tx) reset() {
 	clear(t.undo)
 	clear(t.ended)
 	clear(t.others)
+	clear(t.tup)
 	clear(t.put)
 	t.kprev = store.Lease{}
 	t.absorbs = 0
@@ -124,10 +126,10 @@ func (t *tx) set(key store.Key, next *store.Lease, ended bool) {
 	t.undo = append(t.undo, undoRec{key: key})
 	u := &t.undo[len(t.undo)-1]
 	var prev, kprev *store.Lease
-	if cur, ok := t.s.tab.get(key); ok && cur != nil {
+	if t.s.tab.getInto(key, &u.prev) {
 		// The undo record holds its own copy: the table's may be reused
 		// once the lease is replaced.
-		u.had, u.prev = true, *cur
+		u.had = true
 		prev, kprev = &u.prev, &u.prev
 		if at, ok := t.s.dirty[key]; ok {
 			// An absorbed renewal's lease: the kernel still holds its
@@ -193,7 +195,9 @@ func (t *tx) diff(key store.Key, prev, next *store.Lease) {
 		return
 	}
 	others := t.others[:0]
-	for _, l := range t.s.tab.onTuple(tupleOf(key)) {
+	t.tup = t.s.tab.onTupleInto(tupleOf(key), t.tup)
+	for i := range t.tup {
+		l := &t.tup[i]
 		if l.Key == key {
 			continue
 		}
