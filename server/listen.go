@@ -143,8 +143,16 @@ func newMmsg(n int) *mmsg {
 
 // call runs recvmmsg or sendmmsg on hdrs[off:off+cnt]; false asks the
 // runtime poller to wait for the socket (EAGAIN).
+//
+// It is a raw system call (no entersyscall): with MSG_DONTWAIT neither
+// call sleeps, it only takes CPU (a batch's sendmmsg delivers each reply
+// into the client's socket, 100-300 µs), so the goroutine keeps its P.
+// As an ordinary system call one that long is retaken by sysmon, which
+// then keeps polling every 20 µs and hands the P to another thread:
+// sysmon was 7.9 % of pcpd's CPU in a renewal run, 4.3 % with raw calls,
+// and pcpd's CPU per request fell (BENCHMARKS.md item 25).
 func (m *mmsg) call(trap, fd uintptr) bool {
-	r, _, e := unix.Syscall6(trap, fd, uintptr(unsafe.Pointer(&m.hdrs[m.off])), uintptr(m.cnt), unix.MSG_DONTWAIT, 0, 0)
+	r, _, e := unix.RawSyscall6(trap, fd, uintptr(unsafe.Pointer(&m.hdrs[m.off])), uintptr(m.cnt), unix.MSG_DONTWAIT, 0, 0)
 	if e == unix.EAGAIN || e == unix.EINTR {
 		return false
 	}
