@@ -107,11 +107,13 @@ type Backend struct {
 	// chain (MeterDrops, ownermeter.go).
 	ownerCounts map[string][2]uint64
 	// ownerIfs is, per owner chain, the interfaces its reverse-path rule
-	// passes without a route lookup (ownerRules), as last written;
-	// ownersGen counts SetOwners, so that FollowRoutes does not write
-	// what it read for owners replaced meanwhile.
-	ownerIfs  map[string][]int
-	ownersGen uint64
+	// passes without a route lookup (ownerRules), as last written, and
+	// ownerIfsSeq the routeSeq of the route ask that answered them: both
+	// SetOwners and FollowRoutes ask the routes without the lock, so an
+	// answer is adopted only over an older one (routes.go, adoptIfs).
+	ownerIfs    map[string][]int
+	ownerIfsSeq map[string]uint64
+	routeSeq    atomic.Uint64
 	drops     [2]atomic.Uint64
 	// inPlace: the kernel updates an element's timeout when it is re-added
 	// (Linux ≥ 6.10), found by the probe of the first successful Setup

@@ -241,7 +241,10 @@ func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
 	owners, holes = slices.Clone(owners), slices.Clone(holes)
 	// The routes are asked before the lock is taken (two lookups per
 	// prefix): serving goes on meanwhile. A failed lookup leaves that
-	// owner to the route lookup per datagram (ownerRules), as before.
+	// owner to the route lookup per datagram (ownerRules), as before. The
+	// ask is numbered, so that a FollowRoutes asking after it and done
+	// first keeps its newer answer (adoptOwnerIfs).
+	seq := b.routeSeq.Add(1)
 	ifs, _ := b.ownerInterfaces(owners)
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -252,8 +255,8 @@ func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
 		return err // invalid: not adopted, or every repair would fail on it
 	}
 	b.gen++
-	b.owners, b.holes, b.hasOwners, b.ownerIfs = owners, holes, true, ifs
-	b.ownersGen++
+	b.adoptOwnerIfs(owners, ifs, seq)
+	b.owners, b.holes, b.hasOwners = owners, holes, true
 	return b.writeOwners(owners, holes, false)
 }
 

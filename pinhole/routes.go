@@ -316,18 +316,25 @@ func (b *Backend) FollowRoutes() error {
 		b.mu.Unlock()
 		return nil
 	}
-	owners, gen := b.owners, b.ownersGen
+	owners := b.owners
 	b.mu.Unlock()
+	seq := b.routeSeq.Add(1)
 	ifs, lerr := b.ownerInterfaces(owners)
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if gen != b.ownersGen {
-		return lerr // SetOwners wrote newer routes meanwhile
-	}
+	asked, cur := chainPrefixes(owners), chainPrefixes(b.owners)
 	var changed []string
 	for name, now := range ifs {
+		if pfx, ok := cur[name]; !ok || !slices.Equal(pfx, asked[name]) || b.ownerIfsSeq[name] > seq {
+			// The owner's prefixes changed meanwhile (SetOwners asked for
+			// the new ones), or a SetOwners that asked after this call
+			// did has written a newer answer: this one is older.
+			continue
+		}
 		if !slices.Equal(now, b.ownerIfs[name]) {
 			changed = append(changed, name)
+		} else {
+			b.setOwnerIfs(name, now, seq)
 		}
 	}
 	slices.Sort(changed)
@@ -335,13 +342,10 @@ func (b *Backend) FollowRoutes() error {
 		return lerr
 	}
 	b.gen++ // a Healthy reading meanwhile reads again
-	if b.ownerIfs == nil {
-		b.ownerIfs = map[string][]int{}
-	}
 	var pending []string
 	committed := func() {
 		for _, name := range pending {
-			b.ownerIfs[name] = ifs[name]
+			b.setOwnerIfs(name, ifs[name], seq)
 			c := b.ownerCounts[name]
 			c[0] = 0 // the replaced rule counts from 0
 			b.ownerCounts[name] = c
@@ -364,7 +368,7 @@ func (b *Backend) FollowRoutes() error {
 		if handle == 0 || len(rules) != len(b.ownerRules(nil)) {
 			// Not this pcpd's rules (damaged, or gone): Healthy reports
 			// it, and RepairOwners writes the chain whole, with these.
-			b.ownerIfs[name] = ifs[name]
+			b.setOwnerIfs(name, ifs[name], seq)
 			continue
 		}
 		b.conn.ReplaceRule(&nftables.Rule{Table: b.table, Chain: chain, Handle: handle, Exprs: b.ownerRules(ifs[name])[0]})
@@ -383,4 +387,47 @@ func (b *Backend) FollowRoutes() error {
 		committed()
 	}
 	return lerr
+}
+
+// setOwnerIfs records ifs, answered by the route ask numbered seq, as
+// owner chain name's interfaces. Caller holds b.mu.
+func (b *Backend) setOwnerIfs(name string, ifs []int, seq uint64) {
+	if b.ownerIfs == nil {
+		b.ownerIfs, b.ownerIfsSeq = map[string][]int{}, map[string]uint64{}
+	}
+	b.ownerIfs[name], b.ownerIfsSeq[name] = ifs, seq
+}
+
+// adoptOwnerIfs replaces ownerIfs for SetOwners' owners: each chain gets
+// the interfaces of SetOwners' own route ask (ifs, numbered seq), unless
+// it holds a newer answer for the same prefixes: SetOwners and
+// FollowRoutes both ask the routes before they take b.mu, so a
+// FollowRoutes that asked later could finish first, and its answer, the
+// newer one, was overwritten by SetOwners' older one until the next
+// FollowRoutes, up to 5 s later (review of 2026-12-03). Caller holds b.mu;
+// b.owners is still the previous owners.
+func (b *Backend) adoptOwnerIfs(owners []Owner, ifs map[string][]int, seq uint64) {
+	prev, next := chainPrefixes(b.owners), chainPrefixes(owners)
+	newIfs, newSeq := make(map[string][]int, len(next)), make(map[string]uint64, len(next))
+	for name, pfx := range next {
+		if s := b.ownerIfsSeq[name]; s > seq {
+			if old, ok := prev[name]; ok && slices.Equal(old, pfx) {
+				newIfs[name], newSeq[name] = b.ownerIfs[name], s
+				continue
+			}
+		}
+		newIfs[name], newSeq[name] = ifs[name], seq
+	}
+	b.ownerIfs, b.ownerIfsSeq = newIfs, newSeq
+}
+
+// chainPrefixes is, per owner chain, the prefixes of its owner, as given:
+// what its route ask was for.
+func chainPrefixes(owners []Owner) map[string][]netip.Prefix {
+	chains := OwnerChains(owners)
+	out := make(map[string][]netip.Prefix, len(chains))
+	for _, o := range owners {
+		out[chains[o.ID]] = append(out[chains[o.ID]], o.Prefixes...)
+	}
+	return out
 }
