@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -114,12 +115,16 @@ type Backend struct {
 	ownerIfs    map[string][]int
 	ownerIfsSeq map[string]uint64
 	routeSeq    atomic.Uint64
-	drops     [2]atomic.Uint64
+	drops       [2]atomic.Uint64
 	// inPlace: the kernel updates an element's timeout when it is re-added
 	// (Linux ≥ 6.10), found by the probe of the first successful Setup
 	// (probed); without it Install and Refresh re-create the element
 	// (probe.go).
 	inPlace, probed bool
+	// protectedFault, when set (tests only), runs before each of
+	// syncProtected's transactions is queued: an error fails that
+	// transaction unwritten, as a kernel error would.
+	protectedFault func(set string) error
 
 	// Apply's scratch, under mu: the elements of each step per set (the
 	// nftables library encodes them at once and keeps nothing) and the
@@ -262,9 +267,19 @@ func (b *Backend) Setup() error {
 	// made anew, the clients not yet added are as unguarded as they were
 	// before pcpd ran. Before the owner meter (as updateProtected does in
 	// the server): the guard is what keeps clients' inbound traffic out.
+	//
+	// A failure here does not fail the layout either: Setup goes on to the
+	// owner meter and returns an error wrapping ErrProtected, so the
+	// caller re-installs its pinholes and retries with RepairProtected.
+	// The sets then hold, for every address, the old or the new guard
+	// (writeProtected), and the pinholes only open what each lease was
+	// authorised for inside it; returning early left every pinhole set
+	// as the damage left it (flushed: every mapping closed) for as long
+	// as the protected sets could not be written.
+	var protErr error
 	if b.hasProtected {
 		if err := b.writeProtected(b.protected); err != nil {
-			return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, err)
+			protErr = fmt.Errorf("pinhole: setup of inet %s: %w: %w", b.cfg.Table, ErrProtected, err)
 		}
 	}
 	// The owner meter's chains and maps after the layout, in transactions
@@ -301,7 +316,7 @@ func (b *Backend) Setup() error {
 		}
 		b.inPlace, b.probed = ok, true
 	}
-	return meterErr
+	return errors.Join(protErr, meterErr)
 }
 
 // chains returns pcpd's chain objects, regular chains first so jumps to
@@ -340,17 +355,56 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 // given may be unguarded, and one newly given guarded, before the call
 // returns. On error the sets hold a mix of the old and new prefixes, each
 // address one or the other (a family whose set could be written holds the
-// new ones), and the Backend keeps the old list (Healthy reports the
-// difference and Setup writes the old list back).
+// new ones).
+//
+// Once they are valid, the prefixes given are what the kernel should
+// hold, even if writing them fails part way (as SetOwners' owners):
+// Healthy then reports the difference wrapping ErrProtected, and
+// RepairProtected or Setup write them. Before, a failed SetProtected kept
+// the old list: Healthy reported the half-written sets as damage, the
+// server's full repair (Setup, and a re-install of every lease) wrote the
+// old list back, uncovering the new clients the call had guarded, the
+// server gave the new list again, and so on, every check while the
+// failure lasted (review of 2026-12-03, h/review2 finding 3).
 func (b *Backend) SetProtected(prefixes []netip.Prefix) error {
+	if err := validProtected(prefixes); err != nil {
+		return err // not adopted: every repair would fail on it
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.gen++
-	if err := b.writeProtected(prefixes); err != nil {
-		return fmt.Errorf("pinhole: set protected prefixes: %w", err)
-	}
 	b.protected = slices.Clone(prefixes)
 	b.hasProtected = true
+	if err := b.writeProtected(b.protected); err != nil {
+		return fmt.Errorf("pinhole: set protected prefixes: %w: %w", ErrProtected, err)
+	}
+	return nil
+}
+
+// RepairProtected writes the protected sets again from the last
+// SetProtected (only the difference, as SetProtected). It touches nothing
+// else, so it is the retry after Setup or Healthy reported ErrProtected,
+// without re-installing pinholes.
+func (b *Backend) RepairProtected() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.gen++
+	if !b.hasProtected {
+		return nil
+	}
+	if err := b.writeProtected(b.protected); err != nil {
+		return fmt.Errorf("pinhole: repair of the protected sets: %w: %w", ErrProtected, err)
+	}
+	return nil
+}
+
+// validProtected: every prefix is valid.
+func validProtected(prefixes []netip.Prefix) error {
+	for _, p := range prefixes {
+		if !p.IsValid() {
+			return fmt.Errorf("pinhole: protected prefix %v: %w", p, ErrInvalid)
+		}
+	}
 	return nil
 }
 
@@ -374,10 +428,8 @@ const protectedTxn = 1024
 // protected6 failing left a new IPv4 client unguarded): the error joins
 // both. Caller holds b.mu.
 func (b *Backend) writeProtected(prefixes []netip.Prefix) error {
-	for _, p := range prefixes {
-		if !p.IsValid() {
-			return fmt.Errorf("pinhole: protected prefix %v: %w", p, ErrInvalid)
-		}
+	if err := validProtected(prefixes); err != nil {
+		return err
 	}
 	v6, v4 := splitProtected(prefixes)
 	return errors.Join(b.syncProtected(b.protected6, v6), b.syncProtected(b.protected4, v4))
@@ -396,6 +448,11 @@ func (b *Backend) syncProtected(s *nftables.Set, prefixes []netip.Prefix) error 
 		have[i] = [2]netip.Addr{r.first, r.last}
 	}
 	for _, txn := range planIntervalSync(have, elementRanges(intervalElements(prefixes)), protectedTxn) {
+		if f := b.protectedFault; f != nil {
+			if err := f(s.Name); err != nil {
+				return fmt.Errorf("pinhole: set %s: %w", s.Name, err)
+			}
+		}
 		if err := b.queueElements(s, b.conn.SetDeleteElements, rangesElements(txn.del)); err != nil {
 			return fmt.Errorf("pinhole: set %s: %w", s.Name, err)
 		}
@@ -1057,19 +1114,27 @@ func (w *healthWant) check(v kview) (map[string][]*nftables.Rule, error) {
 			return read, fmt.Errorf("pinhole: chain %s has %d rules, want %d: %w", cr.name, len(rules), cr.rules, ErrUnhealthy)
 		}
 	}
-	if err := w.checkProtected(v); err != nil {
-		return read, err
-	}
 	if err := w.checkServed(v); err != nil {
 		return read, err
 	}
 	if err := w.checkSentinels(v); err != nil {
 		return read, err
 	}
-	// Last, so that an error wrapping ErrOwnerMeter means all else is
-	// intact: the caller then repairs the owner meter alone
-	// (RepairOwners), without re-installing every pinhole.
-	return read, w.checkOwnerChains(v, present, read)
+	// Last, the protected sets and the owner meter, which hold no
+	// pinhole: an error wrapping ErrProtected or ErrOwnerMeter (or both)
+	// means all else is intact, and the caller repairs those alone
+	// (RepairProtected, RepairOwners), without re-installing every
+	// pinhole (a SetProtected that failed part way made every check a
+	// full repair: review of 2026-12-03).
+	perr := w.checkProtected(v)
+	if perr != nil && !errors.Is(perr, ErrProtected) {
+		return read, perr
+	}
+	oerr := w.checkOwnerChains(v, present, read)
+	if oerr != nil && !errors.Is(oerr, ErrOwnerMeter) {
+		return read, oerr
+	}
+	return read, errors.Join(perr, oerr)
 }
 
 // checkProtected is Healthy's part for the inbound guard: the protected
@@ -1079,10 +1144,19 @@ func (w *healthWant) check(v kview) (map[string][]*nftables.Rule, error) {
 // chain's policy lets it through), so it is damage Setup must repair, not
 // a detail. Like the owner maps, the sets are as large as the configured
 // prefixes, never the traffic, so dumping them is cheap.
-func (w *healthWant) checkProtected(v kview) error {
+//
+// Every error it returns wraps ErrUnhealthy and ErrProtected.
+func (w *healthWant) checkProtected(v kview) (err error) {
 	if !w.hasProtected {
 		return nil
 	}
+	defer func() {
+		if err != nil && !errors.Is(err, ErrMissing) {
+			// A set gone (deleted under this read) needs Setup, not
+			// RepairProtected.
+			err = fmt.Errorf("%w (%w)", err, ErrProtected)
+		}
+	}()
 	v6, v4 := splitProtected(w.protected)
 	for _, x := range []struct {
 		s *nftables.Set
@@ -1126,6 +1200,7 @@ func elementRanges(elems []nftables.SetElement) [][2]netip.Addr {
 
 // classify adds this package's sentinel to a kernel error.
 func classify(err error) error {
+	err = recoverErrno(err)
 	switch {
 	case err == nil:
 		return nil
@@ -1135,6 +1210,35 @@ func classify(err error) error {
 		return fmt.Errorf("%w: %w", ErrMissing, err)
 	case errors.Is(err, unix.ENFILE), errors.Is(err, unix.ENOSPC), errors.Is(err, unix.E2BIG):
 		return fmt.Errorf("%w: %w", ErrFull, err)
+	}
+	return err
+}
+
+// flattenedErrnos are the errnos recoverErrno looks for.
+var flattenedErrnos = []unix.Errno{unix.ENOENT, unix.EEXIST, unix.ENOTEMPTY, unix.EBUSY, unix.ENFILE, unix.ENOSPC, unix.E2BIG}
+
+// recoverErrno puts back the errno of a kernel error the nftables library
+// reported as text: its reads (GetSetElements, GetRules, GetSets) format
+// the netlink error with %v ("receiveAckAware: netlink receive: no such
+// file or directory"), so errors.Is found no ENOENT, and a set or chain
+// deleted under pcpd read as an unknown error rather than ErrMissing
+// (review of 2026-12-03): List, which the audit calls, and SetProtected
+// reported it as a failure of their own, and Healthy's reads of the
+// protected sets and owner maps as damage RepairProtected or RepairOwners
+// could fix, which cannot re-create a set.
+func recoverErrno(err error) error {
+	if err == nil {
+		return nil
+	}
+	var errno unix.Errno
+	if errors.As(err, &errno) {
+		return err
+	}
+	msg := err.Error()
+	for _, e := range flattenedErrnos {
+		if strings.HasSuffix(msg, ": "+e.Error()) {
+			return fmt.Errorf("%w (%w)", err, e)
+		}
 	}
 	return err
 }

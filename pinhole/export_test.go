@@ -1,5 +1,7 @@
 package pinhole
 
+import "errors"
+
 // SetUpdatesInPlace overrides what Setup's probe found, so a test on a
 // kernel with in-place updates can exercise the add, delete, add sequence
 // older kernels need.
@@ -29,3 +31,28 @@ func BreakProtectedSet(b *Backend, family int) (restore func()) {
 		*p = s
 	}
 }
+
+// FailProtectedWrites makes every transaction writing protected set name
+// fail unwritten (after the first skip ones), until restore is called.
+func FailProtectedWrites(b *Backend, name string, skip int) (restore func()) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.protectedFault = func(set string) error {
+		if set != name {
+			return nil
+		}
+		if skip > 0 {
+			skip--
+			return nil
+		}
+		return ErrInjected
+	}
+	return func() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		b.protectedFault = nil
+	}
+}
+
+// ErrInjected is what FailProtectedWrites' failures wrap.
+var ErrInjected = errors.New("pinhole: injected failure")

@@ -664,6 +664,9 @@ func (w *healthWant) checkOwnerChains(v kview, present map[string]bool, read map
 			if !errors.Is(err, ErrUnhealthy) {
 				err = fmt.Errorf("%w: %w", err, ErrUnhealthy)
 			}
+			if errors.Is(err, ErrMissing) {
+				return // a map gone under this read: Setup, not RepairOwners
+			}
 			err = fmt.Errorf("%w (%w)", err, ErrOwnerMeter)
 		}
 	}()

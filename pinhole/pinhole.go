@@ -55,6 +55,12 @@ var (
 	// else is in place: pinholes can be installed, and RepairOwners is
 	// the retry. Healthy wraps ErrUnhealthy with it.
 	ErrOwnerMeter = errors.New("owner meter not in place")
+	// ErrProtected: the protected sets could not be written, or Healthy
+	// found them other than SetProtected was last given, while everything
+	// else but possibly the owner meter is in place: pinholes can be
+	// installed, and RepairProtected is the retry. Healthy wraps
+	// ErrUnhealthy with it.
+	ErrProtected = errors.New("protected sets not in place")
 )
 
 // Pinhole is one inbound opening. Its shape decides what gets installed:

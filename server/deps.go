@@ -41,6 +41,15 @@ type OwnerMeter interface {
 	MeterDrops() pinhole.MeterDrops
 }
 
+// ProtectedRepairer is an optional extra of a Firewall (*pinhole.Backend
+// has it): a failure to write the protected sets (SetProtected, Setup) or
+// damage Healthy finds in them alone comes wrapping pinhole.ErrProtected,
+// and RepairProtected writes them again from the last SetProtected,
+// without a re-install of every lease: they hold no pinhole.
+type ProtectedRepairer interface {
+	RepairProtected() error
+}
+
 // ServedSetter is an optional extra of a Firewall (*pinhole.Backend has
 // it): its raw chains meter pcpd's requests and keep them out of
 // conntrack only on the addresses pcpd serves (pinhole/notrack.go), so it

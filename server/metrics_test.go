@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -153,5 +154,66 @@ func TestFirewallCheckFollowsRoutes(t *testing.T) {
 	}
 	if len(h.logs.FilterMessageSnippet("cannot follow the routes").All()) != 1 {
 		t.Error("the failed follow is not logged")
+	}
+}
+
+// TestProtectedFailureRepairedAlone (review of 2026-12-03, h/review2
+// finding 3): when the protected sets cannot be written (a SetProtected
+// that failed part way leaves them holding a mix of old and new), each
+// firewall check retries the protected sets alone, with no Setup, no lock
+// and no re-install of every lease, for as long as the failure lasts;
+// then one repair writes them. Before, every check (5 s) ran the full
+// repair: Setup (which wrote the old prefixes back) and a re-install of
+// every lease. A real tamper of the pinhole sets meanwhile still gets the
+// full repair, whose pinholes come back although the protected sets fail.
+func TestProtectedFailureRepairedAlone(t *testing.T) {
+	h := newHarness(t)
+	h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1))
+	h.do(mapReq(addrB, pcp.ProtoUDP, 53, 0, time.Hour, 1))
+	h.fw.FailProtected = func() error { return servertest.ErrInjected }
+	h.s.protected = nil // the ownership changed: given again, and failing
+	h.s.updateProtected()
+	applies, setups := h.fw.Applies, h.fw.Setups
+	for range 3 {
+		h.s.checkFirewall()
+	}
+	if h.fw.Setups != setups || h.fw.Applies != applies || h.fw.ProtectedRepairs != 0 {
+		t.Errorf("3 checks while the protected sets fail: %d Setups (was %d), %d applies (was %d), %d repairs; want the protected sets retried alone",
+			h.fw.Setups, setups, h.fw.Applies, applies, h.fw.ProtectedRepairs)
+	}
+	if n := len(h.logs.FilterMessageSnippet("cannot restore the protected sets").All()); n != 3 {
+		t.Errorf("%d failed protected repairs logged, want 3", n)
+	}
+	// A flushed pinhole set meanwhile: the full repair, pinholes back.
+	h.fw.Tamper()
+	h.s.checkFirewall()
+	if n := len(h.fw.Holes()); n != 2 || h.fw.Setups != setups+1 {
+		t.Errorf("after a tamper while the protected sets fail: %d pinholes (want 2), %d Setups (want %d)", n, h.fw.Setups, setups+1)
+	}
+	applies = h.fw.Applies
+	h.fw.FailProtected = nil
+	h.s.checkFirewall()
+	if h.fw.ProtectedRepairs != 1 || h.fw.Applies != applies || h.fw.Setups != setups+1 {
+		t.Errorf("once writable: %d repairs, %d applies (was %d), %d Setups; want one repair alone", h.fw.ProtectedRepairs, h.fw.Applies, applies, h.fw.Setups)
+	}
+	if err := h.fw.Healthy(); err != nil {
+		t.Errorf("Healthy after the repair: %v", err)
+	}
+}
+
+// TestAuditMissingSetRepairs (review of 2026-12-03): when the audit's
+// listing finds a pinhole set gone (pinhole.ErrMissing: deleted by hand
+// after the rules that use it), the firewall is checked and restored
+// then, not only at the next tamper tick; before, the audit logged a
+// warning and went on.
+func TestAuditMissingSetRepairs(t *testing.T) {
+	h := newHarness(t)
+	h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1))
+	h.do(mapReq(addrB, pcp.ProtoUDP, 53, 0, time.Hour, 1))
+	setups := h.fw.Setups
+	h.fw.Tamper()
+	h.s.auditFirewall(context.Background())
+	if n := len(h.fw.Holes()); n != 2 || h.fw.Setups != setups+1 {
+		t.Errorf("after an audit that found a set missing: %d pinholes (want 2), %d Setups (want %d)", n, h.fw.Setups, setups+1)
 	}
 }

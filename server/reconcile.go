@@ -32,10 +32,12 @@ func (s *Server) restore() error {
 	if st.Recovered != "" {
 		s.log.Warn("store recovered", zap.String("detail", st.Recovered))
 	}
-	if err := s.fw.Setup(); errors.Is(err, pinhole.ErrOwnerMeter) {
-		// All else is in place: serve, and retry the meter (checkFirewall).
-		s.m.meterErrors.Inc()
-		s.log.Error("cannot write the kernel's owner meter; serving without it, retrying at the next firewall check", zap.Error(err))
+	if err := s.fw.Setup(); partialSetup(err) {
+		// All else is in place: serve, and retry the rest (checkFirewall).
+		if errors.Is(err, pinhole.ErrOwnerMeter) {
+			s.m.meterErrors.Inc()
+		}
+		s.log.Error("cannot write the kernel's owner meter or protected sets; serving, retrying at the next firewall check", zap.Error(err))
 	} else if err != nil {
 		return fmt.Errorf("server: firewall setup: %w", err)
 	}
@@ -223,6 +225,53 @@ func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Key, 
 	return keys, len(failed) == 0
 }
 
+// partialSetup: Setup put everything in place but the owner meter or the
+// protected sets (its error wraps only pinhole.ErrOwnerMeter or
+// pinhole.ErrProtected): pinholes can be installed, and checkFirewall
+// retries the rest alone.
+func partialSetup(err error) bool {
+	return err != nil && (errors.Is(err, pinhole.ErrOwnerMeter) || errors.Is(err, pinhole.ErrProtected))
+}
+
+// repairPartial repairs what Healthy found damaged when that is only the
+// owner meter (herr wraps pinhole.ErrOwnerMeter) or the protected sets
+// (pinhole.ErrProtected), or both, by rewriting those alone (RepairOwners,
+// RepairProtected): no lock, no re-install of every lease, since neither
+// holds a pinhole. It reports false when a full repair is needed (other
+// damage, or a firewall that cannot repair that part alone). A repair that
+// fails is retried at the next check, again alone: a protected set that
+// cannot be written (a SetProtected that failed part way) used to make
+// every check a full repair, which also wrote the old prefixes back
+// (review of 2026-12-03).
+func (s *Server) repairPartial(herr error) bool {
+	meter, prot := errors.Is(herr, pinhole.ErrOwnerMeter), errors.Is(herr, pinhole.ErrProtected)
+	om, canMeter := s.fw.(OwnerMeter)
+	pr, canProt := s.fw.(ProtectedRepairer)
+	if !meter && !prot || meter && !canMeter || prot && !canProt {
+		return false
+	}
+	ok := true
+	if prot {
+		s.log.Warn("protected sets damaged or not written; restoring them", zap.Error(herr))
+		if err := pr.RepairProtected(); err != nil {
+			ok = false
+			s.log.Error("cannot restore the protected sets; retrying at the next firewall check", zap.Error(err))
+		}
+	}
+	if meter {
+		s.log.Warn("kernel owner meter damaged or missing; restoring it", zap.Error(herr))
+		if err := om.RepairOwners(); err != nil {
+			ok = false
+			s.m.meterErrors.Inc()
+			s.log.Error("cannot restore the kernel's owner meter; retrying at the next firewall check", zap.Error(err))
+		}
+	}
+	if ok {
+		s.m.restores.Inc()
+	}
+	return true
+}
+
 // checkFirewall restores pcpd's nftables objects and pinholes when someone
 // deleted or damaged them (tamper watch). The check itself (Healthy:
 // objects, rule counts and every set's sentinel element) dumps nothing and
@@ -249,14 +298,7 @@ func (s *Server) checkFirewall() {
 	if herr == nil {
 		return
 	}
-	if om, ok := s.fw.(OwnerMeter); ok && errors.Is(herr, pinhole.ErrOwnerMeter) {
-		s.log.Warn("kernel owner meter damaged or missing; restoring it", zap.Error(herr))
-		if err := om.RepairOwners(); err != nil {
-			s.m.meterErrors.Inc()
-			s.log.Error("cannot restore the kernel's owner meter; retrying at the next firewall check", zap.Error(err))
-			return
-		}
-		s.m.restores.Inc()
+	if s.repairPartial(herr) {
 		return
 	}
 	s.mu.Lock()
@@ -264,9 +306,11 @@ func (s *Server) checkFirewall() {
 	now := s.now()
 	s.expireLocked(now)
 	s.log.Warn("firewall objects damaged or missing; restoring", zap.Error(herr))
-	if err := s.fw.Setup(); errors.Is(err, pinhole.ErrOwnerMeter) {
-		s.m.meterErrors.Inc()
-		s.log.Error("restored the firewall objects but not the kernel's owner meter; re-installing pinholes, retrying the meter at the next firewall check", zap.Error(err))
+	if err := s.fw.Setup(); partialSetup(err) {
+		if errors.Is(err, pinhole.ErrOwnerMeter) {
+			s.m.meterErrors.Inc()
+		}
+		s.log.Error("restored the firewall objects but not the kernel's owner meter or protected sets; re-installing pinholes, retrying the rest at the next firewall check", zap.Error(err))
 	} else if err != nil {
 		s.log.Error("cannot restore firewall objects", zap.Error(err))
 		return
@@ -333,6 +377,14 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	}
 	start := time.Now()
 	have, err := s.fw.List()
+	if errors.Is(err, pinhole.ErrMissing) {
+		// A pinhole set gone (deleted by hand after the rules that use
+		// it): tampering, which the firewall check repairs now rather
+		// than at its next tick.
+		s.log.Warn("firewall audit: a pinhole set is missing; checking the firewall now", zap.Error(err))
+		s.checkFirewall()
+		return
+	}
 	if err != nil {
 		s.log.Warn("firewall audit: cannot list pinholes", zap.Error(err))
 		return

@@ -51,6 +51,19 @@ type Firewall struct {
 	// owners given are what the meter should hold from then on: Setup and
 	// RepairOwners write them; before any, both leave the meter alone.
 	hasOwners bool
+	// FailProtected, if set, is consulted by SetProtected, Setup (once
+	// SetProtected was called) and RepairProtected, as the real backend
+	// writes the protected sets in each: a non-nil error leaves them other
+	// than given (the prefixes given are adopted all the same, as
+	// pinhole's), Setup restores the rest and returns it wrapping
+	// pinhole.ErrProtected, and Healthy reports the protected sets alone
+	// until a write succeeds. ProtectedRepairs counts successful
+	// RepairProtected calls, Setups successful Setup calls.
+	FailProtected    func() error
+	ProtectedRepairs int
+	Setups           int
+	protectedOff     bool
+	hasProtected     bool
 	// Drops is what MeterDrops reports.
 	Drops pinhole.MeterDrops
 	// RouteFollows counts FollowRoutes calls; FailRoutes, if set, is
@@ -79,11 +92,45 @@ func (f *Firewall) Setup() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.broken = false
-	if f.hasOwners {
-		if err := f.writeOwners(); err != nil {
-			return fmt.Errorf("servertest: setup: %w: %w", pinhole.ErrOwnerMeter, err)
+	f.Setups++
+	var perr error
+	if f.hasProtected {
+		if err := f.writeProtected(); err != nil {
+			perr = fmt.Errorf("servertest: setup: %w: %w", pinhole.ErrProtected, err)
 		}
 	}
+	if f.hasOwners {
+		if err := f.writeOwners(); err != nil {
+			return errors.Join(perr, fmt.Errorf("servertest: setup: %w: %w", pinhole.ErrOwnerMeter, err))
+		}
+	}
+	return perr
+}
+
+// writeProtected is a write of the protected sets, under f.mu.
+func (f *Firewall) writeProtected() error {
+	if f.FailProtected != nil {
+		if err := f.FailProtected(); err != nil {
+			f.protectedOff = true
+			return err
+		}
+	}
+	f.protectedOff = false
+	return nil
+}
+
+// RepairProtected writes the protected sets again
+// (server.ProtectedRepairer).
+func (f *Firewall) RepairProtected() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.hasProtected {
+		return nil
+	}
+	if err := f.writeProtected(); err != nil {
+		return fmt.Errorf("servertest: repair protected sets: %w: %w", pinhole.ErrProtected, err)
+	}
+	f.ProtectedRepairs++
 	return nil
 }
 
@@ -126,6 +173,10 @@ func (f *Firewall) SetProtected(p []netip.Prefix) error {
 	f.Protected = f.Protected[:0]
 	for _, x := range p {
 		f.Protected = append(f.Protected, x.String())
+	}
+	f.hasProtected = true
+	if err := f.writeProtected(); err != nil {
+		return fmt.Errorf("servertest: set protected: %w: %w", pinhole.ErrProtected, err)
 	}
 	return nil
 }
@@ -214,10 +265,14 @@ func (f *Firewall) Healthy() error {
 	if f.broken {
 		return pinhole.ErrUnhealthy
 	}
-	if f.meterOff {
-		return fmt.Errorf("servertest: owner meter missing: %w (%w)", pinhole.ErrUnhealthy, pinhole.ErrOwnerMeter)
+	var errs []error
+	if f.protectedOff {
+		errs = append(errs, fmt.Errorf("servertest: protected sets differ: %w (%w)", pinhole.ErrUnhealthy, pinhole.ErrProtected))
 	}
-	return nil
+	if f.meterOff {
+		errs = append(errs, fmt.Errorf("servertest: owner meter missing: %w (%w)", pinhole.ErrUnhealthy, pinhole.ErrOwnerMeter))
+	}
+	return errors.Join(errs...)
 }
 
 // Tamper simulates someone deleting the table: every pinhole is gone and
