@@ -112,7 +112,10 @@ type Backend struct {
 	// ownerIfsSeq the routeSeq of the route ask that answered them: both
 	// SetOwners and FollowRoutes ask the routes without the lock, so an
 	// answer is adopted only over an older one (routes.go, adoptIfs).
-	ownerIfs    map[string][]int
+	ownerIfs map[string][]int
+	// listed is, per set of an owner chain's interfaces (ifsKey), its
+	// rules as the kernel listed them once written (learnListed).
+	listed      map[string][][]expr.Any
 	ownerIfsSeq map[string]uint64
 	routeSeq    atomic.Uint64
 	drops       [2]atomic.Uint64
@@ -999,7 +1002,7 @@ func (b *Backend) healthWantLocked() *healthWant {
 		w.owners6, w.owners4 = *b.owners6, *b.owners4
 		w.ownerRules = map[string][][]expr.Any{}
 		for _, name := range OwnerChains(b.owners) {
-			w.ownerRules[name] = b.ownerRules(b.ownerIfs[name])
+			w.ownerRules[name] = b.wantOwnerRules(b.ownerIfs[name])
 		}
 	}
 	return w

@@ -1,6 +1,10 @@
 package pinhole
 
-import "errors"
+import (
+	"errors"
+
+	"github.com/google/nftables/expr"
+)
 
 // SetUpdatesInPlace overrides what Setup's probe found, so a test on a
 // kernel with in-place updates can exercise the add, delete, add sequence
@@ -56,3 +60,12 @@ func FailProtectedWrites(b *Backend, name string, skip int) (restore func()) {
 
 // ErrInjected is what FailProtectedWrites' failures wrap.
 var ErrInjected = errors.New("pinhole: injected failure")
+
+// ListAsWritten makes the Backend expect the kernel to list the owner
+// chains' expressions exactly as written (no register renumbering), as a
+// kernel or nftables library that lists them otherwise than this one
+// would look to it, until restore is called.
+func ListAsWritten() (restore func()) {
+	listedForm = func(e expr.Any) expr.Any { return e }
+	return func() { listedForm = asListed }
+}

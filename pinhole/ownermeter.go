@@ -459,6 +459,9 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 	if err != nil {
 		return err
 	}
+	if rewrite {
+		b.listed = nil // learnt again from the chains written now
+	}
 	names := make([]string, 0, len(chains))
 	for _, name := range chains {
 		names = append(names, name)
@@ -507,6 +510,7 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 			}
 		}
 	}
+	written := make([]string, 0, len(replace)+len(write))
 	for _, r := range replace {
 		c := b.ownerCounts[r.name]
 		c[0] = 0 // the replaced rule counts from 0
@@ -514,6 +518,7 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 			b.ownerCounts = map[string][2]uint64{}
 		}
 		b.ownerCounts[r.name] = c
+		written = append(written, r.name)
 	}
 	// Chains written count their drops from 0 once their transaction is
 	// committed (MeterDrops).
@@ -535,13 +540,16 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 			b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: r})
 		}
 		pending = append(pending, name)
-		if (i+1)%ownerChainBatch == 0 {
+		if (i+1)%ownerChainBatch == 0 || i == len(write)-1 {
+			// (The last batch is committed here too, so that its chains
+			// can be read back before the maps are written.)
 			if err := b.conn.Flush(); err != nil {
 				return fmt.Errorf("pinhole: write owner chains: %w", classify(err))
 			}
 			committed()
 		}
 	}
+	b.learnListed(append(written, write...))
 	for _, x := range []struct {
 		s     *nftables.Set
 		spans []ownedSpan
@@ -714,7 +722,7 @@ func (w *healthWant) checkOwnerChains(v kview, present map[string]bool, read map
 // ownerRules(ifs) (their counters aside), and folds its counters in.
 // Caller holds b.mu.
 func (b *Backend) ownerChainIntact(name string, ifs []int) (bool, error) {
-	ok, rules, err := b.view().ownerChainIntact(name, b.ownerRules(ifs))
+	ok, rules, err := b.view().ownerChainIntact(name, b.wantOwnerRules(ifs))
 	if err == nil {
 		b.foldOwnerCounters(name, rules)
 	}
@@ -726,7 +734,7 @@ func (b *Backend) ownerChainIntact(name string, ifs []int) (bool, error) {
 // first rule has a fib expression, the others are as wanted); 0 if not.
 // Caller holds b.mu.
 func (b *Backend) reversePathHandle(name string, ifs []int) (uint64, error) {
-	want := b.ownerRules(ifs)
+	want := b.wantOwnerRules(ifs)
 	rules, err := b.conn.GetRules(b.table, &nftables.Chain{Table: b.table, Name: name})
 	if err != nil {
 		return 0, fmt.Errorf("rules of %s: %w", name, classify(err))
@@ -761,7 +769,8 @@ func (v kview) ownerChainIntact(name string, want [][]expr.Any) (bool, []*nftabl
 	return true, rules, nil
 }
 
-// ruleIs: r holds exactly want's expressions, counters' figures aside.
+// ruleIs: r holds exactly want's expressions (as listed: wantOwnerRules),
+// counters' figures aside.
 func ruleIs(r *nftables.Rule, want []expr.Any) bool {
 	if len(r.Exprs) != len(want) {
 		return false
@@ -770,11 +779,90 @@ func ruleIs(r *nftables.Rule, want []expr.Any) bool {
 		if _, ok := e.(*expr.Counter); ok {
 			e = &expr.Counter{} // its figures change with traffic
 		}
-		if !reflect.DeepEqual(e, asListed(want[j])) {
+		if !reflect.DeepEqual(e, want[j]) {
 			return false
 		}
 	}
 	return true
+}
+
+// listedForm is how the Backend expects the kernel and the nftables
+// library to list an expression it wrote (asListed); a variable so that a
+// test can stand for a kernel or library version that lists differently.
+var listedForm = asListed
+
+// wantOwnerRules is what an owner chain with interfaces ifs should list
+// (counters zeroed): the rules as the kernel listed them right after this
+// Backend wrote such a chain (learnListed), else ownerRules(ifs) as
+// listedForm expects them listed. Healthy and SetOwners compare owner
+// chains with it. Caller holds b.mu; the slices it returns are never
+// changed.
+func (b *Backend) wantOwnerRules(ifs []int) [][]expr.Any {
+	if l, ok := b.listed[ifsKey(ifs)]; ok {
+		return l
+	}
+	rules := b.ownerRules(ifs)
+	for _, r := range rules {
+		for j := range r {
+			r[j] = listedForm(r[j])
+		}
+	}
+	return rules
+}
+
+// ifsKey keys listed by an owner chain's interfaces.
+func ifsKey(ifs []int) string { return fmt.Sprint(ifs) }
+
+// learnListed reads back each owner chain of names, just written with
+// its ownerIfs, whose interfaces' listing is not known yet (one GetRules
+// per set of interfaces, so a handful per write), and keeps its rules as
+// the form Healthy compares with (wantOwnerRules). Healthy compared owner
+// chains with what the Backend predicted the kernel would list (asListed:
+// registers renumbered); a kernel or nftables library that lists one field
+// otherwise made every intact chain a mismatch, so every check repaired
+// the owner meter, and rewrote each chain whole, resetting every owner's
+// bucket, every 5 s (review S2). A rule read back is kept only if it holds
+// the expressions ownerRules wrote, kind for kind: a listing may encode a
+// field otherwise, but a chain someone rewrote between the write and the
+// read is not learnt. Setup's repair forgets what was learnt and learns
+// again. Caller holds b.mu.
+func (b *Backend) learnListed(names []string) {
+names:
+	for _, name := range names {
+		ifs := b.ownerIfs[name]
+		key := ifsKey(ifs)
+		if _, ok := b.listed[key]; ok {
+			continue
+		}
+		rules, err := b.conn.GetRules(b.table, &nftables.Chain{Table: b.table, Name: name})
+		if err != nil {
+			continue // the prediction stands; Healthy reads again
+		}
+		b.foldOwnerCounters(name, rules)
+		want := b.ownerRules(ifs)
+		if len(rules) != len(want) {
+			continue
+		}
+		out := make([][]expr.Any, len(rules))
+		for i, r := range rules {
+			if len(r.Exprs) != len(want[i]) {
+				continue names
+			}
+			for j, e := range r.Exprs {
+				if reflect.TypeOf(e) != reflect.TypeOf(want[i][j]) {
+					continue names
+				}
+				if _, ok := e.(*expr.Counter); ok {
+					e = &expr.Counter{}
+				}
+				out[i] = append(out[i], e)
+			}
+		}
+		if b.listed == nil {
+			b.listed = map[string][][]expr.Any{}
+		}
+		b.listed[key] = out
+	}
 }
 
 // asListed is e (of the kinds ownerRules uses) as the kernel lists it: a

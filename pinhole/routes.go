@@ -342,8 +342,9 @@ func (b *Backend) FollowRoutes() error {
 		return lerr
 	}
 	b.gen++ // a Healthy reading meanwhile reads again
-	var pending []string
+	var pending, replaced []string
 	committed := func() {
+		replaced = append(replaced, pending...)
 		for _, name := range pending {
 			b.setOwnerIfs(name, ifs[name], seq)
 			c := b.ownerCounts[name]
@@ -386,6 +387,7 @@ func (b *Backend) FollowRoutes() error {
 		}
 		committed()
 	}
+	b.learnListed(replaced)
 	return lerr
 }
 
