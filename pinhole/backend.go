@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -118,7 +119,15 @@ type Backend struct {
 	listed      map[string][][]expr.Any
 	ownerIfsSeq map[string]uint64
 	routeSeq    atomic.Uint64
-	drops       [2]atomic.Uint64
+	// followed is the last FollowRoutes round that asked and wrote for
+	// every owner: the Routes' watch generation (RouteWatcher) and b.gen
+	// then, so that the next round skips its lookups when neither moved.
+	followed struct {
+		ok          bool
+		routes, gen uint64
+		at          time.Time
+	}
+	drops [2]atomic.Uint64
 	// inPlace: the kernel updates an element's timeout when it is re-added
 	// (Linux ≥ 6.10), found by the probe of the first successful Setup
 	// (probed); without it Install and Refresh re-create the element

@@ -67,6 +67,14 @@ type RouteFollower interface {
 	FollowRoutes() error
 }
 
+// RouteChanger is an optional extra of a RouteFollower (*pinhole.Backend
+// has it, when its routes are watched): RouteChanges receives after the
+// host's links, addresses, routes or policy rules changed (nil: never),
+// and the server then follows them without waiting for its next check.
+type RouteChanger interface {
+	RouteChanges() <-chan struct{}
+}
+
 // LeaseStore is the durable lease store (*store.Store). Commit is one
 // transaction and one fsync.
 type LeaseStore interface {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/server/servertest"
 )
 
@@ -216,4 +217,42 @@ func TestAuditMissingSetRepairs(t *testing.T) {
 	if n := len(h.fw.Holes()); n != 2 || h.fw.Setups != setups+1 {
 		t.Errorf("after an audit that found a set missing: %d pinholes (want 2), %d Setups (want %d)", n, h.fw.Setups, setups+1)
 	}
+}
+
+// TestRouteChangeFollowedAtOnce (review of 2026-12-03): when the firewall
+// tells of a change of the host's links, addresses, routes or policy
+// rules (pinhole's route watch), the routes are followed about
+// routeFollowDelay later, a burst of changes once, not at the next
+// firewall check (here an hour away): an interface index reused by a
+// device moved into the namespace was trusted by the owner meter's
+// reverse-path rule until then.
+func TestRouteChangeFollowedAtOnce(t *testing.T) {
+	h := newHarness(t, func(c *Config, _ *policy.Config) { c.TamperInterval, c.AuditInterval = time.Hour, time.Hour })
+	h.fw.Changes = make(chan struct{}, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { h.s.watchFirewall(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	wait := func(n int) {
+		t.Helper()
+		deadline := time.Now().Add(2 * time.Second)
+		for h.fw.Follows() < n && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if got := h.fw.Follows(); got != n {
+			t.Fatalf("%d route follows, want %d", got, n)
+		}
+	}
+	for range 3 { // a burst: one follow
+		select {
+		case h.fw.Changes <- struct{}{}:
+		default:
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	wait(1)
+	time.Sleep(2 * routeFollowDelay)
+	wait(1)
+	h.fw.Changes <- struct{}{}
+	wait(2)
 }

@@ -442,14 +442,33 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	s.log.Debug("firewall audit done", zap.Int("pinholes", len(have)), zap.Duration("dump", dumped))
 }
 
+// routeFollowDelay is how long after a change of the host's links,
+// addresses, routes or policy rules the firewall follows the routes
+// (RouteChanger): it gathers a burst of changes (an interface going down
+// takes its routes with it) into one FollowRoutes, and bounds how often
+// steady churn (a full-table router) makes one, ≈ 49 ms of lookups at
+// 1 000 owners.
+const routeFollowDelay = 250 * time.Millisecond
+
 // watchFirewall runs the tamper check every TamperInterval and the audit
-// once at start and then every AuditInterval, off the engine loop.
+// once at start and then every AuditInterval, off the engine loop; and,
+// when the firewall tells of route changes (RouteChanger), follows them
+// routeFollowDelay after the first of a burst rather than at the next
+// check: an interface gone and its index reused by a device moved into
+// the namespace passed the owner meter's reverse-path check unlooked
+// until then, up to TamperInterval (review of 2026-12-03).
 func (s *Server) watchFirewall(ctx context.Context) {
 	s.auditFirewall(ctx)
 	tamper := time.NewTicker(s.cfg.TamperInterval)
 	defer tamper.Stop()
 	audit := time.NewTicker(s.cfg.AuditInterval)
 	defer audit.Stop()
+	var changes <-chan struct{}
+	rf, follows := s.fw.(RouteFollower)
+	if rc, ok := s.fw.(RouteChanger); ok && follows {
+		changes = rc.RouteChanges()
+	}
+	var follow <-chan time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -458,6 +477,15 @@ func (s *Server) watchFirewall(ctx context.Context) {
 			s.checkFirewall()
 		case <-audit.C:
 			s.auditFirewall(ctx)
+		case <-changes:
+			if follow == nil {
+				follow = time.After(routeFollowDelay)
+			}
+		case <-follow:
+			follow = nil
+			if err := rf.FollowRoutes(); err != nil {
+				s.log.Warn("kernel owner meter: cannot follow the routes of the owned prefixes", zap.Error(err))
+			}
 		}
 	}
 }

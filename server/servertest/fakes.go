@@ -70,6 +70,18 @@ type Firewall struct {
 	// what they return.
 	RouteFollows int
 	FailRoutes   func() error
+	// Changes is what RouteChanges returns (server.RouteChanger).
+	Changes chan struct{}
+}
+
+// RouteChanges returns Changes (server.RouteChanger).
+func (f *Firewall) RouteChanges() <-chan struct{} { return f.Changes }
+
+// Follows is RouteFollows, read under the lock.
+func (f *Firewall) Follows() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.RouteFollows
 }
 
 // FollowRoutes counts the call (server.RouteFollower).
