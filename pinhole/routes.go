@@ -73,7 +73,7 @@ func NetlinkRoutes(h *netlink.Handle) Routes {
 		if h, err = netlink.NewHandle(unix.NETLINK_ROUTE); err != nil {
 			h = &netlink.Handle{} // what netlink's package functions use
 		}
-		n := &netlinkRoutes{h: h}
+		n := &netlinkRoutes{h: h, ownH: true}
 		if sock, err := nl.Subscribe(unix.NETLINK_ROUTE, watchGroups...); err == nil {
 			n.watch = startWatch(sock)
 		}
@@ -98,7 +98,7 @@ func NetlinkRoutesAt(ns netns.NsHandle) (interface {
 		h.Close()
 		return nil, fmt.Errorf("pinhole: route watch: %w", err)
 	}
-	return &netlinkRoutes{h: h, watch: startWatch(sock)}, nil
+	return &netlinkRoutes{h: h, ownH: true, watch: startWatch(sock)}, nil
 }
 
 // RouteWatcher is an optional extra of a Routes (NetlinkRoutes has it):
@@ -179,7 +179,9 @@ func (n *netlinkRoutes) Close() error {
 	if n.watch != nil {
 		n.watch.sock.Close()
 	}
-	n.h.Close()
+	if n.ownH {
+		n.h.Close()
+	}
 	return nil
 }
 
@@ -189,6 +191,7 @@ const dumpTTL = time.Second
 
 type netlinkRoutes struct {
 	h     *netlink.Handle
+	ownH  bool        // h is this netlinkRoutes' own (Close closes it)
 	watch *routeWatch // nil: none
 
 	mu      sync.Mutex
