@@ -170,8 +170,9 @@ func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
 // dropped and counted here, and a route moved to a new interface passes
 // the owner's requests there before FollowRoutes catches up. What the
 // comparisons pass that the lookup might not: on a stale ifs, the
-// interface a route has just left (until FollowRoutes, pcpd: at most
-// TamperInterval, 5 s); the host's own addresses inside the owner's
+// interface a route has just left (until FollowRoutes, pcpd: ≈ 250 ms
+// after the change with NetlinkRoutes' watch, at most TamperInterval, 5 s,
+// without); the host's own addresses inside the owner's
 // prefix (NetlinkRoutes does not see them), from the owner's interface
 // (NetlinkRoutes gives no interfaces for a prefix with a route carved out
 // of it onto another interface, on a host with policy rules of its own,

@@ -426,12 +426,17 @@ func (b *Backend) ownerInterfaces(owners []Owner) (map[string][]int, error) {
 // route moved to another interface, a next hop added or gone, an
 // interface re-created with a new index), in place: the chain's limit
 // rule, and so its bucket, stays. pcpd calls it before each Healthy
-// (server: every TamperInterval, 5 s), which bounds how long the check
-// lags a route change; until then, a datagram arriving on an interface
-// the owner's prefix moved to meets the route lookup (the fib expression),
-// which passes it, and one arriving on the interface the prefix left
-// still passes unlooked. The lookups run without the lock. An owner whose
-// lookup failed gets no interfaces (the error says which).
+// (server: every TamperInterval, 5 s), and, when Config.Routes watches the
+// host (RouteWatcher: NetlinkRoutes(nil)), 250 ms after a change it reports
+// (RouteChanges), which bounds how long the check lags a route change;
+// until then, a datagram arriving on an interface the owner's prefix moved
+// to meets the route lookup (the fib expression), which passes it, and one
+// arriving on the interface the prefix left still passes unlooked. The
+// lookups run without the lock; with a watch, a round skips them when
+// nothing changed since the last round that asked for every owner and
+// this Backend wrote nothing since (a minute at most). An answer replaces
+// only an older one (routeSeq: SetOwners asks too). An owner whose lookup
+// failed gets no interfaces (the error says which).
 func (b *Backend) FollowRoutes() error {
 	b.mu.Lock()
 	if !b.hasOwners || !b.ownerMetering() || b.cfg.Meter.ReversePath == ReversePathOff || b.cfg.Routes == nil {
