@@ -740,16 +740,23 @@ func (b *Backend) reversePathHandle(name string, ifs []int) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("rules of %s: %w", name, classify(err))
 	}
+	return reversePathRule(rules, want), nil
+}
+
+// reversePathRule is the handle of rules' reverse-path rule when they are
+// want but for that rule (their first has a fib expression, the others
+// are as wanted: they do not depend on the interfaces); 0 if not.
+func reversePathRule(rules []*nftables.Rule, want [][]expr.Any) uint64 {
 	if len(want) < 2 || len(rules) != len(want) ||
 		!slices.ContainsFunc(rules[0].Exprs, func(e expr.Any) bool { _, ok := e.(*expr.Fib); return ok }) {
-		return 0, nil
+		return 0
 	}
 	for i := 1; i < len(rules); i++ {
 		if !ruleIs(rules[i], want[i]) {
-			return 0, nil
+			return 0
 		}
 	}
-	return rules[0].Handle, nil
+	return rules[0].Handle
 }
 
 // ownerChainIntact reports whether owner chain name holds exactly want

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/expr"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
@@ -509,13 +508,14 @@ func (b *Backend) FollowRoutes() error {
 			return errors.Join(lerr, fmt.Errorf("pinhole: rules of %s: %w", name, classify(err)))
 		}
 		b.foldOwnerCounters(name, rules)
-		var handle uint64
-		for _, r := range rules {
-			if slices.ContainsFunc(r.Exprs, func(e expr.Any) bool { _, ok := e.(*expr.Fib); return ok }) {
-				handle = r.Handle
-			}
-		}
-		if handle == 0 || len(rules) != len(b.ownerRules(nil)) {
+		// Replaced in place only when the chain holds this pcpd's rules
+		// but for the reverse-path rule's interfaces (reversePathRule):
+		// the chain is read back and learnt once written (learnListed),
+		// so a limit rule changed by hand (another rate, accept for
+		// drop) was learnt as the listing Healthy compares with, and
+		// passed every check after (review4 F1).
+		handle := reversePathRule(rules, b.wantOwnerRules(b.ownerIfs[name]))
+		if handle == 0 {
 			// Not this pcpd's rules (damaged, or gone): Healthy reports
 			// it, and RepairOwners writes the chain whole, with these.
 			b.setOwnerIfs(name, ifs[name], seq)
