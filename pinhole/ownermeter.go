@@ -826,16 +826,19 @@ func ifsKey(ifs []int) string { return fmt.Sprint(ifs) }
 // per set of interfaces, so a handful per write), and keeps its rules as
 // the form Healthy compares with (wantOwnerRules). Healthy compared owner
 // chains with what the Backend predicted the kernel would list (asListed:
-// registers renumbered); a kernel or nftables library that lists one field
-// otherwise made every intact chain a mismatch, so every check repaired
-// the owner meter, and rewrote each chain whole, resetting every owner's
-// bucket, every 5 s (review S2). A rule read back is kept only if it holds
-// the expressions ownerRules wrote, kind for kind: a listing may encode a
-// field otherwise, but a chain someone rewrote between the write and the
-// read is not learnt. Setup's repair forgets what was learnt and learns
+// registers renumbered); a kernel or nftables library that numbers the
+// registers otherwise made every intact chain a mismatch, so every check
+// repaired the owner meter, and rewrote each chain whole, resetting every
+// owner's bucket, every 5 s (review S2). A listing is learnt only if it is
+// what this Backend wrote but for the register numbers (listedAsWritten):
+// every value (limit rate and burst, verdict, compared data, meta key, fib
+// flags) equal. A chain rewritten by hand between the write and the read
+// with the same kinds of expressions (a limit's drop made accept) was
+// learnt before, and then passed Healthy while every intact chain failed
+// it (review4 F4, TestLearnWindowTamper); now it is not learnt, and the
+// prediction stands. Setup's repair forgets what was learnt and learns
 // again. Caller holds b.mu.
 func (b *Backend) learnListed(names []string) {
-names:
 	for _, name := range names {
 		ifs := b.ownerIfs[name]
 		key := ifsKey(ifs)
@@ -847,30 +850,95 @@ names:
 			continue // the prediction stands; Healthy reads again
 		}
 		b.foldOwnerCounters(name, rules)
-		want := b.ownerRules(ifs)
-		if len(rules) != len(want) {
+		out, ok := listedAsWritten(rules, b.ownerRules(ifs))
+		if !ok {
 			continue
-		}
-		out := make([][]expr.Any, len(rules))
-		for i, r := range rules {
-			if len(r.Exprs) != len(want[i]) {
-				continue names
-			}
-			for j, e := range r.Exprs {
-				if reflect.TypeOf(e) != reflect.TypeOf(want[i][j]) {
-					continue names
-				}
-				if _, ok := e.(*expr.Counter); ok {
-					e = &expr.Counter{}
-				}
-				out[i] = append(out[i], e)
-			}
 		}
 		if b.listed == nil {
 			b.listed = map[string][][]expr.Any{}
 		}
 		b.listed[key] = out
 	}
+}
+
+// listedAsWritten returns rules' expressions (counters zeroed) if they are
+// wrote's but for register numbers, renumbered consistently within each
+// rule (one register written is one listed, and two are two: a compare
+// made to read another register than the load wrote is a change); every
+// other field equal. Else false.
+func listedAsWritten(rules []*nftables.Rule, wrote [][]expr.Any) ([][]expr.Any, bool) {
+	if len(rules) != len(wrote) {
+		return nil, false
+	}
+	out := make([][]expr.Any, len(rules))
+	for i, r := range rules {
+		if len(r.Exprs) != len(wrote[i]) {
+			return nil, false
+		}
+		fwd, back := map[uint32]uint32{}, map[uint32]uint32{}
+		for j, e := range r.Exprs {
+			if reflect.TypeOf(e) != reflect.TypeOf(wrote[i][j]) {
+				return nil, false
+			}
+			if _, ok := e.(*expr.Counter); ok {
+				out[i] = append(out[i], &expr.Counter{})
+				continue
+			}
+			le, lregs := withRegisters(e)
+			we, wregs := withRegisters(wrote[i][j])
+			if len(lregs) != len(wregs) {
+				return nil, false
+			}
+			for k := range lregs {
+				w, l := *wregs[k], *lregs[k]
+				if m, ok := fwd[w]; ok && m != l {
+					return nil, false
+				}
+				if m, ok := back[l]; ok && m != w {
+					return nil, false
+				}
+				fwd[w], back[l] = l, w
+				*lregs[k] = w
+			}
+			if !reflect.DeepEqual(le, we) {
+				return nil, false
+			}
+			out[i] = append(out[i], e)
+		}
+	}
+	return out, true
+}
+
+// withRegisters is a copy of e and its register fields (for the kinds
+// pinhole writes), so that they can be compared apart from its values.
+func withRegisters(e expr.Any) (expr.Any, []*uint32) {
+	switch v := e.(type) {
+	case *expr.Meta:
+		c := *v
+		return &c, []*uint32{&c.Register}
+	case *expr.Fib:
+		c := *v
+		return &c, []*uint32{&c.Register}
+	case *expr.Cmp:
+		c := *v
+		return &c, []*uint32{&c.Register}
+	case *expr.Payload:
+		c := *v
+		return &c, []*uint32{&c.SourceRegister, &c.DestRegister}
+	case *expr.Lookup:
+		c := *v
+		return &c, []*uint32{&c.SourceRegister, &c.DestRegister}
+	case *expr.Bitwise:
+		c := *v
+		return &c, []*uint32{&c.SourceRegister, &c.DestRegister}
+	case *expr.Immediate:
+		c := *v
+		return &c, []*uint32{&c.Register}
+	case *expr.Ct:
+		c := *v
+		return &c, []*uint32{&c.Register}
+	}
+	return e, nil
 }
 
 // asListed is e (of the kinds ownerRules uses) as the kernel lists it: a
