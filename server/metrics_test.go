@@ -222,8 +222,8 @@ func TestAuditMissingSetRepairs(t *testing.T) {
 // TestRouteChangeFollowedAtOnce (review of 2026-12-03): when the firewall
 // tells of a change of the host's links, addresses, routes or policy
 // rules (pinhole's route watch), the routes are followed about
-// routeFollowDelay later, a burst of changes once, not at the next
-// firewall check (here an hour away): an interface index reused by a
+// routeFollowDelay later, a burst of changes once, follows at least
+// routeFollowGap apart, not at the next firewall check (here an hour away): an interface index reused by a
 // device moved into the namespace was trusted by the owner meter's
 // reverse-path rule until then.
 func TestRouteChangeFollowedAtOnce(t *testing.T) {
@@ -251,8 +251,23 @@ func TestRouteChangeFollowedAtOnce(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	wait(1)
+	first := time.Now()
 	time.Sleep(2 * routeFollowDelay)
 	wait(1)
+	// Another change soon after: followed, but routeFollowGap after the
+	// first follow (review4 F2: a churning host made a follow, a dump of
+	// every route, every routeFollowDelay).
 	h.fw.Changes <- struct{}{}
 	wait(2)
+	if gap := time.Since(first); gap < routeFollowGap-50*time.Millisecond {
+		t.Errorf("second follow %v after the first, want >= %v", gap, routeFollowGap)
+	}
+	// After a quiet spell, a change is followed routeFollowDelay later.
+	time.Sleep(routeFollowGap)
+	start := time.Now()
+	h.fw.Changes <- struct{}{}
+	wait(3)
+	if d := time.Since(start); d > routeFollowGap-100*time.Millisecond {
+		t.Errorf("a change after a quiet spell followed %v later, want about %v", d, routeFollowDelay)
+	}
 }

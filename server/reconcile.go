@@ -450,12 +450,19 @@ func (s *Server) auditFirewall(ctx context.Context) {
 // 1 000 owners.
 const routeFollowDelay = 250 * time.Millisecond
 
+// routeFollowGap is the least time between two route follows of
+// watchFirewall: under steady churn the follows, each a dump of the host's
+// routes (pinhole: one per round) and a lookup per owned prefix, run at
+// most once a second, on the goroutine that also runs the tamper check
+// (review4 F2: every 250 ms before).
+const routeFollowGap = time.Second
+
 // watchFirewall runs the tamper check every TamperInterval and the audit
 // once at start and then every AuditInterval, off the engine loop; and,
 // when the firewall tells of route changes (RouteChanger), follows them
-// routeFollowDelay after the first of a burst rather than at the next
-// check: an interface gone and its index reused by a device moved into
-// the namespace passed the owner meter's reverse-path check unlooked
+// routeFollowDelay after the first of a burst (and routeFollowGap after
+// the last follow) rather than at the next check: an interface gone and
+// its index reused by a device moved into the namespace passed the owner meter's reverse-path check unlooked
 // until then, up to TamperInterval (review of 2026-12-03).
 func (s *Server) watchFirewall(ctx context.Context) {
 	s.auditFirewall(ctx)
@@ -469,20 +476,26 @@ func (s *Server) watchFirewall(ctx context.Context) {
 		changes = rc.RouteChanges()
 	}
 	var follow <-chan time.Time
+	var followed time.Time // the last follow (a tamper check follows too)
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tamper.C:
 			s.checkFirewall()
+			followed = time.Now()
 		case <-audit.C:
 			s.auditFirewall(ctx)
 		case <-changes:
 			if follow == nil {
-				follow = time.After(routeFollowDelay)
+				wait := routeFollowDelay
+				if next := time.Until(followed.Add(routeFollowGap)); next > wait {
+					wait = next
+				}
+				follow = time.After(wait)
 			}
 		case <-follow:
-			follow = nil
+			follow, followed = nil, time.Now()
 			if err := rf.FollowRoutes(); err != nil {
 				s.log.Warn("kernel owner meter: cannot follow the routes of the owned prefixes", zap.Error(err))
 			}
