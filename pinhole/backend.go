@@ -964,7 +964,7 @@ type healthWant struct {
 	sets   []string // every set's name
 	layout []struct {
 		name  string
-		rules int
+		rules [][]expr.Any // as Setup writes them, as listed (asListed)
 	}
 	sentineled             []nftables.Set
 	sentinels              []nftables.SetElement
@@ -992,10 +992,15 @@ func (b *Backend) healthWantLocked() *healthWant {
 		w.sets = append(w.sets, s.Name)
 	}
 	for _, cr := range b.layout() {
+		for _, r := range cr.rules {
+			for j := range r {
+				r[j] = asListed(r[j])
+			}
+		}
 		w.layout = append(w.layout, struct {
 			name  string
-			rules int
-		}{cr.name, len(cr.rules)})
+			rules [][]expr.Any
+		}{cr.name, cr.rules})
 	}
 	sets, elems := b.sentineled()
 	for _, s := range sets {
@@ -1022,7 +1027,8 @@ func (b *Backend) healthWantLocked() *healthWant {
 const healthTries = 3
 
 // Healthy checks that every object pcpd owns is present, that its chains
-// hold exactly the rules Setup wrote (counted, not compared) and that no
+// hold exactly the rules Setup wrote (every expression's values compared,
+// as listed: layoutRuleIs; before review4 F3 only counted) and that no
 // pinhole set was flushed (its sentinel element is there; see
 // sentinel.go), and that the owner maps, protected sets and served sets
 // hold what was given. Its cost does not depend on how many pinholes
@@ -1122,8 +1128,14 @@ func (w *healthWant) check(v kview) (map[string][]*nftables.Rule, error) {
 		if err != nil {
 			return read, fmt.Errorf("pinhole: rules of %s: %w: %w", cr.name, ErrUnhealthy, err)
 		}
-		if len(rules) != cr.rules {
-			return read, fmt.Errorf("pinhole: chain %s has %d rules, want %d: %w", cr.name, len(rules), cr.rules, ErrUnhealthy)
+		if len(rules) != len(cr.rules) {
+			return read, fmt.Errorf("pinhole: chain %s has %d rules, want %d: %w", cr.name, len(rules), len(cr.rules), ErrUnhealthy)
+		}
+		for i, r := range rules {
+			if j, ok := layoutRuleIs(r, cr.rules[i]); !ok {
+				return read, fmt.Errorf("pinhole: chain %s rule %d (handle %d) differs from what Setup wrote at expression %d: %w",
+					cr.name, i, r.Handle, j, ErrUnhealthy)
+			}
 		}
 	}
 	if err := w.checkServed(v); err != nil {

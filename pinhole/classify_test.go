@@ -64,7 +64,7 @@ func TestHealthySetGoneDuringRead(t *testing.T) {
 		w.sets = slices.DeleteFunc(w.sets, func(s string) bool { return s == tc.set })
 		for i := range w.layout {
 			if w.layout[i].name == tc.chain {
-				w.layout[i].rules = 0
+				w.layout[i].rules = nil
 			}
 		}
 		_, err := w.check(b.view())

@@ -910,7 +910,8 @@ func listedAsWritten(rules []*nftables.Rule, wrote [][]expr.Any) ([][]expr.Any, 
 }
 
 // withRegisters is a copy of e and its register fields (for the kinds
-// pinhole writes), so that they can be compared apart from its values.
+// pinhole writes), so that they can be compared, or renumbered, apart from
+// its values.
 func withRegisters(e expr.Any) (expr.Any, []*uint32) {
 	switch v := e.(type) {
 	case *expr.Meta:
@@ -937,35 +938,40 @@ func withRegisters(e expr.Any) (expr.Any, []*uint32) {
 	case *expr.Ct:
 		c := *v
 		return &c, []*uint32{&c.Register}
+	case *expr.Range:
+		c := *v
+		return &c, []*uint32{&c.Register}
+	case *expr.NAT:
+		c := *v
+		return &c, []*uint32{&c.RegAddrMin, &c.RegAddrMax, &c.RegProtoMin, &c.RegProtoMax}
+	case *expr.Dynset:
+		c := *v
+		return &c, []*uint32{&c.SrcRegKey, &c.SrcRegData}
 	}
 	return e, nil
 }
 
-// asListed is e (of the kinds ownerRules uses) as the kernel lists it: a
+// asListed is e (of the kinds pinhole writes) as the kernel lists it: a
 // 32-bit register that starts a 128-bit one under the old number
 // (NFT_REG32_00 is listed as NFT_REG_1).
 func asListed(e expr.Any) expr.Any {
-	reg := func(r uint32) uint32 {
-		if r >= unix.NFT_REG32_00 && (r-unix.NFT_REG32_00)%4 == 0 {
-			return unix.NFT_REG_1 + (r-unix.NFT_REG32_00)/4
+	c, regs := withRegisters(e)
+	for _, r := range regs {
+		if *r >= unix.NFT_REG32_00 && (*r-unix.NFT_REG32_00)%4 == 0 {
+			*r = unix.NFT_REG_1 + (*r-unix.NFT_REG32_00)/4
 		}
-		return r
 	}
-	switch v := e.(type) {
-	case *expr.Meta:
-		c := *v
-		c.Register = reg(c.Register)
-		return &c
-	case *expr.Fib:
-		c := *v
-		c.Register = reg(c.Register)
-		return &c
-	case *expr.Cmp:
-		c := *v
-		c.Register = reg(c.Register)
-		return &c
+	if n, ok := c.(*expr.NAT); ok {
+		// The kernel takes a range's missing end as its start
+		// (nft_nat_init), and lists both.
+		if n.RegAddrMax == 0 {
+			n.RegAddrMax = n.RegAddrMin
+		}
+		if n.RegProtoMax == 0 {
+			n.RegProtoMax = n.RegProtoMin
+		}
 	}
-	return e
+	return c
 }
 
 // ownedSpan is an address range and the owner chain it maps to; "" is a

@@ -1,6 +1,8 @@
 package pinhole
 
 import (
+	"reflect"
+
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
@@ -229,4 +231,44 @@ func (b *Backend) layout() []chainRules {
 		}
 	}
 	return out
+}
+
+// layoutRuleIs: r, a rule of a layout chain as the kernel lists it, holds
+// want's expressions (a rule of layout(), asListed), every value equal:
+// counters' figures and the set IDs of the transaction that wrote a
+// lookup (the kernel lists the set by name) aside. Else the index of the
+// first expression that differs. Healthy compared the layout chains by
+// rule count only, so a guard's final drop replaced with "counter accept"
+// (the inbound guard off) passed every check (review4 F3,
+// TestHealthyGuardRuleReplaced).
+func layoutRuleIs(r *nftables.Rule, want []expr.Any) (int, bool) {
+	for j, e := range r.Exprs {
+		if j >= len(want) {
+			return j, false
+		}
+		w := want[j]
+		switch v := e.(type) {
+		case *expr.Counter:
+			e = &expr.Counter{}
+		case *expr.Lookup:
+			if wl, ok := w.(*expr.Lookup); ok {
+				c, d := *v, *wl
+				c.SetID, d.SetID = 0, 0
+				e, w = &c, &d
+			}
+		case *expr.Dynset:
+			if wd, ok := w.(*expr.Dynset); ok {
+				c, d := *v, *wd
+				c.SetID, d.SetID = 0, 0
+				e, w = &c, &d
+			}
+		}
+		if !reflect.DeepEqual(e, w) {
+			return j, false
+		}
+	}
+	if len(r.Exprs) != len(want) {
+		return len(r.Exprs), false
+	}
+	return 0, true
 }
