@@ -69,3 +69,12 @@ func ListAsWritten() (restore func()) {
 	listedForm = func(e expr.Any) expr.Any { return e }
 	return func() { listedForm = asListed }
 }
+
+// RouteDumps is how many dumps of the policy rules and routes r (from
+// NetlinkRoutes or NetlinkRoutesAt) has taken.
+func RouteDumps(r any) uint64 {
+	n := r.(*netlinkRoutes)
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.dumps
+}

@@ -196,6 +196,7 @@ type netlinkRoutes struct {
 	mu      sync.Mutex
 	at      time.Time
 	dumpGen uint64             // the watch's generation when the dump was taken
+	dumps   uint64             // dumps taken (tests: one per round under churn)
 	custom  [2]bool            // per family (0 IPv4, 1 IPv6): policy rules beyond the defaults
 	routes  [2][]netlink.Route // per family: every table's routes but local's
 }
@@ -242,6 +243,7 @@ func (n *netlinkRoutes) dump(p netip.Prefix, asOf uint64, round bool) (bool, []n
 			n.routes[i] = slices.DeleteFunc(routes, func(r netlink.Route) bool { return r.Table == unix.RT_TABLE_LOCAL })
 		}
 		n.at, n.dumpGen = time.Now(), gen
+		n.dumps++
 	}
 	i, _ := family(p)
 	return n.custom[i], n.routes[i], nil
