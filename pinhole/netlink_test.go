@@ -386,3 +386,37 @@ func bitsLen(n int) int {
 	}
 	return b
 }
+
+// TestApplyFullPhaseOneSet: a full batch whose elements all fall in the set
+// of the largest element (redir6_filter), its adds merged, lists every
+// element: each message's element list is one attribute with a 16-bit
+// length, so no message may list more than 64 KiB (the root test
+// TestApplyFullBatchOneSet shows the kernel then reading only part).
+func TestApplyFullPhaseOneSet(t *testing.T) {
+	f := &fakeKernel{}
+	b := fakeBackend(t, f)
+	var ops []Op
+	for i := range MaxBatch {
+		ops = append(ops, Op{Kind: Install, Timeout: time.Hour, Pinhole: Pinhole{Protocol: 17, InternalAddr: tAddr, InternalPort: 443,
+			ExternalAddr: tAddr, ExternalPort: uint16(10000 + i), RemotePrefix: netip.MustParsePrefix("2001:db8:8::/56")}})
+	}
+	if err := b.Apply(ops); err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+	count := map[uint64]int{}
+	for _, m := range f.batches[0] {
+		if m.Op != "newsetelem" {
+			continue
+		}
+		if len(m.Elems) > maxMsgElems {
+			t.Errorf("a message lists %d elements, more than %d", len(m.Elems), maxMsgElems)
+		}
+		for _, e := range m.Elems {
+			count[e.TimeoutMs]++
+		}
+	}
+	want := map[uint64]int{3599950: MaxBatch, 3600000: MaxBatch}
+	if diff := cmp.Diff(want, count); diff != "" {
+		t.Errorf("elements by timeout (-want +got):\n%s", diff)
+	}
+}
