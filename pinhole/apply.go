@@ -173,12 +173,6 @@ const (
 	numSlots = int(numKinds) + numSNAT
 )
 
-// maxMsgElems is the most elements one netlink message lists. The list is
-// one attribute, at most 64 KiB; an element of the largest shape
-// (redir6_filter: key, key end, data, timeout) takes 148 bytes, so 256 take
-// 37 KiB: MaxBatch ops in one set, as the steps held before adds merged.
-const maxMsgElems = 256
-
 func (b *Backend) queuePhase(phase []encodedOp) error {
 	for st := range b.steps {
 		for slot := range b.steps[st] {
@@ -242,17 +236,11 @@ func (b *Backend) queuePhase(phase []encodedOp) error {
 			queue = b.conn.SetDeleteElements
 		}
 		for slot, elems := range b.steps[st] {
-			for len(elems) > 0 {
-				// A message's element list is one netlink attribute with
-				// a 16-bit length, which mdlayher/netlink wraps without an
-				// error: the kernel would read only the first elements
-				// and ignore the rest (a merged phase of 256 redir6_filter
-				// ops is 75 KiB). maxMsgElems of the largest shape fit.
-				n := min(len(elems), maxMsgElems)
-				if err := queue(set(slot), elems[:n]); err != nil {
-					return fmt.Errorf("pinhole: encode %s: %w", set(slot).Name, err)
-				}
-				elems = elems[n:]
+			// In messages of at most elemChunk elements: a merged phase of
+			// MaxBatch redir6_filter ops lists 512 (75 KiB), past what the
+			// element list's 16-bit length holds (backend.go, elemChunk).
+			if err := b.queueElements(set(slot), queue, elems); err != nil {
+				return fmt.Errorf("pinhole: encode %s: %w", set(slot).Name, err)
 			}
 		}
 	}

@@ -408,8 +408,8 @@ func TestApplyFullPhaseOneSet(t *testing.T) {
 		if m.Op != "newsetelem" {
 			continue
 		}
-		if len(m.Elems) > maxMsgElems {
-			t.Errorf("a message lists %d elements, more than %d", len(m.Elems), maxMsgElems)
+		if len(m.Elems) > elemChunk {
+			t.Errorf("a message lists %d elements, more than %d", len(m.Elems), elemChunk)
 		}
 		for _, e := range m.Elems {
 			count[e.TimeoutMs]++
