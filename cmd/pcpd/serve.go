@@ -256,7 +256,9 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	if err := srv.Start(); err != nil {
 		return failure(err)
 	}
-	chooseMemory(cfg, os.Getenv).apply(log)
+	mem := chooseMemory(cfg, os.Getenv)
+	mem.apply(log)
+	mem.followGC(ctx)
 	go trimMemory(ctx, log)
 	for _, f := range bg {
 		go f(ctx)
