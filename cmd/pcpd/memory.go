@@ -161,16 +161,8 @@ const (
 // trimMemory checks every trimEvery until ctx ends; when the free heap
 // still held from the system exceeds trimMin and a quarter of the heap in
 // use, it returns it (debug.FreeOSMemory: one collection, a few ms of
-// marking with the lease table holding no pointers). With the headroom
-// floor on, up to gcHeadroom of free heap is the floor's own, to be
-// allocated again before the next collection: returning it would cost a
-// forced collection and the page faults of taking it back, so only what
-// exceeds trimMin beyond it counts.
-func (p memoryPolicy) trimMemory(ctx context.Context, log *zap.Logger) {
-	least := uint64(trimMin)
-	if p.gcPercent != -2 {
-		least += gcHeadroom
-	}
+// marking with the lease table holding no pointers).
+func trimMemory(ctx context.Context, log *zap.Logger) {
 	t := time.NewTicker(trimEvery)
 	defer t.Stop()
 	for {
@@ -179,7 +171,7 @@ func (p memoryPolicy) trimMemory(ctx context.Context, log *zap.Logger) {
 			return
 		case <-t.C:
 		}
-		if free, used := heapFree(); free > least && free > used/4 {
+		if free, used := heapFree(); free > trimMin && free > used/4 {
 			start := time.Now()
 			debug.FreeOSMemory()
 			log.Debug("returned free memory to the system", zap.Uint64("free_bytes", free),

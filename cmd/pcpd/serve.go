@@ -259,7 +259,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	mem := chooseMemory(cfg, os.Getenv)
 	mem.apply(log)
 	mem.followGC(ctx)
-	go mem.trimMemory(ctx, log)
+	go trimMemory(ctx, log)
 	for _, f := range bg {
 		go f(ctx)
 	}
