@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"math"
-	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"time"
@@ -21,31 +20,6 @@ import (
 // gctrace), and collecting at 1.25× costs a few such cycles a second at
 // full load for ≈ 40 % less memory.
 const gcPercent = 25
-
-// gcHeadroom is the least heap growth allowed between collections, over
-// the live heap. GOGC 25 alone sizes the goal for the big heap it was set
-// for (1 000 000 leases: ≈ 40 MB of growth); with a small table (≈ 19 MB
-// live under the bench's 10 000 new MAPs/s) it leaves ≈ 5 MB, a collection
-// every ≈ 70 ms, and their STW pauses and assists land in the open-loop
-// tail (BENCHMARKS.md items 24 and 26). The floor costs at most this much
-// resident memory, and nothing once the heap is big enough that GOGC 25's
-// own growth exceeds it (live ≥ 4 × gcHeadroom = 256 MiB).
-const gcHeadroom = 64 << 20
-
-// floorPercent is the GC percentage that gives a heap of live bytes a goal
-// of at least live + headroom, and never less than base (pcpd's GOGC): the
-// runtime's goal is live + (live + roots) × percent/100, so a percentage
-// from the live heap alone errs a little towards more headroom.
-func floorPercent(live uint64, base int, headroom uint64) int {
-	if live == 0 {
-		live = 1
-	}
-	p := (headroom*100 + live - 1) / live // ceil: at least the headroom
-	if p > math.MaxInt32 {
-		p = math.MaxInt32
-	}
-	return max(base, int(p))
-}
 
 // memoryPolicy is how the Go runtime's memory is held: what was chosen and
 // why, for the log.
@@ -91,60 +65,8 @@ func (p memoryPolicy) apply(log *zap.Logger) {
 	debug.FreeOSMemory()
 	gc := debug.SetGCPercent(-1)
 	debug.SetGCPercent(gc)
-	if p.gcPercent != -2 {
-		gc = setFloor(p.gcPercent, gcHeadroom)
-	}
 	log.Info("memory", zap.Int64("limit_bytes", debug.SetMemoryLimit(-1)), zap.String("limit_from", p.source),
 		zap.Int("gc_percent", gc))
-}
-
-// setFloor sets the GC percentage from the live heap the last collection
-// left (floorPercent), and returns it. The soft memory limit is a separate
-// bound in the runtime and still caps the goal.
-func setFloor(base int, headroom uint64) int {
-	p := floorPercent(liveHeap(), base, headroom)
-	debug.SetGCPercent(p)
-	return p
-}
-
-// gcSentinel is an object no one references: its cleanup runs after the
-// collection that finds it unreachable. Bigger than the tiny allocator's
-// 16 bytes, so it is not batched with other objects and dies each cycle.
-type gcSentinel [32]byte
-
-// followGC keeps the heap-headroom floor after every collection until ctx
-// ends: a sentinel's cleanup recomputes the percentage from the new live
-// heap (one metrics read, a SetGCPercent when it changed: microseconds a
-// collection) and arms the next sentinel. Unless the environment's GOGC
-// rules (gcPercent -2): then pcpd leaves the collector alone.
-func (p memoryPolicy) followGC(ctx context.Context) {
-	if p.gcPercent == -2 {
-		return
-	}
-	last := -1
-	var arm func()
-	arm = func() {
-		s := new(gcSentinel)
-		runtime.AddCleanup(s, func(struct{}) {
-			if ctx.Err() != nil {
-				debug.SetGCPercent(p.gcPercent)
-				return
-			}
-			if pct := floorPercent(liveHeap(), p.gcPercent, gcHeadroom); pct != last {
-				debug.SetGCPercent(pct)
-				last = pct
-			}
-			arm()
-		}, struct{}{})
-	}
-	arm()
-}
-
-// liveHeap reads the heap the last collection marked live.
-func liveHeap() uint64 {
-	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
-	metrics.Read(s)
-	return s[0].Value.Uint64()
 }
 
 // Trimming: memory freed by a transient (a restart's stored leases, the

@@ -256,9 +256,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	if err := srv.Start(); err != nil {
 		return failure(err)
 	}
-	mem := chooseMemory(cfg, os.Getenv)
-	mem.apply(log)
-	mem.followGC(ctx)
+	chooseMemory(cfg, os.Getenv).apply(log)
 	go trimMemory(ctx, log)
 	for _, f := range bg {
 		go f(ctx)
