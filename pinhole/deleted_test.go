@@ -20,8 +20,7 @@ import (
 // SetProtected reported an unknown error.
 func TestSetDeletedUnderUs(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-	b := newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
-	serveTunnel(t, b, topo)
+	b := meteredTunnel(t, topo, nil)
 	prot := []netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}
 	owners := []pinhole.Owner{{ID: "static:x", Prefixes: prot}}
 	give := func() {

@@ -63,6 +63,18 @@ func serveTunnel(t testing.TB, b *pinhole.Backend, topo *netlab.Topology) {
 	setServed(t, b, topo.HostTunnelV6, topo.HostTunnelV4)
 }
 
+// meteredTunnel is a Backend on topo's Host serving the tunnel, with the
+// owner meter the reverse-path and owner-chain tests use (200/s, burst
+// 400, port 5351) and routes as the reverse-path rule's route source (nil:
+// the Backend's default).
+func meteredTunnel(t testing.TB, topo *netlab.Topology, routes pinhole.Routes) *pinhole.Backend {
+	t.Helper()
+	b := newBackend(t, topo.Host, pinhole.Config{Routes: routes,
+		Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
+	serveTunnel(t, b, topo)
+	return b
+}
+
 // guardedTopology is the three-namespace topology with pcpd's standalone
 // table on Host guarding Client's prefixes, serving on Host's tunnel
 // addresses.

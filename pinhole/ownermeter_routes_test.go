@@ -28,8 +28,7 @@ func TestOwnerMeterFollowsRoutes(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	// The owner's rate (2 × 200/s, burst 800) far above what is sent:
 	// only the reverse-path rule may drop.
-	b := newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
-	serveTunnel(t, b, topo)
+	b := meteredTunnel(t, topo, nil)
 	pfx6, pfx4 := netip.MustParsePrefix("2001:db8:77::/48"), netip.MustParsePrefix("10.77.0.0/16")
 	src6, src4 := netip.MustParseAddr("2001:db8:77::1"), netip.MustParseAddr("10.77.0.1")
 	for _, a := range []netip.Addr{src6, src4} {

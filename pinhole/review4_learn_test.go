@@ -35,10 +35,8 @@ func TestFollowRoutesLearnsTamper(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			routes := &heldRoutes{ifs: []int{lan}}
-			b := newBackend(t, topo.Host, pinhole.Config{Routes: routes,
-				Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
+			b := meteredTunnel(t, topo, routes)
 			defer b.Teardown()
-			serveTunnel(t, b, topo)
 			owners := []pinhole.Owner{
 				{ID: "static:x", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/16")}},
 				{ID: "static:y", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.78.0.0/16")}},

@@ -75,9 +75,7 @@ func TestRouteAnswersInOrder(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			routes := &heldRoutes{ifs: []int{lan}}
-			b := newBackend(t, topo.Host, pinhole.Config{Routes: routes,
-				Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
-			serveTunnel(t, b, topo)
+			b := meteredTunnel(t, topo, routes)
 			owners := []pinhole.Owner{{ID: "static:x", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/16")}}}
 			if err := b.SetOwners(owners, nil); err != nil {
 				t.Fatal(err)

@@ -66,9 +66,7 @@ type routeMode struct {
 // metering port 5351 and serving the tunnel addresses.
 func (m routeMode) backend(t *testing.T) (*netlab.Topology, *pinhole.Backend) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-	b := newBackend(t, topo.Host, pinhole.Config{Routes: m.routes(t, topo.Host),
-		Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
-	serveTunnel(t, b, topo)
+	b := meteredTunnel(t, topo, m.routes(t, topo.Host))
 	return topo, b
 }
 
@@ -166,9 +164,7 @@ func TestFollowRoutesFailsClosed(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	lan := ifIndex(t, topo.Host, topo.HostLANIf)
 	routes := &fakeRoutes{ifs: []int{lan}}
-	b := newBackend(t, topo.Host, pinhole.Config{Routes: routes,
-		Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
-	serveTunnel(t, b, topo)
+	b := meteredTunnel(t, topo, routes)
 	owners := []pinhole.Owner{{ID: "static:x", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/16")}}}
 	if err := b.SetOwners(owners, nil); err != nil {
 		t.Fatal(err)
@@ -210,9 +206,7 @@ func TestSetOwnersKeepsBucketOnRouteChange(t *testing.T) {
 	}{{"route moved", []int{wan}, nil}, {"one failed lookup", nil, errSimulated}} {
 		t.Run(tc.name, func(t *testing.T) {
 			routes := &fakeRoutes{ifs: []int{lan}}
-			b := newBackend(t, topo.Host, pinhole.Config{Routes: routes,
-				Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
-			serveTunnel(t, b, topo)
+			b := meteredTunnel(t, topo, routes)
 			owners := []pinhole.Owner{{ID: "static:" + tc.name, Prefixes: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/16")}}}
 			if err := b.SetOwners(owners, nil); err != nil {
 				t.Fatal(err)

@@ -48,8 +48,7 @@ func TestFollowRoutesWatched(t *testing.T) {
 	}
 	t.Cleanup(func() { r.Close() })
 	routes := &countingRoutes{r: r}
-	b := newBackend(t, topo.Host, pinhole.Config{Routes: routes, Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{5351}}})
-	serveTunnel(t, b, topo)
+	b := meteredTunnel(t, topo, routes)
 	pfx6, pfx4 := netip.MustParsePrefix("2001:db8:77::/48"), netip.MustParsePrefix("10.77.0.0/16")
 	via := func(dev string, gw6, gw4 netip.Addr) {
 		topo.Host.MustRun(t, "ip", "-6", "route", "replace", pfx6.String(), "via", gw6.String(), "dev", dev)
