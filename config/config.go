@@ -145,6 +145,14 @@ type Config struct {
 	// MaxLeasesPerClient, up to QuotaBurstCap (a client's whole quota
 	// renewed at once).
 	KernelOwnerRateLimit, KernelOwnerRateBurst int
+	// KernelUnownedRateLimit and KernelUnownedRateBurst: the kernel's
+	// meter for every source no client owns, all together, as one client
+	// (pinhole.Meter.UnownedRate; review S4). By default what pcpd's own
+	// bucket for them admits (one client's: policy.OwnerRateFactor times
+	// RateLimit, burst OwnerRateBurst, at least the per-source meter's),
+	// whatever KernelOwnerRateLimit says; a set rate has twice its rate as
+	// burst. 0 when the kernel meter is off.
+	KernelUnownedRateLimit, KernelUnownedRateBurst int
 	// KernelReversePath is the kernel owner meter's reverse-path check:
 	// ReversePathStrict, ReversePathLoose or ReversePathOff.
 	KernelReversePath         string

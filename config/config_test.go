@@ -56,13 +56,16 @@ func TestDefaults(t *testing.T) {
 		// What pcpd's own owner bucket admits (known bug 5).
 		KernelOwnerRateLimit: 400,
 		KernelOwnerRateBurst: 800,
-		KernelReversePath:    ReversePathStrict,
-		IPv4PortLow:          1024,
-		IPv4PortHigh:         65535,
-		TouchInterval:        time.Minute,
-		SnapshotInterval:     time.Hour,
-		LogLevel:             zapcore.InfoLevel,
-		ThirdParty:           ThirdPartyOwned,
+		// And its bucket for the unowned sources (review S4).
+		KernelUnownedRateLimit: 400,
+		KernelUnownedRateBurst: 800,
+		KernelReversePath:      ReversePathStrict,
+		IPv4PortLow:            1024,
+		IPv4PortHigh:           65535,
+		TouchInterval:          time.Minute,
+		SnapshotInterval:       time.Hour,
+		LogLevel:               zapcore.InfoLevel,
+		ThirdParty:             ThirdPartyOwned,
 	}
 	if diff := cmp.Diff(want, c, cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); diff != "" {
 		t.Fatalf("defaults (-want +got):\n%s", diff)
@@ -120,38 +123,40 @@ office = ["2001:db8:2::/48"]
 		Clients: map[string][]netip.Prefix{
 			"lab": {netip.MustParsePrefix("2001:db8:9::/48"), netip.MustParsePrefix("2001:db8:a::/64")},
 		},
-		ExternalIPv4:         netip.MustParseAddr("198.51.100.1"),
-		NftTable:             "pcpd",
-		NftAttach:            "filter",
-		NftChain:             "pcpd",
-		StateDir:             "/srv/pcpd",
-		Socket:               "/run/pcpd/pcpd.sock",
-		MinLifetime:          time.Minute,
-		MaxLifetime:          3 * time.Hour,
-		MaxLeasesPerClient:   256,
-		MaxLeases:            1000,
-		MemoryLimit:          64<<20 + 256*1000,
-		RateLimit:            500,
-		RateBurst:            2000,
-		OwnerRateBurst:       16000,
-		KernelRateLimit:      3000,
-		KernelRateBurst:      8000,
-		KernelOwnerRateLimit: 4000,  // 8 × rate-limit
-		KernelOwnerRateBurst: 16000, // 8 × rate-burst
-		KernelReversePath:    ReversePathLoose,
-		IPv4PortLow:          20000,
-		IPv4PortHigh:         29999,
-		AllowPorts:           [][2]uint16{{22, 22}, {80, 80}, {443, 443}, {1024, 65535}},
-		DenyPorts:            [][2]uint16{{5000, 5010}},
-		AllowAllPorts:        true,
-		ReservedPorts:        []uint16{8080, 9000, 9001, 9002},
-		TouchInterval:        30 * time.Second,
-		SnapshotInterval:     15 * time.Minute,
-		Metrics:              "127.0.0.1:9351",
-		LogLevel:             zapcore.DebugLevel,
-		StrictNonce:          true,
-		ThirdParty:           ThirdPartyOff,
-		DisableNATPMP:        true,
+		ExternalIPv4:           netip.MustParseAddr("198.51.100.1"),
+		NftTable:               "pcpd",
+		NftAttach:              "filter",
+		NftChain:               "pcpd",
+		StateDir:               "/srv/pcpd",
+		Socket:                 "/run/pcpd/pcpd.sock",
+		MinLifetime:            time.Minute,
+		MaxLifetime:            3 * time.Hour,
+		MaxLeasesPerClient:     256,
+		MaxLeases:              1000,
+		MemoryLimit:            64<<20 + 256*1000,
+		RateLimit:              500,
+		RateBurst:              2000,
+		OwnerRateBurst:         16000,
+		KernelRateLimit:        3000,
+		KernelRateBurst:        8000,
+		KernelOwnerRateLimit:   4000,  // 8 × rate-limit
+		KernelOwnerRateBurst:   16000, // 8 × rate-burst
+		KernelUnownedRateLimit: 4000,
+		KernelUnownedRateBurst: 16000,
+		KernelReversePath:      ReversePathLoose,
+		IPv4PortLow:            20000,
+		IPv4PortHigh:           29999,
+		AllowPorts:             [][2]uint16{{22, 22}, {80, 80}, {443, 443}, {1024, 65535}},
+		DenyPorts:              [][2]uint16{{5000, 5010}},
+		AllowAllPorts:          true,
+		ReservedPorts:          []uint16{8080, 9000, 9001, 9002},
+		TouchInterval:          30 * time.Second,
+		SnapshotInterval:       15 * time.Minute,
+		Metrics:                "127.0.0.1:9351",
+		LogLevel:               zapcore.DebugLevel,
+		StrictNonce:            true,
+		ThirdParty:             ThirdPartyOff,
+		DisableNATPMP:          true,
 	}
 	c.File = ""
 	if diff := cmp.Diff(want, c, cmp.Comparer(func(a, b netip.Addr) bool { return a == b }),
@@ -227,6 +232,10 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{"--kernel-owner-rate-limit: 299 is below kernel-rate-limit 300"}},
 		{name: "kernel owner rate limit without the kernel meter", args: []string{"--kernel-rate-limit", "0", "--kernel-owner-rate-limit", "500"},
 			want: []string{"--kernel-owner-rate-limit: needs the kernel meter (kernel-rate-limit is 0)"}},
+		{name: "kernel unowned rate limit zero", args: []string{"--kernel-unowned-rate-limit", "0"},
+			want: []string{`--kernel-unowned-rate-limit: "0": want a whole number from 1`}},
+		{name: "kernel unowned rate limit without the kernel meter", args: []string{"--kernel-rate-limit", "0", "--kernel-unowned-rate-limit", "500"},
+			want: []string{"--kernel-unowned-rate-limit: needs the kernel meter (kernel-rate-limit is 0)"}},
 		{name: "kernel reverse path unknown", args: []string{"--kernel-reverse-path", "feasible"},
 			want: []string{`--kernel-reverse-path: "feasible": want strict, loose or off`}},
 		{name: "kernel reverse path empty", file: "kernel-reverse-path = \"\"\n",
@@ -361,6 +370,38 @@ func TestKernelRateLimit(t *testing.T) {
 			}
 			if c.OwnerRateBurst != want {
 				t.Errorf("pcpd's owner bucket burst %d, want %d", c.OwnerRateBurst, want)
+			}
+		})
+	}
+}
+
+// --kernel-unowned-rate-limit (review S4): the kernel's one bucket for
+// every source no client owns is by default what pcpd's own bucket for them
+// admits (one client's: 8 × --rate-limit, burst OwnerRateBurst, at least
+// the per-source meter's), not an explicit --kernel-owner-rate-limit; set,
+// its burst is twice the rate; off with the kernel meter.
+func TestKernelUnownedRateLimit(t *testing.T) {
+	for _, tt := range []struct {
+		name        string
+		file        string
+		args        []string
+		rate, burst int
+	}{
+		{"default", "", nil, 400, 800},
+		{"follows rate-limit and rate-burst", "", []string{"--rate-limit", "500", "--rate-burst", "30"}, 4000, 256},
+		{"not the explicit owner rate", "", []string{"--kernel-owner-rate-limit", "16000000"}, 400, 800},
+		{"at least the per-source meter", "", []string{"--kernel-rate-limit", "1000"}, 1000, 800},
+		{"set", "", []string{"--kernel-unowned-rate-limit", "100"}, 100, 200},
+		{"set in the file", "kernel-unowned-rate-limit = 3000\n", nil, 3000, 6000},
+		{"kernel meter off", "", []string{"--kernel-rate-limit", "0"}, 0, 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := load(t, tt.file, tt.args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.KernelUnownedRateLimit != tt.rate || c.KernelUnownedRateBurst != tt.burst {
+				t.Errorf("kernel unowned rate %d burst %d, want %d and %d", c.KernelUnownedRateLimit, c.KernelUnownedRateBurst, tt.rate, tt.burst)
 			}
 		})
 	}

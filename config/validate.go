@@ -247,6 +247,28 @@ func validate(vals map[string]*value) (*Config, Errors) {
 	// flood limit away with it. An explicit --rate-burst or
 	// --kernel-owner-rate-limit above it is the operator's own choice.
 
+	// The sources no client owns share one kernel bucket (review S4):
+	// pcpd's own limiter gives them one client's bucket (server/early.go),
+	// and every request of theirs is refused, so by default the kernel
+	// admits what that bucket does and a flood from many unowned /64s no
+	// longer reaches the socket at full speed. Not tied to an explicit
+	// --kernel-owner-rate-limit: raising it for one client that stands for
+	// many hosts must not let the unowned through with it.
+	if kv := vals["kernel-unowned-rate-limit"]; kv.str == "" {
+		if c.KernelRateLimit != 0 {
+			c.KernelUnownedRateLimit = max(policy.OwnerRateFactor*c.RateLimit, c.KernelRateLimit)
+			c.KernelUnownedRateBurst = max(c.OwnerRateBurst, c.KernelRateBurst)
+		}
+	} else if n, err := strconv.Atoi(kv.str); err != nil || n < 1 || n > 1<<24 {
+		fail(kv, "%q: want a whole number from 1 to %d", kv.str, 1<<24)
+	} else if c.KernelRateLimit == 0 {
+		fail(kv, "needs the kernel meter (kernel-rate-limit is 0)")
+	} else {
+		// Below the per-source meter is allowed: these sources are only
+		// ever refused, and one of them alone may be held below it.
+		c.KernelUnownedRateLimit, c.KernelUnownedRateBurst = n, 2*n
+	}
+
 	switch kv := vals["kernel-reverse-path"]; kv.str {
 	case ReversePathStrict, ReversePathLoose, ReversePathOff:
 		c.KernelReversePath = kv.str

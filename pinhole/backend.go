@@ -104,10 +104,11 @@ type Backend struct {
 	holes        []netip.Prefix // and its holes
 	hasOwners    bool
 	owned        bool // a Setup succeeded: the objects are pcpd's (ownership.go)
-	// ownerCounts is each owner chain's drop counters (reverse path, rate)
+	// ownerCounts is each owner chain's drop counters (reverse path, rate;
+	// unownedChain's: its rate, third)
 	// as last read; drops their growth since this Backend first saw each
 	// chain (MeterDrops, ownermeter.go).
-	ownerCounts map[string][2]uint64
+	ownerCounts map[string][3]uint64
 	// ownerIfs is, per owner chain, the interfaces its reverse-path rule
 	// passes without a route lookup (ownerRules), as last written, and
 	// ownerIfsSeq the routeSeq of the route ask that answered them: both
@@ -127,7 +128,7 @@ type Backend struct {
 		routes, gen uint64
 		at          time.Time
 	}
-	drops [2]atomic.Uint64
+	drops [3]atomic.Uint64
 	// inPlace: the kernel updates an element's timeout when it is re-added
 	// (Linux ≥ 6.10), found by the probe of the first successful Setup
 	// (probed); without it Install and Refresh re-create the element
@@ -1127,6 +1128,9 @@ func (w *healthWant) check(v kview) (map[string][]*nftables.Rule, error) {
 		rules, err := v.conn.GetRules(v.table, &nftables.Chain{Table: v.table, Name: cr.name})
 		if err != nil {
 			return read, fmt.Errorf("pinhole: rules of %s: %w: %w", cr.name, ErrUnhealthy, err)
+		}
+		if cr.name == unownedChain {
+			read[cr.name] = rules // its drop counter (MeterDrops)
 		}
 		if len(rules) != len(cr.rules) {
 			return read, fmt.Errorf("pinhole: chain %s has %d rules, want %d: %w", cr.name, len(rules), len(cr.rules), ErrUnhealthy)

@@ -54,6 +54,11 @@ type Meter struct {
 	// owner, all its sources together. Default OwnerRateFactor times Rate
 	// and Burst; pcpd sets them to what its own per-owner bucket admits.
 	OwnerRate, OwnerBurst uint32
+	// UnownedRate and UnownedBurst are the shared bucket of every source
+	// no owner holds (ownermeter.go, unownedRules): all of them together,
+	// both families. Default OwnerRate and OwnerBurst: pcpd's own limiter
+	// puts every unowned source in one owner's bucket (server/early.go).
+	UnownedRate, UnownedBurst uint32
 	// ReversePath is the owner chains' reverse-path check (ownermeter.go,
 	// ownerRules); the zero value is ReversePathStrict.
 	ReversePath ReversePath
@@ -144,6 +149,12 @@ func (m *Meter) fill() {
 	if m.OwnerBurst == 0 {
 		m.OwnerBurst = OwnerRateFactor * m.Burst
 	}
+	if m.UnownedRate == 0 {
+		m.UnownedRate = m.OwnerRate
+	}
+	if m.UnownedBurst == 0 {
+		m.UnownedBurst = m.OwnerBurst
+	}
 }
 
 // meterSets builds the two meter sets.
@@ -158,7 +169,8 @@ func meterSets(table *nftables.Table, prefix string, size uint32) (six, four *nf
 
 // meterRules are the meter's rules in control_local (notrack.go): one per
 // family and served port, each port's owner meter rules (ownermeter.go)
-// first.
+// first, then the shared bucket of the sources no owner holds
+// (unownedRules).
 func (b *Backend) meterRules() [][]expr.Any {
 	m := b.cfg.Meter
 	if m.Rate == 0 || b.cfg.Attached {
@@ -181,6 +193,7 @@ func (b *Backend) meterRules() [][]expr.Any {
 		udpPort := x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_UDP),
 			loadTh(thDstOff, reg0), eq(reg0, byte(port>>8), byte(port)))
 		out = append(out, b.ownerMeterRules(udpPort)...) // first: see ownermeter.go
+		out = append(out, b.unownedRules(udpPort)...)    // then the sources no owner holds
 		out = append(out,
 			rule(nfproto(unix.NFPROTO_IPV6), udpPort, x(loadNet(ip6SrcOff, 16, reg0),
 				&expr.Bitwise{SourceRegister: reg0, DestRegister: reg0, Len: 16, Mask: mask6, Xor: make([]byte, 16)},

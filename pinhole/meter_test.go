@@ -96,7 +96,11 @@ func TestRequestMeterPKT08(t *testing.T) {
 		most = burst + rate + 20
 	)
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-	b := newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: rate, Burst: burst, Ports: []uint16{5351}, Size: 2}})
+	// No owners: every source is one no owner holds, and the shared
+	// bucket of those (TestUnownedMeterS4) is set out of reach so that
+	// the per-source meter is what is seen here.
+	b := newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: rate, Burst: burst, Ports: []uint16{5351}, Size: 2,
+		UnownedRate: 1 << 20, UnownedBurst: 1 << 20}})
 	// pcpd serves on the WAN too here: the Internet's sources are
 	// metered on Host's WAN addresses.
 	setServed(t, b, topo.HostTunnelV6, topo.HostTunnelV4, topo.HostWANV6, topo.HostPublicV4)

@@ -198,6 +198,9 @@ func (b *Backend) controlChains() []*nftables.Chain {
 		out = append(out, &nftables.Chain{Table: b.table, Name: b.chainNotrackOut, Type: nftables.ChainTypeFilter,
 			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw, Policy: &accept})
 	}
+	if b.unownedMetering() {
+		out = append(out, &nftables.Chain{Table: b.table, Name: unownedChain})
+	}
 	return out
 }
 
@@ -213,15 +216,15 @@ func (b *Backend) controlling() bool {
 // controlChainNames are the names of every chain pcpd has used for its
 // control traffic in standalone mode, those of older versions included
 // ("input" held the meter, "notrack_in" the input notrack rule), regular
-// chains last so that deleting them in this order drops the jumps to them
-// first. They are pcpd's whether or not this Backend installs them (a
+// chains last (unownedChain, which control_local jumps to, after it) so
+// that deleting them in this order drops the jumps to them first. They are pcpd's whether or not this Backend installs them (a
 // pcpd run before with other settings, or an older pcpd, may have), so
 // ownership accepts them and Setup removes those it does not install.
 func (b *Backend) controlChainNames() []string {
 	if b.cfg.Attached {
 		return nil
 	}
-	return []string{"input", "notrack_in", b.chainControlIn, b.chainNotrackOut, b.chainControlLocal}
+	return []string{"input", "notrack_in", b.chainControlIn, b.chainNotrackOut, b.chainControlLocal, unownedChain}
 }
 
 // isControlChain: name is one of controlChainNames.
@@ -246,10 +249,26 @@ func (b *Backend) queueStaleControlRemoval() error {
 		return fmt.Errorf("pinhole: control chains: %w", err)
 	}
 	want := b.chains()
+	var stale []string
 	for _, name := range b.controlChainNames() {
 		if present[name] && want[name] == nil {
-			b.conn.DelChain(&nftables.Chain{Table: b.table, Name: name})
+			stale = append(stale, name)
 		}
+	}
+	if len(stale) == 0 {
+		return nil
+	}
+	// The kept control chains are flushed first: control_local, which
+	// stays for notrack, may still jump to unownedChain (a run with the
+	// meter on), and a chain something jumps to cannot be deleted (EBUSY).
+	// Setup writes their rules again later in the same transaction.
+	for _, name := range b.controlChainNames() {
+		if present[name] && want[name] != nil {
+			b.conn.FlushChain(&nftables.Chain{Table: b.table, Name: name})
+		}
+	}
+	for _, name := range stale {
+		b.conn.DelChain(&nftables.Chain{Table: b.table, Name: name})
 	}
 	return nil
 }

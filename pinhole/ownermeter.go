@@ -129,6 +129,67 @@ func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
 	}
 }
 
+// unownedChain is the shared bucket of every source no owner holds: one
+// chain, so one limit for both families and every served port.
+const unownedChain = "unowned"
+
+// unownedRules send the datagrams whose source no owner holds to
+// unownedChain (review S4): the sources in no owner's prefix, and those in
+// a hole. They go after the owner rules, whose chains return what they
+// pass, and before the per-source rules, as an owner's:
+//
+//	... udp dport 5351 ip6 saddr != @owners6 jump unowned
+//	... udp dport 5351 ip saddr != @owners4 jump unowned
+//	chain unowned {
+//		limit rate over 400/second burst 800 packets counter drop
+//	}
+//
+// Before, such a source missed the owner maps and met the per-source
+// rules alone, so a flood from many unowned /64s (or, once the meter sets
+// were full, from any number of them) reached pcpd's socket at full speed,
+// where pcpd's own limiter put them all in one bucket (server/early.go,
+// the zero OwnerKey) only after each had cost a recvmmsg slot. Now the
+// kernel holds them, together, to Meter.UnownedRate, which pcpd sets to
+// its own bucket's rate. Every request from them is refused (NoOwner) or
+// an ANNOUNCE, so the bucket costs no client a mapping. The lookup has no
+// data register (a map looked up as a set: the kernel allows it for a
+// named map) and is inverted: a source the maps hold skips the rule, so
+// an owner's datagrams, which returned from its chain under its rate, are
+// never charged here. The per-source rules come after, as for owners: a
+// flood shed here does not fill the per-source sets.
+//
+// The owner maps are the truth of who is unowned, so while they miss an
+// owner's ranges (a table made anew until SetOwners' first write, a map
+// write failing, and the moment between two of a large map's
+// transactions, ownerMapTxn) that owner's sources are charged here, as
+// nobody's, rather than metered per source only.
+func (b *Backend) unownedRules(match []expr.Any) [][]expr.Any {
+	if !b.ownerMetering() {
+		return nil
+	}
+	notOwned := func(s *nftables.Set) expr.Any {
+		return &expr.Lookup{SourceRegister: reg0, SetName: s.Name, SetID: s.ID, Invert: true}
+	}
+	jump := &expr.Verdict{Kind: expr.VerdictJump, Chain: unownedChain}
+	return [][]expr.Any{
+		rule(nfproto(unix.NFPROTO_IPV6), match, x(loadNet(ip6SrcOff, 16, reg0), notOwned(b.owners6), jump)),
+		rule(nfproto(unix.NFPROTO_IPV4), match, x(loadNet(ip4SrcOff, 4, reg0), notOwned(b.owners4), jump)),
+	}
+}
+
+// unownedChainRules are unownedChain's rule: the shared limit.
+func (b *Backend) unownedChainRules() [][]expr.Any {
+	m := b.cfg.Meter
+	return [][]expr.Any{x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.UnownedRate), Over: true,
+		Unit: expr.LimitTimeSecond, Burst: m.UnownedBurst}, &expr.Counter{}, drop)}
+}
+
+// unownedMetering: the layout has unownedChain (standalone, with the
+// per-source and owner meters on).
+func (b *Backend) unownedMetering() bool {
+	return !b.cfg.Attached && b.cfg.Meter.Rate > 0 && b.ownerMetering()
+}
+
 // ownerRules are an owner chain's rules: the reverse-path check (unless
 // Meter.ReversePath is off), then the limit. ifs are the interfaces
 // through which the host routes every prefix of the owner (Config.Routes;
@@ -288,6 +349,9 @@ type MeterDrops struct {
 	ReversePath uint64
 	// OwnerRate: dropped by the owner's limit (Meter.OwnerRate).
 	OwnerRate uint64
+	// UnownedRate: dropped by the shared limit of the sources no owner
+	// holds (Meter.UnownedRate, unownedChain; read by Healthy only).
+	UnownedRate uint64
 }
 
 // MeterDrops returns the owner chains' drop counters, added up per rule
@@ -299,7 +363,7 @@ type MeterDrops struct {
 // this Backend first read it (a previous pcpd's) are not included; drops
 // between a chain's last read and its loss to tampering are lost.
 func (b *Backend) MeterDrops() MeterDrops {
-	return MeterDrops{ReversePath: b.drops[0].Load(), OwnerRate: b.drops[1].Load()}
+	return MeterDrops{ReversePath: b.drops[0].Load(), OwnerRate: b.drops[1].Load(), UnownedRate: b.drops[2].Load()}
 }
 
 // foldOwnerCounters adds what owner chain name's counters (its listed
@@ -307,7 +371,7 @@ func (b *Backend) MeterDrops() MeterDrops {
 // sets the base; a counter below the last read was zeroed by a rewrite
 // nobody reported, and counts from 0.
 func (b *Backend) foldOwnerCounters(name string, rules []*nftables.Rule) {
-	var now [2]uint64
+	var now [3]uint64
 	for _, r := range rules {
 		kind, n := -1, uint64(0)
 		for _, e := range r.Exprs {
@@ -316,6 +380,9 @@ func (b *Backend) foldOwnerCounters(name string, rules []*nftables.Rule) {
 				kind = 0
 			case *expr.Limit:
 				kind = 1
+				if name == unownedChain {
+					kind = 2
+				}
 			case *expr.Counter:
 				n += e.Packets
 			}
@@ -326,7 +393,7 @@ func (b *Backend) foldOwnerCounters(name string, rules []*nftables.Rule) {
 	}
 	last, seen := b.ownerCounts[name]
 	if b.ownerCounts == nil {
-		b.ownerCounts = map[string][2]uint64{}
+		b.ownerCounts = map[string][3]uint64{}
 	}
 	b.ownerCounts[name] = now
 	if !seen {
@@ -516,7 +583,7 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 		c := b.ownerCounts[r.name]
 		c[0] = 0 // the replaced rule counts from 0
 		if b.ownerCounts == nil {
-			b.ownerCounts = map[string][2]uint64{}
+			b.ownerCounts = map[string][3]uint64{}
 		}
 		b.ownerCounts[r.name] = c
 		written = append(written, r.name)
@@ -527,9 +594,9 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 	committed := func() {
 		for _, name := range pending {
 			if b.ownerCounts == nil {
-				b.ownerCounts = map[string][2]uint64{}
+				b.ownerCounts = map[string][3]uint64{}
 			}
-			b.ownerCounts[name] = [2]uint64{}
+			b.ownerCounts[name] = [3]uint64{}
 		}
 		pending = pending[:0]
 	}

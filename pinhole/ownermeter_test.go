@@ -74,8 +74,10 @@ func TestOwnerMeterPKT08(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	// Size 2: the per-source sets are full after two sources, as a
 	// million-source flood leaves them; the owner meter must not care.
+	// The sources nobody owns share a bucket of their own, set out of
+	// reach here (TestUnownedMeterS4 tests it).
 	b := newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: rate, Burst: burst, Ports: []uint16{5351}, Size: 2,
-		OwnerRate: ownerRate, OwnerBurst: ownerBurst}})
+		OwnerRate: ownerRate, OwnerBurst: ownerBurst, UnownedRate: 1 << 20, UnownedBurst: 1 << 20}})
 	serveTunnel(t, b, topo)
 
 	flooderPfx := netip.MustParsePrefix("2001:db8:77::/48")
@@ -122,7 +124,8 @@ func TestOwnerMeterPKT08(t *testing.T) {
 	ruleset := nftList(t, topo.Host, "table", "inet", "pcpd")
 	lan, wan := topo.HostLANIf, topo.HostWANIf
 	for _, want := range []string{
-		"udp dport 5351 ip6 saddr vmap @owners6\n\t\tudp dport 5351 ip saddr vmap @owners4\n\t\tudp dport 5351 update @meter6",
+		"udp dport 5351 ip6 saddr vmap @owners6\n\t\tudp dport 5351 ip saddr vmap @owners4\n\t\t" +
+			"udp dport 5351 ip6 saddr != @owners6 jump unowned\n\t\tudp dport 5351 ip saddr != @owners4 jump unowned\n\t\tudp dport 5351 update @meter6",
 		"2001:db8:77:5::/64 : jump " + chains["wg:inner"],
 		// Both of the flooder's prefixes are routed through the LAN:
 		// datagrams from there skip the route lookup.

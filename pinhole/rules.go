@@ -229,6 +229,9 @@ func (b *Backend) layout() []chainRules {
 		if b.notracking() {
 			out = append(out, chainRules{b.chainNotrackOut, outRules})
 		}
+		if b.unownedMetering() {
+			out = append(out, chainRules{unownedChain, b.unownedChainRules()})
+		}
 	}
 	return out
 }

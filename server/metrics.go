@@ -100,7 +100,8 @@ func (m *metrics) collectors() []prometheus.Collector {
 // kernelDrops reports the owner meter's drops (pinhole.MeterDrops) by
 // rule: reverse-path (a source in a client's prefix arriving where the
 // host does not route that prefix: spoofed, or a multipath route under
-// strict) apart from owner-rate-limit (the client over its rate), the
+// strict) apart from owner-rate-limit (the client over its rate) and
+// unowned-rate-limit (the sources no client owns, together, over theirs), the
 // reason names of pcpd_requests_dropped_total. Reading them asks the
 // kernel nothing: the backend gathers them at each health check.
 type kernelDrops struct {
@@ -110,7 +111,7 @@ type kernelDrops struct {
 
 func newKernelDrops(drops func() pinhole.MeterDrops) *kernelDrops {
 	return &kernelDrops{drops: drops, desc: prometheus.NewDesc("pcpd_kernel_requests_dropped_total",
-		"Requests the kernel's owner meter dropped before they reached pcpd, by reason (reverse-path, owner-rate-limit); updated at each firewall check.",
+		"Requests the kernel's owner meter dropped before they reached pcpd, by reason (reverse-path, owner-rate-limit, unowned-rate-limit); updated at each firewall check.",
 		[]string{"reason"}, nil)}
 }
 
@@ -120,4 +121,5 @@ func (k *kernelDrops) Collect(ch chan<- prometheus.Metric) {
 	d := k.drops()
 	ch <- prometheus.MustNewConstMetric(k.desc, prometheus.CounterValue, float64(d.ReversePath), "reverse-path")
 	ch <- prometheus.MustNewConstMetric(k.desc, prometheus.CounterValue, float64(d.OwnerRate), "owner-rate-limit")
+	ch <- prometheus.MustNewConstMetric(k.desc, prometheus.CounterValue, float64(d.UnownedRate), "unowned-rate-limit")
 }

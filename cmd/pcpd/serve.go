@@ -377,7 +377,8 @@ func wireGuardCollectors(w *policy.WireGuard) []prometheus.Collector {
 // (pinhole.Meter documents the rule the admin can add).
 func kernelMeter(cfg *config.Config) pinhole.Meter {
 	m := pinhole.Meter{Rate: uint32(cfg.KernelRateLimit), Burst: uint32(cfg.KernelRateBurst),
-		OwnerRate: uint32(cfg.KernelOwnerRateLimit), OwnerBurst: uint32(cfg.KernelOwnerRateBurst)}
+		OwnerRate: uint32(cfg.KernelOwnerRateLimit), OwnerBurst: uint32(cfg.KernelOwnerRateBurst),
+		UnownedRate: uint32(cfg.KernelUnownedRateLimit), UnownedBurst: uint32(cfg.KernelUnownedRateBurst)}
 	// config has validated the name (were it unknown, the zero value is
 	// strict: the safe side).
 	m.ReversePath, _ = pinhole.ParseReversePath(cfg.KernelReversePath)
