@@ -43,7 +43,7 @@ type Config struct {
 	// prefixes through, for the owner meter's reverse-path check
 	// (ownermeter.go, ownerRules): they pass it without a route lookup.
 	// It must ask the network namespace conn is aimed at (pcpd:
-	// NetlinkRoutes(nil), its own). Nil: every datagram of an owner's is
+	// NetlinkRoutes(), its own). Nil: every datagram of an owner's is
 	// looked up, as before.
 	Routes Routes
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 
 	"github.com/google/nftables/expr"
+	"github.com/vishvananda/netlink"
 )
 
 // SetUpdatesInPlace overrides what Setup's probe found, so a test on a
@@ -78,3 +79,8 @@ func RouteDumps(r any) uint64 {
 	defer n.mu.Unlock()
 	return n.dumps
 }
+
+// UnwatchedRoutes is NetlinkRoutes' lookups through h, with no watch: every
+// FollowRoutes asks (the tests that change routes and follow at once, not
+// waiting for a notification).
+func UnwatchedRoutes(h *netlink.Handle) Routes { return &netlinkRoutes{h: h} }

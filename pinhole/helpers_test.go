@@ -186,7 +186,8 @@ func nftList(t testing.TB, ns *netlab.NS, args ...string) string {
 	return out
 }
 
-// nsRoutes asks ns's routes (pinhole.NetlinkRoutes).
+// nsRoutes asks ns's routes (pinhole.NetlinkRoutes' lookups, unwatched:
+// the tests that use it change routes and follow at once).
 func nsRoutes(t testing.TB, ns *netlab.NS) pinhole.Routes {
 	t.Helper()
 	h, err := ns.Handle()
@@ -199,7 +200,7 @@ func nsRoutes(t testing.TB, ns *netlab.NS) pinhole.Routes {
 		t.Fatal(err)
 	}
 	t.Cleanup(nl.Close)
-	return pinhole.NetlinkRoutes(nl)
+	return pinhole.UnwatchedRoutes(nl)
 }
 
 // noRoutes knows no routes: every owned datagram's route is looked up

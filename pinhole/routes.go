@@ -20,7 +20,7 @@ import (
 // Routes tells the owner meter's reverse-path check which interfaces the
 // host routes an owned prefix through (ownerRules: datagrams arriving on
 // them skip the route lookup): Config.Routes, which pcpd sets to
-// NetlinkRoutes(nil).
+// NetlinkRoutes().
 type Routes interface {
 	// Interfaces returns the indexes of the interfaces through which the
 	// host routes every address of p: every next hop of the route that
@@ -30,8 +30,9 @@ type Routes interface {
 	Interfaces(p netip.Prefix) ([]int, error)
 }
 
-// NetlinkRoutes answers Routes with route lookups through h (nil: the
-// calling process's network namespace). Each prefix costs two lookups
+// NetlinkRoutes answers Routes with route lookups in the calling
+// process's network namespace (that of the calling thread when it is
+// called), watched. Each prefix costs two lookups
 // (RTM_GETROUTE with RTM_F_FIB_MATCH, which returns the matched route
 // whole, every next hop of a multipath route included, where a plain
 // lookup returns the one next hop its hash picks): of the first and the
@@ -44,7 +45,7 @@ type Routes interface {
 // the host's policy rules as a lookup of the host's own would, without an
 // input interface.
 //
-// With h nil it keeps a socket of its own for all its lookups (one per
+// It keeps a socket of its own for all its lookups (one per
 // lookup, as netlink's package functions do, would cost a socket's
 // creation per lookup: FollowRoutes makes 4 000 a round at 1 000 owners,
 // ≈ 45 ms of CPU with the kept socket, BenchmarkFollowRoutes), and opens
@@ -61,33 +62,38 @@ type Routes interface {
 // another LAN) is not seen by the two lookups at p's ends. Both are read
 // from a dump of the rules and of the routes, kept for dumpTTL.
 //
-// With h nil it also watches the namespace's links, addresses, routes and
-// policy rules (RouteWatcher): FollowRoutes then skips its lookups while
-// nothing changed, and pcpd follows a change at once rather than at its
-// next check. With h given it cannot tell h's namespace, and watches
-// nothing (NetlinkRoutesAt does).
-func NetlinkRoutes(h *netlink.Handle) Routes {
-	if h == nil {
-		var err error
-		if h, err = netlink.NewHandle(unix.NETLINK_ROUTE); err != nil {
-			h = &netlink.Handle{} // what netlink's package functions use
-		}
-		n := &netlinkRoutes{h: h, ownH: true}
-		if sock, err := nl.Subscribe(unix.NETLINK_ROUTE, watchGroups...); err == nil {
-			n.watch = startWatch(sock)
-		}
-		return n
+// It also watches the namespace's links, addresses, routes and policy
+// rules (RouteWatcher): FollowRoutes then skips its lookups while nothing
+// changed, and pcpd follows a change at once rather than at its next
+// check. If the watch's socket cannot be had, Generation says it cannot
+// tell and every FollowRoutes asks. It took a netlink.Handle before, and
+// with one given watched nothing, as it cannot tell a handle's namespace:
+// an embedder's (or a test's) pcpd then asked every round and followed a
+// change only at its next check (review of 2026-12-03). A namespace other
+// than the caller's is NetlinkRoutesAt's.
+func NetlinkRoutes() WatchedRoutes {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		h = &netlink.Handle{} // what netlink's package functions use
 	}
-	return &netlinkRoutes{h: h}
+	n := &netlinkRoutes{h: h, ownH: err == nil}
+	if sock, err := nl.Subscribe(unix.NETLINK_ROUTE, watchGroups...); err == nil {
+		n.watch = startWatch(sock)
+	}
+	return n
+}
+
+// WatchedRoutes are Routes whose namespace is watched (NetlinkRoutes,
+// NetlinkRoutesAt). Close releases their sockets.
+type WatchedRoutes interface {
+	Routes
+	RouteWatcher
+	Close() error
 }
 
 // NetlinkRoutesAt is NetlinkRoutes for network namespace ns, watched.
 // Close releases its sockets.
-func NetlinkRoutesAt(ns netns.NsHandle) (interface {
-	Routes
-	RouteWatcher
-	Close() error
-}, error) {
+func NetlinkRoutesAt(ns netns.NsHandle) (WatchedRoutes, error) {
 	h, err := netlink.NewHandleAt(ns)
 	if err != nil {
 		return nil, fmt.Errorf("pinhole: route lookups: %w", err)
@@ -462,7 +468,7 @@ func (b *Backend) ownerInterfaces(owners []Owner) (map[string][]int, error) {
 // interface re-created with a new index), in place: the chain's limit
 // rule, and so its bucket, stays. pcpd calls it before each Healthy
 // (server: every TamperInterval, 5 s), and, when Config.Routes watches the
-// host (RouteWatcher: NetlinkRoutes(nil)), 250 ms after a change it reports
+// host (RouteWatcher: NetlinkRoutes()), 250 ms after a change it reports
 // (RouteChanges), at most once a second, which bounds how long the check lags a route change;
 // until then, a datagram arriving on an interface the owner's prefix moved
 // to meets the route lookup (the fib expression), which passes it, and one
@@ -628,7 +634,7 @@ const followMaxSkip = time.Minute
 
 // RouteChanges receives after a change of the host's links, addresses,
 // routes or policy rules when Config.Routes watches them (RouteWatcher;
-// NetlinkRoutes(nil) does), nil otherwise: the caller then runs
+// NetlinkRoutes() does), nil otherwise: the caller then runs
 // FollowRoutes, so that the reverse-path rule follows within moments,
 // not at the next check (an interface gone and its index reused by a
 // device moved into the namespace passed the owner's check unlooked until

@@ -29,7 +29,7 @@ func (c *countingRoutes) Changes() <-chan struct{}   { return c.r.Changes() }
 
 // TestFollowRoutesWatched (review of 2026-12-03): with the host's links,
 // addresses, routes and rules watched (NetlinkRoutesAt, as pcpd's
-// NetlinkRoutes(nil)), FollowRoutes skips its lookups while nothing
+// NetlinkRoutes()), FollowRoutes skips its lookups while nothing
 // changed (≈ 49 ms a round at 1 000 owners, every 5 s, before), and a
 // change is still followed: a route moved, a policy rule added (no
 // interfaces then), and an interface deleted, whose deletion the watch

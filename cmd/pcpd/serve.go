@@ -182,7 +182,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	}
 	defer nft.CloseLasting()
 	fw, err := pinhole.New(nft, pinhole.Config{Table: cfg.Table(), Attached: cfg.Attached(), Chain: cfg.NftChain,
-		Meter: kernelMeter(cfg), TrackControl: !cfg.NftNotrack, Routes: pinhole.NetlinkRoutes(nil)})
+		Meter: kernelMeter(cfg), TrackControl: !cfg.NftNotrack, Routes: pinhole.NetlinkRoutes()})
 	if err != nil {
 		return failure(err)
 	}
