@@ -38,6 +38,8 @@ import (
 //		udp dport 5351 ip daddr @served4 goto control_local
 //	}
 //	chain control_local {
+//		ip6 saddr @served6 iif != "lo" counter drop	(servedSourceRules)
+//		ip saddr @served4 iif != "lo" counter drop
 //		udp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: ... } drop
 //		udp dport 5351 update @meter4 { ip saddr ... } drop
 //		notrack
@@ -171,7 +173,7 @@ func (b *Backend) controlRules() (in, local, out [][]expr.Any) {
 			rule(udpPort(thDstOff, port), served(unix.NFPROTO_IPV6, ip6DstOff, 16, b.served6), x(goTo(b.chainControlLocal))),
 			rule(udpPort(thDstOff, port), served(unix.NFPROTO_IPV4, ip4DstOff, 4, b.served4), x(goTo(b.chainControlLocal))))
 	}
-	local = b.meterRules()
+	local = append(b.servedSourceRules(), b.meterRules()...)
 	if b.notracking() {
 		local = append(local, x(&expr.Notrack{}))
 		for _, port := range b.cfg.Meter.Ports {
@@ -179,6 +181,42 @@ func (b *Backend) controlRules() (in, local, out [][]expr.Any) {
 		}
 	}
 	return in, local, out
+}
+
+// servedSourceRules drop, first in control_local, a request whose source is
+// an address pcpd serves unless it came over loopback (the host's own):
+//
+//	ip6 saddr @served6 iif != "lo" counter drop
+//	ip saddr @served4 iif != "lo" counter drop
+//
+// Such a request cannot be real: pcpd's answer goes to the host itself,
+// never to whoever sent it. The host's own address inside an owner's
+// prefix (a static client's LAN /64 holds the host's LAN address) passed
+// the owner chain from the owner's interface without the route lookup
+// that drops a local source (ownerRules: NetlinkRoutes does not see the
+// host's own addresses), was charged to the owner, and pcpd answered it to
+// the host, at the port the sender chose: a datagram from the host's own
+// address and port 5351 to the host's own services, with the request's
+// bytes echoed in it (the leftover of the review of the interface
+// comparisons, RELIABILITY.md; TestServedSourceDropped: 20 of 20 spoofed
+// from the client's LAN reached pcpd's socket before). IPv4 routing would
+// drop such a source as martian later (unless accept_local is set); the
+// rule drops both families here, before the owner and per-source meters
+// count them. It covers the addresses pcpd serves (every address of a
+// serving interface, or the --listen ones), not the host's other
+// addresses; one lookup in a set of a few addresses per request.
+func (b *Backend) servedSourceRules() [][]expr.Any {
+	if b.cfg.Attached {
+		return nil
+	}
+	// Loopback is interface 1 in every namespace (LOOPBACK_IFINDEX).
+	notLoopback := func() []expr.Any {
+		return x(loadMeta(expr.MetaKeyIIF, reg0), &expr.Cmp{Op: expr.CmpOpNeq, Register: reg0, Data: binaryutil.NativeEndian.PutUint32(1)})
+	}
+	return [][]expr.Any{
+		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6SrcOff, 16, reg0), lookup(b.served6, reg0)), notLoopback(), x(&expr.Counter{}, drop)),
+		rule(nfproto(unix.NFPROTO_IPV4), x(loadNet(ip4SrcOff, 4, reg0), lookup(b.served4, reg0)), notLoopback(), x(&expr.Counter{}, drop)),
+	}
 }
 
 // controlChains are the control chains' objects (none when controlling is

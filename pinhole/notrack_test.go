@@ -113,7 +113,8 @@ func TestControlTrafficUntracked(t *testing.T) {
 		"type filter hook prerouting priority raw; policy accept;",
 		"udp dport 5351 ip6 daddr @served6 goto control_local",
 		"udp dport 5351 ip daddr @served4 goto control_local",
-		"chain control_local {\n\t\tnotrack\n\t}",
+		"chain control_local {\n\t\tip6 saddr @served6 iif != \"lo\" counter packets 0 bytes 0 drop\n" +
+			"\t\tip saddr @served4 iif != \"lo\" counter packets 0 bytes 0 drop\n\t\tnotrack\n\t}",
 		"type filter hook output priority raw; policy accept;",
 		"udp sport 5351 notrack",
 	} {
@@ -344,7 +345,10 @@ func TestControlChainsUpgrade(t *testing.T) {
 `)
 		}, []string{"chain input", "notrack_in", "hook input", "fib daddr"}},
 		{"fib daddr type local, no served sets", func(t *testing.T, ns *netlab.NS) {
-			ns.MustRun(t, "nft", "flush chain inet pcpd control_in; delete set inet pcpd served6; delete set inet pcpd served4; "+
+			// (control_local's rules that use the sets go too: Setup
+			// writes them again.)
+			ns.MustRun(t, "nft", "flush chain inet pcpd control_in; flush chain inet pcpd control_local; "+
+				"delete set inet pcpd served6; delete set inet pcpd served4; "+
 				"add rule inet pcpd control_in udp dport 5351 fib daddr type local goto control_local")
 		}, []string{"fib daddr"}},
 	} {
