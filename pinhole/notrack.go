@@ -38,7 +38,7 @@ import (
 //		udp dport 5351 ip daddr @served4 goto control_local
 //	}
 //	chain control_local {
-//		ip6 saddr @served6 iif != "lo" counter drop	(servedSourceRules)
+//		ip6 saddr @served6 ip6 saddr != fe80::/10 iif != "lo" counter drop	(servedSourceRules)
 //		ip saddr @served4 iif != "lo" counter drop
 //		udp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: ... } drop
 //		udp dport 5351 update @meter4 { ip saddr ... } drop
@@ -186,7 +186,7 @@ func (b *Backend) controlRules() (in, local, out [][]expr.Any) {
 // servedSourceRules drop, first in control_local, a request whose source is
 // an address pcpd serves unless it came over loopback (the host's own):
 //
-//	ip6 saddr @served6 iif != "lo" counter drop
+//	ip6 saddr @served6 ip6 saddr != fe80::/10 iif != "lo" counter drop
 //	ip saddr @served4 iif != "lo" counter drop
 //
 // Such a request cannot be real: pcpd's answer goes to the host itself,
@@ -213,8 +213,19 @@ func (b *Backend) servedSourceRules() [][]expr.Any {
 	notLoopback := func() []expr.Any {
 		return x(loadMeta(expr.MetaKeyIIF, reg0), &expr.Cmp{Op: expr.CmpOpNeq, Register: reg0, Data: binaryutil.NativeEndian.PutUint32(1)})
 	}
+	// Not a link-local one: another link's host may hold the same
+	// link-local address as one of ours, and pcpd's answer (through the
+	// socket of the interface it came in on) reaches it. Checked after the
+	// lookup, so only for the rare datagram the lookup matched.
+	// (Whole addresses, as nft writes "ip6 saddr != fe80::/10", which is
+	// how it lists them.)
+	llMask, ll := make([]byte, 16), make([]byte, 16)
+	llMask[0], llMask[1], ll[0], ll[1] = 0xff, 0xc0, 0xfe, 0x80
+	notLinkLocal := x(loadNet(ip6SrcOff, 16, reg0),
+		&expr.Bitwise{SourceRegister: reg0, DestRegister: reg0, Len: 16, Mask: llMask, Xor: make([]byte, 16)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: reg0, Data: ll})
 	return [][]expr.Any{
-		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6SrcOff, 16, reg0), lookup(b.served6, reg0)), notLoopback(), x(&expr.Counter{}, drop)),
+		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6SrcOff, 16, reg0), lookup(b.served6, reg0)), notLinkLocal, notLoopback(), x(&expr.Counter{}, drop)),
 		rule(nfproto(unix.NFPROTO_IPV4), x(loadNet(ip4SrcOff, 4, reg0), lookup(b.served4, reg0)), notLoopback(), x(&expr.Counter{}, drop)),
 	}
 }

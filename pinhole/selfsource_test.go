@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -79,7 +80,7 @@ func TestServedSourceDropped(t *testing.T) {
 	if n := send(topo.Client, topo.HostTunnelV6, 20, true); n != 0 {
 		t.Errorf("20 from the host's own %v, spoofed on %s: socket got %d, want none", topo.HostTunnelV6, topo.HostLANIf, n)
 	}
-	if out := nftList(t, topo.Host, "chain", "inet", "pcpd", "control_local"); !strings.Contains(out, "ip6 saddr @served6 iif != \"lo\" counter packets 20 ") {
+	if out := nftList(t, topo.Host, "chain", "inet", "pcpd", "control_local"); !strings.Contains(out, "ip6 saddr @served6 ip6 saddr != fe80::/10 iif != \"lo\" counter packets 20 ") {
 		t.Errorf("control_local should have counted 20 drops:\n%s", out)
 	}
 	// The client's own requests still arrive, and so do the host's own,
@@ -89,6 +90,34 @@ func TestServedSourceDropped(t *testing.T) {
 	}
 	if n := send(topo.Host, topo.HostTunnelV6, 5, false); n != 5 {
 		t.Errorf("5 from the host itself, from %v over loopback: socket got %d, want all", topo.HostTunnelV6, n)
+	}
+	// A link-local address another link's host may share with one of
+	// ours (here: served as if the host had the client's own): still
+	// answered, through the interface it came in on.
+	var ll netip.Addr
+	if err := topo.Client.Do(func() error {
+		ifi, err := net.InterfaceByName(topo.ClientIf)
+		if err != nil {
+			return err
+		}
+		addrs, err := ifi.Addrs()
+		if err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().IsLinkLocalUnicast() {
+				// By index: net's zone cache is the process's, not the
+				// namespace's.
+				ll = p.Addr().WithZone(strconv.Itoa(ifi.Index))
+			}
+		}
+		return nil
+	}); err != nil || !ll.IsValid() {
+		t.Fatalf("the client's link-local address: %v, %v", ll, err)
+	}
+	setServed(t, b, topo.HostTunnelV6, topo.HostTunnelV4, ll.WithZone(""))
+	if n := send(topo.Client, ll, 5, false); n != 5 {
+		t.Errorf("5 from the link-local %v, served on the host too: socket got %d, want all", ll, n)
 	}
 	if err := b.Healthy(); err != nil {
 		t.Fatalf("Healthy: %v", err)
