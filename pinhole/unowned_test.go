@@ -92,6 +92,7 @@ func TestUnownedMeterS4(t *testing.T) {
 	// bucket's burst and rate, the rest counted in the unowned chain.
 	n, took := sendRoundRobin(t, topo.Client, flood, dst, perSource, srv)
 	floodEnd := time.Now()
+	t.Logf("flood of %d from %d unowned /64s in %v: socket got %d", perSource*len(flood), len(flood), took, n)
 	if most := int64(unownedBurst + unownedRate*took.Seconds() + 10); n > most || n < unownedBurst {
 		t.Errorf("flood of %d from %d unowned /64s in %v: socket got %d, want %d..%d", perSource*len(flood), len(flood), took, n, unownedBurst, most)
 	}
