@@ -42,9 +42,10 @@ import (
 // (in the meter's chain, before the per-source rules). A limit expression
 // keeps its state in its rule, so each owner's chain is its bucket, for
 // all of its sources and both families. A source in no owner's prefix
-// misses the map, which ends the rule, and only the per-source rules
+// misses the map, which ends the rule; the next rules charge it to the one
+// bucket of every unowned source (unownedRules), then the per-source rules
 // count it; a datagram under its owner's rate returns from the owner's
-// chain and meets them too. Because the owner rules come first, a flood
+// chain, skips the unowned rules and meets the per-source ones. Because the owner rules come first, a flood
 // shed per owner never reaches (and never fills) the per-source sets.
 //
 // Why not a dynamic set keyed by an owner id from the map (a lookup into
@@ -234,7 +235,8 @@ func (b *Backend) unownedMetering() bool {
 // interface a route has just left (until FollowRoutes, pcpd: ≈ 250 ms
 // after the change with NetlinkRoutes' watch, at most TamperInterval, 5 s,
 // without); the host's own addresses inside the owner's
-// prefix (NetlinkRoutes does not see them), from the owner's interface
+// prefix (NetlinkRoutes does not see them; those pcpd serves are dropped
+// before, servedSourceRules), from the owner's interface
 // (NetlinkRoutes gives no interfaces for a prefix with a route carved out
 // of it onto another interface, on a host with policy rules of its own,
 // or while its lookups fail: routes.go); and,
