@@ -256,6 +256,11 @@ func (b *Backend) Setup() error {
 		return err
 	}
 	chains := b.chains()
+	if chains[unownedChain] != nil {
+		// Its rule (and counter) is written again below: fold in what it
+		// counted since its last read (MeterDrops).
+		b.readOwnerCounters(unownedChain)
+	}
 	for _, c := range chains {
 		b.conn.AddChain(c)
 	}
@@ -270,6 +275,14 @@ func (b *Backend) Setup() error {
 		return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))
 	}
 	b.owned = true
+	if chains[unownedChain] != nil {
+		// Written anew: its drops count from 0 (MeterDrops), also those
+		// before the first Healthy.
+		if b.ownerCounts == nil {
+			b.ownerCounts = map[string][3]uint64{}
+		}
+		b.ownerCounts[unownedChain] = [3]uint64{}
+	}
 	// Now the guard's prefixes, in transactions of at most protectedTxn
 	// elements (writeProtected). Between them the sets hold, for every
 	// address, either what they held before or what they must hold, and

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -196,6 +197,83 @@ func TestServeKernelReversePath(t *testing.T) {
 			}
 			if !strings.Contains(body, "pcpd_kernel_requests_dropped_total{reason=\"owner-rate-limit\"} 0\n") {
 				t.Errorf("/metrics: owner-rate-limit drops not apart and 0:\n%s", grepLines(body, "pcpd_kernel_requests_dropped_total"))
+			}
+		})
+	}
+}
+
+// --kernel-unowned-rate-limit reaches the kernel (the unowned chain's
+// limit, default 400/s burst 800, pcpd's own bucket for the unowned) and
+// its drops reach /metrics apart (review S4): 200 ANNOUNCEs back to back
+// from a source no client owns, under its per-source burst, are held to
+// the shared bucket's burst of 40.
+func TestServeKernelUnownedRateLimit(t *testing.T) {
+	netlab.RequireRoot(t)
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	const metricsAddr = "127.0.0.1:9358"
+	for _, tt := range []struct {
+		name  string
+		args  []string
+		limit string
+		flood bool
+	}{
+		{"default", nil, "limit rate over 400/second burst 800 packets", false},
+		{"20", []string{"--kernel-unowned-rate-limit", "20"}, "limit rate over 20/second burst 40 packets", true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			args := append([]string{"serve", "--interface", topo.HostLANIf,
+				"--client", "home=" + topo.ClientPrefix6.String(),
+				"--state-dir", filepath.Join(dir, "state"), "--socket", filepath.Join(dir, "pcpd.sock"),
+				"--metrics", metricsAddr}, tt.args...)
+			d := pcpdtest.Start(t, pcpdtest.Config{NS: topo.Host, Args: args,
+				Ready: pcpdtest.Announce(topo.Client, topo.ClientV6, netip.AddrPortFrom(topo.HostTunnelV6, pcp.Port))})
+			defer d.Stop()
+			if out := topo.Host.MustRun(t, "nft", "list", "chain", "inet", "pcpd", "unowned"); !strings.Contains(out, tt.limit) {
+				t.Fatalf("unowned chain, want %q:\n%s", tt.limit, out)
+			}
+			if !tt.flood {
+				return
+			}
+			req := make([]byte, 24)
+			req[0], req[1] = 2, 0 // version 2, ANNOUNCE
+			// From the client's LAN, outside its /64 (unconnected: the
+			// answers, if any, are not what is measured).
+			unowned := netip.MustParseAddr("2001:db8:1:3::5")
+			topo.Client.MustRun(t, "ip", "addr", "add", unowned.String()+"/128", "dev", topo.ClientIf, "nodad")
+			if err := topo.Client.Do(func() error {
+				c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(unowned, 0)))
+				if err != nil {
+					return err
+				}
+				defer c.Close()
+				for range 200 {
+					if _, err := c.WriteToUDPAddrPort(req, netip.AddrPortFrom(topo.HostTunnelV6, pcp.Port)); err != nil {
+						return err
+					}
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			// The figures follow the firewall check (every 5 s).
+			var body string
+			if err := netlab.Eventually(12*time.Second, func() (err error) {
+				body, err = scrape(topo.Host, metricsAddr)
+				if err == nil {
+					var n int
+					for _, l := range strings.Split(body, "\n") {
+						if v, ok := strings.CutPrefix(l, `pcpd_kernel_requests_dropped_total{reason="unowned-rate-limit"} `); ok {
+							n, _ = strconv.Atoi(v)
+						}
+					}
+					if n < 150 {
+						err = fmt.Errorf("unowned-rate-limit drops %d, want at least 150", n)
+					}
+				}
+				return err
+			}); err != nil {
+				t.Errorf("/metrics: %v\n%s", err, grepLines(body, "pcpd_kernel_requests_dropped_total"))
 			}
 		})
 	}
