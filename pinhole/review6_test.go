@@ -1,0 +1,91 @@
+package pinhole_test
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/pcpd/pcpd/pinhole"
+	"golang.org/x/sys/unix"
+)
+
+// TestHealthyHiddenExpression (review6 F1, pre-existing, not fixed by
+// a409d66's value-for-value compare): the nftables library (v0.3.0) skips
+// the expressions it cannot decode ("rt", "socket", "osf", "xfrm",
+// "byteorder", "tproxy", "dup", "last", "inner", ...) when it lists a
+// rule, so Healthy compares what is left. An "rt ip nexthop" load put in
+// front of guard6's final drop breaks the rule for every IPv6 packet (the
+// kernel's nft_rt_get_eval: NFT_BREAK when the family is not IPv4): the
+// drop is gone, unsolicited traffic reaches the protected client, and the
+// listing, without the rt expression, is exactly what Setup wrote.
+func TestHealthyHiddenExpression(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	defer b.Teardown()
+	dst := netip.AddrPortFrom(topo.ClientV6, 7000)
+	serve(t, topo.Client, udp, dst)
+	mustNotReach(t, "intact guard", topo.Internet, udp, netip.Addr{}, dst)
+
+	conn, err := topo.Host.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := &nftables.Table{Name: "pcpd", Family: nftables.TableFamilyINet}
+	chain := &nftables.Chain{Table: table, Name: "guard6"}
+	rules, err := conn.GetRules(table, chain)
+	if err != nil || len(rules) == 0 {
+		t.Fatalf("rules of guard6: %d, %v", len(rules), err)
+	}
+	last := rules[len(rules)-1]
+	if len(last.Exprs) != 1 {
+		t.Fatalf("guard6's last rule is not a bare verdict: %#v", last.Exprs)
+	}
+	conn.ReplaceRule(&nftables.Rule{Table: table, Chain: chain, Handle: last.Handle, Exprs: []expr.Any{
+		&expr.Rt{Register: unix.NFT_REG_1, Key: expr.RtNexthop4},
+		&expr.Verdict{Kind: expr.VerdictDrop},
+	}})
+	if err := conn.Flush(); err != nil {
+		t.Fatalf("replace guard6's drop: %v", err)
+	}
+	if err := reach(topo.Internet, udp, netip.Addr{}, dst, okWait); err != nil {
+		t.Logf("the tampered guard still drops (%v); the check below is what matters", err)
+	} else {
+		t.Logf("the tampered guard6 lets unsolicited traffic through to %v", dst)
+	}
+	if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+		t.Errorf("Healthy = %v after guard6's drop got a hidden \"rt ip nexthop\" in front (listed by nft as:\n%s)",
+			err, nftList(t, topo.Host, "chain", "inet", "pcpd", "guard6"))
+	}
+}
+
+// TestHealthyTableDormant (review6 F2, pre-existing): "nft add table inet
+// pcpd { flags dormant; }" unregisters every base chain of pcpd's table:
+// the guards, the DNAT and the request meter are all off, while every
+// chain, set and rule is still listed as Setup wrote it. Healthy looks
+// the table up but never at its flags, so it reports the table healthy.
+// Setup's AddTable (flags 0) would wake it.
+func TestHealthyTableDormant(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	defer b.Teardown()
+	dst := netip.AddrPortFrom(topo.ClientV6, 7000)
+	serve(t, topo.Client, udp, dst)
+	mustNotReach(t, "intact guard", topo.Internet, udp, netip.Addr{}, dst)
+
+	topo.Host.MustRun(t, "nft", "add", "table", "inet", "pcpd", "{ flags dormant; }")
+	if err := reach(topo.Internet, udp, netip.Addr{}, dst, okWait); err != nil {
+		t.Logf("the dormant table still drops (%v)", err)
+	} else {
+		t.Logf("the dormant table lets unsolicited traffic through to %v", dst)
+	}
+	if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+		t.Fatalf("Healthy = %v with pcpd's table dormant", err)
+	}
+	if err := b.Setup(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Errorf("after Setup: Healthy = %v", err)
+	}
+	mustNotReach(t, "after Setup", topo.Internet, udp, netip.Addr{}, dst)
+}
