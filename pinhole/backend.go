@@ -1,6 +1,7 @@
 package pinhole
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -925,14 +926,26 @@ func (b *Backend) view() kview { return kview{conn: b.conn, table: b.table} }
 func (b *Backend) tableExists() (bool, error) { return b.view().tableExists() }
 
 func (v kview) tableExists() (bool, error) {
-	_, err := v.conn.ListTableOfFamily(v.table.Name, nftables.TableFamilyINet)
+	ok, _, err := v.tableState()
+	return ok, err
+}
+
+// tableState is whether pcpd's table exists and whether it is dormant
+// (NFT_TABLE_F_DORMANT: every base chain unregistered, so nothing of
+// pcpd's sees a packet, however intact its chains list).
+func (v kview) tableState() (exists, dormant bool, err error) {
+	t, err := v.conn.ListTableOfFamily(v.table.Name, nftables.TableFamilyINet)
 	switch {
 	case err == nil:
-		return true, nil
+		// The library decodes NFTA_TABLE_FLAGS in host order; the kernel
+		// sends it in network order.
+		var f [4]byte
+		binary.NativeEndian.PutUint32(f[:], t.Flags)
+		return true, binary.BigEndian.Uint32(f[:])&unix.NFT_TABLE_F_DORMANT != 0, nil
 	case errors.Is(err, unix.ENOENT):
-		return false, nil
+		return false, false, nil
 	}
-	return false, fmt.Errorf("pinhole: look up inet %s: %w", v.table.Name, err)
+	return false, false, fmt.Errorf("pinhole: look up inet %s: %w", v.table.Name, err)
 }
 
 // presentChains returns the names of the chains in pcpd's table; an absent
@@ -973,10 +986,13 @@ func (v kview) presentSets() (map[string]bool, error) {
 // healthWant is what Healthy compares the kernel with, copied under b.mu
 // so that the reads can go on without it.
 type healthWant struct {
-	gen    uint64
-	table  nftables.Table
-	sets   []string // every set's name
-	layout []struct {
+	gen   uint64
+	table nftables.Table
+	// ownTable: standalone, the table is pcpd's, and Setup wakes it if
+	// dormant; attached, it is the admin's, whose to wake.
+	ownTable bool
+	sets     []string // every set's name
+	layout   []struct {
 		name  string
 		rules [][]expr.Any // as Setup writes them, as listed (asListed)
 	}
@@ -1000,7 +1016,7 @@ type healthWant struct {
 // slices it shares (protected, owners, holes) are replaced, never changed
 // in place, by the calls that set them. Caller holds b.mu.
 func (b *Backend) healthWantLocked() *healthWant {
-	w := &healthWant{gen: b.gen, table: *b.table, hasProtected: b.hasProtected, protected: b.protected,
+	w := &healthWant{gen: b.gen, table: *b.table, ownTable: !b.cfg.Attached, hasProtected: b.hasProtected, protected: b.protected,
 		protected6: *b.protected6, protected4: *b.protected4}
 	for _, s := range b.allSets() {
 		w.sets = append(w.sets, s.Name)
@@ -1116,10 +1132,14 @@ func (b *Backend) foldOwnerReads(read map[string][]*nftables.Rule) {
 // read, for their counters.
 func (w *healthWant) check(v kview) (map[string][]*nftables.Rule, error) {
 	read := map[string][]*nftables.Rule{}
-	if ok, err := v.tableExists(); err != nil {
+	if ok, dormant, err := v.tableState(); err != nil {
 		return read, err
 	} else if !ok {
 		return read, fmt.Errorf("pinhole: table inet %s missing: %w", w.table.Name, ErrUnhealthy)
+	} else if dormant && w.ownTable {
+		// Every guard off, every rule listed as written (review6 F2,
+		// TestHealthyTableDormant); Setup's AddTable (flags 0) wakes it.
+		return read, fmt.Errorf("pinhole: table inet %s is dormant: %w", w.table.Name, ErrUnhealthy)
 	}
 	sets, err := v.presentSets()
 	if err != nil {
