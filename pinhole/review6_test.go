@@ -7,6 +7,7 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 	"golang.org/x/sys/unix"
 )
@@ -88,4 +89,56 @@ func TestHealthyTableDormant(t *testing.T) {
 		t.Errorf("after Setup: Healthy = %v", err)
 	}
 	mustNotReach(t, "after Setup", topo.Internet, udp, netip.Addr{}, dst)
+}
+
+// TestOwnerChainHiddenExpression (review6 F1, owner chains): an "rt"
+// load in front of an owner chain's limit breaks the rule in the raw
+// prerouting hook (no route yet: NFT_BREAK), so the owner's flood is no
+// longer limited, while the chain lists as written. Healthy must report
+// it (ErrOwnerMeter), RepairOwners must rewrite it (not keep it as
+// intact), and learnListed must never take it as the listing.
+func TestOwnerChainHiddenExpression(t *testing.T) {
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	b := meteredTunnel(t, topo, nil)
+	defer b.Teardown()
+	owners := []pinhole.Owner{{ID: "static:x", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/16")}}}
+	if err := b.SetOwners(owners, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("Healthy on an intact table: %v", err)
+	}
+	conn, err := topo.Host.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := &nftables.Table{Name: "pcpd", Family: nftables.TableFamilyINet}
+	chain := &nftables.Chain{Table: table, Name: pinhole.OwnerChains(owners)["static:x"]}
+	hide := func() {
+		t.Helper()
+		rules, err := conn.GetRules(table, chain)
+		if err != nil || len(rules) == 0 {
+			t.Fatalf("rules of %s: %d, %v", chain.Name, len(rules), err)
+		}
+		last := rules[len(rules)-1]
+		if _, ok := last.Exprs[0].(*expr.Limit); !ok {
+			t.Fatalf("%s's last rule is not the limit: %#v", chain.Name, last.Exprs)
+		}
+		conn.ReplaceRule(&nftables.Rule{Table: table, Chain: chain, Handle: last.Handle,
+			Exprs: append([]expr.Any{&expr.Rt{Register: unix.NFT_REG_1, Key: expr.RtClassid}}, last.Exprs...)})
+		if err := conn.Flush(); err != nil {
+			t.Fatalf("replace %s's limit: %v", chain.Name, err)
+		}
+	}
+	hide()
+	if err := b.Healthy(); !errors.Is(err, pinhole.ErrOwnerMeter) {
+		t.Fatalf("Healthy = %v after %s's limit got a hidden \"rt classid\" in front, want ErrOwnerMeter", err, chain.Name)
+	}
+	if err := b.RepairOwners(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Errorf("after RepairOwners: Healthy = %v (the hidden expression kept as intact?)\n%s", err,
+			nftList(t, topo.Host, "chain", "inet", "pcpd", chain.Name))
+	}
 }
