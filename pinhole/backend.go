@@ -75,6 +75,7 @@ type Backend struct {
 	mu   sync.Mutex
 	conn *nftables.Conn
 	cfg  Config
+	raw  rawRules // getRules' second dump, on conn's namespace; under mu
 
 	table                  *nftables.Table
 	sets                   [numKinds]*nftables.Set
@@ -916,10 +917,11 @@ func (b *Backend) Teardown() error {
 type kview struct {
 	conn  *nftables.Conn
 	table *nftables.Table
+	raw   *rawRules // for getRules (nil: not checked)
 }
 
 // view reads through the Backend's connection. Caller holds b.mu.
-func (b *Backend) view() kview { return kview{conn: b.conn, table: b.table} }
+func (b *Backend) view() kview { return kview{conn: b.conn, table: b.table, raw: &b.raw} }
 
 // tableExists asks the kernel whether the configured table exists; only a
 // definite "no such table" counts as absent.
@@ -1093,7 +1095,7 @@ func (b *Backend) Healthy() error {
 			// 2026-12-03: a flushed served set went unreported in 10 of 10
 			// checks with a writer running back to back).
 			defer b.mu.Unlock()
-			read, err := w.check(kview{conn: b.conn, table: &w.table})
+			read, err := w.check(kview{conn: b.conn, table: &w.table, raw: &b.raw})
 			b.foldOwnerReads(read)
 			return err
 		}
@@ -1102,7 +1104,9 @@ func (b *Backend) Healthy() error {
 		if err != nil {
 			return fmt.Errorf("pinhole: health check: %w", err)
 		}
-		read, err := w.check(kview{conn: conn, table: &w.table})
+		raw := &rawRules{}
+		read, err := w.check(kview{conn: conn, table: &w.table, raw: raw})
+		raw.close()
 		_ = conn.CloseLasting()
 		b.mu.Lock()
 		same := b.gen == w.gen
@@ -1158,7 +1162,7 @@ func (w *healthWant) check(v kview) (map[string][]*nftables.Rule, error) {
 		if !present[cr.name] {
 			return read, fmt.Errorf("pinhole: chain %s missing: %w", cr.name, ErrUnhealthy)
 		}
-		rules, err := v.conn.GetRules(v.table, &nftables.Chain{Table: v.table, Name: cr.name})
+		rules, err := v.getRules(cr.name)
 		if err != nil {
 			return read, fmt.Errorf("pinhole: rules of %s: %w: %w", cr.name, ErrUnhealthy, err)
 		}

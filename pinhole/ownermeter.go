@@ -805,7 +805,7 @@ func (b *Backend) ownerChainIntact(name string, ifs []int) (bool, error) {
 // Caller holds b.mu.
 func (b *Backend) reversePathHandle(name string, ifs []int) (uint64, error) {
 	want := b.wantOwnerRules(ifs)
-	rules, err := b.conn.GetRules(b.table, &nftables.Chain{Table: b.table, Name: name})
+	rules, err := b.view().getRules(name)
 	if err != nil {
 		return 0, fmt.Errorf("rules of %s: %w", name, classify(err))
 	}
@@ -831,7 +831,7 @@ func reversePathRule(rules []*nftables.Rule, want [][]expr.Any) uint64 {
 // ownerChainIntact reports whether owner chain name holds exactly want
 // (their counters aside), with the rules it read.
 func (v kview) ownerChainIntact(name string, want [][]expr.Any) (bool, []*nftables.Rule, error) {
-	rules, err := v.conn.GetRules(v.table, &nftables.Chain{Table: v.table, Name: name})
+	rules, err := v.getRules(name)
 	if err != nil {
 		return false, nil, fmt.Errorf("rules of %s: %w", name, classify(err))
 	}
@@ -914,7 +914,7 @@ func (b *Backend) learnListed(names []string) {
 		if _, ok := b.listed[key]; ok {
 			continue
 		}
-		rules, err := b.conn.GetRules(b.table, &nftables.Chain{Table: b.table, Name: name})
+		rules, err := b.view().getRules(name)
 		if err != nil {
 			continue // the prediction stands; Healthy reads again
 		}

@@ -544,7 +544,7 @@ func (b *Backend) FollowRoutes() error {
 	}
 	for _, name := range changed {
 		chain := &nftables.Chain{Table: b.table, Name: name}
-		rules, err := b.conn.GetRules(b.table, chain)
+		rules, err := b.view().getRules(name)
 		if err != nil {
 			werr = err
 			return errors.Join(lerr, fmt.Errorf("pinhole: rules of %s: %w", name, classify(err)))
