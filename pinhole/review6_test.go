@@ -142,3 +142,51 @@ func TestOwnerChainHiddenExpression(t *testing.T) {
 			nftList(t, topo.Host, "chain", "inet", "pcpd", chain.Name))
 	}
 }
+
+// TestHealthyEntryChainUnhooked (review6 F3, pre-existing): Healthy finds
+// pcpd's chains by name only. The forward chain deleted and made again
+// as a regular chain (no hook) with the same rules is never run: every
+// guard is off, yet every chain is present and lists what Setup wrote.
+// The chains' type, hook, priority and policy must be compared too.
+func TestHealthyEntryChainUnhooked(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	defer b.Teardown()
+	dst := netip.AddrPortFrom(topo.ClientV6, 7000)
+	serve(t, topo.Client, udp, dst)
+	mustNotReach(t, "intact guard", topo.Internet, udp, netip.Addr{}, dst)
+
+	conn, err := topo.Host.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := &nftables.Table{Name: "pcpd", Family: nftables.TableFamilyINet}
+	entry := &nftables.Chain{Table: table, Name: "forward"}
+	rules, err := conn.GetRules(table, entry)
+	if err != nil || len(rules) == 0 {
+		t.Fatalf("rules of forward: %d, %v", len(rules), err)
+	}
+	conn.FlushChain(entry)
+	conn.DelChain(entry)
+	regular := conn.AddChain(&nftables.Chain{Table: table, Name: "forward"})
+	for _, r := range rules {
+		conn.AddRule(&nftables.Rule{Table: table, Chain: regular, Exprs: r.Exprs})
+	}
+	if err := conn.Flush(); err != nil {
+		t.Fatalf("unhook forward: %v", err)
+	}
+	if err := reach(topo.Internet, udp, netip.Addr{}, dst, okWait); err != nil {
+		t.Logf("the unhooked entry chain still drops (%v)", err)
+	} else {
+		t.Logf("with forward unhooked, unsolicited traffic reaches %v", dst)
+	}
+	if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+		t.Fatalf("Healthy = %v with the forward chain a regular chain:\n%s", err, nftList(t, topo.Host, "chain", "inet", "pcpd", "forward"))
+	}
+	if err := b.Setup(); err != nil {
+		t.Fatalf("Setup (the repair): %v", err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Errorf("after Setup: Healthy = %v", err)
+	}
+	mustNotReach(t, "after Setup", topo.Internet, udp, netip.Addr{}, dst)
+}
