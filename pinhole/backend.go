@@ -263,6 +263,9 @@ func (b *Backend) Setup() error {
 		// counted since its last read (MeterDrops).
 		b.readOwnerCounters(unownedChain)
 	}
+	if err := b.queueMisshapenChainRemoval(chains); err != nil {
+		return err
+	}
 	for _, c := range chains {
 		b.conn.AddChain(c)
 	}
@@ -345,6 +348,42 @@ func (b *Backend) Setup() error {
 		b.inPlace, b.probed = ok, true
 	}
 	return errors.Join(protErr, meterErr)
+}
+
+// queueMisshapenChainRemoval queues the deletion of every layout chain
+// present with another type, hook, priority or policy than chains gives
+// it (chainShapeIs): AddChain cannot make a regular chain a base chain or
+// move a base chain to another hook, so Setup could not repair one
+// (review6 F3). Every present layout chain is flushed first, in the same
+// transaction, so that no goto holds a deleted chain; Setup then makes
+// them all again and writes their rules. Caller holds b.mu.
+func (b *Backend) queueMisshapenChainRemoval(chains map[string]*nftables.Chain) error {
+	ok, err := b.tableExists()
+	if err != nil || !ok {
+		return err
+	}
+	got, err := b.view().chainsOf()
+	if err != nil {
+		return err
+	}
+	var bad []*nftables.Chain
+	for name, want := range chains {
+		if c, ok := got[name]; ok && !chainShapeIs(c, want) {
+			bad = append(bad, want)
+		}
+	}
+	if len(bad) == 0 {
+		return nil
+	}
+	for name := range chains {
+		if got[name] != nil {
+			b.conn.FlushChain(&nftables.Chain{Table: b.table, Name: name})
+		}
+	}
+	for _, c := range bad {
+		b.conn.DelChain(&nftables.Chain{Table: b.table, Name: c.Name})
+	}
+	return nil
 }
 
 // chains returns pcpd's chain objects, regular chains first so jumps to
@@ -955,17 +994,47 @@ func (v kview) tableState() (exists, dormant bool, err error) {
 func (b *Backend) presentChains() (map[string]bool, error) { return b.view().presentChains() }
 
 func (v kview) presentChains() (map[string]bool, error) {
+	chains, err := v.chainsOf()
+	m := make(map[string]bool, len(chains))
+	for name := range chains {
+		m[name] = true
+	}
+	return m, err
+}
+
+// chainsOf returns the chains in pcpd's table as the kernel lists them,
+// by name.
+func (v kview) chainsOf() (map[string]*nftables.Chain, error) {
 	all, err := v.conn.ListChainsOfTableFamily(nftables.TableFamilyINet)
 	if err != nil {
 		return nil, fmt.Errorf("pinhole: list chains: %w", classify(err))
 	}
-	m := map[string]bool{}
+	m := map[string]*nftables.Chain{}
 	for _, c := range all {
 		if c.Table.Name == v.table.Name {
-			m[c.Name] = true
+			m[c.Name] = c
 		}
 	}
 	return m, nil
+}
+
+// chainShapeIs: got, a chain as the kernel lists it, has want's type,
+// hook and priority (both regular, or both base chains of the same kind)
+// and, if want sets one, its policy. A chain is found by name, so the
+// forward chain deleted and made again as a regular chain (or on another
+// hook) with the same rules kept every guard off and passed Healthy
+// (review6 F3, TestHealthyEntryChainUnhooked).
+func chainShapeIs(got, want *nftables.Chain) bool {
+	if (got.Hooknum == nil) != (want.Hooknum == nil) || (got.Priority == nil) != (want.Priority == nil) {
+		return false
+	}
+	if want.Hooknum == nil {
+		return true // regular: no type, hook, priority or policy
+	}
+	if got.Type != want.Type || *got.Hooknum != *want.Hooknum || *got.Priority != *want.Priority {
+		return false
+	}
+	return want.Policy == nil || got.Policy != nil && *got.Policy == *want.Policy
 }
 
 func (b *Backend) presentSets() (map[string]bool, error) { return b.view().presentSets() }
@@ -996,7 +1065,8 @@ type healthWant struct {
 	sets     []string // every set's name
 	layout   []struct {
 		name  string
-		rules [][]expr.Any // as Setup writes them, as listed (asListed)
+		chain nftables.Chain // as Setup makes it (chains)
+		rules [][]expr.Any   // as Setup writes them, as listed (asListed)
 	}
 	sentineled             []nftables.Set
 	sentinels              []nftables.SetElement
@@ -1023,6 +1093,7 @@ func (b *Backend) healthWantLocked() *healthWant {
 	for _, s := range b.allSets() {
 		w.sets = append(w.sets, s.Name)
 	}
+	specs := b.chains()
 	for _, cr := range b.layout() {
 		for _, r := range cr.rules {
 			for j := range r {
@@ -1031,8 +1102,9 @@ func (b *Backend) healthWantLocked() *healthWant {
 		}
 		w.layout = append(w.layout, struct {
 			name  string
+			chain nftables.Chain
 			rules [][]expr.Any
-		}{cr.name, cr.rules})
+		}{cr.name, *specs[cr.name], cr.rules})
 	}
 	sets, elems := b.sentineled()
 	for _, s := range sets {
@@ -1154,13 +1226,20 @@ func (w *healthWant) check(v kview) (map[string][]*nftables.Rule, error) {
 			return read, fmt.Errorf("pinhole: set %s missing: %w", s, ErrUnhealthy)
 		}
 	}
-	present, err := v.presentChains()
+	chains, err := v.chainsOf()
 	if err != nil {
 		return read, err
+	}
+	present := make(map[string]bool, len(chains))
+	for name := range chains {
+		present[name] = true
 	}
 	for _, cr := range w.layout {
 		if !present[cr.name] {
 			return read, fmt.Errorf("pinhole: chain %s missing: %w", cr.name, ErrUnhealthy)
+		}
+		if !chainShapeIs(chains[cr.name], &cr.chain) {
+			return read, fmt.Errorf("pinhole: chain %s is not the chain Setup made (type, hook, priority or policy): %w", cr.name, ErrUnhealthy)
 		}
 		rules, err := v.getRules(cr.name)
 		if err != nil {
