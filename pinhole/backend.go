@@ -76,6 +76,11 @@ type Backend struct {
 	conn *nftables.Conn
 	cfg  Config
 	raw  rawRules // getRules' second dump, on conn's namespace; under mu
+	// healthRaw is raw for Healthy's reads without mu (dialling one per
+	// check, in conn's namespace, cost more than the dump); under
+	// healthRawMu.
+	healthRaw   rawRules
+	healthRawMu sync.Mutex
 
 	table                  *nftables.Table
 	sets                   [numKinds]*nftables.Set
@@ -957,6 +962,9 @@ type kview struct {
 	conn  *nftables.Conn
 	table *nftables.Table
 	raw   *rawRules // for getRules (nil: not checked)
+	// counts: the table's rules' expression counts, dumped once for a
+	// whole Healthy (nil: getRules dumps each chain's).
+	counts map[string]map[uint64]int
 }
 
 // view reads through the Backend's connection. Caller holds b.mu.
@@ -1176,9 +1184,15 @@ func (b *Backend) Healthy() error {
 		if err != nil {
 			return fmt.Errorf("pinhole: health check: %w", err)
 		}
-		raw := &rawRules{}
-		read, err := w.check(kview{conn: conn, table: &w.table, raw: raw})
-		raw.close()
+		var read map[string][]*nftables.Rule
+		if b.healthRawMu.TryLock() {
+			read, err = w.check(kview{conn: conn, table: &w.table, raw: &b.healthRaw})
+			b.healthRawMu.Unlock()
+		} else { // another Healthy has it: a socket of this one's own
+			raw := &rawRules{}
+			read, err = w.check(kview{conn: conn, table: &w.table, raw: raw})
+			raw.close()
+		}
 		_ = conn.CloseLasting()
 		b.mu.Lock()
 		same := b.gen == w.gen
@@ -1216,6 +1230,19 @@ func (w *healthWant) check(v kview) (map[string][]*nftables.Rule, error) {
 		// Every guard off, every rule listed as written (review6 F2,
 		// TestHealthyTableDormant); Setup's AddTable (flags 0) wakes it.
 		return read, fmt.Errorf("pinhole: table inet %s is dormant: %w", w.table.Name, ErrUnhealthy)
+	}
+	if v.raw != nil && v.conn.TestDial == nil {
+		// One dump of the table's expression counts for every chain
+		// this check reads (getRules), not one per chain: with a dump
+		// per chain, Healthy at 1 000 owners took 121-130 ms, not 81-90.
+		counts, err := v.raw.exprCounts(v.conn.NetNS, v.table, "")
+		if err != nil {
+			return read, fmt.Errorf("pinhole: %w: %w", ErrUnhealthy, err)
+		}
+		v.counts = counts
+		if v.counts == nil {
+			v.counts = map[string]map[uint64]int{}
+		}
 	}
 	sets, err := v.presentSets()
 	if err != nil {

@@ -28,9 +28,13 @@ func (v kview) getRules(name string) ([]*nftables.Rule, error) {
 	if err != nil || v.conn.TestDial != nil || v.raw == nil || len(rules) == 0 {
 		return rules, err
 	}
-	counts, err := v.raw.exprCounts(v.conn.NetNS, v.table, name)
-	if err != nil {
-		return nil, err
+	counts := v.counts[name]
+	if v.counts == nil {
+		all, err := v.raw.exprCounts(v.conn.NetNS, v.table, name)
+		if err != nil {
+			return nil, err
+		}
+		counts = all[name]
 	}
 	for _, r := range rules {
 		// A rule not in the second dump was replaced between the two:
@@ -55,9 +59,9 @@ func (r *rawRules) close() {
 	}
 }
 
-// exprCounts is, per rule handle of chain name, how many expressions the
-// kernel lists.
-func (r *rawRules) exprCounts(netns int, table *nftables.Table, name string) (map[uint64]int, error) {
+// exprCounts is, per chain and rule handle, how many expressions the
+// kernel lists, for chain name ("": every chain of table, in one dump).
+func (r *rawRules) exprCounts(netns int, table *nftables.Table, name string) (map[string]map[uint64]int, error) {
 	if r.c == nil {
 		c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: netns})
 		if err != nil {
@@ -67,7 +71,9 @@ func (r *rawRules) exprCounts(netns int, table *nftables.Table, name string) (ma
 	}
 	ae := netlink.NewAttributeEncoder()
 	ae.String(unix.NFTA_RULE_TABLE, table.Name)
-	ae.String(unix.NFTA_RULE_CHAIN, name)
+	if name != "" {
+		ae.String(unix.NFTA_RULE_CHAIN, name)
+	}
 	attrs, err := ae.Encode()
 	if err != nil {
 		return nil, err
@@ -83,7 +89,7 @@ func (r *rawRules) exprCounts(netns int, table *nftables.Table, name string) (ma
 		r.close() // dialled again next time
 		return nil, fmt.Errorf("pinhole: rules of %s: %w", name, classify(err))
 	}
-	out := make(map[uint64]int, len(msgs))
+	out := map[string]map[uint64]int{}
 	for _, m := range msgs {
 		if len(m.Data) < 4 {
 			continue
@@ -93,9 +99,12 @@ func (r *rawRules) exprCounts(netns int, table *nftables.Table, name string) (ma
 			return nil, err
 		}
 		var handle uint64
+		var chain string
 		n := 0
 		for ad.Next() {
 			switch ad.Type() {
+			case unix.NFTA_RULE_CHAIN:
+				chain = ad.String()
 			case unix.NFTA_RULE_HANDLE:
 				if b := ad.Bytes(); len(b) == 8 {
 					handle = binary.BigEndian.Uint64(b)
@@ -114,7 +123,10 @@ func (r *rawRules) exprCounts(netns int, table *nftables.Table, name string) (ma
 		if err := ad.Err(); err != nil {
 			return nil, err
 		}
-		out[handle] = n
+		if out[chain] == nil {
+			out[chain] = map[uint64]int{}
+		}
+		out[chain][handle] = n
 	}
 	return out, nil
 }
