@@ -232,8 +232,8 @@ func (b *Backend) unownedMetering() bool {
 // dropped and counted here, and a route moved to a new interface passes
 // the owner's requests there before FollowRoutes catches up. What the
 // comparisons pass that the lookup might not: on a stale ifs, the
-// interface a route has just left (until FollowRoutes, pcpd: ≈ 250 ms
-// after the change with NetlinkRoutes' watch, at most TamperInterval, 5 s,
+// interface a route has just left (until FollowRoutes, pcpd: 250 ms
+// after a change with NetlinkRoutes' watch, up to 1 s under churn, at most TamperInterval, 5 s,
 // without); the host's own addresses inside the owner's
 // prefix (NetlinkRoutes does not see them; those pcpd serves are dropped
 // before, servedSourceRules), from the owner's interface
