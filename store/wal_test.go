@@ -912,3 +912,38 @@ func TestRecordLen(t *testing.T) {
 		})
 	}
 }
+
+// TestCountEntries: the fold sizes its list with countEntries, which must
+// count what walkEntries visits, and never more on a damaged payload.
+func TestCountEntries(t *testing.T) {
+	l := fullLease()
+	k := leaseN(7).Key
+	var mixed []byte
+	mixed = appendDelEntry(mixed, &k)
+	mixed = appendPutEntry(mixed, &l)
+	for i := range 5 {
+		mixed = appendPutEntry(mixed, new(leaseN(i)))
+	}
+	tests := []struct {
+		name string
+		p    []byte
+	}{
+		{"empty", nil},
+		{"one delete", appendDelEntry(nil, &k)},
+		{"one put", appendPutEntry(nil, &l)},
+		{"mixed", mixed},
+		{"cut in the last value", mixed[:len(mixed)-5]},
+		{"cut in a key length", mixed[:len(mixed)-len(appendPutEntry(nil, new(leaseN(4))))+2]},
+		{"trailing octet", append(append([]byte{}, mixed...), entryPut)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			walked := 0
+			err := walkEntries(tt.p, func(byte, []byte, []byte) error { walked++; return nil })
+			got := countEntries(tt.p)
+			if err == nil && got != walked || got > walked {
+				t.Fatalf("countEntries = %d, walkEntries visited %d (err %v)", got, walked, err)
+			}
+		})
+	}
+}
