@@ -165,7 +165,7 @@ const unownedChain = "unowned"
 // transactions, ownerMapTxn) that owner's sources are charged here, as
 // nobody's, rather than metered per source only.
 func (b *Backend) unownedRules(match []expr.Any) [][]expr.Any {
-	if !b.ownerMetering() {
+	if !b.ownerMetering() || !b.mapAsSet { // mapAsSet: probeMapAsSet
 		return nil
 	}
 	notOwned := func(s *nftables.Set) expr.Any {
@@ -188,7 +188,7 @@ func (b *Backend) unownedChainRules() [][]expr.Any {
 // unownedMetering: the layout has unownedChain (standalone, with the
 // per-source and owner meters on).
 func (b *Backend) unownedMetering() bool {
-	return !b.cfg.Attached && b.cfg.Meter.Rate > 0 && b.ownerMetering()
+	return !b.cfg.Attached && b.cfg.Meter.Rate > 0 && b.ownerMetering() && b.mapAsSet
 }
 
 // ownerRules are an owner chain's rules: the reverse-path check (unless

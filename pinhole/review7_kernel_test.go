@@ -16,8 +16,10 @@ import (
 // map looked up as a set, inverted) is both, so on those kernels Setup's
 // whole transaction fails and pcpd, standalone with the default kernel
 // meter, cannot start. The test applies the old kernel's checks to the
-// layout's rules; the box's own kernel (6.18) accepts them, so only this
-// check shows it.
+// layout's rules of a Backend whose kernel has not been found to accept
+// them (probeMapAsSet: mapAsSet false, as on 6.1); the box's own kernel
+// (6.18) accepts them, so only this check shows it (TestUnownedMeterLayout
+// has the unowned chain on this kernel, after the probe).
 func TestLayoutLookupsLinux61(t *testing.T) {
 	for _, tc := range []struct {
 		name string
