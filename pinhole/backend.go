@@ -915,6 +915,19 @@ func rangePrefixes(first, last netip.Addr) []netip.Prefix {
 	return out
 }
 
+// Close closes the netlink sockets the Backend dialled itself (the raw
+// rule dumps of getRules and Healthy); conn, the caller's, stays open, and
+// so do pcpd's kernel objects (Teardown removes those). A Backend must not
+// be used after Close (a later call would dial them again).
+func (b *Backend) Close() {
+	b.mu.Lock()
+	b.raw.close()
+	b.mu.Unlock()
+	b.healthRawMu.Lock()
+	b.healthRaw.close()
+	b.healthRawMu.Unlock()
+}
+
 // Teardown removes pcpd's objects, and nothing else. Standalone, that is
 // pcpd's table. Attached, it is pcpd's sets and chains; the entry chain is
 // left in place, empty, while the admin's ruleset still jumps to it.

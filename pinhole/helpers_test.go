@@ -40,6 +40,7 @@ func newBackend(t testing.TB, ns *netlab.NS, cfg pinhole.Config) *pinhole.Backen
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(b.Close)
 	if err := b.Setup(); err != nil {
 		t.Fatalf("Setup: %v", err)
 	}

@@ -186,6 +186,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	if err != nil {
 		return failure(err)
 	}
+	defer fw.Close()
 
 	srv, err := server.New(server.Config{
 		Interfaces:       cfg.Interfaces,
