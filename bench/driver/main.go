@@ -287,6 +287,17 @@ func (b *bench) setup() error {
 			return err
 		}
 	}
+	// The client's whole prefix (pcpd --client load=) is routed to it, as
+	// a tunnel host routes each client's delegated prefix (WireGuard
+	// AllowedIPs, a static route). Without this route the host routed
+	// only pieces of the /48 (the LAN /64, the load's /50), so pcpd's
+	// route check found no one interface for the owner and its owner
+	// chain made a fib lookup for every request from the load's
+	// sources (BENCHMARKS.md "What changed" 27).
+	if _, err := t.Host.Run("ip", "-6", "route", "add", ownedPrefix.String(), "via", t.ClientV6.String(), "dev", t.HostLANIf); err != nil {
+		t.Close()
+		return err
+	}
 	b.logf("lab: client %s, host %s (%s), server %s", t.Client.Name, t.Host.Name, t.HostLANIf, b.server)
 	return nil
 }
