@@ -41,7 +41,7 @@ func BenchmarkControlDatagram(b *testing.B) {
 		// Strict, but the owner's prefix not routed through one interface
 		// (Routes answers none): every datagram meets the route lookup, as
 		// the bench's load did before its /48 was routed whole
-		// (BENCHMARKS.md "What changed" 27). The rows above have the
+		// (BENCHMARKS.md "What changed" 28). The rows above have the
 		// client's prefixes routed through the LAN, so its datagrams end
 		// the rule at the interface comparison.
 		{"notrack, meter, owned, unrouted", true, pinhole.Config{Routes: noRoutes{}, Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}}, true},

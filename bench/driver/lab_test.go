@@ -19,7 +19,7 @@ import (
 // fib lookup. Before, only pieces of the /48 were routed, every lookup
 // of the whole prefix answered none, and each request of the malformed,
 // renewal and new-MAP rows paid a route lookup that a real client's would
-// not (BENCHMARKS.md "What changed" 27).
+// not (BENCHMARKS.md "What changed" 28).
 func TestLoadPrefixRoutedThroughLAN(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (network namespaces)")

@@ -293,7 +293,7 @@ func (b *bench) setup() error {
 	// only pieces of the /48 (the LAN /64, the load's /50), so pcpd's
 	// route check found no one interface for the owner and its owner
 	// chain made a fib lookup for every request from the load's
-	// sources (BENCHMARKS.md "What changed" 27).
+	// sources (BENCHMARKS.md "What changed" 28).
 	if _, err := t.Host.Run("ip", "-6", "route", "add", ownedPrefix.String(), "via", t.ClientV6.String(), "dev", t.HostLANIf); err != nil {
 		t.Close()
 		return err
