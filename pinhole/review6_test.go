@@ -28,16 +28,7 @@ func TestHealthyHiddenExpression(t *testing.T) {
 	serve(t, topo.Client, udp, dst)
 	mustNotReach(t, "intact guard", topo.Internet, udp, netip.Addr{}, dst)
 
-	conn, err := topo.Host.NftConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	table := &nftables.Table{Name: "pcpd", Family: nftables.TableFamilyINet}
-	chain := &nftables.Chain{Table: table, Name: "guard6"}
-	rules, err := conn.GetRules(table, chain)
-	if err != nil || len(rules) == 0 {
-		t.Fatalf("rules of guard6: %d, %v", len(rules), err)
-	}
+	conn, table, chain, rules := chainRules(t, topo.Host, "guard6")
 	last := rules[len(rules)-1]
 	if len(last.Exprs) != 1 {
 		t.Fatalf("guard6's last rule is not a bare verdict: %#v", last.Exprs)
@@ -108,18 +99,10 @@ func TestOwnerChainHiddenExpression(t *testing.T) {
 	if err := b.Healthy(); err != nil {
 		t.Fatalf("Healthy on an intact table: %v", err)
 	}
-	conn, err := topo.Host.NftConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	table := &nftables.Table{Name: "pcpd", Family: nftables.TableFamilyINet}
-	chain := &nftables.Chain{Table: table, Name: pinhole.OwnerChains(owners)["static:x"]}
+	name := pinhole.OwnerChains(owners)["static:x"]
 	hide := func() {
 		t.Helper()
-		rules, err := conn.GetRules(table, chain)
-		if err != nil || len(rules) == 0 {
-			t.Fatalf("rules of %s: %d, %v", chain.Name, len(rules), err)
-		}
+		conn, table, chain, rules := chainRules(t, topo.Host, name)
 		last := rules[len(rules)-1]
 		if _, ok := last.Exprs[0].(*expr.Limit); !ok {
 			t.Fatalf("%s's last rule is not the limit: %#v", chain.Name, last.Exprs)
@@ -132,14 +115,14 @@ func TestOwnerChainHiddenExpression(t *testing.T) {
 	}
 	hide()
 	if err := b.Healthy(); !errors.Is(err, pinhole.ErrOwnerMeter) {
-		t.Fatalf("Healthy = %v after %s's limit got a hidden \"rt classid\" in front, want ErrOwnerMeter", err, chain.Name)
+		t.Fatalf("Healthy = %v after %s's limit got a hidden \"rt classid\" in front, want ErrOwnerMeter", err, name)
 	}
 	if err := b.RepairOwners(); err != nil {
 		t.Fatal(err)
 	}
 	if err := b.Healthy(); err != nil {
 		t.Errorf("after RepairOwners: Healthy = %v (the hidden expression kept as intact?)\n%s", err,
-			nftList(t, topo.Host, "chain", "inet", "pcpd", chain.Name))
+			nftList(t, topo.Host, "chain", "inet", "pcpd", name))
 	}
 }
 
@@ -155,16 +138,7 @@ func TestHealthyEntryChainUnhooked(t *testing.T) {
 	serve(t, topo.Client, udp, dst)
 	mustNotReach(t, "intact guard", topo.Internet, udp, netip.Addr{}, dst)
 
-	conn, err := topo.Host.NftConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	table := &nftables.Table{Name: "pcpd", Family: nftables.TableFamilyINet}
-	entry := &nftables.Chain{Table: table, Name: "forward"}
-	rules, err := conn.GetRules(table, entry)
-	if err != nil || len(rules) == 0 {
-		t.Fatalf("rules of forward: %d, %v", len(rules), err)
-	}
+	conn, table, entry, rules := chainRules(t, topo.Host, "forward")
 	conn.FlushChain(entry)
 	conn.DelChain(entry)
 	regular := conn.AddChain(&nftables.Chain{Table: table, Name: "forward"})
@@ -189,4 +163,21 @@ func TestHealthyEntryChainUnhooked(t *testing.T) {
 		t.Errorf("after Setup: Healthy = %v", err)
 	}
 	mustNotReach(t, "after Setup", topo.Internet, udp, netip.Addr{}, dst)
+}
+
+// chainRules is a connection to ns's nftables and the rules of chain name
+// of pcpd's table (at least one), for a test to tamper with.
+func chainRules(t *testing.T, ns *netlab.NS, name string) (*nftables.Conn, *nftables.Table, *nftables.Chain, []*nftables.Rule) {
+	t.Helper()
+	conn, err := ns.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := &nftables.Table{Name: "pcpd", Family: nftables.TableFamilyINet}
+	chain := &nftables.Chain{Table: table, Name: name}
+	rules, err := conn.GetRules(table, chain)
+	if err != nil || len(rules) == 0 {
+		t.Fatalf("rules of %s: %d, %v", name, len(rules), err)
+	}
+	return conn, table, chain, rules
 }

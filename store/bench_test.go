@@ -326,6 +326,23 @@ func copyFileT(b *testing.B, from, to string) {
 	}
 }
 
+// openFoldCopy opens a copy of the closed state directory src (none: an
+// empty one) in a fresh directory, with no background checkpoint, for a
+// benchmark that times one fold.
+func openFoldCopy(b *testing.B, src string) *Store {
+	b.Helper()
+	dir := b.TempDir()
+	if src != "" {
+		copyFileT(b, filepath.Join(src, DBName), filepath.Join(dir, DBName))
+		copyLog(b, src, dir)
+	}
+	s, _, err := Open(dir, nil, WithoutOpenSnapshot(), WithCheckpoint(1<<30, time.Hour))
+	if err != nil {
+		b.Fatal(err)
+	}
+	return s
+}
+
 // BenchmarkCheckpointNew: the checkpoint that folds a log of `leases` new
 // leases (committed 32 at a time, as the engine's batches do) into a state
 // file that already holds `have`: the background work behind a run of new
@@ -335,16 +352,11 @@ func BenchmarkCheckpointNew(b *testing.B) {
 		b.Run(fmt.Sprintf("have=%d/leases=%d", c.have, c.leases), func(b *testing.B) {
 			for b.Loop() {
 				b.StopTimer()
-				dir := b.TempDir()
+				var src string
 				if c.have > 0 {
-					src := benchDir(b, c.have)
-					copyFileT(b, filepath.Join(src, DBName), filepath.Join(dir, DBName))
-					copyLog(b, src, dir)
+					src = benchDir(b, c.have)
 				}
-				s, _, err := Open(dir, nil, WithoutOpenSnapshot(), WithCheckpoint(1<<30, time.Hour))
-				if err != nil {
-					b.Fatal(err)
-				}
+				s := openFoldCopy(b, src)
 				for i := c.have; i < c.have+c.leases; i += 32 {
 					if err := s.Commit(leasesN(i, min(i+32, c.have+c.leases)), nil); err != nil {
 						b.Fatal(err)

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"runtime"
 	"syscall"
 	"testing"
@@ -102,16 +101,11 @@ func BenchmarkCheckpointSpread(b *testing.B) {
 			var gcs uint32
 			for b.Loop() {
 				b.StopTimer()
-				dir := b.TempDir()
+				var src string
 				if c.have > 0 {
-					src := spreadDir(b, c.have)
-					copyFileT(b, filepath.Join(src, DBName), filepath.Join(dir, DBName))
-					copyLog(b, src, dir)
+					src = spreadDir(b, c.have)
 				}
-				s, _, err := Open(dir, nil, WithoutOpenSnapshot(), WithCheckpoint(1<<30, time.Hour))
-				if err != nil {
-					b.Fatal(err)
-				}
+				s := openFoldCopy(b, src)
 				for i := 0; i < c.leases; i += 32 {
 					if err := s.Commit(spreadLeases(i, min(i+32, c.leases), 30000), nil); err != nil {
 						b.Fatal(err)
