@@ -136,6 +136,10 @@ type Backend struct {
 		at          time.Time
 	}
 	drops [3]atomic.Uint64
+	// lookedUp is the owners whose chain's reverse-path rule has no
+	// interfaces, as of the last SetOwners or FollowRoutes
+	// (RouteLookupOwners); read without b.mu.
+	lookedUp atomic.Pointer[[]Owner]
 	// inPlace: the kernel updates an element's timeout when it is re-added
 	// (Linux ≥ 6.10), found by the probe of the first successful Setup
 	// (probed); without it Install and Refresh re-create the element

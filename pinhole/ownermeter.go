@@ -321,6 +321,7 @@ func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
 	b.gen++
 	b.adoptOwnerIfs(owners, ifs, seq)
 	b.owners, b.holes, b.hasOwners = owners, holes, true
+	b.noteLookedUp()
 	return b.writeOwners(owners, holes, false)
 }
 

@@ -6,6 +6,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -503,6 +504,7 @@ func (b *Backend) FollowRoutes() error {
 	ifs, lerr := b.ownerInterfaces(owners)
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	defer b.noteLookedUp() // whatever was written, before the unlock
 	// Remembered when the round asked every owner of now and wrote every
 	// answer: a later round with the same generations may skip.
 	done, werr := false, error(nil)
@@ -614,6 +616,48 @@ func (b *Backend) adoptOwnerIfs(owners []Owner, ifs map[string][]int, seq uint64
 		newIfs[name], newSeq[name] = ifs[name], seq
 	}
 	b.ownerIfs, b.ownerIfsSeq = newIfs, newSeq
+}
+
+// RouteLookupOwners returns the owners (ID order) whose owner chain's
+// reverse-path rule passes no interface unlooked: their prefixes are not
+// routed as one through one set of interfaces (no route, a reject route,
+// a more specific route elsewhere, policy rules: Routes.Interfaces), or
+// their lookup failed, so the kernel looks up the route (the fib
+// expression) of every request from them. On the bench's load that lookup
+// and its RCU frees were 3.3 % of all CPU samples (BENCHMARKS.md item 28),
+// unseen until then: pcpd reports these owners (a gauge, and a log line
+// when one enters the state) so that the operator can route the owner's
+// prefix through its interface. It is as of the last SetOwners or
+// FollowRoutes, and empty with the check off or without Config.Routes
+// (every request is looked up then, as configured). It takes no lock.
+func (b *Backend) RouteLookupOwners() []Owner {
+	if p := b.lookedUp.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// noteLookedUp records RouteLookupOwners from b.owners and b.ownerIfs.
+// Caller holds b.mu.
+func (b *Backend) noteLookedUp() {
+	var out []Owner
+	if b.cfg.Meter.ReversePath != ReversePathOff && b.cfg.Routes != nil && b.ownerMetering() {
+		chains := OwnerChains(b.owners)
+		byID := map[string]int{}
+		for _, o := range b.owners {
+			if len(o.Prefixes) == 0 || len(b.ownerIfs[chains[o.ID]]) > 0 {
+				continue
+			}
+			if i, ok := byID[o.ID]; ok {
+				out[i].Prefixes = append(out[i].Prefixes, o.Prefixes...)
+				continue
+			}
+			byID[o.ID] = len(out)
+			out = append(out, Owner{ID: o.ID, Prefixes: slices.Clone(o.Prefixes)})
+		}
+		slices.SortFunc(out, func(a, c Owner) int { return strings.Compare(a.ID, c.ID) })
+	}
+	b.lookedUp.Store(&out)
 }
 
 // chainPrefixes is, per owner chain, the prefixes of its owner, as given:
