@@ -10,6 +10,7 @@ import (
 var (
 	_ Firewall     = (*pinhole.Backend)(nil)
 	_ OwnerMeter   = (*pinhole.Backend)(nil)
+	_ RouteLookups = (*pinhole.Backend)(nil)
 	_ ServedSetter = (*pinhole.Backend)(nil)
 	_ LeaseStore   = (*store.Store)(nil)
 	_ Policy       = (*policy.Policy)(nil)

@@ -67,6 +67,15 @@ type RouteFollower interface {
 	FollowRoutes() error
 }
 
+// RouteLookups is an optional extra of an OwnerMeter (*pinhole.Backend
+// has it): RouteLookupOwners are the owners each of whose requests costs
+// the kernel a route lookup (their prefixes are not routed as one through
+// one interface), as of the last SetOwners or FollowRoutes. It must be
+// cheap (read at each /metrics scrape).
+type RouteLookups interface {
+	RouteLookupOwners() []pinhole.Owner
+}
+
 // RouteChanger is an optional extra of a RouteFollower (*pinhole.Backend
 // has it, when its routes are watched): RouteChanges receives after the
 // host's links, addresses, routes or policy rules changed (nil: never),

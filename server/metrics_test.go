@@ -2,6 +2,10 @@ package server
 
 import (
 	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -270,5 +274,65 @@ func TestRouteChangeFollowedAtOnce(t *testing.T) {
 	wait(3)
 	if d := time.Since(start); d > routeFollowGap-100*time.Millisecond {
 		t.Errorf("a change after a quiet spell followed %v later, want about %v", d, routeFollowDelay)
+	}
+}
+
+// TestRouteLookupOwnersReported (BENCHMARKS.md item 28): the owners each
+// of whose requests costs the kernel a route lookup (RouteLookups) show as
+// pcpd_owner_meter_route_lookup_owners, and each firewall check logs the
+// owners that entered that state since the last one, by ID and prefix:
+// an owner that stays is logged once, one that leaves and comes back
+// again, and past maxLookupLogs at once the rest are counted in one line.
+func TestRouteLookupOwnersReported(t *testing.T) {
+	h := newHarness(t)
+	reg := prometheus.NewRegistry()
+	for _, c := range h.s.Collectors() {
+		reg.MustRegister(c)
+	}
+	owner := func(id string) pinhole.Owner {
+		return pinhole.Owner{ID: id, Prefixes: []netip.Prefix{netip.MustParsePrefix("10.78.0.0/16")}}
+	}
+	var many []pinhole.Owner
+	var manyIDs []string
+	for i := range maxLookupLogs + 3 {
+		many = append(many, owner(fmt.Sprintf("static:many%02d", i)))
+		manyIDs = append(manyIDs, many[i].ID)
+	}
+	for _, step := range []struct {
+		name     string
+		lookedUp []pinhole.Owner
+		logged   []string // owners named by this check
+		more     int      // owners counted in the summary line
+	}{
+		{"none", nil, nil, 0},
+		{"one enters", []pinhole.Owner{owner("static:a")}, []string{"static:a"}, 0},
+		{"it stays", []pinhole.Owner{owner("static:a")}, nil, 0},
+		{"another enters", []pinhole.Owner{owner("static:a"), owner("static:b")}, []string{"static:b"}, 0},
+		{"both leave", nil, nil, 0},
+		{"one comes back", []pinhole.Owner{owner("static:b")}, []string{"static:b"}, 0},
+		{"many enter", many, manyIDs[:maxLookupLogs], 3},
+	} {
+		h.logs.TakeAll()
+		h.fw.LookedUp = step.lookedUp
+		h.s.checkFirewall()
+		if got := gather(t, reg)["pcpd_owner_meter_route_lookup_owners"]; got != float64(len(step.lookedUp)) {
+			t.Errorf("%s: pcpd_owner_meter_route_lookup_owners = %v, want %d", step.name, got, len(step.lookedUp))
+		}
+		var named []string
+		more := 0
+		for _, e := range h.logs.FilterMessageSnippet("costs a route lookup").All() {
+			if id, ok := e.ContextMap()["owner"].(string); ok {
+				named = append(named, id)
+				if p := fmt.Sprint(e.ContextMap()["prefixes"]); !strings.Contains(p, "10.78.0.0/16") {
+					t.Errorf("%s: %s logged with prefixes %s", step.name, id, p)
+				}
+			}
+			if n, ok := e.ContextMap()["unnamed"].(int64); ok {
+				more += int(n)
+			}
+		}
+		if !slices.Equal(named, step.logged) || more != step.more {
+			t.Errorf("%s: logged owners %v and %d more, want %v and %d more", step.name, named, more, step.logged, step.more)
+		}
 	}
 }

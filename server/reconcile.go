@@ -293,6 +293,7 @@ func (s *Server) checkFirewall() {
 		if err := rf.FollowRoutes(); err != nil {
 			s.log.Warn("kernel owner meter: cannot follow the routes of the owned prefixes", zap.Error(err))
 		}
+		s.noteRouteLookups()
 	}
 	herr := s.fw.Healthy()
 	if herr == nil {
@@ -499,6 +500,7 @@ func (s *Server) watchFirewall(ctx context.Context) {
 			if err := rf.FollowRoutes(); err != nil {
 				s.log.Warn("kernel owner meter: cannot follow the routes of the owned prefixes", zap.Error(err))
 			}
+			s.noteRouteLookups()
 		}
 	}
 }

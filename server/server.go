@@ -57,6 +57,12 @@ type Server struct {
 	// last given (updateProtected); nil: not yet, or to be given again.
 	meterOwners []pinhole.Owner
 	meterHoles  []netip.Prefix
+	// lookedUp is the owners RouteLookups reported at the last look
+	// (noteRouteLookups), by ID: a log line tells when one enters.
+	lookedUp struct {
+		mu  sync.Mutex
+		ids map[string]bool
+	}
 	// served is the addresses last given to the firewall's ServedSetter
 	// (nil: none yet), the listener goroutine's alone (updateServed).
 	served []netip.Addr
@@ -159,6 +165,9 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	})
 	if om, ok := s.fw.(OwnerMeter); ok {
 		s.m.kernelDrops = newKernelDrops(om.MeterDrops)
+		if rl, ok := om.(RouteLookups); ok {
+			s.m.lookupOwners = newLookupOwners(rl)
+		}
 	}
 	if deps.Registerer != nil {
 		for _, c := range s.m.collectors() {
@@ -566,13 +575,55 @@ func (s *Server) updateMeterOwners(owners []policy.Owner) {
 	}) {
 		return
 	}
-	if err := om.SetOwners(meter, holes); err != nil {
+	err := om.SetOwners(meter, holes)
+	// The owners given are adopted even when writing them failed
+	// (pinhole's SetOwners), and their routes were asked.
+	s.noteRouteLookups()
+	if err != nil {
 		// Retried at the next pass (s.meterOwners unchanged).
 		s.m.meterErrors.Inc()
 		s.log.Error("cannot update the owner meter's prefixes", zap.Error(err))
 		return
 	}
 	s.meterOwners, s.meterHoles = meter, holes
+}
+
+// maxLookupLogs bounds the owners noteRouteLookups names at one look: a
+// host whose policy rules pcpd's lookups cannot stand for (pinhole's
+// NetlinkRoutes) puts every owner in that state at once.
+const maxLookupLogs = 10
+
+// noteRouteLookups logs each owner that entered the state where every
+// request of its costs the kernel a route lookup (RouteLookups) since the
+// last look: on the bench's load that lookup and its RCU frees were 3.3 %
+// of all CPU samples (BENCHMARKS.md item 28), and nothing told the
+// operator. Only transitions are logged, so a lasting state is told once;
+// pcpd_owner_meter_route_lookup_owners has the count.
+func (s *Server) noteRouteLookups() {
+	rl, ok := s.fw.(RouteLookups)
+	if !ok {
+		return
+	}
+	owners := rl.RouteLookupOwners()
+	s.lookedUp.mu.Lock()
+	defer s.lookedUp.mu.Unlock()
+	now := make(map[string]bool, len(owners))
+	entered := 0
+	for _, o := range owners {
+		now[o.ID] = true
+		if s.lookedUp.ids[o.ID] {
+			continue
+		}
+		if entered++; entered <= maxLookupLogs {
+			s.log.Info("kernel owner meter: every request of this client costs a route lookup: its prefixes are not routed as one through one interface; route them through the client's interface",
+				zap.String("owner", o.ID), zap.Stringers("prefixes", o.Prefixes))
+		}
+	}
+	if entered > maxLookupLogs {
+		s.log.Info("kernel owner meter: more clients whose every request costs a route lookup (see pcpd_owner_meter_route_lookup_owners)",
+			zap.Int("unnamed", entered-maxLookupLogs))
+	}
+	s.lookedUp.ids = now
 }
 
 // updateServed gives the firewall the addresses the listener serves when

@@ -66,6 +66,8 @@ type Firewall struct {
 	hasProtected     bool
 	// Drops is what MeterDrops reports.
 	Drops pinhole.MeterDrops
+	// LookedUp is what RouteLookupOwners reports.
+	LookedUp []pinhole.Owner
 	// RouteFollows counts FollowRoutes calls; FailRoutes, if set, is
 	// what they return.
 	RouteFollows int
@@ -170,6 +172,13 @@ func (f *Firewall) RepairOwners() error {
 	}
 	f.OwnerRepairs++
 	return nil
+}
+
+// RouteLookupOwners reports LookedUp (server.RouteLookups).
+func (f *Firewall) RouteLookupOwners() []pinhole.Owner {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.LookedUp
 }
 
 // MeterDrops reports Drops (server.OwnerMeter).
