@@ -141,6 +141,6 @@ func (k *kernelDrops) Collect(ch chan<- prometheus.Metric) {
 func newLookupOwners(rl RouteLookups) prometheus.GaugeFunc {
 	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "pcpd_owner_meter_route_lookup_owners",
-		Help: "Clients each of whose requests costs the kernel a route lookup (the owner meter's reverse-path check): their prefixes are not routed as one through one interface. Route each such client's prefix through its interface (pcpd logs their names). Updated when the owners change and at each firewall check.",
+		Help: "Clients each of whose requests costs the kernel a route lookup (the owner meter's reverse-path check): their prefixes are not routed as one through one interface. Route each such client's prefix through its interface (pcpd logs their names). Updated whenever pcpd reads the routes (owners changed, a route change, each firewall check).",
 	}, func() float64 { return float64(len(rl.RouteLookupOwners())) })
 }

@@ -198,6 +198,12 @@ func TestServeKernelReversePath(t *testing.T) {
 			if !strings.Contains(body, "pcpd_kernel_requests_dropped_total{reason=\"owner-rate-limit\"} 0\n") {
 				t.Errorf("/metrics: owner-rate-limit drops not apart and 0:\n%s", grepLines(body, "pcpd_kernel_requests_dropped_total"))
 			}
+			// The client's prefix is routed through the LAN, so none of its
+			// requests costs a route lookup (BENCHMARKS.md item 28); off
+			// looks nothing up.
+			if !strings.Contains(body, "pcpd_owner_meter_route_lookup_owners 0\n") {
+				t.Errorf("/metrics: no pcpd_owner_meter_route_lookup_owners 0:\n%s", grepLines(body, "pcpd_owner_meter"))
+			}
 		})
 	}
 }
