@@ -1,6 +1,7 @@
 package pinhole_test
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -224,4 +225,23 @@ func ifIndex(t testing.TB, ns *netlab.NS, name string) int {
 		t.Fatal(err)
 	}
 	return i
+}
+
+// tamperNoticedAndRepaired runs the nft commands on ns (a tamper named
+// name), then wants Healthy to report ErrUnhealthy and, after Setup, the
+// table healthy again.
+func tamperNoticedAndRepaired(t *testing.T, ns *netlab.NS, b *pinhole.Backend, name string, cmds [][]string) {
+	t.Helper()
+	for _, cmd := range cmds {
+		ns.MustRun(t, append([]string{"nft"}, cmd...)...)
+	}
+	if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+		t.Fatalf("Healthy after %s: %v, want ErrUnhealthy", name, err)
+	}
+	if err := b.Setup(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("Healthy after %s and Setup: %v", name, err)
+	}
 }

@@ -198,18 +198,7 @@ func TestOwnerMeterPKT08(t *testing.T) {
 		{"nobody's range charged to the flooder", [][]string{{"add", "element", "inet", "pcpd", "owners6", "{", "2001:db8:99::/48", ":", "jump", fl, "}"}}},
 		{"IPv4 map flushed", [][]string{{"flush", "map", "inet", "pcpd", "owners4"}}},
 	} {
-		for _, cmd := range tc.nft {
-			topo.Host.MustRun(t, append([]string{"nft"}, cmd...)...)
-		}
-		if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
-			t.Fatalf("Healthy after %s: %v, want ErrUnhealthy", tc.name, err)
-		}
-		if err := b.Setup(); err != nil {
-			t.Fatal(err)
-		}
-		if err := b.Healthy(); err != nil {
-			t.Fatalf("Healthy after %s and Setup: %v", tc.name, err)
-		}
+		tamperNoticedAndRepaired(t, topo.Host, b, tc.name, tc.nft)
 	}
 
 	// The flooder is no longer an owner: its sources are not held (the

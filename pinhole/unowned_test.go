@@ -1,7 +1,6 @@
 package pinhole_test
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 	"regexp"
@@ -155,18 +154,7 @@ func TestUnownedMeterS4(t *testing.T) {
 		{"its drop made accept", [][]string{{"flush", "chain", "inet", "pcpd", "unowned"},
 			{"add", "rule", "inet", "pcpd", "unowned", "limit", "rate", "over", "10/second", "burst", "50", "packets", "counter", "accept"}}},
 	} {
-		for _, cmd := range tc.nft {
-			topo.Host.MustRun(t, append([]string{"nft"}, cmd...)...)
-		}
-		if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
-			t.Fatalf("Healthy after %s: %v, want ErrUnhealthy", tc.name, err)
-		}
-		if err := b.Setup(); err != nil {
-			t.Fatal(err)
-		}
-		if err := b.Healthy(); err != nil {
-			t.Fatalf("Healthy after %s and Setup: %v", tc.name, err)
-		}
+		tamperNoticedAndRepaired(t, topo.Host, b, tc.name, tc.nft)
 	}
 }
 

@@ -19,7 +19,7 @@ import (
 
 var (
 	benchMu   sync.Mutex
-	benchDirs = map[int]string{}
+	benchDirs = map[string]string{}
 )
 
 func TestMain(m *testing.M) {
@@ -30,19 +30,26 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// benchDir returns a closed state directory holding n leases.
+// benchDir returns a closed state directory holding n leases (leaseN).
 func benchDir(b *testing.B, n int) string {
+	return cachedStateDir(b, fmt.Sprintf("plain/%d", n), n, leasesN)
+}
+
+// cachedStateDir returns a closed state directory holding n leases made
+// by leases(from, to), built once per process under key (removed by
+// TestMain).
+func cachedStateDir(b *testing.B, key string, n int, leases func(from, to int) []Lease) string {
 	b.Helper()
 	benchMu.Lock()
 	defer benchMu.Unlock()
-	if d, ok := benchDirs[n]; ok {
+	if d, ok := benchDirs[key]; ok {
 		return d
 	}
 	d, err := os.MkdirTemp("", "pcpd-store-bench-")
 	if err != nil {
 		b.Fatal(err)
 	}
-	benchDirs[n] = d
+	benchDirs[key] = d
 	s, _, err := Open(d, nil, WithoutOpenSnapshot())
 	if err != nil {
 		b.Fatal(err)
@@ -52,7 +59,7 @@ func benchDir(b *testing.B, n int) string {
 	}
 	const chunk = 50_000
 	for i := 0; i < n; i += chunk {
-		if err := s.Commit(leasesN(i, min(i+chunk, n)), nil); err != nil {
+		if err := s.Commit(leases(i, min(i+chunk, n)), nil); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -3,7 +3,6 @@ package store
 import (
 	"fmt"
 	"net/netip"
-	"os"
 	"runtime"
 	"syscall"
 	"testing"
@@ -43,40 +42,10 @@ func spreadLeases(from, to, base int) []Lease {
 	return ls
 }
 
-// spreadDirs: closed state directories holding n spread leases, built once
-// per process (removed by TestMain with benchDirs).
-var spreadDirs = map[int]string{}
-
+// spreadDir is a closed state directory holding n spread leases (port
+// base 1024), built once per process.
 func spreadDir(b *testing.B, n int) string {
-	b.Helper()
-	benchMu.Lock()
-	defer benchMu.Unlock()
-	if d, ok := spreadDirs[n]; ok {
-		return d
-	}
-	d, err := os.MkdirTemp("", "pcpd-store-spread-")
-	if err != nil {
-		b.Fatal(err)
-	}
-	benchDirs[-1-len(spreadDirs)] = d // removed by TestMain
-	spreadDirs[n] = d
-	s, _, err := Open(d, nil, WithoutOpenSnapshot())
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := s.ResetEpoch(t0); err != nil {
-		b.Fatal(err)
-	}
-	const chunk = 50_000
-	for i := 0; i < n; i += chunk {
-		if err := s.Commit(spreadLeases(i, min(i+chunk, n), 1024), nil); err != nil {
-			b.Fatal(err)
-		}
-	}
-	if err := s.Close(); err != nil {
-		b.Fatal(err)
-	}
-	return d
+	return cachedStateDir(b, fmt.Sprintf("spread/%d", n), n, func(from, to int) []Lease { return spreadLeases(from, to, 1024) })
 }
 
 func cpuTime() time.Duration {
