@@ -89,6 +89,7 @@ type Backend struct {
 	meter6, meter4         *nftables.Set // standalone only (meter.go)
 	owners6, owners4       *nftables.Set // standalone only: the owner meter (ownermeter.go)
 	served6, served4       *nftables.Set // standalone only: the serving addresses (notrack.go)
+	servingIfs             *nftables.Set // standalone only: the serving interfaces and lo (notrack.go)
 	chainControlIn         string        // standalone only: the control chains (notrack.go)
 	chainControlLocal      string
 	chainNotrackOut        string
@@ -107,6 +108,7 @@ type Backend struct {
 	hasProtected bool
 	served       []netip.Addr // last SetServed (servedAddrs' form), re-applied by Setup
 	hasServed    bool
+	servedIfs    []string       // last SetServed's interface names ("lo" added, sorted), re-applied by Setup
 	owners       []Owner        // last SetOwners, re-applied by Setup
 	holes        []netip.Prefix // and its holes
 	hasOwners    bool
@@ -186,6 +188,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		b.meter6, b.meter4 = meterSets(b.table, prefix, cfg.Meter.Size)
 		b.owners6, b.owners4 = ownerMaps(b.table, prefix)
 		b.served6, b.served4 = servedSets(b.table)
+		b.servingIfs = servingIfsSet(b.table)
 	}
 	b.chainGuard6 = prefix + "guard6"
 	b.chainGuard4 = prefix + "guard4"
@@ -214,7 +217,7 @@ func (b *Backend) allSets() []*nftables.Set {
 		all = append(all, b.owners6, b.owners4)
 	}
 	if b.served6 != nil {
-		all = append(all, b.served6, b.served4)
+		all = append(all, b.served6, b.served4, b.servingIfs)
 	}
 	return all
 }
@@ -264,7 +267,7 @@ func (b *Backend) Setup() error {
 		return err
 	}
 	if b.hasServed {
-		if err := b.queueServed(b.served); err != nil {
+		if err := b.queueServed(b.served, b.servedIfs); err != nil {
 			return err
 		}
 	}
@@ -1121,6 +1124,8 @@ type healthWant struct {
 	hasServed              bool
 	served                 []netip.Addr
 	served6, served4       nftables.Set
+	servedIfs              []string
+	servingIfs             nftables.Set
 }
 
 // healthWantLocked copies what Healthy compares the kernel with. The
@@ -1153,6 +1158,7 @@ func (b *Backend) healthWantLocked() *healthWant {
 	if b.served6 != nil {
 		w.servedSets, w.hasServed, w.served = true, b.hasServed, b.served
 		w.served6, w.served4 = *b.served6, *b.served4
+		w.servedIfs, w.servingIfs = b.servedIfs, *b.servingIfs
 	}
 	if b.hasOwners && b.ownerMetering() {
 		w.meter, w.owners, w.holes = true, b.owners, b.holes

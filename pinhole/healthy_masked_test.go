@@ -34,7 +34,7 @@ func healthyMasked(t *testing.T, period time.Duration) {
 	if err := b.SetProtected(specifics); err != nil {
 		t.Fatal(err)
 	}
-	setServed(t, b, netip.MustParseAddr("2001:db8:ffff::1"), netip.MustParseAddr("192.0.2.1"))
+	setServed(t, b, nil, netip.MustParseAddr("2001:db8:ffff::1"), netip.MustParseAddr("192.0.2.1"))
 	if err := b.Healthy(); err != nil {
 		t.Fatalf("Healthy before: %v", err)
 	}

@@ -48,12 +48,13 @@ func newBackend(t testing.TB, ns *netlab.NS, cfg pinhole.Config) *pinhole.Backen
 	return b
 }
 
-// setServed tells b that pcpd serves on addrs (as the server's listener
-// does): the control chains meter and untrack the datagrams to pcpd's
-// port on them, and on no other address (notrack.go).
-func setServed(t testing.TB, b *pinhole.Backend, addrs ...netip.Addr) {
+// setServed tells b that pcpd serves on addrs through ifaces (as the
+// server's listener does): the control chains meter and untrack the
+// datagrams to pcpd's port on them arriving on ifaces or loopback, and no
+// others (notrack.go).
+func setServed(t testing.TB, b *pinhole.Backend, ifaces []string, addrs ...netip.Addr) {
 	t.Helper()
-	if err := b.SetServed(addrs); err != nil {
+	if err := b.SetServed(addrs, ifaces); err != nil {
 		t.Fatalf("SetServed: %v", err)
 	}
 }
@@ -62,7 +63,7 @@ func setServed(t testing.TB, b *pinhole.Backend, addrs ...netip.Addr) {
 // on a WireGuard interface.
 func serveTunnel(t testing.TB, b *pinhole.Backend, topo *netlab.Topology) {
 	t.Helper()
-	setServed(t, b, topo.HostTunnelV6, topo.HostTunnelV4)
+	setServed(t, b, []string{topo.HostLANIf}, topo.HostTunnelV6, topo.HostTunnelV4)
 }
 
 // meteredTunnel is a Backend on topo's Host serving the tunnel, with the

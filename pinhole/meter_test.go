@@ -103,14 +103,14 @@ func TestRequestMeterPKT08(t *testing.T) {
 		UnownedRate: 1 << 20, UnownedBurst: 1 << 20}})
 	// pcpd serves on the WAN too here: the Internet's sources are
 	// metered on Host's WAN addresses.
-	setServed(t, b, topo.HostTunnelV6, topo.HostTunnelV4, topo.HostWANV6, topo.HostPublicV4)
+	setServed(t, b, []string{topo.HostLANIf, topo.HostWANIf}, topo.HostTunnelV6, topo.HostTunnelV4, topo.HostWANV6, topo.HostPublicV4)
 
 	// The rules read as intended: one raw prerouting chain picks out the
 	// datagrams to pcpd's port on an address it serves and hands them to
 	// the meter (and notrack), and no input chain is left to pass.
 	ruleset := nftList(t, topo.Host, "table", "inet", "pcpd")
 	for _, want := range []string{
-		"chain control_in {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tudp dport 5351 ip6 daddr @served6 goto control_local\n\t\tudp dport 5351 ip daddr @served4 goto control_local\n\t}",
+		"chain control_in {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tudp dport 5351 ip6 daddr @served6 iifname @serving_ifs goto control_local\n\t\tudp dport 5351 ip daddr @served4 iifname @serving_ifs goto control_local\n\t}",
 		"chain control_local {\n\t\tip6 saddr @served6 ip6 saddr != fe80::/10 iif != \"lo\" counter packets 0 bytes 0 drop\n" +
 			"\t\tip saddr @served4 iif != \"lo\" counter packets 0 bytes 0 drop\n\t\tudp dport 5351 ip6 saddr vmap @owners6\n",
 		"\t\tudp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: timeout 10s limit rate over 20/second burst 40 packets } drop\n" +

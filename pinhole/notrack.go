@@ -1,6 +1,7 @@
 package pinhole
 
 import (
+	"bytes"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -32,10 +33,11 @@ import (
 //
 //	set served6 { type ipv6_addr; }   (the addresses pcpd listens on: SetServed)
 //	set served4 { type ipv4_addr; }
+//	set serving_ifs { type ifname; }  (their sockets' interfaces, and "lo": SetServed)
 //	chain control_in {
 //		type filter hook prerouting priority raw; policy accept;
-//		udp dport 5351 ip6 daddr @served6 goto control_local
-//		udp dport 5351 ip daddr @served4 goto control_local
+//		udp dport 5351 ip6 daddr @served6 iifname @serving_ifs goto control_local
+//		udp dport 5351 ip daddr @served4 iifname @serving_ifs goto control_local
 //	}
 //	chain control_local {
 //		ip6 saddr @served6 ip6 saddr != fe80::/10 iif != "lo" counter drop	(servedSourceRules)
@@ -95,8 +97,16 @@ import (
 //     meter is there to keep a flood out of pcpd's socket queue, which
 //     they never enter.
 //   - A datagram to a served address that arrives on another interface
-//     is metered and untracked, as before, and then reaches no socket
-//     either (SO_BINDTODEVICE).
+//     than the serving ones and loopback (the WAN) skips control_local:
+//     tracked and unmetered, like one to an address pcpd does not serve,
+//     and it reaches no socket either (SO_BINDTODEVICE). Until review7 L1
+//     it was metered and untracked: about 400 datagrams/s from one WAN
+//     address kept the shared unowned bucket empty (an owned client whose
+//     prefix lagged in the owner maps lost out) and WAN sources filled the
+//     per-source meter sets (TestServingInterfacesOnlyL1). Loopback stays
+//     in the set: the host's own requests reach pcpd through it. The
+//     interface lookup comes after the address one, so only datagrams to
+//     pcpd's port on a served address pay it.
 //   - The sets lag the addresses by the listener's reaction (a netlink
 //     notification, ≈ 1 ms; at worst its 2-s poll), and keep the last
 //     addresses while pcpd is not running (a restart's Setup keeps them
@@ -146,9 +156,10 @@ import (
 // their rules, to a table of their own ("fib daddr type local" in place of
 // the sets there: nothing would keep such sets up to date).
 //
-// The sets are pcpd's objects like the others: Setup creates them (an
-// older pcpd's table is upgraded in the same transaction that rewrites
-// control_in) and fills them with the last SetServed, Healthy compares
+// The sets (serving_ifs too) are pcpd's objects like the others: Setup
+// creates them (an older pcpd's table is upgraded in the same transaction
+// that rewrites control_in) and fills them with the last SetServed,
+// Healthy compares
 // their contents with it (they are as large as the served addresses, so
 // the dump is cheap), and a flushed set is restored by the repair. An
 // older pcpd refuses a table holding them (ErrNotOurs, as for the owner
@@ -168,10 +179,16 @@ func (b *Backend) controlRules() (in, local, out [][]expr.Any) {
 	served := func(fam byte, off, n uint32, s *nftables.Set) []expr.Any {
 		return rule(nfproto(fam), x(loadNet(off, n, reg0), lookup(s, reg0)))
 	}
+	// iifname @serving_ifs: it came in on an interface pcpd serves, or
+	// loopback (the host's own requests); from anywhere else it reaches
+	// no socket of pcpd's (SO_BINDTODEVICE) and is not metered.
+	serving := func() []expr.Any {
+		return x(loadMeta(expr.MetaKeyIIFNAME, reg0), lookup(b.servingIfs, reg0))
+	}
 	for _, port := range b.cfg.Meter.Ports {
 		in = append(in,
-			rule(udpPort(thDstOff, port), served(unix.NFPROTO_IPV6, ip6DstOff, 16, b.served6), x(goTo(b.chainControlLocal))),
-			rule(udpPort(thDstOff, port), served(unix.NFPROTO_IPV4, ip4DstOff, 4, b.served4), x(goTo(b.chainControlLocal))))
+			rule(udpPort(thDstOff, port), served(unix.NFPROTO_IPV6, ip6DstOff, 16, b.served6), serving(), x(goTo(b.chainControlLocal))),
+			rule(udpPort(thDstOff, port), served(unix.NFPROTO_IPV4, ip4DstOff, 4, b.served4), serving(), x(goTo(b.chainControlLocal))))
 	}
 	local = append(b.servedSourceRules(), b.meterRules()...)
 	if b.notracking() {
@@ -331,13 +348,22 @@ func servedSets(table *nftables.Table) (six, four *nftables.Set) {
 			Comment: "pcpd: IPv4 addresses pcpd serves on"}
 }
 
+// servingIfsSet builds the set of the interfaces pcpd serves on
+// (standalone only), loopback always among them.
+func servingIfsSet(table *nftables.Table) *nftables.Set {
+	return &nftables.Set{Table: table, Name: "serving_ifs", KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian,
+		Comment: "pcpd: interfaces pcpd serves on, and lo"}
+}
+
 // SetServed replaces the addresses pcpd serves on (its listening
-// sockets' addresses; zones and duplicates do not matter): the datagrams
-// to pcpd's ports on them, and only those, are metered and kept out of
-// conntrack (see the top of this file). The server calls it whenever the
-// serving addresses change; Setup re-applies the last given. Attached, it
-// only records them: there are no sets.
-func (b *Backend) SetServed(addrs []netip.Addr) error {
+// sockets' addresses; zones and duplicates do not matter) and the
+// interfaces those sockets are bound to: the datagrams to pcpd's ports on
+// those addresses that arrive on those interfaces or loopback, and only
+// those, are metered and kept out of conntrack (see the top of this
+// file). The server calls it whenever the serving addresses change; Setup
+// re-applies the last given. Attached, it only records them: there are no
+// sets.
+func (b *Backend) SetServed(addrs []netip.Addr, ifaces []string) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.gen++ // Healthy compares the served sets: a read it overlaps is done again
@@ -345,7 +371,11 @@ func (b *Backend) SetServed(addrs []netip.Addr) error {
 	if err != nil {
 		return err
 	}
-	if err := b.queueServed(served); err != nil {
+	ifs, err := servedIfNames(ifaces)
+	if err != nil {
+		return err
+	}
+	if err := b.queueServed(served, ifs); err != nil {
 		return err
 	}
 	if b.served6 != nil {
@@ -353,8 +383,28 @@ func (b *Backend) SetServed(addrs []netip.Addr) error {
 			return fmt.Errorf("pinhole: set served addresses: %w", classify(err))
 		}
 	}
-	b.served, b.hasServed = served, true
+	b.served, b.servedIfs, b.hasServed = served, ifs, true
 	return nil
+}
+
+// servedIfNames checks ifaces and returns them as serving_ifs holds them:
+// with "lo", sorted, each once.
+func servedIfNames(ifaces []string) ([]string, error) {
+	out := append([]string{"lo"}, ifaces...)
+	for _, n := range out {
+		if n == "" || len(n) >= unix.IFNAMSIZ {
+			return nil, fmt.Errorf("pinhole: served interface %q: %w", n, ErrInvalid)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
+}
+
+// ifNameKey is name as an ifname set key: NUL-padded to IFNAMSIZ.
+func ifNameKey(name string) []byte {
+	k := make([]byte, unix.IFNAMSIZ)
+	copy(k, name)
+	return k
 }
 
 // Served returns the addresses the served sets hold, sorted (none
@@ -381,7 +431,7 @@ func servedAddrs(addrs []netip.Addr) ([]netip.Addr, error) {
 
 // queueServed queues replacing the served sets' contents with served
 // (servedAddrs' form), in the caller's transaction.
-func (b *Backend) queueServed(served []netip.Addr) error {
+func (b *Backend) queueServed(served []netip.Addr, ifs []string) error {
 	if b.served6 == nil {
 		return nil
 	}
@@ -402,7 +452,29 @@ func (b *Backend) queueServed(served []netip.Addr) error {
 			return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
 		}
 	}
+	var elems []nftables.SetElement
+	for _, n := range ifs {
+		elems = append(elems, nftables.SetElement{Key: ifNameKey(n)})
+	}
+	b.conn.FlushSet(b.servingIfs)
+	if err := b.queueAddElements(b.servingIfs, elems); err != nil {
+		return fmt.Errorf("pinhole: set %s: %w", b.servingIfs.Name, err)
+	}
 	return nil
+}
+
+// readServingIfs reads serving_ifs through v, sorted.
+func (v kview) readServingIfs(s *nftables.Set) ([]string, error) {
+	elems, err := v.conn.GetSetElements(s)
+	if err != nil {
+		return nil, fmt.Errorf("pinhole: read set %s: %w", s.Name, classify(err))
+	}
+	out := make([]string, 0, len(elems))
+	for _, e := range elems {
+		out = append(out, string(bytes.TrimRight(e.Key, "\x00")))
+	}
+	slices.Sort(out)
+	return out, nil
 }
 
 // readServed dumps the served sets. Caller holds b.mu.
@@ -448,6 +520,13 @@ func (w *healthWant) checkServed(v kview) error {
 	}
 	if !slices.Equal(got, w.served) {
 		return fmt.Errorf("pinhole: served sets hold %v, want %v: %w", got, w.served, ErrUnhealthy)
+	}
+	ifs, err := v.readServingIfs(&w.servingIfs)
+	if err != nil {
+		return fmt.Errorf("pinhole: served sets: %w: %w", ErrUnhealthy, err)
+	}
+	if !slices.Equal(ifs, w.servedIfs) {
+		return fmt.Errorf("pinhole: set serving_ifs holds %q, want %q: %w", ifs, w.servedIfs, ErrUnhealthy)
 	}
 	return nil
 }

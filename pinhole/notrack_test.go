@@ -111,8 +111,8 @@ func TestControlTrafficUntracked(t *testing.T) {
 	ruleset := nftList(t, topo.Host, "table", "inet", "pcpd")
 	for _, want := range []string{
 		"type filter hook prerouting priority raw; policy accept;",
-		"udp dport 5351 ip6 daddr @served6 goto control_local",
-		"udp dport 5351 ip daddr @served4 goto control_local",
+		"udp dport 5351 ip6 daddr @served6 iifname @serving_ifs goto control_local",
+		"udp dport 5351 ip daddr @served4 iifname @serving_ifs goto control_local",
 		"chain control_local {\n\t\tip6 saddr @served6 ip6 saddr != fe80::/10 iif != \"lo\" counter packets 0 bytes 0 drop\n" +
 			"\t\tip saddr @served4 iif != \"lo\" counter packets 0 bytes 0 drop\n\t\tnotrack\n\t}",
 		"type filter hook output priority raw; policy accept;",
@@ -221,7 +221,7 @@ func TestControlTrafficUntracked(t *testing.T) {
 			t.Fatal(err)
 		}
 		pcp := netip.AddrPortFrom(ll, 5351)
-		setServed(t, b, topo.HostTunnelV6, topo.HostTunnelV4, ll.WithZone(topo.HostLANIf))
+		setServed(t, b, []string{topo.HostLANIf}, topo.HostTunnelV6, topo.HostTunnelV4, ll.WithZone(topo.HostLANIf))
 		topo.Host.ServeUDPEcho(t, netip.AddrPortFrom(ll.WithZone(topo.HostLANIf), 5351).String())
 		flushConntrack(t, topo.Host)
 		if err := netlab.Eventually(okWait, func() error {
@@ -272,7 +272,7 @@ func TestTrackControl(t *testing.T) {
 	}{
 		{"no meter", pinhole.Config{TrackControl: true}, nil, []string{"notrack", "control_", "priority raw"}},
 		{"meter", pinhole.Config{TrackControl: true, Meter: meter},
-			[]string{"ip6 daddr @served6 goto control_local", "ip daddr @served4 goto control_local", "update @meter6", "update @meter4"},
+			[]string{"ip6 daddr @served6 iifname @serving_ifs goto control_local", "ip daddr @served4 iifname @serving_ifs goto control_local", "update @meter6", "update @meter4"},
 			[]string{"notrack", "fib daddr"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -366,8 +366,8 @@ func TestControlChainsUpgrade(t *testing.T) {
 					t.Errorf("after Setup the old layout's %q is left:\n%s", gone, got)
 				}
 			}
-			for _, want := range []string{"set served6 {", "set served4 {", "udp dport 5351 ip6 daddr @served6 goto control_local",
-				"udp dport 5351 ip daddr @served4 goto control_local", "update @meter6", "notrack"} {
+			for _, want := range []string{"set served6 {", "set served4 {", "udp dport 5351 ip6 daddr @served6 iifname @serving_ifs goto control_local",
+				"udp dport 5351 ip daddr @served4 iifname @serving_ifs goto control_local", "update @meter6", "notrack"} {
 				if !strings.Contains(got, want) {
 					t.Errorf("after Setup the table lacks %q:\n%s", want, got)
 				}
@@ -375,7 +375,7 @@ func TestControlChainsUpgrade(t *testing.T) {
 			if err := b.Healthy(); err != nil {
 				t.Errorf("Healthy after the upgrade: %v", err)
 			}
-			setServed(t, b, netip.MustParseAddr("2001:db8::1"))
+			setServed(t, b, []string{"wg0"}, netip.MustParseAddr("2001:db8::1"))
 			if err := b.Healthy(); err != nil {
 				t.Errorf("Healthy after SetServed: %v", err)
 			}
@@ -415,7 +415,7 @@ func TestServedSets(t *testing.T) {
 		{"back", []netip.Addr{a6, b4}, []netip.Addr{b4, a6}},
 	}
 	for _, st := range steps {
-		setServed(t, b, st.given...)
+		setServed(t, b, []string{"wg0", "lan0"}, st.given...)
 		if got := mustServed(t, b); fmt.Sprint(got) != fmt.Sprint(st.want) {
 			t.Errorf("%s: served sets hold %v, want %v", st.name, got, st.want)
 		}
@@ -424,7 +424,7 @@ func TestServedSets(t *testing.T) {
 		}
 	}
 	want := mustServed(t, b)
-	if err := b.SetServed([]netip.Addr{{}}); !errors.Is(err, pinhole.ErrInvalid) {
+	if err := b.SetServed([]netip.Addr{{}}, nil); !errors.Is(err, pinhole.ErrInvalid) {
 		t.Errorf("SetServed of the zero Addr: %v, want ErrInvalid", err)
 	}
 
@@ -433,7 +433,7 @@ func TestServedSets(t *testing.T) {
 	if got := mustServed(t, b); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("after a restart's Setup: %v, want %v kept", got, want)
 	}
-	setServed(t, b, want...)
+	setServed(t, b, []string{"wg0", "lan0"}, want...)
 
 	cmd := func(c string) func() string { return func() string { return c } }
 	for _, tamperCmd := range []func() string{
@@ -467,7 +467,7 @@ func TestServedSets(t *testing.T) {
 	// Attached: no sets; SetServed only records.
 	loadNft(t, ns, "table inet filter {\n\tchain pcpd {\n\t}\n}\n")
 	att := newBackend(t, ns, pinhole.Config{Table: "filter", Attached: true, Meter: cfg.Meter})
-	setServed(t, att, a6, a4)
+	setServed(t, att, []string{"wg0"}, a6, a4)
 	if err := att.Healthy(); err != nil {
 		t.Errorf("attached Healthy after SetServed: %v", err)
 	}

@@ -115,7 +115,7 @@ func TestServedSourceDropped(t *testing.T) {
 	}); err != nil || !ll.IsValid() {
 		t.Fatalf("the client's link-local address: %v, %v", ll, err)
 	}
-	setServed(t, b, topo.HostTunnelV6, topo.HostTunnelV4, ll.WithZone(""))
+	setServed(t, b, []string{topo.HostLANIf}, topo.HostTunnelV6, topo.HostTunnelV4, ll.WithZone(""))
 	if n := send(topo.Client, ll, 5, false); n != 5 {
 		t.Errorf("5 from the link-local %v, served on the host too: socket got %d, want all", ll, n)
 	}

@@ -53,10 +53,12 @@ type ProtectedRepairer interface {
 // ServedSetter is an optional extra of a Firewall (*pinhole.Backend has
 // it): its raw chains meter pcpd's requests and keep them out of
 // conntrack only on the addresses pcpd serves (pinhole/notrack.go), so it
-// needs them, given again whenever the listener's sockets change. A
+// needs them, and the interfaces their sockets are bound to (a datagram
+// arriving elsewhere reaches no socket and is not metered), given again
+// whenever the listener's sockets change. A
 // failed call is retried at the listener's next pass.
 type ServedSetter interface {
-	SetServed(addrs []netip.Addr) error
+	SetServed(addrs []netip.Addr, ifaces []string) error
 }
 
 // RouteFollower is an optional extra of an OwnerMeter (*pinhole.Backend

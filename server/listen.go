@@ -258,10 +258,11 @@ type listener struct {
 	early func(t *tally, dst, b []byte, src netip.AddrPort, now time.Time) (reply []byte, handled bool)
 	// es is the readers' state for Server.early.
 	es earlyState
-	// onServe, if set, gets the serving addresses after every pass over
+	// onServe, if set, gets the serving addresses (and each socket's
+	// interface) after every pass over
 	// the interfaces (resync), from the run goroutine only, outside mu;
 	// addresses still in duplicate address detection are left out (link).
-	onServe func([]netip.AddrPort)
+	onServe func(aps []netip.AddrPort, ifaces []string)
 
 	mu    sync.Mutex
 	conns map[netip.AddrPort]*udpConn
@@ -421,7 +422,14 @@ func (l *listener) resync(h *netlink.Handle) {
 		// Deferred before the lock's: runs after the unlock, with the
 		// sockets as this pass left them (closed ones gone, new ones open).
 		defer func() {
-			l.onServe(slices.DeleteFunc(l.addrs(), func(ap netip.AddrPort) bool { return want[ap].tentative }))
+			var aps []netip.AddrPort
+			var ifaces []string
+			for _, c := range l.sockets() {
+				if !want[c.local].tentative {
+					aps, ifaces = append(aps, c.local), append(ifaces, c.iface)
+				}
+			}
+			l.onServe(aps, ifaces)
 		}()
 	}
 	l.mu.Lock()

@@ -65,7 +65,8 @@ type Server struct {
 	}
 	// served is the addresses last given to the firewall's ServedSetter
 	// (nil: none yet), the listener goroutine's alone (updateServed).
-	served []netip.Addr
+	served    []netip.Addr
+	servedIfs []string // the interfaces of served (listener goroutine only)
 	// storeDebt holds the keys whose stored state may differ from the
 	// table: a kernel failure whose store commit had succeeded, and whose
 	// write-back of the previous state failed too. Every store commit
@@ -191,7 +192,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		early:  s.earlyTallied,
 	}
 	if ss, ok := s.fw.(ServedSetter); ok {
-		s.lis.onServe = func(aps []netip.AddrPort) { s.updateServed(ss, aps) }
+		s.lis.onServe = func(aps []netip.AddrPort, ifaces []string) { s.updateServed(ss, aps, ifaces) }
 	}
 	return s, nil
 }
@@ -633,21 +634,24 @@ func (s *Server) noteRouteLookups() {
 // owns s.served; a failure is retried at the listener's next pass (at
 // most 2 s later). A firewall repair (checkFirewall's Setup) re-applies
 // the backend's last addresses itself.
-func (s *Server) updateServed(fw ServedSetter, aps []netip.AddrPort) {
+func (s *Server) updateServed(fw ServedSetter, aps []netip.AddrPort, ifaces []string) {
 	addrs := make([]netip.Addr, 0, len(aps))
 	for _, ap := range aps {
 		addrs = append(addrs, ap.Addr().WithZone(""))
 	}
 	slices.SortFunc(addrs, netip.Addr.Compare)
 	addrs = slices.Compact(addrs)
-	if s.served != nil && slices.Equal(addrs, s.served) {
+	ifaces = slices.Clone(ifaces)
+	slices.Sort(ifaces)
+	ifaces = slices.Compact(ifaces)
+	if s.served != nil && slices.Equal(addrs, s.served) && slices.Equal(ifaces, s.servedIfs) {
 		return
 	}
-	if err := fw.SetServed(addrs); err != nil {
+	if err := fw.SetServed(addrs, ifaces); err != nil {
 		s.log.Error("cannot update the kernel's set of served addresses; retrying", zap.Error(err))
 		return
 	}
-	s.served = addrs
+	s.served, s.servedIfs = addrs, ifaces
 }
 
 func compareKeys(a, b store.Key) int {
