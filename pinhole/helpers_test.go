@@ -60,10 +60,13 @@ func setServed(t testing.TB, b *pinhole.Backend, ifaces []string, addrs ...netip
 }
 
 // serveTunnel: pcpd serves on Host's addresses towards Client, as it does
-// on a WireGuard interface.
+// on a WireGuard interface, through the tunnel and the WAN interface: the
+// owner meter's tests send spoofed sources from the WAN as from another
+// interface pcpd serves (a datagram from an interface pcpd does not serve
+// skips the meter: TestServingInterfacesOnlyL1).
 func serveTunnel(t testing.TB, b *pinhole.Backend, topo *netlab.Topology) {
 	t.Helper()
-	setServed(t, b, []string{topo.HostLANIf}, topo.HostTunnelV6, topo.HostTunnelV4)
+	setServed(t, b, []string{topo.HostLANIf, topo.HostWANIf}, topo.HostTunnelV6, topo.HostTunnelV4)
 }
 
 // meteredTunnel is a Backend on topo's Host serving the tunnel, with the

@@ -48,6 +48,8 @@ func TestOwnerMeterFollowsRoutes(t *testing.T) {
 	lan2.MustRun(t, "ip", "addr", "add", "10.102.0.2/24", "dev", "eth0")
 	lan2.MustRun(t, "ip", "-6", "route", "add", "default", "via", "2001:db8:2::1")
 	lan2.MustRun(t, "ip", "route", "add", "default", "via", "10.102.0.1")
+	// pcpd serves the other LAN too (else its datagrams skip the meter).
+	setServed(t, b, []string{topo.HostLANIf, topo.HostWANIf, "lan2"}, topo.HostTunnelV6, topo.HostTunnelV4)
 	for _, a := range []netip.Addr{src6, src4} {
 		lan2.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(a, a.BitLen()).String(), "dev", "lo", "nodad")
 	}

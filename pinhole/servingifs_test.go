@@ -28,7 +28,7 @@ func TestServingInterfacesOnlyL1(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	b := newBackend(t, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: rate, Burst: burst, Ports: []uint16{5351},
 		OwnerRate: rate, OwnerBurst: burst, UnownedRate: rate, UnownedBurst: burst}})
-	serveTunnel(t, b, topo)
+	setServed(t, b, []string{topo.HostLANIf}, topo.HostTunnelV6, topo.HostTunnelV4)
 	if err := b.SetOwners([]pinhole.Owner{{ID: "lan:client", Prefixes: []netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}}}, nil); err != nil {
 		t.Fatalf("SetOwners: %v", err)
 	}
