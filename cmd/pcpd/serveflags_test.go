@@ -139,7 +139,9 @@ func TestServeKernelReversePath(t *testing.T) {
 	} {
 		t.Run("mode="+tt.mode, func(t *testing.T) {
 			dir := t.TempDir()
-			args := []string{"serve", "--interface", topo.HostLANIf,
+			// pcpd serves the WAN too: datagrams from an interface it
+			// does not serve skip the kernel meter (review7 L1).
+			args := []string{"serve", "--interface", topo.HostLANIf, "--interface", topo.HostWANIf,
 				"--client", "home=" + topo.ClientPrefix6.String(),
 				"--state-dir", filepath.Join(dir, "state"), "--socket", filepath.Join(dir, "pcpd.sock"),
 				"--metrics", metricsAddr}
