@@ -233,8 +233,9 @@ func (b *Backend) unownedMetering() bool {
 // the owner's requests there before FollowRoutes catches up. What the
 // comparisons pass that the lookup might not: on a stale ifs, the
 // interface a route has just left (until FollowRoutes, pcpd: 250 ms
-// after a change with NetlinkRoutes' watch, up to 1 s under churn, at most TamperInterval, 5 s,
-// without); the host's own addresses inside the owner's
+// after a change with NetlinkRoutes' watch, up to 1 s under churn; at
+// most TamperInterval, 5 s, without); the host's own addresses inside
+// the owner's
 // prefix (NetlinkRoutes does not see them; those pcpd serves are dropped
 // before, servedSourceRules), from the owner's interface
 // (NetlinkRoutes gives no interfaces for a prefix with a route carved out
