@@ -1,0 +1,113 @@
+package server
+
+import (
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// TestServedInterfaceKernelName (review8 A1): the listener finds a
+// configured interface by any of its names (LinkByName resolves an
+// alternative name, "ip link property add ... altname", as systemd gives
+// every NIC on Debian 12), but the firewall's serving_ifs set is matched
+// with "meta iifname", the interface's one kernel name. Handed the
+// configured name, serving_ifs held the altname: every datagram from the
+// serving interface skipped control_local (no kernel meter, no
+// reverse-path or served-source drop, conntrack entries for each) while
+// Healthy reported the table healthy; an altname of 16 characters or more
+// made every SetServed fail (ErrInvalid), so the served sets stayed empty.
+// The names onServe hands over must be the kernel's, and a datagram from
+// the client must then reach control_local (the per-source meter holds
+// its /64).
+func TestServedInterfaceKernelName(t *testing.T) {
+	const kernelName = "pcp0"
+	srvNS, cliNS := netlab.NewNS(t, "srv"), netlab.NewNS(t, "cli")
+	srvAddr, cliAddr := netip.MustParseAddr("2001:db8:7::1"), netip.MustParseAddr("2001:db8:7::2")
+	if err := netlab.Veth(cliNS, "eth0", srvNS, kernelName); err != nil {
+		t.Fatal(err)
+	}
+	srvNS.MustRun(t, "ip", "addr", "add", srvAddr.String()+"/64", "dev", kernelName, "nodad")
+	cliNS.MustRun(t, "ip", "addr", "add", cliAddr.String()+"/64", "dev", "eth0", "nodad")
+	srvNS.MustRun(t, "ip", "link", "property", "add", "dev", kernelName, "altname", "pcpalt")
+	srvNS.MustRun(t, "ip", "link", "property", "add", "dev", kernelName, "altname", "pcp-serving-interface")
+	h, err := srvNS.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	nh, err := netlink.NewHandleAt(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nh.Close()
+	conn, err := srvNS.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fw, err := pinhole.New(conn, pinhole.Config{Meter: pinhole.Meter{Rate: 200, Burst: 400, Ports: []uint16{Port}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fw.Close()
+	if err := fw.Setup(); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, c := range []struct{ name, configured string }{
+		{"kernel name", kernelName},
+		{"altname", "pcpalt"},
+		{"altname of IFNAMSIZ or more", "pcp-serving-interface"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			srvNS.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "meter6")
+			var addrs []netip.Addr
+			var ifaces []string
+			l := &listener{log: zaptest.NewLogger(t), ifaces: []string{c.configured}, port: Port, ns: h,
+				out: make(chan packet, 64), onServe: func(aps []netip.AddrPort, ifs []string) {
+					for _, ap := range aps {
+						addrs = append(addrs, ap.Addr().WithZone(""))
+					}
+					ifaces = ifs
+				}}
+			l.resync(nh)
+			defer l.closeAll()
+			if !slices.Contains(addrs, srvAddr) {
+				t.Fatalf("interface %q: serving %v, want %v among them", c.configured, addrs, srvAddr)
+			}
+			for _, n := range ifaces {
+				if n != kernelName {
+					t.Errorf("interface %q: onServe names %q, want the kernel's name %q (what meta iifname matches)", c.configured, ifaces, kernelName)
+					break
+				}
+			}
+			if err := fw.SetServed(addrs, ifaces); err != nil {
+				t.Fatalf("SetServed(%v, %q): %v", addrs, ifaces, err)
+			}
+			if err := fw.Healthy(); err != nil {
+				t.Fatalf("Healthy: %v", err)
+			}
+			if err := cliNS.Do(func() error {
+				uc, err := net.DialUDP("udp6", &net.UDPAddr{IP: cliAddr.AsSlice()}, net.UDPAddrFromAddrPort(netip.AddrPortFrom(srvAddr, Port)))
+				if err != nil {
+					return err
+				}
+				defer uc.Close()
+				_, err = uc.Write([]byte("request"))
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if out := srvNS.MustRun(t, "nft", "list", "set", "inet", "pcpd", "meter6"); !strings.Contains(out, "2001:db8:7::") {
+				t.Errorf("interface %q: the client's datagram skipped control_local (meter6 lacks its /64):\n%s", c.configured, out)
+			}
+		})
+	}
+}
