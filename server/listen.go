@@ -56,7 +56,11 @@ type packet struct {
 // interface. Replies go out of the socket the request came in on, so they
 // leave from exactly the address and port the client sent to (HDR-02).
 type udpConn struct {
-	iface string
+	iface string // as configured (the zone of link-local sources)
+	// kname is the interface's kernel name when bound: what the socket is
+	// bound to, and what the firewall's "meta iifname" matches
+	// (onServe). iface may be an alternative name of it.
+	kname string
 	index int // the interface's index when bound: a re-created interface is a new one
 	local netip.AddrPort
 	pc    *net.UDPConn
@@ -365,7 +369,12 @@ func (l *listener) run(ctx context.Context) error {
 
 // link names a serving interface as the kernel knows it now.
 type link struct {
-	name  string
+	name string
+	// kname is the interface's kernel name: name may be one of its
+	// alternative names ("ip link property add ... altname"), which
+	// LinkByName and SO_BINDTODEVICE resolve (the latter only below
+	// IFNAMSIZ) but "meta iifname" never matches (review8 A1).
+	kname string
 	index int
 	// tentative: the address is still in IPv6 duplicate address detection.
 	// It is served (the socket binds with IP_FREEBIND), but the kernel
@@ -409,7 +418,7 @@ func (l *listener) want(h *netlink.Handle) map[netip.AddrPort]link {
 					port = p
 				}
 			}
-			want[netip.AddrPortFrom(ip, port)] = link{name: name, index: lnk.Attrs().Index,
+			want[netip.AddrPortFrom(ip, port)] = link{name: name, kname: lnk.Attrs().Name, index: lnk.Attrs().Index,
 				tentative: a.Flags&unix.IFA_F_TENTATIVE != 0}
 		}
 	}
@@ -426,7 +435,9 @@ func (l *listener) resync(h *netlink.Handle) {
 			var ifaces []string
 			for _, c := range l.sockets() {
 				if !want[c.local].tentative {
-					aps, ifaces = append(aps, c.local), append(ifaces, c.iface)
+					// The kernel's name: the firewall matches the
+					// arrival interface by it.
+					aps, ifaces = append(aps, c.local), append(ifaces, c.kname)
 				}
 			}
 			l.onServe(aps, ifaces)
@@ -440,7 +451,7 @@ func (l *listener) resync(h *netlink.Handle) {
 	for ap, c := range l.conns {
 		// SO_BINDTODEVICE holds the interface index: an interface deleted
 		// and re-created under the same name needs a new socket.
-		if w, ok := want[ap]; !ok || w.name != c.iface || w.index != c.index {
+		if w, ok := want[ap]; !ok || w.name != c.iface || w.kname != c.kname || w.index != c.index {
 			c.pc.Close()
 			delete(l.conns, ap)
 			l.log.Info("stopped serving", zap.String("interface", c.iface), zap.Stringer("address", ap))
@@ -450,7 +461,7 @@ func (l *listener) resync(h *netlink.Handle) {
 		if _, ok := l.conns[ap]; ok {
 			continue
 		}
-		pc, err := l.open(w.name, ap)
+		pc, err := l.open(w.kname, ap)
 		if err != nil {
 			l.log.Warn("cannot serve address", zap.String("interface", w.name), zap.Stringer("address", ap), zap.Error(err))
 			continue
@@ -461,7 +472,7 @@ func (l *listener) resync(h *netlink.Handle) {
 			l.log.Warn("cannot serve address", zap.String("interface", w.name), zap.Stringer("address", ap), zap.Error(err))
 			continue
 		}
-		c := &udpConn{iface: w.name, index: w.index, local: ap, pc: pc, rc: rc}
+		c := &udpConn{iface: w.name, kname: w.kname, index: w.index, local: ap, pc: pc, rc: rc}
 		l.conns[ap] = c
 		// One reader per core: the readers answer malformed and refused
 		// requests themselves (Server.early), and one goroutine reading,
