@@ -84,3 +84,21 @@ func RouteDumps(r any) uint64 {
 // FollowRoutes asks (the tests that change routes and follow at once, not
 // waiting for a notification).
 func UnwatchedRoutes(h *netlink.Handle) Routes { return &netlinkRoutes{h: h} }
+
+// CheckRulesReplacedMidway runs Healthy's check under the lock with its
+// expression counts dumped before tamper runs and its rules read after
+// (review8 L3: a rule replaced between Healthy's two dumps).
+func CheckRulesReplacedMidway(b *Backend, tamper func()) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	w := b.healthWantLocked()
+	v := kview{conn: b.conn, table: &w.table, raw: &b.raw}
+	counts, err := v.raw.exprCounts(b.conn.NetNS, v.table, "")
+	if err != nil {
+		return err
+	}
+	v.counts = counts
+	tamper()
+	_, err = w.check(v)
+	return err
+}

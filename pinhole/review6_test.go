@@ -181,3 +181,56 @@ func chainRules(t *testing.T, ns *netlab.NS, name string) (*nftables.Conn, *nfta
 	}
 	return conn, table, chain, rules
 }
+
+// TestHealthyRuleReplacedMidCheckL3 (review8, review7's L3): Healthy
+// dumps the table's expression counts once, then reads each chain's rules;
+// a rule whose handle the count dump did not see was taken as intact
+// (rawrules.go: "the next read tells"). A tamper that re-creates guard6's
+// drop with a hidden "rt ip nexthop" under a new handle (a rule added
+// after it and the old one deleted, one transaction: the chain never
+// lacks it), over and over, is such a rule at every check, so it passed
+// every check for as long as it kept going while unsolicited traffic
+// reached the client. One replaced in place keeps its handle: the count
+// dump's figure is the intact rule's, so this check passes it, and the
+// next one (the tamper no longer between its dumps) must not.
+func TestHealthyRuleReplacedMidCheckL3(t *testing.T) {
+	for _, c := range []struct {
+		name      string
+		newHandle bool
+	}{
+		{"re-created under a new handle", true},
+		{"replaced in place", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			topo, b := guardedTopology(t, pinhole.Config{})
+			defer b.Teardown()
+			if err := b.Healthy(); err != nil {
+				t.Fatalf("Healthy on an intact table: %v", err)
+			}
+			tamper := func() {
+				conn, table, chain, rules := chainRules(t, topo.Host, "guard6")
+				last := rules[len(rules)-1]
+				hidden := []expr.Any{&expr.Rt{Register: unix.NFT_REG_1, Key: expr.RtNexthop4}, &expr.Verdict{Kind: expr.VerdictDrop}}
+				if c.newHandle {
+					conn.AddRule(&nftables.Rule{Table: table, Chain: chain, Position: last.Handle, Exprs: hidden})
+					if err := conn.DelRule(last); err != nil {
+						t.Fatal(err)
+					}
+				} else {
+					conn.ReplaceRule(&nftables.Rule{Table: table, Chain: chain, Handle: last.Handle, Exprs: hidden})
+				}
+				if err := conn.Flush(); err != nil {
+					t.Fatalf("tamper with guard6's drop: %v", err)
+				}
+			}
+			err := pinhole.CheckRulesReplacedMidway(b, tamper)
+			if c.newHandle && !errors.Is(err, pinhole.ErrUnhealthy) {
+				t.Fatalf("check = %v with guard6's drop re-created with a hidden expression between its dumps (listed as:\n%s)",
+					err, nftList(t, topo.Host, "chain", "inet", "pcpd", "guard6"))
+			}
+			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+				t.Errorf("the next Healthy = %v, want ErrUnhealthy", err)
+			}
+		})
+	}
+}
