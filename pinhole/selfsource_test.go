@@ -48,34 +48,7 @@ func TestServedSourceDropped(t *testing.T) {
 	// address is not the client's).
 	send := func(ns *netlab.NS, src netip.Addr, n int, freebind bool) int64 {
 		t.Helper()
-		before := srv.settle()
-		if err := ns.Do(func() error {
-			lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
-				var serr error
-				if err := rc.Control(func(fd uintptr) {
-					if freebind {
-						serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_FREEBIND, 1)
-					}
-				}); err != nil {
-					return err
-				}
-				return serr
-			}}
-			pc, err := lc.ListenPacket(context.Background(), "udp6", netip.AddrPortFrom(src, 0).String())
-			if err != nil {
-				return err
-			}
-			defer pc.Close()
-			for range n {
-				if _, err := pc.WriteTo(make([]byte, 60), net.UDPAddrFromAddrPort(dst)); err != nil {
-					return err
-				}
-			}
-			return nil
-		}); err != nil {
-			t.Fatalf("send from %v: %v", src, err)
-		}
-		return srv.settle() - before
+		return sentFrom(t, ns, src, dst, n, freebind, srv)
 	}
 	if n := send(topo.Client, topo.HostTunnelV6, 20, true); n != 0 {
 		t.Errorf("20 from the host's own %v, spoofed on %s: socket got %d, want none", topo.HostTunnelV6, topo.HostLANIf, n)
@@ -94,9 +67,59 @@ func TestServedSourceDropped(t *testing.T) {
 	// A link-local address another link's host may share with one of
 	// ours (here: served as if the host had the client's own): still
 	// answered, through the interface it came in on.
+	ll := linkLocal(t, topo.Client, topo.ClientIf)
+	setServed(t, b, []string{topo.HostLANIf}, topo.HostTunnelV6, topo.HostTunnelV4, ll.WithZone(""))
+	if n := send(topo.Client, ll, 5, false); n != 5 {
+		t.Errorf("5 from the link-local %v, served on the host too: socket got %d, want all", ll, n)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("Healthy: %v", err)
+	}
+}
+
+// sentFrom sends n datagrams of 60 octets from src (bound with
+// IPV6_FREEBIND if freebind: an address that is not ns's) to dst inside
+// ns, and returns how many more srv saw.
+func sentFrom(t *testing.T, ns *netlab.NS, src netip.Addr, dst netip.AddrPort, n int, freebind bool, srv *udpCounter) int64 {
+	t.Helper()
+	before := srv.settle()
+	if err := ns.Do(func() error {
+		lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) {
+				if freebind {
+					serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_FREEBIND, 1)
+				}
+			}); err != nil {
+				return err
+			}
+			return serr
+		}}
+		pc, err := lc.ListenPacket(context.Background(), "udp6", netip.AddrPortFrom(src, 0).String())
+		if err != nil {
+			return err
+		}
+		defer pc.Close()
+		for range n {
+			if _, err := pc.WriteTo(make([]byte, 60), net.UDPAddrFromAddrPort(dst)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("send from %v: %v", src, err)
+	}
+	return srv.settle() - before
+}
+
+// linkLocal is ns's link-local address on interface name, zoned by the
+// interface's index (net's zone cache is the process's, not the
+// namespace's).
+func linkLocal(t *testing.T, ns *netlab.NS, name string) netip.Addr {
+	t.Helper()
 	var ll netip.Addr
-	if err := topo.Client.Do(func() error {
-		ifi, err := net.InterfaceByName(topo.ClientIf)
+	if err := ns.Do(func() error {
+		ifi, err := net.InterfaceByName(name)
 		if err != nil {
 			return err
 		}
@@ -106,18 +129,44 @@ func TestServedSourceDropped(t *testing.T) {
 		}
 		for _, a := range addrs {
 			if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().IsLinkLocalUnicast() {
-				// By index: net's zone cache is the process's, not the
-				// namespace's.
 				ll = p.Addr().WithZone(strconv.Itoa(ifi.Index))
 			}
 		}
 		return nil
 	}); err != nil || !ll.IsValid() {
-		t.Fatalf("the client's link-local address: %v, %v", ll, err)
+		t.Fatalf("the link-local address of %s: %v, %v", name, ll, err)
 	}
-	setServed(t, b, []string{topo.HostLANIf}, topo.HostTunnelV6, topo.HostTunnelV4, ll.WithZone(""))
-	if n := send(topo.Client, ll, 5, false); n != 5 {
-		t.Errorf("5 from the link-local %v, served on the host too: socket got %d, want all", ll, n)
+	return ll
+}
+
+// TestServedLinkLocalSourceOwnLink (review8 A2): the served-source drop
+// leaves link-local sources alone because another link's host may hold a
+// link-local address the host serves (TestServedSourceDropped's last
+// row). No other host on a link may hold the host's own link-local
+// address on that link (duplicate address detection), yet the exception
+// passed it too: a client on the serving LAN spoofing the host's own
+// fe80:: address of that interface reached pcpd's socket (unowned: the
+// shared bucket), and pcpd's answer went to the host itself, at the port
+// the sender chose, from the host's served address and port 5351 (the
+// reflection 40b98ca closed for the global addresses; checked by hand
+// with a stand-in server: its reply reached a local UDP service of the
+// host). pcpd listens on the serving interface's link-local address, so
+// it is in served6.
+func TestServedLinkLocalSourceOwnLink(t *testing.T) {
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	b := meteredTunnel(t, topo, nil)
+	hostLL := linkLocal(t, topo.Host, topo.HostLANIf)
+	setServed(t, b, []string{topo.HostLANIf, topo.HostWANIf}, topo.HostTunnelV6, topo.HostTunnelV4, hostLL.WithZone(""))
+	dst := netip.AddrPortFrom(topo.HostTunnelV6, 5351)
+	srv := countUDP(t, topo.Host, dst)
+	spoofed := hostLL.WithZone(strconv.Itoa(ifIndex(t, topo.Client, topo.ClientIf)))
+	if n := sentFrom(t, topo.Client, spoofed, dst, 20, true, srv); n != 0 {
+		t.Errorf("20 from the host's own link-local %v of %s, spoofed on that link: socket got %d, want none", hostLL, topo.HostLANIf, n)
+	}
+	// Another link-local source of that link (the client's own) is
+	// answered as before.
+	if n := sentFrom(t, topo.Client, linkLocal(t, topo.Client, topo.ClientIf), dst, 5, false, srv); n != 5 {
+		t.Errorf("5 from the client's link-local: socket got %d, want all", n)
 	}
 	if err := b.Healthy(); err != nil {
 		t.Fatalf("Healthy: %v", err)
