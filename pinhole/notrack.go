@@ -41,6 +41,7 @@ import (
 //	}
 //	chain control_local {
 //		ip6 saddr @served6 ip6 saddr != fe80::/10 iif != "lo" counter drop	(servedSourceRules)
+//		ip6 saddr @served6 iif != "lo" fib saddr . iif type local counter drop
 //		ip saddr @served4 iif != "lo" counter drop
 //		udp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: ... } drop
 //		udp dport 5351 update @meter4 { ip saddr ... } drop
@@ -204,6 +205,7 @@ func (b *Backend) controlRules() (in, local, out [][]expr.Any) {
 // an address pcpd serves unless it came over loopback (the host's own):
 //
 //	ip6 saddr @served6 ip6 saddr != fe80::/10 iif != "lo" counter drop
+//	ip6 saddr @served6 iif != "lo" fib saddr . iif type local counter drop
 //	ip saddr @served4 iif != "lo" counter drop
 //
 // Such a request cannot be real: pcpd's answer goes to the host itself,
@@ -222,6 +224,17 @@ func (b *Backend) controlRules() (in, local, out [][]expr.Any) {
 // count them. It covers the addresses pcpd serves (every address of a
 // serving interface, or the --listen ones), not the host's other
 // addresses; one lookup in a set of a few addresses per request.
+//
+// A link-local source is left to the second rule: another link's host may
+// hold a link-local address the host serves on a different interface
+// (TestServedSourceDropped), but none may hold the host's own on the link
+// it arrived from (duplicate address detection), and there the exception
+// passed it: a client on the serving LAN spoofing the host's fe80::
+// address of that interface reached pcpd, whose answer went to the host
+// itself (review8 A2, TestServedLinkLocalSourceOwnLink). "fib saddr . iif
+// type local" is local exactly when the source is an address of the
+// arrival interface (nft_fib6: ipv6_chk_addr strict on it); its route
+// lookup is paid only by a served link-local source, which is rare.
 func (b *Backend) servedSourceRules() [][]expr.Any {
 	if b.cfg.Attached {
 		return nil
@@ -241,8 +254,11 @@ func (b *Backend) servedSourceRules() [][]expr.Any {
 	notLinkLocal := x(loadNet(ip6SrcOff, 16, reg0),
 		&expr.Bitwise{SourceRegister: reg0, DestRegister: reg0, Len: 16, Mask: llMask, Xor: make([]byte, 16)},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: reg0, Data: ll})
+	ownOfArrival := x(&expr.Fib{Register: reg0, FlagSADDR: true, FlagIIF: true, ResultADDRTYPE: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: reg0, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)})
 	return [][]expr.Any{
 		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6SrcOff, 16, reg0), lookup(b.served6, reg0)), notLinkLocal, notLoopback(), x(&expr.Counter{}, drop)),
+		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6SrcOff, 16, reg0), lookup(b.served6, reg0)), notLoopback(), ownOfArrival, x(&expr.Counter{}, drop)),
 		rule(nfproto(unix.NFPROTO_IPV4), x(loadNet(ip4SrcOff, 4, reg0), lookup(b.served4, reg0)), notLoopback(), x(&expr.Counter{}, drop)),
 	}
 }

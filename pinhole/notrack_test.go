@@ -114,6 +114,7 @@ func TestControlTrafficUntracked(t *testing.T) {
 		"udp dport 5351 ip6 daddr @served6 iifname @serving_ifs goto control_local",
 		"udp dport 5351 ip daddr @served4 iifname @serving_ifs goto control_local",
 		"chain control_local {\n\t\tip6 saddr @served6 ip6 saddr != fe80::/10 iif != \"lo\" counter packets 0 bytes 0 drop\n" +
+			"\t\tip6 saddr @served6 iif != \"lo\" fib saddr . iif type local counter packets 0 bytes 0 drop\n" +
 			"\t\tip saddr @served4 iif != \"lo\" counter packets 0 bytes 0 drop\n\t\tnotrack\n\t}",
 		"type filter hook output priority raw; policy accept;",
 		"udp sport 5351 notrack",
