@@ -3,6 +3,7 @@ package pinhole
 import (
 	"encoding/binary"
 	"fmt"
+	"slices"
 
 	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
@@ -29,7 +30,12 @@ func (v kview) getRules(name string) ([]*nftables.Rule, error) {
 		return rules, err
 	}
 	counts := v.counts[name]
-	if v.counts == nil {
+	if v.counts == nil || slices.ContainsFunc(rules, func(r *nftables.Rule) bool { _, ok := counts[r.Handle]; return !ok }) {
+		// No table-wide dump, or it missed a rule: this chain's own. A
+		// rule the table-wide dump missed was made after it, or skipped
+		// by it (a multi-part dump resumes by position, and a rule
+		// deleted before that position elsewhere in the table, as an
+		// admin's in attached mode, moves the rest back by one).
 		all, err := v.raw.exprCounts(v.conn.NetNS, v.table, name)
 		if err != nil {
 			return nil, err
@@ -37,12 +43,12 @@ func (v kview) getRules(name string) ([]*nftables.Rule, error) {
 		counts = all[name]
 	}
 	for _, r := range rules {
-		// A rule the count dump did not see was made between the two
-		// reads. pcpd's own rewrites count in b.gen, and Healthy reads
-		// again after one, so this is somebody else's, and it cannot be
-		// checked: it matches nothing pcpd wrote. Taken as intact (until
-		// review8), a tamper re-creating a rule under a new handle over and
-		// over was such a rule at every check, and passed them all
+		// A rule missing from this chain's own dump too, which came after
+		// the listing, was replaced meanwhile, by a writer other than
+		// pcpd (whose writes make Healthy read again): it cannot be
+		// checked, and matches nothing pcpd wrote. Taken as intact (until
+		// review8), a tamper re-creating a rule under a new handle over
+		// and over was such a rule at every check, and passed them all
 		// (TestHealthyRuleReplacedMidCheckL3). One replaced in place keeps
 		// its handle and the count of what it replaced: the next check
 		// tells.
