@@ -2,6 +2,7 @@ package pinhole_test
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"testing"
 
@@ -190,16 +191,20 @@ func chainRules(t *testing.T, ns *netlab.NS, name string) (*nftables.Conn, *nfta
 // after it and the old one deleted, one transaction: the chain never
 // lacks it), over and over, is such a rule at every check, so it passed
 // every check for as long as it kept going while unsolicited traffic
-// reached the client. One replaced in place keeps its handle: the count
-// dump's figure is the intact rule's, so this check passes it, and the
-// next one (the tamper no longer between its dumps) must not.
+// reached the client. Kept going, it is also gone again by the time
+// getRules dumps the chain once more. One replaced in place keeps its
+// handle: the count dump's figure is the intact rule's, so this check
+// passes it, and the next one (the tamper no longer between its dumps)
+// must not.
 func TestHealthyRuleReplacedMidCheckL3(t *testing.T) {
+	hidden := []expr.Any{&expr.Rt{Register: unix.NFT_REG_1, Key: expr.RtNexthop4}, &expr.Verdict{Kind: expr.VerdictDrop}}
 	for _, c := range []struct {
-		name      string
-		newHandle bool
+		name             string
+		newHandle, churn bool
 	}{
-		{"re-created under a new handle", true},
-		{"replaced in place", false},
+		{"re-created under a new handle", true, false},
+		{"re-created over and over", true, true},
+		{"replaced in place", false, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			topo, b := guardedTopology(t, pinhole.Config{})
@@ -207,29 +212,58 @@ func TestHealthyRuleReplacedMidCheckL3(t *testing.T) {
 			if err := b.Healthy(); err != nil {
 				t.Fatalf("Healthy on an intact table: %v", err)
 			}
-			tamper := func() {
-				conn, table, chain, rules := chainRules(t, topo.Host, "guard6")
+			conn, table, chain, _ := chainRules(t, topo.Host, "guard6")
+			recreate := func() error {
+				rules, err := conn.GetRules(table, chain)
+				if err != nil || len(rules) == 0 {
+					return fmt.Errorf("rules of guard6: %d, %w", len(rules), err)
+				}
 				last := rules[len(rules)-1]
-				hidden := []expr.Any{&expr.Rt{Register: unix.NFT_REG_1, Key: expr.RtNexthop4}, &expr.Verdict{Kind: expr.VerdictDrop}}
 				if c.newHandle {
 					conn.AddRule(&nftables.Rule{Table: table, Chain: chain, Position: last.Handle, Exprs: hidden})
 					if err := conn.DelRule(last); err != nil {
-						t.Fatal(err)
+						return err
 					}
 				} else {
 					conn.ReplaceRule(&nftables.Rule{Table: table, Chain: chain, Handle: last.Handle, Exprs: hidden})
 				}
-				if err := conn.Flush(); err != nil {
+				return conn.Flush()
+			}
+			stop, churned := make(chan struct{}), make(chan error, 1)
+			tamper := func() {
+				if err := recreate(); err != nil {
 					t.Fatalf("tamper with guard6's drop: %v", err)
 				}
+				if !c.churn {
+					close(churned)
+					return
+				}
+				go func() {
+					for {
+						select {
+						case <-stop:
+							churned <- nil
+							return
+						default:
+						}
+						if err := recreate(); err != nil {
+							churned <- err
+							return
+						}
+					}
+				}()
 			}
 			err := pinhole.CheckRulesReplacedMidway(b, tamper)
 			if c.newHandle && !errors.Is(err, pinhole.ErrUnhealthy) {
-				t.Fatalf("check = %v with guard6's drop re-created with a hidden expression between its dumps (listed as:\n%s)",
+				t.Errorf("check = %v with guard6's drop re-created with a hidden expression between its dumps (listed as:\n%s)",
 					err, nftList(t, topo.Host, "chain", "inet", "pcpd", "guard6"))
 			}
 			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
 				t.Errorf("the next Healthy = %v, want ErrUnhealthy", err)
+			}
+			close(stop)
+			if err := <-churned; err != nil {
+				t.Fatalf("tamper with guard6's drop: %v", err)
 			}
 		})
 	}
