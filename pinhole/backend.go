@@ -147,11 +147,6 @@ type Backend struct {
 	// (probed); without it Install and Refresh re-create the element
 	// (probe.go).
 	inPlace, probed bool
-	// mapAsSet: the kernel accepts the unowned rule's lookup (a map
-	// looked up as a set, inverted: Linux ≥ 6.5), found by the first
-	// Setup's probe (probeMapAsSet, mapAsSetProbed); without it the
-	// layout has no unowned bucket.
-	mapAsSet, mapAsSetProbed bool
 	// protectedFault, when set (tests only), runs before each of
 	// syncProtected's transactions is queued: an error fails that
 	// transaction unwritten, as a kernel error would.
@@ -246,15 +241,6 @@ func (b *Backend) Setup() error {
 			return fmt.Errorf("pinhole: attached mode: inet table %q: %w", b.cfg.Table, ErrNoTable)
 		}
 	} else {
-		if !b.mapAsSetProbed && b.ownerMetering() && b.cfg.Meter.Rate > 0 {
-			// Before anything is queued: the probe is a transaction of
-			// its own.
-			ok, err := b.probeMapAsSet()
-			if err != nil {
-				return err
-			}
-			b.mapAsSet, b.mapAsSetProbed = ok, true
-		}
 		b.conn.AddTable(b.table)
 	}
 	for _, s := range b.allSets() {

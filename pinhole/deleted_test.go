@@ -41,7 +41,7 @@ func TestSetDeletedUnderUs(t *testing.T) {
 		{"prerouting", "redir6", "map", true, false},
 		{"forward", "protected6", "set", false, true},
 		{"control_local", "owners6", "map", false, false},
-		{"control_local", "meter6", "set", false, false},
+		{"control_meter", "meter6", "set", false, false},
 		{"control_in", "served6", "set", false, false}, // control_local's use of it flushed too (below)
 	} {
 		t.Run(tc.set, func(t *testing.T) {

@@ -55,7 +55,7 @@ type Meter struct {
 	// and Burst; pcpd sets them to what its own per-owner bucket admits.
 	OwnerRate, OwnerBurst uint32
 	// UnownedRate and UnownedBurst are the shared bucket of every source
-	// no owner holds (ownermeter.go, unownedRules): all of them together,
+	// no owner holds (ownermeter.go, unownedChainRules): all of them together,
 	// both families. Default OwnerRate and OwnerBurst: pcpd's own limiter
 	// puts every unowned source in one owner's bucket (server/early.go).
 	UnownedRate, UnownedBurst uint32
@@ -167,15 +167,32 @@ func meterSets(table *nftables.Table, prefix string, size uint32) (six, four *nf
 		mk("meter4", nftables.TypeIPAddr, "pcpd: request rate per IPv4 source")
 }
 
-// meterRules are the meter's rules in control_local (notrack.go): one per
-// family and served port, each port's owner meter rules (ownermeter.go)
-// first, then the shared bucket of the sources no owner holds
-// (unownedRules).
+// meterRules are the per-source meter's rules, one per family and served
+// port, each matching a datagram to that port (in control_local: see
+// notrack.go), when the layout has no owner meter (ownerLayout); with
+// one, the same rules without the port match are control_meter's
+// (perSourceRules).
 func (b *Backend) meterRules() [][]expr.Any {
-	m := b.cfg.Meter
-	if m.Rate == 0 || b.cfg.Attached {
+	if !b.metering() || b.ownerLayout() {
 		return nil
 	}
+	var out [][]expr.Any
+	for _, port := range b.cfg.Meter.Ports {
+		out = append(out, b.perSourceRules(x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_UDP),
+			loadTh(thDstOff, reg0), eq(reg0, byte(port>>8), byte(port))))...)
+	}
+	return out
+}
+
+// metering: the layout has the request meter (standalone, a rate set).
+func (b *Backend) metering() bool { return b.cfg.Meter.Rate > 0 && !b.cfg.Attached }
+
+// perSourceRules are the per-source meter's two rules, after match:
+//
+//	... update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: timeout 10s limit rate over 200/second burst 400 packets } drop
+//	... update @meter4 { ip saddr timeout 10s limit rate over 200/second burst 400 packets } drop
+func (b *Backend) perSourceRules(match []expr.Any) [][]expr.Any {
+	m := b.cfg.Meter
 	limit := func() []expr.Any {
 		return []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.Rate), Over: true,
 			Unit: expr.LimitTimeSecond, Burst: m.Burst}}
@@ -188,18 +205,10 @@ func (b *Backend) meterRules() [][]expr.Any {
 	for i := range meterPrefix6 / 8 {
 		mask6[i] = 0xff
 	}
-	var out [][]expr.Any
-	for _, port := range m.Ports {
-		udpPort := x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_UDP),
-			loadTh(thDstOff, reg0), eq(reg0, byte(port>>8), byte(port)))
-		out = append(out, b.ownerMeterRules(udpPort)...) // first: see ownermeter.go
-		out = append(out, b.unownedRules(udpPort)...)    // then the sources no owner holds
-		out = append(out,
-			rule(nfproto(unix.NFPROTO_IPV6), udpPort, x(loadNet(ip6SrcOff, 16, reg0),
-				&expr.Bitwise{SourceRegister: reg0, DestRegister: reg0, Len: 16, Mask: mask6, Xor: make([]byte, 16)},
-				update(b.meter6), drop)),
-			rule(nfproto(unix.NFPROTO_IPV4), udpPort, x(loadNet(ip4SrcOff, 4, reg0), update(b.meter4), drop)),
-		)
+	return [][]expr.Any{
+		rule(nfproto(unix.NFPROTO_IPV6), match, x(loadNet(ip6SrcOff, 16, reg0),
+			&expr.Bitwise{SourceRegister: reg0, DestRegister: reg0, Len: 16, Mask: mask6, Xor: make([]byte, 16)},
+			update(b.meter6), drop)),
+		rule(nfproto(unix.NFPROTO_IPV4), match, x(loadNet(ip4SrcOff, 4, reg0), update(b.meter4), drop)),
 	}
-	return out
 }

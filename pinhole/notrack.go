@@ -167,9 +167,11 @@ import (
 // meter): a downgrade needs "nft delete table inet pcpd" first.
 
 // controlRules are the rules of the control chains: control_in's, one per
-// served port and family, and control_local's (the meter's, then
-// notrack), and notrack_out's, one per served port. Any may be empty.
-func (b *Backend) controlRules() (in, local, out [][]expr.Any) {
+// served port and family, control_local's (the served-source drops, then
+// the meter's and notrack, or with the owner meter its map lookups, and
+// control_meter's the per-source rules and notrack: ownerMeterRules), and
+// notrack_out's, one per served port. Any may be empty.
+func (b *Backend) controlRules() (in, local, meter, out [][]expr.Any) {
 	udpPort := func(off uint32, port uint16) []expr.Any {
 		return x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_UDP),
 			loadTh(off, reg0), eq(reg0, byte(port>>8), byte(port)))
@@ -191,14 +193,30 @@ func (b *Backend) controlRules() (in, local, out [][]expr.Any) {
 			rule(udpPort(thDstOff, port), served(unix.NFPROTO_IPV6, ip6DstOff, 16, b.served6), serving(), x(goTo(b.chainControlLocal))),
 			rule(udpPort(thDstOff, port), served(unix.NFPROTO_IPV4, ip4DstOff, 4, b.served4), serving(), x(goTo(b.chainControlLocal))))
 	}
-	local = append(b.servedSourceRules(), b.meterRules()...)
+	local = b.servedSourceRules()
+	last := &local // where notrack goes: after the per-source rules
+	if b.ownerLayout() {
+		local = append(local, b.ownerMeterRules()...)
+		meter = b.perSourceRules(nil) // control_in matched the port
+		last = &meter
+	} else {
+		local = append(local, b.meterRules()...)
+	}
 	if b.notracking() {
-		local = append(local, x(&expr.Notrack{}))
+		*last = append(*last, x(&expr.Notrack{}))
 		for _, port := range b.cfg.Meter.Ports {
 			out = append(out, rule(udpPort(thSrcOff, port), x(&expr.Notrack{})))
 		}
 	}
-	return in, local, out
+	if b.ownerLayout() {
+		// The owner map's verdict is a jump: at the end of control_meter
+		// the kernel would return to control_local's next rule, goto
+		// unowned, and charge an owner's datagram to the unowned bucket
+		// too. Accepting here ends control_in, as falling off its end
+		// does (policy accept).
+		meter = append(meter, x(accept))
+	}
+	return in, local, meter, out
 }
 
 // servedSourceRules drop, first in control_local, a request whose source is
@@ -280,8 +298,9 @@ func (b *Backend) controlChains() []*nftables.Chain {
 		out = append(out, &nftables.Chain{Table: b.table, Name: b.chainNotrackOut, Type: nftables.ChainTypeFilter,
 			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw, Policy: &accept})
 	}
-	if b.unownedMetering() {
-		out = append(out, &nftables.Chain{Table: b.table, Name: unownedChain})
+	if b.ownerLayout() {
+		out = append(out, &nftables.Chain{Table: b.table, Name: unownedChain},
+			&nftables.Chain{Table: b.table, Name: controlMeterChain})
 	}
 	return out
 }
@@ -292,21 +311,23 @@ func (b *Backend) notracking() bool { return !b.cfg.Attached && !b.cfg.TrackCont
 // controlling: Setup installs the control chains (there is something for
 // them to do: notrack, or the meter).
 func (b *Backend) controlling() bool {
-	return !b.cfg.Attached && (b.notracking() || len(b.meterRules()) > 0)
+	return !b.cfg.Attached && (b.notracking() || b.metering())
 }
 
 // controlChainNames are the names of every chain pcpd has used for its
 // control traffic in standalone mode, those of older versions included
 // ("input" held the meter, "notrack_in" the input notrack rule), regular
-// chains last (unownedChain, which control_local jumps to, after it) so
-// that deleting them in this order drops the jumps to them first. They are pcpd's whether or not this Backend installs them (a
+// chains last (unownedChain, which control_local goes to, after it, and
+// controlMeterChain, which unownedChain and the owner chains go to, last)
+// so that deleting them in this order drops the jumps to them first (the
+// owner chains': queueStaleControlRemoval). They are pcpd's whether or not this Backend installs them (a
 // pcpd run before with other settings, or an older pcpd, may have), so
 // ownership accepts them and Setup removes those it does not install.
 func (b *Backend) controlChainNames() []string {
 	if b.cfg.Attached {
 		return nil
 	}
-	return []string{"input", "notrack_in", b.chainControlIn, b.chainNotrackOut, b.chainControlLocal, unownedChain}
+	return []string{"input", "notrack_in", b.chainControlIn, b.chainNotrackOut, b.chainControlLocal, unownedChain, controlMeterChain}
 }
 
 // isControlChain: name is one of controlChainNames.
@@ -347,6 +368,16 @@ func (b *Backend) queueStaleControlRemoval() error {
 	for _, name := range b.controlChainNames() {
 		if present[name] && want[name] != nil {
 			b.conn.FlushChain(&nftables.Chain{Table: b.table, Name: name})
+		}
+	}
+	if slices.Contains(stale, controlMeterChain) {
+		// The owner chains of a run with the owner meter go to it; their
+		// rules are written again (or the chains deleted) by the owner
+		// meter's write after Setup's transaction.
+		for name := range present {
+			if b.isOwnerChain(name) {
+				b.conn.FlushChain(&nftables.Chain{Table: b.table, Name: name})
+			}
 		}
 	}
 	for _, name := range stale {

@@ -35,18 +35,23 @@ import (
 //	chain owner_1e2a3b4c {
 //		iif != "lan0" fib saddr . iif oif 0 counter drop
 //		limit rate over 400/second burst 800 packets counter drop
+//		goto control_meter
 //	}
-//	... udp dport 5351 ip6 saddr vmap @owners6
-//	... udp dport 5351 ip saddr vmap @owners4
+//	chain control_local {
+//		... (the served-source drops, notrack.go)
+//		ip6 saddr vmap @owners6
+//		ip saddr vmap @owners4
+//		goto unowned
+//	}
 //
-// (in the meter's chain, before the per-source rules). A limit expression
-// keeps its state in its rule, so each owner's chain is its bucket, for
-// all of its sources and both families. A source in no owner's prefix
-// misses the map, which ends the rule; the next rules charge it to the one
-// bucket of every unowned source (unownedRules), then the per-source rules
-// count it; a datagram under its owner's rate returns from the owner's
-// chain, skips the unowned rules and meets the per-source ones. Because the owner rules come first, a flood
-// shed per owner never reaches (and never fills) the per-source sets.
+// (ownerMeterRules). A limit expression keeps its state in its rule, so
+// each owner's chain is its bucket, for all of its sources and both
+// families. A source in no owner's prefix misses the map, which ends the
+// rule, and goes on to the one bucket of every unowned source
+// (unownedChainRules); a datagram under its owner's rate goes on from the
+// owner's chain; both end in control_meter, the per-source rules and
+// notrack. Because the owner rules come first, a flood shed per owner
+// never reaches (and never fills) the per-source sets.
 //
 // Why not a dynamic set keyed by an owner id from the map (a lookup into
 // a register, then "update @ownermeter { <register> limit ... }"): the
@@ -114,19 +119,42 @@ func ownerMaps(table *nftables.Table, prefix string) (six, four *nftables.Set) {
 		mk("owners4", nftables.TypeIPAddr, "pcpd: IPv4 prefix to owner meter chain")
 }
 
-// ownerMeterRules are the owner meter's rules for one served port, given
-// the expressions that match a datagram to it (the per-source rules'
-// match, so both move together). They go before the per-source rules.
-func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
-	if b.owners6 == nil || b.cfg.Meter.OwnerRate == 0 {
-		return nil
-	}
+// ownerMeterRules are the owner meter's rules in control_local, after the
+// served-source drops (notrack.go), when the layout has the owner meter
+// (ownerLayout):
+//
+//	ip6 saddr vmap @owners6
+//	ip saddr vmap @owners4
+//	goto unowned
+//
+// They need no port match: control_in hands control_local only datagrams
+// to a served port. One lookup a datagram decides where it is charged.
+// Its owner's chain ends "goto control_meter", and control_meter ends
+// "accept", so a datagram its owner's bucket passes never comes back here
+// (the map's verdict is a jump: without the accept, the end of
+// control_meter would return to the rule after the map's, goto unowned,
+// and charge it to the unowned bucket too: TestOwnerMeterHoleBug4); a
+// source no owner holds misses the map, which ends the rule, and falls
+// through to the shared bucket of every unowned source (unownedChain),
+// which ends "goto control_meter" too. The per-source rules
+// (perSourceRules) and notrack are control_meter's: both paths meet them
+// after the owner or unowned limit, so a flood shed there never reaches
+// (and never fills) the per-source sets.
+//
+// Until 2026-12-03 (h/errrows2) the owner chains returned here, and the
+// unowned rule was a second lookup of the same map, inverted ("ip6 saddr
+// != @owners6 jump unowned"), which every request paid, owned or not;
+// that lookup also needs Linux 6.5 (a map looked up as a set), so before
+// it there was no unowned bucket at all (probeMapAsSet, since removed).
+// This layout needs nothing newer than the owner maps themselves.
+func (b *Backend) ownerMeterRules() [][]expr.Any {
 	vmap := func(s *nftables.Set) expr.Any {
 		return &expr.Lookup{SourceRegister: reg0, DestRegister: unix.NFT_REG_VERDICT, IsDestRegSet: true, SetName: s.Name, SetID: s.ID}
 	}
 	return [][]expr.Any{
-		rule(nfproto(unix.NFPROTO_IPV6), match, x(loadNet(ip6SrcOff, 16, reg0), vmap(b.owners6))),
-		rule(nfproto(unix.NFPROTO_IPV4), match, x(loadNet(ip4SrcOff, 4, reg0), vmap(b.owners4))),
+		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6SrcOff, 16, reg0), vmap(b.owners6))),
+		rule(nfproto(unix.NFPROTO_IPV4), x(loadNet(ip4SrcOff, 4, reg0), vmap(b.owners4))),
+		x(goTo(unownedChain)),
 	}
 }
 
@@ -134,65 +162,51 @@ func (b *Backend) ownerMeterRules(match []expr.Any) [][]expr.Any {
 // chain, so one limit for both families and every served port.
 const unownedChain = "unowned"
 
-// unownedRules send the datagrams whose source no owner holds to
-// unownedChain (review S4): the sources in no owner's prefix, and those in
-// a hole. They go after the owner rules, whose chains return what they
-// pass, and before the per-source rules, as an owner's:
+// controlMeterChain holds the per-source meter's rules, notrack, and
+// accept, where the owner chains and unownedChain go once their limit
+// passed a datagram (ownerMeterRules).
+const controlMeterChain = "control_meter"
+
+// unownedChainRules are unownedChain's rules (review S4): the shared
+// limit of the sources no owner holds (in no owner's prefix, or in a
+// hole), then on to the per-source rules:
 //
-//	... udp dport 5351 ip6 saddr != @owners6 jump unowned
-//	... udp dport 5351 ip saddr != @owners4 jump unowned
 //	chain unowned {
 //		limit rate over 400/second burst 800 packets counter drop
+//		goto control_meter
 //	}
 //
-// Before, such a source missed the owner maps and met the per-source
-// rules alone, so a flood from many unowned /64s (or, once the meter sets
-// were full, from any number of them) reached pcpd's socket at full speed,
-// where pcpd's own limiter put them all in one bucket (server/early.go,
-// the zero OwnerKey) only after each had cost a recvmmsg slot. Now the
-// kernel holds them, together, to Meter.UnownedRate, which pcpd sets to
-// its own bucket's rate. Every request from them is refused (NoOwner) or
-// an ANNOUNCE, so the bucket costs no client a mapping. The lookup has no
-// data register (a map looked up as a set: the kernel allows it for a
-// named map) and is inverted: a source the maps hold skips the rule, so
-// an owner's datagrams, which returned from its chain under its rate, are
-// never charged here. The per-source rules come after, as for owners: a
-// flood shed here does not fill the per-source sets.
+// Before S4, such a source met the per-source rules alone, so a flood
+// from many unowned /64s (or, once the meter sets were full, from any
+// number of them) reached pcpd's socket at full speed, where pcpd's own
+// limiter put them all in one bucket (server/early.go, the zero OwnerKey)
+// only after each had cost a recvmmsg slot. Now the kernel holds them,
+// together, to Meter.UnownedRate, which pcpd sets to its own bucket's
+// rate. Every request from them is refused (NoOwner) or an ANNOUNCE, so
+// the bucket costs no client a mapping. An owner's datagrams never get
+// here: they hit the map and go on from the owner's chain.
 //
 // The owner maps are the truth of who is unowned, so while they miss an
 // owner's ranges (a table made anew until SetOwners' first write, a map
 // write failing, and the moment between two of a large map's
 // transactions, ownerMapTxn) that owner's sources are charged here, as
 // nobody's, rather than metered per source only.
-func (b *Backend) unownedRules(match []expr.Any) [][]expr.Any {
-	if !b.ownerMetering() || !b.mapAsSet { // mapAsSet: probeMapAsSet
-		return nil
-	}
-	notOwned := func(s *nftables.Set) expr.Any {
-		return &expr.Lookup{SourceRegister: reg0, SetName: s.Name, SetID: s.ID, Invert: true}
-	}
-	jump := &expr.Verdict{Kind: expr.VerdictJump, Chain: unownedChain}
-	return [][]expr.Any{
-		rule(nfproto(unix.NFPROTO_IPV6), match, x(loadNet(ip6SrcOff, 16, reg0), notOwned(b.owners6), jump)),
-		rule(nfproto(unix.NFPROTO_IPV4), match, x(loadNet(ip4SrcOff, 4, reg0), notOwned(b.owners4), jump)),
-	}
-}
-
-// unownedChainRules are unownedChain's rule: the shared limit.
 func (b *Backend) unownedChainRules() [][]expr.Any {
 	m := b.cfg.Meter
-	return [][]expr.Any{x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.UnownedRate), Over: true,
-		Unit: expr.LimitTimeSecond, Burst: m.UnownedBurst}, &expr.Counter{}, drop)}
+	return [][]expr.Any{
+		x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.UnownedRate), Over: true,
+			Unit: expr.LimitTimeSecond, Burst: m.UnownedBurst}, &expr.Counter{}, drop),
+		x(goTo(controlMeterChain)),
+	}
 }
 
-// unownedMetering: the layout has unownedChain (standalone, with the
-// per-source and owner meters on).
-func (b *Backend) unownedMetering() bool {
-	return !b.cfg.Attached && b.cfg.Meter.Rate > 0 && b.ownerMetering() && b.mapAsSet
-}
+// ownerLayout: the layout has the owner meter, unownedChain and
+// controlMeterChain (standalone, with the per-source and owner meters on).
+func (b *Backend) ownerLayout() bool { return b.metering() && b.ownerMetering() }
 
 // ownerRules are an owner chain's rules: the reverse-path check (unless
-// Meter.ReversePath is off), then the limit. ifs are the interfaces
+// Meter.ReversePath is off), then the limit, then on to the per-source
+// rules (controlMeterChain; ownerMeterRules). ifs are the interfaces
 // through which the host routes every prefix of the owner (Config.Routes;
 // ownerInterfaces, FollowRoutes), in index order. Their counters are what
 // the owner's datagrams cost it in drops ("nft list chain inet pcpd
@@ -203,6 +217,7 @@ func (b *Backend) unownedMetering() bool {
 //	iif != "lan0" fib saddr . iif oif 0 counter drop	(strict, the default)
 //	iif != "lan0" fib saddr oif 0 counter drop		(loose)
 //	limit rate over 400/second burst 800 packets counter drop
+//	goto control_meter
 //
 // fib saddr . iif oif is the interface the host routes the source address
 // through, if that is the one the datagram arrived on, else 0: strict
@@ -269,8 +284,14 @@ func (b *Backend) ownerRules(ifs []int) [][]expr.Any {
 			eq(reg0, 0, 0, 0, 0), &expr.Counter{}, drop)
 		rules = append(rules, r)
 	}
-	return append(rules, x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.OwnerRate), Over: true,
+	rules = append(rules, x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.OwnerRate), Over: true,
 		Unit: expr.LimitTimeSecond, Burst: m.OwnerBurst}, &expr.Counter{}, drop))
+	if b.ownerLayout() {
+		// ownerMeterRules: never back to control_local. (Without the
+		// per-source meter nothing goes to the owner chains.)
+		rules = append(rules, x(goTo(controlMeterChain)))
+	}
+	return rules
 }
 
 // ownerMetering: SetOwners has something to do.

@@ -124,12 +124,14 @@ func TestOwnerMeterPKT08(t *testing.T) {
 	ruleset := nftList(t, topo.Host, "table", "inet", "pcpd")
 	lan, wan := topo.HostLANIf, topo.HostWANIf
 	for _, want := range []string{
-		"udp dport 5351 ip6 saddr vmap @owners6\n\t\tudp dport 5351 ip saddr vmap @owners4\n\t\t" +
-			"udp dport 5351 ip6 saddr != @owners6 jump unowned\n\t\tudp dport 5351 ip saddr != @owners4 jump unowned\n\t\tudp dport 5351 update @meter6",
+		// One lookup decides: an owner's chain, or the unowned bucket
+		// (both go on to control_meter's per-source rules).
+		"ip6 saddr vmap @owners6\n\t\tip saddr vmap @owners4\n\t\tgoto unowned\n\t}",
+		"chain control_meter {\n\t\tupdate @meter6",
 		"2001:db8:77:5::/64 : jump " + chains["wg:inner"],
 		// Both of the flooder's prefixes are routed through the LAN:
 		// datagrams from there skip the route lookup.
-		"chain " + chains["wg:flooder"] + " {\n\t\tiif != \"" + lan + "\" fib saddr . iif oif 0 counter packets 0 bytes 0 drop\n\t\tlimit rate over 20/second burst 100 packets counter packets 0 bytes 0 drop\n\t}",
+		"chain " + chains["wg:flooder"] + " {\n\t\tiif != \"" + lan + "\" fib saddr . iif oif 0 counter packets 0 bytes 0 drop\n\t\tlimit rate over 20/second burst 100 packets counter packets 0 bytes 0 drop\n\t\tgoto control_meter\n\t}",
 	} {
 		if !strings.Contains(ruleset, want) {
 			t.Fatalf("ruleset lacks %q:\n%s", want, ruleset)
@@ -178,6 +180,11 @@ func TestOwnerMeterPKT08(t *testing.T) {
 		t.Fatalf("Healthy: %v", err)
 	}
 	fl := chains["wg:flooder"]
+	// The flooder's chain as Setup writes it, but for its last rule (goto
+	// control_meter), flushed first.
+	flooderRules := [][]string{{"flush", "chain", "inet", "pcpd", fl},
+		{"add", "rule", "inet", "pcpd", fl, "iif", "!=", lan, "fib", "saddr", ".", "iif", "oif", "0", "counter", "drop"},
+		{"add", "rule", "inet", "pcpd", fl, "limit", "rate", "over", "20/second", "burst", "100", "packets", "counter", "drop"}}
 	for _, tc := range []struct {
 		name string
 		nft  [][]string
@@ -197,8 +204,19 @@ func TestOwnerMeterPKT08(t *testing.T) {
 		{"owner's range removed from the map", [][]string{{"delete", "element", "inet", "pcpd", "owners6", "{", innerPfx.String(), "}"}}},
 		{"nobody's range charged to the flooder", [][]string{{"add", "element", "inet", "pcpd", "owners6", "{", "2001:db8:99::/48", ":", "jump", fl, "}"}}},
 		{"IPv4 map flushed", [][]string{{"flush", "map", "inet", "pcpd", "owners4"}}},
+		// Without its last rule the chain returns to control_local, whose
+		// next rule charges the owner's datagrams to the unowned bucket.
+		{"goto control_meter gone", flooderRules},
 	} {
 		tamperNoticedAndRepaired(t, topo.Host, b, tc.name, tc.nft)
+	}
+	// The same rules written whole are what Healthy wants: the case above
+	// fails for the missing goto alone.
+	for _, cmd := range append(flooderRules, []string{"add", "rule", "inet", "pcpd", fl, "goto", "control_meter"}) {
+		topo.Host.MustRun(t, append([]string{"nft"}, cmd...)...)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("Healthy after the flooder's chain was written by hand as Setup writes it: %v", err)
 	}
 
 	// The flooder is no longer an owner: its sources are not held (the

@@ -2,15 +2,11 @@ package pinhole
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
 	"net/netip"
 	"time"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/binaryutil"
-	"github.com/google/nftables/expr"
-	"golang.org/x/sys/unix"
 )
 
 // The in-place update of Install and Refresh (two adds, see refreshNudge)
@@ -104,57 +100,4 @@ func (b *Backend) UpdatesInPlace() bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.inPlace
-}
-
-// The unowned rule (unownedRules: "ip6 saddr != @owners6 jump unowned")
-// looks a verdict map up as a set: inverted and without a destination
-// register. Before Linux 6.5 (commit "netfilter: nf_tables: relax set/map
-// validation checks") nft_lookup_init refuses both with EINVAL, so on
-// Debian 12 (6.1) the rule failed Setup's whole transaction and pcpd
-// could not start (review7 F1, TestLayoutLookupsLinux61). Setup therefore
-// asks the kernel first, once, in a transaction of its own that makes a
-// map and a chain with such a rule in pcpd's table and deletes them again
-// (the kernel keeps nothing of it, whatever the answer); without the
-// feature the layout has no unowned bucket, as before S4: the sources no
-// owner holds meet the per-source meter only.
-
-// probeMapAsSetName is the probe's map and chain: names no pcpd object has.
-const probeMapAsSetName = "probe_map_as_set"
-
-// probeMapAsSet reports whether the kernel accepts an inverted lookup into
-// a map without a destination register. Standalone only; pcpd's table is
-// as it was after (made for the probe if missing, and deleted again).
-// Caller holds b.mu, with nothing queued on b.conn.
-func (b *Backend) probeMapAsSet() (bool, error) {
-	existed, err := b.tableExists()
-	if err != nil {
-		return false, err
-	}
-	m := &nftables.Set{Table: b.table, Name: probeMapAsSetName, KeyType: nftables.TypeIPAddr,
-		KeyByteOrder: binaryutil.BigEndian, IsMap: true, DataType: nftables.TypeVerdict}
-	c := &nftables.Chain{Table: b.table, Name: probeMapAsSetName}
-	b.conn.AddTable(b.table)
-	if err := b.conn.AddSet(m, nil); err != nil {
-		return false, fmt.Errorf("pinhole: probe map lookup: %w", err)
-	}
-	b.conn.AddChain(c)
-	b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: x(loadNet(ip4SrcOff, 4, reg0),
-		&expr.Lookup{SourceRegister: reg0, SetName: m.Name, SetID: m.ID, Invert: true})})
-	b.conn.FlushChain(c)
-	b.conn.DelChain(c)
-	b.conn.DelSet(m)
-	if !existed {
-		// An empty table left behind would be refused as not pcpd's
-		// (checkOwnershipLocked: none of pcpd's sets) if Setup's own
-		// transaction then failed.
-		b.conn.DelTable(b.table)
-	}
-	err = b.conn.Flush()
-	switch {
-	case err == nil:
-		return true, nil
-	case errors.Is(err, unix.EINVAL):
-		return false, nil
-	}
-	return false, fmt.Errorf("pinhole: probe map lookup: %w", classify(err))
 }

@@ -12,14 +12,15 @@ import (
 // "netfilter: nf_tables: relax set/map validation checks"; Debian 12 runs
 // 6.1, RHEL 9 5.14, Ubuntu 22.04 5.15), nft_lookup_init refuses, with
 // EINVAL, a lookup into a map that is inverted or has no destination
-// register. The unowned rule ("ip6 saddr != @owners6 jump unowned", a
-// map looked up as a set, inverted) is both, so on those kernels Setup's
-// whole transaction fails and pcpd, standalone with the default kernel
-// meter, cannot start. The test applies the old kernel's checks to the
-// layout's rules of a Backend whose kernel has not been found to accept
-// them (probeMapAsSet: mapAsSet false, as on 6.1); the box's own kernel
-// (6.18) accepts them, so only this check shows it (TestUnownedMeterLayout
-// has the unowned chain on this kernel, after the probe).
+// register. The unowned rule of S4 ("ip6 saddr != @owners6 jump unowned",
+// a map looked up as a set, inverted) was both, so on those kernels
+// Setup's whole transaction failed and pcpd, standalone with the default
+// kernel meter, could not start; then a probe left the unowned bucket out
+// there. Since BENCHMARKS.md item 29 the owner chains go on to
+// control_meter and the map's miss falls through to "goto unowned", so
+// no rule needs it. The test applies the old kernel's checks to the
+// layout's rules; the box's own kernel (6.18) accepts them either way,
+// so only this check shows it.
 func TestLayoutLookupsLinux61(t *testing.T) {
 	for _, tc := range []struct {
 		name string

@@ -224,13 +224,13 @@ func (b *Backend) layout() []chainRules {
 		{b.chainPostrouting, postrouting},
 	}
 	if b.controlling() {
-		in, local, outRules := b.controlRules()
+		in, local, meter, outRules := b.controlRules()
 		out = append(out, chainRules{b.chainControlIn, in}, chainRules{b.chainControlLocal, local})
 		if b.notracking() {
 			out = append(out, chainRules{b.chainNotrackOut, outRules})
 		}
-		if b.unownedMetering() {
-			out = append(out, chainRules{unownedChain, b.unownedChainRules()})
+		if b.ownerLayout() {
+			out = append(out, chainRules{unownedChain, b.unownedChainRules()}, chainRules{controlMeterChain, meter})
 		}
 	}
 	return out

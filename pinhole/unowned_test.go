@@ -69,10 +69,9 @@ func TestUnownedMeterS4(t *testing.T) {
 
 	ruleset := nftList(t, topo.Host, "table", "inet", "pcpd")
 	for _, want := range []string{
-		"udp dport 5351 ip6 saddr vmap @owners6\n\t\tudp dport 5351 ip saddr vmap @owners4\n\t\t" +
-			"udp dport 5351 ip6 saddr != @owners6 jump unowned\n\t\tudp dport 5351 ip saddr != @owners4 jump unowned\n\t\t" +
-			"udp dport 5351 update @meter6",
-		fmt.Sprintf("chain unowned {\n\t\tlimit rate over %d/second burst %d packets counter packets 0 bytes 0 drop\n\t}", unownedRate, unownedBurst),
+		"ip6 saddr vmap @owners6\n\t\tip saddr vmap @owners4\n\t\tgoto unowned\n\t}",
+		fmt.Sprintf("chain unowned {\n\t\tlimit rate over %d/second burst %d packets counter packets 0 bytes 0 drop\n\t\tgoto control_meter\n\t}", unownedRate, unownedBurst),
+		"chain control_meter {\n\t\tupdate @meter6",
 	} {
 		if !strings.Contains(ruleset, want) {
 			t.Fatalf("ruleset lacks %q:\n%s", want, ruleset)
@@ -153,14 +152,39 @@ func TestUnownedMeterS4(t *testing.T) {
 			{"add", "rule", "inet", "pcpd", "unowned", "limit", "rate", "over", "100000/second", "burst", "50", "packets", "counter", "drop"}}},
 		{"its drop made accept", [][]string{{"flush", "chain", "inet", "pcpd", "unowned"},
 			{"add", "rule", "inet", "pcpd", "unowned", "limit", "rate", "over", "10/second", "burst", "50", "packets", "counter", "accept"}}},
+		// Without it the unowned sources would skip the per-source meter.
+		{"its goto control_meter gone", [][]string{{"flush", "chain", "inet", "pcpd", "unowned"},
+			{"add", "rule", "inet", "pcpd", "unowned", "limit", "rate", "over", "10/second", "burst", "50", "packets", "counter", "drop"}}},
+		{"control_local's goto unowned gone", [][]string{{"flush", "chain", "inet", "pcpd", "control_local"},
+			{"add", "rule", "inet", "pcpd", "control_local", "ip6", "saddr", "@served6", "ip6", "saddr", "!=", "fe80::/10", "iif", "!=", "lo", "counter", "drop"},
+			{"add", "rule", "inet", "pcpd", "control_local", "ip", "saddr", "@served4", "iif", "!=", "lo", "counter", "drop"},
+			{"add", "rule", "inet", "pcpd", "control_local", "ip6", "saddr", "vmap", "@owners6"},
+			{"add", "rule", "inet", "pcpd", "control_local", "ip", "saddr", "vmap", "@owners4"}}},
 	} {
 		tamperNoticedAndRepaired(t, topo.Host, b, tc.name, tc.nft)
 	}
+	// Written whole by hand, as Setup writes them, both pass Healthy: the
+	// cases above fail for the missing goto alone.
+	for _, cmd := range [][]string{{"flush", "chain", "inet", "pcpd", "unowned"},
+		{"add", "rule", "inet", "pcpd", "unowned", "limit", "rate", "over", "10/second", "burst", "50", "packets", "counter", "drop"},
+		{"add", "rule", "inet", "pcpd", "unowned", "goto", "control_meter"},
+		{"flush", "chain", "inet", "pcpd", "control_local"},
+		{"add", "rule", "inet", "pcpd", "control_local", "ip6", "saddr", "@served6", "ip6", "saddr", "!=", "fe80::/10", "iif", "!=", "lo", "counter", "drop"},
+		{"add", "rule", "inet", "pcpd", "control_local", "ip", "saddr", "@served4", "iif", "!=", "lo", "counter", "drop"},
+		{"add", "rule", "inet", "pcpd", "control_local", "ip6", "saddr", "vmap", "@owners6"},
+		{"add", "rule", "inet", "pcpd", "control_local", "ip", "saddr", "vmap", "@owners4"},
+		{"add", "rule", "inet", "pcpd", "control_local", "goto", "unowned"}} {
+		topo.Host.MustRun(t, append([]string{"nft"}, cmd...)...)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("Healthy after unowned and control_local were written by hand as Setup writes them: %v", err)
+	}
 }
 
-// TestUnownedMeterLayout: the unowned chain is part of the layout only with
-// the owner meter (standalone, Rate set): a Backend without the meter
-// removes the chain a metered run left, whether control_local stays (for
+// TestUnownedMeterLayout: the unowned chain (and control_meter) are part of
+// the layout only with the owner meter (standalone, Rate set): a Backend
+// without the meter removes the chains a metered run left (its owner
+// chains going to control_meter), whether control_local stays (for
 // notrack: it jumped to the chain, which could not be deleted before it was
 // flushed) or goes too, and a metered one adds it back.
 func TestUnownedMeterLayout(t *testing.T) {
@@ -178,6 +202,15 @@ func TestUnownedMeterLayout(t *testing.T) {
 				if out := nftList(t, ns, "table", "inet", "pcpd"); !strings.Contains(out, "chain unowned {\n\t\tlimit rate over 400/second burst 400 packets") {
 					t.Fatalf("round %d, metered: no unowned chain at the owner meter's rate (2 × 200, burst 2 × 200):\n%s", round, out)
 				}
+				// An owner's chain goes to control_meter: the unmetered
+				// Setup must flush it before it can delete control_meter.
+				if err := metered.SetOwners([]pinhole.Owner{{ID: "wg:x", Prefixes: []netip.Prefix{netip.MustParsePrefix("2001:db8:5::/48")}}}, nil); err != nil {
+					t.Fatalf("round %d, metered: SetOwners: %v", round, err)
+				}
+				if out := nftList(t, ns, "table", "inet", "pcpd"); !strings.Contains(out, "goto control_meter\n\t}\n\tchain owner_") &&
+					!strings.Contains(out, "drop\n\t\tgoto control_meter\n\t}") {
+					t.Fatalf("round %d, metered: no owner chain going to control_meter:\n%s", round, out)
+				}
 				if err := metered.Healthy(); err != nil {
 					t.Fatalf("round %d, metered: Healthy: %v", round, err)
 				}
@@ -185,8 +218,8 @@ func TestUnownedMeterLayout(t *testing.T) {
 				if err := plain.Healthy(); err != nil {
 					t.Fatalf("round %d, unmetered: Healthy: %v", round, err)
 				}
-				if out := nftList(t, ns, "table", "inet", "pcpd"); strings.Contains(out, "unowned") {
-					t.Errorf("round %d: unmetered Setup left the unowned chain:\n%s", round, out)
+				if out := nftList(t, ns, "table", "inet", "pcpd"); strings.Contains(out, "unowned") || strings.Contains(out, "control_meter") {
+					t.Errorf("round %d: unmetered Setup left the unowned chain or control_meter:\n%s", round, out)
 				}
 			}
 		})
