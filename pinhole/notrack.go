@@ -52,6 +52,11 @@ import (
 //		udp sport 5351 notrack
 //	}
 //
+// (With the owner meter, pcpd's default, control_local ends with the owner
+// maps and "goto unowned", and the per-source rules, without the port
+// match, and notrack are in control_meter, where the owner chains and
+// unowned go: ownerMeterRules.)
+//
 // Every base chain a packet passes costs a hook call and a walk of its
 // rules; before, the meter had an input chain of its own (and the fib
 // match its own raw chain), which cost about 0.4 µs more per request and
