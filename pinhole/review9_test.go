@@ -1,0 +1,58 @@
+package pinhole_test
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// TestUpgradeOwnerChainsReturnR9 (review9 U1): a table laid out by main's
+// pcpd (before the one-lookup owner meter) has owner chains that end with
+// their limit and return to control_local. This version's Setup rewrites
+// control_local ("... vmap @owners6; ip saddr vmap @owners4; goto
+// unowned") but leaves the owner chains to the owner meter's write after
+// it (SetOwners, RepairOwners). Until then an owned datagram that its
+// owner's bucket passed returns to control_local and falls through to
+// "goto unowned": charged to its owner and to the shared unowned bucket
+// both (property: never both). After Setup, before any SetOwners, every
+// owner chain present must already go on to control_meter.
+func TestUpgradeOwnerChainsReturnR9(t *testing.T) {
+	ns := netlab.NewNS(t, "upgr9")
+	cfg := pinhole.Config{Meter: pinhole.Meter{Rate: 200}}
+	b := newBackend(t, ns, cfg)
+	if err := b.SetOwners([]pinhole.Owner{{ID: "wg:a", Prefixes: []netip.Prefix{
+		netip.MustParsePrefix("2001:db8:100::/40"), netip.MustParsePrefix("10.1.0.0/16")}}}, nil); err != nil {
+		t.Fatalf("SetOwners: %v", err)
+	}
+	chain := pinhole.OwnerChains([]pinhole.Owner{{ID: "wg:a"}})["wg:a"]
+	// main's layout (as main's Setup and SetOwners write it, checked with
+	// main's binary): the owner chain without the goto, unowned without
+	// it, control_local with the inverted lookups, no control_meter.
+	for _, cmd := range [][]string{
+		{"flush", "chain", "inet", "pcpd", "control_local"},
+		{"add", "rule", "inet", "pcpd", "control_local", "udp", "dport", "5351", "ip6", "saddr", "vmap", "@owners6"},
+		{"add", "rule", "inet", "pcpd", "control_local", "udp", "dport", "5351", "ip", "saddr", "vmap", "@owners4"},
+		{"add", "rule", "inet", "pcpd", "control_local", "udp", "dport", "5351", "ip6", "saddr", "!=", "@owners6", "jump", "unowned"},
+		{"add", "rule", "inet", "pcpd", "control_local", "udp", "dport", "5351", "ip", "saddr", "!=", "@owners4", "jump", "unowned"},
+		{"add", "rule", "inet", "pcpd", "control_local", "udp", "dport", "5351", "update", "@meter4", "{", "ip", "saddr", "timeout", "10s", "limit", "rate", "over", "200/second", "burst", "200", "packets", "}", "drop"},
+		{"add", "rule", "inet", "pcpd", "control_local", "notrack"},
+		{"flush", "chain", "inet", "pcpd", "unowned"},
+		{"add", "rule", "inet", "pcpd", "unowned", "limit", "rate", "over", "400/second", "burst", "400", "packets", "counter", "drop"},
+		{"flush", "chain", "inet", "pcpd", chain},
+		{"add", "rule", "inet", "pcpd", chain, "fib", "saddr", ".", "iif", "oif", "0", "counter", "drop"},
+		{"add", "rule", "inet", "pcpd", chain, "limit", "rate", "over", "400/second", "burst", "400", "packets", "counter", "drop"},
+		{"delete", "chain", "inet", "pcpd", "control_meter"},
+	} {
+		ns.MustRun(t, append([]string{"nft"}, cmd...)...)
+	}
+	// The new binary's start: a new Backend, Setup, and nothing else yet.
+	newBackend(t, ns, cfg)
+	out := nftList(t, ns, "chain", "inet", "pcpd", chain)
+	if !strings.Contains(out, "goto control_meter\n\t}") {
+		t.Fatalf("after Setup over main's table, owner chain %s returns to control_local (its datagrams fall through to goto unowned, charged twice):\n%s\ncontrol_local:\n%s",
+			chain, out, nftList(t, ns, "chain", "inet", "pcpd", "control_local"))
+	}
+}
