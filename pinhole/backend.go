@@ -266,6 +266,14 @@ func (b *Backend) Setup() error {
 	// (the entry chain's rules, guard6/guard4), and writeProtected below
 	// then adds and removes prefixes in bounded transactions that never
 	// uncover an address guarded before and after.
+	// Before the layout is written: the owner chains of a table laid out
+	// before control_meter (main's, review9 U1) return, and once
+	// control_local ends "goto unowned" their datagrams would be charged
+	// to the unowned bucket too until the owner meter's write.
+	onward, err := b.ownerChainsWithoutOnward()
+	if err != nil {
+		return err
+	}
 	if err := b.queueStaleControlRemoval(); err != nil {
 		return err
 	}
@@ -292,6 +300,12 @@ func (b *Backend) Setup() error {
 		return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))
 	}
 	b.owned = true
+	// Not fatal: the layout is committed, and the owner meter's write
+	// below (or RepairOwners) rewrites the chains anyway.
+	var onwardErr error
+	if err := b.writeOwnerChainsOnward(onward); err != nil {
+		onwardErr = fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, err)
+	}
 	if chains[unownedChain] != nil {
 		// Written anew: its drops count from 0 (MeterDrops), also those
 		// before the first Healthy.
@@ -359,7 +373,7 @@ func (b *Backend) Setup() error {
 		}
 		b.inPlace, b.probed = ok, true
 	}
-	return errors.Join(protErr, meterErr)
+	return errors.Join(protErr, onwardErr, meterErr)
 }
 
 // queueMisshapenChainRemoval queues the deletion of every layout chain

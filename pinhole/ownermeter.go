@@ -1149,3 +1149,56 @@ func ownerElements(spans []ownedSpan) []nftables.SetElement {
 	}
 	return elems
 }
+
+// ownerChainsWithoutOnward are the owner chains present in a table that
+// has no controlMeterChain yet, when this Backend's layout has it: a table
+// laid out before the one-lookup owner meter (h/errrows2), whose owner
+// chains end with their limit and return to control_local. Setup's
+// transaction makes control_local end "goto unowned", so until the owner
+// meter's write (SetOwners, after Setup) rewrote them an owned datagram
+// its owner's bucket passed fell through to the unowned bucket and was
+// charged to both (review9 U1, TestUpgradeOwnerChainsReturnR9). Caller
+// holds b.mu.
+func (b *Backend) ownerChainsWithoutOnward() ([]string, error) {
+	if !b.ownerLayout() {
+		return nil, nil
+	}
+	ok, err := b.tableExists()
+	if err != nil || !ok {
+		return nil, err
+	}
+	present, err := b.presentChains()
+	if err != nil {
+		return nil, fmt.Errorf("pinhole: owner chains: %w", err)
+	}
+	if present[controlMeterChain] {
+		return nil, nil // their goto is there, or Healthy's to find missing
+	}
+	var out []string
+	for name := range present {
+		if b.isOwnerChain(name) {
+			out = append(out, name)
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// writeOwnerChainsOnward appends "goto control_meter" to each of names
+// (ownerChainsWithoutOnward), right after Setup's transaction made
+// control_meter, in transactions of ownerChainBatch chains (one would
+// overflow the netlink socket with many owners). An owner chain so
+// completed is what ownerRules writes when its interfaces are unchanged,
+// so the owner meter's write keeps it and its bucket. Caller holds b.mu.
+func (b *Backend) writeOwnerChainsOnward(names []string) error {
+	for i, name := range names {
+		b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: &nftables.Chain{Table: b.table, Name: name},
+			Exprs: x(goTo(controlMeterChain))})
+		if (i+1)%ownerChainBatch == 0 || i == len(names)-1 {
+			if err := b.conn.Flush(); err != nil {
+				return fmt.Errorf("owner chains on to %s: %w: %w", controlMeterChain, ErrOwnerMeter, classify(err))
+			}
+		}
+	}
+	return nil
+}
