@@ -56,3 +56,56 @@ func TestUpgradeOwnerChainsReturnR9(t *testing.T) {
 			chain, out, nftList(t, ns, "chain", "inet", "pcpd", "control_local"))
 	}
 }
+
+// TestControlMeterTamperR9 (review9): the tampers with the one-lookup
+// owner meter beyond a missing goto that would let a request skip the
+// per-source meter or notrack, or charge it to the wrong bucket, are
+// noticed and repaired.
+func TestControlMeterTamperR9(t *testing.T) {
+	ns := netlab.NewNS(t, "tamp9")
+	b := newBackend(t, ns, pinhole.Config{Meter: pinhole.Meter{Rate: 200}, Routes: noRoutes{}})
+	pfx := "2001:db8:100::/40"
+	if err := b.SetOwners([]pinhole.Owner{{ID: "wg:a", Prefixes: []netip.Prefix{netip.MustParsePrefix(pfx)}}}, nil); err != nil {
+		t.Fatalf("SetOwners: %v", err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("Healthy: %v", err)
+	}
+	chain := pinhole.OwnerChains([]pinhole.Owner{{ID: "wg:a"}})["wg:a"]
+	meter := func(last ...string) [][]string {
+		return [][]string{{"flush", "chain", "inet", "pcpd", "control_meter"},
+			{"add", "rule", "inet", "pcpd", "control_meter", "update", "@meter6", "{", "ip6", "saddr", "&", "ffff:ffff:ffff:ffff::", "timeout", "10s", "limit", "rate", "over", "200/second", "burst", "200", "packets", "}", "drop"},
+			{"add", "rule", "inet", "pcpd", "control_meter", "update", "@meter4", "{", "ip", "saddr", "timeout", "10s", "limit", "rate", "over", "200/second", "burst", "200", "packets", "}", "drop"},
+			append([]string{"add", "rule", "inet", "pcpd", "control_meter"}, last...)}
+	}
+	for _, tc := range []struct {
+		name string
+		nft  [][]string
+	}{
+		// notrack then return: back to control_local's goto unowned.
+		{"control_meter's accept made return", append(meter("notrack"), []string{"add", "rule", "inet", "pcpd", "control_meter", "return"})},
+		{"control_meter's accept made continue", append(meter("notrack"), []string{"add", "rule", "inet", "pcpd", "control_meter", "continue"})},
+		{"control_meter's accept before notrack", append(meter("accept"), []string{"add", "rule", "inet", "pcpd", "control_meter", "notrack"})},
+		{"control_meter's per-source rules after accept", [][]string{{"insert", "rule", "inet", "pcpd", "control_meter", "accept"}}},
+		{"owner's element jumps to control_meter", [][]string{{"delete", "element", "inet", "pcpd", "owners6", "{", pfx, "}"},
+			{"add", "element", "inet", "pcpd", "owners6", "{", pfx, ":", "jump", "control_meter", "}"}}},
+		{"owner's element jumps to unowned", [][]string{{"delete", "element", "inet", "pcpd", "owners6", "{", pfx, "}"},
+			{"add", "element", "inet", "pcpd", "owners6", "{", pfx, ":", "jump", "unowned", "}"}}},
+		{"owner's element accepts", [][]string{{"delete", "element", "inet", "pcpd", "owners6", "{", pfx, "}"},
+			{"add", "element", "inet", "pcpd", "owners6", "{", pfx, ":", "accept", "}"}}},
+		{"owner chain's goto made jump", [][]string{{"flush", "chain", "inet", "pcpd", chain},
+			{"add", "rule", "inet", "pcpd", chain, "fib", "saddr", ".", "iif", "oif", "0", "counter", "drop"},
+			{"add", "rule", "inet", "pcpd", chain, "limit", "rate", "over", "400/second", "burst", "400", "packets", "counter", "drop"},
+			{"add", "rule", "inet", "pcpd", chain, "jump", "control_meter"}}},
+		{"owner chain goes to unowned", [][]string{{"flush", "chain", "inet", "pcpd", chain},
+			{"add", "rule", "inet", "pcpd", chain, "fib", "saddr", ".", "iif", "oif", "0", "counter", "drop"},
+			{"add", "rule", "inet", "pcpd", chain, "limit", "rate", "over", "400/second", "burst", "400", "packets", "counter", "drop"},
+			{"add", "rule", "inet", "pcpd", chain, "goto", "unowned"}}},
+		{"unowned goes to an owner", [][]string{{"flush", "chain", "inet", "pcpd", "unowned"},
+			{"add", "rule", "inet", "pcpd", "unowned", "limit", "rate", "over", "400/second", "burst", "400", "packets", "counter", "drop"},
+			{"add", "rule", "inet", "pcpd", "unowned", "goto", chain}}},
+		{"a rule before control_meter's", [][]string{{"insert", "rule", "inet", "pcpd", "control_meter", "ip6", "saddr", "2001:db8::/32", "accept"}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { tamperNoticedAndRepaired(t, ns, b, tc.name, tc.nft) })
+	}
+}
