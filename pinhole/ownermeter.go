@@ -1176,7 +1176,18 @@ func (b *Backend) ownerChainsWithoutOnward() ([]string, error) {
 	}
 	var out []string
 	for name := range present {
-		if b.isOwnerChain(name) {
+		if !b.isOwnerChain(name) {
+			continue
+		}
+		// Only a chain that ends with its limit: one flushed by a run
+		// without the meter (queueStaleControlRemoval) would pass its
+		// owner's datagrams on unlimited, where returning charges them
+		// to the unowned bucket until the owner meter's write.
+		rules, err := b.view().getRules(name)
+		if err != nil {
+			return nil, fmt.Errorf("pinhole: rules of %s: %w", name, classify(err))
+		}
+		if n := len(rules); n > 0 && slices.ContainsFunc(rules[n-1].Exprs, func(e expr.Any) bool { _, ok := e.(*expr.Limit); return ok }) {
 			out = append(out, name)
 		}
 	}

@@ -23,11 +23,13 @@ func TestUpgradeOwnerChainsReturnR9(t *testing.T) {
 	ns := netlab.NewNS(t, "upgr9")
 	cfg := pinhole.Config{Meter: pinhole.Meter{Rate: 200}}
 	b := newBackend(t, ns, cfg)
-	if err := b.SetOwners([]pinhole.Owner{{ID: "wg:a", Prefixes: []netip.Prefix{
-		netip.MustParsePrefix("2001:db8:100::/40"), netip.MustParsePrefix("10.1.0.0/16")}}}, nil); err != nil {
+	owners := []pinhole.Owner{{ID: "wg:a", Prefixes: []netip.Prefix{
+		netip.MustParsePrefix("2001:db8:100::/40"), netip.MustParsePrefix("10.1.0.0/16")}},
+		{ID: "wg:b", Prefixes: []netip.Prefix{netip.MustParsePrefix("2001:db8:200::/40")}}}
+	if err := b.SetOwners(owners, nil); err != nil {
 		t.Fatalf("SetOwners: %v", err)
 	}
-	chain := pinhole.OwnerChains([]pinhole.Owner{{ID: "wg:a"}})["wg:a"]
+	chain, flushed := pinhole.OwnerChains(owners)["wg:a"], pinhole.OwnerChains(owners)["wg:b"]
 	// main's layout (as main's Setup and SetOwners write it, checked with
 	// main's binary): the owner chain without the goto, unowned without
 	// it, control_local with the inverted lookups, no control_meter.
@@ -44,6 +46,9 @@ func TestUpgradeOwnerChainsReturnR9(t *testing.T) {
 		{"flush", "chain", "inet", "pcpd", chain},
 		{"add", "rule", "inet", "pcpd", chain, "fib", "saddr", ".", "iif", "oif", "0", "counter", "drop"},
 		{"add", "rule", "inet", "pcpd", chain, "limit", "rate", "over", "400/second", "burst", "400", "packets", "counter", "drop"},
+		// One flushed, as a run without the meter leaves it: it must
+		// not become a bare goto (its owner unlimited) either.
+		{"flush", "chain", "inet", "pcpd", flushed},
 		{"delete", "chain", "inet", "pcpd", "control_meter"},
 	} {
 		ns.MustRun(t, append([]string{"nft"}, cmd...)...)
@@ -54,6 +59,9 @@ func TestUpgradeOwnerChainsReturnR9(t *testing.T) {
 	if !strings.Contains(out, "goto control_meter\n\t}") {
 		t.Fatalf("after Setup over main's table, owner chain %s returns to control_local (its datagrams fall through to goto unowned, charged twice):\n%s\ncontrol_local:\n%s",
 			chain, out, nftList(t, ns, "chain", "inet", "pcpd", "control_local"))
+	}
+	if out := nftList(t, ns, "chain", "inet", "pcpd", flushed); strings.Contains(out, "goto") {
+		t.Fatalf("after Setup, the flushed owner chain %s passes its owner on unlimited:\n%s", flushed, out)
 	}
 }
 
