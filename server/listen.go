@@ -387,11 +387,22 @@ type link struct {
 // want computes the serving addresses from the interfaces' current state.
 func (l *listener) want(h *netlink.Handle) map[netip.AddrPort]link {
 	want := map[netip.AddrPort]link{}
+	seen := map[int]bool{} // interface indexes already taken
 	for _, name := range l.ifaces {
 		lnk, err := h.LinkByName(name)
 		if err != nil || lnk.Attrs().Flags&net.FlagUp == 0 {
 			continue
 		}
+		// An interface configured twice, by its kernel name and an
+		// altname, is served once, under its first configured name: its
+		// link-local addresses, zoned by that name, were wanted twice,
+		// and the second bind failed at every pass, while which name
+		// zoned them (and the link-local leases) followed map order
+		// (TestServedInterfaceTwoNames).
+		if seen[lnk.Attrs().Index] {
+			continue
+		}
+		seen[lnk.Attrs().Index] = true
 		addrs, err := h.AddrList(lnk, netlink.FAMILY_ALL)
 		if err != nil {
 			continue
