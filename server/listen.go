@@ -104,12 +104,13 @@ func (c *udpConn) send(b []byte, to netip.AddrPort) error {
 	if c.local.Addr().Is4() {
 		to = netip.AddrPortFrom(to.Addr().Unmap(), to.Port())
 	} else if to.Addr().Zone() != "" {
-		// Go resolves the zone in its interface cache, which holds kernel
+		// Go resolves a zone in its interface cache, which holds kernel
 		// names only: a configured altname (the zone of link-local
 		// sources) missed it and forced a dump of every interface per
-		// send (TestLinkLocalReplyAltnameZone). The socket is bound to
-		// the interface; its kernel name scopes the reply the same way.
-		to = netip.AddrPortFrom(to.Addr().WithZone(c.kname), to.Port())
+		// send (TestLinkLocalReplyAltnameZone). No zone, scope 0, and
+		// the kernel takes the socket's bound interface (udpv6_sendmsg),
+		// as sendmmsg's c.index does, with no cache in between.
+		to = netip.AddrPortFrom(to.Addr().WithZone(""), to.Port())
 	}
 	_, err := c.pc.WriteToUDPAddrPort(b, to)
 	return err
