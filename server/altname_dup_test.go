@@ -4,12 +4,9 @@ import (
 	"net/netip"
 	"testing"
 
-	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
-
-	"github.com/pcpd/pcpd/internal/netlab"
 )
 
 // TestServedInterfaceTwoNames (review10, A1): an interface configured
@@ -24,25 +21,9 @@ import (
 // from one start to the next. Every address must be served once, quietly,
 // zoned by the first configured name of its interface.
 func TestServedInterfaceTwoNames(t *testing.T) {
-	const kernelName = "pcp0"
-	srvNS, cliNS := netlab.NewNS(t, "srv"), netlab.NewNS(t, "cli")
-	if err := netlab.Veth(cliNS, "eth0", srvNS, kernelName); err != nil {
-		t.Fatal(err)
-	}
+	const kernelName = altnameKernel
 	ll := netip.MustParseAddr("fe80::7:1")
-	srvNS.MustRun(t, "ip", "addr", "add", ll.String()+"/64", "dev", kernelName, "nodad")
-	srvNS.MustRun(t, "ip", "addr", "add", "2001:db8:7::1/64", "dev", kernelName, "nodad")
-	srvNS.MustRun(t, "ip", "link", "property", "add", "dev", kernelName, "altname", "pcpalt")
-	h, err := srvNS.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nh, err := netlink.NewHandleAt(h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nh.Close()
+	_, _, h, nh := altnameBed(t, []netip.Addr{ll, netip.MustParseAddr("2001:db8:7::1")}, nil, "pcpalt")
 
 	for _, c := range []struct {
 		name   string

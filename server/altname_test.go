@@ -8,11 +8,49 @@ import (
 	"testing"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 )
+
+// altnameKernel is the altname tests' serving interface's kernel name.
+const altnameKernel = "pcp0"
+
+// altnameBed builds the altname tests' bed: a server namespace whose
+// interface altnameKernel (a veth to the client namespace's eth0) holds
+// srv and also answers to altnames, and the client's eth0 holding cli
+// (each a /64, without duplicate address detection). It returns both
+// namespaces, the server namespace's handle (a listener's ns) and a
+// netlink handle in it, both closed when the test ends.
+func altnameBed(t *testing.T, srv, cli []netip.Addr, altnames ...string) (srvNS, cliNS *netlab.NS, h netns.NsHandle, nh *netlink.Handle) {
+	t.Helper()
+	srvNS, cliNS = netlab.NewNS(t, "srv"), netlab.NewNS(t, "cli")
+	if err := netlab.Veth(cliNS, "eth0", srvNS, altnameKernel); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range srv {
+		srvNS.MustRun(t, "ip", "addr", "add", a.String()+"/64", "dev", altnameKernel, "nodad")
+	}
+	for _, a := range cli {
+		cliNS.MustRun(t, "ip", "addr", "add", a.String()+"/64", "dev", "eth0", "nodad")
+	}
+	for _, n := range altnames {
+		srvNS.MustRun(t, "ip", "link", "property", "add", "dev", altnameKernel, "altname", n)
+	}
+	h, err := srvNS.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	nh, err = netlink.NewHandleAt(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nh.Close)
+	return srvNS, cliNS, h, nh
+}
 
 // TestServedInterfaceKernelName (review8 A1): the listener finds a
 // configured interface by any of its names (LinkByName resolves an
@@ -28,26 +66,9 @@ import (
 // the client must then reach control_local (the per-source meter holds
 // its /64).
 func TestServedInterfaceKernelName(t *testing.T) {
-	const kernelName = "pcp0"
-	srvNS, cliNS := netlab.NewNS(t, "srv"), netlab.NewNS(t, "cli")
+	const kernelName = altnameKernel
 	srvAddr, cliAddr := netip.MustParseAddr("2001:db8:7::1"), netip.MustParseAddr("2001:db8:7::2")
-	if err := netlab.Veth(cliNS, "eth0", srvNS, kernelName); err != nil {
-		t.Fatal(err)
-	}
-	srvNS.MustRun(t, "ip", "addr", "add", srvAddr.String()+"/64", "dev", kernelName, "nodad")
-	cliNS.MustRun(t, "ip", "addr", "add", cliAddr.String()+"/64", "dev", "eth0", "nodad")
-	srvNS.MustRun(t, "ip", "link", "property", "add", "dev", kernelName, "altname", "pcpalt")
-	srvNS.MustRun(t, "ip", "link", "property", "add", "dev", kernelName, "altname", "pcp-serving-interface")
-	h, err := srvNS.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nh, err := netlink.NewHandleAt(h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nh.Close()
+	srvNS, cliNS, h, nh := altnameBed(t, []netip.Addr{srvAddr}, []netip.Addr{cliAddr}, "pcpalt", "pcp-serving-interface")
 	conn, err := srvNS.NftConn()
 	if err != nil {
 		t.Fatal(err)

@@ -6,10 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
-
-	"github.com/pcpd/pcpd/internal/netlab"
 )
 
 // TestLinkLocalReplyAltnameZone (review10, A1): a link-local client's
@@ -23,25 +20,9 @@ import (
 // still leaves right (scope 0: the socket's bound interface) but must not
 // cost more than with the kernel name.
 func TestLinkLocalReplyAltnameZone(t *testing.T) {
-	const kernelName = "pcp0"
-	srvNS, cliNS := netlab.NewNS(t, "srv"), netlab.NewNS(t, "cli")
-	if err := netlab.Veth(cliNS, "eth0", srvNS, kernelName); err != nil {
-		t.Fatal(err)
-	}
+	const kernelName = altnameKernel
 	srvLL, cliLL := netip.MustParseAddr("fe80::7:1"), netip.MustParseAddr("fe80::7:2")
-	srvNS.MustRun(t, "ip", "addr", "add", srvLL.String()+"/64", "dev", kernelName, "nodad")
-	cliNS.MustRun(t, "ip", "addr", "add", cliLL.String()+"/64", "dev", "eth0", "nodad")
-	srvNS.MustRun(t, "ip", "link", "property", "add", "dev", kernelName, "altname", "pcpalt")
-	h, err := srvNS.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nh, err := netlink.NewHandleAt(h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nh.Close()
+	srvNS, cliNS, h, nh := altnameBed(t, []netip.Addr{srvLL}, []netip.Addr{cliLL}, "pcpalt")
 	var rc *net.UDPConn
 	if err := cliNS.Do(func() error {
 		var err error
