@@ -39,17 +39,25 @@ func altnameBed(t *testing.T, srv, cli []netip.Addr, altnames ...string) (srvNS,
 	for _, n := range altnames {
 		srvNS.MustRun(t, "ip", "link", "property", "add", "dev", altnameKernel, "altname", n)
 	}
-	h, err := srvNS.Handle()
+	h, nh = nsHandles(t, srvNS)
+	return srvNS, cliNS, h, nh
+}
+
+// nsHandles opens ns's namespace handle (a listener's ns) and a netlink
+// handle in it, both closed when the test ends.
+func nsHandles(t *testing.T, ns *netlab.NS) (netns.NsHandle, *netlink.Handle) {
+	t.Helper()
+	h, err := ns.Handle()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { h.Close() })
-	nh, err = netlink.NewHandleAt(h)
+	nh, err := netlink.NewHandleAt(h)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(nh.Close)
-	return srvNS, cliNS, h, nh
+	return h, nh
 }
 
 // TestServedInterfaceKernelName (review8 A1): the listener finds a

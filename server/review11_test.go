@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/internal/netlab"
@@ -41,16 +40,7 @@ func TestLinkLocalReplyLeavesItsInterfaceR11(t *testing.T) {
 		}
 		defer rcs[ifc].Close()
 	}
-	h, err := srvNS.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nh, err := netlink.NewHandleAt(h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nh.Close()
+	h, nh := nsHandles(t, srvNS)
 	l := &listener{log: zap.NewNop(), ifaces: []string{"pcpa", "pcpb"}, port: Port, ns: h, out: make(chan packet, 64)}
 	l.resync(nh)
 	defer l.closeAll()
@@ -62,7 +52,7 @@ func TestLinkLocalReplyLeavesItsInterfaceR11(t *testing.T) {
 		n++
 		msg := "from " + c.local.String()
 		for _, to := range []netip.AddrPort{netip.AddrPortFrom(cliLL.WithZone(c.iface), 5350),
-			netip.AddrPortFrom(cliLL.WithZone("99"), 5350), // a scope not the socket's (sockaddrPort)
+			netip.AddrPortFrom(cliLL.WithZone("99"), 5350),          // a scope not the socket's (sockaddrPort)
 			netip.AddrPortFrom(allHosts6.WithZone(c.iface), 5350)} { // the multicast ANNOUNCE
 			if err := srvNS.Do(func() error { return c.send([]byte(msg), to) }); err != nil {
 				t.Errorf("%v: send to %v: %v", c.local, to, err)
