@@ -325,8 +325,9 @@ func TestParseLeaseRef(t *testing.T) {
 	}
 }
 
-// 100 000 leases stream through the socket well under the 2 s budget
-// pcpd leases has (the CLI adds only formatting; see cmd/pcpd).
+// 100 000 leases stream through the socket, every one of them. How fast
+// is a benchmark's question, not a test's (BENCHMARKS.md: `pcpd leases
+// --json` at 100 000 and 1 000 000 leases, bench/run); the time is logged.
 func TestManyLeases(t *testing.T) {
 	b := &table{}
 	for i := 0; i < 100_000; i++ {
@@ -341,9 +342,6 @@ func TestManyLeases(t *testing.T) {
 		t.Fatalf("Leases: %d, %v", n, err)
 	}
 	t.Logf("100000 leases over the socket in %v", took)
-	if took > 2*time.Second {
-		t.Errorf("took %v, want well under 2s", took)
-	}
 }
 
 // The hand-written encoder the daemon streams with says exactly what

@@ -25,6 +25,7 @@ import (
 
 	"github.com/pcpd/pcpd/config"
 	"github.com/pcpd/pcpd/control"
+	"github.com/pcpd/pcpd/internal/sidepoll"
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/server"
@@ -245,7 +246,9 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 		}
 		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go metrics.Serve(ln)
+		// Scrapes are seconds apart: the listener waits on the side
+		// poller, not in Go's netpoller (internal/sidepoll).
+		go metrics.Serve(sidepoll.WrapListener(ln))
 		defer metrics.Close()
 	}
 

@@ -259,3 +259,17 @@ func (l *listener) Close() error {
 	l.once.Do(func() { close(l.done) })
 	return l.Listener.Close()
 }
+
+// WrapListener is Default's Listener(ln), or ln itself when the side poller
+// cannot be had (its Accept then waits in Go's netpoller as usual).
+func WrapListener(ln net.Listener) net.Listener {
+	p, err := Default()
+	if err != nil {
+		return ln
+	}
+	sl, err := p.Listener(ln)
+	if err != nil {
+		return ln
+	}
+	return sl
+}
