@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -206,8 +207,8 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{"wildcard address would answer on every interface"}},
 		{name: "listen hostname", args: []string{"--listen", "example.com"},
 			want: []string{`--listen: "example.com": want an IP address`}},
-		{name: "interface too long", args: []string{"--interface", "averyveryverylongname"},
-			want: []string{"is not an interface name"}},
+		{name: "interface too long", args: []string{"--interface", strings.Repeat("a", 128)},
+			want: []string{"is not an interface name (1-127 bytes"}},
 		{name: "no interface", file: "interface = []\n",
 			want: []string{"at least one interface is needed"}},
 		{name: "relative state dir", args: []string{"--state-dir", "state"},
@@ -319,6 +320,53 @@ func TestValidationErrors(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// An interface is named by its kernel name (at most 15 bytes) or by an
+// alternative name, "ip link property add dev wg0 altname ...", of up to
+// 127 bytes (ALTIFNAMSIZ 128 with the NUL): both are taken from the flag
+// and the file alike; longer, empty and malformed names are refused with
+// the reason. Bytes count, not characters (the kernel's limit is bytes).
+func TestInterfaceNames(t *testing.T) {
+	long := func(n int) string { return strings.Repeat("x", n) }
+	for _, tt := range []struct {
+		name  string
+		iface string
+		err   string // "" = accepted
+	}{
+		{"kernel name", "wg0", ""},
+		{"15 bytes, the longest kernel name", long(15), ""},
+		{"16 bytes: only an altname", long(16), ""},
+		{"40-byte altname", "enp0s31f6-" + long(30), ""},
+		{"127 bytes, the longest altname", long(127), ""},
+		{"126 bytes in 63 two-byte characters", strings.Repeat("ä", 63), ""},
+		{"128 bytes", long(128), "is not an interface name (1-127 bytes: a kernel name of at most 15, or an altname)"},
+		{"128 bytes in 64 two-byte characters", strings.Repeat("ä", 64), "is not an interface name (1-127 bytes"},
+		{"long with a slash", long(20) + "/x", "is not an interface name (no '/', ':' or spaces)"},
+		{"long with a colon", long(20) + ":x", "is not an interface name (no '/', ':' or spaces)"},
+	} {
+		for _, how := range []string{"flag", "file"} {
+			t.Run(tt.name+"/"+how, func(t *testing.T) {
+				var c *Config
+				var err error
+				if how == "flag" {
+					c, err = load(t, "", "--interface", tt.iface)
+				} else {
+					c, err = load(t, fmt.Sprintf("interface = [%q]\n", tt.iface))
+				}
+				switch {
+				case tt.err == "" && err != nil:
+					t.Fatalf("interface %q (%d bytes): %v", tt.iface, len(tt.iface), err)
+				case tt.err == "" && (len(c.Interfaces) != 1 || c.Interfaces[0] != tt.iface):
+					t.Fatalf("interface %q: Interfaces %q", tt.iface, c.Interfaces)
+				case tt.err != "" && err == nil:
+					t.Fatalf("interface %q (%d bytes) accepted: %q", tt.iface, len(tt.iface), c.Interfaces)
+				case tt.err != "" && !strings.Contains(err.Error(), tt.err):
+					t.Fatalf("interface %q: error %q, want it to contain %q", tt.iface, err, tt.err)
+				}
+			})
+		}
 	}
 }
 

@@ -21,6 +21,12 @@ const maxLifetime = time.Duration(1<<32-1) * time.Second
 // maxSocketPath is sun_path's size minus its terminating NUL.
 const maxSocketPath = 107
 
+// maxIfName is the longest interface name: an alternative name ("ip link
+// property add dev wg0 altname ...") holds ALTIFNAMSIZ (128) bytes with
+// its NUL; a kernel name IFNAMSIZ (16). pcpd resolves either to the kernel
+// name wherever that is what counts (internal/ifname).
+const maxIfName = 127
+
 // validate turns raw values into a Config, collecting one error per mistake.
 func validate(vals map[string]*value) (*Config, Errors) {
 	var errs Errors
@@ -36,8 +42,8 @@ func validate(vals map[string]*value) (*Config, Errors) {
 	}
 	for _, name := range iv.list {
 		switch {
-		case name == "" || len(name) > 15:
-			fail(iv, "%q is not an interface name (1-15 characters)", name)
+		case name == "" || len(name) > maxIfName:
+			fail(iv, "%q is not an interface name (1-%d bytes: a kernel name of at most 15, or an altname)", name, maxIfName)
 		case strings.ContainsAny(name, "/: \t") || name == "." || name == "..":
 			fail(iv, "%q is not an interface name (no '/', ':' or spaces)", name)
 		case slices.Contains(c.Interfaces, name):

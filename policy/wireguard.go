@@ -17,6 +17,8 @@ import (
 	"go.uber.org/zap"
 	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/pcpd/pcpd/internal/ifname"
 )
 
 // Defaults for WireGuard ownership.
@@ -64,7 +66,11 @@ type deviceReader interface {
 // error must not revoke every lease); an interface that no longer exists
 // loses its peers.
 type WireGuard struct {
-	dev       deviceReader
+	dev deviceReader
+	// kernel resolves a configured name to the kernel's (ifname.Kernel):
+	// wgctrl finds a userspace device by its kernel name only, and kernel
+	// WireGuard takes no name over 15 bytes.
+	kernel    func(name string) (kname string, found bool, err error)
 	ifaces    []string
 	refresh   time.Duration
 	missEvery time.Duration
@@ -126,6 +132,7 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 	}
 	w := &WireGuard{
 		dev:       dev,
+		kernel:    ifname.Kernel,
 		ifaces:    slices.Clone(ifaces),
 		refresh:   refresh,
 		missEvery: DefaultMissInterval,
@@ -139,7 +146,7 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 		o(w)
 	}
 	for _, name := range w.ifaces {
-		d, err := dev.Device(name)
+		d, err := w.device(name)
 		if err != nil {
 			return nil, fmt.Errorf("policy: reading WireGuard interface %q: %w", name, err)
 		}
@@ -150,6 +157,33 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 	w.last = time.Now()
 	w.mu.Unlock()
 	return w, nil
+}
+
+// device reads the WireGuard interface configured as name, which may be
+// one of its alternative names: userspace WireGuard's control socket is
+// /var/run/wireguard/KERNELNAME.sock, and kernel WireGuard's genetlink
+// refuses names over 15 bytes, so it is read by the kernel name the
+// interface has now, in the calling thread's namespace (a re-created or
+// renamed interface is followed at the next read). A name no interface
+// there answers to is read as given, as before altnames were resolved
+// (a userspace device's socket is seen from every namespace), and is then
+// gone if wgctrl knows no such device either; one over 15 bytes, which
+// can be no kernel name, is gone at once (kernel WireGuard would refuse
+// it, EINVAL: a failed read, which keeps the peers).
+func (w *WireGuard) device(name string) (*wgtypes.Device, error) {
+	k, found, err := w.kernel(name)
+	switch {
+	case err != nil:
+		// Not wrapped: a failed resolution is a failed read (the last
+		// good peers stay), never "gone" (os.ErrNotExist), which
+		// revokes.
+		return nil, fmt.Errorf("resolving the interface name: %v", err)
+	case !found && len(name) >= syscall.IFNAMSIZ:
+		return nil, fmt.Errorf("no interface answers to the alternative name: %w", os.ErrNotExist)
+	case !found:
+		k = name
+	}
+	return w.dev.Device(k)
 }
 
 // Lookup implements Ownership. A miss asks Run for a re-read.
@@ -241,7 +275,7 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 	var errs []error
 	changed := false
 	for _, name := range w.ifaces {
-		d, err := w.dev.Device(name)
+		d, err := w.device(name)
 		switch {
 		case err == nil:
 			if old, had := w.lastGood[name]; !had || !samePeers(old, d.Peers) {

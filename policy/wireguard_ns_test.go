@@ -213,3 +213,73 @@ func TestWireGuardNestedAcrossInterfacesNamespace(t *testing.T) {
 		}
 	}
 }
+
+// TestWireGuardAltnameNamespace: a real userspace WireGuard interface
+// (golang.zx2c4.com/wireguard, whose control socket is
+// /var/run/wireguard/KERNELNAME.sock) configured by one of its alternative
+// names, a 40-byte one or a short one, has its peers' AllowedIPs: the
+// name is resolved in the namespace WireGuard ownership reads from (here
+// the test's, by ns.Do). Deleted and re-created under another kernel name
+// with the same altnames, the next read follows it: the new peer owns, the
+// old one owns nothing.
+func TestWireGuardAltnameNamespace(t *testing.T) {
+	netlab.RequireRoot(t)
+	ns := netlab.NewNS(t, "polalt")
+	bin := netlab.WireGuardBinary(t)
+	k0, k1 := netlab.UniqueIfName("wgalt"), netlab.UniqueIfName("wgalt")
+	long, short := "pcpd-altlong-wireguard-"+netlab.Rand(17), "wgal-"+netlab.Rand(8)
+	c, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	key := func() wgtypes.Key {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	a, b := key().PublicKey(), key().PublicKey()
+	start := func(kname string, peer wgtypes.Key, allowed string) {
+		netlab.StartWireGuard(t, ns, kname, bin)
+		priv := key()
+		if err := c.ConfigureDevice(kname, wgtypes.Config{PrivateKey: &priv, ReplacePeers: true,
+			Peers: []wgtypes.PeerConfig{{PublicKey: peer, AllowedIPs: ipnets(allowed)}}}); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range []string{long, short} {
+			ns.MustRun(t, "ip", "link", "property", "add", "dev", kname, "altname", n)
+		}
+	}
+	start(k0, a, "2001:db8:a::/48")
+	idA, idB := OwnerID("wg:"+a.String()), OwnerID("wg:"+b.String())
+
+	ws := map[string]*WireGuard{}
+	for _, name := range []string{long, short} {
+		var w *WireGuard
+		if err := ns.Do(func() (err error) {
+			w, err = NewWireGuard(c, []string{name}, time.Hour, zap.NewNop())
+			return err
+		}); err != nil {
+			t.Fatalf("configured as %q (%d bytes), kernel name %s: %v", name, len(name), k0, err)
+		}
+		if o, _ := w.Lookup(addr("2001:db8:a::1")); o.ID != idA {
+			t.Errorf("configured as %q: 2001:db8:a::1 owned by %q, want %q", name, o.ID, idA)
+		}
+		ws[name] = w
+	}
+
+	ns.MustRun(t, "ip", "link", "del", k0)
+	start(k1, b, "2001:db8:b::/48")
+	for name, w := range ws {
+		if err := ns.Do(func() error { return w.Refresh(context.Background()) }); err != nil {
+			t.Errorf("configured as %q, re-created as %s: Refresh: %v", name, k1, err)
+		}
+		oa, _ := w.Lookup(addr("2001:db8:a::1"))
+		ob, _ := w.Lookup(addr("2001:db8:b::1"))
+		if oa.ID != "" || ob.ID != idB {
+			t.Errorf("configured as %q, re-created as %s: owners %q and %q, want none and %q", name, k1, oa.ID, ob.ID, idB)
+		}
+	}
+}

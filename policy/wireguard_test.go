@@ -504,3 +504,81 @@ func TestWireGuardNestedAcrossInterfacesSEC02(t *testing.T) {
 		t.Errorf("peer 1 lists the hole: %v", o.Prefixes)
 	}
 }
+
+// TestWireGuardAltname: an interface configured by an alternative name is
+// read by the kernel name it has at each read (wgctrl knows userspace
+// devices by kernel name only, and kernel WireGuard refuses names over 15
+// bytes, EINVAL, as devices does here): re-created under another kernel
+// name with the same altname, its new peers own and the old ones lose; a
+// failed resolution keeps the peers (a failed read, not "gone", even for
+// an error that is ENOENT); an altname no interface answers to any more
+// is gone, though kernel WireGuard would have refused the name.
+// TestWireGuardAltnameNamespace runs real userspace WireGuard.
+func TestWireGuardAltname(t *testing.T) {
+	long := "wireguard-to-the-branch-office-of-bremen" // 40 bytes
+	d := &devices{}
+	d.fail(long, syscall.EINVAL)
+	d.set("wg7", peer(1, "2001:db8:a::/48"))
+	var mu sync.Mutex
+	kname, resolveErr := "wg7", error(nil)
+	resolve := func(name string) (string, bool, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if name != long {
+			t.Errorf("resolving %q, want only the configured %q", name, long)
+		}
+		return kname, kname != "", resolveErr
+	}
+	w, err := newWireGuard(d, []string{long}, time.Hour, zap.NewNop(), func(w *WireGuard) { w.kernel = resolve })
+	if err != nil {
+		t.Fatalf("interface configured by an altname: %v", err)
+	}
+	owner := func(a string) OwnerID {
+		o, _ := w.Lookup(netip.MustParseAddr(a))
+		return o.ID
+	}
+	if got := owner("2001:db8:a::1"); got != wgID(1) {
+		t.Fatalf("start: 2001:db8:a::1 owned by %q, want %q", got, wgID(1))
+	}
+
+	// Re-created as wg8, the altname moved with it.
+	mu.Lock()
+	kname = "wg8"
+	mu.Unlock()
+	d.set("wg7")
+	d.set("wg8", peer(2, "2001:db8:b::/48"))
+	if err := w.Refresh(context.Background()); err != nil {
+		t.Fatalf("re-created: %v", err)
+	}
+	if ch := expectChange(t, w, time.Second); ch.Owner != wgID(1) || !ch.Removed {
+		t.Errorf("re-created: change %+v, want %s removed", ch, wgID(1))
+	}
+	if a, b := owner("2001:db8:a::1"), owner("2001:db8:b::1"); a != "" || b != wgID(2) {
+		t.Errorf("re-created: owners %q and %q, want none and %q", a, b, wgID(2))
+	}
+
+	// A failed resolution is a failed read.
+	mu.Lock()
+	resolveErr = syscall.ENOENT
+	mu.Unlock()
+	if err := w.Refresh(context.Background()); err == nil || errors.Is(err, os.ErrNotExist) {
+		t.Errorf("resolution failed: Refresh = %v, want an error that is not os.ErrNotExist", err)
+	}
+	if b := owner("2001:db8:b::1"); b != wgID(2) {
+		t.Errorf("resolution failed: owner %q, want %q kept", b, wgID(2))
+	}
+
+	// Gone: no interface answers to the altname.
+	mu.Lock()
+	kname, resolveErr = "", nil
+	mu.Unlock()
+	if err := w.Refresh(context.Background()); err != nil {
+		t.Errorf("gone: Refresh = %v, want nil (a vanished interface is no error)", err)
+	}
+	if ch := expectChange(t, w, time.Second); ch.Owner != wgID(2) || !ch.Removed {
+		t.Errorf("gone: change %+v, want %s removed", ch, wgID(2))
+	}
+	if b := owner("2001:db8:b::1"); b != "" {
+		t.Errorf("gone: owner %q, want none", b)
+	}
+}

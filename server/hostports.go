@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl"
 
+	"github.com/pcpd/pcpd/internal/ifname"
 	"github.com/pcpd/pcpd/pcp"
 )
 
@@ -173,7 +174,17 @@ func (h *hostPorts) dump() (tcp, udp *portSet, err error) {
 		// Kernel WireGuard's socket may not be in the dump; ask WireGuard.
 		if wg, err := wgctrl.New(); err == nil {
 			for _, name := range h.s.cfg.Interfaces {
-				if d, err := wg.Device(name); err == nil && d.ListenPort > 0 {
+				// By its kernel name (name may be an altname, which
+				// wgctrl does not know): the serving namespace's, as
+				// this runs in it.
+				k, found, err := ifname.Kernel(name)
+				if err != nil {
+					continue
+				}
+				if !found {
+					k = name
+				}
+				if d, err := wg.Device(k); err == nil && d.ListenPort > 0 {
 					udp.add(uint16(d.ListenPort))
 				}
 			}
