@@ -36,7 +36,7 @@ type setting struct {
 // config and the README table all follow it.
 var settings = []setting{
 	{name: "interface", kind: kList, defs: []string{DefaultInterface},
-		usage: "interface `NAME` to serve on (repeatable); requests from any other interface are never answered"},
+		usage: "interface `NAME` to serve on (repeatable): its kernel name or an altname of up to 127 bytes; requests from any other interface are never answered"},
 	{name: "listen", kind: kList,
 		usage: "explicit listen address `ADDR`, host or [host]:port (repeatable; default: every address of each --interface, port 5351)"},
 	{name: "client", kind: kClients,

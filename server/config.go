@@ -16,8 +16,10 @@ var ErrInvalidConfig = errors.New("invalid configuration")
 // quotas, protocol and port rules and THIRD_PARTY belong to the policy
 // (package policy); nftables table names to the pinhole backend.
 type Config struct {
-	// Interfaces to serve on (default wg0). Every address of each is
-	// served, unless Listen narrows them.
+	// Interfaces to serve on (default wg0), each by its kernel name or
+	// one of its alternative names (resolved to the kernel name at every
+	// pass of the listener). Every address of each is served, unless
+	// Listen narrows them.
 	Interfaces []string
 	// Listen, if set, lists the only addresses served (port 0 means 5351);
 	// each is served on whichever of Interfaces holds it.

@@ -502,7 +502,13 @@ func (l *listener) resync(h *netlink.Handle) {
 			l.wg.Add(1)
 			go l.read(c)
 		}
-		l.log.Info("serving", zap.String("interface", w.name), zap.Stringer("address", ap))
+		if w.kname != w.name {
+			// Configured by an altname: the kernel name is what
+			// "nft list set ... serving_ifs" and "ip link" show.
+			l.log.Info("serving", zap.String("interface", w.name), zap.String("kernel_name", w.kname), zap.Stringer("address", ap))
+		} else {
+			l.log.Info("serving", zap.String("interface", w.name), zap.Stringer("address", ap))
+		}
 	}
 }
 

@@ -70,6 +70,9 @@ func TestServeLongAltname(t *testing.T) {
 	if err := netlab.Eventually(5*time.Second, func() error { return topo.Internet.DialTCP(target, time.Second) }); err != nil {
 		t.Errorf("mapped port unreachable: %v", err)
 	}
+	if log := d.Log().String(); !strings.Contains(log, `"kernel_name": "`+topo.HostLANIf+`"`) {
+		t.Errorf("the serving log lines do not name the kernel name %s:\n%s", topo.HostLANIf, d.Log().Tail(20))
+	}
 	// meter6 keys are the source's /64.
 	p64 := netip.PrefixFrom(topo.ClientV6, 64).Masked().Addr().String()
 	if out := topo.Host.MustRun(t, "nft", "list", "set", "inet", "pcpd", "meter6"); !strings.Contains(out, p64) {
