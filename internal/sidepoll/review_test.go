@@ -1,0 +1,82 @@
+package sidepoll
+
+import (
+	"runtime"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestStaleEventWakesNextWaiter: an event the poller's goroutine has taken
+// from epoll_wait but not yet handed out (it needs a processor for that,
+// and both may be busy) belongs to the registration it was armed for. If
+// that Wait is canceled and the fd number is Waited on again (the same
+// file, or a new one under a reused number) before the goroutine runs, the
+// stale event must not wake the new Wait: its fd is not readable, and a
+// caller that then reads (routeWatch: NetlinkSocket.Receive) parks in Go's
+// netpoller, where routeWatch.close, which waits for it to leave before
+// it closes the socket, waits forever.
+//
+// GOMAXPROCS=1 holds the poller's goroutine off its processor between
+// epoll_wait and the hand-out while this one, which does not yield, cancels
+// and re-arms; each round is one try at that window.
+func TestStaleEventWakesNextWaiter(t *testing.T) {
+	p := newPoller(t)
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	time.Sleep(10 * time.Millisecond) // the loop is in epoll_wait
+	tried := 0
+	for round := 0; round < 200 && tried < 20; round++ {
+		var a, b [2]int
+		if err := unix.Pipe2(a[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Pipe2(b[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		fd := int32(a[0])
+		chA := make(chan struct{})
+		if err := p.arm(fd, chA); err != nil {
+			t.Fatal(err)
+		}
+		// The loop's thread wakes and wants the only P, which this
+		// goroutine keeps: a raw write does not hand it off, as a
+		// system call through the runtime would.
+		one := []byte{1}
+		unix.RawSyscall(unix.SYS_WRITE, uintptr(a[1]), uintptr(unsafe.Pointer(&one[0])), 1)
+		for start := time.Now(); time.Since(start) < 5*time.Millisecond; {
+		}
+		select {
+		case <-chA:
+			// The loop got there first: no window this round.
+		default:
+			tried++
+			p.cancel(fd, chA)
+			// The caller closes its fd; the number is reused by a file
+			// with nothing to read.
+			unix.Dup3(b[0], int(fd), unix.O_CLOEXEC)
+			chB := make(chan struct{})
+			if err := p.arm(fd, chB); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(20 * time.Millisecond) // the loop runs
+			var buf [1]byte
+			_, rerr := unix.Read(int(fd), buf[:])
+			select {
+			case <-chB:
+				t.Fatalf("round %d: Wait on fd %d woke with nothing to read (read: %v): a stale event from the previous registration", round, fd, rerr)
+			default:
+			}
+			p.cancel(fd, chB)
+		}
+		unix.Close(a[0])
+		unix.Close(a[1])
+		unix.Close(b[0])
+		unix.Close(b[1])
+	}
+	if tried == 0 {
+		t.Skip("the poller always handed its event out first: window never opened")
+	}
+	t.Logf("%d rounds opened the window", tried)
+}
