@@ -1,6 +1,8 @@
 package sidepoll
 
 import (
+	"errors"
+	"net"
 	"runtime"
 	"testing"
 	"time"
@@ -79,4 +81,47 @@ func TestStaleEventWakesNextWaiter(t *testing.T) {
 		t.Skip("the poller always handed its event out first: window never opened")
 	}
 	t.Logf("%d rounds opened the window", tried)
+}
+
+// TestCloseTwice: a second Close must not touch descriptors: the eventfd
+// and epoll numbers the first Close released belong to whoever opened
+// next, and the second Close wrote to and closed them.
+func TestCloseTwice(t *testing.T) {
+	p, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// The lowest free numbers: the ones Close just released.
+	r, w := pipe(t)
+	if r != p.epfd && r != p.wakefd && w != p.epfd && w != p.wakefd {
+		t.Logf("pipe %d,%d did not reuse %d,%d; still checked", r, w, p.epfd, p.wakefd)
+	}
+	p.Close()
+	for _, fd := range []int{r, w} {
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil {
+			t.Fatalf("fd %d, opened after the first Close, is gone after the second: %v", fd, err)
+		}
+	}
+}
+
+// TestAcceptAfterClose: Accept on a closed Listener says net.ErrClosed, as
+// a plain listener's does (http.Server and control.Serve call Accept again
+// after a connection, and Close may come in between).
+func TestAcceptAfterClose(t *testing.T) {
+	p := newPoller(t)
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := p.Listener(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.Close()
+	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Accept after Close: %v, want net.ErrClosed", err)
+	}
 }
