@@ -47,8 +47,19 @@ type Poller struct {
 	// fds holds the descriptors with a registration armed in epfd and the
 	// waiters to wake when it fires. A registration is one-shot: the
 	// entry is deleted when it fires or when its last waiter gives up.
-	fds  map[int32][]chan struct{}
+	fds map[int32][]chan struct{}
+	// gens holds the generation each fd in fds was last armed with; it
+	// travels in the event's data, so that an event epoll_wait returned
+	// for an earlier registration (the loop had not handed it out when
+	// its Wait was canceled and the number armed again, perhaps for
+	// another file) wakes nobody. Every arm takes a new one: a MOD
+	// re-queues a level-triggered fd that is still readable.
+	gens map[int32]uint32
+	gen  uint32
 	shut bool
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // New starts a Poller.
@@ -74,6 +85,7 @@ func New() (*Poller, error) {
 		closed: make(chan struct{}),
 		ended:  make(chan struct{}),
 		fds:    map[int32][]chan struct{}{},
+		gens:   map[int32]uint32{},
 	}
 	go p.loop()
 	return p, nil
@@ -94,6 +106,12 @@ func Default() (*Poller, error) { return std() }
 // progress (closing an fd removes it from epoll without any event, so the
 // Wait would never return): close done first, then fd.
 func (p *Poller) Wait(done <-chan struct{}, fd int) error {
+	select {
+	case <-done:
+		// Do not arm an fd whose owner may have closed it already.
+		return ErrCanceled
+	default:
+	}
 	ch := make(chan struct{})
 	if err := p.arm(int32(fd), ch); err != nil {
 		return err
@@ -125,7 +143,8 @@ func (p *Poller) arm(fd int32, ch chan struct{}) error {
 	// there, also covers an entry left by a caller that closed its fd
 	// while its canceled Wait was still leaving: the kernel forgot that
 	// registration, the map had not yet.
-	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLONESHOT, Fd: fd}
+	p.gen++
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLONESHOT, Fd: fd, Pad: int32(p.gen)}
 	err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, int(fd), &ev)
 	if errors.Is(err, unix.EEXIST) {
 		err = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_MOD, int(fd), &ev)
@@ -134,6 +153,7 @@ func (p *Poller) arm(fd int32, ch chan struct{}) error {
 		return fmt.Errorf("sidepoll: epoll_ctl fd %d: %w", fd, err)
 	}
 	p.fds[fd] = append(p.fds[fd], ch)
+	p.gens[fd] = p.gen
 	return nil
 }
 
@@ -152,6 +172,10 @@ func (p *Poller) cancel(fd int32, ch chan struct{}) {
 		return
 	}
 	delete(p.fds, fd)
+	delete(p.gens, fd)
+	if p.shut {
+		return // epfd is closed, or about to be, and its number reusable
+	}
 	// Best effort: the fd may already be closed by a caller that broke the
 	// contract, and then the kernel has removed it.
 	_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
@@ -180,10 +204,14 @@ func (p *Poller) loop() {
 				stop = true
 				continue
 			}
+			if g, ok := p.gens[ev.Fd]; !ok || g != uint32(ev.Pad) {
+				continue // an earlier registration's: stale
+			}
 			for _, ch := range p.fds[ev.Fd] {
 				close(ch)
 			}
 			delete(p.fds, ev.Fd)
+			delete(p.gens, ev.Fd)
 		}
 		p.mu.Unlock()
 		if stop {
@@ -202,16 +230,22 @@ func (p *Poller) shutdown() {
 }
 
 // Close stops the Poller: waiting and later Waits return ErrClosed. It
-// does not close the waited-on descriptors.
+// does not close the waited-on descriptors. Later Closes return the
+// first one's result and touch no descriptor.
 func (p *Poller) Close() error {
-	p.shutdown()
-	var one = [8]byte{1}
-	if _, err := unix.Write(p.wakefd, one[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
-		return fmt.Errorf("sidepoll: wake: %w", err)
-	}
-	<-p.ended
-	unix.Close(p.wakefd)
-	return unix.Close(p.epfd)
+	p.closeOnce.Do(func() {
+		p.shutdown()
+		var one = [8]byte{1}
+		if _, err := unix.Write(p.wakefd, one[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
+			// The loop is still in epoll_wait: leave its descriptors.
+			p.closeErr = fmt.Errorf("sidepoll: wake: %w", err)
+			return
+		}
+		<-p.ended
+		unix.Close(p.wakefd)
+		p.closeErr = unix.Close(p.epfd)
+	})
+	return p.closeErr
 }
 
 // Listener returns ln with Accept waiting for a connection on p instead of
@@ -246,10 +280,11 @@ type listener struct {
 // between would leave that Accept waiting in Go's netpoller for the next
 // one: rare, and no worse than a plain listener.)
 func (l *listener) Accept() (net.Conn, error) {
-	if err := l.p.Wait(l.done, l.fd); err != nil && !errors.Is(err, ErrCanceled) {
-		return nil, err
-	}
-	// After Close, done is closed and ln's Accept returns net.ErrClosed.
+	// Whatever Wait says, ln's own Accept answers: after Close (done
+	// closed; or closed while Wait was arming, which then fails with
+	// EBADF) it returns net.ErrClosed; if the poller is closed or refuses
+	// the fd, it waits in Go's netpoller as a plain listener does.
+	l.p.Wait(l.done, l.fd)
 	return l.Listener.Accept()
 }
 
