@@ -1,8 +1,10 @@
 package sidepoll
 
 import (
+	"context"
 	"errors"
 	"net"
+	"net/http"
 	"runtime"
 	"testing"
 	"time"
@@ -123,5 +125,74 @@ func TestAcceptAfterClose(t *testing.T) {
 	ln.Close()
 	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("Accept after Close: %v, want net.ErrClosed", err)
+	}
+}
+
+// TestHTTPServerClose: pcpd's metrics server serves a wrapped listener;
+// Close and Shutdown, which close the listener Serve was given, end a
+// Serve whose Accept waits on the side poller.
+func TestHTTPServerClose(t *testing.T) {
+	p := newPoller(t)
+	for _, how := range []string{"Close", "Shutdown"} {
+		t.Run(how, func(t *testing.T) {
+			raw, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln, err := p.Listener(raw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv := &http.Server{Handler: http.NotFoundHandler()}
+			out := make(chan error, 1)
+			go func() { out <- srv.Serve(ln) }()
+			resp, err := http.Get("http://" + raw.Addr().String() + "/")
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			waitArmed(t, p, ln.(*listener).fd, 1)
+			if how == "Close" {
+				srv.Close()
+			} else {
+				srv.Shutdown(context.Background())
+			}
+			select {
+			case err := <-out:
+				if !errors.Is(err, http.ErrServerClosed) {
+					t.Fatalf("Serve: %v", err)
+				}
+			case <-time.After(never):
+				t.Fatal("Serve did not return")
+			}
+		})
+	}
+}
+
+// TestWaitWhileProcessorsBusy: with every processor running goroutines
+// that never block, the poller's goroutine still gets one (preemption) to
+// hand out readiness.
+func TestWaitWhileProcessorsBusy(t *testing.T) {
+	p := newPoller(t)
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	r, w := pipe(t)
+	o := waitAsync(p, nil, r)
+	waitArmed(t, p, r, 1)
+	stop := make(chan struct{})
+	defer close(stop)
+	for range 2 {
+		go func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+			}
+		}()
+	}
+	write(t, w)
+	if err := result(t, o, "busy"); err != nil {
+		t.Fatal(err)
 	}
 }
