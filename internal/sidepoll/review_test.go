@@ -196,3 +196,73 @@ func TestWaitWhileProcessorsBusy(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestCloseWhileWaiting: Close amid goroutines that keep arming, waking
+// and canceling on shared fds ends every one of them with ErrClosed.
+func TestCloseWhileWaiting(t *testing.T) {
+	for round := range 20 {
+		p, err := New()
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, w := pipe(t)
+		r2, _ := pipe(t)
+		stop := make(chan struct{})
+		out := make(chan error, 8)
+		for i := range 8 {
+			fd := r
+			if i%2 == 1 {
+				fd = r2
+			}
+			go func() {
+				for {
+					done := make(chan struct{})
+					if i%3 == 0 {
+						close(done)
+					}
+					err := p.Wait(done, fd)
+					if errors.Is(err, ErrCanceled) {
+						select {
+						case <-p.closed:
+							// A canceled Wait need not look at
+							// the Poller first.
+							err = ErrClosed
+						default:
+						}
+					}
+					if err != nil && !errors.Is(err, ErrCanceled) {
+						out <- err
+						return
+					}
+				}
+			}()
+		}
+		go func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+					unix.Write(w, []byte{1})
+					var b [64]byte
+					unix.Read(r, b[:])
+				}
+			}
+		}()
+		time.Sleep(time.Millisecond)
+		if err := p.Close(); err != nil {
+			t.Fatal(err)
+		}
+		for range 8 {
+			select {
+			case err := <-out:
+				if !errors.Is(err, ErrClosed) {
+					t.Fatalf("round %d: %v, want ErrClosed", round, err)
+				}
+			case <-time.After(never):
+				t.Fatalf("round %d: a Wait did not return after Close", round)
+			}
+		}
+		close(stop)
+	}
+}
