@@ -148,6 +148,14 @@ func startWatch(sock *nl.NetlinkSocket) *routeWatch {
 	w := &routeWatch{sock: sock, changed: make(chan struct{}, 1),
 		stop: make(chan struct{}), ended: make(chan struct{})}
 	w.poll, _ = sidepoll.Default()
+	if w.poll != nil {
+		// After a wake with nothing to read (none is known since the
+		// side poller's generations, but nothing rules one out), Receive
+		// would park in Go's netpoller until the next notification, and
+		// close waits for run: bounded, it gives up with EAGAIN and run
+		// waits on the side poller again.
+		sock.SetReceiveTimeout(&unix.Timeval{Usec: 100_000})
+	}
 	w.live.Store(true)
 	go w.run()
 	return w
@@ -182,6 +190,9 @@ func (w *routeWatch) run() {
 		msgs, _, err := w.sock.Receive()
 		if err == nil && len(msgs) == 0 {
 			continue
+		}
+		if w.poll != nil && errors.Is(err, unix.EAGAIN) {
+			continue // the receive timeout above: nothing was there
 		}
 		if err != nil && !errors.Is(err, unix.ENOBUFS) && !errors.Is(err, unix.EINTR) {
 			w.live.Store(false)
