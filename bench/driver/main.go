@@ -59,6 +59,7 @@ type options struct {
 	out           string
 	scale         bool
 	bigLeases     int
+	scaleLeases   int
 	pcpdArgs      []string
 	pprofURL      string
 	mupnpPrefill  int
@@ -116,6 +117,7 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&o.out, "out", "bench/results", "directory for reports (a dated subdirectory is made)")
 	fs.BoolVar(&o.scale, "scale", true, "pcpd only: also run with 100 000 and --big-leases live leases")
 	fs.IntVar(&o.bigLeases, "big-leases", 1_000_000, "leases for the memory / start-up / listing figures")
+	fs.IntVar(&o.scaleLeases, "scale-leases", 100_000, "leases the scale rows (…100k) grow to first; a small count (e.g. 4096) is a control for what the lease count costs: the same growth, settle and order, the table's labels unchanged")
 	var extra, env listFlag
 	fs.Var(&extra, "pcpd-arg", "extra argument for pcpd serve (repeatable)")
 	fs.Var(&env, "pcpd-env", "NAME=VALUE in pcpd's environment, e.g. GODEBUG=gctrace=1 (repeatable)")
@@ -466,7 +468,10 @@ type loadPhase struct {
 	} `json:"cpu"`
 	// ServerCPUUs is the server's CPU per request over the run (the
 	// driver's, from /proc; not in pcpload's JSON).
-	ServerCPUUs float64              `json:"-"`
+	ServerCPUUs float64 `json:"-"`
+	// OthersCores is the CPU the machine's other processes used over the
+	// run, in cores (othersCPU; the driver's, not in pcpload's JSON).
+	OthersCores float64              `json:"-"`
 	Total       loadStats            `json:"total"`
 	Ops         map[string]loadStats `json:"ops"`
 	// The open loop's: the latency from the intended send time (the
@@ -525,7 +530,7 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	}
 	var perfDone chan struct{}
 	var srvCPU0, srvWait0 time.Duration
-	var idle0, all0 uint64
+	var box0 boxTicks
 	srvMeasured := false
 	sc := bufio.NewScanner(errPipe)
 	for sc.Scan() {
@@ -534,7 +539,7 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 			if b.cur != nil {
 				srvCPU0, srvMeasured = procCPU(b.cur.pid()), true
 				srvWait0 = procRunWait(b.cur.pid())
-				idle0, all0 = boxIdle()
+				box0 = boxCPU()
 			}
 			if b.o.trace > 0 && server == "pcpd" && name == "open80" && perfDone == nil {
 				perfDone = make(chan struct{})
@@ -558,9 +563,10 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	err = cmd.Wait()
 	var srvCPU, srvWait time.Duration
 	var idleFrac float64
+	var box1 boxTicks
 	if b.cur != nil && srvMeasured {
-		idle, all := boxIdle()
-		idleFrac = float64(idle-idle0) / float64(max(all-all0, 1))
+		box1 = boxCPU()
+		idleFrac = float64(box1.idle-box0.idle) / float64(max(box1.all-box0.all, 1))
 		srvCPU = procCPU(b.cur.pid()) - srvCPU0
 		srvWait = procRunWait(b.cur.pid()) - srvWait0
 	}
@@ -597,8 +603,10 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		// Time the server's threads were ready to run but waited for a
 		// core: on a shared box, the other tenants' (and pcpload's) share
 		// of its latency.
-		b.logf("  wait:    %s threads runnable but not running %.0f ms in all (%.1f%% of the run's wall time, summed over threads); machine %.0f%% idle",
-			server, float64(srvWait.Microseconds())/1e3, 100*srvWait.Seconds()/max(r.Run.ElapsedSec, 1e-9), 100*idleFrac)
+		others := othersCPU(box0, box1, srvCPU, time.Duration((r.Run.CPU.UserSec+r.Run.CPU.SysSec)*float64(time.Second)))
+		r.Run.OthersCores = others.Seconds() / max(r.Run.ElapsedSec, 1e-9)
+		b.logf("  wait:    %s threads runnable but not running %.0f ms in all (%.1f%% of the run's wall time, summed over threads); machine %.0f%% idle, other processes %.2f cores",
+			server, float64(srvWait.Microseconds())/1e3, 100*srvWait.Seconds()/max(r.Run.ElapsedSec, 1e-9), 100*idleFrac, r.Run.OthersCores)
 	}
 	return &r, nil
 }
@@ -697,7 +705,7 @@ func (b *bench) runServer(ctx context.Context, name string, start func(fresh boo
 			continue
 		}
 		st := r.Run.Total
-		b.put(name, s.key, st.Rate, "/s", lossNote(st))
+		b.put(name, s.key, st.Rate, "/s", rowNote(r.Run))
 		b.put(name, s.key+"-p99", st.Latency["p99"], "µs", "")
 		if s.key == "new" {
 			newRate = st.Rate
@@ -776,6 +784,26 @@ func lossNote(s loadStats) string {
 	return fmt.Sprintf("%.2f%% lost", 100*float64(lost)/float64(max(s.Sent, 1)))
 }
 
+// crowdedCores is how much of the machine other processes must have used
+// during a closed-loop row for its figure to say so (rowNote): a tenth of
+// a core, 5 % of the 2-core box, is where a row's rate starts to follow
+// them (BENCHMARKS.md item 32).
+const crowdedCores = 0.1
+
+// rowNote is a closed-loop row's note: its losses, and the other
+// processes' CPU when they used crowdedCores or more, so that a table
+// shows which ratios were measured beside someone else's work.
+func rowNote(p *loadPhase) string {
+	var n []string
+	if l := lossNote(p.Total); l != "" {
+		n = append(n, l)
+	}
+	if p.OthersCores >= crowdedCores {
+		n = append(n, fmt.Sprintf("others %.2f cores", p.OthersCores))
+	}
+	return strings.Join(n, "; ")
+}
+
 func lossSuffix(s loadStats) string {
 	if n := lossNote(s); n != "" {
 		return "; " + n
@@ -807,7 +835,7 @@ func (b *bench) runScale(ctx context.Context) error {
 		return err
 	}
 	c := strconv.Itoa(b.o.concurrency)
-	const hundredK = 100_000
+	hundredK := b.o.scaleLeases
 	// Slots: clients x ports per run; separate port ranges per run.
 	perClient := func(n int) string { return strconv.Itoa((n + b.o.clients - 1) / b.o.clients) }
 	r, err := b.load(ctx, "pcpd", "grow100k", "--mix", "renew=100", "--concurrency", c, "--count", "1",
@@ -837,7 +865,7 @@ func (b *bench) runScale(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		b.put("pcpd", s.key, r.Run.Total.Rate, "/s", lossNote(r.Run.Total))
+		b.put("pcpd", s.key, r.Run.Total.Rate, "/s", rowNote(r.Run))
 	}
 	if d, n, err := b.timeLeases(); err != nil {
 		b.notes = append(b.notes, "pcpd leases --json: "+err.Error())
@@ -1004,23 +1032,59 @@ func procRunWait(pid int) time.Duration {
 	return sum
 }
 
-// boxIdle returns the machine's idle and total CPU time so far, in
-// USER_HZ ticks (the first line of /proc/stat).
-func boxIdle() (idle, all uint64) {
+// boxTicks is the machine's CPU time so far, in USER_HZ ticks (the first
+// line of /proc/stat): idle (idle, iowait), busy (every task's, the
+// kernel's threads and the interrupts', i.e. everything but idle and
+// steal) and all.
+type boxTicks struct{ idle, busy, all uint64 }
+
+func boxCPU() boxTicks {
 	data, err := os.ReadFile("/proc/stat")
 	if err != nil {
-		return 0, 0
+		return boxTicks{}
 	}
 	line, _, _ := strings.Cut(string(data), "\n")
+	return parseBoxTicks(line)
+}
+
+// parseBoxTicks reads the "cpu" line of /proc/stat: user nice system idle
+// iowait irq softirq steal guest guest_nice (proc(5)). guest and
+// guest_nice are already counted in user and nice, so they are left out.
+func parseBoxTicks(line string) boxTicks {
+	var t boxTicks
 	f := strings.Fields(line)
+	if len(f) == 0 || f[0] != "cpu" {
+		return t
+	}
 	for i, v := range f[1:] {
+		if i >= 8 {
+			break
+		}
 		n, _ := strconv.ParseUint(v, 10, 64)
-		all += n
-		if i == 3 || i == 4 { // idle, iowait
-			idle += n
+		t.all += n
+		switch i {
+		case 3, 4: // idle, iowait
+			t.idle += n
+		case 7: // steal: the hypervisor's, nobody's on this machine
+		default:
+			t.busy += n
 		}
 	}
-	return idle, all
+	return t
+}
+
+// othersCPU is the CPU the machine's other processes (and kernel threads)
+// used between two readings, given what the server and pcpload used in
+// the same interval: busy time not theirs. On a shared box this is the
+// load that decides a closed-loop row as much as the server does
+// (BENCHMARKS.md item 32). With tick-based accounting a task's time
+// includes the softirqs that ran on its ticks, as busy does, so the
+// difference holds no packet work of the two. Never negative: the
+// readings are a few ms apart from the processes' own.
+func othersCPU(t0, t1 boxTicks, srv, load time.Duration) time.Duration {
+	const ticks = 100 // USER_HZ
+	busy := time.Duration(t1.busy-t0.busy) * time.Second / ticks
+	return max(busy-srv-load, 0)
 }
 
 // maxFIFOLimit bounds --fifo-limit: a real-time process on a shared
