@@ -603,10 +603,14 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 		// Time the server's threads were ready to run but waited for a
 		// core: on a shared box, the other tenants' (and pcpload's) share
 		// of its latency.
-		others := othersCPU(box0, box1, srvCPU, time.Duration((r.Run.CPU.UserSec+r.Run.CPU.SysSec)*float64(time.Second)))
-		r.Run.OthersCores = others.Seconds() / max(r.Run.ElapsedSec, 1e-9)
-		b.logf("  wait:    %s threads runnable but not running %.0f ms in all (%.1f%% of the run's wall time, summed over threads); machine %.0f%% idle, other processes %.2f cores",
-			server, float64(srvWait.Microseconds())/1e3, 100*srvWait.Seconds()/max(r.Run.ElapsedSec, 1e-9), 100*idleFrac, r.Run.OthersCores)
+		others := ""
+		if r.Run.ElapsedSec >= minOthersRun.Seconds() {
+			o := othersCPU(box0, box1, srvCPU, time.Duration((r.Run.CPU.UserSec+r.Run.CPU.SysSec)*float64(time.Second)))
+			r.Run.OthersCores = o.Seconds() / r.Run.ElapsedSec
+			others = fmt.Sprintf(", other processes %.2f cores", r.Run.OthersCores)
+		}
+		b.logf("  wait:    %s threads runnable but not running %.0f ms in all (%.1f%% of the run's wall time, summed over threads); machine %.0f%% idle%s",
+			server, float64(srvWait.Microseconds())/1e3, 100*srvWait.Seconds()/max(r.Run.ElapsedSec, 1e-9), 100*idleFrac, others)
 	}
 	return &r, nil
 }
@@ -789,6 +793,11 @@ func lossNote(s loadStats) string {
 // a core, 5 % of the 2-core box, is where a row's rate starts to follow
 // them (BENCHMARKS.md item 32).
 const crowdedCores = 0.1
+
+// minOthersRun is the shortest measured phase others' CPU is reckoned
+// for: /proc/stat counts 10-ms ticks, and a phase of one request (the
+// growth rows' run after their prefill) would divide a tick by nothing.
+const minOthersRun = time.Second
 
 // rowNote is a closed-loop row's note: its losses, and the other
 // processes' CPU when they used crowdedCores or more, so that a table
