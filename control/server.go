@@ -17,7 +17,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/pcpd/pcpd/internal/sidepoll"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -86,10 +85,6 @@ func removeStale(path string) error {
 // Serve answers connections on ln until ctx ends, then closes ln and waits
 // for the connections being served.
 func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) error {
-	// The socket is idle nearly always: its Accept waits on the side
-	// poller, not in Go's netpoller, where a permanent waiter costs every
-	// idle moment of pcpd's request path a poll (internal/sidepoll).
-	ln = sidepoll.WrapListener(ln)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	conns := map[net.Conn]struct{}{}

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/pcpd/pcpd/internal/netlab"
-	"github.com/pcpd/pcpd/internal/sidepoll"
 	"github.com/pcpd/pcpd/pinhole"
 )
 
@@ -20,11 +19,6 @@ func TestRouteWatchClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	// The side poller the watches wait on has one goroutine for the life
-	// of the process; started here, it is not counted as a leak.
-	if _, err := sidepoll.Default(); err != nil {
-		t.Fatal(err)
-	}
 	before := runtime.NumGoroutine()
 	var rs []interface{ Close() error }
 	for range 20 {

@@ -16,8 +16,6 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
-
-	"github.com/pcpd/pcpd/internal/sidepoll"
 )
 
 // Routes tells the owner meter's reverse-path check which interfaces the
@@ -133,43 +131,13 @@ type routeWatch struct {
 	gen     atomic.Uint64
 	live    atomic.Bool
 	changed chan struct{}
-	// The socket is idle nearly always, so run waits for it on the side
-	// poller, not in Go's netpoller (internal/sidepoll: a permanent
-	// netpoll waiter costs every idle moment of the request path a
-	// poll). stop cancels that wait, ended says run has left, and only
-	// then may the socket close.
-	poll    *sidepoll.Poller // nil: wait in Receive, as the library does
-	stop    chan struct{}
-	ended   chan struct{}
-	closing sync.Once
 }
 
 func startWatch(sock *nl.NetlinkSocket) *routeWatch {
-	w := &routeWatch{sock: sock, changed: make(chan struct{}, 1),
-		stop: make(chan struct{}), ended: make(chan struct{})}
-	w.poll, _ = sidepoll.Default()
-	if w.poll != nil {
-		// After a wake with nothing to read (none is known since the
-		// side poller's generations, but nothing rules one out), Receive
-		// would park in Go's netpoller until the next notification, and
-		// close waits for run: bounded, it gives up with EAGAIN and run
-		// waits on the side poller again.
-		sock.SetReceiveTimeout(&unix.Timeval{Usec: 100_000})
-	}
+	w := &routeWatch{sock: sock, changed: make(chan struct{}, 1)}
 	w.live.Store(true)
 	go w.run()
 	return w
-}
-
-// close ends run and closes the socket.
-func (w *routeWatch) close() {
-	w.closing.Do(func() {
-		close(w.stop)
-		if w.poll != nil {
-			<-w.ended
-		}
-		w.sock.Close()
-	})
 }
 
 // run counts every notification, and every failed receive too: ENOBUFS
@@ -177,22 +145,10 @@ func (w *routeWatch) close() {
 // error (the socket closed) ends the watch, and Generation then reports
 // that it cannot tell.
 func (w *routeWatch) run() {
-	defer close(w.ended)
 	for {
-		if w.poll != nil {
-			// Readable (or an error pending, ENOBUFS included): the
-			// Receive below then returns without waiting.
-			if err := w.poll.Wait(w.stop, w.sock.GetFd()); err != nil {
-				w.live.Store(false)
-				return
-			}
-		}
 		msgs, _, err := w.sock.Receive()
 		if err == nil && len(msgs) == 0 {
 			continue
-		}
-		if w.poll != nil && errors.Is(err, unix.EAGAIN) {
-			continue // the receive timeout above: nothing was there
 		}
 		if err != nil && !errors.Is(err, unix.ENOBUFS) && !errors.Is(err, unix.EINTR) {
 			w.live.Store(false)
@@ -227,7 +183,7 @@ func (n *netlinkRoutes) Changes() <-chan struct{} {
 // Close releases the lookups' and the watch's sockets.
 func (n *netlinkRoutes) Close() error {
 	if n.watch != nil {
-		n.watch.close()
+		n.watch.sock.Close()
 	}
 	if n.ownH {
 		n.h.Close()

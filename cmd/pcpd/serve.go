@@ -25,7 +25,6 @@ import (
 
 	"github.com/pcpd/pcpd/config"
 	"github.com/pcpd/pcpd/control"
-	"github.com/pcpd/pcpd/internal/sidepoll"
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/server"
@@ -246,9 +245,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 		}
 		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		// Scrapes are seconds apart: the listener waits on the side
-		// poller, not in Go's netpoller (internal/sidepoll).
-		go metrics.Serve(sidepoll.WrapListener(ln))
+		go metrics.Serve(ln)
 		defer metrics.Close()
 	}
 

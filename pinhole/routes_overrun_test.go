@@ -17,9 +17,8 @@ import (
 )
 
 // TestRouteWatchOverrun: a watch whose socket overran (ENOBUFS: the kernel
-// dropped notifications, and marks it with an error the side poller sees
-// as EPOLLERR) counts the loss as a change, stays live, sees the next
-// change, and closes.
+// dropped notifications) counts the loss as a change, stays live, sees the
+// next change, and closes.
 func TestRouteWatchOverrun(t *testing.T) {
 	ns := netlab.NewNS(t, "revsp")
 	h, err := netns.GetFromName(ns.Name)
