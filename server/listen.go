@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -14,6 +15,7 @@ import (
 	"unsafe"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
@@ -276,6 +278,11 @@ type listener struct {
 	// addresses still in duplicate address detection are left out (link).
 	onServe func(aps []netip.AddrPort, ifaces []string)
 
+	// pass is how often the interfaces are read whatever the
+	// notifications say (0: every 2 s; tests set it long, to see that a
+	// notification alone is followed).
+	pass time.Duration
+
 	mu    sync.Mutex
 	conns map[netip.AddrPort]*udpConn
 	wg    sync.WaitGroup
@@ -327,40 +334,43 @@ func (l *listener) run(ctx context.Context) error {
 		default:
 		}
 	}
-	subscribe := func(done chan struct{}) {
-		var nsp *netns.NsHandle
-		if nsSet(l.ns) {
-			nsp = &l.ns
-		}
-		ach := make(chan netlink.AddrUpdate, 64)
-		lch := make(chan netlink.LinkUpdate, 64)
-		onErr := func(err error) { l.log.Debug("netlink subscription", zap.Error(err)) }
-		if err := netlink.AddrSubscribeWithOptions(ach, done, netlink.AddrSubscribeOptions{Namespace: nsp, ErrorCallback: onErr}); err != nil {
-			l.log.Warn("cannot follow address changes; polling only", zap.Error(err))
-		} else {
-			go func() {
-				for range ach {
-					poke()
-				}
-			}()
-		}
-		if err := netlink.LinkSubscribeWithOptions(lch, done, netlink.LinkSubscribeOptions{Namespace: nsp, ErrorCallback: onErr}); err != nil {
-			l.log.Warn("cannot follow link changes; polling only", zap.Error(err))
-		} else {
-			go func() {
-				for range lch {
-					poke()
-				}
-			}()
-		}
+	// One subscription for links and both families' addresses. netlink's
+	// AddrSubscribe and LinkSubscribe (two sockets, used before) end at
+	// their first receive error, an overrun (ENOBUFS) included: after an
+	// address storm pcpd then followed changes only at its pass. follow
+	// keeps reading through errors.
+	var sock *nl.NetlinkSocket
+	var serr error
+	groups := []uint{unix.RTNLGRP_LINK, unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV6_IFADDR}
+	if nsSet(l.ns) {
+		sock, serr = nl.SubscribeAt(l.ns, netns.None(), unix.NETLINK_ROUTE, groups...)
+	} else {
+		sock, serr = nl.Subscribe(unix.NETLINK_ROUTE, groups...)
 	}
-	done := make(chan struct{})
-	defer func() { close(done) }()
-	subscribe(done)
+	done, followed := make(chan struct{}), make(chan struct{})
+	if serr != nil {
+		l.log.Warn("cannot follow address and link changes; polling only", zap.Error(serr))
+		close(followed)
+	} else {
+		go func() { defer close(followed); l.follow(sock, done, poke) }()
+	}
+	defer func() {
+		// done first: follow's Receive fails when sock closes, and done
+		// tells it that is the end, not an error to wait out.
+		close(done)
+		if sock != nil {
+			sock.Close()
+		}
+		<-followed
+	}()
 
 	// Netlink notifications can be lost (buffer overrun); a slow poll is the
 	// safety net, the notifications make the common case prompt.
-	tick := time.NewTicker(2 * time.Second)
+	every := l.pass
+	if every <= 0 {
+		every = 2 * time.Second
+	}
+	tick := time.NewTicker(every)
 	defer tick.Stop()
 	l.resync(h)
 	for {
@@ -371,6 +381,36 @@ func (l *listener) run(ctx context.Context) error {
 			l.resync(h)
 		case <-tick.C:
 			l.resync(h)
+		}
+	}
+}
+
+// follow pokes a pass for every notification of sock, and for every
+// receive error too: an overrun (ENOBUFS) means some were lost, which the
+// pass makes good. Messages from other processes (any may send to the
+// socket's port id) are not notifications and ask nothing, as netlink's
+// subscriptions skipped them. It returns once done is closed (run closes
+// sock after it, which ends the Receive in progress).
+func (l *listener) follow(sock *nl.NetlinkSocket, done <-chan struct{}, poke func()) {
+	for {
+		_, from, err := sock.Receive()
+		select {
+		case <-done:
+			return
+		default:
+		}
+		if err == nil && from.Pid != nl.PidKernel {
+			continue
+		}
+		poke()
+		if err != nil && !errors.Is(err, unix.ENOBUFS) {
+			l.log.Debug("netlink subscription", zap.Error(err))
+			// Not an overrun: an error that repeats must not spin.
+			select {
+			case <-done:
+				return
+			case <-time.After(time.Second):
+			}
 		}
 	}
 }

@@ -1,0 +1,296 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
+	"go.uber.org/zap/zaptest"
+	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+)
+
+// followNever bounds a wait that should end: a hang, not a slow machine.
+// It is no latency bound.
+const followNever = 10 * time.Second
+
+// stacks returns the stacks of every goroutine whose stack mentions match.
+func stacks(match string) []string {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	var out []string
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, match) {
+			out = append(out, g)
+		}
+	}
+	return out
+}
+
+// TestSubscriptionFollowsChanges: with the pass an hour apart, only the
+// subscription can bring each change, and it brings every class the
+// listener follows: IPv6 and IPv4 addresses added and removed, and a link
+// going down and up with no address change (pcp1 has IPv4 only, whose
+// address stays on a downed link). run leaves no goroutine behind.
+func TestSubscriptionFollowsChanges(t *testing.T) {
+	netlab.RequireRoot(t)
+	srv := netlab.NewNS(t, "follow")
+	srv.MustRun(t, "ip", "link", "add", "pcp0", "type", "veth", "peer", "name", "pcp0p")
+	srv.MustRun(t, "ip", "link", "add", "pcp1", "type", "veth", "peer", "name", "pcp1p")
+	srv.MustRun(t, "sysctl", "-qw", "net.ipv6.conf.pcp1.disable_ipv6=1")
+	srv.MustRun(t, "ip", "addr", "add", "192.0.2.1/24", "dev", "pcp1")
+	for _, d := range []string{"pcp0", "pcp0p", "pcp1", "pcp1p"} {
+		srv.MustRun(t, "ip", "link", "set", d, "up")
+	}
+	h, _ := nsHandles(t, srv)
+	l := &listener{log: zaptest.NewLogger(t), ifaces: []string{"pcp0", "pcp1"}, port: Port, ns: h,
+		out: make(chan packet, 1), pass: time.Hour}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- l.run(ctx) }()
+	stopped := false
+	stop := func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		select {
+		case err := <-errc:
+			if err != nil {
+				t.Errorf("run: %v", err)
+			}
+		case <-time.After(followNever):
+			t.Errorf("run did not return after cancel:\n%s", strings.Join(stacks("server.(*listener)"), "\n\n"))
+		}
+	}
+	t.Cleanup(stop)
+	serving := func(a netip.Addr) bool {
+		for _, ap := range l.addrs() {
+			if ap.Addr() == a {
+				return true
+			}
+		}
+		return false
+	}
+	other := netip.MustParseAddr("192.0.2.1")
+	if err := netlab.Eventually(followNever, func() error {
+		if !serving(other) {
+			return fmt.Errorf("not serving %v: %v", other, l.addrs())
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if gs := stacks("server.(*listener).follow("); len(gs) != 1 {
+		t.Fatalf("%d subscription readers, want 1", len(gs))
+	}
+	v6 := netip.MustParseAddr("2001:db8:c0::7")
+	v4 := netip.MustParseAddr("198.51.100.1")
+	for _, step := range []struct {
+		name   string
+		do     []string
+		served netip.Addr
+		want   bool
+	}{
+		{"IPv6 address added", []string{"ip", "addr", "add", v6.String() + "/64", "dev", "pcp0", "nodad"}, v6, true},
+		{"IPv6 address removed", []string{"ip", "addr", "del", v6.String() + "/64", "dev", "pcp0"}, v6, false},
+		{"IPv4 address added", []string{"ip", "addr", "add", v4.String() + "/24", "dev", "pcp0"}, v4, true},
+		{"IPv4 address removed", []string{"ip", "addr", "del", v4.String() + "/24", "dev", "pcp0"}, v4, false},
+		{"link down", []string{"ip", "link", "set", "pcp1", "down"}, other, false},
+		{"link up", []string{"ip", "link", "set", "pcp1", "up"}, other, true},
+	} {
+		srv.MustRun(t, step.do...)
+		if err := netlab.Eventually(5*time.Second, func() error {
+			if got := serving(step.served); got != step.want {
+				return fmt.Errorf("serving %v: %v, want %v (serving %v)", step.served, got, step.want, l.addrs())
+			}
+			return nil
+		}); err != nil {
+			t.Fatalf("%s: %v", step.name, err)
+		}
+	}
+	stop()
+	if gs := stacks("server.(*listener)"); len(gs) > 0 {
+		t.Fatalf("listener goroutines left after run returned:\n%s", strings.Join(gs, "\n\n"))
+	}
+}
+
+// followBed is a subscription in a fresh namespace with an interface
+// pcp0, and follow reading it into pokes once start is called.
+type followBed struct {
+	ns    *netlab.NS
+	sock  *nl.NetlinkSocket
+	pid   uint32
+	pokes chan struct{}
+}
+
+func newFollowBed(t *testing.T, role string) *followBed {
+	t.Helper()
+	netlab.RequireRoot(t)
+	ns := netlab.NewNS(t, role)
+	ns.MustRun(t, "ip", "link", "add", "pcp0", "type", "veth", "peer", "name", "pcp0p")
+	ns.MustRun(t, "ip", "link", "set", "pcp0", "up")
+	h, _ := nsHandles(t, ns)
+	sock, err := nl.SubscribeAt(h, netns.None(), unix.NETLINK_ROUTE, unix.RTNLGRP_LINK, unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV6_IFADDR)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, err := sock.GetPid()
+	if err != nil {
+		sock.Close()
+		t.Fatal(err)
+	}
+	return &followBed{ns: ns, sock: sock, pid: pid, pokes: make(chan struct{}, 1000)}
+}
+
+// start runs follow as run does, and stops it (done, then the socket) with
+// the test; the test fails if follow does not return then.
+func (b *followBed) start(t *testing.T) {
+	l := &listener{log: zaptest.NewLogger(t)}
+	done, ended := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(ended)
+		l.follow(b.sock, done, func() { b.pokes <- struct{}{} })
+	}()
+	t.Cleanup(func() {
+		close(done)
+		b.sock.Close()
+		select {
+		case <-ended:
+		case <-time.After(followNever):
+			t.Error("follow did not return after its socket closed")
+		}
+	})
+}
+
+// procNetlink reads column col (4 Rmem, 8 Drops) of the subscription's
+// row of /proc/net/netlink in its namespace.
+func (b *followBed) procNetlink(t *testing.T, col int) int {
+	t.Helper()
+	for _, line := range strings.Split(b.ns.MustRun(t, "cat", "/proc/net/netlink"), "\n")[1:] {
+		f := strings.Fields(line)
+		// sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+		if len(f) >= 10 && f[2] == strconv.FormatUint(uint64(b.pid), 10) {
+			n, err := strconv.Atoi(f[col])
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("socket %d not in /proc/net/netlink", b.pid)
+	return 0
+}
+
+// quiet waits for a poke, then for a moment without one.
+func (b *followBed) quiet(t *testing.T, what string) {
+	t.Helper()
+	select {
+	case <-b.pokes:
+	case <-time.After(followNever):
+		t.Fatalf("%s: no poke", what)
+	}
+	for {
+		select {
+		case <-b.pokes:
+			continue
+		case <-time.After(200 * time.Millisecond):
+		}
+		return
+	}
+}
+
+// TestFollowOverrun: an address storm overruns the subscription (the
+// kernel drops notifications and fails the next receive with ENOBUFS).
+// netlink's Addr- and LinkSubscribe, which pcpd used before, ended their
+// goroutine at that error, and pcpd then followed changes only at its
+// pass; follow pokes (the pass makes the loss good) and sees the next
+// change.
+func TestFollowOverrun(t *testing.T) {
+	b := newFollowBed(t, "followovr")
+	// The smallest buffer, and nobody reading yet: 200 addresses'
+	// notifications overrun it.
+	if err := b.sock.SetReceiveBufferSize(0, false); err != nil {
+		t.Fatal(err)
+	}
+	var batch strings.Builder
+	for i := range 200 {
+		fmt.Fprintf(&batch, "addr add 2001:db8:d::%x/128 dev pcp0 nodad\n", i+1)
+	}
+	f := t.TempDir() + "/batch"
+	if err := os.WriteFile(f, []byte(batch.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b.ns.MustRun(t, "ip", "-batch", f)
+	if drops := b.procNetlink(t, 8); drops == 0 {
+		t.Fatal("no overrun: 0 drops on the subscription")
+	} else {
+		t.Logf("%d notifications dropped", drops)
+	}
+	b.start(t)
+	b.quiet(t, "overrun")
+	b.ns.MustRun(t, "ip", "addr", "add", "2001:db8:d::ffff/128", "dev", "pcp0", "nodad")
+	b.quiet(t, "a change after the overrun")
+}
+
+// TestFollowIgnoresUserSenders: only the kernel's notifications ask for a
+// pass. Any process in the namespace may send to the subscription's port
+// id (it is in /proc/net/netlink); each such message would make the
+// listener dump every link and address. netlink's subscriptions skipped
+// them, and so does follow: 50 user messages, then one real change, give
+// the change's pokes, not 51.
+func TestFollowIgnoresUserSenders(t *testing.T) {
+	b := newFollowBed(t, "followusr")
+	if err := b.ns.Do(func() error {
+		fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		msg := make([]byte, unix.SizeofNlMsghdr+unix.SizeofIfInfomsg)
+		hdr := (*unix.NlMsghdr)(unsafe.Pointer(&msg[0]))
+		*hdr = unix.NlMsghdr{Len: uint32(len(msg)), Type: unix.RTM_NEWLINK, Seq: 1}
+		for range 50 {
+			if err := unix.Sendto(fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Pid: b.pid}); err != nil {
+				return fmt.Errorf("sendto port %d: %w", b.pid, err)
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// The real change, queued behind them.
+	b.ns.MustRun(t, "ip", "addr", "add", "2001:db8:e::1/128", "dev", "pcp0", "nodad")
+	b.start(t)
+	if err := netlab.Eventually(followNever, func() error {
+		if r := b.procNetlink(t, 4); r != 0 {
+			return fmt.Errorf("%d bytes queued", r)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// Everything was read; follow pokes right after each Receive.
+	time.Sleep(200 * time.Millisecond)
+	if n := len(b.pokes); n < 1 || n > 5 {
+		t.Fatalf("%d pokes for 50 user messages and one address added, want 1-5 (the kernel's)", n)
+	}
+}
