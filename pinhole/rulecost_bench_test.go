@@ -1,13 +1,10 @@
 package pinhole_test
 
 import (
-	"net"
 	"net/netip"
 	"regexp"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
@@ -109,45 +106,7 @@ func BenchmarkControlRuleCost(b *testing.B) {
 			if testing.Verbose() {
 				b.Log(nftList(b, topo.Host, "table", "inet", "pcpd"))
 			}
-			srv := netip.AddrPortFrom(topo.HostTunnelV6, 5351)
-			topo.Host.ServeUDPEcho(b, srv.String())
-			var c *net.UDPConn
-			if err := topo.Client.Do(func() (err error) {
-				c, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(srv))
-				return err
-			}); err != nil {
-				b.Fatal(err)
-			}
-			defer c.Close()
-			const burst = 32
-			msg, buf := make([]byte, 60), make([]byte, 128)
-			roundTrip := func() {
-				for range burst {
-					if _, err := c.Write(msg); err != nil {
-						b.Fatal(err)
-					}
-				}
-				c.SetReadDeadline(time.Now().Add(time.Second))
-				for range burst {
-					if _, err := c.Read(buf); err != nil {
-						b.Fatal(err)
-					}
-				}
-			}
-			for range 100 {
-				roundTrip()
-			}
-			var before, after syscall.Rusage
-			syscall.Getrusage(syscall.RUSAGE_SELF, &before)
-			b.ResetTimer()
-			for b.Loop() {
-				roundTrip()
-			}
-			b.StopTimer()
-			syscall.Getrusage(syscall.RUSAGE_SELF, &after)
-			cpu := time.Duration(syscall.TimevalToNsec(after.Utime) - syscall.TimevalToNsec(before.Utime) +
-				syscall.TimevalToNsec(after.Stime) - syscall.TimevalToNsec(before.Stime))
-			b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N*burst), "cpu-ns/datagram")
+			measureControlEcho(b, topo)
 		})
 	}
 }

@@ -36,13 +36,7 @@ func TestWireGuardNamespace(t *testing.T) {
 	}
 	t.Cleanup(func() { c.Close() })
 
-	key := func() wgtypes.Key {
-		k, err := wgtypes.GeneratePrivateKey()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k
-	}
+	key := func() wgtypes.Key { return newKey(t) }
 	priv, a, b, full := key(), key().PublicKey(), key().PublicKey(), key().PublicKey()
 	if err := c.ConfigureDevice(ifname, wgtypes.Config{PrivateKey: &priv, ReplacePeers: true, Peers: []wgtypes.PeerConfig{
 		{PublicKey: a, AllowedIPs: ipnets("2001:db8:a::/48", "10.9.1.0/24")},
@@ -167,13 +161,7 @@ func TestWireGuardNestedAcrossInterfacesNamespace(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	key := func() wgtypes.Key {
-		k, err := wgtypes.GeneratePrivateKey()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k
-	}
+	key := func() wgtypes.Key { return newKey(t) }
 	p0, p1, a, b := key(), key(), key().PublicKey(), key().PublicKey()
 	for _, d := range []struct {
 		name string
@@ -233,13 +221,7 @@ func TestWireGuardAltnameNamespace(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	key := func() wgtypes.Key {
-		k, err := wgtypes.GeneratePrivateKey()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k
-	}
+	key := func() wgtypes.Key { return newKey(t) }
 	a, b := key().PublicKey(), key().PublicKey()
 	start := func(kname string, peer wgtypes.Key, allowed string) {
 		netlab.StartWireGuard(t, ns, kname, bin)
@@ -282,4 +264,14 @@ func TestWireGuardAltnameNamespace(t *testing.T) {
 			t.Errorf("configured as %q, re-created as %s: owners %q and %q, want none and %q", name, k1, oa.ID, ob.ID, idB)
 		}
 	}
+}
+
+// newKey is a fresh WireGuard private key (its PublicKey names a peer).
+func newKey(t *testing.T) wgtypes.Key {
+	t.Helper()
+	k, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
 }
