@@ -64,6 +64,7 @@ type options struct {
 	pprofURL      string
 	mupnpPrefill  int
 	perf          bool
+	perfLoad      bool
 	scaleOnly     bool
 	pcpdEnv       []string
 	scenarios     map[string]bool // nil: all
@@ -123,6 +124,7 @@ func run(ctx context.Context, args []string) error {
 	fs.Var(&env, "pcpd-env", "NAME=VALUE in pcpd's environment, e.g. GODEBUG=gctrace=1 (repeatable)")
 	fs.IntVar(&o.mupnpPrefill, "miniupnpd-prefill", 64, "leases renewed in miniupnpd's renewal run (it slows to a crawl with many)")
 	fs.BoolVar(&o.scaleOnly, "scale-only", false, "pcpd: run only the lease-count figures (implies --scale)")
+	fs.BoolVar(&o.perfLoad, "perf-load", false, "profile pcpload itself in each closed-loop row: perf record -g -F 999 for 2 s from 1 s into the measured phase (<server>-<scenario>.load.perf.data, kept), then perf stat of its context switches and read, write, socket, poll and futex system calls for 1.2 s (<server>-<scenario>.load.stat.txt); for where the client's CPU a request goes")
 	fs.BoolVar(&o.perf, "perf", false, "profile the server under test with perf(1) during each run (reports in the output directory)")
 	scenarios := fs.String("scenarios", "", "comma-separated scenarios to run (malformed,unauth,renew,renew-wt,mixed,new,open80); empty: all")
 	fs.Float64Var(&o.openRate, "open-rate", 0, "open loop at this rate instead of 80 % of the closed-loop new-MAP rate (lets open80 run alone, or at the same rate before and after a change)")
@@ -227,13 +229,14 @@ type figure struct {
 }
 
 type bench struct {
-	o      options
-	topo   *netlab.Topology
-	server netip.AddrPort
-	res    map[string]map[string]*figure // server → figure name → value
-	notes  []string
-	log    *os.File
-	cur    server // the server under test, for perf
+	o        options
+	topo     *netlab.Topology
+	server   netip.AddrPort
+	res      map[string]map[string]*figure // server → figure name → value
+	notes    []string
+	log      *os.File
+	cur      server // the server under test, for perf
+	loadRows int    // rows profiled by --perf-load so far
 	// pcpdOpenRate is the rate of pcpd's open80 run, at which the floor
 	// runs the open loop again (open80-at-pcpd): the same offered load.
 	pcpdOpenRate float64
@@ -528,7 +531,7 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	if b.o.fifo {
 		defer b.fifoWatch(cmd.Process.Pid, "pcpload "+name).Stop()
 	}
-	var perfDone chan struct{}
+	var perfDone, loadPerfDone chan struct{}
 	var srvCPU0, srvWait0 time.Duration
 	var box0 boxTicks
 	srvMeasured := false
@@ -536,6 +539,12 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	for sc.Scan() {
 		line := sc.Text()
 		if line == "pcpload: measuring" {
+			if b.o.perfLoad && b.o.duration >= 5*time.Second && loadPerfDone == nil {
+				loadPerfDone = make(chan struct{})
+				b.loadRows++ // a server measured twice (floor,pcpd,floor) keeps both
+				row := fmt.Sprintf("%d-%s-%s", b.loadRows, server, name)
+				go func() { defer close(loadPerfDone); b.profileLoad(row, cmd.Process.Pid) }()
+			}
 			if b.cur != nil {
 				srvCPU0, srvMeasured = procCPU(b.cur.pid()), true
 				srvWait0 = procRunWait(b.cur.pid())
@@ -572,6 +581,9 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	}
 	if perfDone != nil {
 		<-perfDone
+	}
+	if loadPerfDone != nil {
+		<-loadPerfDone
 	}
 	if err != nil {
 		return nil, fmt.Errorf("driver: pcpload %s: %v: %s", name, err, bytes.TrimSpace(stderr.Bytes()))
@@ -642,6 +654,31 @@ func (b *bench) profile(name string, pid int) {
 		report.WriteString("\n")
 	}
 	os.WriteFile(filepath.Join(b.o.out, name+".perf.txt"), report.Bytes(), 0o644)
+}
+
+// profileLoad samples pcpload (pid: ip netns exec execs it, so the pid
+// is pcpload's) for --perf-load: a call-graph profile from 1 s to 3 s into
+// the measured phase, then counts of its context switches and system
+// calls from 3.2 to 4.4 s. perf -p counts the softirq work the kernel
+// runs in pcpload's context (on veth, the receive path of the other
+// namespace runs in the sender's system call).
+func (b *bench) profileLoad(name string, pid int) {
+	time.Sleep(time.Second)
+	data := filepath.Join(b.o.out, name+".load.perf.data")
+	if out, err := exec.Command("perf", "record", "-F", "999", "-g", "-p", strconv.Itoa(pid), "-o", data, "--", "sleep", "2").CombinedOutput(); err != nil {
+		b.logf("perf record (pcpload): %v: %s", err, bytes.TrimSpace(out))
+		return
+	}
+	time.Sleep(200 * time.Millisecond)
+	ev := "task-clock,context-switches,cpu-migrations"
+	for _, sc := range []string{"write", "read", "sendto", "recvfrom", "sendmmsg", "recvmmsg", "epoll_pwait", "futex", "nanosleep", "sched_yield"} {
+		ev += ",syscalls:sys_enter_" + sc
+	}
+	out, err := exec.Command("perf", "stat", "-x", ",", "-e", ev, "-p", strconv.Itoa(pid), "--", "sleep", "1.2").CombinedOutput()
+	if err != nil {
+		b.logf("perf stat (pcpload): %v: %s", err, bytes.TrimSpace(out))
+	}
+	os.WriteFile(filepath.Join(b.o.out, name+".load.stat.txt"), out, 0o644)
 }
 
 func (b *bench) dur() string { return b.o.duration.String() }
