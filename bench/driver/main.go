@@ -124,7 +124,7 @@ func run(ctx context.Context, args []string) error {
 	fs.Var(&env, "pcpd-env", "NAME=VALUE in pcpd's environment, e.g. GODEBUG=gctrace=1 (repeatable)")
 	fs.IntVar(&o.mupnpPrefill, "miniupnpd-prefill", 64, "leases renewed in miniupnpd's renewal run (it slows to a crawl with many)")
 	fs.BoolVar(&o.scaleOnly, "scale-only", false, "pcpd: run only the lease-count figures (implies --scale)")
-	fs.BoolVar(&o.perfLoad, "perf-load", false, "profile pcpload itself in each closed-loop row: perf record -g -F 999 for 2 s from 1 s into the measured phase (<server>-<scenario>.load.perf.data, kept), then perf stat of its context switches and read, write, socket, poll and futex system calls for 1.2 s (<server>-<scenario>.load.stat.txt); for where the client's CPU a request goes")
+	fs.BoolVar(&o.perfLoad, "perf-load", false, "profile pcpload itself in each closed-loop row: perf stat of its context switches and read, write, socket, poll and futex system calls from 0.5 to 1.5 s into the measured phase (N-<server>-<scenario>.load.stat.txt), then perf record -g -F 999 for 2 s (N-<server>-<scenario>.load.perf.data, kept); for where the client's CPU a request goes")
 	fs.BoolVar(&o.perf, "perf", false, "profile the server under test with perf(1) during each run (reports in the output directory)")
 	scenarios := fs.String("scenarios", "", "comma-separated scenarios to run (malformed,unauth,renew,renew-wt,mixed,new,open80); empty: all")
 	fs.Float64Var(&o.openRate, "open-rate", 0, "open loop at this rate instead of 80 % of the closed-loop new-MAP rate (lets open80 run alone, or at the same rate before and after a change)")
@@ -657,28 +657,28 @@ func (b *bench) profile(name string, pid int) {
 }
 
 // profileLoad samples pcpload (pid: ip netns exec execs it, so the pid
-// is pcpload's) for --perf-load: a call-graph profile from 1 s to 3 s into
-// the measured phase, then counts of its context switches and system
-// calls from 3.2 to 4.4 s. perf -p counts the softirq work the kernel
+// is pcpload's) for --perf-load: counts of its context switches and
+// system calls from 0.5 to 1.5 s into the measured phase, then a
+// call-graph profile from ≈ 1.7 to 3.7 s (recording's start-up and the
+// write-out stay inside the 5-s run). perf -p counts the softirq work the kernel
 // runs in pcpload's context (on veth, the receive path of the other
 // namespace runs in the sender's system call).
 func (b *bench) profileLoad(name string, pid int) {
-	time.Sleep(time.Second)
-	data := filepath.Join(b.o.out, name+".load.perf.data")
-	if out, err := exec.Command("perf", "record", "-F", "999", "-g", "-p", strconv.Itoa(pid), "-o", data, "--", "sleep", "2").CombinedOutput(); err != nil {
-		b.logf("perf record (pcpload): %v: %s", err, bytes.TrimSpace(out))
-		return
-	}
-	time.Sleep(200 * time.Millisecond)
+	time.Sleep(500 * time.Millisecond)
 	ev := "task-clock,context-switches,cpu-migrations"
 	for _, sc := range []string{"write", "read", "sendto", "recvfrom", "sendmmsg", "recvmmsg", "epoll_pwait", "futex", "nanosleep", "sched_yield"} {
 		ev += ",syscalls:sys_enter_" + sc
 	}
-	out, err := exec.Command("perf", "stat", "-x", ",", "-e", ev, "-p", strconv.Itoa(pid), "--", "sleep", "1.2").CombinedOutput()
+	out, err := exec.Command("perf", "stat", "-x", ",", "-e", ev, "-p", strconv.Itoa(pid), "--", "sleep", "1").CombinedOutput()
 	if err != nil {
 		b.logf("perf stat (pcpload): %v: %s", err, bytes.TrimSpace(out))
 	}
 	os.WriteFile(filepath.Join(b.o.out, name+".load.stat.txt"), out, 0o644)
+	time.Sleep(200 * time.Millisecond)
+	data := filepath.Join(b.o.out, name+".load.perf.data")
+	if out, err := exec.Command("perf", "record", "-F", "999", "-g", "-p", strconv.Itoa(pid), "-o", data, "--", "sleep", "2").CombinedOutput(); err != nil {
+		b.logf("perf record (pcpload): %v: %s", err, bytes.TrimSpace(out))
+	}
 }
 
 func (b *bench) dur() string { return b.o.duration.String() }
