@@ -85,6 +85,10 @@ type WireGuard struct {
 	mu       sync.Mutex // serialises refreshes; guards the fields below
 	last     time.Time
 	lastGood map[string][]wgtypes.Peer
+	// kname is the kernel name each configured name was last read by:
+	// two configured names of one interface (its kernel name and an
+	// altname) are one interface to buildLocked.
+	kname    map[string]string
 	warned   map[string]bool // warnings given by the last build
 	warnNext map[string]bool // warnings of the build in progress
 }
@@ -140,16 +144,18 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 		missCh:    make(chan struct{}, 1),
 		changes:   make(chan Change, changeBuffer),
 		lastGood:  make(map[string][]wgtypes.Peer),
+		kname:     make(map[string]string),
 		warned:    make(map[string]bool),
 	}
 	for _, o := range opts {
 		o(w)
 	}
 	for _, name := range w.ifaces {
-		d, err := w.device(name)
+		d, k, err := w.device(name)
 		if err != nil {
 			return nil, fmt.Errorf("policy: reading WireGuard interface %q: %w", name, err)
 		}
+		w.kname[name] = k
 		w.lastGood[name] = d.Peers
 	}
 	w.mu.Lock()
@@ -170,20 +176,21 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 // gone if wgctrl knows no such device either; one over 15 bytes, which
 // can be no kernel name, is gone at once (kernel WireGuard would refuse
 // it, EINVAL: a failed read, which keeps the peers).
-func (w *WireGuard) device(name string) (*wgtypes.Device, error) {
+func (w *WireGuard) device(name string) (*wgtypes.Device, string, error) {
 	k, found, err := w.kernel(name)
 	switch {
 	case err != nil:
 		// Not wrapped: a failed resolution is a failed read (the last
 		// good peers stay), never "gone" (os.ErrNotExist), which
 		// revokes.
-		return nil, fmt.Errorf("resolving the interface name: %v", err)
+		return nil, "", fmt.Errorf("resolving the interface name: %v", err)
 	case !found && len(name) >= syscall.IFNAMSIZ:
-		return nil, fmt.Errorf("no interface answers to the alternative name: %w", os.ErrNotExist)
+		return nil, "", fmt.Errorf("no interface answers to the alternative name: %w", os.ErrNotExist)
 	case !found:
 		k = name
 	}
-	return w.dev.Device(k)
+	d, err := w.dev.Device(k)
+	return d, k, err
 }
 
 // Lookup implements Ownership. A miss asks Run for a re-read.
@@ -275,13 +282,14 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 	var errs []error
 	changed := false
 	for _, name := range w.ifaces {
-		d, err := w.device(name)
+		d, k, err := w.device(name)
 		switch {
 		case err == nil:
-			if old, had := w.lastGood[name]; !had || !samePeers(old, d.Peers) {
+			if old, had := w.lastGood[name]; !had || !samePeers(old, d.Peers) || w.kname[name] != k {
 				changed = true
 			}
 			w.lastGood[name] = d.Peers
+			w.kname[name] = k
 		case errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED):
 			// Gone, or a userspace daemon's stale socket: no traffic can
 			// reach these peers, so they own nothing.
@@ -290,6 +298,7 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 				changed = true
 			}
 			delete(w.lastGood, name)
+			delete(w.kname, name)
 		default:
 			errs = append(errs, fmt.Errorf("policy: reading WireGuard interface %q: %w", name, err))
 		}
@@ -349,11 +358,21 @@ func (w *WireGuard) buildLocked() *table {
 		hole    bool
 	}
 	claims := make(map[netip.Prefix]*claim)
-	for ifi, name := range w.ifaces {
+	// An interface is known by its kernel name: configured twice (kernel
+	// name and altname), it is still one interface, whose nested peers
+	// keep WireGuard's longest match instead of becoming holes.
+	first := make(map[string]int)
+	for i, name := range w.ifaces {
+		if _, ok := first[w.kname[name]]; !ok {
+			first[w.kname[name]] = i
+		}
+	}
+	for _, name := range w.ifaces {
 		peers, ok := w.lastGood[name]
 		if !ok {
 			continue
 		}
+		ifi := first[w.kname[name]]
 		for _, peer := range peers {
 			k := peer.PublicKey.String()
 			id := OwnerID("wg:" + k)

@@ -582,3 +582,44 @@ func TestWireGuardAltname(t *testing.T) {
 		t.Errorf("gone: owner %q, want none", b)
 	}
 }
+
+// TestWireGuardAltnameTwoNames: one interface configured twice, by its
+// kernel name and an altname (the listener serves it once,
+// TestServedInterfaceTwoNames), is one interface for ownership too: its
+// nested peers keep WireGuard's longest match, as when configured once,
+// instead of becoming holes "on different interfaces" that nobody owns.
+func TestWireGuardAltnameTwoNames(t *testing.T) {
+	const alt = "wireguard-to-the-branch-office-of-bremen"
+	d := &devices{}
+	d.set("wg0", peer(1, "2001:db8::/48", "10.9.0.0/16"), peer(2, "2001:db8:0:1::/64", "10.9.4.0/24"))
+	d.fail(alt, syscall.EINVAL) // kernel WireGuard refuses the long name
+	resolve := func(name string) (string, bool, error) {
+		if name == alt || name == "wg0" {
+			return "wg0", true, nil
+		}
+		return "", false, nil
+	}
+	for _, ifaces := range [][]string{{"wg0"}, {"wg0", alt}, {alt, "wg0"}} {
+		w, err := newWireGuard(d, ifaces, time.Hour, zap.NewNop(), func(w *WireGuard) { w.kernel = resolve })
+		if err != nil {
+			t.Fatalf("%q: %v", ifaces, err)
+		}
+		for _, tc := range []struct {
+			src  string
+			want OwnerID
+		}{
+			{"2001:db8:0:1::5", wgID(2)},
+			{"10.9.4.7", wgID(2)},
+			{"2001:db8:0:2::5", wgID(1)},
+			{"10.9.5.7", wgID(1)},
+		} {
+			o, ok := w.Lookup(addr(tc.src))
+			if got := map[bool]OwnerID{true: o.ID}[ok]; got != tc.want {
+				t.Errorf("configured as %q: owner of %s = %q, want %q", ifaces, tc.src, got, tc.want)
+			}
+		}
+		if h := w.Holes(); len(h) != 0 {
+			t.Errorf("configured as %q: holes %v, want none", ifaces, h)
+		}
+	}
+}
