@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -147,6 +148,9 @@ func (h *hostPorts) store(tcp, udp *portSet, err error) {
 	h.tcp, h.udp = tcp, udp
 }
 
+// kernelName resolves a configured interface name (tests replace it).
+var kernelName = ifname.Kernel
+
 // dump lists the host's listening TCP and bound UDP ports, and the listen
 // ports of the served WireGuard interfaces.
 func (h *hostPorts) dump() (tcp, udp *portSet, err error) {
@@ -177,8 +181,13 @@ func (h *hostPorts) dump() (tcp, udp *portSet, err error) {
 				// By its kernel name (name may be an altname, which
 				// wgctrl does not know): the serving namespace's, as
 				// this runs in it.
-				k, found, err := ifname.Kernel(name)
+				// A failed resolution fails the dump, which keeps the
+				// last known ports: skipping the interface would free
+				// its listen port for a NAPT mapping (a client mapping
+				// UDP 51820 would carry the tunnel away).
+				k, found, err := kernelName(name)
 				if err != nil {
+					errs = append(errs, fmt.Errorf("resolving interface %q: %w", name, err))
 					continue
 				}
 				if !found {

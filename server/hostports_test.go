@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -221,5 +222,34 @@ func TestHostPortsBackgroundRefresh(t *testing.T) {
 	h.reserved(protoTCP, spare)
 	if h.at == stale {
 		t.Error("stale set used without a rescan")
+	}
+}
+
+// TestHostPortsResolveErrorKeepsPorts: a configured interface name that
+// cannot be resolved (a transient netlink error, not "no such interface")
+// fails the dump, so the ports reserved before stay reserved: skipping it
+// freed the WireGuard listen port (which the socket dump may not show,
+// kernel WireGuard's socket living where the device was created) for a
+// NAPT mapping that would carry the tunnel away.
+func TestHostPortsResolveErrorKeepsPorts(t *testing.T) {
+	const wgPort = 51999 // stands for the listen port read before
+	s := &Server{log: zap.NewNop(), cfg: Config{Interfaces: []string{"wireguard-to-the-branch-office-of-bremen"}}}
+	h := &hostPorts{s: s}
+	old := kernelName
+	t.Cleanup(func() { kernelName = old })
+	kernelName = func(string) (string, bool, error) { return "", false, nil }
+	h.mu.Lock()
+	h.scan()
+	if h.udp.has(wgPort) {
+		h.mu.Unlock()
+		t.Skipf("UDP %d in use on this host", wgPort)
+	}
+	h.udp.add(wgPort)
+	kernelName = func(string) (string, bool, error) { return "", false, syscall.ENOBUFS }
+	h.scan()
+	kept := h.udp.has(wgPort)
+	h.mu.Unlock()
+	if !kept {
+		t.Errorf("UDP %d no longer reserved after a scan whose name resolution failed", wgPort)
 	}
 }
