@@ -294,3 +294,48 @@ func TestFollowIgnoresUserSenders(t *testing.T) {
 		t.Fatalf("%d pokes for 50 user messages and one address added, want 1-5 (the kernel's)", n)
 	}
 }
+
+// TestFollowIgnoresMalformedUserMessages: a datagram too short for a
+// netlink header, or whose header claims more than was sent, fails
+// Receive before it names the sender. The kernel sends no such thing, so
+// it asks no pass either, and costs no backoff: before, each of them
+// poked a pass and held follow a second, so 40 of them, sent by any
+// process in the namespace, made 40 passes and held a real change 40 s.
+func TestFollowIgnoresMalformedUserMessages(t *testing.T) {
+	b := newFollowBed(t, "followbad")
+	if err := b.ns.Do(func() error {
+		fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		long := make([]byte, unix.SizeofNlMsghdr)
+		*(*unix.NlMsghdr)(unsafe.Pointer(&long[0])) = unix.NlMsghdr{Len: 4096, Type: unix.RTM_NEWLINK}
+		for i := range 40 {
+			msg := []byte{1, 2, 3, 4} // shorter than a header
+			if i%2 == 1 {
+				msg = long // a header longer than its datagram
+			}
+			if err := unix.Sendto(fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Pid: b.pid}); err != nil {
+				return fmt.Errorf("sendto port %d: %w", b.pid, err)
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	b.ns.MustRun(t, "ip", "addr", "add", "2001:db8:f::1/128", "dev", "pcp0", "nodad")
+	b.start(t)
+	if err := netlab.Eventually(followNever, func() error {
+		if r := b.procNetlink(t, 4); r != 0 {
+			return fmt.Errorf("%d bytes still queued (%d pokes so far)", r, len(b.pokes))
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := len(b.pokes); n < 1 || n > 5 {
+		t.Fatalf("%d pokes for 40 malformed user messages and one address added, want 1-5 (the kernel's)", n)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -399,7 +400,7 @@ func (l *listener) follow(sock *nl.NetlinkSocket, done <-chan struct{}, poke fun
 			return
 		default:
 		}
-		if err == nil && from.Pid != nl.PidKernel {
+		if err == nil && from.Pid != nl.PidKernel || err != nil && malformed(err) {
 			continue
 		}
 		poke()
@@ -413,6 +414,16 @@ func (l *listener) follow(sock *nl.NetlinkSocket, done <-chan struct{}, poke fun
 			}
 		}
 	}
+}
+
+// malformed reports whether err is Receive's for a datagram it read but
+// could not take for netlink messages (shorter than a header, or a header
+// longer than the datagram: syscall.ParseNetlinkMessage's EINVAL). The
+// kernel sends no such thing, any process may (to the port id in
+// /proc/net/netlink), and Receive drops the sender with the error: these
+// ask no pass, and no backoff, as the datagram is gone (no spin).
+func malformed(err error) bool {
+	return errors.Is(err, unix.EINVAL) || strings.HasPrefix(err.Error(), "Got short response")
 }
 
 // link names a serving interface as the kernel knows it now.
