@@ -339,3 +339,47 @@ func TestFollowIgnoresMalformedUserMessages(t *testing.T) {
 		t.Fatalf("%d pokes for 40 malformed user messages and one address added, want 1-5 (the kernel's)", n)
 	}
 }
+
+// TestFollowStartStopCycles: run started and cancelled 40 times, half of
+// them while a notification storm is being read, leaves no listener
+// goroutine and no file descriptor behind, and each cancel returns.
+func TestFollowStartStopCycles(t *testing.T) {
+	netlab.RequireRoot(t)
+	srv := netlab.NewNS(t, "followcyc")
+	srv.MustRun(t, "ip", "link", "add", "pcp0", "type", "veth", "peer", "name", "pcp0p")
+	srv.MustRun(t, "ip", "link", "set", "pcp0", "up")
+	h, _ := nsHandles(t, srv)
+	fds := func() int {
+		es, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(es)
+	}
+	before := fds()
+	for i := range 40 {
+		l := &listener{log: zaptest.NewLogger(t), ifaces: []string{"pcp0"}, port: Port, ns: h,
+			out: make(chan packet, 1), pass: time.Hour}
+		ctx, cancel := context.WithCancel(context.Background())
+		errc := make(chan error, 1)
+		go func() { errc <- l.run(ctx) }()
+		if i%2 == 1 {
+			srv.MustRun(t, "ip", "addr", "add", fmt.Sprintf("2001:db8:9::%x/128", i), "dev", "pcp0", "nodad")
+		}
+		cancel()
+		select {
+		case err := <-errc:
+			if err != nil {
+				t.Fatalf("cycle %d: run: %v", i, err)
+			}
+		case <-time.After(followNever):
+			t.Fatalf("cycle %d: run did not return after cancel:\n%s", i, strings.Join(stacks("server.(*listener)"), "\n\n"))
+		}
+	}
+	if gs := stacks("server.(*listener)"); len(gs) > 0 {
+		t.Fatalf("listener goroutines left after 40 cycles:\n%s", strings.Join(gs, "\n\n"))
+	}
+	if after := fds(); after > before {
+		t.Errorf("%d file descriptors open after 40 cycles, %d before", after, before)
+	}
+}
