@@ -218,6 +218,43 @@ func (b *followBed) quiet(t *testing.T, what string) {
 	}
 }
 
+// sendAsUser sends msgs to the subscription from a user socket in its
+// namespace, as any process there may (its port id is public).
+func (b *followBed) sendAsUser(t *testing.T, msgs [][]byte) {
+	t.Helper()
+	if err := b.ns.Do(func() error {
+		fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		for _, m := range msgs {
+			if err := unix.Sendto(fd, m, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Pid: b.pid}); err != nil {
+				return fmt.Errorf("sendto port %d: %w", b.pid, err)
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// pokesWhenRead waits until follow has read everything queued, then
+// counts its pokes (it pokes right after each Receive).
+func (b *followBed) pokesWhenRead(t *testing.T) int {
+	t.Helper()
+	if err := netlab.Eventually(followNever, func() error {
+		if r := b.procNetlink(t, 4); r != 0 {
+			return fmt.Errorf("%d bytes still queued (%d pokes so far)", r, len(b.pokes))
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	return len(b.pokes)
+}
+
 // TestFollowOverrun: an address storm overruns the subscription (the
 // kernel drops notifications and fails the next receive with ENOBUFS).
 // netlink's Addr- and LinkSubscribe, which pcpd used before, ended their
@@ -259,38 +296,17 @@ func TestFollowOverrun(t *testing.T) {
 // the change's pokes, not 51.
 func TestFollowIgnoresUserSenders(t *testing.T) {
 	b := newFollowBed(t, "followusr")
-	if err := b.ns.Do(func() error {
-		fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		msg := make([]byte, unix.SizeofNlMsghdr+unix.SizeofIfInfomsg)
-		hdr := (*unix.NlMsghdr)(unsafe.Pointer(&msg[0]))
-		*hdr = unix.NlMsghdr{Len: uint32(len(msg)), Type: unix.RTM_NEWLINK, Seq: 1}
-		for range 50 {
-			if err := unix.Sendto(fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Pid: b.pid}); err != nil {
-				return fmt.Errorf("sendto port %d: %w", b.pid, err)
-			}
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
+	msg := make([]byte, unix.SizeofNlMsghdr+unix.SizeofIfInfomsg)
+	*(*unix.NlMsghdr)(unsafe.Pointer(&msg[0])) = unix.NlMsghdr{Len: uint32(len(msg)), Type: unix.RTM_NEWLINK, Seq: 1}
+	msgs := make([][]byte, 50)
+	for i := range msgs {
+		msgs[i] = msg
 	}
+	b.sendAsUser(t, msgs)
 	// The real change, queued behind them.
 	b.ns.MustRun(t, "ip", "addr", "add", "2001:db8:e::1/128", "dev", "pcp0", "nodad")
 	b.start(t)
-	if err := netlab.Eventually(followNever, func() error {
-		if r := b.procNetlink(t, 4); r != 0 {
-			return fmt.Errorf("%d bytes queued", r)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	// Everything was read; follow pokes right after each Receive.
-	time.Sleep(200 * time.Millisecond)
-	if n := len(b.pokes); n < 1 || n > 5 {
+	if n := b.pokesWhenRead(t); n < 1 || n > 5 {
 		t.Fatalf("%d pokes for 50 user messages and one address added, want 1-5 (the kernel's)", n)
 	}
 }
@@ -303,39 +319,19 @@ func TestFollowIgnoresUserSenders(t *testing.T) {
 // process in the namespace, made 40 passes and held a real change 40 s.
 func TestFollowIgnoresMalformedUserMessages(t *testing.T) {
 	b := newFollowBed(t, "followbad")
-	if err := b.ns.Do(func() error {
-		fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
-		if err != nil {
-			return err
+	long := make([]byte, unix.SizeofNlMsghdr)
+	*(*unix.NlMsghdr)(unsafe.Pointer(&long[0])) = unix.NlMsghdr{Len: 4096, Type: unix.RTM_NEWLINK}
+	msgs := make([][]byte, 40)
+	for i := range msgs {
+		msgs[i] = []byte{1, 2, 3, 4} // shorter than a header
+		if i%2 == 1 {
+			msgs[i] = long // a header longer than its datagram
 		}
-		defer unix.Close(fd)
-		long := make([]byte, unix.SizeofNlMsghdr)
-		*(*unix.NlMsghdr)(unsafe.Pointer(&long[0])) = unix.NlMsghdr{Len: 4096, Type: unix.RTM_NEWLINK}
-		for i := range 40 {
-			msg := []byte{1, 2, 3, 4} // shorter than a header
-			if i%2 == 1 {
-				msg = long // a header longer than its datagram
-			}
-			if err := unix.Sendto(fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Pid: b.pid}); err != nil {
-				return fmt.Errorf("sendto port %d: %w", b.pid, err)
-			}
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
 	}
+	b.sendAsUser(t, msgs)
 	b.ns.MustRun(t, "ip", "addr", "add", "2001:db8:f::1/128", "dev", "pcp0", "nodad")
 	b.start(t)
-	if err := netlab.Eventually(followNever, func() error {
-		if r := b.procNetlink(t, 4); r != 0 {
-			return fmt.Errorf("%d bytes still queued (%d pokes so far)", r, len(b.pokes))
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(200 * time.Millisecond)
-	if n := len(b.pokes); n < 1 || n > 5 {
+	if n := b.pokesWhenRead(t); n < 1 || n > 5 {
 		t.Fatalf("%d pokes for 40 malformed user messages and one address added, want 1-5 (the kernel's)", n)
 	}
 }
