@@ -49,16 +49,7 @@ func BenchmarkControlDatagram(b *testing.B) {
 		b.Run(tc.name, func(b *testing.B) {
 			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
 			if tc.table {
-				be := newBackend(b, topo.Host, tc.cfg)
-				serveTunnel(b, be, topo)
-				if err := be.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
-					b.Fatal(err)
-				}
-				if tc.owned {
-					if err := be.SetOwners([]pinhole.Owner{{ID: "static:client", Prefixes: []netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}}}, nil); err != nil {
-						b.Fatal(err)
-					}
-				}
+				controlTable(b, topo, tc.cfg, tc.owned)
 			}
 			measureControlEcho(b, topo)
 		})
@@ -111,4 +102,22 @@ func measureControlEcho(b *testing.B, topo *netlab.Topology) {
 	cpu := time.Duration(syscall.TimevalToNsec(after.Utime) - syscall.TimevalToNsec(before.Utime) +
 		syscall.TimevalToNsec(after.Stime) - syscall.TimevalToNsec(before.Stime))
 	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N*burst), "cpu-ns/datagram")
+}
+
+// controlTable sets pcpd's table up in topo's host as the daemon would
+// for the control-path benchmarks: the tunnel served, the client's
+// prefixes protected and, with owned, owned by one static client.
+func controlTable(b *testing.B, topo *netlab.Topology, cfg pinhole.Config, owned bool) *pinhole.Backend {
+	b.Helper()
+	be := newBackend(b, topo.Host, cfg)
+	serveTunnel(b, be, topo)
+	if err := be.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+		b.Fatal(err)
+	}
+	if owned {
+		if err := be.SetOwners([]pinhole.Owner{{ID: "static:client", Prefixes: []netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}}}, nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return be
 }

@@ -1,7 +1,6 @@
 package pinhole_test
 
 import (
-	"net/netip"
 	"regexp"
 	"strings"
 	"testing"
@@ -82,16 +81,7 @@ func BenchmarkControlRuleCost(b *testing.B) {
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
-			be := newBackend(b, topo.Host, pinhole.Config{Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}})
-			serveTunnel(b, be, topo)
-			if err := be.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
-				b.Fatal(err)
-			}
-			if tc.owned {
-				if err := be.SetOwners([]pinhole.Owner{{ID: "static:client", Prefixes: []netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}}}, nil); err != nil {
-					b.Fatal(err)
-				}
-			}
+			controlTable(b, topo, pinhole.Config{Meter: pinhole.Meter{Rate: 1 << 20, Burst: 1 << 20}}, tc.owned)
 			if tc.script != "" {
 				owner := regexp.MustCompile(`chain (owner_[0-9a-f]+) `).FindStringSubmatch(nftList(b, topo.Host, "table", "inet", "pcpd"))
 				script := tc.script
