@@ -124,3 +124,74 @@ func mustProtected(t *testing.T, b *pinhole.Backend) []netip.Prefix {
 	}
 	return got
 }
+
+// TestManyOwnersAndPrefixes: SetOwners and SetProtected with as many
+// owners and prefixes as a large WireGuard host has, each read back whole,
+// and Healthy (which compares the owner maps) passes. Before, SetOwners
+// failed with ENOBUFS past about 75 owners (every added rule is echoed,
+// and one transaction's echoes overflowed the netlink socket; 50 with two
+// rules per owner chain), and one set-element message past 64 KiB wrapped
+// its 16-bit attribute length, so the kernel silently kept part of the
+// list: 976 of 2 000 protected prefixes, 345 of 1 000 owners' ranges.
+// Healthy's map comparison would then have failed, and repaired, forever.
+// And one transaction of all the owner maps' elements exceeded the
+// netlink send buffer (EMSGSIZE) at 2 000 owners.
+//
+// Setup's repair ran for 2 000 owners too once Setup wrote the protected
+// prefixes in transactions of their own (TestSetupManyProtected): its one
+// transaction had exceeded the send buffer at 4 000 prefixes.
+func TestManyOwnersAndPrefixes(t *testing.T) {
+	for _, n := range []int{100, 1000, 2000} {
+		t.Run(fmt.Sprint(n), func(t *testing.T) {
+			ns := netlab.NewNS(t, "many")
+			b := newBackend(t, ns, pinhole.Config{Meter: pinhole.Meter{Rate: 200}})
+			var (
+				owners    []pinhole.Owner
+				holes     []netip.Prefix
+				protected []netip.Prefix
+			)
+			for i := range n {
+				// Every other /64, so that no two merge; an IPv4 /32
+				// each; a hole at the start of every tenth /64.
+				p6 := netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 1, byte(2 * i >> 8), byte(2 * i)}), 64)
+				p4 := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 1, byte(2 * i >> 8), byte(2 * i)}), 32)
+				owners = append(owners, pinhole.Owner{ID: fmt.Sprintf("wg:peer%d", i), Prefixes: []netip.Prefix{p6, p4}})
+				protected = append(protected, p6, p4)
+				if i%10 == 0 {
+					holes = append(holes, netip.PrefixFrom(p6.Addr(), 80))
+				}
+			}
+			if err := b.SetProtected(protected); err != nil {
+				t.Fatalf("SetProtected of %d prefixes: %v", len(protected), err)
+			}
+			if got, err := b.Protected(); err != nil || len(got) != len(protected) {
+				t.Errorf("kernel holds %d protected prefixes (%v), want %d", len(got), err, len(protected))
+			}
+			if err := b.SetOwners(owners, holes); err != nil {
+				t.Fatalf("SetOwners of %d owners: %v", n, err)
+			}
+			// Each owner's /64 less the hole at its start, if any,
+			// which takes several prefixes to list; its /32.
+			got, err := b.Owners()
+			if err != nil {
+				t.Fatal(err)
+			}
+			ranges := map[string]bool{}
+			for _, r := range got {
+				ranges[r.Chain+" "+fmt.Sprint(r.Prefix.Addr().Is4())] = true
+			}
+			if len(ranges) != 2*n {
+				t.Errorf("owner maps jump to %d owner chains per family, want %d and %d (%d prefixes read)", len(ranges), n, n, len(got))
+			}
+			if err := b.Healthy(); err != nil {
+				t.Errorf("Healthy: %v", err)
+			}
+			if err := b.Setup(); err != nil { // the repair path rewrites every owner chain
+				t.Fatalf("Setup: %v", err)
+			}
+			if err := b.Healthy(); err != nil {
+				t.Errorf("Healthy after Setup: %v", err)
+			}
+		})
+	}
+}
