@@ -28,6 +28,30 @@ const requestTimeout = 30 * time.Second
 // leases by hand).
 const maxRequest = 1 << 20
 
+// writeTimeout bounds how long one write of a reply may wait for the client
+// to read: a client that stops reading is dropped, and the listing it held
+// pinned in the engine (server.ListLeases) is let go, while one that reads
+// slowly takes a listing of any length (64 KiB in 30 s: 2 KiB/s). A
+// variable so that tests can shorten it; Serve reads it once.
+var writeTimeout = 30 * time.Second
+
+// maxConns bounds the connections served at once, so a runaway script
+// cannot make pcpd open fds and goroutines without end. Clients over it
+// wait in the listen backlog (the kernel's, not pcpd's) until one ends,
+// rather than being refused: the socket is the operator's (mode 0600), a
+// `pcpd status` typed during a burst should be answered late, not fail,
+// and every served connection ends by itself (requestTimeout when idle,
+// writeTimeout when stalled). A variable for tests; Serve reads it once.
+var maxConns = 64
+
+// Accept's backoff after a transient failure (net/http's), and how often
+// a run of failures is logged at warn.
+const (
+	acceptBackoffMin = 5 * time.Millisecond
+	acceptBackoffMax = time.Second
+	acceptWarnEvery  = 30 * time.Second
+)
+
 // Listen creates the control socket at path, mode 0600, creating its
 // directory mode 0700 if missing. If a socket file is already there and a
 // daemon answers on it, Listen fails with ErrInUse and leaves it alone; if
@@ -84,46 +108,154 @@ func removeStale(path string) error {
 
 // Serve answers connections on ln until ctx ends, then closes ln and waits
 // for the connections being served.
+//
+// A failed Accept that may succeed later (out of file descriptors or
+// buffers: transientAccept) is logged and retried, acceptBackoffMin
+// doubling to acceptBackoffMax apart, as net/http does: pcpd exits when
+// Serve returns, and a burst that exhausts its descriptors for a moment
+// must not stop the daemon. Serve returns an error only when the listener
+// is unusable (closed by someone else).
+//
+// At most maxConns connections are served at once; further clients wait
+// in the listen backlog until one ends (see maxConns).
 func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) error {
+	timeout, slots := writeTimeout, make(chan struct{}, maxConns)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	conns := map[net.Conn]struct{}{}
-	stop := context.AfterFunc(ctx, func() {
-		ln.Close()
+	closeConns := func() {
 		mu.Lock()
 		for c := range conns {
 			c.Close()
 		}
 		mu.Unlock()
+	}
+	stop := context.AfterFunc(ctx, func() {
+		ln.Close()
+		closeConns()
 	})
 	defer stop()
+	var retry acceptRetry
 	for {
+		// A slot first, then Accept: a client over the bound stays in
+		// the kernel's backlog, costing pcpd neither fd nor goroutine.
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			wg.Wait()
+			return nil
+		}
 		c, err := ln.Accept()
 		if err != nil {
-			wg.Wait()
+			<-slots
+			if ctx.Err() == nil && transientAccept(err) && retry.wait(ctx, err, log) {
+				continue
+			}
 			if ctx.Err() != nil {
+				wg.Wait()
 				return nil
 			}
+			// pcpd exits when Serve returns: end the connections
+			// now rather than wait for idle clients.
+			closeConns()
+			wg.Wait()
 			return fmt.Errorf("control: accept: %w", err)
 		}
+		retry.succeeded(log)
 		mu.Lock()
 		conns[c] = struct{}{}
 		mu.Unlock()
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			serveConn(c, b, log)
+			serveConn(c, b, timeout, log)
 			mu.Lock()
 			delete(conns, c)
 			mu.Unlock()
 			c.Close()
+			<-slots
 		}()
 	}
 }
 
-func serveConn(c net.Conn, b Backend, log *zap.Logger) {
+// transientAccept reports whether Accept failing with err may succeed when
+// tried again: the process or the system is out of file descriptors,
+// buffers or memory for a moment, or a pending connection went away before
+// it was accepted. Anything else (the listener closed) is final.
+func transientAccept(err error) bool {
+	for _, e := range []syscall.Errno{
+		syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM,
+		syscall.ECONNABORTED, syscall.ECONNRESET, syscall.EPROTO, syscall.EINTR, syscall.EAGAIN,
+	} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// acceptRetry paces Accept after transient failures: one warning when
+// failing starts and at most one per acceptWarnEvery while it lasts (a
+// warning per try would flood the journal at 200 a second), each try at
+// debug, and one line when accepting works again.
+type acceptRetry struct {
+	delay    time.Duration
+	failures int
+	since    time.Time // first failure of this run
+	warned   time.Time // last warning
+}
+
+// wait logs err and sleeps the next backoff; false if ctx ended first.
+func (r *acceptRetry) wait(ctx context.Context, err error, log *zap.Logger) bool {
+	now := time.Now()
+	if r.failures == 0 {
+		r.since, r.delay = now, acceptBackoffMin
+	} else {
+		r.delay = min(2*r.delay, acceptBackoffMax)
+	}
+	r.failures++
+	if r.failures == 1 || now.Sub(r.warned) >= acceptWarnEvery {
+		r.warned = now
+		log.Warn("cannot accept control connections, retrying (out of file descriptors? see LimitNOFILE)",
+			zap.Error(err), zap.Int("failures", r.failures), zap.Duration("for", now.Sub(r.since)))
+	} else {
+		log.Debug("accept retry", zap.Error(err), zap.Int("failures", r.failures), zap.Duration("backoff", r.delay))
+	}
+	t := time.NewTimer(r.delay)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// succeeded ends a run of failures.
+func (r *acceptRetry) succeeded(log *zap.Logger) {
+	if r.failures == 0 {
+		return
+	}
+	log.Info("accepting control connections again", zap.Int("failures", r.failures), zap.Duration("after", time.Since(r.since)))
+	*r = acceptRetry{}
+}
+
+// progressWriter gives each write its own deadline, so that the deadline
+// bounds a stall, not the whole reply: a write is at most the reply
+// buffer (64 KiB), which the client must have read within timeout.
+type progressWriter struct {
+	c       net.Conn
+	timeout time.Duration
+}
+
+func (w progressWriter) Write(p []byte) (int, error) {
+	w.c.SetWriteDeadline(time.Now().Add(w.timeout))
+	return w.c.Write(p)
+}
+
+func serveConn(c net.Conn, b Backend, timeout time.Duration, log *zap.Logger) {
 	r := bufio.NewReaderSize(c, 4096)
-	w := bufio.NewWriterSize(c, 64<<10)
+	w := bufio.NewWriterSize(progressWriter{c, timeout}, 64<<10)
 	for {
 		c.SetReadDeadline(time.Now().Add(requestTimeout))
 		line, err := readLine(r)
@@ -134,11 +266,16 @@ func serveConn(c net.Conn, b Backend, log *zap.Logger) {
 		if len(bytes.TrimSpace(line)) == 0 {
 			continue
 		}
-		if err := handle(line, w, b, log); err != nil {
-			log.Debug("control: write reply", zap.Error(err))
+		err = handle(line, w, b, log)
+		if err == nil {
+			err = w.Flush()
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			log.Info("dropped a control client that stopped reading its reply", zap.Duration("stalled", timeout))
 			return
 		}
-		if err := w.Flush(); err != nil {
+		if err != nil {
+			log.Debug("control: write reply", zap.Error(err))
 			return
 		}
 	}

@@ -286,6 +286,10 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		log.Debug("told systemd we are ready")
 	}
 
+	// control.Serve rides out transient accept failures (fd exhaustion)
+	// and returns early only when its listener is unusable: then exit 1,
+	// and systemd (Restart=on-failure) starts pcpd again on a fresh
+	// socket, leases kept, rather than leave a daemon nobody can reach.
 	select {
 	case err = <-srvDone:
 		cancel()
