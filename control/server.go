@@ -123,8 +123,10 @@ func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) err
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	conns := map[net.Conn]struct{}{}
+	closing := false // once set, a connection accepted late is closed at once
 	closeConns := func() {
 		mu.Lock()
+		closing = true
 		for c := range conns {
 			c.Close()
 		}
@@ -135,6 +137,15 @@ func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) err
 		closeConns()
 	})
 	defer stop()
+	// ended returns once ctx has ended: the AfterFunc may still be
+	// running, so close here too (both idempotent) to return with the
+	// socket file gone.
+	ended := func() error {
+		ln.Close()
+		closeConns()
+		wg.Wait()
+		return nil
+	}
 	var retry acceptRetry
 	for {
 		// A slot first, then Accept: a client over the bound stays in
@@ -142,8 +153,7 @@ func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) err
 		select {
 		case slots <- struct{}{}:
 		case <-ctx.Done():
-			wg.Wait()
-			return nil
+			return ended()
 		}
 		c, err := ln.Accept()
 		if err != nil {
@@ -152,8 +162,7 @@ func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) err
 				continue
 			}
 			if ctx.Err() != nil {
-				wg.Wait()
-				return nil
+				return ended()
 			}
 			// pcpd exits when Serve returns: end the connections
 			// now rather than wait for idle clients.
@@ -163,6 +172,12 @@ func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) err
 		}
 		retry.succeeded(log)
 		mu.Lock()
+		if closing {
+			mu.Unlock()
+			c.Close()
+			<-slots
+			continue // Accept fails next, the listener closed
+		}
 		conns[c] = struct{}{}
 		mu.Unlock()
 		wg.Add(1)
