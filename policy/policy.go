@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 )
 
@@ -117,9 +118,12 @@ type Config struct {
 	// AllowPorts, if non-empty, lists the only ports that may be opened;
 	// DenyPorts are refused even inside AllowPorts.
 	AllowPorts, DenyPorts []PortRange
-	AllowAllPorts         bool // allow port 0 (all ports) mappings; default no (MAP-05)
-	AllowAllProtocols     bool // allow protocol 0 (all protocols) mappings; default no (MAP-05)
-	ThirdParty            ThirdPartyMode
+	// AllowAllPorts allows port 0 (all ports) mappings; default no
+	// (MAP-05). Ineffective when AllowPorts or DenyPorts exclude any port:
+	// such a mapping would open those too (all-ports-denied).
+	AllowAllPorts     bool
+	AllowAllProtocols bool // allow protocol 0 (all protocols) mappings; default no (MAP-05)
+	ThirdParty        ThirdPartyMode
 	// DenyDocumentation makes the documentation and benchmarking ranges
 	// never openable. Off by default: tests and labs use 2001:db8::/32.
 	DenyDocumentation bool
@@ -233,6 +237,13 @@ func New(cfg Config, own Ownership) (*Policy, error) {
 	for _, r := range cfg.DenyPorts {
 		setPorts(r, false)
 	}
+	// An all-ports mapping opens every port of its protocol: it is not
+	// grantable whole when the port rules keep any port closed, which
+	// MAP-05 answers UNSUPP_PROTOCOL (as for UDP, whose 5350/5351 are
+	// never opened: MAP-10), so the client may fall back to the single
+	// ports it needs. Granting it would open, in the kernel, the ports
+	// --deny-ports and --allow-ports refuse alone (NOT_AUTHORIZED).
+	p.allPorts = p.allPorts && p.ports[0]|1 == ^uint64(0) && !slices.ContainsFunc(p.ports[1:], func(w uint64) bool { return w != ^uint64(0) })
 	return p, nil
 }
 
