@@ -354,6 +354,9 @@ func (p *Policy) ClampLifetime(d time.Duration) time.Duration {
 func (p *Policy) MinLifetime() time.Duration { return p.minLife }
 func (p *Policy) MaxLifetime() time.Duration { return p.maxLife }
 
+// MaxLeasesPerClient returns the effective per-client lease limit (MAP-15).
+func (p *Policy) MaxLeasesPerClient() int { return p.maxClient }
+
 // neverOpenable reports whether a is in a class no one may open, whatever
 // the ownership says.
 func (p *Policy) neverOpenable(a netip.Addr) bool {

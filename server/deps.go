@@ -107,6 +107,7 @@ type Policy interface {
 	Authorize(policy.Request) (policy.Owner, policy.Reason)
 	CheckQuota(clientLeases, totalLeases int) policy.Reason
 	ClampLifetime(time.Duration) time.Duration
+	MaxLeasesPerClient() int // bounds a client's quarantined ports too (MAP-22, quarantine.go)
 	PortAllowed(port uint16) bool
 	ThirdPartyMode() policy.ThirdPartyMode
 	Ownership() policy.Ownership

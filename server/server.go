@@ -45,6 +45,7 @@ type Server struct {
 	mu        sync.Mutex
 	tab       *table
 	quar      map[endpoint]quarantine
+	quarBy    map[string][]endpoint // quar's endpoints per owner, oldest first (quarantine.go)
 	hostPorts hostPorts
 	epoch     epochClock
 	started   time.Time
@@ -112,6 +113,7 @@ type Server struct {
 
 // quarantine keeps a freed IPv4 external port for its last holder (MAP-22).
 type quarantine struct {
+	owner string // the last holder's owner: its quarantined ports are bounded (quarantine.go)
 	addr  netip.Addr
 	port  uint16
 	nonce [12]byte
@@ -149,6 +151,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		orl:          policy.NewOwnerRateLimiter(ownerRateFactor*cfg.RateLimit, cfg.OwnerBurst, cfg.RateSources),
 		tab:          newTable(),
 		quar:         map[endpoint]quarantine{},
+		quarBy:       map[string][]endpoint{},
 		storeDebt:    map[store.Key]struct{}{},
 		dirty:        map[store.Key]time.Time{},
 		counters:     map[reqLabels]prometheus.Counter{},

@@ -155,6 +155,7 @@ func (t *tx) set(key store.Key, next *store.Lease, ended bool) {
 		}
 	} else {
 		t.s.tab.put(*next)
+		t.taken(next)
 	}
 }
 
@@ -172,9 +173,8 @@ func (t *tx) freed(l *store.Lease) {
 	if l.Protocol == protoTCP {
 		idle = 124 * time.Minute
 	}
-	prev, had := t.s.quar[e]
-	t.qund = append(t.qund, quarUndo{e: e, prev: prev, had: had})
-	t.s.quar[e] = quarantine{addr: l.InternalAddr, port: l.InternalPort, nonce: l.Nonce, until: t.now.Add(idle)}
+	t.quarSet(e, quarantine{owner: l.Owner, addr: l.InternalAddr, port: l.InternalPort, nonce: l.Nonce, until: t.now.Add(idle)})
+	t.quarBound(l.Owner)
 }
 
 // diff queues the kernel operations that turn prev's pinholes into next's
@@ -286,9 +286,9 @@ func (t *tx) rollback() {
 	for i := len(t.qund) - 1; i >= 0; i-- {
 		q := t.qund[i]
 		if q.had {
-			t.s.quar[q.e] = q.prev
+			t.s.quarPut(q.e, q.prev)
 		} else {
-			delete(t.s.quar, q.e)
+			t.s.quarDel(q.e)
 		}
 	}
 	t.reset()
