@@ -35,8 +35,12 @@ type ask struct {
 }
 
 // authorize runs the policy for a request to open addr and maps the
-// outcome. For deletes only ownership matters: a mapping made before a
-// protocol or port rule changed must still be deletable.
+// outcome. For deletes only ownership matters: a delete of what the port
+// and protocol rules now refuse answers SUCCESS (MAP-18), not an error.
+// Rules change only with a restart, and Start revokes the restored leases
+// they refuse (restore_policy.go: an operator adding a port to
+// --deny-ports expects it closed, not open until the lease expires), so
+// such a delete finds nothing left to delete.
 func (s *Server) authorize(c *call, addr netip.Addr, tp bool, proto uint8, port uint16, deleting bool) (policy.Owner, error) {
 	owner, reason := s.pol.Authorize(policy.Request{
 		Source: c.src.Addr(), Target: addr, ThirdParty: tp, Protocol: proto, InternalPort: port,

@@ -65,7 +65,7 @@ func newMetrics(leases func() float64) *metrics {
 			Name: "pcpd_store_errors_total", Help: "Failed store commits.",
 		}),
 		revocations: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "pcpd_revocations_total", Help: "Leases ended by the server, by cause (ownership, operator).",
+			Name: "pcpd_revocations_total", Help: "Leases ended by the server, by cause (ownership, operator, policy).",
 		}, []string{"cause"}),
 		restores: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "pcpd_firewall_restores_total", Help: "Times the nftables objects were found damaged or incomplete and restored.",

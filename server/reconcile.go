@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -53,7 +54,9 @@ func (s *Server) restore() error {
 	for l := range drain(ls) {
 		r.add(l)
 	}
-	return r.finish(st)
+	err := r.finish(st)
+	s.revokeRefused(r.refused) // restore_policy.go
+	return err
 }
 
 // drain yields pointers to the leases of ls and clears each after use: its
@@ -79,6 +82,7 @@ type restoring struct {
 	moved    int
 	doubtful int
 	expired  int
+	refused  []refusedLease // restored, but the rules refuse them now (restore_policy.go)
 }
 
 func (s *Server) restoring(now time.Time) *restoring {
@@ -107,6 +111,9 @@ func (r *restoring) add(l *store.Lease) {
 		}
 		l.Filters = slices.Clip(slices.Clone(l.Filters))
 		r.s.tab.insert(l)
+		if why := r.s.refusedNow(l); why != policy.Allowed {
+			r.refused = append(r.refused, refusedLease{key: l.Key, reason: why})
+		}
 	}
 }
 
