@@ -62,7 +62,7 @@ var settings = []setting{
 	{name: "min-lifetime", kind: kDuration, def: "2m",
 		usage: "shortest lifetime granted, a `DURATION`; shorter requests are raised to it (RFC 6887 §15 suggests 2m)"},
 	{name: "max-lifetime", kind: kDuration, def: "24h",
-		usage: "longest lifetime granted, a `DURATION`; longer requests are cut to it"},
+		usage: "longest lifetime granted, a `DURATION` up to 8760h (365 days: pinholes are kernel elements whose timeouts pcpd keeps within a year); longer requests are cut to it"},
 	{name: "max-leases-per-client", kind: kInt, def: fmt.Sprint(DefaultMaxLeasesPerClient),
 		usage: "`N` leases one client may hold; beyond it new mappings get USER_EX_QUOTA; the per-client request bursts (pcpd's own, 8 × --rate-burst, and the kernel's, --kernel-owner-rate-limit) are at least N (up to 2048), so a client's whole quota renewed at once is answered"},
 	{name: "max-leases", kind: kInt, def: fmt.Sprint(DefaultMaxLeases),

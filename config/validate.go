@@ -15,9 +15,6 @@ import (
 	"github.com/pcpd/pcpd/policy"
 )
 
-// maxLifetime is the largest lifetime the 32-bit PCP lifetime field holds.
-const maxLifetime = time.Duration(1<<32-1) * time.Second
-
 // maxSocketPath is sun_path's size minus its terminating NUL.
 const maxSocketPath = 107
 
@@ -168,8 +165,10 @@ func validate(vals map[string]*value) (*Config, Errors) {
 	var minOK, maxOK bool
 	c.MinLifetime, minOK = parseDuration(vals["min-lifetime"], fail)
 	c.MaxLifetime, maxOK = parseDuration(vals["max-lifetime"], fail)
-	if mv := vals["max-lifetime"]; maxOK && c.MaxLifetime > maxLifetime {
-		fail(mv, "%v exceeds the largest PCP lifetime (%d s)", c.MaxLifetime, int64(maxLifetime/time.Second))
+	if mv := vals["max-lifetime"]; maxOK && c.MaxLifetime > policy.LongestMaxLifetime {
+		// Not the 32-bit PCP field's 136 years: every lease is a kernel
+		// element whose timeout pcpd keeps within a year.
+		fail(mv, "%v exceeds %v (365 days), the longest lease pcpd grants (its pinholes' kernel timeouts)", c.MaxLifetime, policy.LongestMaxLifetime)
 		maxOK = false
 	}
 	if minOK && maxOK && c.MinLifetime > c.MaxLifetime {

@@ -102,6 +102,13 @@ const (
 	DefaultMaxLifetime        = 24 * time.Hour
 	DefaultMaxLeasesPerClient = 256
 	DefaultMaxLeases          = 65536
+	// LongestMaxLifetime bounds MaxLifetime: every granted lifetime becomes
+	// a kernel element timeout, and the firewall takes at most 365 days
+	// (pinhole.maxTimeout, kept far below the kernel's jiffies limit). The
+	// 32-bit PCP lifetime field would hold 136 years; a longer grant was
+	// accepted here, then failed in the kernel (NO_RESOURCES). A client
+	// asking for more is clamped to it (LIFE-01: the server MAY grant less).
+	LongestMaxLifetime = 365 * 24 * time.Hour
 )
 
 // DefaultProtocols are allowed when Config.AllowedProtocols is empty: TCP and
@@ -189,8 +196,8 @@ func New(cfg Config, own Ownership) (*Policy, error) {
 		return nil, fmt.Errorf("policy: negative lifetime bound: %w", ErrInvalidConfig)
 	case p.minLife > p.maxLife:
 		return nil, fmt.Errorf("policy: min lifetime %v exceeds max lifetime %v: %w", p.minLife, p.maxLife, ErrInvalidConfig)
-	case p.maxLife > time.Duration(^uint32(0))*time.Second:
-		return nil, fmt.Errorf("policy: max lifetime %v exceeds the 32-bit lifetime field: %w", p.maxLife, ErrInvalidConfig)
+	case p.maxLife > LongestMaxLifetime:
+		return nil, fmt.Errorf("policy: max lifetime %v exceeds %v (365 days, the longest kernel element timeout): %w", p.maxLife, LongestMaxLifetime, ErrInvalidConfig)
 	}
 	if p.maxClient == 0 {
 		p.maxClient = DefaultMaxLeasesPerClient

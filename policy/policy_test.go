@@ -279,6 +279,7 @@ func TestNewConfigErrors(t *testing.T) {
 		"min > max":             {MinLifetime: time.Hour, MaxLifetime: time.Minute},
 		"negative min":          {MinLifetime: -1},
 		"max beyond 32 bits":    {MaxLifetime: time.Duration(1<<32) * time.Second},
+		"max beyond a year":     {MaxLifetime: LongestMaxLifetime + time.Second},
 		"negative client quota": {MaxLeasesPerClient: -1},
 		"negative global quota": {MaxLeases: -1},
 		"protocol 0 listed":     {AllowedProtocols: []uint8{0, 6}},
