@@ -36,6 +36,9 @@ type lab struct {
 	pol  *policy.Policy
 	dir  string
 	cfg  Config
+	// now is the engine's clock (Deps.Now) from the next start; nil:
+	// time.Now.
+	now func() time.Time
 
 	st     *store.Store
 	srv    *Server
@@ -95,7 +98,7 @@ func (l *lab) start() {
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	srv, err := New(l.cfg, Deps{Firewall: l.fw, Store: st, State: state, Policy: l.pol, Changes: l.wg.Changes(), OwnershipSource: "wireguard"}, l.log)
+	srv, err := New(l.cfg, Deps{Firewall: l.fw, Store: st, State: state, Policy: l.pol, Changes: l.wg.Changes(), OwnershipSource: "wireguard", Now: l.now}, l.log)
 	if err != nil {
 		l.t.Fatal(err)
 	}
