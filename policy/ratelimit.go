@@ -202,6 +202,11 @@ func (l *buckets) allow(k u128, now time.Time) bool {
 			if dt := t - e.last; dt > 0 {
 				e.tokens = float32(min(l.burst, float64(e.tokens)+float64(dt)*1e-9*l.rate))
 				e.last = t
+			} else if dt < 0 {
+				// The clock went back (the server's clock follows a
+				// wall-clock step: server/clock.go): no time passed, and
+				// the refill goes on from now, not from the old last.
+				e.last = t
 			}
 			if e.tokens < 1 {
 				return false

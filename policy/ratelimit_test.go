@@ -51,6 +51,11 @@ func TestRateLimiterPKT08(t *testing.T) {
 	if l4.Allow(addr("10.0.0.1"), t0.Add(-time.Hour)) {
 		t.Error("clock step back refilled the bucket")
 	}
+	// ... and the refill goes on from the new time: one second at 1/s is
+	// a token, not an hour and a second.
+	if !l4.Allow(addr("10.0.0.1"), t0.Add(-time.Hour+time.Second)) {
+		t.Error("a second after a clock step back of an hour: refused (refill waits for the old time)")
+	}
 }
 
 // TestRateLimiterFloodBoundedSEC04: a million distinct sources keep the LRU

@@ -69,9 +69,8 @@ func (s *Server) announce(ctx context.Context) {
 // announceOnce sends one round of unsolicited announcements from every
 // serving socket, to pcpT and pmpT (announceTargets) and the orphans.
 func (s *Server) announceOnce(ctx context.Context, pcpT, pmpT map[netip.AddrPort][]netip.AddrPort) {
-	now := s.now()
 	s.mu.Lock()
-	epoch := s.epoch.at(now)
+	epoch := s.epoch.at(s.now())
 	s.mu.Unlock()
 	ann := pcp.AppendResponse(nil, &pcp.Response{Opcode: pcp.OpAnnounce, Result: pcp.Success, Epoch: epoch})
 	var pmp []byte

@@ -131,6 +131,13 @@ type Deps struct {
 	// Registerer, if set, gets the engine's metrics (see also
 	// Server.Collectors).
 	Registerer prometheus.Registerer
-	// Now is the clock (default time.Now); tests move it.
+	// Now is the wall clock (default time.Now); tests move it.
 	Now func() time.Time
+	// Mono is a monotonic clock: time since some fixed moment, never
+	// stepped. The engine runs on Now's reading at its start plus Mono's
+	// elapsed time since, and follows a step of Now (server/clock.go).
+	// Default: the runtime's monotonic clock when Now is nil too; with Now
+	// set and Mono nil, Now is used as it is (tests whose fake clock moves
+	// wall and monotonic time together), and no step is noticed.
+	Mono func() time.Duration
 }

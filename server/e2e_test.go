@@ -36,9 +36,11 @@ type lab struct {
 	pol  *policy.Policy
 	dir  string
 	cfg  Config
-	// now is the engine's clock (Deps.Now) from the next start; nil:
-	// time.Now.
-	now func() time.Time
+	// now and mono are the engine's wall and monotonic clocks (Deps.Now,
+	// Deps.Mono) from the next start; nil: the real ones. now is the
+	// store's clock too.
+	now  func() time.Time
+	mono func() time.Duration
 
 	st     *store.Store
 	srv    *Server
@@ -94,11 +96,15 @@ func newLab(t *testing.T, mod ...func(*Config, *policy.Config)) *lab {
 // start would.
 func (l *lab) start() {
 	l.t.Helper()
-	st, state, err := store.Open(l.dir, l.log.Named("store"))
+	var opts []store.Option
+	if l.now != nil {
+		opts = append(opts, store.WithClock(l.now))
+	}
+	st, state, err := store.Open(l.dir, l.log.Named("store"), opts...)
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	srv, err := New(l.cfg, Deps{Firewall: l.fw, Store: st, State: state, Policy: l.pol, Changes: l.wg.Changes(), OwnershipSource: "wireguard", Now: l.now}, l.log)
+	srv, err := New(l.cfg, Deps{Firewall: l.fw, Store: st, State: state, Policy: l.pol, Changes: l.wg.Changes(), OwnershipSource: "wireguard", Now: l.now, Mono: l.mono}, l.log)
 	if err != nil {
 		l.t.Fatal(err)
 	}

@@ -157,9 +157,9 @@ func (s *Server) HandleBatch(reqs []Request) [][]byte {
 // replies go into dst's array when it has room (the engine's, reused from
 // batch to batch).
 func (s *Server) handleBatch(reqs []Request, dst [][]byte) (replies [][]byte, ends []bool) {
-	now := s.now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	now := s.now() // under s.mu: a rebase (clock.go) moves the table's times
 	s.expireLocked(now)
 	if cap(s.outs) < len(reqs) {
 		s.outs = make([]outcome, len(reqs))

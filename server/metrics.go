@@ -21,6 +21,7 @@ type metrics struct {
 	ctWalks       prometheus.Counter
 	leases        prometheus.GaugeFunc
 	absorbed      prometheus.Counter
+	clockSteps    prometheus.Counter
 	flushLeases   prometheus.Histogram
 	flushSeconds  prometheus.Histogram
 	// The kernel owner meter's (OwnerMeter), when the firewall has one.
@@ -76,6 +77,9 @@ func newMetrics(leases func() float64) *metrics {
 		leases: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "pcpd_leases", Help: "Live leases.",
 		}, leases),
+		clockSteps: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pcpd_clock_steps_total", Help: "Steps of the wall clock (over 1 s) the engine moved its lease times with (server/clock.go).",
+		}),
 		absorbed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "pcpd_renewals_absorbed_total", Help: "Early renewals answered without a kernel transaction or store commit; a flush writes them when due.",
 		}),
@@ -93,7 +97,7 @@ func newMetrics(leases func() float64) *metrics {
 func (m *metrics) collectors() []prometheus.Collector {
 	c := []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.latency, m.kernelSeconds, m.storeSeconds,
 		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.ctWalks, m.leases,
-		m.absorbed, m.flushLeases, m.flushSeconds}
+		m.absorbed, m.flushLeases, m.flushSeconds, m.clockSteps}
 	if m.kernelDrops != nil {
 		c = append(c, m.meterErrors, m.kernelDrops)
 	}

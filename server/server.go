@@ -36,7 +36,10 @@ type Server struct {
 	pol  Policy
 	log  *zap.Logger
 	plog *zap.Logger // per-packet, sampled: senders decide how much gets logged
+	// now is the engine's clock: clk.now, or a test's Deps.Now as it is
+	// (clk nil: no step detection; clock.go).
 	now  func() time.Time
+	clk  *runClock
 	m    *metrics
 	rl   *policy.RateLimiter
 	orl  *policy.OwnerRateLimiter // per owner, when the queue fills (admit)
@@ -89,6 +92,11 @@ type Server struct {
 	// from (0: a new pass); sweepKeys its reused result buffer.
 	sweepAt   uint32
 	sweepKeys []store.Key
+	// rewriteAt is the table slot the store's rewrite after a wall-clock
+	// step goes on from (0: none pending; clock.go); rewriteBuf its
+	// reused buffer.
+	rewriteAt  uint32
+	rewriteBuf []store.Lease
 
 	in  chan packet
 	lis *listener
@@ -132,8 +140,10 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	if deps.Now == nil {
-		deps.Now = time.Now
+	var clk *runClock
+	if deps.Now == nil || deps.Mono != nil {
+		clk = newRunClock(deps.Now, deps.Mono)
+		deps.Now = clk.now
 	}
 	log = log.Named("server")
 	s := &Server{
@@ -143,6 +153,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		pol:  deps.Policy,
 		log:  log,
 		now:  deps.Now,
+		clk:  clk,
 		deps: deps,
 		plog: log.WithOptions(zap.WrapCore(func(c zapcore.Core) zapcore.Core {
 			return zapcore.NewSamplerWithOptions(c, time.Second, 20, 1000)
@@ -268,6 +279,8 @@ func (s *Server) Serve(ctx context.Context) error {
 	// Absorbed renewals are written before Serve returns, whyever it does
 	// (deferred after the housekeeping's, so it runs first).
 	defer s.flushDirty("shutdown")
+	// Before it: a step not yet noticed, and the rest of a rewrite.
+	defer s.finishRebase()
 	expiry := time.NewTimer(time.Hour)
 	defer expiry.Stop()
 	batch := make([]packet, 0, s.cfg.MaxBatch)
@@ -306,6 +319,7 @@ func (s *Server) Serve(ctx context.Context) error {
 			}
 		case <-sweep.C:
 			s.sweepStep()
+			s.checkClock()
 		case c := <-s.deps.Changes:
 			s.log.Debug("ownership lost", zap.String("peer", string(c.Owner)), zap.Bool("removed", c.Removed), zap.Any("lost", c.Lost))
 			// Drain what else is queued: one sweep covers all of it.
@@ -325,10 +339,11 @@ func (s *Server) Serve(ctx context.Context) error {
 func (s *Server) resetExpiry(t *time.Timer) {
 	s.mu.Lock()
 	next, ok := s.tab.next()
+	now := s.now()
 	s.mu.Unlock()
 	d := time.Hour
 	if ok {
-		d = max(next.Sub(s.now()), 0) + 10*time.Millisecond
+		d = max(next.Sub(now), 0) + 10*time.Millisecond
 	}
 	if !t.Stop() {
 		select {

@@ -12,24 +12,31 @@ import (
 
 // steppedClock is the real clock with the wall time stepped by off, as
 // after an NTP step of CLOCK_REALTIME (a box without an RTC that booted
-// with its clock behind and synced later). The kernel's element timeouts
-// run on its own monotonic clock and do not see the step. (Add moves the
-// monotonic reading too, so the epoch, which subtracts two readings, jumps
-// with the step here where a real step would leave it; the lease table
-// keeps wall times only, so for leases this is the real step.)
-type steppedClock struct{ off atomic.Int64 }
+// with its clock behind and synced later). Its monotonic clock (Mono),
+// like the kernel's element timeouts, does not see the step.
+type steppedClock struct {
+	start time.Time
+	off   atomic.Int64
+}
 
-func (c *steppedClock) Now() time.Time { return time.Now().Add(time.Duration(c.off.Load())) }
+func newSteppedClock() *steppedClock { return &steppedClock{start: time.Now()} }
+
+func (c *steppedClock) Now() time.Time {
+	return time.Now().Round(0).Add(time.Duration(c.off.Load()))
+}
+
+func (c *steppedClock) Mono() time.Duration { return time.Since(c.start) }
 
 func (c *steppedClock) step(d time.Duration) { c.off.Add(int64(d)) }
 
-// wallStepLab is a lab whose engine runs on a steppedClock, with leases
-// as short as one second, and a TCP service on the client's port 443.
+// wallStepLab is a lab whose engine and store run on a steppedClock, with
+// leases as short as one second, and a TCP service on the client's port
+// 443.
 func wallStepLab(t *testing.T) (*lab, *steppedClock, netip.AddrPort) {
 	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
-	clock := &steppedClock{}
+	clock := newSteppedClock()
 	l.stop()
-	l.now = clock.Now
+	l.now, l.mono = clock.Now, clock.Mono
 	l.start()
 	svc := netip.AddrPortFrom(l.topo.ClientV6, 443)
 	l.topo.Client.ServeTCP(t, svc.String())
@@ -54,6 +61,8 @@ func (l *lab) kernelHas(svc netip.AddrPort) (time.Duration, bool) {
 // compares wall times (the table keeps Unix nanoseconds), so on main it
 // expires the lease at the step and deletes the element: the pinhole is
 // shut for up to half the lifetime, with no ANNOUNCE and no epoch reset.
+// (The engine now runs on the monotonic clock and moves its lease times
+// with a step: server/clock.go.)
 func TestWallClockStepForwardKeepsPinholes(t *testing.T) {
 	l, clock, svc := wallStepLab(t)
 	resp := l.pcp(mapReq(svc.Addr(), pcp.ProtoTCP, svc.Port(), 0, 600*time.Second, 1))
@@ -126,5 +135,60 @@ func TestWallClockStepBackAbsorbedRenewal(t *testing.T) {
 	if !ok || !reached {
 		t.Errorf("%v left of the renewed lease (renewal absorbed: %v): kernel element present %v, traffic passes %v",
 			time.Until(promised).Round(100*time.Millisecond), absorbed, ok, reached)
+	}
+}
+
+// TestWallClockStepForwardRestart: after a 20 min forward step of the
+// wall clock and a restart of pcpd, a 600 s lease is still there with
+// ≈ 600 s less the real time elapsed, in the table, the kernel and on the
+// wire: the engine rewrote the stored expiry in the new wall base (the
+// store's clock, like the restart's, is the stepped one). Without the
+// rewrite the stored expiry is 20 min behind the clock at the restart and
+// the lease is dropped as expired. Rows: the step noticed at a sweep tick
+// (a second before the stop), and at Serve's return (the stop right
+// after the step).
+func TestWallClockStepForwardRestart(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		wait time.Duration
+	}{
+		{"noticed-at-tick", time.Second},
+		{"noticed-at-stop", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l, clock, svc := wallStepLab(t)
+			resp := l.pcp(mapReq(svc.Addr(), pcp.ProtoTCP, svc.Port(), 0, 600*time.Second, 1))
+			if resp.Result != pcp.Success || resp.Lifetime != 600*time.Second {
+				t.Fatalf("MAP: %+v", resp)
+			}
+			granted := time.Now()
+			epoch := resp.Epoch
+			clock.step(20 * time.Minute)
+			time.Sleep(tc.wait)
+			l.stop()
+			l.start()
+			elapsed := time.Since(granted)
+			ls := l.srv.Leases()
+			if len(ls) != 1 {
+				t.Fatalf("%d leases after the step and a restart, want 1", len(ls))
+			}
+			// 600 s less what passed, to within a second either way
+			// (Expires is from the engine's clock, the wall is now
+			// stepped like it).
+			left := ls[0].Expires.Sub(clock.Now())
+			if want := 600*time.Second - elapsed; left < want-time.Second || left > want+time.Second {
+				t.Errorf("lease has %v left after the restart, want ≈ %v", left.Round(time.Millisecond), want.Round(time.Millisecond))
+			}
+			if k, ok := l.kernelHas(svc); !ok || k < 590*time.Second {
+				t.Errorf("kernel element after the restart: present %v, %v left; want ≈ 598 s", ok, k)
+			}
+			if !l.reach(svc) {
+				t.Error("traffic refused after the step and a restart")
+			}
+			st := l.srv.Status()
+			if !st.Restarted || st.Epoch < epoch || st.Epoch > epoch+pcp.Epoch(elapsed/time.Second)+2 {
+				t.Errorf("epoch after the restart: %d (restarted %v), want it continued from %d, %v later", st.Epoch, st.Restarted, epoch, elapsed.Round(time.Second))
+			}
+		})
 	}
 }

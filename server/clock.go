@@ -1,0 +1,214 @@
+package server
+
+import (
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/store"
+)
+
+// The running clock (known bug "wall-clock steps", RELIABILITY.md).
+//
+// The lease table, the dirty map, quarantines and the epoch origin hold
+// wall times (the store persists them as such, and a restart compares them
+// with the wall clock), but the kernel's element timeouts are durations on
+// its own monotonic clock. Read straight from CLOCK_REALTIME, a step of it
+// (a router without RTC that booted behind and is stepped by NTP) made
+// every lease with less time left than a forward step expire at once, its
+// element deleted, the client told nothing; a backward step made an
+// absorbed renewal trust an element that ends earlier than the table
+// thinks.
+//
+// So the engine's now is a running clock: the wall time at an anchor plus
+// the monotonic time elapsed since (runClock), which no step moves. Where
+// it and the wall clock part by more than stepThreshold (checkClock, every
+// sweep tick and once at shutdown), the engine rebases: it shifts every
+// wall time it holds by the step, in memory, at once (rebase: relative
+// quantities, what the kernel holds, are unchanged), moves the running
+// clock onto the wall clock, and rewrites the leases in the store, a chunk
+// a tick (rewriteStep), so a later start reads right wall expiries.
+//
+// A crash before the rewrite is done leaves the leases not yet rewritten
+// with expiries of the old wall base on disk: at the next start a forward
+// step drops those with less left than the step (what happened to all of
+// them without the running clock), a backward step makes them look longer,
+// capped by clampRestored. A step while pcpd is down is not seen at all:
+// restore compares the stored expiries with the stepped clock (the
+// monotonic clock does not survive a reboot).
+
+// stepThreshold is how far the wall clock may part from the running clock
+// before the engine rebases. NTP slews CLOCK_MONOTONIC with
+// CLOCK_REALTIME, so only steps (and leap seconds) part them.
+const stepThreshold = time.Second
+
+// rewriteChunk is how many leases one rewriteStep writes to the store (one
+// commit, one fsync): at a million leases the rewrite takes ≈ 1000 sweep
+// ticks (≈ 2 min) and holds the engine a few ms a tick.
+const rewriteChunk = 1024
+
+// runClock is the wall time at mono's zero plus mono's reading.
+type runClock struct {
+	wall func() time.Time
+	mono func() time.Duration
+	off  atomic.Int64 // Unix ns at mono's zero
+}
+
+func newRunClock(wall func() time.Time, mono func() time.Duration) *runClock {
+	if wall == nil {
+		wall = time.Now
+	}
+	if mono == nil {
+		base := time.Now()
+		mono = func() time.Duration { return time.Since(base) } // monotonic
+	}
+	c := &runClock{wall: wall, mono: mono}
+	m := c.mono()
+	c.off.Store(c.wall().UnixNano() - int64(m))
+	return c
+}
+
+func (c *runClock) now() time.Time { return time.Unix(0, c.off.Load()+int64(c.mono())) }
+
+// skew is the wall clock's reading minus the running clock's.
+func (c *runClock) skew() time.Duration {
+	w := c.wall().UnixNano()
+	return time.Duration(w - (c.off.Load() + int64(c.mono())))
+}
+
+// checkClock rebases if the wall clock stepped (see above), and writes the
+// next chunk of a rewrite in progress. The engine loop calls it every
+// sweep tick: without a step it costs two clock readings.
+func (s *Server) checkClock() {
+	if s.clk == nil {
+		return
+	}
+	d := s.clk.skew()
+	stepped := d > stepThreshold || d < -stepThreshold
+	if !stepped && s.rewriteAt == 0 {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if stepped {
+		s.rebase(s.clk.skew())
+	}
+	s.rewriteStep(rewriteChunk)
+}
+
+// finishRebase notices a step not yet seen and writes the whole rewrite
+// (Serve's return).
+func (s *Server) finishRebase() {
+	if s.clk == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if d := s.clk.skew(); d > stepThreshold || d < -stepThreshold {
+		s.rebase(d)
+	}
+	for s.rewriteAt != 0 {
+		if !s.rewriteStep(rewriteChunk) {
+			return // logged; the next start sees what the store has
+		}
+	}
+}
+
+// rebase moves the running clock by d onto the wall clock and every wall
+// time the engine holds with it (s.mu held).
+func (s *Server) rebase(d time.Duration) {
+	s.clk.off.Add(int64(d))
+	s.tab.shift(int64(d))
+	for k, at := range s.dirty {
+		s.dirty[k] = at.Add(d)
+	}
+	if !s.dirtyNext.IsZero() {
+		s.dirtyNext = s.dirtyNext.Add(d)
+	}
+	for e, q := range s.quar {
+		q.until = q.until.Add(d)
+		s.quar[e] = q
+	}
+	if !s.epoch.origin.IsZero() {
+		s.epoch.origin = s.epoch.origin.Add(d)
+		// The stored origin follows, so the epoch continues across a
+		// restart too (a backward step would otherwise put it in the
+		// future: an epoch reset).
+		if err := s.st.ResetEpoch(s.epoch.origin); err != nil {
+			s.log.Warn("cannot record the epoch origin moved with the wall clock; it is written with the next commit", zap.Error(err))
+		}
+	}
+	if !s.started.IsZero() {
+		s.started = s.started.Add(d)
+	}
+	s.rewriteAt = 1
+	s.m.clockSteps.Inc()
+	s.log.Warn("wall clock stepped: lease times moved with it, pinholes unchanged",
+		zap.Duration("step", d), zap.Int("leases", s.tab.len()))
+}
+
+// rewriteStep writes to the store the next n leases of the rewrite after a
+// rebase, from slot rewriteAt on (s.mu held), and reports false if the
+// commit failed (the next tick retries). A dirty lease is written with its
+// synced expiry, what the store holds for it; a lease in the store's debt
+// is left to payStoreDebt, which writes the table's (rebased) state.
+// Leases changed since the rebase went through a commit of their own, so
+// writing them again is redundant but right.
+func (s *Server) rewriteStep(n int) bool {
+	t := s.tab
+	now := s.now().UnixNano()
+	put := s.rewriteBuf[:0]
+	ref := s.rewriteAt
+	for ; ref <= t.top && len(put) < n; ref++ {
+		r := t.rec(ref)
+		if r.flags&fLive == 0 || r.exp <= now {
+			continue
+		}
+		put = append(put, store.Lease{})
+		l := &put[len(put)-1]
+		t.decode(ref, l)
+		if _, owed := s.storeDebt[l.Key]; owed {
+			put = put[:len(put)-1]
+			continue
+		}
+		if synced, ok := s.dirty[l.Key]; ok {
+			l.Expires = synced
+		}
+	}
+	defer func() {
+		clear(put)
+		s.rewriteBuf = put[:0]
+	}()
+	if len(put) > 0 {
+		if err := s.st.Commit(put, nil); err != nil {
+			s.m.storeErrors.Inc()
+			s.log.Warn("cannot rewrite leases after a wall-clock step; retrying", zap.Int("leases", len(put)), zap.Error(err))
+			return false
+		}
+	}
+	if ref > t.top {
+		ref = 0 // done
+	}
+	s.rewriteAt = ref
+	return true
+}
+
+// shift adds d (ns) to every wall time in the table: a lease's expiry and
+// creation, and the expiry heap's keys (the heap's order is kept). Slots
+// deleted under a pin shift too (a listing reads them); free slots are
+// overwritten before use.
+func (t *table) shift(d int64) {
+	for ref := uint32(1); ref <= t.top; ref++ {
+		r := t.rec(ref)
+		if r.exp != zeroTime {
+			r.exp += d
+		}
+		if r.created != zeroTime {
+			r.created += d
+		}
+	}
+	for i := range t.exp {
+		t.exp[i].at += d
+	}
+}
