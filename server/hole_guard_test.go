@@ -1,0 +1,92 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/policy"
+)
+
+// TestE2EHoleStaysGuarded: when a client's prefix becomes a hole in the
+// WireGuard ownership (the same AllowedIPs on a peer of another served
+// interface, policy.Holes: "owned by nobody", e.g. while an admin moves the
+// client from one interface to another), its leases go (LIFE-05), but the
+// prefix must stay behind the guard: WireGuard still routes it to the
+// client, so dropping it from the protected sets would let the whole
+// Internet reach every port of every host in it with no pinhole at all.
+// Checked with real TCP from the Internet namespace, before and after the
+// second interface's peer appears.
+func TestE2EHoleStaysGuarded(t *testing.T) {
+	l := newLab(t)
+	c := netip.AddrPortFrom(l.topo.ClientV6, 2222)
+	l.topo.Client.ServeTCP(t, c.String())
+	if l.reach(c) {
+		t.Fatal("open before any MAP")
+	}
+
+	// A second WireGuard interface on the host, served and read for
+	// ownership like the first (as `pcpd serve --interface A --interface B`).
+	second := netlab.UniqueIfName("rvq")
+	cmd, err := netlab.DefaultWGCommand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlab.StartWireGuardDevice(l.topo.Host, second, cmd); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := wgtypes.GeneratePrivateKey()
+	port := 51899
+	if err := l.wgc.ConfigureDevice(second, wgtypes.Config{PrivateKey: &key, ListenPort: &port}); err != nil {
+		t.Fatal(err)
+	}
+	l.topo.Host.MustRun(t, "ip", "link", "set", second, "up")
+	l.stop()
+	wg, err := policy.NewWireGuard(l.wgc, []string{l.topo.HostLANIf, second}, 200*time.Millisecond, l.log.Named("wg2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go wg.Run(ctx)
+	l.wg = wg
+	if l.pol, err = policy.New(policy.Config{}, wg); err != nil {
+		t.Fatal(err)
+	}
+	l.cfg.Interfaces = []string{l.topo.HostLANIf, second}
+	l.start()
+	if l.reach(c) {
+		t.Fatal("open with two interfaces, before any overlap")
+	}
+
+	// Another peer on the second interface is given the client's /64.
+	other, _ := wgtypes.GeneratePrivateKey()
+	pfx := l.topo.ClientPrefix6
+	err = l.wgc.ConfigureDevice(second, wgtypes.Config{Peers: []wgtypes.PeerConfig{{
+		PublicKey:  other.PublicKey(),
+		AllowedIPs: []net.IPNet{{IP: pfx.Addr().AsSlice(), Mask: net.CIDRMask(pfx.Bits(), 128)}},
+	}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlab.Eventually(5*time.Second, func() error {
+		if !slices.Contains(wg.Holes(), pfx) {
+			return errors.New("overlap not seen yet")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// Give the engine its sweep (ownership change, then updateProtected).
+	time.Sleep(time.Second)
+	if l.reach(c) {
+		t.Fatalf("%v is reachable from the Internet without any pinhole once %v became a hole (kernel pinholes: %v)", c, pfx, l.kernelHoles())
+	}
+}
