@@ -32,8 +32,42 @@ func TestE2EHoleStaysGuarded(t *testing.T) {
 		t.Fatal("open before any MAP")
 	}
 
-	// A second WireGuard interface on the host, served and read for
-	// ownership like the first (as `pcpd serve --interface A --interface B`).
+	second := l.serveSecondWG(t, 51899)
+	if l.reach(c) {
+		t.Fatal("open with two interfaces, before any overlap")
+	}
+
+	// Another peer on the second interface is given the client's /64.
+	other, _ := wgtypes.GeneratePrivateKey()
+	pfx := l.topo.ClientPrefix6
+	err := l.wgc.ConfigureDevice(second, wgtypes.Config{Peers: []wgtypes.PeerConfig{{
+		PublicKey:  other.PublicKey(),
+		AllowedIPs: []net.IPNet{{IP: pfx.Addr().AsSlice(), Mask: net.CIDRMask(pfx.Bits(), 128)}},
+	}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlab.Eventually(5*time.Second, func() error {
+		if !slices.Contains(l.wg.Holes(), pfx) {
+			return errors.New("overlap not seen yet")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// Give the engine its sweep (ownership change, then updateProtected).
+	time.Sleep(time.Second)
+	if l.reach(c) {
+		t.Fatalf("%v is reachable from the Internet without any pinhole once %v became a hole (kernel pinholes: %v)", c, pfx, l.kernelHoles())
+	}
+}
+
+// serveSecondWG adds a second userspace WireGuard interface to the lab's
+// host, listening on port, and restarts the engine serving both
+// interfaces with WireGuard ownership read from both (as `pcpd serve
+// --interface A --interface B`). It returns the new interface's name.
+func (l *lab) serveSecondWG(t *testing.T, port int) string {
+	t.Helper()
 	second := netlab.UniqueIfName("rvq")
 	cmd, err := netlab.DefaultWGCommand()
 	if err != nil {
@@ -43,7 +77,6 @@ func TestE2EHoleStaysGuarded(t *testing.T) {
 		t.Fatal(err)
 	}
 	key, _ := wgtypes.GeneratePrivateKey()
-	port := 51899
 	if err := l.wgc.ConfigureDevice(second, wgtypes.Config{PrivateKey: &key, ListenPort: &port}); err != nil {
 		t.Fatal(err)
 	}
@@ -62,31 +95,5 @@ func TestE2EHoleStaysGuarded(t *testing.T) {
 	}
 	l.cfg.Interfaces = []string{l.topo.HostLANIf, second}
 	l.start()
-	if l.reach(c) {
-		t.Fatal("open with two interfaces, before any overlap")
-	}
-
-	// Another peer on the second interface is given the client's /64.
-	other, _ := wgtypes.GeneratePrivateKey()
-	pfx := l.topo.ClientPrefix6
-	err = l.wgc.ConfigureDevice(second, wgtypes.Config{Peers: []wgtypes.PeerConfig{{
-		PublicKey:  other.PublicKey(),
-		AllowedIPs: []net.IPNet{{IP: pfx.Addr().AsSlice(), Mask: net.CIDRMask(pfx.Bits(), 128)}},
-	}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := netlab.Eventually(5*time.Second, func() error {
-		if !slices.Contains(wg.Holes(), pfx) {
-			return errors.New("overlap not seen yet")
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	// Give the engine its sweep (ownership change, then updateProtected).
-	time.Sleep(time.Second)
-	if l.reach(c) {
-		t.Fatalf("%v is reachable from the Internet without any pinhole once %v became a hole (kernel pinholes: %v)", c, pfx, l.kernelHoles())
-	}
+	return second
 }

@@ -1,0 +1,115 @@
+package server
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+)
+
+// TestE2EOtherInterfaceCannotActAsPeer: WireGuard checks a packet's source
+// only against the peers of the interface it arrived on (policy.WireGuard's
+// doc). A peer on a second served interface whose AllowedIPs are too short
+// to own anything (a full-tunnel ::/0, which policy ignores for ownership)
+// may still send from any source there, the first interface's client's
+// addresses included; pcpd, which looks the source up without the arrival
+// interface, must not take such a request as that client's (SEC-02: each
+// peer maps only addresses it may source). The attacker's MAP for the
+// client's address must change nothing: no lease, no pinhole, and the
+// client's port stays closed to the Internet (real TCP).
+func TestE2EOtherInterfaceCannotActAsPeer(t *testing.T) {
+	l := newLab(t)
+	victim := netip.AddrPortFrom(l.topo.ClientV6, 2222)
+	l.topo.Client.ServeTCP(t, victim.String())
+	second := l.serveSecondWG(t, 51898)
+	if l.reach(victim) {
+		t.Fatal("open before any MAP")
+	}
+
+	// The attacker: its own namespace and underlay, a full-tunnel peer of
+	// the second interface.
+	att := netlab.NewNS(t, "rvqatt")
+	if err := netlab.Veth(l.topo.Host, "rvq0", att, "ul0"); err != nil {
+		t.Fatal(err)
+	}
+	l.topo.Host.MustRun(t, "ip", "addr", "add", "10.98.0.1/30", "dev", "rvq0")
+	att.MustRun(t, "ip", "addr", "add", "10.98.0.2/30", "dev", "ul0")
+	serverAddr := netip.MustParseAddr("2001:db8:2::1")
+	l.topo.Host.MustRun(t, "ip", "addr", "add", serverAddr.String()+"/128", "dev", second, "nodad")
+	attIf := netlab.UniqueIfName("rvqa")
+	cmd, err := netlab.DefaultWGCommand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlab.StartWireGuardDevice(att, attIf, cmd); err != nil {
+		t.Fatal(err)
+	}
+	attKey, _ := wgtypes.GeneratePrivateKey()
+	dev, err := l.wgc.Device(second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := []net.IPNet{{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}}
+	if err := l.wgc.ConfigureDevice(second, wgtypes.Config{Peers: []wgtypes.PeerConfig{{
+		PublicKey: attKey.PublicKey(), ReplaceAllowedIPs: true, AllowedIPs: all,
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+	keepalive := time.Second
+	if err := l.wgc.ConfigureDevice(attIf, wgtypes.Config{PrivateKey: &attKey, Peers: []wgtypes.PeerConfig{{
+		PublicKey: dev.PublicKey, Endpoint: &net.UDPAddr{IP: net.ParseIP("10.98.0.1"), Port: 51898},
+		PersistentKeepaliveInterval: &keepalive, ReplaceAllowedIPs: true, AllowedIPs: all,
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+	att.MustRun(t, "ip", "link", "set", attIf, "mtu", "1420", "up")
+	// The attacker sends from the client's address.
+	att.MustRun(t, "ip", "addr", "add", l.topo.ClientV6.String()+"/128", "dev", attIf, "nodad")
+	att.MustRun(t, "ip", "-6", "route", "add", serverAddr.String()+"/128", "dev", attIf)
+
+	req := pcp.AppendRequest(nil, mapReq(l.topo.ClientV6, pcp.ProtoTCP, victim.Port(), 0, time.Hour, 7))
+	var reply []byte
+	err = att.Do(func() error {
+		c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(l.topo.ClientV6, 0)),
+			net.UDPAddrFromAddrPort(netip.AddrPortFrom(serverAddr, Port)))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		buf := make([]byte, 1100)
+		for range 6 {
+			c.Write(req)
+			c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+			if n, err := c.Read(buf); err == nil {
+				reply = buf[:n]
+				return nil
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var resp pcp.Response
+	if reply != nil {
+		if err := pcp.ParseResponse(reply, &resp); err != nil {
+			t.Fatalf("reply % x: %v", reply, err)
+		}
+		t.Logf("attacker's MAP from %s over %s answered %v", l.topo.ClientV6, second, resp.Result)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if ls := l.srv.Leases(); len(ls) != 0 {
+		t.Errorf("a peer of %s made leases as the client of %s: %+v", second, l.topo.HostLANIf, ls)
+	}
+	if hs := l.kernelHoles(); len(hs) != 0 {
+		t.Errorf("kernel pinholes after the attacker's MAP: %v", hs)
+	}
+	if l.reach(victim) {
+		t.Errorf("%v reachable from the Internet after another interface's peer asked for it", victim)
+	}
+}
