@@ -17,7 +17,7 @@ type Firewall interface {
 	// Setup creates (or re-creates) the backend's tables, chains and sets.
 	Setup() error
 	// SetProtected sets the prefixes whose inbound traffic the backend
-	// guards (the owned prefixes).
+	// guards (the owned prefixes and the holes, policy.Holes).
 	SetProtected(prefixes []netip.Prefix) error
 	Apply(ops []pinhole.Op) error
 	List() ([]pinhole.Entry, error)

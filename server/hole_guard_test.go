@@ -97,3 +97,45 @@ func (l *lab) serveSecondWG(t *testing.T, port int) string {
 	l.start()
 	return second
 }
+
+// TestProtectedHoles: the prefixes given to the firewall's guard are the
+// owners' and the holes' (policy.Holes), at a full sweep and at the start
+// of a periodic pass, and a hole that goes is no longer given (unless an
+// owner has it). Fails with the holes left out of updateProtected.
+func TestProtectedHoles(t *testing.T) {
+	for _, sweep := range []struct {
+		name string
+		run  func(*Server)
+	}{{"full", (*Server).sweepOwnership}, {"periodic step", (*Server).sweepStep}} {
+		t.Run(sweep.name, func(t *testing.T) {
+			h := newHarness(t)
+			own := &mutableOwnership{owners: map[policy.OwnerID][]netip.Prefix{
+				"wg:A": {netip.MustParsePrefix("2001:db8:a::/48")},
+			}}
+			h.own = own
+			h.start()
+			for _, step := range []struct {
+				holes []string
+				want  []string
+			}{
+				{nil, []string{"2001:db8:a::/48"}},
+				{[]string{"2001:db8:b::/64", "10.0.9.0/24"}, []string{"10.0.9.0/24", "2001:db8:a::/48", "2001:db8:b::/64"}},
+				{[]string{"2001:db8:a:1::/64"}, []string{"2001:db8:a::/48", "2001:db8:a:1::/64"}},
+				{nil, []string{"2001:db8:a::/48"}},
+			} {
+				own.mu.Lock()
+				own.holes = nil
+				for _, p := range step.holes {
+					own.holes = append(own.holes, netip.MustParsePrefix(p))
+				}
+				own.mu.Unlock()
+				h.s.sweepAt = 0 // a periodic step starts a pass
+				sweep.run(h.s)
+				got := slices.Clone(h.fw.Protected) // sweeps run here, synchronously
+				if !slices.Equal(got, step.want) {
+					t.Errorf("holes %v: protected %v, want %v", step.holes, got, step.want)
+				}
+			}
+		})
+	}
+}

@@ -535,8 +535,15 @@ func (s *Server) revokeUnowned(keys []store.Key) {
 }
 
 // updateProtected tells the firewall which prefixes to guard: every owned
-// prefix; and, when it meters requests per owner (OwnerMeter), which
-// owner has which.
+// prefix, and every hole (policy.Holes: AllowedIPs held on two served
+// interfaces, owned by nobody but still routed to a client); and, when
+// it meters requests per owner (OwnerMeter), which owner has which.
+//
+// A hole is guarded like an owned prefix: WireGuard still delivers it
+// to a peer, and out of the protected sets every port of every host in
+// it was open from the Internet with no pinhole at all (review of
+// request decisions 2026-12-04, F1, TestE2EHoleStaysGuarded). Nobody
+// can map in it (no owner), so it is closed.
 func (s *Server) updateProtected() {
 	owners := s.pol.Ownership().Owners()
 	// The guard first, the meter after: a new owner's prefix is protected
@@ -546,6 +553,9 @@ func (s *Server) updateProtected() {
 	var pfx []netip.Prefix
 	for _, o := range owners {
 		pfx = append(pfx, o.Prefixes...)
+	}
+	if h, ok := s.pol.Ownership().(policy.Holes); ok {
+		pfx = append(pfx, h.Holes()...)
 	}
 	slices.SortFunc(pfx, func(a, b netip.Prefix) int {
 		if c := a.Addr().Compare(b.Addr()); c != 0 {
