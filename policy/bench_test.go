@@ -41,9 +41,9 @@ func benchPeers(n int) (*devices, []Request) {
 		src := netip.AddrFrom16(host)
 		host[14] = byte(r.IntN(256))
 		reqs = append(reqs,
-			Request{Source: src, Target: src, Protocol: 6, InternalPort: 443},
-			Request{Source: src, Target: netip.AddrFrom16(host), ThirdParty: true, Protocol: 17, InternalPort: 5000},
-			Request{Source: v4, Target: v4, Protocol: 6, InternalPort: 8080})
+			Request{Source: src, Iface: "wg0", Target: src, Protocol: 6, InternalPort: 443},
+			Request{Source: src, Iface: "wg0", Target: netip.AddrFrom16(host), ThirdParty: true, Protocol: 17, InternalPort: 5000},
+			Request{Source: v4, Iface: "wg0", Target: v4, Protocol: 6, InternalPort: 8080})
 	}
 	d := &devices{}
 	d.set("wg0", peers...)

@@ -11,11 +11,15 @@
 // 2001:db8:1::/48, which is where traffic to it would be delivered.
 //
 // WireGuard enforces that longest match only among the peers of the
-// interface a packet arrives on, and a lookup does not know that interface.
-// So with several interfaces, a prefix of one peer that equals or lies
-// inside a prefix of a different peer on a different interface is owned by
-// nobody (a hole, logged as a warning): a source there could come from
-// either peer.
+// interface a packet arrives on. So a request's source is its owner's only
+// when the request arrived on an interface where the owner's peer holds
+// it (Request.Iface, InterfaceLookup.LookupOn): a peer of another
+// interface, a full-tunnel one whose ::/0 owns nothing included, may send
+// from any address there. Lookup, which knows no interface, serves what
+// the ownership covers (sweeps, the guarded prefixes). And with several
+// interfaces, a prefix of one peer that equals or lies inside a prefix of
+// a different peer on a different interface is owned by nobody (a hole,
+// logged as a warning): traffic to it could go to either peer.
 //
 // Very short prefixes never confer ownership: a full-tunnel peer whose
 // AllowedIPs hold ::/0 or 0.0.0.0/0 (or any IPv6 prefix shorter than /32,

@@ -47,6 +47,25 @@ type Holes interface {
 	Holes() []netip.Prefix
 }
 
+// InterfaceLookup is an optional extra of an Ownership (*WireGuard and
+// *Static have it): ownership of a request's source as seen on the
+// interface the request arrived on. WireGuard checks a packet's source
+// only against the peers of the interface it arrives on, so a peer of
+// another interface (a full-tunnel ::/0 one, whose AllowedIPs own
+// nothing, or any peer of an interface whose peers may send from
+// anywhere) can send from an address another interface's peer owns;
+// Lookup, which knows no interface, would take it as that owner's. Use
+// LookupOn for every decision about a request; Lookup for what the
+// ownership itself covers (sweeps, revocation, the guarded prefixes).
+type InterfaceLookup interface {
+	// LookupOn is Lookup for a request from src that arrived on the
+	// interface whose kernel name is iface: src's owner only if that
+	// owner's peer holds on iface an AllowedIP containing src. An owner
+	// bound to no interface (static) is returned whatever iface is; for
+	// one bound to interfaces, an unknown iface ("") matches none.
+	LookupOn(src netip.Addr, iface string) (Owner, bool)
+}
+
 // Errors returned by constructors; match with errors.Is.
 var (
 	ErrInvalidConfig = errors.New("invalid configuration")
@@ -61,8 +80,9 @@ type Static struct {
 }
 
 var (
-	_ Ownership = (*Static)(nil)
-	_ Holes     = (*Static)(nil)
+	_ Ownership       = (*Static)(nil)
+	_ Holes           = (*Static)(nil)
+	_ InterfaceLookup = (*Static)(nil)
 )
 
 // NewStatic validates and masks the prefixes of each named client. A prefix
@@ -129,6 +149,13 @@ func NewStatic(clients map[string][]netip.Prefix) (*Static, error) {
 
 // Lookup implements Ownership.
 func (s *Static) Lookup(src netip.Addr) (Owner, bool) { return s.t.lookup(src) }
+
+// LookupOn implements InterfaceLookup: static clients are bound to no
+// interface (the operator vouches for the network their prefixes come
+// from), so it is Lookup whatever iface is.
+func (s *Static) LookupOn(src netip.Addr, iface string) (Owner, bool) {
+	return s.t.lookupOn(src, iface)
+}
 
 // Owners implements Ownership.
 func (s *Static) Owners() []Owner { return s.t.snapshot() }

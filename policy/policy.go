@@ -82,6 +82,11 @@ func (r PortRange) String() string {
 // Request is what Authorize judges.
 type Request struct {
 	Source netip.Addr // packet source; an IPv4-mapped source is unmapped first
+	// Iface is the kernel name of the interface the request arrived on.
+	// The source's owner must hold it there when the ownership is bound
+	// to interfaces (InterfaceLookup; WireGuard): "" (unknown) then
+	// matches no owner, NoOwner. Static ownership ignores it.
+	Iface string
 	// Target is the address to open: the PCP Client IP (== Source after the
 	// engine's ADDRESS_MISMATCH check) or the THIRD_PARTY address.
 	Target     netip.Addr
@@ -144,7 +149,8 @@ type Config struct {
 // concurrent use.
 type Policy struct {
 	own       Ownership
-	fast      tableSource // own, when it exposes its table (no interface copies of Owner)
+	onIface   InterfaceLookup // own, when it is one (nil: own.Lookup, interfaces unknown)
+	fast      tableSource     // own, when it exposes its table (no interface copies of Owner)
 	minLife   time.Duration
 	maxLife   time.Duration
 	maxClient int
@@ -184,6 +190,9 @@ func New(cfg Config, own Ownership) (*Policy, error) {
 	}
 	if ts, ok := own.(tableSource); ok {
 		p.fast = ts
+	}
+	if il, ok := own.(InterfaceLookup); ok {
+		p.onIface = il
 	}
 	if p.minLife == 0 {
 		p.minLife = DefaultMinLifetime
@@ -266,11 +275,24 @@ func (p *Policy) PortAllowed(port uint16) bool {
 	return p.ports[port/64]&(1<<(port%64)) != 0
 }
 
-// Authorize decides whether r.Source may open r.Target for r.Protocol and
-// ports. It returns the requester's owner (zero if NoOwner) and the reason.
-// Checks run in MAP-01 order: THIRD_PARTY switch, ownership of the source,
-// never-openable target, same owner, protocol, ports. It does not allocate
-// and takes no lock.
+// Requester returns the owner a request from src that arrived on the
+// interface whose kernel name is iface is taken as: Authorize's owner of
+// r.Source (InterfaceLookup.LookupOn when the ownership has it, else
+// Lookup). src is unmapped first.
+func (p *Policy) Requester(src netip.Addr, iface string) (Owner, bool) {
+	src = src.Unmap()
+	if p.onIface != nil {
+		return p.onIface.LookupOn(src, iface)
+	}
+	return p.own.Lookup(src)
+}
+
+// Authorize decides whether r.Source, arriving on r.Iface, may open
+// r.Target for r.Protocol and ports. It returns the requester's owner
+// (zero if NoOwner) and the reason. Checks run in MAP-01 order:
+// THIRD_PARTY switch, ownership of the source (on its interface:
+// Requester), never-openable target, same owner, protocol, ports. It
+// does not allocate and takes no lock.
 func (p *Policy) Authorize(r Request) (Owner, Reason) {
 	if r.ThirdParty && p.tp == ThirdPartyOff {
 		return Owner{}, ThirdPartyDenied
@@ -281,7 +303,7 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		t := p.fast.current()
 		si := noOwner
 		if src.IsValid() && src.Zone() == "" {
-			si = t.find(src)
+			si = t.findOn(src, r.Iface)
 		}
 		if si < 0 {
 			p.fast.miss()
@@ -298,7 +320,7 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		}
 	} else {
 		var ok bool
-		if o, ok = p.own.Lookup(src); !ok {
+		if o, ok = p.Requester(src, r.Iface); !ok {
 			return Owner{}, NoOwner
 		}
 		if p.neverOpenable(r.Target) {

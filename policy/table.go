@@ -95,6 +95,15 @@ type table struct {
 	// interfaces), in address order: Holes hands them to the kernel's
 	// owner meter, which must not let the enclosing owner's range cover them.
 	holes []netip.Prefix
+	// ifaces, for ownership bound to interfaces (WireGuard), is one table
+	// per interface, by kernel name, holding only the AllowedIPs of that
+	// interface's peers (ownable ones, labelled with their peer; one
+	// prefix of two peers of one interface, which WireGuard does not
+	// allow, nobody's): what WireGuard's own source check on that
+	// interface sees (findOn). Sub-tables share owners and have no
+	// ifaces of their own. Nil for ownership bound to no interface
+	// (static).
+	ifaces map[string]*table
 	// Per family, one exact-match map per prefix length present, longest
 	// first: with the handful of lengths real configurations use, a lookup
 	// is a few hash probes, where the binary search over 2n intervals costs
@@ -296,6 +305,43 @@ func (t *table) lookup(a netip.Addr) (Owner, bool) {
 		return Owner{}, false
 	}
 	i := t.find(a)
+	if i < 0 {
+		return Owner{}, false
+	}
+	return t.owners[i], true
+}
+
+// findOn returns the owner index of a request from a that arrived on the
+// interface whose kernel name is iface: a's owner (find), provided that
+// owner's peer holds on iface an AllowedIP containing a, so that
+// WireGuard's source check on iface took the packet as that peer's;
+// noOwner otherwise. a must be valid, unmapped and unzoned.
+//
+// Checking the most specific AllowedIP of iface's peers is exact: a's
+// owner P holds on iface a prefix containing a exactly when iface's most
+// specific ownable prefix there is P's, since a more specific one of
+// another peer of iface inside P's would make P's prefix (if on iface)
+// lose WireGuard's match there, and one of P's more specific prefixes on
+// another interface inside it is a hole (buildLocked), and a would have
+// no owner at all. Prefixes too short to own are shorter than any owned
+// one and never win. Ownership bound to no interface (t.ifaces nil:
+// static) is find.
+func (t *table) findOn(a netip.Addr, iface string) int32 {
+	i := t.find(a)
+	if i < 0 || t.ifaces == nil {
+		return i
+	}
+	if sub := t.ifaces[iface]; sub == nil || sub.find(a) != i {
+		return noOwner
+	}
+	return i
+}
+
+func (t *table) lookupOn(a netip.Addr, iface string) (Owner, bool) {
+	if !a.IsValid() || a.Is4In6() || a.Zone() != "" {
+		return Owner{}, false
+	}
+	i := t.findOn(a, iface)
 	if i < 0 {
 		return Owner{}, false
 	}

@@ -94,8 +94,9 @@ type WireGuard struct {
 }
 
 var (
-	_ Ownership = (*WireGuard)(nil)
-	_ Holes     = (*WireGuard)(nil)
+	_ Ownership       = (*WireGuard)(nil)
+	_ Holes           = (*WireGuard)(nil)
+	_ InterfaceLookup = (*WireGuard)(nil)
 )
 
 // WireGuardOption adjusts NewWireGuard.
@@ -196,6 +197,17 @@ func (w *WireGuard) device(name string) (*wgtypes.Device, string, error) {
 // Lookup implements Ownership. A miss asks Run for a re-read.
 func (w *WireGuard) Lookup(src netip.Addr) (Owner, bool) {
 	o, ok := w.t.Load().lookup(src)
+	if !ok {
+		w.miss()
+	}
+	return o, ok
+}
+
+// LookupOn implements InterfaceLookup: src's owner if its peer holds src
+// on the interface whose kernel name is iface, the one the request
+// arrived on. A miss asks Run for a re-read, as Lookup's.
+func (w *WireGuard) LookupOn(src netip.Addr, iface string) (Owner, bool) {
+	o, ok := w.t.Load().lookupOn(src, iface)
 	if !ok {
 		w.miss()
 	}
@@ -469,7 +481,38 @@ func (w *WireGuard) buildLocked() *table {
 	for i := range owners {
 		slices.SortFunc(owners[i].Prefixes, comparePrefix)
 	}
-	return build(owners, spans)
+	t := build(owners, spans)
+	// Per interface, its peers' prefixes alone (table.findOn), holes or
+	// not: a request is a peer's only if it arrived on an interface where
+	// WireGuard's source check took it as that peer's.
+	byIface := make(map[int][]span)
+	for _, c := range sorted {
+		for _, h := range c.holders {
+			ss := byIface[h.iface]
+			if n := len(ss); n > 0 && ss[n-1].first == c.first && ss[n-1].bits == c.bits {
+				// Two peers of one interface with one prefix: WireGuard
+				// moves an AllowedIP to the last peer given it, so this
+				// is a read caught mid-change; neither is trusted.
+				if ss[n-1].owner != h.owner {
+					ss[n-1].owner = noOwner
+				}
+				continue
+			}
+			s := c.span
+			s.owner = h.owner
+			byIface[h.iface] = append(ss, s)
+		}
+	}
+	t.ifaces = make(map[string]*table, len(first))
+	for k, ifi := range first {
+		if _, ok := w.lastGood[w.ifaces[ifi]]; !ok || k == "" {
+			continue // gone: no request is any peer's there
+		}
+		sub := build(owners, byIface[ifi])
+		sub.byID, sub.holes = nil, nil
+		t.ifaces[k] = sub
+	}
+	return t
 }
 
 func (w *WireGuard) warnOnce(id OwnerID, p netip.Prefix, msg string, err error) {

@@ -68,7 +68,7 @@ func TestWireGuardNamespace(t *testing.T) {
 	idA, idB := OwnerID("wg:"+a.String()), OwnerID("wg:"+b.String())
 	check := func(step, src, dst string, owner OwnerID, want Reason) {
 		t.Helper()
-		o, r := p.Authorize(Request{Source: addr(src), Target: addr(dst), ThirdParty: src != dst, Protocol: 6, InternalPort: 443})
+		o, r := p.Authorize(Request{Source: addr(src), Iface: ifname, Target: addr(dst), ThirdParty: src != dst, Protocol: 6, InternalPort: 443})
 		if r != want || o.ID != owner {
 			t.Errorf("%s: %s → %s: %s %v, want %s %v", step, src, dst, o.ID, r, owner, want)
 		}
@@ -185,19 +185,25 @@ func TestWireGuardNestedAcrossInterfacesNamespace(t *testing.T) {
 	}
 	idA := OwnerID("wg:" + a.String())
 	for _, tc := range []struct {
-		src, dst string
-		owner    OwnerID
-		want     Reason
+		iface, src, dst string
+		owner           OwnerID
+		want            Reason
 	}{
-		{"2001:db8:0:1::5", "2001:db8:0:1::5", "", NoOwner}, // A posing as B
-		{"10.8.1.5", "10.8.1.5", "", NoOwner},
-		{"2001:db8:0:2::5", "2001:db8:0:2::5", idA, Allowed},
-		{"2001:db8:0:2::5", "2001:db8:0:1::5", idA, NotOwned},
-		{"10.8.2.5", "10.8.2.5", idA, Allowed},
+		{if0, "2001:db8:0:1::5", "2001:db8:0:1::5", "", NoOwner}, // A posing as B
+		{if0, "10.8.1.5", "10.8.1.5", "", NoOwner},
+		{if0, "2001:db8:0:2::5", "2001:db8:0:2::5", idA, Allowed},
+		{if0, "2001:db8:0:2::5", "2001:db8:0:1::5", idA, NotOwned},
+		{if0, "10.8.2.5", "10.8.2.5", idA, Allowed},
+		// A's addresses, arriving on B's interface (B posing as A,
+		// which its WireGuard would not let through; a request that
+		// did come that way is not A's), or on no known interface.
+		{if1, "2001:db8:0:2::5", "2001:db8:0:2::5", "", NoOwner},
+		{if1, "10.8.2.5", "10.8.2.5", "", NoOwner},
+		{"", "2001:db8:0:2::5", "2001:db8:0:2::5", "", NoOwner},
 	} {
-		o, r := p.Authorize(Request{Source: addr(tc.src), Target: addr(tc.dst), ThirdParty: tc.src != tc.dst, Protocol: 6, InternalPort: 443})
+		o, r := p.Authorize(Request{Source: addr(tc.src), Iface: tc.iface, Target: addr(tc.dst), ThirdParty: tc.src != tc.dst, Protocol: 6, InternalPort: 443})
 		if r != tc.want || o.ID != tc.owner {
-			t.Errorf("SEC-02: %s → %s: %q %v, want %q %v", tc.src, tc.dst, o.ID, r, tc.owner, tc.want)
+			t.Errorf("SEC-02: on %q, %s → %s: %q %v, want %q %v", tc.iface, tc.src, tc.dst, o.ID, r, tc.owner, tc.want)
 		}
 	}
 }

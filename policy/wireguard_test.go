@@ -142,7 +142,7 @@ func TestWireGuardDefaultRouteOwnsNothing(t *testing.T) {
 		{"10.1.0.1", "10.1.0.1", NoOwner}, // 10.0.0.0/7 ignored
 		{"10.0.1.9", "10.0.1.9", Allowed},
 	} {
-		if _, r := p.Authorize(Request{Source: addr(tc.src), Target: addr(tc.dst), ThirdParty: tc.src != tc.dst, Protocol: 6, InternalPort: 80}); r != tc.want {
+		if _, r := p.Authorize(Request{Source: addr(tc.src), Iface: "wg0", Target: addr(tc.dst), ThirdParty: tc.src != tc.dst, Protocol: 6, InternalPort: 80}); r != tc.want {
 			t.Errorf("%s → %s: %v, want %v", tc.src, tc.dst, r, tc.want)
 		}
 	}
@@ -175,7 +175,7 @@ func TestWireGuardLongestMatchSEC02(t *testing.T) {
 		{"2001:db8:a:5::1", "2001:db8:a:5::2", wgID(2), Allowed},
 		{"2001:db8:a:5::1", "2001:db8:a::1", wgID(2), NotOwned},
 	} {
-		o, r := p.Authorize(Request{Source: addr(tc.src), Target: addr(tc.dst), ThirdParty: true, Protocol: 17, InternalPort: 9})
+		o, r := p.Authorize(Request{Source: addr(tc.src), Iface: "wg0", Target: addr(tc.dst), ThirdParty: true, Protocol: 17, InternalPort: 9})
 		if r != tc.want || o.ID != tc.owner {
 			t.Errorf("%s → %s: %s %v, want %s %v", tc.src, tc.dst, o.ID, r, tc.owner, tc.want)
 		}
@@ -323,7 +323,7 @@ func TestWireGuardRefreshOnMiss(t *testing.T) {
 	}
 	b := addr("2001:db8:b::1")
 	for {
-		_, r := p.Authorize(Request{Source: b, Target: b, Protocol: 6, InternalPort: 22})
+		_, r := p.Authorize(Request{Source: b, Iface: "wg0", Target: b, Protocol: 6, InternalPort: 22})
 		if r == Allowed {
 			break
 		}
@@ -404,12 +404,12 @@ func TestWireGuardConcurrentSwap(t *testing.T) {
 					return
 				default:
 				}
-				if o, r := p.Authorize(Request{Source: a, Target: a, Protocol: 6, InternalPort: 1}); r != Allowed || o.ID != wgID(1) {
+				if o, r := p.Authorize(Request{Source: a, Iface: "wg0", Target: a, Protocol: 6, InternalPort: 1}); r != Allowed || o.ID != wgID(1) {
 					t.Errorf("peer 1 lost its stable prefix: %s %v", o.ID, r)
 					return
 				}
 				// Peer 2 comes and goes; either answer is consistent.
-				if o, r := p.Authorize(Request{Source: b, Target: b, Protocol: 6, InternalPort: 1}); r != Allowed && r != NoOwner || r == Allowed && o.ID != wgID(2) {
+				if o, r := p.Authorize(Request{Source: b, Iface: "wg0", Target: b, Protocol: 6, InternalPort: 1}); r != Allowed && r != NoOwner || r == Allowed && o.ID != wgID(2) {
 					t.Errorf("peer 2: %s %v", o.ID, r)
 					return
 				}
@@ -620,6 +620,69 @@ func TestWireGuardAltnameTwoNames(t *testing.T) {
 		}
 		if h := w.Holes(); len(h) != 0 {
 			t.Errorf("configured as %q: holes %v, want none", ifaces, h)
+		}
+	}
+}
+
+// TestWireGuardLookupOn: a request's source is its owner's only on an
+// interface where the owner's peer holds an AllowedIP containing it, as
+// WireGuard's source check there saw it (review of request decisions
+// 2026-12-04, F3). Peer 1 is on both interfaces with different prefixes,
+// and each interface has a full-tunnel peer (::/0, 0.0.0.0/0: owns
+// nothing, may send from anywhere): peer 1's wg0 prefix arriving on wg1
+// came from wg1's full-tunnel peer, not from peer 1.
+func TestWireGuardLookupOn(t *testing.T) {
+	d := &devices{}
+	d.set("wg0", peer(1, "2001:db8:a::/48", "10.0.1.0/24"), peer(2, "::/0", "0.0.0.0/0"), peer(4, "2001:db8:a:5::/64"))
+	d.set("wg1", peer(1, "2001:db8:b::/48"), peer(3, "::/0", "0.0.0.0/0"))
+	w, err := newWireGuard(d, []string{"wg0", "wg1"}, time.Hour, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := NewStatic(map[string][]netip.Prefix{"home": {pfx("2001:db8:a::/48")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		own   InterfaceLookup
+		src   string
+		iface string
+		want  OwnerID // "": none
+	}{
+		{w, "2001:db8:a::1", "wg0", wgID(1)},
+		{w, "2001:db8:a::1", "wg1", ""}, // wg1's full-tunnel peer, as peer 1
+		{w, "2001:db8:a::1", "", ""},    // arrival unknown
+		{w, "2001:db8:a::1", "eth0", ""},
+		{w, "10.0.1.1", "wg0", wgID(1)},
+		{w, "10.0.1.1", "wg1", ""},
+		{w, "2001:db8:b::1", "wg1", wgID(1)},
+		{w, "2001:db8:b::1", "wg0", ""}, // peer 1 is on wg0 too, but not with this prefix
+		{w, "2001:db8:a:5::1", "wg0", wgID(4)},
+		{w, "2001:db8:a:5::1", "wg1", ""},
+		{w, "2606:4700::1", "wg0", ""}, // ::/0 owns nothing anywhere
+		{st, "2001:db8:a::1", "", "static:home"},
+		{st, "2001:db8:a::1", "wg1", "static:home"}, // static clients are bound to no interface
+		{st, "2001:db8:b::1", "wg0", ""},
+	} {
+		o, ok := tc.own.LookupOn(addr(tc.src), tc.iface)
+		if o.ID != tc.want || ok != (tc.want != "") {
+			t.Errorf("%T.LookupOn(%s, %q) = %q %v, want %q", tc.own, tc.src, tc.iface, o.ID, ok, tc.want)
+		}
+		if tc.own != InterfaceLookup(w) {
+			continue
+		}
+		// Authorize decides the same way (its table fast path), and
+		// Lookup, without the interface, still sees every owner.
+		p, err := New(Config{}, w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := addr(tc.src)
+		if o, r := p.Authorize(Request{Source: a, Iface: tc.iface, Target: a, Protocol: 6, InternalPort: 443}); o.ID != tc.want || (r == NoOwner) != (tc.want == "") {
+			t.Errorf("Authorize(%s on %q) = %q %v, want %q", tc.src, tc.iface, o.ID, r, tc.want)
+		}
+		if o, ok := w.Lookup(a); tc.want != "" && (!ok || o.ID != tc.want) {
+			t.Errorf("Lookup(%s) = %q %v, want %q", tc.src, o.ID, ok, tc.want)
 		}
 	}
 }

@@ -105,6 +105,9 @@ type (
 // Policy decides who may open what (*policy.Policy).
 type Policy interface {
 	Authorize(policy.Request) (policy.Owner, policy.Reason)
+	// Requester is the owner a request from src arriving on iface
+	// (kernel name) is taken as, as Authorize takes it.
+	Requester(src netip.Addr, iface string) (policy.Owner, bool)
 	CheckQuota(clientLeases, totalLeases int) policy.Reason
 	ClampLifetime(time.Duration) time.Duration
 	MaxLeasesPerClient() int // bounds a client's quarantined ports too (MAP-22, quarantine.go)

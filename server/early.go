@@ -32,18 +32,22 @@ import (
 // engine's own (pcp.Parser with the same settings, Policy.Authorize as
 // Server.authorize calls it, resultCode), so both paths give the same
 // answer. A reply is appended to dst. Nothing is allocated per request.
+//
+// early knows no arrival interface (as Handle): WireGuard peers' sources
+// are nobody's. The readers call earlyTallied with their socket's.
 func (s *Server) early(dst, b []byte, src netip.AddrPort, now time.Time) (reply []byte, handled bool) {
-	return s.earlyTallied(nil, dst, b, src, now)
+	return s.earlyTallied(nil, dst, b, src, "", now)
 }
 
 // earlyTallied is early counting its answers in t (a socket reader's, nil:
-// count each at once).
-func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, now time.Time) (reply []byte, handled bool) {
+// count each at once), for a request that arrived on the interface whose
+// kernel name is iface (Request.Iface).
+func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface string, now time.Time) (reply []byte, handled bool) {
 	if len(b) < 2 {
 		return nil, false
 	}
 	if b[0] == pcp.PMPVersion && s.natpmpOn(src.Addr()) {
-		return s.toEngine(src, policy.Owner{}, false, now) // NAT-PMP: the engine's (handle's dispatch)
+		return s.toEngine(src, iface, policy.Owner{}, false, now) // NAT-PMP: the engine's (handle's dispatch)
 	}
 	p := pcp.Parser{
 		DisableThirdParty: s.pol.ThirdPartyMode() == policy.ThirdPartyOff,
@@ -78,7 +82,7 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, now t
 		return pcp.AppendResponse(dst, &pcp.Response{Opcode: pcp.OpAnnounce, Result: pcp.Success, Epoch: s.epoch.at(now)}), true
 	case req.Opcode == pcp.OpMap && !s.cfg.DisableMap, req.Opcode == pcp.OpPeer && !s.cfg.DisablePeer:
 	default:
-		return s.toEngine(src, policy.Owner{}, false, now) // refused by the engine's earlier step
+		return s.toEngine(src, iface, policy.Owner{}, false, now) // refused by the engine's earlier step
 	}
 	internal := src.Addr()
 	tp := req.Options.ThirdParty.IsValid()
@@ -88,7 +92,7 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, now t
 	// Server.authorize, without its error value (one allocation per
 	// refusal): the same policy call and the same leniency for deletes.
 	owner, reason := s.pol.Authorize(policy.Request{
-		Source: src.Addr(), Target: internal, ThirdParty: tp, Protocol: uint8(req.Map.Protocol), InternalPort: req.Map.InternalPort,
+		Source: src.Addr(), Iface: iface, Target: internal, ThirdParty: tp, Protocol: uint8(req.Map.Protocol), InternalPort: req.Map.InternalPort,
 	})
 	if req.Opcode == pcp.OpMap && req.Lifetime == 0 {
 		switch reason {
@@ -97,7 +101,7 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, now t
 		}
 	}
 	if reason == policy.Allowed {
-		return s.toEngine(src, owner, true, now)
+		return s.toEngine(src, iface, owner, true, now)
 	}
 	code := policyCodes[reason]
 	s.lis.es.count(t, s.m, req.Opcode.String(), code)
@@ -123,9 +127,12 @@ var policyCodes = func() (t [256]pcp.ResultCode) {
 // toEngine decides whether a request that needs the engine is queued: its
 // owner (known is false when the caller has not looked it up yet) spends
 // a token, and is held to its bucket when it is not alone (ownerGate).
-func (s *Server) toEngine(src netip.AddrPort, o policy.Owner, known bool, now time.Time) ([]byte, bool) {
+// The owner is the one the request is taken as on its interface
+// (Policy.Requester): a peer of another interface sending from an
+// owner's address spends the unowned bucket, not that owner's.
+func (s *Server) toEngine(src netip.AddrPort, iface string, o policy.Owner, known bool, now time.Time) ([]byte, bool) {
 	if !known {
-		o, _ = s.pol.Ownership().Lookup(src.Addr())
+		o, _ = s.pol.Requester(src.Addr(), iface)
 	}
 	var k policy.OwnerKey // the zero key: every unowned source together
 	if o.ID != "" {

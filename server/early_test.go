@@ -149,8 +149,8 @@ func TestEarlyTally(t *testing.T) {
 			}
 			before := [2]float64{counter("MAP", pcp.NotAuthorized), counter("other", pcp.UnsuppOpcode)}
 			for range 3 {
-				h.s.earlyTallied(&tl, nil, unauth, src, h.clock.Now())
-				h.s.earlyTallied(&tl, nil, badOpcode, src, h.clock.Now())
+				h.s.earlyTallied(&tl, nil, unauth, src, "", h.clock.Now())
+				h.s.earlyTallied(&tl, nil, badOpcode, src, "", h.clock.Now())
 			}
 			if tc.filled == 0 {
 				if got := counter("MAP", pcp.NotAuthorized) - before[0]; got != 0 {
@@ -236,7 +236,7 @@ func BenchmarkEarly(b *testing.B) {
 				if h.s.admit(tc.b, src, now) != "" {
 					b.Fatal("dropped")
 				}
-				h.s.earlyTallied(&t, dst, tc.b, src, now)
+				h.s.earlyTallied(&t, dst, tc.b, src, "", now)
 				if i%32 == 0 {
 					t.flush()
 				}

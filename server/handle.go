@@ -19,7 +19,13 @@ import (
 type Request struct {
 	Local  netip.AddrPort // the serving address it was sent to
 	Source netip.AddrPort // the sender
-	Data   []byte
+	// Iface is the kernel name of the interface it arrived on (its
+	// socket's: SO_BINDTODEVICE lets a socket see only what arrives
+	// there). A WireGuard peer's source is its peer's only on an
+	// interface where the peer holds it (policy.Request.Iface); "" (not
+	// known) makes such sources nobody's. Static owners ignore it.
+	Iface string
+	Data  []byte
 	// admitted: the socket reader already ran admit.
 	admitted bool
 }
@@ -130,7 +136,9 @@ func (s *Server) countRequest(proto, op, res string) {
 
 // Handle handles one request as a batch of its own and returns the reply
 // (nil for a silent drop). Tests, fuzzing and benchmarks drive the engine
-// through it; the network path uses HandleBatch.
+// through it; the network path uses HandleBatch. It knows no arrival
+// interface (Request.Iface): sources owned by WireGuard peers are
+// nobody's here, static owners are served as on the network.
 func (s *Server) Handle(local, src netip.AddrPort, b []byte) []byte {
 	return s.HandleBatch([]Request{{Local: local, Source: src, Data: b}})[0]
 }
@@ -266,6 +274,7 @@ type call struct {
 	t     *tx
 	src   netip.AddrPort
 	local netip.AddrPort
+	iface string // Request.Iface
 	data  []byte
 	now   time.Time
 	epoch pcp.Epoch
@@ -285,7 +294,7 @@ func (s *Server) drop(reason string, src netip.AddrPort) outcome {
 func (s *Server) handle(t *tx, r *Request) outcome {
 	b := r.Data
 	src := netip.AddrPortFrom(r.Source.Addr().Unmap(), r.Source.Port())
-	c := &call{t: t, src: src, local: r.Local, data: b, now: t.now, epoch: s.epoch.at(t.now)}
+	c := &call{t: t, src: src, local: r.Local, iface: r.Iface, data: b, now: t.now, epoch: s.epoch.at(t.now)}
 	if !r.admitted && !t.retry {
 		if reason := s.admit(b, src, c.now); reason != "" {
 			return s.drop(reason, src)

@@ -267,10 +267,10 @@ type listener struct {
 	// once per batch.
 	clock func() time.Time
 	// early, if set, answers requests that need no engine
-	// (Server.earlyTallied): handled means the reader sends reply (nil:
-	// nothing) itself. The reply is appended to the dst it is given; the
+	// (Server.earlyTallied), given the socket's interface (kernel name):
+	// handled means the reader sends reply (nil: nothing) itself. The reply is appended to the dst it is given; the
 	// answers are counted in the reader's tally.
-	early func(t *tally, dst, b []byte, src netip.AddrPort, now time.Time) (reply []byte, handled bool)
+	early func(t *tally, dst, b []byte, src netip.AddrPort, iface string, now time.Time) (reply []byte, handled bool)
 	// es is the readers' state for Server.early.
 	es earlyState
 	// onServe, if set, gets the serving addresses (and each socket's
@@ -669,7 +669,7 @@ func (l *listener) read(c *udpConn) {
 			}
 			if l.early != nil {
 				before := len(arena)
-				r, ok := l.early(&counts, arena, b, src, now)
+				r, ok := l.early(&counts, arena, b, src, c.kname, now)
 				if ok {
 					if len(r) > before {
 						arena = r

@@ -10,6 +10,7 @@ import (
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
 )
 
 // TestE2EOtherInterfaceCannotActAsPeer: WireGuard checks a packet's source
@@ -112,4 +113,101 @@ func TestE2EOtherInterfaceCannotActAsPeer(t *testing.T) {
 	if l.reach(victim) {
 		t.Errorf("%v reachable from the Internet after another interface's peer asked for it", victim)
 	}
+}
+
+// boundOwnership is ownership bound to interfaces, as WireGuard's (tests
+// only): each owner's sources are its own only on its one interface.
+// Not embedded: the policy's table fast path would see the Static.
+type boundOwnership struct {
+	own *policy.Static
+	on  map[policy.OwnerID]string
+}
+
+func (b boundOwnership) Lookup(a netip.Addr) (policy.Owner, bool) { return b.own.Lookup(a) }
+func (b boundOwnership) Owners() []policy.Owner                   { return b.own.Owners() }
+func (b boundOwnership) LookupOn(a netip.Addr, iface string) (policy.Owner, bool) {
+	if o, ok := b.own.Lookup(a); ok && b.on[o.ID] == iface {
+		return o, true
+	}
+	return policy.Owner{}, false
+}
+
+// TestOwnerArrivalInterface: every path that decides a request's owner
+// passes the interface the request arrived on (Request.Iface, the
+// reader's socket's): the engine's MAP and NAT-PMP (HandleBatch), and
+// the readers' early answers (earlyTallied). A source is its owner's only
+// on the owner's interface; elsewhere, or with no interface known
+// (Handle), it is nobody's: NOT_AUTHORIZED, and nothing changes.
+func TestOwnerArrivalInterface(t *testing.T) {
+	st, err := policy.NewStatic(map[string][]netip.Prefix{
+		"a": {netip.MustParsePrefix("2001:db8:a::/48"), netip.MustParsePrefix("10.0.0.0/28")},
+		"b": {netip.MustParsePrefix("2001:db8:b::/48"), netip.MustParsePrefix("10.0.0.16/28")},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t)
+	h.own = boundOwnership{own: st, on: map[policy.OwnerID]string{"static:a": "wg0", "static:b": "wg1"}}
+	h.start()
+	pmpReq := pcp.AppendPMPRequest(nil, &pcp.PMPRequest{Opcode: pcp.PMPOpMapTCP, InternalPort: 8080, Lifetime: time.Hour})
+	for i, tc := range []struct {
+		src   netip.Addr
+		iface string
+		pmp   bool
+		ok    bool
+	}{
+		{addrA, "wg1", false, false}, // b's interface, as a
+		{addrA, "", false, false},
+		{addrA, "eth0", false, false},
+		{addrB, "wg0", false, false},
+		{v4A, "wg1", true, false},
+		{v4A, "", true, false},
+		{addrA, "wg0", false, true},
+		{addrB, "wg1", false, true},
+		{v4A, "wg0", true, true},
+	} {
+		b, local := pcp.AppendRequest(nil, mapReq(tc.src, pcp.ProtoTCP, uint16(1000+i), 0, time.Hour, 1)), local6
+		if tc.pmp {
+			b, local = pmpReq, local4
+		}
+		src := netip.AddrPortFrom(tc.src, 40000)
+		if !tc.pmp {
+			// The reader's early answer: a refusal there, the engine's
+			// (not handled) otherwise.
+			reply, handled := h.s.earlyTallied(nil, nil, b, src, tc.iface, h.clock.Now())
+			if handled == tc.ok || !tc.ok && (len(reply) < 4 || pcp.ResultCode(reply[3]) != pcp.NotAuthorized) {
+				t.Errorf("early: %v on %q: handled %v, reply % x", tc.src, tc.iface, handled, reply)
+			}
+		}
+		before := h.snap()
+		out := h.s.HandleBatch([]Request{{Local: local, Source: src, Iface: tc.iface, Data: b}})[0]
+		var got bool
+		if tc.pmp {
+			var r pcp.PMPResponse
+			if err := pcp.ParsePMPResponse(out, &r); err != nil {
+				t.Fatalf("reply % x: %v", out, err)
+			}
+			got = r.Result == pcp.PMPSuccess
+			if !got && r.Result != pcp.PMPNotAuthorized {
+				t.Errorf("NAT-PMP: %v on %q: %v", tc.src, tc.iface, r.Result)
+			}
+		} else {
+			var r pcp.Response
+			if err := pcp.ParseResponse(out, &r); err != nil {
+				t.Fatalf("reply % x: %v", out, err)
+			}
+			got = r.Result == pcp.Success
+			if !got && r.Result != pcp.NotAuthorized {
+				t.Errorf("engine: %v on %q: %v", tc.src, tc.iface, r.Result)
+			}
+		}
+		if got != tc.ok {
+			t.Errorf("engine: %v on %q: success %v, want %v", tc.src, tc.iface, got, tc.ok)
+		}
+		if !tc.ok {
+			h.unchanged(before)
+		}
+	}
+	// Handle knows no interface: a's request is nobody's.
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 2000, 0, time.Hour, 1)), pcp.NotAuthorized)
 }
