@@ -60,7 +60,11 @@ type deviceReader interface {
 //     inside another peer's prefix on a different interface, belongs to
 //     neither (a hole), with one warning: WireGuard checks a source only
 //     against the peers of the interface it arrived on, so the source
-//     alone cannot tell which peer sent it.
+//     alone cannot tell which peer sent it;
+//   - for the same reason a request's source is its owner's only when the
+//     request arrived on an interface where the owner's peer holds it
+//     (LookupOn, Request.Iface): a peer of another interface, a
+//     full-tunnel one included, may send from any address there.
 //
 // A failed read of an interface keeps its previous peers (a transient
 // error must not revoke every lease); an interface that no longer exists
@@ -346,8 +350,9 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 // buildLocked turns the last good peers of every interface into a table.
 //
 // WireGuard checks a packet's source only against the peers of the
-// interface it arrived on, and the lookup does not know that interface. So
-// a prefix is a hole (owned by nobody, with a warning) when it overlaps —
+// interface it arrived on, and Lookup (sweeps, revocation, the guard) does
+// not know that interface; LookupOn, for requests, does, through the
+// per-interface tables built last (table.ifaces). So a prefix is a hole (owned by nobody, with a warning) when it overlaps —
 // equals, or lies inside — a prefix of a different peer on a different
 // interface: there, a source could come from either peer. Nested prefixes of
 // one interface keep WireGuard's longest match, which its own routing
