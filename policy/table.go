@@ -104,6 +104,11 @@ type table struct {
 	// ifaces of their own. Nil for ownership bound to no interface
 	// (static).
 	ifaces map[string]*table
+	// only is the kernel name of the one interface when ifaces has one
+	// (the common case): its sub-table then labels every address as
+	// this table does (no holes across interfaces), and findOn needs
+	// only compare the name.
+	only string
 	// Per family, one exact-match map per prefix length present, longest
 	// first: with the handful of lengths real configurations use, a lookup
 	// is a few hash probes, where the binary search over 2n intervals costs
@@ -329,6 +334,12 @@ func (t *table) lookup(a netip.Addr) (Owner, bool) {
 func (t *table) findOn(a netip.Addr, iface string) int32 {
 	i := t.find(a)
 	if i < 0 || t.ifaces == nil {
+		return i
+	}
+	if t.only != "" {
+		if iface != t.only {
+			return noOwner
+		}
 		return i
 	}
 	if sub := t.ifaces[iface]; sub == nil || sub.find(a) != i {

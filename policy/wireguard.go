@@ -517,6 +517,14 @@ func (w *WireGuard) buildLocked() *table {
 		sub.byID, sub.holes = nil, nil
 		t.ifaces[k] = sub
 	}
+	if len(t.ifaces) == 1 {
+		// One interface: no prefix is a hole across interfaces, and one
+		// prefix of two of its peers is nobody's in both tables, so the
+		// sub-table labels every address as t does (table.only).
+		for k := range t.ifaces {
+			t.only = k
+		}
+	}
 	return t
 }
 

@@ -685,4 +685,25 @@ func TestWireGuardLookupOn(t *testing.T) {
 			t.Errorf("Lookup(%s) = %q %v, want %q", tc.src, o.ID, ok, tc.want)
 		}
 	}
+	// One interface (table.only's shortcut): the same rules.
+	d1 := &devices{}
+	d1.set("wg0", peer(1, "2001:db8:a::/48"), peer(4, "2001:db8:a:5::/64"))
+	w1, err := newWireGuard(d1, []string{"wg0"}, time.Hour, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		src, iface string
+		want       OwnerID
+	}{
+		{"2001:db8:a::1", "wg0", wgID(1)},
+		{"2001:db8:a:5::1", "wg0", wgID(4)},
+		{"2001:db8:a::1", "wg1", ""},
+		{"2001:db8:a::1", "", ""},
+		{"2001:db8:b::1", "wg0", ""},
+	} {
+		if o, ok := w1.LookupOn(addr(tc.src), tc.iface); o.ID != tc.want || ok != (tc.want != "") {
+			t.Errorf("one interface: LookupOn(%s, %q) = %q %v, want %q", tc.src, tc.iface, o.ID, ok, tc.want)
+		}
+	}
 }
