@@ -490,6 +490,22 @@ func (w *WireGuard) buildLocked() *table {
 	// Per interface, its peers' prefixes alone (table.findOn), holes or
 	// not: a request is a peer's only if it arrived on an interface where
 	// WireGuard's source check took it as that peer's.
+	present := make(map[string]int, len(first)) // kernel name → interface index, for those read
+	for k, ifi := range first {
+		if _, ok := w.lastGood[w.ifaces[ifi]]; ok && k != "" {
+			present[k] = ifi
+		}
+	}
+	t.ifaces = make(map[string]*table, len(present))
+	if len(present) == 1 {
+		// One interface: no prefix is a hole across interfaces, and one
+		// prefix of two of its peers is nobody's in t too, so t labels
+		// every address as its sub-table would (table.only).
+		for k := range present {
+			t.only, t.ifaces[k] = k, t
+		}
+		return t
+	}
 	byIface := make(map[int][]span)
 	for _, c := range sorted {
 		for _, h := range c.holders {
@@ -508,22 +524,10 @@ func (w *WireGuard) buildLocked() *table {
 			byIface[h.iface] = append(ss, s)
 		}
 	}
-	t.ifaces = make(map[string]*table, len(first))
-	for k, ifi := range first {
-		if _, ok := w.lastGood[w.ifaces[ifi]]; !ok || k == "" {
-			continue // gone: no request is any peer's there
-		}
+	for k, ifi := range present {
 		sub := build(owners, byIface[ifi])
 		sub.byID, sub.holes = nil, nil
 		t.ifaces[k] = sub
-	}
-	if len(t.ifaces) == 1 {
-		// One interface: no prefix is a hole across interfaces, and one
-		// prefix of two of its peers is nobody's in both tables, so the
-		// sub-table labels every address as t does (table.only).
-		for k := range t.ifaces {
-			t.only = k
-		}
 	}
 	return t
 }
