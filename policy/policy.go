@@ -330,25 +330,45 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 			return o, NotOwned
 		}
 	}
+	return o, p.rules(&r)
+}
+
+// Rules judges r as Authorize does once ownership is settled: the
+// THIRD_PARTY switch, a never-openable target, protocol and ports, in
+// Authorize's order, and neither r.Source nor r.Iface. It is for what
+// outlives a request, whose arrival interface is not known (a restored
+// lease): its ownership is the ownership sweep's (Lookup).
+func (p *Policy) Rules(r Request) Reason {
+	if r.ThirdParty && p.tp == ThirdPartyOff {
+		return ThirdPartyDenied
+	}
+	if p.neverOpenable(r.Target) {
+		return NeverOpenable
+	}
+	return p.rules(&r)
+}
+
+// rules is Authorize's last steps: protocol and ports.
+func (p *Policy) rules(r *Request) Reason {
 	switch {
 	case r.Protocol == 0:
 		if !p.allProtos {
-			return o, AllProtocolsDenied
+			return AllProtocolsDenied
 		}
 	case !p.proto[r.Protocol]:
-		return o, ProtocolDenied
+		return ProtocolDenied
 	}
 	if r.InternalPort == 0 {
 		if !p.allPorts {
-			return o, AllPortsDenied
+			return AllPortsDenied
 		}
 	} else if !p.PortAllowed(r.InternalPort) {
-		return o, PortDenied
+		return PortDenied
 	}
 	if r.ExternalPort != 0 && !p.PortAllowed(r.ExternalPort) {
-		return o, PortDenied
+		return PortDenied
 	}
-	return o, Allowed
+	return Allowed
 }
 
 // CheckQuota decides whether a client holding clientLeases, on a server

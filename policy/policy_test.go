@@ -352,3 +352,38 @@ func TestReasonString(t *testing.T) {
 		t.Error(Reason(200).String())
 	}
 }
+
+// TestRulesWithoutOwnership: Rules is Authorize's verdict once ownership
+// is settled, whoever owns the source and whatever the interface
+// (restored leases, which have none).
+func TestRulesWithoutOwnership(t *testing.T) {
+	st, err := NewStatic(map[string][]netip.Prefix{"a": {netip.MustParsePrefix("2001:db8:a::/48")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{DenyPorts: []PortRange{{22, 22}}, ThirdParty: ThirdPartyOff,
+		HostAddrs: func(a netip.Addr) bool { return a == addr("2001:db8:a::1") }}, st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		req  Request
+		want Reason
+	}{
+		{Request{Source: addr("2001:db8:a::5"), Target: addr("2001:db8:a::5"), Protocol: 6, InternalPort: 443}, Allowed},
+		{Request{Source: addr("2001:db8:ff::5"), Target: addr("2001:db8:ff::5"), Protocol: 6, InternalPort: 443}, Allowed}, // owned by nobody: not Rules' concern
+		{Request{Source: addr("2001:db8:ff::5"), Target: addr("2001:db8:ff::5"), Protocol: 6, InternalPort: 22}, PortDenied},
+		{Request{Source: addr("2001:db8:a::5"), Iface: "wg9", Target: addr("2001:db8:a::5"), Protocol: 6, InternalPort: 22}, PortDenied},
+		{Request{Source: addr("2001:db8:a::5"), Target: addr("2001:db8:a::5"), Protocol: 132, InternalPort: 443}, ProtocolDenied},
+		{Request{Source: addr("2001:db8:a::5"), Target: addr("2001:db8:a::5"), Protocol: 6}, AllPortsDenied},
+		{Request{Source: addr("2001:db8:a::1"), Target: addr("2001:db8:a::1"), Protocol: 6, InternalPort: 443}, NeverOpenable},
+		{Request{Source: addr("2001:db8:a::5"), Target: addr("2001:db8:a::6"), ThirdParty: true, Protocol: 6, InternalPort: 443}, ThirdPartyDenied},
+	} {
+		if got := p.Rules(tc.req); got != tc.want {
+			t.Errorf("Rules(%+v) = %v, want %v", tc.req, got, tc.want)
+		}
+		if _, got := p.Authorize(tc.req); tc.req.Iface == "" && got != NoOwner && got != tc.want {
+			t.Errorf("Authorize(%+v) = %v, Rules %v", tc.req, got, tc.want)
+		}
+	}
+}

@@ -108,6 +108,8 @@ type Policy interface {
 	// Requester is the owner a request from src arriving on iface
 	// (kernel name) is taken as, as Authorize takes it.
 	Requester(src netip.Addr, iface string) (policy.Owner, bool)
+	// Rules is Authorize without ownership (for restored leases).
+	Rules(policy.Request) policy.Reason
 	CheckQuota(clientLeases, totalLeases int) policy.Reason
 	ClampLifetime(time.Duration) time.Duration
 	MaxLeasesPerClient() int // bounds a client's quarantined ports too (MAP-22, quarantine.go)

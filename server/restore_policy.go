@@ -23,17 +23,16 @@ import (
 // when serving starts.
 
 // refusedNow is what the current rules answer a renewal of l (Allowed if
-// they grant it, or if only ownership refuses it: sweepOwnership's).
+// they grant it; ownership is sweepOwnership's). Policy.Rules, not
+// Authorize: a restored lease has no arrival interface, and Authorize
+// finds a WireGuard owner's source nobody's without one (NoOwner), which
+// skipped the rules for every WireGuard lease
+// (TestRestartDropsLeasesPolicyRefusesBound).
 func (s *Server) refusedNow(l *store.Lease) policy.Reason {
-	_, reason := s.pol.Authorize(policy.Request{
+	return s.pol.Rules(policy.Request{
 		Source: l.InternalAddr, Target: l.InternalAddr, ThirdParty: l.ThirdParty,
 		Protocol: l.Protocol, InternalPort: l.InternalPort,
 	})
-	switch reason {
-	case policy.NoOwner, policy.NotOwned:
-		return policy.Allowed
-	}
-	return reason
 }
 
 // refusedLease is a restored lease the rules refuse, and why.

@@ -51,3 +51,37 @@ func TestRestartDropsLeasesPolicyRefuses(t *testing.T) {
 		})
 	}
 }
+
+// TestRestartDropsLeasesPolicyRefusesBound: the same with ownership bound
+// to interfaces, as WireGuard's: a restored lease has no arrival
+// interface, and judged by Authorize without one its source was nobody's
+// (NoOwner, left to the sweep), so the new rules were never applied to a
+// WireGuard client's leases. The sweep, which looks owners up without an
+// interface, must keep the lease the rules still allow.
+func TestRestartDropsLeasesPolicyRefusesBound(t *testing.T) {
+	st, err := policy.NewStatic(map[string][]netip.Prefix{"a": {netip.MustParsePrefix("2001:db8:a::/48")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t)
+	h.own = boundOwnership{own: st, on: map[policy.OwnerID]string{"static:a": "wg0"}}
+	h.start()
+	for _, port := range []uint16{22, 443} {
+		b := pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, port, 0, time.Hour, 1))
+		out := h.s.HandleBatch([]Request{{Local: local6, Source: netip.AddrPortFrom(addrA, 40000), Iface: "wg0", Data: b}})[0]
+		var r pcp.Response
+		if err := pcp.ParseResponse(out, &r); err != nil || r.Result != pcp.Success {
+			t.Fatalf("MAP %d on wg0: %v %v", port, r.Result, err)
+		}
+	}
+	h.pcfg.DenyPorts = []policy.PortRange{{First: 22, Last: 22}}
+	h.start()
+	h.s.sweepOwnership()
+	hs := h.fw.Holes()
+	if _, ok := hs[hole(6, addrA, 22, addrA, 22)]; ok {
+		t.Errorf("port 22 denied after the restart, but its pinhole stays: %v", hs)
+	}
+	if _, ok := hs[hole(6, addrA, 443, addrA, 443)]; !ok || len(hs) != 1 {
+		t.Errorf("pinholes %v, want 443's alone", hs)
+	}
+}
