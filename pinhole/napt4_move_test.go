@@ -33,7 +33,11 @@ func TestNAPT4MoveExternalPort(t *testing.T) {
 				t.Fatal(err)
 			}
 			in := netip.AddrPortFrom(topo.ClientV4, 5000)
-			serve(t, topo.Client, udp, in)
+			echo, err := topo.Client.StartUDPEcho(in.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer echo.Close()
 			oldPub := netip.AddrPortFrom(topo.HostPublicV4, 15000)
 			newPub := netip.AddrPortFrom(topo.HostPublicV4, 15001)
 			old := pinhole.Pinhole{Protocol: udp, InternalAddr: in.Addr(), InternalPort: in.Port(),
@@ -48,6 +52,7 @@ func TestNAPT4MoveExternalPort(t *testing.T) {
 			}
 			mustReach(t, "new port after the move", topo.Internet, udp, netip.Addr{}, newPub)
 			mustNotReach(t, "old port after the move", topo.Internet, udp, netip.Addr{}, oldPub)
+			echo.Close() // seenFrom binds the internal endpoint itself
 			if got, err := seenFrom(t, topo, in, 7001); err != nil || got != newPub {
 				t.Fatalf("outbound from %s seen as %v (%v), want %s", in, got, err, newPub)
 			}
