@@ -26,6 +26,7 @@ type encodedOp struct {
 	k     kind
 	elem  nftables.SetElement // without timeout
 	id    string              // set and key: equal ids touch the same element
+	sid   string              // the same for the SNAT companion, if any
 }
 
 func encode(op Op) (encodedOp, error) {
@@ -35,7 +36,13 @@ func encode(op Op) (encodedOp, error) {
 	}
 	k := kindOf(v.Pinhole)
 	e := element(k, v.Pinhole)
-	return encodedOp{orig: op, op: v, k: k, elem: e, id: specs[k].name + "|" + string(e.Key) + "|" + string(e.KeyEnd)}, nil
+	enc := encodedOp{orig: op, op: v, k: k, elem: e, id: specs[k].name + "|" + string(e.Key) + "|" + string(e.KeyEnd)}
+	if i, se, ok := snatElement(k, v.Pinhole); ok {
+		// Two NAPT elements of one internal endpoint (a mapping moved to
+		// another external port) share their companion's key.
+		enc.sid = snatSpecs[i].name + "|" + string(se.Key) + "|" + string(se.KeyEnd)
+	}
+	return enc, nil
 }
 
 // Apply sends ops to the kernel in one netlink transaction: all of them
@@ -130,7 +137,11 @@ func (b *Backend) queueOps(enc []encodedOp) error {
 	clear(seen)
 	start := 0
 	for i, e := range enc {
-		if _, dup := seen[e.id]; dup {
+		_, dup := seen[e.id]
+		if !dup && e.sid != "" {
+			_, dup = seen[e.sid]
+		}
+		if dup {
 			if err := b.queuePhase(enc[start:i]); err != nil {
 				return err
 			}
@@ -138,6 +149,9 @@ func (b *Backend) queueOps(enc []encodedOp) error {
 			start = i
 		}
 		seen[e.id] = struct{}{}
+		if e.sid != "" {
+			seen[e.sid] = struct{}{}
+		}
 	}
 	return b.queuePhase(enc[start:])
 }
