@@ -156,6 +156,11 @@ func (t *tx) set(key store.Key, next *store.Lease, ended bool) {
 	} else {
 		t.s.tab.put(*next)
 		t.taken(next)
+		if prev != nil && endpointOf(prev) != endpointOf(next) {
+			// A replacement that moved the mapping (a new nonce, PROTOCOL.md
+			// choice (c)) frees its old external port as a delete would.
+			t.freed(prev)
+		}
 	}
 }
 
