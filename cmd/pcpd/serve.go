@@ -146,8 +146,11 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		bg = append(bg, w.Run)
 		wgStats = w
 	}
-	host := newHostAddrs()
-	bg = append(bg, host.run)
+	// The host's own addresses, its IPv4 subnets' broadcast addresses and
+	// its IPv6 subnet-router anycast addresses: never openable.
+	host := new(policy.HostSet)
+	host.Refresh() // on error: empty until Run's next refresh succeeds
+	bg = append(bg, host.Run)
 	tp := policy.ThirdPartyOwned
 	if cfg.ThirdParty == config.ThirdPartyOff {
 		tp = policy.ThirdPartyOff
@@ -158,7 +161,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		MaxLeasesPerClient: cfg.MaxLeasesPerClient,
 		MaxLeases:          cfg.MaxLeases,
 		ThirdParty:         tp,
-		HostAddrs:          host.contains,
+		HostAddrs:          host.Contains,
 		AllowPorts:         portRanges(cfg.AllowPorts),
 		DenyPorts:          portRanges(cfg.DenyPorts),
 		AllowAllPorts:      cfg.AllowAllPorts,
