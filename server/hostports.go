@@ -73,8 +73,8 @@ func (p *portSet) union(o *portSet) {
 	}
 }
 
-// reserved reports whether the host uses port for protocol proto.
-func (h *hostPorts) reserved(proto uint8, port uint16) bool {
+// staticSet returns the ports reserved whatever the host does.
+func (h *hostPorts) staticSet() *portSet {
 	h.staticOnce.Do(func() {
 		h.static = new(portSet)
 		h.static.add(pcp.Port)
@@ -83,7 +83,21 @@ func (h *hostPorts) reserved(proto uint8, port uint16) bool {
 			h.static.add(p)
 		}
 	})
-	if h.static.has(port) {
+	return h.static
+}
+
+// configReserved reports whether the configuration alone forbids port as
+// an external IPv4 port: outside Config.IPv4Ports, pcpd's own 5350/5351,
+// or in Config.ReservedPorts. Unlike reserved it does not look at the
+// host's sockets, so it is fit for leases already held (restore: see
+// Server.configForbids).
+func (h *hostPorts) configReserved(port uint16) bool {
+	return !h.s.cfg.IPv4Ports.contains(port) || h.staticSet().has(port)
+}
+
+// reserved reports whether the host uses port for protocol proto.
+func (h *hostPorts) reserved(proto uint8, port uint16) bool {
+	if h.staticSet().has(port) {
 		return true
 	}
 	h.mu.Lock()

@@ -170,6 +170,10 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response, o *outcome) (pc
 	// Choice (c): the owner's new nonce replaces the mapping (a rebooted
 	// client); the same nonce, or NAT-PMP, renews it.
 	renew := found && !(nonced && ex.Nonce != a.nonce)
+	// A renewal keeps its external endpoint without asking usable: ports
+	// the configuration forbids are never in the table (restore drops
+	// them, configForbids), and the host's socket scan counts ephemeral
+	// UDP sockets, so re-checking it here would move mappings at random.
 	var next store.Lease
 	if renew {
 		if a.pf && (a.suggPort != ex.ExternalPort || (specified(a.suggAddr) && a.suggAddr != ex.ExternalAddr)) {
