@@ -80,7 +80,6 @@ type restoring struct {
 	drop     []store.Key       // expired or moved: out of the store
 	gone     []pinhole.Pinhole // of moved leases: out of the kernel
 	moved    int
-	reserved int // on an external IPv4 port the configuration forbids
 	doubtful int
 	expired  int
 	refused  []refusedLease // restored, but the rules refuse them now (restore_policy.go)
@@ -106,39 +105,16 @@ func (r *restoring) add(l *store.Lease) {
 		r.drop = append(r.drop, l.Key)
 		r.gone = append(r.gone, pinholesOf(l)...)
 		r.moved++
-	case r.s.configForbids(l):
-		r.drop = append(r.drop, l.Key)
-		r.gone = append(r.gone, pinholesOf(l)...)
-		r.reserved++
 	default:
 		if r.s.clampRestored(l, r.now) {
 			r.doubtful++
 		}
 		l.Filters = slices.Clip(slices.Clone(l.Filters))
 		r.s.tab.insert(l)
-		if why := r.s.refusedNow(l); why != policy.Allowed {
-			r.refused = append(r.refused, refusedLease{key: l.Key, reason: why})
+		if why, reserved := r.s.refusedNow(l), r.s.configForbids(l); why != policy.Allowed || reserved {
+			r.refused = append(r.refused, refusedLease{key: l.Key, reason: why, reservedPort: reserved})
 		}
 	}
-}
-
-// configForbids reports whether a stored lease holds an external IPv4 port
-// the configuration now forbids (Config.ReservedPorts, outside
-// Config.IPv4Ports, pcpd's own 5350/5351): an operator reserves a port a
-// client holds and restarts pcpd. Such leases are not restored (their
-// pinholes leave the kernel and the lease the store) and the epoch resets,
-// so their clients map again and get another port
-// (TestReservedPortsAfterRestart). The configuration is fixed for a
-// Server's life and new mappings never get such a port (usable), so
-// restore is the only place such a lease can appear: renewals need not ask.
-//
-// The host's own sockets (hostPorts.reserved) are not consulted here, nor
-// on renewal: the scan counts every bound UDP socket, ephemeral client
-// sockets included, so held mappings would move at random. A service that
-// starts on a mapped port after the fact has to be reserved in the
-// configuration (or the lease revoked).
-func (s *Server) configForbids(l *store.Lease) bool {
-	return l.ExternalAddr.Is4() && s.hostPorts.configReserved(l.ExternalPort)
 }
 
 // finish reconciles the kernel with the table, drops from the store what
@@ -152,11 +128,6 @@ func (r *restoring) finish(st store.State) error {
 	}
 	if r.moved > 0 {
 		lost, why = true, "external IPv4 address changed"
-	}
-	if r.reserved > 0 {
-		s.log.Warn("dropped stored leases on external IPv4 ports the configuration reserves (--reserved-ports, outside --ipv4-ports)",
-			zap.Int("leases", r.reserved))
-		lost, why = true, "leases on now reserved external IPv4 ports dropped"
 	}
 	unrestored, ok := s.reconcile(r.gone, now)
 	r.gone = nil

@@ -20,7 +20,9 @@ import (
 // instead (TestRestartDropsLeasesPolicyRefuses), as the ownership sweep
 // revokes leases no longer owned (LIFE-05); ownership itself (NoOwner,
 // and an owner other than the lease's) is left to that sweep, which runs
-// when serving starts.
+// when serving starts. A lease whose external IPv4 port the server's
+// configuration now reserves (configForbids) is revoked in the same pass,
+// although before this its renewals were granted and kept the port.
 
 // refusedNow is what the current rules answer a renewal of l (Allowed if
 // they grant it; ownership is sweepOwnership's). Policy.Rules, not
@@ -37,8 +39,28 @@ func (s *Server) refusedNow(l *store.Lease) policy.Reason {
 
 // refusedLease is a restored lease the rules refuse, and why.
 type refusedLease struct {
-	key    store.Key
-	reason policy.Reason
+	key          store.Key
+	reason       policy.Reason // Allowed if only reservedPort refuses it
+	reservedPort bool          // its external IPv4 port is one the configuration reserves (configForbids)
+}
+
+// configForbids reports whether a stored lease holds an external IPv4 port
+// the configuration now forbids (Config.ReservedPorts, outside
+// Config.IPv4Ports, pcpd's own 5350/5351): an operator reserves a port a
+// client holds and restarts pcpd. Start revokes such leases with those the
+// rules refuse (revokeRefused: pinholes, store, connections), and the
+// client's next request maps another port (TestReservedPortsAfterRestart).
+// The configuration is fixed for a Server's life and new mappings never
+// get such a port (usable), so restore is the only place such a lease can
+// appear: renewals need not ask.
+//
+// The host's own sockets (hostPorts.reserved) are not consulted here, nor
+// on renewal: the scan counts every bound UDP socket, ephemeral client
+// sockets included, so held mappings would move at random. A service that
+// starts on a mapped port after the fact has to be reserved in the
+// configuration (or the lease revoked).
+func (s *Server) configForbids(l *store.Lease) bool {
+	return l.ExternalAddr.Is4() && s.hostPorts.configReserved(l.ExternalPort)
 }
 
 // maxRefusedLogs bounds the per-lease log lines of revokeRefused (an
@@ -57,14 +79,18 @@ func (s *Server) revokeRefused(refused []refusedLease) {
 	t := s.begin(s.now())
 	type logged struct {
 		l      store.Lease
-		reason policy.Reason
+		reason string
 	}
 	logs := make([]logged, 0, min(len(refused), maxRefusedLogs))
 	n := 0
 	for _, r := range refused {
 		if l, ok := s.tab.get(r.key); ok {
 			if len(logs) < maxRefusedLogs {
-				logs = append(logs, logged{*l, r.reason})
+				why := r.reason.String()
+				if r.reservedPort && r.reason == policy.Allowed {
+					why = "external-port-reserved" // --reserved-ports, --ipv4-port-range
+				}
+				logs = append(logs, logged{*l, why})
 			}
 			t.set(r.key, nil, true)
 			n++
@@ -85,7 +111,7 @@ func (s *Server) revokeRefused(refused []refusedLease) {
 			zap.String("peer", l.Owner), zap.Stringer("address", l.InternalAddr),
 			zap.Uint16("port", l.InternalPort), zap.String("protocol", protoName(l.Protocol)),
 			zap.Stringer("external", netip.AddrPortFrom(l.ExternalAddr, l.ExternalPort)),
-			zap.Stringer("reason", g.reason))
+			zap.String("reason", g.reason))
 	}
 	s.log.Warn("restored leases the rules refuse now were revoked", zap.Int("count", n))
 }
