@@ -10,6 +10,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -236,19 +237,8 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		if err != nil {
 			return failure(fmt.Errorf("serve: metrics: %w", err))
 		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-		if os.Getenv("PCPD_DEBUG_PPROF") == "1" {
-			// Opt-in, for profiling a running daemon (bench/driver
-			// --trace): Go's profiles and execution trace beside the
-			// metrics, on the same (operator-chosen, usually loopback)
-			// address. Off by default: a trace costs the daemon CPU.
-			mux.HandleFunc("/debug/pprof/", pprof.Index)
-			mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-		}
-		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go metrics.Serve(ln)
+		metrics = newMetricsServer(reg, os.Getenv("PCPD_DEBUG_PPROF") == "1")
+		go metrics.Serve(limitListener(ln, metricsMaxConns))
 		defer metrics.Close()
 	}
 
@@ -397,4 +387,66 @@ func kernelMeter(cfg *config.Config) pinhole.Meter {
 		m.Ports = []uint16{config.DefaultPort}
 	}
 	return m
+}
+
+// The metrics endpoint's bounds. Its address is reachable by every local
+// user (loopback, by default) and has no authentication: without them
+// anyone on the host could hold LimitNOFILE idle keep-alive connections
+// (net/http keeps an idle one forever when IdleTimeout and ReadTimeout are
+// zero) and leave pcpd unable to open its WAL segments, snapshots,
+// conntrack and listen sockets. A scraper needs one connection; 16 leave
+// room for several and for curl.
+var (
+	metricsIdleTimeout = 2 * time.Minute
+	metricsMaxConns    = 16
+)
+
+// limitListener accepts at most n connections at once; more wait in the
+// listen backlog until one closes (as the control socket's maxConns).
+func limitListener(ln net.Listener, n int) net.Listener {
+	return &limitedListener{Listener: ln, sem: make(chan struct{}, n)}
+}
+
+type limitedListener struct {
+	net.Listener
+	sem chan struct{}
+}
+
+func (l *limitedListener) Accept() (net.Conn, error) {
+	l.sem <- struct{}{}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.sem
+		return nil, err
+	}
+	return &limitedConn{Conn: c, release: func() { <-l.sem }}, nil
+}
+
+type limitedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
+}
+
+// newMetricsServer serves reg at /metrics and, with pprof, Go's profiles
+// beside it.
+func newMetricsServer(reg *prometheus.Registry, pprofOn bool) *http.Server {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	if pprofOn {
+		// Opt-in, for profiling a running daemon (bench/driver
+		// --trace): Go's profiles and execution trace beside the
+		// metrics, on the same (operator-chosen, usually loopback)
+		// address. Off by default: a trace costs the daemon CPU.
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
+	return &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: metricsIdleTimeout}
 }
