@@ -583,6 +583,15 @@ func TestWireGuardInterfaceGone(t *testing.T) {
 // same name, keys, peer, addresses and routes netlab gave it.
 func recreateWireGuard(t *testing.T, l *lab) {
 	t.Helper()
+	recreateWireGuardPeer(t, l, l.topo.ClientKey.PublicKey())
+	l.waitTunnel()
+}
+
+// recreateWireGuardPeer brings the host's WireGuard interface back as
+// recreateWireGuard does, but with peer as its one peer (the client's
+// AllowedIPs), and does not wait for the tunnel.
+func recreateWireGuardPeer(t *testing.T, l *lab, peer wgtypes.Key) {
+	t.Helper()
 	topo := l.topo
 	ifc := topo.HostLANIf
 	os.Remove(filepath.Join(netlab.SocketDir, ifc+".sock"))
@@ -603,7 +612,7 @@ func recreateWireGuard(t *testing.T, l *lab) {
 		PrivateKey: &topo.HostKey,
 		ListenPort: &port,
 		Peers: []wgtypes.PeerConfig{{
-			PublicKey:         topo.ClientKey.PublicKey(),
+			PublicKey:         peer,
 			ReplaceAllowedIPs: true,
 			AllowedIPs:        []net.IPNet{ipnet(topo.ClientPrefix6), ipnet(topo.ClientPrefix4)},
 		}},
@@ -616,7 +625,6 @@ func recreateWireGuard(t *testing.T, l *lab) {
 	h.MustRun(t, "ip", "addr", "add", topo.HostTunnelV6.String()+"/128", "dev", ifc, "nodad")
 	h.MustRun(t, "ip", "addr", "add", topo.HostTunnelV4.String()+"/24", "dev", ifc)
 	h.MustRun(t, "ip", "-6", "route", "add", topo.ClientPrefix6.String(), "dev", ifc)
-	l.waitTunnel()
 }
 
 func ipnet(p netip.Prefix) net.IPNet {
