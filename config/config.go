@@ -165,6 +165,11 @@ type Config struct {
 	// addition to the host's listening ports; sorted, without repeats.
 	ReservedPorts []uint16
 
+	// WireGuardGoneGrace: how long a served WireGuard interface that
+	// disappeared keeps its last peers owning their AllowedIPs for the
+	// ownership sweep (policy.WithGoneGrace); 0: none.
+	WireGuardGoneGrace time.Duration
+
 	// TouchInterval: how often the store records that the daemon is
 	// alive (EPO-04 clock-doubt detection at the next start).
 	// SnapshotInterval: how often the state's backup copy is written.

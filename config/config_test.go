@@ -63,6 +63,7 @@ func TestDefaults(t *testing.T) {
 		KernelReversePath:      ReversePathStrict,
 		IPv4PortLow:            1024,
 		IPv4PortHigh:           65535,
+		WireGuardGoneGrace:     time.Minute,
 		TouchInterval:          time.Minute,
 		SnapshotInterval:       time.Hour,
 		LogLevel:               zapcore.InfoLevel,
@@ -104,6 +105,7 @@ allow-all-ports = true
 reserved-ports = "8080,9000-9002"
 touch-interval = "30s"
 snapshot-interval = "6h"
+wireguard-gone-grace = "0"
 
 [client]
 home = ["2001:db8:1:2::/64", "10.100.0.2"]
@@ -153,6 +155,7 @@ office = ["2001:db8:2::/48"]
 		ReservedPorts:          []uint16{8080, 9000, 9001, 9002},
 		TouchInterval:          30 * time.Second,
 		SnapshotInterval:       15 * time.Minute,
+		WireGuardGoneGrace:     0, // "0" in the file: no grace
 		Metrics:                "127.0.0.1:9351",
 		LogLevel:               zapcore.DebugLevel,
 		StrictNonce:            true,
@@ -271,6 +274,14 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{"--snapshot-interval: -1h0m0s is shorter than one second"}},
 		{name: "snapshot interval as a number", file: "snapshot-interval = 3600\n",
 			want: []string{`snapshot-interval: want a duration string such as "90s" or "2h", got integer 3600`}},
+		{name: "wireguard gone grace", args: []string{"--wireguard-gone-grace", "soon"},
+			want: []string{`--wireguard-gone-grace: "soon" is not a duration`}},
+		{name: "wireguard gone grace sub-second", args: []string{"--wireguard-gone-grace", "500ms"},
+			want: []string{"--wireguard-gone-grace: 500ms is shorter than one second"}},
+		{name: "wireguard gone grace negative", args: []string{"--wireguard-gone-grace", "-1m"},
+			want: []string{"--wireguard-gone-grace: -1m0s is shorter than one second"}},
+		{name: "wireguard gone grace over an hour", file: "wireguard-gone-grace = \"2h\"\n",
+			want: []string{"wireguard-gone-grace: 2h0m0s is longer than 1h"}},
 		{name: "metrics", args: []string{"--metrics", "9351"},
 			want: []string{`--metrics: "9351": want HOST:PORT`}},
 		{name: "log level", args: []string{"--log-level", "loud"},

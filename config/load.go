@@ -51,6 +51,8 @@ var settings = []setting{
 		usage: "attached mode: the chain `NAME` pcpd fills in the --nft-attach table, for the admin's forward chain to jump to; its other objects there are named NAME_*"},
 	{name: "nft-notrack", kind: kBool, def: "true",
 		usage: "standalone mode: keep pcpd's own datagrams (UDP to its port on this host, and from it) out of conntrack, so requests cannot fill the conntrack table; --nft-notrack=false when other rules on the host need them tracked (they see \"ct state untracked\")"},
+	{name: "wireguard-gone-grace", kind: kDuration, def: "1m",
+		usage: "WireGuard ownership: how long a served interface that disappeared (wg-quick down/up, systemctl restart wg-quick@wg0) keeps its last peers owning their AllowedIPs for the ownership sweep, a `DURATION` (0: none); their leases and pinholes are revoked only when it is still gone after that (it serves no request meanwhile); back with other peers or AllowedIPs, what changed is revoked at once"},
 	{name: "state-dir", kind: kString, def: DefaultStateDir,
 		usage: "directory `DIR` for durable state (leases, epoch)"},
 	{name: "socket", kind: kString, def: DefaultSocket,

@@ -301,6 +301,18 @@ func validate(vals map[string]*value) (*Config, Errors) {
 		}
 	}
 
+	// WireGuard: 0 (no grace) or whole seconds up to an hour; a longer
+	// grace keeps the pinholes of peers removed for good open as long.
+	wv := vals["wireguard-gone-grace"]
+	if d, err := time.ParseDuration(wv.str); err != nil || d != 0 {
+		if d, ok := parseDuration(wv, fail); ok {
+			if d > time.Hour {
+				fail(wv, "%v is longer than 1h", d)
+			}
+			c.WireGuardGoneGrace = d
+		}
+	}
+
 	// Store housekeeping.
 	c.TouchInterval, _ = parseDuration(vals["touch-interval"], fail)
 	c.SnapshotInterval, _ = parseDuration(vals["snapshot-interval"], fail)

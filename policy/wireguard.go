@@ -67,8 +67,18 @@ type deviceReader interface {
 //     full-tunnel one included, may send from any address there.
 //
 // A failed read of an interface keeps its previous peers (a transient
-// error must not revoke every lease); an interface that no longer exists
-// loses its peers.
+// error must not revoke every lease). An interface that no longer exists
+// loses its peers, at once without a grace period (WithGoneGrace), else
+// once it has been gone for the grace: a wg-quick down/up or systemctl
+// restart wg-quick@wg0 deletes the interface and re-creates it with the
+// same peers seconds later, and a refresh caught in between revoked
+// every lease of the interface, silently, until each client's next
+// renewal. While held, the gone interface's last peers still own their
+// AllowedIPs for Lookup, Owners and Holes (sweeps, revocation, the
+// guard, holes across interfaces exactly as before it went), but for no
+// request (LookupOn): a request only counts on an interface that is
+// there. If it comes back with other peers or AllowedIPs, what changed
+// is lost at once, as any change.
 type WireGuard struct {
 	dev deviceReader
 	// kernel resolves a configured name to the kernel's (ifname.Kernel):
@@ -78,6 +88,8 @@ type WireGuard struct {
 	ifaces    []string
 	refresh   time.Duration
 	missEvery time.Duration
+	grace     time.Duration // WithGoneGrace; 0: a gone interface's peers own nothing at once
+	now       func() time.Time
 	log       *zap.Logger
 	labels    map[string]string
 
@@ -92,7 +104,11 @@ type WireGuard struct {
 	// kname is the kernel name each configured name was last read by:
 	// two configured names of one interface (its kernel name and an
 	// altname) are one interface to buildLocked.
-	kname    map[string]string
+	kname map[string]string
+	// gone holds, by configured name, when each interface whose peers
+	// are held for the grace (its lastGood and kname kept) was first
+	// found gone.
+	gone     map[string]time.Time
 	warned   map[string]bool // warnings given by the last build
 	warnNext map[string]bool // warnings of the build in progress
 }
@@ -120,6 +136,14 @@ func WithMissInterval(d time.Duration) WireGuardOption {
 	}
 }
 
+// WithGoneGrace keeps a gone interface's last peers owning their
+// AllowedIPs for d (for Lookup, not for requests: WireGuard's doc) before
+// they own nothing and lose their leases; d ≤ 0 (the default) loses them
+// at the first read that finds the interface gone.
+func WithGoneGrace(d time.Duration) WireGuardOption {
+	return func(w *WireGuard) { w.grace = max(d, 0) }
+}
+
 // NewWireGuard reads the peers of ifaces once and returns their ownership.
 // refresh ≤ 0 selects DefaultRefresh. Every interface must exist now.
 func NewWireGuard(c *wgctrl.Client, ifaces []string, refresh time.Duration, log *zap.Logger, opts ...WireGuardOption) (*WireGuard, error) {
@@ -145,11 +169,13 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 		ifaces:    slices.Clone(ifaces),
 		refresh:   refresh,
 		missEvery: DefaultMissInterval,
+		now:       time.Now,
 		log:       log,
 		missCh:    make(chan struct{}, 1),
 		changes:   make(chan Change, changeBuffer),
 		lastGood:  make(map[string][]wgtypes.Peer),
 		kname:     make(map[string]string),
+		gone:      make(map[string]time.Time),
 		warned:    make(map[string]bool),
 	}
 	for _, o := range opts {
@@ -262,12 +288,19 @@ func (w *WireGuard) Changes() <-chan Change { return w.changes }
 func (w *WireGuard) Run(ctx context.Context) error {
 	tick := time.NewTicker(w.refresh)
 	defer tick.Stop()
-	var delayed <-chan time.Time
+	var delayed, graceEnd <-chan time.Time
+	var graceTimer *time.Timer
+	defer func() {
+		if graceTimer != nil {
+			graceTimer.Stop()
+		}
+	}()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-tick.C:
+		case <-graceEnd:
 		case <-delayed:
 		case <-w.missCh:
 			w.mu.Lock()
@@ -285,7 +318,30 @@ func (w *WireGuard) Run(ctx context.Context) error {
 		if err := w.Refresh(ctx); err != nil && ctx.Err() == nil {
 			w.log.Warn("refreshing WireGuard ownership", zap.Error(err))
 		}
+		// A held interface's grace ends at its own time, not up to a
+		// refresh interval later.
+		if graceTimer != nil {
+			graceTimer.Stop()
+		}
+		graceTimer, graceEnd = nil, nil
+		if end, ok := w.graceEnd(); ok {
+			graceTimer = time.NewTimer(end.Sub(w.now()))
+			graceEnd = graceTimer.C
+		}
 	}
+}
+
+// graceEnd is when the first grace of a held interface ends.
+func (w *WireGuard) graceEnd() (time.Time, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var end time.Time
+	for _, since := range w.gone {
+		if e := since.Add(w.grace); end.IsZero() || e.Before(end) {
+			end = e
+		}
+	}
+	return end, !end.IsZero()
 }
 
 // Refresh re-reads every interface now, swaps in the new view and sends the
@@ -297,24 +353,55 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 	defer w.mu.Unlock()
 	var errs []error
 	changed := false
+	now := w.now()
 	for _, name := range w.ifaces {
 		d, k, err := w.device(name)
 		switch {
 		case err == nil:
-			if old, had := w.lastGood[name]; !had || !samePeers(old, d.Peers) || w.kname[name] != k {
+			old, had := w.lastGood[name]
+			same := had && samePeers(old, d.Peers) && w.kname[name] == k
+			if since, held := w.gone[name]; held {
+				// Back: requests count on it again (a rebuild either
+				// way); other peers or AllowedIPs lose what changed.
+				delete(w.gone, name)
+				w.log.Info("WireGuard interface back within its grace", zap.String("interface", name),
+					zap.Duration("gone_for", now.Sub(since).Round(time.Millisecond)), zap.Bool("same_peers", same))
+				same = false
+			}
+			if !same {
 				changed = true
 			}
 			w.lastGood[name] = d.Peers
 			w.kname[name] = k
 		case errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED):
 			// Gone, or a userspace daemon's stale socket: no traffic can
-			// reach these peers, so they own nothing.
-			if _, had := w.lastGood[name]; had {
-				w.log.Warn("WireGuard interface gone; its peers own nothing", zap.String("interface", name))
+			// reach these peers. They own nothing once the grace is over
+			// (at once without one).
+			if _, had := w.lastGood[name]; !had {
+				break
+			}
+			since, held := w.gone[name]
+			switch {
+			case !held && w.grace > 0:
+				// Held: a rebuild takes it out of the tables requests
+				// are judged by (no owner, no hole changes).
+				w.gone[name] = now
+				w.log.Warn("WireGuard interface gone; its peers keep their AllowedIPs for the grace, then own nothing",
+					zap.String("interface", name), zap.Duration("grace", w.grace))
+				changed = true
+			case held && now.Sub(since) < w.grace:
+				// Still within the grace: nothing changes.
+			default:
+				f := []zap.Field{zap.String("interface", name)}
+				if held {
+					f = append(f, zap.Duration("gone_for", now.Sub(since).Round(time.Millisecond)))
+				}
+				w.log.Warn("WireGuard interface gone; its peers own nothing", f...)
+				delete(w.lastGood, name)
+				delete(w.kname, name)
+				delete(w.gone, name)
 				changed = true
 			}
-			delete(w.lastGood, name)
-			delete(w.kname, name)
 		default:
 			errs = append(errs, fmt.Errorf("policy: reading WireGuard interface %q: %w", name, err))
 		}
@@ -384,9 +471,26 @@ func (w *WireGuard) buildLocked() *table {
 			first[w.kname[name]] = i
 		}
 	}
+	// A gone interface whose peers are held (w.gone) is known by its last
+	// kernel name. If an interface of that name is read now (the same one
+	// back under another configured name: wg-quick does not restore an
+	// altname), its peers now are what counts, and the held ones are
+	// left out: kept, they would stand beside the new ones as a second
+	// interface and make holes of nested AllowedIPs.
+	live := make(map[string]bool, len(first)) // kernel names read now, not held
+	for _, name := range w.ifaces {
+		_, read := w.lastGood[name]
+		if _, held := w.gone[name]; read && !held {
+			live[w.kname[name]] = true
+		}
+	}
+	heldOnly := func(name string) bool { // held and not superseded
+		_, held := w.gone[name]
+		return held && !live[w.kname[name]]
+	}
 	for _, name := range w.ifaces {
 		peers, ok := w.lastGood[name]
-		if !ok {
+		if _, held := w.gone[name]; !ok || held && !heldOnly(name) {
 			continue
 		}
 		ifi := first[w.kname[name]]
@@ -489,18 +593,26 @@ func (w *WireGuard) buildLocked() *table {
 	t := build(owners, spans)
 	// Per interface, its peers' prefixes alone (table.findOn), holes or
 	// not: a request is a peer's only if it arrived on an interface where
-	// WireGuard's source check took it as that peer's.
+	// WireGuard's source check took it as that peer's. A held interface
+	// (gone) has none: no request counts on it.
 	present := make(map[string]int, len(first)) // kernel name → interface index, for those read
-	for k, ifi := range first {
-		if _, ok := w.lastGood[w.ifaces[ifi]]; ok && k != "" {
-			present[k] = ifi
+	for k := range live {
+		if k != "" {
+			present[k] = first[k]
+		}
+	}
+	held := 0
+	for _, name := range w.ifaces {
+		if heldOnly(name) {
+			held++
 		}
 	}
 	t.ifaces = make(map[string]*table, len(present))
-	if len(present) == 1 {
-		// One interface: no prefix is a hole across interfaces, and one
-		// prefix of two of its peers is nobody's in t too, so t labels
-		// every address as its sub-table would (table.only).
+	if len(present) == 1 && held == 0 {
+		// One interface (and no held one, whose peers are in t): no
+		// prefix is a hole across interfaces, and one prefix of two of
+		// its peers is nobody's in t too, so t labels every address as
+		// its sub-table would (table.only).
 		for k := range present {
 			t.only, t.ifaces[k] = k, t
 		}

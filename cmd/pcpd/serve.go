@@ -138,7 +138,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 			return failure(fmt.Errorf("serve: open WireGuard control: %w", err))
 		}
 		defer wg.Close()
-		w, err := policy.NewWireGuard(wg, cfg.Interfaces, 0, log.Named("policy"))
+		w, err := policy.NewWireGuard(wg, cfg.Interfaces, 0, log.Named("policy"), policy.WithGoneGrace(cfg.WireGuardGoneGrace))
 		if err != nil {
 			return failure(fmt.Errorf("serve: %w (ownership comes from WireGuard unless --client is given)", err))
 		}
