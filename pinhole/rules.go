@@ -164,7 +164,37 @@ func (b *Backend) layout() []chainRules {
 	// flow is translated, and an untranslated packet to the internal port
 	// meets the drop below. (Matching the conntrack original tuple against
 	// the map would be tighter, but nft cannot list such rules.)
-	guard6 := [][]expr.Any{rule(ctEstablished, x(accept)), rule(ctDNAT, x(accept)), icmp}
+	// A new flow from inside the protected prefixes must come in where
+	// the host routes its source: strict reverse path (RFC 3704 §2.2),
+	// as the owner chains check requests (ownerRules), but here for the
+	// forwarded traffic to clients, IPv6 and IPv4 alike:
+	//
+	//	ip6 saddr @protected6 fib saddr . iif oif 0 counter drop
+	//
+	// A client's address is authenticated over its tunnel (WireGuard's
+	// cryptokey routing) and clients may trust it; a datagram from the
+	// WAN carrying it is spoofed, and without this rule it passed a
+	// pinhole (IPv6, which has no rp_filter) or a NAPT mapping (IPv4:
+	// the kernel's rp_filter=2, systemd's default, passes a source with
+	// any route back, and the host routes every client prefix) to the
+	// client, as if from the other peer (review of the IPv4 data plane,
+	// 2026-12-04; TestMappingDropsSpoofedOwnedSource). After the
+	// established accept, so that only a flow's first packets pay the
+	// route lookup, and those only when the source is protected (client
+	// to client); before the DNAT accept, since the IPv4 case arrives
+	// DNAT-ed. Always strict, whatever Meter.ReversePath says: loose
+	// passes every client source (the host routes them all), and the
+	// rule only ever drops traffic from a client's address that came in
+	// where the host does not route it. Attached, it drops too: it is
+	// spoofed whatever the admin's chain would say.
+	spoofed := func(fam byte, src []expr.Any, s *nftables.Set) []expr.Any {
+		return rule(nfproto(fam), src, x(lookup(s, reg0),
+			&expr.Fib{Register: reg0, FlagSADDR: true, FlagIIF: true, ResultOIF: true},
+			eq(reg0, 0, 0, 0, 0), &expr.Counter{}, drop))
+	}
+	guard6 := [][]expr.Any{rule(ctEstablished, x(accept)),
+		spoofed(unix.NFPROTO_IPV6, x(loadNet(ip6SrcOff, 16, reg0)), b.protected6),
+		rule(ctDNAT, x(accept)), icmp}
 	if b.cfg.AllowEcho {
 		guard6 = append(guard6, rule(x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_ICMPV6),
 			&expr.Payload{Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1, DestRegister: reg0},
@@ -176,7 +206,9 @@ func (b *Backend) layout() []chainRules {
 		guard6 = append(guard6, rule(nfproto(unix.NFPROTO_IPV6), keyPacket6(k), x(lookup(b.sets[k], reg0), accept)))
 	}
 
-	guard4 := [][]expr.Any{rule(ctEstablished, x(accept)), rule(ctDNAT, x(accept))}
+	guard4 := [][]expr.Any{rule(ctEstablished, x(accept)),
+		spoofed(unix.NFPROTO_IPV4, x(loadNet(ip4SrcOff, 4, reg0)), b.protected4),
+		rule(ctDNAT, x(accept))}
 	if !b.cfg.Attached {
 		// Standalone, the guards are the last word for protected prefixes.
 		// Attached, falling off the end returns to the admin's chain, whose
