@@ -53,17 +53,25 @@ func TestHealthySetGoneDuringRead(t *testing.T) {
 	if err := b.SetOwners([]Owner{{ID: "x", Prefixes: []netip.Prefix{netip.MustParsePrefix("2001:db8::/48")}}}, nil); err != nil {
 		t.Fatal(err)
 	}
-	for _, tc := range []struct{ chain, set, kind string }{
-		{"forward", "protected6", "set"},
-		{"control_local", "owners6", "map"},
+	// chains: every chain whose rules refer to the set (emptied first, so
+	// that the kernel lets it go): guard6's reverse-path rule looks up
+	// protected6 too.
+	for _, tc := range []struct {
+		chains    []string
+		set, kind string
+	}{
+		{[]string{"forward", "guard6"}, "protected6", "set"},
+		{[]string{"control_local"}, "owners6", "map"},
 	} {
-		ns.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", tc.chain)
+		for _, c := range tc.chains {
+			ns.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", c)
+		}
 		ns.MustRun(t, "nft", "delete", tc.kind, "inet", "pcpd", tc.set)
 		b.mu.Lock()
 		w := b.healthWantLocked()
 		w.sets = slices.DeleteFunc(w.sets, func(s string) bool { return s == tc.set })
 		for i := range w.layout {
-			if w.layout[i].name == tc.chain {
+			if slices.Contains(tc.chains, w.layout[i].name) {
 				w.layout[i].rules = nil
 			}
 		}

@@ -1,0 +1,159 @@
+package pinhole_test
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// TestGuardDropsSpoofedProtectedSource: the guards' reverse-path rule
+// (layout: "ip6 saddr @protected6 fib saddr . iif oif 0 counter drop",
+// and its IPv4 twin) drops a datagram from the WAN whose source claims an
+// address of a protected prefix that the host routes through the LAN,
+// through a pinhole (IPv6) and a NAPT mapping (IPv4, DNAT-ed before the
+// guard, with the kernel's rp_filter=2, systemd's default, which passes
+// it), standalone and attached (where the guards otherwise fall through to
+// the admin's chain: the drop is pcpd's own). The Internet's own address
+// passes the same mapping. Then the upgrade: a table laid out by an older
+// pcpd has the guards without the rule (exactly these guards with it
+// deleted); the spoofed datagram passes it, Healthy reports the guards as
+// damaged, and Setup writes the rule back (the server test
+// TestMappingDropsSpoofedOwnedSource has the WireGuard side: the real
+// peer's own datagrams, client to client through the host, still pass).
+func TestGuardDropsSpoofedProtectedSource(t *testing.T) {
+	other6, spoofed6 := netip.MustParsePrefix("2001:db8:1:3::/64"), netip.MustParseAddr("2001:db8:1:3::77")
+	other4, spoofed4 := netip.MustParsePrefix("10.100.0.64/26"), netip.MustParseAddr("10.100.0.77")
+	for _, tc := range []struct {
+		name     string
+		attached bool
+		v4       bool
+	}{
+		{"standalone ipv6 pinhole", false, false},
+		{"standalone ipv4 NAPT", false, true},
+		{"attached ipv6 pinhole", true, false},
+		{"attached ipv4 NAPT", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+			cfg, table, guard := pinhole.Config{}, "pcpd", "guard6"
+			if tc.attached {
+				loadNft(t, topo.Host, adminRuleset)
+				cfg, table, guard = pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"}, "filter", "pcpd_guard6"
+			}
+			if tc.v4 {
+				guard = strings.Replace(guard, "6", "4", 1)
+			}
+			b := newBackend(t, topo.Host, cfg)
+			// A second protected prefix behind the LAN, routed there as
+			// the host routes every client's prefix (IPv4: lan0's /24
+			// covers it), so that a route back exists and loose reverse
+			// path passes a source in it from anywhere.
+			topo.Host.MustRun(t, "ip", "-6", "route", "add", other6.String(), "dev", topo.HostLANIf)
+			topo.Host.MustRun(t, "sh", "-c", "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 2 > $f; done")
+			if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, other6, topo.ClientPrefix4, other4}); err != nil {
+				t.Fatal(err)
+			}
+			client, dst, real, spoofed := topo.ClientV6, netip.AddrPortFrom(topo.ClientV6, 7000), topo.InternetV6, spoofed6
+			p := pinhole.Pinhole{Protocol: udp, InternalAddr: client, InternalPort: 7000}
+			if tc.v4 {
+				client, dst, real, spoofed = topo.ClientV4, netip.AddrPortFrom(topo.HostPublicV4, 17000), topo.InternetV4, spoofed4
+				p = pinhole.Pinhole{Protocol: udp, InternalAddr: client, InternalPort: 7000, ExternalAddr: topo.HostPublicV4, ExternalPort: 17000}
+			}
+			apply(t, b, install(p, time.Minute))
+			topo.Internet.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(spoofed, spoofed.BitLen()).String(), "dev", "eth0", "nodad")
+			var rx *net.UDPConn
+			if err := topo.Client.Do(func() (err error) {
+				rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(client, 7000)))
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			defer rx.Close()
+			arrives := func(src netip.Addr) bool { return oneWay(t, topo.Internet, src, dst, rx) }
+			check := func(step string, spoofPasses bool) {
+				t.Helper()
+				if err := netlab.Eventually(okWait, func() error {
+					if !arrives(real) {
+						return errors.New("nothing arrived")
+					}
+					return nil
+				}); err != nil {
+					t.Fatalf("%s: a datagram from %v through %v: %v", step, real, dst, err)
+				}
+				if got := arrives(spoofed); got != spoofPasses {
+					t.Fatalf("%s: a datagram from the WAN claiming %v (a protected address routed through %s) arrived through %v: %v, want %v\n%s",
+						step, spoofed, topo.HostLANIf, dst, got, spoofPasses, nftList(t, topo.Host, "chain", "inet", table, guard))
+				}
+			}
+			check("fresh layout", false)
+			if out := nftList(t, topo.Host, "chain", "inet", table, guard); !regexp.MustCompile(`saddr @\S+ fib saddr \. iif oif 0 counter packets [1-9]`).MatchString(out) {
+				t.Errorf("the reverse-path rule counted no drop:\n%s", out)
+			}
+
+			// An older pcpd's guards: these without the rule.
+			for _, g := range []string{"guard6", "guard4"} {
+				if tc.attached {
+					g = "pcpd_" + g
+				}
+				out := topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", table, g)
+				m := regexp.MustCompile(`fib saddr \. iif oif 0 .*# handle (\d+)`).FindStringSubmatch(out)
+				if m == nil {
+					t.Fatalf("no reverse-path rule in %s:\n%s", g, out)
+				}
+				topo.Host.MustRun(t, "nft", "delete", "rule", "inet", table, g, "handle", m[1])
+			}
+			check("older layout", true)
+			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+				t.Fatalf("Healthy = %v over the guards without the reverse-path rule, want ErrUnhealthy", err)
+			}
+			if err := b.Setup(); err != nil {
+				t.Fatalf("Setup: %v", err)
+			}
+			if err := b.Healthy(); err != nil {
+				t.Fatalf("Healthy after Setup: %v", err)
+			}
+			check("after Setup", false)
+		})
+	}
+}
+
+// oneWay sends a few UDP datagrams from src in ns to dst and reports
+// whether one of them reached rx (datagrams of earlier calls, which carry
+// another payload, are skipped). The source may be spoofed: no answer is
+// expected.
+func oneWay(t *testing.T, ns *netlab.NS, src netip.Addr, dst netip.AddrPort, rx *net.UDPConn) bool {
+	t.Helper()
+	var c *net.UDPConn
+	if err := ns.Do(func() (err error) {
+		c, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(src, 0)), net.UDPAddrFromAddrPort(dst))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	msg := fmt.Sprintf("from %v %s", src, netlab.Rand(8))
+	buf := make([]byte, 128)
+	for range 3 {
+		c.Write([]byte(msg))
+		deadline := time.Now().Add(failWait / 3)
+		for {
+			rx.SetReadDeadline(deadline)
+			n, _, err := rx.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				break
+			}
+			if string(buf[:n]) == msg {
+				return true
+			}
+		}
+	}
+	return false
+}
