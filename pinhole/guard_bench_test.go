@@ -1,0 +1,115 @@
+package pinhole_test
+
+import (
+	"net"
+	"net/netip"
+	"regexp"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// BenchmarkGuardNewFlow: what the guards' reverse-path rule (layout: "ip6
+// saddr @protected6 fib saddr . iif oif 0 counter drop") costs the
+// forwarded datagrams that pay it. One-way UDP stays "new" to conntrack
+// until a reply, so every datagram of such a stream goes past the
+// established accept to the rule: the worst case. "client to client": from
+// the client's address (protected, routed through lan0, where it arrives:
+// the set lookup and the route lookup, then passed) to a second LAN's
+// protected address (lan1) through a pinhole; "internet": from the
+// Internet's address (not protected: the set lookup alone) through a
+// pinhole to the client. Each with the rule as Setup writes it and with it
+// deleted by nft (the layout before it). cpu-ns/datagram is the process's
+// user + system CPU a datagram (sender and receiver both run here, and a
+// veth delivers in the sender's softirq, so the host's forwarding is in
+// it). Each op is a burst of 32 datagrams, then their reception.
+func BenchmarkGuardNewFlow(b *testing.B) {
+	for _, tc := range []struct {
+		name     string
+		internet bool
+		rule     bool
+	}{
+		{"client to client", false, true},
+		{"client to client, no rule", false, false},
+		{"internet", true, true},
+		{"internet, no rule", true, false},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
+			be := newBackend(b, topo.Host, pinhole.Config{})
+			serveTunnel(b, be, topo)
+			lan2 := netlab.NewNS(b, "gb2")
+			if err := netlab.Veth(lan2, "eth0", topo.Host, "lan1"); err != nil {
+				b.Fatal(err)
+			}
+			other6, peer := netip.MustParsePrefix("2001:db8:1:3::/64"), netip.MustParseAddr("2001:db8:1:3::10")
+			topo.Host.MustRun(b, "ip", "addr", "add", "2001:db8:1:3::1/64", "dev", "lan1", "nodad")
+			lan2.MustRun(b, "ip", "addr", "add", peer.String()+"/64", "dev", "eth0", "nodad")
+			lan2.MustRun(b, "ip", "-6", "route", "add", "default", "via", "2001:db8:1:3::1")
+			if err := be.SetProtected([]netip.Prefix{topo.ClientPrefix6, other6, topo.ClientPrefix4}); err != nil {
+				b.Fatal(err)
+			}
+			from, to, dst := topo.Client, lan2, netip.AddrPortFrom(peer, 7000)
+			if tc.internet {
+				from, to, dst = topo.Internet, topo.Client, netip.AddrPortFrom(topo.ClientV6, 7000)
+			}
+			apply(b, be, install(pinhole.Pinhole{Protocol: udp, InternalAddr: dst.Addr(), InternalPort: dst.Port()}, time.Hour))
+			if !tc.rule {
+				out := topo.Host.MustRun(b, "nft", "-a", "list", "chain", "inet", "pcpd", "guard6")
+				m := regexp.MustCompile(`fib saddr \. iif oif 0 .*# handle (\d+)`).FindStringSubmatch(out)
+				if m == nil {
+					b.Fatalf("no reverse-path rule in guard6:\n%s", out)
+				}
+				topo.Host.MustRun(b, "nft", "delete", "rule", "inet", "pcpd", "guard6", "handle", m[1])
+			}
+			var tx, rx *net.UDPConn
+			if err := to.Do(func() (err error) {
+				rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(dst))
+				return err
+			}); err != nil {
+				b.Fatal(err)
+			}
+			defer rx.Close()
+			rx.SetReadBuffer(1 << 20)
+			if err := from.Do(func() (err error) {
+				tx, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
+				return err
+			}); err != nil {
+				b.Fatal(err)
+			}
+			defer tx.Close()
+			const burst = 32
+			msg, buf := make([]byte, 60), make([]byte, 128)
+			oneWay := func() {
+				for range burst {
+					if _, err := tx.Write(msg); err != nil {
+						b.Fatal(err)
+					}
+				}
+				rx.SetReadDeadline(time.Now().Add(time.Second))
+				for range burst {
+					if _, err := rx.Read(buf); err != nil {
+						b.Fatal(err) // the guard dropped it, or a buffer overflowed
+					}
+				}
+			}
+			for range 100 {
+				oneWay()
+			}
+			var before, after syscall.Rusage
+			syscall.Getrusage(syscall.RUSAGE_SELF, &before)
+			b.ResetTimer()
+			for b.Loop() {
+				oneWay()
+			}
+			b.StopTimer()
+			syscall.Getrusage(syscall.RUSAGE_SELF, &after)
+			cpu := time.Duration(syscall.TimevalToNsec(after.Utime) - syscall.TimevalToNsec(before.Utime) +
+				syscall.TimevalToNsec(after.Stime) - syscall.TimevalToNsec(before.Stime))
+			b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N*burst), "cpu-ns/datagram")
+		})
+	}
+}
