@@ -54,6 +54,10 @@ func TestSetDeletedUnderUs(t *testing.T) {
 				// (servedSourceRules).
 				topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "control_local")
 			}
+			if tc.set == "protected6" {
+				// guard6's reverse-path rule looks it up too.
+				topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "guard6")
+			}
 			topo.Host.MustRun(t, "nft", "delete", tc.kind, "inet", "pcpd", tc.set)
 			if _, err := b.List(); tc.list && !errors.Is(err, pinhole.ErrMissing) {
 				t.Errorf("List: %v, want ErrMissing", err)
