@@ -1,0 +1,58 @@
+package server
+
+import (
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/server/servertest"
+)
+
+// TestRestartRevokeRetriedAfterFailure: Start revokes the restored leases
+// the new rules refuse (restore_policy.go) in one transaction; if that
+// one fails (a transient kernel error, an ENOBUFS on a large restore), the
+// leases stay, and nothing tries again: the port the operator has just
+// denied stays open in the kernel until the lease expires (24 h by
+// default, up to 365 days), though each renewal is refused. The ownership
+// sweep's revocation, in the same situation, is retried at the next sweep.
+// Here the kernel refuses deletes during Start only; afterwards the
+// periodic paths (ownership sweep and steps, store debt, firewall check,
+// expiry) run, and the pinhole must be gone well before the lease's end.
+func TestRestartRevokeRetriedAfterFailure(t *testing.T) {
+	h := newHarness(t)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1)), pcp.Success)
+	h.pcfg.DenyPorts = []policy.PortRange{{First: 22, Last: 22}}
+	h.fw.FailApply = func(ops []pinhole.Op) error {
+		for _, op := range ops {
+			if op.Kind == pinhole.Delete {
+				return servertest.ErrInjected
+			}
+		}
+		return nil
+	}
+	h.start()
+	h.fw.FailApply = nil
+	if len(h.fw.Holes()) != 1 {
+		t.Fatalf("the injected failure did not keep the lease: pinholes %v", h.fw.Holes())
+	}
+	for range 3 {
+		h.clock.Advance(time.Minute)
+		h.s.sweepOwnership()
+		for range 4 {
+			h.s.sweepStep()
+		}
+		h.s.payStoreDebt()
+		h.s.checkFirewall()
+		h.s.mu.Lock()
+		h.s.expireLocked(h.clock.Now())
+		h.s.mu.Unlock()
+	}
+	if r := h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1)); r.Result == pcp.Success {
+		t.Fatalf("renewal of port 22 granted under --deny-ports 22")
+	}
+	if hs := h.fw.Holes(); len(hs) != 0 {
+		t.Fatalf("3 minutes after a failed revocation at start, port 22 (denied) is still open: %v; the lease has %v left", hs, time.Hour-3*time.Minute)
+	}
+}
