@@ -26,7 +26,7 @@ import (
 func BenchmarkStartRefused(b *testing.B) {
 	netlab.RequireRoot(b)
 	const n = 1_000_000
-	for _, refused := range []int{0, 10_000, n} {
+	for _, refused := range []int{0, 10_000, 100_000, n} {
 		b.Run("refused="+itoa(refused), func(b *testing.B) {
 			ns := netlab.NewNS(b, "revpolst")
 			h, err := ns.Handle()
