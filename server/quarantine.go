@@ -2,6 +2,7 @@ package server
 
 import (
 	"slices"
+	"time"
 
 	"github.com/pcpd/pcpd/store"
 )
@@ -45,11 +46,39 @@ func (t *tx) quarDrop(e endpoint) {
 }
 
 // quarBound releases owner's oldest quarantined ports beyond its lease quota.
-func (t *tx) quarBound(owner string) {
-	limit := max(t.s.pol.MaxLeasesPerClient(), 1)
-	for len(t.s.quarBy[owner]) > limit {
-		t.quarDrop(t.s.quarBy[owner][0])
+func (t *tx) quarBound(owner string) { t.s.quarCap(owner, t.now, t.quarDrop) }
+
+// quarCap releases, with drop, owner's quarantined ports beyond its lease
+// quota: first those whose quarantine has ended (an entry is otherwise
+// removed only when a request probes its endpoint, and counted against the
+// cap it released a live one: TestMAP22CapSkipsExpiredQuarantine), then
+// the oldest. Under the cap it looks at nothing.
+func (s *Server) quarCap(owner string, now time.Time, drop func(endpoint)) {
+	limit := max(s.pol.MaxLeasesPerClient(), 1)
+	if len(s.quarBy[owner]) <= limit {
+		return
 	}
+	// Backwards over the list as it was: dropping entry i shifts only
+	// the entries after it, already seen.
+	l := s.quarBy[owner]
+	for i := len(l) - 1; i >= 0; i-- {
+		if e := l[i]; !s.quar[e].until.After(now) {
+			drop(e)
+		}
+	}
+	for len(s.quarBy[owner]) > limit {
+		drop(s.quarBy[owner][0])
+	}
+}
+
+// quarantineOf is the MAP-22 quarantine of the IPv4 external port l frees
+// at now: for the protocol's idle time only l's client may reclaim it.
+func quarantineOf(l *store.Lease, now time.Time) (endpoint, quarantine) {
+	idle := 2 * time.Minute
+	if l.Protocol == protoTCP {
+		idle = 124 * time.Minute
+	}
+	return endpointOf(l), quarantine{owner: l.Owner, addr: l.InternalAddr, port: l.InternalPort, nonce: l.Nonce, until: now.Add(idle)}
 }
 
 // taken ends the quarantine of the external port l now holds: it is no

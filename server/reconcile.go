@@ -11,7 +11,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/pinhole"
-	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -54,9 +53,7 @@ func (s *Server) restore() error {
 	for l := range drain(ls) {
 		r.add(l)
 	}
-	err := r.finish(st)
-	s.revokeRefused(r.refused) // restore_policy.go
-	return err
+	return r.finish(st)
 }
 
 // drain yields pointers to the leases of ls and clears each after use: its
@@ -77,20 +74,27 @@ func drain(ls []store.Lease) iter.Seq[*store.Lease] {
 type restoring struct {
 	s        *Server
 	now      time.Time
-	drop     []store.Key       // expired or moved: out of the store
-	gone     []pinhole.Pinhole // of moved leases: out of the kernel
+	drop     []store.Key       // expired, moved or refused: out of the store
+	gone     []pinhole.Pinhole // of moved and refused leases: out of the kernel
 	moved    int
 	doubtful int
 	expired  int
-	refused  []refusedLease // restored, but the rules refuse them now (restore_policy.go)
+	// Stored leases the rules refuse now (restore_policy.go): how many,
+	// the first maxRefusedLogs to log, their connections to flush and
+	// their IPv4 ports to quarantine.
+	refused int
+	logs    []refusedLog
+	ends    []ctFilter
+	freed   []freedPort
 }
 
 func (s *Server) restoring(now time.Time) *restoring {
 	return &restoring{s: s, now: now}
 }
 
-// add admits one stored lease: expired ones and IPv4 ones whose external
-// address is no longer ours are dropped, the rest clamped and put in the
+// add admits one stored lease: expired ones, IPv4 ones whose external
+// address is no longer ours and ones the rules refuse now
+// (restore_policy.go) are dropped, the rest clamped and put in the
 // table. l may be reused by the caller afterwards (a streaming store
 // decoding into one Lease): the table copies the lease and gets its own
 // FILTER slice (strings are immutable).
@@ -106,14 +110,15 @@ func (r *restoring) add(l *store.Lease) {
 		r.gone = append(r.gone, pinholesOf(l)...)
 		r.moved++
 	default:
+		if why := r.s.restoreRefusal(l); why != "" {
+			r.refuse(l, why)
+			return
+		}
 		if r.s.clampRestored(l, r.now) {
 			r.doubtful++
 		}
 		l.Filters = slices.Clip(slices.Clone(l.Filters))
 		r.s.tab.insert(l)
-		if why, reserved := r.s.refusedNow(l), r.s.configForbids(l); why != policy.Allowed || reserved {
-			r.refused = append(r.refused, refusedLease{key: l.Key, reason: why, reservedPort: reserved})
-		}
 	}
 }
 
@@ -135,11 +140,14 @@ func (r *restoring) finish(st store.State) error {
 		lost, why = true, "some leases could not be restored into the kernel"
 	}
 	drop := append(r.drop, unrestored...)
+	r.drop = nil
 	if len(drop) > 0 {
 		if err := s.st.Commit(nil, drop); err != nil {
-			s.log.Warn("cannot drop expired or unrestorable leases from the store", zap.Error(err))
+			s.log.Warn("cannot drop expired, moved, refused or unrestorable leases from the store", zap.Error(err))
 		}
 	}
+	drop = nil
+	r.revoked()
 	kept := s.tab.len()
 	if !lost && s.epoch.resume(st.EpochOrigin, now) {
 		s.restarted = true
@@ -175,26 +183,45 @@ const maxOrphanTargets = 4096
 // (auditFirewall); until then, and for ever above auditMaxLeases, they are
 // left to their kernel timeouts.
 //
-// The pinholes gone (of leases dropped because the external IPv4 changed)
-// are removed, unless a live lease on the same tuple holds one: they are
-// known without a dump.
+// The pinholes gone (of leases dropped because the external IPv4 changed,
+// or because the rules refuse them now) are removed, unless a live lease
+// on the same tuple holds one: they are known without a dump. Sorted
+// (gone is reordered), one tuple's are together: its leases are read
+// once, and duplicates are adjacent. A deletion that fails leaves orphans
+// for the first audit.
 func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Key, bool) {
-	var dels []pinhole.Op
-	for _, p := range gone {
-		held := false
-		for _, l := range s.tab.onTuple(tuple{proto: p.Protocol, addr: p.InternalAddr, port: p.InternalPort}) {
-			held = held || slices.Contains(pinholesOf(l), p)
-		}
-		if !held && !slices.ContainsFunc(dels, func(o pinhole.Op) bool { return o.Pinhole == p }) {
-			dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
-		}
-	}
-	if len(dels) > 0 {
-		if err := s.applyAll(dels); err != nil {
-			s.log.Error("cannot remove the pinholes of dropped leases; they end with their timeouts", zap.Error(err))
-		}
-	}
+	slices.SortFunc(gone, comparePinholes)
+	gone = slices.Compact(gone)
 	ops := make([]pinhole.Op, 0, pinhole.MaxBatch)
+	var derr error
+	var held []pinhole.Pinhole // the live pinholes of gone[i]'s tuple
+	for i, p := range gone {
+		if i == 0 || p.Protocol != gone[i-1].Protocol || p.InternalAddr != gone[i-1].InternalAddr || p.InternalPort != gone[i-1].InternalPort {
+			held = held[:0]
+			for _, l := range s.tab.onTuple(tuple{proto: p.Protocol, addr: p.InternalAddr, port: p.InternalPort}) {
+				held = appendPinholes(held, l)
+			}
+		}
+		if slices.Contains(held, p) {
+			continue
+		}
+		ops = append(ops, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
+		if len(ops) == pinhole.MaxBatch {
+			if err := s.fw.Apply(ops); err != nil && derr == nil {
+				derr = err
+			}
+			ops = ops[:0]
+		}
+	}
+	if len(ops) > 0 {
+		if err := s.fw.Apply(ops); err != nil && derr == nil {
+			derr = err
+		}
+		ops = ops[:0]
+	}
+	if derr != nil {
+		s.log.Error("cannot remove the pinholes of dropped leases; the first firewall audit removes them (else they end with their timeouts)", zap.Error(derr))
+	}
 	var err error
 	s.tab.installs(now, func(op pinhole.Op) bool {
 		ops = append(ops, op)

@@ -1,11 +1,13 @@
 package server
 
 import (
+	"cmp"
 	"net/netip"
 	"slices"
 
 	"go.uber.org/zap"
 
+	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/store"
 )
@@ -14,15 +16,28 @@ import (
 // rules refuse (its port now in --deny-ports or outside --allow-ports, its
 // protocol no longer allowed, an all-ports lease with --allow-all-ports
 // off or no longer whole, its address now never openable, e.g. one of the
-// host's own, a THIRD_PARTY lease with --third-party off) would have its
-// renewal refused, but kept its pinhole until it expired: up to the max
-// lifetime of what the operator had just closed. Start revokes them
-// instead (TestRestartDropsLeasesPolicyRefuses), as the ownership sweep
-// revokes leases no longer owned (LIFE-05); ownership itself (NoOwner,
-// and an owner other than the lease's) is left to that sweep, which runs
-// when serving starts. A lease whose external IPv4 port the server's
-// configuration now reserves (configForbids) is revoked in the same pass,
-// although before this its renewals were granted and kept the port.
+// host's own, a THIRD_PARTY lease with --third-party off, its opcode
+// disabled by --disable-map, --disable-peer or --disable-natpmp) would
+// have its renewal refused (or, for NAT-PMP, not answered), but kept its
+// pinhole until it expired: up to the max lifetime of what the operator
+// had just closed. Start revokes them instead
+// (TestRestartDropsLeasesPolicyRefuses, TestRestartDropsLeasesOfDisabledOpcode),
+// as the ownership sweep revokes leases no longer owned (LIFE-05);
+// ownership itself (NoOwner, and an owner other than the lease's) is left
+// to that sweep, which runs when serving starts. A lease whose external
+// IPv4 port the server's configuration now reserves (configForbids) is
+// revoked in the same pass, although before this its renewals were
+// granted and kept the port.
+//
+// A refused lease goes as one whose external IPv4 changed does
+// (restoring.add): it never enters the table, its pinholes are deleted
+// with the others' in kernel batches (reconcile), its key leaves the store
+// with the expired ones (one Commit). Installing them all and revoking
+// them in one tx afterwards took 24-33 s and a 3.5-3.7 GB peak heap at
+// 1 000 000 refused, and the spare tx kept 1.5 GB (review h/revpol). A
+// deletion the kernel refuses leaves an orphan pinhole, which the first
+// firewall audit, once serving starts, removes (TestRestartRevokeRetriedAfterFailure;
+// above auditMaxLeases leases it ends with its kernel timeout).
 
 // refusedNow is what the current rules answer a renewal of l (Allowed if
 // they grant it; ownership is sweepOwnership's). Policy.Rules, not
@@ -37,18 +52,33 @@ func (s *Server) refusedNow(l *store.Lease) policy.Reason {
 	})
 }
 
-// refusedLease is a restored lease the rules refuse, and why.
-type refusedLease struct {
-	key          store.Key
-	reason       policy.Reason // Allowed if only reservedPort refuses it
-	reservedPort bool          // its external IPv4 port is one the configuration reserves (configForbids)
+// restoreRefusal is why the server would not keep the restored lease l
+// now ("" if it would): its opcode disabled (MAP-23, PEER-08, VER-02),
+// the rules refusing it (refusedNow), or its external IPv4 port reserved
+// (configForbids).
+func (s *Server) restoreRefusal(l *store.Lease) string {
+	switch {
+	case l.Kind == store.KindMap && s.cfg.DisableMap:
+		return "map-disabled"
+	case l.Kind == store.KindPeer && s.cfg.DisablePeer:
+		return "peer-disabled"
+	case l.Kind == store.KindNATPMP && s.cfg.DisableNATPMP:
+		return "natpmp-disabled"
+	}
+	if why := s.refusedNow(l); why != policy.Allowed {
+		return why.String()
+	}
+	if s.configForbids(l) {
+		return "external-port-reserved" // --reserved-ports, --ipv4-port-range
+	}
+	return ""
 }
 
 // configForbids reports whether a stored lease holds an external IPv4 port
 // the configuration now forbids (Config.ReservedPorts, outside
 // Config.IPv4Ports, pcpd's own 5350/5351): an operator reserves a port a
 // client holds and restarts pcpd. Start revokes such leases with those the
-// rules refuse (revokeRefused: pinholes, store, connections), and the
+// rules refuse (restoreRefusal: pinholes, store, connections), and the
 // client's next request maps another port (TestReservedPortsAfterRestart).
 // The configuration is fixed for a Server's life and new mappings never
 // get such a port (usable), so restore is the only place such a lease can
@@ -63,49 +93,69 @@ func (s *Server) configForbids(l *store.Lease) bool {
 	return l.ExternalAddr.Is4() && s.hostPorts.configReserved(l.ExternalPort)
 }
 
-// maxRefusedLogs bounds the per-lease log lines of revokeRefused (an
+// maxRefusedLogs bounds the per-lease log lines of refused leases (an
 // operator denying a port many clients use); the count is always logged.
 const maxRefusedLogs = 100
 
-// revokeRefused ends the restored leases the rules refuse, in one
-// transaction (kernel, store, their connections), and logs them. The
-// caller holds s.mu. On failure the leases stay until they expire or are
-// renewed (refused) and the failure is logged.
-func (s *Server) revokeRefused(refused []refusedLease) {
-	if len(refused) == 0 {
-		return
+// refusedLog is a refused lease to log, and why.
+type refusedLog struct {
+	l      store.Lease
+	reason string
+}
+
+// freedPort is the MAP-22 quarantine of a refused lease's IPv4 external
+// port, set once the table is whole (a restored lease may hold it).
+type freedPort struct {
+	e endpoint
+	q quarantine
+}
+
+// refuse takes out the stored lease l, which the rules refuse now (why):
+// out of the store and the kernel as a moved lease (finish), its
+// connections flushed and its IPv4 port quarantined (MAP-22) as a
+// revocation's (tx.set), counted and logged by revoked.
+func (r *restoring) refuse(l *store.Lease, why string) {
+	r.drop = append(r.drop, l.Key)
+	r.gone = appendPinholes(r.gone, l)
+	r.refused++
+	if len(r.logs) < maxRefusedLogs {
+		g := refusedLog{*l, why}
+		g.l.Filters = slices.Clone(l.Filters) // l may be reused
+		r.logs = append(r.logs, g)
 	}
-	slices.SortFunc(refused, func(a, b refusedLease) int { return compareKeys(a.key, b.key) })
-	t := s.begin(s.now())
-	type logged struct {
-		l      store.Lease
-		reason string
-	}
-	logs := make([]logged, 0, min(len(refused), maxRefusedLogs))
-	n := 0
-	for _, r := range refused {
-		if l, ok := s.tab.get(r.key); ok {
-			if len(logs) < maxRefusedLogs {
-				why := r.reason.String()
-				if r.reservedPort && r.reason == policy.Allowed {
-					why = "external-port-reserved" // --reserved-ports, --ipv4-port-range
-				}
-				logs = append(logs, logged{*l, why})
-			}
-			t.set(r.key, nil, true)
-			n++
+	if !r.s.cfg.KeepConnections {
+		if f, ok := ctFilterOf(l); ok {
+			r.ends = append(r.ends, f)
 		}
 	}
-	if err := t.commit(); err != nil {
-		t.rollback()
-		s.release(t)
-		s.log.Error("cannot revoke restored leases the rules refuse; they stay until they expire",
-			zap.Int("count", len(refused)), zap.Error(err))
+	if l.ExternalAddr.Is4() && !r.s.configForbids(l) { // a reserved port is never handed out
+		e, q := quarantineOf(l, r.now)
+		r.freed = append(r.freed, freedPort{e, q})
+	}
+}
+
+// revoked finishes the refused leases once the kernel no longer holds
+// their pinholes (reconcile): their connections flushed, their IPv4 ports
+// quarantined, the count in pcpd_revocations_total{cause="policy"}, and
+// the log.
+func (r *restoring) revoked() {
+	if r.refused == 0 {
 		return
 	}
-	s.release(t)
-	s.m.revocations.WithLabelValues("policy").Add(float64(n))
-	for _, g := range logs {
+	s := r.s
+	for _, f := range r.freed {
+		if _, held := s.tab.holder(f.e); !held {
+			s.quarPut(f.e, f.q)
+			s.quarCap(f.q.owner, r.now, s.quarDel)
+		}
+	}
+	r.freed = nil
+	if len(r.ends) > 0 {
+		s.ct.add(r.ends)
+		r.ends = nil
+	}
+	s.m.revocations.WithLabelValues("policy").Add(float64(r.refused))
+	for _, g := range r.logs {
 		l := &g.l
 		s.log.Info("revoked at start: the rules refuse this lease now",
 			zap.String("peer", l.Owner), zap.Stringer("address", l.InternalAddr),
@@ -113,5 +163,21 @@ func (s *Server) revokeRefused(refused []refusedLease) {
 			zap.Stringer("external", netip.AddrPortFrom(l.ExternalAddr, l.ExternalPort)),
 			zap.String("reason", g.reason))
 	}
-	s.log.Warn("restored leases the rules refuse now were revoked", zap.Int("count", n))
+	r.logs = nil
+	s.log.Warn("restored leases the rules refuse now were revoked", zap.Int("count", r.refused))
+}
+
+// comparePinholes orders pinholes by internal tuple first (reconcile reads
+// each tuple's leases once), then by the rest.
+func comparePinholes(a, b pinhole.Pinhole) int {
+	return cmp.Or(
+		cmp.Compare(a.Protocol, b.Protocol),
+		a.InternalAddr.Compare(b.InternalAddr),
+		cmp.Compare(a.InternalPort, b.InternalPort),
+		a.ExternalAddr.Compare(b.ExternalAddr),
+		cmp.Compare(a.ExternalPort, b.ExternalPort),
+		a.RemotePrefix.Addr().Compare(b.RemotePrefix.Addr()),
+		cmp.Compare(a.RemotePrefix.Bits(), b.RemotePrefix.Bits()),
+		cmp.Compare(a.RemotePort, b.RemotePort),
+	)
 }

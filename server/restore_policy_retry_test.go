@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -18,8 +19,12 @@ import (
 // default, up to 365 days), though each renewal is refused. The ownership
 // sweep's revocation, in the same situation, is retried at the next sweep.
 // Here the kernel refuses deletes during Start only; afterwards the
-// periodic paths (ownership sweep and steps, store debt, firewall check,
-// expiry) run, and the pinhole must be gone well before the lease's end.
+// firewall audit Serve runs at start (watchFirewall) and the periodic
+// paths (ownership sweep and steps, store debt, firewall check, expiry)
+// run, and the pinhole must be gone well before the lease's end. Fixed:
+// a refused lease never enters the table (restore_policy.go), so its
+// pinhole, if the deletion failed, is one no lease explains, and the
+// audit removes it.
 func TestRestartRevokeRetriedAfterFailure(t *testing.T) {
 	h := newHarness(t)
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1)), pcp.Success)
@@ -35,8 +40,9 @@ func TestRestartRevokeRetriedAfterFailure(t *testing.T) {
 	h.start()
 	h.fw.FailApply = nil
 	if len(h.fw.Holes()) != 1 {
-		t.Fatalf("the injected failure did not keep the lease: pinholes %v", h.fw.Holes())
+		t.Fatalf("the injected failure did not keep the pinhole: pinholes %v", h.fw.Holes())
 	}
+	h.s.auditFirewall(context.Background()) // Serve's, at start
 	for range 3 {
 		h.clock.Advance(time.Minute)
 		h.s.sweepOwnership()
