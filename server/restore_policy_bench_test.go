@@ -18,7 +18,8 @@ import (
 
 // BenchmarkStartRefused is BenchmarkStart at 1 000 000 stored leases with
 // --deny-ports 22 and the given number of them on port 22: Start restores
-// them all, then revokes those (restore_policy.go) in one transaction.
+// the others and takes those out (restore_policy.go: never in the table,
+// their pinholes deleted in kernel batches, their keys out of the store).
 // Connections are not kept (the daemon's default): the conntrack walk is
 // replaced by a no-op, so the filters' memory is in the peak heap but no conntrack table is touched.
 //
