@@ -1,0 +1,136 @@
+package server
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+)
+
+// TestE2ERenamedInterfaceKeepsNoOwnership (review of the F3 fix,
+// h/revown): a request's owner follows its arrival interface by kernel
+// name (Request.Iface, the socket's kname). The listener takes a new
+// kernel name at once (a netlink event re-creates the socket, bound to the
+// new interface index), but policy.WireGuard learns names only when it
+// re-reads (every 5 s by default, or on a miss; a stale hit asks for no
+// re-read). So when the two served interfaces trade names (the client's
+// renamed away, the one with a full-tunnel peer renamed to the client's
+// old name), that peer's MAP from the client's address arrives on a
+// socket named like the client's interface, and the stale per-interface
+// table of that name takes it as the client's. Refresh is an hour here
+// to make the window deterministic; it is 5 s in pcpd. Operator-
+// triggered, and in standalone mode the kernel owner meter's strict
+// reverse-path check (by interface index) would drop the datagram first.
+// Fails on main: the attacker's lease is made as the client's.
+func TestE2ERenamedInterfaceKeepsNoOwnership(t *testing.T) {
+	l := newLab(t)
+	cmd, err := netlab.DefaultWGCommand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := netlab.UniqueIfName("rvo")
+	if err := netlab.StartWireGuardDevice(l.topo.Host, second, cmd); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := wgtypes.GeneratePrivateKey()
+	port := 51897
+	if err := l.wgc.ConfigureDevice(second, wgtypes.Config{PrivateKey: &key, ListenPort: &port}); err != nil {
+		t.Fatal(err)
+	}
+	l.topo.Host.MustRun(t, "ip", "link", "set", second, "up")
+	l.stop()
+	wg, err := policy.NewWireGuard(l.wgc, []string{l.topo.HostLANIf, second}, time.Hour, l.log.Named("wg2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go wg.Run(ctx)
+	l.wg = wg
+	if l.pol, err = policy.New(policy.Config{}, wg); err != nil {
+		t.Fatal(err)
+	}
+	l.cfg.Interfaces = []string{l.topo.HostLANIf, second}
+	l.start()
+
+	// The attacker: a full-tunnel peer of the second interface.
+	att := netlab.NewNS(t, "rvoatt")
+	if err := netlab.Veth(l.topo.Host, "rvo0", att, "ul0"); err != nil {
+		t.Fatal(err)
+	}
+	l.topo.Host.MustRun(t, "ip", "addr", "add", "10.97.0.1/30", "dev", "rvo0")
+	att.MustRun(t, "ip", "addr", "add", "10.97.0.2/30", "dev", "ul0")
+	serverAddr := netip.MustParseAddr("2001:db8:3::1")
+	for _, ifc := range []string{"all", "default", second, l.topo.HostLANIf} {
+		l.topo.Host.MustRun(t, "sysctl", "-qw", "net.ipv6.conf."+ifc+".keep_addr_on_down=1")
+	}
+	l.topo.Host.MustRun(t, "ip", "addr", "add", serverAddr.String()+"/128", "dev", second, "nodad")
+	attIf := netlab.UniqueIfName("rvoa")
+	if err := netlab.StartWireGuardDevice(att, attIf, cmd); err != nil {
+		t.Fatal(err)
+	}
+	attKey, _ := wgtypes.GeneratePrivateKey()
+	all := []net.IPNet{{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}}
+	if err := l.wgc.ConfigureDevice(second, wgtypes.Config{Peers: []wgtypes.PeerConfig{{
+		PublicKey: attKey.PublicKey(), ReplaceAllowedIPs: true, AllowedIPs: all,
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+	keepalive := time.Second
+	if err := l.wgc.ConfigureDevice(attIf, wgtypes.Config{PrivateKey: &attKey, Peers: []wgtypes.PeerConfig{{
+		PublicKey: key.PublicKey(), Endpoint: &net.UDPAddr{IP: net.ParseIP("10.97.0.1"), Port: port},
+		PersistentKeepaliveInterval: &keepalive, ReplaceAllowedIPs: true, AllowedIPs: all,
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+	att.MustRun(t, "ip", "link", "set", attIf, "mtu", "1420", "up")
+	att.MustRun(t, "ip", "addr", "add", l.topo.ClientV6.String()+"/128", "dev", attIf, "nodad")
+	att.MustRun(t, "ip", "-6", "route", "add", serverAddr.String()+"/128", "dev", attIf)
+
+	req := pcp.AppendRequest(nil, mapReq(l.topo.ClientV6, pcp.ProtoTCP, 2222, 0, time.Hour, 7))
+	attack := func(tries int) {
+		t.Helper()
+		if err := att.Do(func() error {
+			c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(l.topo.ClientV6, 0)),
+				net.UDPAddrFromAddrPort(netip.AddrPortFrom(serverAddr, Port)))
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			for range tries {
+				c.Write(req)
+				time.Sleep(250 * time.Millisecond)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Before the rename F3's fix holds (a miss re-reads: settle after).
+	attack(4)
+	if ls := l.srv.Leases(); len(ls) != 0 {
+		t.Fatalf("before the rename the attacker made leases: %+v", ls)
+	}
+
+	// The two served interfaces trade names; the ownership is not re-read.
+	client, tmp := l.topo.HostLANIf, netlab.UniqueIfName("rvot")
+	l.topo.Host.MustRun(t, "ip", "link", "set", client, "down")
+	l.topo.Host.MustRun(t, "ip", "link", "set", client, "name", tmp)
+	l.topo.Host.MustRun(t, "ip", "link", "set", second, "down")
+	l.topo.Host.MustRun(t, "ip", "link", "set", second, "name", client)
+	l.topo.Host.MustRun(t, "ip", "link", "set", client, "up")
+	l.topo.Host.MustRun(t, "ip", "link", "set", tmp, "up")
+	attack(16) // 4 s: the listener's 2-s pass at the latest
+	for _, le := range l.srv.Leases() {
+		if le.InternalAddr == l.topo.ClientV6 {
+			t.Errorf("after %s and %s traded names, %s's full-tunnel peer made a lease as the client: %+v", client, second, second, le)
+		}
+	}
+}
