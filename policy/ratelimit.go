@@ -53,15 +53,28 @@ func NewRateLimiter(rate float64, burst int, maxSources int, opts ...RateLimiter
 	return l
 }
 
-// Allow reports whether src may be served at now, spending one token.
+// Allow reports whether src may be served at now, spending one token. It
+// is AllowOn for interface 0.
 func (l *RateLimiter) Allow(src netip.Addr, now time.Time) bool {
+	return l.AllowOn(src, 0, now)
+}
+
+// AllowOn is Allow for src arriving on the interface iface (an interface
+// index, or any other number the caller gives each interface; 0: not
+// known): one source on two interfaces has two buckets. WireGuard checks a
+// source only against the peers of the interface it arrives on, so a peer
+// of another interface (a full-tunnel one) may send from a client's
+// address: keyed by the source alone, its flood spent the client's bucket
+// (TestSourceBucketOtherInterface). Keys are exact, never hashed
+// together, so no (iface, source) can be chosen to meet another's bucket.
+func (l *RateLimiter) AllowOn(src netip.Addr, iface uint32, now time.Time) bool {
 	src = src.Unmap()
 	k := key(src) // IPv4 as ::ffff:a.b.c.d, so it never meets an IPv6 key
 	if src.Is6() && l.bits6 < 128 {
 		m := hostMask(l.bits6)
 		k = u128{k.hi &^ m.hi, k.lo &^ m.lo}
 	}
-	return l.b.allow(k, now)
+	return l.b.allow(k, iface, now)
 }
 
 // Len returns the number of sources currently remembered.
@@ -115,7 +128,7 @@ func (l *OwnerRateLimiter) Key(owner OwnerID) OwnerKey {
 
 // AllowKey is Allow for an owner already hashed by Key.
 func (l *OwnerRateLimiter) AllowKey(k OwnerKey, now time.Time) bool {
-	return l.b.allow(u128{k.Hi, k.Lo}, now)
+	return l.b.allow(u128{k.Hi, k.Lo}, 0, now)
 }
 
 // Len returns the number of owners currently remembered.
@@ -137,12 +150,14 @@ type buckets struct {
 
 // slot is one bucket of the table: 32 bytes, so a set of four is two
 // cache lines. float32 counts tokens exactly up to 2²⁴, far above any
-// sane burst; a larger one is as good as unlimited anyway.
+// sane burst; a larger one is as good as unlimited anyway. The key is
+// (k, iface); tag is iface+1, so that 0 marks a free slot (interface
+// 2³²-1 shares interface 0's buckets: Linux indexes are int32).
 type slot struct {
 	k      u128
 	last   int64 // now - base in nanoseconds at the last refill
 	tokens float32
-	used   bool
+	tag    uint32 // iface+1; 0: free
 }
 
 // shard is the lock of the sets whose index is congruent to it modulo
@@ -184,9 +199,10 @@ func (l *buckets) set(k u128) uint64 {
 	return hi
 }
 
-func (l *buckets) allow(k u128, now time.Time) bool {
+func (l *buckets) allow(k u128, iface uint32, now time.Time) bool {
 	t := int64(now.Sub(l.base))
-	si := l.set(k)
+	tag := max(iface+1, 1) // 2³²-1 wraps to 0 (free): interface 0's
+	si := l.set(u128{k.hi ^ uint64(iface)<<32, k.lo})
 	sh := &l.shards[si%nShards]
 	set := l.slots[int(si)*l.ways : int(si+1)*l.ways]
 	sh.mu.Lock()
@@ -194,11 +210,11 @@ func (l *buckets) allow(k u128, now time.Time) bool {
 	victim := 0
 	for i := range set {
 		e := &set[i]
-		if !e.used {
+		if e.tag == 0 {
 			victim = i
 			break
 		}
-		if e.k == k {
+		if e.k == k && e.tag == tag {
 			if dt := t - e.last; dt > 0 {
 				e.tokens = float32(min(l.burst, float64(e.tokens)+float64(dt)*1e-9*l.rate))
 				e.last = t
@@ -219,12 +235,12 @@ func (l *buckets) allow(k u128, now time.Time) bool {
 		}
 	}
 	e := &set[victim]
-	if !e.used {
+	if e.tag == 0 {
 		// A free entry is only found after every used one of the set (they
 		// fill in order, and entries are never freed), so k is not in it.
 		sh.n++
 	}
-	*e = slot{k: k, last: t, tokens: float32(l.burst - 1), used: true}
+	*e = slot{k: k, last: t, tokens: float32(l.burst - 1), tag: tag}
 	return true
 }
 

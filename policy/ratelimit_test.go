@@ -6,6 +6,7 @@ import (
 	"runtime"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // TestRateLimiterPKT08: a flood from A spends only A's tokens; B is still
@@ -74,7 +75,9 @@ func TestRateLimiterFloodBoundedSEC04(t *testing.T) {
 	for i := range 1_000_000 {
 		binary.BigEndian.PutUint64(b[8:], uint64(i))
 		now = now.Add(time.Microsecond)
-		if !l.Allow(netip.AddrFrom16(b), now) {
+		// Spread over interfaces too (AllowOn): keys of (interface,
+		// source) are bounded by the same table.
+		if !l.AllowOn(netip.AddrFrom16(b), uint32(i%4), now) {
 			t.Fatalf("fresh source %d refused", i)
 		}
 		if i%2000 == 0 { // legit: one request per 2 ms of flood time ≪ its bucket
@@ -96,6 +99,49 @@ func TestRateLimiterFloodBoundedSEC04(t *testing.T) {
 	// 10 000 entries cost well under 10 MiB; a million would cost ~100 MiB.
 	if grow := int64(after.HeapAlloc) - int64(before.HeapAlloc); grow > 10<<20 {
 		t.Errorf("heap grew by %d bytes during the flood", grow)
+	}
+}
+
+// TestRateLimiterPerInterface: a source's bucket is its own on each
+// interface (AllowOn): a flood from one interface (a WireGuard peer of
+// another interface may send from a client's address) leaves the same
+// source's bucket on another interface full, whatever the address family
+// or prefix counting; on one interface it is still one bucket.
+func TestRateLimiterPerInterface(t *testing.T) {
+	if n := unsafe.Sizeof(slot{}); n != 32 {
+		t.Errorf("slot is %d bytes, want 32 (a set of four in two cache lines)", n)
+	}
+	for _, tc := range []struct {
+		name          string
+		src, other    string // other: same bucket as src on one interface
+		bits6         int
+		flood, client uint32
+	}{
+		{"ipv6 per address", "2001:db8::5", "2001:db8::5", 128, 2, 1},
+		{"ipv6 per /64", "2001:db8::5", "2001:db8::6", 64, 2, 1},
+		{"ipv4", "10.0.0.5", "::ffff:10.0.0.5", 128, 7, 3},
+		{"interface 0 (Allow) apart", "2001:db8::5", "2001:db8::5", 128, 1, 0},
+		{"largest numbers", "2001:db8::5", "2001:db8::5", 128, 1<<32 - 2, 1 << 31},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			const burst = 5
+			l := NewRateLimiter(1, burst, 1024, WithIPv6Prefix(tc.bits6))
+			now := time.Unix(3_000_000, 0)
+			for range 100 * burst {
+				l.AllowOn(addr(tc.src), tc.flood, now)
+			}
+			if l.AllowOn(addr(tc.other), tc.flood, now) {
+				t.Errorf("flooded bucket on interface %d still admits %s", tc.flood, tc.other)
+			}
+			for i := range burst {
+				if !l.AllowOn(addr(tc.other), tc.client, now) {
+					t.Fatalf("%s on interface %d refused after %d of its burst %d: the flood on interface %d spent it", tc.other, tc.client, i, burst, tc.flood)
+				}
+			}
+			if l.AllowOn(addr(tc.src), tc.client, now) {
+				t.Errorf("interface %d's bucket of %s admits beyond its burst", tc.client, tc.src)
+			}
+		})
 	}
 }
 

@@ -233,7 +233,7 @@ func BenchmarkEarly(b *testing.B) {
 			for b.Loop() {
 				src := srcs[i%len(srcs)]
 				i++
-				if h.s.admit(tc.b, src, now) != "" {
+				if h.s.admit(tc.b, src, 0, now) != "" {
 					b.Fatal("dropped")
 				}
 				h.s.earlyTallied(&t, dst, tc.b, src, "", now)

@@ -296,7 +296,7 @@ func (s *Server) handle(t *tx, r *Request) outcome {
 	src := netip.AddrPortFrom(r.Source.Addr().Unmap(), r.Source.Port())
 	c := &call{t: t, src: src, local: r.Local, iface: r.Iface, data: b, now: t.now, epoch: s.epoch.at(t.now)}
 	if !r.admitted && !t.retry {
-		if reason := s.admit(b, src, c.now); reason != "" {
+		if reason := s.admit(b, src, ifaceKey(0, r.Iface), c.now); reason != "" {
 			return s.drop(reason, src)
 		}
 	}
@@ -311,8 +311,11 @@ func (s *Server) handle(t *tx, r *Request) outcome {
 // (PKT-01..03) and the per-source token bucket (PKT-08: excess is dropped,
 // so a flooding client cannot starve the others). It returns why a packet
 // is dropped, or "". The network path runs it in the socket readers,
-// before a packet takes a place in the engine's queue.
-func (s *Server) admit(b []byte, src netip.AddrPort, now time.Time) string {
+// before a packet takes a place in the engine's queue. iface is the
+// arrival interface (ifaceKey): the bucket is the source's on that
+// interface, so a peer of another interface sending from a client's
+// address (WireGuard checks sources per interface) spends its own.
+func (s *Server) admit(b []byte, src netip.AddrPort, iface uint32, now time.Time) string {
 	switch {
 	case len(b) < 2:
 		return "short"
@@ -328,12 +331,31 @@ func (s *Server) admit(b []byte, src netip.AddrPort, now time.Time) string {
 	// with them for free. PKT-09 puts the version check before overload
 	// for which result code an answer carries; under overload the packet
 	// is not answered at all (PKT-08 allows dropping).
-	if !s.rl.Allow(src.Addr(), now) {
+	if !s.rl.AllowOn(src.Addr(), iface, now) {
 		return "rate-limit"
 	}
 	// The per-owner bucket comes after the early answers, for what needs
 	// the engine (Server.early, ownerGate).
 	return ""
+}
+
+// ifaceKey numbers an arrival interface for the per-source bucket
+// (policy.RateLimiter.AllowOn): its index when known (a socket's; it
+// survives a rename), else, for requests handed in by name alone
+// (HandleBatch), a hash of the name above every index (Linux indexes are
+// positive int32s); 0 when neither is known.
+func ifaceKey(index int, name string) uint32 {
+	switch {
+	case index > 0:
+		return uint32(index)
+	case name == "":
+		return 0
+	}
+	h := uint32(2166136261) // FNV-1a
+	for i := range len(name) {
+		h = (h ^ uint32(name[i])) * 16777619
+	}
+	return 1<<31 | h&(1<<30-1)
 }
 
 // natpmpOn reports whether NAT-PMP is served to src (PMP-01): it needs an

@@ -262,7 +262,8 @@ type listener struct {
 	// admit decides, before a packet is queued, whether it is worth the
 	// engine's time ("" = yes).
 	// now is the time of the batch the packet came in (clock's).
-	admit func(b []byte, src netip.AddrPort, now time.Time) string
+	// iface is the socket's interface (ifaceKey).
+	admit func(b []byte, src netip.AddrPort, iface uint32, now time.Time) string
 	// clock is admit's clock (the Server's; nil: the wall clock), read
 	// once per batch.
 	clock func() time.Time
@@ -613,6 +614,7 @@ func (l *listener) read(c *udpConn) {
 	// drops; the replies the reader makes itself go out in one sendmmsg
 	// per batch. Nothing here allocates per datagram but the copy of one
 	// queued for the engine.
+	ifk := ifaceKey(c.index, c.kname)
 	in := newMmsg(readBatch)
 	bufs := make([]byte, readBatch*readSize)
 	for i := range in.iovs {
@@ -660,7 +662,7 @@ func (l *listener) read(c *udpConn) {
 			}
 			b := bufs[i*readSize : i*readSize+int(h.Len)]
 			if l.admit != nil {
-				if reason := l.admit(b, src, admitNow); reason != "" {
+				if reason := l.admit(b, src, ifk, admitNow); reason != "" {
 					if l.onDrop != nil {
 						l.onDrop(reason)
 					}

@@ -36,7 +36,7 @@ func TestPKT08UnsupportedVersionSpendsTokens(t *testing.T) {
 			src := netip.AddrPortFrom(tc.src, 5350)
 			admitted := 0
 			for range 1000 {
-				if h.s.admit(tc.pkt, src, now) == "" {
+				if h.s.admit(tc.pkt, src, 0, now) == "" {
 					admitted++
 				}
 			}
@@ -44,10 +44,10 @@ func TestPKT08UnsupportedVersionSpendsTokens(t *testing.T) {
 				t.Errorf("PKT-08: %d of 1000 admitted from one source, want ≤ %d", admitted, burst)
 			}
 			mapA := pcp.AppendRequest(nil, mapReq(tc.src, pcp.ProtoTCP, 80, 80, time.Hour, 1))
-			if r := h.s.admit(mapA, src, now); r != "rate-limit" {
+			if r := h.s.admit(mapA, src, 0, now); r != "rate-limit" {
 				t.Errorf("PKT-08: the flooder's MAP after its flood: %q, want rate-limit", r)
 			}
-			if r := h.s.admit(mapB, netip.AddrPortFrom(addrB, 5350), now); r != "" {
+			if r := h.s.admit(mapB, netip.AddrPortFrom(addrB, 5350), 0, now); r != "" {
 				t.Errorf("PKT-08: another client's MAP: %q, want admitted", r)
 			}
 		})
@@ -74,7 +74,7 @@ func TestPKT08OwnerBucket(t *testing.T) {
 			src := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x0a, 0, byte(next), 15: 1}) // 2001:db8:a:<i>::1, owner a
 			m := pcp.AppendRequest(nil, mapReq(src, pcp.ProtoTCP, 80, 80, time.Hour, 1))
 			ap := netip.AddrPortFrom(src, 5350)
-			if h.s.admit(m, ap, now) != "" {
+			if h.s.admit(m, ap, 0, now) != "" {
 				t.Fatalf("source %s refused by its own bucket", src)
 			}
 			if r, handled := h.s.early(nil, m, ap, now); !handled {
