@@ -66,6 +66,19 @@ type InterfaceLookup interface {
 	LookupOn(src netip.Addr, iface string) (Owner, bool)
 }
 
+// RenameFollower is an optional extra of an InterfaceLookup (*WireGuard
+// has it): it learns interface names from its own reads, while the server's
+// listener follows renames at once (a socket per interface index, named by
+// its kernel name now). When a served interface's kernel name or index
+// changes, the listener calls InterfacesRenamed with the kernel names
+// concerned, before it serves them: requests arriving under them are
+// nobody's until the ownership has re-read the interfaces by their new
+// names. Otherwise, after two interfaces trade names, a request would be
+// checked against the peers of the interface that had the name before.
+type RenameFollower interface {
+	InterfacesRenamed(knames []string)
+}
+
 // Errors returned by constructors; match with errors.Is.
 var (
 	ErrInvalidConfig = errors.New("invalid configuration")

@@ -348,6 +348,26 @@ func (t *table) findOn(a netip.Addr, iface string) int32 {
 	return i
 }
 
+// without returns t with no per-interface table for the kernel names in
+// names: findOn takes nothing arriving there as anybody's. Everything else
+// (owners, spans, holes) is t's, shared.
+func (t *table) without(names map[string]bool) *table {
+	if t.ifaces == nil {
+		return t
+	}
+	c := *t
+	c.ifaces = make(map[string]*table, len(t.ifaces))
+	for k, sub := range t.ifaces {
+		if !names[k] {
+			c.ifaces[k] = sub
+		}
+	}
+	if names[c.only] {
+		c.only = ""
+	}
+	return &c
+}
+
 func (t *table) lookupOn(a netip.Addr, iface string) (Owner, bool) {
 	if !a.IsValid() || a.Is4In6() || a.Zone() != "" {
 		return Owner{}, false

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -111,12 +112,25 @@ type WireGuard struct {
 	gone     map[string]time.Time
 	warned   map[string]bool // warnings given by the last build
 	warnNext map[string]bool // warnings of the build in progress
+
+	// renamed is the kernel names whose interface changed under them
+	// (InterfacesRenamed) since the last re-read began: the view in w.t
+	// has no per-interface table for them (table.without), so LookupOn
+	// and Authorize take no request arriving there as anybody's until a
+	// re-read that began after the change rebuilds it. rmu (never held
+	// while reading a device) guards it and orders the stores of w.t by
+	// InterfacesRenamed and Refresh.
+	rmu     sync.Mutex
+	renamed map[string]bool
+	renewCh chan struct{}   // InterfacesRenamed's re-read now, not rate-limited
+	stuck   map[string]bool // renamed userspace ones, logged (guarded by mu)
 }
 
 var (
 	_ Ownership       = (*WireGuard)(nil)
 	_ Holes           = (*WireGuard)(nil)
 	_ InterfaceLookup = (*WireGuard)(nil)
+	_ RenameFollower  = (*WireGuard)(nil)
 )
 
 // WireGuardOption adjusts NewWireGuard.
@@ -172,6 +186,7 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 		now:       time.Now,
 		log:       log,
 		missCh:    make(chan struct{}, 1),
+		renewCh:   make(chan struct{}, 1),
 		changes:   make(chan Change, changeBuffer),
 		lastGood:  make(map[string][]wgtypes.Peer),
 		kname:     make(map[string]string),
@@ -244,6 +259,33 @@ func (w *WireGuard) LookupOn(src netip.Addr, iface string) (Owner, bool) {
 	return o, ok
 }
 
+// InterfacesRenamed implements RenameFollower: the interfaces now known by
+// knames (kernel names) are not the ones the last read found under those
+// names (renamed, or another interface renamed to one; the listener sees
+// it first: it re-binds its sockets at once). Requests arriving on them
+// are nobody's (their per-interface tables are dropped from the view at
+// once) until a re-read, asked for now, rebuilds the view from the
+// interfaces as they are named then. It does not wait for the re-read.
+func (w *WireGuard) InterfacesRenamed(knames []string) {
+	if len(knames) == 0 {
+		return
+	}
+	w.rmu.Lock()
+	if w.renamed == nil {
+		w.renamed = make(map[string]bool)
+	}
+	for _, k := range knames {
+		w.renamed[k] = true
+	}
+	w.t.Store(w.t.Load().without(w.renamed))
+	w.rmu.Unlock()
+	w.log.Info("served interface renamed; its peers own nothing there until the next read", zap.Strings("kernel_names", knames))
+	select {
+	case w.renewCh <- struct{}{}:
+	default:
+	}
+}
+
 // Owners implements Ownership.
 func (w *WireGuard) Owners() []Owner { return w.t.Load().snapshot() }
 
@@ -282,8 +324,9 @@ func (w *WireGuard) Stats() WireGuardStats {
 // Run runs: Run blocks on a full channel rather than drop a revocation.
 func (w *WireGuard) Changes() <-chan Change { return w.changes }
 
-// Run re-reads the interfaces every refresh interval and on lookup misses
-// (at most once per miss interval) until ctx ends; it then returns nil.
+// Run re-reads the interfaces every refresh interval, on lookup misses
+// (at most once per miss interval) and at once on InterfacesRenamed, until
+// ctx ends; it then returns nil.
 // Read errors are logged, not returned: ownership keeps its last good view.
 func (w *WireGuard) Run(ctx context.Context) error {
 	tick := time.NewTicker(w.refresh)
@@ -302,6 +345,7 @@ func (w *WireGuard) Run(ctx context.Context) error {
 		case <-tick.C:
 		case <-graceEnd:
 		case <-delayed:
+		case <-w.renewCh: // a served interface renamed: at once
 		case <-w.missCh:
 			w.mu.Lock()
 			wait := w.missEvery - time.Since(w.last)
@@ -351,13 +395,27 @@ func (w *WireGuard) graceEnd() (time.Time, bool) {
 func (w *WireGuard) Refresh(ctx context.Context) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	// This read serves the renames so far; later ones stay marked.
+	w.rmu.Lock()
+	pending := w.renamed
+	w.renamed = nil
+	w.rmu.Unlock()
 	var errs []error
-	changed := false
+	changed := len(pending) > 0 // the view lacks their tables: rebuild
+	// userspace is the renamed kernel names read from a userspace device
+	// (wireguard-go, boringtun): wgctrl finds one by the name its UAPI
+	// socket was made with, which a rename does not change, so the name
+	// may find another device than the one named so now (after two
+	// interfaces trade names, the other's). They stay marked.
+	var userspace []string
 	now := w.now()
 	for _, name := range w.ifaces {
 		d, k, err := w.device(name)
 		switch {
 		case err == nil:
+			if pending[k] && d.Type == wgtypes.Userspace {
+				userspace = append(userspace, k)
+			}
 			old, had := w.lastGood[name]
 			same := had && samePeers(old, d.Peers) && w.kname[name] == k
 			if since, held := w.gone[name]; held {
@@ -420,7 +478,32 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 	}
 	old := w.t.Load()
 	nt := w.buildLocked()
+	w.rmu.Lock()
+	keep := userspace
+	if len(errs) > 0 {
+		// Some interface kept its last good peers, maybe read by its
+		// old name: the renamed ones wait for a clean read.
+		keep = slices.Collect(maps.Keys(pending))
+	}
+	for _, k := range keep {
+		if w.renamed == nil {
+			w.renamed = make(map[string]bool)
+		}
+		if slices.Contains(userspace, k) && !w.stuck[k] {
+			if w.stuck == nil {
+				w.stuck = make(map[string]bool)
+			}
+			w.stuck[k] = true
+			w.log.Error("served userspace WireGuard interface renamed: wgctrl finds a userspace device by the name it was started with, so requests arriving under this name own nothing until pcpd restarts",
+				zap.String("kernel_name", k))
+		}
+		w.renamed[k] = true
+	}
+	if len(w.renamed) > 0 {
+		nt = nt.without(w.renamed)
+	}
 	w.t.Store(nt)
+	w.rmu.Unlock()
 	for _, c := range diff(old, nt) {
 		w.log.Info("WireGuard ownership lost",
 			zap.String("owner", string(c.Owner)), zap.Bool("removed", c.Removed),

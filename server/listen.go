@@ -279,6 +279,15 @@ type listener struct {
 	// the interfaces (resync), from the run goroutine only, outside mu;
 	// addresses still in duplicate address detection are left out (link).
 	onServe func(aps []netip.AddrPort, ifaces []string)
+	// onRename, if set, gets the kernel names a rename of a served
+	// interface concerns (renames; policy.RenameFollower), before sockets
+	// under them are opened. Called from the run goroutine, under mu.
+	onRename func(knames []string)
+	// byName and byIndex are the kernel name ↔ index pairs served so far
+	// (resync; nil before the first pass). byIndex keeps only the pairs
+	// byName still has, so both are bounded by the names ever served.
+	byName  map[string]int
+	byIndex map[int]string
 
 	// pass is how often the interfaces are read whatever the
 	// notifications say (0: every 2 s; tests set it long, to see that a
@@ -519,6 +528,7 @@ func (l *listener) resync(h *netlink.Handle) {
 	if l.conns == nil {
 		l.conns = map[netip.AddrPort]*udpConn{}
 	}
+	l.renames(h, want)
 	for ap, c := range l.conns {
 		// SO_BINDTODEVICE holds the interface index: an interface deleted
 		// and re-created under the same name needs a new socket.
@@ -560,6 +570,56 @@ func (l *listener) resync(h *netlink.Handle) {
 			l.log.Info("serving", zap.String("interface", w.name), zap.String("kernel_name", w.kname), zap.Stringer("address", ap))
 		} else {
 			l.log.Info("serving", zap.String("interface", w.name), zap.Stringer("address", ap))
+		}
+	}
+}
+
+// renames reports to onRename the kernel names a rename concerns
+// (listener.onRename), and records want's name ↔ index pairs: an index
+// served before under another name (that name too), or a name served
+// before on another index that still exists (renamed away: a re-created
+// interface, whose old index is gone, is no rename; its device is new,
+// and read by its name). Before the first pass nothing is reported: the
+// ownership has just read the interfaces itself. An interface never
+// served before renamed to a served name is caught only by the second
+// rule (the served name's old index still exists).
+func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
+	first := l.byName == nil
+	if first {
+		l.byName, l.byIndex = map[string]int{}, map[int]string{}
+	}
+	var changed []string
+	add := func(k string) {
+		if !first && !slices.Contains(changed, k) {
+			changed = append(changed, k)
+		}
+	}
+	for _, w := range want {
+		idx, had := l.byName[w.kname]
+		if had && idx == w.index {
+			continue
+		}
+		if name, ok := l.byIndex[w.index]; ok && name != w.kname {
+			add(w.kname)
+			add(name)
+		}
+		if had {
+			if _, err := h.LinkByIndex(idx); err == nil {
+				add(w.kname)
+			}
+		}
+		l.byName[w.kname], l.byIndex[w.index] = w.index, w.kname
+	}
+	for i, k := range l.byIndex {
+		if l.byName[k] != i {
+			delete(l.byIndex, i)
+		}
+	}
+	if len(changed) > 0 {
+		slices.Sort(changed)
+		l.log.Info("served interface renamed", zap.Strings("kernel_names", changed))
+		if l.onRename != nil {
+			l.onRename(changed)
 		}
 	}
 }

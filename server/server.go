@@ -205,6 +205,9 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		clock:  s.now,
 		early:  s.earlyTallied,
 	}
+	if rf, ok := s.pol.Ownership().(policy.RenameFollower); ok {
+		s.lis.onRename = rf.InterfacesRenamed
+	}
 	if ss, ok := s.fw.(ServedSetter); ok {
 		s.lis.onServe = func(aps []netip.AddrPort, ifaces []string) { s.updateServed(ss, aps, ifaces) }
 	}
