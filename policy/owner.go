@@ -60,7 +60,9 @@ type Holes interface {
 type InterfaceLookup interface {
 	// LookupOn is Lookup for a request from src that arrived on the
 	// interface whose kernel name is iface: src's owner only if that
-	// owner's peer holds on iface an AllowedIP containing src. An owner
+	// owner's peer holds on iface an ownable AllowedIP containing src
+	// (one long enough to own, not a hole: a full-tunnel ::/0 makes no
+	// source the peer's). An owner
 	// bound to no interface (static) is returned whatever iface is; for
 	// one bound to interfaces, an unknown iface ("") matches none.
 	LookupOn(src netip.Addr, iface string) (Owner, bool)
