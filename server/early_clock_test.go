@@ -27,9 +27,9 @@ func (c *stepClocks) step(d time.Duration)    { c.wall.Add(int64(d)) }
 
 // runClockHarness is newHarness's server on the running clock of c (Deps.Mono
 // set, as in production where both default to the runtime's clocks).
-func runClockHarness(t *testing.T, c *stepClocks) *harness {
+func runClockHarness(t *testing.T, c *stepClocks, opts ...option) *harness {
 	t.Helper()
-	h := newHarness(t)
+	h := newHarness(t, opts...)
 	pol, err := policy.New(h.pcfg, h.own)
 	if err != nil {
 		t.Fatal(err)
