@@ -54,7 +54,10 @@ func NewRateLimiter(rate float64, burst int, maxSources int, opts ...RateLimiter
 }
 
 // Allow reports whether src may be served at now, spending one token. It
-// is AllowOn for interface 0.
+// is AllowOn for interface 0. The limiter measures durations between the
+// calls' times: now must come from a clock that is not stepped (a
+// monotonic one; time.Now's readings are, by their monotonic part).
+// Behind the latest time of a source's bucket, it refills nothing.
 func (l *RateLimiter) Allow(src netip.Addr, now time.Time) bool {
 	return l.AllowOn(src, 0, now)
 }
@@ -215,13 +218,12 @@ func (l *buckets) allow(k u128, iface uint32, now time.Time) bool {
 			break
 		}
 		if e.k == k && e.tag == tag {
+			// dt < 0: another reader's later reading came first (the
+			// clock must not go back otherwise: a step back would make
+			// idle entries look newest, never evicted; the server's is
+			// steady, server/clock.go). No time passed.
 			if dt := t - e.last; dt > 0 {
 				e.tokens = float32(min(l.burst, float64(e.tokens)+float64(dt)*1e-9*l.rate))
-				e.last = t
-			} else if dt < 0 {
-				// The clock went back (the server's clock follows a
-				// wall-clock step: server/clock.go): no time passed, and
-				// the refill goes on from now, not from the old last.
 				e.last = t
 			}
 			if e.tokens < 1 {

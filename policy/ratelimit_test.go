@@ -52,10 +52,21 @@ func TestRateLimiterPKT08(t *testing.T) {
 	if l4.Allow(addr("10.0.0.1"), t0.Add(-time.Hour)) {
 		t.Error("clock step back refilled the bucket")
 	}
-	// ... and the refill goes on from the new time: one second at 1/s is
-	// a token, not an hour and a second.
-	if !l4.Allow(addr("10.0.0.1"), t0.Add(-time.Hour+time.Second)) {
-		t.Error("a second after a clock step back of an hour: refused (refill waits for the old time)")
+	// Two readers: the one with the earlier reading may come second. It
+	// spends nothing it has not got and does not move the refill's start
+	// back: a second at 1/s after the later reading is one token, not one
+	// and a bit (it was, while the limiter resynced to a clock that went
+	// back; the server's clock no longer steps, server/clock.go).
+	l1 := NewRateLimiter(1, 1, 10)
+	src := addr("10.0.0.2")
+	if !l1.Allow(src, t0) || !l1.Allow(src, t0.Add(time.Second)) {
+		t.Fatal("a token a second at 1/s: refused")
+	}
+	if l1.Allow(src, t0.Add(time.Second-time.Millisecond)) {
+		t.Error("an earlier reading after a later one: allowed with the bucket empty")
+	}
+	if l1.Allow(src, t0.Add(2*time.Second-time.Millisecond)) {
+		t.Error("999 ms after the last refill at 1/s: allowed (the earlier reading moved the refill's start back)")
 	}
 }
 

@@ -1,11 +1,13 @@
 package server
 
 import (
+	"runtime"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -54,6 +56,10 @@ type runClock struct {
 	wall func() time.Time
 	mono func() time.Duration
 	off  atomic.Int64 // Unix ns at mono's zero
+	off0 int64        // off at the start: off-off0 is the rebases' total shift
+	// gen is odd while a rebase moves off and the epoch origin (a
+	// sequence lock: epochNow).
+	gen atomic.Uint64
 }
 
 func newRunClock(wall func() time.Time, mono func() time.Duration) *runClock {
@@ -66,11 +72,58 @@ func newRunClock(wall func() time.Time, mono func() time.Duration) *runClock {
 	}
 	c := &runClock{wall: wall, mono: mono}
 	m := c.mono()
-	c.off.Store(c.wall().UnixNano() - int64(m))
+	c.off0 = c.wall().UnixNano() - int64(m)
+	c.off.Store(c.off0)
 	return c
 }
 
+// steady is the running clock without its rebases: the wall time at the
+// start plus the monotonic time since, which nothing steps. The rate
+// limiters and the owner gate, which only measure durations between their
+// readings, run on it (a rebase moved their times: a step back made idle
+// sources look newest for as long as the step, and the owner gate call an
+// owner contended for that long).
+func (c *runClock) steady() time.Time { return time.Unix(0, c.off0+int64(c.mono())) }
+
+// shifted is the rebases' total shift so far: steady's reading is the
+// running clock's minus it.
+func (c *runClock) shifted() time.Duration { return time.Duration(c.off.Load() - c.off0) }
+
+// shifted is the rebases' total shift (0 without a running clock).
+func (s *Server) shifted() time.Duration {
+	if s.clk == nil {
+		return 0
+	}
+	return s.clk.shifted()
+}
+
+// steadyAt is steady's reading at the running clock's reading now (s.mu
+// held, so no rebase runs between the two: the engine's rate-limiter
+// calls, without another clock reading).
+func (s *Server) steadyAt(now time.Time) time.Time { return now.Add(-s.shifted()) }
+
 func (c *runClock) now() time.Time { return time.Unix(0, c.off.Load()+int64(c.mono())) }
+
+// epochNow is the epoch at the running clock's now, for the socket
+// readers (early), which hold no lock: the running clock and the epoch
+// origin move together at a rebase (under s.mu), and a reader that read
+// one before and the other after would answer an epoch off by the step (a
+// client seeing its server's epoch go back re-creates its mappings, RFC
+// 6887 §8.5), so it reads them again when a rebase ran meanwhile. Without a
+// rebase that costs two loads beside the clock reading.
+func (s *Server) epochNow() pcp.Epoch {
+	if s.clk == nil {
+		return s.epoch.at(s.now())
+	}
+	for {
+		g := s.clk.gen.Load()
+		e := s.epoch.at(s.clk.now())
+		if g&1 == 0 && s.clk.gen.Load() == g {
+			return e
+		}
+		runtime.Gosched() // a rebase's two stores
+	}
+}
 
 // skew is the wall clock's reading minus the running clock's.
 func (c *runClock) skew() time.Duration {
@@ -119,7 +172,13 @@ func (s *Server) finishRebase() {
 // rebase moves the running clock by d onto the wall clock and every wall
 // time the engine holds with it (s.mu held).
 func (s *Server) rebase(d time.Duration) {
+	origin, hasOrigin := s.epoch.get()
+	s.clk.gen.Add(1) // odd: epochNow's readers wait (see there)
 	s.clk.off.Add(int64(d))
+	if hasOrigin {
+		s.epoch.origin.Add(int64(d)) // the epoch goes on across the step
+	}
+	s.clk.gen.Add(1)
 	s.tab.shift(int64(d))
 	for k, at := range s.dirty {
 		s.dirty[k] = at.Add(d)
@@ -131,12 +190,11 @@ func (s *Server) rebase(d time.Duration) {
 		q.until = q.until.Add(d)
 		s.quar[e] = q
 	}
-	if !s.epoch.origin.IsZero() {
-		s.epoch.origin = s.epoch.origin.Add(d)
+	if hasOrigin {
 		// The stored origin follows, so the epoch continues across a
 		// restart too (a backward step would otherwise put it in the
 		// future: an epoch reset).
-		if err := s.st.ResetEpoch(s.epoch.origin); err != nil {
+		if err := s.st.ResetEpoch(origin.Add(d)); err != nil {
 			s.log.Warn("cannot record the epoch origin moved with the wall clock; it is written with the next commit", zap.Error(err))
 		}
 	}

@@ -64,7 +64,8 @@ func announceEpoch(t *testing.T, b []byte) pcp.Epoch {
 // after a step back longer than the uptime, +3600 after an hour forward,
 // while the engine answers 100. A client that sees the epoch go back
 // (RFC 6887 §8.5) re-creates all its mappings; after a forward jump the
-// next right epoch looks like a reset.
+// next right epoch looks like a reset. early now reads the epoch at the
+// running clock (epochNow), whatever clock the readers pass.
 func TestEarlyEpochWallStep(t *testing.T) {
 	for _, step := range []time.Duration{-time.Hour, time.Hour, -5 * time.Second} {
 		c := &stepClocks{}
@@ -97,6 +98,8 @@ func TestEarlyEpochWallStep(t *testing.T) {
 // TestEarlyEpochRebaseRace: rebase (engine, under s.mu) writes the epoch
 // origin that the socket readers read without a lock (early's epoch.at):
 // a data race, a torn time.Time (wall, ext, loc) read. Fails under -race.
+// The origin is now an atomic, and epochNow reads it with the running
+// clock under a sequence lock (clock.go).
 func TestEarlyEpochRebaseRace(t *testing.T) {
 	if !raceEnabled {
 		t.Skip("needs -race")

@@ -1,16 +1,20 @@
 package server
 
 import (
+	"sync/atomic"
 	"time"
 
 	"github.com/pcpd/pcpd/pcp"
 )
 
 // epochClock is the one shared PCP epoch (EPO-01): seconds since origin,
-// +1 per second (EPO-02). origin carries the monotonic reading of the
-// moment it was set, so a wall-clock step never moves the epoch.
+// +1 per second (EPO-02). origin is a time of the engine's running clock
+// (clock.go), which no wall-clock step moves: a rebase moves the running
+// clock and origin by the same step. It is an atomic (Unix nanoseconds, 0:
+// unset) because the socket readers read it without s.mu (early) while
+// the engine's rebase writes it.
 type epochClock struct {
-	origin time.Time
+	origin atomic.Int64
 }
 
 // resume continues an epoch whose origin was persisted as wall time
@@ -20,20 +24,27 @@ func (e *epochClock) resume(origin, now time.Time) bool {
 	if origin.IsZero() || origin.After(now) {
 		return false
 	}
-	// now.Sub(origin) uses wall time (origin came from disk); the result
-	// keeps now's monotonic reading for every later subtraction.
-	e.origin = now.Add(-now.Sub(origin))
+	e.origin.Store(origin.UnixNano())
 	return true
 }
 
 // reset starts the epoch at 0 now (EPO-03).
-func (e *epochClock) reset(now time.Time) { e.origin = now }
+func (e *epochClock) reset(now time.Time) { e.origin.Store(now.UnixNano()) }
 
-// at is the epoch value at now.
+// get returns the origin, and whether there is one.
+func (e *epochClock) get() (time.Time, bool) {
+	o := e.origin.Load()
+	if o == 0 {
+		return time.Time{}, false
+	}
+	return time.Unix(0, o), true
+}
+
+// at is the epoch value at now, a reading of the running clock.
 func (e *epochClock) at(now time.Time) pcp.Epoch {
-	d := now.Sub(e.origin)
+	d := now.UnixNano() - e.origin.Load()
 	if d < 0 {
 		return 0
 	}
-	return pcp.Epoch(d / time.Second)
+	return pcp.Epoch(d / int64(time.Second))
 }

@@ -296,7 +296,7 @@ func (s *Server) handle(t *tx, r *Request) outcome {
 	src := netip.AddrPortFrom(r.Source.Addr().Unmap(), r.Source.Port())
 	c := &call{t: t, src: src, local: r.Local, iface: r.Iface, data: b, now: t.now, epoch: s.epoch.at(t.now)}
 	if !r.admitted && !t.retry {
-		if reason := s.admit(b, src, ifaceKey(0, r.Iface), c.now); reason != "" {
+		if reason := s.admit(b, src, ifaceKey(0, r.Iface), s.steadyAt(c.now)); reason != "" {
 			return s.drop(reason, src)
 		}
 	}
@@ -408,7 +408,7 @@ func (s *Server) handlePCP(c *call) outcome {
 		// use; each costs extra tokens, so probing is throttled sooner
 		// than ordinary requests.
 		for range pfPenalty {
-			s.rl.Allow(c.src.Addr(), c.now)
+			s.rl.Allow(c.src.Addr(), s.steadyAt(c.now))
 		}
 	}
 	if code != pcp.Success {

@@ -264,8 +264,9 @@ type listener struct {
 	// now is the time of the batch the packet came in (clock's).
 	// iface is the socket's interface (ifaceKey).
 	admit func(b []byte, src netip.AddrPort, iface uint32, now time.Time) string
-	// clock is admit's clock (the Server's; nil: the wall clock), read
-	// once per batch.
+	// clock is admit's and early's clock (the Server's steady one, which
+	// no wall-clock step or rebase moves: they measure durations only;
+	// nil: the wall clock), read once per batch.
 	clock func() time.Time
 	// early, if set, answers requests that need no engine
 	// (Server.earlyTallied), given the socket's interface (kernel name):
@@ -707,10 +708,10 @@ func (l *listener) read(c *udpConn) {
 			continue
 		}
 		n := in.r
-		now := time.Now()
-		admitNow := now
+		now := time.Now() // the packets' arrival, for the latency histogram
+		steady := now
 		if l.clock != nil {
-			admitNow = l.clock()
+			steady = l.clock()
 		}
 		queued := false
 		for i := range n {
@@ -722,7 +723,7 @@ func (l *listener) read(c *udpConn) {
 			}
 			b := bufs[i*readSize : i*readSize+int(h.Len)]
 			if l.admit != nil {
-				if reason := l.admit(b, src, ifk, admitNow); reason != "" {
+				if reason := l.admit(b, src, ifk, steady); reason != "" {
 					if l.onDrop != nil {
 						l.onDrop(reason)
 					}
@@ -731,7 +732,7 @@ func (l *listener) read(c *udpConn) {
 			}
 			if l.early != nil {
 				before := len(arena)
-				r, ok := l.early(&counts, arena, b, src, c.kname, now)
+				r, ok := l.early(&counts, arena, b, src, c.kname, steady)
 				if ok {
 					if len(r) > before {
 						arena = r

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/pcpd/pcpd/store"
 )
@@ -29,7 +30,8 @@ type listKey struct {
 // leases at a time, holding s.mu only for that, so the engine serves on
 // while a slow reader takes the list; the table is pinned meanwhile
 // (table.pin) and each sees the leases as they were when the listing
-// began. At 1 000 000 leases that is ≈ 55 MB beside the table instead of a
+// began (on the wall-clock base it began on, if a step is rebased
+// meanwhile). At 1 000 000 leases that is ≈ 55 MB beside the table instead of a
 // 290 MB snapshot (resident memory: README, "Memory"). The lease given to
 // each is reused afterwards.
 func (s *Server) ListLeases(count func(n int) error, each func(*store.Lease) error) error {
@@ -48,6 +50,7 @@ func (s *Server) ListLeases(count func(n int) error, each func(*store.Lease) err
 	}
 	zones := t.zones // append-only: the entries the keys use stay
 	epoch := t.pin()
+	shift0 := s.shifted()
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
@@ -70,6 +73,16 @@ func (s *Server) ListLeases(count func(n int) error, each func(*store.Lease) err
 		for j := range chunk {
 			t.decode(chunk[j].ref, &buf[j])
 		}
+		// A wall-clock step rebased since the listing began (clock.go)
+		// shifted the table under the pin: its times go back to the
+		// base the listing began on, so that one listing has one base
+		// (`pcpd leases` computes the time left from its own clock read
+		// before the listing: the start's base).
+		if d := s.shifted() - shift0; d != 0 {
+			for j := range chunk {
+				unshift(&buf[j], d)
+			}
+		}
 		s.mu.Unlock()
 		for j := range chunk {
 			if err := each(&buf[j]); err != nil {
@@ -78,6 +91,16 @@ func (s *Server) ListLeases(count func(n int) error, each func(*store.Lease) err
 		}
 	}
 	return nil
+}
+
+// unshift takes the rebases' shift d back off l's times.
+func unshift(l *store.Lease, d time.Duration) {
+	if !l.Expires.IsZero() {
+		l.Expires = l.Expires.Add(-d)
+	}
+	if !l.Created.IsZero() {
+		l.Created = l.Created.Add(-d)
+	}
 }
 
 // ownerRanks maps each owner number in use to its ID's rank in string

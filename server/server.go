@@ -38,12 +38,15 @@ type Server struct {
 	plog *zap.Logger // per-packet, sampled: senders decide how much gets logged
 	// now is the engine's clock: clk.now, or a test's Deps.Now as it is
 	// (clk nil: no step detection; clock.go).
-	now  func() time.Time
-	clk  *runClock
-	m    *metrics
-	rl   *policy.RateLimiter
-	orl  *policy.OwnerRateLimiter // per owner, when the queue fills (admit)
-	deps Deps
+	now func() time.Time
+	clk *runClock
+	// steady is the clock of the rate limiters and the owner gate:
+	// clk.steady, never rebased, or Deps.Now as it is (clk nil).
+	steady func() time.Time
+	m      *metrics
+	rl     *policy.RateLimiter
+	orl    *policy.OwnerRateLimiter // per owner, when the queue fills (admit)
+	deps   Deps
 
 	mu        sync.Mutex
 	tab       *table
@@ -147,14 +150,15 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	}
 	log = log.Named("server")
 	s := &Server{
-		cfg:  cfg,
-		fw:   deps.Firewall,
-		st:   deps.Store,
-		pol:  deps.Policy,
-		log:  log,
-		now:  deps.Now,
-		clk:  clk,
-		deps: deps,
+		cfg:    cfg,
+		fw:     deps.Firewall,
+		st:     deps.Store,
+		pol:    deps.Policy,
+		log:    log,
+		now:    deps.Now,
+		clk:    clk,
+		steady: deps.Now,
+		deps:   deps,
 		plog: log.WithOptions(zap.WrapCore(func(c zapcore.Core) zapcore.Core {
 			return zapcore.NewSamplerWithOptions(c, time.Second, 20, 1000)
 		})),
@@ -170,6 +174,9 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		announceDone: make(chan struct{}),
 		// A request changes at most one lease: its old and new pinholes.
 		opsBudget: pinhole.MaxBatch - 2*(cfg.MaxFilters+1),
+	}
+	if clk != nil {
+		s.steady = clk.steady
 	}
 	s.hostPorts.s = s
 	s.ct.walk = s.walkConntrack
@@ -202,7 +209,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		// and took a lock per dropped packet, i.e. per packet of a flood.
 		onDrop: func(reason string) { s.lis.es.counter(s.m, counterKey{res: reason}).Inc() },
 		admit:  s.admit,
-		clock:  s.now,
+		clock:  s.steady,
 		early:  s.earlyTallied,
 	}
 	if rf, ok := s.pol.Ownership().(policy.RenameFollower); ok {
