@@ -51,3 +51,36 @@ func TestRateLimiterEvictionAfterStepBack(t *testing.T) {
 		}
 	}
 }
+
+// TestHandleAdmitAfterStepBack: the engine admits the requests the readers
+// did not (Request.admitted false) with the same per-source bucket, at the
+// batch's time on the running clock converted to the readers' steady
+// clock (steadyAt). On the running clock itself, a rebase after a step
+// back put the engine's time an hour behind the readers' entries: no
+// refill for the source until the clock had caught up, an hour.
+func TestHandleAdmitAfterStepBack(t *testing.T) {
+	for _, step := range []time.Duration{0, -time.Hour, time.Hour} {
+		c := &stepClocks{}
+		c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
+		h := runClockHarness(t, c, func(cfg *Config, _ *policy.Config) { cfg.RateLimit, cfg.RateBurst = 1, 1 })
+		c.advance(time.Second)
+		c.step(step)
+		h.s.checkClock() // the engine rebases
+		src := netip.AddrPortFrom(addrA, 5000)
+		ann := pcp.AppendRequest(nil, pcp.NewAnnounce(addrA))
+		if h.s.admit(ann, src, h.s.lis.clock()) != "" { // a reader: the bucket's one token
+			t.Fatalf("step %v: first request refused", step)
+		}
+		c.advance(1500 * time.Millisecond) // a token back at 1/s
+		handled := 0
+		for range 2 {
+			rs := h.s.HandleBatch([]Request{{Local: local6, Source: src, Data: ann}})
+			if rs[0] != nil {
+				handled++
+			}
+		}
+		if handled != 1 {
+			t.Errorf("step %v: 1.5 s after the reader spent the only token at 1/s, the engine answered %d of 2 requests, want 1", step, handled)
+		}
+	}
+}
