@@ -203,10 +203,14 @@ func BenchmarkEarlyCount(b *testing.B) {
 
 // BenchmarkEarly is a socket reader's user-space work per error answer:
 // admit (the per-source bucket) and early, for a malformed request and an
-// unauthorised MAP, each from a rotating set of sources as in the bench.
+// unauthorised MAP, each from a rotating set of sources as in the bench,
+// and an ANNOUNCE. The engine runs on the production running clock (the
+// error answers and ANNOUNCE read the epoch at it: epochNow).
 func BenchmarkEarly(b *testing.B) {
 	h := newHarness(b)
 	h.s.plog = zap.NewNop()
+	clk := newRunClock(nil, nil)
+	h.s.clk, h.s.now = clk, clk.now
 	h.s.rl = policy.NewRateLimiter(1<<30, 1<<30, 1<<16)
 	stranger := netip.MustParseAddr("2001:db8:ee::1")
 	badOpcode := pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, 80, 0, time.Hour, 1))
@@ -218,6 +222,7 @@ func BenchmarkEarly(b *testing.B) {
 	}{
 		{"malformed", addrA, badOpcode},
 		{"unauthorised", stranger, pcp.AppendRequest(nil, mapReq(stranger, pcp.ProtoTCP, 80, 0, time.Hour, 1))},
+		{"announce", addrA, pcp.AppendRequest(nil, pcp.NewAnnounce(addrA))},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			srcs := make([]netip.AddrPort, 4096)
@@ -228,7 +233,7 @@ func BenchmarkEarly(b *testing.B) {
 			}
 			dst := make([]byte, 0, 2048)
 			var t tally
-			now := h.clock.Now()
+			now := time.Now()
 			i := 0
 			for b.Loop() {
 				src := srcs[i%len(srcs)]
