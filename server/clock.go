@@ -58,7 +58,7 @@ type runClock struct {
 	off  atomic.Int64 // Unix ns at mono's zero
 	off0 int64        // off at the start: off-off0 is the rebases' total shift
 	// gen is odd while a rebase moves off and the epoch origin (a
-	// sequence lock: epochNow).
+	// sequence lock: epochAt).
 	gen atomic.Uint64
 }
 
@@ -104,20 +104,23 @@ func (s *Server) steadyAt(now time.Time) time.Time { return now.Add(-s.shifted()
 
 func (c *runClock) now() time.Time { return time.Unix(0, c.off.Load()+int64(c.mono())) }
 
-// epochNow is the epoch at the running clock's now, for the socket
-// readers (early), which hold no lock: the running clock and the epoch
-// origin move together at a rebase (under s.mu), and a reader that read
-// one before and the other after would answer an epoch off by the step (a
-// client seeing its server's epoch go back re-creates its mappings, RFC
-// 6887 §8.5), so it reads them again when a rebase ran meanwhile. Without a
-// rebase that costs two loads beside the clock reading.
-func (s *Server) epochNow() pcp.Epoch {
+// epochAt is the epoch at the readers' clock reading now (Server.steady's,
+// which they pass to early): the running clock's reading is it plus the
+// rebases' shift, so it costs no clock reading. The readers hold no lock,
+// and the running clock's shift and the epoch origin move together at a
+// rebase (under s.mu): a reader that read one before and the other after
+// would answer an epoch off by the step (a client seeing its server's
+// epoch go back re-creates its mappings, RFC 6887 §8.5), so it reads them
+// again when a rebase ran meanwhile (gen, a sequence lock). Without a
+// rebase that is two more loads.
+func (s *Server) epochAt(now time.Time) pcp.Epoch {
 	if s.clk == nil {
-		return s.epoch.at(s.now())
+		return s.epoch.at(now)
 	}
+	ns := now.UnixNano()
 	for {
 		g := s.clk.gen.Load()
-		e := s.epoch.at(s.clk.now())
+		e := s.epoch.atNs(ns + s.clk.off.Load() - s.clk.off0)
 		if g&1 == 0 && s.clk.gen.Load() == g {
 			return e
 		}
@@ -173,7 +176,7 @@ func (s *Server) finishRebase() {
 // time the engine holds with it (s.mu held).
 func (s *Server) rebase(d time.Duration) {
 	origin, hasOrigin := s.epoch.get()
-	s.clk.gen.Add(1) // odd: epochNow's readers wait (see there)
+	s.clk.gen.Add(1) // odd: epochAt's readers wait (see there)
 	s.clk.off.Add(int64(d))
 	if hasOrigin {
 		s.epoch.origin.Add(int64(d)) // the epoch goes on across the step

@@ -33,9 +33,9 @@ import (
 // Server.authorize calls it, resultCode), so both paths give the same
 // answer. A reply is appended to dst. Nothing is allocated per request.
 //
-// now is the readers' clock (Server.steady), for the owner gate and
-// bucket; the epoch of an answer is read from the running clock
-// (epochNow), which the engine's rebase moves with the epoch origin.
+// now is the readers' clock (Server.steady, never rebased), for the owner
+// gate and bucket; an answer's epoch is the epoch at the running clock's
+// reading that corresponds to it (epochAt), as the engine's.
 //
 // early knows no arrival interface (as Handle): WireGuard peers' sources
 // are nobody's. The readers call earlyTallied with their socket's.
@@ -72,7 +72,7 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface
 		if ce := s.plog.Check(zap.DebugLevel, "refused"); ce != nil {
 			ce.Write(zap.Stringer("from", src), zap.Stringer("result", pe.Result), zap.Error(err))
 		}
-		return pcp.AppendErrorResponse(dst, b, pe.Result, pe.Result.ErrorLifetime(), s.epochNow()), true
+		return pcp.AppendErrorResponse(dst, b, pe.Result, pe.Result.ErrorLifetime(), s.epochAt(now)), true
 	}
 	switch {
 	case req.Opcode == pcp.OpAnnounce:
@@ -83,7 +83,7 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface
 		// per-source bucket (admit) already ran, as for every early
 		// answer; it spends no owner token, as no engine work is done.
 		s.lis.es.count(t, s.m, req.Opcode.String(), pcp.Success)
-		return pcp.AppendResponse(dst, &pcp.Response{Opcode: pcp.OpAnnounce, Result: pcp.Success, Epoch: s.epochNow()}), true
+		return pcp.AppendResponse(dst, &pcp.Response{Opcode: pcp.OpAnnounce, Result: pcp.Success, Epoch: s.epochAt(now)}), true
 	case req.Opcode == pcp.OpMap && !s.cfg.DisableMap, req.Opcode == pcp.OpPeer && !s.cfg.DisablePeer:
 	default:
 		return s.toEngine(src, iface, policy.Owner{}, false, now) // refused by the engine's earlier step
@@ -112,7 +112,7 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface
 	if ce := s.plog.Check(zap.DebugLevel, "refused"); ce != nil {
 		ce.Write(zap.Stringer("from", src), zap.Stringer("opcode", req.Opcode), zap.Stringer("result", code), zap.Stringer("reason", reason))
 	}
-	return pcp.AppendErrorResponse(dst, b, code, code.ErrorLifetime(), s.epochNow()), true
+	return pcp.AppendErrorResponse(dst, b, code, code.ErrorLifetime(), s.epochAt(now)), true
 }
 
 // reqPool holds the decoded requests of early: the parser's result escapes

@@ -64,8 +64,10 @@ func announceEpoch(t *testing.T, b []byte) pcp.Epoch {
 // after a step back longer than the uptime, +3600 after an hour forward,
 // while the engine answers 100. A client that sees the epoch go back
 // (RFC 6887 §8.5) re-creates all its mappings; after a forward jump the
-// next right epoch looks like a reset. early now reads the epoch at the
-// running clock (epochNow), whatever clock the readers pass.
+// next right epoch looks like a reset. The readers now pass their steady
+// clock (listener.clock, Server.steady), and early answers the epoch at
+// the running clock's reading that corresponds to it (epochAt); the test
+// passes what the readers pass.
 func TestEarlyEpochWallStep(t *testing.T) {
 	for _, step := range []time.Duration{-time.Hour, time.Hour, -5 * time.Second} {
 		c := &stepClocks{}
@@ -74,13 +76,14 @@ func TestEarlyEpochWallStep(t *testing.T) {
 		c.advance(100 * time.Second)
 		src := netip.AddrPortFrom(addrA, 40000)
 		ann := pcp.AppendRequest(nil, pcp.NewAnnounce(addrA))
-		before, _ := h.s.early(nil, ann, src, c.Now())
+		before, _ := h.s.early(nil, ann, src, h.s.lis.clock())
 		want := announceEpoch(t, before)
+		r0 := h.s.lis.clock()
 		c.step(step) // not seen yet: no sweep tick since
 		h.s.mu.Lock()
 		engine := h.s.epoch.at(h.s.now())
 		h.s.mu.Unlock()
-		got, handled := h.s.early(nil, ann, src, c.Now())
+		got, handled := h.s.early(nil, ann, src, h.s.lis.clock())
 		if !handled {
 			t.Fatalf("step %v: ANNOUNCE not answered early", step)
 		}
@@ -88,9 +91,15 @@ func TestEarlyEpochWallStep(t *testing.T) {
 			t.Errorf("step %v not yet rebased: early ANNOUNCE epoch %d, engine's %d, want both %d (as before the step)", step, e, engine, want)
 		}
 		h.s.checkClock() // the next sweep tick
-		got, _ = h.s.early(nil, ann, src, c.Now())
+		got, _ = h.s.early(nil, ann, src, h.s.lis.clock())
 		if e := announceEpoch(t, got); e != want {
 			t.Errorf("step %v, rebased: early ANNOUNCE epoch %d, want %d", step, e, want)
+		}
+		// The readers' clock is not the wall clock, and the rebase does
+		// not move it either (the owner gate and buckets measure
+		// durations on it: TestOwnerGateClockStepBack).
+		if d := h.s.lis.clock().Sub(r0); d != 0 {
+			t.Errorf("step %v: the readers' clock moved %v across the step and its rebase, no time passing", step, d)
 		}
 	}
 }
@@ -98,8 +107,8 @@ func TestEarlyEpochWallStep(t *testing.T) {
 // TestEarlyEpochRebaseRace: rebase (engine, under s.mu) writes the epoch
 // origin that the socket readers read without a lock (early's epoch.at):
 // a data race, a torn time.Time (wall, ext, loc) read. Fails under -race.
-// The origin is now an atomic, and epochNow reads it with the running
-// clock under a sequence lock (clock.go).
+// The origin is now an atomic, and epochAt reads it with the rebases'
+// shift under a sequence lock (clock.go).
 func TestEarlyEpochRebaseRace(t *testing.T) {
 	if !raceEnabled {
 		t.Skip("needs -race")
@@ -114,7 +123,7 @@ func TestEarlyEpochRebaseRace(t *testing.T) {
 	go func() { // a socket reader
 		defer wg.Done()
 		for range 200 {
-			h.s.early(nil, ann, src, c.Now())
+			h.s.early(nil, ann, src, h.s.lis.clock())
 		}
 	}()
 	for range 20 { // the engine's sweep ticks, each seeing a step

@@ -205,7 +205,7 @@ func BenchmarkEarlyCount(b *testing.B) {
 // admit (the per-source bucket) and early, for a malformed request and an
 // unauthorised MAP, each from a rotating set of sources as in the bench,
 // and an ANNOUNCE. The engine runs on the production running clock (the
-// error answers and ANNOUNCE read the epoch at it: epochNow).
+// error answers and ANNOUNCE read the epoch at it: epochAt).
 func BenchmarkEarly(b *testing.B) {
 	h := newHarness(b)
 	h.s.plog = zap.NewNop()

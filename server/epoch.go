@@ -41,8 +41,11 @@ func (e *epochClock) get() (time.Time, bool) {
 }
 
 // at is the epoch value at now, a reading of the running clock.
-func (e *epochClock) at(now time.Time) pcp.Epoch {
-	d := now.UnixNano() - e.origin.Load()
+func (e *epochClock) at(now time.Time) pcp.Epoch { return e.atNs(now.UnixNano()) }
+
+// atNs is at for Unix nanoseconds.
+func (e *epochClock) atNs(now int64) pcp.Epoch {
+	d := now - e.origin.Load()
 	if d < 0 {
 		return 0
 	}
