@@ -68,7 +68,7 @@ func TestHandleAdmitAfterStepBack(t *testing.T) {
 		h.s.checkClock() // the engine rebases
 		src := netip.AddrPortFrom(addrA, 5000)
 		ann := pcp.AppendRequest(nil, pcp.NewAnnounce(addrA))
-		if h.s.admit(ann, src, h.s.lis.clock()) != "" { // a reader: the bucket's one token
+		if h.s.admit(ann, src, 0, h.s.lis.clock()) != "" { // a reader: the bucket's one token
 			t.Fatalf("step %v: first request refused", step)
 		}
 		c.advance(1500 * time.Millisecond) // a token back at 1/s
