@@ -223,10 +223,10 @@ func TestControlTrafficUntracked(t *testing.T) {
 		}
 		pcp := netip.AddrPortFrom(ll, 5351)
 		setServed(t, b, []string{topo.HostLANIf}, topo.HostTunnelV6, topo.HostTunnelV4, ll.WithZone(topo.HostLANIf))
-		topo.Host.ServeUDPEcho(t, netip.AddrPortFrom(ll.WithZone(topo.HostLANIf), 5351).String())
+		topo.Host.ServeUDPEcho(t, netip.AddrPortFrom(ll.WithZone(topo.Host.Zone(t, topo.HostLANIf)), 5351).String())
 		flushConntrack(t, topo.Host)
 		if err := netlab.Eventually(okWait, func() error {
-			return exchange(topo.Client, netip.AddrPort{}, netip.AddrPortFrom(ll.WithZone(topo.ClientIf), 5351))
+			return exchange(topo.Client, netip.AddrPort{}, netip.AddrPortFrom(ll.WithZone(topo.Client.Zone(t, topo.ClientIf)), 5351))
 		}); err != nil {
 			t.Fatalf("→ %v: %v", pcp, err)
 		}

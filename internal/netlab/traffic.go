@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -147,4 +148,26 @@ func Eventually(timeout time.Duration, cond func() error) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// Zone returns the numeric zone (interface index) of ifname inside the
+// namespace, for link-local addresses. A zone given by name is resolved by
+// Go's process-wide interface cache, which does not know namespaces: a
+// "lan0" of an earlier test's namespace, cached under its old index, makes
+// bind or dial fail with ENODEV ("no such device") or pick the wrong
+// interface. The index, looked up in the namespace itself, is never stale.
+func (n *NS) Zone(t testing.TB, ifname string) string {
+	t.Helper()
+	var idx int
+	if err := n.Do(func() error {
+		ifi, err := net.InterfaceByName(ifname)
+		if err != nil {
+			return err
+		}
+		idx = ifi.Index
+		return nil
+	}); err != nil {
+		t.Fatalf("netlab: zone of %s in %s: %v", ifname, n.Name, err)
+	}
+	return strconv.Itoa(idx)
 }
