@@ -369,7 +369,14 @@ func (w *WireGuard) Run(ctx context.Context) error {
 		}
 		graceTimer, graceEnd = nil, nil
 		if end, ok := w.graceEnd(); ok {
-			graceTimer = time.NewTimer(end.Sub(w.now()))
+			// An end already past is one this refresh could not end (the
+			// interface failed to read: its peers stay): retry no sooner
+			// than a miss would, not in a loop.
+			d := end.Sub(w.now())
+			if d <= 0 {
+				d = w.missEvery
+			}
+			graceTimer = time.NewTimer(d)
 			graceEnd = graceTimer.C
 		}
 	}
