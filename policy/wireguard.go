@@ -416,6 +416,7 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 	// interfaces trade names, the other's). They stay marked.
 	var userspace []string
 	now := w.now()
+	readNow := make(map[string]bool, len(w.ifaces)) // kernel names read now
 	for _, name := range w.ifaces {
 		d, k, err := w.device(name)
 		switch {
@@ -438,6 +439,7 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 			}
 			w.lastGood[name] = d.Peers
 			w.kname[name] = k
+			readNow[k] = true
 		case errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED):
 			// Gone, or a userspace daemon's stale socket: no traffic can
 			// reach these peers. They own nothing once the grace is over
@@ -469,6 +471,18 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 			}
 		default:
 			errs = append(errs, fmt.Errorf("policy: reading WireGuard interface %q: %w", name, err))
+		}
+	}
+	// A held name whose kernel name was read now under another configured
+	// name (wg0 back without its altname) is superseded for good: its
+	// peers are the interface's of before, stale once it changes, and
+	// must not own again if it goes once more (its own peers are held
+	// then). Left out of the view already (buildLocked), so no rebuild.
+	for name := range w.gone {
+		if readNow[w.kname[name]] {
+			delete(w.gone, name)
+			delete(w.lastGood, name)
+			delete(w.kname, name)
 		}
 	}
 	w.last = time.Now()
