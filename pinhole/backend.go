@@ -89,7 +89,7 @@ type Backend struct {
 	meter6, meter4         *nftables.Set // standalone only (meter.go)
 	owners6, owners4       *nftables.Set // standalone only: the owner meter (ownermeter.go)
 	served6, served4       *nftables.Set // standalone only: the serving addresses (notrack.go)
-	servingIfs             *nftables.Set // standalone only: the serving interfaces and lo (notrack.go)
+	servingIfs             *nftables.Set // the serving interfaces and lo (notrack.go; attached too: the guards match it)
 	chainControlIn         string        // standalone only: the control chains (notrack.go)
 	chainControlLocal      string
 	chainNotrackOut        string
@@ -183,8 +183,8 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		b.meter6, b.meter4 = meterSets(b.table, prefix, cfg.Meter.Size)
 		b.owners6, b.owners4 = ownerMaps(b.table, prefix)
 		b.served6, b.served4 = servedSets(b.table)
-		b.servingIfs = servingIfsSet(b.table)
 	}
+	b.servingIfs = servingIfsSet(b.table, prefix)
 	b.chainGuard6 = prefix + "guard6"
 	b.chainGuard4 = prefix + "guard4"
 	b.chainPrerouting = prefix + "prerouting"
@@ -212,9 +212,9 @@ func (b *Backend) allSets() []*nftables.Set {
 		all = append(all, b.owners6, b.owners4)
 	}
 	if b.served6 != nil {
-		all = append(all, b.served6, b.served4, b.servingIfs)
+		all = append(all, b.served6, b.served4)
 	}
-	return all
+	return append(all, b.servingIfs)
 }
 
 // Setup creates pcpd's table (standalone), sets and chains where missing,
@@ -1120,7 +1120,7 @@ type healthWant struct {
 	holes                  []netip.Prefix
 	owners6, owners4       nftables.Set
 	ownerRules             map[string][][]expr.Any // per owner chain
-	servedSets             bool                    // the served sets exist (standalone mode)
+	servedSets             bool                    // the served address sets exist (standalone mode)
 	hasServed              bool
 	served                 []netip.Addr
 	served6, served4       nftables.Set
@@ -1156,10 +1156,10 @@ func (b *Backend) healthWantLocked() *healthWant {
 	}
 	w.sentinels = elems
 	if b.served6 != nil {
-		w.servedSets, w.hasServed, w.served = true, b.hasServed, b.served
+		w.servedSets, w.served = true, b.served
 		w.served6, w.served4 = *b.served6, *b.served4
-		w.servedIfs, w.servingIfs = b.servedIfs, *b.servingIfs
 	}
+	w.hasServed, w.servedIfs, w.servingIfs = b.hasServed, b.servedIfs, *b.servingIfs
 	if b.hasOwners && b.ownerMetering() {
 		w.meter, w.owners, w.holes = true, b.owners, b.holes
 		w.owners6, w.owners4 = *b.owners6, *b.owners4

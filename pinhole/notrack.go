@@ -158,7 +158,8 @@ import (
 // whoever can send to pcpd.
 //
 // Attached mode installs none of it (pcpd adds no base chain or served
-// set to the admin's table). The admin can add the same chains, or just
+// address set to the admin's table; only <chain>_serving_ifs, for the guards:
+// layout). The admin can add the same chains, or just
 // their rules, to a table of their own ("fib daddr type local" in place of
 // the sets there: nothing would keep such sets up to date).
 //
@@ -400,10 +401,13 @@ func servedSets(table *nftables.Table) (six, four *nftables.Set) {
 			Comment: "pcpd: IPv4 addresses pcpd serves on"}
 }
 
-// servingIfsSet builds the set of the interfaces pcpd serves on
-// (standalone only), loopback always among them.
-func servingIfsSet(table *nftables.Table) *nftables.Set {
-	return &nftables.Set{Table: table, Name: "serving_ifs", KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian,
+// servingIfsSet builds the set of the interfaces pcpd serves on,
+// loopback always among them: standalone, the control chains match it
+// (above) and the guards (layout: a new flow from a protected source must
+// come in on one); attached, the guards only (named prefix+"serving_ifs",
+// as the attached mode's other sets).
+func servingIfsSet(table *nftables.Table, prefix string) *nftables.Set {
+	return &nftables.Set{Table: table, Name: prefix + "serving_ifs", KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian,
 		Comment: "pcpd: interfaces pcpd serves on, and lo"}
 }
 
@@ -412,9 +416,11 @@ func servingIfsSet(table *nftables.Table) *nftables.Set {
 // interfaces those sockets are bound to: the datagrams to pcpd's ports on
 // those addresses that arrive on those interfaces or loopback, and only
 // those, are metered and kept out of conntrack (see the top of this
-// file). The server calls it whenever the serving addresses change; Setup
-// re-applies the last given. Attached, it only records them: there are no
-// sets.
+// file). The interfaces are also the only ones a new flow from a
+// protected source may come in on (the guards, layout). The server calls
+// it whenever the serving addresses change; Setup re-applies the last
+// given. Attached, there are no served address sets (it records the
+// addresses) but serving_ifs is written all the same, for the guards.
 func (b *Backend) SetServed(addrs []netip.Addr, ifaces []string) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -430,10 +436,8 @@ func (b *Backend) SetServed(addrs []netip.Addr, ifaces []string) error {
 	if err := b.queueServed(served, ifs); err != nil {
 		return err
 	}
-	if b.served6 != nil {
-		if err := b.conn.Flush(); err != nil {
-			return fmt.Errorf("pinhole: set served addresses: %w", classify(err))
-		}
+	if err := b.conn.Flush(); err != nil {
+		return fmt.Errorf("pinhole: set served addresses: %w", classify(err))
 	}
 	b.served, b.servedIfs, b.hasServed = served, ifs, true
 	return nil
@@ -482,26 +486,26 @@ func servedAddrs(addrs []netip.Addr) ([]netip.Addr, error) {
 }
 
 // queueServed queues replacing the served sets' contents with served
-// (servedAddrs' form), in the caller's transaction.
+// (servedAddrs' form; standalone only) and serving_ifs' with ifs (every
+// mode), in the caller's transaction.
 func (b *Backend) queueServed(served []netip.Addr, ifs []string) error {
-	if b.served6 == nil {
-		return nil
-	}
-	var v6, v4 []nftables.SetElement
-	for _, a := range served {
-		if a.Is4() {
-			v4 = append(v4, nftables.SetElement{Key: a.AsSlice()})
-		} else {
-			v6 = append(v6, nftables.SetElement{Key: a.AsSlice()})
+	if b.served6 != nil {
+		var v6, v4 []nftables.SetElement
+		for _, a := range served {
+			if a.Is4() {
+				v4 = append(v4, nftables.SetElement{Key: a.AsSlice()})
+			} else {
+				v6 = append(v6, nftables.SetElement{Key: a.AsSlice()})
+			}
 		}
-	}
-	for _, x := range []struct {
-		s     *nftables.Set
-		elems []nftables.SetElement
-	}{{b.served6, v6}, {b.served4, v4}} {
-		b.conn.FlushSet(x.s)
-		if err := b.queueAddElements(x.s, x.elems); err != nil {
-			return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
+		for _, x := range []struct {
+			s     *nftables.Set
+			elems []nftables.SetElement
+		}{{b.served6, v6}, {b.served4, v4}} {
+			b.conn.FlushSet(x.s)
+			if err := b.queueAddElements(x.s, x.elems); err != nil {
+				return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
+			}
 		}
 	}
 	var elems []nftables.SetElement
@@ -562,23 +566,27 @@ func (v kview) readServed(sets ...*nftables.Set) ([]netip.Addr, error) {
 // unmetered (a conntrack flood is back within reach); an address added by
 // hand would untrack datagrams the host may forward. Before any SetServed
 // there is nothing to compare with (a restart keeps what the sets held).
+// serving_ifs is compared in every mode (attached too: the guards match
+// it); an interface added by hand would let a protected source in from it.
 func (w *healthWant) checkServed(v kview) error {
-	if !w.servedSets || !w.hasServed {
+	if !w.hasServed {
 		return nil
 	}
-	got, err := v.readServed(&w.served6, &w.served4)
-	if err != nil {
-		return fmt.Errorf("pinhole: served sets: %w: %w", ErrUnhealthy, err)
-	}
-	if !slices.Equal(got, w.served) {
-		return fmt.Errorf("pinhole: served sets hold %v, want %v: %w", got, w.served, ErrUnhealthy)
+	if w.servedSets {
+		got, err := v.readServed(&w.served6, &w.served4)
+		if err != nil {
+			return fmt.Errorf("pinhole: served sets: %w: %w", ErrUnhealthy, err)
+		}
+		if !slices.Equal(got, w.served) {
+			return fmt.Errorf("pinhole: served sets hold %v, want %v: %w", got, w.served, ErrUnhealthy)
+		}
 	}
 	ifs, err := v.readServingIfs(&w.servingIfs)
 	if err != nil {
 		return fmt.Errorf("pinhole: served sets: %w: %w", ErrUnhealthy, err)
 	}
 	if !slices.Equal(ifs, w.servedIfs) {
-		return fmt.Errorf("pinhole: set serving_ifs holds %q, want %q: %w", ifs, w.servedIfs, ErrUnhealthy)
+		return fmt.Errorf("pinhole: set %s holds %q, want %q: %w", w.servingIfs.Name, ifs, w.servedIfs, ErrUnhealthy)
 	}
 	return nil
 }

@@ -465,15 +465,31 @@ func TestServedSets(t *testing.T) {
 		}
 	}
 
-	// Attached: no sets; SetServed only records.
+	// Attached: no served address sets (SetServed records the addresses),
+	// but the guards' serving interfaces, pcpd_serving_ifs, written and
+	// checked as standalone.
 	loadNft(t, ns, "table inet filter {\n\tchain pcpd {\n\t}\n}\n")
-	att := newBackend(t, ns, pinhole.Config{Table: "filter", Attached: true, Meter: cfg.Meter})
+	att := newBackend(t, ns, pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd", Meter: cfg.Meter})
 	setServed(t, att, []string{"wg0"}, a6, a4)
 	if err := att.Healthy(); err != nil {
 		t.Errorf("attached Healthy after SetServed: %v", err)
 	}
-	if got := nftList(t, ns, "table", "inet", "filter"); strings.Contains(got, "served") {
-		t.Errorf("attached: served sets in the admin's table:\n%s", got)
+	if got := nftList(t, ns, "table", "inet", "filter"); strings.Contains(got, "served6") || strings.Contains(got, "served4") {
+		t.Errorf("attached: served address sets in the admin's table:\n%s", got)
+	}
+	ifsHeld := func() string { return nftList(t, ns, "set", "inet", "filter", "pcpd_serving_ifs") }
+	if got := ifsHeld(); !strings.Contains(got, `"lo"`) || !strings.Contains(got, `"wg0"`) {
+		t.Errorf("attached: pcpd_serving_ifs lacks lo or wg0:\n%s", got)
+	}
+	ns.MustRun(t, "nft", "flush set inet filter pcpd_serving_ifs")
+	if err := att.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+		t.Errorf("attached, pcpd_serving_ifs flushed: Healthy %v, want ErrUnhealthy", err)
+	}
+	if err := att.Setup(); err != nil {
+		t.Fatalf("attached Setup: %v", err)
+	}
+	if got := ifsHeld(); !strings.Contains(got, `"wg0"`) {
+		t.Errorf("attached: pcpd_serving_ifs not repaired:\n%s", got)
 	}
 }
 

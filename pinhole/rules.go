@@ -187,13 +187,42 @@ func (b *Backend) layout() []chainRules {
 	// rule only ever drops traffic from a client's address that came in
 	// where the host does not route it. Attached, it drops too: it is
 	// spoofed whatever the admin's chain would say.
+	//
+	// The route lookup alone passes a protected prefix the host has no
+	// route of its own for: the lookup falls to the default route,
+	// through the WAN, the very interface the spoof came in on (the whole
+	// --wireguard-gone-grace window, when the interface and its routes
+	// are gone but its peers still own and protect their AllowedIPs; a
+	// withdrawn route; an IPv4 multipath with a next hop via the WAN).
+	// So the rule after it also drops a new flow from a protected source
+	// that came in on an interface pcpd does not serve:
+	//
+	//	ip6 saddr @protected6 iifname != @serving_ifs counter drop
+	//
+	// (review of the guard rule, 2026-12-04, h/revspoof;
+	// TestGuardDropsSpoofedSourceRoutedViaWAN). A client's address is
+	// genuine only on an interface pcpd serves (its tunnel, or its LAN in
+	// static mode, a gateway on that LAN included). What it refuses: a
+	// protected prefix reached through an interface pcpd does not serve
+	// (one not in --interface, or one pcpd holds no socket on: down,
+	// without an address, or its addresses still in DAD), and, before the
+	// first SetServed of a fresh table, every new client-to-client flow
+	// (serving_ifs is empty; a restart keeps what it held). After the
+	// route lookup, so that a spoof the lookup catches is counted there as
+	// before; either order costs a genuine client-to-client flow both.
 	spoofed := func(fam byte, src []expr.Any, s *nftables.Set) []expr.Any {
 		return rule(nfproto(fam), src, x(lookup(s, reg0),
 			&expr.Fib{Register: reg0, FlagSADDR: true, FlagIIF: true, ResultOIF: true},
 			eq(reg0, 0, 0, 0, 0), &expr.Counter{}, drop))
 	}
+	unserved := func(fam byte, src []expr.Any, s *nftables.Set) []expr.Any {
+		return rule(nfproto(fam), src, x(lookup(s, reg0), loadMeta(expr.MetaKeyIIFNAME, reg0),
+			&expr.Lookup{SourceRegister: reg0, SetName: b.servingIfs.Name, SetID: b.servingIfs.ID, Invert: true},
+			&expr.Counter{}, drop))
+	}
 	guard6 := [][]expr.Any{rule(ctEstablished, x(accept)),
 		spoofed(unix.NFPROTO_IPV6, x(loadNet(ip6SrcOff, 16, reg0)), b.protected6),
+		unserved(unix.NFPROTO_IPV6, x(loadNet(ip6SrcOff, 16, reg0)), b.protected6),
 		rule(ctDNAT, x(accept)), icmp}
 	if b.cfg.AllowEcho {
 		guard6 = append(guard6, rule(x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_ICMPV6),
@@ -208,6 +237,7 @@ func (b *Backend) layout() []chainRules {
 
 	guard4 := [][]expr.Any{rule(ctEstablished, x(accept)),
 		spoofed(unix.NFPROTO_IPV4, x(loadNet(ip4SrcOff, 4, reg0)), b.protected4),
+		unserved(unix.NFPROTO_IPV4, x(loadNet(ip4SrcOff, 4, reg0)), b.protected4),
 		rule(ctDNAT, x(accept))}
 	if !b.cfg.Attached {
 		// Standalone, the guards are the last word for protected prefixes.

@@ -98,17 +98,20 @@ func TestGuardDropsSpoofedProtectedSource(t *testing.T) {
 				t.Errorf("the reverse-path rule counted no drop:\n%s", out)
 			}
 
-			// An older pcpd's guards: these without the rule.
+			// An older pcpd's guards: these without the rules (the route
+			// lookup's, and the serving interfaces' of h/fixspoof2).
 			for _, g := range []string{"guard6", "guard4"} {
 				if tc.attached {
 					g = "pcpd_" + g
 				}
 				out := topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", table, g)
-				m := regexp.MustCompile(`fib saddr \. iif oif 0 .*# handle (\d+)`).FindStringSubmatch(out)
-				if m == nil {
-					t.Fatalf("no reverse-path rule in %s:\n%s", g, out)
+				for _, re := range []string{`fib saddr \. iif oif 0 .*# handle (\d+)`, `iifname != @\S*serving_ifs .*# handle (\d+)`} {
+					m := regexp.MustCompile(re).FindStringSubmatch(out)
+					if m == nil {
+						t.Fatalf("no rule matching %s in %s:\n%s", re, g, out)
+					}
+					topo.Host.MustRun(t, "nft", "delete", "rule", "inet", table, g, "handle", m[1])
 				}
-				topo.Host.MustRun(t, "nft", "delete", "rule", "inet", table, g, "handle", m[1])
 			}
 			check("older layout", true)
 			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
