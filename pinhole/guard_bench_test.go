@@ -21,8 +21,11 @@ import (
 // the set lookup and the route lookup, then passed) to a second LAN's
 // protected address (lan1) through a pinhole; "internet": from the
 // Internet's address (not protected: the set lookup alone) through a
-// pinhole to the client. Each with the rule as Setup writes it and with it
-// deleted by nft (the layout before it). cpu-ns/datagram is the process's
+// pinhole to the client. Each with the rules as Setup writes them and with
+// them deleted by nft (the layout before them): since h/fixspoof2 the
+// route lookup's rule and, after it, "ip6 saddr @protected6 iifname !=
+// @serving_ifs counter drop" (a second set lookup hit, then the ifname
+// lookup; lan0 is served, serveTunnel). cpu-ns/datagram is the process's
 // user + system CPU a datagram (sender and receiver both run here, and a
 // veth delivers in the sender's softirq, so the host's forwarding is in
 // it). Each op is a burst of 32 datagrams, then their reception.
@@ -59,11 +62,13 @@ func BenchmarkGuardNewFlow(b *testing.B) {
 			apply(b, be, install(pinhole.Pinhole{Protocol: udp, InternalAddr: dst.Addr(), InternalPort: dst.Port()}, time.Hour))
 			if !tc.rule {
 				out := topo.Host.MustRun(b, "nft", "-a", "list", "chain", "inet", "pcpd", "guard6")
-				m := regexp.MustCompile(`fib saddr \. iif oif 0 .*# handle (\d+)`).FindStringSubmatch(out)
-				if m == nil {
-					b.Fatalf("no reverse-path rule in guard6:\n%s", out)
+				for _, re := range []string{`fib saddr \. iif oif 0 .*# handle (\d+)`, `iifname != @serving_ifs .*# handle (\d+)`} {
+					m := regexp.MustCompile(re).FindStringSubmatch(out)
+					if m == nil {
+						b.Fatalf("no rule matching %s in guard6:\n%s", re, out)
+					}
+					topo.Host.MustRun(b, "nft", "delete", "rule", "inet", "pcpd", "guard6", "handle", m[1])
 				}
-				topo.Host.MustRun(b, "nft", "delete", "rule", "inet", "pcpd", "guard6", "handle", m[1])
 			}
 			var tx, rx *net.UDPConn
 			if err := to.Do(func() (err error) {
