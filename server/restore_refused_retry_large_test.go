@@ -1,0 +1,76 @@
+package server
+
+import (
+	"context"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/server/servertest"
+)
+
+// TestRestoreRefusedRetryAboveAuditMax: a refused lease's pinhole whose
+// deletion fails at start is left to the first firewall audit
+// (TestRestartRevokeRetriedAfterFailure), but above auditMaxLeases the
+// audit is skipped and nothing else retries: the port the operator has
+// just denied stays open until the kernel times the element out (the
+// lease's remaining lifetime, 24 h by default), though every renewal is
+// refused. Here 200 001 owned leases are restored with it, the kernel
+// refuses deletes during Start only, and Serve's start-up audit and 3
+// minutes of the periodic paths run.
+func TestRestoreRefusedRetryAboveAuditMax(t *testing.T) {
+	if testing.Short() {
+		t.Skip("200 001 leases")
+	}
+	h := newHarness(t)
+	own, err := policy.NewStatic(map[string][]netip.Prefix{
+		"a":     {netip.MustParsePrefix("2001:db8:a::/48"), netip.MustParsePrefix("10.0.0.0/28")},
+		"b":     {netip.MustParsePrefix("2001:db8:b::/48"), netip.MustParsePrefix("10.0.0.16/28")},
+		"bench": {netip.MustParsePrefix("2001:db8:2::/48")},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.own = own
+	h.start()
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1)), pcp.Success)
+	if err := h.st.Commit(startLeases(auditMaxLeases+1, h.clock.Now()), nil); err != nil {
+		t.Fatal(err)
+	}
+	denied := hole(6, addrA, 22, addrA, 22)
+	h.pcfg.DenyPorts = []policy.PortRange{{First: 22, Last: 22}}
+	h.fw.FailApply = func(ops []pinhole.Op) error {
+		for _, op := range ops {
+			if op.Kind == pinhole.Delete {
+				return servertest.ErrInjected
+			}
+		}
+		return nil
+	}
+	h.start()
+	h.fw.FailApply = nil
+	if _, open := h.fw.Holes()[denied]; !open {
+		t.Fatalf("the injected failure did not keep the pinhole %v", denied)
+	}
+	if n := len(h.s.Leases()); n != auditMaxLeases+1 {
+		t.Fatalf("%d leases restored, want %d", n, auditMaxLeases+1)
+	}
+	h.s.auditFirewall(context.Background()) // Serve's, at start
+	for range 3 {
+		h.clock.Advance(time.Minute)
+		h.s.sweepOwnership()
+		h.s.sweepStep()
+		h.s.payStoreDebt()
+		h.s.checkFirewall()
+		h.s.mu.Lock()
+		h.s.expireLocked(h.clock.Now())
+		h.s.mu.Unlock()
+	}
+	if left, open := h.fw.Holes()[denied]; open {
+		t.Errorf("3 minutes after a failed revocation at start with %d leases (audit skipped above %d), port 22 (denied) is still open, %v left",
+			auditMaxLeases+1, auditMaxLeases, left)
+	}
+}
