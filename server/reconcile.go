@@ -1,6 +1,7 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -196,12 +197,14 @@ const maxOrphanTargets = 4096
 // on the same tuple holds one: they are known without a dump. Sorted
 // (gone is reordered), one tuple's are together: its leases are read
 // once, and duplicates are adjacent. A deletion that fails leaves orphans
-// for the first audit.
+// for retryUndeleted (the next firewall check or audit), and beyond
+// maxUndeleted for the first audit.
 func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Key, bool) {
 	slices.SortFunc(gone, comparePinholes)
 	gone = slices.Compact(gone)
 	ops := make([]pinhole.Op, 0, pinhole.MaxBatch)
 	var derr error
+	over := 0                  // failed deletions beyond maxUndeleted
 	var held []pinhole.Pinhole // the live pinholes of gone[i]'s tuple
 	for i, p := range gone {
 		if i == 0 || p.Protocol != gone[i-1].Protocol || p.InternalAddr != gone[i-1].InternalAddr || p.InternalPort != gone[i-1].InternalPort {
@@ -215,20 +218,23 @@ func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Key, 
 		}
 		ops = append(ops, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
 		if len(ops) == pinhole.MaxBatch {
-			if err := s.fw.Apply(ops); err != nil && derr == nil {
-				derr = err
+			if err := s.fw.Apply(ops); err != nil {
+				derr = cmp.Or(derr, err)
+				over += s.oweDeletes(ops)
 			}
 			ops = ops[:0]
 		}
 	}
 	if len(ops) > 0 {
-		if err := s.fw.Apply(ops); err != nil && derr == nil {
-			derr = err
+		if err := s.fw.Apply(ops); err != nil {
+			derr = cmp.Or(derr, err)
+			over += s.oweDeletes(ops)
 		}
 		ops = ops[:0]
 	}
 	if derr != nil {
-		s.log.Error("cannot remove the pinholes of dropped leases; the first firewall audit removes them (else they end with their timeouts)", zap.Error(derr))
+		s.log.Error("cannot remove the pinholes of dropped leases; retrying at the next firewall check or audit",
+			zap.Int("pinholes", len(s.undeleted)), zap.Int("beyond_retry_list", over), zap.Error(derr))
 	}
 	var err error
 	s.tab.installs(now, func(op pinhole.Op) bool {
@@ -265,6 +271,116 @@ func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Key, 
 		s.tab.del(failed[i].Key)
 	}
 	return keys, len(failed) == 0
+}
+
+// maxUndeleted bounds Server.undeleted (≈ 100 bytes a pinhole): a kernel
+// refusing every deletion at a start that drops 1 000 000 leases keeps
+// the first 65 536; the rest are left to the first firewall audit (none
+// above auditMaxLeases: they end with their kernel timeouts), and their
+// connections are flushed at once.
+const maxUndeleted = 1 << 16
+
+// oweDeletes keeps the pinholes of ops, a batch of deletions the kernel
+// refused, for retryUndeleted; it returns how many did not fit.
+func (s *Server) oweDeletes(ops []pinhole.Op) int {
+	n := 0
+	for _, op := range ops {
+		if len(s.undeleted) == maxUndeleted {
+			n++
+			continue
+		}
+		s.undeleted = append(s.undeleted, op.Pinhole)
+	}
+	return n
+}
+
+// pendingEnds keeps back, in Server.undeletedEnds, the connections of ends
+// whose pinhole is in Server.undeleted (its deletion failed), and returns
+// the rest, to flush now.
+func (s *Server) pendingEnds(ends []ctFilter) []ctFilter {
+	if len(s.undeleted) == 0 {
+		return ends
+	}
+	open := make(map[ctTarget]struct{}, len(s.undeleted))
+	for _, p := range s.undeleted {
+		open[ctTarget{addr: p.ExternalAddr, proto: p.Protocol, port: p.ExternalPort}] = struct{}{}
+	}
+	now := ends[:0]
+	for _, f := range ends {
+		if _, ok := open[f.t]; ok {
+			s.undeletedEnds = append(s.undeletedEnds, f)
+		} else {
+			now = append(now, f)
+		}
+	}
+	return now
+}
+
+// retryUndeleted deletes again the pinholes of leases dropped at start
+// whose deletion failed (Server.undeleted), in batches, keeping those of
+// batches the kernel refuses again; checkFirewall and auditFirewall call
+// it. A pinhole a live lease holds now (one on its tuple holds the same
+// element, or its external endpoint went to another internal tuple: the
+// kernel's element is that lease's) is dropped, not deleted. Once a
+// pinhole is gone, the connections of its lease are flushed, unless a live
+// lease holds its external endpoint now (those flows are that lease's).
+func (s *Server) retryUndeleted() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.undeleted) == 0 {
+		return
+	}
+	ops := make([]pinhole.Op, 0, len(s.undeleted))
+	for _, p := range s.undeleted {
+		if !s.heldNow(p) {
+			ops = append(ops, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
+		}
+	}
+	var left []pinhole.Pinhole
+	var err error
+	for i := 0; i < len(ops); i += pinhole.MaxBatch {
+		batch := ops[i:min(i+pinhole.MaxBatch, len(ops))]
+		if e := s.fw.Apply(batch); e != nil {
+			s.m.kernelErrors.Inc()
+			err = cmp.Or(err, e)
+			for _, op := range batch {
+				left = append(left, op.Pinhole)
+			}
+		}
+	}
+	done := len(s.undeleted) - len(left)
+	s.undeleted = left
+	if err != nil {
+		s.log.Warn("cannot remove the pinholes of leases dropped at start; retrying at the next firewall check",
+			zap.Int("pinholes", len(left)), zap.Error(err))
+	} else {
+		s.log.Info("the pinholes of leases dropped at start whose deletion had failed are gone", zap.Int("count", done))
+	}
+	ends := s.undeletedEnds
+	s.undeletedEnds = nil
+	var flush []ctFilter
+	for _, f := range s.pendingEnds(ends) {
+		if _, held := s.tab.holder(endpoint{addr: f.t.addr, proto: f.t.proto, port: f.t.port}); !held {
+			flush = append(flush, f)
+		}
+	}
+	if len(flush) > 0 {
+		s.ct.add(flush)
+	}
+}
+
+// heldNow reports whether a live lease holds the pinhole p, or its
+// external endpoint with another internal tuple.
+func (s *Server) heldNow(p pinhole.Pinhole) bool {
+	if h, ok := s.tab.holder(endpoint{addr: p.ExternalAddr, proto: p.Protocol, port: p.ExternalPort}); ok &&
+		(h.addr != p.InternalAddr || h.port != p.InternalPort) {
+		return true
+	}
+	var held []pinhole.Pinhole
+	for _, l := range s.tab.onTuple(tuple{proto: p.Protocol, addr: p.InternalAddr, port: p.InternalPort}) {
+		held = appendPinholes(held, l)
+	}
+	return slices.Contains(held, p)
 }
 
 // partialSetup: Setup put everything in place but the owner meter or the
@@ -329,6 +445,7 @@ func (s *Server) repairPartial(herr error) bool {
 // meter only drops requests, and the leases were each authorised); the
 // meter is retried at the next check.
 func (s *Server) checkFirewall() {
+	s.retryUndeleted()
 	if rf, ok := s.fw.(RouteFollower); ok {
 		// First, so that Healthy compares the owner chains with the
 		// routes as they are now.
@@ -410,6 +527,7 @@ const auditMaxLeases = 200_000
 // and only the comparison and the fix take the lock. A pinhole changed
 // while the dump ran may be seen as missing; re-installing it is harmless.
 func (s *Server) auditFirewall(ctx context.Context) {
+	s.retryUndeleted() // also above auditMaxLeases
 	s.mu.Lock()
 	n := s.tab.len()
 	s.mu.Unlock()

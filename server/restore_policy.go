@@ -35,9 +35,13 @@ import (
 // with the expired ones (one Commit). Installing them all and revoking
 // them in one tx afterwards took 24-33 s and a 3.5-3.7 GB peak heap at
 // 1 000 000 refused, and the spare tx kept 1.5 GB (review h/revpol). A
-// deletion the kernel refuses leaves an orphan pinhole, which the first
-// firewall audit, once serving starts, removes (TestRestartRevokeRetriedAfterFailure;
-// above auditMaxLeases leases it ends with its kernel timeout).
+// deletion the kernel refuses is retried at every firewall check and audit
+// until it is done (retryUndeleted, any number of leases:
+// TestRestartRevokeRetriedAfterFailure, TestRestoreRefusedRetryAboveAuditMax),
+// and the lease's connections are flushed only then
+// (TestRestoreRefusedFlushAfterDelete). Beyond maxUndeleted failed
+// pinholes, the rest are left to the first audit (above auditMaxLeases
+// leases, to their kernel timeouts) and their connections flushed at once.
 
 // refusedNow is what the current rules answer a renewal of l (Allowed if
 // they grant it; ownership is sweepOwnership's). Policy.Rules, not
@@ -134,8 +138,9 @@ func (r *restoring) refuse(l *store.Lease, why string) {
 	}
 }
 
-// revoked finishes the refused leases once the kernel no longer holds
-// their pinholes (reconcile): their connections flushed, their IPv4 ports
+// revoked finishes the refused leases once reconcile has deleted their
+// pinholes: their connections flushed (those whose pinhole deletion
+// failed once retryUndeleted deletes it), their IPv4 ports
 // quarantined, the count in pcpd_revocations_total{cause="policy"}, and
 // the log.
 func (r *restoring) revoked() {
@@ -150,10 +155,12 @@ func (r *restoring) revoked() {
 		}
 	}
 	r.freed = nil
-	if len(r.ends) > 0 {
-		s.ct.add(r.ends)
-		r.ends = nil
+	if ends := s.pendingEnds(r.ends); len(ends) > 0 {
+		// Those of leases whose pinhole deletion failed wait for
+		// retryUndeleted (TestRestoreRefusedFlushAfterDelete).
+		s.ct.add(ends)
 	}
+	r.ends = nil
 	s.m.revocations.WithLabelValues("policy").Add(float64(r.refused))
 	for _, g := range r.logs {
 		l := &g.l

@@ -91,6 +91,15 @@ type Server struct {
 	// at start that no lease explained: clients to announce to even
 	// though the store does not know them.
 	orphans []netip.Addr
+	// undeleted holds pinholes of leases dropped at start (moved or
+	// refused) whose deletion the kernel refused (reconcile), at most
+	// maxUndeleted; retryUndeleted deletes them again at every firewall
+	// check and audit until the kernel takes them. undeletedEnds are the
+	// connections of those leases, flushed only once their pinholes are
+	// gone (a flush before lets a flow come back through the open
+	// pinhole and outlive the revocation).
+	undeleted     []pinhole.Pinhole
+	undeletedEnds []ctFilter
 	// sweepAt is the table slot the periodic ownership check goes on
 	// from (0: a new pass); sweepKeys its reused result buffer.
 	sweepAt   uint32
