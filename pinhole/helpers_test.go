@@ -249,3 +249,41 @@ func tamperNoticedAndRepaired(t *testing.T, ns *netlab.NS, b *pinhole.Backend, n
 		t.Fatalf("Healthy after %s and Setup: %v", name, err)
 	}
 }
+
+// spoofTarget installs a UDP pinhole to the client's port 7000 (IPv6), or
+// a NAPT mapping from the host's public port 17000 to it (v4), gives the
+// Internet the spoofed address (spoofed6 or spoofed4) besides its own, and
+// listens on the client's port (closed at the end of t). It returns where
+// the Internet sends to, the Internet's real address, the spoofed one and
+// the client's socket, as oneWay takes them.
+func spoofTarget(t *testing.T, topo *netlab.Topology, b *pinhole.Backend, v4 bool, spoofed6, spoofed4 netip.Addr) (dst netip.AddrPort, real, spoofed netip.Addr, rx *net.UDPConn) {
+	t.Helper()
+	client, dst, real, spoofed := topo.ClientV6, netip.AddrPortFrom(topo.ClientV6, 7000), topo.InternetV6, spoofed6
+	p := pinhole.Pinhole{Protocol: udp, InternalAddr: client, InternalPort: 7000}
+	if v4 {
+		client, dst, real, spoofed = topo.ClientV4, netip.AddrPortFrom(topo.HostPublicV4, 17000), topo.InternetV4, spoofed4
+		p = pinhole.Pinhole{Protocol: udp, InternalAddr: client, InternalPort: 7000, ExternalAddr: topo.HostPublicV4, ExternalPort: 17000}
+	}
+	apply(t, b, install(p, time.Minute))
+	topo.Internet.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(spoofed, spoofed.BitLen()).String(), "dev", "eth0", "nodad")
+	if err := topo.Client.Do(func() (err error) {
+		rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(client, 7000)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rx.Close() })
+	return dst, real, spoofed, rx
+}
+
+// eventuallyOneWay waits (okWait at the most) for a oneWay from src in ns
+// to dst to reach rx.
+func eventuallyOneWay(t *testing.T, ns *netlab.NS, src netip.Addr, dst netip.AddrPort, rx *net.UDPConn) error {
+	t.Helper()
+	return netlab.Eventually(okWait, func() error {
+		if !oneWay(t, ns, src, dst, rx) {
+			return errors.New("nothing arrived")
+		}
+		return nil
+	})
+}

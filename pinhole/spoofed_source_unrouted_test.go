@@ -1,12 +1,9 @@
 package pinhole_test
 
 import (
-	"errors"
-	"net"
 	"net/netip"
 	"regexp"
 	"testing"
-	"time"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
@@ -52,28 +49,8 @@ func TestGuardDropsSpoofedSourceRoutedViaWAN(t *testing.T) {
 			if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, gone6, topo.ClientPrefix4, gone4}); err != nil {
 				t.Fatal(err)
 			}
-			client, dst, real, spoofed := topo.ClientV6, netip.AddrPortFrom(topo.ClientV6, 7000), topo.InternetV6, spoofed6
-			p := pinhole.Pinhole{Protocol: udp, InternalAddr: client, InternalPort: 7000}
-			if tc.v4 {
-				client, dst, real, spoofed = topo.ClientV4, netip.AddrPortFrom(topo.HostPublicV4, 17000), topo.InternetV4, spoofed4
-				p = pinhole.Pinhole{Protocol: udp, InternalAddr: client, InternalPort: 7000, ExternalAddr: topo.HostPublicV4, ExternalPort: 17000}
-			}
-			apply(t, b, install(p, time.Minute))
-			topo.Internet.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(spoofed, spoofed.BitLen()).String(), "dev", "eth0", "nodad")
-			var rx *net.UDPConn
-			if err := topo.Client.Do(func() (err error) {
-				rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(client, 7000)))
-				return err
-			}); err != nil {
-				t.Fatal(err)
-			}
-			defer rx.Close()
-			if err := netlab.Eventually(okWait, func() error {
-				if !oneWay(t, topo.Internet, real, dst, rx) {
-					return errors.New("nothing arrived")
-				}
-				return nil
-			}); err != nil {
+			dst, real, spoofed, rx := spoofTarget(t, topo, b, tc.v4, spoofed6, spoofed4)
+			if err := eventuallyOneWay(t, topo.Internet, real, dst, rx); err != nil {
 				t.Fatalf("a datagram from %v through %v: %v", real, dst, err)
 			}
 			guard := map[bool]string{false: "guard6", true: "guard4"}[tc.v4]
