@@ -4,8 +4,6 @@ import (
 	"context"
 	"net/netip"
 	"slices"
-	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -169,17 +167,7 @@ func TestWireGuardGoneGraceAltname(t *testing.T) {
 	const alt = "wireguard-to-the-branch-office-of-bremen"
 	peers := []wgtypes.Peer{peer(1, "2001:db8::/48"), peer(2, "2001:db8:0:1::/64")}
 	d := &devices{}
-	d.set("wg0", peers...)
-	d.fail(alt, syscall.EINVAL)
-	var altThere, wg0There atomic.Bool
-	altThere.Store(true)
-	wg0There.Store(true)
-	resolve := func(name string) (string, bool, error) {
-		if name == "wg0" && wg0There.Load() || name == alt && altThere.Load() {
-			return "wg0", true, nil
-		}
-		return "", false, nil
-	}
+	wg0There, altThere, resolve := altnamedWG0(d, alt, peers...)
 	for _, ifaces := range [][]string{{"wg0", alt}, {alt, "wg0"}} {
 		w, err := newWireGuard(d, ifaces, time.Hour, nil, WithGoneGrace(time.Minute), func(w *WireGuard) { w.kernel = resolve })
 		if err != nil {

@@ -65,6 +65,25 @@ func (d *devices) fail(name string, err error) {
 	d.err[name] = err
 }
 
+// altnamedWG0 sets wg0 in d with peers and makes alt an altname of wg0's
+// that the device calls refuse (EINVAL) but that resolve, the kernel's
+// name lookup, takes to wg0. wg0There and altThere (true at first) say
+// which of the two names the kernel knows now.
+func altnamedWG0(d *devices, alt string, peers ...wgtypes.Peer) (wg0There, altThere *atomic.Bool, resolve func(string) (string, bool, error)) {
+	d.set("wg0", peers...)
+	d.fail(alt, syscall.EINVAL)
+	wg0There, altThere = new(atomic.Bool), new(atomic.Bool)
+	altThere.Store(true)
+	wg0There.Store(true)
+	resolve = func(name string) (string, bool, error) {
+		if name == "wg0" && wg0There.Load() || name == alt && altThere.Load() {
+			return "wg0", true, nil
+		}
+		return "", false, nil
+	}
+	return wg0There, altThere, resolve
+}
+
 func ipnets(ps ...string) []net.IPNet {
 	var out []net.IPNet
 	for _, s := range ps {
