@@ -205,3 +205,52 @@ func (h *harness) lease(owner string, proto uint8, addr netip.Addr, port uint16)
 	l, ok := h.st.Leases()[store.Key{Owner: owner, Protocol: proto, InternalAddr: addr, InternalPort: port}]
 	return l, ok
 }
+
+// startRecordingFlushes starts h's server as h.start does (but logging
+// nowhere), with the conntrack walk recorded: each flush of addr:port
+// notes whether the firewall still held p. wait returns once the flushes
+// queued so far are done (failing t after 5 s); flushes waits so, then
+// returns a copy of the notes.
+func (h *harness) startRecordingFlushes(t *testing.T, addr netip.Addr, port uint16, p pinhole.Pinhole) (s *Server, wait func(), flushes func() []bool) {
+	t.Helper()
+	pol, err := policy.New(h.pcfg, h.own)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err = New(h.cfg, Deps{Firewall: h.fw, Store: h.st, State: h.st.State(), Policy: pol, Now: h.clock.Now}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var notes []bool
+	s.ct.walk = func(fs []ctFilter) {
+		for _, f := range fs {
+			if f.t.addr == addr && f.t.port == port {
+				_, open := h.fw.Holes()[p]
+				mu.Lock()
+				notes = append(notes, open)
+				mu.Unlock()
+			}
+		}
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	h.s = s
+	wait = func() {
+		done := make(chan struct{})
+		s.ct.after(s.ct.seq(), func() { close(done) })
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("conntrack flush did not finish")
+		}
+	}
+	flushes = func() []bool {
+		wait()
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]bool(nil), notes...)
+	}
+	return s, wait, flushes
+}

@@ -98,6 +98,56 @@ func (l *lab) serveSecondWG(t *testing.T, port int) string {
 	return second
 }
 
+// fullTunnelAttacker gives the host's WireGuard interface second
+// (listening on port) a full-tunnel peer (AllowedIPs ::/0) in a namespace
+// of its own, tag+"att", linked to the host by a veth (tag+"0" on the
+// host) over ul's first two addresses (the host's, the attacker's). The
+// host gets serverAddr on second; the attacker gets the client's IPv6
+// address on its WireGuard interface and a route to serverAddr through
+// it, so that what it sends from the client's address reaches pcpd over
+// second.
+func (l *lab) fullTunnelAttacker(t *testing.T, tag, second string, port int, ul netip.Prefix, serverAddr netip.Addr) *netlab.NS {
+	t.Helper()
+	hostUL, attUL := ul.Addr().Next(), ul.Addr().Next().Next()
+	att := netlab.NewNS(t, tag+"att")
+	if err := netlab.Veth(l.topo.Host, tag+"0", att, "ul0"); err != nil {
+		t.Fatal(err)
+	}
+	l.topo.Host.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(hostUL, ul.Bits()).String(), "dev", tag+"0")
+	att.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(attUL, ul.Bits()).String(), "dev", "ul0")
+	l.topo.Host.MustRun(t, "ip", "addr", "add", serverAddr.String()+"/128", "dev", second, "nodad")
+	attIf := netlab.UniqueIfName(tag + "a")
+	cmd, err := netlab.DefaultWGCommand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlab.StartWireGuardDevice(att, attIf, cmd); err != nil {
+		t.Fatal(err)
+	}
+	attKey, _ := wgtypes.GeneratePrivateKey()
+	dev, err := l.wgc.Device(second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := []net.IPNet{{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}}
+	if err := l.wgc.ConfigureDevice(second, wgtypes.Config{Peers: []wgtypes.PeerConfig{{
+		PublicKey: attKey.PublicKey(), ReplaceAllowedIPs: true, AllowedIPs: all,
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+	keepalive := time.Second
+	if err := l.wgc.ConfigureDevice(attIf, wgtypes.Config{PrivateKey: &attKey, Peers: []wgtypes.PeerConfig{{
+		PublicKey: dev.PublicKey, Endpoint: net.UDPAddrFromAddrPort(netip.AddrPortFrom(hostUL, uint16(port))),
+		PersistentKeepaliveInterval: &keepalive, ReplaceAllowedIPs: true, AllowedIPs: all,
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+	att.MustRun(t, "ip", "link", "set", attIf, "mtu", "1420", "up")
+	att.MustRun(t, "ip", "addr", "add", l.topo.ClientV6.String()+"/128", "dev", attIf, "nodad")
+	att.MustRun(t, "ip", "-6", "route", "add", serverAddr.String()+"/128", "dev", attIf)
+	return att
+}
+
 // TestProtectedHoles: the prefixes given to the firewall's guard are the
 // owners' and the holes' (policy.Holes), at a full sweep and at the start
 // of a periodic pass, and a hole that goes is no longer given (unless an

@@ -6,9 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
-
-	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
 )
@@ -33,49 +30,13 @@ func TestE2EOtherInterfaceCannotActAsPeer(t *testing.T) {
 	}
 
 	// The attacker: its own namespace and underlay, a full-tunnel peer of
-	// the second interface.
-	att := netlab.NewNS(t, "rvqatt")
-	if err := netlab.Veth(l.topo.Host, "rvq0", att, "ul0"); err != nil {
-		t.Fatal(err)
-	}
-	l.topo.Host.MustRun(t, "ip", "addr", "add", "10.98.0.1/30", "dev", "rvq0")
-	att.MustRun(t, "ip", "addr", "add", "10.98.0.2/30", "dev", "ul0")
+	// the second interface, sending from the client's address.
 	serverAddr := netip.MustParseAddr("2001:db8:2::1")
-	l.topo.Host.MustRun(t, "ip", "addr", "add", serverAddr.String()+"/128", "dev", second, "nodad")
-	attIf := netlab.UniqueIfName("rvqa")
-	cmd, err := netlab.DefaultWGCommand()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := netlab.StartWireGuardDevice(att, attIf, cmd); err != nil {
-		t.Fatal(err)
-	}
-	attKey, _ := wgtypes.GeneratePrivateKey()
-	dev, err := l.wgc.Device(second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	all := []net.IPNet{{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}}
-	if err := l.wgc.ConfigureDevice(second, wgtypes.Config{Peers: []wgtypes.PeerConfig{{
-		PublicKey: attKey.PublicKey(), ReplaceAllowedIPs: true, AllowedIPs: all,
-	}}}); err != nil {
-		t.Fatal(err)
-	}
-	keepalive := time.Second
-	if err := l.wgc.ConfigureDevice(attIf, wgtypes.Config{PrivateKey: &attKey, Peers: []wgtypes.PeerConfig{{
-		PublicKey: dev.PublicKey, Endpoint: &net.UDPAddr{IP: net.ParseIP("10.98.0.1"), Port: 51898},
-		PersistentKeepaliveInterval: &keepalive, ReplaceAllowedIPs: true, AllowedIPs: all,
-	}}}); err != nil {
-		t.Fatal(err)
-	}
-	att.MustRun(t, "ip", "link", "set", attIf, "mtu", "1420", "up")
-	// The attacker sends from the client's address.
-	att.MustRun(t, "ip", "addr", "add", l.topo.ClientV6.String()+"/128", "dev", attIf, "nodad")
-	att.MustRun(t, "ip", "-6", "route", "add", serverAddr.String()+"/128", "dev", attIf)
+	att := l.fullTunnelAttacker(t, "rvq", second, 51898, netip.MustParsePrefix("10.98.0.0/30"), serverAddr)
 
 	req := pcp.AppendRequest(nil, mapReq(l.topo.ClientV6, pcp.ProtoTCP, victim.Port(), 0, time.Hour, 7))
 	var reply []byte
-	err = att.Do(func() error {
+	err := att.Do(func() error {
 		c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(l.topo.ClientV6, 0)),
 			net.UDPAddrFromAddrPort(netip.AddrPortFrom(serverAddr, Port)))
 		if err != nil {

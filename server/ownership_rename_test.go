@@ -60,39 +60,15 @@ func TestE2ERenamedInterfaceKeepsNoOwnership(t *testing.T) {
 	l.cfg.Interfaces = []string{l.topo.HostLANIf, second}
 	l.start()
 
-	// The attacker: a full-tunnel peer of the second interface.
-	att := netlab.NewNS(t, "rvoatt")
-	if err := netlab.Veth(l.topo.Host, "rvo0", att, "ul0"); err != nil {
-		t.Fatal(err)
-	}
-	l.topo.Host.MustRun(t, "ip", "addr", "add", "10.97.0.1/30", "dev", "rvo0")
-	att.MustRun(t, "ip", "addr", "add", "10.97.0.2/30", "dev", "ul0")
-	serverAddr := netip.MustParseAddr("2001:db8:3::1")
+	// The server's address on the second interface survives the renames'
+	// link downs.
 	for _, ifc := range []string{"all", "default", second, l.topo.HostLANIf} {
 		l.topo.Host.MustRun(t, "sysctl", "-qw", "net.ipv6.conf."+ifc+".keep_addr_on_down=1")
 	}
-	l.topo.Host.MustRun(t, "ip", "addr", "add", serverAddr.String()+"/128", "dev", second, "nodad")
-	attIf := netlab.UniqueIfName("rvoa")
-	if err := netlab.StartWireGuardDevice(att, attIf, cmd); err != nil {
-		t.Fatal(err)
-	}
-	attKey, _ := wgtypes.GeneratePrivateKey()
-	all := []net.IPNet{{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}}
-	if err := l.wgc.ConfigureDevice(second, wgtypes.Config{Peers: []wgtypes.PeerConfig{{
-		PublicKey: attKey.PublicKey(), ReplaceAllowedIPs: true, AllowedIPs: all,
-	}}}); err != nil {
-		t.Fatal(err)
-	}
-	keepalive := time.Second
-	if err := l.wgc.ConfigureDevice(attIf, wgtypes.Config{PrivateKey: &attKey, Peers: []wgtypes.PeerConfig{{
-		PublicKey: key.PublicKey(), Endpoint: &net.UDPAddr{IP: net.ParseIP("10.97.0.1"), Port: port},
-		PersistentKeepaliveInterval: &keepalive, ReplaceAllowedIPs: true, AllowedIPs: all,
-	}}}); err != nil {
-		t.Fatal(err)
-	}
-	att.MustRun(t, "ip", "link", "set", attIf, "mtu", "1420", "up")
-	att.MustRun(t, "ip", "addr", "add", l.topo.ClientV6.String()+"/128", "dev", attIf, "nodad")
-	att.MustRun(t, "ip", "-6", "route", "add", serverAddr.String()+"/128", "dev", attIf)
+	// The attacker: a full-tunnel peer of the second interface, sending
+	// from the client's address.
+	serverAddr := netip.MustParseAddr("2001:db8:3::1")
+	att := l.fullTunnelAttacker(t, "rvo", second, port, netip.MustParsePrefix("10.97.0.0/30"), serverAddr)
 
 	req := pcp.AppendRequest(nil, mapReq(l.topo.ClientV6, pcp.ProtoTCP, 2222, 0, time.Hour, 7))
 	attack := func(tries int) {

@@ -2,11 +2,8 @@ package server
 
 import (
 	"context"
-	"sync"
 	"testing"
 	"time"
-
-	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
@@ -41,49 +38,17 @@ func TestRestoreRefusedFlushAfterDelete(t *testing.T) {
 		return nil
 	}
 
-	// h.start, with the conntrack walk recorded.
-	pol, err := policy.New(h.pcfg, h.own)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := New(h.cfg, Deps{Firewall: h.fw, Store: h.st, State: h.st.State(), Policy: pol, Now: h.clock.Now}, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var flushes []bool // per flush of addrA:22, whether the kernel still held the pinhole
-	s.ct.walk = func(fs []ctFilter) {
-		for _, f := range fs {
-			if f.t.addr == addrA && f.t.port == 22 {
-				_, open := h.fw.Holes()[want]
-				mu.Lock()
-				flushes = append(flushes, open)
-				mu.Unlock()
-			}
-		}
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	h.s = s
+	// h.start, with the conntrack walk recorded: per flush of addrA:22,
+	// whether the kernel still held the pinhole.
+	s, wait, recorded := h.startRecordingFlushes(t, addrA, 22, want)
 	h.fw.FailApply = nil
-	wait := func() {
-		done := make(chan struct{})
-		s.ct.after(s.ct.seq(), func() { close(done) })
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			t.Fatal("conntrack flush did not finish")
-		}
-	}
 	wait()
 	s.auditFirewall(context.Background()) // Serve's, at start: removes the orphan
 	wait()
 	if _, ok := h.fw.Holes()[want]; ok {
 		t.Fatalf("the audit left the refused pinhole %v", want)
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	flushes := recorded()
 	if len(flushes) == 0 {
 		t.Fatalf("the refused lease's connections were never flushed")
 	}

@@ -1,11 +1,8 @@
 package server
 
 import (
-	"sync"
 	"testing"
 	"time"
-
-	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
@@ -35,45 +32,8 @@ func TestRestoreRefusedRetryUntilDone(t *testing.T) {
 			}
 			return nil
 		}
-		pol, err := policy.New(h.pcfg, h.own)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := New(h.cfg, Deps{Firewall: h.fw, Store: h.st, State: h.st.State(), Policy: pol, Now: h.clock.Now}, zap.NewNop())
-		if err != nil {
-			t.Fatal(err)
-		}
-		var mu sync.Mutex
-		var flushes []bool // per flush of addrA:22, whether the pinhole was still open
-		s.ct.walk = func(fs []ctFilter) {
-			for _, f := range fs {
-				if f.t.addr == addrA && f.t.port == 22 {
-					_, open := h.fw.Holes()[want]
-					mu.Lock()
-					flushes = append(flushes, open)
-					mu.Unlock()
-				}
-			}
-		}
-		if err := s.Start(); err != nil {
-			t.Fatal(err)
-		}
-		h.s = s
-		wait := func() {
-			done := make(chan struct{})
-			s.ct.after(s.ct.seq(), func() { close(done) })
-			select {
-			case <-done:
-			case <-time.After(5 * time.Second):
-				t.Fatal("conntrack flush did not finish")
-			}
-		}
-		nflushes := func() []bool {
-			wait()
-			mu.Lock()
-			defer mu.Unlock()
-			return append([]bool(nil), flushes...)
-		}
+		// nflushes: per flush of addrA:22, whether the pinhole was still open.
+		s, _, nflushes := h.startRecordingFlushes(t, addrA, 22, want)
 		for i := range fails {
 			before := counterValue(t, s.m.kernelErrors)
 			s.checkFirewall()
