@@ -183,31 +183,11 @@ func newSecondPeer(t *testing.T, l *lab, prefix netip.Prefix, addr netip.Addr) *
 // each call's payload is its own.
 func sendAndReceive(t *testing.T, ns *netlab.NS, src netip.Addr, dst netip.AddrPort, rx *net.UDPConn) netip.Addr {
 	t.Helper()
-	var c *net.UDPConn
-	if err := ns.Do(func() (err error) {
-		c, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(src, 0)), net.UDPAddrFromAddrPort(dst))
-		return err
-	}); err != nil {
+	from, err := ns.SendUDPFrom(src, dst, rx, 500*time.Millisecond)
+	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	msg := fmt.Sprintf("hello from %v %s", src, netlab.Rand(8))
-	buf := make([]byte, 128)
-	for range 3 {
-		c.Write([]byte(msg))
-		deadline := time.Now().Add(500 * time.Millisecond)
-		for {
-			rx.SetReadDeadline(deadline)
-			n, from, err := rx.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				break
-			}
-			if string(buf[:n]) == msg {
-				return from.Addr().Unmap()
-			}
-		}
-	}
-	return netip.Addr{}
+	return from
 }
 
 func ipnet(p netip.Prefix) net.IPNet {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"testing"
@@ -135,6 +136,39 @@ func (n *NS) ProbeUDP(addr string, timeout time.Duration) error {
 		}
 		return nil
 	})
+}
+
+// SendUDPFrom sends a datagram from src in n to dst, up to three times,
+// each time reading rx for waitEach, and returns the source rx saw for
+// the first that arrived (unmapped; invalid if none did). Datagrams left
+// in rx by an earlier call are skipped: each call's payload is its own.
+// The source may be spoofed: no answer is expected.
+func (n *NS) SendUDPFrom(src netip.Addr, dst netip.AddrPort, rx *net.UDPConn, waitEach time.Duration) (netip.Addr, error) {
+	var c *net.UDPConn
+	if err := n.Do(func() (err error) {
+		c, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(src, 0)), net.UDPAddrFromAddrPort(dst))
+		return err
+	}); err != nil {
+		return netip.Addr{}, err
+	}
+	defer c.Close()
+	msg := fmt.Sprintf("from %v %s", src, Rand(8))
+	buf := make([]byte, 128)
+	for range 3 {
+		c.Write([]byte(msg))
+		deadline := time.Now().Add(waitEach)
+		for {
+			rx.SetReadDeadline(deadline)
+			k, from, err := rx.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				break
+			}
+			if string(buf[:k]) == msg {
+				return from.Addr().Unmap(), nil
+			}
+		}
+	}
+	return netip.Addr{}, nil
 }
 
 // Eventually polls cond until it returns nil or timeout passes, returning
