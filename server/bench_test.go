@@ -136,23 +136,7 @@ func BenchmarkRealMap(b *testing.B) {
 	netlab.RequireRoot(b)
 	for _, batch := range []int{1, 64} {
 		b.Run("batch="+itoa(batch), func(b *testing.B) {
-			ns := netlab.NewNS(b, "bench")
-			h, err := ns.Handle()
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { h.Close() })
-			// Lasting, as cmd/pcpd holds it: a socket per transaction
-			// costs 5-14 ms in close(2), which would hide the engine.
-			conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { conn.CloseLasting() })
-			fw, err := pinhole.New(conn, pinhole.Config{})
-			if err != nil {
-				b.Fatal(err)
-			}
+			fw := lastingFirewall(b, "bench")
 			st, state, err := store.Open(b.TempDir(), zap.NewNop())
 			if err != nil {
 				b.Fatal(err)
@@ -162,6 +146,30 @@ func BenchmarkRealMap(b *testing.B) {
 			benchBatches(b, s, batch)
 		})
 	}
+}
+
+// lastingFirewall is a pinhole.Backend (no Setup: the server's Start
+// does it) in a throwaway namespace named after name, on a lasting
+// netlink connection, as cmd/pcpd holds it: a socket per transaction
+// costs 5-14 ms in close(2), which would hide the engine.
+func lastingFirewall(b testing.TB, name string) *pinhole.Backend {
+	b.Helper()
+	ns := netlab.NewNS(b, name)
+	h, err := ns.Handle()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { h.Close() })
+	conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { conn.CloseLasting() })
+	fw, err := pinhole.New(conn, pinhole.Config{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return fw
 }
 
 func itoa(n int) string {
@@ -200,23 +208,7 @@ func BenchmarkStart(b *testing.B) {
 	netlab.RequireRoot(b)
 	for _, n := range []int{100_000, 1_000_000} {
 		b.Run("leases="+itoa(n), func(b *testing.B) {
-			ns := netlab.NewNS(b, "start")
-			h, err := ns.Handle()
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { h.Close() })
-			// Lasting, as cmd/pcpd holds it: a socket per transaction
-			// costs 5-14 ms in close(2).
-			conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { conn.CloseLasting() })
-			fw, err := pinhole.New(conn, pinhole.Config{})
-			if err != nil {
-				b.Fatal(err)
-			}
+			fw := lastingFirewall(b, "start")
 			for b.Loop() {
 				st := servertest.NewStore()
 				runtime.GC()

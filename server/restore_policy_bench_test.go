@@ -6,11 +6,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
 	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/internal/netlab"
-	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/server/servertest"
 	"github.com/pcpd/pcpd/store"
@@ -29,21 +27,7 @@ func BenchmarkStartRefused(b *testing.B) {
 	const n = 1_000_000
 	for _, refused := range []int{0, 10_000, 100_000, n} {
 		b.Run("refused="+itoa(refused), func(b *testing.B) {
-			ns := netlab.NewNS(b, "revpolst")
-			h, err := ns.Handle()
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { h.Close() })
-			conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { conn.CloseLasting() })
-			fw, err := pinhole.New(conn, pinhole.Config{})
-			if err != nil {
-				b.Fatal(err)
-			}
+			fw := lastingFirewall(b, "revpolst")
 			own, err := policy.NewStatic(map[string][]netip.Prefix{"bench": {netip.MustParsePrefix("2001:db8::/32")}})
 			if err != nil {
 				b.Fatal(err)
