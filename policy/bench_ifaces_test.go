@@ -1,8 +1,6 @@
 package policy
 
 import (
-	"math/rand/v2"
-	"net/netip"
 	"testing"
 )
 
@@ -25,23 +23,5 @@ func BenchmarkAuthorize10kPeersTwoInterfaces(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	p, err := New(Config{HostAddrs: func(a netip.Addr) bool { return a == netip.IPv6Loopback() }}, w)
-	if err != nil {
-		b.Fatal(err)
-	}
-	rand.New(rand.NewPCG(7, 8)).Shuffle(len(reqs), func(i, j int) { reqs[i], reqs[j] = reqs[j], reqs[i] })
-	for _, r := range reqs {
-		if _, reason := p.Authorize(r); reason != Allowed {
-			b.Fatalf("%+v: %v", r, reason)
-		}
-	}
-	b.ReportAllocs()
-	b.ResetTimer()
-	done := cpuClock(b)
-	for i := 0; b.Loop(); i++ {
-		if _, r := p.Authorize(reqs[i%len(reqs)]); r != Allowed {
-			b.Fatal(r)
-		}
-	}
-	done()
+	benchAuthorizeAllowed(b, w, reqs)
 }
