@@ -68,7 +68,14 @@ func TestE2EHoleStaysGuarded(t *testing.T) {
 // --interface A --interface B`). It returns the new interface's name.
 func (l *lab) serveSecondWG(t *testing.T, port int) string {
 	t.Helper()
-	second := netlab.UniqueIfName("rvq")
+	return l.serveSecondWGAs(t, "rvq", port, 200*time.Millisecond)
+}
+
+// serveSecondWGAs is serveSecondWG with the interface named after tag and
+// the ownership re-read every refresh.
+func (l *lab) serveSecondWGAs(t *testing.T, tag string, port int, refresh time.Duration) string {
+	t.Helper()
+	second := netlab.UniqueIfName(tag)
 	cmd, err := netlab.DefaultWGCommand()
 	if err != nil {
 		t.Fatal(err)
@@ -82,7 +89,7 @@ func (l *lab) serveSecondWG(t *testing.T, port int) string {
 	}
 	l.topo.Host.MustRun(t, "ip", "link", "set", second, "up")
 	l.stop()
-	wg, err := policy.NewWireGuard(l.wgc, []string{l.topo.HostLANIf, second}, 200*time.Millisecond, l.log.Named("wg2"))
+	wg, err := policy.NewWireGuard(l.wgc, []string{l.topo.HostLANIf, second}, refresh, l.log.Named("wg2"))
 	if err != nil {
 		t.Fatal(err)
 	}

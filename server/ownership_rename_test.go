@@ -1,17 +1,13 @@
 package server
 
 import (
-	"context"
 	"net"
 	"net/netip"
 	"testing"
 	"time"
 
-	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
-
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/policy"
 )
 
 // TestE2ERenamedInterfaceKeepsNoOwnership (review of the F3 fix,
@@ -31,34 +27,9 @@ import (
 // Fails on main: the attacker's lease is made as the client's.
 func TestE2ERenamedInterfaceKeepsNoOwnership(t *testing.T) {
 	l := newLab(t)
-	cmd, err := netlab.DefaultWGCommand()
-	if err != nil {
-		t.Fatal(err)
-	}
-	second := netlab.UniqueIfName("rvo")
-	if err := netlab.StartWireGuardDevice(l.topo.Host, second, cmd); err != nil {
-		t.Fatal(err)
-	}
-	key, _ := wgtypes.GeneratePrivateKey()
+	// Refresh is an hour: the window stays open.
 	port := 51897
-	if err := l.wgc.ConfigureDevice(second, wgtypes.Config{PrivateKey: &key, ListenPort: &port}); err != nil {
-		t.Fatal(err)
-	}
-	l.topo.Host.MustRun(t, "ip", "link", "set", second, "up")
-	l.stop()
-	wg, err := policy.NewWireGuard(l.wgc, []string{l.topo.HostLANIf, second}, time.Hour, l.log.Named("wg2"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	go wg.Run(ctx)
-	l.wg = wg
-	if l.pol, err = policy.New(policy.Config{}, wg); err != nil {
-		t.Fatal(err)
-	}
-	l.cfg.Interfaces = []string{l.topo.HostLANIf, second}
-	l.start()
+	second := l.serveSecondWGAs(t, "rvo", port, time.Hour)
 
 	// The server's address on the second interface survives the renames'
 	// link downs.
