@@ -254,3 +254,33 @@ func (h *harness) startRecordingFlushes(t *testing.T, addr netip.Addr, port uint
 	}
 	return s, wait, flushes
 }
+
+// failDeletes is a servertest.Firewall.FailApply that refuses every batch
+// with a deletion in it.
+func failDeletes(ops []pinhole.Op) error {
+	for _, op := range ops {
+		if op.Kind == pinhole.Delete {
+			return servertest.ErrInjected
+		}
+	}
+	return nil
+}
+
+// runPeriodic runs the engine's periodic paths as Serve would over the
+// given minutes, once each a minute of the fake clock: the ownership
+// sweep and steps sweep steps, the store debt, the firewall check and the
+// expiry.
+func (h *harness) runPeriodic(minutes, steps int) {
+	for range minutes {
+		h.clock.Advance(time.Minute)
+		h.s.sweepOwnership()
+		for range steps {
+			h.s.sweepStep()
+		}
+		h.s.payStoreDebt()
+		h.s.checkFirewall()
+		h.s.mu.Lock()
+		h.s.expireLocked(h.clock.Now())
+		h.s.mu.Unlock()
+	}
+}

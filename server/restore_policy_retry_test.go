@@ -6,9 +6,7 @@ import (
 	"time"
 
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
-	"github.com/pcpd/pcpd/server/servertest"
 )
 
 // TestRestartRevokeRetriedAfterFailure: Start revokes the restored leases
@@ -29,32 +27,14 @@ func TestRestartRevokeRetriedAfterFailure(t *testing.T) {
 	h := newHarness(t)
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1)), pcp.Success)
 	h.pcfg.DenyPorts = []policy.PortRange{{First: 22, Last: 22}}
-	h.fw.FailApply = func(ops []pinhole.Op) error {
-		for _, op := range ops {
-			if op.Kind == pinhole.Delete {
-				return servertest.ErrInjected
-			}
-		}
-		return nil
-	}
+	h.fw.FailApply = failDeletes
 	h.start()
 	h.fw.FailApply = nil
 	if len(h.fw.Holes()) != 1 {
 		t.Fatalf("the injected failure did not keep the pinhole: pinholes %v", h.fw.Holes())
 	}
 	h.s.auditFirewall(context.Background()) // Serve's, at start
-	for range 3 {
-		h.clock.Advance(time.Minute)
-		h.s.sweepOwnership()
-		for range 4 {
-			h.s.sweepStep()
-		}
-		h.s.payStoreDebt()
-		h.s.checkFirewall()
-		h.s.mu.Lock()
-		h.s.expireLocked(h.clock.Now())
-		h.s.mu.Unlock()
-	}
+	h.runPeriodic(3, 4)
 	if r := h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1)); r.Result == pcp.Success {
 		t.Fatalf("renewal of port 22 granted under --deny-ports 22")
 	}

@@ -6,9 +6,7 @@ import (
 	"time"
 
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
-	"github.com/pcpd/pcpd/server/servertest"
 )
 
 // TestRestoreRefusedFlushAfterDelete: Start flushes a refused lease's
@@ -29,14 +27,7 @@ func TestRestoreRefusedFlushAfterDelete(t *testing.T) {
 	}
 	h.pcfg.DenyPorts = []policy.PortRange{{First: 22, Last: 22}}
 	h.cfg.KeepConnections = false
-	h.fw.FailApply = func(ops []pinhole.Op) error {
-		for _, op := range ops {
-			if op.Kind == pinhole.Delete {
-				return servertest.ErrInjected
-			}
-		}
-		return nil
-	}
+	h.fw.FailApply = failDeletes
 
 	// h.start, with the conntrack walk recorded: per flush of addrA:22,
 	// whether the kernel still held the pinhole.

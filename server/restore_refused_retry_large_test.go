@@ -7,9 +7,7 @@ import (
 	"time"
 
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
-	"github.com/pcpd/pcpd/server/servertest"
 )
 
 // TestRestoreRefusedRetryAboveAuditMax: a refused lease's pinhole whose
@@ -42,14 +40,7 @@ func TestRestoreRefusedRetryAboveAuditMax(t *testing.T) {
 	}
 	denied := hole(6, addrA, 22, addrA, 22)
 	h.pcfg.DenyPorts = []policy.PortRange{{First: 22, Last: 22}}
-	h.fw.FailApply = func(ops []pinhole.Op) error {
-		for _, op := range ops {
-			if op.Kind == pinhole.Delete {
-				return servertest.ErrInjected
-			}
-		}
-		return nil
-	}
+	h.fw.FailApply = failDeletes
 	h.start()
 	h.fw.FailApply = nil
 	if _, open := h.fw.Holes()[denied]; !open {
@@ -59,16 +50,7 @@ func TestRestoreRefusedRetryAboveAuditMax(t *testing.T) {
 		t.Fatalf("%d leases restored, want %d", n, auditMaxLeases+1)
 	}
 	h.s.auditFirewall(context.Background()) // Serve's, at start
-	for range 3 {
-		h.clock.Advance(time.Minute)
-		h.s.sweepOwnership()
-		h.s.sweepStep()
-		h.s.payStoreDebt()
-		h.s.checkFirewall()
-		h.s.mu.Lock()
-		h.s.expireLocked(h.clock.Now())
-		h.s.mu.Unlock()
-	}
+	h.runPeriodic(3, 1)
 	if left, open := h.fw.Holes()[denied]; open {
 		t.Errorf("3 minutes after a failed revocation at start with %d leases (audit skipped above %d), port 22 (denied) is still open, %v left",
 			auditMaxLeases+1, auditMaxLeases, left)
