@@ -151,16 +151,21 @@ func (m *mutableOwnership) Owners() []policy.Owner {
 	return out
 }
 
+// ownershipSweeps are the two ways the engine revokes what is no longer
+// owned: the full walk (at start, on a change report) and the periodic
+// step (the safety net); ownership tests run under both.
+var ownershipSweeps = []struct {
+	name string
+	run  func(*Server)
+}{{"full", (*Server).sweepOwnership}, {"periodic step", (*Server).sweepStep}}
+
 // TestLIFE05Revocation: when a peer loses an address its leases go, with a
 // log line naming peer, address and port: at once on a full sweep (start,
 // a change report), and at the periodic step without one (a table this
 // small is one step long). The periodic step also makes the firewall guard
 // an owner added since the last pass.
 func TestLIFE05Revocation(t *testing.T) {
-	for _, sweep := range []struct {
-		name string
-		run  func(*Server)
-	}{{"full", (*Server).sweepOwnership}, {"periodic step", (*Server).sweepStep}} {
+	for _, sweep := range ownershipSweeps {
 		t.Run(sweep.name, func(t *testing.T) {
 			h := newHarness(t)
 			own := &mutableOwnership{owners: map[policy.OwnerID][]netip.Prefix{

@@ -160,10 +160,7 @@ func (l *lab) fullTunnelAttacker(t *testing.T, tag, second string, port int, ul 
 // of a periodic pass, and a hole that goes is no longer given (unless an
 // owner has it). Fails with the holes left out of updateProtected.
 func TestProtectedHoles(t *testing.T) {
-	for _, sweep := range []struct {
-		name string
-		run  func(*Server)
-	}{{"full", (*Server).sweepOwnership}, {"periodic step", (*Server).sweepStep}} {
+	for _, sweep := range ownershipSweeps {
 		t.Run(sweep.name, func(t *testing.T) {
 			h := newHarness(t)
 			own := &mutableOwnership{owners: map[policy.OwnerID][]netip.Prefix{
