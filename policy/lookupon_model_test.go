@@ -22,7 +22,10 @@ import (
 // drawn from a pool of nested prefixes; a key may be a peer of several
 // interfaces; no prefix is given to two peers of one interface (WireGuard
 // moves it to the last). In a third of the rounds with several
-// interfaces, one of them is then gone.
+// interfaces, one of them is then gone, in half of those held for a
+// grace (WithGoneGrace). THIRD_PARTY targets are checked
+// against the same model: the requester's peer must hold the target,
+// ownably, on an interface that is there.
 func TestLookupOnMatchesWireGuardSourceCheck(t *testing.T) {
 	pool := []string{
 		"::/0", "2000::/8", "2001:db8::/32", "2001:db8::/40", "2001:db8::/48", "2001:db8::/56",
@@ -69,15 +72,19 @@ func TestLookupOnMatchesWireGuardSourceCheck(t *testing.T) {
 			}
 			d.set(ifc, peers...)
 		}
+		// Half the gone interfaces are held (WithGoneGrace): their peers
+		// still own in Lookup, but for no request.
+		grace := time.Duration(r.IntN(2)) * time.Hour
 		w, err := newWireGuard(d, ifaces[:nIf], time.Hour, nil, func(w *WireGuard) {
 			w.kernel = func(name string) (string, bool, error) { return name, true, nil }
-		})
+		}, WithGoneGrace(grace))
 		if err != nil {
 			t.Fatal(err)
 		}
 		if nIf > 1 && r.IntN(3) == 0 {
 			// One interface gone since the start (present < configured:
-			// one left is table.only's shortcut): its peers own nothing.
+			// one left is table.only's shortcut): its peers own nothing,
+			// or, held, own for Lookup only.
 			gone := ifaces[r.IntN(nIf)]
 			d.set(gone)
 			if err := w.Refresh(context.Background()); err != nil {
@@ -127,6 +134,32 @@ func TestLookupOnMatchesWireGuardSourceCheck(t *testing.T) {
 				if (reason == NoOwner) != (want == "") || ao.ID != want {
 					t.Fatalf("round %d, config %s: Authorize(%s on %q) = %q %v, want %q",
 						round, fmt.Sprint(cfg), a, ifc, ao.ID, reason, want)
+				}
+				// THIRD_PARTY for every other address: allowed exactly
+				// when the target is the requester's (Lookup) and its
+				// peer holds it, ownably, on some interface there (the
+				// arrival one or another; a gone one is none).
+				for _, ts := range addrs {
+					tg := netip.MustParseAddr(ts)
+					if tg == a {
+						continue
+					}
+					tw := want != ""
+					if to, ok := w.Lookup(tg); !ok || to.ID != want {
+						tw = false
+					}
+					on := false
+					for _, ifc2 := range ifaces[:nIf] {
+						if s, ownable := sender(tg, ifc2); s >= 0 && ownable && wgID(s) == want {
+							on = true
+						}
+					}
+					tw = tw && on
+					_, reason := p.Authorize(Request{Source: a, Iface: ifc, Target: tg, ThirdParty: true, Protocol: 6, InternalPort: 443})
+					if (reason == Allowed) != tw {
+						t.Fatalf("round %d, config %s: THIRD_PARTY %s from %s on %q: %v, want allowed %v",
+							round, fmt.Sprint(cfg), tg, a, ifc, reason, tw)
+					}
 				}
 				// IPv4-mapped, as a dual-stack socket would give it.
 				if a.Is4() {

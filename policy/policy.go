@@ -291,8 +291,10 @@ func (p *Policy) Requester(src netip.Addr, iface string) (Owner, bool) {
 // r.Target for r.Protocol and ports. It returns the requester's owner
 // (zero if NoOwner) and the reason. Checks run in MAP-01 order:
 // THIRD_PARTY switch, ownership of the source (on its interface:
-// Requester), never-openable target, same owner, protocol, ports. It
-// does not allocate and takes no lock.
+// Requester), never-openable target, same owner (a THIRD_PARTY target
+// on any interface there, the arrival one or another, but not one held
+// only by a gone interface in its grace: WithGoneGrace), protocol,
+// ports. It does not allocate and takes no lock.
 func (p *Policy) Authorize(r Request) (Owner, Reason) {
 	if r.ThirdParty && p.tp == ThirdPartyOff {
 		return Owner{}, ThirdPartyDenied
@@ -313,8 +315,11 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		if p.neverOpenable(r.Target) {
 			return o, NeverOpenable
 		}
-		// The common case, Target == Source, needs no second lookup.
-		if r.Target != src && t.find(r.Target) != si {
+		// The common case, Target == Source, needs no second lookup. A
+		// THIRD_PARTY target must be the requester's on an interface
+		// that is there (ownsOnSome), not merely in the table: a gone
+		// interface's held prefixes count for no request.
+		if r.Target != src && (t.find(r.Target) != si || !t.ownsOnSome(r.Target, si, r.Iface)) {
 			p.fast.miss()
 			return o, NotOwned
 		}
@@ -326,6 +331,9 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		if p.neverOpenable(r.Target) {
 			return o, NeverOpenable
 		}
+		// An ownership that is not this package's knows no held
+		// interface, and LookupOn cannot say on which other interface
+		// the target is its owner's: Lookup.
 		if to, ok := p.own.Lookup(r.Target); !ok || to.ID != o.ID {
 			return o, NotOwned
 		}

@@ -348,6 +348,32 @@ func (t *table) findOn(a netip.Addr, iface string) int32 {
 	return i
 }
 
+// ownsOnSome reports whether a, whose owner in t is i (find(a) == i, i ≥
+// 0), is i's on some interface there: findOn(a, k) == i for a kernel name
+// k of t, tried first for prefer (the request's arrival interface). It is
+// the ownership of a THIRD_PARTY target: the requester may name an
+// address its peer holds on another served interface (the same peer on
+// several interfaces is one owner, and it could send from that address
+// there), but not one held only by a gone interface in its grace (no
+// per-interface table: it counts for no request) or by a renamed one
+// before its re-read (without). Ownership bound to no interface (static)
+// is find.
+func (t *table) ownsOnSome(a netip.Addr, i int32, prefer string) bool {
+	if t.ifaces == nil || t.only != "" {
+		// Static, or one interface whose sub-table is t.
+		return true
+	}
+	if sub := t.ifaces[prefer]; sub != nil && sub.find(a) == i {
+		return true
+	}
+	for k, sub := range t.ifaces {
+		if k != prefer && sub.find(a) == i {
+			return true
+		}
+	}
+	return false
+}
+
 // without returns t with no per-interface table for the kernel names in
 // names: findOn takes nothing arriving there as anybody's. Everything else
 // (owners, spans, holes) is t's, shared.

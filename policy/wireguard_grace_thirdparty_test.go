@@ -2,7 +2,6 @@ package policy
 
 import (
 	"context"
-	"os"
 	"testing"
 	"time"
 )
@@ -17,14 +16,10 @@ import (
 // grace is over, not make a new lease toward an interface that is not
 // there. The request from the held prefix itself, on wg1, is refused
 // already (no owner there), and the same THIRD_PARTY request with wg0
-// present is allowed (the positive control).
-//
-// Known gap (LOW: same owner, no route to the target; ended with the
-// grace): skipped unless PCPD_KNOWN_BUGS=1, and then it fails.
+// present is allowed (the positive control: the same peer on several
+// interfaces is one owner). Authorize checks the target against the
+// interfaces there (table.ownsOnSome), not the whole table.
 func TestWireGuardGoneGraceThirdParty(t *testing.T) {
-	if os.Getenv("PCPD_KNOWN_BUGS") == "" {
-		t.Skip("known gap (RELIABILITY.md, TestWireGuardBounce row): a THIRD_PARTY target in a held prefix is allowed; PCPD_KNOWN_BUGS=1 to run (fails)")
-	}
 	d := &devices{}
 	d.set("wg0", peer(1, "2001:db8:a::/48"))
 	d.set("wg1", peer(1, "2001:db8:1::/48"), peer(2, "2001:db8:b::/48"))
