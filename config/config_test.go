@@ -13,6 +13,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/spf13/pflag"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/pcpd/pcpd/policy"
 )
 
 func load(t *testing.T, file string, args ...string) (*Config, error) {
@@ -111,8 +113,10 @@ wireguard-gone-grace = "0"
 home = ["2001:db8:1:2::/64", "10.100.0.2"]
 office = ["2001:db8:2::/48"]
 `
+	// --allow-all-ports=false: the file's true contradicts its port
+	// rules (TestAllowAllPortsWithPortRules).
 	c, err := load(t, file, "--max-lifetime", "3h", "--rate-burst", "2000", "--interface", "wg9", "--client", "lab=2001:db8:9::/48,2001:db8:a::5/64",
-		"--snapshot-interval", "15m")
+		"--snapshot-interval", "15m", "--allow-all-ports=false")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +155,7 @@ office = ["2001:db8:2::/48"]
 		IPv4PortHigh:           29999,
 		AllowPorts:             [][2]uint16{{22, 22}, {80, 80}, {443, 443}, {1024, 65535}},
 		DenyPorts:              [][2]uint16{{5000, 5010}},
-		AllowAllPorts:          true,
+		AllowAllPorts:          false,
 		ReservedPorts:          []uint16{8080, 9000, 9001, 9002},
 		TouchInterval:          30 * time.Second,
 		SnapshotInterval:       15 * time.Minute,
@@ -258,6 +262,14 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{`--allow-ports: "80-x": want ports and LOW-HIGH ranges`}},
 		{name: "deny ports", args: []string{"--deny-ports", "0"},
 			want: []string{`--deny-ports: "0": want ports`}},
+		{name: "all ports with deny ports", args: []string{"--allow-all-ports", "--deny-ports", "25"},
+			want: []string{"--allow-all-ports: contradicts allow-ports/deny-ports, which keep port 25 (and maybe more) closed"}},
+		{name: "all ports with allow ports", args: []string{"--allow-ports", "1-79,81-65535", "--allow-all-ports"},
+			want: []string{"--allow-all-ports: contradicts allow-ports/deny-ports, which keep port 80"}},
+		{name: "all ports with port rules in the file", file: "allow-ports = \"22,443\"\nallow-all-ports = true\n",
+			want: []string{"allow-all-ports: contradicts allow-ports/deny-ports, which keep port 1 "}},
+		{name: "all ports in the file, deny ports as a flag", file: "allow-all-ports = true\n", args: []string{"--deny-ports", "65535"},
+			want: []string{"allow-all-ports: contradicts allow-ports/deny-ports, which keep port 65535 "}},
 		{name: "reserved ports not a list", args: []string{"--reserved-ports", "8080;8081"},
 			want: []string{`--reserved-ports: "8080;8081": want ports and LOW-HIGH ranges`}},
 		{name: "reserved port zero", file: "reserved-ports = \"0-10\"\n",
@@ -489,6 +501,59 @@ func TestKernelReversePath(t *testing.T) {
 			}
 			if c.KernelReversePath != tt.want {
 				t.Errorf("KernelReversePath %q, want %q", c.KernelReversePath, tt.want)
+			}
+		})
+	}
+}
+
+// TestAllowAllPortsWithPortRules: allow-all-ports is accepted with port
+// rules that keep no port closed, the only ones under which the policy
+// grants an all-ports mapping (policy.New); the contradictory
+// combinations are refused (TestValidationErrors).
+func TestAllowAllPortsWithPortRules(t *testing.T) {
+	tests := []struct {
+		name string
+		file string
+		args []string
+	}{
+		{name: "alone", args: []string{"--allow-all-ports"}},
+		{name: "allow every port", args: []string{"--allow-all-ports", "--allow-ports", "1-65535"}},
+		{name: "allow every port in pieces", args: []string{"--allow-all-ports", "--allow-ports", "1-1000,1001,1000-65535"}},
+		{name: "file", file: "allow-ports = \"1-65535\"\nallow-all-ports = true\n"},
+		{name: "deny ports without all ports", args: []string{"--deny-ports", "25"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := load(t, tt.file, tt.args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := tt.name != "deny ports without all ports"; c.AllowAllPorts != want {
+				t.Fatalf("AllowAllPorts %v, want %v", c.AllowAllPorts, want)
+			}
+			var allow, deny []policy.PortRange
+			for _, r := range c.AllowPorts {
+				allow = append(allow, policy.PortRange{First: r[0], Last: r[1]})
+			}
+			for _, r := range c.DenyPorts {
+				deny = append(deny, policy.PortRange{First: r[0], Last: r[1]})
+			}
+			// What is accepted is effective: the policy grants the
+			// all-ports mapping the switch asks for.
+			st, err := policy.NewStatic(nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p, err := policy.New(policy.Config{AllowPorts: allow, DenyPorts: deny, AllowAllPorts: c.AllowAllPorts}, st)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := policy.AllPortsDenied
+			if c.AllowAllPorts {
+				want = policy.Allowed
+			}
+			if r := p.Rules(policy.Request{Target: netip.MustParseAddr("2001:db8::1"), Protocol: 6}); r != want {
+				t.Fatalf("all-ports mapping: %v, want %v", r, want)
 			}
 		})
 	}

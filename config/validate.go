@@ -293,6 +293,15 @@ func validate(vals map[string]*value) (*Config, Errors) {
 	c.AllowPorts, _ = parsePortList(vals["allow-ports"], fail)
 	c.DenyPorts, _ = parsePortList(vals["deny-ports"], fail)
 	c.AllowAllPorts = vals["allow-all-ports"].b
+	if av := vals["allow-all-ports"]; c.AllowAllPorts {
+		// An all-ports mapping opens every port: the policy grants none
+		// while the port rules keep one closed (UNSUPP_PROTOCOL, MAP-05),
+		// so the switch would be silently ineffective. Rules that close
+		// nothing (allow-ports = "1-65535") are fine.
+		if p, ok := closedPort(c.AllowPorts, c.DenyPorts); ok {
+			fail(av, "contradicts allow-ports/deny-ports, which keep port %d (and maybe more) closed: an all-ports mapping would open it too, so none would ever be granted; drop allow-all-ports or the port rules", p)
+		}
+	}
 
 	// Reserved external IPv4 ports.
 	if rv := vals["reserved-ports"]; rv.str != "" {
@@ -480,6 +489,31 @@ func reservedPorts(v *value, ranges [][2]uint16, low, high uint16, fail func(*va
 		}
 	}
 	return ports
+}
+
+// closedPort returns the lowest port (1-65535) that allow (all when
+// empty) minus deny keeps closed, if any.
+func closedPort(allow, deny [][2]uint16) (uint16, bool) {
+	var open [65536]bool
+	if len(allow) == 0 {
+		allow = [][2]uint16{{1, 65535}}
+	}
+	for _, r := range allow {
+		for p := int(r[0]); p <= int(r[1]); p++ {
+			open[p] = true
+		}
+	}
+	for _, r := range deny {
+		for p := int(r[0]); p <= int(r[1]); p++ {
+			open[p] = false
+		}
+	}
+	for p := 1; p <= 65535; p++ {
+		if !open[p] {
+			return uint16(p), true
+		}
+	}
+	return 0, false
 }
 
 func parsePortRange(s string) (lo, hi uint16, ok bool) {

@@ -132,7 +132,8 @@ type Config struct {
 	AllowPorts, DenyPorts []PortRange
 	// AllowAllPorts allows port 0 (all ports) mappings; default no
 	// (MAP-05). Ineffective when AllowPorts or DenyPorts exclude any port:
-	// such a mapping would open those too (all-ports-denied).
+	// such a mapping would open those too (all-ports-denied). pcpd's
+	// configuration refuses that combination at start (config).
 	AllowAllPorts     bool
 	AllowAllProtocols bool // allow protocol 0 (all protocols) mappings; default no (MAP-05)
 	ThirdParty        ThirdPartyMode
