@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // scrapeOnce opens a connection to addr, sends one keep-alive GET /metrics and
@@ -97,4 +99,34 @@ func TestMetricsServerBoundsConnections(t *testing.T) {
 			t.Fatal("no scrape answered after a held connection closed")
 		}
 	})
+}
+
+// A wildcard metrics address serves the unauthenticated endpoint on every
+// interface, the WAN included: pcpd serves it (some operators firewall it
+// themselves) but logs a warning naming the address; a specific address
+// (loopback, a management network's, localhost) gets none.
+func TestWildcardMetricsWarning(t *testing.T) {
+	for _, tt := range []struct {
+		addr string
+		warn bool
+	}{
+		{":9351", true},
+		{"0.0.0.0:9351", true},
+		{"[::]:9351", true},
+		{"[::ffff:0.0.0.0]:9351", true},
+		{"127.0.0.1:9351", false},
+		{"[::1]:9351", false},
+		{"localhost:9351", false},
+		{"192.0.2.1:9351", false},
+		{"[2001:db8::1]:9351", false},
+	} {
+		t.Run(tt.addr, func(t *testing.T) {
+			core, logs := observer.New(zap.InfoLevel)
+			warnWildcardMetrics(zap.New(core), tt.addr)
+			got := logs.FilterLevelExact(zap.WarnLevel).FilterField(zap.String("metrics", tt.addr)).Len()
+			if want := map[bool]int{true: 1, false: 0}[tt.warn]; got != want || logs.Len() != want {
+				t.Fatalf("%d warnings naming %s (%d entries: %v), want %d", got, tt.addr, logs.Len(), logs.All(), want)
+			}
+		})
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/netip"
 	"os"
 	"strings"
 	"sync"
@@ -237,6 +238,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		if err != nil {
 			return failure(fmt.Errorf("serve: metrics: %w", err))
 		}
+		warnWildcardMetrics(log, cfg.Metrics)
 		metrics = newMetricsServer(reg, os.Getenv("PCPD_DEBUG_PPROF") == "1")
 		go metrics.Serve(limitListener(ln, metricsMaxConns))
 		defer metrics.Close()
@@ -432,6 +434,22 @@ func (c *limitedConn) Close() error {
 	err := c.Conn.Close()
 	c.once.Do(c.release)
 	return err
+}
+
+// warnWildcardMetrics warns when the metrics address (config-validated
+// HOST:PORT) is a wildcard: ":9351", "0.0.0.0:9351", "[::]:9351" serve
+// the unauthenticated endpoint on every interface, the WAN included.
+// Not refused: some operators filter it with their own firewall.
+func warnWildcardMetrics(log *zap.Logger, addr string) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return
+	}
+	if a, perr := netip.ParseAddr(host); host != "" && (perr != nil || !a.Unmap().IsUnspecified()) {
+		return
+	}
+	log.Warn("metrics served on every interface, the WAN included, without authentication: give a loopback or management address, or firewall it",
+		zap.String("metrics", addr))
 }
 
 // newMetricsServer serves reg at /metrics and, with pprof, Go's profiles

@@ -214,29 +214,46 @@ func TestServeKernelReversePath(t *testing.T) {
 // limit, default 400/s burst 800, pcpd's own bucket for the unowned) and
 // its drops reach /metrics apart (review S4): 200 ANNOUNCEs back to back
 // from a source no client owns, under its per-source burst, are held to
-// the shared bucket's burst of 40.
+// the shared bucket's burst of 40. The default run also serves its
+// metrics on a wildcard address, which pcpd serves with a warning naming
+// it (warnWildcardMetrics); the loopback one gets none.
 func TestServeKernelUnownedRateLimit(t *testing.T) {
 	netlab.RequireRoot(t)
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	const metricsAddr = "127.0.0.1:9358"
 	for _, tt := range []struct {
-		name  string
-		args  []string
-		limit string
-		flood bool
+		name    string
+		args    []string
+		limit   string
+		flood   bool
+		metrics string
 	}{
-		{"default", nil, "limit rate over 400/second burst 800 packets", false},
-		{"20", []string{"--kernel-unowned-rate-limit", "20"}, "limit rate over 20/second burst 40 packets", true},
+		{"default", nil, "limit rate over 400/second burst 800 packets", false, "[::]:9358"},
+		{"20", []string{"--kernel-unowned-rate-limit", "20"}, "limit rate over 20/second burst 40 packets", true, metricsAddr},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()
 			args := append([]string{"serve", "--interface", topo.HostLANIf,
 				"--client", "home=" + topo.ClientPrefix6.String(),
 				"--state-dir", filepath.Join(dir, "state"), "--socket", filepath.Join(dir, "pcpd.sock"),
-				"--metrics", metricsAddr}, tt.args...)
+				"--metrics", tt.metrics}, tt.args...)
 			d := pcpdtest.Start(t, pcpdtest.Config{NS: topo.Host, Args: args,
 				Ready: pcpdtest.Announce(topo.Client, topo.ClientV6, netip.AddrPortFrom(topo.HostTunnelV6, pcp.Port))})
 			defer d.Stop()
+			// The warning comes before "serving" (the log is copied
+			// from pcpd's stderr by a goroutine: wait for that line).
+			if err := netlab.Eventually(5*time.Second, func() error {
+				if !strings.Contains(d.Log().String(), "\tserving\t") {
+					return fmt.Errorf("no serving line")
+				}
+				return nil
+			}); err != nil {
+				t.Fatalf("%v:\n%s", err, d.Log().Tail(20))
+			}
+			warned := strings.Contains(d.Log().String(), "metrics served on every interface")
+			if want := tt.metrics != metricsAddr; warned != want || want && !strings.Contains(d.Log().String(), tt.metrics) {
+				t.Errorf("--metrics %s: wildcard warning logged %v, want %v (naming the address):\n%s", tt.metrics, warned, want, d.Log().Tail(20))
+			}
 			if out := topo.Host.MustRun(t, "nft", "list", "chain", "inet", "pcpd", "unowned"); !strings.Contains(out, tt.limit) {
 				t.Fatalf("unowned chain, want %q:\n%s", tt.limit, out)
 			}
