@@ -285,8 +285,9 @@ type listener struct {
 	// under them are opened. Called from the run goroutine, under mu.
 	onRename func(knames []string)
 	// byName and byIndex are the kernel name ↔ index pairs served so far
-	// (resync; nil before the first pass). byIndex keeps only the pairs
-	// byName still has, so both are bounded by the names ever served.
+	// (resync; nil before the first pass) whose interface still exists
+	// (renames prunes the others). byIndex keeps only the pairs byName
+	// still has, so both are bounded by the interfaces there.
 	byName  map[string]int
 	byIndex map[int]string
 
@@ -611,6 +612,23 @@ func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 		}
 		l.byName[w.kname], l.byIndex[w.index] = w.index, w.kname
 	}
+	// The pairs of interfaces that no longer exist go (WireGuard bounces
+	// under new kernel names, an altname-configured interface re-created
+	// under another, renames): they told neither rule anything more (the
+	// second asks whether the old index still exists; the first matches
+	// only a present index, and a gone one given by the kernel to a new
+	// device is no rename), and kept, the maps grew with every name ever
+	// served. A pair served now is not looked up; one whose index still
+	// exists (renamed away, unserved) stays for the second rule, as does
+	// one whose lookup fails otherwise (a transient error).
+	for k, i := range l.byName {
+		if servedPair(want, k, i) {
+			continue
+		}
+		if _, err := h.LinkByIndex(i); errors.As(err, new(netlink.LinkNotFoundError)) {
+			delete(l.byName, k)
+		}
+	}
 	for i, k := range l.byIndex {
 		if l.byName[k] != i {
 			delete(l.byIndex, i)
@@ -623,6 +641,16 @@ func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 			l.onRename(changed)
 		}
 	}
+}
+
+// servedPair reports whether want serves kernel name kname on index.
+func servedPair(want map[netip.AddrPort]link, kname string, index int) bool {
+	for _, w := range want {
+		if w.kname == kname && w.index == index {
+			return true
+		}
+	}
+	return false
 }
 
 func (l *listener) open(ifc string, ap netip.AddrPort) (*net.UDPConn, error) {
