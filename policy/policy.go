@@ -90,8 +90,14 @@ type Request struct {
 	// Target is the address to open: the PCP Client IP (== Source after the
 	// engine's ADDRESS_MISMATCH check) or the THIRD_PARTY address.
 	Target     netip.Addr
-	ThirdParty bool  // Target came from a THIRD_PARTY option
-	Protocol   uint8 // IANA protocol number; 0 = all protocols
+	ThirdParty bool // Target came from a THIRD_PARTY option
+	// Delete marks a delete (a MAP or NAT-PMP request of lifetime 0):
+	// its THIRD_PARTY target need only be the requester's in Lookup, a
+	// prefix held by a gone interface in its grace included. It opens
+	// nothing, and ends only the requester's own owner's lease
+	// (TestE2EThirdPartyDeleteWhileHeld).
+	Delete   bool
+	Protocol uint8 // IANA protocol number; 0 = all protocols
 	// InternalPort is the port to open on Target; 0 = all ports.
 	InternalPort uint16
 	// ExternalPort is the external port the engine is about to assign, 0 if
@@ -294,8 +300,8 @@ func (p *Policy) Requester(src netip.Addr, iface string) (Owner, bool) {
 // THIRD_PARTY switch, ownership of the source (on its interface:
 // Requester), never-openable target, same owner (a THIRD_PARTY target
 // on any interface there, the arrival one or another, but not one held
-// only by a gone interface in its grace: WithGoneGrace), protocol,
-// ports. It does not allocate and takes no lock.
+// only by a gone interface in its grace, WithGoneGrace, unless r.Delete),
+// protocol, ports. It does not allocate and takes no lock.
 func (p *Policy) Authorize(r Request) (Owner, Reason) {
 	if r.ThirdParty && p.tp == ThirdPartyOff {
 		return Owner{}, ThirdPartyDenied
@@ -319,8 +325,9 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		// The common case, Target == Source, needs no second lookup. A
 		// THIRD_PARTY target must be the requester's on an interface
 		// that is there (ownsOnSome), not merely in the table: a gone
-		// interface's held prefixes count for no request.
-		if r.Target != src && (t.find(r.Target) != si || !t.ownsOnSome(r.Target, si, r.Iface)) {
+		// interface's held prefixes count for no request but a delete of
+		// the requester's own lease.
+		if r.Target != src && (t.find(r.Target) != si || !r.Delete && !t.ownsOnSome(r.Target, si, r.Iface)) {
 			p.fast.miss()
 			return o, NotOwned
 		}

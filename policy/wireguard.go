@@ -77,7 +77,8 @@ type deviceReader interface {
 // renewal. While held, the gone interface's last peers still own their
 // AllowedIPs for Lookup, Owners and Holes (sweeps, revocation, the
 // guard, holes across interfaces exactly as before it went), but for no
-// request (LookupOn, nor as a THIRD_PARTY target: Authorize): a request
+// request (LookupOn, nor as a THIRD_PARTY target: Authorize, but for a
+// delete of the requester's own lease, Request.Delete): a request
 // only counts on an interface that is there. If it comes back with other peers or AllowedIPs, what changed
 // is lost at once, as any change.
 type WireGuard struct {

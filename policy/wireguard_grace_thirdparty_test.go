@@ -18,7 +18,10 @@ import (
 // already (no owner there), and the same THIRD_PARTY request with wg0
 // present is allowed (the positive control: the same peer on several
 // interfaces is one owner). Authorize checks the target against the
-// interfaces there (table.ownsOnSome), not the whole table.
+// interfaces there (table.ownsOnSome), not the whole table. A delete
+// (Request.Delete) of the held target is allowed while held (it ends
+// peer 1's own lease, opening nothing: review rev3p), not after the
+// grace.
 func TestWireGuardGoneGraceThirdParty(t *testing.T) {
 	d := &devices{}
 	d.set("wg0", peer(1, "2001:db8:a::/48"))
@@ -36,16 +39,18 @@ func TestWireGuardGoneGraceThirdParty(t *testing.T) {
 	src, held := addr("2001:db8:1::5"), addr("2001:db8:a::5")
 	tp := Request{Source: src, Iface: "wg1", Target: held, ThirdParty: true, Protocol: 6, InternalPort: 443}
 	own := Request{Source: held, Iface: "wg1", Target: held, Protocol: 6, InternalPort: 443}
+	del := tp
+	del.Delete = true
 	for _, s := range []struct {
-		name    string
-		gone    bool
-		advance time.Duration
-		tp, own Reason
+		name         string
+		gone         bool
+		advance      time.Duration
+		tp, own, del Reason
 	}{
-		{"wg0 there", false, 0, Allowed, NoOwner},
-		{"wg0 gone, held", true, 0, NotOwned, NoOwner},
-		{"wg0 gone, still held", true, 30 * time.Second, NotOwned, NoOwner},
-		{"wg0 gone, grace over", true, 30 * time.Second, NotOwned, NoOwner},
+		{"wg0 there", false, 0, Allowed, NoOwner, Allowed},
+		{"wg0 gone, held", true, 0, NotOwned, NoOwner, Allowed},
+		{"wg0 gone, still held", true, 30 * time.Second, NotOwned, NoOwner, Allowed},
+		{"wg0 gone, grace over", true, 30 * time.Second, NotOwned, NoOwner, NotOwned},
 	} {
 		now = now.Add(s.advance)
 		if s.gone {
@@ -59,6 +64,9 @@ func TestWireGuardGoneGraceThirdParty(t *testing.T) {
 		}
 		if _, r := p.Authorize(tp); r != s.tp {
 			t.Errorf("%s: THIRD_PARTY %s from %s on wg1: %v, want %v", s.name, held, src, r, s.tp)
+		}
+		if _, r := p.Authorize(del); r != s.del {
+			t.Errorf("%s: THIRD_PARTY delete of %s from %s on wg1: %v, want %v", s.name, held, src, r, s.del)
 		}
 		if _, r := p.Authorize(own); r != s.own {
 			t.Errorf("%s: MAP from %s on wg1: %v, want %v", s.name, held, r, s.own)

@@ -95,10 +95,11 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface
 	}
 	// Server.authorize, without its error value (one allocation per
 	// refusal): the same policy call and the same leniency for deletes.
+	deleting := req.Opcode == pcp.OpMap && req.Lifetime == 0
 	owner, reason := s.pol.Authorize(policy.Request{
-		Source: src.Addr(), Iface: iface, Target: internal, ThirdParty: tp, Protocol: uint8(req.Map.Protocol), InternalPort: req.Map.InternalPort,
+		Source: src.Addr(), Iface: iface, Target: internal, ThirdParty: tp, Delete: deleting, Protocol: uint8(req.Map.Protocol), InternalPort: req.Map.InternalPort,
 	})
-	if req.Opcode == pcp.OpMap && req.Lifetime == 0 {
+	if deleting {
 		switch reason {
 		case policy.ProtocolDenied, policy.PortDenied, policy.AllPortsDenied, policy.AllProtocolsDenied:
 			reason = policy.Allowed

@@ -43,7 +43,7 @@ type ask struct {
 // such a delete finds nothing left to delete.
 func (s *Server) authorize(c *call, addr netip.Addr, tp bool, proto uint8, port uint16, deleting bool) (policy.Owner, error) {
 	owner, reason := s.pol.Authorize(policy.Request{
-		Source: c.src.Addr(), Iface: c.iface, Target: addr, ThirdParty: tp, Protocol: proto, InternalPort: port,
+		Source: c.src.Addr(), Iface: c.iface, Target: addr, ThirdParty: tp, Delete: deleting, Protocol: proto, InternalPort: port,
 	})
 	if deleting {
 		switch reason {
