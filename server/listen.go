@@ -285,11 +285,18 @@ type listener struct {
 	// under them are opened. Called from the run goroutine, under mu.
 	onRename func(knames []string)
 	// byName and byIndex are the kernel name ↔ index pairs served so far
-	// (resync; nil before the first pass) whose interface still exists
+	// (resync; nil before the first pass): those whose interface exists
+	// and the last maxGonePairs of those whose index was found gone
 	// (renames prunes the others). byIndex keeps only the pairs byName
-	// still has, so both are bounded by the interfaces there.
+	// still has, so both are bounded by the interfaces there plus
+	// maxGonePairs.
 	byName  map[string]int
 	byIndex map[int]string
+	// gone numbers byName's pairs whose index was not found, in the
+	// order first found gone (goneSeq counts), for renames to drop the
+	// oldest.
+	gone    map[string]uint64
+	goneSeq uint64
 
 	// pass is how often the interfaces are read whatever the
 	// notifications say (0: every 2 s; tests set it long, to see that a
@@ -612,22 +619,43 @@ func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 		}
 		l.byName[w.kname], l.byIndex[w.index] = w.index, w.kname
 	}
-	// The pairs of interfaces that no longer exist go (WireGuard bounces
-	// under new kernel names, an altname-configured interface re-created
-	// under another, renames): they told neither rule anything more (the
-	// second asks whether the old index still exists; the first matches
-	// only a present index, and a gone one given by the kernel to a new
-	// device is no rename), and kept, the maps grew with every name ever
-	// served. A pair served now is not looked up; one whose index still
-	// exists (renamed away, unserved) stays for the second rule, as does
-	// one whose lookup fails otherwise (a transient error).
+	// The pairs of interfaces that no longer exist here go, the oldest
+	// first, beyond maxGonePairs (WireGuard bounces under new kernel
+	// names, an altname-configured interface re-created under another,
+	// renames): kept, the maps grew with every name ever served. Not at
+	// once: an index gone from this namespace may come back with its
+	// device (ip link set DEV netns X, and back: the index is kept) under
+	// another served name, which the first rule reports
+	// (TestListenerRenamesAcrossNamespaces). A pair served now is not
+	// looked up; one whose index still exists (renamed away, unserved)
+	// stays for the second rule, as does one whose lookup fails
+	// otherwise (a transient error).
+	if l.gone == nil {
+		l.gone = map[string]uint64{}
+	}
 	for k, i := range l.byName {
 		if servedPair(want, k, i) {
+			delete(l.gone, k)
 			continue
 		}
 		if _, err := h.LinkByIndex(i); errors.As(err, new(netlink.LinkNotFoundError)) {
-			delete(l.byName, k)
+			if _, ok := l.gone[k]; !ok {
+				l.goneSeq++
+				l.gone[k] = l.goneSeq
+			}
+		} else {
+			delete(l.gone, k)
 		}
+	}
+	for len(l.gone) > maxGonePairs {
+		oldest, seq := "", uint64(0)
+		for k, n := range l.gone {
+			if oldest == "" || n < seq {
+				oldest, seq = k, n
+			}
+		}
+		delete(l.gone, oldest)
+		delete(l.byName, oldest)
 	}
 	for i, k := range l.byIndex {
 		if l.byName[k] != i {
@@ -642,6 +670,10 @@ func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 		}
 	}
 }
+
+// maxGonePairs bounds the name ↔ index pairs the listener keeps of
+// interfaces no longer in its namespace (listener.renames).
+const maxGonePairs = 16
 
 // servedPair reports whether want serves kernel name kname on index.
 func servedPair(want map[netip.AddrPort]link, kname string, index int) bool {
