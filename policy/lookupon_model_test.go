@@ -138,7 +138,8 @@ func TestLookupOnMatchesWireGuardSourceCheck(t *testing.T) {
 				// THIRD_PARTY for every other address: allowed exactly
 				// when the target is the requester's (Lookup) and its
 				// peer holds it, ownably, on some interface there (the
-				// arrival one or another; a gone one is none).
+				// arrival one or another; a gone one is none); a delete
+				// when it is the requester's in Lookup.
 				for _, ts := range addrs {
 					tg := netip.MustParseAddr(ts)
 					if tg == a {
@@ -148,6 +149,13 @@ func TestLookupOnMatchesWireGuardSourceCheck(t *testing.T) {
 					if to, ok := w.Lookup(tg); !ok || to.ID != want {
 						tw = false
 					}
+					// A delete needs only Lookup: a held prefix still
+					// counts (review rev3p).
+					_, reason := p.Authorize(Request{Source: a, Iface: ifc, Target: tg, ThirdParty: true, Delete: true, Protocol: 6, InternalPort: 443})
+					if (reason == Allowed) != tw {
+						t.Fatalf("round %d, config %s: THIRD_PARTY delete %s from %s on %q: %v, want allowed %v",
+							round, fmt.Sprint(cfg), tg, a, ifc, reason, tw)
+					}
 					on := false
 					for _, ifc2 := range ifaces[:nIf] {
 						if s, ownable := sender(tg, ifc2); s >= 0 && ownable && wgID(s) == want {
@@ -155,7 +163,7 @@ func TestLookupOnMatchesWireGuardSourceCheck(t *testing.T) {
 						}
 					}
 					tw = tw && on
-					_, reason := p.Authorize(Request{Source: a, Iface: ifc, Target: tg, ThirdParty: true, Protocol: 6, InternalPort: 443})
+					_, reason = p.Authorize(Request{Source: a, Iface: ifc, Target: tg, ThirdParty: true, Protocol: 6, InternalPort: 443})
 					if (reason == Allowed) != tw {
 						t.Fatalf("round %d, config %s: THIRD_PARTY %s from %s on %q: %v, want allowed %v",
 							round, fmt.Sprint(cfg), tg, a, ifc, reason, tw)
