@@ -266,6 +266,24 @@ func (b *Backend) layout() []chainRules {
 	// internal address and port leaves from its external address and
 	// port. Flows that came in through the DNAT are already translated
 	// and never reach a nat chain again.
+	//
+	// Only towards the WAN: a flow leaving through an interface pcpd
+	// serves (serving_ifs: another tunnel client, a host on a served
+	// LAN) keeps its source, so the peer sees the client's own address
+	// and answers it directly. Before, every new flow from the mapped
+	// port was translated whatever interface it left on: the peer saw
+	// the public address and its replies hairpinned through the host
+	// (review of the IPv4 data plane, 2026-12-04;
+	// TestNAPT4SNATOnlyTowardsWAN). One rule first, for both maps:
+	//
+	//	oifname @serving_ifs return
+	//
+	// (return in a base chain is its policy, accept: the host's own
+	// srcnat chains, a masquerade, still run). Like the guards' rule it
+	// keys on the interface, not an address: the WAN is every interface
+	// pcpd does not serve. In a fresh table before the listener's first
+	// SetServed, serving_ifs is empty and every such flow is translated,
+	// as before; a restart keeps what it held.
 	snat := func(key []expr.Any, s *nftables.Set) []expr.Any {
 		return rule(nfproto(unix.NFPROTO_IPV4), key, x(
 			&expr.Lookup{SourceRegister: reg0, DestRegister: reg0, IsDestRegSet: true, SetName: s.Name, SetID: s.ID},
@@ -273,6 +291,7 @@ func (b *Backend) layout() []chainRules {
 		))
 	}
 	postrouting := [][]expr.Any{
+		x(loadMeta(expr.MetaKeyOIFNAME, reg0), lookup(b.servingIfs, reg0), &expr.Verdict{Kind: expr.VerdictReturn}),
 		snat(x(loadNet(ip4SrcOff, 4, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+1), loadTh(thSrcOff, reg0+2)), b.snat[snat4]),
 		snat(x(loadNet(ip4SrcOff, 4, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+1), loadTh(thSrcOff, reg0+2),
 			loadNet(ip4DstOff, 4, reg0+3), loadTh(thDstOff, reg0+4)), b.snat[snat4Filter]),

@@ -1,0 +1,156 @@
+package pinhole_test
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"regexp"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// seenAt sends UDP datagrams from ns, bound to from, to a reflector in
+// the namespace rns on to, and returns the source address and port the
+// reflector saw (only receiving is checked).
+func seenAt(t *testing.T, ns *netlab.NS, from netip.AddrPort, rns *netlab.NS, to netip.AddrPort) (netip.AddrPort, error) {
+	t.Helper()
+	var refl *net.UDPConn
+	if err := rns.Do(func() (err error) {
+		refl, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(to))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer refl.Close()
+	var c *net.UDPConn
+	if err := ns.Do(func() (err error) {
+		c, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(from), net.UDPAddrFromAddrPort(to))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 64)
+	for range 3 {
+		c.Write([]byte("where am I from"))
+		refl.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		_, src, err := refl.ReadFromUDPAddrPort(buf)
+		if err == nil {
+			return netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), nil
+		}
+	}
+	return netip.AddrPort{}, errors.New("reflector saw nothing")
+}
+
+// TestNAPT4SNATOnlyTowardsWAN: the SNAT companion of an IPv4 NAPT mapping
+// (two-way NAPT, RFC 6886 §3.9) translates a new outbound flow from the
+// mapped internal address and port only when it leaves through an
+// interface pcpd does not serve (the WAN): the Internet sees the external
+// address and port, while a host behind another served interface (lan1:
+// another client, a served LAN) sees the client's own address and port,
+// unfiltered and filtered mappings alike, standalone and attached. Then
+// the upgrade: a table laid out by an older pcpd (postrouting without the
+// serving_ifs rule) translates the flow to lan1 too, Healthy reports the
+// chain as damaged, and Setup writes the rule back; the ruleset stays
+// listable throughout. Fails without the rule: lan1's host sees
+// 198.51.100.1 and the mapping's external port.
+func TestNAPT4SNATOnlyTowardsWAN(t *testing.T) {
+	for _, attached := range []bool{false, true} {
+		name, table, chain := "standalone", "pcpd", "postrouting"
+		if attached {
+			name, table, chain = "attached", "filter", "pcpd_postrouting"
+		}
+		t.Run(name, func(t *testing.T) {
+			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+			// A second served side: lan1 towards a host at 10.100.1.2
+			// (as another WireGuard peer, or a host on a served LAN).
+			peer := netlab.NewNS(t, "edgepeer")
+			if err := netlab.Veth(topo.Host, "lan1", peer, "eth0"); err != nil {
+				t.Fatal(err)
+			}
+			topo.Host.MustRun(t, "ip", "addr", "add", "10.100.1.1/24", "dev", "lan1")
+			peer.MustRun(t, "ip", "addr", "add", "10.100.1.2/24", "dev", "eth0")
+			peer.MustRun(t, "ip", "route", "add", "default", "via", "10.100.1.1")
+			peerAddr := netip.MustParseAddr("10.100.1.2")
+
+			cfg := pinhole.Config{}
+			if attached {
+				loadNft(t, topo.Host, adminRuleset) // its forward chain accepts what lan0 sends
+				cfg = pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"}
+			}
+			b := newBackend(t, topo.Host, cfg)
+			if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+				t.Fatal(err)
+			}
+			setServed(t, b, []string{topo.HostLANIf, "lan1"}, topo.HostTunnelV4, netip.MustParseAddr("10.100.1.1"))
+
+			in := netip.AddrPortFrom(topo.ClientV4, 5000)
+			pub := netip.AddrPortFrom(topo.HostPublicV4, 15000)
+			p := pinhole.Pinhole{Protocol: udp, InternalAddr: in.Addr(), InternalPort: in.Port(),
+				ExternalAddr: pub.Addr(), ExternalPort: pub.Port()}
+			inF := netip.AddrPortFrom(topo.ClientV4, 5001)
+			pubF := netip.AddrPortFrom(topo.HostPublicV4, 15001)
+			f := pinhole.Pinhole{Protocol: udp, InternalAddr: inF.Addr(), InternalPort: inF.Port(),
+				ExternalAddr: pubF.Addr(), ExternalPort: pubF.Port(),
+				// The filter admits both remotes: only the interface
+				// tells them apart.
+				RemotePrefix: netip.MustParsePrefix("0.0.0.0/0")}
+			apply(t, b, install(p, time.Minute), install(f, time.Minute))
+
+			// Each check a new flow: another reflector port each time
+			// (a flow keeps its conntrack binding until idle).
+			port := uint16(7100)
+			check := func(step string, lanSNAT bool) {
+				t.Helper()
+				for _, m := range []struct {
+					what    string
+					in, pub netip.AddrPort
+				}{{"unfiltered", in, pub}, {"filtered", inF, pubF}} {
+					port++
+					if got, err := seenAt(t, topo.Client, m.in, topo.Internet, netip.AddrPortFrom(topo.InternetV4, port)); err != nil || got != m.pub {
+						t.Fatalf("%s, %s %s → %s: the Internet (wan0) saw %v (%v), want %v", step, m.what, m.in, m.pub, got, err, m.pub)
+					}
+					port++
+					want := m.in
+					if lanSNAT {
+						want = m.pub
+					}
+					if got, err := seenAt(t, topo.Client, m.in, peer, netip.AddrPortFrom(peerAddr, port)); err != nil || got != want {
+						t.Fatalf("%s, %s %s → %s: the host behind served lan1 saw %v (%v), want %v\n%s", step, m.what, m.in, m.pub, got, err, want,
+							nftList(t, topo.Host, "chain", "inet", table, chain))
+					}
+				}
+			}
+			check("fresh layout", false)
+			nftList(t, topo.Host, "ruleset") // listable
+
+			// An older pcpd's postrouting: this one without the rule.
+			out := topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", table, chain)
+			m := regexp.MustCompile(`oifname @\S*serving_ifs return # handle (\d+)`).FindStringSubmatch(out)
+			if m == nil {
+				t.Fatalf("no serving_ifs rule in %s:\n%s", chain, out)
+			}
+			topo.Host.MustRun(t, "nft", "delete", "rule", "inet", table, chain, "handle", m[1])
+			check("older layout", true)
+			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+				t.Fatalf("Healthy = %v over postrouting without the serving_ifs rule, want ErrUnhealthy", err)
+			}
+			if err := b.Setup(); err != nil {
+				t.Fatalf("Setup: %v", err)
+			}
+			if err := b.Healthy(); err != nil {
+				t.Fatalf("Healthy after Setup: %v", err)
+			}
+			check("after Setup", false)
+			nftList(t, topo.Host, "ruleset")
+			if attached {
+				if err := b.Teardown(); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
+	}
+}
