@@ -4,8 +4,11 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // HostSet knows the addresses at which a packet reaches the host itself,
@@ -14,6 +17,13 @@ import (
 // Config.HostAddrs: lookups are one atomic load and a map read; the set is
 // re-read by Refresh (Run: every few seconds). The zero value is an empty
 // set, ready to use.
+//
+// Until a read succeeds, the set is empty and Read is false: a failed
+// first read must not let a client open the host (Config.HostAddrsRead,
+// Authorize refuses with HostUnread meanwhile). A later failure keeps the
+// last good set. Log, if set before the first Refresh, is told of a
+// failure while unread (once) and of the first read after it.
+// TestAuthorizeRefusedUntilHostRead, server TestMapRefusedUntilHostRead.
 //
 // The host is reached not only at its unicast addresses but also at the
 // broadcast addresses of its IPv4 subnets: a NAPT mapping DNAT-ed to
@@ -24,6 +34,13 @@ import (
 // prefix (hostReached).
 type HostSet struct {
 	set atomic.Pointer[map[netip.Addr]struct{}]
+	Log *zap.Logger
+	// Addrs lists the host's addresses; nil: net.InterfaceAddrs. Set
+	// before the first Refresh (tests inject failures).
+	Addrs func() ([]net.Addr, error)
+
+	mu     sync.Mutex // serialises Refresh's logging
+	warned bool
 }
 
 // HostSetRefresh is how often Run re-reads the host's addresses.
@@ -32,8 +49,18 @@ const HostSetRefresh = 5 * time.Second
 // Refresh re-reads the host's addresses: those of the network namespace of
 // the calling thread. On error the last good set is kept.
 func (h *HostSet) Refresh() error {
-	addrs, err := net.InterfaceAddrs()
+	read := h.Addrs
+	if read == nil {
+		read = net.InterfaceAddrs
+	}
+	addrs, err := read()
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	if err != nil {
+		if !h.Read() && !h.warned && h.Log != nil {
+			h.Log.Warn("cannot read the host's addresses; MAP and PEER requests are refused (NO_RESOURCES) until a read succeeds", zap.Error(err))
+		}
+		h.warned = true
 		return err
 	}
 	ps := make([]netip.Prefix, 0, len(addrs))
@@ -43,9 +70,16 @@ func (h *HostSet) Refresh() error {
 		}
 	}
 	m := hostReached(ps)
+	if !h.Read() && h.warned && h.Log != nil {
+		h.Log.Info("read the host's addresses; MAP and PEER requests are served again")
+	}
 	h.set.Store(&m)
 	return nil
 }
+
+// Read reports whether a read of the host's addresses has succeeded
+// (Config.HostAddrsRead). Safe for concurrent use.
+func (h *HostSet) Read() bool { return h.set.Load() != nil }
 
 // Contains reports whether a reaches the host. Safe for concurrent use.
 func (h *HostSet) Contains(a netip.Addr) bool {

@@ -1,8 +1,13 @@
 package policy
 
 import (
+	"errors"
+	"net"
 	"net/netip"
 	"testing"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // TestHostReached: the host is reached at its addresses, at the broadcast
@@ -56,5 +61,87 @@ func TestHostReached(t *testing.T) {
 	}
 	if (&HostSet{}).Contains(netip.MustParseAddr("10.100.0.1")) {
 		t.Error("the zero HostSet holds an address")
+	}
+}
+
+// TestAuthorizeRefusedUntilHostRead: while the first read of the host's
+// addresses fails, the host-address set is empty, so Authorize refuses
+// every request it would otherwise allow with HostUnread (NO_RESOURCES in
+// the engine), the host's own address and its subnet's broadcast among
+// them, and leaves other refusals as they are; Rules (restored leases)
+// does not. The failure is logged once. Once a read succeeds, the
+// host's addresses are refused as never openable and the rest allowed;
+// a later failed read keeps that last good set. Without the check
+// (readHost returning its reason) the first step grants the MAP to the
+// host's 10.0.1.1 and to 10.0.1.255: before, a failed first read failed
+// open until a later read succeeded.
+func TestAuthorizeRefusedUntilHostRead(t *testing.T) {
+	st, err := NewStatic(testClients())
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zap.InfoLevel)
+	fail := true
+	h := &HostSet{Log: zap.New(core), Addrs: func() ([]net.Addr, error) {
+		if fail {
+			return nil, errors.New("netlink: injected failure")
+		}
+		return []net.Addr{&net.IPNet{IP: net.ParseIP("10.0.1.1").To4(), Mask: net.CIDRMask(24, 32)},
+			&net.IPNet{IP: net.ParseIP("2001:db8:a::1"), Mask: net.CIDRMask(64, 128)}}, nil
+	}}
+	for _, own := range []struct {
+		name string
+		o    Ownership
+	}{{"fast", st}, {"generic", opaque{st}}} {
+		p, err := New(Config{HostAddrs: h.Contains, HostAddrsRead: h.Read, DenyPorts: []PortRange{{22, 22}}}, own.o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req := func(dst string, port uint16) Request {
+			return Request{Source: addr("10.0.1.5"), Target: addr(dst), ThirdParty: dst != "10.0.1.5", Protocol: 6, InternalPort: port}
+		}
+		for _, step := range []struct {
+			name                 string
+			fail                 bool
+			own, host, bcast, pd Reason
+		}{
+			{"first read fails", true, HostUnread, HostUnread, HostUnread, PortDenied},
+			{"first read fails again", true, HostUnread, HostUnread, HostUnread, PortDenied},
+			{"a read succeeds", false, Allowed, NeverOpenable, NeverOpenable, PortDenied},
+			{"a later read fails", true, Allowed, NeverOpenable, NeverOpenable, PortDenied},
+		} {
+			t.Run(own.name+"/"+step.name, func(t *testing.T) {
+				fail = step.fail
+				if err := h.Refresh(); (err != nil) != step.fail {
+					t.Fatalf("Refresh = %v", err)
+				}
+				for _, c := range []struct {
+					what string
+					r    Request
+					want Reason
+				}{
+					{"own address", req("10.0.1.5", 443), step.own},
+					{"the host's address", req("10.0.1.1", 443), step.host},
+					{"the host's subnet broadcast", req("10.0.1.255", 443), step.bcast},
+					{"a denied port", req("10.0.1.5", 22), step.pd},
+				} {
+					if _, r := p.Authorize(c.r); r != c.want {
+						t.Errorf("Authorize(%s) = %v, want %v", c.what, r, c.want)
+					}
+				}
+				if r := p.Rules(req("10.0.1.5", 443)); r != Allowed {
+					t.Errorf("Rules(own address) = %v, want allowed (restored leases are kept)", r)
+				}
+			})
+		}
+		// The next ownership starts unread again.
+		h.set.Store(nil)
+		h.warned = false
+	}
+	if n := logs.FilterMessageSnippet("cannot read the host's addresses").Len(); n != 2 {
+		t.Errorf("%d warnings for failed first reads, want 1 per HostSet life (2)", n)
+	}
+	if n := logs.FilterMessageSnippet("requests are served again").Len(); n != 2 {
+		t.Errorf("%d notices of the first good read, want 2", n)
 	}
 }

@@ -23,6 +23,7 @@ const (
 	AllProtocolsDenied               // protocol 0 (all protocols) not allowed (UNSUPP_PROTOCOL, MAP-05)
 	ClientQuota                      // per-client lease limit reached (USER_EX_QUOTA, MAP-15)
 	GlobalQuota                      // global lease limit reached (NO_RESOURCES, MAP-15)
+	HostUnread                       // the host's addresses not read yet (NO_RESOURCES): Config.HostAddrsRead
 	numReasons
 )
 
@@ -38,6 +39,7 @@ var reasonNames = [numReasons]string{
 	AllProtocolsDenied: "all-protocols-denied",
 	ClientQuota:        "client-quota",
 	GlobalQuota:        "global-quota",
+	HostUnread:         "host-addresses-unread",
 }
 
 func (r Reason) String() string {
@@ -150,6 +152,13 @@ type Config struct {
 	// addresses are never openable. Called on every request: it must be
 	// fast and safe for concurrent use. Nil: no host addresses.
 	HostAddrs func(netip.Addr) bool
+	// HostAddrsRead reports whether HostAddrs knows the host's addresses
+	// (HostSet.Read: a read has succeeded). Until it does, an empty set
+	// would let a client open the host itself, so Authorize refuses what
+	// it would otherwise allow with HostUnread (NO_RESOURCES, a short
+	// error: the client retries). Called on every request allowed so far:
+	// fast and safe for concurrent use. Nil: always read.
+	HostAddrsRead func() bool
 }
 
 // Policy applies Config over an Ownership. It is immutable and safe for
@@ -169,6 +178,7 @@ type Policy struct {
 	tp        ThirdPartyMode
 	denyDoc   bool
 	host      func(netip.Addr) bool
+	hostRead  func() bool
 }
 
 // tableSource is implemented by this package's ownerships so that Authorize
@@ -194,6 +204,7 @@ func New(cfg Config, own Ownership) (*Policy, error) {
 		tp:        cfg.ThirdParty,
 		denyDoc:   cfg.DenyDocumentation,
 		host:      cfg.HostAddrs,
+		hostRead:  cfg.HostAddrsRead,
 	}
 	if ts, ok := own.(tableSource); ok {
 		p.fast = ts
@@ -301,7 +312,10 @@ func (p *Policy) Requester(src netip.Addr, iface string) (Owner, bool) {
 // Requester), never-openable target, same owner (a THIRD_PARTY target
 // on any interface there, the arrival one or another, but not one held
 // only by a gone interface in its grace, WithGoneGrace, unless r.Delete),
-// protocol, ports. It does not allocate and takes no lock.
+// protocol, ports; last, a request all of these allow is refused
+// (HostUnread) while the host's addresses have not been read
+// (Config.HostAddrsRead): the never-openable check could not see the
+// host's own. It does not allocate and takes no lock.
 func (p *Policy) Authorize(r Request) (Owner, Reason) {
 	if r.ThirdParty && p.tp == ThirdPartyOff {
 		return Owner{}, ThirdPartyDenied
@@ -346,14 +360,30 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 			return o, NotOwned
 		}
 	}
-	return o, p.rules(&r)
+	return o, p.readHost(p.rules(&r))
+}
+
+// readHost is r, or HostUnread when r allows and the host's addresses
+// have not been read yet: a first read that failed left HostAddrs empty,
+// and a MAP to the host's own address, or its subnet's broadcast, would
+// have been granted until a later read succeeded (fail closed).
+func (p *Policy) readHost(r Reason) Reason {
+	if r == Allowed && p.hostRead != nil && !p.hostRead() {
+		return HostUnread
+	}
+	return r
 }
 
 // Rules judges r as Authorize does once ownership is settled: the
 // THIRD_PARTY switch, a never-openable target, protocol and ports, in
 // Authorize's order, and neither r.Source nor r.Iface. It is for what
 // outlives a request, whose arrival interface is not known (a restored
-// lease): its ownership is the ownership sweep's (Lookup).
+// lease): its ownership is the ownership sweep's (Lookup). It never
+// answers HostUnread: a restored lease was checked against the host's
+// addresses when granted, and revoking every restored lease because the
+// host's addresses could not be read at start would be worse than
+// keeping them (a host address is then checked from its next read on,
+// at renewal).
 func (p *Policy) Rules(r Request) Reason {
 	if r.ThirdParty && p.tp == ThirdPartyOff {
 		return ThirdPartyDenied

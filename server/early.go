@@ -101,7 +101,7 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface
 	})
 	if deleting {
 		switch reason {
-		case policy.ProtocolDenied, policy.PortDenied, policy.AllPortsDenied, policy.AllProtocolsDenied:
+		case policy.ProtocolDenied, policy.PortDenied, policy.AllPortsDenied, policy.AllProtocolsDenied, policy.HostUnread:
 			reason = policy.Allowed
 		}
 	}

@@ -34,6 +34,8 @@ func TestResultCode(t *testing.T) {
 		{&policyError{policy.AllProtocolsDenied}, pcp.UnsuppProtocol},
 		{&policyError{policy.ClientQuota}, pcp.UserExQuota},
 		{&policyError{policy.GlobalQuota}, pcp.NoResources},
+		{&policyError{policy.HostUnread}, pcp.NoResources},
+		{errHostPortsUnread, pcp.NoResources},
 		{fmt.Errorf("x: %w", errDisabled), pcp.NotAuthorized},
 		{errNoExternalIPv4, pcp.NotAuthorized},
 		{errNonce, pcp.NotAuthorized},

@@ -464,6 +464,7 @@ var (
 	errPeerOnly         = errors.New("only PEER mappings exist; MAP cannot delete them")
 	errCannotProvide    = errors.New("suggested external address or port not available")
 	errNoPorts          = errors.New("no external port free")
+	errHostPortsUnread  = errors.New("the host's sockets not listed yet")
 	errTooManyFilters   = errors.New("too many filters for one mapping")
 	errUnsuppProtocol   = errors.New("protocol not supported")
 	errInternalPortZero = errors.New("internal port 0 with a lifetime")
@@ -492,7 +493,7 @@ func resultCode(err error) pcp.ResultCode {
 			return pcp.UnsuppProtocol
 		case policy.ClientQuota:
 			return pcp.UserExQuota
-		case policy.GlobalQuota:
+		case policy.GlobalQuota, policy.HostUnread:
 			return pcp.NoResources
 		}
 		return pcp.NotAuthorized // NoOwner, NotOwned, NeverOpenable, PortDenied
@@ -510,7 +511,7 @@ func resultCode(err error) pcp.ResultCode {
 	case errors.Is(err, errInternalPortZero):
 		return pcp.NotAuthorized
 	}
-	return pcp.NoResources // errNoPorts and anything unforeseen: the catch-all
+	return pcp.NoResources // errNoPorts, errHostPortsUnread and anything unforeseen: the catch-all
 }
 
 // pmpResult maps a PCP result code to NAT-PMP's (RFC 6886 §3.5).

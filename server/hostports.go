@@ -30,6 +30,13 @@ const tcpListen = 10
 // listen port of every WireGuard interface among Config.Interfaces, and
 // every port with a listening TCP or a bound UDP socket on the host, any
 // address, either family (an IPv6 wildcard socket takes IPv4 too).
+//
+// It fails closed: until a scan succeeds, no port is known free (ready is
+// false, reserved says every port is taken) and new IPv4 mappings are
+// refused with NO_RESOURCES (errHostPortsUnread; Server.external). Before,
+// a failed first scan left the sets empty and a client could map a host
+// service's port until a scan succeeded. A failed scan after a good one
+// keeps the last good ports reserved (store).
 type hostPorts struct {
 	s *Server
 
@@ -41,9 +48,10 @@ type hostPorts struct {
 
 	mu     sync.Mutex
 	at     time.Time // of the last scan; zero: none yet
-	tcp    *portSet
+	tcp    *portSet  // nil until a scan succeeds
 	udp    *portSet
-	warned bool
+	warned bool // a failed scan was logged
+
 	// background: housekeep rescans every hostPortsTTL while reserved is
 	// asked (lastUse within hostPortsIdle), so allocations, in the engine
 	// under s.mu, do not wait for the dump: 2.6-3 ms even on a host with a
@@ -95,13 +103,38 @@ func (h *hostPorts) configReserved(port uint16) bool {
 	return !h.s.cfg.IPv4Ports.contains(port) || h.staticSet().has(port)
 }
 
-// reserved reports whether the host uses port for protocol proto.
+// ready reports whether a scan of the host's ports has succeeded, scanning
+// first as reserved does when none is fresh (after a failure, at most once
+// every hostPortsTTL). Until it has, reserved holds every port taken.
+func (h *hostPorts) ready() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.fresh()
+	return h.tcp != nil
+}
+
+// reserved reports whether the host uses port for protocol proto: every
+// port while no scan has succeeded.
 func (h *hostPorts) reserved(proto uint8, port uint16) bool {
 	if h.staticSet().has(port) {
 		return true
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	h.fresh()
+	if h.tcp == nil {
+		return true // fail closed: nothing known free
+	}
+	if proto == protoTCP {
+		return h.tcp.has(port)
+	}
+	return h.udp.has(port)
+}
+
+// fresh rescans unless the sets are fresh enough (h.mu held), and marks
+// the sets as in use (the background refresher keeps them fresh while
+// they are).
+func (h *hostPorts) fresh() {
 	now := time.Now()
 	h.lastUse = now
 	// Inline only when the background refresher does not keep the sets
@@ -115,10 +148,6 @@ func (h *hostPorts) reserved(proto uint8, port uint16) bool {
 	if h.at.IsZero() || now.Sub(h.at) > ttl {
 		h.scan()
 	}
-	if proto == protoTCP {
-		return h.tcp.has(port)
-	}
-	return h.udp.has(port)
 }
 
 // refresh rescans if reserved was asked within hostPortsIdle: the
@@ -139,31 +168,45 @@ func (h *hostPorts) refresh() {
 }
 
 // scan refreshes the sets (h.mu held). On failure the previous ones are
-// kept (and logged once): a scan that fails must not open the host's ports.
+// kept (and logged once), or, before any scan succeeded, none are
+// installed: a scan that fails must not open the host's ports.
 func (h *hostPorts) scan() {
 	tcp, udp, err := h.dump()
 	h.store(tcp, udp, err)
 }
 
 // store installs a dump's sets (h.mu held); after a failed dump the
-// previous ports stay reserved too.
+// previous ports stay reserved too, and before any dump succeeded the
+// sets stay nil (ready false): a partial dump is not the host's ports.
 func (h *hostPorts) store(tcp, udp *portSet, err error) {
 	h.at = time.Now()
 	if err != nil {
 		if !h.warned {
-			h.s.log.Warn("cannot list the host's sockets; keeping the last known ports reserved", zap.Error(err))
+			if h.tcp == nil {
+				h.s.log.Warn("cannot list the host's sockets; new IPv4 mappings are refused (NO_RESOURCES) until a scan succeeds", zap.Error(err))
+			} else {
+				h.s.log.Warn("cannot list the host's sockets; keeping the last known ports reserved", zap.Error(err))
+			}
 			h.warned = true
 		}
-		if h.tcp != nil {
-			tcp.union(h.tcp)
-			udp.union(h.udp)
+		if h.tcp == nil {
+			return
 		}
+		tcp.union(h.tcp)
+		udp.union(h.udp)
+	} else if h.tcp == nil && h.warned {
+		h.s.log.Info("listed the host's sockets; new IPv4 mappings are served again")
 	}
 	h.tcp, h.udp = tcp, udp
 }
 
-// kernelName resolves a configured interface name (tests replace it).
-var kernelName = ifname.Kernel
+// kernelName resolves a configured interface name, and socketDiagTCP and
+// socketDiagUDP dump the host's sockets (tests replace them).
+var (
+	kernelName    = ifname.Kernel
+	socketDiagTCP = netlink.SocketDiagTCP
+	socketDiagUDP = netlink.SocketDiagUDP
+)
 
 // dump lists the host's listening TCP and bound UDP ports, and the listen
 // ports of the served WireGuard interfaces.
@@ -172,7 +215,7 @@ func (h *hostPorts) dump() (tcp, udp *portSet, err error) {
 	err = inNS(h.s.cfg.NetNS, func() error {
 		var errs []error
 		for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
-			ts, err := netlink.SocketDiagTCP(fam)
+			ts, err := socketDiagTCP(fam)
 			if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
 				errs = append(errs, err)
 			}
@@ -181,7 +224,7 @@ func (h *hostPorts) dump() (tcp, udp *portSet, err error) {
 					tcp.add(s.ID.SourcePort)
 				}
 			}
-			us, err := netlink.SocketDiagUDP(fam)
+			us, err := socketDiagUDP(fam)
 			if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
 				errs = append(errs, err)
 			}

@@ -36,7 +36,9 @@ type ask struct {
 
 // authorize runs the policy for a request to open addr and maps the
 // outcome. For deletes only ownership matters: a delete of what the port
-// and protocol rules now refuse answers SUCCESS (MAP-18), not an error.
+// and protocol rules now refuse answers SUCCESS (MAP-18), not an error;
+// so does one while the host's addresses are unread (HostUnread: a
+// delete opens nothing).
 // Rules change only with a restart, and Start revokes the restored leases
 // they refuse (restore_policy.go: an operator adding a port to
 // --deny-ports expects it closed, not open until the lease expires), so
@@ -47,7 +49,7 @@ func (s *Server) authorize(c *call, addr netip.Addr, tp bool, proto uint8, port 
 	})
 	if deleting {
 		switch reason {
-		case policy.ProtocolDenied, policy.PortDenied, policy.AllPortsDenied, policy.AllProtocolsDenied:
+		case policy.ProtocolDenied, policy.PortDenied, policy.AllPortsDenied, policy.AllProtocolsDenied, policy.HostUnread:
 			reason = policy.Allowed
 		}
 	}
@@ -308,6 +310,11 @@ func (s *Server) external(c *call, a *ask) (netip.AddrPort, time.Duration, error
 	if k.InternalAddr.Is4() {
 		extAddr = s.cfg.ExternalIPv4
 		first, last = s.cfg.IPv4Ports.First, s.cfg.IPv4Ports.Last
+		// Fail closed: until a scan of the host's sockets succeeds no
+		// port is known free of a host service (hostPorts.ready).
+		if !s.hostPorts.ready() {
+			return netip.AddrPort{}, 0, errHostPortsUnread
+		}
 	}
 	suggOK := !specified(a.suggAddr) || a.suggAddr == extAddr
 	if a.kind == store.KindPeer && k.InternalAddr.Is6() {

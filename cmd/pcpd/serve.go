@@ -150,8 +150,11 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	}
 	// The host's own addresses, its IPv4 subnets' broadcast addresses and
 	// its IPv6 subnet-router anycast addresses: never openable.
-	host := new(policy.HostSet)
-	host.Refresh() // on error: empty until Run's next refresh succeeds
+	// Until a read succeeds (Run retries every policy.HostSetRefresh)
+	// MAPs and PEERs are refused with NO_RESOURCES (HostAddrsRead): an
+	// empty set would let a client open the host itself.
+	host := &policy.HostSet{Log: log.Named("policy")}
+	host.Refresh() // on error: logged, and refusing until a read succeeds
 	bg = append(bg, host.Run)
 	tp := policy.ThirdPartyOwned
 	if cfg.ThirdParty == config.ThirdPartyOff {
@@ -164,6 +167,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		MaxLeases:          cfg.MaxLeases,
 		ThirdParty:         tp,
 		HostAddrs:          host.Contains,
+		HostAddrsRead:      host.Read,
 		AllowPorts:         portRanges(cfg.AllowPorts),
 		DenyPorts:          portRanges(cfg.DenyPorts),
 		AllowAllPorts:      cfg.AllowAllPorts,
