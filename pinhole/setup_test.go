@@ -320,7 +320,7 @@ table ip legacy {
 }
 
 // loadNft loads a ruleset fragment with nft -f (test scaffolding only).
-func loadNft(t *testing.T, ns *netlab.NS, ruleset string) {
+func loadNft(t testing.TB, ns *netlab.NS, ruleset string) {
 	t.Helper()
 	out, err := ns.Run("sh", "-c", "nft -f - <<'EOF'\n"+ruleset+"EOF\n")
 	if err != nil {
