@@ -403,9 +403,10 @@ func servedSets(table *nftables.Table) (six, four *nftables.Set) {
 
 // servingIfsSet builds the set of the interfaces pcpd serves on,
 // loopback always among them: standalone, the control chains match it
-// (above) and the guards (layout: a new flow from a protected source must
-// come in on one); attached, the guards only (named prefix+"serving_ifs",
-// as the attached mode's other sets).
+// (above), and in every mode the guards (layout: a new flow from a
+// protected source must come in on one) and postrouting (a flow leaving
+// through one is not SNAT-ed); attached named prefix+"serving_ifs", as
+// the attached mode's other sets.
 func servingIfsSet(table *nftables.Table, prefix string) *nftables.Set {
 	return &nftables.Set{Table: table, Name: prefix + "serving_ifs", KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian,
 		Comment: "pcpd: interfaces pcpd serves on, and lo"}
@@ -417,7 +418,9 @@ func servingIfsSet(table *nftables.Table, prefix string) *nftables.Set {
 // those addresses that arrive on those interfaces or loopback, and only
 // those, are metered and kept out of conntrack (see the top of this
 // file). The interfaces are also the only ones a new flow from a
-// protected source may come in on (the guards, layout). The server calls
+// protected source may come in on (the guards, layout), and the ones a
+// flow from a mapped IPv4 port leaves through untranslated (postrouting:
+// the SNAT companions apply towards the WAN only). The server calls
 // it whenever the serving addresses change; Setup re-applies the last
 // given. Attached, there are no served address sets (it records the
 // addresses) but serving_ifs is written all the same, for the guards.
