@@ -8,7 +8,8 @@ import (
 // batch is one caller's change, encoded (and so validated) before any
 // record is written: a lease the format can not hold fails only its own
 // caller, never the record it would have shared. buf holds the change as
-// log entries (wal.go), deletes first, then puts, in the caller's order.
+// log entries (wal.go), deletes first, then puts, in the caller's order,
+// then the quarantine changes the same way.
 type batch struct {
 	buf []byte
 }
@@ -31,7 +32,7 @@ func putBatch(b *batch) {
 	batchPool.Put(b)
 }
 
-func (b *batch) encode(put []Lease, del []Key) error {
+func (b *batch) encode(put []Lease, del []Key, q *QuarChange) error {
 	for i := range put {
 		if err := put[i].validate(); err != nil {
 			return err
@@ -42,12 +43,32 @@ func (b *batch) encode(put []Lease, del []Key) error {
 			return err
 		}
 	}
+	if q != nil {
+		for i := range q.Put {
+			if err := q.Put[i].validate(); err != nil {
+				return err
+			}
+		}
+		for i := range q.Del {
+			if err := validateEndpoint(&q.Del[i]); err != nil {
+				return err
+			}
+		}
+	}
 	buf := b.buf[:0]
 	for i := range del {
 		buf = appendDelEntry(buf, &del[i])
 	}
 	for i := range put {
 		buf = appendPutEntry(buf, &put[i])
+	}
+	if q != nil {
+		for i := range q.Del {
+			buf = appendQuarDelEntry(buf, &q.Del[i])
+		}
+		for i := range q.Put {
+			buf = appendQuarPutEntry(buf, &q.Put[i])
+		}
 	}
 	b.buf = buf
 	return nil
@@ -99,8 +120,14 @@ func (c *Committer) Stats() CommitterStats {
 // nothing of any change in that record was applied). Changes of one group
 // are applied in arrival order.
 func (c *Committer) Commit(put []Lease, del []Key) error {
+	return c.CommitQuar(put, del, nil)
+}
+
+// CommitQuar is Commit with MAP-22 quarantine changes in the same record
+// (Store.CommitQuar).
+func (c *Committer) CommitQuar(put []Lease, del []Key, q *QuarChange) error {
 	b := getBatch()
-	if err := b.encode(put, del); err != nil {
+	if err := b.encode(put, del, q); err != nil {
 		putBatch(b)
 		return err
 	}

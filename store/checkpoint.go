@@ -629,11 +629,19 @@ func foldTx(tx *bolt.Tx, recs []logRecord, walgen uint64, setGen, clearEpoch boo
 		n += countEntries(r.entries)
 	}
 	ents := make([]kvChange, 0, n)
+	var quar []kvChange // MAP-22 quarantines (quarantine.go), in log order
 	for _, r := range recs {
 		_ = walkEntries(r.entries, func(op byte, key, val []byte) error {
+			if op == entryQDel || op == entryQPut {
+				quar = append(quar, kvChange{key: key, val: val})
+				return nil
+			}
 			ents = append(ents, kvChange{key: key, val: val, seq: len(ents)})
 			return nil
 		})
+	}
+	if err := foldQuarantines(tx, meta, quar); err != nil {
+		return err
 	}
 	// Log order breaks ties, so the last change of a key sorts last. (A
 	// stable merge sort took several times as long as this at 100 000

@@ -82,6 +82,11 @@ type State struct {
 	// Leases as stored, expired ones included: the engine drops those (it
 	// also has to remove them from the kernel, so it must see them).
 	Leases []Lease
+	// Quarantines are the MAP-22 quarantines of freed IPv4 external ports
+	// (quarantine.go), ended ones included: the engine drops those
+	// (CommitQuar), as it drops expired leases. Collected even WithStream:
+	// there are at most two per external port.
+	Quarantines []Quarantine
 	// EpochOrigin is the wall time at which the PCP epoch was 0 (EPO-04).
 	// Zero when Fresh.
 	EpochOrigin time.Time

@@ -97,6 +97,7 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 // loaded is what a readable state file holds.
 type loaded struct {
 	leases []Lease
+	quar   []Quarantine
 	epoch  time.Time // zero: absent (reset pending)
 	seen   time.Time
 	meta   string // non-empty: a meta page was damaged (see damagedMeta)
@@ -177,7 +178,7 @@ func (s *Store) load() (State, error) {
 // record and a clock that has not gone backwards since the last run.
 func (s *Store) judge(ld loaded) (State, error) {
 	now := s.opt.now()
-	st := State{Leases: ld.leases, EpochOrigin: ld.epoch}
+	st := State{Leases: ld.leases, Quarantines: ld.quar, EpochOrigin: ld.epoch}
 	switch {
 	case ld.meta != "":
 		st.Recovered = "state file damaged (" + ld.meta + "): the last transaction may be lost; kept the older consistent state"
@@ -242,7 +243,7 @@ func (s *Store) recover(cause error) (State, error) {
 			s.sel.nextGen = max(s.sel.nextGen, ld.walgen)
 			what = append(what, fmt.Sprintf("restored %d leases from backup %s written %s; epoch reset because later changes may be lost",
 				len(ld.leases), BackupName, fi.ModTime().UTC().Format(time.RFC3339)))
-			return State{Leases: ld.leases, Fresh: true, Recovered: strings.Join(what, "; ")}, nil
+			return State{Leases: ld.leases, Quarantines: ld.quar, Fresh: true, Recovered: strings.Join(what, "; ")}, nil
 		}
 		aside := bak + ".corrupt-" + stamp
 		if err := os.Rename(bak, aside); err != nil {
@@ -487,6 +488,11 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, stream func(*Lease) error) 
 	want, ok := parseDigest(meta.Get(metaDigest))
 	if !ok {
 		return ld, fmt.Errorf("store: digest record missing: %w", ErrCorrupt)
+	}
+	// Quarantines first: with stream, nothing may be handed out before
+	// the whole state is checked.
+	if ld.quar, err = readQuarantines(tx, ov); err != nil {
+		return ld, err
 	}
 	// Size the slice once from the digest: growing it by doubling would
 	// briefly hold two copies of a million leases. A damaged count can not

@@ -302,9 +302,23 @@ func openBolt(path string, o *options, readOnly bool) (*bolt.DB, error) {
 // it returns an error. Deleting an absent key is not an error. A key both
 // deleted and put ends up put.
 func (s *Store) Commit(put []Lease, del []Key) error {
+	return s.CommitQuar(put, del, nil)
+}
+
+// QuarChange is the MAP-22 part of a commit: quarantines to end (Del),
+// then to set (Put, replacing any at the same endpoint).
+type QuarChange struct {
+	Put []Quarantine
+	Del []Endpoint
+}
+
+// CommitQuar is Commit with quarantine changes (q may be nil) in the same
+// log record: the lease delete that frees a port and the port's
+// quarantine are durable together or not at all (quarantine.go).
+func (s *Store) CommitQuar(put []Lease, del []Key, q *QuarChange) error {
 	b := getBatch()
 	defer putBatch(b)
-	if err := b.encode(put, del); err != nil {
+	if err := b.encode(put, del, q); err != nil {
 		return err
 	}
 	bs := [1]*batch{b}

@@ -47,6 +47,8 @@ import (
 //	crc covers len and everything after crc up to the end of the payload
 //	payload: seen(8, Unix ns) epochOp(1) [epoch(8, Unix ns) if epochOp = 1]
 //	         entries: op(1) keyLen(2) key [valLen(2) val if op = put]
+//	op: 1 delete, 2 put (leases); 3 delete, 4 put (MAP-22 quarantines,
+//	    quarantine.go: their own keys and bucket)
 //
 // Keys and values are exactly the bbolt records (codec.go), so folding is
 // a copy and the value's own checksum goes into the digest unchanged.
@@ -193,8 +195,8 @@ func walkEntries(p []byte, fn func(op byte, key, val []byte) error) error {
 		p = p[kl:]
 		var val []byte
 		switch op {
-		case entryDel:
-		case entryPut:
+		case entryDel, entryQDel:
+		case entryPut, entryQPut:
 			if len(p) < 2 {
 				return fmt.Errorf("entry value cut short: %w", ErrCorrupt)
 			}
@@ -521,12 +523,17 @@ func readLog(dir string, w uint64) (*logSel, error) {
 // state file (Open) so that no second pass over a million leases is
 // needed.
 type overlay struct {
-	idx     map[string]int // key → index in ent
-	ent     []ovEntry
-	seen    int64
-	hasSeen bool
-	epochOp byte
-	epoch   int64
+	idx map[string]int // key → index in ent
+	ent []ovEntry
+	// Quarantine entries (their own key space): key → last value (nil:
+	// deleted), keys in first-seen order, and those the file has.
+	quar      map[string][]byte
+	quarOrder []string
+	quarUsed  map[string]bool
+	seen      int64
+	hasSeen   bool
+	epochOp   byte
+	epoch     int64
 }
 
 type ovEntry struct {
@@ -545,6 +552,16 @@ func newOverlay(recs []logRecord) *overlay {
 			ov.epochOp, ov.epoch = r.epochOp, r.epoch
 		}
 		_ = walkEntries(r.entries, func(op byte, key, val []byte) error {
+			if op == entryQDel || op == entryQPut {
+				if ov.quar == nil {
+					ov.quar, ov.quarUsed = map[string][]byte{}, map[string]bool{}
+				}
+				if _, ok := ov.quar[string(key)]; !ok {
+					ov.quarOrder = append(ov.quarOrder, string(key))
+				}
+				ov.quar[string(key)] = val
+				return nil
+			}
 			i, ok := ov.idx[string(key)]
 			if !ok {
 				i = len(ov.ent)

@@ -897,7 +897,7 @@ func TestRecordLen(t *testing.T) {
 			var bs []*batch
 			for _, put := range tc.batch {
 				b := new(batch)
-				if err := b.encode(put, []Key{put[0].Key}); err != nil {
+				if err := b.encode(put, []Key{put[0].Key}, nil); err != nil {
 					t.Fatal(err)
 				}
 				bs = append(bs, b)
