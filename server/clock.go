@@ -1,7 +1,9 @@
 package server
 
 import (
+	"maps"
 	"runtime"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -29,8 +31,9 @@ import (
 // sweep tick and once at shutdown), the engine rebases: it shifts every
 // wall time it holds by the step, in memory, at once (rebase: relative
 // quantities, what the kernel holds, are unchanged), moves the running
-// clock onto the wall clock, and rewrites the leases in the store, a chunk
-// a tick (rewriteStep), so a later start reads right wall expiries.
+// clock onto the wall clock, and rewrites the leases, then the MAP-22
+// quarantines, in the store, a chunk a tick (rewriteStep), so a later
+// start reads right wall expiries and quarantine ends.
 //
 // A crash before the rewrite is done leaves the leases not yet rewritten
 // with expiries of the old wall base on disk: at the next start a forward
@@ -205,6 +208,7 @@ func (s *Server) rebase(d time.Duration) {
 		s.started = s.started.Add(d)
 	}
 	s.rewriteAt = 1
+	s.rewriteQuar, s.rewriteQuarList = false, s.rewriteQuarList[:0]
 	s.m.clockSteps.Inc()
 	s.log.Warn("wall clock stepped: lease times moved with it, pinholes unchanged",
 		zap.Duration("step", d), zap.Int("leases", s.tab.len()))
@@ -217,7 +221,16 @@ func (s *Server) rebase(d time.Duration) {
 // is left to payStoreDebt, which writes the table's (rebased) state.
 // Leases changed since the rebase went through a commit of their own, so
 // writing them again is redundant but right.
+//
+// Then the MAP-22 quarantines, whose until moved too (rebase): without
+// their rewrite a restart would read them in the old frame, and a forward
+// step would end them early (TestMAP22QuarantineRebaseRestart). They are
+// listed when the leases are done and written n at a time, each with its
+// current state (one ended meanwhile is written as ended).
 func (s *Server) rewriteStep(n int) bool {
+	if s.rewriteQuar {
+		return s.rewriteQuarStep(n)
+	}
 	t := s.tab
 	now := s.now().UnixNano()
 	put := s.rewriteBuf[:0]
@@ -250,9 +263,37 @@ func (s *Server) rewriteStep(n int) bool {
 		}
 	}
 	if ref > t.top {
-		ref = 0 // done
+		// The leases are done; the quarantines next (rewriteAt stays
+		// non-zero until they are).
+		s.rewriteQuarList = slices.AppendSeq(s.rewriteQuarList[:0], maps.Keys(s.quar))
+		s.rewriteQuar = true
+		s.rewriteAt = max(ref, 1)
+		return s.rewriteQuarStep(n)
 	}
 	s.rewriteAt = ref
+	return true
+}
+
+// rewriteQuarStep writes the next n quarantines of the rewrite after a
+// rebase (s.mu held), ending the rewrite after the last.
+func (s *Server) rewriteQuarStep(n int) bool {
+	l := s.rewriteQuarList
+	chunk := l[max(len(l)-n, 0):]
+	if len(chunk) > 0 {
+		var qc store.QuarChange
+		for _, e := range chunk {
+			s.appendQuarState(&qc, e)
+		}
+		if err := s.st.CommitQuar(nil, nil, &qc); err != nil {
+			s.m.storeErrors.Inc()
+			s.log.Warn("cannot rewrite quarantined ports after a wall-clock step; retrying", zap.Int("ports", len(chunk)), zap.Error(err))
+			return false
+		}
+	}
+	s.rewriteQuarList = l[:len(l)-len(chunk)]
+	if len(s.rewriteQuarList) == 0 {
+		s.rewriteQuar, s.rewriteAt = false, 0 // done
+	}
 	return true
 }
 

@@ -90,6 +90,10 @@ type RouteChanger interface {
 // transaction and one fsync.
 type LeaseStore interface {
 	Commit(put []store.Lease, del []store.Key) error
+	// CommitQuar is Commit with MAP-22 quarantine changes (q may be nil)
+	// in the same transaction: a freed port's quarantine is durable with
+	// the change that freed it (store/quarantine.go).
+	CommitQuar(put []store.Lease, del []store.Key, q *store.QuarChange) error
 	ResetEpoch(origin time.Time) error
 }
 

@@ -222,6 +222,10 @@ func (s *Server) handleTx(reqs []Request, now time.Time, retry bool, outs []outc
 // its failure reply).
 func (s *Server) commitOutcomes(t *tx, reqs []Request, outs []outcome) {
 	if t.empty() {
+		// A request that changed no lease may still have ended a
+		// quarantine that was over (usable): not worth a commit of its
+		// own, the next one writes it.
+		t.oweQuar()
 		for i := range outs {
 			s.writeLog(&outs[i].log) // absorbed renewals (absorb.go)
 		}

@@ -384,7 +384,7 @@ func (s *Server) usable(c *call, a *ask, e endpoint) bool {
 	// MAP-22: a freed port waits out its idle time for its last holder.
 	if q, ok := s.quar[e]; ok {
 		if !c.now.Before(q.until) {
-			s.quarDel(e)
+			c.t.quarDrop(e) // written with the request's commit
 		} else if q.addr != k.InternalAddr || q.port != k.InternalPort || (q.nonce != a.nonce && a.kind != store.KindNATPMP) {
 			return false
 		}

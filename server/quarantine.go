@@ -74,11 +74,7 @@ func (s *Server) quarCap(owner string, now time.Time, drop func(endpoint)) {
 // quarantineOf is the MAP-22 quarantine of the IPv4 external port l frees
 // at now: for the protocol's idle time only l's client may reclaim it.
 func quarantineOf(l *store.Lease, now time.Time) (endpoint, quarantine) {
-	idle := 2 * time.Minute
-	if l.Protocol == protoTCP {
-		idle = 124 * time.Minute
-	}
-	return endpointOf(l), quarantine{owner: l.Owner, addr: l.InternalAddr, port: l.InternalPort, nonce: l.Nonce, until: now.Add(idle)}
+	return endpointOf(l), quarantine{owner: l.Owner, addr: l.InternalAddr, port: l.InternalPort, nonce: l.Nonce, until: now.Add(quarIdle(l.Protocol))}
 }
 
 // taken ends the quarantine of the external port l now holds: it is no
@@ -119,5 +115,124 @@ func (s *Server) quarUnlist(owner string, e endpoint) {
 		delete(s.quarBy, owner)
 	} else {
 		s.quarBy[owner] = l
+	}
+}
+
+// Quarantines are durable (store/quarantine.go): every change to s.quar
+// is written to the store in the same commit as the lease change that
+// caused it, so a restart, a kill -9 included, keeps a freed port for its
+// last holder as a running pcpd would (TestMAP22FreedPortQuarantine
+// "deleted, then pcpd restarted"). The store's quarantines mirror s.quar:
+// one record per external endpoint, so however many ports are freed and
+// taken again, the store holds at most one quarantine per IPv4 port and
+// protocol. An entry that ends when a request finds it over (usable) goes
+// with that request's commit, or with the next one (quarDebt); restore
+// drops the stored ones that ended while pcpd was down.
+
+// storeQuar is e's quarantine q as the store keeps it.
+func storeQuar(e endpoint, q quarantine) store.Quarantine {
+	return store.Quarantine{
+		Endpoint:     storeEndpoint(e),
+		Owner:        q.owner,
+		InternalAddr: q.addr,
+		InternalPort: q.port,
+		Nonce:        q.nonce,
+		Until:        q.until,
+	}
+}
+
+func storeEndpoint(e endpoint) store.Endpoint {
+	return store.Endpoint{Addr: e.addr, Port: e.port, Protocol: e.proto}
+}
+
+// quarIdle is the MAP-22 quarantine time of a port of proto: the
+// protocol's idle time.
+func quarIdle(proto uint8) time.Duration {
+	if proto == protoTCP {
+		return 124 * time.Minute
+	}
+	return 2 * time.Minute
+}
+
+// appendQuarState appends e's current state to qc: its quarantine, or its
+// end.
+func (s *Server) appendQuarState(qc *store.QuarChange, e endpoint) {
+	if q, ok := s.quar[e]; ok {
+		qc.Put = append(qc.Put, storeQuar(e, q))
+	} else {
+		qc.Del = append(qc.Del, storeEndpoint(e))
+	}
+}
+
+// quarChanges fills t.qc with what the store must write for the
+// quarantines t touched (their current state, or with before their state
+// before t) and, for those in the store's debt t did not touch, their
+// current state. Nil when there is nothing to write.
+func (t *tx) quarChanges(before bool) *store.QuarChange {
+	qc := &t.qc
+	clear(qc.Put)
+	qc.Put, qc.Del = qc.Put[:0], qc.Del[:0]
+	debt := t.s.quarDebt
+	if len(t.qund) == 0 && len(debt) == 0 {
+		return nil
+	}
+	if t.qseen == nil {
+		t.qseen = map[endpoint]struct{}{}
+	}
+	clear(t.qseen)
+	for _, u := range t.qund {
+		if _, dup := t.qseen[u.e]; dup {
+			continue // the first record holds the state before t
+		}
+		t.qseen[u.e] = struct{}{}
+		switch {
+		case !before:
+			t.s.appendQuarState(qc, u.e)
+		case u.had:
+			qc.Put = append(qc.Put, storeQuar(u.e, u.prev))
+		default:
+			qc.Del = append(qc.Del, storeEndpoint(u.e))
+		}
+	}
+	for e := range debt {
+		if _, touched := t.qseen[e]; !touched {
+			t.s.appendQuarState(qc, e)
+		}
+	}
+	return qc
+}
+
+// oweQuar records that the store may not hold the state of the
+// quarantines t touched: the next commit that succeeds writes it.
+func (t *tx) oweQuar() {
+	for _, u := range t.qund {
+		t.s.quarDebt[u.e] = struct{}{}
+	}
+}
+
+// restoreQuarantines brings the stored quarantines back once the table is
+// whole, oldest first (the order the cap releases them in), and lists in
+// r.qtouched those it drops: ended while pcpd was down, on an address no
+// longer ours, on a port a restored lease holds, or beyond their owner's
+// cap (the cap holds across a restart, also when it was lowered).
+func (r *restoring) restoreQuarantines(qs []store.Quarantine) {
+	s := r.s
+	freed := func(q *store.Quarantine) time.Time { return q.Until.Add(-quarIdle(q.Protocol)) }
+	slices.SortFunc(qs, func(a, b store.Quarantine) int { return freed(&a).Compare(freed(&b)) })
+	for i := range qs {
+		sq := &qs[i]
+		e := endpoint{addr: sq.Addr, proto: sq.Protocol, port: sq.Port}
+		_, held := s.tab.holder(e)
+		if held || !sq.Until.After(r.now) || !e.addr.Is4() || e.addr != s.cfg.ExternalIPv4 {
+			r.qtouched = append(r.qtouched, e)
+			continue
+		}
+		s.quarPut(e, quarantine{owner: sq.Owner, addr: sq.InternalAddr, port: sq.InternalPort, nonce: sq.Nonce, until: sq.Until})
+	}
+	for owner := range s.quarBy {
+		s.quarCap(owner, r.now, func(e endpoint) {
+			s.quarDel(e)
+			r.qtouched = append(r.qtouched, e)
+		})
 	}
 }

@@ -87,6 +87,9 @@ type restoring struct {
 	logs    []refusedLog
 	ends    []ctFilter
 	freed   []freedPort
+	// qtouched are the endpoints whose quarantine restore set or ended:
+	// written to the store with the drops (quarChange).
+	qtouched []endpoint
 }
 
 func (s *Server) restoring(now time.Time) *restoring {
@@ -142,8 +145,14 @@ func (r *restoring) finish(st store.State) error {
 	}
 	drop := append(r.drop, unrestored...)
 	r.drop = nil
-	if len(drop) > 0 {
-		if err := s.st.Commit(nil, drop); err != nil {
+	// MAP-22: the stored quarantines come back, and the refused leases'
+	// ports are quarantined, in the commit that drops those leases.
+	r.restoreQuarantines(st.Quarantines)
+	s.deps.State.Quarantines = nil
+	r.quarantineRefused()
+	qc := r.quarChange()
+	if len(drop) > 0 || qc != nil {
+		if err := s.st.CommitQuar(nil, drop, qc); err != nil {
 			// Owed: the next commit (or housekeep's payStoreDebt) drops
 			// them. Left in the store, a refused or moved lease came back
 			// at a later start on an IPv4 port handed out again meanwhile
@@ -151,6 +160,9 @@ func (r *restoring) finish(st store.State) error {
 			s.m.storeErrors.Inc()
 			for _, k := range drop {
 				s.storeDebt[k] = struct{}{}
+			}
+			for _, e := range r.qtouched {
+				s.quarDebt[e] = struct{}{}
 			}
 			s.log.Warn("cannot drop expired, moved, refused or unrestorable leases from the store; retrying", zap.Int("leases", len(drop)), zap.Error(err))
 		}

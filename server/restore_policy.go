@@ -138,23 +138,51 @@ func (r *restoring) refuse(l *store.Lease, why string) {
 	}
 }
 
+// quarantineRefused quarantines the IPv4 ports of the refused leases once
+// the table is whole, listing what it changed in r.qtouched (the store
+// gets it with the refused leases' drop: restoring.finish).
+func (r *restoring) quarantineRefused() {
+	s := r.s
+	for _, f := range r.freed {
+		if _, held := s.tab.holder(f.e); !held {
+			s.quarPut(f.e, f.q)
+			r.qtouched = append(r.qtouched, f.e)
+			s.quarCap(f.q.owner, r.now, func(e endpoint) {
+				s.quarDel(e)
+				r.qtouched = append(r.qtouched, e)
+			})
+		}
+	}
+	r.freed = nil
+}
+
+// quarChange is the store's part of r.qtouched: each endpoint's current
+// quarantine or its end; nil when restore changed none.
+func (r *restoring) quarChange() *store.QuarChange {
+	if len(r.qtouched) == 0 {
+		return nil
+	}
+	qc := &store.QuarChange{}
+	seen := make(map[endpoint]struct{}, len(r.qtouched))
+	for _, e := range r.qtouched {
+		if _, dup := seen[e]; !dup {
+			seen[e] = struct{}{}
+			r.s.appendQuarState(qc, e)
+		}
+	}
+	return qc
+}
+
 // revoked finishes the refused leases once reconcile has deleted their
 // pinholes: their connections flushed (those whose pinhole deletion
-// failed once retryUndeleted deletes it), their IPv4 ports
-// quarantined, the count in pcpd_revocations_total{cause="policy"}, and
-// the log.
+// failed once retryUndeleted deletes it), the count in
+// pcpd_revocations_total{cause="policy"}, and the log. Their IPv4 ports
+// were quarantined before (quarantineRefused).
 func (r *restoring) revoked() {
 	if r.refused == 0 {
 		return
 	}
 	s := r.s
-	for _, f := range r.freed {
-		if _, held := s.tab.holder(f.e); !held {
-			s.quarPut(f.e, f.q)
-			s.quarCap(f.q.owner, r.now, s.quarDel)
-		}
-	}
-	r.freed = nil
 	if ends := s.pendingEnds(r.ends); len(ends) > 0 {
 		// Those of leases whose pinhole deletion failed wait for
 		// retryUndeleted (TestRestoreRefusedFlushAfterDelete).

@@ -80,6 +80,9 @@ type Server struct {
 	// includes the table's state for them (tx.changes) until one succeeds;
 	// housekeep retries them alone meanwhile (payStoreDebt).
 	storeDebt map[store.Key]struct{}
+	// quarDebt is storeDebt's for MAP-22 quarantines (quarantine.go): the
+	// endpoints whose stored quarantine may differ from quar.
+	quarDebt map[endpoint]struct{}
 	// dirty holds the leases whose renewal was absorbed (absorb.go): the
 	// table has the promised expiry, the kernel and the store the one
 	// here (synced) until the next flush.
@@ -109,6 +112,10 @@ type Server struct {
 	// reused buffer.
 	rewriteAt  uint32
 	rewriteBuf []store.Lease
+	// rewriteQuar: the rewrite is past the leases and writes the
+	// quarantines in rewriteQuarList (clock.go).
+	rewriteQuar     bool
+	rewriteQuarList []endpoint
 
 	in  chan packet
 	lis *listener
@@ -177,6 +184,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		quar:         map[endpoint]quarantine{},
 		quarBy:       map[string][]endpoint{},
 		storeDebt:    map[store.Key]struct{}{},
+		quarDebt:     map[endpoint]struct{}{},
 		dirty:        map[store.Key]time.Time{},
 		counters:     map[reqLabels]prometheus.Counter{},
 		in:           make(chan packet, cfg.QueueLen),

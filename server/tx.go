@@ -45,6 +45,9 @@ type tx struct {
 	put           []store.Lease
 	del           []store.Key
 	seen          map[store.Key]struct{}
+	qc            store.QuarChange      // quarChanges' result
+	qcp           *store.QuarChange     // what storeCommit writes (&qc or nil)
+	qseen         map[endpoint]struct{} // quarChanges' scratch
 	storeErr      chan error
 	storeDur      time.Duration
 }
@@ -99,6 +102,10 @@ func (t *tx) shrink() {
 	if cap(t.undo) > maxKeptTx || len(t.seen) > maxKeptTx {
 		t.undo, t.seen = nil, nil // seen is sized from undo
 	}
+	if len(t.qseen) > maxKeptTx {
+		t.qseen = nil
+	}
+	t.qc.Put, t.qc.Del = capped(t.qc.Put), capped(t.qc.Del)
 	t.ended = capped(t.ended)
 	t.ops, t.inv = capped(t.ops), capped(t.inv)
 	t.qund = capped(t.qund)
@@ -123,6 +130,8 @@ func (t *tx) reset() {
 	clear(t.others)
 	clear(t.tup)
 	clear(t.put)
+	clear(t.qc.Put)
+	t.qcp = nil
 	t.kprev = store.Lease{}
 	t.absorbs = 0
 	t.undo, t.qund, t.ops, t.inv, t.ended = t.undo[:0], t.qund[:0], t.ops[:0], t.inv[:0], t.ended[:0]
@@ -386,6 +395,7 @@ func (t *tx) owe() {
 	for i := range t.undo {
 		t.s.storeDebt[t.undo[i].key] = struct{}{}
 	}
+	t.oweQuar()
 }
 
 // paid clears the store's debt: a commit that included it succeeded.
@@ -394,6 +404,7 @@ func (s *Server) paid() {
 		s.log.Info("store is consistent with the lease table again", zap.Int("leases", len(s.storeDebt)))
 		clear(s.storeDebt)
 	}
+	clear(s.quarDebt)
 }
 
 // payStoreDebt writes the table's state for the keys in the store's debt,
@@ -402,7 +413,7 @@ func (s *Server) paid() {
 func (s *Server) payStoreDebt() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if len(s.storeDebt) == 0 {
+	if len(s.storeDebt) == 0 && len(s.quarDebt) == 0 {
 		return
 	}
 	var put []store.Lease
@@ -414,7 +425,11 @@ func (s *Server) payStoreDebt() {
 			del = append(del, key)
 		}
 	}
-	if err := s.st.Commit(put, del); err != nil {
+	var qc store.QuarChange
+	for e := range s.quarDebt {
+		s.appendQuarState(&qc, e)
+	}
+	if err := s.st.CommitQuar(put, del, &qc); err != nil {
 		s.m.storeErrors.Inc()
 		s.log.Warn("cannot write the lease table's state back to the store; retrying", zap.Int("leases", len(s.storeDebt)), zap.Error(err))
 		return
@@ -437,10 +452,11 @@ func (s *Server) payStoreDebt() {
 // kernel entries no lease explains, so both are repaired; neither was ever
 // answered with a SUCCESS.
 func (t *tx) commit() error {
-	if len(t.undo) == 0 {
+	if len(t.undo) == 0 && len(t.qund) == 0 {
 		return nil
 	}
 	t.changes(false)
+	t.qcp = t.quarChanges(false)
 	// The store commit runs beside the kernel transaction; the engine
 	// waits for both below. Without kernel ops there is nothing to
 	// overlap. A retry (one request of a failed batch, alone) goes kernel
@@ -479,7 +495,9 @@ func (t *tx) commit() error {
 		// write back what it held before the batch.
 		owed := len(t.s.storeDebt)
 		clear(t.s.storeDebt)
-		if uerr := t.s.st.Commit(t.changes(true)); uerr == nil {
+		clear(t.s.quarDebt)
+		put, del := t.changes(true)
+		if uerr := t.s.st.CommitQuar(put, del, t.quarChanges(true)); uerr == nil {
 			if owed > 0 {
 				t.s.log.Info("store is consistent with the lease table again", zap.Int("leases", owed))
 			}
@@ -511,7 +529,7 @@ func (t *tx) commit() error {
 // duration in t.storeDur, valid once the error is received).
 func (t *tx) storeCommit() {
 	start := time.Now()
-	err := t.s.st.Commit(t.put, t.del)
+	err := t.s.st.CommitQuar(t.put, t.del, t.qcp)
 	t.storeDur = time.Since(start)
 	t.storeErr <- err
 }

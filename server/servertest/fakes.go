@@ -323,6 +323,7 @@ func (f *Firewall) Holes() map[pinhole.Pinhole]time.Duration {
 type Store struct {
 	mu      sync.Mutex
 	leases  map[store.Key]store.Lease
+	quar    map[store.Endpoint]store.Quarantine
 	origin  time.Time
 	Commits int
 
@@ -332,9 +333,17 @@ type Store struct {
 }
 
 // NewStore returns an empty store.
-func NewStore() *Store { return &Store{leases: map[store.Key]store.Lease{}} }
+func NewStore() *Store {
+	return &Store{leases: map[store.Key]store.Lease{}, quar: map[store.Endpoint]store.Quarantine{}}
+}
 
 func (s *Store) Commit(put []store.Lease, del []store.Key) error {
+	return s.CommitQuar(put, del, nil)
+}
+
+// CommitQuar is Commit with MAP-22 quarantine changes (store.Store.CommitQuar);
+// FailCommit sees the lease part.
+func (s *Store) CommitQuar(put []store.Lease, del []store.Key, q *store.QuarChange) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.FailCommit != nil {
@@ -348,6 +357,14 @@ func (s *Store) Commit(put []store.Lease, del []store.Key) error {
 	for _, l := range put {
 		l.Filters = slices.Clone(l.Filters)
 		s.leases[l.Key] = l
+	}
+	if q != nil {
+		for _, e := range q.Del {
+			delete(s.quar, e)
+		}
+		for _, x := range q.Put {
+			s.quar[x.Endpoint] = x
+		}
 	}
 	s.Commits++
 	return nil
@@ -391,7 +408,17 @@ func (s *Store) State() store.State {
 	for _, l := range s.leases {
 		st.Leases = append(st.Leases, l)
 	}
+	for _, q := range s.quar {
+		st.Quarantines = append(st.Quarantines, q)
+	}
 	return st
+}
+
+// Quarantines returns the stored MAP-22 quarantines.
+func (s *Store) Quarantines() map[store.Endpoint]store.Quarantine {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.quar)
 }
 
 // Leases returns the stored leases.
