@@ -46,7 +46,7 @@ func TestMAP22FreedPortQuarantine(t *testing.T) {
 			}
 			l.stop()
 			l.start()
-		}, "quarantine is kept in memory only and lost across a restart (RELIABILITY.md, known bugs, \"review of the IPv4 data plane (2026-12-04, h/revv4)\": left, quarantines are not persisted in the store)"},
+		}, ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
