@@ -20,6 +20,11 @@ import (
 
 // benchServer builds an engine on fw and st owning 2001:db8::/32.
 func benchServer(b *testing.B, fw Firewall, st LeaseStore, state store.State) *Server {
+	return benchServerCfg(b, fw, st, state, Config{})
+}
+
+// benchServerCfg is benchServer with cfg's ExternalIPv4.
+func benchServerCfg(b *testing.B, fw Firewall, st LeaseStore, state store.State, cfg Config) *Server {
 	own, err := policy.NewStatic(map[string][]netip.Prefix{"bench": {netip.MustParsePrefix("2001:db8::/32")}})
 	if err != nil {
 		b.Fatal(err)
@@ -28,7 +33,7 @@ func benchServer(b *testing.B, fw Firewall, st LeaseStore, state store.State) *S
 	if err != nil {
 		b.Fatal(err)
 	}
-	s, err := New(Config{RateLimit: 1e12, RateBurst: 1 << 30, KeepConnections: true}, Deps{Firewall: fw, Store: st, State: state, Policy: pol}, zap.NewNop())
+	s, err := New(Config{RateLimit: 1e12, RateBurst: 1 << 30, KeepConnections: true, ExternalIPv4: cfg.ExternalIPv4}, Deps{Firewall: fw, Store: st, State: state, Policy: pol}, zap.NewNop())
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -195,6 +200,24 @@ func startLeases(n int, now time.Time) []store.Lease {
 	return out
 }
 
+var benchExt4 = netip.MustParseAddr("198.51.100.1")
+
+// startQuarantines are n stored quarantines on distinct ports of
+// benchExt4 (TCP, then UDP), of 1000 owners, ending in an hour.
+func startQuarantines(n int, now time.Time) []store.Quarantine {
+	out := make([]store.Quarantine, n)
+	for i := range out {
+		out[i] = store.Quarantine{
+			Endpoint:     store.Endpoint{Addr: benchExt4, Port: uint16(1024 + i%60000), Protocol: []uint8{protoTCP, protoUDP}[i/60000%2]},
+			Owner:        "static:q" + itoa(i%1000),
+			InternalAddr: netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}),
+			InternalPort: 443,
+			Until:        now.Add(time.Hour + time.Duration(i)*time.Millisecond),
+		}
+	}
+	return out
+}
+
 // BenchmarkStart is a restart with n stored leases: Start (objects set up,
 // every lease's pinhole put back into a real nftables set in a namespace,
 // the lease table built). It reports the heap the engine keeps per lease
@@ -202,22 +225,29 @@ func startLeases(n int, now time.Time) []store.Lease {
 // made; they are released by the caller, as cmd/pcpd does), the heap
 // after, and the peak heap during Start (the stored leases, 288 MB at
 // 1 000 000, included: a streaming store would not hold them all).
+// With quarantines=q, q stored MAP-22 quarantines (IPv4 ports, TCP then
+// UDP, 1000 owners) are restored too.
 //
 //	go test ./server -run '^$' -bench Start -benchtime 1x
 func BenchmarkStart(b *testing.B) {
 	netlab.RequireRoot(b)
-	for _, n := range []int{100_000, 1_000_000} {
-		b.Run("leases="+itoa(n), func(b *testing.B) {
+	for _, c := range []struct{ n, q int }{{100_000, 0}, {1_000_000, 0}, {1_000_000, 100_000}} {
+		name := "leases=" + itoa(c.n)
+		if c.q > 0 {
+			name += "/quarantines=" + itoa(c.q)
+		}
+		n := c.n
+		b.Run(name, func(b *testing.B) {
 			fw := lastingFirewall(b, "start")
 			for b.Loop() {
 				st := servertest.NewStore()
 				runtime.GC()
 				var before, after runtime.MemStats
 				runtime.ReadMemStats(&before)
-				state := store.State{Leases: startLeases(n, time.Now()), EpochOrigin: time.Now().Add(-time.Hour)}
+				state := store.State{Leases: startLeases(n, time.Now()), Quarantines: startQuarantines(c.q, time.Now()), EpochOrigin: time.Now().Add(-time.Hour)}
 				stop := peakHeap()
 				start := time.Now()
-				s := benchServer(b, fw, st, state)
+				s := benchServerCfg(b, fw, st, state, Config{ExternalIPv4: benchExt4})
 				took := time.Since(start)
 				peak := stop()
 				state.Leases = nil

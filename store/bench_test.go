@@ -86,6 +86,12 @@ func BenchmarkOpen(b *testing.B) {
 			})
 		}
 	}
+	// MAP-22 quarantines beside the leases (quarantine.go): Open reads
+	// them in the same transaction; compare with leases=1000000.
+	b.Run("leases=1000000/quarantines=100000", func(b *testing.B) {
+		dir := benchQuarDir(b, 1_000_000, 100_000)
+		benchOpen(b, dir, 1_000_000, false)
+	})
 	b.Run("leases=100000/log=100000", func(b *testing.B) {
 		img := benchCrashDir(b)
 		b.ResetTimer()
@@ -108,6 +114,32 @@ func BenchmarkOpen(b *testing.B) {
 			s.Close()
 		}
 	})
+}
+
+// benchQuarDir returns a closed state directory holding n leases and q
+// quarantines (quarN: distinct ports, TCP then UDP), built once.
+func benchQuarDir(b *testing.B, n, q int) string {
+	d := cachedStateDir(b, fmt.Sprintf("quar/%d/%d", n, q), n, leasesN)
+	benchMu.Lock()
+	defer benchMu.Unlock()
+	if benchDirs["quar-done/"+d] != "" {
+		return d
+	}
+	s, _, err := Open(d, nil, WithoutOpenSnapshot())
+	if err != nil {
+		b.Fatal(err)
+	}
+	const chunk = 50_000
+	for i := 0; i < q; i += chunk {
+		if err := s.CommitQuar(nil, nil, &QuarChange{Put: quarsN(i, min(i+chunk, q))}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := s.Close(); err != nil {
+		b.Fatal(err)
+	}
+	benchDirs["quar-done/"+d] = d
+	return d
 }
 
 func benchOpen(b *testing.B, dir string, n int, stream bool) {

@@ -490,15 +490,15 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, stream func(*Lease) error) 
 		return ld, fmt.Errorf("store: digest record missing: %w", ErrCorrupt)
 	}
 	// Quarantines first: with stream, nothing may be handed out before
-	// the whole state is checked.
-	if ld.quar, err = readQuarantines(tx, ov); err != nil {
+	// the whole state is checked. Their owners share the leases' strings.
+	in := interner{}
+	if ld.quar, err = readQuarantines(tx, ov, in); err != nil {
 		return ld, err
 	}
 	// Size the slice once from the digest: growing it by doubling would
 	// briefly hold two copies of a million leases. A damaged count can not
 	// ask for more than the file could hold (a record takes ≥ 48 octets
 	// with its page element), and the digest check below catches it.
-	in := interner{}
 	// visit decodes every live lease (the file's, with the log applied on
 	// top) into the slot next gives, and hands it to keep; then it checks
 	// the digest.

@@ -146,7 +146,7 @@ func appendQuarPutEntry(b []byte, q *Quarantine) []byte {
 
 // decodeQuarantine parses one stored quarantine record. It never panics and
 // returns a zero Quarantine with any error.
-func decodeQuarantine(key, val []byte) (Quarantine, error) {
+func decodeQuarantine(key, val []byte, in interner) (Quarantine, error) {
 	if len(val) < 4 {
 		return Quarantine{}, fmt.Errorf("store: quarantine record of %d octets: %w", len(val), ErrCorrupt)
 	}
@@ -168,7 +168,7 @@ func decodeQuarantine(key, val []byte) (Quarantine, error) {
 		r.fail("quarantine record version %d, want %d", v, quarVersion)
 	}
 	if owner := r.next(int(r.u8())); owner != nil {
-		q.Owner = string(owner)
+		q.Owner = in.get(owner)
 	}
 	q.InternalAddr = r.addr()
 	q.InternalPort = r.u16()
@@ -191,7 +191,7 @@ func decodeQuarantine(key, val []byte) (Quarantine, error) {
 // readQuarantines decodes the quarantine bucket (absent in a file written
 // before quarantines: none), checks it against qdigest, and applies the
 // log's quarantine entries (ov may be nil) on top.
-func readQuarantines(tx *bolt.Tx, ov *overlay) ([]Quarantine, error) {
+func readQuarantines(tx *bolt.Tx, ov *overlay, in interner) ([]Quarantine, error) {
 	meta, b := tx.Bucket(bucketMeta), tx.Bucket(bucketQuar)
 	dv := meta.Get(metaQDigest)
 	var want digest
@@ -223,7 +223,7 @@ func readQuarantines(tx *bolt.Tx, ov *overlay) ([]Quarantine, error) {
 					v = val
 				}
 			}
-			q, err := decodeQuarantine(k, v)
+			q, err := decodeQuarantine(k, v, in)
 			if err != nil {
 				return nil, err
 			}
@@ -240,7 +240,7 @@ func readQuarantines(tx *bolt.Tx, ov *overlay) ([]Quarantine, error) {
 			if ov.quarUsed[k] || val == nil {
 				continue
 			}
-			q, err := decodeQuarantine([]byte(k), val)
+			q, err := decodeQuarantine([]byte(k), val, in)
 			if err != nil {
 				return nil, fmt.Errorf("store: logged quarantine: %w", err)
 			}

@@ -75,7 +75,7 @@ func TestQuarantineRoundTrip(t *testing.T) {
 			q := quarN(5)
 			tc.mod(&q)
 			key, val := encodeQuar(t, &q)
-			got, err := decodeQuarantine(key, val)
+			got, err := decodeQuarantine(key, val, interner{})
 			if err != nil {
 				t.Fatalf("decode: %v", err)
 			}
@@ -97,7 +97,7 @@ func TestQuarantineCorruptRecord(t *testing.T) {
 	key, val := encodeQuar(t, &q)
 	check := func(what string, k, v []byte) {
 		t.Helper()
-		got, err := decodeQuarantine(k, v)
+		got, err := decodeQuarantine(k, v, nil)
 		if !errors.Is(err, ErrCorrupt) {
 			t.Fatalf("%s: decode = %+v, %v; want ErrCorrupt", what, got, err)
 		}
@@ -146,7 +146,7 @@ func FuzzDecodeQuarantine(f *testing.F) {
 	f.Add([]byte{}, []byte{})
 	f.Fuzz(func(t *testing.T, key, val []byte) {
 		for _, v := range [][]byte{val, withCRC(key, val)} {
-			q, err := decodeQuarantine(key, v)
+			q, err := decodeQuarantine(key, v, nil)
 			if err != nil {
 				if !errors.Is(err, ErrCorrupt) {
 					t.Fatalf("error does not wrap ErrCorrupt: %v", err)
