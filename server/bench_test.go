@@ -250,7 +250,7 @@ func BenchmarkStart(b *testing.B) {
 				s := benchServerCfg(b, fw, st, state, Config{ExternalIPv4: benchExt4})
 				took := time.Since(start)
 				peak := stop()
-				state.Leases = nil
+				state.Leases, state.Quarantines = nil, nil
 				s.deps.State.Leases = nil
 				runtime.GC()
 				runtime.ReadMemStats(&after)
