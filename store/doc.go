@@ -5,7 +5,8 @@
 //
 // Files in the state directory:
 //
-//	leases.db            bbolt: leases, epoch origin, heartbeat, digest, walgen
+//	leases.db            bbolt: leases, epoch origin, heartbeat, digest, walgen,
+//	                     MAP-22 quarantines and their digest (quarantine.go)
 //	leases.wal.0, .1     write-ahead log segments (wal.go); generation g in .<g%2>
 //	leases.db.bak        last good copy of leases.db
 //	*.corrupt-<time>     a damaged file moved aside for inspection
