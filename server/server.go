@@ -479,7 +479,9 @@ func (s *Server) expireLocked(now time.Time) {
 	}
 	if err := t.commit(); err != nil {
 		// The leases are gone from the kernel anyway; keeping them out of
-		// the table is right. The store drops them at the next start.
+		// the table is right. The store drops them at the next start;
+		// their ports' quarantines (MAP-22) go with the next commit.
+		t.oweQuar()
 		s.log.Warn("cannot record expired leases; they are dropped at the next start", zap.Error(err))
 	}
 	s.release(t)
