@@ -3,6 +3,8 @@ package server
 import (
 	"errors"
 	"net"
+	"net/netip"
+	"slices"
 	"sync"
 
 	"github.com/vishvananda/netlink"
@@ -12,55 +14,97 @@ import (
 	"github.com/pcpd/pcpd/store"
 )
 
-// flushConntrack ends the connections that came in through mappings a
-// client deleted or the server revoked: the guard lets established flows
-// pass, so without this a deleted NAT-PMP mapping (PMP-12) or a revoked
-// address (LIFE-05) would keep its open connections. Only flows whose
-// original destination is the mapping's external endpoint are touched:
-// connections the client opened itself are left alone, and so are PEER
-// mappings. Expiry does not flush: the kernel ends pinholes on time even
-// with pcpd dead, and the same must hold with it alive.
+// flushConntrack ends the connections of mappings that ended: deleted by
+// their client, revoked, or expired (the guard lets established flows
+// pass, so without this a deleted NAT-PMP mapping (PMP-12), a revoked
+// address (LIFE-05) or an expired lease kept its open connections for as
+// long as they lasted). Two kinds of flows are ended:
+//   - inbound: those whose original destination is the mapping's external
+//     endpoint (connections the client opened itself are left alone);
+//   - for an IPv4 NAPT mapping, the outbound flows its SNAT companion
+//     translated to the external endpoint (two-way NAPT, PMP-11): their
+//     reply destination is the external endpoint and their original
+//     source the mapped internal one. Unless another live lease (a PEER
+//     of the same tuple) holds the endpoint: its flows leave from there.
+//
+// PEER mappings flush nothing. Expiry flushes too, in addition to the
+// kernel ending the pinholes on time by itself (which holds with pcpd
+// dead); the flows of leases that expired while pcpd was down are flushed
+// at the next start (restoring.flushExpired).
 //
 // It only queues the flush (the tx calls it under s.mu); the conntrack
-// flusher runs it. Replies of the batch wait for it (serveBatch,
-// HandleBatch: waitConntrack), so a connection cannot carry data after its
-// delete was acknowledged (PMP-12, found by the conformance suite).
+// flusher runs it, coalesced with the others queued meanwhile, so neither
+// the engine nor an expiry waits for the walk. Replies of a batch that
+// ended mappings wait for it (serveBatch, HandleBatch: waitConntrack), so
+// a connection cannot carry data after its delete was acknowledged
+// (PMP-12, found by the conformance suite).
 func (s *Server) flushConntrack(ended []store.Lease) {
-	if s.cfg.KeepConnections {
+	if s.cfg.KeepConnections || len(ended) == 0 {
 		return
 	}
 	var fs []ctFilter
 	for i := range ended {
-		if f, ok := ctFilterOf(&ended[i]); ok {
-			fs = append(fs, f)
-		}
+		fs = appendCtFilters(fs, &ended[i])
 	}
-	if len(fs) > 0 {
+	if fs = s.unheldNAT(fs); len(fs) > 0 {
 		s.ct.add(fs)
 	}
 }
 
-// ctFilterOf is the flush filter of l's connections (flushConntrack);
-// false for a lease whose connections are not flushed.
-func ctFilterOf(l *store.Lease) (ctFilter, bool) {
+// unheldNAT drops from fs (in place) the SNAT filters of external
+// endpoints a live lease holds (flushConntrack).
+func (s *Server) unheldNAT(fs []ctFilter) []ctFilter {
+	return slices.DeleteFunc(fs, func(f ctFilter) bool {
+		if !f.nat {
+			return false
+		}
+		_, held := s.tab.holder(endpoint{addr: f.t.addr, proto: f.t.proto, port: f.t.port})
+		return held
+	})
+}
+
+// appendCtFilters appends the flush filters of l's connections
+// (flushConntrack) to dst: none for a PEER or a lease without an external
+// port, one for the inbound flows, and for an IPv4 NAPT lease one more
+// for the outbound flows SNAT-ed to its external endpoint.
+func appendCtFilters(dst []ctFilter, l *store.Lease) []ctFilter {
 	if l.Kind == store.KindPeer || !l.ExternalAddr.IsValid() || l.ExternalPort == 0 {
-		return ctFilter{}, false
+		return dst
 	}
-	return ctFilter{v4: l.ExternalAddr.Is4(), t: ctTarget{addr: l.ExternalAddr, proto: l.Protocol, port: l.ExternalPort}}, true
+	t := ctTarget{addr: l.ExternalAddr, proto: l.Protocol, port: l.ExternalPort}
+	dst = append(dst, ctFilter{v4: l.ExternalAddr.Is4(), t: t})
+	if l.ExternalAddr.Is4() && l.InternalAddr.Is4() && l.InternalPort != 0 {
+		dst = append(dst, ctFilter{v4: true, t: t, nat: true, src: netip.AddrPortFrom(l.InternalAddr, l.InternalPort)})
+	}
+	return dst
 }
 
 // ctFilter is one ended mapping's flows: those whose original destination
-// is t. The generic walk's netlink filter is made from it when that walk
-// runs (kernels before 5.8): made for every ended mapping up front, it
-// cost ≈ 0.5 KB of heap each until the walk (maps and a net.IP), 1M of
-// them at a start revoking 1 000 000 leases.
+// is t or, with nat, those whose reply destination is t and original
+// source src (SNAT-ed to t). The generic walk's netlink filter is made
+// from it when that walk runs (kernels before 5.8): made for every ended
+// mapping up front, it cost ≈ 0.5 KB of heap each until the walk (maps
+// and a net.IP), 1M of them at a start revoking 1 000 000 leases.
 type ctFilter struct {
-	v4 bool
-	t  ctTarget
+	v4  bool
+	nat bool
+	t   ctTarget
+	src netip.AddrPort
+}
+
+// key is what ctDeleter.end matches a flow against.
+func (f ctFilter) key() ctKey {
+	if f.nat {
+		return ctKey{t: f.t, src: f.src}
+	}
+	return ctKey{t: f.t}
 }
 
 // netlinkFilter is f as the generic walk's filter; nil if netlink refuses it.
-func (f ctFilter) netlinkFilter() *netlink.ConntrackFilter {
+func (f ctFilter) netlinkFilter() netlink.CustomConntrackFilter {
+	if f.nat {
+		return natFlowFilter{f}
+	}
 	nf := &netlink.ConntrackFilter{}
 	if nf.AddProtocol(f.t.proto) != nil ||
 		nf.AddIP(netlink.ConntrackOrigDstIP, net.IP(f.t.addr.AsSlice())) != nil ||
@@ -68,6 +112,19 @@ func (f ctFilter) netlinkFilter() *netlink.ConntrackFilter {
 		return nil
 	}
 	return nf
+}
+
+// natFlowFilter matches the flows of a SNAT filter (netlink's own filter
+// has no reply ports).
+type natFlowFilter struct{ f ctFilter }
+
+func (n natFlowFilter) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
+	fw, rv := fl.Forward, fl.Reverse
+	src, _ := netip.AddrFromSlice(fw.SrcIP)
+	dst, _ := netip.AddrFromSlice(rv.DstIP)
+	return fw.Protocol == n.f.t.proto &&
+		dst.Unmap() == n.f.t.addr && rv.DstPort == n.f.t.port &&
+		src.Unmap() == n.f.src.Addr() && fw.SrcPort == n.f.src.Port()
 }
 
 // ctFlusher coalesces conntrack flushes. A flush walks (dumps) the whole
@@ -157,33 +214,31 @@ func (c *ctFlusher) run() {
 }
 
 // walkConntrack deletes the flows matching any of fs. First with the
-// kernel filtering (CTA_FILTER: one dump per family and protocol, the
-// kernel returns only the flows of that protocol, or of that port when
-// there is one target, instead of every entry copied and parsed here); if
-// the kernel refuses CTA_FILTER, with the generic walk.
+// kernel filtering (CTA_FILTER: one dump per family, protocol and
+// direction, the kernel returns only the flows of that protocol to that
+// IPv4 address, or of that port when there is one target, instead of
+// every entry copied and parsed here); if the kernel refuses CTA_FILTER,
+// with the generic walk.
 func (s *Server) walkConntrack(fs []ctFilter) {
 	fd := 0
 	if nsSet(s.cfg.NetNS) {
 		fd = int(s.cfg.NetNS)
 	}
 	if d, err := dialConntrack(fd); err == nil {
-		// One dump per family and protocol (each walks the whole table).
-		type group struct {
-			v4    bool
-			proto uint8
-		}
-		groups := map[group][]ctTarget{}
-		seen := map[ctTarget]bool{}
+		// One dump per family, protocol and direction (each walks the
+		// whole table).
+		groups := map[ctGroup][]ctKey{}
+		seen := map[ctKey]bool{}
 		for _, f := range fs {
-			if !seen[f.t] {
-				seen[f.t] = true
-				g := group{f.t.addr.Is4(), f.t.proto}
-				groups[g] = append(groups[g], f.t)
+			if k := f.key(); !seen[k] {
+				seen[k] = true
+				g := ctGroup{v4: f.t.addr.Is4(), proto: f.t.proto, nat: f.nat}
+				groups[g] = append(groups[g], k)
 			}
 		}
 		n, ok := 0, true
-		for _, ts := range groups {
-			k, err := d.end(ts)
+		for g, ks := range groups {
+			k, err := d.end(g, ks)
 			n += k
 			if err != nil {
 				s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))

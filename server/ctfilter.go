@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
@@ -12,43 +13,65 @@ import (
 
 // Conntrack over netlink (linux/netfilter/nfnetlink_conntrack.h). The
 // kernel filters a dump itself when it carries CTA_FILTER (Linux 5.8+):
-// only the flows whose original tuple matches the given fields come back.
+// only the flows whose original (or reply) tuple matches the given fields
+// come back.
 const (
 	nfnlSubsysCtnetlink = 1
 	ctMsgGet            = 1
 	ctMsgDelete         = 2
 
-	ctaTupleOrig = 1
-	ctaZone      = 18
-	ctaFilter    = 25
+	ctaTupleOrig  = 1
+	ctaTupleReply = 2
+	ctaZone       = 18
+	ctaFilter     = 25
 
 	ctaTupleIP    = 1
 	ctaTupleProto = 2
+	ctaIPv4Src    = 1
 	ctaIPv4Dst    = 2
+	ctaIPv6Src    = 3
 	ctaIPv6Dst    = 4
 	ctaProtoNum   = 1
+	ctaProtoSrc   = 2
 	ctaProtoDst   = 3
 
 	ctaFilterOrigFlags  = 1
 	ctaFilterReplyFlags = 2
-	// CTA_FILTER_F_* (nf_conntrack_netlink.c): which original-tuple
-	// fields must match.
+	// CTA_FILTER_F_* (nf_conntrack_netlink.c): which fields of the
+	// original (or reply) tuple must match.
 	ctaFilterFIPDst    = 1 << 1
 	ctaFilterFProtoNum = 1 << 3
 	ctaFilterFDstPort  = 1 << 5
 )
 
-// ctTarget is the original destination of inbound flows through a mapping.
+// ctTarget is the original destination of inbound flows through a
+// mapping, or the reply destination of outbound flows SNAT-ed to it.
 type ctTarget struct {
 	addr  netip.Addr
 	proto uint8
 	port  uint16
 }
 
-// ctDeleter ends flows by original destination with kernel-side filtering:
-// a dump per target that returns only its flows, then a delete per flow.
-// The generic walk (netlink.ConntrackDeleteFilters) copied and parsed the
-// whole conntrack table in user space for every flush.
+// ctKey is what a flow is matched against: its original destination t, or
+// with src valid, its reply destination t and original source src.
+type ctKey struct {
+	t   ctTarget
+	src netip.AddrPort
+}
+
+// ctGroup is the flows one dump asks for: of a family and protocol, by
+// original destination or, with nat, by reply destination.
+type ctGroup struct {
+	v4    bool
+	proto uint8
+	nat   bool
+}
+
+// ctDeleter ends flows by original (or reply) destination with
+// kernel-side filtering: a dump per group that returns only its flows,
+// then a delete per flow. The generic walk (netlink.ConntrackDeleteFilters)
+// copied and parsed the whole conntrack table in user space for every
+// flush.
 type ctDeleter struct {
 	c *netlink.Conn
 }
@@ -65,35 +88,39 @@ func (d *ctDeleter) close() { d.c.Close() }
 
 func nfgen(family uint8) []byte { return []byte{family, 0, 0, 0} }
 
-// end deletes every flow whose original tuple goes to one of ts (one
-// family and protocol); it returns how many. Every kernel dump walks the
-// whole conntrack hash table, so a group costs one dump: filtered by
-// protocol and port (and IPv4 address) when it has one target, by
-// protocol alone when it has more; what comes back is matched here.
-func (d *ctDeleter) end(ts []ctTarget) (int, error) {
-	t := ts[0]
-	fam, ipAttr, ip := uint8(unix.AF_INET6), uint16(ctaIPv6Dst), t.addr.AsSlice()
-	if t.addr.Is4() {
-		fam, ipAttr = unix.AF_INET, ctaIPv4Dst
+// end deletes every flow of group g matching one of ks; it returns how
+// many. Every kernel dump walks the whole conntrack hash table, so a group
+// costs one dump: filtered by protocol, by the IPv4 address when all of ks
+// share it, and by port too when there is one key; what comes back is
+// matched here (source included, for SNAT-ed flows).
+func (d *ctDeleter) end(g ctGroup, ks []ctKey) (int, error) {
+	t := ks[0].t
+	fam, ipDst, ipSrc, ip := uint8(unix.AF_INET6), uint16(ctaIPv6Dst), uint16(ctaIPv6Src), t.addr.AsSlice()
+	if g.v4 {
+		fam, ipDst, ipSrc = unix.AF_INET, ctaIPv4Dst, ctaIPv4Src
 	}
 	// The kernel compares IPv6 addresses with the result of
 	// ipv6_addr_cmp inverted (equal addresses fail the filter; seen on
 	// 6.18), so IPv6 dumps never filter by address.
 	flags := uint32(ctaFilterFProtoNum)
-	if len(ts) == 1 {
-		flags |= ctaFilterFDstPort
-		if t.addr.Is4() {
-			flags |= ctaFilterFIPDst
-		}
+	if g.v4 && !slices.ContainsFunc(ks, func(k ctKey) bool { return k.t.addr != t.addr }) {
+		flags |= ctaFilterFIPDst
 	}
-	want := make(map[ctTarget]bool, len(ts))
-	for _, t := range ts {
-		want[t] = true
+	if len(ks) == 1 {
+		flags |= ctaFilterFDstPort
+	}
+	want := make(map[ctKey]bool, len(ks))
+	for _, k := range ks {
+		want[k] = true
+	}
+	dir, origFlags, replyFlags := uint16(ctaTupleOrig), flags, uint32(0)
+	if g.nat {
+		dir, origFlags, replyFlags = ctaTupleReply, 0, flags
 	}
 	ae := netlink.NewAttributeEncoder()
-	ae.Nested(ctaTupleOrig, func(ae *netlink.AttributeEncoder) error {
+	ae.Nested(dir, func(ae *netlink.AttributeEncoder) error {
 		ae.Nested(ctaTupleIP, func(ae *netlink.AttributeEncoder) error {
-			ae.Bytes(ipAttr, ip)
+			ae.Bytes(ipDst, ip)
 			return nil
 		})
 		ae.Nested(ctaTupleProto, func(ae *netlink.AttributeEncoder) error {
@@ -104,8 +131,8 @@ func (d *ctDeleter) end(ts []ctTarget) (int, error) {
 		return nil
 	})
 	ae.Nested(ctaFilter, func(ae *netlink.AttributeEncoder) error {
-		ae.Uint32(ctaFilterOrigFlags, flags)
-		ae.Uint32(ctaFilterReplyFlags, 0)
+		ae.Uint32(ctaFilterOrigFlags, origFlags)
+		ae.Uint32(ctaFilterReplyFlags, replyFlags)
 		return nil
 	})
 	attrs, err := ae.Encode()
@@ -129,25 +156,39 @@ func (d *ctDeleter) end(ts []ctTarget) (int, error) {
 		if err != nil {
 			continue
 		}
-		var tuple, zone []byte
+		var orig, reply, zone []byte
 		for ad.Next() {
 			switch ad.Type() {
 			case ctaTupleOrig:
-				tuple = ad.Bytes()
+				orig = ad.Bytes()
+			case ctaTupleReply:
+				reply = ad.Bytes()
 			case ctaZone:
 				zone = ad.Bytes()
 			}
 		}
 		// Checked here in any case: a kernel that does not know
 		// CTA_FILTER ignores it and dumps every flow.
-		if tuple == nil {
+		if orig == nil {
 			continue
 		}
-		if dst, ok := origDst(tuple, ipAttr); !ok || !want[dst] {
+		o, ok := ctTupleOf(orig, ipSrc, ipDst)
+		if !ok {
+			continue
+		}
+		k := ctKey{t: ctTarget{addr: o.dst.Addr(), proto: o.proto, port: o.dst.Port()}}
+		if g.nat {
+			r, ok := ctTupleOf(reply, ipSrc, ipDst)
+			if !ok {
+				continue
+			}
+			k = ctKey{t: ctTarget{addr: r.dst.Addr(), proto: r.proto, port: r.dst.Port()}, src: o.src}
+		}
+		if !want[k] {
 			continue
 		}
 		del := netlink.NewAttributeEncoder()
-		del.Bytes(ctaTupleOrig|netlink.Nested, tuple)
+		del.Bytes(ctaTupleOrig|netlink.Nested, orig)
 		if zone != nil {
 			del.Bytes(ctaZone, zone)
 		}
@@ -171,21 +212,33 @@ func (d *ctDeleter) end(ts []ctTarget) (int, error) {
 	return n, errors.Join(errs...)
 }
 
-// origDst reads the destination of a CTA_TUPLE_ORIG payload.
-func origDst(tuple []byte, ipAttr uint16) (ctTarget, bool) {
-	var t ctTarget
-	ad, err := netlink.NewAttributeDecoder(tuple)
+// ctTuple is a CTA_TUPLE_ORIG or CTA_TUPLE_REPLY payload.
+type ctTuple struct {
+	src, dst netip.AddrPort
+	proto    uint8
+}
+
+// ctTupleOf reads a tuple payload whose addresses are ipSrc and ipDst
+// attributes; false if any part is missing (a flow without ports).
+func ctTupleOf(b []byte, ipSrc, ipDst uint16) (ctTuple, bool) {
+	var t ctTuple
+	ad, err := netlink.NewAttributeDecoder(b)
 	if err != nil {
 		return t, false
 	}
-	ipOK, protoOK, portOK := false, false, false
+	var src, dst netip.Addr
+	var sport, dport uint16
+	protoOK, sOK, dOK := false, false, false
 	for ad.Next() {
 		switch ad.Type() {
 		case ctaTupleIP:
 			ad.Nested(func(nd *netlink.AttributeDecoder) error {
 				for nd.Next() {
-					if nd.Type() == ipAttr {
-						t.addr, ipOK = netip.AddrFromSlice(nd.Bytes())
+					switch nd.Type() {
+					case ipSrc:
+						src, _ = netip.AddrFromSlice(nd.Bytes())
+					case ipDst:
+						dst, _ = netip.AddrFromSlice(nd.Bytes())
 					}
 				}
 				return nil
@@ -198,9 +251,13 @@ func origDst(tuple []byte, ipAttr uint16) (ctTarget, bool) {
 						if protoOK = len(b) == 1; protoOK {
 							t.proto = b[0]
 						}
+					case ctaProtoSrc:
+						if sOK = len(b) == 2; sOK {
+							sport = binary.BigEndian.Uint16(b)
+						}
 					case ctaProtoDst:
-						if portOK = len(b) == 2; portOK {
-							t.port = binary.BigEndian.Uint16(b)
+						if dOK = len(b) == 2; dOK {
+							dport = binary.BigEndian.Uint16(b)
 						}
 					}
 				}
@@ -208,5 +265,9 @@ func origDst(tuple []byte, ipAttr uint16) (ctTarget, bool) {
 			})
 		}
 	}
-	return t, ad.Err() == nil && ipOK && protoOK && portOK
+	if ad.Err() != nil || !protoOK || !sOK || !dOK || !src.IsValid() || !dst.IsValid() {
+		return t, false
+	}
+	t.src, t.dst = netip.AddrPortFrom(src, sport), netip.AddrPortFrom(dst, dport)
+	return t, true
 }

@@ -152,9 +152,10 @@ func (s *Server) Handle(local, src netip.AddrPort, b []byte) []byte {
 // It returns once the connections of mappings the batch ended are gone
 // (PMP-12).
 func (s *Server) HandleBatch(reqs []Request) [][]byte {
-	seq := s.ct.seq()
-	replies, _ := s.handleBatch(reqs, nil)
-	if s.ct.seq() != seq {
+	replies, ends := s.handleBatch(reqs, nil)
+	if ends != nil {
+		// Not for the expiries handleBatch ran first: no reply waits
+		// for their flush.
 		s.waitConntrack()
 	}
 	return replies

@@ -225,7 +225,7 @@ func (h *harness) startRecordingFlushes(t *testing.T, addr netip.Addr, port uint
 	var notes []bool
 	s.ct.walk = func(fs []ctFilter) {
 		for _, f := range fs {
-			if f.t.addr == addr && f.t.port == port {
+			if !f.nat && f.t.addr == addr && f.t.port == port {
 				_, open := h.fw.Holes()[p]
 				mu.Lock()
 				notes = append(notes, open)

@@ -90,6 +90,9 @@ type restoring struct {
 	// qtouched are the endpoints whose quarantine restore set or ended:
 	// written to the store with the drops (quarChange).
 	qtouched []endpoint
+	// expEnds are the connections of leases that expired while pcpd was
+	// down, to flush (flushExpired).
+	expEnds []ctFilter
 }
 
 func (s *Server) restoring(now time.Time) *restoring {
@@ -107,6 +110,9 @@ func (r *restoring) add(l *store.Lease) {
 	case !l.Expires.After(r.now):
 		r.drop = append(r.drop, l.Key)
 		r.expired++
+		if !r.s.cfg.KeepConnections {
+			r.expEnds = appendCtFilters(r.expEnds, l)
+		}
 	case l.ExternalAddr.Is4() && l.ExternalAddr != r.s.cfg.ExternalIPv4:
 		// The external IPv4 changed (or is gone): these mappings
 		// cannot be kept, which is a loss of mapping state (EPO-03).
@@ -169,6 +175,7 @@ func (r *restoring) finish(st store.State) error {
 	}
 	drop = nil
 	r.revoked()
+	r.flushExpired()
 	kept := s.tab.len()
 	if !lost && s.epoch.resume(st.EpochOrigin, now) {
 		s.restarted = true
@@ -185,6 +192,22 @@ func (r *restoring) finish(st store.State) error {
 		s.log.Warn("mapping state lost or doubtful: epoch reset to 0", zap.String("why", why), zap.Int("leases", kept))
 	}
 	return nil
+}
+
+// flushExpired ends the connections of the leases that expired while pcpd
+// was down: conntrack outlives the process, and the guard lets their
+// established flows pass (flushConntrack). Not those of an endpoint a
+// restored lease holds now. Queued: the walk runs beside serving.
+func (r *restoring) flushExpired() {
+	s := r.s
+	fs := slices.DeleteFunc(r.expEnds, func(f ctFilter) bool {
+		_, held := s.tab.holder(endpoint{addr: f.t.addr, proto: f.t.proto, port: f.t.port})
+		return held
+	})
+	r.expEnds = nil
+	if len(fs) > 0 {
+		s.ct.add(fs)
+	}
 }
 
 // maxOrphanTargets bounds the addresses announced to from orphan pinholes.

@@ -128,9 +128,7 @@ func (r *restoring) refuse(l *store.Lease, why string) {
 		r.logs = append(r.logs, g)
 	}
 	if !r.s.cfg.KeepConnections {
-		if f, ok := ctFilterOf(l); ok {
-			r.ends = append(r.ends, f)
-		}
+		r.ends = appendCtFilters(r.ends, l)
 	}
 	if l.ExternalAddr.Is4() && !r.s.configForbids(l) { // a reserved port is never handed out
 		e, q := quarantineOf(l, r.now)
@@ -183,7 +181,7 @@ func (r *restoring) revoked() {
 		return
 	}
 	s := r.s
-	if ends := s.pendingEnds(r.ends); len(ends) > 0 {
+	if ends := s.unheldNAT(s.pendingEnds(r.ends)); len(ends) > 0 {
 		// Those of leases whose pinhole deletion failed wait for
 		// retryUndeleted (TestRestoreRefusedFlushAfterDelete).
 		s.ct.add(ends)

@@ -461,7 +461,9 @@ func (s *Server) sendReplies(batch []packet, replies [][]byte, rs []reply) []rep
 }
 
 // expire ends every lease whose time is up. The kernel has removed (or is
-// about to remove) their pinholes by itself; only the store is told.
+// about to remove) their pinholes by itself; the store is told, and their
+// connections are flushed (flushConntrack: queued, the walk runs beside
+// the engine). Nothing due, it costs a look at the expiry heap's root.
 func (s *Server) expire() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -475,14 +477,17 @@ func (s *Server) expireLocked(now time.Time) {
 	}
 	t := s.begin(now)
 	for _, k := range keys {
-		t.set(k, nil, false)
+		t.set(k, nil, true)
 	}
 	if err := t.commit(); err != nil {
 		// The leases are gone from the kernel anyway; keeping them out of
 		// the table is right. The store drops them at the next start;
 		// their ports' quarantines (MAP-22) go with the next commit.
+		// Their connections end all the same (commit flushes only on
+		// success).
 		t.oweQuar()
 		s.log.Warn("cannot record expired leases; they are dropped at the next start", zap.Error(err))
+		s.flushConntrack(t.ended)
 	}
 	s.release(t)
 	s.log.Debug("leases expired", zap.Int("count", len(keys)))

@@ -30,8 +30,8 @@ type tx struct {
 	qund []quarUndo
 	// retry: the request is handled again alone after its batch failed.
 	retry bool
-	// ended are leases removed on purpose (delete, revocation): their
-	// connections are flushed after the commit.
+	// ended are leases removed for good (delete, revocation, expiry):
+	// their connections are flushed after the commit.
 	ended []store.Lease
 	// absorbs counts the renewals absorbed while t was open (absorb.go):
 	// they are in the table, with no undo record.
@@ -159,8 +159,8 @@ func (t *tx) empty() bool { return len(t.undo) == 0 }
 // The kernel always follows, expiry included: its element normally lapsed
 // at the same moment, but one restored with a longer timeout (a restart
 // with the clock behind) or re-added must not outlive the lease (LIFE-04);
-// deleting an absent element is a no-op. ended says the lease ends on
-// purpose (delete, revocation), so its connections are flushed too.
+// deleting an absent element is a no-op. ended says the lease ends for
+// good (delete, revocation, expiry), so its connections are flushed too.
 func (t *tx) set(key store.Key, next *store.Lease, ended bool) {
 	t.undo = append(t.undo, undoRec{key: key})
 	u := &t.undo[len(t.undo)-1]
