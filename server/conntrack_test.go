@@ -1,9 +1,15 @@
 package server
 
 import (
+	"net"
+	"net/netip"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/pcpd/pcpd/store"
 )
 
 // TestConntrackFlushCoalesced (PMP-12, LIFE-05): flushes queued while a
@@ -80,4 +86,60 @@ func lens(w [][]ctFilter) []int {
 		out[i] = len(w[i])
 	}
 	return out
+}
+
+// TestCtFiltersOf: which flows an ended lease's flush covers
+// (appendCtFilters): inbound to the external endpoint for MAP and NAT-PMP;
+// for IPv4 NAPT also the outbound flows SNAT-ed to it, from the mapped
+// internal endpoint only (the generic walk's natFlowFilter); nothing for
+// a PEER, no SNAT filter for IPv6.
+func TestCtFiltersOf(t *testing.T) {
+	in4, ext4 := netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("198.51.100.1")
+	in6 := netip.MustParseAddr("2001:db8::2")
+	remote := netip.MustParseAddr("198.51.100.2")
+	lease := func(kind store.Kind, in, ext netip.Addr) store.Lease {
+		return store.Lease{Key: store.Key{Protocol: protoTCP, InternalAddr: in, InternalPort: 8080}, Kind: kind, ExternalAddr: ext, ExternalPort: 18080}
+	}
+	for _, c := range []struct {
+		name    string
+		l       store.Lease
+		filters int
+		nat     bool
+	}{
+		{"NAT-PMP", lease(store.KindNATPMP, in4, ext4), 2, true},
+		{"MAP IPv4", lease(store.KindMap, in4, ext4), 2, true},
+		{"MAP IPv6", lease(store.KindMap, in6, in6), 1, false},
+		{"PEER IPv4", lease(store.KindPeer, in4, ext4), 0, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			fs := appendCtFilters(nil, &c.l)
+			if len(fs) != c.filters {
+				t.Fatalf("%d filters, want %d: %+v", len(fs), c.filters, fs)
+			}
+			if !c.nat {
+				return
+			}
+			nf := fs[1].netlinkFilter()
+			flow := func(src netip.Addr, sport uint16, natTo netip.Addr, nport uint16) *netlink.ConntrackFlow {
+				f := &netlink.ConntrackFlow{}
+				f.Forward = netlink.IPTuple{Protocol: protoTCP, SrcIP: net.IP(src.AsSlice()), SrcPort: sport, DstIP: net.IP(remote.AsSlice()), DstPort: 7000}
+				f.Reverse = netlink.IPTuple{Protocol: protoTCP, SrcIP: net.IP(remote.AsSlice()), SrcPort: 7000, DstIP: net.IP(natTo.AsSlice()), DstPort: nport}
+				return f
+			}
+			for _, m := range []struct {
+				name string
+				f    *netlink.ConntrackFlow
+				want bool
+			}{
+				{"SNAT-ed from the mapped port", flow(in4, 8080, ext4, 18080), true},
+				{"another port masqueraded", flow(in4, 8081, ext4, 8081), false},
+				{"another client on the external port", flow(netip.MustParseAddr("10.0.0.3"), 8080, ext4, 18080), false},
+				{"not NAT-ed", flow(in4, 8080, in4, 8080), false},
+			} {
+				if got := nf.MatchConntrackFlow(m.f); got != m.want {
+					t.Errorf("%s: match %v, want %v", m.name, got, m.want)
+				}
+			}
+		})
+	}
 }
