@@ -55,8 +55,10 @@ type Config struct {
 	DisablePeer   bool // PEER → NOT_AUTHORIZED (PEER-08)
 	DisableNATPMP bool // version 0 → UNSUPP_VERSION (VER-02)
 
-	// KeepConnections leaves established inbound connections alone when
-	// their mapping is deleted or revoked (default: they are ended, PMP-12).
+	// KeepConnections leaves established connections alone when their
+	// mapping is deleted, revoked or expires (default: they are ended,
+	// PMP-12: inbound flows, and IPv4 outbound flows SNAT-ed to the
+	// mapping's external port).
 	KeepConnections bool
 
 	// MaxFilters is the FILTER limit per mapping (FLT-06, default 8).
