@@ -71,7 +71,7 @@ type ctGroup struct {
 
 // ctDeleter ends flows by original (or reply) destination with
 // kernel-side filtering: a dump per group that returns only its flows,
-// then a delete per flow. The generic walk (netlink.ConntrackDeleteFilters)
+// then their deletes, pipelined (deleteAll). The generic walk (netlink.ConntrackDeleteFilters)
 // copied and parsed the whole conntrack table in user space for every
 // flush.
 type ctDeleter struct {

@@ -72,7 +72,7 @@ func newMetrics(leases func() float64) *metrics {
 			Name: "pcpd_firewall_restores_total", Help: "Times the nftables objects were found damaged or incomplete and restored.",
 		}),
 		ctWalks: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_conntrack_flushes_total", Help: "Walks of the conntrack table ending the connections of deleted or revoked mappings (several mappings' flushes share one).",
+			Name: "pcpd_conntrack_flushes_total", Help: "Walks of the conntrack table ending the connections of deleted, revoked or expired mappings (several mappings' flushes share one).",
 		}),
 		leases: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "pcpd_leases", Help: "Live leases.",
