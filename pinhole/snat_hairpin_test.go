@@ -1,0 +1,124 @@
+package pinhole_test
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// seenVia sends UDP datagrams from ns, bound to from, to dial, and returns
+// the source address and port a reflector in rns listening on listen saw
+// (dial is DNAT-ed to listen on the way).
+func seenVia(t *testing.T, ns *netlab.NS, from, dial netip.AddrPort, rns *netlab.NS, listen netip.AddrPort) (netip.AddrPort, bool) {
+	t.Helper()
+	var refl *net.UDPConn
+	if err := rns.Do(func() (err error) {
+		refl, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(listen))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer refl.Close()
+	var c *net.UDPConn
+	if err := ns.Do(func() (err error) {
+		c, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(from), net.UDPAddrFromAddrPort(dial))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 64)
+	for range 3 {
+		c.Write([]byte("hairpin"))
+		refl.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		if _, src, err := refl.ReadFromUDPAddrPort(buf); err == nil {
+			return netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), true
+		}
+	}
+	return netip.AddrPort{}, false
+}
+
+// TestNAPT4HairpinKeepsExternalSource: two clients of pcpd on two served
+// interfaces (Client behind lan0, a host behind lan1), each with NAPT
+// mappings. A new flow from one client's mapped port to the other's
+// public endpoint (hairpinning: both learnt their public endpoints by PCP
+// and exchanged them, as peer-to-peer applications do) is DNAT-ed to the
+// other client and must reach it from the sender's public endpoint too
+// (RFC 4787 REQ-9 a, RFC 5382 REQ-8: hairpinning behaviour "external
+// source IP address and port"; RFC 6886 §3.9: outbound flows from the
+// mapped port leave as the external port). It did before d42eb88; since,
+// `oifname @serving_ifs return` also skips the SNAT of a flow that came
+// through a mapping's DNAT: the receiver sees the sender's internal
+// address, which its socket, connected to the public endpoint, drops (and
+// on one LAN its replies go straight back, bypassing the reverse DNAT).
+// Both directions, standalone and attached.
+func TestNAPT4HairpinKeepsExternalSource(t *testing.T) {
+	for _, attached := range []bool{false, true} {
+		name := "standalone"
+		if attached {
+			name = "attached"
+		}
+		t.Run(name, func(t *testing.T) {
+			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+			peer := netlab.NewNS(t, "revedgepeer")
+			if err := netlab.Veth(topo.Host, "lan1", peer, "eth0"); err != nil {
+				t.Fatal(err)
+			}
+			topo.Host.MustRun(t, "ip", "addr", "add", "10.100.1.1/24", "dev", "lan1")
+			peer.MustRun(t, "ip", "addr", "add", "10.100.1.2/24", "dev", "eth0")
+			peer.MustRun(t, "ip", "route", "add", "default", "via", "10.100.1.1")
+			peerAddr := netip.MustParseAddr("10.100.1.2")
+
+			cfg := pinhole.Config{}
+			if attached {
+				loadNft(t, topo.Host, adminRuleset)
+				cfg = pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"}
+			}
+			b := newBackend(t, topo.Host, cfg)
+			if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4,
+				netip.PrefixFrom(peerAddr, 32)}); err != nil {
+				t.Fatal(err)
+			}
+			setServed(t, b, []string{topo.HostLANIf, "lan1"}, topo.HostTunnelV4, netip.MustParseAddr("10.100.1.1"))
+
+			type mapping struct{ in, pub netip.AddrPort }
+			m := func(a netip.Addr, port uint16) mapping {
+				return mapping{netip.AddrPortFrom(a, port), netip.AddrPortFrom(topo.HostPublicV4, 10000+port)}
+			}
+			var ops []pinhole.Op
+			for _, x := range []mapping{m(topo.ClientV4, 5000), m(topo.ClientV4, 5001), m(peerAddr, 5002), m(peerAddr, 5003)} {
+				ops = append(ops, install(pinhole.Pinhole{Protocol: udp, InternalAddr: x.in.Addr(), InternalPort: x.in.Port(),
+					ExternalAddr: x.pub.Addr(), ExternalPort: x.pub.Port()}, time.Minute))
+			}
+			apply(t, b, ops...)
+
+			for _, tc := range []struct {
+				what     string
+				from     *netlab.NS
+				src, dst mapping
+				to       *netlab.NS
+			}{
+				{"lan0 client → lan1 client's public endpoint", topo.Client, m(topo.ClientV4, 5000), m(peerAddr, 5002), peer},
+				{"lan1 client → lan0 client's public endpoint", peer, m(peerAddr, 5003), m(topo.ClientV4, 5001), topo.Client},
+			} {
+				got, ok := seenVia(t, tc.from, tc.src.in, tc.dst.pub, tc.to, tc.dst.in)
+				if !ok {
+					t.Fatalf("%s: %s → %s: nothing reached %s", tc.what, tc.src.in, tc.dst.pub, tc.dst.in)
+				}
+				if got != tc.src.pub {
+					t.Errorf("%s: %s → %s (DNAT-ed to %s): the receiver saw %v, want the sender's public endpoint %v (RFC 4787 REQ-9)\n%s",
+						tc.what, tc.src.in, tc.dst.pub, tc.dst.in, got, tc.src.pub, nftList(t, topo.Host, "ruleset"))
+				}
+			}
+			if attached {
+				if err := b.Teardown(); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
+	}
+}
