@@ -276,7 +276,17 @@ func (b *Backend) layout() []chainRules {
 	// (review of the IPv4 data plane, 2026-12-04;
 	// TestNAPT4SNATOnlyTowardsWAN). One rule first, for both maps:
 	//
-	//	oifname @serving_ifs return
+	//	oifname @serving_ifs ct status ! dnat return
+	//
+	// A flow DNAT-ed on its way (hairpinning: a client's new flow from
+	// its mapped port to another client's public endpoint) is still
+	// translated: the receiver must see the sender's public endpoint
+	// (RFC 4787 REQ-9 a, RFC 5382 REQ-8), as before d42eb88. Untranslated,
+	// a socket connected to that endpoint dropped it, and on one LAN the
+	// replies went straight back past the reverse DNAT (review revedge,
+	// TestNAPT4HairpinKeepsExternalSource). A flow from the WAN through
+	// a mapping is DNAT-ed too, but its source is no client's, so no
+	// snat4 element matches it.
 	//
 	// (return in a base chain is its policy, accept: the host's own
 	// srcnat chains, a masquerade, still run). Like the guards' rule it
@@ -291,7 +301,11 @@ func (b *Backend) layout() []chainRules {
 		))
 	}
 	postrouting := [][]expr.Any{
-		x(loadMeta(expr.MetaKeyOIFNAME, reg0), lookup(b.servingIfs, reg0), &expr.Verdict{Kind: expr.VerdictReturn}),
+		rule(x(loadMeta(expr.MetaKeyOIFNAME, reg0), lookup(b.servingIfs, reg0), loadCt(expr.CtKeySTATUS, reg0),
+			&expr.Bitwise{SourceRegister: reg0, DestRegister: reg0, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(ipsDstNAT), Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: reg0, Data: make([]byte, 4)},
+			&expr.Verdict{Kind: expr.VerdictReturn})),
 		snat(x(loadNet(ip4SrcOff, 4, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+1), loadTh(thSrcOff, reg0+2)), b.snat[snat4]),
 		snat(x(loadNet(ip4SrcOff, 4, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+1), loadTh(thSrcOff, reg0+2),
 			loadNet(ip4DstOff, 4, reg0+3), loadTh(thDstOff, reg0+4)), b.snat[snat4Filter]),

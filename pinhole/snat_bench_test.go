@@ -62,7 +62,7 @@ func BenchmarkSNATNewFlow(b *testing.B) {
 				ExternalAddr: pub.Addr(), ExternalPort: pub.Port()}, time.Hour))
 			if !tc.rule {
 				out := topo.Host.MustRun(b, "nft", "-a", "list", "chain", "inet", "pcpd", "postrouting")
-				m := regexp.MustCompile(`oifname @serving_ifs return # handle (\d+)`).FindStringSubmatch(out)
+				m := regexp.MustCompile(`oifname @serving_ifs .*return # handle (\d+)`).FindStringSubmatch(out)
 				if m == nil {
 					b.Fatalf("no serving_ifs rule in postrouting:\n%s", out)
 				}

@@ -1,8 +1,11 @@
 package pinhole_test
 
 import (
+	"errors"
 	"net"
 	"net/netip"
+	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -55,12 +58,13 @@ func seenVia(t *testing.T, ns *netlab.NS, from, dial netip.AddrPort, rns *netlab
 // through a mapping's DNAT: the receiver sees the sender's internal
 // address, which its socket, connected to the public endpoint, drops (and
 // on one LAN its replies go straight back, bypassing the reverse DNAT).
-// Both directions, standalone and attached.
+// Both directions, standalone and attached; a table laid out by d42eb88
+// fails Healthy and Setup writes the rule back.
 func TestNAPT4HairpinKeepsExternalSource(t *testing.T) {
 	for _, attached := range []bool{false, true} {
-		name := "standalone"
+		name, table, chain := "standalone", "pcpd", "postrouting"
 		if attached {
-			name = "attached"
+			name, table, chain = "attached", "filter", "pcpd_postrouting"
 		}
 		t.Run(name, func(t *testing.T) {
 			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
@@ -89,31 +93,61 @@ func TestNAPT4HairpinKeepsExternalSource(t *testing.T) {
 			m := func(a netip.Addr, port uint16) mapping {
 				return mapping{netip.AddrPortFrom(a, port), netip.AddrPortFrom(topo.HostPublicV4, 10000+port)}
 			}
+			// Each round its own mappings: a flow keeps its conntrack
+			// binding until idle.
 			var ops []pinhole.Op
-			for _, x := range []mapping{m(topo.ClientV4, 5000), m(topo.ClientV4, 5001), m(peerAddr, 5002), m(peerAddr, 5003)} {
-				ops = append(ops, install(pinhole.Pinhole{Protocol: udp, InternalAddr: x.in.Addr(), InternalPort: x.in.Port(),
-					ExternalAddr: x.pub.Addr(), ExternalPort: x.pub.Port()}, time.Minute))
+			for _, base := range []uint16{5000, 5010} {
+				for _, x := range []mapping{m(topo.ClientV4, base), m(topo.ClientV4, base+1), m(peerAddr, base+2), m(peerAddr, base+3)} {
+					ops = append(ops, install(pinhole.Pinhole{Protocol: udp, InternalAddr: x.in.Addr(), InternalPort: x.in.Port(),
+						ExternalAddr: x.pub.Addr(), ExternalPort: x.pub.Port()}, time.Minute))
+				}
 			}
 			apply(t, b, ops...)
 
-			for _, tc := range []struct {
-				what     string
-				from     *netlab.NS
-				src, dst mapping
-				to       *netlab.NS
-			}{
-				{"lan0 client → lan1 client's public endpoint", topo.Client, m(topo.ClientV4, 5000), m(peerAddr, 5002), peer},
-				{"lan1 client → lan0 client's public endpoint", peer, m(peerAddr, 5003), m(topo.ClientV4, 5001), topo.Client},
-			} {
-				got, ok := seenVia(t, tc.from, tc.src.in, tc.dst.pub, tc.to, tc.dst.in)
-				if !ok {
-					t.Fatalf("%s: %s → %s: nothing reached %s", tc.what, tc.src.in, tc.dst.pub, tc.dst.in)
-				}
-				if got != tc.src.pub {
-					t.Errorf("%s: %s → %s (DNAT-ed to %s): the receiver saw %v, want the sender's public endpoint %v (RFC 4787 REQ-9)\n%s",
-						tc.what, tc.src.in, tc.dst.pub, tc.dst.in, got, tc.src.pub, nftList(t, topo.Host, "ruleset"))
+			check := func(step string, base uint16) {
+				t.Helper()
+				for _, tc := range []struct {
+					what     string
+					from     *netlab.NS
+					src, dst mapping
+					to       *netlab.NS
+				}{
+					{"lan0 client → lan1 client's public endpoint", topo.Client, m(topo.ClientV4, base), m(peerAddr, base+2), peer},
+					{"lan1 client → lan0 client's public endpoint", peer, m(peerAddr, base+3), m(topo.ClientV4, base+1), topo.Client},
+				} {
+					got, ok := seenVia(t, tc.from, tc.src.in, tc.dst.pub, tc.to, tc.dst.in)
+					if !ok {
+						t.Fatalf("%s, %s: %s → %s: nothing reached %s", step, tc.what, tc.src.in, tc.dst.pub, tc.dst.in)
+					}
+					if got != tc.src.pub {
+						t.Errorf("%s, %s: %s → %s (DNAT-ed to %s): the receiver saw %v, want the sender's public endpoint %v (RFC 4787 REQ-9)\n%s",
+							step, tc.what, tc.src.in, tc.dst.pub, tc.dst.in, got, tc.src.pub, nftList(t, topo.Host, "chain", "inet", table, chain))
+					}
 				}
 			}
+			check("fresh layout", 5000)
+
+			// A table laid out by d42eb88 (its rule returned for every
+			// flow to a served interface): Healthy reports it, Setup
+			// writes the rule back.
+			out := topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", table, chain)
+			h := regexp.MustCompile(`oifname @\S*serving_ifs .*return # handle (\d+)`).FindStringSubmatch(out)
+			if h == nil {
+				t.Fatalf("no serving_ifs rule in %s:\n%s", chain, out)
+			}
+			topo.Host.MustRun(t, "nft", "replace", "rule", "inet", table, chain, "handle", h[1],
+				"oifname", "@"+strings.TrimSuffix(chain, "postrouting")+"serving_ifs", "return")
+			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+				t.Fatalf("Healthy = %v over d42eb88's postrouting, want ErrUnhealthy", err)
+			}
+			if err := b.Setup(); err != nil {
+				t.Fatalf("Setup: %v", err)
+			}
+			if err := b.Healthy(); err != nil {
+				t.Fatalf("Healthy after Setup: %v", err)
+			}
+			check("after Setup", 5010)
+			nftList(t, topo.Host, "ruleset") // listable
 			if attached {
 				if err := b.Teardown(); err != nil {
 					t.Fatal(err)

@@ -129,7 +129,7 @@ func TestNAPT4SNATOnlyTowardsWAN(t *testing.T) {
 
 			// An older pcpd's postrouting: this one without the rule.
 			out := topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", table, chain)
-			m := regexp.MustCompile(`oifname @\S*serving_ifs return # handle (\d+)`).FindStringSubmatch(out)
+			m := regexp.MustCompile(`oifname @\S*serving_ifs .*return # handle (\d+)`).FindStringSubmatch(out)
 			if m == nil {
 				t.Fatalf("no serving_ifs rule in %s:\n%s", chain, out)
 			}
