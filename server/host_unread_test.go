@@ -200,7 +200,7 @@ func TestMapRefusedUntilHostPortsRead(t *testing.T) {
 		if r.Result != pcp.Success || r.Map.ExternalPort == svc || r.Map.ExternalPort == 0 {
 			t.Fatalf("MAP TCP suggesting the host service's %d: %v, external port %d (the last good scan's ports not kept)", svc, r.Result, r.Map.ExternalPort)
 		}
-		if !hp.ready() {
+		if !hp.ready(protoTCP) || !hp.ready(protoUDP) {
 			t.Error("not ready after a good scan and a failed one")
 		}
 	})

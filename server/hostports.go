@@ -31,12 +31,16 @@ const tcpListen = 10
 // every port with a listening TCP or a bound UDP socket on the host, any
 // address, either family (an IPv6 wildcard socket takes IPv4 too).
 //
-// It fails closed: until a scan succeeds, no port is known free (ready is
-// false, reserved says every port is taken) and new IPv4 mappings are
+// It fails closed, each protocol on its own: until a dump of a protocol's
+// sockets succeeds, none of its ports is known free (ready is false,
+// reserved says every port is taken) and its new IPv4 mappings are
 // refused with NO_RESOURCES (errHostPortsUnread; Server.external). Before,
 // a failed first scan left the sets empty and a client could map a host
-// service's port until a scan succeeded. A failed scan after a good one
-// keeps the last good ports reserved (store).
+// service's port until a scan succeeded. A failed dump after a good one
+// keeps the last good ports reserved (store). Per protocol: a kernel that
+// never answers one protocol's dump (udp_diag absent) still serves the
+// other's mappings, which a single flag refused for ever (review revedge,
+// TestHostPortsReadPerProtocol). The WireGuard listen ports are UDP's.
 type hostPorts struct {
 	s *Server
 
@@ -48,9 +52,9 @@ type hostPorts struct {
 
 	mu     sync.Mutex
 	at     time.Time // of the last scan; zero: none yet
-	tcp    *portSet  // nil until a scan succeeds
-	udp    *portSet
-	warned bool // a failed scan was logged
+	tcp    *portSet  // nil until a dump of TCP sockets succeeds
+	udp    *portSet  // nil until a dump of UDP sockets (and WireGuard's ports) succeeds
+	warned bool      // a failed scan was logged
 
 	// background: housekeep rescans every hostPortsTTL while reserved is
 	// asked (lastUse within hostPortsIdle), so allocations, in the engine
@@ -103,14 +107,23 @@ func (h *hostPorts) configReserved(port uint16) bool {
 	return !h.s.cfg.IPv4Ports.contains(port) || h.staticSet().has(port)
 }
 
-// ready reports whether a scan of the host's ports has succeeded, scanning
-// first as reserved does when none is fresh (after a failure, at most once
-// every hostPortsTTL). Until it has, reserved holds every port taken.
-func (h *hostPorts) ready() bool {
+// ready reports whether a scan of the host's ports of protocol proto has
+// succeeded, scanning first as reserved does when none is fresh (after a
+// failure, at most once every hostPortsTTL). Until it has, reserved holds
+// every port of proto taken.
+func (h *hostPorts) ready(proto uint8) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.fresh()
-	return h.tcp != nil
+	return h.set(proto) != nil
+}
+
+// set is proto's ports (h.mu held): nil until read.
+func (h *hostPorts) set(proto uint8) *portSet {
+	if proto == protoTCP {
+		return h.tcp
+	}
+	return h.udp
 }
 
 // reserved reports whether the host uses port for protocol proto: every
@@ -122,13 +135,11 @@ func (h *hostPorts) reserved(proto uint8, port uint16) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.fresh()
-	if h.tcp == nil {
+	set := h.set(proto)
+	if set == nil {
 		return true // fail closed: nothing known free
 	}
-	if proto == protoTCP {
-		return h.tcp.has(port)
-	}
-	return h.udp.has(port)
+	return set.has(port)
 }
 
 // fresh rescans unless the sets are fresh enough (h.mu held), and marks
@@ -161,43 +172,52 @@ func (h *hostPorts) refresh() {
 	if !active {
 		return
 	}
-	tcp, udp, err := h.dump()
+	tcp, udp, tcpErr, udpErr := h.dump()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.store(tcp, udp, err)
+	h.store(tcp, udp, tcpErr, udpErr)
 }
 
 // scan refreshes the sets (h.mu held). On failure the previous ones are
 // kept (and logged once), or, before any scan succeeded, none are
 // installed: a scan that fails must not open the host's ports.
 func (h *hostPorts) scan() {
-	tcp, udp, err := h.dump()
-	h.store(tcp, udp, err)
+	h.store(h.dump())
 }
 
-// store installs a dump's sets (h.mu held); after a failed dump the
-// previous ports stay reserved too, and before any dump succeeded the
-// sets stay nil (ready false): a partial dump is not the host's ports.
-func (h *hostPorts) store(tcp, udp *portSet, err error) {
+// store installs a dump's sets (h.mu held), each protocol on its own:
+// after a failed dump the previous ports stay reserved too, and before any
+// dump of the protocol succeeded its set stays nil (ready false): a
+// partial dump is not the host's ports.
+func (h *hostPorts) store(tcp, udp *portSet, tcpErr, udpErr error) {
 	h.at = time.Now()
-	if err != nil {
-		if !h.warned {
-			if h.tcp == nil {
-				h.s.log.Warn("cannot list the host's sockets; new IPv4 mappings are refused (NO_RESOURCES) until a scan succeeds", zap.Error(err))
-			} else {
-				h.s.log.Warn("cannot list the host's sockets; keeping the last known ports reserved", zap.Error(err))
-			}
-			h.warned = true
+	if err := errors.Join(tcpErr, udpErr); err != nil && !h.warned {
+		if (tcpErr != nil && h.tcp == nil) || (udpErr != nil && h.udp == nil) {
+			h.s.log.Warn("cannot list the host's sockets; new IPv4 mappings of the protocols unlisted are refused (NO_RESOURCES) until a scan succeeds", zap.Error(err))
+		} else {
+			h.s.log.Warn("cannot list the host's sockets; keeping the last known ports reserved", zap.Error(err))
 		}
-		if h.tcp == nil {
-			return
-		}
-		tcp.union(h.tcp)
-		udp.union(h.udp)
-	} else if h.tcp == nil && h.warned {
+		h.warned = true
+	}
+	unread := h.tcp == nil || h.udp == nil
+	h.tcp = merge(h.tcp, tcp, tcpErr)
+	h.udp = merge(h.udp, udp, udpErr)
+	if unread && h.tcp != nil && h.udp != nil && h.warned {
 		h.s.log.Info("listed the host's sockets; new IPv4 mappings are served again")
 	}
-	h.tcp, h.udp = tcp, udp
+}
+
+// merge is a protocol's ports after a dump that found got: got if the dump
+// succeeded; else got and the last good ports, or nil if none yet.
+func merge(last, got *portSet, err error) *portSet {
+	if err == nil {
+		return got
+	}
+	if last == nil {
+		return nil
+	}
+	got.union(last)
+	return got
 }
 
 // kernelName resolves a configured interface name, and socketDiagTCP and
@@ -210,14 +230,19 @@ var (
 
 // dump lists the host's listening TCP and bound UDP ports, and the listen
 // ports of the served WireGuard interfaces.
-func (h *hostPorts) dump() (tcp, udp *portSet, err error) {
+// Each protocol's error is its own (tcpErr, udpErr: the WireGuard listen
+// ports are UDP's); failing to enter the namespace is both's.
+func (h *hostPorts) dump() (tcp, udp *portSet, tcpErr, udpErr error) {
 	tcp, udp = new(portSet), new(portSet)
-	err = inNS(h.s.cfg.NetNS, func() error {
-		var errs []error
+	var tcpErrs []error
+	ran := false
+	err := inNS(h.s.cfg.NetNS, func() error {
+		ran = true
+		var errs []error // UDP's
 		for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
 			ts, err := socketDiagTCP(fam)
 			if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-				errs = append(errs, err)
+				tcpErrs = append(tcpErrs, err)
 			}
 			for _, s := range ts {
 				if s.State == tcpListen {
@@ -258,7 +283,10 @@ func (h *hostPorts) dump() (tcp, udp *portSet, err error) {
 		}
 		return errors.Join(errs...)
 	})
-	return tcp, udp, err
+	if !ran {
+		return tcp, udp, err, err // the namespace not entered: nothing dumped
+	}
+	return tcp, udp, errors.Join(tcpErrs...), err
 }
 
 // setBackground tells reserved whether a background refresher runs.

@@ -312,7 +312,7 @@ func (s *Server) external(c *call, a *ask) (netip.AddrPort, time.Duration, error
 		first, last = s.cfg.IPv4Ports.First, s.cfg.IPv4Ports.Last
 		// Fail closed: until a scan of the host's sockets succeeds no
 		// port is known free of a host service (hostPorts.ready).
-		if !s.hostPorts.ready() {
+		if !s.hostPorts.ready(k.Protocol) {
 			return netip.AddrPort{}, 0, errHostPortsUnread
 		}
 	}
