@@ -1,0 +1,104 @@
+package server
+
+import (
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
+)
+
+// TestLeaseRevokedWhenHostGainsTarget: the host-address set is re-read
+// every policy.HostSetRefresh (5 s), so a request in the window after the
+// host gains an address (one the listener may already serve on), or
+// while reads fail after it, is judged by the old set: a client owning
+// the host's LAN prefix (static mode) maps the host's new address, or its
+// subnet's broadcast, and the NAPT mapping's DNAT carries the Internet's
+// traffic to the host's own services. Once a read shows the address is
+// the host's, renewals are refused (NOT_AUTHORIZED), but the lease, its
+// pinhole and DNAT stayed until expiry (up to the max lifetime), as did
+// a restored lease when the first read at start failed. The periodic
+// sweep must revoke a lease whose target is now the host's, as it does
+// one no longer owned; the others stay. Rows: the periodic steps alone,
+// and the full walk (at start, at a reported ownership loss).
+func TestLeaseRevokedWhenHostGainsTarget(t *testing.T) {
+	for _, full := range []bool{false, true} {
+		name := "periodic steps"
+		if full {
+			name = "full walk"
+		}
+		t.Run(name, func(t *testing.T) {
+			var addrs atomic.Pointer[[]net.Addr]
+			addrs.Store(&[]net.Addr{&net.IPNet{IP: net.ParseIP("2001:db8:ff::1"), Mask: net.CIDRMask(64, 128)}})
+			host := &policy.HostSet{Addrs: func() ([]net.Addr, error) { return *addrs.Load(), nil }}
+			if err := host.Refresh(); err != nil {
+				t.Fatal(err)
+			}
+			h := newHarness(t, func(_ *Config, pc *policy.Config) {
+				pc.HostAddrs, pc.HostAddrsRead = host.Contains, host.Read
+			})
+			hostV4 := netip.MustParseAddr("10.0.0.1")      // in client a's 10.0.0.0/28
+			hostV6 := netip.MustParseAddr("2001:db8:a::1") // in client a's 2001:db8:a::/48
+			bcast := netip.MustParseAddr("10.0.0.15")
+			n := byte(0)
+			mapTP := func(src, target netip.Addr, port uint16) pcp.Response {
+				n++
+				r := mapReq(src, pcp.ProtoTCP, port, 0, time.Hour, n)
+				if target != src {
+					r.Options.ThirdParty = target
+				}
+				return h.do(r)
+			}
+			// Before the host's next read: granted on the old set.
+			for _, m := range []struct {
+				src, target netip.Addr
+				port        uint16
+			}{{v4A, hostV4, 22}, {v4A, bcast, 80}, {addrA, hostV6, 22}, {v4A, v4A, 443}, {addrA, addrA, 443}} {
+				if r := mapTP(m.src, m.target, m.port); r.Result != pcp.Success {
+					t.Fatalf("MAP %v port %d before the host's read: %v", m.target, m.port, r.Result)
+				}
+			}
+			// The host's addresses now: 10.0.0.1/28 and 2001:db8:a::1/64.
+			addrs.Store(&[]net.Addr{
+				&net.IPNet{IP: hostV4.AsSlice(), Mask: net.CIDRMask(28, 32)},
+				&net.IPNet{IP: hostV6.AsSlice(), Mask: net.CIDRMask(64, 128)},
+			})
+			if err := host.Refresh(); err != nil {
+				t.Fatal(err)
+			}
+			if r := mapTP(v4A, hostV4, 23); r.Result != pcp.NotAuthorized {
+				t.Fatalf("MAP of the host's 10.0.0.1 after the read: %v, want NOT_AUTHORIZED", r.Result)
+			}
+			if full {
+				h.s.sweepOwnership()
+			} else {
+				for range 3 {
+					h.s.sweepStep()
+				}
+			}
+			for _, m := range []struct {
+				proto uint8
+				addr  netip.Addr
+				port  uint16
+				kept  bool
+			}{{protoTCP, hostV4, 22, false}, {protoTCP, bcast, 80, false}, {protoTCP, hostV6, 22, false},
+				{protoTCP, v4A, 443, true}, {protoTCP, addrA, 443, true}} {
+				h.s.mu.Lock()
+				_, ok := h.s.tab.get(store.Key{Owner: "static:a", Protocol: m.proto, InternalAddr: m.addr, InternalPort: m.port})
+				h.s.mu.Unlock()
+				if ok != m.kept {
+					t.Errorf("lease of %v port %d after the sweep: held %v, want %v", m.addr, m.port, ok, m.kept)
+				}
+			}
+			for p := range h.fw.Holes() {
+				if host.Contains(p.InternalAddr) {
+					t.Errorf("pinhole %v to the host's own address left open", p)
+				}
+			}
+		})
+	}
+}
