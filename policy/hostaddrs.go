@@ -2,6 +2,7 @@ package policy
 
 import (
 	"context"
+	"maps"
 	"net"
 	"net/netip"
 	"sync"
@@ -41,6 +42,7 @@ type HostSet struct {
 
 	mu     sync.Mutex // serialises Refresh's logging
 	warned bool
+	gen    atomic.Uint64 // Gen
 }
 
 // HostSetRefresh is how often Run re-reads the host's addresses.
@@ -73,9 +75,18 @@ func (h *HostSet) Refresh() error {
 	if !h.Read() && h.warned && h.Log != nil {
 		h.Log.Info("read the host's addresses; MAP and PEER requests are served again")
 	}
+	old := h.set.Load()
 	h.set.Store(&m)
+	if old == nil || !maps.Equal(*old, m) {
+		h.gen.Add(1)
+	}
 	return nil
 }
+
+// Gen counts the reads that changed the set (the first good read
+// included): 0 until a read succeeds (Config.HostAddrsGen). Safe for
+// concurrent use.
+func (h *HostSet) Gen() uint64 { return h.gen.Load() }
 
 // Read reports whether a read of the host's addresses has succeeded
 // (Config.HostAddrsRead). Safe for concurrent use.

@@ -145,3 +145,38 @@ func TestAuthorizeRefusedUntilHostRead(t *testing.T) {
 		t.Errorf("%d notices of the first good read, want 2", n)
 	}
 }
+
+// TestHostSetGen: Gen is 0 until a read succeeds and changes exactly when
+// a read changes the set (the server's sweep re-checks every lease then,
+// and only then).
+func TestHostSetGen(t *testing.T) {
+	a := &net.IPNet{IP: net.ParseIP("10.0.0.1"), Mask: net.CIDRMask(24, 32)}
+	b := &net.IPNet{IP: net.ParseIP("2001:db8::1"), Mask: net.CIDRMask(64, 128)}
+	var next []net.Addr
+	var fail bool
+	h := &HostSet{Addrs: func() ([]net.Addr, error) {
+		if fail {
+			return nil, errors.New("injected")
+		}
+		return next, nil
+	}}
+	for i, step := range []struct {
+		addrs []net.Addr
+		fail  bool
+		gen   uint64
+	}{
+		{nil, true, 0},            // first read failed
+		{[]net.Addr{a}, false, 1}, // first good read
+		{[]net.Addr{a}, false, 1}, // the same
+		{nil, true, 1},            // failed: last good kept
+		{[]net.Addr{a, b}, false, 2},
+		{[]net.Addr{b, a}, false, 2}, // same set, other order
+		{[]net.Addr{}, false, 3},     // all gone
+	} {
+		next, fail = step.addrs, step.fail
+		h.Refresh()
+		if got := h.Gen(); got != step.gen {
+			t.Fatalf("step %d: Gen %d, want %d", i, got, step.gen)
+		}
+	}
+}

@@ -159,6 +159,11 @@ type Config struct {
 	// error: the client retries). Called on every request allowed so far:
 	// fast and safe for concurrent use. Nil: always read.
 	HostAddrsRead func() bool
+	// HostAddrsGen changes whenever HostAddrs' answers may have
+	// (HostSet.Gen): the server's sweep then checks every lease's
+	// target again (Policy.NeverOpenable) and revokes those the host now
+	// reaches. Nil: never changes.
+	HostAddrsGen func() uint64
 }
 
 // Policy applies Config over an Ownership. It is immutable and safe for
@@ -179,6 +184,7 @@ type Policy struct {
 	denyDoc   bool
 	host      func(netip.Addr) bool
 	hostRead  func() bool
+	hostGen   func() uint64
 }
 
 // tableSource is implemented by this package's ownerships so that Authorize
@@ -205,6 +211,7 @@ func New(cfg Config, own Ownership) (*Policy, error) {
 		denyDoc:   cfg.DenyDocumentation,
 		host:      cfg.HostAddrs,
 		hostRead:  cfg.HostAddrsRead,
+		hostGen:   cfg.HostAddrsGen,
 	}
 	if ts, ok := own.(tableSource); ok {
 		p.fast = ts
@@ -451,6 +458,21 @@ func (p *Policy) MaxLifetime() time.Duration { return p.maxLife }
 
 // MaxLeasesPerClient returns the effective per-client lease limit (MAP-15).
 func (p *Policy) MaxLeasesPerClient() int { return p.maxClient }
+
+// NeverOpenable reports whether no one may open a, whatever the
+// ownership says: its class, or the host reaches it (Config.HostAddrs, as
+// now read). The server's sweep revokes a lease whose target became one
+// (the host gained the address after the lease was granted).
+func (p *Policy) NeverOpenable(a netip.Addr) bool { return p.neverOpenable(a) }
+
+// HostGen is Config.HostAddrsGen's value (0 if nil): when it changes,
+// NeverOpenable may answer otherwise for a lease's target.
+func (p *Policy) HostGen() uint64 {
+	if p.hostGen == nil {
+		return 0
+	}
+	return p.hostGen()
+}
 
 // neverOpenable reports whether a is in a class no one may open, whatever
 // the ownership says.

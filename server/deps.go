@@ -114,6 +114,12 @@ type Policy interface {
 	Requester(src netip.Addr, iface string) (policy.Owner, bool)
 	// Rules is Authorize without ownership (for restored leases).
 	Rules(policy.Request) policy.Reason
+	// NeverOpenable: no one may open the address (the host's own, as
+	// now read, among them); the sweep revokes leases on it.
+	NeverOpenable(netip.Addr) bool
+	// HostGen changes when NeverOpenable may have (the host's addresses
+	// read anew): the next sweep pass checks every lease against it.
+	HostGen() uint64
 	CheckQuota(clientLeases, totalLeases int) policy.Reason
 	ClampLifetime(time.Duration) time.Duration
 	MaxLeasesPerClient() int // bounds a client's quarantined ports too (MAP-22, quarantine.go)

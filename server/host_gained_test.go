@@ -39,7 +39,7 @@ func TestLeaseRevokedWhenHostGainsTarget(t *testing.T) {
 				t.Fatal(err)
 			}
 			h := newHarness(t, func(_ *Config, pc *policy.Config) {
-				pc.HostAddrs, pc.HostAddrsRead = host.Contains, host.Read
+				pc.HostAddrs, pc.HostAddrsRead, pc.HostAddrsGen = host.Contains, host.Read, host.Gen
 			})
 			hostV4 := netip.MustParseAddr("10.0.0.1")      // in client a's 10.0.0.0/28
 			hostV6 := netip.MustParseAddr("2001:db8:a::1") // in client a's 2001:db8:a::/48
@@ -99,6 +99,57 @@ func TestLeaseRevokedWhenHostGainsTarget(t *testing.T) {
 					t.Errorf("pinhole %v to the host's own address left open", p)
 				}
 			}
+		})
+	}
+}
+
+// BenchmarkSweepStepNeverOpenable is BenchmarkSweepStep with the sweep's
+// ownership as the server builds it (sweptOwnership): each address run
+// also asks Policy.NeverOpenable, over a host-address set of a host with
+// four interface addresses.
+func BenchmarkSweepStepNeverOpenable(b *testing.B) {
+	for _, check := range []bool{false, true} {
+		name := "ownership only"
+		if check {
+			name = "with NeverOpenable"
+		}
+		b.Run(name, func(b *testing.B) {
+			tab, gen := benchTable(1_000_000)
+			ids := make([]policy.OwnerID, 4096)
+			for i := range ids {
+				ids[i] = policy.OwnerID(gen(i).Owner)
+			}
+			var own policy.Ownership = ownershipFunc(func(a netip.Addr) (policy.Owner, bool) {
+				b := a.As16()
+				return policy.Owner{ID: ids[(int(b[7])<<16|int(b[13])<<8|int(b[14]))%len(ids)]}, true
+			})
+			if check {
+				host := &policy.HostSet{Addrs: func() ([]net.Addr, error) {
+					return []net.Addr{
+						&net.IPNet{IP: net.ParseIP("127.0.0.1"), Mask: net.CIDRMask(8, 32)},
+						&net.IPNet{IP: net.ParseIP("::1"), Mask: net.CIDRMask(128, 128)},
+						&net.IPNet{IP: net.ParseIP("192.0.2.1"), Mask: net.CIDRMask(24, 32)},
+						&net.IPNet{IP: net.ParseIP("2001:db8:ffff::1"), Mask: net.CIDRMask(64, 128)},
+					}, nil
+				}}
+				if err := host.Refresh(); err != nil {
+					b.Fatal(err)
+				}
+				pol, err := policy.New(policy.Config{HostAddrs: host.Contains, HostAddrsRead: host.Read}, own)
+				if err != nil {
+					b.Fatal(err)
+				}
+				own = sweptOwnership{Ownership: own, never: pol.NeverOpenable}
+			}
+			var keys []store.Key
+			at := uint32(0)
+			for b.Loop() {
+				keys, at = tab.unowned(at, sweepSlots, own, keys[:0])
+			}
+			if len(keys) != 0 {
+				b.Fatalf("%d leases found unowned", len(keys))
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*sweepSlots), "ns/slot")
 		})
 	}
 }

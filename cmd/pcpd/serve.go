@@ -168,6 +168,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		ThirdParty:         tp,
 		HostAddrs:          host.Contains,
 		HostAddrsRead:      host.Read,
+		HostAddrsGen:       host.Gen,
 		AllowPorts:         portRanges(cfg.AllowPorts),
 		DenyPorts:          portRanges(cfg.DenyPorts),
 		AllowAllPorts:      cfg.AllowAllPorts,
