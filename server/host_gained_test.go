@@ -1,6 +1,7 @@
 package server
 
 import (
+	"errors"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -100,6 +101,57 @@ func TestLeaseRevokedWhenHostGainsTarget(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestRestoredLeaseRevokedOnceHostRead: a lease on what is now the host's
+// address, restored while the first read of the host's addresses fails
+// (Policy.Rules keeps it: nothing to judge it by), is revoked by the
+// sweep once a read succeeds; the client's own lease stays.
+func TestRestoredLeaseRevokedOnceHostRead(t *testing.T) {
+	hostV4 := netip.MustParseAddr("10.0.0.1")
+	h := newHarness(t)
+	if r := h.do(func() *pcp.Request {
+		r := mapReq(v4A, pcp.ProtoTCP, 22, 0, time.Hour, 1)
+		r.Options.ThirdParty = hostV4
+		return r
+	}()); r.Result != pcp.Success {
+		t.Fatalf("MAP of 10.0.0.1 before it was the host's: %v", r.Result)
+	}
+	h.expect(h.do(mapReq(v4A, pcp.ProtoTCP, 443, 0, time.Hour, 2)), pcp.Success)
+	h.s.payStoreDebt()
+
+	var fail atomic.Bool
+	fail.Store(true)
+	host := &policy.HostSet{Addrs: func() ([]net.Addr, error) {
+		if fail.Load() {
+			return nil, errors.New("injected")
+		}
+		return []net.Addr{&net.IPNet{IP: hostV4.AsSlice(), Mask: net.CIDRMask(28, 32)}}, nil
+	}}
+	host.Refresh()
+	h.pcfg.HostAddrs, h.pcfg.HostAddrsRead, h.pcfg.HostAddrsGen = host.Contains, host.Read, host.Gen
+	h.start() // restart: the first read failed
+	held := func(port uint16) bool {
+		h.s.mu.Lock()
+		defer h.s.mu.Unlock()
+		_, ok := h.s.tab.get(store.Key{Owner: "static:a", Protocol: protoTCP, InternalAddr: v4A, InternalPort: port})
+		if port == 22 {
+			_, ok = h.s.tab.get(store.Key{Owner: "static:a", Protocol: protoTCP, InternalAddr: hostV4, InternalPort: port})
+		}
+		return ok
+	}
+	h.runPeriodic(1, 3)
+	if !held(22) || !held(443) {
+		t.Fatalf("restored leases while unread: 10.0.0.1:22 %v, 10.0.0.2:443 %v; want both kept", held(22), held(443))
+	}
+	fail.Store(false)
+	if err := host.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	h.runPeriodic(1, 3)
+	if held(22) || !held(443) {
+		t.Fatalf("after the first good read: 10.0.0.1:22 held %v (want revoked), 10.0.0.2:443 held %v (want kept)", held(22), held(443))
 	}
 }
 

@@ -266,6 +266,9 @@ func (s *Server) Start() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.tab.grow(len(s.deps.State.Leases))
+	// restore judges each lease by the host's addresses as now read
+	// (Policy.Rules): the sweep need re-check them only after a change.
+	s.hostSeen = s.pol.HostGen()
 	err := s.restore()
 	// The table holds its own copies; the stored ones (≈ 290 bytes a
 	// lease) need not live on.
