@@ -389,8 +389,9 @@ func (p *Policy) readHost(r Reason) Reason {
 // answers HostUnread: a restored lease was checked against the host's
 // addresses when granted, and revoking every restored lease because the
 // host's addresses could not be read at start would be worse than
-// keeping them (a host address is then checked from its next read on,
-// at renewal).
+// keeping them (a host address is then checked from its next read on:
+// renewals are refused, and the server's sweep revokes the lease after
+// the read, HostGen).
 func (p *Policy) Rules(r Request) Reason {
 	if r.ThirdParty && p.tp == ThirdPartyOff {
 		return ThirdPartyDenied
