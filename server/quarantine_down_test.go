@@ -1,0 +1,58 @@
+package server
+
+import (
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+)
+
+// TestMAP22LeaseExpiredWhileDown: a mapping whose lease ends while pcpd is
+// down frees its IPv4 port as an expiry would have had pcpd been up: the
+// port is quarantined (MAP-22) from the lease's expiry for the protocol's
+// idle time, so after the restart another client does not get it until
+// then, its last holder does, and the store holds the quarantine restore
+// set. One whose idle time too is over by the restart is free at once.
+func TestMAP22LeaseExpiredWhileDown(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		proto pcp.Protocol
+		down  time.Duration // pcpd down from the MAP on; the lease lives 1 h
+		quar  bool          // the port is quarantined after the restart
+	}{
+		{"TCP, 10 min past its expiry", pcp.ProtoTCP, 70 * time.Minute, true},
+		{"TCP, 2 h past its expiry", pcp.ProtoTCP, 3 * time.Hour, true},
+		{"TCP, idle time over too", pcp.ProtoTCP, 60*time.Minute + 125*time.Minute, false},
+		{"UDP, 1 min past its expiry", pcp.ProtoUDP, 61 * time.Minute, true},
+		{"UDP, idle time over too", pcp.ProtoUDP, 63 * time.Minute, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, func(c *Config, p *policy.Config) {
+				c.IPv4Ports = PortRange{First: 40000, Last: 40003}
+			})
+			r := h.do(mapReq(v4A, tc.proto, 5000, 40000, time.Hour, 1))
+			if r.Result != pcp.Success || r.Map.ExternalPort != 40000 || r.Lifetime != time.Hour {
+				t.Fatalf("MAP: %v, external %d, lifetime %v", r.Result, r.Map.ExternalPort, r.Lifetime)
+			}
+			h.clock.Advance(tc.down)
+			h.start()
+			if got := quarPorts(h.s)[40000]; got != tc.quar {
+				t.Fatalf("port 40000 quarantined after the restart: %v, want %v", got, tc.quar)
+			}
+			mirrored(t, h, "restarted")
+			r = h.do(mapReq(v4B, tc.proto, 80, 40000, time.Hour, 2))
+			if got := r.Result == pcp.Success && r.Map.ExternalPort == 40000; got == tc.quar {
+				t.Fatalf("client B asks for 40000 after the restart: %v, external %d (quarantined: %v)", r.Result, r.Map.ExternalPort, tc.quar)
+			}
+			if !tc.quar {
+				return
+			}
+			h.expect(h.do(mapReq(v4B, tc.proto, 80, 0, 0, 2)), pcp.Success)
+			r = h.do(mapReq(v4A, tc.proto, 5000, 40000, time.Hour, 1))
+			if r.Result != pcp.Success || r.Map.ExternalPort != 40000 {
+				t.Fatalf("last holder re-maps 40000: %v, external %d", r.Result, r.Map.ExternalPort)
+			}
+		})
+	}
+}
