@@ -93,6 +93,11 @@ type restoring struct {
 	// expEnds are the connections of leases that expired while pcpd was
 	// down, to flush (flushExpired).
 	expEnds []ctFilter
+	// lapsed are the MAP-22 quarantines of the IPv4 ports of leases that
+	// expired while pcpd was down, running from their expiry as the
+	// engine's expiry would have set them (TestMAP22LeaseExpiredWhileDown):
+	// restored with the stored ones.
+	lapsed []store.Quarantine
 }
 
 func (s *Server) restoring(now time.Time) *restoring {
@@ -113,6 +118,7 @@ func (r *restoring) add(l *store.Lease) {
 		if !r.s.cfg.KeepConnections {
 			r.expEnds = appendCtFilters(r.expEnds, l)
 		}
+		r.lapse(l)
 	case l.ExternalAddr.Is4() && l.ExternalAddr != r.s.cfg.ExternalIPv4:
 		// The external IPv4 changed (or is gone): these mappings
 		// cannot be kept, which is a loss of mapping state (EPO-03).
@@ -130,6 +136,23 @@ func (r *restoring) add(l *store.Lease) {
 		l.Filters = slices.Clip(slices.Clone(l.Filters))
 		r.s.tab.insert(l)
 	}
+}
+
+// lapse quarantines the IPv4 external port of l, a lease that expired
+// while pcpd was down, from l's expiry (MAP-22): had pcpd been up, its
+// expiry would have quarantined the port then (tx.freed), and a remote
+// still talking to it must not land on another client's service because
+// pcpd was down when it ended. restoreQuarantines drops it if that time is
+// over, its address is no longer ours or a restored lease holds the port.
+func (r *restoring) lapse(l *store.Lease) {
+	if !l.ExternalAddr.Is4() || r.s.configForbids(l) { // a reserved port is never handed out
+		return
+	}
+	_, q := quarantineOf(l, l.Expires)
+	if !q.until.After(r.now) {
+		return
+	}
+	r.lapsed = append(r.lapsed, storeQuar(endpointOf(l), q))
 }
 
 // finish reconciles the kernel with the table, drops from the store what
@@ -153,8 +176,12 @@ func (r *restoring) finish(st store.State) error {
 	r.drop = nil
 	// MAP-22: the stored quarantines come back, and the refused leases'
 	// ports are quarantined, in the commit that drops those leases.
-	r.restoreQuarantines(st.Quarantines)
-	s.deps.State.Quarantines = nil
+	for i := range r.lapsed { // not in the store yet: written whether kept or not
+		e := &r.lapsed[i].Endpoint
+		r.qtouched = append(r.qtouched, endpoint{addr: e.Addr, proto: e.Protocol, port: e.Port})
+	}
+	r.restoreQuarantines(append(st.Quarantines, r.lapsed...))
+	s.deps.State.Quarantines, r.lapsed = nil, nil
 	r.quarantineRefused()
 	qc := r.quarChange()
 	if len(drop) > 0 || qc != nil {
