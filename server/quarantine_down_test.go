@@ -1,11 +1,13 @@
 package server
 
 import (
+	"errors"
 	"testing"
 	"time"
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
 )
 
 // TestMAP22LeaseExpiredWhileDown: a mapping whose lease ends while pcpd is
@@ -52,6 +54,46 @@ func TestMAP22LeaseExpiredWhileDown(t *testing.T) {
 			r = h.do(mapReq(v4A, tc.proto, 5000, 40000, time.Hour, 1))
 			if r.Result != pcp.Success || r.Map.ExternalPort != 40000 {
 				t.Fatalf("last holder re-maps 40000: %v, external %d", r.Result, r.Map.ExternalPort)
+			}
+		})
+	}
+}
+
+// TestMAP22ExpiryUnrecordedRestart: a lease that expires while pcpd runs
+// but whose expiry's commit fails (the store owes the quarantine to the
+// next commit, quarDebt) and pcpd then stops before any commit succeeds
+// (kill -9, a store that stays down) comes back expired: restore
+// quarantines its port from its expiry, as for one that expired while
+// pcpd was down (TestMAP22LeaseExpiredWhileDown).
+func TestMAP22ExpiryUnrecordedRestart(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		after time.Duration // from the failed expiry to the restart
+		quar  bool
+	}{
+		{"restarted at once", 0, true},
+		{"restarted 2 h later", 2 * time.Hour, true},
+		{"restarted after the idle time", 125 * time.Minute, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, func(c *Config, p *policy.Config) {
+				c.IPv4Ports = PortRange{First: 40000, Last: 40003}
+			})
+			h.expect(h.do(mapReq(v4A, pcp.ProtoTCP, 5000, 40000, time.Hour, 1)), pcp.Success)
+			h.st.FailCommit = func([]store.Lease, []store.Key) error { return errors.New("disk gone") }
+			h.runPeriodic(61, 0) // the expiry, its commit failing
+			if !quarPorts(h.s)[40000] {
+				t.Fatal("expiry did not quarantine 40000")
+			}
+			h.st.FailCommit = nil
+			h.clock.Advance(tc.after)
+			h.start() // no orderly stop: the store still holds the lease
+			if got := quarPorts(h.s)[40000]; got != tc.quar {
+				t.Fatalf("port 40000 quarantined after the restart: %v, want %v", got, tc.quar)
+			}
+			r := h.do(mapReq(v4B, pcp.ProtoTCP, 80, 40000, time.Hour, 2))
+			if got := r.Result == pcp.Success && r.Map.ExternalPort == 40000; got == tc.quar {
+				t.Fatalf("client B asks for 40000 after the restart: %v, external %d (quarantined: %v)", r.Result, r.Map.ExternalPort, tc.quar)
 			}
 		})
 	}
