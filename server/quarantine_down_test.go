@@ -98,3 +98,45 @@ func TestMAP22ExpiryUnrecordedRestart(t *testing.T) {
 		})
 	}
 }
+
+// TestMAP22QuarantineClockBehindRestart: a quarantine has at most its
+// protocol's idle time left (124 min TCP, 2 min UDP), as a restored lease
+// has at most the max lifetime (clampRestored). Restored with the clock
+// behind (a reboot without RTC, NTP not yet synced), a stored end looks
+// that much further away: unclamped, the port stayed out of the pool for
+// the clock's error on top (a week here; the rebase at NTP's step moves
+// the end with the step, so the error stays). Restore caps it: after its
+// idle time of running, another client gets the port.
+func TestMAP22QuarantineClockBehindRestart(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		proto  pcp.Protocol
+		behind time.Duration
+		run    time.Duration // after the restart
+		free   bool          // another client gets the port then
+	}{
+		{"TCP, clock a week behind, idle time run", pcp.ProtoTCP, 7 * 24 * time.Hour, 125 * time.Minute, true},
+		{"TCP, clock a week behind, 1 h run", pcp.ProtoTCP, 7 * 24 * time.Hour, time.Hour, false},
+		{"UDP, clock a day behind, idle time run", pcp.ProtoUDP, 24 * time.Hour, 3 * time.Minute, true},
+		{"TCP, clock right, 1 h run", pcp.ProtoTCP, 0, time.Hour, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, func(c *Config, p *policy.Config) {
+				c.IPv4Ports = PortRange{First: 40000, Last: 40003}
+			})
+			h.expect(h.do(mapReq(v4A, tc.proto, 5000, 40000, time.Hour, 1)), pcp.Success)
+			h.expect(h.do(mapReq(v4A, tc.proto, 5000, 0, 0, 1)), pcp.Success)
+			h.clock.Advance(-tc.behind)
+			h.start()
+			if !quarPorts(h.s)[40000] {
+				t.Fatal("40000 not quarantined after the restart")
+			}
+			mirrored(t, h, "restarted")
+			h.clock.Advance(tc.run)
+			r := h.do(mapReq(v4B, tc.proto, 80, 40000, time.Hour, 2))
+			if got := r.Result == pcp.Success && r.Map.ExternalPort == 40000; got != tc.free {
+				t.Fatalf("client B asks for 40000 %v after the restart: %v, external %d; want it free: %v", tc.run, r.Result, r.Map.ExternalPort, tc.free)
+			}
+		})
+	}
+}
