@@ -214,7 +214,8 @@ func (t *tx) oweQuar() {
 // whole, oldest first (the order the cap releases them in), and lists in
 // r.qtouched those it drops: ended while pcpd was down, on an address no
 // longer ours, on a port a restored lease holds, or beyond their owner's
-// cap (the cap holds across a restart, also when it was lowered).
+// cap (the cap holds across a restart, also when it was lowered), and
+// those it cuts to their idle time from now (the clock behind).
 func (r *restoring) restoreQuarantines(qs []store.Quarantine) {
 	s := r.s
 	freed := func(q *store.Quarantine) time.Time { return q.Until.Add(-quarIdle(q.Protocol)) }
@@ -227,7 +228,17 @@ func (r *restoring) restoreQuarantines(qs []store.Quarantine) {
 			r.qtouched = append(r.qtouched, e)
 			continue
 		}
-		s.quarPut(e, quarantine{owner: sq.Owner, addr: sq.InternalAddr, port: sq.InternalPort, nonce: sq.Nonce, until: sq.Until})
+		until := sq.Until
+		if most := r.now.Add(quarIdle(e.proto)); until.After(most) {
+			// The clock is behind (or was stepped back): no quarantine
+			// has more than its idle time left, as no restored lease has
+			// more than the max lifetime (clampRestored). Unclamped, the
+			// port stayed out of the pool for the clock's error too
+			// (TestMAP22QuarantineClockBehindRestart).
+			until = most
+			r.qtouched = append(r.qtouched, e)
+		}
+		s.quarPut(e, quarantine{owner: sq.Owner, addr: sq.InternalAddr, port: sq.InternalPort, nonce: sq.Nonce, until: until})
 	}
 	for owner := range s.quarBy {
 		s.quarCap(owner, r.now, func(e endpoint) {
