@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/store"
@@ -136,6 +138,60 @@ func TestMAP22QuarantineClockBehindRestart(t *testing.T) {
 			r := h.do(mapReq(v4B, tc.proto, 80, 40000, time.Hour, 2))
 			if got := r.Result == pcp.Success && r.Map.ExternalPort == 40000; got != tc.free {
 				t.Fatalf("client B asks for 40000 %v after the restart: %v, external %d; want it free: %v", tc.run, r.Result, r.Map.ExternalPort, tc.free)
+			}
+		})
+	}
+}
+
+// TestMAP22RewriteQuarantinesFirst: after a wall-clock step the rewrite
+// writes the quarantines before the leases. They are few (at most one per
+// IPv4 port and protocol) while the leases may take minutes of sweep ticks
+// (≈ 2 min at a million, rewriteChunk a tick); a kill -9 in that time left
+// every quarantine in the old frame, and a forward step ended them early
+// at the restart: the freed port went to another client. Here a chunk is
+// one record and three leases come first in the table.
+func TestMAP22RewriteQuarantinesFirst(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		chunks int // rewrite chunks written before the kill
+	}{
+		{"killed after the first chunk", 1},
+		{"killed after the second chunk", 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &stepClocks{}
+			c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
+			h := runClockHarness(t, c, func(cf *Config, p *policy.Config) { cf.IPv4Ports = PortRange{First: 40000, Last: 40007} })
+			for i := range uint16(3) {
+				h.expect(h.do(mapReq(v4A, pcp.ProtoTCP, 6000+i, 40004+i, 10*time.Hour, 1)), pcp.Success)
+			}
+			h.expect(h.do(mapReq(v4A, pcp.ProtoTCP, 5000, 40000, time.Hour, 1)), pcp.Success)
+			h.expect(h.do(mapReq(v4A, pcp.ProtoTCP, 5000, 0, 0, 1)), pcp.Success)
+			c.advance(time.Minute)
+			c.step(3 * time.Hour)
+			h.s.mu.Lock()
+			h.s.rebase(h.s.clk.skew())
+			for range tc.chunks {
+				h.s.rewriteStep(1)
+			}
+			h.s.mu.Unlock()
+			// kill -9: no finishRebase. Restart on the stepped clock.
+			c.advance(time.Minute)
+			pol, err := policy.New(h.pcfg, h.own)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s, err := New(h.cfg, Deps{Firewall: h.fw, Store: h.st, State: h.st.State(), Policy: pol, Now: c.Now, Mono: c.Mono}, zap.NewNop())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Start(); err != nil {
+				t.Fatal(err)
+			}
+			h.s = s
+			r := h.do(mapReq(v4B, pcp.ProtoTCP, 80, 40000, time.Hour, 2))
+			if r.Result == pcp.Success && r.Map.ExternalPort == 40000 {
+				t.Fatal("MAP-22: port freed 2 min before (running time) handed to another client after a step, a partial rewrite and a kill")
 			}
 		})
 	}
