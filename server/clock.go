@@ -31,8 +31,8 @@ import (
 // sweep tick and once at shutdown), the engine rebases: it shifts every
 // wall time it holds by the step, in memory, at once (rebase: relative
 // quantities, what the kernel holds, are unchanged), moves the running
-// clock onto the wall clock, and rewrites the leases, then the MAP-22
-// quarantines, in the store, a chunk a tick (rewriteStep), so a later
+// clock onto the wall clock, and rewrites the MAP-22 quarantines, then
+// the leases, in the store, a chunk a tick (rewriteStep), so a later
 // start reads right wall expiries and quarantine ends.
 //
 // A crash before the rewrite is done leaves the leases not yet rewritten
@@ -208,7 +208,11 @@ func (s *Server) rebase(d time.Duration) {
 		s.started = s.started.Add(d)
 	}
 	s.rewriteAt = 1
-	s.rewriteQuar, s.rewriteQuarList = false, s.rewriteQuarList[:0]
+	// The quarantines first: few, and a kill -9 before their rewrite made
+	// a forward step end them early at the restart
+	// (TestMAP22RewriteQuarantinesFirst).
+	s.rewriteQuarList = slices.AppendSeq(s.rewriteQuarList[:0], maps.Keys(s.quar))
+	s.rewriteQuar = len(s.rewriteQuarList) > 0
 	s.m.clockSteps.Inc()
 	s.log.Warn("wall clock stepped: lease times moved with it, pinholes unchanged",
 		zap.Duration("step", d), zap.Int("leases", s.tab.len()))
@@ -222,14 +226,21 @@ func (s *Server) rebase(d time.Duration) {
 // Leases changed since the rebase went through a commit of their own, so
 // writing them again is redundant but right.
 //
-// Then the MAP-22 quarantines, whose until moved too (rebase): without
-// their rewrite a restart would read them in the old frame, and a forward
-// step would end them early (TestMAP22QuarantineRebaseRestart). They are
-// listed when the leases are done and written n at a time, each with its
-// current state (one ended meanwhile is written as ended).
+// Before them, the MAP-22 quarantines, whose until moved too (rebase):
+// without their rewrite a restart would read them in the old frame, and a
+// forward step would end them early (TestMAP22QuarantineRebaseRestart).
+// They are listed by rebase and written n at a time, each with its
+// current state (one ended meanwhile is written as ended), before the
+// first lease (TestMAP22RewriteQuarantinesFirst).
 func (s *Server) rewriteStep(n int) bool {
 	if s.rewriteQuar {
-		return s.rewriteQuarStep(n)
+		left := len(s.rewriteQuarList)
+		if !s.rewriteQuarStep(n) {
+			return false
+		}
+		if n -= left; s.rewriteQuar || n <= 0 {
+			return true
+		}
 	}
 	t := s.tab
 	now := s.now().UnixNano()
@@ -263,19 +274,14 @@ func (s *Server) rewriteStep(n int) bool {
 		}
 	}
 	if ref > t.top {
-		// The leases are done; the quarantines next (rewriteAt stays
-		// non-zero until they are).
-		s.rewriteQuarList = slices.AppendSeq(s.rewriteQuarList[:0], maps.Keys(s.quar))
-		s.rewriteQuar = true
-		s.rewriteAt = max(ref, 1)
-		return s.rewriteQuarStep(n)
+		ref = 0 // done
 	}
 	s.rewriteAt = ref
 	return true
 }
 
 // rewriteQuarStep writes the next n quarantines of the rewrite after a
-// rebase (s.mu held), ending the rewrite after the last.
+// rebase (s.mu held); the leases' rewrite follows the last.
 func (s *Server) rewriteQuarStep(n int) bool {
 	l := s.rewriteQuarList
 	chunk := l[max(len(l)-n, 0):]
@@ -292,7 +298,7 @@ func (s *Server) rewriteQuarStep(n int) bool {
 	}
 	s.rewriteQuarList = l[:len(l)-len(chunk)]
 	if len(s.rewriteQuarList) == 0 {
-		s.rewriteQuar, s.rewriteAt = false, 0 // done
+		s.rewriteQuar = false // the leases next, from rewriteAt
 	}
 	return true
 }
