@@ -8,7 +8,9 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/server/servertest"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -192,6 +194,54 @@ func TestMAP22RewriteQuarantinesFirst(t *testing.T) {
 			r := h.do(mapReq(v4B, pcp.ProtoTCP, 80, 40000, time.Hour, 2))
 			if r.Result == pcp.Success && r.Map.ExternalPort == 40000 {
 				t.Fatal("MAP-22: port freed 2 min before (running time) handed to another client after a step, a partial rewrite and a kill")
+			}
+		})
+	}
+}
+
+// TestMAP22UnrestorableLeaseQuarantined: a stored lease whose pinhole the
+// kernel refuses at the start leaves the table and the store
+// (reconcile): its IPv4 port is freed then, and quarantined for its last
+// holder as any freed port (MAP-22), not handed to another client; the
+// holder, renewing, gets it back.
+func TestMAP22UnrestorableLeaseQuarantined(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		proto pcp.Protocol
+	}{
+		{"TCP", pcp.ProtoTCP},
+		{"UDP", pcp.ProtoUDP},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, func(c *Config, p *policy.Config) {
+				c.IPv4Ports = PortRange{First: 40000, Last: 40003}
+			})
+			h.expect(h.do(mapReq(v4A, tc.proto, 5000, 40000, time.Hour, 1)), pcp.Success)
+			h.expect(h.do(mapReq(v4A, tc.proto, 5001, 40001, time.Hour, 1)), pcp.Success)
+			h.fw.FailApply = func(ops []pinhole.Op) error {
+				for _, op := range ops {
+					if op.Kind == pinhole.Install && op.Pinhole.ExternalPort == 40000 {
+						return servertest.ErrInjected
+					}
+				}
+				return nil
+			}
+			h.start()
+			h.fw.FailApply = nil
+			if _, ok := h.lease(ownerA, uint8(tc.proto), v4A, 5000); ok {
+				t.Fatal("the unrestorable lease is still in the table")
+			}
+			if !quarPorts(h.s)[40000] {
+				t.Fatal("40000 not quarantined after its lease could not be restored")
+			}
+			mirrored(t, h, "restarted")
+			r := h.do(mapReq(v4B, tc.proto, 80, 40000, time.Hour, 2))
+			if r.Result == pcp.Success && r.Map.ExternalPort == 40000 {
+				t.Fatal("MAP-22: the unrestorable lease's port handed to client B")
+			}
+			r = h.do(mapReq(v4A, tc.proto, 5000, 40000, time.Hour, 1))
+			if r.Result != pcp.Success || r.Map.ExternalPort != 40000 {
+				t.Fatalf("holder renews: %v, external %d", r.Result, r.Map.ExternalPort)
 			}
 		})
 	}
