@@ -172,10 +172,22 @@ func (r *restoring) finish(st store.State) error {
 	if !ok {
 		lost, why = true, "some leases could not be restored into the kernel"
 	}
-	drop := append(r.drop, unrestored...)
-	r.drop = nil
-	// MAP-22: the stored quarantines come back, and the refused leases'
-	// ports are quarantined, in the commit that drops those leases.
+	drop := r.drop
+	for i := range unrestored {
+		l := &unrestored[i]
+		drop = append(drop, l.Key)
+		// Its IPv4 port is freed now: quarantined for its holder, who
+		// gets it back at its next renewal (MAP-22,
+		// TestMAP22UnrestorableLeaseQuarantined).
+		if l.ExternalAddr.Is4() && !s.configForbids(l) {
+			e, q := quarantineOf(l, now)
+			r.freed = append(r.freed, freedPort{e, q})
+		}
+	}
+	unrestored, r.drop = nil, nil
+	// MAP-22: the stored quarantines come back, and the ports of the
+	// expired, refused and unrestorable leases are quarantined, in the
+	// commit that drops those leases.
 	for i := range r.lapsed { // not in the store yet: written whether kept or not
 		e := &r.lapsed[i].Endpoint
 		r.qtouched = append(r.qtouched, endpoint{addr: e.Addr, proto: e.Protocol, port: e.Port})
@@ -243,7 +255,7 @@ const maxOrphanTargets = 4096
 // reconcile puts the pinholes of the table's leases back into the kernel
 // with their remaining lifetimes, in transactions of pinhole.MaxBatch ops
 // (re-adding a pinhole that is there only resets its timeout). Leases it
-// cannot put in place leave the table; it returns their keys and whether
+// cannot put in place leave the table; it returns them and whether
 // all could.
 //
 // It does not list the kernel's pinholes: a dump of a large set takes the
@@ -261,7 +273,7 @@ const maxOrphanTargets = 4096
 // once, and duplicates are adjacent. A deletion that fails leaves orphans
 // for retryUndeleted (the next firewall check or audit), and beyond
 // maxUndeleted for the first audit.
-func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Key, bool) {
+func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Lease, bool) {
 	slices.SortFunc(gone, comparePinholes)
 	gone = slices.Compact(gone)
 	ops := make([]pinhole.Op, 0, pinhole.MaxBatch)
@@ -327,12 +339,10 @@ func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Key, 
 			failed = append(failed, *l)
 		}
 	}
-	keys := make([]store.Key, len(failed))
 	for i := range failed {
-		keys[i] = failed[i].Key
 		s.tab.del(failed[i].Key)
 	}
-	return keys, len(failed) == 0
+	return failed, len(failed) == 0
 }
 
 // maxUndeleted bounds Server.undeleted (≈ 100 bytes a pinhole): a kernel

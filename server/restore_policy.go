@@ -107,8 +107,9 @@ type refusedLog struct {
 	reason string
 }
 
-// freedPort is the MAP-22 quarantine of a refused lease's IPv4 external
-// port, set once the table is whole (a restored lease may hold it).
+// freedPort is the MAP-22 quarantine of a refused (or unrestorable)
+// lease's IPv4 external port, set once the table is whole (a restored
+// lease may hold it).
 type freedPort struct {
 	e endpoint
 	q quarantine
