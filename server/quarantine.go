@@ -127,7 +127,9 @@ func (s *Server) quarUnlist(owner string, e endpoint) {
 // taken again, the store holds at most one quarantine per IPv4 port and
 // protocol. An entry that ends when a request finds it over (usable) goes
 // with that request's commit, or with the next one (quarDebt); restore
-// drops the stored ones that ended while pcpd was down.
+// drops the stored ones that ended while pcpd was down, and quarantines
+// the ports of leases that expired meanwhile from their expiry
+// (restoring.lapse) and of leases it can not put back (reconcile).
 
 // storeQuar is e's quarantine q as the store keeps it.
 func storeQuar(e endpoint, q quarantine) store.Quarantine {
