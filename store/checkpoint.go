@@ -550,7 +550,7 @@ func (s *Store) fold(i int) error {
 		recs = append(recs, r)
 		p = p[n:]
 	}
-	err = s.update(func(tx *bolt.Tx) error { return foldTx(tx, recs, g.gen+1, true, false) })
+	err = s.update(func(tx *bolt.Tx) error { return foldTx(tx, recs, g.gen+1, true, false, false) })
 	if err != nil {
 		s.broken.Store(true)
 		return fmt.Errorf("store: checkpoint: %w: %w", ErrUnavailable, err)
@@ -602,8 +602,10 @@ type kvChange struct {
 
 // foldTx applies recs in order: entries, heartbeat, epoch changes; then
 // walgen (setGen) and clearing the epoch (clearEpoch: Open decided the
-// epoch must reset, after whatever the log said).
-func foldTx(tx *bolt.Tx, recs []logRecord, walgen uint64, setGen, clearEpoch bool) error {
+// epoch must reset, after whatever the log said). With repairQuar (Open
+// found the quarantine bucket or its digest damaged) the quarantine bucket
+// and its digest are rebuilt from the records that check out.
+func foldTx(tx *bolt.Tx, recs []logRecord, walgen uint64, setGen, clearEpoch, repairQuar bool) error {
 	meta, leases := tx.Bucket(bucketMeta), tx.Bucket(bucketLeases)
 	if meta == nil || leases == nil {
 		return fmt.Errorf("store: buckets missing: %w", ErrCorrupt)
@@ -640,7 +642,11 @@ func foldTx(tx *bolt.Tx, recs []logRecord, walgen uint64, setGen, clearEpoch boo
 			return nil
 		})
 	}
-	if err := foldQuarantines(tx, meta, quar); err != nil {
+	if repairQuar {
+		if err := repairQuarantines(tx, meta, quar); err != nil {
+			return err
+		}
+	} else if err := foldQuarantines(tx, meta, quar); err != nil {
 		return err
 	}
 	// Log order breaks ties, so the last change of a key sorts last. (A
@@ -775,10 +781,12 @@ func (s *Store) setupLog() error {
 	s.wal.close()
 	s.hdrUndo = nil // the log is read again from disk
 	s.pendingMu.Lock()
-	clearEpoch := s.pendingClear
+	clearEpoch, repairQuar := s.pendingClear, s.pendingQuar
 	s.pendingMu.Unlock()
-	if sel.folds || clearEpoch {
-		err := s.update(func(tx *bolt.Tx) error { return foldTx(tx, sel.recs, sel.nextGen, sel.folds, clearEpoch) })
+	if sel.folds || clearEpoch || repairQuar {
+		err := s.update(func(tx *bolt.Tx) error {
+			return foldTx(tx, sel.recs, sel.nextGen, sel.folds, clearEpoch, repairQuar)
+		})
 		if err != nil {
 			s.broken.Store(true)
 			return err
@@ -790,6 +798,7 @@ func (s *Store) setupLog() error {
 	}
 	s.pendingMu.Lock()
 	s.pendingClear = s.pendingClear && !clearEpoch
+	s.pendingQuar = s.pendingQuar && !repairQuar
 	s.pendingMu.Unlock()
 	s.sel = nil
 	stamp := s.opt.now().UTC().Format("20060102T150405.000000000Z")

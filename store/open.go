@@ -103,6 +103,9 @@ type loaded struct {
 	meta   string // non-empty: a meta page was damaged (see damagedMeta)
 	walgen uint64
 	sel    *logSel // the log replayed on top (nil: none)
+	// quarDamage: non-empty when quarantines were dropped as damaged
+	// (readQuarantines); leases and epoch are not affected.
+	quarDamage string
 }
 
 func (s *Store) load() (State, error) {
@@ -179,19 +182,20 @@ func (s *Store) load() (State, error) {
 func (s *Store) judge(ld loaded) (State, error) {
 	now := s.opt.now()
 	st := State{Leases: ld.leases, Quarantines: ld.quar, EpochOrigin: ld.epoch}
+	s.noteQuarDamage(&st, ld)
 	switch {
 	case ld.meta != "":
-		st.Recovered = "state file damaged (" + ld.meta + "): the last transaction may be lost; kept the older consistent state"
+		st.Recovered = join("state file damaged ("+ld.meta+"): the last transaction may be lost; kept the older consistent state", st.Recovered)
 	case ld.sel != nil && ld.sel.problem != "":
-		st.Recovered = "log damaged (" + ld.sel.problem + "): changes logged after the damage are lost; kept the state up to it"
+		st.Recovered = join("log damaged ("+ld.sel.problem+"): changes logged after the damage are lost; kept the state up to it", st.Recovered)
 	case ld.epoch.IsZero():
-		st.Recovered = "epoch reset still pending from an earlier start"
+		st.Recovered = join("epoch reset still pending from an earlier start", st.Recovered)
 	case ld.epoch.After(now.Add(ClockSlack)):
-		st.Recovered = fmt.Sprintf("clock doubtful: epoch origin %s is in the future (now %s)",
-			ld.epoch.Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+		st.Recovered = join(fmt.Sprintf("clock doubtful: epoch origin %s is in the future (now %s)",
+			ld.epoch.Format(time.RFC3339), now.UTC().Format(time.RFC3339)), st.Recovered)
 	case ld.seen.After(now.Add(ClockSlack)):
-		st.Recovered = fmt.Sprintf("clock doubtful: pcpd was last alive at %s, later than now (%s)",
-			ld.seen.Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+		st.Recovered = join(fmt.Sprintf("clock doubtful: pcpd was last alive at %s, later than now (%s)",
+			ld.seen.Format(time.RFC3339), now.UTC().Format(time.RFC3339)), st.Recovered)
 	default:
 		return st, nil
 	}
@@ -205,6 +209,21 @@ func (s *Store) judge(ld loaded) (State, error) {
 	s.pendingClear = true
 	s.pendingMu.Unlock()
 	return st, nil
+}
+
+// noteQuarDamage reports quarantines readQuarantines dropped as damaged
+// (in st.Recovered, which Open logs at error level) and has the next fold
+// rebuild their bucket. It sets neither Fresh nor anything about leases:
+// a quarantine is no mapping, so its loss is no loss of mapping state
+// (EPO-03) and no reason for clients to re-map.
+func (s *Store) noteQuarDamage(st *State, ld loaded) {
+	if ld.quarDamage == "" {
+		return
+	}
+	st.Recovered = join(st.Recovered, ld.quarDamage)
+	s.pendingMu.Lock()
+	s.pendingQuar = true
+	s.pendingMu.Unlock()
 }
 
 // recover handles a state file that can not be used: move it aside, then
@@ -243,7 +262,9 @@ func (s *Store) recover(cause error) (State, error) {
 			s.sel.nextGen = max(s.sel.nextGen, ld.walgen)
 			what = append(what, fmt.Sprintf("restored %d leases from backup %s written %s; epoch reset because later changes may be lost",
 				len(ld.leases), BackupName, fi.ModTime().UTC().Format(time.RFC3339)))
-			return State{Leases: ld.leases, Quarantines: ld.quar, Fresh: true, Recovered: strings.Join(what, "; ")}, nil
+			st := State{Leases: ld.leases, Quarantines: ld.quar, Fresh: true, Recovered: strings.Join(what, "; ")}
+			s.noteQuarDamage(&st, ld)
+			return st, nil
 		}
 		aside := bak + ".corrupt-" + stamp
 		if err := os.Rename(bak, aside); err != nil {
@@ -492,9 +513,7 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, stream func(*Lease) error) 
 	// Quarantines first: with stream, nothing may be handed out before
 	// the whole state is checked. Their owners share the leases' strings.
 	in := interner{}
-	if ld.quar, err = readQuarantines(tx, ov, in); err != nil {
-		return ld, err
-	}
+	ld.quar, ld.quarDamage = readQuarantines(tx, ov, in)
 	// Size the slice once from the digest: growing it by doubling would
 	// briefly hold two copies of a million leases. A damaged count can not
 	// ask for more than the file could hold (a record takes ≥ 48 octets

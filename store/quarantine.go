@@ -1,10 +1,12 @@
 package store
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
 	"net/netip"
+	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -191,27 +193,54 @@ func decodeQuarantine(key, val []byte, in interner) (Quarantine, error) {
 // readQuarantines decodes the quarantine bucket (absent in a file written
 // before quarantines: none), checks it against qdigest, and applies the
 // log's quarantine entries (ov may be nil) on top.
-func readQuarantines(tx *bolt.Tx, ov *overlay, in interner) ([]Quarantine, error) {
+//
+// Damage confined to quarantines (a record failing its checksum or its
+// checks, a record or the bucket lost, qdigest lost or wrong, a logged
+// quarantine entry that does not decode) costs quarantines only: it never
+// fails the read, so the leases and the epoch stay as they are. damage
+// (empty when all is well) names what was dropped; Open reports it in
+// State.Recovered and the next fold rebuilds the bucket and its digest
+// (repairQuarantines). A quarantine is no lease: losing one ends no
+// client's mapping, only MAP-22's hold on a freed port (≤ its idle time,
+// at most ≈ 124 min), so it is no reason to move the state file aside,
+// revert the leases to the backup copy and reset the epoch (every client
+// re-mapping), which is what it cost before.
+//
+// The records that pass their own checks are kept, not dropped with the
+// rest: each carries a CRC-32C over its key and value, so one that passes
+// it and decodes into a valid quarantine is one pcpd wrote, and the
+// digest that failed says only that some record is missing or damaged,
+// not which of the intact ones to doubt. Keeping an intact record that
+// should not be there (a stale one) holds a port at most until its Until,
+// and the engine caps that at the idle time from now and drops those on
+// ports leased meanwhile; dropping a live one hands a port to the next
+// asker while its last holder's traffic may still arrive, which is what
+// MAP-22 is there to prevent.
+func readQuarantines(tx *bolt.Tx, ov *overlay, in interner) (out []Quarantine, damage string) {
 	meta, b := tx.Bucket(bucketMeta), tx.Bucket(bucketQuar)
 	dv := meta.Get(metaQDigest)
-	var want digest
+	var problems, dropped []string
+	want, wantOK := parseDigest(dv)
 	switch {
 	case b == nil && dv == nil:
+		wantOK = true // written before quarantines, or none yet: zero
+	case b == nil && wantOK:
+		problems = append(problems, fmt.Sprintf("bucket missing, its digest says %d records", want.count))
+		wantOK = false
 	case b == nil:
-		return nil, fmt.Errorf("store: quarantine digest without its bucket: %w", ErrCorrupt)
-	default:
-		var ok bool
-		if want, ok = parseDigest(dv); !ok {
-			return nil, fmt.Errorf("store: quarantine digest missing: %w", ErrCorrupt)
-		}
+		problems = append(problems, "bucket missing, its digest damaged")
+	case dv == nil:
+		problems = append(problems, "digest missing")
+	case !wantOK:
+		problems = append(problems, fmt.Sprintf("digest of %d octets, want 16", len(dv)))
 	}
-	var out []Quarantine
 	var got digest
 	if b != nil {
 		c := b.Cursor()
 		for k, v := c.First(); k != nil; k, v = c.Next() {
 			if v == nil {
-				return nil, fmt.Errorf("store: unexpected bucket in quarantine: %w", ErrCorrupt)
+				dropped = append(dropped, quarKeyName(k)+": a nested bucket, not a record")
+				continue
 			}
 			got.add(v, +1)
 			if ov != nil {
@@ -225,14 +254,19 @@ func readQuarantines(tx *bolt.Tx, ov *overlay, in interner) ([]Quarantine, error
 			}
 			q, err := decodeQuarantine(k, v, in)
 			if err != nil {
-				return nil, err
+				dropped = append(dropped, quarKeyName(k)+": "+err.Error())
+				continue
 			}
 			out = append(out, q)
 		}
 	}
-	if got != want {
-		return nil, fmt.Errorf("store: found %d quarantines (checksum sum %x), the digest says %d (%x): %w",
-			got.count, got.sum, want.count, want.sum, ErrCorrupt)
+	if wantOK && got != want {
+		p := fmt.Sprintf("found %d records (checksum sum %x), the digest says %d (%x)",
+			got.count, got.sum, want.count, want.sum)
+		if want.count > got.count {
+			p += fmt.Sprintf(": %d lost, their ports unknown", want.count-got.count)
+		}
+		problems = append(problems, p)
 	}
 	if ov != nil {
 		for _, k := range ov.quarOrder {
@@ -242,12 +276,108 @@ func readQuarantines(tx *bolt.Tx, ov *overlay, in interner) ([]Quarantine, error
 			}
 			q, err := decodeQuarantine([]byte(k), val, in)
 			if err != nil {
-				return nil, fmt.Errorf("store: logged quarantine: %w", err)
+				// The log record's CRC held, so this is no damage at
+				// rest but an entry this version can not read: like a
+				// record of the file, it costs this quarantine only.
+				dropped = append(dropped, "logged "+quarKeyName([]byte(k))+": "+err.Error())
+				continue
 			}
 			out = append(out, q)
 		}
 	}
-	return out, nil
+	if len(problems) == 0 && len(dropped) == 0 {
+		return out, ""
+	}
+	if len(dropped) > 0 {
+		const show = 5
+		p := fmt.Sprintf("dropped %d record(s) (", len(dropped))
+		if len(dropped) > show {
+			p += strings.Join(dropped[:show], "; ") + fmt.Sprintf("; %d more)", len(dropped)-show)
+		} else {
+			p += strings.Join(dropped, "; ") + ")"
+		}
+		problems = append(problems, p)
+	}
+	return out, fmt.Sprintf("MAP-22 quarantines damaged (%s): kept the %d that check out, the lost ones' ports are no longer held for their last holders; leases and epoch unaffected; quarantine bucket rebuilt from what was kept",
+		strings.Join(problems, "; "), len(out))
+}
+
+// quarKeyName names the endpoint of a quarantine key for a report, or
+// shows the key's octets when it does not parse.
+func quarKeyName(k []byte) string {
+	r := reader{b: k}
+	proto := r.u8()
+	a := r.addr()
+	port := r.u16()
+	if r.err != nil || len(r.b) != 0 || !a.IsValid() {
+		return fmt.Sprintf("key %x", k)
+	}
+	name := fmt.Sprintf("protocol %d", proto)
+	switch proto {
+	case 6:
+		name = "tcp"
+	case 17:
+		name = "udp"
+	}
+	return fmt.Sprintf("%s %s", name, netip.AddrPortFrom(a, port))
+}
+
+// repairQuarantines rebuilds the quarantine bucket and qdigest after
+// readQuarantines found them damaged: it applies the log's quarantine
+// changes ch (as foldQuarantines, without trusting the stored digest),
+// drops every record that does not decode, and writes the digest of what
+// is left. In the same transaction as the fold, so a failure leaves the
+// file as it was and the next fold tries again.
+func repairQuarantines(tx *bolt.Tx, meta *bolt.Bucket, ch []kvChange) error {
+	b, err := tx.CreateBucketIfNotExists(bucketQuar)
+	if err != nil {
+		return err
+	}
+	for _, c := range ch {
+		if c.val == nil {
+			if b.Bucket(c.key) != nil {
+				err = b.DeleteBucket(c.key)
+			} else {
+				err = b.Delete(c.key)
+			}
+		} else {
+			if b.Bucket(c.key) != nil {
+				if err := b.DeleteBucket(c.key); err != nil {
+					return err
+				}
+			}
+			err = b.Put(c.key, c.val)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	var bad, nested [][]byte
+	var d digest
+	c := b.Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		switch {
+		case v == nil:
+			nested = append(nested, bytes.Clone(k))
+		default:
+			if _, err := decodeQuarantine(k, v, nil); err != nil {
+				bad = append(bad, bytes.Clone(k))
+				continue
+			}
+			d.add(v, +1)
+		}
+	}
+	for _, k := range nested {
+		if err := b.DeleteBucket(k); err != nil {
+			return err
+		}
+	}
+	for _, k := range bad {
+		if err := b.Delete(k); err != nil {
+			return err
+		}
+	}
+	return meta.Put(metaQDigest, d.bytes())
 }
 
 // foldQuarantines applies the log's quarantine changes (in log order) to

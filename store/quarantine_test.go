@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"net/netip"
+	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -11,6 +13,8 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	bolt "go.etcd.io/bbolt"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // quarN is a quarantine on a distinct IPv4 external port, as the engine
@@ -294,36 +298,73 @@ func TestQuarantineOldStateFile(t *testing.T) {
 	}
 }
 
-// TestQuarantineDamageAtRest: a quarantine record or its digest damaged in
-// the state file is corruption like a lease's: the file is moved aside,
-// the backup restored and the epoch reset.
+// TestQuarantineDamageAtRest: damage confined to the quarantine bucket or
+// its digest costs quarantines only (readQuarantines): the state file
+// stays, every lease (those written after the backup copy too) and the
+// epoch survive, the quarantines that check out are kept, one error line
+// names what was lost, and the bucket is rebuilt so the next Open finds
+// nothing wrong. Damage to a lease or the leases' digest still moves the
+// file aside and restores the backup with an epoch reset, as before.
 func TestQuarantineDamageAtRest(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		harm func(tx *bolt.Tx) error
-	}{
-		{"flipped bit in a record", func(tx *bolt.Tx) error {
-			b := tx.Bucket(bucketQuar)
-			k, v := b.Cursor().First()
-			v = bytes.Clone(v)
+	firstRecord := func(tx *bolt.Tx, bucket []byte) (*bolt.Bucket, []byte, []byte) {
+		b := tx.Bucket(bucket)
+		k, v := b.Cursor().First()
+		return b, bytes.Clone(k), bytes.Clone(v)
+	}
+	flip := func(bucket []byte) func(tx *bolt.Tx) error {
+		return func(tx *bolt.Tx) error {
+			b, k, v := firstRecord(tx, bucket)
 			v[3] ^= 0x10
-			return b.Put(bytes.Clone(k), v)
-		}},
+			return b.Put(k, v)
+		}
+	}
+	for _, tc := range []struct {
+		name  string
+		harm  func(tx *bolt.Tx) error
+		quars []Quarantine // kept; nil with leases: the backup's
+		lease bool         // lease data damaged: the old way
+	}{
+		{"flipped bit in a record", flip(bucketQuar), quarsN(1, 5), false},
+		{"flipped bit in a record's checksum", func(tx *bolt.Tx) error {
+			b, k, v := firstRecord(tx, bucketQuar)
+			v[len(v)-1] ^= 0x01
+			return b.Put(k, v)
+		}, quarsN(1, 5), false},
 		{"record lost", func(tx *bolt.Tx) error {
-			b := tx.Bucket(bucketQuar)
-			k, _ := b.Cursor().First()
-			return b.Delete(bytes.Clone(k))
-		}},
-		{"digest lost", func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Delete(metaQDigest) }},
-		{"bucket lost", func(tx *bolt.Tx) error { return tx.DeleteBucket(bucketQuar) }},
+			b, k, _ := firstRecord(tx, bucketQuar)
+			return b.Delete(k)
+		}, quarsN(1, 5), false},
+		{"digest lost", func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Delete(metaQDigest) }, quarsN(0, 5), false},
+		{"digest cut short", func(tx *bolt.Tx) error {
+			return tx.Bucket(bucketMeta).Put(metaQDigest, []byte{0, 0, 0, 5})
+		}, quarsN(0, 5), false},
+		{"bucket lost", func(tx *bolt.Tx) error { return tx.DeleteBucket(bucketQuar) }, nil, false},
+		{"nested bucket in the quarantine bucket", func(tx *bolt.Tx) error {
+			_, err := tx.Bucket(bucketQuar).CreateBucket([]byte("odd"))
+			return err
+		}, quarsN(0, 5), false},
+		{"lease: flipped bit in a record", flip(bucketLeases), nil, true},
+		{"lease: digest lost", func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Delete(metaDigest) }, nil, true},
+		{"lease and quarantine both damaged", func(tx *bolt.Tx) error {
+			if err := flip(bucketQuar)(tx); err != nil {
+				return err
+			}
+			return flip(bucketLeases)(tx)
+		}, nil, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			s, _ := openT(t, dir, WithoutOpenSnapshot())
+			if err := s.ResetEpoch(t0); err != nil {
+				t.Fatal(err)
+			}
 			if err := s.CommitQuar(leasesN(0, 5), nil, &QuarChange{Put: quarsN(0, 5)}); err != nil {
 				t.Fatal(err)
 			}
 			if err := s.Snapshot(); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Commit(leasesN(5, 10), nil); err != nil { // after the backup
 				t.Fatal(err)
 			}
 			if err := s.Close(); err != nil {
@@ -337,12 +378,51 @@ func TestQuarantineDamageAtRest(t *testing.T) {
 				t.Fatal(err)
 			}
 			db.Close()
-			_, st := openT(t, dir)
-			if !st.Fresh || !strings.Contains(st.Recovered, "restored 5 leases from backup") {
-				t.Fatalf("fresh %v, recovered %q; want the backup restored", st.Fresh, st.Recovered)
+
+			core, logs := observer.New(zap.InfoLevel)
+			s, st, err := Open(dir, zap.New(core))
+			if err != nil {
+				t.Fatal(err)
 			}
-			wantLeases(t, st.Leases, leasesN(0, 5))
-			wantQuars(t, st.Quarantines, quarsN(0, 5))
+			t.Cleanup(func() { s.Close() })
+			aside, _ := filepath.Glob(filepath.Join(dir, DBName+".corrupt-*"))
+			if tc.lease {
+				if !st.Fresh || !strings.Contains(st.Recovered, "restored 5 leases from backup") || len(aside) != 1 {
+					t.Fatalf("fresh %v, recovered %q, moved aside %v; want the backup restored", st.Fresh, st.Recovered, aside)
+				}
+				wantLeases(t, st.Leases, leasesN(0, 5))
+				wantQuars(t, st.Quarantines, quarsN(0, 5))
+				return
+			}
+			if st.Fresh || !st.EpochOrigin.Equal(t0) || len(aside) != 0 {
+				t.Fatalf("fresh %v, epoch %v (want %v), moved aside %v, recovered %q; want leases and epoch kept",
+					st.Fresh, st.EpochOrigin, t0, aside, st.Recovered)
+			}
+			if !strings.Contains(st.Recovered, "MAP-22 quarantines damaged") || !strings.Contains(st.Recovered, "leases and epoch unaffected") {
+				t.Fatalf("recovered %q; want the quarantine damage named", st.Recovered)
+			}
+			wantLeases(t, st.Leases, leasesN(0, 10))
+			wantQuars(t, st.Quarantines, tc.quars)
+			errs := logs.FilterLevelExact(zap.ErrorLevel).All()
+			if len(errs) != 1 || errs[0].Message != "state recovery" || errs[0].ContextMap()["recovered"] != st.Recovered {
+				t.Fatalf("error lines %v; want one \"state recovery\" naming the damage", errs)
+			}
+			// Rebuilt at Open: the next Open finds nothing wrong.
+			s, st = reopen(t, s)
+			if st.Fresh || st.Recovered != "" {
+				t.Fatalf("after the rebuild: fresh %v, recovered %q", st.Fresh, st.Recovered)
+			}
+			wantLeases(t, st.Leases, leasesN(0, 10))
+			wantQuars(t, st.Quarantines, tc.quars)
+			// And carries quarantines as before.
+			if err := s.CommitQuar(nil, nil, &QuarChange{Put: quarsN(7, 9)}); err != nil {
+				t.Fatal(err)
+			}
+			_, st = reopen(t, s)
+			if st.Recovered != "" {
+				t.Fatalf("after a fold on the rebuilt bucket: recovered %q", st.Recovered)
+			}
+			wantQuars(t, st.Quarantines, append(slices.Clone(tc.quars), quarsN(7, 9)...))
 		})
 	}
 }

@@ -203,10 +203,13 @@ type Store struct {
 	// pendingEpoch is an epoch origin ResetEpoch could not write; the next
 	// successful record carries it, so a reset is never forgotten.
 	// pendingClear: Open decided the epoch must go (Fresh) but could not
-	// write that yet; the next fold does it.
+	// write that yet; the next fold does it. pendingQuar: Open found the
+	// quarantine bucket or its digest damaged; the fold setupLog does
+	// rebuilds them (repairQuarantines).
 	pendingMu    sync.Mutex
 	pendingEpoch time.Time
 	pendingClear bool
+	pendingQuar  bool
 
 	snapMu sync.Mutex // one snapshot at a time
 	bg     sync.WaitGroup
