@@ -59,6 +59,16 @@
 // tree is checked with plain reads (meta.go), so damage can not crash or
 // hang the daemon.
 //
+// Damage confined to the MAP-22 quarantines (a record failing its checks,
+// a record, the bucket or qdigest lost or wrong, a logged quarantine entry
+// that does not decode) is not damage of the state file: the leases and
+// the epoch stay, the quarantines that check out are kept, State.Recovered
+// (logged at error level) names those lost, and Open's fold rebuilds the
+// bucket and its digest (readQuarantines). A quarantine holds a freed port
+// for at most ≈ 124 min; reverting the leases to the backup and resetting
+// the epoch for it would cost far more. Damage to the leases, their
+// digest, the meta records or the log goes the ways described above.
+//
 // How the engine uses it:
 //
 //	st, state, err := store.Open(dir, log)   // once, before serving

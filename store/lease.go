@@ -95,6 +95,7 @@ type State struct {
 	// EPO-03). Fresh stays true on every Open until ResetEpoch succeeds.
 	Fresh bool
 	// Recovered is non-empty when Open had to repair something: what was
-	// wrong and what it did (e.g. restored from the backup copy).
+	// wrong and what it did (e.g. restored from the backup copy, or
+	// dropped damaged quarantines, which alone leaves Fresh false).
 	Recovered string
 }

@@ -33,7 +33,8 @@ const maxCheckErrors = 5
 // from the backup copy or started empty), a doubtful clock, or a reset that
 // an earlier run asked for but never completed. State.Recovered and an
 // error-level log line say what happened whenever it was more than a new
-// directory.
+// directory; also, without Fresh, when damaged MAP-22 quarantines were
+// dropped (readQuarantines: they cost no lease and no epoch).
 //
 // When the directory is read-only, Open still returns the leases it can
 // read, and every write fails with ErrUnavailable until it becomes
