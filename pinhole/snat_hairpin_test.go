@@ -2,7 +2,6 @@ package pinhole_test
 
 import (
 	"errors"
-	"net"
 	"net/netip"
 	"regexp"
 	"strings"
@@ -12,38 +11,6 @@ import (
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 )
-
-// seenVia sends UDP datagrams from ns, bound to from, to dial, and returns
-// the source address and port a reflector in rns listening on listen saw
-// (dial is DNAT-ed to listen on the way).
-func seenVia(t *testing.T, ns *netlab.NS, from, dial netip.AddrPort, rns *netlab.NS, listen netip.AddrPort) (netip.AddrPort, bool) {
-	t.Helper()
-	var refl *net.UDPConn
-	if err := rns.Do(func() (err error) {
-		refl, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(listen))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer refl.Close()
-	var c *net.UDPConn
-	if err := ns.Do(func() (err error) {
-		c, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(from), net.UDPAddrFromAddrPort(dial))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	buf := make([]byte, 64)
-	for range 3 {
-		c.Write([]byte("hairpin"))
-		refl.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
-		if _, src, err := refl.ReadFromUDPAddrPort(buf); err == nil {
-			return netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), true
-		}
-	}
-	return netip.AddrPort{}, false
-}
 
 // TestNAPT4HairpinKeepsExternalSource: two clients of pcpd on two served
 // interfaces (Client behind lan0, a host behind lan1), each with NAPT
@@ -115,9 +82,9 @@ func TestNAPT4HairpinKeepsExternalSource(t *testing.T) {
 					{"lan0 client → lan1 client's public endpoint", topo.Client, m(topo.ClientV4, base), m(peerAddr, base+2), peer},
 					{"lan1 client → lan0 client's public endpoint", peer, m(peerAddr, base+3), m(topo.ClientV4, base+1), topo.Client},
 				} {
-					got, ok := seenVia(t, tc.from, tc.src.in, tc.dst.pub, tc.to, tc.dst.in)
-					if !ok {
-						t.Fatalf("%s, %s: %s → %s: nothing reached %s", step, tc.what, tc.src.in, tc.dst.pub, tc.dst.in)
+					got, err := seenVia(t, tc.from, tc.src.in, tc.dst.pub, tc.to, tc.dst.in)
+					if err != nil {
+						t.Fatalf("%s, %s: %s → %s: nothing reached %s: %v", step, tc.what, tc.src.in, tc.dst.pub, tc.dst.in, err)
 					}
 					if got != tc.src.pub {
 						t.Errorf("%s, %s: %s → %s (DNAT-ed to %s): the receiver saw %v, want the sender's public endpoint %v (RFC 4787 REQ-9)\n%s",

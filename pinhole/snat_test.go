@@ -11,23 +11,23 @@ import (
 	"github.com/pcpd/pcpd/pinhole"
 )
 
-// seenFrom sends one UDP datagram from the Client namespace, bound to
-// from, to a reflector in the Internet namespace on port reflPort, and
-// returns the source address and port the reflector saw. (Internet has no
-// route back to the client's tunnel IPv4, so only receiving is checked.)
-func seenFrom(t *testing.T, topo *netlab.Topology, from netip.AddrPort, reflPort uint16) (netip.AddrPort, error) {
+// seenVia sends UDP datagrams from ns, bound to from, to dial, and returns
+// the source address and port a reflector in rns listening on listen saw
+// (dial is DNAT-ed to listen on the way, or equals it). Only receiving is
+// checked: the reflector's side may have no route back.
+func seenVia(t *testing.T, ns *netlab.NS, from, dial netip.AddrPort, rns *netlab.NS, listen netip.AddrPort) (netip.AddrPort, error) {
 	t.Helper()
 	var refl *net.UDPConn
-	if err := topo.Internet.Do(func() (err error) {
-		refl, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(topo.InternetV4, reflPort)))
+	if err := rns.Do(func() (err error) {
+		refl, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(listen))
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
 	defer refl.Close()
 	var c *net.UDPConn
-	if err := topo.Client.Do(func() (err error) {
-		c, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(from), net.UDPAddrFromAddrPort(netip.AddrPortFrom(topo.InternetV4, reflPort)))
+	if err := ns.Do(func() (err error) {
+		c, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(from), net.UDPAddrFromAddrPort(dial))
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -37,12 +37,19 @@ func seenFrom(t *testing.T, topo *netlab.Topology, from netip.AddrPort, reflPort
 	for range 3 {
 		c.Write([]byte("where am I from"))
 		refl.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
-		_, src, err := refl.ReadFromUDPAddrPort(buf)
-		if err == nil {
+		if _, src, err := refl.ReadFromUDPAddrPort(buf); err == nil {
 			return netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), nil
 		}
 	}
 	return netip.AddrPort{}, errors.New("reflector saw nothing")
+}
+
+// seenFrom is seenVia from the Client namespace to a reflector in the
+// Internet namespace on port reflPort.
+func seenFrom(t *testing.T, topo *netlab.Topology, from netip.AddrPort, reflPort uint16) (netip.AddrPort, error) {
+	t.Helper()
+	to := netip.AddrPortFrom(topo.InternetV4, reflPort)
+	return seenVia(t, topo.Client, from, to, topo.Internet, to)
 }
 
 // TestNAPT4TwoWay_6886_3_9: an IPv4 NAPT mapping is two-way (RFC 6886

@@ -2,7 +2,6 @@ package pinhole_test
 
 import (
 	"errors"
-	"net"
 	"net/netip"
 	"regexp"
 	"testing"
@@ -11,39 +10,6 @@ import (
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 )
-
-// seenAt sends UDP datagrams from ns, bound to from, to a reflector in
-// the namespace rns on to, and returns the source address and port the
-// reflector saw (only receiving is checked).
-func seenAt(t *testing.T, ns *netlab.NS, from netip.AddrPort, rns *netlab.NS, to netip.AddrPort) (netip.AddrPort, error) {
-	t.Helper()
-	var refl *net.UDPConn
-	if err := rns.Do(func() (err error) {
-		refl, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(to))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer refl.Close()
-	var c *net.UDPConn
-	if err := ns.Do(func() (err error) {
-		c, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(from), net.UDPAddrFromAddrPort(to))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	buf := make([]byte, 64)
-	for range 3 {
-		c.Write([]byte("where am I from"))
-		refl.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
-		_, src, err := refl.ReadFromUDPAddrPort(buf)
-		if err == nil {
-			return netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), nil
-		}
-	}
-	return netip.AddrPort{}, errors.New("reflector saw nothing")
-}
 
 // TestNAPT4SNATOnlyTowardsWAN: the SNAT companion of an IPv4 NAPT mapping
 // (two-way NAPT, RFC 6886 §3.9) translates a new outbound flow from the
@@ -110,7 +76,7 @@ func TestNAPT4SNATOnlyTowardsWAN(t *testing.T) {
 					in, pub netip.AddrPort
 				}{{"unfiltered", in, pub}, {"filtered", inF, pubF}} {
 					port++
-					if got, err := seenAt(t, topo.Client, m.in, topo.Internet, netip.AddrPortFrom(topo.InternetV4, port)); err != nil || got != m.pub {
+					if got, err := seenFrom(t, topo, m.in, port); err != nil || got != m.pub {
 						t.Fatalf("%s, %s %s → %s: the Internet (wan0) saw %v (%v), want %v", step, m.what, m.in, m.pub, got, err, m.pub)
 					}
 					port++
@@ -118,7 +84,8 @@ func TestNAPT4SNATOnlyTowardsWAN(t *testing.T) {
 					if lanSNAT {
 						want = m.pub
 					}
-					if got, err := seenAt(t, topo.Client, m.in, peer, netip.AddrPortFrom(peerAddr, port)); err != nil || got != want {
+					to := netip.AddrPortFrom(peerAddr, port)
+					if got, err := seenVia(t, topo.Client, m.in, to, peer, to); err != nil || got != want {
 						t.Fatalf("%s, %s %s → %s: the host behind served lan1 saw %v (%v), want %v\n%s", step, m.what, m.in, m.pub, got, err, want,
 							nftList(t, topo.Host, "chain", "inet", table, chain))
 					}
