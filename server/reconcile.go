@@ -91,7 +91,7 @@ type restoring struct {
 	// written to the store with the drops (quarChange).
 	qtouched []endpoint
 	// expEnds are the connections of leases that expired while pcpd was
-	// down, to flush (flushExpired).
+	// down or whose external IPv4 changed, to flush (flushExpired).
 	expEnds []ctFilter
 	// lapsed are the MAP-22 quarantines of the IPv4 ports of leases that
 	// expired while pcpd was down, running from their expiry as the
@@ -125,6 +125,11 @@ func (r *restoring) add(l *store.Lease) {
 		r.drop = append(r.drop, l.Key)
 		r.gone = append(r.gone, pinholesOf(l)...)
 		r.moved++
+		if !r.s.cfg.KeepConnections {
+			// Their connections end as an expired lease's do (the
+			// old address may still be the host's).
+			r.expEnds = appendCtFilters(r.expEnds, l)
+		}
 	default:
 		if why := r.s.restoreRefusal(l); why != "" {
 			r.refuse(l, why)

@@ -197,8 +197,11 @@ func (t *tx) set(key store.Key, next *store.Lease, ended bool) {
 		t.taken(next)
 		if prev != nil && endpointOf(prev) != endpointOf(next) {
 			// A replacement that moved the mapping (a new nonce, PROTOCOL.md
-			// choice (c)) frees its old external port as a delete would.
+			// choice (c)) frees its old external port as a delete would,
+			// and ends its connections there (PMP-12; the flush leaves
+			// alone what a live lease admits when it runs).
 			t.freed(prev)
+			t.ended = append(t.ended, *prev)
 		}
 	}
 }
