@@ -63,6 +63,48 @@ func (s *Server) unheldNAT(fs []ctFilter) []ctFilter {
 	})
 }
 
+// pruneLive drops from fs (in place) the filters whose flows a live lease
+// admits now (ctFlusher.prune): the SNAT-ed flows of an endpoint a lease
+// holds (as unheldNAT), the inbound flows of an endpoint a MAP without
+// FILTER holds (a client that made the same mapping again before the walk
+// ran: its new connections go through it). An endpoint held only by a
+// PEER or a FILTERed MAP is still flushed. s.mu is taken a chunk of
+// filters at a time, so 1M of them at a start do not stall the engine.
+func (s *Server) pruneLive(fs []ctFilter) []ctFilter {
+	const step = 4096
+	out := fs[:0]
+	var buf []store.Lease
+	for i := 0; i < len(fs); i += step {
+		s.mu.Lock()
+		for _, f := range fs[i:min(i+step, len(fs))] {
+			var live bool
+			if live, buf = s.admitsAll(f, buf); !live {
+				out = append(out, f)
+			}
+		}
+		s.mu.Unlock()
+	}
+	return out
+}
+
+// admitsAll reports whether a live lease admits every flow of f (under
+// s.mu; buf is scratch, returned for reuse).
+func (s *Server) admitsAll(f ctFilter, buf []store.Lease) (bool, []store.Lease) {
+	e := endpoint{addr: f.t.addr, proto: f.t.proto, port: f.t.port}
+	h, held := s.tab.holder(e)
+	if !held || f.nat {
+		return held, buf
+	}
+	buf = s.tab.onTupleInto(tuple{proto: f.t.proto, addr: h.addr, port: h.port}, buf)
+	for i := range buf {
+		l := &buf[i]
+		if l.Kind != store.KindPeer && len(l.Filters) == 0 && endpointOf(l) == e {
+			return true, buf
+		}
+	}
+	return false, buf
+}
+
 // appendCtFilters appends the flush filters of l's connections
 // (flushConntrack) to dst: none for a PEER or a lease without an external
 // port, one for the inbound flows, and for an IPv4 NAPT lease one more
@@ -142,7 +184,12 @@ func (n natFlowFilter) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 // walk is in flight; filters queued meanwhile go together in the next one.
 // Sequence numbers tell a waiter when its filters were covered.
 type ctFlusher struct {
-	walk    func([]ctFilter) // one walk deleting what matches any filter
+	walk func([]ctFilter) // one walk deleting what matches any filter
+	// prune drops, as the walk starts, the filters whose flows a live
+	// lease admits again (nil: none dropped): the walk runs after the
+	// walks before it, and the same mapping may have been made again
+	// meanwhile (TestCtFlushSkipsRemade).
+	prune   func([]ctFilter) []ctFilter
 	mu      sync.Mutex
 	pending []ctFilter
 	queued  uint64 // filters sets queued so far
@@ -200,7 +247,12 @@ func (c *ctFlusher) run() {
 		}
 		c.mu.Unlock()
 
-		c.walk(fs)
+		if c.prune != nil {
+			fs = c.prune(fs)
+		}
+		if len(fs) > 0 {
+			c.walk(fs)
+		}
 
 		c.mu.Lock()
 		c.done = upTo

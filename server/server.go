@@ -203,6 +203,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	}
 	s.hostPorts.s = s
 	s.ct.walk = s.walkConntrack
+	s.ct.prune = s.pruneLive
 	s.m = newMetrics(func() float64 {
 		s.mu.Lock()
 		defer s.mu.Unlock()
