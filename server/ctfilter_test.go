@@ -28,6 +28,11 @@ func TestCtDeleteAll(t *testing.T) {
 		{"one", 1, nil},
 		{"three chunks, gone ones at chunk edges", 2*ctDeleteChunk + 88, []int{0, ctDeleteChunk - 1, ctDeleteChunk, 300, 2*ctDeleteChunk + 92}},
 		{"only gone ones", 0, []int{0, 1, 2}},
+		// Every delete of a chunk failing: 256 error messages, each
+		// quoting its request, queued at once in the socket's receive
+		// buffer before the NOOP's ack (the kernel handles the whole
+		// sendmsg first).
+		{"two whole chunks gone, then ten", 10, seq(2 * ctDeleteChunk)},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			ns := netlab.NewNS(t, "ctexpd")
@@ -84,6 +89,15 @@ func TestCtDeleteAll(t *testing.T) {
 			}
 		})
 	}
+}
+
+// seq is 0, 1, …, n-1.
+func seq(n int) []int {
+	out := make([]int, n)
+	for i := range out {
+		out[i] = i
+	}
+	return out
 }
 
 func contains(xs []int, x int) bool {
