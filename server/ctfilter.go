@@ -83,8 +83,17 @@ func dialConntrack(nsFd int) (*ctDeleter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("server: conntrack netlink: %w", err)
 	}
+	// A chunk's failures (deleteAll) are queued at once: without the
+	// request quoted in each (NETLINK_CAP_ACK) and with room for them,
+	// 256 fit. Best effort: deleteAll recovers from an overflow anyway.
+	c.SetOption(netlink.CapAcknowledge, true)
+	c.SetReadBuffer(ctReadBuffer)
 	return &ctDeleter{c: c}, nil
 }
+
+// ctReadBuffer is the conntrack socket's receive buffer: 256 failed
+// deletes overflowed the default 212 992 bytes (TestCtDeleteAll).
+const ctReadBuffer = 1 << 20
 
 func (d *ctDeleter) close() { d.c.Close() }
 
@@ -246,6 +255,17 @@ func (d *ctDeleter) deleteAll(dels []netlink.Message) (int, error) {
 				for _, m := range ms {
 					done = done || m.Header.Sequence == end
 				}
+			case errors.Is(err, unix.ENOBUFS):
+				// The kernel dropped answers: failures (uncounted) and
+				// maybe the NOOP's ack. Waiting for that ack stalled
+				// till the deadline, and the chunks after were never
+				// sent (TestCtDeleteAll): ask for another and wait
+				// for it instead.
+				seq, err := d.resync()
+				if err != nil {
+					return n, errors.Join(append(errs, fmt.Errorf("server: conntrack delete: %w", err))...)
+				}
+				end = seq
 			case errors.As(err, &oe) && oe.Err != nil && !errors.Is(err, os.ErrDeadlineExceeded):
 				// One delete's failure: gone meanwhile (ENOENT), or not.
 				failed++
@@ -259,6 +279,25 @@ func (d *ctDeleter) deleteAll(dels []netlink.Message) (int, error) {
 		n += k - failed
 	}
 	return n, errors.Join(errs...)
+}
+
+// resync drains the socket after an overflow and sends a new acknowledged
+// NOOP, whose sequence it returns. The kernel answers a sendmsg's
+// messages as it handles them, before the call returns, so everything a
+// chunk will get is queued by now; and until the queue was emptied once
+// (NETLINK_S_CONGESTED), it drops every further answer, the new NOOP's
+// ack included.
+func (d *ctDeleter) resync() (uint32, error) {
+	// At most a chunk's answers (and those of earlier NOOPs) are queued.
+	for range 4 * ctDeleteChunk {
+		d.c.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+		if _, err := d.c.Receive(); errors.Is(err, os.ErrDeadlineExceeded) {
+			break
+		}
+	}
+	d.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	m, err := d.c.Send(netlink.Message{Header: netlink.Header{Type: netlink.Noop, Flags: netlink.Request | netlink.Acknowledge}})
+	return m.Header.Sequence, err
 }
 
 // ctTuple is a CTA_TUPLE_ORIG or CTA_TUPLE_REPLY payload.
