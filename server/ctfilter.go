@@ -54,13 +54,6 @@ type ctTarget struct {
 	port  uint16
 }
 
-// ctKey is what a flow is matched against: its original destination t, or
-// with src valid, its reply destination t and original source src.
-type ctKey struct {
-	t   ctTarget
-	src netip.AddrPort
-}
-
 // ctGroup is the flows one dump asks for: of a family and protocol, by
 // original destination or, with nat, by reply destination.
 type ctGroup struct {
@@ -99,13 +92,13 @@ func (d *ctDeleter) close() { d.c.Close() }
 
 func nfgen(family uint8) []byte { return []byte{family, 0, 0, 0} }
 
-// end deletes every flow of group g matching one of ks; it returns how
-// many. Every kernel dump walks the whole conntrack hash table, so a group
-// costs one dump: filtered by protocol, by the IPv4 address when all of ks
+// end deletes every flow of group g matching one of fs (sorted by
+// cmpCtFilter, without duplicates); it returns how many. Every kernel dump walks the whole conntrack hash table, so a group
+// costs one dump: filtered by protocol, by the IPv4 address when all of fs
 // share it, and by port too when there is one key; what comes back is
 // matched here (source included, for SNAT-ed flows).
-func (d *ctDeleter) end(g ctGroup, ks []ctKey) (int, error) {
-	t := ks[0].t
+func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
+	t := fs[0].t
 	fam, ipDst, ipSrc, ip := uint8(unix.AF_INET6), uint16(ctaIPv6Dst), uint16(ctaIPv6Src), t.addr.AsSlice()
 	if g.v4 {
 		fam, ipDst, ipSrc = unix.AF_INET, ctaIPv4Dst, ctaIPv4Src
@@ -114,15 +107,11 @@ func (d *ctDeleter) end(g ctGroup, ks []ctKey) (int, error) {
 	// ipv6_addr_cmp inverted (equal addresses fail the filter; seen on
 	// 6.18), so IPv6 dumps never filter by address.
 	flags := uint32(ctaFilterFProtoNum)
-	if g.v4 && !slices.ContainsFunc(ks, func(k ctKey) bool { return k.t.addr != t.addr }) {
+	if g.v4 && fs[len(fs)-1].t.addr == t.addr { // sorted by address
 		flags |= ctaFilterFIPDst
 	}
-	if len(ks) == 1 {
+	if len(fs) == 1 {
 		flags |= ctaFilterFDstPort
-	}
-	want := make(map[ctKey]bool, len(ks))
-	for _, k := range ks {
-		want[k] = true
 	}
 	dir, origFlags, replyFlags := uint16(ctaTupleOrig), flags, uint32(0)
 	if g.nat {
@@ -186,15 +175,16 @@ func (d *ctDeleter) end(g ctGroup, ks []ctKey) (int, error) {
 		if !ok {
 			continue
 		}
-		k := ctKey{t: ctTarget{addr: o.dst.Addr(), proto: o.proto, port: o.dst.Port()}}
+		k := ctFilter{nat: g.nat, t: ctTarget{addr: o.dst.Addr(), proto: o.proto, port: o.dst.Port()}}
 		if g.nat {
 			r, ok := ctTupleOf(reply, ipSrc, ipDst)
-			if !ok {
+			if !ok || !o.src.Addr().Is4() {
 				continue
 			}
-			k = ctKey{t: ctTarget{addr: r.dst.Addr(), proto: r.proto, port: r.dst.Port()}, src: o.src}
+			k.t = ctTarget{addr: r.dst.Addr(), proto: r.proto, port: r.dst.Port()}
+			k.src4, k.sport = o.src.Addr().As4(), o.src.Port()
 		}
-		if !want[k] {
+		if _, want := slices.BinarySearchFunc(fs, k, cmpCtFilter); !want {
 			continue
 		}
 		if del, ok := ctDeleteMsg(m.Data[0], orig, zone); ok {
