@@ -232,11 +232,18 @@ type ctWaiter struct {
 	fn  func()
 }
 
-// add queues filters and starts a walk if none is in flight.
+// add queues filters and starts a walk if none is in flight. fs is the
+// flusher's from then on (the walk sorts and prunes it in place): with
+// nothing pending it is kept as is, not copied (1M filters at a start
+// dropping 1M expired leases, 40 MB).
 func (c *ctFlusher) add(fs []ctFilter) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.pending = append(c.pending, fs...)
+	if c.pending == nil {
+		c.pending = fs
+	} else {
+		c.pending = append(c.pending, fs...)
+	}
 	c.queued++
 	if !c.running {
 		c.running = true

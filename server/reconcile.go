@@ -244,7 +244,9 @@ func (r *restoring) finish(st store.State) error {
 // restored lease holds now. Queued: the walk runs beside serving.
 func (r *restoring) flushExpired() {
 	s := r.s
-	fs := slices.DeleteFunc(r.expEnds, func(f ctFilter) bool {
+	// Those of moved leases whose pinhole deletion failed wait for
+	// retryUndeleted, as refused ones do (revoked).
+	fs := slices.DeleteFunc(s.pendingEnds(r.expEnds), func(f ctFilter) bool {
 		_, held := s.tab.holder(endpoint{addr: f.t.addr, proto: f.t.proto, port: f.t.port})
 		return held
 	})
