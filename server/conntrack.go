@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -320,7 +321,9 @@ func (s *Server) walkConntrack(fs []ctFilter) {
 	if nsSet(s.cfg.NetNS) {
 		fd = int(s.cfg.NetNS)
 	}
+	admits := s.partlyHeld(fs)
 	if d, err := dialConntrack(fd); err == nil {
+		d.admits = admits
 		// One dump per family, protocol and direction (each walks the
 		// whole table), over its run of fs sorted, duplicates out: maps
 		// of the keys took ≈ 400 MB at a start dropping 1 000 000
@@ -354,12 +357,78 @@ func (s *Server) walkConntrack(fs []ctFilter) {
 			return
 		}
 	}
-	s.walkConntrackGeneric(fs)
+	s.walkConntrackGeneric(fs, admits)
+}
+
+// ctAdmits are, for an endpoint an inbound filter ends the flows to,
+// the pinholes of the live leases that hold it when the walk starts (a
+// PEER, a FILTERed MAP: pruneLive dropped the filters of endpoints a MAP
+// without FILTER holds): the flows they admit are theirs and stay
+// (TestE2EMapDeleteKeepsPeerFlow).
+type ctAdmits map[ctTarget][]pinhole.Pinhole
+
+// admitted reports whether a live lease's pinhole at t admits flows from
+// src.
+func (a ctAdmits) admitted(t ctTarget, src netip.AddrPort) bool {
+	for _, p := range a[t] {
+		if (!p.RemotePrefix.IsValid() || p.RemotePrefix.Contains(src.Addr().Unmap())) &&
+			(p.RemotePort == 0 || p.RemotePort == src.Port()) {
+			return true
+		}
+	}
+	return false
+}
+
+// partlyHeld is the ctAdmits of fs's inbound filters (nil if none is
+// held), s.mu taken a chunk at a time as in pruneLive.
+func (s *Server) partlyHeld(fs []ctFilter) ctAdmits {
+	const step = 4096
+	var a ctAdmits
+	var buf []store.Lease
+	for i := 0; i < len(fs); i += step {
+		s.mu.Lock()
+		for _, f := range fs[i:min(i+step, len(fs))] {
+			e := endpoint{addr: f.t.addr, proto: f.t.proto, port: f.t.port}
+			h, held := s.tab.holder(e)
+			if f.nat || !held {
+				continue
+			}
+			if _, done := a[f.t]; done {
+				continue
+			}
+			buf = s.tab.onTupleInto(tuple{proto: f.t.proto, addr: h.addr, port: h.port}, buf)
+			var ps []pinhole.Pinhole
+			for j := range buf {
+				if endpointOf(&buf[j]) == e {
+					ps = appendPinholes(ps, &buf[j])
+				}
+			}
+			if a == nil {
+				a = ctAdmits{}
+			}
+			a[f.t] = ps
+		}
+		s.mu.Unlock()
+	}
+	return a
+}
+
+// keepAdmitted is a generic walk's inbound filter that spares the flows
+// a live lease admits (ctAdmits).
+type keepAdmitted struct {
+	nf     netlink.CustomConntrackFilter
+	t      ctTarget
+	admits ctAdmits
+}
+
+func (k keepAdmitted) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
+	src, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
+	return k.nf.MatchConntrackFlow(fl) && !k.admits.admitted(k.t, netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort))
 }
 
 // walkConntrackGeneric is the walk for kernels without CTA_FILTER: one
 // dump of the whole table per address family that has filters.
-func (s *Server) walkConntrackGeneric(fs []ctFilter) {
+func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits) {
 	var h *netlink.Handle
 	var err error
 	if nsSet(s.cfg.NetNS) {
@@ -378,6 +447,9 @@ func (s *Server) walkConntrackGeneric(fs []ctFilter) {
 		for _, f := range fs {
 			if f.v4 == (fam == netlink.FAMILY_V4) {
 				if nf := f.netlinkFilter(); nf != nil {
+					if _, held := admits[f.t]; held && !f.nat {
+						nf = keepAdmitted{nf: nf, t: f.t, admits: admits}
+					}
 					filters = append(filters, nf)
 				}
 			}

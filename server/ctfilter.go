@@ -69,6 +69,8 @@ type ctGroup struct {
 // flush.
 type ctDeleter struct {
 	c *netlink.Conn
+	// admits spares the inbound flows live leases admit (nil: none).
+	admits ctAdmits
 }
 
 func dialConntrack(nsFd int) (*ctDeleter, error) {
@@ -185,6 +187,9 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			k.src4, k.sport = o.src.Addr().As4(), o.src.Port()
 		}
 		if _, want := slices.BinarySearchFunc(fs, k, cmpCtFilter); !want {
+			continue
+		}
+		if !g.nat && d.admits.admitted(k.t, o.src) {
 			continue
 		}
 		if del, ok := ctDeleteMsg(m.Data[0], orig, zone); ok {
