@@ -18,12 +18,14 @@ import (
 )
 
 // flushConntrack ends the connections of mappings that ended: deleted by
-// their client, revoked, or expired (the guard lets established flows
+// their client, revoked, expired, or moved to another external port (the guard lets established flows
 // pass, so without this a deleted NAT-PMP mapping (PMP-12), a revoked
 // address (LIFE-05) or an expired lease kept its open connections for as
 // long as they lasted). Two kinds of flows are ended:
 //   - inbound: those whose original destination is the mapping's external
-//     endpoint (connections the client opened itself are left alone);
+//     endpoint (connections the client opened itself are left alone),
+//     but not those a live lease there admits when the walk starts (a
+//     PEER's, the same mapping made again: pruneLive, ctAdmits);
 //   - for an IPv4 NAPT mapping, the outbound flows its SNAT companion
 //     translated to the external endpoint (two-way NAPT, PMP-11): their
 //     reply destination is the external endpoint and their original
