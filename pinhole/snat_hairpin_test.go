@@ -34,27 +34,7 @@ func TestNAPT4HairpinKeepsExternalSource(t *testing.T) {
 			name, table, chain = "attached", "filter", "pcpd_postrouting"
 		}
 		t.Run(name, func(t *testing.T) {
-			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-			peer := netlab.NewNS(t, "revedgepeer")
-			if err := netlab.Veth(topo.Host, "lan1", peer, "eth0"); err != nil {
-				t.Fatal(err)
-			}
-			topo.Host.MustRun(t, "ip", "addr", "add", "10.100.1.1/24", "dev", "lan1")
-			peer.MustRun(t, "ip", "addr", "add", "10.100.1.2/24", "dev", "eth0")
-			peer.MustRun(t, "ip", "route", "add", "default", "via", "10.100.1.1")
-			peerAddr := netip.MustParseAddr("10.100.1.2")
-
-			cfg := pinhole.Config{}
-			if attached {
-				loadNft(t, topo.Host, adminRuleset)
-				cfg = pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"}
-			}
-			b := newBackend(t, topo.Host, cfg)
-			if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4,
-				netip.PrefixFrom(peerAddr, 32)}); err != nil {
-				t.Fatal(err)
-			}
-			setServed(t, b, []string{topo.HostLANIf, "lan1"}, topo.HostTunnelV4, netip.MustParseAddr("10.100.1.1"))
+			topo, peer, peerAddr, b := servedLAN1(t, "revedgepeer", attached, []netip.Prefix{netip.MustParsePrefix("10.100.1.2/32")})
 
 			type mapping struct{ in, pub netip.AddrPort }
 			m := func(a netip.Addr, port uint16) mapping {

@@ -30,28 +30,7 @@ func TestNAPT4SNATOnlyTowardsWAN(t *testing.T) {
 			name, table, chain = "attached", "filter", "pcpd_postrouting"
 		}
 		t.Run(name, func(t *testing.T) {
-			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-			// A second served side: lan1 towards a host at 10.100.1.2
-			// (as another WireGuard peer, or a host on a served LAN).
-			peer := netlab.NewNS(t, "edgepeer")
-			if err := netlab.Veth(topo.Host, "lan1", peer, "eth0"); err != nil {
-				t.Fatal(err)
-			}
-			topo.Host.MustRun(t, "ip", "addr", "add", "10.100.1.1/24", "dev", "lan1")
-			peer.MustRun(t, "ip", "addr", "add", "10.100.1.2/24", "dev", "eth0")
-			peer.MustRun(t, "ip", "route", "add", "default", "via", "10.100.1.1")
-			peerAddr := netip.MustParseAddr("10.100.1.2")
-
-			cfg := pinhole.Config{}
-			if attached {
-				loadNft(t, topo.Host, adminRuleset) // its forward chain accepts what lan0 sends
-				cfg = pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"}
-			}
-			b := newBackend(t, topo.Host, cfg)
-			if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
-				t.Fatal(err)
-			}
-			setServed(t, b, []string{topo.HostLANIf, "lan1"}, topo.HostTunnelV4, netip.MustParseAddr("10.100.1.1"))
+			topo, peer, peerAddr, b := servedLAN1(t, "edgepeer", attached, nil)
 
 			in := netip.AddrPortFrom(topo.ClientV4, 5000)
 			pub := netip.AddrPortFrom(topo.HostPublicV4, 15000)
@@ -120,4 +99,34 @@ func TestNAPT4SNATOnlyTowardsWAN(t *testing.T) {
 			}
 		})
 	}
+}
+
+// servedLAN1 is the bed of the SNAT tests: the topology plus a second
+// served side, lan1, towards a host at 10.100.1.2 in its own namespace
+// (as another WireGuard peer, or a host on a served LAN), and a backend
+// (attached inside adminRuleset, or standalone) protecting the client's
+// prefixes and extra, serving the client's side and lan1.
+func servedLAN1(t *testing.T, name string, attached bool, extra []netip.Prefix) (*netlab.Topology, *netlab.NS, netip.Addr, *pinhole.Backend) {
+	t.Helper()
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	peer := netlab.NewNS(t, name)
+	if err := netlab.Veth(topo.Host, "lan1", peer, "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	topo.Host.MustRun(t, "ip", "addr", "add", "10.100.1.1/24", "dev", "lan1")
+	peer.MustRun(t, "ip", "addr", "add", "10.100.1.2/24", "dev", "eth0")
+	peer.MustRun(t, "ip", "route", "add", "default", "via", "10.100.1.1")
+	peerAddr := netip.MustParseAddr("10.100.1.2")
+
+	cfg := pinhole.Config{}
+	if attached {
+		loadNft(t, topo.Host, adminRuleset) // its forward chain accepts what lan0 sends
+		cfg = pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"}
+	}
+	b := newBackend(t, topo.Host, cfg)
+	if err := b.SetProtected(append([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}, extra...)); err != nil {
+		t.Fatal(err)
+	}
+	setServed(t, b, []string{topo.HostLANIf, "lan1"}, topo.HostTunnelV4, netip.MustParseAddr("10.100.1.1"))
+	return topo, peer, peerAddr, b
 }
