@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
-
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
 )
@@ -47,19 +45,7 @@ func (r *ctRecorder) has(addr netip.Addr, port uint16, nat bool) bool {
 func (h *harness) startCt(t *testing.T, r *ctRecorder) {
 	t.Helper()
 	h.cfg.KeepConnections = false
-	pol, err := policy.New(h.pcfg, h.own)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := New(h.cfg, Deps{Firewall: h.fw, Store: h.st, State: h.st.State(), Policy: pol, Now: h.clock.Now}, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.ct.walk = r.walk
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	h.s = s
+	h.startWith(nil, func(s *Server) { s.ct.walk = r.walk })
 }
 
 // ctDrain waits until every flush queued so far ran.

@@ -7,10 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
-
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/policy"
 )
 
 // stepClocks is a wall clock (Now) that steps and a monotonic clock (Mono)
@@ -30,18 +27,7 @@ func (c *stepClocks) step(d time.Duration)    { c.wall.Add(int64(d)) }
 func runClockHarness(t *testing.T, c *stepClocks, opts ...option) *harness {
 	t.Helper()
 	h := newHarness(t, opts...)
-	pol, err := policy.New(h.pcfg, h.own)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := New(h.cfg, Deps{Firewall: h.fw, Store: h.st, State: h.st.State(), Policy: pol, Now: c.Now, Mono: c.Mono}, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	h.s = s
+	h.startWith(c.deps, nil)
 	return h
 }
 

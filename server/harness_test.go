@@ -96,21 +96,39 @@ func newHarness(t testing.TB, opts ...option) *harness {
 // restart of the daemon would.
 func (h *harness) start() {
 	h.t.Helper()
+	h.startWith(nil, nil)
+}
+
+// startWith is start with deps changed by deps before New (nil: the
+// harness's own; a test's clocks, say) and the server changed by tweak
+// before its Start (nil: none).
+func (h *harness) startWith(deps func(*Deps), tweak func(*Server)) {
+	h.t.Helper()
 	pol, err := policy.New(h.pcfg, h.own)
 	if err != nil {
 		h.t.Fatal(err)
 	}
 	core, logs := observer.New(zap.DebugLevel)
 	h.logs = logs
-	s, err := New(h.cfg, Deps{Firewall: h.fw, Store: h.st, State: h.st.State(), Policy: pol, Now: h.clock.Now}, zap.New(core))
+	d := Deps{Firewall: h.fw, Store: h.st, State: h.st.State(), Policy: pol, Now: h.clock.Now}
+	if deps != nil {
+		deps(&d)
+	}
+	s, err := New(h.cfg, d, zap.New(core))
 	if err != nil {
 		h.t.Fatal(err)
+	}
+	if tweak != nil {
+		tweak(s)
 	}
 	if err := s.Start(); err != nil {
 		h.t.Fatal(err)
 	}
 	h.s = s
 }
+
+// stepClocks sets a test's wall and monotonic clocks (stepClocks) in Deps.
+func (c *stepClocks) deps(d *Deps) { d.Now, d.Mono = c.Now, c.Mono }
 
 // raw sends b from src and returns the reply bytes.
 func (h *harness) raw(src netip.Addr, b []byte) []byte {

@@ -5,8 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
-
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
@@ -179,18 +177,7 @@ func TestMAP22RewriteQuarantinesFirst(t *testing.T) {
 			h.s.mu.Unlock()
 			// kill -9: no finishRebase. Restart on the stepped clock.
 			c.advance(time.Minute)
-			pol, err := policy.New(h.pcfg, h.own)
-			if err != nil {
-				t.Fatal(err)
-			}
-			s, err := New(h.cfg, Deps{Firewall: h.fw, Store: h.st, State: h.st.State(), Policy: pol, Now: c.Now, Mono: c.Mono}, zap.NewNop())
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Start(); err != nil {
-				t.Fatal(err)
-			}
-			h.s = s
+			h.startWith(c.deps, nil)
 			r := h.do(mapReq(v4B, pcp.ProtoTCP, 80, 40000, time.Hour, 2))
 			if r.Result == pcp.Success && r.Map.ExternalPort == 40000 {
 				t.Fatal("MAP-22: port freed 2 min before (running time) handed to another client after a step, a partial rewrite and a kill")
