@@ -234,6 +234,16 @@ func readQuarantines(tx *bolt.Tx, ov *overlay, in interner) (out []Quarantine, d
 	case !wantOK:
 		problems = append(problems, fmt.Sprintf("digest of %d octets, want 16", len(dv)))
 	}
+	// A key of the right name but the wrong kind (a flipped flag bit of an
+	// inline bucket's element, or a crafted file) is damage too, and one
+	// repairQuarantines must clear: Put and CreateBucket fail on it.
+	if b == nil && rootValue(tx, bucketQuar) {
+		problems = append(problems, "a plain value where the bucket belongs")
+	}
+	if dv == nil && meta.Bucket(metaQDigest) != nil {
+		problems = append(problems, "the digest is a bucket")
+		wantOK = false
+	}
 	var got digest
 	if b != nil {
 		c := b.Cursor()
@@ -302,6 +312,12 @@ func readQuarantines(tx *bolt.Tx, ov *overlay, in interner) (out []Quarantine, d
 		strings.Join(problems, "; "), len(out))
 }
 
+// rootValue: the root holds key as a plain value, not a bucket.
+func rootValue(tx *bolt.Tx, key []byte) bool {
+	k, v := tx.Cursor().Seek(key)
+	return v != nil && bytes.Equal(k, key)
+}
+
 // quarKeyName names the endpoint of a quarantine key for a report, or
 // shows the key's octets when it does not parse.
 func quarKeyName(k []byte) string {
@@ -329,6 +345,18 @@ func quarKeyName(k []byte) string {
 // is left. In the same transaction as the fold, so a failure leaves the
 // file as it was and the next fold tries again.
 func repairQuarantines(tx *bolt.Tx, meta *bolt.Bucket, ch []kvChange) error {
+	if tx.Bucket(bucketQuar) == nil && rootValue(tx, bucketQuar) {
+		c := tx.Cursor()
+		c.Seek(bucketQuar)
+		if err := c.Delete(); err != nil {
+			return err
+		}
+	}
+	if meta.Bucket(metaQDigest) != nil {
+		if err := meta.DeleteBucket(metaQDigest); err != nil {
+			return err
+		}
+	}
 	b, err := tx.CreateBucketIfNotExists(bucketQuar)
 	if err != nil {
 		return err
