@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
 	"testing"
 
 	bolt "go.etcd.io/bbolt"
@@ -146,5 +149,169 @@ func harmBolt(t *testing.T, dir string, harm func(tx *bolt.Tx) error) {
 	}
 	if err := db.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// quarFixture: like corruptFixture (backup 0..300, file 0..400 and an
+// epoch, closed cleanly), with quarantines 0..150 in the backup and
+// 0..200 in the file, so the quarantine bucket has pages of its own.
+func quarFixture(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	s, _ := openT(t, dir, fixedClock(t0))
+	if err := s.CommitQuar(leasesN(0, 300), nil, &QuarChange{Put: quarsN(0, 150)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.ResetEpoch(t0); err != nil {
+		t.Fatal(err)
+	}
+	s, _ = reopen(t, s, fixedClock(t0), WithoutOpenSnapshot())
+	if err := s.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CommitQuar(leasesN(300, 400), nil, &QuarChange{Put: quarsN(150, 200)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// TestQuarantinePageSweep damages each page of a state file holding
+// leases and quarantines in turn, several ways: Open never claims
+// continuity (Fresh false) unless it returns every stored lease and the
+// epoch, whatever it says about quarantines; the store takes commits
+// after Open (a repair that can never succeed refuses them all); and the
+// next Open finds nothing left to repair.
+func TestQuarantinePageSweep(t *testing.T) {
+	dir := quarFixture(t)
+	orig, err := os.ReadFile(filepath.Join(dir, DBName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bak, err := os.ReadFile(filepath.Join(dir, BackupName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const ps = 4096
+	damages := []struct {
+		name string
+		fn   func(page []byte, seed uint64)
+	}{
+		{"garbage", func(p []byte, seed uint64) { copy(p, garbage(len(p), seed)) }},
+		{"zeroed", func(p []byte, _ uint64) { clear(p) }},
+		{"bit flip", func(p []byte, seed uint64) { p[int(seed*7919)%len(p)] ^= 1 << (seed % 8) }},
+		{"count bit flip", func(p []byte, seed uint64) { p[10+int(seed)%2] ^= 1 << (seed % 8) }},
+		{"element bit flip", func(p []byte, seed uint64) { p[16+int(seed*31)%256] ^= 1 << (seed % 8) }},
+		{"element flags", func(p []byte, seed uint64) {
+			for i := 16 + int(seed%4)*16; i < 16+64; i += 16 {
+				p[i] ^= 1
+			}
+		}},
+	}
+	var quarOnly, fresh int
+	for pg := range len(orig) / ps {
+		for di, d := range damages {
+			buf := bytes.Clone(orig)
+			d.fn(buf[pg*ps:(pg+1)*ps], uint64(pg*10+di+1))
+			nd := t.TempDir()
+			writeFile(t, filepath.Join(nd, DBName), buf)
+			writeFile(t, filepath.Join(nd, BackupName), bak)
+			copyLog(t, dir, nd)
+			what := func() string { return "page " + itoa(pg) + " " + d.name }
+			s, st, err := Open(nd, nil, fixedClock(t0.Add(time.Minute)), WithoutOpenSnapshot())
+			if err != nil {
+				t.Fatalf("%s: Open: %v", what(), err)
+			}
+			if st.Fresh {
+				fresh++
+			} else {
+				if len(st.Leases) != 400 || !st.EpochOrigin.Equal(t0) {
+					t.Fatalf("%s: continuity claimed with %d leases, epoch %v; Recovered %q", what(), len(st.Leases), st.EpochOrigin, st.Recovered)
+				}
+				wantLeases(t, st.Leases, leasesN(0, 400))
+				if st.Recovered != "" {
+					quarOnly++
+					if !strings.Contains(st.Recovered, "MAP-22 quarantines damaged") {
+						t.Errorf("%s: not Fresh but Recovered = %q", what(), st.Recovered)
+					}
+				}
+			}
+			if err := s.CommitQuar([]Lease{leaseN(900)}, nil, &QuarChange{Put: []Quarantine{quarN(900)}}); err != nil {
+				t.Errorf("%s: commit after Open (recovered %q): %v", what(), st.Recovered, err)
+			}
+			if err := s.Close(); err != nil {
+				t.Errorf("%s: Close: %v", what(), err)
+			}
+			s, st2, err := Open(nd, nil, fixedClock(t0.Add(2*time.Minute)), WithoutOpenSnapshot())
+			if err != nil {
+				t.Fatalf("%s: second Open: %v", what(), err)
+			}
+			if strings.Contains(st2.Recovered, "MAP-22") {
+				t.Errorf("%s: second Open still repairs quarantines: %q", what(), st2.Recovered)
+			}
+			s.Close()
+		}
+	}
+	t.Logf("%d pages × %d damages: %d epoch resets, %d quarantine-only", len(orig)/ps, len(damages), fresh, quarOnly)
+	if quarOnly == 0 {
+		t.Fatal("no quarantine-only damage at all: the sweep missed the quarantine pages")
+	}
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
+
+// TestQuarantineDamageReadOnly: quarantine damage found while the state
+// directory is read-only can not be rebuilt yet. Open must still keep the
+// leases and the epoch, say the quarantines are damaged without claiming
+// the bucket was rebuilt, and the rebuild must happen once the directory
+// is writable again, so that the Open after that finds nothing wrong.
+func TestQuarantineDamageReadOnly(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		harm  func(tx *bolt.Tx) error
+		quars []Quarantine
+	}{
+		{"digest lost", func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Delete(metaQDigest) }, quarsN(0, 5)},
+		{"record lost", func(tx *bolt.Tx) error {
+			b := tx.Bucket(bucketQuar)
+			k, _ := b.Cursor().First()
+			return b.Delete(bytes.Clone(k))
+		}, quarsN(1, 5)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s, _ := openT(t, dir, WithoutOpenSnapshot())
+			if err := s.ResetEpoch(t0); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.CommitQuar(leasesN(0, 5), nil, &QuarChange{Put: quarsN(0, 5)}); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			harmBolt(t, dir, tc.harm)
+			writable := bindReadOnly(t, dir)
+			s, st := openT(t, dir, WithoutOpenSnapshot())
+			if st.Fresh || !st.EpochOrigin.Equal(t0) || !strings.Contains(st.Recovered, "MAP-22 quarantines damaged") {
+				t.Fatalf("fresh %v, epoch %v, recovered %q", st.Fresh, st.EpochOrigin, st.Recovered)
+			}
+			if strings.Contains(st.Recovered, "bucket rebuilt") {
+				t.Errorf("read-only directory, nothing written, yet recovered says %q", st.Recovered)
+			}
+			wantLeases(t, st.Leases, leasesN(0, 5))
+			wantQuars(t, st.Quarantines, tc.quars)
+			writable()
+			if err := s.Commit([]Lease{leaseN(7)}, nil); err != nil {
+				t.Fatalf("commit once writable: %v", err)
+			}
+			_, st = reopen(t, s, WithoutOpenSnapshot())
+			if st.Recovered != "" || st.Fresh {
+				t.Fatalf("after the rebuild: fresh %v, recovered %q", st.Fresh, st.Recovered)
+			}
+			wantQuars(t, st.Quarantines, tc.quars)
+		})
 	}
 }
