@@ -308,7 +308,7 @@ func readQuarantines(tx *bolt.Tx, ov *overlay, in interner) (out []Quarantine, d
 		}
 		problems = append(problems, p)
 	}
-	return out, fmt.Sprintf("MAP-22 quarantines damaged (%s): kept the %d that check out, the lost ones' ports are no longer held for their last holders; leases and epoch unaffected; quarantine bucket rebuilt from what was kept",
+	return out, fmt.Sprintf("MAP-22 quarantines damaged (%s): kept the %d that check out, the lost ones' ports are no longer held for their last holders; leases and epoch unaffected; the quarantine bucket is rebuilt from what was kept when the state file is next written",
 		strings.Join(problems, "; "), len(out))
 }
 
