@@ -51,6 +51,7 @@ func (s *Server) restore() error {
 	s.deps.State.Leases = nil
 	st.Leases = nil
 	r := s.restoring(now)
+	r.presize(ls)
 	for l := range drain(ls) {
 		r.add(l)
 	}
@@ -75,7 +76,7 @@ func drain(ls []store.Lease) iter.Seq[*store.Lease] {
 type restoring struct {
 	s        *Server
 	now      time.Time
-	drop     []store.Key       // expired, moved or refused: out of the store
+	drop     keyChunks         // expired, moved or refused: out of the store
 	gone     []pinhole.Pinhole // of moved and refused leases: out of the kernel
 	moved    int
 	doubtful int
@@ -104,6 +105,66 @@ func (s *Server) restoring(now time.Time) *restoring {
 	return &restoring{s: s, now: now}
 }
 
+// dropChunk is how many keys one chunk of restoring.drop holds, and so
+// one store commit of them (≈ 80 bytes a key: 5.2 MB).
+const dropChunk = 1 << 16
+
+// keyChunks are keys in chunks of at most dropChunk: adding one never
+// copies those there (a start dropping 1 000 000 expired leases grew one
+// slice to 80 MB, allocating 398 MB on the way), and each chunk is one
+// store commit (commitDrops), whose record the store encodes in one
+// buffer. The first chunk grows from nothing; the others are made whole.
+type keyChunks [][]store.Key
+
+func (c *keyChunks) add(k store.Key) {
+	n := len(*c)
+	if n == 0 || len((*c)[n-1]) == dropChunk {
+		var next []store.Key
+		if n > 0 {
+			next = make([]store.Key, 0, dropChunk)
+		}
+		*c = append(*c, next)
+		n++
+	}
+	(*c)[n-1] = append((*c)[n-1], k)
+}
+
+// len is how many keys c holds.
+func (c keyChunks) len() int {
+	n := 0
+	for _, ks := range c {
+		n += len(ks)
+	}
+	return n
+}
+
+// presize makes r.expEnds the size of the connections of the leases of ls
+// that add will drop as expired or moved (counted the same way: one pass
+// reading two fields of each): grown by append, it allocated 205 MB to
+// hold 40 MB at a start dropping 1 000 000 expired leases. A store that
+// hands leases over one by one feeds add without it (append grows it).
+func (r *restoring) presize(ls []store.Lease) {
+	if r.s.cfg.KeepConnections {
+		return
+	}
+	var scratch [2]ctFilter // appendCtFilters adds at most two
+	n := 0
+	for i := range ls {
+		if l := &ls[i]; r.expiredOrMoved(l) {
+			n += len(appendCtFilters(scratch[:0], l))
+		}
+	}
+	if n > 0 {
+		r.expEnds = make([]ctFilter, 0, n)
+	}
+}
+
+// expiredOrMoved reports whether add drops l as expired, or as moved (its
+// external IPv4 no longer ours): those whose connections go to expEnds.
+func (r *restoring) expiredOrMoved(l *store.Lease) bool {
+	return !l.Expires.After(r.now) || l.ExternalAddr.Is4() && l.ExternalAddr != r.s.cfg.ExternalIPv4
+}
+
 // add admits one stored lease: expired ones, IPv4 ones whose external
 // address is no longer ours and ones the rules refuse now
 // (restore_policy.go) are dropped, the rest clamped and put in the
@@ -113,7 +174,7 @@ func (s *Server) restoring(now time.Time) *restoring {
 func (r *restoring) add(l *store.Lease) {
 	switch {
 	case !l.Expires.After(r.now):
-		r.drop = append(r.drop, l.Key)
+		r.drop.add(l.Key)
 		r.expired++
 		if !r.s.cfg.KeepConnections {
 			r.expEnds = appendCtFilters(r.expEnds, l)
@@ -122,7 +183,7 @@ func (r *restoring) add(l *store.Lease) {
 	case l.ExternalAddr.Is4() && l.ExternalAddr != r.s.cfg.ExternalIPv4:
 		// The external IPv4 changed (or is gone): these mappings
 		// cannot be kept, which is a loss of mapping state (EPO-03).
-		r.drop = append(r.drop, l.Key)
+		r.drop.add(l.Key)
 		r.gone = append(r.gone, pinholesOf(l)...)
 		r.moved++
 		if !r.s.cfg.KeepConnections {
@@ -180,7 +241,7 @@ func (r *restoring) finish(st store.State) error {
 	drop := r.drop
 	for i := range unrestored {
 		l := &unrestored[i]
-		drop = append(drop, l.Key)
+		drop.add(l.Key)
 		// Its IPv4 port is freed now: quarantined for its holder, who
 		// gets it back at its next renewal (MAP-22,
 		// TestMAP22UnrestorableLeaseQuarantined).
@@ -200,22 +261,8 @@ func (r *restoring) finish(st store.State) error {
 	r.restoreQuarantines(append(st.Quarantines, r.lapsed...))
 	s.deps.State.Quarantines, r.lapsed = nil, nil
 	r.quarantineRefused()
-	qc := r.quarChange()
-	if len(drop) > 0 || qc != nil {
-		if err := s.st.CommitQuar(nil, drop, qc); err != nil {
-			// Owed: the next commit (or housekeep's payStoreDebt) drops
-			// them. Left in the store, a refused or moved lease came back
-			// at a later start on an IPv4 port handed out again meanwhile
-			// (TestRestoreRefusedStoreDropFails).
-			s.m.storeErrors.Inc()
-			for _, k := range drop {
-				s.storeDebt[k] = struct{}{}
-			}
-			for _, e := range r.qtouched {
-				s.quarDebt[e] = struct{}{}
-			}
-			s.log.Warn("cannot drop expired, moved, refused or unrestorable leases from the store; retrying", zap.Int("leases", len(drop)), zap.Error(err))
-		}
+	if qc := r.quarChange(); len(drop) > 0 || qc != nil {
+		r.commitDrops(drop, qc)
 	}
 	drop = nil
 	r.revoked()
@@ -236,6 +283,54 @@ func (r *restoring) finish(st store.State) error {
 		s.log.Warn("mapping state lost or doubtful: epoch reset to 0", zap.String("why", why), zap.Int("leases", kept))
 	}
 	return nil
+}
+
+// commitDrops drops the keys of drop from the store, one commit a chunk,
+// the quarantine change qc (may be nil) with the first. A kill between two
+// commits leaves leases in the store that the next start drops again
+// (still expired, moved or refused; an unrestorable one restored if it
+// can be, its quarantine then dropped as held), never a freed port
+// without its quarantine: those are durable with the first. The first
+// commit that fails leaves its keys and those of every later chunk owed
+// (and qc's endpoints if it was the first): the next commit, or
+// housekeep's payStoreDebt, drops them. Left in the store, a refused or
+// moved lease came back at a later start on an IPv4 port handed out again
+// meanwhile (TestRestoreRefusedStoreDropFails). Each chunk is let go once
+// committed.
+func (r *restoring) commitDrops(drop keyChunks, qc *store.QuarChange) {
+	s := r.s
+	if len(drop) == 0 {
+		drop = keyChunks{nil} // qc alone
+	}
+	done := 0
+	for i, keys := range drop {
+		q := qc
+		if i > 0 {
+			q = nil
+		}
+		err := s.st.CommitQuar(nil, keys, q)
+		if err == nil {
+			done += len(keys)
+			drop[i] = nil
+			continue
+		}
+		s.m.storeErrors.Inc()
+		owed := 0
+		for _, ks := range drop[i:] {
+			for _, k := range ks {
+				s.storeDebt[k] = struct{}{}
+			}
+			owed += len(ks)
+		}
+		if i == 0 {
+			for _, e := range r.qtouched {
+				s.quarDebt[e] = struct{}{}
+			}
+		}
+		s.log.Warn("cannot drop expired, moved, refused or unrestorable leases from the store; retrying",
+			zap.Int("leases", owed), zap.Int("dropped", done), zap.Error(err))
+		return
+	}
 }
 
 // flushExpired ends the connections of the leases that expired while pcpd

@@ -120,7 +120,7 @@ type freedPort struct {
 // connections flushed and its IPv4 port quarantined (MAP-22) as a
 // revocation's (tx.set), counted and logged by revoked.
 func (r *restoring) refuse(l *store.Lease, why string) {
-	r.drop = append(r.drop, l.Key)
+	r.drop.add(l.Key)
 	r.gone = appendPinholes(r.gone, l)
 	r.refused++
 	if len(r.logs) < maxRefusedLogs {
