@@ -153,9 +153,9 @@ func equalInts(a, b []int) bool {
 	return true
 }
 
-// TestRestorePresizeExact: presize counts the connections add will queue
-// for the expired and moved leases exactly (restoring.expEnds is made
-// whole once, never grown): one filter for an IPv6 MAP, two for an IPv4
+// TestRestorePresizeExact: presize counts the expired and moved leases,
+// and the connections add will queue for them, exactly (restoring.drop's
+// first chunk and restoring.expEnds are made whole once, never grown): one filter for an IPv6 MAP, two for an IPv4
 // NAPT lease (inbound and SNAT-ed), none for a PEER, none for a live one.
 func TestRestorePresizeExact(t *testing.T) {
 	h := newHarness(t, func(c *Config, p *policy.Config) { c.KeepConnections = false })
@@ -167,18 +167,19 @@ func TestRestorePresizeExact(t *testing.T) {
 	}
 	moved := netip.MustParseAddr("198.51.100.9")
 	for _, tc := range []struct {
-		name string
-		ls   []store.Lease
-		want int
+		name  string
+		ls    []store.Lease
+		want  int // filters
+		drops int
 	}{
-		{"IPv6 MAP expired", []store.Lease{lease(addrA, addrA, 80, store.KindMap, past)}, 1},
-		{"IPv4 NAPT expired", []store.Lease{lease(v4A, ext4, 40000, store.KindMap, past)}, 2},
-		{"PEER expired", []store.Lease{lease(addrA, addrA, 81, store.KindPeer, past)}, 0},
-		{"moved", []store.Lease{lease(v4A, moved, 40001, store.KindNATPMP, later)}, 2},
+		{"IPv6 MAP expired", []store.Lease{lease(addrA, addrA, 80, store.KindMap, past)}, 1, 1},
+		{"IPv4 NAPT expired", []store.Lease{lease(v4A, ext4, 40000, store.KindMap, past)}, 2, 1},
+		{"PEER expired", []store.Lease{lease(addrA, addrA, 81, store.KindPeer, past)}, 0, 1},
+		{"moved", []store.Lease{lease(v4A, moved, 40001, store.KindNATPMP, later)}, 2, 1},
 		{"mixed with live", []store.Lease{
 			lease(addrA, addrA, 80, store.KindMap, past), lease(v4A, ext4, 40000, store.KindMap, past),
 			lease(addrA, addrA, 82, store.KindMap, later), lease(v4A, moved, 40001, store.KindMap, later),
-		}, 5},
+		}, 5, 3},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := h.s.restoring(now)
@@ -194,6 +195,9 @@ func TestRestorePresizeExact(t *testing.T) {
 			}
 			if len(r.expEnds) != cap(r.expEnds) {
 				t.Errorf("add queued %d filters, presized %d", len(r.expEnds), cap(r.expEnds))
+			}
+			if len(r.drop) != 1 || len(r.drop[0]) != tc.drops || cap(r.drop[0]) != tc.drops {
+				t.Errorf("drop chunks %d, first %d keys of %d presized; want %d", len(r.drop), len(r.drop[0]), cap(r.drop[0]), tc.drops)
 			}
 		})
 	}

@@ -266,7 +266,6 @@ func (s *Server) Run(ctx context.Context) error {
 func (s *Server) Start() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.tab.grow(len(s.deps.State.Leases))
 	// restore judges each lease by the host's addresses as now read
 	// (Policy.Rules): the sweep need re-check them only after a change.
 	s.hostSeen = s.pol.HostGen()
