@@ -5,8 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
-
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/server/servertest"
@@ -89,20 +87,7 @@ func TestRestoreDropsInChunks(t *testing.T) {
 			h.clock.Advance(70 * time.Minute) // B's lease and the IPv6 ones expire while pcpd is down
 
 			cl := &commitLog{Store: h.st, fail: tc.fail}
-			start := func() {
-				pol, err := policy.New(h.pcfg, h.own)
-				if err != nil {
-					t.Fatal(err)
-				}
-				s, err := New(h.cfg, Deps{Firewall: h.fw, Store: cl, State: h.st.State(), Policy: pol, Now: h.clock.Now}, zap.NewNop())
-				if err != nil {
-					t.Fatal(err)
-				}
-				if err := s.Start(); err != nil {
-					t.Fatal(err)
-				}
-				h.s = s
-			}
+			start := func() { h.startWith(func(d *Deps) { d.Store = cl }, nil) }
 			start()
 			if !equalInts(cl.dels, tc.commits) {
 				t.Fatalf("the start's commits deleted %v keys, want %v", cl.dels, tc.commits)
