@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 )
 
@@ -16,8 +17,8 @@ import (
 // which are never openable (DESIGN.md): a client must not open a pinhole or
 // a NAPT mapping to the tunnel host. Its Contains is meant for
 // Config.HostAddrs: lookups are one atomic load and a map read; the set is
-// re-read by Refresh (Run: every few seconds). The zero value is an empty
-// set, ready to use.
+// re-read by Refresh (Run: at each change of the host's addresses, and
+// every HostSetRefresh). The zero value is an empty set, ready to use.
 //
 // Until a read succeeds, the set is empty and Read is false: a failed
 // first read must not let a client open the host (Config.HostAddrsRead,
@@ -40,13 +41,32 @@ type HostSet struct {
 	// before the first Refresh (tests inject failures).
 	Addrs func() ([]net.Addr, error)
 
+	// Every is how often Run re-reads the addresses whatever the
+	// address notifications say (0: HostSetRefresh). Set before Run;
+	// tests set it long, to see that a notification alone is followed.
+	Every time.Duration
+
 	mu     sync.Mutex // serialises Refresh's logging
 	warned bool
 	gen    atomic.Uint64 // Gen
+
+	// subscribe starts Run's subscription to the address notifications
+	// (nil: netlink's, in the calling thread's namespace); policy tests
+	// fake it.
+	subscribe func(ch chan<- netlink.AddrUpdate, done <-chan struct{}, onErr func(error)) error
 }
 
-// HostSetRefresh is how often Run re-reads the host's addresses.
+// HostSetRefresh is how often Run re-reads the host's addresses whatever
+// the notifications say: the safety net for those lost.
 const HostSetRefresh = 5 * time.Second
+
+const (
+	// hostResubscribe is the least time between two of Run's address
+	// subscriptions: one that keeps failing at once must not spin.
+	hostResubscribe = time.Second
+	// hostQueued is how many address notifications wait for Run.
+	hostQueued = 64
+)
 
 // Refresh re-reads the host's addresses: those of the network namespace of
 // the calling thread. On error the last good set is kept.
@@ -102,16 +122,116 @@ func (h *HostSet) Contains(a netip.Addr) bool {
 	return ok
 }
 
-// Run refreshes the set every HostSetRefresh until ctx is done.
+// Run follows the host's addresses until ctx is done: those of the
+// network namespace of the calling thread, as Refresh. It reads them at
+// each address notification (RTM_NEWADDR, RTM_DELADDR), the notifications
+// queued together read once, so a MAP of an address the host has just
+// taken is refused at once (not in the next periodic read), and every
+// Every (HostSetRefresh) whatever they say. netlink's subscription ends
+// at its first receive error, an overrun (ENOBUFS: notifications lost)
+// included: Run then reads at once and subscribes again (at most once a
+// second). If it cannot subscribe (logged once) it reads periodically
+// only, and tries again at each periodic read. TestHostSetFollowsNotifications,
+// server TestMapRefusedOnceHostTakesAddress.
 func (h *HostSet) Run(ctx context.Context) error {
-	t := time.NewTicker(HostSetRefresh)
+	every := h.Every
+	if every <= 0 {
+		every = HostSetRefresh
+	}
+	sub := h.subscribe
+	if sub == nil {
+		sub = func(ch chan<- netlink.AddrUpdate, done <-chan struct{}, onErr func(error)) error {
+			return netlink.AddrSubscribeWithOptions(ch, done, netlink.AddrSubscribeOptions{ErrorCallback: onErr})
+		}
+	}
+	t := time.NewTicker(every)
 	defer t.Stop()
+	var (
+		ch     chan netlink.AddrUpdate // nil: not subscribed
+		done   chan struct{}           // closed: the subscription's socket closes
+		since  time.Time               // of the last subscription
+		retry  <-chan time.Time        // subscribe again when it fires
+		failed bool                    // the last subscription failed (logged)
+	)
+	// follow subscribes, then reads: a change before the subscription
+	// is in that read, one after it is notified.
+	follow := func() bool {
+		retry, since = nil, time.Now()
+		c, d := make(chan netlink.AddrUpdate, hostQueued), make(chan struct{})
+		onErr := func(err error) {
+			select {
+			case <-d: // Run closed it
+			default:
+				if h.Log != nil {
+					h.Log.Debug("host address notifications", zap.Error(err))
+				}
+			}
+		}
+		if err := sub(c, d, onErr); err != nil {
+			close(d)
+			if !failed && h.Log != nil {
+				h.Log.Warn("cannot follow the host's address changes; re-reading them periodically only", zap.Duration("every", every), zap.Error(err))
+			}
+			failed = true
+			return false
+		}
+		if failed && h.Log != nil {
+			h.Log.Info("following the host's address changes again")
+		}
+		failed = false
+		ch, done = c, d
+		h.Refresh()
+		return true
+	}
+	// ended: the subscription is over (its channel closed), or Run is.
+	ended := func() {
+		close(done) // closes the socket, and ends the library's goroutine
+		for range ch {
+		}
+		ch = nil
+	}
+	defer func() {
+		if ch != nil {
+			ended()
+		}
+	}()
+	if !follow() {
+		h.Refresh() // on error the last good view stays
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
-			h.Refresh() // on error the last good view stays
+			if ch == nil && retry == nil && follow() {
+				continue
+			}
+			h.Refresh()
+		case <-retry:
+			if !follow() {
+				h.Refresh()
+			}
+		case _, ok := <-ch:
+			// What is queued is one read.
+			for more := ok; more; {
+				select {
+				case _, more = <-ch:
+					ok = more
+				default:
+					more = false
+				}
+			}
+			h.Refresh()
+			if !ok {
+				// An overrun or another receive error: the read above
+				// makes good what was lost.
+				ended()
+				if wait := hostResubscribe - time.Since(since); wait > 0 {
+					retry = time.After(wait)
+				} else {
+					follow()
+				}
+			}
 		}
 	}
 }
