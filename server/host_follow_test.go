@@ -74,6 +74,7 @@ func TestMapRefusedOnceHostTakesAddress(t *testing.T) {
 				t.Fatalf("MAP of %v before the host has it: %v", c.target, r)
 			}
 			ns.MustRun(t, "ip", "addr", "add", c.prefix, "dev", "hostev0")
+			defer ns.Run("ip", "addr", "flush", "dev", "hostev0", "scope", "global") // a failed row leaves none
 			until(t, "host took "+c.prefix, c.src, c.target, pcp.NotAuthorized)
 			ns.MustRun(t, "ip", "addr", "del", c.prefix, "dev", "hostev0")
 			until(t, "host gave up "+c.prefix, c.src, c.target, pcp.Success)

@@ -13,10 +13,12 @@ import (
 	"github.com/pcpd/pcpd/store"
 )
 
-// TestLeaseRevokedWhenHostGainsTarget: the host-address set is re-read
-// every policy.HostSetRefresh (5 s), so a request in the window after the
-// host gains an address (one the listener may already serve on), or
-// while reads fail after it, is judged by the old set: a client owning
+// TestLeaseRevokedWhenHostGainsTarget: the host-address set is re-read at
+// each address notification and every policy.HostSetRefresh (5 s), so a
+// request in the window after the host gains an address (one the
+// listener may already serve on) before the read (a notification lost,
+// or before 2026-12-05 up to 5 s), or while reads fail after it, is
+// judged by the old set: a client owning
 // the host's LAN prefix (static mode) maps the host's new address, or its
 // subnet's broadcast, and the NAPT mapping's DNAT carries the Internet's
 // traffic to the host's own services. Once a read shows the address is

@@ -150,6 +150,8 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	}
 	// The host's own addresses, its IPv4 subnets' broadcast addresses and
 	// its IPv6 subnet-router anycast addresses: never openable.
+	// Run re-reads them at each address change (netlink notifications)
+	// and every policy.HostSetRefresh whatever they say.
 	// Until a read succeeds (Run retries every policy.HostSetRefresh)
 	// MAPs and PEERs are refused with NO_RESOURCES (HostAddrsRead): an
 	// empty set would let a client open the host itself.
