@@ -2,6 +2,7 @@ package server
 
 import (
 	"github.com/google/nftables"
+	"github.com/vishvananda/netns"
 	"net/netip"
 	"runtime"
 	rtmetrics "runtime/metrics"
@@ -159,6 +160,14 @@ func BenchmarkRealMap(b *testing.B) {
 // costs 5-14 ms in close(2), which would hide the engine.
 func lastingFirewall(b testing.TB, name string) *pinhole.Backend {
 	b.Helper()
+	fw, _ := lastingFirewallNS(b, name)
+	return fw
+}
+
+// lastingFirewallNS is lastingFirewall with its namespace's handle, for a
+// server that works in it (Config.NetNS: the conntrack walk).
+func lastingFirewallNS(b testing.TB, name string) (*pinhole.Backend, netns.NsHandle) {
+	b.Helper()
 	ns := netlab.NewNS(b, name)
 	h, err := ns.Handle()
 	if err != nil {
@@ -174,7 +183,7 @@ func lastingFirewall(b testing.TB, name string) *pinhole.Backend {
 	if err != nil {
 		b.Fatal(err)
 	}
-	return fw
+	return fw, h
 }
 
 func itoa(n int) string {

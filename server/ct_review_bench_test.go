@@ -10,11 +10,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
 	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/internal/netlab"
-	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/server/servertest"
 	"github.com/pcpd/pcpd/store"
@@ -42,21 +40,7 @@ func BenchmarkStartExpired(b *testing.B) {
 			name += "/keep"
 		}
 		b.Run(name, func(b *testing.B) {
-			ns := netlab.NewNS(b, "revctx")
-			h, err := ns.Handle()
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { h.Close() })
-			conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { conn.CloseLasting() })
-			fw, err := pinhole.New(conn, pinhole.Config{})
-			if err != nil {
-				b.Fatal(err)
-			}
+			fw, h := lastingFirewallNS(b, "revctx")
 			own, err := policy.NewStatic(map[string][]netip.Prefix{"bench": {netip.MustParsePrefix("2001:db8::/32")}})
 			if err != nil {
 				b.Fatal(err)
