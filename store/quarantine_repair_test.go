@@ -93,20 +93,7 @@ func TestQuarantineDamageRepairable(t *testing.T) {
 		}, quarsN(0, 5)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
-			s, _ := openT(t, dir, WithoutOpenSnapshot())
-			if err := s.ResetEpoch(t0); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.CommitQuar(leasesN(0, 5), nil, &QuarChange{Put: quarsN(0, 5)}); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Snapshot(); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Close(); err != nil {
-				t.Fatal(err)
-			}
+			dir := quarState(t, true, nil)
 			tc.harm(t, dir)
 
 			s, st := openT(t, dir, WithoutOpenSnapshot())
@@ -281,17 +268,7 @@ func TestQuarantineDamageReadOnly(t *testing.T) {
 		}, quarsN(1, 5)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
-			s, _ := openT(t, dir, WithoutOpenSnapshot())
-			if err := s.ResetEpoch(t0); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.CommitQuar(leasesN(0, 5), nil, &QuarChange{Put: quarsN(0, 5)}); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Close(); err != nil {
-				t.Fatal(err)
-			}
+			dir := quarState(t, false, nil)
 			harmBolt(t, dir, tc.harm)
 			writable := bindReadOnly(t, dir)
 			s, st := openT(t, dir, WithoutOpenSnapshot())

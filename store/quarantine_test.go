@@ -356,23 +356,7 @@ func TestQuarantineDamageAtRest(t *testing.T) {
 		}, nil, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
-			s, _ := openT(t, dir, WithoutOpenSnapshot())
-			if err := s.ResetEpoch(t0); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.CommitQuar(leasesN(0, 5), nil, &QuarChange{Put: quarsN(0, 5)}); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Snapshot(); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Commit(leasesN(5, 10), nil); err != nil { // after the backup
-				t.Fatal(err)
-			}
-			if err := s.Close(); err != nil {
-				t.Fatal(err)
-			}
+			dir := quarState(t, true, leasesN(5, 10))
 			db, err := bolt.Open(dir+"/"+DBName, 0o600, nil)
 			if err != nil {
 				t.Fatal(err)
@@ -469,4 +453,33 @@ func TestQuarantineChurnBounded(t *testing.T) {
 	if last, mid := sizes[len(sizes)-1], sizes[len(sizes)/2]; last > mid {
 		t.Fatalf("state file still growing under churn: %d octets at round 10, %d at round 20 (%v)", mid, last, sizes)
 	}
+}
+
+// quarState is a closed store in a new directory: epoch t0, leasesN(0, 5)
+// with quarsN(0, 5) committed together, then (backup) a backup copy, then
+// the leases after; the damage tests harm it and open it again.
+func quarState(t *testing.T, backup bool, after []Lease) string {
+	t.Helper()
+	dir := t.TempDir()
+	s, _ := openT(t, dir, WithoutOpenSnapshot())
+	if err := s.ResetEpoch(t0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CommitQuar(leasesN(0, 5), nil, &QuarChange{Put: quarsN(0, 5)}); err != nil {
+		t.Fatal(err)
+	}
+	if backup {
+		if err := s.Snapshot(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if after != nil {
+		if err := s.Commit(after, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return dir
 }
