@@ -15,7 +15,7 @@ vet:
 test:
 	$(GO) test ./...
 
-# End-to-end benchmark: floor, pcpd and miniupnpd under the same pcpload
+# End-to-end benchmark: both floors, pcpd and miniupnpd under the same pcpload
 # scenarios in a throwaway lab (needs root; several minutes). Reproduces the
 # table in BENCHMARKS.md "End to end (pcpload)". BENCH_ARGS go to the driver.
 bench:

@@ -1,10 +1,12 @@
 // Command driver runs the end-to-end benchmark behind BENCHMARKS.md
 // "End to end (pcpload)": it builds a throwaway lab (internal/netlab: a
 // client namespace and a tunnel-host namespace joined by a veth), then
-// puts the UDP echo floor, pcpd and miniupnpd in turn on the host side at
-// the same address and drives each with the same pcpload scenarios from
-// the client side. It prints a markdown table of rates and ratios and
-// keeps every pcpload JSON report.
+// puts the two UDP echo floors (the batched one and issue 8's bare one,
+// see bareFloor), pcpd and miniupnpd in turn on the host side at the same
+// address and drives each with the same pcpload scenarios from the client
+// side. It prints a markdown table of rates and of pcpd's ratios to both
+// floors (also written as table.md and table.json) and keeps every pcpload
+// JSON report.
 //
 // Run it through bench/run (make bench), which builds the binaries. It
 // needs root (namespaces, nftables) and removes everything it made.
@@ -109,7 +111,7 @@ func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("driver", flag.ContinueOnError)
 	fs.StringVar(&o.pcpload, "pcpload", "", "pcpload binary")
 	fs.StringVar(&o.pcpd, "pcpd", "", "pcpd binary")
-	servers := fs.String("servers", "floor,pcpd,miniupnpd", "servers to measure, in order")
+	servers := fs.String("servers", "floor,bare-floor,pcpd,miniupnpd", "servers to measure, in order: floor (pcpload floor, batched recvmmsg/sendmmsg, the stricter reference), bare-floor (pcpload floor --batch 1, issue 8's reference: a recvfrom and a sendto a datagram), pcpd, miniupnpd")
 	fs.DurationVar(&o.duration, "duration", 5*time.Second, "length of each measured run")
 	fs.IntVar(&o.clients, "clients", 4096, "simulated clients (source addresses)")
 	fs.IntVar(&o.concurrency, "concurrency", 32, "closed-loop clients in flight")
@@ -189,8 +191,8 @@ func run(ctx context.Context, args []string) error {
 	for _, s := range o.servers {
 		var err error
 		switch s {
-		case "floor":
-			err = b.runServer(ctx, "floor", b.startFloor)
+		case batchedFloor, bareFloor:
+			err = b.runServer(ctx, s, b.floorStarter(s))
 		case "pcpd":
 			if !o.scaleOnly {
 				err = b.runServer(ctx, "pcpd", b.startPcpd)
@@ -208,16 +210,25 @@ func run(ctx context.Context, args []string) error {
 			b.notes = append(b.notes, fmt.Sprintf("%s: %v", s, err))
 		}
 	}
-	// The floor at pcpd's own open-loop rate: its open80 runs at the
-	// floor's 80 % (three to four times pcpd's rate), which says little
+	// The floors at pcpd's own open-loop rate: their open80 runs at their
+	// own 80 % (three to four times pcpd's rate), which says little
 	// about how much of pcpd's tail the bed adds at pcpd's load.
-	if b.pcpdOpenRate > 0 && slices.Contains(o.servers, "floor") {
-		if err := b.openLoop(ctx, "floor", "open80-at-pcpd", b.startFloor, b.pcpdOpenRate); err != nil {
-			b.notes = append(b.notes, fmt.Sprintf("floor open80-at-pcpd: %v", err))
+	for _, fl := range []string{batchedFloor, bareFloor} {
+		if b.pcpdOpenRate > 0 && slices.Contains(o.servers, fl) {
+			if err := b.openLoop(ctx, fl, "open80-at-pcpd", b.floorStarter(fl), b.pcpdOpenRate); err != nil {
+				b.notes = append(b.notes, fmt.Sprintf("%s open80-at-pcpd: %v", fl, err))
+			}
 		}
 	}
 	table := b.table()
 	fmt.Print(table)
+	js, err := json.MarshalIndent(b.tableJSON(), "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(o.out, "table.json"), append(js, '\n'), 0o644); err != nil {
+		return err
+	}
 	return os.WriteFile(filepath.Join(o.out, "table.md"), []byte(table), 0o644)
 }
 
@@ -357,12 +368,25 @@ func (b *bench) startIn(ns *netlab.NS, name string, args ...string) (*proc, erro
 	return p, nil
 }
 
-func (b *bench) startFloor(fresh bool) (server, error) {
-	p, err := b.startIn(b.topo.Host, "floor", b.o.pcpload, "floor", "--listen", b.server.String())
-	if err != nil {
-		return nil, err
+// floorStarter starts the floor named name: pcpload floor with its
+// default batches (batchedFloor) or with --batch 1 (bareFloor).
+func (b *bench) floorStarter(name string) func(fresh bool) (server, error) {
+	return func(fresh bool) (server, error) {
+		p, err := b.startIn(b.topo.Host, name, b.floorArgs(name)...)
+		if err != nil {
+			return nil, err
+		}
+		return p, nil
 	}
-	return p, nil
+}
+
+// floorArgs is the command line of the floor named name.
+func (b *bench) floorArgs(name string) []string {
+	args := []string{b.o.pcpload, "floor", "--listen", b.server.String()}
+	if name == bareFloor {
+		args = append(args, "--batch", "1")
+	}
+	return args
 }
 
 func (b *bench) pcpdStateDir() string {
