@@ -44,6 +44,9 @@ func TestTableRatiosBothFloors(t *testing.T) {
 		{"renewal: pcpd only, no floor ran it", both, "renew",
 			"| renewal, closed loop | – | – | 40000 /s | – |  |  |  | ≥ 50 % of floor |  |"},
 		{"no row without a figure", both, "unauth", ""},
+		// --scale=false: the floors' malformed figure does not make a row
+		// of a 100 000-lease run that never ran.
+		{"no 100 000-lease row without pcpd's", both, "malformed100k", ""},
 		{"only the batched floor ran: met against it, labelled",
 			results{batchedFloor: {"malformed": rate(110000)}, "pcpd": {"malformed": rate(82230)}}, "malformed",
 			"| malformed, closed loop | 110000 /s | – | 82230 /s | – |  | 75 % |  | ≥ 80 % of floor | **no** (batched floor; no bare floor ran) |"},
