@@ -101,6 +101,28 @@ func (p Pinhole) String() string {
 	return s
 }
 
+// Admits reports whether the kernel lets a new inbound flow of protocol
+// proto from src to dst through p once installed: dst is where the remote
+// sends (the external endpoint; IPv6: the internal address, or the
+// external port of a redirect). Each field matches as p's set element
+// does (layout.go, keyPacket6/keyPacket4): protocol 0 and port 0 any, the
+// remote prefix a range of addresses (an IPv4-mapped one is IPv4, as
+// normalize makes it), remote port 0 any. False for a p Apply refuses.
+// The server spares with it the flows a live lease still admits when it
+// flushes an ended one's (TestAdmitsAsKernelKey checks it against the
+// set elements).
+func (p Pinhole) Admits(proto uint8, src, dst netip.AddrPort) bool {
+	n, err := p.normalize()
+	if err != nil {
+		return false
+	}
+	sa, da := src.Addr().Unmap(), dst.Addr().Unmap()
+	return (n.Protocol == 0 || n.Protocol == proto) &&
+		da == n.ExternalAddr && (n.ExternalPort == 0 || n.ExternalPort == dst.Port()) &&
+		(!n.RemotePrefix.IsValid() || n.RemotePrefix.Contains(sa)) &&
+		(n.RemotePort == 0 || n.RemotePort == src.Port())
+}
+
 // normalize validates p and returns it in canonical form: IPv6 external
 // fields filled in, remote prefix masked. Everything Apply sends and List
 // returns is canonical, so the two compare equal. Its errors say what is

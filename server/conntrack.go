@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
@@ -24,8 +25,14 @@ import (
 // long as they lasted). Two kinds of flows are ended:
 //   - inbound: those whose original destination is the mapping's external
 //     endpoint (connections the client opened itself are left alone),
-//     but not those a live lease there admits when the walk starts (a
-//     PEER's, the same mapping made again: pruneLive, ctAdmits);
+//     but not those a lease live throughout admits: live when the
+//     mapping ended (heldAdmits) and still when the walk starts
+//     (pruneLive), such as a PEER on the same endpoint or an IPv6
+//     all-ports mapping of the address. A mapping made again after the
+//     end (the same one re-created, RFC 6887 §15: a new mapping) spares
+//     nothing: the flows from before the end are the ended mapping's,
+//     and those opened through the new one before the walk ran cannot be
+//     told from them (TestCtFlushRemade);
 //   - for an IPv4 NAPT mapping, the outbound flows its SNAT companion
 //     translated to the external endpoint (two-way NAPT, PMP-11): their
 //     reply destination is the external endpoint and their original
@@ -52,7 +59,7 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 		fs = appendCtFilters(fs, &ended[i])
 	}
 	if fs = s.unheldNAT(fs); len(fs) > 0 {
-		s.ct.add(fs)
+		s.ct.add(fs, s.heldAdmits(fs))
 	}
 }
 
@@ -68,46 +75,116 @@ func (s *Server) unheldNAT(fs []ctFilter) []ctFilter {
 	})
 }
 
-// pruneLive drops from fs (in place) the filters whose flows a live lease
-// admits now (ctFlusher.prune): the SNAT-ed flows of an endpoint a lease
-// holds (as unheldNAT), the inbound flows of an endpoint a MAP without
-// FILTER holds (a client that made the same mapping again before the walk
-// ran: its new connections go through it). An endpoint held only by a
-// PEER or a FILTERed MAP is still flushed. s.mu is taken a chunk of
-// filters at a time, so 1M of them at a start do not stall the engine.
-func (s *Server) pruneLive(fs []ctFilter) []ctFilter {
+// heldAdmits is, for fs's inbound filters, the pinholes of the live
+// leases that admit some of their flows now, as the mappings end (nil if
+// none): the flusher keeps it with fs, and the walk spares the flows of
+// those still live when it starts (pruneLive). Under s.mu, or at start.
+func (s *Server) heldAdmits(fs []ctFilter) ctAdmits {
+	var a ctAdmits
+	var buf []store.Lease
+	var ps []pinhole.Pinhole
+	for _, f := range fs {
+		if f.nat {
+			continue
+		}
+		if _, done := a[f.t]; done {
+			continue
+		}
+		if ps, buf = s.liveAdmits(ps[:0], f.t, buf); len(ps) > 0 {
+			if a == nil {
+				a = ctAdmits{}
+			}
+			a[f.t] = slices.Clone(ps)
+		}
+	}
+	return a
+}
+
+// liveAdmits appends to dst the pinholes of the live leases that may
+// admit flows to t (under s.mu): those holding t's endpoint (the ended
+// mapping's PEER, or another lease sharing it), and on an IPv6 address
+// its all-ports and all-protocols mappings, whose set elements hold every
+// port (pinhole.Pinhole.Admits tells which flows each admits).
+func (s *Server) liveAdmits(dst []pinhole.Pinhole, t ctTarget, buf []store.Lease) ([]pinhole.Pinhole, []store.Lease) {
+	es := [...]endpoint{{addr: t.addr, proto: t.proto, port: t.port}, {addr: t.addr, proto: t.proto}, {addr: t.addr}}
+	n := 1
+	if t.addr.Is6() {
+		n = len(es)
+	}
+	for i, e := range es[:n] {
+		if slices.Contains(es[:i], e) {
+			continue
+		}
+		h, held := s.tab.holder(e)
+		if !held {
+			continue
+		}
+		buf = s.tab.onTupleInto(tuple{proto: e.proto, addr: h.addr, port: h.port}, buf)
+		for j := range buf {
+			if endpointOf(&buf[j]) == e {
+				dst = appendPinholes(dst, &buf[j])
+			}
+		}
+	}
+	return dst, buf
+}
+
+// pruneLive is the walk's view of the leases as it starts (ctFlusher.prune):
+// of the pinholes held (heldAdmits) that admitted flows of fs's targets
+// when their mappings ended, those still live. It drops from fs (in
+// place) the inbound filters whose every flow one of them admits (an
+// unfiltered mapping of the endpoint, or an all-ports one of the IPv6
+// address), and returns the others' (ctAdmits: the walk spares the flows
+// they admit). A lease made after the end is not among them: a mapping
+// deleted and made again before the walk still ends the connections of
+// before (TestCtFlushRemade). SNAT filters are never dropped here:
+// unheldNAT dropped those of endpoints held when their mapping ended. s.mu
+// is taken a chunk of filters at a time, so 1M of them at a start do not
+// stall the engine.
+func (s *Server) pruneLive(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits) {
+	if len(held) == 0 {
+		return fs, nil
+	}
 	const step = 4096
 	out := fs[:0]
+	var a ctAdmits
+	all := map[ctTarget]bool{}
 	var buf []store.Lease
+	var live []pinhole.Pinhole
 	for i := 0; i < len(fs); i += step {
 		s.mu.Lock()
 		for _, f := range fs[i:min(i+step, len(fs))] {
-			var live bool
-			if live, buf = s.admitsAll(f, buf); !live {
+			ps, ok := held[f.t]
+			if f.nat || !ok {
+				out = append(out, f)
+				continue
+			}
+			every, done := all[f.t]
+			if !done {
+				live, buf = s.liveAdmits(live[:0], f.t, buf)
+				var kept []pinhole.Pinhole
+				for _, p := range ps {
+					if slices.Contains(live, p) {
+						kept = append(kept, p)
+						// Unfiltered: every source, at t.
+						every = every || (!p.RemotePrefix.IsValid() && p.Admits(f.t.proto, netip.AddrPortFrom(f.t.addr, 1), f.t.dst()))
+					}
+				}
+				all[f.t] = every
+				if len(kept) > 0 && !every {
+					if a == nil {
+						a = ctAdmits{}
+					}
+					a[f.t] = kept
+				}
+			}
+			if !every {
 				out = append(out, f)
 			}
 		}
 		s.mu.Unlock()
 	}
-	return out
-}
-
-// admitsAll reports whether a live lease admits every flow of f (under
-// s.mu; buf is scratch, returned for reuse).
-func (s *Server) admitsAll(f ctFilter, buf []store.Lease) (bool, []store.Lease) {
-	e := endpoint{addr: f.t.addr, proto: f.t.proto, port: f.t.port}
-	h, held := s.tab.holder(e)
-	if !held || f.nat {
-		return held, buf
-	}
-	buf = s.tab.onTupleInto(tuple{proto: f.t.proto, addr: h.addr, port: h.port}, buf)
-	for i := range buf {
-		l := &buf[i]
-		if l.Kind != store.KindPeer && len(l.Filters) == 0 && endpointOf(l) == e {
-			return true, buf
-		}
-	}
-	return false, buf
+	return out, a
 }
 
 // appendCtFilters appends the flush filters of l's connections
@@ -215,31 +292,59 @@ func (n natFlowFilter) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 // 10 % deletes and took 94 % of pcpd's CPU (BENCHMARKS.md). Now at most one
 // walk is in flight; filters queued meanwhile go together in the next one.
 // Sequence numbers tell a waiter when its filters were covered.
+//
+// A walk that could not end every flow (a dump failed: EINTR, EBUSY,
+// ENOBUFS, ENOMEM, an interrupted dump, or its deletes) hands back the
+// filters it left; they stay pending and are walked again after a
+// backoff (retryFirst, doubling up to retryMax), or at once with the next
+// filters queued, until a walk ends them: before, they were dropped and
+// those flows outlived their mapping by their conntrack timeout (TCP
+// established: 5 days). Waiters are held through the first holdAttempts
+// walks, then released (a reply is not held for good by a failing
+// kernel); the retries go on.
 type ctFlusher struct {
-	walk func([]ctFilter) // one walk deleting what matches any filter
-	// prune drops, as the walk starts, the filters whose flows a live
-	// lease admits again (nil: none dropped): the walk runs after the
-	// walks before it, and the same mapping may have been made again
-	// meanwhile (TestCtFlushSkipsRemade).
-	prune   func([]ctFilter) []ctFilter
-	mu      sync.Mutex
-	pending []ctFilter
-	queued  uint64 // filters sets queued so far
-	done    uint64 // all sets up to this one are flushed
-	running bool
-	waiters []ctWaiter
+	// walk deletes what matches any filter, sparing what admits admits;
+	// it returns the filters whose flows it may have left (their dump or
+	// deletes failed) and why.
+	walk func(fs []ctFilter, admits ctAdmits) (left []ctFilter, err error)
+	// prune drops, as the walk starts, the filters whose flows a lease
+	// live throughout admits, and returns what the others' live leases
+	// admit (pruneLive; nil: nothing dropped or spared).
+	prune func(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits)
+	// report is told of every failed walk (attempt ≥ 1) and of the
+	// success that ends a run of them (left 0).
+	report func(attempt, left int, err error)
+	// Backoff between retries of a failing walk (0: the defaults).
+	retryFirst, retryMax time.Duration
+	mu                   sync.Mutex
+	pending              []ctFilter
+	held                 ctAdmits // pinholes live when pending's mappings ended (heldAdmits)
+	queued               uint64   // filters sets queued so far
+	done                 uint64   // all sets up to this one are flushed
+	running              bool
+	waiters              []ctWaiter
+	wake                 chan struct{} // an add cuts a retry's backoff short
 }
+
+// The defaults of ctFlusher's retries: ≈ 20+40+80 ms of waiting before
+// held replies go out anyway, then at most 10 s between walks.
+const (
+	ctRetryFirst   = 20 * time.Millisecond
+	ctRetryMax     = 10 * time.Second
+	ctHoldAttempts = 3
+)
 
 type ctWaiter struct {
 	seq uint64
 	fn  func()
 }
 
-// add queues filters and starts a walk if none is in flight. fs is the
-// flusher's from then on (the walk sorts and prunes it in place): with
-// nothing pending it is kept as is, not copied (1M filters at a start
-// dropping 1M expired leases, 40 MB).
-func (c *ctFlusher) add(fs []ctFilter) {
+// add queues filters, with the pinholes of live leases that admitted some
+// of their flows as they were queued (heldAdmits; may be nil), and starts
+// a walk if none is in flight. fs is the flusher's from then on (the walk
+// sorts and prunes it in place): with nothing pending it is kept as is,
+// not copied (1M filters at a start dropping 1M expired leases, 40 MB).
+func (c *ctFlusher) add(fs []ctFilter, held ctAdmits) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.pending == nil {
@@ -247,11 +352,38 @@ func (c *ctFlusher) add(fs []ctFilter) {
 	} else {
 		c.pending = append(c.pending, fs...)
 	}
+	c.held = c.held.merge(held)
 	c.queued++
+	if c.wake == nil {
+		c.wake = make(chan struct{}, 1)
+	}
 	if !c.running {
 		c.running = true
 		go c.run()
+		return
 	}
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// merge adds b's pinholes to a's (a may be nil) and returns it.
+func (a ctAdmits) merge(b ctAdmits) ctAdmits {
+	if len(b) == 0 {
+		return a
+	}
+	if a == nil {
+		a = ctAdmits{}
+	}
+	for t, ps := range b {
+		for _, p := range ps {
+			if !slices.Contains(a[t], p) {
+				a[t] = append(a[t], p)
+			}
+		}
+	}
+	return a
 }
 
 // seq is the sequence number of the last filters queued.
@@ -275,144 +407,159 @@ func (c *ctFlusher) after(seq uint64, fn func()) {
 }
 
 func (c *ctFlusher) run() {
+	var retry []ctFilter // left by the last walk
+	var retryHeld ctAdmits
+	attempt := 0 // failed walks in a row
+	backoff := cmp.Or(c.retryFirst, ctRetryFirst)
 	for {
 		c.mu.Lock()
-		fs, upTo := c.pending, c.queued
-		c.pending = nil
-		if len(fs) == 0 {
+		fs, held, upTo := c.pending, c.held, c.queued
+		c.pending, c.held = nil, nil
+		if len(fs) == 0 && len(retry) == 0 {
 			c.running = false
 			c.mu.Unlock()
 			return
 		}
 		c.mu.Unlock()
+		select { // what it announced is taken
+		case <-c.wake:
+		default:
+		}
+		fs = append(fs, retry...)
+		held = held.merge(retryHeld)
 
+		var admits ctAdmits
 		if c.prune != nil {
-			fs = c.prune(fs)
+			fs, admits = c.prune(fs, held)
 		}
+		var left []ctFilter
+		var err error
 		if len(fs) > 0 {
-			c.walk(fs)
+			left, err = c.walk(fs, admits)
 		}
-
-		c.mu.Lock()
-		c.done = upTo
-		var ready []func()
-		kept := c.waiters[:0]
-		for _, w := range c.waiters {
-			if w.seq <= upTo {
-				ready = append(ready, w.fn)
-			} else {
-				kept = append(kept, w)
+		if len(left) == 0 {
+			if attempt > 0 && c.report != nil {
+				c.report(0, 0, nil)
+			}
+			attempt, retry, retryHeld = 0, nil, nil
+			backoff = cmp.Or(c.retryFirst, ctRetryFirst)
+		} else {
+			attempt++
+			retry, retryHeld = left, held
+			if c.report != nil {
+				c.report(attempt, len(left), err)
 			}
 		}
-		c.waiters = kept
-		c.mu.Unlock()
-		for _, fn := range ready {
-			fn()
+
+		if attempt == 0 || attempt >= ctHoldAttempts {
+			c.release(upTo)
+		}
+		if attempt > 0 {
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-c.wake:
+				t.Stop()
+			}
+			backoff = min(2*backoff, cmp.Or(c.retryMax, ctRetryMax))
 		}
 	}
 }
 
-// walkConntrack deletes the flows matching any of fs. First with the
-// kernel filtering (CTA_FILTER: one dump per family, protocol and
-// direction, the kernel returns only the flows of that protocol to that
-// IPv4 address, or of that port when there is one target, instead of
-// every entry copied and parsed here); if the kernel refuses CTA_FILTER,
-// with the generic walk.
-func (s *Server) walkConntrack(fs []ctFilter) {
+// release marks every set up to upTo flushed and calls their waiters.
+func (c *ctFlusher) release(upTo uint64) {
+	c.mu.Lock()
+	c.done = max(c.done, upTo)
+	var ready []func()
+	kept := c.waiters[:0]
+	for _, w := range c.waiters {
+		if w.seq <= c.done {
+			ready = append(ready, w.fn)
+		} else {
+			kept = append(kept, w)
+		}
+	}
+	c.waiters = kept
+	c.mu.Unlock()
+	for _, fn := range ready {
+		fn()
+	}
+}
+
+// walkConntrack deletes the flows matching any of fs, sparing those
+// admits admits (ctFlusher.walk). First with the kernel filtering
+// (CTA_FILTER: one dump per family, protocol and direction, the kernel
+// returns only the flows of that protocol to that IPv4 address, or of
+// that port when there is one target, instead of every entry copied and
+// parsed here); if the kernel refuses CTA_FILTER, with the generic walk.
+// It returns the filters of the dumps that failed (their flows may be
+// left: the flusher walks them again) and the errors.
+func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, error) {
 	fd := 0
 	if nsSet(s.cfg.NetNS) {
 		fd = int(s.cfg.NetNS)
 	}
-	admits := s.partlyHeld(fs)
-	if d, err := dialConntrack(fd); err == nil {
-		d.admits = admits
-		// One dump per family, protocol and direction (each walks the
-		// whole table), over its run of fs sorted, duplicates out: maps
-		// of the keys took ≈ 400 MB at a start dropping 1 000 000
-		// expired leases (BenchmarkStartExpired).
-		slices.SortFunc(fs, cmpCtFilter)
-		fs = slices.CompactFunc(fs, func(a, b ctFilter) bool { return cmpCtFilter(a, b) == 0 })
-		n, ok := 0, true
-		for i := 0; i < len(fs); {
-			g := fs[i].group()
-			j := i + 1
-			for j < len(fs) && fs[j].group() == g {
-				j++
-			}
-			k, err := d.end(g, fs[i:j])
-			i = j
-			n += k
-			if err != nil {
-				s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))
-				if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP) {
-					ok = false
-					break
-				}
-			}
-		}
-		d.close()
-		if ok {
-			s.m.ctWalks.Inc()
-			if n > 0 {
-				s.log.Info("ended connections of removed mappings", zap.Int("flows", n))
-			}
-			return
-		}
+	d, err := dialConntrack(fd)
+	if err != nil {
+		s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))
+		return s.walkConntrackGeneric(fs, admits)
 	}
-	s.walkConntrackGeneric(fs, admits)
+	d.admits, d.fault = admits, s.ctDumpFault
+	// One dump per family, protocol and direction (each walks the
+	// whole table), over its run of fs sorted, duplicates out: maps
+	// of the keys took ≈ 400 MB at a start dropping 1 000 000
+	// expired leases (BenchmarkStartExpired).
+	slices.SortFunc(fs, cmpCtFilter)
+	fs = slices.CompactFunc(fs, func(a, b ctFilter) bool { return cmpCtFilter(a, b) == 0 })
+	n := 0
+	var left []ctFilter
+	var errs []error
+	for i := 0; i < len(fs); {
+		g := fs[i].group()
+		j := i + 1
+		for j < len(fs) && fs[j].group() == g {
+			j++
+		}
+		k, err := d.end(g, fs[i:j])
+		n += k
+		if err != nil {
+			s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))
+			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP) {
+				d.close()
+				return s.walkConntrackGeneric(fs, admits)
+			}
+			// Anything else (EINTR, EBUSY, ENOBUFS, ENOMEM, an
+			// interrupted dump, a failed delete) may have left
+			// flows of this group: walked again.
+			left = append(left, fs[i:j]...)
+			errs = append(errs, err)
+		}
+		i = j
+	}
+	d.close()
+	s.m.ctWalks.Inc()
+	if n > 0 {
+		s.log.Info("ended connections of removed mappings", zap.Int("flows", n))
+	}
+	return left, errors.Join(errs...)
 }
 
-// ctAdmits are, for an endpoint an inbound filter ends the flows to,
-// the pinholes of the live leases that hold it when the walk starts (a
-// PEER, a FILTERed MAP: pruneLive dropped the filters of endpoints a MAP
-// without FILTER holds): the flows they admit are theirs and stay
-// (TestE2EMapDeleteKeepsPeerFlow).
+// ctAdmits are, for an endpoint an inbound filter ends the flows to, the
+// pinholes of the leases live throughout that admit some of them
+// (pruneLive: live when the mapping ended and still when the walk
+// starts): a PEER, a FILTERed MAP, a FILTERed IPv6 all-ports MAP of the
+// address. The flows they admit stay (TestE2EMapDeleteKeepsPeerFlow).
 type ctAdmits map[ctTarget][]pinhole.Pinhole
 
-// admitted reports whether a live lease's pinhole at t admits flows from
-// src.
+// admitted reports whether a pinhole a[t] admits flows from src to t, as
+// the kernel's set element does (pinhole.Pinhole.Admits).
 func (a ctAdmits) admitted(t ctTarget, src netip.AddrPort) bool {
 	for _, p := range a[t] {
-		if (!p.RemotePrefix.IsValid() || p.RemotePrefix.Contains(src.Addr().Unmap())) &&
-			(p.RemotePort == 0 || p.RemotePort == src.Port()) {
+		if p.Admits(t.proto, src, t.dst()) {
 			return true
 		}
 	}
 	return false
-}
-
-// partlyHeld is the ctAdmits of fs's inbound filters (nil if none is
-// held), s.mu taken a chunk at a time as in pruneLive.
-func (s *Server) partlyHeld(fs []ctFilter) ctAdmits {
-	const step = 4096
-	var a ctAdmits
-	var buf []store.Lease
-	for i := 0; i < len(fs); i += step {
-		s.mu.Lock()
-		for _, f := range fs[i:min(i+step, len(fs))] {
-			e := endpoint{addr: f.t.addr, proto: f.t.proto, port: f.t.port}
-			h, held := s.tab.holder(e)
-			if f.nat || !held {
-				continue
-			}
-			if _, done := a[f.t]; done {
-				continue
-			}
-			buf = s.tab.onTupleInto(tuple{proto: f.t.proto, addr: h.addr, port: h.port}, buf)
-			var ps []pinhole.Pinhole
-			for j := range buf {
-				if endpointOf(&buf[j]) == e {
-					ps = appendPinholes(ps, &buf[j])
-				}
-			}
-			if a == nil {
-				a = ctAdmits{}
-			}
-			a[f.t] = ps
-		}
-		s.mu.Unlock()
-	}
-	return a
 }
 
 // keepAdmitted is a generic walk's inbound filter that spares the flows
@@ -429,8 +576,9 @@ func (k keepAdmitted) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 }
 
 // walkConntrackGeneric is the walk for kernels without CTA_FILTER: one
-// dump of the whole table per address family that has filters.
-func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits) {
+// dump of the whole table per address family that has filters. It
+// returns the filters of the families whose walk failed.
+func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits) ([]ctFilter, error) {
 	var h *netlink.Handle
 	var err error
 	if nsSet(s.cfg.NetNS) {
@@ -440,10 +588,12 @@ func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits) {
 	}
 	if err != nil {
 		s.log.Debug("conntrack flush", zap.Error(err))
-		return
+		return fs, err
 	}
 	defer h.Close()
 	var n uint
+	var left []ctFilter
+	var errs []error
 	for _, fam := range []netlink.InetFamily{netlink.FAMILY_V4, netlink.FAMILY_V6} {
 		var filters []netlink.CustomConntrackFilter
 		for _, f := range fs {
@@ -462,12 +612,36 @@ func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits) {
 		k, err := h.ConntrackDeleteFilters(netlink.ConntrackTable, fam, filters...)
 		if err != nil {
 			s.log.Debug("conntrack flush", zap.Error(err))
+			for _, f := range fs {
+				if f.v4 == (fam == netlink.FAMILY_V4) {
+					left = append(left, f)
+				}
+			}
+			errs = append(errs, err)
 		}
 		n += k
 	}
 	s.m.ctWalks.Inc()
 	if n > 0 {
 		s.log.Info("ended connections of removed mappings", zap.Uint("flows", n))
+	}
+	return left, errors.Join(errs...)
+}
+
+// reportCtWalk logs and counts a failed walk (attempt ≥ 1: the first of
+// a run as a warning, the retries at debug level) and the success ending
+// a run of them.
+func (s *Server) reportCtWalk(attempt, left int, err error) {
+	switch {
+	case attempt == 0:
+		s.log.Info("conntrack flush succeeded after failed walks")
+	case attempt == 1:
+		s.m.ctFailures.Inc()
+		s.log.Warn("conntrack flush failed; the connections of ended mappings may last until it succeeds, retrying",
+			zap.Int("filters", left), zap.Error(err))
+	default:
+		s.m.ctFailures.Inc()
+		s.log.Debug("conntrack flush failed again", zap.Int("attempt", attempt), zap.Int("filters", left), zap.Error(err))
 	}
 }
 

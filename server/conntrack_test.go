@@ -3,11 +3,13 @@ package server
 import (
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/store"
 )
@@ -22,7 +24,7 @@ func TestConntrackFlushCoalesced(t *testing.T) {
 	var mu sync.Mutex
 	var walks [][]ctFilter
 	inFlight, maxInFlight := 0, 0
-	c := &ctFlusher{walk: func(fs []ctFilter) {
+	c := &ctFlusher{walk: func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
 		mu.Lock()
 		walks = append(walks, fs)
 		inFlight++
@@ -33,12 +35,13 @@ func TestConntrackFlushCoalesced(t *testing.T) {
 		mu.Lock()
 		inFlight--
 		mu.Unlock()
+		return nil, nil
 	}}
 	var order []int
 	var omu sync.Mutex
 	done := make(chan int, 10)
 	for i := range 10 {
-		c.add([]ctFilter{{v4: i%2 == 0}})
+		c.add([]ctFilter{{v4: i%2 == 0}}, nil)
 		c.after(c.seq(), func() {
 			omu.Lock()
 			order = append(order, i)
@@ -139,6 +142,97 @@ func TestCtFiltersOf(t *testing.T) {
 				if got := nf.MatchConntrackFlow(m.f); got != m.want {
 					t.Errorf("%s: match %v, want %v", m.name, got, m.want)
 				}
+			}
+		})
+	}
+}
+
+// TestCtFlushRetried: a walk that could not end every flow (its dump
+// failed: EBUSY, ENOMEM, an interrupted dump...) hands back the filters
+// it left; they stay pending and are walked again, with a backoff, until
+// a walk ends them, and each failure is reported. Waiters (held replies)
+// wait through the first ctHoldAttempts walks, then go; the retries go on.
+// A filter queued during a backoff is walked at once, with those left.
+// Before, a failed dump was logged at debug level and its filters
+// dropped: the flows lasted until their conntrack timeout.
+func TestCtFlushRetried(t *testing.T) {
+	a, b := ctFilter{t: ctTarget{port: 1}}, ctFilter{t: ctTarget{port: 2}}
+	for _, c := range []struct {
+		name       string
+		failures   int           // walks failing before one succeeds
+		backoff    time.Duration // the first one (retryFirst and retryMax)
+		releasedAt int           // the walk after which the waiter went
+	}{
+		{"one failure", 1, time.Millisecond, 2},
+		{"failures past the hold", 5, time.Millisecond, ctHoldAttempts},
+		{"a queued filter cuts the backoff", 1, time.Hour, 2},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var mu sync.Mutex
+			var walks [][]ctFilter
+			var reports []int
+			walked := make(chan int, 100)
+			released := make(chan int, 1)
+			fl := &ctFlusher{retryFirst: c.backoff, retryMax: c.backoff,
+				walk: func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
+					mu.Lock()
+					defer mu.Unlock()
+					walks = append(walks, slices.Clone(fs))
+					walked <- len(walks)
+					if len(walks) <= c.failures {
+						return fs, unix.EBUSY
+					}
+					return nil, nil
+				},
+				report: func(attempt, left int, err error) {
+					mu.Lock()
+					reports = append(reports, attempt)
+					mu.Unlock()
+				},
+			}
+			fl.add([]ctFilter{a}, nil)
+			fl.after(fl.seq(), func() {
+				mu.Lock()
+				released <- len(walks)
+				mu.Unlock()
+			})
+			if c.backoff == time.Hour {
+				<-walked // failed; now in its backoff
+				fl.add([]ctFilter{b}, nil)
+			}
+			select {
+			case n := <-released:
+				if n != c.releasedAt {
+					t.Errorf("waiter released after walk %d, want %d", n, c.releasedAt)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("waiter never released")
+			}
+			waitFor(t, func() bool {
+				mu.Lock()
+				defer mu.Unlock()
+				return len(walks) == c.failures+1 && len(reports) == c.failures+1
+			})
+			time.Sleep(10 * time.Millisecond) // no walk after the success
+			mu.Lock()
+			defer mu.Unlock()
+			if len(walks) != c.failures+1 {
+				t.Fatalf("%d walks, want %d", len(walks), c.failures+1)
+			}
+			for i, w := range walks {
+				if !slices.Contains(w, a) {
+					t.Errorf("walk %d: %v, the failed filter not walked again", i+1, w)
+				}
+			}
+			if c.backoff == time.Hour && !slices.Contains(walks[1], b) {
+				t.Errorf("retry %v without the filter queued during its backoff", walks[1])
+			}
+			want := []int{}
+			for i := range c.failures {
+				want = append(want, i+1)
+			}
+			if want = append(want, 0); !slices.Equal(reports, want) {
+				t.Errorf("reports %v, want %v", reports, want)
 			}
 		})
 	}

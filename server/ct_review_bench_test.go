@@ -64,7 +64,7 @@ func BenchmarkStartExpired(b *testing.B) {
 				}
 				walks := 0
 				walk := s.ct.walk
-				s.ct.walk = func(fs []ctFilter) { walks++; walk(fs) }
+				s.ct.walk = func(fs []ctFilter, a ctAdmits) ([]ctFilter, error) { walks++; return walk(fs, a) }
 				resetHWM(b)
 				rss0 := vmKB(b, "VmRSS:")
 				stop := peakHeap()

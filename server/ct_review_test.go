@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 )
 
@@ -18,18 +19,21 @@ import (
 // ctRecorder records the filters the conntrack walk is handed; with gate
 // set, each walk first waits for a value on it.
 type ctRecorder struct {
-	mu   sync.Mutex
-	fs   []ctFilter
-	gate chan struct{}
+	mu     sync.Mutex
+	fs     []ctFilter
+	admits ctAdmits // what the walks were told to spare
+	gate   chan struct{}
 }
 
-func (r *ctRecorder) walk(fs []ctFilter) {
+func (r *ctRecorder) walk(fs []ctFilter, a ctAdmits) ([]ctFilter, error) {
 	if r.gate != nil {
 		<-r.gate
 	}
 	r.mu.Lock()
 	r.fs = append(r.fs, fs...)
+	r.admits = r.admits.merge(a)
 	r.mu.Unlock()
+	return nil, nil
 }
 
 // has reports whether an inbound (or, with nat, SNAT) filter of
@@ -115,39 +119,73 @@ func TestCtFlushMovedAndDropped(t *testing.T) {
 	}
 }
 
-// TestCtFlushSkipsRemade: a flush is queued at expiry (or delete) and
-// runs later, after the walks before it; the client may have made the
-// same mapping again meanwhile (the same external port: MAP-22 keeps it
-// for its owner), and a connection opened through the new mapping was cut
-// by the old mapping's flush. The walk now leaves out, at the time it
-// runs, the filters of endpoints a live lease admits again; the SNAT-ed
-// flows of an endpoint a live lease holds again are left alone too.
-//
-// Fails without the fix: the walk is handed the re-made mapping's
-// endpoint.
-func TestCtFlushSkipsRemade(t *testing.T) {
-	for _, c := range []struct {
-		name   string
-		end    func(h *harness)
-		remake bool
-	}{
-		{"expired, made again before the walk", func(h *harness) {
-			h.clock.Advance(2 * time.Minute)
-			h.s.expire()
-		}, true},
-		{"deleted, made again before the walk", func(h *harness) {
+// TestCtFlushRemade: a flush is queued at expiry (or delete) and runs
+// later, after the walks before it. Which leases spare flows of the ended
+// endpoint is decided by what was live when the mapping ended, not by
+// what is live when the walk runs:
+//   - the same mapping made again meanwhile (the same external port:
+//     MAP-22 keeps it for its owner) is a new mapping (RFC 6887 §15): the
+//     connections of before the end still end (PMP-12). Before
+//     (h/revct's pruneLive), the walk dropped the filters of endpoints a
+//     live lease held when it ran, so whether they ended depended on
+//     whether the walk had run before the client re-made the mapping
+//     (fails there: no filter handed to the walk);
+//   - an IPv6 all-ports MAP of the address live throughout admits every
+//     flow to the ended port: nothing to end (before: ended, only the
+//     exact endpoint's holders were looked at); a FILTERed one spares the
+//     flows its filter admits (handed to the walk as ctAdmits);
+//   - an all-ports MAP made after the end spares nothing.
+func TestCtFlushRemade(t *testing.T) {
+	expire := func(h *harness) {
+		h.clock.Advance(2 * time.Minute)
+		h.s.expire()
+	}
+	del := func(client netip.Addr) func(h *harness) {
+		return func(h *harness) {
 			// The reply waits for the flush: its client sends again.
 			seq := h.s.ct.seq()
-			go h.do(mapReq(v4A, pcp.ProtoTCP, 80, 5000, 0, 1))
+			go h.do(mapReq(client, pcp.ProtoTCP, 80, 0, 0, 1))
 			waitFor(h.t.(*testing.T), func() bool { return h.s.ct.seq() > seq })
-		}, true},
-		{"expired, not made again", func(h *harness) {
-			h.clock.Advance(2 * time.Minute)
-			h.s.expire()
-		}, false},
+		}
+	}
+	remake := func(h *harness, ext netip.AddrPort) {
+		client := ext.Addr() // IPv6: external = internal
+		if client.Is4() {
+			client = v4A
+		}
+		resp := h.do(mapReq(client, pcp.ProtoTCP, 80, ext.Port(), time.Hour, 1))
+		h.expect(resp, pcp.Success)
+		if got := netip.AddrPortFrom(resp.Map.ExternalAddr, resp.Map.ExternalPort); got != ext {
+			h.t.Fatalf("made again on %v, want %v", got, ext)
+		}
+	}
+	allPorts := func(filter bool) func(h *harness, _ netip.AddrPort) {
+		return func(h *harness, _ netip.AddrPort) {
+			r := mapReq(addrA, pcp.ProtoTCP, 0, 0, time.Hour, 2)
+			if filter {
+				r.Options.Filters = append(r.Options.Filters, pcp.Filter{Remote: netip.PrefixFrom(remote.Addr(), 128)})
+			}
+			h.expect(h.do(r), pcp.Success)
+		}
+	}
+	for _, c := range []struct {
+		name          string
+		client        netip.Addr
+		before, after func(h *harness, ext netip.AddrPort) // around the end
+		end           func(h *harness)
+		handed        bool // the walk is handed the ended endpoint's filters
+		spared        bool // with the all-ports MAP's pinhole to spare
+	}{
+		{"expired, made again before the walk", v4A, nil, remake, expire, true, false},
+		{"deleted, made again before the walk", v4A, nil, remake, del(v4A), true, false},
+		{"expired, not made again", v4A, nil, nil, expire, true, false},
+		{"IPv6 deleted, made again before the walk", addrA, nil, remake, del(addrA), true, false},
+		{"IPv6 deleted, all-ports MAP live throughout", addrA, allPorts(false), nil, del(addrA), false, false},
+		{"IPv6 deleted, FILTERed all-ports MAP live throughout", addrA, allPorts(true), nil, del(addrA), true, true},
+		{"IPv6 deleted, all-ports MAP made before the walk", addrA, nil, allPorts(false), del(addrA), true, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			h := newHarness(t)
+			h := newHarness(t, func(_ *Config, p *policy.Config) { p.AllowAllPorts = true })
 			r := &ctRecorder{gate: make(chan struct{})}
 			h.startCt(t, r)
 			// A first flush holds the flusher, as a long walk would.
@@ -156,7 +194,10 @@ func TestCtFlushSkipsRemade(t *testing.T) {
 			go h.do(mapReq(v4A, pcp.ProtoTCP, 81, 5001, 0, 1)) // waits for the walk
 			waitFor(t, func() bool { return h.s.ct.seq() > 0 })
 
-			resp = h.do(mapReq(v4A, pcp.ProtoTCP, 80, 5000, time.Minute, 1))
+			if c.before != nil {
+				c.before(h, netip.AddrPort{})
+			}
+			resp = h.do(mapReq(c.client, pcp.ProtoTCP, 80, 5000, time.Minute, 1))
 			h.expect(resp, pcp.Success)
 			ext := netip.AddrPortFrom(resp.Map.ExternalAddr, resp.Map.ExternalPort)
 			seq := h.s.ct.seq()
@@ -164,19 +205,26 @@ func TestCtFlushSkipsRemade(t *testing.T) {
 			if h.s.ct.seq() == seq {
 				t.Fatal("no flush queued")
 			}
-			if c.remake {
-				resp = h.do(mapReq(v4A, pcp.ProtoTCP, 80, ext.Port(), time.Hour, 1))
-				h.expect(resp, pcp.Success)
-				if resp.Map.ExternalPort != ext.Port() {
-					t.Fatalf("made again on port %d, want %d", resp.Map.ExternalPort, ext.Port())
-				}
+			if c.after != nil {
+				c.after(h, ext)
 			}
 			close(r.gate)
 			h.ctDrain(t)
-			for _, nat := range []bool{false, true} {
-				if got := r.has(ext.Addr(), ext.Port(), nat); got == c.remake {
-					t.Errorf("walk handed a filter (nat %v) of %v: %v, want %v", nat, ext, got, !c.remake)
+			nats := []bool{false}
+			if ext.Addr().Is4() {
+				nats = append(nats, true)
+			}
+			for _, nat := range nats {
+				if got := r.has(ext.Addr(), ext.Port(), nat); got != c.handed {
+					t.Errorf("walk handed a filter (nat %v) of %v: %v, want %v", nat, ext, got, c.handed)
 				}
+			}
+			r.mu.Lock()
+			ps := r.admits[ctTarget{addr: ext.Addr(), proto: protoTCP, port: ext.Port()}]
+			r.mu.Unlock()
+			want := pinhole.Pinhole{Protocol: protoTCP, InternalAddr: addrA, ExternalAddr: addrA, RemotePrefix: netip.PrefixFrom(remote.Addr(), 128)}
+			if spared := len(ps) == 1 && ps[0] == want; spared != c.spared || (!c.spared && len(ps) > 0) {
+				t.Errorf("walk told to spare %v, want the FILTERed all-ports pinhole: %v", ps, c.spared)
 			}
 		})
 	}

@@ -54,6 +54,8 @@ type ctTarget struct {
 	port  uint16
 }
 
+func (t ctTarget) dst() netip.AddrPort { return netip.AddrPortFrom(t.addr, t.port) }
+
 // ctGroup is the flows one dump asks for: of a family and protocol, by
 // original destination or, with nat, by reply destination.
 type ctGroup struct {
@@ -71,7 +73,13 @@ type ctDeleter struct {
 	c *netlink.Conn
 	// admits spares the inbound flows live leases admit (nil: none).
 	admits ctAdmits
+	// fault, if set, sees every dump's result and may change it (tests:
+	// Server.ctDumpFault).
+	fault ctFault
 }
+
+// ctFault sees a conntrack dump's result and may change it (tests).
+type ctFault func(msgs []netlink.Message, err error) ([]netlink.Message, error)
 
 func dialConntrack(nsFd int) (*ctDeleter, error) {
 	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: nsFd})
@@ -145,8 +153,21 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		Header: netlink.Header{Type: netlink.HeaderType(nfnlSubsysCtnetlink<<8 | ctMsgGet), Flags: netlink.Request | netlink.Dump},
 		Data:   append(nfgen(fam), attrs...),
 	})
+	if d.fault != nil {
+		msgs, err = d.fault(msgs, err)
+	}
 	if err != nil {
 		return 0, fmt.Errorf("server: conntrack dump: %w", err)
+	}
+	// A dump the kernel marks inconsistent (NLM_F_DUMP_INTR: the table
+	// changed under it) may have missed flows: what it found is ended,
+	// and the group walked again (ctFlusher).
+	var intr error
+	for _, m := range msgs {
+		if m.Header.Flags&netlink.DumpInterrupted != 0 {
+			intr = errCtDumpInterrupted
+			break
+		}
 	}
 	var dels []netlink.Message
 	for _, m := range msgs {
@@ -196,8 +217,11 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			dels = append(dels, del)
 		}
 	}
-	return d.deleteAll(dels)
+	n, err := d.deleteAll(dels)
+	return n, errors.Join(intr, err)
 }
+
+var errCtDumpInterrupted = errors.New("server: conntrack dump interrupted (NLM_F_DUMP_INTR)")
 
 // ctDeleteMsg is the delete of the flow whose CTA_TUPLE_ORIG payload is
 // orig (in zone, if any), without NLM_F_ACK (deleteAll).

@@ -41,6 +41,9 @@ type lab struct {
 	// store's clock too.
 	now  func() time.Time
 	mono func() time.Duration
+	// tweak, if set, is applied to every Server start makes, before Run
+	// (a test's hooks).
+	tweak func(*Server)
 
 	st     *store.Store
 	srv    *Server
@@ -107,6 +110,9 @@ func (l *lab) start() {
 	srv, err := New(l.cfg, Deps{Firewall: l.fw, Store: st, State: state, Policy: l.pol, Changes: l.wg.Changes(), OwnershipSource: "wireguard", Now: l.now, Mono: l.mono}, l.log)
 	if err != nil {
 		l.t.Fatal(err)
+	}
+	if l.tweak != nil {
+		l.tweak(srv)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	l.st, l.srv, l.cancel, l.done = st, srv, cancel, make(chan error, 1)

@@ -19,6 +19,7 @@ type metrics struct {
 	revocations   *prometheus.CounterVec // cause
 	restores      prometheus.Counter
 	ctWalks       prometheus.Counter
+	ctFailures    prometheus.Counter
 	leases        prometheus.GaugeFunc
 	absorbed      prometheus.Counter
 	clockSteps    prometheus.Counter
@@ -74,6 +75,9 @@ func newMetrics(leases func() float64) *metrics {
 		ctWalks: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "pcpd_conntrack_flushes_total", Help: "Walks of the conntrack table ending the connections of deleted, revoked or expired mappings (several mappings' flushes share one).",
 		}),
+		ctFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pcpd_conntrack_flush_failures_total", Help: "Conntrack walks that may have left flows of ended mappings (a dump or its deletes failed); their filters are walked again after a backoff.",
+		}),
 		leases: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "pcpd_leases", Help: "Live leases.",
 		}, leases),
@@ -96,7 +100,7 @@ func newMetrics(leases func() float64) *metrics {
 
 func (m *metrics) collectors() []prometheus.Collector {
 	c := []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.latency, m.kernelSeconds, m.storeSeconds,
-		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.ctWalks, m.leases,
+		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.ctWalks, m.ctFailures, m.leases,
 		m.absorbed, m.flushLeases, m.flushSeconds, m.clockSteps}
 	if m.kernelDrops != nil {
 		c = append(c, m.meterErrors, m.kernelDrops)

@@ -355,7 +355,7 @@ func (r *restoring) flushExpired() {
 	})
 	r.expEnds = nil
 	if len(fs) > 0 {
-		s.ct.add(fs)
+		s.ct.add(fs, nil) // none held: nothing to spare
 	}
 }
 
@@ -547,7 +547,7 @@ func (s *Server) retryUndeleted() {
 		}
 	}
 	if len(flush) > 0 {
-		s.ct.add(flush)
+		s.ct.add(flush, nil) // none held: nothing to spare
 	}
 }
 

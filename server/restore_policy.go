@@ -186,7 +186,7 @@ func (r *restoring) revoked() {
 	if ends := s.unheldNAT(s.pendingEnds(r.ends)); len(ends) > 0 {
 		// Those of leases whose pinhole deletion failed wait for
 		// retryUndeleted (TestRestoreRefusedFlushAfterDelete).
-		s.ct.add(ends)
+		s.ct.add(ends, s.heldAdmits(ends))
 	}
 	r.ends = nil
 	s.m.revocations.WithLabelValues("policy").Add(float64(r.refused))

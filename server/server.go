@@ -126,6 +126,9 @@ type Server struct {
 	in  chan packet
 	lis *listener
 	ct  ctFlusher
+	// ctDumpFault, if set, sees every conntrack dump's result and may
+	// change it (tests: faults injected at the dump, the flows real).
+	ctDumpFault ctFault
 
 	// Engine-loop scratch, under mu: the last finished tx (its buffers
 	// are reused), the decoded request and the reply being built (a
@@ -204,6 +207,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	s.hostPorts.s = s
 	s.ct.walk = s.walkConntrack
 	s.ct.prune = s.pruneLive
+	s.ct.report = s.reportCtWalk
 	s.m = newMetrics(func() float64 {
 		s.mu.Lock()
 		defer s.mu.Unlock()
