@@ -123,6 +123,28 @@ func (p Pinhole) Admits(proto uint8, src, dst netip.AddrPort) bool {
 		(n.RemotePort == 0 || n.RemotePort == src.Port())
 }
 
+// AdmitsFlow is Admits for a tracked flow from src to dst that the kernel
+// delivers at to (its reply tuple's source; dst unless a DNAT moved it):
+// p admits it and would deliver it there. An IPv4 NAPT mapping or an IPv6
+// redirect DNATs what it admits to its internal endpoint, so only flows
+// delivered there; a plain IPv6 pinhole translates nothing, so flows
+// delivered at dst, or at another port it admits as well (an all-ports
+// pinhole, for a flow an ended redirect DNAT-ed). Admits alone took a
+// mapping that took over an endpoint, DNAT-ing it elsewhere, for one that
+// admits the connections of the mapping that ended there (review
+// h/revctl, TestE2EEndpointRetakenEndsOldFlow).
+func (p Pinhole) AdmitsFlow(proto uint8, src, dst, to netip.AddrPort) bool {
+	if !p.Admits(proto, src, dst) {
+		return false
+	}
+	n, _ := p.normalize() // Admits: valid
+	to, dst = netip.AddrPortFrom(to.Addr().Unmap(), to.Port()), netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if n.InternalAddr.Is4() || n.ExternalPort != n.InternalPort {
+		return to == netip.AddrPortFrom(n.InternalAddr, n.InternalPort)
+	}
+	return to == dst || p.Admits(proto, src, to)
+}
+
 // normalize validates p and returns it in canonical form: IPv6 external
 // fields filled in, remote prefix masked. Everything Apply sends and List
 // returns is canonical, so the two compare equal. Its errors say what is

@@ -131,14 +131,15 @@ func (s *Server) liveAdmits(dst []pinhole.Pinhole, t ctTarget, buf []store.Lease
 
 // pruneLive is the walk's view of the leases as it starts (ctFlusher.prune):
 // of the pinholes held (heldAdmits) that admitted flows of fs's targets
-// when their mappings ended, those still live. It drops from fs (in
-// place) the inbound filters whose every flow one of them admits (an
-// unfiltered mapping of the endpoint, or an all-ports one of the IPv6
-// address), and returns the others' (ctAdmits: the walk spares the flows
-// they admit). A lease made after the end is not among them: a mapping
+// when their mappings ended, those still live, by target (ctAdmits: the
+// walk spares the flows they admit). No filter is dropped: which flows a
+// pinhole admits depends on where the kernel delivered each (an unfiltered
+// mapping that took over the endpoint DNATs it elsewhere, and admits none
+// of the ended one's flows: TestE2EEndpointRetakenEndsOldFlow), which only
+// the walk sees. A lease made after the end is not among them: a mapping
 // deleted and made again before the walk still ends the connections of
-// before (TestCtFlushRemade). SNAT filters are never dropped here:
-// unheldNAT dropped those of endpoints held when their mapping ended. s.mu
+// before (TestCtFlushRemade). SNAT filters are not pruned here: unheldNAT
+// dropped those of endpoints held when their mapping ended. s.mu
 // is taken a chunk of filters at a time, so 1M of them at a start do not
 // stall the engine.
 func (s *Server) pruneLive(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits) {
@@ -146,45 +147,34 @@ func (s *Server) pruneLive(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits) 
 		return fs, nil
 	}
 	const step = 4096
-	out := fs[:0]
 	var a ctAdmits
-	all := map[ctTarget]bool{}
+	done := map[ctTarget]bool{}
 	var buf []store.Lease
 	var live []pinhole.Pinhole
 	for i := 0; i < len(fs); i += step {
 		s.mu.Lock()
 		for _, f := range fs[i:min(i+step, len(fs))] {
 			ps, ok := held[f.t]
-			if f.nat || !ok {
-				out = append(out, f)
-				continue
-			}
-			every, done := all[f.t]
-			if !done {
+			if !f.nat && ok && !done[f.t] {
+				done[f.t] = true
 				live, buf = s.liveAdmits(live[:0], f.t, buf)
 				var kept []pinhole.Pinhole
 				for _, p := range ps {
 					if slices.Contains(live, p) {
 						kept = append(kept, p)
-						// Unfiltered: every source, at t.
-						every = every || (!p.RemotePrefix.IsValid() && p.Admits(f.t.proto, netip.AddrPortFrom(f.t.addr, 1), f.t.dst()))
 					}
 				}
-				all[f.t] = every
-				if len(kept) > 0 && !every {
+				if len(kept) > 0 {
 					if a == nil {
 						a = ctAdmits{}
 					}
 					a[f.t] = kept
 				}
 			}
-			if !every {
-				out = append(out, f)
-			}
 		}
 		s.mu.Unlock()
 	}
-	return out, a
+	return fs, a
 }
 
 // appendCtFilters appends the flush filters of l's connections
@@ -307,9 +297,9 @@ type ctFlusher struct {
 	// it returns the filters whose flows it may have left (their dump or
 	// deletes failed) and why.
 	walk func(fs []ctFilter, admits ctAdmits) (left []ctFilter, err error)
-	// prune drops, as the walk starts, the filters whose flows a lease
-	// live throughout admits, and returns what the others' live leases
-	// admit (pruneLive; nil: nothing dropped or spared).
+	// prune, as the walk starts, returns fs and what the leases live
+	// throughout (held, and live still) admit of their targets' flows
+	// (pruneLive; nil: nothing spared).
 	prune func(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits)
 	// report is told of every failed walk (attempt ≥ 1) and of the
 	// success that ends a run of them (left 0).
@@ -551,11 +541,14 @@ func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, erro
 // address. The flows they admit stay (TestE2EMapDeleteKeepsPeerFlow).
 type ctAdmits map[ctTarget][]pinhole.Pinhole
 
-// admitted reports whether a pinhole a[t] admits flows from src to t, as
-// the kernel's set element does (pinhole.Pinhole.Admits).
-func (a ctAdmits) admitted(t ctTarget, src netip.AddrPort) bool {
+// admitted reports whether a pinhole a[t] admits a flow from src to t
+// that the kernel delivered at to (its reply source), as the kernel's set
+// element and DNAT would now (pinhole.Pinhole.AdmitsFlow): a mapping that
+// took over t DNAT-ing it elsewhere spares none of the flows of the one
+// that ended there.
+func (a ctAdmits) admitted(t ctTarget, src, to netip.AddrPort) bool {
 	for _, p := range a[t] {
-		if p.Admits(t.proto, src, t.dst()) {
+		if p.AdmitsFlow(t.proto, src, t.dst(), to) {
 			return true
 		}
 	}
@@ -572,7 +565,9 @@ type keepAdmitted struct {
 
 func (k keepAdmitted) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 	src, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
-	return k.nf.MatchConntrackFlow(fl) && !k.admits.admitted(k.t, netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort))
+	to, _ := netip.AddrFromSlice(fl.Reverse.SrcIP)
+	return k.nf.MatchConntrackFlow(fl) &&
+		!k.admits.admitted(k.t, netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), netip.AddrPortFrom(to.Unmap(), fl.Reverse.SrcPort))
 }
 
 // walkConntrackGeneric is the walk for kernels without CTA_FILTER: one

@@ -210,8 +210,12 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		if _, want := slices.BinarySearchFunc(fs, k, cmpCtFilter); !want {
 			continue
 		}
-		if !g.nat && d.admits.admitted(k.t, o.src) {
-			continue
+		if !g.nat && d.admits[k.t] != nil {
+			// Spared if a live lease admits it where the kernel
+			// delivered it (the reply's source).
+			if r, ok := ctTupleOf(reply, ipSrc, ipDst); ok && d.admits.admitted(k.t, o.src, r.src) {
+				continue
+			}
 		}
 		if del, ok := ctDeleteMsg(m.Data[0], orig, zone); ok {
 			dels = append(dels, del)
