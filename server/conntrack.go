@@ -312,6 +312,7 @@ type ctFlusher struct {
 	queued               uint64   // filters sets queued so far
 	done                 uint64   // all sets up to this one are flushed
 	running              bool
+	closed               bool // Serve returned: no more retries (close)
 	waiters              []ctWaiter
 	wake                 chan struct{} // an add cuts a retry's backoff short
 }
@@ -435,10 +436,19 @@ func (c *ctFlusher) run() {
 			backoff = cmp.Or(c.retryFirst, ctRetryFirst)
 		} else {
 			attempt++
-			retry, retryHeld = left, held
+			// Only what the filters left spare: the rest of held is
+			// of targets walked, and kept it grew by every flush
+			// queued while a group failed for good.
+			retry, retryHeld = left, heldOf(held, left)
 			if c.report != nil {
 				c.report(attempt, len(left), err)
 			}
+		}
+		if attempt > 0 && c.isClosed() {
+			// Serve returned: no retries (close).
+			c.release(upTo)
+			attempt, retry, retryHeld = 0, nil, nil
+			continue
 		}
 
 		if attempt == 0 || attempt >= ctHoldAttempts {
@@ -452,6 +462,10 @@ func (c *ctFlusher) run() {
 				t.Stop()
 			}
 			backoff = min(2*backoff, cmp.Or(c.retryMax, ctRetryMax))
+			if c.isClosed() {
+				c.release(upTo)
+				attempt, retry, retryHeld = 0, nil, nil
+			}
 		}
 	}
 }
@@ -645,4 +659,42 @@ func (s *Server) waitConntrack() {
 	done := make(chan struct{})
 	s.ct.after(s.ct.seq(), func() { close(done) })
 	<-done
+}
+
+// close stops the retries (Serve returns): a walk that fails from now on
+// is not walked again, and its waiters go. A flush queued after still
+// runs once. Before, the flusher went on retrying every 10 s for good
+// after Serve returned, dialling conntrack in Config.NetNS, a descriptor
+// its owner may have closed by then (TestCtFlushClosedStopsRetrying).
+func (c *ctFlusher) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
+	if c.wake != nil {
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (c *ctFlusher) isClosed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed
+}
+
+// heldOf is what held holds for fs's targets (nil if nothing): what a
+// retry of fs carries (TestCtFlushRetryKeepsOnlyLeftHeld).
+func heldOf(held ctAdmits, fs []ctFilter) ctAdmits {
+	var a ctAdmits
+	for _, f := range fs {
+		if ps, ok := held[f.t]; ok && !f.nat {
+			if a == nil {
+				a = ctAdmits{}
+			}
+			a[f.t] = ps
+		}
+	}
+	return a
 }

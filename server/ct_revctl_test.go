@@ -2,8 +2,12 @@ package server
 
 import (
 	"net/netip"
+	"slices"
+	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
@@ -98,5 +102,105 @@ func TestCtAdmitsDelivery(t *testing.T) {
 				t.Errorf("admitted %v, want %v", got, c.want)
 			}
 		})
+	}
+}
+
+// TestCtFlushRetryKeepsOnlyLeftHeld: while walks fail, what the retries
+// carry of the spared pinholes (held) is that of the filters left, not
+// of every filter walked meanwhile. Before, a failed walk kept every
+// target's held pinholes and merged each new flush's in: one group
+// failing for good (here target a) grew the map by every flush queued
+// since (n targets after n flushes), and stale entries went on to spare
+// flows at later ends of those targets. Fails without the fix: the last
+// retry is handed the held pinholes of all 20 targets.
+func TestCtFlushRetryKeepsOnlyLeftHeld(t *testing.T) {
+	a := ctFilter{t: ctTarget{port: 1}}
+	p := pinhole.Pinhole{Protocol: 6, InternalPort: 1}
+	var mu sync.Mutex
+	var lastHeld int
+	walked := make(chan struct{}, 100)
+	fl := &ctFlusher{retryFirst: time.Hour, retryMax: time.Hour,
+		walk: func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
+			defer func() { walked <- struct{}{} }()
+			if slices.Contains(fs, a) {
+				return []ctFilter{a}, unix.EBUSY // a's group fails for good
+			}
+			return nil, nil
+		},
+		prune: func(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits) {
+			mu.Lock()
+			lastHeld = len(held)
+			mu.Unlock()
+			return fs, held
+		},
+	}
+	fl.add([]ctFilter{a}, ctAdmits{a.t: {p}})
+	<-walked
+	const n = 20
+	for i := range n {
+		b := ctFilter{t: ctTarget{port: uint16(100 + i)}}
+		fl.add([]ctFilter{b}, ctAdmits{b.t: {p}}) // cuts the backoff short
+		<-walked
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	// The last walk: a (left) and the last b (new), nothing older.
+	if lastHeld != 2 {
+		t.Errorf("last walk handed held pinholes of %d targets, want 2 (the filter left and the one queued)", lastHeld)
+	}
+	fl.close()
+}
+
+// TestCtFlushClosedStopsRetrying: once the server stops (Serve returns:
+// ctFlusher.close), a walk that fails is not retried and its waiters go;
+// the flusher's goroutine ends. Before, it retried every 10 s for good
+// after Serve returned, dialling conntrack in Config.NetNS, a descriptor
+// its owner may have closed (and the number reused) by then.
+func TestCtFlushClosedStopsRetrying(t *testing.T) {
+	var mu sync.Mutex
+	walks := 0
+	walked := make(chan struct{}, 100)
+	fl := &ctFlusher{retryFirst: time.Hour, retryMax: time.Hour,
+		walk: func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
+			mu.Lock()
+			walks++
+			mu.Unlock()
+			walked <- struct{}{}
+			return fs, unix.EBUSY
+		},
+	}
+	fl.add([]ctFilter{{t: ctTarget{port: 1}}}, nil)
+	released := make(chan struct{})
+	fl.after(fl.seq(), func() { close(released) })
+	<-walked // failed; in its hour-long backoff
+	fl.close()
+	select {
+	case <-released:
+	case <-time.After(5 * time.Second):
+		t.Fatal("waiter not released after close")
+	}
+	waitFor(t, func() bool {
+		fl.mu.Lock()
+		defer fl.mu.Unlock()
+		return !fl.running
+	})
+	fl.mu.Lock()
+	running := fl.running
+	fl.mu.Unlock()
+	if running {
+		t.Fatal("flusher still retrying after close")
+	}
+	// After close a flush still runs once, without retries.
+	fl.add([]ctFilter{{t: ctTarget{port: 2}}}, nil)
+	<-walked
+	waitFor(t, func() bool {
+		fl.mu.Lock()
+		defer fl.mu.Unlock()
+		return !fl.running
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	if walks != 2 {
+		t.Errorf("%d walks, want 2 (one per flush, no retry)", walks)
 	}
 }

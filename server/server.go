@@ -291,6 +291,8 @@ func (s *Server) Serve(ctx context.Context) error {
 	// Leases restored from disk may belong to peers removed while pcpd
 	// was down (LIFE-05).
 	s.sweepOwnership()
+	// Last: failed conntrack walks are not retried once Serve returns.
+	defer s.ct.close()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	lisErr := make(chan error, 1)
