@@ -204,3 +204,39 @@ func TestCtFlushClosedStopsRetrying(t *testing.T) {
 		t.Errorf("%d walks, want 2 (one per flush, no retry)", walks)
 	}
 }
+
+// TestCtFlushExpiredAtStartSparesOnlyAdmitted: a MAP that expired while
+// pcpd was down shares its endpoint with a PEER restored live (its
+// remote only). At the start, the MAP's flows are flushed but for those
+// the PEER admits (ctAdmits), as at an expiry with pcpd running. Before,
+// flushExpired (and retryUndeleted) dropped the filters of every
+// endpoint a restored lease held: the MAP's connections from every other
+// remote lasted their conntrack timeout (TCP established: 5 days).
+// Fails without the fix: no filter of the endpoint reaches the walk.
+func TestCtFlushExpiredAtStartSparesOnlyAdmitted(t *testing.T) {
+	h := newHarness(t)
+	r := &ctRecorder{}
+	h.startCt(t, r)
+	h.expect(h.do(peerReq(addrA, pcp.ProtoTCP, 80, remote, time.Hour, 1)), pcp.Success)
+	resp := h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Minute, 2))
+	h.expect(resp, pcp.Success)
+	ext := netip.AddrPortFrom(resp.Map.ExternalAddr, resp.Map.ExternalPort)
+	h.clock.Advance(2 * time.Minute) // the MAP expires while pcpd is down
+	h.startCt(t, r)
+	if n := h.s.tab.len(); n != 1 {
+		t.Fatalf("%d leases restored, want the PEER", n)
+	}
+	h.ctDrain(t)
+	if !r.has(ext.Addr(), ext.Port(), false) {
+		t.Fatalf("no flush of the expired MAP's endpoint %v", ext)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ps := r.admits[ctTarget{addr: ext.Addr(), proto: protoTCP, port: ext.Port()}]
+	r0 := remote.Addr().Unmap()
+	want := pinhole.Pinhole{Protocol: protoTCP, InternalAddr: addrA, InternalPort: 80, ExternalAddr: addrA, ExternalPort: 80,
+		RemotePrefix: netip.PrefixFrom(r0, r0.BitLen()), RemotePort: remote.Port()}
+	if len(ps) != 1 || ps[0] != want {
+		t.Errorf("walk told to spare %v, want the PEER's %v", ps, want)
+	}
+}

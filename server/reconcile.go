@@ -343,19 +343,21 @@ func (r *restoring) commitDrops(drop keyChunks, qc *store.QuarChange) {
 
 // flushExpired ends the connections of the leases that expired while pcpd
 // was down: conntrack outlives the process, and the guard lets their
-// established flows pass (flushConntrack). Not those of an endpoint a
-// restored lease holds now. Queued: the walk runs beside serving.
+// established flows pass (flushConntrack). Not those a restored lease
+// admits (heldAdmits: live throughout, nothing was made while pcpd was
+// down), nor the SNAT-ed ones of an endpoint a restored lease holds
+// (unheldNAT). Before, every flow of an endpoint a restored lease held was
+// kept: a PEER's restored beside an expired MAP kept the MAP's flows from
+// every remote (review h/revctl, TestCtFlushExpiredAtStartSparesOnlyAdmitted).
+// Queued: the walk runs beside serving.
 func (r *restoring) flushExpired() {
 	s := r.s
 	// Those of moved leases whose pinhole deletion failed wait for
 	// retryUndeleted, as refused ones do (revoked).
-	fs := slices.DeleteFunc(s.pendingEnds(r.expEnds), func(f ctFilter) bool {
-		_, held := s.tab.holder(endpoint{addr: f.t.addr, proto: f.t.proto, port: f.t.port})
-		return held
-	})
+	fs := s.unheldNAT(s.pendingEnds(r.expEnds))
 	r.expEnds = nil
 	if len(fs) > 0 {
-		s.ct.add(fs, nil) // none held: nothing to spare
+		s.ct.add(fs, s.heldAdmits(fs))
 	}
 }
 
@@ -504,8 +506,8 @@ func (s *Server) pendingEnds(ends []ctFilter) []ctFilter {
 // it. A pinhole a live lease holds now (one on its tuple holds the same
 // element, or its external endpoint went to another internal tuple: the
 // kernel's element is that lease's) is dropped, not deleted. Once a
-// pinhole is gone, the connections of its lease are flushed, unless a live
-// lease holds its external endpoint now (those flows are that lease's).
+// pinhole is gone, the connections of its lease are flushed but for those
+// a live lease admits now (heldAdmits).
 func (s *Server) retryUndeleted() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -540,14 +542,12 @@ func (s *Server) retryUndeleted() {
 	}
 	ends := s.undeletedEnds
 	s.undeletedEnds = nil
-	var flush []ctFilter
-	for _, f := range s.pendingEnds(ends) {
-		if _, held := s.tab.holder(endpoint{addr: f.t.addr, proto: f.t.proto, port: f.t.port}); !held {
-			flush = append(flush, f)
-		}
-	}
-	if len(flush) > 0 {
-		s.ct.add(flush, nil) // none held: nothing to spare
+	// What a live lease admits is spared (heldAdmits; a lease that took
+	// the endpoint since, DNAT-ing it to another internal tuple, admits
+	// none of the old flows: pinhole.Pinhole.AdmitsFlow); before, every
+	// flow of an endpoint a live lease held was kept.
+	if flush := s.unheldNAT(s.pendingEnds(ends)); len(flush) > 0 {
+		s.ct.add(flush, s.heldAdmits(flush))
 	}
 }
 
