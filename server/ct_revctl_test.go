@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	vnetlink "github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/pcp"
@@ -238,5 +239,29 @@ func TestCtFlushExpiredAtStartSparesOnlyAdmitted(t *testing.T) {
 		RemotePrefix: netip.PrefixFrom(r0, r0.BitLen()), RemotePort: remote.Port()}
 	if len(ps) != 1 || ps[0] != want {
 		t.Errorf("walk told to spare %v, want the PEER's %v", ps, want)
+	}
+}
+
+// TestCtKeepAdmittedGeneric: the generic walk's filter (kernels without
+// CTA_FILTER) spares a flow as the kernel-filtered walk does: only if a
+// live pinhole admits it where the kernel delivered it (the reply's
+// source). Without the fix a redirect that took the endpoint spared the
+// flows DNAT-ed to the old port (row 2 fails).
+func TestCtKeepAdmittedGeneric(t *testing.T) {
+	a6 := netip.MustParseAddr("2001:db8::2")
+	rem6 := netip.MustParseAddrPort("[2001:db8:9::7]:40000")
+	tg := ctTarget{addr: a6, proto: protoTCP, port: 80}
+	redir := pinhole.Pinhole{Protocol: protoTCP, InternalAddr: a6, InternalPort: 443, ExternalAddr: a6, ExternalPort: 80}
+	k := keepAdmitted{nf: ctFilter{t: tg}.netlinkFilter(), t: tg, admits: ctAdmits{tg: {redir}}}
+	for _, c := range []struct {
+		to    uint16 // where the flow was delivered
+		ended bool
+	}{{443, false}, {8443, true}, {80, true}} {
+		fl := &vnetlink.ConntrackFlow{FamilyType: unix.AF_INET6}
+		fl.Forward = vnetlink.IPTuple{Protocol: protoTCP, SrcIP: rem6.Addr().AsSlice(), SrcPort: rem6.Port(), DstIP: a6.AsSlice(), DstPort: 80}
+		fl.Reverse = vnetlink.IPTuple{Protocol: protoTCP, SrcIP: a6.AsSlice(), SrcPort: c.to, DstIP: rem6.Addr().AsSlice(), DstPort: rem6.Port()}
+		if got := k.MatchConntrackFlow(fl); got != c.ended {
+			t.Errorf("flow delivered at port %d: ended %v, want %v", c.to, got, c.ended)
+		}
 	}
 }
