@@ -108,9 +108,9 @@ func (p Pinhole) String() string {
 // does (layout.go, keyPacket6/keyPacket4): protocol 0 and port 0 any, the
 // remote prefix a range of addresses (an IPv4-mapped one is IPv4, as
 // normalize makes it), remote port 0 any. False for a p Apply refuses.
-// The server spares with it the flows a live lease still admits when it
-// flushes an ended one's (TestAdmitsAsKernelKey checks it against the
-// set elements).
+// It says nothing of where the kernel delivers the flow (AdmitsFlow,
+// which the server spares tracked flows with; TestAdmitsAsKernelKey
+// checks Admits against the set elements).
 func (p Pinhole) Admits(proto uint8, src, dst netip.AddrPort) bool {
 	n, err := p.normalize()
 	if err != nil {

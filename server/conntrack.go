@@ -104,7 +104,7 @@ func (s *Server) heldAdmits(fs []ctFilter) ctAdmits {
 // admit flows to t (under s.mu): those holding t's endpoint (the ended
 // mapping's PEER, or another lease sharing it), and on an IPv6 address
 // its all-ports and all-protocols mappings, whose set elements hold every
-// port (pinhole.Pinhole.Admits tells which flows each admits).
+// port (pinhole.Pinhole.AdmitsFlow tells which flows each admits).
 func (s *Server) liveAdmits(dst []pinhole.Pinhole, t ctTarget, buf []store.Lease) ([]pinhole.Pinhole, []store.Lease) {
 	es := [...]endpoint{{addr: t.addr, proto: t.proto, port: t.port}, {addr: t.addr, proto: t.proto}, {addr: t.addr}}
 	n := 1
