@@ -78,6 +78,7 @@ type options struct {
 	fifo          bool   // run the server under test and pcpload as SCHED_FIFO (chrt -f 1)
 	fifoLimit     time.Duration
 	trace         time.Duration
+	cpuProfile    time.Duration
 }
 
 // want reports whether scenario key is to be run (--scenarios).
@@ -137,15 +138,16 @@ func run(ctx context.Context, args []string) error {
 	fs.BoolVar(&o.fifo, "fifo", false, "run the server under test and pcpload at real-time priority (chrt -f 1), the same for every server: other tenants' processes on a shared machine then stop adding 10-100 ms stalls to the latency tail (a diagnostic; the kernel's own threads, e.g. the journal's, stay at normal priority)")
 	fs.DurationVar(&o.fifoLimit, "fifo-limit", 2*time.Minute, "with --fifo: the most any real-time process may live (at most 10m): then it is set back to SCHED_OTHER and killed, and the kernel kills it sooner once it has used that much CPU (RLIMIT_CPU), so a stuck run cannot hold the machine")
 	fs.DurationVar(&o.trace, "trace", 0, "pcpd open loop: take a Go execution trace of pcpd this long as the measured phase starts (pcpd-open80.trace; needs --metrics, sets PCPD_DEBUG_PPROF=1; view with go tool trace)")
+	fs.DurationVar(&o.cpuProfile, "cpuprofile", 0, "pcpd closed loop: take a Go CPU profile of pcpd this long as each scenario's measured phase starts (pcpd-<scenario>.pprof; needs --metrics, sets PCPD_DEBUG_PPROF=1; bench/pgo merges them into cmd/pcpd/default.pgo)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if err := o.checkFIFO(); err != nil {
 		return err
 	}
-	if o.trace > 0 {
+	if o.trace > 0 || o.cpuProfile > 0 {
 		if o.metrics == "" {
-			return errors.New("driver: --trace needs --metrics")
+			return errors.New("driver: --trace and --cpuprofile need --metrics")
 		}
 		env = append(env, "PCPD_DEBUG_PPROF=1")
 	}
@@ -581,6 +583,17 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 					url := fmt.Sprintf("http://%s/debug/pprof/trace?seconds=%g", b.o.metrics, b.o.trace.Seconds())
 					if _, err := b.topo.Host.Run("curl", "-sS", "--max-time", "60", "-o", filepath.Join(b.o.out, server+"-"+name+".trace"), url); err != nil {
 						b.logf("trace: %v", err)
+					}
+				}()
+				continue
+			}
+			if b.o.cpuProfile > 0 && server == "pcpd" && name != "open80" && perfDone == nil {
+				perfDone = make(chan struct{})
+				go func() {
+					defer close(perfDone)
+					url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", b.o.metrics, max(int(b.o.cpuProfile.Seconds()), 1))
+					if _, err := b.topo.Host.Run("curl", "-sS", "--fail", "--max-time", "60", "-o", filepath.Join(b.o.out, server+"-"+name+".pprof"), url); err != nil {
+						b.logf("cpuprofile: %v", err)
 					}
 				}()
 				continue
