@@ -985,6 +985,10 @@ func (b *bench) runScale(ctx context.Context) error {
 	b.put("pcpd", "startbig", time.Since(t0).Seconds(), "s", fmt.Sprintf("%d leases", n))
 	time.Sleep(2 * time.Second)
 	b.put("pcpd", "rssbig-restart", rssMB(p.pid()), "MB", "after restart; "+rssParts(p.pid()))
+	// The restored process's high-water mark: the peak of the restore
+	// itself (the stored leases decoded beside the table built from
+	// them), which is what a memory limit (cgroup) must leave room for.
+	b.put("pcpd", "rssbig-restart-peak", peakRSSMB(p.pid()), "MB", "VmHWM of the restarted process: the peak while it restored")
 	return nil
 }
 
@@ -1095,7 +1099,6 @@ func (b *bench) timeLeases() (time.Duration, int, error) {
 	return d, n, nil
 }
 
-// rssMB reads VmRSS of pid in MB (10^6 bytes).
 // procRunWait is the time pid's threads have spent runnable but waiting
 // for a CPU (the second field of each thread's schedstat), summed over
 // the threads alive now.
@@ -1227,18 +1230,42 @@ func procCPU(pid int) time.Duration {
 	return time.Duration(ut+st) * time.Second / ticks
 }
 
-func rssMB(pid int) float64 {
+// rssMB reads VmRSS of pid in MB (10^6 bytes).
+func rssMB(pid int) float64 { return procStatusMB(pid, "VmRSS") }
+
+// peakRSSMB reads VmHWM of pid in MB: the most it has had resident since
+// it started (the kernel's high-water mark of VmRSS). For a process that
+// has just restored its state, that is the restore's peak, which VmRSS
+// read afterwards no longer shows.
+func peakRSSMB(pid int) float64 { return procStatusMB(pid, "VmHWM") }
+
+// procStatusMB reads field (e.g. "VmRSS") of /proc/<pid>/status in MB; 0
+// when pid or the field is missing.
+func procStatusMB(pid int, field string) float64 {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0
 	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
-			kb, _ := strconv.ParseFloat(f[1], 64)
-			return kb * 1024 / 1e6
+	mb, _ := statusFieldMB(string(data), field)
+	return mb
+}
+
+// statusFieldMB finds "<field>:  <n> kB" in the text of a
+// /proc/<pid>/status file and returns n in MB (10^6 bytes). ok is false
+// when the field is absent or its value is not a count of kB.
+func statusFieldMB(status, field string) (mb float64, ok bool) {
+	for _, line := range strings.Split(status, "\n") {
+		f := strings.Fields(line)
+		if len(f) != 3 || f[0] != field+":" || f[2] != "kB" {
+			continue
 		}
+		kb, err := strconv.ParseUint(f[1], 10, 64)
+		if err != nil {
+			return 0, false
+		}
+		return float64(kb) * 1024 / 1e6, true
 	}
-	return 0
+	return 0, false
 }
 
 // rssParts says what VmRSS of pid is made of (MB): anonymous memory (the
