@@ -24,8 +24,11 @@ import (
 //
 // The stored leases go into the lease table one by one (restoring.add) and
 // are not kept: the table is the only copy, and the kernel is reconciled
-// from it. A store that hands leases over as it reads them can feed add
-// directly.
+// from it. A store that hands them over as it reads them (State.Stream,
+// store.WithLeasesLater) feeds add directly: then no copy of them all is
+// ever held beside the table (at 1 000 000 leases the 280 MB of decoded
+// stored leases set the restart's peak, BENCHMARKS.md "Peak memory while
+// restoring 1 000 000 leases").
 func (s *Server) restore() error {
 	now := s.now()
 	st := s.deps.State
@@ -47,15 +50,39 @@ func (s *Server) restore() error {
 	// once the table has it (the caller's slice too: Start consumes it),
 	// so the stored leases' strings and FILTERs are garbage as restore
 	// goes, and the slice when restore is done (ls is dead after the loop).
-	ls := s.deps.State.Leases
-	s.deps.State.Leases = nil
-	st.Leases = nil
+	ls, stream := s.deps.State.Leases, s.deps.State.Stream
+	s.deps.State.Leases, s.deps.State.Stream = nil, nil
+	st.Leases, st.Stream = nil, nil
 	r := s.restoring(now)
-	r.presize(ls)
+	if ls == nil && stream != nil {
+		// Two passes over the stored leases, each decoded into the
+		// store's scratch lease: one to size, one to add.
+		if err := r.presize(stream); err != nil {
+			return fmt.Errorf("server: reading the stored leases: %w", err)
+		}
+		if err := stream(func(l *store.Lease) error { r.add(l); return nil }); err != nil {
+			return fmt.Errorf("server: reading the stored leases: %w", err)
+		}
+		return r.finish(st)
+	}
+	_ = r.presize(eachOf(ls)) // never fails: no store read
 	for l := range drain(ls) {
 		r.add(l)
 	}
 	return r.finish(st)
+}
+
+// eachOf hands fn each lease of ls in turn, as State.Stream does the
+// store's (the first error of fn ends it).
+func eachOf(ls []store.Lease) func(func(*store.Lease) error) error {
+	return func(fn func(*store.Lease) error) error {
+		for i := range ls {
+			if err := fn(&ls[i]); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 }
 
 // drain yields pointers to the leases of ls and clears each after use: its
@@ -138,33 +165,40 @@ func (c keyChunks) len() int {
 	return n
 }
 
-// presize counts the leases of ls that add will drop as expired or moved
+// presize counts the stored leases (each: one pass over them) that add will drop as expired or moved
 // (the same test: one pass reading two fields of each) and sizes for them
 // r.drop's first chunk and r.expEnds (their connections), and the table
 // for the rest. Grown by append, at a start dropping 1 000 000 expired
 // leases, the connections allocated 205 MB to hold 40 MB; and the table,
 // sized for every stored lease, took 78 MB to hold none. Leases the rules
 // refuse (restore_policy.go) are not told apart here (it takes the
-// policy): the table is sized for them too, and the drop chunks grow. A
-// store that hands leases over one by one feeds add without it.
-func (r *restoring) presize(ls []store.Lease) {
+// policy): the table is sized for them too, and the drop chunks grow.
+// An error of each (a store reading them, State.Stream) is returned, and
+// nothing is sized.
+func (r *restoring) presize(each func(func(*store.Lease) error) error) error {
 	var scratch [2]ctFilter // appendCtFilters adds at most two
-	drops, ends := 0, 0
-	for i := range ls {
-		if l := &ls[i]; r.expiredOrMoved(l) {
+	n, drops, ends := 0, 0, 0
+	err := each(func(l *store.Lease) error {
+		n++
+		if r.expiredOrMoved(l) {
 			drops++
 			if !r.s.cfg.KeepConnections {
 				ends += len(appendCtFilters(scratch[:0], l))
 			}
 		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
-	r.s.tab.grow(len(ls) - drops)
+	r.s.tab.grow(n - drops)
 	if drops > 0 {
 		r.drop = keyChunks{make([]store.Key, 0, min(drops, dropChunk))}
 	}
 	if ends > 0 {
 		r.expEnds = make([]ctFilter, 0, ends)
 	}
+	return nil
 }
 
 // expiredOrMoved reports whether add drops l as expired, or as moved (its

@@ -168,7 +168,9 @@ func TestRestorePresizeExact(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := h.s.restoring(now)
-			r.presize(tc.ls)
+			if err := r.presize(eachOf(tc.ls)); err != nil {
+				t.Fatal(err)
+			}
 			if cap(r.expEnds) != tc.want {
 				t.Fatalf("presized for %d filters, want %d", cap(r.expEnds), tc.want)
 			}

@@ -276,7 +276,7 @@ func (s *Server) Start() error {
 	err := s.restore()
 	// The table holds its own copies; the stored ones (≈ 290 bytes a
 	// lease) need not live on.
-	s.deps.State.Leases = nil
+	s.deps.State.Leases, s.deps.State.Stream = nil, nil
 	return err
 }
 

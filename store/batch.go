@@ -126,6 +126,7 @@ func (c *Committer) Commit(put []Lease, del []Key) error {
 // CommitQuar is Commit with MAP-22 quarantine changes in the same record
 // (Store.CommitQuar).
 func (c *Committer) CommitQuar(put []Lease, del []Key, q *QuarChange) error {
+	c.s.leasesPut.Store(true)
 	b := getBatch()
 	if err := b.encode(put, del, q); err != nil {
 		putBatch(b)

@@ -82,6 +82,14 @@ type State struct {
 	// Leases as stored, expired ones included: the engine drops those (it
 	// also has to remove them from the kernel, so it must see them).
 	Leases []Lease
+	// Stream, when not nil (WithLeasesLater), hands out the stored
+	// leases instead of Leases (then nil), expired ones included, each
+	// decoded into the same scratch lease: *Lease is valid only during
+	// the call to fn, which copies what must outlive it. It reads the
+	// state file again (the log applied on top), as Open checked it; it
+	// must be called before the first Commit (it then fails), and may be
+	// called more than once. An error of fn ends it with that error.
+	Stream func(fn func(*Lease) error) error
 	// Quarantines are the MAP-22 quarantines of freed IPv4 external ports
 	// (quarantine.go), ended ones included: the engine drops those
 	// (CommitQuar), as it drops expired leases. Collected even WithStream:

@@ -104,6 +104,9 @@ type loaded struct {
 	meta   string // non-empty: a meta page was damaged (see damagedMeta)
 	walgen uint64
 	sel    *logSel // the log replayed on top (nil: none)
+	// later: the leases were checked and not kept (readMode.none): the
+	// store reads them again for State.Stream.
+	later bool
 	// quarDamage: non-empty when quarantines were dropped as damaged
 	// (readQuarantines); leases and epoch are not affected.
 	quarDamage string
@@ -158,7 +161,7 @@ func (s *Store) load() (State, error) {
 	}
 	if isReadOnlyErr(err) {
 		// Read what is there; writes wait for the directory to come back.
-		rodb, ld, rerr := readState(s.path, &s.opt, true, s.dir)
+		rodb, ld, rerr := readState(s.path, s.opt.collecting(), true, s.dir)
 		if isStreamErr(rerr) {
 			return State{}, rerr
 		}
@@ -183,6 +186,9 @@ func (s *Store) load() (State, error) {
 func (s *Store) judge(ld loaded) (State, error) {
 	now := s.opt.now()
 	st := State{Leases: ld.leases, Quarantines: ld.quar, EpochOrigin: ld.epoch}
+	if ld.later && s.db != nil {
+		st.Stream = s.streamLeases
+	}
 	s.noteQuarDamage(&st, ld)
 	switch {
 	case ld.meta != "":
@@ -295,7 +301,7 @@ func restore(bak, path string, o *options) (*bolt.DB, loaded, error) {
 	if err := copyFile(bak, tmp); err != nil {
 		return nil, loaded{}, err
 	}
-	db, ld, err := readState(tmp, o, false, "")
+	db, ld, err := readState(tmp, o.collecting(), false, "")
 	if err != nil {
 		_ = os.Remove(tmp)
 		return nil, loaded{}, err
@@ -442,7 +448,7 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 		drop := func() { dropMapped(addr, size) }
 		drop()
 		var err error
-		ld, err = readTx(tx, drop, logDir, o.stream)
+		ld, err = readTx(tx, drop, logDir, readMode{stream: o.stream, none: o.later && o.stream == nil})
 		drop()
 		ld.meta = shape.damagedMeta
 		return err
@@ -469,10 +475,23 @@ type streamError struct{ err error }
 func (e *streamError) Error() string { return e.err.Error() }
 func (e *streamError) Unwrap() error { return e.err }
 
+// readMode says what readTx does with the leases it decodes: collect them
+// in ld.leases (the zero mode), hand them to stream, or keep none.
+type readMode struct {
+	stream func(*Lease) error // each live lease goes to it instead of ld.leases
+	// checked: the state was read and checked before (State.Stream):
+	// stream gets each lease as it is decoded, in one pass.
+	checked bool
+	// none: check every lease and keep none (WithLeasesLater); ld.later
+	// says so.
+	none bool
+}
+
 // readTx decodes the state (with logDir, the log's records applied on
-// top); with stream, each live lease goes to it instead of ld.leases.
-func readTx(tx *bolt.Tx, drop func(), logDir string, stream func(*Lease) error) (loaded, error) {
+// top), and does with the leases what mode says.
+func readTx(tx *bolt.Tx, drop func(), logDir string, mode readMode) (loaded, error) {
 	var ld loaded
+	stream := mode.stream
 	meta, leases := tx.Bucket(bucketMeta), tx.Bucket(bucketLeases)
 	if meta == nil || leases == nil {
 		return ld, fmt.Errorf("store: buckets missing: %w", ErrCorrupt)
@@ -575,7 +594,29 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, stream func(*Lease) error) 
 		}
 		return nil
 	}
-	if stream != nil {
+	switch {
+	case mode.none:
+		var scratch Lease
+		next := func() *Lease { scratch = Lease{}; return &scratch }
+		if err := visit(next, func(*Lease) error { return nil }); err != nil {
+			return ld, err
+		}
+		ld.later = true
+	case stream != nil && mode.checked:
+		// Damage found half way (the file changed since Open checked it)
+		// ends the pass with an error after some leases went out.
+		var scratch Lease
+		next := func() *Lease { scratch = Lease{}; return &scratch }
+		err := visit(next, func(l *Lease) error {
+			if err := stream(l); err != nil {
+				return &streamError{err}
+			}
+			return nil
+		})
+		if err != nil {
+			return ld, err
+		}
+	case stream != nil:
 		// Everything is checked before the first lease is handed out, so
 		// that damage found half way can not have fed the engine leases
 		// of a file Open then replaces with the backup: one pass to check,
@@ -594,7 +635,7 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, stream func(*Lease) error) 
 		if err != nil {
 			return ld, err
 		}
-	} else {
+	default:
 		// Size the slice once from the digest: growing it by doubling
 		// would briefly hold two copies of a million leases. A damaged
 		// count can not ask for more than the file could hold (a record
@@ -658,4 +699,53 @@ func join(a, b string) string {
 		return b
 	}
 	return a + "; " + b
+}
+
+// collecting is o for a read whose leases go to State.Leases whatever
+// WithLeasesLater says: a state read from a file the store does not keep
+// open as it is (the backup's copy, a read-only directory's).
+func (o *options) collecting() *options {
+	c := *o
+	c.later = false
+	return &c
+}
+
+// streamLeases is State.Stream (WithLeasesLater): it reads the leases of
+// the open state file again, with the log applied on top as Open did, and
+// hands each to fn. No fold of the log may run meanwhile (ckMu): it would
+// move the log's records into the file under the read. It refuses once a
+// commit was made: what it read would no longer be what Open checked.
+func (s *Store) streamLeases(fn func(*Lease) error) (err error) {
+	s.ckMu.Lock()
+	defer s.ckMu.Unlock()
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	switch {
+	case s.closed || s.db == nil:
+		return fmt.Errorf("store: stored leases read after close: %w", ErrUnavailable)
+	case s.leasesPut.Load():
+		return errors.New("store: stored leases read after a commit (State.Stream must come first)")
+	}
+	db := s.db
+	// As in readState: bbolt faulting on the mapping comes back as
+	// ErrCorrupt, not as the end of the daemon.
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("store: reading %s again: bbolt panicked (%v): %w", filepath.Base(s.path), r, ErrCorrupt)
+		}
+	}()
+	err = db.View(func(tx *bolt.Tx) error {
+		addr, size := db.Info().Data, tx.Size()
+		drop := func() { dropMapped(addr, size) }
+		drop()
+		_, err := readTx(tx, drop, s.dir, readMode{stream: fn, checked: true})
+		drop()
+		return err
+	})
+	var se *streamError
+	if errors.As(err, &se) {
+		return se.err // fn's own error (or the log's read error), as it is
+	}
+	return err
 }

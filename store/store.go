@@ -108,6 +108,7 @@ type options struct {
 	ckptBytes   int64
 	ckptEvery   time.Duration
 	stream      func(*Lease) error
+	later       bool
 }
 
 // Checkpoint defaults: fold the log into bbolt once a segment holds this
@@ -148,6 +149,17 @@ func WithoutOpenSnapshot() Option { return func(o *options) { o.noSnapshot = tru
 // Open with that error.
 func WithStream(fn func(*Lease) error) Option { return func(o *options) { o.stream = fn } }
 
+// WithLeasesLater makes Open check every stored lease as usual but keep
+// none: State.Leases stays nil and State.Stream hands them out later,
+// decoded one at a time into the same scratch lease, so that the caller
+// can build its own table from them without all of them decoded beside it
+// (at 1 000 000 leases ≈ 280 MB: the restart's peak, BENCHMARKS.md "Peak
+// memory while restoring 1 000 000 leases"). Only a state file opened
+// cleanly is read later: one restored from the backup, read from a
+// read-only directory or new comes in State.Leases as without the option
+// (State.Stream nil). Ignored with WithStream.
+func WithLeasesLater() Option { return func(o *options) { o.later = true } }
+
 // WithCheckpoint sets when the log is folded into the state file: once
 // the active log segment holds size octets, and every interval while
 // anything is logged (defaults DefaultCheckpointBytes,
@@ -180,6 +192,9 @@ type Store struct {
 	db     *bolt.DB // nil while the file can not be opened for writing
 	broken atomic.Bool
 	closed bool
+	// leasesPut: a commit with leases or deletes was made since Open;
+	// State.Stream then refuses (streamLeases).
+	leasesPut atomic.Bool
 
 	// The log writer; wmu serialises appends (one record, one fdatasync
 	// at a time: a record is written only after the one before it is
@@ -319,6 +334,7 @@ type QuarChange struct {
 // log record: the lease delete that frees a port and the port's
 // quarantine are durable together or not at all (quarantine.go).
 func (s *Store) CommitQuar(put []Lease, del []Key, q *QuarChange) error {
+	s.leasesPut.Store(true)
 	b := getBatch()
 	defer putBatch(b)
 	if err := b.encode(put, del, q); err != nil {

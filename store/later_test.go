@@ -1,0 +1,160 @@
+package store
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// streamAll collects what st.Stream hands out (copies: the lease it hands
+// is a scratch one).
+func streamAll(t *testing.T, st State) []Lease {
+	t.Helper()
+	if st.Stream == nil {
+		t.Fatal("State.Stream is nil")
+	}
+	var got []Lease
+	if err := st.Stream(func(l *Lease) error {
+		c := *l
+		c.Filters = slices.Clone(l.Filters)
+		got = append(got, c)
+		return nil
+	}); err != nil {
+		t.Fatalf("Stream: %v", err)
+	}
+	return got
+}
+
+// laterImage is a crash image of a state with 50 leases and a full one in
+// the file, and a replacement, a delete and a new lease only in the log;
+// want is what it holds.
+// more: that many leases more in the log (from lease 100 on).
+func laterImage(t *testing.T, more int) (img string, want []Lease) {
+	t.Helper()
+	dir := t.TempDir()
+	s, _ := openT(t, dir, noCheckpoint, WithoutOpenSnapshot())
+	if err := s.ResetEpoch(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	full := fullLease()
+	if err := s.Commit(append(leasesN(0, 50), full), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	r := leaseN(1)
+	r.Expires = r.Expires.Add(time.Hour)
+	if err := s.Commit([]Lease{r, leaseN(60)}, []Key{leaseN(2).Key}); err != nil {
+		t.Fatal(err)
+	}
+	want = append(append(append(leasesN(0, 1), r), leasesN(3, 50)...), full, leaseN(60))
+	if more > 0 {
+		if err := s.Commit(leasesN(100, 100+more), nil); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, leasesN(100, 100+more)...)
+	}
+	return crashImage(t, dir), want
+}
+
+// TestWithLeasesLater: Open keeps no lease (State.Leases nil) and
+// State.Stream hands out exactly the stored leases, the log's changes
+// applied (what Open without the option collects), as often as asked,
+// until the first commit; the callback's error comes back as it is. A
+// state Open restored from the backup comes in State.Leases as before.
+func TestWithLeasesLater(t *testing.T) {
+	img, want := laterImage(t, 0)
+
+	s, st := openT(t, crashImage(t, img), WithLeasesLater(), WithoutOpenSnapshot())
+	if st.Leases != nil || st.Fresh {
+		t.Fatalf("State.Leases has %d, Fresh = %v", len(st.Leases), st.Fresh)
+	}
+	wantLeases(t, streamAll(t, st), want)
+	wantLeases(t, streamAll(t, st), want) // again: the restore reads twice
+
+	boom := errors.New("boom")
+	n := 0
+	if err := st.Stream(func(*Lease) error { n++; return boom }); !errors.Is(err, boom) || n != 1 {
+		t.Fatalf("Stream with a failing callback = %v after %d leases, want boom after 1", err, n)
+	}
+	if err := s.Commit([]Lease{leaseN(70)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Stream(func(*Lease) error { return nil }); err == nil || !strings.Contains(err.Error(), "after a commit") {
+		t.Fatalf("Stream after a commit = %v, want a refusal", err)
+	}
+	s.Close()
+	if err := st.Stream(func(*Lease) error { return nil }); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Stream after Close = %v, want ErrUnavailable", err)
+	}
+
+	t.Run("damaged file replaced by the backup", func(t *testing.T) {
+		nd := crashImage(t, img)
+		s, _ := openT(t, nd, WithoutOpenSnapshot())
+		if err := s.Snapshot(); err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+		writeFile(t, filepath.Join(nd, DBName), []byte("not a bbolt file, long enough to be looked at"))
+		_, st := openT(t, nd, WithLeasesLater(), WithoutOpenSnapshot())
+		if !st.Fresh || !strings.Contains(st.Recovered, "restored") {
+			t.Fatalf("Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
+		}
+		if st.Stream != nil {
+			t.Fatal("State.Stream set for a state restored from the backup")
+		}
+		wantLeases(t, st.Leases, want)
+	})
+}
+
+// TestWithLeasesLaterLogNotFolded: with the disk full, Open can not fold
+// the log into the state file; State.Stream must then apply the log on
+// top of the file as Open did, or it would hand out the file's older
+// leases (lease 1 with its old expiry, lease 2 deleted since) and miss
+// lease 60 and the 3000 after 100.
+func TestWithLeasesLaterLogNotFolded(t *testing.T) {
+	// 3000 leases in the log: folding them needs pages the file has not.
+	img, want := laterImage(t, 3000)
+	dir := tmpfs(t, "8m")
+	for _, f := range []string{DBName, segName(0), segName(1)} {
+		if _, err := os.Stat(filepath.Join(img, f)); err != nil {
+			continue
+		}
+		if err := copyFile(filepath.Join(img, f), filepath.Join(dir, f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fillDisk(t, dir)
+	s, st := openT(t, dir, WithLeasesLater(), WithoutOpenSnapshot())
+	if s.walReady.Load() {
+		t.Skip("the log was folded even with the disk full: nothing to test")
+	}
+	wantLeases(t, streamAll(t, st), want)
+}
+
+// fillDisk fills the file system of dir to the last octet.
+func fillDisk(t *testing.T, dir string) {
+	t.Helper()
+	f, err := os.Create(filepath.Join(dir, "fill"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, size := range []int{64 << 10, 4 << 10, 512, 1} {
+		chunk := make([]byte, size)
+		for {
+			if _, err := f.Write(chunk); err != nil {
+				if !errors.Is(err, syscall.ENOSPC) {
+					t.Fatalf("filling: %v", err)
+				}
+				break
+			}
+		}
+	}
+}
