@@ -263,7 +263,8 @@ func (s *Server) Run(ctx context.Context) error {
 	return s.Serve(ctx)
 }
 
-// Start restores the leases of Deps.State: drops expired ones, reconciles
+// Start restores the leases of Deps.State (State.Leases, or read through
+// State.Stream when Leases is nil): drops expired ones, reconciles
 // the kernel with them, continues or resets the epoch (EPO-03, EPO-04). It
 // is Run's first half, separate so tests can drive the engine without
 // sockets.

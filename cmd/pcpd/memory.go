@@ -82,8 +82,8 @@ func (p memoryPolicy) apply(log *zap.Logger) {
 		zap.Int("gc_percent", gc))
 }
 
-// Trimming: memory freed by a transient (a restart's stored leases, the
-// sorted copy of every lease `pcpd leases` gets: ≈ 290 MB at 1 000 000)
+// Trimming: memory freed by a transient (a restart's garbage, the sorted
+// copy of every lease `pcpd leases` gets: ≈ 100 MB at 1 000 000)
 // stays resident until the runtime's background scavenger returns it, at a
 // pace of tens of MB a second, or for ever when the soft limit is far away
 // (--max-leases well above the leases held). trimMemory hands it back at
