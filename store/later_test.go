@@ -9,6 +9,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // streamAll collects what st.Stream hands out (copies: the lease it hands
@@ -155,6 +158,43 @@ func fillDisk(t *testing.T, dir string) {
 				}
 				break
 			}
+		}
+	}
+}
+
+// TestWithLeasesLaterRecoveryLogCounts: the "state recovery" line Open
+// logs names how many stored leases it kept. WithLeasesLater keeps them
+// for State.Stream, not in State.Leases, so counting State.Leases logged
+// "leases": 0 for a state whose 50 leases were all kept (here: the epoch
+// reset still pending), which reads as a start with every lease lost
+// (review h/revpeak).
+func TestWithLeasesLaterRecoveryLogCounts(t *testing.T) {
+	for _, later := range []bool{false, true} {
+		dir := t.TempDir()
+		s, _ := openT(t, dir, WithoutOpenSnapshot())
+		if err := s.Commit(leasesN(0, 50), nil); err != nil { // no ResetEpoch: reset pending
+			t.Fatal(err)
+		}
+		s.Close()
+		opts := []Option{WithoutOpenSnapshot()}
+		if later {
+			opts = append(opts, WithLeasesLater())
+		}
+		core, logs := observer.New(zap.InfoLevel)
+		s, st, err := Open(dir, zap.New(core), opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		if !strings.Contains(st.Recovered, "epoch reset still pending") {
+			t.Fatalf("later %v: recovered %q, want the pending reset", later, st.Recovered)
+		}
+		lines := logs.FilterMessage("state recovery").All()
+		if len(lines) != 1 {
+			t.Fatalf("later %v: %d \"state recovery\" lines, want 1", later, len(lines))
+		}
+		if got := lines[0].ContextMap()["leases"]; got != int64(50) {
+			t.Errorf("later %v: \"state recovery\" logs leases=%v, want 50 (all kept)", later, got)
 		}
 	}
 }

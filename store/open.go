@@ -64,8 +64,14 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 		return nil, State{}, err
 	}
 	if st.Recovered != "" {
+		// The leases kept: in State.Leases, or for State.Stream
+		// (WithLeasesLater; counting State.Leases logged 0 for them all).
+		n := len(st.Leases)
+		if st.Stream != nil {
+			n = s.nlater
+		}
 		log.Error("state recovery", zap.String("dir", dir), zap.String("recovered", st.Recovered),
-			zap.Bool("epoch_reset", st.Fresh), zap.Int("leases", len(st.Leases)))
+			zap.Bool("epoch_reset", st.Fresh), zap.Int("leases", n))
 	}
 	if s.db != nil {
 		// Fold what the log held into the state file, so the file is
@@ -105,8 +111,9 @@ type loaded struct {
 	walgen uint64
 	sel    *logSel // the log replayed on top (nil: none)
 	// later: the leases were checked and not kept (readMode.none): the
-	// store reads them again for State.Stream.
-	later bool
+	// store reads them again for State.Stream. nlater: how many.
+	later  bool
+	nlater int
 	// quarDamage: non-empty when quarantines were dropped as damaged
 	// (readQuarantines); leases and epoch are not affected.
 	quarDamage string
@@ -188,6 +195,7 @@ func (s *Store) judge(ld loaded) (State, error) {
 	st := State{Leases: ld.leases, Quarantines: ld.quar, EpochOrigin: ld.epoch}
 	if ld.later && s.db != nil {
 		st.Stream = s.streamLeases
+		s.nlater = ld.nlater
 	}
 	s.noteQuarDamage(&st, ld)
 	switch {
@@ -598,7 +606,7 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, mode readMode) (loaded, err
 	case mode.none:
 		var scratch Lease
 		next := func() *Lease { scratch = Lease{}; return &scratch }
-		if err := visit(next, func(*Lease) error { return nil }); err != nil {
+		if err := visit(next, func(*Lease) error { ld.nlater++; return nil }); err != nil {
 			return ld, err
 		}
 		ld.later = true

@@ -195,6 +195,8 @@ type Store struct {
 	// leasesPut: a commit with leases or deletes was made since Open;
 	// State.Stream then refuses (streamLeases).
 	leasesPut atomic.Bool
+	// nlater: the leases Open checked and kept for State.Stream.
+	nlater int
 
 	// The log writer; wmu serialises appends (one record, one fdatasync
 	// at a time: a record is written only after the one before it is
