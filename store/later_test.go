@@ -198,3 +198,44 @@ func TestWithLeasesLaterRecoveryLogCounts(t *testing.T) {
 		}
 	}
 }
+
+// TestStreamRefusesCommitDuring: a commit made while State.Stream reads
+// (it checked for commits only before) fails the read: what it handed out
+// may miss the commit, so it is not what the store holds. Before, the
+// read ended without error, lease 900 stored but never handed out.
+func TestStreamRefusesCommitDuring(t *testing.T) {
+	img, _ := laterImage(t, 0)
+	s, st := openT(t, crashImage(t, img), WithLeasesLater(), WithoutOpenSnapshot())
+	committed := false
+	err := st.Stream(func(*Lease) error {
+		if !committed {
+			committed = true
+			if err := s.Commit([]Lease{leaseN(900)}, nil); err != nil {
+				t.Errorf("Commit during Stream: %v", err)
+			}
+		}
+		return nil
+	})
+	if err == nil || !strings.Contains(err.Error(), "commit") {
+		t.Fatalf("Stream with a commit made during it = %v, want a refusal", err)
+	}
+}
+
+// TestStreamCallbackPanicIsNotDamage: a panic of the caller's fn is the
+// caller's bug, not bbolt faulting on a damaged file: it goes on up as it
+// is. Before, Stream's recover turned it into "bbolt panicked ...:
+// corrupt state", sending an operator after a state file that is fine,
+// the panic's stack lost.
+func TestStreamCallbackPanicIsNotDamage(t *testing.T) {
+	img, _ := laterImage(t, 0)
+	_, st := openT(t, crashImage(t, img), WithLeasesLater(), WithoutOpenSnapshot())
+	var err error
+	got := func() (r any) {
+		defer func() { r = recover() }()
+		err = st.Stream(func(*Lease) error { panic("engine bug") })
+		return nil
+	}()
+	if got != "engine bug" {
+		t.Fatalf("Stream with a panicking fn: panic %v, error %v; want the panic \"engine bug\" to reach the caller", got, err)
+	}
+}

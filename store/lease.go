@@ -87,8 +87,10 @@ type State struct {
 	// decoded into the same scratch lease: *Lease is valid only during
 	// the call to fn, which copies what must outlive it. It reads the
 	// state file again (the log applied on top), as Open checked it; it
-	// must be called before the first Commit (it then fails), and may be
-	// called more than once. An error of fn ends it with that error.
+	// must be called before the first Commit (it then fails, as it does
+	// when a commit is made during the read), and may be called more than
+	// once. An error of fn ends it with that error; a panic of fn goes on
+	// up as it is (only bbolt's is taken for damage: ErrCorrupt).
 	Stream func(fn func(*Lease) error) error
 	// Quarantines are the MAP-22 quarantines of freed IPv4 external ports
 	// (quarantine.go), ended ones included: the engine drops those
