@@ -99,7 +99,8 @@ func newLab(t *testing.T, mod ...func(*Config, *policy.Config)) *lab {
 // start would.
 func (l *lab) start() {
 	l.t.Helper()
-	var opts []store.Option
+	// As pcpd opens it: the leases read again by Start (State.Stream).
+	opts := []store.Option{store.WithLeasesLater()}
 	if l.now != nil {
 		opts = append(opts, store.WithClock(l.now))
 	}

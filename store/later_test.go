@@ -239,3 +239,44 @@ func TestStreamCallbackPanicIsNotDamage(t *testing.T) {
 		t.Fatalf("Stream with a panicking fn: panic %v, error %v; want the panic \"engine bug\" to reach the caller", got, err)
 	}
 }
+
+// TestStreamFindsLaterDamage: damage that reaches the state file after
+// Open checked it is found by State.Stream (ErrCorrupt, never a short
+// read taken for the state), and the next Open moves the file aside and
+// restores the backup Open wrote, with the epoch reset: never an empty
+// start that claims continuity.
+func TestStreamFindsLaterDamage(t *testing.T) {
+	img, want := laterImage(t, 0)
+	dir := crashImage(t, img)
+	s, st := openT(t, dir, WithLeasesLater())
+	if err := s.Checkpoint(); err != nil { // and wait for Open's backup
+		t.Fatal(err)
+	}
+	s.bg.Wait()
+	path := filepath.Join(dir, DBName)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := strings.Index(string(data), "nextcloud")
+	if at < 0 {
+		t.Fatal("the full lease's description is not in the state file")
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("N"), int64(at)); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := st.Stream(func(*Lease) error { return nil }); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("Stream over a file damaged since Open = %v, want ErrCorrupt", err)
+	}
+	s.Close()
+	_, st = openT(t, dir, WithLeasesLater())
+	if !st.Fresh || !strings.Contains(st.Recovered, "restored") || st.Stream != nil {
+		t.Fatalf("reopened: Fresh %v, Recovered %q, Stream set %v; want the backup restored, epoch reset", st.Fresh, st.Recovered, st.Stream != nil)
+	}
+	wantLeases(t, st.Leases, want)
+}
