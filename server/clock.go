@@ -41,7 +41,10 @@ import (
 // them without the running clock), a backward step makes them look longer,
 // capped by clampRestored. A step while pcpd is down is not seen at all:
 // restore compares the stored expiries with the stepped clock (the
-// monotonic clock does not survive a reboot).
+// monotonic clock does not survive a reboot). The epoch likewise: a
+// restart continues from the stored origin on the wall clock, so a step
+// made while pcpd was down, or one a kill -9 came before the next check
+// saw, is counted in the epoch (TestEpochAcrossKillWallStep).
 
 // stepThreshold is how far the wall clock may part from the running clock
 // before the engine rebases. NTP slews CLOCK_MONOTONIC with
