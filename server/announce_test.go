@@ -2,8 +2,6 @@ package server
 
 import (
 	"net/netip"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -87,51 +85,34 @@ func TestAnnounceTargetsOncePerClient(t *testing.T) {
 
 // TestAnnounceTargetsDoNotStallEngine: listing the targets of 20 000
 // leases of 4 096 clients (the open-loop benchmark, 3 s after start, when
-// the fourth start-up round runs) keeps s.mu, which every request needs,
-// for well under a millisecond at a time (10 ms allowed on a loaded shared
-// host; 0.1-1.7 ms measured there). The linear dedupe under the lock held
-// it 30-60 ms.
+// the fourth start-up round runs) must let go of s.mu, which every request
+// needs, every announceYield leases, so the engine waits for one chunk at
+// most (0.1-1.7 ms measured on a loaded 2-core host). The linear dedupe
+// under the lock once held it 30-60 ms in one piece.
+//
+// Asserted structurally, not as a time (a bound on the engine's wait
+// flaked under load): at each point the walk says it let go, the lock
+// really is free (TryLock), and there are as many such points as chunks.
 func TestAnnounceTargetsDoNotStallEngine(t *testing.T) {
 	if testing.Short() {
 		t.Skip("fills 20 000 leases")
 	}
 	s := announceEngine(t, 20000, 4096)
-	worst := maxLockWait(s, func() {
-		if pcpT, _ := s.announceTargets(); len(pcpT[local6]) != 4096 {
-			t.Errorf("%d targets, want 4096", len(pcpT[local6]))
+	yields, held := 0, 0
+	s.announceYielded = func() {
+		yields++
+		if !s.mu.TryLock() {
+			held++
+			return
 		}
-	})
-	t.Logf("longest wait for the engine lock while listing targets: %v", worst)
-	if worst > 10*time.Millisecond {
-		t.Errorf("the engine waited %v for s.mu while announcement targets were listed", worst)
+		s.mu.Unlock()
 	}
-}
-
-// maxLockWait runs f while another goroutine takes and releases s.mu as
-// the engine does per batch, and returns that goroutine's longest wait.
-func maxLockWait(s *Server, f func()) time.Duration {
-	var stop atomic.Bool
-	var worst time.Duration
-	var wg sync.WaitGroup
-	started := make(chan struct{})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		close(started)
-		for !stop.Load() {
-			t0 := time.Now()
-			s.mu.Lock()
-			worst = max(worst, time.Since(t0))
-			s.mu.Unlock()
-			time.Sleep(50 * time.Microsecond)
-		}
-	}()
-	<-started
-	time.Sleep(time.Millisecond)
-	f()
-	stop.Store(true)
-	wg.Wait()
-	return worst
+	if pcpT, _ := s.announceTargets(); len(pcpT[local6]) != 4096 {
+		t.Errorf("%d targets, want 4096", len(pcpT[local6]))
+	}
+	if want := 20000 / announceYield; yields < want || held > 0 {
+		t.Errorf("the walk let go of s.mu %d times (%d of them still held), want %d, every %d leases", yields, held, want, announceYield)
+	}
 }
 
 // BenchmarkAnnounceTargets is one round's listing at 20 000 leases of

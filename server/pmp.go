@@ -150,6 +150,9 @@ func (s *Server) announceTargets() (pcpT, pmpT map[netip.AddrPort][]netip.AddrPo
 		}
 		if i++; i%announceYield == 0 {
 			s.mu.Unlock()
+			if s.announceYielded != nil {
+				s.announceYielded()
+			}
 			runtime.Gosched()
 			s.mu.Lock()
 		}

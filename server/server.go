@@ -129,6 +129,9 @@ type Server struct {
 	// ctDumpFault, if set, sees every conntrack dump's result and may
 	// change it (tests: faults injected at the dump, the flows real).
 	ctDumpFault ctFault
+	// announceYielded, if set, runs each time announceTargets has let go
+	// of mu between chunks of its walk (tests: the engine can take it).
+	announceYielded func()
 
 	// Engine-loop scratch, under mu: the last finished tx (its buffers
 	// are reused), the decoded request and the reply being built (a
