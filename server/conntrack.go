@@ -55,8 +55,9 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 		return
 	}
 	var fs []ctFilter
+	now := s.now()
 	for i := range ended {
-		fs = appendCtFilters(fs, &ended[i])
+		fs = appendCtFilters(fs, &ended[i], now)
 	}
 	if fs = s.unheldNAT(fs); len(fs) > 0 {
 		s.ct.add(fs, s.heldAdmits(fs))
@@ -84,8 +85,8 @@ func (s *Server) heldAdmits(fs []ctFilter) ctAdmits {
 	var buf []store.Lease
 	var ps []pinhole.Pinhole
 	for _, f := range fs {
-		if f.nat {
-			continue
+		if f.nat || f.t.wild() {
+			continue // a wildcard's flows are spared one by one (spareWild)
 		}
 		if _, done := a[f.t]; done {
 			continue
@@ -106,6 +107,11 @@ func (s *Server) heldAdmits(fs []ctFilter) ctAdmits {
 // its all-ports and all-protocols mappings, whose set elements hold every
 // port (pinhole.Pinhole.AdmitsFlow tells which flows each admits).
 func (s *Server) liveAdmits(dst []pinhole.Pinhole, t ctTarget, buf []store.Lease) ([]pinhole.Pinhole, []store.Lease) {
+	return s.liveAdmitsBy(dst, t, buf, time.Time{})
+}
+
+// liveAdmitsBy is liveAdmits of the leases made by born (zero: any).
+func (s *Server) liveAdmitsBy(dst []pinhole.Pinhole, t ctTarget, buf []store.Lease, born time.Time) ([]pinhole.Pinhole, []store.Lease) {
 	es := [...]endpoint{{addr: t.addr, proto: t.proto, port: t.port}, {addr: t.addr, proto: t.proto}, {addr: t.addr}}
 	n := 1
 	if t.addr.Is6() {
@@ -121,7 +127,7 @@ func (s *Server) liveAdmits(dst []pinhole.Pinhole, t ctTarget, buf []store.Lease
 		}
 		buf = s.tab.onTupleInto(tuple{proto: e.proto, addr: h.addr, port: h.port}, buf)
 		for j := range buf {
-			if endpointOf(&buf[j]) == e {
+			if endpointOf(&buf[j]) == e && (born.IsZero() || !buf[j].Created.After(born)) {
 				dst = appendPinholes(dst, &buf[j])
 			}
 		}
@@ -177,15 +183,56 @@ func (s *Server) pruneLive(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits) 
 	return fs, a
 }
 
+// ctWildHit is a flow a wildcard filter matched (ctDeleter.end): to t
+// (its own protocol and port) from src, of a mapping that ended at end.
+type ctWildHit struct {
+	t    ctTarget
+	src  netip.AddrPort
+	to   netip.AddrPort // where the kernel delivered it (the reply's source)
+	end  time.Time
+	keep bool // spareWild: a lease live throughout admits it
+}
+
+// spareWild marks the flows of hits that a lease live throughout admits:
+// live now and made by the time the wildcard's mapping ended (a lease's
+// Created; a mapping made after, re-made included, spares nothing, as
+// pruneLive for the other filters). An all-ports MAP's flows are every
+// port's, so the leases that may admit some of them cannot be listed as
+// it ends (the table has no index by address alone): each flow's own
+// endpoint is asked instead (liveAdmits), once the dump found it. Takes
+// s.mu once for all hits.
+func (s *Server) spareWild(hits []ctWildHit) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var buf []store.Lease
+	var live []pinhole.Pinhole
+	for i := range hits {
+		h := &hits[i]
+		live, buf = s.liveAdmitsBy(live[:0], h.t, buf, h.end)
+		h.keep = slices.ContainsFunc(live, func(p pinhole.Pinhole) bool { return p.Admits(h.t.proto, h.src, h.t.dst()) })
+	}
+}
+
 // appendCtFilters appends the flush filters of l's connections
-// (flushConntrack) to dst: none for a PEER or a lease without an external
-// port, one for the inbound flows, and for an IPv4 NAPT lease one more
-// for the outbound flows SNAT-ed to its external endpoint.
-func appendCtFilters(dst []ctFilter, l *store.Lease) []ctFilter {
-	if l.Kind == store.KindPeer || !l.ExternalAddr.IsValid() || l.ExternalPort == 0 {
+// (flushConntrack), which ended at end (the engine's clock), to dst: none
+// for a PEER or an IPv4 lease without an external port, one for the
+// inbound flows, and for an IPv4 NAPT lease one more for the outbound
+// flows SNAT-ed to its external endpoint. An IPv6 all-ports MAP (port 0)
+// or all-protocols one (protocol 0) gets a wildcard filter (ctTarget.wild):
+// every inbound flow to its address, of its protocol or of any, as its
+// set element (pin6_proto, pin6_addr) admitted them. Before, it got
+// none, and those flows outlived it through the guard's "ct state
+// established accept" (h/ctall).
+func appendCtFilters(dst []ctFilter, l *store.Lease, end time.Time) []ctFilter {
+	if l.Kind == store.KindPeer || !l.ExternalAddr.IsValid() || l.ExternalPort == 0 && !l.ExternalAddr.Is6() {
 		return dst
 	}
 	t := ctTarget{addr: l.ExternalAddr, proto: l.Protocol, port: l.ExternalPort}
+	if t.wild() {
+		f := ctFilter{t: t}
+		f.setEnd(end)
+		return append(dst, f)
+	}
 	dst = append(dst, ctFilter{v4: l.ExternalAddr.Is4(), t: t})
 	if l.ExternalAddr.Is4() && l.InternalAddr.Is4() && l.InternalPort != 0 {
 		dst = append(dst, ctFilter{v4: true, t: t, nat: true, src4: l.InternalAddr.As4(), sport: l.InternalPort})
@@ -201,12 +248,32 @@ func appendCtFilters(dst []ctFilter, l *store.Lease) []ctFilter {
 // from it when that walk runs (kernels before 5.8): made for every ended
 // mapping up front, it cost ≈ 0.5 KB of heap each until the walk (maps
 // and a net.IP), 1M of them at a start revoking 1 000 000 leases.
+//
+// An inbound wildcard filter (t.wild) keeps in src4 and sport, which only
+// SNAT filters use, the time its mapping ended (setEnd): its flows are
+// spared only by leases made by then (spareWild).
 type ctFilter struct {
 	v4    bool
 	nat   bool
 	sport uint16
 	src4  [4]byte
 	t     ctTarget
+}
+
+// setEnd records in a wildcard filter when its mapping ended: Unix
+// milliseconds (48 bits: until the year 10889), rounded up, big-endian
+// across src4 then sport, so that cmpCtFilter puts a target's earliest
+// end first.
+func (f *ctFilter) setEnd(t time.Time) {
+	ms := uint64(max(t.Add(time.Millisecond-1).UnixMilli(), 0))
+	f.src4 = [4]byte{byte(ms >> 40), byte(ms >> 32), byte(ms >> 24), byte(ms >> 16)}
+	f.sport = uint16(ms)
+}
+
+// end is when a wildcard filter's mapping ended (setEnd).
+func (f ctFilter) end() time.Time {
+	ms := uint64(f.src4[0])<<40 | uint64(f.src4[1])<<32 | uint64(f.src4[2])<<24 | uint64(f.src4[3])<<16 | uint64(f.sport)
+	return time.UnixMilli(int64(ms))
 }
 
 // source is the original source of a nat filter's flows.
@@ -255,9 +322,9 @@ func (f ctFilter) netlinkFilter() netlink.CustomConntrackFilter {
 		return natFlowFilter{f}
 	}
 	nf := &netlink.ConntrackFilter{}
-	if nf.AddProtocol(f.t.proto) != nil ||
+	if f.t.proto != 0 && nf.AddProtocol(f.t.proto) != nil ||
 		nf.AddIP(netlink.ConntrackOrigDstIP, net.IP(f.t.addr.AsSlice())) != nil ||
-		nf.AddPort(netlink.ConntrackOrigDstPort, f.t.port) != nil {
+		!f.t.wild() && nf.AddPort(netlink.ConntrackOrigDstPort, f.t.port) != nil {
 		return nil
 	}
 	return nf
@@ -508,7 +575,7 @@ func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, erro
 		s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))
 		return s.walkConntrackGeneric(fs, admits)
 	}
-	d.admits, d.fault = admits, s.ctDumpFault
+	d.admits, d.fault, d.spare = admits, s.ctDumpFault, s.spareWild
 	// One dump per family, protocol and direction (each walks the
 	// whole table), over its run of fs sorted, duplicates out: maps
 	// of the keys took ≈ 400 MB at a start dropping 1 000 000
@@ -584,6 +651,26 @@ func (k keepAdmitted) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 		!k.admits.admitted(k.t, netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), netip.AddrPortFrom(to.Unmap(), fl.Reverse.SrcPort))
 }
 
+// keepLive is a generic walk's wildcard filter: it spares the flows a
+// lease live throughout admits (spareWild, one flow at a time).
+type keepLive struct {
+	nf  netlink.CustomConntrackFilter
+	s   *Server
+	end time.Time
+}
+
+func (k keepLive) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
+	if !k.nf.MatchConntrackFlow(fl) {
+		return false
+	}
+	src, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
+	dst, _ := netip.AddrFromSlice(fl.Forward.DstIP)
+	h := []ctWildHit{{t: ctTarget{addr: dst.Unmap(), proto: fl.Forward.Protocol, port: fl.Forward.DstPort},
+		src: netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), end: k.end}}
+	k.s.spareWild(h)
+	return !h[0].keep
+}
+
 // walkConntrackGeneric is the walk for kernels without CTA_FILTER: one
 // dump of the whole table per address family that has filters. It
 // returns the filters of the families whose walk failed.
@@ -608,7 +695,9 @@ func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits) ([]ctFilte
 		for _, f := range fs {
 			if f.v4 == (fam == netlink.FAMILY_V4) {
 				if nf := f.netlinkFilter(); nf != nil {
-					if _, held := admits[f.t]; held && !f.nat {
+					if f.t.wild() {
+						nf = keepLive{nf: nf, s: s, end: f.end()}
+					} else if _, held := admits[f.t]; held && !f.nat {
 						nf = keepAdmitted{nf: nf, t: f.t, admits: admits}
 					}
 					filters = append(filters, nf)

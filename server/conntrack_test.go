@@ -115,7 +115,7 @@ func TestCtFiltersOf(t *testing.T) {
 		{"PEER IPv4", lease(store.KindPeer, in4, ext4), 0, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			fs := appendCtFilters(nil, &c.l)
+			fs := appendCtFilters(nil, &c.l, time.Time{})
 			if len(fs) != c.filters {
 				t.Fatalf("%d filters, want %d: %+v", len(fs), c.filters, fs)
 			}

@@ -56,6 +56,11 @@ type ctTarget struct {
 
 func (t ctTarget) dst() netip.AddrPort { return netip.AddrPortFrom(t.addr, t.port) }
 
+// wild reports whether t is an IPv6 all-ports (port 0) or all-protocols
+// (protocol 0, port 0) mapping's: every inbound flow to its address, of
+// its protocol or of any (appendCtFilters).
+func (t ctTarget) wild() bool { return t.port == 0 }
+
 // ctGroup is the flows one dump asks for: of a family and protocol, by
 // original destination or, with nat, by reply destination.
 type ctGroup struct {
@@ -76,6 +81,9 @@ type ctDeleter struct {
 	// fault, if set, sees every dump's result and may change it (tests:
 	// Server.ctDumpFault).
 	fault ctFault
+	// spare marks the flows wildcard filters matched that a live lease
+	// admits (Server.spareWild; nil: none spared).
+	spare func([]ctWildHit)
 }
 
 // ctFault sees a conntrack dump's result and may change it (tests).
@@ -106,7 +114,10 @@ func nfgen(family uint8) []byte { return []byte{family, 0, 0, 0} }
 // cmpCtFilter, without duplicates); it returns how many. Every kernel dump walks the whole conntrack hash table, so a group
 // costs one dump: filtered by protocol, by the IPv4 address when all of fs
 // share it, and by port too when there is one key; what comes back is
-// matched here (source included, for SNAT-ed flows).
+// matched here (source included, for SNAT-ed flows). The all-protocols
+// group (protocol 0: wildcard filters of IPv6 all-protocols mappings) is
+// the family's whole table, unfiltered, every protocol (ICMPv6 and
+// port-less ones included, as pin6_addr admits them).
 func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 	t := fs[0].t
 	fam, ipDst, ipSrc, ip := uint8(unix.AF_INET6), uint16(ctaIPv6Dst), uint16(ctaIPv6Src), t.addr.AsSlice()
@@ -120,34 +131,40 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 	if g.v4 && fs[len(fs)-1].t.addr == t.addr { // sorted by address
 		flags |= ctaFilterFIPDst
 	}
-	if len(fs) == 1 {
+	if len(fs) == 1 && !t.wild() {
 		flags |= ctaFilterFDstPort
 	}
 	dir, origFlags, replyFlags := uint16(ctaTupleOrig), flags, uint32(0)
 	if g.nat {
 		dir, origFlags, replyFlags = ctaTupleReply, 0, flags
 	}
-	ae := netlink.NewAttributeEncoder()
-	ae.Nested(dir, func(ae *netlink.AttributeEncoder) error {
-		ae.Nested(ctaTupleIP, func(ae *netlink.AttributeEncoder) error {
-			ae.Bytes(ipDst, ip)
+	// Wildcard filters (port 0, sorted first of an address's) in fs: a
+	// flow not matched exactly is looked for among them too.
+	wild := slices.ContainsFunc(fs, func(f ctFilter) bool { return !f.nat && f.t.wild() })
+	var attrs []byte
+	if g.proto != 0 { // protocol 0: no filter, the whole table
+		ae := netlink.NewAttributeEncoder()
+		ae.Nested(dir, func(ae *netlink.AttributeEncoder) error {
+			ae.Nested(ctaTupleIP, func(ae *netlink.AttributeEncoder) error {
+				ae.Bytes(ipDst, ip)
+				return nil
+			})
+			ae.Nested(ctaTupleProto, func(ae *netlink.AttributeEncoder) error {
+				ae.Uint8(ctaProtoNum, t.proto)
+				ae.Bytes(ctaProtoDst, binary.BigEndian.AppendUint16(nil, t.port))
+				return nil
+			})
 			return nil
 		})
-		ae.Nested(ctaTupleProto, func(ae *netlink.AttributeEncoder) error {
-			ae.Uint8(ctaProtoNum, t.proto)
-			ae.Bytes(ctaProtoDst, binary.BigEndian.AppendUint16(nil, t.port))
+		ae.Nested(ctaFilter, func(ae *netlink.AttributeEncoder) error {
+			ae.Uint32(ctaFilterOrigFlags, origFlags)
+			ae.Uint32(ctaFilterReplyFlags, replyFlags)
 			return nil
 		})
-		return nil
-	})
-	ae.Nested(ctaFilter, func(ae *netlink.AttributeEncoder) error {
-		ae.Uint32(ctaFilterOrigFlags, origFlags)
-		ae.Uint32(ctaFilterReplyFlags, replyFlags)
-		return nil
-	})
-	attrs, err := ae.Encode()
-	if err != nil {
-		return 0, err
+		var err error
+		if attrs, err = ae.Encode(); err != nil {
+			return 0, err
+		}
 	}
 	msgs, err := d.c.Execute(netlink.Message{
 		Header: netlink.Header{Type: netlink.HeaderType(nfnlSubsysCtnetlink<<8 | ctMsgGet), Flags: netlink.Request | netlink.Dump},
@@ -170,6 +187,8 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		}
 	}
 	var dels []netlink.Message
+	var hits []ctWildHit
+	var held []ctHeldFlow // hits' flows
 	for _, m := range msgs {
 		if len(m.Data) < 4 {
 			continue
@@ -199,6 +218,27 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			continue
 		}
 		k := ctFilter{nat: g.nat, t: ctTarget{addr: o.dst.Addr(), proto: o.proto, port: o.dst.Port()}}
+		if !g.nat && g.proto != o.proto && g.proto != 0 {
+			continue // a kernel that ignored CTA_FILTER
+		}
+		if !g.nat && wild {
+			// Exactly matched and not spared: ended. Otherwise a
+			// wildcard's (its earliest end first) decides, once
+			// every flow is read (spareWild takes s.mu once).
+			// Where the kernel delivered it (the reply's source;
+			// invalid if unread: spared by none).
+			var to netip.AddrPort
+			if r, ok := ctTupleOf(reply, ipSrc, ipDst); ok {
+				to = r.src
+			}
+			w := ctFilter{t: ctTarget{addr: k.t.addr, proto: g.proto}}
+			_, exact := slices.BinarySearchFunc(fs, k, cmpCtFilter)
+			if i, ok := slices.BinarySearchFunc(fs, w, cmpCtTarget); ok && !(exact && !d.admits.admitted(k.t, o.src, to)) {
+				hits = append(hits, ctWildHit{t: k.t, src: o.src, to: to, end: fs[i].end()})
+				held = append(held, ctHeldFlow{family: m.Data[0], orig: orig, zone: zone})
+				continue
+			}
+		}
 		if g.nat {
 			r, ok := ctTupleOf(reply, ipSrc, ipDst)
 			if !ok || !o.src.Addr().Is4() {
@@ -221,8 +261,32 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			dels = append(dels, del)
 		}
 	}
+	if len(hits) > 0 && d.spare != nil {
+		d.spare(hits)
+	}
+	for i, h := range hits {
+		if f := held[i]; !h.keep {
+			if del, ok := ctDeleteMsg(f.family, f.orig, f.zone); ok {
+				dels = append(dels, del)
+			}
+		}
+	}
 	n, err := d.deleteAll(dels)
 	return n, errors.Join(intr, err)
+}
+
+// ctHeldFlow is a flow a wildcard filter matched, until spareWild said
+// whether it stays.
+type ctHeldFlow struct {
+	family     byte
+	orig, zone []byte
+}
+
+// cmpCtTarget is cmpCtFilter without what a wildcard filter keeps in the
+// SNAT fields (its end): the first of a target's filters is found.
+func cmpCtTarget(a, b ctFilter) int {
+	a.src4, a.sport, b.src4, b.sport = [4]byte{}, 0, [4]byte{}, 0
+	return cmpCtFilter(a, b)
 }
 
 var errCtDumpInterrupted = errors.New("server: conntrack dump interrupted (NLM_F_DUMP_INTR)")
@@ -330,7 +394,9 @@ type ctTuple struct {
 }
 
 // ctTupleOf reads a tuple payload whose addresses are ipSrc and ipDst
-// attributes; false if any part is missing (a flow without ports).
+// attributes; false if its protocol or an address is missing. Ports are
+// 0 if it has none (ICMPv6, GRE, ...: the all-protocols group's flows;
+// a flow of a protocol with ports always has them).
 func ctTupleOf(b []byte, ipSrc, ipDst uint16) (ctTuple, bool) {
 	var t ctTuple
 	ad, err := netlink.NewAttributeDecoder(b)
@@ -376,7 +442,7 @@ func ctTupleOf(b []byte, ipSrc, ipDst uint16) (ctTuple, bool) {
 			})
 		}
 	}
-	if ad.Err() != nil || !protoOK || !sOK || !dOK || !src.IsValid() || !dst.IsValid() {
+	if ad.Err() != nil || !protoOK || sOK != dOK || !src.IsValid() || !dst.IsValid() {
 		return t, false
 	}
 	t.src, t.dst = netip.AddrPortFrom(src, sport), netip.AddrPortFrom(dst, dport)

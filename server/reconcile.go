@@ -183,7 +183,7 @@ func (r *restoring) presize(each func(func(*store.Lease) error) error) error {
 		if r.expiredOrMoved(l) {
 			drops++
 			if !r.s.cfg.KeepConnections {
-				ends += len(appendCtFilters(scratch[:0], l))
+				ends += len(appendCtFilters(scratch[:0], l, r.now))
 			}
 		}
 		return nil
@@ -219,7 +219,7 @@ func (r *restoring) add(l *store.Lease) {
 		r.drop.add(l.Key)
 		r.expired++
 		if !r.s.cfg.KeepConnections {
-			r.expEnds = appendCtFilters(r.expEnds, l)
+			r.expEnds = appendCtFilters(r.expEnds, l, r.now)
 		}
 		r.lapse(l)
 	case l.ExternalAddr.Is4() && l.ExternalAddr != r.s.cfg.ExternalIPv4:
@@ -231,7 +231,7 @@ func (r *restoring) add(l *store.Lease) {
 		if !r.s.cfg.KeepConnections {
 			// Their connections end as an expired lease's do (the
 			// old address may still be the host's).
-			r.expEnds = appendCtFilters(r.expEnds, l)
+			r.expEnds = appendCtFilters(r.expEnds, l, r.now)
 		}
 	default:
 		if why := r.s.restoreRefusal(l); why != "" {
@@ -383,7 +383,9 @@ func (r *restoring) commitDrops(drop keyChunks, qc *store.QuarChange) {
 // (unheldNAT). Before, every flow of an endpoint a restored lease held was
 // kept: a PEER's restored beside an expired MAP kept the MAP's flows from
 // every remote (review h/revctl, TestCtFlushExpiredAtStartSparesOnlyAdmitted).
-// Queued: the walk runs beside serving.
+// A wildcard filter's flows (an IPv6 all-ports MAP's) are spared one by
+// one by the leases live by its end (spareWild). Queued: the walk runs
+// beside serving.
 func (r *restoring) flushExpired() {
 	s := r.s
 	// Those of moved leases whose pinhole deletion failed wait for
@@ -541,7 +543,8 @@ func (s *Server) pendingEnds(ends []ctFilter) []ctFilter {
 // element, or its external endpoint went to another internal tuple: the
 // kernel's element is that lease's) is dropped, not deleted. Once a
 // pinhole is gone, the connections of its lease are flushed but for those
-// a live lease admits now (heldAdmits).
+// a live lease admits now (heldAdmits; a wildcard filter's, spareWild).
+// A wildcard filter ends now: its pinhole admitted flows until it went.
 func (s *Server) retryUndeleted() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -580,7 +583,14 @@ func (s *Server) retryUndeleted() {
 	// the endpoint since, DNAT-ing it to another internal tuple, admits
 	// none of the old flows: pinhole.Pinhole.AdmitsFlow); before, every
 	// flow of an endpoint a live lease held was kept.
-	if flush := s.unheldNAT(s.pendingEnds(ends)); len(flush) > 0 {
+	flush := s.unheldNAT(s.pendingEnds(ends))
+	now := s.now()
+	for i := range flush {
+		if !flush[i].nat && flush[i].t.wild() {
+			flush[i].setEnd(now)
+		}
+	}
+	if len(flush) > 0 {
 		s.ct.add(flush, s.heldAdmits(flush))
 	}
 }
