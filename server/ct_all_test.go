@@ -112,8 +112,8 @@ func TestCtDeleteWildcard(t *testing.T) {
 	a, b := netip.MustParseAddr("2001:db8::a"), netip.MustParseAddr("2001:db8::b")
 	r1, r2 := netip.MustParseAddr("2001:db8:1::1"), netip.MustParseAddr("2001:db8:1::2")
 	type flow struct {
-		proto      uint8
-		src, dst   netip.AddrPort
+		proto    uint8
+		src, dst netip.AddrPort
 	}
 	flows := []flow{
 		{proto: protoTCP, src: netip.AddrPortFrom(r1, 1000), dst: netip.AddrPortFrom(a, 80)},
