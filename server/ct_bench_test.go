@@ -1,6 +1,7 @@
 package server
 
 import (
+	"cmp"
 	"fmt"
 	"net"
 	"net/netip"
@@ -31,14 +32,19 @@ func BenchmarkExpiryFlush(b *testing.B) {
 	for _, fam := range []string{"v4", "v6"} {
 		for _, matching := range []bool{false, true} {
 			b.Run(fmt.Sprintf("%s/leases=10000/unrelated=10000/matching=%v", fam, matching), func(b *testing.B) {
-				benchExpiryFlush(b, fam == "v4", 10000, 10000, matching, false)
+				benchExpiryFlush(b, fam == "v4", 10000, 10000, matching, false, false)
 			})
 		}
 		// The expiry alone, as before the flush (KeepConnections).
 		b.Run(fmt.Sprintf("%s/leases=10000/unrelated=10000/matching=true/keep", fam), func(b *testing.B) {
-			benchExpiryFlush(b, fam == "v4", 10000, 10000, true, true)
+			benchExpiryFlush(b, fam == "v4", 10000, 10000, true, true, false)
 		})
 	}
+	// IPv6 all-ports MAPs (wildcard filters, h/ctall): every flow found
+	// is asked about under s.mu (spareWild).
+	b.Run("v6allports/leases=10000/unrelated=10000/matching=true", func(b *testing.B) {
+		benchExpiryFlush(b, false, 10000, 10000, true, false, true)
+	})
 }
 
 // BenchmarkExpireNothingDue: the engine's expiry check with 10 000 leases
@@ -56,7 +62,9 @@ func BenchmarkExpireNothingDue(b *testing.B) {
 	}
 }
 
-func benchExpiryFlush(b *testing.B, v4 bool, leases, unrelated int, matching, keep bool) {
+// With allPorts, the IPv6 leases are all-ports MAPs, their flows to port
+// 443.
+func benchExpiryFlush(b *testing.B, v4 bool, leases, unrelated int, matching, keep, allPorts bool) {
 	netlab.RequireRoot(b)
 	var expireD, walkD, maxReq time.Duration
 	var answered int64
@@ -75,7 +83,7 @@ func benchExpiryFlush(b *testing.B, v4 bool, leases, unrelated int, matching, ke
 		if err != nil {
 			b.Fatal(err)
 		}
-		pol, err := policy.New(policy.Config{MaxLeasesPerClient: 1 << 20, MaxLeases: 1 << 20, MinLifetime: time.Minute}, own)
+		pol, err := policy.New(policy.Config{MaxLeasesPerClient: 1 << 20, MaxLeases: 1 << 20, MinLifetime: time.Minute, AllowAllPorts: allPorts}, own)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -98,7 +106,11 @@ func benchExpiryFlush(b *testing.B, v4 bool, leases, unrelated int, matching, ke
 				reqs = append(reqs, Request{Local: local4, Source: netip.AddrPortFrom(a, 5000), Data: data})
 			} else {
 				a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 1, 14: byte(j >> 8), 15: byte(j)})
-				reqs = append(reqs, Request{Local: local6, Source: netip.AddrPortFrom(a, 5000), Data: pcp.AppendRequest(nil, mapReq(a, pcp.ProtoTCP, 443, 443, time.Minute, 1))})
+				port := uint16(443)
+				if allPorts {
+					port = 0
+				}
+				reqs = append(reqs, Request{Local: local6, Source: netip.AddrPortFrom(a, 5000), Data: pcp.AppendRequest(nil, mapReq(a, pcp.ProtoTCP, port, port, time.Minute, 1))})
 			}
 		}
 		for j := 0; j < len(reqs); j += 64 {
@@ -146,8 +158,8 @@ func benchExpiryFlush(b *testing.B, v4 bool, leases, unrelated int, matching, ke
 				if !v4 {
 					rem = netip.AddrPortFrom(netip.MustParseAddr("2001:db8:ffff::9"), uint16(10000+j))
 				}
-				ext := netip.AddrPortFrom(l.ExternalAddr, l.ExternalPort)
-				in := netip.AddrPortFrom(l.InternalAddr, l.InternalPort)
+				ext := netip.AddrPortFrom(l.ExternalAddr, cmp.Or(l.ExternalPort, 443))
+				in := netip.AddrPortFrom(l.InternalAddr, cmp.Or(l.InternalPort, 443))
 				create(flow(rem, ext, in, rem))
 				j++
 			}
