@@ -24,7 +24,10 @@ import (
 // address (LIFE-05) or an expired lease kept its open connections for as
 // long as they lasted). Two kinds of flows are ended:
 //   - inbound: those whose original destination is the mapping's external
-//     endpoint (connections the client opened itself are left alone),
+//     endpoint (connections the client opened itself are left alone), or
+//     for an IPv6 all-ports (all-protocols) MAP any port (and protocol)
+//     of its address, as its set element admitted them (wildcard
+//     filters: their flows are spared one by one, spareWild),
 //     but not those a lease live throughout admits: live when the
 //     mapping ended (heldAdmits) and still when the walk starts
 //     (pruneLive), such as a PEER on the same endpoint or an IPv6
