@@ -202,7 +202,11 @@ type ctWildHit struct {
 // pruneLive for the other filters). An all-ports MAP's flows are every
 // port's, so the leases that may admit some of them cannot be listed as
 // it ends (the table has no index by address alone): each flow's own
-// endpoint is asked instead (liveAdmits), once the dump found it. Takes
+// endpoint is asked instead (liveAdmits), once the dump found it. A lease
+// spares a flow only where it would deliver it (pinhole.Pinhole.AdmitsFlow,
+// h.to: the reply's source), as ctAdmits.admitted: a redirect of the port
+// made while the all-ports MAP was live spares none of the flows the MAP
+// let in untranslated (review h/revall, TestSpareWildDelivery). Takes
 // s.mu once for all hits.
 func (s *Server) spareWild(hits []ctWildHit) {
 	s.mu.Lock()
@@ -212,7 +216,7 @@ func (s *Server) spareWild(hits []ctWildHit) {
 	for i := range hits {
 		h := &hits[i]
 		live, buf = s.liveAdmitsBy(live[:0], h.t, buf, h.end)
-		h.keep = slices.ContainsFunc(live, func(p pinhole.Pinhole) bool { return p.Admits(h.t.proto, h.src, h.t.dst()) })
+		h.keep = slices.ContainsFunc(live, func(p pinhole.Pinhole) bool { return p.AdmitsFlow(h.t.proto, h.src, h.t.dst(), h.to) })
 	}
 }
 
@@ -655,7 +659,8 @@ func (k keepAdmitted) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 }
 
 // keepLive is a generic walk's wildcard filter: it spares the flows a
-// lease live throughout admits (spareWild, one flow at a time).
+// lease live throughout admits where the kernel delivered them (spareWild,
+// one flow at a time; the reply's source).
 type keepLive struct {
 	nf  netlink.CustomConntrackFilter
 	s   *Server
@@ -668,8 +673,9 @@ func (k keepLive) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 	}
 	src, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
 	dst, _ := netip.AddrFromSlice(fl.Forward.DstIP)
+	to, _ := netip.AddrFromSlice(fl.Reverse.SrcIP)
 	h := []ctWildHit{{t: ctTarget{addr: dst.Unmap(), proto: fl.Forward.Protocol, port: fl.Forward.DstPort},
-		src: netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), end: k.end}}
+		src: netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), to: netip.AddrPortFrom(to.Unmap(), fl.Reverse.SrcPort), end: k.end}}
 	k.s.spareWild(h)
 	return !h[0].keep
 }

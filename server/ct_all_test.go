@@ -114,6 +114,7 @@ func TestCtDeleteWildcard(t *testing.T) {
 	type flow struct {
 		proto    uint8
 		src, dst netip.AddrPort
+		to       netip.AddrPort // where delivered (the reply's source), if not dst
 	}
 	flows := []flow{
 		{proto: protoTCP, src: netip.AddrPortFrom(r1, 1000), dst: netip.AddrPortFrom(a, 80)},
@@ -122,6 +123,7 @@ func TestCtDeleteWildcard(t *testing.T) {
 		{proto: 253, src: netip.AddrPortFrom(r1, 0), dst: netip.AddrPortFrom(a, 0)}, // no ports (generic)
 		{proto: protoTCP, src: netip.AddrPortFrom(r1, 1003), dst: netip.AddrPortFrom(b, 80)},
 		{proto: unix.IPPROTO_UDP, src: netip.AddrPortFrom(r1, 1004), dst: netip.AddrPortFrom(b, 53)},
+		{proto: protoTCP, src: netip.AddrPortFrom(r1, 1005), dst: netip.AddrPortFrom(a, 8080), to: netip.AddrPortFrom(a, 8443)}, // DNAT-ed
 	}
 	for _, c := range []struct {
 		name  string
@@ -129,9 +131,12 @@ func TestCtDeleteWildcard(t *testing.T) {
 		spare func(ctWildHit) bool
 		gone  []int // indexes of flows ended
 	}{
-		{"all-ports TCP", protoTCP, nil, []int{0, 1}},
-		{"all-protocols", 0, nil, []int{0, 1, 2, 3}},
-		{"all-protocols, one spared", 0, func(h ctWildHit) bool { return h.src.Addr() == r2 }, []int{0, 2, 3}},
+		{"all-ports TCP", protoTCP, nil, []int{0, 1, 6}},
+		{"all-protocols", 0, nil, []int{0, 1, 2, 3, 6}},
+		{"all-protocols, one spared", 0, func(h ctWildHit) bool { return h.src.Addr() == r2 }, []int{0, 2, 3, 6}},
+		// The hit carries where the flow was delivered (review h/revall).
+		{"all-ports TCP, the one delivered at 8443 spared", protoTCP, func(h ctWildHit) bool { return h.to == netip.AddrPortFrom(a, 8443) }, []int{0, 1}},
+		{"all-ports TCP, those delivered where sent spared", protoTCP, func(h ctWildHit) bool { return h.to == h.t.dst() }, []int{6}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			ns := netlab.NewNS(t, "ctallw")
@@ -146,9 +151,13 @@ func TestCtDeleteWildcard(t *testing.T) {
 			}
 			defer nh.Close()
 			for _, f := range flows {
+				to := f.to
+				if !to.IsValid() {
+					to = f.dst
+				}
 				cf := &netlink.ConntrackFlow{FamilyType: unix.AF_INET6, TimeOut: 600}
 				cf.Forward = netlink.IPTuple{Protocol: f.proto, SrcIP: net.IP(f.src.Addr().AsSlice()), SrcPort: f.src.Port(), DstIP: net.IP(f.dst.Addr().AsSlice()), DstPort: f.dst.Port()}
-				cf.Reverse = netlink.IPTuple{Protocol: f.proto, SrcIP: net.IP(f.dst.Addr().AsSlice()), SrcPort: f.dst.Port(), DstIP: net.IP(f.src.Addr().AsSlice()), DstPort: f.src.Port()}
+				cf.Reverse = netlink.IPTuple{Protocol: f.proto, SrcIP: net.IP(to.Addr().AsSlice()), SrcPort: to.Port(), DstIP: net.IP(f.src.Addr().AsSlice()), DstPort: f.src.Port()}
 				if err := nh.ConntrackCreate(netlink.ConntrackTable, netlink.FAMILY_V6, cf); err != nil {
 					t.Fatalf("create %+v: %v", f, err)
 				}
@@ -272,7 +281,7 @@ func TestSpareWild(t *testing.T) {
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 82, 82, time.Hour, 3)), pcp.Success)
 	other := netip.AddrPortFrom(remote.Addr(), remote.Port()+1)
 	hit := func(port uint16, src netip.AddrPort) ctWildHit {
-		return ctWildHit{t: ctTarget{addr: addrA, proto: protoTCP, port: port}, src: src, end: end}
+		return ctWildHit{t: ctTarget{addr: addrA, proto: protoTCP, port: port}, src: src, to: netip.AddrPortFrom(addrA, port), end: end}
 	}
 	for _, c := range []struct {
 		name string
@@ -284,7 +293,7 @@ func TestSpareWild(t *testing.T) {
 		{"PEER made before the end, another remote", hit(81, other), false},
 		{"port MAP made after the end", hit(82, other), false},
 		{"port no lease opens", hit(83, other), false},
-		{"port MAP's port, UDP", ctWildHit{t: ctTarget{addr: addrA, proto: 17, port: 80}, src: other, end: end}, false},
+		{"port MAP's port, UDP", ctWildHit{t: ctTarget{addr: addrA, proto: 17, port: 80}, src: other, to: netip.AddrPortFrom(addrA, 80), end: end}, false},
 	} {
 		hs := []ctWildHit{c.h}
 		h.s.spareWild(hs)
