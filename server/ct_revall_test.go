@@ -64,3 +64,56 @@ func TestSpareWildDelivery(t *testing.T) {
 		})
 	}
 }
+
+// TestE2EAllPortsEndRedirectTakenEndsFlow (root, namespaces): an IPv6
+// TCP all-ports MAP admits a connection to port 9850; then, in one batch,
+// the client maps port 9851 with external port 9850 (a redirect: the
+// kernel DNATs new packets to 9850 over to 9851) and deletes the
+// all-ports MAP. The connection to 9850 itself is admitted by no live
+// mapping, yet the redirect, live by the end, "admitted" it as sent
+// (pinhole.Pinhole.Admits), so spareWild kept it, tracked and carrying
+// data. Fails that way with Admits in spareWild: the flow still tracked
+// after the batch's flush.
+func TestE2EAllPortsEndRedirectTakenEndsFlow(t *testing.T) {
+	l := newLab(t, func(_ *Config, p *policy.Config) {
+		p.MinLifetime = time.Second
+		p.AllowAllPorts = true
+	})
+	const port = 9850
+	if resp := l.pcp(mapReq(l.topo.ClientV6, pcp.ProtoTCP, 0, 0, time.Hour, 1)); resp.Result != pcp.Success {
+		t.Fatalf("all-ports MAP: %+v", resp)
+	}
+	serveEcho(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV6, port))
+	serveEcho(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV6, port+1))
+	src, dst := netip.AddrPortFrom(l.topo.InternetV6, port+40000), netip.AddrPortFrom(l.topo.ClientV6, port)
+	conn := dialIn(t, l.topo.Internet, src, dst)
+	if err := echoOnce(conn); err != nil {
+		t.Fatalf("through the all-ports MAP: %v", err)
+	}
+	req := func(r *pcp.Request) Request {
+		return Request{Local: l.server6(), Source: netip.AddrPortFrom(l.topo.ClientV6, 5351), Iface: l.topo.HostLANIf, Data: pcp.AppendRequest(nil, r)}
+	}
+	out := l.srv.HandleBatch([]Request{
+		req(mapReq(l.topo.ClientV6, pcp.ProtoTCP, port+1, port, time.Hour, 2)),
+		req(mapReq(l.topo.ClientV6, pcp.ProtoTCP, 0, 0, 0, 1)),
+	})
+	for i, b := range out {
+		var r pcp.Response
+		if err := pcp.ParseResponse(b, &r); err != nil || r.Result != pcp.Success {
+			t.Fatalf("request %d: %+v %v", i, r, err)
+		}
+		if i == 0 && r.Map.ExternalPort != port {
+			t.Fatalf("MAP of %d got external port %d, want %d (the redirect)", port+1, r.Map.ExternalPort, port)
+		}
+	}
+	if n := len(l.srv.Leases()); n != 1 {
+		t.Fatalf("%d leases, want the redirect only", n)
+	}
+	// HandleBatch returns once the batch's flush ran.
+	if f := l.ctFlow(t, src, dst); f != nil {
+		t.Errorf("the all-ports MAP's connection is still tracked: %s", f)
+	}
+	if err := echoOnce(conn); err == nil {
+		t.Error("the all-ports MAP's connection still carries data")
+	}
+}
