@@ -58,9 +58,9 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 		return
 	}
 	var fs []ctFilter
-	now := s.now()
+	end := s.steadyAt(s.now()) // wildcard filters' end: steady (spareWild)
 	for i := range ended {
-		fs = appendCtFilters(fs, &ended[i], now)
+		fs = appendCtFilters(fs, &ended[i], end)
 	}
 	if fs = s.unheldNAT(fs); len(fs) > 0 {
 		s.ct.add(fs, s.heldAdmits(fs))
@@ -113,8 +113,15 @@ func (s *Server) liveAdmits(dst []pinhole.Pinhole, t ctTarget, buf []store.Lease
 	return s.liveAdmitsBy(dst, t, buf, time.Time{})
 }
 
-// liveAdmitsBy is liveAdmits of the leases made by born (zero: any).
+// liveAdmitsBy is liveAdmits of the leases made by born (zero: any), a
+// time on the steady clock (Server.steadyAt): a lease's Created moves with
+// the engine's rebases (a wall-clock step), so it is taken back onto the
+// steady clock here. Compared as they were, a step between a wildcard's
+// end and its walk made a step forward flush the flows of every lease
+// live throughout, a step back spare those of leases made after the end
+// (review h/revall, TestSpareWildClockStep).
 func (s *Server) liveAdmitsBy(dst []pinhole.Pinhole, t ctTarget, buf []store.Lease, born time.Time) ([]pinhole.Pinhole, []store.Lease) {
+	shift := s.shifted() // under s.mu: no rebase meanwhile
 	es := [...]endpoint{{addr: t.addr, proto: t.proto, port: t.port}, {addr: t.addr, proto: t.proto}, {addr: t.addr}}
 	n := 1
 	if t.addr.Is6() {
@@ -130,7 +137,7 @@ func (s *Server) liveAdmitsBy(dst []pinhole.Pinhole, t ctTarget, buf []store.Lea
 		}
 		buf = s.tab.onTupleInto(tuple{proto: e.proto, addr: h.addr, port: h.port}, buf)
 		for j := range buf {
-			if endpointOf(&buf[j]) == e && (born.IsZero() || !buf[j].Created.After(born)) {
+			if endpointOf(&buf[j]) == e && (born.IsZero() || !buf[j].Created.Add(-shift).After(born)) {
 				dst = appendPinholes(dst, &buf[j])
 			}
 		}
@@ -187,7 +194,8 @@ func (s *Server) pruneLive(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits) 
 }
 
 // ctWildHit is a flow a wildcard filter matched (ctDeleter.end): to t
-// (its own protocol and port) from src, of a mapping that ended at end.
+// (its own protocol and port) from src, of a mapping that ended at end
+// (steady clock).
 type ctWildHit struct {
 	t    ctTarget
 	src  netip.AddrPort
@@ -221,8 +229,9 @@ func (s *Server) spareWild(hits []ctWildHit) {
 }
 
 // appendCtFilters appends the flush filters of l's connections
-// (flushConntrack), which ended at end (the engine's clock), to dst: none
-// for a PEER or an IPv4 lease without an external port, one for the
+// (flushConntrack), which ended at end (on the steady clock:
+// Server.steadyAt), to dst: none for a PEER or an IPv4 lease without an
+// external port, one for the
 // inbound flows, and for an IPv4 NAPT lease one more for the outbound
 // flows SNAT-ed to its external endpoint. An IPv6 all-ports MAP (port 0)
 // or all-protocols one (protocol 0) gets a wildcard filter (ctTarget.wild):
@@ -267,7 +276,8 @@ type ctFilter struct {
 	t     ctTarget
 }
 
-// setEnd records in a wildcard filter when its mapping ended: Unix
+// setEnd records in a wildcard filter when its mapping ended (steady
+// clock: liveAdmitsBy): Unix
 // milliseconds (48 bits: until the year 10889), rounded up, big-endian
 // across src4 then sport, so that cmpCtFilter puts a target's earliest
 // end first.

@@ -1,7 +1,9 @@
 package server
 
 import (
+	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -115,5 +117,60 @@ func TestE2EAllPortsEndRedirectTakenEndsFlow(t *testing.T) {
 	}
 	if err := echoOnce(conn); err == nil {
 		t.Error("the all-ports MAP's connection still carries data")
+	}
+}
+
+// TestSpareWildClockStep: a wildcard filter's end and the leases' Created
+// are compared across a wall-clock step between the end and the walk
+// (a walk retried for seconds, or queued behind a start's 1M-flow walk
+// while NTP steps a router's clock at boot). The engine rebases on a step:
+// it shifts every lease's Created by it (clock.go), but the end the
+// filter carries stayed on the old base. A step forward made every lease
+// live throughout look made after the end (port 80's flows flushed: the
+// live MAP's connections lose their entries); a step back made a MAP made
+// after the end look made before (port 82's old flows spared). The end
+// is now kept on the steady clock (Server.steadyAt) and Created compared
+// on it. Fails without: "step forward 1h: port 80 kept false", "step back
+// 1h: port 82 kept true".
+func TestSpareWildClockStep(t *testing.T) {
+	for _, step := range []time.Duration{0, time.Hour, -time.Hour} {
+		t.Run(fmt.Sprint(step), func(t *testing.T) {
+			c := &stepClocks{}
+			c.wall.Store(time.Date(2026, 12, 5, 3, 0, 0, 0, time.UTC).UnixNano())
+			h := newHarness(t, func(_ *Config, p *policy.Config) { p.AllowAllPorts = true })
+			h.cfg.KeepConnections = false
+			r := &ctRecorder{}
+			h.startWith(c.deps, func(s *Server) { s.ct.walk = r.walk })
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 1)), pcp.Success)
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 0, 0, time.Hour, 2)), pcp.Success)
+			c.advance(time.Second)
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 0, 0, 0, 2)), pcp.Success) // the end
+			h.ctDrain(t)
+			c.advance(time.Second)
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 82, 82, time.Hour, 3)), pcp.Success) // after it
+			c.step(step)
+			h.s.checkClock() // the engine rebases
+			r.mu.Lock()
+			i := slices.IndexFunc(r.fs, func(f ctFilter) bool { return f.t.wild() })
+			var w ctFilter
+			if i >= 0 {
+				w = r.fs[i]
+			}
+			r.mu.Unlock()
+			if i < 0 {
+				t.Fatal("no wildcard filter reached the walk")
+			}
+			for _, c := range []struct {
+				port uint16
+				keep bool
+			}{{80, true}, {82, false}} {
+				dst := netip.AddrPortFrom(addrA, c.port)
+				hs := []ctWildHit{{t: ctTarget{addr: addrA, proto: protoTCP, port: c.port}, src: remote, to: dst, end: w.end()}}
+				h.s.spareWild(hs)
+				if hs[0].keep != c.keep {
+					t.Errorf("step %v: port %d kept %v, want %v", step, c.port, hs[0].keep, c.keep)
+				}
+			}
+		})
 	}
 }

@@ -183,7 +183,7 @@ func (r *restoring) presize(each func(func(*store.Lease) error) error) error {
 		if r.expiredOrMoved(l) {
 			drops++
 			if !r.s.cfg.KeepConnections {
-				ends += len(appendCtFilters(scratch[:0], l, r.now))
+				ends += len(appendCtFilters(scratch[:0], l, r.s.steadyAt(r.now)))
 			}
 		}
 		return nil
@@ -219,7 +219,7 @@ func (r *restoring) add(l *store.Lease) {
 		r.drop.add(l.Key)
 		r.expired++
 		if !r.s.cfg.KeepConnections {
-			r.expEnds = appendCtFilters(r.expEnds, l, r.now)
+			r.expEnds = appendCtFilters(r.expEnds, l, r.s.steadyAt(r.now))
 		}
 		r.lapse(l)
 	case l.ExternalAddr.Is4() && l.ExternalAddr != r.s.cfg.ExternalIPv4:
@@ -231,7 +231,7 @@ func (r *restoring) add(l *store.Lease) {
 		if !r.s.cfg.KeepConnections {
 			// Their connections end as an expired lease's do (the
 			// old address may still be the host's).
-			r.expEnds = appendCtFilters(r.expEnds, l, r.now)
+			r.expEnds = appendCtFilters(r.expEnds, l, r.s.steadyAt(r.now))
 		}
 	default:
 		if why := r.s.restoreRefusal(l); why != "" {
@@ -584,10 +584,10 @@ func (s *Server) retryUndeleted() {
 	// none of the old flows: pinhole.Pinhole.AdmitsFlow); before, every
 	// flow of an endpoint a live lease held was kept.
 	flush := s.unheldNAT(s.pendingEnds(ends))
-	now := s.now()
+	end := s.steadyAt(s.now()) // steady, as flushConntrack's
 	for i := range flush {
 		if !flush[i].nat && flush[i].t.wild() {
-			flush[i].setEnd(now)
+			flush[i].setEnd(end)
 		}
 	}
 	if len(flush) > 0 {

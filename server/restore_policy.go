@@ -130,7 +130,7 @@ func (r *restoring) refuse(l *store.Lease, why string) {
 		r.logs = append(r.logs, g)
 	}
 	if !r.s.cfg.KeepConnections {
-		r.ends = appendCtFilters(r.ends, l, r.now)
+		r.ends = appendCtFilters(r.ends, l, r.s.steadyAt(r.now))
 	}
 	if l.ExternalAddr.Is4() && !r.s.configForbids(l) { // a reserved port is never handed out
 		e, q := quarantineOf(l, r.now)
