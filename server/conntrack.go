@@ -277,10 +277,9 @@ type ctFilter struct {
 }
 
 // setEnd records in a wildcard filter when its mapping ended (steady
-// clock: liveAdmitsBy): Unix
-// milliseconds (48 bits: until the year 10889), rounded up, big-endian
-// across src4 then sport, so that cmpCtFilter puts a target's earliest
-// end first.
+// clock: liveAdmitsBy): Unix milliseconds (48 bits: until the year
+// 10889), rounded up, big-endian across src4 then sport, so that
+// cmpCtFilter puts a target's earliest end first.
 func (f *ctFilter) setEnd(t time.Time) {
 	ms := uint64(max(t.Add(time.Millisecond-1).UnixMilli(), 0))
 	f.src4 = [4]byte{byte(ms >> 40), byte(ms >> 32), byte(ms >> 24), byte(ms >> 16)}
