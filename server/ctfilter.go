@@ -224,7 +224,8 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		if !g.nat && wild {
 			// Exactly matched and not spared: ended. Otherwise a
 			// wildcard's (its earliest end first) decides, once
-			// every flow is read (spareWild takes s.mu once).
+			// every flow is read (spareWild takes s.mu a chunk at
+			// a time).
 			// Where the kernel delivered it (the reply's source;
 			// invalid if unread: spared by none).
 			var to netip.AddrPort
