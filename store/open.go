@@ -602,10 +602,20 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, mode readMode) (loaded, err
 		}
 		return nil
 	}
+	// The streaming modes decode every lease into the same scratch lease;
+	// handOut passes each to stream, its error wrapped as streamError.
+	var scratch Lease
+	next := func() *Lease { scratch = Lease{}; return &scratch }
+	handOut := func() error {
+		return visit(next, func(l *Lease) error {
+			if err := stream(l); err != nil {
+				return &streamError{err}
+			}
+			return nil
+		})
+	}
 	switch {
 	case mode.none:
-		var scratch Lease
-		next := func() *Lease { scratch = Lease{}; return &scratch }
 		if err := visit(next, func(*Lease) error { ld.nlater++; return nil }); err != nil {
 			return ld, err
 		}
@@ -613,34 +623,18 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, mode readMode) (loaded, err
 	case stream != nil && mode.checked:
 		// Damage found half way (the file changed since Open checked it)
 		// ends the pass with an error after some leases went out.
-		var scratch Lease
-		next := func() *Lease { scratch = Lease{}; return &scratch }
-		err := visit(next, func(l *Lease) error {
-			if err := stream(l); err != nil {
-				return &streamError{err}
-			}
-			return nil
-		})
-		if err != nil {
+		if err := handOut(); err != nil {
 			return ld, err
 		}
 	case stream != nil:
 		// Everything is checked before the first lease is handed out, so
 		// that damage found half way can not have fed the engine leases
 		// of a file Open then replaces with the backup: one pass to check,
-		// one to hand out, each decoding into the same scratch lease.
-		var scratch Lease
-		next := func() *Lease { scratch = Lease{}; return &scratch }
+		// one to hand out.
 		if err := visit(next, func(*Lease) error { return nil }); err != nil {
 			return ld, err
 		}
-		err := visit(next, func(l *Lease) error {
-			if err := stream(l); err != nil {
-				return &streamError{err}
-			}
-			return nil
-		})
-		if err != nil {
+		if err := handOut(); err != nil {
 			return ld, err
 		}
 	default:
