@@ -140,16 +140,7 @@ func TestCtDeleteWildcard(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			ns := netlab.NewNS(t, "ctallw")
-			h, err := ns.Handle()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer h.Close()
-			nh, err := netlink.NewHandleAt(h)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer nh.Close()
+			h, nh := nsHandles(t, ns)
 			for _, f := range flows {
 				to := f.to
 				if !to.IsValid() {

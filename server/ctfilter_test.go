@@ -38,16 +38,7 @@ func TestCtDeleteAll(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			ns := netlab.NewNS(t, "ctexpd")
-			h, err := ns.Handle()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer h.Close()
-			nh, err := netlink.NewHandleAt(h)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer nh.Close()
+			h, nh := nsHandles(t, ns)
 			src := func(i int) netip.AddrPort {
 				return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 9, byte(i >> 8), byte(i)}), 1000)
 			}
