@@ -28,12 +28,14 @@ import (
 // So the engine's now is a running clock: the wall time at an anchor plus
 // the monotonic time elapsed since (runClock), which no step moves. Where
 // it and the wall clock part by more than stepThreshold (checkClock, every
-// sweep tick and once at shutdown), the engine rebases: it shifts every
-// wall time it holds by the step, in memory, at once (rebase: relative
-// quantities, what the kernel holds, are unchanged), moves the running
-// clock onto the wall clock, and rewrites the MAP-22 quarantines, then
-// the leases, in the store, a chunk a tick (rewriteStep), so a later
-// start reads right wall expiries and quarantine ends.
+// sweep tick and once at shutdown; measured so that a pause of the
+// goroutine between the clock readings does not count: measure), the
+// engine rebases: it shifts every wall time it holds by the step, in
+// memory, at once (rebase: relative quantities, what the kernel holds,
+// are unchanged), moves the running clock onto the wall clock, and
+// rewrites the MAP-22 quarantines, then the leases, in the store, a chunk
+// a tick (rewriteStep), so a later start reads right wall expiries and
+// quarantine ends.
 //
 // A crash before the rewrite is done leaves the leases not yet rewritten
 // with expiries of the old wall base on disk: at the next start a forward
@@ -77,8 +79,11 @@ func newRunClock(wall func() time.Time, mono func() time.Duration) *runClock {
 		mono = func() time.Duration { return time.Since(base) } // monotonic
 	}
 	c := &runClock{wall: wall, mono: mono}
-	m := c.mono()
-	c.off0 = c.wall().UnixNano() - int64(m)
+	// off is 0: measure's skew is the wall time at mono's zero (read
+	// between two monotonic readings, so a pause of the goroutine does not
+	// start the clock behind the wall clock by the pause).
+	d, _ := c.measure()
+	c.off0 = int64(d)
 	c.off.Store(c.off0)
 	return c
 }
@@ -134,30 +139,73 @@ func (s *Server) epochAt(now time.Time) pcp.Epoch {
 	}
 }
 
-// skew is the wall clock's reading minus the running clock's.
+// skewSpread is the most time a skew measurement's two monotonic readings
+// may be apart for it to be trusted (measure): its error is at most half
+// that. Back to back they are well under a µs apart.
+const skewSpread = 10 * time.Millisecond
+
+// measure returns the wall clock's reading minus the running clock's, and
+// whether the measurement can be trusted. The wall and the monotonic clock
+// are two readings: a goroutine descheduled between them for longer than
+// stepThreshold (a loaded box, a pause of the VM's thread, GC) measured a
+// step that was not there, and pcpd rebased and rewrote every lease
+// (TestCheckClockDescheduled). So the wall clock is read between two
+// monotonic readings and compared with their midpoint; if they are more
+// than skewSpread apart the goroutine was paused meanwhile and the
+// measurement is taken again, 3 times at most (not trusted after that:
+// the next sweep tick measures again).
+func (c *runClock) measure() (d time.Duration, ok bool) {
+	for range 3 {
+		m1 := c.mono()
+		w := c.wall().UnixNano()
+		m2 := c.mono()
+		d = time.Duration(w - (c.off.Load() + int64(m1+(m2-m1)/2)))
+		if m2-m1 <= skewSpread {
+			return d, true
+		}
+	}
+	return d, false
+}
+
+// skew is measure's skew, trusted or not (the tests').
 func (c *runClock) skew() time.Duration {
-	w := c.wall().UnixNano()
-	return time.Duration(w - (c.off.Load() + int64(c.mono())))
+	d, _ := c.measure()
+	return d
+}
+
+// stepped reports whether the wall clock stepped, by d, against the
+// running clock: a trusted measurement parting them by more than
+// stepThreshold.
+func (c *runClock) stepped() (d time.Duration, ok bool) {
+	d, ok = c.measure()
+	return d, ok && (d > stepThreshold || d < -stepThreshold)
 }
 
 // checkClock rebases if the wall clock stepped (see above), and writes the
 // next chunk of a rewrite in progress. The engine loop calls it every
-// sweep tick: without a step it costs two clock readings.
+// sweep tick: without a step it costs three clock readings.
 func (s *Server) checkClock() {
 	if s.clk == nil {
 		return
 	}
-	d := s.clk.skew()
-	stepped := d > stepThreshold || d < -stepThreshold
+	_, stepped := s.clk.stepped()
 	if !stepped && s.rewriteAt == 0 {
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if stepped {
-		s.rebase(s.clk.skew())
+		// Measured again under s.mu (the wait for it may be long, the
+		// clock stepped again meanwhile): the rebase is by this
+		// measurement, if it too is a step.
+		if d, ok := s.clk.stepped(); ok {
+			s.rebase(d)
+		}
 	}
-	s.rewriteStep(rewriteChunk)
+	// rewriteAt 0 is no rewrite: rewriteStep would begin one.
+	if s.rewriteAt != 0 {
+		s.rewriteStep(rewriteChunk)
+	}
 }
 
 // finishRebase notices a step not yet seen and writes the whole rewrite
@@ -168,7 +216,7 @@ func (s *Server) finishRebase() {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if d := s.clk.skew(); d > stepThreshold || d < -stepThreshold {
+	if d, ok := s.clk.stepped(); ok {
 		s.rebase(d)
 	}
 	for s.rewriteAt != 0 {
