@@ -78,28 +78,13 @@ func TestDiskFull(t *testing.T) {
 	if err := s.Snapshot(); err != nil {
 		t.Fatal(err)
 	}
-	fill := filepath.Join(dir, "fill")
-	f, err := os.Create(fill)
-	if err != nil {
-		t.Fatal(err)
-	}
 	// To the last octet: the log claims space a few KiB at a time, and a
 	// commit that fits in what is left is durable, not a failure.
-	for _, size := range []int{64 << 10, 4 << 10, 512, 1} {
-		chunk := make([]byte, size)
-		for {
-			if _, err := f.Write(chunk); err != nil {
-				if !errors.Is(err, syscall.ENOSPC) {
-					t.Fatalf("filling: %v", err)
-				}
-				break
-			}
-		}
-	}
-	f.Close()
+	fillDisk(t, dir)
+	fill := filepath.Join(dir, "fill")
 
 	// A batch that needs new pages fails...
-	err = s.Commit(leasesN(100, 3100), nil)
+	err := s.Commit(leasesN(100, 3100), nil)
 	if !errors.Is(err, ErrUnavailable) || !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("Commit on a full disk = %v, want ErrUnavailable wrapping ENOSPC", err)
 	}
