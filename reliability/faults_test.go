@@ -3,7 +3,6 @@ package reliability
 import (
 	"context"
 	"crypto/rand"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -21,6 +20,7 @@ import (
 
 	"github.com/pcpd/pcpd/control"
 	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/internal/tmpfs"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/store"
 )
@@ -315,38 +315,6 @@ func firstLine(s, sub string) string {
 	return ""
 }
 
-// mountTmpfs mounts a small tmpfs for the state directory.
-func mountTmpfs(t *testing.T, size string) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := syscall.Mount("pcpdt-rel", dir, "tmpfs", syscall.MS_NOSUID|syscall.MS_NODEV, "size="+size+",mode=0700"); err != nil {
-		t.Fatalf("mount tmpfs: %v", err)
-	}
-	t.Cleanup(func() { syscall.Unmount(dir, syscall.MNT_DETACH) })
-	return dir
-}
-
-// fill writes a file until the file system is full.
-func fill(t *testing.T, path string) {
-	t.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	for _, size := range []int{64 << 10, 4 << 10, 512, 1} {
-		chunk := make([]byte, size)
-		for {
-			if _, err := f.Write(chunk); err != nil {
-				if !errors.Is(err, syscall.ENOSPC) {
-					t.Fatalf("filling: %v", err)
-				}
-				break
-			}
-		}
-	}
-}
-
 // TestDiskFullNoResources: the state directory's file system fills up while
 // pcpd runs (issue 9 "disk full"; choice (g)). MAPs for new leases must get
 // NO_RESOURCES with no pinhole in the kernel; any SUCCESS answered meanwhile
@@ -354,7 +322,7 @@ func fill(t *testing.T, path string) {
 // MAP succeeds again without a restart.
 func TestDiskFullNoResources(t *testing.T) {
 	requireRoot(t)
-	mnt := mountTmpfs(t, "2m")
+	mnt := tmpfs.Mount(t, "2m")
 	l := newLab(t, labOptions{stateDir: filepath.Join(mnt, "state")})
 	l.start()
 	cli := l.topo.ClientV6
@@ -362,7 +330,7 @@ func TestDiskFullNoResources(t *testing.T) {
 	for i := 0; i < 5; i++ {
 		l.mustMap(c, cli, pcp.ProtoUDP, uint16(2000+i), time.Hour)
 	}
-	fill(t, filepath.Join(mnt, "fill"))
+	tmpfs.Fill(t, mnt, "fill")
 
 	// Each request from its own source (the flood client's prefix), so the
 	// per-source rate limit never hides an answer.

@@ -9,26 +9,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
-)
 
-// tmpfs mounts a tmpfs of the given size on a new temporary directory and
-// unmounts it when the test ends.
-func tmpfs(t *testing.T, size string) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: mounts a tmpfs")
-	}
-	dir := t.TempDir()
-	if err := syscall.Mount("pcpdt-store", dir, "tmpfs", syscall.MS_NOSUID|syscall.MS_NODEV|syscall.MS_NOEXEC, "size="+size+",mode=0700"); err != nil {
-		t.Fatalf("mount tmpfs: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil {
-			t.Errorf("unmount %s: %v", dir, err)
-		}
-	})
-	return dir
-}
+	"github.com/pcpd/pcpd/internal/tmpfs"
+)
 
 // bindReadOnly makes dir read-only by bind-mounting it onto itself; the
 // returned function makes it writable again. (As root, chmod would not
@@ -64,7 +47,7 @@ func bindReadOnly(t *testing.T, dir string) (writable func()) {
 // of a failed group gets the error, nothing of a failed transaction is
 // applied, and commits work again once space returns (issue 9 "disk full").
 func TestDiskFull(t *testing.T) {
-	dir := tmpfs(t, "4m")
+	dir := tmpfs.Mount(t, "4m")
 	s, st := openT(t, dir)
 	if !st.Fresh {
 		t.Fatal("new tmpfs directory not Fresh")
@@ -80,7 +63,7 @@ func TestDiskFull(t *testing.T) {
 	}
 	// To the last octet: the log claims space a few KiB at a time, and a
 	// commit that fits in what is left is durable, not a failure.
-	fillDisk(t, dir)
+	tmpfs.Fill(t, dir, "fill")
 	fill := filepath.Join(dir, "fill")
 
 	// A batch that needs new pages fails...

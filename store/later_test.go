@@ -6,12 +6,13 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/pcpd/pcpd/internal/tmpfs"
 )
 
 // streamAll collects what st.Stream hands out (copies: the lease it hands
@@ -124,7 +125,7 @@ func TestWithLeasesLater(t *testing.T) {
 func TestWithLeasesLaterLogNotFolded(t *testing.T) {
 	// 3000 leases in the log: folding them needs pages the file has not.
 	img, want := laterImage(t, 3000)
-	dir := tmpfs(t, "8m")
+	dir := tmpfs.Mount(t, "8m")
 	for _, f := range []string{DBName, segName(0), segName(1)} {
 		if _, err := os.Stat(filepath.Join(img, f)); err != nil {
 			continue
@@ -133,33 +134,12 @@ func TestWithLeasesLaterLogNotFolded(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	fillDisk(t, dir)
+	tmpfs.Fill(t, dir, "fill")
 	s, st := openT(t, dir, WithLeasesLater(), WithoutOpenSnapshot())
 	if s.walReady.Load() {
 		t.Skip("the log was folded even with the disk full: nothing to test")
 	}
 	wantLeases(t, streamAll(t, st), want)
-}
-
-// fillDisk fills the file system of dir to the last octet.
-func fillDisk(t *testing.T, dir string) {
-	t.Helper()
-	f, err := os.Create(filepath.Join(dir, "fill"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	for _, size := range []int{64 << 10, 4 << 10, 512, 1} {
-		chunk := make([]byte, size)
-		for {
-			if _, err := f.Write(chunk); err != nil {
-				if !errors.Is(err, syscall.ENOSPC) {
-					t.Fatalf("filling: %v", err)
-				}
-				break
-			}
-		}
-	}
 }
 
 // TestWithLeasesLaterRecoveryLogCounts: the "state recovery" line Open
