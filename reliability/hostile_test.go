@@ -330,9 +330,6 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		t.Logf("pinned bed: pcpd (pid %d) and the host's receive path on CPU %d; the victim, the flooder (SCHED_IDLE) and the client's receive path on CPU %d; control flood dropped by a raw prerouting rule",
 			l.pcpd.PID(), serverCPU, clientCPU)
 	}
-	if floodIngress(t) {
-		installIngressMeter(t, l.topo.Host, l.topo.HostLANIf)
-	}
 	t.Logf("pcpd's sockets: %s; owner meter: %s; reverse path: %s", socketMem(l.topo.Host), ownerMeterLimit(l.topo.Host), ownerReversePath(l.topo.Host))
 	// Half the victim's requests are ANNOUNCEs (stateless: answered by
 	// the socket readers), half early renewals of its own mapping (same
@@ -468,21 +465,11 @@ func TestFloodFairnessPKT08(t *testing.T) {
 						dst = l.server6()
 					}
 					kr0 := kernelDrops(l.topo.Host)
-					c0, ct0 := readCPUTicks(serverCPU), time.Now()
 					stop := flood(t, dst, mode.sources, mode.kind)
 					time.Sleep(200 * time.Millisecond)
 					kr1 := kernelDrops(l.topo.Host)
 					rtts, mrtts, seq, n := latencyRound(t, l, conn, cli, perRound, rate, renew)
 					sent := stop()
-					if pin {
-						// CPU 0's softirq time (USER_HZ ticks, 10 ms) per
-						// flood datagram: the receive path's cost.
-						c1, secs := readCPUTicks(serverCPU), time.Since(ct0).Seconds()
-						ms := func(d uint64) float64 { return float64(d) * 10 }
-						t.Logf("%s round %d %s: CPU %d over %.2f s: softirq %.0f ms (%.0f ns a datagram), system %.0f ms, idle %.0f ms",
-							mode.name, r, map[bool]string{false: "control", true: "flood"}[real], serverCPU, secs,
-							ms(c1.softirq-c0.softirq), ms(c1.softirq-c0.softirq)*1e6/(sent*secs), ms(c1.system-c0.system), ms(c1.idle-c0.idle))
-					}
 					if pin {
 						// Receive-buffer drops before the victim starts
 						// (the owner bucket's burst, full at each flood
@@ -634,9 +621,6 @@ func ownerMeterDrops(ns *netlab.NS) uint64 {
 // owner_* chain per client), each split into fields.
 func ownerChainRules(ns *netlab.NS) [][]string {
 	out, _ := ns.Run("nft", "list", "table", "inet", "pcpd")
-	if o, err := ns.Run("nft", "list", "table", "netdev", "pcpd_ingress"); err == nil {
-		out += o // PCPD_FLOOD_INGRESS: the ingress copy's owner chains
-	}
 	var rules [][]string
 	inOwner := false
 	for _, line := range strings.Split(out, "\n") {
