@@ -41,12 +41,23 @@ import (
 // with expiries of the old wall base on disk: at the next start a forward
 // step drops those with less left than the step (what happened to all of
 // them without the running clock), a backward step makes them look longer,
-// capped by clampRestored. A step while pcpd is down is not seen at all:
-// restore compares the stored expiries with the stepped clock (the
-// monotonic clock does not survive a reboot). The epoch likewise: a
-// restart continues from the stored origin on the wall clock, so a step
-// made while pcpd was down, or one a kill -9 came before the next check
-// saw, is counted in the epoch (TestEpochAcrossKillWallStep).
+// capped by clampRestored.
+//
+// A step made while pcpd is down, or one a kill -9 came before the next
+// check saw, is seen at the next start in the same boot through the boot
+// anchor (Deps.Boot, internal/bootclock): at start and at every rebase
+// pcpd records how its running clock stands against CLOCK_BOOTTIME (never
+// stepped, counts suspend), with the epoch origin then stored. A start
+// whose anchor is of this boot and of the stored state's origin begins the
+// running clock where the last run's would be now (resumeFrame), restores
+// the stored times in that frame, and then rebases onto the wall clock as
+// for a step seen while running: the epoch goes on (value: time since the
+// origin by CLOCK_BOOTTIME), every lease keeps its remaining lifetime
+// (TestBootAnchorUnseenStep). Without such an anchor (another boot: the
+// monotonic clocks restart; none, damaged, or of another state: restored
+// from the backup, epoch reset) the start logs why, and restore compares
+// the stored times with the wall clock as it is: the step counts in the
+// epoch and the leases (TestEpochAcrossKillWallStep).
 
 // stepThreshold is how far the wall clock may part from the running clock
 // before the engine rebases. NTP slews CLOCK_MONOTONIC with
@@ -226,6 +237,43 @@ func (s *Server) finishRebase() {
 	}
 }
 
+// resumeFrame starts the running clock, before restore, in the frame of
+// the stored state whose epoch origin is origin: the last run's running
+// clock, as the boot anchor predicts it now (see above). It reports
+// whether it did; Start then rebases onto the wall clock (s.mu held).
+func (s *Server) resumeFrame(origin time.Time) bool {
+	if s.clk == nil || s.deps.Boot == nil {
+		return false
+	}
+	d, err := s.deps.Boot.Step(origin)
+	if err != nil {
+		s.log.Info("boot anchor not used: a wall-clock step made while pcpd was down counts in the epoch and lease times",
+			zap.Error(err))
+		return false
+	}
+	if d >= -stepThreshold && d <= stepThreshold {
+		return false
+	}
+	s.clk.gen.Add(1)
+	s.clk.off.Add(-int64(d))
+	s.clk.gen.Add(1)
+	s.log.Warn("wall clock stepped since the last run's clock check (boot anchor): stored times follow it",
+		zap.Duration("step", d))
+	return true
+}
+
+// saveAnchor records the running clock and the epoch origin in the boot
+// anchor (s.mu held): at start and after every rebase.
+func (s *Server) saveAnchor() {
+	if s.clk == nil || s.deps.Boot == nil {
+		return
+	}
+	origin, _ := s.epoch.get()
+	if err := s.deps.Boot.Save(s.clk.now, origin); err != nil {
+		s.log.Warn("cannot write the boot anchor; a wall-clock step while pcpd is down will count in the epoch", zap.Error(err))
+	}
+}
+
 // rebase moves the running clock by d onto the wall clock and every wall
 // time the engine holds with it (s.mu held).
 func (s *Server) rebase(d time.Duration) {
@@ -255,6 +303,9 @@ func (s *Server) rebase(d time.Duration) {
 			s.log.Warn("cannot record the epoch origin moved with the wall clock; it is written with the next commit", zap.Error(err))
 		}
 	}
+	// After the origin: an anchor whose origin the store does not hold
+	// (the write above failed, a crash between the two) is not used.
+	s.saveAnchor()
 	if !s.started.IsZero() {
 		s.started = s.started.Add(d)
 	}

@@ -155,4 +155,20 @@ type Deps struct {
 	// set and Mono nil, Now is used as it is (tests whose fake clock moves
 	// wall and monotonic time together), and no step is noticed.
 	Mono func() time.Duration
+	// Boot, if set, keeps the running clock's boot anchor in the state
+	// directory (*bootclock.Keeper): a wall-clock step made while pcpd was
+	// down, or after its last clock check, is then seen at the next start
+	// in the same boot (clock.go). Used only with the running clock.
+	Boot BootAnchor
+}
+
+// BootAnchor anchors the running clock to the machine's boot
+// (internal/bootclock): Save records the running clock's reading (run)
+// against CLOCK_BOOTTIME with the stored epoch origin; Step is the wall
+// clock's step since, for a stored state with epoch origin origin, or an
+// error saying why there is none to measure (another boot, no anchor, a
+// damaged one, one of another state).
+type BootAnchor interface {
+	Step(origin time.Time) (time.Duration, error)
+	Save(run func() time.Time, origin time.Time) error
 }

@@ -277,11 +277,24 @@ func (s *Server) Start() error {
 	// restore judges each lease by the host's addresses as now read
 	// (Policy.Rules): the sweep need re-check them only after a change.
 	s.hostSeen = s.pol.HostGen()
+	// The stored times are restored in their own frame, then follow a
+	// step made since (boot anchor, clock.go).
+	unseen := s.resumeFrame(s.deps.State.EpochOrigin)
 	err := s.restore()
 	// The table holds its own copies; the stored ones (≈ 290 bytes a
 	// lease) need not live on.
 	s.deps.State.Leases, s.deps.State.Stream = nil, nil
-	return err
+	if err != nil {
+		return err
+	}
+	if unseen {
+		if d, ok := s.clk.stepped(); ok {
+			s.rebase(d) // saves the anchor
+			return nil
+		}
+	}
+	s.saveAnchor()
+	return nil
 }
 
 // Serve opens the serving sockets and runs the engine loop until ctx ends.

@@ -192,6 +192,15 @@ func (s *Store) load() (State, error) {
 // record and a clock that has not gone backwards since the last run.
 func (s *Store) judge(ld loaded) (State, error) {
 	now := s.opt.now()
+	if s.opt.unseen != nil && !ld.epoch.IsZero() {
+		// The stored times are the old wall clock's: a step back since
+		// (WithUnseenStep) puts them ahead of now by the step. The
+		// heartbeat may have been written after the step, so the later
+		// of the two clocks is the one to judge by.
+		if d := s.opt.unseen(ld.epoch); d < 0 {
+			now = now.Add(-d)
+		}
+	}
 	st := State{Leases: ld.leases, Quarantines: ld.quar, EpochOrigin: ld.epoch}
 	if ld.later && s.db != nil {
 		st.Stream = s.streamLeases

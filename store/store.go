@@ -109,6 +109,7 @@ type options struct {
 	ckptEvery   time.Duration
 	stream      func(*Lease) error
 	later       bool
+	unseen      func(origin time.Time) time.Duration // WithUnseenStep
 }
 
 // Checkpoint defaults: fold the log into bbolt once a segment holds this
@@ -130,6 +131,17 @@ const (
 
 // WithClock replaces time.Now (tests of the epoch rules).
 func WithClock(now func() time.Time) Option { return func(o *options) { o.now = now } }
+
+// WithUnseenStep tells Open of a wall-clock step that the running pcpd
+// never saw (made while it was down, or after its last clock check),
+// measured since the state with epoch origin origin was written: step
+// returns it, or 0 if none is known (pcpd's boot anchor,
+// internal/bootclock). Open's clock-doubt check (EPO-04) then does not
+// take a step back that step accounts for as a clock gone backwards: the
+// engine moves the stored times with it instead of resetting the epoch.
+func WithUnseenStep(step func(origin time.Time) time.Duration) Option {
+	return func(o *options) { o.unseen = step }
+}
 
 // WithLockTimeout bounds how long Open waits for another process to release
 // the state directory (default 2 s).

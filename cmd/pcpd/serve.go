@@ -27,6 +27,7 @@ import (
 
 	"github.com/pcpd/pcpd/config"
 	"github.com/pcpd/pcpd/control"
+	"github.com/pcpd/pcpd/internal/bootclock"
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/server"
@@ -185,7 +186,11 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	// 1 000 000 leases that copy (≈ 280 MB) set the restart's peak RSS.
 	mem := chooseMemory(cfg, os.Getenv)
 	mem.startGC()
-	st, state, err := store.Open(cfg.StateDir, log.Named("store"), store.WithLeasesLater())
+	// The boot anchor (internal/bootclock): a wall-clock step made while
+	// pcpd was down is seen at a start in the same boot, by the store's
+	// clock-doubt check and by the engine.
+	boot := bootclock.New(cfg.StateDir, bootclock.System())
+	st, state, err := store.Open(cfg.StateDir, log.Named("store"), store.WithLeasesLater(), store.WithUnseenStep(boot.Unseen))
 	if err != nil {
 		return failure(err)
 	}
@@ -228,6 +233,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		Policy:          pol,
 		Changes:         changes,
 		OwnershipSource: ownSource,
+		Boot:            boot,
 	}, log)
 	if err != nil {
 		return failure(err)
