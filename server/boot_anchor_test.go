@@ -1,0 +1,219 @@
+package server
+
+import (
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/bootclock"
+	"github.com/pcpd/pcpd/pcp"
+)
+
+// fakeBoot is a machine's boot for bootclock: its id and CLOCK_BOOTTIME,
+// which runs with the stepClocks' monotonic clock (never stepped).
+type fakeBoot struct {
+	c  *stepClocks
+	id atomic.Value // string
+}
+
+func (b *fakeBoot) Boottime() (time.Duration, error) { return b.c.Mono() + 7*time.Minute, nil }
+func (b *fakeBoot) BootID() (string, error)          { return b.id.Load().(string), nil }
+
+// bootHarness is runClockHarness with a boot anchor kept in a real state
+// directory (bootclock.Keeper on the fake boot).
+func bootHarness(t *testing.T, c *stepClocks) (*harness, *bootclock.Keeper, *fakeBoot, func(*Deps)) {
+	t.Helper()
+	b := &fakeBoot{c: c}
+	b.id.Store("8d1c2a4e-0000-4000-8000-000000000001")
+	k := bootclock.New(t.TempDir(), bootclock.Clocks{Wall: c.Now, Boottime: b.Boottime, BootID: b.BootID})
+	deps := func(d *Deps) { c.deps(d); d.Boot = k }
+	h := newHarness(t)
+	h.startWith(deps, nil)
+	return h, k, b, deps
+}
+
+// TestBootAnchorUnseenStep (issue 9: "the epoch never resets while state
+// is intact"): a wall-clock step made while pcpd is down (after a kill -9:
+// no finishRebase) is seen at the next start in the same boot through the
+// boot anchor, and handled as a step seen while running: the epoch goes on
+// by CLOCK_BOOTTIME (before + the 10 s down) and the lease keeps its
+// remaining lifetime in the table, the kernel and, once rewritten, the
+// store. Without an anchor that can be trusted (another boot, none,
+// damaged, another state's) the start logs why and restores as before:
+// the step counts in the epoch and the lease (TestEpochAcrossKillWallStep).
+// The same-boot rows fail without the anchor (Start ignoring Deps.Boot:
+// epoch reset to 0 for the step back, 3710 instead of 110 forward; the
+// lease's remaining lifetime off by the step); the fallback rows then
+// miss the log line.
+func TestBootAnchorUnseenStep(t *testing.T) {
+	const (
+		lifetime = 600 * time.Second
+		down     = 10 * time.Second
+	)
+	for _, tc := range []struct {
+		name   string
+		step   time.Duration
+		tamper func(t *testing.T, h *harness, k *bootclock.Keeper, b *fakeBoot)
+		used   bool   // the anchor is used: the step is not counted
+		why    string // else the log line's reason
+		extra  time.Duration
+	}{
+		{name: "same boot, step back", step: -time.Hour, used: true},
+		{name: "same boot, step forward", step: time.Hour, used: true},
+		{name: "same boot, small step back", step: -3 * time.Second, used: true},
+		{name: "another boot", step: 200 * time.Second, why: "another boot",
+			tamper: func(t *testing.T, h *harness, k *bootclock.Keeper, b *fakeBoot) {
+				b.id.Store("8d1c2a4e-0000-4000-8000-000000000002")
+			}},
+		{name: "no anchor", step: 200 * time.Second, why: "no boot anchor",
+			tamper: func(t *testing.T, h *harness, k *bootclock.Keeper, b *fakeBoot) {
+				if err := os.Remove(k.Path()); err != nil {
+					t.Fatal(err)
+				}
+			}},
+		{name: "damaged anchor", step: 200 * time.Second, why: "checksum",
+			tamper: func(t *testing.T, h *harness, k *bootclock.Keeper, b *fakeBoot) {
+				raw, err := os.ReadFile(k.Path())
+				if err != nil {
+					t.Fatal(err)
+				}
+				raw[len(raw)-9] ^= 0x10 // in the origin
+				if err := os.WriteFile(k.Path(), raw, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}},
+		{name: "truncated anchor", step: 200 * time.Second, why: "damaged",
+			tamper: func(t *testing.T, h *harness, k *bootclock.Keeper, b *fakeBoot) {
+				if err := os.Truncate(k.Path(), 20); err != nil {
+					t.Fatal(err)
+				}
+			}},
+		{name: "another state (restored from a backup)", step: 200 * time.Second, why: "does not match", extra: 50 * time.Second,
+			tamper: func(t *testing.T, h *harness, k *bootclock.Keeper, b *fakeBoot) {
+				origin := h.st.State().EpochOrigin
+				if err := h.st.ResetEpoch(origin.Add(-50 * time.Second)); err != nil {
+					t.Fatal(err)
+				}
+			}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &stepClocks{}
+			c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
+			h, k, b, deps := bootHarness(t, c)
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8080, 0, lifetime, 1)), pcp.Success)
+			c.advance(100 * time.Second)
+			before := h.s.Status().Epoch
+			left := lifetime - 100*time.Second - down
+			// kill -9, then the step while down.
+			c.advance(down)
+			c.step(tc.step)
+			if tc.tamper != nil {
+				tc.tamper(t, h, k, b)
+			}
+			h.startWith(deps, nil)
+
+			want := before + pcp.Epoch((down+tc.extra)/time.Second)
+			wantLeft := left
+			if !tc.used {
+				want += pcp.Epoch(tc.step / time.Second)
+				wantLeft -= tc.step
+			}
+			if st := h.s.Status(); !st.Restarted || st.Epoch != want {
+				t.Errorf("epoch after the restart %d (continued %v), want %d (%d before, %v down, step %v)",
+					st.Epoch, st.Restarted, want, before, down, tc.step)
+			}
+			ls := h.s.Leases()
+			if len(ls) != 1 {
+				t.Fatalf("%d leases after the restart, want 1", len(ls))
+			}
+			if got := ls[0].Expires.Sub(c.Now()); got != wantLeft {
+				t.Errorf("lease has %v left after the restart, want %v", got, wantLeft)
+			}
+			for p, got := range h.fw.Holes() {
+				if got != wantLeft {
+					t.Errorf("pinhole %v re-installed with %v, want %v", p, got, wantLeft)
+				}
+			}
+			h.s.finishRebase() // the rewrite after the rebase
+			for _, l := range h.st.Leases() {
+				if got := l.Expires.Sub(c.Now()); got != wantLeft {
+					t.Errorf("stored lease has %v left, want %v", got, wantLeft)
+				}
+			}
+			if o := h.st.State().EpochOrigin; pcp.Epoch(c.Now().Sub(o)/time.Second) != want {
+				t.Errorf("stored epoch origin %v gives epoch %d, want %d", o, c.Now().Sub(o)/time.Second, want)
+			}
+			var logged string
+			for _, e := range h.logs.FilterMessageSnippet("boot anchor not used").All() {
+				logged += e.ContextMap()["error"].(string)
+			}
+			switch {
+			case tc.used && logged != "":
+				t.Errorf("anchor not used: %s", logged)
+			case !tc.used && !strings.Contains(logged, tc.why):
+				t.Errorf("log line %q, want one with %q", logged, tc.why)
+			}
+			// The start anchored the running clock anew, for the
+			// state as it now is.
+			a, err := k.Load()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if o, _ := h.s.epoch.get(); !a.Origin.Equal(o) {
+				t.Errorf("anchor's origin %v, the epoch's %v", a.Origin, o)
+			}
+			if d, err := k.Step(h.st.State().EpochOrigin); err != nil || d != 0 {
+				t.Errorf("step right after the start %v (%v), want 0", d, err)
+			}
+		})
+	}
+}
+
+// TestBootAnchorAfterRebase: a rebase (a step seen while running) writes
+// the anchor anew with the moved epoch origin, so a second step, made
+// while pcpd is down, is measured from the frame the store now holds:
+// the epoch goes on. Fails without rebase's saveAnchor: the anchor then
+// holds the origin of before the rebase ("anchor's origin 09:00:00 after
+// the rebase, the epoch's 09:05:00") and would not match the store at
+// the restart, which would then count the step made while down.
+func TestBootAnchorAfterRebase(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		seen, down time.Duration
+	}{
+		{"forward seen, back while down", 300 * time.Second, -time.Hour},
+		{"back seen, forward while down", -300 * time.Second, time.Hour},
+		{"back seen, back while down", -300 * time.Second, -30 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &stepClocks{}
+			c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
+			h, k, _, deps := bootHarness(t, c)
+			c.advance(1000 * time.Second)
+			c.step(tc.seen)
+			h.s.checkClock()
+			origin, _ := h.s.epoch.get()
+			a, err := k.Load()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !a.Origin.Equal(origin) {
+				t.Fatalf("anchor's origin %v after the rebase, the epoch's %v", a.Origin, origin)
+			}
+			if d, err := k.Step(origin); err != nil || d != 0 {
+				t.Errorf("step right after the rebase %v (%v), want 0", d, err)
+			}
+			before := h.s.Status().Epoch
+			c.advance(5 * time.Second)
+			c.step(tc.down)
+			h.startWith(deps, nil)
+			if st := h.s.Status(); !st.Restarted || st.Epoch != before+5 {
+				t.Errorf("epoch after the restart %d (continued %v), want %d", st.Epoch, st.Restarted, before+5)
+			}
+		})
+	}
+}
+
+var _ BootAnchor = (*bootclock.Keeper)(nil)
