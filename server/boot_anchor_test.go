@@ -1,14 +1,19 @@
 package server
 
 import (
+	"net/netip"
 	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/pcpd/pcpd/internal/bootclock"
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
 )
 
 // fakeBoot is a machine's boot for bootclock: its id and CLOCK_BOOTTIME,
@@ -217,3 +222,65 @@ func TestBootAnchorAfterRebase(t *testing.T) {
 }
 
 var _ BootAnchor = (*bootclock.Keeper)(nil)
+
+// TestBootAnchorRestartWallStepLab is TestBootAnchorUnseenStep end to end:
+// the real store (its clock-doubt check included) and the kernel, the
+// engine and store on a steppedClock whose wall clock is stepped while
+// pcpd is stopped (the host's clock is not touched; the fake
+// CLOCK_BOOTTIME is the steppedClock's monotonic one). After the restart
+// the epoch goes on (by at most the real time elapsed, plus 1), the
+// pinhole's kernel timeout is what is left of the 600 s lease, and it
+// passes traffic. Without Deps.Boot and store.WithUnseenStep (lab.boot
+// nil) the step back resets the epoch (the store: "clock doubtful") and
+// the forward step counts 3600 s in it and ends the lease: both rows
+// fail.
+func TestBootAnchorRestartWallStepLab(t *testing.T) {
+	for _, step := range []time.Duration{-time.Hour, time.Hour} {
+		t.Run(step.String(), func(t *testing.T) {
+			l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+			clock := newSteppedClock()
+			l.stop()
+			// An epoch begun 1 h ago: a reset cannot hide in the bounds.
+			db, _, err := store.Open(l.dir, zap.NewNop())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := db.ResetEpoch(time.Now().Add(-time.Hour)); err != nil {
+				t.Fatal(err)
+			}
+			db.Close()
+			l.now, l.mono = clock.Now, clock.Mono
+			l.boot = bootclock.New(l.dir, bootclock.Clocks{
+				Wall:     clock.Now,
+				Boottime: func() (time.Duration, error) { return clock.Mono() + time.Hour, nil },
+				BootID:   func() (string, error) { return "8d1c2a4e-0000-4000-8000-00000000000a", nil },
+			})
+			l.start()
+			svc := netip.AddrPortFrom(l.topo.ClientV6, 443)
+			l.topo.Client.ServeTCP(t, svc.String())
+			mapped := time.Now()
+			resp := l.pcp(mapReq(svc.Addr(), pcp.ProtoTCP, svc.Port(), 0, 600*time.Second, 1))
+			if resp.Result != pcp.Success || resp.Lifetime != 600*time.Second {
+				t.Fatalf("MAP: %+v", resp)
+			}
+			before, at := l.srv.Status().Epoch, time.Now()
+			l.stop()
+			clock.step(step)
+			l.start()
+			st := l.srv.Status()
+			elapsed := time.Since(at)
+			if !st.Restarted || st.Epoch < before || time.Duration(st.Epoch-before)*time.Second > elapsed+time.Second {
+				t.Errorf("epoch %d after the restart (continued %v), %d before, %v ago; wall clock stepped %v while stopped",
+					st.Epoch, st.Restarted, before, elapsed.Round(time.Millisecond), step)
+			}
+			left, ok := l.kernelHas(svc)
+			used := time.Since(mapped)
+			if !ok || left > 600*time.Second-used+time.Second || left < 600*time.Second-used-2*time.Second {
+				t.Errorf("kernel pinhole present %v with %v left, %v into a 600 s lease", ok, left, used.Round(time.Millisecond))
+			}
+			if !l.reach(svc) {
+				t.Error("traffic refused after the restart")
+			}
+		})
+	}
+}

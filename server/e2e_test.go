@@ -15,6 +15,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/pcpd/pcpd/internal/bootclock"
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
@@ -41,6 +42,9 @@ type lab struct {
 	// store's clock too.
 	now  func() time.Time
 	mono func() time.Duration
+	// boot, if set, is the engine's boot anchor (Deps.Boot) and tells the
+	// store of the step it measures (store.WithUnseenStep), as pcpd does.
+	boot *bootclock.Keeper
 	// tweak, if set, is applied to every Server start makes, before Run
 	// (a test's hooks).
 	tweak func(*Server)
@@ -104,11 +108,16 @@ func (l *lab) start() {
 	if l.now != nil {
 		opts = append(opts, store.WithClock(l.now))
 	}
+	var boot BootAnchor
+	if l.boot != nil {
+		opts = append(opts, store.WithUnseenStep(l.boot.Unseen))
+		boot = l.boot
+	}
 	st, state, err := store.Open(l.dir, l.log.Named("store"), opts...)
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	srv, err := New(l.cfg, Deps{Firewall: l.fw, Store: st, State: state, Policy: l.pol, Changes: l.wg.Changes(), OwnershipSource: "wireguard", Now: l.now, Mono: l.mono}, l.log)
+	srv, err := New(l.cfg, Deps{Firewall: l.fw, Store: st, State: state, Policy: l.pol, Changes: l.wg.Changes(), OwnershipSource: "wireguard", Now: l.now, Mono: l.mono, Boot: boot}, l.log)
 	if err != nil {
 		l.t.Fatal(err)
 	}
