@@ -19,6 +19,9 @@ import (
 // wall clock after a pause: reliability.TestKill9UnderLoadEPO04 accepts
 // both frames then). Never anything else. Rows 1 and 2 fail with
 // rebase's ResetEpoch removed (the seen step then moves the epoch too).
+// This is a pcpd without a boot anchor (Deps.Boot nil: another boot, or
+// none usable); with one, the unseen step is not counted either
+// (TestBootAnchorUnseenStep).
 func TestEpochAcrossKillWallStep(t *testing.T) {
 	const step = 12 * time.Second
 	for _, tc := range []struct {
