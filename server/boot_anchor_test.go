@@ -39,7 +39,7 @@ func bootHarness(t *testing.T, c *stepClocks) (*harness, *bootclock.Keeper, *fak
 	return h, k, b, deps
 }
 
-// TestBootAnchorUnseenStep (issue 9: "the epoch never resets while state
+// TestBootClockUnseenStep (issue 9: "the epoch never resets while state
 // is intact"): a wall-clock step made while pcpd is down (after a kill -9:
 // no finishRebase) is seen at the next start in the same boot through the
 // boot anchor, and handled as a step seen while running: the epoch goes on
@@ -52,7 +52,7 @@ func bootHarness(t *testing.T, c *stepClocks) (*harness, *bootclock.Keeper, *fak
 // epoch reset to 0 for the step back, 3710 instead of 110 forward; the
 // lease's remaining lifetime off by the step); the fallback rows then
 // miss the log line.
-func TestBootAnchorUnseenStep(t *testing.T) {
+func TestBootClockUnseenStep(t *testing.T) {
 	const (
 		lifetime = 600 * time.Second
 		down     = 10 * time.Second
@@ -176,14 +176,14 @@ func TestBootAnchorUnseenStep(t *testing.T) {
 	}
 }
 
-// TestBootAnchorAfterRebase: a rebase (a step seen while running) writes
+// TestBootClockAfterRebase: a rebase (a step seen while running) writes
 // the anchor anew with the moved epoch origin, so a second step, made
 // while pcpd is down, is measured from the frame the store now holds:
 // the epoch goes on. Fails without rebase's saveAnchor: the anchor then
 // holds the origin of before the rebase ("anchor's origin 09:00:00 after
 // the rebase, the epoch's 09:05:00") and would not match the store at
 // the restart, which would then count the step made while down.
-func TestBootAnchorAfterRebase(t *testing.T) {
+func TestBootClockAfterRebase(t *testing.T) {
 	for _, tc := range []struct {
 		name       string
 		seen, down time.Duration
@@ -223,7 +223,7 @@ func TestBootAnchorAfterRebase(t *testing.T) {
 
 var _ BootAnchor = (*bootclock.Keeper)(nil)
 
-// TestBootAnchorRestartWallStepLab is TestBootAnchorUnseenStep end to end:
+// TestBootClockRestartWallStepLab is TestBootClockUnseenStep end to end:
 // the real store (its clock-doubt check included) and the kernel, the
 // engine and store on a steppedClock whose wall clock is stepped while
 // pcpd is stopped (the host's clock is not touched; the fake
@@ -234,7 +234,7 @@ var _ BootAnchor = (*bootclock.Keeper)(nil)
 // nil) the step back resets the epoch (the store: "clock doubtful") and
 // the forward step counts 3600 s in it and ends the lease: both rows
 // fail.
-func TestBootAnchorRestartWallStepLab(t *testing.T) {
+func TestBootClockRestartWallStepLab(t *testing.T) {
 	for _, step := range []time.Duration{-time.Hour, time.Hour} {
 		t.Run(step.String(), func(t *testing.T) {
 			l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })

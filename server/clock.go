@@ -53,7 +53,7 @@ import (
 // the stored times in that frame, and then rebases onto the wall clock as
 // for a step seen while running: the epoch goes on (value: time since the
 // origin by CLOCK_BOOTTIME), every lease keeps its remaining lifetime
-// (TestBootAnchorUnseenStep). Without such an anchor (another boot: the
+// (TestBootClockUnseenStep). Without such an anchor (another boot: the
 // monotonic clocks restart; none, damaged, or of another state: restored
 // from the backup, epoch reset) the start logs why, and restore compares
 // the stored times with the wall clock as it is: the step counts in the

@@ -21,7 +21,7 @@ import (
 // rebase's ResetEpoch removed (the seen step then moves the epoch too).
 // This is a pcpd without a boot anchor (Deps.Boot nil: another boot, or
 // none usable); with one, the unseen step is not counted either
-// (TestBootAnchorUnseenStep).
+// (TestBootClockUnseenStep).
 func TestEpochAcrossKillWallStep(t *testing.T) {
 	const step = 12 * time.Second
 	for _, tc := range []struct {
