@@ -1,8 +1,11 @@
 package server
 
 import (
+	"errors"
+	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -19,12 +22,18 @@ import (
 // fakeBoot is a machine's boot for bootclock: its id and CLOCK_BOOTTIME,
 // which runs with the stepClocks' monotonic clock (never stepped).
 type fakeBoot struct {
-	c  *stepClocks
-	id atomic.Value // string
+	c          *stepClocks
+	id         atomic.Value // string
+	unreadable atomic.Bool  // the boot id cannot be read
 }
 
 func (b *fakeBoot) Boottime() (time.Duration, error) { return b.c.Mono() + 7*time.Minute, nil }
-func (b *fakeBoot) BootID() (string, error)          { return b.id.Load().(string), nil }
+func (b *fakeBoot) BootID() (string, error) {
+	if b.unreadable.Load() {
+		return "", errors.New("open /proc/sys/kernel/random/boot_id: permission denied")
+	}
+	return b.id.Load().(string), nil
+}
 
 // bootHarness is runClockHarness with a boot anchor kept in a real state
 // directory (bootclock.Keeper on the fake boot).
@@ -222,6 +231,117 @@ func TestBootClockAfterRebase(t *testing.T) {
 }
 
 var _ BootAnchor = (*bootclock.Keeper)(nil)
+
+// blockedAnchor is a boot anchor in a directory pcpd cannot write for a
+// while (and whose boot id it cannot read meanwhile): Save fails leaving
+// the old anchor, Step cannot measure.
+type blockedAnchor struct {
+	k       *bootclock.Keeper
+	blocked atomic.Bool
+}
+
+func (b *blockedAnchor) Step(origin time.Time) (time.Duration, error) {
+	if b.blocked.Load() {
+		return 0, fmt.Errorf("%w: boot id: permission denied", bootclock.ErrClock)
+	}
+	return b.k.Step(origin)
+}
+
+func (b *blockedAnchor) Save(run func() time.Time, origin time.Time) error {
+	if b.blocked.Load() {
+		return fmt.Errorf("read-only file system; %w", bootclock.ErrStale)
+	}
+	return b.k.Save(run, origin)
+}
+
+// TestBootClockStaleAnchor: a run that could not measure a step made
+// before it (its boot id unreadable: ProcSubset=pid, a container without
+// /proc/sys) runs on the wall clock as it is, and stores its leases in
+// that frame; the anchor of the run before describes another one. Left
+// in place (its Save failed too), the next start in the same boot (the
+// boot id readable again) used it: the step was counted again, every
+// lease the middle run wrote came back 40 s longer than it had (table,
+// kernel), the epoch 40 s lower; a step over a minute made them all
+// doubtful (epoch reset) and clamped up to their whole lifetime. Now a
+// failed Save removes the old anchor, or, if it cannot (the directory
+// not writable), the engine retries every tick. A restart with nothing
+// between changes no lease's remaining lifetime and no epoch. "boot id
+// unreadable" fails without Keeper.Save's removal (leases 9m0s and 6m30s
+// left, pinholes too, after 8m20s and 5m50s; epoch 40 lower),
+// "directory not writable, back before the kill" likewise without
+// checkClock's retry.
+func TestBootClockStaleAnchor(t *testing.T) {
+	const (
+		lifetime = 600 * time.Second
+		step     = 40 * time.Second // forward, while down: under clockSlack
+	)
+	for _, tc := range []struct {
+		name    string
+		blocked bool // blockedAnchor, unblocked and a tick before the kill
+	}{
+		{name: "boot id unreadable"},
+		{name: "directory not writable, back before the kill", blocked: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &stepClocks{}
+			c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
+			h, k, b, deps := bootHarness(t, c)
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8080, 0, lifetime, 1)), pcp.Success)
+			c.advance(100 * time.Second)
+			// kill -9; the wall clock steps while pcpd is down; the
+			// next run cannot measure it.
+			c.advance(10 * time.Second)
+			c.step(step)
+			ba := &blockedAnchor{k: k}
+			if tc.blocked {
+				ba.blocked.Store(true)
+				h.startWith(func(d *Deps) { c.deps(d); d.Boot = ba }, nil)
+			} else {
+				b.unreadable.Store(true)
+				h.startWith(deps, nil)
+			}
+			h.expect(h.do(mapReq(addrB, pcp.ProtoTCP, 8081, 0, lifetime, 2)), pcp.Success)
+			c.advance(100 * time.Second)
+			if tc.blocked {
+				ba.blocked.Store(false)
+				h.s.checkClock() // a sweep tick
+			}
+			left := map[store.Key]time.Duration{}
+			for _, l := range h.s.Leases() {
+				left[l.Key] = l.Expires.Sub(c.Now())
+			}
+			epoch := h.s.Status().Epoch
+			// kill -9, restart at once in the same boot, boot id readable.
+			b.unreadable.Store(false)
+			h.startWith(deps, nil)
+			if st := h.s.Status(); !st.Restarted || st.Epoch != epoch {
+				t.Errorf("epoch after the restart %d (continued %v), %d before it", st.Epoch, st.Restarted, epoch)
+			}
+			ls := h.s.Leases()
+			if len(ls) != len(left) {
+				t.Fatalf("%d leases after the restart, %d before", len(ls), len(left))
+			}
+			for _, l := range ls {
+				if got, want := l.Expires.Sub(c.Now()), left[l.Key]; got != want {
+					t.Errorf("lease %v has %v left after the restart, %v before", l.Key, got, want)
+				}
+			}
+			// Each lease's one pinhole, re-installed with what it had left.
+			var want, got []time.Duration
+			for _, d := range left {
+				want = append(want, d)
+			}
+			for _, d := range h.fw.Holes() {
+				got = append(got, d)
+			}
+			slices.Sort(want)
+			slices.Sort(got)
+			if !slices.Equal(got, want) {
+				t.Errorf("pinholes re-installed with %v, the leases had %v left before the restart", got, want)
+			}
+		})
+	}
+}
 
 // TestBootClockRestartWallStepLab is TestBootClockUnseenStep end to end:
 // the real store (its clock-doubt check included) and the kernel, the

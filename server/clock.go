@@ -1,6 +1,7 @@
 package server
 
 import (
+	"errors"
 	"maps"
 	"runtime"
 	"slices"
@@ -9,6 +10,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/pcpd/pcpd/internal/bootclock"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/store"
 )
@@ -200,11 +202,14 @@ func (s *Server) checkClock() {
 		return
 	}
 	_, stepped := s.clk.stepped()
-	if !stepped && s.rewriteAt == 0 {
+	if !stepped && s.rewriteAt == 0 && !s.anchorStale {
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.anchorStale {
+		s.saveAnchor()
+	}
 	if stepped {
 		// Measured again under s.mu (the wait for it may be long, the
 		// clock stepped again meanwhile): the rebase is by this
@@ -263,15 +268,30 @@ func (s *Server) resumeFrame(origin time.Time) bool {
 }
 
 // saveAnchor records the running clock and the epoch origin in the boot
-// anchor (s.mu held): at start and after every rebase.
+// anchor (s.mu held): at start and after every rebase. A Save that fails
+// removes the old anchor (bootclock.Keeper.Save): it describes the last
+// run's running clock, and if it were used at a later start the times
+// this run stores would be restored in that frame, a step made before
+// this run (one it could not measure: boot id unreadable, another
+// binary's run) added to every lease it wrote (TestBootClockStaleAnchor).
+// If the old one cannot be removed either (ErrStale: the directory not
+// writable, so neither are the store's commits) checkClock tries again
+// every tick, so it goes once the directory is back.
 func (s *Server) saveAnchor() {
 	if s.clk == nil || s.deps.Boot == nil {
 		return
 	}
 	origin, _ := s.epoch.get()
-	if err := s.deps.Boot.Save(s.clk.now, origin); err != nil {
+	err := s.deps.Boot.Save(s.clk.now, origin)
+	switch {
+	case err == nil:
+		if s.anchorStale {
+			s.log.Info("boot anchor written")
+		}
+	case !s.anchorStale:
 		s.log.Warn("cannot write the boot anchor; a wall-clock step while pcpd is down will count in the epoch", zap.Error(err))
 	}
+	s.anchorStale = errors.Is(err, bootclock.ErrStale)
 }
 
 // rebase moves the running clock by d onto the wall clock and every wall

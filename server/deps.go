@@ -164,7 +164,8 @@ type Deps struct {
 
 // BootAnchor anchors the running clock to the machine's boot
 // (internal/bootclock): Save records the running clock's reading (run)
-// against CLOCK_BOOTTIME with the stored epoch origin; Step is the wall
+// against CLOCK_BOOTTIME with the stored epoch origin (if it cannot, it
+// removes the old anchor, or says bootclock.ErrStale); Step is the wall
 // clock's step since, for a stored state with epoch origin origin, or an
 // error saying why there is none to measure (another boot, no anchor, a
 // damaged one, one of another state).

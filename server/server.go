@@ -118,6 +118,9 @@ type Server struct {
 	// reused buffer.
 	rewriteAt  uint32
 	rewriteBuf []store.Lease
+	// anchorStale: the last Save of the boot anchor failed and left the
+	// old one (bootclock.ErrStale): checkClock tries again every tick.
+	anchorStale bool
 	// rewriteQuar: the rewrite is past the leases and writes the
 	// quarantines in rewriteQuarList (clock.go).
 	rewriteQuar     bool

@@ -37,6 +37,10 @@ var (
 	ErrOtherBoot = errors.New("bootclock: boot anchor is from another boot")
 	ErrMismatch  = errors.New("bootclock: boot anchor does not match the stored state")
 	ErrClock     = errors.New("bootclock: cannot read the boot clock")
+	// ErrStale (of Save): the anchor could not be written and the old
+	// one could not be removed either: it is still there, describing
+	// the running clock of before (the caller tries again).
+	ErrStale = errors.New("bootclock: old boot anchor left in place")
 )
 
 // Anchor is what the file holds.
@@ -113,7 +117,41 @@ func (k *Keeper) pair(read func()) (time.Duration, error) {
 // the state whose epoch origin is origin: written to a temporary file,
 // synced, renamed over the anchor and the directory synced, so a crash
 // leaves the old anchor or the new one.
+//
+// A Save that fails removes the old anchor: it describes the last run's
+// running clock, and the caller's stores times in its own from now on. A
+// later start in the same boot would otherwise restore those in the old
+// frame: a step made before this run (which it could not measure: boot
+// id unreadable) would lengthen every lease it wrote by the step (review
+// h/revboot, TestBootClockStaleAnchor). If that fails too the error is
+// ErrStale.
 func (k *Keeper) Save(run func() time.Time, origin time.Time) error {
+	err := k.save(run, origin)
+	if err == nil {
+		return nil
+	}
+	if rerr := k.drop(); rerr != nil {
+		return fmt.Errorf("%w; %w: %v", err, ErrStale, rerr)
+	}
+	return err
+}
+
+// drop removes the anchor, durably.
+func (k *Keeper) drop() error {
+	if err := os.Remove(k.Path()); errors.Is(err, os.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	d, err := os.Open(k.dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func (k *Keeper) save(run func() time.Time, origin time.Time) error {
 	id, err := k.c.BootID()
 	if err != nil {
 		return fmt.Errorf("%w: boot id: %v", ErrClock, err)

@@ -122,31 +122,67 @@ func truncate(t *testing.T, k *Keeper, n int64) {
 }
 
 // TestSaveReplaces: a second Save replaces the anchor whole; a Save that
-// cannot write leaves the old one.
+// cannot write removes the old one (it describes the last run's running
+// clock, not the one this run stores its times by: kept, a later start
+// restored those in the old frame, TestBootClockStaleAnchor), and says
+// ErrStale if that fails too. Before review h/revboot a failed Save left
+// the old anchor (the rows "temporary file blocked" and "boot id
+// unreadable" fail then: "anchor left").
 func TestSaveReplaces(t *testing.T) {
-	f := &fake{wall: time.Unix(1e9, 0), boot: time.Hour, id: "b1"}
-	dir := t.TempDir()
-	k := New(dir, f.clocks())
-	o1, o2 := time.Unix(9e8, 0), time.Unix(9e8+5, 0)
-	if err := k.Save(f.clocks().Wall, o1); err != nil {
-		t.Fatal(err)
-	}
-	f.advance(time.Minute)
-	if err := k.Save(f.clocks().Wall, o2); err != nil {
-		t.Fatal(err)
-	}
-	a, err := k.Load()
-	if err != nil || !a.Origin.Equal(o2) || a.Boot != time.Hour+time.Minute || a.BootID != "b1" || !a.Run.Equal(f.wall) {
-		t.Fatalf("Load = %+v, %v", a, err)
-	}
-	if err := os.Mkdir(k.Path()+".tmp", 0o700); err != nil { // the temporary file cannot be made
-		t.Fatal(err)
-	}
-	if err := k.Save(f.clocks().Wall, o1); err == nil {
-		t.Fatal("Save over a blocked temporary file succeeded")
-	}
-	if a, err := k.Load(); err != nil || !a.Origin.Equal(o2) {
-		t.Errorf("after a failed Save: %+v, %v", a, err)
+	for _, tc := range []struct {
+		name  string
+		block func(t *testing.T, f *fake, k *Keeper) // makes the second Save fail
+		stale bool                                   // ErrStale: the old one cannot be removed
+	}{
+		{name: "temporary file blocked", block: func(t *testing.T, f *fake, k *Keeper) {
+			if err := os.Mkdir(k.Path()+".tmp", 0o700); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{name: "boot id unreadable", block: func(t *testing.T, f *fake, k *Keeper) { f.id = "" }},
+		{name: "anchor not replaceable", stale: true, block: func(t *testing.T, f *fake, k *Keeper) {
+			// A non-empty directory where the anchor is: neither
+			// renamed over nor removed.
+			if err := os.Remove(k.Path()); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.MkdirAll(filepath.Join(k.Path(), "x"), 0o700); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := &fake{wall: time.Unix(1e9, 0), boot: time.Hour, id: "b1"}
+			c := f.clocks()
+			c.BootID = func() (string, error) {
+				if f.id == "" {
+					return "", errors.New("unreadable")
+				}
+				return f.id, nil
+			}
+			dir := t.TempDir()
+			k := New(dir, c)
+			o1, o2 := time.Unix(9e8, 0), time.Unix(9e8+5, 0)
+			if err := k.Save(c.Wall, o1); err != nil {
+				t.Fatal(err)
+			}
+			f.advance(time.Minute)
+			if err := k.Save(c.Wall, o2); err != nil {
+				t.Fatal(err)
+			}
+			a, err := k.Load()
+			if err != nil || !a.Origin.Equal(o2) || a.Boot != time.Hour+time.Minute || a.BootID != "b1" || !a.Run.Equal(f.wall) {
+				t.Fatalf("Load = %+v, %v", a, err)
+			}
+			tc.block(t, f, k)
+			err = k.Save(c.Wall, o1)
+			if err == nil || errors.Is(err, ErrStale) != tc.stale {
+				t.Fatalf("blocked Save: %v, want an error (ErrStale %v)", err, tc.stale)
+			}
+			if a, err := k.Load(); !tc.stale && !errors.Is(err, ErrMissing) {
+				t.Errorf("after a failed Save: anchor left (%+v, %v)", a, err)
+			}
+		})
 	}
 }
 
