@@ -114,6 +114,42 @@ func TestStep(t *testing.T) {
 	}
 }
 
+// TestStepPaused: a measurement whose boot-clock readings stay apart (the
+// goroutine, or the VM's thread, paused between them each time) gives no
+// step, where the wall clock did not step: an error (the anchor is not
+// used) or one within stepThreshold's 1 s. Before review h/revboot the
+// midpoint was used anyway: a 4 s pause each time read as a step of +2 s
+// (every lease 2 s longer after the rebase), one in Save as -2 s.
+func TestStepPaused(t *testing.T) {
+	for _, paused := range []string{"Step", "Save"} {
+		t.Run(paused, func(t *testing.T) {
+			wall, boot := time.Unix(1e9, 0), 3*time.Hour
+			pause := false
+			c := Clocks{
+				Wall: func() time.Time { return wall },
+				Boottime: func() (time.Duration, error) {
+					b := boot
+					if pause { // before the next reading
+						boot += 4 * time.Second
+						wall = wall.Add(4 * time.Second)
+					}
+					return b, nil
+				},
+				BootID: func() (string, error) { return "b1", nil },
+			}
+			k := New(t.TempDir(), c)
+			origin := wall.Add(-time.Hour)
+			pause = paused == "Save"
+			serr := k.Save(func() time.Time { return wall }, origin)
+			pause = paused == "Step"
+			d, err := k.Step(origin)
+			if serr == nil && err == nil && (d > time.Second || d < -time.Second) {
+				t.Errorf("Step = %v with the %s paused 4 s between its readings; the wall clock did not step", d, paused)
+			}
+		})
+	}
+}
+
 func truncate(t *testing.T, k *Keeper, n int64) {
 	t.Helper()
 	if err := os.Truncate(k.Path(), n); err != nil {
