@@ -202,12 +202,12 @@ func (s *Server) checkClock() {
 		return
 	}
 	_, stepped := s.clk.stepped()
-	if !stepped && s.rewriteAt == 0 && !s.anchorStale {
+	if !stepped && s.rewriteAt == 0 && !s.anchorStale.Load() {
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.anchorStale {
+	if s.anchorStale.Load() {
 		s.saveAnchor()
 	}
 	if stepped {
@@ -285,13 +285,13 @@ func (s *Server) saveAnchor() {
 	err := s.deps.Boot.Save(s.clk.now, origin)
 	switch {
 	case err == nil:
-		if s.anchorStale {
+		if s.anchorStale.Load() {
 			s.log.Info("boot anchor written")
 		}
-	case !s.anchorStale:
+	case !s.anchorStale.Load():
 		s.log.Warn("cannot write the boot anchor; a wall-clock step while pcpd is down will count in the epoch", zap.Error(err))
 	}
-	s.anchorStale = errors.Is(err, bootclock.ErrStale)
+	s.anchorStale.Store(errors.Is(err, bootclock.ErrStale))
 }
 
 // rebase moves the running clock by d onto the wall clock and every wall

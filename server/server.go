@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -119,8 +120,9 @@ type Server struct {
 	rewriteAt  uint32
 	rewriteBuf []store.Lease
 	// anchorStale: the last Save of the boot anchor failed and left the
-	// old one (bootclock.ErrStale): checkClock tries again every tick.
-	anchorStale bool
+	// old one (bootclock.ErrStale): checkClock tries again every tick
+	// (read there before it takes s.mu).
+	anchorStale atomic.Bool
 	// rewriteQuar: the rewrite is past the leases and writes the
 	// quarantines in rewriteQuarList (clock.go).
 	rewriteQuar     bool
