@@ -19,10 +19,14 @@ import (
 // --time, a container's or a CRIU restore's) the clock reads the host's
 // plus the namespace's boottime offset, and the boot id is the host's: a
 // pcpd started in another namespace than the last run's, in the same
-// boot, read a step of the offset between the two (unshare --boottime
-// 100000: a step back of 27.8 h, every stored lease 27.8 h longer, expired
-// ones back; review h/revboot, TestTimeNamespace). So the offset is taken
-// off.
+// boot, read the difference of the offsets as a step (review h/revboot,
+// TestTimeNamespace). unshare --boottime 100000: a step back of 27.8 h,
+// so the start restored in a frame 27.8 h ahead: every lease expired and
+// dropped, its pinhole deleted, while the store's clock-doubt check let
+// the epoch go on, 27.8 h higher (issue 9: empty while claiming
+// continuity). An offset the other way read as a step forward (leases
+// longer, expired ones back) or as a damaged anchor. So the offset is
+// taken off.
 func boottime() (time.Duration, error) {
 	off, err := timensOffset()
 	if err != nil {

@@ -17,9 +17,9 @@ import (
 // container's or a CRIU restore's namespace). The wall clock did not
 // step, so Step must measure none (or refuse the anchor), never the
 // offset: on h/bootclk it measured a step back of 27.8 h, and the start
-// restored every lease 27.8 h longer (expired ones back), capped only by
-// clampRestored. Root, util-linux unshare with --time; a child test
-// process reads the anchor.
+// restored in a frame 27.8 h ahead: every lease dropped as expired, the
+// epoch continued 27.8 h higher. Root, util-linux unshare with --time; a
+// child test process reads the anchor.
 func TestTimeNamespace(t *testing.T) {
 	if os.Getenv(childDir) != "" {
 		t.Skip("the child's test")
