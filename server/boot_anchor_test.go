@@ -232,6 +232,47 @@ func TestBootClockAfterRebase(t *testing.T) {
 
 var _ BootAnchor = (*bootclock.Keeper)(nil)
 
+// TestBootClockOneMeasurement: pcpd's store.Open measures the step made
+// while down (store.WithUnseenStep: Keeper.Unseen) and keeps the epoch
+// for a step back it accounts for; the engine's Start must act on the
+// same measurement. Here its own read of the boot id fails a moment
+// later: measured again, the anchor was not used, the state the store
+// had kept was restored by the wall clock, 1 h behind its frame: the
+// lease looked 1 h longer, was clamped to its whole 600 s (pinhole
+// 110 s longer than its lease) and made the clock doubtful, epoch reset
+// to 0. Now Start uses Unseen's step: epoch before + 10, 490 s left.
+func TestBootClockOneMeasurement(t *testing.T) {
+	const lifetime = 600 * time.Second
+	c := &stepClocks{}
+	c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
+	h, k, b, deps := bootHarness(t, c)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8080, 0, lifetime, 1)), pcp.Success)
+	c.advance(100 * time.Second)
+	before := h.s.Status().Epoch
+	// kill -9; 10 s down, the wall clock stepped back 1 h meanwhile.
+	c.advance(10 * time.Second)
+	c.step(-time.Hour)
+	if d := k.Unseen(h.st.State().EpochOrigin); d != -time.Hour {
+		t.Fatalf("store.Open's measurement %v, want -1h", d)
+	}
+	b.unreadable.Store(true)
+	h.startWith(deps, nil)
+	if st := h.s.Status(); !st.Restarted || st.Epoch != before+10 {
+		t.Errorf("epoch after the restart %d (continued %v), want %d", st.Epoch, st.Restarted, before+10)
+	}
+	want := lifetime - 110*time.Second
+	for _, l := range h.s.Leases() {
+		if got := l.Expires.Sub(c.Now()); got != want {
+			t.Errorf("lease has %v left after the restart, want %v", got, want)
+		}
+	}
+	for p, got := range h.fw.Holes() {
+		if got != want {
+			t.Errorf("pinhole %v re-installed with %v, want %v", p, got, want)
+		}
+	}
+}
+
 // blockedAnchor is a boot anchor in a directory pcpd cannot write for a
 // while (and whose boot id it cannot read meanwhile): Save fails leaving
 // the old anchor, Step cannot measure.

@@ -23,6 +23,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -79,6 +80,15 @@ func bootID() (string, error) {
 type Keeper struct {
 	dir string
 	c   Clocks
+	// taken is Unseen's measurement, for the next Step of the same
+	// origin (see Unseen); Save drops it.
+	mu    sync.Mutex
+	taken *measured
+}
+
+type measured struct {
+	origin time.Time
+	d      time.Duration
 }
 
 // New is the Keeper of the anchor in dir.
@@ -128,6 +138,9 @@ func (k *Keeper) pair(read func()) (time.Duration, error) {
 // h/revboot, TestBootClockStaleAnchor). If that fails too the error is
 // ErrStale.
 func (k *Keeper) Save(run func() time.Time, origin time.Time) error {
+	k.mu.Lock()
+	k.taken = nil
+	k.mu.Unlock()
 	err := k.save(run, origin)
 	if err == nil {
 		return nil
@@ -172,6 +185,17 @@ func (k *Keeper) save(run func() time.Time, origin time.Time) error {
 // (ErrMissing, ErrDamaged, ErrOtherBoot, ErrMismatch, ErrClock) says why
 // there is none to measure.
 func (k *Keeper) Step(origin time.Time) (time.Duration, error) {
+	k.mu.Lock()
+	m := k.taken
+	k.taken = nil
+	k.mu.Unlock()
+	if m != nil && m.origin.Equal(origin) {
+		return m.d, nil
+	}
+	return k.step(origin)
+}
+
+func (k *Keeper) step(origin time.Time) (time.Duration, error) {
 	a, err := k.Load()
 	if err != nil {
 		return 0, err
@@ -295,11 +319,21 @@ func (k *Keeper) write(a Anchor) error {
 }
 
 // Unseen is Step's step, 0 when there is none to measure (for
-// store.WithUnseenStep; the engine's own Step call logs why).
+// store.WithUnseenStep; the engine's own Step call logs why). The next
+// Step for the same origin returns a step Unseen measured, not a new one:
+// the store's clock-doubt check and the engine act on one. Measured twice, a
+// second that failed (a boot clock pair paused, the boot id unreadable a
+// moment) left the engine restoring by the wall clock a state the store
+// had kept for a step back it measured: every lease looked longer by the
+// step, clamped up to its whole lifetime, expired ones back, and the
+// epoch reset (review h/revboot, TestBootClockOneMeasurement).
 func (k *Keeper) Unseen(origin time.Time) time.Duration {
-	d, err := k.Step(origin)
+	d, err := k.step(origin)
 	if err != nil {
-		return 0
+		return 0 // the store judged without it: the engine measures anew
 	}
+	k.mu.Lock()
+	k.taken = &measured{origin: origin, d: d}
+	k.mu.Unlock()
 	return d
 }
