@@ -273,6 +273,44 @@ func TestBootClockOneMeasurement(t *testing.T) {
 	}
 }
 
+// TestBootClockAnchorRetry: a Save that failed at the start (the boot id
+// unreadable a moment: the anchor removed) is tried again every tick, so
+// a step made while pcpd is down later is measured: the epoch goes on,
+// the lease keeps what it had left. Without the retry the restart found
+// no anchor and counted the step back of 1 h (lease 1 h longer: clamped
+// to its 600 s, doubtful, epoch reset to 0).
+func TestBootClockAnchorRetry(t *testing.T) {
+	const lifetime = 600 * time.Second
+	c := &stepClocks{}
+	c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
+	h, _, b, deps := bootHarness(t, c)
+	b.unreadable.Store(true)
+	h.startWith(deps, nil) // Save fails
+	b.unreadable.Store(false)
+	h.s.checkClock() // a sweep tick
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8080, 0, lifetime, 1)), pcp.Success)
+	c.advance(100 * time.Second)
+	before := h.s.Status().Epoch
+	// kill -9; 10 s down, the wall clock stepped back 1 h meanwhile.
+	c.advance(10 * time.Second)
+	c.step(-time.Hour)
+	h.startWith(deps, nil)
+	if st := h.s.Status(); !st.Restarted || st.Epoch != before+10 {
+		t.Errorf("epoch after the restart %d (continued %v), want %d", st.Epoch, st.Restarted, before+10)
+	}
+	want := lifetime - 110*time.Second
+	for _, l := range h.s.Leases() {
+		if got := l.Expires.Sub(c.Now()); got != want {
+			t.Errorf("lease has %v left after the restart, want %v", got, want)
+		}
+	}
+	for p, got := range h.fw.Holes() {
+		if got != want {
+			t.Errorf("pinhole %v re-installed with %v, want %v", p, got, want)
+		}
+	}
+}
+
 // blockedAnchor is a boot anchor in a directory pcpd cannot write for a
 // while (and whose boot id it cannot read meanwhile): Save fails leaving
 // the old anchor, Step cannot measure.

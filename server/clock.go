@@ -202,12 +202,12 @@ func (s *Server) checkClock() {
 		return
 	}
 	_, stepped := s.clk.stepped()
-	if !stepped && s.rewriteAt == 0 && !s.anchorStale.Load() {
+	if !stepped && s.rewriteAt == 0 && !s.anchorRetry.Load() {
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.anchorStale.Load() {
+	if s.anchorRetry.Load() {
 		s.saveAnchor()
 	}
 	if stepped {
@@ -274,9 +274,10 @@ func (s *Server) resumeFrame(origin time.Time) bool {
 // this run stores would be restored in that frame, a step made before
 // this run (one it could not measure: boot id unreadable, another
 // binary's run) added to every lease it wrote (TestBootClockStaleAnchor).
-// If the old one cannot be removed either (ErrStale: the directory not
-// writable, so neither are the store's commits) checkClock tries again
-// every tick, so it goes once the directory is back.
+// checkClock tries again every tick until a Save succeeds: without an
+// anchor a step while pcpd is down counts, and if the old one could not
+// be removed either (ErrStale: the directory not writable, so neither are
+// the store's commits) it must go once the directory is back.
 func (s *Server) saveAnchor() {
 	if s.clk == nil || s.deps.Boot == nil {
 		return
@@ -285,13 +286,17 @@ func (s *Server) saveAnchor() {
 	err := s.deps.Boot.Save(s.clk.now, origin)
 	switch {
 	case err == nil:
-		if s.anchorStale.Load() {
+		if s.anchorRetry.Load() {
 			s.log.Info("boot anchor written")
 		}
-	case !s.anchorStale.Load():
-		s.log.Warn("cannot write the boot anchor; a wall-clock step while pcpd is down will count in the epoch", zap.Error(err))
+	case !s.anchorRetry.Load():
+		msg := "cannot write the boot anchor (removed); retrying: until then a wall-clock step while pcpd is down counts in the epoch and lease times"
+		if errors.Is(err, bootclock.ErrStale) {
+			msg = "cannot write or remove the boot anchor; retrying: until then a restart may restore the stored times in the last run's frame"
+		}
+		s.log.Warn(msg, zap.Error(err))
 	}
-	s.anchorStale.Store(errors.Is(err, bootclock.ErrStale))
+	s.anchorRetry.Store(err != nil)
 }
 
 // rebase moves the running clock by d onto the wall clock and every wall

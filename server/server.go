@@ -119,10 +119,10 @@ type Server struct {
 	// reused buffer.
 	rewriteAt  uint32
 	rewriteBuf []store.Lease
-	// anchorStale: the last Save of the boot anchor failed and left the
-	// old one (bootclock.ErrStale): checkClock tries again every tick
-	// (read there before it takes s.mu).
-	anchorStale atomic.Bool
+	// anchorRetry: the last Save of the boot anchor failed (saveAnchor):
+	// checkClock tries again every tick (read there before it takes
+	// s.mu).
+	anchorRetry atomic.Bool
 	// rewriteQuar: the rewrite is past the leases and writes the
 	// quarantines in rewriteQuarList (clock.go).
 	rewriteQuar     bool
