@@ -86,7 +86,8 @@ type State struct {
 	// leases instead of Leases (then nil), expired ones included, each
 	// decoded into the same scratch lease: *Lease is valid only during
 	// the call to fn, which copies what must outlive it. It reads the
-	// state file again (the log applied on top), as Open checked it; it
+	// state file again (the log applied on top; a state restored from the
+	// backup copy without it), as Open checked it; it
 	// must be called before the first Commit (it then fails, as it does
 	// when a commit is made during the read), and may be called more than
 	// once. An error of fn ends it with that error; a panic of fn goes on

@@ -168,14 +168,20 @@ func (s *Store) load() (State, error) {
 	}
 	if isReadOnlyErr(err) {
 		// Read what is there; writes wait for the directory to come back.
-		rodb, ld, rerr := readState(s.path, s.opt.collecting(), true, s.dir)
+		rodb, ld, rerr := readState(s.path, &s.opt, true, s.dir)
 		if isStreamErr(rerr) {
 			return State{}, rerr
 		}
 		if rerr != nil {
 			return State{}, fmt.Errorf("store: state directory read-only and state unreadable (%w); can not repair it: %w", rerr, ErrUnavailable)
 		}
-		_ = rodb.Close()
+		if ld.later {
+			// State.Stream reads the leases from it again (WithLeasesLater);
+			// the first write closes it (reopen).
+			s.ro = rodb
+		} else {
+			_ = rodb.Close()
+		}
 		s.log.Error("state directory read-only: leases loaded, every change refused until it is writable",
 			zap.String("dir", s.dir), zap.Error(err))
 		st, jerr := s.judge(ld)
@@ -202,9 +208,9 @@ func (s *Store) judge(ld loaded) (State, error) {
 		}
 	}
 	st := State{Leases: ld.leases, Quarantines: ld.quar, EpochOrigin: ld.epoch}
-	if ld.later && s.db != nil {
+	if ld.later && (s.db != nil || s.ro != nil) {
 		st.Stream = s.streamLeases
-		s.nlater = ld.nlater
+		s.nlater, s.streamLog = ld.nlater, true
 	}
 	s.noteQuarDamage(&st, ld)
 	switch {
@@ -284,9 +290,22 @@ func (s *Store) recover(cause error) (State, error) {
 		if rerr == nil {
 			s.db = db
 			s.sel.nextGen = max(s.sel.nextGen, ld.walgen)
+			n := len(ld.leases)
+			if ld.later {
+				n = ld.nlater
+			}
 			what = append(what, fmt.Sprintf("restored %d leases from backup %s written %s; epoch reset because later changes may be lost",
-				len(ld.leases), BackupName, fi.ModTime().UTC().Format(time.RFC3339)))
+				n, BackupName, fi.ModTime().UTC().Format(time.RFC3339)))
 			st := State{Leases: ld.leases, Quarantines: ld.quar, Fresh: true, Recovered: strings.Join(what, "; ")}
+			if ld.later {
+				// Checked in full above; State.Stream reads the restored
+				// file again, without the log: the log in the directory
+				// is the file's that was moved aside, and records made
+				// after this carry no lease (Stream refuses after a
+				// commit).
+				st.Stream = s.streamLeases
+				s.nlater, s.streamLog = ld.nlater, false
+			}
 			s.noteQuarDamage(&st, ld)
 			return st, nil
 		}
@@ -312,13 +331,15 @@ func (s *Store) recover(cause error) (State, error) {
 }
 
 // restore copies the backup to the state path (through a temporary file),
-// checks it and clears its epoch so the reset is remembered.
+// checks it and clears its epoch so the reset is remembered. With
+// WithLeasesLater, every lease is checked and none kept (ld.later), as
+// for a state file opened cleanly.
 func restore(bak, path string, o *options) (*bolt.DB, loaded, error) {
 	tmp := path + tmpSuffix
 	if err := copyFile(bak, tmp); err != nil {
 		return nil, loaded{}, err
 	}
-	db, ld, err := readState(tmp, o.collecting(), false, "")
+	db, ld, err := readState(tmp, o, false, "")
 	if err != nil {
 		_ = os.Remove(tmp)
 		return nil, loaded{}, err
@@ -549,8 +570,12 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, mode readMode) (loaded, err
 	}
 	// Quarantines first: with stream, nothing may be handed out before
 	// the whole state is checked. Their owners share the leases' strings.
+	// A checked pass (State.Stream) hands out leases only: Open read the
+	// quarantines already, and decoding them on every pass was waste.
 	in := interner{}
-	ld.quar, ld.quarDamage = readQuarantines(tx, ov, in)
+	if !mode.checked {
+		ld.quar, ld.quarDamage = readQuar(tx, ov, in)
+	}
 	// Size the slice once from the digest: growing it by doubling would
 	// briefly hold two copies of a million leases. A damaged count can not
 	// ask for more than the file could hold (a record takes ≥ 48 octets
@@ -694,6 +719,9 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, mode readMode) (loaded, err
 	return ld, nil
 }
 
+// readQuar is readQuarantines; tests count its calls.
+var readQuar = readQuarantines
+
 // isEnvErr: the environment, not the file, stops us (Open fails instead of
 // moving a good file aside).
 func isEnvErr(err error) bool {
@@ -712,15 +740,6 @@ func join(a, b string) string {
 	return a + "; " + b
 }
 
-// collecting is o for a read whose leases go to State.Leases whatever
-// WithLeasesLater says: a state read from a file the store does not keep
-// open as it is (the backup's copy, a read-only directory's).
-func (o *options) collecting() *options {
-	c := *o
-	c.later = false
-	return &c
-}
-
 // streamLeases is State.Stream (WithLeasesLater): it reads the leases of
 // the open state file again, with the log applied on top as Open did, and
 // hands each to fn. No fold of the log may run meanwhile (ckMu): it would
@@ -731,13 +750,22 @@ func (s *Store) streamLeases(fn func(*Lease) error) (err error) {
 	defer s.ckMu.Unlock()
 	s.mu.RLock()
 	defer s.mu.RUnlock()
+	// The state file: the writable handle, or the read-only one Open
+	// read a read-only directory's state through (until a write).
+	db := s.db
+	if db == nil {
+		db = s.ro
+	}
 	switch {
-	case s.closed || s.db == nil:
+	case s.closed || db == nil:
 		return fmt.Errorf("store: stored leases read after close: %w", ErrUnavailable)
 	case s.leasesPut.Load():
 		return errors.New("store: stored leases read after a commit (State.Stream must come first)")
 	}
-	db := s.db
+	logDir := ""
+	if s.streamLog {
+		logDir = s.dir
+	}
 	// As in readState: bbolt faulting on the mapping comes back as
 	// ErrCorrupt, not as the end of the daemon. A panic of fn is the
 	// caller's, not damage: it goes on up as it is (review h/revpeak:
@@ -762,7 +790,7 @@ func (s *Store) streamLeases(fn func(*Lease) error) (err error) {
 		addr, size := db.Info().Data, tx.Size()
 		drop := func() { dropMapped(addr, size) }
 		drop()
-		_, err := readTx(tx, drop, s.dir, readMode{stream: call, checked: true})
+		_, err := readTx(tx, drop, logDir, readMode{stream: call, checked: true})
 		drop()
 		return err
 	})

@@ -166,10 +166,12 @@ func WithStream(fn func(*Lease) error) Option { return func(o *options) { o.stre
 // decoded one at a time into the same scratch lease, so that the caller
 // can build its own table from them without all of them decoded beside it
 // (at 1 000 000 leases ≈ 280 MB: the restart's peak, BENCHMARKS.md "Peak
-// memory while restoring 1 000 000 leases"). Only a state file opened
-// cleanly is read later: one restored from the backup, read from a
-// read-only directory or new comes in State.Leases as without the option
-// (State.Stream nil). Ignored with WithStream.
+// memory while restoring 1 000 000 leases"). So is a state restored from
+// the backup copy (checked in full before Open returns; a damaged copy is
+// moved aside and reported as without the option) and one read from a
+// read-only directory (read through a read-only handle kept until the
+// first write). Only a new state has State.Stream nil (and no leases).
+// Ignored with WithStream.
 func WithLeasesLater() Option { return func(o *options) { o.later = true } }
 
 // WithCheckpoint sets when the log is folded into the state file: once
@@ -208,7 +210,15 @@ type Store struct {
 	// State.Stream then refuses (streamLeases).
 	leasesPut atomic.Bool
 	// nlater: the leases Open checked and kept for State.Stream.
-	nlater int
+	// streamLog: Stream applies the directory's log on top of the file,
+	// as Open did (not for a state restored from the backup: that log is
+	// the damaged file's).
+	nlater    int
+	streamLog bool
+	// ro: the read-only handle of a read-only directory's state file,
+	// kept for State.Stream (WithLeasesLater) until the first write
+	// (reopen) or Close; it holds the file's shared lock meanwhile.
+	ro *bolt.DB
 
 	// The log writer; wmu serialises appends (one record, one fdatasync
 	// at a time: a record is written only after the one before it is
@@ -570,8 +580,20 @@ func (s *Store) reopen() error {
 			_ = s.db.Close()
 			s.db = nil
 		}
+		// The read-only handle's shared lock would keep the writable
+		// open waiting (flock: per open file, this process too).
+		hadRO := s.ro != nil
+		if hadRO {
+			_ = s.ro.Close()
+			s.ro = nil
+		}
 		db, err := s.openWritable()
 		if err != nil {
+			if hadRO {
+				// Still read-only: keep the leases readable for
+				// State.Stream (Stream checks them again as it reads).
+				s.ro, _ = openBolt(s.path, &s.opt, true)
+			}
 			return fmt.Errorf("store: reopen %s: %w: %w", s.path, ErrUnavailable, err)
 		}
 		s.db = db
@@ -625,6 +647,10 @@ func (s *Store) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.wal.close()
+	if s.ro != nil {
+		_ = s.ro.Close()
+		s.ro = nil
+	}
 	if s.db == nil {
 		return nil
 	}
