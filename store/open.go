@@ -737,6 +737,9 @@ func join(a, b string) string {
 	if a == "" {
 		return b
 	}
+	if b == "" {
+		return a // judge joins its verdict with what came before, often nothing
+	}
 	return a + "; " + b
 }
 

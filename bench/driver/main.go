@@ -989,6 +989,41 @@ func (b *bench) runScale(ctx context.Context) error {
 	// itself (the stored leases decoded beside the table built from
 	// them), which is what a memory limit (cgroup) must leave room for.
 	b.put("pcpd", "rssbig-restart-peak", peakRSSMB(p.pid()), "MB", "VmHWM of the restarted process: the peak while it restored")
+	// A start that restores the backup copy (issue 9: a damaged state
+	// file): the shutdown just now left leases.db.bak holding every
+	// lease; with leases.db damaged, Open checks the copy and the
+	// leases come from it.
+	p.stop(syscall.SIGTERM)
+	if err := damageStateFile(b.pcpdStateDir()); err != nil {
+		return err
+	}
+	t0 = time.Now()
+	if p, err = b.startPcpd(false); err != nil {
+		return err
+	}
+	if _, err := b.waitServing(5 * time.Minute); err != nil {
+		return err
+	}
+	b.put("pcpd", "rssbig-backup-peak", peakRSSMB(p.pid()), "MB",
+		fmt.Sprintf("VmHWM of a start that restored the backup copy (leases.db damaged); start to serving %.2f s", time.Since(t0).Seconds()))
+	return nil
+}
+
+// damageStateFile zeroes the start of the state file in dir (both bbolt
+// meta pages), as a bad disk could: the next Open finds it unusable,
+// moves it aside and restores the backup copy.
+func damageStateFile(dir string) error {
+	f, err := os.OpenFile(filepath.Join(dir, store.DBName), os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("driver: damage the state file: %w", err)
+	}
+	_, err = f.WriteAt(make([]byte, 16<<10), 0)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("driver: damage the state file: %w", err)
+	}
 	return nil
 }
 
