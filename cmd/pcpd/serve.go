@@ -184,6 +184,8 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	// The leases are read once more by Start, one at a time into the
 	// lease table (State.Stream), not decoded all at once beside it: at
 	// 1 000 000 leases that copy (≈ 280 MB) set the restart's peak RSS.
+	// So are the leases of a state restored from the backup copy or read
+	// from a read-only state directory.
 	mem := chooseMemory(cfg, os.Getenv)
 	mem.startGC()
 	// The boot anchor (internal/bootclock): a wall-clock step made while
