@@ -397,7 +397,10 @@ func (b *bench) pcpdStateDir() string {
 	}
 	return filepath.Join(b.o.out, "pcpd-state")
 }
-func (b *bench) pcpdSocket() string { return filepath.Join(b.pcpdStateDir(), "pcpd.sock") }
+
+// pcpdSocket is beside the state directory, not in it: the
+// rssbig-readonly-peak row mounts that read-only.
+func (b *bench) pcpdSocket() string { return b.path("pcpd.sock") }
 
 // startPcpd starts pcpd serve on the host side with static ownership of
 // the client's /64; fresh wipes its state first.
@@ -1006,7 +1009,39 @@ func (b *bench) runScale(ctx context.Context) error {
 	}
 	b.put("pcpd", "rssbig-backup-peak", peakRSSMB(p.pid()), "MB",
 		fmt.Sprintf("VmHWM of a start that restored the backup copy (leases.db damaged); start to serving %.2f s", time.Since(t0).Seconds()))
+	// A start on a read-only state directory (issue 9): the same state,
+	// bind-mounted read-only onto itself; pcpd reads it, serves, and
+	// refuses every change.
+	p.stop(syscall.SIGTERM)
+	undo, err := mountReadOnly(b.pcpdStateDir())
+	if err != nil {
+		return err
+	}
+	defer undo() // before the deferred stop: a lazy unmount, pcpd keeps its files
+	t0 = time.Now()
+	if p, err = b.startPcpd(false); err != nil {
+		return err
+	}
+	if _, err := b.waitServing(5 * time.Minute); err != nil {
+		return err
+	}
+	b.put("pcpd", "rssbig-readonly-peak", peakRSSMB(p.pid()), "MB",
+		fmt.Sprintf("VmHWM of a start on a read-only state directory; start to serving %.2f s", time.Since(t0).Seconds()))
 	return nil
+}
+
+// mountReadOnly bind-mounts dir read-only onto itself (new mounts reach
+// the namespaces ip netns exec starts later); undo unmounts it.
+func mountReadOnly(dir string) (undo func(), err error) {
+	if err := syscall.Mount(dir, dir, "", syscall.MS_BIND, ""); err != nil {
+		return nil, fmt.Errorf("driver: bind mount %s: %w", dir, err)
+	}
+	undo = func() { _ = syscall.Unmount(dir, syscall.MNT_DETACH) }
+	if err := syscall.Mount("", dir, "", syscall.MS_REMOUNT|syscall.MS_BIND|syscall.MS_RDONLY, ""); err != nil {
+		undo()
+		return nil, fmt.Errorf("driver: remount %s read-only: %w", dir, err)
+	}
+	return undo, nil
 }
 
 // damageStateFile zeroes the start of the state file in dir (both bbolt

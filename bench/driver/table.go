@@ -44,6 +44,7 @@ var rows = []row{
 	{label: "RSS after that restart", key: "rssbig-restart", maxAbs: 400, target: "≤ 400 MB"},
 	{label: "peak RSS during that restart (VmHWM)", key: "rssbig-restart-peak", maxAbs: 400, target: "≤ 400 MB"},
 	{label: "peak RSS during a start from the backup copy (state file damaged; VmHWM)", key: "rssbig-backup-peak", maxAbs: 400, target: "≤ 400 MB"},
+	{label: "peak RSS during a start on a read-only state directory (VmHWM)", key: "rssbig-readonly-peak", maxAbs: 400, target: "≤ 400 MB"},
 	{label: "`pcpd leases --json`, big lease count", key: "leases-json-big"},
 }
 
