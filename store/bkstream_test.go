@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pcpd/pcpd/internal/tmpfs"
 	bolt "go.etcd.io/bbolt"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
@@ -248,4 +249,39 @@ func TestStreamSkipsQuarantines(t *testing.T) {
 	if calls != 1 {
 		t.Fatalf("quarantines read %d times after two Stream passes, want once (Open)", calls)
 	}
+}
+
+// TestBackupKeptOnFullDisk: a backup copy that can not be restored for
+// want of space (the copy to leases.db.tmp fails with ENOSPC) is not
+// damaged: Open fails, the copy stays where it is, and the next Open,
+// with space back, restores it. Before, the copy was moved aside as
+// "backup unusable (… no space left on device)" and the next Open, with
+// no state file and no copy, started with no leases.
+func TestBackupKeptOnFullDisk(t *testing.T) {
+	dir := tmpfs.Mount(t, "8m")
+	s, _ := openT(t, dir, WithoutOpenSnapshot())
+	if err := s.Commit(leasesN(0, 3000), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	writeFile(t, filepath.Join(dir, DBName), []byte("not a bbolt file, long enough to be looked at"))
+	tmpfs.Fill(t, dir, "fill")
+	if s, _, err := Open(dir, testLog(t), WithLeasesLater()); err == nil {
+		s.Close()
+		t.Fatal("Open restored the backup on a full disk: nothing to test")
+	}
+	if _, err := os.Stat(filepath.Join(dir, BackupName)); err != nil {
+		t.Fatalf("backup copy after a full-disk Open: %v (moved aside as damaged?)", err)
+	}
+	if err := os.Remove(filepath.Join(dir, "fill")); err != nil {
+		t.Fatal(err)
+	}
+	_, st := openT(t, dir, WithLeasesLater())
+	if !strings.Contains(st.Recovered, "restored 3000 leases from backup") {
+		t.Fatalf("with space back: Recovered = %q, want the backup's 3000 leases", st.Recovered)
+	}
+	wantLeases(t, streamOneAtATime(t, st), leasesN(0, 3000))
 }

@@ -287,6 +287,13 @@ func (s *Store) recover(cause error) (State, error) {
 		if isStreamErr(rerr) {
 			return State{}, rerr
 		}
+		if isEnvErr(rerr) {
+			// No room for the copy (or the like): the copy is not
+			// damaged, so it stays; the next Open, finding no state
+			// file, restores it. Moved aside, it was lost and that Open
+			// started with no leases.
+			return State{}, fmt.Errorf("store: %s: backup %s not restored, kept for the next start: %w", strings.Join(what, "; "), BackupName, rerr)
+		}
 		if rerr == nil {
 			s.db = db
 			s.sel.nextGen = max(s.sel.nextGen, ld.walgen)
@@ -337,6 +344,7 @@ func (s *Store) recover(cause error) (State, error) {
 func restore(bak, path string, o *options) (*bolt.DB, loaded, error) {
 	tmp := path + tmpSuffix
 	if err := copyFile(bak, tmp); err != nil {
+		_ = os.Remove(tmp)
 		return nil, loaded{}, err
 	}
 	db, ld, err := readState(tmp, o, false, "")
