@@ -89,8 +89,9 @@ type State struct {
 	// state file again (the log applied on top; a state restored from the
 	// backup copy without it), as Open checked it; it
 	// must be called before the first Commit (it then fails, as it does
-	// when a commit is made during the read), and may be called more than
-	// once. An error of fn ends it with that error; a panic of fn goes on
+	// when a commit is made during the read, and with ErrUnavailable
+	// once a write opened the state file again by name and found another
+	// file there), and may be called more than once. An error of fn ends it with that error; a panic of fn goes on
 	// up as it is (only bbolt's is taken for damage: ErrCorrupt).
 	Stream func(fn func(*Lease) error) error
 	// Quarantines are the MAP-22 quarantines of freed IPv4 external ports

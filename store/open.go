@@ -211,6 +211,7 @@ func (s *Store) judge(ld loaded) (State, error) {
 	if ld.later && (s.db != nil || s.ro != nil) {
 		st.Stream = s.streamLeases
 		s.nlater, s.streamLog = ld.nlater, true
+		s.noteChecked()
 	}
 	s.noteQuarDamage(&st, ld)
 	switch {
@@ -312,6 +313,7 @@ func (s *Store) recover(cause error) (State, error) {
 				// commit).
 				st.Stream = s.streamLeases
 				s.nlater, s.streamLog = ld.nlater, false
+				s.noteChecked()
 			}
 			s.noteQuarDamage(&st, ld)
 			return st, nil
@@ -751,6 +753,25 @@ func join(a, b string) string {
 	return a + "; " + b
 }
 
+// noteChecked remembers the file Open just checked and keeps open (or
+// restored), for State.Stream: a handle opened again later (reopen) must
+// be on the same file (sameChecked).
+func (s *Store) noteChecked() {
+	s.checked, _ = os.Stat(s.path)
+}
+
+// sameChecked, after reopen opened s.path again: if that is no longer the
+// file Open checked, State.Stream refuses from now on. Caller holds mu
+// exclusively.
+func (s *Store) sameChecked() {
+	if s.checked == nil {
+		return
+	}
+	if fi, err := os.Stat(s.path); err != nil || !os.SameFile(fi, s.checked) {
+		s.replaced = true
+	}
+}
+
 // streamLeases is State.Stream (WithLeasesLater): it reads the leases of
 // the open state file again, with the log applied on top as Open did, and
 // hands each to fn. No fold of the log may run meanwhile (ckMu): it would
@@ -772,6 +793,13 @@ func (s *Store) streamLeases(fn func(*Lease) error) (err error) {
 		return fmt.Errorf("store: stored leases read after close: %w", ErrUnavailable)
 	case s.leasesPut.Load():
 		return errors.New("store: stored leases read after a commit (State.Stream must come first)")
+	case s.replaced:
+		// Review h/revbk: the handle was opened again by name (reopen)
+		// and the name is another file's now; its leases (with the log
+		// of the first on top) went out under Open's verdict on the
+		// first. A restart reads the new file in full.
+		return fmt.Errorf("store: state file %s replaced since Open read it; its leases are not handed out (restart to read it): %w",
+			s.path, ErrUnavailable)
 	}
 	logDir := ""
 	if s.streamLog {

@@ -219,6 +219,11 @@ type Store struct {
 	// kept for State.Stream (WithLeasesLater) until the first write
 	// (reopen) or Close; it holds the file's shared lock meanwhile.
 	ro *bolt.DB
+	// checked: the state file Open read State.Stream's leases from;
+	// replaced: a handle reopen opened since is on another file (the name
+	// was given to one), and Stream refuses (review h/revbk). Under mu.
+	checked  os.FileInfo
+	replaced bool
 
 	// The log writer; wmu serialises appends (one record, one fdatasync
 	// at a time: a record is written only after the one before it is
@@ -592,11 +597,14 @@ func (s *Store) reopen() error {
 			if hadRO {
 				// Still read-only: keep the leases readable for
 				// State.Stream (Stream checks them again as it reads).
-				s.ro, _ = openBolt(s.path, &s.opt, true)
+				if s.ro, _ = openBolt(s.path, &s.opt, true); s.ro != nil {
+					s.sameChecked()
+				}
 			}
 			return fmt.Errorf("store: reopen %s: %w: %w", s.path, ErrUnavailable, err)
 		}
 		s.db = db
+		s.sameChecked()
 		s.broken.Store(false)
 		s.log.Info("state file writable again", zap.String("path", s.path))
 	}

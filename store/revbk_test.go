@@ -1,0 +1,131 @@
+package store
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/tmpfs"
+)
+
+// otherStateFile writes a clean state file holding leases 300-319 (none
+// of laterImage's) and returns its path.
+func otherStateFile(t *testing.T) string {
+	t.Helper()
+	s, _ := openT(t, t.TempDir(), WithoutOpenSnapshot())
+	if err := s.Commit(leasesN(300, 320), nil); err != nil {
+		t.Fatal(err)
+	}
+	dir := s.Dir()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(dir, DBName)
+}
+
+// TestStreamRefusesReplacedFile (review h/revbk): State.Stream hands out
+// the leases of the file Open checked or none. A read-only directory's
+// handle is closed by the first write (reopen) and the file opened again
+// by its name: replaced meanwhile (through another, writable view of the
+// directory, or once it is writable again), Stream handed out the other
+// file's leases under the epoch and verdict Open reached for the first
+// (Touch and ResetEpoch may come before Stream: TestLeasesLaterReadOnly).
+// Now it refuses, and the next Open reads the new file in full.
+func TestStreamRefusesReplacedFile(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		writable bool // the directory is writable again before the write
+	}{
+		{"still read-only, write refused", false},
+		{"writable again, write made", true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			img, want := laterImage(t, 0)
+			dir := crashImage(t, img)
+			other := otherStateFile(t)
+			if os.Geteuid() != 0 {
+				t.Skip("needs root: bind mounts")
+			}
+			// A writable view of the same directory, made before it is
+			// bind-mounted read-only onto itself.
+			view := t.TempDir()
+			if err := syscall.Mount(dir, view, "", syscall.MS_BIND, ""); err != nil {
+				t.Fatalf("bind mount: %v", err)
+			}
+			t.Cleanup(func() { _ = syscall.Unmount(view, syscall.MNT_DETACH) })
+			writable := bindReadOnly(t, dir)
+			s, st, _ := openLogged(t, dir)
+			if !strings.Contains(st.Recovered, "read-only") {
+				t.Fatalf("Recovered = %q, want read-only", st.Recovered)
+			}
+			if c.writable {
+				writable()
+			}
+			// Replaced by rename, as an operator or a tool would.
+			if err := copyFile(other, filepath.Join(view, "new")); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(filepath.Join(view, "new"), filepath.Join(view, DBName)); err != nil {
+				t.Fatal(err)
+			}
+			err := s.Touch(time.Now())
+			if c.writable != (err == nil) {
+				t.Fatalf("Touch = %v", err)
+			}
+			got := 0
+			err = st.Stream(func(*Lease) error { got++; return nil })
+			if err == nil || !strings.Contains(err.Error(), "replaced") {
+				t.Fatalf("Stream after the state file was replaced = %v, %d leases handed out (Open checked %d); want a refusal", err, got, len(want))
+			}
+		})
+	}
+}
+
+// TestBackupKeptOnFullDiskRepeated (review h/revbk): a full disk that
+// stays full fails every Open the same way (the state file already moved
+// aside, the next finds it missing), keeps the copy, leaves no
+// leases.db.tmp behind and never starts empty; the error says the copy is
+// kept. With space back the copy's leases come back.
+func TestBackupKeptOnFullDiskRepeated(t *testing.T) {
+	dir := tmpfs.Mount(t, "8m")
+	s, _ := openT(t, dir, WithoutOpenSnapshot())
+	if err := s.Commit(leasesN(0, 3000), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	writeFile(t, filepath.Join(dir, DBName), []byte("not a bbolt file, long enough to be looked at"))
+	tmpfs.Fill(t, dir, "fill")
+	for i := range 3 {
+		s, st, err := Open(dir, testLog(t), WithLeasesLater())
+		if err == nil {
+			s.Close()
+			t.Fatalf("Open %d on a full disk succeeded (Recovered %q)", i, st.Recovered)
+		}
+		if !strings.Contains(err.Error(), "kept for the next start") || !errors.Is(err, syscall.ENOSPC) {
+			t.Fatalf("Open %d: %v; want the copy kept for want of space", i, err)
+		}
+		for _, name := range []string{DBName, DBName + tmpSuffix} {
+			if _, err := os.Stat(filepath.Join(dir, name)); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("after Open %d: %s: %v, want none", i, name, err)
+			}
+		}
+		if _, err := os.Stat(filepath.Join(dir, BackupName)); err != nil {
+			t.Fatalf("after Open %d: backup copy: %v", i, err)
+		}
+	}
+	if err := os.Remove(filepath.Join(dir, "fill")); err != nil {
+		t.Fatal(err)
+	}
+	_, st := openT(t, dir, WithLeasesLater())
+	if !st.Fresh || !strings.Contains(st.Recovered, "restored 3000 leases from backup") {
+		t.Fatalf("with space back: Fresh %v, Recovered = %q", st.Fresh, st.Recovered)
+	}
+	wantLeases(t, streamOneAtATime(t, st), leasesN(0, 3000))
+}
