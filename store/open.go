@@ -735,8 +735,21 @@ var readQuar = readQuarantines
 // isEnvErr: the environment, not the file, stops us (Open fails instead of
 // moving a good file aside).
 func isEnvErr(err error) bool {
-	for _, e := range []error{syscall.ENOSPC, syscall.ENOMEM, syscall.EMFILE, syscall.ENFILE, syscall.EINTR, syscall.EAGAIN} {
+	for _, e := range []error{syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG, syscall.ENOMEM, syscall.EMFILE, syscall.ENFILE, syscall.EINTR, syscall.EAGAIN} {
 		if errors.Is(err, e) {
+			return true
+		}
+	}
+	if err == nil {
+		return false
+	}
+	// bbolt's grow reports a failed truncate or sync with %s ("file
+	// resize error: … no space left on device"): only the text is left.
+	// Review h/revbk: a quota's full disk (EDQUOT) and that text were
+	// taken for damage, the good backup copy moved aside.
+	msg := err.Error()
+	for _, e := range []syscall.Errno{syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG} {
+		if strings.Contains(msg, e.Error()) {
 			return true
 		}
 	}
