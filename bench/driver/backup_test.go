@@ -102,3 +102,70 @@ func TestMountReadOnly(t *testing.T) {
 		t.Fatalf("after undo: %v", err)
 	}
 }
+
+// TestWipeStateDirUnmountsReadOnly (review h/revbk): a driver killed
+// during the rssbig-readonly-peak row (timeout, ^C) leaves the state
+// directory bind-mounted read-only; the next run's fresh start must
+// still begin with an empty, writable directory. Before, RemoveAll failed
+// unseen (EROFS) and that "fresh" pcpd read the old state.
+func TestWipeStateDirUnmountsReadOnly(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (bind mount)")
+	}
+	dir := filepath.Join(t.TempDir(), "pcpd-state")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, store.DBName), []byte("old state"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 { // twice: a leftover of two killed runs
+		if _, err := mountReadOnly(dir); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for syscall.Unmount(dir, syscall.MNT_DETACH) == nil {
+		}
+	})
+	err := wipeStateDir(dir)
+	if _, serr := os.Stat(filepath.Join(dir, store.DBName)); err != nil || !errors.Is(serr, os.ErrNotExist) {
+		t.Fatalf("wipeStateDir = %v; old state file after it: %v (want gone)", err, serr)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "probe"), nil, 0o600); err != nil {
+		t.Fatalf("state directory after wipeStateDir: %v", err)
+	}
+}
+
+// TestCheckStart (review h/revbk): the backup and read-only rows measure
+// a start that holds the leases of the state they are about: all of
+// them (a stale or missing copy, an empty start, would peak low and pass
+// the target), and for the backup row, from the copy (the damaged file
+// moved aside, not opened as it is).
+func TestCheckStart(t *testing.T) {
+	dir := t.TempDir()
+	aside := t.TempDir()
+	if err := os.WriteFile(filepath.Join(aside, store.DBName+".corrupt-20261205T050000.000000000Z"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name      string
+		dir       string
+		got, want int
+		restored  bool
+		ok        bool
+	}{
+		{"all leases, read-only", dir, 1000, 1000, false, true},
+		{"all leases, restored", aside, 1000, 1000, true, true},
+		{"empty start", aside, 0, 1000, true, false},
+		{"stale copy", aside, 500, 1000, true, false},
+		{"not a restore", dir, 1000, 1000, true, false},
+	} {
+		if err := checkStart(c.name, c.dir, c.got, c.want, c.restored); (err == nil) != c.ok {
+			t.Errorf("%s: checkStart = %v, want ok %v", c.name, err, c.ok)
+		}
+	}
+}
