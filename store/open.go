@@ -766,21 +766,36 @@ func join(a, b string) string {
 	return a + "; " + b
 }
 
-// noteChecked remembers the file Open just checked and keeps open (or
-// restored), for State.Stream: a handle opened again later (reopen) must
-// be on the same file (sameChecked).
+// noteChecked keeps the file Open just checked and keeps open (or
+// restored) open once more, for State.Stream: a handle opened again later
+// (reopen) must be on the same file (sameChecked). Held open, its inode
+// number can not go to a new file (a closed read-only handle's did, to
+// the empty file a write then created).
 func (s *Store) noteChecked() {
-	s.checked, _ = os.Stat(s.path)
+	if f, err := os.Open(s.path); err == nil {
+		s.checked = f
+	}
 }
 
 // sameChecked, after reopen opened s.path again: if that is no longer the
-// file Open checked, State.Stream refuses from now on. Caller holds mu
-// exclusively.
+// file Open checked, State.Stream refuses from now on. After a commit it
+// refuses anyway: the file is let go. Caller holds mu exclusively.
 func (s *Store) sameChecked() {
-	if s.checked == nil {
+	f := s.checked
+	if f == nil {
 		return
 	}
-	if fi, err := os.Stat(s.path); err != nil || !os.SameFile(fi, s.checked) {
+	if s.leasesPut.Load() {
+		_ = f.Close()
+		s.checked = nil
+		return
+	}
+	want, err := f.Stat()
+	if err != nil {
+		s.replaced = true
+		return
+	}
+	if fi, err := os.Stat(s.path); err != nil || !os.SameFile(fi, want) {
 		s.replaced = true
 	}
 }

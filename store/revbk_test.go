@@ -40,9 +40,13 @@ func TestStreamRefusesReplacedFile(t *testing.T) {
 	for _, c := range []struct {
 		name     string
 		writable bool // the directory is writable again before the write
+		remove   bool // the state file removed, not replaced
 	}{
-		{"still read-only, write refused", false},
-		{"writable again, write made", true},
+		{"still read-only, write refused", false, false},
+		{"writable again, write made", true, false},
+		// The write creates an empty state file (openWritable): Stream
+		// handed out none of the leases, the epoch continuing.
+		{"removed, writable again", true, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			img, want := laterImage(t, 0)
@@ -66,12 +70,18 @@ func TestStreamRefusesReplacedFile(t *testing.T) {
 			if c.writable {
 				writable()
 			}
-			// Replaced by rename, as an operator or a tool would.
-			if err := copyFile(other, filepath.Join(view, "new")); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.Rename(filepath.Join(view, "new"), filepath.Join(view, DBName)); err != nil {
-				t.Fatal(err)
+			if c.remove {
+				if err := os.Remove(filepath.Join(view, DBName)); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				// Replaced by rename, as an operator or a tool would.
+				if err := copyFile(other, filepath.Join(view, "new")); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.Rename(filepath.Join(view, "new"), filepath.Join(view, DBName)); err != nil {
+					t.Fatal(err)
+				}
 			}
 			err := s.Touch(time.Now())
 			if c.writable != (err == nil) {

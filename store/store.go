@@ -219,10 +219,12 @@ type Store struct {
 	// kept for State.Stream (WithLeasesLater) until the first write
 	// (reopen) or Close; it holds the file's shared lock meanwhile.
 	ro *bolt.DB
-	// checked: the state file Open read State.Stream's leases from;
-	// replaced: a handle reopen opened since is on another file (the name
-	// was given to one), and Stream refuses (review h/revbk). Under mu.
-	checked  os.FileInfo
+	// checked: the state file Open read State.Stream's leases from, held
+	// open (no new file can take its inode number) until a reopen after a
+	// commit, or Close; replaced: a handle reopen opened since is on
+	// another file (the name was given to one, or the file removed and a
+	// new one created), and Stream refuses (review h/revbk). Under mu.
+	checked  *os.File
 	replaced bool
 
 	// The log writer; wmu serialises appends (one record, one fdatasync
@@ -658,6 +660,10 @@ func (s *Store) Close() error {
 	if s.ro != nil {
 		_ = s.ro.Close()
 		s.ro = nil
+	}
+	if s.checked != nil {
+		_ = s.checked.Close()
+		s.checked = nil
 	}
 	if s.db == nil {
 		return nil
