@@ -91,7 +91,8 @@ type State struct {
 	// must be called before the first Commit (it then fails, as it does
 	// when a commit is made during the read, and with ErrUnavailable
 	// once a write opened the state file again by name and found another
-	// file there), and may be called more than once. An error of fn ends it with that error; a panic of fn goes on
+	// file there, or when it read another number of leases than Open
+	// checked), and may be called more than once. An error of fn ends it with that error; a panic of fn goes on
 	// up as it is (only bbolt's is taken for damage: ErrCorrupt).
 	Stream func(fn func(*Lease) error) error
 	// Quarantines are the MAP-22 quarantines of freed IPv4 external ports

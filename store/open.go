@@ -838,7 +838,9 @@ func (s *Store) streamLeases(fn func(*Lease) error) (err error) {
 	// caller's, not damage: it goes on up as it is (review h/revpeak:
 	// it came back as "bbolt panicked ...: corrupt state").
 	inFn := false
+	n := 0
 	call := func(l *Lease) error {
+		n++
 		inFn = true
 		err := fn(l)
 		inFn = false
@@ -870,6 +872,14 @@ func (s *Store) streamLeases(fn func(*Lease) error) (err error) {
 		// what went out may miss it. Commit sets leasesPut before it
 		// writes, so none can have slipped past both checks.
 		return errors.New("store: stored leases read while a commit was made (State.Stream must come first)")
+	}
+	if err == nil && n != s.nlater {
+		// Nothing of ours changes the leases before the first commit
+		// (Open's fold of the log moves them, it adds none): the file was
+		// written under us, in place (review h/revbk). What went out is
+		// not what Open checked.
+		return fmt.Errorf("store: state file %s changed since Open read it: %d leases read, Open checked %d: %w",
+			s.path, n, s.nlater, ErrUnavailable)
 	}
 	return err
 }

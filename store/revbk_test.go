@@ -41,12 +41,15 @@ func TestStreamRefusesReplacedFile(t *testing.T) {
 		name     string
 		writable bool // the directory is writable again before the write
 		remove   bool // the state file removed, not replaced
+		inPlace  bool // written over in place (same inode)
 	}{
-		{"still read-only, write refused", false, false},
-		{"writable again, write made", true, false},
+		{"still read-only, write refused", false, false, false},
+		{"writable again, write made", true, false, false},
 		// The write creates an empty state file (openWritable): Stream
 		// handed out none of the leases, the epoch continuing.
-		{"removed, writable again", true, true},
+		{"removed, writable again", true, true, false},
+		// The same file (inode), another content: found by the count.
+		{"written over in place, write refused", false, false, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			img, want := laterImage(t, 0)
@@ -70,7 +73,15 @@ func TestStreamRefusesReplacedFile(t *testing.T) {
 			if c.writable {
 				writable()
 			}
-			if c.remove {
+			if c.inPlace {
+				data, err := os.ReadFile(other)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(filepath.Join(view, DBName), data, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			} else if c.remove {
 				if err := os.Remove(filepath.Join(view, DBName)); err != nil {
 					t.Fatal(err)
 				}
@@ -89,7 +100,7 @@ func TestStreamRefusesReplacedFile(t *testing.T) {
 			}
 			got := 0
 			err = st.Stream(func(*Lease) error { got++; return nil })
-			if err == nil || !strings.Contains(err.Error(), "replaced") {
+			if err == nil || !(strings.Contains(err.Error(), "replaced") || strings.Contains(err.Error(), "changed since Open")) {
 				t.Fatalf("Stream after the state file was replaced = %v, %d leases handed out (Open checked %d); want a refusal", err, got, len(want))
 			}
 		})
