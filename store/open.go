@@ -41,6 +41,10 @@ const maxCheckErrors = 5
 // writable again. Open fails only when the directory can not be used at all
 // (another pcpd holds it, or the file is corrupt and can not be moved
 // aside).
+//
+// Open first takes an exclusive lock on the directory (lockDir), waiting
+// up to WithLockTimeout, and holds it until Close: another pcpd, or
+// another Open in this process, gets ErrLocked.
 func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 	if log == nil {
 		log = zap.NewNop()
@@ -53,13 +57,28 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, State{}, fmt.Errorf("store: state directory: %w", err)
 	}
-	s := &Store{dir: dir, path: filepath.Join(dir, DBName), log: log, opt: o,
+	// The directory's lock first: nothing in it is looked at, let alone
+	// recovered, by a pcpd that does not hold it (lockDir).
+	lock, err := lockDir(dir, o.lockTimeout)
+	if err != nil {
+		return nil, State{}, err
+	}
+	s := &Store{dir: dir, path: filepath.Join(dir, DBName), log: log, opt: o, dirLock: lock,
 		ckKick: make(chan struct{}, 1), ckStop: make(chan struct{}), ckDone: make(chan struct{})}
 	s.grown = sync.NewCond(&s.wmu)
 	st, err := s.load()
 	if err != nil {
 		if s.db != nil {
 			_ = s.db.Close()
+		}
+		if s.ro != nil {
+			_ = s.ro.Close()
+		}
+		if s.checked != nil {
+			_ = s.checked.Close()
+		}
+		if lock != nil {
+			_ = lock.Close()
 		}
 		return nil, State{}, err
 	}
@@ -281,6 +300,9 @@ func (s *Store) recover(cause error) (State, error) {
 	} else {
 		what = append(what, cause.Error())
 	}
+	if testHookRecover != nil {
+		testHookRecover()
+	}
 
 	bak := filepath.Join(s.dir, BackupName)
 	if fi, err := os.Stat(bak); err == nil {
@@ -338,6 +360,11 @@ func (s *Store) recover(cause error) (State, error) {
 	what = append(what, "started with no leases")
 	return State{Fresh: true, Recovered: strings.Join(what, "; ")}, nil
 }
+
+// testHookRecover, when set, runs in recover after the state file was
+// moved aside and before the backup copy is restored (tests widen the
+// window two Opens of one directory raced in before lockDir).
+var testHookRecover func()
 
 // restore copies the backup to the state path (through a temporary file),
 // checks it and clears its epoch so the reset is remembered. With

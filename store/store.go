@@ -144,7 +144,8 @@ func WithUnseenStep(step func(origin time.Time) time.Duration) Option {
 }
 
 // WithLockTimeout bounds how long Open waits for another process to release
-// the state directory (default 2 s).
+// the state directory (default 2 s; 0 waits for ever): its lock on the
+// directory (lockDir), then bbolt's on leases.db.
 func WithLockTimeout(d time.Duration) Option { return func(o *options) { o.lockTimeout = d } }
 
 // WithoutOpenSnapshot skips the backup copy Open normally writes after a
@@ -226,6 +227,9 @@ type Store struct {
 	// new one created), and Stream refuses (review h/revbk). Under mu.
 	checked  *os.File
 	replaced bool
+	// dirLock: the state directory, flocked exclusively (lockDir) from
+	// before Open looked at it until Close.
+	dirLock *os.File
 
 	// The log writer; wmu serialises appends (one record, one fdatasync
 	// at a time: a record is written only after the one before it is
@@ -665,6 +669,13 @@ func (s *Store) Close() error {
 		_ = s.checked.Close()
 		s.checked = nil
 	}
+	// The directory's lock goes last, after every file in it is closed.
+	defer func() {
+		if s.dirLock != nil {
+			_ = s.dirLock.Close()
+			s.dirLock = nil
+		}
+	}()
 	if s.db == nil {
 		return nil
 	}
