@@ -15,23 +15,26 @@ import (
 // "fib saddr type local counter drop" in guard6) drops a datagram from
 // the WAN whose source is one of the host's own addresses (one of no
 // protected prefix, which the protected-source rules leave alone) through
-// a pinhole, standalone and attached; the Internet's own address passes.
-// IPv4 needs no rule: the kernel's routing drops a local source arriving
-// on the WAN as martian (accept_local=0, the default) after the NAPT
-// mapping's DNAT, and the case checks that it does. Then the upgrade: an
-// older pcpd's guard6 (the rule deleted) passes the spoof, Healthy says
-// so, and Setup writes the rule back. Without the rule (h/peerend's
-// probe) the IPv6 cases' spoofed datagram arrived on the fresh layout.
+// a pinhole, standalone and attached, and through an IPv4 NAPT mapping
+// (DNAT-ed before the guard) with accept_local=1; the Internet's own
+// address passes. With accept_local=0, the default, the kernel's routing
+// drops the IPv4 one itself as martian (the last case checks that it
+// does, whatever the guard). Then the upgrade: an older pcpd's guard (the
+// rule deleted) passes the spoof, Healthy says so, and Setup writes the
+// rule back. Without the rule (h/peerend's probe) the spoofed datagram of
+// the first three cases arrived on the fresh layout.
 func TestGuardDropsHostOwnSource(t *testing.T) {
 	own6 := netip.MustParseAddr("2001:db8:1:9::1") // the host's, on lan0, in no protected prefix
 	for _, tc := range []struct {
-		name     string
-		attached bool
-		v4       bool
+		name        string
+		attached    bool
+		v4          bool
+		acceptLocal bool // net.ipv4.conf.*.accept_local=1 on the host
 	}{
-		{"standalone ipv6 pinhole", false, false},
-		{"attached ipv6 pinhole", true, false},
-		{"standalone ipv4 NAPT (the kernel drops it)", false, true},
+		{"standalone ipv6 pinhole", false, false, false},
+		{"attached ipv6 pinhole", true, false, false},
+		{"standalone ipv4 NAPT, accept_local", false, true, true},
+		{"standalone ipv4 NAPT, the kernel drops it", false, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
@@ -61,8 +64,11 @@ func TestGuardDropsHostOwnSource(t *testing.T) {
 						step, spoofed, dst, got, spoofPasses, nftList(t, topo.Host, "chain", "inet", table, guard))
 				}
 			}
+			if tc.acceptLocal {
+				topo.Host.MustRun(t, "sh", "-c", "for f in /proc/sys/net/ipv4/conf/*/accept_local; do echo 1 > $f; done")
+			}
 			check("fresh layout", false)
-			if tc.v4 {
+			if tc.v4 && !tc.acceptLocal {
 				return
 			}
 			ruleRE := regexp.MustCompile(`fib saddr type local counter packets ([0-9]+) .*# handle (\d+)`)
@@ -74,7 +80,7 @@ func TestGuardDropsHostOwnSource(t *testing.T) {
 			topo.Host.MustRun(t, "nft", "delete", "rule", "inet", table, guard, "handle", m[2])
 			check("older layout", true)
 			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
-				t.Fatalf("Healthy = %v over guard6 without the local-source rule, want ErrUnhealthy", err)
+				t.Fatalf("Healthy = %v over the guard without the local-source rule, want ErrUnhealthy", err)
 			}
 			if err := b.Setup(); err != nil {
 				t.Fatalf("Setup: %v", err)

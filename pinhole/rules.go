@@ -224,30 +224,32 @@ func (b *Backend) layout() []chainRules {
 	// wherever it came: the host's own packets leave through output and
 	// postrouting, never the forward hook, so a forwarded packet with a
 	// local source was made by someone else. IPv6 has no martian-source
-	// check (IPv4's routing drops a local source arriving on another
-	// interface than loopback unless accept_local is set:
-	// TestGuardDropsHostOwnSource's IPv4 DNAT case), and before this rule
-	// a datagram from the WAN with the host's tunnel address as its
-	// source passed a MAP's or PEER's pinhole (IPv6, DNAT-ed or not) to
+	// check, and before this rule a datagram from the WAN with the host's
+	// tunnel address as its source passed a MAP's or PEER's pinhole to
 	// the client, which saw it come "from its gateway" (h/peerend's probe;
-	// TestGuardDropsHostOwnSource):
+	// TestGuardDropsHostOwnSource, TestE2ESpoofedHostSource):
 	//
 	//	fib saddr type local counter drop
 	//
 	// A route lookup of the source without an interface: local when the
 	// host holds the address on any interface (its local table). A
-	// link-local source needs no exception: the kernel never forwards one
-	// (ip6_forward, scope error). After the established accept, so only a
+	// link-local source needs no exception: the kernel does not forward
+	// one to another interface (ip6_forward, before the hook). After the established accept, so only a
 	// flow's new packets (a one-way UDP stream's every datagram: "new"
 	// until a reply) pay it, and before the DNAT accept, which an IPv6
-	// MAP's redirected flows take; IPv6 only, where the kernel does not
-	// drop it itself. Attached, it drops too, as the rules above.
-	localSource := rule(x(&expr.Fib{Register: reg0, FlagSADDR: true, ResultADDRTYPE: true},
-		eq(reg0, binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)...), &expr.Counter{}, drop))
+	// MAP's redirected flows take. IPv4 has it too, in the same place
+	// (a NAPT mapping's flows arrive DNAT-ed): the kernel's martian check
+	// drops a local source after the DNAT by default, but not with
+	// accept_local=1, and then the spoof passed a NAPT mapping the same
+	// way. Attached, it drops too, as the rules above.
+	localSource := func() []expr.Any {
+		return x(&expr.Fib{Register: reg0, FlagSADDR: true, ResultADDRTYPE: true},
+			eq(reg0, binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)...), &expr.Counter{}, drop)
+	}
 	guard6 := [][]expr.Any{rule(ctEstablished, x(accept)),
 		spoofed(unix.NFPROTO_IPV6, x(loadNet(ip6SrcOff, 16, reg0)), b.protected6),
 		unserved(unix.NFPROTO_IPV6, x(loadNet(ip6SrcOff, 16, reg0)), b.protected6),
-		localSource,
+		localSource(),
 		rule(ctDNAT, x(accept)), icmp}
 	if b.cfg.AllowEcho {
 		guard6 = append(guard6, rule(x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_ICMPV6),
@@ -263,6 +265,7 @@ func (b *Backend) layout() []chainRules {
 	guard4 := [][]expr.Any{rule(ctEstablished, x(accept)),
 		spoofed(unix.NFPROTO_IPV4, x(loadNet(ip4SrcOff, 4, reg0)), b.protected4),
 		unserved(unix.NFPROTO_IPV4, x(loadNet(ip4SrcOff, 4, reg0)), b.protected4),
+		localSource(),
 		rule(ctDNAT, x(accept))}
 	if !b.cfg.Attached {
 		// Standalone, the guards are the last word for protected prefixes.
