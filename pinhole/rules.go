@@ -234,14 +234,15 @@ func (b *Backend) layout() []chainRules {
 	// A route lookup of the source without an interface: local when the
 	// host holds the address on any interface (its local table). A
 	// link-local source needs no exception: the kernel does not forward
-	// one to another interface (ip6_forward, before the hook). After the established accept, so only a
-	// flow's new packets (a one-way UDP stream's every datagram: "new"
-	// until a reply) pay it, and before the DNAT accept, which an IPv6
-	// MAP's redirected flows take. IPv4 has it too, in the same place
-	// (a NAPT mapping's flows arrive DNAT-ed): the kernel's martian check
-	// drops a local source after the DNAT by default, but not with
-	// accept_local=1, and then the spoof passed a NAPT mapping the same
-	// way. Attached, it drops too, as the rules above.
+	// one to another interface (ip6_forward, before the hook). After the
+	// established accept, so only a flow's new packets (a one-way UDP
+	// stream's every datagram: "new" until a reply) pay it, and before the
+	// DNAT accept, which an IPv6 MAP's redirected flows take. IPv4 has it
+	// too, in the same place (a NAPT mapping's flows arrive DNAT-ed): the
+	// kernel's martian check drops a local source after the DNAT by
+	// default, but not with accept_local=1, and then the spoof passed a
+	// NAPT mapping the same way. Attached, it drops too, as the rules
+	// above.
 	localSource := func() []expr.Any {
 		return x(&expr.Fib{Register: reg0, FlagSADDR: true, ResultADDRTYPE: true},
 			eq(reg0, binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)...), &expr.Counter{}, drop)
