@@ -36,13 +36,22 @@ import (
 //     nothing: the flows from before the end are the ended mapping's,
 //     and those opened through the new one before the walk ran cannot be
 //     told from them (TestCtFlushRemade);
-//   - for an IPv4 NAPT mapping, the outbound flows its SNAT companion
+//   - for an IPv4 NAPT mapping (not a PEER), the outbound flows its SNAT companion
 //     translated to the external endpoint (two-way NAPT, PMP-11): their
 //     reply destination is the external endpoint and their original
 //     source the mapped internal one. Unless another live lease (a PEER
 //     of the same tuple) holds the endpoint: its flows leave from there.
 //
-// PEER mappings flush nothing. Expiry flushes too, in addition to the
+// A PEER's end flushes its endpoint's inbound flows as a MAP's does (the
+// flows from its remote, IPv4 DNAT-ed ones included, unless a lease live
+// throughout admits them); before, it flushed nothing, so a flow it
+// admitted, one a MAP's flush spared for it included, outlived both
+// (issue 9). A PEER's SNAT-ed outbound flows (its client's own connection
+// to the remote) are left. A renewal or replacement that narrows a
+// mapping's FILTERs (tx.set, filtersNarrowed) flushes the endpoint's
+// inbound flows too, but for those a live lease, the mapping as it is now
+// included, admits: the flows of the remotes it no longer admits end.
+// Expiry flushes too, in addition to the
 // kernel ending the pinholes on time by itself (which holds with pcpd
 // dead); the flows of leases that expired while pcpd was down are flushed
 // at the next start (restoring.flushExpired).
@@ -235,17 +244,19 @@ func (s *Server) spareWild(hits []ctWildHit) {
 
 // appendCtFilters appends the flush filters of l's connections
 // (flushConntrack), which ended at end (on the steady clock:
-// Server.steadyAt), to dst: none for a PEER or an IPv4 lease without an
-// external port, one for the
-// inbound flows, and for an IPv4 NAPT lease one more for the outbound
-// flows SNAT-ed to its external endpoint. An IPv6 all-ports MAP (port 0)
+// Server.steadyAt), to dst: none for an IPv4 lease without an external
+// port, one for the inbound flows (a PEER's too, since issue 9: the
+// endpoint's, as a MAP's; the walk spares what a live lease admits, so of
+// a PEER's remote's flows too those another lease admits), and for an
+// IPv4 NAPT MAP or NAT-PMP lease one more for the outbound flows SNAT-ed
+// to its external endpoint. An IPv6 all-ports MAP (port 0)
 // or all-protocols one (protocol 0) gets a wildcard filter (ctTarget.wild):
 // every inbound flow to its address, of its protocol or of any, as its
 // set element (pin6_proto, pin6_addr) admitted them. Before, it got
 // none, and those flows outlived it through the guard's "ct state
 // established accept" (h/ctall).
 func appendCtFilters(dst []ctFilter, l *store.Lease, end time.Time) []ctFilter {
-	if l.Kind == store.KindPeer || !l.ExternalAddr.IsValid() || l.ExternalPort == 0 && !l.ExternalAddr.Is6() {
+	if !l.ExternalAddr.IsValid() || l.ExternalPort == 0 && !l.ExternalAddr.Is6() {
 		return dst
 	}
 	t := ctTarget{addr: l.ExternalAddr, proto: l.Protocol, port: l.ExternalPort}
@@ -255,7 +266,7 @@ func appendCtFilters(dst []ctFilter, l *store.Lease, end time.Time) []ctFilter {
 		return append(dst, f)
 	}
 	dst = append(dst, ctFilter{v4: l.ExternalAddr.Is4(), t: t})
-	if l.ExternalAddr.Is4() && l.InternalAddr.Is4() && l.InternalPort != 0 {
+	if l.Kind != store.KindPeer && l.ExternalAddr.Is4() && l.InternalAddr.Is4() && l.InternalPort != 0 {
 		dst = append(dst, ctFilter{v4: true, t: t, nat: true, src4: l.InternalAddr.As4(), sport: l.InternalPort})
 	}
 	return dst

@@ -94,8 +94,8 @@ func lens(w [][]ctFilter) []int {
 // TestCtFiltersOf: which flows an ended lease's flush covers
 // (appendCtFilters): inbound to the external endpoint for MAP and NAT-PMP;
 // for IPv4 NAPT also the outbound flows SNAT-ed to it, from the mapped
-// internal endpoint only (the generic walk's natFlowFilter); nothing for
-// a PEER, no SNAT filter for IPv6.
+// internal endpoint only (the generic walk's natFlowFilter); for a PEER
+// the inbound one only (issue 9; before, none), no SNAT filter for IPv6.
 func TestCtFiltersOf(t *testing.T) {
 	in4, ext4 := netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("198.51.100.1")
 	in6 := netip.MustParseAddr("2001:db8::2")
@@ -112,7 +112,8 @@ func TestCtFiltersOf(t *testing.T) {
 		{"NAT-PMP", lease(store.KindNATPMP, in4, ext4), 2, true},
 		{"MAP IPv4", lease(store.KindMap, in4, ext4), 2, true},
 		{"MAP IPv6", lease(store.KindMap, in6, in6), 1, false},
-		{"PEER IPv4", lease(store.KindPeer, in4, ext4), 0, false},
+		{"PEER IPv4", lease(store.KindPeer, in4, ext4), 1, false},
+		{"PEER IPv6", lease(store.KindPeer, in6, in6), 1, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			fs := appendCtFilters(nil, &c.l, time.Time{})

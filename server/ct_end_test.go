@@ -109,10 +109,11 @@ func (l *lab) pmpMap(t *testing.T, port, sugg uint16, lifetime time.Duration) ne
 	return netip.AddrPortFrom(l.topo.HostPublicV4, r.ExternalPort)
 }
 
-// inbound opens a mapping of kind ("pmp": NAT-PMP, "map6": PCP MAP IPv6,
-// "peer6": PCP PEER IPv6 to the remote's port) for an echo service of
-// the client on port, with lifetime, and a connection from the Internet
-// through it. It returns the connection and its original tuple.
+// inbound opens a mapping of kind ("pmp": NAT-PMP, "map6"/"map4": PCP
+// MAP IPv6/IPv4, "peer6"/"peer4": PCP PEER IPv6/IPv4 to the remote's
+// port) for an echo service of the client on port, with lifetime, and a
+// connection from the Internet through it. It returns the connection and
+// its original tuple.
 func (l *lab) inbound(t *testing.T, kind string, port uint16, lifetime time.Duration) (c net.Conn, src, dst netip.AddrPort) {
 	t.Helper()
 	rport := port + 40000
@@ -121,18 +122,22 @@ func (l *lab) inbound(t *testing.T, kind string, port uint16, lifetime time.Dura
 		serveEcho(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV4, port))
 		dst = l.pmpMap(t, port, port+10000, lifetime)
 		src = netip.AddrPortFrom(l.topo.InternetV4, rport)
-	case "map6", "peer6":
-		serveEcho(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV6, port))
-		src = netip.AddrPortFrom(l.topo.InternetV6, rport)
-		r := mapReq(l.topo.ClientV6, pcp.ProtoTCP, port, port, lifetime, 1)
-		if kind == "peer6" {
-			r = peerReq(l.topo.ClientV6, pcp.ProtoTCP, port, src, lifetime, 1)
+	case "map6", "peer6", "map4", "peer4":
+		client, remote, sugg := l.topo.ClientV6, l.topo.InternetV6, port
+		if kind == "map4" || kind == "peer4" {
+			client, remote, sugg = l.topo.ClientV4, l.topo.InternetV4, port+10000
+		}
+		serveEcho(t, l.topo.Client, netip.AddrPortFrom(client, port))
+		src = netip.AddrPortFrom(remote, rport)
+		r := mapReq(client, pcp.ProtoTCP, port, sugg, lifetime, 1)
+		if kind == "peer6" || kind == "peer4" {
+			r = peerReq(client, pcp.ProtoTCP, port, src, lifetime, 1)
 		}
 		resp := l.pcp(r)
 		if resp.Result != pcp.Success || resp.Lifetime != lifetime {
 			t.Fatalf("%s: %+v", kind, resp)
 		}
-		dst = netip.AddrPortFrom(resp.Map.ExternalAddr, resp.Map.ExternalPort)
+		dst = netip.AddrPortFrom(resp.Map.ExternalAddr.Unmap(), resp.Map.ExternalPort)
 	default:
 		t.Fatalf("kind %q", kind)
 	}
@@ -180,8 +185,10 @@ func (l *lab) waitFlowGone(t *testing.T, src, dst netip.AddrPort) time.Duration 
 // mapping or an IPv6 PCP MAP ends when the lease expires, pcpd running:
 // its conntrack entry is flushed and data from the remote no longer
 // reaches the client (before, the guard's "ct state established accept"
-// let it pass for as long as the connection lasted). A PEER's flow is
-// left alone, and so is everything with KeepConnections.
+// let it pass for as long as the connection lasted). A PEER's inbound
+// flow too (issue 9; before, it was left alone and carried data after the
+// PEER expired: the two PEER rows fail so). Everything is left with
+// KeepConnections.
 func TestE2EExpiryEndsConnections(t *testing.T) {
 	for i, c := range []struct {
 		name  string
@@ -191,7 +198,8 @@ func TestE2EExpiryEndsConnections(t *testing.T) {
 	}{
 		{"NAT-PMP", "pmp", false, true},
 		{"PCP MAP IPv6", "map6", false, true},
-		{"PCP PEER IPv6", "peer6", false, false},
+		{"PCP PEER IPv6", "peer6", false, true},
+		{"PCP PEER IPv4", "peer4", false, true},
 		{"NAT-PMP KeepConnections", "pmp", true, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
@@ -224,7 +232,8 @@ func TestE2EExpiryEndsConnections(t *testing.T) {
 
 // TestE2EExpiryWhileStoppedEndsConnections: leases that expired while
 // pcpd was stopped leave their connections in conntrack (it outlives the
-// process) and passing; the next start flushes them.
+// process) and passing; the next start flushes them, PEERs' too (issue 9:
+// before, the PEERs' flows were left).
 func TestE2EExpiryWhileStoppedEndsConnections(t *testing.T) {
 	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
 	type flow struct {
@@ -233,7 +242,7 @@ func TestE2EExpiryWhileStoppedEndsConnections(t *testing.T) {
 		src, dst netip.AddrPort
 	}
 	var fs []flow
-	for i, kind := range []string{"pmp", "map6"} {
+	for i, kind := range []string{"pmp", "map6", "peer6", "peer4"} {
 		c, src, dst := l.inbound(t, kind, uint16(9300+i), 2*time.Second)
 		fs = append(fs, flow{kind, c, src, dst})
 	}
