@@ -99,3 +99,118 @@ func TestE2EPeerEndEndsFlow(t *testing.T) {
 		})
 	}
 }
+
+// TestE2EFilterNarrowedEndsFlows (root, namespaces): a MAP admits two
+// remotes (ports p and p+1 of the Internet host); a renewal or a
+// replacement narrows its FILTER to the first. The second remote's
+// connection ends with the reply (its entry gone, no more data), the
+// first's stays; unless a PEER of the second remote, live throughout,
+// admits it. Before, a FILTER change flushed nothing: the "narrowed"
+// rows fail with the second flow tracked and carrying data.
+func TestE2EFilterNarrowedEndsFlows(t *testing.T) {
+	for i, c := range []struct {
+		name      string
+		kind      string // "map6", "map4"
+		before    bool   // FILTERs of both remotes before (else none: any remote)
+		nonce     byte   // of the narrowing request (1: a renewal)
+		clear     bool   // it clears the FILTERs first (FLT-03), then FILTERs the first remote
+		peer2     bool   // a PEER of the second remote
+		want2Kept bool
+	}{
+		{"IPv6 FILTER added by a renewal", "map6", false, 1, false, false, false},
+		{"IPv4 FILTER added by a renewal", "map4", false, 1, false, false, false},
+		{"IPv6 FILTER replaced by a renewal", "map6", true, 1, true, false, false},
+		{"IPv4 FILTER replaced by a renewal", "map4", true, 1, true, false, false},
+		{"IPv6 FILTER narrowed by a replacement", "map6", false, 3, false, false, false},
+		{"IPv6 narrowed, the second remote's PEER live", "map6", false, 1, false, true, true},
+		{"IPv4 narrowed, the second remote's PEER live", "map4", false, 1, false, true, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+			port := uint16(9950 + i)
+			conn1, src1, dst := l.inbound(t, c.kind, port, time.Hour)
+			src2 := netip.AddrPortFrom(src1.Addr(), src1.Port()+1)
+			client := l.topo.ClientV6
+			if c.kind == "map4" {
+				client = l.topo.ClientV4
+			}
+			only := func(src netip.AddrPort) pcp.Filter {
+				return pcp.Filter{Remote: netip.PrefixFrom(src.Addr(), src.Addr().BitLen()), RemotePort: src.Port()}
+			}
+			req := func(nonce byte, fs ...pcp.Filter) {
+				t.Helper()
+				r := mapReq(client, pcp.ProtoTCP, port, dst.Port(), time.Hour, nonce)
+				r.Options.Filters = fs
+				if resp := l.pcp(r); resp.Result != pcp.Success ||
+					netip.AddrPortFrom(resp.Map.ExternalAddr.Unmap(), resp.Map.ExternalPort) != dst {
+					t.Fatalf("MAP %v: %+v, want external %v", fs, resp, dst)
+				}
+			}
+			if c.before {
+				req(1, only(src1), only(src2))
+			}
+			if c.peer2 {
+				if resp := l.pcp(peerReq(client, pcp.ProtoTCP, port, src2, time.Hour, 2)); resp.Result != pcp.Success {
+					t.Fatalf("PEER of the second remote: %+v", resp)
+				}
+			}
+			conn2 := dialIn(t, l.topo.Internet, src2, dst)
+			if err := echoOnce(conn2); err != nil {
+				t.Fatalf("second connection: %v", err)
+			}
+			if c.clear {
+				req(c.nonce, pcp.Filter{}, only(src1))
+			} else {
+				req(c.nonce, only(src1))
+			}
+			// The reply waited for the flush.
+			for _, f := range []struct {
+				src  netip.AddrPort
+				want bool
+			}{{src1, true}, {src2, c.want2Kept}} {
+				kept := l.ctFlow(t, f.src, dst) != nil
+				t.Logf("flow from %v kept: %v", f.src, kept)
+				if kept != f.want {
+					t.Errorf("flow from %v kept %v, want %v", f.src, kept, f.want)
+				}
+			}
+			if err := echoOnce(conn1); err != nil {
+				t.Errorf("the connection the FILTER still admits ended: %v", err)
+			}
+			if err := echoOnce(conn2); (err == nil) != c.want2Kept {
+				t.Errorf("second remote's connection carries data: %v, want %v", err == nil, c.want2Kept)
+			}
+		})
+	}
+}
+
+// TestFiltersNarrowed: a FILTER change narrows (its flows must be
+// flushed) iff the new FILTERs drop a remote the old ones admitted.
+func TestFiltersNarrowed(t *testing.T) {
+	f := func(p string, port uint16) store.Filter {
+		return store.Filter{Prefix: netip.MustParsePrefix(p), Port: port}
+	}
+	a, a80 := f("2001:db8:1::/48", 0), f("2001:db8:1::/48", 80)
+	b, a1 := f("2001:db8:2::/48", 0), f("2001:db8:1:1::/64", 0)
+	for _, c := range []struct {
+		name       string
+		prev, next []store.Filter
+		want       bool
+	}{
+		{"none to none", nil, nil, false},
+		{"none to one", nil, []store.Filter{a}, true},
+		{"one to none (any remote)", []store.Filter{a}, nil, false},
+		{"same", []store.Filter{a, b}, []store.Filter{b, a}, false},
+		{"one added", []store.Filter{a}, []store.Filter{a, b}, false},
+		{"one dropped", []store.Filter{a, b}, []store.Filter{a}, true},
+		{"replaced", []store.Filter{a}, []store.Filter{b}, true},
+		{"prefix narrowed", []store.Filter{a}, []store.Filter{a1}, true},
+		{"prefix widened", []store.Filter{a1}, []store.Filter{a}, false},
+		{"port added", []store.Filter{a}, []store.Filter{a80}, true},
+		{"port dropped", []store.Filter{a80}, []store.Filter{a}, false},
+	} {
+		if got := filtersNarrowed(c.prev, c.next); got != c.want {
+			t.Errorf("%s: narrowed %v, want %v", c.name, got, c.want)
+		}
+	}
+}

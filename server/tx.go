@@ -30,8 +30,10 @@ type tx struct {
 	qund []quarUndo
 	// retry: the request is handled again alone after its batch failed.
 	retry bool
-	// ended are leases removed for good (delete, revocation, expiry):
-	// their connections are flushed after the commit.
+	// ended are leases removed for good (delete, revocation, expiry),
+	// moved, or whose FILTERs narrowed (filtersNarrowed), as they were:
+	// their connections are flushed after the commit, but for those a
+	// live lease admits.
 	ended []store.Lease
 	// absorbs counts the renewals absorbed while t was open (absorb.go):
 	// they are in the table, with no undo record.
@@ -202,8 +204,40 @@ func (t *tx) set(key store.Key, next *store.Lease, ended bool) {
 			// alone what a live lease admits when it runs).
 			t.freed(prev)
 			t.ended = append(t.ended, *prev)
+		} else if prev != nil && filtersNarrowed(prev.Filters, next.Filters) {
+			// A renewal or replacement whose FILTERs admit fewer
+			// remotes: the connections of those it no longer admits
+			// end (the flush spares what a live lease, this one
+			// included, admits). Before, they kept passing through
+			// the guard's "ct state established accept" (issue 9).
+			t.ended = append(t.ended, *prev)
 		}
 	}
+}
+
+// filtersNarrowed reports whether a mapping's FILTERs going from prev to
+// next (none: every remote) drop a remote prev admitted: next has filters
+// and one of prev's (or prev's "every remote") is inside none of next's.
+// A filter of prev that only the union of several of next's covers counts
+// as dropped: the flush then ends nothing more (what next admits is
+// spared), at the cost of a walk.
+func filtersNarrowed(prev, next []store.Filter) bool {
+	if len(next) == 0 {
+		return false
+	}
+	if len(prev) == 0 {
+		return true
+	}
+	for _, f := range prev {
+		fp := f.Prefix.Masked()
+		if !slices.ContainsFunc(next, func(g store.Filter) bool {
+			gp := g.Prefix.Masked()
+			return gp.Bits() <= fp.Bits() && gp.Contains(fp.Addr()) && (g.Port == 0 || g.Port == f.Port)
+		}) {
+			return true
+		}
+	}
+	return false
 }
 
 // freed quarantines an IPv4 external port that no lease holds any more
