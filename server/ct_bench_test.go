@@ -32,18 +32,23 @@ func BenchmarkExpiryFlush(b *testing.B) {
 	for _, fam := range []string{"v4", "v6"} {
 		for _, matching := range []bool{false, true} {
 			b.Run(fmt.Sprintf("%s/leases=10000/unrelated=10000/matching=%v", fam, matching), func(b *testing.B) {
-				benchExpiryFlush(b, fam == "v4", 10000, 10000, matching, false, false)
+				benchExpiryFlush(b, fam == "v4", 10000, 10000, matching, false, false, false)
 			})
 		}
 		// The expiry alone, as before the flush (KeepConnections).
 		b.Run(fmt.Sprintf("%s/leases=10000/unrelated=10000/matching=true/keep", fam), func(b *testing.B) {
-			benchExpiryFlush(b, fam == "v4", 10000, 10000, true, true, false)
+			benchExpiryFlush(b, fam == "v4", 10000, 10000, true, true, false, false)
+		})
+		// PEERs (their end flushes since h/peerend, issue 9), each
+		// with a flow from its remote.
+		b.Run(fmt.Sprintf("%speer/leases=10000/unrelated=10000/matching=true", fam), func(b *testing.B) {
+			benchExpiryFlush(b, fam == "v4", 10000, 10000, true, false, false, true)
 		})
 	}
 	// IPv6 all-ports MAPs (wildcard filters, h/ctall): every flow found
 	// is asked about under s.mu (spareWild).
 	b.Run("v6allports/leases=10000/unrelated=10000/matching=true", func(b *testing.B) {
-		benchExpiryFlush(b, false, 10000, 10000, true, false, true)
+		benchExpiryFlush(b, false, 10000, 10000, true, false, true, false)
 	})
 }
 
@@ -63,8 +68,9 @@ func BenchmarkExpireNothingDue(b *testing.B) {
 }
 
 // With allPorts, the IPv6 leases are all-ports MAPs, their flows to port
-// 443.
-func benchExpiryFlush(b *testing.B, v4 bool, leases, unrelated int, matching, keep, allPorts bool) {
+// 443. With peer, the leases are PCP PEERs (IPv4 or IPv6), each flow from
+// its remote.
+func benchExpiryFlush(b *testing.B, v4 bool, leases, unrelated int, matching, keep, allPorts, peer bool) {
 	netlab.RequireRoot(b)
 	var expireD, walkD, maxReq time.Duration
 	var answered int64
@@ -100,6 +106,16 @@ func benchExpiryFlush(b *testing.B, v4 bool, leases, unrelated int, matching, ke
 		// The leases, by requests of 64.
 		var reqs []Request
 		for j := range leases {
+			if peer {
+				a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 1, 14: byte(j >> 8), 15: byte(j)})
+				rem, local := netip.AddrPortFrom(netip.MustParseAddr("2001:db8:ffff::9"), uint16(10000+j)), local6
+				if v4 {
+					a = netip.AddrFrom4([4]byte{10, 1, byte(j >> 8), byte(j)})
+					rem, local = netip.AddrPortFrom(netip.MustParseAddr("203.0.113.9"), uint16(10000+j)), local4
+				}
+				reqs = append(reqs, Request{Local: local, Source: netip.AddrPortFrom(a, 5000), Data: pcp.AppendRequest(nil, peerReq(a, pcp.ProtoTCP, 443, rem, time.Minute, 1))})
+				continue
+			}
 			if v4 {
 				a := netip.AddrFrom4([4]byte{10, 1, byte(j >> 8), byte(j)})
 				data := pcp.AppendPMPRequest(nil, &pcp.PMPRequest{Opcode: pcp.PMPOpMapTCP, InternalPort: 8080, Lifetime: time.Minute})
@@ -157,6 +173,9 @@ func benchExpiryFlush(b *testing.B, v4 bool, leases, unrelated int, matching, ke
 				rem := netip.AddrPortFrom(netip.MustParseAddr("203.0.113.9"), uint16(10000+j))
 				if !v4 {
 					rem = netip.AddrPortFrom(netip.MustParseAddr("2001:db8:ffff::9"), uint16(10000+j))
+				}
+				if peer {
+					rem = l.Remote
 				}
 				ext := netip.AddrPortFrom(l.ExternalAddr, cmp.Or(l.ExternalPort, 443))
 				in := netip.AddrPortFrom(l.InternalAddr, cmp.Or(l.InternalPort, 443))
