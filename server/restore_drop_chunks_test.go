@@ -141,7 +141,8 @@ func equalInts(a, b []int) bool {
 // TestRestorePresizeExact: presize counts the expired and moved leases,
 // and the connections add will queue for them, exactly (restoring.drop's
 // first chunk and restoring.expEnds are made whole once, never grown): one filter for an IPv6 MAP, two for an IPv4
-// NAPT lease (inbound and SNAT-ed), none for a PEER, none for a live one.
+// NAPT lease (inbound and SNAT-ed), one for a PEER (inbound; none before
+// h/peerend, issue 9), none for a live one.
 func TestRestorePresizeExact(t *testing.T) {
 	h := newHarness(t, func(c *Config, p *policy.Config) { c.KeepConnections = false })
 	now := h.clock.Now()
@@ -159,7 +160,8 @@ func TestRestorePresizeExact(t *testing.T) {
 	}{
 		{"IPv6 MAP expired", []store.Lease{lease(addrA, addrA, 80, store.KindMap, past)}, 1, 1},
 		{"IPv4 NAPT expired", []store.Lease{lease(v4A, ext4, 40000, store.KindMap, past)}, 2, 1},
-		{"PEER expired", []store.Lease{lease(addrA, addrA, 81, store.KindPeer, past)}, 0, 1},
+		{"PEER expired", []store.Lease{lease(addrA, addrA, 81, store.KindPeer, past)}, 1, 1},
+		{"IPv4 PEER expired", []store.Lease{lease(v4A, ext4, 40002, store.KindPeer, past)}, 1, 1},
 		{"moved", []store.Lease{lease(v4A, moved, 40001, store.KindNATPMP, later)}, 2, 1},
 		{"mixed with live", []store.Lease{
 			lease(addrA, addrA, 80, store.KindMap, past), lease(v4A, ext4, 40000, store.KindMap, past),
