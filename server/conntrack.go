@@ -39,8 +39,12 @@ import (
 //   - for an IPv4 NAPT mapping (not a PEER), the outbound flows its SNAT companion
 //     translated to the external endpoint (two-way NAPT, PMP-11): their
 //     reply destination is the external endpoint and their original
-//     source the mapped internal one. Unless another live lease (a PEER
-//     of the same tuple) holds the endpoint: its flows leave from there.
+//     source the mapped internal one. Unless a live lease's SNAT
+//     companion covers the flow (ctAdmits.snatted: a PEER of the same
+//     tuple, to its remote only), or the mapping itself lives on at the
+//     endpoint (FILTERs narrowed, or made again in the batch: the client
+//     keeps its port and its own outbound flows). Before (review
+//     h/revpeer), any live holder of the endpoint kept every remote's.
 //
 // A PEER's end flushes its endpoint's inbound flows as a MAP's does (the
 // flows from its remote, IPv4 DNAT-ed ones included, unless a lease live
@@ -68,28 +72,25 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 	}
 	var fs []ctFilter
 	end := s.steadyAt(s.now()) // wildcard filters' end: steady (spareWild)
+	var cur store.Lease
 	for i := range ended {
+		n := len(fs)
 		fs = appendCtFilters(fs, &ended[i], end)
+		if l := &ended[i]; s.tab.getInto(l.Key, &cur) && endpointOf(&cur) == endpointOf(l) {
+			// The mapping lives on at its endpoint (its FILTERs
+			// narrowed, or deleted and made again in the batch):
+			// the client keeps its port, and its own outbound flows
+			// stay whatever remote they go to.
+			fs = append(fs[:n], slices.DeleteFunc(fs[n:], func(f ctFilter) bool { return f.nat })...)
+		}
 	}
-	if fs = s.unheldNAT(fs); len(fs) > 0 {
+	if len(fs) > 0 {
 		s.ct.add(fs, s.heldAdmits(fs))
 	}
 }
 
-// unheldNAT drops from fs (in place) the SNAT filters of external
-// endpoints a live lease holds (flushConntrack).
-func (s *Server) unheldNAT(fs []ctFilter) []ctFilter {
-	return slices.DeleteFunc(fs, func(f ctFilter) bool {
-		if !f.nat {
-			return false
-		}
-		_, held := s.tab.holder(endpoint{addr: f.t.addr, proto: f.t.proto, port: f.t.port})
-		return held
-	})
-}
-
-// heldAdmits is, for fs's inbound filters, the pinholes of the live
-// leases that admit some of their flows now, as the mappings end (nil if
+// heldAdmits is, for fs's inbound and SNAT filters, the pinholes of the
+// live leases that admit (SNAT) some of their flows now, as the mappings end (nil if
 // none): the flusher keeps it with fs, and the walk spares the flows of
 // those still live when it starts (pruneLive). Under s.mu, or at start.
 func (s *Server) heldAdmits(fs []ctFilter) ctAdmits {
@@ -97,7 +98,7 @@ func (s *Server) heldAdmits(fs []ctFilter) ctAdmits {
 	var buf []store.Lease
 	var ps []pinhole.Pinhole
 	for _, f := range fs {
-		if f.nat || f.t.wild() {
+		if f.t.wild() {
 			continue // a wildcard's flows are spared one by one (spareWild)
 		}
 		if _, done := a[f.t]; done {
@@ -163,8 +164,8 @@ func (s *Server) liveAdmitsBy(dst []pinhole.Pinhole, t ctTarget, buf []store.Lea
 // of the ended one's flows: TestE2EEndpointRetakenEndsOldFlow), which only
 // the walk sees. A lease made after the end is not among them: a mapping
 // deleted and made again before the walk still ends the connections of
-// before (TestCtFlushRemade). SNAT filters are not pruned here: unheldNAT
-// dropped those of endpoints held when their mapping ended. s.mu
+// before (TestCtFlushRemade). SNAT filters are spared the same way, by
+// the live pinholes whose companion SNATs the flow (ctAdmits.snatted). s.mu
 // is taken a chunk of filters at a time, so 1M of them at a start do not
 // stall the engine.
 func (s *Server) pruneLive(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits) {
@@ -180,7 +181,7 @@ func (s *Server) pruneLive(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits) 
 		s.mu.Lock()
 		for _, f := range fs[i:min(i+step, len(fs))] {
 			ps, ok := held[f.t]
-			if !f.nat && ok && !done[f.t] {
+			if ok && !done[f.t] {
 				done[f.t] = true
 				live, buf = s.liveAdmits(live[:0], f.t, buf)
 				var kept []pinhole.Pinhole
@@ -683,6 +684,36 @@ func (k keepAdmitted) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 		!k.admits.admitted(k.t, netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), netip.AddrPortFrom(to.Unmap(), fl.Reverse.SrcPort))
 }
 
+// snatted reports whether a pinhole a[t] SNATs a new outbound flow from
+// the internal endpoint src to the remote dst to t, as its companion in
+// the kernel's snat4 / snat4_filter map does (keyed by the internal
+// endpoint and, filtered, the remote range: a PEER's covers its remote
+// only): such a flow is that live lease's, and stays.
+func (a ctAdmits) snatted(t ctTarget, src, dst netip.AddrPort) bool {
+	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	for _, p := range a[t] {
+		if netip.AddrPortFrom(p.InternalAddr.Unmap(), p.InternalPort) == src && p.Admits(t.proto, dst, t.dst()) {
+			return true
+		}
+	}
+	return false
+}
+
+// keepSNATted is a generic walk's SNAT filter that spares the flows a
+// live lease's SNAT companion covers (ctAdmits.snatted).
+type keepSNATted struct {
+	nf     netlink.CustomConntrackFilter
+	t      ctTarget
+	admits ctAdmits
+}
+
+func (k keepSNATted) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
+	src, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
+	dst, _ := netip.AddrFromSlice(fl.Forward.DstIP)
+	return k.nf.MatchConntrackFlow(fl) &&
+		!k.admits.snatted(k.t, netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), netip.AddrPortFrom(dst.Unmap(), fl.Forward.DstPort))
+}
+
 // keepLive is a generic walk's wildcard filter: it spares the flows a
 // lease live throughout admits where the kernel delivered them (spareWild,
 // one flow at a time; the reply's source).
@@ -733,6 +764,8 @@ func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits) ([]ctFilte
 						nf = keepLive{nf: nf, s: s, end: f.end()}
 					} else if _, held := admits[f.t]; held && !f.nat {
 						nf = keepAdmitted{nf: nf, t: f.t, admits: admits}
+					} else if held {
+						nf = keepSNATted{nf: nf, t: f.t, admits: admits}
 					}
 					filters = append(filters, nf)
 				}
@@ -812,7 +845,7 @@ func (c *ctFlusher) isClosed() bool {
 func heldOf(held ctAdmits, fs []ctFilter) ctAdmits {
 	var a ctAdmits
 	for _, f := range fs {
-		if ps, ok := held[f.t]; ok && !f.nat {
+		if ps, ok := held[f.t]; ok {
 			if a == nil {
 				a = ctAdmits{}
 			}

@@ -251,6 +251,12 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		if _, want := slices.BinarySearchFunc(fs, k, cmpCtFilter); !want {
 			continue
 		}
+		if g.nat && d.admits.snatted(k.t, o.src, o.dst) {
+			// Its SNAT is a live lease's (a PEER's, of this remote):
+			// before, any live holder of the endpoint kept every
+			// remote's (review h/revpeer).
+			continue
+		}
 		if !g.nat && d.admits[k.t] != nil {
 			// Spared if a live lease admits it where the kernel
 			// delivered it (the reply's source).

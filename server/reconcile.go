@@ -379,8 +379,9 @@ func (r *restoring) commitDrops(drop keyChunks, qc *store.QuarChange) {
 // was down: conntrack outlives the process, and the guard lets their
 // established flows pass (flushConntrack). Not those a restored lease
 // admits (heldAdmits: live throughout, nothing was made while pcpd was
-// down), nor the SNAT-ed ones of an endpoint a restored lease holds
-// (unheldNAT). Before, every flow of an endpoint a restored lease held was
+// down), nor the SNAT-ed ones a restored lease's companion covers
+// (ctAdmits.snatted; before review h/revpeer: every SNAT-ed one of an
+// endpoint a restored lease held). Before, every flow of an endpoint a restored lease held was
 // kept: a PEER's restored beside an expired MAP kept the MAP's flows from
 // every remote (review h/revctl, TestCtFlushExpiredAtStartSparesOnlyAdmitted).
 // A wildcard filter's flows (an IPv6 all-ports MAP's) are spared one by
@@ -390,7 +391,7 @@ func (r *restoring) flushExpired() {
 	s := r.s
 	// Those of moved leases whose pinhole deletion failed wait for
 	// retryUndeleted, as refused ones do (revoked).
-	fs := s.unheldNAT(s.pendingEnds(r.expEnds))
+	fs := s.pendingEnds(r.expEnds)
 	r.expEnds = nil
 	if len(fs) > 0 {
 		s.ct.add(fs, s.heldAdmits(fs))
@@ -583,7 +584,7 @@ func (s *Server) retryUndeleted() {
 	// the endpoint since, DNAT-ing it to another internal tuple, admits
 	// none of the old flows: pinhole.Pinhole.AdmitsFlow); before, every
 	// flow of an endpoint a live lease held was kept.
-	flush := s.unheldNAT(s.pendingEnds(ends))
+	flush := s.pendingEnds(ends)
 	end := s.steadyAt(s.now()) // steady, as flushConntrack's
 	for i := range flush {
 		if !flush[i].nat && flush[i].t.wild() {

@@ -183,7 +183,7 @@ func (r *restoring) revoked() {
 		return
 	}
 	s := r.s
-	if ends := s.unheldNAT(s.pendingEnds(r.ends)); len(ends) > 0 {
+	if ends := s.pendingEnds(r.ends); len(ends) > 0 {
 		// Those of leases whose pinhole deletion failed wait for
 		// retryUndeleted (TestRestoreRefusedFlushAfterDelete).
 		s.ct.add(ends, s.heldAdmits(ends))

@@ -1,0 +1,170 @@
+package server
+
+import (
+	"net"
+	"net/netip"
+	"syscall"
+	"testing"
+	"time"
+
+	vnetlink "github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
+)
+
+// Review h/revpeer (2026-12-05) of h/peerend.
+
+// dialShared connects from ns, from local (SO_REUSEADDR: several flows
+// from one mapped port), to dst.
+func dialShared(t *testing.T, ns *netlab.NS, local, dst netip.AddrPort) net.Conn {
+	t.Helper()
+	var c net.Conn
+	if err := ns.Do(func() (err error) {
+		d := net.Dialer{Timeout: 2 * time.Second, LocalAddr: net.TCPAddrFromAddrPort(local),
+			Control: func(_, _ string, rc syscall.RawConn) error {
+				var serr error
+				if err := rc.Control(func(fd uintptr) {
+					serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+				}); err != nil {
+					return err
+				}
+				return serr
+			}}
+		c, err = d.Dial("tcp", dst.String())
+		return err
+	}); err != nil {
+		t.Fatalf("dial %v from %v: %v", dst, local, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// TestE2ESNATSparedOnlyForPeerRemote (root, namespaces): an IPv4 MAP
+// without FILTER and a PEER of the same internal endpoint share the
+// external port; the client opens outbound flows from the mapped port
+// to the PEER's remote and to another remote, both SNAT-ed to that port.
+//   - "MAP deleted": the other remote's flow left through the MAP's SNAT
+//     companion (every remote), the PEER's companion covers its remote
+//     only: the flow ends, the PEER's stays. On h/peerend any live holder
+//     of the endpoint kept every SNAT-ed flow (unheldNAT): the other
+//     remote's flow outlived the MAP, and the PEER's end (which flushes
+//     no SNAT-ed flow) too, keeping the port's flow after it went back
+//     to the pool.
+//   - "MAP narrowed": a FILTER of the PEER's remote added by a renewal:
+//     the client keeps its port, and its own outbound flows stay, to
+//     either remote (regression guard for the fix: passes either way).
+func TestE2ESNATSparedOnlyForPeerRemote(t *testing.T) {
+	for i, c := range []struct {
+		name       string
+		narrow     bool
+		wantOther  bool // the other remote's flow kept
+		wantRemote bool // the PEER's remote's flow kept
+	}{
+		{"MAP deleted", false, false, true},
+		{"MAP narrowed", true, true, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+			l.topo.Host.MustRun(t, "nft", "add table ip revpeer_nat")
+			l.topo.Host.MustRun(t, "nft", "add chain ip revpeer_nat post { type nat hook postrouting priority srcnat; }")
+			l.topo.Host.MustRun(t, "nft", "add rule ip revpeer_nat post oifname wan0 masquerade")
+			port := uint16(8300 + i)
+			client := l.topo.ClientV4
+			r1 := netip.AddrPortFrom(l.topo.InternetV4, 7300+uint16(2*i))
+			r2 := netip.AddrPortFrom(l.topo.InternetV4, r1.Port()+1)
+			resp := l.pcp(mapReq(client, pcp.ProtoTCP, port, port+10000, time.Hour, 1))
+			if resp.Result != pcp.Success {
+				t.Fatalf("MAP: %+v", resp)
+			}
+			ext := netip.AddrPortFrom(resp.Map.ExternalAddr.Unmap(), resp.Map.ExternalPort)
+			if resp := l.pcp(peerReq(client, pcp.ProtoTCP, port, r1, time.Hour, 2)); resp.Result != pcp.Success ||
+				netip.AddrPortFrom(resp.Map.ExternalAddr.Unmap(), resp.Map.ExternalPort) != ext {
+				t.Fatalf("PEER: %+v, want external %v", resp, ext)
+			}
+			serveEcho(t, l.topo.Internet, r1)
+			serveEcho(t, l.topo.Internet, r2)
+			mapped := netip.AddrPortFrom(client, port)
+			c1, c2 := dialShared(t, l.topo.Client, mapped, r1), dialShared(t, l.topo.Client, mapped, r2)
+			for _, r := range []netip.AddrPort{r1, r2} {
+				f := l.ctFlow(t, mapped, r)
+				if f == nil {
+					t.Fatalf("outbound flow to %v not tracked", r)
+				}
+				rd, _ := netip.AddrFromSlice(f.Reverse.DstIP)
+				if got := netip.AddrPortFrom(rd.Unmap(), f.Reverse.DstPort); got != ext {
+					t.Fatalf("outbound flow to %v leaves from %v, want %v", r, got, ext)
+				}
+			}
+			for _, cn := range []net.Conn{c1, c2} {
+				if err := echoOnce(cn); err != nil {
+					t.Fatalf("outbound to %v: %v", cn.RemoteAddr(), err)
+				}
+			}
+			r := mapReq(client, pcp.ProtoTCP, port, ext.Port(), 0, 1)
+			if c.narrow {
+				r = mapReq(client, pcp.ProtoTCP, port, ext.Port(), time.Hour, 1)
+				r.Options.Filters = []pcp.Filter{{Remote: netip.PrefixFrom(r1.Addr(), 32), RemotePort: r1.Port()}}
+			}
+			if resp := l.pcp(r); resp.Result != pcp.Success {
+				t.Fatalf("MAP change: %+v", resp)
+			}
+			// The reply waited for the flush.
+			for _, w := range []struct {
+				r    netip.AddrPort
+				c    net.Conn
+				want bool
+			}{{r1, c1, c.wantRemote}, {r2, c2, c.wantOther}} {
+				kept := l.ctFlow(t, mapped, w.r) != nil
+				err := echoOnce(w.c)
+				t.Logf("outbound flow to %v tracked: %v, carries data: %v", w.r, kept, err == nil)
+				if kept != w.want {
+					t.Errorf("outbound flow to %v tracked %v, want %v", w.r, kept, w.want)
+				}
+				if (err == nil) != w.want {
+					t.Errorf("outbound flow to %v carries data %v, want %v", w.r, err == nil, w.want)
+				}
+			}
+		})
+	}
+}
+
+// TestCtKeepSNATtedGeneric: the generic walk's SNAT filter (kernels
+// without CTA_FILTER) spares, as the kernel-filtered walk does, only the
+// outbound flows a live lease's SNAT companion covers: a PEER's, from its
+// internal endpoint to its remote. The bare SNAT filter (no sparing)
+// ends row 1, the PEER's own flow; h/peerend dropped the SNAT filter
+// whenever a live lease held the endpoint, keeping rows 2 and 3.
+func TestCtKeepSNATtedGeneric(t *testing.T) {
+	in, ext := netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("198.51.100.1")
+	rem := netip.MustParseAddrPort("203.0.113.7:7000")
+	tg := ctTarget{addr: ext, proto: protoTCP, port: 40000}
+	peer := pinhole.Pinhole{Protocol: protoTCP, InternalAddr: in, InternalPort: 8000, ExternalAddr: ext, ExternalPort: 40000,
+		RemotePrefix: netip.PrefixFrom(rem.Addr(), 32), RemotePort: rem.Port()}
+	f := ctFilter{v4: true, nat: true, t: tg, src4: in.As4(), sport: 8000}
+	k := keepSNATted{nf: f.netlinkFilter(), t: tg, admits: ctAdmits{tg: {peer}}}
+	for _, c := range []struct {
+		name  string
+		src   netip.AddrPort
+		dst   netip.AddrPort
+		ended bool
+	}{
+		{"to the PEER's remote", netip.AddrPortFrom(in, 8000), rem, false},
+		{"to another remote port", netip.AddrPortFrom(in, 8000), netip.AddrPortFrom(rem.Addr(), 7001), true},
+		{"to another remote", netip.AddrPortFrom(in, 8000), netip.MustParseAddrPort("203.0.113.8:7000"), true},
+		{"from another internal port", netip.AddrPortFrom(in, 8001), rem, false}, // not the filter's source
+	} {
+		fl := &vnetlink.ConntrackFlow{FamilyType: unix.AF_INET}
+		fl.Forward = vnetlink.IPTuple{Protocol: protoTCP, SrcIP: c.src.Addr().AsSlice(), SrcPort: c.src.Port(), DstIP: c.dst.Addr().AsSlice(), DstPort: c.dst.Port()}
+		fl.Reverse = vnetlink.IPTuple{Protocol: protoTCP, SrcIP: c.dst.Addr().AsSlice(), SrcPort: c.dst.Port(), DstIP: ext.AsSlice(), DstPort: 40000}
+		if got := k.MatchConntrackFlow(fl); got != c.ended {
+			t.Errorf("%s: ended %v, want %v", c.name, got, c.ended)
+		}
+	}
+	if (ctAdmits{tg: {peer}}).snatted(tg, netip.AddrPortFrom(in, 8000), netip.AddrPortFrom(rem.Addr(), 7001)) {
+		t.Error("snatted: another remote port counted as the PEER's")
+	}
+}
