@@ -14,6 +14,7 @@ import (
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
 )
 
 // Review h/revpeer (2026-12-05) of h/peerend.
@@ -166,5 +167,38 @@ func TestCtKeepSNATtedGeneric(t *testing.T) {
 	}
 	if (ctAdmits{tg: {peer}}).snatted(tg, netip.AddrPortFrom(in, 8000), netip.AddrPortFrom(rem.Addr(), 7001)) {
 		t.Error("snatted: another remote port counted as the PEER's")
+	}
+}
+
+// TestFiltersNarrowedEdges: filtersNarrowed's edge cases (review
+// h/revpeer). An IPv4 FILTER of every remote (0.0.0.0/0, any port)
+// narrows nothing: on h/peerend the first row said narrowed (a walk the
+// reply waited for, ending nothing). The rest pass either way: IPv4 prefixes and ports, duplicates, order, a prefix only
+// a union covers (counted as narrowed: a walk, nothing more ended).
+func TestFiltersNarrowedEdges(t *testing.T) {
+	f := func(p string, port uint16) store.Filter {
+		return store.Filter{Prefix: netip.MustParsePrefix(p), Port: port}
+	}
+	all4, net4, host4 := f("0.0.0.0/0", 0), f("192.0.2.0/24", 0), f("192.0.2.7/32", 0)
+	host4p := f("192.0.2.7/32", 7000)
+	lo, hi := f("2001:db8::/33", 0), f("2001:db8:8000::/33", 0)
+	for _, c := range []struct {
+		name       string
+		prev, next []store.Filter
+		want       bool
+	}{
+		{"none to every IPv4 remote", nil, []store.Filter{all4}, false},
+		{"one to every IPv4 remote", []store.Filter{host4p}, []store.Filter{all4, host4}, false},
+		{"every IPv4 remote to one", []store.Filter{all4}, []store.Filter{net4}, true},
+		{"every IPv4 remote with a port", nil, []store.Filter{f("0.0.0.0/0", 53)}, true},
+		{"IPv4 host inside the net", []store.Filter{host4p, host4}, []store.Filter{net4}, false},
+		{"IPv4 net to a host", []store.Filter{net4}, []store.Filter{host4}, true},
+		{"IPv4 any port to one", []store.Filter{host4}, []store.Filter{host4p}, true},
+		{"duplicates, order", []store.Filter{net4, host4, net4}, []store.Filter{host4, net4}, false},
+		{"union covers (counted)", []store.Filter{f("2001:db8::/32", 0)}, []store.Filter{lo, hi}, true},
+	} {
+		if got := filtersNarrowed(c.prev, c.next); got != c.want {
+			t.Errorf("%s: narrowed %v, want %v", c.name, got, c.want)
+		}
 	}
 }

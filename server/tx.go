@@ -220,9 +220,13 @@ func (t *tx) set(key store.Key, next *store.Lease, ended bool) {
 // and one of prev's (or prev's "every remote") is inside none of next's.
 // A filter of prev that only the union of several of next's covers counts
 // as dropped: the flush then ends nothing more (what next admits is
-// spared), at the cost of a walk.
+// spared), at the cost of a walk. A filter of every remote (an IPv4
+// 0.0.0.0/0, any port: the pcp package refuses FILTERs of the other
+// family, and an IPv6 /0 clears) admits what none does: before (review
+// h/revpeer), adding one to a mapping without FILTERs counted as a
+// narrowing, a walk the reply waited for that could end nothing.
 func filtersNarrowed(prev, next []store.Filter) bool {
-	if len(next) == 0 {
+	if len(next) == 0 || slices.ContainsFunc(next, func(g store.Filter) bool { return g.Prefix.Bits() == 0 && g.Port == 0 }) {
 		return false
 	}
 	if len(prev) == 0 {
