@@ -76,7 +76,7 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 	for i := range ended {
 		n := len(fs)
 		fs = appendCtFilters(fs, &ended[i], end)
-		if l := &ended[i]; s.tab.getInto(l.Key, &cur) && endpointOf(&cur) == endpointOf(l) {
+		if l := &ended[i]; len(fs) > n+1 && s.tab.getInto(l.Key, &cur) && endpointOf(&cur) == endpointOf(l) {
 			// The mapping lives on at its endpoint (its FILTERs
 			// narrowed, or deleted and made again in the batch):
 			// the client keeps its port, and its own outbound flows

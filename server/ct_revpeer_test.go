@@ -55,6 +55,7 @@ func dialShared(t *testing.T, ns *netlab.NS, local, dst netip.AddrPort) net.Conn
 //     remote's flow outlived the MAP, and the PEER's end (which flushes
 //     no SNAT-ed flow) too, keeping the port's flow after it went back
 //     to the pool.
+//     The PEER's end, then, leaves its client's own flow to its remote.
 //   - "MAP narrowed": a FILTER of the PEER's remote added by a renewal:
 //     the client keeps its port, and its own outbound flows stay, to
 //     either remote (regression guard for the fix: passes either way).
@@ -128,6 +129,21 @@ func TestE2ESNATSparedOnlyForPeerRemote(t *testing.T) {
 				if (err == nil) != w.want {
 					t.Errorf("outbound flow to %v carries data %v, want %v", w.r, err == nil, w.want)
 				}
+			}
+			if c.narrow {
+				return
+			}
+			// The PEER's end leaves its client's own outbound flow
+			// (h/peerend's choice), as the MAP's delete did.
+			if n, err := l.srv.Revoke(RevokeFilter{Owner: l.srv.Leases()[0].Owner}); n != 1 || err != nil {
+				t.Fatalf("revoke the PEER: %d %v", n, err)
+			}
+			l.srv.waitConntrack()
+			if l.ctFlow(t, mapped, r1) == nil {
+				t.Error("the PEER's end flushed its client's own outbound flow")
+			}
+			if err := echoOnce(c1); err != nil {
+				t.Errorf("the PEER's end ended its client's own outbound flow: %v", err)
 			}
 		})
 	}
