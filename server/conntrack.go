@@ -608,7 +608,7 @@ func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, erro
 		s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))
 		return s.walkConntrackGeneric(fs, admits)
 	}
-	d.admits, d.fault, d.spare = admits, s.ctDumpFault, s.spareWild
+	d.admits, d.fault, d.spare, d.host = admits, s.ctDumpFault, s.spareWild, s.hostAddrs()
 	// One dump per family, protocol and direction (each walks the
 	// whole table), over its run of fs sorted, duplicates out: maps
 	// of the keys took ≈ 400 MB at a start dropping 1 000 000
@@ -736,6 +736,75 @@ func (k keepLive) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 	return !h[0].keep
 }
 
+// hostAddrs is the set of the host's own addresses, as the walk starts:
+// an inbound filter's flow whose original source is one of them was
+// opened by the host itself (or by a process of it, to the client's
+// address), not admitted by a pinhole, and outlives the mapping (keepHost,
+// ctDeleter.host). Since h/spoofsrc the guard drops a forwarded packet
+// with a local source before any pinhole accept ("fib saddr type local":
+// the kernel's local table, which holds every address the host holds on
+// any interface), so no flow from the WAN or a LAN can carry one. Before
+// (h/revall, h/peerend "Left"), an IPv6 all-ports MAP's end flushed the
+// host's own connections to the client's address, and a port MAP's its
+// connection to that port. Read from the kernel (the addresses of every
+// interface in Config.NetNS, tentative and DAD-failed ones out: those
+// the host cannot send from), not from pcpd's served set: a host address
+// on an interface pcpd does not serve (its WAN) is local to the rule too.
+// Nil if the kernel cannot tell: nothing is spared then.
+func (s *Server) hostAddrs() hostAddrs {
+	var h *netlink.Handle
+	var err error
+	if nsSet(s.cfg.NetNS) {
+		h, err = netlink.NewHandleAt(s.cfg.NetNS)
+	} else {
+		h, err = netlink.NewHandle()
+	}
+	if err != nil {
+		s.log.Debug("conntrack flush: host addresses", zap.Error(err))
+		return nil
+	}
+	defer h.Close()
+	as, err := h.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		s.log.Debug("conntrack flush: host addresses", zap.Error(err))
+		return nil
+	}
+	m := make(hostAddrs, len(as))
+	for _, a := range as {
+		if a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) != 0 {
+			continue
+		}
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			m[ip.Unmap()] = struct{}{}
+		}
+	}
+	return m
+}
+
+// hostAddrs are the host's own addresses (Server.hostAddrs).
+type hostAddrs map[netip.Addr]struct{}
+
+// has reports whether a is one of them (false on a nil set).
+func (h hostAddrs) has(a netip.Addr) bool {
+	_, ok := h[a.Unmap()]
+	return ok
+}
+
+// keepHost is a generic walk's inbound filter that spares the flows the
+// host opened itself (original source one of its addresses: hostAddrs).
+type keepHost struct {
+	nf   netlink.CustomConntrackFilter
+	host hostAddrs
+}
+
+func (k keepHost) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
+	if !k.nf.MatchConntrackFlow(fl) {
+		return false
+	}
+	src, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
+	return !k.host.has(src)
+}
+
 // walkConntrackGeneric is the walk for kernels without CTA_FILTER: one
 // dump of the whole table per address family that has filters. It
 // returns the filters of the families whose walk failed.
@@ -752,6 +821,7 @@ func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits) ([]ctFilte
 		return fs, err
 	}
 	defer h.Close()
+	host := s.hostAddrs()
 	var n uint
 	var left []ctFilter
 	var errs []error
@@ -760,6 +830,9 @@ func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits) ([]ctFilte
 		for _, f := range fs {
 			if f.v4 == (fam == netlink.FAMILY_V4) {
 				if nf := f.netlinkFilter(); nf != nil {
+					if !f.nat && len(host) > 0 {
+						nf = keepHost{nf: nf, host: host}
+					}
 					if f.t.wild() {
 						nf = keepLive{nf: nf, s: s, end: f.end()}
 					} else if _, held := admits[f.t]; held && !f.nat {

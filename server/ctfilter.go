@@ -84,6 +84,10 @@ type ctDeleter struct {
 	// spare marks the flows wildcard filters matched that a live lease
 	// admits (Server.spareWild; nil: none spared).
 	spare func([]ctWildHit)
+	// host spares the inbound flows the host opened itself (their
+	// original source is one of its addresses: Server.hostAddrs; nil:
+	// none spared).
+	host hostAddrs
 }
 
 // ctFault sees a conntrack dump's result and may change it (tests).
@@ -235,6 +239,9 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			w := ctFilter{t: ctTarget{addr: k.t.addr, proto: g.proto}}
 			_, exact := slices.BinarySearchFunc(fs, k, cmpCtFilter)
 			if i, ok := slices.BinarySearchFunc(fs, w, cmpCtTarget); ok && !(exact && !d.admits.admitted(k.t, o.src, to)) {
+				if d.host.has(o.src.Addr()) {
+					continue // the host's own (Server.hostAddrs)
+				}
 				hits = append(hits, ctWildHit{t: k.t, src: o.src, to: to, end: fs[i].end()})
 				held = append(held, ctHeldFlow{family: m.Data[0], orig: orig, zone: zone})
 				continue
@@ -255,6 +262,12 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			// Its SNAT is a live lease's (a PEER's, of this remote):
 			// before, any live holder of the endpoint kept every
 			// remote's (review h/revpeer).
+			continue
+		}
+		if !g.nat && d.host.has(o.src.Addr()) {
+			// The host opened it, to the client: no pinhole admitted
+			// it, and the guard drops a forwarded packet from a host
+			// address (Server.hostAddrs).
 			continue
 		}
 		if !g.nat && d.admits[k.t] != nil {

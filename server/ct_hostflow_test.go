@@ -1,0 +1,148 @@
+package server
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	mdnl "github.com/mdlayher/netlink"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+)
+
+// TestE2EMapEndKeepsHostFlows (root, namespaces): the host's own
+// connections to a client's address (the host → the client, the client
+// replies) pass no pinhole, yet the end of a mapping of that address
+// flushed them with the flows the mapping admitted (h/revall "Left"): an
+// IPv6 all-ports MAP's every flow to the address, a port MAP's to its
+// port. Since h/spoofsrc the guard drops a forwarded packet whose source
+// is one of the host's addresses, so such a flow can only be the host's:
+// it is spared (Server.hostAddrs), from the host's tunnel address and
+// from its WAN address (an interface pcpd does not serve) alike, while
+// the Internet's connection through the mapping ends. By both walks: the
+// kernel-filtered one and the generic one (a dump refused with EINVAL,
+// as a kernel without CTA_FILTER does).
+//
+// Fails without the sparing: "the host's flow from ... was flushed" on
+// every row (ctDeleter.host / keepHost removed).
+func TestE2EMapEndKeepsHostFlows(t *testing.T) {
+	for i, c := range []struct {
+		name    string
+		proto   uint8 // protoTCP or protoUDP
+		all     bool  // an all-ports MAP (TCP: pcpd grants no UDP one)
+		generic bool  // the walk without CTA_FILTER
+	}{
+		{"all-ports TCP MAP", protoTCP, true, false},
+		{"TCP MAP", protoTCP, false, false},
+		{"UDP MAP", protoUDP, false, false},
+		{"all-ports TCP MAP, generic walk", protoTCP, true, true},
+		{"TCP MAP, generic walk", protoTCP, false, true},
+		{"UDP MAP, generic walk", protoUDP, false, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			l := newLab(t, func(_ *Config, p *policy.Config) { p.AllowAllPorts = true })
+			if c.generic {
+				l.stop()
+				l.tweak = func(s *Server) {
+					s.ctDumpFault = func([]mdnl.Message, error) ([]mdnl.Message, error) {
+						return nil, &mdnl.OpError{Op: "receive", Err: unix.EINVAL}
+					}
+				}
+				l.start()
+			}
+			port := uint16(9900 + i)
+			client := netip.AddrPortFrom(l.topo.ClientV6, port)
+			proto, mport := pcp.ProtoTCP, port
+			if c.proto == protoUDP {
+				proto = pcp.ProtoUDP
+				l.topo.Client.ServeUDPEcho(t, client.String())
+			} else {
+				serveEcho(t, l.topo.Client, client)
+			}
+			if c.all {
+				mport = 0
+			}
+			resp := l.pcp(mapReq(l.topo.ClientV6, proto, mport, mport, time.Hour, 1))
+			if resp.Result != pcp.Success || resp.Map.ExternalPort != mport {
+				t.Fatalf("MAP of %d: %+v", mport, resp)
+			}
+			type flow struct {
+				name     string
+				conn     net.Conn
+				src, dst netip.AddrPort
+			}
+			var host []flow
+			for _, a := range []netip.Addr{l.topo.HostTunnelV6, l.topo.HostWANV6} {
+				conn := dialProto(t, c.proto, l.topo.Host, netip.AddrPortFrom(a, 0), client)
+				if err := echoOnce(conn); err != nil {
+					t.Fatalf("host %v → client: %v", a, err)
+				}
+				src := netip.MustParseAddrPort(conn.LocalAddr().String())
+				host = append(host, flow{"the host's flow from " + a.String(), conn, src, client})
+			}
+			wsrc := netip.AddrPortFrom(l.topo.InternetV6, port+40000)
+			wan := dialProto(t, c.proto, l.topo.Internet, wsrc, client)
+			if err := echoOnce(wan); err != nil {
+				t.Fatalf("through the MAP: %v", err)
+			}
+			for _, f := range append(host, flow{"the Internet's flow", wan, wsrc, client}) {
+				if l.ctFlowOf(t, c.proto, f.src, f.dst) == nil {
+					t.Fatalf("%s: no conntrack entry %v → %v", f.name, f.src, f.dst)
+				}
+			}
+			// The reply waits for the flush (waitConntrack).
+			if resp := l.pcp(mapReq(l.topo.ClientV6, proto, mport, mport, 0, 1)); resp.Result != pcp.Success {
+				t.Fatalf("MAP delete: %+v", resp)
+			}
+			if f := l.ctFlowOf(t, c.proto, wsrc, client); f != nil {
+				t.Errorf("the Internet's flow through the ended MAP is still tracked: %s", f)
+			}
+			if err := echoOnce(wan); err == nil {
+				t.Error("the Internet's flow through the ended MAP still carries data")
+			}
+			for _, f := range host {
+				// Before any packet of it: a TCP flow flushed is
+				// picked up again (nf_conntrack_tcp_loose), and the
+				// host's output passes no guard.
+				if l.ctFlowOf(t, c.proto, f.src, f.dst) == nil {
+					t.Errorf("%s was flushed with the MAP's", f.name)
+				}
+				if err := echoOnce(f.conn); err != nil {
+					t.Errorf("%s ended: %v", f.name, err)
+				}
+			}
+		})
+	}
+}
+
+// dialProto connects (TCP) or connects a socket (UDP) from ns, from
+// local (port 0: any), to dst.
+func dialProto(t *testing.T, proto uint8, ns *netlab.NS, local, dst netip.AddrPort) net.Conn {
+	t.Helper()
+	if proto == protoTCP {
+		return dialIn(t, ns, local, dst)
+	}
+	var c net.Conn
+	if err := ns.Do(func() (err error) {
+		c, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(local), net.UDPAddrFromAddrPort(dst))
+		return err
+	}); err != nil {
+		t.Fatalf("dial udp %v from %v: %v", dst, local, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// ctFlowOf is ctFlow or ctUDPFlow, by proto.
+func (l *lab) ctFlowOf(t *testing.T, proto uint8, src, dst netip.AddrPort) *netlink.ConntrackFlow {
+	t.Helper()
+	if proto == protoUDP {
+		return l.ctUDPFlow(t, src, dst)
+	}
+	return l.ctFlow(t, src, dst)
+}
