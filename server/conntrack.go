@@ -746,10 +746,13 @@ func (k keepLive) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 // any interface), so no flow from the WAN or a LAN can carry one. Before
 // (h/revall, h/peerend "Left"), an IPv6 all-ports MAP's end flushed the
 // host's own connections to the client's address, and a port MAP's its
-// connection to that port. Read from the kernel (the addresses of every
-// interface in Config.NetNS, tentative and DAD-failed ones out: those
-// the host cannot send from), not from pcpd's served set: a host address
-// on an interface pcpd does not serve (its WAN) is local to the rule too.
+// connection to that port. Read from the kernel as the walk starts: the
+// addresses of every interface in Config.NetNS (tentative and DAD-failed
+// ones out: the host cannot send from them) that a route lookup finds
+// local, as the rule's does; not pcpd's served set: a host address on an
+// interface pcpd does not serve (its WAN) is local to the rule too. A
+// local route that is no interface's address (AnyIP: "ip route add local
+// PREFIX dev lo") is not looked for: such flows are flushed, as before.
 // Nil if the kernel cannot tell: nothing is spared then.
 func (s *Server) hostAddrs() hostAddrs {
 	var h *netlink.Handle
@@ -774,7 +777,15 @@ func (s *Server) hostAddrs() hostAddrs {
 		if a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) != 0 {
 			continue
 		}
-		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if !ok {
+			continue
+		}
+		// Local as the rule sees it: its route lookup (no interface)
+		// says so. An address whose local route is gone (its
+		// interface down) is not: a spoof of it passes the guard.
+		rs, err := h.RouteGet(a.IP)
+		if err == nil && slices.ContainsFunc(rs, func(r netlink.Route) bool { return r.Type == unix.RTN_LOCAL }) {
 			m[ip.Unmap()] = struct{}{}
 		}
 	}

@@ -129,14 +129,18 @@ func TestCtDeleteWildcard(t *testing.T) {
 		name  string
 		proto uint8
 		spare func(ctWildHit) bool
-		gone  []int // indexes of flows ended
+		gone  []int      // indexes of flows ended
+		host  netip.Addr // one of the host's addresses (ctDeleter.host), if valid
 	}{
-		{"all-ports TCP", protoTCP, nil, []int{0, 1, 6}},
-		{"all-protocols", 0, nil, []int{0, 1, 2, 3, 6}},
-		{"all-protocols, one spared", 0, func(h ctWildHit) bool { return h.src.Addr() == r2 }, []int{0, 2, 3, 6}},
+		{"all-ports TCP", protoTCP, nil, []int{0, 1, 6}, netip.Addr{}},
+		{"all-protocols", 0, nil, []int{0, 1, 2, 3, 6}, netip.Addr{}},
+		{"all-protocols, one spared", 0, func(h ctWildHit) bool { return h.src.Addr() == r2 }, []int{0, 2, 3, 6}, netip.Addr{}},
 		// The hit carries where the flow was delivered (review h/revall).
-		{"all-ports TCP, the one delivered at 8443 spared", protoTCP, func(h ctWildHit) bool { return h.to == netip.AddrPortFrom(a, 8443) }, []int{0, 1}},
-		{"all-ports TCP, those delivered where sent spared", protoTCP, func(h ctWildHit) bool { return h.to == h.t.dst() }, []int{6}},
+		{"all-ports TCP, the one delivered at 8443 spared", protoTCP, func(h ctWildHit) bool { return h.to == netip.AddrPortFrom(a, 8443) }, []int{0, 1}, netip.Addr{}},
+		{"all-ports TCP, those delivered where sent spared", protoTCP, func(h ctWildHit) bool { return h.to == h.t.dst() }, []int{6}, netip.Addr{}},
+		// The host's own flows stay, whatever spare says; another
+		// source's (the Internet's, another client's) end (h/hostflow).
+		{"all-protocols, the host's own spared", 0, func(ctWildHit) bool { return false }, []int{0, 2, 3, 6}, r2},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			ns := netlab.NewNS(t, "ctallw")
@@ -164,6 +168,9 @@ func TestCtDeleteWildcard(t *testing.T) {
 						hs[i].keep = c.spare(hs[i])
 					}
 				}
+			}
+			if c.host.IsValid() {
+				d.host = hostAddrs{c.host: {}}
 			}
 			f := ctFilter{t: ctTarget{addr: a, proto: c.proto}}
 			f.setEnd(time.Now())

@@ -8,6 +8,7 @@ import (
 
 	mdnl "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/netlab"
@@ -145,4 +146,48 @@ func (l *lab) ctFlowOf(t *testing.T, proto uint8, src, dst netip.AddrPort) *netl
 		return l.ctUDPFlow(t, src, dst)
 	}
 	return l.ctFlow(t, src, dst)
+}
+
+// TestHostAddrs (root, a namespace): the host's addresses the walk
+// spares the flows of are those the guard's "fib saddr type local" calls
+// local: an address of an interface, IPv4 and IPv6 (loopback included)
+// that the kernel's route lookup finds local; not one whose local route
+// is gone (deleted from the local table: a spoof of it passes the
+// guard), nor a tentative IPv6 one (DAD running: the host cannot send
+// from it, and its lookup is not local), nor an address the host does
+// not hold. Without the route lookup, the address without its local
+// route was in the set.
+func TestHostAddrs(t *testing.T) {
+	ns := netlab.NewNS(t, "hostflw")
+	h, _ := nsHandles(t, ns)
+	ns.MustRun(t, "ip", "link", "set", "lo", "up")
+	ns.MustRun(t, "ip", "link", "add", "hfup", "type", "veth", "peer", "name", "hfpeer")
+	ns.MustRun(t, "ip", "link", "set", "hfpeer", "up")
+	ns.MustRun(t, "ip", "link", "set", "hfup", "up")
+	ns.MustRun(t, "ip", "addr", "add", "192.0.2.1/24", "dev", "hfup")
+	ns.MustRun(t, "ip", "addr", "add", "2001:db8:77::1/64", "dev", "hfup", "nodad")
+	ns.MustRun(t, "ip", "addr", "add", "198.51.100.9/24", "dev", "hfup")
+	ns.MustRun(t, "ip", "route", "del", "local", "198.51.100.9", "table", "local")
+	// Tentative for a long while (50 probes, 1 s apart).
+	ns.MustRun(t, "sysctl", "-qw", "net.ipv6.conf.hfup.accept_dad=1", "net.ipv6.conf.hfup.dad_transmits=50")
+	ns.MustRun(t, "ip", "addr", "add", "2001:db8:78::1/64", "dev", "hfup")
+	s := &Server{cfg: Config{NetNS: h}, log: zap.NewNop()}
+	got := s.hostAddrs()
+	for _, c := range []struct {
+		addr string
+		want bool
+	}{
+		{"192.0.2.1", true},
+		{"2001:db8:77::1", true},
+		{"127.0.0.1", true},
+		{"::1", true},
+		{"198.51.100.9", false},   // its local route deleted
+		{"2001:db8:78::1", false}, // tentative
+		{"192.0.2.2", false},
+		{"2001:db8:77::2", false},
+	} {
+		if has := got.has(netip.MustParseAddr(c.addr)); has != c.want {
+			t.Errorf("%s: host's %v, want %v (set %v)", c.addr, has, c.want, got)
+		}
+	}
 }
