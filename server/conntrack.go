@@ -46,6 +46,15 @@ import (
 //     keeps its port and its own outbound flows). Before (review
 //     h/revpeer), any live holder of the endpoint kept every remote's.
 //
+// An inbound filter never ends a flow whose original source is one of the
+// host's own addresses (Server.hostAddrs, both walks): the host opened it
+// to the client, no pinhole admitted it, and since h/spoofsrc the guard
+// drops a forwarded packet from such an address, so the WAN cannot make
+// one. Before, an IPv6 all-ports MAP's end flushed the host's every
+// connection to the client's address, a port MAP's its one to that port
+// (h/revall "Left"). A LAN client's flows to the address passed the
+// guard's pinholes and still end.
+//
 // A PEER's end flushes its endpoint's inbound flows as a MAP's does (the
 // flows from its remote, IPv4 DNAT-ed ones included, unless a lease live
 // throughout admits them); before, it flushed nothing, so a flow it
