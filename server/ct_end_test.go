@@ -71,6 +71,13 @@ func echoOnce(c net.Conn) error {
 // goes from src to dst, if any.
 func (l *lab) ctFlow(t *testing.T, src, dst netip.AddrPort) *netlink.ConntrackFlow {
 	t.Helper()
+	return l.ctFlowOf(t, protoTCP, src, dst)
+}
+
+// ctFlowOf is the Host's conntrack entry of the flow of protocol proto
+// (protoTCP, protoUDP) whose original tuple goes from src to dst, if any.
+func (l *lab) ctFlowOf(t *testing.T, proto uint8, src, dst netip.AddrPort) *netlink.ConntrackFlow {
+	t.Helper()
 	nh, err := netlink.NewHandleAt(l.cfg.NetNS)
 	if err != nil {
 		t.Fatal(err)
@@ -87,7 +94,7 @@ func (l *lab) ctFlow(t *testing.T, src, dst netip.AddrPort) *netlink.ConntrackFl
 	for _, f := range flows {
 		s, _ := netip.AddrFromSlice(f.Forward.SrcIP)
 		d, _ := netip.AddrFromSlice(f.Forward.DstIP)
-		if f.Forward.Protocol == protoTCP && netip.AddrPortFrom(s.Unmap(), f.Forward.SrcPort) == src && netip.AddrPortFrom(d.Unmap(), f.Forward.DstPort) == dst {
+		if f.Forward.Protocol == proto && netip.AddrPortFrom(s.Unmap(), f.Forward.SrcPort) == src && netip.AddrPortFrom(d.Unmap(), f.Forward.DstPort) == dst {
 			return f
 		}
 	}

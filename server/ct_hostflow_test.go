@@ -7,7 +7,6 @@ import (
 	"time"
 
 	mdnl "github.com/mdlayher/netlink"
-	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
@@ -137,15 +136,6 @@ func dialProto(t *testing.T, proto uint8, ns *netlab.NS, local, dst netip.AddrPo
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
-}
-
-// ctFlowOf is ctFlow or ctUDPFlow, by proto.
-func (l *lab) ctFlowOf(t *testing.T, proto uint8, src, dst netip.AddrPort) *netlink.ConntrackFlow {
-	t.Helper()
-	if proto == protoUDP {
-		return l.ctUDPFlow(t, src, dst)
-	}
-	return l.ctFlow(t, src, dst)
 }
 
 // TestHostAddrs (root, a namespace): the host's addresses the walk

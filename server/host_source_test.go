@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
@@ -134,7 +132,7 @@ func TestE2ESpoofedHostSource(t *testing.T) {
 			if got := from(own); got.IsValid() {
 				t.Errorf("a datagram from the WAN claiming the host's own %v reached the client through %v, seen from %v", own, dst, got)
 			}
-			if f := l.ctUDPFlow(t, netip.AddrPortFrom(own, rport), dst); f != nil {
+			if f := l.ctFlowOf(t, protoUDP, netip.AddrPortFrom(own, rport), dst); f != nil {
 				t.Errorf("the spoofed datagram's flow is tracked: %s", f)
 			}
 		})
@@ -170,31 +168,4 @@ func sendFromPort(ns *netlab.NS, src, dst netip.AddrPort, rx *net.UDPConn) (neti
 		}
 	}
 	return netip.Addr{}, nil
-}
-
-// ctUDPFlow is the Host's conntrack entry of the UDP flow whose original
-// tuple goes from src to dst, if any.
-func (l *lab) ctUDPFlow(t *testing.T, src, dst netip.AddrPort) *netlink.ConntrackFlow {
-	t.Helper()
-	nh, err := netlink.NewHandleAt(l.cfg.NetNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nh.Close()
-	fam := netlink.InetFamily(netlink.FAMILY_V6)
-	if src.Addr().Is4() {
-		fam = netlink.FAMILY_V4
-	}
-	flows, err := nh.ConntrackTableList(netlink.ConntrackTable, fam)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range flows {
-		s, _ := netip.AddrFromSlice(f.Forward.SrcIP)
-		d, _ := netip.AddrFromSlice(f.Forward.DstIP)
-		if f.Forward.Protocol == protoUDP && netip.AddrPortFrom(s.Unmap(), f.Forward.SrcPort) == src && netip.AddrPortFrom(d.Unmap(), f.Forward.DstPort) == dst {
-			return f
-		}
-	}
-	return nil
 }
