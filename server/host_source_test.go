@@ -115,7 +115,7 @@ func TestE2ESpoofedHostSource(t *testing.T) {
 
 			from := func(src netip.Addr) netip.Addr {
 				t.Helper()
-				got, err := sendFromPort(l.topo.Internet, netip.AddrPortFrom(src, rport), dst, rx)
+				got, err := l.topo.Internet.SendUDPFromPort(netip.AddrPortFrom(src, rport), dst, rx, 300*time.Millisecond)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -137,35 +137,4 @@ func TestE2ESpoofedHostSource(t *testing.T) {
 			}
 		})
 	}
-}
-
-// sendFromPort sends a datagram from src (its port too) in ns to dst, up
-// to three times, and returns the source rx saw for the first that
-// arrived (invalid: none). The source may be spoofed.
-func sendFromPort(ns *netlab.NS, src, dst netip.AddrPort, rx *net.UDPConn) (netip.Addr, error) {
-	var c *net.UDPConn
-	if err := ns.Do(func() (err error) {
-		c, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(src), net.UDPAddrFromAddrPort(dst))
-		return err
-	}); err != nil {
-		return netip.Addr{}, err
-	}
-	defer c.Close()
-	msg := fmt.Sprintf("from %v %s", src, netlab.Rand(8))
-	buf := make([]byte, 128)
-	for range 3 {
-		c.Write([]byte(msg))
-		deadline := time.Now().Add(300 * time.Millisecond)
-		for {
-			rx.SetReadDeadline(deadline)
-			k, from, err := rx.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				break
-			}
-			if string(buf[:k]) == msg {
-				return from.Addr().Unmap(), nil
-			}
-		}
-	}
-	return netip.Addr{}, nil
 }

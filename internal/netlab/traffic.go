@@ -144,15 +144,21 @@ func (n *NS) ProbeUDP(addr string, timeout time.Duration) error {
 // in rx by an earlier call are skipped: each call's payload is its own.
 // The source may be spoofed: no answer is expected.
 func (n *NS) SendUDPFrom(src netip.Addr, dst netip.AddrPort, rx *net.UDPConn, waitEach time.Duration) (netip.Addr, error) {
+	return n.SendUDPFromPort(netip.AddrPortFrom(src, 0), dst, rx, waitEach)
+}
+
+// SendUDPFromPort is SendUDPFrom from a chosen source port too (0: any),
+// for a test that then looks up the flow's conntrack entry by its tuple.
+func (n *NS) SendUDPFromPort(src, dst netip.AddrPort, rx *net.UDPConn, waitEach time.Duration) (netip.Addr, error) {
 	var c *net.UDPConn
 	if err := n.Do(func() (err error) {
-		c, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(src, 0)), net.UDPAddrFromAddrPort(dst))
+		c, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(src), net.UDPAddrFromAddrPort(dst))
 		return err
 	}); err != nil {
 		return netip.Addr{}, err
 	}
 	defer c.Close()
-	msg := fmt.Sprintf("from %v %s", src, Rand(8))
+	msg := fmt.Sprintf("from %v %s", src.Addr(), Rand(8))
 	buf := make([]byte, 128)
 	for range 3 {
 		c.Write([]byte(msg))
