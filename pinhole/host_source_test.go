@@ -1,7 +1,6 @@
 package pinhole_test
 
 import (
-	"errors"
 	"net/netip"
 	"regexp"
 	"strings"
@@ -79,15 +78,7 @@ func TestGuardDropsHostOwnSource(t *testing.T) {
 			}
 			topo.Host.MustRun(t, "nft", "delete", "rule", "inet", table, guard, "handle", m[2])
 			check("older layout", true)
-			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
-				t.Fatalf("Healthy = %v over the guard without the local-source rule, want ErrUnhealthy", err)
-			}
-			if err := b.Setup(); err != nil {
-				t.Fatalf("Setup: %v", err)
-			}
-			if err := b.Healthy(); err != nil {
-				t.Fatalf("Healthy after Setup: %v", err)
-			}
+			tamperNoticedAndRepaired(t, topo.Host, b, "the guard without the local-source rule", nil)
 			check("after Setup", false)
 		})
 	}
