@@ -172,12 +172,27 @@ func (l *lab) exchange(laddr, dst netip.AddrPort, b []byte) ([]byte, error) {
 			return nil, err
 		}
 		c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
-		n, err := c.Read(buf)
-		if err == nil {
-			return buf[:n], nil
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				break
+			}
+			if !otherOpcode(b, buf[:n]) {
+				return buf[:n], nil
+			}
 		}
 	}
 	return nil, errors.New("no reply")
+}
+
+// otherOpcode reports whether reply is a PCP response to another opcode
+// than request's, as a client port that holds a lease gets after a
+// restart: the unsolicited ANNOUNCE (ANN-03). A client skips it (RFC 6887
+// §8.3: a response is matched to its request by opcode), and so does
+// exchange; read as the answer, its result SUCCESS passed for a MAP's.
+func otherOpcode(request, reply []byte) bool {
+	return len(request) >= 2 && len(reply) >= 2 && request[0] == pcp.Version && reply[0] == pcp.Version &&
+		reply[1]&0x7f != request[1]&0x7f
 }
 
 func (l *lab) server6() netip.AddrPort { return netip.AddrPortFrom(l.topo.HostTunnelV6, Port) }
