@@ -402,6 +402,16 @@ func (s *Server) rewriteStep(n int) bool {
 	}
 	if ref > t.top {
 		ref = 0 // done
+		// The backup copy still holds the times of before the step
+		// (written at Open, before the start's rebase, or by the last
+		// periodic snapshot): a restore from it, which has no anchor
+		// to go by, took them as they were, every lease off by the
+		// step (a forward one dropped them). Written again now that
+		// the state file is all in the new frame (housekeep).
+		select {
+		case s.rebased <- struct{}{}:
+		default:
+		}
 	}
 	s.rewriteAt = ref
 	return true

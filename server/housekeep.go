@@ -15,15 +15,16 @@ var storeDebtRetry = 5 * time.Second
 // the engine serves: Touch every TouchInterval, so a clock that went
 // backwards while pcpd was down is noticed at the next start instead of
 // continuing the epoch from a bogus origin (EPO-04); Snapshot every
-// SnapshotInterval and once more when ctx ends (graceful shutdown), so the
-// copy a damaged state file is restored from is recent. It also rescans
-// the host's ports every hostPortsTTL while IPv4 ports are being
-// allocated, so the engine does not wait for that dump, and every
-// storeDebtRetry writes the leases the store could not be told about
-// (payStoreDebt), so a debt does not wait for the next request. All of it
-// runs here, off the engine loop: a Snapshot copies the whole file, and
-// the store lets commits go on meanwhile. Stores without Touch or Snapshot
-// are left alone.
+// SnapshotInterval, once the store's rewrite after a wall-clock step is
+// done (the copy held the old frame's times: rewriteStep) and once more
+// when ctx ends (graceful shutdown), so the copy a damaged state file is
+// restored from is recent. It also rescans the host's ports every
+// hostPortsTTL while IPv4 ports are being allocated, so the engine does
+// not wait for that dump, and every storeDebtRetry writes the leases the
+// store could not be told about (payStoreDebt), so a debt does not wait
+// for the next request. All of it runs here, off the engine loop: a
+// Snapshot copies the whole file, and the store lets commits go on
+// meanwhile. Stores without Touch or Snapshot are left alone.
 func (s *Server) housekeep(ctx context.Context) {
 	toucher, _ := s.st.(Toucher)
 	snap, _ := s.st.(Snapshotter)
@@ -69,6 +70,8 @@ func (s *Server) housekeep(ctx context.Context) {
 			}
 		case <-backupC:
 			snapshot("periodic")
+		case <-s.rebased:
+			snapshot("after a wall-clock step")
 		}
 	}
 }

@@ -127,6 +127,10 @@ type Server struct {
 	// quarantines in rewriteQuarList (clock.go).
 	rewriteQuar     bool
 	rewriteQuarList []endpoint
+	// rebased: the rewrite after a rebase finished; housekeep then has
+	// the store write its backup copy again (the copy held the old
+	// frame's times: clock.go, rewriteStep).
+	rebased chan struct{}
 
 	in  chan packet
 	lis *listener
@@ -205,6 +209,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		dirty:        map[store.Key]time.Time{},
 		counters:     map[reqLabels]prometheus.Counter{},
 		in:           make(chan packet, cfg.QueueLen),
+		rebased:      make(chan struct{}, 1),
 		announceDone: make(chan struct{}),
 		// A request changes at most one lease: its old and new pinholes.
 		opsBudget: pinhole.MaxBatch - 2*(cfg.MaxFilters+1),

@@ -1,0 +1,156 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/internal/bootclock"
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/store"
+)
+
+// TestBootClockBackupAfterRebase (review h/revlock, left by h/revboot):
+// the backup copy (leases.db.bak) must follow a rebase. Before, it was
+// written by store.Open, before the start's rebase onto a step made
+// while pcpd was down, and not again until the next periodic snapshot
+// (an hour) or a clean stop; a rebase seen while running left it as
+// well. A damaged leases.db restored from it meanwhile read every time in
+// the old wall-clock frame (a restored state has no anchor: the times are
+// taken as they are): a forward step of 1 h dropped the 600 s lease as
+// expired, a step back made it 1 h longer (clamped to its lifetime, the
+// pinhole outliving what the client was told). Now the engine has the
+// backup written again once the rewrite after a rebase is done
+// (housekeep: snapshot "after a wall-clock step"). Real store and boot
+// anchor (fake clocks and boot), the engine's housekeeping running; the
+// backup is read back as a restore would read it (a directory holding
+// only the copy). On main every row fails: the copy holds the lease with
+// 490 s (500 s) left minus the step.
+func TestBootClockBackupAfterRebase(t *testing.T) {
+	const lifetime = 600 * time.Second
+	for _, tc := range []struct {
+		name string
+		step time.Duration
+		down bool // the step made while pcpd was down (seen at the start)
+	}{
+		{"while down, forward", time.Hour, true},
+		{"while down, back", -time.Hour, true},
+		{"while running, forward", time.Hour, false},
+		{"while running, back", -time.Hour, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &stepClocks{}
+			c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
+			b := &fakeBoot{c: c}
+			b.id.Store("8d1c2a4e-0000-4000-8000-000000000003")
+			dir := t.TempDir()
+			k := bootclock.New(dir, bootclock.Clocks{Wall: c.Now, Boottime: b.Boottime, BootID: b.BootID})
+			open := func() (*store.Store, store.State) {
+				t.Helper()
+				st, state, err := store.Open(dir, zap.NewNop(), store.WithClock(c.Now),
+					store.WithUnseenStep(k.Unseen), store.WithLeasesLater())
+				if err != nil {
+					t.Fatal(err)
+				}
+				return st, state
+			}
+			h := newHarness(t)
+			st, state := open()
+			start := func() {
+				h.startWith(func(d *Deps) {
+					c.deps(d)
+					d.Boot, d.Store, d.State = k, st, state
+				}, nil)
+			}
+			start()
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8080, 0, lifetime, 1)), pcp.Success)
+			c.advance(100 * time.Second)
+			// A periodic backup copy with the lease in it.
+			if err := st.Snapshot(); err != nil {
+				t.Fatal(err)
+			}
+			left := lifetime - 100*time.Second
+			if tc.down {
+				// Stopped (what a kill -9 leaves once the log is
+				// replayed: Close folds it), the step while down.
+				st.Close()
+				c.advance(10 * time.Second)
+				c.step(tc.step)
+				left -= 10 * time.Second
+				st, state = open()
+				start() // rebases by the step the anchor measures
+			} else {
+				c.step(tc.step)
+				h.s.checkClock() // a sweep tick: the rebase
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			hk := make(chan struct{})
+			go func() { defer close(hk); h.s.housekeep(ctx) }()
+			defer func() { cancel(); <-hk; st.Close() }()
+			h.s.finishRebase() // the rewrite, to its end
+
+			if ls := h.s.Leases(); len(ls) != 1 || ls[0].Expires.Sub(c.Now()) != left {
+				t.Fatalf("engine's leases %+v, want one with %v left", ls, left)
+			}
+			// Checked while the engine runs: its shutdown snapshot
+			// would write the copy anew anyway.
+			var got time.Duration
+			err := netlab.Eventually(10*time.Second, func() error {
+				ls, err := restoredFromBackup(dir, c.Now)
+				if err != nil {
+					return err
+				}
+				if len(ls) != 1 {
+					return fmt.Errorf("backup holds %d leases, want 1", len(ls))
+				}
+				if got = ls[0].Expires.Sub(c.Now()); got != left {
+					return fmt.Errorf("backup's lease has %v left, want %v (step %v)", got, left, tc.step)
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// restoredFromBackup is what a start restoring dir's backup copy reads:
+// the copy alone in a directory of its own, opened (state file missing:
+// the copy is restored).
+func restoredFromBackup(dir string, now func() time.Time) ([]store.Lease, error) {
+	tmp, err := os.MkdirTemp("", "pcpd-bak-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	in, err := os.Open(filepath.Join(dir, store.BackupName))
+	if err != nil {
+		return nil, err
+	}
+	defer in.Close()
+	out, err := os.Create(filepath.Join(tmp, store.BackupName))
+	if err != nil {
+		return nil, err
+	}
+	_, err = io.Copy(out, in)
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	st, state, err := store.Open(tmp, zap.NewNop(), store.WithClock(now), store.WithoutOpenSnapshot())
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	return state.Leases, nil
+}
