@@ -6,6 +6,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -153,4 +155,138 @@ func restoredFromBackup(dir string, now func() time.Time) ([]store.Lease, error)
 	}
 	defer st.Close()
 	return state.Leases, nil
+}
+
+// crashAnchor is a boot anchor whose next Save is lost: pcpd was killed
+// before it wrote it.
+type crashAnchor struct {
+	k    *bootclock.Keeper
+	lose atomic.Bool
+}
+
+func (a *crashAnchor) Step(origin time.Time) (time.Duration, error) { return a.k.Step(origin) }
+func (a *crashAnchor) Save(run func() time.Time, origin time.Time) error {
+	if a.lose.Load() {
+		return nil
+	}
+	return a.k.Save(run, origin)
+}
+
+// TestBootClockKillDuringRewrite (review h/revlock, edge (b) of
+// h/revboot): what a kill -9 at each point of a rebase leaves for the
+// next start in the same boot (no step while down). Two 600 s leases,
+// 490 s left each at the restart when all is right. The rebase stores
+// the moved epoch origin, then the boot anchor, then rewrites the leases
+// a chunk (rewriteChunk) a tick. Known limitation, asserted as it is:
+//   - killed after the origin, before the anchor: the anchor does not
+//     match the stored origin (not used), every lease is read in the old
+//     frame: a forward step drops them (epoch goes on: nobody re-maps);
+//     a step back makes their creation lie in the future: doubtful, the
+//     epoch resets and they are clamped to their whole 600 s;
+//   - killed with the anchor written and one lease of two rewritten: the
+//     anchor matches, nothing to rebase: the rewritten lease is right,
+//     the other as above (dropped silently forward; back: epoch reset,
+//     clamped);
+//   - the rewrite done: both right, the epoch goes on.
+//
+// No row can tell which leases the rewrite reached: a lease carries no
+// frame. A fix needs the shift recorded atomically with the origin in
+// the store (one log record the fold and the replay apply to every lease
+// written before it); left (RELIABILITY.md).
+func TestBootClockKillDuringRewrite(t *testing.T) {
+	const lifetime = 600 * time.Second
+	const right = lifetime - 110*time.Second
+	type point int
+	const (
+		beforeAnchor point = iota
+		halfRewritten
+		rewritten
+	)
+	for _, tc := range []struct {
+		name  string
+		step  time.Duration
+		kill  point
+		left  []time.Duration // the leases' remaining lifetimes after the restart, sorted
+		reset bool            // the epoch reset
+	}{
+		{"forward, killed before the anchor", time.Hour, beforeAnchor, nil, false},
+		{"forward, killed half rewritten", time.Hour, halfRewritten, []time.Duration{right}, false},
+		{"forward, rewritten", time.Hour, rewritten, []time.Duration{right, right}, false},
+		{"back, killed before the anchor", -time.Hour, beforeAnchor, []time.Duration{lifetime, lifetime}, true},
+		{"back, killed half rewritten", -time.Hour, halfRewritten, []time.Duration{right, lifetime}, true},
+		{"back, rewritten", -time.Hour, rewritten, []time.Duration{right, right}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &stepClocks{}
+			c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
+			b := &fakeBoot{c: c}
+			b.id.Store("8d1c2a4e-0000-4000-8000-000000000004")
+			dir := t.TempDir()
+			k := bootclock.New(dir, bootclock.Clocks{Wall: c.Now, Boottime: b.Boottime, BootID: b.BootID})
+			anchor := &crashAnchor{k: k}
+			open := func() (*store.Store, store.State) {
+				t.Helper()
+				st, state, err := store.Open(dir, zap.NewNop(), store.WithClock(c.Now),
+					store.WithUnseenStep(k.Unseen), store.WithLeasesLater(), store.WithoutOpenSnapshot())
+				if err != nil {
+					t.Fatal(err)
+				}
+				return st, state
+			}
+			h := newHarness(t)
+			st, state := open()
+			start := func() {
+				h.startWith(func(d *Deps) {
+					c.deps(d)
+					d.Boot, d.Store, d.State = anchor, st, state
+				}, nil)
+			}
+			start()
+			for _, port := range []uint16{8080, 8081} {
+				h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, 0, lifetime, 1)), pcp.Success)
+			}
+			c.advance(100 * time.Second)
+			before := h.s.Status().Epoch
+			c.step(tc.step)
+			h.s.mu.Lock()
+			d, ok := h.s.clk.stepped()
+			if !ok {
+				t.Fatal("no step measured")
+			}
+			anchor.lose.Store(tc.kill == beforeAnchor)
+			h.s.rebase(d)
+			switch tc.kill {
+			case halfRewritten:
+				h.s.rewriteStep(1)
+			case rewritten:
+				for h.s.rewriteAt != 0 {
+					h.s.rewriteStep(rewriteChunk)
+				}
+			}
+			h.s.mu.Unlock()
+			// kill -9 (Close folds the log a start would replay).
+			st.Close()
+			anchor.lose.Store(false)
+			c.advance(10 * time.Second)
+			st, state = open()
+			defer st.Close()
+			start()
+
+			var left []time.Duration
+			for _, l := range h.s.Leases() {
+				left = append(left, l.Expires.Sub(c.Now()))
+			}
+			slices.Sort(left)
+			if !slices.Equal(left, tc.left) {
+				t.Errorf("leases left %v, want %v", left, tc.left)
+			}
+			status := h.s.Status()
+			if reset := !status.Restarted; reset != tc.reset {
+				t.Errorf("epoch %d after %d (restarted %v), want reset %v", status.Epoch, before, status.Restarted, tc.reset)
+			}
+			if !tc.reset && status.Epoch != before+10 {
+				t.Errorf("epoch %d, want %d", status.Epoch, before+10)
+			}
+		})
+	}
 }

@@ -40,10 +40,17 @@ import (
 // quarantine ends.
 //
 // A crash before the rewrite is done leaves the leases not yet rewritten
-// with expiries of the old wall base on disk: at the next start a forward
-// step drops those with less left than the step (what happened to all of
-// them without the running clock), a backward step makes them look longer,
-// capped by clampRestored.
+// with expiries of the old wall base on disk, and the next start, even in
+// the same boot, cannot tell them from the rewritten ones (the stored
+// origin and the anchor already are of the new frame; killed between the
+// two, the anchor does not match and is not used): a forward step drops
+// those with less left than the step and shortens the others by it, the
+// epoch going on (what happened to all of them without the running
+// clock); a backward step makes them look longer, capped by
+// clampRestored, and their creation in the future resets the epoch
+// (TestBootClockKillDuringRewrite). The backup copy is written again once
+// the rewrite is done (housekeep), not before: until then it holds the
+// old frame's times (TestBootClockBackupAfterRebase).
 //
 // A step made while pcpd is down, or one a kill -9 came before the next
 // check saw, is seen at the next start in the same boot through the boot
