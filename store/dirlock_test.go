@@ -1,11 +1,17 @@
 package store
 
 import (
+	"bufio"
 	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -177,4 +183,96 @@ func TestLockReleasedOnFailedOpen(t *testing.T) {
 	}
 	_, st := openT(t, dir, WithLockTimeout(100*time.Millisecond))
 	wantLeases(t, st.Leases, leasesN(0, 5))
+}
+
+// TestDirLockAcrossProcesses (review h/revlock): the directory's lock is
+// the holding process's alone and goes with it.
+//   - "kill -9": another process holding the directory keeps Open out
+//     (ErrLocked); once it is killed with SIGKILL (no Close), the next
+//     Open gets it at once;
+//   - "child outlives": a process started while a Store is open (pcpd
+//     itself starts none; tests and wrappers do) does not inherit the
+//     lock's descriptor: once the Store is closed another process opens
+//     the directory while the child still runs. flock is per open file
+//     description, so an inherited descriptor (no O_CLOEXEC) would keep
+//     the directory locked for as long as the child lives: a restarted
+//     pcpd would fail with ErrLocked.
+//
+// Fails with lockDir opening the directory without O_CLOEXEC
+// (syscall.Open(dir, O_RDONLY|O_DIRECTORY, 0)): "child outlives" gets
+// ErrLocked.
+func TestDirLockAcrossProcesses(t *testing.T) {
+	if dir := os.Getenv("PCPD_DIRLOCK_CHILD"); dir != "" {
+		// The child: hold the directory until killed or stdin closes.
+		s, _, err := Open(dir, nil, WithLockTimeout(5*time.Second))
+		if err != nil {
+			fmt.Println("error:", err)
+			os.Exit(1)
+		}
+		fmt.Println("locked")
+		io.Copy(io.Discard, os.Stdin)
+		s.Close()
+		os.Exit(0)
+	}
+	// holder starts the test binary holding dir; it returns once the
+	// child holds it.
+	holder := func(t *testing.T, dir string) *exec.Cmd {
+		t.Helper()
+		cmd := exec.Command(os.Args[0], "-test.run=^TestDirLockAcrossProcesses$")
+		cmd.Env = append(os.Environ(), "PCPD_DIRLOCK_CHILD="+dir)
+		stdin, err := cmd.StdinPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
+		line, _ := bufio.NewReader(out).ReadString('\n')
+		if line != "locked\n" {
+			t.Fatalf("child: %q", line)
+		}
+		return cmd
+	}
+	openQuick := func(dir string) error {
+		s, _, err := Open(dir, testLog(t), WithLockTimeout(200*time.Millisecond), WithoutOpenSnapshot())
+		if err == nil {
+			s.Close()
+		}
+		return err
+	}
+
+	t.Run("kill -9", func(t *testing.T) {
+		dir := t.TempDir()
+		cmd := holder(t, dir)
+		if err := openQuick(dir); !errors.Is(err, ErrLocked) {
+			t.Fatalf("Open beside the holder: %v, want ErrLocked", err)
+		}
+		if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		cmd.Wait()
+		if err := openQuick(dir); err != nil {
+			t.Fatalf("Open after the holder was killed: %v", err)
+		}
+	})
+	t.Run("child outlives", func(t *testing.T) {
+		dir := t.TempDir()
+		s, _ := openT(t, dir, WithoutOpenSnapshot())
+		child := exec.Command("sleep", "60")
+		if err := child.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { child.Process.Kill(); child.Wait() })
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+		cmd := holder(t, dir) // fails ("error: ... ErrLocked") if the child holds it
+		cmd.Process.Signal(syscall.SIGKILL)
+		cmd.Wait()
+	})
 }
