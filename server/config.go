@@ -107,8 +107,8 @@ type Config struct {
 	// noticed at the next start (EPO-04). Default 1 minute.
 	TouchInterval time.Duration
 	// SnapshotInterval is how often the store writes its last good copy
-	// (store.Snapshot); one is also written at graceful shutdown. Default
-	// 1 hour.
+	// (store.Snapshot); one is also written at graceful shutdown and once
+	// the leases are rewritten after a wall-clock step. Default 1 hour.
 	SnapshotInterval time.Duration
 	// MaxBatch bounds how many requests share one kernel transaction and
 	// one fsync (default 256).
