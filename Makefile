@@ -1,4 +1,4 @@
-# Developer shortcuts. CI has its own script (ci/); these only save typing.
+# Developer shortcuts. CI has its own script (.ci/); these only save typing.
 
 GO ?= go
 

@@ -6,10 +6,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
@@ -137,4 +139,73 @@ func flagNames(c *cobra.Command) []string {
 		}
 	})
 	return names
+}
+
+// readmeOtherFlags are the flags README.md names that flagNames leaves
+// out (cobra's --help) or that belong to other programs (systemctl enable
+// --now, pcpload floor --batch).
+var readmeOtherFlags = map[string]bool{"help": true, "now": true, "batch": true}
+
+// Every --flag README.md names is a flag of some pcpd command (or of
+// another program it shows, readmeOtherFlags), and every metric it names
+// is one pcpd serves and the reverse, so a renamed or removed flag or
+// metric cannot linger in the operator's documentation.
+func TestReadmeNamesRealFlagsAndMetrics(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme := string(b)
+
+	flags := map[string]bool{}
+	var visit func(c *cobra.Command)
+	visit = func(c *cobra.Command) {
+		for _, name := range flagNames(c) {
+			flags[name] = true
+		}
+		for _, sub := range c.Commands() {
+			visit(sub)
+		}
+	}
+	visit(newRoot(nil, nil))
+	for _, m := range regexp.MustCompile(`--([a-z][a-z0-9-]+)`).FindAllStringSubmatch(readme, -1) {
+		if !flags[m[1]] && !readmeOtherFlags[m[1]] {
+			t.Errorf("README.md names --%s, which no pcpd command has", m[1])
+		}
+	}
+
+	// The metrics: the engine's (server/metrics.go names each in full)
+	// and the WireGuard ownership counters built here.
+	src, err := os.ReadFile(filepath.Join("..", "..", "server", "metrics.go"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := map[string]bool{}
+	for _, m := range regexp.MustCompile(`"(pcpd_[a-z0-9_]+)"`).FindAllStringSubmatch(string(src), -1) {
+		served[m[1]] = true
+	}
+	for _, c := range wireGuardCollectors(nil) {
+		ch := make(chan *prometheus.Desc, 1)
+		c.Describe(ch)
+		m := regexp.MustCompile(`fqName: "([a-z0-9_]+)"`).FindStringSubmatch((<-ch).String())
+		if m == nil {
+			t.Fatal("no name in a WireGuard collector's description")
+		}
+		served[m[1]] = true
+	}
+	if len(served) < 20 {
+		t.Fatalf("found only %d metrics: %v", len(served), served)
+	}
+	named := map[string]bool{}
+	for _, m := range regexp.MustCompile(`pcpd_[a-z0-9_]+`).FindAllString(readme, -1) {
+		named[m] = true
+		if !served[m] {
+			t.Errorf("README.md names metric %s, which pcpd does not serve", m)
+		}
+	}
+	for m := range served {
+		if !named[m] {
+			t.Errorf("README.md does not document metric %s", m)
+		}
+	}
 }
