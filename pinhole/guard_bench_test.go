@@ -30,9 +30,11 @@ import (
 // veth delivers in the sender's softirq, so the host's forwarding is in
 // it). Each op is a burst of 32 datagrams, then their reception.
 // "internet, no local-source rule" deletes the guard's "fib saddr type
-// local counter drop" (h/spoofsrc), "internet, local-source x9" inserts 8
-// more copies of it (first in the chain: every datagram here is "new"
-// anyway) so that its cost stands out of the noise: (x9 - none) / 9 is
+// 2-4 counter drop" (h/spoofsrc; local, broadcast, anycast since
+// h/revspoof2), "internet, local-source x9" inserts 8 more copies of it
+// (first in the chain: every datagram here is "new" anyway; nft writes
+// "type 2-4" as two compares where pcpd writes one range, the same route
+// lookup) so that its cost stands out of the noise: (x9 - none) / 9 is
 // one lookup's.
 func BenchmarkGuardNewFlow(b *testing.B) {
 	for _, tc := range []struct {
@@ -80,14 +82,14 @@ func BenchmarkGuardNewFlow(b *testing.B) {
 			}
 			if tc.local < 0 {
 				out := topo.Host.MustRun(b, "nft", "-a", "list", "chain", "inet", "pcpd", "guard6")
-				m := regexp.MustCompile(`fib saddr type local .*# handle (\d+)`).FindStringSubmatch(out)
+				m := regexp.MustCompile(`fib saddr type 2-4 .*# handle (\d+)`).FindStringSubmatch(out)
 				if m == nil {
 					b.Fatalf("no local-source rule in guard6:\n%s", out)
 				}
 				topo.Host.MustRun(b, "nft", "delete", "rule", "inet", "pcpd", "guard6", "handle", m[1])
 			}
 			for range tc.local {
-				topo.Host.MustRun(b, "nft", "insert", "rule", "inet", "pcpd", "guard6", "fib", "saddr", "type", "local", "counter", "drop")
+				topo.Host.MustRun(b, "nft", "insert", "rule", "inet", "pcpd", "guard6", "fib", "saddr", "type", "2-4", "counter", "drop")
 			}
 			var tx, rx *net.UDPConn
 			if err := to.Do(func() (err error) {

@@ -1,19 +1,22 @@
 package pinhole_test
 
 import (
+	"net"
 	"net/netip"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 )
 
 // TestGuardDropsHostOwnSource: the guard's local-source rule (layout:
-// "fib saddr type local counter drop" in guard6) drops a datagram from
-// the WAN whose source is one of the host's own addresses (one of no
-// protected prefix, which the protected-source rules leave alone) through
+// "ip6 saddr != @protected6 fib saddr type 2-4 counter drop" in guard6,
+// type local among them) drops a datagram from the WAN whose source is
+// one of the host's own addresses (one of no protected prefix, which the
+// protected-source rules leave alone) through
 // a pinhole, standalone and attached, and through an IPv4 NAPT mapping
 // (DNAT-ed before the guard) with accept_local=1; the Internet's own
 // address passes. With accept_local=0, the default, the kernel's routing
@@ -70,7 +73,7 @@ func TestGuardDropsHostOwnSource(t *testing.T) {
 			if tc.v4 && !tc.acceptLocal {
 				return
 			}
-			ruleRE := regexp.MustCompile(`fib saddr type local counter packets ([0-9]+) .*# handle (\d+)`)
+			ruleRE := regexp.MustCompile(`fib saddr type 2-4 counter packets ([0-9]+) .*# handle (\d+)`)
 			out := topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", table, guard)
 			m := ruleRE.FindStringSubmatch(out)
 			if m == nil || m[1] == "0" {
@@ -80,6 +83,130 @@ func TestGuardDropsHostOwnSource(t *testing.T) {
 			check("older layout", true)
 			tamperNoticedAndRepaired(t, topo.Host, b, "the guard without the local-source rule", nil)
 			check("after Setup", false)
+		})
+	}
+}
+
+// TestGuardDropsHostAnycastBroadcastSource (review h/revspoof2): the
+// local-source rule drops the host's other addresses of its own too, the
+// ones a route lookup does not call "local": an IPv6 subnet-router
+// anycast address (the kernel joins one for every prefix of a forwarding
+// interface; here the WAN's 2001:db8:ffff::, "anycast" in the local
+// table) and an IPv4 subnet broadcast address (the tunnel's 10.100.0.255)
+// with rp_filter=0, the kernel's default, whose martian check looks for
+// the host's interface addresses only. With h/spoofsrc's rule ("fib
+// saddr type local") both passed a pinhole (IPv6) or a NAPT mapping
+// (IPv4) from the WAN to the client: the client's answer goes to the
+// host (its anycast address, its broadcast), which takes it as its own.
+// Then h/spoofsrc's layout: its rule passes the spoof, Healthy says so,
+// and Setup writes this one back.
+func TestGuardDropsHostAnycastBroadcastSource(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		v4      bool
+		spoofed netip.Addr
+	}{
+		{"ipv6 pinhole, the WAN prefix's subnet-router anycast", false, netip.MustParseAddr("2001:db8:ffff::")},
+		{"ipv4 NAPT, the tunnel subnet's broadcast, rp_filter=0", true, netip.MustParseAddr("10.100.0.255")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+			b := newBackend(t, topo.Host, pinhole.Config{})
+			serveTunnel(t, b, topo)
+			if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+				t.Fatal(err)
+			}
+			topo.Host.MustRun(t, "sh", "-c", "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done")
+			guard := "guard6"
+			if tc.v4 {
+				guard = "guard4"
+			}
+			dst, real, spoofed, rx := spoofTarget(t, topo, b, tc.v4, tc.spoofed, tc.spoofed)
+			check := func(step string, spoofPasses bool) {
+				t.Helper()
+				if err := eventuallyOneWay(t, topo.Internet, real, dst, rx); err != nil {
+					t.Fatalf("%s: a datagram from %v through %v: %v", step, real, dst, err)
+				}
+				if got := oneWay(t, topo.Internet, spoofed, dst, rx); got != spoofPasses {
+					t.Fatalf("%s: a datagram from the WAN claiming the host's %v arrived through %v: %v, want %v\n%s",
+						step, spoofed, dst, got, spoofPasses, nftList(t, topo.Host, "chain", "inet", "pcpd", guard))
+				}
+			}
+			check("fresh layout", false)
+			ruleRE := regexp.MustCompile(`fib saddr type 2-4 counter packets ([0-9]+) .*# handle (\d+)`)
+			out := topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", "pcpd", guard)
+			m := ruleRE.FindStringSubmatch(out)
+			if m == nil || m[1] == "0" {
+				t.Fatalf("the local-source rule is missing or counted no drop:\n%s", out)
+			}
+			topo.Host.MustRun(t, "nft", "replace", "rule", "inet", "pcpd", guard, "handle", m[2], "fib", "saddr", "type", "local", "counter", "drop")
+			check("h/spoofsrc's layout", true)
+			tamperNoticedAndRepaired(t, topo.Host, b, "the guard with h/spoofsrc's local-source rule", nil)
+			check("after Setup", false)
+		})
+	}
+}
+
+// TestGuardLocalSourceSparesProtected (review h/revspoof2): the
+// local-source rule leaves the protected sources to the rules above it,
+// which already drop a protected source the host holds (its route is
+// local: "fib saddr . iif oif 0"). A route lookup calls a source
+// "anycast" when it is the prefix address of a route without a gateway
+// (ipv6_anycast_destination), such as 2001:db8:1:4:: of a client prefix
+// routed "dev lan1": with the rule applying to every source, a client
+// sending from it was dropped (15 of 15 datagrams, counted by the rule),
+// where h/spoofsrc's "type local" passed it. The host's own address in
+// that prefix is still dropped, whatever rule counts it.
+func TestGuardLocalSourceSparesProtected(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		src    netip.Addr
+		passes bool
+	}{
+		{"the prefix address of a client prefix routed without a gateway", netip.MustParseAddr("2001:db8:1:4::"), true},
+		{"the host's own address in the client prefix", netip.MustParseAddr("2001:db8:1:4::1"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+			b := newBackend(t, topo.Host, pinhole.Config{})
+			lan2 := netlab.NewNS(t, "rsz")
+			if err := netlab.Veth(lan2, "eth0", topo.Host, "lan1"); err != nil {
+				t.Fatal(err)
+			}
+			prefix := netip.MustParsePrefix("2001:db8:1:4::/64")
+			topo.Host.MustRun(t, "ip", "-6", "addr", "add", "fe80::1/64", "dev", "lan1", "nodad")
+			topo.Host.MustRun(t, "ip", "-6", "addr", "add", "2001:db8:1:4::1/128", "dev", "lan1", "nodad")
+			topo.Host.MustRun(t, "ip", "-6", "route", "add", prefix.String(), "dev", "lan1")
+			lan2.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(tc.src, 64).String(), "dev", "eth0", "nodad")
+			lan2.MustRun(t, "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0")
+			setServed(t, b, []string{topo.HostLANIf, topo.HostWANIf, "lan1"}, topo.HostTunnelV6, topo.HostTunnelV4)
+			if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4, prefix}); err != nil {
+				t.Fatal(err)
+			}
+			dst := netip.AddrPortFrom(topo.ClientV6, 7000)
+			apply(t, b, install(pinhole.Pinhole{Protocol: udp, InternalAddr: dst.Addr(), InternalPort: dst.Port()}, time.Minute))
+			var rx *net.UDPConn
+			if err := topo.Client.Do(func() (err error) {
+				rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(dst))
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			defer rx.Close()
+			// The Internet's datagram first: the pinhole is in place.
+			if err := eventuallyOneWay(t, topo.Internet, topo.InternetV6, dst, rx); err != nil {
+				t.Fatal(err)
+			}
+			var got bool
+			if tc.passes {
+				got = eventuallyOneWay(t, lan2, tc.src, dst, rx) == nil
+			} else {
+				got = oneWay(t, lan2, tc.src, dst, rx)
+			}
+			if got != tc.passes {
+				t.Fatalf("a datagram from %v (lan1) through the pinhole to %v arrived: %v, want %v\n%s",
+					tc.src, dst, got, tc.passes, nftList(t, topo.Host, "chain", "inet", "pcpd", "guard6"))
+			}
 		})
 	}
 }

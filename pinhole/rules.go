@@ -229,12 +229,26 @@ func (b *Backend) layout() []chainRules {
 	// the client, which saw it come "from its gateway" (h/peerend's probe;
 	// TestGuardDropsHostOwnSource, TestE2ESpoofedHostSource):
 	//
-	//	fib saddr type local counter drop
+	//	ip6 saddr != @protected6 fib saddr type 2-4 counter drop
 	//
-	// A route lookup of the source without an interface: local when the
-	// host holds the address on any interface (its local table). A
-	// link-local source needs no exception: the kernel does not forward
-	// one to another interface (ip6_forward, before the hook). After the
+	// A route lookup of the source without an interface, its type local
+	// (2: the host holds the address on some interface, its local table),
+	// broadcast (3: an IPv4 subnet broadcast of the host's) or anycast
+	// (4: an IPv6 subnet-router anycast address, which the kernel joins for
+	// every prefix of a forwarding interface); nft lists the range as
+	// "2-4". h/spoofsrc's "type local" passed the last two from the WAN
+	// (the broadcast with rp_filter=0, the kernel's default, whose martian
+	// check looks for interface addresses only), and the client's answer
+	// went to the host (review h/revspoof2,
+	// TestGuardDropsHostAnycastBroadcastSource). Not for a protected
+	// source: the rules above drop one the host holds (its route is local
+	// or anycast: "oif 0"), and the lookup calls "anycast" the prefix
+	// address of any route without a gateway too, such as 2001:db8:1:4::
+	// of a client prefix routed "dev wg0", which a client may send from
+	// (TestGuardLocalSourceSparesProtected: dropped without the set
+	// lookup; protected sources skip this route lookup now). A link-local
+	// source needs no exception: the kernel does not forward one to
+	// another interface (ip6_forward, before the hook). After the
 	// established accept, so only a flow's new packets (a one-way UDP
 	// stream's every datagram: "new" until a reply) pay it, and before the
 	// DNAT accept, which an IPv6 MAP's redirected flows take. IPv4 has it
@@ -243,14 +257,18 @@ func (b *Backend) layout() []chainRules {
 	// default, but not with accept_local=1, and then the spoof passed a
 	// NAPT mapping the same way. Attached, it drops too, as the rules
 	// above.
-	localSource := func() []expr.Any {
-		return x(&expr.Fib{Register: reg0, FlagSADDR: true, ResultADDRTYPE: true},
-			eq(reg0, binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)...), &expr.Counter{}, drop)
+	localSource := func(fam byte, src []expr.Any, s *nftables.Set) []expr.Any {
+		return rule(nfproto(fam), src, x(&expr.Lookup{SourceRegister: reg0, SetName: s.Name, SetID: s.ID, Invert: true},
+			&expr.Fib{Register: reg0, FlagSADDR: true, ResultADDRTYPE: true},
+			&expr.Range{Op: expr.CmpOpEq, Register: reg0,
+				FromData: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL),
+				ToData:   binaryutil.NativeEndian.PutUint32(unix.RTN_ANYCAST)},
+			&expr.Counter{}, drop))
 	}
 	guard6 := [][]expr.Any{rule(ctEstablished, x(accept)),
 		spoofed(unix.NFPROTO_IPV6, x(loadNet(ip6SrcOff, 16, reg0)), b.protected6),
 		unserved(unix.NFPROTO_IPV6, x(loadNet(ip6SrcOff, 16, reg0)), b.protected6),
-		localSource(),
+		localSource(unix.NFPROTO_IPV6, x(loadNet(ip6SrcOff, 16, reg0)), b.protected6),
 		rule(ctDNAT, x(accept)), icmp}
 	if b.cfg.AllowEcho {
 		guard6 = append(guard6, rule(x(loadMeta(expr.MetaKeyL4PROTO, reg0), eq(reg0, unix.IPPROTO_ICMPV6),
@@ -266,7 +284,7 @@ func (b *Backend) layout() []chainRules {
 	guard4 := [][]expr.Any{rule(ctEstablished, x(accept)),
 		spoofed(unix.NFPROTO_IPV4, x(loadNet(ip4SrcOff, 4, reg0)), b.protected4),
 		unserved(unix.NFPROTO_IPV4, x(loadNet(ip4SrcOff, 4, reg0)), b.protected4),
-		localSource(),
+		localSource(unix.NFPROTO_IPV4, x(loadNet(ip4SrcOff, 4, reg0)), b.protected4),
 		rule(ctDNAT, x(accept))}
 	if !b.cfg.Attached {
 		// Standalone, the guards are the last word for protected prefixes.
