@@ -750,15 +750,16 @@ func (k keepLive) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 // opened by the host itself (or by a process of it, to the client's
 // address), not admitted by a pinhole, and outlives the mapping (keepHost,
 // ctDeleter.host). Since h/spoofsrc the guard drops a forwarded packet
-// with a local source before any pinhole accept ("fib saddr type local":
-// the kernel's local table, which holds every address the host holds on
-// any interface), so no flow from the WAN or a LAN can carry one. Before
+// with a local source before any pinhole accept ("fib saddr type 2-4",
+// local among them: the kernel's local table, which holds every address
+// the host holds on any interface; a protected one is dropped by the
+// reverse-path rule), so no new flow from the WAN or a LAN can carry one. Before
 // (h/revall, h/peerend "Left"), an IPv6 all-ports MAP's end flushed the
 // host's own connections to the client's address, and a port MAP's its
 // connection to that port. Read from the kernel as the walk starts: the
 // addresses of every interface in Config.NetNS (tentative and DAD-failed
-// ones out: the host cannot send from them) that a route lookup finds
-// local, as the rule's does; not pcpd's served set: a host address on an
+// ones out: the host cannot send from them) that have their local route
+// in the local table, which the rule's lookup finds; not pcpd's served set: a host address on an
 // interface pcpd does not serve (its WAN) is local to the rule too. A
 // local route that is no interface's address (AnyIP: "ip route add local
 // PREFIX dev lo") is not looked for: such flows are flushed, as before.
@@ -781,6 +782,32 @@ func (s *Server) hostAddrs() hostAddrs {
 		s.log.Debug("conntrack flush: host addresses", zap.Error(err))
 		return nil
 	}
+	// Local as the rule sees it: a route lookup of the address finds
+	// its local route (an address whose local route is gone, its
+	// interface down, is not: a spoof of it passes the guard). One
+	// dump of the local table's local routes (strict checking: the
+	// kernel sends that table only), not a lookup per address: those
+	// cost ≈ 1 ms each here, 4.4-7 s a walk on a host with 4 000
+	// addresses (review h/revspoof2, BenchmarkHostAddrs).
+	h.SetStrictCheck(true) // best effort: the table and type are filtered here too
+	rs, err := h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_LOCAL, Type: unix.RTN_LOCAL},
+		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_TYPE)
+	if err != nil {
+		s.log.Debug("conntrack flush: host addresses' local routes", zap.Error(err))
+		return nil
+	}
+	local := make(map[netip.Addr]struct{}, len(rs))
+	for _, r := range rs {
+		if r.Dst == nil {
+			continue
+		}
+		if ones, bits := r.Dst.Mask.Size(); ones != bits {
+			continue // a local prefix (AnyIP): no interface's address
+		}
+		if ip, ok := netip.AddrFromSlice(r.Dst.IP); ok {
+			local[ip.Unmap()] = struct{}{}
+		}
+	}
 	m := make(hostAddrs, len(as))
 	for _, a := range as {
 		if a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) != 0 {
@@ -790,11 +817,7 @@ func (s *Server) hostAddrs() hostAddrs {
 		if !ok {
 			continue
 		}
-		// Local as the rule sees it: its route lookup (no interface)
-		// says so. An address whose local route is gone (its
-		// interface down) is not: a spoof of it passes the guard.
-		rs, err := h.RouteGet(a.IP)
-		if err == nil && slices.ContainsFunc(rs, func(r netlink.Route) bool { return r.Type == unix.RTN_LOCAL }) {
+		if _, ok := local[ip.Unmap()]; ok {
 			m[ip.Unmap()] = struct{}{}
 		}
 	}
