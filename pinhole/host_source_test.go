@@ -99,21 +99,33 @@ func TestGuardDropsHostOwnSource(t *testing.T) {
 // (IPv4) from the WAN to the client: the client's answer goes to the
 // host (its anycast address, its broadcast), which takes it as its own.
 // Then h/spoofsrc's layout: its rule passes the spoof, Healthy says so,
-// and Setup writes this one back.
+// and Setup writes this one back. The last row: a protected source the
+// host holds, which the local-source rule skips, is still dropped (by
+// the reverse-path rule) with accept_local=1.
 func TestGuardDropsHostAnycastBroadcastSource(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		v4      bool
 		spoofed netip.Addr
+		// protected: the spoofed address is in a protected prefix too
+		// (and accept_local=1): the reverse-path rule drops it, the
+		// local-source rule skips it; no older-layout step.
+		protected bool
 	}{
-		{"ipv6 pinhole, the WAN prefix's subnet-router anycast", false, netip.MustParseAddr("2001:db8:ffff::")},
-		{"ipv4 NAPT, the tunnel subnet's broadcast, rp_filter=0", true, netip.MustParseAddr("10.100.0.255")},
+		{"ipv6 pinhole, the WAN prefix's subnet-router anycast", false, netip.MustParseAddr("2001:db8:ffff::"), false},
+		{"ipv4 NAPT, the tunnel subnet's broadcast, rp_filter=0", true, netip.MustParseAddr("10.100.0.255"), false},
+		{"ipv4 NAPT, the host's tunnel address, protected, accept_local", true, netip.MustParseAddr("10.100.0.1"), true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 			b := newBackend(t, topo.Host, pinhole.Config{})
 			serveTunnel(t, b, topo)
-			if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+			protected := []netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}
+			if tc.protected {
+				protected = append(protected, netip.PrefixFrom(tc.spoofed, tc.spoofed.BitLen()))
+				topo.Host.MustRun(t, "sh", "-c", "for f in /proc/sys/net/ipv4/conf/*/accept_local; do echo 1 > $f; done")
+			}
+			if err := b.SetProtected(protected); err != nil {
 				t.Fatal(err)
 			}
 			topo.Host.MustRun(t, "sh", "-c", "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done")
@@ -133,6 +145,9 @@ func TestGuardDropsHostAnycastBroadcastSource(t *testing.T) {
 				}
 			}
 			check("fresh layout", false)
+			if tc.protected {
+				return
+			}
 			ruleRE := regexp.MustCompile(`fib saddr type 2-4 counter packets ([0-9]+) .*# handle (\d+)`)
 			out := topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", "pcpd", guard)
 			m := ruleRE.FindStringSubmatch(out)
