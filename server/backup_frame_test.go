@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -173,32 +174,40 @@ func (a *crashAnchor) Save(run func() time.Time, origin time.Time) error {
 }
 
 // TestBootClockKillDuringRewrite (review h/revlock, edge (b) of
-// h/revboot): what a kill -9 at each point of a rebase leaves for the
-// next start in the same boot (no step while down). Two 600 s leases,
-// 490 s left each at the restart when all is right. The rebase stores
-// the moved epoch origin, then the boot anchor, then rewrites the leases
-// a chunk (rewriteChunk) a tick. Known limitation, asserted as it is:
-//   - killed after the origin, before the anchor: the anchor does not
-//     match the stored origin (not used), every lease is read in the old
-//     frame: a forward step drops them (epoch goes on: nobody re-maps);
-//     a step back makes their creation lie in the future: doubtful, the
-//     epoch resets and they are clamped to their whole 600 s;
-//   - killed with the anchor written and one lease of two rewritten: the
-//     anchor matches, nothing to rebase: the rewritten lease is right,
-//     the other as above (dropped silently forward; back: epoch reset,
-//     clamped);
+// h/revboot; fixed by h/rwpend): what a kill -9 at each point of a rebase
+// leaves for the next start in the same boot (no step while down). Two
+// 600 s leases, 490 s left each at the restart when all is right. The
+// rebase clears the stored epoch origin, saves the boot anchor, rewrites
+// the leases a chunk (rewriteChunk) a tick, and then stores the moved
+// origin. A lease carries no frame, so the start cannot tell which leases
+// the rewrite reached; it must not claim continuity then (issue 9, ANN-03):
+//   - killed before the rebase wrote anything: the anchor measures the
+//     step (an unseen step), both right, the epoch goes on;
+//   - killed after the clear, before the anchor, or with one lease of two
+//     rewritten: the stored origin is cleared, so the epoch resets (the
+//     store's "epoch reset still pending", naming the rewrite); the
+//     leases are as the wall clock reads them (forward: those not
+//     rewritten dropped; back: clamped to their whole 600 s);
 //   - the rewrite done: both right, the epoch goes on.
 //
-// No row can tell which leases the rewrite reached: a lease carries no
-// frame. A fix needs the shift recorded atomically with the origin in
-// the store (one log record the fold and the replay apply to every lease
-// written before it); left (RELIABILITY.md).
+// Then a second kill, 10 s later, before any sweep tick: the reset was
+// stored (its epoch goes on from it, 10), except where a clamped lease's
+// creation still lies in the future (a step back: doubtful again, reset
+// again, as after any restore by the wall clock over a step back), and
+// where the first start rebased by the anchor's step: that start's own
+// rewrite had not begun, so the epoch resets.
+//
+// On main (the moved origin stored at the rebase) the forward rows killed
+// after the rebase fail: the epoch went on (110) with a lease, or both,
+// dropped silently.
 func TestBootClockKillDuringRewrite(t *testing.T) {
 	const lifetime = 600 * time.Second
 	const right = lifetime - 110*time.Second
+	const right2 = right - 10*time.Second
 	type point int
 	const (
-		beforeAnchor point = iota
+		beforeRebase point = iota
+		beforeAnchor
 		halfRewritten
 		rewritten
 	)
@@ -208,13 +217,17 @@ func TestBootClockKillDuringRewrite(t *testing.T) {
 		kill  point
 		left  []time.Duration // the leases' remaining lifetimes after the restart, sorted
 		reset bool            // the epoch reset
+		// after a second kill and start 10 s later: the epoch reset again
+		reset2 bool
 	}{
-		{"forward, killed before the anchor", time.Hour, beforeAnchor, nil, false},
-		{"forward, killed half rewritten", time.Hour, halfRewritten, []time.Duration{right}, false},
-		{"forward, rewritten", time.Hour, rewritten, []time.Duration{right, right}, false},
-		{"back, killed before the anchor", -time.Hour, beforeAnchor, []time.Duration{lifetime, lifetime}, true},
-		{"back, killed half rewritten", -time.Hour, halfRewritten, []time.Duration{right, lifetime}, true},
-		{"back, rewritten", -time.Hour, rewritten, []time.Duration{right, right}, false},
+		{"forward, killed before the rebase", time.Hour, beforeRebase, []time.Duration{right, right}, false, true},
+		{"forward, killed before the anchor", time.Hour, beforeAnchor, nil, true, false},
+		{"forward, killed half rewritten", time.Hour, halfRewritten, []time.Duration{right}, true, false},
+		{"forward, rewritten", time.Hour, rewritten, []time.Duration{right, right}, false, false},
+		{"back, killed before the rebase", -time.Hour, beforeRebase, []time.Duration{right, right}, false, true},
+		{"back, killed before the anchor", -time.Hour, beforeAnchor, []time.Duration{lifetime, lifetime}, true, true},
+		{"back, killed half rewritten", -time.Hour, halfRewritten, []time.Duration{right, lifetime}, true, true},
+		{"back, rewritten", -time.Hour, rewritten, []time.Duration{right, right}, false, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := &stepClocks{}
@@ -235,6 +248,7 @@ func TestBootClockKillDuringRewrite(t *testing.T) {
 			}
 			h := newHarness(t)
 			st, state := open()
+			defer func() { st.Close() }()
 			start := func() {
 				h.startWith(func(d *Deps) {
 					c.deps(d)
@@ -248,29 +262,34 @@ func TestBootClockKillDuringRewrite(t *testing.T) {
 			c.advance(100 * time.Second)
 			before := h.s.Status().Epoch
 			c.step(tc.step)
-			h.s.mu.Lock()
-			d, ok := h.s.clk.stepped()
-			if !ok {
-				t.Fatal("no step measured")
-			}
-			anchor.lose.Store(tc.kill == beforeAnchor)
-			h.s.rebase(d)
-			switch tc.kill {
-			case halfRewritten:
-				h.s.rewriteStep(1)
-			case rewritten:
-				for h.s.rewriteAt != 0 {
-					h.s.rewriteStep(rewriteChunk)
+			if tc.kill != beforeRebase {
+				h.s.mu.Lock()
+				d, ok := h.s.clk.stepped()
+				if !ok {
+					t.Fatal("no step measured")
 				}
+				anchor.lose.Store(tc.kill == beforeAnchor)
+				h.s.rebase(d)
+				switch tc.kill {
+				case halfRewritten:
+					h.s.rewriteStep(1)
+				case rewritten:
+					for h.s.rewriteAt != 0 {
+						h.s.rewriteStep(rewriteChunk)
+					}
+				}
+				h.s.mu.Unlock()
 			}
-			h.s.mu.Unlock()
 			// kill -9 (Close folds the log a start would replay).
-			st.Close()
-			anchor.lose.Store(false)
-			c.advance(10 * time.Second)
-			st, state = open()
-			defer st.Close()
-			start()
+			restart := func() {
+				t.Helper()
+				st.Close()
+				anchor.lose.Store(false)
+				c.advance(10 * time.Second)
+				st, state = open()
+				start()
+			}
+			restart()
 
 			var left []time.Duration
 			for _, l := range h.s.Leases() {
@@ -286,6 +305,41 @@ func TestBootClockKillDuringRewrite(t *testing.T) {
 			}
 			if !tc.reset && status.Epoch != before+10 {
 				t.Errorf("epoch %d, want %d", status.Epoch, before+10)
+			}
+			// The reason is logged: the store's, naming the rewrite.
+			logged := false
+			for _, e := range h.logs.FilterMessage("store recovered").All() {
+				if d, ok := e.ContextMap()["detail"].(string); ok && strings.Contains(d, "wall-clock step") {
+					logged = true
+				}
+			}
+			if logged != tc.reset {
+				t.Errorf("store recovered, naming the rewrite after a wall-clock step, logged %v, want %v", logged, tc.reset)
+			}
+
+			// A second kill -9, 10 s on (no sweep tick ran: a start that
+			// rebased has not rewritten a lease yet).
+			epoch := h.s.Status().Epoch
+			h.s.mu.Lock()
+			rewriting := h.s.rewriteAt != 0
+			h.s.mu.Unlock()
+			if rewriting != (tc.kill == beforeRebase) {
+				t.Errorf("the start's rewrite pending %v, want %v", rewriting, tc.kill == beforeRebase)
+			}
+			restart()
+			status = h.s.Status()
+			if reset := !status.Restarted; reset != tc.reset2 {
+				t.Errorf("second start: epoch %d after %d (restarted %v), want reset %v", status.Epoch, epoch, status.Restarted, tc.reset2)
+			}
+			if !tc.reset2 && status.Epoch != epoch+10 {
+				t.Errorf("second start: epoch %d, want %d", status.Epoch, epoch+10)
+			}
+			if !tc.reset && !tc.reset2 {
+				for _, l := range h.s.Leases() {
+					if got := l.Expires.Sub(c.Now()); got != right2 {
+						t.Errorf("second start: lease %d has %v left, want %v", l.ExternalPort, got, right2)
+					}
+				}
 			}
 		})
 	}

@@ -309,7 +309,7 @@ func (s *Server) saveAnchor() {
 // rebase moves the running clock by d onto the wall clock and every wall
 // time the engine holds with it (s.mu held).
 func (s *Server) rebase(d time.Duration) {
-	origin, hasOrigin := s.epoch.get()
+	_, hasOrigin := s.epoch.get()
 	s.clk.gen.Add(1) // odd: epochAt's readers wait (see there)
 	s.clk.off.Add(int64(d))
 	if hasOrigin {
@@ -328,15 +328,17 @@ func (s *Server) rebase(d time.Duration) {
 		s.quar[e] = q
 	}
 	if hasOrigin {
-		// The stored origin follows, so the epoch continues across a
-		// restart too (a backward step would otherwise put it in the
-		// future: an epoch reset).
-		if err := s.st.ResetEpoch(origin.Add(d)); err != nil {
-			s.log.Warn("cannot record the epoch origin moved with the wall clock; it is written with the next commit", zap.Error(err))
+		// The stored origin is cleared until the rewrite is done (then
+		// rewriteStep stores the moved one, so the epoch continues
+		// across a restart too): until then the stored leases are of
+		// two frames, and a start must reset the epoch (see above). A
+		// clear that fails now goes with the next commit that succeeds,
+		// before any lease the rewrite writes.
+		if err := s.st.ResetEpoch(time.Time{}); err != nil {
+			s.log.Warn("cannot clear the stored epoch origin for the rewrite after a wall-clock step; it is cleared with the next commit", zap.Error(err))
 		}
 	}
-	// After the origin: an anchor whose origin the store does not hold
-	// (the write above failed, a crash between the two) is not used.
+	// The anchor holds the moved origin: used once the rewrite stored it.
 	s.saveAnchor()
 	if !s.started.IsZero() {
 		s.started = s.started.Add(d)
@@ -409,6 +411,15 @@ func (s *Server) rewriteStep(n int) bool {
 	}
 	if ref > t.top {
 		ref = 0 // done
+		// Every stored lease is of the new frame: the moved origin goes
+		// back into the store (cleared by rebase), and a start continues
+		// the epoch. If it cannot be written now it goes with the next
+		// commit; until then a start resets the epoch.
+		if origin, ok := s.epoch.get(); ok {
+			if err := s.st.ResetEpoch(origin); err != nil {
+				s.log.Warn("cannot record the epoch origin moved with the wall clock; it is written with the next commit", zap.Error(err))
+			}
+		}
 		// The backup copy still holds the times of before the step
 		// (written at Open, before the start's rebase, or by the last
 		// periodic snapshot): a restore from it, which has no anchor

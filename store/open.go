@@ -239,7 +239,7 @@ func (s *Store) judge(ld loaded) (State, error) {
 	case ld.sel != nil && ld.sel.problem != "":
 		st.Recovered = join("log damaged ("+ld.sel.problem+"): changes logged after the damage are lost; kept the state up to it", st.Recovered)
 	case ld.epoch.IsZero():
-		st.Recovered = join("epoch reset still pending from an earlier start", st.Recovered)
+		st.Recovered = join("epoch reset still pending from an earlier run: it did not finish an epoch reset, or the rewrite of the stored leases after a wall-clock step (their times may be of two clock frames)", st.Recovered)
 	case ld.epoch.After(now.Add(ClockSlack)):
 		st.Recovered = join(fmt.Sprintf("clock doubtful: epoch origin %s is in the future (now %s)",
 			ld.epoch.Format(time.RFC3339), now.UTC().Format(time.RFC3339)), st.Recovered)

@@ -250,14 +250,17 @@ type Store struct {
 	ckDone  chan struct{}
 	ckLast  time.Time // last checkpoint error logged (rate limit), under ckMu
 
-	// pendingEpoch is an epoch origin ResetEpoch could not write; the next
-	// successful record carries it, so a reset is never forgotten.
+	// pendingEpoch is an epoch origin ResetEpoch could not write (op
+	// epochSet; epochClear: the origin cleared, ResetEpoch of the zero
+	// time; epochKeep: none); the next successful record carries it, so a
+	// reset is never forgotten.
 	// pendingClear: Open decided the epoch must go (Fresh) but could not
 	// write that yet; the next fold does it. pendingQuar: Open found the
 	// quarantine bucket or its digest damaged; the fold setupLog does
 	// rebuilds them (repairQuarantines).
 	pendingMu    sync.Mutex
 	pendingEpoch time.Time
+	pendingOp    byte
 	pendingClear bool
 	pendingQuar  bool
 
@@ -382,9 +385,19 @@ func (s *Store) CommitQuar(put []Lease, del []Key, q *QuarChange) error {
 // ResetEpoch makes origin the epoch origin (EPO-03). If it can not be
 // written now, the error says so and the store writes it with the next
 // commit that succeeds; until then a restart still sees Fresh.
+//
+// The zero origin clears it: a later Open sees Fresh (the epoch must
+// reset) until an origin is set again. The engine clears it while the
+// stored leases may be of two wall-clock frames (the rewrite after a
+// step, server/clock.go). Either is ordered with the commits: one that
+// succeeds after ResetEpoch returned, failed or not, carries it if it is
+// not yet written.
 func (s *Store) ResetEpoch(origin time.Time) error {
 	s.pendingMu.Lock()
-	s.pendingEpoch = origin
+	s.pendingEpoch, s.pendingOp = origin, epochSet
+	if origin.IsZero() {
+		s.pendingOp = epochClear
+	}
 	s.pendingMu.Unlock()
 	return s.apply(nil)
 }
@@ -447,12 +460,8 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 		}
 	}
 	s.pendingMu.Lock()
-	epoch := s.pendingEpoch
+	epoch, op := s.pendingEpoch, s.pendingOp
 	s.pendingMu.Unlock()
-	op := byte(epochKeep)
-	if !epoch.IsZero() {
-		op = epochSet
-	}
 
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
@@ -523,10 +532,10 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 	w.seq++
 	s.commits.Add(1)
 	s.maybeGrowAhead()
-	if op == epochSet {
+	if op != epochKeep {
 		s.pendingMu.Lock()
-		if s.pendingEpoch.Equal(epoch) {
-			s.pendingEpoch = time.Time{}
+		if s.pendingOp == op && s.pendingEpoch.Equal(epoch) {
+			s.pendingEpoch, s.pendingOp = time.Time{}, epochKeep
 		}
 		s.pendingMu.Unlock()
 	}
