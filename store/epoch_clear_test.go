@@ -60,7 +60,7 @@ func TestResetEpochClear(t *testing.T) {
 			dir := s.Dir()
 			s.Close()
 			writable := bindReadOnly(t, dir)
-			s, st := openT(t, dir, noCheckpoint, fixedClock(t0))
+			s, st := openT(t, dir, noCheckpoint, fixedClock(t0), WithoutOpenSnapshot())
 			if st.Fresh || !st.EpochOrigin.Equal(origin) {
 				t.Fatalf("read-only open: Fresh = %v, EpochOrigin = %v", st.Fresh, st.EpochOrigin)
 			}
@@ -76,7 +76,7 @@ func TestResetEpochClear(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s, _ := openT(t, t.TempDir(), noCheckpoint, fixedClock(t0))
+			s, _ := openT(t, t.TempDir(), noCheckpoint, fixedClock(t0), WithoutOpenSnapshot())
 			if err := s.ResetEpoch(origin); err != nil {
 				t.Fatal(err)
 			}
