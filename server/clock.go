@@ -40,23 +40,29 @@ import (
 // quarantine ends.
 //
 // A crash before the rewrite is done leaves the leases not yet rewritten
-// with expiries of the old wall base on disk, and the next start, even in
-// the same boot, cannot tell them from the rewritten ones (the stored
-// origin and the anchor already are of the new frame; killed between the
-// two, the anchor does not match and is not used): a forward step drops
-// those with less left than the step and shortens the others by it, the
-// epoch going on (what happened to all of them without the running
-// clock); a backward step makes them look longer, capped by
-// clampRestored, and their creation in the future resets the epoch
-// (TestBootClockKillDuringRewrite). The backup copy is written again once
-// the rewrite is done (housekeep), not before: until then it holds the
-// old frame's times (TestBootClockBackupAfterRebase).
+// with expiries of the old wall base on disk, and no lease says which
+// frame it is of: a forward step would drop those with less left than
+// the step and shorten the others, a backward one lengthen them (capped
+// by clampRestored). So the rebase clears the stored epoch origin
+// (ResetEpoch of the zero time, one log record ordered before every
+// lease the rewrite writes) and rewriteStep stores the moved origin once
+// the last lease is rewritten: a start after a kill -9 (or a power cut)
+// anywhere in between finds the origin cleared, the store says why
+// ("epoch reset still pending ... the rewrite of the stored leases after
+// a wall-clock step"), and the epoch resets, the clients re-map (ANN-03,
+// issue 9: no continuity while state may be lost;
+// TestBootClockKillDuringRewrite). Its leases are restored by the wall
+// clock as they are. A clean stop finishes the rewrite (finishRebase).
+// The backup copy is written again once the rewrite is done (housekeep),
+// not before: until then it holds the old frame's times
+// (TestBootClockBackupAfterRebase); restored, it resets the epoch anyway.
 //
 // A step made while pcpd is down, or one a kill -9 came before the next
 // check saw, is seen at the next start in the same boot through the boot
 // anchor (Deps.Boot, internal/bootclock): at start and at every rebase
 // pcpd records how its running clock stands against CLOCK_BOOTTIME (never
-// stepped, counts suspend), with the epoch origin then stored. A start
+// stepped, counts suspend), with the epoch origin (a rebase's moved one,
+// which the store holds once the rewrite is done). A start
 // whose anchor is of this boot and of the stored state's origin begins the
 // running clock where the last run's would be now (resumeFrame), restores
 // the stored times in that frame, and then rebases onto the wall clock as

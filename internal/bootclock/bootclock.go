@@ -10,9 +10,11 @@
 // epoch never resets while state is intact").
 //
 // The anchor goes with one stored state: it records the epoch origin the
-// state had when it was written, and is used only for a state whose
-// stored origin is that one (not for a state restored from the backup or
-// reset since, whose times are in another frame).
+// state had when it was written (after a rebase: the one it has once the
+// leases are rewritten, server/clock.go), and is used only for a state
+// whose stored origin is that one (not for a state restored from the
+// backup or reset since, whose times are in another frame, nor for one
+// whose rewrite after a step did not finish: its origin is cleared).
 package bootclock
 
 import (
