@@ -31,8 +31,11 @@ const maxRequest = 1 << 20
 // writeTimeout bounds how long one write of a reply may wait for the client
 // to read: a client that stops reading is dropped, and the listing it held
 // pinned in the engine (server.ListLeases) is let go, while one that reads
-// slowly takes a listing of any length (64 KiB in 30 s: 2 KiB/s). A
-// variable so that tests can shorten it; Serve reads it once.
+// slowly takes a listing of any length. A blocked write on the Unix socket
+// resumes only once the client has drained it to a quarter of its send
+// buffer (180-213 KB of the default 208 KiB, net.core.wmem_default), so
+// "slowly" is about 7 KB/s at 30 s. A variable so that tests can shorten
+// it; Serve reads it once.
 var writeTimeout = 30 * time.Second
 
 // maxConns bounds the connections served at once, so a runaway script
@@ -257,7 +260,9 @@ func (r *acceptRetry) succeeded(log *zap.Logger) {
 
 // progressWriter gives each write its own deadline, so that the deadline
 // bounds a stall, not the whole reply: a write is at most the reply
-// buffer (64 KiB), which the client must have read within timeout.
+// buffer (64 KiB), which must fit in the socket within timeout (the
+// client having read what the socket needs to wake the writer: see
+// writeTimeout).
 type progressWriter struct {
 	c       net.Conn
 	timeout time.Duration

@@ -194,15 +194,19 @@ func loggedError(e observer.LoggedEntry) error {
 	return nil
 }
 
-// tracked reports when a listing ends and how: the engine's listing stays
-// pinned until StreamLeases returns (server.ListLeases).
+// tracked reports when a listing ends, how, and how long it took: the
+// engine's listing stays pinned until StreamLeases returns
+// (server.ListLeases).
 type tracked struct {
 	*streamer
 	ended chan error
+	took  time.Duration
 }
 
 func (b *tracked) StreamLeases(count func(int) error, each func(*store.Lease) error) error {
+	start := time.Now()
 	err := b.streamer.StreamLeases(count, each)
+	b.took = time.Since(start)
 	b.ended <- err
 	return err
 }
@@ -234,9 +238,21 @@ func (t *throttled) Read(p []byte) (int, error) {
 // no progress for writeTimeout, and the listing ends; one that keeps
 // reading, however much longer than writeTimeout the whole takes, gets
 // every lease.
+//
+// What "progress" takes on a Unix socket: a blocked write is woken only
+// once the client has drained the socket down to a quarter of its send
+// buffer (unix_writable: 212 992 B by default, net.core.wmem_default),
+// not once it has read the 64 KiB being written. Reading 16 KiB every
+// 10 ms (this test until 2026-12-05) held each blocked write 123 ms (11-13
+// reads, 180-213 KB), 62 % of the 200 ms timeout; a box loaded enough to
+// add 6 ms to each of those sleeps dropped the client (9 of 60 runs). So
+// the slow reader takes all that is queued each time, 30 ms apart: a
+// blocked write waits for one sleep, 30 ms, and only a single stall of
+// 170 ms drops it; the listing, 3.6 MB, still lasts well over the
+// timeout (≥ 15 sleeps), which the test checks.
 func TestStalledReaderDropped(t *testing.T) {
 	const (
-		n       = 8000 // 1.8 MB of lines: far more than the socket's and both ends' buffers
+		n       = 16000 // 3.6 MB of lines: far more than the socket's and both ends' buffers
 		timeout = 200 * time.Millisecond
 	)
 	var ls []store.Lease
@@ -247,15 +263,15 @@ func TestStalledReaderDropped(t *testing.T) {
 	tests := []struct {
 		name string
 		// stallAfter: bytes read before the client stops reading; -1
-		// reads everything, chunk bytes every pause: 115 reads of 16 KiB,
-		// ≥ 1.15 s in all (5.7 × timeout) but 64 KiB every 40 ms.
+		// reads everything. Each read takes at most chunk bytes (0: all
+		// that is queued, up to the reader's 256 KiB), pause before it.
 		stallAfter int64
 		chunk      int
 		pause      time.Duration
 	}{
 		{name: "never reads", stallAfter: 0},
 		{name: "reads the first 100 KiB, then stops", stallAfter: 100 << 10, chunk: 8 << 10, pause: 10 * time.Millisecond},
-		{name: "reads slowly to the end", stallAfter: -1, chunk: 16 << 10, pause: 10 * time.Millisecond},
+		{name: "reads slowly to the end", stallAfter: -1, pause: 30 * time.Millisecond},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -270,7 +286,7 @@ func TestStalledReaderDropped(t *testing.T) {
 			if _, err := conn.Write([]byte(`{"op":"leases"}` + "\n")); err != nil {
 				t.Fatal(err)
 			}
-			r := bufio.NewReaderSize(&throttled{r: conn, chunk: tt.chunk, pause: tt.pause}, 64<<10)
+			r := bufio.NewReaderSize(&throttled{r: conn, chunk: tt.chunk, pause: tt.pause}, 256<<10)
 			if tt.stallAfter < 0 {
 				lines := 0
 				for ; ; lines++ {
@@ -287,6 +303,12 @@ func TestStalledReaderDropped(t *testing.T) {
 				}
 				if err := <-b.ended; err != nil {
 					t.Fatalf("listing to a slow reader: %v", err)
+				}
+				// Load only lengthens it: a listing this short could not
+				// tell a deadline per write from one on the whole reply.
+				t.Logf("listing of %d leases to a slow reader took %v", n, b.took)
+				if b.took < 2*timeout {
+					t.Fatalf("the listing took %v, under 2 × the write timeout %v: the test proves nothing (a larger socket buffer than wmem_default 212 992?)", b.took, timeout)
 				}
 				return
 			}
