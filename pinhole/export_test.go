@@ -102,3 +102,7 @@ func CheckRulesReplacedMidway(b *Backend, tamper func()) error {
 	_, err = w.check(v)
 	return err
 }
+
+// RefreshNudge is how much shorter than asked an element refreshed in
+// place may end up (refreshNudge).
+const RefreshNudge = refreshNudge

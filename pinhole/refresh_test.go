@@ -59,15 +59,36 @@ func TestRefreshInPlace(t *testing.T) {
 	}
 }
 
+// jiffy is the kernel clock's granularity that an element's countdown
+// may lose against Go's clock: a timeout is counted in whole ticks from
+// the tick the update ran in, and read back in whole ticks (two ticks at
+// HZ 100, the coarsest Linux build). A clock granularity, not a
+// scheduling allowance: time the test spends descheduled is measured,
+// not allowed for.
+const jiffy = 20 * time.Millisecond
+
 func testRefresh(t *testing.T, ns *netlab.NS, b *pinhole.Backend) {
-	refresh := func(d time.Duration) {
+	// refresh refreshes every shape to d and returns the clock read just
+	// before: a countdown restarted by it ends no earlier than that + d.
+	refresh := func(d time.Duration) time.Time {
 		var ops []pinhole.Op
 		for _, p := range everyShape {
 			ops = append(ops, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: d})
 		}
+		before := time.Now()
 		apply(t, b, ops...)
+		return before
 	}
-	check := func(what string, lo, hi time.Duration) {
+	// check reads every element's countdown and asserts that each was set
+	// to d by the refresh that began at from: it ends no earlier than
+	// from + d (an element read at a time no later than the clock after
+	// the read, so remaining ≥ d − (after − from)), less the nudge an
+	// in-place update may leave (pinhole.RefreshNudge: when the element
+	// already held d), and no later than d from now (remaining ≤ d). No
+	// timing window: however long the box keeps the test from reading, a
+	// refreshed element passes. It returns when the read began and ended,
+	// what an element not refreshed could show is judged against.
+	check := func(what string, from time.Time, d time.Duration) (readStart, readEnd time.Time) {
 		t.Helper()
 		got, _ := listPinholes(t, b)
 		want := append([]pinhole.Pinhole(nil), everyShape...)
@@ -75,30 +96,52 @@ func testRefresh(t *testing.T, ns *netlab.NS, b *pinhole.Backend) {
 		if diff := cmp.Diff(want, got, cmpAddr, cmpPrefix); diff != "" {
 			t.Fatalf("%s: pinholes (-want +got):\n%s", what, diff)
 		}
+		readStart = time.Now()
 		ds := expiries(t, ns)
+		readEnd = time.Now()
 		if len(ds) < len(everyShape) {
 			t.Fatalf("%s: %d elements with a countdown, want at least %d", what, len(ds), len(everyShape))
 		}
-		for _, d := range ds {
-			if d < lo || d > hi {
-				t.Errorf("%s: an element expires in %v, want within [%v, %v]", what, d, lo, hi)
+		lo := d - pinhole.RefreshNudge - readEnd.Sub(from) - jiffy
+		for _, r := range ds {
+			if r < lo || r > d {
+				t.Errorf("%s: an element expires in %v, want within [%v, %v] (refreshed to %v, read %v after the refresh began)",
+					what, r, lo, d, d, readEnd.Sub(from).Round(time.Millisecond))
 			}
 		}
+		return readStart, readEnd
 	}
 	var ins []pinhole.Op
 	for _, p := range everyShape {
 		ins = append(ins, install(p, 3*time.Second))
 	}
-	apply(t, b, ins...)
-	time.Sleep(1500 * time.Millisecond)
-	refresh(3 * time.Second) // the same timeout: only an update restarts the countdown
-	check("same timeout", 2700*time.Millisecond, 3*time.Second)
-	refresh(time.Hour)
-	check("lengthened", time.Hour-time.Minute, time.Hour)
-	refresh(time.Hour) // and again at once: the element already holds exactly 1h
-	check("1h again", time.Hour-time.Minute, time.Hour)
-	refresh(5 * time.Second)
-	check("shortened", 4*time.Second, 5*time.Second)
+	// The same timeout: only an update restarts the countdown. An element
+	// left alone ends at most 3 s after the install returned; the check
+	// tells it from a refreshed one only if the refresh came later than
+	// that by more than the read's own length (the element is read at
+	// some moment between its start and end), the nudge and a jiffy
+	// either side: on a box loaded enough to stretch the read past the
+	// 1.5 s wait, install and wait again.
+	const tries = 3
+	for try := 1; ; try++ {
+		apply(t, b, ins...)
+		installed := time.Now()
+		time.Sleep(1500 * time.Millisecond)
+		from := refresh(3 * time.Second)
+		readStart, readEnd := check("same timeout", from, 3*time.Second)
+		if t.Failed() || readEnd.Sub(readStart)+pinhole.RefreshNudge+2*jiffy < from.Sub(installed) {
+			break
+		}
+		if try == tries {
+			t.Fatalf("same timeout: reading the countdowns took longer (%v, last) than the wait between install and refresh in %d tries: the box is too loaded to tell a restarted countdown from one left alone",
+				readEnd.Sub(readStart), tries)
+		}
+		t.Logf("same timeout, try %d: the read took %v, the refresh came %v after the install: cannot tell; again",
+			try, readEnd.Sub(readStart), from.Sub(installed))
+	}
+	check("lengthened", refresh(time.Hour), time.Hour)
+	check("1h again", refresh(time.Hour), time.Hour) // at once: the element already holds exactly 1h
+	check("shortened", refresh(5*time.Second), 5*time.Second)
 	refresh(15 * time.Millisecond) // too short to nudge: re-created
 	time.Sleep(100 * time.Millisecond)
 	if got, _ := listPinholes(t, b); len(got) != 0 {
