@@ -272,6 +272,34 @@ func slowest(seq []time.Duration, k int) string {
 
 func ratio(a, b time.Duration) float64 { return float64(a) / float64(b) }
 
+// cpuStall is the machine's CPU pressure so far (/proc/pressure/cpu, "some
+// total"): how long at least one runnable task waited for a CPU. Its
+// growth over a round is how loaded the box was during that round, which
+// a round's p99 on a shared 2-core box depends on; 0 where PSI is off.
+func cpuStall() time.Duration {
+	b, _ := os.ReadFile("/proc/pressure/cpu")
+	for _, f := range strings.Fields(string(b)) {
+		if v, ok := strings.CutPrefix(f, "total="); ok {
+			us, _ := strconv.ParseInt(v, 10, 64)
+			return time.Duration(us) * time.Microsecond
+		}
+	}
+	return 0
+}
+
+func loadavg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	return strings.Join(strings.Fields(string(b))[:min(3, len(strings.Fields(string(b))))], " ")
+}
+
+func roundMs(ds []time.Duration) []time.Duration {
+	var out []time.Duration
+	for _, d := range ds {
+		out = append(out, d.Round(time.Millisecond))
+	}
+	return out
+}
+
 func medianDur(d []time.Duration) time.Duration {
 	s := slices.Clone(d)
 	slices.Sort(s)
@@ -455,7 +483,8 @@ func TestFloodFairnessPKT08(t *testing.T) {
 			o0 := ownerMeterDrops(l.topo.Host)
 			sn0 := readSoftnet()
 			start := time.Now()
-			var ctl, fl, ctlMap, flMap []time.Duration
+			var ctl, fl, ctlMap, flMap, ctlStall, flStall []time.Duration
+			t.Logf("%s: load average %s", mode.name, loadavg())
 			var ctlLost, flLost int
 			var ctlRate, flRate float64
 			for r := 0; r < rounds; r++ {
@@ -468,7 +497,9 @@ func TestFloodFairnessPKT08(t *testing.T) {
 					stop := flood(t, dst, mode.sources, mode.kind)
 					time.Sleep(200 * time.Millisecond)
 					kr1 := kernelDrops(l.topo.Host)
+					st0 := cpuStall()
 					rtts, mrtts, seq, n := latencyRound(t, l, conn, cli, perRound, rate, renew)
+					stall := cpuStall() - st0
 					sent := stop()
 					if pin {
 						// Receive-buffer drops before the victim starts
@@ -480,10 +511,10 @@ func TestFloodFairnessPKT08(t *testing.T) {
 					}
 					if real {
 						fl, flLost, flRate = append(fl, percentile(rtts, 99)), flLost+n, flRate+sent/rounds
-						flMap = append(flMap, percentile(mrtts, 99))
+						flMap, flStall = append(flMap, percentile(mrtts, 99)), append(flStall, stall)
 					} else {
 						ctl, ctlLost, ctlRate = append(ctl, percentile(rtts, 99)), ctlLost+n, ctlRate+sent/rounds
-						ctlMap = append(ctlMap, percentile(mrtts, 99))
+						ctlMap, ctlStall = append(ctlMap, percentile(mrtts, 99)), append(ctlStall, stall)
 					}
 				}
 			}
@@ -513,6 +544,8 @@ func TestFloodFairnessPKT08(t *testing.T) {
 				mode.name, idleP99, idle, controlP99, ctl, floodP99, fl, bound)
 			t.Logf("%s: victim MAP renewal p99 idle %v (rounds %v), control %v (rounds %v), under flood %v (rounds %v); bound %v",
 				mode.name, idleMapP99, idleMap, controlMapP99, ctlMap, floodMapP99, flMap, mapBound)
+			t.Logf("%s: CPU pressure (some task waiting for a CPU) per 4 s round: control %v, flood %v; load average %s",
+				mode.name, roundMs(ctlStall), roundMs(flStall), loadavg())
 			annBad, mapBad := floodP99 > bound || flLost > 0, floodMapP99 > mapBound
 			// Nothing lost (issue 9): a datagram dropped because pcpd's
 			// socket buffer was full could as well have been a victim's,
