@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
@@ -237,6 +238,44 @@ func Veth(a *NS, aIf string, b *NS, bIf string) error {
 		if out, err := exec.Command(s[0], s[1:]...).CombinedOutput(); err != nil {
 			exec.Command("ip", "link", "del", ta).Run()
 			return fmt.Errorf("netlab: %s: %v: %s", strings.Join(s, " "), err, bytes.TrimSpace(out))
+		}
+	}
+	return nil
+}
+
+// WaitLocal waits until each of addrs has its local route in the
+// namespace, as a test that just added an address must before the address
+// receives: the kernel delivers to an address only once its local route
+// is in, and for IPv6 that route is added by the kernel's addrconf work
+// after `ip addr add` returns (nodad too). Until then a datagram or SYN to
+// it is dropped (Ip6InAddrErrors); on a loaded box the work ran late
+// enough that a test's first SYN to an address it had just added was lost,
+// and the retransmission came after the dial's timeout. IPv4 addresses
+// have their local route when ip returns; they pass at once.
+func (n *NS) WaitLocal(t testing.TB, addrs ...netip.Addr) {
+	t.Helper()
+	if err := n.waitLocal(10*time.Second, addrs...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (n *NS) waitLocal(timeout time.Duration, addrs ...netip.Addr) error {
+	for _, a := range addrs {
+		fam := "-4"
+		if a.Is6() {
+			fam = "-6"
+		}
+		if err := Eventually(timeout, func() error {
+			out, err := n.Run("ip", fam, "route", "show", "table", "local", a.String())
+			if err != nil {
+				return err
+			}
+			if strings.TrimSpace(out) == "" {
+				return fmt.Errorf("netlab: %s has no local route in %s after %v", a, n.Name, timeout)
+			}
+			return nil
+		}); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -113,6 +113,20 @@ func BuildTopology(opts TopologyOptions) (topo *Topology, err error) {
 	} else {
 		err = topo.buildVeth()
 	}
+	// The IPv6 addresses receive only once the kernel's addrconf work has
+	// added their local routes (WaitLocal).
+	for _, w := range []struct {
+		ns    *NS
+		addrs []netip.Addr
+	}{
+		{topo.Internet, []netip.Addr{topo.InternetV6}},
+		{topo.Host, []netip.Addr{topo.HostWANV6, topo.HostTunnelV6}},
+		{topo.Client, []netip.Addr{topo.ClientV6}},
+	} {
+		if err == nil {
+			err = w.ns.waitLocal(10*time.Second, w.addrs...)
+		}
+	}
 	return
 }
 
