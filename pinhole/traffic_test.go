@@ -56,6 +56,9 @@ func TestFilterAdmitsOnlyRemote_6887_13_3(t *testing.T) {
 	topo, b := guardedTopology(t, pinhole.Config{})
 	friend, stranger := topo.InternetV6, netip.MustParseAddr("2001:db8:ffff::3")
 	topo.Internet.MustRun(t, "ip", "addr", "add", stranger.String()+"/64", "dev", "eth0", "nodad")
+	// Receivable before "must not reach" is asked: else no reply would come
+	// back to it whatever the pinhole did (netlab.WaitLocal).
+	topo.Internet.WaitLocal(t, stranger)
 
 	for _, tc := range []struct {
 		name  string
@@ -88,6 +91,7 @@ func TestFilterAdmitsOnlyRemote_6887_13_3(t *testing.T) {
 		serve(t, topo.Client, tcp, dst)
 		outside := netip.MustParseAddr("2001:db8:ffff::4")
 		topo.Internet.MustRun(t, "ip", "addr", "add", outside.String()+"/64", "dev", "eth0", "nodad")
+		topo.Internet.WaitLocal(t, outside)
 		p := pinhole.Pinhole{InternalAddr: topo.ClientV6, RemotePrefix: netip.MustParsePrefix("2001:db8:ffff::/126")}
 		apply(t, b, install(p, time.Minute))
 		mustReach(t, "remote inside prefix", topo.Internet, tcp, friend, dst)
@@ -142,6 +146,7 @@ func TestRedirect80To443(t *testing.T) {
 	t.Run("filtered", func(t *testing.T) {
 		stranger := netip.MustParseAddr("2001:db8:ffff::5")
 		topo.Internet.MustRun(t, "ip", "addr", "add", stranger.String()+"/64", "dev", "eth0", "nodad")
+		topo.Internet.WaitLocal(t, stranger)
 		topo.Client.ServeTCP(t, netip.AddrPortFrom(topo.ClientV6, 8443).String())
 		ext := netip.AddrPortFrom(topo.ClientV6, 8080)
 		p := pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV6, InternalPort: 8443, ExternalPort: 8080,
