@@ -229,7 +229,25 @@ func (topo *Topology) buildWireGuard(opts TopologyOptions) (err error) {
 	run(topo.Client, "ip", "addr", "add", "10.100.0.2/24", "dev", c)
 	run(topo.Client, "ip", "-6", "route", "add", "default", "dev", c)
 	run(topo.Client, "ip", "route", "add", "default", "dev", c)
-	return err
+	if err != nil {
+		return err
+	}
+	// The client's keepalive starts the handshake once its link is up.
+	// Wait for it: a test's first request otherwise waits in wireguard-go
+	// for it, and if that first initiation is lost (the host's device still
+	// binding its socket), the retry comes only after REKEY_TIMEOUT (5 s),
+	// later than a test's 3 s of request retries (TestE2ESpoofedHostSource
+	// got no reply once in about 8 server runs, pcpd having seen nothing).
+	return Eventually(15*time.Second, func() error {
+		d, err := wg.Device(c)
+		if err != nil {
+			return err
+		}
+		if len(d.Peers) == 0 || d.Peers[0].LastHandshakeTime.IsZero() {
+			return fmt.Errorf("netlab: no WireGuard handshake between %s and %s yet", c, h)
+		}
+		return nil
+	})
 }
 
 // NewTopology is BuildTopology for tests.
