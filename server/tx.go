@@ -454,8 +454,15 @@ func (s *Server) paid() {
 func (s *Server) payStoreDebt() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.payStoreDebtLocked()
+}
+
+// payStoreDebtLocked is payStoreDebt with s.mu held; it reports whether
+// the store holds the table's state for every key now (no debt, or the
+// commit succeeded).
+func (s *Server) payStoreDebtLocked() bool {
 	if len(s.storeDebt) == 0 && len(s.quarDebt) == 0 {
-		return
+		return true
 	}
 	var put []store.Lease
 	var del []store.Key
@@ -473,9 +480,10 @@ func (s *Server) payStoreDebt() {
 	if err := s.st.CommitQuar(put, del, &qc); err != nil {
 		s.m.storeErrors.Inc()
 		s.log.Warn("cannot write the lease table's state back to the store; retrying", zap.Int("leases", len(s.storeDebt)), zap.Error(err))
-		return
+		return false
 	}
 	s.paid()
+	return true
 }
 
 // commit makes the tx durable: the kernel transaction and the store commit

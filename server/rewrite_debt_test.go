@@ -1,0 +1,111 @@
+package server
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/internal/bootclock"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/store"
+)
+
+// TestBootClockRewriteStoreDebt (review h/revrw): the rewrite after a
+// wall-clock step skips the leases in the store's debt (payStoreDebt
+// writes the table's state for them), and its last step stored the moved
+// origin even while that debt was unpaid: the store held the owed lease's
+// older state, of the old frame, under the new frame's origin. A kill -9
+// before housekeep's next payStoreDebt (or the next request's commit)
+// restored it by the wall clock with the epoch going on: a forward step
+// of 1 h dropped it, nobody told to re-map. Now the last step pays the
+// debt before it stores the origin. The debt here is a lease whose
+// commit failed to be undone (the store holds its state of the map, the
+// table the same: the debt is what marks the key). On main the forward
+// row keeps 1 lease of 2 with the epoch going on, the back row keeps it
+// with 1 h too much (clamped to its whole lifetime: 600 s).
+func TestBootClockRewriteStoreDebt(t *testing.T) {
+	const lifetime = 600 * time.Second
+	const right = lifetime - 110*time.Second
+	for _, tc := range []struct {
+		name string
+		step time.Duration
+	}{
+		{"forward", time.Hour},
+		{"back", -time.Hour},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &stepClocks{}
+			c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
+			b := &fakeBoot{c: c}
+			b.id.Store("8d1c2a4e-0000-4000-8000-000000000005")
+			dir := t.TempDir()
+			k := bootclock.New(dir, bootclock.Clocks{Wall: c.Now, Boottime: b.Boottime, BootID: b.BootID})
+			anchor := &crashAnchor{k: k}
+			open := func() (*store.Store, store.State) {
+				t.Helper()
+				st, state, err := store.Open(dir, zap.NewNop(), store.WithClock(c.Now),
+					store.WithUnseenStep(k.Unseen), store.WithLeasesLater(), store.WithoutOpenSnapshot())
+				if err != nil {
+					t.Fatal(err)
+				}
+				return st, state
+			}
+			h := newHarness(t)
+			st, state := open()
+			defer func() { st.Close() }()
+			start := func() {
+				h.startWith(func(d *Deps) {
+					c.deps(d)
+					d.Boot, d.Store, d.State = anchor, st, state
+				}, nil)
+			}
+			start()
+			for _, port := range []uint16{8080, 8081} {
+				h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, 0, lifetime, 1)), pcp.Success)
+			}
+			c.advance(100 * time.Second)
+			before := h.s.Status().Epoch
+			c.step(tc.step)
+			ls := h.s.Leases()
+			h.s.mu.Lock()
+			for _, l := range ls {
+				if l.ExternalPort == 8081 {
+					h.s.storeDebt[l.Key] = struct{}{}
+				}
+			}
+			if len(h.s.storeDebt) != 1 {
+				t.Fatalf("debt %d keys, want 1", len(h.s.storeDebt))
+			}
+			d, ok := h.s.clk.stepped()
+			if !ok {
+				t.Fatal("no step measured")
+			}
+			h.s.rebase(d)
+			for h.s.rewriteAt != 0 {
+				if !h.s.rewriteStep(rewriteChunk) {
+					t.Fatal("rewrite failed")
+				}
+			}
+			h.s.mu.Unlock()
+			// kill -9 (Close folds the log a start would replay).
+			st.Close()
+			c.advance(10 * time.Second)
+			st, state = open()
+			start()
+
+			var left []time.Duration
+			for _, l := range h.s.Leases() {
+				left = append(left, l.Expires.Sub(c.Now()))
+			}
+			slices.Sort(left)
+			if want := []time.Duration{right, right}; !slices.Equal(left, want) {
+				t.Errorf("leases left %v, want %v", left, want)
+			}
+			if status := h.s.Status(); !status.Restarted || status.Epoch != before+10 {
+				t.Errorf("epoch %d after %d (restarted %v), want %d", status.Epoch, before, status.Restarted, before+10)
+			}
+		})
+	}
+}
