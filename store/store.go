@@ -459,17 +459,30 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 			return false, fmt.Errorf("store: commit: log not set up: %w", ErrUnavailable)
 		}
 	}
-	s.pendingMu.Lock()
-	epoch, op := s.pendingEpoch, s.pendingOp
-	s.pendingMu.Unlock()
-
+	if testHookAppend != nil {
+		testHookAppend()
+	}
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	w := &s.wal
-	// The grower writes past alloc without wmu (grower): a record that
-	// needs room there waits for its chunk. (Nothing is decided before
-	// this wait, which releases wmu.)
-	for w.seg[w.active].busy && w.off+recordLen(bs, op) > w.seg[w.active].alloc {
+	// The pending epoch origin is read under wmu, after any wait for the
+	// grower (which releases wmu), so records carry the origins in the
+	// order ResetEpoch set them: read before, an append that another
+	// overtook wrote its older origin after the other's newer one, the
+	// last ResetEpoch undone (review h/revrw: a rewrite's moved origin
+	// after the next step's clear, TestResetEpochStaleAppend).
+	var epoch time.Time
+	var op byte
+	for {
+		s.pendingMu.Lock()
+		epoch, op = s.pendingEpoch, s.pendingOp
+		s.pendingMu.Unlock()
+		// The grower writes past alloc without wmu (grower): a record
+		// that needs room there waits for its chunk. (Nothing is
+		// decided before this wait.)
+		if !w.seg[w.active].busy || w.off+recordLen(bs, op) <= w.seg[w.active].alloc {
+			break
+		}
 		s.grown.Wait()
 	}
 	seg := &w.seg[w.active]
@@ -547,6 +560,11 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 	}
 	return false, nil
 }
+
+// testHookAppend, when set (tests only), runs in tryAppend before it takes
+// wmu: another append may run to its end there (TestResetEpochStaleAppend).
+// One nil check a commit.
+var testHookAppend func()
 
 // recordLen is the length of the record tryAppend writes for bs.
 func recordLen(bs []*batch, epochOp byte) int64 {
