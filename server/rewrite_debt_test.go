@@ -1,7 +1,9 @@
 package server
 
 import (
+	"errors"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -107,5 +109,84 @@ func TestBootClockRewriteStoreDebt(t *testing.T) {
 				t.Errorf("epoch %d after %d (restarted %v), want %d", status.Epoch, before, status.Restarted, before+10)
 			}
 		})
+	}
+}
+
+// failingStore fails every commit while fail is set (the engine's store
+// with its disk gone); the epoch origin goes through.
+type failingStore struct {
+	*store.Store
+	fail atomic.Bool
+}
+
+func (f *failingStore) Commit(put []store.Lease, del []store.Key) error {
+	return f.CommitQuar(put, del, nil)
+}
+
+func (f *failingStore) CommitQuar(put []store.Lease, del []store.Key, q *store.QuarChange) error {
+	if f.fail.Load() {
+		return errors.New("injected store failure")
+	}
+	return f.Store.CommitQuar(put, del, q)
+}
+
+// TestBootClockRewriteExpiredUnrecorded (review h/revrw): a lease that
+// expired while the store refused commits stayed in the store (the
+// engine "drops it at the next start"), where the rewrite after a later
+// wall-clock step never reaches it (it is not in the table), and the
+// moved origin was stored over it. After a step back of 1 h its old-frame
+// expiry lay 1 h in the future: the next start restored the expired lease
+// and re-opened its pinhole (clamped to its whole lifetime), on a clean
+// restart too (here: finishRebase, a clean stop). Now the failed expiry leaves the keys owed (storeDebt):
+// housekeep's payStoreDebt deletes them, and the rewrite's last step
+// before it stores the origin. On main: the 120 s lease is back with its whole 120 s.
+func TestBootClockRewriteExpiredUnrecorded(t *testing.T) {
+	c := &stepClocks{}
+	c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
+	b := &fakeBoot{c: c}
+	b.id.Store("8d1c2a4e-0000-4000-8000-000000000006")
+	dir := t.TempDir()
+	k := bootclock.New(dir, bootclock.Clocks{Wall: c.Now, Boottime: b.Boottime, BootID: b.BootID})
+	open := func() (*failingStore, store.State) {
+		t.Helper()
+		st, state, err := store.Open(dir, zap.NewNop(), store.WithClock(c.Now),
+			store.WithUnseenStep(k.Unseen), store.WithLeasesLater(), store.WithoutOpenSnapshot())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &failingStore{Store: st}, state
+	}
+	h := newHarness(t)
+	st, state := open()
+	defer func() { st.Close() }()
+	start := func() {
+		h.startWith(func(d *Deps) {
+			c.deps(d)
+			d.Boot, d.Store, d.State = k, st, state
+		}, nil)
+	}
+	start()
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8080, 0, 600*time.Second, 1)), pcp.Success)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8081, 0, 120*time.Second, 1)), pcp.Success)
+	c.advance(130 * time.Second)
+	st.fail.Store(true)
+	h.s.expire() // 8081's end not recorded
+	st.fail.Store(false)
+	if n := len(h.s.Leases()); n != 1 {
+		t.Fatalf("%d leases after the expiry, want 1", n)
+	}
+	c.step(-time.Hour)
+	h.s.finishRebase() // rebase, the whole rewrite (a clean stop's)
+	st.Close()
+	c.advance(10 * time.Second)
+	st, state = open()
+	start()
+	for _, l := range h.s.Leases() {
+		if l.ExternalPort == 8081 {
+			t.Errorf("the expired lease is back with %v left", l.Expires.Sub(c.Now()))
+		}
+	}
+	if !h.s.Status().Restarted {
+		t.Errorf("epoch reset (restarted false), want it to go on")
 	}
 }
