@@ -47,3 +47,40 @@ func TestEpochWindow(t *testing.T) {
 		})
 	}
 }
+
+// TestRewriteReset checks when TestKill9UnderLoadEPO04 takes an epoch
+// reset after a restart for the one pcpd makes by design (rewriteReset):
+// the killed run stepped (seen running, or at its start by the boot
+// anchor), the start names the unfinished rewrite, and the epoch is a
+// reset's. Any of them missing is a reset the test must fail.
+func TestRewriteReset(t *testing.T) {
+	const (
+		stepped  = `{"level":"warn","msg":"wall clock stepped: lease times moved with it, pinholes unchanged","step":"12.3s","leases":14000}`
+		anchored = `{"level":"warn","msg":"wall clock stepped since the last run's clock check (boot anchor): stored times follow it","step":"12.3s"}`
+		plain    = `{"level":"info","msg":"state restored; epoch continues","leases":14000}`
+		reason   = `{"level":"warn","msg":"store recovered","detail":"epoch reset still pending from an earlier run: it did not finish an epoch reset, or the rewrite of the stored leases after a wall-clock step (their times may be of two clock frames)"}` + "\n" +
+			`{"level":"warn","msg":"mapping state lost or doubtful: epoch reset to 0","why":"fresh or recovered state","leases":14000}`
+		otherReset = `{"level":"warn","msg":"store recovered","detail":"log damaged (bad record): changes logged after the damage are lost"}` + "\n" +
+			`{"level":"warn","msg":"mapping state lost or doubtful: epoch reset to 0","why":"fresh or recovered state","leases":14000}`
+	)
+	for _, tc := range []struct {
+		name            string
+		after           pcp.Epoch
+		since           time.Duration
+		killed, started string
+		ok              bool
+	}{
+		{"step seen running, rewrite unfinished", 0, 300 * time.Millisecond, stepped, reason, true},
+		{"step seen at the killed run's start", 1, 900 * time.Millisecond, anchored, reason, true},
+		{"no step in the killed run", 0, 300 * time.Millisecond, plain, reason, false},
+		{"reset for another reason", 0, 300 * time.Millisecond, stepped, otherReset, false},
+		{"no reset logged", 0, 300 * time.Millisecond, stepped, plain, false},
+		{"epoch not a reset's", 3621, 300 * time.Millisecond, stepped, reason, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if ok := rewriteReset(tc.after, tc.since, tc.killed, tc.started); ok != tc.ok {
+				t.Errorf("rewriteReset(%d, %v) = %v, want %v", tc.after, tc.since, ok, tc.ok)
+			}
+		})
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -90,6 +91,7 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 	// An epoch that began an hour ago: a reset (to ≈0) cannot hide inside
 	// the ±2 s tolerance.
 	seedEpoch(t, l.dir)
+	runLog := l.log.len() // where the running pcpd's output begins
 	l.start()
 	cli := l.topo.ClientV6
 	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(cli, servicePort).String())
@@ -126,6 +128,9 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 		last     ack
 		probes   int
 		restarts []time.Duration
+		// stepResets: restarts whose epoch reset after a wall-clock step
+		// the killed pcpd had not finished rewriting (rewriteReset).
+		stepResets int
 	)
 	// The load: workers mapping udp/5000 for ever new sources of the flood
 	// client, each in its own /64 (pcpd rate-limits per /64), so every
@@ -181,7 +186,9 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 		probe(fmt.Sprintf("cycle %d, pcpd killed", cycle))
 		probes++
 		start := time.Now()
+		killedLog, startLog := l.log.since(runLog), l.log.len()
 		l.start()
+		runLog = startLog
 		restarts = append(restarts, time.Since(start))
 		if os.Getenv("PCPD_DEBUG") != "" {
 			t.Logf("cycle %d restart %v\n%s", cycle, time.Since(start), l.log.tail(15))
@@ -199,7 +206,18 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 		mono, wall := sinceAck(before, now)
 		lo, hi, step, wlo, whi := epochWindow(before.epoch, mono, wall)
 		e := float64(resp.Epoch)
-		if (e < lo || e > hi) && (e < wlo || e > whi) {
+		switch {
+		case e >= lo && e <= hi, e >= wlo && e <= whi:
+		case rewriteReset(resp.Epoch, now.Sub(start), killedLog, l.log.since(startLog)):
+			// The killed pcpd saw a wall-clock step (the box's) and was
+			// killed before it had rewritten every lease: the stored
+			// leases may be of two frames, and the epoch reset by design
+			// (server/clock.go). Not a loss: the leases are checked
+			// below; the next cycle judges from the new epoch.
+			stepResets++
+			t.Logf("cycle %d: epoch %d after restart, %d before: reset, the killed pcpd's rewrite after a wall-clock step unfinished (RELIABILITY.md known bug 8, edge (b))",
+				cycle, resp.Epoch, before.epoch)
+		default:
 			t.Fatalf("cycle %d: epoch %d after restart, %d before (%.1fs ago): want %.0f–%.0f (EPO-04: no reset while state is intact)%s",
 				cycle, resp.Epoch, before.epoch, now.Sub(before.at).Seconds(), lo, hi, stepNote(step, wlo, whi))
 		}
@@ -234,8 +252,8 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 		probes++
 	}
 	slices.Sort(restarts)
-	t.Logf("kill -9 cycles survived: %d; leases answered SUCCESS: %d, lost: 0; traffic probes passed (IPv6 pinhole + IPv4 NAT-PMP mapping each): %d; restart to first ANNOUNCE answered: median %v, max %v",
-		cycles, len(acked), probes, restarts[len(restarts)/2].Round(time.Millisecond), restarts[len(restarts)-1].Round(time.Millisecond))
+	t.Logf("kill -9 cycles survived: %d; leases answered SUCCESS: %d, lost: 0; epoch resets after a wall-clock step: %d; traffic probes passed (IPv6 pinhole + IPv4 NAT-PMP mapping each): %d; restart to first ANNOUNCE answered: median %v, max %v",
+		cycles, len(acked), stepResets, probes, restarts[len(restarts)/2].Round(time.Millisecond), restarts[len(restarts)-1].Round(time.Millisecond))
 
 	t.Run("LIFE-04 no pinhole outlives its lease with pcpd dead", func(t *testing.T) {
 		const port, life = 8081, 3 * time.Second
@@ -290,6 +308,23 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 		t.Logf("lifetime %v, pcpd dead: IPv6 pinhole element gone %v after the request, IPv4 NAPT element %v; traffic refused on both at %v",
 			life, vanished.Round(10*time.Millisecond), vanished4.Round(10*time.Millisecond), after.Round(10*time.Millisecond))
 	})
+}
+
+// rewriteReset reports whether an epoch after a restart, read since after
+// the restart began, is the reset pcpd makes by design when it was killed
+// during the rewrite after a wall-clock step (server/clock.go): a VM
+// pause on the test's box steps the wall clock, the running pcpd (or the
+// next start, by the boot anchor) rebases and rewrites its leases a chunk
+// a sweep tick (thousands here: longer than a cycle), and the start after
+// a kill meanwhile finds the stored origin cleared. All three must hold:
+// the killed run logged the step, the start logged that reason for its
+// reset, and the epoch is a reset's (≤ the time since the restart began +
+// 2 s). A reset without them is a loss of state and fails the test.
+func rewriteReset(after pcp.Epoch, since time.Duration, killedRun, started string) bool {
+	return strings.Contains(killedRun, "wall clock stepped") &&
+		strings.Contains(started, "rewrite of the stored leases after a wall-clock step") &&
+		strings.Contains(started, "epoch reset to 0") &&
+		float64(after) <= since.Seconds()+2
 }
 
 // stepNote says what epochWindow accepted for a wall-clock step ("" without).
