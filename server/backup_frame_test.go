@@ -49,21 +49,9 @@ func TestBootClockBackupAfterRebase(t *testing.T) {
 		{"while running, back", -time.Hour, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := &stepClocks{}
-			c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
-			b := &fakeBoot{c: c}
-			b.id.Store("8d1c2a4e-0000-4000-8000-000000000003")
-			dir := t.TempDir()
-			k := bootclock.New(dir, bootclock.Clocks{Wall: c.Now, Boottime: b.Boottime, BootID: b.BootID})
-			open := func() (*store.Store, store.State) {
-				t.Helper()
-				st, state, err := store.Open(dir, zap.NewNop(), store.WithClock(c.Now),
-					store.WithUnseenStep(k.Unseen), store.WithLeasesLater())
-				if err != nil {
-					t.Fatal(err)
-				}
-				return st, state
-			}
+			rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-000000000003")
+			c, k := rig.c, rig.k
+			open := func() (*store.Store, store.State) { return rig.open(t) }
 			h := newHarness(t)
 			st, state := open()
 			start := func() {
@@ -106,7 +94,7 @@ func TestBootClockBackupAfterRebase(t *testing.T) {
 			// would write the copy anew anyway.
 			var got time.Duration
 			err := netlab.Eventually(10*time.Second, func() error {
-				ls, err := restoredFromBackup(dir, c.Now)
+				ls, err := restoredFromBackup(rig.dir, c.Now)
 				if err != nil {
 					return err
 				}
@@ -230,22 +218,10 @@ func TestBootClockKillDuringRewrite(t *testing.T) {
 		{"back, rewritten", -time.Hour, rewritten, []time.Duration{right, right}, false, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := &stepClocks{}
-			c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
-			b := &fakeBoot{c: c}
-			b.id.Store("8d1c2a4e-0000-4000-8000-000000000004")
-			dir := t.TempDir()
-			k := bootclock.New(dir, bootclock.Clocks{Wall: c.Now, Boottime: b.Boottime, BootID: b.BootID})
+			rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-000000000004")
+			c, k := rig.c, rig.k
 			anchor := &crashAnchor{k: k}
-			open := func() (*store.Store, store.State) {
-				t.Helper()
-				st, state, err := store.Open(dir, zap.NewNop(), store.WithClock(c.Now),
-					store.WithUnseenStep(k.Unseen), store.WithLeasesLater(), store.WithoutOpenSnapshot())
-				if err != nil {
-					t.Fatal(err)
-				}
-				return st, state
-			}
+			open := func() (*store.Store, store.State) { return rig.open(t, store.WithoutOpenSnapshot()) }
 			h := newHarness(t)
 			st, state := open()
 			defer func() { st.Close() }()

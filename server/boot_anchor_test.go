@@ -483,3 +483,35 @@ func TestBootClockRestartWallStepLab(t *testing.T) {
 		})
 	}
 }
+
+// bootRig is a state directory with stepped clocks and a boot anchor of
+// one boot, as the tests of a restart in the same boot after a
+// wall-clock step need.
+type bootRig struct {
+	c   *stepClocks
+	dir string
+	k   *bootclock.Keeper
+}
+
+// newBootRig starts the rig's clocks at 2026-12-04 20:00 UTC, in the boot
+// bootID.
+func newBootRig(t *testing.T, bootID string) *bootRig {
+	c := &stepClocks{}
+	c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
+	b := &fakeBoot{c: c}
+	b.id.Store(bootID)
+	dir := t.TempDir()
+	return &bootRig{c: c, dir: dir, k: bootclock.New(dir, bootclock.Clocks{Wall: c.Now, Boottime: b.Boottime, BootID: b.BootID})}
+}
+
+// open opens the rig's store as pcpd does (the rig's clock, the anchor's
+// unseen step, the leases streamed), with opts.
+func (r *bootRig) open(t *testing.T, opts ...store.Option) (*store.Store, store.State) {
+	t.Helper()
+	st, state, err := store.Open(r.dir, zap.NewNop(),
+		append([]store.Option{store.WithClock(r.c.Now), store.WithUnseenStep(r.k.Unseen), store.WithLeasesLater()}, opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, state
+}

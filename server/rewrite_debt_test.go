@@ -7,9 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
-
-	"github.com/pcpd/pcpd/internal/bootclock"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/store"
 )
@@ -38,22 +35,10 @@ func TestBootClockRewriteStoreDebt(t *testing.T) {
 		{"back", -time.Hour},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := &stepClocks{}
-			c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
-			b := &fakeBoot{c: c}
-			b.id.Store("8d1c2a4e-0000-4000-8000-000000000005")
-			dir := t.TempDir()
-			k := bootclock.New(dir, bootclock.Clocks{Wall: c.Now, Boottime: b.Boottime, BootID: b.BootID})
+			rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-000000000005")
+			c, k := rig.c, rig.k
 			anchor := &crashAnchor{k: k}
-			open := func() (*store.Store, store.State) {
-				t.Helper()
-				st, state, err := store.Open(dir, zap.NewNop(), store.WithClock(c.Now),
-					store.WithUnseenStep(k.Unseen), store.WithLeasesLater(), store.WithoutOpenSnapshot())
-				if err != nil {
-					t.Fatal(err)
-				}
-				return st, state
-			}
+			open := func() (*store.Store, store.State) { return rig.open(t, store.WithoutOpenSnapshot()) }
 			h := newHarness(t)
 			st, state := open()
 			defer func() { st.Close() }()
@@ -141,19 +126,10 @@ func (f *failingStore) CommitQuar(put []store.Lease, del []store.Key, q *store.Q
 // housekeep's payStoreDebt deletes them, and the rewrite's last step
 // before it stores the origin. On main: the 120 s lease is back with its whole 120 s.
 func TestBootClockRewriteExpiredUnrecorded(t *testing.T) {
-	c := &stepClocks{}
-	c.wall.Store(time.Date(2026, 12, 4, 20, 0, 0, 0, time.UTC).UnixNano())
-	b := &fakeBoot{c: c}
-	b.id.Store("8d1c2a4e-0000-4000-8000-000000000006")
-	dir := t.TempDir()
-	k := bootclock.New(dir, bootclock.Clocks{Wall: c.Now, Boottime: b.Boottime, BootID: b.BootID})
+	rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-000000000006")
+	c, k := rig.c, rig.k
 	open := func() (*failingStore, store.State) {
-		t.Helper()
-		st, state, err := store.Open(dir, zap.NewNop(), store.WithClock(c.Now),
-			store.WithUnseenStep(k.Unseen), store.WithLeasesLater(), store.WithoutOpenSnapshot())
-		if err != nil {
-			t.Fatal(err)
-		}
+		st, state := rig.open(t, store.WithoutOpenSnapshot())
 		return &failingStore{Store: st}, state
 	}
 	h := newHarness(t)
