@@ -4,7 +4,6 @@ import (
 	"net"
 	"net/netip"
 	"regexp"
-	"strings"
 	"testing"
 	"time"
 
@@ -39,16 +38,7 @@ func TestGuardDropsHostOwnSource(t *testing.T) {
 		{"standalone ipv4 NAPT, the kernel drops it", false, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-			cfg, table, guard := pinhole.Config{}, "pcpd", "guard6"
-			if tc.attached {
-				loadNft(t, topo.Host, adminRuleset)
-				cfg, table, guard = pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"}, "filter", "pcpd_guard6"
-			}
-			if tc.v4 {
-				guard = strings.Replace(guard, "6", "4", 1)
-			}
-			b := newBackend(t, topo.Host, cfg)
+			topo, b, table, guard := guardBed(t, tc.attached, tc.v4)
 			serveTunnel(t, b, topo)
 			topo.Host.MustRun(t, "ip", "addr", "add", own6.String()+"/128", "dev", topo.HostLANIf, "nodad")
 			if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {

@@ -39,16 +39,7 @@ func TestGuardDropsSpoofedProtectedSource(t *testing.T) {
 		{"attached ipv4 NAPT", true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-			cfg, table, guard := pinhole.Config{}, "pcpd", "guard6"
-			if tc.attached {
-				loadNft(t, topo.Host, adminRuleset)
-				cfg, table, guard = pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"}, "filter", "pcpd_guard6"
-			}
-			if tc.v4 {
-				guard = strings.Replace(guard, "6", "4", 1)
-			}
-			b := newBackend(t, topo.Host, cfg)
+			topo, b, table, guard := guardBed(t, tc.attached, tc.v4)
 			// A second protected prefix behind the LAN, routed there as
 			// the host routes every client's prefix (IPv4: lan0's /24
 			// covers it), so that a route back exists and loose reverse
@@ -108,4 +99,21 @@ func oneWay(t *testing.T, ns *netlab.NS, src netip.Addr, dst netip.AddrPort, rx 
 		t.Fatal(err)
 	}
 	return from.IsValid()
+}
+
+// guardBed is a topology with pcpd's backend set up standalone (its own
+// table "pcpd") or attached to an admin's "filter" table, and the name of
+// the table and of the guard chain of the family (v4: IPv4's).
+func guardBed(t *testing.T, attached, v4 bool) (topo *netlab.Topology, b *pinhole.Backend, table, guard string) {
+	t.Helper()
+	topo = netlab.NewTopology(t, netlab.TopologyOptions{})
+	cfg, table, guard := pinhole.Config{}, "pcpd", "guard6"
+	if attached {
+		loadNft(t, topo.Host, adminRuleset)
+		cfg, table, guard = pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"}, "filter", "pcpd_guard6"
+	}
+	if v4 {
+		guard = strings.Replace(guard, "6", "4", 1)
+	}
+	return topo, newBackend(t, topo.Host, cfg), table, guard
 }
