@@ -325,23 +325,63 @@ type proc struct {
 	cmd   *exec.Cmd
 	logf  *os.File
 	watch *time.Timer // --fifo: demotes and kills the process at the limit
+	name  string
+	// grace is how long stop waits after its signal before SIGKILL
+	// (stopGrace unless a test sets it); say, if set, logs a stop that
+	// took long or had to kill.
+	grace time.Duration
+	say   func(format string, args ...any)
+	// What the last stop saw: how long the process took to exit, and
+	// whether the grace ran out and SIGKILL ended it.
+	stopped time.Duration
+	killed  bool
 }
 
 func (p *proc) pid() int { return p.cmd.Process.Pid }
 
-// stop ends the process group: SIGTERM, then SIGKILL after 10 s.
+// stopGrace bounds a server's shutdown after SIGTERM. pcpd's shutdown
+// writes the state backup copy and a final checkpoint: at 1 000 000
+// leases a copy of the ≈ 231 MB state file with its fsync, about 1 s on
+// a quiet box (stopbig in the results) but longer when the disk is shared
+// and busy. The old bound, 10 s, could cut that short, leaving the next
+// start (startbig, the backup and read-only rows) a different state than
+// the one the row names; 60 s leaves room for 231 MB at 4 MB/s, and a
+// server that is stuck still ends.
+const stopGrace = 60 * time.Second
+
+// stopLogAfter: a stop that takes longer is logged with its duration.
+const stopLogAfter = 500 * time.Millisecond
+
+// stop ends the process group: sig, then SIGKILL after the grace (which
+// it logs: the server's shutdown was cut short).
 func (p *proc) stop(sig syscall.Signal) {
 	if p.watch != nil {
 		p.watch.Stop()
 	}
+	grace := p.grace
+	if grace <= 0 {
+		grace = stopGrace
+	}
+	t0 := time.Now()
 	syscall.Kill(-p.cmd.Process.Pid, sig)
 	done := make(chan struct{})
 	go func() { p.cmd.Wait(); close(done) }()
+	p.killed = false
 	select {
 	case <-done:
-	case <-time.After(10 * time.Second):
+	case <-time.After(grace):
+		p.killed = true
 		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 		<-done
+	}
+	p.stopped = time.Since(t0)
+	if p.say != nil {
+		switch {
+		case p.killed:
+			p.say("%s: still running %s after %s: SIGKILL (its shutdown was cut short)", p.name, grace, sig)
+		case p.stopped >= stopLogAfter:
+			p.say("%s: exited %s after %s", p.name, p.stopped.Round(time.Millisecond), sig)
+		}
 	}
 	if p.logf != nil {
 		p.logf.Close()
@@ -362,7 +402,7 @@ func (b *bench) startIn(ns *netlab.NS, name string, args ...string) (*proc, erro
 		lf.Close()
 		return nil, err
 	}
-	p := &proc{cmd: cmd, logf: lf}
+	p := &proc{cmd: cmd, logf: lf, name: name, say: b.logf}
 	if b.o.fifo {
 		p.watch = b.fifoWatch(cmd.Process.Pid, name)
 	}
@@ -980,6 +1020,13 @@ func (b *bench) runScale(ctx context.Context) error {
 	// Restart: SIGTERM, then time from exec to the first answer (pcpd
 	// serves only once its state is loaded and the kernel reconciled).
 	p.stop(syscall.SIGTERM)
+	if pp, ok := p.(*proc); ok {
+		note := fmt.Sprintf("%d leases: SIGTERM to exit (backup copy and final checkpoint)", n)
+		if pp.killed {
+			note += fmt.Sprintf("; NOT exited within %s: killed", stopGrace)
+		}
+		b.put("pcpd", "stopbig", pp.stopped.Seconds(), "s", note)
+	}
 	t0 := time.Now()
 	if p, err = b.startPcpd(false); err != nil {
 		return err
