@@ -79,6 +79,7 @@ type options struct {
 	fifoLimit     time.Duration
 	trace         time.Duration
 	cpuProfile    time.Duration
+	rounds        int // closed-loop rows measured in this many rounds (rounds.go)
 }
 
 // want reports whether scenario key is to be run (--scenarios).
@@ -114,6 +115,7 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&o.pcpd, "pcpd", "", "pcpd binary")
 	servers := fs.String("servers", "floor,bare-floor,pcpd,miniupnpd", "servers to measure, in order: floor (pcpload floor, batched recvmmsg/sendmmsg, the stricter reference), bare-floor (pcpload floor --batch 1, issue 8's reference: a recvfrom and a sendto a datagram), pcpd, miniupnpd")
 	fs.DurationVar(&o.duration, "duration", 5*time.Second, "length of each measured run")
+	fs.IntVar(&o.rounds, "rounds", defaultRounds, "measure the closed-loop rows in this many rounds: in each, every server (miniupnpd only in the first) runs each closed-loop scenario on a fresh start, the order rotated between rounds; the table gives each round's ratio (pcpd over the same round's floor) and judges the median. 1: one pass, as before")
 	fs.IntVar(&o.clients, "clients", 4096, "simulated clients (source addresses)")
 	fs.IntVar(&o.concurrency, "concurrency", 32, "closed-loop clients in flight")
 	fs.IntVar(&o.openInFlight, "open-inflight", 256, "open loop: most requests in flight")
@@ -144,6 +146,9 @@ func run(ctx context.Context, args []string) error {
 	}
 	if err := o.checkFIFO(); err != nil {
 		return err
+	}
+	if o.rounds < 1 {
+		return fmt.Errorf("driver: --rounds %d: want at least 1", o.rounds)
 	}
 	if o.trace > 0 || o.cpuProfile > 0 {
 		if o.metrics == "" {
@@ -190,20 +195,38 @@ func run(ctx context.Context, args []string) error {
 	defer b.topo.Close()
 	go func() { <-ctx.Done(); b.topo.Close(); os.Exit(130) }()
 
+	// The closed loops of the floors and pcpd, in rounds (rounds.go).
+	inRounds := o.roundServers()
+	for r := range o.rounds {
+		order := roundOrder(inRounds, r)
+		b.roundOrders = append(b.roundOrders, order)
+		if o.rounds > 1 {
+			b.logf("round %d of %d: %s", r+1, o.rounds, strings.Join(order, ", "))
+		}
+		for _, s := range order {
+			if err := b.closedLoop(ctx, s, r, b.starter(s)); err != nil {
+				b.logf("%s (round %d): %v", s, r+1, err)
+				b.notes = append(b.notes, fmt.Sprintf("%s (round %d): %v", s, r+1, err))
+			}
+		}
+	}
+	b.foldRounds()
+	// Then each server's open loop (at 80 % of its median new-MAP rate),
+	// pcpd's lease-count figures, and miniupnpd.
 	for _, s := range o.servers {
 		var err error
 		switch s {
 		case batchedFloor, bareFloor:
-			err = b.runServer(ctx, s, b.floorStarter(s))
+			err = b.open80(ctx, s, b.starter(s))
 		case "pcpd":
 			if !o.scaleOnly {
-				err = b.runServer(ctx, "pcpd", b.startPcpd)
+				err = b.open80(ctx, s, b.starter(s))
 			}
 			if err == nil && (o.scale || o.scaleOnly) {
 				err = b.runScale(ctx)
 			}
 		case "miniupnpd":
-			err = b.runServer(ctx, "miniupnpd", b.startMiniupnpd)
+			err = b.runServer(ctx, "miniupnpd", b.starter(s))
 		default:
 			err = fmt.Errorf("driver: unknown server %q", s)
 		}
@@ -250,6 +273,17 @@ type bench struct {
 	log      *os.File
 	cur      server // the server under test, for perf
 	loadRows int    // rows profiled by --perf-load so far
+	// rounds holds the closed-loop figures of each round (putRound):
+	// server → figure name → one per round (nil: not measured then);
+	// foldRounds puts their medians into res. roundOrders is each
+	// round's server order, round the one running (0-based).
+	rounds      map[string]map[string][]*figure
+	roundOrders [][]string
+	round       int
+	// tag marks the reports of a round when there are several (".r2":
+	// pcpd-new.r2.json); profiles (--perf, --perf-load, --cpuprofile)
+	// are taken in the first round only.
+	tag string
 	// pcpdOpenRate is the rate of pcpd's open80 run, at which the floor
 	// runs the open loop again (open80-at-pcpd): the same offered load.
 	pcpdOpenRate float64
@@ -610,7 +644,7 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	for sc.Scan() {
 		line := sc.Text()
 		if line == "pcpload: measuring" {
-			if b.o.perfLoad && b.o.duration >= 5*time.Second && loadPerfDone == nil {
+			if b.o.perfLoad && b.round == 0 && b.o.duration >= 5*time.Second && loadPerfDone == nil {
 				loadPerfDone = make(chan struct{})
 				b.loadRows++ // a server measured twice (floor,pcpd,floor) keeps both
 				row := fmt.Sprintf("%d-%s-%s", b.loadRows, server, name)
@@ -632,7 +666,7 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 				}()
 				continue
 			}
-			if b.o.cpuProfile > 0 && server == "pcpd" && name != "open80" && perfDone == nil {
+			if b.o.cpuProfile > 0 && server == "pcpd" && name != "open80" && b.round == 0 && perfDone == nil {
 				perfDone = make(chan struct{})
 				go func() {
 					defer close(perfDone)
@@ -643,7 +677,7 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 				}()
 				continue
 			}
-			if b.o.perf && b.cur != nil && b.o.duration >= 3*time.Second && perfDone == nil {
+			if b.o.perf && b.round == 0 && b.cur != nil && b.o.duration >= 3*time.Second && perfDone == nil {
 				perfDone = make(chan struct{})
 				go func() { defer close(perfDone); b.profile(server+"-"+name, b.cur.pid()) }()
 			}
@@ -670,13 +704,13 @@ func (b *bench) load(ctx context.Context, server, name string, args ...string) (
 	if err != nil {
 		return nil, fmt.Errorf("driver: pcpload %s: %v: %s", name, err, bytes.TrimSpace(stderr.Bytes()))
 	}
-	os.WriteFile(filepath.Join(b.o.out, server+"-"+name+".json"), stdout.Bytes(), 0o644)
+	os.WriteFile(filepath.Join(b.o.out, server+"-"+name+b.tag+".json"), stdout.Bytes(), 0o644)
 	if b.o.metrics != "" && server == "pcpd" {
 		// The counters and histograms are cumulative since pcpd's start.
 		if out, err := b.topo.Host.Run("curl", "-sS", "--max-time", "5", "http://"+b.o.metrics+"/metrics"); err != nil {
 			b.logf("metrics: %v", err)
 		} else {
-			os.WriteFile(filepath.Join(b.o.out, server+"-"+name+".metrics.txt"), []byte(out), 0o644)
+			os.WriteFile(filepath.Join(b.o.out, server+"-"+name+b.tag+".metrics.txt"), []byte(out), 0o644)
 		}
 	}
 	var r loadReport
@@ -765,10 +799,38 @@ func (b *bench) profileLoad(name string, pid int) {
 
 func (b *bench) dur() string { return b.o.duration.String() }
 
-// runServer measures one server: every closed-loop scenario on a fresh
-// start, then (restarted fresh, so the lease count is small again) the
-// open loop at 80 % of the server's own new-MAP rate.
+// starter is the start function of the server named name.
+func (b *bench) starter(name string) func(fresh bool) (server, error) {
+	switch name {
+	case "pcpd":
+		return b.startPcpd
+	case "miniupnpd":
+		return b.startMiniupnpd
+	}
+	return b.floorStarter(name)
+}
+
+// runServer measures one server once: every closed-loop scenario on a
+// fresh start, then (restarted fresh, so the lease count is small again)
+// the open loop at 80 % of the server's own new-MAP rate. miniupnpd's
+// path; the floors and pcpd run their closed loops in rounds.
 func (b *bench) runServer(ctx context.Context, name string, start func(fresh bool) (server, error)) error {
+	err := b.closedLoop(ctx, name, 0, start)
+	b.foldRounds()
+	if err != nil {
+		return err
+	}
+	return b.open80(ctx, name, start)
+}
+
+// closedLoop runs every closed-loop scenario on a fresh start of the
+// server as round r (0-based) of the run's rounds.
+func (b *bench) closedLoop(ctx context.Context, name string, r int, start func(fresh bool) (server, error)) error {
+	b.round = r
+	if b.o.rounds > 1 && slices.Contains(b.o.roundServers(), name) {
+		b.tag = fmt.Sprintf(".r%d", r+1)
+	}
+	defer func() { b.round, b.tag = 0, "" }()
 	p, err := start(true)
 	if err != nil {
 		return err
@@ -804,19 +866,18 @@ func (b *bench) runServer(ctx context.Context, name string, start func(fresh boo
 			"--duration", b.dur(), "--prefill", strconv.Itoa(prefill), "--port-base", "21000", "--ports", "16"}},
 		{"new", []string{"--mix", "new=100", "--concurrency", c, "--duration", b.dur(), "--port-base", "30000", "--ports", "256"}},
 	}
-	var newRate float64
 	for _, s := range scens {
 		if !b.o.runs(s.key) {
 			continue
 		}
-		r, err := b.load(ctx, name, s.key, s.args...)
+		res, err := b.load(ctx, name, s.key, s.args...)
 		if err != nil {
 			// One scenario that the server cannot answer (miniupnpd stops
 			// answering at all after a few thousand requests) must not
 			// cost the rest of its row: note it, start the server afresh
 			// and go on.
-			b.logf("%s %s: %v", name, s.key, err)
-			b.notes = append(b.notes, fmt.Sprintf("%s %s: %v", name, s.key, err))
+			b.logf("%s %s%s: %v", name, s.key, b.tag, err)
+			b.notes = append(b.notes, fmt.Sprintf("%s %s%s: %v", name, s.key, b.tag, err))
 			p.stop(syscall.SIGTERM)
 			if p, err = start(true); err != nil {
 				return err
@@ -827,19 +888,26 @@ func (b *bench) runServer(ctx context.Context, name string, start func(fresh boo
 			}
 			continue
 		}
-		st := r.Run.Total
-		b.put(name, s.key, st.Rate, "/s", rowNote(r.Run))
-		b.put(name, s.key+"-p99", st.Latency["p99"], "µs", "")
-		if s.key == "new" {
-			newRate = st.Rate
-		}
-		if s.key == "renew" && r.Prefill != nil {
-			b.put(name, "prefill", r.Prefill.Total.Rate, "/s", lossNote(r.Prefill.Total))
+		st := res.Run.Total
+		b.putRound(name, s.key, r, st.Rate, "/s", rowNote(res.Run))
+		b.putRound(name, s.key+"-p99", r, st.Latency["p99"], "µs", "")
+		if s.key == "renew" && res.Prefill != nil {
+			b.putRound(name, "prefill", r, res.Prefill.Total.Rate, "/s", lossNote(res.Prefill.Total))
 		}
 	}
 	p.stop(syscall.SIGTERM)
+	return nil
+}
+
+// open80 runs the open loop on a fresh start at 80 % of the server's
+// own new-MAP rate (its median over the rounds; --open-rate instead).
+func (b *bench) open80(ctx context.Context, name string, start func(fresh bool) (server, error)) error {
 	if !b.o.want("open80") {
 		return nil
+	}
+	var newRate float64
+	if f := b.get(name, "new"); f != nil {
+		newRate = f.value
 	}
 	rate := 0.8 * newRate
 	if b.o.openRate > 0 {

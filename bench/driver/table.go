@@ -69,27 +69,30 @@ func fmtFig(f *figure) string {
 	if f == nil {
 		return "–"
 	}
-	var s string
-	switch f.unit {
-	case "/s":
-		s = fmt.Sprintf("%.0f /s", f.value)
-	case "µs":
-		if f.value >= 1000 {
-			s = fmt.Sprintf("%.2f ms", f.value/1000)
-		} else {
-			s = fmt.Sprintf("%.0f µs", f.value)
-		}
-	case "s":
-		s = fmt.Sprintf("%.2f s", f.value)
-	case "MB":
-		s = fmt.Sprintf("%.0f MB", f.value)
-	default:
-		s = fmt.Sprintf("%g %s", f.value, f.unit)
-	}
+	s := fmtValue(f.value, f.unit)
 	if f.note != "" {
 		s += " (" + f.note + ")"
 	}
 	return s
+}
+
+// fmtValue formats a figure's value with its unit.
+func fmtValue(v float64, unit string) string {
+	switch unit {
+	case "/s":
+		return fmt.Sprintf("%.0f /s", v)
+	case "µs":
+		if v >= 1000 {
+			return fmt.Sprintf("%.2f ms", v/1000)
+		}
+		return fmt.Sprintf("%.0f µs", v)
+	case "s":
+		return fmt.Sprintf("%.2f s", v)
+	case "MB":
+		return fmt.Sprintf("%.0f MB", v)
+	default:
+		return fmt.Sprintf("%g %s", v, unit)
+	}
 }
 
 // The two floors pcpd's rates are divided by, both run in the same lab
@@ -116,10 +119,15 @@ type tableRow struct {
 	FloorKey string                `json:"floor_key,omitempty"`
 	Values   map[string]figureJSON `json:"values"` // server → its figure for Key
 	// pcpd's rate divided by each reference's (absent: not measured).
-	PerBareFloor    *float64 `json:"pcpd_per_bare_floor,omitempty"`
-	PerBatchedFloor *float64 `json:"pcpd_per_batched_floor,omitempty"`
-	PerMiniupnpd    *float64 `json:"pcpd_per_miniupnpd,omitempty"`
-	Target          string   `json:"target,omitempty"`
+	// For a row measured in rounds (--rounds), the floor ratios are the
+	// medians of the rounds' own ratios (RatioOf says so, Rounds holds
+	// each), and Values the medians of each server's rates.
+	PerBareFloor    *float64    `json:"pcpd_per_bare_floor,omitempty"`
+	PerBatchedFloor *float64    `json:"pcpd_per_batched_floor,omitempty"`
+	PerMiniupnpd    *float64    `json:"pcpd_per_miniupnpd,omitempty"`
+	RatioOf         string      `json:"ratio_of,omitempty"`
+	Rounds          []roundJSON `json:"rounds,omitempty"`
+	Target          string      `json:"target,omitempty"`
 	// Each judgement against the row's target, where it has one and the
 	// figures were measured.
 	MetBareFloor    *bool `json:"met_bare_floor,omitempty"`
@@ -177,6 +185,14 @@ func (b *bench) tableRows() []tableRow {
 			return &ok
 		}
 		t.PerBareFloor, t.PerBatchedFloor, t.PerMiniupnpd = ratio(bare), ratio(batched), ratio(mi)
+		// A row measured in rounds: each round's pcpd rate over the same
+		// round's floor rate, and their median (not the medians' ratio),
+		// which the target is judged on. The 100 000-lease rows (floorKey)
+		// ran once and divide by the floors' median fresh rate.
+		if rounds, qBare, qBatched := b.rowRounds(r.key); rate && rounds != nil && r.floorKey == "" {
+			t.Rounds, t.PerBareFloor, t.PerBatchedFloor = rounds, qBare, qBatched
+			t.RatioOf = fmt.Sprintf("median of the ratios of %d rounds (each pcpd's rate over the same round's floor rate)", len(rounds))
+		}
 		t.MetBareFloor = atLeast(t.PerBareFloor, r.minFloor)
 		t.MetBatchedFloor = atLeast(t.PerBatchedFloor, r.minFloor)
 		t.MetMiniupnpd = atLeast(t.PerMiniupnpd, r.minMini)
@@ -216,6 +232,14 @@ const (
 		"its verdict in brackets. Without a bare floor in the run, `met` falls back to the batched floor and says so.\n\n"
 )
 
+// roundsNote says how a run in n rounds is read.
+func roundsNote(n int) string {
+	return fmt.Sprintf("Rounds: the closed-loop rows ran in %d rounds; in each, every server (miniupnpd only in the first) ran each closed-loop scenario on a fresh start, "+
+		"the servers' order rotated from round to round. A ratio cell holds the median of the rounds' ratios (pcpd's rate over the same round's floor rate), "+
+		"each round's after it, and `met` is judged on the median; a rate is that server's median over the rounds. "+
+		"The open-loop and 100 000-lease rows ran once, the latter divided by the floors' median.\n\n", n)
+}
+
 // markdown renders rows as the table's lines (header included).
 func markdown(rows []tableRow) string {
 	var sb strings.Builder
@@ -236,6 +260,22 @@ func markdown(rows []tableRow) string {
 				return ""
 			}
 			return fmt.Sprintf("%.0f %%", 100**q)
+		}
+		// A row measured in rounds: the median, then each round's ratio.
+		roundsPct := func(q *float64, each func(roundJSON) *float64) string {
+			s := pct(q)
+			if s == "" || len(t.Rounds) < 2 {
+				return s
+			}
+			var r []string
+			for _, rj := range t.Rounds {
+				if e := each(rj); e != nil {
+					r = append(r, fmt.Sprintf("%.0f", 100**e))
+				} else {
+					r = append(r, "–")
+				}
+			}
+			return s + " (rounds " + strings.Join(r, " / ") + ")"
 		}
 		times := ""
 		if t.PerMiniupnpd != nil {
@@ -258,7 +298,9 @@ func markdown(rows []tableRow) string {
 		}
 		fmt.Fprintf(&sb, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
 			t.Label, cell(batchedFloor), cell(bareFloor), cell("pcpd"), cell("miniupnpd"),
-			pct(t.PerBareFloor), pct(t.PerBatchedFloor), times, t.Target, metCell)
+			roundsPct(t.PerBareFloor, func(r roundJSON) *float64 { return r.PerBareFloor }),
+			roundsPct(t.PerBatchedFloor, func(r roundJSON) *float64 { return r.PerBatchedFloor }),
+			times, t.Target, metCell)
 	}
 	return sb.String()
 }
@@ -269,6 +311,9 @@ func (b *bench) table() string {
 	fmt.Fprintf(&sb, "Load: %d clients (source addresses), %d in flight (closed loop), %s per run, timeout %s; open loop at most %d in flight.\n\n",
 		b.o.clients, b.o.concurrency, b.o.duration, b.o.timeout, min(b.o.openInFlight, b.o.clients))
 	sb.WriteString(floorsNote)
+	if b.o.rounds > 1 {
+		sb.WriteString(roundsNote(b.o.rounds))
+	}
 	sb.WriteString(markdown(b.tableRows()))
 	if extra := b.extra(); len(extra) > 0 {
 		sb.WriteString("\nAlso measured:\n\n" + strings.Join(extra, "\n") + "\n")
@@ -302,18 +347,24 @@ func (b *bench) tableJSON() any {
 	return struct {
 		Machine string            `json:"machine"`
 		Floors  map[string]string `json:"floors"`
-		Rows    []tableRow        `json:"rows"`
-		Extra   []string          `json:"also_measured,omitempty"`
-		Notes   []string          `json:"not_measured,omitempty"`
+		// Rounds: how many rounds the closed-loop rows ran in, and each
+		// round's server order.
+		Rounds      int        `json:"rounds,omitempty"`
+		RoundOrders [][]string `json:"round_orders,omitempty"`
+		Rows        []tableRow `json:"rows"`
+		Extra       []string   `json:"also_measured,omitempty"`
+		Notes       []string   `json:"not_measured,omitempty"`
 	}{
 		Machine: machine(),
 		Floors: map[string]string{
 			bareFloor:    "issue 8's reference, the targets' (met): pcpload floor --batch 1, a recvfrom and a sendto a datagram",
 			batchedFloor: "the stricter reference: pcpload floor, recvmmsg/sendmmsg 64 datagrams a call, as pcpd's readers",
 		},
-		Rows:  b.tableRows(),
-		Extra: b.extra(),
-		Notes: b.notes,
+		Rounds:      b.o.rounds,
+		RoundOrders: b.roundOrders,
+		Rows:        b.tableRows(),
+		Extra:       b.extra(),
+		Notes:       b.notes,
 	}
 }
 
