@@ -4,9 +4,11 @@
 // puts the two UDP echo floors (the batched one and issue 8's bare one,
 // see bareFloor), pcpd and miniupnpd in turn on the host side at the same
 // address and drives each with the same pcpload scenarios from the client
-// side. It prints a markdown table of rates and of pcpd's ratios to both
-// floors (also written as table.md and table.json) and keeps every pcpload
-// JSON report.
+// side. The floors' and pcpd's closed loops run in rounds (--rounds,
+// rounds.go), the server order rotated each round. It prints a markdown
+// table of rates and of pcpd's ratios to both floors, each round's and
+// their median (also written as table.md and table.json), and keeps every
+// pcpload JSON report.
 //
 // Run it through bench/run (make bench), which builds the binaries. It
 // needs root (namespaces, nftables) and removes everything it made.
