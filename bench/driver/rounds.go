@@ -111,8 +111,10 @@ func (b *bench) foldRounds() {
 				vals = append(vals, f.value)
 				unit = f.unit
 				each = append(each, fmtValue(f.value, f.unit))
-				if f.note != "" {
+				if f.note != "" && len(figs) > 1 {
 					notes = append(notes, fmt.Sprintf("round %d: %s", i+1, f.note))
+				} else if f.note != "" {
+					notes = append(notes, f.note)
 				}
 			}
 			if len(vals) == 0 {

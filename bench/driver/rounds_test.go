@@ -142,6 +142,8 @@ var testRounds = map[string]map[string][]float64{
 // floors' median fresh rate and lists no rounds.
 func TestRoundsTable(t *testing.T) {
 	b := roundsBench(testRounds)
+	b.putRound(bareFloor, "unauth", 2, 80000, "/s", "others 0.30 cores") // a round's note
+	b.foldRounds()
 	b.put("pcpd", "new100k", 32000, "/s", "")
 	b.put("miniupnpd", "new", 10, "/s", "")
 	rowsByKey := map[string]tableRow{}
@@ -179,7 +181,7 @@ func TestRoundsTable(t *testing.T) {
 		{"malformed", 5, "75 % (rounds 85 / 70 / 75)"},
 		{"malformed", 9, "**no**"},
 		{"unauth", 5, "84 % (rounds 80 / – / 88)"},
-		{"unauth", 2, "85000 /s (median of 2 rounds: 90000 /s / – / 80000 /s)"},
+		{"unauth", 2, "85000 /s (median of 2 rounds: 90000 /s / – / 80000 /s; round 3: others 0.30 cores)"},
 		{"unauth", 9, "yes"},
 		{"new100k", 5, "40 %"},
 		{"new100k", 9, "yes (batched floor: **no**)"},
@@ -198,10 +200,10 @@ func TestRoundsTable(t *testing.T) {
 	// One round (--rounds 1): the plain ratio, no rounds listed.
 	one := &bench{o: options{rounds: 1}, res: map[string]map[string]*figure{}}
 	one.putRound(bareFloor, "new", 0, 100000, "/s", "")
-	one.putRound("pcpd", "new", 0, 31000, "/s", "")
+	one.putRound("pcpd", "new", 0, 31000, "/s", "others 0.20 cores")
 	one.foldRounds()
 	r := one.tableRows()[0]
-	if r.Rounds != nil || r.PerBareFloor == nil || *r.PerBareFloor != 0.31 || r.Values["pcpd"].Note != "" {
+	if r.Rounds != nil || r.PerBareFloor == nil || *r.PerBareFloor != 0.31 || r.Values["pcpd"].Note != "others 0.20 cores" {
 		t.Errorf("one round: %+v", r)
 	}
 	if md := markdown(one.tableRows()); !strings.Contains(md, "| 31 % |") {
