@@ -250,7 +250,12 @@ func (s *Server) finishRebase() {
 	}
 	for s.rewriteAt != 0 {
 		if !s.rewriteStep(rewriteChunk) {
-			return // logged; the next start sees what the store has
+			// The step's warning may have been held back (repeatWarn):
+			// said here once more, as the next start sees what the
+			// store has.
+			s.log.Warn("stopping with the rewrite after a wall-clock step unfinished: the store refuses it",
+				zap.Int("failures", s.rewriteWarn.fails+s.debtWarn.fails))
+			return
 		}
 	}
 }
@@ -412,9 +417,10 @@ func (s *Server) rewriteStep(n int) bool {
 	if len(put) > 0 {
 		if err := s.st.Commit(put, nil); err != nil {
 			s.m.storeErrors.Inc()
-			s.log.Warn("cannot rewrite leases after a wall-clock step; retrying", zap.Int("leases", len(put)), zap.Error(err))
+			s.rewriteWarn.warn(s.log, s.steady(), "cannot rewrite leases after a wall-clock step; retrying", zap.Int("leases", len(put)), zap.Error(err))
 			return false
 		}
+		s.rewriteOK()
 	}
 	if ref > t.top {
 		// The leases in the store's debt were skipped above: the store
@@ -466,15 +472,22 @@ func (s *Server) rewriteQuarStep(n int) bool {
 		}
 		if err := s.st.CommitQuar(nil, nil, &qc); err != nil {
 			s.m.storeErrors.Inc()
-			s.log.Warn("cannot rewrite quarantined ports after a wall-clock step; retrying", zap.Int("ports", len(chunk)), zap.Error(err))
+			s.rewriteWarn.warn(s.log, s.steady(), "cannot rewrite quarantined ports after a wall-clock step; retrying", zap.Int("ports", len(chunk)), zap.Error(err))
 			return false
 		}
+		s.rewriteOK()
 	}
 	s.rewriteQuarList = l[:len(l)-len(chunk)]
 	if len(s.rewriteQuarList) == 0 {
 		s.rewriteQuar = false // the leases next, from rewriteAt
 	}
 	return true
+}
+
+// rewriteOK ends a run of refused rewrite commits (s.mu held): logged
+// once it ends, as its warnings were at most every repeatEvery.
+func (s *Server) rewriteOK() {
+	s.rewriteWarn.end(s.log, s.steady(), "the store takes the rewrite after the wall-clock step again")
 }
 
 // shift adds d (ns) to every wall time in the table: a lease's expiry and

@@ -119,6 +119,12 @@ type Server struct {
 	// reused buffer.
 	rewriteAt  uint32
 	rewriteBuf []store.Lease
+	// rewriteWarn and debtWarn keep the warnings of a store refusing the
+	// rewrite (retried every sweep tick) and the debt's write-back
+	// (every tick in the rewrite's last step, every storeDebtRetry in
+	// housekeep) to one every repeatEvery, and log the recovery
+	// (repeatwarn.go; s.mu held).
+	rewriteWarn, debtWarn repeatWarn
 	// anchorRetry: the last Save of the boot anchor failed (saveAnchor):
 	// checkClock tries again every tick (read there before it takes
 	// s.mu).

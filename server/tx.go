@@ -441,11 +441,21 @@ func (t *tx) owe() {
 
 // paid clears the store's debt: a commit that included it succeeded.
 func (s *Server) paid() {
-	if len(s.storeDebt) > 0 {
-		s.log.Info("store is consistent with the lease table again", zap.Int("leases", len(s.storeDebt)))
-		clear(s.storeDebt)
-	}
+	s.debtPaid(len(s.storeDebt))
+	clear(s.storeDebt)
 	clear(s.quarDebt)
+}
+
+// debtPaid logs that the store holds the table's state again for the n
+// owed leases, and ends the debt's run of refused write-backs (s.mu held).
+func (s *Server) debtPaid(n int) {
+	const msg = "store is consistent with the lease table again"
+	switch {
+	case s.debtWarn.failing():
+		s.debtWarn.end(s.log, s.steady(), msg, zap.Int("leases", n))
+	case n > 0:
+		s.log.Info(msg, zap.Int("leases", n))
+	}
 }
 
 // payStoreDebt writes the table's state for the keys in the store's debt,
@@ -479,7 +489,7 @@ func (s *Server) payStoreDebtLocked() bool {
 	}
 	if err := s.st.CommitQuar(put, del, &qc); err != nil {
 		s.m.storeErrors.Inc()
-		s.log.Warn("cannot write the lease table's state back to the store; retrying", zap.Int("leases", len(s.storeDebt)), zap.Error(err))
+		s.debtWarn.warn(s.log, s.steady(), "cannot write the lease table's state back to the store; retrying", zap.Int("leases", len(s.storeDebt)), zap.Error(err))
 		return false
 	}
 	s.paid()
@@ -547,9 +557,7 @@ func (t *tx) commit() error {
 		clear(t.s.quarDebt)
 		put, del := t.changes(true)
 		if uerr := t.s.st.CommitQuar(put, del, t.quarChanges(true)); uerr == nil {
-			if owed > 0 {
-				t.s.log.Info("store is consistent with the lease table again", zap.Int("leases", owed))
-			}
+			t.s.debtPaid(owed)
 		} else {
 			// The store keeps the batch's leases, which the client was
 			// told NO_RESOURCES (a new one would get its pinhole back at
