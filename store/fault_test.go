@@ -16,7 +16,7 @@ import (
 // bindReadOnly makes dir read-only by bind-mounting it onto itself; the
 // returned function makes it writable again. (As root, chmod would not
 // stop anything.)
-func bindReadOnly(t *testing.T, dir string) (writable func()) {
+func bindReadOnly(t testing.TB, dir string) (writable func()) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: bind-mounts the state directory read-only")
