@@ -196,7 +196,8 @@ func (s *Store) load() (State, error) {
 		}
 		if ld.later {
 			// State.Stream reads the leases from it again (WithLeasesLater);
-			// the first write closes it (reopen).
+			// the first write that can open the file writable closes it
+			// (reopen).
 			s.ro = rodb
 		} else {
 			_ = rodb.Close()

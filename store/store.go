@@ -217,8 +217,9 @@ type Store struct {
 	nlater    int
 	streamLog bool
 	// ro: the read-only handle of a read-only directory's state file,
-	// kept for State.Stream (WithLeasesLater) until the first write
-	// (reopen) or Close; it holds the file's shared lock meanwhile.
+	// kept for State.Stream (WithLeasesLater) until the first write that
+	// can open the file writable (reopen; a refused one keeps it) or
+	// Close; it holds the file's shared lock meanwhile.
 	ro *bolt.DB
 	// checked: the state file Open read State.Stream's leases from, held
 	// open (no new file can take its inode number) until a reopen after a
