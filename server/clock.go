@@ -417,7 +417,7 @@ func (s *Server) rewriteStep(n int) bool {
 	if len(put) > 0 {
 		if err := s.st.Commit(put, nil); err != nil {
 			s.m.storeErrors.Inc()
-			s.rewriteWarn.warn(s.log, s.steady(), "cannot rewrite leases after a wall-clock step; retrying", zap.Int("leases", len(put)), zap.Error(err))
+			s.rewriteWarn.warn(s.log, s.steady(), "cannot rewrite leases after a wall-clock step; retrying", err, zap.Int("leases", len(put)))
 			return false
 		}
 		s.rewriteOK()
@@ -436,6 +436,13 @@ func (s *Server) rewriteStep(n int) bool {
 			return false
 		}
 		ref = 0 // done
+		// Its run of refused commits ends here if no commit of its own
+		// ended it: the leases it retried may have gone meanwhile (expired
+		// while the store refused, their deletes owed and written just
+		// above). Left open, the next step's first refusal was taken for
+		// the same run (held back, or logged with this run's repeats:
+		// review h/revstoreq, TestRewriteWarnEndsWithRewrite).
+		s.rewriteWarn.end(s.log, s.steady(), "the rewrite after the wall-clock step is done")
 		// Every stored lease is of the new frame: the moved origin goes
 		// back into the store (cleared by rebase), and a start continues
 		// the epoch. If it cannot be written now it goes with the next
@@ -472,7 +479,7 @@ func (s *Server) rewriteQuarStep(n int) bool {
 		}
 		if err := s.st.CommitQuar(nil, nil, &qc); err != nil {
 			s.m.storeErrors.Inc()
-			s.rewriteWarn.warn(s.log, s.steady(), "cannot rewrite quarantined ports after a wall-clock step; retrying", zap.Int("ports", len(chunk)), zap.Error(err))
+			s.rewriteWarn.warn(s.log, s.steady(), "cannot rewrite quarantined ports after a wall-clock step; retrying", err, zap.Int("ports", len(chunk)))
 			return false
 		}
 		s.rewriteOK()

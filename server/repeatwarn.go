@@ -1,6 +1,7 @@
 package server
 
 import (
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -27,23 +28,45 @@ const repeatEvery = 30 * time.Second
 // warning for as long as the step, and it neither reports what it dropped
 // nor knows when the failure ends. Times here are the steady clock's
 // (Server.steady), which no step moves. Its user serialises calls (s.mu).
+//
+// A failure whose message and error differ from every one logged in the
+// run so far is logged at once all the same (review h/revstoreq: the
+// store refusing with "no space left" after "read-only file system", or
+// the log damaged, waited up to repeatEvery, and the line then showed the
+// latest error only), for the first repeatKinds distinct ones of a run:
+// errors that alternate, or whose text varies, are not logged at every
+// retry again.
 type repeatWarn struct {
 	since  time.Time // the failure's first; zero: no failure
 	logged time.Time // the last line's
 	fails  int       // failures since since
 	quiet  int       // failures since the last line, not logged
+	seen   []string  // the run's distinct failures (message and error), at most repeatKinds
 }
 
-// warn records a failure at now and logs msg with fields unless a line
-// was logged less than repeatEvery ago.
-func (w *repeatWarn) warn(log *zap.Logger, now time.Time, msg string, fields ...zap.Field) {
+// repeatKinds is how many distinct failures a run logs at once.
+const repeatKinds = 8
+
+// warn records a failure (err) at now and logs msg with err and fields
+// unless a line was logged less than repeatEvery ago and the failure is
+// not a new one of the run.
+func (w *repeatWarn) warn(log *zap.Logger, now time.Time, msg string, err error, fields ...zap.Field) {
 	w.fails++
+	key := msg
+	if err != nil {
+		key += ": " + err.Error()
+	}
+	fresh := !slices.Contains(w.seen, key) && len(w.seen) < repeatKinds
+	if fresh {
+		w.seen = append(w.seen, key)
+	}
 	if w.since.IsZero() {
 		w.since = now
-	} else if now.Sub(w.logged) < repeatEvery {
+	} else if !fresh && now.Sub(w.logged) < repeatEvery {
 		w.quiet++
 		return
 	}
+	fields = append(fields, zap.Error(err))
 	if w.quiet > 0 {
 		fields = append(fields, zap.Int("repeats", w.quiet), zap.Duration("failing_for", now.Sub(w.since)))
 	}

@@ -489,7 +489,7 @@ func (s *Server) payStoreDebtLocked() bool {
 	}
 	if err := s.st.CommitQuar(put, del, &qc); err != nil {
 		s.m.storeErrors.Inc()
-		s.debtWarn.warn(s.log, s.steady(), "cannot write the lease table's state back to the store; retrying", zap.Int("leases", len(s.storeDebt)), zap.Error(err))
+		s.debtWarn.warn(s.log, s.steady(), "cannot write the lease table's state back to the store; retrying", err, zap.Int("leases", len(s.storeDebt)))
 		return false
 	}
 	s.paid()
