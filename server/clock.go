@@ -254,7 +254,7 @@ func (s *Server) finishRebase() {
 			// said here once more, as the next start sees what the
 			// store has.
 			s.log.Warn("stopping with the rewrite after a wall-clock step unfinished: the store refuses it",
-				zap.Int("failures", s.rewriteWarn.fails+s.debtWarn.fails))
+				zap.Int("failures", s.rewriteWarn.fails), zap.Int("debt_failures", s.debtWarn.fails))
 			return
 		}
 	}
