@@ -322,9 +322,14 @@ func medianDur(d []time.Duration) time.Duration {
 // machine's two cores with pcpd and the victim, which no server can help
 // (the victim's own process is descheduled as often as pcpd is), so 2×
 // plain idle is not a bound any server could meet here: on a loaded box
-// the control alone gave 12-46 ms against 1-11 ms idle. Control and real
-// rounds alternate, so both see the same background load (other tests
-// share the machine); each figure is the median of the rounds' p99s.
+// the control alone gave 12-46 ms against 1-11 ms idle. Idle, control
+// and real rounds alternate, so all three see the same background load
+// (other tests share the machine); each figure is the median of the
+// rounds' p99s. A mode that misses a bound is measured again from
+// scratch, up to 3 attempts, and fails only if all miss: a burst of
+// other tests' CPU during one attempt's flood rounds can push it over
+// (1 of 2 runs beside the server package), a pcpd unfair to the victim
+// misses in every attempt (RELIABILITY.md, the test's row).
 // The one-source flood is shed by pcpd's kernel meter before the socket;
 // what its rate lets through is written through by the engine, which the
 // victim's ANNOUNCEs (answered by the socket readers) no longer wait for
@@ -369,15 +374,17 @@ func TestFloodFairnessPKT08(t *testing.T) {
 	if reply, err := rawExchange(conn, l.server6(), renew, time.Second); err != nil || len(reply) < 4 || reply[3] != 0 {
 		t.Fatalf("victim's MAP: % x %v", reply, err)
 	}
-	var idle, idleMap []time.Duration
-	idleLost := 0
-	for r := 0; r < rounds; r++ {
-		rtts, mrtts, _, n := latencyRound(t, l, conn, cli, perRound, rate, renew)
-		idle, idleMap = append(idle, percentile(rtts, 99)), append(idleMap, percentile(mrtts, 99))
-		idleLost += n
-	}
-	idleP99, idleMapP99 := medianDur(idle), medianDur(idleMap)
-
+	// A mode whose figures miss a bound is measured again, from scratch
+	// (fresh idle, control and flood rounds), up to attempts times in
+	// all, and fails only if every attempt misses: on a box shared with
+	// other tests (CI runs the packages in parallel) a burst of their CPU
+	// during the flood rounds alone can push one attempt's p99 over
+	// (84.4 ms against a bound of 80.6 ms at load average 5-6), whereas
+	// a pcpd that lets the flood delay the victim misses in every attempt
+	// (RELIABILITY.md, the test's row: PCPD_LAB_EXTRA with pcpd's limits
+	// off). Each attempt's rounds interleave idle, control and flood, so
+	// a load that comes and goes weighs on all three alike.
+	const attempts = 3
 	var next atomic.Uint32 // the whole-prefix sources go on across rounds
 	// flood sends MAP requests from sources(i) to dst until stop is called,
 	// which returns the datagrams sent per second. The pinned bed's
@@ -420,6 +427,102 @@ func TestFloodFairnessPKT08(t *testing.T) {
 			wg.Wait()
 			return float64(sent.Load()) / time.Since(start).Seconds()
 		}
+	}
+	// measure is one attempt at a flood mode: rounds × (idle, control,
+	// flood), each figure the median of the rounds' p99s. It logs the
+	// attempt's figures under name and reports whether the victim's
+	// ANNOUNCE (or a lost request) and its renewal missed their bounds,
+	// and the figures in one line. Receive-buffer drops fail the test
+	// at once, whatever the other attempts show (known bug 5).
+	measure := func(t *testing.T, name string, sources func(i uint32) netip.Addr, kind string) (annBad, mapBad bool, figures string) {
+		m0, _ := l.metrics()
+		k0 := kernelDrops(l.topo.Host)
+		o0 := ownerMeterDrops(l.topo.Host)
+		sn0 := readSoftnet()
+		var idle, idleMap, ctl, fl, ctlMap, flMap, ctlStall, flStall []time.Duration
+		t.Logf("%s: load average %s", name, loadavg())
+		var idleLost, ctlLost, flLost int
+		var ctlRate, flRate float64
+		var floodTime time.Duration // how long the real floods ran
+		for r := 0; r < rounds; r++ {
+			// The flood's accepted MAPs settle (the previous round's)
+			// before the victim measures idle.
+			time.Sleep(200 * time.Millisecond)
+			rtts, mrtts, _, n := latencyRound(t, l, conn, cli, perRound, rate, renew)
+			idle, idleMap, idleLost = append(idle, percentile(rtts, 99)), append(idleMap, percentile(mrtts, 99)), idleLost+n
+			for _, real := range []bool{false, true} {
+				dst := closedPort
+				if real {
+					dst = l.server6()
+				}
+				kr0 := kernelDrops(l.topo.Host)
+				began := time.Now()
+				stop := flood(t, dst, sources, kind)
+				time.Sleep(200 * time.Millisecond)
+				kr1 := kernelDrops(l.topo.Host)
+				st0 := cpuStall()
+				rtts, mrtts, seq, n := latencyRound(t, l, conn, cli, perRound, rate, renew)
+				stall := cpuStall() - st0
+				sent := stop()
+				if pin {
+					// Receive-buffer drops before the victim starts
+					// (the owner bucket's burst, full at each flood
+					// round's start) and while it measures.
+					kr2 := kernelDrops(l.topo.Host)
+					t.Logf("%s round %d %s: %.0f datagrams/s; rcvbuf drops %d in the first 200 ms, %d after; slowest victim requests %s", name, r, map[bool]string{false: "control", true: "flood"}[real], sent,
+						kr1.rcvbuf-kr0.rcvbuf, kr2.rcvbuf-kr1.rcvbuf, slowest(seq, 4))
+				}
+				if real {
+					floodTime += time.Since(began)
+					fl, flLost, flRate = append(fl, percentile(rtts, 99)), flLost+n, flRate+sent/rounds
+					flMap, flStall = append(flMap, percentile(mrtts, 99)), append(flStall, stall)
+				} else {
+					ctl, ctlLost, ctlRate = append(ctl, percentile(rtts, 99)), ctlLost+n, ctlRate+sent/rounds
+					ctlMap, ctlStall = append(ctlMap, percentile(mrtts, 99)), append(ctlStall, stall)
+				}
+			}
+		}
+		secs := floodTime.Seconds()
+		m1, _ := l.metrics()
+		idleP99, idleMapP99 := medianDur(idle), medianDur(idleMap)
+		floodP99, controlP99 := medianDur(fl), medianDur(ctl)
+		floodMapP99, controlMapP99 := medianDur(flMap), medianDur(ctlMap)
+		answered := metricSum(m1, "pcpd_requests_total") - metricSum(m0, "pcpd_requests_total")
+		bound := 2*max(idleP99, controlP99) + 2*time.Millisecond
+		mapBound := 2*max(idleMapP99, controlMapP99) + 2*time.Millisecond
+		if pin {
+			// The pinned bed gives the flooder its own CPU: issue 9's
+			// bound, 2 × idle, plus one allowance (kernelSlack).
+			bound, mapBound = 2*idleP99+kernelSlack(idleP99, controlP99), 2*idleMapP99+kernelSlack(idleMapP99, controlMapP99)
+			t.Logf("%s: literal 2 × idle: ANNOUNCE %v (%v), MAP renewal %v (%v)", name,
+				floodP99 <= 2*idleP99, 2*idleP99, floodMapP99 <= 2*idleMapP99, 2*idleMapP99)
+		}
+		k1 := kernelDrops(l.topo.Host)
+		t.Logf("%s: per-CPU receive processing (machine-wide): %s", name, readSoftnet().minus(sn0))
+		t.Logf("%s: under flood / idle: ANNOUNCE %.2f, MAP renewal %.2f; control / idle %.2f, %.2f",
+			name, ratio(floodP99, idleP99), ratio(floodMapP99, idleMapP99), ratio(controlP99, idleP99), ratio(controlMapP99, idleMapP99))
+		t.Logf("%s: flood %.0f datagrams/s (control %.0f/s to a closed port), %.1fs on pcpd; pcpd answered %.0f/s, dropped %s, absorbed %.0f renewals; lost: idle %d, control %d, flood %d; kernel drops in the host namespace (socket buffer full, UDP errors, backlog) %v; owner meter drops %d (%.0f/s)",
+			name, flRate, ctlRate, secs, answered/secs, dropSummary(m0, m1),
+			m1["pcpd_renewals_absorbed_total"]-m0["pcpd_renewals_absorbed_total"], idleLost, ctlLost, flLost, k1.minus(k0),
+			ownerMeterDrops(l.topo.Host)-o0, float64(ownerMeterDrops(l.topo.Host)-o0)/secs)
+		t.Logf("%s: victim ANNOUNCE p99 idle %v (rounds %v), control %v (rounds %v), under flood %v (rounds %v); bound %v",
+			name, idleP99, idle, controlP99, ctl, floodP99, fl, bound)
+		t.Logf("%s: victim MAP renewal p99 idle %v (rounds %v), control %v (rounds %v), under flood %v (rounds %v); bound %v",
+			name, idleMapP99, idleMap, controlMapP99, ctlMap, floodMapP99, flMap, mapBound)
+		t.Logf("%s: CPU pressure (some task waiting for a CPU) per 4 s round: control %v, flood %v; load average %s",
+			name, roundMs(ctlStall), roundMs(flStall), loadavg())
+		// Nothing lost (issue 9): a datagram dropped because pcpd's
+		// socket buffer was full could as well have been a victim's,
+		// whether or not this run's victim was unlucky (known bug 5:
+		// the owner meter's burst of 3200 overflowed the buffer). In
+		// the host namespace only pcpd's sockets receive UDP.
+		if d := k1.minus(k0).rcvbuf; d > 0 {
+			t.Errorf("%s: %d datagrams dropped because pcpd's socket buffer was full (%s)", name, d, socketMem(l.topo.Host))
+		}
+		return floodP99 > bound || flLost > 0, floodMapP99 > mapBound,
+			fmt.Sprintf("ANNOUNCE %v (bound %v), MAP renewal %v (bound %v), lost %d; idle %v / %v, control flood to a closed port %v / %v",
+				floodP99.Round(10*time.Microsecond), bound.Round(10*time.Microsecond), floodMapP99.Round(10*time.Microsecond), mapBound.Round(10*time.Microsecond),
+				flLost, idleP99.Round(10*time.Microsecond), idleMapP99.Round(10*time.Microsecond), controlP99.Round(10*time.Microsecond), controlMapP99.Round(10*time.Microsecond))
 	}
 	for _, mode := range []struct {
 		name    string
@@ -478,91 +581,37 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		{"whole prefix, a new /64 per datagram", func(uint32) netip.Addr { return floodSrc(2 + next.Add(1)%(1<<23)) }, "prefix", ""},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
-			m0, _ := l.metrics()
-			k0 := kernelDrops(l.topo.Host)
-			o0 := ownerMeterDrops(l.topo.Host)
-			sn0 := readSoftnet()
-			start := time.Now()
-			var ctl, fl, ctlMap, flMap, ctlStall, flStall []time.Duration
-			t.Logf("%s: load average %s", mode.name, loadavg())
-			var ctlLost, flLost int
-			var ctlRate, flRate float64
-			for r := 0; r < rounds; r++ {
-				for _, real := range []bool{false, true} {
-					dst := closedPort
-					if real {
-						dst = l.server6()
+			var misses []string
+			renewalOnly := true // every miss was the renewal probe's alone
+			for a := 1; a <= attempts; a++ {
+				began := time.Now()
+				annBad, mapBad, figures := measure(t, fmt.Sprintf("%s, attempt %d", mode.name, a), mode.sources, mode.kind)
+				if !annBad && !mapBad {
+					if len(misses) > 0 {
+						t.Logf("%s: within its bounds at attempt %d of %d, after %d miss(es): %s", mode.name, a, attempts, len(misses), strings.Join(misses, "; "))
 					}
-					kr0 := kernelDrops(l.topo.Host)
-					stop := flood(t, dst, mode.sources, mode.kind)
-					time.Sleep(200 * time.Millisecond)
-					kr1 := kernelDrops(l.topo.Host)
-					st0 := cpuStall()
-					rtts, mrtts, seq, n := latencyRound(t, l, conn, cli, perRound, rate, renew)
-					stall := cpuStall() - st0
-					sent := stop()
-					if pin {
-						// Receive-buffer drops before the victim starts
-						// (the owner bucket's burst, full at each flood
-						// round's start) and while it measures.
-						kr2 := kernelDrops(l.topo.Host)
-						t.Logf("%s round %d %s: %.0f datagrams/s; rcvbuf drops %d in the first 200 ms, %d after; slowest victim requests %s", mode.name, r, map[bool]string{false: "control", true: "flood"}[real], sent,
-							kr1.rcvbuf-kr0.rcvbuf, kr2.rcvbuf-kr1.rcvbuf, slowest(seq, 4))
-					}
-					if real {
-						fl, flLost, flRate = append(fl, percentile(rtts, 99)), flLost+n, flRate+sent/rounds
-						flMap, flStall = append(flMap, percentile(mrtts, 99)), append(flStall, stall)
-					} else {
-						ctl, ctlLost, ctlRate = append(ctl, percentile(rtts, 99)), ctlLost+n, ctlRate+sent/rounds
-						ctlMap, ctlStall = append(ctlMap, percentile(mrtts, 99)), append(ctlStall, stall)
-					}
+					break
 				}
-			}
-			secs := time.Since(start).Seconds() / 2 // half the time flooded pcpd
-			m1, _ := l.metrics()
-			floodP99, controlP99 := medianDur(fl), medianDur(ctl)
-			floodMapP99, controlMapP99 := medianDur(flMap), medianDur(ctlMap)
-			answered := metricSum(m1, "pcpd_requests_total") - metricSum(m0, "pcpd_requests_total")
-			bound := 2*max(idleP99, controlP99) + 2*time.Millisecond
-			mapBound := 2*max(idleMapP99, controlMapP99) + 2*time.Millisecond
-			if pin {
-				// The pinned bed gives the flooder its own CPU: issue 9's
-				// bound, 2 × idle, plus one allowance (kernelSlack).
-				bound, mapBound = 2*idleP99+kernelSlack(idleP99, controlP99), 2*idleMapP99+kernelSlack(idleMapP99, controlMapP99)
-				t.Logf("%s: literal 2 × idle: ANNOUNCE %v (%v), MAP renewal %v (%v)", mode.name,
-					floodP99 <= 2*idleP99, 2*idleP99, floodMapP99 <= 2*idleMapP99, 2*idleMapP99)
-			}
-			k1 := kernelDrops(l.topo.Host)
-			t.Logf("%s: per-CPU receive processing while flooding (machine-wide): %s", mode.name, readSoftnet().minus(sn0))
-			t.Logf("%s: under flood / idle: ANNOUNCE %.2f, MAP renewal %.2f; control / idle %.2f, %.2f",
-				mode.name, ratio(floodP99, idleP99), ratio(floodMapP99, idleMapP99), ratio(controlP99, idleP99), ratio(controlMapP99, idleMapP99))
-			t.Logf("%s: flood %.0f datagrams/s (control %.0f/s to a closed port), %.1fs on pcpd; pcpd answered %.0f/s, dropped %s, absorbed %.0f renewals; lost: idle %d, control %d, flood %d; kernel drops in the host namespace (socket buffer full, UDP errors, backlog) %v; owner meter drops %d (%.0f/s)",
-				mode.name, flRate, ctlRate, secs, answered/secs, dropSummary(m0, m1),
-				m1["pcpd_renewals_absorbed_total"]-m0["pcpd_renewals_absorbed_total"], idleLost, ctlLost, flLost, k1.minus(k0),
-				ownerMeterDrops(l.topo.Host)-o0, float64(ownerMeterDrops(l.topo.Host)-o0)/secs)
-			t.Logf("%s: victim ANNOUNCE p99 idle %v (rounds %v), control %v (rounds %v), under flood %v (rounds %v); bound %v",
-				mode.name, idleP99, idle, controlP99, ctl, floodP99, fl, bound)
-			t.Logf("%s: victim MAP renewal p99 idle %v (rounds %v), control %v (rounds %v), under flood %v (rounds %v); bound %v",
-				mode.name, idleMapP99, idleMap, controlMapP99, ctlMap, floodMapP99, flMap, mapBound)
-			t.Logf("%s: CPU pressure (some task waiting for a CPU) per 4 s round: control %v, flood %v; load average %s",
-				mode.name, roundMs(ctlStall), roundMs(flStall), loadavg())
-			annBad, mapBad := floodP99 > bound || flLost > 0, floodMapP99 > mapBound
-			// Nothing lost (issue 9): a datagram dropped because pcpd's
-			// socket buffer was full could as well have been a victim's,
-			// whether or not this run's victim was unlucky (known bug 5:
-			// the owner meter's burst of 3200 overflowed the buffer). In
-			// the host namespace only pcpd's sockets receive UDP.
-			if d := k1.minus(k0).rcvbuf; d > 0 {
-				t.Errorf("%s: %d datagrams dropped because pcpd's socket buffer was full (%s)", mode.name, d, socketMem(l.topo.Host))
-			}
-			if annBad || mapBad {
-				if !annBad && mode.knownBug != "" {
-					// The known bug is the renewal probe's; an ANNOUNCE
-					// over its bound always fails.
-					knownBug(t, mode.knownBug)
+				misses = append(misses, fmt.Sprintf("attempt %d: %s", a, figures))
+				renewalOnly = renewalOnly && !annBad
+				t.Logf("%s, attempt %d of %d: missed a bound: %s", mode.name, a, attempts, figures)
+				if a == attempts {
+					if renewalOnly && mode.knownBug != "" {
+						// The known bug is the renewal probe's; an
+						// ANNOUNCE over its bound always fails.
+						knownBug(t, mode.knownBug)
+					}
+					t.Errorf("%s: victim p99 under flood over its bound in all %d attempts: %s", mode.name, attempts, strings.Join(misses, "; "))
 				}
-				t.Errorf("%s: victim p99 under flood ANNOUNCE %v (bound %v), MAP renewal %v (bound %v), lost %d; idle %v / %v, control flood to a closed port %v / %v",
-					mode.name, floodP99, bound, floodMapP99, mapBound, flLost, idleP99, idleMapP99, controlP99, controlMapP99)
+				// Within go test's package timeout (10 min by default):
+				// another attempt takes as long as this one, and the
+				// rest of the package still has to run.
+				if d, ok := t.Deadline(); ok && a < attempts && time.Until(d) < 3*time.Since(began) {
+					t.Errorf("%s: victim p99 under flood over its bound, no time left for another attempt before the test deadline (%v): %s", mode.name, time.Until(d).Round(time.Second), strings.Join(misses, "; "))
+					break
+				}
+				// Let the flood's accepted MAPs settle before the next attempt.
+				time.Sleep(500 * time.Millisecond)
 			}
 			// Let the flood's accepted MAPs settle before the next mode.
 			time.Sleep(500 * time.Millisecond)
