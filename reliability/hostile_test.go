@@ -374,16 +374,19 @@ func TestFloodFairnessPKT08(t *testing.T) {
 	if reply, err := rawExchange(conn, l.server6(), renew, time.Second); err != nil || len(reply) < 4 || reply[3] != 0 {
 		t.Fatalf("victim's MAP: % x %v", reply, err)
 	}
-	// A mode whose figures miss a bound is measured again, from scratch
-	// (fresh idle, control and flood rounds), up to attempts times in
-	// all, and fails only if every attempt misses: on a box shared with
-	// other tests (CI runs the packages in parallel) a burst of their CPU
-	// during the flood rounds alone can push one attempt's p99 over
-	// (84.4 ms against a bound of 80.6 ms at load average 5-6), whereas
-	// a pcpd that lets the flood delay the victim misses in every attempt
-	// (RELIABILITY.md, the test's row: PCPD_LAB_EXTRA with pcpd's limits
-	// off). Each attempt's rounds interleave idle, control and flood, so
-	// a load that comes and goes weighs on all three alike.
+	// A mode whose first attempt misses a bound (or loses a victim
+	// request) is measured twice more, from scratch (fresh idle, control
+	// and flood rounds), and judged on all three attempts' rounds pooled:
+	// the median of 12 rounds' p99s per kind against the same bound, and
+	// a loss in more than one attempt. On a box shared with other tests
+	// (CI runs the packages in parallel) a burst of their CPU during one
+	// attempt's flood rounds can push it over (84.4 ms against a bound of
+	// 80.6 ms at load average 5-6), which the pooled rounds outvote; an
+	// unfairness that is there in every attempt is not outvoted, as it
+	// would be by taking the best attempt (RELIABILITY.md, the test's
+	// row: PCPD_LAB_EXTRA with pcpd's limits off). Each attempt's rounds
+	// interleave idle, control and flood, so a load that comes and goes
+	// weighs on all three alike.
 	const attempts = 3
 	var next atomic.Uint32 // the whole-prefix sources go on across rounds
 	// flood sends MAP requests from sources(i) to dst until stop is called,
@@ -429,12 +432,10 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		}
 	}
 	// measure is one attempt at a flood mode: rounds × (idle, control,
-	// flood), each figure the median of the rounds' p99s. It logs the
-	// attempt's figures under name and reports whether the victim's
-	// ANNOUNCE (or a lost request) and its renewal missed their bounds,
-	// and the figures in one line. Receive-buffer drops fail the test
-	// at once, whatever the other attempts show (known bug 5).
-	measure := func(t *testing.T, name string, sources func(i uint32) netip.Addr, kind string) (annBad, mapBad bool, figures string) {
+	// flood). It logs the attempt's figures under name and returns its
+	// rounds. Receive-buffer drops fail the test at once, whatever the
+	// other attempts show (known bug 5).
+	measure := func(t *testing.T, name string, sources func(i uint32) netip.Addr, kind string) floodRounds {
 		m0, _ := l.metrics()
 		k0 := kernelDrops(l.topo.Host)
 		o0 := ownerMeterDrops(l.topo.Host)
@@ -484,16 +485,10 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		}
 		secs := floodTime.Seconds()
 		m1, _ := l.metrics()
-		idleP99, idleMapP99 := medianDur(idle), medianDur(idleMap)
-		floodP99, controlP99 := medianDur(fl), medianDur(ctl)
-		floodMapP99, controlMapP99 := medianDur(flMap), medianDur(ctlMap)
+		f := floodRounds{idle: idle, idleMap: idleMap, ctl: ctl, ctlMap: ctlMap, fl: fl, flMap: flMap, lost: flLost}
+		idleP99, idleMapP99, controlP99, controlMapP99, floodP99, floodMapP99, bound, mapBound := f.figures(pin)
 		answered := metricSum(m1, "pcpd_requests_total") - metricSum(m0, "pcpd_requests_total")
-		bound := 2*max(idleP99, controlP99) + 2*time.Millisecond
-		mapBound := 2*max(idleMapP99, controlMapP99) + 2*time.Millisecond
 		if pin {
-			// The pinned bed gives the flooder its own CPU: issue 9's
-			// bound, 2 × idle, plus one allowance (kernelSlack).
-			bound, mapBound = 2*idleP99+kernelSlack(idleP99, controlP99), 2*idleMapP99+kernelSlack(idleMapP99, controlMapP99)
 			t.Logf("%s: literal 2 × idle: ANNOUNCE %v (%v), MAP renewal %v (%v)", name,
 				floodP99 <= 2*idleP99, 2*idleP99, floodMapP99 <= 2*idleMapP99, 2*idleMapP99)
 		}
@@ -519,10 +514,7 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		if d := k1.minus(k0).rcvbuf; d > 0 {
 			t.Errorf("%s: %d datagrams dropped because pcpd's socket buffer was full (%s)", name, d, socketMem(l.topo.Host))
 		}
-		return floodP99 > bound || flLost > 0, floodMapP99 > mapBound,
-			fmt.Sprintf("ANNOUNCE %v (bound %v), MAP renewal %v (bound %v), lost %d; idle %v / %v, control flood to a closed port %v / %v",
-				floodP99.Round(10*time.Microsecond), bound.Round(10*time.Microsecond), floodMapP99.Round(10*time.Microsecond), mapBound.Round(10*time.Microsecond),
-				flLost, idleP99.Round(10*time.Microsecond), idleMapP99.Round(10*time.Microsecond), controlP99.Round(10*time.Microsecond), controlMapP99.Round(10*time.Microsecond))
+		return f
 	}
 	for _, mode := range []struct {
 		name    string
@@ -581,42 +573,88 @@ func TestFloodFairnessPKT08(t *testing.T) {
 		{"whole prefix, a new /64 per datagram", func(uint32) netip.Addr { return floodSrc(2 + next.Add(1)%(1<<23)) }, "prefix", ""},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
-			var misses []string
-			renewalOnly := true // every miss was the renewal probe's alone
+			defer time.Sleep(500 * time.Millisecond) // the flood's accepted MAPs settle before the next mode
+			var all floodRounds
+			lossy := 0 // attempts that lost a victim request under flood
 			for a := 1; a <= attempts; a++ {
 				began := time.Now()
-				annBad, mapBad, figures := measure(t, fmt.Sprintf("%s, attempt %d", mode.name, a), mode.sources, mode.kind)
-				if !annBad && !mapBad {
-					if len(misses) > 0 {
-						t.Logf("%s: within its bounds at attempt %d of %d, after %d miss(es): %s", mode.name, a, attempts, len(misses), strings.Join(misses, "; "))
-					}
-					break
+				f := measure(t, fmt.Sprintf("%s, attempt %d", mode.name, a), mode.sources, mode.kind)
+				all.add(f)
+				if f.lost > 0 {
+					lossy++
 				}
-				misses = append(misses, fmt.Sprintf("attempt %d: %s", a, figures))
-				renewalOnly = renewalOnly && !annBad
-				t.Logf("%s, attempt %d of %d: missed a bound: %s", mode.name, a, attempts, figures)
-				if a == attempts {
-					if renewalOnly && mode.knownBug != "" {
-						// The known bug is the renewal probe's; an
-						// ANNOUNCE over its bound always fails.
-						knownBug(t, mode.knownBug)
-					}
-					t.Errorf("%s: victim p99 under flood over its bound in all %d attempts: %s", mode.name, attempts, strings.Join(misses, "; "))
+				if a > 1 {
+					continue
 				}
+				if f.within(pin) && f.lost == 0 {
+					return
+				}
+				t.Logf("%s, attempt 1: missed a bound: %s; measuring %d more attempts, judged on all %d pooled", mode.name, f.summary(pin), attempts-1, attempts)
 				// Within go test's package timeout (10 min by default):
-				// another attempt takes as long as this one, and the
-				// rest of the package still has to run.
-				if d, ok := t.Deadline(); ok && a < attempts && time.Until(d) < 3*time.Since(began) {
-					t.Errorf("%s: victim p99 under flood over its bound, no time left for another attempt before the test deadline (%v): %s", mode.name, time.Until(d).Round(time.Second), strings.Join(misses, "; "))
-					break
+				// each attempt takes as long as this one, and the rest
+				// of the package still has to run.
+				if d, ok := t.Deadline(); ok && time.Until(d) < time.Duration(attempts)*time.Since(began) {
+					t.Errorf("%s: victim p99 under flood over its bound, and no time for more attempts before the test deadline (%v): %s", mode.name, time.Until(d).Round(time.Second), f.summary(pin))
+					return
 				}
-				// Let the flood's accepted MAPs settle before the next attempt.
+				// The flood's accepted MAPs settle before the next attempt.
 				time.Sleep(500 * time.Millisecond)
 			}
-			// Let the flood's accepted MAPs settle before the next mode.
-			time.Sleep(500 * time.Millisecond)
+			t.Logf("%s: %d attempts pooled (%d rounds of each): %s; attempts that lost a victim request under flood: %d", mode.name, attempts, len(all.fl), all.summary(pin), lossy)
+			if all.within(pin) && lossy <= 1 {
+				return
+			}
+			if _, _, _, _, ann, _, annBound, _ := all.figures(pin); all.lost == 0 && ann <= annBound && mode.knownBug != "" {
+				// The known bug is the renewal probe's; an ANNOUNCE
+				// over its bound always fails.
+				knownBug(t, mode.knownBug)
+			}
+			t.Errorf("%s: victim p99 under flood over its bound on %d attempts' rounds pooled, or requests lost in %d of them: %s", mode.name, attempts, lossy, all.summary(pin))
 		})
 	}
+}
+
+// floodRounds are a flood mode's rounds, one attempt's or several pooled:
+// the victim's p99 per round and kind (ANNOUNCE, MAP renewal) idle, under
+// the control flood and under the real flood, and the victim's requests
+// lost in the flood rounds.
+type floodRounds struct {
+	idle, idleMap, ctl, ctlMap, fl, flMap []time.Duration
+	lost                                  int
+}
+
+func (f *floodRounds) add(o floodRounds) {
+	f.idle, f.idleMap = append(f.idle, o.idle...), append(f.idleMap, o.idleMap...)
+	f.ctl, f.ctlMap = append(f.ctl, o.ctl...), append(f.ctlMap, o.ctlMap...)
+	f.fl, f.flMap = append(f.fl, o.fl...), append(f.flMap, o.flMap...)
+	f.lost += o.lost
+}
+
+// figures are f's medians of the rounds' p99s (idle and control of each
+// kind; then under flood, ANNOUNCE and renewal) and each kind's bound:
+// 2 × max(idle, control) + 2 ms, or in the pinned bed issue 9's 2 × idle
+// plus the kernel's own cost (kernelSlack).
+func (f floodRounds) figures(pin bool) (idle, idleMap, ctl, ctlMap, fl, flMap, bound, mapBound time.Duration) {
+	idle, idleMap, ctl, ctlMap = medianDur(f.idle), medianDur(f.idleMap), medianDur(f.ctl), medianDur(f.ctlMap)
+	fl, flMap = medianDur(f.fl), medianDur(f.flMap)
+	if pin {
+		return idle, idleMap, ctl, ctlMap, fl, flMap, 2*idle + kernelSlack(idle, ctl), 2*idleMap + kernelSlack(idleMap, ctlMap)
+	}
+	return idle, idleMap, ctl, ctlMap, fl, flMap, 2*max(idle, ctl) + 2*time.Millisecond, 2*max(idleMap, ctlMap) + 2*time.Millisecond
+}
+
+// within reports whether both kinds' p99 under flood are within their
+// bounds (lost requests aside).
+func (f floodRounds) within(pin bool) bool {
+	_, _, _, _, fl, flMap, bound, mapBound := f.figures(pin)
+	return fl <= bound && flMap <= mapBound
+}
+
+func (f floodRounds) summary(pin bool) string {
+	idle, idleMap, ctl, ctlMap, fl, flMap, bound, mapBound := f.figures(pin)
+	r := func(d time.Duration) time.Duration { return d.Round(10 * time.Microsecond) }
+	return fmt.Sprintf("ANNOUNCE %v (bound %v), MAP renewal %v (bound %v), lost %d; idle %v / %v, control flood to a closed port %v / %v",
+		r(fl), r(bound), r(flMap), r(mapBound), f.lost, r(idle), r(idleMap), r(ctl), r(ctlMap))
 }
 
 // drops are the kernel's counts of datagrams dropped on their way to a
