@@ -504,6 +504,18 @@ func newBootRig(t *testing.T, bootID string) *bootRig {
 	return &bootRig{c: c, dir: dir, k: bootclock.New(dir, bootclock.Clocks{Wall: c.Now, Boottime: b.Boottime, BootID: b.BootID})}
 }
 
+// start starts a harness on st (the rig's store, or a wrapper that fails
+// it on demand) and state, with the rig's clocks and boot anchor.
+func (r *bootRig) start(t *testing.T, st LeaseStore, state store.State) *harness {
+	t.Helper()
+	h := newHarness(t)
+	h.startWith(func(d *Deps) {
+		r.c.deps(d)
+		d.Boot, d.Store, d.State = r.k, st, state
+	}, nil)
+	return h
+}
+
 // open opens the rig's store as pcpd does (the rig's clock, the anchor's
 // unseen step, the leases streamed), with opts.
 func (r *bootRig) open(t *testing.T, opts ...store.Option) (*store.Store, store.State) {

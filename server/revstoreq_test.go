@@ -83,15 +83,11 @@ func TestRewriteWarnEndsWithRewrite(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-0000000000a1")
-			c, k := rig.c, rig.k
+			c := rig.c
 			st, state := rig.open(t, store.WithoutOpenSnapshot())
 			fst := &errStore{Store: st}
 			defer st.Close()
-			h := newHarness(t)
-			h.startWith(func(d *Deps) {
-				c.deps(d)
-				d.Boot, d.Store, d.State = k, fst, state
-			}, nil)
+			h := rig.start(t, fst, state)
 			for _, port := range []uint16{8080, 8081} {
 				h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, 0, 120*time.Second, 1)), pcp.Success)
 			}
@@ -161,15 +157,11 @@ func TestRewriteWarnEndsWithRewrite(t *testing.T) {
 func TestRewriteWarnNewError(t *testing.T) {
 	const tick = 125 * time.Millisecond
 	rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-0000000000a2")
-	c, k := rig.c, rig.k
+	c := rig.c
 	st, state := rig.open(t, store.WithoutOpenSnapshot())
 	fst := &errStore{Store: st}
 	defer st.Close()
-	h := newHarness(t)
-	h.startWith(func(d *Deps) {
-		c.deps(d)
-		d.Boot, d.Store, d.State = k, fst, state
-	}, nil)
+	h := rig.start(t, fst, state)
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8080, 0, 600*time.Second, 1)), pcp.Success)
 	c.step(time.Hour)
 	errRO := errors.New("store: reopen leases.db: state not writable: read-only file system")

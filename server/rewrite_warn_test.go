@@ -41,15 +41,11 @@ func TestRewriteRefusedWarnsEveryRepeat(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-000000000007")
-			c, k := rig.c, rig.k
+			c := rig.c
 			st, state := rig.open(t, store.WithoutOpenSnapshot())
 			fst := &failingStore{Store: st}
 			defer st.Close()
-			h := newHarness(t)
-			h.startWith(func(d *Deps) {
-				c.deps(d)
-				d.Boot, d.Store, d.State = k, fst, state
-			}, nil)
+			h := rig.start(t, fst, state)
 			for _, port := range []uint16{8080, 8081, 8082} {
 				h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, 0, 600*time.Second, 1)), pcp.Success)
 			}
