@@ -336,6 +336,11 @@ type report struct {
 	Prefill     *phase  `json:"prefill,omitempty"`
 	Run         *phase  `json:"run"`
 	LiveLeases  int     `json:"live_leases"` // slots this run believes live at the end
+	// LiveAtStart is the slots it believed live as the measured phase
+	// began (after the prefill): with LiveLeases, the lease count a
+	// run's figures were measured at (a growth from 0, or a steady
+	// population).
+	LiveAtStart int `json:"live_leases_at_start"`
 }
 
 // source is one simulated client: a UDP socket bound to its own address
@@ -846,6 +851,9 @@ func run(ctx context.Context, cfg config) (*report, error) {
 		rep.Prefill = ph
 	}
 
+	for _, w := range ws {
+		rep.LiveAtStart += len(w.live)
+	}
 	if cfg.OnMeasure != nil {
 		cfg.OnMeasure()
 	}

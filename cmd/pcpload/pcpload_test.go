@@ -265,6 +265,9 @@ func TestRunAgainstFloor(t *testing.T) {
 		}
 	}
 	// Leases: prefill + new - delete, as the generator tracked them.
+	if uint64(rep.LiveAtStart) != rep.Prefill.Total.Answered {
+		t.Errorf("live leases at start %d, want the %d the prefill created", rep.LiveAtStart, rep.Prefill.Total.Answered)
+	}
 	created := rep.Prefill.Total.Answered + rep.Run.Ops["new"].Answered
 	deleted := rep.Run.Ops["delete"].Sent
 	if uint64(rep.LiveLeases) != created-deleted {
