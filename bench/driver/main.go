@@ -93,7 +93,7 @@ func (o *options) want(key string) bool { return o.scenarios == nil || o.scenari
 // the same run; without --open-rate, --scenarios open80 alone used to
 // fail with "answered no new MAP").
 func (o *options) runs(key string) bool {
-	return o.want(key) || key == "new" && o.want("open80") && o.openRate <= 0
+	return o.want(key) || key == "new" && o.want("open80") && o.openRate <= 0 || o.steadyNeeds(key)
 }
 
 func main() {
@@ -133,7 +133,7 @@ func run(ctx context.Context, args []string) error {
 	fs.BoolVar(&o.scaleOnly, "scale-only", false, "pcpd: run only the lease-count figures (implies --scale)")
 	fs.BoolVar(&o.perfLoad, "perf-load", false, "profile pcpload itself in each closed-loop row: perf stat of its context switches and read, write, socket, poll and futex system calls from 0.5 to 1.5 s into the measured phase (N-<server>-<scenario>.load.stat.txt), then perf record -g -F 999 for 2 s (N-<server>-<scenario>.load.perf.data, kept); for where the client's CPU a request goes")
 	fs.BoolVar(&o.perf, "perf", false, "profile the server under test with perf(1) during each run (reports in the output directory)")
-	scenarios := fs.String("scenarios", "", "comma-separated scenarios to run (malformed,unauth,renew,renew-wt,mixed,new,open80); empty: all")
+	scenarios := fs.String("scenarios", "", "comma-separated scenarios to run (malformed,unauth,renew,renew-wt,mixed,new,open80, and the steady open-loop rows open80-renew,open80-malformed,open80-unauth,open80-churn); empty: all")
 	fs.Float64Var(&o.openRate, "open-rate", 0, "open loop at this rate instead of 80 % of the closed-loop new-MAP rate (lets open80 run alone, or at the same rate before and after a change)")
 	fs.DurationVar(&o.openPre, "open-delay", 0, "open loop: wait this long after the fresh start before measuring (0: at once, as the table figure does; the start-up announcements then overlap the run)")
 	fs.StringVar(&o.metrics, "metrics", "", "pcpd only: serve metrics on `ADDR` in the host namespace (e.g. 127.0.0.1:9400) and keep a scrape after each run (<server>-<scenario>.metrics.txt)")
@@ -223,6 +223,10 @@ func run(ctx context.Context, args []string) error {
 		case "pcpd":
 			if !o.scaleOnly {
 				err = b.open80(ctx, s, b.starter(s))
+				// The steady rows, each at 80 % of pcpd's own closed-loop
+				// rate for its kind (steady.go); their errors are noted
+				// per row.
+				b.openSteady(ctx, b.starter(s))
 			}
 			if err == nil && (o.scale || o.scaleOnly) {
 				err = b.runScale(ctx)
@@ -247,6 +251,7 @@ func run(ctx context.Context, args []string) error {
 			}
 		}
 	}
+	b.steadyFloors(ctx)
 	table := b.table()
 	fmt.Print(table)
 	js, err := json.MarshalIndent(b.tableJSON(), "", "  ")
@@ -289,6 +294,9 @@ type bench struct {
 	// pcpdOpenRate is the rate of pcpd's open80 run, at which the floor
 	// runs the open loop again (open80-at-pcpd): the same offered load.
 	pcpdOpenRate float64
+	// steadyRate is the rate of each of pcpd's steady open-loop rows
+	// (steadyRows, by key), at which the floors then run the same row.
+	steadyRate map[string]float64
 }
 
 // server is a server under test.
@@ -580,6 +588,10 @@ func (b *bench) waitServing(timeout time.Duration) (time.Duration, error) {
 type loadReport struct {
 	Prefill *loadPhase `json:"prefill"`
 	Run     *loadPhase `json:"run"`
+	// The leases pcpload believed live as the measured phase began and
+	// at its end.
+	LiveAtStart int `json:"live_leases_at_start"`
+	LiveLeases  int `json:"live_leases"`
 }
 
 type loadPhase struct {
@@ -935,8 +947,18 @@ func (b *bench) open80(ctx context.Context, name string, start func(fresh bool) 
 }
 
 // openLoop runs the open loop (mix new=100) at rate against a fresh start
-// of the server and records its latency as key-p99.
+// of the server and records its latency as key-p99: the growth row, from
+// no lease to rate × duration of them.
 func (b *bench) openLoop(ctx context.Context, name, key string, start func(fresh bool) (server, error), rate float64) error {
+	return b.openRun(ctx, name, key, start, rate, b.o.openPre,
+		[]string{"--mix", "new=100", "--port-base", "30000", "--ports", "256"})
+}
+
+// openRun runs pcpload's open loop with shape (its mix, slots, prefill)
+// at rate against a fresh start of the server, after waiting delay from
+// that start, and records its latency as key-p99, with the lease counts
+// before and after the measured phase in the note.
+func (b *bench) openRun(ctx context.Context, name, key string, start func(fresh bool) (server, error), rate float64, delay time.Duration, shape []string) error {
 	p, err := start(true)
 	if err != nil {
 		return err
@@ -946,12 +968,11 @@ func (b *bench) openLoop(ctx context.Context, name, key string, start func(fresh
 	if _, err := b.waitServing(30 * time.Second); err != nil {
 		return err
 	}
-	if d := b.o.openPre - time.Since(started); d > 0 {
+	if d := delay - time.Since(started); d > 0 {
 		time.Sleep(d)
 	}
-	args := []string{"--mix", "new=100", "--rate", fmt.Sprintf("%.0f", rate),
-		"--concurrency", strconv.Itoa(min(b.o.openInFlight, b.o.clients)), "--duration", b.dur(),
-		"--port-base", "30000", "--ports", "256"}
+	args := append([]string{"--rate", fmt.Sprintf("%.0f", rate),
+		"--concurrency", strconv.Itoa(min(b.o.openInFlight, b.o.clients)), "--duration", b.dur()}, shape...)
 	if b.o.timeline > 0 {
 		args = append(args, "--timeline", b.o.timeline.String())
 	}
@@ -965,7 +986,19 @@ func (b *bench) openLoop(ctx context.Context, name, key string, start func(fresh
 	if c := r.Run.CPU; c != nil {
 		cpu = fmt.Sprintf("; CPU a request: %s %.0f µs, pcpload %.0f µs", name, r.Run.ServerCPUUs, c.PerRequestUs)
 	}
-	b.put(name, key+"-p99", st.Latency["p99"], "µs", fmt.Sprintf("at %.0f/s; p50 %.0f µs, p99.9 %.0f µs%s%s%s", rate, st.Latency["p50"], st.Latency["p99_9"], lossSuffix(st), fromDue(r.Run), cpu))
+	leases := ""
+	if name == "pcpd" {
+		// The lease count the figure was measured at (the floors keep
+		// none): pcpload's books, and pcpd's own count after the run.
+		listed := -1
+		if _, n, err := b.timeLeases(); err == nil {
+			listed = n
+		} else {
+			b.logf("%s %s: %v", name, key, err)
+		}
+		leases = leaseNote(r, listed)
+	}
+	b.put(name, key+"-p99", st.Latency["p99"], "µs", fmt.Sprintf("at %.0f/s; p50 %.0f µs, p99.9 %.0f µs%s%s%s%s", rate, st.Latency["p50"], st.Latency["p99_9"], lossSuffix(st), leases, fromDue(r.Run), cpu))
 	if name == "pcpd" && key == "open80" {
 		b.pcpdOpenRate = rate
 	}

@@ -30,6 +30,13 @@ var rows = []row{
 	{label: "new MAP p99, closed loop", key: "new-p99"},
 	{label: "new MAP p99, open loop at 80 % of own max", key: "open80-p99", maxAbs: 5000, target: "< 5 ms"},
 	{label: "new MAP p99, open loop at pcpd's open-loop rate (the floor: what the bed adds at pcpd's load)", key: "open80-at-pcpd-p99"},
+	// The steady rows (steady.go): each at 80 % of pcpd's closed-loop
+	// rate for its own kind, the floors at pcpd's rate.
+	{label: "churn, new MAP 50 / delete 50 at a constant lease count, closed loop", key: churnKind},
+	{label: "renewal p99, open loop at 80 % of own renewal max, steady lease count (floors at pcpd's rate)", key: "open80-renew-p99", maxAbs: 5000, target: "< 5 ms"},
+	{label: "malformed p99, open loop at 80 % of own malformed max (floors at pcpd's rate)", key: "open80-malformed-p99", maxAbs: 5000, target: "< 5 ms"},
+	{label: "unauthorised p99, open loop at 80 % of own unauthorised max (floors at pcpd's rate)", key: "open80-unauth-p99", maxAbs: 5000, target: "< 5 ms"},
+	{label: "churn p99 (new MAP 50 / delete 50), open loop at 80 % of own churn max, constant lease count (floors at pcpd's rate)", key: "open80-churn-p99", maxAbs: 5000, target: "< 5 ms"},
 	{label: "new MAP while growing 0 → 100 000 leases", key: "grow100k", floorKey: "new", minFloor: 0.30, target: "≥ 30 % of floor"},
 	{label: "wait after the growth for its fold (the rows below run settled, errors first)", key: "settle100k"},
 	{label: "new MAP, 100 000 live leases", key: "new100k", floorKey: "new", minFloor: 0.30, target: "≥ 30 % of floor"},
