@@ -998,7 +998,7 @@ func (b *bench) openRun(ctx context.Context, name, key string, start func(fresh 
 		}
 		leases = leaseNote(r, listed)
 	}
-	b.put(name, key+"-p99", st.Latency["p99"], "µs", fmt.Sprintf("at %.0f/s; p50 %.0f µs, p99.9 %.0f µs%s%s%s%s", rate, st.Latency["p50"], st.Latency["p99_9"], lossSuffix(st), leases, fromDue(r.Run), cpu))
+	b.put(name, key+"-p99", st.Latency["p99"], "µs", fmt.Sprintf("at %.0f/s; p50 %.0f µs, p99.9 %.0f µs%s%s%s%s%s", rate, st.Latency["p50"], st.Latency["p99_9"], lossSuffix(st), leases, opsNote(r.Run), fromDue(r.Run), cpu))
 	if name == "pcpd" && key == "open80" {
 		b.pcpdOpenRate = rate
 	}

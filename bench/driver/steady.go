@@ -201,6 +201,22 @@ func leaseNote(r *loadReport, listed int) string {
 	return n
 }
 
+// opsNote is each kind's p99 when a run mixed several (the churn row:
+// a delete's reply waits for its conntrack walk, PMP-12, a new MAP's
+// does not), in pcpload's order of kinds.
+func opsNote(p *loadPhase) string {
+	if len(p.Ops) < 2 {
+		return ""
+	}
+	var n []string
+	for _, k := range []string{"new", "renew", "delete", "malformed", "unauth"} {
+		if o, ok := p.Ops[k]; ok {
+			n = append(n, fmt.Sprintf("%s p99 %.0f µs", k, o.Latency["p99"]))
+		}
+	}
+	return "; " + strings.Join(n, ", ")
+}
+
 func joinNote(a, b string) string {
 	if a == "" {
 		return b

@@ -190,3 +190,22 @@ func TestTableSteadyRows(t *testing.T) {
 		t.Errorf("rows without a figure shown:\n%s", md)
 	}
 }
+
+// TestOpsNote: a run of several kinds notes each kind's p99 (the churn
+// row's new MAPs and deletes differ by a conntrack walk); a run of one
+// kind notes nothing more.
+func TestOpsNote(t *testing.T) {
+	p99 := func(v float64) loadStats { return loadStats{Latency: map[string]float64{"p99": v}} }
+	for _, c := range []struct {
+		ops  map[string]loadStats
+		want string
+	}{
+		{map[string]loadStats{"delete": p99(41000), "new": p99(2100)}, "; new p99 2100 µs, delete p99 41000 µs"},
+		{map[string]loadStats{"renew": p99(900)}, ""},
+		{nil, ""},
+	} {
+		if got := opsNote(&loadPhase{Ops: c.ops}); got != c.want {
+			t.Errorf("opsNote(%v) = %q, want %q", c.ops, got, c.want)
+		}
+	}
+}
