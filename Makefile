@@ -16,7 +16,7 @@ test:
 	$(GO) test ./...
 
 # End-to-end benchmark: both floors, pcpd and miniupnpd under the same pcpload
-# scenarios in a throwaway lab (needs root; about 13 minutes: the closed loops
+# scenarios in a throwaway lab (needs root; about 14-15 minutes: the closed loops
 # run in 5 rounds, --rounds). Reproduces the
 # table in BENCHMARKS.md "End to end (pcpload)". BENCH_ARGS go to the driver.
 bench:
