@@ -143,8 +143,8 @@ func flagNames(c *cobra.Command) []string {
 
 // readmeOtherFlags are the flags README.md names that flagNames leaves
 // out (cobra's --help) or that belong to other programs (systemctl enable
-// --now, pcpload floor --batch).
-var readmeOtherFlags = map[string]bool{"help": true, "now": true, "batch": true}
+// --now, pcpload floor --batch, the bench driver's --rounds).
+var readmeOtherFlags = map[string]bool{"help": true, "now": true, "batch": true, "rounds": true}
 
 // Every --flag README.md names is a flag of some pcpd command (or of
 // another program it shows, readmeOtherFlags), and every metric it names
