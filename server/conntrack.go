@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
@@ -765,13 +766,7 @@ func (k keepLive) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 // PREFIX dev lo") is not looked for: such flows are flushed, as before.
 // Nil if the kernel cannot tell: nothing is spared then.
 func (s *Server) hostAddrs() hostAddrs {
-	var h *netlink.Handle
-	var err error
-	if nsSet(s.cfg.NetNS) {
-		h, err = netlink.NewHandleAt(s.cfg.NetNS)
-	} else {
-		h, err = netlink.NewHandle()
-	}
+	h, err := routeHandle(s.cfg.NetNS)
 	if err != nil {
 		s.log.Debug("conntrack flush: host addresses", zap.Error(err))
 		return nil
@@ -846,6 +841,21 @@ func (k keepHost) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 	}
 	src, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
 	return !k.host.has(src)
+}
+
+// routeHandle opens a netlink handle in ns (the caller's namespace if
+// unset) with a route socket only. netlink.NewHandle without families
+// opens every family it supports, a NETLINK_NETFILTER socket among them,
+// and closing that one makes the kernel take the namespace's nftables
+// commit lock and wait out an RCU grace period under it (nf_tables'
+// NETLINK_URELEASE handler): hostAddrs, once a conntrack walk, spent
+// 11.8 ms of a 37.4 ms walk in that close, and the engine's nftables
+// transactions waited behind it (BENCHMARKS.md item 41).
+func routeHandle(ns netns.NsHandle) (*netlink.Handle, error) {
+	if nsSet(ns) {
+		return netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	}
+	return netlink.NewHandle(unix.NETLINK_ROUTE)
 }
 
 // walkConntrackGeneric is the walk for kernels without CTA_FILTER: one
