@@ -32,6 +32,26 @@ func (f *clientFlags) add(cmd *cobra.Command) {
 	cmd.MarkFlagRequired("server")
 }
 
+// exchange sends req (retransmitting as RFC 6887 §8.1.1 says) until an
+// answer or --timeout, prints the answer, and fails the command when it
+// is not SUCCESS. verb names the command in errors.
+func (f *clientFlags) exchange(cmd *cobra.Command, c *pcp.Client, req *pcp.Request, verb string) error {
+	ctx, cancel := context.WithTimeout(cmd.Context(), f.timeout)
+	defer cancel()
+	var resp pcp.Response
+	if err := c.Do(ctx, req, &resp); err != nil {
+		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, pcp.ErrNoResponse) {
+			err = fmt.Errorf("no answer from %s within %v", c.Server, f.timeout)
+		}
+		return failure(fmt.Errorf("%s: %w", verb, err))
+	}
+	printResponse(cmd.OutOrStdout(), req, &resp)
+	if resp.Result != pcp.Success {
+		return silent(exitFailure)
+	}
+	return nil
+}
+
 // dial opens the UDP socket a request goes out on: bound to --client-ip if
 // given, else to the source address the kernel's route to the server picks
 // (so the PCP Client IP field matches the packet's source, RFC 6887 §8.1).
@@ -178,20 +198,7 @@ Exits 0 on SUCCESS, 1 on any other result or when the server does not answer.`,
 				req.Options.Description = []byte(description)
 				req.Options.HasDescription = true
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), cf.timeout)
-			defer cancel()
-			var resp pcp.Response
-			if err := c.Do(ctx, req, &resp); err != nil {
-				if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, pcp.ErrNoResponse) {
-					err = fmt.Errorf("no answer from %s within %v", c.Server, cf.timeout)
-				}
-				return failure(fmt.Errorf("map: %w", err))
-			}
-			printResponse(cmd.OutOrStdout(), req, &resp)
-			if resp.Result != pcp.Success {
-				return silent(exitFailure)
-			}
-			return nil
+			return cf.exchange(cmd, c, req, "map")
 		},
 	}
 	cf.add(cmd)
@@ -295,20 +302,7 @@ Exits 0 on SUCCESS, 1 on any other result or when the server does not answer.`,
 			}
 			defer c.Conn.Close()
 			req := pcp.NewAnnounce(local)
-			ctx, cancel := context.WithTimeout(cmd.Context(), cf.timeout)
-			defer cancel()
-			var resp pcp.Response
-			if err := c.Do(ctx, req, &resp); err != nil {
-				if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, pcp.ErrNoResponse) {
-					err = fmt.Errorf("no answer from %s within %v", c.Server, cf.timeout)
-				}
-				return failure(fmt.Errorf("announce: %w", err))
-			}
-			printResponse(cmd.OutOrStdout(), req, &resp)
-			if resp.Result != pcp.Success {
-				return silent(exitFailure)
-			}
-			return nil
+			return cf.exchange(cmd, c, req, "announce")
 		},
 	}
 	cf.add(cmd)
