@@ -126,23 +126,20 @@ func appendQuarValue(b, key []byte, q *Quarantine) []byte {
 }
 
 func appendQuarDelEntry(b []byte, e *Endpoint) []byte {
-	b = append(b, entryQDel, 0, 0)
-	ks := len(b)
+	b, ks := beginField(append(b, entryQDel))
 	b = appendQuarKey(b, e)
-	binary.BigEndian.PutUint16(b[ks-2:], uint16(len(b)-ks))
+	endField(b, ks)
 	return b
 }
 
 func appendQuarPutEntry(b []byte, q *Quarantine) []byte {
-	b = append(b, entryQPut, 0, 0)
-	ks := len(b)
+	b, ks := beginField(append(b, entryQPut))
 	b = appendQuarKey(b, &q.Endpoint)
 	ke := len(b)
-	binary.BigEndian.PutUint16(b[ks-2:], uint16(ke-ks))
-	b = append(b, 0, 0)
-	vs := len(b)
+	endField(b, ks)
+	b, vs := beginField(b)
 	b = appendQuarValue(b, b[ks:ke], q)
-	binary.BigEndian.PutUint16(b[vs-2:], uint16(len(b)-vs))
+	endField(b, vs)
 	return b
 }
 

@@ -220,26 +220,36 @@ func walkEntries(p []byte, fn func(op byte, key, val []byte) error) error {
 // appendDelEntry / appendPutEntry encode one change. The lease must have
 // passed validate, so lengths fit their fields.
 func appendDelEntry(b []byte, k *Key) []byte {
-	b = append(b, entryDel, 0, 0)
-	ks := len(b)
+	b, ks := beginField(append(b, entryDel))
 	b = appendKey(b, k)
-	binary.BigEndian.PutUint16(b[ks-2:], uint16(len(b)-ks))
+	endField(b, ks)
 	return b
 }
 
 func appendPutEntry(b []byte, l *Lease) []byte {
-	b = append(b, entryPut, 0, 0)
-	ks := len(b)
+	b, ks := beginField(append(b, entryPut))
 	b = appendKey(b, &l.Key)
 	ke := len(b)
-	binary.BigEndian.PutUint16(b[ks-2:], uint16(ke-ks))
-	b = append(b, 0, 0)
-	vs := len(b)
+	endField(b, ks)
+	b, vs := beginField(b)
 	// key aliases b; if this append moves b, key still reads the old copy,
 	// which holds the same octets.
 	b = appendValue(b, b[ks:ke], l)
-	binary.BigEndian.PutUint16(b[vs-2:], uint16(len(b)-vs))
+	endField(b, vs)
 	return b
+}
+
+// beginField appends a field's 2-octet length, to be filled in by
+// endField, and returns where the field's octets start.
+func beginField(b []byte) ([]byte, int) {
+	b = append(b, 0, 0)
+	return b, len(b)
+}
+
+// endField writes the length of the field that began at start (its
+// beginField) and ends at len(b).
+func endField(b []byte, start int) {
+	binary.BigEndian.PutUint16(b[start-2:], uint16(len(b)-start))
 }
 
 type segHeader struct {
