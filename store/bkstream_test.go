@@ -10,10 +10,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pcpd/pcpd/internal/tmpfs"
 	bolt "go.etcd.io/bbolt"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/pcpd/pcpd/internal/tmpfs"
 )
 
 // streamOneAtATime collects what st.Stream hands out, as streamAll, and
@@ -258,17 +259,7 @@ func TestStreamSkipsQuarantines(t *testing.T) {
 // "backup unusable (… no space left on device)" and the next Open, with
 // no state file and no copy, started with no leases.
 func TestBackupKeptOnFullDisk(t *testing.T) {
-	dir := tmpfs.Mount(t, "8m")
-	s, _ := openT(t, dir, WithoutOpenSnapshot())
-	if err := s.Commit(leasesN(0, 3000), nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Snapshot(); err != nil {
-		t.Fatal(err)
-	}
-	s.Close()
-	writeFile(t, filepath.Join(dir, DBName), []byte("not a bbolt file, long enough to be looked at"))
-	tmpfs.Fill(t, dir, "fill")
+	dir := fullDiskWithBackupOnly(t)
 	if s, _, err := Open(dir, testLog(t), WithLeasesLater()); err == nil {
 		s.Close()
 		t.Fatal("Open restored the backup on a full disk: nothing to test")
@@ -284,4 +275,23 @@ func TestBackupKeptOnFullDisk(t *testing.T) {
 		t.Fatalf("with space back: Recovered = %q, want the backup's 3000 leases", st.Recovered)
 	}
 	wantLeases(t, streamOneAtATime(t, st), leasesN(0, 3000))
+}
+
+// fullDiskWithBackupOnly leaves a state directory on a full 8 MiB tmpfs
+// whose state file is garbage and whose backup copy holds 3 000 leases:
+// restoring the copy needs space there is not.
+func fullDiskWithBackupOnly(t *testing.T) string {
+	t.Helper()
+	dir := tmpfs.Mount(t, "8m")
+	s, _ := openT(t, dir, WithoutOpenSnapshot())
+	if err := s.Commit(leasesN(0, 3000), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	writeFile(t, filepath.Join(dir, DBName), []byte("not a bbolt file, long enough to be looked at"))
+	tmpfs.Fill(t, dir, "fill")
+	return dir
 }

@@ -9,8 +9,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/pcpd/pcpd/internal/tmpfs"
 )
 
 // otherStateFile writes a clean state file holding leases 300-319 (none
@@ -137,17 +135,7 @@ func TestIsEnvErrFullDisk(t *testing.T) {
 // leases.db.tmp behind and never starts empty; the error says the copy is
 // kept. With space back the copy's leases come back.
 func TestBackupKeptOnFullDiskRepeated(t *testing.T) {
-	dir := tmpfs.Mount(t, "8m")
-	s, _ := openT(t, dir, WithoutOpenSnapshot())
-	if err := s.Commit(leasesN(0, 3000), nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Snapshot(); err != nil {
-		t.Fatal(err)
-	}
-	s.Close()
-	writeFile(t, filepath.Join(dir, DBName), []byte("not a bbolt file, long enough to be looked at"))
-	tmpfs.Fill(t, dir, "fill")
+	dir := fullDiskWithBackupOnly(t)
 	for i := range 3 {
 		s, st, err := Open(dir, testLog(t), WithLeasesLater())
 		if err == nil {
