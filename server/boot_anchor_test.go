@@ -257,20 +257,7 @@ func TestBootClockOneMeasurement(t *testing.T) {
 	}
 	b.unreadable.Store(true)
 	h.startWith(deps, nil)
-	if st := h.s.Status(); !st.Restarted || st.Epoch != before+10 {
-		t.Errorf("epoch after the restart %d (continued %v), want %d", st.Epoch, st.Restarted, before+10)
-	}
-	want := lifetime - 110*time.Second
-	for _, l := range h.s.Leases() {
-		if got := l.Expires.Sub(c.Now()); got != want {
-			t.Errorf("lease has %v left after the restart, want %v", got, want)
-		}
-	}
-	for p, got := range h.fw.Holes() {
-		if got != want {
-			t.Errorf("pinhole %v re-installed with %v, want %v", p, got, want)
-		}
-	}
+	checkContinued(t, h, c, before+10, lifetime-110*time.Second)
 }
 
 // TestBootClockAnchorRetry: a Save that failed at the start (the boot id
@@ -295,18 +282,24 @@ func TestBootClockAnchorRetry(t *testing.T) {
 	c.advance(10 * time.Second)
 	c.step(-time.Hour)
 	h.startWith(deps, nil)
-	if st := h.s.Status(); !st.Restarted || st.Epoch != before+10 {
-		t.Errorf("epoch after the restart %d (continued %v), want %d", st.Epoch, st.Restarted, before+10)
+	checkContinued(t, h, c, before+10, lifetime-110*time.Second)
+}
+
+// checkContinued checks a restart that continued: the epoch went on to
+// epoch, and every lease and its pinholes have left what they had.
+func checkContinued(t *testing.T, h *harness, c *stepClocks, epoch pcp.Epoch, left time.Duration) {
+	t.Helper()
+	if st := h.s.Status(); !st.Restarted || st.Epoch != epoch {
+		t.Errorf("epoch after the restart %d (continued %v), want %d", st.Epoch, st.Restarted, epoch)
 	}
-	want := lifetime - 110*time.Second
 	for _, l := range h.s.Leases() {
-		if got := l.Expires.Sub(c.Now()); got != want {
-			t.Errorf("lease has %v left after the restart, want %v", got, want)
+		if got := l.Expires.Sub(c.Now()); got != left {
+			t.Errorf("lease has %v left after the restart, want %v", got, left)
 		}
 	}
 	for p, got := range h.fw.Holes() {
-		if got != want {
-			t.Errorf("pinhole %v re-installed with %v, want %v", p, got, want)
+		if got != left {
+			t.Errorf("pinhole %v re-installed with %v, want %v", p, got, left)
 		}
 	}
 }
