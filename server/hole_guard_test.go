@@ -75,6 +75,13 @@ func (l *lab) serveSecondWG(t *testing.T, port int) string {
 // the ownership re-read every refresh.
 func (l *lab) serveSecondWGAs(t *testing.T, tag string, port int, refresh time.Duration) string {
 	t.Helper()
+	return l.serveSecondWGWith(t, tag, port, refresh, nil)
+}
+
+// serveSecondWGWith is serveSecondWGAs with peers configured on the new
+// interface and opts given to its WireGuard ownership.
+func (l *lab) serveSecondWGWith(t *testing.T, tag string, port int, refresh time.Duration, peers []wgtypes.PeerConfig, opts ...policy.WireGuardOption) string {
+	t.Helper()
 	second := netlab.UniqueIfName(tag)
 	cmd, err := netlab.DefaultWGCommand()
 	if err != nil {
@@ -84,12 +91,12 @@ func (l *lab) serveSecondWGAs(t *testing.T, tag string, port int, refresh time.D
 		t.Fatal(err)
 	}
 	key, _ := wgtypes.GeneratePrivateKey()
-	if err := l.wgc.ConfigureDevice(second, wgtypes.Config{PrivateKey: &key, ListenPort: &port}); err != nil {
+	if err := l.wgc.ConfigureDevice(second, wgtypes.Config{PrivateKey: &key, ListenPort: &port, Peers: peers}); err != nil {
 		t.Fatal(err)
 	}
 	l.topo.Host.MustRun(t, "ip", "link", "set", second, "up")
 	l.stop()
-	wg, err := policy.NewWireGuard(l.wgc, []string{l.topo.HostLANIf, second}, refresh, l.log.Named("wg2"))
+	wg, err := policy.NewWireGuard(l.wgc, []string{l.topo.HostLANIf, second}, refresh, l.log.Named("wg2"), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -32,38 +31,11 @@ import (
 // expires.
 func TestE2EThirdPartyDeleteWhileHeld(t *testing.T) {
 	l := newLab(t)
-	second := netlab.UniqueIfName("rv3h")
-	cmd, err := netlab.DefaultWGCommand()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := netlab.StartWireGuardDevice(l.topo.Host, second, cmd); err != nil {
-		t.Fatal(err)
-	}
-	key, _ := wgtypes.GeneratePrivateKey()
-	port := 51893
 	pfx := netip.MustParsePrefix("2001:db8:77::/48")
-	if err := l.wgc.ConfigureDevice(second, wgtypes.Config{PrivateKey: &key, ListenPort: &port, Peers: []wgtypes.PeerConfig{{
+	second := l.serveSecondWGWith(t, "rv3h", 51893, 200*time.Millisecond, []wgtypes.PeerConfig{{
 		PublicKey:  l.topo.ClientKey.PublicKey(),
 		AllowedIPs: []net.IPNet{{IP: pfx.Addr().AsSlice(), Mask: net.CIDRMask(pfx.Bits(), 128)}},
-	}}}); err != nil {
-		t.Fatal(err)
-	}
-	l.topo.Host.MustRun(t, "ip", "link", "set", second, "up")
-	l.stop()
-	wg, err := policy.NewWireGuard(l.wgc, []string{l.topo.HostLANIf, second}, 200*time.Millisecond, l.log.Named("wg2"), policy.WithGoneGrace(time.Hour))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	go wg.Run(ctx)
-	l.wg = wg
-	if l.pol, err = policy.New(policy.Config{}, wg); err != nil {
-		t.Fatal(err)
-	}
-	l.cfg.Interfaces = []string{l.topo.HostLANIf, second}
-	l.start()
+	}}, policy.WithGoneGrace(time.Hour))
 
 	c := l.topo.ClientV6
 	target := netip.MustParseAddr("2001:db8:77::5")
@@ -103,7 +75,7 @@ func TestE2EThirdPartyDeleteWhileHeld(t *testing.T) {
 		if _, r := l.pol.Authorize(held); r != policy.NotOwned {
 			return fmt.Errorf("THIRD_PARTY %v: %v, want not-owned once %s is held", target, r, second)
 		}
-		if _, ok := wg.Lookup(target); !ok {
+		if _, ok := l.wg.Lookup(target); !ok {
 			return errors.New("the held prefix owns nothing in Lookup: not held but gone")
 		}
 		return nil
