@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 )
 
@@ -146,6 +147,9 @@ type tableRow struct {
 	// in MetFloor), with miniupnpd's and the absolute bound.
 	Met      *bool  `json:"met,omitempty"`
 	MetFloor string `json:"met_floor,omitempty"`
+	// minFloor is the row's floor target (0: none): a ratio is shown
+	// with a decimal where whole percent would round it across it.
+	minFloor float64
 }
 
 type figureJSON struct {
@@ -170,7 +174,7 @@ func (b *bench) tableRows() []tableRow {
 		if !b.measured(r.key) {
 			continue
 		}
-		t := tableRow{Label: r.label, Key: r.key, FloorKey: r.floorKey, Target: r.target, Values: map[string]figureJSON{}}
+		t := tableRow{Label: r.label, Key: r.key, FloorKey: r.floorKey, Target: r.target, Values: map[string]figureJSON{}, minFloor: r.minFloor}
 		for _, srv := range []string{batchedFloor, bareFloor, "pcpd", "miniupnpd"} {
 			if f := b.get(srv, r.key); f != nil {
 				t.Values[srv] = figureJSON{Value: f.value, Unit: f.unit, Note: f.note}
@@ -266,7 +270,7 @@ func markdown(rows []tableRow) string {
 			if q == nil {
 				return ""
 			}
-			return fmt.Sprintf("%.0f %%", 100**q)
+			return pctOf(*q, t.minFloor) + " %"
 		}
 		// A row measured in rounds: the median, then each round's ratio.
 		roundsPct := func(q *float64, each func(roundJSON) *float64) string {
@@ -277,7 +281,7 @@ func markdown(rows []tableRow) string {
 			var r []string
 			for _, rj := range t.Rounds {
 				if e := each(rj); e != nil {
-					r = append(r, fmt.Sprintf("%.0f", 100**e))
+					r = append(r, pctOf(*e, t.minFloor))
 				} else {
 					r = append(r, "–")
 				}
@@ -310,6 +314,22 @@ func markdown(rows []tableRow) string {
 			times, t.Target, metCell)
 	}
 	return sb.String()
+}
+
+// pctOf writes ratio q in whole percent, or with one decimal where whole
+// percent would put it on the other side of target min (0: none), with as
+// many as it takes (up to 3): 0.798 against 80 % is "79.8", 0.2996 against
+// 30 % "29.96", never an "80" or "30.0" beside a miss.
+func pctOf(q, min float64) string {
+	var s string
+	for prec := 0; prec <= 3; prec++ {
+		s = strconv.FormatFloat(100*q, 'f', prec, 64)
+		shown, _ := strconv.ParseFloat(s, 64)
+		if min <= 0 || (q >= min) == (shown/100 >= min) {
+			break
+		}
+	}
+	return s
 }
 
 func (b *bench) table() string {

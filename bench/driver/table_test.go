@@ -43,6 +43,15 @@ func TestTableRatiosBothFloors(t *testing.T) {
 			"| new MAP p99, open loop at 80 % of own max | 25.30 ms | 30.00 ms | 15.66 ms | – |  |  |  | < 5 ms | **no** |"},
 		{"renewal: pcpd only, no floor ran it", both, "renew",
 			"| renewal, closed loop | – | – | 40000 /s | – |  |  |  | ≥ 50 % of floor |  |"},
+		{"a miss that whole percent would round up to the target: one decimal",
+			results{bareFloor: {"malformed": rate(100000)}, batchedFloor: {"malformed": rate(100000)}, "pcpd": {"malformed": rate(79800)}}, "malformed",
+			"| malformed, closed loop | 100000 /s | 100000 /s | 79800 /s | – | 79.8 % | 79.8 % |  | ≥ 80 % of floor | **no** (batched floor: **no**) |"},
+		{"a miss one decimal would still round up: two",
+			results{bareFloor: {"new": rate(100000)}, "pcpd": {"new": rate(29960)}}, "new",
+			"| new MAP, closed loop | – | 100000 /s | 29960 /s | – | 29.96 % |  |  | ≥ 30 % of floor, ≥ 100× miniupnpd | **no** |"},
+		{"a pass at the target: whole percent",
+			results{bareFloor: {"new": rate(100000)}, "pcpd": {"new": rate(30000)}}, "new",
+			"| new MAP, closed loop | – | 100000 /s | 30000 /s | – | 30 % |  |  | ≥ 30 % of floor, ≥ 100× miniupnpd | yes |"},
 		{"no row without a figure", both, "unauth", ""},
 		// --scale=false: the floors' malformed figure does not make a row
 		// of a 100 000-lease run that never ran.
