@@ -22,11 +22,12 @@ const repeatEvery = 30 * time.Second
 // failure lasts: the first failure's at once, then at most one every
 // repeatEvery, with the number of failures not logged since the last
 // line ("repeats") and how long the failure has lasted; end logs the
-// recovery. Not zap's sampler (Server.plog's): it counts its window on
-// the entry's wall-clock time, so a step back (the very event that starts
-// the rewrite; a second one while the store still fails) silenced the
-// warning for as long as the step, and it neither reports what it dropped
-// nor knows when the failure ends. Times here are the steady clock's
+// recovery. Not zap's sampler: it neither reports what it dropped nor
+// knows when the failure ends, and it counts its window on the entry's
+// wall-clock time, so a step back (the very event that starts the
+// rewrite; a second one while the store still fails) silenced the warning
+// for as long as the step (Server.plog's sampler is timed on the steady
+// clock for that reason: packetLogger). Times here are the steady clock's
 // (Server.steady), which no step moves. Its user serialises calls (s.mu).
 //
 // A failure whose message and error differ from every one logged in the

@@ -21,7 +21,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
@@ -193,18 +192,15 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	}
 	log = log.Named("server")
 	s := &Server{
-		cfg:    cfg,
-		fw:     deps.Firewall,
-		st:     deps.Store,
-		pol:    deps.Policy,
-		log:    log,
-		now:    deps.Now,
-		clk:    clk,
-		steady: deps.Now,
-		deps:   deps,
-		plog: log.WithOptions(zap.WrapCore(func(c zapcore.Core) zapcore.Core {
-			return zapcore.NewSamplerWithOptions(c, time.Second, 20, 1000)
-		})),
+		cfg:          cfg,
+		fw:           deps.Firewall,
+		st:           deps.Store,
+		pol:          deps.Policy,
+		log:          log,
+		now:          deps.Now,
+		clk:          clk,
+		steady:       deps.Now,
+		deps:         deps,
 		rl:           policy.NewRateLimiter(cfg.RateLimit, cfg.RateBurst, cfg.RateSources, policy.WithIPv6Prefix(cfg.RatePrefix6)),
 		orl:          policy.NewOwnerRateLimiter(ownerRateFactor*cfg.RateLimit, cfg.OwnerBurst, cfg.RateSources),
 		tab:          newTable(),
@@ -223,6 +219,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	if clk != nil {
 		s.steady = clk.steady
 	}
+	s.plog = packetLogger(log, s.steady, time.Now)
 	s.hostPorts.s = s
 	s.ct.walk = s.walkConntrack
 	s.ct.prune = s.pruneLive
