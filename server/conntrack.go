@@ -613,12 +613,15 @@ func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, erro
 	if nsSet(s.cfg.NetNS) {
 		fd = int(s.cfg.NetNS)
 	}
-	d, err := dialConntrack(fd)
+	// The socket kept from the last walk while serving (ctSocket); a
+	// new deleter around it every walk: nothing else of the last walk's
+	// (what it spared, the host's addresses then) carries over.
+	c, err := s.ctSock.take(fd)
 	if err != nil {
 		s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))
 		return s.walkConntrackGeneric(fs, admits)
 	}
-	d.admits, d.fault, d.spare, d.host = admits, s.ctDumpFault, s.spareWild, s.hostAddrs()
+	d := &ctDeleter{c: c, admits: admits, fault: s.ctDumpFault, spare: s.spareWild, host: s.hostAddrs()}
 	// One dump per family, protocol and direction (each walks the
 	// whole table), over its run of fs sorted, duplicates out: maps
 	// of the keys took ≈ 400 MB at a start dropping 1 000 000
@@ -639,7 +642,7 @@ func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, erro
 		if err != nil {
 			s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))
 			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP) {
-				d.close()
+				s.ctSock.put(c, false)
 				return s.walkConntrackGeneric(fs, admits)
 			}
 			// Anything else (EINTR, EBUSY, ENOBUFS, ENOMEM, an
@@ -650,7 +653,9 @@ func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, erro
 		}
 		i = j
 	}
-	d.close()
+	// Kept for the next walk only if every exchange on it succeeded
+	// (ctSocket: a failed one may have left answers queued).
+	s.ctSock.put(c, len(errs) == 0 && !d.overflowed)
 	s.m.ctWalks.Inc()
 	if n > 0 {
 		s.log.Info("ended connections of removed mappings", zap.Int("flows", n))

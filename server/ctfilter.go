@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/mdlayher/netlink"
@@ -88,12 +89,26 @@ type ctDeleter struct {
 	// original source is one of its addresses: Server.hostAddrs; nil:
 	// none spared).
 	host hostAddrs
+	// overflowed: the kernel dropped answers (ENOBUFS) on c. deleteAll
+	// recovered, but c is not used for another walk (ctSocket).
+	overflowed bool
 }
 
 // ctFault sees a conntrack dump's result and may change it (tests).
 type ctFault func(msgs []netlink.Message, err error) ([]netlink.Message, error)
 
 func dialConntrack(nsFd int) (*ctDeleter, error) {
+	c, err := dialCtConn(nsFd)
+	if err != nil {
+		return nil, err
+	}
+	return &ctDeleter{c: c}, nil
+}
+
+// dialCtConn opens a ctnetlink socket in the namespace nsFd (0: the
+// caller's), subscribed to no multicast group: the kernel sends it only
+// the answers to what is sent on it.
+func dialCtConn(nsFd int) (*netlink.Conn, error) {
 	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: nsFd})
 	if err != nil {
 		return nil, fmt.Errorf("server: conntrack netlink: %w", err)
@@ -103,7 +118,97 @@ func dialConntrack(nsFd int) (*ctDeleter, error) {
 	// 256 fit. Best effort: deleteAll recovers from an overflow anyway.
 	c.SetOption(netlink.CapAcknowledge, true)
 	c.SetReadBuffer(ctReadBuffer)
-	return &ctDeleter{c: c}, nil
+	return c, nil
+}
+
+// ctSocket keeps the conntrack walk's ctnetlink socket from one walk to
+// the next while the server serves (Serve: open, then close as it
+// returns). Closing any NETLINK_NETFILTER socket makes nf_tables take the
+// namespace's commit mutex and wait out an RCU grace period
+// (nft_rcv_nl_event): a close per walk took 16 ms of a 37 ms walk and
+// held the engine's nftables transactions meanwhile (4.7 ms a batch
+// instead of 0.08; BENCHMARKS.md item 41).
+//
+// A walk takes the socket (take) and hands it back (put) saying whether
+// it may serve another. It may not after any failed exchange (a dump that
+// failed, was cut short or marked interrupted, a delete that failed, a
+// read error or deadline, an injected fault) nor after an overflow
+// (ENOBUFS): it is closed then, and the next walk dials a new one. That
+// is what keeps a walk from reading what an earlier one left: the socket
+// joins no multicast group, so nothing unsolicited is queued on it; a
+// walk that succeeded read every exchange to its end (the dump's
+// NLMSG_DONE, the acknowledged NOOP closing each chunk of deletes, sent
+// after them: the kernel answers a sendmsg's messages in order, before the
+// call returns), so its queue is empty; only a failed one may leave
+// answers queued. Sequence numbers alone would not do: mdlayher/netlink
+// numbers each message (Conn.nextSequence) and Execute checks every reply
+// against its request (Validate: sequence and port id), but it fails the
+// exchange on a stale reply rather than skipping it (the answer then
+// stays queued for the next exchange, which fails too), it returns a
+// stale NLMSG_ERROR as the error before checking its sequence, and
+// deleteAll's Receive checks none but the NOOP's. So a socket that saw a
+// failure is never used again.
+//
+// Walks run one at a time (ctFlusher.run, one goroutine); should two
+// ever overlap, the second dials its own socket and the one handed back
+// second is closed. Outside Serve (Start's walks, a flush queued after
+// Serve returned) each walk dials and closes its own, as before, so the
+// socket lives no longer than Serve whatever the caller does.
+type ctSocket struct {
+	mu      sync.Mutex
+	c       *netlink.Conn // idle between walks (nil: none)
+	serving bool          // between open and close: a socket handed back is kept
+	// dialed, if set, is told of every socket dialled (tests).
+	dialed func(*netlink.Conn)
+}
+
+// open lets the sockets handed back from now on be kept.
+func (k *ctSocket) open() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.serving = true
+}
+
+// close closes the kept socket and keeps none from now on: a walk in
+// flight closes its own as it hands it back.
+func (k *ctSocket) close() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.serving = false
+	if k.c != nil {
+		k.c.Close()
+		k.c = nil
+	}
+}
+
+// take returns the kept socket, or a new one dialled in the namespace
+// nsFd; the caller hands it back with put.
+func (k *ctSocket) take(nsFd int) (*netlink.Conn, error) {
+	k.mu.Lock()
+	c, dialed := k.c, k.dialed
+	k.c = nil
+	k.mu.Unlock()
+	if c != nil {
+		return c, nil
+	}
+	c, err := dialCtConn(nsFd)
+	if err == nil && dialed != nil {
+		dialed(c)
+	}
+	return c, err
+}
+
+// put hands back a socket take returned: kept for the next walk if ok
+// (every exchange on it succeeded and read to its end) and the server
+// serves, closed otherwise.
+func (k *ctSocket) put(c *netlink.Conn, ok bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !ok || !k.serving || k.c != nil {
+		c.Close()
+		return
+	}
+	k.c = c
 }
 
 // ctReadBuffer is the conntrack socket's receive buffer: 256 failed
@@ -368,6 +473,7 @@ func (d *ctDeleter) deleteAll(dels []netlink.Message) (int, error) {
 				// till the deadline, and the chunks after were never
 				// sent (TestCtDeleteAll): ask for another and wait
 				// for it instead.
+				d.overflowed = true
 				seq, err := d.resync()
 				if err != nil {
 					return n, errors.Join(append(errs, fmt.Errorf("server: conntrack delete: %w", err))...)

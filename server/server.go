@@ -140,6 +140,9 @@ type Server struct {
 	in  chan packet
 	lis *listener
 	ct  ctFlusher
+	// ctSock is the conntrack walk's socket, kept from walk to walk
+	// while Serve runs (ctSocket).
+	ctSock ctSocket
 	// ctDumpFault, if set, sees every conntrack dump's result and may
 	// change it (tests: faults injected at the dump, the flows real).
 	ctDumpFault ctFault
@@ -321,7 +324,10 @@ func (s *Server) Serve(ctx context.Context) error {
 	// Leases restored from disk may belong to peers removed while pcpd
 	// was down (LIFE-05).
 	s.sweepOwnership()
-	// Last: failed conntrack walks are not retried once Serve returns.
+	// Last: failed conntrack walks are not retried once Serve returns,
+	// and the walk's socket is closed (a walk in flight closes its own).
+	s.ctSock.open()
+	defer s.ctSock.close()
 	defer s.ct.close()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

@@ -1,0 +1,312 @@
+package server
+
+import (
+	"fmt"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	mdnl "github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/policy"
+)
+
+// The conntrack walk keeps its ctnetlink socket from walk to walk while
+// Serve runs (ctSocket): closing one made nf_tables wait out an RCU grace
+// period under the namespace's commit mutex, 16 ms of a 37 ms walk
+// (BENCHMARKS.md item 41).
+
+// ctDials records the conntrack sockets a server dials (ctSocket.dialed):
+// each one's descriptor and what /proc/self/fd says it is then.
+type ctDials struct {
+	mu    sync.Mutex
+	conns []*mdnl.Conn
+	fds   []int
+	links []string
+}
+
+func (r *ctDials) hook(t *testing.T) func(*mdnl.Conn) {
+	return func(c *mdnl.Conn) {
+		fd := -1
+		if rc, err := c.SyscallConn(); err == nil {
+			rc.Control(func(f uintptr) { fd = int(f) })
+		}
+		link, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
+		if err != nil {
+			t.Errorf("dialled socket's descriptor %d: %v", fd, err)
+		}
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		r.conns = append(r.conns, c)
+		r.fds = append(r.fds, fd)
+		r.links = append(r.links, link)
+	}
+}
+
+func (r *ctDials) n() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.conns)
+}
+
+func (r *ctDials) last() *mdnl.Conn {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.conns) == 0 {
+		return nil
+	}
+	return r.conns[len(r.conns)-1]
+}
+
+// open reports which of the dialled sockets are still open: their
+// descriptor still names the same socket (its inode).
+func (r *ctDials) open() []int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var open []int
+	for i, fd := range r.fds {
+		if l, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd)); err == nil && l == r.links[i] {
+			open = append(open, i)
+		}
+	}
+	return open
+}
+
+// TestE2ECtWalkKeepsSocket (root, namespaces): NAT-PMP deletes, each
+// ending a real inbound flow before its reply (one conntrack walk each),
+// all walk on one ctnetlink socket, dialled once in pcpd's namespace and
+// still open after the last walk. Fails when each walk dials and closes
+// its own (as before: 4 dials; ctSocket.put closing every socket).
+func TestE2ECtWalkKeepsSocket(t *testing.T) {
+	var dials ctDials
+	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+	l.stop()
+	l.tweak = func(s *Server) { s.ctSock.dialed = dials.hook(t) }
+	l.start()
+	const walks = 4
+	for i := range walks {
+		port := uint16(9800 + i)
+		_, src, dst := l.inbound(t, "pmp", port, time.Hour)
+		l.pmpMap(t, port, 0, 0)
+		// A delete's flush is done before its reply.
+		if f := l.ctFlow(t, src, dst); f != nil {
+			t.Errorf("walk %d: flow of the deleted mapping still tracked: %s", i+1, f)
+		}
+	}
+	if w := counterValue(t, l.srv.m.ctWalks); w < walks {
+		t.Fatalf("%v walks, want ≥ %d", w, walks)
+	}
+	if n := dials.n(); n != 1 {
+		t.Errorf("%d conntrack sockets dialled over %d walks, want 1", n, walks)
+	}
+	if open := dials.open(); len(open) != 1 {
+		t.Errorf("sockets still open after the walks: %v, want the one kept", open)
+	}
+}
+
+// TestE2ECtWalkRedialsAfterFault (root, namespaces): a walk on the kept
+// socket whose dump fails (faults injected where the dump's result comes
+// back, ctDumpFault) closes it; the retry dials a new one, ends the
+// deleted mapping's real flow and spares the live mapping's, and the
+// walks after keep the new socket. In the first row the failed exchange
+// also leaves answers queued on the socket (a dump of the whole table,
+// sent and not read, as a dump cut short leaves its rest): on that socket
+// every later exchange would read the earlier one's answers and fail
+// (mdlayher/netlink's sequence check), so the flow is never ended
+// without the redial. Without the redial (ctSocket.put keeping a socket
+// whatever the walk's errors) every row fails: 1 socket dialled, not 2,
+// and the first row's flow is still tracked ctFlushBound after its delete.
+func TestE2ECtWalkRedialsAfterFault(t *testing.T) {
+	errno := func(e unix.Errno) ctFault {
+		return func([]mdnl.Message, error) ([]mdnl.Message, error) {
+			return nil, &mdnl.OpError{Op: "receive", Err: e}
+		}
+	}
+	for i, c := range []struct {
+		name string
+		// fault is the first dump's fault once armed; c is the socket
+		// the dump came back on.
+		fault func(t *testing.T, c *mdnl.Conn) ctFault
+	}{
+		{"answers left queued, EINTR", func(t *testing.T, c *mdnl.Conn) ctFault {
+			return func([]mdnl.Message, error) ([]mdnl.Message, error) {
+				if _, err := c.Send(mdnl.Message{
+					Header: mdnl.Header{Type: mdnl.HeaderType(nfnlSubsysCtnetlink<<8 | ctMsgGet), Flags: mdnl.Request | mdnl.Dump},
+					Data:   nfgen(unix.AF_INET),
+				}); err != nil {
+					t.Errorf("stale dump request: %v", err)
+				}
+				return nil, &mdnl.OpError{Op: "receive", Err: unix.EINTR}
+			}
+		}},
+		{"EBUSY", func(*testing.T, *mdnl.Conn) ctFault { return errno(unix.EBUSY) }},
+		{"interrupted dump", func(*testing.T, *mdnl.Conn) ctFault {
+			return func([]mdnl.Message, error) ([]mdnl.Message, error) {
+				return []mdnl.Message{{Header: mdnl.Header{Flags: mdnl.Multi | mdnl.DumpInterrupted}}}, nil
+			}
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var dials ctDials
+			var mu sync.Mutex
+			var armed, fired bool
+			l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+			l.stop()
+			l.tweak = func(s *Server) {
+				s.ctSock.dialed = dials.hook(t)
+				s.ctDumpFault = func(msgs []mdnl.Message, err error) ([]mdnl.Message, error) {
+					mu.Lock()
+					fire := armed && !fired
+					fired = fired || fire
+					mu.Unlock()
+					if fire {
+						return c.fault(t, dials.last())(msgs, err)
+					}
+					return msgs, err
+				}
+			}
+			l.start()
+			base := uint16(9850 + 10*i)
+			connLive, srcLive, dstLive := l.inbound(t, "pmp", base, time.Hour)
+			_, src1, dst1 := l.inbound(t, "pmp", base+1, time.Hour)
+			_, src2, dst2 := l.inbound(t, "pmp", base+2, time.Hour)
+			_, src3, dst3 := l.inbound(t, "pmp", base+3, time.Hour)
+
+			l.pmpMap(t, base+1, 0, 0) // walks on the socket it dials, kept
+			if f := l.ctFlow(t, src1, dst1); f != nil {
+				t.Fatalf("first delete's flow still tracked: %s", f)
+			}
+			if n := dials.n(); n != 1 {
+				t.Fatalf("%d sockets dialled after one walk, want 1", n)
+			}
+			mu.Lock()
+			armed = true
+			mu.Unlock()
+			l.pmpMap(t, base+2, 0, 0) // fails on the kept socket, retried
+			d := l.waitFlowGone(t, src2, dst2)
+			t.Logf("flow gone %v after the delete's reply", d)
+			mu.Lock()
+			ok := fired
+			mu.Unlock()
+			if !ok {
+				t.Fatal("no fault injected")
+			}
+			if n := dials.n(); n != 2 {
+				t.Errorf("%d sockets dialled, want 2 (the failed walk's closed, one for the retry)", n)
+			}
+			l.pmpMap(t, base+3, 0, 0)
+			if f := l.ctFlow(t, src3, dst3); f != nil {
+				t.Errorf("third delete's flow still tracked: %s", f)
+			}
+			if n := dials.n(); n != 2 {
+				t.Errorf("%d sockets dialled after the retry's, want 2 (it is kept)", n)
+			}
+			if open := dials.open(); len(open) != 1 || open[0] != 1 {
+				t.Errorf("sockets open: %v, want only the second", open)
+			}
+			// The live mapping's flow was never the walks' to end.
+			if l.ctFlow(t, srcLive, dstLive) == nil {
+				t.Error("the live mapping's flow was ended")
+			}
+			if err := echoOnce(connLive); err != nil {
+				t.Errorf("the live mapping's connection: %v", err)
+			}
+			if f := counterValue(t, l.srv.m.ctFailures); f < 1 {
+				t.Errorf("pcpd_conntrack_flush_failures_total %v, want ≥ 1", f)
+			}
+		})
+	}
+}
+
+// TestE2ECtSocketClosedWhenServeReturns (root, namespaces): the kept
+// socket is closed when Serve returns, idle or held by a walk in flight
+// then (which closes it as it ends); a flush queued after Serve returned
+// still runs, on a socket of its own, closed after it. Without the close
+// (Serve not closing ctSock) both rows fail: the kept socket stays open.
+func TestE2ECtSocketClosedWhenServeReturns(t *testing.T) {
+	for _, inFlight := range []bool{false, true} {
+		t.Run(fmt.Sprintf("walk in flight %v", inFlight), func(t *testing.T) {
+			var dials ctDials
+			var mu sync.Mutex
+			var gate chan struct{}
+			blocked := make(chan struct{}, 1)
+			l := newLab(t)
+			l.stop()
+			l.tweak = func(s *Server) {
+				s.ctSock.dialed = dials.hook(t)
+				s.ctDumpFault = func(msgs []mdnl.Message, err error) ([]mdnl.Message, error) {
+					mu.Lock()
+					g := gate
+					mu.Unlock()
+					if g != nil {
+						select {
+						case blocked <- struct{}{}:
+						default:
+						}
+						<-g
+					}
+					return msgs, err
+				}
+			}
+			l.start()
+			srv := l.srv
+			walk := func(port uint16) {
+				srv.ct.add([]ctFilter{{v4: true, t: ctTarget{addr: l.topo.HostPublicV4, proto: protoTCP, port: port}}}, nil)
+			}
+			walk(1)
+			srv.waitConntrack()
+			if open := dials.open(); dials.n() != 1 || len(open) != 1 {
+				t.Fatalf("%d dialled, open %v after a walk, want 1 kept", dials.n(), open)
+			}
+			g := make(chan struct{})
+			if inFlight {
+				mu.Lock()
+				gate = g
+				mu.Unlock()
+				walk(2)
+				<-blocked // on the kept socket, in its dump
+			}
+			l.stop()
+			if inFlight {
+				if open := dials.open(); len(open) != 1 {
+					t.Errorf("open %v while the walk is in flight, want its socket", open)
+				}
+				mu.Lock()
+				gate = nil
+				mu.Unlock()
+				close(g)
+			}
+			srv.waitConntrack()
+			ctIdle(t, srv)
+			if open := dials.open(); len(open) != 0 {
+				t.Errorf("sockets %v still open after Serve returned", open)
+			}
+			srv.ctSock.mu.Lock()
+			kept := srv.ctSock.c
+			srv.ctSock.mu.Unlock()
+			if kept != nil {
+				t.Error("a socket still kept after Serve returned")
+			}
+			// A flush after Serve returned dials its own, and closes it.
+			walk(3)
+			srv.waitConntrack()
+			ctIdle(t, srv)
+			if n, open := dials.n(), dials.open(); n != 2 || len(open) != 0 {
+				t.Errorf("after a flush past Serve: %d dialled, open %v; want 2, none open", n, open)
+			}
+		})
+	}
+}
+
+// ctIdle waits until the flusher's goroutine has ended (its walk handed
+// its socket back).
+func ctIdle(t *testing.T, s *Server) {
+	t.Helper()
+	waitFor(t, func() bool {
+		s.ct.mu.Lock()
+		defer s.ct.mu.Unlock()
+		return !s.ct.running
+	})
+}
