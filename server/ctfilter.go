@@ -147,7 +147,10 @@ func dialCtConn(nsFd int) (*netlink.Conn, error) {
 // stays queued for the next exchange, which fails too), it returns a
 // stale NLMSG_ERROR as the error before checking its sequence, and
 // deleteAll's Receive checks none but the NOOP's. So a socket that saw a
-// failure is never used again.
+// failure serves no later walk. (The rest of the walk it failed in goes
+// on with it, as before: an exchange there reading stale answers fails,
+// as shown, or counts a stale delete failure as its own, and the groups
+// that failed are walked again.)
 //
 // Walks run one at a time (ctFlusher.run, one goroutine); should two
 // ever overlap, the second dials its own socket and the one handed back
