@@ -97,6 +97,8 @@ type ctDeleter struct {
 // ctFault sees a conntrack dump's result and may change it (tests).
 type ctFault func(msgs []netlink.Message, err error) ([]netlink.Message, error)
 
+// dialConntrack is a deleter on a socket of its own (tests, benchmarks;
+// the walk keeps its socket: ctSocket).
 func dialConntrack(nsFd int) (*ctDeleter, error) {
 	c, err := dialCtConn(nsFd)
 	if err != nil {
