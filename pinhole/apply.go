@@ -347,26 +347,47 @@ func leafErrors(err error) []error {
 // so it runs on a netlink socket of its own and does not hold the Backend's
 // lock: Apply goes on meanwhile. A dump that overlaps changes may miss or
 // repeat entries changed during it; callers compare with care.
+//
+// That socket is kept from call to call (listConn), and dialled again
+// after an error. A transient connection, as before, dialled and closed
+// a socket per set, 8 a call, and each close waits for the namespace's
+// nftables commit lock and an RCU grace period, holding Apply's
+// transactions meanwhile (BENCHMARKS.md item 42). A List that overlaps
+// another uses a socket of its own for its call.
 func (b *Backend) List() ([]Entry, error) {
 	b.mu.Lock()
 	var sets [numKinds]nftables.Set
 	for k := range numKinds {
 		sets[k] = *b.sets[k]
 	}
-	conn := b.conn
-	if conn.TestDial == nil {
-		// A transient connection (one socket per call) into the same
-		// namespace; fake-dialled test connections are used as they are.
-		c, err := nftables.New(nftables.WithNetNSFd(b.conn.NetNS))
+	if b.conn.TestDial != nil {
+		// A fake-dialled test connection, used as it is, under the lock.
+		defer b.mu.Unlock()
+		return listSets(b.conn, &sets)
+	}
+	b.mu.Unlock()
+	if !b.listMu.TryLock() {
+		c, err := nftables.New(nftables.WithNetNSFd(b.conn.NetNS), nftables.AsLasting())
 		if err != nil {
-			b.mu.Unlock()
 			return nil, fmt.Errorf("pinhole: list: %w", err)
 		}
-		conn = c
-		b.mu.Unlock()
-	} else {
-		defer b.mu.Unlock()
+		defer c.CloseLasting()
+		return listSets(c, &sets)
 	}
+	defer b.listMu.Unlock()
+	c, err := b.listConn.get(b.conn.NetNS)
+	if err != nil {
+		return nil, fmt.Errorf("pinhole: list: %w", err)
+	}
+	out, err := listSets(c, &sets)
+	if err != nil {
+		b.listConn.close()
+	}
+	return out, err
+}
+
+// listSets is List's reading of sets through conn.
+func listSets(conn *nftables.Conn, sets *[numKinds]nftables.Set) ([]Entry, error) {
 	var out []Entry
 	for k := range numKinds {
 		elems, err := conn.GetSetElements(&sets[k])

@@ -76,11 +76,23 @@ type Backend struct {
 	conn *nftables.Conn
 	cfg  Config
 	raw  rawRules // getRules' second dump, on conn's namespace; under mu
-	// healthRaw is raw for Healthy's reads without mu (dialling one per
-	// check, in conn's namespace, cost more than the dump); under
-	// healthRawMu.
-	healthRaw   rawRules
-	healthRawMu sync.Mutex
+	// healthConn and healthRaw are Healthy's sockets for its reads without
+	// mu, in conn's namespace, kept from check to check; under healthMu.
+	// Dialling the raw one per check cost more than the dump; and closing
+	// any NETLINK_NETFILTER socket makes the kernel take the namespace's
+	// nftables commit lock and wait an RCU grace period under it (nf_tables'
+	// NETLINK_URELEASE handler), which held every Apply's transaction
+	// meanwhile: with healthConn dialled and closed per check, ≈ 110
+	// requests > 5 ms at each tamper check of a bench run (BENCHMARKS.md
+	// item 42).
+	healthConn sideConn
+	healthRaw  rawRules
+	healthMu   sync.Mutex
+	// listConn is List's connection, kept from call to call for the same
+	// reason (it dialled a transient socket per set, 8 a call); under
+	// listMu.
+	listConn sideConn
+	listMu   sync.Mutex
 
 	table                  *nftables.Table
 	sets                   [numKinds]*nftables.Set
@@ -923,16 +935,55 @@ func rangePrefixes(first, last netip.Addr) []netip.Prefix {
 }
 
 // Close closes the netlink sockets the Backend dialled itself (the raw
-// rule dumps of getRules and Healthy); conn, the caller's, stays open, and
-// so do pcpd's kernel objects (Teardown removes those). A Backend must not
-// be used after Close (a later call would dial them again).
+// rule dumps of getRules and Healthy, Healthy's and List's connections);
+// conn, the caller's, stays open, and so do pcpd's kernel objects
+// (Teardown removes those). A Backend must not be used after Close (a
+// later call would dial them again).
 func (b *Backend) Close() {
 	b.mu.Lock()
 	b.raw.close()
 	b.mu.Unlock()
-	b.healthRawMu.Lock()
+	b.healthMu.Lock()
 	b.healthRaw.close()
-	b.healthRawMu.Unlock()
+	b.healthConn.close()
+	b.healthMu.Unlock()
+	b.listMu.Lock()
+	b.listConn.close()
+	b.listMu.Unlock()
+}
+
+// sideConn is an nftables connection of the Backend's own beside conn (for
+// Healthy's and List's reads without b.mu), kept from call to call: each
+// NETLINK_NETFILTER socket closed costs a wait for the namespace's
+// nftables commit lock and an RCU grace period, during which the engine's
+// transactions wait too (≈ 10-16 ms under load; BENCHMARKS.md items 41,
+// 42). Its user serialises the calls.
+type sideConn struct {
+	c *nftables.Conn
+}
+
+// get returns the kept connection, dialled into namespace netns (conn's)
+// first if there is none.
+func (s *sideConn) get(netns int) (*nftables.Conn, error) {
+	if s.c == nil {
+		c, err := nftables.New(nftables.WithNetNSFd(netns), nftables.AsLasting())
+		if err != nil {
+			return nil, err
+		}
+		s.c = c
+	}
+	return s.c, nil
+}
+
+// close closes the socket; the next get dials another. Its users call it
+// after any error of a read on it, so that a socket an error may have left
+// mid-dump (unread replies, an overrun) is not read again: errors are rare
+// (a damaged firewall), a dial is cheap beside them.
+func (s *sideConn) close() {
+	if s.c != nil {
+		_ = s.c.CloseLasting()
+		s.c = nil
+	}
 }
 
 // Teardown removes pcpd's objects, and nothing else. Standalone, that is
@@ -1186,8 +1237,8 @@ const healthTries = 3
 // Setup and re-install its leases; existing set elements survive Setup.
 // Single elements deleted by hand are not noticed here; List finds them.
 //
-// It reads the kernel without holding the Backend's lock, on a netlink
-// socket of its own, against a copy of what the Backend last wrote: one
+// It reads the kernel without holding the Backend's lock, on netlink
+// sockets of its own (kept from check to check: healthConn), against a copy of what the Backend last wrote: one
 // GetRules per owner chain and a dump of each owner map and protected set
 // took 53-61 ms at 1 000 owners, every 5 s, and every Apply (a lease
 // install) waited meanwhile (RELIABILITY.md bug 4, review N3). Apply does
@@ -1217,20 +1268,33 @@ func (b *Backend) Healthy() error {
 			return err
 		}
 		b.mu.Unlock()
-		conn, err := nftables.New(nftables.WithNetNSFd(b.conn.NetNS), nftables.AsLasting())
-		if err != nil {
-			return fmt.Errorf("pinhole: health check: %w", err)
-		}
 		var read map[string][]*nftables.Rule
-		if b.healthRawMu.TryLock() {
+		var err error
+		if b.healthMu.TryLock() {
+			// The kept sockets (healthConn, healthRaw): none dialled or
+			// closed per check. healthConn is closed after any error of
+			// the read (sideConn.close), healthRaw after one of its own
+			// dumps (exprCounts); the next check dials them again.
+			conn, derr := b.healthConn.get(b.conn.NetNS)
+			if derr != nil {
+				b.healthMu.Unlock()
+				return fmt.Errorf("pinhole: health check: %w", derr)
+			}
 			read, err = w.check(kview{conn: conn, table: &w.table, raw: &b.healthRaw})
-			b.healthRawMu.Unlock()
-		} else { // another Healthy has it: a socket of this one's own
+			if err != nil {
+				b.healthConn.close()
+			}
+			b.healthMu.Unlock()
+		} else { // another Healthy has them: sockets of this one's own
+			conn, derr := nftables.New(nftables.WithNetNSFd(b.conn.NetNS), nftables.AsLasting())
+			if derr != nil {
+				return fmt.Errorf("pinhole: health check: %w", derr)
+			}
 			raw := &rawRules{}
 			read, err = w.check(kview{conn: conn, table: &w.table, raw: raw})
 			raw.close()
+			_ = conn.CloseLasting()
 		}
-		_ = conn.CloseLasting()
 		b.mu.Lock()
 		same := b.gen == w.gen
 		if same {

@@ -93,9 +93,13 @@ type WatchedRoutes interface {
 }
 
 // NetlinkRoutesAt is NetlinkRoutes for network namespace ns, watched.
-// Close releases its sockets.
+// Close releases its sockets. Its handle has a route socket only:
+// netlink.NewHandleAt without families opens every family it supports, a
+// NETLINK_NETFILTER socket among them, whose close waits for the
+// namespace's nftables commit lock and an RCU grace period
+// (BENCHMARKS.md items 41, 42).
 func NetlinkRoutesAt(ns netns.NsHandle) (WatchedRoutes, error) {
-	h, err := netlink.NewHandleAt(ns)
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("pinhole: route lookups: %w", err)
 	}

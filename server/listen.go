@@ -334,13 +334,10 @@ func (l *listener) sockets() []*udpConn {
 
 // run follows the interfaces until ctx ends, then closes every socket.
 func (l *listener) run(ctx context.Context) error {
-	var h *netlink.Handle
-	var err error
-	if nsSet(l.ns) {
-		h, err = netlink.NewHandleAt(l.ns)
-	} else {
-		h, err = netlink.NewHandle()
-	}
+	// A route socket only (routeHandle): the handle reads links and
+	// addresses, and a NETLINK_NETFILTER socket beside it would only cost
+	// a wait for nftables' commit lock when it closes.
+	h, err := routeHandle(l.ns)
 	if err != nil {
 		return fmt.Errorf("server: netlink handle: %w", err)
 	}
