@@ -82,9 +82,9 @@ type Backend struct {
 	// any NETLINK_NETFILTER socket makes the kernel take the namespace's
 	// nftables commit lock and wait an RCU grace period under it (nf_tables'
 	// NETLINK_URELEASE handler), which held every Apply's transaction
-	// meanwhile: with healthConn dialled and closed per check, ≈ 110
-	// requests > 5 ms at each tamper check of a bench run (BENCHMARKS.md
-	// item 42).
+	// meanwhile: with healthConn dialled and closed per check, each
+	// tamper check of the open80 bench row held 166-449 requests past
+	// 5 ms (up to 10-13 ms; BENCHMARKS.md item 42).
 	healthConn sideConn
 	healthRaw  rawRules
 	healthMu   sync.Mutex
