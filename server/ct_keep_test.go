@@ -310,3 +310,133 @@ func ctIdle(t *testing.T, s *Server) {
 		return !s.ct.running
 	})
 }
+
+// TestE2ECtKeptSocketClean (root, namespaces; review h/revctkeep): walks
+// on one server in a row, each ending a deleted mapping's real flow
+// before its reply and sparing a live mapping's, in states a kept socket
+// might carry into the next walk: 599 deletes of a flow already gone
+// (ENOENT answers over 3 chunks: a walk that succeeded though the socket
+// saw errors), idle past deleteAll's 5 s read deadline, answers
+// overflowing (ENOBUFS; faults at the dump's result: each flow's entry
+// repeated, the receive buffer cut to 4 KiB). After every walk that
+// succeeded the socket is kept, its queue empty (MSG_PEEK) and SO_ERROR
+// 0; after the overflow it is closed and the next walk dials anew. The
+// overflow row fails when walkConntrack keeps an overflowed socket
+// (ctSocket.put without !d.overflowed), which no other test showed.
+func TestE2ECtKeptSocketClean(t *testing.T) {
+	var dials ctDials
+	var mu sync.Mutex
+	dup, rbuf := 0, 0 // the fault's: copies of each entry, receive buffer (once)
+	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+	l.stop()
+	l.tweak = func(s *Server) {
+		s.ctSock.dialed = dials.hook(t)
+		s.ctDumpFault = func(msgs []mdnl.Message, err error) ([]mdnl.Message, error) {
+			mu.Lock()
+			n, rb := dup, rbuf
+			if len(msgs) > 0 && err == nil {
+				rbuf = 0
+			}
+			mu.Unlock()
+			if err != nil || len(msgs) == 0 || n == 0 {
+				return msgs, err
+			}
+			if rb > 0 {
+				if err := dials.last().SetReadBuffer(rb); err != nil {
+					t.Errorf("receive buffer: %v", err)
+				}
+			}
+			var out []mdnl.Message
+			for _, m := range msgs {
+				for range n {
+					out = append(out, m)
+				}
+			}
+			return out, nil
+		}
+	}
+	l.start()
+	connLive, srcLive, dstLive := l.inbound(t, "pmp", 9900, time.Hour)
+	for i, c := range []struct {
+		name      string
+		dup, rbuf int
+		idle      time.Duration
+		kept      bool
+		dialled   int // sockets dialled after the walk
+	}{
+		{"plain", 0, 0, 0, true, 1},
+		{"599 deletes of a flow gone (ENOENT), 3 chunks", 600, 0, 0, true, 1},
+		{"idle past deleteAll's read deadline", 0, 0, 6 * time.Second, true, 1},
+		{"answers overflowing (ENOBUFS)", 600, 4096, 0, false, 1},
+		{"after the overflow", 0, 0, 0, true, 2},
+	} {
+		port := uint16(9901 + i)
+		_, src, dst := l.inbound(t, "pmp", port, time.Hour)
+		srv := l.srv
+		srv.waitConntrack()
+		ctIdle(t, srv)
+		time.Sleep(c.idle)
+		mu.Lock()
+		dup, rbuf = c.dup, c.rbuf
+		mu.Unlock()
+		l.pmpMap(t, port, 0, 0)
+		if f := l.ctFlow(t, src, dst); f != nil {
+			t.Errorf("%s: flow of the deleted mapping still tracked after the reply: %s", c.name, f)
+		}
+		srv.waitConntrack()
+		ctIdle(t, srv)
+		mu.Lock()
+		dup, rbuf = 0, 0
+		mu.Unlock()
+		if l.ctFlow(t, srcLive, dstLive) == nil {
+			t.Errorf("%s: the live mapping's flow was ended", c.name)
+		}
+		if n := dials.n(); n != c.dialled {
+			t.Errorf("%s: %d sockets dialled, want %d", c.name, n, c.dialled)
+		}
+		srv.ctSock.mu.Lock()
+		kept := srv.ctSock.c
+		if kept != nil {
+			queued, soErr := ctSockState(t, kept)
+			if queued || soErr != 0 {
+				t.Errorf("%s: kept socket: answers queued %v, SO_ERROR %v; want none, 0", c.name, queued, soErr)
+			}
+		}
+		srv.ctSock.mu.Unlock()
+		if (kept != nil) != c.kept {
+			t.Errorf("%s: socket kept %v, want %v", c.name, kept != nil, c.kept)
+		}
+	}
+	if err := echoOnce(connLive); err != nil {
+		t.Errorf("the live mapping's connection: %v", err)
+	}
+}
+
+// ctSockState reports whether anything is queued on c (MSG_PEEK) and
+// its pending socket error (SO_ERROR, which reading clears).
+func ctSockState(t *testing.T, c *mdnl.Conn) (queued bool, soErr int) {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var perr error
+	err = rc.Control(func(fd uintptr) {
+		b := make([]byte, 64)
+		_, _, e := unix.Recvfrom(int(fd), b, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		switch {
+		case e == nil:
+			queued = true
+		case e != unix.EAGAIN:
+			perr = e
+		}
+		soErr, e = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
+		if e != nil {
+			perr = e
+		}
+	})
+	if err != nil || perr != nil {
+		t.Fatalf("socket state: %v %v", err, perr)
+	}
+	return queued, soErr
+}
