@@ -45,6 +45,9 @@ var (
 	ErrInUse = errors.New("control socket in use by a running daemon")
 	// ErrNotSocket: Listen found something other than a socket at the path.
 	ErrNotSocket = errors.New("path exists and is not a socket")
+	// ErrUnsafeDir: the socket's directory, or one above it, can be
+	// changed by another user (see Listen).
+	ErrUnsafeDir = errors.New("control socket directory is writable by other users")
 	// ErrProtocol: the peer broke the protocol (bad JSON, truncated stream).
 	ErrProtocol = errors.New("control protocol error")
 	// ErrRemote: the daemon answered with an error; see *RemoteError.

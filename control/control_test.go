@@ -435,3 +435,121 @@ func TestLeasesStreamed(t *testing.T) {
 		})
 	}
 }
+
+// TestSocketDirectoryTrusted: Listen refuses a socket directory another
+// user could change (review h/revctl). Whoever may rename or unlink
+// entries in the directory (its owner, or anyone when it is group- or
+// world-writable, sticky or not: the path can be bound before pcpd) can
+// put a socket of their own in place of pcpd's, so that `pcpd revoke` run
+// by the operator talks to them and is told it worked, or swap the fresh
+// socket for a symlink between bind and chmod and have pcpd chmod any
+// file 0600. An ancestor is as dangerous unless sticky (/tmp): it lets
+// the directory itself be renamed away.
+func TestSocketDirectoryTrusted(t *testing.T) {
+	const other = 65534 // nobody
+	root := os.Geteuid() == 0
+	type setup func(t *testing.T, base string) string // returns the socket path
+	mk := func(t *testing.T, dir string, mode os.FileMode, uid int) {
+		t.Helper()
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(dir, mode); err != nil {
+			t.Fatal(err)
+		}
+		if uid >= 0 {
+			if err := os.Chown(dir, uid, -1); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, tc := range []struct {
+		name      string
+		needsRoot bool
+		setup     setup
+		ok        bool
+	}{
+		{"own 0700 directory", false, func(t *testing.T, b string) string {
+			mk(t, b+"/run", 0o700, -1)
+			return b + "/run/pcpd.sock"
+		}, true},
+		{"own 0755 directory", false, func(t *testing.T, b string) string {
+			mk(t, b+"/run", 0o755, -1)
+			return b + "/run/pcpd.sock"
+		}, true},
+		{"created by Listen", false, func(t *testing.T, b string) string {
+			return b + "/new/run/pcpd.sock"
+		}, true},
+		{"own directory under a sticky world-writable parent (/tmp)", false, func(t *testing.T, b string) string {
+			mk(t, b+"/tmp", os.ModeSticky|0o777, -1)
+			mk(t, b+"/tmp/run", 0o700, -1)
+			return b + "/tmp/run/pcpd.sock"
+		}, true},
+		{"through a symlink to an own directory", false, func(t *testing.T, b string) string {
+			mk(t, b+"/real", 0o700, -1)
+			if err := os.Symlink(b+"/real", b+"/link"); err != nil {
+				t.Fatal(err)
+			}
+			return b + "/link/pcpd.sock"
+		}, true},
+		{"world-writable directory", false, func(t *testing.T, b string) string {
+			mk(t, b+"/run", 0o777, -1)
+			return b + "/run/pcpd.sock"
+		}, false},
+		{"group-writable directory", false, func(t *testing.T, b string) string {
+			mk(t, b+"/run", 0o770, -1)
+			return b + "/run/pcpd.sock"
+		}, false},
+		{"sticky world-writable directory (socket straight in /tmp)", false, func(t *testing.T, b string) string {
+			mk(t, b+"/tmp", os.ModeSticky|0o777, -1)
+			return b + "/tmp/pcpd.sock"
+		}, false},
+		{"world-writable parent, not sticky", false, func(t *testing.T, b string) string {
+			mk(t, b+"/pub", 0o777, -1)
+			mk(t, b+"/pub/run", 0o700, -1)
+			return b + "/pub/run/pcpd.sock"
+		}, false},
+		{"directory owned by another user", true, func(t *testing.T, b string) string {
+			mk(t, b+"/run", 0o700, other)
+			return b + "/run/pcpd.sock"
+		}, false},
+		{"parent owned by another user", true, func(t *testing.T, b string) string {
+			mk(t, b+"/home", 0o755, other)
+			mk(t, b+"/home/run", 0o700, -1)
+			return b + "/home/run/pcpd.sock"
+		}, false},
+		{"symlink to a directory owned by another user", true, func(t *testing.T, b string) string {
+			mk(t, b+"/theirs", 0o700, other)
+			if err := os.Symlink(b+"/theirs", b+"/link"); err != nil {
+				t.Fatal(err)
+			}
+			return b + "/link/pcpd.sock"
+		}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.needsRoot && !root {
+				t.Skip("needs root to chown")
+			}
+			base := t.TempDir()
+			path := tc.setup(t, base)
+			ln, err := Listen(path)
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("Listen: %v", err)
+				}
+				ln.Close()
+				return
+			}
+			if err == nil {
+				ln.Close()
+				t.Fatalf("Listen in an untrusted directory succeeded, want ErrUnsafeDir")
+			}
+			if !errors.Is(err, ErrUnsafeDir) {
+				t.Fatalf("Listen: %v, want ErrUnsafeDir", err)
+			}
+			if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("refused Listen left something at the path: %v", err)
+			}
+		})
+	}
+}
