@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/pflag"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/pcpd/pcpd/internal/fsperm"
 	"github.com/pcpd/pcpd/policy"
 )
 
@@ -724,6 +725,76 @@ func TestQuotaBurstCapped(t *testing.T) {
 			}
 			if c.OwnerRateBurst != tc.owner || c.KernelOwnerRateBurst != tc.kern {
 				t.Errorf("owner bucket burst %d, kernel owner burst %d; want %d, %d", c.OwnerRateBurst, c.KernelOwnerRateBurst, tc.owner, tc.kern)
+			}
+		})
+	}
+}
+
+// TestConfigFileTrusted (review h/revctl): a config file another user can
+// change is refused: whoever writes it decides who owns which prefixes
+// (static clients) and which ports open. A file owned by another user,
+// group- or world-writable, or in a directory another user can write
+// (they could replace it) fails; pcpd's own or root's 0644/0600 file in
+// a root 0755 directory or a sticky one (/tmp) loads.
+func TestConfigFileTrusted(t *testing.T) {
+	root := os.Geteuid() == 0
+	for _, tc := range []struct {
+		name      string
+		fileMode  os.FileMode
+		fileUID   int
+		dirMode   os.FileMode
+		needsRoot bool
+		ok        bool
+	}{
+		{"own 0600", 0o600, -1, 0o755, false, true},
+		{"own 0644", 0o644, -1, 0o755, false, true},
+		{"own 0644 in a sticky world-writable directory", 0o644, -1, os.ModeSticky | 0o777, false, true},
+		{"world-writable file", 0o666, -1, 0o755, false, false},
+		{"group-writable file", 0o664, -1, 0o755, false, false},
+		{"file owned by another user", 0o644, 65534, 0o755, true, false},
+		{"directory world-writable, not sticky", 0o644, -1, 0o777, false, false},
+		{"directory group-writable", 0o644, -1, 0o775, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.needsRoot && !root {
+				t.Skip("needs root to chown")
+			}
+			dir := filepath.Join(t.TempDir(), "etc")
+			if err := os.Mkdir(dir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			path := filepath.Join(dir, "pcpd.toml")
+			if err := os.WriteFile(path, []byte("interface = [\"wg0\"]\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chmod(path, tc.fileMode); err != nil {
+				t.Fatal(err)
+			}
+			if tc.fileUID >= 0 {
+				if err := os.Chown(path, tc.fileUID, -1); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := os.Chmod(dir, tc.dirMode); err != nil {
+				t.Fatal(err)
+			}
+			fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+			AddFlags(fs)
+			if err := fs.Parse([]string{"--config", path}); err != nil {
+				t.Fatal(err)
+			}
+			_, err := Load(fs)
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("Load: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("Load of an untrusted config file succeeded")
+			}
+			if !errors.Is(err, ErrInvalid) || !errors.Is(err, fsperm.ErrUnsafe) {
+				t.Fatalf("Load: %v, want ErrInvalid and fsperm.ErrUnsafe", err)
 			}
 		})
 	}
