@@ -8,6 +8,8 @@ import (
 
 	"github.com/BurntSushi/toml"
 	"github.com/spf13/pflag"
+
+	"github.com/pcpd/pcpd/internal/fsperm"
 )
 
 // kind is how a setting is spelled on the command line and in the file.
@@ -202,6 +204,10 @@ func readFile(path string, vals map[string]*value) Errors {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return Errors{fmt.Errorf("config: read config file: %w", err)}
+	}
+	// Whoever can change the file decides who owns which prefixes.
+	if err := fsperm.File(path); err != nil {
+		return Errors{fmt.Errorf("config: config file %s: %w: %w", path, err, ErrInvalid)}
 	}
 	var m map[string]any
 	if _, err := toml.Decode(string(data), &m); err != nil {

@@ -17,6 +17,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/pcpd/pcpd/internal/fsperm"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -61,7 +62,7 @@ const (
 // nobody answers (the previous daemon was killed), the stale file is removed
 // first. Anything else at path is never removed (ErrNotSocket).
 //
-// The directory must be one no other user can change (trustedDir), or
+// The directory must be one no other user can change (fsperm.Dir), or
 // Listen fails with ErrUnsafeDir before touching anything in it: whoever
 // can rename entries there can put their own socket in place of pcpd's
 // (the operator's `pcpd revoke` then talks to them and is told it
@@ -70,8 +71,11 @@ func Listen(path string) (*net.UnixListener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("control: create socket directory: %w", err)
 	}
-	if err := trustedDir(filepath.Dir(path)); err != nil {
-		return nil, err
+	if err := fsperm.Dir(filepath.Dir(path), false); err != nil {
+		if errors.Is(err, fsperm.ErrUnsafe) {
+			return nil, fmt.Errorf("control: socket directory: %w: %w", ErrUnsafeDir, err)
+		}
+		return nil, fmt.Errorf("control: socket directory: %w", err)
 	}
 	if err := removeStale(path); err != nil {
 		return nil, err
@@ -91,39 +95,6 @@ func Listen(path string) (*net.UnixListener, error) {
 	}
 	ln.SetUnlinkOnClose(true)
 	return ln, nil
-}
-
-// trustedDir checks that dir (symlinks resolved) and every directory
-// above it are owned by root or by pcpd's own user and not writable by
-// group or others, as sshd checks its files; an ancestor may be writable
-// by others if sticky (/tmp: nobody else can rename what pcpd's user
-// owns there), dir itself not (anyone could bind the path first).
-func trustedDir(dir string) error {
-	real, err := filepath.EvalSymlinks(dir)
-	if err != nil {
-		return fmt.Errorf("control: socket directory: %w", err)
-	}
-	real, err = filepath.Abs(real)
-	if err != nil {
-		return fmt.Errorf("control: socket directory: %w", err)
-	}
-	euid := uint32(os.Geteuid())
-	for d, first := real, true; ; d, first = filepath.Dir(d), false {
-		var st syscall.Stat_t
-		if err := syscall.Lstat(d, &st); err != nil {
-			return fmt.Errorf("control: socket directory %s: %w", d, err)
-		}
-		mode := st.Mode & 0o7777
-		switch {
-		case st.Uid != 0 && st.Uid != euid:
-			return fmt.Errorf("control: %s (above %s) is owned by uid %d, not root or pcpd's user: %w", d, dir, st.Uid, ErrUnsafeDir)
-		case mode&0o022 != 0 && (first || mode&syscall.S_ISVTX == 0):
-			return fmt.Errorf("control: %s (above %s) has mode %#o, writable by other users: %w", d, dir, mode, ErrUnsafeDir)
-		}
-		if d == "/" || d == filepath.Dir(d) {
-			return nil
-		}
-	}
 }
 
 func removeStale(path string) error {

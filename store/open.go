@@ -17,6 +17,8 @@ import (
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
 	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/internal/fsperm"
 )
 
 // dropEvery: how many leases to decode between dropping the mapped pages
@@ -55,6 +57,12 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 		f(&o)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, State{}, fmt.Errorf("store: state directory: %w", err)
+	}
+	// Restored leases are checked against the rules, not ownership: a
+	// directory another user can write could plant pinholes (or hold
+	// the lock). Refused before anything in it is read.
+	if err := fsperm.Dir(dir, false); err != nil {
 		return nil, State{}, fmt.Errorf("store: state directory: %w", err)
 	}
 	// The directory's lock first: nothing in it is looked at, let alone
