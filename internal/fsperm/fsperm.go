@@ -62,11 +62,15 @@ func check(d, name string, stickyOK bool) error {
 		return fmt.Errorf("%s: %w", d, err)
 	}
 	mode := st.Mode & 0o7777
+	what := d
+	if d != name {
+		what = fmt.Sprintf("%s (for %s)", d, name)
+	}
 	switch {
 	case st.Uid != 0 && st.Uid != uint32(os.Geteuid()):
-		return fmt.Errorf("%s (for %s) is owned by uid %d, neither root nor pcpd's user: %w", d, name, st.Uid, ErrUnsafe)
+		return fmt.Errorf("%s is owned by uid %d, neither root nor pcpd's user: %w", what, st.Uid, ErrUnsafe)
 	case mode&0o022 != 0 && !(stickyOK && mode&syscall.S_ISVTX != 0):
-		return fmt.Errorf("%s (for %s) has mode %#o: %w", d, name, mode, ErrUnsafe)
+		return fmt.Errorf("%s has mode %#o: %w", what, mode, ErrUnsafe)
 	}
 	return nil
 }
