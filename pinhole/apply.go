@@ -108,6 +108,7 @@ func (b *Backend) absentDelete(e encodedOp, err error) (bool, error) {
 	}
 	elems, gerr := b.conn.GetSetElements(b.sets[e.k])
 	if gerr != nil {
+		b.resetConn() // a dump cut short may leave parts of it queued
 		return false, gerr
 	}
 	for _, x := range elems {
@@ -122,7 +123,7 @@ func (b *Backend) flushOps(enc []encodedOp) error {
 	if err := b.queueOps(enc); err != nil {
 		return err
 	}
-	return b.conn.Flush()
+	return b.flush()
 }
 
 // queueOps queues enc as few netlink messages as it can. Within a phase no
@@ -288,7 +289,7 @@ func (b *Backend) blame(enc []encodedOp, orig error) error {
 		if err := b.conn.SetDeleteElements(b.sets[kindAddr], []nftables.SetElement{{Key: []byte{0}}}); err != nil {
 			return nil, err
 		}
-		errs := leafErrors(b.conn.Flush())
+		errs := leafErrors(b.flush())
 		if len(errs) == 0 {
 			return nil, fmt.Errorf("pinhole: probe transaction was not rolled back: %w", ErrUnhealthy)
 		}
@@ -367,7 +368,7 @@ func (b *Backend) List() ([]Entry, error) {
 	}
 	b.mu.Unlock()
 	if !b.listMu.TryLock() {
-		c, err := nftables.New(nftables.WithNetNSFd(b.conn.NetNS), nftables.AsLasting())
+		c, err := nftables.New(nftables.WithNetNSFd(b.netns), nftables.AsLasting())
 		if err != nil {
 			return nil, fmt.Errorf("pinhole: list: %w", err)
 		}
@@ -375,7 +376,7 @@ func (b *Backend) List() ([]Entry, error) {
 		return listSets(c, &sets)
 	}
 	defer b.listMu.Unlock()
-	c, err := b.listConn.get(b.conn.NetNS)
+	c, err := b.listConn.get(b.netns)
 	if err != nil {
 		return nil, fmt.Errorf("pinhole: list: %w", err)
 	}

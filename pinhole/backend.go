@@ -72,10 +72,15 @@ func (c *Config) fill() error {
 // Backend manages pcpd's nftables objects over one netlink connection. It
 // is safe for concurrent use; calls are serialized.
 type Backend struct {
-	mu   sync.Mutex
-	conn *nftables.Conn
-	cfg  Config
-	raw  rawRules // getRules' second dump, on conn's namespace; under mu
+	mu sync.Mutex
+	// conn is the caller's connection, until a failed write that may have
+	// left replies of its batch unread on it (a lasting one) makes Backend
+	// replace it with one of its own (ownConn; resetConn).
+	conn    *nftables.Conn
+	ownConn bool
+	netns   int // conn's namespace (conn.NetNS), fixed: read without mu
+	cfg     Config
+	raw     rawRules // getRules' second dump, on conn's namespace; under mu
 	// healthConn and healthRaw are Healthy's sockets for its reads without
 	// mu, in conn's namespace, kept from check to check; under healthMu.
 	// Dialling the raw one per check cost more than the dump; and closing
@@ -183,7 +188,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 	if err := cfg.fill(); err != nil {
 		return nil, err
 	}
-	b := &Backend{conn: conn, cfg: cfg}
+	b := &Backend{conn: conn, cfg: cfg, netns: conn.NetNS}
 	b.table = &nftables.Table{Family: nftables.TableFamilyINet, Name: cfg.Table}
 	prefix := ""
 	if cfg.Attached {
@@ -308,7 +313,7 @@ func (b *Backend) Setup() error {
 			b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: exprs})
 		}
 	}
-	if err := b.conn.Flush(); err != nil {
+	if err := b.flush(); err != nil {
 		return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))
 	}
 	b.owned = true
@@ -564,7 +569,7 @@ func (b *Backend) syncProtected(s *nftables.Set, prefixes []netip.Prefix) error 
 		if err := b.queueElements(s, b.conn.SetAddElements, rangesElements(txn.add)); err != nil {
 			return fmt.Errorf("pinhole: set %s: %w", s.Name, err)
 		}
-		if err := b.conn.Flush(); err != nil {
+		if err := b.flush(); err != nil {
 			return fmt.Errorf("pinhole: set %s: %w", s.Name, classify(err))
 		}
 	}
@@ -935,13 +940,18 @@ func rangePrefixes(first, last netip.Addr) []netip.Prefix {
 }
 
 // Close closes the netlink sockets the Backend dialled itself (the raw
-// rule dumps of getRules and Healthy, Healthy's and List's connections);
-// conn, the caller's, stays open, and so do pcpd's kernel objects
+// rule dumps of getRules and Healthy, Healthy's and List's connections,
+// and its own conn if a failed write replaced the caller's: resetConn);
+// the caller's conn stays open unless resetConn closed it, and so do
+// pcpd's kernel objects
 // (Teardown removes those). A Backend must not be used after Close (a
 // later call would dial them again).
 func (b *Backend) Close() {
 	b.mu.Lock()
 	b.raw.close()
+	if b.ownConn {
+		_ = b.conn.CloseLasting()
+	}
 	b.mu.Unlock()
 	b.healthMu.Lock()
 	b.healthRaw.close()
@@ -986,6 +996,69 @@ func (s *sideConn) close() {
 	}
 }
 
+// flush sends the transaction queued on conn. After an error that may
+// have left conn out of step with the kernel's replies (outOfStep), conn
+// is replaced by a fresh connection (resetConn). Under mu.
+func (b *Backend) flush() error {
+	err := b.conn.Flush()
+	if outOfStep(err) {
+		b.resetConn()
+	}
+	return err
+}
+
+// outOfStep reports whether a failed Flush may have left replies of its
+// batch unread, or read fewer than it sent messages. nfnetlink answers a
+// batch with one reply per message (an acknowledgement or its error)
+// except when (nfnetlink_rcv_batch, 6.18): a message fails with ENOMEM
+// (one reply for the whole batch); the commit fails (ENOMEM: one error
+// for the batch, then an acknowledgement per message); or the replies
+// overflow the socket's receive buffer (the rest dropped, ENOBUFS on the
+// next read, on which google/nftables' Flush returns at once, the queued
+// ones unread: TestApplyAfterRepliesLeftQueued, with a 256-op batch of
+// 384 messages). Flush reads one reply per message without checking
+// sequence numbers, so replies left over are read by the next Flush as its
+// own: a refused batch reported as applied (a pinhole kept open that pcpd
+// thinks deleted), or, with the buffer still congested, the next
+// overflow unreported and Flush waiting for ever under mu. So only a
+// batch's own per-message errors (a join of errnos, none ENOMEM: blame's
+// probes, conflicts) leave conn in step; any other error resets it.
+func outOfStep(err error) bool {
+	if err == nil {
+		return false
+	}
+	var j interface{ Unwrap() []error }
+	if !errors.As(err, &j) || errors.Is(err, unix.ENOMEM) {
+		return true
+	}
+	for _, e := range j.Unwrap() {
+		var errno unix.Errno
+		if !errors.As(e, &errno) {
+			return true
+		}
+	}
+	return false
+}
+
+// resetConn replaces conn with a lasting connection of the Backend's own
+// in the same namespace, and closes the old one's socket (a
+// NETLINK_NETFILTER close waits for the namespace's nftables commit lock
+// and an RCU grace period: BENCHMARKS.md items 41-42; rare, on an error
+// path). When the dial fails, the old connection goes on without its
+// lasting socket (google/nftables then dials a socket per call: in step,
+// slower). A fake-dialled test connection is kept. Under mu.
+func (b *Backend) resetConn() {
+	if b.conn.TestDial != nil {
+		return
+	}
+	_ = b.conn.CloseLasting()
+	c, err := nftables.New(nftables.WithNetNSFd(b.netns), nftables.AsLasting())
+	if err != nil {
+		return
+	}
+	b.conn, b.ownConn = c, true
+}
+
 // Teardown removes pcpd's objects, and nothing else. Standalone, that is
 // pcpd's table. Attached, it is pcpd's sets and chains; the entry chain is
 // left in place, empty, while the admin's ruleset still jumps to it.
@@ -1002,7 +1075,7 @@ func (b *Backend) Teardown() error {
 	}
 	if !b.cfg.Attached {
 		b.conn.DelTable(b.table)
-		if err := b.conn.Flush(); err != nil {
+		if err := b.flush(); err != nil {
 			return fmt.Errorf("pinhole: teardown: %w", classify(err))
 		}
 		return nil
@@ -1028,12 +1101,12 @@ func (b *Backend) Teardown() error {
 			b.conn.DelSet(s)
 		}
 	}
-	if err := b.conn.Flush(); err != nil {
+	if err := b.flush(); err != nil {
 		return fmt.Errorf("pinhole: teardown: %w", classify(err))
 	}
 	if present[b.chainEntry] {
 		b.conn.DelChain(&nftables.Chain{Table: b.table, Name: b.chainEntry})
-		if err := b.conn.Flush(); err != nil && !errors.Is(err, unix.EBUSY) {
+		if err := b.flush(); err != nil && !errors.Is(err, unix.EBUSY) {
 			return fmt.Errorf("pinhole: teardown: chain %s: %w", b.chainEntry, classify(err))
 		}
 	}
@@ -1275,7 +1348,7 @@ func (b *Backend) Healthy() error {
 			// closed per check. healthConn is closed after any error of
 			// the read (sideConn.close), healthRaw after one of its own
 			// dumps (exprCounts); the next check dials them again.
-			conn, derr := b.healthConn.get(b.conn.NetNS)
+			conn, derr := b.healthConn.get(b.netns)
 			if derr != nil {
 				b.healthMu.Unlock()
 				return fmt.Errorf("pinhole: health check: %w", derr)
@@ -1286,7 +1359,7 @@ func (b *Backend) Healthy() error {
 			}
 			b.healthMu.Unlock()
 		} else { // another Healthy has them: sockets of this one's own
-			conn, derr := nftables.New(nftables.WithNetNSFd(b.conn.NetNS), nftables.AsLasting())
+			conn, derr := nftables.New(nftables.WithNetNSFd(b.netns), nftables.AsLasting())
 			if derr != nil {
 				return fmt.Errorf("pinhole: health check: %w", derr)
 			}

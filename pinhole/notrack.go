@@ -439,7 +439,7 @@ func (b *Backend) SetServed(addrs []netip.Addr, ifaces []string) error {
 	if err := b.queueServed(served, ifs); err != nil {
 		return err
 	}
-	if err := b.conn.Flush(); err != nil {
+	if err := b.flush(); err != nil {
 		return fmt.Errorf("pinhole: set served addresses: %w", classify(err))
 	}
 	b.served, b.servedIfs, b.hasServed = served, ifs, true

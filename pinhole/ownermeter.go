@@ -598,7 +598,7 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 		chain := &nftables.Chain{Table: b.table, Name: r.name}
 		b.conn.ReplaceRule(&nftables.Rule{Table: b.table, Chain: chain, Handle: r.handle, Exprs: b.ownerRules(b.ownerIfs[r.name])[0]})
 		if (i+1)%ownerChainBatch == 0 || i == len(replace)-1 {
-			if err := b.conn.Flush(); err != nil {
+			if err := b.flush(); err != nil {
 				return fmt.Errorf("pinhole: replace owner chains' reverse-path rules: %w", classify(err))
 			}
 		}
@@ -636,7 +636,7 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 		if (i+1)%ownerChainBatch == 0 || i == len(write)-1 {
 			// (The last batch is committed here too, so that its chains
 			// can be read back before the maps are written.)
-			if err := b.conn.Flush(); err != nil {
+			if err := b.flush(); err != nil {
 				return fmt.Errorf("pinhole: write owner chains: %w", classify(err))
 			}
 			committed()
@@ -659,14 +659,14 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 			}
 			elems, queued = elems[n:], queued+n
 			if queued == ownerMapTxn {
-				if err := b.conn.Flush(); err != nil {
+				if err := b.flush(); err != nil {
 					return fmt.Errorf("pinhole: set owner prefixes: %w", classify(err))
 				}
 				committed()
 				queued = 0
 			}
 		}
-		if err := b.conn.Flush(); err != nil {
+		if err := b.flush(); err != nil {
 			return fmt.Errorf("pinhole: set owner prefixes: %w", classify(err))
 		}
 		committed()
@@ -696,7 +696,7 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 		b.conn.FlushChain(c)
 		b.conn.DelChain(c)
 		if (i+1)%ownerChainBatch == 0 || i == len(gone)-1 {
-			if err := b.conn.Flush(); err != nil {
+			if err := b.flush(); err != nil {
 				return fmt.Errorf("pinhole: delete owner chains: %w", classify(err))
 			}
 			for _, name := range gone[i-i%ownerChainBatch : i+1] {
@@ -1206,7 +1206,7 @@ func (b *Backend) writeOwnerChainsOnward(names []string) error {
 		b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: &nftables.Chain{Table: b.table, Name: name},
 			Exprs: x(goTo(controlMeterChain))})
 		if (i+1)%ownerChainBatch == 0 || i == len(names)-1 {
-			if err := b.conn.Flush(); err != nil {
+			if err := b.flush(); err != nil {
 				return fmt.Errorf("owner chains on to %s: %w: %w", controlMeterChain, ErrOwnerMeter, classify(err))
 			}
 		}

@@ -53,7 +53,7 @@ func (b *Backend) probeInPlace() (bool, error) {
 		if err := b.conn.SetAddElements(set, []nftables.SetElement{el}); err != nil {
 			return err
 		}
-		return b.conn.Flush()
+		return b.flush()
 	}
 	if err := add(probeLong); err != nil {
 		return false, fmt.Errorf("pinhole: probe element timeout update: add: %w", classify(err))
@@ -82,7 +82,7 @@ func (b *Backend) probeInPlace() (bool, error) {
 		derr = b.conn.SetDeleteElements(set, []nftables.SetElement{probeElement()})
 	}
 	if derr == nil {
-		derr = b.conn.Flush()
+		derr = b.flush()
 	}
 	if perr != nil {
 		return false, perr

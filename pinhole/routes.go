@@ -572,7 +572,7 @@ func (b *Backend) FollowRoutes() error {
 		b.conn.ReplaceRule(&nftables.Rule{Table: b.table, Chain: chain, Handle: handle, Exprs: b.ownerRules(ifs[name])[0]})
 		pending = append(pending, name)
 		if len(pending) == ownerChainBatch {
-			if err := b.conn.Flush(); err != nil {
+			if err := b.flush(); err != nil {
 				werr = err
 				return errors.Join(lerr, fmt.Errorf("pinhole: follow routes: %w", classify(err)))
 			}
@@ -580,7 +580,7 @@ func (b *Backend) FollowRoutes() error {
 		}
 	}
 	if len(pending) > 0 {
-		if err := b.conn.Flush(); err != nil {
+		if err := b.flush(); err != nil {
 			werr = err
 			return errors.Join(lerr, fmt.Errorf("pinhole: follow routes: %w", classify(err)))
 		}

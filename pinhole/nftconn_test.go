@@ -1,0 +1,105 @@
+package pinhole_test
+
+import (
+	"errors"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/nftables"
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// TestApplyAfterRepliesLeftQueued (h/nftconn): a failure that leaves
+// replies of its batch queued on the Backend's lasting connection (as
+// pcpd's serve dials it) must not make a later Apply read them as its own.
+// The kernel commits a batch in the sender's sendmsg and queues every
+// acknowledgement then; past the socket's receive buffer (208 KiB by
+// default, about 300 acknowledgements) the rest are dropped and the next
+// read fails with ENOBUFS, on which google/nftables' Flush returns at once,
+// the queued acknowledgements unread. Without a fresh connection after
+// that error, the next batch, which the kernel refuses (a delete of an open
+// pinhole and a conflicting install), read stale acknowledgements and
+// Apply answered nil: the pinhole stayed open while pcpd thought it gone.
+// (Test connections of netlab are transient, a socket per call: in step
+// whatever happens; this test dials a lasting one, as cmd/pcpd does.)
+func TestApplyAfterRepliesLeftQueued(t *testing.T) {
+	taken := pinhole.Pinhole{Protocol: tcp, InternalAddr: c4, InternalPort: 80, ExternalAddr: pub, ExternalPort: 8080}
+	clash := taken
+	clash.InternalAddr = c4b // same public port, another client: the kernel refuses
+	open := everyShape[1]
+	churn := everyShape[0]
+	for _, tc := range []struct {
+		name   string
+		rounds int // of the batch that leaves replies queued
+	}{
+		// 256 ops alternating Install and Delete of one pinhole: 256
+		// phases, 384 messages, more acknowledgements than the receive
+		// buffer holds. Without the fix Apply then reported the refused
+		// batch as applied.
+		{"ENOBUFS", 1},
+		// Again before the queue drained: the socket still counts as
+		// congested, so the second overflow raises no ENOBUFS, and
+		// without the fix Apply waited for ever (under the Backend's
+		// lock) for the acknowledgements the kernel dropped.
+		{"ENOBUFS twice", 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ns := netlab.NewNS(t, "nftconn")
+			h, err := ns.Handle()
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { conn.CloseLasting() })
+			b, err := pinhole.New(conn, pinhole.Config{Routes: nsRoutes(t, ns)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(b.Close)
+			if err := b.Setup(); err != nil {
+				t.Fatalf("Setup: %v", err)
+			}
+			apply(t, b, install(taken, time.Minute), install(open, time.Minute))
+			var ops []pinhole.Op
+			for i := range pinhole.MaxBatch {
+				if i%2 == 0 {
+					ops = append(ops, install(churn, time.Minute))
+				} else {
+					ops = append(ops, del(churn))
+				}
+			}
+			for range tc.rounds {
+				err := b.Apply(ops)
+				t.Logf("trigger batch of %d ops: %v", len(ops), err)
+			}
+
+			// The kernel refuses this batch as a whole: open stays open.
+			err = b.Apply([]pinhole.Op{del(open), install(clash, time.Minute)})
+			var oe *pinhole.OpError
+			if !errors.As(err, &oe) || oe.Index != 1 || !errors.Is(err, pinhole.ErrConflict) {
+				t.Errorf("Apply of a refused batch: %v; want op 1 ErrConflict", err)
+			}
+			got, _ := listPinholes(t, b)
+			want := []pinhole.Pinhole{taken, open}
+			slices.SortFunc(want, sortPinholes)
+			if diff := cmp.Diff(want, got, cmpAddr, cmpPrefix); diff != "" {
+				t.Errorf("kernel after the refused batch (-want +got):\n%s", diff)
+			}
+			// And a batch the kernel takes is reported so.
+			for i, ops := range [][]pinhole.Op{{del(taken), del(open)}, {install(clash, time.Minute)}, {del(clash)}} {
+				if err := b.Apply(ops); err != nil {
+					t.Errorf("Apply %d (%v): %v; want nil", i, ops[0].Kind, err)
+				}
+			}
+			if got, _ := listPinholes(t, b); len(got) != 0 {
+				t.Errorf("kernel after deleting everything: %v", got)
+			}
+		})
+	}
+}
