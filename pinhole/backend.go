@@ -179,8 +179,11 @@ type Backend struct {
 
 // New returns a Backend that talks to the kernel through conn. The caller
 // builds conn (nftables.New, with nftables.WithNetNSFd to aim it at a
-// network namespace; nftables.AsLasting saves a socket per call). New does
-// not touch the kernel; call Setup.
+// network namespace; nftables.AsLasting saves a socket per call). After a
+// failed write that may leave a lasting conn out of step with the
+// kernel's replies, the Backend closes conn's socket and goes on with a
+// connection of its own in the same namespace (resetConn); Close closes
+// that one. New does not touch the kernel; call Setup.
 func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 	if conn == nil {
 		return nil, fmt.Errorf("pinhole: nil connection: %w", ErrInvalid)
