@@ -1,6 +1,7 @@
 package interop
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/netip"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pcpd/pcpd/control"
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/internal/pcpdtest"
 	"github.com/pcpd/pcpd/pcp"
@@ -42,8 +44,9 @@ func requireTool(t testing.TB, name, pkg string) {
 // client c1 owns the Client's /64 and its IPv4, mapped to the Host's
 // public 198.51.100.1.
 type lab struct {
-	topo *netlab.Topology
-	pcpd *pcpdtest.Daemon
+	topo   *netlab.Topology
+	pcpd   *pcpdtest.Daemon
+	socket string // pcpd's control socket
 }
 
 // newLab starts the lab; extra are more pcpd serve flags.
@@ -65,7 +68,53 @@ func newLab(t *testing.T, extra ...string) *lab {
 		Args:  append(args, extra...),
 		Ready: pcpdtest.Announce(topo.Client, topo.ClientV6, netip.AddrPortFrom(topo.HostTunnelV6, pcp.Port)),
 	})
-	return &lab{topo: topo, pcpd: d}
+	return &lab{topo: topo, pcpd: d, socket: filepath.Join(dir, "pcpd.sock")}
+}
+
+// waitReleased waits until pcpd holds no lease on external (its
+// control socket's listing), then ends the mapping of the client's
+// internal proto port itself with a delete whose reply it waits for. A
+// client that does not wait for the answer to its own delete (Tailscale's
+// release sends it and returns) may otherwise probe before pcpd has
+// processed it: pcpd's promise (PMP-12) is no data once the delete is
+// answered. The listing shows that the client's own delete ended the
+// lease; the test's delete, answered after pcpd's batches before it
+// (or, read first, deleting the mapping itself: then the lease would have
+// been listed), makes the probe after it wait for the kernel.
+func (l *lab) waitReleased(t *testing.T, external netip.AddrPort, internal netip.Addr, proto pcp.Protocol, port uint16) {
+	t.Helper()
+	cc := &control.Client{Path: l.socket, Timeout: 5 * time.Second}
+	if err := netlab.Eventually(10*time.Second, func() error {
+		held := 0
+		if _, err := cc.Leases(context.Background(), func(le control.Lease) error {
+			if netip.AddrPortFrom(le.ExternalAddress, le.ExternalPort) == external {
+				held++
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		if held > 0 {
+			return fmt.Errorf("pcpd still holds %d lease(s) on %s after the client's delete", held, external)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := l.pcpClientFrom(internal, l.topo.HostTunnelV4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var resp pcp.Response
+	if err := c.Do(ctx, pcp.NewMap(internal, proto, port, 0), &resp); err != nil {
+		t.Fatalf("delete of %v %d: %v", proto, port, err)
+	}
+	if resp.Result != pcp.Success {
+		t.Fatalf("delete of %v %d: %v, want SUCCESS", proto, port, resp.Result)
+	}
 }
 
 // pcpClient returns pcp's client on a socket opened inside the Client

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/pcpd/pcpd/internal/pcpdtest"
+	"github.com/pcpd/pcpd/pcp"
 )
 
 var tsBuild struct {
@@ -143,6 +144,9 @@ func TestTailscalePortmapperPCP(t *testing.T) {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("tsportmap: %v", err)
 	}
+	// Tailscale's release does not wait for pcpd's answer (a fresh-clone
+	// CI run probed before pcpd had processed it: "still reachable").
+	l.waitReleased(t, external, topo.ClientV4, pcp.ProtoUDP, port)
 	if err := l.blocked("udp", external); err != nil {
 		t.Fatalf("MAP-16 (Tailscale's release): %v", err)
 	}
