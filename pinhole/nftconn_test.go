@@ -2,6 +2,7 @@ package pinhole_test
 
 import (
 	"errors"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -99,6 +100,55 @@ func TestApplyAfterRepliesLeftQueued(t *testing.T) {
 			}
 			if got, _ := listPinholes(t, b); len(got) != 0 {
 				t.Errorf("kernel after deleting everything: %v", got)
+			}
+		})
+	}
+}
+
+// TestApplyOverflowedBatchOutcome (review h/revnftconn): a batch the
+// kernel takes must not be reported as failed because its
+// acknowledgements overflowed the lasting connection's receive buffer
+// (ENOBUFS: nfnetlink queues them after the commit). The server takes a
+// failed Apply as one that changed nothing (applyAtomic), so it kept no
+// lease for pinholes the kernel held open until the next audit. Each batch
+// deletes and installs n/2 distinct pinholes in turn (a phase per op, three
+// messages a phase): on main, 200 and 256 ops failed with ENOBUFS while the
+// kernel held 100 and 128 pinholes.
+func TestApplyOverflowedBatchOutcome(t *testing.T) {
+	for _, n := range []int{64, 200, pinhole.MaxBatch} {
+		t.Run(fmt.Sprint(n), func(t *testing.T) {
+			ns := netlab.NewNS(t, "revnftc")
+			h, err := ns.Handle()
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { conn.CloseLasting() })
+			b, err := pinhole.New(conn, pinhole.Config{Routes: nsRoutes(t, ns)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(b.Close)
+			if err := b.Setup(); err != nil {
+				t.Fatalf("Setup: %v", err)
+			}
+			var ops []pinhole.Op
+			for i := range n {
+				p := everyShape[0]
+				p.InternalPort, p.ExternalPort = uint16(2000+i/2), uint16(2000+i/2)
+				if i%2 == 0 {
+					ops = append(ops, del(p))
+				} else {
+					ops = append(ops, install(p, time.Minute))
+				}
+			}
+			err = b.Apply(ops)
+			got, _ := listPinholes(t, b)
+			if err != nil || len(got) != n/2 {
+				t.Errorf("Apply of %d ops: %v; kernel holds %d pinholes, want nil and %d", n, err, len(got), n/2)
 			}
 		})
 	}
