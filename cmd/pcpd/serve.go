@@ -198,13 +198,14 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	}
 	defer st.Close()
 
-	// Firewall. One lasting netlink socket: opening and closing a socket
-	// per batch cost 5-14 ms a batch (BENCHMARKS.md).
-	nft, err := nftables.New(nftables.AsLasting())
+	// Firewall. pinhole.New dials its own lasting netlink socket in nft's
+	// namespace (opening and closing a socket per batch cost 5-14 ms a
+	// batch: BENCHMARKS.md), with a receive buffer for a whole batch's
+	// acknowledgements (review h/revnftconn); nft holds no socket.
+	nft, err := nftables.New()
 	if err != nil {
 		return failure(fmt.Errorf("serve: open nftables: %w", err))
 	}
-	defer nft.CloseLasting()
 	fw, err := pinhole.New(nft, pinhole.Config{Table: cfg.Table(), Attached: cfg.Attached(), Chain: cfg.NftChain,
 		Meter: kernelMeter(cfg), TrackControl: !cfg.NftNotrack, Routes: pinhole.NetlinkRoutes()})
 	if err != nil {
