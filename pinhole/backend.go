@@ -1079,7 +1079,7 @@ func (b *Backend) resetConn() {
 // a MaxBatch batch can send a few per op). 8 MiB holds some 6000 (an ack
 // costs about 1.3 KiB of buffer). Memory is only charged while replies
 // are queued.
-const replyBuffer = 8 << 20
+var replyBuffer = 8 << 20 // a variable for tests only: SetReplyBuffer
 
 // dialConn dials a lasting connection in namespace netns with a receive
 // buffer of replyBuffer (SO_RCVBUFFORCE: pcpd has CAP_NET_ADMIN; else

@@ -106,3 +106,12 @@ func CheckRulesReplacedMidway(b *Backend, tamper func()) error {
 // RefreshNudge is how much shorter than asked an element refreshed in
 // place may end up (refreshNudge).
 const RefreshNudge = refreshNudge
+
+// SetReplyBuffer sets the receive buffer Backends dial their connections
+// with from now on (the kernel doubles it), until restore is called; tests
+// using it must not run in parallel.
+func SetReplyBuffer(n int) (restore func()) {
+	old := replyBuffer
+	replyBuffer = n
+	return func() { replyBuffer = old }
+}

@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/google/nftables"
+
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 )
@@ -24,8 +24,9 @@ import (
 // that error, the next batch, which the kernel refuses (a delete of an open
 // pinhole and a conflicting install), read stale acknowledgements and
 // Apply answered nil: the pinhole stayed open while pcpd thought it gone.
-// (Test connections of netlab are transient, a socket per call: in step
-// whatever happens; this test dials a lasting one, as cmd/pcpd does.)
+// (The Backend writes over a lasting connection of its own, whatever the
+// caller's; since review h/revnftconn with an 8 MiB receive buffer, so
+// this test dials it with the kernel's default to overflow it.)
 func TestApplyAfterRepliesLeftQueued(t *testing.T) {
 	taken := pinhole.Pinhole{Protocol: tcp, InternalAddr: c4, InternalPort: 80, ExternalAddr: pub, ExternalPort: 8080}
 	clash := taken
@@ -48,24 +49,13 @@ func TestApplyAfterRepliesLeftQueued(t *testing.T) {
 		{"ENOBUFS twice", 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ns := netlab.NewNS(t, "nftconn")
-			h, err := ns.Handle()
-			if err != nil {
-				t.Fatal(err)
-			}
-			conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { conn.CloseLasting() })
-			b, err := pinhole.New(conn, pinhole.Config{Routes: nsRoutes(t, ns)})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(b.Close)
-			if err := b.Setup(); err != nil {
-				t.Fatalf("Setup: %v", err)
-			}
+			// pinhole.New writes over a lasting connection of its own, as
+			// in pcpd, dialled here with the kernel's default receive
+			// buffer (208 KiB), which this batch's acknowledgements
+			// overflow (pcpd's 8 MiB holds them: TestApplyOverflowedBatchOutcome).
+			restore := pinhole.SetReplyBuffer(212992 / 2)
+			b := newBackend(t, netlab.NewNS(t, "nftconn"), pinhole.Config{})
+			restore()
 			apply(t, b, install(taken, time.Minute), install(open, time.Minute))
 			var ops []pinhole.Op
 			for i := range pinhole.MaxBatch {
@@ -81,7 +71,7 @@ func TestApplyAfterRepliesLeftQueued(t *testing.T) {
 			}
 
 			// The kernel refuses this batch as a whole: open stays open.
-			err = b.Apply([]pinhole.Op{del(open), install(clash, time.Minute)})
+			err := b.Apply([]pinhole.Op{del(open), install(clash, time.Minute)})
 			var oe *pinhole.OpError
 			if !errors.As(err, &oe) || oe.Index != 1 || !errors.Is(err, pinhole.ErrConflict) {
 				t.Errorf("Apply of a refused batch: %v; want op 1 ErrConflict", err)
@@ -117,24 +107,9 @@ func TestApplyAfterRepliesLeftQueued(t *testing.T) {
 func TestApplyOverflowedBatchOutcome(t *testing.T) {
 	for _, n := range []int{64, 200, pinhole.MaxBatch} {
 		t.Run(fmt.Sprint(n), func(t *testing.T) {
-			ns := netlab.NewNS(t, "revnftc")
-			h, err := ns.Handle()
-			if err != nil {
-				t.Fatal(err)
-			}
-			conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { conn.CloseLasting() })
-			b, err := pinhole.New(conn, pinhole.Config{Routes: nsRoutes(t, ns)})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(b.Close)
-			if err := b.Setup(); err != nil {
-				t.Fatalf("Setup: %v", err)
-			}
+			// pinhole.New writes over a lasting connection of its own,
+			// as in pcpd (review h/revnftconn).
+			b := newBackend(t, netlab.NewNS(t, "revnftc"), pinhole.Config{})
 			var ops []pinhole.Op
 			for i := range n {
 				p := everyShape[0]
@@ -145,7 +120,7 @@ func TestApplyOverflowedBatchOutcome(t *testing.T) {
 					ops = append(ops, install(p, time.Minute))
 				}
 			}
-			err = b.Apply(ops)
+			err := b.Apply(ops)
 			got, _ := listPinholes(t, b)
 			if err != nil || len(got) != n/2 {
 				t.Errorf("Apply of %d ops: %v; kernel holds %d pinholes, want nil and %d", n, err, len(got), n/2)
