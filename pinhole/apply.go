@@ -277,9 +277,12 @@ func ceilMillis(d time.Duration) time.Duration {
 // culprit.
 func (b *Backend) blame(enc []encodedOp, orig error) error {
 	if errors.Is(orig, os.ErrPermission) || errors.Is(orig, unix.ENOBUFS) ||
-		errors.Is(orig, unix.EPERM) || errors.Is(orig, unix.EMSGSIZE) {
+		errors.Is(orig, unix.EPERM) || errors.Is(orig, unix.EMSGSIZE) ||
+		errors.Is(orig, unix.ENOMEM) || errors.Is(orig, os.ErrDeadlineExceeded) {
 		// Not about any one op: the batch never reached nftables, or the
-		// kernel could not report back.
+		// kernel could not report back (ENOMEM aborts the whole batch
+		// with one reply, and flush's read then times out:
+		// flushDeadline); replaying prefixes would only wait again.
 		return &OpError{Index: -1, Err: classify(orig)}
 	}
 	probe := func(n int) ([]error, error) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -79,9 +80,17 @@ type Backend struct {
 	// replace it with one of its own (ownConn; resetConn).
 	conn    *nftables.Conn
 	ownConn bool
-	netns   int // conn's namespace (conn.NetNS), fixed: read without mu
-	cfg     Config
-	raw     rawRules // getRules' second dump, on conn's namespace; under mu
+	// nl is the netlink socket of conn when conn is the Backend's own
+	// (dialConn), for flush's read deadline; nil on the caller's
+	// connection (a fake-dialled test one, or the fallback when the dial
+	// failed), which flush reads without one.
+	nl *netlink.Conn
+	// flushHook, when set (tests only: QueueOversizedSet), runs on conn
+	// just before flush sends its batch.
+	flushHook func(*nftables.Conn)
+	netns     int // conn's namespace (conn.NetNS), fixed: read without mu
+	cfg       Config
+	raw       rawRules // getRules' second dump, on conn's namespace; under mu
 	// healthConn and healthRaw are Healthy's sockets for its reads without
 	// mu, in conn's namespace, kept from check to check; under healthMu.
 	// Dialling the raw one per check cost more than the dump; and closing
@@ -196,8 +205,8 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 	}
 	b := &Backend{conn: conn, cfg: cfg, netns: conn.NetNS}
 	if conn.TestDial == nil {
-		if c, err := dialConn(b.netns); err == nil {
-			b.conn, b.ownConn = c, true
+		if c, nl, err := dialConn(b.netns); err == nil {
+			b.conn, b.ownConn, b.nl = c, true, nl
 		}
 	}
 	b.table = &nftables.Table{Family: nftables.TableFamilyINet, Name: cfg.Table}
@@ -1007,15 +1016,76 @@ func (s *sideConn) close() {
 	}
 }
 
-// flush sends the transaction queued on conn. After an error that may
-// have left conn out of step with the kernel's replies (outOfStep), conn
-// is replaced by a fresh connection (resetConn). Under mu.
+// flushDeadline bounds how long flush waits for the kernel's replies to a
+// batch on the Backend's own connection. nfnetlink handles a batch within
+// the sender's sendmsg and queues every reply to it then, so a read that
+// blocks after the send means replies that will never come; google/nftables'
+// Flush reads one per message sent and would wait for ever, under mu, and
+// pcpd would answer no request again. That happens when a message fails
+// with ENOMEM: nfnetlink_rcv_batch (since "netfilter: nfnetlink: skip
+// error delivery on batch in case of ENOMEM", 2023; 6.18 here) drops the
+// errors and acknowledgements collected so far, sends one ENOMEM reply for
+// the batch and aborts it (NFNL_BATCH_FAILURE: nothing is committed), so a
+// batch that timed out after an ENOMEM reply changed nothing, as callers
+// take any failed Apply (TestApplyENOMEMMidBatch: the kernel holds what
+// it held before; the next Apply, on a fresh connection, works). A batch
+// takes milliseconds (even MaxBatch ops); 5 s leaves
+// room for a send that waits for the nftables commit lock behind another
+// process's transaction. Left: a send that waited longer than that (the
+// deadline counts from before the send) times out with its replies queued
+// and unread, the batch possibly committed, reported failed.
+const flushDeadline = 5 * time.Second
+
+// flush sends the transaction queued on conn. On the Backend's own
+// connection it reads the replies with a deadline (flushDeadline). After
+// an error that may have left conn out of step with the kernel's replies
+// (outOfStep, a deadline among them), conn is replaced by a fresh
+// connection (resetConn). Under mu.
 func (b *Backend) flush() error {
+	if b.flushHook != nil {
+		b.flushHook(b.conn)
+	}
+	if b.nl != nil {
+		_ = b.nl.SetReadDeadline(time.Now().Add(flushDeadline))
+	}
 	err := b.conn.Flush()
+	if b.nl != nil {
+		_ = b.nl.SetReadDeadline(time.Time{})
+		err = timedOut(err)
+	}
 	if outOfStep(err) {
 		b.resetConn()
 	}
 	return err
+}
+
+// timedOut shortens a Flush error with reads past flushDeadline: once the
+// deadline passed, Flush's read for every message left fails at once, so
+// its error joined up to a MaxBatch batch's worth of "i/o timeout". It
+// keeps the errors the kernel sent (ENOMEM) and one deadline.
+func timedOut(err error) error {
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		return err
+	}
+	var kept []error
+	missing := 0
+	var walk func(error)
+	walk = func(e error) { // Flush joins its errors one by one: nested joins
+		if m, ok := e.(interface{ Unwrap() []error }); ok {
+			for _, x := range m.Unwrap() {
+				walk(x)
+			}
+		} else if _, op := e.(*netlink.OpError); !op && errors.Unwrap(e) != nil {
+			walk(errors.Unwrap(e))
+		} else if errors.Is(e, os.ErrDeadlineExceeded) {
+			missing++
+		} else {
+			kept = append(kept, e)
+		}
+	}
+	walk(err)
+	timeout := fmt.Errorf("replies missing after %v (%d reads): %w", flushDeadline, missing, os.ErrDeadlineExceeded)
+	return errors.Join(append(kept, timeout)...)
 }
 
 // outOfStep reports whether a failed Flush may have left replies of its
@@ -1033,13 +1103,14 @@ func (b *Backend) flush() error {
 // thinks deleted), or, with the buffer still congested, the next
 // overflow unreported and Flush waiting for ever under mu. So only a
 // batch's own per-message errors (a join of errnos, none ENOMEM: blame's
-// probes, conflicts) leave conn in step; any other error resets it.
+// probes, conflicts) leave conn in step; any other error resets it, a
+// read past flushDeadline (replies missing: ENOMEM) among them.
 func outOfStep(err error) bool {
 	if err == nil {
 		return false
 	}
 	var j interface{ Unwrap() []error }
-	if !errors.As(err, &j) || errors.Is(err, unix.ENOMEM) {
+	if !errors.As(err, &j) || errors.Is(err, unix.ENOMEM) || errors.Is(err, os.ErrDeadlineExceeded) {
 		return true
 	}
 	for _, e := range j.Unwrap() {
@@ -1063,11 +1134,12 @@ func (b *Backend) resetConn() {
 		return
 	}
 	_ = b.conn.CloseLasting()
-	c, err := dialConn(b.netns)
+	b.nl = nil
+	c, nl, err := dialConn(b.netns)
 	if err != nil {
 		return
 	}
-	b.conn, b.ownConn = c, true
+	b.conn, b.ownConn, b.nl = c, true, nl
 }
 
 // replyBuffer is the receive buffer of the Backend's connections. The
@@ -1083,10 +1155,13 @@ var replyBuffer = 8 << 20 // a variable for tests only: SetReplyBuffer
 
 // dialConn dials a lasting connection in namespace netns with a receive
 // buffer of replyBuffer (SO_RCVBUFFORCE: pcpd has CAP_NET_ADMIN; else
-// SO_RCVBUF, capped by net.core.rmem_max).
-func dialConn(netns int) (*nftables.Conn, error) {
-	return nftables.New(nftables.WithNetNSFd(netns), nftables.AsLasting(),
+// SO_RCVBUF, capped by net.core.rmem_max), and returns its netlink socket
+// too (flush's read deadline).
+func dialConn(netns int) (*nftables.Conn, *netlink.Conn, error) {
+	var nl *netlink.Conn
+	c, err := nftables.New(nftables.WithNetNSFd(netns), nftables.AsLasting(),
 		nftables.WithSockOptions(func(c *netlink.Conn) error {
+			nl = c
 			rc, err := c.SyscallConn()
 			if err != nil {
 				return err
@@ -1102,6 +1177,10 @@ func dialConn(netns int) (*nftables.Conn, error) {
 			}
 			return nil
 		}))
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, nl, nil
 }
 
 // Teardown removes pcpd's objects, and nothing else. Standalone, that is

@@ -3,6 +3,7 @@ package pinhole
 import (
 	"errors"
 
+	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"github.com/vishvananda/netlink"
 )
@@ -114,4 +115,28 @@ func SetReplyBuffer(n int) (restore func()) {
 	old := replyBuffer
 	replyBuffer = n
 	return func() { replyBuffer = old }
+}
+
+// QueueOversizedSet makes the Backend's next flush queue, before sending,
+// a NEWSET of a set of 0xfffffff0 elements (the kernel fails it with
+// ENOMEM: nfnetlink then answers the whole batch with that one error and
+// aborts it) followed by a harmless re-add of the table, so that the
+// failing message sits in the middle of the batch (h/nftdeadline).
+func QueueOversizedSet(b *Backend) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.flushHook = func(c *nftables.Conn) {
+		b.flushHook = nil
+		_ = c.AddSet(&nftables.Set{Table: b.table, Name: "nftdeadline_oversized", KeyType: nftables.TypeIPAddr,
+			Size: 0xfffffff0}, nil)
+		c.AddTable(b.table)
+	}
+}
+
+// ConnOf is the connection the Backend writes over now (resetConn
+// replaces it).
+func ConnOf(b *Backend) *nftables.Conn {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.conn
 }

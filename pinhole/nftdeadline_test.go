@@ -1,0 +1,79 @@
+package pinhole_test
+
+import (
+	"errors"
+	"os"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// TestApplyENOMEMMidBatch (h/nftdeadline): a message failing with ENOMEM in
+// the middle of a batch makes nfnetlink answer the whole batch with that
+// one error and abort it; google/nftables' Flush then waited for ever for
+// the other replies, under the Backend's lock (RELIABILITY.md known bug
+// 13). The trigger is real: a NEWSET of 0xfffffff0 elements
+// (QueueOversizedSet) queued into the Backend's next batch, before a
+// harmless message. With flush's read deadline Apply returns an error, the
+// connection is replaced, the kernel holds what it held before (the batch
+// was aborted, so the caller's "nothing applied" is true), and the same
+// batch then goes through. Without the deadline Apply hangs (shown with
+// -timeout).
+func TestApplyENOMEMMidBatch(t *testing.T) {
+	kept := pinhole.Pinhole{Protocol: tcp, InternalAddr: c4, InternalPort: 80, ExternalAddr: pub, ExternalPort: 8080}
+	for _, tc := range []struct {
+		name string
+		n    int // pinholes the batch installs, besides deleting kept
+	}{
+		{"small batch", 1},
+		{"MaxBatch", pinhole.MaxBatch - 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newBackend(t, netlab.NewNS(t, "nftdeadl"), pinhole.Config{})
+			apply(t, b, install(kept, time.Minute))
+			ops := []pinhole.Op{del(kept)}
+			var want []pinhole.Pinhole
+			for i := range tc.n {
+				p := everyShape[0]
+				p.InternalPort, p.ExternalPort = uint16(3000+i), uint16(3000+i)
+				ops = append(ops, install(p, time.Minute))
+				want = append(want, p)
+			}
+			slices.SortFunc(want, sortPinholes)
+
+			before := pinhole.ConnOf(b)
+			pinhole.QueueOversizedSet(b)
+			err := b.Apply(ops) // must return: the test's -timeout catches a hang
+			t.Logf("Apply with an ENOMEM message mid-batch: %v", err)
+			if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) || !errors.Is(err, unix.ENOMEM) {
+				t.Errorf("Apply with an ENOMEM message mid-batch: %v; want an error with ENOMEM and the read deadline", err)
+			}
+			if pinhole.ConnOf(b) == before {
+				t.Errorf("connection not replaced after the timed-out batch")
+			}
+			// The kernel aborted the batch: nothing of it applied.
+			got, _ := listPinholes(t, b)
+			if diff := cmp.Diff([]pinhole.Pinhole{kept}, got, cmpAddr, cmpPrefix); diff != "" {
+				t.Errorf("kernel after the aborted batch (-want +got):\n%s", diff)
+			}
+			if err := b.Healthy(); err != nil {
+				t.Errorf("Healthy after the aborted batch: %v", err)
+			}
+
+			// The same batch again, on the fresh connection, is applied.
+			if err := b.Apply(ops); err != nil {
+				t.Fatalf("Apply after the reset: %v", err)
+			}
+			got, _ = listPinholes(t, b)
+			if diff := cmp.Diff(want, got, cmpAddr, cmpPrefix); diff != "" {
+				t.Errorf("kernel after the retried batch (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
