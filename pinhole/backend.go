@@ -1022,18 +1022,20 @@ func (s *sideConn) close() {
 // blocks after the send means replies that will never come; google/nftables'
 // Flush reads one per message sent and would wait for ever, under mu, and
 // pcpd would answer no request again. That happens when a message fails
-// with ENOMEM: nfnetlink_rcv_batch (since "netfilter: nfnetlink: skip
-// error delivery on batch in case of ENOMEM", 2023; 6.18 here) drops the
-// errors and acknowledgements collected so far, sends one ENOMEM reply for
-// the batch and aborts it (NFNL_BATCH_FAILURE: nothing is committed), so a
-// batch that timed out after an ENOMEM reply changed nothing, as callers
-// take any failed Apply (TestApplyENOMEMMidBatch: the kernel holds what
-// it held before; the next Apply, on a fresh connection, works). A batch
-// takes milliseconds (even MaxBatch ops); 5 s leaves
-// room for a send that waits for the nftables commit lock behind another
-// process's transaction. Left: a send that waited longer than that (the
-// deadline counts from before the send) times out with its replies queued
-// and unread, the batch possibly committed, reported failed.
+// with ENOMEM: since kernel commit a1a64a151dae ("netfilter: nfnetlink:
+// skip error delivery on batch in case of ENOMEM", 2023),
+// nfnetlink_rcv_batch stops at that message, drops the replies collected
+// so far, sends one ENOMEM for the whole batch and marks it failed, so it
+// is aborted, not committed. Shown on 6.18 by TestApplyENOMEMMidBatch (an
+// oversized NEWSET mid-batch): one ENOMEM read, the rest time out, and the
+// kernel holds what it held before. So a batch that timed out after an
+// ENOMEM changed nothing, as callers take any failed Apply (the server:
+// NO_RESOURCES, its leases unchanged). A batch's replies come in
+// milliseconds (MaxBatch included); 5 s leaves room for a send that waits
+// for the nftables commit lock behind another process's transaction.
+// Left: a send that waited longer (the deadline counts from before the
+// send) times out with its replies queued and unread, the batch possibly
+// committed yet reported failed (as ENOBUFS did before review h/revnftconn).
 const flushDeadline = 5 * time.Second
 
 // flush sends the transaction queued on conn. On the Backend's own
