@@ -1031,12 +1031,14 @@ func (s *sideConn) close() {
 // kernel holds what it held before. So a batch that timed out after an
 // ENOMEM changed nothing, as callers take any failed Apply (the server:
 // NO_RESOURCES, its leases unchanged). A batch's replies come in
-// milliseconds (MaxBatch included); 5 s leaves room for a send that waits
-// for the nftables commit lock behind another process's transaction.
-// Left: a send that waited longer (the deadline counts from before the
-// send) times out with its replies queued and unread, the batch possibly
-// committed yet reported failed (as ENOBUFS did before review h/revnftconn).
-const flushDeadline = 5 * time.Second
+// milliseconds (MaxBatch included); 30 s leaves room for a send that
+// waits for the nftables commit lock behind another process's
+// transaction: the deadline counts from before the send, and a send that
+// waited longer would time out with its replies queued and unread, the
+// batch possibly committed yet reported failed (as ENOBUFS did before
+// review h/revnftconn), so it is generous; an ENOMEM holds mu that long.
+// A variable for tests only (SetFlushDeadline).
+var flushDeadline = 30 * time.Second
 
 // flush sends the transaction queued on conn. On the Backend's own
 // connection it reads the replies with a deadline (flushDeadline). After

@@ -2,6 +2,7 @@ package pinhole
 
 import (
 	"errors"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -139,4 +140,12 @@ func ConnOf(b *Backend) *nftables.Conn {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.conn
+}
+
+// SetFlushDeadline sets flush's read deadline until restore is called;
+// tests using it must not run in parallel.
+func SetFlushDeadline(d time.Duration) (restore func()) {
+	old := flushDeadline
+	flushDeadline = d
+	return func() { flushDeadline = old }
 }

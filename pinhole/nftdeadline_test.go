@@ -35,6 +35,8 @@ func TestApplyENOMEMMidBatch(t *testing.T) {
 		{"MaxBatch", pinhole.MaxBatch - 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			// pcpd waits 30 s; the test need not.
+			t.Cleanup(pinhole.SetFlushDeadline(2 * time.Second))
 			b := newBackend(t, netlab.NewNS(t, "nftdeadl"), pinhole.Config{})
 			apply(t, b, install(kept, time.Minute))
 			ops := []pinhole.Op{del(kept)}

@@ -61,9 +61,9 @@ func TestTimedOut(t *testing.T) {
 	}{
 		{"no deadline: unchanged", fmt.Errorf("conn.Receive: %w", msgErr(unix.EEXIST)), "conn.Receive: netlink receive: file exists", false, false},
 		{"ENOMEM and three timeouts", fmt.Errorf("conn.Receive: %w", flushErr),
-			"netlink receive: cannot allocate memory\nreplies missing after 5s (3 reads): i/o timeout", true, true},
+			"netlink receive: cannot allocate memory\nreplies missing after 30s (3 reads): i/o timeout", true, true},
 		{"timeouts only", fmt.Errorf("conn.Receive: %w", errors.Join(errors.Join(msgErr(dl)), msgErr(dl))),
-			"replies missing after 5s (2 reads): i/o timeout", false, true},
+			"replies missing after 30s (2 reads): i/o timeout", false, true},
 	} {
 		got := timedOut(tc.err)
 		if got.Error() != tc.wantMsg || errors.Is(got, unix.ENOMEM) != tc.enomem || errors.Is(got, dl) != tc.deadline {
