@@ -149,3 +149,19 @@ func SetFlushDeadline(d time.Duration) (restore func()) {
 	flushDeadline = d
 	return func() { flushDeadline = old }
 }
+
+// QueueOversizedSentinelSet makes the next sentinel check (Healthy) queue
+// QueueOversizedSet's ENOMEM NEWSET and table re-add into its transaction
+// (review h/revdeadline); restore undoes it. Not for parallel tests.
+func QueueOversizedSentinelSet(b *Backend) (restore func()) {
+	b.mu.Lock()
+	table := b.table
+	b.mu.Unlock()
+	sentinelHook = func(c *nftables.Conn) {
+		sentinelHook = nil
+		_ = c.AddSet(&nftables.Set{Table: table, Name: "nftdeadline_oversized", KeyType: nftables.TypeIPAddr,
+			Size: 0xfffffff0}, nil)
+		c.AddTable(table)
+	}
+	return func() { sentinelHook = nil }
+}

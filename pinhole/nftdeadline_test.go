@@ -79,3 +79,37 @@ func TestApplyENOMEMMidBatch(t *testing.T) {
 		})
 	}
 }
+
+// TestHealthySentinelENOMEM (review h/revdeadline): Healthy's sentinel
+// check is a transaction too (checkSentinels), on Healthy's kept
+// connection, and its Flush read without flushDeadline: an ENOMEM message
+// in it (memory pressure; here the real oversized NEWSET) made it wait for
+// ever, holding healthMu and the server's firewall watch (tamper checks and
+// audits) with it. It must return an error that is not a damage report
+// (ErrUnhealthy: the sentinels are there, nothing to repair), and the next
+// check must pass. Without the fix Healthy hangs (shown with -timeout).
+func TestHealthySentinelENOMEM(t *testing.T) {
+	t.Cleanup(pinhole.SetFlushDeadline(2 * time.Second))
+	b := newBackend(t, netlab.NewNS(t, "revdeadl"), pinhole.Config{})
+	p := pinhole.Pinhole{Protocol: tcp, InternalAddr: c4, InternalPort: 80, ExternalAddr: pub, ExternalPort: 8080}
+	apply(t, b, install(p, time.Minute))
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("Healthy before: %v", err)
+	}
+	t.Cleanup(pinhole.QueueOversizedSentinelSet(b))
+	err := b.Healthy() // must return: the test's -timeout catches a hang
+	t.Logf("Healthy with an ENOMEM message in the sentinel check: %v", err)
+	if err == nil || !errors.Is(err, unix.ENOMEM) {
+		t.Errorf("Healthy with an ENOMEM sentinel check: %v; want an error with ENOMEM", err)
+	}
+	if errors.Is(err, pinhole.ErrUnhealthy) {
+		t.Errorf("Healthy with an ENOMEM sentinel check reports damage: %v", err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Errorf("Healthy after: %v", err)
+	}
+	got, _ := listPinholes(t, b)
+	if diff := cmp.Diff([]pinhole.Pinhole{p}, got, cmpAddr, cmpPrefix); diff != "" {
+		t.Errorf("kernel after (-want +got):\n%s", diff)
+	}
+}

@@ -70,6 +70,10 @@ func (b *Backend) queueSentinels() error {
 	return nil
 }
 
+// sentinelHook, when set (tests only: QueueOversizedSentinelSet), runs on
+// the connection just before checkSentinels sends its transaction.
+var sentinelHook func(*nftables.Conn)
+
 // checkSentinels is one transaction that deletes and re-adds every set's
 // sentinel: it succeeds, changing nothing, iff every sentinel is there; the
 // kernel refuses deleting an absent element (ENOENT) and then applies
@@ -88,6 +92,9 @@ func (w *healthWant) checkSentinels(v kview) error {
 		if err := v.conn.SetAddElements(s, elems[i:i+1]); err != nil {
 			return fmt.Errorf("pinhole: sentinel of %s: %w", s.Name, err)
 		}
+	}
+	if sentinelHook != nil {
+		sentinelHook(v.conn)
 	}
 	if err := v.conn.Flush(); err != nil {
 		return fmt.Errorf("pinhole: a pinhole set lost its sentinel (flushed?): %w: %w", ErrUnhealthy, classify(err))
