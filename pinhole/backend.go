@@ -989,20 +989,33 @@ func (b *Backend) Close() {
 // transactions wait too (≈ 10-16 ms under load; BENCHMARKS.md items 41,
 // 42). Its user serialises the calls.
 type sideConn struct {
-	c *nftables.Conn
+	c  *nftables.Conn
+	nl *netlink.Conn // c's socket, for checkSentinels' read deadline
 }
 
 // get returns the kept connection, dialled into namespace netns (conn's)
 // first if there is none.
 func (s *sideConn) get(netns int) (*nftables.Conn, error) {
 	if s.c == nil {
-		c, err := nftables.New(nftables.WithNetNSFd(netns), nftables.AsLasting())
+		c, nl, err := dialSide(netns)
 		if err != nil {
 			return nil, err
 		}
-		s.c = c
+		s.c, s.nl = c, nl
 	}
 	return s.c, nil
+}
+
+// dialSide dials a lasting connection in namespace netns and returns its
+// netlink socket too (checkSentinels' read deadline).
+func dialSide(netns int) (*nftables.Conn, *netlink.Conn, error) {
+	var nl *netlink.Conn
+	c, err := nftables.New(nftables.WithNetNSFd(netns), nftables.AsLasting(),
+		nftables.WithSockOptions(func(c *netlink.Conn) error { nl = c; return nil }))
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, nl, nil
 }
 
 // close closes the socket; the next get dials another. Its users call it
@@ -1012,7 +1025,7 @@ func (s *sideConn) get(netns int) (*nftables.Conn, error) {
 func (s *sideConn) close() {
 	if s.c != nil {
 		_ = s.c.CloseLasting()
-		s.c = nil
+		s.c, s.nl = nil, nil
 	}
 }
 
@@ -1049,18 +1062,24 @@ func (b *Backend) flush() error {
 	if b.flushHook != nil {
 		b.flushHook(b.conn)
 	}
-	if b.nl != nil {
-		_ = b.nl.SetReadDeadline(time.Now().Add(flushDeadline))
-	}
-	err := b.conn.Flush()
-	if b.nl != nil {
-		_ = b.nl.SetReadDeadline(time.Time{})
-		err = timedOut(err)
-	}
+	err := flushConn(b.conn, b.nl)
 	if outOfStep(err) {
 		b.resetConn()
 	}
 	return err
+}
+
+// flushConn flushes c, reading the replies with flushDeadline when nl,
+// c's netlink socket, is known (nil: without one), and clears the
+// deadline after.
+func flushConn(c *nftables.Conn, nl *netlink.Conn) error {
+	if nl == nil {
+		return c.Flush()
+	}
+	_ = nl.SetReadDeadline(time.Now().Add(flushDeadline))
+	err := c.Flush()
+	_ = nl.SetReadDeadline(time.Time{})
+	return timedOut(err)
 }
 
 // timedOut shortens a Flush error with reads past flushDeadline: once the
@@ -1247,7 +1266,8 @@ func (b *Backend) Teardown() error {
 type kview struct {
 	conn  *nftables.Conn
 	table *nftables.Table
-	raw   *rawRules // for getRules (nil: not checked)
+	raw   *rawRules     // for getRules (nil: not checked)
+	nl    *netlink.Conn // conn's socket, for checkSentinels' deadline (nil: none)
 	// counts: the table's rules' expression counts, dumped once for a
 	// whole Healthy (nil: getRules dumps each chain's).
 	counts map[string]map[uint64]int
@@ -1464,7 +1484,10 @@ func (b *Backend) Healthy() error {
 			// 2026-12-03: a flushed served set went unreported in 10 of 10
 			// checks with a writer running back to back).
 			defer b.mu.Unlock()
-			read, err := w.check(kview{conn: b.conn, table: &w.table, raw: &b.raw})
+			read, err := w.check(kview{conn: b.conn, table: &w.table, raw: &b.raw, nl: b.nl})
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				b.resetConn() // as flush does
+			}
 			b.foldOwnerReads(read)
 			return err
 		}
@@ -1481,18 +1504,18 @@ func (b *Backend) Healthy() error {
 				b.healthMu.Unlock()
 				return fmt.Errorf("pinhole: health check: %w", derr)
 			}
-			read, err = w.check(kview{conn: conn, table: &w.table, raw: &b.healthRaw})
+			read, err = w.check(kview{conn: conn, table: &w.table, raw: &b.healthRaw, nl: b.healthConn.nl})
 			if err != nil {
 				b.healthConn.close()
 			}
 			b.healthMu.Unlock()
 		} else { // another Healthy has them: sockets of this one's own
-			conn, derr := nftables.New(nftables.WithNetNSFd(b.netns), nftables.AsLasting())
+			conn, nl, derr := dialSide(b.netns)
 			if derr != nil {
 				return fmt.Errorf("pinhole: health check: %w", derr)
 			}
 			raw := &rawRules{}
-			read, err = w.check(kview{conn: conn, table: &w.table, raw: raw})
+			read, err = w.check(kview{conn: conn, table: &w.table, raw: raw, nl: nl})
 			raw.close()
 			_ = conn.CloseLasting()
 		}

@@ -79,6 +79,9 @@ var sentinelHook func(*nftables.Conn)
 // kernel refuses deleting an absent element (ENOENT) and then applies
 // nothing. Its cost does not grow with the sets' sizes.
 //
+// Its replies are read with flushDeadline (flushConn), as Apply's: an
+// ENOMEM message aborts it with one reply (review h/revdeadline).
+//
 // It runs on Healthy's own connection, beside Apply's transactions on the
 // Backend's: those never touch a sentinel, and the kernel serializes
 // transactions.
@@ -96,7 +99,7 @@ func (w *healthWant) checkSentinels(v kview) error {
 	if sentinelHook != nil {
 		sentinelHook(v.conn)
 	}
-	if err := v.conn.Flush(); err != nil {
+	if err := flushConn(v.conn, v.nl); err != nil {
 		return fmt.Errorf("pinhole: a pinhole set lost its sentinel (flushed?): %w: %w", ErrUnhealthy, classify(err))
 	}
 	return nil
