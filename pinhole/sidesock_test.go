@@ -1,48 +1,30 @@
 package pinhole_test
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
-	"strconv"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
+
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
-	"golang.org/x/sys/unix"
 )
 
 // readNfSockets adds to seen the inode of every NETLINK_NETFILTER socket
 // open in the calling thread's network namespace (/proc/net/netlink: any
 // process's, so the test's namespace must be its own).
 func readNfSockets(seen map[uint64]bool) error {
-	f, err := os.Open("/proc/thread-self/net/netlink")
-	if err != nil {
-		return err
+	socks, err := netlab.NetlinkSockets()
+	for _, k := range socks {
+		if k.Protocol == unix.NETLINK_NETFILTER {
+			seen[k.Inode] = true
+		}
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Scan() // the header: sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
-	for sc.Scan() {
-		fs := strings.Fields(sc.Text())
-		if len(fs) < 10 {
-			return fmt.Errorf("/proc/net/netlink: %q", sc.Text())
-		}
-		if fs[1] != strconv.Itoa(unix.NETLINK_NETFILTER) {
-			continue
-		}
-		ino, err := strconv.ParseUint(fs[9], 10, 64)
-		if err != nil {
-			return err
-		}
-		seen[ino] = true
-	}
-	return sc.Err()
+	return err
 }
 
 // nfSockets is the NETLINK_NETFILTER sockets open in ns now, by inode.

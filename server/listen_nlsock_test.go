@@ -1,14 +1,9 @@
 package server
 
 import (
-	"bufio"
 	"context"
 	"errors"
-	"fmt"
 	"net/netip"
-	"os"
-	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -24,25 +19,11 @@ func netlinkSockets(t *testing.T, ns *netlab.NS) map[int]int {
 	t.Helper()
 	n := map[int]int{}
 	err := ns.Do(func() error {
-		f, err := os.Open("/proc/thread-self/net/netlink")
-		if err != nil {
-			return err
+		socks, err := netlab.NetlinkSockets()
+		for _, k := range socks {
+			n[k.Protocol]++
 		}
-		defer f.Close()
-		sc := bufio.NewScanner(f)
-		sc.Scan() // header
-		for sc.Scan() {
-			fs := strings.Fields(sc.Text())
-			if len(fs) < 2 {
-				return fmt.Errorf("/proc/net/netlink: %q", sc.Text())
-			}
-			proto, err := strconv.Atoi(fs[1])
-			if err != nil {
-				return err
-			}
-			n[proto]++
-		}
-		return sc.Err()
+		return err
 	})
 	if err != nil {
 		t.Fatal(err)
