@@ -799,3 +799,61 @@ func TestConfigFileTrusted(t *testing.T) {
 		})
 	}
 }
+
+// TestConfigFileSymlinkTrusted (review h/revfsperm): a config path
+// through another user's symlink in a sticky directory passed while the
+// link pointed at a trusted file (only the resolved path was checked, and
+// after the file was read); its owner could point it at their own file.
+func TestConfigFileSymlinkTrusted(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to chown")
+	}
+	for _, tc := range []struct {
+		name string
+		uid  int // the symlink's owner, -1: ours
+		ok   bool
+	}{
+		{"own symlink", -1, true},
+		{"another user's symlink", 65534, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := t.TempDir()
+			tmp, etc := filepath.Join(b, "tmp"), filepath.Join(b, "etc")
+			for _, d := range []string{tmp, etc} {
+				if err := os.Mkdir(d, 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := os.Chmod(tmp, os.ModeSticky|0o777); err != nil {
+				t.Fatal(err)
+			}
+			file, link := filepath.Join(etc, "pcpd.toml"), filepath.Join(tmp, "pcpd.toml")
+			if err := os.WriteFile(file, []byte("interface = [\"wg0\"]\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(file, link); err != nil {
+				t.Fatal(err)
+			}
+			if tc.uid >= 0 {
+				if err := os.Lchown(link, tc.uid, -1); err != nil {
+					t.Fatal(err)
+				}
+			}
+			fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+			AddFlags(fs)
+			if err := fs.Parse([]string{"--config", link}); err != nil {
+				t.Fatal(err)
+			}
+			_, err := Load(fs)
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("Load: %v", err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrInvalid) || !errors.Is(err, fsperm.ErrUnsafe) {
+				t.Fatalf("Load: %v, want ErrInvalid and fsperm.ErrUnsafe", err)
+			}
+		})
+	}
+}

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"slices"
@@ -201,13 +202,18 @@ func Load(fs *pflag.FlagSet) (*Config, error) {
 // readFile decodes a TOML file into vals, checking each key's type. Unknown
 // keys are mistakes (a misspelt key silently ignored is worse).
 func readFile(path string, vals map[string]*value) Errors {
+	// Whoever can change the file decides who owns which prefixes.
+	// Checked before it is read: once every name on the way is trusted
+	// (fsperm), nobody else can make path lead to another file between.
+	if err := fsperm.File(path); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return Errors{fmt.Errorf("config: read config file: %w", err)}
+		}
+		return Errors{fmt.Errorf("config: config file %s: %w: %w", path, err, ErrInvalid)}
+	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return Errors{fmt.Errorf("config: read config file: %w", err)}
-	}
-	// Whoever can change the file decides who owns which prefixes.
-	if err := fsperm.File(path); err != nil {
-		return Errors{fmt.Errorf("config: config file %s: %w: %w", path, err, ErrInvalid)}
 	}
 	var m map[string]any
 	if _, err := toml.Decode(string(data), &m); err != nil {

@@ -525,6 +525,26 @@ func TestSocketDirectoryTrusted(t *testing.T) {
 			}
 			return b + "/link/pcpd.sock"
 		}, false},
+		// Review h/revfsperm: the two rows below passed before. The
+		// symlink's owner can re-point it at their own directory and
+		// socket once pcpd is listening (every `pcpd status` resolves
+		// the path again); the missing directories were created first,
+		// as root, wherever the path led, and checked after.
+		{"another user's symlink in a sticky directory, to an own directory", true, func(t *testing.T, b string) string {
+			mk(t, b+"/tmp", os.ModeSticky|0o777, -1)
+			mk(t, b+"/run", 0o700, -1)
+			if err := os.Symlink(b+"/run", b+"/tmp/pcpd"); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Lchown(b+"/tmp/pcpd", other, -1); err != nil {
+				t.Fatal(err)
+			}
+			return b + "/tmp/pcpd/pcpd.sock"
+		}, false},
+		{"missing directories under another user's", true, func(t *testing.T, b string) string {
+			mk(t, b+"/home", 0o755, other)
+			return b + "/home/new/run/pcpd.sock"
+		}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.needsRoot && !root {
@@ -532,6 +552,7 @@ func TestSocketDirectoryTrusted(t *testing.T) {
 			}
 			base := t.TempDir()
 			path := tc.setup(t, base)
+			_, dirErr := os.Lstat(filepath.Dir(path))
 			ln, err := Listen(path)
 			if tc.ok {
 				if err != nil {
@@ -549,6 +570,9 @@ func TestSocketDirectoryTrusted(t *testing.T) {
 			}
 			if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
 				t.Errorf("refused Listen left something at the path: %v", err)
+			}
+			if _, err := os.Lstat(filepath.Dir(path)); errors.Is(dirErr, os.ErrNotExist) && err == nil {
+				t.Errorf("refused Listen created the socket's directory %s", filepath.Dir(path))
 			}
 		})
 	}

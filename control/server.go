@@ -62,16 +62,14 @@ const (
 // nobody answers (the previous daemon was killed), the stale file is removed
 // first. Anything else at path is never removed (ErrNotSocket).
 //
-// The directory must be one no other user can change (fsperm.Dir), or
+// The directory must be one no other user can change (fsperm.MkdirAll:
+// what is missing of it is created only inside checked directories), or
 // Listen fails with ErrUnsafeDir before touching anything in it: whoever
 // can rename entries there can put their own socket in place of pcpd's
 // (the operator's `pcpd revoke` then talks to them and is told it
 // worked), or swap the new socket for a symlink before the chmod below.
 func Listen(path string) (*net.UnixListener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("control: create socket directory: %w", err)
-	}
-	if err := fsperm.Dir(filepath.Dir(path), false); err != nil {
+	if err := fsperm.MkdirAll(filepath.Dir(path), 0o700, false); err != nil {
 		if errors.Is(err, fsperm.ErrUnsafe) {
 			return nil, fmt.Errorf("control: socket directory: %w: %w", ErrUnsafeDir, err)
 		}

@@ -56,13 +56,11 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 	for _, f := range opts {
 		f(&o)
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, State{}, fmt.Errorf("store: state directory: %w", err)
-	}
 	// Restored leases are checked against the rules, not ownership: a
 	// directory another user can write could plant pinholes (or hold
-	// the lock). Refused before anything in it is read.
-	if err := fsperm.Dir(dir, false); err != nil {
+	// the lock). Refused before anything in it is read; what is missing
+	// of it is created only inside checked directories.
+	if err := fsperm.MkdirAll(dir, 0o700, false); err != nil {
 		return nil, State{}, fmt.Errorf("store: state directory: %w", err)
 	}
 	// The directory's lock first: nothing in it is looked at, let alone

@@ -68,3 +68,78 @@ func TestOpenRefusesUntrustedDir(t *testing.T) {
 		})
 	}
 }
+
+// TestOpenRefusesSymlinkedDir (review h/revfsperm): a state directory
+// reached through another user's symlink in a sticky directory passed
+// while the link pointed at a trusted directory (only the resolved path
+// was checked); its owner could re-point it at their own directory between
+// the check and any later open (the store opens its files by dir's name,
+// all its life). And the directories missing were created before the
+// check, as root, wherever the path led.
+func TestOpenRefusesSymlinkedDir(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to chown")
+	}
+	const other = 65534
+	for _, tc := range []struct {
+		name    string
+		setup   func(t *testing.T, b string) (dir, created string)
+		trusted bool
+	}{
+		{"own symlink in a sticky directory", func(t *testing.T, b string) (string, string) {
+			mustSymlink(t, b+"/state", b+"/tmp/pcpd", -1)
+			return b + "/tmp/pcpd", b + "/state/" + DBName
+		}, true},
+		{"another user's symlink in a sticky directory", func(t *testing.T, b string) (string, string) {
+			mustSymlink(t, b+"/state", b+"/tmp/pcpd", other)
+			return b + "/tmp/pcpd", b + "/state/" + DBName
+		}, false},
+		{"another user's symlink to a trusted parent, state missing", func(t *testing.T, b string) (string, string) {
+			mustSymlink(t, b+"/state", b+"/tmp/pcpd", other)
+			return b + "/tmp/pcpd/new", b + "/state/new"
+		}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := t.TempDir()
+			for _, d := range []string{b + "/tmp", b + "/state"} {
+				if err := os.Mkdir(d, 0o700); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := os.Chmod(b+"/tmp", os.ModeSticky|0o777); err != nil {
+				t.Fatal(err)
+			}
+			dir, created := tc.setup(t, b)
+			s, _, err := Open(dir, nil)
+			_, serr := os.Stat(created)
+			if tc.trusted {
+				if err != nil || serr != nil {
+					t.Fatalf("Open: %v; %v", err, serr)
+				}
+				s.Close()
+				return
+			}
+			if err == nil {
+				s.Close()
+			}
+			if !errors.Is(err, fsperm.ErrUnsafe) {
+				t.Fatalf("Open: %v, want fsperm.ErrUnsafe", err)
+			}
+			if serr == nil {
+				t.Errorf("refused Open created %s", created)
+			}
+		})
+	}
+}
+
+func mustSymlink(t *testing.T, target, link string, uid int) {
+	t.Helper()
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	if uid >= 0 {
+		if err := os.Lchown(link, uid, -1); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
