@@ -525,7 +525,7 @@ func TestSocketDirectoryTrusted(t *testing.T) {
 			}
 			return b + "/link/pcpd.sock"
 		}, false},
-		// Review h/revfsperm: the two rows below passed before. The
+		// Review h/revfsperm: the three rows below passed before. The
 		// symlink's owner can re-point it at their own directory and
 		// socket once pcpd is listening (every `pcpd status` resolves
 		// the path again); the missing directories were created first,
@@ -540,6 +540,14 @@ func TestSocketDirectoryTrusted(t *testing.T) {
 				t.Fatal(err)
 			}
 			return b + "/tmp/pcpd/pcpd.sock"
+		}, false},
+		{"own symlink in a world-writable directory, to an own directory", false, func(t *testing.T, b string) string {
+			mk(t, b+"/pub", 0o777, -1)
+			mk(t, b+"/run", 0o700, -1)
+			if err := os.Symlink(b+"/run", b+"/pub/pcpd"); err != nil {
+				t.Fatal(err)
+			}
+			return b + "/pub/pcpd/pcpd.sock"
 		}, false},
 		{"missing directories under another user's", true, func(t *testing.T, b string) string {
 			mk(t, b+"/home", 0o755, other)

@@ -110,6 +110,12 @@ func TestWalk(t *testing.T) {
 			tr.link(b+"/real", b+"/home/link", -1)
 			return b + "/home/link/"
 		}, false, unsafe},
+		{"h/revfsperm: own symlink in a world-writable directory, to an own directory", func(tr tree, b string) string {
+			tr.dir(b+"/pub", 0o777, -1)
+			tr.dir(b+"/real", 0o700, -1)
+			tr.link(b+"/real", b+"/pub/link", -1)
+			return b + "/pub/link"
+		}, false, unsafe},
 		{"h/revfsperm: own symlink whose target goes through another user's symlink", func(tr tree, b string) string {
 			tr.dir(b+"/tmp", os.ModeSticky|0o777, -1)
 			tr.dir(b+"/real/run", 0o700, -1)
