@@ -48,6 +48,9 @@ var (
 	// ErrUnsafeDir: the socket's directory, or one above it, can be
 	// changed by another user (see Listen).
 	ErrUnsafeDir = errors.New("control socket directory is writable by other users")
+	// ErrPeer: a connection from a user other than root and pcpd's own
+	// (SO_PEERCRED), closed unanswered.
+	ErrPeer = errors.New("control client not allowed")
 	// ErrProtocol: the peer broke the protocol (bad JSON, truncated stream).
 	ErrProtocol = errors.New("control protocol error")
 	// ErrRemote: the daemon answered with an error; see *RemoteError.

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/fsperm"
 	"github.com/pcpd/pcpd/store"
@@ -197,7 +198,11 @@ func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) err
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			serveConn(c, b, timeout, log)
+			if err := peerAllowed(c); err != nil {
+				log.Warn("refused a control connection", zap.Error(err))
+			} else {
+				serveConn(c, b, timeout, log)
+			}
 			mu.Lock()
 			delete(conns, c)
 			mu.Unlock()
@@ -282,6 +287,33 @@ type progressWriter struct {
 func (w progressWriter) Write(p []byte) (int, error) {
 	w.c.SetWriteDeadline(time.Now().Add(w.timeout))
 	return w.c.Write(p)
+}
+
+// peerAllowed: only root and pcpd's own user may use the control socket.
+// Its mode (0600) is the first gate; this one (the connecting process's
+// effective uid, SO_PEERCRED) also holds where the mode is not enough: a
+// process with CAP_DAC_OVERRIDE under another uid, a socket someone
+// chmodded for a group.
+func peerAllowed(c net.Conn) error {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return fmt.Errorf("not a unix socket connection (%T): %w", c, ErrPeer)
+	}
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	cerr := rc.Control(func(fd uintptr) {
+		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if err = errors.Join(cerr, err); err != nil {
+		return fmt.Errorf("SO_PEERCRED: %w", err)
+	}
+	if cred.Uid != 0 && cred.Uid != uint32(os.Geteuid()) {
+		return fmt.Errorf("uid %d (pid %d), neither root nor pcpd's user: %w", cred.Uid, cred.Pid, ErrPeer)
+	}
+	return nil
 }
 
 func serveConn(c net.Conn, b Backend, timeout time.Duration, log *zap.Logger) {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 )
@@ -283,5 +284,26 @@ func TestRelative(t *testing.T) {
 	}
 	if err := Dir("run", false); !errors.Is(err, ErrUnsafe) {
 		t.Errorf("Dir(run) under a world-writable working directory: %v, want ErrUnsafe", err)
+	}
+}
+
+// TestACL: a POSIX ACL granting another user write shows in the group
+// bits (the ACL mask), which the check refuses: no ACL walk needed.
+func TestACL(t *testing.T) {
+	if _, err := exec.LookPath("setfacl"); err != nil {
+		t.Skip("setfacl not installed")
+	}
+	dir := filepath.Join(t.TempDir(), "run")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := Dir(dir, false); err != nil {
+		t.Fatalf("before the ACL: %v", err)
+	}
+	if out, err := exec.Command("setfacl", "-m", "u:nobody:rwx", dir).CombinedOutput(); err != nil {
+		t.Skipf("setfacl: %v: %s", err, out)
+	}
+	if err := Dir(dir, false); !errors.Is(err, ErrUnsafe) {
+		t.Fatalf("with user:nobody:rwx: %v, want ErrUnsafe", err)
 	}
 }
