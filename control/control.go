@@ -10,7 +10,8 @@
 //
 // The socket is created mode 0600 in a directory created mode 0700, and a
 // stale socket left by a killed daemon is replaced, while a live one is
-// never stolen (Listen).
+// never stolen (Listen). Only root and pcpd's own user are served
+// (SO_PEERCRED; Serve closes other connections unanswered).
 package control
 
 import (

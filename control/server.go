@@ -132,7 +132,8 @@ func removeStale(path string) error {
 // is unusable (closed by someone else).
 //
 // At most maxConns connections are served at once; further clients wait
-// in the listen backlog until one ends (see maxConns).
+// in the listen backlog until one ends (see maxConns). A connection from a
+// user other than root and pcpd's own is closed unanswered (peerAllowed).
 func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) error {
 	timeout, slots := writeTimeout, make(chan struct{}, maxConns)
 	var wg sync.WaitGroup

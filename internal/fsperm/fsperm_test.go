@@ -88,6 +88,12 @@ func TestWalk(t *testing.T) {
 			tr.link("../a/./real", b+"/etc/link", -1)
 			return b + "/etc/link/"
 		}, false, ok},
+		{"systemd DynamicUser layout: /var/lib/pcpd -> private/pcpd, private 0700", func(tr tree, b string) string {
+			tr.dir(b+"/var/lib/private/pcpd", 0o700, -1)
+			os.Chmod(b+"/var/lib/private", 0o700)
+			tr.link("private/pcpd", b+"/var/lib/pcpd", -1)
+			return b + "/var/lib/pcpd"
+		}, false, ok},
 		{"own symlink in a sticky directory", func(tr tree, b string) string {
 			tr.dir(b+"/tmp", os.ModeSticky|0o777, -1)
 			tr.dir(b+"/real", 0o700, -1)
