@@ -63,6 +63,11 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 	if err := fsperm.MkdirAll(dir, 0o700, false); err != nil {
 		return nil, State{}, fmt.Errorf("store: state directory: %w", err)
 	}
+	// And so could a file in it that others can write (copied in with
+	// its mode: pcpd creates them all 0600).
+	if err := fsperm.Entries(dir); err != nil {
+		return nil, State{}, fmt.Errorf("store: state directory: %w", err)
+	}
 	// The directory's lock first: nothing in it is looked at, let alone
 	// recovered, by a pcpd that does not hold it (lockDir).
 	lock, err := lockDir(dir, o.lockTimeout)

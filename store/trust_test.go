@@ -143,3 +143,67 @@ func mustSymlink(t *testing.T, target, link string, uid int) {
 		}
 	}
 }
+
+// TestOpenRefusesUntrustedFile (review h/revfsperm): the directory may be
+// trusted and a file in it still writable by others (copied in with its
+// mode; pcpd makes them all 0600): it could plant leases as the directory
+// could. On main Open read such a leases.db.
+func TestOpenRefusesUntrustedFile(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to chown")
+	}
+	for _, tc := range []struct {
+		name string
+		file string
+		mode os.FileMode
+		uid  int // -1: ours
+		ok   bool
+	}{
+		{"state file 0600", DBName, 0o600, -1, true},
+		{"state file 0644", DBName, 0o644, -1, true},
+		{"state file world-writable", DBName, 0o666, -1, false},
+		{"state file group-writable", DBName, 0o660, -1, false},
+		{"state file owned by another user", DBName, 0o600, 65534, false},
+		{"backup copy world-writable", BackupName, 0o666, -1, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "state")
+			s, _, err := Open(dir, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Commit(leasesN(0, 3), nil); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			p := filepath.Join(dir, tc.file)
+			if err := os.Chmod(p, tc.mode); err != nil {
+				t.Fatal(err)
+			}
+			if tc.uid >= 0 {
+				if err := os.Chown(p, tc.uid, -1); err != nil {
+					t.Fatal(err)
+				}
+			}
+			s, st, err := Open(dir, nil)
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("Open: %v", err)
+				}
+				if len(st.Leases) != 3 {
+					t.Errorf("%d leases, want 3", len(st.Leases))
+				}
+				s.Close()
+				return
+			}
+			if err == nil {
+				s.Close()
+			}
+			if !errors.Is(err, fsperm.ErrUnsafe) {
+				t.Fatalf("Open: %v, want fsperm.ErrUnsafe", err)
+			}
+		})
+	}
+}

@@ -58,6 +58,33 @@ func File(path string) error {
 	return walk(path, false, true, 0)
 }
 
+// Entries checks what dir (a directory Dir passed) holds: each entry
+// owned by root or pcpd's user, and, but for a symlink, not writable by
+// group or others. For a directory whose files pcpd reads as trusted (its
+// state): one copied in with a loose mode would let others write it.
+func Entries(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		p := filepath.Join(dir, e.Name())
+		var st syscall.Stat_t
+		if err := syscall.Lstat(p, &st); errors.Is(err, syscall.ENOENT) {
+			continue
+		} else if err != nil {
+			return &fs.PathError{Op: "lstat", Path: p, Err: err}
+		}
+		if err := owner(p, p, st.Uid); err != nil {
+			return err
+		}
+		if st.Mode&syscall.S_IFMT != syscall.S_IFLNK && st.Mode&0o022 != 0 {
+			return fmt.Errorf("%s has mode %#o: %w", p, st.Mode&0o7777, ErrUnsafe)
+		}
+	}
+	return nil
+}
+
 // walk resolves name one component at a time, checking each directory it
 // passes and each symlink it follows, and then the final one (stickyOK for
 // it; a regular file when file). mkdir non-zero: create what is missing.
