@@ -1,8 +1,8 @@
 package config
 
 import (
-	"errors"
 	"fmt"
+	"io"
 	"os"
 	"slices"
 	"strings"
@@ -202,16 +202,24 @@ func Load(fs *pflag.FlagSet) (*Config, error) {
 // readFile decodes a TOML file into vals, checking each key's type. Unknown
 // keys are mistakes (a misspelt key silently ignored is worse).
 func readFile(path string, vals map[string]*value) Errors {
-	// Whoever can change the file decides who owns which prefixes.
-	// Checked before it is read: once every name on the way is trusted
-	// (fsperm), nobody else can make path lead to another file between.
+	f, err := os.Open(path)
+	if err != nil {
+		return Errors{fmt.Errorf("config: read config file: %w", err)}
+	}
+	defer f.Close()
+	// Whoever can change the file decides who owns which prefixes. Once
+	// every name on the way is trusted (fsperm), nobody else can make
+	// path lead elsewhere; the file opened before must be the one the
+	// check saw.
 	if err := fsperm.File(path); err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return Errors{fmt.Errorf("config: read config file: %w", err)}
-		}
 		return Errors{fmt.Errorf("config: config file %s: %w: %w", path, err, ErrInvalid)}
 	}
-	data, err := os.ReadFile(path)
+	if fi, err := f.Stat(); err != nil {
+		return Errors{fmt.Errorf("config: read config file: %w", err)}
+	} else if pi, err := os.Stat(path); err != nil || !os.SameFile(fi, pi) {
+		return Errors{fmt.Errorf("config: config file %s changed while it was checked: %w: %w", path, fsperm.ErrUnsafe, ErrInvalid)}
+	}
+	data, err := io.ReadAll(f)
 	if err != nil {
 		return Errors{fmt.Errorf("config: read config file: %w", err)}
 	}
