@@ -1030,93 +1030,45 @@ func (s *sideConn) close() {
 }
 
 // flushDeadline bounds how long flush waits for the kernel's replies to a
-// batch on the Backend's own connection. nfnetlink handles a batch within
-// the sender's sendmsg and queues every reply to it then, so a read that
-// blocks after the send means replies that will never come; google/nftables'
-// Flush reads one per message sent and would wait for ever, under mu, and
-// pcpd would answer no request again. That happens when a message fails
-// with ENOMEM: since kernel commit a1a64a151dae ("netfilter: nfnetlink:
-// skip error delivery on batch in case of ENOMEM", 2023),
-// nfnetlink_rcv_batch stops at that message, drops the replies collected
-// so far, sends one ENOMEM for the whole batch and marks it failed, so it
-// is aborted, not committed. Shown on 6.18 by TestApplyENOMEMMidBatch (an
-// oversized NEWSET mid-batch): one ENOMEM read, the rest time out, and the
-// kernel holds what it held before. So a batch that timed out after an
-// ENOMEM changed nothing, as callers take any failed Apply (the server:
-// NO_RESOURCES, its leases unchanged). A batch's replies come in
-// milliseconds (MaxBatch included); 30 s leaves room for a send that
-// waits for the nftables commit lock behind another process's
-// transaction: the deadline counts from before the send, and a send that
-// waited longer would time out with its replies queued and unread, the
-// batch possibly committed yet reported failed (as ENOBUFS did before
-// review h/revnftconn), so it is generous; an ENOMEM holds mu that long.
+// batch on the Backend's own connection, counted from the end of the send
+// (flushConn). nfnetlink handles a batch within the sender's sendmsg and
+// queues every reply to it then, so a read that blocks after the send
+// means replies that will never come; google/nftables' Flush read one per
+// message sent and would wait for ever, under mu, and pcpd would answer
+// no request again. The replies flushConn knows to end a batch (an ENOMEM
+// or EPERM for the whole batch: replies.go) end its reads at once
+// (h/nftenomem; until then an ENOMEM waited out this deadline, 30 s under
+// mu per batch); the deadline is left for batch-wide errors that say
+// nothing of ending it (no nf_tables, a refused batch header), which
+// nothing pcpd sends raises. Reading queued replies takes milliseconds
+// (MaxBatch included); 30 s is kept generous because a read past it
+// reports failed a batch the kernel may have committed.
 // A variable for tests only (SetFlushDeadline).
 var flushDeadline = 30 * time.Second
 
 // flush sends the transaction queued on conn. On the Backend's own
-// connection it reads the replies with a deadline (flushDeadline). After
-// an error that may have left conn out of step with the kernel's replies
-// (outOfStep, a deadline among them), conn is replaced by a fresh
-// connection (resetConn). Under mu.
+// connection it reads the replies itself (flushConn: it stops at a reply
+// that ends the batch, and at flushDeadline). After an error that may have
+// left conn out of step with the kernel's replies (outOfStep; flushConn:
+// a batch-wide error, replies missing, dropped or more than messages sent),
+// conn is replaced by a fresh connection (resetConn). Under mu.
 func (b *Backend) flush() error {
 	if b.flushHook != nil {
 		b.flushHook(b.conn)
 	}
-	err := flushConn(b.conn, b.nl)
-	if outOfStep(err) {
+	inStep, err := flushConn(b.conn, b.nl)
+	if !inStep {
 		b.resetConn()
 	}
 	return err
-}
-
-// flushConn flushes c, reading the replies with flushDeadline when nl,
-// c's netlink socket, is known (nil: without one), and clears the
-// deadline after.
-func flushConn(c *nftables.Conn, nl *netlink.Conn) error {
-	if nl == nil {
-		return c.Flush()
-	}
-	_ = nl.SetReadDeadline(time.Now().Add(flushDeadline))
-	err := c.Flush()
-	_ = nl.SetReadDeadline(time.Time{})
-	return timedOut(err)
-}
-
-// timedOut shortens a Flush error with reads past flushDeadline: once the
-// deadline passed, Flush's read for every message left fails at once, so
-// its error joined up to a MaxBatch batch's worth of "i/o timeout". It
-// keeps the errors the kernel sent (ENOMEM) and one deadline.
-func timedOut(err error) error {
-	if !errors.Is(err, os.ErrDeadlineExceeded) {
-		return err
-	}
-	var kept []error
-	missing := 0
-	var walk func(error)
-	walk = func(e error) { // Flush joins its errors one by one: nested joins
-		if m, ok := e.(interface{ Unwrap() []error }); ok {
-			for _, x := range m.Unwrap() {
-				walk(x)
-			}
-		} else if _, op := e.(*netlink.OpError); !op && errors.Unwrap(e) != nil {
-			walk(errors.Unwrap(e))
-		} else if errors.Is(e, os.ErrDeadlineExceeded) {
-			missing++
-		} else {
-			kept = append(kept, e)
-		}
-	}
-	walk(err)
-	timeout := fmt.Errorf("replies missing after %v (%d reads): %w", flushDeadline, missing, os.ErrDeadlineExceeded)
-	return errors.Join(append(kept, timeout)...)
 }
 
 // outOfStep reports whether a failed Flush may have left replies of its
 // batch unread, or read fewer than it sent messages. nfnetlink answers a
 // batch with one reply per message (an acknowledgement or its error)
 // except when (nfnetlink_rcv_batch, 6.18): a message fails with ENOMEM
-// (one reply for the whole batch); the commit fails (ENOMEM: one error
-// for the batch, then an acknowledgement per message); or the replies
+// (one reply for the whole batch); the commit fails (its error for the
+// batch, then an acknowledgement per message); or the replies
 // overflow the socket's receive buffer (the rest dropped, ENOBUFS on the
 // next read, on which google/nftables' Flush returns at once, the queued
 // ones unread: TestApplyAfterRepliesLeftQueued, with a 256-op batch of
@@ -1127,7 +1079,10 @@ func timedOut(err error) error {
 // overflow unreported and Flush waiting for ever under mu. So only a
 // batch's own per-message errors (a join of errnos, none ENOMEM: blame's
 // probes, conflicts) leave conn in step; any other error resets it, a
-// read past flushDeadline (replies missing: ENOMEM) among them.
+// read past flushDeadline (replies missing: ENOMEM) among them. Since
+// h/nftenomem flushConn reads the replies on the Backend's own connection
+// itself and judges them (replies.go); outOfStep judges a Flush it could
+// not read (a send that failed; fake or fallback connections).
 func outOfStep(err error) bool {
 	if err == nil {
 		return false
@@ -1485,8 +1440,12 @@ func (b *Backend) Healthy() error {
 			// checks with a writer running back to back).
 			defer b.mu.Unlock()
 			read, err := w.check(kview{conn: b.conn, table: &w.table, raw: &b.raw, nl: b.nl})
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				b.resetConn() // as flush does
+			if err != nil {
+				// As healthConn is closed after any error: a sentinel
+				// transaction ended early (ENOMEM, replies missing) or a
+				// read cut short may leave replies on b.conn. Errors are
+				// rare (damage, memory pressure); a reset is cheap beside.
+				b.resetConn()
 			}
 			b.foldOwnerReads(read)
 			return err

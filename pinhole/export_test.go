@@ -165,3 +165,19 @@ func QueueOversizedSentinelSet(b *Backend) (restore func()) {
 	}
 	return func() { sentinelHook = nil }
 }
+
+// QueueCommitFailure makes the Backend's next flush queue, before sending,
+// an anonymous set no rule binds: every message of the batch passes, and
+// the kernel's commit then refuses the batch (nf_tables_commit: "ruleset
+// with unbound set", EINVAL), so nfnetlink answers with that error for the
+// batch and an acknowledgement per message: one reply more than messages
+// sent (h/nftenomem).
+func QueueCommitFailure(b *Backend) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.flushHook = func(c *nftables.Conn) {
+		b.flushHook = nil
+		_ = c.AddSet(&nftables.Set{Table: b.table, Name: "__set%d", ID: 4711, Anonymous: true, Constant: true,
+			KeyType: nftables.TypeIPAddr}, nil)
+	}
+}

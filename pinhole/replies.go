@@ -1,0 +1,209 @@
+package pinhole
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// How nfnetlink answers a batch (nfnetlink_rcv_batch, Linux 6.18), all
+// within the sender's sendmsg, so every reply is queued by the time the
+// send returns:
+//
+//   - each message passes, the commit succeeds: an acknowledgement per
+//     message (pcpd's all ask for one), in order; committed;
+//   - some message fails (not ENOMEM): the batch is aborted
+//     (NFNL_BATCH_FAILURE), then nfnl_err_deliver sends a reply per
+//     message in order, each failing one its errno;
+//   - a message fails with ENOMEM, or the kernel cannot record an error
+//     (commit a1a64a151dae, 2023): the errors collected are dropped, one
+//     ENOMEM is sent for the whole batch, the batch aborted: the only
+//     reply;
+//   - every message passes but the commit fails (nf_tables_commit: an
+//     anonymous set no rule binds, EINVAL; a driver refusing an offload;
+//     ENOMEM preparing a chain): the batch is aborted, its error sent
+//     first, then an acknowledgement per message: one reply more than
+//     messages;
+//   - before any message is looked at (a batch header the kernel refuses,
+//     no nf_tables, a stale generation, the clone of the batch failing
+//     with ENOMEM; EPERM from nfnetlink_rcv): one error; nothing applied.
+//
+// So an error reply, whatever its place, means nothing of the batch was
+// applied, and one with ENOMEM or EPERM ends the batch's replies but for
+// a commit's acknowledgements, which say nothing more. ENOBUFS is no
+// reply: replies past the receive buffer were dropped, the batch possibly
+// committed.
+
+// flushConn sends the batch queued on c and reads its replies. With nl,
+// c's netlink socket (the Backend's own connection, Healthy's), it reads
+// them itself: google/nftables' Flush reads one reply per message whatever
+// they say, so it waited out flushDeadline after an ENOMEM (the only
+// reply) under the Backend's lock, stalling the engine 30 s per batch,
+// and it left a failed commit's extra acknowledgement queued, read by the
+// next batch as its own (TestApplyAfterCommitFailure: batches the kernel
+// took reported failed). Flush is made to only send, its reads failing at
+// once on a read deadline in the past; readReplies then reads what the
+// kernel sent, with flushDeadline counted from the end of the send (a
+// send waiting for the commit lock no longer eats into it). inStep
+// reports whether nl may be used again; false: replace it (a reply that
+// ends the batch, replies missing or dropped, extra replies). Without nl,
+// Flush as it is (fake or fallback connections).
+func flushConn(c *nftables.Conn, nl *netlink.Conn) (inStep bool, err error) {
+	if nl == nil {
+		err := c.Flush()
+		return !outOfStep(err), err
+	}
+	// Replies no read took (none expected) would be read as this batch's.
+	drain(nl)
+	_ = nl.SetReadDeadline(time.Unix(1, 0))
+	ferr := c.Flush()
+	n, sentOnly := unread(ferr)
+	if !sentOnly || n == 0 { // failed before its first read (encoding, send), or nothing to send
+		_ = nl.SetReadDeadline(time.Time{})
+		return !outOfStep(ferr), ferr
+	}
+	_ = nl.SetReadDeadline(time.Now().Add(flushDeadline))
+	ended, err := readReplies(nl, n)
+	_ = nl.SetReadDeadline(time.Time{})
+	if ended {
+		return false, err
+	}
+	// A failed commit's last acknowledgement, or any other reply more than
+	// messages sent: already queued, so a peek finds it.
+	return drain(nl) == 0, err
+}
+
+// unread counts the reads a Flush made with its read deadline already
+// past: each fails at once, reading nothing. sentOnly is false when err
+// holds anything else (Flush failed before reading).
+func unread(err error) (n int, sentOnly bool) {
+	if err == nil {
+		return 0, true
+	}
+	sentOnly = true
+	var walk func(error)
+	walk = func(e error) { // Flush joins its errors one by one: nested joins
+		if m, ok := e.(interface{ Unwrap() []error }); ok {
+			for _, x := range m.Unwrap() {
+				walk(x)
+			}
+		} else if _, op := e.(*netlink.OpError); !op && errors.Unwrap(e) != nil {
+			walk(errors.Unwrap(e))
+		} else if errors.Is(e, os.ErrDeadlineExceeded) {
+			n++
+		} else {
+			sentOnly = false
+		}
+	}
+	walk(err)
+	return n, sentOnly
+}
+
+// readReplies reads the replies to a batch of n messages, each asking for
+// an acknowledgement, as google/nftables' Flush would (an error per
+// failing message, joined, wrapped as Flush does), but stops at a reply
+// that ends the batch (ENOMEM, EPERM), at a read that fails (ENOBUFS) and
+// at flushDeadline (replies missing: a batch-wide error the kernel sent
+// instead). ended: it stopped early, nl is out of step.
+func readReplies(nl *netlink.Conn, n int) (ended bool, err error) {
+	var errs error
+	for i := range n {
+		e := receiveAck(nl)
+		if e == nil {
+			continue
+		}
+		if errors.Is(e, os.ErrDeadlineExceeded) {
+			timeout := fmt.Errorf("replies missing after %v (%d reads): %w", flushDeadline, n-i, os.ErrDeadlineExceeded)
+			return true, fmt.Errorf("conn.Receive: %w", errors.Join(errs, timeout))
+		}
+		errs = errors.Join(errs, e)
+		if !kernelReply(e) || errors.Is(e, unix.ENOMEM) || errors.Is(e, unix.EPERM) {
+			return true, fmt.Errorf("conn.Receive: %w", errs)
+		}
+	}
+	if errs != nil {
+		return false, fmt.Errorf("conn.Receive: %w", errs)
+	}
+	return false, nil
+}
+
+// kernelReply reports whether err is an error reply of the kernel's (an
+// errno in an NLMSG_ERROR message), not a failed read: mdlayher/netlink
+// gives the former as a bare errno, a read's wrapped in os.SyscallError.
+func kernelReply(err error) bool {
+	var oe *netlink.OpError
+	if !errors.As(err, &oe) {
+		return false
+	}
+	_, ok := oe.Err.(syscall.Errno)
+	return ok
+}
+
+// receiveAck reads the reply to one message that asked for an
+// acknowledgement, as google/nftables v0.3.0's receiveAckAware does (its
+// loop over replies of types it takes for overrun included, so that
+// pcpd's batches read as they did under Flush).
+func receiveAck(nl *netlink.Conn) error {
+	reply, err := nl.Receive()
+	if err != nil {
+		return err
+	}
+	if len(reply) != 0 {
+		last := reply[len(reply)-1]
+		for re := last.Header.Type; re&netlink.Overrun == netlink.Overrun && re&netlink.Done != netlink.Done; re = last.Header.Type {
+			r, err := nl.Receive()
+			if err != nil {
+				return err
+			}
+			reply = append(reply, r...)
+			last = reply[len(reply)-1]
+		}
+		if last.Header.Type == netlink.Error && binaryutil.BigEndian.Uint32(last.Data[:4]) == 0 {
+			return nil
+		}
+	}
+	ack, err := nl.Receive()
+	if err != nil {
+		return err
+	}
+	if len(ack) == 0 {
+		return nil
+	}
+	if ack[0].Header.Type != netlink.Error {
+		return fmt.Errorf("expected header %v, but got %v", netlink.Error, ack[0].Header.Type)
+	}
+	if binaryutil.BigEndian.Uint32(ack[0].Data[:4]) != 0 {
+		return fmt.Errorf("error delivered in message: %v", ack[0].Data)
+	}
+	return nil
+}
+
+// drain reads and drops whatever is queued on nl without waiting, and
+// returns how many datagrams (or pending socket errors, such as ENOBUFS)
+// it found. The kernel queues a request's replies within its send, so
+// what is queued between requests belongs to none.
+func drain(nl *netlink.Conn) int {
+	rc, err := nl.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	found := 0
+	var buf [256]byte   // a datagram longer than this is dropped whole
+	for found < 1<<20 { // bounded, should a socket error repeat
+		var rerr error
+		if err := rc.Control(func(fd uintptr) {
+			_, _, rerr = unix.Recvfrom(int(fd), buf[:], unix.MSG_DONTWAIT)
+		}); err != nil || rerr == unix.EAGAIN || rerr == unix.EBADF {
+			return found
+		}
+		found++
+	}
+	return found
+}
