@@ -108,8 +108,8 @@ func TestHealthySentinelENOMEM(t *testing.T) {
 	// The aborted check says nothing of the sentinels (h/nftenomem): not
 	// damage, for which the server runs Setup and re-installs every
 	// lease's pinholes; and it ends at the ENOMEM, not at the deadline.
-	if errors.Is(err, pinhole.ErrUnhealthy) || errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Errorf("Healthy with an ENOMEM sentinel check: %v; want neither ErrUnhealthy nor the read deadline", err)
+	if errors.Is(err, pinhole.ErrUnhealthy) || !errors.Is(err, pinhole.ErrCheckFailed) || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("Healthy with an ENOMEM sentinel check: %v; want ErrCheckFailed, neither ErrUnhealthy nor the read deadline", err)
 	}
 	if err := b.Healthy(); err != nil {
 		t.Errorf("Healthy after: %v", err)

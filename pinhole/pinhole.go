@@ -48,6 +48,11 @@ var (
 	ErrFull = errors.New("set full")
 	// ErrUnhealthy: Healthy found pcpd's objects incomplete or altered.
 	ErrUnhealthy = errors.New("ruleset damaged")
+	// ErrCheckFailed: Healthy could not tell, its check transaction having
+	// failed as a whole (ENOMEM under memory pressure): no damage found,
+	// none ruled out; check again later rather than repair (a repair's
+	// writes would meet the same failure).
+	ErrCheckFailed = errors.New("health check failed")
 	// ErrNoTable: attached mode, and the admin's table does not exist.
 	ErrNoTable = errors.New("table not found")
 	// ErrOwnerMeter: the owner meter (ownermeter.go) could not be written,

@@ -105,10 +105,10 @@ func (w *healthWant) checkSentinels(v kview) error {
 		// No per-message answer: the transaction ended with an error for
 		// the whole of it (ENOMEM under memory pressure), its replies
 		// missing, or more than it sent messages: it says nothing of the
-		// sentinels, so it is a failed check, not damage (ErrUnhealthy
+		// sentinels, so it is a failed check (ErrCheckFailed), not damage (ErrUnhealthy
 		// made the server run Setup and re-install every lease's pinholes
 		// for a transient ENOMEM: TestHealthySentinelENOMEM, h/nftenomem).
-		return fmt.Errorf("pinhole: sentinel check failed: %w", classify(err))
+		return fmt.Errorf("pinhole: sentinel transaction: %w: %w", ErrCheckFailed, classify(err))
 	}
 	if err != nil {
 		return fmt.Errorf("pinhole: a pinhole set lost its sentinel (flushed?): %w: %w", ErrUnhealthy, classify(err))

@@ -662,7 +662,8 @@ func (s *Server) repairPartial(herr error) bool {
 // objects, rule counts and every set's sentinel element) dumps nothing and
 // runs without s.mu, so serving goes on; only a repair takes the lock, and
 // re-installs every lease's pinholes (a flushed set or a re-created table
-// has lost them all).
+// has lost them all). A check that could not tell (pinhole.ErrCheckFailed)
+// repairs nothing.
 //
 // When only the kernel's owner meter is off (its writing failed, or
 // someone changed it: Healthy's error wraps pinhole.ErrOwnerMeter), only
@@ -683,6 +684,14 @@ func (s *Server) checkFirewall() {
 	}
 	herr := s.fw.Healthy()
 	if herr == nil {
+		return
+	}
+	if errors.Is(herr, pinhole.ErrCheckFailed) && !errors.Is(herr, pinhole.ErrUnhealthy) {
+		// The check could not tell (its sentinel transaction aborted with
+		// ENOMEM): no damage found. A full repair (Setup, every lease's
+		// pinholes re-installed under s.mu) for it would only meet the
+		// same memory pressure; the next check tells (h/nftenomem).
+		s.log.Warn("firewall check failed; checking again at the next firewall check", zap.Error(herr))
 		return
 	}
 	if s.repairPartial(herr) {

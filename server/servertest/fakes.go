@@ -74,6 +74,9 @@ type Firewall struct {
 	FailRoutes   func() error
 	// Changes is what RouteChanges returns (server.RouteChanger).
 	Changes chan struct{}
+	// FailHealthy, if set, is consulted first by Healthy: a non-nil error
+	// is what it returns.
+	FailHealthy func() error
 }
 
 // RouteChanges returns Changes (server.RouteChanger).
@@ -283,6 +286,11 @@ func (f *Firewall) List() ([]pinhole.Entry, error) {
 func (f *Firewall) Healthy() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.FailHealthy != nil {
+		if err := f.FailHealthy(); err != nil {
+			return err
+		}
+	}
 	if f.broken {
 		return pinhole.ErrUnhealthy
 	}
