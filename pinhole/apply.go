@@ -106,7 +106,7 @@ func (b *Backend) absentDelete(e encodedOp, err error) (bool, error) {
 	if e.op.Kind != Delete || !specs[e.k].interval || !errors.Is(err, unix.EEXIST) {
 		return false, nil
 	}
-	elems, gerr := b.conn.GetSetElements(b.sets[e.k])
+	elems, gerr := b.readConn().GetSetElements(b.sets[e.k])
 	if gerr != nil {
 		b.resetConn() // a dump cut short may leave parts of it queued
 		return false, gerr

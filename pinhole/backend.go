@@ -1229,7 +1229,24 @@ type kview struct {
 }
 
 // view reads through the Backend's connection. Caller holds b.mu.
-func (b *Backend) view() kview { return kview{conn: b.conn, table: b.table, raw: &b.raw} }
+func (b *Backend) view() kview { return kview{conn: b.readConn(), table: b.table, raw: &b.raw} }
+
+// readConn returns conn for a read, having dropped what is queued on its
+// socket (drain): a read that failed after its request went (a dump cut
+// short by a socket error) leaves its reply queued, and its dump running,
+// which queues its next part at each later read; google/nftables reads
+// without checking sequence numbers, so the next read took them for its
+// own (TestReadsAfterReadCutShort: EBUSY, then a set's elements missing).
+// A read is answered within its send, so what is queued before it is
+// owed to no one. One syscall; flushConn drains before a batch the same
+// way. Not a reset: a read may come between messages queued for a batch,
+// which a new connection would lose. Caller holds b.mu.
+func (b *Backend) readConn() *nftables.Conn {
+	if b.nl != nil {
+		drain(b.nl)
+	}
+	return b.conn
+}
 
 // tableExists asks the kernel whether the configured table exists; only a
 // definite "no such table" counts as absent.
@@ -1439,7 +1456,7 @@ func (b *Backend) Healthy() error {
 			// 2026-12-03: a flushed served set went unreported in 10 of 10
 			// checks with a writer running back to back).
 			defer b.mu.Unlock()
-			read, err := w.check(kview{conn: b.conn, table: &w.table, raw: &b.raw, nl: b.nl})
+			read, err := w.check(kview{conn: b.readConn(), table: &w.table, raw: &b.raw, nl: b.nl})
 			if err != nil {
 				// As healthConn is closed after any error: a sentinel
 				// transaction ended early (ENOMEM, replies missing) or a

@@ -181,3 +181,16 @@ func QueueCommitFailure(b *Backend) {
 			KeyType: nftables.TypeIPAddr}, nil)
 	}
 }
+
+// CutReads makes every read on the Backend's connection fail at once (a
+// read deadline in the past), its request sent and the kernel's reply
+// queued unread, as a read error after the send leaves it (a dump cut
+// short: ENOBUFS when the kernel cannot allocate its next part); restore
+// clears the deadline on that socket (h/nftenomem).
+func CutReads(b *Backend) (restore func()) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	nl := b.nl
+	_ = nl.SetReadDeadline(time.Unix(1, 0))
+	return func() { _ = nl.SetReadDeadline(time.Time{}) }
+}

@@ -1,6 +1,7 @@
 package pinhole_test
 
 import (
+	"net/netip"
 	"slices"
 	"testing"
 	"time"
@@ -82,6 +83,64 @@ func TestApplyAfterCommitFailure(t *testing.T) {
 			got, _ := listPinholes(t, b)
 			if diff := cmp.Diff(want, got, cmpAddr, cmpPrefix); diff != "" {
 				t.Errorf("kernel against what Apply reported (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// TestReadsAfterReadCutShort (h/nftenomem): a read on the Backend's
+// connection that fails after its request went (here at once, on a past
+// read deadline: CutReads) leaves the kernel's reply queued, and a dump
+// running on the socket that queues its next part with each later read.
+// google/nftables reads without checking sequence numbers, so the next
+// request read that reply as its own: a read returned another set's
+// elements, a batch took a dump part for its acknowledgement. Every use of
+// the connection must first drop what no request of its own is owed.
+func TestReadsAfterReadCutShort(t *testing.T) {
+	prot := []netip.Prefix{netip.MustParsePrefix("2001:db8:77::/48"), netip.MustParsePrefix("10.77.0.0/16")}
+	served := []netip.Addr{netip.MustParseAddr("2001:db8:1:2::1"), netip.MustParseAddr("10.100.0.1")}
+	p := pinhole.Pinhole{Protocol: tcp, InternalAddr: c4, InternalPort: 80, ExternalAddr: pub, ExternalPort: 8080}
+	for _, tc := range []struct {
+		name string
+		next string // what runs after the cut read
+	}{
+		{"then a read", "read"},
+		{"then a batch", "batch"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newBackend(t, netlab.NewNS(t, "nftenomem"), pinhole.Config{})
+			if err := b.SetProtected(prot); err != nil {
+				t.Fatal(err)
+			}
+			if err := b.SetServed(served, nil); err != nil {
+				t.Fatal(err)
+			}
+			restore := pinhole.CutReads(b)
+			_, err := b.Protected()
+			restore()
+			if err == nil {
+				t.Fatal("Protected with its reads cut: no error")
+			}
+			switch tc.next {
+			case "read":
+				got, err := b.Served()
+				want := slices.Clone(served)
+				slices.SortFunc(want, func(a, b netip.Addr) int { return a.Compare(b) })
+				if err != nil || !slices.Equal(got, want) {
+					t.Errorf("Served after a cut read: %v, %v; want %v", got, err, want)
+				}
+			case "batch":
+				if err := b.Apply([]pinhole.Op{install(p, time.Minute)}); err != nil {
+					t.Errorf("Apply after a cut read: %v", err)
+				}
+				got, _ := listPinholes(t, b)
+				if diff := cmp.Diff([]pinhole.Pinhole{p}, got, cmpAddr, cmpPrefix); diff != "" {
+					t.Errorf("kernel after the Apply (-want +got):\n%s", diff)
+				}
+			}
+			got, err := b.Protected()
+			if err != nil || len(got) != len(prot) {
+				t.Errorf("Protected at the end: %v, %v; want %v", got, err, prot)
 			}
 		})
 	}

@@ -440,7 +440,7 @@ func (b *Backend) readOwnerCounters(name string) {
 	if _, seen := b.ownerCounts[name]; !seen {
 		return
 	}
-	if rules, err := b.conn.GetRules(b.table, &nftables.Chain{Table: b.table, Name: name}); err == nil {
+	if rules, err := b.readConn().GetRules(b.table, &nftables.Chain{Table: b.table, Name: name}); err == nil {
 		b.foldOwnerCounters(name, rules)
 	}
 }

@@ -46,14 +46,14 @@ func (b *Backend) checkOwnershipLocked() error {
 	if err != nil || !ok {
 		return err // attached: Setup reports ErrNoTable itself
 	}
-	chains, err := b.conn.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	chains, err := b.readConn().ListChainsOfTableFamily(nftables.TableFamilyINet)
 	if err != nil {
 		return fmt.Errorf("pinhole: list chains: %w", classify(err))
 	}
 	if b.cfg.Attached {
 		return b.checkEntryChain(chains)
 	}
-	sets, err := b.conn.GetSets(b.table)
+	sets, err := b.readConn().GetSets(b.table)
 	if err != nil {
 		return fmt.Errorf("pinhole: list sets: %w", classify(err))
 	}
@@ -98,7 +98,7 @@ func (b *Backend) checkEntryChain(chains []*nftables.Chain) error {
 		return fmt.Errorf("pinhole: chain %q of inet %s is a base chain; pcpd needs a regular chain of its own that the admin's chain jumps to: %w",
 			c.Name, b.cfg.Table, ErrNotOurs)
 	}
-	rules, err := b.conn.GetRules(b.table, c)
+	rules, err := b.readConn().GetRules(b.table, c)
 	if err != nil {
 		return fmt.Errorf("pinhole: rules of %s: %w", c.Name, classify(err))
 	}

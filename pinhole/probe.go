@@ -62,7 +62,7 @@ func (b *Backend) probeInPlace() (bool, error) {
 		if err := add(probeShort); err != nil {
 			return false, fmt.Errorf("pinhole: probe element timeout update: re-add: %w", classify(err))
 		}
-		elems, err := b.conn.GetSetElements(set)
+		elems, err := b.readConn().GetSetElements(set)
 		if err != nil {
 			return false, fmt.Errorf("pinhole: probe element timeout update: read %s: %w", set.Name, classify(err))
 		}
