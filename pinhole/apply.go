@@ -280,9 +280,10 @@ func (b *Backend) blame(enc []encodedOp, orig error) error {
 		errors.Is(orig, unix.EPERM) || errors.Is(orig, unix.EMSGSIZE) ||
 		errors.Is(orig, unix.ENOMEM) || errors.Is(orig, os.ErrDeadlineExceeded) {
 		// Not about any one op: the batch never reached nftables, or the
-		// kernel could not report back (ENOMEM aborts the whole batch
-		// with one reply, and flush's read then times out:
-		// flushDeadline); replaying prefixes would only wait again.
+		// kernel answered for the whole batch (ENOMEM aborts it with one
+		// reply, which ends flush's read: replies.go) or not at all
+		// (replies missing at flushDeadline); replaying prefixes would
+		// only meet the same.
 		return &OpError{Index: -1, Err: classify(orig)}
 	}
 	probe := func(n int) ([]error, error) {
