@@ -85,6 +85,9 @@ type Backend struct {
 	// connection (a fake-dialled test one, or the fallback when the dial
 	// failed), which flush reads without one.
 	nl *netlink.Conn
+	// readSince: conn was read since the last flush (readConn), which
+	// may have left replies queued; under mu.
+	readSince bool
 	// flushHook, when set (tests only: QueueOversizedSet), runs on conn
 	// just before flush sends its batch.
 	flushHook func(*nftables.Conn)
@@ -1056,6 +1059,12 @@ func (b *Backend) flush() error {
 	if b.flushHook != nil {
 		b.flushHook(b.conn)
 	}
+	if b.readSince && b.nl != nil {
+		// Replies a failed read left (readConn) would be read as this
+		// batch's.
+		drain(b.nl)
+	}
+	b.readSince = false
 	inStep, err := flushConn(b.conn, b.nl)
 	if !inStep {
 		b.resetConn()
@@ -1238,13 +1247,14 @@ func (b *Backend) view() kview { return kview{conn: b.readConn(), table: b.table
 // without checking sequence numbers, so the next read took them for its
 // own (TestReadsAfterReadCutShort: EBUSY, then a set's elements missing).
 // A read is answered within its send, so what is queued before it is
-// owed to no one. One syscall; flushConn drains before a batch the same
-// way. Not a reset: a read may come between messages queued for a batch,
+// owed to no one. One syscall; flush drains before a batch the same way
+// when a read came since the last (readSince). Not a reset: a read may come between messages queued for a batch,
 // which a new connection would lose. Caller holds b.mu.
 func (b *Backend) readConn() *nftables.Conn {
 	if b.nl != nil {
 		drain(b.nl)
 	}
+	b.readSince = true // flush drains too: the read may fail
 	return b.conn
 }
 
