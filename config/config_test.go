@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/spf13/pflag"
 	"go.uber.org/zap/zapcore"
+	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/fsperm"
 	"github.com/pcpd/pcpd/policy"
@@ -856,4 +857,108 @@ func TestConfigFileSymlinkTrusted(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestConfigFileNotOpenedUntrusted (review h/revfsperm2): the config file
+// is opened only once its path is trusted. On main it was opened first
+// (as root, before fsperm.File): a path the check then refused could
+// still be a FIFO (pcpd hung in open, never refusing), a device (opened
+// as root: a watchdog arms, a tty becomes pcpd's controlling terminal)
+// or another user's file. Seen here with inotify: IN_OPEN on the file.
+func TestConfigFileNotOpenedUntrusted(t *testing.T) {
+	root := os.Geteuid() == 0
+	for _, tc := range []struct {
+		name      string
+		setup     func(t *testing.T, b string) string // the --config path
+		needsRoot bool
+		ok        bool
+	}{
+		{"own file", func(t *testing.T, b string) string {
+			return writeConfigIn(t, b+"/etc", 0o755)
+		}, false, true},
+		{"own file in a world-writable directory", func(t *testing.T, b string) string {
+			return writeConfigIn(t, b+"/pub", 0o777)
+		}, false, false},
+		{"own file through another user's symlink in a sticky directory", func(t *testing.T, b string) string {
+			file := writeConfigIn(t, b+"/etc", 0o755)
+			if err := os.Mkdir(b+"/tmp", 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chmod(b+"/tmp", os.ModeSticky|0o777); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(file, b+"/tmp/pcpd.toml"); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Lchown(b+"/tmp/pcpd.toml", 65534, -1); err != nil {
+				t.Fatal(err)
+			}
+			return b + "/tmp/pcpd.toml"
+		}, true, false},
+		{"another user's file", func(t *testing.T, b string) string {
+			file := writeConfigIn(t, b+"/etc", 0o755)
+			if err := os.Chown(file, 65534, -1); err != nil {
+				t.Fatal(err)
+			}
+			return file
+		}, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.needsRoot && !root {
+				t.Skip("needs root to chown")
+			}
+			path := tc.setup(t, t.TempDir())
+			in, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
+			if err != nil {
+				t.Skipf("inotify: %v", err)
+			}
+			defer unix.Close(in)
+			// Watches the file the path leads to (inotify follows links).
+			if _, err := unix.InotifyAddWatch(in, path, unix.IN_OPEN); err != nil {
+				t.Fatal(err)
+			}
+			fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+			AddFlags(fs)
+			if err := fs.Parse([]string{"--config", path}); err != nil {
+				t.Fatal(err)
+			}
+			_, lerr := Load(fs)
+			// The events are queued by open itself: all there by now.
+			buf := make([]byte, 4096)
+			n, err := unix.Read(in, buf)
+			if err != nil && !errors.Is(err, unix.EAGAIN) {
+				t.Fatal(err)
+			}
+			opened := n > 0
+			if tc.ok {
+				if lerr != nil || !opened {
+					t.Fatalf("Load: %v; opened: %v", lerr, opened)
+				}
+				return
+			}
+			if !errors.Is(lerr, ErrInvalid) || !errors.Is(lerr, fsperm.ErrUnsafe) {
+				t.Fatalf("Load: %v, want ErrInvalid and fsperm.ErrUnsafe", lerr)
+			}
+			if opened {
+				t.Errorf("the refused config file %s was opened", path)
+			}
+		})
+	}
+}
+
+// writeConfigIn writes a valid pcpd.toml (root's or ours, 0644) in a new
+// directory dir of mode mode.
+func writeConfigIn(t *testing.T, dir string, mode os.FileMode) string {
+	t.Helper()
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, mode); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(dir, "pcpd.toml")
+	if err := os.WriteFile(file, []byte("interface = [\"wg0\"]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return file
 }

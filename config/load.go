@@ -1,11 +1,13 @@
 package config
 
 import (
+	"errors"
 	"fmt"
-	"io"
+	"io/fs"
 	"os"
 	"slices"
 	"strings"
+	"syscall"
 
 	"github.com/BurntSushi/toml"
 	"github.com/spf13/pflag"
@@ -202,24 +204,21 @@ func Load(fs *pflag.FlagSet) (*Config, error) {
 // readFile decodes a TOML file into vals, checking each key's type. Unknown
 // keys are mistakes (a misspelt key silently ignored is worse).
 func readFile(path string, vals map[string]*value) Errors {
-	f, err := os.Open(path)
-	if err != nil {
-		return Errors{fmt.Errorf("config: read config file: %w", err)}
-	}
-	defer f.Close()
-	// Whoever can change the file decides who owns which prefixes. Once
-	// every name on the way is trusted (fsperm), nobody else can make
-	// path lead elsewhere; the file opened before must be the one the
-	// check saw.
+	// Whoever can change the file decides who owns which prefixes. The
+	// path is checked before it is opened (review h/revfsperm2: opened
+	// first, as root, a refused path could still be a FIFO that hangs
+	// the open, a device with effects on open, or another user's file);
+	// once every name on the way is trusted (fsperm), nobody else can
+	// make it lead elsewhere before the open below.
 	if err := fsperm.File(path); err != nil {
+		var errno syscall.Errno
+		if !errors.Is(err, fsperm.ErrUnsafe) && errors.As(err, &errno) {
+			// Missing, or not searchable: as open would say it.
+			return Errors{fmt.Errorf("config: read config file: %w", &fs.PathError{Op: "open", Path: path, Err: errno})}
+		}
 		return Errors{fmt.Errorf("config: config file %s: %w: %w", path, err, ErrInvalid)}
 	}
-	if fi, err := f.Stat(); err != nil {
-		return Errors{fmt.Errorf("config: read config file: %w", err)}
-	} else if pi, err := os.Stat(path); err != nil || !os.SameFile(fi, pi) {
-		return Errors{fmt.Errorf("config: config file %s changed while it was checked: %w: %w", path, fsperm.ErrUnsafe, ErrInvalid)}
-	}
-	data, err := io.ReadAll(f)
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return Errors{fmt.Errorf("config: read config file: %w", err)}
 	}
