@@ -207,3 +207,76 @@ func TestOpenRefusesUntrustedFile(t *testing.T) {
 		})
 	}
 }
+
+// TestOpenRefusesSymlinkedFile (review h/revfsperm2): a state file may be
+// a symlink (root's or pcpd's user's, in the trusted directory) and what
+// it leads to still writable by others: fsperm.Entries checked the link's
+// owner only, so Open read a leases.db linked to a world-writable file,
+// or to one in a world-writable directory, or dangling into one (3 rows
+// fail on main).
+func TestOpenRefusesSymlinkedFile(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		dirMode os.FileMode // of the directory the link leads to
+		mode    os.FileMode // of the file there
+		ok      bool
+	}{
+		{"to a 0600 file in a 0700 directory", 0o700, 0o600, true},
+		{"to a world-writable file", 0o700, 0o666, false},
+		{"to a file in a world-writable directory", 0o777, 0o600, false},
+		{"dangling, into a world-writable directory", 0o777, 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := t.TempDir()
+			dir := filepath.Join(b, "state")
+			s, _, err := Open(dir, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Commit(leasesN(0, 3), nil); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			moved := filepath.Join(b, "elsewhere", DBName)
+			if err := os.Mkdir(filepath.Dir(moved), 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(filepath.Join(dir, DBName), moved); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(moved, filepath.Join(dir, DBName)); err != nil {
+				t.Fatal(err)
+			}
+			if tc.mode == 0 {
+				// Dangling: another user could create the file.
+				if err := os.Remove(moved); err != nil {
+					t.Fatal(err)
+				}
+			} else if err := os.Chmod(moved, tc.mode); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chmod(filepath.Dir(moved), tc.dirMode); err != nil {
+				t.Fatal(err)
+			}
+			s, st, err := Open(dir, nil)
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("Open: %v", err)
+				}
+				if len(st.Leases) != 3 {
+					t.Errorf("%d leases, want 3", len(st.Leases))
+				}
+				s.Close()
+				return
+			}
+			if err == nil {
+				s.Close()
+			}
+			if !errors.Is(err, fsperm.ErrUnsafe) {
+				t.Fatalf("Open: %v, want fsperm.ErrUnsafe", err)
+			}
+		})
+	}
+}

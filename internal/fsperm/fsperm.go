@@ -59,8 +59,8 @@ func File(path string) error {
 }
 
 // Entries checks what dir (a directory Dir passed) holds: each entry
-// owned by root or pcpd's user, and, but for a symlink, not writable by
-// group or others. For a directory whose files pcpd reads as trusted (its
+// owned by root or pcpd's user and not writable by group or others; a
+// symlink leads to a file or directory that passes File or Dir. For a directory whose files pcpd reads as trusted (its
 // state): one copied in with a loose mode would let others write it.
 func Entries(dir string) error {
 	ents, err := os.ReadDir(dir)
@@ -78,7 +78,20 @@ func Entries(dir string) error {
 		if err := owner(p, p, st.Uid); err != nil {
 			return err
 		}
-		if st.Mode&syscall.S_IFMT != syscall.S_IFLNK && st.Mode&0o022 != 0 {
+		if st.Mode&syscall.S_IFMT == syscall.S_IFLNK {
+			// Read through: what it leads to must be trusted too
+			// (review h/revfsperm2: the link's owner alone was).
+			// Dangling, it must lead into trusted directories as far
+			// as it goes (a file may be created through it): walk
+			// checks every directory met before the missing name.
+			var tst syscall.Stat_t
+			dir := syscall.Stat(p, &tst) == nil && tst.Mode&syscall.S_IFMT == syscall.S_IFDIR
+			if err := walk(p, false, !dir, 0); err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.ELOOP) {
+				return err
+			}
+			continue
+		}
+		if st.Mode&0o022 != 0 {
 			return fmt.Errorf("%s has mode %#o: %w", p, st.Mode&0o7777, ErrUnsafe)
 		}
 	}

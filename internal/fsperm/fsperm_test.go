@@ -313,3 +313,64 @@ func TestACL(t *testing.T) {
 		t.Fatalf("with user:nobody:rwx: %v, want ErrUnsafe", err)
 	}
 }
+
+// TestEntries: a state directory's entries, symlinks read through
+// (review h/revfsperm2: only a link's owner was checked; the rows
+// "link to ..." and "dangling into ..." marked unsafe passed on main).
+func TestEntries(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to chown")
+	}
+	for _, tc := range []struct {
+		name   string
+		setup  func(tr tree, b string) // b/state is there, 0700
+		unsafe bool
+	}{
+		{"own 0600 file", func(tr tree, b string) { tr.file(b+"/state/leases.db", 0o600, -1) }, false},
+		{"link to an own 0600 file", func(tr tree, b string) {
+			tr.dir(b+"/data", 0o700, -1)
+			tr.file(b+"/data/leases.db", 0o600, -1)
+			tr.link(b+"/data/leases.db", b+"/state/leases.db", -1)
+		}, false},
+		{"dangling into an own directory", func(tr tree, b string) {
+			tr.link(b+"/none/leases.db", b+"/state/leases.db", -1)
+		}, false},
+		{"link loop", func(tr tree, b string) {
+			tr.link("b", b+"/state/a", -1)
+			tr.link("a", b+"/state/b", -1)
+		}, false},
+		{"world-writable file", func(tr tree, b string) { tr.file(b+"/state/leases.db", 0o666, -1) }, true},
+		{"another user's link", func(tr tree, b string) {
+			tr.link("/", b+"/state/leases.db", other)
+		}, true},
+		{"link to a world-writable file", func(tr tree, b string) {
+			tr.dir(b+"/data", 0o700, -1)
+			tr.file(b+"/data/leases.db", 0o666, -1)
+			tr.link(b+"/data/leases.db", b+"/state/leases.db", -1)
+		}, true},
+		{"link to a file in another user's directory", func(tr tree, b string) {
+			tr.dir(b+"/home", 0o755, other)
+			tr.file(b+"/home/leases.db", 0o600, -1)
+			tr.link(b+"/home/leases.db", b+"/state/leases.db", -1)
+		}, true},
+		{"link to a world-writable directory", func(tr tree, b string) {
+			tr.dir(b+"/pub", 0o777, -1)
+			tr.link(b+"/pub", b+"/state/wal", -1)
+		}, true},
+		{"dangling into a world-writable directory", func(tr tree, b string) {
+			tr.dir(b+"/pub", 0o777, -1)
+			tr.link(b+"/pub/leases.db", b+"/state/leases.db", -1)
+		}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := t.TempDir()
+			tr := tree{t}
+			tr.dir(b+"/state", 0o700, -1)
+			tc.setup(tr, b)
+			err := Entries(b + "/state")
+			if tc.unsafe != errors.Is(err, ErrUnsafe) || !tc.unsafe && err != nil {
+				t.Fatalf("Entries: %v, want unsafe: %v", err, tc.unsafe)
+			}
+		})
+	}
+}
