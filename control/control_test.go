@@ -585,3 +585,43 @@ func TestSocketDirectoryTrusted(t *testing.T) {
 		})
 	}
 }
+
+// TestListenDotDot (review h/revfsperm2): the directory checked is the
+// one the socket is bound in. On main Listen checked filepath.Dir(path),
+// which takes ".." lexically, while bind takes it after the symlink
+// before it, as the kernel does: run/link/../pcpd.sock passed with run
+// trusted and was bound in the world-writable directory link's target is
+// in. (pcpd's config cleans --socket; Listen's other callers did not.)
+func TestListenDotDot(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		target string // of run/link, under the test's directory
+	}{
+		{"symlink into an own directory", "own/sub"},
+		{"symlink into a world-writable directory", "pub/sub"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := t.TempDir()
+			for d, mode := range map[string]os.FileMode{"run": 0o700, "own/sub": 0o700, "pub/sub": 0o700} {
+				if err := os.MkdirAll(filepath.Join(b, d), mode); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := os.Chmod(filepath.Join(b, "pub"), 0o777); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(filepath.Join(b, tc.target), filepath.Join(b, "run", "link")); err != nil {
+				t.Fatal(err)
+			}
+			ln, err := Listen(b + "/run/link/../pcpd.sock")
+			if err == nil {
+				defer ln.Close()
+			} else if !errors.Is(err, ErrUnsafeDir) {
+				t.Fatalf("Listen: %v", err)
+			}
+			if _, err := os.Lstat(filepath.Join(b, "pub", "pcpd.sock")); err == nil {
+				t.Fatal("the socket was bound in a world-writable directory")
+			}
+		})
+	}
+}

@@ -70,6 +70,10 @@ const (
 // (the operator's `pcpd revoke` then talks to them and is told it
 // worked), or swap the new socket for a symlink before the chmod below.
 func Listen(path string) (*net.UnixListener, error) {
+	// ".." taken lexically, as filepath.Dir takes it: the directory
+	// checked is the one bound in (review h/revfsperm2: bind took
+	// link/.. after the link, in the directory it leads to).
+	path = filepath.Clean(path)
 	if err := fsperm.MkdirAll(filepath.Dir(path), 0o700, false); err != nil {
 		if errors.Is(err, fsperm.ErrUnsafe) {
 			return nil, fmt.Errorf("control: socket directory: %w: %w", ErrUnsafeDir, err)

@@ -60,6 +60,9 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 	// directory another user can write could plant pinholes (or hold
 	// the lock). Refused before anything in it is read; what is missing
 	// of it is created only inside checked directories.
+	// ".." taken lexically, as filepath.Join takes it for the files: the
+	// directory checked is the one they are in (review h/revfsperm2).
+	dir = filepath.Clean(dir)
 	if err := fsperm.MkdirAll(dir, 0o700, false); err != nil {
 		return nil, State{}, fmt.Errorf("store: state directory: %w", err)
 	}

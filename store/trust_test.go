@@ -280,3 +280,51 @@ func TestOpenRefusesSymlinkedFile(t *testing.T) {
 		})
 	}
 }
+
+// TestOpenDotDot (review h/revfsperm2): the directory checked is the one
+// the files are read from. On main Open checked dir as the kernel
+// resolves it (tmp/link/.. is link's target's parent) but read
+// filepath.Join(dir, DBName), which takes ".." lexically: from tmp, a
+// sticky directory where another user had planted leases.db. (pcpd's
+// config cleans --state-dir; Open's other callers did not.)
+func TestOpenDotDot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to chown")
+	}
+	b := t.TempDir()
+	for _, d := range []string{b + "/tmp", b + "/own/sub"} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chmod(b+"/tmp", os.ModeSticky|0o777); err != nil {
+		t.Fatal(err)
+	}
+	// The planted state: 3 leases, another user's file in tmp.
+	s, _, err := Open(b+"/src", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(leasesN(0, 3), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(b+"/src/"+DBName, b+"/tmp/"+DBName); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(b+"/tmp/"+DBName, 65534, -1); err != nil {
+		t.Fatal(err)
+	}
+	mustSymlink(t, b+"/own/sub", b+"/tmp/link", -1)
+	s, st, err := Open(b+"/tmp/link/..", nil)
+	if err == nil {
+		s.Close()
+		if len(st.Leases) != 0 {
+			t.Fatalf("Open read the %d leases planted in %s", len(st.Leases), b+"/tmp")
+		}
+	} else if !errors.Is(err, fsperm.ErrUnsafe) {
+		t.Fatalf("Open: %v, want fsperm.ErrUnsafe", err)
+	}
+}
