@@ -104,7 +104,9 @@ func Entries(dir string) error {
 func walk(name string, stickyOK, file bool, mkdir os.FileMode) error {
 	rest := name
 	if !filepath.IsAbs(rest) {
-		wd, err := os.Getwd()
+		// The kernel's working directory (getcwd), not os.Getwd's
+		// $PWD, which may name it through other names.
+		wd, err := syscall.Getwd()
 		if err != nil {
 			return err
 		}

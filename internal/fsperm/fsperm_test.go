@@ -293,6 +293,38 @@ func TestRelative(t *testing.T) {
 	}
 }
 
+// TestRelativePWD (review h/revfsperm2): a relative name is walked from
+// the working directory the kernel uses, not from $PWD, which os.Getwd
+// prefers when it names the same directory through other names: here
+// another user's symlink (refused on main although the kernel never
+// looks at it; through a bind mount $PWD can also name trusted
+// directories above the working directory that are not its own).
+func TestRelativePWD(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to chown")
+	}
+	b := t.TempDir()
+	tr := tree{t}
+	tr.dir(b+"/x/run", 0o700, -1)
+	tr.dir(b+"/tmp", os.ModeSticky|0o777, -1)
+	tr.link(b+"/x", b+"/tmp/theirs", other)
+	t.Chdir(b + "/x")
+	for _, tc := range []struct {
+		name string
+		pwd  string
+	}{
+		{"PWD the directory", b + "/x"},
+		{"PWD through another user's symlink", b + "/tmp/theirs"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("PWD", tc.pwd)
+			if err := Dir("run", false); err != nil {
+				t.Errorf("Dir(run): %v", err)
+			}
+		})
+	}
+}
+
 // TestACL: a POSIX ACL granting another user write shows in the group
 // bits (the ACL mask), which the check refuses: no ACL walk needed.
 func TestACL(t *testing.T) {
