@@ -126,6 +126,7 @@ type Backend struct {
 	chainEntry             string
 	chainGuard6            string
 	chainGuard4            string
+	chainRecheck6          string // standalone only: the re-check of labelled flows (cutflows.go)
 	chainPrerouting        string
 	chainPostrouting       string
 
@@ -177,6 +178,13 @@ type Backend struct {
 	// (probed); without it Install and Refresh re-create the element
 	// (probe.go).
 	inPlace, probed bool
+	// cutLabels: the layout labels the flows pinholes admit and re-checks
+	// them (cutflows.go): standalone, unless the kernel refused labels
+	// (Setup). cutting: a layout with them was committed (CutsFlows,
+	// read without mu). refuseLabels (tests only) makes the label rules
+	// ones the kernel refuses.
+	cutLabels, refuseLabels bool
+	cutting                 atomic.Bool
 	// protectedFault, when set (tests only), runs before each of
 	// syncProtected's transactions is queued: an error fails that
 	// transaction unwritten, as a kernel error would.
@@ -223,6 +231,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		b.meter6, b.meter4 = meterSets(b.table, prefix, cfg.Meter.Size)
 		b.owners6, b.owners4 = ownerMaps(b.table, prefix)
 		b.served6, b.served4 = servedSets(b.table)
+		b.chainRecheck6, b.cutLabels = "recheck6", true
 	}
 	b.servingIfs = servingIfsSet(b.table, prefix)
 	b.chainGuard6 = prefix + "guard6"
@@ -265,9 +274,29 @@ func (b *Backend) allSets() []*nftables.Set {
 // it is also the repair step after Healthy fails and the first step after a
 // restart (pinholes installed before the restart stay in place). It never
 // touches other objects.
+//
+// Standalone, when the kernel refuses the layout's conntrack label rules
+// (EOPNOTSUPP: a kernel without CONFIG_NF_CONNTRACK_LABELS), Setup writes
+// it again without them, for good: the ruleset then does not cut a
+// removed pinhole's flows (CutsFlows is false; cutflows.go).
 func (b *Backend) Setup() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	err := b.setupLocked()
+	if b.labelsRefusal(err) {
+		b.cutLabels = false
+		err2 := b.setupLocked()
+		if errors.Is(err2, unix.EOPNOTSUPP) {
+			// Refused without the labels too: not them.
+			b.cutLabels = true
+			return err
+		}
+		err = err2
+	}
+	return err
+}
+
+func (b *Backend) setupLocked() error {
 	b.gen++
 	if err := b.checkOwnershipLocked(); err != nil {
 		return err
@@ -340,6 +369,7 @@ func (b *Backend) Setup() error {
 		return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))
 	}
 	b.owned = true
+	b.cutting.Store(b.cutLabels)
 	// Not fatal: the layout is committed, and the owner meter's write
 	// below (or RepairOwners) rewrites the chains anyway.
 	var onwardErr error
@@ -465,6 +495,9 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 		// port wins over the host's general masquerade at srcnat.
 		b.chainPostrouting: {Table: b.table, Name: b.chainPostrouting, Type: nftables.ChainTypeNAT,
 			Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityRef(*nftables.ChainPriorityNATSource - 1)},
+	}
+	if b.cutLabels {
+		m[b.chainRecheck6] = &nftables.Chain{Table: b.table, Name: b.chainRecheck6}
 	}
 	if b.cfg.Attached {
 		m[b.chainEntry] = &nftables.Chain{Table: b.table, Name: b.chainEntry}

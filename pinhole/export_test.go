@@ -194,3 +194,11 @@ func CutReads(b *Backend) (restore func()) {
 	_ = nl.SetReadDeadline(time.Unix(1, 0))
 	return func() { _ = nl.SetReadDeadline(time.Time{}) }
 }
+
+// RefuseLabels makes the Backend's next Setup write label rules the
+// kernel refuses (EOPNOTSUPP), as a kernel without conntrack labels does.
+func RefuseLabels(b *Backend) {
+	b.mu.Lock()
+	b.refuseLabels = true
+	b.mu.Unlock()
+}

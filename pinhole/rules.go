@@ -275,10 +275,27 @@ func (b *Backend) layout() []chainRules {
 			&expr.Payload{Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1, DestRegister: reg0},
 			eq(reg0, 128), accept)))
 	}
-	for _, k := range []kind{kindPort, kindProto, kindAddr, kindFilter, kindAddrFilter} {
+	var recheck6 [][]expr.Any
+	for _, k := range cutKinds {
 		// The nfproto match is implied by the jump here, but without it
 		// nft lists raw "@nh,192,128" instead of "ip6 daddr".
-		guard6 = append(guard6, rule(nfproto(unix.NFPROTO_IPV6), keyPacket6(k), x(lookup(b.sets[k], reg0), accept)))
+		admit := rule(nfproto(unix.NFPROTO_IPV6), keyPacket6(k), x(lookup(b.sets[k], reg0)))
+		if b.cutLabels {
+			recheck6 = append(recheck6, rule(admit, x(accept)))
+			admit = rule(admit, b.setFlowLabel())
+		}
+		guard6 = append(guard6, rule(admit, x(accept)))
+	}
+	if b.cutLabels {
+		// An established flow a pinhole admitted (flowLabel), in its
+		// original direction (from the remote), is let on only while an
+		// element still admits it (recheck6, cutFlowRules): a deleted,
+		// revoked or expired pinhole's flows end in the kernel with its
+		// element, with no conntrack walk and with pcpd dead too.
+		guard6 = append([][]expr.Any{rule(x(loadCt(expr.CtKeyDIRECTION, reg0), eq(reg0, 0)),
+			x(loadCt(expr.CtKeySTATE, reg0)), bitsSet(reg0, expr.CtStateBitESTABLISHED),
+			x(loadCt(expr.CtKeyLABELS, reg0)), labelSet(), x(goTo(b.chainRecheck6)))}, guard6...)
+		recheck6 = append(recheck6, x(&expr.Counter{}, drop))
 	}
 
 	guard4 := [][]expr.Any{rule(ctEstablished, x(accept)),
@@ -365,6 +382,9 @@ func (b *Backend) layout() []chainRules {
 		{b.chainPrerouting, prerouting},
 		{b.chainPostrouting, postrouting},
 	}
+	if b.cutLabels {
+		out = append(out, chainRules{b.chainRecheck6, recheck6})
+	}
 	if b.controlling() {
 		in, local, meter, outRules := b.controlRules()
 		out = append(out, chainRules{b.chainControlIn, in}, chainRules{b.chainControlLocal, local})
@@ -399,6 +419,16 @@ func layoutRuleIs(r *nftables.Rule, want []expr.Any) (int, bool) {
 			if wl, ok := w.(*expr.Lookup); ok {
 				c, d := *v, *wl
 				c.SetID, d.SetID = 0, 0
+				e, w = &c, &d
+			}
+		case *expr.Ct:
+			if wc, ok := w.(*expr.Ct); ok && wc.SourceRegister {
+				// The library decodes a ct set's key but not its
+				// source register (NFTA_CT_SREG): it lists as a ct
+				// load into register 0, which no load can be (the
+				// verdict register).
+				c, d := *v, *wc
+				c.Register, d.Register, d.SourceRegister = 0, 0, false
 				e, w = &c, &d
 			}
 		case *expr.Dynset:

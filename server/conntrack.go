@@ -72,10 +72,16 @@ import (
 //
 // It only queues the flush (the tx calls it under s.mu); the conntrack
 // flusher runs it, coalesced with the others queued meanwhile, so neither
-// the engine nor an expiry waits for the walk. Replies of a batch that
-// ended mappings wait for it (serveBatch, HandleBatch: waitConntrack), so
-// a connection cannot carry data after its delete was acknowledged
-// (PMP-12, found by the conformance suite).
+// the engine nor an expiry waits for the walk. A connection must not
+// carry data after its delete was acknowledged (PMP-12, found by the
+// conformance suite): standalone, the ruleset cuts an IPv6 pinhole's
+// flows itself the moment its element goes (pinhole/cutflows.go), and
+// only the replies of requests that ended other mappings (IPv4 NAPT and
+// its SNAT-ed flows, IPv6 redirects, attached mode, a kernel without
+// conntrack labels) wait for the walk (mustWaitFlush; serveBatch,
+// HandleBatch: waitConntrack). The walk runs for every ended mapping all
+// the same: it frees the entries and their TCP state, and spares and ends
+// exactly what it did before (a remade mapping spares nothing).
 func (s *Server) flushConntrack(ended []store.Lease) {
 	if s.cfg.KeepConnections || len(ended) == 0 {
 		return
@@ -97,6 +103,27 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 	if len(fs) > 0 {
 		s.ct.add(fs, s.heldAdmits(fs))
 	}
+}
+
+// mustWaitFlush reports whether a reply that ended these leases must wait
+// for their conntrack flush: some lease's flows the ruleset does not cut
+// by itself once its pinholes are gone (FlowCutter). With
+// KeepConnections nothing is flushed, and nothing waits.
+func (s *Server) mustWaitFlush(ended []store.Lease) bool {
+	if s.cfg.KeepConnections {
+		return false
+	}
+	for i := range ended {
+		l := &ended[i]
+		// The kind of pinhole decides (pinhole.Backend.CutsFlows), and
+		// a lease's pinholes are all of one, filtered or not.
+		p := pinhole.Pinhole{Protocol: l.Protocol, InternalAddr: l.InternalAddr, InternalPort: l.InternalPort,
+			ExternalAddr: l.ExternalAddr, ExternalPort: l.ExternalPort}
+		if s.cutter == nil || !s.cutter.CutsFlows(p) {
+			return true
+		}
+	}
+	return false
 }
 
 // heldAdmits is, for fs's inbound and SNAT filters, the pinholes of the

@@ -86,6 +86,16 @@ type RouteChanger interface {
 	RouteChanges() <-chan struct{}
 }
 
+// FlowCutter is an optional extra of a Firewall (*pinhole.Backend has
+// it): CutsFlows reports whether the ruleset itself ends the established
+// flows a pinhole admitted once its element is gone (standalone, IPv6
+// pinholes that are not redirects: pinhole/cutflows.go). Then a delete's
+// reply need not wait for the conntrack walk (PMP-12), which still runs.
+// It must be cheap (asked for every ended mapping).
+type FlowCutter interface {
+	CutsFlows(p pinhole.Pinhole) bool
+}
+
 // LeaseStore is the durable lease store (*store.Store). Commit is one
 // transaction and one fsync.
 type LeaseStore interface {

@@ -44,7 +44,8 @@ type outcome struct {
 	// (built only if the logger wants it); after, if set, runs then too.
 	log   logRec
 	after func()
-	// ends: the request ended a mapping on purpose, so its reply waits
+	// ends: the request ended a mapping on purpose whose flows the
+	// ruleset does not cut by itself (mustWaitFlush), so its reply waits
 	// for the conntrack flush (PMP-12); other replies need not.
 	ends bool
 	// absorbed: the request was an absorbed renewal (absorb.go), which
@@ -150,7 +151,8 @@ func (s *Server) Handle(local, src netip.AddrPort, b []byte) []byte {
 // request does not fail the others.
 //
 // It returns once the connections of mappings the batch ended are gone
-// (PMP-12).
+// (PMP-12): cut by the ruleset as their pinholes' elements went
+// (mustWaitFlush), or else flushed from conntrack.
 func (s *Server) HandleBatch(reqs []Request) [][]byte {
 	replies, ends := s.handleBatch(reqs, nil)
 	if ends != nil {
@@ -208,7 +210,7 @@ func (s *Server) handleTx(reqs []Request, now time.Time, retry bool, outs []outc
 		for end < len(reqs) && (end == start || len(t.ops) <= s.opsBudget) {
 			n, a := len(t.ended), t.absorbs
 			outs[end] = s.handle(t, &reqs[end])
-			outs[end].ends = len(t.ended) > n
+			outs[end].ends = s.mustWaitFlush(t.ended[n:])
 			outs[end].absorbed = t.absorbs > a
 			end++
 		}

@@ -32,6 +32,9 @@ import (
 type Server struct {
 	cfg  Config
 	fw   Firewall
+	// cutter, if fw has it, says which ended mappings' flows the ruleset
+	// cuts by itself: their replies do not wait for the conntrack walk.
+	cutter FlowCutter
 	st   LeaseStore
 	pol  Policy
 	log  *zap.Logger
@@ -262,6 +265,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	if rf, ok := s.pol.Ownership().(policy.RenameFollower); ok {
 		s.lis.onRename = rf.InterfacesRenamed
 	}
+	s.cutter, _ = s.fw.(FlowCutter)
 	if ss, ok := s.fw.(ServedSetter); ok {
 		s.lis.onServe = func(aps []netip.AddrPort, ifaces []string) { s.updateServed(ss, aps, ifaces) }
 	}
@@ -440,8 +444,10 @@ type engineBufs struct {
 }
 
 // serveBatch handles packets that arrived together and sends the replies.
-// When the batch ended mappings, its replies wait for their conntrack
-// flush (PMP-12), sent from the flusher; the engine goes on meanwhile.
+// When the batch ended mappings whose flows the ruleset does not cut by
+// itself (mustWaitFlush), the replies of the requests that ended them
+// wait for their conntrack flush (PMP-12), sent from the flusher; the
+// engine goes on meanwhile.
 //
 // Its requests, replies and reply list live in buffers of the engine's
 // (Server.eng), kept from batch to batch: at 30 000 new MAPs a second they

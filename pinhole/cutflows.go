@@ -1,0 +1,118 @@
+package pinhole
+
+import (
+	"errors"
+
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// Standalone, the guard cuts the flows of a removed pinhole by itself.
+// Its "ct state established,related accept" let a flow go on once a
+// pinhole admitted it, so a deleted, revoked or expired pinhole's open
+// connections passed until the server's conntrack walk deleted their
+// entries (PMP-12), and every reply of a batch that ended one waited for
+// that walk (≈ 9 ms a dump of the machine-wide table: BENCHMARKS.md item
+// 41). Now the five IPv6 admission rules mark the flow they admit with
+// the conntrack label bit flowLabel:
+//
+//	ip6 daddr . meta l4proto . th dport @pin6 ct label set 127 accept
+//
+// and guard6 sends such a flow's established packets in its original
+// direction (from the remote) to recheck6 before the established accept:
+//
+//	ct direction original ct state established ct label 127 goto recheck6
+//
+// which runs the same lookups on the packet and accepts on a hit, else
+// drops (counted). For an IPv6 flow the guard did not see translated, the
+// packet in its original direction carries the conntrack original tuple,
+// the key the element admitted, so a flow is cut exactly when no element
+// (of any of the five sets: a PEER on the same endpoint, an all-ports MAP)
+// admits it any longer, and at once: the element's removal commits with
+// the delete (or the kernel's timeout: pcpd dead too). The flow's entry
+// stays (the server's walk still removes it, for the table's space and
+// TCP's state); a loose-picked-up revival of it is a new flow, which the
+// admission rules judge.
+//
+// Unlabelled flows keep the established accept: the replies to a
+// client's own outbound flows (their original direction is the client's),
+// DNAT-ed flows (redir6, accepted by "ct status dnat" before the
+// admission rules, so never labelled), ICMP and echo flows, and flows
+// that began before the rules existed. A packet cannot set or fake the
+// label: it is conntrack's metadata, written only by ruleset rules and
+// ctnetlink (CAP_NET_ADMIN).
+//
+// Not attached: there the admin's chain usually accepts established flows
+// before it jumps to pcpd's, so a re-check in pcpd's chain would not run,
+// and the server waits for its walk as before (CutsFlows). Nor when the
+// kernel refuses conntrack labels (CONFIG_NF_CONNTRACK_LABELS unset):
+// Setup falls back to the layout without them (labelsRefused).
+
+// flowLabel is the conntrack label bit (of 128) the guard sets on the
+// flows a pinhole admitted. The highest: connlabel.conf users and tools
+// number their labels from bit 0 upwards, and ct label set only ever adds
+// this bit (the kernel replaces the bits of its mask, which is the value):
+// an admin's own labels on the flow stay. A flow an admin's own rule
+// labels with it is re-checked as if a pinhole admitted it.
+const flowLabel = 127
+
+// cutKinds are the sets whose elements admit a flow in guard6's admission
+// rules, as the packet keys them (keyPacket6): their flows are labelled
+// and re-checked.
+var cutKinds = [...]kind{kindPort, kindProto, kindAddr, kindFilter, kindAddrFilter}
+
+// labelBits is flowLabel as the kernel's 128-bit label bitmap (bit n is
+// bit n%8 of byte n/8, as nft writes "ct label 127").
+func labelBits() []byte {
+	b := make([]byte, 16)
+	b[flowLabel/8] = 1 << (flowLabel % 8)
+	return b
+}
+
+// labelSet matches a label register holding flowLabel: "ct label 127".
+func labelSet() []expr.Any {
+	return x(&expr.Bitwise{SourceRegister: reg0, DestRegister: reg0, Len: 16, Mask: labelBits(), Xor: make([]byte, 16)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: reg0, Data: make([]byte, 16)})
+}
+
+// setFlowLabel is "ct label set 127". refuseLabels (tests) writes a ct
+// set of the state instead, which every kernel refuses as one without
+// label support refuses this (EOPNOTSUPP: nft_ct_set_init).
+func (b *Backend) setFlowLabel() []expr.Any {
+	key := expr.CtKeyLABELS
+	if b.refuseLabels {
+		key = expr.CtKeySTATE
+	}
+	return x(&expr.Immediate{Register: reg0, Data: labelBits()},
+		&expr.Ct{Key: key, Register: reg0, SourceRegister: true})
+}
+
+// labelsRefusal: Setup's transaction failed (err) with the label rules in
+// it, as on a kernel without conntrack labels. Caller holds b.mu.
+func (b *Backend) labelsRefusal(err error) bool {
+	return b.cutLabels && errors.Is(err, unix.EOPNOTSUPP)
+}
+
+// CutsFlows reports whether the ruleset itself ends the established flows
+// p admitted once p's element is gone (the label layout, standalone, in
+// place since the last successful Setup): an IPv6 pinhole that is not a
+// port redirect. Else (IPv4 NAPT, redirects, attached mode, a kernel
+// without labels) only the conntrack walk ends them. It does not say
+// whether the layout is intact now: Healthy does. Cheap and lock-free
+// (the server asks for every ended mapping).
+func (b *Backend) CutsFlows(p Pinhole) bool {
+	if !b.cutting.Load() {
+		return false
+	}
+	n, err := p.normalize()
+	if err != nil {
+		return false
+	}
+	k := kindOf(n)
+	for _, c := range cutKinds {
+		if k == c {
+			return true
+		}
+	}
+	return false
+}
