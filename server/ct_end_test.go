@@ -239,8 +239,12 @@ func TestE2EExpiryEndsConnections(t *testing.T) {
 
 // TestE2EExpiryWhileStoppedEndsConnections: leases that expired while
 // pcpd was stopped leave their connections in conntrack (it outlives the
-// process) and passing; the next start flushes them, PEERs' too (issue 9:
-// before, the PEERs' flows were left).
+// process); the next start flushes them, PEERs' too (issue 9: before, the
+// PEERs' flows were left). Meanwhile the IPv6 ones no longer pass: the
+// guard cut them as the kernel timed their elements out (issue 9: no
+// pinhole outlives its lease, pcpd dead or not; pinhole/cutflows.go; on
+// main they passed until the next start), and the IPv4 NAPT ones (not
+// cut by the ruleset) still pass until then.
 func TestE2EExpiryWhileStoppedEndsConnections(t *testing.T) {
 	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
 	type flow struct {
@@ -259,7 +263,11 @@ func TestE2EExpiryWhileStoppedEndsConnections(t *testing.T) {
 		if l.ctFlow(t, f.src, f.dst) == nil {
 			t.Fatalf("%s: flow gone with pcpd stopped; nothing to test", f.kind)
 		}
-		if err := echoOnce(f.c); err != nil {
+		err := echoOnce(f.c)
+		switch cut := f.src.Addr().Is6(); {
+		case cut && err == nil:
+			t.Errorf("%s: the connection still carries data after its lease expired with pcpd stopped", f.kind)
+		case !cut && err != nil:
 			t.Fatalf("%s: connection ended with pcpd stopped; nothing to test: %v", f.kind, err)
 		}
 	}

@@ -1,0 +1,245 @@
+package server
+
+import (
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
+)
+
+// Standalone, the guard cuts an IPv6 pinhole's established flows itself
+// the moment its element goes (pinhole/cutflows.go), so a delete's reply
+// waits for the conntrack walk only when it ended a mapping whose flows
+// the ruleset does not cut (mustWaitFlush): an IPv4 NAPT mapping and its
+// SNAT-ed flows, an IPv6 redirect, attached mode.
+
+// ctGate holds the conntrack walks of a lab's server back while closed.
+type ctGate struct {
+	mu   sync.Mutex
+	held chan struct{} // nil: open
+}
+
+func (g *ctGate) hold() {
+	g.mu.Lock()
+	g.held = make(chan struct{})
+	g.mu.Unlock()
+}
+
+func (g *ctGate) release() {
+	g.mu.Lock()
+	close(g.held)
+	g.held = nil
+	g.mu.Unlock()
+}
+
+func (g *ctGate) tweak(s *Server) {
+	walk := s.ct.walk
+	s.ct.walk = func(fs []ctFilter, a ctAdmits) ([]ctFilter, error) {
+		g.mu.Lock()
+		h := g.held
+		g.mu.Unlock()
+		if h != nil {
+			<-h
+		}
+		return walk(fs, a)
+	}
+}
+
+// sendOnce sends b once from the Client namespace (from laddr) to dst
+// and returns the socket, to read the reply from: a retransmission would
+// be answered at once (the mapping is gone by then) and hide a held reply.
+func (l *lab) sendOnce(t *testing.T, laddr, dst netip.AddrPort, b []byte) *net.UDPConn {
+	t.Helper()
+	var c *net.UDPConn
+	if err := l.topo.Client.Do(func() (err error) {
+		c, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(laddr), net.UDPAddrFromAddrPort(dst))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, err := c.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// udpInbound opens an IPv6 PCP MAP of the client's UDP port and an
+// established UDP flow through it from the Internet (an echo round trip).
+func (l *lab) udpInbound(t *testing.T, port uint16) (net.Conn, netip.AddrPort, netip.AddrPort) {
+	t.Helper()
+	client := netip.AddrPortFrom(l.topo.ClientV6, port)
+	l.topo.Client.ServeUDPEcho(t, client.String())
+	resp := l.pcp(mapReq(client.Addr(), pcp.ProtoUDP, port, port, time.Hour, 1))
+	if resp.Result != pcp.Success {
+		t.Fatalf("MAP UDP: %+v", resp)
+	}
+	src := netip.AddrPortFrom(l.topo.InternetV6, port+40000)
+	var c net.Conn
+	if err := l.topo.Internet.Do(func() (err error) {
+		d := net.Dialer{LocalAddr: net.UDPAddrFromAddrPort(src)}
+		c, err = d.Dial("udp", client.String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := echoOnce(c); err != nil {
+		t.Fatalf("UDP through the live mapping: %v", err)
+	}
+	return c, src, client
+}
+
+// TestE2EDeleteReplyCutsWithoutWalk (issue 8's churn row, PMP-12): with
+// the conntrack walk held back, the delete of an IPv6 PCP MAP (TCP, UDP)
+// is answered, and its established flow's next packet from the remote is
+// dropped by the guard: the flow's conntrack entry is still there (no
+// walk ran); once the walk runs, the entry goes too. The delete of a
+// NAT-PMP mapping (IPv4 NAPT, not cut by the ruleset) is not answered
+// until the walk ran, and then its flow is gone. On main the IPv6 rows
+// fail: the reply waits for the held walk (no reply within ctFlushBound).
+// Without the guard's re-check (the pinhole layout of main, the server's
+// change kept) the flow carries data after the reply.
+func TestE2EDeleteReplyCutsWithoutWalk(t *testing.T) {
+	for i, c := range []struct {
+		name string
+		kind string // "map6", "udp6", "pmp"
+		cut  bool   // answered with the walk held, the flow cut by the guard
+	}{
+		{"PCP MAP IPv6 TCP", "map6", true},
+		{"PCP MAP IPv6 UDP", "udp6", true},
+		{"NAT-PMP (IPv4 NAPT)", "pmp", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var gate ctGate
+			l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+			l.stop()
+			l.tweak = gate.tweak
+			l.start()
+			port := uint16(9900 + i)
+			var proto uint8 = protoTCP
+			var conn net.Conn
+			var src, dst netip.AddrPort
+			var req []byte
+			var from, to netip.AddrPort
+			switch c.kind {
+			case "udp6":
+				proto = protoUDP
+				conn, src, dst = l.udpInbound(t, port)
+				from, to = netip.AddrPortFrom(l.topo.ClientV6, 0), l.server6()
+				req = pcp.AppendRequest(nil, mapReq(l.topo.ClientV6, pcp.ProtoUDP, port, port, 0, 1))
+			case "map6":
+				conn, src, dst = l.inbound(t, "map6", port, time.Hour)
+				from, to = netip.AddrPortFrom(l.topo.ClientV6, 0), l.server6()
+				req = pcp.AppendRequest(nil, mapReq(l.topo.ClientV6, pcp.ProtoTCP, port, port, 0, 1))
+			case "pmp":
+				conn, src, dst = l.inbound(t, "pmp", port, time.Hour)
+				to = l.server4()
+				req = pcp.AppendPMPRequest(nil, &pcp.PMPRequest{Opcode: pcp.PMPOpMapTCP, InternalPort: port})
+			}
+			gate.hold()
+			held := true
+			defer func() {
+				if held {
+					gate.release()
+				}
+			}()
+			rc := l.sendOnce(t, from, to, req)
+			buf := make([]byte, 1100)
+			if !c.cut {
+				// Answered only after the walk: none while it is held.
+				rc.SetReadDeadline(time.Now().Add(700 * time.Millisecond))
+				if _, err := rc.Read(buf); err == nil {
+					t.Fatal("delete answered while its conntrack walk was held back")
+				}
+				gate.release()
+				held = false
+			}
+			rc.SetReadDeadline(time.Now().Add(ctFlushBound))
+			if _, err := rc.Read(buf); err != nil {
+				t.Fatalf("no reply to the delete (walk held: %v): %v", held, err)
+			}
+			if held {
+				if l.ctFlowOf(t, proto, src, dst) == nil {
+					t.Fatal("flow gone with the walk held: nothing to test")
+				}
+				if err := echoOnce(conn); err == nil {
+					t.Error("the flow carries data after its delete was answered")
+				}
+				gate.release()
+				held = false
+				l.waitFlowGoneOf(t, proto, src, dst)
+				return
+			}
+			if f := l.ctFlowOf(t, proto, src, dst); f != nil {
+				t.Errorf("flow still tracked after the answered delete: %s", f)
+			}
+			if err := echoOnce(conn); err == nil {
+				t.Error("the flow carries data after its delete was answered")
+			}
+		})
+	}
+}
+
+// waitFlowGoneOf is waitFlowGone for a protocol.
+func (l *lab) waitFlowGoneOf(t *testing.T, proto uint8, src, dst netip.AddrPort) {
+	t.Helper()
+	deadline := time.Now().Add(ctFlushBound)
+	for l.ctFlowOf(t, proto, src, dst) != nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("flow %v → %v still tracked %v after the walk was let go", src, dst, ctFlushBound)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// cutterFunc is a FlowCutter.
+type cutterFunc func(pinhole.Pinhole) bool
+
+func (f cutterFunc) CutsFlows(p pinhole.Pinhole) bool { return f(p) }
+
+// TestMustWaitFlush: a reply waits for the walk when any mapping its
+// request ended is one whose flows the firewall does not cut (IPv4 NAPT,
+// an IPv6 redirect, everything without a FlowCutter: attached mode, a
+// kernel without labels), and never with KeepConnections. Fails with
+// mustWaitFlush always true (main's "ends"): the all-cut rows.
+func TestMustWaitFlush(t *testing.T) {
+	v6 := netip.MustParseAddr("2001:db8:1::10")
+	v4, ext4 := netip.MustParseAddr("10.0.0.10"), netip.MustParseAddr("192.0.2.1")
+	map6 := store.Lease{Key: store.Key{Protocol: protoTCP, InternalAddr: v6, InternalPort: 80}, ExternalAddr: v6, ExternalPort: 80}
+	allPorts6 := store.Lease{Key: store.Key{Protocol: protoTCP, InternalAddr: v6}, ExternalAddr: v6}
+	redirect6 := store.Lease{Key: store.Key{Protocol: protoTCP, InternalAddr: v6, InternalPort: 80}, ExternalAddr: v6, ExternalPort: 8080}
+	napt4 := store.Lease{Key: store.Key{Protocol: protoTCP, InternalAddr: v4, InternalPort: 80}, ExternalAddr: ext4, ExternalPort: 8080}
+	// As pinhole.Backend's, standalone: IPv6 pinholes but redirects.
+	standalone := cutterFunc(func(p pinhole.Pinhole) bool {
+		return p.InternalAddr.Is6() && (p.ExternalPort == 0 || p.ExternalPort == p.InternalPort)
+	})
+	for _, c := range []struct {
+		name   string
+		cutter FlowCutter
+		keep   bool
+		ended  []store.Lease
+		want   bool
+	}{
+		{"IPv6 MAP, cut", standalone, false, []store.Lease{map6}, false},
+		{"IPv6 MAPs, all cut", standalone, false, []store.Lease{map6, allPorts6}, false},
+		{"IPv6 MAP and IPv4 NAPT", standalone, false, []store.Lease{map6, napt4}, true},
+		{"IPv6 redirect", standalone, false, []store.Lease{redirect6}, true},
+		{"no FlowCutter (attached)", nil, false, []store.Lease{map6}, true},
+		{"KeepConnections", nil, true, []store.Lease{napt4}, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			s := &Server{cutter: c.cutter}
+			s.cfg.KeepConnections = c.keep
+			if got := s.mustWaitFlush(c.ended); got != c.want {
+				t.Errorf("mustWaitFlush = %v, want %v", got, c.want)
+			}
+		})
+	}
+}
