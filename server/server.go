@@ -32,9 +32,6 @@ import (
 type Server struct {
 	cfg  Config
 	fw   Firewall
-	// cutter, if fw has it, says which ended mappings' flows the ruleset
-	// cuts by itself: their replies do not wait for the conntrack walk.
-	cutter FlowCutter
 	st   LeaseStore
 	pol  Policy
 	log  *zap.Logger
@@ -50,6 +47,9 @@ type Server struct {
 	rl     *policy.RateLimiter
 	orl    *policy.OwnerRateLimiter // per owner, when the queue fills (admit)
 	deps   Deps
+	// cutter, if fw has it, says which ended mappings' flows the ruleset
+	// cuts by itself: their replies do not wait for the conntrack walk.
+	cutter FlowCutter
 
 	mu        sync.Mutex
 	tab       *table
