@@ -286,7 +286,7 @@ func (b *Backend) Setup() error {
 	if b.labelsRefusal(err) {
 		b.cutLabels = false
 		err2 := b.setupLocked()
-		if errors.Is(err2, unix.EOPNOTSUPP) {
+		if labelsRefusal(err2) {
 			// Refused without the labels too: not them.
 			b.cutLabels = true
 			return err
@@ -295,6 +295,13 @@ func (b *Backend) Setup() error {
 	}
 	return err
 }
+
+// layoutError is Setup's layout transaction failing: labelsRefusal looks
+// at it alone (an owner meter write refused with EOPNOTSUPP is not the
+// labels').
+type layoutError struct{ error }
+
+func (e layoutError) Unwrap() error { return e.error }
 
 func (b *Backend) setupLocked() error {
 	b.gen++
@@ -366,7 +373,7 @@ func (b *Backend) setupLocked() error {
 		}
 	}
 	if err := b.flush(); err != nil {
-		return fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))
+		return layoutError{fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))}
 	}
 	b.owned = true
 	b.cutting.Store(b.cutLabels)

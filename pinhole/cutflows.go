@@ -87,10 +87,13 @@ func (b *Backend) setFlowLabel() []expr.Any {
 		&expr.Ct{Key: key, Register: reg0, SourceRegister: true})
 }
 
-// labelsRefusal: Setup's transaction failed (err) with the label rules in
-// it, as on a kernel without conntrack labels. Caller holds b.mu.
-func (b *Backend) labelsRefusal(err error) bool {
-	return b.cutLabels && errors.Is(err, unix.EOPNOTSUPP)
+// labelsRefusal: Setup's layout transaction failed (err) with the label
+// rules in it, as on a kernel without conntrack labels. Caller holds b.mu.
+func (b *Backend) labelsRefusal(err error) bool { return b.cutLabels && labelsRefusal(err) }
+
+func labelsRefusal(err error) bool {
+	var le layoutError
+	return errors.As(err, &le) && errors.Is(err, unix.EOPNOTSUPP)
 }
 
 // CutsFlows reports whether the ruleset itself ends the established flows

@@ -54,6 +54,10 @@ func TestSetDeletedUnderUs(t *testing.T) {
 				// (servedSourceRules).
 				topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "control_local")
 			}
+			if tc.chain == "guard6" {
+				// recheck6 looks the pinhole sets up too (cutflows.go).
+				topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "recheck6")
+			}
 			if tc.set == "protected6" {
 				// guard6's reverse-path rule looks it up too.
 				topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "guard6")

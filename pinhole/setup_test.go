@@ -254,7 +254,7 @@ func TestRefreshAndDeleteRaceExpiry(t *testing.T) {
 // Setup repairs it without losing the other sets' pinholes.
 func TestHealthyAndRepair(t *testing.T) {
 	for _, tc := range []struct{ name, cmd string }{
-		{"set deleted", "flush chain inet pcpd guard6; delete set inet pcpd pin6_proto"},
+		{"set deleted", "flush chain inet pcpd guard6; flush chain inet pcpd recheck6; delete set inet pcpd pin6_proto"},
 		{"chain flushed", "flush chain inet pcpd guard6"},
 		{"rule added", "add rule inet pcpd guard4 accept"},
 		{"table deleted", "delete table inet pcpd"},

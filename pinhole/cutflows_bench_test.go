@@ -1,0 +1,139 @@
+package pinhole_test
+
+import (
+	"net"
+	"net/netip"
+	"regexp"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// BenchmarkGuardEstablished: what the re-check of labelled flows
+// (cutflows.go: "ct direction original ct state established ct label 127
+// goto recheck6", then recheck6's lookups) costs an established flow's
+// packets. A UDP stream, established by one reply, then bursts of 32
+// datagrams one way: "pinhole flow" from the Internet to the client
+// through a port pinhole (original direction: the rule's three compares,
+// the goto and one lookup hit in pin6), "PEER flow" through a filtered
+// one (pin6_filter: recheck6's fourth lookup; three misses first), and
+// "outbound reply" from the Internet to the client on the client's own
+// flow (reply direction: the rule's first compare fails). Each with the
+// layout as Setup writes it and with the goto rule deleted by nft (the
+// established accept first, as before). cpu-ns/datagram as in
+// BenchmarkGuardNewFlow: the process's CPU, sender, host forwarding and
+// receiver.
+func BenchmarkGuardEstablished(b *testing.B) {
+	for _, tc := range []struct {
+		name     string
+		peer     bool // the flow's pinhole is a filtered one
+		outbound bool // the client opened the flow
+		recheck  bool
+	}{
+		{"pinhole flow", false, false, true},
+		{"pinhole flow, no re-check", false, false, false},
+		{"PEER flow", true, false, true},
+		{"PEER flow, no re-check", true, false, false},
+		{"outbound reply", false, true, true},
+		{"outbound reply, no re-check", false, true, false},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
+			be := newBackend(b, topo.Host, pinhole.Config{})
+			serveTunnel(b, be, topo)
+			if err := be.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+				b.Fatal(err)
+			}
+			client := netip.AddrPortFrom(topo.ClientV6, 7000)
+			remote := netip.AddrPortFrom(topo.InternetV6, 47000)
+			p := pinhole.Pinhole{Protocol: udp, InternalAddr: client.Addr(), InternalPort: client.Port()}
+			if tc.peer {
+				p.RemotePrefix, p.RemotePort = netip.PrefixFrom(remote.Addr(), 128), remote.Port()
+			}
+			if !tc.outbound {
+				apply(b, be, install(p, time.Hour))
+			}
+			if !tc.recheck {
+				out := topo.Host.MustRun(b, "nft", "-a", "list", "chain", "inet", "pcpd", "guard6")
+				m := regexp.MustCompile(`goto recheck6 # handle (\d+)`).FindStringSubmatch(out)
+				if m == nil {
+					b.Fatalf("no re-check rule in guard6:\n%s", out)
+				}
+				topo.Host.MustRun(b, "nft", "delete", "rule", "inet", "pcpd", "guard6", "handle", m[1])
+			}
+			// tx in the Internet, rx the client; the first datagram
+			// goes the flow's way (opening it), rx answers once.
+			var tx, rx *net.UDPConn
+			if err := topo.Client.Do(func() (err error) {
+				rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(client))
+				return err
+			}); err != nil {
+				b.Fatal(err)
+			}
+			defer rx.Close()
+			rx.SetReadBuffer(1 << 20)
+			if err := topo.Internet.Do(func() (err error) {
+				tx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(remote))
+				return err
+			}); err != nil {
+				b.Fatal(err)
+			}
+			defer tx.Close()
+			msg, buf := make([]byte, 60), make([]byte, 128)
+			rx.SetReadDeadline(time.Now().Add(time.Second))
+			tx.SetReadDeadline(time.Now().Add(time.Second))
+			if tc.outbound {
+				if _, err := rx.WriteToUDPAddrPort(msg, remote); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := tx.Read(buf); err != nil {
+					b.Fatal(err)
+				}
+			} else {
+				if _, err := tx.WriteToUDPAddrPort(msg, client); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := rx.Read(buf); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := rx.WriteToUDPAddrPort(msg, remote); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := tx.Read(buf); err != nil {
+					b.Fatal(err)
+				}
+			}
+			const burst = 32
+			oneWay := func() {
+				for range burst {
+					if _, err := tx.WriteToUDPAddrPort(msg, client); err != nil {
+						b.Fatal(err)
+					}
+				}
+				rx.SetReadDeadline(time.Now().Add(time.Second))
+				for range burst {
+					if _, err := rx.Read(buf); err != nil {
+						b.Fatal(err) // dropped, or a buffer overflowed
+					}
+				}
+			}
+			for range 100 {
+				oneWay()
+			}
+			var before, after syscall.Rusage
+			syscall.Getrusage(syscall.RUSAGE_SELF, &before)
+			b.ResetTimer()
+			for b.Loop() {
+				oneWay()
+			}
+			b.StopTimer()
+			syscall.Getrusage(syscall.RUSAGE_SELF, &after)
+			cpu := time.Duration(syscall.TimevalToNsec(after.Utime) - syscall.TimevalToNsec(before.Utime) +
+				syscall.TimevalToNsec(after.Stime) - syscall.TimevalToNsec(before.Stime))
+			b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N*burst), "cpu-ns/datagram")
+		})
+	}
+}
