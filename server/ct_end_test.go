@@ -353,7 +353,9 @@ func TestE2ESNATFlowsEnd(t *testing.T) {
 				l.pmpMap(t, port, 0, 0)
 			}
 			if c.v6 {
-				// A delete's flush is done before its reply.
+				// The reply did not wait for the walk (the ruleset cut the IPv6
+				// MAP's flows: mustWaitFlush); wait for it.
+				l.srv.waitConntrack()
 				if l.ctFlow(t, mapped, remote) == nil {
 					t.Fatal("the client's own IPv6 outbound flow was flushed")
 				}

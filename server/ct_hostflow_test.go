@@ -100,10 +100,12 @@ func TestE2EMapEndKeepsHostFlows(t *testing.T) {
 					t.Fatalf("%s: no conntrack entry %v → %v", f.name, f.src, f.dst)
 				}
 			}
-			// The reply waits for the flush (waitConntrack).
 			if resp := l.pcp(mapReq(l.topo.ClientV6, proto, mport, mport, 0, 1)); resp.Result != pcp.Success {
 				t.Fatalf("MAP delete: %+v", resp)
 			}
+			// The ruleset cut the IPv6 MAP's flows: the reply did not
+			// wait for the walk (mustWaitFlush). Wait for it here.
+			l.srv.waitConntrack()
 			if f := l.ctFlowOf(t, c.proto, wsrc, client); f != nil {
 				t.Errorf("the Internet's flow through the ended MAP is still tracked: %s", f)
 			}

@@ -121,7 +121,9 @@ func TestE2EMapDeleteKeepsAllPortsFlow(t *testing.T) {
 			if resp := l.pcp(mapReq(l.topo.ClientV6, pcp.ProtoTCP, port, port, 0, 1)); resp.Result != pcp.Success {
 				t.Fatalf("port MAP delete: %+v", resp)
 			}
-			// A delete's flush is done before its reply.
+			// The reply did not wait for the walk (the ruleset cut the IPv6
+			// MAP's flows: mustWaitFlush); wait for it.
+			l.srv.waitConntrack()
 			for _, f := range []struct {
 				src  netip.AddrPort
 				want bool

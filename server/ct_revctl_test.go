@@ -51,7 +51,9 @@ func TestE2EEndpointRetakenEndsOldFlow(t *testing.T) {
 	if n := len(l.srv.Leases()); n != 1 {
 		t.Fatalf("%d leases, want the redirect only", n)
 	}
-	// HandleBatch returns once the batch's flush ran.
+	// HandleBatch returned without waiting for the walk (the ruleset
+	// cut the IPv6 MAP's flows: mustWaitFlush); wait for it.
+	l.srv.waitConntrack()
 	if f := l.ctFlow(t, src, dst); f != nil {
 		t.Errorf("the deleted MAP's connection is still tracked: %s", f)
 	}

@@ -281,7 +281,9 @@ func TestE2EMapDeleteKeepsPeerFlow(t *testing.T) {
 			if len(l.srv.Leases()) != 1 {
 				t.Fatalf("%d leases left, want the PEER", len(l.srv.Leases()))
 			}
-			// A delete's flush is done before its reply.
+			// The reply did not wait for the walk (the ruleset cut the IPv6
+			// MAP's flows: mustWaitFlush); wait for it.
+			l.srv.waitConntrack()
 			flushed := l.ctFlow(t, src, dst) == nil
 			err := echoOnce(conn)
 			t.Logf("entry flushed: %v; connection carries data after: %v", flushed, err == nil)
