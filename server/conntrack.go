@@ -81,7 +81,8 @@ import (
 // conntrack labels) wait for the walk (mustWaitFlush; serveBatch,
 // HandleBatch: waitConntrack). The walk runs for every ended mapping all
 // the same: it frees the entries and their TCP state, and spares and ends
-// exactly what it did before (a remade mapping spares nothing).
+// exactly what it did before (a remade mapping spares nothing). Walks no
+// reply waits for start at least ctWalkGap apart.
 func (s *Server) flushConntrack(ended []store.Lease) {
 	if s.cfg.KeepConnections || len(ended) == 0 {
 		return
@@ -443,7 +444,11 @@ type ctFlusher struct {
 	report func(attempt, left int, err error)
 	// Backoff between retries of a failing walk (0: the defaults).
 	retryFirst, retryMax time.Duration
-	mu                   sync.Mutex
+	// gap spaces walks nobody waits for (ctWalkGap; negative: none);
+	// lastWalk is when the last one started (run's goroutine only).
+	gap      time.Duration
+	lastWalk time.Time
+	mu       sync.Mutex
 	pending              []ctFilter
 	held                 ctAdmits // pinholes live when pending's mappings ended (heldAdmits)
 	queued               uint64   // filters sets queued so far
@@ -461,6 +466,15 @@ const (
 	ctRetryMax     = 10 * time.Second
 	ctHoldAttempts = 3
 )
+
+// ctWalkGap is the least time from one walk's start to the next's when no
+// reply waits for it (mustWaitFlush): since the ruleset cuts IPv6
+// pinholes' flows itself, most walks only free conntrack entries, and
+// each is a dump of the namespace's whole table (≈ 9 ms of a core:
+// BENCHMARKS.md item 41). Back to back at high churn they took ≈ 90 % of
+// a core beside the engine (item 43: ≈ 100 walks a second). A waiter
+// (after: an IPv4 NAPT delete, HandleBatch) cuts the gap short.
+const ctWalkGap = 100 * time.Millisecond
 
 type ctWaiter struct {
 	seq uint64
@@ -531,7 +545,34 @@ func (c *ctFlusher) after(seq uint64, fn func()) {
 		return
 	}
 	c.waiters = append(c.waiters, ctWaiter{seq: seq, fn: fn})
+	if c.wake != nil { // a walk spaced out (ctWalkGap) runs now
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
+	}
 	c.mu.Unlock()
+}
+
+// spaced waits, when nobody waits for a walk, until ctWalkGap has passed
+// since the last one started; a waiter or close ends the wait.
+func (c *ctFlusher) spaced() {
+	gap := cmp.Or(c.gap, ctWalkGap)
+	for gap > 0 && !c.lastWalk.IsZero() {
+		c.mu.Lock()
+		idle := len(c.waiters) == 0 && !c.closed
+		c.mu.Unlock()
+		left := gap - time.Since(c.lastWalk)
+		if !idle || left <= 0 {
+			return
+		}
+		t := time.NewTimer(left)
+		select {
+		case <-t.C:
+		case <-c.wake: // an add, a waiter or close: look again
+			t.Stop()
+		}
+	}
 }
 
 func (c *ctFlusher) run() {
@@ -540,6 +581,9 @@ func (c *ctFlusher) run() {
 	attempt := 0 // failed walks in a row
 	backoff := cmp.Or(c.retryFirst, ctRetryFirst)
 	for {
+		if attempt == 0 {
+			c.spaced()
+		}
 		c.mu.Lock()
 		fs, held, upTo := c.pending, c.held, c.queued
 		c.pending, c.held = nil, nil
@@ -563,6 +607,7 @@ func (c *ctFlusher) run() {
 		var left []ctFilter
 		var err error
 		if len(fs) > 0 {
+			c.lastWalk = time.Now()
 			left, err = c.walk(fs, admits)
 		}
 		if len(left) == 0 {

@@ -243,3 +243,42 @@ func TestMustWaitFlush(t *testing.T) {
 		})
 	}
 }
+
+// TestCtWalksSpaced: walks nobody waits for start at least a gap apart
+// (ctWalkGap; an hour here): flushes queued within it share one walk, and
+// a waiter (an IPv4 NAPT delete's reply, HandleBatch) has it run at once.
+// Without the spacing (gap < 0, main's flusher) the second flush walks
+// alone at once, and the test fails there.
+func TestCtWalksSpaced(t *testing.T) {
+	walked := make(chan []ctFilter, 10)
+	c := &ctFlusher{gap: time.Hour, walk: func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
+		walked <- fs
+		return nil, nil
+	}}
+	c.add([]ctFilter{{t: ctTarget{port: 1}}}, nil)
+	if fs := <-walked; len(fs) != 1 {
+		t.Fatalf("first walk of %d filters, want 1", len(fs))
+	}
+	c.add([]ctFilter{{t: ctTarget{port: 2}}}, nil)
+	c.add([]ctFilter{{t: ctTarget{port: 3}}}, nil)
+	select {
+	case fs := <-walked:
+		t.Fatalf("a walk of %d filters nobody waited for, within the gap", len(fs))
+	case <-time.After(200 * time.Millisecond): // none comes within the hour
+	}
+	done := make(chan struct{})
+	c.after(c.seq(), func() { close(done) })
+	select {
+	case fs := <-walked:
+		if len(fs) != 2 {
+			t.Errorf("the waiter's walk had %d filters, want the 2 queued in the gap", len(fs))
+		}
+	case <-time.After(ctFlushBound):
+		t.Fatal("a waiter did not cut the gap short")
+	}
+	select {
+	case <-done:
+	case <-time.After(ctFlushBound):
+		t.Fatal("waiter not released after the walk")
+	}
+}
