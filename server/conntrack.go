@@ -444,11 +444,7 @@ type ctFlusher struct {
 	report func(attempt, left int, err error)
 	// Backoff between retries of a failing walk (0: the defaults).
 	retryFirst, retryMax time.Duration
-	// gap spaces walks nobody waits for (ctWalkGap; negative: none);
-	// lastWalk is when the last one started (run's goroutine only).
-	gap      time.Duration
-	lastWalk time.Time
-	mu       sync.Mutex
+	mu                   sync.Mutex
 	pending              []ctFilter
 	held                 ctAdmits // pinholes live when pending's mappings ended (heldAdmits)
 	queued               uint64   // filters sets queued so far
@@ -457,6 +453,11 @@ type ctFlusher struct {
 	closed               bool // Serve returned: no more retries (close)
 	waiters              []ctWaiter
 	wake                 chan struct{} // an add cuts a retry's backoff short
+
+	// gap spaces walks nobody waits for (0: ctWalkGap; negative: none);
+	// lastWalk is when the last one started (run's goroutine only).
+	gap      time.Duration
+	lastWalk time.Time
 }
 
 // The defaults of ctFlusher's retries: ≈ 20+40+80 ms of waiting before
