@@ -23,7 +23,10 @@ import (
 // "outbound reply" from the Internet to the client on the client's own
 // flow (reply direction: the rule's first compare fails). Each with the
 // layout as Setup writes it and with the goto rule deleted by nft (the
-// established accept first, as before). cpu-ns/datagram as in
+// established accept first, as before). "re-check x9" inserts 8 more
+// copies of the rule's matches and recheck6's lookup (no verdict) at
+// guard6's head, so that (x9 - re-check) / 8 is their cost out of the
+// noise. cpu-ns/datagram as in
 // BenchmarkGuardNewFlow: the process's CPU, sender, host forwarding and
 // receiver.
 func BenchmarkGuardEstablished(b *testing.B) {
@@ -32,13 +35,15 @@ func BenchmarkGuardEstablished(b *testing.B) {
 		peer     bool // the flow's pinhole is a filtered one
 		outbound bool // the client opened the flow
 		recheck  bool
+		more     int // copies of the re-check's matches and lookup, without a verdict, first in guard6
 	}{
-		{"pinhole flow", false, false, true},
-		{"pinhole flow, no re-check", false, false, false},
-		{"PEER flow", true, false, true},
-		{"PEER flow, no re-check", true, false, false},
-		{"outbound reply", false, true, true},
-		{"outbound reply, no re-check", false, true, false},
+		{"pinhole flow", false, false, true, 0},
+		{"pinhole flow, no re-check", false, false, false, 0},
+		{"pinhole flow, re-check x9", false, false, true, 8},
+		{"PEER flow", true, false, true, 0},
+		{"PEER flow, no re-check", true, false, false, 0},
+		{"outbound reply", false, true, true, 0},
+		{"outbound reply, no re-check", false, true, false, 0},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
@@ -63,6 +68,9 @@ func BenchmarkGuardEstablished(b *testing.B) {
 					b.Fatalf("no re-check rule in guard6:\n%s", out)
 				}
 				topo.Host.MustRun(b, "nft", "delete", "rule", "inet", "pcpd", "guard6", "handle", m[1])
+			}
+			for range tc.more {
+				topo.Host.MustRun(b, "nft", "insert rule inet pcpd guard6 ct direction original ct state established ct label 127 ip6 daddr . meta l4proto . th dport @pin6")
 			}
 			// tx in the Internet, rx the client; the first datagram
 			// goes the flow's way (opening it), rx answers once.
