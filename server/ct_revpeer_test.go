@@ -255,6 +255,9 @@ func TestE2EAllPortsFilterNarrowedEndsFlows(t *testing.T) {
 			if resp := l.pcp(r); resp.Result != pcp.Success {
 				t.Fatalf("narrowing: %+v", resp)
 			}
+			// The reply did not wait for the walk (the ruleset cuts the
+			// IPv6 flows: mustWaitFlush); wait for it.
+			l.srv.waitConntrack()
 			for _, w := range []struct {
 				src  netip.AddrPort
 				c    net.Conn
