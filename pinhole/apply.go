@@ -59,12 +59,13 @@ func encode(op Op) (encodedOp, error) {
 // re-creates it with exactly op.Timeout. Delete first adds the element, then removes it, so an entry the kernel
 // already expired does not fail the batch. Both work whatever the kernel
 // holds, so retrying a batch is always safe.
-func (b *Backend) Apply(ops []Op) error {
+func (b *Backend) Apply(ops []Op) (err error) {
 	if len(ops) > MaxBatch {
 		return fmt.Errorf("pinhole: batch of %d ops exceeds MaxBatch (%d): %w", len(ops), MaxBatch, ErrInvalid)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	defer b.dropUnsent(&err)
 	// The encoded batch reuses the last one's slice (under mu).
 	enc := b.enc[:0]
 	defer func() { clear(enc); b.enc = enc[:0] }()

@@ -88,6 +88,8 @@ type Backend struct {
 	// readSince: conn was read since the last flush (readConn), which
 	// may have left replies queued; under mu.
 	readSince bool
+	// readHook, when set (tests only: CutReadAt), runs in readConn.
+	readHook func()
 	// flushHook, when set (tests only: QueueOversizedSet), runs on conn
 	// just before flush sends its batch.
 	flushHook func(*nftables.Conn)
@@ -303,7 +305,10 @@ type layoutError struct{ error }
 
 func (e layoutError) Unwrap() error { return e.error }
 
-func (b *Backend) setupLocked() error {
+func (b *Backend) setupLocked() (err error) {
+	// A failed attempt drops what it queued (dropUnsent), before Setup
+	// tries again without the labels or returns.
+	defer b.dropUnsent(&err)
 	b.gen++
 	if err := b.checkOwnershipLocked(); err != nil {
 		return err
@@ -539,12 +544,13 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 // old list back, uncovering the new clients the call had guarded, the
 // server gave the new list again, and so on, every check while the
 // failure lasted (review of 2026-12-03, h/review2 finding 3).
-func (b *Backend) SetProtected(prefixes []netip.Prefix) error {
+func (b *Backend) SetProtected(prefixes []netip.Prefix) (err error) {
 	if err := validProtected(prefixes); err != nil {
 		return err // not adopted: every repair would fail on it
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	defer b.dropUnsent(&err)
 	b.gen++
 	b.protected = slices.Clone(prefixes)
 	b.hasProtected = true
@@ -558,9 +564,10 @@ func (b *Backend) SetProtected(prefixes []netip.Prefix) error {
 // SetProtected (only the difference, as SetProtected). It touches nothing
 // else, so it is the retry after Setup or Healthy reported ErrProtected,
 // without re-installing pinholes.
-func (b *Backend) RepairProtected() error {
+func (b *Backend) RepairProtected() (err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	defer b.dropUnsent(&err)
 	b.gen++
 	if !b.hasProtected {
 		return nil
@@ -1112,6 +1119,34 @@ func (b *Backend) flush() error {
 	return err
 }
 
+// dropUnsent drops what a failed write left queued on conn (*errp: the
+// write's result; nothing is done when it is nil). google/nftables keeps
+// queued messages until the next Flush, which sends all of them, so a
+// write that failed between queueing a transaction and flushing it (a read
+// in between failing: Setup's reads after its AddTable and sets, attached
+// Teardown's presentSets after its FlushChain and DelChains, FollowRoutes'
+// reads between its ReplaceRules) left them to the next transaction of any
+// caller, which committed them as its own: after a failed attached
+// Teardown an Apply deleted pcpd's guard chains, after a failed Setup an
+// Apply sent 33 messages, not 1 (TestFailedWriteLeavesNothingQueued,
+// review h/revenomem). On the Backend's own socket a Flush with a write
+// deadline in the past fails before its send reaches the kernel (no
+// syscall; Flush clears its queue whatever happens); elsewhere (the
+// fallback connection) conn is replaced. A fake-dialled test connection is
+// kept as it is. Under mu.
+func (b *Backend) dropUnsent(errp *error) {
+	if *errp == nil {
+		return
+	}
+	if b.nl == nil {
+		b.resetConn()
+		return
+	}
+	_ = b.nl.SetWriteDeadline(time.Unix(1, 0))
+	_ = b.conn.Flush()
+	_ = b.nl.SetWriteDeadline(time.Time{})
+}
+
 // outOfStep reports whether a failed Flush may have left replies of its
 // batch unread, or read fewer than it sent messages. nfnetlink answers a
 // batch with one reply per message (an acknowledgement or its error)
@@ -1213,9 +1248,10 @@ func dialConn(netns int) (*nftables.Conn, *netlink.Conn, error) {
 // Teardown removes pcpd's objects, and nothing else. Standalone, that is
 // pcpd's table. Attached, it is pcpd's sets and chains; the entry chain is
 // left in place, empty, while the admin's ruleset still jumps to it.
-func (b *Backend) Teardown() error {
+func (b *Backend) Teardown() (err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	defer b.dropUnsent(&err)
 	b.gen++
 	ok, err := b.tableExists()
 	if err != nil || !ok {
@@ -1293,6 +1329,9 @@ func (b *Backend) view() kview { return kview{conn: b.readConn(), table: b.table
 func (b *Backend) readConn() *nftables.Conn {
 	if b.nl != nil {
 		drain(b.nl)
+	}
+	if b.readHook != nil {
+		b.readHook()
 	}
 	b.readSince = true // flush drains too: the read may fail
 	return b.conn

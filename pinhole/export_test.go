@@ -202,3 +202,48 @@ func RefuseLabels(b *Backend) {
 	b.refuseLabels = true
 	b.mu.Unlock()
 }
+
+// CountReads counts the reads (readConn: one per view) on the Backend's
+// connection from now on (h/revenomem).
+func CountReads(b *Backend) (count func() int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	n := 0
+	b.readHook = func() { n++ }
+	return func() int {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		b.readHook = nil
+		return n
+	}
+}
+
+// CutReadAt makes the k-th read (readConn, counted from now) on the
+// Backend's connection and every one after it fail at once, as CutReads
+// does; restore clears the deadline and the hook (h/revenomem).
+func CutReadAt(b *Backend, k int) (restore func()) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	n := 0
+	b.readHook = func() {
+		if n++; n >= k {
+			_ = b.nl.SetReadDeadline(time.Unix(1, 0))
+		}
+	}
+	return func() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		b.readHook = nil
+		if b.nl != nil {
+			_ = b.nl.SetReadDeadline(time.Time{})
+		}
+	}
+}
+
+// CountSent records how many messages each batch read through flushConn
+// sent (h/revenomem); restore unsets it.
+func CountSent() (last func() int, restore func()) {
+	n := 0
+	sentHook = func(m int) { n = m }
+	return func() int { return n }, func() { sentHook = nil }
+}

@@ -424,9 +424,10 @@ func servingIfsSet(table *nftables.Table, prefix string) *nftables.Set {
 // it whenever the serving addresses change; Setup re-applies the last
 // given. Attached, there are no served address sets (it records the
 // addresses) but serving_ifs is written all the same, for the guards.
-func (b *Backend) SetServed(addrs []netip.Addr, ifaces []string) error {
+func (b *Backend) SetServed(addrs []netip.Addr, ifaces []string) (err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	defer b.dropUnsent(&err)
 	b.gen++ // Healthy compares the served sets: a read it overlaps is done again
 	served, err := servedAddrs(addrs)
 	if err != nil {

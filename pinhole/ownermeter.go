@@ -320,7 +320,7 @@ func (b *Backend) isOwnerChain(name string) bool {
 // absent or half written passed), RepairOwners did nothing, and the
 // server's test double, which reports the meter off after any failed
 // write, disagreed (TestFailedSetOwnersAgrees).
-func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
+func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) (err error) {
 	if b.owners6 == nil {
 		return nil
 	}
@@ -334,6 +334,7 @@ func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
 	ifs, _ := b.ownerInterfaces(owners)
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	defer b.dropUnsent(&err)
 	if !b.ownerMetering() {
 		owners, holes = nil, nil
 	}
@@ -352,9 +353,10 @@ func (b *Backend) SetOwners(owners []Owner, holes []netip.Prefix) error {
 // ones keep their buckets), the maps refilled, chains of no owner
 // deleted. It touches nothing else, so it is the retry after Setup or
 // Healthy reported ErrOwnerMeter, without re-installing pinholes.
-func (b *Backend) RepairOwners() error {
+func (b *Backend) RepairOwners() (err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	defer b.dropUnsent(&err)
 	b.gen++
 	if !b.hasOwners || !b.ownerMetering() {
 		return nil

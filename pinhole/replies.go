@@ -67,6 +67,9 @@ func flushConn(c *nftables.Conn, nl *netlink.Conn) (inStep bool, err error) {
 		_ = nl.SetReadDeadline(time.Time{})
 		return !outOfStep(ferr), ferr
 	}
+	if sentHook != nil {
+		sentHook(n)
+	}
 	_ = nl.SetReadDeadline(time.Now().Add(flushDeadline))
 	ended, err := readReplies(nl, n)
 	_ = nl.SetReadDeadline(time.Time{})
@@ -82,6 +85,10 @@ func flushConn(c *nftables.Conn, nl *netlink.Conn) (inStep bool, err error) {
 	}
 	return true, nil
 }
+
+// sentHook, when set (tests only: CountSent), is told how many messages
+// each batch flushConn reads the replies of sent.
+var sentHook func(n int)
 
 // unread counts the reads a Flush made with its read deadline already
 // past: each fails at once, reading nothing. sentOnly is false when err

@@ -483,7 +483,7 @@ func (b *Backend) ownerInterfaces(owners []Owner) (map[string][]int, error) {
 // this Backend wrote nothing since (a minute at most). An answer replaces
 // only an older one (routeSeq: SetOwners asks too). An owner whose lookup
 // failed gets no interfaces (the error says which).
-func (b *Backend) FollowRoutes() error {
+func (b *Backend) FollowRoutes() (err error) {
 	b.mu.Lock()
 	if !b.hasOwners || !b.ownerMetering() || b.cfg.Meter.ReversePath == ReversePathOff || b.cfg.Routes == nil {
 		b.mu.Unlock()
@@ -508,6 +508,7 @@ func (b *Backend) FollowRoutes() error {
 	ifs, lerr := b.ownerInterfaces(owners)
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	defer b.dropUnsent(&err)
 	defer b.noteLookedUp() // whatever was written, before the unlock
 	// Remembered when the round asked every owner of now and wrote every
 	// answer: a later round with the same generations may skip.
