@@ -1132,7 +1132,7 @@ func (b *Backend) flush() error {
 // review h/revenomem). On the Backend's own socket a Flush with a write
 // deadline in the past fails before its send reaches the kernel (no
 // syscall; Flush clears its queue whatever happens); elsewhere (the
-// fallback connection) conn is replaced. A fake-dialled test connection is
+// fallback connection), and after an encoding error, conn is replaced. A fake-dialled test connection is
 // kept as it is. Under mu.
 func (b *Backend) dropUnsent(errp *error) {
 	if *errp == nil {
@@ -1143,8 +1143,13 @@ func (b *Backend) dropUnsent(errp *error) {
 		return
 	}
 	_ = b.nl.SetWriteDeadline(time.Unix(1, 0))
-	_ = b.conn.Flush()
+	err := b.conn.Flush()
 	_ = b.nl.SetWriteDeadline(time.Time{})
+	if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		// An encoding error the connection keeps (google/nftables
+		// returns it from every Flush after): a connection of its own.
+		b.resetConn()
+	}
 }
 
 // outOfStep reports whether a failed Flush may have left replies of its
