@@ -1138,11 +1138,11 @@ func (b *Backend) dropUnsent(errp *error) {
 	if *errp == nil {
 		return
 	}
-	if b.nl == nil {
+	if b.nl == nil || b.nl.SetWriteDeadline(time.Unix(1, 0)) != nil {
+		// No deadline, the Flush would send: a new connection instead.
 		b.resetConn()
 		return
 	}
-	_ = b.nl.SetWriteDeadline(time.Unix(1, 0))
 	err := b.conn.Flush()
 	_ = b.nl.SetWriteDeadline(time.Time{})
 	if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
