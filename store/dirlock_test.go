@@ -117,8 +117,9 @@ func TestConcurrentRecoveryLocked(t *testing.T) {
 	}
 }
 
-// TestReadOnlyDirLocked: a read-only state directory is locked too (no
-// lock file needed): pcpd starts read-only, a second Open, while the
+// TestReadOnlyDirLocked: a read-only state directory is locked too (its
+// lock file, made when it was writable, is opened read-only; without one,
+// TestReadOnlyNoLockFile): pcpd starts read-only, a second Open, while the
 // directory is read-only and once it is writable again, fails with
 // ErrLocked, and the first one writes once it can. Before, a read-only
 // Open held no lock (its bbolt handle is closed after reading, or shared),
@@ -198,8 +199,8 @@ func TestLockReleasedOnFailedOpen(t *testing.T) {
 //     the directory locked for as long as the child lives: a restarted
 //     pcpd would fail with ErrLocked.
 //
-// Fails with lockDir opening the directory without O_CLOEXEC
-// (syscall.Open(dir, O_RDONLY|O_DIRECTORY, 0)): "child outlives" gets
+// Fails with lockState opening the lock file (then: the directory)
+// without O_CLOEXEC (syscall.Open without it): "child outlives" gets
 // ErrLocked.
 func TestDirLockAcrossProcesses(t *testing.T) {
 	if dir := os.Getenv("PCPD_DIRLOCK_CHILD"); dir != "" {

@@ -6,45 +6,144 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"syscall"
+	"path/filepath"
 	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 )
 
-// lockRetry is how often lockDir tries again (as bbolt does for its lock).
+// lockRetry is how often lockState tries again (as bbolt does for its lock).
 const lockRetry = 50 * time.Millisecond
 
-// lockDir takes an exclusive flock on the state directory itself, before
-// Open looks at any file in it: recovery (restoring the backup copy,
-// moving a damaged file aside), the log and the boot anchor are touched
-// only by the pcpd holding it. Review h/revbk: bbolt's own lock on
-// leases.db came only after recovery, so two pcpds started together on a
-// damaged directory both recovered, and one could move the backup aside
-// and put an empty file over the other's restored one. The directory's
-// own descriptor needs no file created, so a read-only directory (pcpd
-// still starts, read-only) is locked too and keeps a second pcpd out.
-// The lock is held until Close (the descriptor closes); flock is per open
-// file, so a second Open in the same process waits as another process
-// would. timeout 0 waits for ever (bbolt's Timeout).
-func lockDir(dir string, timeout time.Duration) (*os.File, error) {
-	f, err := os.Open(dir)
+// lockState takes the state directory's exclusive lock before Open looks
+// at any file in it: recovery (restoring the backup copy, moving a damaged
+// file aside), the log and the boot anchor are touched only by the pcpd
+// holding it. Review h/revbk: bbolt's own lock on leases.db came only after
+// recovery, so two pcpds started together on a damaged directory both
+// recovered, and one could move the backup aside and put an empty file
+// over the other's restored one.
+//
+// What is locked is LockName, a file of its own, 0600 (created here when
+// the directory is writable; opened read-only when it is not): only root
+// and pcpd's user can open it, and flock needs an open file. Until review
+// h/revfsperm the directory itself was locked (no file to create, so a
+// read-only directory was covered too), but a directory others may read
+// (0755 passes fsperm, and is systemd's StateDirectory= default) any local
+// user can open and flock: `flock -x DIR sleep inf` as nobody kept pcpd
+// from starting. Not leases.db: bbolt flocks that one itself, from another
+// descriptor (flock is per open file, so ours would keep bbolt's out), and
+// Open has to look at it (recovery) before it is known to be good.
+//
+// Only where no lock file can be made or found (a read-only directory
+// that never had one: written by a pcpd before the lock file, or empty)
+// is the directory locked instead, as before, and then noFile says why:
+// the Store writes nothing, in Open (load takes the directory as
+// read-only) or later, until lockFileLater holds the lock file. So two
+// pcpds never write one directory: one holding the directory's lock has
+// none of the file's until it takes it (and fails if another pcpd, started
+// once the directory was writable, holds it). Such a directory can still be
+// held by another user, as every directory could before.
+//
+// The lock is held until Close (the descriptor closes; the kernel lets
+// it go when pcpd dies, kill -9 included); flock is per open file, so a
+// second Open in the same process waits as another process would; the
+// descriptor is close-on-exec (a child must not keep it). timeout 0 waits
+// for ever (bbolt's Timeout).
+func lockState(dir string, timeout time.Duration) (f *os.File, noFile, err error) {
+	f, noFile, err = openLockFile(dir)
 	if err != nil {
-		return nil, fmt.Errorf("store: state directory: %w", err)
+		return nil, nil, err
+	}
+	if noFile != nil {
+		if f, err = os.Open(dir); err != nil {
+			return nil, nil, fmt.Errorf("store: state directory: %w", err)
+		}
 	}
 	start := time.Now()
 	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
 		if err == nil {
-			return f, nil
+			return f, noFile, nil
 		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
 			f.Close()
-			return nil, fmt.Errorf("store: lock state directory %s: %w", dir, err)
+			return nil, nil, fmt.Errorf("store: lock state directory %s: %w", dir, err)
 		}
 		if timeout != 0 && time.Since(start) >= timeout {
 			f.Close()
-			return nil, fmt.Errorf("store: another pcpd holds the state directory %s (not released within %v): %w",
+			return nil, nil, fmt.Errorf("store: another pcpd holds the state directory %s (not released within %v): %w",
 				dir, timeout, ErrLocked)
 		}
 		time.Sleep(lockRetry)
 	}
+}
+
+// openLockFile opens dir's lock file, creating it 0600 if it is missing
+// and the directory writable. A lock file that does not exist and can not
+// be created gives noFile (why), not an error. Never follows a symlink,
+// and only a regular file will do (O_NONBLOCK: a FIFO put there does not
+// hang the open). One others could open (copied in with a wider mode) is
+// made 0600 when it can be.
+func openLockFile(dir string) (f *os.File, noFile, err error) {
+	p := filepath.Join(dir, LockName)
+	const flags = unix.O_NOFOLLOW | unix.O_NONBLOCK // os adds O_CLOEXEC
+	f, cerr := os.OpenFile(p, os.O_RDWR|os.O_CREATE|flags, 0o600)
+	if cerr != nil {
+		if !isReadOnlyErr(cerr) && !errors.Is(cerr, unix.ENOSPC) && !errors.Is(cerr, unix.EDQUOT) {
+			return nil, nil, fmt.Errorf("store: lock file: %w", cerr)
+		}
+		// flock does not care how the file was opened.
+		var err error
+		if f, err = os.OpenFile(p, os.O_RDONLY|flags, 0); errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("lock file %s can not be created: %w", LockName, cerr), nil
+		} else if err != nil {
+			return nil, nil, fmt.Errorf("store: lock file: %w", err)
+		}
+	}
+	fi, err := f.Stat()
+	if err == nil && !fi.Mode().IsRegular() {
+		err = fmt.Errorf("%s is not a regular file (%v)", p, fi.Mode().Type())
+	}
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("store: lock file: %w", err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		// Whoever opened it meanwhile keeps their descriptor; a file
+		// pcpd creates is never so.
+		_ = f.Chmod(0o600)
+	}
+	return f, nil, nil
+}
+
+// lockFileLater: a Store that holds only the directory's lock (lockState's
+// fallback: no lock file could be made at Open) takes the lock file before
+// it writes anything, without waiting: another pcpd holding it gives
+// ErrLocked; a directory still read-only, its noFile error. Once held, the
+// directory's lock goes. Under s.mu (reopen).
+func (s *Store) lockFileLater() error {
+	if s.noLockFile == nil {
+		return nil
+	}
+	f, noFile, err := openLockFile(s.dir)
+	if err != nil {
+		return err
+	}
+	if noFile != nil {
+		return noFile
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return fmt.Errorf("store: another pcpd holds the state directory %s (its lock file): %w", s.dir, ErrLocked)
+		}
+		return fmt.Errorf("store: lock %s: %w", LockName, err)
+	}
+	if s.dirLock != nil {
+		_ = s.dirLock.Close()
+	}
+	s.dirLock, s.noLockFile = f, nil
+	s.log.Info("state directory's lock file taken", zap.String("dir", s.dir))
+	return nil
 }

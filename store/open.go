@@ -44,9 +44,10 @@ const maxCheckErrors = 5
 // (another pcpd holds it, or the file is corrupt and can not be moved
 // aside).
 //
-// Open first takes an exclusive lock on the directory (lockDir), waiting
-// up to WithLockTimeout, and holds it until Close: another pcpd, or
-// another Open in this process, gets ErrLocked.
+// Open first takes an exclusive lock on the directory (lockState: a 0600
+// lock file in it, only where none can be made the directory itself),
+// waiting up to WithLockTimeout, and holds it until Close: another pcpd,
+// or another Open in this process, gets ErrLocked.
 func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 	if log == nil {
 		log = zap.NewNop()
@@ -72,12 +73,12 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 		return nil, State{}, fmt.Errorf("store: state directory: %w", err)
 	}
 	// The directory's lock first: nothing in it is looked at, let alone
-	// recovered, by a pcpd that does not hold it (lockDir).
-	lock, err := lockDir(dir, o.lockTimeout)
+	// recovered, by a pcpd that does not hold it (lockState).
+	lock, noLockFile, err := lockState(dir, o.lockTimeout)
 	if err != nil {
 		return nil, State{}, err
 	}
-	s := &Store{dir: dir, path: filepath.Join(dir, DBName), log: log, opt: o, dirLock: lock,
+	s := &Store{dir: dir, path: filepath.Join(dir, DBName), log: log, opt: o, dirLock: lock, noLockFile: noLockFile,
 		ckKick: make(chan struct{}, 1), ckStop: make(chan struct{}), ckDone: make(chan struct{})}
 	s.grown = sync.NewCond(&s.wmu)
 	st, err := s.load()
@@ -91,8 +92,8 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 		if s.checked != nil {
 			_ = s.checked.Close()
 		}
-		if lock != nil {
-			_ = lock.Close()
+		if s.dirLock != nil {
+			_ = s.dirLock.Close()
 		}
 		return nil, State{}, err
 	}
@@ -154,19 +155,31 @@ type loaded struct {
 
 func (s *Store) load() (State, error) {
 	bak := filepath.Join(s.dir, BackupName)
-	// Leftovers of a crash in createEmpty or snapshot; never the state.
-	_ = os.Remove(s.path + tmpSuffix)
-	_ = os.Remove(bak + tmpSuffix)
-
+	// Without the lock file (lockState's fallback: it could not be
+	// created) nothing is written: the directory is taken as read-only,
+	// noLockFile the reason, until reopen takes the lock file.
+	ro := s.noLockFile
+	if ro == nil {
+		// Leftovers of a crash in createEmpty or snapshot; never the state.
+		_ = os.Remove(s.path + tmpSuffix)
+		_ = os.Remove(bak + tmpSuffix)
+	}
 	_, err := os.Stat(s.path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		if _, berr := os.Stat(bak); berr == nil {
+			if ro != nil {
+				return State{}, fmt.Errorf("store: state file %s missing and the backup copy can not be restored (%w): %w", s.path, ro, ErrUnavailable)
+			}
 			return s.recover(fmt.Errorf("state file %s missing", s.path))
 		}
 		sel, logFound := logBounds(s.dir, 0)
 		s.sel = sel
-		if err := createEmpty(s.path, &s.opt); err != nil {
+		err := ro
+		if err == nil {
+			err = createEmpty(s.path, &s.opt)
+		}
+		if err != nil {
 			if isReadOnlyErr(err) {
 				s.log.Error("state directory not writable: serving without durable state, every change refused until it is",
 					zap.String("dir", s.dir), zap.Error(err))
@@ -190,7 +203,12 @@ func (s *Store) load() (State, error) {
 		return State{}, fmt.Errorf("store: %w", err)
 	}
 
-	db, ld, err := readState(s.path, &s.opt, false, s.dir)
+	var db *bolt.DB
+	var ld loaded
+	err = ro
+	if err == nil {
+		db, ld, err = readState(s.path, &s.opt, false, s.dir)
+	}
 	if err == nil {
 		s.db = db
 		s.sel = ld.sel
@@ -199,7 +217,7 @@ func (s *Store) load() (State, error) {
 	if errors.Is(err, ErrLocked) || isStreamErr(err) {
 		return State{}, err
 	}
-	if isReadOnlyErr(err) {
+	if ro != nil || isReadOnlyErr(err) {
 		// Read what is there; writes wait for the directory to come back.
 		rodb, ld, rerr := readState(s.path, &s.opt, true, s.dir)
 		if isStreamErr(rerr) {
@@ -378,7 +396,7 @@ func (s *Store) recover(cause error) (State, error) {
 
 // testHookRecover, when set, runs in recover after the state file was
 // moved aside and before the backup copy is restored (tests widen the
-// window two Opens of one directory raced in before lockDir).
+// window two Opens of one directory raced in before lockState).
 var testHookRecover func()
 
 // restore copies the backup to the state path (through a temporary file),

@@ -40,6 +40,7 @@ var (
 const (
 	DBName     = "leases.db"
 	BackupName = "leases.db.bak"
+	LockName   = "leases.lock" // flocked by the pcpd using the directory (lockState)
 	tmpSuffix  = ".tmp"
 )
 
@@ -145,7 +146,7 @@ func WithUnseenStep(step func(origin time.Time) time.Duration) Option {
 
 // WithLockTimeout bounds how long Open waits for another process to release
 // the state directory (default 2 s; 0 waits for ever): its lock on the
-// directory (lockDir), then bbolt's on leases.db.
+// directory (lockState), then bbolt's on leases.db.
 func WithLockTimeout(d time.Duration) Option { return func(o *options) { o.lockTimeout = d } }
 
 // WithoutOpenSnapshot skips the backup copy Open normally writes after a
@@ -228,9 +229,12 @@ type Store struct {
 	// new one created), and Stream refuses (review h/revbk). Under mu.
 	checked  *os.File
 	replaced bool
-	// dirLock: the state directory, flocked exclusively (lockDir) from
-	// before Open looked at it until Close.
-	dirLock *os.File
+	// dirLock: the state directory's lock file (or, noLockFile set, the
+	// directory itself), flocked exclusively (lockState) from before Open
+	// looked at the directory until Close. noLockFile: why no lock file
+	// is held; nothing is written until lockFileLater takes one. Under mu.
+	dirLock    *os.File
+	noLockFile error
 
 	// The log writer; wmu serialises appends (one record, one fdatasync
 	// at a time: a record is written only after the one before it is
@@ -642,6 +646,18 @@ func (s *Store) reopen() error {
 			if err == nil {
 				_ = f.Close()
 			}
+		}
+		// Nothing is written without the lock file (lockState): a
+		// Store that could lock only the directory takes it now, or
+		// stays read-only (another pcpd, started once the directory
+		// was writable, holds it).
+		if err := s.lockFileLater(); err != nil {
+			if hadRO {
+				s.sameChecked()
+			}
+			return fmt.Errorf("store: reopen %s: %w: %w", s.path, ErrUnavailable, err)
+		}
+		if hadRO {
 			_ = s.ro.Close()
 			s.ro = nil
 		}
