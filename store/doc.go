@@ -9,6 +9,7 @@
 //	                     MAP-22 quarantines and their digest (quarantine.go)
 //	leases.wal.0, .1     write-ahead log segments (wal.go); generation g in .<g%2>
 //	leases.db.bak        last good copy of leases.db
+//	leases.lock          empty, 0600: flocked by the pcpd using the directory (lockState)
 //	*.corrupt-<time>     a damaged file moved aside for inspection
 //
 // A Commit appends one record (its puts and deletes, the heartbeat, an
