@@ -50,33 +50,61 @@ const lockRetry = 50 * time.Millisecond
 // second Open in the same process waits as another process would; the
 // descriptor is close-on-exec (a child must not keep it). timeout 0 waits
 // for ever (bbolt's Timeout).
-func lockState(dir string, timeout time.Duration) (f *os.File, noFile, err error) {
+//
+// With the lock file held, the directory is also flocked shared when it
+// can be at once (shareDir; dirShared, nil if not): a pcpd built before
+// the lock file (d60f2c1..108ebff) locks the directory exclusively, so
+// without this it started beside a newer one and recovered, removed
+// temporary files and replayed the log before bbolt's lock on leases.db
+// stopped it (review h/revstatelock). Not waited for: another user's
+// lock on the directory must not keep pcpd from starting, and an older
+// pcpd already running is indistinguishable from it (bbolt's lock on
+// leases.db is then all that keeps the two apart, as before d60f2c1).
+func lockState(dir string, timeout time.Duration) (f, dirShared *os.File, noFile, err error) {
 	f, noFile, err = openLockFile(dir)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	if noFile != nil {
 		if f, err = os.Open(dir); err != nil {
-			return nil, nil, fmt.Errorf("store: state directory: %w", err)
+			return nil, nil, nil, fmt.Errorf("store: state directory: %w", err)
 		}
 	}
 	start := time.Now()
 	for {
 		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
 		if err == nil {
-			return f, noFile, nil
+			if noFile == nil {
+				dirShared = shareDir(dir)
+			}
+			return f, dirShared, noFile, nil
 		}
 		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
 			f.Close()
-			return nil, nil, fmt.Errorf("store: lock state directory %s: %w", dir, err)
+			return nil, nil, nil, fmt.Errorf("store: lock state directory %s: %w", dir, err)
 		}
 		if timeout != 0 && time.Since(start) >= timeout {
 			f.Close()
-			return nil, nil, fmt.Errorf("store: another pcpd holds the state directory %s (not released within %v): %w",
+			return nil, nil, nil, fmt.Errorf("store: another pcpd holds the state directory %s (not released within %v): %w",
 				dir, timeout, ErrLocked)
 		}
 		time.Sleep(lockRetry)
 	}
+}
+
+// shareDir flocks dir shared, without waiting (lockState): the open
+// directory, or nil if someone holds it exclusively (an older pcpd, or
+// another user) or it can not be opened.
+func shareDir(dir string) *os.File {
+	d, err := os.Open(dir)
+	if err != nil {
+		return nil
+	}
+	if unix.Flock(int(d.Fd()), unix.LOCK_SH|unix.LOCK_NB) != nil {
+		d.Close()
+		return nil
+	}
+	return d
 }
 
 // openLockFile opens dir's lock file, creating it 0600 if it is missing
@@ -140,8 +168,14 @@ func (s *Store) lockFileLater() error {
 		}
 		return fmt.Errorf("store: lock %s: %w", LockName, err)
 	}
-	if s.dirLock != nil {
-		_ = s.dirLock.Close()
+	// The directory's exclusive lock becomes shared (lockState's
+	// dirShared): an older pcpd still finds it held.
+	if d := s.dirLock; d != nil {
+		if unix.Flock(int(d.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil {
+			s.dirShared = d
+		} else {
+			_ = d.Close()
+		}
 	}
 	s.dirLock, s.noLockFile = f, nil
 	s.log.Info("state directory's lock file taken", zap.String("dir", s.dir))

@@ -74,11 +74,15 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 	}
 	// The directory's lock first: nothing in it is looked at, let alone
 	// recovered, by a pcpd that does not hold it (lockState).
-	lock, noLockFile, err := lockState(dir, o.lockTimeout)
+	lock, dirShared, noLockFile, err := lockState(dir, o.lockTimeout)
 	if err != nil {
 		return nil, State{}, err
 	}
-	s := &Store{dir: dir, path: filepath.Join(dir, DBName), log: log, opt: o, dirLock: lock, noLockFile: noLockFile,
+	if lock != nil && noLockFile == nil && dirShared == nil {
+		log.Warn("state directory flocked by another process (a pcpd older than its lock file, or another user): only leases.db's own lock keeps an older pcpd out",
+			zap.String("dir", dir))
+	}
+	s := &Store{dir: dir, path: filepath.Join(dir, DBName), log: log, opt: o, dirLock: lock, dirShared: dirShared, noLockFile: noLockFile,
 		ckKick: make(chan struct{}, 1), ckStop: make(chan struct{}), ckDone: make(chan struct{})}
 	s.grown = sync.NewCond(&s.wmu)
 	st, err := s.load()
@@ -94,6 +98,9 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 		}
 		if s.dirLock != nil {
 			_ = s.dirLock.Close()
+		}
+		if s.dirShared != nil {
+			_ = s.dirShared.Close()
 		}
 		return nil, State{}, err
 	}

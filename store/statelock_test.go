@@ -250,3 +250,77 @@ func TestReadOnlyNoLockFile(t *testing.T) {
 		})
 	}
 }
+
+// olderPcpdLocks is the lock a pcpd built before the lock file
+// (d60f2c1..108ebff, lockDir) takes first: the directory's own descriptor,
+// flocked exclusively. nil: that pcpd would have started and gone on to
+// recover, remove temporary files and replay the log before bbolt's lock
+// on leases.db.
+func olderPcpdLocks(t *testing.T, dir string) error {
+	t.Helper()
+	f, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	return unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+}
+
+// TestStateLockOlderPcpd (review h/revstatelock): during an upgrade an
+// older pcpd (directory lock) and a newer one (lock file) on one host.
+// The newer one holds the directory shared beside its lock file, so the
+// older one, started beside it, is refused by its own directory lock; in
+// every way the newer one comes to hold the lock file (fresh directory,
+// existing state, a read-only directory's lock file taken at the first
+// write), and only until Close.
+//
+// Fails before the fix (the directory not flocked once the lock file is
+// held): every row's "older pcpd" gets the lock (err nil).
+func TestStateLockOlderPcpd(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		state    bool
+		readOnly bool // read-only without a lock file: the lock file comes with the first write
+	}{
+		{name: "new directory"},
+		{name: "state", state: true},
+		{name: "read-only without lock file, then writable", state: true, readOnly: true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if c.state {
+				s, _ := openT(t, dir)
+				if err := s.Commit(leasesN(0, 10), nil); err != nil {
+					t.Fatal(err)
+				}
+				s.Close()
+			}
+			var writable func()
+			if c.readOnly {
+				if err := os.Remove(filepath.Join(dir, LockName)); err != nil {
+					t.Fatal(err)
+				}
+				writable = bindReadOnly(t, dir)
+			}
+			s, _ := openT(t, dir, WithLockTimeout(100*time.Millisecond), WithoutOpenSnapshot())
+			if err := olderPcpdLocks(t, dir); !errors.Is(err, unix.EWOULDBLOCK) {
+				t.Fatalf("older pcpd's directory lock beside Open: %v, want EWOULDBLOCK", err)
+			}
+			if writable != nil {
+				writable()
+				if err := s.Commit([]Lease{leaseN(10)}, nil); err != nil {
+					t.Fatalf("Commit once writable: %v", err)
+				}
+				if err := olderPcpdLocks(t, dir); !errors.Is(err, unix.EWOULDBLOCK) {
+					t.Fatalf("older pcpd's directory lock once the lock file is taken: %v, want EWOULDBLOCK", err)
+				}
+			}
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if err := olderPcpdLocks(t, dir); err != nil {
+				t.Fatalf("older pcpd's directory lock after Close: %v", err)
+			}
+		})
+	}
+}

@@ -233,7 +233,10 @@ type Store struct {
 	// directory itself), flocked exclusively (lockState) from before Open
 	// looked at the directory until Close. noLockFile: why no lock file
 	// is held; nothing is written until lockFileLater takes one. Under mu.
+	// dirShared: the directory, flocked shared beside the lock file
+	// (lockState), or nil. Under mu.
 	dirLock    *os.File
+	dirShared  *os.File
 	noLockFile error
 
 	// The log writer; wmu serialises appends (one record, one fdatasync
@@ -737,6 +740,10 @@ func (s *Store) Close() error {
 		if s.dirLock != nil {
 			_ = s.dirLock.Close()
 			s.dirLock = nil
+		}
+		if s.dirShared != nil {
+			_ = s.dirShared.Close()
+			s.dirShared = nil
 		}
 	}()
 	if s.db == nil {
