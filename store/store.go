@@ -688,6 +688,21 @@ func (s *Store) reopen() error {
 	return nil
 }
 
+// HoldLock reports whether the Store holds the state directory's lock
+// file, taking it now if Open could lock only the directory (lockState's
+// fallback; lockFileLater): nil once held. Another file pcpd writes in
+// the directory (the boot anchor, cmd/pcpd) is written only after: a pcpd
+// that never got the lock file must not write beside another one started
+// once the directory was writable (review h/revstatelock).
+func (s *Store) HoldLock() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return fmt.Errorf("store: %w", ErrClosed)
+	}
+	return s.lockFileLater()
+}
+
 // openWritable opens the state file for writing, creating an empty store
 // file (through a temporary file and rename) if there is none.
 func (s *Store) openWritable() (*bolt.DB, error) {

@@ -236,7 +236,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		Policy:          pol,
 		Changes:         changes,
 		OwnershipSource: ownSource,
-		Boot:            boot,
+		Boot:            lockedAnchor{boot, st},
 	}, log)
 	if err != nil {
 		return failure(err)
@@ -488,4 +488,25 @@ func newMetricsServer(reg *prometheus.Registry, pprofOn bool) *http.Server {
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	return &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: metricsIdleTimeout}
+}
+
+// lockedAnchor writes the boot anchor, a file in the state directory, only
+// while the store holds that directory's lock file (store.HoldLock). Review
+// h/revstatelock: a pcpd started on a read-only directory without one
+// (locked by the directory only, writing nothing) saved its anchor as soon
+// as the directory was writable, over that of a second pcpd started then
+// and holding the lock file: that one's next start measured the wall
+// clock's step from the first one's running clock. Refused, the Save says
+// bootclock.ErrStale (no anchor written or removed) and the server tries
+// again every tick.
+type lockedAnchor struct {
+	*bootclock.Keeper
+	st interface{ HoldLock() error }
+}
+
+func (a lockedAnchor) Save(run func() time.Time, origin time.Time) error {
+	if err := a.st.HoldLock(); err != nil {
+		return fmt.Errorf("%w: %w", bootclock.ErrStale, err)
+	}
+	return a.Keeper.Save(run, origin)
 }
