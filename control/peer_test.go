@@ -6,38 +6,23 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
 	"testing"
 	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/asuser"
 )
 
-// dialAs connects to path from a thread whose effective uid is uid (the
-// credentials SO_PEERCRED records and the kernel checks the socket's mode
-// against). The thread is locked and dies with its goroutine: it never
-// runs anything else.
-func dialAs(uid int, path string) (net.Conn, error) {
-	type res struct {
-		c   net.Conn
-		err error
+// dialAs connects to path as uid (the credentials SO_PEERCRED records and
+// the kernel checks the socket's mode against).
+func dialAs(uid int, path string) (c net.Conn, err error) {
+	if e := asuser.Do(uid, func() { c, err = net.DialTimeout("unix", path, 5*time.Second) }); e != nil {
+		return nil, e
 	}
-	ch := make(chan res, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread exits with us
-		// setresuid(2) on this thread only (syscall.Setresuid and
-		// unix.Setresuid change every thread of the process).
-		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, ^uintptr(0), uintptr(uid), ^uintptr(0)); e != 0 {
-			ch <- res{nil, e}
-			return
-		}
-		c, err := net.DialTimeout("unix", path, 5*time.Second)
-		ch <- res{c, err}
-	}()
-	r := <-ch
-	return r.c, r.err
+	return c, err
 }
 
 // TestPeerCredentials (review h/revfsperm): only root and pcpd's user are

@@ -4,39 +4,25 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/asuser"
 )
 
 // otherUID is the local user with no rights to the state (nobody).
 const otherUID = 65534
 
-// openAs opens path read-only from a thread whose effective uid (and so
-// file-system uid) is uid: the open another local user could make. The
-// thread is locked and exits with its goroutine, never running anything
-// else (setresuid(2) on this thread only: syscall.Setresuid and
-// unix.Setresuid change every thread of the process).
-func openAs(uid int, path string) (*os.File, error) {
-	type res struct {
-		f   *os.File
-		err error
+// openAs opens path read-only as uid: the open another local user could
+// make.
+func openAs(uid int, path string) (f *os.File, err error) {
+	if e := asuser.Do(uid, func() { f, err = os.Open(path) }); e != nil {
+		return nil, e
 	}
-	ch := make(chan res, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread exits with us
-		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, ^uintptr(0), uintptr(uid), ^uintptr(0)); e != 0 {
-			ch <- res{nil, e}
-			return
-		}
-		f, err := os.Open(path)
-		ch <- res{f, err}
-	}()
-	r := <-ch
-	return r.f, r.err
+	return f, err
 }
 
 // holdAs has uid open path and flock it exclusively (`setpriv
