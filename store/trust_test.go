@@ -168,16 +168,7 @@ func TestOpenRefusesUntrustedFile(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "state")
-			s, _, err := Open(dir, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Commit(leasesN(0, 3), nil); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Close(); err != nil {
-				t.Fatal(err)
-			}
+			writeThreeLeases(t, dir)
 			p := filepath.Join(dir, tc.file)
 			if err := os.Chmod(p, tc.mode); err != nil {
 				t.Fatal(err)
@@ -187,23 +178,7 @@ func TestOpenRefusesUntrustedFile(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			s, st, err := Open(dir, nil)
-			if tc.ok {
-				if err != nil {
-					t.Fatalf("Open: %v", err)
-				}
-				if len(st.Leases) != 3 {
-					t.Errorf("%d leases, want 3", len(st.Leases))
-				}
-				s.Close()
-				return
-			}
-			if err == nil {
-				s.Close()
-			}
-			if !errors.Is(err, fsperm.ErrUnsafe) {
-				t.Fatalf("Open: %v, want fsperm.ErrUnsafe", err)
-			}
+			openTrusted(t, dir, tc.ok)
 		})
 	}
 }
@@ -229,16 +204,7 @@ func TestOpenRefusesSymlinkedFile(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			b := t.TempDir()
 			dir := filepath.Join(b, "state")
-			s, _, err := Open(dir, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Commit(leasesN(0, 3), nil); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Close(); err != nil {
-				t.Fatal(err)
-			}
+			writeThreeLeases(t, dir)
 			moved := filepath.Join(b, "elsewhere", DBName)
 			if err := os.Mkdir(filepath.Dir(moved), 0o700); err != nil {
 				t.Fatal(err)
@@ -260,23 +226,7 @@ func TestOpenRefusesSymlinkedFile(t *testing.T) {
 			if err := os.Chmod(filepath.Dir(moved), tc.dirMode); err != nil {
 				t.Fatal(err)
 			}
-			s, st, err := Open(dir, nil)
-			if tc.ok {
-				if err != nil {
-					t.Fatalf("Open: %v", err)
-				}
-				if len(st.Leases) != 3 {
-					t.Errorf("%d leases, want 3", len(st.Leases))
-				}
-				s.Close()
-				return
-			}
-			if err == nil {
-				s.Close()
-			}
-			if !errors.Is(err, fsperm.ErrUnsafe) {
-				t.Fatalf("Open: %v, want fsperm.ErrUnsafe", err)
-			}
+			openTrusted(t, dir, tc.ok)
 		})
 	}
 }
@@ -325,6 +275,44 @@ func TestOpenDotDot(t *testing.T) {
 			t.Fatalf("Open read the %d leases planted in %s", len(st.Leases), b+"/tmp")
 		}
 	} else if !errors.Is(err, fsperm.ErrUnsafe) {
+		t.Fatalf("Open: %v, want fsperm.ErrUnsafe", err)
+	}
+}
+
+// writeThreeLeases makes dir a state directory holding 3 leases.
+func writeThreeLeases(t *testing.T, dir string) {
+	t.Helper()
+	s, _, err := Open(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(leasesN(0, 3), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// openTrusted opens writeThreeLeases' dir again: ok, its 3 leases are
+// read; else Open refuses it as unsafe (fsperm.ErrUnsafe).
+func openTrusted(t *testing.T, dir string, ok bool) {
+	t.Helper()
+	s, st, err := Open(dir, nil)
+	if ok {
+		if err != nil {
+			t.Fatalf("Open: %v", err)
+		}
+		if len(st.Leases) != 3 {
+			t.Errorf("%d leases, want 3", len(st.Leases))
+		}
+		s.Close()
+		return
+	}
+	if err == nil {
+		s.Close()
+	}
+	if !errors.Is(err, fsperm.ErrUnsafe) {
 		t.Fatalf("Open: %v, want fsperm.ErrUnsafe", err)
 	}
 }
