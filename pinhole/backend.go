@@ -187,6 +187,12 @@ type Backend struct {
 	// ones the kernel refuses.
 	cutLabels, refuseLabels bool
 	cutting                 atomic.Bool
+	// unlabelled: a Setup found guard6 admitting through a pinhole set
+	// without labelling (a table laid out by a pcpd before cutflows.go,
+	// or an admission rule an admin altered): the flows those rules
+	// admitted live on unlabelled, not re-checked, so CutsFlows stays
+	// false for this Backend's life (cutflows.go, review h/revctcut).
+	unlabelled bool
 	// protectedFault, when set (tests only), runs before each of
 	// syncProtected's transactions is queued: an error fails that
 	// transaction unwritten, as a kernel error would.
@@ -313,6 +319,9 @@ func (b *Backend) setupLocked() (err error) {
 	if err := b.checkOwnershipLocked(); err != nil {
 		return err
 	}
+	if b.cutLabels && !b.unlabelled {
+		b.unlabelled = b.admitsUnlabelled()
+	}
 	if b.cfg.Attached {
 		ok, err := b.tableExists()
 		if err != nil {
@@ -381,7 +390,7 @@ func (b *Backend) setupLocked() (err error) {
 		return layoutError{fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))}
 	}
 	b.owned = true
-	b.cutting.Store(b.cutLabels)
+	b.cutting.Store(b.cutLabels && !b.unlabelled)
 	// Not fatal: the layout is committed, and the owner meter's write
 	// below (or RepairOwners) rewrites the chains anyway.
 	var onwardErr error

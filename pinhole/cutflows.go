@@ -3,6 +3,7 @@ package pinhole
 import (
 	"errors"
 
+	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 )
@@ -96,9 +97,47 @@ func labelsRefusal(err error) bool {
 	return errors.As(err, &le) && errors.Is(err, unix.EOPNOTSUPP)
 }
 
+// admitsUnlabelled reports whether guard6 as it is in the kernel, before
+// Setup writes it, has an admission rule (a lookup in one of cutKinds'
+// sets) that does not set flowLabel: a table laid out by a pcpd before
+// the label rules (an upgrade), or one an admin altered (the repair after
+// Healthy found it). The flows it admitted are unlabelled and the
+// re-check never sees them, but the server's walk ends them as before, so
+// their deletes' replies must wait for it: without this, an upgraded
+// pcpd answered the delete of a mapping whose connection opened before
+// the upgrade at once, and the connection carried data until the walk,
+// up to ctWalkGap later (review h/revctcut). A guard6 that cannot be read
+// (no table yet: no flows) admits nothing. Caller holds b.mu.
+func (b *Backend) admitsUnlabelled() bool {
+	rules, err := b.readConn().GetRules(b.table, &nftables.Chain{Table: b.table, Name: b.chainGuard6})
+	if err != nil {
+		return !errors.Is(err, unix.ENOENT)
+	}
+	names := map[string]bool{}
+	for _, k := range cutKinds {
+		names[b.sets[k].Name] = true
+	}
+	for _, r := range rules {
+		admits, labels := false, false
+		for _, e := range r.Exprs {
+			switch e := e.(type) {
+			case *expr.Lookup:
+				admits = admits || names[e.SetName]
+			case *expr.Ct:
+				labels = labels || e.Key == expr.CtKeyLABELS
+			}
+		}
+		if admits && !labels {
+			return true
+		}
+	}
+	return false
+}
+
 // CutsFlows reports whether the ruleset itself ends the established flows
 // p admitted once p's element is gone (the label layout, standalone, in
-// place since the last successful Setup): an IPv6 pinhole that is not a
+// place since the last successful Setup, and no Setup of this Backend's
+// found flows admitted unlabelled: admitsUnlabelled): an IPv6 pinhole that is not a
 // port redirect. Else (IPv4 NAPT, redirects, attached mode, a kernel
 // without labels) only the conntrack walk ends them. It does not say
 // whether the layout is intact now: Healthy does. Cheap and lock-free

@@ -326,3 +326,61 @@ func TestCutLabelsRefused(t *testing.T) {
 		t.Error("CutsFlows = true without the label rules")
 	}
 }
+
+// TestCutsFlowsAfterUnlabelledLayout (review h/revctcut): a Setup that
+// finds guard6 admitting through a pinhole set without the label (a table
+// laid out by a pcpd before cutflows.go: an upgrade; or an admission rule
+// an admin altered, which Healthy's repair rewrites) leaves CutsFlows
+// false: the flows those rules admitted are unlabelled, the re-check never
+// drops them, and the server must wait for its walk before it answers
+// their mapping's delete. With h/ctcut's Setup CutsFlows was true after
+// the upgrade and the repair: the flow of the "upgrade" row carried data
+// after its delete, whose reply no longer waited for the walk. A restart
+// over an intact labelled layout and a fresh table keep it true.
+func TestCutsFlowsAfterUnlabelledLayout(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// then: what happens to the table of b (labelled, a flow open)
+		// before the Setup whose CutsFlows is looked at.
+		then func(t *testing.T, topo *netlab.Topology, b *pinhole.Backend) *pinhole.Backend
+		cuts bool
+	}{
+		{name: "restart over the labelled layout", cuts: true,
+			then: func(t *testing.T, topo *netlab.Topology, _ *pinhole.Backend) *pinhole.Backend {
+				return newBackend(t, topo.Host, pinhole.Config{})
+			}},
+		{name: "upgrade: table laid out without the labels",
+			then: func(t *testing.T, topo *netlab.Topology, _ *pinhole.Backend) *pinhole.Backend {
+				unlabelAdmission(t, topo.Host, "pin6")
+				return nil // the flow is opened unlabelled below
+			}},
+		{name: "repair of an admission rule altered",
+			then: func(t *testing.T, topo *netlab.Topology, b *pinhole.Backend) *pinhole.Backend {
+				unlabelAdmission(t, topo.Host, "pin6_filter")
+				if err := b.Setup(); err != nil {
+					t.Fatal(err)
+				}
+				return b
+			}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			topo, b := guardedTopology(t, pinhole.Config{})
+			client := netip.AddrPortFrom(topo.ClientV6, 7300)
+			remote := netip.AddrPortFrom(topo.InternetV6, 47300)
+			p := pinhole.Pinhole{Protocol: tcp, InternalAddr: client.Addr(), InternalPort: client.Port()}
+			apply(t, b, install(p, time.Hour))
+			nb := tc.then(t, topo, b)
+			f := openEcho(t, tcp, topo.Client, topo.Internet, remote, client)
+			if nb == nil { // the upgrade: the new pcpd's Backend
+				nb = newBackend(t, topo.Host, pinhole.Config{})
+			}
+			if got := nb.CutsFlows(p); got != tc.cuts {
+				t.Errorf("CutsFlows = %v, want %v", got, tc.cuts)
+			}
+			apply(t, nb, del(p))
+			if err := f.echo(failWait); err == nil && nb.CutsFlows(p) {
+				t.Errorf("CutsFlows = true, and the flow carries data after its pinhole's delete")
+			}
+		})
+	}
+}
