@@ -117,6 +117,7 @@ func (b *Backend) admitsUnlabelled() bool {
 	for _, k := range cutKinds {
 		names[b.sets[k].Name] = true
 	}
+	labelled := false
 	for _, r := range rules {
 		admits, labels := false, false
 		for _, e := range r.Exprs {
@@ -130,8 +131,11 @@ func (b *Backend) admitsUnlabelled() bool {
 		if admits && !labels {
 			return true
 		}
+		labelled = labelled || labels
 	}
-	return false
+	// A guard6 with rules but no label rule at all: a layout of a pcpd
+	// before the labels, whatever its sets were named.
+	return len(rules) > 0 && !labelled
 }
 
 // CutsFlows reports whether the ruleset itself ends the established flows

@@ -354,6 +354,33 @@ func TestCutsFlowsAfterUnlabelledLayout(t *testing.T) {
 				unlabelAdmission(t, topo.Host, "pin6")
 				return nil // the flow is opened unlabelled below
 			}},
+		{name: "upgrade: table laid out with no label rule (fallback layout)",
+			then: func(t *testing.T, topo *netlab.Topology, b *pinhole.Backend) *pinhole.Backend {
+				// A table the fallback laid out (it refuses a labelled
+				// one as not its own), its pinhole installed again.
+				if err := b.Teardown(); err != nil {
+					t.Fatal(err)
+				}
+				conn, err := topo.Host.NftConn()
+				if err != nil {
+					t.Fatal(err)
+				}
+				old, err := pinhole.New(conn, pinhole.Config{Routes: nsRoutes(t, topo.Host)})
+				if err != nil {
+					t.Fatal(err)
+				}
+				pinhole.RefuseLabels(old)
+				if err := old.Setup(); err != nil {
+					t.Fatal(err)
+				}
+				defer old.Close()
+				serveTunnel(t, old, topo)
+				if err := old.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+					t.Fatal(err)
+				}
+				apply(t, old, install(pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV6, InternalPort: 7300}, time.Hour))
+				return nil
+			}},
 		{name: "repair of an admission rule altered",
 			then: func(t *testing.T, topo *netlab.Topology, b *pinhole.Backend) *pinhole.Backend {
 				unlabelAdmission(t, topo.Host, "pin6_filter")
