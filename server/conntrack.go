@@ -1042,6 +1042,30 @@ func (c *ctFlusher) close() {
 	}
 }
 
+// ctEndWait bounds how long Serve's end waits for the walks queued
+// before it (endConntrack).
+const ctEndWait = 2 * time.Second
+
+// endConntrack is Serve's end: it stops the retries (close) and waits, at
+// most ctEndWait, for the walks queued so far, which close starts at once.
+// A walk nobody waited for may be held back by ctWalkGap, and pcpd exits
+// as soon as Serve returns: the walk of a mapping revoked or expired just
+// before (an IPv4 NAPT one: the walk alone ends its DNAT-ed flows) died
+// with the process, and its lease, gone from the store, is not flushed at
+// the next start (review h/revctcut; TestEndConntrackRunsSpacedWalk).
+func (s *Server) endConntrack() {
+	s.ct.close()
+	done := make(chan struct{})
+	s.ct.after(s.ct.seq(), func() { close(done) })
+	t := time.NewTimer(ctEndWait)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		s.log.Warn("conntrack flush still running at shutdown; the connections of mappings ended last may outlive them")
+	}
+}
+
 func (c *ctFlusher) isClosed() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -11,6 +11,7 @@ import (
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/store"
+	"go.uber.org/zap"
 )
 
 // Standalone, the guard cuts an IPv6 pinhole's established flows itself
@@ -280,5 +281,33 @@ func TestCtWalksSpaced(t *testing.T) {
 	case <-done:
 	case <-time.After(ctFlushBound):
 		t.Fatal("waiter not released after the walk")
+	}
+}
+
+// TestEndConntrackRunsSpacedWalk (review h/revctcut): a walk nobody
+// waits for, held back by the gap (ctWalkGap) when Serve ends, has run
+// when Serve's end (endConntrack) returns: pcpd exits right after, and
+// the flows of a mapping revoked or expired just before (IPv4 NAPT: only
+// the walk ends them) outlived it for good. With endConntrack only
+// closing the flusher (h/ctcut's Serve: s.ct.close()), the walk had not
+// run when it returned.
+func TestEndConntrackRunsSpacedWalk(t *testing.T) {
+	var mu sync.Mutex
+	walks := 0
+	s := &Server{log: zap.NewNop()}
+	s.ct = ctFlusher{gap: time.Hour, walk: func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
+		mu.Lock()
+		walks++
+		mu.Unlock()
+		return nil, nil
+	}}
+	s.ct.add([]ctFilter{{t: ctTarget{port: 1}}}, nil)
+	s.waitConntrack() // the first walk, which starts the gap
+	s.ct.add([]ctFilter{{t: ctTarget{port: 2}}}, nil)
+	s.endConntrack()
+	mu.Lock()
+	defer mu.Unlock()
+	if walks != 2 {
+		t.Errorf("%d walks when Serve's end returned, want 2 (the one held back by the gap too)", walks)
 	}
 }

@@ -332,7 +332,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	// and the walk's socket is closed (a walk in flight closes its own).
 	s.ctSock.open()
 	defer s.ctSock.close()
-	defer s.ct.close()
+	defer s.endConntrack()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	lisErr := make(chan error, 1)
