@@ -39,7 +39,9 @@ import (
 // client's own outbound flows (their original direction is the client's),
 // DNAT-ed flows (redir6, accepted by "ct status dnat" before the
 // admission rules, so never labelled), ICMP and echo flows, and flows
-// that began before the rules existed. A packet cannot set or fake the
+// that began before the rules existed (an upgrade, an admission rule an
+// admin altered: Setup sees such a guard6, and CutsFlows is false from
+// then on, admitsUnlabelled). A packet cannot set or fake the
 // label: it is conntrack's metadata, written only by ruleset rules and
 // ctnetlink (CAP_NET_ADMIN).
 //
