@@ -3,6 +3,7 @@ package server
 import (
 	"net"
 	"net/netip"
+	"regexp"
 	"sync"
 	"testing"
 	"time"
@@ -309,5 +310,64 @@ func TestEndConntrackRunsSpacedWalk(t *testing.T) {
 	defer mu.Unlock()
 	if walks != 2 {
 		t.Errorf("%d walks when Serve's end returned, want 2 (the one held back by the gap too)", walks)
+	}
+}
+
+// TestE2EUpgradeDeleteWaitsForWalk (review h/revctcut): a pcpd started
+// over a table whose guard6 admits without the label (one laid out before
+// the label rules: an upgrade) does not answer the delete of an IPv6 MAP
+// whose connection opened then until its walk ran, and then the flow is
+// gone: that flow is unlabelled, the re-check never drops it. With
+// h/ctcut's Setup (CutsFlows true whatever the table held before) the
+// delete was answered with the walk held back, and the flow carried data
+// after it.
+func TestE2EUpgradeDeleteWaitsForWalk(t *testing.T) {
+	var gate ctGate
+	l := newLab(t, func(c *Config, p *policy.Config) {
+		p.MinLifetime = time.Second
+		c.TamperInterval = time.Hour // the repair would be the upgrade's Setup too
+	})
+	l.stop()
+	l.tweak = gate.tweak
+	l.start()
+	// The admission rule of pin6 as a pcpd before the labels wrote it.
+	out := l.topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", "pcpd", "guard6")
+	m := regexp.MustCompile(`\n\s*(\S[^\n]*@pin6) ct label set 127 accept # handle (\d+)`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no labelling admission rule of pin6 in guard6:\n%s", out)
+	}
+	l.topo.Host.MustRun(t, "nft", "replace", "rule", "inet", "pcpd", "guard6", "handle", m[2], m[1], "accept")
+	const port = 9950
+	conn, src, dst := l.inbound(t, "map6", port, time.Hour)
+	l.stop()
+	l.start() // the upgraded pcpd: its Setup writes the labelled layout
+	gate.hold()
+	held := true
+	defer func() {
+		if held {
+			gate.release()
+		}
+	}()
+	rc := l.sendOnce(t, netip.AddrPortFrom(l.topo.ClientV6, 0), l.server6(),
+		pcp.AppendRequest(nil, mapReq(l.topo.ClientV6, pcp.ProtoTCP, port, port, 0, 1)))
+	buf := make([]byte, 1100)
+	rc.SetReadDeadline(time.Now().Add(700 * time.Millisecond))
+	if _, err := rc.Read(buf); err == nil {
+		if err := echoOnce(conn); err == nil {
+			t.Error("the flow (opened before the upgrade) carries data after its delete was answered")
+		}
+		t.Fatal("delete answered while its conntrack walk was held back")
+	}
+	gate.release()
+	held = false
+	rc.SetReadDeadline(time.Now().Add(ctFlushBound))
+	if _, err := rc.Read(buf); err != nil {
+		t.Fatalf("no reply to the delete after the walk: %v", err)
+	}
+	if f := l.ctFlowOf(t, protoTCP, src, dst); f != nil {
+		t.Errorf("flow still tracked after the answered delete: %s", f)
+	}
+	if err := echoOnce(conn); err == nil {
+		t.Error("the flow carries data after its delete was answered")
 	}
 }
