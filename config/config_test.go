@@ -779,24 +779,7 @@ func TestConfigFileTrusted(t *testing.T) {
 			if err := os.Chmod(dir, tc.dirMode); err != nil {
 				t.Fatal(err)
 			}
-			fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
-			AddFlags(fs)
-			if err := fs.Parse([]string{"--config", path}); err != nil {
-				t.Fatal(err)
-			}
-			_, err := Load(fs)
-			if tc.ok {
-				if err != nil {
-					t.Fatalf("Load: %v", err)
-				}
-				return
-			}
-			if err == nil {
-				t.Fatal("Load of an untrusted config file succeeded")
-			}
-			if !errors.Is(err, ErrInvalid) || !errors.Is(err, fsperm.ErrUnsafe) {
-				t.Fatalf("Load: %v, want ErrInvalid and fsperm.ErrUnsafe", err)
-			}
+			loadTrusted(t, path, tc.ok)
 		})
 	}
 }
@@ -840,21 +823,7 @@ func TestConfigFileSymlinkTrusted(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
-			AddFlags(fs)
-			if err := fs.Parse([]string{"--config", link}); err != nil {
-				t.Fatal(err)
-			}
-			_, err := Load(fs)
-			if tc.ok {
-				if err != nil {
-					t.Fatalf("Load: %v", err)
-				}
-				return
-			}
-			if !errors.Is(err, ErrInvalid) || !errors.Is(err, fsperm.ErrUnsafe) {
-				t.Fatalf("Load: %v, want ErrInvalid and fsperm.ErrUnsafe", err)
-			}
+			loadTrusted(t, link, tc.ok)
 		})
 	}
 }
@@ -961,4 +930,28 @@ func writeConfigIn(t *testing.T, dir string, mode os.FileMode) string {
 		t.Fatal(err)
 	}
 	return file
+}
+
+// loadTrusted loads the config at path: ok, it loads; else Load refuses
+// it as invalid and unsafe (fsperm.ErrUnsafe).
+func loadTrusted(t *testing.T, path string, ok bool) {
+	t.Helper()
+	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	AddFlags(fs)
+	if err := fs.Parse([]string{"--config", path}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Load(fs)
+	if ok {
+		if err != nil {
+			t.Fatalf("Load: %v", err)
+		}
+		return
+	}
+	if err == nil {
+		t.Fatal("Load of an untrusted config file succeeded")
+	}
+	if !errors.Is(err, ErrInvalid) || !errors.Is(err, fsperm.ErrUnsafe) {
+		t.Fatalf("Load: %v, want ErrInvalid and fsperm.ErrUnsafe", err)
+	}
 }

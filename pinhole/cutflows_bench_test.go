@@ -4,7 +4,6 @@ import (
 	"net"
 	"net/netip"
 	"regexp"
-	"syscall"
 	"testing"
 	"time"
 
@@ -128,20 +127,7 @@ func BenchmarkGuardEstablished(b *testing.B) {
 					}
 				}
 			}
-			for range 100 {
-				oneWay()
-			}
-			var before, after syscall.Rusage
-			syscall.Getrusage(syscall.RUSAGE_SELF, &before)
-			b.ResetTimer()
-			for b.Loop() {
-				oneWay()
-			}
-			b.StopTimer()
-			syscall.Getrusage(syscall.RUSAGE_SELF, &after)
-			cpu := time.Duration(syscall.TimevalToNsec(after.Utime) - syscall.TimevalToNsec(before.Utime) +
-				syscall.TimevalToNsec(after.Stime) - syscall.TimevalToNsec(before.Stime))
-			b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N*burst), "cpu-ns/datagram")
+			reportCPUPerDatagram(b, burst, oneWay)
 		})
 	}
 }
