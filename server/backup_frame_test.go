@@ -54,13 +54,7 @@ func TestBootClockBackupAfterRebase(t *testing.T) {
 			open := func() (*store.Store, store.State) { return rig.open(t) }
 			h := newHarness(t)
 			st, state := open()
-			start := func() {
-				h.startWith(func(d *Deps) {
-					c.deps(d)
-					d.Boot, d.Store, d.State = k, st, state
-				}, nil)
-			}
-			start()
+			rig.startOn(h, k, st, state)
 			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8080, 0, lifetime, 1)), pcp.Success)
 			c.advance(100 * time.Second)
 			// A periodic backup copy with the lease in it.
@@ -76,7 +70,7 @@ func TestBootClockBackupAfterRebase(t *testing.T) {
 				c.step(tc.step)
 				left -= 10 * time.Second
 				st, state = open()
-				start() // rebases by the step the anchor measures
+				rig.startOn(h, k, st, state) // rebases by the step the anchor measures
 			} else {
 				c.step(tc.step)
 				h.s.checkClock() // a sweep tick: the rebase
@@ -225,13 +219,7 @@ func TestBootClockKillDuringRewrite(t *testing.T) {
 			h := newHarness(t)
 			st, state := open()
 			defer func() { st.Close() }()
-			start := func() {
-				h.startWith(func(d *Deps) {
-					c.deps(d)
-					d.Boot, d.Store, d.State = anchor, st, state
-				}, nil)
-			}
-			start()
+			rig.startOn(h, anchor, st, state)
 			for _, port := range []uint16{8080, 8081} {
 				h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, 0, lifetime, 1)), pcp.Success)
 			}
@@ -263,16 +251,11 @@ func TestBootClockKillDuringRewrite(t *testing.T) {
 				anchor.lose.Store(false)
 				c.advance(10 * time.Second)
 				st, state = open()
-				start()
+				rig.startOn(h, anchor, st, state)
 			}
 			restart()
 
-			var left []time.Duration
-			for _, l := range h.s.Leases() {
-				left = append(left, l.Expires.Sub(c.Now()))
-			}
-			slices.Sort(left)
-			if !slices.Equal(left, tc.left) {
+			if left := leasesLeft(h, c.Now()); !slices.Equal(left, tc.left) {
 				t.Errorf("leases left %v, want %v", left, tc.left)
 			}
 			status := h.s.Status()

@@ -502,11 +502,40 @@ func newBootRig(t *testing.T, bootID string) *bootRig {
 func (r *bootRig) start(t *testing.T, st LeaseStore, state store.State) *harness {
 	t.Helper()
 	h := newHarness(t)
+	r.startOn(h, r.k, st, state)
+	return h
+}
+
+// startOn (re)starts the engine on h, as pcpd starting again on the same
+// host does (h's firewall kept): the rig's clocks, boot as its boot anchor
+// (the rig's, or a wrapper of it), st and state.
+func (r *bootRig) startOn(h *harness, boot BootAnchor, st LeaseStore, state store.State) {
+	h.t.Helper()
 	h.startWith(func(d *Deps) {
 		r.c.deps(d)
-		d.Boot, d.Store, d.State = r.k, st, state
+		d.Boot, d.Store, d.State = boot, st, state
 	}, nil)
-	return h
+}
+
+// startErrStore starts a harness on the rig's store (opened without the
+// open snapshot, closed at the test's end) wrapped in an errStore, whose
+// commits the test fails at will.
+func (r *bootRig) startErrStore(t *testing.T) (*harness, *errStore) {
+	t.Helper()
+	st, state := r.open(t, store.WithoutOpenSnapshot())
+	t.Cleanup(func() { st.Close() })
+	fst := &errStore{Store: st}
+	return r.start(t, fst, state), fst
+}
+
+// leasesLeft is the remaining lifetimes of h's leases at now, sorted.
+func leasesLeft(h *harness, now time.Time) []time.Duration {
+	var left []time.Duration
+	for _, l := range h.s.Leases() {
+		left = append(left, l.Expires.Sub(now))
+	}
+	slices.Sort(left)
+	return left
 }
 
 // open opens the rig's store as pcpd does (the rig's clock, the anchor's

@@ -14,11 +14,15 @@ import (
 )
 
 // errStore is a store whose commits fail with the error err holds (nil:
-// they go through).
+// they go through): the engine's store with its disk gone, say; the
+// epoch origin goes through.
 type errStore struct {
 	*store.Store
 	err atomic.Pointer[error]
 }
+
+// errInjected is a store failure a test injects (errStore.set).
+var errInjected = errors.New("injected store failure")
 
 func (f *errStore) set(err error) {
 	if err == nil {
@@ -84,16 +88,13 @@ func TestRewriteWarnEndsWithRewrite(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-0000000000a1")
 			c := rig.c
-			st, state := rig.open(t, store.WithoutOpenSnapshot())
-			fst := &errStore{Store: st}
-			defer st.Close()
-			h := rig.start(t, fst, state)
+			h, fst := rig.startErrStore(t)
 			for _, port := range []uint16{8080, 8081} {
 				h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, 0, 120*time.Second, 1)), pcp.Success)
 			}
 			c.advance(tc.pre)
 			c.step(-time.Hour)
-			fst.set(errors.New("injected store failure"))
+			fst.set(errInjected)
 			h.logs.TakeAll()
 			tickOnce := func() {
 				c.advance(tick)
@@ -133,7 +134,7 @@ func TestRewriteWarnEndsWithRewrite(t *testing.T) {
 			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8082, 0, 600*time.Second, 1)), pcp.Success)
 			h.logs.TakeAll()
 			c.step(-time.Hour)
-			fst.set(errors.New("injected store failure"))
+			fst.set(errInjected)
 			tickOnce()
 			got := warnings(h.logs, rewriteRefused)
 			if len(got) != 1 {
@@ -158,10 +159,7 @@ func TestRewriteWarnNewError(t *testing.T) {
 	const tick = 125 * time.Millisecond
 	rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-0000000000a2")
 	c := rig.c
-	st, state := rig.open(t, store.WithoutOpenSnapshot())
-	fst := &errStore{Store: st}
-	defer st.Close()
-	h := rig.start(t, fst, state)
+	h, fst := rig.startErrStore(t)
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8080, 0, 600*time.Second, 1)), pcp.Success)
 	c.step(time.Hour)
 	errRO := errors.New("store: reopen leases.db: state not writable: read-only file system")

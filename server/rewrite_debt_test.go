@@ -1,9 +1,7 @@
 package server
 
 import (
-	"errors"
 	"slices"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -42,13 +40,7 @@ func TestBootClockRewriteStoreDebt(t *testing.T) {
 			h := newHarness(t)
 			st, state := open()
 			defer func() { st.Close() }()
-			start := func() {
-				h.startWith(func(d *Deps) {
-					c.deps(d)
-					d.Boot, d.Store, d.State = anchor, st, state
-				}, nil)
-			}
-			start()
+			rig.startOn(h, anchor, st, state)
 			for _, port := range []uint16{8080, 8081} {
 				h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, 0, lifetime, 1)), pcp.Success)
 			}
@@ -80,14 +72,9 @@ func TestBootClockRewriteStoreDebt(t *testing.T) {
 			st.Close()
 			c.advance(10 * time.Second)
 			st, state = open()
-			start()
+			rig.startOn(h, anchor, st, state)
 
-			var left []time.Duration
-			for _, l := range h.s.Leases() {
-				left = append(left, l.Expires.Sub(c.Now()))
-			}
-			slices.Sort(left)
-			if want := []time.Duration{right, right}; !slices.Equal(left, want) {
+			if left, want := leasesLeft(h, c.Now()), []time.Duration{right, right}; !slices.Equal(left, want) {
 				t.Errorf("leases left %v, want %v", left, want)
 			}
 			if status := h.s.Status(); !status.Restarted || status.Epoch != before+10 {
@@ -95,24 +82,6 @@ func TestBootClockRewriteStoreDebt(t *testing.T) {
 			}
 		})
 	}
-}
-
-// failingStore fails every commit while fail is set (the engine's store
-// with its disk gone); the epoch origin goes through.
-type failingStore struct {
-	*store.Store
-	fail atomic.Bool
-}
-
-func (f *failingStore) Commit(put []store.Lease, del []store.Key) error {
-	return f.CommitQuar(put, del, nil)
-}
-
-func (f *failingStore) CommitQuar(put []store.Lease, del []store.Key, q *store.QuarChange) error {
-	if f.fail.Load() {
-		return errors.New("injected store failure")
-	}
-	return f.Store.CommitQuar(put, del, q)
 }
 
 // TestBootClockRewriteExpiredUnrecorded (review h/revrw): a lease that
@@ -128,26 +97,20 @@ func (f *failingStore) CommitQuar(put []store.Lease, del []store.Key, q *store.Q
 func TestBootClockRewriteExpiredUnrecorded(t *testing.T) {
 	rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-000000000006")
 	c, k := rig.c, rig.k
-	open := func() (*failingStore, store.State) {
+	open := func() (*errStore, store.State) {
 		st, state := rig.open(t, store.WithoutOpenSnapshot())
-		return &failingStore{Store: st}, state
+		return &errStore{Store: st}, state
 	}
 	h := newHarness(t)
 	st, state := open()
 	defer func() { st.Close() }()
-	start := func() {
-		h.startWith(func(d *Deps) {
-			c.deps(d)
-			d.Boot, d.Store, d.State = k, st, state
-		}, nil)
-	}
-	start()
+	rig.startOn(h, k, st, state)
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8080, 0, 600*time.Second, 1)), pcp.Success)
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 8081, 0, 120*time.Second, 1)), pcp.Success)
 	c.advance(130 * time.Second)
-	st.fail.Store(true)
+	st.set(errInjected)
 	h.s.expire() // 8081's end not recorded
-	st.fail.Store(false)
+	st.set(nil)
 	if n := len(h.s.Leases()); n != 1 {
 		t.Fatalf("%d leases after the expiry, want 1", n)
 	}
@@ -156,7 +119,7 @@ func TestBootClockRewriteExpiredUnrecorded(t *testing.T) {
 	st.Close()
 	c.advance(10 * time.Second)
 	st, state = open()
-	start()
+	rig.startOn(h, k, st, state)
 	for _, l := range h.s.Leases() {
 		if l.ExternalPort == 8081 {
 			t.Errorf("the expired lease is back with %v left", l.Expires.Sub(c.Now()))

@@ -7,7 +7,6 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/store"
 )
 
 // TestRewriteRefusedWarnsEveryRepeat: while the store refuses the
@@ -42,10 +41,7 @@ func TestRewriteRefusedWarnsEveryRepeat(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-000000000007")
 			c := rig.c
-			st, state := rig.open(t, store.WithoutOpenSnapshot())
-			fst := &failingStore{Store: st}
-			defer st.Close()
-			h := rig.start(t, fst, state)
+			h, fst := rig.startErrStore(t)
 			for _, port := range []uint16{8080, 8081, 8082} {
 				h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, 0, 600*time.Second, 1)), pcp.Success)
 			}
@@ -58,7 +54,7 @@ func TestRewriteRefusedWarnsEveryRepeat(t *testing.T) {
 				h.s.mu.Unlock()
 			}
 			c.step(time.Hour)
-			fst.fail.Store(true)
+			fst.set(errInjected)
 			h.logs.TakeAll() // count from here
 			for i := 1; i <= ticks; i++ {
 				if i == tc.stepAt {
@@ -105,7 +101,7 @@ func TestRewriteRefusedWarnsEveryRepeat(t *testing.T) {
 
 			// The store takes writes again: the recovery once, the
 			// rewrite done.
-			fst.fail.Store(false)
+			fst.set(nil)
 			for i := 0; i < 3; i++ {
 				c.advance(tick)
 				h.s.checkClock()
