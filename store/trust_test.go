@@ -36,17 +36,7 @@ func TestOpenRefusesUntrustedDir(t *testing.T) {
 				t.Skip("needs root to chown")
 			}
 			dir := filepath.Join(t.TempDir(), "state")
-			if err := os.Mkdir(dir, 0o700); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.Chmod(dir, tc.mode); err != nil {
-				t.Fatal(err)
-			}
-			if tc.uid >= 0 {
-				if err := os.Chown(dir, tc.uid, -1); err != nil {
-					t.Fatal(err)
-				}
-			}
+			mkdirMode(t, dir, tc.mode, tc.uid)
 			s, _, err := Open(dir, nil)
 			if tc.ok {
 				if err != nil {
@@ -101,14 +91,8 @@ func TestOpenRefusesSymlinkedDir(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := t.TempDir()
-			for _, d := range []string{b + "/tmp", b + "/state"} {
-				if err := os.Mkdir(d, 0o700); err != nil {
-					t.Fatal(err)
-				}
-			}
-			if err := os.Chmod(b+"/tmp", os.ModeSticky|0o777); err != nil {
-				t.Fatal(err)
-			}
+			mkdirMode(t, b+"/tmp", os.ModeSticky|0o777, -1)
+			mkdirMode(t, b+"/state", 0o700, -1)
 			dir, created := tc.setup(t, b)
 			s, _, err := Open(dir, nil)
 			_, serr := os.Stat(created)
@@ -129,6 +113,29 @@ func TestOpenRefusesSymlinkedDir(t *testing.T) {
 				t.Errorf("refused Open created %s", created)
 			}
 		})
+	}
+}
+
+// mkdirMode makes the directory p (and its parents) with mode and, uid >=
+// 0, the owner uid.
+func mkdirMode(t *testing.T, p string, mode os.FileMode, uid int) {
+	t.Helper()
+	if err := os.MkdirAll(p, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	setMode(t, p, mode, uid)
+}
+
+// setMode gives p mode and, uid >= 0, the owner uid.
+func setMode(t *testing.T, p string, mode os.FileMode, uid int) {
+	t.Helper()
+	if err := os.Chmod(p, mode); err != nil {
+		t.Fatal(err)
+	}
+	if uid >= 0 {
+		if err := os.Chown(p, uid, -1); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 
@@ -169,15 +176,7 @@ func TestOpenRefusesUntrustedFile(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "state")
 			writeThreeLeases(t, dir)
-			p := filepath.Join(dir, tc.file)
-			if err := os.Chmod(p, tc.mode); err != nil {
-				t.Fatal(err)
-			}
-			if tc.uid >= 0 {
-				if err := os.Chown(p, tc.uid, -1); err != nil {
-					t.Fatal(err)
-				}
-			}
+			setMode(t, filepath.Join(dir, tc.file), tc.mode, tc.uid)
 			openTrusted(t, dir, tc.ok)
 		})
 	}
@@ -242,25 +241,10 @@ func TestOpenDotDot(t *testing.T) {
 		t.Skip("needs root to chown")
 	}
 	b := t.TempDir()
-	for _, d := range []string{b + "/tmp", b + "/own/sub"} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := os.Chmod(b+"/tmp", os.ModeSticky|0o777); err != nil {
-		t.Fatal(err)
-	}
+	mkdirMode(t, b+"/tmp", os.ModeSticky|0o777, -1)
+	mkdirMode(t, b+"/own/sub", 0o700, -1)
 	// The planted state: 3 leases, another user's file in tmp.
-	s, _, err := Open(b+"/src", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Commit(leasesN(0, 3), nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
+	writeThreeLeases(t, b+"/src")
 	if err := os.Rename(b+"/src/"+DBName, b+"/tmp/"+DBName); err != nil {
 		t.Fatal(err)
 	}
