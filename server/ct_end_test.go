@@ -45,9 +45,15 @@ func serveEcho(t *testing.T, ns *netlab.NS, addr netip.AddrPort) {
 // dialIn connects from ns, from local (port 0: any), to dst.
 func dialIn(t *testing.T, ns *netlab.NS, local, dst netip.AddrPort) net.Conn {
 	t.Helper()
+	return dialInWith(t, ns, net.Dialer{}, local, dst)
+}
+
+// dialInWith is dialIn with d's socket options (its Control).
+func dialInWith(t *testing.T, ns *netlab.NS, d net.Dialer, local, dst netip.AddrPort) net.Conn {
+	t.Helper()
+	d.Timeout, d.LocalAddr = 2*time.Second, net.TCPAddrFromAddrPort(local)
 	var c net.Conn
 	if err := ns.Do(func() (err error) {
-		d := net.Dialer{Timeout: 2 * time.Second, LocalAddr: net.TCPAddrFromAddrPort(local)}
 		c, err = d.Dial("tcp", dst.String())
 		return err
 	}); err != nil {
@@ -55,6 +61,23 @@ func dialIn(t *testing.T, ns *netlab.NS, local, dst netip.AddrPort) net.Conn {
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// masquerade gives the Host a masquerade of its own on wan0 in the nft
+// table ip table, as a NAT gateway has: a client's flows the mappings do
+// not SNAT leave from the external address too.
+func (l *lab) masquerade(t *testing.T, table string) {
+	t.Helper()
+	l.topo.Host.MustRun(t, "nft", "add table ip "+table)
+	l.topo.Host.MustRun(t, "nft", "add chain ip "+table+" post { type nat hook postrouting priority srcnat; }")
+	l.topo.Host.MustRun(t, "nft", "add rule ip "+table+" post oifname wan0 masquerade")
+}
+
+// leavesFrom is where the outbound flow f leaves from (its reply's
+// destination: the source NAT gave it, if any).
+func leavesFrom(f *netlink.ConntrackFlow) netip.AddrPort {
+	a, _ := netip.AddrFromSlice(f.Reverse.DstIP)
+	return netip.AddrPortFrom(a.Unmap(), f.Reverse.DstPort)
 }
 
 // echoOnce sends a byte on c and reads it back.
@@ -299,11 +322,7 @@ func TestE2ESNATFlowsEnd(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
-			// The host's own masquerade, as a NAT gateway has: the
-			// unrelated flow leaves from the external address too.
-			l.topo.Host.MustRun(t, "nft", "add table ip ctexp_nat")
-			l.topo.Host.MustRun(t, "nft", "add chain ip ctexp_nat post { type nat hook postrouting priority srcnat; }")
-			l.topo.Host.MustRun(t, "nft", "add rule ip ctexp_nat post oifname wan0 masquerade")
+			l.masquerade(t, "ctexp_nat") // the unrelated flow leaves from the external address too
 			port := uint16(8100 + i)
 			lifetime := time.Hour
 			if c.expire {
@@ -335,12 +354,10 @@ func TestE2ESNATFlowsEnd(t *testing.T) {
 			if mf == nil || of == nil {
 				t.Fatalf("outbound flows not tracked: %v %v", mf, of)
 			}
-			rd, _ := netip.AddrFromSlice(mf.Reverse.DstIP)
-			if got := netip.AddrPortFrom(rd.Unmap(), mf.Reverse.DstPort); got != ext {
+			if got := leavesFrom(mf); got != ext {
 				t.Fatalf("mapped outbound flow leaves from %v, want the external %v", got, ext)
 			}
-			od, _ := netip.AddrFromSlice(of.Reverse.DstIP)
-			if !c.v6 && od.Unmap() != l.topo.HostPublicV4 {
+			if !c.v6 && leavesFrom(of).Addr() != l.topo.HostPublicV4 {
 				t.Fatalf("unrelated flow not masqueraded to the external address: %s", of)
 			}
 			if c.expire {

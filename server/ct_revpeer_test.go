@@ -23,25 +23,15 @@ import (
 // from one mapped port), to dst.
 func dialShared(t *testing.T, ns *netlab.NS, local, dst netip.AddrPort) net.Conn {
 	t.Helper()
-	var c net.Conn
-	if err := ns.Do(func() (err error) {
-		d := net.Dialer{Timeout: 2 * time.Second, LocalAddr: net.TCPAddrFromAddrPort(local),
-			Control: func(_, _ string, rc syscall.RawConn) error {
-				var serr error
-				if err := rc.Control(func(fd uintptr) {
-					serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-				}); err != nil {
-					return err
-				}
-				return serr
-			}}
-		c, err = d.Dial("tcp", dst.String())
-		return err
-	}); err != nil {
-		t.Fatalf("dial %v from %v: %v", dst, local, err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
+	return dialInWith(t, ns, net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}, local, dst)
 }
 
 // TestE2ESNATSparedOnlyForPeerRemote (root, namespaces): an IPv4 MAP
@@ -71,9 +61,7 @@ func TestE2ESNATSparedOnlyForPeerRemote(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
-			l.topo.Host.MustRun(t, "nft", "add table ip revpeer_nat")
-			l.topo.Host.MustRun(t, "nft", "add chain ip revpeer_nat post { type nat hook postrouting priority srcnat; }")
-			l.topo.Host.MustRun(t, "nft", "add rule ip revpeer_nat post oifname wan0 masquerade")
+			l.masquerade(t, "revpeer_nat")
 			port := uint16(8300 + i)
 			client := l.topo.ClientV4
 			r1 := netip.AddrPortFrom(l.topo.InternetV4, 7300+uint16(2*i))
@@ -96,8 +84,7 @@ func TestE2ESNATSparedOnlyForPeerRemote(t *testing.T) {
 				if f == nil {
 					t.Fatalf("outbound flow to %v not tracked", r)
 				}
-				rd, _ := netip.AddrFromSlice(f.Reverse.DstIP)
-				if got := netip.AddrPortFrom(rd.Unmap(), f.Reverse.DstPort); got != ext {
+				if got := leavesFrom(f); got != ext {
 					t.Fatalf("outbound flow to %v leaves from %v, want %v", r, got, ext)
 				}
 			}

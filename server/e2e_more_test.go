@@ -161,20 +161,7 @@ func TestE2EPMP13Announce(t *testing.T) {
 // connections that came in through it, not only new ones.
 func TestE2EPMP12EndsConnections(t *testing.T) {
 	l := newLab(t)
-	ln, err := l.topo.Client.ListenTCP(netip.AddrPortFrom(l.topo.ClientV4, 8080).String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); io.Copy(c, c) }()
-		}
-	}()
+	serveEcho(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV4, 8080))
 	mapping := func(lifetime time.Duration) {
 		b := pcp.AppendPMPRequest(nil, &pcp.PMPRequest{Opcode: pcp.PMPOpMapTCP, InternalPort: 8080, SuggestedExternalPort: 18080, Lifetime: lifetime})
 		if _, err := l.exchange(netip.AddrPort{}, l.server4(), b); err != nil {
@@ -190,20 +177,12 @@ func TestE2EPMP12EndsConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	echo := func() error {
-		c.SetDeadline(time.Now().Add(time.Second))
-		if _, err := c.Write([]byte("x")); err != nil {
-			return err
-		}
-		_, err := io.ReadFull(c, make([]byte, 1))
-		return err
-	}
-	if err := echo(); err != nil {
+	if err := echoOnce(c); err != nil {
 		t.Fatalf("connection through the mapping: %v", err)
 	}
 	mapping(0)
 	if err := netlab.Eventually(3*time.Second, func() error {
-		if echo() == nil {
+		if echoOnce(c) == nil {
 			return fmt.Errorf("connection still passes after delete")
 		}
 		return nil
