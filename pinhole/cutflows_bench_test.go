@@ -1,9 +1,7 @@
 package pinhole_test
 
 import (
-	"net"
 	"net/netip"
-	"regexp"
 	"testing"
 	"time"
 
@@ -61,34 +59,16 @@ func BenchmarkGuardEstablished(b *testing.B) {
 				apply(b, be, install(p, time.Hour))
 			}
 			if !tc.recheck {
-				out := topo.Host.MustRun(b, "nft", "-a", "list", "chain", "inet", "pcpd", "guard6")
-				m := regexp.MustCompile(`goto recheck6 # handle (\d+)`).FindStringSubmatch(out)
-				if m == nil {
-					b.Fatalf("no re-check rule in guard6:\n%s", out)
-				}
-				topo.Host.MustRun(b, "nft", "delete", "rule", "inet", "pcpd", "guard6", "handle", m[1])
+				deleteRule(b, topo.Host, "pcpd", "guard6", `goto recheck6 `)
 			}
 			for range tc.more {
 				topo.Host.MustRun(b, "nft", "insert rule inet pcpd guard6 ct direction original ct state established ct label 127 ip6 daddr . meta l4proto . th dport @pin6")
 			}
 			// tx in the Internet, rx the client; the first datagram
 			// goes the flow's way (opening it), rx answers once.
-			var tx, rx *net.UDPConn
-			if err := topo.Client.Do(func() (err error) {
-				rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(client))
-				return err
-			}); err != nil {
-				b.Fatal(err)
-			}
-			defer rx.Close()
+			rx := listenUDP(b, topo.Client, client)
 			rx.SetReadBuffer(1 << 20)
-			if err := topo.Internet.Do(func() (err error) {
-				tx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(remote))
-				return err
-			}); err != nil {
-				b.Fatal(err)
-			}
-			defer tx.Close()
+			tx := listenUDP(b, topo.Internet, remote)
 			msg, buf := make([]byte, 60), make([]byte, 128)
 			rx.SetReadDeadline(time.Now().Add(time.Second))
 			tx.SetReadDeadline(time.Now().Add(time.Second))

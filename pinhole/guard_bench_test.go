@@ -3,7 +3,6 @@ package pinhole_test
 import (
 	"net"
 	"net/netip"
-	"regexp"
 	"syscall"
 	"testing"
 	"time"
@@ -71,35 +70,18 @@ func BenchmarkGuardNewFlow(b *testing.B) {
 			}
 			apply(b, be, install(pinhole.Pinhole{Protocol: udp, InternalAddr: dst.Addr(), InternalPort: dst.Port()}, time.Hour))
 			if !tc.rule {
-				out := topo.Host.MustRun(b, "nft", "-a", "list", "chain", "inet", "pcpd", "guard6")
-				for _, re := range []string{`fib saddr \. iif oif 0 .*# handle (\d+)`, `iifname != @serving_ifs .*# handle (\d+)`} {
-					m := regexp.MustCompile(re).FindStringSubmatch(out)
-					if m == nil {
-						b.Fatalf("no rule matching %s in guard6:\n%s", re, out)
-					}
-					topo.Host.MustRun(b, "nft", "delete", "rule", "inet", "pcpd", "guard6", "handle", m[1])
-				}
+				deleteRule(b, topo.Host, "pcpd", "guard6", `fib saddr \. iif oif 0 .*`)
+				deleteRule(b, topo.Host, "pcpd", "guard6", `iifname != @serving_ifs .*`)
 			}
 			if tc.local < 0 {
-				out := topo.Host.MustRun(b, "nft", "-a", "list", "chain", "inet", "pcpd", "guard6")
-				m := regexp.MustCompile(`fib saddr type 2-4 .*# handle (\d+)`).FindStringSubmatch(out)
-				if m == nil {
-					b.Fatalf("no local-source rule in guard6:\n%s", out)
-				}
-				topo.Host.MustRun(b, "nft", "delete", "rule", "inet", "pcpd", "guard6", "handle", m[1])
+				deleteRule(b, topo.Host, "pcpd", "guard6", `fib saddr type 2-4 .*`)
 			}
 			for range tc.local {
 				topo.Host.MustRun(b, "nft", "insert", "rule", "inet", "pcpd", "guard6", "fib", "saddr", "type", "2-4", "counter", "drop")
 			}
-			var tx, rx *net.UDPConn
-			if err := to.Do(func() (err error) {
-				rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(dst))
-				return err
-			}); err != nil {
-				b.Fatal(err)
-			}
-			defer rx.Close()
+			rx := listenUDP(b, to, dst)
 			rx.SetReadBuffer(1 << 20)
+			var tx *net.UDPConn
 			if err := from.Do(func() (err error) {
 				tx, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
 				return err

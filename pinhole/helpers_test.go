@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -25,6 +26,33 @@ const (
 	okWait   = 3 * time.Second
 	failWait = 700 * time.Millisecond
 )
+
+// deleteRule deletes from ns the rule of chain in the inet table whose
+// listed line re matches up to its handle (re is followed by "# handle
+// N"), as an older pcpd's layout lacks it; fatal when none matches.
+func deleteRule(t testing.TB, ns *netlab.NS, table, chain, re string) {
+	t.Helper()
+	out := ns.MustRun(t, "nft", "-a", "list", "chain", "inet", table, chain)
+	m := regexp.MustCompile(re + `# handle (\d+)`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no rule matching %s in %s:\n%s", re, chain, out)
+	}
+	ns.MustRun(t, "nft", "delete", "rule", "inet", table, chain, "handle", m[1])
+}
+
+// listenUDP listens on addr in ns; the socket is closed at the end of t.
+func listenUDP(t testing.TB, ns *netlab.NS, addr netip.AddrPort) *net.UDPConn {
+	t.Helper()
+	var c *net.UDPConn
+	if err := ns.Do(func() (err error) {
+		c, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(addr))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
 
 // newBackend runs Setup for a Backend aimed at ns, whose routes it asks
 // (unless cfg.Routes says otherwise; noRoutes for none).
@@ -266,14 +294,7 @@ func spoofTarget(t *testing.T, topo *netlab.Topology, b *pinhole.Backend, v4 boo
 	}
 	apply(t, b, install(p, time.Minute))
 	topo.Internet.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(spoofed, spoofed.BitLen()).String(), "dev", "eth0", "nodad")
-	if err := topo.Client.Do(func() (err error) {
-		rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(client, 7000)))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rx.Close() })
-	return dst, real, spoofed, rx
+	return dst, real, spoofed, listenUDP(t, topo.Client, netip.AddrPortFrom(client, 7000))
 }
 
 // eventuallyOneWay waits (okWait at the most) for a oneWay from src in ns

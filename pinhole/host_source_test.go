@@ -1,7 +1,6 @@
 package pinhole_test
 
 import (
-	"net"
 	"net/netip"
 	"regexp"
 	"testing"
@@ -190,14 +189,7 @@ func TestGuardLocalSourceSparesProtected(t *testing.T) {
 			}
 			dst := netip.AddrPortFrom(topo.ClientV6, 7000)
 			apply(t, b, install(pinhole.Pinhole{Protocol: udp, InternalAddr: dst.Addr(), InternalPort: dst.Port()}, time.Minute))
-			var rx *net.UDPConn
-			if err := topo.Client.Do(func() (err error) {
-				rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(dst))
-				return err
-			}); err != nil {
-				t.Fatal(err)
-			}
-			defer rx.Close()
+			rx := listenUDP(t, topo.Client, dst)
 			// The Internet's datagram first: the pinhole is in place.
 			if err := eventuallyOneWay(t, topo.Internet, topo.InternetV6, dst, rx); err != nil {
 				t.Fatal(err)

@@ -61,12 +61,7 @@ func BenchmarkSNATNewFlow(b *testing.B) {
 			apply(b, be, install(pinhole.Pinhole{Protocol: udp, InternalAddr: in.Addr(), InternalPort: in.Port(),
 				ExternalAddr: pub.Addr(), ExternalPort: pub.Port()}, time.Hour))
 			if !tc.rule {
-				out := topo.Host.MustRun(b, "nft", "-a", "list", "chain", "inet", "pcpd", "postrouting")
-				m := regexp.MustCompile(`oifname @serving_ifs .*return # handle (\d+)`).FindStringSubmatch(out)
-				if m == nil {
-					b.Fatalf("no serving_ifs rule in postrouting:\n%s", out)
-				}
-				topo.Host.MustRun(b, "nft", "delete", "rule", "inet", "pcpd", "postrouting", "handle", m[1])
+				deleteRule(b, topo.Host, "pcpd", "postrouting", `oifname @serving_ifs .*return `)
 			}
 			sink, net3, seen := topo.Internet, "203.0.113", pub
 			if tc.lan {

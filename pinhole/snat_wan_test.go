@@ -3,7 +3,6 @@ package pinhole_test
 import (
 	"errors"
 	"net/netip"
-	"regexp"
 	"testing"
 	"time"
 
@@ -74,12 +73,7 @@ func TestNAPT4SNATOnlyTowardsWAN(t *testing.T) {
 			nftList(t, topo.Host, "ruleset") // listable
 
 			// An older pcpd's postrouting: this one without the rule.
-			out := topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", table, chain)
-			m := regexp.MustCompile(`oifname @\S*serving_ifs .*return # handle (\d+)`).FindStringSubmatch(out)
-			if m == nil {
-				t.Fatalf("no serving_ifs rule in %s:\n%s", chain, out)
-			}
-			topo.Host.MustRun(t, "nft", "delete", "rule", "inet", table, chain, "handle", m[1])
+			deleteRule(t, topo.Host, table, chain, `oifname @\S*serving_ifs .*return `)
 			check("older layout", true)
 			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
 				t.Fatalf("Healthy = %v over postrouting without the serving_ifs rule, want ErrUnhealthy", err)

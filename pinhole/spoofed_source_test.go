@@ -72,14 +72,8 @@ func TestGuardDropsSpoofedProtectedSource(t *testing.T) {
 				if tc.attached {
 					g = "pcpd_" + g
 				}
-				out := topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", table, g)
-				for _, re := range []string{`fib saddr \. iif oif 0 .*# handle (\d+)`, `iifname != @\S*serving_ifs .*# handle (\d+)`} {
-					m := regexp.MustCompile(re).FindStringSubmatch(out)
-					if m == nil {
-						t.Fatalf("no rule matching %s in %s:\n%s", re, g, out)
-					}
-					topo.Host.MustRun(t, "nft", "delete", "rule", "inet", table, g, "handle", m[1])
-				}
+				deleteRule(t, topo.Host, table, g, `fib saddr \. iif oif 0 .*`)
+				deleteRule(t, topo.Host, table, g, `iifname != @\S*serving_ifs .*`)
 			}
 			check("older layout", true)
 			tamperNoticedAndRepaired(t, topo.Host, b, "the guards without the reverse-path rule", nil)
