@@ -129,6 +129,8 @@ type Backend struct {
 	chainGuard6            string
 	chainGuard4            string
 	chainRecheck6          string // standalone only: the re-check of labelled flows (cutflows.go)
+	chainNATCut            string // standalone only: the re-check of DNAT-ed flows, its base chain (natcut.go)
+	chainRecheckNAT        string
 	chainPrerouting        string
 	chainPostrouting       string
 
@@ -187,6 +189,12 @@ type Backend struct {
 	// ones the kernel refuses.
 	cutLabels, refuseLabels bool
 	cutting                 atomic.Bool
+	// cuttingNAT: as cutting, for the DNAT-ed flows natcut re-checks
+	// (natcut.go); natUnlabelled: as unlabelled, a Setup found pcpd's
+	// DNAT rules translating without natLabel (an upgrade from a layout
+	// before natcut.go, or a rule an admin altered).
+	cuttingNAT    atomic.Bool
+	natUnlabelled bool
 	// unlabelled: a Setup found guard6 admitting through a pinhole set
 	// without labelling (a table laid out by a pcpd before cutflows.go,
 	// or an admission rule an admin altered): the flows those rules
@@ -240,6 +248,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		b.owners6, b.owners4 = ownerMaps(b.table, prefix)
 		b.served6, b.served4 = servedSets(b.table)
 		b.chainRecheck6, b.cutLabels = "recheck6", true
+		b.chainNATCut, b.chainRecheckNAT = "natcut", "recheck_nat"
 	}
 	b.servingIfs = servingIfsSet(b.table, prefix)
 	b.chainGuard6 = prefix + "guard6"
@@ -322,6 +331,9 @@ func (b *Backend) setupLocked() (err error) {
 	if b.cutLabels && !b.unlabelled {
 		b.unlabelled = b.admitsUnlabelled()
 	}
+	if b.cutLabels && !b.natUnlabelled {
+		b.natUnlabelled = b.translatesUnlabelled()
+	}
 	if b.cfg.Attached {
 		ok, err := b.tableExists()
 		if err != nil {
@@ -391,6 +403,7 @@ func (b *Backend) setupLocked() (err error) {
 	}
 	b.owned = true
 	b.cutting.Store(b.cutLabels && !b.unlabelled)
+	b.cuttingNAT.Store(b.cutLabels && !b.natUnlabelled)
 	// Not fatal: the layout is committed, and the owner meter's write
 	// below (or RepairOwners) rewrites the chains anyway.
 	var onwardErr error
@@ -519,6 +532,10 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 	}
 	if b.cutLabels {
 		m[b.chainRecheck6] = &nftables.Chain{Table: b.table, Name: b.chainRecheck6}
+		m[b.chainRecheckNAT] = &nftables.Chain{Table: b.table, Name: b.chainRecheckNAT}
+		accept := nftables.ChainPolicyAccept
+		m[b.chainNATCut] = &nftables.Chain{Table: b.table, Name: b.chainNATCut, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(natCutPriority), Policy: &accept}
 	}
 	if b.cfg.Attached {
 		m[b.chainEntry] = &nftables.Chain{Table: b.table, Name: b.chainEntry}

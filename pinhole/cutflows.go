@@ -64,29 +64,40 @@ const flowLabel = 127
 // and re-checked.
 var cutKinds = [...]kind{kindPort, kindProto, kindAddr, kindFilter, kindAddrFilter}
 
-// labelBits is flowLabel as the kernel's 128-bit label bitmap (bit n is
+// natLabel is the conntrack label bit pcpd's own DNAT rules set on the
+// flows they translate (IPv4 NAPT, IPv6 port redirects): the re-check of
+// natcut (natcut.go). Its own bit, not flowLabel: guard6 sends flowLabel
+// flows to recheck6, whose lookups a redirected packet (translated before
+// forward) never matches, and natcut sends natLabel flows to recheck_nat,
+// whose lookups an IPv6 pinhole's flow never matches.
+const natLabel = 126
+
+// labelBits is label as the kernel's 128-bit label bitmap (bit n is
 // bit n%8 of byte n/8, as nft writes "ct label 127").
-func labelBits() []byte {
+func labelBits(label int) []byte {
 	b := make([]byte, 16)
-	b[flowLabel/8] = 1 << (flowLabel % 8)
+	b[label/8] = 1 << (label % 8)
 	return b
 }
 
-// labelSet matches a label register holding flowLabel: "ct label 127".
-func labelSet() []expr.Any {
-	return x(&expr.Bitwise{SourceRegister: reg0, DestRegister: reg0, Len: 16, Mask: labelBits(), Xor: make([]byte, 16)},
+// labelSet matches a label register holding label: "ct label 127".
+func labelSet(label int) []expr.Any {
+	return x(&expr.Bitwise{SourceRegister: reg0, DestRegister: reg0, Len: 16, Mask: labelBits(label), Xor: make([]byte, 16)},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: reg0, Data: make([]byte, 16)})
 }
 
-// setFlowLabel is "ct label set 127". refuseLabels (tests) writes a ct
+// setFlowLabel is "ct label set 127".
+func (b *Backend) setFlowLabel() []expr.Any { return b.setLabel(flowLabel) }
+
+// setLabel is "ct label set <label>". refuseLabels (tests) writes a ct
 // set of the state instead, which every kernel refuses as one without
 // label support refuses this (EOPNOTSUPP: nft_ct_set_init).
-func (b *Backend) setFlowLabel() []expr.Any {
+func (b *Backend) setLabel(label int) []expr.Any {
 	key := expr.CtKeyLABELS
 	if b.refuseLabels {
 		key = expr.CtKeySTATE
 	}
-	return x(&expr.Immediate{Register: reg0, Data: labelBits()},
+	return x(&expr.Immediate{Register: reg0, Data: labelBits(label)},
 		&expr.Ct{Key: key, Register: reg0, SourceRegister: true})
 }
 
@@ -148,15 +159,27 @@ func (b *Backend) admitsUnlabelled() bool {
 // without labels) only the conntrack walk ends them. It does not say
 // whether the layout is intact now: Healthy does. Cheap and lock-free
 // (the server asks for every ended mapping).
+//
+// Also an IPv4 NAPT mapping's or an IPv6 redirect's (natCutKinds), with
+// the natcut layout in place and no Setup of this Backend's having found
+// pcpd's DNAT rules unlabelled (natUnlabelled): then the flows the DNAT
+// translated end with the element. Not the outbound flows a NAPT
+// mapping's SNAT companion translated (natcut.go): the caller must know
+// whether the mapping may have some.
 func (b *Backend) CutsFlows(p Pinhole) bool {
-	if !b.cutting.Load() {
-		return false
-	}
 	n, err := p.normalize()
 	if err != nil {
 		return false
 	}
 	k := kindOf(n)
+	for _, c := range natCutKinds {
+		if k == c {
+			return b.cuttingNAT.Load()
+		}
+	}
+	if !b.cutting.Load() {
+		return false
+	}
 	for _, c := range cutKinds {
 		if k == c {
 			return true

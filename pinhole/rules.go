@@ -294,7 +294,7 @@ func (b *Backend) layout() []chainRules {
 		// element, with no conntrack walk and with pcpd dead too.
 		guard6 = append([][]expr.Any{rule(x(loadCt(expr.CtKeyDIRECTION, reg0), eq(reg0, 0)),
 			x(loadCt(expr.CtKeySTATE, reg0)), bitsSet(reg0, expr.CtStateBitESTABLISHED),
-			x(loadCt(expr.CtKeyLABELS, reg0)), labelSet(), x(goTo(b.chainRecheck6)))}, guard6...)
+			x(loadCt(expr.CtKeyLABELS, reg0)), labelSet(flowLabel), x(goTo(b.chainRecheck6)))}, guard6...)
 		recheck6 = append(recheck6, x(&expr.Counter{}, drop))
 	}
 
@@ -312,18 +312,31 @@ func (b *Backend) layout() []chainRules {
 	}
 
 	// The map's data (address . port) lands in the registers the lookup key
-	// came from; the port starts after the address.
-	dnat := func(fam byte, key []expr.Any, s *nftables.Set, portReg uint32) []expr.Any {
-		return rule(nfproto(fam), key, x(
+	// came from; the port starts after the address. With the labels
+	// (natcut.go), the translated flow is labelled natLabel first, on the
+	// same key's hit, as nft writes and lists it:
+	//
+	//	ip daddr . meta l4proto . th dport @napt4 ct label set 126 dnat ip to ip daddr . meta l4proto . th dport map @napt4
+	//
+	// (a label set between the map's lookup and the dnat would list as
+	// "ct label set 126 dnat ...", which read back labels every flow).
+	dnat := func(fam byte, key func() []expr.Any, s *nftables.Set, portReg uint32) []expr.Any {
+		r := nfproto(fam)
+		if b.cutLabels {
+			r = rule(r, key(), x(lookup(s, reg0)), b.setLabel(natLabel))
+		}
+		return rule(r, key(), x(
 			&expr.Lookup{SourceRegister: reg0, DestRegister: reg0, IsDestRegSet: true, SetName: s.Name, SetID: s.ID},
 			&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(fam), RegAddrMin: reg0, RegProtoMin: portReg, Specified: true},
 		))
 	}
+	key6 := func(k kind) func() []expr.Any { return func() []expr.Any { return keyPacket6(k) } }
+	key4 := func(k kind) func() []expr.Any { return func() []expr.Any { return keyPacket4(k) } }
 	prerouting := [][]expr.Any{
-		dnat(unix.NFPROTO_IPV6, keyPacket6(kindRedirect6), b.sets[kindRedirect6], reg0+4),
-		dnat(unix.NFPROTO_IPV6, keyPacket6(kindRedirect6Filter), b.sets[kindRedirect6Filter], reg0+4),
-		dnat(unix.NFPROTO_IPV4, keyPacket4(kindNAPT4), b.sets[kindNAPT4], reg0+1),
-		dnat(unix.NFPROTO_IPV4, keyPacket4(kindNAPT4Filter), b.sets[kindNAPT4Filter], reg0+1),
+		dnat(unix.NFPROTO_IPV6, key6(kindRedirect6), b.sets[kindRedirect6], reg0+4),
+		dnat(unix.NFPROTO_IPV6, key6(kindRedirect6Filter), b.sets[kindRedirect6Filter], reg0+4),
+		dnat(unix.NFPROTO_IPV4, key4(kindNAPT4), b.sets[kindNAPT4], reg0+1),
+		dnat(unix.NFPROTO_IPV4, key4(kindNAPT4Filter), b.sets[kindNAPT4Filter], reg0+1),
 	}
 
 	// Two-way NAPT (RFC 6886 §3.9): a new outbound flow from a mapped
@@ -384,6 +397,8 @@ func (b *Backend) layout() []chainRules {
 	}
 	if b.cutLabels {
 		out = append(out, chainRules{b.chainRecheck6, recheck6})
+		natcut, recheckNAT := b.natCutRules()
+		out = append(out, chainRules{b.chainNATCut, natcut}, chainRules{b.chainRecheckNAT, recheckNAT})
 	}
 	if b.controlling() {
 		in, local, meter, outRules := b.controlRules()

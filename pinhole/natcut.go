@@ -1,0 +1,121 @@
+package pinhole
+
+import (
+	"errors"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// Standalone, the ruleset also cuts the DNAT-ed flows of a removed IPv4
+// NAPT mapping (napt4, napt4_filter) or IPv6 port redirect (redir6,
+// redir6_filter), as guard6 cuts an IPv6 pinhole's (cutflows.go). Before,
+// guard4's and guard6's "ct state established accept" let such a flow go
+// on until the server's conntrack walk, and with pcpd dead after the
+// lease's end for as long as it lasted (issue 9); and every reply that
+// ended such a mapping waited for the walk (the server's mustWaitFlush).
+//
+// pcpd's own DNAT rules label the flow they translate with natLabel, on
+// the same lookup's hit (an admin's own DNAT-ed flows are never
+// labelled):
+//
+//	ip daddr . meta l4proto . th dport @napt4 ct label set 126 dnat ip to ip daddr . meta l4proto . th dport map @napt4
+//
+// and a base chain of pcpd's own at prerouting, after conntrack (-200)
+// and before the DNAT (dstnat, -100), sends such a flow's established
+// packets in its original direction (from the remote) to recheck_nat:
+//
+//	chain natcut { type filter hook prerouting priority mangle; policy accept;
+//		ct label 126 ct direction original ct state established goto recheck_nat
+//	}
+//
+// An established packet is translated at the NAT hook, so at -150 it still
+// carries the flow's original destination, the external endpoint: the
+// key the DNAT rule looked up. recheck_nat runs the four DNAT rules'
+// lookups on it (the same keys, the external address included) and
+// accepts on a hit, else drops (counted). So a flow is cut exactly when
+// no element translates its packet any longer (a PEER of the same
+// endpoint keeps its remote's flows), at once: the element's removal
+// commits with the delete, or the kernel's timeout (pcpd dead too). The
+// entry stays; the server's walk still removes it. A hairpinned flow (a
+// client to another client's external endpoint) is keyed by its original
+// tuple too: the DNAT-ing mapping's end cuts it. IPv6 pinhole flows
+// (flowLabel) never go there, nor redirected flows to recheck6.
+//
+// Not the outbound flows a NAPT mapping's SNAT companion translated (the
+// client's own connections from its mapped port, PMP-11): they are cut
+// by the walk alone, and the server still waits for it when a NAPT
+// mapping that is not a PEER ends (mustWaitFlush). A re-check of their
+// replies against the mappings of their external endpoint would cut what
+// the walk spares on purpose: a mapping whose FILTERs narrowed at the
+// same endpoint keeps its client's outbound flows to every remote, and
+// no set is keyed by the endpoint alone (napt4_filter holds the remote).
+//
+// Not attached (the labels are standalone's: cutLabels), nor on a kernel
+// that refuses labels (labelsRefused), nor for a Backend whose Setup
+// found pcpd's DNAT rules translating unlabelled (an upgrade from a layout
+// before this one, or a rule an admin altered: translatesUnlabelled):
+// CutsFlows is false for the DNAT kinds then, and the server waits for
+// its walk as before.
+
+// natCutPriority is natcut's: after conntrack (-200), before dstnat (-100).
+const natCutPriority = nftables.ChainPriority(-150)
+
+// natCutKinds are the DNAT maps: their flows are labelled natLabel and
+// re-checked by natcut.
+var natCutKinds = [...]kind{kindRedirect6, kindRedirect6Filter, kindNAPT4, kindNAPT4Filter}
+
+// natCutRules is natcut's rule and recheck_nat's.
+func (b *Backend) natCutRules() (natcut, recheck [][]expr.Any) {
+	natcut = [][]expr.Any{rule(x(loadCt(expr.CtKeyLABELS, reg0)), labelSet(natLabel),
+		x(loadCt(expr.CtKeyDIRECTION, reg0), eq(reg0, 0)),
+		x(loadCt(expr.CtKeySTATE, reg0)), bitsSet(reg0, expr.CtStateBitESTABLISHED),
+		x(goTo(b.chainRecheckNAT)))}
+	for _, k := range natCutKinds {
+		fam, key := byte(unix.NFPROTO_IPV4), []expr.Any(nil)
+		if k == kindRedirect6 || k == kindRedirect6Filter {
+			fam, key = unix.NFPROTO_IPV6, keyPacket6(k)
+		} else {
+			key = keyPacket4(k)
+		}
+		recheck = append(recheck, rule(nfproto(fam), key, x(lookup(b.sets[k], reg0), accept)))
+	}
+	return natcut, append(recheck, x(&expr.Counter{}, drop))
+}
+
+// translatesUnlabelled reports whether pcpd's prerouting chain as it is
+// in the kernel, before Setup writes it, has a DNAT rule (a lookup in one
+// of natCutKinds' maps) that does not set a label: a table laid out by a
+// pcpd before natcut.go (an upgrade), or one an admin altered. The flows
+// it translated are unlabelled and natcut never re-checks them, so
+// CutsFlows stays false for the DNAT kinds (as admitsUnlabelled for
+// guard6). A chain that cannot be read (no table yet) translated nothing.
+// Caller holds b.mu.
+func (b *Backend) translatesUnlabelled() bool {
+	rules, err := b.readConn().GetRules(b.table, &nftables.Chain{Table: b.table, Name: b.chainPrerouting})
+	if err != nil {
+		return !errors.Is(err, unix.ENOENT)
+	}
+	names := map[string]bool{}
+	for _, k := range natCutKinds {
+		names[b.sets[k].Name] = true
+	}
+	labelled := false
+	for _, r := range rules {
+		maps, labels := false, false
+		for _, e := range r.Exprs {
+			switch e := e.(type) {
+			case *expr.Lookup:
+				maps = maps || names[e.SetName]
+			case *expr.Ct:
+				labels = labels || e.Key == expr.CtKeyLABELS
+			}
+		}
+		if maps && !labels {
+			return true
+		}
+		labelled = labelled || labels
+	}
+	return len(rules) > 0 && !labelled
+}
