@@ -76,9 +76,11 @@ import (
 // carry data after its delete was acknowledged (PMP-12, found by the
 // conformance suite): standalone, the ruleset cuts an IPv6 pinhole's
 // flows itself the moment its element goes (pinhole/cutflows.go), and
-// only the replies of requests that ended other mappings (IPv4 NAPT and
-// its SNAT-ed flows, IPv6 redirects, attached mode, a kernel without
-// conntrack labels) wait for the walk (mustWaitFlush; serveBatch,
+// the DNAT-ed flows of an IPv4 NAPT mapping or IPv6 redirect
+// (pinhole/natcut.go), and only the replies of requests that ended other
+// mappings (an IPv4 NAPT mapping that is not a PEER, for its SNAT-ed
+// outbound flows; attached mode, a kernel without conntrack labels, a
+// layout found unlabelled) wait for the walk (mustWaitFlush; serveBatch,
 // HandleBatch: waitConntrack). The walk runs for every ended mapping all
 // the same: it frees the entries and their TCP state, and spares and ends
 // exactly what it did before (a remade mapping spares nothing). Walks no
@@ -116,6 +118,12 @@ func (s *Server) mustWaitFlush(ended []store.Lease) bool {
 	}
 	for i := range ended {
 		l := &ended[i]
+		if snatFlows(l) {
+			// Its SNAT companion's outbound flows (the client's own,
+			// from the mapped port) only the walk ends: the ruleset
+			// cuts the DNAT-ed ones alone (pinhole/natcut.go).
+			return true
+		}
 		// The kind of pinhole decides (pinhole.Backend.CutsFlows), and
 		// a lease's pinholes are all of one, filtered or not.
 		p := pinhole.Pinhole{Protocol: l.Protocol, InternalAddr: l.InternalAddr, InternalPort: l.InternalPort,
@@ -125,6 +133,13 @@ func (s *Server) mustWaitFlush(ended []store.Lease) bool {
 		}
 	}
 	return false
+}
+
+// snatFlows: l is a mapping whose end flushes the outbound flows its SNAT
+// companion translated (appendCtFilters' nat filter): an IPv4 NAPT
+// mapping that is not a PEER.
+func snatFlows(l *store.Lease) bool {
+	return l.Kind != store.KindPeer && l.ExternalAddr.Is4() && l.InternalAddr.Is4() && l.InternalPort != 0
 }
 
 // heldAdmits is, for fs's inbound and SNAT filters, the pinholes of the
@@ -305,7 +320,7 @@ func appendCtFilters(dst []ctFilter, l *store.Lease, end time.Time) []ctFilter {
 		return append(dst, f)
 	}
 	dst = append(dst, ctFilter{v4: l.ExternalAddr.Is4(), t: t})
-	if l.Kind != store.KindPeer && l.ExternalAddr.Is4() && l.InternalAddr.Is4() && l.InternalPort != 0 {
+	if snatFlows(l) {
 		dst = append(dst, ctFilter{v4: true, t: t, nat: true, src4: l.InternalAddr.As4(), sport: l.InternalPort})
 	}
 	return dst

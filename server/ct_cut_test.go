@@ -103,9 +103,12 @@ func (l *lab) udpInbound(t *testing.T, port uint16) (net.Conn, netip.AddrPort, n
 // is answered, and its established flow's next packet from the remote is
 // dropped by the guard: the flow's conntrack entry is still there (no
 // walk ran); once the walk runs, the entry goes too. The delete of a
-// NAT-PMP mapping (IPv4 NAPT, not cut by the ruleset) is not answered
-// until the walk ran, and then its flow is gone. On main the IPv6 rows
-// fail: the reply waits for the held walk (no reply within ctFlushBound).
+// NAT-PMP mapping or a PCP IPv4 MAP (IPv4 NAPT: the ruleset cuts the
+// DNAT-ed flows, not the SNAT-ed ones, pinhole/natcut.go) is not
+// answered until the walk ran, and then its flow is gone; an IPv6
+// redirect's is answered with the walk held and its flow cut by natcut.
+// On main the IPv6 rows fail (the redirect's: the reply waits for the
+// held walk, no reply within ctFlushBound).
 // Without the guard's re-check (the pinhole layout of main, the server's
 // change kept) the flow carries data after the reply.
 func TestE2EDeleteReplyCutsWithoutWalk(t *testing.T) {
@@ -117,6 +120,10 @@ func TestE2EDeleteReplyCutsWithoutWalk(t *testing.T) {
 		{"PCP MAP IPv6 TCP", "map6", true},
 		{"PCP MAP IPv6 UDP", "udp6", true},
 		{"NAT-PMP (IPv4 NAPT)", "pmp", false},
+		// pinhole/natcut.go: the DNAT-ed flows are cut by the ruleset;
+		// an IPv4 MAP's SNAT-ed ones only by the walk.
+		{"PCP MAP IPv6 redirect", "redir6", true},
+		{"PCP MAP IPv4", "map4", false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var gate ctGate
@@ -140,6 +147,14 @@ func TestE2EDeleteReplyCutsWithoutWalk(t *testing.T) {
 				conn, src, dst = l.inbound(t, "map6", port, time.Hour)
 				from, to = netip.AddrPortFrom(l.topo.ClientV6, 0), l.server6()
 				req = pcp.AppendRequest(nil, mapReq(l.topo.ClientV6, pcp.ProtoTCP, port, port, 0, 1))
+			case "redir6":
+				conn, src, dst = l.inbound(t, "redir6", port, time.Hour)
+				from, to = netip.AddrPortFrom(l.topo.ClientV6, 0), l.server6()
+				req = pcp.AppendRequest(nil, mapReq(l.topo.ClientV6, pcp.ProtoTCP, port, dst.Port(), 0, 1))
+			case "map4":
+				conn, src, dst = l.inbound(t, "map4", port, time.Hour)
+				from, to = netip.AddrPortFrom(l.topo.ClientV4, 0), l.server4()
+				req = pcp.AppendRequest(nil, mapReq(l.topo.ClientV4, pcp.ProtoTCP, port, dst.Port(), 0, 1))
 			case "pmp":
 				conn, src, dst = l.inbound(t, "pmp", port, time.Hour)
 				to = l.server4()
@@ -207,10 +222,12 @@ type cutterFunc func(pinhole.Pinhole) bool
 func (f cutterFunc) CutsFlows(p pinhole.Pinhole) bool { return f(p) }
 
 // TestMustWaitFlush: a reply waits for the walk when any mapping its
-// request ended is one whose flows the firewall does not cut (IPv4 NAPT,
-// an IPv6 redirect, everything without a FlowCutter: attached mode, a
-// kernel without labels), and never with KeepConnections. Fails with
-// mustWaitFlush always true (main's "ends"): the all-cut rows.
+// request ended is one whose flows the firewall does not cut (a kind
+// CutsFlows is false for, everything without a FlowCutter: attached
+// mode, a kernel without labels) or an IPv4 NAPT mapping that is not a
+// PEER (its SNAT-ed flows: snatFlows), and never with KeepConnections.
+// Fails with mustWaitFlush always true (main's "ends"): the all-cut rows;
+// and without snatFlows' check: the "IPv4 NAPT MAP, natcut" row.
 func TestMustWaitFlush(t *testing.T) {
 	v6 := netip.MustParseAddr("2001:db8:1::10")
 	v4, ext4 := netip.MustParseAddr("10.0.0.10"), netip.MustParseAddr("192.0.2.1")
@@ -218,10 +235,15 @@ func TestMustWaitFlush(t *testing.T) {
 	allPorts6 := store.Lease{Key: store.Key{Protocol: protoTCP, InternalAddr: v6}, ExternalAddr: v6}
 	redirect6 := store.Lease{Key: store.Key{Protocol: protoTCP, InternalAddr: v6, InternalPort: 80}, ExternalAddr: v6, ExternalPort: 8080}
 	napt4 := store.Lease{Key: store.Key{Protocol: protoTCP, InternalAddr: v4, InternalPort: 80}, ExternalAddr: ext4, ExternalPort: 8080}
-	// As pinhole.Backend's, standalone: IPv6 pinholes but redirects.
+	peer4 := napt4
+	peer4.Kind = store.KindPeer
+	// As pinhole.Backend's before natcut.go, standalone: IPv6 pinholes but
+	// redirects.
 	standalone := cutterFunc(func(p pinhole.Pinhole) bool {
 		return p.InternalAddr.Is6() && (p.ExternalPort == 0 || p.ExternalPort == p.InternalPort)
 	})
+	// With natcut.go: every kind.
+	natcut := cutterFunc(func(pinhole.Pinhole) bool { return true })
 	for _, c := range []struct {
 		name   string
 		cutter FlowCutter
@@ -233,6 +255,12 @@ func TestMustWaitFlush(t *testing.T) {
 		{"IPv6 MAPs, all cut", standalone, false, []store.Lease{map6, allPorts6}, false},
 		{"IPv6 MAP and IPv4 NAPT", standalone, false, []store.Lease{map6, napt4}, true},
 		{"IPv6 redirect", standalone, false, []store.Lease{redirect6}, true},
+		{"IPv6 redirect, natcut", natcut, false, []store.Lease{redirect6}, false},
+		{"IPv4 PEER, natcut", natcut, false, []store.Lease{peer4}, false},
+		{"IPv4 PEER, no natcut", standalone, false, []store.Lease{peer4}, true},
+		// Its SNAT-ed outbound flows: only the walk ends them.
+		{"IPv4 NAPT MAP, natcut", natcut, false, []store.Lease{napt4}, true},
+		{"IPv6 MAP and IPv4 PEER, natcut", natcut, false, []store.Lease{map6, peer4}, false},
 		{"no FlowCutter (attached)", nil, false, []store.Lease{map6}, true},
 		{"KeepConnections", nil, true, []store.Lease{napt4}, false},
 	} {
@@ -322,52 +350,69 @@ func TestEndConntrackRunsSpacedWalk(t *testing.T) {
 // delete was answered with the walk held back, and the flow carried data
 // after it.
 func TestE2EUpgradeDeleteWaitsForWalk(t *testing.T) {
-	var gate ctGate
-	l := newLab(t, func(c *Config, p *policy.Config) {
-		p.MinLifetime = time.Second
-		c.TamperInterval = time.Hour // the repair would be the upgrade's Setup too
-	})
-	l.stop()
-	l.tweak = gate.tweak
-	l.start()
-	// The admission rule of pin6 as a pcpd before the labels wrote it.
-	out := l.topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", "pcpd", "guard6")
-	m := regexp.MustCompile(`\n\s*(\S[^\n]*@pin6) ct label set 127 accept # handle (\d+)`).FindStringSubmatch(out)
-	if m == nil {
-		t.Fatalf("no labelling admission rule of pin6 in guard6:\n%s", out)
-	}
-	l.topo.Host.MustRun(t, "nft", "replace", "rule", "inet", "pcpd", "guard6", "handle", m[2], m[1], "accept")
-	const port = 9950
-	conn, src, dst := l.inbound(t, "map6", port, time.Hour)
-	l.stop()
-	l.start() // the upgraded pcpd: its Setup writes the labelled layout
-	gate.hold()
-	held := true
-	defer func() {
-		if held {
+	for _, c := range []struct {
+		kind, chain, set string
+		label            string // the label set as the rule has it
+		port, ext        uint16
+	}{
+		{"map6", "guard6", "pin6", " ct label set 127 accept", 9950, 9950},
+		// pinhole/natcut.go: a redirect's DNAT rule without its label
+		// (main's prerouting); without translatesUnlabelled the reply
+		// is sent with the walk held and the flow carries data after it.
+		{"redir6", "prerouting", "redir6", " ct label set 126", 9951, 10051},
+	} {
+		t.Run(c.kind, func(t *testing.T) {
+			var gate ctGate
+			l := newLab(t, func(c *Config, p *policy.Config) {
+				p.MinLifetime = time.Second
+				c.TamperInterval = time.Hour // the repair would be the upgrade's Setup too
+			})
+			l.stop()
+			l.tweak = gate.tweak
+			l.start()
+			// The rule of the set as a pcpd before the labels wrote it.
+			out := l.topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", "pcpd", c.chain)
+			m := regexp.MustCompile(`\n\s*(\S[^\n]*@` + c.set + `)` + regexp.QuoteMeta(c.label) + `([^\n]*) # handle (\d+)`).FindStringSubmatch(out)
+			if m == nil {
+				t.Fatalf("no labelling rule of %s in %s:\n%s", c.set, c.chain, out)
+			}
+			unlabelled := m[1] + m[2]
+			if c.chain == "guard6" {
+				unlabelled += " accept"
+			}
+			l.topo.Host.MustRun(t, "sh", "-c", "nft replace rule inet pcpd "+c.chain+" handle "+m[3]+" "+unlabelled)
+			conn, src, dst := l.inbound(t, c.kind, c.port, time.Hour)
+			l.stop()
+			l.start() // the upgraded pcpd: its Setup writes the labelled layout
+			gate.hold()
+			held := true
+			defer func() {
+				if held {
+					gate.release()
+				}
+			}()
+			rc := l.sendOnce(t, netip.AddrPortFrom(l.topo.ClientV6, 0), l.server6(),
+				pcp.AppendRequest(nil, mapReq(l.topo.ClientV6, pcp.ProtoTCP, c.port, c.ext, 0, 1)))
+			buf := make([]byte, 1100)
+			rc.SetReadDeadline(time.Now().Add(700 * time.Millisecond))
+			if _, err := rc.Read(buf); err == nil {
+				if err := echoOnce(conn); err == nil {
+					t.Error("the flow (opened before the upgrade) carries data after its delete was answered")
+				}
+				t.Fatal("delete answered while its conntrack walk was held back")
+			}
 			gate.release()
-		}
-	}()
-	rc := l.sendOnce(t, netip.AddrPortFrom(l.topo.ClientV6, 0), l.server6(),
-		pcp.AppendRequest(nil, mapReq(l.topo.ClientV6, pcp.ProtoTCP, port, port, 0, 1)))
-	buf := make([]byte, 1100)
-	rc.SetReadDeadline(time.Now().Add(700 * time.Millisecond))
-	if _, err := rc.Read(buf); err == nil {
-		if err := echoOnce(conn); err == nil {
-			t.Error("the flow (opened before the upgrade) carries data after its delete was answered")
-		}
-		t.Fatal("delete answered while its conntrack walk was held back")
-	}
-	gate.release()
-	held = false
-	rc.SetReadDeadline(time.Now().Add(ctFlushBound))
-	if _, err := rc.Read(buf); err != nil {
-		t.Fatalf("no reply to the delete after the walk: %v", err)
-	}
-	if f := l.ctFlowOf(t, protoTCP, src, dst); f != nil {
-		t.Errorf("flow still tracked after the answered delete: %s", f)
-	}
-	if err := echoOnce(conn); err == nil {
-		t.Error("the flow carries data after its delete was answered")
+			held = false
+			rc.SetReadDeadline(time.Now().Add(ctFlushBound))
+			if _, err := rc.Read(buf); err != nil {
+				t.Fatalf("no reply to the delete after the walk: %v", err)
+			}
+			if f := l.ctFlowOf(t, protoTCP, src, dst); f != nil {
+				t.Errorf("flow still tracked after the answered delete: %s", f)
+			}
+			if err := echoOnce(conn); err == nil {
+				t.Error("the flow carries data after its delete was answered")
+			}
+		})
 	}
 }

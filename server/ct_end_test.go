@@ -152,10 +152,13 @@ func (l *lab) inbound(t *testing.T, kind string, port uint16, lifetime time.Dura
 		serveEcho(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV4, port))
 		dst = l.pmpMap(t, port, port+10000, lifetime)
 		src = netip.AddrPortFrom(l.topo.InternetV4, rport)
-	case "map6", "peer6", "map4", "peer4":
+	case "map6", "peer6", "map4", "peer4", "redir6":
 		client, remote, sugg := l.topo.ClientV6, l.topo.InternetV6, port
 		if kind == "map4" || kind == "peer4" {
 			client, remote, sugg = l.topo.ClientV4, l.topo.InternetV4, port+10000
+		}
+		if kind == "redir6" { // an IPv6 MAP of another external port
+			sugg = port + 100
 		}
 		serveEcho(t, l.topo.Client, netip.AddrPortFrom(client, port))
 		src = netip.AddrPortFrom(remote, rport)

@@ -88,8 +88,10 @@ type RouteChanger interface {
 
 // FlowCutter is an optional extra of a Firewall (*pinhole.Backend has
 // it): CutsFlows reports whether the ruleset itself ends the established
-// flows a pinhole admitted once its element is gone (standalone, IPv6
-// pinholes that are not redirects: pinhole/cutflows.go). Then a delete's
+// flows a pinhole admitted once its element is gone (standalone: IPv6
+// pinholes, pinhole/cutflows.go; the DNAT-ed flows of IPv4 NAPT mappings
+// and IPv6 redirects, pinhole/natcut.go, not a NAPT mapping's SNAT-ed
+// ones: snatFlows). Then a delete's
 // reply need not wait for the conntrack walk (PMP-12), which still runs.
 // It must be cheap (asked for every ended mapping).
 type FlowCutter interface {
