@@ -27,8 +27,15 @@ import (
 // packets in its original direction (from the remote) to recheck_nat:
 //
 //	chain natcut { type filter hook prerouting priority mangle; policy accept;
-//		ct label 126 ct direction original ct state established goto recheck_nat
+//		ct label 126 ct direction original ct state established,new goto recheck_nat
 //	}
+//
+// Also "new" ones: a flow no reply has made established yet (a one-way
+// UDP stream from the remote) is translated by its binding without the
+// NAT chain, and guard4's (guard6's) "ct status dnat accept" passed it;
+// the flow's first packet is not labelled yet at -150 (the DNAT rule
+// labels it), and "related" ones (ICMP errors) are not re-checked, their
+// transport header being ICMP's.
 //
 // An established packet is translated at the NAT hook, so at -150 it still
 // carries the flow's original destination, the external endpoint: the
@@ -70,7 +77,7 @@ var natCutKinds = [...]kind{kindRedirect6, kindRedirect6Filter, kindNAPT4, kindN
 func (b *Backend) natCutRules() (natcut, recheck [][]expr.Any) {
 	natcut = [][]expr.Any{rule(x(loadCt(expr.CtKeyLABELS, reg0)), labelSet(natLabel),
 		x(loadCt(expr.CtKeyDIRECTION, reg0), eq(reg0, 0)),
-		x(loadCt(expr.CtKeySTATE, reg0)), bitsSet(reg0, expr.CtStateBitESTABLISHED),
+		x(loadCt(expr.CtKeySTATE, reg0)), bitsSet(reg0, expr.CtStateBitESTABLISHED|expr.CtStateBitNEW),
 		x(goTo(b.chainRecheckNAT)))}
 	for _, k := range natCutKinds {
 		fam, key := byte(unix.NFPROTO_IPV4), []expr.Any(nil)

@@ -3,6 +3,7 @@ package pinhole_test
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"regexp"
 	"slices"
@@ -169,7 +170,7 @@ func TestNATCutLayout(t *testing.T) {
 	out := nftList(t, topo.Host, "table", "inet", "pcpd")
 	for _, want := range []string{
 		"type filter hook prerouting priority mangle; policy accept;",
-		"ct label 126 ct direction original ct state established goto recheck_nat",
+		"ct label 126 ct direction original ct state established,new goto recheck_nat",
 		"ip daddr . meta l4proto . th dport @napt4 ct label set 126 dnat ip to ip daddr . meta l4proto . th dport map @napt4",
 		"ip6 daddr . meta l4proto . th dport @redir6 ct label set 126 dnat ip6 to ip6 daddr . meta l4proto . th dport map @redir6",
 		"chain recheck_nat {",
@@ -253,5 +254,66 @@ func TestNATCutLayout(t *testing.T) {
 	apply(t, nb, del(m))
 	if err := f.echo(okWait); err != nil {
 		t.Errorf("upgrade: the unlabelled flow: %v; want it to go on (the walk ends it, and the server waits for it)", err)
+	}
+}
+
+// TestNATCutsUnrepliedStream: a one-way UDP stream from the remote
+// through a NAPT mapping and through an IPv6 redirect (the client never
+// answers: the flow stays "new") stops at the mapping's delete, its
+// conntrack entry still there. Its packets are translated by the flow's
+// binding without the NAT chain, and guard4's (guard6's) "ct status dnat
+// accept" passed them: with natcut's rule matching "established" only,
+// both rows fail (the datagram after the delete arrives).
+func TestNATCutsUnrepliedStream(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	for _, c := range []struct {
+		name         string
+		p            pinhole.Pinhole
+		remote, dial netip.AddrPort
+		ext          uint16
+	}{
+		{"NAPT", pinhole.Pinhole{Protocol: udp, InternalAddr: topo.ClientV4, InternalPort: 7900, ExternalAddr: topo.HostPublicV4, ExternalPort: 17900},
+			netip.AddrPortFrom(topo.InternetV4, 47900), netip.AddrPortFrom(topo.HostPublicV4, 17900), 17900},
+		{"redirect", pinhole.Pinhole{Protocol: udp, InternalAddr: topo.ClientV6, InternalPort: 7943, ExternalPort: 7980},
+			netip.AddrPortFrom(topo.InternetV6, 47980), netip.AddrPortFrom(topo.ClientV6, 7980), 7980},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			apply(t, b, install(c.p, time.Hour))
+			var rx, tx *net.UDPConn
+			if err := topo.Client.Do(func() (err error) {
+				rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(c.p.InternalAddr, c.p.InternalPort)))
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			defer rx.Close()
+			if err := topo.Internet.Do(func() (err error) {
+				tx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(c.remote))
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			defer tx.Close()
+			send := func(wait time.Duration) error {
+				if _, err := tx.WriteToUDPAddrPort([]byte("x"), c.dial); err != nil {
+					return err
+				}
+				rx.SetReadDeadline(time.Now().Add(wait))
+				_, err := rx.Read(make([]byte, 8))
+				return err
+			}
+			for i := range 3 { // the flow's first datagrams: labelled, then re-checked as "new"
+				if err := send(okWait); err != nil {
+					t.Fatalf("datagram %d through the live mapping: %v", i, err)
+				}
+			}
+			apply(t, b, del(c.p))
+			if err := send(failWait); err == nil {
+				t.Errorf("the one-way stream goes on after its mapping's delete")
+			}
+			if out := topo.Host.MustRun(t, "cat", "/proc/net/nf_conntrack"); !strings.Contains(out, fmt.Sprintf("dport=%d ", c.ext)) {
+				t.Errorf("no conntrack entry of the flow left:\n%s", out)
+			}
+		})
 	}
 }

@@ -1,0 +1,122 @@
+package pinhole_test
+
+import (
+	"net"
+	"net/netip"
+	"regexp"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// BenchmarkNATCutEstablished: what natcut (natcut.go: "ct label 126 ct
+// direction original ct state established,new goto recheck_nat" in a
+// prerouting base chain at -150, then recheck_nat's lookups) costs an
+// established flow's packets, as BenchmarkGuardEstablished for recheck6.
+// A UDP stream, established by one reply, then bursts of 32 datagrams
+// from the Internet to the client: "NAPT flow" through an IPv4 NAPT
+// mapping (labelled: the rule's three compares, the goto and the first
+// lookup's hit in napt4), "pinhole flow" through an IPv6 port pinhole
+// (not labelled 126: natcut's first compare fails; every packet the host
+// receives pays that). Each with the layout as Setup writes it and with
+// natcut's rule deleted by nft ("no natcut"); "x9" inserts 8 more copies
+// of the rule's matches (and, for the NAPT flow, recheck_nat's napt4
+// lookup) without a verdict at natcut's head, so that (x9 - plain) / 8 is
+// their cost out of the noise. cpu-ns/datagram: the process's CPU,
+// sender, host forwarding and receiver (reportCPUPerDatagram).
+func BenchmarkNATCutEstablished(b *testing.B) {
+	for _, tc := range []struct {
+		name   string
+		napt   bool
+		natcut bool
+		more   int
+	}{
+		{"NAPT flow", true, true, 0},
+		{"NAPT flow, no natcut", true, false, 0},
+		{"NAPT flow, natcut x9", true, true, 8},
+		{"pinhole flow", false, true, 0},
+		{"pinhole flow, no natcut", false, false, 0},
+		{"pinhole flow, natcut x9", false, true, 8},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
+			be := newBackend(b, topo.Host, pinhole.Config{})
+			serveTunnel(b, be, topo)
+			if err := be.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+				b.Fatal(err)
+			}
+			client := netip.AddrPortFrom(topo.ClientV6, 7000)
+			remote := netip.AddrPortFrom(topo.InternetV6, 47000)
+			dst := client
+			p := pinhole.Pinhole{Protocol: udp, InternalAddr: client.Addr(), InternalPort: client.Port()}
+			if tc.napt {
+				client = netip.AddrPortFrom(topo.ClientV4, 7000)
+				remote = netip.AddrPortFrom(topo.InternetV4, 47000)
+				dst = netip.AddrPortFrom(topo.HostPublicV4, 17000)
+				p = pinhole.Pinhole{Protocol: udp, InternalAddr: client.Addr(), InternalPort: client.Port(),
+					ExternalAddr: dst.Addr(), ExternalPort: dst.Port()}
+			}
+			apply(b, be, install(p, time.Hour))
+			if !tc.natcut {
+				out := topo.Host.MustRun(b, "nft", "-a", "list", "chain", "inet", "pcpd", "natcut")
+				m := regexp.MustCompile(`goto recheck_nat # handle (\d+)`).FindStringSubmatch(out)
+				if m == nil {
+					b.Fatalf("no re-check rule in natcut:\n%s", out)
+				}
+				topo.Host.MustRun(b, "nft", "delete", "rule", "inet", "pcpd", "natcut", "handle", m[1])
+			}
+			for range tc.more {
+				topo.Host.MustRun(b, "nft", "insert rule inet pcpd natcut ct label 126 ct direction original ct state established,new ip daddr . meta l4proto . th dport @napt4")
+			}
+			var tx, rx *net.UDPConn
+			if err := topo.Client.Do(func() (err error) {
+				rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(client))
+				return err
+			}); err != nil {
+				b.Fatal(err)
+			}
+			defer rx.Close()
+			rx.SetReadBuffer(1 << 20)
+			if err := topo.Internet.Do(func() (err error) {
+				tx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(remote))
+				return err
+			}); err != nil {
+				b.Fatal(err)
+			}
+			defer tx.Close()
+			msg, buf := make([]byte, 60), make([]byte, 128)
+			rx.SetReadDeadline(time.Now().Add(time.Second))
+			tx.SetReadDeadline(time.Now().Add(time.Second))
+			if _, err := tx.WriteToUDPAddrPort(msg, dst); err != nil {
+				b.Fatal(err)
+			}
+			_, from, err := rx.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := rx.WriteToUDPAddrPort(msg, from); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := tx.Read(buf); err != nil {
+				b.Fatal(err)
+			}
+			const burst = 32
+			oneWay := func() {
+				for range burst {
+					if _, err := tx.WriteToUDPAddrPort(msg, dst); err != nil {
+						b.Fatal(err)
+					}
+				}
+				rx.SetReadDeadline(time.Now().Add(time.Second))
+				for range burst {
+					if _, err := rx.Read(buf); err != nil {
+						b.Fatal(err) // dropped, or a buffer overflowed
+					}
+				}
+			}
+			reportCPUPerDatagram(b, burst, oneWay)
+		})
+	}
+}
