@@ -195,6 +195,11 @@ type Backend struct {
 	// before natcut.go, or a rule an admin altered).
 	cuttingNAT    atomic.Bool
 	natUnlabelled bool
+	// natCut: the layout holds natcut's rules (with cutLabels): unless
+	// the kernel refused them (EINVAL: a lookup into a map without a
+	// destination register, before Linux 6.5; Setup). refuseNATCut
+	// (tests only) makes them ones every kernel refuses so.
+	natCut, refuseNATCut bool
 	// unlabelled: a Setup found guard6 admitting through a pinhole set
 	// without labelling (a table laid out by a pcpd before cutflows.go,
 	// or an admission rule an admin altered): the flows those rules
@@ -248,7 +253,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		b.owners6, b.owners4 = ownerMaps(b.table, prefix)
 		b.served6, b.served4 = servedSets(b.table)
 		b.chainRecheck6, b.cutLabels = "recheck6", true
-		b.chainNATCut, b.chainRecheckNAT = "natcut", "recheck_nat"
+		b.chainNATCut, b.chainRecheckNAT, b.natCut = "natcut", "recheck_nat", true
 	}
 	b.servingIfs = servingIfsSet(b.table, prefix)
 	b.chainGuard6 = prefix + "guard6"
@@ -309,6 +314,14 @@ func (b *Backend) Setup() error {
 			return err
 		}
 		err = err2
+	} else if b.natCutRefusal(err) {
+		b.natCut = false
+		err2 := b.setupLocked()
+		if natCutRefusal(err2) {
+			b.natCut = true
+			return err
+		}
+		err = err2
 	}
 	return err
 }
@@ -331,7 +344,7 @@ func (b *Backend) setupLocked() (err error) {
 	if b.cutLabels && !b.unlabelled {
 		b.unlabelled = b.admitsUnlabelled()
 	}
-	if b.cutLabels && !b.natUnlabelled {
+	if b.natCutting() && !b.natUnlabelled {
 		b.natUnlabelled = b.translatesUnlabelled()
 	}
 	if b.cfg.Attached {
@@ -403,7 +416,7 @@ func (b *Backend) setupLocked() (err error) {
 	}
 	b.owned = true
 	b.cutting.Store(b.cutLabels && !b.unlabelled)
-	b.cuttingNAT.Store(b.cutLabels && !b.natUnlabelled)
+	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled)
 	// Not fatal: the layout is committed, and the owner meter's write
 	// below (or RepairOwners) rewrites the chains anyway.
 	var onwardErr error
@@ -532,6 +545,8 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 	}
 	if b.cutLabels {
 		m[b.chainRecheck6] = &nftables.Chain{Table: b.table, Name: b.chainRecheck6}
+	}
+	if b.natCutting() {
 		m[b.chainRecheckNAT] = &nftables.Chain{Table: b.table, Name: b.chainRecheckNAT}
 		accept := nftables.ChainPolicyAccept
 		m[b.chainNATCut] = &nftables.Chain{Table: b.table, Name: b.chainNATCut, Type: nftables.ChainTypeFilter,

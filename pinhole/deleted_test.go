@@ -58,6 +58,10 @@ func TestSetDeletedUnderUs(t *testing.T) {
 				// recheck6 looks the pinhole sets up too (cutflows.go).
 				topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "recheck6")
 			}
+			if tc.chain == "prerouting" {
+				// recheck_nat looks the DNAT maps up too (natcut.go).
+				topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "recheck_nat")
+			}
 			if tc.set == "protected6" {
 				// guard6's reverse-path rule looks it up too.
 				topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "guard6")

@@ -195,6 +195,14 @@ func CutReads(b *Backend) (restore func()) {
 	return func() { _ = nl.SetReadDeadline(time.Time{}) }
 }
 
+// RefuseNATCut makes natcut's rules ones every kernel refuses (EINVAL),
+// as kernels before 6.5 refuse its map lookups.
+func RefuseNATCut(b *Backend) {
+	b.mu.Lock()
+	b.refuseNATCut = true
+	b.mu.Unlock()
+}
+
 // RefuseLabels makes the Backend's next Setup write label rules the
 // kernel refuses (EOPNOTSUPP), as a kernel without conntrack labels does.
 func RefuseLabels(b *Backend) {

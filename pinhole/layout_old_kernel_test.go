@@ -20,7 +20,10 @@ import (
 // control_meter and the map's miss falls through to "goto unowned", so
 // no rule needs it. The test applies the old kernel's checks to the
 // layout's rules; the box's own kernel (6.18) accepts them either way,
-// so only this check shows it.
+// so only this check shows it. natcut's rules (natcut.go) do look the
+// DNAT maps up as sets: the layout checked is the one Setup falls back
+// to when the kernel refuses them (natCutRefusal, TestNATCutRefused),
+// and the test checks that only natcut's rules hold such lookups.
 func TestLayoutLookupsLinux61(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -39,6 +42,20 @@ func TestLayoutLookupsLinux61(t *testing.T) {
 			for _, s := range b.allSets() {
 				sets[s.Name] = s
 			}
+			full := 0
+			for _, cr := range b.layout() {
+				for _, r := range cr.rules {
+					for _, e := range r {
+						if l, ok := e.(*expr.Lookup); ok && sets[l.SetName] != nil && sets[l.SetName].IsMap && !l.IsDestRegSet {
+							full++
+						}
+					}
+				}
+			}
+			if want := map[bool]int{true: 8}[b.natCutting()]; full != want {
+				t.Errorf("the full layout has %d lookups into a map without a destination register, want %d (natcut's)", full, want)
+			}
+			b.natCut = false // natCutRefusal's fallback
 			for _, cr := range b.layout() {
 				for i, r := range cr.rules {
 					for _, e := range r {

@@ -60,11 +60,33 @@ import (
 // no set is keyed by the endpoint alone (napt4_filter holds the remote).
 //
 // Not attached (the labels are standalone's: cutLabels), nor on a kernel
-// that refuses labels (labelsRefused), nor for a Backend whose Setup
+// that refuses labels (labelsRefused) or natcut's map lookups (before
+// Linux 6.5: natCutRefusal), nor for a Backend whose Setup
 // found pcpd's DNAT rules translating unlabelled (an upgrade from a layout
 // before this one, or a rule an admin altered: translatesUnlabelled):
 // CutsFlows is false for the DNAT kinds then, and the server waits for
 // its walk as before.
+
+// natCutting: the layout holds natcut's rules and the DNAT labels.
+// Caller holds b.mu (or is New).
+func (b *Backend) natCutting() bool { return b.cutLabels && b.natCut }
+
+// natCutRefusal: Setup's layout transaction failed (err) with natcut's
+// rules in it as on a kernel before 6.5, which refuses a lookup into a
+// map without a destination register (EINVAL; TestLayoutLookupsLinux61):
+// the DNAT label rules and recheck_nat look the maps up as sets, as nft
+// writes them ("@napt4"). A lookup with a destination register would do
+// on those kernels, but nft lists one whose value no statement takes as
+// nothing at all ("ct label set 126 dnat ...", "accept"), which, read
+// back by nft -f, labels every flow, and natcut then drops the host's
+// own. Then Setup writes the layout without natcut, for good: the DNAT
+// kinds' flows end with the walk, as before. Caller holds b.mu.
+func (b *Backend) natCutRefusal(err error) bool { return b.natCutting() && natCutRefusal(err) }
+
+func natCutRefusal(err error) bool {
+	var le layoutError
+	return errors.As(err, &le) && errors.Is(err, unix.EINVAL)
+}
 
 // natCutPriority is natcut's: after conntrack (-200), before dstnat (-100).
 const natCutPriority = nftables.ChainPriority(-150)
@@ -87,6 +109,12 @@ func (b *Backend) natCutRules() (natcut, recheck [][]expr.Any) {
 			key = keyPacket4(k)
 		}
 		recheck = append(recheck, rule(nfproto(fam), key, x(lookup(b.sets[k], reg0), accept)))
+	}
+	if b.refuseNATCut {
+		// A lookup with a destination register into a plain set: EINVAL
+		// on every kernel, as the map lookups above before Linux 6.5.
+		recheck = append(recheck, rule(nfproto(unix.NFPROTO_IPV4), x(loadNet(ip4DstOff, 4, reg0),
+			&expr.Lookup{SourceRegister: reg0, DestRegister: reg0, IsDestRegSet: true, SetName: b.protected4.Name, SetID: b.protected4.ID}, accept)))
 	}
 	return natcut, append(recheck, x(&expr.Counter{}, drop))
 }

@@ -317,3 +317,51 @@ func TestNATCutsUnrepliedStream(t *testing.T) {
 		})
 	}
 }
+
+// TestNATCutRefused: on a kernel that refuses natcut's map lookups
+// (EINVAL, as before Linux 6.5; simulated with a lookup the kernel
+// refuses so), Setup lays out the table without natcut and its DNAT
+// labels and succeeds, Healthy takes that layout as intact, NAPT still
+// translates, and CutsFlows is false for the DNAT kinds (the server waits
+// for its walk) but still true for IPv6 pinholes (guard6's labels stay).
+// Without natCutRefusal's fallback Setup fails and pcpd cannot start.
+func TestNATCutRefused(t *testing.T) {
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	conn, err := topo.Host.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := pinhole.New(conn, pinhole.Config{Routes: nsRoutes(t, topo.Host)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pinhole.RefuseNATCut(b)
+	if err := b.Setup(); err != nil {
+		t.Fatalf("Setup with natcut refused: %v", err)
+	}
+	defer b.Teardown()
+	serveTunnel(t, b, topo)
+	if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Errorf("Healthy: %v", err)
+	}
+	out := nftList(t, topo.Host, "table", "inet", "pcpd")
+	if strings.Contains(out, "label 126") || strings.Contains(out, "natcut") || strings.Contains(out, "recheck_nat") {
+		t.Errorf("natcut's rules in the fallback layout:\n%s", out)
+	}
+	if !strings.Contains(out, "goto recheck6") {
+		t.Errorf("guard6's re-check missing from the fallback layout:\n%s", out)
+	}
+	m := pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV4, InternalPort: 7810, ExternalAddr: topo.HostPublicV4, ExternalPort: 17810}
+	if b.CutsFlows(m) {
+		t.Error("CutsFlows(NAPT) = true without natcut")
+	}
+	if !b.CutsFlows(pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV6, InternalPort: 80}) {
+		t.Error("CutsFlows(pin6) = false")
+	}
+	serve(t, topo.Client, tcp, netip.AddrPortFrom(m.InternalAddr, m.InternalPort))
+	apply(t, b, install(m, time.Minute))
+	mustReach(t, "mapped", topo.Internet, tcp, netip.Addr{}, netip.AddrPortFrom(m.ExternalAddr, m.ExternalPort))
+}

@@ -322,7 +322,7 @@ func (b *Backend) layout() []chainRules {
 	// "ct label set 126 dnat ...", which read back labels every flow).
 	dnat := func(fam byte, key func() []expr.Any, s *nftables.Set, portReg uint32) []expr.Any {
 		r := nfproto(fam)
-		if b.cutLabels {
+		if b.natCutting() {
 			r = rule(r, key(), x(lookup(s, reg0)), b.setLabel(natLabel))
 		}
 		return rule(r, key(), x(
@@ -397,6 +397,8 @@ func (b *Backend) layout() []chainRules {
 	}
 	if b.cutLabels {
 		out = append(out, chainRules{b.chainRecheck6, recheck6})
+	}
+	if b.natCutting() {
 		natcut, recheckNAT := b.natCutRules()
 		out = append(out, chainRules{b.chainNATCut, natcut}, chainRules{b.chainRecheckNAT, recheckNAT})
 	}
