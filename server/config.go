@@ -58,7 +58,9 @@ type Config struct {
 	// KeepConnections leaves established connections alone when their
 	// mapping is deleted, revoked or expires (default: they are ended,
 	// PMP-12: inbound flows, and IPv4 outbound flows SNAT-ed to the
-	// mapping's external port).
+	// mapping's external port): no conntrack walk. Standalone, the
+	// ruleset still cuts the inbound ones itself (pinhole/cutflows.go,
+	// pinhole/natcut.go); their entries and the SNAT-ed flows stay.
 	KeepConnections bool
 
 	// MaxFilters is the FILTER limit per mapping (FLT-06, default 8).
