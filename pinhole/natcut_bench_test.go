@@ -1,9 +1,7 @@
 package pinhole_test
 
 import (
-	"net"
 	"net/netip"
-	"regexp"
 	"testing"
 	"time"
 
@@ -61,32 +59,14 @@ func BenchmarkNATCutEstablished(b *testing.B) {
 			}
 			apply(b, be, install(p, time.Hour))
 			if !tc.natcut {
-				out := topo.Host.MustRun(b, "nft", "-a", "list", "chain", "inet", "pcpd", "natcut")
-				m := regexp.MustCompile(`goto recheck_nat # handle (\d+)`).FindStringSubmatch(out)
-				if m == nil {
-					b.Fatalf("no re-check rule in natcut:\n%s", out)
-				}
-				topo.Host.MustRun(b, "nft", "delete", "rule", "inet", "pcpd", "natcut", "handle", m[1])
+				deleteRule(b, topo.Host, "pcpd", "natcut", `goto recheck_nat `)
 			}
 			for range tc.more {
 				topo.Host.MustRun(b, "nft", "insert rule inet pcpd natcut ct label 126 ct direction original ct state established,new ip daddr . meta l4proto . th dport @napt4")
 			}
-			var tx, rx *net.UDPConn
-			if err := topo.Client.Do(func() (err error) {
-				rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(client))
-				return err
-			}); err != nil {
-				b.Fatal(err)
-			}
-			defer rx.Close()
+			rx := listenUDP(b, topo.Client, client)
 			rx.SetReadBuffer(1 << 20)
-			if err := topo.Internet.Do(func() (err error) {
-				tx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(remote))
-				return err
-			}); err != nil {
-				b.Fatal(err)
-			}
-			defer tx.Close()
+			tx := listenUDP(b, topo.Internet, remote)
 			msg, buf := make([]byte, 60), make([]byte, 128)
 			rx.SetReadDeadline(time.Now().Add(time.Second))
 			tx.SetReadDeadline(time.Now().Add(time.Second))

@@ -3,7 +3,6 @@ package pinhole_test
 import (
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"regexp"
 	"slices"
@@ -279,21 +278,8 @@ func TestNATCutsUnrepliedStream(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			apply(t, b, install(c.p, time.Hour))
-			var rx, tx *net.UDPConn
-			if err := topo.Client.Do(func() (err error) {
-				rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(c.p.InternalAddr, c.p.InternalPort)))
-				return err
-			}); err != nil {
-				t.Fatal(err)
-			}
-			defer rx.Close()
-			if err := topo.Internet.Do(func() (err error) {
-				tx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(c.remote))
-				return err
-			}); err != nil {
-				t.Fatal(err)
-			}
-			defer tx.Close()
+			rx := listenUDP(t, topo.Client, netip.AddrPortFrom(c.p.InternalAddr, c.p.InternalPort))
+			tx := listenUDP(t, topo.Internet, c.remote)
 			send := func(wait time.Duration) error {
 				if _, err := tx.WriteToUDPAddrPort([]byte("x"), c.dial); err != nil {
 					return err
