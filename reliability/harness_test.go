@@ -294,8 +294,14 @@ func do(c *pcp.Client, req *pcp.Request) (*pcp.Response, error) {
 // mustMap maps proto/port for c's client address and requires SUCCESS.
 func (l *lab) mustMap(c *pcp.Client, src netip.Addr, proto pcp.Protocol, port uint16, life time.Duration) *pcp.Response {
 	l.t.Helper()
+	return l.mustMapTo(c, src, proto, port, port, life)
+}
+
+// mustMapTo is mustMap suggesting the external port ext.
+func (l *lab) mustMapTo(c *pcp.Client, src netip.Addr, proto pcp.Protocol, port, ext uint16, life time.Duration) *pcp.Response {
+	l.t.Helper()
 	req := pcp.NewMap(src, proto, port, life)
-	req.Map.ExternalPort = port
+	req.Map.ExternalPort = ext
 	resp, err := do(c, req)
 	if err != nil {
 		l.t.Fatalf("MAP %v/%d from %s: %v", proto, port, src, err)
@@ -304,6 +310,21 @@ func (l *lab) mustMap(c *pcp.Client, src netip.Addr, proto pcp.Protocol, port ui
 		l.t.Fatalf("MAP %v/%d from %s: %v", proto, port, src, resp.Result)
 	}
 	return resp
+}
+
+// mustPMP asks for a NAT-PMP mapping (op: PMPOpMapTCP or PMPOpMapUDP) of
+// port through c, suggesting the same external port, and requires SUCCESS
+// with the lifetime asked; it returns the external endpoint.
+func (l *lab) mustPMP(c *pcp.Client, op pcp.PMPOpcode, port uint16, life time.Duration) netip.AddrPort {
+	l.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var r pcp.PMPResponse
+	err := c.DoPMP(ctx, &pcp.PMPRequest{Opcode: op, InternalPort: port, SuggestedExternalPort: port, Lifetime: life}, &r)
+	if err != nil || r.Result != pcp.PMPSuccess || r.Lifetime != life {
+		l.t.Fatalf("NAT-PMP %v of %d for %v: %v, lifetime %v, %v", op, port, life, r.Result, r.Lifetime, err)
+	}
+	return netip.AddrPortFrom(l.topo.HostPublicV4, r.ExternalPort)
 }
 
 // rawExchange sends b from conn to pcpd and returns the first datagram

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -78,7 +79,11 @@ func epochWindow(epoch pcp.Epoch, mono, wall span) (lo, hi float64, step time.Du
 // Then a short lease (3 s, allowed by --min-lifetime 1s) is taken and pcpd
 // killed: the kernel element must vanish and traffic fail within lifetime
 // + 1 s of the request with no pcpd running, and the restarted pcpd must
-// not bring it back.
+// not bring it back. And connections from the internet through such
+// leases (an IPv6 pinhole, an IPv6 port redirect, an IPv4 NAT-PMP mapping;
+// TCP and UDP), opened before the kill and echoing every 100 ms, must stop
+// carrying data by lifetime + 1 s of their requests, pcpd dead, and not
+// carry any after (openLifeFlows, checkLifeFlows).
 func TestKill9UnderLoadEPO04(t *testing.T) {
 	cycles := 20
 	if os.Getenv("PCPD_LONG") != "" {
@@ -103,14 +108,7 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 	// through the kills too.
 	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(l.topo.ClientV4, servicePort).String())
 	pmpc := &pcp.Client{Conn: l.clientSocket(l.topo.ClientV4), Server: l.server4(), InitialTimeout: 250 * time.Millisecond}
-	var pmpResp pcp.PMPResponse
-	pctx, pcancel := context.WithTimeout(context.Background(), 5*time.Second)
-	err := pmpc.DoPMP(pctx, &pcp.PMPRequest{Opcode: pcp.PMPOpMapTCP, InternalPort: servicePort, SuggestedExternalPort: servicePort, Lifetime: time.Hour}, &pmpResp)
-	pcancel()
-	if err != nil || pmpResp.Result != pcp.PMPSuccess {
-		t.Fatalf("NAT-PMP map tcp/%d: %v %v", servicePort, pmpResp.Result, err)
-	}
-	ext4 := netip.AddrPortFrom(l.topo.HostPublicV4, pmpResp.ExternalPort)
+	ext4 := l.mustPMP(pmpc, pcp.PMPOpMapTCP, servicePort, time.Hour)
 	probe := func(when string) {
 		t.Helper()
 		if err := l.dialService(cli, servicePort); err != nil {
@@ -261,20 +259,20 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 		l.topo.Client.ServeTCP(t, netip.AddrPortFrom(l.topo.ClientV4, port).String())
 		// An IPv4 NAPT mapping by NAT-PMP with the same lifetime.
 		t4 := time.Now()
-		var pr pcp.PMPResponse
-		pctx, pcancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err := pmpc.DoPMP(pctx, &pcp.PMPRequest{Opcode: pcp.PMPOpMapTCP, InternalPort: port, SuggestedExternalPort: port, Lifetime: life}, &pr)
-		pcancel()
-		if err != nil || pr.Result != pcp.PMPSuccess || pr.Lifetime != life {
-			t.Fatalf("NAT-PMP map tcp/%d for %v: %v, lifetime %v, %v", port, life, pr.Result, pr.Lifetime, err)
-		}
-		ext := netip.AddrPortFrom(l.topo.HostPublicV4, pr.ExternalPort).String()
+		ext := l.mustPMP(pmpc, pcp.PMPOpMapTCP, port, life).String()
 		t0 := time.Now()
 		resp := l.mustMap(l.pcpClient(cli), cli, pcp.ProtoTCP, port, life)
 		if resp.Lifetime != life {
 			t.Fatalf("granted %v, asked %v (--min-lifetime 1s)", resp.Lifetime, life)
 		}
+		flows := l.openLifeFlows(t, pmpc, 8090, life)
+		var watching sync.WaitGroup
+		for _, f := range flows {
+			watching.Add(1)
+			go func() { defer watching.Done(); f.echo = watchEcho(f.c, f.asked.Add(life+2*time.Second)) }()
+		}
 		l.kill9()
+		killed := time.Now()
 		if err := l.dialService(cli, port); err != nil {
 			t.Fatalf("short lease does not pass traffic before expiry: %v", err)
 		}
@@ -298,6 +296,8 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 			t.Fatalf("traffic to %s still passes after its NAT-PMP lease expired", ext)
 		}
 		after := time.Since(t0)
+		watching.Wait() // before the start: it would flush the flows
+		flowFigures := checkLifeFlows(t, flows, killed, life)
 		l.start()
 		if l.kernelHas(cli, pcp.ProtoTCP, port) {
 			t.Fatal("restarted pcpd re-installed an expired pinhole")
@@ -305,8 +305,8 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 		if _, ok := leaseSet(l.leases())[leaseKey{cli, "tcp", port}]; ok {
 			t.Fatal("restarted pcpd lists an expired lease")
 		}
-		t.Logf("lifetime %v, pcpd dead: IPv6 pinhole element gone %v after the request, IPv4 NAPT element %v; traffic refused on both at %v",
-			life, vanished.Round(10*time.Millisecond), vanished4.Round(10*time.Millisecond), after.Round(10*time.Millisecond))
+		t.Logf("lifetime %v, pcpd dead: IPv6 pinhole element gone %v after the request, IPv4 NAPT element %v; traffic refused on both at %v; connections opened before the kill, echo every 100 ms, after their requests: %s",
+			life, vanished.Round(10*time.Millisecond), vanished4.Round(10*time.Millisecond), after.Round(10*time.Millisecond), flowFigures)
 	})
 }
 
@@ -343,4 +343,151 @@ func protoName(p uint8) string {
 		return "udp"
 	}
 	return fmt.Sprint(p)
+}
+
+// lifeFlow is a connection from the internet through a short mapping of
+// LIFE-04's, and its echo round trips (watchEcho).
+type lifeFlow struct {
+	name  string    // the mapping's kind and protocol
+	asked time.Time // when the mapping was asked for
+	c     net.Conn
+	echo  echoWatch
+}
+
+// openLifeFlows maps, for life, an IPv6 pinhole, an IPv6 port redirect (a
+// PCP MAP granted another external port than the internal: pinhole's
+// redir6, DNAT-ed) and an IPv4 NAPT mapping (NAT-PMP, DNAT-ed) for echo
+// services of the client, TCP and UDP, on ports from base on, and opens a
+// connection from the internet through each, which must pass an echo.
+func (l *lab) openLifeFlows(t *testing.T, pmpc *pcp.Client, base uint16, life time.Duration) []*lifeFlow {
+	t.Helper()
+	cli := l.topo.ClientV6
+	var fs []*lifeFlow
+	for i, proto := range []pcp.Protocol{pcp.ProtoTCP, pcp.ProtoUDP} {
+		for j, kind := range []string{"IPv6 pinhole", "IPv6 redirect", "IPv4 NAPT"} {
+			port := base + uint16(3*i+j)
+			service := netip.AddrPortFrom(cli, port)
+			if kind == "IPv4 NAPT" {
+				service = netip.AddrPortFrom(l.topo.ClientV4, port)
+			}
+			if proto == pcp.ProtoTCP {
+				l.topo.Client.ServeTCPEcho(t, service.String())
+			} else {
+				l.topo.Client.ServeUDPEcho(t, service.String())
+			}
+			f := &lifeFlow{name: kind + " " + protoName(uint8(proto)), asked: time.Now()}
+			dst := service
+			switch kind {
+			case "IPv4 NAPT":
+				op := pcp.PMPOpMapTCP
+				if proto == pcp.ProtoUDP {
+					op = pcp.PMPOpMapUDP
+				}
+				dst = l.mustPMP(pmpc, op, port, life)
+			default:
+				ext := port
+				if kind == "IPv6 redirect" {
+					ext = port + 100
+				}
+				r := l.mustMapTo(l.pcpClient(cli), cli, proto, port, ext, life)
+				dst = netip.AddrPortFrom(r.Map.ExternalAddr.Unmap(), r.Map.ExternalPort)
+				if r.Lifetime != life || dst != netip.AddrPortFrom(cli, ext) {
+					t.Fatalf("%s: MAP granted %v for %v, asked %v for %v", f.name, dst, r.Lifetime, netip.AddrPortFrom(cli, ext), life)
+				}
+			}
+			if err := l.topo.Internet.Do(func() (err error) {
+				f.c, err = net.DialTimeout(protoName(uint8(proto)), dst.String(), time.Second)
+				return err
+			}); err != nil {
+				t.Fatalf("%s: dial %v: %v", f.name, dst, err)
+			}
+			t.Cleanup(func() { f.c.Close() })
+			if err := echoRound(f.c, 0, time.Second); err != nil {
+				t.Fatalf("%s: no echo through %v with its lease live: %v", f.name, dst, err)
+			}
+			fs = append(fs, f)
+		}
+	}
+	return fs
+}
+
+// checkLifeFlows requires of every flow that an echo passed with pcpd dead
+// (after killed: its lease carried data in the kernel alone), that the
+// first that failed was sent no later than life + 1 s after the flow's
+// request (LIFE-04), and that none passed after it. It returns the
+// figures: when, after the request, the last echo that passed and the
+// first that failed were sent.
+func checkLifeFlows(t *testing.T, flows []*lifeFlow, killed time.Time, life time.Duration) string {
+	t.Helper()
+	var figs []string
+	for _, f := range flows {
+		w, since := f.echo, func(at time.Time) string {
+			if at.IsZero() {
+				return "never"
+			}
+			return at.Sub(f.asked).Round(10 * time.Millisecond).String()
+		}
+		figs = append(figs, fmt.Sprintf("%s last passed %s, first failed %s", f.name, since(w.lastOK), since(w.firstFail)))
+		switch {
+		case w.lastOK.Before(killed):
+			t.Errorf("%s: no echo passed with pcpd dead (last %v after the request, killed %v after): nothing tested", f.name, since(w.lastOK), since(killed))
+		case w.firstFail.IsZero():
+			t.Errorf("%s: the connection opened before its lease expired still carries data %v after the request (lifetime %v; allowed +1s)", f.name, since(w.lastOK), life)
+		case w.firstFail.Sub(f.asked) > life+time.Second:
+			t.Errorf("%s: first echo failed %v after the request, last passed %v (lifetime %v; allowed +1s)", f.name, since(w.firstFail), since(w.lastOK), life)
+		case !w.okAfterFail.IsZero():
+			t.Errorf("%s: an echo passed %v after the request, after one failed at %v (%v)", f.name, since(w.okAfterFail), since(w.firstFail), w.err)
+		}
+	}
+	return strings.Join(figs, "; ")
+}
+
+// echoWatch is what watchEcho saw: when the last round trip that passed
+// before any failed was sent, the first that failed (and why), and the
+// last that passed after one failed (zero: none).
+type echoWatch struct {
+	lastOK, firstFail, okAfterFail time.Time
+	err                            error
+}
+
+// watchEcho sends an echo round trip on c every 100 ms (each waits up to
+// 500 ms) until one would start after until.
+func watchEcho(c net.Conn, until time.Time) (w echoWatch) {
+	for seq := byte(1); ; seq++ {
+		sent := time.Now()
+		if sent.After(until) {
+			return w
+		}
+		err := echoRound(c, seq, 500*time.Millisecond)
+		switch {
+		case err == nil && w.firstFail.IsZero():
+			w.lastOK = sent
+		case err == nil:
+			w.okAfterFail = sent
+		case w.firstFail.IsZero():
+			w.firstFail, w.err = sent, err
+		}
+		time.Sleep(time.Until(sent.Add(100 * time.Millisecond)))
+	}
+}
+
+// echoRound sends the byte seq on c (a TCP connection to an echo, or a
+// connected UDP socket to netlab's UDP echo, which answers "echo:" and
+// the payload) and waits up to wait for it to come back as the last byte
+// of a read: an earlier round trip's late answer is skipped.
+func echoRound(c net.Conn, seq byte, wait time.Duration) error {
+	c.SetDeadline(time.Now().Add(wait))
+	if _, err := c.Write([]byte{seq}); err != nil {
+		return err
+	}
+	buf := make([]byte, 64)
+	for {
+		n, err := c.Read(buf)
+		if err != nil {
+			return err
+		}
+		if n > 0 && buf[n-1] == seq {
+			return nil
+		}
+	}
 }

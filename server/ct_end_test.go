@@ -26,20 +26,7 @@ const ctFlushBound = 3 * time.Second
 // serveEcho serves a TCP echo on addr in ns until the test ends.
 func serveEcho(t *testing.T, ns *netlab.NS, addr netip.AddrPort) {
 	t.Helper()
-	ln, err := ns.ListenTCP(addr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); io.Copy(c, c) }()
-		}
-	}()
+	ns.ServeTCPEcho(t, addr.String())
 }
 
 // dialIn connects from ns, from local (port 0: any), to dst.

@@ -30,6 +30,22 @@ func (n *NS) ListenTCP(addr string) (net.Listener, error) {
 // with "ok\n", so a dialer can tell a real end-to-end connection from a
 // middlebox answer.
 func (n *NS) StartTCPServer(addr string) (io.Closer, error) {
+	return n.startTCP(addr, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, Greeting+"\n")
+	})
+}
+
+// StartTCPEcho listens inside the namespace and sends every connection
+// back what it reads, for as long as the connection lasts: a flow that
+// can be tested again and again, as StartUDPEcho's.
+func (n *NS) StartTCPEcho(addr string) (io.Closer, error) {
+	return n.startTCP(addr, func(c net.Conn) { io.Copy(c, c) })
+}
+
+// startTCP listens inside the namespace and runs serve on every
+// connection, then closes it.
+func (n *NS) startTCP(addr string, serve func(net.Conn)) (io.Closer, error) {
 	l, err := n.ListenTCP(addr)
 	if err != nil {
 		return nil, err
@@ -40,18 +56,22 @@ func (n *NS) StartTCPServer(addr string) (io.Closer, error) {
 			if err != nil {
 				return
 			}
-			c.SetDeadline(time.Now().Add(5 * time.Second))
-			io.WriteString(c, Greeting+"\n")
-			c.Close()
+			go func() { defer c.Close(); serve(c) }()
 		}
 	}()
 	return l, nil
 }
 
 // ServeTCP is StartTCPServer for tests.
-func (n *NS) ServeTCP(t testing.TB, addr string) {
+func (n *NS) ServeTCP(t testing.TB, addr string) { t.Helper(); serve(t, n.StartTCPServer, addr) }
+
+// ServeTCPEcho is StartTCPEcho for tests.
+func (n *NS) ServeTCPEcho(t testing.TB, addr string) { t.Helper(); serve(t, n.StartTCPEcho, addr) }
+
+// serve starts a server on addr for the rest of the test.
+func serve(t testing.TB, start func(string) (io.Closer, error), addr string) {
 	t.Helper()
-	c, err := n.StartTCPServer(addr)
+	c, err := start(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,14 +123,7 @@ func (n *NS) StartUDPEcho(addr string) (io.Closer, error) {
 }
 
 // ServeUDPEcho is StartUDPEcho for tests.
-func (n *NS) ServeUDPEcho(t testing.TB, addr string) {
-	t.Helper()
-	c, err := n.StartUDPEcho(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-}
+func (n *NS) ServeUDPEcho(t testing.TB, addr string) { t.Helper(); serve(t, n.StartUDPEcho, addr) }
 
 // ProbeUDP sends one datagram from inside the namespace and waits for the
 // echo. nil means the round trip worked.
