@@ -29,7 +29,7 @@ import (
 // ever held beside the table (at 1 000 000 leases the 280 MB of decoded
 // stored leases set the restart's peak, BENCHMARKS.md "Peak memory while
 // restoring 1 000 000 leases").
-func (s *Server) restore() error {
+func (s *Server) restore(ctx context.Context) error {
 	now := s.now()
 	st := s.deps.State
 	s.started = now
@@ -54,22 +54,56 @@ func (s *Server) restore() error {
 	s.deps.State.Leases, s.deps.State.Stream = nil, nil
 	st.Leases, st.Stream = nil, nil
 	r := s.restoring(now)
+	r.ctx = ctx
 	if ls == nil && stream != nil {
 		// Two passes over the stored leases, each decoded into the
 		// store's scratch lease: one to size, one to add.
 		if err := r.presize(stream); err != nil {
-			return fmt.Errorf("server: reading the stored leases: %w", err)
+			return r.readErr(err)
 		}
-		if err := stream(func(l *store.Lease) error { r.add(l); return nil }); err != nil {
-			return fmt.Errorf("server: reading the stored leases: %w", err)
+		n := 0
+		if err := stream(func(l *store.Lease) error {
+			if n++; n%stopCheck == 0 {
+				if err := r.stopped(); err != nil {
+					return err
+				}
+			}
+			r.add(l)
+			return nil
+		}); err != nil {
+			return r.readErr(err)
 		}
 		return r.finish(st)
 	}
-	_ = r.presize(eachOf(ls)) // never fails: no store read
+	_ = r.presize(eachOf(ls)) // no store read: fails only when stopped
+	if err := r.stopped(); err != nil {
+		return err
+	}
 	for l := range drain(ls) {
 		r.add(l)
 	}
 	return r.finish(st)
+}
+
+// stopCheck is how many stored leases a restore reads between two looks
+// at its context (StartContext): ≈ 4 ms of a restore at 1 000 000 leases.
+const stopCheck = 1 << 12
+
+// stopped is ErrStartStopped once the restore's context has ended.
+func (r *restoring) stopped() error {
+	if err := r.ctx.Err(); err != nil {
+		return fmt.Errorf("%w: %w", ErrStartStopped, err)
+	}
+	return nil
+}
+
+// readErr is the error of a failed read of the stored leases: the stop
+// when the restore's context ended (a read given up by stopped).
+func (r *restoring) readErr(err error) error {
+	if errors.Is(err, ErrStartStopped) {
+		return err
+	}
+	return fmt.Errorf("server: reading the stored leases: %w", err)
 }
 
 // eachOf hands fn each lease of ls in turn, as State.Stream does the
@@ -102,6 +136,7 @@ func drain(ls []store.Lease) iter.Seq[*store.Lease] {
 // restoring is a restore in progress: stored leases admitted into the table.
 type restoring struct {
 	s        *Server
+	ctx      context.Context // StartContext's: the restore gives up when it ends
 	now      time.Time
 	drop     keyChunks         // expired, moved or refused: out of the store
 	gone     []pinhole.Pinhole // of moved and refused leases: out of the kernel
@@ -179,7 +214,11 @@ func (r *restoring) presize(each func(func(*store.Lease) error) error) error {
 	var scratch [2]ctFilter // appendCtFilters adds at most two
 	n, drops, ends := 0, 0, 0
 	err := each(func(l *store.Lease) error {
-		n++
+		if n++; n%stopCheck == 0 {
+			if err := r.stopped(); err != nil {
+				return err
+			}
+		}
 		if r.expiredOrMoved(l) {
 			drops++
 			if !r.s.cfg.KeepConnections {
@@ -275,8 +314,11 @@ func (r *restoring) finish(st store.State) error {
 	if r.moved > 0 {
 		lost, why = true, "external IPv4 address changed"
 	}
-	unrestored, ok := s.reconcile(r.gone, now)
+	unrestored, ok, err := s.reconcile(r.ctx, r.gone, now)
 	r.gone = nil
+	if err != nil {
+		return err // stopped: nothing written to the store
+	}
 	if !ok {
 		lost, why = true, "some leases could not be restored into the kernel"
 	}
@@ -422,7 +464,15 @@ const maxOrphanTargets = 4096
 // once, and duplicates are adjacent. A deletion that fails leaves orphans
 // for retryUndeleted (the next firewall check or audit), and beyond
 // maxUndeleted for the first audit.
-func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Lease, bool) {
+func (s *Server) reconcile(ctx context.Context, gone []pinhole.Pinhole, now time.Time) ([]store.Lease, bool, error) {
+	// The context is looked at before each batch: a restore stopped
+	// (StartContext) returns ErrStartStopped and none of the leases.
+	stop := func() error {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("%w: %w", ErrStartStopped, err)
+		}
+		return nil
+	}
 	slices.SortFunc(gone, comparePinholes)
 	gone = slices.Compact(gone)
 	ops := make([]pinhole.Op, 0, pinhole.MaxBatch)
@@ -441,6 +491,9 @@ func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Lease
 		}
 		ops = append(ops, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
 		if len(ops) == pinhole.MaxBatch {
+			if err := stop(); err != nil {
+				return nil, false, err
+			}
 			if err := s.fw.Apply(ops); err != nil {
 				derr = cmp.Or(derr, err)
 				over += s.oweDeletes(ops)
@@ -459,26 +512,35 @@ func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Lease
 		s.log.Error("cannot remove the pinholes of dropped leases; retrying at the next firewall check or audit",
 			zap.Int("pinholes", len(s.undeleted)), zap.Int("beyond_retry_list", over), zap.Error(derr))
 	}
-	var err error
+	var err, stopErr error
 	s.tab.installs(now, func(op pinhole.Op) bool {
 		ops = append(ops, op)
 		if len(ops) == pinhole.MaxBatch {
+			if stopErr = stop(); stopErr != nil {
+				return false
+			}
 			err = s.fw.Apply(ops)
 			ops = ops[:0]
 		}
 		return err == nil
 	})
+	if stopErr != nil {
+		return nil, false, stopErr
+	}
 	if err == nil && len(ops) > 0 {
 		err = s.fw.Apply(ops)
 	}
 	if err == nil {
-		return nil, true
+		return nil, true, nil
 	}
 	// Re-installing what went in already is harmless (it only resets the
 	// timeout to the same value).
 	s.log.Warn("restoring all pinholes failed; trying lease by lease", zap.Error(err))
 	var failed []store.Lease
 	for _, l := range s.tab.all() {
+		if err := stop(); err != nil {
+			return nil, false, err
+		}
 		var lops []pinhole.Op
 		for _, p := range pinholesOf(l) {
 			lops = append(lops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: s.tab.timeout(p, l, now)})
@@ -491,7 +553,7 @@ func (s *Server) reconcile(gone []pinhole.Pinhole, now time.Time) ([]store.Lease
 	for i := range failed {
 		s.tab.del(failed[i].Key)
 	}
-	return failed, len(failed) == 0
+	return failed, len(failed) == 0, nil
 }
 
 // maxUndeleted bounds Server.undeleted (≈ 100 bytes a pinhole): a kernel

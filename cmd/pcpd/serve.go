@@ -269,8 +269,21 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	// as it restores them; this one must not keep them alive.
 	state.Leases, state.Stream = nil, nil
 
-	// Restore leases into the kernel before serving (EPO-04).
-	if err := srv.Start(); err != nil {
+	// Restore leases into the kernel before serving (EPO-04). SIGINT or
+	// SIGTERM (ctx) during a slow start (≈ 6 s at 1 000 000 leases) ends
+	// it there: the restore gives up before writing to the store, the
+	// deferred closes release the state directory's lock and the control
+	// socket, exit 0. Before, the whole restore ran and pcpd served before
+	// it stopped (TestServeStopDuringStart).
+	if ctx.Err() != nil {
+		log.Info("stopped while starting, before restoring the leases")
+		return nil
+	}
+	if err := srv.StartContext(ctx); err != nil {
+		if errors.Is(err, server.ErrStartStopped) {
+			log.Info("stopped while starting; the stored leases are restored at the next start", zap.Error(err))
+			return nil
+		}
 		return failure(err)
 	}
 	mem.apply(log)

@@ -1,0 +1,165 @@
+package main
+
+import (
+	"errors"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/internal/pcpdtest"
+	"github.com/pcpd/pcpd/store"
+)
+
+// seedStore writes n live MAP leases of the static client "home" (one a
+// host address of pfx, port 5000 TCP) and an epoch that began an hour ago.
+func seedStore(t *testing.T, dir string, pfx netip.Prefix, n int) time.Time {
+	t.Helper()
+	st, _, err := store.Open(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	origin := time.Now().Add(-time.Hour).Truncate(time.Second)
+	if err := st.ResetEpoch(origin); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	base := pfx.Addr().As16()
+	base[11] = 1 // clear of the host's ::1 and the subnet-router anycast ::
+	chunk := make([]store.Lease, 0, 1<<14)
+	for i := 0; i < n; i++ {
+		a := base
+		a[12], a[13], a[14], a[15] = byte(i>>24), byte(i>>16), byte(i>>8), byte(i)
+		addr := netip.AddrFrom16(a)
+		chunk = append(chunk, store.Lease{
+			Key:          store.Key{Owner: "static:home", InternalAddr: addr, InternalPort: 5000, Protocol: 6},
+			ExternalAddr: addr, ExternalPort: 5000, Kind: store.KindMap, Created: now, Expires: now.Add(2 * time.Hour)})
+		if len(chunk) == cap(chunk) || i == n-1 {
+			if err := st.Commit(chunk, nil); err != nil {
+				t.Fatal(err)
+			}
+			chunk = chunk[:0]
+		}
+	}
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return origin
+}
+
+// TestServeStopDuringStart: SIGTERM while pcpd restores a large state
+// (1 000 000 leases: ≈ 6-9 s on the shared box; systemctl stop during a
+// slow start) ends the start there, cleanly. Sent once pcpd's table is in
+// the kernel (Setup, the restore's first step; seconds of restore
+// follow), pcpd must exit 0 without having restored (no "state restored",
+// no "serving"), having released the state directory (the store opens
+// with a 100 ms lock wait) and the control socket, leaving no temporary
+// file, and every lease and the epoch as they were in the store.
+//
+// Fails without StartContext (serve calling srv.Start): the whole restore
+// ran ("state restored; epoch continues", then "serving") and pcpd
+// stopped only after it.
+func TestServeStopDuringStart(t *testing.T) {
+	netlab.RequireRoot(t)
+	const n = 1_000_000
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	dir := t.TempDir()
+	state, sock := filepath.Join(dir, "state"), filepath.Join(dir, "pcpd.sock")
+	origin := seedStore(t, state, topo.ClientPrefix6, n)
+
+	var out pcpdtest.Log
+	cmd, err := topo.Host.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = &out, &out },
+		pcpdtest.Binary(t), "serve", "--interface", topo.HostLANIf,
+		"--client", "home="+topo.ClientPrefix6.String(),
+		"--state-dir", state, "--socket", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+		}
+		if t.Failed() {
+			t.Logf("pcpd log:\n%s", out.Tail(40))
+		}
+	})
+	nft, err := topo.Host.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlab.Eventually(60*time.Second, func() error {
+		tabs, err := nft.ListTablesOfFamily(nftables.TableFamilyINet)
+		if err != nil {
+			return err
+		}
+		for _, tb := range tabs {
+			if tb.Name == "pcpd" {
+				return nil
+			}
+		}
+		return errors.New("pcpd's table not in the kernel yet")
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	sent := time.Now()
+	select {
+	case err := <-exited:
+		t.Logf("pcpd exited %v after SIGTERM (%d leases stored)", time.Since(sent).Round(time.Millisecond), n)
+		if err != nil {
+			t.Errorf("pcpd exited with %v after SIGTERM during its start, want 0", err)
+		}
+	case <-time.After(120 * time.Second):
+		t.Fatal("pcpd still running 120 s after SIGTERM")
+	}
+	log := out.String()
+	for _, s := range []string{"state restored", "serving"} {
+		if strings.Contains(log, s) {
+			t.Errorf("pcpd logged %q after SIGTERM during its restore: the start was not stopped", s)
+		}
+	}
+	if !strings.Contains(log, "stopped while starting") {
+		t.Errorf("no \"stopped while starting\" line")
+	}
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("control socket left behind: %v", err)
+	}
+	ents, err := os.ReadDir(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if strings.HasSuffix(e.Name(), ".tmp") {
+			t.Errorf("half-written file left in the state directory: %s", e.Name())
+		}
+	}
+	st, got, err := store.Open(state, nil, store.WithLockTimeout(100*time.Millisecond), store.WithLeasesLater(), store.WithoutOpenSnapshot())
+	if err != nil {
+		t.Fatalf("state after the stopped start: %v", err)
+	}
+	defer st.Close()
+	if got.Fresh || got.Recovered != "" || !got.EpochOrigin.Equal(origin) {
+		t.Errorf("state after the stopped start: fresh %v, recovered %q, epoch origin %v, want %v",
+			got.Fresh, got.Recovered, got.EpochOrigin, origin)
+	}
+	count := 0
+	if err := got.Stream(func(*store.Lease) error { count++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if count != n {
+		t.Errorf("%d leases in the store after the stopped start, want %d", count, n)
+	}
+}
