@@ -279,10 +279,12 @@ func ceilMillis(d time.Duration) time.Duration {
 func (b *Backend) blame(enc []encodedOp, orig error) error {
 	if errors.Is(orig, os.ErrPermission) || errors.Is(orig, unix.ENOBUFS) ||
 		errors.Is(orig, unix.EPERM) || errors.Is(orig, unix.EMSGSIZE) ||
-		errors.Is(orig, unix.ENOMEM) || errors.Is(orig, os.ErrDeadlineExceeded) {
+		errors.Is(orig, unix.ENOMEM) || errors.Is(orig, os.ErrDeadlineExceeded) ||
+		errors.Is(orig, errBatchEnded) {
 		// Not about any one op: the batch never reached nftables, or the
 		// kernel answered for the whole batch (ENOMEM aborts it with one
-		// reply, which ends flush's read: replies.go) or not at all
+		// reply, which ends flush's read: replies.go; as does any error
+		// reply with none after it, errBatchEnded) or not at all
 		// (replies missing at flushDeadline); replaying prefixes would
 		// only meet the same.
 		return &OpError{Index: -1, Err: classify(orig)}

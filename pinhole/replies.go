@@ -40,7 +40,16 @@ import (
 // applied, and one with ENOMEM or EPERM ends the batch's replies but for
 // a commit's acknowledgements, which say nothing more. ENOBUFS is no
 // reply: replies past the receive buffer were dropped, the batch possibly
-// committed.
+// committed. An error reply for the whole batch other than ENOMEM and
+// EPERM (EINVAL: a subsystem id out of range or a batch attribute refused;
+// EOPNOTSUPP: no nf_tables; ERESTART: a stale NFNL_BATCH_GENID) is its
+// only reply too: since every reply is queued by the time the send
+// returns, once an error reply is read the read goes on only while more
+// are queued (queued), and ends at once when none are (h/lowfix; before,
+// such a batch waited out flushDeadline under the Backend's lock).
+// A batch answered with no reply at all (a malformed message, a second
+// batch header, a fatal signal: the errors collected are dropped) still
+// waits for flushDeadline: google/nftables sends none such.
 
 // flushConn sends the batch queued on c and reads its replies. With nl,
 // c's netlink socket (the Backend's own connection, Healthy's), it reads
@@ -120,9 +129,9 @@ func unread(err error) (n int, sentOnly bool) {
 // readReplies reads the replies to a batch of n messages, each asking for
 // an acknowledgement (an error per failing message, joined, wrapped as
 // google/nftables' Flush does), but stops at a reply that ends the batch
-// (ENOMEM, EPERM), at a read that fails (ENOBUFS) and at flushDeadline
-// (replies missing: a batch-wide error the kernel sent instead). ended: it
-// stopped early, nl is out of step.
+// (ENOMEM, EPERM; or any error reply with nothing queued after it:
+// errBatchEnded), at a read that fails (ENOBUFS) and at flushDeadline
+// (no reply at all). ended: it stopped early, nl is out of step.
 //
 // A reply is an NLMSG_ERROR message (an acknowledgement, errno 0, or an
 // error), each in a datagram of its own (netlink_ack). Anything else is a
@@ -139,6 +148,14 @@ func unread(err error) (n int, sentOnly bool) {
 func readReplies(nl *netlink.Conn, n int) (ended bool, err error) {
 	var errs error
 	for read := 0; read < n; {
+		if errs != nil && !queued(nl) {
+			// An error reply came and nothing follows it: an error for
+			// the whole batch, its only reply (the others are queued
+			// with the first: a per-message error's batch answers every
+			// message, a failed commit's has its acknowledgements after).
+			return true, fmt.Errorf("conn.Receive: %w", errors.Join(errs,
+				fmt.Errorf("%d of %d replies: %w", read, n, errBatchEnded)))
+		}
 		msgs, e := nl.Receive()
 		if e == nil {
 			for _, m := range msgs {
@@ -162,6 +179,36 @@ func readReplies(nl *netlink.Conn, n int) (ended bool, err error) {
 		return false, fmt.Errorf("conn.Receive: %w", errs)
 	}
 	return false, nil
+}
+
+// errBatchEnded marks a batch answered with fewer replies than messages,
+// its error for the whole of it (readReplies): about no one message, so
+// Apply's blame does not replay prefixes of the batch to find one.
+var errBatchEnded = errors.New("the kernel answered the whole batch with one error")
+
+// queued reports whether a datagram (or a socket error, such as ENOBUFS)
+// is waiting on nl, without reading it or waiting (poll(2), no timeout).
+// When it cannot tell, it says true: the read then waits as before.
+func queued(nl *netlink.Conn) bool {
+	rc, err := nl.SyscallConn()
+	if err != nil {
+		return true
+	}
+	ready := true
+	if err := rc.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		for {
+			k, err := unix.Poll(fds, 0)
+			if err == unix.EINTR {
+				continue
+			}
+			ready = err != nil || k > 0
+			return
+		}
+	}); err != nil {
+		return true
+	}
+	return ready
 }
 
 // kernelReply reports whether err is an error reply of the kernel's (an
