@@ -9,8 +9,14 @@ import (
 	"io"
 	"io/fs"
 	"net"
+	"os"
+	"path/filepath"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/fsperm"
 )
 
 // Client talks to a daemon's control socket. The zero Timeout means 30 s
@@ -28,6 +34,10 @@ func (c *Client) call(ctx context.Context, req Request) (net.Conn, *bufio.Reader
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	user, err := socketUser(c.Path)
+	if err != nil {
+		return nil, nil, Reply{}, err
+	}
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", c.Path)
 	if err != nil {
@@ -35,6 +45,10 @@ func (c *Client) call(ctx context.Context, req Request) (net.Conn, *bufio.Reader
 			return nil, nil, Reply{}, fmt.Errorf("control: no pcpd answering on %s (is it running? is --socket right?): %w", c.Path, err)
 		}
 		return nil, nil, Reply{}, fmt.Errorf("control: %w", err)
+	}
+	if err := servedBy(conn, user); err != nil {
+		conn.Close()
+		return nil, nil, Reply{}, fmt.Errorf("control: %s: %w", c.Path, err)
 	}
 	deadline, _ := ctx.Deadline()
 	conn.SetDeadline(deadline)
@@ -131,4 +145,90 @@ func (c *Client) Revoke(ctx context.Context, req Request) (int, error) {
 	}
 	conn.Close()
 	return rep.Revoked, nil
+}
+
+// socketUser checks, before the client connects, that nobody but root and
+// pcpd's user can have put the socket at path (h/lowfix; the daemon's
+// Listen refuses such a directory, but the CLI trusted any path: a socket
+// in a directory another user can write, planted while pcpd was down, fed
+// root's `pcpd revoke` a forged "revoked 7 lease(s)"). It returns pcpd's
+// user. Run by root, that is the owner root gave the socket's directory,
+// or a directory above it, to: the first directory from / not owned by
+// root (systemd's RuntimeDirectory= for the DynamicUser: /run/pcpd), when
+// the root-owned directory it is in is writable by nobody else (a
+// directory anyone may create, as one in /tmp, is not given; its owner is
+// not trusted and the path is refused). Run by another user, it is that
+// user (as the daemon's own check). The socket's directory must then pass
+// fsperm with that user: owned by root or them up to /, not group- or
+// world-writable (ancestors may be sticky).
+func socketUser(path string) (uint32, error) {
+	dir := filepath.Dir(filepath.Clean(path))
+	user := uint32(os.Geteuid())
+	if user == 0 {
+		user = givenUser(dir)
+	}
+	if err := fsperm.DirAs(dir, user, false); err != nil {
+		return 0, fmt.Errorf("control: refusing the socket %s: %w: %w", path, ErrUntrustedServer, err)
+	}
+	return user, nil
+}
+
+// givenUser is the owner of the first directory on dir's resolved path
+// not owned by root, if the directory above it is root's and writable by
+// no one else (so only root could have made it theirs); else 0.
+func givenUser(dir string) uint32 {
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil || !filepath.IsAbs(real) {
+		return 0 // fsperm reports it
+	}
+	parent := "/"
+	for _, c := range append([]string{""}, splitPath(real)...) {
+		d := filepath.Join(parent, c)
+		var st syscall.Stat_t
+		if syscall.Stat(d, &st) != nil {
+			return 0
+		}
+		if st.Uid != 0 {
+			var pst syscall.Stat_t
+			if syscall.Stat(parent, &pst) != nil || pst.Uid != 0 || pst.Mode&0o022 != 0 {
+				return 0
+			}
+			return st.Uid
+		}
+		parent = d
+	}
+	return 0
+}
+
+func splitPath(p string) []string {
+	var out []string
+	for p != "/" && p != "." {
+		out = append([]string{filepath.Base(p)}, out...)
+		p = filepath.Dir(p)
+	}
+	return out
+}
+
+// servedBy checks that the process serving conn (its listener's
+// credentials, SO_PEERCRED) is root or user.
+func servedBy(conn net.Conn, user uint32) error {
+	uc, ok := conn.(*net.UnixConn)
+	if !ok {
+		return fmt.Errorf("not a unix socket connection (%T): %w", conn, ErrUntrustedServer)
+	}
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	cerr := rc.Control(func(fd uintptr) {
+		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if err = errors.Join(cerr, err); err != nil {
+		return fmt.Errorf("SO_PEERCRED: %w", err)
+	}
+	if cred.Uid != 0 && cred.Uid != user {
+		return fmt.Errorf("served by uid %d (pid %d), neither root nor pcpd's user (uid %d): %w", cred.Uid, cred.Pid, user, ErrUntrustedServer)
+	}
+	return nil
 }

@@ -52,6 +52,10 @@ var (
 	// ErrPeer: a connection from a user other than root and pcpd's own
 	// (SO_PEERCRED), closed unanswered.
 	ErrPeer = errors.New("control client not allowed")
+	// ErrUntrustedServer: the client's side of ErrUnsafeDir and ErrPeer:
+	// the socket's directory can be changed by another user, or the
+	// process serving it runs as neither root nor pcpd's user (Client).
+	ErrUntrustedServer = errors.New("control socket not served by pcpd's user")
 	// ErrProtocol: the peer broke the protocol (bad JSON, truncated stream).
 	ErrProtocol = errors.New("control protocol error")
 	// ErrRemote: the daemon answered with an error; see *RemoteError.

@@ -41,7 +41,14 @@ var euid = os.Geteuid
 // package comment). A sticky dir that others can write is refused as
 // well (they can create names in it before pcpd does) unless stickyOK.
 func Dir(dir string, stickyOK bool) error {
-	return walk(dir, stickyOK, false, 0)
+	return walk(dir, stickyOK, false, 0, uint32(euid()))
+}
+
+// DirAs is Dir for a process other than pcpd checking pcpd's directory
+// (the admin CLI, before it talks to the control socket): uid is pcpd's
+// user, root's trusted beside it.
+func DirAs(dir string, uid uint32, stickyOK bool) error {
+	return walk(dir, stickyOK, false, 0, uid)
 }
 
 // MkdirAll is Dir, creating the directories missing on the way with mode
@@ -49,13 +56,13 @@ func Dir(dir string, stickyOK bool) error {
 // been checked: a path refused creates nothing in a place another user
 // controls.
 func MkdirAll(dir string, perm os.FileMode, stickyOK bool) error {
-	return walk(dir, stickyOK, false, perm|fs.ModeDir)
+	return walk(dir, stickyOK, false, perm|fs.ModeDir, uint32(euid()))
 }
 
 // File checks the file path, and every directory met on the way to it (a
 // sticky directory is fine: the file is ours).
 func File(path string) error {
-	return walk(path, false, true, 0)
+	return walk(path, false, true, 0, uint32(euid()))
 }
 
 // Entries checks what dir (a directory Dir passed) holds: each entry
@@ -75,7 +82,7 @@ func Entries(dir string) error {
 		} else if err != nil {
 			return &fs.PathError{Op: "lstat", Path: p, Err: err}
 		}
-		if err := owner(p, p, st.Uid); err != nil {
+		if err := owner(p, p, st.Uid, uint32(euid())); err != nil {
 			return err
 		}
 		if st.Mode&syscall.S_IFMT == syscall.S_IFLNK {
@@ -86,7 +93,7 @@ func Entries(dir string) error {
 			// checks every directory met before the missing name.
 			var tst syscall.Stat_t
 			dir := syscall.Stat(p, &tst) == nil && tst.Mode&syscall.S_IFMT == syscall.S_IFDIR
-			if err := walk(p, false, !dir, 0); err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.ELOOP) {
+			if err := walk(p, false, !dir, 0, uint32(euid())); err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.ELOOP) {
 				return err
 			}
 			continue
@@ -101,7 +108,8 @@ func Entries(dir string) error {
 // walk resolves name one component at a time, checking each directory it
 // passes and each symlink it follows, and then the final one (stickyOK for
 // it; a regular file when file). mkdir non-zero: create what is missing.
-func walk(name string, stickyOK, file bool, mkdir os.FileMode) error {
+// user is pcpd's user (trusted with root).
+func walk(name string, stickyOK, file bool, mkdir os.FileMode, user uint32) error {
 	rest := name
 	if !filepath.IsAbs(rest) {
 		// The kernel's working directory (getcwd), not os.Getwd's
@@ -112,7 +120,7 @@ func walk(name string, stickyOK, file bool, mkdir os.FileMode) error {
 		}
 		rest = wd + "/" + rest
 	}
-	if err := check("/", name, true, false); err != nil {
+	if err := check("/", name, true, false, user); err != nil {
 		return err
 	}
 	done, links := "/", 0
@@ -126,14 +134,14 @@ func walk(name string, stickyOK, file bool, mkdir os.FileMode) error {
 		case "", ".":
 			if last {
 				// The directory reached, once more as the last.
-				return check(done, name, stickyOK, file)
+				return check(done, name, stickyOK, file, user)
 			}
 			continue
 		case "..":
 			// Every directory of done was checked on the way down.
 			done = filepath.Dir(done)
 			if last {
-				return check(done, name, stickyOK, file)
+				return check(done, name, stickyOK, file, user)
 			}
 			continue
 		}
@@ -153,7 +161,7 @@ func walk(name string, stickyOK, file bool, mkdir os.FileMode) error {
 			// Its directory, done, is checked; the link itself must
 			// be ours too (in a sticky directory its owner may
 			// replace it).
-			if err := owner(next, name, st.Uid); err != nil {
+			if err := owner(next, name, st.Uid, user); err != nil {
 				return err
 			}
 			if links++; links > maxLinks {
@@ -170,9 +178,9 @@ func walk(name string, stickyOK, file bool, mkdir os.FileMode) error {
 			continue
 		}
 		if last {
-			return check(next, name, stickyOK, file)
+			return check(next, name, stickyOK, file, user)
 		}
-		if err := check(next, name, true, false); err != nil {
+		if err := check(next, name, true, false, user); err != nil {
 			return err
 		}
 		done = next
@@ -180,9 +188,9 @@ func walk(name string, stickyOK, file bool, mkdir os.FileMode) error {
 }
 
 // owner refuses d (met on the way to name) unless root or pcpd's user
-// owns it.
-func owner(d, name string, uid uint32) error {
-	if uid != 0 && uid != uint32(euid()) {
+// (user) owns it.
+func owner(d, name string, uid, user uint32) error {
+	if uid != 0 && uid != user {
 		return fmt.Errorf("%s is owned by uid %d, neither root nor pcpd's user: %w", what(d, name), uid, ErrUnsafe)
 	}
 	return nil
@@ -197,7 +205,7 @@ func what(d, name string) string {
 
 // check looks at one resolved path d (met on the way to name): a
 // directory, or a regular file when file.
-func check(d, name string, stickyOK, file bool) error {
+func check(d, name string, stickyOK, file bool, user uint32) error {
 	var st syscall.Stat_t
 	if err := syscall.Lstat(d, &st); err != nil {
 		return &fs.PathError{Op: "lstat", Path: d, Err: err}
@@ -209,7 +217,7 @@ func check(d, name string, stickyOK, file bool) error {
 	case !file && typ != syscall.S_IFDIR:
 		return &fs.PathError{Op: "walk", Path: what(d, name), Err: syscall.ENOTDIR}
 	}
-	if err := owner(d, name, st.Uid); err != nil {
+	if err := owner(d, name, st.Uid, user); err != nil {
 		return err
 	}
 	if mode&0o022 != 0 && !(stickyOK && mode&syscall.S_ISVTX != 0) {
