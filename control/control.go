@@ -217,6 +217,12 @@ type LeaseStreamer interface {
 	StreamLeases(count func(n int) error, each func(*store.Lease) error) error
 }
 
+// OwnerChecker, when a Backend has it, tells revoke --client whether a
+// lease owner exists without Leases (a copy of every lease).
+type OwnerChecker interface {
+	HasOwner(id string) bool
+}
+
 // ProtocolName spells an IANA protocol number as operators write it.
 func ProtocolName(p uint8) string {
 	switch p {

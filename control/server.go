@@ -429,14 +429,22 @@ func handle(line []byte, w *bufio.Writer, b Backend, log *zap.Logger) error {
 }
 
 // resolveOwner lets the operator name a client as pcpd leases shows it
-// ("wg:KEY", "static:NAME") or without the prefix ("KEY", "NAME").
-func resolveOwner(name string, leases []store.Lease) string {
-	owners := map[string]bool{}
-	for _, l := range leases {
-		owners[l.Owner] = true
+// ("wg:KEY", "static:NAME") or without the prefix ("KEY", "NAME"). With an
+// OwnerChecker it asks the backend about each candidate; else it reads
+// every lease (Leases: the engine copies them all at once, under its lock;
+// before h/lowfix, pcpd's revoke --client did so: 100 000 leases held it
+// for a pause before the revoke began).
+func resolveOwner(name string, b Backend) string {
+	has, ok := b.(OwnerChecker)
+	var owners map[string]bool
+	if !ok {
+		owners = map[string]bool{}
+		for _, l := range b.Leases() {
+			owners[l.Owner] = true
+		}
 	}
 	for _, cand := range []string{name, "static:" + name, "wg:" + name} {
-		if owners[cand] {
+		if ok && has.HasOwner(cand) || owners[cand] {
 			return cand
 		}
 	}
@@ -459,7 +467,7 @@ func revoke(req Request, b Backend, log *zap.Logger) (int, error) {
 		log.Info("revoked all leases", zap.Int("count", n), zap.Error(err))
 		return n, err
 	case req.Client != "":
-		owner := resolveOwner(req.Client, b.Leases())
+		owner := resolveOwner(req.Client, b)
 		n, err := b.Revoke(Revoke{Owner: owner})
 		log.Info("revoked a client's leases", zap.String("client", req.Client), zap.Int("count", n), zap.Error(err))
 		return n, err

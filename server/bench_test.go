@@ -25,7 +25,7 @@ func benchServer(b *testing.B, fw Firewall, st LeaseStore, state store.State) *S
 }
 
 // benchServerCfg is benchServer with cfg's ExternalIPv4.
-func benchServerCfg(b *testing.B, fw Firewall, st LeaseStore, state store.State, cfg Config) *Server {
+func benchServerCfg(b testing.TB, fw Firewall, st LeaseStore, state store.State, cfg Config) *Server {
 	own, err := policy.NewStatic(map[string][]netip.Prefix{"bench": {netip.MustParsePrefix("2001:db8::/32")}})
 	if err != nil {
 		b.Fatal(err)

@@ -361,6 +361,9 @@ func (b *backend) StreamLeases(count func(int) error, each func(*store.Lease) er
 	return err
 }
 
+// HasOwner spares revoke --client a copy of every lease (control.OwnerChecker).
+func (b *backend) HasOwner(id string) bool { return b.srv.HasOwner(id) }
+
 func (b *backend) Revoke(r control.Revoke) (int, error) {
 	return b.srv.Revoke(server.RevokeFilter{Owner: r.Owner, Key: r.Key, All: r.All})
 }
