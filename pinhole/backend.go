@@ -200,6 +200,8 @@ type Backend struct {
 	// destination register, before Linux 6.5; Setup). refuseNATCut
 	// (tests only) makes them ones every kernel refuses so.
 	natCut, refuseNATCut bool
+	// natLabel: the label bit of this table's DNAT-ed flows (natLabelFor).
+	natLabel int
 	// unlabelled: a Setup found guard6 admitting through a pinhole set
 	// without labelling (a table laid out by a pcpd before cutflows.go,
 	// or an admission rule an admin altered): the flows those rules
@@ -254,6 +256,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		b.served6, b.served4 = servedSets(b.table)
 		b.chainRecheck6, b.cutLabels = "recheck6", true
 		b.chainNATCut, b.chainRecheckNAT, b.natCut = "natcut", "recheck_nat", true
+		b.natLabel = natLabelFor(cfg.Table)
 	}
 	b.servingIfs = servingIfsSet(b.table, prefix)
 	b.chainGuard6 = prefix + "guard6"

@@ -2,6 +2,7 @@ package pinhole
 
 import (
 	"errors"
+	"hash/fnv"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -71,6 +72,27 @@ var cutKinds = [...]kind{kindPort, kindProto, kindAddr, kindFilter, kindAddrFilt
 // forward) never matches, and natcut sends natLabel flows to recheck_nat,
 // whose lookups an IPv6 pinhole's flow never matches.
 const natLabel = 126
+
+// natLabelFor is the label bit table's DNAT rules set and its natcut
+// re-checks: natLabel for the default table, another bit of 64-125 (a
+// hash of the name) for any other. natcut sees every packet the host
+// receives, so with one bit for every table a second pcpd on the host
+// (its own table, its own clients) had its DNAT-ed flows re-checked
+// against the first one's maps, and every one dropped after its first
+// packet, both ways (review h/revnatcut, finding 1,
+// TestNATCutSparesOthersLabelledFlows). recheck_nat cannot tell the
+// flows apart otherwise: a rule on the flow's DNAT target ("ct reply ip
+// saddr @protected4") needs a direction the nftables library writes for
+// none of the typed address keys, and nft aborts listing the untyped
+// one. Two tables other than the default may still share a bit (1 in 62).
+func natLabelFor(table string) int {
+	if table == "pcpd" {
+		return natLabel
+	}
+	h := fnv.New32a()
+	h.Write([]byte(table))
+	return 64 + int(h.Sum32()%62)
+}
 
 // labelBits is label as the kernel's 128-bit label bitmap (bit n is
 // bit n%8 of byte n/8, as nft writes "ct label 127").

@@ -18,7 +18,9 @@ import (
 //
 // pcpd's own DNAT rules label the flow they translate with natLabel, on
 // the same lookup's hit (an admin's own DNAT-ed flows are never
-// labelled):
+// labelled; natLabel is the default table's bit, another table's is its
+// own, natLabelFor, so that a second pcpd's flows are not re-checked
+// against this one's maps):
 //
 //	ip daddr . meta l4proto . th dport @napt4 ct label set 126 dnat ip to ip daddr . meta l4proto . th dport map @napt4
 //
@@ -97,7 +99,7 @@ var natCutKinds = [...]kind{kindRedirect6, kindRedirect6Filter, kindNAPT4, kindN
 
 // natCutRules is natcut's rule and recheck_nat's.
 func (b *Backend) natCutRules() (natcut, recheck [][]expr.Any) {
-	natcut = [][]expr.Any{rule(x(loadCt(expr.CtKeyLABELS, reg0)), labelSet(natLabel),
+	natcut = [][]expr.Any{rule(x(loadCt(expr.CtKeyLABELS, reg0)), labelSet(b.natLabel),
 		x(loadCt(expr.CtKeyDIRECTION, reg0), eq(reg0, 0)),
 		x(loadCt(expr.CtKeySTATE, reg0)), bitsSet(reg0, expr.CtStateBitESTABLISHED|expr.CtStateBitNEW),
 		x(goTo(b.chainRecheckNAT)))}

@@ -323,7 +323,7 @@ func (b *Backend) layout() []chainRules {
 	dnat := func(fam byte, key func() []expr.Any, s *nftables.Set, portReg uint32) []expr.Any {
 		r := nfproto(fam)
 		if b.natCutting() {
-			r = rule(r, key(), x(lookup(s, reg0)), b.setLabel(natLabel))
+			r = rule(r, key(), x(lookup(s, reg0)), b.setLabel(b.natLabel))
 		}
 		return rule(r, key(), x(
 			&expr.Lookup{SourceRegister: reg0, DestRegister: reg0, IsDestRegSet: true, SetName: s.Name, SetID: s.ID},
