@@ -202,6 +202,9 @@ type Backend struct {
 	natCut, refuseNATCut bool
 	// natLabel: the label bit of this table's DNAT-ed flows (natLabelFor).
 	natLabel int
+	// natAsked: a Setup of this Backend asked conntrack for flows DNAT-ed
+	// unlabelled (dnatFlowsUnlabelled), as it does once.
+	natAsked bool
 	// unlabelled: a Setup found guard6 admitting through a pinhole set
 	// without labelling (a table laid out by a pcpd before cutflows.go,
 	// or an admission rule an admin altered): the flows those rules
@@ -349,6 +352,15 @@ func (b *Backend) setupLocked() (err error) {
 	}
 	if b.natCutting() && !b.natUnlabelled {
 		b.natUnlabelled = b.translatesUnlabelled()
+		if !b.natUnlabelled && !b.natAsked {
+			// A start over an existing table: flows an unlabelled
+			// layout DNAT-ed may outlive the Setup that relabelled it
+			// (dnatFlowsUnlabelled).
+			b.natAsked = true
+			if ok, err := b.tableExists(); err != nil || ok {
+				b.natUnlabelled = b.dnatFlowsUnlabelled()
+			}
+		}
 	}
 	if b.cfg.Attached {
 		ok, err := b.tableExists()

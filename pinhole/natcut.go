@@ -2,9 +2,12 @@ package pinhole
 
 import (
 	"errors"
+	"net/netip"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -155,4 +158,68 @@ func (b *Backend) translatesUnlabelled() bool {
 		labelled = labelled || labels
 	}
 	return len(rules) > 0 && !labelled
+}
+
+// dnatFlowsUnlabelled reports whether conntrack holds a flow DNAT-ed
+// (its reply source is not its original destination) to an address of
+// the kernel's protected sets without this table's label: one an
+// unlabelled DNAT rule translated (a layout before natcut.go, found by an
+// earlier start's Setup, which rewrote it labelled, so translatesUnlabelled
+// no longer sees it), which natcut never re-checks. Asked at a Backend's
+// first Setup over an existing table (a start): before, the second start
+// after an upgrade had CutsFlows true while such a flow lived, and its
+// mapping's delete was answered without the walk (review h/revnatcut,
+// finding 2, TestNATCutRestartAfterUpgrade). An admin's own DNAT to a
+// client keeps the DNAT kinds waiting for the walk as well (safe). One
+// dump of the conntrack table, both families; true when it cannot be
+// read. Caller holds b.mu.
+func (b *Backend) dnatFlowsUnlabelled() bool {
+	var prot []intervalRange
+	for _, s := range []*nftables.Set{b.protected6, b.protected4} {
+		rs, err := b.readIntervals(s)
+		if err != nil {
+			return true
+		}
+		prot = append(prot, rs...)
+	}
+	if len(prot) == 0 {
+		return false
+	}
+	var h *netlink.Handle
+	var err error
+	if b.netns > 0 {
+		h, err = netlink.NewHandleAt(netns.NsHandle(b.netns), unix.NETLINK_NETFILTER)
+	} else {
+		h, err = netlink.NewHandle(unix.NETLINK_NETFILTER)
+	}
+	if err != nil {
+		return true
+	}
+	defer h.Close()
+	at, bit := b.natLabel/8, byte(1)<<(b.natLabel%8)
+	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
+		flows, err := h.ConntrackTableList(netlink.ConntrackTable, fam)
+		if err != nil {
+			return true
+		}
+		for _, f := range flows {
+			if f.Forward.DstIP.Equal(f.Reverse.SrcIP) && f.Forward.DstPort == f.Reverse.SrcPort {
+				continue // not DNAT-ed
+			}
+			if len(f.Labels) > at && f.Labels[at]&bit != 0 {
+				continue
+			}
+			to, ok := netip.AddrFromSlice(f.Reverse.SrcIP)
+			if !ok {
+				continue
+			}
+			to = to.Unmap()
+			for _, r := range prot {
+				if r.first.Is4() == to.Is4() && r.first.Compare(to) <= 0 && to.Compare(r.last) <= 0 {
+					return true
+				}
+			}
+		}
+	}
+	return false
 }
