@@ -3,6 +3,7 @@ package pinhole
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"testing"
 	"time"
@@ -77,6 +78,14 @@ func TestReadRepliesBatchWideError(t *testing.T) {
 			[]netlink.Message{table(unix.NFT_MSG_DELTABLE, "none"), table(unix.NFT_MSG_NEWTABLE, "b")}, unix.ENOENT, false},
 		{"last message fails: every message answered", header(unix.NFNL_MSG_BATCH_BEGIN, nftables, 0),
 			[]netlink.Message{table(unix.NFT_MSG_NEWTABLE, "a"), table(unix.NFT_MSG_DELTABLE, "none")}, unix.ENOENT, false},
+		// review h/revlowfix: a big batch, the error early and in the
+		// middle, hundreds of acknowledgements after it: all queued
+		// within the send (nfnl_err_deliver after the abort), none left
+		// for the next batch.
+		{"big batch, message 2 of 1500 fails", header(unix.NFNL_MSG_BATCH_BEGIN, nftables, 0),
+			bigBatch(table, 1500, 1), unix.ENOENT, false},
+		{"big batch, message 751 of 1500 fails", header(unix.NFNL_MSG_BATCH_BEGIN, nftables, 0),
+			bigBatch(table, 1500, 750), unix.ENOENT, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ns := netlab.NewNS(t, "lowfix")
@@ -110,4 +119,15 @@ func TestReadRepliesBatchWideError(t *testing.T) {
 			}
 		})
 	}
+}
+
+// bigBatch is n NEWTABLE messages, the one at bad a DELTABLE of a table
+// that does not exist (ENOENT: the batch aborted, every message answered).
+func bigBatch(table func(uint16, string) netlink.Message, n, bad int) []netlink.Message {
+	out := make([]netlink.Message, n)
+	for i := range out {
+		out[i] = table(unix.NFT_MSG_NEWTABLE, fmt.Sprintf("t%d", i))
+	}
+	out[bad] = table(unix.NFT_MSG_DELTABLE, "none")
+	return out
 }
