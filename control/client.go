@@ -212,23 +212,34 @@ func splitPath(p string) []string {
 // servedBy checks that the process serving conn (its listener's
 // credentials, SO_PEERCRED) is root or user.
 func servedBy(conn net.Conn, user uint32) error {
+	cred, err := peerCred(conn, ErrUntrustedServer)
+	if err != nil {
+		return err
+	}
+	if cred.Uid != 0 && cred.Uid != user {
+		return fmt.Errorf("served by uid %d (pid %d), neither root nor pcpd's user (uid %d): %w", cred.Uid, cred.Pid, user, ErrUntrustedServer)
+	}
+	return nil
+}
+
+// peerCred is the credentials of conn's other end (SO_PEERCRED: the
+// connecting process's for the server, the listener's for the client);
+// notUnix wraps the error for a connection that is not a unix socket's.
+func peerCred(conn net.Conn, notUnix error) (*unix.Ucred, error) {
 	uc, ok := conn.(*net.UnixConn)
 	if !ok {
-		return fmt.Errorf("not a unix socket connection (%T): %w", conn, ErrUntrustedServer)
+		return nil, fmt.Errorf("not a unix socket connection (%T): %w", conn, notUnix)
 	}
 	rc, err := uc.SyscallConn()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var cred *unix.Ucred
 	cerr := rc.Control(func(fd uintptr) {
 		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	})
 	if err = errors.Join(cerr, err); err != nil {
-		return fmt.Errorf("SO_PEERCRED: %w", err)
+		return nil, fmt.Errorf("SO_PEERCRED: %w", err)
 	}
-	if cred.Uid != 0 && cred.Uid != user {
-		return fmt.Errorf("served by uid %d (pid %d), neither root nor pcpd's user (uid %d): %w", cred.Uid, cred.Pid, user, ErrUntrustedServer)
-	}
-	return nil
+	return cred, nil
 }

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/fsperm"
 	"github.com/pcpd/pcpd/store"
@@ -300,20 +299,9 @@ func (w progressWriter) Write(p []byte) (int, error) {
 // process with CAP_DAC_OVERRIDE under another uid, a socket someone
 // chmodded for a group.
 func peerAllowed(c net.Conn) error {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		return fmt.Errorf("not a unix socket connection (%T): %w", c, ErrPeer)
-	}
-	rc, err := uc.SyscallConn()
+	cred, err := peerCred(c, ErrPeer)
 	if err != nil {
 		return err
-	}
-	var cred *unix.Ucred
-	cerr := rc.Control(func(fd uintptr) {
-		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	})
-	if err = errors.Join(cerr, err); err != nil {
-		return fmt.Errorf("SO_PEERCRED: %w", err)
 	}
 	if cred.Uid != 0 && cred.Uid != uint32(os.Geteuid()) {
 		return fmt.Errorf("uid %d (pid %d), neither root nor pcpd's user: %w", cred.Uid, cred.Pid, ErrPeer)
