@@ -123,13 +123,20 @@ const revokeChunk = 256
 func (s *Server) revokeKeys(keys []store.Key) ([]store.Lease, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.revokeKeysLocked(keys, nil)
+}
+
+// revokeKeysLocked is revokeKeys under s.mu held by the caller; with
+// still, only the leases it still selects are ended (the ownership
+// sweep: those still unowned).
+func (s *Server) revokeKeysLocked(keys []store.Key, still func(*store.Lease) bool) ([]store.Lease, error) {
 	now := s.now()
 	s.expireLocked(now)
 	var gone []store.Lease
 	var t *tx
 	for _, k := range keys {
 		l, ok := s.tab.get(k)
-		if !ok {
+		if !ok || still != nil && !still(l) {
 			continue
 		}
 		if t == nil {

@@ -117,6 +117,9 @@ type Server struct {
 	// revocations failed (the check is then repeated).
 	hostSeen, hostPass    uint64
 	hostCheck, hostFailed bool
+	// full is the full ownership sweep in progress (beginSweep), done a
+	// step at a time (sweepMore).
+	full fullSweep
 	// rewriteAt is the table slot the store's rewrite after a wall-clock
 	// step goes on from (0: none pending; clock.go); rewriteBuf its
 	// reused buffer.
@@ -343,8 +346,10 @@ func (s *Server) Serve(ctx context.Context) error {
 		return fmt.Errorf("server: Serve before Start: %w", ErrInvalidConfig)
 	}
 	// Leases restored from disk may belong to peers removed while pcpd
-	// was down (LIFE-05).
-	s.sweepOwnership()
+	// was down (LIFE-05): a full sweep, its steps run by the loop below
+	// between requests (sweepMore). Its first step here, before serving,
+	// guards the owned prefixes (updateProtected).
+	sweeping := s.beginSweep()
 	// Last: failed conntrack walks are not retried once Serve returns,
 	// and the walk's socket is closed (a walk in flight closes its own).
 	s.ctSock.open()
@@ -385,6 +390,13 @@ func (s *Server) Serve(ctx context.Context) error {
 	batch := make([]packet, 0, s.cfg.MaxBatch)
 	for {
 		s.resetExpiry(expiry)
+		// While a full sweep runs, its next step is always ready: select
+		// picks among it, requests, timers and the stop at random, so
+		// each waits a step at most (≈ 10 ms).
+		var sweepNext <-chan struct{}
+		if sweeping {
+			sweepNext = readyChan
+		}
 		select {
 		case <-ctx.Done():
 			<-lisErr
@@ -416,6 +428,8 @@ func (s *Server) Serve(ctx context.Context) error {
 			if s.flushDue() {
 				flushMore.Reset(flushGap)
 			}
+		case <-sweepNext:
+			sweeping = s.sweepMore()
 		case <-sweep.C:
 			s.sweepStep()
 			s.checkClock()
@@ -430,7 +444,7 @@ func (s *Server) Serve(ctx context.Context) error {
 					break more
 				}
 			}
-			s.sweepOwnership()
+			sweeping = s.beginSweep()
 		}
 	}
 }
@@ -574,21 +588,119 @@ func (s *Server) expireLocked(now time.Time) {
 
 // sweepOwnership revokes every lease whose internal address its owner no
 // longer owns (peer removed, AllowedIPs shrunk: LIFE-05), walking the
-// whole table at once: at start and when the ownership source reports a
-// loss (Deps.Changes), where "at once" is the point. The periodic check
-// is sweepStep.
+// whole table: a full sweep (beginSweep) run to its end. Serve runs the
+// same sweep, at start and when the ownership source reports a loss
+// (Deps.Changes), a step at a time between requests (sweepMore). The
+// periodic check is sweepStep.
 func (s *Server) sweepOwnership() {
+	if s.beginSweep() {
+		for s.sweepMore() {
+		}
+	}
+}
+
+// fullSweep is a full ownership sweep in progress (h/sweepchunk). Before,
+// the full sweep was one hold of s.mu and one transaction: 1 000 000
+// restored leases no longer owned kept the engine (and SIGTERM) waiting
+// 3 min 18 s at start. Now each step is one hold: it reads sweepSlots
+// table slots (table.unowned, as sweepStep), or ends the next revokeChunk
+// of the leases found unowned in one transaction (revokeKeys, as the
+// operator's Revoke), those still unowned then.
+type fullSweep struct {
+	on     bool
+	again  bool // a loss reported meanwhile: another sweep follows
+	at     uint32
+	walked bool // the walk reached the table's end
+	gen    uint64
+	check  bool // with the never-openable check (swept)
+	failed bool
+	keys   []store.Key // found unowned, not yet ended
+}
+
+// readyChan is always ready to receive from.
+var readyChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+// beginSweep starts a full sweep (one already running: another follows
+// it, which the walk so far needs: it was checked against the ownership
+// before the loss). It reports whether a sweep runs (true).
+func (s *Server) beginSweep() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.updateProtected()
+	if s.full.on {
+		s.full.again = true
+		return true
+	}
 	g := s.pol.HostGen()
-	check := g != s.hostSeen
-	keys, _ := s.tab.unowned(1, s.tab.len()+int(s.tab.top), s.swept(check), s.sweepKeys[:0])
-	s.sweepKeys = keys
-	if s.revokeUnowned(keys) && check {
-		s.hostSeen = g
+	s.full = fullSweep{on: true, gen: g, check: g != s.hostSeen, keys: s.full.keys[:0]}
+	return true
+}
+
+// sweepMore does the full sweep's next step, one hold of s.mu, and
+// reports whether more are to come. A transaction that fails ends the
+// sweep: what it left is the periodic sweep's (sweepStep) to retry, as
+// when the full sweep was one transaction.
+func (s *Server) sweepMore() bool {
+	s.mu.Lock()
+	f := &s.full
+	if !f.on {
+		s.mu.Unlock()
+		return false
+	}
+	if len(f.keys) == 0 {
+		if !f.walked {
+			f.keys, f.at = s.tab.unowned(f.at, sweepSlots, s.swept(f.check), f.keys[:0])
+			f.walked = f.at == 0
+			slices.SortFunc(f.keys, compareKeys)
+			s.mu.Unlock()
+			return true
+		}
+		more := s.endSweepLocked()
+		s.mu.Unlock()
+		return more
+	}
+	chunk := f.keys[:min(len(f.keys), revokeChunk)]
+	own := s.swept(f.check)
+	gone, err := s.revokeKeysLocked(chunk, func(l *store.Lease) bool {
+		o, ok := own.Lookup(l.InternalAddr)
+		return !ok || string(o.ID) != l.Owner
+	})
+	never := make([]bool, len(gone))
+	for i := range gone {
+		never[i] = s.pol.NeverOpenable(gone[i].InternalAddr)
+	}
+	more := true
+	if err != nil {
+		f.failed = true
+		more = s.endSweepLocked()
+	} else {
+		f.keys = f.keys[len(chunk):]
+	}
+	s.mu.Unlock()
+	if err != nil {
+		s.log.Error("cannot revoke leases no longer owned; retrying at the next sweep", zap.Error(err))
+	}
+	s.logUnowned(gone, never)
+	return more
+}
+
+// endSweepLocked ends the full sweep and starts the one asked for
+// meanwhile, if any (it reports whether it did).
+func (s *Server) endSweepLocked() bool {
+	f := &s.full
+	if f.check && !f.failed {
+		s.hostSeen = f.gen
 	}
 	s.sweepAt = 0 // a full walk covers the periodic pass in progress
+	again := f.again
+	*f = fullSweep{keys: f.keys[:0]}
+	if !again {
+		return false
+	}
+	s.updateProtected()
+	g := s.pol.HostGen()
+	*f = fullSweep{on: true, gen: g, check: g != s.hostSeen, keys: f.keys}
+	return true
 }
 
 // sweepSlots is how many table slots one periodic ownership step reads.
@@ -611,6 +723,9 @@ const (
 func (s *Server) sweepStep() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.full.on {
+		return // the full sweep covers it
+	}
 	if s.sweepAt == 0 {
 		s.updateProtected()
 		s.hostPass = s.pol.HostGen()
@@ -666,11 +781,11 @@ func (s *Server) revokeUnowned(keys []store.Key) bool {
 		return true
 	}
 	slices.SortFunc(keys, compareKeys)
-	logs := make([]store.Lease, 0, len(keys))
+	gone := make([]store.Lease, 0, len(keys))
 	t := s.begin(s.now())
 	for _, k := range keys {
 		if l, ok := s.tab.get(k); ok {
-			logs = append(logs, *l)
+			gone = append(gone, *l)
 			t.set(k, nil, true)
 		}
 	}
@@ -681,8 +796,20 @@ func (s *Server) revokeUnowned(keys []store.Key) bool {
 		return false
 	}
 	s.release(t)
-	for _, l := range logs {
-		if s.pol.NeverOpenable(l.InternalAddr) {
+	never := make([]bool, len(gone))
+	for i := range gone {
+		never[i] = s.pol.NeverOpenable(gone[i].InternalAddr)
+	}
+	s.logUnowned(gone, never)
+	return true
+}
+
+// logUnowned logs and counts the leases the ownership sweep ended; never
+// says which of them were ended as never openable.
+func (s *Server) logUnowned(gone []store.Lease, never []bool) {
+	for i := range gone {
+		l := &gone[i]
+		if never[i] {
 			s.m.revocations.WithLabelValues("policy").Inc()
 			s.log.Info("revoked: the address is now never openable (one the host reaches itself)",
 				zap.String("peer", l.Owner), zap.Stringer("address", l.InternalAddr),
@@ -696,7 +823,6 @@ func (s *Server) revokeUnowned(keys []store.Key) bool {
 			zap.Uint16("port", l.InternalPort), zap.String("protocol", protoName(l.Protocol)),
 			zap.Stringer("external", netip.AddrPortFrom(l.ExternalAddr, l.ExternalPort)))
 	}
-	return true
 }
 
 // updateProtected tells the firewall which prefixes to guard: every owned
