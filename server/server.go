@@ -604,8 +604,8 @@ func (s *Server) sweepOwnership() {
 // restored leases no longer owned kept the engine (and SIGTERM) waiting
 // 3 min 18 s at start. Now each step is one hold: it reads sweepSlots
 // table slots (table.unowned, as sweepStep), or ends the next revokeChunk
-// of the leases found unowned in one transaction (revokeKeys, as the
-// operator's Revoke), those still unowned then.
+// of the leases found unowned in one transaction (revokeKeysLocked, the
+// operator's Revoke's), those still unowned then.
 type fullSweep struct {
 	on     bool
 	again  bool // a loss reported meanwhile: another sweep follows
