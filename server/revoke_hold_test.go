@@ -136,6 +136,18 @@ func TestRevokeOwnerHold(t *testing.T) {
 	t1 := time.Now()
 	all := len(s.Leases())
 	t.Logf("Leases() (revoke --client's owner lookup before h/lowfix): %d leases copied under s.mu in %v", all, time.Since(t1))
+	endProbe := probeLockWait(s)
+	t0 := time.Now()
+	got, err := s.Revoke(RevokeFilter{Owner: "static:bench"})
+	took := time.Since(t0)
+	maxWait, probes := endProbe()
+	t.Logf("revoked %d (%v) in %v; engine's longest wait for s.mu %v (%d probes)", got, err, took, maxWait, probes)
+}
+
+// probeLockWait starts a prober that takes s.mu every millisecond, as a
+// request would, and returns the function that stops it and reports the
+// longest it waited for the lock and how many times it took it.
+func probeLockWait(s *Server) (end func() (time.Duration, int)) {
 	var maxWait atomic.Int64
 	stop := make(chan struct{})
 	done := make(chan struct{})
@@ -158,10 +170,9 @@ func TestRevokeOwnerHold(t *testing.T) {
 			time.Sleep(time.Millisecond)
 		}
 	}()
-	t0 := time.Now()
-	got, err := s.Revoke(RevokeFilter{Owner: "static:bench"})
-	took := time.Since(t0)
-	close(stop)
-	<-done
-	t.Logf("revoked %d (%v) in %v; engine's longest wait for s.mu %v (%d probes)", got, err, took, time.Duration(maxWait.Load()), probes)
+	return func() (time.Duration, int) {
+		close(stop)
+		<-done
+		return time.Duration(maxWait.Load()), probes
+	}
 }

@@ -5,7 +5,6 @@ import (
 	"os"
 	"slices"
 	"strconv"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -120,35 +119,13 @@ func TestSweepStartHold(t *testing.T) {
 		t.Skip("PCPD_SWEEP_HOLD=N not set")
 	}
 	s, _, _ := sweepReal(t, "sweepchunk-hold", t.TempDir(), n, 0)
-	var maxWait atomic.Int64
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	probes := 0
-	go func() {
-		defer close(done)
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			t0 := time.Now()
-			s.mu.Lock()
-			s.mu.Unlock()
-			if w := int64(time.Since(t0)); w > maxWait.Load() {
-				maxWait.Store(w)
-			}
-			probes++
-			time.Sleep(time.Millisecond)
-		}
-	}()
+	endProbe := probeLockWait(s)
 	t0 := time.Now()
 	s.sweepOwnership()
 	took := time.Since(t0)
-	close(stop)
-	<-done
+	maxWait, probes := endProbe()
 	left := len(s.Leases())
-	t.Logf("swept %d unowned leases in %v (%d left); engine's longest wait for s.mu %v (%d probes)", n, took, left, time.Duration(maxWait.Load()), probes)
+	t.Logf("swept %d unowned leases in %v (%d left); engine's longest wait for s.mu %v (%d probes)", n, took, left, maxWait, probes)
 	if left != 0 {
 		t.Errorf("%d leases left", left)
 	}
