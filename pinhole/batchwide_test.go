@@ -10,8 +10,6 @@ import (
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
-
-	"github.com/pcpd/pcpd/internal/netlab"
 )
 
 // TestReadRepliesBatchWideError (h/lowfix): nfnetlink answers some
@@ -88,17 +86,7 @@ func TestReadRepliesBatchWideError(t *testing.T) {
 			bigBatch(table, 1500, 750), unix.ENOENT, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ns := netlab.NewNS(t, "lowfix")
-			h, err := ns.Handle()
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { h.Close() })
-			c, nl, err := dialConn(int(h))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { c.CloseLasting() })
+			_, nl := nsConn(t, "lowfix")
 			batch := append([]netlink.Message{tc.begin}, tc.msgs...)
 			batch = append(batch, header(unix.NFNL_MSG_BATCH_END, nftables, 0))
 			if _, err := nl.SendMessages(batch); err != nil {

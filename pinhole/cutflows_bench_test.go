@@ -93,21 +93,7 @@ func BenchmarkGuardEstablished(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			const burst = 32
-			oneWay := func() {
-				for range burst {
-					if _, err := tx.WriteToUDPAddrPort(msg, client); err != nil {
-						b.Fatal(err)
-					}
-				}
-				rx.SetReadDeadline(time.Now().Add(time.Second))
-				for range burst {
-					if _, err := rx.Read(buf); err != nil {
-						b.Fatal(err) // dropped, or a buffer overflowed
-					}
-				}
-			}
-			reportCPUPerDatagram(b, burst, oneWay)
+			reportBurstCPU(b, func() error { _, err := tx.WriteToUDPAddrPort(msg, client); return err }, rx)
 		})
 	}
 }

@@ -5,6 +5,7 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	mnl "github.com/mdlayher/netlink"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 )
@@ -45,17 +46,7 @@ func TestFlushConnEchoedRules(t *testing.T) {
 		{"24 replaced, same size", 24, small, small, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ns := netlab.NewNS(t, "revenomem")
-			h, err := ns.Handle()
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { h.Close() })
-			c, nl, err := dialConn(int(h))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { c.CloseLasting() })
+			c, nl := nsConn(t, "revenomem")
 			tbl := &nftables.Table{Family: nftables.TableFamilyINet, Name: "echo"}
 			c.AddTable(tbl)
 			var chains []*nftables.Chain
@@ -92,4 +83,22 @@ func TestFlushConnEchoedRules(t *testing.T) {
 			}
 		})
 	}
+}
+
+// nsConn is, in a new namespace, the engine's own kind of nftables
+// connection into it (dialConn), both closed when the test ends.
+func nsConn(t *testing.T, name string) (*nftables.Conn, *mnl.Conn) {
+	t.Helper()
+	ns := netlab.NewNS(t, name)
+	h, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	c, nl, err := dialConn(int(h))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.CloseLasting() })
+	return c, nl
 }
