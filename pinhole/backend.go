@@ -1607,6 +1607,7 @@ func (b *Backend) Healthy() error {
 			// checks with a writer running back to back).
 			defer b.mu.Unlock()
 			read, err := w.check(kview{conn: b.readConn(), table: &w.table, raw: &b.raw, nl: b.nl})
+			b.noteDamage(err)
 			if err != nil {
 				// As healthConn is closed after any error: a sentinel
 				// transaction ended early (ENOMEM, replies missing) or a
@@ -1652,11 +1653,30 @@ func (b *Backend) Healthy() error {
 			// (which resets the counts of the chains it writes) came
 			// between: they would count again what a rewrite zeroed.
 			b.foldOwnerReads(read)
+			b.noteDamage(err)
 		}
 		b.mu.Unlock()
 		if same {
 			return err
 		}
+	}
+}
+
+// noteDamage: Healthy's check of the layout the Backend last wrote
+// returned err. Damage to anything but the protected sets' and the owner
+// meter's contents (the table, a pinhole set, a chain or rule of the
+// layout: guard6, recheck6, natcut, recheck_nat, the DNAT rules among
+// them) may have undone the ruleset's cut of ended pinholes' flows, so
+// CutsFlows is false from here until a Setup writes the layout again
+// (setupLocked stores cutting and cuttingNAT). Before, CutsFlows kept
+// what the last successful Setup had said: while the repairing Setup
+// kept failing, the server answered deletes without waiting for the walk
+// though the ruleset no longer cut (review h/revnatcut, finding 4;
+// TestCutsFlowsFalseWhileDamaged). Caller holds b.mu.
+func (b *Backend) noteDamage(err error) {
+	if errors.Is(err, ErrUnhealthy) && !errors.Is(err, ErrProtected) && !errors.Is(err, ErrOwnerMeter) {
+		b.cutting.Store(false)
+		b.cuttingNAT.Store(false)
 	}
 }
 

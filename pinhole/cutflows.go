@@ -178,8 +178,10 @@ func (b *Backend) admitsUnlabelled() bool {
 // place since the last successful Setup, and no Setup of this Backend's
 // found flows admitted unlabelled: admitsUnlabelled): an IPv6 pinhole that is not a
 // port redirect. Else (IPv4 NAPT, redirects, attached mode, a kernel
-// without labels) only the conntrack walk ends them. It does not say
-// whether the layout is intact now: Healthy does. Cheap and lock-free
+// without labels) only the conntrack walk ends them. False too from a
+// Healthy that found the layout damaged until a Setup writes it again
+// (noteDamage); between the damage and that check it still says what
+// the last Setup wrote. Cheap and lock-free
 // (the server asks for every ended mapping).
 //
 // Also an IPv4 NAPT mapping's or an IPv6 redirect's (natCutKinds), with
