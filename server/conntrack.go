@@ -87,6 +87,7 @@ import (
 // reply waits for start at least ctWalkGap apart.
 func (s *Server) flushConntrack(ended []store.Lease) {
 	if s.cfg.KeepConnections || len(ended) == 0 {
+		s.noteNATEnded(ended, 0)
 		return
 	}
 	var fs []ctFilter
@@ -106,6 +107,8 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 	if len(fs) > 0 {
 		s.ct.add(fs, s.heldAdmits(fs))
 	}
+	// After the add: its sequence number, or a later one (retarget.go).
+	s.noteNATEnded(ended, s.ct.seq())
 }
 
 // mustWaitFlush reports whether a reply that ended these leases must wait
@@ -464,6 +467,7 @@ type ctFlusher struct {
 	held                 ctAdmits // pinholes live when pending's mappings ended (heldAdmits)
 	queued               uint64   // filters sets queued so far
 	done                 uint64   // all sets up to this one are flushed
+	clean                uint64   // ... and walked without a filter left (cleanSeq)
 	running              bool
 	closed               bool // Serve returned: no more retries (close)
 	waiters              []ctWaiter
@@ -551,6 +555,14 @@ func (c *ctFlusher) seq() uint64 {
 	return c.queued
 }
 
+// cleanSeq is the last filters set a walk ended every flow of, and all
+// before it (done also counts sets whose walks failed for good).
+func (c *ctFlusher) cleanSeq() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.clean
+}
+
 // after calls fn (at once, or from the flusher) when every filter set up to
 // seq has been flushed.
 func (c *ctFlusher) after(seq uint64, fn func()) {
@@ -627,6 +639,9 @@ func (c *ctFlusher) run() {
 			left, err = c.walk(fs, admits)
 		}
 		if len(left) == 0 {
+			c.mu.Lock()
+			c.clean = max(c.clean, upTo)
+			c.mu.Unlock()
 			if attempt > 0 && c.report != nil {
 				c.report(0, 0, nil)
 			}

@@ -147,6 +147,9 @@ type Server struct {
 	in  chan packet
 	lis *listener
 	ct  ctFlusher
+	// natPrior: external endpoints whose flows may be DNAT-ed elsewhere
+	// than their live mappings deliver (retarget.go). Under mu.
+	natPrior map[ctTarget]natPrior
 	// ctSock is the conntrack walk's socket, kept from walk to walk
 	// while Serve runs (ctSocket).
 	ctSock ctSocket
@@ -321,6 +324,9 @@ func (s *Server) StartContext(ctx context.Context) error {
 	// step made since (boot anchor, clock.go).
 	unseen := s.resumeFrame(s.deps.State.EpochOrigin)
 	err := s.restore(ctx)
+	if err == nil {
+		s.seedNATPrior()
+	}
 	// The table holds its own copies; the stored ones (≈ 290 bytes a
 	// lease) need not live on.
 	s.deps.State.Leases, s.deps.State.Stream = nil, nil

@@ -526,7 +526,15 @@ func (t *tx) commit() error {
 		go t.storeCommit()
 	}
 	start := time.Now()
+	retaken, again := t.s.natRetargets(t)
+	if len(retaken) > 0 {
+		t.s.cutRetargeted(retaken)
+	}
 	kerr := t.s.applyAtomic(t.ops, t.inv)
+	if kerr == nil && again {
+		// The ended element DNAT-ed until the commit (retarget.go).
+		t.s.cutRetargeted(retaken)
+	}
 	kdur := time.Since(start)
 	var serr error
 	stored := true // the store commit ran

@@ -1,0 +1,211 @@
+package server
+
+import (
+	"net/netip"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/store"
+)
+
+// A retaken external endpoint (review h/revnatcut, finding 3). natcut
+// (pinhole/natcut.go) re-checks a DNAT-ed flow by its external endpoint
+// (and remote) alone: once an ended IPv4 NAPT mapping's or IPv6
+// redirect's endpoint is mapped again to another internal endpoint, the
+// old flow's packets hit the new element, and conntrack's binding still
+// delivers them to the old target. Until the walk of the ended mapping
+// ran, and for good with KeepConnections (no walk; the ruleset was to
+// cut inbound flows). The ruleset cannot tell: the flow's DNAT target is
+// in its reply tuple, and a ct expression with a direction is one the
+// nftables library (v0.3.0) cannot read back (NFTA_CT_DIRECTION is a u8,
+// the library decodes a u32: GetRules of the chain fails, and so would
+// Healthy), nor write for the typed keys ("ct reply ip saddr": no
+// direction sent, EINVAL), while the untyped address key aborts nft
+// 1.0.6's listing in a concatenation. So the server ends those flows
+// itself, before the install that retakes the endpoint commits: a walk
+// of that endpoint's flows (kernel-filtered, as the flush's), sparing
+// those a live lease admits where the kernel delivers them (the new
+// mapping's own, a PEER's: ctAdmits.admitted), so that only the flows
+// sent elsewhere end. Only when the endpoint may have such flows
+// (natPrior): a NAT mapping ended there with another target and no walk
+// has ended its flows since; with KeepConnections, also the flows found
+// at the start (seedNATPrior). Only where the ruleset cuts the kind
+// (FlowCutter): elsewhere established flows pass the guard anyway until
+// the walk.
+
+// natPrior is what an external endpoint's flows may be DNAT-ed to,
+// besides what its live mappings deliver to: the internal endpoint of the
+// NAT mapping that ended there (many: several), until seq's flush
+// (ctFlusher; 0: none will, KeepConnections or found at the start) or
+// a retarget walk of the endpoint ends them.
+type natPrior struct {
+	to   netip.AddrPort
+	many bool
+	seq  uint64
+}
+
+// dnatOf is p's external endpoint and internal target if p DNATs (an
+// IPv4 NAPT mapping, an IPv6 redirect to another port).
+func dnatOf(p pinhole.Pinhole) (ctTarget, netip.AddrPort, bool) {
+	in := p.InternalAddr.Unmap()
+	ext := p.ExternalAddr.Unmap()
+	if !ext.IsValid() {
+		ext = in
+	}
+	if p.InternalPort == 0 || p.ExternalPort == 0 || in.Is6() && p.ExternalPort == p.InternalPort {
+		return ctTarget{}, netip.AddrPort{}, false
+	}
+	return ctTarget{addr: ext, proto: p.Protocol, port: p.ExternalPort}, netip.AddrPortFrom(in, p.InternalPort), true
+}
+
+func dnatOfLease(l *store.Lease) (ctTarget, netip.AddrPort, bool) {
+	return dnatOf(pinhole.Pinhole{Protocol: l.Protocol, InternalAddr: l.InternalAddr, InternalPort: l.InternalPort,
+		ExternalAddr: l.ExternalAddr, ExternalPort: l.ExternalPort})
+}
+
+// notePrior records that t's flows may go to `to` until seq's flush.
+// Under s.mu.
+func (s *Server) notePrior(t ctTarget, to netip.AddrPort, seq uint64) {
+	if s.natPrior == nil {
+		s.natPrior = map[ctTarget]natPrior{}
+	}
+	e, ok := s.natPrior[t]
+	switch {
+	case !ok:
+		e = natPrior{to: to, seq: seq}
+	case e.to != to:
+		e.many = true
+		fallthrough
+	default:
+		if e.seq != 0 && seq != 0 {
+			e.seq = max(e.seq, seq)
+		} else {
+			e.seq = 0
+		}
+	}
+	s.natPrior[t] = e
+}
+
+// noteNATEnded records the endpoints of the NAT mappings in ended
+// (flushConntrack; seq: the flush queued for them, 0 for none). Under s.mu.
+func (s *Server) noteNATEnded(ended []store.Lease, seq uint64) {
+	if s.cutter == nil {
+		return
+	}
+	for i := range ended {
+		if t, to, ok := dnatOfLease(&ended[i]); ok {
+			s.notePrior(t, to, seq)
+		}
+	}
+}
+
+// natRetargets is the external endpoints t's installs retake: a NAT
+// pinhole whose endpoint's flows may go elsewhere (natPrior, or a NAT
+// mapping this batch ends there with another target: again, walked after
+// the commit too, since the ended element DNATs until it). Under s.mu.
+func (s *Server) natRetargets(t *tx) (ts []ctTarget, again bool) {
+	if s.cutter == nil || len(s.natPrior) == 0 && len(t.ended) == 0 {
+		return nil, false
+	}
+	clean := s.ct.cleanSeq()
+	for _, op := range t.ops {
+		if op.Kind == pinhole.Delete {
+			continue
+		}
+		tg, to, ok := dnatOf(op.Pinhole)
+		if !ok || slices.Contains(ts, tg) {
+			continue
+		}
+		prior := false
+		if e, ok := s.natPrior[tg]; ok {
+			if e.seq != 0 && e.seq <= clean {
+				delete(s.natPrior, tg) // its flush's walk ended them
+			} else {
+				prior = e.many || e.to != to
+			}
+		}
+		here := false
+		for i := range t.ended {
+			if et, eto, ok := dnatOfLease(&t.ended[i]); ok && et == tg && eto != to {
+				here = true
+			}
+		}
+		if (prior || here) && s.cutter.CutsFlows(op.Pinhole) {
+			ts = append(ts, tg)
+			again = again || here
+		}
+	}
+	return ts, again
+}
+
+// cutRetargeted ends the flows to ts that no live lease admits where the
+// kernel delivers them: before the install that retakes them commits
+// (and after it, when the batch ended a mapping there). On success the
+// endpoints' natPrior goes; on failure it stays (the next install or
+// refresh there walks again) and the walk is queued on the flusher too.
+// Under s.mu.
+func (s *Server) cutRetargeted(ts []ctTarget) {
+	fs := make([]ctFilter, 0, len(ts))
+	admits := ctAdmits{}
+	var buf []store.Lease
+	for _, t := range ts {
+		fs = append(fs, ctFilter{v4: t.addr.Is4(), t: t})
+		var live []pinhole.Pinhole
+		live, buf = s.liveAdmits(nil, t, buf)
+		admits[t] = live
+	}
+	left, err := s.walkConntrack(slices.Clone(fs), admits)
+	if err != nil || len(left) > 0 {
+		s.log.Warn("cannot end the flows of a retaken external endpoint; retrying with the next walk", zap.Error(err))
+		if !s.cfg.KeepConnections {
+			s.ct.add(left, admits)
+		}
+		return
+	}
+	for _, t := range ts {
+		delete(s.natPrior, t)
+	}
+}
+
+// seedNATPrior, at a start with KeepConnections, records the endpoints
+// of the DNAT-ed flows conntrack holds (original destination not the
+// reply's source): mappings that ended before this start (before a
+// restart, or while pcpd was down) left them, and no walk ends them.
+// One dump of each family's table. Under s.mu.
+func (s *Server) seedNATPrior() {
+	if !s.cfg.KeepConnections || s.cutter == nil {
+		return
+	}
+	var h *netlink.Handle
+	var err error
+	if nsSet(s.cfg.NetNS) {
+		h, err = netlink.NewHandleAt(s.cfg.NetNS, unix.NETLINK_NETFILTER)
+	} else {
+		h, err = netlink.NewHandle(unix.NETLINK_NETFILTER)
+	}
+	if err != nil {
+		s.log.Warn("cannot read conntrack for the flows of retaken endpoints", zap.Error(err))
+		return
+	}
+	defer h.Close()
+	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
+		flows, err := h.ConntrackTableList(netlink.ConntrackTable, fam)
+		if err != nil {
+			s.log.Warn("cannot read conntrack for the flows of retaken endpoints", zap.Error(err))
+			continue
+		}
+		for _, f := range flows {
+			dst, _ := netip.AddrFromSlice(f.Forward.DstIP)
+			to, _ := netip.AddrFromSlice(f.Reverse.SrcIP)
+			d, r := netip.AddrPortFrom(dst.Unmap(), f.Forward.DstPort), netip.AddrPortFrom(to.Unmap(), f.Reverse.SrcPort)
+			if d == r || d.Port() == 0 || r.Port() == 0 {
+				continue // not DNAT-ed, or no ports
+			}
+			s.notePrior(ctTarget{addr: d.Addr(), proto: f.Forward.Protocol, port: d.Port()}, r, 0)
+		}
+	}
+}
