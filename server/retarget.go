@@ -1,6 +1,7 @@
 package server
 
 import (
+	"maps"
 	"net/netip"
 	"slices"
 
@@ -72,6 +73,14 @@ func dnatOfLease(l *store.Lease) (ctTarget, netip.AddrPort, bool) {
 func (s *Server) notePrior(t ctTarget, to netip.AddrPort, seq uint64) {
 	if s.natPrior == nil {
 		s.natPrior = map[ctTarget]natPrior{}
+	}
+	if len(s.natPrior) >= max(s.natPriorPrune, 1024) {
+		// Without KeepConnections most entries are of endpoints whose
+		// flush's walk ran: dropped here, at most once per doubling,
+		// so that the map does not grow with every endpoint ever freed.
+		clean := s.ct.cleanSeq()
+		maps.DeleteFunc(s.natPrior, func(_ ctTarget, e natPrior) bool { return e.seq != 0 && e.seq <= clean })
+		s.natPriorPrune = 2 * len(s.natPrior)
 	}
 	e, ok := s.natPrior[t]
 	switch {

@@ -150,6 +150,9 @@ type Server struct {
 	// natPrior: external endpoints whose flows may be DNAT-ed elsewhere
 	// than their live mappings deliver (retarget.go). Under mu.
 	natPrior map[ctTarget]natPrior
+	// natPriorPrune: natPrior's size at which notePrior next drops the
+	// entries whose flush's walk ended their flows.
+	natPriorPrune int
 	// ctSock is the conntrack walk's socket, kept from walk to walk
 	// while Serve runs (ctSocket).
 	ctSock ctSocket
