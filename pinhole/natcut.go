@@ -53,7 +53,11 @@ import (
 // entry stays; the server's walk still removes it. A hairpinned flow (a
 // client to another client's external endpoint) is keyed by its original
 // tuple too: the DNAT-ing mapping's end cuts it. IPv6 pinhole flows
-// (flowLabel) never go there, nor redirected flows to recheck6.
+// (flowLabel) never go there, nor redirected flows to recheck6. The key
+// is the external endpoint's: an old flow whose endpoint is mapped again
+// to another internal endpoint passes (conntrack still delivers it to the
+// old one), and the server ends such flows itself before the install
+// that retakes the endpoint (server/retarget.go).
 //
 // Not the outbound flows a NAPT mapping's SNAT companion translated (the
 // client's own connections from its mapped port, PMP-11): they are cut
