@@ -60,7 +60,11 @@ type Config struct {
 	// PMP-12: inbound flows, and IPv4 outbound flows SNAT-ed to the
 	// mapping's external port): no conntrack walk. Standalone, the
 	// ruleset still cuts the inbound ones itself (pinhole/cutflows.go,
-	// pinhole/natcut.go); their entries and the SNAT-ed flows stay.
+	// pinhole/natcut.go); their entries and the SNAT-ed flows stay,
+	// but for the inbound flows of an external endpoint mapped again to
+	// another internal endpoint, whose entries the server deletes before
+	// that mapping's install (retarget.go: else they reached their old
+	// target through the new mapping's element).
 	KeepConnections bool
 
 	// MaxFilters is the FILTER limit per mapping (FLT-06, default 8).
