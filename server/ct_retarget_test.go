@@ -207,7 +207,7 @@ func TestNATRetargets(t *testing.T) {
 			for _, p := range c.ops {
 				tx.ops = append(tx.ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: time.Hour})
 			}
-			got, again := s.natRetargets(tx)
+			got, _, again := s.natRetargets(tx)
 			if !slices.Equal(got, c.want) || again != c.again {
 				t.Errorf("natRetargets = %v, %v; want %v, %v", got, again, c.want, c.again)
 			}

@@ -107,18 +107,59 @@ func (s *Server) noteNATEnded(ended []store.Lease, seq uint64) {
 	}
 	for i := range ended {
 		if t, to, ok := dnatOfLease(&ended[i]); ok {
-			s.notePrior(t, to, seq)
+			q := seq
+			if ended[i].Kind == store.KindPeer && t.addr.Is4() {
+				// Its client's own flow SNAT-ed to t outlives the
+				// flush (appendCtFilters: no SNAT filter for a
+				// PEER): only a retarget walk ends it.
+				q = 0
+			}
+			s.notePrior(t, to, q)
 		}
 	}
 }
 
-// natRetargets is the external endpoints t's installs retake: a NAT
+// appendSNATCuts appends, for an IPv4 endpoint t that an install retakes,
+// the SNAT filters of the outbound flows the old targets opened from
+// their mapped port (reply destination t): prior's, and those of the NAT
+// mappings ended (in the batch) there with another target than now. Such
+// a flow outlives its mapping's end (a PEER's, its client's own; all with
+// KeepConnections; any until the flush's walk), and once t is another
+// internal endpoint's, conntrack still sends t's packets from that remote
+// to the old target (review h/revnatleft; TestE2ERetakeEndsOldSNATFlow).
+// A live lease's SNAT-ed flows are spared (ctAdmits.snatted).
+func appendSNATCuts(fs []ctFilter, t ctTarget, prior natPrior, havePrior bool, now netip.AddrPort, ended []store.Lease) []ctFilter {
+	if !t.addr.Is4() {
+		return fs
+	}
+	add := func(to netip.AddrPort) {
+		if !to.Addr().Is4() || to == now {
+			return
+		}
+		f := ctFilter{v4: true, t: t, nat: true, src4: to.Addr().As4(), sport: to.Port()}
+		if !slices.Contains(fs, f) {
+			fs = append(fs, f)
+		}
+	}
+	if havePrior {
+		add(prior.to)
+	}
+	for i := range ended {
+		if et, eto, ok := dnatOfLease(&ended[i]); ok && et == t {
+			add(eto)
+		}
+	}
+	return fs
+}
+
+// natRetargets is the external endpoints t's installs retake (and the
+// internal endpoint each is retaken for): a NAT
 // pinhole whose endpoint's flows may go elsewhere (natPrior, or a NAT
 // mapping this batch ends there with another target: again, walked after
 // the commit too, since the ended element DNATs until it). Under s.mu.
-func (s *Server) natRetargets(t *tx) (ts []ctTarget, again bool) {
+func (s *Server) natRetargets(t *tx) (ts []ctTarget, tos []netip.AddrPort, again bool) {
 	if s.cutter == nil || len(s.natPrior) == 0 && len(t.ended) == 0 {
-		return nil, false
+		return nil, nil, false
 	}
 	clean := s.ct.cleanSeq()
 	for _, op := range t.ops {
@@ -144,11 +185,11 @@ func (s *Server) natRetargets(t *tx) (ts []ctTarget, again bool) {
 			}
 		}
 		if (prior || here) && s.cutter.CutsFlows(op.Pinhole) {
-			ts = append(ts, tg)
+			ts, tos = append(ts, tg), append(tos, to)
 			again = again || here
 		}
 	}
-	return ts, again
+	return ts, tos, again
 }
 
 // cutRetargeted ends the flows to ts that no live lease admits where the
@@ -157,12 +198,14 @@ func (s *Server) natRetargets(t *tx) (ts []ctTarget, again bool) {
 // endpoints' natPrior goes; on failure it stays (the next install or
 // refresh there walks again) and the walk is queued on the flusher too.
 // Under s.mu.
-func (s *Server) cutRetargeted(ts []ctTarget) {
+func (s *Server) cutRetargeted(ts []ctTarget, tos []netip.AddrPort, ended []store.Lease) {
 	fs := make([]ctFilter, 0, len(ts))
 	admits := ctAdmits{}
 	var buf []store.Lease
-	for _, t := range ts {
+	for i, t := range ts {
 		fs = append(fs, ctFilter{v4: t.addr.Is4(), t: t})
+		e, ok := s.natPrior[t]
+		fs = appendSNATCuts(fs, t, e, ok, tos[i], ended)
 		var live []pinhole.Pinhole
 		live, buf = s.liveAdmits(nil, t, buf)
 		admits[t] = live

@@ -526,14 +526,14 @@ func (t *tx) commit() error {
 		go t.storeCommit()
 	}
 	start := time.Now()
-	retaken, again := t.s.natRetargets(t)
+	retaken, tos, again := t.s.natRetargets(t)
 	if len(retaken) > 0 {
-		t.s.cutRetargeted(retaken)
+		t.s.cutRetargeted(retaken, tos, t.ended)
 	}
 	kerr := t.s.applyAtomic(t.ops, t.inv)
 	if kerr == nil && again {
 		// The ended element DNAT-ed until the commit (retarget.go).
-		t.s.cutRetargeted(retaken)
+		t.s.cutRetargeted(retaken, tos, t.ended)
 	}
 	kdur := time.Since(start)
 	var serr error

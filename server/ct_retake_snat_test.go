@@ -1,0 +1,90 @@
+package server
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+)
+
+// TestE2ERetakeEndsOldSNATFlow (root, namespaces; review h/revnatleft):
+// the client's own outbound TCP connection from its mapped port X:p to a
+// remote R leaves SNAT-ed from the external endpoint E (the companion of
+// an IPv4 PEER to R, or of a MAP). The mapping ends (revoked, deleted) and its flush leaves
+// that flow (a PEER's end leaves its client's own flow; with
+// KeepConnections nothing is flushed). Once MAP-22's quarantine is over
+// (cleared here: 124 min of a long-lived connection), E is mapped again to
+// another internal endpoint X:p+1. R's packets to E must not reach X:p
+// any more: E is X:p+1's now. On main the old connection still echoes
+// through E (conntrack's reply binding; neither natcut nor the retarget
+// walk, which ends original-direction flows to E only, looks at it).
+func TestE2ERetakeEndsOldSNATFlow(t *testing.T) {
+	for i, c := range []struct {
+		name string
+		peer bool
+		keep bool
+	}{
+		{"PEER ended", true, false},
+		{"MAP ended, KeepConnections", false, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			l := newLab(t, func(cfg *Config, p *policy.Config) {
+				p.MinLifetime = time.Second
+				cfg.KeepConnections = c.keep
+			})
+			l.masquerade(t, "retakesnat")
+			port := uint16(8500 + 2*i)
+			client := l.topo.ClientV4
+			r1 := netip.AddrPortFrom(l.topo.InternetV4, 7500+uint16(i))
+			req := mapReq(client, pcp.ProtoTCP, port, port+10000, time.Hour, 1)
+			if c.peer {
+				req = peerReq(client, pcp.ProtoTCP, port, r1, time.Hour, 1)
+				req.Map.ExternalPort = port + 10000
+			}
+			resp := l.pcp(req)
+			if resp.Result != pcp.Success {
+				t.Fatalf("mapping: %+v", resp)
+			}
+			ext := netip.AddrPortFrom(resp.Map.ExternalAddr.Unmap(), resp.Map.ExternalPort)
+			serveEcho(t, l.topo.Internet, r1)
+			mapped := netip.AddrPortFrom(client, port)
+			conn := dialShared(t, l.topo.Client, mapped, r1)
+			if f := l.ctFlow(t, mapped, r1); f == nil || leavesFrom(f) != ext {
+				t.Fatalf("outbound flow not SNAT-ed to %v: %v", ext, f)
+			}
+			if err := echoOnce(conn); err != nil {
+				t.Fatalf("outbound: %v", err)
+			}
+			if c.peer { // an admin's revoke
+				if n, err := l.srv.Revoke(RevokeFilter{Owner: l.srv.Leases()[0].Owner}); n != 1 || err != nil {
+					t.Fatalf("revoke the PEER: %d %v", n, err)
+				}
+			} else {
+				req.Lifetime = 0
+				if resp := l.pcp(req); resp.Result != pcp.Success {
+					t.Fatalf("delete: %+v", resp)
+				}
+			}
+			l.srv.waitConntrack()
+			if err := echoOnce(conn); err != nil {
+				t.Fatalf("the end ended the client's own flow (not what this test is about): %v", err)
+			}
+			l.srv.mu.Lock()
+			l.srv.quarDel(endpoint{addr: ext.Addr(), proto: protoTCP, port: ext.Port()})
+			l.srv.mu.Unlock()
+			serveEcho(t, l.topo.Client, netip.AddrPortFrom(client, port+1))
+			if resp := l.pcp(mapReq(client, pcp.ProtoTCP, port+1, ext.Port(), time.Hour, 2)); resp.Result != pcp.Success ||
+				netip.AddrPortFrom(resp.Map.ExternalAddr.Unmap(), resp.Map.ExternalPort) != ext {
+				t.Fatalf("MAP of %d for %v: %+v", port+1, ext, resp)
+			}
+			if err := echoOnce(conn); err == nil {
+				t.Errorf("the old outbound connection of %v still reaches it through %v, now mapped to port %d", mapped, ext, port+1)
+			}
+			if f := l.ctFlow(t, mapped, r1); f != nil && leavesFrom(f) == ext {
+				t.Errorf("still tracked through %v: %s", ext, f)
+			}
+		})
+	}
+}
