@@ -2,6 +2,7 @@ package server
 
 import (
 	"net/netip"
+	"os"
 	"testing"
 	"time"
 
@@ -86,5 +87,54 @@ func TestE2ERetakeEndsOldSNATFlow(t *testing.T) {
 				t.Errorf("still tracked through %v: %s", ext, f)
 			}
 		})
+	}
+}
+
+// TestRetargetBatchCost (root; PCPD_RETARGET_COST=1): how long one
+// HandleBatch of 256 MAPs takes that retake 256 just-deleted IPv6
+// redirects' external ports for other internal ports (one retarget walk
+// for the batch: cutRetargeted), beside the same batch re-making the same
+// redirects (no walk). KeepConnections (no other walk runs). Reports only.
+func TestRetargetBatchCost(t *testing.T) {
+	if os.Getenv("PCPD_RETARGET_COST") == "" {
+		t.Skip("PCPD_RETARGET_COST=1 to measure")
+	}
+	const n = 256
+	l := newLab(t, func(cfg *Config, p *policy.Config) {
+		p.MinLifetime = time.Second
+		p.MaxLeasesPerClient = 4 * n
+		cfg.KeepConnections = true
+		cfg.RateLimit, cfg.RateBurst, cfg.OwnerBurst = 1e12, 1<<30, 1<<30
+	})
+	batch := func(in, ext uint16, life time.Duration, nonce byte) time.Duration {
+		rs := make([]Request, n)
+		for i := range rs {
+			r := mapReq(l.topo.ClientV6, pcp.ProtoTCP, in+uint16(i), ext+uint16(i), life, nonce)
+			rs[i] = Request{Local: l.server6(), Source: netip.AddrPortFrom(l.topo.ClientV6, 5351), Iface: l.topo.HostLANIf, Data: pcp.AppendRequest(nil, r)}
+		}
+		start := time.Now()
+		out := l.srv.HandleBatch(rs)
+		d := time.Since(start)
+		for i, b := range out {
+			var r pcp.Response
+			if err := pcp.ParseResponse(b, &r); err != nil || r.Result != pcp.Success || life > 0 && r.Map.ExternalPort != ext+uint16(i) {
+				t.Fatalf("request %d: %+v %v", i, r, err)
+			}
+		}
+		return d
+	}
+	const in, ext = 20000, 30000
+	for round := range 12 {
+		other := round%2 == 1
+		nonce := byte(2*round + 1)
+		batch(in, ext, time.Hour, nonce)
+		batch(in, ext, 0, nonce)
+		to := uint16(in)
+		if other {
+			to = in + n
+		}
+		d := batch(to, ext, time.Hour, nonce+1)
+		batch(to, ext, 0, nonce+1)
+		t.Logf("another target %v: one batch of %d re-MAPs: %.2f ms", other, n, ms(d))
 	}
 }
