@@ -138,3 +138,42 @@ func TestRetargetBatchCost(t *testing.T) {
 		t.Logf("another target %v: one batch of %d re-MAPs: %.2f ms", other, n, ms(d))
 	}
 }
+
+// TestE2ERetakeWhileDamagedCutAfterRepair (root, namespaces; review
+// h/revnatleft): with KeepConnections, an IPv6 redirect (external port P
+// to the client's port X) carries a connection and is deleted; the
+// layout is then damaged (recheck_nat and the DNAT chain flushed, napt4
+// replaced by a foreign set, so that the repairing Setup fails: CutsFlows
+// is false, noteDamage) and P is mapped again to port Y meanwhile: the
+// retarget walk is skipped (natRetargets asks CutsFlows). Once the
+// foreign set is gone the firewall check repairs the layout, and P's new
+// element lets the old flow through recheck_nat again: on main the old
+// connection echoes from X after the repair (until Y's mapping next
+// writes its element). Now the repair walks the endpoints a live lease
+// retook while the walk was skipped (cutHeldRetargets).
+func TestE2ERetakeWhileDamagedCutAfterRepair(t *testing.T) {
+	l := newLab(t, func(cfg *Config, p *policy.Config) {
+		p.MinLifetime = time.Second
+		cfg.KeepConnections = true
+		cfg.TamperInterval = time.Hour // the test runs the checks
+	})
+	const port = 9890
+	conn, _, dst := l.inbound(t, "redir6", port, time.Hour)
+	serveEcho(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV6, port+1))
+	if d := l.pcp(mapReq(l.topo.ClientV6, pcp.ProtoTCP, port, dst.Port(), 0, 1)); d.Result != pcp.Success {
+		t.Fatalf("delete: %+v", d)
+	}
+	l.topo.Host.MustRun(t, "nft", "flush chain inet pcpd recheck_nat; flush chain inet pcpd prerouting; delete set inet pcpd napt4; add set inet pcpd napt4 { type ipv4_addr; }")
+	l.srv.checkFirewall() // Healthy: damage; Setup fails on the foreign napt4
+	if r := l.pcp(mapReq(l.topo.ClientV6, pcp.ProtoTCP, port+1, dst.Port(), time.Hour, 2)); r.Result != pcp.Success || r.Map.ExternalPort != dst.Port() {
+		t.Fatalf("MAP of %d for external port %d: %+v", port+1, dst.Port(), r)
+	}
+	l.topo.Host.MustRun(t, "nft", "delete set inet pcpd napt4")
+	l.srv.checkFirewall() // repaired
+	if err := l.fw.Healthy(); err != nil {
+		t.Fatalf("not repaired: %v", err)
+	}
+	if err := echoOnce(conn); err == nil {
+		t.Errorf("the old connection still reaches port %d after the repair, %v being port %d's", port, dst, port+1)
+	}
+}

@@ -804,6 +804,8 @@ func (s *Server) checkFirewall() {
 		}
 	}
 	s.m.restores.Inc()
+	// The retakes whose walk a damaged layout skipped (retarget.go).
+	s.cutHeldRetargets()
 	if err != nil {
 		s.log.Error("cannot re-install pinholes", zap.Int("pinholes", n), zap.Error(err))
 		return

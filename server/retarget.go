@@ -261,3 +261,49 @@ func (s *Server) seedNATPrior() {
 		}
 	}
 }
+
+// cutHeldRetargets, after a repair of the layout (checkFirewall), walks
+// the recorded endpoints (natPrior) that a live NAT lease holds for
+// another target than the one recorded: an install while CutsFlows was
+// false (a Healthy had found the layout damaged: noteDamage) skipped
+// their walk, and once the layout is written again the lease's element
+// lets the old flows through recheck_nat to their old target (review
+// h/revnatleft; TestE2ERetakeWhileDamagedCutAfterRepair). Before, only
+// that lease's next kernel write walked them. One pass over natPrior, at
+// a repair only. Under s.mu.
+func (s *Server) cutHeldRetargets() {
+	if s.cutter == nil || len(s.natPrior) == 0 {
+		return
+	}
+	clean := s.ct.cleanSeq()
+	var ts []ctTarget
+	var tos []netip.AddrPort
+	var buf []store.Lease
+	for t, e := range s.natPrior {
+		if e.seq != 0 && e.seq <= clean {
+			continue
+		}
+		ep := endpoint{addr: t.addr, proto: t.proto, port: t.port}
+		h, held := s.tab.holder(ep)
+		if !held {
+			continue
+		}
+		buf = s.tab.onTupleInto(tuple{proto: ep.proto, addr: h.addr, port: h.port}, buf)
+		for i := range buf {
+			l := &buf[i]
+			if endpointOf(l) != ep {
+				continue
+			}
+			tg, to, ok := dnatOfLease(l)
+			p := pinhole.Pinhole{Protocol: l.Protocol, InternalAddr: l.InternalAddr, InternalPort: l.InternalPort,
+				ExternalAddr: l.ExternalAddr, ExternalPort: l.ExternalPort}
+			if ok && tg == t && (e.many || e.to != to) && s.cutter.CutsFlows(p) {
+				ts, tos = append(ts, t), append(tos, to)
+				break
+			}
+		}
+	}
+	if len(ts) > 0 {
+		s.cutRetargeted(ts, tos, nil)
+	}
+}
