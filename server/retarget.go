@@ -31,7 +31,9 @@ import (
 // of that endpoint's flows (kernel-filtered, as the flush's), sparing
 // those a live lease admits where the kernel delivers them (the new
 // mapping's own, a PEER's: ctAdmits.admitted), so that only the flows
-// sent elsewhere end. Only when the endpoint may have such flows
+// sent elsewhere end; for an IPv4 endpoint also the old targets' own
+// outbound flows SNAT-ed to it (appendSNATCuts: conntrack's reply binding
+// sent the endpoint's packets from their remotes to the old target). Only when the endpoint may have such flows
 // (natPrior): a NAT mapping ended there with another target and no walk
 // has ended its flows since; with KeepConnections, also the flows found
 // at the start (seedNATPrior). Only where the ruleset cuts the kind
