@@ -245,7 +245,12 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 	if g.v4 && fs[len(fs)-1].t.addr == t.addr { // sorted by address
 		flags |= ctaFilterFIPDst
 	}
-	if len(fs) == 1 && !t.wild() {
+	if !t.wild() && fs[len(fs)-1].t == t {
+		// One target (sorted: its filters are the run): a retake's
+		// inbound and SNAT filters, or a port's several SNAT sources.
+		// Before, only a lone filter was filtered by port, and two
+		// SNAT filters of one endpoint dumped every flow SNAT-ed to
+		// the address (TestCtDumpPortFilteredForOneTarget).
 		flags |= ctaFilterFDstPort
 	}
 	dir, origFlags, replyFlags := uint16(ctaTupleOrig), flags, uint32(0)
