@@ -128,8 +128,8 @@ type Backend struct {
 	chainEntry             string
 	chainGuard6            string
 	chainGuard4            string
-	chainRecheck6          string // standalone only: the re-check of labelled flows (cutflows.go)
-	chainNATCut            string // standalone only: the re-check of DNAT-ed flows, its base chain (natcut.go)
+	chainRecheck6          string // the re-check of labelled flows (cutflows.go; attached: attcut.go)
+	chainNATCut            string // the re-check of DNAT-ed flows, its base chain (natcut.go; attached, of both: attcut.go)
 	chainRecheckNAT        string
 	chainPrerouting        string
 	chainPostrouting       string
@@ -251,6 +251,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 	if cfg.Attached {
 		prefix = cfg.Chain + "_"
 		b.chainEntry = cfg.Chain
+		b.attCutNames(prefix) // attcut.go
 	} else {
 		b.chainEntry = "forward"
 		b.chainControlIn, b.chainControlLocal, b.chainNotrackOut = "control_in", "control_local", "notrack_out"
@@ -563,9 +564,9 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 	}
 	if b.natCutting() {
 		m[b.chainRecheckNAT] = &nftables.Chain{Table: b.table, Name: b.chainRecheckNAT}
-		accept := nftables.ChainPolicyAccept
-		m[b.chainNATCut] = &nftables.Chain{Table: b.table, Name: b.chainNATCut, Type: nftables.ChainTypeFilter,
-			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(natCutPriority), Policy: &accept}
+	}
+	if b.natCutting() || b.attCut() {
+		m[b.chainNATCut] = b.attCutChain() // natcut, or attached pcpd_cut (attcut.go)
 	}
 	if b.cfg.Attached {
 		m[b.chainEntry] = &nftables.Chain{Table: b.table, Name: b.chainEntry}
@@ -1335,7 +1336,7 @@ func (b *Backend) Teardown() (err error) {
 	if present[b.chainEntry] {
 		b.conn.FlushChain(&nftables.Chain{Table: b.table, Name: b.chainEntry})
 	}
-	for _, name := range []string{b.chainGuard6, b.chainGuard4, b.chainPrerouting, b.chainPostrouting} {
+	for _, name := range append([]string{b.chainGuard6, b.chainGuard4, b.chainPrerouting, b.chainPostrouting}, b.attCutChainNames()...) {
 		if present[name] {
 			b.conn.DelChain(&nftables.Chain{Table: b.table, Name: name})
 		}

@@ -108,8 +108,8 @@ func labelSet(label int) []expr.Any {
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: reg0, Data: make([]byte, 16)})
 }
 
-// setFlowLabel is "ct label set 127".
-func (b *Backend) setFlowLabel() []expr.Any { return b.setLabel(flowLabel) }
+// setFlowLabel is "ct label set 127" (attached: its own bit, attcut.go).
+func (b *Backend) setFlowLabel() []expr.Any { return b.setLabel(b.cutLabelBit()) }
 
 // setLabel is "ct label set <label>". refuseLabels (tests) writes a ct
 // set of the state instead, which every kernel refuses as one without

@@ -286,7 +286,7 @@ func (b *Backend) layout() []chainRules {
 		}
 		guard6 = append(guard6, rule(admit, x(accept)))
 	}
-	if b.cutLabels {
+	if b.cutLabels && !b.cfg.Attached {
 		// An established flow a pinhole admitted (flowLabel), in its
 		// original direction (from the remote), is let on only while an
 		// element still admits it (recheck6, cutFlowRules): a deleted,
@@ -295,6 +295,9 @@ func (b *Backend) layout() []chainRules {
 		guard6 = append([][]expr.Any{rule(x(loadCt(expr.CtKeyDIRECTION, reg0), eq(reg0, 0)),
 			x(loadCt(expr.CtKeySTATE, reg0)), bitsSet(reg0, expr.CtStateBitESTABLISHED),
 			x(loadCt(expr.CtKeyLABELS, reg0)), labelSet(flowLabel), x(goTo(b.chainRecheck6)))}, guard6...)
+	}
+	if b.cutLabels {
+		// Attached, pcpd_cut sends them here (attcut.go).
 		recheck6 = append(recheck6, x(&expr.Counter{}, drop))
 	}
 
@@ -398,7 +401,9 @@ func (b *Backend) layout() []chainRules {
 	if b.cutLabels {
 		out = append(out, chainRules{b.chainRecheck6, recheck6})
 	}
-	if b.natCutting() {
+	if b.attCut() {
+		out = append(out, b.attCutLayout()...)
+	} else if b.natCutting() {
 		natcut, recheckNAT := b.natCutRules()
 		out = append(out, chainRules{b.chainNATCut, natcut}, chainRules{b.chainRecheckNAT, recheckNAT})
 	}
