@@ -166,8 +166,9 @@ func uncut(flows []attFlow) []attFlow {
 // filtered mapping of its endpoint goes on until both are deleted. A
 // second pcpd attached to the same table (chain pcpd2, so another label
 // bit: 90 and 120) keeps its own flows through all of it, and the
-// first's flows through the second's deletes: with one bit for both,
-// each one's pcpd_cut drops the other's flows (the "pcpd2" rows fail).
+// first's flows through the second's deletes: with one bit for both
+// (attachedLabel returning 90), each one's pcpd_cut drops the other's
+// flows, and the first flow fails its first round trip.
 // The flows' conntrack entries stay (no walk at this level). On main
 // every step's "cut" flow carries data.
 func TestAttachedCutsRemovedFlows(t *testing.T) {

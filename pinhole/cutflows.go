@@ -46,11 +46,12 @@ import (
 // label: it is conntrack's metadata, written only by ruleset rules and
 // ctnetlink (CAP_NET_ADMIN).
 //
-// Not attached: there the admin's chain usually accepts established flows
-// before it jumps to pcpd's, so a re-check in pcpd's chain would not run,
-// and the server waits for its walk as before (CutsFlows). Nor when the
-// kernel refuses conntrack labels (CONFIG_NF_CONNTRACK_LABELS unset):
-// Setup falls back to the layout without them (labelsRefused).
+// Attached, the admin's chain usually accepts established flows before
+// it jumps to pcpd's, so a re-check in pcpd's chain would not run: the
+// re-check is in a base chain of pcpd's own there, with a bit of its own
+// (attcut.go). Not when the kernel refuses conntrack labels
+// (CONFIG_NF_CONNTRACK_LABELS unset): Setup falls back to the layout
+// without them (labelsRefused), and the server waits for its walk.
 
 // flowLabel is the conntrack label bit (of 128) the guard sets on the
 // flows a pinhole admitted. The highest: connlabel.conf users and tools
@@ -177,8 +178,8 @@ func (b *Backend) admitsUnlabelled() bool {
 // p admitted once p's element is gone (the label layout, standalone, in
 // place since the last successful Setup, and no Setup of this Backend's
 // found flows admitted unlabelled: admitsUnlabelled): an IPv6 pinhole that is not a
-// port redirect. Else (IPv4 NAPT, redirects, attached mode, a kernel
-// without labels) only the conntrack walk ends them. False too from a
+// port redirect. Attached too (attcut.go). Else (a kernel without
+// labels) only the conntrack walk ends them. False too from a
 // Healthy that found the layout damaged until a Setup writes it again
 // (noteDamage); between the damage and that check it still says what
 // the last Setup wrote. Cheap and lock-free

@@ -241,7 +241,7 @@ func TestGuardCutsFlowAtExpiry(t *testing.T) {
 // (an operator reads them in "nft list ruleset"); Healthy takes any of them
 // altered (the label set dropped from an admission rule, the re-check's
 // goto turned into an accept) as damage, and Setup repairs it.
-// Attached, none of it is written, and CutsFlows says so.
+// Attached, its own layout and bit (attcut.go, TestAttachedCutLayout).
 func TestCutLayoutListed(t *testing.T) {
 	topo, b := guardedTopology(t, pinhole.Config{})
 	out := nftList(t, topo.Host, "table", "inet", "pcpd")
@@ -296,11 +296,11 @@ func TestCutLayoutListed(t *testing.T) {
 	}
 	loadNft(t, topo.Host, adminRuleset)
 	a := newBackend(t, topo.Host, pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"})
-	if a.CutsFlows(v6) {
-		t.Error("attached: CutsFlows = true")
+	if !a.CutsFlows(v6) {
+		t.Error("attached: CutsFlows = false")
 	}
-	if out := nftList(t, topo.Host, "table", "inet", "filter"); strings.Contains(out, "ct label") {
-		t.Errorf("attached: label rules written:\n%s", out)
+	if out := nftList(t, topo.Host, "table", "inet", "filter"); strings.Contains(out, "ct label 127") || strings.Contains(out, "ct label set 127") {
+		t.Errorf("attached: standalone's label bit written:\n%s", out)
 	}
 }
 

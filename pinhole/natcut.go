@@ -68,7 +68,7 @@ import (
 // same endpoint keeps its client's outbound flows to every remote, and
 // no set is keyed by the endpoint alone (napt4_filter holds the remote).
 //
-// Not attached (the labels are standalone's: cutLabels), nor on a kernel
+// Attached, pcpd_cut re-checks them (attcut.go). Not on a kernel
 // that refuses labels (labelsRefused) or natcut's map lookups (before
 // Linux 6.5: natCutRefusal), nor for a Backend whose Setup
 // found pcpd's DNAT rules translating unlabelled (an upgrade from a layout
