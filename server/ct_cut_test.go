@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/netip"
 	"regexp"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -110,7 +111,10 @@ func (l *lab) udpInbound(t *testing.T, port uint16) (net.Conn, netip.AddrPort, n
 // On main the IPv6 rows fail (the redirect's: the reply waits for the
 // held walk, no reply within ctFlushBound).
 // Without the guard's re-check (the pinhole layout of main, the server's
-// change kept) the flow carries data after the reply.
+// change kept) the flow carries data after the reply. The "attached"
+// rows do the same beneath an admin's forward chain that accepts
+// established flows before "jump pcpd" (pinhole/attcut.go): on main the
+// two IPv6 ones get no reply while the walk is held (CutsFlows false).
 func TestE2EDeleteReplyCutsWithoutWalk(t *testing.T) {
 	for i, c := range []struct {
 		name string
@@ -124,11 +128,20 @@ func TestE2EDeleteReplyCutsWithoutWalk(t *testing.T) {
 		// an IPv4 MAP's SNAT-ed ones only by the walk.
 		{"PCP MAP IPv6 redirect", "redir6", true},
 		{"PCP MAP IPv4", "map4", false},
+		// Attached beneath an admin's forward chain that accepts
+		// established flows first (pinhole/attcut.go: pcpd_cut).
+		{"attached, PCP MAP IPv6 TCP", "attached map6", true},
+		{"attached, PCP MAP IPv6 redirect", "attached redir6", true},
+		{"attached, NAT-PMP", "attached pmp", false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var gate ctGate
 			l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
 			l.stop()
+			kind, attached := strings.CutPrefix(c.kind, "attached ")
+			if attached {
+				l.attach(t)
+			}
 			l.tweak = gate.tweak
 			l.start()
 			port := uint16(9900 + i)
@@ -137,7 +150,7 @@ func TestE2EDeleteReplyCutsWithoutWalk(t *testing.T) {
 			var src, dst netip.AddrPort
 			var req []byte
 			var from, to netip.AddrPort
-			switch c.kind {
+			switch kind {
 			case "udp6":
 				proto = protoUDP
 				conn, src, dst = l.udpInbound(t, port)
