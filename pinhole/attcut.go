@@ -142,14 +142,15 @@ func (b *Backend) attCutChainNames() []string {
 	return []string{b.chainNATCut, b.chainRecheck6, b.chainRecheckNAT}
 }
 
-// natLaidOut: pcpd's DNAT chain exists, so flows it translated may live
-// (Setup asks conntrack for unlabelled ones then: dnatFlowsUnlabelled).
-// Standalone, the table; attached, the chain itself: the admin's table
-// always exists, and a first start in it found "unlabelled flows" when
-// it could not read pcpd's protected sets, not yet made, so CutsFlows
-// was false for the DNAT kinds (TestAttachedCutLayout's "fresh" row).
-// Caller holds b.mu.
-func (b *Backend) natLaidOut() (bool, error) {
+// laidOut: pcpd's layout exists, so flows its rules admitted or
+// translated may live (a first Setup asks conntrack for unlabelled ones
+// then: dnatFlowsUnlabelled). Standalone, the table; attached, pcpd's
+// own prerouting chain: the admin's table always exists, and a first
+// start in it asked, could not read pcpd's protected sets, not made yet,
+// and took that for unlabelled flows, so CutsFlows was false for the
+// DNAT kinds at every fresh attached start (TestAttachedCutLayout's
+// "fresh" row). Caller holds b.mu.
+func (b *Backend) laidOut() (bool, error) {
 	if !b.cfg.Attached {
 		return b.tableExists()
 	}

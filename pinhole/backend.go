@@ -358,7 +358,7 @@ func (b *Backend) setupLocked() (err error) {
 			// layout DNAT-ed may outlive the Setup that relabelled it
 			// (dnatFlowsUnlabelled).
 			b.natAsked = true
-			if ok, err := b.natLaidOut(); err != nil || ok {
+			if ok, err := b.laidOut(); err != nil || ok {
 				b.natUnlabelled = b.dnatFlowsUnlabelled()
 			}
 		}
