@@ -211,6 +211,9 @@ type Backend struct {
 	// admitted live on unlabelled, not re-checked, so CutsFlows stays
 	// false for this Backend's life (cutflows.go, review h/revctcut).
 	unlabelled bool
+	// bitAsked: a Setup of this Backend looked for its label bit in
+	// rules not its own (checkLabelBit, labelbit.go), as it does once.
+	bitAsked bool
 	// protectedFault, when set (tests only), runs before each of
 	// syncProtected's transactions is queued: an error fails that
 	// transaction unwritten, as a kernel error would.
@@ -348,6 +351,9 @@ func (b *Backend) setupLocked() (err error) {
 	if err := b.checkOwnershipLocked(); err != nil {
 		return err
 	}
+	if err := b.checkLabelBit(); err != nil {
+		return err
+	}
 	if b.cutLabels && !b.unlabelled {
 		b.unlabelled = b.admitsUnlabelled()
 	}
@@ -406,6 +412,9 @@ func (b *Backend) setupLocked() (err error) {
 		return err
 	}
 	if err := b.queueStaleControlRemoval(); err != nil {
+		return err
+	}
+	if err := b.queueStaleCutRemoval(); err != nil {
 		return err
 	}
 	chains := b.chains()

@@ -1,0 +1,156 @@
+package pinhole
+
+import (
+	"errors"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// A label bit is hashed from names (attachedLabel, natLabelFor: both
+// 64-125), and a base chain that re-checks it (pcpd_cut, natcut) sees
+// every packet the host receives: a flow another pcpd labels with the same
+// bit (an attached one with another table or chain, a standalone one of
+// another table), or an admin's own rule does, is re-checked against this
+// Backend's sets and dropped. A standalone natcut does not even ask "ct
+// status dnat", so it dropped an attached pcpd's IPv6 pinhole flows too
+// (review h/revattcut, finding 1, TestAttachedCutBitSharedElsewhere:
+// table filter chain pcpd_wan and table natpmp share bit 121). So a
+// Backend's first Setup looks for the bit in every rule that is not its
+// own (bitTaken): found, it lays out without the cut, for good (attached:
+// the layout without labels, as labelsRefused; standalone: without
+// natcut, as natCutRefusal), and its cut chains of an earlier run go
+// (queueStaleCutRemoval). CutsFlows is false then, and the server waits
+// for its walk. The first pcpd to lay out keeps the bit; a later one
+// yields, and keeps yielding at its restarts while the first holds it.
+
+// ownChainNames are the chains of pcpd's in its table (attached: the
+// admin's table, whose other chains are the admin's).
+func (b *Backend) ownChainNames() map[string]bool {
+	m := map[string]bool{}
+	for _, n := range []string{b.chainEntry, b.chainGuard6, b.chainGuard4, b.chainPrerouting, b.chainPostrouting,
+		b.chainRecheck6, b.chainNATCut, b.chainRecheckNAT} {
+		if n != "" {
+			m[n] = true
+		}
+	}
+	return m
+}
+
+// bitTaken reports whether a rule outside this Backend's own chains reads
+// or sets conntrack label bit: a 16-byte value with the bit set in a rule
+// that loads or sets the label. Caller holds b.mu.
+func (b *Backend) bitTaken(bit int) (bool, error) {
+	conn := b.readConn()
+	chains, err := conn.ListChains()
+	if err != nil {
+		return false, err
+	}
+	own := b.ownChainNames()
+	for _, c := range chains {
+		if c.Table.Name == b.cfg.Table && c.Table.Family == nftables.TableFamilyINet && (!b.cfg.Attached || own[c.Name]) {
+			continue
+		}
+		rules, err := conn.GetRules(c.Table, c)
+		if err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				continue // gone meanwhile
+			}
+			return false, err
+		}
+		for _, r := range rules {
+			if ruleUsesLabel(r.Exprs, bit) {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
+}
+
+func ruleUsesLabel(es []expr.Any, bit int) bool {
+	labels := false
+	for _, e := range es {
+		if c, ok := e.(*expr.Ct); ok && c.Key == expr.CtKeyLABELS {
+			labels = true
+		}
+	}
+	if !labels {
+		return false
+	}
+	has := func(d []byte) bool { return len(d) == 16 && d[bit/8]&(1<<(bit%8)) != 0 }
+	for _, e := range es {
+		switch e := e.(type) {
+		case *expr.Immediate:
+			if has(e.Data) {
+				return true
+			}
+		case *expr.Bitwise:
+			if has(e.Mask) {
+				return true
+			}
+		case *expr.Cmp:
+			if has(e.Data) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// checkLabelBit, at a Backend's first Setup: the cut off when its bit is
+// taken (bitTaken). Caller holds b.mu.
+func (b *Backend) checkLabelBit() error {
+	if b.bitAsked || !(b.attCut() || b.natCutting()) {
+		return nil
+	}
+	taken, err := b.bitTaken(b.natLabel)
+	if err != nil {
+		return err
+	}
+	b.bitAsked = true
+	if taken {
+		if b.cfg.Attached {
+			b.cutLabels = false
+		} else {
+			b.natCut = false
+		}
+	}
+	return nil
+}
+
+// queueStaleCutRemoval queues the removal of the cut chains an earlier
+// run laid out that this layout has not (a bit taken since), base chain
+// first: a chain something jumps to cannot be deleted. Caller holds b.mu.
+func (b *Backend) queueStaleCutRemoval() error {
+	var names []string
+	switch {
+	case b.cfg.Attached && !b.attCut():
+		names = []string{b.chainNATCut, b.chainRecheck6, b.chainRecheckNAT}
+	case !b.cfg.Attached && !b.natCutting():
+		names = []string{b.chainNATCut, b.chainRecheckNAT}
+	case b.cfg.Attached && !b.natCutting():
+		names = []string{b.chainRecheckNAT}
+	default:
+		return nil
+	}
+	ok, err := b.tableExists()
+	if err != nil || !ok {
+		return err
+	}
+	present, err := b.presentChains()
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		if present[n] {
+			b.conn.FlushChain(&nftables.Chain{Table: b.table, Name: n})
+		}
+	}
+	for _, n := range names {
+		if present[n] {
+			b.conn.DelChain(&nftables.Chain{Table: b.table, Name: n})
+		}
+	}
+	return nil
+}
