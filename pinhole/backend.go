@@ -214,6 +214,8 @@ type Backend struct {
 	// bitAsked: a Setup of this Backend looked for its label bit in
 	// rules not its own (checkLabelBit, labelbit.go), as it does once.
 	bitAsked bool
+	// pinAsked: as natAsked, for the pinhole kinds (pinFlowsUnlabelled).
+	pinAsked bool
 	// protectedFault, when set (tests only), runs before each of
 	// syncProtected's transactions is queued: an error fails that
 	// transaction unwritten, as a kernel error would.
@@ -356,6 +358,15 @@ func (b *Backend) setupLocked() (err error) {
 	}
 	if b.cutLabels && !b.unlabelled {
 		b.unlabelled = b.admitsUnlabelled()
+		if !b.unlabelled && !b.pinAsked {
+			// A start over an existing layout: flows an unlabelled
+			// layout admitted may outlive the Setup that relabelled it
+			// (pinFlowsUnlabelled).
+			b.pinAsked = true
+			if ok, err := b.laidOut(); err != nil || ok {
+				b.unlabelled = b.pinFlowsUnlabelled()
+			}
+		}
 	}
 	if b.natCutting() && !b.natUnlabelled {
 		b.natUnlabelled = b.translatesUnlabelled()
