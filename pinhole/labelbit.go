@@ -68,34 +68,50 @@ func (b *Backend) bitTaken(bit int) (bool, error) {
 	return false, nil
 }
 
+// ruleUsesLabel: es sets the label with bit among its value ("ct label
+// set": an immediate, then the ct set, which the library lists as a ct
+// load into register 0) or matches it (a ct label load, then a bitwise
+// mask or a comparison of that register holding the bit). Other 16-byte
+// values (an IPv6 address) do not count.
 func ruleUsesLabel(es []expr.Any, bit int) bool {
-	labels := false
-	for _, e := range es {
-		if c, ok := e.(*expr.Ct); ok && c.Key == expr.CtKeyLABELS {
-			labels = true
-		}
-	}
-	if !labels {
-		return false
-	}
 	has := func(d []byte) bool { return len(d) == 16 && d[bit/8]&(1<<(bit%8)) != 0 }
-	for _, e := range es {
+	loaded, reg := false, uint32(0)
+	for i, e := range es {
 		switch e := e.(type) {
-		case *expr.Immediate:
-			if has(e.Data) {
-				return true
+		case *expr.Ct:
+			if e.Key != expr.CtKeyLABELS {
+				loaded = false
+				continue
 			}
+			if e.SourceRegister || e.Register == 0 {
+				if im, ok := prevImmediate(es, i); ok && has(im.Data) {
+					return true
+				}
+				continue
+			}
+			loaded, reg = true, e.Register
 		case *expr.Bitwise:
-			if has(e.Mask) {
+			if loaded && e.SourceRegister == reg && has(e.Mask) {
 				return true
 			}
 		case *expr.Cmp:
-			if has(e.Data) {
+			if loaded && e.Register == reg && has(e.Data) {
 				return true
 			}
+			loaded = false // the match ends with its comparison
+		default:
+			loaded = false
 		}
 	}
 	return false
+}
+
+func prevImmediate(es []expr.Any, i int) (*expr.Immediate, bool) {
+	if i == 0 {
+		return nil, false
+	}
+	im, ok := es[i-1].(*expr.Immediate)
+	return im, ok
 }
 
 // checkLabelBit, at a Backend's first Setup: the cut off when its bit is
