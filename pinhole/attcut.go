@@ -65,10 +65,10 @@ import (
 // second pcpd (standalone beside it, or attached with another chain)
 // would have it drop the other's flows (as natLabelFor, review
 // h/revnatcut). A standalone pcpd of the default table (126, 127) never
-// collides; another table's or attached chain's bit may (1 in 62), and
-// a flow an admin's own rule labels with it is dropped unless a pcpd
-// element admits it: leave bits 64-127 to pcpd. The default attached
-// names ("filter", "pcpd") give bit 90.
+// collides; another table's or attached chain's bit may (1 in 62), as
+// may an admin's own rule: a Backend's first Setup that finds its bit in
+// a rule not its own lays out without the cut (labelbit.go, review
+// h/revattcut). The default attached names ("filter", "pcpd") give bit 90.
 //
 // Fallbacks as standalone: a kernel refusing labels (labelsRefused) gets
 // the attached layout of before, without pcpd_cut; one refusing
