@@ -120,10 +120,10 @@ func (b *Backend) checkLabelBit() error {
 	if b.bitAsked || !(b.attCut() || b.natCutting()) {
 		return nil
 	}
+	// A ruleset that cannot be read counts as taken: without the cut the
+	// deletes only wait for the walk, and pcpd still starts.
 	taken, err := b.bitTaken(b.natLabel)
-	if err != nil {
-		return err
-	}
+	taken = taken || err != nil
 	b.bitAsked = true
 	if taken {
 		if b.cfg.Attached {
