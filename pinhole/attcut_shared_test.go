@@ -87,3 +87,50 @@ func TestAttachedCutBitSharedElsewhere(t *testing.T) {
 		})
 	}
 }
+
+// TestAttachedStaleCutChainsRemoved (labelbit.go, queueStaleCutRemoval):
+// a Setup whose layout has less of the cut than the table's (natcut
+// refused, or the labels: as when the bit is taken at a restart) removes
+// the chains it no longer writes, in the same transaction, and is
+// healthy; pcpd_cut kept without its nat rule no longer points at
+// pcpd_recheck_nat (which could not be deleted while it did: EBUSY).
+func TestAttachedStaleCutChainsRemoved(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		refuse func(*pinhole.Backend)
+		gone   []string
+	}{
+		{"natcut refused", pinhole.RefuseNATCut, []string{"pcpd_recheck_nat"}},
+		{"labels refused", pinhole.RefuseLabels, []string{"pcpd_cut", "pcpd_recheck6", "pcpd_recheck_nat"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+			loadNft(t, topo.Host, adminRuleset)
+			cfg := pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"}
+			newBackend(t, topo.Host, cfg).Close()
+			conn, err := topo.Host.NftConn()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.Routes = nsRoutes(t, topo.Host)
+			b, err := pinhole.New(conn, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(b.Close)
+			tc.refuse(b)
+			if err := b.Setup(); err != nil {
+				t.Fatalf("Setup: %v", err)
+			}
+			if err := b.Healthy(); err != nil {
+				t.Errorf("Healthy: %v", err)
+			}
+			out := nftList(t, topo.Host, "table", "inet", "filter")
+			for _, c := range tc.gone {
+				if strings.Contains(out, "chain "+c+" ") {
+					t.Errorf("chain %s left:\n%s", c, out)
+				}
+			}
+		})
+	}
+}

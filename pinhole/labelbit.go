@@ -158,7 +158,10 @@ func (b *Backend) queueStaleCutRemoval() error {
 	if err != nil {
 		return err
 	}
-	for _, n := range names {
+	// pcpd_cut kept (natcut refused) may still goto pcpd_recheck_nat: it
+	// is flushed too, and its rules written again later in this
+	// transaction.
+	for _, n := range append([]string{b.chainNATCut}, names...) {
 		if present[n] {
 			b.conn.FlushChain(&nftables.Chain{Table: b.table, Name: n})
 		}
