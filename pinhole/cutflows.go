@@ -3,12 +3,9 @@ package pinhole
 import (
 	"errors"
 	"hash/fnv"
-	"net/netip"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -175,67 +172,6 @@ func (b *Backend) admitsUnlabelled() bool {
 	// A guard6 with rules but no label rule at all: a layout of a pcpd
 	// before the labels, whatever its sets were named.
 	return len(rules) > 0 && !labelled
-}
-
-// pinFlowsUnlabelled reports whether conntrack holds an IPv6 flow to an
-// address of the kernel's protected6, not DNAT-ed, not ICMPv6, without
-// this Backend's bit (cutLabelBit): one an admission rule admitted
-// unlabelled (a layout before the labels, which an earlier start's Setup
-// rewrote labelled, so admitsUnlabelled no longer sees it), which the
-// re-check never drops. Asked at a Backend's first Setup over an existing
-// layout (a start): before, the second start after an upgrade had
-// CutsFlows true while such a flow lived, its pinhole's delete was
-// answered without the walk and the flow carried data after it (review
-// h/revattcut, finding 2, TestCutRestartAfterUpgradePinholeFlow; the
-// DNAT kinds' is dnatFlowsUnlabelled). An admin's own flow to a client
-// (attached: an open port before "jump pcpd") keeps the pinhole kinds
-// waiting for the walk as well (safe). True when conntrack cannot be
-// read. Caller holds b.mu.
-func (b *Backend) pinFlowsUnlabelled() bool {
-	prot, err := b.readIntervals(b.protected6)
-	if err != nil {
-		return true
-	}
-	if len(prot) == 0 {
-		return false
-	}
-	var h *netlink.Handle
-	if b.netns > 0 {
-		h, err = netlink.NewHandleAt(netns.NsHandle(b.netns), unix.NETLINK_NETFILTER)
-	} else {
-		h, err = netlink.NewHandle(unix.NETLINK_NETFILTER)
-	}
-	if err != nil {
-		return true
-	}
-	defer h.Close()
-	flows, err := h.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET6)
-	if err != nil {
-		return true
-	}
-	bit := b.cutLabelBit()
-	at, mask := bit/8, byte(1)<<(bit%8)
-	for _, f := range flows {
-		if f.Forward.Protocol == unix.IPPROTO_ICMPV6 {
-			continue // echo and errors: never labelled (guard6 accepts them first)
-		}
-		if !f.Forward.DstIP.Equal(f.Reverse.SrcIP) || f.Forward.DstPort != f.Reverse.SrcPort {
-			continue // DNAT-ed: dnatFlowsUnlabelled's
-		}
-		if len(f.Labels) > at && f.Labels[at]&mask != 0 {
-			continue
-		}
-		to, ok := netip.AddrFromSlice(f.Forward.DstIP)
-		if !ok {
-			continue
-		}
-		for _, r := range prot {
-			if r.first.Is4() == to.Is4() && r.first.Compare(to) <= 0 && to.Compare(r.last) <= 0 {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // CutsFlows reports whether the ruleset itself ends the established flows
