@@ -81,3 +81,23 @@ func TestCutRestartAfterUpgradePinholeFlow(t *testing.T) {
 		})
 	}
 }
+
+// TestCutRestartHostOwnFlow: pinFlowsUnlabelled counts flows a guard could
+// have admitted, not the host's own: a connection from the host's own
+// address to a client (output, never through a guard, never labelled)
+// alive at a restart over the labelled layout keeps CutsFlows true. Before
+// the local-source check it said false (every pinhole delete waiting for
+// the walk for the Backend's life).
+func TestCutRestartHostOwnFlow(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	pin := pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV6, InternalPort: 7750}
+	apply(t, b, install(pin, time.Hour))
+	f := openEcho(t, tcp, topo.Client, topo.Host, netip.AddrPortFrom(topo.HostTunnelV6, 47750),
+		netip.AddrPortFrom(topo.ClientV6, 7751))
+	if err := f.echo(okWait); err != nil {
+		t.Fatal(err)
+	}
+	if got := newBackend(t, topo.Host, pinhole.Config{}).CutsFlows(pin); !got {
+		t.Errorf("restart with the host's own flow to a client: CutsFlows = false")
+	}
+}

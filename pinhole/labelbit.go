@@ -187,9 +187,10 @@ func (b *Backend) queueStaleCutRemoval() error {
 // CutsFlows true while such a flow lived, its pinhole's delete was
 // answered without the walk and the flow carried data after it (review
 // h/revattcut, finding 2, TestCutRestartAfterUpgradePinholeFlow; the
-// DNAT kinds' is dnatFlowsUnlabelled). An admin's own flow to a client
-// (attached: an open port before "jump pcpd") keeps the pinhole kinds
-// waiting for the walk as well (safe). True when conntrack cannot be
+// DNAT kinds' is dnatFlowsUnlabelled). Not the host's own connections
+// (from one of its addresses: TestCutRestartHostOwnFlow). An admin's own
+// flow to a client (attached: an open port before "jump pcpd", a LAN
+// host's) keeps the pinhole kinds waiting for the walk as well (safe). True when conntrack cannot be
 // read. Caller holds b.mu.
 func (b *Backend) pinFlowsUnlabelled() bool {
 	prot, err := b.readIntervals(b.protected6)
@@ -213,11 +214,36 @@ func (b *Backend) pinFlowsUnlabelled() bool {
 	if err != nil {
 		return true
 	}
+	// The host's own connections (output: no guard admits them) are
+	// never labelled; their source is one of its addresses.
+	local := map[netip.Addr]bool{}
+	var rh *netlink.Handle
+	if b.netns > 0 {
+		rh, err = netlink.NewHandleAt(netns.NsHandle(b.netns), unix.NETLINK_ROUTE)
+	} else {
+		rh, err = netlink.NewHandle(unix.NETLINK_ROUTE)
+	}
+	if err != nil {
+		return true
+	}
+	defer rh.Close()
+	addrs, err := rh.AddrList(nil, netlink.FAMILY_V6)
+	if err != nil {
+		return true
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			local[ip] = true
+		}
+	}
 	bit := b.cutLabelBit()
 	at, mask := bit/8, byte(1)<<(bit%8)
 	for _, f := range flows {
 		if f.Forward.Protocol == unix.IPPROTO_ICMPV6 {
 			continue // echo and errors: never labelled (guard6 accepts them first)
+		}
+		if from, ok := netip.AddrFromSlice(f.Forward.SrcIP); ok && local[from] {
+			continue // the host's own
 		}
 		if !f.Forward.DstIP.Equal(f.Reverse.SrcIP) || f.Forward.DstPort != f.Reverse.SrcPort {
 			continue // DNAT-ed: dnatFlowsUnlabelled's
