@@ -37,13 +37,34 @@ func (t *table) Leases() []store.Lease {
 
 func (t *table) Status() Status { return t.status }
 
-func (t *table) Revoke(r Revoke) (int, error) {
+// StreamLeases lists a copy of the leases, as they are sorted.
+func (t *table) StreamLeases(count func(int) error, each func(*store.Lease) error) error {
+	ls := t.Leases()
+	if err := count(len(ls)); err != nil {
+		return err
+	}
+	for i := range ls {
+		if err := each(&ls[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (t *table) HasOwner(id string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return slices.ContainsFunc(t.leases, func(l store.Lease) bool { return l.Owner == id })
+}
+
+func (t *table) Revoke(_ context.Context, r Revoke) (int, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	var keep []store.Lease
 	n := 0
 	for _, l := range t.leases {
-		if r.All || (r.Owner != "" && l.Owner == r.Owner) || (r.Key != nil && l.Key == *r.Key) {
+		if r.All || (r.Owner != "" && l.Owner == r.Owner) || (r.Key != nil && l.Key == *r.Key) ||
+			slices.Contains(r.Opens, Opening{Protocol: l.Protocol, InternalAddr: l.InternalAddr.Unmap(), InternalPort: l.InternalPort}) {
 			n++
 			continue
 		}
@@ -375,14 +396,12 @@ func TestAppendLeaseJSON(t *testing.T) {
 	}
 }
 
-// streamer is a Backend that lists through LeaseStreamer; its Leases must
-// not be used for the leases op.
+// streamer is a Backend whose listing fails after its first lease when
+// fail is set.
 type streamer struct {
 	*table
 	fail error // returned by each after the first lease
 }
-
-func (s *streamer) Leases() []store.Lease { panic("leases op must stream") }
 
 func (s *streamer) StreamLeases(count func(int) error, each func(*store.Lease) error) error {
 	ls := s.table.Leases()

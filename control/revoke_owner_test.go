@@ -2,6 +2,7 @@ package control
 
 import (
 	"context"
+	"net/netip"
 	"sync/atomic"
 	"testing"
 
@@ -19,20 +20,9 @@ func (t *ownerTable) Leases() []store.Lease {
 	return t.table.Leases()
 }
 
-func (t *ownerTable) HasOwner(id string) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	for _, l := range t.leases {
-		if l.Owner == id {
-			return true
-		}
-	}
-	return false
-}
-
 // TestRevokeClientCopiesNoLeases (h/lowfix): revoke --client resolves the
 // client's name (with or without its "static:"/"wg:" prefix) by asking the
-// backend (OwnerChecker), not by Leases, which in pcpd copies every lease
+// backend (Backend.HasOwner), not by Leases, which in pcpd copies every lease
 // under the engine's lock: at 100 000 leases a pause before the revoke
 // began. Fails before: every row called Leases once.
 func TestRevokeClientCopiesNoLeases(t *testing.T) {
@@ -54,5 +44,28 @@ func TestRevokeClientCopiesNoLeases(t *testing.T) {
 				t.Errorf("revoke --client %s copied every lease %d time(s) (Leases), want 0", tc.client, k)
 			}
 		})
+	}
+}
+
+// TestRevokeLeasesCopiesNoLeases (h/opsleft): revoke PROTO/ADDR/PORT
+// hands the openings named to the backend (Revoke.Opens: the engine
+// finds their leases a step at a time), instead of finding their keys in
+// Leases, a copy of every lease made under the engine's lock (100 000
+// leases: 132 ms, BENCHMARKS.md item 50). Fails before: Leases called once.
+func TestRevokeLeasesCopiesNoLeases(t *testing.T) {
+	b := &ownerTable{table: table{leases: []store.Lease{
+		lease("a", 6, "2001:db8:1::1", 80), lease("a", 17, "2001:db8:1::1", 80),
+		lease("b", 6, "10.0.0.2", 80), lease("wg:key=", 6, "2001:db8:1::1", 80),
+	}}}
+	c := &Client{Path: start(t, b)}
+	n, err := c.Revoke(context.Background(), Request{Leases: []LeaseRef{
+		{Protocol: "tcp", InternalAddress: netip.MustParseAddr("2001:db8:1::1"), InternalPort: 80},
+		{Protocol: "6", InternalAddress: netip.MustParseAddr("::ffff:10.0.0.2"), InternalPort: 80},
+	}})
+	if err != nil || n != 3 {
+		t.Fatalf("revoke: %d, %v; want 3", n, err)
+	}
+	if k := b.copies.Load(); k != 0 {
+		t.Errorf("revoke PROTO/ADDR/PORT copied every lease %d time(s) (Leases), want 0", k)
 	}
 }

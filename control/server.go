@@ -141,15 +141,47 @@ func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) err
 	timeout, slots := writeTimeout, make(chan struct{}, maxConns)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
-	conns := map[net.Conn]struct{}{}
+	conns := map[net.Conn]*connState{}
 	closing := false // once set, a connection accepted late is closed at once
+	// closeConns ends every connection: one waiting for a request, or
+	// sending a listing (which a stalled client could make last the
+	// write timeout), is closed; one answering a revoke or status ends
+	// after its reply, which the client is sent: a revoke stops between
+	// chunks once ctx has ended, and its reply says it was cut short
+	// (before h/opsleft the connection was closed under the request: to
+	// the client, a daemon gone away, nothing said of what was revoked).
 	closeConns := func() {
 		mu.Lock()
 		closing = true
-		for c := range conns {
+		for c, st := range conns {
+			if st.busy && st.keep {
+				st.closing = true
+				c.SetReadDeadline(time.Now())
+				continue
+			}
 			c.Close()
 		}
 		mu.Unlock()
+	}
+	// begin marks c answering a request (keep: one to be answered if
+	// Serve ends meanwhile); false once closing (c is then to end
+	// unanswered). end marks it done; false if it is to end.
+	begin := func(c net.Conn, keep bool) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		st := conns[c]
+		if closing || st.closing {
+			return false
+		}
+		st.busy, st.keep = true, keep
+		return true
+	}
+	end := func(c net.Conn) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		st := conns[c]
+		st.busy = false
+		return !closing && !st.closing
 	}
 	stop := context.AfterFunc(ctx, func() {
 		ln.Close()
@@ -197,7 +229,7 @@ func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) err
 			<-slots
 			continue // Accept fails next, the listener closed
 		}
-		conns[c] = struct{}{}
+		conns[c] = &connState{}
 		mu.Unlock()
 		wg.Add(1)
 		go func() {
@@ -205,7 +237,7 @@ func Serve(ctx context.Context, ln net.Listener, b Backend, log *zap.Logger) err
 			if err := peerAllowed(c); err != nil {
 				log.Warn("refused a control connection", zap.Error(err))
 			} else {
-				serveConn(c, b, timeout, log)
+				serveConn(ctx, c, b, timeout, log, begin, end)
 			}
 			mu.Lock()
 			delete(conns, c)
@@ -309,7 +341,13 @@ func peerAllowed(c net.Conn) error {
 	return nil
 }
 
-func serveConn(c net.Conn, b Backend, timeout time.Duration, log *zap.Logger) {
+// connState is a served connection's: busy answering a request, and to
+// end once it has (Serve's end).
+type connState struct{ busy, keep, closing bool }
+
+// serveConn answers c's requests until it ends or Serve does: begin and
+// end bracket each answer (false: end c now).
+func serveConn(ctx context.Context, c net.Conn, b Backend, timeout time.Duration, log *zap.Logger, begin func(c net.Conn, keep bool) bool, end func(net.Conn) bool) {
 	r := bufio.NewReaderSize(c, 4096)
 	w := bufio.NewWriterSize(progressWriter{c, timeout}, 64<<10)
 	for {
@@ -318,13 +356,20 @@ func serveConn(c net.Conn, b Backend, timeout time.Duration, log *zap.Logger) {
 		if err != nil {
 			return // EOF, timeout or oversized: nothing useful to answer
 		}
-		c.SetReadDeadline(time.Time{})
 		if len(bytes.TrimSpace(line)) == 0 {
 			continue
 		}
-		err = handle(line, w, b, log)
+		req, perr := parseRequest(line)
+		if !begin(c, req.Op != OpLeases) {
+			return
+		}
+		c.SetReadDeadline(time.Time{})
+		err = handle(ctx, req, perr, w, b, log)
 		if err == nil {
 			err = w.Flush()
+		}
+		if !end(c) {
+			return
 		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			log.Info("dropped a control client that stopped reading its reply", zap.Duration("stalled", timeout))
@@ -364,47 +409,45 @@ func readLine(r *bufio.Reader) ([]byte, error) {
 	}
 }
 
-// handle answers one request line.
-func handle(line []byte, w *bufio.Writer, b Backend, log *zap.Logger) error {
+// parseRequest decodes a request line (no unknown fields).
+func parseRequest(line []byte) (Request, error) {
+	var req Request
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(&req)
+	return req, err
+}
+
+// handle answers one request (perr: its line did not parse). ctx is Serve's: a listing in progress
+// when it ends is cut short (the connection then ends: the client sees a
+// stream short of its count), a revoke stops between chunks and its error
+// is the reply.
+func handle(ctx context.Context, req Request, perr error, w *bufio.Writer, b Backend, log *zap.Logger) error {
 	enc := json.NewEncoder(w)
 	fail := func(code, format string, args ...any) error {
 		return enc.Encode(Reply{Error: &ReplyError{Code: code, Message: fmt.Sprintf(format, args...)}})
 	}
-	var req Request
-	dec := json.NewDecoder(bytes.NewReader(line))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		return fail(CodeBadRequest, "request is not valid: %v", err)
+	if perr != nil {
+		return fail(CodeBadRequest, "request is not valid: %v", perr)
 	}
 	switch req.Op {
 	case OpLeases:
-		if ls, ok := b.(LeaseStreamer); ok {
-			var buf []byte
-			return ls.StreamLeases(func(n int) error {
-				return enc.Encode(Reply{OK: true, Count: n})
-			}, func(l *store.Lease) error {
-				buf = append(appendLeaseJSON(buf[:0], l), '\n')
-				_, err := w.Write(buf)
-				return err
-			})
-		}
-		leases := b.Leases()
-		if err := enc.Encode(Reply{OK: true, Count: len(leases)}); err != nil {
-			return err
-		}
 		var buf []byte
-		for i := range leases {
-			buf = append(appendLeaseJSON(buf[:0], &leases[i]), '\n')
-			if _, err := w.Write(buf); err != nil {
+		return b.StreamLeases(func(n int) error {
+			return enc.Encode(Reply{OK: true, Count: n})
+		}, func(l *store.Lease) error {
+			if err := ctx.Err(); err != nil {
 				return err
 			}
-		}
-		return nil
+			buf = append(appendLeaseJSON(buf[:0], l), '\n')
+			_, err := w.Write(buf)
+			return err
+		})
 	case OpStatus:
 		st := b.Status()
 		return enc.Encode(Reply{OK: true, Status: &st})
 	case OpRevoke:
-		n, err := revoke(req, b, log)
+		n, err := revoke(ctx, req, b, log)
 		if err != nil {
 			if errors.Is(err, ErrProtocol) {
 				return fail(CodeBadRequest, "%v", err)
@@ -417,29 +460,20 @@ func handle(line []byte, w *bufio.Writer, b Backend, log *zap.Logger) error {
 }
 
 // resolveOwner lets the operator name a client as pcpd leases shows it
-// ("wg:KEY", "static:NAME") or without the prefix ("KEY", "NAME"). With an
-// OwnerChecker it asks the backend about each candidate; else it reads
-// every lease (Leases: the engine copies them all at once, under its lock;
-// before h/lowfix, pcpd's revoke --client did so: 100 000 leases held it
-// for a pause before the revoke began).
+// ("wg:KEY", "static:NAME") or without the prefix ("KEY", "NAME"),
+// asking the backend about each candidate (HasOwner: not a copy of every
+// lease, which before h/lowfix held the engine for a pause before the
+// revoke began).
 func resolveOwner(name string, b Backend) string {
-	has, ok := b.(OwnerChecker)
-	var owners map[string]bool
-	if !ok {
-		owners = map[string]bool{}
-		for _, l := range b.Leases() {
-			owners[l.Owner] = true
-		}
-	}
 	for _, cand := range []string{name, "static:" + name, "wg:" + name} {
-		if ok && has.HasOwner(cand) || owners[cand] {
+		if b.HasOwner(cand) {
 			return cand
 		}
 	}
 	return name
 }
 
-func revoke(req Request, b Backend, log *zap.Logger) (int, error) {
+func revoke(ctx context.Context, req Request, b Backend, log *zap.Logger) (int, error) {
 	set := 0
 	for _, on := range []bool{req.All, req.Client != "", len(req.Leases) > 0} {
 		if on {
@@ -451,43 +485,28 @@ func revoke(req Request, b Backend, log *zap.Logger) (int, error) {
 	}
 	switch {
 	case req.All:
-		n, err := b.Revoke(Revoke{All: true})
+		n, err := b.Revoke(ctx, Revoke{All: true})
 		log.Info("revoked all leases", zap.Int("count", n), zap.Error(err))
 		return n, err
 	case req.Client != "":
 		owner := resolveOwner(req.Client, b)
-		n, err := b.Revoke(Revoke{Owner: owner})
+		n, err := b.Revoke(ctx, Revoke{Owner: owner})
 		log.Info("revoked a client's leases", zap.String("client", req.Client), zap.Int("count", n), zap.Error(err))
 		return n, err
 	}
-	// Leases named by what they open: find their full keys (the owner is
-	// part of a lease's identity, the operator need not know it).
-	want := map[LeaseRef]bool{}
+	// Leases named by what they open, whoever holds them (the owner is
+	// part of a lease's identity, the operator need not know it): the
+	// engine finds them a step at a time, as for a client's (before
+	// h/opsleft, from a copy of every lease made under its lock).
+	var ops []Opening
 	for _, ref := range req.Leases {
 		p, err := ParseProtocol(ref.Protocol)
 		if err != nil || !ref.InternalAddress.IsValid() {
 			return 0, fmt.Errorf("control: bad lease %s: %w", ref, ErrProtocol)
 		}
-		ref.Protocol = ProtocolName(p)
-		ref.InternalAddress = ref.InternalAddress.Unmap()
-		want[ref] = true
+		ops = append(ops, Opening{Protocol: p, InternalAddr: ref.InternalAddress.Unmap(), InternalPort: ref.InternalPort})
 	}
-	var keys []store.Key
-	for _, l := range b.Leases() {
-		ref := LeaseRef{Protocol: ProtocolName(l.Protocol), InternalAddress: l.InternalAddr.Unmap(), InternalPort: l.InternalPort}
-		if want[ref] {
-			keys = append(keys, l.Key)
-		}
-	}
-	total := 0
-	for i := range keys {
-		n, err := b.Revoke(Revoke{Key: &keys[i]})
-		total += n
-		if err != nil {
-			return total, err
-		}
-		log.Info("revoked lease", zap.String("client", keys[i].Owner), zap.Uint8("protocol", keys[i].Protocol),
-			zap.Stringer("address", keys[i].InternalAddr), zap.Uint16("port", keys[i].InternalPort))
-	}
-	return total, nil
+	n, err := b.Revoke(ctx, Revoke{Opens: ops})
+	log.Info("revoked leases named", zap.Int("named", len(ops)), zap.Int("count", n), zap.Error(err))
+	return n, err
 }

@@ -1083,7 +1083,14 @@ const ctEndWait = 2 * time.Second
 // before (an IPv4 NAPT one: the walk alone ends its DNAT-ed flows) died
 // with the process, and its lease, gone from the store, is not flushed at
 // the next start (review h/revctcut; TestEndConntrackRunsSpacedWalk).
+//
+// Under s.mu first, serveEnded is set: an operator's revoke still running
+// (control serves until its own end) begins no chunk after this, so no
+// flush is queued once the flusher is closed (h/opsleft).
 func (s *Server) endConntrack() {
+	s.mu.Lock()
+	s.serveEnded = true
+	s.mu.Unlock()
 	s.ct.close()
 	done := make(chan struct{})
 	s.ct.after(s.ct.seq(), func() { close(done) })

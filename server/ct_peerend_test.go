@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"net/netip"
 	"testing"
 	"time"
@@ -75,7 +76,7 @@ func TestE2EPeerEndEndsFlow(t *testing.T) {
 			if peer == nil {
 				t.Fatal("no PEER lease")
 			}
-			if n, err := l.srv.Revoke(RevokeFilter{Key: peer}); n != 1 || err != nil {
+			if n, err := l.srv.Revoke(context.Background(), RevokeFilter{Key: peer}); n != 1 || err != nil {
 				t.Fatalf("revoke the PEER: %d %v", n, err)
 			}
 			l.srv.waitConntrack()

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"net/netip"
 	"os"
 	"testing"
@@ -59,7 +60,7 @@ func TestE2ERetakeEndsOldSNATFlow(t *testing.T) {
 				t.Fatalf("outbound: %v", err)
 			}
 			if c.peer { // an admin's revoke
-				if n, err := l.srv.Revoke(RevokeFilter{Owner: l.srv.Leases()[0].Owner}); n != 1 || err != nil {
+				if n, err := l.srv.Revoke(context.Background(), RevokeFilter{Owner: l.srv.Leases()[0].Owner}); n != 1 || err != nil {
 					t.Fatalf("revoke the PEER: %d %v", n, err)
 				}
 			} else {

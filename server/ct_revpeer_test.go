@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"net"
 	"net/netip"
 	"syscall"
@@ -122,7 +123,7 @@ func TestE2ESNATSparedOnlyForPeerRemote(t *testing.T) {
 			}
 			// The PEER's end leaves its client's own outbound flow
 			// (h/peerend's choice), as the MAP's delete did.
-			if n, err := l.srv.Revoke(RevokeFilter{Owner: l.srv.Leases()[0].Owner}); n != 1 || err != nil {
+			if n, err := l.srv.Revoke(context.Background(), RevokeFilter{Owner: l.srv.Leases()[0].Owner}); n != 1 || err != nil {
 				t.Fatalf("revoke the PEER: %d %v", n, err)
 			}
 			l.srv.waitConntrack()

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -266,19 +267,19 @@ func TestOperatorAPI(t *testing.T) {
 		t.Fatalf("status %+v", st)
 	}
 	k := store.Key{Owner: ownerA, Protocol: 17, InternalAddr: addrA, InternalPort: 53}
-	if n, err := h.s.Revoke(RevokeFilter{Key: &k}); n != 1 || err != nil {
+	if n, err := h.s.Revoke(context.Background(), RevokeFilter{Key: &k}); n != 1 || err != nil {
 		t.Fatalf("revoke key: %d %v", n, err)
 	}
-	if n, err := h.s.Revoke(RevokeFilter{Owner: ownerA}); n != 1 || err != nil {
+	if n, err := h.s.Revoke(context.Background(), RevokeFilter{Owner: ownerA}); n != 1 || err != nil {
 		t.Fatalf("revoke owner: %d %v", n, err)
 	}
-	if n, err := h.s.Revoke(RevokeFilter{All: true}); n != 1 || err != nil {
+	if n, err := h.s.Revoke(context.Background(), RevokeFilter{All: true}); n != 1 || err != nil {
 		t.Fatalf("revoke all: %d %v", n, err)
 	}
 	if len(h.fw.Holes()) != 0 || len(h.st.Leases()) != 0 {
 		t.Fatal("revoked state left behind")
 	}
-	if _, err := h.s.Revoke(RevokeFilter{}); err == nil {
+	if _, err := h.s.Revoke(context.Background(), RevokeFilter{}); err == nil {
 		t.Fatal("empty filter accepted")
 	}
 }
@@ -308,7 +309,7 @@ func TestLargeBatches(t *testing.T) {
 	if len(h.fw.Holes()) != 1024 {
 		t.Fatalf("%d pinholes", len(h.fw.Holes()))
 	}
-	if n, err := h.s.Revoke(RevokeFilter{All: true}); n != 256 || err != nil {
+	if n, err := h.s.Revoke(context.Background(), RevokeFilter{All: true}); n != 256 || err != nil {
 		t.Fatalf("revoke: %d %v", n, err)
 	}
 	if len(h.fw.Holes()) != 0 || len(h.st.Leases()) != 0 {

@@ -28,7 +28,7 @@ func TestMetrics(t *testing.T) {
 	h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1))
 	h.do(mapReq(addrA, pcp.ProtoSCTP, 443, 0, time.Hour, 1))
 	h.pmp(v4A, pcp.PMPOpMapUDP, 53, 0, time.Hour)
-	h.s.Revoke(RevokeFilter{Owner: ownerA})
+	h.s.Revoke(context.Background(), RevokeFilter{Owner: ownerA})
 	got := gather(t, reg)
 	for k, v := range map[string]float64{
 		"pcpd_requests_total,opcode=MAP,protocol=pcp,result=SUCCESS":         1,

@@ -1,6 +1,8 @@
 package server
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -10,13 +12,31 @@ import (
 	"github.com/pcpd/pcpd/store"
 )
 
-// Leases returns a snapshot of every live lease, sorted by owner, internal
-// address, protocol, port and remote.
+// Leases returns a copy of every live lease, sorted by owner, internal
+// address, protocol, port and remote. It is ListLeases collected: the
+// engine is held for the listing's compact key walk and then listChunk
+// leases at a time, not for the whole copy (before h/opsleft one hold
+// copied and sorted them all: 132 ms at 100 000 leases, BENCHMARKS.md
+// item 50). Should the listing's pin be broken meanwhile (the table
+// changed too much: ListLeases' error), the copy is made in one hold.
 func (s *Server) Leases() []store.Lease {
+	var out []store.Lease
+	err := s.ListLeases(func(n int) error {
+		out = make([]store.Lease, 0, n)
+		return nil
+	}, func(l *store.Lease) error {
+		c := *l
+		c.Filters = slices.Clone(l.Filters)
+		out = append(out, c)
+		return nil
+	})
+	if err == nil {
+		return out
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now()
-	out := make([]store.Lease, 0, s.tab.len())
+	out = make([]store.Lease, 0, s.tab.len())
 	for _, l := range s.tab.all() {
 		if !l.Expires.After(now) {
 			continue
@@ -37,13 +57,30 @@ func (s *Server) HasOwner(id string) bool {
 	return s.tab.byOwner[id] > 0
 }
 
-// RevokeFilter selects leases for Revoke: all of them, one by key, or
-// every lease of one owner. Exactly one of All, Key and Owner must be set.
+// RevokeFilter selects leases for Revoke: all of them, one by key, every
+// lease of one owner, or every lease, whoever holds it, on one of Opens.
+// Exactly one of All, Key, Owner and Opens must be set.
 type RevokeFilter struct {
 	Owner string
 	Key   *store.Key
 	All   bool
+	Opens []Opening
 }
+
+// Opening is what a lease opens, as the operator names it (pcpd revoke
+// PROTO/ADDR/PORT): every lease on it is selected (MAP, NAT-PMP and PEER
+// alike; the address compared unmapped).
+type Opening struct {
+	Protocol     uint8
+	InternalAddr netip.Addr
+	InternalPort uint16
+}
+
+// ErrRevokeStopped is Revoke's error when it was cut short: its context
+// ended (pcpd stopping) or Serve returned before every lease it selected
+// was ended. The leases ended before stay ended (out of the kernel and
+// the store), the others stay leases.
+var ErrRevokeStopped = errors.New("revoke cut short (pcpd is stopping)")
 
 // Revoke ends the selected leases now: pinholes out of the kernel, leases
 // out of the store. It returns how many it ended.
@@ -58,7 +95,15 @@ type RevokeFilter struct {
 // walk passed its slot is not selected. A chunk that fails ends the
 // revoke: the error says how many earlier chunks ended, and those stay
 // ended (before: one transaction, all or nothing).
-func (s *Server) Revoke(f RevokeFilter) (int, error) {
+//
+// ctx (control's: Serve's life in pcpd serve) is looked at before each
+// step, and a chunk is not begun once Serve has returned (stopServing):
+// the revoke stops between chunks with ErrRevokeStopped and how many it
+// ended. Before (h/opsleft), a revoke went on after a SIGTERM, its later
+// chunks' conntrack flushes handed to the flusher Serve's end had closed
+// (TestRevokeStopsWithServe); a revoke of 1 000 000 leases (≈ 13 s)
+// neared systemd's TimeoutStopSec.
+func (s *Server) Revoke(ctx context.Context, f RevokeFilter) (int, error) {
 	n := 0
 	if f.All {
 		n++
@@ -69,24 +114,44 @@ func (s *Server) Revoke(f RevokeFilter) (int, error) {
 	if f.Owner != "" {
 		n++
 	}
+	if len(f.Opens) > 0 {
+		n++
+	}
 	if n != 1 {
-		return 0, fmt.Errorf("server: revoke needs exactly one of all, key or owner: %w", ErrInvalidConfig)
+		return 0, fmt.Errorf("server: revoke needs exactly one of all, key, owner or openings: %w", ErrInvalidConfig)
+	}
+	stopped := func(done, of int) error {
+		err := ctx.Err()
+		if err == nil {
+			err = errServeEnded
+		}
+		return fmt.Errorf("server: %w: %d of the %d lease(s) selected ended, the others kept: %w", ErrRevokeStopped, done, of, err)
 	}
 	var keys []store.Key
 	if f.Key != nil {
 		keys = append(keys, *f.Key)
 	} else {
+		match := openingMatch(f.Opens)
 		for at := uint32(0); ; {
+			if ctx.Err() != nil {
+				return 0, fmt.Errorf("server: %w: no lease ended: %w", ErrRevokeStopped, ctx.Err())
+			}
 			s.mu.Lock()
 			if keys == nil {
 				// Sized once: growing it by append copied it under s.mu.
 				want := s.tab.byOwner[f.Owner]
 				if f.All {
 					want = s.tab.len()
+				} else if match != nil {
+					want = min(s.tab.len(), 64)
 				}
 				keys = make([]store.Key, 0, want)
 			}
-			keys, at = s.tab.selected(at, sweepSlots, f.Owner, f.All, keys)
+			if match != nil {
+				keys, at = s.tab.selectedBy(at, sweepSlots, match, keys)
+			} else {
+				keys, at = s.tab.selected(at, sweepSlots, f.Owner, f.All, keys)
+			}
 			s.mu.Unlock()
 			if at == 0 {
 				break
@@ -94,11 +159,17 @@ func (s *Server) Revoke(f RevokeFilter) (int, error) {
 		}
 	}
 	slices.SortFunc(keys, compareKeys)
-	done := 0
+	done, of := 0, len(keys)
 	for len(keys) > 0 {
+		if ctx.Err() != nil {
+			return done, stopped(done, of)
+		}
 		chunk := keys[:min(len(keys), revokeChunk)]
 		keys = keys[len(chunk):]
 		gone, err := s.revokeKeys(chunk)
+		if errors.Is(err, errServeEnded) {
+			return done, stopped(done, of)
+		}
 		if err != nil {
 			if done > 0 {
 				return done, fmt.Errorf("server: revoke stopped after %d lease(s): %w", done, err)
@@ -110,8 +181,41 @@ func (s *Server) Revoke(f RevokeFilter) (int, error) {
 			s.log.Info("revoked by the operator", leaseFields(&gone[i], gone[i].ClientAddr)...)
 		}
 		done += len(gone)
+		if s.revokeStepHook != nil {
+			s.revokeStepHook(done)
+		}
 	}
 	return done, nil
+}
+
+// errServeEnded: Serve has returned (stopServing); an operator's revoke
+// begins no chunk after it.
+var errServeEnded = errors.New("the engine has stopped serving")
+
+// openingMatch is the table.selectedBy test of a revoke by openings (nil
+// with none): the protocol and port looked at first, the address decoded
+// only for a lease on one of them.
+func openingMatch(ops []Opening) func(t *table, r *rec) bool {
+	if len(ops) == 0 {
+		return nil
+	}
+	type pp struct {
+		proto uint8
+		port  uint16
+	}
+	ports := map[pp]bool{}
+	want := map[Opening]bool{}
+	for _, o := range ops {
+		o.InternalAddr = o.InternalAddr.Unmap()
+		want[o] = true
+		ports[pp{o.Protocol, o.InternalPort}] = true
+	}
+	return func(t *table, r *rec) bool {
+		if !ports[pp{r.proto, r.iport}] {
+			return false
+		}
+		return want[Opening{Protocol: r.proto, InternalAddr: t.dec(r.iaddr).Unmap(), InternalPort: r.iport}]
+	}
 }
 
 // revokeChunk is how many leases one transaction of Revoke ends, under
@@ -120,9 +224,16 @@ const revokeChunk = 256
 
 // revokeKeys ends, in one transaction under s.mu, the leases at keys that
 // are still live, and returns them (to log).
+//
+// Once Serve has returned (stopServing) it ends nothing: errServeEnded.
+// Its conntrack flushes would go to the flusher Serve's end closed (no
+// retry, no waiting), their walk's socket closed.
 func (s *Server) revokeKeys(keys []store.Key) ([]store.Lease, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.serveEnded {
+		return nil, errServeEnded
+	}
 	return s.revokeKeysLocked(keys, nil)
 }
 

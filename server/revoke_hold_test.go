@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"net/netip"
 	"os"
 	"runtime"
@@ -87,7 +88,7 @@ func TestRevokeLetsEngineIn(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 		return nil
 	}
-	got, err := h.s.Revoke(RevokeFilter{Owner: "static:a"})
+	got, err := h.s.Revoke(context.Background(), RevokeFilter{Owner: "static:a"})
 	<-in
 	if got != n || err != nil {
 		t.Fatalf("Revoke: %d, %v; want %d", got, err, n)
@@ -138,7 +139,7 @@ func TestRevokeOwnerHold(t *testing.T) {
 	t.Logf("Leases() (revoke --client's owner lookup before h/lowfix): %d leases copied under s.mu in %v", all, time.Since(t1))
 	endProbe := probeLockWait(s)
 	t0 := time.Now()
-	got, err := s.Revoke(RevokeFilter{Owner: "static:bench"})
+	got, err := s.Revoke(context.Background(), RevokeFilter{Owner: "static:bench"})
 	took := time.Since(t0)
 	maxWait, probes := endProbe()
 	t.Logf("revoked %d (%v) in %v; engine's longest wait for s.mu %v (%d probes)", got, err, took, maxWait, probes)

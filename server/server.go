@@ -162,6 +162,12 @@ type Server struct {
 	// announceYielded, if set, runs each time announceTargets has let go
 	// of mu between chunks of its walk (tests: the engine can take it).
 	announceYielded func()
+	// serveEnded: Serve has returned (endConntrack, under mu): an
+	// operator's revoke begins no chunk after it (revokeKeys).
+	serveEnded bool
+	// revokeStepHook, if set, runs after each chunk Revoke ended,
+	// outside mu, with how many it ended so far (tests).
+	revokeStepHook func(done int)
 
 	// Engine-loop scratch, under mu: the last finished tx (its buffers
 	// are reused), the decoded request and the reply being built (a

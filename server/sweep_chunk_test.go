@@ -48,6 +48,13 @@ func sweepLeases(t *testing.T, st *servertest.Store, unowned, owned int) {
 // client socket from addrA, the firewall, the store and Serve's stop.
 func sweepServe(t *testing.T, name string, unowned, owned int, hook func(s *Server, ops []pinhole.Op)) (*net.UDPConn, *Server, *servertest.Firewall, *servertest.Store, context.CancelFunc, chan error) {
 	t.Helper()
+	return sweepServeWith(t, name, unowned, owned, hook, nil)
+}
+
+// sweepServeWith is sweepServe with the server changed by tweak (nil:
+// none) between New and Start.
+func sweepServeWith(t *testing.T, name string, unowned, owned int, hook func(s *Server, ops []pinhole.Op), tweak func(*Server)) (*net.UDPConn, *Server, *servertest.Firewall, *servertest.Store, context.CancelFunc, chan error) {
+	t.Helper()
 	ns := netlab.NewNS(t, name)
 	srvAddr := netip.MustParseAddr("2001:db8::1")
 	for _, x := range []netip.Addr{srvAddr, addrA} {
@@ -69,6 +76,9 @@ func sweepServe(t *testing.T, name string, unowned, owned int, hook func(s *Serv
 		RateLimit: 1e6, RateBurst: 1e6, KeepConnections: true}, Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
+	}
+	if tweak != nil {
+		tweak(s)
 	}
 	if err := s.Start(); err != nil {
 		t.Fatal(err)

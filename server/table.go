@@ -1047,6 +1047,29 @@ func (t *table) selected(from uint32, n int, owner string, all bool, dst []store
 	return dst, uint32(end)
 }
 
+// selectedBy appends to dst the keys of the live leases in slots
+// from..from+n-1 that match, and returns the slot to start the next step
+// at (0: the walk reached the end), as selected does.
+func (t *table) selectedBy(from uint32, n int, match func(*table, *rec) bool, dst []store.Key) ([]store.Key, uint32) {
+	if from == 0 {
+		from = 1
+	}
+	end := min(uint64(from)+uint64(n), uint64(t.top)+1)
+	var l store.Lease
+	for ref := from; uint64(ref) < end; ref++ {
+		r := t.rec(ref)
+		if r.flags&fLive == 0 || !match(t, r) {
+			continue
+		}
+		t.decode(ref, &l)
+		dst = append(dst, l.Key)
+	}
+	if end > uint64(t.top) {
+		return dst, 0
+	}
+	return dst, uint32(end)
+}
+
 // unowned appends to dst the keys of the leases in slots from..from+n-1
 // whose internal address own does not give to their owner, and returns the
 // slot to start the next step at (0: the walk reached the end). It reads

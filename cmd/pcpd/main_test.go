@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -188,12 +189,30 @@ func (f *fakeEngine) Leases() []store.Lease {
 	return append([]store.Lease(nil), f.leases...)
 }
 
-func (f *fakeEngine) Revoke(r control.Revoke) (int, error) {
+func (f *fakeEngine) StreamLeases(count func(int) error, each func(*store.Lease) error) error {
+	ls := f.Leases()
+	if err := count(len(ls)); err != nil {
+		return err
+	}
+	for i := range ls {
+		if err := each(&ls[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (f *fakeEngine) HasOwner(id string) bool {
+	return slices.ContainsFunc(f.Leases(), func(l store.Lease) bool { return l.Owner == id })
+}
+
+func (f *fakeEngine) Revoke(_ context.Context, r control.Revoke) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var keep []store.Lease
 	for _, l := range f.leases {
-		if !(r.All || l.Owner == r.Owner || r.Key != nil && *r.Key == l.Key) {
+		if !(r.All || l.Owner == r.Owner || r.Key != nil && *r.Key == l.Key ||
+			slices.Contains(r.Opens, control.Opening{Protocol: l.Protocol, InternalAddr: l.InternalAddr.Unmap(), InternalPort: l.InternalPort})) {
 			keep = append(keep, l)
 		}
 	}

@@ -349,9 +349,7 @@ type backend struct {
 	started time.Time
 }
 
-func (b *backend) Leases() []store.Lease { return b.srv.Leases() }
-
-// StreamLeases lists without a copy of every lease (control.LeaseStreamer).
+// StreamLeases lists without a copy of every lease.
 // After a large listing the memory it used goes back to the system at once
 // (handBackAfter), before the reply's last lines are flushed.
 func (b *backend) StreamLeases(count func(int) error, each func(*store.Lease) error) error {
@@ -361,11 +359,17 @@ func (b *backend) StreamLeases(count func(int) error, each func(*store.Lease) er
 	return err
 }
 
-// HasOwner spares revoke --client a copy of every lease (control.OwnerChecker).
+// HasOwner spares revoke --client a copy of every lease.
 func (b *backend) HasOwner(id string) bool { return b.srv.HasOwner(id) }
 
-func (b *backend) Revoke(r control.Revoke) (int, error) {
-	return b.srv.Revoke(server.RevokeFilter{Owner: r.Owner, Key: r.Key, All: r.All})
+// Revoke is the engine's, given control's context (serve's: SIGTERM stops
+// a revoke between chunks, server.ErrRevokeStopped).
+func (b *backend) Revoke(ctx context.Context, r control.Revoke) (int, error) {
+	f := server.RevokeFilter{Owner: r.Owner, Key: r.Key, All: r.All}
+	for _, o := range r.Opens {
+		f.Opens = append(f.Opens, server.Opening{Protocol: o.Protocol, InternalAddr: o.InternalAddr, InternalPort: o.InternalPort})
+	}
+	return b.srv.Revoke(ctx, f)
 }
 
 func (b *backend) Status() control.Status {
