@@ -25,6 +25,10 @@ import (
 // already read from our RSS (see dropMapped).
 const dropEvery = 100_000
 
+// stopEvery is how many leases Open checks between two looks at its
+// context (WithContext): ≈ 4 ms of reading at 1 µs a lease.
+const stopEvery = 4096
+
 // maxCheckErrors bounds how many tx.Check findings are kept for the report.
 const maxCheckErrors = 5
 
@@ -74,6 +78,9 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 	}
 	// The directory's lock first: nothing in it is looked at, let alone
 	// recovered, by a pcpd that does not hold it (lockState).
+	if err := o.stopped(); err != nil {
+		return nil, State{}, err
+	}
 	lock, dirShared, noLockFile, err := lockState(dir, o.lockTimeout)
 	if err != nil {
 		return nil, State{}, err
@@ -86,6 +93,11 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 		ckKick: make(chan struct{}, 1), ckStop: make(chan struct{}), ckDone: make(chan struct{})}
 	s.grown = sync.NewCond(&s.wmu)
 	st, err := s.load()
+	if err == nil {
+		// Nothing written yet (the fold below writes): given up here, the
+		// next Open reads it all again.
+		err = o.stopped()
+	}
 	if err != nil {
 		if s.db != nil {
 			_ = s.db.Close()
@@ -550,6 +562,11 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 		return nil, loaded{}, err
 	}
 	err = db.View(func(tx *bolt.Tx) error {
+		// The check walks every page in one go (bbolt's own, not to be
+		// left half way: it reads the mapping the transaction holds).
+		if err := o.stopped(); err != nil {
+			return err
+		}
 		var problems []string
 		for cerr := range tx.Check() {
 			if len(problems) < maxCheckErrors {
@@ -563,7 +580,10 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 		drop := func() { dropMapped(addr, size) }
 		drop()
 		var err error
-		ld, err = readTx(tx, drop, logDir, readMode{stream: o.stream, none: o.later && o.stream == nil})
+		if err := o.stopped(); err != nil {
+			return err
+		}
+		ld, err = readTx(tx, drop, logDir, readMode{stream: o.stream, none: o.later && o.stream == nil, stop: o.stopped})
 		drop()
 		ld.meta = shape.damagedMeta
 		return err
@@ -600,6 +620,9 @@ type readMode struct {
 	// none: check every lease and keep none (WithLeasesLater); ld.later
 	// says so.
 	none bool
+	// stop, if set, is asked every stopEvery leases whether to give up
+	// (WithContext: its error, a streamError, ends the read).
+	stop func() error
 }
 
 // readTx decodes the state (with logDir, the log's records applied on
@@ -688,6 +711,11 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, mode readMode) (loaded, err
 			}
 			if count++; count%dropEvery == 0 {
 				drop()
+			}
+			if count%stopEvery == 0 && mode.stop != nil {
+				if err := mode.stop(); err != nil {
+					return err
+				}
 			}
 		}
 		if got != want {

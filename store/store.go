@@ -1,6 +1,7 @@
 package store
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -34,6 +35,10 @@ var (
 	ErrLocked = errors.New("state directory in use by another process")
 	// ErrClosed: the store was closed.
 	ErrClosed = errors.New("store closed")
+	// ErrOpenStopped: Open's context (WithContext) ended before the state
+	// was read; nothing was changed in the directory that a kill at that
+	// moment would not have left.
+	ErrOpenStopped = errors.New("store: open stopped before the state was read")
 )
 
 // File names inside the state directory.
@@ -111,7 +116,29 @@ type options struct {
 	stream      func(*Lease) error
 	later       bool
 	unseen      func(origin time.Time) time.Duration // WithUnseenStep
+	ctx         context.Context                      // WithContext; nil: none
 }
+
+// stopped is ErrOpenStopped, as a streamError (never taken for damage),
+// once WithContext's context has ended; else nil.
+func (o *options) stopped() error {
+	if o.ctx == nil {
+		return nil
+	}
+	if err := o.ctx.Err(); err != nil {
+		return &streamError{fmt.Errorf("%w: %w", ErrOpenStopped, err)}
+	}
+	return nil
+}
+
+// WithContext gives Open up when ctx ends (pcpd serve: SIGTERM during a
+// slow start): it looks at ctx before reading the state file, before and
+// after bbolt's consistency check, every stopEvery leases it checks, and
+// before folding the log into the state file, and returns ErrOpenStopped
+// with ctx's error, its handles and the directory's lock released. What
+// it leaves is what a kill at that moment leaves (Open is safe to kill at
+// any point). Before, Open of 1 000 000 leases (≈ 1 s) ran to its end.
+func WithContext(ctx context.Context) Option { return func(o *options) { o.ctx = ctx } }
 
 // Checkpoint defaults: fold the log into bbolt once a segment holds this
 // much, or this long after the last checkpoint when anything was logged.
