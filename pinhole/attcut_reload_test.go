@@ -3,30 +3,43 @@ package pinhole_test
 import (
 	"errors"
 	"net/netip"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 )
 
-// TestAttachedCutReloadWindow (review h/revattcut, finding 3, OPEN: skipped
-// unless REVATTCUT_OPEN=1): the admin reloads their firewall ("nft -f" of
-// a file that begins "flush ruleset", systemctl reload nftables), which
-// deletes pcpd's objects; the tamper check's repair (server.checkFirewall)
-// runs Setup, which lays out pcpd_cut and the re-checks over empty sets,
-// and only then re-installs every lease's pinholes (Apply, in batches).
-// Between the two, every established flow pcpd labelled, of mappings that
-// all live, is dropped: a window as long as the re-install (thousands of
-// leases: many transactions). Standalone has it too (its table deleted).
-// Here the two flows fail their echo after Setup and carry data again
-// only after the re-install.
+// TestAttachedCutReloadWindow (review h/revattcut, finding 3; arm.go): the
+// admin reloads their firewall ("nft -f" of a file that begins "flush
+// ruleset", systemctl reload nftables), which deletes pcpd's objects; the
+// tamper check's repair (server.checkFirewall) runs Setup, then
+// re-installs every lease's pinholes (Apply, in batches). Setup laid
+// pcpd_cut and the re-checks out over empty sets, and between the two
+// every established flow pcpd labelled, of mappings that all live, was
+// dropped: a window as long as the re-install. Now Setup lays the cut out
+// disarmed (labelled flows alive, sets made anew): the flows go on,
+// CutsFlows is false and Healthy accepts the disarmed layout; Arm, after
+// the re-install, cuts again (the deleted mappings' flows are dropped).
+// Without arm.go the "repaired, pinholes not yet re-installed" row fails
+// both echoes (timeouts).
 func TestAttachedCutReloadWindow(t *testing.T) {
-	if os.Getenv("REVATTCUT_OPEN") == "" {
-		t.Skip("open finding (review h/revattcut, finding 3): set REVATTCUT_OPEN=1")
-	}
 	topo, b := attachedCut(t)
+	reloadWindow(t, topo, b, pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"}, func() {
+		loadNft(t, topo.Host, strings.NewReplacer("HOSTPUB", topo.HostPublicV4.String(), "CLIENT4", topo.ClientV4.String(),
+			"CLIENT6", topo.ClientV6.String()).Replace(attCutRuleset))
+	})
+}
+
+// TestCutReloadWindow: standalone, "flush ruleset" deletes pcpd's table,
+// and its repair had the same window (guard6's recheck6, natcut).
+func TestCutReloadWindow(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	reloadWindow(t, topo, b, pinhole.Config{}, nil)
+}
+
+func reloadWindow(t *testing.T, topo *netlab.Topology, b *pinhole.Backend, cfg pinhole.Config, reload func()) {
 	pin := pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV6, InternalPort: 7900}
 	napt := pinhole.Pinhole{Protocol: udp, InternalAddr: topo.ClientV4, InternalPort: 7901, ExternalAddr: topo.HostPublicV4, ExternalPort: 17901}
 	apply(t, b, install(pin, time.Hour), install(napt, time.Hour))
@@ -36,21 +49,56 @@ func TestAttachedCutReloadWindow(t *testing.T) {
 		{name: "IPv4 NAPT", f: openEchoVia(t, udp, topo.Client, netip.AddrPortFrom(napt.InternalAddr, napt.InternalPort), topo.Internet,
 			netip.AddrPortFrom(topo.InternetV4, 47901), netip.AddrPortFrom(napt.ExternalAddr, napt.ExternalPort))},
 	}
+	cuts := func(step string, want bool) {
+		t.Helper()
+		for _, p := range []pinhole.Pinhole{pin, napt} {
+			if got := b.CutsFlows(p); got != want {
+				t.Errorf("%s: CutsFlows(%v) = %v, want %v", step, p, got, want)
+			}
+		}
+		if got := b.Armed(); got != want {
+			t.Errorf("%s: Armed() = %v, want %v", step, got, want)
+		}
+	}
 	checkAttFlows(t, topo.Host, "live", flows)
+	cuts("live", true)
 	topo.Host.MustRun(t, "nft", "flush", "ruleset")
-	loadNft(t, topo.Host, strings.NewReplacer("HOSTPUB", topo.HostPublicV4.String(), "CLIENT4", topo.ClientV4.String(),
-		"CLIENT6", topo.ClientV6.String()).Replace(attCutRuleset))
-	checkAttFlows(t, topo.Host, "reloaded", flows)
+	// Standalone, with no NAT chain left at the hooks the NAPT flow's
+	// binding is not applied until Setup: only the attached reload (the
+	// admin's NAT chain back) carries both flows here.
+	if reload != nil {
+		reload()
+		checkAttFlows(t, topo.Host, "reloaded", flows)
+	}
 	if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
 		t.Fatalf("Healthy after the reload: %v", err)
 	}
 	if err := b.Setup(); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
-		t.Fatal(err)
-	}
 	checkAttFlows(t, topo.Host, "repaired, pinholes not yet re-installed", flows)
+	cuts("repaired, disarmed", false)
+	if err := b.Healthy(); err != nil {
+		t.Errorf("Healthy over the disarmed layout: %v", err)
+	}
 	apply(t, b, install(pin, time.Hour), install(napt, time.Hour))
 	checkAttFlows(t, topo.Host, "re-installed", flows)
+	if err := b.Arm(); err != nil {
+		t.Fatal(err)
+	}
+	cuts("armed", true)
+	if err := b.Healthy(); err != nil {
+		t.Errorf("Healthy over the armed layout: %v", err)
+	}
+	checkAttFlows(t, topo.Host, "armed", flows)
+	// A restart over the intact table: armed at once, no window.
+	nb := newBackend(t, topo.Host, cfg)
+	if !nb.Armed() || !nb.CutsFlows(pin) {
+		t.Errorf("restart over the intact table: Armed %v, CutsFlows %v; want both true", nb.Armed(), nb.CutsFlows(pin))
+	}
+	apply(t, b, del(pin), del(napt))
+	for i := range flows {
+		flows[i].cut = true
+	}
+	checkAttFlows(t, topo.Host, "armed, mappings deleted", flows)
 }

@@ -216,6 +216,8 @@ type Backend struct {
 	bitAsked bool
 	// pinAsked: as natAsked, for the pinhole kinds (pinFlowsUnlabelled).
 	pinAsked bool
+	// disarmed: the cut is laid out disarmed until Arm (arm.go).
+	disarmed bool
 	// protectedFault, when set (tests only), runs before each of
 	// syncProtected's transactions is queued: an error fails that
 	// transaction unwritten, as a kernel error would.
@@ -356,6 +358,9 @@ func (b *Backend) setupLocked() (err error) {
 	if err := b.checkLabelBit(); err != nil {
 		return err
 	}
+	// Before the layout makes the sets: a cut over sets made now is laid
+	// out disarmed while labelled flows live (arm.go).
+	b.checkDisarm()
 	if b.cutLabels && !b.unlabelled {
 		b.unlabelled = b.admitsUnlabelled()
 		if !b.unlabelled && !b.pinAsked {
@@ -451,8 +456,8 @@ func (b *Backend) setupLocked() (err error) {
 		return layoutError{fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))}
 	}
 	b.owned = true
-	b.cutting.Store(b.cutLabels && !b.unlabelled)
-	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled)
+	b.cutting.Store(b.cutLabels && !b.unlabelled && !b.disarmed)
+	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed)
 	// Not fatal: the layout is committed, and the owner meter's write
 	// below (or RepairOwners) rewrites the chains anyway.
 	var onwardErr error

@@ -125,7 +125,7 @@ func (b *Backend) natCutRules() (natcut, recheck [][]expr.Any) {
 		recheck = append(recheck, rule(nfproto(unix.NFPROTO_IPV4), x(loadNet(ip4DstOff, 4, reg0),
 			&expr.Lookup{SourceRegister: reg0, DestRegister: reg0, IsDestRegSet: true, SetName: b.protected4.Name, SetID: b.protected4.ID}, accept)))
 	}
-	return natcut, append(recheck, x(&expr.Counter{}, drop))
+	return natcut, append(recheck, b.recheckEnd()) // disarmed: accept (arm.go)
 }
 
 // translatesUnlabelled reports whether pcpd's prerouting chain as it is

@@ -297,8 +297,9 @@ func (b *Backend) layout() []chainRules {
 			x(loadCt(expr.CtKeyLABELS, reg0)), labelSet(flowLabel), x(goTo(b.chainRecheck6)))}, guard6...)
 	}
 	if b.cutLabels {
-		// Attached, pcpd_cut sends them here (attcut.go).
-		recheck6 = append(recheck6, x(&expr.Counter{}, drop))
+		// Attached, pcpd_cut sends them here (attcut.go). Disarmed
+		// (arm.go): accept.
+		recheck6 = append(recheck6, b.recheckEnd())
 	}
 
 	guard4 := [][]expr.Any{rule(ctEstablished, x(accept)),
