@@ -98,6 +98,17 @@ type FlowCutter interface {
 	CutsFlows(p pinhole.Pinhole) bool
 }
 
+// CutArmer is an optional extra of a FlowCutter (*pinhole.Backend has
+// it): a Setup that made the re-checked sets anew while labelled flows
+// lived (an admin's "flush ruleset", a crash and a reload before the
+// start) lays the ruleset's cut out disarmed, so that the flows of leases
+// not yet re-installed are not dropped (pinhole/arm.go); Arm arms it. The
+// server calls it once its restore at a start, or its re-install after a
+// repair, has put every lease's pinholes back.
+type CutArmer interface {
+	Arm() error
+}
+
 // LeaseStore is the durable lease store (*store.Store). Commit is one
 // transaction and one fsync.
 type LeaseStore interface {

@@ -322,6 +322,9 @@ func (r *restoring) finish(st store.State) error {
 	if !ok {
 		lost, why = true, "some leases could not be restored into the kernel"
 	}
+	// Every lease kept is in the kernel (the unrestorable ones go): the
+	// cut may drop what no element admits (CutArmer).
+	s.armCut()
 	drop := r.drop
 	for i := range unrestored {
 		l := &unrestored[i]
@@ -804,6 +807,15 @@ func (s *Server) checkFirewall() {
 		}
 	}
 	s.m.restores.Inc()
+	if err == nil {
+		// Every lease is back: the cut may drop what no element admits
+		// (CutArmer). Before the held retakes' walk, which asks
+		// CutsFlows. On a failure it is left disarmed (a Setup that
+		// laid it out so): the leases not back keep their flows, and
+		// CutsFlows is false, so deletes wait for the walk until a later
+		// repair or start arms it.
+		s.armCut()
+	}
 	// The retakes whose walk a damaged layout skipped (retarget.go).
 	s.cutHeldRetargets()
 	if err != nil {
@@ -811,6 +823,17 @@ func (s *Server) checkFirewall() {
 		return
 	}
 	s.log.Warn("re-installed every lease's pinholes", zap.Int("count", n))
+}
+
+// armCut arms the ruleset's cut of ended mappings' flows, once every
+// lease's pinholes are in the kernel (CutArmer). A failure leaves it
+// disarmed: the server waits for its walks as without the cut.
+func (s *Server) armCut() {
+	if a, ok := s.fw.(CutArmer); ok {
+		if err := a.Arm(); err != nil {
+			s.log.Error("cannot arm the ruleset's cut of ended mappings' flows; deletes wait for the conntrack walk", zap.Error(err))
+		}
+	}
 }
 
 // auditMaxLeases: above this many leases the audit is skipped. The kernel's
