@@ -6,8 +6,6 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -118,31 +116,17 @@ func (b *Backend) labelledFlows() bool {
 	if b.natCutting() {
 		bits = append(bits, b.natLabel)
 	}
-	var h *netlink.Handle
-	var err error
-	if b.netns > 0 {
-		h, err = netlink.NewHandleAt(netns.NsHandle(b.netns), unix.NETLINK_NETFILTER)
-	} else {
-		h, err = netlink.NewHandle(unix.NETLINK_NETFILTER)
-	}
-	if err != nil {
-		return true
-	}
-	defer h.Close()
-	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
-		flows, err := h.ConntrackTableList(netlink.ConntrackTable, fam)
-		if err != nil {
-			return true
-		}
-		for _, f := range flows {
-			for _, bit := range bits {
-				if len(f.Labels) > bit/8 && f.Labels[bit/8]&(1<<(bit%8)) != 0 {
-					return true
-				}
+	// Streamed (ctScan): a gateway's conntrack table may hold a million
+	// entries, and this runs under b.mu.
+	found, err := b.ctScan(unix.AF_UNSPEC, 0, 0, func(f *ctFlow) bool {
+		for _, bit := range bits {
+			if f.labelled(bit) {
+				return true
 			}
 		}
-	}
-	return false
+		return false
+	})
+	return err != nil || found
 }
 
 // Armed reports whether the cut is armed (or there is none): false from
@@ -174,8 +158,12 @@ func (b *Backend) Arm() (err error) {
 		}
 		c := &nftables.Chain{Table: b.table, Name: cr.name}
 		b.conn.FlushChain(c)
-		for _, exprs := range cr.rules {
-			b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: exprs})
+		for i, exprs := range cr.rules {
+			r := &nftables.Rule{Table: b.table, Chain: c, Exprs: exprs}
+			if i == len(cr.rules)-1 {
+				r.UserData = b.checkedMark(cr.name) // as Setup writes it
+			}
+			b.conn.AddRule(r)
 		}
 	}
 	if err := b.flush(); err != nil {

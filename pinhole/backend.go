@@ -205,11 +205,18 @@ type Backend struct {
 	// natAsked: a Setup of this Backend asked conntrack for flows DNAT-ed
 	// unlabelled (dnatFlowsUnlabelled), as it does once.
 	natAsked bool
+	// recheckFlows: a Healthy found the layout damaged (noteDamage) since
+	// the last successful Setup, which may have let flows in unlabelled (a
+	// flushed guard6 falls through to the forward chain's accept): the
+	// next Setup reads conntrack again, whatever the marks say.
+	recheckFlows bool
 	// unlabelled: a Setup found guard6 admitting through a pinhole set
 	// without labelling (a table laid out by a pcpd before cutflows.go,
-	// or an admission rule an admin altered): the flows those rules
-	// admitted live on unlabelled, not re-checked, so CutsFlows stays
-	// false for this Backend's life (cutflows.go, review h/revctcut).
+	// or an admission rule an admin altered), or its first Setup found
+	// conntrack holding a flow such a rule admitted (pinFlowsUnlabelled):
+	// the flows those rules admitted live on unlabelled, not re-checked, so
+	// CutsFlows stays false for this Backend's life (cutflows.go, review
+	// h/revctcut).
 	unlabelled bool
 	// bitAsked: a Setup of this Backend looked for its label bit in
 	// rules not its own (checkLabelBit, labelbit.go), as it does once.
@@ -361,26 +368,26 @@ func (b *Backend) setupLocked() (err error) {
 	// Before the layout makes the sets: a cut over sets made now is laid
 	// out disarmed while labelled flows live (arm.go).
 	b.checkDisarm()
+	// A start over an existing layout: flows an unlabelled layout admitted
+	// or DNAT-ed may outlive the Setup that relabelled it
+	// (pinFlowsUnlabelled, dnatFlowsUnlabelled). Asked once, and not over
+	// a layout an earlier Setup marked checked (checkedMark); again by the
+	// Setup after a Healthy found damage (recheckFlows).
+	existing := func() bool { ok, err := b.laidOut(); return err != nil || ok }
 	if b.cutLabels && !b.unlabelled {
 		b.unlabelled = b.admitsUnlabelled()
-		if !b.unlabelled && !b.pinAsked {
-			// A start over an existing layout: flows an unlabelled
-			// layout admitted may outlive the Setup that relabelled it
-			// (pinFlowsUnlabelled).
+		if !b.unlabelled && (!b.pinAsked || b.recheckFlows) {
 			b.pinAsked = true
-			if ok, err := b.laidOut(); err != nil || ok {
+			if (b.recheckFlows || !b.markedChecked(b.chainRecheck6, flowsCheckedMark)) && existing() {
 				b.unlabelled = b.pinFlowsUnlabelled()
 			}
 		}
 	}
 	if b.natCutting() && !b.natUnlabelled {
 		b.natUnlabelled = b.translatesUnlabelled()
-		if !b.natUnlabelled && !b.natAsked {
-			// A start over an existing table: flows an unlabelled
-			// layout DNAT-ed may outlive the Setup that relabelled it
-			// (dnatFlowsUnlabelled).
+		if !b.natUnlabelled && (!b.natAsked || b.recheckFlows) {
 			b.natAsked = true
-			if ok, err := b.laidOut(); err != nil || ok {
+			if (b.recheckFlows || !b.markedChecked(b.chainRecheckNAT, natCheckedMark)) && existing() {
 				b.natUnlabelled = b.dnatFlowsUnlabelled()
 			}
 		}
@@ -448,14 +455,19 @@ func (b *Backend) setupLocked() (err error) {
 	for _, cr := range b.layout() {
 		c := chains[cr.name]
 		b.conn.FlushChain(c)
-		for _, exprs := range cr.rules {
-			b.conn.AddRule(&nftables.Rule{Table: b.table, Chain: c, Exprs: exprs})
+		for i, exprs := range cr.rules {
+			r := &nftables.Rule{Table: b.table, Chain: c, Exprs: exprs}
+			if i == len(cr.rules)-1 {
+				r.UserData = b.checkedMark(cr.name)
+			}
+			b.conn.AddRule(r)
 		}
 	}
 	if err := b.flush(); err != nil {
 		return layoutError{fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))}
 	}
 	b.owned = true
+	b.recheckFlows = false
 	b.cutting.Store(b.cutLabels && !b.unlabelled && !b.disarmed)
 	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed)
 	// Not fatal: the layout is committed, and the owner meter's write
@@ -1703,6 +1715,7 @@ func (b *Backend) noteDamage(err error) {
 	if errors.Is(err, ErrUnhealthy) && !errors.Is(err, ErrProtected) && !errors.Is(err, ErrOwnerMeter) {
 		b.cutting.Store(false)
 		b.cuttingNAT.Store(false)
+		b.recheckFlows = true
 	}
 }
 

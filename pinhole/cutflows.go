@@ -3,9 +3,12 @@ package pinhole
 import (
 	"errors"
 	"hash/fnv"
+	"net/netip"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -172,6 +175,32 @@ func (b *Backend) admitsUnlabelled() bool {
 	// A guard6 with rules but no label rule at all: a layout of a pcpd
 	// before the labels, whatever its sets were named.
 	return len(rules) > 0 && !labelled
+}
+
+// localAddrs6 returns the IPv6 addresses of the Backend's namespace.
+func (b *Backend) localAddrs6() (map[netip.Addr]struct{}, error) {
+	var h *netlink.Handle
+	var err error
+	if b.netns > 0 {
+		h, err = netlink.NewHandleAt(netns.NsHandle(b.netns), unix.NETLINK_ROUTE)
+	} else {
+		h, err = netlink.NewHandle(unix.NETLINK_ROUTE)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	addrs, err := h.AddrList(nil, netlink.FAMILY_V6)
+	if err != nil {
+		return nil, err
+	}
+	local := make(map[netip.Addr]struct{}, len(addrs))
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			local[ip] = struct{}{}
+		}
+	}
+	return local, nil
 }
 
 // CutsFlows reports whether the ruleset itself ends the established flows

@@ -2,12 +2,9 @@ package pinhole
 
 import (
 	"errors"
-	"net/netip"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -190,8 +187,16 @@ func (b *Backend) queueStaleCutRemoval() error {
 // DNAT kinds' is dnatFlowsUnlabelled). Not the host's own connections
 // (from one of its addresses: TestCutRestartHostOwnFlow). An admin's own
 // flow to a client (attached: an open port before "jump pcpd", a LAN
-// host's) keeps the pinhole kinds waiting for the walk as well (safe). True when conntrack cannot be
-// read. Caller holds b.mu.
+// host's) keeps the pinhole kinds waiting for the walk as well (safe).
+// Nor a flow to one of the host's addresses (its LAN address may lie in a
+// client's prefix: TestCutsFlowsRestartSparesOtherFlows), nor a helper's
+// expected flow (IPS_EXPECTED: its first packet is "related", accepted
+// with the established ones). Replied or not: a client's reply can make an
+// unreplied one established unlabelled. One dump of the IPv6 entries
+// without IPS_DST_NAT or IPS_EXPECTED (the kernel's status filter), read
+// as it comes and left at the first such flow (ctScan, ctdump.go), and
+// only over a layout not marked checked (checkedMark). True when
+// conntrack cannot be read. Caller holds b.mu.
 func (b *Backend) pinFlowsUnlabelled() bool {
 	prot, err := b.readIntervals(b.protected6)
 	if err != nil {
@@ -200,66 +205,21 @@ func (b *Backend) pinFlowsUnlabelled() bool {
 	if len(prot) == 0 {
 		return false
 	}
-	var h *netlink.Handle
-	if b.netns > 0 {
-		h, err = netlink.NewHandleAt(netns.NsHandle(b.netns), unix.NETLINK_NETFILTER)
-	} else {
-		h, err = netlink.NewHandle(unix.NETLINK_NETFILTER)
-	}
+	local, err := b.localAddrs6()
 	if err != nil {
 		return true
-	}
-	defer h.Close()
-	flows, err := h.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET6)
-	if err != nil {
-		return true
-	}
-	// The host's own connections (output: no guard admits them) are
-	// never labelled; their source is one of its addresses.
-	local := map[netip.Addr]bool{}
-	var rh *netlink.Handle
-	if b.netns > 0 {
-		rh, err = netlink.NewHandleAt(netns.NsHandle(b.netns), unix.NETLINK_ROUTE)
-	} else {
-		rh, err = netlink.NewHandle(unix.NETLINK_ROUTE)
-	}
-	if err != nil {
-		return true
-	}
-	defer rh.Close()
-	addrs, err := rh.AddrList(nil, netlink.FAMILY_V6)
-	if err != nil {
-		return true
-	}
-	for _, a := range addrs {
-		if ip, ok := netip.AddrFromSlice(a.IP); ok {
-			local[ip] = true
-		}
 	}
 	bit := b.cutLabelBit()
-	at, mask := bit/8, byte(1)<<(bit%8)
-	for _, f := range flows {
-		if f.Forward.Protocol == unix.IPPROTO_ICMPV6 {
-			continue // echo and errors: never labelled (guard6 accepts them first)
+	found, err := b.ctScan(unix.AF_INET6, ipsDstNAT|ipsExpected, 0, func(f *ctFlow) bool {
+		if f.proto == unix.IPPROTO_ICMPV6 || f.status&(ipsDstNAT|ipsExpected) != 0 || f.dnated() || f.labelled(bit) {
+			return false // echo and errors, DNAT-ed (dnatFlowsUnlabelled's), helpers' expected flows, labelled
 		}
-		if from, ok := netip.AddrFromSlice(f.Forward.SrcIP); ok && local[from] {
-			continue // the host's own
+		if !inRanges(prot, f.origDst) {
+			return false
 		}
-		if !f.Forward.DstIP.Equal(f.Reverse.SrcIP) || f.Forward.DstPort != f.Reverse.SrcPort {
-			continue // DNAT-ed: dnatFlowsUnlabelled's
-		}
-		if len(f.Labels) > at && f.Labels[at]&mask != 0 {
-			continue
-		}
-		to, ok := netip.AddrFromSlice(f.Forward.DstIP)
-		if !ok {
-			continue
-		}
-		for _, r := range prot {
-			if r.first.Is4() == to.Is4() && r.first.Compare(to) <= 0 && to.Compare(r.last) <= 0 {
-				return true
-			}
-		}
-	}
-	return false
+		_, fromHost := local[f.origSrc]
+		_, toHost := local[f.origDst]
+		return !fromHost && !toHost // the host's own connections, to or from a client
+	})
+	return err != nil || found
 }

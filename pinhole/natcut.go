@@ -2,12 +2,9 @@ package pinhole
 
 import (
 	"errors"
-	"net/netip"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -175,55 +172,31 @@ func (b *Backend) translatesUnlabelled() bool {
 // mapping's delete was answered without the walk (review h/revnatcut,
 // finding 2, TestNATCutRestartAfterUpgrade). An admin's own DNAT to a
 // client keeps the DNAT kinds waiting for the walk as well (safe). One
-// dump of the conntrack table, both families; true when it cannot be
+// dump of the conntrack table, both families, of the entries the kernel
+// marked IPS_DST_NAT only, read as it comes and left at the first such
+// flow (ctScan; before, every entry of the table was held decoded under
+// the Backend's lock: BENCHMARKS.md item 49); true when it cannot be
 // read. Caller holds b.mu.
 func (b *Backend) dnatFlowsUnlabelled() bool {
-	var prot []intervalRange
-	for _, s := range []*nftables.Set{b.protected6, b.protected4} {
-		rs, err := b.readIntervals(s)
-		if err != nil {
-			return true
-		}
-		prot = append(prot, rs...)
-	}
-	if len(prot) == 0 {
-		return false
-	}
-	var h *netlink.Handle
-	var err error
-	if b.netns > 0 {
-		h, err = netlink.NewHandleAt(netns.NsHandle(b.netns), unix.NETLINK_NETFILTER)
-	} else {
-		h, err = netlink.NewHandle(unix.NETLINK_NETFILTER)
-	}
+	prot6, err := b.readIntervals(b.protected6)
 	if err != nil {
 		return true
 	}
-	defer h.Close()
-	at, bit := b.natLabel/8, byte(1)<<(b.natLabel%8)
-	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
-		flows, err := h.ConntrackTableList(netlink.ConntrackTable, fam)
-		if err != nil {
-			return true
-		}
-		for _, f := range flows {
-			if f.Forward.DstIP.Equal(f.Reverse.SrcIP) && f.Forward.DstPort == f.Reverse.SrcPort {
-				continue // not DNAT-ed
-			}
-			if len(f.Labels) > at && f.Labels[at]&bit != 0 {
-				continue
-			}
-			to, ok := netip.AddrFromSlice(f.Reverse.SrcIP)
-			if !ok {
-				continue
-			}
-			to = to.Unmap()
-			for _, r := range prot {
-				if r.first.Is4() == to.Is4() && r.first.Compare(to) <= 0 && to.Compare(r.last) <= 0 {
-					return true
-				}
-			}
-		}
+	prot4, err := b.readIntervals(b.protected4)
+	if err != nil {
+		return true
 	}
-	return false
+	if len(prot6) == 0 && len(prot4) == 0 {
+		return false
+	}
+	found, err := b.ctScan(unix.AF_UNSPEC, ipsDstNAT, ipsDstNAT, func(f *ctFlow) bool {
+		if !f.dnated() || f.labelled(b.natLabel) {
+			return false
+		}
+		if f.replySrc.Is4() {
+			return inRanges(prot4, f.replySrc)
+		}
+		return inRanges(prot6, f.replySrc)
+	})
+	return err != nil || found
 }

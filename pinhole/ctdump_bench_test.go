@@ -1,0 +1,254 @@
+package pinhole_test
+
+import (
+	"bufio"
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// ctEntry is a conntrack entry ctFill creates: orig tuple src → dst,
+// reply from replySrc (dst unless DNAT-ed) to src, with status and labels
+// (ICMPv6: an echo request's, its ports unused).
+type ctEntry struct {
+	proto         uint8
+	src, dst      netip.AddrPort
+	replySrc      netip.AddrPort
+	status        uint32
+	labels        []byte
+	timeoutSecond uint32
+}
+
+// ctFill creates the entries gen makes for 0 ≤ i < n in ns over ctnetlink,
+// many messages a datagram and without acknowledgements (≈ 1 s for
+// 1 000 000), and checks that ns's conntrack table then holds at least n.
+func ctFill(tb testing.TB, ns *netlab.NS, n int, gen func(i int) ctEntry) {
+	tb.Helper()
+	var c *netlink.Conn
+	if err := ns.Do(func() (err error) {
+		c, err = netlink.Dial(unix.NETLINK_NETFILTER, nil)
+		return err
+	}); err != nil {
+		tb.Fatal(err)
+	}
+	defer c.Close()
+	var batch []netlink.Message
+	size := 0
+	flush := func() {
+		if len(batch) == 0 {
+			return
+		}
+		if _, err := c.SendMessages(batch); err != nil {
+			tb.Fatal(err)
+		}
+		batch, size = batch[:0], 0
+	}
+	for i := range n {
+		e := gen(i)
+		m := ctNewMessage(tb, e)
+		batch = append(batch, m)
+		if size += len(m.Data) + 16; size > 48<<10 {
+			flush()
+		}
+	}
+	flush()
+	if got := ctCount(tb, ns); got < n {
+		tb.Fatalf("conntrack holds %d entries, want ≥ %d (nf_conntrack_max?)", got, n)
+	}
+}
+
+func ctNewMessage(tb testing.TB, e ctEntry) netlink.Message {
+	fam, srcA, dstA := uint8(unix.AF_INET), uint16(1), uint16(2)
+	if e.src.Addr().Is6() {
+		fam, srcA, dstA = unix.AF_INET6, 3, 4
+	}
+	if !e.replySrc.IsValid() {
+		e.replySrc = e.dst
+	}
+	if e.timeoutSecond == 0 {
+		e.timeoutSecond = 3600
+	}
+	tuple := func(ae *netlink.AttributeEncoder, src, dst netip.AddrPort, icmpType uint8) {
+		ae.Nested(1, func(ae *netlink.AttributeEncoder) error { // CTA_TUPLE_IP
+			ae.Bytes(srcA, src.Addr().AsSlice())
+			ae.Bytes(dstA, dst.Addr().AsSlice())
+			return nil
+		})
+		ae.Nested(2, func(ae *netlink.AttributeEncoder) error { // CTA_TUPLE_PROTO
+			ae.Uint8(1, e.proto)
+			if e.proto == unix.IPPROTO_ICMPV6 {
+				// An echo: CTA_PROTO_ICMPV6_ID, _TYPE, _CODE.
+				ae.Uint16(7, 1)
+				ae.Uint8(8, icmpType)
+				ae.Uint8(9, 0)
+				return nil
+			}
+			ae.Uint16(2, src.Port())
+			ae.Uint16(3, dst.Port())
+			return nil
+		})
+	}
+	ae := netlink.NewAttributeEncoder()
+	ae.ByteOrder = binary.BigEndian
+	ae.Nested(1, func(ae *netlink.AttributeEncoder) error { tuple(ae, e.src, e.dst, 128); return nil })      // CTA_TUPLE_ORIG
+	ae.Nested(2, func(ae *netlink.AttributeEncoder) error { tuple(ae, e.replySrc, e.src, 129); return nil }) // CTA_TUPLE_REPLY
+	// CTA_STATUS: the kernel marks a new entry IPS_CONFIRMED before it
+	// applies the status, and refuses to change that bit (EBUSY).
+	ae.Uint32(3, e.status|8)
+	ae.Uint32(7, e.timeoutSecond) // CTA_TIMEOUT
+	if e.labels != nil {
+		ae.Bytes(22, e.labels) // CTA_LABELS
+	}
+	attrs, err := ae.Encode()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return netlink.Message{
+		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | 0), // IPCTNL_MSG_CT_NEW
+			Flags: netlink.Request | netlink.Create},
+		Data: append([]byte{fam, 0, 0, 0}, attrs...),
+	}
+}
+
+// ctCount is ns's nf_conntrack_count.
+func ctCount(tb testing.TB, ns *netlab.NS) int {
+	tb.Helper()
+	out := strings.TrimSpace(ns.MustRun(tb, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"))
+	n, err := strconv.Atoi(out)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return n
+}
+
+// memStatus reads a "kB" field of /proc/self/status in MB.
+func memStatus(tb testing.TB, field string) float64 {
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		if v, ok := strings.CutPrefix(s.Text(), field+":"); ok {
+			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			if err != nil {
+				tb.Fatal(err)
+			}
+			return float64(kb) / 1024
+		}
+	}
+	tb.Fatalf("no %s in /proc/self/status", field)
+	return 0
+}
+
+// BenchmarkFirstSetupConntrack (BENCHMARKS.md item 49): a Backend's first
+// Setup over an existing table, as at every pcpd start, with n entries in
+// the namespace's conntrack table. Half IPv4, half IPv6 UDP flows between
+// addresses outside the protected prefixes, replied (IPS_SEEN_REPLY), not
+// DNAT-ed: the look for a flow DNAT-ed unlabelled (dnatFlowsUnlabelled)
+// and for a pinhole's flow admitted unlabelled (pinFlowsUnlabelled)
+// find none and read to the end. The namespace's nf_conntrack_max is
+// raised to n plus slack; it cannot exceed the initial namespace's, which
+// the run must raise for 1 000 000 (and restore). "marked": the layout
+// as the table's first Setup wrote it, marked checked (no conntrack
+// read); "unmarked": both marks removed before each Setup (as after an
+// upgrade: both reads). Reported: time, allocation a Setup (b.N ≥ 1), "peak-RSS-MB" (the test process's
+// VmHWM over its VmRSS before the first Setup, after a forced GC and
+// /proc/self/clear_refs 5) and each conntrack check alone, under the
+// Backend's lock as at Setup (ConntrackChecks): "dnat-check-ms"
+// (dnatFlowsUnlabelled), "pinhole-check-ms" (pinFlowsUnlabelled).
+func BenchmarkFirstSetupConntrack(b *testing.B) {
+	for _, n := range []int{100_000, 1_000_000} {
+		b.Run(fmt.Sprintf("entries=%d", n), func(b *testing.B) {
+			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
+			be := newBackend(b, topo.Host, pinhole.Config{})
+			serveTunnel(b, be, topo)
+			if err := be.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+				b.Fatal(err)
+			}
+			topo.Host.MustRun(b, "sysctl", "-qw", fmt.Sprintf("net.netfilter.nf_conntrack_max=%d", n+n/10+1024))
+			src4, dst4 := netip.MustParseAddr("198.51.100.1").As4(), netip.MustParseAddr("192.0.2.1").As4()
+			src6, dst6 := netip.MustParseAddr("2001:db8:ff::1").As16(), netip.MustParseAddr("2001:db8:fe::1").As16()
+			ctFill(b, topo.Host, n, func(i int) ctEntry {
+				port := uint16(1024 + i%60000)
+				k := i / 60000
+				if i%2 == 0 {
+					s, d := src4, dst4
+					s[2], s[3] = byte(k>>8), byte(k)
+					return ctEntry{proto: udp, src: netip.AddrPortFrom(netip.AddrFrom4(s), port),
+						dst: netip.AddrPortFrom(netip.AddrFrom4(d), 53), status: 2 | 4}
+				}
+				s, d := src6, dst6
+				s[14], s[15] = byte(k>>8), byte(k)
+				return ctEntry{proto: udp, src: netip.AddrPortFrom(netip.AddrFrom16(s), port),
+					dst: netip.AddrPortFrom(netip.AddrFrom16(d), 53), status: 2 | 4}
+			})
+			conn, err := topo.Host.NftConn()
+			if err != nil {
+				b.Fatal(err)
+			}
+			for _, marked := range []bool{true, false} {
+				b.Run(map[bool]string{true: "marked", false: "unmarked"}[marked], func(b *testing.B) {
+					runtime.GC()
+					debug.FreeOSMemory()
+					if err := os.WriteFile("/proc/self/clear_refs", []byte("5"), 0); err != nil {
+						b.Fatal(err)
+					}
+					base := memStatus(b, "VmRSS")
+					b.ReportAllocs()
+					b.ResetTimer()
+					for range b.N {
+						if !marked {
+							b.StopTimer()
+							unmarkChecked(b, topo.Host, "recheck6")
+							unmarkChecked(b, topo.Host, "recheck_nat")
+							b.StartTimer()
+						}
+						nb, err := pinhole.New(conn, pinhole.Config{Routes: nsRoutes(b, topo.Host)})
+						if err != nil {
+							b.Fatal(err)
+						}
+						if err := nb.Setup(); err != nil {
+							b.Fatal(err)
+						}
+						b.StopTimer()
+						if !nb.CutsFlows(pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV6, InternalPort: 1}) {
+							b.Error("CutsFlows false with no unlabelled flow")
+						}
+						nb.Close()
+						b.StartTimer()
+					}
+					b.StopTimer()
+					b.ReportMetric(memStatus(b, "VmHWM")-base, "peak-RSS-MB")
+					if marked {
+						return
+					}
+					for _, c := range []struct {
+						unit           string
+						dnat, pinholes bool
+					}{{"dnat-check-ms", true, false}, {"pinhole-check-ms", false, true}} {
+						start := time.Now()
+						for range 3 {
+							pinhole.ConntrackChecks(be, c.dnat, c.pinholes)
+						}
+						b.ReportMetric(float64(time.Since(start).Microseconds())/3e3, c.unit)
+					}
+				})
+			}
+		})
+	}
+}
