@@ -33,10 +33,16 @@ func (s *Server) Leases() []store.Lease {
 	if err == nil {
 		return out
 	}
+	return s.leasesOneHold()
+}
+
+// leasesOneHold copies every live lease, sorted, in one hold of s.mu:
+// Leases' fallback (and, until h/opsleft, Leases itself).
+func (s *Server) leasesOneHold() []store.Lease {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now()
-	out = make([]store.Lease, 0, s.tab.len())
+	out := make([]store.Lease, 0, s.tab.len())
 	for _, l := range s.tab.all() {
 		if !l.Expires.After(now) {
 			continue

@@ -113,25 +113,7 @@ func TestRevokeOwnerHold(t *testing.T) {
 	if n == 0 {
 		t.Skip("PCPD_REVOKE_HOLD=N not set")
 	}
-	dir := t.TempDir()
-	st, _, err := store.Open(dir, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ls := startLeases(n, time.Now())
-	for i := 0; i < n; i += 1 << 14 {
-		if err := st.Commit(ls[i:min(i+1<<14, n)], nil); err != nil {
-			t.Fatal(err)
-		}
-	}
-	st.Close()
-	st, state, err := store.Open(dir, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	fw := lastingFirewall(t, "revhold")
-	s := benchServerCfg(t, fw, st, state, Config{})
+	s := storedLeasesServer(t, n, "revhold")
 	// What control's revoke --client took before Revoke until h/lowfix:
 	// resolveOwner's Leases(), a copy of every lease under s.mu.
 	t1 := time.Now()
@@ -176,4 +158,29 @@ func probeLockWait(s *Server) (end func() (time.Duration, int)) {
 		<-done
 		return time.Duration(maxWait.Load()), probes
 	}
+}
+
+// storedLeasesServer is a Server over n leases committed to a real store
+// and read back by a fresh Open (as a start reads them), on a kernel
+// firewall in a namespace of its own named ns.
+func storedLeasesServer(t *testing.T, n int, ns string) *Server {
+	t.Helper()
+	dir := t.TempDir()
+	st, _, err := store.Open(dir, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls := startLeases(n, time.Now())
+	for i := 0; i < n; i += 1 << 14 {
+		if err := st.Commit(ls[i:min(i+1<<14, n)], nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st.Close()
+	st, state, err := store.Open(dir, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return benchServerCfg(t, lastingFirewall(t, ns), st, state, Config{})
 }
