@@ -2,7 +2,6 @@ package pinhole_test
 
 import (
 	"errors"
-	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -40,15 +39,7 @@ func TestCutReloadWindow(t *testing.T) {
 }
 
 func reloadWindow(t *testing.T, topo *netlab.Topology, b *pinhole.Backend, cfg pinhole.Config, reload func()) {
-	pin := pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV6, InternalPort: 7900}
-	napt := pinhole.Pinhole{Protocol: udp, InternalAddr: topo.ClientV4, InternalPort: 7901, ExternalAddr: topo.HostPublicV4, ExternalPort: 17901}
-	apply(t, b, install(pin, time.Hour), install(napt, time.Hour))
-	flows := []attFlow{
-		{name: "IPv6 pinhole", f: openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47900),
-			netip.AddrPortFrom(pin.InternalAddr, pin.InternalPort))},
-		{name: "IPv4 NAPT", f: openEchoVia(t, udp, topo.Client, netip.AddrPortFrom(napt.InternalAddr, napt.InternalPort), topo.Internet,
-			netip.AddrPortFrom(topo.InternetV4, 47901), netip.AddrPortFrom(napt.ExternalAddr, napt.ExternalPort))},
-	}
+	pin, napt, flows := pinAndNAPT(t, topo, b, 7900)
 	cuts := func(step string, want bool) {
 		t.Helper()
 		for _, p := range []pinhole.Pinhole{pin, napt} {

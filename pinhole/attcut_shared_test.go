@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
@@ -53,17 +52,11 @@ func TestAttachedCutBitSharedElsewhere(t *testing.T) {
 				b.Close()
 				b = newBackend(t, topo.Host, cfg)
 			}
-			pin := pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV6, InternalPort: 7600}
-			napt := pinhole.Pinhole{Protocol: udp, InternalAddr: topo.ClientV4, InternalPort: 7601, ExternalAddr: topo.HostPublicV4, ExternalPort: 17601}
-			apply(t, b, install(pin, time.Hour), install(napt, time.Hour))
-			flows := []attFlow{
-				{name: "IPv6 pinhole", f: openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47600),
-					netip.AddrPortFrom(pin.InternalAddr, pin.InternalPort))},
-				{name: "IPv4 NAPT", f: openEchoVia(t, udp, topo.Client, netip.AddrPortFrom(napt.InternalAddr, napt.InternalPort), topo.Internet,
-					netip.AddrPortFrom(topo.InternetV4, 47601), netip.AddrPortFrom(napt.ExternalAddr, napt.ExternalPort))},
+			pin, napt, flows := pinAndNAPT(t, topo, b, 7600)
+			flows = append(flows, []attFlow{
 				{name: "admin's own open port", f: openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47650),
 					netip.AddrPortFrom(topo.ClientV6, 7350))},
-			}
+			}...)
 			for i := range 3 {
 				checkAttFlows(t, topo.Host, fmt.Sprintf("round %d", i+1), flows)
 			}

@@ -370,3 +370,20 @@ func TestAttachedCutLayout(t *testing.T) {
 	cuts("restart over the labelled layout", newBackend(t, topo.Host, cfg), true, true)
 	tornDown("upgrade", nb)
 }
+
+// pinAndNAPT installs, for an hour, an IPv6 pinhole to TCP port port and
+// a NAPT mapping of UDP port+1 (external port+10001), and opens a flow
+// from the internet through each (remote ports 40000 above them).
+func pinAndNAPT(t *testing.T, topo *netlab.Topology, b *pinhole.Backend, port uint16) (pin, napt pinhole.Pinhole, flows []attFlow) {
+	t.Helper()
+	pin = pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV6, InternalPort: port}
+	napt = pinhole.Pinhole{Protocol: udp, InternalAddr: topo.ClientV4, InternalPort: port + 1, ExternalAddr: topo.HostPublicV4, ExternalPort: port + 10001}
+	apply(t, b, install(pin, time.Hour), install(napt, time.Hour))
+	flows = []attFlow{
+		{name: "IPv6 pinhole", f: openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, port+40000),
+			netip.AddrPortFrom(pin.InternalAddr, pin.InternalPort))},
+		{name: "IPv4 NAPT", f: openEchoVia(t, udp, topo.Client, netip.AddrPortFrom(napt.InternalAddr, napt.InternalPort), topo.Internet,
+			netip.AddrPortFrom(topo.InternetV4, port+40001), netip.AddrPortFrom(napt.ExternalAddr, napt.ExternalPort))},
+	}
+	return pin, napt, flows
+}
