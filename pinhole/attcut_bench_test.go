@@ -80,26 +80,7 @@ func BenchmarkAttachedCutEstablished(b *testing.B) {
 					topo.Host.MustRun(b, "nft", "insert rule inet filter pcpd_cut "+tc.copy)
 				}
 			}
-			rx := listenUDP(b, topo.Client, client)
-			rx.SetReadBuffer(1 << 20)
-			tx := listenUDP(b, topo.Internet, remote)
-			msg, buf := make([]byte, 60), make([]byte, 128)
-			rx.SetReadDeadline(time.Now().Add(time.Second))
-			tx.SetReadDeadline(time.Now().Add(time.Second))
-			if _, err := tx.WriteToUDPAddrPort(msg, dst); err != nil {
-				b.Fatal(err)
-			}
-			_, from, err := rx.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				b.Fatal(err)
-			}
-			if _, err := rx.WriteToUDPAddrPort(msg, from); err != nil {
-				b.Fatal(err)
-			}
-			if _, err := tx.Read(buf); err != nil {
-				b.Fatal(err)
-			}
-			reportBurstCPU(b, func() error { _, err := tx.WriteToUDPAddrPort(msg, dst); return err }, rx)
+			burstThrough(b, topo, client, remote, dst)
 		})
 	}
 }

@@ -64,26 +64,35 @@ func BenchmarkNATCutEstablished(b *testing.B) {
 			for range tc.more {
 				topo.Host.MustRun(b, "nft", "insert rule inet pcpd natcut ct label 126 ct direction original ct state established,new ip daddr . meta l4proto . th dport @napt4")
 			}
-			rx := listenUDP(b, topo.Client, client)
-			rx.SetReadBuffer(1 << 20)
-			tx := listenUDP(b, topo.Internet, remote)
-			msg, buf := make([]byte, 60), make([]byte, 128)
-			rx.SetReadDeadline(time.Now().Add(time.Second))
-			tx.SetReadDeadline(time.Now().Add(time.Second))
-			if _, err := tx.WriteToUDPAddrPort(msg, dst); err != nil {
-				b.Fatal(err)
-			}
-			_, from, err := rx.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				b.Fatal(err)
-			}
-			if _, err := rx.WriteToUDPAddrPort(msg, from); err != nil {
-				b.Fatal(err)
-			}
-			if _, err := tx.Read(buf); err != nil {
-				b.Fatal(err)
-			}
-			reportBurstCPU(b, func() error { _, err := tx.WriteToUDPAddrPort(msg, dst); return err }, rx)
+			burstThrough(b, topo, client, remote, dst)
 		})
 	}
+}
+
+// burstThrough opens a UDP flow from remote (in the internet namespace)
+// to dst, which the ruleset DNATs or admits to client (in the client
+// namespace), with one round trip, so the flow is established, then
+// reports the CPU its bursts from the remote cost (reportBurstCPU).
+func burstThrough(b *testing.B, topo *netlab.Topology, client, remote, dst netip.AddrPort) {
+	b.Helper()
+	rx := listenUDP(b, topo.Client, client)
+	rx.SetReadBuffer(1 << 20)
+	tx := listenUDP(b, topo.Internet, remote)
+	msg, buf := make([]byte, 60), make([]byte, 128)
+	rx.SetReadDeadline(time.Now().Add(time.Second))
+	tx.SetReadDeadline(time.Now().Add(time.Second))
+	if _, err := tx.WriteToUDPAddrPort(msg, dst); err != nil {
+		b.Fatal(err)
+	}
+	_, from, err := rx.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := rx.WriteToUDPAddrPort(msg, from); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := tx.Read(buf); err != nil {
+		b.Fatal(err)
+	}
+	reportBurstCPU(b, func() error { _, err := tx.WriteToUDPAddrPort(msg, dst); return err }, rx)
 }
