@@ -146,8 +146,9 @@ type ctFlow struct {
 	origSrc, origDst    netip.Addr
 	origSport           uint16
 	origDport           uint16
-	replySrc            netip.Addr
+	replySrc, replyDst  netip.Addr
 	replySport          uint16
+	replyDport          uint16
 	status              uint32
 	labels              []byte
 	hasOrig, hasReplyIP bool
@@ -255,6 +256,31 @@ func (b *Backend) ctScan(fam uint8, mask, val uint32, fn func(*ctFlow) bool) (bo
 	}
 }
 
+// ipsSrcNAT is IPS_SRC_NAT (linux/netfilter/nf_conntrack_common.h).
+const ipsSrcNAT = 1 << 4
+
+// NATEndpoints calls fn with the external endpoint of each NAT-ed
+// conntrack flow in the Backend's namespace: the original destination of
+// a DNAT-ed one, the reply destination of a SNAT-ed one (protocol,
+// address, port; IPv4-mapped addresses unmapped). Two streamed dumps of
+// both families, the kernel filtering by status (ctScan: no flow held).
+// Safe without mu.
+func (b *Backend) NATEndpoints(fn func(proto uint8, ext netip.AddrPort)) error {
+	if _, err := b.ctScan(unix.AF_UNSPEC, ipsDstNAT, ipsDstNAT, func(f *ctFlow) bool {
+		fn(f.proto, netip.AddrPortFrom(f.origDst.Unmap(), f.origDport))
+		return false
+	}); err != nil {
+		return err
+	}
+	_, err := b.ctScan(unix.AF_UNSPEC, ipsSrcNAT, ipsSrcNAT, func(f *ctFlow) bool {
+		if f.hasReplyIP {
+			fn(f.proto, netip.AddrPortFrom(f.replyDst.Unmap(), f.replyDport))
+		}
+		return false
+	})
+	return err
+}
+
 func nlAlign(n int) int { return (n + 3) &^ 3 }
 
 // nlaTypeMask is NLA_TYPE_MASK: an attribute type without NLA_F_NESTED
@@ -281,10 +307,8 @@ func decodeCtFlow(f *ctFlow, attrs []byte) {
 		case ctaTupleOrig:
 			f.hasOrig = decodeTuple(v, &f.origSrc, &f.origDst, &f.origSport, &f.origDport, &f.proto)
 		case ctaTupleReply:
-			var dst netip.Addr
-			var dport uint16
 			var proto uint8
-			f.hasReplyIP = decodeTuple(v, &f.replySrc, &dst, &f.replySport, &dport, &proto)
+			f.hasReplyIP = decodeTuple(v, &f.replySrc, &f.replyDst, &f.replySport, &f.replyDport, &proto)
 		case ctaStatus:
 			if len(v) >= 4 {
 				f.status = binary.BigEndian.Uint32(v)

@@ -98,6 +98,15 @@ type FlowCutter interface {
 	CutsFlows(p pinhole.Pinhole) bool
 }
 
+// NATLister is an optional extra of a FlowCutter (*pinhole.Backend has
+// it): NATEndpoints calls fn with the external endpoint of each NAT-ed
+// conntrack flow (a DNAT-ed one's original destination, a SNAT-ed one's
+// reply destination). The server prunes natPrior with it
+// (pruneNATPrior).
+type NATLister interface {
+	NATEndpoints(fn func(proto uint8, ext netip.AddrPort)) error
+}
+
 // CutArmer is an optional extra of a FlowCutter (*pinhole.Backend has
 // it): a Setup that made the re-checked sets anew while labelled flows
 // lived (an admin's "flush ruleset", a crash and a reload before the

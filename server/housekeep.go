@@ -64,6 +64,7 @@ func (s *Server) housekeep(ctx context.Context) {
 			s.hostPorts.refresh()
 		case <-debt.C:
 			s.payStoreDebt()
+			s.pruneNATPrior()
 		case <-touchC:
 			if err := toucher.Touch(s.now()); err != nil {
 				s.log.Warn("cannot record that the daemon is alive; a clock step while down may go unnoticed", zap.Error(err))

@@ -45,10 +45,12 @@ import (
 // NAT mapping that ended there (many: several), until seq's flush
 // (ctFlusher; 0: none will, KeepConnections or found at the start) or
 // a retarget walk of the endpoint ends them.
+// gen is the record's number (Server.natPriorGen), for pruneNATPrior.
 type natPrior struct {
 	to   netip.AddrPort
 	many bool
 	seq  uint64
+	gen  uint64
 }
 
 // dnatOf is p's external endpoint and internal target if p DNATs (an
@@ -98,7 +100,75 @@ func (s *Server) notePrior(t ctTarget, to netip.AddrPort, seq uint64) {
 			e.seq = 0
 		}
 	}
+	s.natPriorGen++
+	e.gen = s.natPriorGen
 	s.natPrior[t] = e
+}
+
+// natPriorDumpMin is natPrior's size below which pruneNATPrior does not
+// dump conntrack (a variable for tests).
+var natPriorDumpMin = 1024
+
+// pruneNATPrior bounds natPrior where no walk does (KeepConnections; an
+// IPv4 PEER's entry, seq 0; the start's seed): an entry is needed only
+// while a NAT-ed flow whose external endpoint is its endpoint may live,
+// and that flow is one conntrack lists. Once natPrior reached
+// natPriorDumpAt (at least natPriorDumpMin; after a dump, its size plus
+// the entries the dump found alive), one listing of the NAT-ed flows' external endpoints (two
+// status-filtered dumps, NATLister), outside the lock; then, under it,
+// the entries of endpoints no flow had go, if recorded before the
+// previous call (natPriorTick): an entry recorded since, or a flow
+// confirmed by a packet in flight when the mapping's element went, may
+// not be in the dump. Housekeeping calls it every storeDebtRetry, so the
+// map holds about twice the endpoints with flows plus what was recorded
+// in two periods. A failed dump drops nothing (next at twice the size).
+func (s *Server) pruneNATPrior() {
+	s.mu.Lock()
+	lister := s.natLister
+	cut := s.natPriorTick
+	s.natPriorTick = s.natPriorGen
+	if lister == nil || len(s.natPrior) < max(s.natPriorDumpAt, natPriorDumpMin) {
+		s.mu.Unlock()
+		return
+	}
+	seen := make(map[ctTarget]bool, len(s.natPrior))
+	for t, e := range s.natPrior {
+		if e.gen <= cut {
+			seen[t] = false
+		}
+	}
+	s.mu.Unlock()
+	err := lister.NATEndpoints(func(proto uint8, ext netip.AddrPort) {
+		t := ctTarget{addr: ext.Addr(), proto: proto, port: ext.Port()}
+		if _, ok := seen[t]; ok {
+			seen[t] = true
+		}
+	})
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	before := len(s.natPrior)
+	if err != nil {
+		s.log.Warn("cannot read conntrack to prune the ended NAT mappings' record", zap.Error(err))
+		s.natPriorDumpAt = 2 * before
+		return
+	}
+	judged := 0 // kept for a flow
+	maps.DeleteFunc(s.natPrior, func(t ctTarget, e natPrior) bool {
+		if live, ok := seen[t]; ok && e.gen <= cut {
+			judged++
+			if live {
+				return false
+			}
+			judged--
+			return true
+		}
+		return false
+	})
+	// Again once the map grew by what the dump found alive: the entries
+	// too recent to judge are judged at the next call if nothing else
+	// came (a burst), else at the next doubling.
+	s.natPriorDumpAt = len(s.natPrior) + judged
+	s.log.Debug("pruned the ended NAT mappings' record", zap.Int("before", before), zap.Int("after", len(s.natPrior)))
 }
 
 // noteNATEnded records the endpoints of the NAT mappings in ended

@@ -51,6 +51,9 @@ type Server struct {
 	// cutter, if fw has it, says which ended mappings' flows the ruleset
 	// cuts by itself: their replies do not wait for the conntrack walk.
 	cutter FlowCutter
+	// natLister, if fw has it, lists the NAT-ed flows' external
+	// endpoints (pruneNATPrior).
+	natLister NATLister
 
 	mu        sync.Mutex
 	tab       *table
@@ -153,6 +156,11 @@ type Server struct {
 	// natPriorPrune: natPrior's size at which notePrior next drops the
 	// entries whose flush's walk ended their flows.
 	natPriorPrune int
+	// natPriorGen numbers notePrior's records (natPrior.gen);
+	// natPriorTick is natPriorGen at the last pruneNATPrior check, and
+	// natPriorDumpAt natPrior's size at which it next dumps conntrack.
+	natPriorGen, natPriorTick uint64
+	natPriorDumpAt            int
 	// ctSock is the conntrack walk's socket, kept from walk to walk
 	// while Serve runs (ctSocket).
 	ctSock ctSocket
@@ -282,6 +290,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		s.lis.onRename = rf.InterfacesRenamed
 	}
 	s.cutter, _ = s.fw.(FlowCutter)
+	s.natLister, _ = s.fw.(NATLister)
 	if ss, ok := s.fw.(ServedSetter); ok {
 		s.lis.onServe = func(aps []netip.AddrPort, ifaces []string) { s.updateServed(ss, aps, ifaces) }
 	}
