@@ -1,7 +1,10 @@
 package server
 
 import (
+	"errors"
+	"go.uber.org/zap"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -70,5 +73,64 @@ func TestE2ENATPriorPruned(t *testing.T) {
 	}
 	if err := echoOnce(conn); err == nil {
 		t.Errorf("the old connection still reaches port %d after %v was mapped to port %d", port, dst, port+1)
+	}
+}
+
+type natListerFunc func(fn func(proto uint8, ext netip.AddrPort)) error
+
+func (f natListerFunc) NATEndpoints(fn func(proto uint8, ext netip.AddrPort)) error { return f(fn) }
+
+// TestPruneNATPriorGenerations: pruneNATPrior drops only entries recorded
+// before its previous call that no listed flow uses: an entry recorded
+// while the dump runs (or since the previous call) stays, one whose
+// endpoint the listing names (a DNAT-ed flow's original destination, a
+// SNAT-ed flow's reply destination) stays, and a failed listing drops
+// nothing.
+func TestPruneNATPriorGenerations(t *testing.T) {
+	defer func(m int) { natPriorDumpMin = m }(natPriorDumpMin)
+	natPriorDumpMin = 1
+	a := netip.MustParseAddr("192.0.2.1")
+	to := netip.MustParseAddrPort("10.0.0.2:80")
+	tg := func(p uint16) ctTarget { return ctTarget{addr: a, proto: 6, port: p} }
+	var fail error
+	var during func()
+	s := &Server{log: zap.NewNop(), natLister: natListerFunc(func(fn func(uint8, netip.AddrPort)) error {
+		fn(6, netip.AddrPortFrom(a, 1))
+		fn(17, netip.AddrPortFrom(a, 2)) // another protocol: not entry 2's
+		if during != nil {
+			during()
+		}
+		return fail
+	})}
+	s.mu.Lock()
+	for p := uint16(1); p <= 4; p++ {
+		s.notePrior(tg(p), to, 0)
+	}
+	s.mu.Unlock()
+	s.pruneNATPrior() // stamps: nothing judged yet
+	if len(s.natPrior) != 4 {
+		t.Fatalf("first call: %d entries, want 4", len(s.natPrior))
+	}
+	fail = errors.New("no conntrack")
+	s.pruneNATPrior()
+	if len(s.natPrior) != 4 {
+		t.Fatalf("failed listing: %d entries, want 4", len(s.natPrior))
+	}
+	fail = nil
+	s.natPriorDumpAt = 0
+	during = func() {
+		s.mu.Lock()
+		s.notePrior(tg(3), netip.MustParseAddrPort("10.0.0.3:80"), 0) // 3 recorded again meanwhile
+		s.notePrior(tg(5), to, 0)
+		s.mu.Unlock()
+	}
+	s.pruneNATPrior()
+	var got []uint16
+	for k := range s.natPrior {
+		got = append(got, k.port)
+	}
+	slices.Sort(got)
+	if !slices.Equal(got, []uint16{1, 3, 5}) {
+		t.Errorf("kept %v, want [1 3 5] (1: a flow; 3, 5: recorded during the dump)", got)
 	}
 }
