@@ -73,7 +73,16 @@ func TestE2ERetakeEndsOldSNATFlow(t *testing.T) {
 			if err := echoOnce(conn); err != nil {
 				t.Fatalf("the end ended the client's own flow (not what this test is about): %v", err)
 			}
+			// The prune (h/natprior) keeps the entry: the old target's
+			// SNAT-ed flow still uses ext (NATEndpoints' second dump).
+			defer func(m int) { natPriorDumpMin = m }(natPriorDumpMin)
+			natPriorDumpMin = 1
+			l.srv.pruneNATPrior()
+			l.srv.pruneNATPrior()
 			l.srv.mu.Lock()
+			if _, ok := l.srv.natPrior[ctTarget{addr: ext.Addr(), proto: protoTCP, port: ext.Port()}]; !ok {
+				t.Errorf("%v, whose old outbound flow lives, pruned", ext)
+			}
 			l.srv.quarDel(endpoint{addr: ext.Addr(), proto: protoTCP, port: ext.Port()})
 			l.srv.mu.Unlock()
 			serveEcho(t, l.topo.Client, netip.AddrPortFrom(client, port+1))
