@@ -22,7 +22,8 @@ var storeDebtRetry = 5 * time.Second
 // hostPortsTTL while IPv4 ports are being allocated, so the engine does
 // not wait for that dump, and every storeDebtRetry writes the leases the
 // store could not be told about (payStoreDebt), so a debt does not wait
-// for the next request. All of it runs here, off the engine loop: a
+// for the next request, and bounds the record of ended NAT mappings
+// (pruneNATPrior: a conntrack dump once it doubled). All of it runs here, off the engine loop: a
 // Snapshot copies the whole file, and the store lets commits go on
 // meanwhile. Stores without Touch or Snapshot are left alone.
 func (s *Server) housekeep(ctx context.Context) {
