@@ -44,7 +44,8 @@ import (
 // besides what its live mappings deliver to: the internal endpoint of the
 // NAT mapping that ended there (many: several), until seq's flush
 // (ctFlusher; 0: none will, KeepConnections or found at the start) or
-// a retarget walk of the endpoint ends them.
+// a retarget walk of the endpoint ends them, or pruneNATPrior found no
+// NAT-ed flow left on the endpoint.
 // gen is the record's number (Server.natPriorGen), for pruneNATPrior.
 type natPrior struct {
 	to   netip.AddrPort
