@@ -374,11 +374,19 @@ func (b *Backend) setupLocked() (err error) {
 	// a layout an earlier Setup marked checked (checkedMark); again by the
 	// Setup after a Healthy found damage (recheckFlows).
 	existing := func() bool { ok, err := b.laidOut(); return err != nil || ok }
+	// A mark is trusted only over a layout as this Setup writes it: one
+	// damaged while no pcpd ran (a guard6 flushed between a stop and
+	// this start: flows let in unlabelled through the forward chain's
+	// accept) was seen by no Healthy, so recheckFlows is not set (review
+	// h/revops, TestCutsFlowsAfterDamageWhileDown).
+	marked := func(chain, mark string) bool {
+		return b.markedChecked(chain, mark) && b.layoutIntact()
+	}
 	if b.cutLabels && !b.unlabelled {
 		b.unlabelled = b.admitsUnlabelled()
 		if !b.unlabelled && (!b.pinAsked || b.recheckFlows) {
 			b.pinAsked = true
-			if (b.recheckFlows || !b.markedChecked(b.chainRecheck6, flowsCheckedMark)) && existing() {
+			if (b.recheckFlows || !marked(b.chainRecheck6, flowsCheckedMark)) && existing() {
 				b.unlabelled = b.pinFlowsUnlabelled()
 			}
 		}
@@ -387,7 +395,7 @@ func (b *Backend) setupLocked() (err error) {
 		b.natUnlabelled = b.translatesUnlabelled()
 		if !b.natUnlabelled && (!b.natAsked || b.recheckFlows) {
 			b.natAsked = true
-			if (b.recheckFlows || !b.markedChecked(b.chainRecheckNAT, natCheckedMark)) && existing() {
+			if (b.recheckFlows || !marked(b.chainRecheckNAT, natCheckedMark)) && existing() {
 				b.natUnlabelled = b.dnatFlowsUnlabelled()
 			}
 		}
@@ -1771,29 +1779,8 @@ func (w *healthWant) check(v kview) (map[string][]*nftables.Rule, error) {
 	for name := range chains {
 		present[name] = true
 	}
-	for _, cr := range w.layout {
-		if !present[cr.name] {
-			return read, fmt.Errorf("pinhole: chain %s missing: %w", cr.name, ErrUnhealthy)
-		}
-		if !chainShapeIs(chains[cr.name], &cr.chain) {
-			return read, fmt.Errorf("pinhole: chain %s is not the chain Setup made (type, hook, priority or policy): %w", cr.name, ErrUnhealthy)
-		}
-		rules, err := v.getRules(cr.name)
-		if err != nil {
-			return read, fmt.Errorf("pinhole: rules of %s: %w: %w", cr.name, ErrUnhealthy, err)
-		}
-		if cr.name == unownedChain {
-			read[cr.name] = rules // its drop counter (MeterDrops)
-		}
-		if len(rules) != len(cr.rules) {
-			return read, fmt.Errorf("pinhole: chain %s has %d rules, want %d: %w", cr.name, len(rules), len(cr.rules), ErrUnhealthy)
-		}
-		for i, r := range rules {
-			if j, ok := layoutRuleIs(r, cr.rules[i]); !ok {
-				return read, fmt.Errorf("pinhole: chain %s rule %d (handle %d) differs from what Setup wrote at expression %d: %w",
-					cr.name, i, r.Handle, j, ErrUnhealthy)
-			}
-		}
+	if err := w.checkLayout(v, chains, present, read); err != nil {
+		return read, err
 	}
 	if err := w.checkServed(v); err != nil {
 		return read, err
@@ -1816,6 +1803,54 @@ func (w *healthWant) check(v kview) (map[string][]*nftables.Rule, error) {
 		return read, oerr
 	}
 	return read, errors.Join(perr, oerr)
+}
+
+// layoutIntact reports whether the kernel's table holds the layout's
+// chains and rules as Setup writes them (Healthy's checkLayout); false
+// when it cannot be read. Caller holds b.mu.
+func (b *Backend) layoutIntact() bool {
+	w := b.healthWantLocked()
+	v := kview{conn: b.readConn(), table: &w.table, raw: &b.raw, nl: b.nl}
+	chains, err := v.chainsOf()
+	if err != nil {
+		return false
+	}
+	present := make(map[string]bool, len(chains))
+	for name := range chains {
+		present[name] = true
+	}
+	return w.checkLayout(v, chains, present, map[string][]*nftables.Rule{}) == nil
+}
+
+// checkLayout is check's part for the layout's chains and rules: each
+// present, of the shape Setup made, holding the rules it wrote (those of
+// unownedChain put in read).
+func (w *healthWant) checkLayout(v kview, chains map[string]*nftables.Chain, present map[string]bool, read map[string][]*nftables.Rule) error {
+	for _, cr := range w.layout {
+		if !present[cr.name] {
+			return fmt.Errorf("pinhole: chain %s missing: %w", cr.name, ErrUnhealthy)
+		}
+		if !chainShapeIs(chains[cr.name], &cr.chain) {
+			return fmt.Errorf("pinhole: chain %s is not the chain Setup made (type, hook, priority or policy): %w", cr.name, ErrUnhealthy)
+		}
+		rules, err := v.getRules(cr.name)
+		if err != nil {
+			return fmt.Errorf("pinhole: rules of %s: %w: %w", cr.name, ErrUnhealthy, err)
+		}
+		if cr.name == unownedChain {
+			read[cr.name] = rules // its drop counter (MeterDrops)
+		}
+		if len(rules) != len(cr.rules) {
+			return fmt.Errorf("pinhole: chain %s has %d rules, want %d: %w", cr.name, len(rules), len(cr.rules), ErrUnhealthy)
+		}
+		for i, r := range rules {
+			if j, ok := layoutRuleIs(r, cr.rules[i]); !ok {
+				return fmt.Errorf("pinhole: chain %s rule %d (handle %d) differs from what Setup wrote at expression %d: %w",
+					cr.name, i, r.Handle, j, ErrUnhealthy)
+			}
+		}
+	}
+	return nil
 }
 
 // checkProtected is Healthy's part for the inbound guard: the protected

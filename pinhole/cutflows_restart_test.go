@@ -210,3 +210,30 @@ func TestCutsFlowsAfterDamageRepair(t *testing.T) {
 		t.Errorf("the unlabelled flow: %v; want it to go on (only the walk ends it)", err)
 	}
 }
+
+// TestCutsFlowsAfterDamageWhileDown (review h/revops): as
+// TestCutsFlowsAfterDamageRepair, but guard6 is flushed while no pcpd
+// runs (the Backend closed, the table kept as a stop keeps it), so no
+// Healthy saw the damage: a flow let in unlabelled through the flushed
+// guard6 is alive at the next start, over a recheck6 still marked
+// checked by the Setup before the stop.
+func TestCutsFlowsAfterDamageWhileDown(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	client := netip.AddrPortFrom(topo.ClientV6, 7303)
+	p := pinhole.Pinhole{Protocol: tcp, InternalAddr: client.Addr(), InternalPort: client.Port()}
+	apply(t, b, install(p, time.Hour))
+	b.Close()
+	if !markedChecked(t, topo.Host, "recheck6") {
+		t.Fatal("recheck6 not marked checked before the stop")
+	}
+	topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "guard6")
+	f := openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47303), client)
+	b2 := newBackend(t, topo.Host, pinhole.Config{})
+	if b2.CutsFlows(p) {
+		t.Error("a start over a guard6 flushed while down, a flow it let in unlabelled alive: CutsFlows = true, want false")
+	}
+	if markedChecked(t, topo.Host, "recheck6") {
+		t.Error("recheck6 still marked checked with an unlabelled flow alive")
+	}
+	_ = f
+}
