@@ -220,38 +220,8 @@ func (b *Backend) ctScan(fam uint8, mask, val uint32, fn func(*ctFlow) bool) (bo
 			// ENOBUFS: the socket overran and the dump lost entries.
 			return false, fmt.Errorf("pinhole: conntrack dump: %w", rerr)
 		}
-		for m := buf[:n]; len(m) >= unix.NLMSG_HDRLEN; {
-			l := int(binary.NativeEndian.Uint32(m))
-			if l < unix.NLMSG_HDRLEN || l > len(m) {
-				return false, errors.New("pinhole: conntrack dump: malformed message")
-			}
-			typ, seq := binary.NativeEndian.Uint16(m[4:]), binary.NativeEndian.Uint32(m[8:])
-			data := m[unix.NLMSG_HDRLEN:l]
-			m = m[min(nlAlign(l), len(m)):]
-			if seq != sent.Header.Sequence {
-				continue
-			}
-			switch typ {
-			case unix.NLMSG_DONE:
-				return false, nil
-			case unix.NLMSG_ERROR:
-				if len(data) >= 4 {
-					if e := -int32(binary.NativeEndian.Uint32(data)); e != 0 {
-						return false, fmt.Errorf("pinhole: conntrack dump: %w", unix.Errno(e))
-					}
-				}
-				return false, nil
-			case unix.NLMSG_NOOP, unix.NLMSG_OVERRUN:
-				continue
-			}
-			if len(data) < 4 {
-				continue
-			}
-			f = ctFlow{}
-			decodeCtFlow(&f, data[4:])
-			if f.hasOrig && fn(&f) {
-				return true, nil
-			}
+		if end, found, err := ctMessages(buf[:n], sent.Header.Sequence, &f, fn); end || err != nil {
+			return found, err
 		}
 	}
 }
@@ -279,6 +249,50 @@ func (b *Backend) NATEndpoints(fn func(proto uint8, ext netip.AddrPort)) error {
 		return false
 	})
 	return err
+}
+
+// ctMessages decodes one datagram of a conntrack dump of request seq,
+// calling fn on each flow until it returns true (found). end: the dump
+// ended (NLMSG_DONE, NLMSG_ERROR) or fn wanted a flow. An NLMSG_DONE or
+// NLMSG_ERROR carrying an error (the kernel's dump_done_errno: a dump
+// that failed part way) is that error, never a dump that found nothing.
+func ctMessages(m []byte, seq uint32, f *ctFlow, fn func(*ctFlow) bool) (end, found bool, err error) {
+	for len(m) >= unix.NLMSG_HDRLEN {
+		l := int(binary.NativeEndian.Uint32(m))
+		if l < unix.NLMSG_HDRLEN || l > len(m) {
+			return true, false, errors.New("pinhole: conntrack dump: malformed message")
+		}
+		typ, mseq := binary.NativeEndian.Uint16(m[4:]), binary.NativeEndian.Uint32(m[8:])
+		data := m[unix.NLMSG_HDRLEN:l]
+		m = m[min(nlAlign(l), len(m)):]
+		if mseq != seq {
+			continue
+		}
+		switch typ {
+		case unix.NLMSG_DONE, unix.NLMSG_ERROR:
+			if len(data) < 4 {
+				if typ == unix.NLMSG_DONE {
+					return true, false, nil // an older kernel's bare DONE
+				}
+				return true, false, errors.New("pinhole: conntrack dump: truncated error message")
+			}
+			if e := -int32(binary.NativeEndian.Uint32(data)); e != 0 {
+				return true, false, fmt.Errorf("pinhole: conntrack dump: %w", unix.Errno(e))
+			}
+			return true, false, nil
+		case unix.NLMSG_NOOP, unix.NLMSG_OVERRUN:
+			continue
+		}
+		if len(data) < 4 {
+			continue
+		}
+		*f = ctFlow{}
+		decodeCtFlow(f, data[4:])
+		if f.hasOrig && fn(f) {
+			return true, true, nil
+		}
+	}
+	return false, false, nil
 }
 
 func nlAlign(n int) int { return (n + 3) &^ 3 }
