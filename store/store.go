@@ -131,6 +131,14 @@ func (o *options) stopped() error {
 	return nil
 }
 
+// unstoppable is o without its context: the read of a state file Open
+// has just created (empty), which it finishes.
+func (o *options) unstoppable() *options {
+	c := *o
+	c.ctx = nil
+	return &c
+}
+
 // WithContext gives Open up when ctx ends (pcpd serve: SIGTERM during a
 // slow start): it looks at ctx before reading the state file, before and
 // after bbolt's consistency check, every stopEvery leases it checks, and
