@@ -1028,23 +1028,7 @@ func (t *table) all() iter.Seq2[store.Key, *store.Lease] {
 // that are owner's (every lease's with all), and returns the slot to start
 // the next step at (0: the walk reached the end), as unowned does.
 func (t *table) selected(from uint32, n int, owner string, all bool, dst []store.Key) ([]store.Key, uint32) {
-	if from == 0 {
-		from = 1
-	}
-	end := min(uint64(from)+uint64(n), uint64(t.top)+1)
-	var l store.Lease
-	for ref := from; uint64(ref) < end; ref++ {
-		r := t.rec(ref)
-		if r.flags&fLive == 0 || !all && t.owners[r.owner] != owner {
-			continue
-		}
-		t.decode(ref, &l)
-		dst = append(dst, l.Key)
-	}
-	if end > uint64(t.top) {
-		return dst, 0
-	}
-	return dst, uint32(end)
+	return t.selectedBy(from, n, func(t *table, r *rec) bool { return all || t.owners[r.owner] == owner }, dst)
 }
 
 // selectedBy appends to dst the keys of the live leases in slots
