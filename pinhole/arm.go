@@ -7,6 +7,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/ctnl"
 )
 
 // An admin's firewall reload ("flush ruleset", systemctl reload nftables)
@@ -118,9 +120,9 @@ func (b *Backend) labelledFlows() bool {
 	}
 	// Streamed (ctScan): a gateway's conntrack table may hold a million
 	// entries, and this runs under b.mu.
-	found, err := b.ctScan(unix.AF_UNSPEC, 0, 0, func(f *ctFlow) bool {
+	found, err := b.ctScan(unix.AF_UNSPEC, 0, 0, func(f *ctnl.Flow) bool {
 		for _, bit := range bits {
-			if f.labelled(bit) {
+			if f.Labelled(bit) {
 				return true
 			}
 		}

@@ -2,7 +2,6 @@ package pinhole_test
 
 import (
 	"bufio"
-	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"os"
@@ -12,9 +11,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/mdlayher/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
@@ -32,106 +28,15 @@ type ctEntry struct {
 	timeoutSecond uint32
 }
 
-// ctFill creates the entries gen makes for 0 ≤ i < n in ns over ctnetlink,
-// many messages a datagram and without acknowledgements (≈ 1 s for
-// 1 000 000), and checks that ns's conntrack table then holds at least n.
+// ctFill creates the entries gen makes for 0 ≤ i < n in ns
+// (netlab.FillConntrack).
 func ctFill(tb testing.TB, ns *netlab.NS, n int, gen func(i int) ctEntry) {
 	tb.Helper()
-	var c *netlink.Conn
-	if err := ns.Do(func() (err error) {
-		c, err = netlink.Dial(unix.NETLINK_NETFILTER, nil)
-		return err
-	}); err != nil {
-		tb.Fatal(err)
-	}
-	defer c.Close()
-	var batch []netlink.Message
-	size := 0
-	flush := func() {
-		if len(batch) == 0 {
-			return
-		}
-		if _, err := c.SendMessages(batch); err != nil {
-			tb.Fatal(err)
-		}
-		batch, size = batch[:0], 0
-	}
-	for i := range n {
+	netlab.FillConntrack(tb, ns, n, func(i int) netlab.ConntrackEntry {
 		e := gen(i)
-		m := ctNewMessage(tb, e)
-		batch = append(batch, m)
-		if size += len(m.Data) + 16; size > 48<<10 {
-			flush()
-		}
-	}
-	flush()
-	if got := ctCount(tb, ns); got < n {
-		tb.Fatalf("conntrack holds %d entries, want ≥ %d (nf_conntrack_max?)", got, n)
-	}
-}
-
-func ctNewMessage(tb testing.TB, e ctEntry) netlink.Message {
-	fam, srcA, dstA := uint8(unix.AF_INET), uint16(1), uint16(2)
-	if e.src.Addr().Is6() {
-		fam, srcA, dstA = unix.AF_INET6, 3, 4
-	}
-	if !e.replySrc.IsValid() {
-		e.replySrc = e.dst
-	}
-	if e.timeoutSecond == 0 {
-		e.timeoutSecond = 3600
-	}
-	tuple := func(ae *netlink.AttributeEncoder, src, dst netip.AddrPort, icmpType uint8) {
-		ae.Nested(1, func(ae *netlink.AttributeEncoder) error { // CTA_TUPLE_IP
-			ae.Bytes(srcA, src.Addr().AsSlice())
-			ae.Bytes(dstA, dst.Addr().AsSlice())
-			return nil
-		})
-		ae.Nested(2, func(ae *netlink.AttributeEncoder) error { // CTA_TUPLE_PROTO
-			ae.Uint8(1, e.proto)
-			if e.proto == unix.IPPROTO_ICMPV6 {
-				// An echo: CTA_PROTO_ICMPV6_ID, _TYPE, _CODE.
-				ae.Uint16(7, 1)
-				ae.Uint8(8, icmpType)
-				ae.Uint8(9, 0)
-				return nil
-			}
-			ae.Uint16(2, src.Port())
-			ae.Uint16(3, dst.Port())
-			return nil
-		})
-	}
-	ae := netlink.NewAttributeEncoder()
-	ae.ByteOrder = binary.BigEndian
-	ae.Nested(1, func(ae *netlink.AttributeEncoder) error { tuple(ae, e.src, e.dst, 128); return nil })      // CTA_TUPLE_ORIG
-	ae.Nested(2, func(ae *netlink.AttributeEncoder) error { tuple(ae, e.replySrc, e.src, 129); return nil }) // CTA_TUPLE_REPLY
-	// CTA_STATUS: the kernel marks a new entry IPS_CONFIRMED before it
-	// applies the status, and refuses to change that bit (EBUSY).
-	ae.Uint32(3, e.status|8)
-	ae.Uint32(7, e.timeoutSecond) // CTA_TIMEOUT
-	if e.labels != nil {
-		ae.Bytes(22, e.labels) // CTA_LABELS
-	}
-	attrs, err := ae.Encode()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return netlink.Message{
-		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | 0), // IPCTNL_MSG_CT_NEW
-			Flags: netlink.Request | netlink.Create},
-		Data: append([]byte{fam, 0, 0, 0}, attrs...),
-	}
-}
-
-// ctCount is ns's nf_conntrack_count.
-func ctCount(tb testing.TB, ns *netlab.NS) int {
-	tb.Helper()
-	out := strings.TrimSpace(ns.MustRun(tb, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"))
-	n, err := strconv.Atoi(out)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return n
+		return netlab.ConntrackEntry{Proto: e.proto, Src: e.src, Dst: e.dst, ReplySrc: e.replySrc,
+			Status: e.status, Labels: e.labels, TimeoutSecond: e.timeoutSecond}
+	})
 }
 
 // memStatus reads a "kB" field of /proc/self/status in MB.

@@ -6,6 +6,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/ctnl"
 )
 
 // A label bit is hashed from names (attachedLabel, natLabelFor: both
@@ -210,15 +212,15 @@ func (b *Backend) pinFlowsUnlabelled() bool {
 		return true
 	}
 	bit := b.cutLabelBit()
-	found, err := b.ctScan(unix.AF_INET6, ipsDstNAT|ipsExpected, 0, func(f *ctFlow) bool {
-		if f.proto == unix.IPPROTO_ICMPV6 || f.status&(ipsDstNAT|ipsExpected) != 0 || f.dnated() || f.labelled(bit) {
+	found, err := b.ctScan(unix.AF_INET6, ipsDstNAT|ipsExpected, 0, func(f *ctnl.Flow) bool {
+		if f.Orig.Proto == unix.IPPROTO_ICMPV6 || f.Status&(ipsDstNAT|ipsExpected) != 0 || f.DNATed() || f.Labelled(bit) {
 			return false // echo and errors, DNAT-ed (dnatFlowsUnlabelled's), helpers' expected flows, labelled
 		}
-		if !inRanges(prot, f.origDst) {
+		if !inRanges(prot, f.Orig.Dst) {
 			return false
 		}
-		_, fromHost := local[f.origSrc]
-		_, toHost := local[f.origDst]
+		_, fromHost := local[f.Orig.Src]
+		_, toHost := local[f.Orig.Dst]
 		return !fromHost && !toHost // the host's own connections, to or from a client
 	})
 	return err != nil || found

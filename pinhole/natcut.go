@@ -6,6 +6,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/ctnl"
 )
 
 // Standalone, the ruleset also cuts the DNAT-ed flows of a removed IPv4
@@ -189,14 +191,14 @@ func (b *Backend) dnatFlowsUnlabelled() bool {
 	if len(prot6) == 0 && len(prot4) == 0 {
 		return false
 	}
-	found, err := b.ctScan(unix.AF_UNSPEC, ipsDstNAT, ipsDstNAT, func(f *ctFlow) bool {
-		if !f.dnated() || f.labelled(b.natLabel) {
+	found, err := b.ctScan(unix.AF_UNSPEC, ipsDstNAT, ipsDstNAT, func(f *ctnl.Flow) bool {
+		if !f.DNATed() || f.Labelled(b.natLabel) {
 			return false
 		}
-		if f.replySrc.Is4() {
-			return inRanges(prot4, f.replySrc)
+		if f.Reply.Src.Is4() {
+			return inRanges(prot4, f.Reply.Src)
 		}
-		return inRanges(prot6, f.replySrc)
+		return inRanges(prot6, f.Reply.Src)
 	})
 	return err != nil || found
 }

@@ -7,6 +7,8 @@ import (
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/ctnl"
 )
 
 // Registers are addressed in 32-bit units; a concatenated lookup key starts
@@ -32,7 +34,7 @@ const (
 )
 
 // ipsDstNAT is IPS_DST_NAT from linux/netfilter/nf_conntrack_common.h.
-const ipsDstNAT = 1 << 5
+const ipsDstNAT = ctnl.IPSDstNAT
 
 func loadNet(off, n, reg uint32) expr.Any {
 	return &expr.Payload{Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n, DestRegister: reg}

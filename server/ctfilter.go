@@ -1,7 +1,6 @@
 package server
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -12,40 +11,13 @@ import (
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/ctnl"
 )
 
-// Conntrack over netlink (linux/netfilter/nfnetlink_conntrack.h). The
-// kernel filters a dump itself when it carries CTA_FILTER (Linux 5.8+):
-// only the flows whose original (or reply) tuple matches the given fields
-// come back.
-const (
-	nfnlSubsysCtnetlink = 1
-	ctMsgGet            = 1
-	ctMsgDelete         = 2
-
-	ctaTupleOrig  = 1
-	ctaTupleReply = 2
-	ctaZone       = 18
-	ctaFilter     = 25
-
-	ctaTupleIP    = 1
-	ctaTupleProto = 2
-	ctaIPv4Src    = 1
-	ctaIPv4Dst    = 2
-	ctaIPv6Src    = 3
-	ctaIPv6Dst    = 4
-	ctaProtoNum   = 1
-	ctaProtoSrc   = 2
-	ctaProtoDst   = 3
-
-	ctaFilterOrigFlags  = 1
-	ctaFilterReplyFlags = 2
-	// CTA_FILTER_F_* (nf_conntrack_netlink.c): which fields of the
-	// original (or reply) tuple must match.
-	ctaFilterFIPDst    = 1 << 1
-	ctaFilterFProtoNum = 1 << 3
-	ctaFilterFDstPort  = 1 << 5
-)
+// Conntrack over netlink (internal/ctnl). The kernel filters a dump
+// itself when it carries CTA_FILTER (Linux 5.8+): only the flows whose
+// original (or reply) tuple matches the given fields come back.
 
 // ctTarget is the original destination of inbound flows through a
 // mapping, or the reply destination of outbound flows SNAT-ed to it.
@@ -222,8 +194,6 @@ const ctReadBuffer = 1 << 20
 
 func (d *ctDeleter) close() { d.c.Close() }
 
-func nfgen(family uint8) []byte { return []byte{family, 0, 0, 0} }
-
 // end deletes every flow of group g matching one of fs (sorted by
 // cmpCtFilter, without duplicates); it returns how many. Every kernel dump walks the whole conntrack hash table, so a group
 // costs one dump: filtered by protocol, by the IPv4 address when all of fs
@@ -234,16 +204,16 @@ func nfgen(family uint8) []byte { return []byte{family, 0, 0, 0} }
 // port-less ones included, as pin6_addr admits them).
 func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 	t := fs[0].t
-	fam, ipDst, ipSrc, ip := uint8(unix.AF_INET6), uint16(ctaIPv6Dst), uint16(ctaIPv6Src), t.addr.AsSlice()
+	fam, ipDst, ip := uint8(unix.AF_INET6), uint16(ctnl.IPv6Dst), t.addr.AsSlice()
 	if g.v4 {
-		fam, ipDst, ipSrc = unix.AF_INET, ctaIPv4Dst, ctaIPv4Src
+		fam, ipDst = unix.AF_INET, ctnl.IPv4Dst
 	}
 	// The kernel compares IPv6 addresses with the result of
 	// ipv6_addr_cmp inverted (equal addresses fail the filter; seen on
 	// 6.18), so IPv6 dumps never filter by address.
-	flags := uint32(ctaFilterFProtoNum)
+	flags := uint32(ctnl.FilterProtoNum)
 	if g.v4 && fs[len(fs)-1].t.addr == t.addr { // sorted by address
-		flags |= ctaFilterFIPDst
+		flags |= ctnl.FilterIPDst
 	}
 	if !t.wild() && fs[len(fs)-1].t == t {
 		// One target (sorted: its filters are the run): a retake's
@@ -251,44 +221,23 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		// Before, only a lone filter was filtered by port, and two
 		// SNAT filters of one endpoint dumped every flow SNAT-ed to
 		// the address (TestCtDumpPortFilteredForOneTarget).
-		flags |= ctaFilterFDstPort
+		flags |= ctnl.FilterDstPort
 	}
-	dir, origFlags, replyFlags := uint16(ctaTupleOrig), flags, uint32(0)
+	dir, origFlags, replyFlags := uint16(ctnl.TupleOrig), flags, uint32(0)
 	if g.nat {
-		dir, origFlags, replyFlags = ctaTupleReply, 0, flags
+		dir, origFlags, replyFlags = ctnl.TupleReply, 0, flags
 	}
 	// Wildcard filters (port 0, sorted first of an address's) in fs: a
 	// flow not matched exactly is looked for among them too.
 	wild := slices.ContainsFunc(fs, func(f ctFilter) bool { return !f.nat && f.t.wild() })
 	var attrs []byte
 	if g.proto != 0 { // protocol 0: no filter, the whole table
-		ae := netlink.NewAttributeEncoder()
-		ae.Nested(dir, func(ae *netlink.AttributeEncoder) error {
-			ae.Nested(ctaTupleIP, func(ae *netlink.AttributeEncoder) error {
-				ae.Bytes(ipDst, ip)
-				return nil
-			})
-			ae.Nested(ctaTupleProto, func(ae *netlink.AttributeEncoder) error {
-				ae.Uint8(ctaProtoNum, t.proto)
-				ae.Bytes(ctaProtoDst, binary.BigEndian.AppendUint16(nil, t.port))
-				return nil
-			})
-			return nil
-		})
-		ae.Nested(ctaFilter, func(ae *netlink.AttributeEncoder) error {
-			ae.Uint32(ctaFilterOrigFlags, origFlags)
-			ae.Uint32(ctaFilterReplyFlags, replyFlags)
-			return nil
-		})
 		var err error
-		if attrs, err = ae.Encode(); err != nil {
+		if attrs, err = ctnl.DstFilter(dir, ipDst, ip, t.proto, t.port, origFlags, replyFlags); err != nil {
 			return 0, err
 		}
 	}
-	msgs, err := d.c.Execute(netlink.Message{
-		Header: netlink.Header{Type: netlink.HeaderType(nfnlSubsysCtnetlink<<8 | ctMsgGet), Flags: netlink.Request | netlink.Dump},
-		Data:   append(nfgen(fam), attrs...),
-	})
+	msgs, err := d.c.Execute(ctnl.Request(ctnl.MsgGet, netlink.Request|netlink.Dump, fam, attrs))
 	if d.fault != nil {
 		msgs, err = d.fault(msgs, err)
 	}
@@ -319,11 +268,11 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		var orig, reply, zone []byte
 		for ad.Next() {
 			switch ad.Type() {
-			case ctaTupleOrig:
+			case ctnl.TupleOrig:
 				orig = ad.Bytes()
-			case ctaTupleReply:
+			case ctnl.TupleReply:
 				reply = ad.Bytes()
-			case ctaZone:
+			case ctnl.Zone:
 				zone = ad.Bytes()
 			}
 		}
@@ -332,7 +281,7 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		if orig == nil {
 			continue
 		}
-		o, ok := ctTupleOf(orig, ipSrc, ipDst)
+		o, ok := ctTupleOf(orig, g.v4)
 		if !ok {
 			continue
 		}
@@ -348,7 +297,7 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			// Where the kernel delivered it (the reply's source;
 			// invalid if unread: spared by none).
 			var to netip.AddrPort
-			if r, ok := ctTupleOf(reply, ipSrc, ipDst); ok {
+			if r, ok := ctTupleOf(reply, g.v4); ok {
 				to = r.src
 			}
 			w := ctFilter{t: ctTarget{addr: k.t.addr, proto: g.proto}}
@@ -363,7 +312,7 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			}
 		}
 		if g.nat {
-			r, ok := ctTupleOf(reply, ipSrc, ipDst)
+			r, ok := ctTupleOf(reply, g.v4)
 			if !ok || !o.src.Addr().Is4() {
 				continue
 			}
@@ -388,7 +337,7 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		if !g.nat && d.admits[k.t] != nil {
 			// Spared if a live lease admits it where the kernel
 			// delivered it (the reply's source).
-			if r, ok := ctTupleOf(reply, ipSrc, ipDst); ok && d.admits.admitted(k.t, o.src, r.src) {
+			if r, ok := ctTupleOf(reply, g.v4); ok && d.admits.admitted(k.t, o.src, r.src) {
 				continue
 			}
 		}
@@ -429,19 +378,7 @@ var errCtDumpInterrupted = errors.New("server: conntrack dump interrupted (NLM_F
 // ctDeleteMsg is the delete of the flow whose CTA_TUPLE_ORIG payload is
 // orig (in zone, if any), without NLM_F_ACK (deleteAll).
 func ctDeleteMsg(family byte, orig, zone []byte) (netlink.Message, bool) {
-	del := netlink.NewAttributeEncoder()
-	del.Bytes(ctaTupleOrig|netlink.Nested, orig)
-	if zone != nil {
-		del.Bytes(ctaZone, zone)
-	}
-	b, err := del.Encode()
-	if err != nil {
-		return netlink.Message{}, false
-	}
-	return netlink.Message{
-		Header: netlink.Header{Type: netlink.HeaderType(nfnlSubsysCtnetlink<<8 | ctMsgDelete), Flags: netlink.Request},
-		Data:   append(nfgen(family), b...),
-	}, true
+	return ctnl.DeleteMsg(family, orig, zone)
 }
 
 // ctDeleteChunk is how many deletes go in one sendmsg: the kernel's
@@ -529,58 +466,14 @@ type ctTuple struct {
 	proto    uint8
 }
 
-// ctTupleOf reads a tuple payload whose addresses are ipSrc and ipDst
-// attributes; false if its protocol or an address is missing. Ports are
-// 0 if it has none (ICMPv6, GRE, ...: the all-protocols group's flows;
+// ctTupleOf reads a tuple payload of an IPv4 flow (v4) or an IPv6 one;
+// false if its protocol or an address is missing, or one port only. Ports
+// are 0 if it has none (ICMPv6, GRE, ...: the all-protocols group's flows;
 // a flow of a protocol with ports always has them).
-func ctTupleOf(b []byte, ipSrc, ipDst uint16) (ctTuple, bool) {
-	var t ctTuple
-	ad, err := netlink.NewAttributeDecoder(b)
-	if err != nil {
-		return t, false
+func ctTupleOf(b []byte, v4 bool) (ctTuple, bool) {
+	var d ctnl.Tuple
+	if !ctnl.DecodeTuple(b, &d) || !d.ProtoOK || d.SportOK != d.DportOK || !d.HasAddrs() || d.Src.Is4() != v4 || d.Dst.Is4() != v4 {
+		return ctTuple{}, false
 	}
-	var src, dst netip.Addr
-	var sport, dport uint16
-	protoOK, sOK, dOK := false, false, false
-	for ad.Next() {
-		switch ad.Type() {
-		case ctaTupleIP:
-			ad.Nested(func(nd *netlink.AttributeDecoder) error {
-				for nd.Next() {
-					switch nd.Type() {
-					case ipSrc:
-						src, _ = netip.AddrFromSlice(nd.Bytes())
-					case ipDst:
-						dst, _ = netip.AddrFromSlice(nd.Bytes())
-					}
-				}
-				return nil
-			})
-		case ctaTupleProto:
-			ad.Nested(func(nd *netlink.AttributeDecoder) error {
-				for nd.Next() {
-					switch b := nd.Bytes(); nd.Type() {
-					case ctaProtoNum:
-						if protoOK = len(b) == 1; protoOK {
-							t.proto = b[0]
-						}
-					case ctaProtoSrc:
-						if sOK = len(b) == 2; sOK {
-							sport = binary.BigEndian.Uint16(b)
-						}
-					case ctaProtoDst:
-						if dOK = len(b) == 2; dOK {
-							dport = binary.BigEndian.Uint16(b)
-						}
-					}
-				}
-				return nil
-			})
-		}
-	}
-	if ad.Err() != nil || !protoOK || sOK != dOK || !src.IsValid() || !dst.IsValid() {
-		return t, false
-	}
-	t.src, t.dst = netip.AddrPortFrom(src, sport), netip.AddrPortFrom(dst, dport)
-	return t, true
+	return ctTuple{src: netip.AddrPortFrom(d.Src, d.Sport), dst: netip.AddrPortFrom(d.Dst, d.Dport), proto: d.Proto}, true
 }

@@ -1,0 +1,347 @@
+// Package ctnl talks ctnetlink (the kernel's conntrack over netlink) for
+// pcpd's dumps and filters: the constants, the attributes of a dump's
+// kernel-side filters and of a delete, a tuple's decoding, and a
+// streamed, status-filtered dump (Scan). It does what vishvananda/netlink
+// cannot: its ConntrackTableList reads and decodes the whole table before
+// it returns (at 1 000 000 entries ≈ 1 GB allocated: BENCHMARKS.md item
+// 49) and sends no filter; its ConntrackDeleteFilters walks the table in
+// user space. Both pinhole and server use it; it imports nothing of pcpd.
+package ctnl
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Message types (enum cntl_msg_types, linux/netfilter/nfnetlink_conntrack.h).
+const (
+	MsgNew    = 0 // IPCTNL_MSG_CT_NEW
+	MsgGet    = 1 // IPCTNL_MSG_CT_GET
+	MsgDelete = 2 // IPCTNL_MSG_CT_DELETE
+)
+
+// Attributes (enum ctattr_type, ctattr_tuple, ctattr_ip, ctattr_l4proto,
+// ctattr_filter).
+const (
+	TupleOrig  = 1  // CTA_TUPLE_ORIG
+	TupleReply = 2  // CTA_TUPLE_REPLY
+	Status     = 3  // CTA_STATUS
+	Zone       = 18 // CTA_ZONE
+	Labels     = 22 // CTA_LABELS
+	Filter     = 25 // CTA_FILTER (Linux 5.8)
+	StatusMask = 26 // CTA_STATUS_MASK (Linux 6.1)
+
+	TupleIP    = 1 // CTA_TUPLE_IP
+	TupleProto = 2 // CTA_TUPLE_PROTO
+
+	IPv4Src = 1 // CTA_IP_V4_SRC
+	IPv4Dst = 2 // CTA_IP_V4_DST
+	IPv6Src = 3 // CTA_IP_V6_SRC
+	IPv6Dst = 4 // CTA_IP_V6_DST
+
+	ProtoNum     = 1 // CTA_PROTO_NUM
+	ProtoSrcPort = 2 // CTA_PROTO_SRC_PORT
+	ProtoDstPort = 3 // CTA_PROTO_DST_PORT
+
+	FilterOrigFlags  = 1 // CTA_FILTER_ORIG_FLAGS
+	FilterReplyFlags = 2 // CTA_FILTER_REPLY_FLAGS
+	// CTA_FILTER_F_* (nf_conntrack_netlink.c): which fields of the
+	// original (or reply) tuple must match.
+	FilterIPDst    = 1 << 1
+	FilterProtoNum = 1 << 3
+	FilterDstPort  = 1 << 5
+)
+
+// Status bits (enum ip_conntrack_status, linux/netfilter/nf_conntrack_common.h).
+const (
+	IPSExpected = 1 << 0 // IPS_EXPECTED: a helper's expected flow
+	IPSSrcNAT   = 1 << 4 // IPS_SRC_NAT
+	IPSDstNAT   = 1 << 5 // IPS_DST_NAT
+)
+
+// Request is a ctnetlink request msg of family (unix.AF_*; AF_UNSPEC:
+// both) with flags and attrs (struct nfgenmsg: family, NFNETLINK_V0,
+// res_id 0).
+func Request(msg uint16, flags netlink.HeaderFlags, family uint8, attrs []byte) netlink.Message {
+	return netlink.Message{
+		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | msg), Flags: flags},
+		Data:   append([]byte{family, unix.NFNETLINK_V0, 0, 0}, attrs...),
+	}
+}
+
+// StatusFilter is a dump's attributes asking the kernel for the entries
+// whose status has the bits of mask equal to val (CTA_STATUS,
+// CTA_STATUS_MASK: Linux 6.1; an older kernel ignores them and sends
+// every entry); none for mask 0.
+func StatusFilter(mask, val uint32) ([]byte, error) {
+	if mask == 0 {
+		return nil, nil
+	}
+	ae := netlink.NewAttributeEncoder()
+	ae.ByteOrder = binary.BigEndian
+	ae.Uint32(Status, val)
+	ae.Uint32(StatusMask, mask)
+	return ae.Encode()
+}
+
+// DstFilter is a dump's attributes asking the kernel (CTA_FILTER: Linux
+// 5.8; an older kernel ignores it and sends every entry) for the flows
+// whose tuple dir (TupleOrig, TupleReply) has destination address addr
+// (attribute ipDst: IPv4Dst, IPv6Dst), protocol proto and destination
+// port, of which the fields origFlags and replyFlags name (Filter*) must
+// match.
+func DstFilter(dir, ipDst uint16, addr []byte, proto uint8, port uint16, origFlags, replyFlags uint32) ([]byte, error) {
+	ae := netlink.NewAttributeEncoder()
+	ae.Nested(dir, func(ae *netlink.AttributeEncoder) error {
+		ae.Nested(TupleIP, func(ae *netlink.AttributeEncoder) error {
+			ae.Bytes(ipDst, addr)
+			return nil
+		})
+		ae.Nested(TupleProto, func(ae *netlink.AttributeEncoder) error {
+			ae.Uint8(ProtoNum, proto)
+			ae.Bytes(ProtoDstPort, binary.BigEndian.AppendUint16(nil, port))
+			return nil
+		})
+		return nil
+	})
+	ae.Nested(Filter, func(ae *netlink.AttributeEncoder) error {
+		ae.Uint32(FilterOrigFlags, origFlags)
+		ae.Uint32(FilterReplyFlags, replyFlags)
+		return nil
+	})
+	return ae.Encode()
+}
+
+// DeleteMsg is the delete of the flow of family whose CTA_TUPLE_ORIG
+// payload is orig (in zone, if any), without NLM_F_ACK.
+func DeleteMsg(family uint8, orig, zone []byte) (netlink.Message, bool) {
+	del := netlink.NewAttributeEncoder()
+	del.Bytes(TupleOrig|netlink.Nested, orig)
+	if zone != nil {
+		del.Bytes(Zone, zone)
+	}
+	b, err := del.Encode()
+	if err != nil {
+		return netlink.Message{}, false
+	}
+	return Request(MsgDelete, netlink.Request, family, b), true
+}
+
+// Tuple is what DecodeTuple reads of a CTA_TUPLE_ORIG or CTA_TUPLE_REPLY
+// payload. An address is invalid if missing; the OK fields say which of
+// protocol and ports were there (ICMP, GRE, ...: no ports).
+type Tuple struct {
+	Src, Dst                  netip.Addr
+	Sport, Dport              uint16
+	Proto                     uint8
+	ProtoOK, SportOK, DportOK bool
+}
+
+// HasAddrs reports whether t has both addresses.
+func (t *Tuple) HasAddrs() bool { return t.Src.IsValid() && t.Dst.IsValid() }
+
+// DecodeTuple fills t from a tuple's payload b; false if an attribute
+// was malformed (what came before it is read).
+func DecodeTuple(b []byte, t *Tuple) bool {
+	ok := true
+	if !Attrs(b, func(typ uint16, v []byte) {
+		switch typ {
+		case TupleIP:
+			ok = Attrs(v, func(typ uint16, v []byte) {
+				switch typ {
+				case IPv4Src, IPv6Src:
+					t.Src, _ = netip.AddrFromSlice(v)
+				case IPv4Dst, IPv6Dst:
+					t.Dst, _ = netip.AddrFromSlice(v)
+				}
+			}) && ok
+		case TupleProto:
+			ok = Attrs(v, func(typ uint16, v []byte) {
+				switch typ {
+				case ProtoNum:
+					if t.ProtoOK = len(v) == 1; t.ProtoOK {
+						t.Proto = v[0]
+					}
+				case ProtoSrcPort:
+					if t.SportOK = len(v) == 2; t.SportOK {
+						t.Sport = binary.BigEndian.Uint16(v)
+					}
+				case ProtoDstPort:
+					if t.DportOK = len(v) == 2; t.DportOK {
+						t.Dport = binary.BigEndian.Uint16(v)
+					}
+				}
+			}) && ok
+		}
+	}) {
+		return false
+	}
+	return ok
+}
+
+// nlaTypeMask is NLA_TYPE_MASK: an attribute type without NLA_F_NESTED
+// and NLA_F_NET_BYTEORDER.
+const nlaTypeMask = 0x3fff
+
+func nlAlign(n int) int { return (n + 3) &^ 3 }
+
+// Attrs calls fn on each attribute of b (type without the nested and
+// byte-order flags, value aliasing b); false if one was malformed (the
+// walk stops there; trailing bytes too few for a header are ignored). Unlike netlink.AttributeDecoder it allocates
+// nothing: Scan decodes a million entries with it.
+func Attrs(b []byte, fn func(typ uint16, v []byte)) bool {
+	for len(b) >= 4 {
+		l := int(binary.NativeEndian.Uint16(b))
+		if l < 4 || l > len(b) {
+			return false
+		}
+		fn(binary.NativeEndian.Uint16(b[2:])&nlaTypeMask, b[4:l])
+		b = b[min(nlAlign(l), len(b)):]
+	}
+	return true
+}
+
+// Flow is what Scan decodes of a conntrack entry: its tuples, status and
+// label bitmap (which aliases the read buffer: valid only during the
+// callback).
+type Flow struct {
+	Orig, Reply Tuple
+	Status      uint32
+	Labels      []byte
+}
+
+// Labelled reports whether the flow's label bitmap has bit label.
+func (f *Flow) Labelled(label int) bool {
+	return len(f.Labels) > label/8 && f.Labels[label/8]&(1<<(label%8)) != 0
+}
+
+// DNATed reports whether the flow was DNAT-ed: its reply comes from
+// elsewhere than its original destination.
+func (f *Flow) DNATed() bool {
+	return f.Reply.HasAddrs() && (f.Orig.Dst != f.Reply.Src || f.Orig.Dport != f.Reply.Sport)
+}
+
+// decodeFlow fills f from a conntrack message's attributes.
+func decodeFlow(f *Flow, attrs []byte) {
+	Attrs(attrs, func(typ uint16, v []byte) {
+		switch typ {
+		case TupleOrig:
+			DecodeTuple(v, &f.Orig)
+		case TupleReply:
+			DecodeTuple(v, &f.Reply)
+		case Status:
+			if len(v) >= 4 {
+				f.Status = binary.BigEndian.Uint32(v)
+			}
+		case Labels:
+			f.Labels = v
+		}
+	})
+}
+
+// DumpTimeout bounds each read of Scan's dump: the kernel answers at
+// once, so a read that blocks this long means no answer, and the caller
+// takes the safe answer (a variable for tests).
+var DumpTimeout = 10 * time.Second
+
+// Scan dumps the conntrack entries of family fam (unix.AF_UNSPEC: both)
+// in the network namespace netns (a file descriptor; 0: the caller's)
+// whose status has the bits of mask equal to val (mask 0: every entry;
+// StatusFilter: the kernel filters), calling fn on each with an original
+// tuple until fn returns true; it reports whether fn did. It holds one
+// read's worth of the dump at a time (one 64 KiB buffer, one Flow), and
+// closing its socket as it returns ends the dump.
+func Scan(netns int, fam uint8, mask, val uint32, fn func(*Flow) bool) (bool, error) {
+	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: netns})
+	if err != nil {
+		return false, fmt.Errorf("conntrack dump: %w", err)
+	}
+	defer c.Close()
+	attrs, err := StatusFilter(mask, val)
+	if err != nil {
+		return false, err
+	}
+	sent, err := c.Send(Request(MsgGet, netlink.Request|netlink.Dump, fam, attrs))
+	if err != nil {
+		return false, fmt.Errorf("conntrack dump: %w", err)
+	}
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return false, err
+	}
+	// A dump's datagram holds at most 32 KiB (netlink_dump); the buffer
+	// is larger, so none is truncated.
+	buf := make([]byte, 64<<10)
+	var f Flow
+	for {
+		if err := c.SetReadDeadline(time.Now().Add(DumpTimeout)); err != nil {
+			return false, err
+		}
+		var n int
+		var rerr error
+		if err := raw.Read(func(fd uintptr) bool {
+			n, _, rerr = unix.Recvfrom(int(fd), buf, 0)
+			return rerr != unix.EAGAIN && rerr != unix.EWOULDBLOCK
+		}); err != nil {
+			return false, fmt.Errorf("conntrack dump: %w", err)
+		}
+		if rerr != nil {
+			// ENOBUFS: the socket overran and the dump lost entries.
+			return false, fmt.Errorf("conntrack dump: %w", rerr)
+		}
+		if end, found, err := Messages(buf[:n], sent.Header.Sequence, &f, fn); end || err != nil {
+			return found, err
+		}
+	}
+}
+
+// Messages decodes one datagram m of a conntrack dump of request seq
+// into f, calling fn on each flow with an original tuple until it
+// returns true (found). end: the dump ended (NLMSG_DONE, NLMSG_ERROR) or
+// fn wanted a flow. An NLMSG_DONE or NLMSG_ERROR carrying an error (the
+// kernel's dump_done_errno: a dump that failed part way) is that error,
+// never a dump that found nothing.
+func Messages(m []byte, seq uint32, f *Flow, fn func(*Flow) bool) (end, found bool, err error) {
+	for len(m) >= unix.NLMSG_HDRLEN {
+		l := int(binary.NativeEndian.Uint32(m))
+		if l < unix.NLMSG_HDRLEN || l > len(m) {
+			return true, false, errors.New("conntrack dump: malformed message")
+		}
+		typ, mseq := binary.NativeEndian.Uint16(m[4:]), binary.NativeEndian.Uint32(m[8:])
+		data := m[unix.NLMSG_HDRLEN:l]
+		m = m[min(nlAlign(l), len(m)):]
+		if mseq != seq {
+			continue
+		}
+		switch typ {
+		case unix.NLMSG_DONE, unix.NLMSG_ERROR:
+			if len(data) < 4 {
+				if typ == unix.NLMSG_DONE {
+					return true, false, nil // an older kernel's bare DONE
+				}
+				return true, false, errors.New("conntrack dump: truncated error message")
+			}
+			if e := -int32(binary.NativeEndian.Uint32(data)); e != 0 {
+				return true, false, fmt.Errorf("conntrack dump: %w", unix.Errno(e))
+			}
+			return true, false, nil
+		case unix.NLMSG_NOOP, unix.NLMSG_OVERRUN:
+			continue
+		}
+		if len(data) < 4 {
+			continue
+		}
+		*f = Flow{}
+		decodeFlow(f, data[4:])
+		if f.Orig.HasAddrs() && fn(f) {
+			return true, true, nil
+		}
+	}
+	return false, false, nil
+}
