@@ -14,13 +14,17 @@ import (
 )
 
 // ConntrackEntry is a conntrack entry FillConntrack creates: original
-// tuple Src → Dst, reply from ReplySrc (Dst unless DNAT-ed) to Src, with
+// tuple Src → Dst, reply from ReplySrc (Dst unless set) to Src, with
 // Status and Labels (ICMPv6: an echo request's, its ports unused),
-// timing out after TimeoutSecond (0: an hour).
+// timing out after TimeoutSecond (0: an hour). With DNAT, the kernel's
+// NAT binds it to DNAT as a dnat rule would (CTA_NAT_DST): the reply
+// from DNAT, status IPS_DST_NAT (a status set directly keeps no NAT
+// bit: the kernel drops them), ReplySrc unused.
 type ConntrackEntry struct {
 	Proto         uint8
 	Src, Dst      netip.AddrPort
 	ReplySrc      netip.AddrPort
+	DNAT          netip.AddrPort
 	Status        uint32
 	Labels        []byte
 	TimeoutSecond uint32
@@ -70,7 +74,7 @@ func conntrackNew(tb testing.TB, e ConntrackEntry) netlink.Message {
 	if e.Src.Addr().Is6() {
 		fam, srcA, dstA = unix.AF_INET6, ctnl.IPv6Src, ctnl.IPv6Dst
 	}
-	if !e.ReplySrc.IsValid() {
+	if !e.ReplySrc.IsValid() || e.DNAT.IsValid() {
 		e.ReplySrc = e.Dst
 	}
 	if e.TimeoutSecond == 0 {
@@ -106,6 +110,24 @@ func conntrackNew(tb testing.TB, e ConntrackEntry) netlink.Message {
 	ae.Uint32(7, e.TimeoutSecond) // CTA_TIMEOUT
 	if e.Labels != nil {
 		ae.Bytes(ctnl.Labels, e.Labels)
+	}
+	if e.DNAT.IsValid() {
+		// CTA_NAT_DST: CTA_NAT_V4_MINIP, _MAXIP (V6: 4, 5), CTA_NAT_PROTO
+		// (CTA_PROTONAT_PORT_MIN, _MAX).
+		minIP, maxIP := uint16(1), uint16(2)
+		if e.DNAT.Addr().Is6() {
+			minIP, maxIP = 4, 5
+		}
+		ae.Nested(13, func(ae *netlink.AttributeEncoder) error {
+			ae.Bytes(minIP, e.DNAT.Addr().AsSlice())
+			ae.Bytes(maxIP, e.DNAT.Addr().AsSlice())
+			ae.Nested(3, func(ae *netlink.AttributeEncoder) error {
+				ae.Uint16(1, e.DNAT.Port())
+				ae.Uint16(2, e.DNAT.Port())
+				return nil
+			})
+			return nil
+		})
 	}
 	attrs, err := ae.Encode()
 	if err != nil {
