@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/ctnl"
+	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 )
 
@@ -54,24 +55,16 @@ func TestCutsFlowsRestartSparesExpectedFlow(t *testing.T) {
 	ctrl := netip.AddrPortFrom(topo.InternetV6, 21)
 	data := netip.AddrPortFrom(topo.ClientV6, 50021)
 
-	// The remote's FTP server: reads the client's EPRT, then connects
-	// to the port it names.
-	var srv net.Listener
-	if err := topo.Internet.Do(func() (err error) {
-		srv, err = net.Listen("tcp6", ctrl.String())
-		return err
-	}); err != nil {
-		t.Fatal(err)
+	listen := func(ns *netlab.NS, a netip.AddrPort) (l net.Listener) {
+		if err := ns.Do(func() (err error) { l, err = net.Listen("tcp6", a.String()); return err }); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close() })
+		return l
 	}
-	defer srv.Close()
-	var dataLn net.Listener
-	if err := topo.Client.Do(func() (err error) {
-		dataLn, err = net.Listen("tcp6", data.String())
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer dataLn.Close()
+	// The remote's FTP server: reads the client's USER, then EPRT, then
+	// connects to the port it names.
+	srv, dataLn := listen(topo.Internet, ctrl), listen(topo.Client, data)
 	type result struct {
 		c   net.Conn
 		err error
