@@ -1,6 +1,8 @@
 package server
 
 import (
+	"errors"
+	"sync"
 	"testing"
 	"time"
 
@@ -57,5 +59,91 @@ func TestE2EReloadRepairArmsCut(t *testing.T) {
 	}
 	if err := echoOnce(c4); err != nil {
 		t.Errorf("the NAT-PMP mapping's flow after the restart: %v", err)
+	}
+}
+
+// applyFault is the lab's Backend with Apply failing while fail > 0
+// (each failure counts one down), as a kernel's ENOMEM would.
+type applyFault struct {
+	*pinhole.Backend
+	mu   sync.Mutex
+	fail int
+}
+
+func (f *applyFault) Apply(ops []pinhole.Op) error {
+	f.mu.Lock()
+	fail := f.fail > 0
+	if fail {
+		f.fail--
+	}
+	f.mu.Unlock()
+	if fail {
+		return errors.New("injected: cannot apply")
+	}
+	return f.Backend.Apply(ops)
+}
+
+func (f *applyFault) failNext(n int) {
+	f.mu.Lock()
+	f.fail = n
+	f.mu.Unlock()
+}
+
+// TestE2EReinstallFailedArmsLater (review h/revarm, finding 1): an
+// admin's "flush ruleset" with an IPv6 MAP's and a NAT-PMP mapping's
+// flows established, and the repair's re-install fails (its Apply
+// refused once). The repair's Setup laid the cut out disarmed, and
+// Healthy checks that disarmed layout as intact: without armOwed no
+// later check repaired or armed anything, and the cut stayed disarmed
+// (CutsFlows false: every delete waiting for the walk; the leases'
+// elements missing) for the rest of the process. With it the next
+// check that finds the layout healthy re-installs every lease and arms:
+// Armed and CutsFlows true, the MAP's element back, both flows echo.
+func TestE2EReinstallFailedArmsLater(t *testing.T) {
+	l := newLab(t, func(cfg *Config, p *policy.Config) {
+		cfg.TamperInterval = time.Hour // the test runs the checks
+	})
+	fault := &applyFault{Backend: l.fw}
+	l.stop()
+	l.tweak = func(s *Server) { s.fw = fault; s.cutter = fault }
+	l.start()
+	const port = 9970
+	c6, _, dst6 := l.inbound(t, "map6", port, time.Hour)
+	c4, _, _ := l.inbound(t, "pmp", port+1, time.Hour)
+	pin := pinhole.Pinhole{Protocol: protoTCP, InternalAddr: dst6.Addr(), InternalPort: dst6.Port()}
+	if !l.fw.CutsFlows(pin) {
+		t.Fatal("CutsFlows false before the reload: nothing to test")
+	}
+	l.topo.Host.MustRun(t, "nft", "flush", "ruleset")
+	fault.failNext(1)
+	l.srv.checkFirewall()
+	if l.fw.Armed() {
+		t.Fatal("armed after a failed re-install: nothing to test")
+	}
+	for i := 1; i <= 2; i++ {
+		l.srv.checkFirewall()
+		if err := l.fw.Healthy(); err != nil {
+			t.Fatalf("check %d: %v", i, err)
+		}
+	}
+	has := false
+	es, err := l.fw.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range es {
+		if e.Pinhole.InternalAddr == pin.InternalAddr && e.Pinhole.InternalPort == pin.InternalPort {
+			has = true
+		}
+	}
+	if !l.fw.Armed() || !l.fw.CutsFlows(pin) || !has {
+		t.Errorf("two checks after the failed re-install: Armed %v, CutsFlows %v, the MAP's element there %v; want all true",
+			l.fw.Armed(), l.fw.CutsFlows(pin), has)
+	}
+	if err := echoOnce(c6); err != nil {
+		t.Errorf("the IPv6 MAP's flow: %v", err)
+	}
+	if err := echoOnce(c4); err != nil {
+		t.Errorf("the NAT-PMP mapping's flow: %v", err)
 	}
 }

@@ -323,8 +323,9 @@ func (r *restoring) finish(st store.State) error {
 		lost, why = true, "some leases could not be restored into the kernel"
 	}
 	// Every lease kept is in the kernel (the unrestorable ones go): the
-	// cut may drop what no element admits (CutArmer).
-	s.armCut()
+	// cut may drop what no element admits (CutArmer). An Arm that fails
+	// is retried by the firewall checks (armOwed).
+	s.armAfter(nil)
 	drop := r.drop
 	for i := range unrestored {
 		l := &unrestored[i]
@@ -749,6 +750,7 @@ func (s *Server) checkFirewall() {
 	}
 	herr := s.fw.Healthy()
 	if herr == nil {
+		s.rearmOwed()
 		return
 	}
 	if errors.Is(herr, pinhole.ErrCheckFailed) && !errors.Is(herr, pinhole.ErrUnhealthy) {
@@ -785,8 +787,29 @@ func (s *Server) checkFirewall() {
 	// went up by two for one failed repair.
 	s.protected = nil
 	s.updateProtected()
-	// In batches as they are made: a list of every op would be ≈ 120 MB
-	// at 1 000 000 leases.
+	n, err := s.reinstallLocked(now)
+	s.m.restores.Inc()
+	// Every lease is back: the cut may drop what no element admits
+	// (CutArmer). Before the held retakes' walk, which asks CutsFlows.
+	// On a failure it is left disarmed (a Setup that laid it out so):
+	// the leases not back keep their flows, and CutsFlows is false, so
+	// deletes wait for the walk; the next check re-installs and arms
+	// (armOwed).
+	s.armAfter(err)
+	// The retakes whose walk a damaged layout skipped (retarget.go).
+	s.cutHeldRetargets()
+	if err != nil {
+		s.log.Error("cannot re-install pinholes; again at the next firewall check", zap.Int("pinholes", n), zap.Error(err))
+		return
+	}
+	s.log.Warn("re-installed every lease's pinholes", zap.Int("count", n))
+}
+
+// reinstallLocked installs every live lease's pinholes again, in
+// batches as they are made (a list of every op would be ≈ 120 MB at
+// 1 000 000 leases), and returns how many and the first error. Under
+// s.mu.
+func (s *Server) reinstallLocked(now time.Time) (int, error) {
 	ops := make([]pinhole.Op, 0, pinhole.MaxBatch)
 	n := 0
 	var err error
@@ -806,34 +829,60 @@ func (s *Server) checkFirewall() {
 			err = e
 		}
 	}
-	s.m.restores.Inc()
-	if err == nil {
-		// Every lease is back: the cut may drop what no element admits
-		// (CutArmer). Before the held retakes' walk, which asks
-		// CutsFlows. On a failure it is left disarmed (a Setup that
-		// laid it out so): the leases not back keep their flows, and
-		// CutsFlows is false, so deletes wait for the walk until a later
-		// repair or start arms it.
-		s.armCut()
+	return n, err
+}
+
+// armAfter arms the ruleset's cut after a re-install of every lease
+// (reinstall's error err) or a restore: unless that failed, or Arm did,
+// in which case armOwed is set and the next firewall check that finds
+// the layout healthy re-installs every lease and arms (rearmOwed).
+// Before, a re-install that failed once left the cut disarmed (and
+// CutsFlows false) for the rest of the process: Healthy checks the
+// disarmed layout as intact, so no later repair armed it (review
+// h/revarm, finding 1; TestE2EReinstallFailedArmsLater). Under s.mu,
+// or before Serve.
+func (s *Server) armAfter(err error) {
+	if _, ok := s.fw.(CutArmer); !ok {
+		return
 	}
-	// The retakes whose walk a damaged layout skipped (retarget.go).
+	s.armOwed = err != nil || !s.armCut()
+}
+
+// rearmOwed, at a firewall check that found the layout healthy: when a
+// repair's re-install or an Arm failed (armOwed), every lease's pinholes
+// are installed again (installing what is there only resets its
+// timeout) and the cut is armed, then the retakes a disarmed cut held
+// are walked (cutHeldRetargets, as after a repair).
+func (s *Server) rearmOwed() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.armOwed {
+		return
+	}
+	now := s.now()
+	s.expireLocked(now)
+	n, err := s.reinstallLocked(now)
+	s.armAfter(err)
 	s.cutHeldRetargets()
 	if err != nil {
-		s.log.Error("cannot re-install pinholes", zap.Int("pinholes", n), zap.Error(err))
+		s.log.Error("cannot re-install pinholes; again at the next firewall check", zap.Int("pinholes", n), zap.Error(err))
 		return
 	}
 	s.log.Warn("re-installed every lease's pinholes", zap.Int("count", n))
 }
 
 // armCut arms the ruleset's cut of ended mappings' flows, once every
-// lease's pinholes are in the kernel (CutArmer). A failure leaves it
-// disarmed: the server waits for its walks as without the cut.
-func (s *Server) armCut() {
+// lease's pinholes are in the kernel (CutArmer), and reports whether it
+// is armed. A failure leaves it disarmed: the server waits for its
+// walks as without the cut.
+func (s *Server) armCut() bool {
 	if a, ok := s.fw.(CutArmer); ok {
 		if err := a.Arm(); err != nil {
 			s.log.Error("cannot arm the ruleset's cut of ended mappings' flows; deletes wait for the conntrack walk", zap.Error(err))
+			return false
 		}
 	}
+	return true
 }
 
 // auditMaxLeases: above this many leases the audit is skipped. The kernel's

@@ -101,6 +101,11 @@ type Server struct {
 	// at start that no lease explained: clients to announce to even
 	// though the store does not know them.
 	orphans []netip.Addr
+	// armOwed: a repair's re-install of every lease, or the Arm after it
+	// or after the restore, failed: the ruleset's cut may be disarmed
+	// (CutArmer), and the next firewall check that finds the layout
+	// healthy re-installs and arms (rearmOwed).
+	armOwed bool
 	// undeleted holds pinholes of leases dropped at start (moved or
 	// refused) whose deletion the kernel refused (reconcile), at most
 	// maxUndeleted; retryUndeleted deletes them again at every firewall
