@@ -172,7 +172,12 @@ func (b *Backend) Arm() (err error) {
 		b.disarmed = true
 		return fmt.Errorf("pinhole: arming the cut of inet %s: %w", b.cfg.Table, classify(err))
 	}
-	b.cutting.Store(b.cutLabels && !b.unlabelled)
-	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled)
+	// Not over damage a Healthy found since the last Setup (noteDamage:
+	// recheckFlows): Arm rewrites the re-check chains alone, so the rest
+	// of the layout is as the damage left it, and CutsFlows stays false
+	// until a Setup writes it again (review h/revarm, finding 2;
+	// TestArmAfterDamage).
+	b.cutting.Store(b.cutLabels && !b.unlabelled && !b.recheckFlows)
+	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.recheckFlows)
 	return nil
 }

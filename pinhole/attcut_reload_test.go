@@ -93,3 +93,44 @@ func reloadWindow(t *testing.T, topo *netlab.Topology, b *pinhole.Backend, cfg p
 	}
 	checkAttFlows(t, topo.Host, "armed, mappings deleted", flows)
 }
+
+// TestArmAfterDamage (review h/revarm, finding 2): Arm after a Healthy
+// that found the layout damaged since the disarmed Setup (the forward
+// chain flushed: nothing re-checks any flow) must not say CutsFlows
+// true: Arm rewrites the re-check chains alone. Without the check of
+// noteDamage in Arm both kinds said true until the next Setup, and a
+// server would answer deletes without waiting for the walk while the
+// ruleset cut nothing.
+func TestArmAfterDamage(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	pin, napt, flows := pinAndNAPT(t, topo, b, 7950)
+	checkAttFlows(t, topo.Host, "live", flows)
+	topo.Host.MustRun(t, "nft", "flush", "ruleset")
+	if err := b.Setup(); err != nil {
+		t.Fatal(err)
+	}
+	if b.Armed() {
+		t.Fatal("armed after the reload's Setup: nothing to test")
+	}
+	apply(t, b, install(pin, time.Hour), install(napt, time.Hour))
+	topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "forward")
+	if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+		t.Fatalf("Healthy after the damage: %v", err)
+	}
+	if err := b.Arm(); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []pinhole.Pinhole{pin, napt} {
+		if b.CutsFlows(p) {
+			t.Errorf("Arm over a layout found damaged: CutsFlows(%v) true", p)
+		}
+	}
+	if err := b.Setup(); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []pinhole.Pinhole{pin, napt} {
+		if !b.CutsFlows(p) {
+			t.Errorf("after the repair's Setup: CutsFlows(%v) false", p)
+		}
+	}
+}
