@@ -134,3 +134,29 @@ func TestArmAfterDamage(t *testing.T) {
 		}
 	}
 }
+
+// TestSetupDisarmedFailsCutsFlows (review h/revarm, finding 3): attached,
+// the admin's "flush ruleset" deletes their table with pcpd's objects in
+// it, labelled flows alive, and a Setup before their reload fails
+// (ErrNoTable) once it has found the sets gone (disarmed). Nothing in the
+// kernel cuts any flow; without the store in setupLocked CutsFlows kept
+// the true of the last Setup.
+func TestSetupDisarmedFailsCutsFlows(t *testing.T) {
+	topo, b := attachedCut(t)
+	pin, napt, flows := pinAndNAPT(t, topo, b, 7960)
+	checkAttFlows(t, topo.Host, "live", flows)
+	for _, p := range []pinhole.Pinhole{pin, napt} {
+		if !b.CutsFlows(p) {
+			t.Fatalf("CutsFlows(%v) false before the reload: nothing to test", p)
+		}
+	}
+	topo.Host.MustRun(t, "nft", "flush", "ruleset")
+	if err := b.Setup(); !errors.Is(err, pinhole.ErrNoTable) {
+		t.Fatalf("Setup without the admin's table: %v, want ErrNoTable", err)
+	}
+	for _, p := range []pinhole.Pinhole{pin, napt} {
+		if b.CutsFlows(p) {
+			t.Errorf("no table, a Setup that found the sets gone: CutsFlows(%v) true", p)
+		}
+	}
+}

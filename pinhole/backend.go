@@ -368,6 +368,14 @@ func (b *Backend) setupLocked() (err error) {
 	// Before the layout makes the sets: a cut over sets made now is laid
 	// out disarmed while labelled flows live (arm.go).
 	b.checkDisarm()
+	if b.disarmed {
+		// Nothing cuts from here until Arm, even if this Setup fails
+		// (attached: the admin's table not back yet, ErrNoTable):
+		// CutsFlows kept what the last Setup stored (review h/revarm,
+		// finding 3; TestSetupDisarmedFailsCutsFlows).
+		b.cutting.Store(false)
+		b.cuttingNAT.Store(false)
+	}
 	// A start over an existing layout: flows an unlabelled layout admitted
 	// or DNAT-ed may outlive the Setup that relabelled it
 	// (pinFlowsUnlabelled, dnatFlowsUnlabelled). Asked once, and not over
