@@ -147,3 +147,60 @@ func TestE2EReinstallFailedArmsLater(t *testing.T) {
 		t.Errorf("the NAT-PMP mapping's flow: %v", err)
 	}
 }
+
+// applyHook is the lab's Backend with a hook run once before the next
+// Apply (a test's kernel change between two of the server's writes).
+type applyHook struct {
+	*pinhole.Backend
+	mu   sync.Mutex
+	once func()
+}
+
+func (f *applyHook) Apply(ops []pinhole.Op) error {
+	f.mu.Lock()
+	h := f.once
+	f.once = nil
+	f.mu.Unlock()
+	if h != nil {
+		h()
+	}
+	return f.Backend.Apply(ops)
+}
+
+// TestE2EReloadDuringRestoreKeepsLeases (review h/revarm, finding 4): an
+// admin's "flush ruleset" while a start restores the stored leases (here
+// just before its first install). Every install then fails for want of
+// pcpd's sets (ErrMissing), not for anything of the leases': the restore
+// tried lease by lease and dropped them all from the table and the store
+// (0 leases left, the clients' mappings gone until they asked again).
+// Now a lease whose install found pcpd's objects missing is kept, the
+// cut left disarmed (armOwed), and the firewall check's repair puts both
+// back: 2 leases, Armed, both flows echo.
+func TestE2EReloadDuringRestoreKeepsLeases(t *testing.T) {
+	l := newLab(t, func(cfg *Config, p *policy.Config) {
+		cfg.TamperInterval = time.Hour // the test runs the checks
+	})
+	const port = 9980
+	c6, _, _ := l.inbound(t, "map6", port, time.Hour)
+	c4, _, _ := l.inbound(t, "pmp", port+1, time.Hour)
+	l.stop()
+	hook := &applyHook{Backend: l.fw, once: func() { l.topo.Host.MustRun(t, "nft", "flush", "ruleset") }}
+	l.tweak = func(s *Server) { s.fw = hook }
+	l.start()
+	if n := len(l.srv.Leases()); n != 2 {
+		t.Errorf("after the start: %d leases, want 2", n)
+	}
+	l.srv.checkFirewall()
+	if err := l.fw.Healthy(); err != nil {
+		t.Fatalf("not repaired: %v", err)
+	}
+	if n := len(l.srv.Leases()); n != 2 || !l.fw.Armed() {
+		t.Errorf("after the repair: %d leases, Armed %v; want 2, true", n, l.fw.Armed())
+	}
+	if err := echoOnce(c6); err != nil {
+		t.Errorf("the IPv6 MAP's flow: %v", err)
+	}
+	if err := echoOnce(c4); err != nil {
+		t.Errorf("the NAT-PMP mapping's flow: %v", err)
+	}
+}

@@ -314,7 +314,7 @@ func (r *restoring) finish(st store.State) error {
 	if r.moved > 0 {
 		lost, why = true, "external IPv4 address changed"
 	}
-	unrestored, ok, err := s.reconcile(r.ctx, r.gone, now)
+	unrestored, ok, missing, err := s.reconcile(r.ctx, r.gone, now)
 	r.gone = nil
 	if err != nil {
 		return err // stopped: nothing written to the store
@@ -324,8 +324,10 @@ func (r *restoring) finish(st store.State) error {
 	}
 	// Every lease kept is in the kernel (the unrestorable ones go): the
 	// cut may drop what no element admits (CutArmer). An Arm that fails
-	// is retried by the firewall checks (armOwed).
-	s.armAfter(nil)
+	// is retried by the firewall checks (armOwed), as is the whole when
+	// pcpd's objects went missing under the restore (missing: the
+	// leases kept, not in the kernel; the firewall check repairs).
+	s.armAfter(!missing)
 	drop := r.drop
 	for i := range unrestored {
 		l := &unrestored[i]
@@ -451,7 +453,9 @@ const maxOrphanTargets = 4096
 // with their remaining lifetimes, in transactions of pinhole.MaxBatch ops
 // (re-adding a pinhole that is there only resets its timeout). Leases it
 // cannot put in place leave the table; it returns them and whether
-// all could.
+// all could. Leases whose install found pcpd's own objects missing (a
+// firewall reload during the start) stay in the table, not in the
+// kernel: missing, and not ok; the firewall check repairs.
 //
 // It does not list the kernel's pinholes: a dump of a large set takes the
 // kernel time quadratic in its size (~2-7 s per 100 000, minutes at
@@ -468,7 +472,7 @@ const maxOrphanTargets = 4096
 // once, and duplicates are adjacent. A deletion that fails leaves orphans
 // for retryUndeleted (the next firewall check or audit), and beyond
 // maxUndeleted for the first audit.
-func (s *Server) reconcile(ctx context.Context, gone []pinhole.Pinhole, now time.Time) ([]store.Lease, bool, error) {
+func (s *Server) reconcile(ctx context.Context, gone []pinhole.Pinhole, now time.Time) (_ []store.Lease, ok, missing bool, _ error) {
 	// The context is looked at before each batch: a restore stopped
 	// (StartContext) returns ErrStartStopped and none of the leases.
 	stop := func() error {
@@ -496,7 +500,7 @@ func (s *Server) reconcile(ctx context.Context, gone []pinhole.Pinhole, now time
 		ops = append(ops, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
 		if len(ops) == pinhole.MaxBatch {
 			if err := stop(); err != nil {
-				return nil, false, err
+				return nil, false, false, err
 			}
 			if err := s.fw.Apply(ops); err != nil {
 				derr = cmp.Or(derr, err)
@@ -529,13 +533,13 @@ func (s *Server) reconcile(ctx context.Context, gone []pinhole.Pinhole, now time
 		return err == nil
 	})
 	if stopErr != nil {
-		return nil, false, stopErr
+		return nil, false, false, stopErr
 	}
 	if err == nil && len(ops) > 0 {
 		err = s.fw.Apply(ops)
 	}
 	if err == nil {
-		return nil, true, nil
+		return nil, true, false, nil
 	}
 	// Re-installing what went in already is harmless (it only resets the
 	// timeout to the same value).
@@ -543,13 +547,23 @@ func (s *Server) reconcile(ctx context.Context, gone []pinhole.Pinhole, now time
 	var failed []store.Lease
 	for _, l := range s.tab.all() {
 		if err := stop(); err != nil {
-			return nil, false, err
+			return nil, false, false, err
 		}
 		var lops []pinhole.Op
 		for _, p := range pinholesOf(l) {
 			lops = append(lops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: s.tab.timeout(p, l, now)})
 		}
 		if err := s.fw.Apply(lops); err != nil {
+			if errors.Is(err, pinhole.ErrMissing) {
+				// pcpd's table or a set of it is gone (an admin's
+				// "flush ruleset" during the start): nothing of the
+				// lease's. Kept: the firewall check's repair lays the
+				// objects out again and installs every lease (review
+				// h/revarm, finding 4; before, every lease was
+				// dropped, TestE2EReloadDuringRestoreKeepsLeases).
+				missing = true
+				continue
+			}
 			s.log.Error("cannot restore lease; dropped", append(leaseFields(l, l.ClientAddr), zap.Error(err))...)
 			failed = append(failed, *l)
 		}
@@ -557,7 +571,11 @@ func (s *Server) reconcile(ctx context.Context, gone []pinhole.Pinhole, now time
 	for i := range failed {
 		s.tab.del(failed[i].Key)
 	}
-	return failed, len(failed) == 0, nil
+	if missing {
+		s.log.Error("pcpd's nftables objects went missing during the restore; leases kept, repairing at the first firewall check")
+	}
+	// Not ok with leases kept but not in the kernel: the epoch resets.
+	return failed, len(failed) == 0 && !missing, missing, nil
 }
 
 // maxUndeleted bounds Server.undeleted (≈ 100 bytes a pinhole): a kernel
@@ -795,7 +813,7 @@ func (s *Server) checkFirewall() {
 	// the leases not back keep their flows, and CutsFlows is false, so
 	// deletes wait for the walk; the next check re-installs and arms
 	// (armOwed).
-	s.armAfter(err)
+	s.armAfter(err == nil)
 	// The retakes whose walk a damaged layout skipped (retarget.go).
 	s.cutHeldRetargets()
 	if err != nil {
@@ -833,19 +851,19 @@ func (s *Server) reinstallLocked(now time.Time) (int, error) {
 }
 
 // armAfter arms the ruleset's cut after a re-install of every lease
-// (reinstall's error err) or a restore: unless that failed, or Arm did,
-// in which case armOwed is set and the next firewall check that finds
+// or a restore (back: every lease's pinholes are in the kernel): unless
+// they are not, or Arm fails, in which case armOwed is set and the next firewall check that finds
 // the layout healthy re-installs every lease and arms (rearmOwed).
 // Before, a re-install that failed once left the cut disarmed (and
 // CutsFlows false) for the rest of the process: Healthy checks the
 // disarmed layout as intact, so no later repair armed it (review
 // h/revarm, finding 1; TestE2EReinstallFailedArmsLater). Under s.mu,
 // or before Serve.
-func (s *Server) armAfter(err error) {
+func (s *Server) armAfter(back bool) {
 	if _, ok := s.fw.(CutArmer); !ok {
 		return
 	}
-	s.armOwed = err != nil || !s.armCut()
+	s.armOwed = !back || !s.armCut()
 }
 
 // rearmOwed, at a firewall check that found the layout healthy: when a
@@ -862,7 +880,7 @@ func (s *Server) rearmOwed() {
 	now := s.now()
 	s.expireLocked(now)
 	n, err := s.reinstallLocked(now)
-	s.armAfter(err)
+	s.armAfter(err == nil)
 	s.cutHeldRetargets()
 	if err != nil {
 		s.log.Error("cannot re-install pinholes; again at the next firewall check", zap.Int("pinholes", n), zap.Error(err))
