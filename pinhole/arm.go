@@ -53,8 +53,9 @@ func (b *Backend) checkDisarm() {
 	b.disarmed = b.labelledFlows()
 }
 
-// cutIntact: every set a re-check looks up exists, and no re-check chain
-// present ends disarmed. Caller holds b.mu.
+// cutIntact: every set a re-check looks up exists, every set holds its
+// sentinel, and no re-check chain present ends disarmed. Caller holds
+// b.mu.
 func (b *Backend) cutIntact() bool {
 	present, err := b.presentSets()
 	if err != nil {
@@ -71,6 +72,15 @@ func (b *Backend) cutIntact() bool {
 		if !present[b.sets[k].Name] {
 			return false
 		}
+	}
+	// A set flushed ("nft flush set", a reload that re-creates it) has
+	// lost its sentinel: it is as empty as a set made anew, and the
+	// re-install is to come (review h/revarm, finding 5;
+	// TestCutSetFlushedWindow). Sets present, the sentinel transaction
+	// (Healthy's) tells at a cost that does not grow with their sizes.
+	w := b.healthWantLocked()
+	if err := w.checkSentinels(kview{conn: b.readConn(), table: &w.table, nl: b.nl}); err != nil {
+		return false
 	}
 	for _, name := range []string{b.chainRecheck6, b.chainRecheckNAT} {
 		if name == "" {

@@ -160,3 +160,42 @@ func TestSetupDisarmedFailsCutsFlows(t *testing.T) {
 		}
 	}
 }
+
+// TestCutSetFlushedWindow (review h/revarm, finding 5): "nft flush set"
+// of the IPv6 pinhole set and the NAPT map (their sentinels gone with
+// every element), labelled flows alive. The armed re-checks drop both
+// flows from the flush on; the repair's Setup found the sets present and
+// laid the cut out armed, so they stayed dropped until the re-install.
+// Now Setup lays it out disarmed (a set without its sentinel is as one
+// made anew): both flows carry data again from the Setup on, and Arm
+// after the re-install cuts as before.
+func TestCutSetFlushedWindow(t *testing.T) {
+	topo, b := guardedTopology(t, pinhole.Config{})
+	pin, napt, flows := pinAndNAPT(t, topo, b, 7970)
+	checkAttFlows(t, topo.Host, "live", flows)
+	topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
+	topo.Host.MustRun(t, "nft", "flush", "map", "inet", "pcpd", "napt4")
+	if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+		t.Fatalf("Healthy after the flush: %v", err)
+	}
+	if err := b.Setup(); err != nil {
+		t.Fatal(err)
+	}
+	if b.Armed() {
+		t.Error("Setup over flushed sets with labelled flows alive: armed")
+	}
+	checkAttFlows(t, topo.Host, "repaired, pinholes not yet re-installed", flows)
+	apply(t, b, install(pin, time.Hour), install(napt, time.Hour))
+	if err := b.Arm(); err != nil {
+		t.Fatal(err)
+	}
+	if !b.Armed() || !b.CutsFlows(pin) || !b.CutsFlows(napt) {
+		t.Errorf("after Arm: Armed %v, CutsFlows %v %v", b.Armed(), b.CutsFlows(pin), b.CutsFlows(napt))
+	}
+	checkAttFlows(t, topo.Host, "armed", flows)
+	apply(t, b, del(pin), del(napt))
+	for i := range flows {
+		flows[i].cut = true
+	}
+	checkAttFlows(t, topo.Host, "armed, mappings deleted", flows)
+}
