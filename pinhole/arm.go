@@ -172,8 +172,11 @@ func (b *Backend) Arm() (err error) {
 		b.conn.FlushChain(c)
 		for i, exprs := range cr.rules {
 			r := &nftables.Rule{Table: b.table, Chain: c, Exprs: exprs}
-			if i == len(cr.rules)-1 {
-				r.UserData = b.checkedMark(cr.name) // as Setup writes it
+			if i == len(cr.rules)-1 && !b.recheckFlows {
+				// As Setup writes it; not over damage a Healthy found
+				// since (flows may have come in unlabelled meanwhile):
+				// a later start then reads conntrack again.
+				r.UserData = b.checkedMark(cr.name)
 			}
 			b.conn.AddRule(r)
 		}
