@@ -817,7 +817,7 @@ func (s *Server) checkFirewall() {
 	// The retakes whose walk a damaged layout skipped (retarget.go).
 	s.cutHeldRetargets()
 	if err != nil {
-		s.log.Error("cannot re-install pinholes; again at the next firewall check", zap.Int("pinholes", n), zap.Error(err))
+		s.log.Error("cannot re-install pinholes", zap.Int("pinholes", n), zap.Bool("retried_at_next_check", s.armOwed), zap.Error(err))
 		return
 	}
 	s.log.Warn("re-installed every lease's pinholes", zap.Int("count", n))
@@ -852,8 +852,9 @@ func (s *Server) reinstallLocked(now time.Time) (int, error) {
 
 // armAfter arms the ruleset's cut after a re-install of every lease
 // or a restore (back: every lease's pinholes are in the kernel): unless
-// they are not, or Arm fails, in which case armOwed is set and the next firewall check that finds
-// the layout healthy re-installs every lease and arms (rearmOwed).
+// they are not, or Arm fails, in which case armOwed is set and the next
+// firewall check that finds the layout healthy re-installs every lease
+// and arms (rearmOwed).
 // Before, a re-install that failed once left the cut disarmed (and
 // CutsFlows false) for the rest of the process: Healthy checks the
 // disarmed layout as intact, so no later repair armed it (review
