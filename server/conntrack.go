@@ -28,15 +28,14 @@ import (
 //     endpoint (connections the client opened itself are left alone), or
 //     for an IPv6 all-ports (all-protocols) MAP any port (and protocol)
 //     of its address, as its set element admitted them (wildcard
-//     filters: their flows are spared one by one, spareWild),
-//     but not those a lease live throughout admits: live when the
-//     mapping ended (heldAdmits) and still when the walk starts
-//     (pruneLive), such as a PEER on the same endpoint or an IPv6
-//     all-ports mapping of the address. A mapping made again after the
-//     end (the same one re-created, RFC 6887 §15: a new mapping) spares
-//     nothing: the flows from before the end are the ended mapping's,
-//     and those opened through the new one before the walk ran cannot be
-//     told from them (TestCtFlushRemade);
+//     filters), but not those a lease live when the walk decides admits
+//     where the kernel delivered them (spareLive, under s.mu once the
+//     dump found them), such as a PEER on the same endpoint, an IPv6
+//     all-ports mapping of the address, or the mapping made again on the
+//     endpoint before the walk ran (issue 9, h/holder: before, only
+//     leases live when the mapping ended spared flows, and the
+//     connections opened through a mapping made again before the walk
+//     lost their entries: TestE2ERetakenBeforeFlushKeepsNewFlow);
 //   - for an IPv4 NAPT mapping (not a PEER), the outbound flows its SNAT companion
 //     translated to the external endpoint (two-way NAPT, PMP-11): their
 //     reply destination is the external endpoint and their original
@@ -91,11 +90,10 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 		return
 	}
 	var fs []ctFilter
-	end := s.steadyAt(s.now()) // wildcard filters' end: steady (spareWild)
 	var cur store.Lease
 	for i := range ended {
 		n := len(fs)
-		fs = appendCtFilters(fs, &ended[i], end)
+		fs = appendCtFilters(fs, &ended[i])
 		if l := &ended[i]; len(fs) > n+1 && s.tab.getInto(l.Key, &cur) && endpointOf(&cur) == endpointOf(l) {
 			// The mapping lives on at its endpoint (its FILTERs
 			// narrowed, or deleted and made again in the batch):
@@ -105,7 +103,7 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 		}
 	}
 	if len(fs) > 0 {
-		s.ct.add(fs, s.heldAdmits(fs))
+		s.ct.add(fs)
 	}
 	// After the add: its sequence number, or a later one (retarget.go).
 	s.noteNATEnded(ended, s.ct.seq())
@@ -145,49 +143,12 @@ func snatFlows(l *store.Lease) bool {
 	return l.Kind != store.KindPeer && l.ExternalAddr.Is4() && l.InternalAddr.Is4() && l.InternalPort != 0
 }
 
-// heldAdmits is, for fs's inbound and SNAT filters, the pinholes of the
-// live leases that admit (SNAT) some of their flows now, as the mappings end (nil if
-// none): the flusher keeps it with fs, and the walk spares the flows of
-// those still live when it starts (pruneLive). Under s.mu, or at start.
-func (s *Server) heldAdmits(fs []ctFilter) ctAdmits {
-	var a ctAdmits
-	var buf []store.Lease
-	var ps []pinhole.Pinhole
-	for _, f := range fs {
-		if f.t.wild() {
-			continue // a wildcard's flows are spared one by one (spareWild)
-		}
-		if _, done := a[f.t]; done {
-			continue
-		}
-		if ps, buf = s.liveAdmits(ps[:0], f.t, buf); len(ps) > 0 {
-			if a == nil {
-				a = ctAdmits{}
-			}
-			a[f.t] = slices.Clone(ps)
-		}
-	}
-	return a
-}
-
 // liveAdmits appends to dst the pinholes of the live leases that may
 // admit flows to t (under s.mu): those holding t's endpoint (the ended
 // mapping's PEER, or another lease sharing it), and on an IPv6 address
 // its all-ports and all-protocols mappings, whose set elements hold every
 // port (pinhole.Pinhole.AdmitsFlow tells which flows each admits).
 func (s *Server) liveAdmits(dst []pinhole.Pinhole, t ctTarget, buf []store.Lease) ([]pinhole.Pinhole, []store.Lease) {
-	return s.liveAdmitsBy(dst, t, buf, time.Time{})
-}
-
-// liveAdmitsBy is liveAdmits of the leases made by born (zero: any), a
-// time on the steady clock (Server.steadyAt): a lease's Created moves with
-// the engine's rebases (a wall-clock step), so it is taken back onto the
-// steady clock here. Compared as they were, a step between a wildcard's
-// end and its walk made a step forward flush the flows of every lease
-// live throughout, a step back spare those of leases made after the end
-// (review h/revall, TestSpareWildClockStep).
-func (s *Server) liveAdmitsBy(dst []pinhole.Pinhole, t ctTarget, buf []store.Lease, born time.Time) ([]pinhole.Pinhole, []store.Lease) {
-	shift := s.shifted() // under s.mu: no rebase meanwhile
 	es := [...]endpoint{{addr: t.addr, proto: t.proto, port: t.port}, {addr: t.addr, proto: t.proto}, {addr: t.addr}}
 	n := 1
 	if t.addr.Is6() {
@@ -203,7 +164,7 @@ func (s *Server) liveAdmitsBy(dst []pinhole.Pinhole, t ctTarget, buf []store.Lea
 		}
 		buf = s.tab.onTupleInto(tuple{proto: e.proto, addr: h.addr, port: h.port}, buf)
 		for j := range buf {
-			if endpointOf(&buf[j]) == e && (born.IsZero() || !buf[j].Created.Add(-shift).After(born)) {
+			if endpointOf(&buf[j]) == e {
 				dst = appendPinholes(dst, &buf[j])
 			}
 		}
@@ -211,97 +172,66 @@ func (s *Server) liveAdmitsBy(dst []pinhole.Pinhole, t ctTarget, buf []store.Lea
 	return dst, buf
 }
 
-// pruneLive is the walk's view of the leases as it starts (ctFlusher.prune):
-// of the pinholes held (heldAdmits) that admitted flows of fs's targets
-// when their mappings ended, those still live, by target (ctAdmits: the
-// walk spares the flows they admit). No filter is dropped: which flows a
-// pinhole admits depends on where the kernel delivered each (an unfiltered
-// mapping that took over the endpoint DNATs it elsewhere, and admits none
-// of the ended one's flows: TestE2EEndpointRetakenEndsOldFlow), which only
-// the walk sees. A lease made after the end is not among them: a mapping
-// deleted and made again before the walk still ends the connections of
-// before (TestCtFlushRemade). SNAT filters are spared the same way, by
-// the live pinholes whose companion SNATs the flow (ctAdmits.snatted). s.mu
-// is taken a chunk of filters at a time, so 1M of them at a start do not
-// stall the engine.
-func (s *Server) pruneLive(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits) {
-	if len(held) == 0 {
-		return fs, nil
-	}
-	const step = 4096
-	var a ctAdmits
-	done := map[ctTarget]bool{}
-	var buf []store.Lease
-	var live []pinhole.Pinhole
-	for i := 0; i < len(fs); i += step {
-		s.mu.Lock()
-		for _, f := range fs[i:min(i+step, len(fs))] {
-			ps, ok := held[f.t]
-			if ok && !done[f.t] {
-				done[f.t] = true
-				live, buf = s.liveAdmits(live[:0], f.t, buf)
-				var kept []pinhole.Pinhole
-				for _, p := range ps {
-					if slices.Contains(live, p) {
-						kept = append(kept, p)
-					}
-				}
-				if len(kept) > 0 {
-					if a == nil {
-						a = ctAdmits{}
-					}
-					a[f.t] = kept
-				}
-			}
-		}
-		s.mu.Unlock()
-	}
-	return fs, a
+// ctHit is a flow a filter of the flusher's walk matched (ctDeleter.end;
+// a wildcard filter's, whatever the walk): to t (its own protocol and
+// port, wildcard or not) from src; inbound, to is where the kernel
+// delivered it (the reply's source); with nat (a SNAT filter's outbound
+// flow, t its reply destination), src is the internal endpoint and to
+// the remote. keep: a live lease admits it (spareLive).
+type ctHit struct {
+	t       ctTarget
+	src, to netip.AddrPort
+	nat     bool
+	keep    bool
 }
 
-// ctWildHit is a flow a wildcard filter matched (ctDeleter.end): to t
-// (its own protocol and port) from src, of a mapping that ended at end
-// (steady clock).
-type ctWildHit struct {
-	t    ctTarget
-	src  netip.AddrPort
-	to   netip.AddrPort // where the kernel delivered it (the reply's source)
-	end  time.Time
-	keep bool // spareWild: a lease live throughout admits it
-}
-
-// spareWild marks the flows of hits that a lease live throughout admits:
-// live now and made by the time the wildcard's mapping ended (a lease's
-// Created; a mapping made after, re-made included, spares nothing, as
-// pruneLive for the other filters). An all-ports MAP's flows are every
-// port's, so the leases that may admit some of them cannot be listed as
-// it ends (the table has no index by address alone): each flow's own
-// endpoint is asked instead (liveAdmits), once the dump found it. A lease
-// spares a flow only where it would deliver it (pinhole.Pinhole.AdmitsFlow,
-// h.to: the reply's source), as ctAdmits.admitted: a redirect of the port
-// made while the all-ports MAP was live spares none of the flows the MAP
-// let in untranslated (review h/revall, TestSpareWildDelivery). Takes
-// s.mu a chunk of hits at a time, as pruneLive: once for all, a dump of
-// 1M flows to ended all-ports MAPs held the engine 360 ms (review
+// spareLive marks the flows of hits that a lease live now admits, under
+// s.mu, after the dump found them: a flow stays only if such a lease
+// admits it where the kernel delivered it (pinhole.Pinhole.AdmitsFlow:
+// the same endpoint, the remote its PEER or FILTERs admit, delivered to
+// its internal endpoint), or, a SNAT filter's, its SNAT companion covers
+// it (ctAdmits.snatted). What ended is then exactly what no live lease
+// admits when the walk decides. Before (issue 9, h/holder), only leases
+// live when the mapping ended (heldAdmits, pruneLive) or made by then (a
+// wildcard's, spareWild) spared flows: a mapping made again on the
+// endpoint before the walk ran (the same client, after an expiry, a
+// delete, a revocation) lost the connections opened through it in
+// between (TestE2ERetakenBeforeFlushKeepsNewFlow). An old flow the new
+// mapping admits stays too: once its entry was deleted, the remote's
+// next segment made a new one through that mapping anyway (TCP's loose
+// pick-up), so ending it only cost the entry's state; one it does not
+// admit (another remote than its PEER's or FILTERs', delivered
+// elsewhere) ends. A flow found by the dump and admitted by no lease as
+// it is decided is a flow of an ended mapping: a lease made after the
+// decision admits new flows, not it. Flows opened after the dump are
+// not in it. Takes s.mu a chunk of hits at a time: once for all, a dump
+// of 1M flows to ended all-ports MAPs held the engine 360 ms (review
 // h/revall).
-func (s *Server) spareWild(hits []ctWildHit) {
+func (s *Server) spareLive(hits []ctHit) {
 	const step = 4096
 	var buf []store.Lease
 	var live []pinhole.Pinhole
+	var last ctTarget
 	for c := 0; c < len(hits); c += step {
 		s.mu.Lock()
 		for i := c; i < min(c+step, len(hits)); i++ {
 			h := &hits[i]
-			live, buf = s.liveAdmitsBy(live[:0], h.t, buf, h.end)
-			h.keep = slices.ContainsFunc(live, func(p pinhole.Pinhole) bool { return p.AdmitsFlow(h.t.proto, h.src, h.t.dst(), h.to) })
+			if i == c || h.t != last {
+				live, buf = s.liveAdmits(live[:0], h.t, buf)
+				last = h.t
+			}
+			if h.nat {
+				h.keep = snattedBy(live, h.t, h.src, h.to)
+			} else {
+				h.keep = slices.ContainsFunc(live, func(p pinhole.Pinhole) bool { return p.AdmitsFlow(h.t.proto, h.src, h.t.dst(), h.to) })
+			}
 		}
 		s.mu.Unlock()
 	}
 }
 
 // appendCtFilters appends the flush filters of l's connections
-// (flushConntrack), which ended at end (on the steady clock:
-// Server.steadyAt), to dst: none for an IPv4 lease without an external
+// (flushConntrack) to dst: none for an IPv4 lease without an external
 // port, one for the inbound flows (a PEER's too, since issue 9: the
 // endpoint's, as a MAP's; the walk spares what a live lease admits, so of
 // a PEER's remote's flows too those another lease admits), and for an
@@ -312,15 +242,13 @@ func (s *Server) spareWild(hits []ctWildHit) {
 // set element (pin6_proto, pin6_addr) admitted them. Before, it got
 // none, and those flows outlived it through the guard's "ct state
 // established accept" (h/ctall).
-func appendCtFilters(dst []ctFilter, l *store.Lease, end time.Time) []ctFilter {
+func appendCtFilters(dst []ctFilter, l *store.Lease) []ctFilter {
 	if !l.ExternalAddr.IsValid() || l.ExternalPort == 0 && !l.ExternalAddr.Is6() {
 		return dst
 	}
 	t := ctTarget{addr: l.ExternalAddr, proto: l.Protocol, port: l.ExternalPort}
 	if t.wild() {
-		f := ctFilter{t: t}
-		f.setEnd(end)
-		return append(dst, f)
+		return append(dst, ctFilter{t: t})
 	}
 	dst = append(dst, ctFilter{v4: l.ExternalAddr.Is4(), t: t})
 	if snatFlows(l) {
@@ -337,32 +265,15 @@ func appendCtFilters(dst []ctFilter, l *store.Lease, end time.Time) []ctFilter {
 // from it when that walk runs (kernels before 5.8): made for every ended
 // mapping up front, it cost ≈ 0.5 KB of heap each until the walk (maps
 // and a net.IP), 1M of them at a start revoking 1 000 000 leases.
-//
-// An inbound wildcard filter (t.wild) keeps in src4 and sport, which only
-// SNAT filters use, the time its mapping ended (setEnd): its flows are
-// spared only by leases made by then (spareWild).
+// (Until h/holder an inbound wildcard filter kept in src4 and sport when
+// its mapping ended: the walk spares by what is live when it decides now,
+// spareLive.)
 type ctFilter struct {
 	v4    bool
 	nat   bool
 	sport uint16
 	src4  [4]byte
 	t     ctTarget
-}
-
-// setEnd records in a wildcard filter when its mapping ended (steady
-// clock: liveAdmitsBy): Unix milliseconds (48 bits: until the year
-// 10889), rounded up, big-endian across src4 then sport, so that
-// cmpCtFilter puts a target's earliest end first.
-func (f *ctFilter) setEnd(t time.Time) {
-	ms := uint64(max(t.Add(time.Millisecond-1).UnixMilli(), 0))
-	f.src4 = [4]byte{byte(ms >> 40), byte(ms >> 32), byte(ms >> 24), byte(ms >> 16)}
-	f.sport = uint16(ms)
-}
-
-// end is when a wildcard filter's mapping ended (setEnd).
-func (f ctFilter) end() time.Time {
-	ms := uint64(f.src4[0])<<40 | uint64(f.src4[1])<<32 | uint64(f.src4[2])<<24 | uint64(f.src4[3])<<16 | uint64(f.sport)
-	return time.UnixMilli(int64(ms))
 }
 
 // source is the original source of a nat filter's flows.
@@ -449,14 +360,10 @@ func (n natFlowFilter) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 // walks, then released (a reply is not held for good by a failing
 // kernel); the retries go on.
 type ctFlusher struct {
-	// walk deletes what matches any filter, sparing what admits admits;
-	// it returns the filters whose flows it may have left (their dump or
-	// deletes failed) and why.
-	walk func(fs []ctFilter, admits ctAdmits) (left []ctFilter, err error)
-	// prune, as the walk starts, returns fs and what the leases live
-	// throughout (held, and live still) admit of their targets' flows
-	// (pruneLive; nil: nothing spared).
-	prune func(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits)
+	// walk deletes what matches any filter, sparing what a live lease
+	// admits (Server.walkLive); it returns the filters whose flows it may
+	// have left (their dump or deletes failed) and why.
+	walk func(fs []ctFilter) (left []ctFilter, err error)
 	// report is told of every failed walk (attempt ≥ 1) and of the
 	// success that ends a run of them (left 0).
 	report func(attempt, left int, err error)
@@ -464,10 +371,9 @@ type ctFlusher struct {
 	retryFirst, retryMax time.Duration
 	mu                   sync.Mutex
 	pending              []ctFilter
-	held                 ctAdmits // pinholes live when pending's mappings ended (heldAdmits)
-	queued               uint64   // filters sets queued so far
-	done                 uint64   // all sets up to this one are flushed
-	clean                uint64   // ... and walked without a filter left (cleanSeq)
+	queued               uint64 // filters sets queued so far
+	done                 uint64 // all sets up to this one are flushed
+	clean                uint64 // ... and walked without a filter left (cleanSeq)
 	running              bool
 	closed               bool // Serve returned: no more retries (close)
 	waiters              []ctWaiter
@@ -501,12 +407,13 @@ type ctWaiter struct {
 	fn  func()
 }
 
-// add queues filters, with the pinholes of live leases that admitted some
-// of their flows as they were queued (heldAdmits; may be nil), and starts
-// a walk if none is in flight. fs is the flusher's from then on (the walk
+// add queues filters and starts a walk if none is in flight. What a
+// lease admits is not looked at here: the walk asks the leases live as it
+// decides (spareLive; before h/holder, those live as the filters were
+// queued, and still as the walk started). fs is the flusher's from then on (the walk
 // sorts and prunes it in place): with nothing pending it is kept as is,
 // not copied (1M filters at a start dropping 1M expired leases, 40 MB).
-func (c *ctFlusher) add(fs []ctFilter, held ctAdmits) {
+func (c *ctFlusher) add(fs []ctFilter) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.pending == nil {
@@ -514,7 +421,6 @@ func (c *ctFlusher) add(fs []ctFilter, held ctAdmits) {
 	} else {
 		c.pending = append(c.pending, fs...)
 	}
-	c.held = c.held.merge(held)
 	c.queued++
 	if c.wake == nil {
 		c.wake = make(chan struct{}, 1)
@@ -528,24 +434,6 @@ func (c *ctFlusher) add(fs []ctFilter, held ctAdmits) {
 	case c.wake <- struct{}{}:
 	default:
 	}
-}
-
-// merge adds b's pinholes to a's (a may be nil) and returns it.
-func (a ctAdmits) merge(b ctAdmits) ctAdmits {
-	if len(b) == 0 {
-		return a
-	}
-	if a == nil {
-		a = ctAdmits{}
-	}
-	for t, ps := range b {
-		for _, p := range ps {
-			if !slices.Contains(a[t], p) {
-				a[t] = append(a[t], p)
-			}
-		}
-	}
-	return a
 }
 
 // seq is the sequence number of the last filters queued.
@@ -605,16 +493,15 @@ func (c *ctFlusher) spaced() {
 
 func (c *ctFlusher) run() {
 	var retry []ctFilter // left by the last walk
-	var retryHeld ctAdmits
-	attempt := 0 // failed walks in a row
+	attempt := 0         // failed walks in a row
 	backoff := cmp.Or(c.retryFirst, ctRetryFirst)
 	for {
 		if attempt == 0 {
 			c.spaced()
 		}
 		c.mu.Lock()
-		fs, held, upTo := c.pending, c.held, c.queued
-		c.pending, c.held = nil, nil
+		fs, upTo := c.pending, c.queued
+		c.pending = nil
 		if len(fs) == 0 && len(retry) == 0 {
 			c.running = false
 			c.mu.Unlock()
@@ -626,17 +513,12 @@ func (c *ctFlusher) run() {
 		default:
 		}
 		fs = append(fs, retry...)
-		held = held.merge(retryHeld)
 
-		var admits ctAdmits
-		if c.prune != nil {
-			fs, admits = c.prune(fs, held)
-		}
 		var left []ctFilter
 		var err error
 		if len(fs) > 0 {
 			c.lastWalk = time.Now()
-			left, err = c.walk(fs, admits)
+			left, err = c.walk(fs)
 		}
 		if len(left) == 0 {
 			c.mu.Lock()
@@ -645,14 +527,11 @@ func (c *ctFlusher) run() {
 			if attempt > 0 && c.report != nil {
 				c.report(0, 0, nil)
 			}
-			attempt, retry, retryHeld = 0, nil, nil
+			attempt, retry = 0, nil
 			backoff = cmp.Or(c.retryFirst, ctRetryFirst)
 		} else {
 			attempt++
-			// Only what the filters left spare: the rest of held is
-			// of targets walked, and kept it grew by every flush
-			// queued while a group failed for good.
-			retry, retryHeld = left, heldOf(held, left)
+			retry = left
 			if c.report != nil {
 				c.report(attempt, len(left), err)
 			}
@@ -660,7 +539,7 @@ func (c *ctFlusher) run() {
 		if attempt > 0 && c.isClosed() {
 			// Serve returned: no retries (close).
 			c.release(upTo)
-			attempt, retry, retryHeld = 0, nil, nil
+			attempt, retry = 0, nil
 			continue
 		}
 
@@ -677,7 +556,7 @@ func (c *ctFlusher) run() {
 			backoff = min(2*backoff, cmp.Or(c.retryMax, ctRetryMax))
 			if c.isClosed() {
 				c.release(upTo)
-				attempt, retry, retryHeld = 0, nil, nil
+				attempt, retry = 0, nil
 			}
 		}
 	}
@@ -716,6 +595,17 @@ func (c *ctFlusher) release(upTo uint64) {
 // It returns the filters of the dumps that failed (their flows may be
 // left: the flusher walks them again) and the errors.
 func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, error) {
+	return s.walkCt(fs, admits, false)
+}
+
+// walkLive is the flusher's walk (ctFlusher.walk): walkConntrack, but what
+// stays is decided by the leases live once each dump's flows are read
+// (spareLive, which takes s.mu), not by a set of pinholes given.
+func (s *Server) walkLive(fs []ctFilter) ([]ctFilter, error) {
+	return s.walkCt(fs, nil, true)
+}
+
+func (s *Server) walkCt(fs []ctFilter, admits ctAdmits, live bool) ([]ctFilter, error) {
 	fd := 0
 	if nsSet(s.cfg.NetNS) {
 		fd = int(s.cfg.NetNS)
@@ -726,9 +616,9 @@ func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, erro
 	c, err := s.ctSock.take(fd)
 	if err != nil {
 		s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))
-		return s.walkConntrackGeneric(fs, admits)
+		return s.walkConntrackGeneric(fs, admits, live)
 	}
-	d := &ctDeleter{c: c, admits: admits, fault: s.ctDumpFault, spare: s.spareWild, host: s.hostAddrs()}
+	d := &ctDeleter{c: c, admits: admits, fault: s.ctDumpFault, spare: s.spareLive, host: s.hostAddrs(), live: live}
 	// One dump per family, protocol and direction (each walks the
 	// whole table), over its run of fs sorted, duplicates out: maps
 	// of the keys took ≈ 400 MB at a start dropping 1 000 000
@@ -750,7 +640,7 @@ func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, erro
 			s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))
 			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP) {
 				s.ctSock.put(c, false)
-				return s.walkConntrackGeneric(fs, admits)
+				return s.walkConntrackGeneric(fs, admits, live)
 			}
 			// Anything else (EINTR, EBUSY, ENOBUFS, ENOMEM, an
 			// interrupted dump, a failed delete) may have left
@@ -770,11 +660,12 @@ func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, erro
 	return left, errors.Join(errs...)
 }
 
-// ctAdmits are, for an endpoint an inbound filter ends the flows to, the
-// pinholes of the leases live throughout that admit some of them
-// (pruneLive: live when the mapping ended and still when the walk
-// starts): a PEER, a FILTERed MAP, a FILTERed IPv6 all-ports MAP of the
-// address. The flows they admit stay (TestE2EMapDeleteKeepsPeerFlow).
+// ctAdmits are, for an endpoint a walk ends the flows to, the pinholes of
+// the live leases that admit some of them, as a walk run under s.mu
+// (cutRetargeted) looked them up: a PEER, a FILTERed MAP, a FILTERed IPv6
+// all-ports MAP of the address. The flows they admit stay. The flusher's
+// walk asks the live leases itself once the dump found the flows
+// (spareLive, walkLive).
 type ctAdmits map[ctTarget][]pinhole.Pinhole
 
 // admitted reports whether a pinhole a[t] admits a flow from src to t
@@ -812,8 +703,13 @@ func (k keepAdmitted) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 // endpoint and, filtered, the remote range: a PEER's covers its remote
 // only): such a flow is that live lease's, and stays.
 func (a ctAdmits) snatted(t ctTarget, src, dst netip.AddrPort) bool {
+	return snattedBy(a[t], t, src, dst)
+}
+
+// snattedBy is ctAdmits.snatted over the pinholes ps.
+func snattedBy(ps []pinhole.Pinhole, t ctTarget, src, dst netip.AddrPort) bool {
 	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
-	for _, p := range a[t] {
+	for _, p := range ps {
 		if netip.AddrPortFrom(p.InternalAddr.Unmap(), p.InternalPort) == src && p.Admits(t.proto, dst, t.dst()) {
 			return true
 		}
@@ -836,13 +732,13 @@ func (k keepSNATted) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 		!k.admits.snatted(k.t, netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), netip.AddrPortFrom(dst.Unmap(), fl.Forward.DstPort))
 }
 
-// keepLive is a generic walk's wildcard filter: it spares the flows a
-// lease live throughout admits where the kernel delivered them (spareWild,
-// one flow at a time; the reply's source).
+// keepLive is a generic walk's filter that spares the flows a lease live
+// as it is asked admits (spareLive, one flow at a time): a wildcard
+// filter's in any walk, every filter's in the flusher's (walkLive).
 type keepLive struct {
 	nf  netlink.CustomConntrackFilter
 	s   *Server
-	end time.Time
+	nat bool
 }
 
 func (k keepLive) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
@@ -851,11 +747,21 @@ func (k keepLive) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 	}
 	src, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
 	dst, _ := netip.AddrFromSlice(fl.Forward.DstIP)
-	to, _ := netip.AddrFromSlice(fl.Reverse.SrcIP)
-	h := []ctWildHit{{t: ctTarget{addr: dst.Unmap(), proto: fl.Forward.Protocol, port: fl.Forward.DstPort},
-		src: netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), to: netip.AddrPortFrom(to.Unmap(), fl.Reverse.SrcPort), end: k.end}}
-	k.s.spareWild(h)
-	return !h[0].keep
+	h := ctHit{t: ctTarget{addr: dst.Unmap(), proto: fl.Forward.Protocol, port: fl.Forward.DstPort},
+		src: netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), nat: k.nat}
+	if k.nat {
+		// Its reply destination is the target; the remote its
+		// original destination.
+		rd, _ := netip.AddrFromSlice(fl.Reverse.DstIP)
+		h.t = ctTarget{addr: rd.Unmap(), proto: fl.Forward.Protocol, port: fl.Reverse.DstPort}
+		h.to = netip.AddrPortFrom(dst.Unmap(), fl.Forward.DstPort)
+	} else {
+		to, _ := netip.AddrFromSlice(fl.Reverse.SrcIP)
+		h.to = netip.AddrPortFrom(to.Unmap(), fl.Reverse.SrcPort)
+	}
+	hs := []ctHit{h}
+	k.s.spareLive(hs)
+	return !hs[0].keep
 }
 
 // hostAddrs is the set of the host's own addresses, as the walk starts:
@@ -973,7 +879,7 @@ func routeHandle(ns netns.NsHandle) (*netlink.Handle, error) {
 // walkConntrackGeneric is the walk for kernels without CTA_FILTER: one
 // dump of the whole table per address family that has filters. It
 // returns the filters of the families whose walk failed.
-func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits) ([]ctFilter, error) {
+func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits, live bool) ([]ctFilter, error) {
 	var h *netlink.Handle
 	var err error
 	if nsSet(s.cfg.NetNS) {
@@ -998,8 +904,8 @@ func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits) ([]ctFilte
 					if !f.nat && len(host) > 0 {
 						nf = keepHost{nf: nf, host: host}
 					}
-					if f.t.wild() {
-						nf = keepLive{nf: nf, s: s, end: f.end()}
+					if f.t.wild() || live {
+						nf = keepLive{nf: nf, s: s, nat: f.nat}
 					} else if _, held := admits[f.t]; held && !f.nat {
 						nf = keepAdmitted{nf: nf, t: f.t, admits: admits}
 					} else if held {
@@ -1107,19 +1013,4 @@ func (c *ctFlusher) isClosed() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.closed
-}
-
-// heldOf is what held holds for fs's targets (nil if nothing): what a
-// retry of fs carries (TestCtFlushRetryKeepsOnlyLeftHeld).
-func heldOf(held ctAdmits, fs []ctFilter) ctAdmits {
-	var a ctAdmits
-	for _, f := range fs {
-		if ps, ok := held[f.t]; ok {
-			if a == nil {
-				a = ctAdmits{}
-			}
-			a[f.t] = ps
-		}
-	}
-	return a
 }

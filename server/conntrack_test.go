@@ -24,7 +24,7 @@ func TestConntrackFlushCoalesced(t *testing.T) {
 	var mu sync.Mutex
 	var walks [][]ctFilter
 	inFlight, maxInFlight := 0, 0
-	c := &ctFlusher{walk: func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
+	c := &ctFlusher{walk: func(fs []ctFilter) ([]ctFilter, error) {
 		mu.Lock()
 		walks = append(walks, fs)
 		inFlight++
@@ -41,7 +41,7 @@ func TestConntrackFlushCoalesced(t *testing.T) {
 	var omu sync.Mutex
 	done := make(chan int, 10)
 	for i := range 10 {
-		c.add([]ctFilter{{v4: i%2 == 0}}, nil)
+		c.add([]ctFilter{{v4: i%2 == 0}})
 		c.after(c.seq(), func() {
 			omu.Lock()
 			order = append(order, i)
@@ -116,7 +116,7 @@ func TestCtFiltersOf(t *testing.T) {
 		{"PEER IPv6", lease(store.KindPeer, in6, in6), 1, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			fs := appendCtFilters(nil, &c.l, time.Time{})
+			fs := appendCtFilters(nil, &c.l)
 			if len(fs) != c.filters {
 				t.Fatalf("%d filters, want %d: %+v", len(fs), c.filters, fs)
 			}
@@ -175,7 +175,7 @@ func TestCtFlushRetried(t *testing.T) {
 			walked := make(chan int, 100)
 			released := make(chan int, 1)
 			fl := &ctFlusher{retryFirst: c.backoff, retryMax: c.backoff,
-				walk: func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
+				walk: func(fs []ctFilter) ([]ctFilter, error) {
 					mu.Lock()
 					defer mu.Unlock()
 					walks = append(walks, slices.Clone(fs))
@@ -191,7 +191,7 @@ func TestCtFlushRetried(t *testing.T) {
 					mu.Unlock()
 				},
 			}
-			fl.add([]ctFilter{a}, nil)
+			fl.add([]ctFilter{a})
 			fl.after(fl.seq(), func() {
 				mu.Lock()
 				released <- len(walks)
@@ -199,7 +199,7 @@ func TestCtFlushRetried(t *testing.T) {
 			})
 			if c.backoff == time.Hour {
 				<-walked // failed; now in its backoff
-				fl.add([]ctFilter{b}, nil)
+				fl.add([]ctFilter{b})
 			}
 			select {
 			case n := <-released:

@@ -128,19 +128,19 @@ func TestCtDeleteWildcard(t *testing.T) {
 	for _, c := range []struct {
 		name  string
 		proto uint8
-		spare func(ctWildHit) bool
+		spare func(ctHit) bool
 		gone  []int      // indexes of flows ended
 		host  netip.Addr // one of the host's addresses (ctDeleter.host), if valid
 	}{
 		{"all-ports TCP", protoTCP, nil, []int{0, 1, 6}, netip.Addr{}},
 		{"all-protocols", 0, nil, []int{0, 1, 2, 3, 6}, netip.Addr{}},
-		{"all-protocols, one spared", 0, func(h ctWildHit) bool { return h.src.Addr() == r2 }, []int{0, 2, 3, 6}, netip.Addr{}},
+		{"all-protocols, one spared", 0, func(h ctHit) bool { return h.src.Addr() == r2 }, []int{0, 2, 3, 6}, netip.Addr{}},
 		// The hit carries where the flow was delivered (review h/revall).
-		{"all-ports TCP, the one delivered at 8443 spared", protoTCP, func(h ctWildHit) bool { return h.to == netip.AddrPortFrom(a, 8443) }, []int{0, 1}, netip.Addr{}},
-		{"all-ports TCP, those delivered where sent spared", protoTCP, func(h ctWildHit) bool { return h.to == h.t.dst() }, []int{6}, netip.Addr{}},
+		{"all-ports TCP, the one delivered at 8443 spared", protoTCP, func(h ctHit) bool { return h.to == netip.AddrPortFrom(a, 8443) }, []int{0, 1}, netip.Addr{}},
+		{"all-ports TCP, those delivered where sent spared", protoTCP, func(h ctHit) bool { return h.to == h.t.dst() }, []int{6}, netip.Addr{}},
 		// The host's own flows stay, whatever spare says; another
 		// source's (the Internet's, another client's) end (h/hostflow).
-		{"all-protocols, the host's own spared", 0, func(ctWildHit) bool { return false }, []int{0, 2, 3, 6}, r2},
+		{"all-protocols, the host's own spared", 0, func(ctHit) bool { return false }, []int{0, 2, 3, 6}, r2},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			ns := netlab.NewNS(t, "ctallw")
@@ -163,7 +163,7 @@ func TestCtDeleteWildcard(t *testing.T) {
 			}
 			defer d.close()
 			if c.spare != nil {
-				d.spare = func(hs []ctWildHit) {
+				d.spare = func(hs []ctHit) {
 					for i := range hs {
 						hs[i].keep = c.spare(hs[i])
 					}
@@ -173,7 +173,6 @@ func TestCtDeleteWildcard(t *testing.T) {
 				d.host = hostAddrs{c.host: {}}
 			}
 			f := ctFilter{t: ctTarget{addr: a, proto: c.proto}}
-			f.setEnd(time.Now())
 			n, err := d.end(f.group(), []ctFilter{f})
 			if err != nil || n != len(c.gone) {
 				t.Errorf("ended %d flows (%v), want %d", n, err, len(c.gone))
@@ -252,59 +251,63 @@ func TestCtRestartPathsSparePeerOnly(t *testing.T) {
 			if !r.has(addrA, 80, false) {
 				t.Fatalf("no filter of [%v]:80 handed to the walk", addrA)
 			}
-			r.mu.Lock()
-			ps := r.admits[ctTarget{addr: addrA, proto: protoTCP, port: 80}]
-			r.mu.Unlock()
-			peer := pinhole.Pinhole{Protocol: protoTCP, InternalAddr: addrA, InternalPort: 80, ExternalAddr: addrA, ExternalPort: 80,
-				RemotePrefix: netip.PrefixFrom(remote.Addr(), 128), RemotePort: remote.Port()}
-			if len(ps) != 1 || ps[0] != peer {
-				t.Errorf("walk told to spare %v, want the PEER's pinhole %v", ps, peer)
+			// The walk asks the live leases (spareLive): the PEER keeps
+			// its remote's flow only.
+			tg := ctTarget{addr: addrA, proto: protoTCP, port: 80}
+			other := netip.AddrPortFrom(remote.Addr(), remote.Port()+1)
+			hs := []ctHit{{t: tg, src: remote, to: tg.dst()}, {t: tg, src: other, to: tg.dst()}}
+			h.s.spareLive(hs)
+			if !hs[0].keep || hs[1].keep {
+				t.Errorf("kept the PEER's remote's flow %v, another's %v; want true, false", hs[0].keep, hs[1].keep)
 			}
 		})
 	}
 }
 
-// TestSpareWild: of the flows a wildcard filter matched, those spared are
-// those a lease live throughout admits: live now and made by the
-// wildcard's end. A port MAP or a PEER made before the end spares its
-// own flows (the PEER only its remote's); one made after the end (the
-// client re-making a mapping before the walk ran) spares nothing; a port
-// no lease opens is not spared.
-func TestSpareWild(t *testing.T) {
+// TestSpareLive: of the flows a filter matched, those spared are those a
+// lease live as the walk decides admits where they were delivered. A port
+// MAP or a PEER spares its own flows (the PEER only its remote's), a port
+// MAP made after the mapping whose flows these are ended too (issue 9,
+// h/holder: before, a wildcard's flows were spared only by leases made by
+// its end, so a mapping made again before the walk lost its flows); a
+// port no lease opens is not spared, nor another protocol's. An IPv4
+// NAPT mapping's SNAT-ed outbound flows are spared only by a live lease
+// of the same internal endpoint whose companion covers the remote.
+func TestSpareLive(t *testing.T) {
 	h := newHarness(t, func(_ *Config, p *policy.Config) { p.AllowAllPorts = true })
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 1)), pcp.Success)
 	h.expect(h.do(peerReq(addrA, pcp.ProtoTCP, 81, remote, time.Hour, 2)), pcp.Success)
-	end := h.clock.Now()
 	h.clock.Advance(time.Second)
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 82, 82, time.Hour, 3)), pcp.Success)
+	resp := h.do(mapReq(v4A, pcp.ProtoTCP, 80, 5000, time.Hour, 4))
+	h.expect(resp, pcp.Success)
+	ext4 := ctTarget{addr: resp.Map.ExternalAddr.Unmap(), proto: protoTCP, port: resp.Map.ExternalPort}
 	other := netip.AddrPortFrom(remote.Addr(), remote.Port()+1)
-	hit := func(port uint16, src netip.AddrPort) ctWildHit {
-		return ctWildHit{t: ctTarget{addr: addrA, proto: protoTCP, port: port}, src: src, to: netip.AddrPortFrom(addrA, port), end: end}
+	rem4 := netip.MustParseAddrPort("198.51.100.7:4000")
+	hit := func(port uint16, src netip.AddrPort) ctHit {
+		return ctHit{t: ctTarget{addr: addrA, proto: protoTCP, port: port}, src: src, to: netip.AddrPortFrom(addrA, port)}
 	}
 	for _, c := range []struct {
 		name string
-		h    ctWildHit
+		h    ctHit
 		keep bool
 	}{
-		{"port MAP made before the end", hit(80, other), true},
-		{"PEER made before the end, its remote", hit(81, remote), true},
-		{"PEER made before the end, another remote", hit(81, other), false},
-		{"port MAP made after the end", hit(82, other), false},
+		{"port MAP", hit(80, other), true},
+		{"PEER, its remote", hit(81, remote), true},
+		{"PEER, another remote", hit(81, other), false},
+		{"port MAP made later", hit(82, other), true},
 		{"port no lease opens", hit(83, other), false},
-		{"port MAP's port, UDP", ctWildHit{t: ctTarget{addr: addrA, proto: 17, port: 80}, src: other, to: netip.AddrPortFrom(addrA, 80), end: end}, false},
+		{"port MAP's port, UDP", ctHit{t: ctTarget{addr: addrA, proto: 17, port: 80}, src: other, to: netip.AddrPortFrom(addrA, 80)}, false},
+		{"port MAP's port, delivered elsewhere", ctHit{t: ctTarget{addr: addrA, proto: protoTCP, port: 80}, src: other, to: netip.AddrPortFrom(addrA, 8443)}, false},
+		{"NAPT, inbound to its internal endpoint", ctHit{t: ext4, src: rem4, to: netip.AddrPortFrom(v4A, 80)}, true},
+		{"NAPT, inbound delivered to another internal port", ctHit{t: ext4, src: rem4, to: netip.AddrPortFrom(v4A, 81)}, false},
+		{"NAPT, SNAT-ed from its internal endpoint", ctHit{t: ext4, nat: true, src: netip.AddrPortFrom(v4A, 80), to: rem4}, true},
+		{"NAPT, SNAT-ed from another internal port", ctHit{t: ext4, nat: true, src: netip.AddrPortFrom(v4A, 81), to: rem4}, false},
 	} {
-		hs := []ctWildHit{c.h}
-		h.s.spareWild(hs)
+		hs := []ctHit{c.h}
+		h.s.spareLive(hs)
 		if hs[0].keep != c.keep {
 			t.Errorf("%s: kept %v, want %v", c.name, hs[0].keep, c.keep)
 		}
-	}
-	// A filter's end survives its trip through the SNAT fields, rounded
-	// up to the millisecond (a lease made in the same millisecond counts
-	// as made by then).
-	var f ctFilter
-	f.setEnd(end.Add(1500 * time.Microsecond))
-	if got, want := f.end(), end.Add(2*time.Millisecond); !got.Equal(want) {
-		t.Errorf("end %v, want %v", got, want)
 	}
 }

@@ -46,7 +46,8 @@ func BenchmarkExpiryFlush(b *testing.B) {
 		})
 	}
 	// IPv6 all-ports MAPs (wildcard filters, h/ctall): every flow found
-	// is asked about under s.mu (spareWild).
+	// is asked about under s.mu (spareLive; since h/holder every
+	// filter's are).
 	b.Run("v6allports/leases=10000/unrelated=10000/matching=true", func(b *testing.B) {
 		benchExpiryFlush(b, false, 10000, 10000, true, false, true, false)
 	})

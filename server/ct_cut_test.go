@@ -43,14 +43,14 @@ func (g *ctGate) release() {
 
 func (g *ctGate) tweak(s *Server) {
 	walk := s.ct.walk
-	s.ct.walk = func(fs []ctFilter, a ctAdmits) ([]ctFilter, error) {
+	s.ct.walk = func(fs []ctFilter) ([]ctFilter, error) {
 		g.mu.Lock()
 		h := g.held
 		g.mu.Unlock()
 		if h != nil {
 			<-h
 		}
-		return walk(fs, a)
+		return walk(fs)
 	}
 }
 
@@ -294,16 +294,16 @@ func TestMustWaitFlush(t *testing.T) {
 // alone at once, and the test fails there.
 func TestCtWalksSpaced(t *testing.T) {
 	walked := make(chan []ctFilter, 10)
-	c := &ctFlusher{gap: time.Hour, walk: func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
+	c := &ctFlusher{gap: time.Hour, walk: func(fs []ctFilter) ([]ctFilter, error) {
 		walked <- fs
 		return nil, nil
 	}}
-	c.add([]ctFilter{{t: ctTarget{port: 1}}}, nil)
+	c.add([]ctFilter{{t: ctTarget{port: 1}}})
 	if fs := <-walked; len(fs) != 1 {
 		t.Fatalf("first walk of %d filters, want 1", len(fs))
 	}
-	c.add([]ctFilter{{t: ctTarget{port: 2}}}, nil)
-	c.add([]ctFilter{{t: ctTarget{port: 3}}}, nil)
+	c.add([]ctFilter{{t: ctTarget{port: 2}}})
+	c.add([]ctFilter{{t: ctTarget{port: 3}}})
 	select {
 	case fs := <-walked:
 		t.Fatalf("a walk of %d filters nobody waited for, within the gap", len(fs))
@@ -337,15 +337,15 @@ func TestEndConntrackRunsSpacedWalk(t *testing.T) {
 	var mu sync.Mutex
 	walks := 0
 	s := &Server{log: zap.NewNop()}
-	s.ct = ctFlusher{gap: time.Hour, walk: func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
+	s.ct = ctFlusher{gap: time.Hour, walk: func(fs []ctFilter) ([]ctFilter, error) {
 		mu.Lock()
 		walks++
 		mu.Unlock()
 		return nil, nil
 	}}
-	s.ct.add([]ctFilter{{t: ctTarget{port: 1}}}, nil)
+	s.ct.add([]ctFilter{{t: ctTarget{port: 1}}})
 	s.waitConntrack() // the first walk, which starts the gap
-	s.ct.add([]ctFilter{{t: ctTarget{port: 2}}}, nil)
+	s.ct.add([]ctFilter{{t: ctTarget{port: 2}}})
 	s.endConntrack()
 	mu.Lock()
 	defer mu.Unlock()

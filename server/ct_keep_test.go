@@ -253,7 +253,7 @@ func TestE2ECtSocketClosedWhenServeReturns(t *testing.T) {
 			l.start()
 			srv := l.srv
 			walk := func(port uint16) {
-				srv.ct.add([]ctFilter{{v4: true, t: ctTarget{addr: l.topo.HostPublicV4, proto: protoTCP, port: port}}}, nil)
+				srv.ct.add([]ctFilter{{v4: true, t: ctTarget{addr: l.topo.HostPublicV4, proto: protoTCP, port: port}}})
 			}
 			walk(1)
 			srv.waitConntrack()

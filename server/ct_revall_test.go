@@ -1,9 +1,7 @@
 package server
 
 import (
-	"fmt"
 	"net/netip"
-	"slices"
 	"testing"
 	"time"
 
@@ -17,7 +15,7 @@ import (
 // Review of h/ctall (h/revall, 2026-12-05).
 
 // TestSpareWildDelivery: a wildcard filter's flow (an ended IPv6
-// all-ports MAP's) is spared by a lease live throughout only where that
+// all-ports MAP's) is spared by a live lease only where that
 // lease would deliver it (pinhole.Pinhole.AdmitsFlow with the reply
 // tuple's source), as the filtered and generic walks spare an exact
 // filter's flows (review h/revctl). A redirect 8080 → 8443 made while the
@@ -34,7 +32,6 @@ func TestSpareWildDelivery(t *testing.T) {
 		t.Fatalf("redirect got external port %d, want 8080", resp.Map.ExternalPort)
 	}
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 2)), pcp.Success)
-	end := h.clock.Now()
 	ap := netip.AddrPortFrom
 	for _, c := range []struct {
 		name    string
@@ -48,15 +45,14 @@ func TestSpareWildDelivery(t *testing.T) {
 		{"plain port MAP's port, delivered at 443 (an ended redirect's)", 80, 443, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			hs := []ctWildHit{{t: ctTarget{addr: addrA, proto: protoTCP, port: c.dst}, src: remote, to: ap(addrA, c.to), end: end}}
-			h.s.spareWild(hs)
+			hs := []ctHit{{t: ctTarget{addr: addrA, proto: protoTCP, port: c.dst}, src: remote, to: ap(addrA, c.to)}}
+			h.s.spareLive(hs)
 			if hs[0].keep != c.keep {
 				t.Errorf("kept %v, want %v", hs[0].keep, c.keep)
 			}
 			// The generic walk's (no CTA_FILTER) wildcard filter.
 			w := ctFilter{t: ctTarget{addr: addrA, proto: protoTCP}}
-			w.setEnd(end)
-			k := keepLive{nf: w.netlinkFilter(), s: h.s, end: w.end()}
+			k := keepLive{nf: w.netlinkFilter(), s: h.s}
 			fl := &vnetlink.ConntrackFlow{FamilyType: unix.AF_INET6}
 			fl.Forward = vnetlink.IPTuple{Protocol: protoTCP, SrcIP: remote.Addr().AsSlice(), SrcPort: remote.Port(), DstIP: addrA.AsSlice(), DstPort: c.dst}
 			fl.Reverse = vnetlink.IPTuple{Protocol: protoTCP, SrcIP: addrA.AsSlice(), SrcPort: c.to, DstIP: remote.Addr().AsSlice(), DstPort: remote.Port()}
@@ -73,8 +69,8 @@ func TestSpareWildDelivery(t *testing.T) {
 // kernel DNATs new packets to 9850 over to 9851) and deletes the
 // all-ports MAP. The connection to 9850 itself is admitted by no live
 // mapping, yet the redirect, live by the end, "admitted" it as sent
-// (pinhole.Pinhole.Admits), so spareWild kept it, tracked and carrying
-// data. Fails that way with Admits in spareWild: the flow still tracked
+// (pinhole.Pinhole.Admits), so spareWild (now spareLive) kept it, tracked and carrying
+// data. Fails that way with Admits in spareLive: the flow still tracked
 // after the batch's flush.
 func TestE2EAllPortsEndRedirectTakenEndsFlow(t *testing.T) {
 	l := newLab(t, func(_ *Config, p *policy.Config) {
@@ -119,60 +115,5 @@ func TestE2EAllPortsEndRedirectTakenEndsFlow(t *testing.T) {
 	}
 	if err := echoOnce(conn); err == nil {
 		t.Error("the all-ports MAP's connection still carries data")
-	}
-}
-
-// TestSpareWildClockStep: a wildcard filter's end and the leases' Created
-// are compared across a wall-clock step between the end and the walk
-// (a walk retried for seconds, or queued behind a start's 1M-flow walk
-// while NTP steps a router's clock at boot). The engine rebases on a step:
-// it shifts every lease's Created by it (clock.go), but the end the
-// filter carries stayed on the old base. A step forward made every lease
-// live throughout look made after the end (port 80's flows flushed: the
-// live MAP's connections lose their entries); a step back made a MAP made
-// after the end look made before (port 82's old flows spared). The end
-// is now kept on the steady clock (Server.steadyAt) and Created compared
-// on it. Fails without: "step forward 1h: port 80 kept false", "step back
-// 1h: port 82 kept true".
-func TestSpareWildClockStep(t *testing.T) {
-	for _, step := range []time.Duration{0, time.Hour, -time.Hour} {
-		t.Run(fmt.Sprint(step), func(t *testing.T) {
-			c := &stepClocks{}
-			c.wall.Store(time.Date(2026, 12, 5, 3, 0, 0, 0, time.UTC).UnixNano())
-			h := newHarness(t, func(_ *Config, p *policy.Config) { p.AllowAllPorts = true })
-			h.cfg.KeepConnections = false
-			r := &ctRecorder{}
-			h.startWith(c.deps, func(s *Server) { s.ct.walk = r.walk })
-			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 1)), pcp.Success)
-			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 0, 0, time.Hour, 2)), pcp.Success)
-			c.advance(time.Second)
-			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 0, 0, 0, 2)), pcp.Success) // the end
-			h.ctDrain(t)
-			c.advance(time.Second)
-			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 82, 82, time.Hour, 3)), pcp.Success) // after it
-			c.step(step)
-			h.s.checkClock() // the engine rebases
-			r.mu.Lock()
-			i := slices.IndexFunc(r.fs, func(f ctFilter) bool { return f.t.wild() })
-			var w ctFilter
-			if i >= 0 {
-				w = r.fs[i]
-			}
-			r.mu.Unlock()
-			if i < 0 {
-				t.Fatal("no wildcard filter reached the walk")
-			}
-			for _, c := range []struct {
-				port uint16
-				keep bool
-			}{{80, true}, {82, false}} {
-				dst := netip.AddrPortFrom(addrA, c.port)
-				hs := []ctWildHit{{t: ctTarget{addr: addrA, proto: protoTCP, port: c.port}, src: remote, to: dst, end: w.end()}}
-				h.s.spareWild(hs)
-				if hs[0].keep != c.keep {
-					t.Errorf("step %v: port %d kept %v, want %v", step, c.port, hs[0].keep, c.keep)
-				}
-			}
-		})
 	}
 }

@@ -2,7 +2,6 @@ package server
 
 import (
 	"net/netip"
-	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -108,52 +107,6 @@ func TestCtAdmitsDelivery(t *testing.T) {
 	}
 }
 
-// TestCtFlushRetryKeepsOnlyLeftHeld: while walks fail, what the retries
-// carry of the spared pinholes (held) is that of the filters left, not
-// of every filter walked meanwhile. Before, a failed walk kept every
-// target's held pinholes and merged each new flush's in: one group
-// failing for good (here target a) grew the map by every flush queued
-// since (n targets after n flushes), and stale entries went on to spare
-// flows at later ends of those targets. Fails without the fix: the last
-// retry is handed the held pinholes of all 20 targets.
-func TestCtFlushRetryKeepsOnlyLeftHeld(t *testing.T) {
-	a := ctFilter{t: ctTarget{port: 1}}
-	p := pinhole.Pinhole{Protocol: 6, InternalPort: 1}
-	var mu sync.Mutex
-	var lastHeld int
-	walked := make(chan struct{}, 100)
-	fl := &ctFlusher{retryFirst: time.Hour, retryMax: time.Hour,
-		walk: func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
-			defer func() { walked <- struct{}{} }()
-			if slices.Contains(fs, a) {
-				return []ctFilter{a}, unix.EBUSY // a's group fails for good
-			}
-			return nil, nil
-		},
-		prune: func(fs []ctFilter, held ctAdmits) ([]ctFilter, ctAdmits) {
-			mu.Lock()
-			lastHeld = len(held)
-			mu.Unlock()
-			return fs, held
-		},
-	}
-	fl.add([]ctFilter{a}, ctAdmits{a.t: {p}})
-	<-walked
-	const n = 20
-	for i := range n {
-		b := ctFilter{t: ctTarget{port: uint16(100 + i)}}
-		fl.add([]ctFilter{b}, ctAdmits{b.t: {p}}) // cuts the backoff short
-		<-walked
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	// The last walk: a (left) and the last b (new), nothing older.
-	if lastHeld != 2 {
-		t.Errorf("last walk handed held pinholes of %d targets, want 2 (the filter left and the one queued)", lastHeld)
-	}
-	fl.close()
-}
-
 // TestCtFlushClosedStopsRetrying: once the server stops (Serve returns:
 // ctFlusher.close), a walk that fails is not retried and its waiters go;
 // the flusher's goroutine ends. Before, it retried every 10 s for good
@@ -164,7 +117,7 @@ func TestCtFlushClosedStopsRetrying(t *testing.T) {
 	walks := 0
 	walked := make(chan struct{}, 100)
 	fl := &ctFlusher{retryFirst: time.Hour, retryMax: time.Hour,
-		walk: func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
+		walk: func(fs []ctFilter) ([]ctFilter, error) {
 			mu.Lock()
 			walks++
 			mu.Unlock()
@@ -172,7 +125,7 @@ func TestCtFlushClosedStopsRetrying(t *testing.T) {
 			return fs, unix.EBUSY
 		},
 	}
-	fl.add([]ctFilter{{t: ctTarget{port: 1}}}, nil)
+	fl.add([]ctFilter{{t: ctTarget{port: 1}}})
 	released := make(chan struct{})
 	fl.after(fl.seq(), func() { close(released) })
 	<-walked // failed; in its hour-long backoff
@@ -194,7 +147,7 @@ func TestCtFlushClosedStopsRetrying(t *testing.T) {
 		t.Fatal("flusher still retrying after close")
 	}
 	// After close a flush still runs once, without retries.
-	fl.add([]ctFilter{{t: ctTarget{port: 2}}}, nil)
+	fl.add([]ctFilter{{t: ctTarget{port: 2}}})
 	<-walked
 	waitFor(t, func() bool {
 		fl.mu.Lock()
@@ -211,7 +164,7 @@ func TestCtFlushClosedStopsRetrying(t *testing.T) {
 // TestCtFlushExpiredAtStartSparesOnlyAdmitted: a MAP that expired while
 // pcpd was down shares its endpoint with a PEER restored live (its
 // remote only). At the start, the MAP's flows are flushed but for those
-// the PEER admits (ctAdmits), as at an expiry with pcpd running. Before,
+// the PEER admits (spareLive), as at an expiry with pcpd running. Before,
 // flushExpired (and retryUndeleted) dropped the filters of every
 // endpoint a restored lease held: the MAP's connections from every other
 // remote lasted their conntrack timeout (TCP established: 5 days).
@@ -233,14 +186,13 @@ func TestCtFlushExpiredAtStartSparesOnlyAdmitted(t *testing.T) {
 	if !r.has(ext.Addr(), ext.Port(), false) {
 		t.Fatalf("no flush of the expired MAP's endpoint %v", ext)
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	ps := r.admits[ctTarget{addr: ext.Addr(), proto: protoTCP, port: ext.Port()}]
-	r0 := remote.Addr().Unmap()
-	want := pinhole.Pinhole{Protocol: protoTCP, InternalAddr: addrA, InternalPort: 80, ExternalAddr: addrA, ExternalPort: 80,
-		RemotePrefix: netip.PrefixFrom(r0, r0.BitLen()), RemotePort: remote.Port()}
-	if len(ps) != 1 || ps[0] != want {
-		t.Errorf("walk told to spare %v, want the PEER's %v", ps, want)
+	// The walk asks the live leases: the PEER keeps its remote's flow.
+	tg := ctTarget{addr: ext.Addr(), proto: protoTCP, port: ext.Port()}
+	other := netip.AddrPortFrom(remote.Addr(), remote.Port()+1)
+	hs := []ctHit{{t: tg, src: remote, to: ext}, {t: tg, src: other, to: ext}}
+	h.s.spareLive(hs)
+	if !hs[0].keep || hs[1].keep {
+		t.Errorf("kept the PEER's remote's flow %v, another's %v; want true, false", hs[0].keep, hs[1].keep)
 	}
 }
 

@@ -64,7 +64,7 @@ func BenchmarkStartExpired(b *testing.B) {
 				}
 				walks := 0
 				walk := s.ct.walk
-				s.ct.walk = func(fs []ctFilter, a ctAdmits) ([]ctFilter, error) { walks++; return walk(fs, a) }
+				s.ct.walk = func(fs []ctFilter) ([]ctFilter, error) { walks++; return walk(fs) }
 				resetHWM(b)
 				rss0 := vmKB(b, "VmRSS:")
 				stop := peakHeap()

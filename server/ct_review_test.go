@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 )
 
@@ -19,19 +18,17 @@ import (
 // ctRecorder records the filters the conntrack walk is handed; with gate
 // set, each walk first waits for a value on it.
 type ctRecorder struct {
-	mu     sync.Mutex
-	fs     []ctFilter
-	admits ctAdmits // what the walks were told to spare
-	gate   chan struct{}
+	mu   sync.Mutex
+	fs   []ctFilter
+	gate chan struct{}
 }
 
-func (r *ctRecorder) walk(fs []ctFilter, a ctAdmits) ([]ctFilter, error) {
+func (r *ctRecorder) walk(fs []ctFilter) ([]ctFilter, error) {
 	if r.gate != nil {
 		<-r.gate
 	}
 	r.mu.Lock()
 	r.fs = append(r.fs, fs...)
-	r.admits = r.admits.merge(a)
 	r.mu.Unlock()
 	return nil, nil
 }
@@ -121,22 +118,19 @@ func TestCtFlushMovedAndDropped(t *testing.T) {
 
 // TestCtFlushRemade: a flush is queued at expiry (or delete) and runs
 // later, after the walks before it. Which leases spare flows of the ended
-// endpoint is decided by what was live when the mapping ended, not by
-// what is live when the walk runs:
+// endpoint is decided by what is live when the walk runs (spareLive,
+// issue 9, h/holder), and the filters always reach the walk:
 //   - the same mapping made again meanwhile (the same external port:
-//     MAP-22 keeps it for its owner) is a new mapping (RFC 6887 §15): the
-//     connections of before the end still end (PMP-12). Before
-//     (h/revct's pruneLive), the walk dropped the filters of endpoints a
-//     live lease held when it ran, so whether they ended depended on
-//     whether the walk had run before the client re-made the mapping
-//     (fails there: no filter handed to the walk);
-//   - an IPv6 all-ports MAP of the address live throughout admits every
-//     flow to the ended port (before: ended, only the exact endpoint's
-//     holders were looked at); a FILTERed one the flows its filter
-//     admits: handed to the walk as ctAdmits, the filter kept (a live
-//     pinhole spares a flow only where the kernel delivered it, which
-//     only the walk sees: TestE2EEndpointRetakenEndsOldFlow);
-//   - an all-ports MAP made after the end spares nothing.
+//     MAP-22 keeps it for its owner) admits the flows to the endpoint
+//     from any remote: they stay (before h/holder, "a new mapping spares
+//     nothing", and the connections opened through it before the walk
+//     lost their entries: TestE2ERetakenBeforeFlushKeepsNewFlow). Before
+//     h/revct's pruneLive, the walk was not even handed the filters of
+//     endpoints a live lease held;
+//   - an IPv6 all-ports MAP of the address, live throughout or made
+//     before the walk, admits every flow to the ended port; a FILTERed
+//     one the flows its filter admits;
+//   - nothing made again: nothing spared.
 func TestCtFlushRemade(t *testing.T) {
 	expire := func(h *harness) {
 		h.clock.Advance(2 * time.Minute)
@@ -176,16 +170,16 @@ func TestCtFlushRemade(t *testing.T) {
 		before, after func(h *harness, ext netip.AddrPort) // around the end
 		end           func(h *harness)
 		handed        bool // the walk is handed the ended endpoint's filters
-		spared        bool // with the all-ports MAP's pinhole to spare
+		spared        bool // a flow from remote to the endpoint stays (spareLive)
 		filter        bool // the all-ports MAP has a FILTER
 	}{
-		{"expired, made again before the walk", v4A, nil, remake, expire, true, false, false},
-		{"deleted, made again before the walk", v4A, nil, remake, del(v4A), true, false, false},
+		{"expired, made again before the walk", v4A, nil, remake, expire, true, true, false},
+		{"deleted, made again before the walk", v4A, nil, remake, del(v4A), true, true, false},
 		{"expired, not made again", v4A, nil, nil, expire, true, false, false},
-		{"IPv6 deleted, made again before the walk", addrA, nil, remake, del(addrA), true, false, false},
+		{"IPv6 deleted, made again before the walk", addrA, nil, remake, del(addrA), true, true, false},
 		{"IPv6 deleted, all-ports MAP live throughout", addrA, allPorts(false), nil, del(addrA), true, true, false},
 		{"IPv6 deleted, FILTERed all-ports MAP live throughout", addrA, allPorts(true), nil, del(addrA), true, true, true},
-		{"IPv6 deleted, all-ports MAP made before the walk", addrA, nil, allPorts(false), del(addrA), true, false, false},
+		{"IPv6 deleted, all-ports MAP made before the walk", addrA, nil, allPorts(false), del(addrA), true, true, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			h := newHarness(t, func(_ *Config, p *policy.Config) { p.AllowAllPorts = true })
@@ -222,15 +216,23 @@ func TestCtFlushRemade(t *testing.T) {
 					t.Errorf("walk handed a filter (nat %v) of %v: %v, want %v", nat, ext, got, c.handed)
 				}
 			}
-			r.mu.Lock()
-			ps := r.admits[ctTarget{addr: ext.Addr(), proto: protoTCP, port: ext.Port()}]
-			r.mu.Unlock()
-			want := pinhole.Pinhole{Protocol: protoTCP, InternalAddr: addrA, ExternalAddr: addrA}
-			if c.filter {
-				want.RemotePrefix = netip.PrefixFrom(remote.Addr(), 128)
+			tg := ctTarget{addr: ext.Addr(), proto: protoTCP, port: ext.Port()}
+			to := netip.AddrPortFrom(c.client, 80)                                   // where the kernel delivers it
+			other := netip.AddrPortFrom(netip.MustParseAddr("2001:db8:77::1"), 4000) // no FILTER admits it
+			if ext.Addr().Is4() {
+				other = netip.MustParseAddrPort("198.51.100.77:4000")
 			}
-			if spared := len(ps) == 1 && ps[0] == want; spared != c.spared || (!c.spared && len(ps) > 0) {
-				t.Errorf("walk told to spare %v, want the all-ports pinhole (FILTERed %v): %v", ps, c.filter, c.spared)
+			rem := remote
+			if ext.Addr().Is4() {
+				rem = netip.MustParseAddrPort("198.51.100.7:4000")
+			}
+			hs := []ctHit{{t: tg, src: rem, to: to}, {t: tg, src: other, to: to}}
+			h.s.spareLive(hs)
+			if hs[0].keep != c.spared {
+				t.Errorf("a flow from %v to %v kept %v, want %v", rem, ext, hs[0].keep, c.spared)
+			}
+			if want := c.spared && !c.filter; hs[1].keep != want {
+				t.Errorf("a flow from %v to %v kept %v, want %v", other, ext, hs[1].keep, want)
 			}
 		})
 	}

@@ -209,7 +209,7 @@ func TestFiltersNarrowedEdges(t *testing.T) {
 
 // TestE2EAllPortsFilterNarrowedEndsFlows (root, namespaces): an IPv6
 // all-ports MAP (its flush is a wildcard filter, spared flow by flow by
-// the leases made by the end: spareWild) narrowed to one remote by a
+// the live leases: spareLive) narrowed to one remote by a
 // renewal or a replacement: the other remote's connection ends, the
 // admitted one's stays, the narrowed lease sparing it though a
 // replacement is made at the end. h/peerend tested narrowing on

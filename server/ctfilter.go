@@ -49,14 +49,22 @@ type ctGroup struct {
 // flush.
 type ctDeleter struct {
 	c *netlink.Conn
-	// admits spares the inbound flows live leases admit (nil: none).
+	// admits spares the inbound flows live leases admit (nil: none),
+	// unless live.
 	admits ctAdmits
 	// fault, if set, sees every dump's result and may change it (tests:
 	// Server.ctDumpFault).
 	fault ctFault
-	// spare marks the flows wildcard filters matched that a live lease
-	// admits (Server.spareWild; nil: none spared).
-	spare func([]ctWildHit)
+	// spare marks the flows of hits that a lease live as it is asked
+	// admits (Server.spareLive; nil: none spared): those wildcard
+	// filters matched and, with live, every flow a filter matched.
+	spare func([]ctHit)
+	// live: admits is not used; what a live lease admits is asked of
+	// spare once a dump's flows are read (the flusher's walk: a lease
+	// made after the mapping ended, before or during the walk, keeps
+	// the flows it admits). Without it (cutRetargeted, under s.mu),
+	// admits decides for the exact filters.
+	live bool
 	// host spares the inbound flows the host opened itself (their
 	// original source is one of its addresses: Server.hostAddrs; nil:
 	// none spared).
@@ -255,9 +263,29 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		}
 	}
 	var dels []netlink.Message
-	var hits []ctWildHit
+	var hits []ctHit
 	var held []ctHeldFlow // hits' flows
+	// decide asks spare about hits and queues the deletes of those no
+	// live lease keeps: every ctHitChunk hits (what they hold beside the
+	// dump stays bounded: with live, every flow matched is a hit), and
+	// once the dump is read.
+	decide := func() {
+		if len(hits) > 0 && d.spare != nil {
+			d.spare(hits)
+		}
+		for i, h := range hits {
+			if f := held[i]; !h.keep {
+				if del, ok := ctDeleteMsg(f.family, f.orig, f.zone); ok {
+					dels = append(dels, del)
+				}
+			}
+		}
+		hits, held = hits[:0], held[:0]
+	}
 	for _, m := range msgs {
+		if len(hits) >= ctHitChunk {
+			decide()
+		}
 		if len(m.Data) < 4 {
 			continue
 		}
@@ -290,9 +318,9 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			continue // a kernel that ignored CTA_FILTER
 		}
 		if !g.nat && wild {
-			// Exactly matched and not spared: ended. Otherwise a
-			// wildcard's (its earliest end first) decides, once
-			// every flow is read (spareWild takes s.mu a chunk at
+			// Exactly matched and not spared: ended. Otherwise
+			// (and always with live) the live leases decide, once
+			// every flow is read (spareLive takes s.mu a chunk at
 			// a time).
 			// Where the kernel delivered it (the reply's source;
 			// invalid if unread: spared by none).
@@ -302,11 +330,11 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			}
 			w := ctFilter{t: ctTarget{addr: k.t.addr, proto: g.proto}}
 			_, exact := slices.BinarySearchFunc(fs, k, cmpCtFilter)
-			if i, ok := slices.BinarySearchFunc(fs, w, cmpCtTarget); ok && !(exact && !d.admits.admitted(k.t, o.src, to)) {
+			if _, ok := slices.BinarySearchFunc(fs, w, cmpCtTarget); ok && (d.live || !(exact && !d.admits.admitted(k.t, o.src, to))) {
 				if d.host.has(o.src.Addr()) {
 					continue // the host's own (Server.hostAddrs)
 				}
-				hits = append(hits, ctWildHit{t: k.t, src: o.src, to: to, end: fs[i].end()})
+				hits = append(hits, ctHit{t: k.t, src: o.src, to: to})
 				held = append(held, ctHeldFlow{family: m.Data[0], orig: orig, zone: zone})
 				continue
 			}
@@ -320,6 +348,20 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			k.src4, k.sport = o.src.Addr().As4(), o.src.Port()
 		}
 		if _, want := slices.BinarySearchFunc(fs, k, cmpCtFilter); !want {
+			continue
+		}
+		if d.live {
+			// Asked of the live leases once every flow is read.
+			h := ctHit{t: k.t, src: o.src, nat: g.nat}
+			if g.nat {
+				h.to = o.dst // the remote
+			} else if d.host.has(o.src.Addr()) {
+				continue // the host's own (Server.hostAddrs)
+			} else if r, ok := ctTupleOf(reply, g.v4); ok {
+				h.to = r.src // where the kernel delivered it
+			}
+			hits = append(hits, h)
+			held = append(held, ctHeldFlow{family: m.Data[0], orig: orig, zone: zone})
 			continue
 		}
 		if g.nat && d.admits.snatted(k.t, o.src, o.dst) {
@@ -345,22 +387,17 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			dels = append(dels, del)
 		}
 	}
-	if len(hits) > 0 && d.spare != nil {
-		d.spare(hits)
-	}
-	for i, h := range hits {
-		if f := held[i]; !h.keep {
-			if del, ok := ctDeleteMsg(f.family, f.orig, f.zone); ok {
-				dels = append(dels, del)
-			}
-		}
-	}
+	decide()
 	n, err := d.deleteAll(dels)
 	return n, errors.Join(intr, err)
 }
 
-// ctHeldFlow is a flow a wildcard filter matched, until spareWild said
-// whether it stays.
+// ctHitChunk is how many flows a walk holds for spareLive at a time (one
+// hold of s.mu each, as spareLive's own chunks).
+const ctHitChunk = 4096
+
+// ctHeldFlow is a flow a filter matched, until spareLive said whether it
+// stays.
 type ctHeldFlow struct {
 	family     byte
 	orig, zone []byte

@@ -241,7 +241,7 @@ func (h *harness) startRecordingFlushes(t *testing.T, addr netip.Addr, port uint
 	}
 	var mu sync.Mutex
 	var notes []bool
-	s.ct.walk = func(fs []ctFilter, _ ctAdmits) ([]ctFilter, error) {
+	s.ct.walk = func(fs []ctFilter) ([]ctFilter, error) {
 		for _, f := range fs {
 			if !f.nat && f.t.addr == addr && f.t.port == port {
 				_, open := h.fw.Holes()[p]

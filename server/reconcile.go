@@ -222,7 +222,7 @@ func (r *restoring) presize(each func(func(*store.Lease) error) error) error {
 		if r.expiredOrMoved(l) {
 			drops++
 			if !r.s.cfg.KeepConnections {
-				ends += len(appendCtFilters(scratch[:0], l, r.s.steadyAt(r.now)))
+				ends += len(appendCtFilters(scratch[:0], l))
 			}
 		}
 		return nil
@@ -258,7 +258,7 @@ func (r *restoring) add(l *store.Lease) {
 		r.drop.add(l.Key)
 		r.expired++
 		if !r.s.cfg.KeepConnections {
-			r.expEnds = appendCtFilters(r.expEnds, l, r.s.steadyAt(r.now))
+			r.expEnds = appendCtFilters(r.expEnds, l)
 		}
 		r.lapse(l)
 	case l.ExternalAddr.Is4() && l.ExternalAddr != r.s.cfg.ExternalIPv4:
@@ -270,7 +270,7 @@ func (r *restoring) add(l *store.Lease) {
 		if !r.s.cfg.KeepConnections {
 			// Their connections end as an expired lease's do (the
 			// old address may still be the host's).
-			r.expEnds = appendCtFilters(r.expEnds, l, r.s.steadyAt(r.now))
+			r.expEnds = appendCtFilters(r.expEnds, l)
 		}
 	default:
 		if why := r.s.restoreRefusal(l); why != "" {
@@ -425,16 +425,14 @@ func (r *restoring) commitDrops(drop keyChunks, qc *store.QuarChange) {
 
 // flushExpired ends the connections of the leases that expired while pcpd
 // was down: conntrack outlives the process, and the guard lets their
-// established flows pass (flushConntrack). Not those a restored lease
-// admits (heldAdmits: live throughout, nothing was made while pcpd was
-// down), nor the SNAT-ed ones a restored lease's companion covers
-// (ctAdmits.snatted; before review h/revpeer: every SNAT-ed one of an
-// endpoint a restored lease held). Before, every flow of an endpoint a restored lease held was
+// established flows pass (flushConntrack). Not those a lease live as the
+// walk decides admits (spareLive), nor the SNAT-ed ones a live lease's
+// companion covers (ctAdmits.snatted; before review h/revpeer: every
+// SNAT-ed one of an endpoint a restored lease held). Before, every flow of an endpoint a restored lease held was
 // kept: a PEER's restored beside an expired MAP kept the MAP's flows from
 // every remote (review h/revctl, TestCtFlushExpiredAtStartSparesOnlyAdmitted).
-// A wildcard filter's flows (an IPv6 all-ports MAP's) are spared one by
-// one by the leases live by its end (spareWild). Queued: the walk runs
-// beside serving.
+// A wildcard filter's flows (an IPv6 all-ports MAP's) likewise, one by
+// one. Queued: the walk runs beside serving.
 func (r *restoring) flushExpired() {
 	s := r.s
 	// Those of moved leases whose pinhole deletion failed wait for
@@ -442,7 +440,7 @@ func (r *restoring) flushExpired() {
 	fs := s.pendingEnds(r.expEnds)
 	r.expEnds = nil
 	if len(fs) > 0 {
-		s.ct.add(fs, s.heldAdmits(fs))
+		s.ct.add(fs)
 	}
 }
 
@@ -628,8 +626,7 @@ func (s *Server) pendingEnds(ends []ctFilter) []ctFilter {
 // element, or its external endpoint went to another internal tuple: the
 // kernel's element is that lease's) is dropped, not deleted. Once a
 // pinhole is gone, the connections of its lease are flushed but for those
-// a live lease admits now (heldAdmits; a wildcard filter's, spareWild).
-// A wildcard filter ends now: its pinhole admitted flows until it went.
+// a live lease admits as the walk decides (spareLive).
 func (s *Server) retryUndeleted() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -664,19 +661,13 @@ func (s *Server) retryUndeleted() {
 	}
 	ends := s.undeletedEnds
 	s.undeletedEnds = nil
-	// What a live lease admits is spared (heldAdmits; a lease that took
+	// What a live lease admits is spared (spareLive; a lease that took
 	// the endpoint since, DNAT-ing it to another internal tuple, admits
 	// none of the old flows: pinhole.Pinhole.AdmitsFlow); before, every
 	// flow of an endpoint a live lease held was kept.
 	flush := s.pendingEnds(ends)
-	end := s.steadyAt(s.now()) // steady, as flushConntrack's
-	for i := range flush {
-		if !flush[i].nat && flush[i].t.wild() {
-			flush[i].setEnd(end)
-		}
-	}
 	if len(flush) > 0 {
-		s.ct.add(flush, s.heldAdmits(flush))
+		s.ct.add(flush)
 	}
 }
 

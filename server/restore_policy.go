@@ -130,7 +130,7 @@ func (r *restoring) refuse(l *store.Lease, why string) {
 		r.logs = append(r.logs, g)
 	}
 	if !r.s.cfg.KeepConnections {
-		r.ends = appendCtFilters(r.ends, l, r.s.steadyAt(r.now))
+		r.ends = appendCtFilters(r.ends, l)
 	}
 	if l.ExternalAddr.Is4() && !r.s.configForbids(l) { // a reserved port is never handed out
 		e, q := quarantineOf(l, r.now)
@@ -186,7 +186,7 @@ func (r *restoring) revoked() {
 	if ends := s.pendingEnds(r.ends); len(ends) > 0 {
 		// Those of leases whose pinhole deletion failed wait for
 		// retryUndeleted (TestRestoreRefusedFlushAfterDelete).
-		s.ct.add(ends, s.heldAdmits(ends))
+		s.ct.add(ends)
 	}
 	r.ends = nil
 	s.m.revocations.WithLabelValues("policy").Add(float64(r.refused))

@@ -52,7 +52,7 @@ func BenchmarkStartRefused(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				s.ct.walk = func([]ctFilter, ctAdmits) ([]ctFilter, error) { return nil, nil }
+				s.ct.walk = func([]ctFilter) ([]ctFilter, error) { return nil, nil }
 				stop := peakHeap()
 				start := time.Now()
 				if err := s.Start(); err != nil {

@@ -287,7 +287,7 @@ func (s *Server) cutRetargeted(ts []ctTarget, tos []netip.AddrPort, ended []stor
 	if err != nil || len(left) > 0 {
 		s.log.Warn("cannot end the flows of a retaken external endpoint; retrying with the next walk", zap.Error(err))
 		if !s.cfg.KeepConnections {
-			s.ct.add(left, admits)
+			s.ct.add(left) // its walk asks the live leases (spareLive)
 		}
 		return
 	}

@@ -68,7 +68,7 @@ func TestRevokeStopsWithServe(t *testing.T) {
 	const n = 2000
 	_, s, fw, st, stop, done := sweepServeWith(t, "opsleft-revstop", 0, n, func(*Server, []pinhole.Op) {}, func(s *Server) {
 		s.cfg.KeepConnections = false
-		s.ct.walk = func([]ctFilter, ctAdmits) ([]ctFilter, error) { return nil, nil }
+		s.ct.walk = func([]ctFilter) ([]ctFilter, error) { return nil, nil }
 	})
 	var seqAtEnd uint64
 	s.revokeStepHook = func(done2 int) {

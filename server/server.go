@@ -256,8 +256,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	}
 	s.plog = packetLogger(log, s.steady, time.Now)
 	s.hostPorts.s = s
-	s.ct.walk = s.walkConntrack
-	s.ct.prune = s.pruneLive
+	s.ct.walk = s.walkLive
 	s.ct.report = s.reportCtWalk
 	s.m = newMetrics(func() float64 {
 		s.mu.Lock()
