@@ -103,20 +103,36 @@ func Open(dir string, log *zap.Logger, opts ...Option) (*Store, State, error) {
 		err = o.stopped()
 	}
 	if err != nil {
-		if s.db != nil {
-			_ = s.db.Close()
+		release := func() {
+			if s.db != nil {
+				_ = s.db.Close()
+			}
+			if s.ro != nil {
+				_ = s.ro.Close()
+			}
+			if s.checked != nil {
+				_ = s.checked.Close()
+			}
+			if s.dirLock != nil {
+				_ = s.dirLock.Close()
+			}
+			if s.dirShared != nil {
+				_ = s.dirShared.Close()
+			}
 		}
-		if s.ro != nil {
-			_ = s.ro.Close()
-		}
-		if s.checked != nil {
-			_ = s.checked.Close()
-		}
-		if s.dirLock != nil {
-			_ = s.dirLock.Close()
-		}
-		if s.dirShared != nil {
-			_ = s.dirShared.Close()
+		if left := (*checkLeft)(nil); errors.As(err, &left) {
+			// Stopped during bbolt's check: the directory stays locked
+			// until the check has ended and the file is closed, so no
+			// Open of this process takes it meanwhile (one that exits
+			// does not wait).
+			leftChecks.Add(1)
+			go func() {
+				defer leftChecks.Done()
+				<-left.closed
+				release()
+			}()
+		} else {
+			release()
 		}
 		return nil, State{}, err
 	}
@@ -538,7 +554,7 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 		// a zero-length state file, so this is damage.
 		return nil, loaded{}, fmt.Errorf("store: %s is empty: %w", filepath.Base(path), ErrCorrupt)
 	}
-	shape, err := inspectFile(path)
+	shape, err := inspectFile(path, o.stopped)
 	if err != nil {
 		return nil, loaded{}, err
 	}
@@ -565,21 +581,39 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 		}
 		return nil, loaded{}, err
 	}
+	if err := o.stopped(); err != nil {
+		_ = db.Close()
+		return nil, loaded{}, err
+	}
+	// bbolt's consistency check walks every page in one go (≈ 140 ms at
+	// 1 000 000 leases) with no way to stop it half way: it runs in a read
+	// transaction of its own (checkFile), and when Open's context ends
+	// first Open does not wait for it: the check is left to end, and only
+	// then is the file closed (its goroutine reads the mapping) and the
+	// directory released (checkLeft).
+	checked, err := checkFile(db)
+	if err != nil {
+		_ = db.Close()
+		return nil, loaded{}, err
+	}
+	var problems []string
+	select {
+	case problems = <-checked:
+	case <-o.done():
+		stop := o.stopped()
+		closed, left := make(chan struct{}), db // db, the result, is nil once returned
+		go func() {
+			defer close(closed)
+			<-checked
+			_ = left.Close()
+		}()
+		return nil, loaded{}, &checkLeft{error: stop, closed: closed}
+	}
+	if len(problems) > 0 {
+		_ = db.Close()
+		return nil, loaded{}, fmt.Errorf("store: consistency check: %s: %w", strings.Join(problems, "; "), ErrCorrupt)
+	}
 	err = db.View(func(tx *bolt.Tx) error {
-		// The check walks every page in one go (bbolt's own, not to be
-		// left half way: it reads the mapping the transaction holds).
-		if err := o.stopped(); err != nil {
-			return err
-		}
-		var problems []string
-		for cerr := range tx.Check() {
-			if len(problems) < maxCheckErrors {
-				problems = append(problems, cerr.Error())
-			}
-		}
-		if len(problems) > 0 {
-			return fmt.Errorf("store: consistency check: %s: %w", strings.Join(problems, "; "), ErrCorrupt)
-		}
 		addr, size := db.Info().Data, tx.Size()
 		drop := func() { dropMapped(addr, size) }
 		drop()
@@ -598,6 +632,51 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 	}
 	return db, ld, nil
 }
+
+// checkFile runs bbolt's consistency check of db in a read transaction
+// begun now and sends what it found (at most maxCheckErrors findings;
+// none: consistent) once the check has ended and the transaction is
+// closed. The file must stay open (mapped) until then.
+func checkFile(db *bolt.DB) (<-chan []string, error) {
+	res := make(chan []string, 1)
+	tx, err := db.Begin(false)
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		var problems []string
+		for cerr := range tx.Check() {
+			if len(problems) < maxCheckErrors {
+				problems = append(problems, cerr.Error())
+			}
+		}
+		if testHookCheckEnd != nil {
+			testHookCheckEnd()
+		}
+		_ = tx.Rollback()
+		res <- problems
+	}()
+	return res, nil
+}
+
+// testHookCheckEnd, when set, runs in checkFile's goroutine once bbolt's
+// check has ended, before its transaction is closed (tests hold it there:
+// a check that takes its time).
+var testHookCheckEnd func()
+
+// checkLeft is ErrOpenStopped (a streamError) returned while bbolt's check
+// still runs: the file is closed once it has ended (closed), and Open
+// keeps the directory's lock until then (leftChecks).
+type checkLeft struct {
+	error
+	closed <-chan struct{}
+}
+
+func (e *checkLeft) Unwrap() error { return e.error }
+
+// leftChecks counts the stopped Opens whose directory is not released yet
+// (checkLeft; tests wait for them).
+var leftChecks sync.WaitGroup
 
 // readTx decodes everything; drop is called every dropEvery leases to keep
 // the mapped file out of the RSS while loading.
