@@ -53,7 +53,7 @@ func TestOpenStopLatency(t *testing.T) {
 		c := at
 		mu.Unlock()
 		if c.IsZero() || err == nil {
-			t.Logf("cancel at %v: Open ended first (%v)", d.Round(time.Millisecond), err)
+			t.Logf("cancel at %v: Open returned %v before the cancel or after its last look", d.Round(time.Millisecond), err)
 			continue
 		}
 		w := back.Sub(c)
