@@ -801,7 +801,7 @@ func (s *Store) setupLog() error {
 	s.pendingQuar = s.pendingQuar && !repairQuar
 	s.pendingMu.Unlock()
 	s.sel = nil
-	stamp := s.opt.now().UTC().Format("20060102T150405.000000000Z")
+	stamp := s.opt.now().UTC().Format(asideStamp)
 	for _, i := range sel.damaged {
 		p := filepath.Join(s.dir, segName(i))
 		if err := os.Rename(p, p+".corrupt-"+stamp); err != nil && !errors.Is(err, os.ErrNotExist) {

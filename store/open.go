@@ -206,11 +206,11 @@ func (s *Store) load() (State, error) {
 	_, err := os.Stat(s.path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		if _, berr := os.Stat(bak); berr == nil {
+		if bfi, berr := os.Stat(bak); berr == nil {
 			if ro != nil {
 				return State{}, fmt.Errorf("store: state file %s missing and the backup copy can not be restored (%w): %w", s.path, ro, ErrUnavailable)
 			}
-			return s.recover(fmt.Errorf("state file %s missing", s.path))
+			return s.recover(s.missingCause(bfi))
 		}
 		sel, logFound := logBounds(s.dir, 0)
 		s.sel = sel
@@ -260,7 +260,7 @@ func (s *Store) load() (State, error) {
 		// Read what is there; writes wait for the directory to come back.
 		rodb, ld, rerr := readState(s.path, &s.opt, true, s.dir)
 		if isStreamErr(rerr) {
-			return State{}, rerr
+			return State{}, fmt.Errorf("%w; it was reading a read-only state directory: %w", rerr, err)
 		}
 		if rerr != nil {
 			return State{}, fmt.Errorf("store: state directory read-only and state unreadable (%w); can not repair it: %w", rerr, ErrUnavailable)
@@ -361,14 +361,16 @@ func (s *Store) recover(cause error) (State, error) {
 	s.pendingClear = true
 	s.pendingMu.Unlock()
 	now := s.opt.now().UTC()
-	stamp := now.Format("20060102T150405.000000000Z")
+	stamp := now.Format(asideStamp)
 	var what []string
+	moved := "" // where the state file went, for a stopped recovery's error
 	if _, err := os.Stat(s.path); err == nil {
 		aside := s.path + ".corrupt-" + stamp
 		if err := os.Rename(s.path, aside); err != nil {
 			return State{}, fmt.Errorf("store: state file unusable (%v) and can not be moved aside: %w", cause, err)
 		}
 		what = append(what, fmt.Sprintf("state file unusable (%v), moved to %s", cause, filepath.Base(aside)))
+		moved = "state file moved to " + filepath.Base(aside) + "; "
 	} else {
 		what = append(what, cause.Error())
 	}
@@ -380,7 +382,11 @@ func (s *Store) recover(cause error) (State, error) {
 	if fi, err := os.Stat(bak); err == nil {
 		db, ld, rerr := restore(bak, s.path, &s.opt)
 		if isStreamErr(rerr) {
-			return State{}, rerr
+			// Stopped (WithContext) while the copy was read: the error
+			// keeps what the recovery was for (errors.Is finds both),
+			// which serve logs; the next start restores the copy.
+			return State{}, fmt.Errorf("%w; it was recovering the state from: %w (%sbackup %s not restored: the next start restores it)",
+				rerr, cause, moved, BackupName)
 		}
 		if isEnvErr(rerr) {
 			// No room for the copy (or the like): the copy is not
@@ -431,6 +437,31 @@ func (s *Store) recover(cause error) (State, error) {
 	s.db = db
 	what = append(what, "started with no leases")
 	return State{Fresh: true, Recovered: strings.Join(what, "; ")}, nil
+}
+
+// asideStamp names a moved-aside file (.corrupt-STAMP) by when (UTC).
+const asideStamp = "20060102T150405.000000000Z"
+
+// missingCause is why recover runs for a state file that is missing (the
+// backup copy, bak, is there). A moved-aside state file (.corrupt-STAMP)
+// newer than the copy is most likely the one a start found unusable and
+// was stopped (or killed) before it restored the copy: named, so that the
+// report does not lose it (that start's log says why).
+func (s *Store) missingCause(bak fs.FileInfo) error {
+	err := fmt.Errorf("state file %s missing: %w", s.path, fs.ErrNotExist)
+	names, _ := filepath.Glob(s.path + ".corrupt-*")
+	newest, at := "", time.Time{}
+	for _, n := range names {
+		t, perr := time.Parse(asideStamp, strings.TrimPrefix(filepath.Base(n), DBName+".corrupt-"))
+		if perr == nil && t.After(at) {
+			newest, at = filepath.Base(n), t
+		}
+	}
+	if newest == "" || !at.After(bak.ModTime()) {
+		return err
+	}
+	return fmt.Errorf("%w (%s, moved aside at %s, after the backup copy was written: most likely the state file an earlier start found unusable and was stopped before it restored the copy; that start's log says why)",
+		err, newest, at.Format(time.RFC3339))
 }
 
 // testHookRecover, when set, runs in recover after the state file was
