@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -161,5 +162,161 @@ func TestServeStopDuringStart(t *testing.T) {
 	}
 	if count != n {
 		t.Errorf("%d leases in the store after the stopped start, want %d", count, n)
+	}
+}
+
+// TestServeStopDuringOpen (h/ops2): SIGTERM while pcpd reads its state
+// file (store.Open: its page walk, bbolt's check, the leases' check;
+// 300 000 leases) ends the start there, before the firewall is touched:
+// sent once pcpd has leases.db open (/proc/PID/fd), pcpd must exit 0
+// saying "stopped while starting, reading the state", with no "state
+// restored" or "serving", no pcpd table in the kernel, the control socket
+// removed and nothing left in the state directory (.tmp, .corrupt-); the
+// next start then restores every lease with the epoch continuing ("state
+// restored; epoch continues", no "state recovery"), and after it the
+// store holds the n leases and the same epoch origin, not Fresh.
+//
+// Fails without store.WithContext in serve (Open read to its end): no
+// "stopped while starting, reading the state" line (the stop came later,
+// from StartContext; exit 466 ms after SIGTERM, 41 ms with it).
+func TestServeStopDuringOpen(t *testing.T) {
+	netlab.RequireRoot(t)
+	const n = 300_000
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	dir := t.TempDir()
+	state, sock := filepath.Join(dir, "state"), filepath.Join(dir, "pcpd.sock")
+	origin := seedStore(t, state, topo.ClientPrefix6, n)
+	db := filepath.Join(state, store.DBName)
+
+	start := func(out *pcpdtest.Log) (*exec.Cmd, chan error) {
+		t.Helper()
+		cmd, err := topo.Host.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = out, out },
+			pcpdtest.Binary(t), "serve", "--interface", topo.HostLANIf,
+			"--client", "home="+topo.ClientPrefix6.String(),
+			"--state-dir", state, "--socket", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		exited := make(chan error, 1)
+		go func() { exited <- cmd.Wait() }()
+		t.Cleanup(func() {
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			select {
+			case <-exited:
+			case <-time.After(10 * time.Second):
+			}
+			if t.Failed() {
+				t.Logf("pcpd log:\n%s", out.Tail(40))
+			}
+		})
+		return cmd, exited
+	}
+	stop := func(cmd *exec.Cmd, exited chan error, what string) {
+		t.Helper()
+		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		sent := time.Now()
+		select {
+		case err := <-exited:
+			t.Logf("%s: pcpd exited %v after SIGTERM (%d leases stored)", what, time.Since(sent).Round(time.Millisecond), n)
+			if err != nil {
+				t.Errorf("%s: pcpd exited with %v after SIGTERM, want 0", what, err)
+			}
+		case <-time.After(120 * time.Second): // a hang, not a figure
+			t.Fatalf("%s: pcpd still running 120 s after SIGTERM", what)
+		}
+	}
+
+	var out pcpdtest.Log
+	cmd, exited := start(&out)
+	fds := fmt.Sprintf("/proc/%d/fd", cmd.Process.Pid)
+	for opened := false; !opened; {
+		select {
+		case err := <-exited:
+			t.Fatalf("pcpd exited (%v) before it opened its state file", err)
+		default:
+		}
+		ents, _ := os.ReadDir(fds)
+		for _, e := range ents {
+			if l, _ := os.Readlink(filepath.Join(fds, e.Name())); l == db {
+				opened = true
+			}
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	stop(cmd, exited, "SIGTERM while reading the state")
+	log := out.String()
+	if !strings.Contains(log, "stopped while starting, reading the state") {
+		t.Errorf("no \"stopped while starting, reading the state\" line: not stopped in store.Open")
+	}
+	for _, s := range []string{"state restored", "serving", "state recovery"} {
+		if strings.Contains(log, s) {
+			t.Errorf("pcpd logged %q after SIGTERM while reading its state", s)
+		}
+	}
+	nft, err := topo.Host.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tabs, err := nft.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tb := range tabs {
+		if tb.Name == "pcpd" {
+			t.Errorf("pcpd's table is in the kernel: the start went past store.Open")
+		}
+	}
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("control socket left behind: %v", err)
+	}
+	ents, err := os.ReadDir(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if strings.HasSuffix(e.Name(), ".tmp") || strings.Contains(e.Name(), ".corrupt-") {
+			t.Errorf("left in the state directory: %s", e.Name())
+		}
+	}
+
+	// The next start: the whole state, the epoch continuing.
+	var out2 pcpdtest.Log
+	cmd, exited = start(&out2)
+	if err := netlab.Eventually(120*time.Second, func() error {
+		if strings.Contains(out2.String(), "serving") {
+			return nil
+		}
+		select {
+		case err := <-exited:
+			exited <- err
+			return fmt.Errorf("pcpd exited (%v)", err)
+		default:
+		}
+		return errors.New("not serving yet")
+	}); err != nil {
+		t.Fatal(err)
+	}
+	stop(cmd, exited, "the next start, serving")
+	log = out2.String()
+	if !strings.Contains(log, "state restored; epoch continues") || strings.Contains(log, "state recovery") {
+		t.Errorf("the next start did not restore the state with the epoch continuing")
+	}
+	st, got, err := store.Open(state, nil, store.WithLockTimeout(100*time.Millisecond), store.WithLeasesLater(), store.WithoutOpenSnapshot())
+	if err != nil {
+		t.Fatalf("state after the next start: %v", err)
+	}
+	defer st.Close()
+	if got.Fresh || got.Recovered != "" || !got.EpochOrigin.Equal(origin) {
+		t.Errorf("state after the next start: fresh %v, recovered %q, epoch origin %v, want %v",
+			got.Fresh, got.Recovered, got.EpochOrigin, origin)
+	}
+	count := 0
+	if err := got.Stream(func(*store.Lease) error { count++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if count != n {
+		t.Errorf("%d leases in the store after the next start, want %d", count, n)
 	}
 }
