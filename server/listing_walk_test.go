@@ -1,0 +1,85 @@
+package server
+
+import (
+	"fmt"
+	"net/netip"
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/store"
+)
+
+// TestListLeasesWalkHolds (h/ops2): ListLeases gathers its keys listScan
+// table slots a hold of s.mu (here 256 of 2000 leases), so the engine
+// gets in between holds, and the listing still gives the leases of the
+// moment it began: the engine renewing half the leases, ending the rest
+// (most in slots the walk has not reached yet) and mapping new ones for
+// new owners right after the walk's first hold changes nothing listed.
+// After it no slot is held back and the table is consistent.
+//
+// Fails before (the keys gathered in one hold): "one hold walked 2000
+// slots, want at most 256" (the walk's end at the table's top). Without the
+// ended slots (pend past the mark) counted: the listing lacks the leases
+// ended in slots ahead of the walk.
+func TestListLeasesWalkHolds(t *testing.T) {
+	const n, scan = 2000, 256
+	defer func(n int) { listScan = n }(listScan)
+	listScan = scan
+	h := newHarness(t)
+	now := h.clock.Now()
+	var ls []store.Lease
+	for i := range n {
+		a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x0a, 14: byte(i >> 8), 15: byte(i)})
+		ls = append(ls, store.Lease{Key: store.Key{Owner: fmt.Sprint("o", i%5), InternalAddr: a, Protocol: 6, InternalPort: 1},
+			ExternalAddr: a, ExternalPort: 1, Kind: store.KindMap, Created: now, Expires: now.Add(time.Hour),
+			Description: fmt.Sprint("d", i)})
+	}
+	putAll(h.s, ls)
+	want := h.s.leasesOneHold()
+	holds, longest := 0, 0
+	testHookListHold = func(slots int) {
+		holds++
+		longest = max(longest, slots)
+		if holds != 1 {
+			return
+		}
+		h.s.mu.Lock()
+		defer h.s.mu.Unlock()
+		for j, l := range ls {
+			if j%2 == 0 {
+				l.Expires = l.Expires.Add(time.Hour)
+				l.Description = "renewed"
+				h.s.tab.put(l)
+			} else {
+				h.s.tab.del(l.Key)
+			}
+		}
+		for j := range 10 {
+			l := ls[j]
+			l.Owner, l.InternalPort = fmt.Sprint("new", j), 2
+			h.s.tab.put(l)
+		}
+		checkTable(t, h.s.tab)
+	}
+	defer func() { testHookListHold = nil }()
+	got, err := list(t, h.s, func(int) {})
+	testHookListHold = nil
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d leases listed; the key walk took %d holds of s.mu, the longest over %d slots", len(got), holds, longest)
+	if longest > scan {
+		t.Errorf("one hold walked %d slots, want at most %d", longest, scan)
+	}
+	if len(got) != len(want) || !reflect.DeepEqual(got, want) {
+		t.Errorf("the listing (%d leases) is not the leases of the moment it began (%d): it saw changes made during its walk", len(got), len(want))
+	}
+	if len(h.s.tab.pend) != 0 || h.s.tab.pins != 0 {
+		t.Fatalf("after the listing: %d slots held back, %d pins", len(h.s.tab.pend), h.s.tab.pins)
+	}
+	checkTable(t, h.s.tab)
+	if got := h.s.tab.len(); got != n/2+10 {
+		t.Fatalf("%d leases after the changes, want %d", got, n/2+10)
+	}
+}
