@@ -122,23 +122,7 @@ func TestListLeasesSnapshot(t *testing.T) {
 			// lease of owner o4, listed in a later chunk, among them) and
 			// maps new ones for new owners, which would take o4's number
 			// were it not held.
-			h.s.mu.Lock()
-			defer h.s.mu.Unlock()
-			for j, l := range ls {
-				if j%2 == 0 && j%5 != 4 {
-					l.Expires = l.Expires.Add(time.Hour)
-					l.Description = "renewed"
-					h.s.tab.put(l)
-				} else {
-					h.s.tab.del(l.Key)
-				}
-			}
-			for j := range 10 {
-				l := ls[j]
-				l.Owner, l.InternalPort = fmt.Sprint("new", j), 2
-				h.s.tab.put(l)
-			}
-			checkTable(t, h.s.tab)
+			churn(t, h, ls, func(j int) bool { return j%2 == 0 && j%5 != 4 })
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -185,6 +169,30 @@ func TestListLeasesSnapshot(t *testing.T) {
 		}
 		checkTable(t, h.s.tab)
 	})
+}
+
+// churn is the engine changing the table while a listing runs (s.mu
+// taken): it renews the leases of ls that renew picks (an hour more,
+// "renewed"), ends the others and maps 10 new ones for new owners.
+func churn(t *testing.T, h *harness, ls []store.Lease, renew func(j int) bool) {
+	t.Helper()
+	h.s.mu.Lock()
+	defer h.s.mu.Unlock()
+	for j, l := range ls {
+		if renew(j) {
+			l.Expires = l.Expires.Add(time.Hour)
+			l.Description = "renewed"
+			h.s.tab.put(l)
+		} else {
+			h.s.tab.del(l.Key)
+		}
+	}
+	for j := range 10 {
+		l := ls[j]
+		l.Owner, l.InternalPort = fmt.Sprint("new", j), 2
+		h.s.tab.put(l)
+	}
+	checkTable(t, h.s.tab)
 }
 
 // BenchmarkListing compares a listing through ListLeases with one through

@@ -44,23 +44,7 @@ func TestListLeasesWalkHolds(t *testing.T) {
 		if holds != 1 {
 			return
 		}
-		h.s.mu.Lock()
-		defer h.s.mu.Unlock()
-		for j, l := range ls {
-			if j%2 == 0 {
-				l.Expires = l.Expires.Add(time.Hour)
-				l.Description = "renewed"
-				h.s.tab.put(l)
-			} else {
-				h.s.tab.del(l.Key)
-			}
-		}
-		for j := range 10 {
-			l := ls[j]
-			l.Owner, l.InternalPort = fmt.Sprint("new", j), 2
-			h.s.tab.put(l)
-		}
-		checkTable(t, h.s.tab)
+		churn(t, h, ls, func(j int) bool { return j%2 == 0 })
 	}
 	defer func() { testHookListHold = nil }()
 	got, err := list(t, h.s, func(int) {})

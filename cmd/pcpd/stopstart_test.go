@@ -76,25 +76,7 @@ func TestServeStopDuringStart(t *testing.T) {
 	origin := seedStore(t, state, topo.ClientPrefix6, n)
 
 	var out pcpdtest.Log
-	cmd, err := topo.Host.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = &out, &out },
-		pcpdtest.Binary(t), "serve", "--interface", topo.HostLANIf,
-		"--client", "home="+topo.ClientPrefix6.String(),
-		"--state-dir", state, "--socket", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-		}
-		if t.Failed() {
-			t.Logf("pcpd log:\n%s", out.Tail(40))
-		}
-	})
+	cmd, exited := startServe(t, topo, state, sock, &out)
 	nft, err := topo.Host.NftConn()
 	if err != nil {
 		t.Fatal(err)
@@ -113,19 +95,7 @@ func TestServeStopDuringStart(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	sent := time.Now()
-	select {
-	case err := <-exited:
-		t.Logf("pcpd exited %v after SIGTERM (%d leases stored)", time.Since(sent).Round(time.Millisecond), n)
-		if err != nil {
-			t.Errorf("pcpd exited with %v after SIGTERM during its start, want 0", err)
-		}
-	case <-time.After(120 * time.Second):
-		t.Fatal("pcpd still running 120 s after SIGTERM")
-	}
+	stopServe(t, cmd, exited, fmt.Sprintf("SIGTERM during the restore (%d leases stored)", n))
 	log := out.String()
 	for _, s := range []string{"state restored", "serving"} {
 		if strings.Contains(log, s) {
@@ -135,34 +105,8 @@ func TestServeStopDuringStart(t *testing.T) {
 	if !strings.Contains(log, "stopped while starting") {
 		t.Errorf("no \"stopped while starting\" line")
 	}
-	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("control socket left behind: %v", err)
-	}
-	ents, err := os.ReadDir(state)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range ents {
-		if strings.HasSuffix(e.Name(), ".tmp") {
-			t.Errorf("half-written file left in the state directory: %s", e.Name())
-		}
-	}
-	st, got, err := store.Open(state, nil, store.WithLockTimeout(100*time.Millisecond), store.WithLeasesLater(), store.WithoutOpenSnapshot())
-	if err != nil {
-		t.Fatalf("state after the stopped start: %v", err)
-	}
-	defer st.Close()
-	if got.Fresh || got.Recovered != "" || !got.EpochOrigin.Equal(origin) {
-		t.Errorf("state after the stopped start: fresh %v, recovered %q, epoch origin %v, want %v",
-			got.Fresh, got.Recovered, got.EpochOrigin, origin)
-	}
-	count := 0
-	if err := got.Stream(func(*store.Lease) error { count++; return nil }); err != nil {
-		t.Fatal(err)
-	}
-	if count != n {
-		t.Errorf("%d leases in the store after the stopped start, want %d", count, n)
-	}
+	wantNothingLeft(t, sock, state)
+	wantStored(t, state, n, origin, "after the stopped start")
 }
 
 // TestServeStopDuringOpen (h/ops2): SIGTERM while pcpd reads its state
@@ -188,48 +132,8 @@ func TestServeStopDuringOpen(t *testing.T) {
 	origin := seedStore(t, state, topo.ClientPrefix6, n)
 	db := filepath.Join(state, store.DBName)
 
-	start := func(out *pcpdtest.Log) (*exec.Cmd, chan error) {
-		t.Helper()
-		cmd, err := topo.Host.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = out, out },
-			pcpdtest.Binary(t), "serve", "--interface", topo.HostLANIf,
-			"--client", "home="+topo.ClientPrefix6.String(),
-			"--state-dir", state, "--socket", sock)
-		if err != nil {
-			t.Fatal(err)
-		}
-		exited := make(chan error, 1)
-		go func() { exited <- cmd.Wait() }()
-		t.Cleanup(func() {
-			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			select {
-			case <-exited:
-			case <-time.After(10 * time.Second):
-			}
-			if t.Failed() {
-				t.Logf("pcpd log:\n%s", out.Tail(40))
-			}
-		})
-		return cmd, exited
-	}
-	stop := func(cmd *exec.Cmd, exited chan error, what string) {
-		t.Helper()
-		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-			t.Fatal(err)
-		}
-		sent := time.Now()
-		select {
-		case err := <-exited:
-			t.Logf("%s: pcpd exited %v after SIGTERM (%d leases stored)", what, time.Since(sent).Round(time.Millisecond), n)
-			if err != nil {
-				t.Errorf("%s: pcpd exited with %v after SIGTERM, want 0", what, err)
-			}
-		case <-time.After(120 * time.Second): // a hang, not a figure
-			t.Fatalf("%s: pcpd still running 120 s after SIGTERM", what)
-		}
-	}
-
 	var out pcpdtest.Log
-	cmd, exited := start(&out)
+	cmd, exited := startServe(t, topo, state, sock, &out)
 	fds := fmt.Sprintf("/proc/%d/fd", cmd.Process.Pid)
 	for opened := false; !opened; {
 		select {
@@ -245,7 +149,7 @@ func TestServeStopDuringOpen(t *testing.T) {
 		}
 		time.Sleep(100 * time.Microsecond)
 	}
-	stop(cmd, exited, "SIGTERM while reading the state")
+	stopServe(t, cmd, exited, fmt.Sprintf("SIGTERM while reading the state (%d leases stored)", n))
 	log := out.String()
 	if !strings.Contains(log, "stopped while starting, reading the state") {
 		t.Errorf("no \"stopped while starting, reading the state\" line: not stopped in store.Open")
@@ -268,22 +172,11 @@ func TestServeStopDuringOpen(t *testing.T) {
 			t.Errorf("pcpd's table is in the kernel: the start went past store.Open")
 		}
 	}
-	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("control socket left behind: %v", err)
-	}
-	ents, err := os.ReadDir(state)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range ents {
-		if strings.HasSuffix(e.Name(), ".tmp") || strings.Contains(e.Name(), ".corrupt-") {
-			t.Errorf("left in the state directory: %s", e.Name())
-		}
-	}
+	wantNothingLeft(t, sock, state)
 
 	// The next start: the whole state, the epoch continuing.
 	var out2 pcpdtest.Log
-	cmd, exited = start(&out2)
+	cmd, exited = startServe(t, topo, state, sock, &out2)
 	if err := netlab.Eventually(120*time.Second, func() error {
 		if strings.Contains(out2.String(), "serving") {
 			return nil
@@ -298,25 +191,99 @@ func TestServeStopDuringOpen(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	stop(cmd, exited, "the next start, serving")
+	stopServe(t, cmd, exited, "the next start, serving")
 	log = out2.String()
 	if !strings.Contains(log, "state restored; epoch continues") || strings.Contains(log, "state recovery") {
 		t.Errorf("the next start did not restore the state with the epoch continuing")
 	}
+	wantStored(t, state, n, origin, "after the next start")
+}
+
+// startServe starts pcpd serve on topo's host (static client "home" of
+// ClientPrefix6) over the state directory state, its output to out;
+// killed at the test's end, the log's tail shown if the test failed.
+// exited gets its exit.
+func startServe(t *testing.T, topo *netlab.Topology, state, sock string, out *pcpdtest.Log) (*exec.Cmd, chan error) {
+	t.Helper()
+	cmd, err := topo.Host.Start(func(c *exec.Cmd) { c.Stdout, c.Stderr = out, out },
+		pcpdtest.Binary(t), "serve", "--interface", topo.HostLANIf,
+		"--client", "home="+topo.ClientPrefix6.String(),
+		"--state-dir", state, "--socket", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+		}
+		if t.Failed() {
+			t.Logf("pcpd log:\n%s", out.Tail(40))
+		}
+	})
+	return cmd, exited
+}
+
+// stopServe sends pcpd SIGTERM and wants it to exit 0 (what: the moment,
+// for the log, which gives how long it took).
+func stopServe(t *testing.T, cmd *exec.Cmd, exited chan error, what string) {
+	t.Helper()
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	sent := time.Now()
+	select {
+	case err := <-exited:
+		t.Logf("%s: pcpd exited %v after SIGTERM", what, time.Since(sent).Round(time.Millisecond))
+		if err != nil {
+			t.Errorf("%s: pcpd exited with %v after SIGTERM, want 0", what, err)
+		}
+	case <-time.After(120 * time.Second): // a hang, not a figure
+		t.Fatalf("%s: pcpd still running 120 s after SIGTERM", what)
+	}
+}
+
+// wantStored: the store in state (opened with a 100 ms lock wait: pcpd
+// released it) holds n leases and the epoch origin, not Fresh, nothing
+// recovered (when: the moment, for the messages).
+func wantStored(t *testing.T, state string, n int, origin time.Time, when string) {
+	t.Helper()
 	st, got, err := store.Open(state, nil, store.WithLockTimeout(100*time.Millisecond), store.WithLeasesLater(), store.WithoutOpenSnapshot())
 	if err != nil {
-		t.Fatalf("state after the next start: %v", err)
+		t.Fatalf("state %s: %v", when, err)
 	}
 	defer st.Close()
 	if got.Fresh || got.Recovered != "" || !got.EpochOrigin.Equal(origin) {
-		t.Errorf("state after the next start: fresh %v, recovered %q, epoch origin %v, want %v",
-			got.Fresh, got.Recovered, got.EpochOrigin, origin)
+		t.Errorf("state %s: fresh %v, recovered %q, epoch origin %v, want %v",
+			when, got.Fresh, got.Recovered, got.EpochOrigin, origin)
 	}
 	count := 0
 	if err := got.Stream(func(*store.Lease) error { count++; return nil }); err != nil {
 		t.Fatal(err)
 	}
 	if count != n {
-		t.Errorf("%d leases in the store after the next start, want %d", count, n)
+		t.Errorf("%d leases in the store %s, want %d", count, when, n)
+	}
+}
+
+// wantNothingLeft: after pcpd's exit the control socket sock is gone and
+// the state directory holds no half-written (.tmp) or moved-aside
+// (.corrupt-) file.
+func wantNothingLeft(t *testing.T, sock, state string) {
+	t.Helper()
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("control socket left behind: %v", err)
+	}
+	ents, err := os.ReadDir(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if strings.HasSuffix(e.Name(), ".tmp") || strings.Contains(e.Name(), ".corrupt-") {
+			t.Errorf("left in the state directory: %s", e.Name())
+		}
 	}
 }
