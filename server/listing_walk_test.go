@@ -3,7 +3,9 @@ package server
 import (
 	"fmt"
 	"net/netip"
+	"os"
 	"reflect"
+	"strconv"
 	"testing"
 	"time"
 
@@ -65,5 +67,49 @@ func TestListLeasesWalkHolds(t *testing.T) {
 	checkTable(t, h.s.tab)
 	if got := h.s.tab.len(); got != n/2+10 {
 		t.Fatalf("%d leases after the changes, want %d", got, n/2+10)
+	}
+}
+
+// TestListLeasesHoldFigure (figure; PCPD_LIST_HOLD=N leases, skipped
+// without): the key walk's holds of s.mu, timed from one hold's end to the
+// next (testHookListHold; the first from the call: the pin, then the
+// walk), with the walk in one hold as before h/ops2 (listScan above the
+// table) and listScan slots a hold. A figure, not an assertion: run it
+// under the bench lock.
+func TestListLeasesHoldFigure(t *testing.T) {
+	n, _ := strconv.Atoi(os.Getenv("PCPD_LIST_HOLD"))
+	if n <= 0 {
+		t.Skip("PCPD_LIST_HOLD=N (leases) not set")
+	}
+	h := newHarness(t)
+	now := h.clock.Now()
+	ls := make([]store.Lease, 0, n)
+	for i := range n {
+		a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x0a, 12: byte(i >> 24), 13: byte(i >> 16), 14: byte(i >> 8), 15: byte(i)})
+		ls = append(ls, store.Lease{Key: store.Key{Owner: fmt.Sprint("o", i%50), InternalAddr: a, Protocol: 6, InternalPort: 1},
+			ExternalAddr: a, ExternalPort: 1, Kind: store.KindMap, Created: now, Expires: now.Add(time.Hour)})
+	}
+	putAll(h.s, ls)
+	defer func(n int) { listScan = n }(listScan)
+	defer func() { testHookListHold = nil }()
+	for _, c := range []struct {
+		name string
+		scan int
+	}{{"one hold (before)", 1 << 30}, {fmt.Sprintf("%d slots a hold (after)", listScan), listScan}} {
+		for range 3 {
+			listScan = c.scan
+			var longest time.Duration
+			holds, last := 0, time.Now()
+			testHookListHold = func(int) {
+				holds++
+				longest = max(longest, time.Since(last))
+				last = time.Now()
+			}
+			k := 0
+			if err := h.s.ListLeases(func(int) error { return nil }, func(*store.Lease) error { k++; return nil }); err != nil || k != n {
+				t.Fatalf("%d listed (%v), want %d", k, err, n)
+			}
+			t.Logf("%d leases, key walk in %-28s %3d holds, longest %v", n, c.name+":", holds, longest.Round(time.Microsecond))
+		}
 	}
 }
