@@ -42,11 +42,13 @@ func BenchmarkSpareLive(b *testing.B) {
 				t := ctTarget{addr: addr(i), proto: protoTCP, port: c.port}
 				hs[i] = ctHit{t: t, src: rem, to: t.dst()}
 			}
+			stop := lockWaits(s) // review h/revholder
 			b.ResetTimer()
 			for range b.N {
 				s.spareLive(hs)
 			}
 			b.StopTimer()
+			b.ReportMetric(float64(stop().Microseconds()), "us-max-lock-wait")
 			for _, x := range hs {
 				if x.keep != c.keep {
 					b.Fatalf("%v kept %v, want %v", x.t, x.keep, c.keep)
