@@ -216,6 +216,7 @@ func (s *Server) spareLive(hits []ctHit) {
 	// others'. A miss looks the leases up again (as before).
 	type key struct {
 		a     [16]byte
+		is4   bool // As16 maps an IPv4 address onto ::ffff:0:0/96
 		proto uint8
 		port  uint16
 	}
@@ -249,7 +250,7 @@ func (s *Server) spareLive(hits []ctHit) {
 				of = append(of, of[i-1])
 				continue
 			}
-			k := key{a: t.addr.As16(), proto: t.proto, port: t.port}
+			k := key{a: t.addr.As16(), is4: t.addr.Is4(), proto: t.proto, port: t.port}
 			e := &runs[(k.a[15] ^ k.a[14] ^ k.a[13] ^ k.a[11] ^ byte(k.port) ^ byte(k.port>>8) ^ k.proto)]
 			r := e.r
 			if !e.ok || e.k != k {
