@@ -17,7 +17,9 @@ import (
 // DNAT-ed (a redirect), IPv6 plain with label bit 127.
 func scanEntry(i int) netlab.ConntrackEntry {
 	const seen = 2 | 4 // IPS_SEEN_REPLY, IPS_ASSURED
-	ap := func(a string, port int) netip.AddrPort { return netip.AddrPortFrom(netip.MustParseAddr(a), uint16(port)) }
+	ap := func(a string, port int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.MustParseAddr(a), uint16(port))
+	}
 	sport := 1024 + i
 	switch i % 4 {
 	case 0:
