@@ -275,7 +275,7 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		}
 		for i, h := range hits {
 			if f := held[i]; !h.keep {
-				if del, ok := ctDeleteMsg(f.family, f.orig, f.zone); ok {
+				if del, ok := f.delete(); ok {
 					dels = append(dels, del)
 				}
 			}
@@ -293,7 +293,7 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		if err != nil {
 			continue
 		}
-		var orig, reply, zone []byte
+		var orig, reply, zone, id []byte
 		for ad.Next() {
 			switch ad.Type() {
 			case ctnl.TupleOrig:
@@ -302,6 +302,8 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 				reply = ad.Bytes()
 			case ctnl.Zone:
 				zone = ad.Bytes()
+			case ctnl.ID:
+				id = ad.Bytes()
 			}
 		}
 		// Checked here in any case: a kernel that does not know
@@ -335,7 +337,7 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 					continue // the host's own (Server.hostAddrs)
 				}
 				hits = append(hits, ctHit{t: k.t, src: o.src, to: to})
-				held = append(held, ctHeldFlow{family: m.Data[0], orig: orig, zone: zone})
+				held = append(held, heldFlow(m.Data[0], orig, reply, zone, id))
 				continue
 			}
 		}
@@ -361,7 +363,7 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 				h.to = r.src // where the kernel delivered it
 			}
 			hits = append(hits, h)
-			held = append(held, ctHeldFlow{family: m.Data[0], orig: orig, zone: zone})
+			held = append(held, heldFlow(m.Data[0], orig, reply, zone, id))
 			continue
 		}
 		if g.nat && d.admits.snatted(k.t, o.src, o.dst) {
@@ -383,7 +385,7 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 				continue
 			}
 		}
-		if del, ok := ctDeleteMsg(m.Data[0], orig, zone); ok {
+		if del, ok := heldFlow(m.Data[0], orig, reply, zone, id).delete(); ok {
 			dels = append(dels, del)
 		}
 	}
@@ -397,10 +399,27 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 const ctHitChunk = 4096
 
 // ctHeldFlow is a flow a filter matched, until spareLive said whether it
-// stays.
+// stays: what its delete names it by (ctnl.DeleteMsg: its reply tuple and
+// CTA_ID, so that a flow made since with its original tuple, delivered
+// elsewhere, is not ended; review h/revctnl).
 type ctHeldFlow struct {
-	family     byte
-	orig, zone []byte
+	family          byte
+	dir             uint16 // ctnl.TupleReply (ctnl.TupleOrig: none read)
+	tuple, zone, id []byte
+}
+
+// heldFlow is the dumped flow with these payloads (family, CTA_TUPLE_ORIG,
+// CTA_TUPLE_REPLY, CTA_ZONE, CTA_ID).
+func heldFlow(family byte, orig, reply, zone, id []byte) ctHeldFlow {
+	if reply == nil {
+		return ctHeldFlow{family: family, dir: ctnl.TupleOrig, tuple: orig, zone: zone, id: id}
+	}
+	return ctHeldFlow{family: family, dir: ctnl.TupleReply, tuple: reply, zone: zone, id: id}
+}
+
+// delete is f's delete (ctnl.DeleteMsg).
+func (f ctHeldFlow) delete() (netlink.Message, bool) {
+	return ctnl.DeleteMsg(f.family, f.dir, f.tuple, f.zone, f.id)
 }
 
 // cmpCtTarget is cmpCtFilter without what a wildcard filter keeps in the
@@ -413,9 +432,10 @@ func cmpCtTarget(a, b ctFilter) int {
 var errCtDumpInterrupted = errors.New("server: conntrack dump interrupted (NLM_F_DUMP_INTR)")
 
 // ctDeleteMsg is the delete of the flow whose CTA_TUPLE_ORIG payload is
-// orig (in zone, if any), without NLM_F_ACK (deleteAll).
+// orig (in zone, if any), without NLM_F_ACK (deleteAll's tests; the walk
+// deletes by what it dumped: ctHeldFlow.delete).
 func ctDeleteMsg(family byte, orig, zone []byte) (netlink.Message, bool) {
-	return ctnl.DeleteMsg(family, orig, zone)
+	return ctnl.DeleteMsg(family, ctnl.TupleOrig, orig, zone, nil)
 }
 
 // ctDeleteChunk is how many deletes go in one sendmsg: the kernel's

@@ -32,6 +32,7 @@ const (
 	TupleOrig  = 1  // CTA_TUPLE_ORIG
 	TupleReply = 2  // CTA_TUPLE_REPLY
 	Status     = 3  // CTA_STATUS
+	ID         = 12 // CTA_ID
 	Zone       = 18 // CTA_ZONE
 	Labels     = 22 // CTA_LABELS
 	Filter     = 25 // CTA_FILTER (Linux 5.8)
@@ -118,13 +119,33 @@ func DstFilter(dir, ipDst uint16, addr []byte, proto uint8, port uint16, origFla
 	return ae.Encode()
 }
 
-// DeleteMsg is the delete of the flow of family whose CTA_TUPLE_ORIG
-// payload is orig (in zone, if any), without NLM_F_ACK.
-func DeleteMsg(family uint8, orig, zone []byte) (netlink.Message, bool) {
+// DeleteMsg is the delete, without NLM_F_ACK, of the flow of family
+// that a dump gave with tuple as its CTA_TUPLE_REPLY payload (dir
+// TupleReply) or CTA_TUPLE_ORIG payload (TupleOrig), in zone (its
+// CTA_ZONE payload, if any) and with id (its CTA_ID payload, if any).
+//
+// Sent some time after the dump, a delete must not end a flow made since
+// that the dump's reader never judged (review h/revctnl). The kernel
+// finds the entry by the tuple given and then compares the id, which
+// hashes the entry's original tuple and its address (nf_ct_get_id), so
+// the address of a freed entry taken again by one with the same original
+// tuple gives the same id. Hence the reply tuple with the id: an entry
+// made since with the same original tuple but delivered elsewhere (DNAT
+// to another target) has another reply tuple and is not found; one with
+// the same reply tuple but another original (another external endpoint
+// DNAT-ed to the same target) has another id. What is ended is then an
+// entry with the dumped flow's tuples both ways: the same flow as far as
+// any judgement of it goes. (By the original tuple alone, the remote's
+// next connection from the same port, DNAT-ed to a mapping's new target,
+// was ended: TestCtDeleteSparesRemadeFlow.)
+func DeleteMsg(family uint8, dir uint16, tuple, zone, id []byte) (netlink.Message, bool) {
 	del := netlink.NewAttributeEncoder()
-	del.Bytes(TupleOrig|netlink.Nested, orig)
+	del.Bytes(dir|netlink.Nested, tuple)
 	if zone != nil {
 		del.Bytes(Zone, zone)
+	}
+	if id != nil {
+		del.Bytes(ID, id)
 	}
 	b, err := del.Encode()
 	if err != nil {
