@@ -411,7 +411,7 @@ type ctHeldFlow struct {
 // heldFlow is the dumped flow with these payloads (family, CTA_TUPLE_ORIG,
 // CTA_TUPLE_REPLY, CTA_ZONE, CTA_ID).
 func heldFlow(family byte, orig, reply, zone, id []byte) ctHeldFlow {
-	if reply == nil {
+	if len(reply) == 0 {
 		return ctHeldFlow{family: family, dir: ctnl.TupleOrig, tuple: orig, zone: zone, id: id}
 	}
 	return ctHeldFlow{family: family, dir: ctnl.TupleReply, tuple: reply, zone: zone, id: id}

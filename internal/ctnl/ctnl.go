@@ -138,7 +138,13 @@ func DstFilter(dir, ipDst uint16, addr []byte, proto uint8, port uint16, origFla
 // any judgement of it goes. (By the original tuple alone, the remote's
 // next connection from the same port, DNAT-ed to a mapping's new target,
 // was ended: TestCtDeleteSparesRemadeFlow.)
+//
+// An empty tuple or another dir is refused (false): a delete without a
+// tuple the kernel knows is its flush of the whole table.
 func DeleteMsg(family uint8, dir uint16, tuple, zone, id []byte) (netlink.Message, bool) {
+	if len(tuple) == 0 || dir != TupleOrig && dir != TupleReply {
+		return netlink.Message{}, false
+	}
 	del := netlink.NewAttributeEncoder()
 	del.Bytes(dir|netlink.Nested, tuple)
 	if zone != nil {

@@ -1,10 +1,12 @@
 package ctnl_test
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"testing"
 
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/ctnl"
@@ -123,4 +125,93 @@ func TestScanKernel(t *testing.T) {
 	defer ctnl.SetKernelFilter(false)()
 	scan(unix.AF_UNSPEC, ctnl.IPSDstNAT, ctnl.IPSDstNAT, dnat)
 	scan(unix.AF_INET6, ctnl.IPSDstNAT|ctnl.IPSExpected, 0, func(i int) bool { return i%4 == 3 })
+}
+
+// TestDeleteMsgNeverFlushes (root, review h/revctnl): a ctnetlink delete
+// without a tuple the kernel knows is a flush of the whole table, so
+// DeleteMsg refuses an empty tuple and any dir but the two tuples', and
+// the deletes it makes end one entry at most: a tuple of no entry (by
+// either direction, with an id) fails ENOENT and the table keeps all;
+// the reply tuple and id of a dumped entry end that entry alone.
+func TestDeleteMsgNeverFlushes(t *testing.T) {
+	netlab.RequireRoot(t)
+	ns := netlab.NewNS(t, "revctnldelmsg")
+	h, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	const n = 3
+	netlab.FillConntrack(t, ns, n, scanEntry) // IPv4 DNAT-ed, IPv4 plain, IPv6 DNAT-ed
+	for _, c := range []struct {
+		dir   uint16
+		tuple []byte
+	}{{ctnl.TupleOrig, nil}, {ctnl.TupleReply, []byte{}}, {ctnl.Status, []byte{4, 0, 1, 0x80}}, {0, []byte{4, 0, 1, 0x80}}} {
+		if _, ok := ctnl.DeleteMsg(unix.AF_INET, c.dir, c.tuple, nil, nil); ok {
+			t.Errorf("DeleteMsg(dir %d, tuple %x): made, want refused", c.dir, c.tuple)
+		}
+	}
+	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: int(h)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	type dumped struct {
+		fam             uint8
+		orig, reply, id []byte
+	}
+	var flows []dumped
+	msgs, err := c.Execute(ctnl.Request(ctnl.MsgGet, netlink.Request|netlink.Dump, unix.AF_UNSPEC, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range msgs {
+		var d dumped
+		d.fam = m.Data[0]
+		ctnl.Attrs(m.Data[4:], func(typ uint16, v []byte) {
+			switch typ {
+			case ctnl.TupleOrig:
+				d.orig = v
+			case ctnl.TupleReply:
+				d.reply = v
+			case ctnl.ID:
+				d.id = v
+			}
+		})
+		flows = append(flows, d)
+	}
+	if len(flows) != n {
+		t.Fatalf("dumped %d entries, want %d", len(flows), n)
+	}
+	del := func(fam uint8, dir uint16, tuple, id []byte) error {
+		m, ok := ctnl.DeleteMsg(fam, dir, tuple, nil, id)
+		if !ok {
+			t.Fatal("DeleteMsg refused a dumped tuple")
+		}
+		m.Header.Flags |= netlink.Acknowledge
+		_, err := c.Execute(m)
+		return err
+	}
+	// Entry 0's tuples with entry 1's id: no entry. (The kernel finds a
+	// tuple in either direction, whichever attribute names it: the id
+	// is what tells entry 0 from one made since whose original tuple is
+	// entry 0's reply tuple, say.)
+	a, b := flows[0], flows[1]
+	for _, try := range []struct {
+		dir       uint16
+		tuple, id []byte
+	}{{ctnl.TupleReply, a.reply, b.id}, {ctnl.TupleOrig, a.orig, b.id}, {ctnl.TupleReply, a.orig, b.id}} {
+		if err := del(a.fam, try.dir, try.tuple, try.id); !errors.Is(err, unix.ENOENT) {
+			t.Errorf("delete of no entry (dir %d): %v, want ENOENT", try.dir, err)
+		}
+		if got := netlab.ConntrackCount(t, ns); got != n {
+			t.Fatalf("%d entries left, want %d", got, n)
+		}
+	}
+	if err := del(a.fam, ctnl.TupleReply, a.reply, a.id); err != nil {
+		t.Fatalf("delete of a dumped entry: %v", err)
+	}
+	if got := netlab.ConntrackCount(t, ns); got != n-1 {
+		t.Errorf("%d entries left, want %d", got, n-1)
+	}
 }
