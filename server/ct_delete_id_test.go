@@ -88,3 +88,51 @@ func TestCtDeleteSparesRemadeFlow(t *testing.T) {
 		})
 	}
 }
+
+// TestCtDeleteByReplyEveryKind (root, review h/revctnl): deleting by the
+// dumped reply tuple and id ends every kind of flow the walk ends, the
+// kernel parsing each reply tuple as it parses a lookup's (ICMPv6: the
+// echo reply's type, id and code; a protocol without ports): an IPv6
+// all-protocols wildcard's walk ends TCP, UDP, ICMPv6 echo and generic
+// flows to its address and none to another.
+func TestCtDeleteByReplyEveryKind(t *testing.T) {
+	netlab.RequireRoot(t)
+	ns := netlab.NewNS(t, "revctnlkinds")
+	h, nh := nsHandles(t, ns)
+	ap := netip.MustParseAddrPort
+	a, b := netip.MustParseAddr("2001:db8:1::2"), netip.MustParseAddr("2001:db8:1::3")
+	rem := netip.MustParseAddr("2001:db8:ff::1")
+	var entries []netlab.ConntrackEntry
+	for _, to := range []netip.Addr{a, b} {
+		entries = append(entries,
+			netlab.ConntrackEntry{Proto: protoTCP, Src: ap("[2001:db8:ff::1]:40000"), Dst: netip.AddrPortFrom(to, 80), Status: 6},
+			netlab.ConntrackEntry{Proto: unix.IPPROTO_UDP, Src: ap("[2001:db8:ff::1]:40000"), Dst: netip.AddrPortFrom(to, 53), Status: 6},
+			netlab.ConntrackEntry{Proto: unix.IPPROTO_ICMPV6, Src: netip.AddrPortFrom(rem, 0), Dst: netip.AddrPortFrom(to, 0), Status: 6},
+			netlab.ConntrackEntry{Proto: 253, Src: netip.AddrPortFrom(rem, 0), Dst: netip.AddrPortFrom(to, 0), Status: 6},
+		)
+	}
+	netlab.FillConntrack(t, ns, len(entries), func(i int) netlab.ConntrackEntry { return entries[i] })
+	d, err := dialConntrack(int(h))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.close()
+	d.live = true // spare nil: every flow matched ends
+	f := ctFilter{t: ctTarget{addr: a}}
+	n, err := d.end(f.group(), []ctFilter{f})
+	if err != nil || n != 4 {
+		t.Fatalf("walk: %d ended, %v; want 4, nil", n, err)
+	}
+	flows, err := nh.ConntrackTableList(netlink.ConntrackTable, netlink.FAMILY_V6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, fl := range flows {
+		if dst, _ := netip.AddrFromSlice(fl.Forward.DstIP); dst != b {
+			t.Errorf("left: proto %d to %v", fl.Forward.Protocol, dst)
+		}
+	}
+	if len(flows) != 4 {
+		t.Errorf("%d flows left, want b's 4", len(flows))
+	}
+}
