@@ -67,3 +67,47 @@ func TestUniqueIfName(t *testing.T) {
 		seen[n] = true
 	}
 }
+
+// TestRunInNamespace: Run's commands see the namespace's links (forked
+// from a thread switched into it), a command reading /sys/class/net the
+// namespace's interfaces too (through `ip netns exec`'s remount), and the
+// calling goroutine's own thread is back where it was.
+func TestRunInNamespace(t *testing.T) {
+	a, b := NewNS(t, "runa"), NewNS(t, "runb")
+	if err := Veth(a, "rt0", b, "rt1"); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 20; i++ {
+		out := a.MustRun(t, "ip", "-o", "link", "show")
+		if !strings.Contains(out, "rt0@") || strings.Contains(out, "rt1@") {
+			t.Fatalf("run %d: links seen in %s:\n%s", i, a.Name, out)
+		}
+		out = b.MustRun(t, "sh", "-c", "ls /sys/class/net; echo 1 > /proc/sys/net/ipv6/conf/all/forwarding")
+		if !strings.Contains(out, "rt1") || strings.Contains(out, "rt0") {
+			t.Fatalf("run %d: /sys/class/net in %s:\n%s", i, b.Name, out)
+		}
+		if fwd := strings.TrimSpace(b.MustRun(t, "cat", "/proc/sys/net/ipv6/conf/all/forwarding")); fwd != "1" {
+			t.Fatalf("run %d: forwarding %q in %s", i, fwd, b.Name)
+		}
+	}
+	if out, err := exec.Command("ip", "-o", "link", "show").CombinedOutput(); err != nil || strings.Contains(string(out), "rt0@") || strings.Contains(string(out), "rt1@") {
+		t.Fatalf("the test's own namespace sees the namespaces' links (%v):\n%s", err, out)
+	}
+}
+
+func TestNeedsSysfs(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want bool
+	}{
+		{[]string{"ip", "link", "show"}, false},
+		{[]string{"sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding; echo 1 > /proc/sys/net/ipv4/ip_forward"}, false},
+		{[]string{"cat", "/sys/class/net/lan0/ifindex"}, true},
+		{[]string{"sh", "-c", "for q in /sys/class/net/eth0/queues/rx-*; do echo 1 > $q/rps_cpus; done"}, true},
+		{[]string{"sh", "-c", "cat /proc/sys/net/x /sys/class/net/y"}, true},
+	} {
+		if got := needsSysfs(c.args); got != c.want {
+			t.Errorf("needsSysfs(%q) = %v, want %v", c.args, got, c.want)
+		}
+	}
+}
