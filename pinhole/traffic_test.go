@@ -43,7 +43,7 @@ func TestPinholeLifecycle(t *testing.T) {
 			// reference to pcpd's side; only the kernel acts from here.
 			apply(t, b, install(p, 2*time.Second))
 			mustReach(t, "after re-install", topo.Internet, proto, netip.Addr{}, dst)
-			time.Sleep(2500 * time.Millisecond)
+			waitUnlisted(t, b, p, 2500*time.Millisecond)
 			mustNotReach(t, "after kernel expiry", topo.Internet, proto, netip.Addr{}, dst)
 		})
 	}
@@ -139,7 +139,7 @@ func TestRedirect80To443(t *testing.T) {
 			apply(t, b, install(p, 2*time.Second))
 			mustReach(t, "redirected", topo.Internet, proto, netip.Addr{}, ext)
 			mustNotReach(t, "internal port directly", topo.Internet, proto, netip.Addr{}, svc)
-			time.Sleep(2500 * time.Millisecond)
+			waitUnlisted(t, b, p, 2500*time.Millisecond)
 			mustNotReach(t, "after kernel expiry", topo.Internet, proto, netip.Addr{}, ext)
 		})
 	}
@@ -177,7 +177,7 @@ func TestNAPT4(t *testing.T) {
 			mustNotReach(t, "after delete", topo.Internet, proto, netip.Addr{}, pub)
 			apply(t, b, install(p, 2*time.Second))
 			mustReach(t, "re-mapped", topo.Internet, proto, netip.Addr{}, pub)
-			time.Sleep(2500 * time.Millisecond)
+			waitUnlisted(t, b, p, 2500*time.Millisecond)
 			mustNotReach(t, "after kernel expiry", topo.Internet, proto, netip.Addr{}, pub)
 		})
 	}
@@ -395,5 +395,30 @@ func needPing(t *testing.T) {
 	t.Helper()
 	if _, err := exec.LookPath("ping"); err != nil {
 		t.Fatal("this test needs ping (Debian package iputils-ping; .ci/setup installs it)")
+	}
+}
+
+// waitUnlisted waits until the kernel no longer lists p's element (its
+// timeout ran out), at most max: the fixed sleep of max it replaces, so
+// the check after expiry runs no later than before and, as a rule, as
+// soon as the element is gone (a set lookup and a dump skip an expired
+// element alike).
+func waitUnlisted(t *testing.T, b *pinhole.Backend, p pinhole.Pinhole, max time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(max)
+	for time.Now().Before(deadline) {
+		es, err := b.List()
+		if err != nil {
+			t.Fatal(err)
+		}
+		listed := false
+		for _, e := range es {
+			q := e.Pinhole
+			listed = listed || q.Protocol == p.Protocol && q.InternalAddr == p.InternalAddr && q.InternalPort == p.InternalPort
+		}
+		if !listed {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
