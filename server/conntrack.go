@@ -147,8 +147,14 @@ func snatFlows(l *store.Lease) bool {
 // admit flows to t (under s.mu): those holding t's endpoint (the ended
 // mapping's PEER, or another lease sharing it), and on an IPv6 address
 // its all-ports and all-protocols mappings, whose set elements hold every
-// port (pinhole.Pinhole.AdmitsFlow tells which flows each admits).
-func (s *Server) liveAdmits(dst []pinhole.Pinhole, t ctTarget, buf []store.Lease) ([]pinhole.Pinhole, []store.Lease) {
+// port (pinhole.Pinhole.AdmitsFlow tells which flows each admits). Live
+// is at now (s.now(), the engine's running clock, which expireLocked
+// reads): a lease whose lifetime has ended is not, even while the table
+// still holds it because expireLocked has not run since (the expiry
+// timer, a busy engine). Before (review h/revholder, LOW 2a), such a
+// lease spared what it admitted until its own flush ran later
+// (TestSpareLiveExpiredUnswept, TestE2EExpiredUnsweptSparesNothing).
+func (s *Server) liveAdmits(dst []pinhole.Pinhole, t ctTarget, now time.Time, buf []store.Lease) ([]pinhole.Pinhole, []store.Lease) {
 	es := [...]endpoint{{addr: t.addr, proto: t.proto, port: t.port}, {addr: t.addr, proto: t.proto}, {addr: t.addr}}
 	n := 1
 	if t.addr.Is6() {
@@ -164,7 +170,7 @@ func (s *Server) liveAdmits(dst []pinhole.Pinhole, t ctTarget, buf []store.Lease
 		}
 		buf = s.tab.onTupleInto(tuple{proto: e.proto, addr: h.addr, port: h.port}, buf)
 		for j := range buf {
-			if endpointOf(&buf[j]) == e {
+			if endpointOf(&buf[j]) == e && buf[j].Expires.After(now) {
 				dst = appendPinholes(dst, &buf[j])
 			}
 		}
@@ -244,6 +250,7 @@ func (s *Server) spareLive(hits []ctHit) {
 		// its own flush, walked after this one.
 		of = of[:0]
 		s.mu.Lock()
+		now := s.now() // under s.mu: a rebase moves the table's times
 		for i := range chunk {
 			t := chunk[i].t
 			if i > 0 && t == chunk[i-1].t {
@@ -255,7 +262,7 @@ func (s *Server) spareLive(hits []ctHit) {
 			r := e.r
 			if !e.ok || e.k != k {
 				n := len(ps)
-				ps, buf = s.liveAdmits(ps, t, buf)
+				ps, buf = s.liveAdmits(ps, t, now, buf)
 				r = [2]int{n, len(ps)}
 				*e = seen{k: k, r: r, ok: true}
 			}

@@ -275,12 +275,13 @@ func (s *Server) cutRetargeted(ts []ctTarget, tos []netip.AddrPort, ended []stor
 	fs := make([]ctFilter, 0, len(ts))
 	admits := ctAdmits{}
 	var buf []store.Lease
+	now := s.now()
 	for i, t := range ts {
 		fs = append(fs, ctFilter{v4: t.addr.Is4(), t: t})
 		e, ok := s.natPrior[t]
 		fs = appendSNATCuts(fs, t, e, ok, tos[i], ended)
 		var live []pinhole.Pinhole
-		live, buf = s.liveAdmits(nil, t, buf)
+		live, buf = s.liveAdmits(nil, t, now, buf)
 		admits[t] = live
 	}
 	left, err := s.walkConntrack(slices.Clone(fs), admits)

@@ -66,8 +66,14 @@ type NS struct {
 
 // New creates a namespace whose name contains role, with loopback up and
 // IPv6 duplicate address detection off (so addresses are usable at once).
+// Its name begins with $PCPD_NETNS_PREFIX when that is set (one run's
+// namespaces told from another's on a shared machine), else "pcpdt-".
 func New(role string) (*NS, error) {
-	name := "pcpdt-" + Rand(6) + "-" + role
+	prefix := "pcpdt-"
+	if p := os.Getenv("PCPD_NETNS_PREFIX"); p != "" {
+		prefix = p
+	}
+	name := prefix + Rand(6) + "-" + role
 	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("netlab: ip netns add %s: %v: %s", name, err, bytes.TrimSpace(out))
 	}

@@ -1,0 +1,204 @@
+package server
+
+import (
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+)
+
+// Issue 9, items review h/revholder and h/revarm left (h/left9).
+
+// TestSpareLiveExpiredUnswept (review h/revholder, LOW 2a): a lease
+// whose lifetime has ended spares nothing, even while the table still
+// holds it (expireLocked has not run since: no request, the expiry timer
+// not yet fired). A MAP is deleted (its walk to come) while a PEER of the
+// same endpoint lives; the PEER's lifetime then ends with nothing
+// sweeping it. A flow from the PEER's remote is asked of the live leases
+// as the MAP's walk would (spareLive): before the PEER's end it is
+// spared (the control), after it not, though the PEER is still in the
+// table. Fails without the fix: "kept true, want false" for both rows
+// (the inbound flow and, IPv4, the SNAT-ed one its companion covered).
+func TestSpareLiveExpiredUnswept(t *testing.T) {
+	h := newHarness(t)
+	const peerLife = 3 * time.Minute
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 1)), pcp.Success)
+	if r := h.do(peerReq(addrA, pcp.ProtoTCP, 80, remote, peerLife, 2)); r.Result != pcp.Success || r.Lifetime != peerLife {
+		t.Fatalf("PEER: %+v", r)
+	}
+	rem4 := netip.MustParseAddrPort("198.51.100.7:4000")
+	m4 := h.do(mapReq(v4A, pcp.ProtoTCP, 80, 5000, time.Hour, 3))
+	h.expect(m4, pcp.Success)
+	p4 := h.do(peerReq(v4A, pcp.ProtoTCP, 80, rem4, peerLife, 4))
+	h.expect(p4, pcp.Success)
+	ext := netip.AddrPortFrom(m4.Map.ExternalAddr.Unmap(), m4.Map.ExternalPort)
+	if got := netip.AddrPortFrom(p4.Map.ExternalAddr.Unmap(), p4.Map.ExternalPort); got != ext {
+		t.Fatalf("the IPv4 PEER's endpoint %v, the MAP's %v: not shared", got, ext)
+	}
+	// The MAPs are deleted: their walks are to come.
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, 0, 1)), pcp.Success)
+	h.expect(h.do(mapReq(v4A, pcp.ProtoTCP, 80, ext.Port(), 0, 3)), pcp.Success)
+	ext4t := ctTarget{addr: ext.Addr(), proto: protoTCP, port: ext.Port()}
+	hits := func() []ctHit {
+		return []ctHit{
+			{t: ctTarget{addr: addrA, proto: protoTCP, port: 80}, src: remote, to: netip.AddrPortFrom(addrA, 80)},
+			{t: ext4t, nat: true, src: netip.AddrPortFrom(v4A, 80), to: rem4},
+		}
+	}
+	names := []string{"IPv6 inbound from the PEER's remote", "IPv4 SNAT-ed to the PEER's remote"}
+	hs := hits()
+	h.s.spareLive(hs)
+	for i := range hs {
+		if !hs[i].keep {
+			t.Fatalf("%s: not spared while the PEER lives; nothing to test", names[i])
+		}
+	}
+	// The PEERs' lifetime ends; nothing sweeps them (no request, no
+	// engine loop here).
+	h.clock.Advance(peerLife)
+	h.s.mu.Lock()
+	n := h.s.tab.len()
+	h.s.mu.Unlock()
+	if n != 2 {
+		t.Fatalf("%d leases in the table, want the 2 expired PEERs unswept", n)
+	}
+	hs = hits()
+	h.s.spareLive(hs)
+	for i := range hs {
+		if hs[i].keep {
+			t.Errorf("%s, the PEER's lifetime ended but unswept: kept %v, want false", names[i], hs[i].keep)
+		}
+	}
+}
+
+// left9Clock is an engine's wall and monotonic clocks (Deps.Now,
+// Deps.Mono) that advance together: no step for checkClock to see.
+type left9Clock struct {
+	start time.Time
+	off   atomic.Int64
+}
+
+func newLeft9Clock() *left9Clock { return &left9Clock{start: time.Now()} }
+
+func (c *left9Clock) Now() time.Time {
+	return time.Now().Round(0).Add(time.Duration(c.off.Load()))
+}
+
+func (c *left9Clock) Mono() time.Duration {
+	return time.Since(c.start) + time.Duration(c.off.Load())
+}
+
+func (c *left9Clock) advance(d time.Duration) { c.off.Add(int64(d)) }
+
+// TestE2EExpiredUnsweptSparesNothing (root, namespaces; review
+// h/revholder LOW 2a): an ended mapping's walk runs while a lease of the
+// same endpoint whose lifetime has ended is still in the table, not yet
+// swept (expireLocked). An IPv6 MAP and a PEER of the same internal
+// endpoint (so the same external one) to the remote of a real TCP
+// connection through them; the MAP is deleted while the flusher's walk
+// is held; the walk is then let go, and right before it dumps the
+// engine's clocks (wall and monotonic together) advance past the PEER's
+// lifetime: the PEER has ended, and the engine has not yet swept it (its
+// expiry timer fires ≥ 10 ms after the engine's next wake; the test
+// checks that the PEER's own flush was not queued before the walk
+// returned, so the PEER was in the table throughout). The walk must
+// end the connection's entry: no live lease admits it. Fails without
+// the fix ("the ended mapping's walk spared ... expired PEER"): the
+// expired PEER spared it, until its own flush later.
+func TestE2EExpiredUnsweptSparesNothing(t *testing.T) {
+	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+	l.stop()
+	clock := newLeft9Clock()
+	l.now, l.mono = clock.Now, clock.Mono
+	const peerLife = 2 * time.Minute
+	var (
+		mu        sync.Mutex
+		held      chan struct{} // nil: walks run
+		jump      bool          // advance past the PEER's lifetime at the next walk
+		swept     = -1          // the jump's walk: flushes queued during it (-1: none yet)
+		jumpWalks = make(chan struct{}, 1)
+	)
+	l.tweak = func(s *Server) {
+		walk := s.ct.walk
+		s.ct.walk = func(fs []ctFilter) ([]ctFilter, error) {
+			mu.Lock()
+			h, j := held, jump
+			mu.Unlock()
+			if h != nil {
+				<-h
+				mu.Lock()
+				j = jump
+				jump = false
+				mu.Unlock()
+			}
+			if !j {
+				return walk(fs)
+			}
+			before := s.ct.seq()
+			clock.advance(peerLife)
+			left, err := walk(fs)
+			mu.Lock()
+			swept = int(s.ct.seq() - before)
+			mu.Unlock()
+			jumpWalks <- struct{}{}
+			return left, err
+		}
+	}
+	l.start()
+	client := l.topo.ClientV6
+	const port = 9851
+	serveEcho(t, l.topo.Client, netip.AddrPortFrom(client, port))
+	src := netip.AddrPortFrom(l.topo.InternetV6, 49851)
+	if r := l.pcp(mapReq(client, pcp.ProtoTCP, port, port, time.Hour, 1)); r.Result != pcp.Success {
+		t.Fatalf("MAP: %+v", r)
+	}
+	if r := l.pcp(peerReq(client, pcp.ProtoTCP, port, src, peerLife, 2)); r.Result != pcp.Success || r.Lifetime != peerLife {
+		t.Fatalf("PEER: %+v", r)
+	}
+	dst := netip.AddrPortFrom(client, port)
+	conn := dialIn(t, l.topo.Internet, src, dst)
+	if err := echoOnce(conn); err != nil {
+		t.Fatalf("through the mappings: %v", err)
+	}
+	if l.ctFlow(t, src, dst) == nil {
+		t.Fatal("no entry of the connection; nothing to test")
+	}
+	mu.Lock()
+	held = make(chan struct{})
+	mu.Unlock()
+	seq := l.srv.ct.seq()
+	if r := l.pcp(mapReq(client, pcp.ProtoTCP, port, port, 0, 1)); r.Result != pcp.Success {
+		t.Fatalf("delete: %+v", r)
+	}
+	waitFor(t, func() bool { return l.srv.ct.seq() > seq })
+	// The PEER lives: its element admits the connection (the ruleset's
+	// re-check too), and it is still tracked.
+	if err := echoOnce(conn); err != nil {
+		t.Fatalf("through the PEER, the MAP deleted: %v", err)
+	}
+	mu.Lock()
+	jump = true
+	close(held)
+	held = nil
+	mu.Unlock()
+	select {
+	case <-jumpWalks:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the ended mapping's walk did not run")
+	}
+	mu.Lock()
+	n := swept
+	mu.Unlock()
+	if n != 0 {
+		t.Fatalf("the PEER was swept (%d flushes queued) before the walk ended: the case was not made; run again", n)
+	}
+	if f := l.ctFlow(t, src, dst); f != nil {
+		t.Errorf("the ended mapping's walk spared the connection for the expired, unswept PEER: %s", f)
+	}
+	// The engine then sweeps the PEER.
+	l.waitNoLeases(t, 5*time.Second)
+}
