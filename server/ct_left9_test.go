@@ -202,3 +202,73 @@ func TestE2EExpiredUnsweptSparesNothing(t *testing.T) {
 	// The engine then sweeps the PEER.
 	l.waitNoLeases(t, 5*time.Second)
 }
+
+// TestE2ERetakeBeforeStartWalk (root, namespaces; h/holder's left item):
+// a NAT mapping (an IPv6 redirect, an IPv4 NAPT MAP) carries a TCP
+// connection from the Internet; pcpd stops, the mapping expires while it
+// is down (the kernel's element times out: natcut drops the flow's
+// packets), and pcpd starts with its conntrack walk held (the start's
+// flush of the expired mapping queued, as behind a long dump or its
+// retries). The same client then maps the external endpoint again for
+// another internal port. The old connection's next packet must not reach the old port: natcut
+// re-checks by external endpoint, which the new element holds, and
+// conntrack still delivers the flow to the old target. pcpd stays
+// down (by its clocks) past the port's MAP-22 quarantine, which would keep
+// an IPv4 port for its old internal endpoint. Fails without
+// the fix (restoring.notePriors): the echo through the old connection
+// comes back from the old port (revived by the retake until the start's
+// walk), its entry tracked to the old port.
+func TestE2ERetakeBeforeStartWalk(t *testing.T) {
+	for i, c := range []struct{ name, kind string }{
+		{"IPv6 redirect", "redir6"},
+		{"IPv4 NAPT MAP", "map4"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var gate ctGate
+			l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+			l.stop()
+			clock := newLeft9Clock()
+			l.now, l.mono = clock.Now, clock.Mono
+			l.tweak = gate.tweak
+			l.start()
+			port := uint16(9871 + 2*i)
+			const life = 2 * time.Second
+			conn, src, dst := l.inbound(t, c.kind, port, life)
+			client := l.topo.ClientV6
+			if c.kind == "map4" {
+				client = l.topo.ClientV4
+			} else if dst.Port() == port {
+				t.Fatalf("MAP of %d not redirected (external %v)", port, dst)
+			}
+			l.stop()
+			time.Sleep(life + time.Second) // the lease and its element expire while pcpd is down
+			// Down past its port's MAP-22 quarantine (124 min for TCP),
+			// so that another internal port may take an IPv4 one.
+			clock.advance(3 * time.Hour)
+			if _, ok := l.kernelHas(netip.AddrPortFrom(client, port)); ok {
+				t.Fatal("the expired mapping's element is still in the kernel")
+			}
+			gate.hold()
+			defer gate.release()
+			seq0 := uint64(0)
+			l.start()
+			if l.srv.ct.seq() == seq0 {
+				t.Fatal("the start queued no flush of the expired mapping; nothing to test")
+			}
+			serveEcho(t, l.topo.Client, netip.AddrPortFrom(client, port+1))
+			r := l.pcp(mapReq(client, pcp.ProtoTCP, port+1, dst.Port(), time.Hour, 2))
+			if r.Result != pcp.Success || netip.AddrPortFrom(r.Map.ExternalAddr.Unmap(), r.Map.ExternalPort) != dst {
+				t.Fatalf("MAP of %d for %v: %+v", port+1, dst, r)
+			}
+			if l.srv.ct.cleanSeq() != 0 {
+				t.Fatal("the start's walk ran; nothing to test")
+			}
+			if err := echoOnce(conn); err == nil {
+				t.Errorf("the old connection reaches port %d again after %v was mapped to port %d, before the start's walk", port, dst, port+1)
+			}
+			if f := l.ctFlow(t, src, dst); f != nil && f.Reverse.SrcPort == port {
+				t.Errorf("still tracked to port %d: %s", port, f)
+			}
+		})
+	}
+}

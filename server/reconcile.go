@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"iter"
+	"net/netip"
 	"slices"
 	"time"
 
@@ -156,6 +157,10 @@ type restoring struct {
 	// expEnds are the connections of leases that expired while pcpd was
 	// down or whose external IPv4 changed, to flush (flushExpired).
 	expEnds []ctFilter
+	// natEnds are the NAT mappings (IPv4 NAPT, IPv6 redirect) that
+	// expired while pcpd was down or that the rules refuse now: recorded
+	// in natPrior once their flush is queued (notePriors).
+	natEnds []natEnd
 	// lapsed are the MAP-22 quarantines of the IPv4 ports of leases that
 	// expired while pcpd was down, running from their expiry as the
 	// engine's expiry would have set them (TestMAP22LeaseExpiredWhileDown):
@@ -260,6 +265,7 @@ func (r *restoring) add(l *store.Lease) {
 		if !r.s.cfg.KeepConnections {
 			r.expEnds = appendCtFilters(r.expEnds, l)
 		}
+		r.noteNATEnd(l)
 		r.lapse(l)
 	case l.ExternalAddr.Is4() && l.ExternalAddr != r.s.cfg.ExternalIPv4:
 		// The external IPv4 changed (or is gone): these mappings
@@ -357,6 +363,7 @@ func (r *restoring) finish(st store.State) error {
 	drop = nil
 	r.revoked()
 	r.flushExpired()
+	r.notePriors()
 	kept := s.tab.len()
 	if !lost && s.epoch.resume(st.EpochOrigin, now) {
 		s.restarted = true
@@ -442,6 +449,72 @@ func (r *restoring) flushExpired() {
 	if len(fs) > 0 {
 		s.ct.add(fs)
 	}
+}
+
+// natEnd is a NAT mapping ended at the start: its external endpoint, the
+// internal one its flows were DNAT-ed to, and whether it was an IPv4 PEER
+// (noteNATEnded).
+type natEnd struct {
+	t    ctTarget
+	to   netip.AddrPort
+	peer bool
+}
+
+// noteNATEnd keeps l's endpoint and target for notePriors if l DNATs (an
+// IPv4 NAPT mapping, an IPv6 redirect) and the ruleset may cut its kind.
+// Only those: ≈ 72 bytes each until the end of the start (at most two per
+// port of the external IPv4; IPv6 redirects are the ones a suggestion
+// moved).
+func (r *restoring) noteNATEnd(l *store.Lease) {
+	if r.s.cutter == nil {
+		return
+	}
+	if t, to, ok := dnatOfLease(l); ok {
+		r.natEnds = append(r.natEnds, natEnd{t: t, to: to, peer: l.Kind == store.KindPeer && t.addr.Is4()})
+	}
+}
+
+// notePriors records in natPrior the endpoints of the NAT mappings that
+// ended at the start (expired while pcpd was down, refused now), as
+// flushConntrack's noteNATEnded does for an end while running: until the
+// start's walk (the flushes flushExpired and revoked queued, seq) has
+// ended their flows, an install that retakes such an endpoint for another
+// internal endpoint walks it first (natRetargets, cutRetargeted). Before
+// (h/holder's left item), nothing recorded them: the retake committed,
+// natcut's re-check by external endpoint passed the old flows again, and
+// conntrack delivered them to the old target until the start's walk ran
+// (behind a long dump, or its retries while the dump fails)
+// (TestE2ERetakeBeforeStartWalk). An IPv4 PEER's (no SNAT filter), one
+// whose pinhole deletion failed (its filters held back for
+// retryUndeleted: pendingEnds) and all with KeepConnections (no walk;
+// seedNATPrior records the flows found too) are recorded with seq 0: until
+// a retarget walk or pruneNATPrior finds no NAT-ed flow left there.
+func (r *restoring) notePriors() {
+	s := r.s
+	if len(r.natEnds) == 0 {
+		return
+	}
+	seq := s.ct.seq()
+	if s.cfg.KeepConnections {
+		seq = 0
+	}
+	var open map[ctTarget]struct{}
+	if len(s.undeleted) > 0 {
+		open = make(map[ctTarget]struct{}, len(s.undeleted))
+		for _, p := range s.undeleted {
+			if t, _, ok := dnatOf(p); ok {
+				open[t] = struct{}{}
+			}
+		}
+	}
+	for _, e := range r.natEnds {
+		q := seq
+		if _, held := open[e.t]; held || e.peer {
+			q = 0
+		}
+		s.notePrior(e.t, e.to, q)
+	}
+	r.natEnds = nil
 }
 
 // maxOrphanTargets bounds the addresses announced to from orphan pinholes.

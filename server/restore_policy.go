@@ -132,6 +132,7 @@ func (r *restoring) refuse(l *store.Lease, why string) {
 	if !r.s.cfg.KeepConnections {
 		r.ends = appendCtFilters(r.ends, l)
 	}
+	r.noteNATEnd(l)
 	if l.ExternalAddr.Is4() && !r.s.configForbids(l) { // a reserved port is never handed out
 		e, q := quarantineOf(l, r.now)
 		r.freed = append(r.freed, freedPort{e, q})
