@@ -50,7 +50,111 @@ func (b *Backend) checkDisarm() {
 	if b.cutIntact() {
 		return
 	}
-	b.disarmed = b.labelledFlows()
+	bits := b.cutBits()
+	if p := b.preReads; p != nil && p.hasLabelled && p.bits == bits {
+		b.disarmed = p.labelled // read before Setup took b.mu
+		return
+	}
+	b.disarmed = b.labelledFlows(bits)
+}
+
+// cutBits are the label bits this Backend's re-checks look at (-1:
+// none).
+type cutBits [2]int
+
+// cutBits is the bits as things stand. Caller holds b.mu.
+func (b *Backend) cutBits() cutBits {
+	bits := cutBits{-1, -1}
+	if b.cutLabels {
+		bits[0] = b.cutLabelBit()
+	}
+	if b.natCutting() {
+		bits[1] = b.natLabel
+	}
+	return bits
+}
+
+// setupReads are Setup's reads of conntrack made before it took b.mu
+// (prepareReads): whether labelled flows live (checkDisarm: labelledFlows,
+// with the bits it looked for), and whether flows admitted or DNAT-ed
+// unlabelled do (pinFlowsUnlabelled, dnatFlowsUnlabelled), each if Setup
+// was to ask as things stood. gen is b.gen then: a Setup, Arm or
+// protected-set write since voids them all.
+type setupReads struct {
+	gen         uint64
+	hasLabelled bool
+	bits        cutBits
+	labelled    bool
+	hasPin, pin bool
+	hasNAT, nat bool
+}
+
+// prepareReads makes the reads of conntrack the next Setup would make
+// under b.mu, without it: what to ask and its inputs (the protected
+// sets, the host's addresses) are read in a short hold, the dumps run
+// after it. Each read the whole table when no flow matched, and held b.mu
+// meanwhile; the server's repair, which calls Setup with its engine lock
+// held (and a start), made the engine wait for them too: at 1 000 000
+// entries 2.0-2.6 s for the labelled flows' read alone (review h/revarm's
+// left item; TestSetupDumpHoldFigure, the server's TestRepairStallFigure;
+// BENCHMARKS.md item 49 for the other two: 1.8-2.9 s and 0.6-1.2 s).
+// nil when Setup would ask none. Setup decides under b.mu as before and
+// takes an answer only where it asks the same question (checkDisarm: the
+// same bits; setupLocked's own conditions for the other two) and no
+// write of the layout came between (gen). An answer is conntrack's a
+// moment earlier than under the lock; either is a moment's of a table
+// the kernel changes beside both: a flow labelled after the read was let
+// in by an element present then, which Setup keeps (AddSet keeps a set's
+// elements) unless it ends, when its flow is to be cut; one admitted
+// unlabelled after it came through a layout damaged as it was during the
+// Setup before, which rewrites it (the same window, the s.mu wait longer).
+func (b *Backend) prepareReads() *setupReads {
+	b.mu.Lock()
+	r := &setupReads{gen: b.gen}
+	if !b.disarmed && b.cutLaidOut() && !b.cutIntact() {
+		r.hasLabelled, r.bits = true, b.cutBits()
+	}
+	var pin pinCheck
+	var nat dnatCheck
+	var askPin, askNAT bool
+	// setupLocked's conditions, read only.
+	if b.cutLabels && !b.unlabelled && (!b.pinAsked || b.recheckFlows) && !b.admitsUnlabelled() &&
+		(b.recheckFlows || !b.markTrusted(b.chainRecheck6, flowsCheckedMark)) && b.existing() {
+		in, decided, v := b.pinInputs()
+		r.hasPin, r.pin, pin, askPin = true, v, in, !decided
+	}
+	if b.natCutting() && !b.natUnlabelled && (!b.natAsked || b.recheckFlows) && !b.translatesUnlabelled() &&
+		(b.recheckFlows || !b.markTrusted(b.chainRecheckNAT, natCheckedMark)) && b.existing() {
+		in, decided, v := b.dnatInputs()
+		r.hasNAT, r.nat, nat, askNAT = true, v, in, !decided
+	}
+	b.mu.Unlock()
+	if !r.hasLabelled && !r.hasPin && !r.hasNAT {
+		return nil
+	}
+	if r.hasLabelled {
+		r.labelled = b.labelledFlows(r.bits)
+	}
+	if askPin {
+		r.pin = pin.scan(b)
+	}
+	if askNAT {
+		r.nat = nat.scan(b)
+	}
+	return r
+}
+
+// PrepareSetup makes the next Setup's reads of conntrack now, without
+// the Backend's lock (prepareReads), for a caller that calls Setup under
+// a lock of its own: the server's repair holds its engine lock through
+// Setup and the re-install. Call it right before Setup: the answers are
+// kept for the next Setup only, and only if no Setup, Arm or
+// protected-set write ran in between; else Setup reads again.
+func (b *Backend) PrepareSetup() {
+	r := b.prepareReads()
+	b.mu.Lock()
+	b.preReads = r
+	b.mu.Unlock()
 }
 
 // cutIntact: every set a re-check looks up exists, every set holds its
@@ -117,22 +221,23 @@ func (b *Backend) recheckEnd() []expr.Any {
 	return x(&expr.Counter{}, drop)
 }
 
-// labelledFlows reports whether conntrack holds a flow with a label bit
-// this Backend's re-checks look at. True when it cannot be read. Caller
-// holds b.mu.
-func (b *Backend) labelledFlows() bool {
-	var bits []int
-	if b.cutLabels {
-		bits = append(bits, b.cutLabelBit())
-	}
-	if b.natCutting() {
-		bits = append(bits, b.natLabel)
+// testHookSetupRead, if set, runs as each of Setup's reads of conntrack
+// begins: what is "labelled" (labelledFlows), "pin" (pinFlowsUnlabelled's
+// dump) or "dnat" (dnatFlowsUnlabelled's) (tests).
+var testHookSetupRead func(b *Backend, what string)
+
+// labelledFlows reports whether conntrack holds a flow with one of bits
+// (cutBits; -1: none). True when it cannot be read. Safe without b.mu
+// (ctScan): Setup reads it before taking b.mu (scanLabelled).
+func (b *Backend) labelledFlows(bits cutBits) bool {
+	if testHookSetupRead != nil {
+		testHookSetupRead(b, "labelled")
 	}
 	// Streamed (ctScan): a gateway's conntrack table may hold a million
-	// entries, and this runs under b.mu.
+	// entries.
 	found, err := b.ctScan(unix.AF_UNSPEC, 0, 0, func(f *ctnl.Flow) bool {
 		for _, bit := range bits {
-			if f.Labelled(bit) {
+			if bit >= 0 && f.Labelled(bit) {
 				return true
 			}
 		}

@@ -210,6 +210,10 @@ type Backend struct {
 	// flushed guard6 falls through to the forward chain's accept): the
 	// next Setup reads conntrack again, whatever the marks say.
 	recheckFlows bool
+	// preReads are Setup's reads of conntrack made before it took mu
+	// (arm.go): PrepareSetup's until the next Setup, then Setup's own;
+	// nil otherwise.
+	preReads *setupReads
 	// unlabelled: a Setup found guard6 admitting through a pinhole set
 	// without labelling (a table laid out by a pcpd before cutflows.go,
 	// or an admission rule an admin altered), or its first Setup found
@@ -323,8 +327,25 @@ func (b *Backend) allSets() []*nftables.Set {
 // it again without them, for good: the ruleset then does not cut a
 // removed pinhole's flows (CutsFlows is false; cutflows.go).
 func (b *Backend) Setup() error {
+	// The reads of conntrack outside b.mu (arm.go): PrepareSetup's, if
+	// still good, else now.
+	b.mu.Lock()
+	pre := b.preReads
+	b.preReads = nil
+	if pre != nil && pre.gen != b.gen {
+		pre = nil
+	}
+	b.mu.Unlock()
+	if pre == nil {
+		pre = b.prepareReads()
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if pre != nil && pre.gen != b.gen {
+		pre = nil // read again under b.mu, as before
+	}
+	b.preReads = pre
+	defer func() { b.preReads = nil }()
 	err := b.setupLocked()
 	if b.labelsRefusal(err) {
 		b.cutLabels = false
@@ -354,6 +375,20 @@ type layoutError struct{ error }
 
 func (e layoutError) Unwrap() error { return e.error }
 
+// existing: pcpd's layout is there (or it cannot be told). Caller
+// holds b.mu.
+func (b *Backend) existing() bool { ok, err := b.laidOut(); return err != nil || ok }
+
+// markTrusted: chain carries mark and the layout is as Setup writes it. A
+// mark is trusted only over such a layout: one damaged while no pcpd ran
+// (a guard6 flushed between a stop and this start: flows let in
+// unlabelled through the forward chain's accept) was seen by no Healthy,
+// so recheckFlows is not set (review h/revops,
+// TestCutsFlowsAfterDamageWhileDown). Caller holds b.mu.
+func (b *Backend) markTrusted(chain, mark string) bool {
+	return b.markedChecked(chain, mark) && b.layoutIntact()
+}
+
 func (b *Backend) setupLocked() (err error) {
 	// A failed attempt drops what it queued (dropUnsent), before Setup
 	// tries again without the labels or returns.
@@ -381,15 +416,7 @@ func (b *Backend) setupLocked() (err error) {
 	// (pinFlowsUnlabelled, dnatFlowsUnlabelled). Asked once, and not over
 	// a layout an earlier Setup marked checked (checkedMark); again by the
 	// Setup after a Healthy found damage (recheckFlows).
-	existing := func() bool { ok, err := b.laidOut(); return err != nil || ok }
-	// A mark is trusted only over a layout as this Setup writes it: one
-	// damaged while no pcpd ran (a guard6 flushed between a stop and
-	// this start: flows let in unlabelled through the forward chain's
-	// accept) was seen by no Healthy, so recheckFlows is not set (review
-	// h/revops, TestCutsFlowsAfterDamageWhileDown).
-	marked := func(chain, mark string) bool {
-		return b.markedChecked(chain, mark) && b.layoutIntact()
-	}
+	existing, marked := b.existing, b.markTrusted
 	if b.cutLabels && !b.unlabelled {
 		b.unlabelled = b.admitsUnlabelled()
 		if !b.unlabelled && (!b.pinAsked || b.recheckFlows) {

@@ -2,6 +2,7 @@ package pinhole
 
 import (
 	"errors"
+	"net/netip"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -200,18 +201,47 @@ func (b *Backend) queueStaleCutRemoval() error {
 // only over a layout not marked checked (checkedMark). True when
 // conntrack cannot be read. Caller holds b.mu.
 func (b *Backend) pinFlowsUnlabelled() bool {
+	if p := b.preReads; p != nil && p.hasPin {
+		return p.pin // read before Setup took b.mu (PrepareSetup)
+	}
+	in, decided, v := b.pinInputs()
+	if decided {
+		return v
+	}
+	return in.scan(b)
+}
+
+// pinCheck is what pinFlowsUnlabelled's dump needs, read under b.mu
+// (pinInputs); its scan needs no lock (PrepareSetup).
+type pinCheck struct {
+	prot  []intervalRange
+	local map[netip.Addr]struct{}
+	bit   int
+}
+
+// pinInputs reads pinFlowsUnlabelled's inputs; decided when the answer
+// needs no dump (v). Caller holds b.mu.
+func (b *Backend) pinInputs() (in pinCheck, decided, v bool) {
 	prot, err := b.readIntervals(b.protected6)
 	if err != nil {
-		return true
+		return in, true, true
 	}
 	if len(prot) == 0 {
-		return false
+		return in, true, false
 	}
 	local, err := b.localAddrs6()
 	if err != nil {
-		return true
+		return in, true, true
 	}
-	bit := b.cutLabelBit()
+	return pinCheck{prot: prot, local: local, bit: b.cutLabelBit()}, false, false
+}
+
+// scan is pinFlowsUnlabelled's dump. Safe without b.mu.
+func (in pinCheck) scan(b *Backend) bool {
+	if testHookSetupRead != nil {
+		testHookSetupRead(b, "pin")
+	}
+	prot, local, bit := in.prot, in.local, in.bit
 	found, err := b.ctScan(unix.AF_INET6, ipsDstNAT|ipsExpected, 0, func(f *ctnl.Flow) bool {
 		if f.Orig.Proto == unix.IPPROTO_ICMPV6 || f.Status&(ipsDstNAT|ipsExpected) != 0 || f.DNATed() || f.Labelled(bit) {
 			return false // echo and errors, DNAT-ed (dnatFlowsUnlabelled's), helpers' expected flows, labelled

@@ -180,19 +180,48 @@ func (b *Backend) translatesUnlabelled() bool {
 // the Backend's lock: BENCHMARKS.md item 49); true when it cannot be
 // read. Caller holds b.mu.
 func (b *Backend) dnatFlowsUnlabelled() bool {
+	if p := b.preReads; p != nil && p.hasNAT {
+		return p.nat // read before Setup took b.mu (PrepareSetup)
+	}
+	in, decided, v := b.dnatInputs()
+	if decided {
+		return v
+	}
+	return in.scan(b)
+}
+
+// dnatCheck is what dnatFlowsUnlabelled's dump needs, read under b.mu
+// (dnatInputs); its scan needs no lock (PrepareSetup).
+type dnatCheck struct {
+	prot6, prot4 []intervalRange
+	label        int
+}
+
+// dnatInputs reads dnatFlowsUnlabelled's inputs; decided when the
+// answer needs no dump (v). Caller holds b.mu.
+func (b *Backend) dnatInputs() (in dnatCheck, decided, v bool) {
 	prot6, err := b.readIntervals(b.protected6)
 	if err != nil {
-		return true
+		return in, true, true
 	}
 	prot4, err := b.readIntervals(b.protected4)
 	if err != nil {
-		return true
+		return in, true, true
 	}
 	if len(prot6) == 0 && len(prot4) == 0 {
-		return false
+		return in, true, false
 	}
+	return dnatCheck{prot6: prot6, prot4: prot4, label: b.natLabel}, false, false
+}
+
+// scan is dnatFlowsUnlabelled's dump. Safe without b.mu.
+func (in dnatCheck) scan(b *Backend) bool {
+	if testHookSetupRead != nil {
+		testHookSetupRead(b, "dnat")
+	}
+	prot6, prot4 := in.prot6, in.prot4
 	found, err := b.ctScan(unix.AF_UNSPEC, ipsDstNAT, ipsDstNAT, func(f *ctnl.Flow) bool {
-		if !f.DNATed() || f.Labelled(b.natLabel) {
+		if !f.DNATed() || f.Labelled(in.label) {
 			return false
 		}
 		if f.Reply.Src.Is4() {

@@ -1,12 +1,16 @@
 package server
 
 import (
+	"fmt"
 	"net/netip"
+	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
 )
@@ -270,5 +274,88 @@ func TestE2ERetakeBeforeStartWalk(t *testing.T) {
 				t.Errorf("still tracked to port %d: %s", port, f)
 			}
 		})
+	}
+}
+
+// TestRepairStallFigure (figure; PCPD_REPAIR_STALL=N conntrack entries,
+// skipped without; root): the firewall check's repair of a flushed
+// pinhole set ("nft flush set inet pcpd pin6", as a reload of the set)
+// with N unlabelled entries in the host's conntrack table (one lease),
+// while another goroutine takes the engine's lock (s.mu) again and again
+// as the engine does for each batch: the repair holds s.mu through Setup
+// and the re-install, and Setup reads conntrack for labelled flows (the
+// whole table when none is). Logged: the repair's time, the longest wait
+// for s.mu beside it and with no repair. A
+// figure, not an assertion: run it under the bench lock. N above the
+// initial namespace's nf_conntrack_max needs that raised for the run
+// (and restored).
+func TestRepairStallFigure(t *testing.T) {
+	n, _ := strconv.Atoi(os.Getenv("PCPD_REPAIR_STALL"))
+	if n <= 0 {
+		t.Skip("PCPD_REPAIR_STALL=N (conntrack entries) not set")
+	}
+	l := newLab(t, func(cfg *Config, _ *policy.Config) { cfg.TamperInterval = time.Hour })
+	l.topo.Host.MustRun(t, "sysctl", "-qw", fmt.Sprintf("net.netfilter.nf_conntrack_max=%d", n+n/10+1024))
+	src4, dst4 := netip.MustParseAddr("198.51.100.1").As4(), netip.MustParseAddr("192.0.2.1").As4()
+	src6, dst6 := netip.MustParseAddr("2001:db8:ff::1").As16(), netip.MustParseAddr("2001:db8:fe::1").As16()
+	netlab.FillConntrack(t, l.topo.Host, n, func(i int) netlab.ConntrackEntry {
+		port := uint16(1024 + i%60000)
+		k := i / 60000
+		if i%2 == 0 {
+			s, d := src4, dst4
+			s[2], s[3] = byte(k>>8), byte(k)
+			return netlab.ConntrackEntry{Proto: 17, Src: netip.AddrPortFrom(netip.AddrFrom4(s), port),
+				Dst: netip.AddrPortFrom(netip.AddrFrom4(d), 53), Status: 2 | 4}
+		}
+		s, d := src6, dst6
+		s[14], s[15] = byte(k>>8), byte(k)
+		return netlab.ConntrackEntry{Proto: 17, Src: netip.AddrPortFrom(netip.AddrFrom16(s), port),
+			Dst: netip.AddrPortFrom(netip.AddrFrom16(d), 53), Status: 2 | 4}
+	})
+	// waits takes s.mu again and again until stop, as the engine does for
+	// each batch: how many times, and the longest wait.
+	waits := func(stop <-chan struct{}) (int, time.Duration) {
+		k, longest := 0, time.Duration(0)
+		for {
+			select {
+			case <-stop:
+				return k, longest
+			default:
+			}
+			start := time.Now()
+			l.srv.mu.Lock()
+			longest = max(longest, time.Since(start))
+			l.srv.mu.Unlock()
+			k++
+			time.Sleep(100 * time.Microsecond)
+		}
+	}
+	if r := l.pcp(mapReq(l.topo.ClientV6, pcp.ProtoTCP, 9890, 9890, time.Hour, 1)); r.Result != pcp.Success {
+		t.Fatalf("MAP: %+v", r)
+	}
+	for range 3 {
+		stop := make(chan struct{})
+		var k, during int
+		var idle, longest time.Duration
+		done := make(chan struct{})
+		go func() { defer close(done); k, idle = waits(stop) }()
+		time.Sleep(300 * time.Millisecond)
+		close(stop)
+		<-done
+		l.topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
+		stop, done = make(chan struct{}), make(chan struct{})
+		go func() { defer close(done); during, longest = waits(stop) }()
+		time.Sleep(50 * time.Millisecond)
+		start := time.Now()
+		l.srv.checkFirewall()
+		took := time.Since(start)
+		time.Sleep(50 * time.Millisecond)
+		close(stop)
+		<-done
+		if err := l.fw.Healthy(); err != nil {
+			t.Fatalf("after the repair: %v", err)
+		}
+		t.Logf("%d entries: repair of a flushed pin6 %v; beside it %d takes of s.mu, longest wait %v (alone: %d in 300 ms, longest %v)",
+			n, took.Round(time.Microsecond), during, longest.Round(time.Microsecond), k, idle.Round(time.Microsecond))
 	}
 }

@@ -118,6 +118,15 @@ type CutArmer interface {
 	Arm() error
 }
 
+// SetupPreparer is an optional extra of a Firewall (*pinhole.Backend has
+// it): PrepareSetup does the reads of the next Setup that need no lock
+// (conntrack, for labelled flows: pinhole/arm.go) now. The repair calls
+// it right before taking s.mu for Setup and the re-install, so the engine
+// does not wait for a dump of conntrack (h/left9).
+type SetupPreparer interface {
+	PrepareSetup()
+}
+
 // LeaseStore is the durable lease store (*store.Store). Commit is one
 // transaction and one fsync.
 type LeaseStore interface {
