@@ -1,6 +1,7 @@
 package server
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 )
 
@@ -357,5 +359,136 @@ func TestRepairStallFigure(t *testing.T) {
 		}
 		t.Logf("%d entries: repair of a flushed pin6 %v; beside it %d takes of s.mu, longest wait %v (alone: %d in 300 ms, longest %v)",
 			n, took.Round(time.Microsecond), during, longest.Round(time.Microsecond), k, idle.Round(time.Microsecond))
+	}
+}
+
+// rearmFault is the lab's Backend counting Apply calls, with Apply
+// failing while applyFail > 0 and Arm while armFail > 0 (each failure
+// counts one down), as a kernel's ENOMEM would.
+type rearmFault struct {
+	*pinhole.Backend
+	mu                 sync.Mutex
+	applies            int
+	applyFail, armFail int
+}
+
+func (f *rearmFault) Apply(ops []pinhole.Op) error {
+	f.mu.Lock()
+	f.applies++
+	fail := f.applyFail > 0
+	if fail {
+		f.applyFail--
+	}
+	f.mu.Unlock()
+	if fail {
+		return errors.New("injected: cannot apply")
+	}
+	return f.Backend.Apply(ops)
+}
+
+func (f *rearmFault) Arm() error {
+	f.mu.Lock()
+	fail := f.armFail > 0
+	if fail {
+		f.armFail--
+	}
+	f.mu.Unlock()
+	if fail {
+		return errors.New("injected: cannot arm")
+	}
+	return f.Backend.Arm()
+}
+
+func (f *rearmFault) set(applyFail, armFail int) {
+	f.mu.Lock()
+	f.applyFail, f.armFail = applyFail, armFail
+	f.mu.Unlock()
+}
+
+func (f *rearmFault) count() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.applies
+}
+
+// TestE2ERearmCost (root, namespaces; review h/revarm's left item: the
+// repair's cost at every check while a re-install or Arm fails). An
+// admin's "flush ruleset" with an IPv6 MAP's and a NAT-PMP mapping's
+// flows established; the repair's Setup lays the cut out disarmed.
+// (1) The re-install succeeds and only Arm fails, twice: the next checks
+// (layout healthy) retry the Arm alone, no Apply (before, each
+// re-installed every lease under s.mu: ≈ 4 s every 5 s at 1 000 000
+// leases); the second arms. (2) The re-install keeps failing: over 8
+// checks it is tried at checks 1, 3 and 7 (backing off: 0, 1, 3 checks
+// skipped; before, at all 8), and once the kernel takes it again it is
+// done within the back-off (≤ 7 more checks here) and the cut armed.
+// Both flows carry data at the end. Fails without the fix: "check 1
+// after the repair: 1 Apply calls, want 0 (only the Arm had failed)" and
+// "8 checks tried the re-install 8 times, want 3".
+func TestE2ERearmCost(t *testing.T) {
+	l := newLab(t, func(cfg *Config, p *policy.Config) {
+		cfg.TamperInterval = time.Hour // the test runs the checks
+	})
+	f := &rearmFault{Backend: l.fw}
+	l.stop()
+	l.tweak = func(s *Server) { s.fw = f; s.cutter = f }
+	l.start()
+	const port = 9880
+	c6, _, dst6 := l.inbound(t, "map6", port, time.Hour)
+	c4, _, _ := l.inbound(t, "pmp", port+1, time.Hour)
+	pin := pinhole.Pinhole{Protocol: protoTCP, InternalAddr: dst6.Addr(), InternalPort: dst6.Port()}
+	if !l.fw.CutsFlows(pin) {
+		t.Fatal("CutsFlows false before the reload: nothing to test")
+	}
+	// (1) Arm fails twice.
+	l.topo.Host.MustRun(t, "nft", "flush", "ruleset")
+	f.set(0, 2)
+	l.srv.checkFirewall()
+	if l.fw.Armed() {
+		t.Fatal("armed after a failed Arm: nothing to test")
+	}
+	for i := 1; i <= 2; i++ {
+		n := f.count()
+		l.srv.checkFirewall()
+		if d := f.count() - n; d != 0 {
+			t.Errorf("check %d after the repair: %d Apply calls, want 0 (only the Arm had failed)", i, d)
+		}
+	}
+	if !l.fw.Armed() || !l.fw.CutsFlows(pin) {
+		t.Errorf("after the Arm's retries: Armed %v, CutsFlows %v; want both true", l.fw.Armed(), l.fw.CutsFlows(pin))
+	}
+	// (2) The re-install keeps failing.
+	l.topo.Host.MustRun(t, "nft", "flush", "ruleset")
+	f.set(1<<20, 0)
+	l.srv.checkFirewall()
+	if l.fw.Armed() {
+		t.Fatal("armed after a failed re-install: nothing to test")
+	}
+	tries := 0
+	for range 8 {
+		n := f.count()
+		l.srv.checkFirewall()
+		if f.count() > n {
+			tries++
+		}
+		if err := l.fw.Healthy(); err != nil {
+			t.Fatalf("the layout: %v", err)
+		}
+	}
+	if tries != 3 {
+		t.Errorf("8 checks tried the re-install %d times, want 3", tries)
+	}
+	f.set(0, 0)
+	for i := 0; i < 8 && !l.fw.Armed(); i++ {
+		l.srv.checkFirewall()
+	}
+	if !l.fw.Armed() || !l.fw.CutsFlows(pin) {
+		t.Errorf("once the kernel takes the re-install: Armed %v, CutsFlows %v; want both true", l.fw.Armed(), l.fw.CutsFlows(pin))
+	}
+	if err := echoOnce(c6); err != nil {
+		t.Errorf("the IPv6 MAP's flow: %v", err)
+	}
+	if err := echoOnce(c4); err != nil {
+		t.Errorf("the NAT-PMP mapping's flow: %v", err)
 	}
 }

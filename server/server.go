@@ -104,8 +104,13 @@ type Server struct {
 	// armOwed: a repair's re-install of every lease, or the Arm after it
 	// or after the restore, failed: the ruleset's cut may be disarmed
 	// (CutArmer), and the next firewall check that finds the layout
-	// healthy re-installs and arms (rearmOwed).
-	armOwed bool
+	// healthy arms (rearmOwed), re-installing every lease first only if
+	// reinstallOwed (the re-install failed, or the restore's did). A
+	// re-install that keeps failing is tried again at the next check,
+	// then after 1, 3, 7 ... at most reinstallSkipMax checks skipped
+	// (reinstallFails in a row, reinstallSkip left to skip).
+	armOwed, reinstallOwed        bool
+	reinstallFails, reinstallSkip int
 	// undeleted holds pinholes of leases dropped at start (moved or
 	// refused) whose deletion the kernel refused (reconcile), at most
 	// maxUndeleted; retryUndeleted deletes them again at every firewall
