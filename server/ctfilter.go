@@ -245,6 +245,7 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			return 0, err
 		}
 	}
+	buckets := ctHashSize()
 	msgs, err := d.c.Execute(ctnl.Request(ctnl.MsgGet, netlink.Request|netlink.Dump, fam, attrs))
 	if d.fault != nil {
 		msgs, err = d.fault(msgs, err)
@@ -261,6 +262,12 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			intr = errCtDumpInterrupted
 			break
 		}
+	}
+	if intr == nil && ctHashSize() != buckets {
+		// Resized meanwhile (nf_conntrack_buckets): the dump walked the
+		// buckets by index while the kernel moved the entries, and may
+		// have skipped flows; likewise walked again (h/left9).
+		intr = fmt.Errorf("server: conntrack dump: %w", ctnl.ErrResized)
 	}
 	var dels []netlink.Message
 	var hits []ctHit
@@ -428,6 +435,10 @@ func cmpCtTarget(a, b ctFilter) int {
 	a.src4, a.sport, b.src4, b.sport = [4]byte{}, 0, [4]byte{}, 0
 	return cmpCtFilter(a, b)
 }
+
+// ctHashSize is conntrack's hash table size (ctnl.HashSize; a variable
+// for tests).
+var ctHashSize = ctnl.HashSize
 
 var errCtDumpInterrupted = errors.New("server: conntrack dump interrupted (NLM_F_DUMP_INTR)")
 

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"time"
 
 	"github.com/mdlayher/netlink"
@@ -281,6 +282,26 @@ var DumpTimeout = 10 * time.Second
 // off to see what a kernel before 6.1 sends).
 var kernelFilter = true
 
+// ErrResized: the conntrack hash table was resized during a dump (Scan),
+// which may have skipped entries.
+var ErrResized = errors.New("the conntrack hash table was resized during the dump; it may have skipped entries")
+
+// bucketsFile holds the size of the conntrack hash table
+// (nf_conntrack_htable_size, the same for every namespace; readable in
+// each). A variable for tests.
+var bucketsFile = "/proc/sys/net/netfilter/nf_conntrack_buckets"
+
+// HashSize is the conntrack hash table's size, or "" when it cannot be
+// read (no resize is seen then: as before): a dump that walked the table
+// while it changed may have skipped entries (ErrResized).
+func HashSize() string {
+	b, err := os.ReadFile(bucketsFile)
+	if err != nil {
+		return ""
+	}
+	return string(b)
+}
+
 // Scan dumps the conntrack entries of family fam (unix.AF_UNSPEC: both)
 // in the network namespace netns (a file descriptor; 0: the caller's)
 // whose status has the bits of mask equal to val (mask 0: every entry),
@@ -291,7 +312,20 @@ var kernelFilter = true
 // h/revctnl: before, fn got them all there). It holds one read's worth
 // of the dump at a time (one 64 KiB buffer, one Flow), and closing its
 // socket as it returns ends the dump.
-func Scan(netns int, fam uint8, mask, val uint32, fn func(*Flow) bool) (bool, error) {
+//
+// A dump that reached its end without fn wanting a flow fails with
+// ErrResized when the conntrack hash table's size changed meanwhile
+// (nf_conntrack_buckets: an admin's resize moves the entries while the
+// dump walks the buckets by index, so it may skip some): "none found"
+// would not be true of the table. A flow fn wanted is there whatever a
+// resize did.
+func Scan(netns int, fam uint8, mask, val uint32, fn func(*Flow) bool) (found bool, err error) {
+	buckets := HashSize()
+	defer func() {
+		if err == nil && !found && HashSize() != buckets {
+			err = fmt.Errorf("conntrack dump: %w", ErrResized)
+		}
+	}()
 	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: netns})
 	if err != nil {
 		return false, fmt.Errorf("conntrack dump: %w", err)

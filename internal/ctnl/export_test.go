@@ -9,3 +9,11 @@ func SetKernelFilter(on bool) (restore func()) {
 	kernelFilter = on
 	return func() { kernelFilter = was }
 }
+
+// SetBucketsFile makes Scan read the conntrack hash table's size from
+// path, until restore.
+func SetBucketsFile(path string) (restore func()) {
+	old := bucketsFile
+	bucketsFile = path
+	return func() { bucketsFile = old }
+}
