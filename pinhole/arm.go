@@ -81,7 +81,10 @@ func (b *Backend) cutBits() cutBits {
 // was to ask as things stood. gen is b.gen then: a Setup, Arm or
 // protected-set write since voids them all.
 type setupReads struct {
-	gen         uint64
+	gen uint64
+	// prepared: made by PrepareSetup (before its caller's wait for a
+	// lock of its own), not by Setup right before b.mu.
+	prepared    bool
 	hasLabelled bool
 	bits        cutBits
 	labelled    bool
@@ -152,9 +155,89 @@ func (b *Backend) prepareReads() *setupReads {
 // protected-set write ran in between; else Setup reads again.
 func (b *Backend) PrepareSetup() {
 	r := b.prepareReads()
+	if r != nil {
+		r.prepared = true
+	}
 	b.mu.Lock()
 	b.preReads = r
 	b.mu.Unlock()
+}
+
+// SetupVerifier's VerifySetup (review h/revleft9): PrepareSetup's reads of
+// flows admitted or DNAT-ed unlabelled (asked after a Healthy found
+// damage: recheckFlows) are older than the layout Setup writes by the
+// caller's wait for its own lock (the server's engine lock), and the
+// damaged layout (a flushed guard6 falls through to the forward chain's
+// accept) let flows in unlabelled meanwhile: Setup took "none", said
+// CutsFlows true and marked the re-check chain checked, and such a flow
+// outlived its pinhole's delete, the reply not waiting for the walk
+// (TestPreparedSetupSeesUnlabelledFlow). Now a Setup that takes such a
+// "none" leaves CutsFlows false for the kind and the chain unmarked
+// (pinVerify, natVerify), and VerifySetup reads conntrack again once the
+// layout is written (every flow let in unlabelled came before it), without
+// the caller's lock.
+
+// VerifySetup reads conntrack again for the flows a Setup that took
+// PrepareSetup's answers may have missed, and reports whether CutsFlows
+// became true for a kind (the server then walks the retakes a false
+// CutsFlows held: cutHeldRetargets). Call it after Setup, without the
+// caller's lock; a no-op when nothing is owed. A flow found is as one
+// Setup found (CutsFlows false for good). The re-check chains stay
+// unmarked: a later start reads conntrack again.
+func (b *Backend) VerifySetup() bool {
+	for range 3 {
+		b.mu.Lock()
+		pinOwed, natOwed := b.pinVerify, b.natVerify
+		if !pinOwed && !natOwed {
+			b.mu.Unlock()
+			return false
+		}
+		gen := b.gen
+		var pin pinCheck
+		var nat dnatCheck
+		var askPin, askNAT, vPin, vNAT bool
+		if pinOwed {
+			var decided bool
+			pin, decided, vPin = b.pinInputs()
+			askPin = !decided
+		}
+		if natOwed {
+			var decided bool
+			nat, decided, vNAT = b.dnatInputs()
+			askNAT = !decided
+		}
+		b.mu.Unlock()
+		if askPin {
+			vPin = pin.scan(b)
+		}
+		if askNAT {
+			vNAT = nat.scan(b)
+		}
+		b.mu.Lock()
+		if b.gen != gen {
+			// A Setup, Arm or protected-set write came between: read
+			// again (a Setup may have answered anew).
+			b.mu.Unlock()
+			continue
+		}
+		was := b.cutting.Load() || b.cuttingNAT.Load()
+		if pinOwed {
+			b.unlabelled = b.unlabelled || vPin
+			b.pinVerify = false
+		}
+		if natOwed {
+			b.natUnlabelled = b.natUnlabelled || vNAT
+			b.natVerify = false
+		}
+		if !b.recheckFlows { // else damage since: the next Setup decides
+			b.cutting.Store(b.cutLabels && !b.unlabelled && !b.disarmed && !b.pinVerify)
+			b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed && !b.natVerify)
+		}
+		now := b.cutting.Load() || b.cuttingNAT.Load()
+		b.mu.Unlock()
+		return now && !was
+	}
+	return false
 }
 
 // cutIntact: every set a re-check looks up exists, every set holds its
@@ -295,7 +378,7 @@ func (b *Backend) Arm() (err error) {
 	// of the layout is as the damage left it, and CutsFlows stays false
 	// until a Setup writes it again (review h/revarm, finding 2;
 	// TestArmAfterDamage).
-	b.cutting.Store(b.cutLabels && !b.unlabelled && !b.recheckFlows)
-	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.recheckFlows)
+	b.cutting.Store(b.cutLabels && !b.unlabelled && !b.recheckFlows && !b.pinVerify)
+	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.recheckFlows && !b.natVerify)
 	return nil
 }

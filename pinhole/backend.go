@@ -214,6 +214,13 @@ type Backend struct {
 	// (arm.go): PrepareSetup's until the next Setup, then Setup's own;
 	// nil otherwise.
 	preReads *setupReads
+	// pinVerify, natVerify: the last Setup took "no flow admitted
+	// (DNAT-ed) unlabelled" from PrepareSetup's read, made before the
+	// caller's wait for its own lock, while the damaged layout let flows
+	// in unlabelled (review h/revleft9): CutsFlows stays false for the
+	// kind and its re-check chain unmarked until VerifySetup reads
+	// conntrack again over the layout Setup wrote.
+	pinVerify, natVerify bool
 	// unlabelled: a Setup found guard6 admitting through a pinhole set
 	// without labelling (a table laid out by a pcpd before cutflows.go,
 	// or an admission rule an admin altered), or its first Setup found
@@ -511,8 +518,8 @@ func (b *Backend) setupLocked() (err error) {
 	}
 	b.owned = true
 	b.recheckFlows = false
-	b.cutting.Store(b.cutLabels && !b.unlabelled && !b.disarmed)
-	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed)
+	b.cutting.Store(b.cutLabels && !b.unlabelled && !b.disarmed && !b.pinVerify)
+	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed && !b.natVerify)
 	// Not fatal: the layout is committed, and the owner meter's write
 	// below (or RepairOwners) rewrites the chains anyway.
 	var onwardErr error

@@ -75,9 +75,9 @@ func ruleComment(c string) []byte {
 func (b *Backend) checkedMark(chain string) []byte {
 	switch {
 	case chain == "" || b.cfg.Attached:
-	case chain == b.chainRecheck6 && b.cutLabels && !b.unlabelled:
+	case chain == b.chainRecheck6 && b.cutLabels && !b.unlabelled && !b.pinVerify:
 		return ruleComment(flowsCheckedMark)
-	case chain == b.chainRecheckNAT && b.natCutting() && !b.natUnlabelled:
+	case chain == b.chainRecheckNAT && b.natCutting() && !b.natUnlabelled && !b.natVerify:
 		return ruleComment(natCheckedMark)
 	}
 	return nil

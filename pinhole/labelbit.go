@@ -202,8 +202,12 @@ func (b *Backend) queueStaleCutRemoval() error {
 // conntrack cannot be read. Caller holds b.mu.
 func (b *Backend) pinFlowsUnlabelled() bool {
 	if p := b.preReads; p != nil && p.hasPin {
-		return p.pin // read before Setup took b.mu (PrepareSetup)
+		// Read before Setup took b.mu; PrepareSetup's "none" is
+		// checked again over the written layout (VerifySetup).
+		b.pinVerify = p.prepared && !p.pin
+		return p.pin
 	}
+	b.pinVerify = false
 	in, decided, v := b.pinInputs()
 	if decided {
 		return v

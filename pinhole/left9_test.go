@@ -84,6 +84,14 @@ func TestSetupReadsConntrackUnlocked(t *testing.T) {
 	want["pin"]++
 	want["dnat"]++
 	setup()
+	// PrepareSetup's "none" is read again over the written layout
+	// (review h/revleft9): CutsFlows false until then.
+	if b.CutsFlows(pin) {
+		t.Error("PrepareSetup, then Setup, over damage Healthy saw: CutsFlows true before VerifySetup")
+	}
+	b.VerifySetup()
+	want["pin"]++
+	want["dnat"]++
 	check("PrepareSetup, then Setup, over a flushed pin6 Healthy saw")
 	// PrepareSetup's answers are for the next Setup only.
 	flush()

@@ -181,8 +181,11 @@ func (b *Backend) translatesUnlabelled() bool {
 // read. Caller holds b.mu.
 func (b *Backend) dnatFlowsUnlabelled() bool {
 	if p := b.preReads; p != nil && p.hasNAT {
-		return p.nat // read before Setup took b.mu (PrepareSetup)
+		// As pinFlowsUnlabelled.
+		b.natVerify = p.prepared && !p.nat
+		return p.nat
 	}
+	b.natVerify = false
 	in, decided, v := b.dnatInputs()
 	if decided {
 		return v

@@ -833,6 +833,7 @@ func (s *Server) checkFirewall() {
 	herr := s.fw.Healthy()
 	if herr == nil {
 		s.rearmOwed()
+		s.verifySetup() // one a repair's could not finish (a Setup beside it)
 		return
 	}
 	if errors.Is(herr, pinhole.ErrCheckFailed) && !errors.Is(herr, pinhole.ErrUnhealthy) {
@@ -853,6 +854,31 @@ func (s *Server) checkFirewall() {
 	if p, ok := s.fw.(SetupPreparer); ok {
 		p.PrepareSetup()
 	}
+	s.repairLocked(herr)
+	// Setup took PrepareSetup's "no flow let in unlabelled", a read older
+	// than the layout it wrote by the wait for s.mu: CutsFlows is false
+	// for the kind until conntrack is read again, here without s.mu
+	// (review h/revleft9, TestPreparedSetupSeesUnlabelledFlow).
+	s.verifySetup()
+}
+
+// verifySetup reads conntrack again where a repair's Setup took
+// PrepareSetup's answers (SetupPreparer.VerifySetup), without s.mu; once
+// CutsFlows is true again, the retakes a false CutsFlows held are walked
+// (cutHeldRetargets, as after a repair).
+func (s *Server) verifySetup() {
+	p, ok := s.fw.(SetupPreparer)
+	if !ok || !p.VerifySetup() {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cutHeldRetargets()
+}
+
+// repairLocked is checkFirewall's repair under s.mu: Setup, every lease's
+// pinholes re-installed, the cut armed, the held retakes walked.
+func (s *Server) repairLocked(herr error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now()

@@ -1,0 +1,63 @@
+package pinhole_test
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// TestPreparedSetupSeesUnlabelledFlow (root; review h/revleft9): the
+// server's repair calls PrepareSetup, then waits for its engine lock,
+// then calls Setup. PrepareSetup's read of conntrack for flows admitted
+// unlabelled (pinFlowsUnlabelled: asked because Healthy found damage)
+// is a moment older than the layout Setup writes: a connection the
+// damaged layout (guard6 flushed: the forward chain's accept) lets in
+// during that wait is not in it. Setup then took "none", said CutsFlows
+// true and marked recheck6 checked, yet the ruleset never cuts that
+// connection (it carries no label): after its pinhole's delete it still
+// carried data, and a reply to that delete would not have waited for the
+// walk. Fixed: such a "none" is read again over the written layout
+// (VerifySetup) before CutsFlows says true. Row "Setup alone" is the control (its own read right before the
+// layout sees the flow: CutsFlows false, as before h/left9).
+func TestPreparedSetupSeesUnlabelledFlow(t *testing.T) {
+	for _, prepared := range []bool{false, true} {
+		name := "Setup alone"
+		if prepared {
+			name = "PrepareSetup, flow, Setup"
+		}
+		t.Run(name, func(t *testing.T) {
+			topo, b := guardedTopology(t, pinhole.Config{})
+			client := netip.AddrPortFrom(topo.ClientV6, 7391)
+			p := pinhole.Pinhole{Protocol: tcp, InternalAddr: client.Addr(), InternalPort: client.Port()}
+			apply(t, b, install(p, time.Hour))
+			topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "guard6")
+			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+				t.Fatalf("Healthy after the flush of guard6: %v", err)
+			}
+			if prepared {
+				b.PrepareSetup() // the repair, before it takes the engine lock
+			}
+			// Meanwhile (the engine held its lock) a connection comes in
+			// through the damaged layout: unlabelled.
+			f := openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47391), client)
+			if err := b.Setup(); err != nil {
+				t.Fatal(err)
+			}
+			b.VerifySetup() // the server, its lock let go
+			cuts := b.CutsFlows(p)
+			marked := markedChecked(t, topo.Host, "recheck6")
+			apply(t, b, del(p))
+			err := f.echo(failWait)
+			if err == nil && cuts {
+				t.Error("CutsFlows true after the repair, yet the connection let in unlabelled during it carries data after its pinhole's delete")
+			}
+			if err == nil && marked {
+				t.Error("recheck6 marked checked with a connection let in unlabelled alive (a later start trusts the mark)")
+			}
+			t.Logf("CutsFlows %v, marked %v, echo after the delete: %v", cuts, marked, err)
+		})
+	}
+}
