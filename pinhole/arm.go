@@ -110,10 +110,11 @@ type setupReads struct {
 // in by an element present then, which Setup keeps (AddSet keeps a set's
 // elements) unless it ends, when its flow is to be cut; one admitted
 // unlabelled after it came through a layout damaged as it was during the
-// Setup before, which rewrites it (the same window, the s.mu wait longer).
-func (b *Backend) prepareReads() *setupReads {
+// Setup before, which rewrites it (the same window, the s.mu wait longer:
+// PrepareSetup's are not trusted so, review h/revleft9).
+func (b *Backend) prepareReads(prepared bool) *setupReads {
 	b.mu.Lock()
-	r := &setupReads{gen: b.gen}
+	r := &setupReads{gen: b.gen, prepared: prepared}
 	if !b.disarmed && b.cutLaidOut() && !b.cutIntact() {
 		r.hasLabelled, r.bits = true, b.cutBits()
 	}
@@ -135,7 +136,18 @@ func (b *Backend) prepareReads() *setupReads {
 	if !r.hasLabelled && !r.hasPin && !r.hasNAT {
 		return nil
 	}
-	if r.hasLabelled {
+	switch {
+	case r.hasLabelled && prepared:
+		// Not read: the answer would be older than the layout by the
+		// caller's wait for its lock, and a flow labelled meanwhile
+		// through an element put back (a renewal) whose set a second
+		// reload flushed again was dropped by a cut laid out armed
+		// until the re-install (review h/revleft9,
+		// TestPreparedSetupSparesFlowLabelledDuringWait). Laid out
+		// disarmed: the caller (the server's repair) arms after its
+		// re-install, as over labelled flows.
+		r.labelled = true
+	case r.hasLabelled:
 		r.labelled = b.labelledFlows(r.bits)
 	}
 	if askPin {
@@ -152,12 +164,14 @@ func (b *Backend) prepareReads() *setupReads {
 // a lock of its own: the server's repair holds its engine lock through
 // Setup and the re-install. Call it right before Setup: the answers are
 // kept for the next Setup only, and only if no Setup, Arm or
-// protected-set write ran in between; else Setup reads again.
+// protected-set write ran in between; else Setup reads again. Its
+// answers are older than the layout by the caller's wait (review
+// h/revleft9), so such a Setup lays a cut that is not intact out
+// disarmed without asking for labelled flows (call Arm once every
+// pinhole is back), and its "no flow let in unlabelled" is read again
+// by VerifySetup (call it after Setup, without the caller's lock).
 func (b *Backend) PrepareSetup() {
-	r := b.prepareReads()
-	if r != nil {
-		r.prepared = true
-	}
+	r := b.prepareReads(true)
 	b.mu.Lock()
 	b.preReads = r
 	b.mu.Unlock()

@@ -344,7 +344,7 @@ func (b *Backend) Setup() error {
 	}
 	b.mu.Unlock()
 	if pre == nil {
-		pre = b.prepareReads()
+		pre = b.prepareReads(false)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()

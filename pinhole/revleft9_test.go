@@ -61,3 +61,62 @@ func TestPreparedSetupSeesUnlabelledFlow(t *testing.T) {
 		})
 	}
 }
+
+// TestPreparedSetupSparesFlowLabelledDuringWait (root; review
+// h/revleft9): PrepareSetup's read of labelled flows (whether to lay the
+// cut out disarmed over re-checked sets that lost their elements) is
+// older than the layout by the repair's wait for its engine lock. A set
+// flushed (no flow yet: the read says none), then, during the wait, an
+// element put back (a renewal), a connection through it (labelled), and
+// the set flushed again (a second reload): Setup laid the cut out armed
+// over the empty set, and the live connection was dropped until the
+// re-install. Row "Setup alone" is the control (its own read sees the
+// labelled flow: disarmed). Fixed: a Setup that takes PrepareSetup's
+// answers lays a cut that is not intact out disarmed without reading
+// (the repair arms it after its re-install, as over labelled flows).
+func TestPreparedSetupSparesFlowLabelledDuringWait(t *testing.T) {
+	for _, prepared := range []bool{false, true} {
+		name := "Setup alone"
+		if prepared {
+			name = "PrepareSetup, flow, Setup"
+		}
+		t.Run(name, func(t *testing.T) {
+			topo, b := guardedTopology(t, pinhole.Config{})
+			client := netip.AddrPortFrom(topo.ClientV6, 7392)
+			p := pinhole.Pinhole{Protocol: tcp, InternalAddr: client.Addr(), InternalPort: client.Port()}
+			apply(t, b, install(p, time.Hour))
+			flush := func() { topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6") }
+			flush()
+			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+				t.Fatalf("Healthy after the flush of pin6: %v", err)
+			}
+			if prepared {
+				b.PrepareSetup()
+			}
+			apply(t, b, install(p, time.Hour)) // a renewal meanwhile
+			f := openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47392), client)
+			flush() // a second reload
+			if err := b.Setup(); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.echo(okWait); err != nil {
+				t.Errorf("repaired, its pinhole not yet re-installed: the connection: %v (Armed %v), want it to go on", err, b.Armed())
+			}
+			apply(t, b, install(p, time.Hour)) // the re-install
+			if err := b.Arm(); err != nil {
+				t.Fatal(err)
+			}
+			b.VerifySetup()
+			if !b.Armed() || !b.CutsFlows(p) {
+				t.Errorf("re-installed and armed: Armed %v, CutsFlows %v", b.Armed(), b.CutsFlows(p))
+			}
+			if err := f.echo(okWait); err != nil {
+				t.Errorf("armed: the connection: %v", err)
+			}
+			apply(t, b, del(p))
+			if err := f.echo(failWait); !isTimeout(err) {
+				t.Errorf("armed, pinhole deleted: the connection: %v, want a timeout (cut)", err)
+			}
+		})
+	}
+}
