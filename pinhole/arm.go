@@ -234,7 +234,7 @@ func (b *Backend) VerifySetup() bool {
 			b.mu.Unlock()
 			continue
 		}
-		was := b.cutting.Load() || b.cuttingNAT.Load()
+		wasPin, wasNAT := b.cutting.Load(), b.cuttingNAT.Load()
 		if pinOwed {
 			b.unlabelled = b.unlabelled || vPin
 			b.pinVerify = false
@@ -247,9 +247,9 @@ func (b *Backend) VerifySetup() bool {
 			b.cutting.Store(b.cutLabels && !b.unlabelled && !b.disarmed && !b.pinVerify)
 			b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed && !b.natVerify)
 		}
-		now := b.cutting.Load() || b.cuttingNAT.Load()
+		became := !wasPin && b.cutting.Load() || !wasNAT && b.cuttingNAT.Load()
 		b.mu.Unlock()
-		return now && !was
+		return became
 	}
 	return false
 }
