@@ -770,6 +770,24 @@ func (c *config) validate() error {
 	return nil
 }
 
+// dialSources dials n sources, the first n addresses of src's subnets,
+// dealt to ws in turn: source g goes to *list(ws[g%len(ws)]).
+func dialSources(cfg *config, src netip.Prefix, n int, ws []*worker, list func(*worker) *[]source) error {
+	for g := range n {
+		a, err := nthSubnetAddr(src, cfg.PerPrefix, g+1)
+		if err != nil {
+			return err
+		}
+		s, err := dial(cfg, a)
+		if err != nil {
+			return err
+		}
+		l := list(ws[g%len(ws)])
+		*l = append(*l, s)
+	}
+	return nil
+}
+
 // run opens the sockets, runs the prefill, then the measured phase.
 func run(ctx context.Context, cfg config) (*report, error) {
 	if err := cfg.validate(); err != nil {
@@ -791,34 +809,16 @@ func run(ctx context.Context, cfg config) (*report, error) {
 			}
 		}
 	}()
-	for g := 0; g < cfg.Clients; g++ {
-		a, err := nthSubnetAddr(cfg.Src, cfg.PerPrefix, g+1)
-		if err != nil {
-			return nil, err
-		}
-		s, err := dial(&cfg, a)
-		if err != nil {
-			return nil, err
-		}
-		w := ws[g%nw]
-		w.srcs = append(w.srcs, s)
+	if err := dialSources(&cfg, cfg.Src, cfg.Clients, ws, func(w *worker) *[]source { return &w.srcs }); err != nil {
+		return nil, err
 	}
 	if cfg.UnauthSrc.IsValid() {
 		n := cfg.UnauthClients
 		if n == 0 {
 			n = cfg.Clients
 		}
-		for g := range max(n, nw) {
-			a, err := nthSubnetAddr(cfg.UnauthSrc, cfg.PerPrefix, g+1)
-			if err != nil {
-				return nil, err
-			}
-			s, err := dial(&cfg, a)
-			if err != nil {
-				return nil, err
-			}
-			w := ws[g%nw]
-			w.unauth = append(w.unauth, s)
+		if err := dialSources(&cfg, cfg.UnauthSrc, max(n, nw), ws, func(w *worker) *[]source { return &w.unauth }); err != nil {
+			return nil, err
 		}
 	}
 	for _, w := range ws {
