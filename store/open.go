@@ -485,17 +485,7 @@ func restore(bak, path string, o *options) (*bolt.DB, loaded, error) {
 		return nil, loaded{}, err
 	}
 	err = db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Delete(metaEpoch) })
-	if cerr := db.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err == nil {
-		err = syncDir(filepath.Dir(path))
-	}
-	if err != nil {
-		_ = os.Remove(tmp)
+	if err := installTemp(db, err, tmp, path); err != nil {
 		return nil, loaded{}, err
 	}
 	db, err = openBolt(path, o, false)
@@ -549,6 +539,13 @@ func createEmpty(path string, o *options) error {
 		}
 		return meta.Put(metaFormat, []byte{formatVersion})
 	})
+	return installTemp(db, err, tmp, path)
+}
+
+// installTemp closes db, opened on tmp, and, if err (what was done to
+// it) and the close are nil, renames tmp to path and syncs path's
+// directory. On any error tmp is removed and the first error returned.
+func installTemp(db *bolt.DB, err error, tmp, path string) error {
 	if cerr := db.Close(); err == nil {
 		err = cerr
 	}
