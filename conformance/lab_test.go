@@ -1,15 +1,12 @@
 package conformance
 
 import (
-	"bufio"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -133,50 +130,11 @@ func (l *lab) env(t *testing.T) *Env {
 // probeFrom connects from the namespace (source from, if given) to to and
 // wants the netlab greeting (TCP) or echo (UDP) within a second.
 func probeFrom(ns *netlab.NS, proto byte, from, to netip.AddrPort) error {
-	const timeout = time.Second
-	return ns.Do(func() error {
-		d := net.Dialer{Timeout: timeout}
-		if from.Addr().IsValid() {
-			if proto == protoUDP {
-				d.LocalAddr = net.UDPAddrFromAddrPort(from)
-			} else {
-				d.LocalAddr = net.TCPAddrFromAddrPort(from)
-			}
-		}
-		network := "tcp"
-		if proto == protoUDP {
-			network = "udp"
-		}
-		c, err := d.Dial(network, to.String())
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(timeout))
-		if proto == protoUDP {
-			msg := "probe-" + netlab.Rand(8)
-			if _, err := c.Write([]byte(msg)); err != nil {
-				return err
-			}
-			buf := make([]byte, 256)
-			n, err := c.Read(buf)
-			if err != nil {
-				return err
-			}
-			if string(buf[:n]) != "echo:"+msg {
-				return errors.New("wrong UDP echo")
-			}
-			return nil
-		}
-		line, err := bufio.NewReader(c).ReadString('\n')
-		if err != nil {
-			return err
-		}
-		if strings.TrimSpace(line) != netlab.Greeting {
-			return fmt.Errorf("unexpected greeting %q", line)
-		}
-		return nil
-	})
+	network := "tcp"
+	if proto == protoUDP {
+		network = "udp"
+	}
+	return ns.Probe(network, from, to.String(), time.Second)
 }
 
 func TestMain(m *testing.M) { os.Exit(pcpdtest.Main(m)) }

@@ -81,13 +81,45 @@ func serve(t testing.TB, start func(string) (io.Closer, error), addr string) {
 // DialTCP connects from inside the namespace and reads the greeting. It
 // returns nil only when the whole exchange worked.
 func (n *NS) DialTCP(addr string, timeout time.Duration) error {
+	return n.Probe("tcp", netip.AddrPort{}, addr, timeout)
+}
+
+// Probe connects from inside the namespace to addr over network, from
+// the local address from if it is valid (any otherwise), and wants
+// within timeout the greeting of StartTCPServer ("tcp") or the echo of
+// StartUDPEcho to one datagram ("udp"). nil means the whole exchange
+// worked.
+func (n *NS) Probe(network string, from netip.AddrPort, addr string, timeout time.Duration) error {
 	return n.Do(func() error {
-		c, err := net.DialTimeout("tcp", addr, timeout)
+		d := net.Dialer{Timeout: timeout}
+		if from.Addr().IsValid() {
+			if network == "udp" {
+				d.LocalAddr = net.UDPAddrFromAddrPort(from)
+			} else {
+				d.LocalAddr = net.TCPAddrFromAddrPort(from)
+			}
+		}
+		c, err := d.Dial(network, addr)
 		if err != nil {
 			return err
 		}
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(timeout))
+		if network == "udp" {
+			msg := "probe-" + Rand(8)
+			if _, err := c.Write([]byte(msg)); err != nil {
+				return err
+			}
+			buf := make([]byte, 2048)
+			k, err := c.Read(buf)
+			if err != nil {
+				return err
+			}
+			if string(buf[:k]) != "echo:"+msg {
+				return errors.New("netlab: wrong UDP echo")
+			}
+			return nil
+		}
 		line, err := bufio.NewReader(c).ReadString('\n')
 		if err != nil {
 			return fmt.Errorf("netlab: read greeting from %s: %w", addr, err)
@@ -128,27 +160,7 @@ func (n *NS) ServeUDPEcho(t testing.TB, addr string) { t.Helper(); serve(t, n.St
 // ProbeUDP sends one datagram from inside the namespace and waits for the
 // echo. nil means the round trip worked.
 func (n *NS) ProbeUDP(addr string, timeout time.Duration) error {
-	return n.Do(func() error {
-		c, err := net.Dial("udp", addr)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		msg := "probe-" + Rand(8)
-		c.SetDeadline(time.Now().Add(timeout))
-		if _, err := c.Write([]byte(msg)); err != nil {
-			return err
-		}
-		buf := make([]byte, 2048)
-		k, err := c.Read(buf)
-		if err != nil {
-			return err
-		}
-		if string(buf[:k]) != "echo:"+msg {
-			return errors.New("netlab: wrong UDP echo")
-		}
-		return nil
-	})
+	return n.Probe("udp", netip.AddrPort{}, addr, timeout)
 }
 
 // SendUDPFrom sends a datagram from src in n to dst, up to three times,
