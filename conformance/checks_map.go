@@ -26,6 +26,29 @@ func (e *Env) peerSupported(r *response) {
 	}
 }
 
+// peer443 sends a TCP PEER request from port p to the remote's port 443,
+// ends the check as NA if PEER is unsupported and wants SUCCESS.
+func (s *sock) peer443(p uint16) (request, *response) {
+	pr := s.peerReq(p, netip.AddrPortFrom(s.e.remote(), 443), 600)
+	r := s.ask(pr.bytes())
+	s.e.peerSupported(r)
+	s.e.expectResult(r, pcp.Success, "PEER")
+	return pr, r
+}
+
+// mapFiltered sends a TCP MAP of port p (suggesting p) with the FILTER
+// options opts, ends the check as NA if FILTER is unsupported, wants
+// SUCCESS (what names the request) and deletes the mapping at the end of
+// the check.
+func (s *sock) mapFiltered(p uint16, what string, opts ...[]byte) (request, *response) {
+	m := s.newMap(protoTCP, p, p, 600, opts...)
+	r := s.ask(m.bytes())
+	s.e.unsupported(r, "FILTER")
+	s.e.expectResult(r, pcp.Success, what)
+	s.e.cleanup((&mapping{s: s, req: m, r: r}).deleteQuietly)
+	return m, r
+}
+
 // withinLifetime reports whether got is want minus at most slack seconds.
 func withinLifetime(got, want, slack uint32) bool { return got <= want && got+slack >= want }
 
@@ -139,10 +162,7 @@ var mapChecks = []Check{
 	{ID: "MAP-08", Section: "RFC 6887 §11.3", Level: Should, Name: "MAP on a PEER mapping's tuple reuses its external port", Run: func(e *Env) Result {
 		s := e.sock()
 		p := e.port()
-		pr := s.peerReq(p, netip.AddrPortFrom(e.remote(), 443), 600)
-		r := s.ask(pr.bytes())
-		e.peerSupported(r)
-		e.expectResult(r, pcp.Success, "PEER")
+		_, r := s.peer443(p)
 		m := s.create(s.newMap(protoTCP, p, 0, 600))
 		if ext(m.r) != ext(r) {
 			return failr("PEER external %s, MAP on the same tuple %s", ext(r), ext(m.r))
@@ -353,10 +373,7 @@ var mapChecks = []Check{
 	{ID: "MAP-20", Section: "RFC 6887 §15.1", Level: Must, Name: "MAP cannot delete a PEER mapping → NOT_AUTHORIZED", Run: func(e *Env) Result {
 		s := e.sock()
 		p := e.port()
-		pr := s.peerReq(p, netip.AddrPortFrom(e.remote(), 443), 600)
-		r := s.ask(pr.bytes())
-		e.peerSupported(r)
-		e.expectResult(r, pcp.Success, "PEER")
+		pr, _ := s.peer443(p)
 		del := s.newMap(protoTCP, p, 0, 0)
 		del.Nonce = pr.Nonce
 		e.wantError(s, del.bytes(), pcp.NotAuthorized, "MAP delete of a PEER-only tuple")

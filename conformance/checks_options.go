@@ -292,11 +292,7 @@ var optionChecks = []Check{
 		s := e.sock()
 		p := e.port()
 		f := filterPrefix(e.filterRemote(), 443)
-		m := s.newMap(protoTCP, p, p, 600, f, filterPrefix(netip.PrefixFrom(e.remote(), 48).Masked(), 0))
-		r := s.ask(m.bytes())
-		e.unsupported(r, "FILTER")
-		e.expectResult(r, pcp.Success, "MAP + 2 FILTERs")
-		e.cleanup((&mapping{s: s, req: m, r: r}).deleteQuietly)
+		_, r := s.mapFiltered(p, "MAP + 2 FILTERs", f, filterPrefix(netip.PrefixFrom(e.remote(), 48).Masked(), 0))
 		if !bytes.Equal(r.optCodes(), []byte{optFilter, optFilter}) {
 			return failr("echoed options %v, want two FILTERs", r.optCodes())
 		}
