@@ -77,15 +77,7 @@ func checkAttFlows(t *testing.T, ns *netlab.NS, step string, flows []attFlow) {
 		if fl.cut {
 			wait = failWait
 		}
-		err := fl.f.echo(wait)
-		switch {
-		case fl.cut && err == nil:
-			t.Errorf("%s: the %s flow still carries data:\n%s", step, fl.name, nftList(t, ns, "table", "inet", "filter"))
-		case fl.cut && !isTimeout(err):
-			t.Errorf("%s: the %s flow: %v, want a timeout (dropped)", step, fl.name, err)
-		case !fl.cut && err != nil:
-			t.Errorf("%s: the %s flow: %v, want it to go on", step, fl.name, err)
-		}
+		checkFlowCut(t, ns, "filter", step, fl.name, fl.f, fl.cut, wait)
 	}
 }
 

@@ -2,7 +2,6 @@ package pinhole_test
 
 import (
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -169,20 +168,10 @@ func TestGuardCutsRemovedPinholeFlows(t *testing.T) {
 				}
 			}
 			apply(t, b, del(p))
-			err := f.echo(failWait)
-			switch {
-			case tc.cut && err == nil:
-				t.Errorf("the flow still carries data after its pinhole's delete:\n%s", nftList(t, topo.Host, "table", "inet", "pcpd"))
-			case tc.cut && !isTimeout(err):
-				t.Errorf("round trip after the delete: %v, want a timeout (dropped)", err)
-			case !tc.cut && err != nil:
-				t.Errorf("round trip after the delete: %v, want it to pass", err)
-			}
+			checkFlowCut(t, topo.Host, "pcpd", "its pinhole deleted", protoName(tc.proto), f, tc.cut, failWait)
 			if tc.cut {
 				// Cut in the ruleset: the flow's entry is still there.
-				if out := topo.Host.MustRun(t, "cat", "/proc/net/nf_conntrack"); !strings.Contains(out, fmt.Sprintf("dport=%d", port)) {
-					t.Errorf("no conntrack entry of the flow left:\n%s", out)
-				}
+				wantConntrackEntry(t, topo.Host, "", port)
 			}
 		})
 	}
@@ -218,18 +207,7 @@ func TestGuardCutsFlowAtExpiry(t *testing.T) {
 			p := pinhole.Pinhole{Protocol: proto, InternalAddr: client.Addr(), InternalPort: client.Port()}
 			apply(t, b, install(p, 2*time.Second))
 			f := openEcho(t, proto, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47200), client)
-			if err := netlab.Eventually(10*time.Second, func() error {
-				es, err := b.List()
-				if err != nil {
-					return err
-				}
-				if len(es) > 0 {
-					return fmt.Errorf("%d elements left", len(es))
-				}
-				return nil
-			}); err != nil {
-				t.Fatal(err)
-			}
+			waitNoElements(t, b)
 			if err := f.echo(failWait); err == nil {
 				t.Errorf("the flow still carries data after its pinhole expired")
 			}
@@ -271,29 +249,12 @@ func TestCutLayoutListed(t *testing.T) {
 			t.Errorf("CutsFlows(%v) = %v, want %v", c.p, got, c.cuts)
 		}
 	}
-	for _, tamper := range []func(){
+	tamperedThenRepaired(t, b, "a label rule changed", func() string { return nftList(t, topo.Host, "chain", "inet", "pcpd", "guard6") },
 		func() { unlabelAdmission(t, topo.Host, "pin6_proto") },
 		func() {
-			out := topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", "pcpd", "guard6")
-			m := regexp.MustCompile(`goto recheck6 # handle (\d+)`).FindStringSubmatch(out)
-			if m == nil {
-				t.Fatalf("no goto recheck6 in guard6:\n%s", out)
-			}
-			topo.Host.MustRun(t, "nft", "replace", "rule", "inet", "pcpd", "guard6", "handle", m[1],
+			replaceRule(t, topo.Host, "guard6", "goto recheck6",
 				"ct", "direction", "original", "ct", "state", "established", "ct", "label", "127", "accept")
-		},
-	} {
-		tamper()
-		if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
-			t.Errorf("Healthy = %v after a label rule changed:\n%s", err, nftList(t, topo.Host, "chain", "inet", "pcpd", "guard6"))
-		}
-		if err := b.Setup(); err != nil {
-			t.Fatal(err)
-		}
-		if err := b.Healthy(); err != nil {
-			t.Fatalf("Healthy after Setup: %v", err)
-		}
-	}
+		})
 	loadNft(t, topo.Host, adminRuleset)
 	a := newBackend(t, topo.Host, pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"})
 	if !a.CutsFlows(v6) {
@@ -311,18 +272,7 @@ func TestCutLayoutListed(t *testing.T) {
 // false for every pinhole (the server then waits for its walk).
 func TestCutLabelsRefused(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-	conn, err := topo.Host.NftConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := pinhole.New(conn, pinhole.Config{Routes: nsRoutes(t, topo.Host)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pinhole.RefuseLabels(b)
-	if err := b.Setup(); err != nil {
-		t.Fatalf("Setup with the labels refused: %v", err)
-	}
+	b := refusingBackend(t, topo.Host, pinhole.RefuseLabels, "the labels refused")
 	defer b.Teardown()
 	if err := b.Healthy(); err != nil {
 		t.Errorf("Healthy: %v", err)
@@ -369,18 +319,7 @@ func TestCutsFlowsAfterUnlabelledLayout(t *testing.T) {
 				if err := b.Teardown(); err != nil {
 					t.Fatal(err)
 				}
-				conn, err := topo.Host.NftConn()
-				if err != nil {
-					t.Fatal(err)
-				}
-				old, err := pinhole.New(conn, pinhole.Config{Routes: nsRoutes(t, topo.Host)})
-				if err != nil {
-					t.Fatal(err)
-				}
-				pinhole.RefuseLabels(old)
-				if err := old.Setup(); err != nil {
-					t.Fatal(err)
-				}
+				old := refusingBackend(t, topo.Host, pinhole.RefuseLabels, "the labels refused")
 				defer old.Close()
 				serveTunnel(t, old, topo)
 				if err := old.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {

@@ -1,7 +1,6 @@
 package pinhole_test
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 	"regexp"
@@ -82,20 +81,10 @@ func TestNATCutsRemovedMappingFlows(t *testing.T) {
 			if ends {
 				wait = failWait
 			}
-			err := fl.f.echo(wait)
-			switch {
-			case ends && err == nil:
-				t.Errorf("%v deleted: the %s flow still carries data:\n%s", d, fl.name, nftList(t, topo.Host, "table", "inet", "pcpd"))
-			case ends && !isTimeout(err):
-				t.Errorf("%v deleted: the %s flow: %v, want a timeout (dropped)", d, fl.name, err)
-			case !ends && err != nil:
-				t.Errorf("%v deleted: the %s flow: %v, want it to go on", d, fl.name, err)
-			}
+			checkFlowCut(t, topo.Host, "pcpd", fmt.Sprintf("%v deleted", d), fl.name, fl.f, ends, wait)
 			if ends {
 				fl.cut = true
-				if out := topo.Host.MustRun(t, "cat", "/proc/net/nf_conntrack"); !strings.Contains(out, fmt.Sprintf("dport=%d ", fl.ext)) {
-					t.Errorf("%s: no conntrack entry of the flow left:\n%s", fl.name, out)
-				}
+				wantConntrackEntry(t, topo.Host, fl.name+": ", fl.ext)
 			}
 		}
 	}
@@ -120,18 +109,7 @@ func TestNATCutsFlowAtExpiry(t *testing.T) {
 				netip.AddrPortFrom(topo.InternetV4, 47700), netip.AddrPortFrom(m.ExternalAddr, m.ExternalPort))
 			fr := openEchoVia(t, proto, topo.Client, netip.AddrPortFrom(r.InternalAddr, r.InternalPort), topo.Internet,
 				netip.AddrPortFrom(topo.InternetV6, 47780), netip.AddrPortFrom(topo.ClientV6, r.ExternalPort))
-			if err := netlab.Eventually(10*time.Second, func() error {
-				es, err := b.List()
-				if err != nil {
-					return err
-				}
-				if len(es) > 0 {
-					return fmt.Errorf("%d elements left", len(es))
-				}
-				return nil
-			}); err != nil {
-				t.Fatal(err)
-			}
+			waitNoElements(t, b)
 			if err := fm.echo(failWait); err == nil {
 				t.Errorf("the NAPT flow still carries data after its mapping expired")
 			}
@@ -215,28 +193,9 @@ func TestNATCutLayout(t *testing.T) {
 		}
 	}
 	cuts("fresh", b, true)
-	for _, tamper := range []func(){
+	tamperedThenRepaired(t, b, "a natcut rule changed", func() string { return nftList(t, topo.Host, "table", "inet", "pcpd") },
 		func() { unlabelDNAT(t, topo.Host, "redir6") },
-		func() {
-			o := topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", "pcpd", "natcut")
-			h := regexp.MustCompile(`goto recheck_nat # handle (\d+)`).FindStringSubmatch(o)
-			if h == nil {
-				t.Fatalf("no goto recheck_nat in natcut:\n%s", o)
-			}
-			topo.Host.MustRun(t, "nft", "replace", "rule", "inet", "pcpd", "natcut", "handle", h[1], "ct", "label", "126", "accept")
-		},
-	} {
-		tamper()
-		if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
-			t.Errorf("Healthy = %v after a natcut rule changed:\n%s", err, nftList(t, topo.Host, "table", "inet", "pcpd"))
-		}
-		if err := b.Setup(); err != nil {
-			t.Fatal(err)
-		}
-		if err := b.Healthy(); err != nil {
-			t.Fatalf("Healthy after Setup: %v", err)
-		}
-	}
+		func() { replaceRule(t, topo.Host, "natcut", "goto recheck_nat", "ct", "label", "126", "accept") })
 	// The first tamper was a DNAT rule unlabelled: this Backend's
 	// repair found it, and cuts no DNAT-ed flow from then on.
 	cuts("repair of an unlabelled DNAT rule", b, false)
@@ -297,9 +256,7 @@ func TestNATCutsUnrepliedStream(t *testing.T) {
 			if err := send(failWait); err == nil {
 				t.Errorf("the one-way stream goes on after its mapping's delete")
 			}
-			if out := topo.Host.MustRun(t, "cat", "/proc/net/nf_conntrack"); !strings.Contains(out, fmt.Sprintf("dport=%d ", c.ext)) {
-				t.Errorf("no conntrack entry of the flow left:\n%s", out)
-			}
+			wantConntrackEntry(t, topo.Host, "", c.ext)
 		})
 	}
 }
@@ -313,18 +270,7 @@ func TestNATCutsUnrepliedStream(t *testing.T) {
 // Without natCutRefusal's fallback Setup fails and pcpd cannot start.
 func TestNATCutRefused(t *testing.T) {
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-	conn, err := topo.Host.NftConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := pinhole.New(conn, pinhole.Config{Routes: nsRoutes(t, topo.Host)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pinhole.RefuseNATCut(b)
-	if err := b.Setup(); err != nil {
-		t.Fatalf("Setup with natcut refused: %v", err)
-	}
+	b := refusingBackend(t, topo.Host, pinhole.RefuseNATCut, "natcut refused")
 	defer b.Teardown()
 	serveTunnel(t, b, topo)
 	if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
