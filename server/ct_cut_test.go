@@ -380,9 +380,7 @@ func TestE2EUpgradeDeleteWaitsForWalk(t *testing.T) {
 				p.MinLifetime = time.Second
 				c.TamperInterval = time.Hour // the repair would be the upgrade's Setup too
 			})
-			l.stop()
-			l.tweak = gate.tweak
-			l.start()
+			l.restartWith(gate.tweak)
 			// The rule of the set as a pcpd before the labels wrote it.
 			out := l.topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", "pcpd", c.chain)
 			m := regexp.MustCompile(`\n\s*(\S[^\n]*@` + c.set + `)` + regexp.QuoteMeta(c.label) + `([^\n]*) # handle (\d+)`).FindStringSubmatch(out)

@@ -82,9 +82,7 @@ func (r *ctDials) open() []int {
 func TestE2ECtWalkKeepsSocket(t *testing.T) {
 	var dials ctDials
 	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
-	l.stop()
-	l.tweak = func(s *Server) { s.ctSock.dialed = dials.hook(t) }
-	l.start()
+	l.restartWith(func(s *Server) { s.ctSock.dialed = dials.hook(t) })
 	const walks = 4
 	for i := range walks {
 		port := uint16(9800 + i)

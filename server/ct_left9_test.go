@@ -315,7 +315,7 @@ func TestRepairStallFigure(t *testing.T) {
 	if n <= 0 {
 		t.Skip("PCPD_REPAIR_STALL=N (conntrack entries) not set")
 	}
-	l := newLab(t, func(cfg *Config, _ *policy.Config) { cfg.TamperInterval = time.Hour })
+	l := checkedLab(t)
 	l.topo.Host.MustRun(t, "sysctl", "-qw", fmt.Sprintf("net.netfilter.nf_conntrack_max=%d", n+n/10+1024))
 	src4, dst4 := netip.MustParseAddr("198.51.100.1").As4(), netip.MustParseAddr("192.0.2.1").As4()
 	src6, dst6 := netip.MustParseAddr("2001:db8:ff::1").As16(), netip.MustParseAddr("2001:db8:fe::1").As16()
@@ -445,20 +445,10 @@ func (f *rearmFault) count() int {
 // after the repair: 1 Apply calls, want 0 (only the Arm had failed)" and
 // "8 checks tried the re-install 8 times, want 3".
 func TestE2ERearmCost(t *testing.T) {
-	l := newLab(t, func(cfg *Config, p *policy.Config) {
-		cfg.TamperInterval = time.Hour // the test runs the checks
-	})
+	l := checkedLab(t)
 	f := &rearmFault{Backend: l.fw}
-	l.stop()
-	l.tweak = func(s *Server) { s.fw = f; s.cutter = f }
-	l.start()
-	const port = 9880
-	c6, _, dst6 := l.inbound(t, "map6", port, time.Hour)
-	c4, _, _ := l.inbound(t, "pmp", port+1, time.Hour)
-	pin := pinhole.Pinhole{Protocol: protoTCP, InternalAddr: dst6.Addr(), InternalPort: dst6.Port()}
-	if !l.fw.CutsFlows(pin) {
-		t.Fatal("CutsFlows false before the reload: nothing to test")
-	}
+	l.restartWith(func(s *Server) { s.fw = f; s.cutter = f })
+	c6, c4, pin := l.twoFlows(t, 9880)
 	// (1) Arm fails twice.
 	l.topo.Host.MustRun(t, "nft", "flush", "ruleset")
 	f.set(0, 2)
@@ -504,12 +494,7 @@ func TestE2ERearmCost(t *testing.T) {
 	if !l.fw.Armed() || !l.fw.CutsFlows(pin) {
 		t.Errorf("once the kernel takes the re-install: Armed %v, CutsFlows %v; want both true", l.fw.Armed(), l.fw.CutsFlows(pin))
 	}
-	if err := echoOnce(c6); err != nil {
-		t.Errorf("the IPv6 MAP's flow: %v", err)
-	}
-	if err := echoOnce(c4); err != nil {
-		t.Errorf("the NAT-PMP mapping's flow: %v", err)
-	}
+	flowsEcho(t, c6, c4, "")
 }
 
 // TestE2EConntrackDumpResizedRetried (root, namespaces; review h/revarm's

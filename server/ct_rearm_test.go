@@ -1,13 +1,11 @@
 package server
 
 import (
-	"errors"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/pcpd/pcpd/pinhole"
-	"github.com/pcpd/pcpd/policy"
 )
 
 // TestE2EReloadRepairArmsCut (review h/revattcut, finding 3; pinhole/arm.go):
@@ -22,16 +20,8 @@ import (
 // Without the server's Arm (armCut) the "after the repair" and "after the
 // restart" rows say CutsFlows false / Armed false.
 func TestE2EReloadRepairArmsCut(t *testing.T) {
-	l := newLab(t, func(cfg *Config, p *policy.Config) {
-		cfg.TamperInterval = time.Hour // the test runs the checks
-	})
-	const port = 9960
-	c6, _, dst6 := l.inbound(t, "map6", port, time.Hour)
-	c4, _, _ := l.inbound(t, "pmp", port+1, time.Hour)
-	pin := pinhole.Pinhole{Protocol: protoTCP, InternalAddr: dst6.Addr(), InternalPort: dst6.Port()}
-	if !l.fw.CutsFlows(pin) {
-		t.Fatal("CutsFlows false before the reload: nothing to test")
-	}
+	l := checkedLab(t)
+	c6, c4, pin := l.twoFlows(t, 9960)
 	l.topo.Host.MustRun(t, "nft", "flush", "ruleset")
 	l.srv.checkFirewall()
 	if err := l.fw.Healthy(); err != nil {
@@ -40,12 +30,7 @@ func TestE2EReloadRepairArmsCut(t *testing.T) {
 	if !l.fw.Armed() || !l.fw.CutsFlows(pin) {
 		t.Errorf("after the repair: Armed %v, CutsFlows %v; want both true (armed once every lease is back)", l.fw.Armed(), l.fw.CutsFlows(pin))
 	}
-	if err := echoOnce(c6); err != nil {
-		t.Errorf("the IPv6 MAP's flow after the repair: %v", err)
-	}
-	if err := echoOnce(c4); err != nil {
-		t.Errorf("the NAT-PMP mapping's flow after the repair: %v", err)
-	}
+	flowsEcho(t, c6, c4, " after the repair")
 	// pcpd stopped, the admin's reload, pcpd started: the restore arms
 	// the cut once the stored leases are back.
 	l.stop()
@@ -54,39 +39,7 @@ func TestE2EReloadRepairArmsCut(t *testing.T) {
 	if !l.fw.Armed() || !l.fw.CutsFlows(pin) {
 		t.Errorf("after the restart: Armed %v, CutsFlows %v; want both true (armed once the restore is done)", l.fw.Armed(), l.fw.CutsFlows(pin))
 	}
-	if err := echoOnce(c6); err != nil {
-		t.Errorf("the IPv6 MAP's flow after the restart: %v", err)
-	}
-	if err := echoOnce(c4); err != nil {
-		t.Errorf("the NAT-PMP mapping's flow after the restart: %v", err)
-	}
-}
-
-// applyFault is the lab's Backend with Apply failing while fail > 0
-// (each failure counts one down), as a kernel's ENOMEM would.
-type applyFault struct {
-	*pinhole.Backend
-	mu   sync.Mutex
-	fail int
-}
-
-func (f *applyFault) Apply(ops []pinhole.Op) error {
-	f.mu.Lock()
-	fail := f.fail > 0
-	if fail {
-		f.fail--
-	}
-	f.mu.Unlock()
-	if fail {
-		return errors.New("injected: cannot apply")
-	}
-	return f.Backend.Apply(ops)
-}
-
-func (f *applyFault) failNext(n int) {
-	f.mu.Lock()
-	f.fail = n
-	f.mu.Unlock()
+	flowsEcho(t, c6, c4, " after the restart")
 }
 
 // TestE2EReinstallFailedArmsLater (review h/revarm, finding 1): an
@@ -100,22 +53,12 @@ func (f *applyFault) failNext(n int) {
 // check that finds the layout healthy re-installs every lease and arms:
 // Armed and CutsFlows true, the MAP's element back, both flows echo.
 func TestE2EReinstallFailedArmsLater(t *testing.T) {
-	l := newLab(t, func(cfg *Config, p *policy.Config) {
-		cfg.TamperInterval = time.Hour // the test runs the checks
-	})
-	fault := &applyFault{Backend: l.fw}
-	l.stop()
-	l.tweak = func(s *Server) { s.fw = fault; s.cutter = fault }
-	l.start()
-	const port = 9970
-	c6, _, dst6 := l.inbound(t, "map6", port, time.Hour)
-	c4, _, _ := l.inbound(t, "pmp", port+1, time.Hour)
-	pin := pinhole.Pinhole{Protocol: protoTCP, InternalAddr: dst6.Addr(), InternalPort: dst6.Port()}
-	if !l.fw.CutsFlows(pin) {
-		t.Fatal("CutsFlows false before the reload: nothing to test")
-	}
+	l := checkedLab(t)
+	fault := &rearmFault{Backend: l.fw} // Apply refused once below
+	l.restartWith(func(s *Server) { s.fw = fault; s.cutter = fault })
+	c6, c4, pin := l.twoFlows(t, 9970)
 	l.topo.Host.MustRun(t, "nft", "flush", "ruleset")
-	fault.failNext(1)
+	fault.set(1, 0)
 	l.srv.checkFirewall()
 	if l.fw.Armed() {
 		t.Fatal("armed after a failed re-install: nothing to test")
@@ -140,12 +83,7 @@ func TestE2EReinstallFailedArmsLater(t *testing.T) {
 		t.Errorf("two checks after the failed re-install: Armed %v, CutsFlows %v, the MAP's element there %v; want all true",
 			l.fw.Armed(), l.fw.CutsFlows(pin), has)
 	}
-	if err := echoOnce(c6); err != nil {
-		t.Errorf("the IPv6 MAP's flow: %v", err)
-	}
-	if err := echoOnce(c4); err != nil {
-		t.Errorf("the NAT-PMP mapping's flow: %v", err)
-	}
+	flowsEcho(t, c6, c4, "")
 }
 
 // applyHook is the lab's Backend with a hook run once before the next
@@ -177,16 +115,12 @@ func (f *applyHook) Apply(ops []pinhole.Op) error {
 // cut left disarmed (armOwed), and the firewall check's repair puts both
 // back: 2 leases, Armed, both flows echo.
 func TestE2EReloadDuringRestoreKeepsLeases(t *testing.T) {
-	l := newLab(t, func(cfg *Config, p *policy.Config) {
-		cfg.TamperInterval = time.Hour // the test runs the checks
-	})
+	l := checkedLab(t)
 	const port = 9980
 	c6, _, _ := l.inbound(t, "map6", port, time.Hour)
 	c4, _, _ := l.inbound(t, "pmp", port+1, time.Hour)
-	l.stop()
 	hook := &applyHook{Backend: l.fw, once: func() { l.topo.Host.MustRun(t, "nft", "flush", "ruleset") }}
-	l.tweak = func(s *Server) { s.fw = hook }
-	l.start()
+	l.restartWith(func(s *Server) { s.fw = hook })
 	if n := len(l.srv.Leases()); n != 2 {
 		t.Errorf("after the start: %d leases, want 2", n)
 	}
@@ -197,10 +131,5 @@ func TestE2EReloadDuringRestoreKeepsLeases(t *testing.T) {
 	if n := len(l.srv.Leases()); n != 2 || !l.fw.Armed() {
 		t.Errorf("after the repair: %d leases, Armed %v; want 2, true", n, l.fw.Armed())
 	}
-	if err := echoOnce(c6); err != nil {
-		t.Errorf("the IPv6 MAP's flow: %v", err)
-	}
-	if err := echoOnce(c4); err != nil {
-		t.Errorf("the NAT-PMP mapping's flow: %v", err)
-	}
+	flowsEcho(t, c6, c4, "")
 }

@@ -48,9 +48,7 @@ func TestE2ERetargetedEndpointCutsOldFlow(t *testing.T) {
 				p.MinLifetime = time.Second
 				cfg.KeepConnections = c.keep
 			})
-			l.stop()
-			l.tweak = gate.tweak
-			l.start()
+			l.restartWith(gate.tweak)
 			gate.hold()
 			defer gate.release()
 			port := uint16(9860 + 2*i)

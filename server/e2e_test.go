@@ -137,6 +137,13 @@ func (l *lab) start() {
 	}
 }
 
+// restartWith stops l's server and starts it again changed by tweak.
+func (l *lab) restartWith(tweak func(*Server)) {
+	l.stop()
+	l.tweak = tweak
+	l.start()
+}
+
 func (l *lab) stop() {
 	if l.cancel == nil {
 		return

@@ -10,7 +10,6 @@ import (
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
-	"github.com/pcpd/pcpd/policy"
 )
 
 // prepHook is the lab's Backend with fn run once right after a
@@ -46,11 +45,9 @@ func (p *prepHook) PrepareSetup() {
 // PrepareSetup's "none", made before the connection), and recheck6 was
 // marked checked.
 func TestE2ERepairSeesFlowLetInDuringItsWait(t *testing.T) {
-	l := newLab(t, func(cfg *Config, _ *policy.Config) { cfg.TamperInterval = time.Hour })
+	l := checkedLab(t)
 	f := &prepHook{Backend: l.fw}
-	l.stop()
-	l.tweak = func(s *Server) { s.fw = f; s.cutter = f }
-	l.start()
+	l.restartWith(func(s *Server) { s.fw = f; s.cutter = f })
 	const port = 9893
 	dst := netip.AddrPortFrom(l.topo.ClientV6, port)
 	src := netip.AddrPortFrom(l.topo.InternetV6, port+40000)
