@@ -1,8 +1,6 @@
 package pinhole_test
 
 import (
-	"fmt"
-	"net/netip"
 	"os"
 	"strconv"
 	"sync"
@@ -138,23 +136,7 @@ func TestSetupDumpHoldFigure(t *testing.T) {
 		t.Skip("PCPD_SETUP_DUMP_HOLD=N (conntrack entries) not set")
 	}
 	topo, b := guardedTopology(t, pinhole.Config{})
-	topo.Host.MustRun(t, "sysctl", "-qw", fmt.Sprintf("net.netfilter.nf_conntrack_max=%d", n+n/10+1024))
-	src4, dst4 := netip.MustParseAddr("198.51.100.1").As4(), netip.MustParseAddr("192.0.2.1").As4()
-	src6, dst6 := netip.MustParseAddr("2001:db8:ff::1").As16(), netip.MustParseAddr("2001:db8:fe::1").As16()
-	ctFill(t, topo.Host, n, func(i int) ctEntry {
-		port := uint16(1024 + i%60000)
-		k := i / 60000
-		if i%2 == 0 {
-			s, d := src4, dst4
-			s[2], s[3] = byte(k>>8), byte(k)
-			return ctEntry{proto: udp, src: netip.AddrPortFrom(netip.AddrFrom4(s), port),
-				dst: netip.AddrPortFrom(netip.AddrFrom4(d), 53), status: 2 | 4}
-		}
-		s, d := src6, dst6
-		s[14], s[15] = byte(k>>8), byte(k)
-		return ctEntry{proto: udp, src: netip.AddrPortFrom(netip.AddrFrom16(s), port),
-			dst: netip.AddrPortFrom(netip.AddrFrom16(d), 53), status: 2 | 4}
-	})
+	netlab.FillConntrackUnrelated(t, topo.Host, n)
 	pin := pinhole.Pinhole{Protocol: tcp, InternalAddr: topo.ClientV6, InternalPort: 80}
 	ops := []pinhole.Op{install(pin, time.Hour)}
 	apply(t, b, ops...)

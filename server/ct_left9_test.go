@@ -2,7 +2,6 @@ package server
 
 import (
 	"errors"
-	"fmt"
 	"net/netip"
 	"os"
 	"strconv"
@@ -316,23 +315,7 @@ func TestRepairStallFigure(t *testing.T) {
 		t.Skip("PCPD_REPAIR_STALL=N (conntrack entries) not set")
 	}
 	l := checkedLab(t)
-	l.topo.Host.MustRun(t, "sysctl", "-qw", fmt.Sprintf("net.netfilter.nf_conntrack_max=%d", n+n/10+1024))
-	src4, dst4 := netip.MustParseAddr("198.51.100.1").As4(), netip.MustParseAddr("192.0.2.1").As4()
-	src6, dst6 := netip.MustParseAddr("2001:db8:ff::1").As16(), netip.MustParseAddr("2001:db8:fe::1").As16()
-	netlab.FillConntrack(t, l.topo.Host, n, func(i int) netlab.ConntrackEntry {
-		port := uint16(1024 + i%60000)
-		k := i / 60000
-		if i%2 == 0 {
-			s, d := src4, dst4
-			s[2], s[3] = byte(k>>8), byte(k)
-			return netlab.ConntrackEntry{Proto: 17, Src: netip.AddrPortFrom(netip.AddrFrom4(s), port),
-				Dst: netip.AddrPortFrom(netip.AddrFrom4(d), 53), Status: 2 | 4}
-		}
-		s, d := src6, dst6
-		s[14], s[15] = byte(k>>8), byte(k)
-		return netlab.ConntrackEntry{Proto: 17, Src: netip.AddrPortFrom(netip.AddrFrom16(s), port),
-			Dst: netip.AddrPortFrom(netip.AddrFrom16(d), 53), Status: 2 | 4}
-	})
+	netlab.FillConntrackUnrelated(t, l.topo.Host, n)
 	// waits takes s.mu again and again until stop, as the engine does for
 	// each batch: how many times, and the longest wait.
 	waits := func(stop <-chan struct{}) (int, time.Duration) {

@@ -68,6 +68,34 @@ func FillConntrack(tb testing.TB, ns *NS, n int, gen func(i int) ConntrackEntry)
 	}
 }
 
+// FillConntrackUnrelated raises ns's nf_conntrack_max to n plus slack
+// (it cannot exceed the initial namespace's: raise that first for many)
+// and creates n replied UDP flows to port 53 between addresses of no
+// lab client, half IPv4 (198.51.100.0/16 sources to 192.0.2.1), half
+// IPv6 (2001:db8:ff::/112 sources to 2001:db8:fe::1), status
+// IPS_SEEN_REPLY|IPS_ASSURED: a big table a conntrack walk reads to the
+// end.
+func FillConntrackUnrelated(tb testing.TB, ns *NS, n int) {
+	tb.Helper()
+	ns.MustRun(tb, "sysctl", "-qw", "net.netfilter.nf_conntrack_max="+strconv.Itoa(n+n/10+1024))
+	src4, dst4 := netip.MustParseAddr("198.51.100.1").As4(), netip.MustParseAddr("192.0.2.1").As4()
+	src6, dst6 := netip.MustParseAddr("2001:db8:ff::1").As16(), netip.MustParseAddr("2001:db8:fe::1").As16()
+	FillConntrack(tb, ns, n, func(i int) ConntrackEntry {
+		port := uint16(1024 + i%60000)
+		k := i / 60000
+		if i%2 == 0 {
+			s, d := src4, dst4
+			s[2], s[3] = byte(k>>8), byte(k)
+			return ConntrackEntry{Proto: unix.IPPROTO_UDP, Src: netip.AddrPortFrom(netip.AddrFrom4(s), port),
+				Dst: netip.AddrPortFrom(netip.AddrFrom4(d), 53), Status: 2 | 4}
+		}
+		s, d := src6, dst6
+		s[14], s[15] = byte(k>>8), byte(k)
+		return ConntrackEntry{Proto: unix.IPPROTO_UDP, Src: netip.AddrPortFrom(netip.AddrFrom16(s), port),
+			Dst: netip.AddrPortFrom(netip.AddrFrom16(d), 53), Status: 2 | 4}
+	})
+}
+
 // conntrackNew is e's IPCTNL_MSG_CT_NEW.
 func conntrackNew(tb testing.TB, e ConntrackEntry) netlink.Message {
 	fam, srcA, dstA := uint8(unix.AF_INET), uint16(ctnl.IPv4Src), uint16(ctnl.IPv4Dst)
