@@ -147,6 +147,47 @@ type crashAnchor struct {
 	lose atomic.Bool
 }
 
+// crashRun is a server on a boot rig (bootRig) with a crashAnchor, its
+// store opened without the open snapshot, holding two leases of addrA
+// (TCP 8080 and 8081) mapped for lifetime 100 s before the wall clock
+// stepped by step; before is the epoch just before the step.
+type crashRun struct {
+	rig    *bootRig
+	anchor *crashAnchor
+	h      *harness
+	st     *store.Store
+	before pcp.Epoch
+}
+
+func newCrashRun(t *testing.T, bootID string, lifetime, step time.Duration) *crashRun {
+	t.Helper()
+	r := &crashRun{rig: newBootRig(t, bootID), h: newHarness(t)}
+	r.anchor = &crashAnchor{k: r.rig.k}
+	st, state := r.rig.open(t, store.WithoutOpenSnapshot())
+	r.st = st
+	t.Cleanup(func() { r.st.Close() })
+	r.rig.startOn(r.h, r.anchor, st, state)
+	for _, port := range []uint16{8080, 8081} {
+		r.h.expect(r.h.do(mapReq(addrA, pcp.ProtoTCP, port, 0, lifetime, 1)), pcp.Success)
+	}
+	r.rig.c.advance(100 * time.Second)
+	r.before = r.h.s.Status().Epoch
+	r.rig.c.step(step)
+	return r
+}
+
+// restart is a kill -9 (Close folds the log a start would replay), with
+// the anchor no longer losing its saves, and a start 10 s later.
+func (r *crashRun) restart(t *testing.T) {
+	t.Helper()
+	r.st.Close()
+	r.anchor.lose.Store(false)
+	r.rig.c.advance(10 * time.Second)
+	st, state := r.rig.open(t, store.WithoutOpenSnapshot())
+	r.st = st
+	r.rig.startOn(r.h, r.anchor, st, state)
+}
+
 func (a *crashAnchor) Step(origin time.Time) (time.Duration, error) { return a.k.Step(origin) }
 func (a *crashAnchor) Save(run func() time.Time, origin time.Time) error {
 	if a.lose.Load() {
@@ -212,20 +253,8 @@ func TestBootClockKillDuringRewrite(t *testing.T) {
 		{"back, rewritten", -time.Hour, rewritten, []time.Duration{right, right}, false, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-000000000004")
-			c, k := rig.c, rig.k
-			anchor := &crashAnchor{k: k}
-			open := func() (*store.Store, store.State) { return rig.open(t, store.WithoutOpenSnapshot()) }
-			h := newHarness(t)
-			st, state := open()
-			defer func() { st.Close() }()
-			rig.startOn(h, anchor, st, state)
-			for _, port := range []uint16{8080, 8081} {
-				h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, 0, lifetime, 1)), pcp.Success)
-			}
-			c.advance(100 * time.Second)
-			before := h.s.Status().Epoch
-			c.step(tc.step)
+			r := newCrashRun(t, "8d1c2a4e-0000-4000-8000-000000000004", lifetime, tc.step)
+			c, h, anchor, before := r.rig.c, r.h, r.anchor, r.before
 			if tc.kill != beforeRebase {
 				h.s.mu.Lock()
 				d, ok := h.s.clk.stepped()
@@ -244,16 +273,7 @@ func TestBootClockKillDuringRewrite(t *testing.T) {
 				}
 				h.s.mu.Unlock()
 			}
-			// kill -9 (Close folds the log a start would replay).
-			restart := func() {
-				t.Helper()
-				st.Close()
-				anchor.lose.Store(false)
-				c.advance(10 * time.Second)
-				st, state = open()
-				rig.startOn(h, anchor, st, state)
-			}
-			restart()
+			r.restart(t)
 
 			if left := leasesLeft(h, c.Now()); !slices.Equal(left, tc.left) {
 				t.Errorf("leases left %v, want %v", left, tc.left)
@@ -285,7 +305,7 @@ func TestBootClockKillDuringRewrite(t *testing.T) {
 			if rewriting != (tc.kill == beforeRebase) {
 				t.Errorf("the start's rewrite pending %v, want %v", rewriting, tc.kill == beforeRebase)
 			}
-			restart()
+			r.restart(t)
 			status = h.s.Status()
 			if reset := !status.Restarted; reset != tc.reset2 {
 				t.Errorf("second start: epoch %d after %d (restarted %v), want reset %v", status.Epoch, epoch, status.Restarted, tc.reset2)

@@ -33,20 +33,8 @@ func TestBootClockRewriteStoreDebt(t *testing.T) {
 		{"back", -time.Hour},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			rig := newBootRig(t, "8d1c2a4e-0000-4000-8000-000000000005")
-			c, k := rig.c, rig.k
-			anchor := &crashAnchor{k: k}
-			open := func() (*store.Store, store.State) { return rig.open(t, store.WithoutOpenSnapshot()) }
-			h := newHarness(t)
-			st, state := open()
-			defer func() { st.Close() }()
-			rig.startOn(h, anchor, st, state)
-			for _, port := range []uint16{8080, 8081} {
-				h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, 0, lifetime, 1)), pcp.Success)
-			}
-			c.advance(100 * time.Second)
-			before := h.s.Status().Epoch
-			c.step(tc.step)
+			r := newCrashRun(t, "8d1c2a4e-0000-4000-8000-000000000005", lifetime, tc.step)
+			c, h, before := r.rig.c, r.h, r.before
 			ls := h.s.Leases()
 			h.s.mu.Lock()
 			for _, l := range ls {
@@ -68,11 +56,7 @@ func TestBootClockRewriteStoreDebt(t *testing.T) {
 				}
 			}
 			h.s.mu.Unlock()
-			// kill -9 (Close folds the log a start would replay).
-			st.Close()
-			c.advance(10 * time.Second)
-			st, state = open()
-			rig.startOn(h, anchor, st, state)
+			r.restart(t)
 
 			if left, want := leasesLeft(h, c.Now()), []time.Duration{right, right}; !slices.Equal(left, want) {
 				t.Errorf("leases left %v, want %v", left, want)
