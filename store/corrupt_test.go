@@ -14,11 +14,27 @@ import (
 // file holding 0..400 and an epoch origin, closed cleanly.
 func corruptFixture(t *testing.T) string {
 	t.Helper()
+	return stateFixture(t, nil, nil)
+}
+
+// stateFixture is corruptFixture with the quarantines q1 stored with
+// leases 0..300 (in the backup too) and q2 with 300..400 (none: no
+// quarantine written).
+func stateFixture(t *testing.T, q1, q2 []Quarantine) string {
+	t.Helper()
 	dir := t.TempDir()
 	s, _ := openT(t, dir, fixedClock(t0))
-	if err := s.Commit(leasesN(0, 300), nil); err != nil {
-		t.Fatal(err)
+	commit := func(ls []Lease, qs []Quarantine) {
+		t.Helper()
+		var qc *QuarChange // Commit's
+		if qs != nil {
+			qc = &QuarChange{Put: qs}
+		}
+		if err := s.CommitQuar(ls, nil, qc); err != nil {
+			t.Fatal(err)
+		}
 	}
+	commit(leasesN(0, 300), q1)
 	if err := s.ResetEpoch(t0); err != nil {
 		t.Fatal(err)
 	}
@@ -29,13 +45,25 @@ func corruptFixture(t *testing.T) string {
 	if err := s.Snapshot(); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Commit(leasesN(300, 400), nil); err != nil {
-		t.Fatal(err)
-	}
+	commit(leasesN(300, 400), q2)
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
 	return dir
+}
+
+// readStateFiles reads dir's state file and its backup.
+func readStateFiles(t *testing.T, dir string) (orig, bak []byte) {
+	t.Helper()
+	orig, err := os.ReadFile(filepath.Join(dir, DBName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bak, err = os.ReadFile(filepath.Join(dir, BackupName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return orig, bak
 }
 
 // copyLog copies the log segments of dir to nd: a state file's walgen
@@ -198,14 +226,7 @@ func TestANN03Corruption(t *testing.T) {
 // whenever it does not, it says why. No damage may crash the process.
 func TestANN03PageSweep(t *testing.T) {
 	dir := corruptFixture(t)
-	orig, err := os.ReadFile(filepath.Join(dir, DBName))
-	if err != nil {
-		t.Fatal(err)
-	}
-	bak, err := os.ReadFile(filepath.Join(dir, BackupName))
-	if err != nil {
-		t.Fatal(err)
-	}
+	orig, bak := readStateFiles(t, dir)
 	const ps = 4096
 	pages := len(orig) / ps
 	damages := []struct {
@@ -314,14 +335,7 @@ func TestANN03DamagedMetaPage(t *testing.T) {
 // sweep, and no crash or hang.
 func TestANN03RandomDamage(t *testing.T) {
 	dir := corruptFixture(t)
-	orig, err := os.ReadFile(filepath.Join(dir, DBName))
-	if err != nil {
-		t.Fatal(err)
-	}
-	bak, err := os.ReadFile(filepath.Join(dir, BackupName))
-	if err != nil {
-		t.Fatal(err)
-	}
+	orig, bak := readStateFiles(t, dir)
 	iterations := 300
 	if testing.Short() {
 		iterations = 50

@@ -144,25 +144,7 @@ func harmBolt(t *testing.T, dir string, harm func(tx *bolt.Tx) error) {
 // 0..200 in the file, so the quarantine bucket has pages of its own.
 func quarFixture(t *testing.T) string {
 	t.Helper()
-	dir := t.TempDir()
-	s, _ := openT(t, dir, fixedClock(t0))
-	if err := s.CommitQuar(leasesN(0, 300), nil, &QuarChange{Put: quarsN(0, 150)}); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.ResetEpoch(t0); err != nil {
-		t.Fatal(err)
-	}
-	s, _ = reopen(t, s, fixedClock(t0), WithoutOpenSnapshot())
-	if err := s.Snapshot(); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.CommitQuar(leasesN(300, 400), nil, &QuarChange{Put: quarsN(150, 200)}); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return dir
+	return stateFixture(t, quarsN(0, 150), quarsN(150, 200))
 }
 
 // TestQuarantinePageSweep damages each page of a state file holding
@@ -173,14 +155,7 @@ func quarFixture(t *testing.T) string {
 // next Open finds nothing left to repair.
 func TestQuarantinePageSweep(t *testing.T) {
 	dir := quarFixture(t)
-	orig, err := os.ReadFile(filepath.Join(dir, DBName))
-	if err != nil {
-		t.Fatal(err)
-	}
-	bak, err := os.ReadFile(filepath.Join(dir, BackupName))
-	if err != nil {
-		t.Fatal(err)
-	}
+	orig, bak := readStateFiles(t, dir)
 	const ps = 4096
 	damages := []struct {
 		name string
