@@ -103,7 +103,7 @@ func (l *lab) env(t *testing.T) *Env {
 			Sources4: []netip.Addr{topo.InternetV4, netip.MustParseAddr("198.51.100.3"), netip.MustParseAddr("198.51.100.4")},
 		},
 	}
-	e.Data.EchoTCP = func(port uint16) (io.Closer, error) { return startTCPEcho(topo.Client, port) }
+	e.Data.EchoTCP = func(port uint16) (io.Closer, error) { return topo.Client.StartTCPEcho(fmt.Sprintf("[::]:%d", port)) }
 	e.Data.DialTCP = func(to netip.AddrPort) (net.Conn, error) {
 		var c net.Conn
 		err := topo.Internet.Do(func() (err error) {
@@ -113,7 +113,7 @@ func (l *lab) env(t *testing.T) *Env {
 		return c, err
 	}
 	refl := netip.AddrPortFrom(topo.InternetV4, 7777)
-	rc, err := startReflector(topo.Internet, refl)
+	rc, err := topo.Internet.StartUDPReflector(refl.String())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -194,29 +194,6 @@ func startPcpd(t *testing.T, l *lab) *pcpdDaemon {
 	return &pcpdDaemon{pcpd: d, state: state}
 }
 
-// startReflector answers every datagram with the sender's address:port.
-func startReflector(ns *netlab.NS, at netip.AddrPort) (io.Closer, error) {
-	var c *net.UDPConn
-	err := ns.Do(func() (err error) {
-		c, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(at))
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	go func() {
-		buf := make([]byte, 512)
-		for {
-			_, from, err := c.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				return
-			}
-			c.WriteToUDPAddrPort([]byte(netip.AddrPortFrom(from.Addr().Unmap(), from.Port()).String()), from)
-		}
-	}()
-	return c, nil
-}
-
 // outbound sends from the client's from to the reflector and returns the
 // source address the internet saw.
 func outbound(ns *netlab.NS, from, refl netip.AddrPort) (netip.AddrPort, error) {
@@ -240,25 +217,4 @@ func outbound(ns *netlab.NS, from, refl netip.AddrPort) (netip.AddrPort, error) 
 		return err
 	})
 	return seen, err
-}
-
-// startTCPEcho echoes on every TCP connection to port, on every address.
-func startTCPEcho(ns *netlab.NS, port uint16) (io.Closer, error) {
-	l, err := ns.ListenTCP(fmt.Sprintf("[::]:%d", port))
-	if err != nil {
-		return nil, err
-	}
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
-	return l, nil
 }

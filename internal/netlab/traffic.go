@@ -133,9 +133,26 @@ func (n *NS) Probe(network string, from netip.AddrPort, addr string, timeout tim
 
 // StartUDPEcho answers every datagram with "echo:" + its payload.
 func (n *NS) StartUDPEcho(addr string) (io.Closer, error) {
-	var pc net.PacketConn
-	err := n.Do(func() (err error) {
-		pc, err = net.ListenPacket("udp", addr)
+	return n.startUDP(addr, func(b []byte, _ netip.AddrPort) []byte { return append([]byte("echo:"), b...) })
+}
+
+// StartUDPReflector answers every datagram with its source address:port
+// (an IPv4-mapped address unmapped): what a NAT on the way made of it.
+func (n *NS) StartUDPReflector(addr string) (io.Closer, error) {
+	return n.startUDP(addr, func(_ []byte, from netip.AddrPort) []byte {
+		return []byte(netip.AddrPortFrom(from.Addr().Unmap(), from.Port()).String())
+	})
+}
+
+// startUDP listens on addr inside the namespace and answers every
+// datagram with what reply makes of its payload and source.
+func (n *NS) startUDP(addr string, reply func(b []byte, from netip.AddrPort) []byte) (io.Closer, error) {
+	var c *net.UDPConn
+	err := n.Do(func() error {
+		pc, err := net.ListenPacket("udp", addr)
+		if err == nil {
+			c = pc.(*net.UDPConn)
+		}
 		return err
 	})
 	if err != nil {
@@ -144,14 +161,14 @@ func (n *NS) StartUDPEcho(addr string) (io.Closer, error) {
 	go func() {
 		buf := make([]byte, 2048)
 		for {
-			k, from, err := pc.ReadFrom(buf)
+			k, from, err := c.ReadFromUDPAddrPort(buf)
 			if err != nil {
 				return
 			}
-			pc.WriteTo(append([]byte("echo:"), buf[:k]...), from)
+			c.WriteToUDPAddrPort(reply(buf[:k], from), from)
 		}
 	}()
-	return pc, nil
+	return c, nil
 }
 
 // ServeUDPEcho is StartUDPEcho for tests.
