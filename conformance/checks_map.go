@@ -462,10 +462,7 @@ var mapChecks = []Check{
 
 	{ID: "PEER-01", Section: "RFC 6887 §12.3", Level: Must, Name: "PEER reply copies nonce, protocol, ports, remote peer", Run: func(e *Env) Result {
 		s := e.sock()
-		pr := s.peerReq(e.port(), netip.AddrPortFrom(e.remote(), 443), 600)
-		r := s.ask(pr.bytes())
-		e.peerSupported(r)
-		e.expectResult(r, pcp.Success, "PEER")
+		pr, r := s.peer443(e.port())
 		if r.Nonce != pr.Nonce || r.Proto != pr.Proto || r.IntPort != pr.IntPort || r.RemotePort != pr.RemotePort || r.Remote != pr.Remote {
 			return failr("reply %s does not copy the request %s", hexdump(r.Raw), hexdump(pr.bytes()))
 		}
@@ -544,10 +541,7 @@ var mapChecks = []Check{
 	}},
 	{ID: "PEER-06", Section: "RFC 6887 §12.3, PROTOCOL.md (c)", Level: Must, Name: "PEER with another nonce: the declared nonce policy", Run: func(e *Env) Result {
 		s := e.sock()
-		pr := s.peerReq(e.port(), netip.AddrPortFrom(e.remote(), 443), 600)
-		r := s.ask(pr.bytes())
-		e.peerSupported(r)
-		e.expectResult(r, pcp.Success, "PEER")
+		pr, r := s.peer443(e.port())
 		again := pr
 		again.Nonce = nonce()
 		r2 := s.ask(again.bytes())
