@@ -80,7 +80,7 @@ func BenchmarkAttachedCutEstablished(b *testing.B) {
 					topo.Host.MustRun(b, "nft", "insert rule inet filter pcpd_cut "+tc.copy)
 				}
 			}
-			burstThrough(b, topo, client, remote, dst)
+			burstThrough(b, topo, client, remote, dst, false)
 		})
 	}
 }

@@ -79,12 +79,7 @@ func memStatus(tb testing.TB, field string) float64 {
 func BenchmarkFirstSetupConntrack(b *testing.B) {
 	for _, n := range []int{100_000, 1_000_000} {
 		b.Run(fmt.Sprintf("entries=%d", n), func(b *testing.B) {
-			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
-			be := newBackend(b, topo.Host, pinhole.Config{})
-			serveTunnel(b, be, topo)
-			if err := be.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
-				b.Fatal(err)
-			}
+			topo, be := guardedTopology(b, pinhole.Config{})
 			netlab.FillConntrackUnrelated(b, topo.Host, n)
 			conn, err := topo.Host.NftConn()
 			if err != nil {

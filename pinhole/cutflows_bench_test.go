@@ -5,7 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 )
 
@@ -43,12 +42,7 @@ func BenchmarkGuardEstablished(b *testing.B) {
 		{"outbound reply, no re-check", false, true, false, 0},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
-			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
-			be := newBackend(b, topo.Host, pinhole.Config{})
-			serveTunnel(b, be, topo)
-			if err := be.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
-				b.Fatal(err)
-			}
+			topo, be := guardedTopology(b, pinhole.Config{})
 			client := netip.AddrPortFrom(topo.ClientV6, 7000)
 			remote := netip.AddrPortFrom(topo.InternetV6, 47000)
 			p := pinhole.Pinhole{Protocol: udp, InternalAddr: client.Addr(), InternalPort: client.Port()}
@@ -64,36 +58,7 @@ func BenchmarkGuardEstablished(b *testing.B) {
 			for range tc.more {
 				topo.Host.MustRun(b, "nft", "insert rule inet pcpd guard6 ct direction original ct state established ct label 127 ip6 daddr . meta l4proto . th dport @pin6")
 			}
-			// tx in the Internet, rx the client; the first datagram
-			// goes the flow's way (opening it), rx answers once.
-			rx := listenUDP(b, topo.Client, client)
-			rx.SetReadBuffer(1 << 20)
-			tx := listenUDP(b, topo.Internet, remote)
-			msg, buf := make([]byte, 60), make([]byte, 128)
-			rx.SetReadDeadline(time.Now().Add(time.Second))
-			tx.SetReadDeadline(time.Now().Add(time.Second))
-			if tc.outbound {
-				if _, err := rx.WriteToUDPAddrPort(msg, remote); err != nil {
-					b.Fatal(err)
-				}
-				if _, err := tx.Read(buf); err != nil {
-					b.Fatal(err)
-				}
-			} else {
-				if _, err := tx.WriteToUDPAddrPort(msg, client); err != nil {
-					b.Fatal(err)
-				}
-				if _, err := rx.Read(buf); err != nil {
-					b.Fatal(err)
-				}
-				if _, err := rx.WriteToUDPAddrPort(msg, remote); err != nil {
-					b.Fatal(err)
-				}
-				if _, err := tx.Read(buf); err != nil {
-					b.Fatal(err)
-				}
-			}
-			reportBurstCPU(b, func() error { _, err := tx.WriteToUDPAddrPort(msg, client); return err }, rx)
+			burstThrough(b, topo, client, remote, client, tc.outbound)
 		})
 	}
 }

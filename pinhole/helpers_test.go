@@ -112,7 +112,7 @@ func meteredTunnel(t testing.TB, topo *netlab.Topology, routes pinhole.Routes) *
 // guardedTopology is the three-namespace topology with pcpd's standalone
 // table on Host guarding Client's prefixes, serving on Host's tunnel
 // addresses.
-func guardedTopology(t *testing.T, cfg pinhole.Config) (*netlab.Topology, *pinhole.Backend) {
+func guardedTopology(t testing.TB, cfg pinhole.Config) (*netlab.Topology, *pinhole.Backend) {
 	t.Helper()
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
 	b := newBackend(t, topo.Host, cfg)

@@ -40,12 +40,7 @@ func BenchmarkNATCutEstablished(b *testing.B) {
 		{"pinhole flow, natcut x65", false, true, 64},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
-			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
-			be := newBackend(b, topo.Host, pinhole.Config{})
-			serveTunnel(b, be, topo)
-			if err := be.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
-				b.Fatal(err)
-			}
+			topo, be := guardedTopology(b, pinhole.Config{})
 			client := netip.AddrPortFrom(topo.ClientV6, 7000)
 			remote := netip.AddrPortFrom(topo.InternetV6, 47000)
 			dst := client
@@ -64,16 +59,17 @@ func BenchmarkNATCutEstablished(b *testing.B) {
 			for range tc.more {
 				topo.Host.MustRun(b, "nft", "insert rule inet pcpd natcut ct label 126 ct direction original ct state established,new ip daddr . meta l4proto . th dport @napt4")
 			}
-			burstThrough(b, topo, client, remote, dst)
+			burstThrough(b, topo, client, remote, dst, false)
 		})
 	}
 }
 
 // burstThrough opens a UDP flow from remote (in the internet namespace)
 // to dst, which the ruleset DNATs or admits to client (in the client
-// namespace), with one round trip, so the flow is established, then
-// reports the CPU its bursts from the remote cost (reportBurstCPU).
-func burstThrough(b *testing.B, topo *netlab.Topology, client, remote, dst netip.AddrPort) {
+// namespace), with one round trip, so the flow is established (outbound:
+// the client's own flow, opened by one datagram from client to remote),
+// then reports the CPU its bursts from the remote cost (reportBurstCPU).
+func burstThrough(b *testing.B, topo *netlab.Topology, client, remote, dst netip.AddrPort, outbound bool) {
 	b.Helper()
 	rx := listenUDP(b, topo.Client, client)
 	rx.SetReadBuffer(1 << 20)
@@ -81,14 +77,17 @@ func burstThrough(b *testing.B, topo *netlab.Topology, client, remote, dst netip
 	msg, buf := make([]byte, 60), make([]byte, 128)
 	rx.SetReadDeadline(time.Now().Add(time.Second))
 	tx.SetReadDeadline(time.Now().Add(time.Second))
-	if _, err := tx.WriteToUDPAddrPort(msg, dst); err != nil {
-		b.Fatal(err)
+	if !outbound {
+		if _, err := tx.WriteToUDPAddrPort(msg, dst); err != nil {
+			b.Fatal(err)
+		}
+		_, from, err := rx.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			b.Fatal(err)
+		}
+		remote = from
 	}
-	_, from, err := rx.ReadFromUDPAddrPort(buf)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if _, err := rx.WriteToUDPAddrPort(msg, from); err != nil {
+	if _, err := rx.WriteToUDPAddrPort(msg, remote); err != nil {
 		b.Fatal(err)
 	}
 	if _, err := tx.Read(buf); err != nil {
