@@ -3,6 +3,7 @@ package pinhole_test
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"regexp"
 	"strings"
 	"testing"
@@ -13,6 +14,18 @@ import (
 )
 
 // Helpers shared by the flow-cut tests (cutflows, natcut, attcut).
+
+// guardedPinhole is guardedTopology with a TCP pinhole of the client's
+// port installed for an hour; it returns the client's endpoint and the
+// pinhole too.
+func guardedPinhole(t *testing.T, port uint16) (*netlab.Topology, *pinhole.Backend, netip.AddrPort, pinhole.Pinhole) {
+	t.Helper()
+	topo, b := guardedTopology(t, pinhole.Config{})
+	client := netip.AddrPortFrom(topo.ClientV6, port)
+	p := pinhole.Pinhole{Protocol: tcp, InternalAddr: client.Addr(), InternalPort: client.Port()}
+	apply(t, b, install(p, time.Hour))
+	return topo, b, client, p
+}
 
 // checkFlowCut echoes over f within wait: a cut flow must be dropped (a
 // timeout), any other must carry data. A failure names step and the

@@ -184,10 +184,7 @@ func unmarkChecked(t testing.TB, ns *netlab.NS, chain string) {
 // CutsFlows true (the first Setup had asked), wrote the mark, and the
 // next start trusted it: both said true.
 func TestCutsFlowsAfterDamageRepair(t *testing.T) {
-	topo, b := guardedTopology(t, pinhole.Config{})
-	client := netip.AddrPortFrom(topo.ClientV6, 7302)
-	p := pinhole.Pinhole{Protocol: tcp, InternalAddr: client.Addr(), InternalPort: client.Port()}
-	apply(t, b, install(p, time.Hour))
+	topo, b, client, p := guardedPinhole(t, 7302)
 	topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "guard6")
 	f := openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47302), client)
 	if err := b.Healthy(); err == nil {
@@ -218,10 +215,7 @@ func TestCutsFlowsAfterDamageRepair(t *testing.T) {
 // guard6 is alive at the next start, over a recheck6 still marked
 // checked by the Setup before the stop.
 func TestCutsFlowsAfterDamageWhileDown(t *testing.T) {
-	topo, b := guardedTopology(t, pinhole.Config{})
-	client := netip.AddrPortFrom(topo.ClientV6, 7303)
-	p := pinhole.Pinhole{Protocol: tcp, InternalAddr: client.Addr(), InternalPort: client.Port()}
-	apply(t, b, install(p, time.Hour))
+	topo, b, client, p := guardedPinhole(t, 7303)
 	b.Close()
 	if !markedChecked(t, topo.Host, "recheck6") {
 		t.Fatal("recheck6 not marked checked before the stop")

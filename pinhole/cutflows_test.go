@@ -338,11 +338,8 @@ func TestCutsFlowsAfterUnlabelledLayout(t *testing.T) {
 			}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			topo, b := guardedTopology(t, pinhole.Config{})
-			client := netip.AddrPortFrom(topo.ClientV6, 7300)
+			topo, b, client, p := guardedPinhole(t, 7300)
 			remote := netip.AddrPortFrom(topo.InternetV6, 47300)
-			p := pinhole.Pinhole{Protocol: tcp, InternalAddr: client.Addr(), InternalPort: client.Port()}
-			apply(t, b, install(p, time.Hour))
 			nb := tc.then(t, topo, b)
 			f := openEcho(t, tcp, topo.Client, topo.Internet, remote, client)
 			if nb == nil { // the upgrade: the new pcpd's Backend

@@ -29,10 +29,7 @@ func TestPreparedSetupSeesUnlabelledFlow(t *testing.T) {
 			name = "PrepareSetup, flow, Setup"
 		}
 		t.Run(name, func(t *testing.T) {
-			topo, b := guardedTopology(t, pinhole.Config{})
-			client := netip.AddrPortFrom(topo.ClientV6, 7391)
-			p := pinhole.Pinhole{Protocol: tcp, InternalAddr: client.Addr(), InternalPort: client.Port()}
-			apply(t, b, install(p, time.Hour))
+			topo, b, client, p := guardedPinhole(t, 7391)
 			topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "guard6")
 			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
 				t.Fatalf("Healthy after the flush of guard6: %v", err)
@@ -81,10 +78,7 @@ func TestPreparedSetupSparesFlowLabelledDuringWait(t *testing.T) {
 			name = "PrepareSetup, flow, Setup"
 		}
 		t.Run(name, func(t *testing.T) {
-			topo, b := guardedTopology(t, pinhole.Config{})
-			client := netip.AddrPortFrom(topo.ClientV6, 7392)
-			p := pinhole.Pinhole{Protocol: tcp, InternalAddr: client.Addr(), InternalPort: client.Port()}
-			apply(t, b, install(p, time.Hour))
+			topo, b, client, p := guardedPinhole(t, 7392)
 			flush := func() { topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6") }
 			flush()
 			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
