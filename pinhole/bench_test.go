@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 )
@@ -22,16 +21,7 @@ func benchPinhole(i int) pinhole.Pinhole {
 // for all calls), as a daemon would hold it.
 func lastingBackend(b testing.TB, ns *netlab.NS) *pinhole.Backend {
 	b.Helper()
-	h, err := ns.Handle()
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { h.Close() })
-	conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { conn.CloseLasting() })
+	conn, _ := ns.LastingNftConn(b)
 	be, err := pinhole.New(conn, pinhole.Config{})
 	if err != nil {
 		b.Fatal(err)
@@ -137,16 +127,7 @@ func BenchmarkHealthyOwners(b *testing.B) {
 	netlab.RequireRoot(b)
 	for _, n := range []int{60, 1000} {
 		ns := netlab.NewNS(b, "bench")
-		h, err := ns.Handle()
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { h.Close() })
-		conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { conn.CloseLasting() })
+		conn, _ := ns.LastingNftConn(b)
 		be, err := pinhole.New(conn, pinhole.Config{Meter: pinhole.Meter{Rate: 200}})
 		if err != nil {
 			b.Fatal(err)

@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/netlab"
@@ -91,16 +90,7 @@ func notIn(got, base map[uint64]bool) []uint64 {
 func TestSideReadsKeepTheirSockets(t *testing.T) {
 	netlab.RequireRoot(t)
 	ns := netlab.NewNS(t, "nlsock")
-	h, err := ns.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { h.Close() })
-	conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.CloseLasting() })
+	conn, _ := ns.LastingNftConn(t)
 	base := nfSockets(t, ns) // conn's
 	b, err := pinhole.New(conn, pinhole.Config{Table: "pcpd_nlsock", Routes: noRoutes{}})
 	if err != nil {

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"github.com/google/nftables"
 	"github.com/vishvananda/netns"
 	"net/netip"
 	"runtime"
@@ -169,16 +168,7 @@ func lastingFirewall(b testing.TB, name string) *pinhole.Backend {
 func lastingFirewallNS(b testing.TB, name string) (*pinhole.Backend, netns.NsHandle) {
 	b.Helper()
 	ns := netlab.NewNS(b, name)
-	h, err := ns.Handle()
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { h.Close() })
-	conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { conn.CloseLasting() })
+	conn, h := ns.LastingNftConn(b)
 	fw, err := pinhole.New(conn, pinhole.Config{})
 	if err != nil {
 		b.Fatal(err)

@@ -232,6 +232,24 @@ func (n *NS) NftConn() (*nftables.Conn, error) {
 	return nftables.New(nftables.WithNetNSFd(int(h)))
 }
 
+// LastingNftConn is an nftables connection aimed at this namespace on one
+// lasting netlink socket (as a daemon holds it); the connection and the
+// namespace's handle, which it returns too, are closed at the end of tb.
+func (n *NS) LastingNftConn(tb testing.TB) (*nftables.Conn, netns.NsHandle) {
+	tb.Helper()
+	h, err := n.Handle()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { h.Close() })
+	conn, err := nftables.New(nftables.WithNetNSFd(int(h)), nftables.AsLasting())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { conn.CloseLasting() })
+	return conn, h
+}
+
 // Close stops the processes started in the namespace and deletes it.
 func (n *NS) Close() error {
 	n.mu.Lock()
