@@ -62,26 +62,7 @@ func TestSubscriptionFollowsChanges(t *testing.T) {
 	h, _ := nsHandles(t, srv)
 	l := &listener{log: zaptest.NewLogger(t), ifaces: []string{"pcp0", "pcp1"}, port: Port, ns: h,
 		out: make(chan packet, 1), pass: time.Hour}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- l.run(ctx) }()
-	stopped := false
-	stop := func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		cancel()
-		select {
-		case err := <-errc:
-			if err != nil {
-				t.Errorf("run: %v", err)
-			}
-		case <-time.After(followNever):
-			t.Errorf("run did not return after cancel:\n%s", strings.Join(stacks("server.(*listener)"), "\n\n"))
-		}
-	}
-	t.Cleanup(stop)
+	stop := runListener(t, l)
 	serving := func(a netip.Addr) bool {
 		for _, ap := range l.addrs() {
 			if ap.Addr() == a {
@@ -393,4 +374,30 @@ func TestFollowStartStopCycles(t *testing.T) {
 	if after := fds(); after > before {
 		t.Errorf("%d file descriptors open after 40 cycles, %d before", after, before)
 	}
+}
+
+// runListener runs l until the returned stop is called (at the end of t
+// at the latest), which wants run to return nil soon after.
+func runListener(t *testing.T, l *listener) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- l.run(ctx) }()
+	stopped := false
+	stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		select {
+		case err := <-errc:
+			if err != nil {
+				t.Errorf("run: %v", err)
+			}
+		case <-time.After(followNever):
+			t.Errorf("run did not return after cancel:\n%s", strings.Join(stacks("server.(*listener)"), "\n\n"))
+		}
+	}
+	t.Cleanup(stop)
+	return stop
 }

@@ -1,11 +1,9 @@
 package server
 
 import (
-	"context"
 	"errors"
 	"net/netip"
 	"testing"
-	"time"
 
 	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
@@ -52,20 +50,7 @@ func TestListenerRouteSocketsOnly(t *testing.T) {
 	before := netlinkSockets(t, ns)
 	l := &listener{log: zaptest.NewLogger(t), ifaces: []string{"nlsock0"}, port: Port, ns: h,
 		out: make(chan packet, 1), pass: followNever}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- l.run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-errc:
-			if err != nil {
-				t.Errorf("run: %v", err)
-			}
-		case <-time.After(followNever):
-			t.Errorf("run did not return after cancel")
-		}
-	})
+	runListener(t, l)
 	if err := netlab.Eventually(followNever, func() error {
 		for _, ap := range l.addrs() {
 			if ap.Addr() == addr {

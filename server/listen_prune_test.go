@@ -1,7 +1,6 @@
 package server
 
 import (
-	"context"
 	"fmt"
 	"net/netip"
 	"testing"
@@ -38,20 +37,7 @@ func TestListenerPrunesGoneInterfaces(t *testing.T) {
 	addr := netip.MustParseAddr("10.93.0.1")
 	l := &listener{log: zaptest.NewLogger(t), ifaces: []string{alt}, port: Port, ns: h,
 		out: make(chan packet, 1), pass: 100 * time.Millisecond}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- l.run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-errc:
-			if err != nil {
-				t.Errorf("run: %v", err)
-			}
-		case <-time.After(followNever):
-			t.Errorf("run did not return after cancel")
-		}
-	})
+	runListener(t, l)
 	servedBy := func() string {
 		for _, c := range l.sockets() {
 			if c.local.Addr() == addr {
