@@ -3,7 +3,6 @@ package pinhole_test
 import (
 	"net"
 	"net/netip"
-	"syscall"
 	"testing"
 	"time"
 
@@ -88,20 +87,7 @@ func measureControlEcho(b *testing.B, topo *netlab.Topology) {
 			}
 		}
 	}
-	for range 100 {
-		roundTrip() // conntrack entry, caches, goroutines warm
-	}
-	var before, after syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &before)
-	b.ResetTimer()
-	for b.Loop() {
-		roundTrip()
-	}
-	b.StopTimer()
-	syscall.Getrusage(syscall.RUSAGE_SELF, &after)
-	cpu := time.Duration(syscall.TimevalToNsec(after.Utime) - syscall.TimevalToNsec(before.Utime) +
-		syscall.TimevalToNsec(after.Stime) - syscall.TimevalToNsec(before.Stime))
-	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N*burst), "cpu-ns/datagram")
+	reportCPUPerDatagram(b, burst, roundTrip) // 100 round trips first warm the conntrack entry, caches, goroutines
 }
 
 // controlTable sets pcpd's table up in topo's host as the daemon would
