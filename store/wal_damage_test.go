@@ -79,11 +79,7 @@ func TestDamageInOlderSegmentStopsReplay(t *testing.T) {
 func TestLostActiveSegmentIsNoticed(t *testing.T) {
 	for _, how := range []string{"truncate", "delete"} {
 		t.Run(how, func(t *testing.T) {
-			dir := t.TempDir()
-			s, _ := openT(t, dir, fixedClock(t0), noCheckpoint, WithoutOpenSnapshot())
-			if err := s.ResetEpoch(t0); err != nil {
-				t.Fatal(err)
-			}
+			dir, s := walStore(t)
 			if err := s.Commit([]Lease{leaseN(1)}, nil); err != nil {
 				t.Fatal(err)
 			}

@@ -22,6 +22,29 @@ import (
 // copy of the directory is what a kill -9 would leave.
 var noCheckpoint = WithCheckpoint(1<<30, time.Hour)
 
+// walStore is a store in a new directory that checkpoints only when
+// told (noCheckpoint), its epoch origin t0.
+func walStore(t *testing.T) (string, *Store) {
+	t.Helper()
+	dir := t.TempDir()
+	s, _ := openT(t, dir, fixedClock(t0), noCheckpoint, WithoutOpenSnapshot())
+	if err := s.ResetEpoch(t0); err != nil {
+		t.Fatal(err)
+	}
+	return dir, s
+}
+
+// reopenCrashed opens what a kill -9 would leave of dir (crashImage) a
+// minute on, and wants continuity (Fresh false, nothing recovered).
+func reopenCrashed(t *testing.T, dir string) State {
+	t.Helper()
+	_, st := openT(t, crashImage(t, dir), fixedClock(t0.Add(time.Minute)), WithoutOpenSnapshot())
+	if st.Fresh || st.Recovered != "" {
+		t.Fatalf("Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
+	}
+	return st
+}
+
 // crashImage copies the state directory's files as they are now, while the
 // store is open: every acknowledged commit was fdatasynced, so the page
 // cache holds exactly what a kill -9 at this moment would leave on disk.
@@ -316,11 +339,7 @@ func lastRecord(t *testing.T, dir string) (path string, start, end int64) {
 // segment) is a write that was never acknowledged: Open drops it silently
 // and keeps everything before it, epoch included.
 func TestLogTornTail(t *testing.T) {
-	dir := t.TempDir()
-	s, _ := openT(t, dir, fixedClock(t0), noCheckpoint, WithoutOpenSnapshot())
-	if err := s.ResetEpoch(t0); err != nil {
-		t.Fatal(err)
-	}
+	dir, s := walStore(t)
 	if err := s.Commit(leasesN(0, 3), nil); err != nil {
 		t.Fatal(err)
 	}
@@ -366,11 +385,7 @@ func TestLogTornTail(t *testing.T) {
 // a torn tail. Open keeps the state up to the damage, resets the epoch,
 // says why, and moves the damaged segment aside.
 func TestLogDamage(t *testing.T) {
-	dir := t.TempDir()
-	s, _ := openT(t, dir, fixedClock(t0), noCheckpoint, WithoutOpenSnapshot())
-	if err := s.ResetEpoch(t0); err != nil {
-		t.Fatal(err)
-	}
+	dir, s := walStore(t)
 	for i := range 10 {
 		if err := s.Commit([]Lease{leaseN(i)}, nil); err != nil {
 			t.Fatal(err)
@@ -440,11 +455,7 @@ func TestLogDamage(t *testing.T) {
 // file older than the log, is noticed.
 func TestLogGenerations(t *testing.T) {
 	t.Run("folded segments stay folded", func(t *testing.T) {
-		dir := t.TempDir()
-		s, _ := openT(t, dir, fixedClock(t0), noCheckpoint, WithoutOpenSnapshot())
-		if err := s.ResetEpoch(t0); err != nil {
-			t.Fatal(err)
-		}
+		dir, s := walStore(t)
 		// gen g: put 0..10; checkpoint; gen g+1: delete 0..5; checkpoint
 		// (segment of gen g still holds the puts); gen g+2: put 20.
 		if err := s.Commit(leasesN(0, 10), nil); err != nil {
@@ -469,10 +480,7 @@ func TestLogGenerations(t *testing.T) {
 		if got := s.Stats().Checkpoints; got != 2 {
 			t.Fatalf("%d checkpoints, want 2", got)
 		}
-		_, st := openT(t, crashImage(t, dir), fixedClock(t0.Add(time.Minute)), WithoutOpenSnapshot())
-		if st.Fresh || st.Recovered != "" {
-			t.Fatalf("Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
-		}
+		st := reopenCrashed(t, dir)
 		wantLeases(t, st.Leases, append(leasesN(5, 10), leaseN(20)))
 	})
 	t.Run("crash between fold and next record", func(t *testing.T) {
@@ -496,18 +504,11 @@ func TestLogGenerations(t *testing.T) {
 		if got := s.Stats().Checkpoints; got != 0 {
 			t.Fatalf("%d checkpoints, want none yet", got)
 		}
-		_, st := openT(t, crashImage(t, dir), fixedClock(t0.Add(time.Minute)), WithoutOpenSnapshot())
-		if st.Fresh || st.Recovered != "" {
-			t.Fatalf("Fresh = %v, Recovered = %q", st.Fresh, st.Recovered)
-		}
+		st := reopenCrashed(t, dir)
 		wantLeases(t, st.Leases, leasesN(1, 10))
 	})
 	t.Run("state file older than its log", func(t *testing.T) {
-		dir := t.TempDir()
-		s, _ := openT(t, dir, fixedClock(t0), noCheckpoint, WithoutOpenSnapshot())
-		if err := s.ResetEpoch(t0); err != nil {
-			t.Fatal(err)
-		}
+		dir, s := walStore(t)
 		if err := s.Commit(leasesN(0, 5), nil); err != nil {
 			t.Fatal(err)
 		}
