@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netns"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/pcpd/pcpd/internal/netlab"
@@ -30,13 +31,7 @@ func TestInterfaceComesBack(t *testing.T) {
 		cliNS.MustRun(t, "ip", "addr", "add", cliAddr.String()+"/64", "dev", "eth0", "nodad")
 	}
 	build()
-	h, err := srvNS.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	own, _ := policy.NewStatic(map[string][]netip.Prefix{"c": {netip.MustParsePrefix("2001:db8:7::/64")}})
-	pol, _ := policy.New(policy.Config{}, own)
+	h, pol := servedBy(t, srvNS, "2001:db8:7::/64")
 	sv := startServing(t, Config{Interfaces: []string{"pcp0"}, NetNS: h, KeepConnections: true}, pol, zaptest.NewLogger(t))
 	defer sv.stop()
 	s := sv.s
@@ -84,13 +79,7 @@ func TestServeNoLeaks(t *testing.T) {
 	ns.MustRun(t, "ip", "addr", "add", "2001:db8:8::1/64", "dev", "d0", "nodad")
 	ns.MustRun(t, "ip", "addr", "add", "10.8.0.1/24", "dev", "d0")
 	ns.MustRun(t, "ip", "link", "set", "d0", "up")
-	h, err := ns.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	own, _ := policy.NewStatic(map[string][]netip.Prefix{"c": {netip.MustParsePrefix("2001:db8:8::/64")}})
-	pol, _ := policy.New(policy.Config{}, own)
+	h, pol := servedBy(t, ns, "2001:db8:8::/64")
 	cycle := func() {
 		sv := startServing(t, Config{Interfaces: []string{"d0"}, NetNS: h, KeepConnections: true}, pol, nil)
 		if err := netlab.Eventually(3*time.Second, func() error {
@@ -148,13 +137,7 @@ func TestANN04Multicast(t *testing.T) {
 	}
 	defer c6.Close()
 	defer c4.Close()
-	h, err := srvNS.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	own, _ := policy.NewStatic(map[string][]netip.Prefix{"c": {netip.MustParsePrefix("2001:db8:9::/64")}})
-	pol, _ := policy.New(policy.Config{}, own)
+	h, pol := servedBy(t, srvNS, "2001:db8:9::/64")
 	sv := startServing(t, Config{Interfaces: []string{"lan0"}, NetNS: h, KeepConnections: true, AnnounceMulticast: true,
 		ExternalIPv4: netip.MustParseAddr("198.51.100.9")}, pol, nil)
 	defer sv.stop()
@@ -202,13 +185,7 @@ func TestEPO04StoreHousekeeping(t *testing.T) {
 	ns.MustRun(t, "ip", "link", "set", "d1", "up")
 	ns.MustRun(t, "ip", "addr", "add", "2001:db8:8::1/64", "dev", "d0", "nodad")
 	ns.MustRun(t, "ip", "link", "set", "d0", "up")
-	h, err := ns.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	own, _ := policy.NewStatic(map[string][]netip.Prefix{"c": {netip.MustParsePrefix("2001:db8:8::/64")}})
-	pol, _ := policy.New(policy.Config{}, own)
+	h, pol := servedBy(t, ns, "2001:db8:8::/64")
 	// serve runs the engine for d, stops it, and returns the store's
 	// counts while serving and after Serve returned.
 	serve := func(touch, snapshot, d time.Duration) (touches, snaps, snapsAfter int) {
@@ -234,4 +211,18 @@ func TestEPO04StoreHousekeeping(t *testing.T) {
 			t.Fatalf("snapshots: %d while serving (want 0), %d when Serve returned (want 1)", snaps, after)
 		}
 	})
+}
+
+// servedBy is ns's handle (closed at the end of t) and a policy whose one
+// client "c" owns prefix, for a server serving in ns.
+func servedBy(t *testing.T, ns *netlab.NS, prefix string) (netns.NsHandle, *policy.Policy) {
+	t.Helper()
+	h, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	own, _ := policy.NewStatic(map[string][]netip.Prefix{"c": {netip.MustParsePrefix(prefix)}})
+	pol, _ := policy.New(policy.Config{}, own)
+	return h, pol
 }
