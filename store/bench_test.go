@@ -281,20 +281,28 @@ func openRSS(b *testing.B, dir string, stream bool) (rss, hwm, heap float64) {
 	return rss, hwm, heap
 }
 
+// benchStore opens a copy of the benchmarks' store of 100 000 leases
+// (benchDir), closed at the end of b.
+func benchStore(b *testing.B) *Store {
+	b.Helper()
+	src := benchDir(b, 100_000)
+	dir := b.TempDir()
+	copyFileT(b, filepath.Join(src, DBName), filepath.Join(dir, DBName))
+	copyLog(b, src, dir)
+	s, _, err := Open(dir, nil, WithoutOpenSnapshot())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { s.Close() })
+	return s
+}
+
 // BenchmarkCommit: one Commit of `batch` renewals into a store of 100 000
 // leases; each op is one transaction.
 func BenchmarkCommit(b *testing.B) {
 	for _, batch := range []int{1, 16, 256} {
 		b.Run(fmt.Sprintf("batch=%d", batch), func(b *testing.B) {
-			src := benchDir(b, 100_000)
-			dir := b.TempDir()
-			copyFileT(b, filepath.Join(src, DBName), filepath.Join(dir, DBName))
-			copyLog(b, src, dir)
-			s, _, err := Open(dir, nil, WithoutOpenSnapshot())
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer s.Close()
+			s := benchStore(b)
 			i := 0
 			b.ResetTimer()
 			for b.Loop() {
@@ -327,15 +335,7 @@ func reportSyncs(b *testing.B, s *Store) {
 // one lease at a time through one Committer, as the engine's request
 // handlers would.
 func BenchmarkCommitter(b *testing.B) {
-	src := benchDir(b, 100_000)
-	dir := b.TempDir()
-	copyFileT(b, filepath.Join(src, DBName), filepath.Join(dir, DBName))
-	copyLog(b, src, dir)
-	s, _, err := Open(dir, nil, WithoutOpenSnapshot())
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer s.Close()
+	s := benchStore(b)
 	c := s.NewCommitter()
 	var next sync.Mutex
 	n := 0
