@@ -589,7 +589,7 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 	}
 	_, err = seg.f.WriteAt(rec, w.off)
 	if err == nil {
-		err = fdatasync(seg.f)
+		err = fdatasyncHeld(seg.f)
 	}
 	if err != nil {
 		s.invalidate(seg, w.off)
