@@ -20,22 +20,6 @@ func fdatasyncOS(f *os.File) error {
 	}
 }
 
-// fdatasyncHeldOS is fdatasyncOS as a raw system call: the calling
-// goroutine keeps its P while the kernel writes and flushes (fdatasyncHeld).
-func fdatasyncHeldOS(f *os.File) error {
-	fd := f.Fd()
-	for {
-		_, _, e := syscall.RawSyscall(syscall.SYS_FDATASYNC, fd, 0, 0)
-		switch e {
-		case syscall.EINTR:
-			continue
-		case 0:
-			return nil
-		}
-		return &os.PathError{Op: "fdatasync", Path: f.Name(), Err: e}
-	}
-}
-
 // freeSpace is how many octets an unprivileged writer may still claim on
 // dir's file system.
 func freeSpace(dir string) (int64, bool) {

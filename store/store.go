@@ -589,7 +589,7 @@ func (s *Store) tryAppend(bs []*batch, now time.Time) (full bool, err error) {
 	}
 	_, err = seg.f.WriteAt(rec, w.off)
 	if err == nil {
-		err = fdatasyncHeld(seg.f)
+		err = fdatasync(seg.f)
 	}
 	if err != nil {
 		s.invalidate(seg, w.off)
