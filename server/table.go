@@ -154,11 +154,8 @@ type hitem struct {
 
 const zeroTime = -1 << 63
 
-// initialLeases is what a new table's indexes are sized for.
-const initialLeases = 1 << 16
-
 func newTable() *table {
-	t := &table{
+	return &table{
 		extra:   map[uint32]extra{},
 		byOwner: map[string]int{},
 		ownerNo: map[string]uint32{},
@@ -166,8 +163,6 @@ func newTable() *table {
 		srvNo:   map[netip.AddrPort]uint32{},
 		seed:    maphash.MakeSeed(),
 	}
-	t.grow(initialLeases)
-	return t
 }
 
 // grow sizes an empty table's indexes for n leases (restart): growing a
