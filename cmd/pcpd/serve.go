@@ -10,8 +10,6 @@ import (
 	"net/http/pprof"
 	"net/netip"
 	"os"
-	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -109,16 +107,6 @@ func newLogger(level zapcore.Level, w zapcore.WriteSyncer) *zap.Logger {
 
 // serve runs the daemon until ctx ends. Runtime errors exit 1.
 func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error) {
-	if mb, _ := strconv.Atoi(os.Getenv("PCPD_EXP_PREFAULT_MB")); mb > 0 {
-		// Experiment (h/tail8): touch mb MiB of heap once, then free it.
-		b := make([]byte, mb<<20)
-		for i := 0; i < len(b); i += 4096 {
-			b[i] = 1
-		}
-		runtime.KeepAlive(b)
-		b = nil
-		runtime.GC()
-	}
 	log := newLogger(cfg.LogLevel, zapcore.Lock(zapcore.AddSync(stderr)))
 	defer log.Sync()
 	ctx, cancel := context.WithCancel(ctx)
