@@ -52,17 +52,55 @@ func (s *Server) announce(ctx context.Context) {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	gap := s.cfg.AnnounceGap
-	for i := 0; i < announceSends; i++ {
-		if i > 0 {
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(gap):
-			}
-			gap *= 2
-		}
+	announceRounds(ctx, s.cfg.AnnounceGap, announceSends, time.Now, sleepCtx, func() {
 		s.announceOnce(ctx, pcpT, pmpT)
+	})
+}
+
+// sleepCtx waits d, or until ctx ends (false).
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// announceRounds runs round n times: the first gap at least first, each
+// later gap at least twice the one before (ANN-05, PMP-13). It reads the
+// clock with now and waits with wait (time.Now and sleepCtx; tests inject
+// a clock with late wake-ups).
+//
+// The rule is about the gaps a client sees, and a client's datagram
+// leaves anywhere inside its round (thousands of clients make a round
+// last tens of ms). So every gap is measured on the rounds actually run,
+// for the worst client: the next round starts no sooner than twice the
+// longest previous gap (start of the round before the last to the end of
+// the last) after the end of the last round. A late wake-up or a long
+// round only makes the following gaps longer, never too short: the old
+// fixed 250, 500, 1000 ms after each round broke the rule whenever a
+// wake-up was late (gaps 262, 524, 970 ms on a loaded box).
+func announceRounds(ctx context.Context, first time.Duration, n int, now func() time.Time, wait func(context.Context, time.Duration) bool, round func()) {
+	var beforeStart, lastStart, lastEnd time.Time
+	for i := 0; i < n; i++ {
+		if i > 0 {
+			gap := first
+			if i > 1 {
+				gap = 2 * lastEnd.Sub(beforeStart)
+			}
+			// A timer never fires early, but a test clock may: loop.
+			for d := lastEnd.Add(gap).Sub(now()); d > 0; d = lastEnd.Add(gap).Sub(now()) {
+				if !wait(ctx, d) {
+					return
+				}
+			}
+		}
+		beforeStart, lastStart = lastStart, now()
+		round()
+		lastEnd = now()
 	}
 }
 
