@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -74,11 +75,38 @@ func TestConformancePcpd(t *testing.T) {
 	e.FilterLimit = 8      // server.Config default
 	e.Quota = 40           // --max-leases-per-client in startPcpd
 	e.MinLifetime = 3 * time.Second
-	e.Restart = func() error { d.stop(); return d.start() }
+	e.Restart = func() error {
+		d.stop()
+		if err := d.start(); err != nil {
+			return err
+		}
+		lateWakeup(t, d.pcpd.PID())
+		return nil
+	}
 	e.Stop = d.stop
 	e.Wipe = d.wipe
 	e.Start = d.start
 	runSuite(t, e, true)
+}
+
+// lateWakeup freezes the restarted pcpd (SIGSTOP) from 550 to 850 ms after
+// it answered, across its third unsolicited ANNOUNCE (due 750 ms after
+// the first): the late wake-up a loaded host gives. ANN-05 must still
+// see every gap at least twice the last — pcpd doubles the gaps it
+// actually made. With the old fixed 250, 500, 1000 ms schedule the gaps
+// were 250, ~600, ~1000 ms and ANN-05 failed.
+func lateWakeup(t *testing.T, pid int) {
+	done := make(chan struct{})
+	t.Cleanup(func() { <-done })
+	go func() {
+		defer close(done)
+		time.Sleep(550 * time.Millisecond)
+		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+			return
+		}
+		time.Sleep(300 * time.Millisecond)
+		syscall.Kill(pid, syscall.SIGCONT)
+	}()
 }
 
 // TestConformanceMiniupnpd runs the suite against Debian's miniupnpd

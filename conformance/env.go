@@ -368,6 +368,9 @@ type sock struct {
 	c      net.PacketConn
 	server netip.AddrPort
 	local  netip.AddrPort
+	// stamped: the kernel stamps arrivals (stampArrivals), and recv
+	// reports those stamps instead of when the reader got to them.
+	stamped bool
 }
 
 // sock opens a socket from the main client address to the main server.
@@ -395,13 +398,28 @@ func (e *Env) sockAt(local, server netip.AddrPort) *sock {
 type datagram struct {
 	b    []byte
 	from netip.AddrPort
-	at   time.Time
+	at   time.Time // arrival: the kernel's stamp if stamped, else when read
+	// stamped: at is the kernel's arrival stamp (sock.stamped).
+	stamped bool
 }
 
 // recv waits until deadline for one datagram.
 func (s *sock) recv(deadline time.Time) (datagram, error) {
 	buf := make([]byte, 2048) // larger than 1100 so oversize replies show (PKT-04)
 	s.c.SetReadDeadline(deadline)
+	if u, ok := s.c.(*net.UDPConn); ok && s.stamped {
+		oob := make([]byte, 128)
+		n, oobn, _, ua, err := u.ReadMsgUDPAddrPort(buf, oob)
+		if err != nil {
+			return datagram{}, err
+		}
+		d := datagram{b: buf[:n], from: netip.AddrPortFrom(ua.Addr().Unmap(), ua.Port()), at: time.Now()}
+		d.at, d.stamped = arrivalStamp(oob[:oobn])
+		if !d.stamped {
+			d.at = time.Now()
+		}
+		return d, nil
+	}
 	n, from, err := s.c.ReadFrom(buf)
 	if err != nil {
 		return datagram{}, err
