@@ -279,15 +279,17 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 		if err := l.topo.Internet.DialTCP(ext, time.Second); err != nil {
 			t.Fatalf("short NAT-PMP mapping %s does not pass traffic before expiry: %v", ext, err)
 		}
-		_, ok4 := waitFor(life+2*time.Second, func() bool { return !l.kernelHas(l.topo.ClientV4, pcp.ProtoTCP, port) })
-		vanished4 := time.Since(t4)
-		_, ok := waitFor(life+2*time.Second, func() bool { return !l.kernelHas(cli, pcp.ProtoTCP, port) })
-		vanished := time.Since(t0)
-		if !ok || vanished > life+time.Second {
-			t.Fatalf("kernel element for tcp/%d still present %v after the request (lifetime %v; allowed +1s)", port, vanished, life)
+		// Gone by life + 1 s: a listing that begins after that moment
+		// and still shows the element proves it outlived its lease.
+		// (When a poll saw it gone is no measure: on a loaded box one
+		// listing can take longer than the second allowed.)
+		time.Sleep(time.Until(t4.Add(life + time.Second)))
+		if l.kernelHas(l.topo.ClientV4, pcp.ProtoTCP, port) {
+			t.Fatalf("NAPT element for %s still present %v after the request (lifetime %v; allowed +1s)", ext, time.Since(t4).Round(time.Millisecond), life)
 		}
-		if !ok4 || vanished4 > life+time.Second {
-			t.Fatalf("NAPT element for %s still present %v after the request (lifetime %v; allowed +1s)", ext, vanished4, life)
+		time.Sleep(time.Until(t0.Add(life + time.Second)))
+		if l.kernelHas(cli, pcp.ProtoTCP, port) {
+			t.Fatalf("kernel element for tcp/%d still present %v after the request (lifetime %v; allowed +1s)", port, time.Since(t0).Round(time.Millisecond), life)
 		}
 		if err := l.dialService(cli, port); err == nil {
 			t.Fatalf("traffic to tcp/%d still passes after its lease expired", port)
@@ -305,8 +307,8 @@ func TestKill9UnderLoadEPO04(t *testing.T) {
 		if _, ok := leaseSet(l.leases())[leaseKey{cli, "tcp", port}]; ok {
 			t.Fatal("restarted pcpd lists an expired lease")
 		}
-		t.Logf("lifetime %v, pcpd dead: IPv6 pinhole element gone %v after the request, IPv4 NAPT element %v; traffic refused on both at %v; connections opened before the kill, echo every 100 ms, after their requests: %s",
-			life, vanished.Round(10*time.Millisecond), vanished4.Round(10*time.Millisecond), after.Round(10*time.Millisecond), flowFigures)
+		t.Logf("lifetime %v, pcpd dead: IPv6 pinhole and IPv4 NAPT elements gone by %v after their requests; traffic refused on both at %v; connections opened before the kill, echo every 100 ms, after their requests: %s",
+			life, life+time.Second, after.Round(10*time.Millisecond), flowFigures)
 	})
 }
 
@@ -412,9 +414,12 @@ func (l *lab) openLifeFlows(t *testing.T, pmpc *pcp.Client, base uint16, life ti
 }
 
 // checkLifeFlows requires of every flow that an echo passed with pcpd dead
-// (after killed: its lease carried data in the kernel alone), that the
-// first that failed was sent no later than life + 1 s after the flow's
-// request (LIFE-04), and that none passed after it. It returns the
+// (after killed: its lease carried data in the kernel alone), that none
+// sent later than life + 1 s after the flow's request passed (LIFE-04),
+// that one failed, and that none passed after it. (Judged on the last
+// that passed, not the first that failed: the watcher sending late on a
+// loaded box delays the first failure, not the pinhole's end; an echo
+// that passes proves the pinhole open when it was sent, or later.) It returns the
 // figures: when, after the request, the last echo that passed and the
 // first that failed were sent.
 func checkLifeFlows(t *testing.T, flows []*lifeFlow, killed time.Time, life time.Duration) string {
@@ -431,10 +436,10 @@ func checkLifeFlows(t *testing.T, flows []*lifeFlow, killed time.Time, life time
 		switch {
 		case w.lastOK.Before(killed):
 			t.Errorf("%s: no echo passed with pcpd dead (last %v after the request, killed %v after): nothing tested", f.name, since(w.lastOK), since(killed))
+		case w.lastOK.Sub(f.asked) > life+time.Second:
+			t.Errorf("%s: an echo sent %v after the request passed (lifetime %v; allowed +1s), first failed %v", f.name, since(w.lastOK), life, since(w.firstFail))
 		case w.firstFail.IsZero():
-			t.Errorf("%s: the connection opened before its lease expired still carries data %v after the request (lifetime %v; allowed +1s)", f.name, since(w.lastOK), life)
-		case w.firstFail.Sub(f.asked) > life+time.Second:
-			t.Errorf("%s: first echo failed %v after the request, last passed %v (lifetime %v; allowed +1s)", f.name, since(w.firstFail), since(w.lastOK), life)
+			t.Errorf("%s: no echo failed, last passed %v after the request (lifetime %v): the watcher never ran past the lease", f.name, since(w.lastOK), life)
 		case !w.okAfterFail.IsZero():
 			t.Errorf("%s: an echo passed %v after the request, after one failed at %v (%v)", f.name, since(w.okAfterFail), since(w.firstFail), w.err)
 		}

@@ -43,29 +43,31 @@ func TestStartFailures(t *testing.T) {
 	ns := netlab.NewNS(t, "pcpdtest")
 	notReady := func(context.Context) error { return errors.New("not yet") }
 	tests := []struct {
-		name    string
-		args    []string
-		want    []string // in the error
-		atLeast time.Duration
-		within  time.Duration
+		name string
+		args []string
+		want []string // in the error
+		// Start's Timeout; a row that wants pcpd's exit gives it 30 s: that
+		// Start returned on the exit rather than the timeout shows in the
+		// error ("exited before serving", not "not ready after"), not in
+		// how long it took, which a loaded box stretches.
+		timeout time.Duration
+		atLeast time.Duration // the never-ready row: Start waited its Timeout
 	}{
 		// A bad flag: pcpd exits 2 before touching anything.
 		{name: "exits", args: []string{"serve", "--max-lifetime", "forever"},
-			want:   []string{"exited before serving", "exit status 2", `"forever" is not a duration`},
-			within: 5 * time.Second},
+			want: []string{"exited before serving", "exit status 2", `"forever" is not a duration`}, timeout: 30 * time.Second},
 		// pcpd --help prints and exits 0: still not serving.
 		{name: "exits cleanly", args: []string{"--help"},
-			want:   []string{"exited before serving (<nil>)"},
-			within: 5 * time.Second},
+			want: []string{"exited before serving (<nil>)"}, timeout: 30 * time.Second},
 		// A daemon that runs but never answers: the timeout.
 		{name: "never ready", args: []string{"serve", "--interface", "lo", "--client", "a=2001:db8::/48",
 			"--state-dir", t.TempDir(), "--socket", t.TempDir() + "/pcpd.sock"},
 			want:    []string{"not ready after 2s", "not yet"},
-			atLeast: 2 * time.Second, within: 8 * time.Second},
+			timeout: 2 * time.Second, atLeast: 2 * time.Second},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			d := New(t, Config{NS: ns, Args: tt.args, Ready: notReady, Timeout: 2 * time.Second})
+			d := New(t, Config{NS: ns, Args: tt.args, Ready: notReady, Timeout: tt.timeout})
 			t0 := time.Now()
 			err := d.Start()
 			took := time.Since(t0)
@@ -77,8 +79,8 @@ func TestStartFailures(t *testing.T) {
 					t.Errorf("error lacks %q:\n%v", w, err)
 				}
 			}
-			if took < tt.atLeast || took > tt.within {
-				t.Errorf("Start took %v, want %v to %v", took, tt.atLeast, tt.within)
+			if took < tt.atLeast {
+				t.Errorf("Start took %v, want at least %v", took, tt.atLeast)
 			}
 			// The never-ready daemon is still running: Kill ends it.
 			d.Kill()
