@@ -175,6 +175,10 @@ type Config struct {
 	// SnapshotInterval: how often the state's backup copy is written.
 	TouchInterval, SnapshotInterval time.Duration
 
+	// FirewallCheckInterval: how often the firewall's health is checked
+	// and tampering undone (server.Config.TamperInterval).
+	FirewallCheckInterval time.Duration
+
 	Metrics  string // host:port for Prometheus /metrics; "" = off
 	LogLevel zapcore.Level
 

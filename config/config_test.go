@@ -70,6 +70,7 @@ func TestDefaults(t *testing.T) {
 		WireGuardGoneGrace:     time.Minute,
 		TouchInterval:          time.Minute,
 		SnapshotInterval:       time.Hour,
+		FirewallCheckInterval:  5 * time.Second,
 		LogLevel:               zapcore.InfoLevel,
 		ThirdParty:             ThirdPartyOwned,
 	}
@@ -161,6 +162,7 @@ office = ["2001:db8:2::/48"]
 		ReservedPorts:          []uint16{8080, 9000, 9001, 9002},
 		TouchInterval:          30 * time.Second,
 		SnapshotInterval:       15 * time.Minute,
+		FirewallCheckInterval:  5 * time.Second,
 		WireGuardGoneGrace:     0, // "0" in the file: no grace
 		Metrics:                "127.0.0.1:9351",
 		LogLevel:               zapcore.DebugLevel,

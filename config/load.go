@@ -66,6 +66,8 @@ var settings = []setting{
 		usage: "how often pcpd records in its state that it is alive, a `DURATION` (one write each); a clock found earlier than that record at the next start was set back, and the epoch resets (EPO-04): shorter catches smaller steps"},
 	{name: "snapshot-interval", kind: kDuration, def: "1h",
 		usage: "how often the state's backup copy is written, a `DURATION` (also at every orderly stop); a damaged state file is restored from it, losing what changed since"},
+	{name: "firewall-check-interval", kind: kDuration, def: "5s",
+		usage: "how often pcpd checks that its nftables table, sets and chains are intact, a `DURATION`, restoring any deleted or flushed by hand (and their pinholes) at the check that finds it; the check dumps no set, so its cost does not grow with the pinholes"},
 	{name: "min-lifetime", kind: kDuration, def: "2m",
 		usage: "shortest lifetime granted, a `DURATION`; shorter requests are raised to it (RFC 6887 §15 suggests 2m)"},
 	{name: "max-lifetime", kind: kDuration, def: "24h",

@@ -325,6 +325,7 @@ func validate(vals map[string]*value) (*Config, Errors) {
 	// Store housekeeping.
 	c.TouchInterval, _ = parseDuration(vals["touch-interval"], fail)
 	c.SnapshotInterval, _ = parseDuration(vals["snapshot-interval"], fail)
+	c.FirewallCheckInterval, _ = parseDuration(vals["firewall-check-interval"], fail)
 
 	// Metrics.
 	if mv := vals["metrics"]; mv.str != "" {

@@ -26,7 +26,8 @@ import (
 )
 
 // restoreBound is how long pcpd may take to notice tampering and restore
-// its firewall: its check runs every 5 s (server.Config.TamperInterval).
+// its firewall: its check runs every 5 s by default (server.Config.
+// TamperInterval, --firewall-check-interval).
 const restoreBound = 10 * time.Second
 
 // TestTamperRestore: someone deletes pcpd's nftables table, flushes its
@@ -36,7 +37,10 @@ const restoreBound = 10 * time.Second
 // the kernel, pass traffic through it again, guard the client's other
 // ports again, and say so in its log.
 func TestTamperRestore(t *testing.T) {
-	l := newLab(t, labOptions{})
+	// A check every second: each case waits for the next check, four
+	// times 5 s (up to 20 s) at the default. What is checked and restored
+	// is the same.
+	l := newLab(t, labOptions{extra: []string{"--firewall-check-interval", "1s"}})
 	l.start()
 	cli := l.topo.ClientV6
 	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(cli, servicePort).String())

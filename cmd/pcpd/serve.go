@@ -233,6 +233,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		OwnerBurst:       cfg.OwnerRateBurst,
 		TouchInterval:    cfg.TouchInterval,
 		SnapshotInterval: cfg.SnapshotInterval,
+		TamperInterval:   cfg.FirewallCheckInterval,
 		DisableMap:       cfg.DisableMap,
 		DisablePeer:      cfg.DisablePeer,
 		DisableNATPMP:    cfg.DisableNATPMP,
