@@ -45,7 +45,11 @@ func TestLab(t *testing.T) {
 			t.Errorf("output lacks %q", want)
 		}
 	}
-	names := regexp.MustCompile(`pcpdt-[0-9a-f]{6}-[a-z]+`).FindAllString(s, -1)
+	prefix := "pcpdt-" // netlab.New's, or $PCPD_NETNS_PREFIX
+	if p := os.Getenv("PCPD_NETNS_PREFIX"); p != "" {
+		prefix = p
+	}
+	names := regexp.MustCompile(regexp.QuoteMeta(prefix)+`[0-9a-f]{6}-[a-z]+`).FindAllString(s, -1)
 	wgs := regexp.MustCompile(`\bwg[hc][0-9a-f]{12}\b`).FindAllString(s, -1)
 	if len(names) == 0 || len(wgs) == 0 {
 		t.Fatal("lab output names no namespaces or WireGuard interfaces")
