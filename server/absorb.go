@@ -46,6 +46,9 @@ import (
 //     client relies on before that renewal is lost. A client that does
 //     not renew in time loses at most the difference, never the
 //     pinhole's restoration.
+//   - Not while a re-install of every lease is owed (reinstallOwed: a
+//     repair's or the restore's failed): the kernel may lack the lease's
+//     element, and only a write puts it back.
 //   - Only committed leases are absorbed: not one the current batch
 //     changed (its undo record exists), which may still roll back, and
 //     not one in the store's debt, where the store may hold something
@@ -145,6 +148,16 @@ func (s *Server) absorb(t *tx, ex, next *store.Lease, grant time.Duration) bool 
 		return false // due: the crash guarantee needs a fresh synced expiry
 	}
 	if _, owed := s.storeDebt[ex.Key]; owed || t.staged(ex.Key) {
+		return false
+	}
+	if s.reinstallOwed {
+		// A repair's (or the restore's) re-install of every lease failed
+		// and is backing off (≤ reinstallSkipMax checks, ≈ 2.6 min):
+		// the kernel may lack this lease's element (a flushed set), and
+		// an absorbed renewal would be told SUCCESS with no pinhole
+		// passing its traffic. Written through, it puts its own element
+		// back or gets the failure code (h/left10,
+		// TestE2ERenewalDuringReinstallBackoff).
 		return false
 	}
 	if !dirty && len(s.dirty) >= maxDirty {
