@@ -107,6 +107,39 @@ func (s *Server) notePrior(t ctTarget, to netip.AddrPort, seq uint64) {
 	s.natPrior[t] = e
 }
 
+// dropWalkedPriors drops natPrior's entries whose flush's walk ended
+// every flow of theirs (seq ≤ the flusher's clean mark: as notePrior's
+// drop at a doubling) and makes the map anew with what is left (a Go map
+// keeps its buckets when entries go). Called once a start's walk is done
+// (notePriors). Takes s.mu.
+func (s *Server) dropWalkedPriors() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	clean := s.ct.cleanSeq()
+	done := func(e natPrior) bool { return e.seq != 0 && e.seq <= clean }
+	keep := 0
+	for _, e := range s.natPrior {
+		if !done(e) {
+			keep++
+		}
+	}
+	if keep == len(s.natPrior) {
+		return
+	}
+	var left map[ctTarget]natPrior
+	if keep > 0 {
+		left = make(map[ctTarget]natPrior, keep)
+		for t, e := range s.natPrior {
+			if !done(e) {
+				left[t] = e
+			}
+		}
+	}
+	s.log.Debug("dropped the walked ended NAT mappings' record", zap.Int("before", len(s.natPrior)), zap.Int("after", keep))
+	s.natPrior = left
+	s.natPriorPrune = 2 * keep
+}
+
 // natPriorDumpMin is natPrior's size below which pruneNATPrior does not
 // dump conntrack (a variable for tests).
 var natPriorDumpMin = 1024
