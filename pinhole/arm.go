@@ -90,6 +90,9 @@ type setupReads struct {
 	labelled    bool
 	hasPin, pin bool
 	hasNAT, nat bool
+	// pinDecided, natDecided: answered without a dump (pinInputs,
+	// dnatInputs), trusted as it is.
+	pinDecided, natDecided bool
 }
 
 // prepareReads makes the reads of conntrack the next Setup would make
@@ -125,12 +128,12 @@ func (b *Backend) prepareReads(prepared bool) *setupReads {
 	if b.cutLabels && !b.unlabelled && (!b.pinAsked || b.recheckFlows) && !b.admitsUnlabelled() &&
 		(b.recheckFlows || !b.markTrusted(b.chainRecheck6, flowsCheckedMark)) && b.existing() {
 		in, decided, v := b.pinInputs()
-		r.hasPin, r.pin, pin, askPin = true, v, in, !decided
+		r.hasPin, r.pin, r.pinDecided, pin, askPin = true, v, decided, in, !decided
 	}
 	if b.natCutting() && !b.natUnlabelled && (!b.natAsked || b.recheckFlows) && !b.translatesUnlabelled() &&
 		(b.recheckFlows || !b.markTrusted(b.chainRecheckNAT, natCheckedMark)) && b.existing() {
 		in, decided, v := b.dnatInputs()
-		r.hasNAT, r.nat, nat, askNAT = true, v, in, !decided
+		r.hasNAT, r.nat, r.natDecided, nat, askNAT = true, v, decided, in, !decided
 	}
 	b.mu.Unlock()
 	if !r.hasLabelled && !r.hasPin && !r.hasNAT {
@@ -150,10 +153,13 @@ func (b *Backend) prepareReads(prepared bool) *setupReads {
 	case r.hasLabelled:
 		r.labelled = b.labelledFlows(r.bits)
 	}
-	if askPin {
+	// A Setup on its own (not prepared) does not read these before the
+	// layout: its "none" would be read again after it anyway
+	// (VerifySetup, h/left10), so they are read once, then.
+	if askPin && prepared {
 		r.pin = pin.scan(b)
 	}
-	if askNAT {
+	if askNAT && prepared {
 		r.nat = nat.scan(b)
 	}
 	return r
@@ -173,7 +179,7 @@ func (b *Backend) prepareReads(prepared bool) *setupReads {
 func (b *Backend) PrepareSetup() {
 	r := b.prepareReads(true)
 	b.mu.Lock()
-	b.preReads = r
+	b.preReads, b.prepared = r, true
 	b.mu.Unlock()
 }
 
@@ -246,12 +252,50 @@ func (b *Backend) VerifySetup() bool {
 		if !b.recheckFlows { // else damage since: the next Setup decides
 			b.cutting.Store(b.cutLabels && !b.unlabelled && !b.disarmed && !b.pinVerify)
 			b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed && !b.natVerify)
+			// Read over the written layout: its re-check chains are
+			// marked checked now, as a Setup that read under b.mu
+			// marked them (a later start need not read; disarmed, Arm
+			// writes them so).
+			b.markVerified(pinOwed && !vPin, natOwed && !vNAT)
 		}
 		became := !wasPin && b.cutting.Load() || !wasNAT && b.cuttingNAT.Load()
 		b.mu.Unlock()
 		return became
 	}
 	return false
+}
+
+// markVerified writes the re-check chains of the kinds VerifySetup found
+// no flow let in unlabelled for (pin: recheck6, nat: recheck_nat) again,
+// as Setup lays them out, with their checked marks (checkedMark), in one
+// transaction; not while disarmed (Arm writes them). A failure only
+// leaves them unmarked (a later start reads conntrack). Caller holds b.mu.
+func (b *Backend) markVerified(pin, nat bool) {
+	if b.disarmed || b.cfg.Attached || !pin && !nat {
+		return
+	}
+	n := 0
+	for _, cr := range b.layout() {
+		if !(pin && cr.name == b.chainRecheck6 || nat && cr.name == b.chainRecheckNAT) {
+			continue
+		}
+		c := &nftables.Chain{Table: b.table, Name: cr.name}
+		b.conn.FlushChain(c)
+		for i, exprs := range cr.rules {
+			r := &nftables.Rule{Table: b.table, Chain: c, Exprs: exprs}
+			if i == len(cr.rules)-1 {
+				r.UserData = b.checkedMark(cr.name)
+			}
+			b.conn.AddRule(r)
+		}
+		n++
+	}
+	if n == 0 {
+		return
+	}
+	var err error
+	defer b.dropUnsent(&err)
+	err = b.flush()
 }
 
 // cutIntact: every set a re-check looks up exists, every set holds its
@@ -322,6 +366,10 @@ func (b *Backend) recheckEnd() []expr.Any {
 // begins: what is "labelled" (labelledFlows), "pin" (pinFlowsUnlabelled's
 // dump) or "dnat" (dnatFlowsUnlabelled's) (tests).
 var testHookSetupRead func(b *Backend, what string)
+
+// testHookSetupLayout, if set, runs right before Setup's layout
+// transaction is sent (tests: a flow let in by the layout as it was).
+var testHookSetupLayout func()
 
 // labelledFlows reports whether conntrack holds a flow with one of bits
 // (cutBits; -1: none). True when it cannot be read. Safe without b.mu

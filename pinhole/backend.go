@@ -214,6 +214,11 @@ type Backend struct {
 	// (arm.go): PrepareSetup's until the next Setup, then Setup's own;
 	// nil otherwise.
 	preReads *setupReads
+	// prepared: PrepareSetup ran since the last Setup (its caller calls
+	// VerifySetup after Setup); a Setup without it verifies itself
+	// (h/left10). wrote: the running Setup's layout transaction was
+	// committed.
+	prepared, wrote bool
 	// pinVerify, natVerify: the last Setup took "no flow admitted
 	// (DNAT-ed) unlabelled" from PrepareSetup's read, made before the
 	// caller's wait for its own lock, while the damaged layout let flows
@@ -335,19 +340,43 @@ func (b *Backend) allSets() []*nftables.Set {
 // removed pinhole's flows (CutsFlows is false; cutflows.go).
 func (b *Backend) Setup() error {
 	// The reads of conntrack outside b.mu (arm.go): PrepareSetup's, if
-	// still good, else now.
+	// still good, else now (as PrepareSetup's if it ran: its caller
+	// verifies).
 	b.mu.Lock()
-	pre := b.preReads
-	b.preReads = nil
+	pre, prepared := b.preReads, b.prepared
+	b.preReads, b.prepared = nil, false
 	if pre != nil && pre.gen != b.gen {
 		pre = nil
 	}
 	b.mu.Unlock()
 	if pre == nil {
-		pre = b.prepareReads(false)
+		pre = b.prepareReads(prepared)
 	}
+	err := b.setupWith(pre)
+	if !prepared {
+		// A Setup on its own (a start): whether flows were let in
+		// unlabelled is read once the layout is written, without b.mu
+		// (VerifySetup): every such flow came before the layout, so the
+		// read sees it. Before (review h/revleft9's left item), it was
+		// read right before b.mu, and a flow the damaged layout let in
+		// after that read (or in a bucket the dump had passed) was
+		// missed: CutsFlows true and the re-check chain marked over a
+		// ruleset that does not cut it (TestSetupSeesFlowLetInAfterItsRead).
+		b.mu.Lock()
+		wrote := b.wrote
+		b.mu.Unlock()
+		if wrote {
+			b.VerifySetup()
+		}
+	}
+	return err
+}
+
+// setupWith is Setup under b.mu, with the reads pre made before it.
+func (b *Backend) setupWith(pre *setupReads) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.wrote = false
 	if pre != nil && pre.gen != b.gen {
 		pre = nil // read again under b.mu, as before
 	}
@@ -513,10 +542,14 @@ func (b *Backend) setupLocked() (err error) {
 			b.conn.AddRule(r)
 		}
 	}
+	if testHookSetupLayout != nil {
+		testHookSetupLayout()
+	}
 	if err := b.flush(); err != nil {
 		return layoutError{fmt.Errorf("pinhole: setup of inet %s: %w", b.cfg.Table, classify(err))}
 	}
 	b.owned = true
+	b.wrote = true
 	b.recheckFlows = false
 	b.cutting.Store(b.cutLabels && !b.unlabelled && !b.disarmed && !b.pinVerify)
 	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed && !b.natVerify)

@@ -202,17 +202,22 @@ func (b *Backend) queueStaleCutRemoval() error {
 // conntrack cannot be read. Caller holds b.mu.
 func (b *Backend) pinFlowsUnlabelled() bool {
 	if p := b.preReads; p != nil && p.hasPin {
-		// Read before Setup took b.mu; PrepareSetup's "none" is
-		// checked again over the written layout (VerifySetup).
-		b.pinVerify = p.prepared && !p.pin
+		// Read before Setup took b.mu (PrepareSetup), or not read (a
+		// Setup on its own): a "none" is read again, or first, over
+		// the written layout (VerifySetup).
+		b.pinVerify = !p.pin && !p.pinDecided
 		return p.pin
 	}
-	b.pinVerify = false
 	in, decided, v := b.pinInputs()
 	if decided {
+		b.pinVerify = false
 		return v
 	}
-	return in.scan(b)
+	// Read before the layout is written: a flow let in after the dump
+	// passed its bucket is missed; "none" is read again after it.
+	v = in.scan(b)
+	b.pinVerify = !v
+	return v
 }
 
 // pinCheck is what pinFlowsUnlabelled's dump needs, read under b.mu

@@ -182,15 +182,17 @@ func (b *Backend) translatesUnlabelled() bool {
 func (b *Backend) dnatFlowsUnlabelled() bool {
 	if p := b.preReads; p != nil && p.hasNAT {
 		// As pinFlowsUnlabelled.
-		b.natVerify = p.prepared && !p.nat
+		b.natVerify = !p.nat && !p.natDecided
 		return p.nat
 	}
-	b.natVerify = false
 	in, decided, v := b.dnatInputs()
 	if decided {
+		b.natVerify = false
 		return v
 	}
-	return in.scan(b)
+	v = in.scan(b)
+	b.natVerify = !v
+	return v
 }
 
 // dnatCheck is what dnatFlowsUnlabelled's dump needs, read under b.mu
