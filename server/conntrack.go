@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -15,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/pcpd/pcpd/internal/ctnl"
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/store"
 )
@@ -930,6 +932,12 @@ func routeHandle(ns netns.NsHandle) (*netlink.Handle, error) {
 // walkConntrackGeneric is the walk for kernels without CTA_FILTER: one
 // dump of the whole table per address family that has filters. It
 // returns the filters of the families whose walk failed.
+// ctGenericDelete is the generic walk's dump and deletes
+// (netlink.Handle.ConntrackDeleteFilters: each matching flow deleted with
+// the dump's own attributes, CTA_ID included, so the kernel refuses to
+// delete a newer entry of the same tuple, ENOENT); a variable for tests.
+var ctGenericDelete = (*netlink.Handle).ConntrackDeleteFilters
+
 func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits, live bool) ([]ctFilter, error) {
 	var h *netlink.Handle
 	var err error
@@ -969,7 +977,14 @@ func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits, live bool)
 		if len(filters) == 0 {
 			continue
 		}
-		k, err := h.ConntrackDeleteFilters(netlink.ConntrackTable, fam, filters...)
+		buckets := ctHashSize()
+		k, err := ctGenericDelete(h, netlink.ConntrackTable, fam, filters...)
+		if err == nil && ctHashSize() != buckets {
+			// The hash table was resized during the dump, which may have
+			// skipped flows (as the kernel-filtered walk's check,
+			// h/left9): walked again (h/left10).
+			err = fmt.Errorf("server: conntrack dump (generic): %w", ctnl.ErrResized)
+		}
 		if err != nil {
 			s.log.Debug("conntrack flush", zap.Error(err))
 			for _, f := range fs {

@@ -1,15 +1,20 @@
 package server
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"runtime"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
+	mdnl "github.com/mdlayher/netlink"
+	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
@@ -187,5 +192,193 @@ func TestE2EStartWalkDropsNATPrior(t *testing.T) {
 		n, held, left, float64(h0)/1e6, float64(h1)/1e6, float64(h2)/1e6, (float64(h1)-float64(h2))/float64(n))
 	if left > 0 {
 		t.Errorf("natPrior holds %d entries after the start's walk ended their flows", left)
+	}
+}
+
+// genericWalk makes s's walks generic (the kernel "refuses" CTA_FILTER
+// with EINVAL, as before Linux 5.8: the existing fallback switch).
+func genericWalk(s *Server) {
+	s.ctDumpFault = func([]mdnl.Message, error) ([]mdnl.Message, error) {
+		return nil, &mdnl.OpError{Op: "receive", Err: unix.EINVAL}
+	}
+}
+
+// TestE2EGenericWalkResizedRetried (root, lab; issue 9, review h/revctnl
+// and h/left9's left item): the generic walk (kernels before 5.8: one
+// dump of the family's whole table, netlink's ConntrackDeleteFilters) had
+// no check for a resize of conntrack's hash table during its dump, which
+// may skip entries (the kernel-filtered walk and ctnl.Scan have one since
+// h/left9): a walk that missed the flow of an ended mapping counted as
+// done, and the flow lived on. Now a size change across the dump fails
+// the walk, and its filters are walked again. The resize is what the walk
+// reads as the size (ctHashSize) changing during its first dump, which
+// deletes nothing (the flow missed); the NAT-PMP mapping, its flow and
+// the delete are real, the walk is forced generic through the fallback
+// switch (the dump refused with EINVAL). Fails without the check: "flow
+// still tracked" ctFlushBound after the delete.
+func TestE2EGenericWalkResizedRetried(t *testing.T) {
+	var mu sync.Mutex
+	dumps, size := 0, 262144
+	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+	l.stop()
+	defer func(f func() string) { ctHashSize = f }(ctHashSize)
+	ctHashSize = func() string {
+		mu.Lock()
+		defer mu.Unlock()
+		return strconv.Itoa(size)
+	}
+	defer func(f func(*netlink.Handle, netlink.ConntrackTableType, netlink.InetFamily, ...netlink.CustomConntrackFilter) (uint, error)) {
+		ctGenericDelete = f
+	}(ctGenericDelete)
+	ctGenericDelete = func(h *netlink.Handle, tab netlink.ConntrackTableType, fam netlink.InetFamily, fs ...netlink.CustomConntrackFilter) (uint, error) {
+		mu.Lock()
+		dumps++
+		first := dumps == 1
+		if first {
+			size *= 2 // resized during the dump, which missed the flow
+		}
+		mu.Unlock()
+		if first {
+			return 0, nil
+		}
+		return h.ConntrackDeleteFilters(tab, fam, fs...)
+	}
+	l.tweak = genericWalk
+	l.start()
+	const port = 9911
+	_, src, dst := l.inbound(t, "pmp", port, time.Hour)
+	l.pmpMap(t, port, 0, 0)
+	d := l.waitFlowGone(t, src, dst)
+	mu.Lock()
+	n := dumps
+	mu.Unlock()
+	t.Logf("flow gone %v after the delete's reply, %d generic dumps", d, n)
+	if f := counterValue(t, l.srv.m.ctFailures); f < 1 {
+		t.Errorf("pcpd_conntrack_flush_failures_total %v, want ≥ 1", f)
+	}
+}
+
+// TestE2EGenericWalkDeletesRemadeFlow (root, lab; review h/revctnl's left
+// item "the generic walk deletes by original tuple"; a known gap, run
+// with PCPD_KNOWN_GAPS=1). netlink's ConntrackDeleteFilters sends each
+// matching entry's delete with the attributes the dump gave it: the
+// kernel looks the entry up by its original tuple and checks CTA_ID, but
+// the id hashes the original tuple and the entry's address, which a new
+// entry of the same original tuple made right after the old one ended
+// takes again (TestCtDeleteSparesRemadeFlow's first row for the
+// kernel-filtered walk, which deletes by reply tuple and id since review
+// h/revctnl). Here the entry is replaced, between the generic walk's dump
+// and its delete (when its filter matched), by a flow of the same original
+// tuple delivered elsewhere (DNAT-ed to another port): a flow the walk
+// never judged. Fails today (h/left10): "the new entry ... was deleted".
+func TestE2EGenericWalkDeletesRemadeFlow(t *testing.T) {
+	if os.Getenv("PCPD_KNOWN_GAPS") == "" {
+		t.Skip("known gap (the generic walk deletes by original tuple): PCPD_KNOWN_GAPS=1 runs it")
+	}
+	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+	l.stop()
+	const port = 9913
+	var mu sync.Mutex
+	var src, dst netip.AddrPort
+	replaced := false
+	defer func(f func(*netlink.Handle, netlink.ConntrackTableType, netlink.InetFamily, ...netlink.CustomConntrackFilter) (uint, error)) {
+		ctGenericDelete = f
+	}(ctGenericDelete)
+	ctGenericDelete = func(h *netlink.Handle, tab netlink.ConntrackTableType, fam netlink.InetFamily, fs ...netlink.CustomConntrackFilter) (uint, error) {
+		for i, f := range fs {
+			fs[i] = replaceOnMatch{nf: f, fn: func(fl *netlink.ConntrackFlow) {
+				mu.Lock()
+				defer mu.Unlock()
+				s, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
+				d, _ := netip.AddrFromSlice(fl.Forward.DstIP)
+				if replaced || netip.AddrPortFrom(s.Unmap(), fl.Forward.SrcPort) != src || netip.AddrPortFrom(d.Unmap(), fl.Forward.DstPort) != dst {
+					return
+				}
+				replaced = true
+				if _, err := h.ConntrackDeleteFilters(tab, fam, tupleFilter{src: src, dst: dst}); err != nil {
+					t.Errorf("deleting the old entry: %v", err)
+				}
+				if err := createCt(l, netlab.ConntrackEntry{Proto: protoTCP, Src: src, Dst: dst,
+					DNAT: netip.AddrPortFrom(l.topo.ClientV4, port+1), Status: 2 | 4}); err != nil {
+					t.Errorf("making the new entry: %v", err)
+				}
+			}}
+		}
+		return h.ConntrackDeleteFilters(tab, fam, fs...)
+	}
+	l.tweak = genericWalk
+	l.start()
+	_, s0, d0 := l.inbound(t, "pmp", port, time.Hour)
+	mu.Lock()
+	src, dst = s0, d0
+	mu.Unlock()
+	l.pmpMap(t, port, 0, 0)
+	seq := l.srv.ct.seq()
+	if err := netlab.Eventually(ctFlushBound, func() error {
+		if c := l.srv.ct.cleanSeq(); c < seq {
+			return fmt.Errorf("walk not done (%d < %d)", c, seq)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	done := replaced
+	mu.Unlock()
+	if !done {
+		t.Fatal("the walk's filter never matched the flow: nothing to test")
+	}
+	if l.ctFlow(t, src, dst) == nil {
+		t.Error("the new entry of the same original tuple, delivered elsewhere, made between the generic walk's dump and its delete, was deleted")
+	}
+}
+
+// replaceOnMatch is nf, calling fn on each flow nf matches, before the
+// walk deletes it.
+type replaceOnMatch struct {
+	nf netlink.CustomConntrackFilter
+	fn func(*netlink.ConntrackFlow)
+}
+
+func (r replaceOnMatch) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
+	if !r.nf.MatchConntrackFlow(f) {
+		return false
+	}
+	r.fn(f)
+	return true
+}
+
+// tupleFilter matches the TCP flow from src to dst (original tuple).
+type tupleFilter struct{ src, dst netip.AddrPort }
+
+func (f tupleFilter) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
+	s, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
+	d, _ := netip.AddrFromSlice(fl.Forward.DstIP)
+	return fl.Forward.Protocol == protoTCP && netip.AddrPortFrom(s.Unmap(), fl.Forward.SrcPort) == f.src && netip.AddrPortFrom(d.Unmap(), fl.Forward.DstPort) == f.dst
+}
+
+// createCt makes e in the lab's Host conntrack table over ctnetlink, off
+// the test's goroutine (netlab.FillConntrack's failures recorded).
+func createCt(l *lab, e netlab.ConntrackEntry) error {
+	tb := &errTB{TB: l.t}
+	netlab.FillConntrack(tb, l.topo.Host, 1, func(int) netlab.ConntrackEntry { return e })
+	return tb.err
+}
+
+// errTB records a Fatal instead of ending the goroutine.
+type errTB struct {
+	testing.TB
+	err error
+}
+
+func (e *errTB) Helper() {}
+func (e *errTB) Fatal(args ...any) {
+	if e.err == nil {
+		e.err = errors.New(fmt.Sprint(args...))
+	}
+}
+func (e *errTB) Fatalf(f string, args ...any) {
+	if e.err == nil {
+		e.err = fmt.Errorf(f, args...)
 	}
 }
