@@ -447,7 +447,11 @@ func (s *Server) servePeer(c *call, req *pcp.Request, resp *pcp.Response, o *out
 		if grant > rem {
 			next.Expires = now.Add(grant)
 		}
-		if !leaseEqual(&next, ex) && !s.absorb(c.t, ex, &next, next.Expires.Sub(now)) {
+		// While a re-install of every lease is owed the kernel may lack
+		// its element: even an unchanged PEER is written (tx.diff
+		// refreshes its elements then), so that SUCCESS means it is
+		// there (review h/revleft10).
+		if (!leaseEqual(&next, ex) || s.reinstallOwed) && !s.absorb(c.t, ex, &next, next.Expires.Sub(now)) {
 			c.t.set(key, &next, true)
 		}
 		resp.Lifetime = next.Expires.Sub(now).Truncate(time.Second)

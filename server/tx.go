@@ -340,7 +340,13 @@ func (t *tx) diff(key store.Key, prev, next *store.Lease) {
 			if slices.Contains(old, p) {
 				before = later(at, prev)
 			}
-			if !after.Equal(before) {
+			// While a re-install of every lease is owed (a repair's
+			// failed: the damage may have taken the element), an
+			// element kept is written too: the request's SUCCESS
+			// then means it is in the kernel, whatever another
+			// lease holding it for longer left to do (review
+			// h/revleft10, TestE2ERenewalUnchangedDuringReinstallBackoff).
+			if !after.Equal(before) || t.s.reinstallOwed {
 				t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: left(after)})
 				t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: left(before)})
 			}
