@@ -1010,6 +1010,12 @@ func (s *Server) reportCtWalk(attempt, left int, err error) {
 	switch {
 	case attempt == 0:
 		s.log.Info("conntrack flush succeeded after failed walks")
+		if s.priorDropAt.Load() != 0 {
+			// The start's walk released its waiter unclean (held
+			// attempts over): its natPrior records go now if this
+			// walk covered it (dropWalkedPriors; review h/revleft10).
+			go s.dropWalkedPriors()
+		}
 	case attempt == 1:
 		s.m.ctFailures.Inc()
 		s.log.Warn("conntrack flush failed; the connections of ended mappings may last until it succeeds, retrying",

@@ -523,6 +523,10 @@ func (r *restoring) notePriors() {
 		// doubling or housekeeping prune (at 1 000 000 IPv6 redirects
 		// ended, ≈ 100 MB held meanwhile). From the flusher, which
 		// may call at once (under s.mu here): in a goroutine.
+		// A waiter is called after ctHoldAttempts failed walks too (not
+		// clean: nothing dropped): the success ending the run drops
+		// them then (priorDropAt, reportCtWalk; review h/revleft10).
+		s.priorDropAt.Store(seq)
 		s.ct.after(seq, func() { go s.dropWalkedPriors() })
 	}
 }

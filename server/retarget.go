@@ -116,6 +116,9 @@ func (s *Server) dropWalkedPriors() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	clean := s.ct.cleanSeq()
+	if at := s.priorDropAt.Load(); at != 0 && at <= clean {
+		s.priorDropAt.CompareAndSwap(at, 0) // the start's walk is clean: owed no more
+	}
 	done := func(e natPrior) bool { return e.seq != 0 && e.seq <= clean }
 	keep := 0
 	for _, e := range s.natPrior {

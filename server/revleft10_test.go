@@ -1,12 +1,19 @@
 package server
 
 import (
+	"errors"
+	"fmt"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
 )
 
 // TestE2ERenewalUnchangedDuringReinstallBackoff (root, namespaces; review
@@ -106,5 +113,102 @@ func TestE2ERenewalUnchangedDuringReinstallBackoff(t *testing.T) {
 			}
 			f.set(0, 0)
 		})
+	}
+}
+
+// TestE2EStartWalkRetriedDropsNATPrior (root, lab; review h/revleft10,
+// finding 2): h/left10 drops the NAT mappings a start ended from natPrior
+// once the start's walk is done (dropWalkedPriors, a waiter on the
+// flusher). The waiter is called when the flusher releases the walk's
+// waiters, which it does after ctHoldAttempts failed walks too: then the
+// drop found the walk not clean and dropped nothing, and nothing called
+// it again once a retry succeeded: the records stayed (≈ 127 B each) until
+// the next doubling or housekeeping prune, the h/left10 row's 100+ MB at
+// 1 000 000 redirects, exactly when conntrack is under pressure. The walk's
+// failures are injected (every walk fails until let go); the leases,
+// start, flusher and conntrack are real. Now the success that ends a run
+// of failed walks drops them. Fails without: "natPrior holds N entries
+// after the start's walk succeeded".
+func TestE2EStartWalkRetriedDropsNATPrior(t *testing.T) {
+	const n = 50
+	l := newLab(t)
+	l.stop()
+	st, _, err := store.Open(l.dir, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	base := l.topo.ClientV6.As16()
+	var put []store.Lease
+	for i := range n {
+		a := base
+		a[14] = 0x78
+		addr := netip.AddrFrom16(a)
+		port := uint16(2000 + i)
+		put = append(put, store.Lease{
+			Key:          store.Key{Owner: "ended", InternalAddr: addr, InternalPort: port, Protocol: protoTCP},
+			ExternalAddr: addr, ExternalPort: port + 10000, Kind: store.KindMap,
+			Created: now.Add(-2 * time.Hour), Expires: now.Add(-time.Minute),
+		})
+	}
+	if err := st.Commit(put, nil); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	var failing atomic.Bool
+	failing.Store(true)
+	l.tweak = func(s *Server) {
+		walk := s.ct.walk
+		s.ct.walk = func(fs []ctFilter) ([]ctFilter, error) {
+			if failing.Load() {
+				return fs, errors.New("injected: conntrack dump interrupted")
+			}
+			return walk(fs)
+		}
+	}
+	l.start()
+	priors := func() int {
+		l.srv.mu.Lock()
+		defer l.srv.mu.Unlock()
+		return len(l.srv.natPrior)
+	}
+	seq := l.srv.ct.seq()
+	if held := priors(); held < n || seq == 0 {
+		t.Fatalf("after the start: %d recorded, walk seq %d: nothing to test", held, seq)
+	}
+	if err := netlab.Eventually(time.Minute, func() error {
+		l.srv.ct.mu.Lock()
+		done := l.srv.ct.done
+		l.srv.ct.mu.Unlock()
+		if done < seq {
+			return fmt.Errorf("the start walk's waiters not released (done %d < %d)", done, seq)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // the drop's goroutine
+	if held := priors(); held < n {
+		t.Fatalf("%d recorded after failed walks, want ≥ %d (the walk did not end their flows)", held, n)
+	}
+	failing.Store(false)
+	if err := netlab.Eventually(time.Minute, func() error {
+		if c := l.srv.ct.cleanSeq(); c < seq {
+			return fmt.Errorf("the start's walk not clean (clean %d < %d)", c, seq)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	left := 0
+	_ = netlab.Eventually(5*time.Second, func() error {
+		if left = priors(); left > 0 {
+			return fmt.Errorf("%d left", left)
+		}
+		return nil
+	})
+	t.Logf("natPrior after the start's walk succeeded on a retry: %d of %d", left, n)
+	if left > 0 {
+		t.Errorf("natPrior holds %d entries after the start's walk succeeded", left)
 	}
 }

@@ -166,6 +166,12 @@ type Server struct {
 	// natPriorPrune: natPrior's size at which notePrior next drops the
 	// entries whose flush's walk ended their flows.
 	natPriorPrune int
+	// priorDropAt: the start's walk (its flusher seq) whose natPrior
+	// records dropWalkedPriors still owes a drop (0: none): its waiter
+	// may be called after failed walks (ctHoldAttempts), then the
+	// success that ends the run drops them (reportCtWalk; review
+	// h/revleft10).
+	priorDropAt atomic.Uint64
 	// natPriorGen numbers notePrior's records (natPrior.gen);
 	// natPriorTick is natPriorGen at the last pruneNATPrior check, and
 	// natPriorDumpAt natPrior's size at which it next dumps conntrack.
