@@ -279,15 +279,7 @@ func (b *Backend) markVerified(pin, nat bool) {
 		if !(pin && cr.name == b.chainRecheck6 || nat && cr.name == b.chainRecheckNAT) {
 			continue
 		}
-		c := &nftables.Chain{Table: b.table, Name: cr.name}
-		b.conn.FlushChain(c)
-		for i, exprs := range cr.rules {
-			r := &nftables.Rule{Table: b.table, Chain: c, Exprs: exprs}
-			if i == len(cr.rules)-1 {
-				r.UserData = b.checkedMark(cr.name)
-			}
-			b.conn.AddRule(r)
-		}
+		b.queueRewrite(&nftables.Chain{Table: b.table, Name: cr.name}, cr, true)
 		n++
 	}
 	if n == 0 {
@@ -418,18 +410,10 @@ func (b *Backend) Arm() (err error) {
 		if cr.name != b.chainRecheck6 && cr.name != b.chainRecheckNAT {
 			continue
 		}
-		c := &nftables.Chain{Table: b.table, Name: cr.name}
-		b.conn.FlushChain(c)
-		for i, exprs := range cr.rules {
-			r := &nftables.Rule{Table: b.table, Chain: c, Exprs: exprs}
-			if i == len(cr.rules)-1 && !b.recheckFlows {
-				// As Setup writes it; not over damage a Healthy found
-				// since (flows may have come in unlabelled meanwhile):
-				// a later start then reads conntrack again.
-				r.UserData = b.checkedMark(cr.name)
-			}
-			b.conn.AddRule(r)
-		}
+		// Marked as Setup writes it; not over damage a Healthy found
+		// since (flows may have come in unlabelled meanwhile): a later
+		// start then reads conntrack again.
+		b.queueRewrite(&nftables.Chain{Table: b.table, Name: cr.name}, cr, !b.recheckFlows)
 	}
 	if err := b.flush(); err != nil {
 		b.disarmed = true

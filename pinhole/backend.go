@@ -532,15 +532,7 @@ func (b *Backend) setupLocked() (err error) {
 		b.conn.AddChain(c)
 	}
 	for _, cr := range b.layout() {
-		c := chains[cr.name]
-		b.conn.FlushChain(c)
-		for i, exprs := range cr.rules {
-			r := &nftables.Rule{Table: b.table, Chain: c, Exprs: exprs}
-			if i == len(cr.rules)-1 {
-				r.UserData = b.checkedMark(cr.name)
-			}
-			b.conn.AddRule(r)
-		}
+		b.queueRewrite(chains[cr.name], cr, true)
 	}
 	if testHookSetupLayout != nil {
 		testHookSetupLayout()

@@ -124,6 +124,21 @@ type chainRules struct {
 	rules [][]expr.Any
 }
 
+// queueRewrite queues c's flush and cr's rules into c, the last one with
+// cr's checked mark (checkedMark) when marked: Setup's layout, Arm and
+// markVerified write a chain the same way, so a later start reads the
+// same marks whichever of them wrote it. Caller holds b.mu and flushes.
+func (b *Backend) queueRewrite(c *nftables.Chain, cr chainRules, marked bool) {
+	b.conn.FlushChain(c)
+	for i, exprs := range cr.rules {
+		r := &nftables.Rule{Table: b.table, Chain: c, Exprs: exprs}
+		if marked && i == len(cr.rules)-1 {
+			r.UserData = b.checkedMark(cr.name)
+		}
+		b.conn.AddRule(r)
+	}
+}
+
 // layout returns the rules of pcpd's chains: the entry chain (standalone:
 // the forward base chain; attached: the chain the admin jumps to), the two
 // guards, the DNAT prerouting and SNAT postrouting chains and, standalone,
