@@ -77,18 +77,7 @@ func TestE2ERenewalDuringReinstallBackoff(t *testing.T) {
 			if counterValue(t, l.srv.m.absorbed) != a0+1 {
 				t.Fatal("an early renewal of a healthy lease was not absorbed: nothing to test")
 			}
-			l.topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
-			f.set(1, 0) // the repair's re-install fails
-			l.srv.checkFirewall()
-			l.srv.mu.Lock()
-			owed := l.srv.reinstallOwed
-			l.srv.mu.Unlock()
-			if !owed {
-				t.Fatal("no re-install owed after the failed repair: nothing to test")
-			}
-			if _, ok := l.kernelHas(svc); ok {
-				t.Fatal("the element is there after the failed re-install: nothing to test")
-			}
+			failReinstallAfterFlush(t, l, f, "pin6", svc)
 			f.set(c.applyFail, 0)
 			a1 := counterValue(t, l.srv.m.absorbed)
 			r := renew()
@@ -380,5 +369,24 @@ func (e *errTB) Fatal(args ...any) {
 func (e *errTB) Fatalf(f string, args ...any) {
 	if e.err == nil {
 		e.err = fmt.Errorf(f, args...)
+	}
+}
+
+// failReinstallAfterFlush flushes pcpd's set by hand and has the repair's
+// re-install fail (f), so a re-install of every lease is owed and svc's
+// element is missing: the back-off the renewal tests start from.
+func failReinstallAfterFlush(t *testing.T, l *lab, f *rearmFault, set string, svc netip.AddrPort) {
+	t.Helper()
+	l.topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", set)
+	f.set(1, 0) // the repair's re-install fails
+	l.srv.checkFirewall()
+	l.srv.mu.Lock()
+	owed := l.srv.reinstallOwed
+	l.srv.mu.Unlock()
+	if !owed {
+		t.Fatal("no re-install owed after the failed repair: nothing to test")
+	}
+	if _, ok := l.kernelHas(svc); ok {
+		t.Fatal("the element is there after the failed re-install: nothing to test")
 	}
 }

@@ -84,18 +84,7 @@ func TestE2ERenewalUnchangedDuringReinstallBackoff(t *testing.T) {
 			if _, ok := l.kernelHas(svc); !ok {
 				t.Fatal("no element after the requests")
 			}
-			l.topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6_filter")
-			f.set(1, 0) // the repair's re-install fails
-			l.srv.checkFirewall()
-			l.srv.mu.Lock()
-			owed := l.srv.reinstallOwed
-			l.srv.mu.Unlock()
-			if !owed {
-				t.Fatal("no re-install owed after the failed repair: nothing to test")
-			}
-			if _, ok := l.kernelHas(svc); ok {
-				t.Fatal("the element is there after the failed re-install: nothing to test")
-			}
+			failReinstallAfterFlush(t, l, f, "pin6_filter", svc)
 			f.set(c.applyFail, 0)
 			var r pcp.Response
 			if c.shared {
