@@ -32,7 +32,10 @@ func TestE2EReloadRepairArmsCut(t *testing.T) {
 	}
 	flowsEcho(t, c6, c4, " after the repair")
 	// pcpd stopped, the admin's reload, pcpd started: the restore arms
-	// the cut once the stored leases are back.
+	// the cut once the stored leases are back. The flows quiet first
+	// (waitQuiet: a segment, such as the echo's delayed ACK, reaching the
+	// host between the flush and the start is reset by its stack).
+	l.waitQuiet(t, c6, c4)
 	l.stop()
 	l.topo.Host.MustRun(t, "nft", "flush", "ruleset")
 	l.start()
@@ -119,6 +122,7 @@ func TestE2EReloadDuringRestoreKeepsLeases(t *testing.T) {
 	const port = 9980
 	c6, _, _ := l.inbound(t, "map6", port, time.Hour)
 	c4, _, _ := l.inbound(t, "pmp", port+1, time.Hour)
+	l.waitQuiet(t, c6, c4) // the hook's flush comes next
 	hook := &applyHook{Backend: l.fw, once: func() { l.topo.Host.MustRun(t, "nft", "flush", "ruleset") }}
 	l.restartWith(func(s *Server) { s.fw = hook })
 	if n := len(l.srv.Leases()); n != 2 {
