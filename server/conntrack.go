@@ -930,35 +930,29 @@ func routeHandle(ns netns.NsHandle) (*netlink.Handle, error) {
 }
 
 // walkConntrackGeneric is the walk for kernels without CTA_FILTER: one
-// dump of the whole table per address family that has filters. It
-// returns the filters of the families whose walk failed.
-// ctGenericDelete is the generic walk's dump and deletes
-// (netlink.Handle.ConntrackDeleteFilters: each matching flow deleted with
-// the dump's own attributes, CTA_ID included, so the kernel refuses to
-// delete a newer entry of the same tuple, ENOENT); a variable for tests.
-var ctGenericDelete = (*netlink.Handle).ConntrackDeleteFilters
-
+// dump of the whole table per address family that has filters, filtered
+// here, its deletes as the kernel-filtered walk's (ctDeleter.deleteMatching:
+// by reply tuple and CTA_ID, pipelined), on the walk's socket (ctSocket).
+// It returns the filters of the families whose walk failed.
 func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits, live bool) ([]ctFilter, error) {
-	var h *netlink.Handle
-	var err error
+	fd := 0
 	if nsSet(s.cfg.NetNS) {
-		h, err = netlink.NewHandleAt(s.cfg.NetNS)
-	} else {
-		h, err = netlink.NewHandle()
+		fd = int(s.cfg.NetNS)
 	}
+	c, err := s.ctSock.take(fd)
 	if err != nil {
 		s.log.Debug("conntrack flush", zap.Error(err))
 		return fs, err
 	}
-	defer h.Close()
+	d := &ctDeleter{c: c}
 	host := s.hostAddrs()
-	var n uint
+	n := 0
 	var left []ctFilter
 	var errs []error
-	for _, fam := range []netlink.InetFamily{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+	for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
 		var filters []netlink.CustomConntrackFilter
 		for _, f := range fs {
-			if f.v4 == (fam == netlink.FAMILY_V4) {
+			if f.v4 == (fam == unix.AF_INET) {
 				if nf := f.netlinkFilter(); nf != nil {
 					if !f.nat && len(host) > 0 {
 						nf = keepHost{nf: nf, host: host}
@@ -978,17 +972,17 @@ func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits, live bool)
 			continue
 		}
 		buckets := ctHashSize()
-		k, err := ctGenericDelete(h, netlink.ConntrackTable, fam, filters...)
-		if err == nil && ctHashSize() != buckets {
+		k, err := ctGenericDelete(d, fam, filters...)
+		if ctHashSize() != buckets {
 			// The hash table was resized during the dump, which may have
 			// skipped flows (as the kernel-filtered walk's check,
 			// h/left9): walked again (h/left10).
-			err = fmt.Errorf("server: conntrack dump (generic): %w", ctnl.ErrResized)
+			err = errors.Join(err, fmt.Errorf("server: conntrack dump (generic): %w", ctnl.ErrResized))
 		}
 		if err != nil {
 			s.log.Debug("conntrack flush", zap.Error(err))
 			for _, f := range fs {
-				if f.v4 == (fam == netlink.FAMILY_V4) {
+				if f.v4 == (fam == unix.AF_INET) {
 					left = append(left, f)
 				}
 			}
@@ -996,12 +990,20 @@ func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits, live bool)
 		}
 		n += k
 	}
+	// Kept for the next walk only if every exchange on it succeeded
+	// (ctSocket).
+	s.ctSock.put(c, len(errs) == 0 && !d.overflowed)
 	s.m.ctWalks.Inc()
 	if n > 0 {
-		s.log.Info("ended connections of removed mappings", zap.Uint("flows", n))
+		s.log.Info("ended connections of removed mappings", zap.Int("flows", n))
 	}
 	return left, errors.Join(errs...)
 }
+
+// ctGenericDelete is the generic walk's dump and deletes of a family
+// (ctDeleter.deleteMatching); a variable for tests. Before h/genwalk it
+// was netlink's Handle.ConntrackDeleteFilters.
+var ctGenericDelete = (*ctDeleter).deleteMatching
 
 // reportCtWalk logs and counts a failed walk (attempt ≥ 1: the first of
 // a run as a warning, the retries at debug level) and the success ending

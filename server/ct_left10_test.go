@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/pcpd/pcpd/internal/ctnl"
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
@@ -216,10 +217,8 @@ func TestE2EGenericWalkResizedRetried(t *testing.T) {
 		defer mu.Unlock()
 		return strconv.Itoa(size)
 	}
-	defer func(f func(*netlink.Handle, netlink.ConntrackTableType, netlink.InetFamily, ...netlink.CustomConntrackFilter) (uint, error)) {
-		ctGenericDelete = f
-	}(ctGenericDelete)
-	ctGenericDelete = func(h *netlink.Handle, tab netlink.ConntrackTableType, fam netlink.InetFamily, fs ...netlink.CustomConntrackFilter) (uint, error) {
+	defer func(f func(*ctDeleter, uint8, ...netlink.CustomConntrackFilter) (int, error)) { ctGenericDelete = f }(ctGenericDelete)
+	ctGenericDelete = func(d *ctDeleter, fam uint8, fs ...netlink.CustomConntrackFilter) (int, error) {
 		mu.Lock()
 		dumps++
 		first := dumps == 1
@@ -230,7 +229,7 @@ func TestE2EGenericWalkResizedRetried(t *testing.T) {
 		if first {
 			return 0, nil
 		}
-		return h.ConntrackDeleteFilters(tab, fam, fs...)
+		return d.deleteMatching(fam, fs...)
 	}
 	l.tweak = genericWalk
 	l.start()
@@ -248,32 +247,32 @@ func TestE2EGenericWalkResizedRetried(t *testing.T) {
 }
 
 // TestE2EGenericWalkDeletesRemadeFlow (root, lab; review h/revctnl's left
-// item "the generic walk deletes by original tuple"; a known gap, run
-// with PCPD_KNOWN_GAPS=1). netlink's ConntrackDeleteFilters sends each
-// matching entry's delete with the attributes the dump gave it: the
-// kernel looks the entry up by its original tuple and checks CTA_ID, but
-// the id hashes the original tuple and the entry's address, which a new
-// entry of the same original tuple made right after the old one ended
-// takes again (TestCtDeleteSparesRemadeFlow's first row for the
-// kernel-filtered walk, which deletes by reply tuple and id since review
-// h/revctnl). Here the entry is replaced, between the generic walk's dump
-// and its delete (when its filter matched), by a flow of the same original
-// tuple delivered elsewhere (DNAT-ed to another port): a flow the walk
-// never judged. Fails today (h/left10): "the new entry ... was deleted".
+// item "the generic walk deletes by original tuple", a known gap until
+// h/genwalk). netlink's ConntrackDeleteFilters, the generic walk's dump
+// and deletes before, sent each matching entry's delete with the
+// attributes the dump gave it: the kernel looks the entry up by its
+// original tuple and checks CTA_ID, but the id hashes the original tuple
+// and the entry's address, which a new entry of the same original tuple
+// made right after the old one ended takes again
+// (TestCtDeleteSparesRemadeFlow's first row for the kernel-filtered walk).
+// Here the entry is replaced, between the generic walk's dump and its
+// delete (when its filter matched), by a flow of the same original tuple
+// delivered elsewhere (DNAT-ed to another port): a flow the walk never
+// judged. The delete and the new entry are made on one CPU, so that the
+// new entry takes the freed one's address (the slab's per-CPU free list)
+// and its id: logged. Now the generic walk deletes by reply tuple and id
+// (ctDeleter.deleteMatching), and the new entry stays. Failed before
+// (netlink's delete by the dump's attributes): "the new entry ... was
+// deleted".
 func TestE2EGenericWalkDeletesRemadeFlow(t *testing.T) {
-	if os.Getenv("PCPD_KNOWN_GAPS") == "" {
-		t.Skip("known gap (the generic walk deletes by original tuple): PCPD_KNOWN_GAPS=1 runs it")
-	}
 	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
 	l.stop()
-	const port = 9913
 	var mu sync.Mutex
 	var src, dst netip.AddrPort
-	replaced := false
-	defer func(f func(*netlink.Handle, netlink.ConntrackTableType, netlink.InetFamily, ...netlink.CustomConntrackFilter) (uint, error)) {
-		ctGenericDelete = f
-	}(ctGenericDelete)
-	ctGenericDelete = func(h *netlink.Handle, tab netlink.ConntrackTableType, fam netlink.InetFamily, fs ...netlink.CustomConntrackFilter) (uint, error) {
+	var dnat uint16
+	replaced, sameID := false, false
+	defer func(f func(*ctDeleter, uint8, ...netlink.CustomConntrackFilter) (int, error)) { ctGenericDelete = f }(ctGenericDelete)
+	ctGenericDelete = func(d *ctDeleter, fam uint8, fs ...netlink.CustomConntrackFilter) (int, error) {
 		for i, f := range fs {
 			fs[i] = replaceOnMatch{nf: f, fn: func(fl *netlink.ConntrackFlow) {
 				mu.Lock()
@@ -284,42 +283,114 @@ func TestE2EGenericWalkDeletesRemadeFlow(t *testing.T) {
 					return
 				}
 				replaced = true
-				if _, err := h.ConntrackDeleteFilters(tab, fam, tupleFilter{src: src, dst: dst}); err != nil {
-					t.Errorf("deleting the old entry: %v", err)
-				}
-				if err := createCt(l, netlab.ConntrackEntry{Proto: protoTCP, Src: src, Dst: dst,
-					DNAT: netip.AddrPortFrom(l.topo.ClientV4, port+1), Status: 2 | 4}); err != nil {
-					t.Errorf("making the new entry: %v", err)
-				}
+				old := ctIDOf(t, l, src, dst)
+				onOneCPU(t, func() {
+					nh, err := netlink.NewHandleAt(l.cfg.NetNS, unix.NETLINK_NETFILTER)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					defer nh.Close()
+					if _, err := nh.ConntrackDeleteFilters(netlink.ConntrackTable, netlink.FAMILY_V4, tupleFilter{src: src, dst: dst}); err != nil {
+						t.Errorf("deleting the old entry: %v", err)
+					}
+					if err := createCt(l, netlab.ConntrackEntry{Proto: protoTCP, Src: src, Dst: dst,
+						DNAT: netip.AddrPortFrom(l.topo.ClientV4, dnat), Status: 2 | 4}); err != nil {
+						t.Errorf("making the new entry: %v", err)
+					}
+				})
+				sameID = old != "" && ctIDOf(t, l, src, dst) == old
 			}}
 		}
-		return h.ConntrackDeleteFilters(tab, fam, fs...)
+		return d.deleteMatching(fam, fs...)
 	}
 	l.tweak = genericWalk
 	l.start()
-	_, s0, d0 := l.inbound(t, "pmp", port, time.Hour)
-	mu.Lock()
-	src, dst = s0, d0
-	mu.Unlock()
-	l.pmpMap(t, port, 0, 0)
-	seq := l.srv.ct.seq()
-	if err := netlab.Eventually(ctFlushBound, func() error {
-		if c := l.srv.ct.cleanSeq(); c < seq {
-			return fmt.Errorf("walk not done (%d < %d)", c, seq)
+	// Rounds until the new entry took the old one's id (about every
+	// other round: the slab's per-CPU list holds the freed entry only
+	// if it is of the CPU's current slab), each asserted.
+	const rounds = 12
+	for r := range rounds {
+		port := uint16(9913 + 2*r)
+		_, s0, d0 := l.inbound(t, "pmp", port, time.Hour)
+		mu.Lock()
+		src, dst, dnat, replaced, sameID = s0, d0, port+1, false, false
+		mu.Unlock()
+		l.pmpMap(t, port, 0, 0)
+		seq := l.srv.ct.seq()
+		if err := netlab.Eventually(ctFlushBound, func() error {
+			if c := l.srv.ct.cleanSeq(); c < seq {
+				return fmt.Errorf("walk not done (%d < %d)", c, seq)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
 		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
+		mu.Lock()
+		done, same := replaced, sameID
+		mu.Unlock()
+		if !done {
+			t.Fatalf("round %d: the walk's filter never matched the flow: nothing to test", r)
+		}
+		t.Logf("round %d: the new entry took the old one's CTA_ID: %v", r, same)
+		if l.ctFlow(t, src, dst) == nil {
+			t.Fatalf("round %d: the new entry of the same original tuple, delivered elsewhere, made between the generic walk's dump and its delete, was deleted (same id %v)", r, same)
+		}
+		if same {
+			return
+		}
 	}
-	mu.Lock()
-	done := replaced
-	mu.Unlock()
-	if !done {
-		t.Fatal("the walk's filter never matched the flow: nothing to test")
+	t.Logf("in %d rounds the new entry never took the old one's id: the old walk would have spared it too", rounds)
+}
+
+// onOneCPU runs fn on a thread bound to one CPU (the first the test may
+// use): the kernel work of its netlink requests is done there.
+func onOneCPU(t *testing.T, fn func()) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var was, one unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &was); err != nil {
+		t.Logf("affinity: %v", err)
+		fn()
+		return
 	}
-	if l.ctFlow(t, src, dst) == nil {
-		t.Error("the new entry of the same original tuple, delivered elsewhere, made between the generic walk's dump and its delete, was deleted")
+	for c := range 1024 {
+		if was.IsSet(c) {
+			one.Set(c)
+			break
+		}
 	}
+	if err := unix.SchedSetaffinity(0, &one); err != nil {
+		t.Logf("affinity: %v", err)
+	}
+	defer unix.SchedSetaffinity(0, &was)
+	fn()
+}
+
+// ctIDOf is the CTA_ID payload (as a string) of the Host's IPv4 TCP
+// conntrack entry from src to dst; "" if none.
+func ctIDOf(t *testing.T, l *lab, src, dst netip.AddrPort) string {
+	d, err := dialConntrack(int(l.cfg.NetNS))
+	if err != nil {
+		t.Error(err)
+		return ""
+	}
+	defer d.close()
+	msgs, err := d.c.Execute(ctnl.Request(ctnl.MsgGet, mdnl.Request|mdnl.Dump, unix.AF_INET, nil))
+	if err != nil {
+		t.Error(err)
+		return ""
+	}
+	var fl netlink.ConntrackFlow
+	for _, m := range msgs {
+		if len(m.Data) < 4 {
+			continue
+		}
+		if _, _, _, id, ok := ctFlowOf(&fl, m.Data[0], m.Data[4:]); ok && (tupleFilter{src: src, dst: dst}).MatchConntrackFlow(&fl) {
+			return string(id)
+		}
+	}
+	return ""
 }
 
 // replaceOnMatch is nf, calling fn on each flow nf matches, before the
