@@ -242,6 +242,13 @@ type Flow struct {
 	Orig, Reply Tuple
 	Status      uint32
 	Labels      []byte
+	// Family is the entry's address family (nfgenmsg), Attrs its
+	// attributes undecoded (aliasing the read buffer: valid only during
+	// the callback), Interrupted whether its message was marked
+	// NLM_F_DUMP_INTR (the dump may be inconsistent).
+	Family      uint8
+	Attrs       []byte
+	Interrupted bool
 }
 
 // Labelled reports whether the flow's label bitmap has bit label.
@@ -341,6 +348,19 @@ func Scan(netns int, fam uint8, mask, val uint32, fn func(*Flow) bool) (found bo
 		all := fn
 		fn = func(f *Flow) bool { return f.Status&mask == val && all(f) }
 	}
+	return Dump(c, fam, attrs, fn)
+}
+
+// Dump sends on c a dump request of family fam (unix.AF_UNSPEC: both)
+// with attrs (a kernel-side filter, or none) and calls fn on each entry
+// with an original tuple until fn returns true; it reports whether fn
+// did. It holds one read's worth of the dump at a time (one 64 KiB
+// buffer, one Flow: what fn is given is valid during the call only);
+// what it reads with another sequence number (left on c by an earlier
+// exchange) is skipped. A dump left part way (fn wanted a flow, an error)
+// leaves the rest queued on c: only closing c ends it. Each read is
+// bounded by DumpTimeout; c's read deadline is cleared on return.
+func Dump(c *netlink.Conn, fam uint8, attrs []byte, fn func(*Flow) bool) (found bool, err error) {
 	sent, err := c.Send(Request(MsgGet, netlink.Request|netlink.Dump, fam, attrs))
 	if err != nil {
 		return false, fmt.Errorf("conntrack dump: %w", err)
@@ -349,6 +369,7 @@ func Scan(netns int, fam uint8, mask, val uint32, fn func(*Flow) bool) (found bo
 	if err != nil {
 		return false, err
 	}
+	defer c.SetReadDeadline(time.Time{})
 	// A dump's datagram holds at most 32 KiB (netlink_dump); the buffer
 	// is larger, so none is truncated.
 	buf := make([]byte, 64<<10)
@@ -387,7 +408,7 @@ func Messages(m []byte, seq uint32, f *Flow, fn func(*Flow) bool) (end, found bo
 		if l < unix.NLMSG_HDRLEN || l > len(m) {
 			return true, false, errors.New("conntrack dump: malformed message")
 		}
-		typ, mseq := binary.NativeEndian.Uint16(m[4:]), binary.NativeEndian.Uint32(m[8:])
+		typ, flags, mseq := binary.NativeEndian.Uint16(m[4:]), binary.NativeEndian.Uint16(m[6:]), binary.NativeEndian.Uint32(m[8:])
 		data := m[unix.NLMSG_HDRLEN:l]
 		m = m[min(nlAlign(l), len(m)):]
 		if mseq != seq {
@@ -411,7 +432,7 @@ func Messages(m []byte, seq uint32, f *Flow, fn func(*Flow) bool) (end, found bo
 		if len(data) < 4 {
 			continue
 		}
-		*f = Flow{}
+		*f = Flow{Family: data[0], Attrs: data[4:], Interrupted: flags&unix.NLM_F_DUMP_INTR != 0}
 		decodeFlow(f, data[4:])
 		if f.Orig.HasAddrs() && fn(f) {
 			return true, true, nil
