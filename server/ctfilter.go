@@ -47,9 +47,9 @@ type ctGroup struct {
 
 // ctDeleter ends flows by original (or reply) destination with
 // kernel-side filtering: a dump per group that returns only its flows,
-// then their deletes, pipelined (deleteAll). The generic walk (netlink.ConntrackDeleteFilters)
-// copied and parsed the whole conntrack table in user space for every
-// flush.
+// then their deletes, pipelined (deleteAll). The generic walk (kernels
+// without CTA_FILTER: deleteMatching) reads the whole conntrack table in
+// user space for every flush, and deletes the same way.
 type ctDeleter struct {
 	c *netlink.Conn
 	// admits spares the inbound flows live leases admit (nil: none),
