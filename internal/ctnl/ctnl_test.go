@@ -1,6 +1,7 @@
 package ctnl
 
 import (
+	"bytes"
 	"encoding/binary"
 	"net/netip"
 	"testing"
@@ -105,5 +106,42 @@ func TestMessagesDecodesFlow(t *testing.T) {
 	})
 	if !end || found || err != nil || n != 1 {
 		t.Errorf("end %v, found %v, err %v, %d flows; want the dump ended, 1 flow seen, none wanted", end, found, err, n)
+	}
+}
+
+// TestMessagesRawAndInterrupted (h/genwalk): a flow carries its family
+// and its attributes undecoded (what the generic walk deletes it by), and
+// whether its message was marked NLM_F_DUMP_INTR.
+func TestMessagesRawAndInterrupted(t *testing.T) {
+	orig := tuple(t, netip.MustParseAddrPort("[2001:db8::1]:40000"), netip.MustParseAddrPort("[2001:db8::2]:443"), 6, true)
+	ae := netlink.NewAttributeEncoder()
+	ae.Bytes(TupleOrig|netlink.Nested, orig)
+	attrs, err := ae.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := append([]byte{unix.AF_INET6, 0, 0, 0}, attrs...)
+	for _, intr := range []bool{false, true} {
+		flags := netlink.Multi
+		if intr {
+			flags |= netlink.DumpInterrupted
+		}
+		b, err := netlink.Message{Header: netlink.Header{Length: uint32(unix.NLMSG_HDRLEN + len(data)),
+			Type: netlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | MsgNew), Flags: flags, Sequence: 7}, Data: data}.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var f Flow
+		n := 0
+		Messages(b, 7, &f, func(f *Flow) bool {
+			n++
+			if f.Family != unix.AF_INET6 || !bytes.Equal(f.Attrs, attrs) || f.Interrupted != intr {
+				t.Errorf("family %d, attrs % x, interrupted %v; want %d, % x, %v", f.Family, f.Attrs, f.Interrupted, unix.AF_INET6, attrs, intr)
+			}
+			return false
+		})
+		if n != 1 {
+			t.Errorf("%d flows, want 1", n)
+		}
 	}
 }
