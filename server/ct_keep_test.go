@@ -104,6 +104,43 @@ func TestE2ECtWalkKeepsSocket(t *testing.T) {
 	}
 }
 
+// TestE2ECtGenericWalkKeepsSocket (root, namespaces; review
+// h/revgenwalk): on a kernel that refuses the dump's filter (EINVAL, the
+// dump refused as genericWalk does), every walk tries the kernel filter
+// on the kept socket, is refused, and walks generic: NAT-PMP deletes, each
+// ending a real inbound flow before its reply, still walk on one socket,
+// dialled once and open after the last walk. Failed before: the refused
+// walk closed the kept socket and the generic walk dialled another, 4
+// sockets dialled over 4 walks (and 4 closed: each close of a
+// NETLINK_NETFILTER socket waits out an RCU grace period under nf_tables'
+// commit mutex, BENCHMARKS.md item 41).
+func TestE2ECtGenericWalkKeepsSocket(t *testing.T) {
+	var dials ctDials
+	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+	l.restartWith(func(s *Server) {
+		genericWalk(s)
+		s.ctSock.dialed = dials.hook(t)
+	})
+	const walks = 4
+	for i := range walks {
+		port := uint16(9820 + i)
+		_, src, dst := l.inbound(t, "pmp", port, time.Hour)
+		l.pmpMap(t, port, 0, 0)
+		if f := l.ctFlow(t, src, dst); f != nil {
+			t.Errorf("walk %d: flow of the deleted mapping still tracked: %s", i+1, f)
+		}
+	}
+	if w := counterValue(t, l.srv.m.ctWalks); w < walks {
+		t.Fatalf("%v walks, want ≥ %d", w, walks)
+	}
+	if n := dials.n(); n != 1 {
+		t.Errorf("%d conntrack sockets dialled over %d generic walks, want 1", n, walks)
+	}
+	if open := dials.open(); len(open) != 1 {
+		t.Errorf("sockets still open after the walks: %v, want the one kept", open)
+	}
+}
+
 // TestE2ECtWalkRedialsAfterFault (root, namespaces): a walk on the kept
 // socket whose dump fails (faults injected where the dump's result comes
 // back, ctDumpFault) closes it; the retry dials a new one, ends the

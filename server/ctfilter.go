@@ -254,6 +254,11 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		msgs, err = d.fault(msgs, err)
 	}
 	if err != nil {
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP) {
+			// The kernel's answer to the dump request, its only one:
+			// nothing of this exchange is left queued on d.c.
+			return 0, fmt.Errorf("server: conntrack dump: %w: %w", errCtFilterRefused, err)
+		}
 		return 0, fmt.Errorf("server: conntrack dump: %w", err)
 	}
 	// A dump the kernel marks inconsistent (NLM_F_DUMP_INTR: the table
@@ -556,6 +561,11 @@ func cmpCtTarget(a, b ctFilter) int {
 // ctHashSize is conntrack's hash table size (ctnl.HashSize; a variable
 // for tests).
 var ctHashSize = ctnl.HashSize
+
+// errCtFilterRefused marks a kernel-filtered dump the kernel refused
+// (EINVAL, EOPNOTSUPP: it does not take the filter); the walk goes on
+// generic, on the same socket (walkCt).
+var errCtFilterRefused = errors.New("filter refused")
 
 var errCtDumpInterrupted = errors.New("server: conntrack dump interrupted (NLM_F_DUMP_INTR)")
 
