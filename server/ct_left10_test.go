@@ -340,7 +340,9 @@ func TestE2EGenericWalkDeletesRemadeFlow(t *testing.T) {
 			return
 		}
 	}
-	t.Logf("in %d rounds the new entry never took the old one's id: the old walk would have spared it too", rounds)
+	// Nothing tested: the old delete (by original tuple and id) spared
+	// these new entries too. Skipped, not passed (review h/revgenwalk).
+	t.Skipf("in %d rounds the new entry never took the old one's id: the old walk would have spared it too; nothing tested", rounds)
 }
 
 // onOneCPU runs fn on a thread bound to one CPU (the first the test may
