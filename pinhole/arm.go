@@ -51,8 +51,10 @@ func (b *Backend) checkDisarm() {
 		return
 	}
 	bits := b.cutBits()
-	if p := b.preReads; p != nil && p.hasLabelled && p.bits == bits {
-		b.disarmed = p.labelled // read before Setup took b.mu
+	if p := b.preReads; p != nil && p.hasLabelled && (p.bits == bits || p.prepared) {
+		// Read before Setup took b.mu; prepared: not read, disarmed
+		// whatever the bits (prepareReads, unreadLocked).
+		b.disarmed = p.labelled
 		return
 	}
 	b.disarmed = b.labelledFlows(bits)
@@ -117,26 +119,9 @@ type setupReads struct {
 // PrepareSetup's are not trusted so, review h/revleft9).
 func (b *Backend) prepareReads(prepared bool) *setupReads {
 	b.mu.Lock()
-	r := &setupReads{gen: b.gen, prepared: prepared}
-	if !b.disarmed && b.cutLaidOut() && !b.cutIntact() {
-		r.hasLabelled, r.bits = true, b.cutBits()
-	}
-	var pin pinCheck
-	var nat dnatCheck
-	var askPin, askNAT bool
-	// setupLocked's conditions, read only.
-	if b.cutLabels && !b.unlabelled && (!b.pinAsked || b.recheckFlows) && !b.admitsUnlabelled() &&
-		(b.recheckFlows || !b.markTrusted(b.chainRecheck6, flowsCheckedMark)) && b.existing() {
-		in, decided, v := b.pinInputs()
-		r.hasPin, r.pin, r.pinDecided, pin, askPin = true, v, decided, in, !decided
-	}
-	if b.natCutting() && !b.natUnlabelled && (!b.natAsked || b.recheckFlows) && !b.translatesUnlabelled() &&
-		(b.recheckFlows || !b.markTrusted(b.chainRecheckNAT, natCheckedMark)) && b.existing() {
-		in, decided, v := b.dnatInputs()
-		r.hasNAT, r.nat, r.natDecided, nat, askNAT = true, v, decided, in, !decided
-	}
+	r, pin, nat, askPin, askNAT := b.planReads(prepared)
 	b.mu.Unlock()
-	if !r.hasLabelled && !r.hasPin && !r.hasNAT {
+	if r == nil {
 		return nil
 	}
 	switch {
@@ -165,12 +150,62 @@ func (b *Backend) prepareReads(prepared bool) *setupReads {
 	return r
 }
 
+// planReads is prepareReads' short hold: what the next Setup would ask
+// and the inputs of the dumps it would make (askPin, askNAT: a dump
+// owed), nothing read yet (r nil: nothing asked). Caller holds b.mu.
+func (b *Backend) planReads(prepared bool) (r *setupReads, pin pinCheck, nat dnatCheck, askPin, askNAT bool) {
+	r = &setupReads{gen: b.gen, prepared: prepared}
+	if !b.disarmed && b.cutLaidOut() && !b.cutIntact() {
+		r.hasLabelled, r.bits = true, b.cutBits()
+	}
+	// setupLocked's conditions, read only.
+	if b.cutLabels && !b.unlabelled && (!b.pinAsked || b.recheckFlows) && !b.admitsUnlabelled() &&
+		(b.recheckFlows || !b.markTrusted(b.chainRecheck6, flowsCheckedMark)) && b.existing() {
+		in, decided, v := b.pinInputs()
+		r.hasPin, r.pin, r.pinDecided, pin, askPin = true, v, decided, in, !decided
+	}
+	if b.natCutting() && !b.natUnlabelled && (!b.natAsked || b.recheckFlows) && !b.translatesUnlabelled() &&
+		(b.recheckFlows || !b.markTrusted(b.chainRecheckNAT, natCheckedMark)) && b.existing() {
+		in, decided, v := b.dnatInputs()
+		r.hasNAT, r.nat, r.natDecided, nat, askNAT = true, v, decided, in, !decided
+	}
+	if !r.hasLabelled && !r.hasPin && !r.hasNAT {
+		return nil, pin, nat, false, false
+	}
+	return r, pin, nat, askPin, askNAT
+}
+
+// unreadLocked stands in for PrepareSetup's answers that a write of the
+// layout voided (b.gen moved between PrepareSetup and Setup: another
+// Setup, an Arm, a protected-set, served-set, owner-meter or route
+// write, as a WireGuard peer's change or an address's makes beside the
+// repair), or that asked less than Setup asks now (a Healthy between):
+// nothing is read. A cut that is not intact is laid out disarmed, as
+// PrepareSetup's Setup lays it out without reading (the caller arms
+// after its re-install), and the dumps for flows admitted or DNAT-ed
+// unlabelled are left to VerifySetup, as a "none" PrepareSetup read is
+// (CutsFlows false for the kind, the re-check chain unmarked, until
+// then). Before (h/repair1m), Setup read them again there, its caller's
+// lock held: the server's repair dumped the whole table (1 000 000
+// entries: 1.6-1.8 s) with the engine waiting, and, when the layout moved
+// again before b.mu, read all three under b.mu as well
+// (TestPreparedSetupVoidedReadsNothingLocked). Caller holds b.mu.
+func (b *Backend) unreadLocked() *setupReads {
+	r, _, _, _, _ := b.planReads(true)
+	if r != nil && r.hasLabelled {
+		r.labelled = true
+	}
+	return r
+}
+
 // PrepareSetup makes the next Setup's reads of conntrack now, without
 // the Backend's lock (prepareReads), for a caller that calls Setup under
 // a lock of its own: the server's repair holds its engine lock through
 // Setup and the re-install. Call it right before Setup: the answers are
-// kept for the next Setup only, and only if no Setup, Arm or
-// protected-set write ran in between; else Setup reads again. Its
+// kept for the next Setup only, and only if no write of the layout (a
+// Setup, Arm, protected-set, served-set, owner-meter or route write) ran
+// in between; else that Setup reads nothing (unreadLocked: disarmed over
+// a cut not intact, the unlabelled checks left to VerifySetup). Its
 // answers are older than the layout by the caller's wait (review
 // h/revleft9), so such a Setup lays a cut that is not intact out
 // disarmed without asking for labelled flows (call Arm once every

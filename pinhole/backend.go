@@ -340,8 +340,8 @@ func (b *Backend) allSets() []*nftables.Set {
 // removed pinhole's flows (CutsFlows is false; cutflows.go).
 func (b *Backend) Setup() error {
 	// The reads of conntrack outside b.mu (arm.go): PrepareSetup's, if
-	// still good, else now (as PrepareSetup's if it ran: its caller
-	// verifies).
+	// still good; if it ran and they are not, none (unreadLocked: its
+	// caller holds a lock of its own and verifies after); else now.
 	b.mu.Lock()
 	pre, prepared := b.preReads, b.prepared
 	b.preReads, b.prepared = nil, false
@@ -349,10 +349,10 @@ func (b *Backend) Setup() error {
 		pre = nil
 	}
 	b.mu.Unlock()
-	if pre == nil {
-		pre = b.prepareReads(prepared)
+	if pre == nil && !prepared {
+		pre = b.prepareReads(false)
 	}
-	err := b.setupWith(pre)
+	err := b.setupWith(pre, prepared)
 	if !prepared {
 		// A Setup on its own (a start): whether flows were let in
 		// unlabelled is read once the layout is written, without b.mu
@@ -372,13 +372,20 @@ func (b *Backend) Setup() error {
 	return err
 }
 
-// setupWith is Setup under b.mu, with the reads pre made before it.
-func (b *Backend) setupWith(pre *setupReads) error {
+// setupWith is Setup under b.mu, with the reads pre made before it;
+// prepared: by PrepareSetup, whose caller holds a lock of its own and
+// calls VerifySetup after it.
+func (b *Backend) setupWith(pre *setupReads, prepared bool) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.wrote = false
 	if pre != nil && pre.gen != b.gen {
 		pre = nil // read again under b.mu, as before
+	}
+	if pre == nil && prepared {
+		// PrepareSetup's answers voided, or none asked: nothing read
+		// under the caller's lock nor b.mu (unreadLocked).
+		pre = b.unreadLocked()
 	}
 	b.preReads = pre
 	defer func() { b.preReads = nil }()

@@ -122,7 +122,10 @@ type CutArmer interface {
 // it): PrepareSetup does the reads of the next Setup that need no lock
 // (conntrack, for labelled flows: pinhole/arm.go) now. The repair calls
 // it right before taking s.mu for Setup and the re-install, so the engine
-// does not wait for a dump of conntrack (h/left9).
+// does not wait for a dump of conntrack (h/left9); a write of the layout
+// between (SetProtected, SetServed, SetOwners, a route's change) voids
+// its answers, and that Setup reads nothing either (h/repair1m: before,
+// it read them again with s.mu held, 1.6-1.8 s at 1 000 000 entries).
 type SetupPreparer interface {
 	PrepareSetup()
 	// VerifySetup reads conntrack again, over the layout Setup wrote,
