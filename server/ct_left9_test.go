@@ -324,7 +324,7 @@ func TestE2ERetakeBeforeStartWalk(t *testing.T) {
 // initial namespace's nf_conntrack_max needs that raised for the run
 // (and restored).
 //
-// h/repair1m (BENCHMARKS.md item 54): h/left9's 60-694 ms at 1 000 000
+// h/repair1m (BENCHMARKS.md item 55): h/left9's 60-694 ms at 1 000 000
 // entries (26-87 ms at 100 000) did not come back, with its own code
 // (e132d7f: 6.5-13 ms) or main's: the hold is 7-45 ms at 1 000 000 as at
 // 100 000 (7-11 ms), also beside 3 busy loops, a netns churn or a
