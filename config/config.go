@@ -178,6 +178,9 @@ type Config struct {
 	// FirewallCheckInterval: how often the firewall's health is checked
 	// and tampering undone (server.Config.TamperInterval).
 	FirewallCheckInterval time.Duration
+	// FirewallWatch: follow the kernel's nftables notifications
+	// (server.Config.NoFirewallWatch false).
+	FirewallWatch bool
 
 	Metrics  string // host:port for Prometheus /metrics; "" = off
 	LogLevel zapcore.Level

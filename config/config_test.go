@@ -71,6 +71,7 @@ func TestDefaults(t *testing.T) {
 		TouchInterval:          time.Minute,
 		SnapshotInterval:       time.Hour,
 		FirewallCheckInterval:  5 * time.Second,
+		FirewallWatch:          true,
 		LogLevel:               zapcore.InfoLevel,
 		ThirdParty:             ThirdPartyOwned,
 	}
@@ -163,6 +164,7 @@ office = ["2001:db8:2::/48"]
 		TouchInterval:          30 * time.Second,
 		SnapshotInterval:       15 * time.Minute,
 		FirewallCheckInterval:  5 * time.Second,
+		FirewallWatch:          true,
 		WireGuardGoneGrace:     0, // "0" in the file: no grace
 		Metrics:                "127.0.0.1:9351",
 		LogLevel:               zapcore.DebugLevel,

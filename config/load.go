@@ -68,6 +68,8 @@ var settings = []setting{
 		usage: "how often the state's backup copy is written, a `DURATION` (also at every orderly stop); a damaged state file is restored from it, losing what changed since"},
 	{name: "firewall-check-interval", kind: kDuration, def: "5s",
 		usage: "how often pcpd checks that its nftables table, sets and chains are intact, a `DURATION`, restoring any deleted or flushed by hand (and their pinholes) at the check that finds it; the check dumps no set, so its cost does not grow with the pinholes"},
+	{name: "firewall-watch", kind: kBool, def: "true",
+		usage: "follow the kernel's nftables notifications, so that someone else's change to pcpd's table, sets, chains or rules is repaired at once and a pinhole of a live lease deleted by hand is put back at once (not at the next firewall check, the lease's renewal or the hourly audit); --firewall-watch=false leaves it to the periodic check"},
 	{name: "min-lifetime", kind: kDuration, def: "2m",
 		usage: "shortest lifetime granted, a `DURATION`; shorter requests are raised to it (RFC 6887 §15 suggests 2m)"},
 	{name: "max-lifetime", kind: kDuration, def: "24h",

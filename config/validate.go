@@ -326,6 +326,7 @@ func validate(vals map[string]*value) (*Config, Errors) {
 	c.TouchInterval, _ = parseDuration(vals["touch-interval"], fail)
 	c.SnapshotInterval, _ = parseDuration(vals["snapshot-interval"], fail)
 	c.FirewallCheckInterval, _ = parseDuration(vals["firewall-check-interval"], fail)
+	c.FirewallWatch = vals["firewall-watch"].b
 
 	// Metrics.
 	if mv := vals["metrics"]; mv.str != "" {

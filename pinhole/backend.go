@@ -113,6 +113,10 @@ type Backend struct {
 	// listMu.
 	listConn sideConn
 	listMu   sync.Mutex
+	// ports are the netlink port ids of the Backend's own sockets, the
+	// recent ones (watch.go): what they commit is not someone else's
+	// change.
+	ports ownPorts
 
 	table                  *nftables.Table
 	sets                   [numKinds]*nftables.Set
@@ -271,9 +275,11 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		return nil, err
 	}
 	b := &Backend{conn: conn, cfg: cfg, netns: conn.NetNS}
+	b.healthConn.note, b.listConn.note = b.ports.note, b.ports.note
 	if conn.TestDial == nil {
 		if c, nl, err := dialConn(b.netns); err == nil {
 			b.conn, b.ownConn, b.nl = c, true, nl
+			b.ports.note(nl)
 		}
 	}
 	b.table = &nftables.Table{Family: nftables.TableFamilyINet, Name: cfg.Table}
@@ -1217,6 +1223,9 @@ func (b *Backend) Close() {
 type sideConn struct {
 	c  *nftables.Conn
 	nl *netlink.Conn // c's socket, for checkSentinels' read deadline
+	// note, if set, is told of each socket dialled (ownPorts.note: the
+	// watcher leaves out what the Backend's own sockets commit).
+	note func(*netlink.Conn)
 }
 
 // get returns the kept connection, dialled into namespace netns (conn's)
@@ -1228,6 +1237,9 @@ func (s *sideConn) get(netns int) (*nftables.Conn, error) {
 			return nil, err
 		}
 		s.c, s.nl = c, nl
+		if s.note != nil {
+			s.note(nl)
+		}
 	}
 	return s.c, nil
 }
@@ -1383,6 +1395,7 @@ func (b *Backend) resetConn() {
 		return
 	}
 	b.conn, b.ownConn, b.nl = c, true, nl
+	b.ports.note(nl)
 }
 
 // replyBuffer is the receive buffer of the Backend's connections. The
@@ -1761,6 +1774,7 @@ func (b *Backend) Healthy() error {
 			if derr != nil {
 				return fmt.Errorf("pinhole: health check: %w", derr)
 			}
+			b.ports.note(nl)
 			raw := &rawRules{}
 			read, err = w.check(kview{conn: conn, table: &w.table, raw: raw, nl: nl})
 			raw.close()

@@ -296,3 +296,8 @@ type Entry struct {
 	Pinhole   Pinhole
 	Remaining time.Duration
 }
+
+// Canonical is p as Apply sends it and List returns it (IPv6 external
+// fields filled in, remote prefix masked), or an error when Apply would
+// refuse p.
+func (p Pinhole) Canonical() (Pinhole, error) { return p.normalize() }

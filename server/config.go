@@ -103,6 +103,12 @@ type Config struct {
 	// tampered table restored (default 5 s). The check dumps nothing: its
 	// cost does not grow with the number of pinholes.
 	TamperInterval time.Duration
+	// NoFirewallWatch turns off the firewall watch (fwwatch.go): by
+	// default the kernel's nftables notifications tell pcpd at once of
+	// someone else's change to its objects (repaired then, not at the
+	// next TamperInterval check) and of pinholes of live leases deleted
+	// by hand (put back then, not at the lease's renewal or the audit).
+	NoFirewallWatch bool
 	// AuditInterval is how often the kernel's pinholes are dumped and
 	// compared with the leases (orphans removed, missing ones re-added);
 	// also once after start. Default 1 hour. Skipped above 200 000 leases,

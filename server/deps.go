@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"net/netip"
 	"time"
 
@@ -135,6 +136,17 @@ type SetupPreparer interface {
 	// for the kind until then. True when CutsFlows became true. Called
 	// without s.mu.
 	VerifySetup() bool
+}
+
+// FirewallWatcher is an optional extra of a Firewall (*pinhole.Backend
+// has it): Watch reads the kernel's nftables notifications in the
+// firewall's namespace until ctx ends and calls fn, in order, with
+// someone else's changes to its objects (pinhole.WatchEvent): damage to
+// check and repair, pinholes whose elements were deleted, notifications
+// lost. The server runs it beside watchFirewall unless
+// Config.NoFirewallWatch (fwwatch.go).
+type FirewallWatcher interface {
+	Watch(ctx context.Context, fn func(pinhole.WatchEvent)) error
 }
 
 // LeaseStore is the durable lease store (*store.Store). Commit is one

@@ -18,6 +18,11 @@ type metrics struct {
 	storeErrors   prometheus.Counter
 	revocations   *prometheus.CounterVec // cause
 	restores      prometheus.Counter
+	// The firewall watch's (fwwatch.go): pinholes put back, checks run
+	// at once, and losses of its notifications.
+	watchRestored prometheus.Counter
+	watchChecks   prometheus.Counter
+	watchLost     prometheus.Counter
 	ctWalks       prometheus.Counter
 	ctFailures    prometheus.Counter
 	leases        prometheus.GaugeFunc
@@ -72,6 +77,15 @@ func newMetrics(leases func() float64) *metrics {
 		restores: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "pcpd_firewall_restores_total", Help: "Times the nftables objects were found damaged or incomplete and restored.",
 		}),
+		watchRestored: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pcpd_firewall_watch_restored_total", Help: "Pinholes of live leases someone else deleted from the kernel, put back as the kernel told of it (firewall watch).",
+		}),
+		watchChecks: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pcpd_firewall_watch_checks_total", Help: "Firewall checks run at once because the kernel told of someone else's change to pcpd's nftables objects, or of lost notifications.",
+		}),
+		watchLost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pcpd_firewall_watch_lost_total", Help: "Times the firewall watch's socket failed or the kernel dropped its notifications (ENOBUFS); each is a firewall check and an audit.",
+		}),
 		ctWalks: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "pcpd_conntrack_flushes_total", Help: "Walks of the conntrack table ending the connections of deleted, revoked or expired mappings (several mappings' flushes share one).",
 		}),
@@ -100,7 +114,7 @@ func newMetrics(leases func() float64) *metrics {
 
 func (m *metrics) collectors() []prometheus.Collector {
 	c := []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.latency, m.kernelSeconds, m.storeSeconds,
-		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.ctWalks, m.ctFailures, m.leases,
+		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.watchRestored, m.watchChecks, m.watchLost, m.ctWalks, m.ctFailures, m.leases,
 		m.absorbed, m.flushLeases, m.flushSeconds, m.clockSteps}
 	if m.kernelDrops != nil {
 		c = append(c, m.meterErrors, m.kernelDrops)

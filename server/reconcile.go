@@ -925,6 +925,9 @@ func (s *Server) repairLocked(herr error) {
 	// deletes wait for the walk; the next check re-installs and arms
 	// (armOwed).
 	s.armAfter(err == nil)
+	if err == nil {
+		s.watch.reinstalls.Add(1)
+	}
 	// The retakes whose walk a damaged layout skipped (retarget.go).
 	s.cutHeldRetargets()
 	if err != nil {
@@ -1022,6 +1025,9 @@ func (s *Server) rearmOwed() {
 		}
 		n, err := s.reinstallLocked(now)
 		s.armAfter(err == nil)
+		if err == nil {
+			s.watch.reinstalls.Add(1)
+		}
 		s.cutHeldRetargets()
 		if err != nil {
 			s.log.Error("cannot re-install pinholes; trying again at a later firewall check", zap.Int("pinholes", n),
@@ -1163,6 +1169,9 @@ const routeFollowGap = time.Second
 // its index reused by a device moved into the namespace passed the owner meter's reverse-path check unlooked
 // until then, up to TamperInterval (review of 2026-12-03).
 func (s *Server) watchFirewall(ctx context.Context) {
+	// The watch first: what it tells during the start's audit waits on
+	// its channel (fwwatch.go).
+	watched := s.startWatch(ctx)
 	s.auditFirewall(ctx)
 	tamper := time.NewTicker(s.cfg.TamperInterval)
 	defer tamper.Stop()
@@ -1184,6 +1193,8 @@ func (s *Server) watchFirewall(ctx context.Context) {
 			followed = time.Now()
 		case <-audit.C:
 			s.auditFirewall(ctx)
+		case <-watched:
+			s.watched(ctx)
 		case <-changes:
 			if follow == nil {
 				wait := routeFollowDelay

@@ -55,6 +55,9 @@ type Server struct {
 	// endpoints (pruneNATPrior).
 	natLister NATLister
 
+	// watch is the firewall watch's state (fwwatch.go).
+	watch fwWatch
+
 	mu        sync.Mutex
 	tab       *table
 	quar      map[endpoint]quarantine

@@ -234,6 +234,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		TouchInterval:    cfg.TouchInterval,
 		SnapshotInterval: cfg.SnapshotInterval,
 		TamperInterval:   cfg.FirewallCheckInterval,
+		NoFirewallWatch:  !cfg.FirewallWatch,
 		DisableMap:       cfg.DisableMap,
 		DisablePeer:      cfg.DisablePeer,
 		DisableNATPMP:    cfg.DisableNATPMP,

@@ -1,0 +1,29 @@
+package pinhole
+
+import (
+	"sync/atomic"
+
+	"github.com/mdlayher/netlink"
+)
+
+// WatchFailNext makes the watcher's next receive fail, as an overflow
+// (ENOBUFS) would, once.
+func WatchFailNext() (restore func()) {
+	old := receiveHook
+	var once atomic.Bool
+	receiveHook = func(c *netlink.Conn) ([]netlink.Message, error) {
+		if once.CompareAndSwap(false, true) {
+			return nil, errWatchForced
+		}
+		return old(c)
+	}
+	return func() { receiveHook = old }
+}
+
+// SetWatchBuffer sets the watcher's receive buffer for sockets opened
+// from now on.
+func SetWatchBuffer(n int) (restore func()) {
+	old := watchBuffer
+	watchBuffer = n
+	return func() { watchBuffer = old }
+}

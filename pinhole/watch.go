@@ -1,0 +1,620 @@
+package pinhole
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/net/bpf"
+	"golang.org/x/sys/unix"
+)
+
+// The watcher: the kernel's nftables notifications (NFNLGRP_NFTABLES) in
+// the Backend's namespace, so that someone else's change to pcpd's
+// objects is noticed when it is committed, not at the server's next
+// Healthy (issue 9). The kernel sends one message per object or element
+// a transaction adds or deletes, pcpd's own included (one per element of
+// every MAP), to every listener; a socket filter (watchFilter) drops in
+// the kernel what the Backend's own sockets committed (by the message's
+// nlmsg_pid, the committing socket's port id), what the kernel itself
+// sent (port id 0: no element the kernel's garbage collection removed is
+// ever told of here), the generation messages, and messages of one
+// element or set added; the rest is read and judged here (judge).
+
+// WatchEvent is one batch of what the watcher read: someone else's
+// changes to pcpd's objects.
+type WatchEvent struct {
+	// Damage, if not empty, says what of pcpd's layout someone deleted
+	// or changed (a table, chain, rule or set, a sentinel, an element of
+	// a set Healthy compares): Healthy would find it; check and repair.
+	Damage string
+	// Deleted are the pinholes whose elements (or SNAT companions)
+	// someone deleted from pcpd's sets, as List returns them.
+	Deleted []Pinhole
+	// By are the netlink port ids that committed them (for logs).
+	By []uint32
+	// Lost: the watcher's socket failed (ENOBUFS: the kernel dropped
+	// notifications it had no room for); anything may have been missed.
+	// The watcher has reopened its socket.
+	Lost error
+}
+
+// watchBuffer is the watcher's receive buffer. Only someone else's
+// changes reach it; a reload of a large ruleset by the admin is the
+// burst it must hold (≈ 100 bytes a rule).
+var watchBuffer = 4 << 20 // a variable for tests only: SetWatchBuffer
+
+// ownPorts are the port ids of the Backend's own netlink sockets, the
+// ownPortsKept latest: a socket closed may still have notifications
+// queued at the watcher, read after its close.
+type ownPorts struct {
+	mu   sync.Mutex
+	ring []uint32
+	next int
+	cur  atomic.Pointer[[]uint32]
+	// changed, if set, is told of a new list (the watcher's filter).
+	changed func([]uint32)
+}
+
+const ownPortsKept = 16
+
+// note records the port id of nl, a socket of the Backend's.
+func (o *ownPorts) note(nl *netlink.Conn) {
+	if nl == nil {
+		return
+	}
+	port, ok := portOf(nl)
+	if !ok {
+		return
+	}
+	o.mu.Lock()
+	if slices.Contains(o.ring, port) {
+		o.mu.Unlock()
+		return
+	}
+	if len(o.ring) < ownPortsKept {
+		o.ring = append(o.ring, port)
+	} else {
+		o.ring[o.next] = port
+		o.next = (o.next + 1) % ownPortsKept
+	}
+	list := slices.Clone(o.ring)
+	o.cur.Store(&list)
+	changed := o.changed
+	o.mu.Unlock()
+	if changed != nil {
+		changed(list)
+	}
+}
+
+// list is the port ids known.
+func (o *ownPorts) list() []uint32 {
+	if p := o.cur.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+func (o *ownPorts) has(port uint32) bool { return slices.Contains(o.list(), port) }
+
+// portOf is the port id the kernel bound nl to.
+func portOf(nl *netlink.Conn) (uint32, bool) {
+	rc, err := nl.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	var port uint32
+	var ok bool
+	_ = rc.Control(func(fd uintptr) {
+		sa, err := unix.Getsockname(int(fd))
+		if nsa, isNL := sa.(*unix.SockaddrNetlink); err == nil && isNL {
+			port, ok = nsa.Pid, true
+		}
+	})
+	return port, ok
+}
+
+// OwnPorts are the port ids of the Backend's own netlink sockets that
+// the watcher leaves out (tests).
+func (b *Backend) OwnPorts() []uint32 { return b.ports.list() }
+
+// watchOwnPorts: the filter leaves out the Backend's own ports (tests turn
+// it off to show what the server decides on its own).
+var watchOwnPorts atomic.Bool
+
+func init() { watchOwnPorts.Store(true) }
+
+// SetWatchOwnPorts sets whether the watcher leaves out what the Backend's
+// own sockets commit (default true), in the kernel's filter and when it
+// judges a message; and returns the old setting. Tests only: with false,
+// every element pcpd deletes reaches the server, which must then tell
+// its own deletes from someone else's by the leases alone.
+func SetWatchOwnPorts(on bool) bool { return watchOwnPorts.Swap(on) }
+
+// Message types and an attribute golang.org/x/sys/unix does not name
+// (linux/netfilter/nf_tables.h): the DESTROY commands (Linux 6.3) are
+// told as such.
+const (
+	nftMsgDestroyTable   = 26
+	nftMsgDestroyChain   = 27
+	nftMsgDestroyRule    = 28
+	nftMsgDestroySet     = 29
+	nftMsgDestroySetElem = 30
+	nftaSetElemKeyEnd    = 10
+)
+
+// Message offsets in a netlink message header (host byte order).
+const (
+	nlmsgLenOff  = 0
+	nlmsgTypeOff = 4 // low byte: the nftables message type
+	nlmsgSubsOff = 5 // high byte of the type: the nfnetlink subsystem
+	nlmsgPidOff  = 12
+)
+
+// watchFilter is the socket filter for ports (the Backend's own): it drops
+// a notification skb whose first message was sent by one of ports or by
+// the kernel (port 0), a NEWGEN, and a single-message skb that adds a set
+// element, a set, an object or a flowtable; it passes the rest. The
+// kernel gathers a transaction's notifications into skbs of up to a page
+// or two, all from one committer, so the port of the first message is
+// every message's; their types may differ (pcpd's delete is an add and a
+// delete of the element), so an skb of several messages is passed
+// whatever its first message's type. Classic BPF loads words in network
+// byte order: the port is compared byte-swapped, the type and length read
+// a byte at a time.
+func watchFilter(ports []uint32) ([]bpf.RawInstruction, error) {
+	const (
+		drop   = "drop"
+		pass   = "pass"
+		single = "single"
+	)
+	type ins struct {
+		i            bpf.Instruction
+		jtrue, jfals string // labels of a conditional jump
+	}
+	var prog []ins
+	add := func(i bpf.Instruction) { prog = append(prog, ins{i: i}) }
+	jeq := func(v uint32, to string) {
+		prog = append(prog, ins{i: bpf.JumpIf{Cond: bpf.JumpEqual, Val: v}, jtrue: to})
+	}
+	labels := map[string]int{}
+	label := func(name string) { labels[name] = len(prog) }
+
+	// Not nftables (nfnetlink subsystem): not ours to judge, passed.
+	add(bpf.LoadAbsolute{Off: nlmsgSubsOff, Size: 1})
+	prog = append(prog, ins{i: bpf.JumpIf{Cond: bpf.JumpEqual, Val: unix.NFNL_SUBSYS_NFTABLES}, jfals: pass})
+	add(bpf.LoadAbsolute{Off: nlmsgPidOff, Size: 4})
+	jeq(0, drop)
+	for _, p := range ports {
+		var b [4]byte
+		binary.NativeEndian.PutUint32(b[:], p)
+		jeq(binary.BigEndian.Uint32(b[:]), drop)
+	}
+	add(bpf.LoadAbsolute{Off: nlmsgTypeOff, Size: 1})
+	jeq(unix.NFT_MSG_NEWGEN, drop)
+	for _, t := range []uint32{unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_NEWSET, unix.NFT_MSG_NEWOBJ, unix.NFT_MSG_NEWFLOWTABLE} {
+		jeq(t, single)
+	}
+	add(bpf.RetConstant{Val: 0xffffffff})
+	label(single)
+	// The first message's length (little-endian u32; < 64 KiB: two bytes)
+	// against the skb's: equal, the skb holds that message alone.
+	add(bpf.LoadAbsolute{Off: nlmsgLenOff + 1, Size: 1})
+	add(bpf.ALUOpConstant{Op: bpf.ALUOpShiftLeft, Val: 8})
+	add(bpf.TAX{})
+	add(bpf.LoadAbsolute{Off: nlmsgLenOff, Size: 1})
+	add(bpf.ALUOpX{Op: bpf.ALUOpOr})
+	add(bpf.TAX{})
+	add(bpf.LoadExtension{Num: bpf.ExtLen})
+	prog = append(prog, ins{i: bpf.JumpIfX{Cond: bpf.JumpEqual}, jtrue: drop})
+	label(pass)
+	add(bpf.RetConstant{Val: 0xffffffff})
+	label(drop)
+	add(bpf.RetConstant{Val: 0})
+
+	out := make([]bpf.Instruction, len(prog))
+	for i, in := range prog {
+		skip := func(to string) uint8 {
+			if to == "" {
+				return 0
+			}
+			return uint8(labels[to] - i - 1)
+		}
+		switch j := in.i.(type) {
+		case bpf.JumpIf:
+			j.SkipTrue, j.SkipFalse = skip(in.jtrue), skip(in.jfals)
+			out[i] = j
+		case bpf.JumpIfX:
+			j.SkipTrue, j.SkipFalse = skip(in.jtrue), skip(in.jfals)
+			out[i] = j
+		default:
+			out[i] = in.i
+		}
+	}
+	if len(out) > 255 {
+		return nil, fmt.Errorf("pinhole: watch filter too long (%d)", len(out))
+	}
+	return bpf.Assemble(out)
+}
+
+// watcher is one Watch: its socket, reopened after errors.
+type watcher struct {
+	b    *Backend
+	fn   func(WatchEvent)
+	mu   sync.Mutex
+	conn *netlink.Conn
+}
+
+// Watch reads the kernel's nftables notifications in the Backend's
+// namespace until ctx ends, and calls fn (on Watch's goroutine, in order)
+// with what someone else deleted or changed of pcpd's objects, one call
+// per batch read. Only pcpd's objects are judged (attached: its own
+// chains and sets in the admin's table, and the table). After a receive
+// error (ENOBUFS: notifications lost) fn gets Lost and the socket is
+// reopened; an error to open it is retried every second. It returns
+// ctx's error, or the first error to open the socket.
+func (b *Backend) Watch(ctx context.Context, fn func(WatchEvent)) error {
+	if b.conn.TestDial != nil {
+		return fmt.Errorf("pinhole: watch: %w: a fake-dialled connection", ErrInvalid)
+	}
+	w := &watcher{b: b, fn: fn}
+	if err := w.open(); err != nil {
+		return err
+	}
+	b.ports.mu.Lock()
+	b.ports.changed = w.refilter
+	b.ports.mu.Unlock()
+	defer func() {
+		b.ports.mu.Lock()
+		b.ports.changed = nil
+		b.ports.mu.Unlock()
+		w.close()
+	}()
+	stop := context.AfterFunc(ctx, w.close)
+	defer stop()
+	for ctx.Err() == nil {
+		w.mu.Lock()
+		c := w.conn
+		w.mu.Unlock()
+		if c == nil {
+			if err := w.open(); err != nil {
+				select {
+				case <-ctx.Done():
+				case <-time.After(time.Second):
+				}
+			}
+			continue
+		}
+		msgs, err := receiveHook(c)
+		if ctx.Err() != nil {
+			break
+		}
+		if err != nil {
+			w.close()
+			fn(WatchEvent{Lost: fmt.Errorf("pinhole: watch: %w", err)})
+			continue
+		}
+		if ev, ok := b.judge(msgs); ok {
+			fn(ev)
+		}
+	}
+	return ctx.Err()
+}
+
+// receiveHook reads c (tests: WatchFailNext makes it fail once).
+var receiveHook = func(c *netlink.Conn) ([]netlink.Message, error) { return c.Receive() }
+
+// open dials the watcher's socket in the Backend's namespace, with its
+// filter, and joins the nftables group.
+func (w *watcher) open() error {
+	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: w.b.netns})
+	if err != nil {
+		return fmt.Errorf("pinhole: watch: %w", err)
+	}
+	if rc, err := c.SyscallConn(); err == nil {
+		var serr error
+		_ = rc.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, watchBuffer)
+		})
+		if serr != nil {
+			_ = c.SetReadBuffer(watchBuffer)
+		}
+	}
+	if err := w.setFilter(c, w.b.ports.list()); err != nil {
+		_ = c.Close()
+		return err
+	}
+	if err := c.JoinGroup(unix.NFNLGRP_NFTABLES); err != nil {
+		_ = c.Close()
+		return fmt.Errorf("pinhole: watch: join NFNLGRP_NFTABLES: %w", err)
+	}
+	w.mu.Lock()
+	w.conn = c
+	w.mu.Unlock()
+	return nil
+}
+
+func (w *watcher) setFilter(c *netlink.Conn, ports []uint32) error {
+	if !watchOwnPorts.Load() {
+		ports = nil
+	}
+	prog, err := watchFilter(ports)
+	if err != nil {
+		return err
+	}
+	if err := c.SetBPF(prog); err != nil {
+		return fmt.Errorf("pinhole: watch: filter: %w", err)
+	}
+	return nil
+}
+
+// refilter sets the filter anew for the Backend's ports (a socket of its
+// own dialled: ownPorts.note). A failure leaves the old filter: the
+// messages it passes are judged in userspace as well.
+func (w *watcher) refilter(ports []uint32) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.conn != nil {
+		_ = w.setFilter(w.conn, ports)
+	}
+}
+
+func (w *watcher) close() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.conn != nil {
+		_ = w.conn.Close()
+		w.conn = nil
+	}
+}
+
+// ours reports whether an object named name in table is pcpd's:
+// standalone, anything in its table; attached, its entry chain and the
+// objects named with its prefix.
+func (b *Backend) ours(table string) bool { return table == b.cfg.Table }
+
+func (b *Backend) ownName(name string) bool {
+	if !b.cfg.Attached {
+		return true
+	}
+	return name == b.cfg.Chain || strings.HasPrefix(name, b.cfg.Chain+"_")
+}
+
+// judge turns the messages of one read into a WatchEvent (ok false:
+// nothing of pcpd's).
+func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
+	var damage []string
+	filterOwn := watchOwnPorts.Load()
+	for _, m := range msgs {
+		if m.Header.Type>>8 != unix.NFNL_SUBSYS_NFTABLES || len(m.Data) < 4 {
+			continue
+		}
+		if m.Header.PID == 0 || filterOwn && b.ports.has(m.Header.PID) {
+			continue
+		}
+		if m.Data[0] != unix.NFPROTO_INET {
+			continue
+		}
+		typ := int(m.Header.Type & 0xff)
+		attrs, err := netlink.NewAttributeDecoder(m.Data[4:])
+		if err != nil {
+			continue
+		}
+		attrs.ByteOrder = binary.BigEndian
+		var table, name string
+		var elems []byte
+		tableAttr, nameAttr := uint16(0), uint16(0)
+		switch typ {
+		case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE, nftMsgDestroyTable:
+			tableAttr = unix.NFTA_TABLE_NAME
+		case unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN, nftMsgDestroyChain:
+			tableAttr, nameAttr = unix.NFTA_CHAIN_TABLE, unix.NFTA_CHAIN_NAME
+		case unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, nftMsgDestroyRule:
+			tableAttr, nameAttr = unix.NFTA_RULE_TABLE, unix.NFTA_RULE_CHAIN
+		case unix.NFT_MSG_DELSET, nftMsgDestroySet:
+			tableAttr, nameAttr = unix.NFTA_SET_TABLE, unix.NFTA_SET_NAME
+		case unix.NFT_MSG_DELSETELEM, nftMsgDestroySetElem:
+			tableAttr, nameAttr = unix.NFTA_SET_ELEM_LIST_TABLE, unix.NFTA_SET_ELEM_LIST_SET
+		default:
+			continue // an element, set or object added; a generation
+		}
+		for attrs.Next() {
+			switch t := attrs.Type(); {
+			case t == tableAttr:
+				table = attrs.String()
+			case t == nameAttr:
+				name = attrs.String()
+			case nameAttr == unix.NFTA_SET_ELEM_LIST_SET && t == unix.NFTA_SET_ELEM_LIST_ELEMENTS:
+				elems = attrs.Bytes()
+			}
+		}
+		if attrs.Err() != nil || !b.ours(table) {
+			continue
+		}
+		what := ""
+		switch typ {
+		case unix.NFT_MSG_NEWTABLE:
+			what = "table " + table + " changed"
+		case unix.NFT_MSG_DELTABLE, nftMsgDestroyTable:
+			what = "table " + table + " deleted"
+		case unix.NFT_MSG_NEWCHAIN:
+			if b.ownName(name) {
+				what = "chain " + name + " changed"
+			}
+		case unix.NFT_MSG_DELCHAIN, nftMsgDestroyChain:
+			if b.ownName(name) {
+				what = "chain " + name + " deleted"
+			}
+		case unix.NFT_MSG_NEWRULE:
+			if b.ownName(name) {
+				what = "rule added to chain " + name
+			}
+		case unix.NFT_MSG_DELRULE, nftMsgDestroyRule:
+			if b.ownName(name) {
+				what = "rule deleted from chain " + name
+			}
+		case unix.NFT_MSG_DELSET, nftMsgDestroySet:
+			if b.ownName(name) {
+				what = "set " + name + " deleted"
+			}
+		default: // elements deleted
+			del, dmg := b.deletedElements(name, elems)
+			ev.Deleted = append(ev.Deleted, del...)
+			what = dmg
+			if len(del) > 0 && !slices.Contains(ev.By, m.Header.PID) {
+				ev.By = append(ev.By, m.Header.PID)
+			}
+		}
+		if what != "" {
+			if !slices.Contains(damage, what) && len(damage) < 8 {
+				damage = append(damage, what)
+			}
+			if !slices.Contains(ev.By, m.Header.PID) {
+				ev.By = append(ev.By, m.Header.PID)
+			}
+		}
+	}
+	ev.Damage = strings.Join(damage, "; ")
+	return ev, ev.Damage != "" || len(ev.Deleted) > 0
+}
+
+// deletedElements judges elements deleted from set: a pinhole set's (or
+// SNAT map's) are returned as pinholes, their sentinel's deletion is
+// damage (a flush), as is any element of a set Healthy compares (the
+// protected, served and owner sets); the meters' are not pcpd's to keep.
+func (b *Backend) deletedElements(set string, list []byte) (del []Pinhole, damage string) {
+	for k := range numKinds {
+		if b.sets[k].Name != set {
+			continue
+		}
+		for _, e := range elementsOf(list) {
+			switch {
+			case isSentinel(k, e):
+				damage = "set " + set + " flushed (its sentinel deleted)"
+			case isProbe(k, e):
+			default:
+				if p, err := decode(k, e); err == nil {
+					del = append(del, p)
+				}
+			}
+		}
+		return del, damage
+	}
+	for i := range numSNAT {
+		if b.snat[i].Name != set {
+			continue
+		}
+		for _, e := range elementsOf(list) {
+			if s := sentinelOf(snatSpecs[i]); string(e.Key) == string(s.Key) && string(e.KeyEnd) == string(s.KeyEnd) {
+				damage = "set " + set + " flushed (its sentinel deleted)"
+				continue
+			}
+			if p, ok := snatPinhole(i, e); ok {
+				del = append(del, p)
+			}
+		}
+		return del, damage
+	}
+	for _, s := range []*nftables.Set{b.protected6, b.protected4, b.owners6, b.owners4, b.served6, b.served4, b.servingIfs} {
+		if s != nil && s.Name == set {
+			return nil, "elements deleted from set " + set
+		}
+	}
+	return nil, ""
+}
+
+// snatPinhole is the NAPT pinhole whose SNAT companion (snatElement) e is.
+func snatPinhole(i int, e nftables.SetElement) (Pinhole, bool) {
+	key, end, val := &decoder{b: e.Key}, &decoder{b: e.KeyEnd}, &decoder{b: e.Val}
+	var p Pinhole
+	p.InternalAddr, p.Protocol = key.addr(4), key.proto()
+	if i == snat4 {
+		p.InternalPort = key.port()
+	} else {
+		end.addr(4)
+		end.proto()
+		first, last := key.port(), end.port()
+		if first != last {
+			return Pinhole{}, false
+		}
+		p.InternalPort = first
+		rf, rl := key.addr(4), end.addr(4)
+		pfx, ok := rangePrefix(rf, rl)
+		if !ok {
+			return Pinhole{}, false
+		}
+		p.RemotePrefix = pfx
+		sf, sl := key.port(), end.port()
+		switch {
+		case sf == sl:
+			p.RemotePort = sf
+		case sf == 0 && sl == 0xffff:
+		default:
+			return Pinhole{}, false
+		}
+	}
+	p.ExternalAddr, p.ExternalPort = val.addr(4), val.port()
+	if firstErr(key.err, end.err, val.err) != nil {
+		return Pinhole{}, false
+	}
+	n, err := p.normalize()
+	return n, err == nil
+}
+
+// elementsOf decodes an NFTA_SET_ELEM_LIST_ELEMENTS attribute: each
+// element's key, key end and data (google/nftables decodes them only
+// inside its own dumps).
+func elementsOf(list []byte) []nftables.SetElement {
+	ad, err := netlink.NewAttributeDecoder(list)
+	if err != nil {
+		return nil
+	}
+	ad.ByteOrder = binary.BigEndian
+	var out []nftables.SetElement
+	for ad.Next() {
+		if ad.Type() != unix.NFTA_LIST_ELEM {
+			continue
+		}
+		var e nftables.SetElement
+		ad.Nested(func(nd *netlink.AttributeDecoder) error {
+			for nd.Next() {
+				var dst *[]byte
+				switch nd.Type() {
+				case unix.NFTA_SET_ELEM_KEY:
+					dst = &e.Key
+				case nftaSetElemKeyEnd:
+					dst = &e.KeyEnd
+				case unix.NFTA_SET_ELEM_DATA:
+					dst = &e.Val
+				default:
+					continue
+				}
+				nd.Nested(func(vd *netlink.AttributeDecoder) error {
+					for vd.Next() {
+						if vd.Type() == unix.NFTA_DATA_VALUE {
+							*dst = vd.Bytes()
+						}
+					}
+					return nil
+				})
+			}
+			return nil
+		})
+		out = append(out, e)
+	}
+	if ad.Err() != nil {
+		return out
+	}
+	return out
+}
+
+// errWatchForced is the error WatchFailNext's receive returns.
+var errWatchForced = errors.New("forced receive error (test)")

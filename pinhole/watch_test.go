@@ -1,0 +1,183 @@
+package pinhole_test
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// watching runs b.Watch until the end of t; its events arrive on the
+// returned channel.
+func watching(t *testing.T, b *pinhole.Backend) <-chan pinhole.WatchEvent {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	evs := make(chan pinhole.WatchEvent, 1024)
+	done := make(chan error, 1)
+	go func() { done <- b.Watch(ctx, func(ev pinhole.WatchEvent) { evs <- ev }) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Errorf("Watch: %v", err)
+		}
+	})
+	return evs
+}
+
+// nextEvent is the next event, failing after a long wait (the kernel
+// tells within milliseconds; the bound only keeps a broken watcher from
+// hanging the test).
+func nextEvent(t *testing.T, evs <-chan pinhole.WatchEvent, what string) pinhole.WatchEvent {
+	t.Helper()
+	select {
+	case ev := <-evs:
+		return ev
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s: no event from the watcher", what)
+	}
+	return pinhole.WatchEvent{}
+}
+
+// marker deletes, as someone else, the element of a pinhole installed for
+// the purpose, and checks that the next event is exactly that deletion:
+// notifications come in commit order, so nothing pcpd did before it
+// reached the watcher.
+func marker(t *testing.T, ns *netlab.NS, b *pinhole.Backend, evs <-chan pinhole.WatchEvent, port uint16, after string) {
+	t.Helper()
+	p := pinhole.Pinhole{Protocol: tcp, InternalAddr: netip.MustParseAddr("2001:db8::99"), InternalPort: port}
+	apply(t, b, install(p, time.Hour))
+	ns.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", "{ 2001:db8::99 . tcp . "+itoa(port)+" }")
+	ev := nextEvent(t, evs, after)
+	want, _ := p.Canonical()
+	if ev.Damage != "" || ev.Lost != nil || !slices.Equal(ev.Deleted, []pinhole.Pinhole{want}) {
+		t.Fatalf("after %s: first event %+v, want only the marker's deletion %v (pcpd's own changes must not be told)", after, ev, want)
+	}
+}
+
+func itoa(n uint16) string { return strconv.Itoa(int(n)) }
+
+// TestWatchTellsOthersChanges: the watcher tells of elements someone else
+// deletes from pcpd's sets (pinholes, SNAT companions as their NAPT
+// pinhole), of a flushed set and a deleted table as damage, and of none
+// of pcpd's own writes (installs, deletes, Healthy's sentinel
+// transaction, Setup); nor of elements the kernel's timeouts removed,
+// from a hash set or a concatenated-range one (the kernel sends nothing
+// for them: checked here, as the server relies on it).
+func TestWatchTellsOthersChanges(t *testing.T) {
+	ns := netlab.NewNS(t, "watch")
+	b := newBackend(t, ns, pinhole.Config{})
+	evs := watching(t, b)
+	a := netip.MustParseAddr("2001:db8::5")
+	filtered := pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 81, RemotePrefix: netip.MustParsePrefix("2001:db8:9::/48")}
+	apply(t, b, install(pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 80}, 1200*time.Millisecond),
+		install(filtered, 1200*time.Millisecond))
+	time.Sleep(3 * time.Second) // both time out; then a commit on the range set (its GC runs at commits)
+	apply(t, b, install(pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 82, RemotePrefix: netip.MustParsePrefix("2001:db8:9::/48")}, time.Hour))
+	apply(t, b, del(pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 82, RemotePrefix: netip.MustParsePrefix("2001:db8:9::/48")}))
+	if err := b.Healthy(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Setup(); err != nil {
+		t.Fatal(err)
+	}
+	marker(t, ns, b, evs, 1000, "own writes and timeouts")
+
+	// A NAPT mapping's SNAT companion deleted: told as the mapping.
+	napt := pinhole.Pinhole{Protocol: udp, InternalAddr: netip.MustParseAddr("10.0.0.2"), InternalPort: 5000,
+		ExternalAddr: netip.MustParseAddr("192.0.2.1"), ExternalPort: 6000}
+	apply(t, b, install(napt, time.Hour))
+	ns.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "snat4", "{ 10.0.0.2 . udp . 5000 }")
+	ev := nextEvent(t, evs, "snat4 element deleted")
+	if want, _ := napt.Canonical(); !slices.Equal(ev.Deleted, []pinhole.Pinhole{want}) || ev.Damage != "" {
+		t.Fatalf("snat4 element deleted: %+v, want %v", ev, want)
+	}
+	ns.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "napt4", "{ 192.0.2.1 . udp . 6000 }")
+	ev = nextEvent(t, evs, "napt4 element deleted")
+	if want, _ := napt.Canonical(); !slices.Equal(ev.Deleted, []pinhole.Pinhole{want}) {
+		t.Fatalf("napt4 element deleted: %+v, want %v", ev, want)
+	}
+
+	// A flushed set: its sentinel and every element told.
+	p := pinhole.Pinhole{Protocol: udp, InternalAddr: a, InternalPort: 53}
+	apply(t, b, install(p, time.Hour))
+	ns.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
+	ev = nextEvent(t, evs, "flush set")
+	if want, _ := p.Canonical(); !strings.Contains(ev.Damage, "pin6 flushed") || !slices.Contains(ev.Deleted, want) {
+		t.Fatalf("flush set: %+v", ev)
+	}
+	if err := b.Setup(); err != nil { // pcpd's repair: not told
+		t.Fatal(err)
+	}
+	marker(t, ns, b, evs, 1001, "Setup after a flush")
+
+	// The table deleted: damage (however many messages it takes).
+	ns.MustRun(t, "nft", "delete", "table", "inet", "pcpd")
+	ev = nextEvent(t, evs, "delete table")
+	if ev.Damage == "" {
+		t.Fatalf("delete table: %+v", ev)
+	}
+	for len(evs) > 0 {
+		<-evs
+	}
+	if err := b.Setup(); err != nil {
+		t.Fatal(err)
+	}
+	// Another table's changes are not pcpd's.
+	ns.MustRun(t, "nft", "add table inet other; add set inet other s { type ipv6_addr; }; add element inet other s { ::2 }; delete element inet other s { ::2 }; delete table inet other")
+	marker(t, ns, b, evs, 1002, "Setup after a delete, another table's changes")
+}
+
+// TestWatchReopensAfterError: a failed receive (as an overflow's ENOBUFS)
+// is told as Lost, and the watcher goes on telling on a new socket.
+func TestWatchReopensAfterError(t *testing.T) {
+	ns := netlab.NewNS(t, "watchlost")
+	b := newBackend(t, ns, pinhole.Config{})
+	defer pinhole.WatchFailNext()()
+	evs := watching(t, b)
+	ns.MustRun(t, "nft", "add table inet other") // any notification wakes the receive that fails
+	if ev := nextEvent(t, evs, "forced error"); ev.Lost == nil {
+		t.Fatalf("first event %+v, want Lost", ev)
+	}
+	marker(t, ns, b, evs, 1003, "a reopen")
+}
+
+// TestWatchOverflow: a receive buffer the kernel overruns (the callback
+// stalled while someone else deletes elements one transaction each) is
+// told as Lost (ENOBUFS), then the watcher goes on.
+func TestWatchOverflow(t *testing.T) {
+	ns := netlab.NewNS(t, "watchnobufs")
+	b := newBackend(t, ns, pinhole.Config{})
+	defer pinhole.SetWatchBuffer(4096)()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stall := make(chan struct{})
+	evs := make(chan pinhole.WatchEvent, 4096)
+	go b.Watch(ctx, func(ev pinhole.WatchEvent) { <-stall; evs <- ev })
+	a := netip.MustParseAddr("2001:db8::7")
+	var script strings.Builder
+	for port := uint16(1); port <= 200; port++ {
+		apply(t, b, install(pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: port}, time.Hour))
+		script.WriteString("delete element inet pcpd pin6 { 2001:db8::7 . tcp . " + itoa(port) + " }\n")
+	}
+	// One transaction per element, so each is a notification of its own.
+	for _, line := range strings.Split(strings.TrimSpace(script.String()), "\n") {
+		ns.MustRun(t, "sh", "-c", "nft '"+line+"'")
+	}
+	close(stall)
+	lost := false
+	for !lost {
+		ev := nextEvent(t, evs, "overflow")
+		lost = ev.Lost != nil
+	}
+	for len(evs) > 0 {
+		<-evs
+	}
+	marker(t, ns, b, evs, 1004, "an overflow")
+}

@@ -1,0 +1,211 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/store"
+)
+
+// The firewall watch (issue 9): the kernel's nftables notifications tell
+// pcpd of someone else's change to its objects as it is committed
+// (FirewallWatcher, pinhole/watch.go). Before, only the periodic check
+// (every TamperInterval) noticed damage, and a single pinhole deleted by
+// hand ("nft delete element") only the lease's next renewal or the
+// hourly audit; meanwhile a renewal could be absorbed (absorb.go) and
+// answered SUCCESS with its pinhole missing, and after an "nft flush
+// ruleset" forwarded flows were reset until the next check.
+//
+// What the watch reads goes to watchFirewall's goroutine (fwWatch, a
+// burst gathered into one pass), which
+//   - runs checkFirewall at once for damage (a table, chain, rule or set
+//     of pcpd's deleted or changed, a sentinel deleted: a flush): the
+//     periodic check's own path and locks, off the engine loop;
+//   - puts back the deleted pinholes a live lease holds now, with the
+//     lease's remaining lifetime (restoreDeleted), deciding under s.mu:
+//     the engine changes the lease table, the kernel and the store of a
+//     batch within one hold of s.mu (handleBatch), so what restoreDeleted
+//     reads there is committed, and a delete of pcpd's own (a lease
+//     deleted, expired, revoked, replaced) has left the table by the time
+//     its notification is judged. pcpd's own sockets' notifications are
+//     dropped by the kernel's filter besides (cost), but nothing rests on
+//     that. The kernel tells of no element its timeout removed (checked:
+//     Linux 6.18, hash and concatenated-range sets), and a lease past its
+//     expiry holds nothing;
+//   - after lost notifications (ENOBUFS, a failed socket: the watcher
+//     reopens it) runs the check and the audit (auditFirewall), at most
+//     once per lostAuditGap: a lost element's deletion shows only in a
+//     dump.
+// The periodic check and the hourly audit stay as the backstop.
+
+// maxWatchPending bounds the deleted pinholes gathered for one pass
+// (≈ 100 B each); beyond, they are dropped and the pass audits instead.
+const maxWatchPending = 1 << 16
+
+// lostAuditGap is the least time between two audits for lost
+// notifications (each a dump of every pinhole set).
+const lostAuditGap = time.Minute
+
+// fwWatch is what the watch read since watchFirewall's last pass.
+type fwWatch struct {
+	mu       sync.Mutex
+	damage   []string
+	by       []uint32
+	deleted  []pinhole.Pinhole
+	overflow bool
+	lost     error
+	kick     chan struct{}
+	// reinstalls counts the re-installs of every lease's pinholes that
+	// succeeded (repairLocked, rearmOwed): a pass whose check made one
+	// has nothing left to put back.
+	reinstalls atomic.Uint64
+	lastAudit  time.Time // the last audit for lost notifications (watchFirewall's goroutine)
+}
+
+// note is the watch's callback: it gathers ev for watchFirewall.
+func (w *fwWatch) note(ev pinhole.WatchEvent) {
+	w.mu.Lock()
+	if ev.Damage != "" && len(w.damage) < 8 {
+		w.damage = append(w.damage, ev.Damage)
+	}
+	for _, p := range ev.By {
+		if !slices.Contains(w.by, p) && len(w.by) < 8 {
+			w.by = append(w.by, p)
+		}
+	}
+	if len(w.deleted)+len(ev.Deleted) > maxWatchPending {
+		w.overflow = true
+	} else {
+		w.deleted = append(w.deleted, ev.Deleted...)
+	}
+	if ev.Lost != nil {
+		w.lost = ev.Lost
+	}
+	w.mu.Unlock()
+	select {
+	case w.kick <- struct{}{}:
+	default:
+	}
+}
+
+// startWatch starts the firewall watch, if the firewall has one and it is
+// on: kicks then come on s.watch.kick (nil otherwise). It ends with ctx.
+func (s *Server) startWatch(ctx context.Context) <-chan struct{} {
+	fw, ok := s.fw.(FirewallWatcher)
+	if !ok || s.cfg.NoFirewallWatch {
+		return nil
+	}
+	s.watch.kick = make(chan struct{}, 1)
+	go func() {
+		err := fw.Watch(ctx, s.watch.note)
+		if err != nil && !errors.Is(err, context.Canceled) && ctx.Err() == nil {
+			s.log.Error("firewall watch: cannot read the kernel's nftables notifications; damage is noticed at the periodic firewall check only",
+				zap.Duration("check_interval", s.cfg.TamperInterval), zap.Error(err))
+		}
+	}()
+	return s.watch.kick
+}
+
+// watched is watchFirewall's pass over what the watch gathered.
+func (s *Server) watched(ctx context.Context) {
+	w := &s.watch
+	w.mu.Lock()
+	damage, by, deleted, overflow, lost := w.damage, w.by, w.deleted, w.overflow, w.lost
+	w.damage, w.by, w.deleted, w.overflow, w.lost = nil, nil, nil, false, nil
+	w.mu.Unlock()
+	audit := false
+	if lost != nil || overflow {
+		s.m.watchLost.Inc()
+		s.log.Warn("firewall watch: notifications of nftables changes were lost; checking the firewall and auditing its pinholes now",
+			zap.Bool("too_many_deleted", overflow), zap.Error(lost))
+		audit = true
+	}
+	if len(damage) > 0 || audit {
+		if len(damage) > 0 {
+			s.log.Warn("firewall watch: someone changed pcpd's nftables objects; checking the firewall now",
+				zap.Strings("noticed", damage), zap.Uint32s("netlink_ports", by))
+		}
+		s.m.watchChecks.Inc()
+		before := w.reinstalls.Load()
+		s.checkFirewall()
+		if w.reinstalls.Load() != before {
+			deleted = nil // every lease's pinholes are back
+		}
+	}
+	if audit && ctx.Err() == nil {
+		if time.Since(w.lastAudit) >= lostAuditGap || w.lastAudit.IsZero() {
+			w.lastAudit = time.Now()
+			s.auditFirewall(ctx)
+		} else {
+			s.log.Warn("firewall watch: audit for lost notifications skipped, one ran within the last minute; the next periodic audit finds what was missed",
+				zap.Duration("audit_interval", s.cfg.AuditInterval))
+		}
+	}
+	if len(deleted) > 0 && ctx.Err() == nil {
+		s.restoreDeleted(deleted, by)
+	}
+}
+
+// restoreDeleted puts back the pinholes of ps (deleted by someone else)
+// that a live lease holds now, each with the latest expiry among the
+// leases on its tuple that hold it (as a re-install: table.installs),
+// never beyond. Under s.mu: the table is committed state (see above).
+func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	s.expireLocked(now)
+	var ops []pinhole.Op
+	seen := make(map[pinhole.Pinhole]struct{}, len(ps))
+	var buf []store.Lease
+	var held []pinhole.Pinhole
+	for _, p := range ps {
+		if _, ok := seen[p]; ok {
+			continue
+		}
+		seen[p] = struct{}{}
+		var until time.Time
+		buf = s.tab.onTupleInto(tuple{proto: p.Protocol, addr: p.InternalAddr, port: p.InternalPort}, buf)
+		for i := range buf {
+			l := &buf[i]
+			if !l.Expires.After(now) || !l.Expires.After(until) {
+				continue
+			}
+			held = appendPinholes(held[:0], l)
+			for _, h := range held {
+				if c, err := h.Canonical(); err == nil && c == p {
+					until = l.Expires
+					break
+				}
+			}
+		}
+		if until.IsZero() {
+			continue
+		}
+		ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: until.Sub(now)})
+	}
+	clear(buf)
+	if len(ops) == 0 {
+		s.log.Debug("firewall watch: deleted pinholes no live lease holds", zap.Int("count", len(seen)))
+		return
+	}
+	if err := s.applyAll(ops); err != nil {
+		s.m.kernelErrors.Inc()
+		s.log.Error("firewall watch: cannot put back pinholes someone deleted; the next audit does", zap.Int("pinholes", len(ops)), zap.Error(err))
+		return
+	}
+	s.m.watchRestored.Add(float64(len(ops)))
+	first := make([]string, 0, 4)
+	for _, op := range ops[:min(len(ops), cap(first))] {
+		first = append(first, op.Pinhole.String())
+	}
+	s.log.Warn("firewall watch: someone deleted pinholes of live leases from the kernel; put back with their leases' remaining lifetimes",
+		zap.Int("count", len(ops)), zap.Strings("first", first), zap.Uint32s("netlink_ports", by))
+}
