@@ -1,0 +1,192 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
+)
+
+// watchBound only keeps a broken watch from hanging a test: the kernel
+// tells within milliseconds. With the check and the audit an hour apart,
+// nothing but the watch restores within it.
+const watchBound = 20 * time.Second
+
+// watchLab is a lab whose periodic check and audit are an hour apart.
+func watchLab(t *testing.T, mod ...func(*Config, *policy.Config)) *lab {
+	return newLab(t, append([]func(*Config, *policy.Config){func(c *Config, _ *policy.Config) {
+		c.TamperInterval, c.AuditInterval = time.Hour, time.Hour
+	}}, mod...)...)
+}
+
+// holds reports whether the kernel holds a pinhole for proto/addr/port
+// (internal side), and its remaining time.
+func (l *lab) holds(proto uint8, addr netip.Addr, port uint16) (time.Duration, bool) {
+	for _, e := range l.kernelHoles() {
+		if e.Pinhole.Protocol == proto && e.Pinhole.InternalAddr == addr && e.Pinhole.InternalPort == port {
+			return e.Remaining, true
+		}
+	}
+	return 0, false
+}
+
+func (l *lab) waitHolds(what string, proto uint8, addr netip.Addr, port uint16) time.Duration {
+	l.t.Helper()
+	var left time.Duration
+	if err := netlab.Eventually(watchBound, func() error {
+		var ok bool
+		if left, ok = l.holds(proto, addr, port); !ok {
+			return errors.New("not back")
+		}
+		return nil
+	}); err != nil {
+		l.t.Fatalf("%s: pinhole %s:%d not back in the kernel within %v (no renewal; check and audit 1h apart)", what, addr, port, watchBound)
+	}
+	return left
+}
+
+// TestE2EWatchRestores: with the firewall check and the audit an hour
+// apart, a live lease's element deleted by hand ("nft delete element",
+// IPv6 pinhole and IPv4 NAPT mapping, the mapping's SNAT companion too),
+// "nft delete table inet pcpd" and "nft flush ruleset" are each undone as
+// the kernel tells of them: the pinholes are back, with no more than the
+// lease's remaining lifetime, and traffic passes, with no renewal.
+// Without the watch (NoFirewallWatch) none is back within watchBound.
+func TestE2EWatchRestores(t *testing.T) {
+	l := watchLab(t)
+	c, c4, pub := l.topo.ClientV6, l.topo.ClientV4, l.topo.HostPublicV4
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 443).String())
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c4, 9090).String())
+	if resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); resp.Result != pcp.Success {
+		t.Fatalf("MAP: %+v", resp)
+	}
+	if resp := l.pcp(mapReq(c4, pcp.ProtoTCP, 9090, 19090, time.Hour, 1)); resp.Result != pcp.Success || resp.Map.ExternalPort != 19090 {
+		t.Fatalf("MAP IPv4: %+v", resp)
+	}
+	svc6, svc4 := netip.AddrPortFrom(c, 443), netip.AddrPortFrom(pub, 19090)
+	if !l.reach(svc6) || !l.reach(svc4) {
+		t.Fatal("mappings pass no traffic before any tampering")
+	}
+	restored := func() float64 { return counterValue(t, l.srv.m.watchRestored) }
+	both := func(t *testing.T, what string) {
+		t.Helper()
+		if left := l.waitHolds(what, 6, c, 443); left > time.Hour {
+			t.Fatalf("%s: put back with %v, beyond the lease", what, left)
+		}
+		l.waitHolds(what, 6, c4, 9090)
+		if err := netlab.Eventually(watchBound, func() error {
+			if !l.reach(svc6) || !l.reach(svc4) {
+				return errors.New("no traffic")
+			}
+			return nil
+		}); err != nil {
+			t.Fatalf("%s: restored mappings pass no traffic", what)
+		}
+	}
+	t.Run("delete element", func(t *testing.T) {
+		l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", fmt.Sprintf("{ %s . tcp . 443 }", c))
+		l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "napt4", fmt.Sprintf("{ %s . tcp . 19090 }", pub))
+		both(t, "nft delete element")
+		if err := netlab.Eventually(watchBound, func() error {
+			if restored() < 2 {
+				return errors.New("counter")
+			}
+			return nil
+		}); err != nil {
+			t.Fatalf("pcpd_firewall_watch_restored_total %v, want 2", restored())
+		}
+	})
+	t.Run("delete snat4 companion", func(t *testing.T) {
+		before := restored()
+		l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "snat4", fmt.Sprintf("{ %s . tcp . 9090 }", c4))
+		if err := netlab.Eventually(watchBound, func() error {
+			out, err := l.topo.Host.Run("nft", "list", "map", "inet", "pcpd", "snat4")
+			if err != nil || !strings.Contains(out, fmt.Sprintf("%s . tcp . 9090", c4)) {
+				return errors.New("not back")
+			}
+			return nil
+		}); err != nil {
+			t.Fatal("SNAT companion not back")
+		}
+		if restored() != before+1 {
+			t.Fatalf("restored %v, want %v", restored(), before+1)
+		}
+	})
+	for _, cmd := range []string{"nft delete table inet pcpd", "nft flush ruleset"} {
+		t.Run(cmd, func(t *testing.T) {
+			l.topo.Host.MustRun(t, "sh", "-c", cmd)
+			both(t, cmd)
+			if out := l.topo.Host.MustRun(t, "nft", "list", "chain", "inet", "pcpd", "forward"); !strings.Contains(out, "guard6") {
+				t.Fatalf("%s: forward chain not restored:\n%s", cmd, out)
+			}
+		})
+	}
+}
+
+// TestE2EWatchOwnDeletesStay: pcpd's own deletes (a lease deleted,
+// expired, replaced by a MAP with another external port, a churn of
+// MAP/delete) leave no element re-added, judged by the leases alone: the
+// kernel's filter of pcpd's own notifications is turned off here
+// (pinhole.SetWatchOwnPorts), so every one of them reaches the server.
+// A marker (an element deleted by hand, put back) shows every earlier
+// notification was judged: the re-add counter is then exactly 1 and the
+// kernel holds exactly the live leases' pinholes.
+func TestE2EWatchOwnDeletesStay(t *testing.T) {
+	defer pinhole.SetWatchOwnPorts(pinhole.SetWatchOwnPorts(false))
+	l := watchLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+	c := l.topo.ClientV6
+	ok := func(r pcp.Response) {
+		t.Helper()
+		if r.Result != pcp.Success {
+			t.Fatalf("%+v", r)
+		}
+	}
+	ok(l.pcp(mapReq(c, pcp.ProtoTCP, 7000, 0, time.Hour, 1)))     // stays: the marker
+	ok(l.pcp(mapReq(c, pcp.ProtoTCP, 7001, 0, time.Hour, 1)))     // deleted
+	ok(l.pcp(mapReq(c, pcp.ProtoUDP, 7002, 0, 2*time.Second, 1))) // expires
+	ok(l.pcp(mapReq(c, pcp.ProtoTCP, 7003, 0, time.Hour, 1)))     // replaced: external 17003
+	ok(l.pcp(mapReq(c, pcp.ProtoTCP, 7001, 0, 0, 1)))
+	if r := l.pcp(mapReq(c, pcp.ProtoTCP, 7003, 17003, time.Hour, 2)); r.Result != pcp.Success || r.Map.ExternalPort != 17003 {
+		t.Fatalf("replacement: %+v", r)
+	}
+	for i := range 100 { // churn
+		port := uint16(8000 + i%10)
+		ok(l.pcp(mapReq(c, pcp.ProtoTCP, port, 0, time.Hour, 3)))
+		ok(l.pcp(mapReq(c, pcp.ProtoTCP, port, 0, 0, 3)))
+	}
+	if err := netlab.Eventually(watchBound, func() error {
+		if _, held := l.holds(17, c, 7002); held {
+			return errors.New("not expired")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal("2 s lease's element still in the kernel")
+	}
+	time.Sleep(time.Second) // the engine's expiry of it (its delete of an absent element) too
+	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", fmt.Sprintf("{ %s . tcp . 7000 }", c))
+	l.waitHolds("marker", 6, c, 7000)
+	if n := counterValue(t, l.srv.m.watchRestored); n != 1 {
+		t.Fatalf("pcpd_firewall_watch_restored_total %v, want 1 (the marker alone)", n)
+	}
+	var got []string
+	for _, e := range l.kernelHoles() {
+		got = append(got, e.Pinhole.String())
+	}
+	slices.Sort(got)
+	want := []string{
+		pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 7000, ExternalAddr: c, ExternalPort: 7000}.String(),
+		pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 7003, ExternalAddr: c, ExternalPort: 17003}.String(),
+	}
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("kernel holds %q, want the live leases' %q", got, want)
+	}
+}
