@@ -48,6 +48,9 @@ type lab struct {
 	// tweak, if set, is applied to every Server start makes, before Run
 	// (a test's hooks).
 	tweak func(*Server)
+	// firewall, if set, is the engine's Firewall in place of fw (a test's
+	// wrapper of it).
+	firewall Firewall
 
 	st     *store.Store
 	srv    *Server
@@ -117,7 +120,11 @@ func (l *lab) start() {
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	srv, err := New(l.cfg, Deps{Firewall: l.fw, Store: st, State: state, Policy: l.pol, Changes: l.wg.Changes(), OwnershipSource: "wireguard", Now: l.now, Mono: l.mono, Boot: boot}, l.log)
+	var fw Firewall = l.fw
+	if l.firewall != nil {
+		fw = l.firewall
+	}
+	srv, err := New(l.cfg, Deps{Firewall: fw, Store: st, State: state, Policy: l.pol, Changes: l.wg.Changes(), OwnershipSource: "wireguard", Now: l.now, Mono: l.mono, Boot: boot}, l.log)
 	if err != nil {
 		l.t.Fatal(err)
 	}

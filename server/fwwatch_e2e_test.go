@@ -1,11 +1,13 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -30,7 +32,11 @@ func watchLab(t *testing.T, mod ...func(*Config, *policy.Config)) *lab {
 // holds reports whether the kernel holds a pinhole for proto/addr/port
 // (internal side), and its remaining time.
 func (l *lab) holds(proto uint8, addr netip.Addr, port uint16) (time.Duration, bool) {
-	for _, e := range l.kernelHoles() {
+	es, err := l.fw.List()
+	if err != nil { // the table gone: not back yet
+		return 0, false
+	}
+	for _, e := range es {
 		if e.Pinhole.Protocol == proto && e.Pinhole.InternalAddr == addr && e.Pinhole.InternalPort == port {
 			return e.Remaining, true
 		}
@@ -38,8 +44,8 @@ func (l *lab) holds(proto uint8, addr netip.Addr, port uint16) (time.Duration, b
 	return 0, false
 }
 
-func (l *lab) waitHolds(what string, proto uint8, addr netip.Addr, port uint16) time.Duration {
-	l.t.Helper()
+func (l *lab) waitHolds(t *testing.T, what string, proto uint8, addr netip.Addr, port uint16) time.Duration {
+	t.Helper()
 	var left time.Duration
 	if err := netlab.Eventually(watchBound, func() error {
 		var ok bool
@@ -48,7 +54,7 @@ func (l *lab) waitHolds(what string, proto uint8, addr netip.Addr, port uint16) 
 		}
 		return nil
 	}); err != nil {
-		l.t.Fatalf("%s: pinhole %s:%d not back in the kernel within %v (no renewal; check and audit 1h apart)", what, addr, port, watchBound)
+		t.Fatalf("%s: pinhole %s:%d not back in the kernel within %v (no renewal; check and audit 1h apart)", what, addr, port, watchBound)
 	}
 	return left
 }
@@ -78,10 +84,10 @@ func TestE2EWatchRestores(t *testing.T) {
 	restored := func() float64 { return counterValue(t, l.srv.m.watchRestored) }
 	both := func(t *testing.T, what string) {
 		t.Helper()
-		if left := l.waitHolds(what, 6, c, 443); left > time.Hour {
+		if left := l.waitHolds(t, what, 6, c, 443); left > time.Hour {
 			t.Fatalf("%s: put back with %v, beyond the lease", what, left)
 		}
-		l.waitHolds(what, 6, c4, 9090)
+		l.waitHolds(t, what, 6, c4, 9090)
 		if err := netlab.Eventually(watchBound, func() error {
 			if !l.reach(svc6) || !l.reach(svc4) {
 				return errors.New("no traffic")
@@ -172,7 +178,7 @@ func TestE2EWatchOwnDeletesStay(t *testing.T) {
 	}
 	time.Sleep(time.Second) // the engine's expiry of it (its delete of an absent element) too
 	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", fmt.Sprintf("{ %s . tcp . 7000 }", c))
-	l.waitHolds("marker", 6, c, 7000)
+	l.waitHolds(t, "marker", 6, c, 7000)
 	if n := counterValue(t, l.srv.m.watchRestored); n != 1 {
 		t.Fatalf("pcpd_firewall_watch_restored_total %v, want 1 (the marker alone)", n)
 	}
@@ -188,5 +194,79 @@ func TestE2EWatchOwnDeletesStay(t *testing.T) {
 	slices.Sort(want)
 	if !slices.Equal(got, want) {
 		t.Fatalf("kernel holds %q, want the live leases' %q", got, want)
+	}
+}
+
+// deafWatch is the lab's Backend whose watch tells the server nothing
+// while deaf, and Lost when lose is called (as after ENOBUFS).
+type deafWatch struct {
+	*pinhole.Backend
+	deaf atomic.Bool
+	fn   atomic.Pointer[func(pinhole.WatchEvent)]
+}
+
+func (d *deafWatch) Watch(ctx context.Context, fn func(pinhole.WatchEvent)) error {
+	d.fn.Store(&fn)
+	return d.Backend.Watch(ctx, func(ev pinhole.WatchEvent) {
+		if !d.deaf.Load() {
+			fn(ev)
+		}
+	})
+}
+
+func (d *deafWatch) lose() {
+	(*d.fn.Load())(pinhole.WatchEvent{Lost: errors.New("forced receive error (test)")})
+}
+
+// TestE2EWatchLostChecksAndAudits: notifications lost (a forced receive
+// error, as ENOBUFS) make a full firewall check and an audit at once:
+// a flushed guard chain and an element deleted while the watch heard
+// nothing are both back (the check and the audit an hour apart).
+func TestE2EWatchLostChecksAndAudits(t *testing.T) {
+	var d *deafWatch
+	l := watchLab(t, func(*Config, *policy.Config) {})
+	l.stop()
+	d = &deafWatch{Backend: l.fw}
+	l.firewall = d
+	l.start()
+	c := l.topo.ClientV6
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 443).String())
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 444).String())
+	if r := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); r.Result != pcp.Success {
+		t.Fatalf("%+v", r)
+	}
+	if err := netlab.Eventually(watchBound, func() error {
+		if d.fn.Load() == nil {
+			return errors.New("no watch")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal("the server did not start the watch")
+	}
+	d.deaf.Store(true)
+	l.topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "guard6")
+	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", fmt.Sprintf("{ %s . tcp . 443 }", c))
+	d.lose()
+	l.waitHolds(t, "lost notifications", 6, c, 443)
+	if err := netlab.Eventually(watchBound, func() error {
+		out, err := l.topo.Host.Run("nft", "list", "chain", "inet", "pcpd", "guard6")
+		if err != nil || !strings.Contains(out, "drop") {
+			return errors.New("guard6 not restored")
+		}
+		if !l.reach(netip.AddrPortFrom(c, 443)) {
+			return errors.New("no traffic")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if l.reach(netip.AddrPortFrom(c, 444)) {
+		t.Fatal("unmapped port reachable: the guard is not back")
+	}
+	if n := counterValue(t, l.srv.m.watchLost); n != 1 {
+		t.Fatalf("pcpd_firewall_watch_lost_total %v, want 1", n)
+	}
+	if n := counterValue(t, l.srv.m.watchChecks); n != 1 {
+		t.Fatalf("pcpd_firewall_watch_checks_total %v, want 1", n)
 	}
 }
