@@ -60,8 +60,8 @@ type ownPorts struct {
 	ring []uint32
 	next int
 	cur  atomic.Pointer[[]uint32]
-	// changed, if set, is told of a new list (the watcher's filter).
-	changed func([]uint32)
+	// watchers are told of a new list (their filters).
+	watchers []*watcher
 }
 
 const ownPortsKept = 16
@@ -88,10 +88,10 @@ func (o *ownPorts) note(nl *netlink.Conn) {
 	}
 	list := slices.Clone(o.ring)
 	o.cur.Store(&list)
-	changed := o.changed
+	ws := slices.Clone(o.watchers)
 	o.mu.Unlock()
-	if changed != nil {
-		changed(list)
+	for _, w := range ws {
+		w.refilter(list)
 	}
 }
 
@@ -135,8 +135,9 @@ func init() { watchOwnPorts.Store(true) }
 // SetWatchOwnPorts sets whether the watcher leaves out what the Backend's
 // own sockets commit (default true), in the kernel's filter and when it
 // judges a message; and returns the old setting. Tests only: with false,
-// every element pcpd deletes reaches the server, which must then tell
-// its own deletes from someone else's by the leases alone.
+// every pinhole element pcpd deletes reaches the caller as Deleted, which
+// must then tell its own deletes from someone else's by its leases alone
+// (pcpd's own writes are never told as Damage).
 func SetWatchOwnPorts(on bool) bool { return watchOwnPorts.Swap(on) }
 
 // Message types and an attribute golang.org/x/sys/unix does not name
@@ -270,11 +271,11 @@ func (b *Backend) Watch(ctx context.Context, fn func(WatchEvent)) error {
 		return err
 	}
 	b.ports.mu.Lock()
-	b.ports.changed = w.refilter
+	b.ports.watchers = append(b.ports.watchers, w)
 	b.ports.mu.Unlock()
 	defer func() {
 		b.ports.mu.Lock()
-		b.ports.changed = nil
+		b.ports.watchers = slices.DeleteFunc(b.ports.watchers, func(x *watcher) bool { return x == w })
 		b.ports.mu.Unlock()
 		w.close()
 	}()
@@ -397,7 +398,8 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 		if m.Header.Type>>8 != unix.NFNL_SUBSYS_NFTABLES || len(m.Data) < 4 {
 			continue
 		}
-		if m.Header.PID == 0 || filterOwn && b.ports.has(m.Header.PID) {
+		own := b.ports.has(m.Header.PID)
+		if m.Header.PID == 0 || own && filterOwn {
 			continue
 		}
 		if m.Data[0] != unix.NFPROTO_INET {
@@ -436,7 +438,7 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 				elems = attrs.Bytes()
 			}
 		}
-		if attrs.Err() != nil || !b.ours(table) {
+		if attrs.Err() != nil || !b.ours(table) || own && typ != unix.NFT_MSG_DELSETELEM && typ != nftMsgDestroySetElem {
 			continue
 		}
 		what := ""
@@ -469,6 +471,12 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 			del, dmg := b.deletedElements(name, elems)
 			ev.Deleted = append(ev.Deleted, del...)
 			what = dmg
+			if own {
+				// Only with SetWatchOwnPorts(false): pcpd's own element
+				// deletes reach the caller; its own sentinel
+				// transactions (Healthy) are never damage.
+				what = ""
+			}
 			if len(del) > 0 && !slices.Contains(ev.By, m.Header.PID) {
 				ev.By = append(ev.By, m.Header.PID)
 			}

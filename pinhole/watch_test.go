@@ -51,9 +51,14 @@ func nextEvent(t *testing.T, evs <-chan pinhole.WatchEvent, what string) pinhole
 // reached the watcher.
 func marker(t *testing.T, ns *netlab.NS, b *pinhole.Backend, evs <-chan pinhole.WatchEvent, port uint16, after string) {
 	t.Helper()
+	markerIn(t, ns, b, evs, "pcpd", "pin6", port, after)
+}
+
+func markerIn(t *testing.T, ns *netlab.NS, b *pinhole.Backend, evs <-chan pinhole.WatchEvent, table, set string, port uint16, after string) {
+	t.Helper()
 	p := pinhole.Pinhole{Protocol: tcp, InternalAddr: netip.MustParseAddr("2001:db8::99"), InternalPort: port}
 	apply(t, b, install(p, time.Hour))
-	ns.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", "{ 2001:db8::99 . tcp . "+itoa(port)+" }")
+	ns.MustRun(t, "nft", "delete", "element", "inet", table, set, "{ 2001:db8::99 . tcp . "+itoa(port)+" }")
 	ev := nextEvent(t, evs, after)
 	want, _ := p.Canonical()
 	if ev.Damage != "" || ev.Lost != nil || !slices.Equal(ev.Deleted, []pinhole.Pinhole{want}) {
@@ -180,4 +185,34 @@ func TestWatchOverflow(t *testing.T) {
 		<-evs
 	}
 	marker(t, ns, b, evs, 1004, "an overflow")
+}
+
+// TestWatchAttachedJudgesOnlyPcpd: attached, the admin's changes to their
+// own chains, rules and sets in the shared table are not told; pcpd's
+// element deleted, its entry chain flushed and the table deleted are.
+func TestWatchAttachedJudgesOnlyPcpd(t *testing.T) {
+	ns := netlab.NewNS(t, "watchatt")
+	loadNft(t, ns, adminRuleset)
+	ns.MustRun(t, "nft", "add set inet filter admin6 { type ipv6_addr; }")
+	b := newBackend(t, ns, pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"})
+	evs := watching(t, b)
+	out := ns.MustRun(t, "nft", "-a", "list", "chain", "inet", "filter", "forward")
+	h := out[strings.Index(out, `iifname "lan0" accept # handle `)+len(`iifname "lan0" accept # handle `):]
+	h = strings.TrimSpace(h[:strings.IndexByte(h, '\n')])
+	ns.MustRun(t, "nft", "delete", "rule", "inet", "filter", "forward", "handle", h)
+	ns.MustRun(t, "sh", "-c", "nft add element inet filter admin6 '{ ::5 }' && nft delete element inet filter admin6 '{ ::5 }' && nft add chain inet filter mine && nft delete chain inet filter mine && nft flush set inet filter admin6")
+	markerIn(t, ns, b, evs, "filter", "pcpd_pin6", 2000, "the admin's own changes")
+
+	ns.MustRun(t, "nft", "flush", "chain", "inet", "filter", "pcpd")
+	if ev := nextEvent(t, evs, "entry chain flushed"); !strings.Contains(ev.Damage, "chain pcpd") {
+		t.Fatalf("entry chain flushed: %+v", ev)
+	}
+	if err := b.Setup(); err != nil {
+		t.Fatal(err)
+	}
+	markerIn(t, ns, b, evs, "filter", "pcpd_pin6", 2001, "Setup")
+	ns.MustRun(t, "nft", "delete", "table", "inet", "filter")
+	if ev := nextEvent(t, evs, "table deleted"); ev.Damage == "" {
+		t.Fatalf("table deleted: %+v", ev)
+	}
 }
