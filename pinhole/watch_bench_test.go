@@ -2,6 +2,7 @@ package pinhole_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -16,9 +17,10 @@ import (
 // drops. Each op is a batch of 32 new pinholes installed, then a batch
 // deleting them (as a new MAP's and a delete's transactions), beside
 // 10 000 others; the same Backend with and without a watcher, in turns
-// (-count interleaves them).
+// (three rounds, the order alternating); and, to show what the socket
+// filter saves, with the own-port filter off (every own delete decoded).
 //
-//	go test ./pinhole -run '^$' -bench ApplyWatched -count 6
+//	go test ./pinhole -run '^$' -bench ApplyWatched -count 2
 func BenchmarkApplyWatched(b *testing.B) {
 	netlab.RequireRoot(b)
 	ns := netlab.NewNS(b, "benchw")
@@ -46,21 +48,35 @@ func BenchmarkApplyWatched(b *testing.B) {
 		}
 		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*2*batch), "ns/element-op")
 	}
-	b.Run("watch=off", run)
-	b.Run("watch=on", func(b *testing.B) {
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		told := 0
-		go func() {
-			defer close(done)
-			_ = be.Watch(ctx, func(pinhole.WatchEvent) { told++ })
-		}()
-		time.Sleep(50 * time.Millisecond) // subscribed
-		run(b)
-		cancel()
-		<-done
-		if told != 0 {
-			b.Fatalf("the watcher was told of %d of pcpd's own writes", told)
+	watched := func(filter bool) func(b *testing.B) {
+		return func(b *testing.B) {
+			defer pinhole.SetWatchOwnPorts(pinhole.SetWatchOwnPorts(filter))
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			told := 0
+			go func() {
+				defer close(done)
+				_ = be.Watch(ctx, func(pinhole.WatchEvent) { told++ })
+			}()
+			time.Sleep(50 * time.Millisecond) // subscribed
+			run(b)
+			cancel()
+			<-done
+			if filter && told != 0 {
+				b.Fatalf("the watcher was told of %d of pcpd's own writes", told)
+			}
 		}
-	})
+	}
+	on, nofilter := watched(true), watched(false)
+	for r := range 3 { // in turns, the order alternating
+		if r%2 == 0 {
+			b.Run(fmt.Sprintf("r%d/watch=off", r), run)
+			b.Run(fmt.Sprintf("r%d/watch=on", r), on)
+			b.Run(fmt.Sprintf("r%d/watch=on,own-ports-unfiltered", r), nofilter)
+		} else {
+			b.Run(fmt.Sprintf("r%d/watch=on,own-ports-unfiltered", r), nofilter)
+			b.Run(fmt.Sprintf("r%d/watch=on", r), on)
+			b.Run(fmt.Sprintf("r%d/watch=off", r), run)
+		}
+	}
 }
