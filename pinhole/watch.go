@@ -482,7 +482,7 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 			}
 		}
 		if what != "" {
-			if !slices.Contains(damage, what) && len(damage) < 8 {
+			if !slices.Contains(damage, what) {
 				damage = append(damage, what)
 			}
 			if !slices.Contains(ev.By, m.Header.PID) {
@@ -490,7 +490,7 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 			}
 		}
 	}
-	ev.Damage = strings.Join(damage, "; ")
+	ev.Damage = summary(damage)
 	return ev, ev.Damage != "" || len(ev.Deleted) > 0
 }
 
@@ -626,3 +626,17 @@ func elementsOf(list []byte) []nftables.SetElement {
 
 // errWatchForced is the error WatchFailNext's receive returns.
 var errWatchForced = errors.New("forced receive error (test)")
+
+// summary is damage for a log line: a deleted table alone (it takes every
+// rule, chain and set with it), else the first three and how many more.
+func summary(damage []string) string {
+	for _, d := range damage {
+		if strings.HasPrefix(d, "table ") && strings.HasSuffix(d, " deleted") {
+			return d
+		}
+	}
+	if len(damage) > 3 {
+		return strings.Join(damage[:3], "; ") + fmt.Sprintf("; and %d more", len(damage)-3)
+	}
+	return strings.Join(damage, "; ")
+}

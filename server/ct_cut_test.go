@@ -379,6 +379,7 @@ func TestE2EUpgradeDeleteWaitsForWalk(t *testing.T) {
 			l := newLab(t, func(c *Config, p *policy.Config) {
 				p.MinLifetime = time.Second
 				c.TamperInterval = time.Hour // the repair would be the upgrade's Setup too
+				c.NoFirewallWatch = true
 			})
 			l.restartWith(gate.tweak)
 			// The rule of the set as a pcpd before the labels wrote it.

@@ -45,6 +45,7 @@ func TestE2ERenewalDuringReinstallBackoff(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			l := newLab(t, func(cfg *Config, _ *policy.Config) {
 				cfg.TamperInterval = time.Hour // the test runs the checks
+				cfg.NoFirewallWatch = true     // and only the test (no firewall watch)
 			})
 			f := &rearmFault{Backend: l.fw}
 			l.stop()

@@ -25,6 +25,7 @@ func checkedLab(t *testing.T) *lab {
 	t.Helper()
 	return newLab(t, func(cfg *Config, _ *policy.Config) {
 		cfg.TamperInterval = time.Hour // the test runs the checks
+		cfg.NoFirewallWatch = true     // and only the test (no firewall watch)
 	})
 }
 

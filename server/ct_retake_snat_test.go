@@ -166,6 +166,7 @@ func TestE2ERetakeWhileDamagedCutAfterRepair(t *testing.T) {
 		p.MinLifetime = time.Second
 		cfg.KeepConnections = true
 		cfg.TamperInterval = time.Hour // the test runs the checks
+		cfg.NoFirewallWatch = true     // and only the test (no firewall watch)
 	})
 	const port = 9890
 	conn, _, dst := l.inbound(t, "redir6", port, time.Hour)
