@@ -1,6 +1,7 @@
 package pinhole
 
 import (
+	"errors"
 	"sync/atomic"
 
 	"github.com/mdlayher/netlink"
@@ -27,3 +28,6 @@ func SetWatchBuffer(n int) (restore func()) {
 	watchBuffer = n
 	return func() { watchBuffer = old }
 }
+
+// errWatchForced is the error WatchFailNext's receive returns.
+var errWatchForced = errors.New("forced receive error (test)")

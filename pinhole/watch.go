@@ -3,7 +3,6 @@ package pinhole
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -623,9 +622,6 @@ func elementsOf(list []byte) []nftables.SetElement {
 	}
 	return out
 }
-
-// errWatchForced is the error WatchFailNext's receive returns.
-var errWatchForced = errors.New("forced receive error (test)")
 
 // summary is damage for a log line: a deleted table alone (it takes every
 // rule, chain and set with it), else the first three and how many more.
