@@ -275,11 +275,12 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		return nil, err
 	}
 	b := &Backend{conn: conn, cfg: cfg, netns: conn.NetNS}
-	b.healthConn.note, b.listConn.note = b.ports.note, b.ports.note
+	b.healthConn.note = func(nl *netlink.Conn) { b.ports.keep(keptHealth, nl) }
+	b.listConn.note = func(nl *netlink.Conn) { b.ports.keep(keptList, nl) }
 	if conn.TestDial == nil {
 		if c, nl, err := dialConn(b.netns); err == nil {
 			b.conn, b.ownConn, b.nl = c, true, nl
-			b.ports.note(nl)
+			b.ports.keep(keptMain, nl)
 		}
 	}
 	b.table = &nftables.Table{Family: nftables.TableFamilyINet, Name: cfg.Table}
@@ -1395,7 +1396,7 @@ func (b *Backend) resetConn() {
 		return
 	}
 	b.conn, b.ownConn, b.nl = c, true, nl
-	b.ports.note(nl)
+	b.ports.keep(keptMain, nl)
 }
 
 // replyBuffer is the receive buffer of the Backend's connections. The

@@ -31,3 +31,17 @@ func SetWatchBuffer(n int) (restore func()) {
 
 // errWatchForced is the error WatchFailNext's receive returns.
 var errWatchForced = errors.New("forced receive error (test)")
+
+// DialSideSockets dials n sockets of the Backend's own as a Healthy
+// beside another does (dialSide, noted), and closes them.
+func (b *Backend) DialSideSockets(n int) error {
+	for range n {
+		c, nl, err := dialSide(b.netns)
+		if err != nil {
+			return err
+		}
+		b.ports.note(nl)
+		_ = c.CloseLasting()
+	}
+	return nil
+}

@@ -51,11 +51,23 @@ type WatchEvent struct {
 // burst it must hold (≈ 100 bytes a rule).
 var watchBuffer = 4 << 20 // a variable for tests only: SetWatchBuffer
 
-// ownPorts are the port ids of the Backend's own netlink sockets, the
-// ownPortsKept latest: a socket closed may still have notifications
-// queued at the watcher, read after its close.
+// ownPorts are the port ids of the Backend's own netlink sockets: those
+// of its kept connections (kept: the main connection, Healthy's and
+// List's), whatever else is dialled, and the ownPortsKept latest others
+// (ring: sockets dialled for one call, kept ones replaced; a socket
+// closed may still have notifications queued at the watcher, read after
+// its close). Before (review h/revnftmon), the kept connections' ports
+// were in the ring too: 16 sockets dialled since (Healthy's kept socket
+// is dialled again after every check that found damage, a Healthy beside
+// another dials one each time) pushed the main connection's port out, and
+// every write of pcpd's was told as someone else's: its deletes as
+// deleted pinholes, its Setup as damage, and, where an install re-creates
+// the element (no in-place timeout update: Linux < 6.10, or a timeout of
+// 100 ms or less), the server's own putting back told as a deletion
+// again, round after round (TestWatchOwnPortsPastTheRing).
 type ownPorts struct {
 	mu   sync.Mutex
+	kept [numKeptPorts]uint32
 	ring []uint32
 	next int
 	cur  atomic.Pointer[[]uint32]
@@ -65,8 +77,23 @@ type ownPorts struct {
 
 const ownPortsKept = 16
 
-// note records the port id of nl, a socket of the Backend's.
-func (o *ownPorts) note(nl *netlink.Conn) {
+// The Backend's kept connections, each a slot of ownPorts.kept.
+const (
+	keptMain = iota
+	keptHealth
+	keptList
+	numKeptPorts
+)
+
+// note records the port id of nl, a socket of the Backend's dialled for
+// one call (a ring entry).
+func (o *ownPorts) note(nl *netlink.Conn) { o.record(-1, nl) }
+
+// keep records the port id of nl, the kept connection of slot (keptMain
+// ...), in place of the one before, which goes to the ring.
+func (o *ownPorts) keep(slot int, nl *netlink.Conn) { o.record(slot, nl) }
+
+func (o *ownPorts) record(slot int, nl *netlink.Conn) {
 	if nl == nil {
 		return
 	}
@@ -75,17 +102,24 @@ func (o *ownPorts) note(nl *netlink.Conn) {
 		return
 	}
 	o.mu.Lock()
-	if slices.Contains(o.ring, port) {
-		o.mu.Unlock()
-		return
+	push := port
+	if slot >= 0 {
+		push, o.kept[slot] = o.kept[slot], port
 	}
-	if len(o.ring) < ownPortsKept {
-		o.ring = append(o.ring, port)
-	} else {
-		o.ring[o.next] = port
-		o.next = (o.next + 1) % ownPortsKept
+	if push != 0 && !slices.Contains(o.ring, push) {
+		if len(o.ring) < ownPortsKept {
+			o.ring = append(o.ring, push)
+		} else {
+			o.ring[o.next] = push
+			o.next = (o.next + 1) % ownPortsKept
+		}
 	}
-	list := slices.Clone(o.ring)
+	list := make([]uint32, 0, numKeptPorts+len(o.ring))
+	for _, p := range append(o.kept[:], o.ring...) {
+		if p != 0 && !slices.Contains(list, p) {
+			list = append(list, p)
+		}
+	}
 	o.cur.Store(&list)
 	ws := slices.Clone(o.watchers)
 	o.mu.Unlock()

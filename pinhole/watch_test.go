@@ -216,3 +216,29 @@ func TestWatchAttachedJudgesOnlyPcpd(t *testing.T) {
 		t.Fatalf("table deleted: %+v", ev)
 	}
 }
+
+// TestWatchOwnPortsPastTheRing: more sockets of the Backend's own dialled
+// over time than the ring of ports keeps (a Healthy beside another dials
+// one each time; Healthy's kept socket is dialled again after every check
+// that found damage) do not make the kept connection's writes someone
+// else's: its delete is not told, nor (no in-place timeout update, as
+// before Linux 6.10) an install that re-creates its element, which told
+// as a deletion the server would put back, told again, round after round
+// (review h/revnftmon).
+func TestWatchOwnPortsPastTheRing(t *testing.T) {
+	ns := netlab.NewNS(t, "watchring")
+	b := newBackend(t, ns, pinhole.Config{})
+	a := netip.MustParseAddr("2001:db8::6")
+	p := pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 80}
+	q := pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 81}
+	apply(t, b, install(p, time.Hour), install(q, time.Hour))
+	evs := watching(t, b)
+	if err := b.DialSideSockets(20); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, b, del(p))
+	pinhole.SetUpdatesInPlace(b, false)
+	apply(t, b, install(q, time.Hour))
+	pinhole.SetUpdatesInPlace(b, true)
+	marker(t, ns, b, evs, 1005, "20 side sockets dialled, then pcpd's delete and re-creating install")
+}
