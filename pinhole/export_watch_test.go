@@ -2,6 +2,7 @@ package pinhole
 
 import (
 	"errors"
+	"slices"
 	"sync/atomic"
 
 	"github.com/mdlayher/netlink"
@@ -44,4 +45,20 @@ func (b *Backend) DialSideSockets(n int) error {
 		_ = c.CloseLasting()
 	}
 	return nil
+}
+
+// WatchersOpen is how many of the Backend's watchers have a socket open.
+func (b *Backend) WatchersOpen() int {
+	b.ports.mu.Lock()
+	ws := slices.Clone(b.ports.watchers)
+	b.ports.mu.Unlock()
+	n := 0
+	for _, w := range ws {
+		w.mu.Lock()
+		if w.conn != nil {
+			n++
+		}
+		w.mu.Unlock()
+	}
+	return n
 }

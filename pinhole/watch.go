@@ -292,8 +292,9 @@ type watcher struct {
 // with what someone else deleted or changed of pcpd's objects, one call
 // per batch read. Only pcpd's objects are judged (attached: its own
 // chains and sets in the admin's table, and the table). After a receive
-// error (ENOBUFS: notifications lost) fn gets Lost and the socket is
-// reopened; an error to open it is retried every second. It returns
+// error (ENOBUFS: notifications lost) the socket is reopened (an error to
+// open it retried every second) and then fn gets Lost: every change
+// after fn's call is told. It returns
 // ctx's error, or the first error to open the socket.
 func (b *Backend) Watch(ctx context.Context, fn func(WatchEvent)) error {
 	if b.conn.TestDial != nil {
@@ -314,6 +315,13 @@ func (b *Backend) Watch(ctx context.Context, fn func(WatchEvent)) error {
 	}()
 	stop := context.AfterFunc(ctx, w.close)
 	defer stop()
+	// lost is the receive error not told yet: Lost is told once the new
+	// socket has joined the group, so that what fn does for it (a check,
+	// an audit) comes after the last change not told. Before (review
+	// h/revnftmon), Lost came before the reopen: a change committed while
+	// fn handled it, or while the reopen failed, was told neither then
+	// nor later (TestWatchLostTellsAfterRejoin).
+	var lost error
 	for ctx.Err() == nil {
 		w.mu.Lock()
 		c := w.conn
@@ -327,13 +335,18 @@ func (b *Backend) Watch(ctx context.Context, fn func(WatchEvent)) error {
 			}
 			continue
 		}
+		if lost != nil {
+			fn(WatchEvent{Lost: lost})
+			lost = nil
+			continue
+		}
 		msgs, err := receiveHook(c)
 		if ctx.Err() != nil {
 			break
 		}
 		if err != nil {
 			w.close()
-			fn(WatchEvent{Lost: fmt.Errorf("pinhole: watch: %w", err)})
+			lost = fmt.Errorf("pinhole: watch: %w", err)
 			continue
 		}
 		if ev, ok := b.judge(msgs); ok {

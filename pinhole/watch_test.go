@@ -242,3 +242,51 @@ func TestWatchOwnPortsPastTheRing(t *testing.T) {
 	pinhole.SetUpdatesInPlace(b, true)
 	marker(t, ns, b, evs, 1005, "20 side sockets dialled, then pcpd's delete and re-creating install")
 }
+
+// TestWatchLostTellsAfterRejoin: Lost is told once the new socket has
+// joined the group, so that what the caller does for it (the server: a
+// check and an audit) sees every change Watch does not tell. Before
+// (review h/revnftmon), Lost came before the reopen: an element someone
+// deleted while the caller handled it (after its audit's dump) was told
+// neither then nor later.
+func TestWatchLostTellsAfterRejoin(t *testing.T) {
+	ns := netlab.NewNS(t, "watchrejoin")
+	b := newBackend(t, ns, pinhole.Config{})
+	p := pinhole.Pinhole{Protocol: tcp, InternalAddr: netip.MustParseAddr("2001:db8::8"), InternalPort: 80}
+	later := pinhole.Pinhole{Protocol: tcp, InternalAddr: netip.MustParseAddr("2001:db8::8"), InternalPort: 81}
+	apply(t, b, install(p, time.Hour), install(later, time.Hour))
+	defer pinhole.WatchFailNext()()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	evs := make(chan pinhole.WatchEvent, 1024)
+	errs := make(chan error, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		b.Watch(ctx, func(ev pinhole.WatchEvent) {
+			if ev.Lost != nil {
+				// Someone deletes an element while the caller handles Lost.
+				_, err := ns.Run("nft", "delete", "element", "inet", "pcpd", "pin6", "{ 2001:db8::8 . tcp . 80 }")
+				errs <- err
+			}
+			evs <- ev
+		})
+	}()
+	defer func() { cancel(); <-done }()
+	ns.MustRun(t, "nft", "add table inet other") // wakes the receive that fails
+	if ev := nextEvent(t, evs, "forced error"); ev.Lost == nil {
+		t.Fatalf("first event %+v, want Lost", ev)
+	}
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+	for b.WatchersOpen() == 0 { // reopened (before the fix, after Lost)
+		time.Sleep(time.Millisecond)
+	}
+	// A later deletion: the next event is the one made during Lost.
+	ns.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", "{ 2001:db8::8 . tcp . 81 }")
+	want, _ := p.Canonical()
+	if ev := nextEvent(t, evs, "delete during Lost"); !slices.Equal(ev.Deleted, []pinhole.Pinhole{want}) {
+		t.Fatalf("after Lost: %+v, want the deletion of %v made while Lost was handled", ev, want)
+	}
+}
