@@ -270,3 +270,42 @@ func TestE2EWatchLostChecksAndAudits(t *testing.T) {
 		t.Fatalf("pcpd_firewall_watch_checks_total %v, want 1", n)
 	}
 }
+
+// TestE2EWatchLostAuditDeferred: a second loss of notifications within
+// lostAuditGap of the first's audit defers its audit to the gap's end,
+// not skips it: an element deleted while the watch was deaf the second
+// time is back with no renewal (check and audit an hour apart; the gap
+// shortened to 3 s here). Before (review h/revnftmon) it stayed missing.
+func TestE2EWatchLostAuditDeferred(t *testing.T) {
+	defer func(old time.Duration) { lostAuditGap = old }(lostAuditGap)
+	lostAuditGap = 3 * time.Second
+	var d *deafWatch
+	l := watchLab(t, func(*Config, *policy.Config) {})
+	l.stop()
+	d = &deafWatch{Backend: l.fw}
+	l.firewall = d
+	l.start()
+	c := l.topo.ClientV6
+	for _, port := range []uint16{443, 444} {
+		if r := l.pcp(mapReq(c, pcp.ProtoTCP, port, 0, time.Hour, 1)); r.Result != pcp.Success {
+			t.Fatalf("%+v", r)
+		}
+	}
+	if err := netlab.Eventually(watchBound, func() error {
+		if d.fn.Load() == nil {
+			return errors.New("no watch")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal("the server did not start the watch")
+	}
+	d.deaf.Store(true)
+	for i, port := range []uint16{443, 444} {
+		l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", fmt.Sprintf("{ %s . tcp . %d }", c, port))
+		d.lose()
+		l.waitHolds(t, fmt.Sprintf("loss %d", i+1), 6, c, port)
+	}
+	if n := counterValue(t, l.srv.m.watchLost); n != 2 {
+		t.Fatalf("pcpd_firewall_watch_lost_total %v, want 2", n)
+	}
+}
