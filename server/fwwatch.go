@@ -42,8 +42,7 @@ import (
 //   - after lost notifications (ENOBUFS, a failed socket: the watcher
 //     reopens it) runs the check and the audit (auditFirewall), at most
 //     once per lostAuditGap (one owed sooner deferred to the gap's end):
-//     a lost element's deletion shows only in a
-//     dump.
+//     a lost element's deletion shows only in a dump.
 // The periodic check and the hourly audit stay as the backstop.
 
 // maxWatchPending bounds the deleted pinholes gathered for one pass
