@@ -290,3 +290,37 @@ func TestWatchLostTellsAfterRejoin(t *testing.T) {
 		t.Fatalf("after Lost: %+v, want the deletion of %v made while Lost was handled", ev, want)
 	}
 }
+
+// TestWatchTellsRangeElements: elements someone deletes from the
+// concatenated-range sets (a FILTER's pin6_filter element, a NAPT
+// mapping's napt4_filter element and its snat4_filter companion, key end
+// and all) and from redir6 are told as exactly the pinholes installed
+// (review h/revnftmon: the watch's own tests deleted only hash elements).
+func TestWatchTellsRangeElements(t *testing.T) {
+	ns := netlab.NewNS(t, "watchrange")
+	b := newBackend(t, ns, pinhole.Config{})
+	a := netip.MustParseAddr("2001:db8::5")
+	f48 := pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 81, RemotePrefix: netip.MustParsePrefix("2001:db8:9::/48")}
+	f128 := pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 82, RemotePrefix: netip.MustParsePrefix("2001:db8:9::1/128"), RemotePort: 4000}
+	napt := pinhole.Pinhole{Protocol: udp, InternalAddr: netip.MustParseAddr("10.0.0.2"), InternalPort: 5000,
+		ExternalAddr: netip.MustParseAddr("192.0.2.1"), ExternalPort: 6000, RemotePrefix: netip.MustParsePrefix("198.51.100.0/24")}
+	redir := pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 83, ExternalAddr: a, ExternalPort: 8083}
+	evs := watching(t, b)
+	for _, tc := range []struct {
+		p   pinhole.Pinhole
+		cmd string
+	}{
+		{f48, "delete element inet pcpd pin6_filter { 2001:db8::5 . tcp . 81 . 2001:db8:9::/48 . 0-65535 }"},
+		{f128, "delete element inet pcpd pin6_filter { 2001:db8::5 . tcp . 82 . 2001:db8:9::1 . 4000 }"},
+		{napt, "delete element inet pcpd napt4_filter { 192.0.2.1 . udp . 6000 . 198.51.100.0/24 . 0-65535 }"},
+		{napt, "delete element inet pcpd snat4_filter { 10.0.0.2 . udp . 5000 . 198.51.100.0/24 . 0-65535 }"},
+		{redir, "delete element inet pcpd redir6 { 2001:db8::5 . tcp . 8083 }"},
+	} {
+		apply(t, b, install(tc.p, time.Hour))
+		ns.MustRun(t, "sh", "-c", "nft '"+tc.cmd+"'")
+		ev := nextEvent(t, evs, tc.cmd)
+		if want, _ := tc.p.Canonical(); ev.Damage != "" || !slices.Equal(ev.Deleted, []pinhole.Pinhole{want}) {
+			t.Fatalf("%s: %+v, want Deleted %v", tc.cmd, ev, want)
+		}
+	}
+}
