@@ -309,3 +309,51 @@ func TestE2EWatchLostAuditDeferred(t *testing.T) {
 		t.Fatalf("pcpd_firewall_watch_lost_total %v, want 2", n)
 	}
 }
+
+// TestE2EWatchCheckGap: damage told again within watchCheckGap of the
+// watch's last check waits for the gap's end, so a tool undoing each
+// repair as it is told of it costs at most a check a gap, not one per
+// notification back to back (review h/revnftmon). The gap is an hour
+// here: the second damage's pass runs no check.
+func TestE2EWatchCheckGap(t *testing.T) {
+	defer func(old time.Duration) { watchCheckGap = old }(watchCheckGap)
+	watchCheckGap = time.Hour
+	passes := make(chan struct{}, 16)
+	watchPassHook = func() { passes <- struct{}{} }
+	defer func() { watchPassHook = nil }()
+	var d *deafWatch
+	l := watchLab(t, func(*Config, *policy.Config) {})
+	l.stop()
+	d = &deafWatch{Backend: l.fw}
+	l.firewall = d
+	l.start()
+	if err := netlab.Eventually(watchBound, func() error {
+		if d.fn.Load() == nil {
+			return errors.New("no watch")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal("the server did not start the watch")
+	}
+	pass := func(what string) {
+		t.Helper()
+		select {
+		case <-passes:
+		case <-time.After(watchBound):
+			t.Fatalf("%s: no pass of the watch", what)
+		}
+	}
+	for i, want := range []float64{1, 1, 1} {
+		(*d.fn.Load())(pinhole.WatchEvent{Damage: fmt.Sprintf("rule added to chain guard6 (test %d)", i)})
+		pass(fmt.Sprint("damage ", i))
+		if n := counterValue(t, l.srv.m.watchChecks); n != want {
+			t.Fatalf("after damage %d: pcpd_firewall_watch_checks_total %v, want %v (a check a gap)", i, n, want)
+		}
+	}
+	// Lost notifications are checked at once all the same.
+	d.lose()
+	pass("lost")
+	if n := counterValue(t, l.srv.m.watchChecks); n != 2 {
+		t.Fatalf("after Lost: pcpd_firewall_watch_checks_total %v, want 2", n)
+	}
+}
