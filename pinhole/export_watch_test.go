@@ -5,6 +5,7 @@ import (
 	"slices"
 	"sync/atomic"
 
+	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
 )
 
@@ -61,4 +62,13 @@ func (b *Backend) WatchersOpen() int {
 		w.mu.Unlock()
 	}
 	return n
+}
+
+// UseCallersConn makes b write on conn, not on a lasting socket of its
+// own, as when New could not dial one.
+func UseCallersConn(b *Backend, conn *nftables.Conn) {
+	b.mu.Lock()
+	_ = b.conn.CloseLasting()
+	b.conn, b.ownConn, b.nl = conn, false, nil
+	b.mu.Unlock()
 }

@@ -300,6 +300,20 @@ func (b *Backend) Watch(ctx context.Context, fn func(WatchEvent)) error {
 	if b.conn.TestDial != nil {
 		return fmt.Errorf("pinhole: watch: %w: a fake-dialled connection", ErrInvalid)
 	}
+	// The Backend writes on a lasting socket of its own, whose port the
+	// filter knows: on the caller's connection (New could not dial one),
+	// each flush dials a socket of a new port, and every write of pcpd's
+	// would be told as someone else's (review h/revnftmon,
+	// TestWatchWithoutOwnConn). Dialled now, or no watch.
+	b.mu.Lock()
+	if !b.ownConn {
+		b.resetConn()
+	}
+	own := b.ownConn
+	b.mu.Unlock()
+	if !own {
+		return fmt.Errorf("pinhole: watch: %w: no lasting connection of the Backend's own (its writes could not be told from others')", ErrUnhealthy)
+	}
 	w := &watcher{b: b, fn: fn}
 	if err := w.open(); err != nil {
 		return err

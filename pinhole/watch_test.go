@@ -324,3 +324,22 @@ func TestWatchTellsRangeElements(t *testing.T) {
 		}
 	}
 }
+
+// TestWatchWithoutOwnConn: a Backend writing on the caller's connection
+// (New could not dial a lasting one: each flush then dials a socket of a
+// new port) gets one of its own when Watch starts, so its writes are
+// still not told (review h/revnftmon).
+func TestWatchWithoutOwnConn(t *testing.T) {
+	ns := netlab.NewNS(t, "watchnoown")
+	b := newBackend(t, ns, pinhole.Config{})
+	conn, err := ns.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pinhole.UseCallersConn(b, conn)
+	p := pinhole.Pinhole{Protocol: tcp, InternalAddr: netip.MustParseAddr("2001:db8::9"), InternalPort: 80}
+	apply(t, b, install(p, time.Hour))
+	evs := watching(t, b)
+	apply(t, b, del(p))
+	marker(t, ns, b, evs, 1006, "pcpd's delete, New's connection not its own")
+}
