@@ -1,0 +1,66 @@
+package pinhole_test
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// TestRepairSeesFlowLetInWhileTableGone (root; review h/revrepair): an
+// admin's reload ("flush ruleset", here "delete table inet pcpd")
+// removes pcpd's table, and until the repair (the next firewall check)
+// nothing of pcpd's filters the forward hook: a connection from the
+// Internet to a client comes in unlabelled, as through a flushed guard6.
+// The Setup after a Healthy that found damage reads conntrack for such
+// flows (recheckFlows), but only over a layout that exists (existing()):
+// over the deleted table it asked nothing, and after the re-install and
+// Arm CutsFlows said true while the connection, never labelled, carried
+// data after its pinhole's delete (the server answered the delete
+// without the walk). Rows: the repair's path (PrepareSetup, Setup,
+// re-install, Arm, VerifySetup; voided answers, h/repair1m's
+// unreadLocked, ask the same) and a Setup on its own. No timing.
+func TestRepairSeesFlowLetInWhileTableGone(t *testing.T) {
+	for _, row := range []string{"Setup alone", "prepared"} {
+		t.Run(row, func(t *testing.T) {
+			topo, b, client, p := guardedPinhole(t, 7397)
+			// The admin's own ruleset, which a reload loads again with
+			// the flush: its ct rule keeps conntrack tracking the host's
+			// traffic (the kernel registers conntrack's hooks in a
+			// namespace only while a rule uses them) after pcpd's table
+			// goes.
+			topo.Host.MustRun(t, "nft", "add", "table", "inet", "admin")
+			topo.Host.MustRun(t, "nft", "add", "chain", "inet", "admin", "afwd", "{ type filter hook forward priority 10; policy accept; }")
+			topo.Host.MustRun(t, "nft", "add", "rule", "inet", "admin", "afwd", "ct", "state", "invalid", "drop")
+			topo.Host.MustRun(t, "nft", "delete", "table", "inet", "pcpd")
+			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+				t.Fatalf("Healthy after the table's delete: %v", err)
+			}
+			// The reload's window: nothing of pcpd's filters.
+			f := openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47397), client)
+			if row != "Setup alone" {
+				b.PrepareSetup()
+			}
+			if err := b.Setup(); err != nil {
+				t.Fatal(err)
+			}
+			apply(t, b, install(p, time.Hour)) // the re-install
+			if err := b.Arm(); err != nil {
+				t.Fatal(err)
+			}
+			b.VerifySetup() // the server, its lock let go
+			cuts, marked := b.CutsFlows(p), markedChecked(t, topo.Host, "recheck6")
+			apply(t, b, del(p))
+			err := f.echo(failWait)
+			if err == nil && cuts {
+				t.Error("CutsFlows true after the repair, yet the connection let in while the table was gone carries data after its pinhole's delete")
+			}
+			if err == nil && marked {
+				t.Error("recheck6 marked checked with a connection let in unlabelled alive (a later start trusts the mark)")
+			}
+			t.Logf("CutsFlows %v, marked %v, echo after the delete: %v", cuts, marked, err)
+		})
+	}
+}
