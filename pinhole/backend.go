@@ -473,6 +473,15 @@ func (b *Backend) setupLocked() (err error) {
 			b.pinAsked = true
 			if (b.recheckFlows || !marked(b.chainRecheck6, flowsCheckedMark)) && existing() {
 				b.unlabelled = b.pinFlowsUnlabelled()
+			} else if b.recheckFlows {
+				// Damage found, the layout gone (an admin's reload
+				// deleted the table): nothing of pcpd's filtered
+				// meanwhile, and a flow let in then carries no label.
+				// Not readable before the layout (no protected sets):
+				// read over the written one (VerifySetup); before,
+				// asked nothing, and CutsFlows said true over it
+				// (review h/revrepair, TestRepairSeesFlowLetInWhileTableGone).
+				b.pinVerify = true
 			}
 		}
 	}
@@ -482,6 +491,8 @@ func (b *Backend) setupLocked() (err error) {
 			b.natAsked = true
 			if (b.recheckFlows || !marked(b.chainRecheckNAT, natCheckedMark)) && existing() {
 				b.natUnlabelled = b.dnatFlowsUnlabelled()
+			} else if b.recheckFlows {
+				b.natVerify = true // as pinVerify above
 			}
 		}
 	}
