@@ -64,3 +64,40 @@ func TestRepairSeesFlowLetInWhileTableGone(t *testing.T) {
 		})
 	}
 }
+
+// TestRepairProtectedSeesFlowLetInUnguarded (root; review h/revrepair):
+// the entry chain sends a packet to guard6 only when its destination is
+// in protected6 ("ip6 daddr @protected6 goto guard6"). A protected6
+// flushed ("nft flush set inet pcpd protected6", a reload that re-made
+// the set) lets a connection from the Internet to a client in through
+// the forward chain's accept, unlabelled, as a flushed guard6 does. Yet
+// Healthy reports that damage as the protected sets' alone (ErrProtected:
+// the server repairs it with RepairProtected, no Setup), which noteDamage
+// took as harmless to the cut: CutsFlows stayed true and the connection,
+// never labelled, carried data after its pinhole's delete (the server
+// answered the delete without the walk). No timing.
+func TestRepairProtectedSeesFlowLetInUnguarded(t *testing.T) {
+	topo, b, client, p := guardedPinhole(t, 7398)
+	topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "protected6")
+	f := openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47398), client)
+	herr := b.Healthy()
+	if !errors.Is(herr, pinhole.ErrProtected) {
+		t.Fatalf("Healthy after the flush of protected6: %v, want ErrProtected", herr)
+	}
+	// The server's repairPartial, then its next check (healthy: it
+	// calls VerifySetup).
+	if err := b.RepairProtected(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("Healthy after RepairProtected: %v", err)
+	}
+	b.VerifySetup()
+	cuts := b.CutsFlows(p)
+	apply(t, b, del(p))
+	err := f.echo(failWait)
+	if err == nil && cuts {
+		t.Error("CutsFlows true after the repair of protected6, yet the connection let in unguarded carries data after its pinhole's delete")
+	}
+	t.Logf("CutsFlows %v, echo after the delete: %v", cuts, err)
+}
