@@ -769,6 +769,13 @@ func (b *Backend) RepairProtected() (err error) {
 	if err := b.writeProtected(b.protected); err != nil {
 		return fmt.Errorf("pinhole: repair of the protected sets: %w: %w", ErrProtected, err)
 	}
+	// The check noteDamage owed: its chains unmarked until VerifySetup
+	// (a failure only leaves a stale mark, as before).
+	if b.unmarkOwed() {
+		if ferr := b.flush(); ferr != nil {
+			b.dropUnsent(&ferr)
+		}
+	}
 	return nil
 }
 
@@ -1825,6 +1832,47 @@ func (b *Backend) noteDamage(err error) {
 		b.cuttingNAT.Store(false)
 		b.recheckFlows = true
 	}
+	if errors.Is(err, ErrProtected) && b.hasProtected {
+		// The protected sets differ from the last SetProtected: one
+		// that lost a prefix ("nft flush set inet pcpd protected6")
+		// sends that prefix's traffic past guard6/guard4 ("daddr
+		// @protected6 goto guard6") to the forward chain's accept, and
+		// a flow let in so carries no label. The server repairs the sets
+		// alone (RepairProtected, no Setup): CutsFlows is false for the
+		// kinds from here until VerifySetup reads conntrack over the
+		// repaired sets (the server's next healthy check), and their
+		// re-check chains lose the checked mark at the repair. Before,
+		// CutsFlows stayed true and such a flow outlived its pinhole's
+		// delete (review h/revrepair, finding 2,
+		// TestRepairProtectedSeesFlowLetInUnguarded).
+		if b.cutLabels && !b.unlabelled {
+			b.pinVerify = true
+			b.cutting.Store(false)
+		}
+		if b.natCutting() && !b.natUnlabelled {
+			b.natVerify = true
+			b.cuttingNAT.Store(false)
+		}
+	}
+}
+
+// unmarkOwed writes the re-check chains of the kinds whose check for
+// flows let in unlabelled is owed (pinVerify, natVerify) again, as Setup
+// lays them out: without the checked mark (checkedMark), so that a
+// start before VerifySetup reads conntrack; whether it queued any.
+// Caller holds b.mu and flushes.
+func (b *Backend) unmarkOwed() bool {
+	if b.cfg.Attached || !b.pinVerify && !b.natVerify {
+		return false
+	}
+	n := 0
+	for _, cr := range b.layout() {
+		if b.pinVerify && cr.name == b.chainRecheck6 || b.natVerify && cr.name == b.chainRecheckNAT {
+			b.queueRewrite(&nftables.Chain{Table: b.table, Name: cr.name}, cr, true)
+			n++
+		}
+	}
+	return n > 0
 }
 
 // foldOwnerReads folds the owner chains' rules Healthy read into the drop

@@ -93,11 +93,36 @@ func TestRepairProtectedSeesFlowLetInUnguarded(t *testing.T) {
 		t.Fatalf("Healthy after RepairProtected: %v", err)
 	}
 	b.VerifySetup()
-	cuts := b.CutsFlows(p)
+	cuts, marked := b.CutsFlows(p), markedChecked(t, topo.Host, "recheck6")
 	apply(t, b, del(p))
 	err := f.echo(failWait)
 	if err == nil && cuts {
 		t.Error("CutsFlows true after the repair of protected6, yet the connection let in unguarded carries data after its pinhole's delete")
 	}
-	t.Logf("CutsFlows %v, echo after the delete: %v", cuts, err)
+	if err == nil && marked {
+		t.Error("recheck6 marked checked with a connection let in unlabelled alive (a later start trusts the mark)")
+	}
+	t.Logf("CutsFlows %v, marked %v, echo after the delete: %v", cuts, marked, err)
+}
+
+// TestRepairProtectedCutsAgainAfterVerify (root): the control of
+// TestRepairProtectedSeesFlowLetInUnguarded: with no flow let in while
+// protected6 was flushed, VerifySetup after the repair finds none and
+// CutsFlows is true again, recheck6 marked.
+func TestRepairProtectedCutsAgainAfterVerify(t *testing.T) {
+	topo, b, _, p := guardedPinhole(t, 7399)
+	topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "protected6")
+	if err := b.Healthy(); !errors.Is(err, pinhole.ErrProtected) {
+		t.Fatalf("Healthy after the flush of protected6: %v, want ErrProtected", err)
+	}
+	if err := b.RepairProtected(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Healthy(); err != nil {
+		t.Fatalf("Healthy after RepairProtected: %v", err)
+	}
+	b.VerifySetup()
+	if !b.CutsFlows(p) || !markedChecked(t, topo.Host, "recheck6") {
+		t.Errorf("no flow let in: CutsFlows %v, recheck6 marked %v after VerifySetup; want both true", b.CutsFlows(p), markedChecked(t, topo.Host, "recheck6"))
+	}
 }
