@@ -126,3 +126,48 @@ func TestRepairProtectedCutsAgainAfterVerify(t *testing.T) {
 		t.Errorf("no flow let in: CutsFlows %v, recheck6 marked %v after VerifySetup; want both true", b.CutsFlows(p), markedChecked(t, topo.Host, "recheck6"))
 	}
 }
+
+// TestPreparedSetupVoidedSparesLabelledFlow (root; review h/revrepair):
+// TestPreparedSetupVoidedReadsNothingLocked's "no flow" row checks the
+// voided path reads nothing and ends armed, but not that it lays a cut
+// that is not intact out disarmed (unreadLocked's labelled = true, which
+// checkDisarm now trusts whatever the bits): with no labelled flow alive
+// an armed layout passes it too. Here a connection labelled through its
+// pinhole lives when pin6 is flushed; PrepareSetup, a write of the layout
+// (voiding its answers), Setup: the connection must go on until the
+// re-install and Arm, and be cut after its pinhole's delete. Shown
+// failing with unreadLocked's labelled left false (the connection
+// dropped at Setup). No timing.
+func TestPreparedSetupVoidedSparesLabelledFlow(t *testing.T) {
+	topo, b, client, p := guardedPinhole(t, 7400)
+	f := openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47400), client)
+	topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
+	if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
+		t.Fatalf("Healthy after the flush of pin6: %v", err)
+	}
+	b.PrepareSetup()
+	if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Setup(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.echo(okWait); err != nil {
+		t.Errorf("repaired (voided PrepareSetup), its pinhole not yet re-installed: the connection: %v (Armed %v), want it to go on", err, b.Armed())
+	}
+	apply(t, b, install(p, time.Hour)) // the re-install
+	if err := b.Arm(); err != nil {
+		t.Fatal(err)
+	}
+	b.VerifySetup()
+	if !b.Armed() || !b.CutsFlows(p) {
+		t.Errorf("re-installed and armed: Armed %v, CutsFlows %v", b.Armed(), b.CutsFlows(p))
+	}
+	if err := f.echo(okWait); err != nil {
+		t.Errorf("armed: the connection: %v", err)
+	}
+	apply(t, b, del(p))
+	if err := f.echo(failWait); !isTimeout(err) {
+		t.Errorf("armed, pinhole deleted: the connection: %v, want a timeout (cut)", err)
+	}
+}
