@@ -185,13 +185,31 @@ const (
 	nftaSetElemKeyEnd    = 10
 )
 
-// Message offsets in a netlink message header (host byte order).
+// Fields of a netlink message header, in the host's byte order.
 const (
-	nlmsgLenOff  = 0
-	nlmsgTypeOff = 4 // low byte: the nftables message type
-	nlmsgSubsOff = 5 // high byte of the type: the nfnetlink subsystem
-	nlmsgPidOff  = 12
+	nlmsgLenOff  = 0  // u32
+	nlmsgTypeOff = 4  // u16: low byte the nftables message type, high byte the nfnetlink subsystem
+	nlmsgPidOff  = 12 // u32
 )
+
+// hostByte is the offset of the i-th least significant byte of a
+// size-byte field at off stored in order (the host's: netlink headers
+// are in host byte order, and classic BPF loads bytes where they lie).
+func hostByte(order binary.ByteOrder, off, size, i uint32) uint32 {
+	if order == binary.ByteOrder(binary.BigEndian) {
+		return off + size - 1 - i
+	}
+	return off + i
+}
+
+// hostOrder is the host's byte order as the filter needs it: big or
+// little endian (binary.NativeEndian is neither value).
+func hostOrder() binary.ByteOrder {
+	if binary.NativeEndian.Uint16([]byte{0, 1}) == 1 {
+		return binary.BigEndian
+	}
+	return binary.LittleEndian
+}
 
 // watchFilter is the socket filter for ports (the Backend's own): it drops
 // a notification skb whose first message was sent by one of ports or by
@@ -202,9 +220,15 @@ const (
 // every message's; their types may differ (pcpd's delete is an add and a
 // delete of the element), so an skb of several messages is passed
 // whatever its first message's type. Classic BPF loads words in network
-// byte order: the port is compared byte-swapped, the type and length read
-// a byte at a time.
+// byte order: the port is compared as its bytes lie in the host's order,
+// the type and length read a byte at a time where the host's order puts
+// them (watchFilterFor; a test runs both orders).
 func watchFilter(ports []uint32) ([]bpf.RawInstruction, error) {
+	return watchFilterFor(ports, hostOrder())
+}
+
+// watchFilterFor is watchFilter for a host of byte order order.
+func watchFilterFor(ports []uint32, order binary.ByteOrder) ([]bpf.RawInstruction, error) {
 	const (
 		drop   = "drop"
 		pass   = "pass"
@@ -223,28 +247,29 @@ func watchFilter(ports []uint32) ([]bpf.RawInstruction, error) {
 	label := func(name string) { labels[name] = len(prog) }
 
 	// Not nftables (nfnetlink subsystem): not ours to judge, passed.
-	add(bpf.LoadAbsolute{Off: nlmsgSubsOff, Size: 1})
+	add(bpf.LoadAbsolute{Off: hostByte(order, nlmsgTypeOff, 2, 1), Size: 1})
 	prog = append(prog, ins{i: bpf.JumpIf{Cond: bpf.JumpEqual, Val: unix.NFNL_SUBSYS_NFTABLES}, jfals: pass})
 	add(bpf.LoadAbsolute{Off: nlmsgPidOff, Size: 4})
 	jeq(0, drop)
 	for _, p := range ports {
 		var b [4]byte
-		binary.NativeEndian.PutUint32(b[:], p)
+		order.PutUint32(b[:], p)
 		jeq(binary.BigEndian.Uint32(b[:]), drop)
 	}
-	add(bpf.LoadAbsolute{Off: nlmsgTypeOff, Size: 1})
+	add(bpf.LoadAbsolute{Off: hostByte(order, nlmsgTypeOff, 2, 0), Size: 1})
 	jeq(unix.NFT_MSG_NEWGEN, drop)
 	for _, t := range []uint32{unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_NEWSET, unix.NFT_MSG_NEWOBJ, unix.NFT_MSG_NEWFLOWTABLE} {
 		jeq(t, single)
 	}
 	add(bpf.RetConstant{Val: 0xffffffff})
 	label(single)
-	// The first message's length (little-endian u32; < 64 KiB: two bytes)
-	// against the skb's: equal, the skb holds that message alone.
-	add(bpf.LoadAbsolute{Off: nlmsgLenOff + 1, Size: 1})
+	// The first message's length (u32 in the host's order; < 64 KiB: its
+	// two low bytes) against the skb's: equal, the skb holds that message
+	// alone.
+	add(bpf.LoadAbsolute{Off: hostByte(order, nlmsgLenOff, 4, 1), Size: 1})
 	add(bpf.ALUOpConstant{Op: bpf.ALUOpShiftLeft, Val: 8})
 	add(bpf.TAX{})
-	add(bpf.LoadAbsolute{Off: nlmsgLenOff, Size: 1})
+	add(bpf.LoadAbsolute{Off: hostByte(order, nlmsgLenOff, 4, 0), Size: 1})
 	add(bpf.ALUOpX{Op: bpf.ALUOpOr})
 	add(bpf.TAX{})
 	add(bpf.LoadExtension{Num: bpf.ExtLen})
