@@ -248,38 +248,12 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			return 0, err
 		}
 	}
-	buckets := ctHashSize()
-	msgs, err := d.c.Execute(ctnl.Request(ctnl.MsgGet, netlink.Request|netlink.Dump, fam, attrs))
-	if d.fault != nil {
-		msgs, err = d.fault(msgs, err)
-	}
-	if err != nil {
-		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP) {
-			// The kernel's answer to the dump request, its only one:
-			// nothing of this exchange is left queued on d.c.
-			return 0, fmt.Errorf("server: conntrack dump: %w: %w", errCtFilterRefused, err)
-		}
-		return 0, fmt.Errorf("server: conntrack dump: %w", err)
-	}
-	// A dump the kernel marks inconsistent (NLM_F_DUMP_INTR: the table
-	// changed under it) may have missed flows: what it found is ended,
-	// and the group walked again (ctFlusher).
-	var intr error
-	for _, m := range msgs {
-		if m.Header.Flags&netlink.DumpInterrupted != 0 {
-			intr = errCtDumpInterrupted
-			break
-		}
-	}
-	if intr == nil && ctHashSize() != buckets {
-		// Resized meanwhile (nf_conntrack_buckets): the dump walked the
-		// buckets by index while the kernel moved the entries, and may
-		// have skipped flows; likewise walked again (h/left9).
-		intr = fmt.Errorf("server: conntrack dump: %w", ctnl.ErrResized)
-	}
 	var dels []netlink.Message
 	var hits []ctHit
-	var held []ctHeldFlow // hits' flows
+	// hits' deletes (ctnl.DeleteMsg copies what it names a flow by out
+	// of the dump: a streamed dump's read buffer is reused); none (nil
+	// Data) if it could not be built.
+	var held []netlink.Message
 	// decide asks spare about hits and queues the deletes of those no
 	// live lease keeps: every ctHitChunk hits (what they hold beside the
 	// dump stays bounded: with live, every flow matched is a hit), and
@@ -289,50 +263,55 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			d.spare(hits)
 		}
 		for i, h := range hits {
-			if f := held[i]; !h.keep {
-				if del, ok := f.delete(); ok {
-					dels = append(dels, del)
-				}
+			if del := held[i]; !h.keep && del.Data != nil {
+				dels = append(dels, del)
 			}
 		}
 		hits, held = hits[:0], held[:0]
 	}
-	for _, m := range msgs {
+	hit := func(h ctHit, family byte, orig, reply, zone, id []byte) {
+		del, _ := heldFlow(family, orig, reply, zone, id).delete()
+		hits = append(hits, h)
+		held = append(held, del)
+	}
+	// A dump the kernel marks inconsistent (NLM_F_DUMP_INTR: the table
+	// changed under it) may have missed flows: what it found is ended,
+	// and the group walked again (ctFlusher).
+	dumpIntr := false
+	// judge decides about one dumped entry (family, its attributes
+	// after struct nfgenmsg, whether NLM_F_DUMP_INTR marked it).
+	judge := func(family byte, attrs []byte, interrupted bool) {
+		dumpIntr = dumpIntr || interrupted
 		if len(hits) >= ctHitChunk {
 			decide()
 		}
-		if len(m.Data) < 4 {
-			continue
-		}
-		ad, err := netlink.NewAttributeDecoder(m.Data[4:])
-		if err != nil {
-			continue
-		}
 		var orig, reply, zone, id []byte
-		for ad.Next() {
-			switch ad.Type() {
+		if !ctnl.Attrs(attrs, func(typ uint16, v []byte) {
+			switch typ {
 			case ctnl.TupleOrig:
-				orig = ad.Bytes()
+				orig = v
 			case ctnl.TupleReply:
-				reply = ad.Bytes()
+				reply = v
 			case ctnl.Zone:
-				zone = ad.Bytes()
+				zone = v
 			case ctnl.ID:
-				id = ad.Bytes()
+				id = v
 			}
+		}) {
+			return // malformed: not judged on part of it
 		}
 		// Checked here in any case: a kernel that does not know
 		// CTA_FILTER ignores it and dumps every flow.
 		if orig == nil {
-			continue
+			return
 		}
 		o, ok := ctTupleOf(orig, g.v4)
 		if !ok {
-			continue
+			return
 		}
 		k := ctFilter{nat: g.nat, t: ctTarget{addr: o.dst.Addr(), proto: o.proto, port: o.dst.Port()}}
 		if !g.nat && g.proto != o.proto && g.proto != 0 {
-			continue // a kernel that ignored CTA_FILTER
+			return // a kernel that ignored CTA_FILTER
 		}
 		if !g.nat && wild {
 			// Exactly matched and not spared: ended. Otherwise
@@ -349,23 +328,22 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			_, exact := slices.BinarySearchFunc(fs, k, cmpCtFilter)
 			if _, ok := slices.BinarySearchFunc(fs, w, cmpCtTarget); ok && (d.live || !(exact && !d.admits.admitted(k.t, o.src, to))) {
 				if d.host.has(o.src.Addr()) {
-					continue // the host's own (Server.hostAddrs)
+					return // the host's own (Server.hostAddrs)
 				}
-				hits = append(hits, ctHit{t: k.t, src: o.src, to: to})
-				held = append(held, heldFlow(m.Data[0], orig, reply, zone, id))
-				continue
+				hit(ctHit{t: k.t, src: o.src, to: to}, family, orig, reply, zone, id)
+				return
 			}
 		}
 		if g.nat {
 			r, ok := ctTupleOf(reply, g.v4)
 			if !ok || !o.src.Addr().Is4() {
-				continue
+				return
 			}
 			k.t = ctTarget{addr: r.dst.Addr(), proto: r.proto, port: r.dst.Port()}
 			k.src4, k.sport = o.src.Addr().As4(), o.src.Port()
 		}
 		if _, want := slices.BinarySearchFunc(fs, k, cmpCtFilter); !want {
-			continue
+			return
 		}
 		if d.live {
 			// Asked of the live leases once every flow is read.
@@ -373,40 +351,105 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			if g.nat {
 				h.to = o.dst // the remote
 			} else if d.host.has(o.src.Addr()) {
-				continue // the host's own (Server.hostAddrs)
+				return // the host's own (Server.hostAddrs)
 			} else if r, ok := ctTupleOf(reply, g.v4); ok {
 				h.to = r.src // where the kernel delivered it
 			}
-			hits = append(hits, h)
-			held = append(held, heldFlow(m.Data[0], orig, reply, zone, id))
-			continue
+			hit(h, family, orig, reply, zone, id)
+			return
 		}
 		if g.nat && d.admits.snatted(k.t, o.src, o.dst) {
 			// Its SNAT is a live lease's (a PEER's, of this remote):
 			// before, any live holder of the endpoint kept every
 			// remote's (review h/revpeer).
-			continue
+			return
 		}
 		if !g.nat && d.host.has(o.src.Addr()) {
 			// The host opened it, to the client: no pinhole admitted
 			// it, and the guard drops a forwarded packet from a host
 			// address (Server.hostAddrs).
-			continue
+			return
 		}
 		if !g.nat && d.admits[k.t] != nil {
 			// Spared if a live lease admits it where the kernel
 			// delivered it (the reply's source).
 			if r, ok := ctTupleOf(reply, g.v4); ok && d.admits.admitted(k.t, o.src, r.src) {
-				continue
+				return
 			}
 		}
-		if del, ok := heldFlow(m.Data[0], orig, reply, zone, id).delete(); ok {
+		if del, ok := heldFlow(family, orig, reply, zone, id).delete(); ok {
 			dels = append(dels, del)
 		}
+	}
+	buckets := ctHashSize()
+	var err error
+	refusal := true // an error is the dump's only answer
+	if g.proto == 0 && d.fault == nil {
+		// The whole table: streamed, each entry judged as it is read
+		// (one read's worth held at a time). Read whole (Execute),
+		// 100 000 entries took 113 MB and 1.37 M allocations a walk
+		// (BenchmarkCtAllProtoWalk).
+		_, err = ctnl.Dump(d.c, fam, nil, func(f *ctnl.Flow) bool {
+			refusal = false
+			judge(f.Family, f.Attrs, f.Interrupted)
+			return false
+		})
+	} else {
+		var msgs []netlink.Message
+		if g.proto == 0 {
+			// A fault to inject (tests) sees the dump's entries
+			// as a read whole one's.
+			msgs, err = ctDumpMessages(d.c, fam)
+		} else {
+			msgs, err = d.c.Execute(ctnl.Request(ctnl.MsgGet, netlink.Request|netlink.Dump, fam, attrs))
+		}
+		if d.fault != nil {
+			msgs, err = d.fault(msgs, err)
+		}
+		if err == nil {
+			for _, m := range msgs {
+				if len(m.Data) >= 4 {
+					judge(m.Data[0], m.Data[4:], m.Header.Flags&netlink.DumpInterrupted != 0)
+				}
+			}
+		}
+	}
+	if err != nil {
+		if refusal && (errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP)) {
+			// The kernel's answer to the dump request, its only one:
+			// nothing of this exchange is left queued on d.c.
+			return 0, fmt.Errorf("server: conntrack dump: %w: %w", errCtFilterRefused, err)
+		}
+		return 0, fmt.Errorf("server: conntrack dump: %w", err)
+	}
+	var intr error
+	if dumpIntr {
+		intr = errCtDumpInterrupted
+	} else if ctHashSize() != buckets {
+		// Resized meanwhile (nf_conntrack_buckets): the dump walked the
+		// buckets by index while the kernel moved the entries, and may
+		// have skipped flows; likewise walked again (h/left9).
+		intr = fmt.Errorf("server: conntrack dump: %w", ctnl.ErrResized)
 	}
 	decide()
 	n, err := d.deleteAll(dels)
 	return n, errors.Join(intr, err)
+}
+
+// ctDumpMessages is family fam's whole table dumped on c (ctnl.Dump), each
+// entry a message as Execute returns it (a copy; NLM_F_DUMP_INTR kept):
+// what a fault injected sees of the all-protocols group's dump (tests).
+func ctDumpMessages(c *netlink.Conn, fam uint8) ([]netlink.Message, error) {
+	var msgs []netlink.Message
+	_, err := ctnl.Dump(c, fam, nil, func(f *ctnl.Flow) bool {
+		m := netlink.Message{Data: append([]byte{f.Family, unix.NFNETLINK_V0, 0, 0}, f.Attrs...)}
+		if f.Interrupted {
+			m.Header.Flags |= netlink.DumpInterrupted
+		}
+		msgs = append(msgs, m)
+		return false
+	})
+	return msgs, err
 }
 
 // ctHitChunk is how many flows a walk holds for spareLive at a time (one
