@@ -408,8 +408,11 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 		}
 		if err == nil {
 			for _, m := range msgs {
+				// Any message marked (one without an entry too).
+				intr := m.Header.Flags&netlink.DumpInterrupted != 0
+				dumpIntr = dumpIntr || intr
 				if len(m.Data) >= 4 {
-					judge(m.Data[0], m.Data[4:], m.Header.Flags&netlink.DumpInterrupted != 0)
+					judge(m.Data[0], m.Data[4:], intr)
 				}
 			}
 		}
