@@ -5,14 +5,10 @@ import (
 	"net/netip"
 	"strconv"
 	"testing"
-	"time"
 
-	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/netlab"
-	"github.com/pcpd/pcpd/policy"
-	"github.com/pcpd/pcpd/server/servertest"
 )
 
 // BenchmarkCtAllProtoWalk (root; BENCHMARKS.md, h/allproto): one
@@ -43,23 +39,7 @@ func BenchmarkCtAllProtoWalk(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer h.Close()
-			own, err := policy.NewStatic(map[string][]netip.Prefix{"bench": {netip.MustParsePrefix("2001:db8:1::/48")}})
-			if err != nil {
-				b.Fatal(err)
-			}
-			pol, err := policy.New(policy.Config{MinLifetime: time.Minute}, own)
-			if err != nil {
-				b.Fatal(err)
-			}
-			fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
-			s, err := New(Config{NetNS: h}, Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zap.NewNop())
-			if err != nil {
-				b.Fatal(err)
-			}
-			if err := s.Start(); err != nil {
-				b.Fatal(err)
-			}
-			s.ctSock.open() // as while serving
+			s := walkBenchServer(b, Config{NetNS: h}, "2001:db8:1::/48")
 			defer s.ctSock.close()
 			addr := netip.MustParseAddr("2001:db8:1::7")
 			fs := []ctFilter{{t: ctTarget{addr: addr}}} // all protocols, all ports

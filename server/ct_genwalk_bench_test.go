@@ -34,23 +34,7 @@ func BenchmarkCtGenericWalk(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer h.Close()
-			own, err := policy.NewStatic(map[string][]netip.Prefix{"bench": {netip.MustParsePrefix("10.0.0.0/8")}})
-			if err != nil {
-				b.Fatal(err)
-			}
-			pol, err := policy.New(policy.Config{MinLifetime: time.Minute}, own)
-			if err != nil {
-				b.Fatal(err)
-			}
-			fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
-			s, err := New(Config{ExternalIPv4: ext4, NetNS: h}, Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zap.NewNop())
-			if err != nil {
-				b.Fatal(err)
-			}
-			if err := s.Start(); err != nil {
-				b.Fatal(err)
-			}
-			s.ctSock.open() // as while serving
+			s := walkBenchServer(b, Config{ExternalIPv4: ext4, NetNS: h}, "10.0.0.0/8")
 			defer s.ctSock.close()
 			ext := netip.AddrPortFrom(ext4, 7000)
 			fs := []ctFilter{
@@ -91,3 +75,27 @@ func BenchmarkCtGenericWalk(b *testing.B) {
 }
 
 func slicesClone(fs []ctFilter) []ctFilter { return append([]ctFilter(nil), fs...) }
+
+// walkBenchServer is a started Server over a fake firewall and store,
+// owning prefix for one client, with its conntrack walk's socket open as
+// while serving (the caller closes it): what the walk benchmarks run.
+func walkBenchServer(b *testing.B, cfg Config, prefix string) *Server {
+	own, err := policy.NewStatic(map[string][]netip.Prefix{"bench": {netip.MustParsePrefix(prefix)}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	pol, err := policy.New(policy.Config{MinLifetime: time.Minute}, own)
+	if err != nil {
+		b.Fatal(err)
+	}
+	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
+	s, err := New(cfg, Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		b.Fatal(err)
+	}
+	s.ctSock.open()
+	return s
+}
