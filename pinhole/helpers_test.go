@@ -292,6 +292,54 @@ func guardedPinhole(t *testing.T, port uint16) (*netlab.Topology, *pinhole.Backe
 	return topo, b, client, p
 }
 
+// checkUnlabelledCut reads CutsFlows and recheck6's mark, deletes p's
+// pinhole and echoes over f, a connection let in unlabelled (no cut rule
+// drops it): if it still carries data, neither may have said the cut
+// holds. how ends the CutsFlows failure's "CutsFlows true " (when, and
+// which connection: "after the repair, yet the connection let in ...").
+func checkUnlabelledCut(t *testing.T, ns *netlab.NS, b *pinhole.Backend, p pinhole.Pinhole, f *echoFlow, how string) {
+	t.Helper()
+	cuts, marked := b.CutsFlows(p), markedChecked(t, ns, "recheck6")
+	apply(t, b, del(p))
+	err := f.echo(failWait)
+	if err == nil && cuts {
+		t.Error("CutsFlows true " + how + " carries data after its pinhole's delete")
+	}
+	if err == nil && marked {
+		t.Error("recheck6 marked checked with a connection let in unlabelled alive (a later start trusts the mark)")
+	}
+	t.Logf("CutsFlows %v, marked %v, echo after the delete: %v", cuts, marked, err)
+}
+
+// setupSparesThenCuts is a repair's Setup, re-install and Arm over f, a
+// connection labelled through p's pinhole whose element is gone: f must
+// go on through the Setup (the cut laid out disarmed), then, armed, be
+// cut after p's delete. repaired names the state in the first failure.
+func setupSparesThenCuts(t *testing.T, b *pinhole.Backend, p pinhole.Pinhole, f *echoFlow, repaired string) {
+	t.Helper()
+	if err := b.Setup(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.echo(okWait); err != nil {
+		t.Errorf("%s, its pinhole not yet re-installed: the connection: %v (Armed %v), want it to go on", repaired, err, b.Armed())
+	}
+	apply(t, b, install(p, time.Hour)) // the re-install
+	if err := b.Arm(); err != nil {
+		t.Fatal(err)
+	}
+	b.VerifySetup()
+	if !b.Armed() || !b.CutsFlows(p) {
+		t.Errorf("re-installed and armed: Armed %v, CutsFlows %v", b.Armed(), b.CutsFlows(p))
+	}
+	if err := f.echo(okWait); err != nil {
+		t.Errorf("armed: the connection: %v", err)
+	}
+	apply(t, b, del(p))
+	if err := f.echo(failWait); !isTimeout(err) {
+		t.Errorf("armed, pinhole deleted: the connection: %v, want a timeout (cut)", err)
+	}
+}
+
 // checkFlowCut echoes over f within wait: a cut flow must be dropped (a
 // timeout), any other must carry data. A failure names step and the
 // flow, and lists ns's inet table (where the cut rules are).

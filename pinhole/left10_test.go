@@ -41,17 +41,7 @@ func TestSetupSeesFlowLetInAfterItsRead(t *testing.T) {
 			if f == nil {
 				t.Fatal("no connection opened during the start's Setup")
 			}
-			cuts := nb.CutsFlows(p)
-			marked := markedChecked(t, topo.Host, "recheck6")
-			apply(t, nb, del(p))
-			err := f.echo(failWait)
-			t.Logf("CutsFlows %v, marked %v, echo after the delete: %v", cuts, marked, err)
-			if err == nil && cuts {
-				t.Error("CutsFlows true after the start, yet the connection let in unlabelled before its layout carries data after its pinhole's delete")
-			}
-			if err == nil && marked {
-				t.Error("recheck6 marked checked with a connection let in unlabelled alive (a later start trusts the mark)")
-			}
+			checkUnlabelledCut(t, topo.Host, nb, p, f, "after the start, yet the connection let in unlabelled before its layout")
 		})
 	}
 }

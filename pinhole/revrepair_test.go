@@ -51,16 +51,7 @@ func TestRepairSeesFlowLetInWhileTableGone(t *testing.T) {
 				t.Fatal(err)
 			}
 			b.VerifySetup() // the server, its lock let go
-			cuts, marked := b.CutsFlows(p), markedChecked(t, topo.Host, "recheck6")
-			apply(t, b, del(p))
-			err := f.echo(failWait)
-			if err == nil && cuts {
-				t.Error("CutsFlows true after the repair, yet the connection let in while the table was gone carries data after its pinhole's delete")
-			}
-			if err == nil && marked {
-				t.Error("recheck6 marked checked with a connection let in unlabelled alive (a later start trusts the mark)")
-			}
-			t.Logf("CutsFlows %v, marked %v, echo after the delete: %v", cuts, marked, err)
+			checkUnlabelledCut(t, topo.Host, b, p, f, "after the repair, yet the connection let in while the table was gone")
 		})
 	}
 }
@@ -80,29 +71,8 @@ func TestRepairProtectedSeesFlowLetInUnguarded(t *testing.T) {
 	topo, b, client, p := guardedPinhole(t, 7398)
 	topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "protected6")
 	f := openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47398), client)
-	herr := b.Healthy()
-	if !errors.Is(herr, pinhole.ErrProtected) {
-		t.Fatalf("Healthy after the flush of protected6: %v, want ErrProtected", herr)
-	}
-	// The server's repairPartial, then its next check (healthy: it
-	// calls VerifySetup).
-	if err := b.RepairProtected(); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Healthy(); err != nil {
-		t.Fatalf("Healthy after RepairProtected: %v", err)
-	}
-	b.VerifySetup()
-	cuts, marked := b.CutsFlows(p), markedChecked(t, topo.Host, "recheck6")
-	apply(t, b, del(p))
-	err := f.echo(failWait)
-	if err == nil && cuts {
-		t.Error("CutsFlows true after the repair of protected6, yet the connection let in unguarded carries data after its pinhole's delete")
-	}
-	if err == nil && marked {
-		t.Error("recheck6 marked checked with a connection let in unlabelled alive (a later start trusts the mark)")
-	}
-	t.Logf("CutsFlows %v, marked %v, echo after the delete: %v", cuts, marked, err)
+	repairProtected6(t, b)
+	checkUnlabelledCut(t, topo.Host, b, p, f, "after the repair of protected6, yet the connection let in unguarded")
 }
 
 // TestRepairProtectedCutsAgainAfterVerify (root): the control of
@@ -112,6 +82,18 @@ func TestRepairProtectedSeesFlowLetInUnguarded(t *testing.T) {
 func TestRepairProtectedCutsAgainAfterVerify(t *testing.T) {
 	topo, b, _, p := guardedPinhole(t, 7399)
 	topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "protected6")
+	repairProtected6(t, b)
+	if !b.CutsFlows(p) || !markedChecked(t, topo.Host, "recheck6") {
+		t.Errorf("no flow let in: CutsFlows %v, recheck6 marked %v after VerifySetup; want both true", b.CutsFlows(p), markedChecked(t, topo.Host, "recheck6"))
+	}
+}
+
+// repairProtected6 is the server's repair of a flushed protected6:
+// Healthy finds the protected sets' damage alone (ErrProtected), the
+// repair is RepairProtected (repairPartial, no Setup), then the next
+// check finds the layout healthy and calls VerifySetup.
+func repairProtected6(t *testing.T, b *pinhole.Backend) {
+	t.Helper()
 	if err := b.Healthy(); !errors.Is(err, pinhole.ErrProtected) {
 		t.Fatalf("Healthy after the flush of protected6: %v, want ErrProtected", err)
 	}
@@ -122,9 +104,6 @@ func TestRepairProtectedCutsAgainAfterVerify(t *testing.T) {
 		t.Fatalf("Healthy after RepairProtected: %v", err)
 	}
 	b.VerifySetup()
-	if !b.CutsFlows(p) || !markedChecked(t, topo.Host, "recheck6") {
-		t.Errorf("no flow let in: CutsFlows %v, recheck6 marked %v after VerifySetup; want both true", b.CutsFlows(p), markedChecked(t, topo.Host, "recheck6"))
-	}
 }
 
 // TestPreparedSetupVoidedSparesLabelledFlow (root; review h/revrepair):
@@ -149,25 +128,5 @@ func TestPreparedSetupVoidedSparesLabelledFlow(t *testing.T) {
 	if err := b.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.Setup(); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.echo(okWait); err != nil {
-		t.Errorf("repaired (voided PrepareSetup), its pinhole not yet re-installed: the connection: %v (Armed %v), want it to go on", err, b.Armed())
-	}
-	apply(t, b, install(p, time.Hour)) // the re-install
-	if err := b.Arm(); err != nil {
-		t.Fatal(err)
-	}
-	b.VerifySetup()
-	if !b.Armed() || !b.CutsFlows(p) {
-		t.Errorf("re-installed and armed: Armed %v, CutsFlows %v", b.Armed(), b.CutsFlows(p))
-	}
-	if err := f.echo(okWait); err != nil {
-		t.Errorf("armed: the connection: %v", err)
-	}
-	apply(t, b, del(p))
-	if err := f.echo(failWait); !isTimeout(err) {
-		t.Errorf("armed, pinhole deleted: the connection: %v, want a timeout (cut)", err)
-	}
+	setupSparesThenCuts(t, b, p, f, "repaired (voided PrepareSetup)")
 }
