@@ -218,23 +218,14 @@ func (d *deafWatch) lose() {
 	(*d.fn.Load())(pinhole.WatchEvent{Lost: errors.New("forced receive error (test)")})
 }
 
-// TestE2EWatchLostChecksAndAudits: notifications lost (a forced receive
-// error, as ENOBUFS) make a full firewall check and an audit at once:
-// a flushed guard chain and an element deleted while the watch heard
-// nothing are both back (the check and the audit an hour apart).
-func TestE2EWatchLostChecksAndAudits(t *testing.T) {
-	var d *deafWatch
-	l := watchLab(t, func(*Config, *policy.Config) {})
+// deafWatchLab is a watchLab whose server's watch is a deafWatch, started.
+func deafWatchLab(t *testing.T) (*lab, *deafWatch) {
+	t.Helper()
+	l := watchLab(t)
 	l.stop()
-	d = &deafWatch{Backend: l.fw}
+	d := &deafWatch{Backend: l.fw}
 	l.firewall = d
 	l.start()
-	c := l.topo.ClientV6
-	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 443).String())
-	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 444).String())
-	if r := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); r.Result != pcp.Success {
-		t.Fatalf("%+v", r)
-	}
 	if err := netlab.Eventually(watchBound, func() error {
 		if d.fn.Load() == nil {
 			return errors.New("no watch")
@@ -242,6 +233,21 @@ func TestE2EWatchLostChecksAndAudits(t *testing.T) {
 		return nil
 	}); err != nil {
 		t.Fatal("the server did not start the watch")
+	}
+	return l, d
+}
+
+// TestE2EWatchLostChecksAndAudits: notifications lost (a forced receive
+// error, as ENOBUFS) make a full firewall check and an audit at once:
+// a flushed guard chain and an element deleted while the watch heard
+// nothing are both back (the check and the audit an hour apart).
+func TestE2EWatchLostChecksAndAudits(t *testing.T) {
+	l, d := deafWatchLab(t)
+	c := l.topo.ClientV6
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 443).String())
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 444).String())
+	if r := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); r.Result != pcp.Success {
+		t.Fatalf("%+v", r)
 	}
 	d.deaf.Store(true)
 	l.topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "guard6")
@@ -279,25 +285,12 @@ func TestE2EWatchLostChecksAndAudits(t *testing.T) {
 func TestE2EWatchLostAuditDeferred(t *testing.T) {
 	defer func(old time.Duration) { lostAuditGap = old }(lostAuditGap)
 	lostAuditGap = 3 * time.Second
-	var d *deafWatch
-	l := watchLab(t, func(*Config, *policy.Config) {})
-	l.stop()
-	d = &deafWatch{Backend: l.fw}
-	l.firewall = d
-	l.start()
+	l, d := deafWatchLab(t)
 	c := l.topo.ClientV6
 	for _, port := range []uint16{443, 444} {
 		if r := l.pcp(mapReq(c, pcp.ProtoTCP, port, 0, time.Hour, 1)); r.Result != pcp.Success {
 			t.Fatalf("%+v", r)
 		}
-	}
-	if err := netlab.Eventually(watchBound, func() error {
-		if d.fn.Load() == nil {
-			return errors.New("no watch")
-		}
-		return nil
-	}); err != nil {
-		t.Fatal("the server did not start the watch")
 	}
 	d.deaf.Store(true)
 	for i, port := range []uint16{443, 444} {
@@ -321,20 +314,7 @@ func TestE2EWatchCheckGap(t *testing.T) {
 	passes := make(chan struct{}, 16)
 	watchPassHook = func() { passes <- struct{}{} }
 	defer func() { watchPassHook = nil }()
-	var d *deafWatch
-	l := watchLab(t, func(*Config, *policy.Config) {})
-	l.stop()
-	d = &deafWatch{Backend: l.fw}
-	l.firewall = d
-	l.start()
-	if err := netlab.Eventually(watchBound, func() error {
-		if d.fn.Load() == nil {
-			return errors.New("no watch")
-		}
-		return nil
-	}); err != nil {
-		t.Fatal("the server did not start the watch")
-	}
+	l, d := deafWatchLab(t)
 	pass := func(what string) {
 		t.Helper()
 		select {
