@@ -36,26 +36,10 @@ func TestCtAllProtoWalkStreamed(t *testing.T) {
 	h, nh := nsHandles(t, ns)
 	const unrelated, ours, others = 100000, 6000, 100
 	ns.MustRun(t, "sysctl", "-qw", "net.netfilter.nf_conntrack_max="+strconv.Itoa(2*(unrelated+ours+others)))
-	src6, dst6 := netip.MustParseAddr("2001:db8:ff::1").As16(), netip.MustParseAddr("2001:db8:fe::1")
-	netlab.FillConntrack(t, ns, unrelated, func(i int) netlab.ConntrackEntry {
-		s := src6
-		s[14], s[15] = byte(i/60000>>8), byte(i/60000)
-		return netlab.ConntrackEntry{Proto: unix.IPPROTO_UDP, Src: netip.AddrPortFrom(netip.AddrFrom16(s), uint16(1024+i%60000)),
-			Dst: netip.AddrPortFrom(dst6, 53), Status: 2 | 4}
-	})
+	fillUnrelated6(t, ns, unrelated)
 	addr, other := netip.MustParseAddr("2001:db8:1::7"), netip.MustParseAddr("2001:db8:1::8")
-	rem := netip.MustParseAddr("2001:db8:ff::2")
-	fill := func(to netip.Addr, n int) {
-		netlab.FillConntrack(t, ns, n, func(i int) netlab.ConntrackEntry {
-			proto := uint8(unix.IPPROTO_TCP)
-			if i%2 == 1 {
-				proto = unix.IPPROTO_UDP
-			}
-			return netlab.ConntrackEntry{Proto: proto, Src: netip.AddrPortFrom(rem, uint16(1024+i)), Dst: netip.AddrPortFrom(to, uint16(2000+i%7)), Status: 2 | 4}
-		})
-	}
-	fill(addr, ours)
-	fill(other, others)
+	fillFlowsTo(t, ns, addr, ours)
+	fillFlowsTo(t, ns, other, others)
 	d, err := dialConntrack(int(h))
 	if err != nil {
 		t.Fatal(err)
@@ -108,14 +92,14 @@ func TestCtAllProtoWalkStreamed(t *testing.T) {
 			t.Errorf("a flow spare did not keep is left: %s", f)
 		}
 	}
-	if left[addr] != kept || left[other] != others || left[dst6] != unrelated {
+	if left[addr] != kept || left[other] != others || left[unrelatedDst6] != unrelated {
 		t.Errorf("left %d of the mapping's (want %d kept), %d of the other address's (want %d), %d unrelated (want %d)",
-			left[addr], kept, left[other], others, left[dst6], unrelated)
+			left[addr], kept, left[other], others, left[unrelatedDst6], unrelated)
 	}
 
 	// Resized during the dump: what it found is ended (every flow of
 	// the address: nothing spared now), the group fails.
-	fill(addr, 10)
+	fillFlowsTo(t, ns, addr, 10)
 	flows, err = nh.ConntrackTableList(netlink.ConntrackTable, netlink.FAMILY_V6)
 	if err != nil {
 		t.Fatal(err)
@@ -134,4 +118,33 @@ func TestCtAllProtoWalkStreamed(t *testing.T) {
 	if !errors.Is(err, ctnl.ErrResized) || n != want || want <= kept {
 		t.Errorf("resized walk: %d ended, %v; want %d (> %d) and ErrResized", n, err, want, kept)
 	}
+}
+
+// unrelatedDst6 is where fillUnrelated6's entries go.
+var unrelatedDst6 = netip.MustParseAddr("2001:db8:fe::1")
+
+// fillUnrelated6 adds n IPv6 UDP entries to ns's conntrack table, from
+// 2001:db8:ff::/112 ports 1024-61023 to [unrelatedDst6]:53: no
+// mapping's.
+func fillUnrelated6(tb testing.TB, ns *netlab.NS, n int) {
+	src6 := netip.MustParseAddr("2001:db8:ff::1").As16()
+	netlab.FillConntrack(tb, ns, n, func(i int) netlab.ConntrackEntry {
+		s := src6
+		s[14], s[15] = byte(i/60000>>8), byte(i/60000)
+		return netlab.ConntrackEntry{Proto: unix.IPPROTO_UDP, Src: netip.AddrPortFrom(netip.AddrFrom16(s), uint16(1024+i%60000)),
+			Dst: netip.AddrPortFrom(unrelatedDst6, 53), Status: 2 | 4}
+	})
+}
+
+// fillFlowsTo adds n entries to ns's conntrack table, TCP and UDP in
+// turn, from [2001:db8:ff::2]:1024+i to ports 2000-2006 of to.
+func fillFlowsTo(tb testing.TB, ns *netlab.NS, to netip.Addr, n int) {
+	rem := netip.MustParseAddr("2001:db8:ff::2")
+	netlab.FillConntrack(tb, ns, n, func(i int) netlab.ConntrackEntry {
+		proto := uint8(unix.IPPROTO_TCP)
+		if i%2 == 1 {
+			proto = unix.IPPROTO_UDP
+		}
+		return netlab.ConntrackEntry{Proto: proto, Src: netip.AddrPortFrom(rem, uint16(1024+i)), Dst: netip.AddrPortFrom(to, uint16(2000+i%7)), Status: 2 | 4}
+	})
 }

@@ -48,29 +48,36 @@ func BenchmarkCtGenericWalk(b *testing.B) {
 					return netlab.ConntrackEntry{Proto: unix.IPPROTO_TCP, Src: rem, Dst: ext, DNAT: cli, Status: 2 | 4}
 				})
 			}
-			total := 0
-			b.ReportAllocs()
-			b.ResetTimer()
-			for range b.N {
-				b.StopTimer()
-				fill()
-				before := netlab.ConntrackCount(b, ns)
-				b.StartTimer()
-				left, err := s.walkConntrackGeneric(slicesClone(fs), nil, true)
-				b.StopTimer()
-				if err != nil || len(left) > 0 {
-					b.Fatalf("walk: %d filters left, %v", len(left), err)
-				}
-				total += before - netlab.ConntrackCount(b, ns)
-				b.StartTimer()
-			}
-			b.StopTimer()
-			b.ReportMetric(float64(b.Elapsed().Microseconds())/1e3/float64(b.N), "ms/walk")
-			b.ReportMetric(float64(total)/float64(b.N), "ended/walk")
-			if total != ended*b.N {
-				b.Fatalf("ended %d flows in %d walks, want %d a walk", total, b.N, ended)
-			}
+			timeWalks(b, ns, ended, fill, func() ([]ctFilter, error) { return s.walkConntrackGeneric(slicesClone(fs), nil, true) })
 		})
+	}
+}
+
+// timeWalks times walk b.N times, each over the table's entries to end
+// remade first by fill (untimed), and reports ms and flows ended a walk:
+// each walk must leave no filter and end them all (ended a walk).
+func timeWalks(b *testing.B, ns *netlab.NS, ended int, fill func(), walk func() ([]ctFilter, error)) {
+	total := 0
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		b.StopTimer()
+		fill()
+		before := netlab.ConntrackCount(b, ns)
+		b.StartTimer()
+		left, err := walk()
+		b.StopTimer()
+		if err != nil || len(left) > 0 {
+			b.Fatalf("walk: %d filters left, %v", len(left), err)
+		}
+		total += before - netlab.ConntrackCount(b, ns)
+		b.StartTimer()
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.Elapsed().Microseconds())/1e3/float64(b.N), "ms/walk")
+	b.ReportMetric(float64(total)/float64(b.N), "ended/walk")
+	if total != ended*b.N {
+		b.Fatalf("ended %d flows in %d walks, want %d a walk", total, b.N, ended)
 	}
 }
 
