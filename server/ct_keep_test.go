@@ -80,12 +80,27 @@ func (r *ctDials) open() []int {
 // still open after the last walk. Fails when each walk dials and closes
 // its own (as before: 4 dials; ctSocket.put closing every socket).
 func TestE2ECtWalkKeepsSocket(t *testing.T) {
+	walksKeepSocket(t, "walks", 9800, nil)
+}
+
+// walksKeepSocket runs 4 NAT-PMP deletes, each ending a real inbound flow
+// before its reply (one conntrack walk each; ports from port0 up), on a
+// lab whose server tweak (if any) alters, and wants them all walked on one
+// socket, dialled once and still open after the last walk. kind names
+// the walks in the dial count's failure.
+func walksKeepSocket(t *testing.T, kind string, port0 uint16, tweak func(*Server)) {
+	t.Helper()
 	var dials ctDials
 	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
-	l.restartWith(func(s *Server) { s.ctSock.dialed = dials.hook(t) })
+	l.restartWith(func(s *Server) {
+		if tweak != nil {
+			tweak(s)
+		}
+		s.ctSock.dialed = dials.hook(t)
+	})
 	const walks = 4
 	for i := range walks {
-		port := uint16(9800 + i)
+		port := port0 + uint16(i)
 		_, src, dst := l.inbound(t, "pmp", port, time.Hour)
 		l.pmpMap(t, port, 0, 0)
 		// A delete's flush is done before its reply.
@@ -97,7 +112,7 @@ func TestE2ECtWalkKeepsSocket(t *testing.T) {
 		t.Fatalf("%v walks, want ≥ %d", w, walks)
 	}
 	if n := dials.n(); n != 1 {
-		t.Errorf("%d conntrack sockets dialled over %d walks, want 1", n, walks)
+		t.Errorf("%d conntrack sockets dialled over %d %s, want 1", n, walks, kind)
 	}
 	if open := dials.open(); len(open) != 1 {
 		t.Errorf("sockets still open after the walks: %v, want the one kept", open)
@@ -115,30 +130,7 @@ func TestE2ECtWalkKeepsSocket(t *testing.T) {
 // NETLINK_NETFILTER socket waits out an RCU grace period under nf_tables'
 // commit mutex, BENCHMARKS.md item 41).
 func TestE2ECtGenericWalkKeepsSocket(t *testing.T) {
-	var dials ctDials
-	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
-	l.restartWith(func(s *Server) {
-		genericWalk(s)
-		s.ctSock.dialed = dials.hook(t)
-	})
-	const walks = 4
-	for i := range walks {
-		port := uint16(9820 + i)
-		_, src, dst := l.inbound(t, "pmp", port, time.Hour)
-		l.pmpMap(t, port, 0, 0)
-		if f := l.ctFlow(t, src, dst); f != nil {
-			t.Errorf("walk %d: flow of the deleted mapping still tracked: %s", i+1, f)
-		}
-	}
-	if w := counterValue(t, l.srv.m.ctWalks); w < walks {
-		t.Fatalf("%v walks, want ≥ %d", w, walks)
-	}
-	if n := dials.n(); n != 1 {
-		t.Errorf("%d conntrack sockets dialled over %d generic walks, want 1", n, walks)
-	}
-	if open := dials.open(); len(open) != 1 {
-		t.Errorf("sockets still open after the walks: %v, want the one kept", open)
-	}
+	walksKeepSocket(t, "generic walks", 9820, genericWalk)
 }
 
 // TestE2ECtWalkRedialsAfterFault (root, namespaces): a walk on the kept
