@@ -152,32 +152,14 @@ func TestE2EStartWalkDropsNATPrior(t *testing.T) {
 	gate.hold()
 	l.tweak = gate.tweak
 	l.start()
-	priors := func() int {
-		l.srv.mu.Lock()
-		defer l.srv.mu.Unlock()
-		return len(l.srv.natPrior)
-	}
-	held, h1 := priors(), heap()
+	held, h1 := l.natPriorLen(), heap()
 	seq := l.srv.ct.seq()
 	if held < n || seq == 0 || l.srv.ct.cleanSeq() >= seq {
 		t.Fatalf("after the start: %d recorded, walk seq %d (clean %d): nothing to test", held, seq, l.srv.ct.cleanSeq())
 	}
 	gate.release()
-	if err := netlab.Eventually(2*time.Minute, func() error {
-		if c := l.srv.ct.cleanSeq(); c < seq {
-			return fmt.Errorf("the start's walk not done (clean %d < %d)", c, seq)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	left := 0
-	_ = netlab.Eventually(5*time.Second, func() error {
-		if left = priors(); left > 0 {
-			return fmt.Errorf("%d left", left)
-		}
-		return nil
-	})
+	l.waitWalkClean(t, "the start's walk", seq, 2*time.Minute)
+	left := l.natPriorLeft()
 	h2 := heap()
 	t.Logf("%d IPv6 redirects ended at the start: natPrior %d entries until the walk, %d after; heap %.1f MB before the start, %.1f MB until the walk, %.1f MB after (%.0f B an entry released)",
 		n, held, left, float64(h0)/1e6, float64(h1)/1e6, float64(h2)/1e6, (float64(h1)-float64(h2))/float64(n))
@@ -208,43 +190,19 @@ func genericWalk(s *Server) {
 // switch (the dump refused with EINVAL). Fails without the check: "flow
 // still tracked" ctFlushBound after the delete.
 func TestE2EGenericWalkResizedRetried(t *testing.T) {
-	var mu sync.Mutex
-	dumps, size := 0, 262144
 	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
 	l.stop()
-	defer func(f func() string) { ctHashSize = f }(ctHashSize)
-	ctHashSize = func() string {
-		mu.Lock()
-		defer mu.Unlock()
-		return strconv.Itoa(size)
-	}
+	r := fakeHashResize(t)
 	defer func(f func(*ctDeleter, uint8, ...netlink.CustomConntrackFilter) (int, error)) { ctGenericDelete = f }(ctGenericDelete)
 	ctGenericDelete = func(d *ctDeleter, fam uint8, fs ...netlink.CustomConntrackFilter) (int, error) {
-		mu.Lock()
-		dumps++
-		first := dumps == 1
-		if first {
-			size *= 2 // resized during the dump, which missed the flow
-		}
-		mu.Unlock()
-		if first {
+		if r.dump() { // the dump missed the flow
 			return 0, nil
 		}
 		return d.deleteMatching(fam, fs...)
 	}
 	l.tweak = genericWalk
 	l.start()
-	const port = 9911
-	_, src, dst := l.inbound(t, "pmp", port, time.Hour)
-	l.pmpMap(t, port, 0, 0)
-	d := l.waitFlowGone(t, src, dst)
-	mu.Lock()
-	n := dumps
-	mu.Unlock()
-	t.Logf("flow gone %v after the delete's reply, %d generic dumps", d, n)
-	if f := counterValue(t, l.srv.m.ctFailures); f < 1 {
-		t.Errorf("pcpd_conntrack_flush_failures_total %v, want ≥ 1", f)
-	}
+	l.resizedDeleteRetried(t, 9911, r, "generic dumps")
 }
 
 // TestE2EGenericWalkDeletesRemadeFlow (root, lab; review h/revctnl's left
@@ -318,15 +276,7 @@ func TestE2EGenericWalkDeletesRemadeFlow(t *testing.T) {
 		src, dst, dnat, replaced, sameID = s0, d0, port+1, false, false
 		mu.Unlock()
 		l.pmpMap(t, port, 0, 0)
-		seq := l.srv.ct.seq()
-		if err := netlab.Eventually(ctFlushBound, func() error {
-			if c := l.srv.ct.cleanSeq(); c < seq {
-				return fmt.Errorf("walk not done (%d < %d)", c, seq)
-			}
-			return nil
-		}); err != nil {
-			t.Fatal(err)
-		}
+		l.waitWalkClean(t, "walk", l.srv.ct.seq(), ctFlushBound)
 		mu.Lock()
 		done, same := replaced, sameID
 		mu.Unlock()

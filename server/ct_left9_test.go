@@ -675,36 +675,66 @@ func TestE2ERearmCost(t *testing.T) {
 // every namespace's conntrack on the machine.) Fails without the check:
 // the flow still tracked ctFlushBound after the delete.
 func TestE2EConntrackDumpResizedRetried(t *testing.T) {
-	var mu sync.Mutex
-	dumps, size := 0, 262144
 	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
 	l.stop()
-	defer func(f func() string) { ctHashSize = f }(ctHashSize)
-	ctHashSize = func() string {
-		mu.Lock()
-		defer mu.Unlock()
-		return strconv.Itoa(size)
-	}
+	r := fakeHashResize(t)
 	l.tweak = func(s *Server) {
 		s.ctDumpFault = func(msgs []mdnl.Message, err error) ([]mdnl.Message, error) {
-			mu.Lock()
-			defer mu.Unlock()
-			if dumps++; dumps == 1 {
-				size *= 2 // resized during the dump, which missed the flow
+			if r.dump() { // the dump missed the flow
 				return nil, err
 			}
 			return msgs, err
 		}
 	}
 	l.start()
-	const port = 9895
+	l.resizedDeleteRetried(t, 9895, r, "dumps")
+}
+
+// hashResize makes the walks read conntrack's hash table size
+// (ctHashSize) as changed across their first dump: resized during it.
+type hashResize struct {
+	mu          sync.Mutex
+	dumps, size int
+}
+
+// fakeHashResize stands in for ctHashSize until t ends.
+func fakeHashResize(t *testing.T) *hashResize {
+	r := &hashResize{size: 262144}
+	old := ctHashSize
+	t.Cleanup(func() { ctHashSize = old })
+	ctHashSize = func() string {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return strconv.Itoa(r.size)
+	}
+	return r
+}
+
+// dump counts a dump and reports whether it is the first, across which
+// the size changes (the caller makes that dump miss the flow).
+func (r *hashResize) dump() (first bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.dumps++; r.dumps == 1 {
+		r.size *= 2 // resized during the dump, which missed the flow
+		return true
+	}
+	return false
+}
+
+// resizedDeleteRetried deletes a NAT-PMP mapping of port with a real
+// inbound flow, whose first walk r's resize fails: the flow must go
+// within ctFlushBound (the walk retried) and the failure be counted. kind
+// names r's dumps in the log.
+func (l *lab) resizedDeleteRetried(t *testing.T, port uint16, r *hashResize, kind string) {
+	t.Helper()
 	_, src, dst := l.inbound(t, "pmp", port, time.Hour)
 	l.pmpMap(t, port, 0, 0)
 	d := l.waitFlowGone(t, src, dst)
-	mu.Lock()
-	n := dumps
-	mu.Unlock()
-	t.Logf("flow gone %v after the delete's reply, %d dumps", d, n)
+	r.mu.Lock()
+	n := r.dumps
+	r.mu.Unlock()
+	t.Logf("flow gone %v after the delete's reply, %d %s", d, n, kind)
 	if f := counterValue(t, l.srv.m.ctFailures); f < 1 {
 		t.Errorf("pcpd_conntrack_flush_failures_total %v, want ≥ 1", f)
 	}

@@ -2,12 +2,14 @@ package server
 
 import (
 	"errors"
+	"fmt"
 	"go.uber.org/zap"
 	"net/netip"
 	"slices"
 	"testing"
 	"time"
 
+	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
 )
@@ -46,17 +48,12 @@ func TestE2ENATPriorPruned(t *testing.T) {
 			t.Fatalf("delete of %d: %+v", in, r)
 		}
 	}
-	count := func() int {
-		l.srv.mu.Lock()
-		defer l.srv.mu.Unlock()
-		return len(l.srv.natPrior)
-	}
-	before := count()
+	before := l.natPriorLen()
 	// The first call stamps the generation; the second drops what was
 	// recorded before the first.
 	l.srv.pruneNATPrior()
 	l.srv.pruneNATPrior()
-	after := count()
+	after := l.natPriorLen()
 	t.Logf("natPrior: %d entries before the prune, %d after", before, after)
 	if before != n+1 || after != 1 {
 		t.Errorf("natPrior: %d entries before, %d after; want %d, 1 (the endpoint whose flow lives)", before, after, n+1)
@@ -132,5 +129,39 @@ func TestPruneNATPriorGenerations(t *testing.T) {
 	slices.Sort(got)
 	if !slices.Equal(got, []uint16{1, 3, 5}) {
 		t.Errorf("kept %v, want [1 3 5] (1: a flow; 3, 5: recorded during the dump)", got)
+	}
+}
+
+// natPriorLen is how many endpoints the server's natPrior records.
+func (l *lab) natPriorLen() int {
+	l.srv.mu.Lock()
+	defer l.srv.mu.Unlock()
+	return len(l.srv.natPrior)
+}
+
+// natPriorLeft waits up to 5 s for natPrior to empty (its drop follows
+// the walk) and returns how many entries are left.
+func (l *lab) natPriorLeft() int {
+	left := 0
+	_ = netlab.Eventually(5*time.Second, func() error {
+		if left = l.natPriorLen(); left > 0 {
+			return fmt.Errorf("%d left", left)
+		}
+		return nil
+	})
+	return left
+}
+
+// waitWalkClean waits up to within for the walks up to seq to be done
+// and clean (ctFlusher.cleanSeq); what names the walk in the failure.
+func (l *lab) waitWalkClean(t *testing.T, what string, seq uint64, within time.Duration) {
+	t.Helper()
+	if err := netlab.Eventually(within, func() error {
+		if c := l.srv.ct.cleanSeq(); c < seq {
+			return fmt.Errorf("%s not clean (clean %d < %d)", what, c, seq)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -157,13 +157,8 @@ func TestE2EStartWalkRetriedDropsNATPrior(t *testing.T) {
 		}
 	}
 	l.start()
-	priors := func() int {
-		l.srv.mu.Lock()
-		defer l.srv.mu.Unlock()
-		return len(l.srv.natPrior)
-	}
 	seq := l.srv.ct.seq()
-	if held := priors(); held < n || seq == 0 {
+	if held := l.natPriorLen(); held < n || seq == 0 {
 		t.Fatalf("after the start: %d recorded, walk seq %d: nothing to test", held, seq)
 	}
 	if err := netlab.Eventually(time.Minute, func() error {
@@ -178,25 +173,12 @@ func TestE2EStartWalkRetriedDropsNATPrior(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(100 * time.Millisecond) // the drop's goroutine
-	if held := priors(); held < n {
+	if held := l.natPriorLen(); held < n {
 		t.Fatalf("%d recorded after failed walks, want ≥ %d (the walk did not end their flows)", held, n)
 	}
 	failing.Store(false)
-	if err := netlab.Eventually(time.Minute, func() error {
-		if c := l.srv.ct.cleanSeq(); c < seq {
-			return fmt.Errorf("the start's walk not clean (clean %d < %d)", c, seq)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	left := 0
-	_ = netlab.Eventually(5*time.Second, func() error {
-		if left = priors(); left > 0 {
-			return fmt.Errorf("%d left", left)
-		}
-		return nil
-	})
+	l.waitWalkClean(t, "the start's walk", seq, time.Minute)
+	left := l.natPriorLeft()
 	t.Logf("natPrior after the start's walk succeeded on a retry: %d of %d", left, n)
 	if left > 0 {
 		t.Errorf("natPrior holds %d entries after the start's walk succeeded", left)
