@@ -40,76 +40,44 @@ type metrics struct {
 
 func newMetrics(leases func() float64) *metrics {
 	return &metrics{
-		meterErrors: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_owner_meter_errors_total", Help: "Failed writes of the kernel's owner meter (its chains and maps); retried at the next ownership pass or firewall check.",
-		}),
-		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "pcpd_requests_total", Help: "Requests answered, by protocol (pcp, natpmp), opcode and result.",
-		}, []string{"protocol", "opcode", "result"}),
-		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "pcpd_requests_dropped_total", Help: "Requests dropped without an answer, by reason.",
-		}, []string{"reason"}),
-		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "pcpd_batch_requests", Help: "Requests handled together in one kernel transaction and one fsync.",
-			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128, 256},
-		}),
-		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "pcpd_request_seconds", Help: "Time from a request's arrival to its reply being sent.",
-			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
-		}),
-		kernelSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "pcpd_kernel_apply_seconds", Help: "Latency of one nftables transaction.",
-			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 14),
-		}),
-		storeSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "pcpd_store_commit_seconds", Help: "Latency of one durable store commit (fsync).",
-			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 14),
-		}),
-		kernelErrors: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_kernel_errors_total", Help: "Failed nftables transactions.",
-		}),
-		storeErrors: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_store_errors_total", Help: "Failed store commits.",
-		}),
-		revocations: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "pcpd_revocations_total", Help: "Leases ended by the server, by cause (ownership, operator, policy).",
-		}, []string{"cause"}),
-		restores: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_firewall_restores_total", Help: "Times the nftables objects were found damaged or incomplete and restored.",
-		}),
-		watchRestored: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_firewall_watch_restored_total", Help: "Pinholes of live leases someone else deleted from the kernel, put back as the kernel told of it (firewall watch).",
-		}),
-		watchChecks: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_firewall_watch_checks_total", Help: "Firewall checks run at once because the kernel told of someone else's change to pcpd's nftables objects, or of lost notifications.",
-		}),
-		watchLost: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_firewall_watch_lost_total", Help: "Times the firewall watch's socket failed or the kernel dropped its notifications (ENOBUFS); each is a firewall check and an audit.",
-		}),
-		ctWalks: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_conntrack_flushes_total", Help: "Walks of the conntrack table ending the connections of deleted, revoked or expired mappings (several mappings' flushes share one).",
-		}),
-		ctFailures: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_conntrack_flush_failures_total", Help: "Conntrack walks that may have left flows of ended mappings (a dump or its deletes failed); their filters are walked again after a backoff.",
-		}),
+		meterErrors:   counter("pcpd_owner_meter_errors_total", "Failed writes of the kernel's owner meter (its chains and maps); retried at the next ownership pass or firewall check."),
+		requests:      counterVec("pcpd_requests_total", "Requests answered, by protocol (pcp, natpmp), opcode and result.", "protocol", "opcode", "result"),
+		dropped:       counterVec("pcpd_requests_dropped_total", "Requests dropped without an answer, by reason.", "reason"),
+		batchSize:     histogram("pcpd_batch_requests", "Requests handled together in one kernel transaction and one fsync.", []float64{1, 2, 4, 8, 16, 32, 64, 128, 256}),
+		latency:       histogram("pcpd_request_seconds", "Time from a request's arrival to its reply being sent.", prometheus.ExponentialBuckets(0.0001, 2, 16)),
+		kernelSeconds: histogram("pcpd_kernel_apply_seconds", "Latency of one nftables transaction.", prometheus.ExponentialBuckets(0.0001, 2, 14)),
+		storeSeconds:  histogram("pcpd_store_commit_seconds", "Latency of one durable store commit (fsync).", prometheus.ExponentialBuckets(0.0001, 2, 14)),
+		kernelErrors:  counter("pcpd_kernel_errors_total", "Failed nftables transactions."),
+		storeErrors:   counter("pcpd_store_errors_total", "Failed store commits."),
+		revocations:   counterVec("pcpd_revocations_total", "Leases ended by the server, by cause (ownership, operator, policy).", "cause"),
+		restores:      counter("pcpd_firewall_restores_total", "Times the nftables objects were found damaged or incomplete and restored."),
+		watchRestored: counter("pcpd_firewall_watch_restored_total", "Pinholes of live leases someone else deleted from the kernel, put back as the kernel told of it (firewall watch)."),
+		watchChecks:   counter("pcpd_firewall_watch_checks_total", "Firewall checks run at once because the kernel told of someone else's change to pcpd's nftables objects, or of lost notifications."),
+		watchLost:     counter("pcpd_firewall_watch_lost_total", "Times the firewall watch's socket failed or the kernel dropped its notifications (ENOBUFS); each is a firewall check and an audit."),
+		ctWalks:       counter("pcpd_conntrack_flushes_total", "Walks of the conntrack table ending the connections of deleted, revoked or expired mappings (several mappings' flushes share one)."),
+		ctFailures:    counter("pcpd_conntrack_flush_failures_total", "Conntrack walks that may have left flows of ended mappings (a dump or its deletes failed); their filters are walked again after a backoff."),
 		leases: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "pcpd_leases", Help: "Live leases.",
 		}, leases),
-		clockSteps: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_clock_steps_total", Help: "Steps of the wall clock (over 1 s) the engine moved its lease times with (server/clock.go).",
-		}),
-		absorbed: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pcpd_renewals_absorbed_total", Help: "Early renewals answered without a kernel transaction or store commit; a flush writes them when due.",
-		}),
-		flushLeases: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "pcpd_absorbed_flush_leases", Help: "Leases written by one flush of absorbed renewals.",
-			Buckets: prometheus.ExponentialBuckets(1, 4, 10),
-		}),
-		flushSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "pcpd_absorbed_flush_seconds", Help: "Latency of one flush of absorbed renewals (kernel transaction and store commit).",
-			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
-		}),
+		clockSteps:   counter("pcpd_clock_steps_total", "Steps of the wall clock (over 1 s) the engine moved its lease times with (server/clock.go)."),
+		absorbed:     counter("pcpd_renewals_absorbed_total", "Early renewals answered without a kernel transaction or store commit; a flush writes them when due."),
+		flushLeases:  histogram("pcpd_absorbed_flush_leases", "Leases written by one flush of absorbed renewals.", prometheus.ExponentialBuckets(1, 4, 10)),
+		flushSeconds: histogram("pcpd_absorbed_flush_seconds", "Latency of one flush of absorbed renewals (kernel transaction and store commit).", prometheus.ExponentialBuckets(0.0001, 2, 16)),
 	}
+}
+
+// counter, counterVec and histogram are the collectors' constructors with
+// only a name, a help string and labels or buckets set.
+func counter(name, help string) prometheus.Counter {
+	return prometheus.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
+}
+
+func counterVec(name, help string, labels ...string) *prometheus.CounterVec {
+	return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labels)
+}
+
+func histogram(name, help string, buckets []float64) prometheus.Histogram {
+	return prometheus.NewHistogram(prometheus.HistogramOpts{Name: name, Help: help, Buckets: buckets})
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
