@@ -13,14 +13,12 @@ import (
 
 	mdnl "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
-	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/ctnl"
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
-	"github.com/pcpd/pcpd/store"
 )
 
 // TestE2ERenewalDuringReinstallBackoff (root, namespaces; issue 9, review
@@ -43,14 +41,7 @@ func TestE2ERenewalDuringReinstallBackoff(t *testing.T) {
 		{"every write fails", 1 << 20},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			l := newLab(t, func(cfg *Config, _ *policy.Config) {
-				cfg.TamperInterval = time.Hour // the test runs the checks
-				cfg.NoFirewallWatch = true     // and only the test (no firewall watch)
-			})
-			f := &rearmFault{Backend: l.fw}
-			l.stop()
-			l.tweak = func(s *Server) { s.fw = f; s.cutter = f }
-			l.start()
+			l, f := rearmFaultLab(t)
 			port := uint16(9901 + i)
 			client := l.topo.ClientV6
 			svc := netip.AddrPortFrom(client, port)
@@ -116,32 +107,12 @@ func TestE2EStartWalkDropsNATPrior(t *testing.T) {
 	var gate ctGate
 	l := newLab(t)
 	l.stop()
-	st, _, err := store.Open(l.dir, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	now := time.Now()
 	base := l.topo.ClientV6.As16()
-	var put []store.Lease
-	for i := range n {
+	l.storeEndedRedirects(t, n, func(i int) (netip.Addr, uint16) {
 		a := base
 		a[13], a[14] = byte(i/50000), 0x77
-		addr := netip.AddrFrom16(a)
-		port := uint16(1024 + i%50000)
-		put = append(put, store.Lease{
-			Key:          store.Key{Owner: "ended", InternalAddr: addr, InternalPort: port, Protocol: protoTCP},
-			ExternalAddr: addr, ExternalPort: port + 10000, Kind: store.KindMap,
-			Created: now.Add(-2 * time.Hour), Expires: now.Add(-time.Minute),
-		})
-		if len(put) == 10000 || i == n-1 {
-			if err := st.Commit(put, nil); err != nil {
-				t.Fatal(err)
-			}
-			put = put[:0]
-		}
-	}
-	st.Close()
-	put = nil
+		return netip.AddrFrom16(a), uint16(1024 + i%50000)
+	})
 	heap := func() uint64 {
 		var m runtime.MemStats
 		runtime.GC()

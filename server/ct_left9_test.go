@@ -610,9 +610,7 @@ func (f *rearmFault) count() int {
 // after the repair: 1 Apply calls, want 0 (only the Arm had failed)" and
 // "8 checks tried the re-install 8 times, want 3".
 func TestE2ERearmCost(t *testing.T) {
-	l := checkedLab(t)
-	f := &rearmFault{Backend: l.fw}
-	l.restartWith(func(s *Server) { s.fw = f; s.cutter = f })
+	l, f := rearmFaultLab(t)
 	c6, c4, pin := l.twoFlows(t, 9880)
 	// (1) Arm fails twice.
 	l.topo.Host.MustRun(t, "nft", "flush", "ruleset")

@@ -12,6 +12,7 @@ import (
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
 )
 
 // TestE2ENATPriorPruned (root, namespaces; review h/revnatleft, left:
@@ -163,5 +164,34 @@ func (l *lab) waitWalkClean(t *testing.T, what string, seq uint64, within time.D
 		return nil
 	}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// storeEndedRedirects writes n IPv6 redirects (MAP leases whose external
+// port is the internal one + 10000) of the internal endpoints at(0..n-1),
+// expired a minute ago, to the stopped lab's store, 10 000 a commit: the
+// NAT mappings its next start ends.
+func (l *lab) storeEndedRedirects(t *testing.T, n int, at func(i int) (netip.Addr, uint16)) {
+	t.Helper()
+	st, _, err := store.Open(l.dir, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	now := time.Now()
+	var put []store.Lease
+	for i := range n {
+		addr, port := at(i)
+		put = append(put, store.Lease{
+			Key:          store.Key{Owner: "ended", InternalAddr: addr, InternalPort: port, Protocol: protoTCP},
+			ExternalAddr: addr, ExternalPort: port + 10000, Kind: store.KindMap,
+			Created: now.Add(-2 * time.Hour), Expires: now.Add(-time.Minute),
+		})
+		if len(put) == 10000 || i == n-1 {
+			if err := st.Commit(put, nil); err != nil {
+				t.Fatal(err)
+			}
+			put = put[:0]
+		}
 	}
 }

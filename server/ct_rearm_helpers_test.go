@@ -29,6 +29,16 @@ func checkedLab(t *testing.T) *lab {
 	})
 }
 
+// rearmFaultLab is a checkedLab whose server's firewall (its writes and
+// its cut) is a rearmFault over the lab's Backend, failing nothing yet.
+func rearmFaultLab(t *testing.T) (*lab, *rearmFault) {
+	t.Helper()
+	l := checkedLab(t)
+	f := &rearmFault{Backend: l.fw}
+	l.restartWith(func(s *Server) { s.fw = f; s.cutter = f })
+	return l, f
+}
+
 // twoFlows opens an IPv6 MAP of port and a NAT-PMP mapping of port+1,
 // each with a connection from the Internet through it, and returns the
 // connections, quiet (waitQuiet: the test's "flush ruleset" comes next),

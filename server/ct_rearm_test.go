@@ -56,9 +56,7 @@ func TestE2EReloadRepairArmsCut(t *testing.T) {
 // check that finds the layout healthy re-installs every lease and arms:
 // Armed and CutsFlows true, the MAP's element back, both flows echo.
 func TestE2EReinstallFailedArmsLater(t *testing.T) {
-	l := checkedLab(t)
-	fault := &rearmFault{Backend: l.fw} // Apply refused once below
-	l.restartWith(func(s *Server) { s.fw = fault; s.cutter = fault })
+	l, fault := rearmFaultLab(t) // Apply refused once below
 	c6, c4, pin := l.twoFlows(t, 9970)
 	l.topo.Host.MustRun(t, "nft", "flush", "ruleset")
 	fault.set(1, 0)

@@ -8,12 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
-
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/policy"
-	"github.com/pcpd/pcpd/store"
 )
 
 // TestE2ERenewalUnchangedDuringReinstallBackoff (root, namespaces; review
@@ -43,14 +39,7 @@ func TestE2ERenewalUnchangedDuringReinstallBackoff(t *testing.T) {
 		{"MAP sharing a PEER's element, every write fails", true, 1 << 20},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			l := newLab(t, func(cfg *Config, _ *policy.Config) {
-				cfg.TamperInterval = time.Hour // the test runs the checks
-				cfg.NoFirewallWatch = true     // and only the test (no firewall watch)
-			})
-			f := &rearmFault{Backend: l.fw}
-			l.stop()
-			l.tweak = func(s *Server) { s.fw = f; s.cutter = f }
-			l.start()
+			l, f := rearmFaultLab(t)
 			port := uint16(9801 + i)
 			client := l.topo.ClientV6
 			svc := netip.AddrPortFrom(client, port)
@@ -123,28 +112,9 @@ func TestE2EStartWalkRetriedDropsNATPrior(t *testing.T) {
 	const n = 50
 	l := newLab(t)
 	l.stop()
-	st, _, err := store.Open(l.dir, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	now := time.Now()
 	base := l.topo.ClientV6.As16()
-	var put []store.Lease
-	for i := range n {
-		a := base
-		a[14] = 0x78
-		addr := netip.AddrFrom16(a)
-		port := uint16(2000 + i)
-		put = append(put, store.Lease{
-			Key:          store.Key{Owner: "ended", InternalAddr: addr, InternalPort: port, Protocol: protoTCP},
-			ExternalAddr: addr, ExternalPort: port + 10000, Kind: store.KindMap,
-			Created: now.Add(-2 * time.Hour), Expires: now.Add(-time.Minute),
-		})
-	}
-	if err := st.Commit(put, nil); err != nil {
-		t.Fatal(err)
-	}
-	st.Close()
+	base[14] = 0x78
+	l.storeEndedRedirects(t, n, func(i int) (netip.Addr, uint16) { return netip.AddrFrom16(base), uint16(2000 + i) })
 	var failing atomic.Bool
 	failing.Store(true)
 	l.tweak = func(s *Server) {
