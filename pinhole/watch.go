@@ -25,8 +25,9 @@ import (
 // the kernel what the Backend's own sockets committed (by the message's
 // nlmsg_pid, the committing socket's port id), what the kernel itself
 // sent (port id 0: no element the kernel's garbage collection removed is
-// ever told of here), the generation messages, and messages of one
-// element or set added; the rest is read and judged here (judge).
+// ever told of here), the generation messages, messages of one set,
+// object or flowtable added, and those of one element added to another
+// table than pcpd's; the rest is read and judged here (judge).
 
 // WatchEvent is one batch of what the watcher read: someone else's
 // changes to pcpd's objects.
@@ -38,6 +39,16 @@ type WatchEvent struct {
 	// Deleted are the pinholes whose elements (or SNAT companions)
 	// someone deleted from pcpd's sets, as List returns them.
 	Deleted []Pinhole
+	// Added are the pinholes whose elements (or SNAT companions) someone
+	// added to pcpd's sets, or re-added with another timeout (Linux >=
+	// 6.10 updates an existing element's timeout in place), each with the
+	// expiry the kernel was given (Remaining; 0: none, the element is
+	// permanent). pcpd's sets hold only what its leases explain: the
+	// caller removes what no lease holds and cuts the rest back to its
+	// lease (h/fwadd). Before, an added element was never told: a hole
+	// opened by hand lived up to the hourly audit, and one re-added with
+	// a longer timeout outlived its lease.
+	Added []Entry
 	// By are the netlink port ids that committed them (for logs).
 	By []uint32
 	// Lost: the watcher's socket failed (ENOBUFS: the kernel dropped
@@ -211,10 +222,16 @@ func hostOrder() binary.ByteOrder {
 	return binary.LittleEndian
 }
 
-// watchFilter is the socket filter for ports (the Backend's own): it drops
-// a notification skb whose first message was sent by one of ports or by
-// the kernel (port 0), a NEWGEN, and a single-message skb that adds a set
-// element, a set, an object or a flowtable; it passes the rest. The
+// watchFilter is the socket filter for ports (the Backend's own) and
+// table (pcpd's): it drops a notification skb whose first message was
+// sent by one of ports or by the kernel (port 0), a NEWGEN, a
+// single-message skb that adds a set, an object or a flowtable, and one
+// that adds a set element to another table than table; it passes the
+// rest. Elements added to table pass (h/fwadd): pcpd's own are dropped by
+// their port, and the packet path's (dynset: "update @meter", "add @set",
+// meters) are never notified (checked: Linux 6.18), so what passes is
+// someone else's add; other tables' single adds (fail2ban, another
+// controller) still stop in the kernel. The
 // kernel gathers a transaction's notifications into skbs of up to a page
 // or two, all from one committer, so the port of the first message is
 // every message's; their types may differ (pcpd's delete is an add and a
@@ -223,16 +240,29 @@ func hostOrder() binary.ByteOrder {
 // byte order: the port is compared as its bytes lie in the host's order,
 // the type and length read a byte at a time where the host's order puts
 // them (watchFilterFor; a test runs both orders).
-func watchFilter(ports []uint32) ([]bpf.RawInstruction, error) {
-	return watchFilterFor(ports, hostOrder())
+func watchFilter(ports []uint32, table string) ([]bpf.RawInstruction, error) {
+	return watchFilterFor(ports, table, hostOrder())
 }
 
+// The first attribute of a NEWSETELEM notification: the table's name
+// (NFTA_SET_ELEM_LIST_TABLE, put first by nf_tables_fill_setelem_info),
+// after the netlink and nfgenmsg headers.
+const (
+	elemTableAttrOff = unix.NLMSG_HDRLEN + 4 // nla_len (u16), nla_type (u16), in the host's order
+	elemTableNameOff = elemTableAttrOff + 4  // the name, NUL ended, zero padded to 4 bytes
+	// maxFilteredTable: a longer table name is not compared in the
+	// filter (its length bounds the program): single adds to any table
+	// then pass and are judged in userspace.
+	maxFilteredTable = 63
+)
+
 // watchFilterFor is watchFilter for a host of byte order order.
-func watchFilterFor(ports []uint32, order binary.ByteOrder) ([]bpf.RawInstruction, error) {
+func watchFilterFor(ports []uint32, table string, order binary.ByteOrder) ([]bpf.RawInstruction, error) {
 	const (
 		drop   = "drop"
 		pass   = "pass"
 		single = "single"
+		elem   = "elem"
 	)
 	type ins struct {
 		i            bpf.Instruction
@@ -242,6 +272,9 @@ func watchFilterFor(ports []uint32, order binary.ByteOrder) ([]bpf.RawInstructio
 	add := func(i bpf.Instruction) { prog = append(prog, ins{i: i}) }
 	jeq := func(v uint32, to string) {
 		prog = append(prog, ins{i: bpf.JumpIf{Cond: bpf.JumpEqual, Val: v}, jtrue: to})
+	}
+	jne := func(v uint32, to string) {
+		prog = append(prog, ins{i: bpf.JumpIf{Cond: bpf.JumpEqual, Val: v}, jfals: to})
 	}
 	labels := map[string]int{}
 	label := func(name string) { labels[name] = len(prog) }
@@ -258,22 +291,47 @@ func watchFilterFor(ports []uint32, order binary.ByteOrder) ([]bpf.RawInstructio
 	}
 	add(bpf.LoadAbsolute{Off: hostByte(order, nlmsgTypeOff, 2, 0), Size: 1})
 	jeq(unix.NFT_MSG_NEWGEN, drop)
-	for _, t := range []uint32{unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_NEWSET, unix.NFT_MSG_NEWOBJ, unix.NFT_MSG_NEWFLOWTABLE} {
+	jeq(unix.NFT_MSG_NEWSETELEM, elem)
+	for _, t := range []uint32{unix.NFT_MSG_NEWSET, unix.NFT_MSG_NEWOBJ, unix.NFT_MSG_NEWFLOWTABLE} {
 		jeq(t, single)
 	}
 	add(bpf.RetConstant{Val: 0xffffffff})
+	// alone jumps to ifAlone if the skb holds its first message alone,
+	// else to otherwise: the first message's length (u32 in the host's
+	// order; < 64 KiB: its two low bytes) against the skb's.
+	alone := func(ifAlone, otherwise string) {
+		add(bpf.LoadAbsolute{Off: hostByte(order, nlmsgLenOff, 4, 1), Size: 1})
+		add(bpf.ALUOpConstant{Op: bpf.ALUOpShiftLeft, Val: 8})
+		add(bpf.TAX{})
+		add(bpf.LoadAbsolute{Off: hostByte(order, nlmsgLenOff, 4, 0), Size: 1})
+		add(bpf.ALUOpX{Op: bpf.ALUOpOr})
+		add(bpf.TAX{})
+		add(bpf.LoadExtension{Num: bpf.ExtLen})
+		prog = append(prog, ins{i: bpf.JumpIfX{Cond: bpf.JumpEqual}, jtrue: ifAlone, jfals: otherwise})
+	}
+	label(elem)
+	// One element added (a transaction's several are passed, as before):
+	// passed iff its table is table. The attribute's length and type,
+	// then the name a word at a time (in the message's byte order: a
+	// string), NUL and padding included; any difference drops it.
+	alone("elemAlone", pass)
+	label("elemAlone")
+	if name := append([]byte(table), 0); len(table) > 0 && len(table) <= maxFilteredTable {
+		for len(name)%4 != 0 {
+			name = append(name, 0)
+		}
+		for i, v := range []uint32{uint32(4 + len(table) + 1), 0, unix.NFTA_SET_ELEM_LIST_TABLE, 0} {
+			add(bpf.LoadAbsolute{Off: hostByte(order, elemTableAttrOff+uint32(i/2)*2, 2, uint32(i%2)), Size: 1})
+			jne(v, drop)
+		}
+		for off := 0; off < len(name); off += 4 {
+			add(bpf.LoadAbsolute{Off: elemTableNameOff + uint32(off), Size: 4})
+			jne(binary.BigEndian.Uint32(name[off:]), drop)
+		}
+	}
+	add(bpf.RetConstant{Val: 0xffffffff})
 	label(single)
-	// The first message's length (u32 in the host's order; < 64 KiB: its
-	// two low bytes) against the skb's: equal, the skb holds that message
-	// alone.
-	add(bpf.LoadAbsolute{Off: hostByte(order, nlmsgLenOff, 4, 1), Size: 1})
-	add(bpf.ALUOpConstant{Op: bpf.ALUOpShiftLeft, Val: 8})
-	add(bpf.TAX{})
-	add(bpf.LoadAbsolute{Off: hostByte(order, nlmsgLenOff, 4, 0), Size: 1})
-	add(bpf.ALUOpX{Op: bpf.ALUOpOr})
-	add(bpf.TAX{})
-	add(bpf.LoadExtension{Num: bpf.ExtLen})
-	prog = append(prog, ins{i: bpf.JumpIfX{Cond: bpf.JumpEqual}, jtrue: drop})
+	alone(drop, pass)
 	label(pass)
 	add(bpf.RetConstant{Val: 0xffffffff})
 	label(drop)
@@ -432,7 +490,7 @@ func (w *watcher) setFilter(c *netlink.Conn, ports []uint32) error {
 	if !watchOwnPorts.Load() {
 		ports = nil
 	}
-	prog, err := watchFilter(ports)
+	prog, err := watchFilter(ports, w.b.cfg.Table)
 	if err != nil {
 		return err
 	}
@@ -508,10 +566,10 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 			tableAttr, nameAttr = unix.NFTA_RULE_TABLE, unix.NFTA_RULE_CHAIN
 		case unix.NFT_MSG_DELSET, nftMsgDestroySet:
 			tableAttr, nameAttr = unix.NFTA_SET_TABLE, unix.NFTA_SET_NAME
-		case unix.NFT_MSG_DELSETELEM, nftMsgDestroySetElem:
+		case unix.NFT_MSG_DELSETELEM, nftMsgDestroySetElem, unix.NFT_MSG_NEWSETELEM:
 			tableAttr, nameAttr = unix.NFTA_SET_ELEM_LIST_TABLE, unix.NFTA_SET_ELEM_LIST_SET
 		default:
-			continue // an element, set or object added; a generation
+			continue // a set or object added; a generation
 		}
 		for attrs.Next() {
 			switch t := attrs.Type(); {
@@ -552,6 +610,13 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 			if b.ownName(name) {
 				what = "set " + name + " deleted"
 			}
+		case unix.NFT_MSG_NEWSETELEM: // someone else's (own: skipped above)
+			var add []Entry
+			add, what = b.addedElements(name, elems)
+			ev.Added = append(ev.Added, add...)
+			if len(add) > 0 && !slices.Contains(ev.By, m.Header.PID) {
+				ev.By = append(ev.By, m.Header.PID)
+			}
 		default: // elements deleted
 			del, dmg := b.deletedElements(name, elems)
 			ev.Deleted = append(ev.Deleted, del...)
@@ -576,7 +641,7 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 		}
 	}
 	ev.Damage = summary(damage)
-	return ev, ev.Damage != "" || len(ev.Deleted) > 0
+	return ev, ev.Damage != "" || len(ev.Deleted) > 0 || len(ev.Added) > 0
 }
 
 // deletedElements judges elements deleted from set: a pinhole set's (or
@@ -584,6 +649,30 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 // damage (a flush), as is any element of a set Healthy compares (the
 // protected, served and owner sets); the meters' are not pcpd's to keep.
 func (b *Backend) deletedElements(set string, list []byte) (del []Pinhole, damage string) {
+	es, damage := b.changedElements(set, list, "deleted from", true)
+	for _, e := range es {
+		del = append(del, e.Pinhole)
+	}
+	return del, damage
+}
+
+// addedElements judges elements someone added to set: a pinhole set's (or
+// SNAT map's) are returned as pinholes with the expiry they were given;
+// any element added to a set Healthy compares is damage (the check puts
+// that set back as pcpd wants it); a sentinel's or probe's, or the
+// meters', are not told (pcpd's own are never added by another socket).
+func (b *Backend) addedElements(set string, list []byte) ([]Entry, string) {
+	return b.changedElements(set, list, "added to", false)
+}
+
+// changedElements is deletedElements and addedElements: verb says which
+// for damage, sentinelGone whether a pinhole set's sentinel among them
+// is damage (a flush deletes it).
+func (b *Backend) changedElements(set string, list []byte, verb string, sentinelGone bool) (out []Entry, damage string) {
+	flushed := "set " + set + " flushed (its sentinel deleted)"
+	if !sentinelGone {
+		flushed = ""
+	}
 	for k := range numKinds {
 		if b.sets[k].Name != set {
 			continue
@@ -591,15 +680,15 @@ func (b *Backend) deletedElements(set string, list []byte) (del []Pinhole, damag
 		for _, e := range elementsOf(list) {
 			switch {
 			case isSentinel(k, e):
-				damage = "set " + set + " flushed (its sentinel deleted)"
+				damage = flushed
 			case isProbe(k, e):
 			default:
 				if p, err := decode(k, e); err == nil {
-					del = append(del, p)
+					out = append(out, Entry{Pinhole: p, Remaining: e.Expires})
 				}
 			}
 		}
-		return del, damage
+		return out, damage
 	}
 	for i := range numSNAT {
 		if b.snat[i].Name != set {
@@ -607,18 +696,18 @@ func (b *Backend) deletedElements(set string, list []byte) (del []Pinhole, damag
 		}
 		for _, e := range elementsOf(list) {
 			if s := sentinelOf(snatSpecs[i]); string(e.Key) == string(s.Key) && string(e.KeyEnd) == string(s.KeyEnd) {
-				damage = "set " + set + " flushed (its sentinel deleted)"
+				damage = flushed
 				continue
 			}
 			if p, ok := snatPinhole(i, e); ok {
-				del = append(del, p)
+				out = append(out, Entry{Pinhole: p, Remaining: e.Expires})
 			}
 		}
-		return del, damage
+		return out, damage
 	}
 	for _, s := range []*nftables.Set{b.protected6, b.protected4, b.owners6, b.owners4, b.served6, b.served4, b.servingIfs} {
 		if s != nil && s.Name == set {
-			return nil, "elements deleted from set " + set
+			return nil, "elements " + verb + " set " + set
 		}
 	}
 	return nil, ""
@@ -687,6 +776,9 @@ func elementsOf(list []byte) []nftables.SetElement {
 					dst = &e.KeyEnd
 				case unix.NFTA_SET_ELEM_DATA:
 					dst = &e.Val
+				case unix.NFTA_SET_ELEM_EXPIRATION: // ms, as the kernel was given it (an add's notification)
+					e.Expires = time.Duration(nd.Uint64()) * time.Millisecond
+					continue
 				default:
 					continue
 				}

@@ -343,3 +343,51 @@ func TestWatchWithoutOwnConn(t *testing.T) {
 	apply(t, b, del(p))
 	marker(t, ns, b, evs, 1006, "pcpd's delete, New's connection not its own")
 }
+
+// TestWatchTellsAdds: elements someone else adds to pcpd's sets are told
+// (h/fwadd): a pinhole (the internet let in) as Added with the expiry it
+// was given, a live one re-added with a longer timeout (Linux >= 6.10
+// updates it in place) likewise, a NAPT mapping and a filtered pinhole
+// as what they open, an address added to the protected set as damage;
+// pcpd's own installs and renewals, and other tables' single adds, are
+// not. Before, none was told: the first event here was the marker's.
+func TestWatchTellsAdds(t *testing.T) {
+	ns := netlab.NewNS(t, "watchadd")
+	b := newBackend(t, ns, pinhole.Config{})
+	evs := watching(t, b)
+	a := netip.MustParseAddr("2001:db8::5")
+	own := pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 443}
+	apply(t, b, install(own, time.Minute))
+	apply(t, b, install(own, 2*time.Minute))
+	ns.MustRun(t, "nft", "add table inet other; add set inet other s { type ipv6_addr; }; add element inet other s { ::2 }")
+	marker(t, ns, b, evs, 1007, "pcpd's own install and renewal, another table's add")
+
+	napt := pinhole.Pinhole{Protocol: udp, InternalAddr: netip.MustParseAddr("10.0.0.2"), InternalPort: 5000,
+		ExternalAddr: netip.MustParseAddr("192.0.2.1"), ExternalPort: 6000}
+	f48 := pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 81, RemotePrefix: netip.MustParsePrefix("2001:db8:9::/48")}
+	for _, tc := range []struct {
+		cmd     string
+		p       pinhole.Pinhole
+		expires time.Duration
+	}{
+		{"add element inet pcpd pin6 { 2001:db8::5 . tcp . 80 timeout 1h }", pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 80}, time.Hour},
+		{"add element inet pcpd pin6 { 2001:db8::5 . tcp . 443 timeout 1h }", own, time.Hour}, // a live one's timeout raised
+		{"add element inet pcpd pin6 { 2001:db8::5 . udp . 53 }", pinhole.Pinhole{Protocol: udp, InternalAddr: a, InternalPort: 53}, 0},
+		{"add element inet pcpd napt4 { 192.0.2.1 . udp . 6000 timeout 1h : 10.0.0.2 . 5000 }", napt, time.Hour},
+		{"add element inet pcpd pin6_filter { 2001:db8::5 . tcp . 81 . 2001:db8:9::/48 . 0-65535 timeout 1h }", f48, time.Hour},
+	} {
+		ns.MustRun(t, "sh", "-c", "nft '"+tc.cmd+"'")
+		ev := nextEvent(t, evs, tc.cmd)
+		want, _ := tc.p.Canonical()
+		if ev.Damage != "" || len(ev.Deleted) != 0 || len(ev.Added) != 1 || ev.Added[0].Pinhole != want || len(ev.By) != 1 {
+			t.Fatalf("%s: %+v, want Added %v", tc.cmd, ev, want)
+		}
+		if got := ev.Added[0].Remaining; got > tc.expires || got < tc.expires-time.Minute {
+			t.Fatalf("%s: told expiry %v, want %v", tc.cmd, got, tc.expires)
+		}
+	}
+	ns.MustRun(t, "nft", "add", "element", "inet", "pcpd", "protected6", "{ 2001:db8::77 }")
+	if ev := nextEvent(t, evs, "protected6 add"); !strings.Contains(ev.Damage, "added to set protected6") || len(ev.Added) != 0 {
+		t.Fatalf("protected6 add: %+v, want damage", ev)
+	}
+}
