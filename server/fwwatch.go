@@ -39,6 +39,18 @@ import (
 //     that. The kernel tells of no element its timeout removed (checked:
 //     Linux 6.18, hash and concatenated-range sets), and a lease past its
 //     expiry holds nothing;
+//   - removes the pinhole elements someone else added (Added: "nft add
+//     element", another controller) that no live lease holds, and puts
+//     those a live lease holds back with the lease's remaining lifetime
+//     (a foreign re-add with a longer timeout cut back), under s.mu as
+//     the above (undoAdds is restoreDeleted's other half): pcpd's sets
+//     hold only what its leases explain, which before only the hourly
+//     audit enforced (a hole opened by hand lived up to an hour, one
+//     re-added with a longer timeout past its lease: h/fwadd). At most
+//     one pass a watchCheckGap undoes adds (a tool adding in a loop is
+//     answered by a transaction a gap, not one per add); pcpd's own
+//     writes are never told as adds (the filter drops its ports'
+//     notifications, judge skips them besides);
 //   - after lost notifications (ENOBUFS, a failed socket: the watcher
 //     reopens it) runs the check and the audit (auditFirewall), at most
 //     once per lostAuditGap (one owed sooner deferred to the gap's end):
@@ -60,6 +72,7 @@ type fwWatch struct {
 	damage   []string
 	by       []uint32
 	deleted  []pinhole.Pinhole
+	added    []pinhole.Entry
 	overflow bool
 	lost     error
 	kick     chan struct{}
@@ -76,6 +89,13 @@ type fwWatch struct {
 	// is up (watchFirewall's goroutine).
 	lastCheck time.Time
 	checkOwed bool
+	// lastUndo is when a pass last undid someone else's adds; adds told
+	// within watchCheckGap of it wait in addsOwed, a kick comes when the
+	// gap is up (undoOwed) (watchFirewall's goroutine).
+	lastUndo time.Time
+	addsOwed []pinhole.Entry
+	addsBy   []uint32 // their committers' ports (for the log)
+	undoOwed bool
 }
 
 // watchCheckGap is the least time between two firewall checks the watch
@@ -109,10 +129,11 @@ func (w *fwWatch) note(ev pinhole.WatchEvent) {
 			w.by = append(w.by, p)
 		}
 	}
-	if len(w.deleted)+len(ev.Deleted) > maxWatchPending {
+	if len(w.deleted)+len(w.added)+len(ev.Deleted)+len(ev.Added) > maxWatchPending {
 		w.overflow = true
 	} else {
 		w.deleted = append(w.deleted, ev.Deleted...)
+		w.added = append(w.added, ev.Added...)
 	}
 	if ev.Lost != nil {
 		w.lost = ev.Lost
@@ -143,9 +164,37 @@ func (s *Server) startWatch(ctx context.Context) <-chan struct{} {
 func (s *Server) watched(ctx context.Context) {
 	w := &s.watch
 	w.mu.Lock()
-	damage, by, deleted, overflow, lost := w.damage, w.by, w.deleted, w.overflow, w.lost
-	w.damage, w.by, w.deleted, w.overflow, w.lost = nil, nil, nil, false, nil
+	damage, by, deleted, added, overflow, lost := w.damage, w.by, w.deleted, w.added, w.overflow, w.lost
+	w.damage, w.by, w.deleted, w.added, w.overflow, w.lost = nil, nil, nil, nil, false, nil
 	w.mu.Unlock()
+	// Adds told within watchCheckGap of the last pass that undid some
+	// wait for the gap's end, gathered (beyond maxWatchPending: the
+	// audit, which removes what no lease explains).
+	if len(added) > 0 || w.undoOwed {
+		if wait := watchCheckGap - time.Since(w.lastUndo); !w.lastUndo.IsZero() && wait > 0 {
+			if len(w.addsOwed)+len(added) > maxWatchPending {
+				overflow = true
+			} else {
+				w.addsOwed = append(w.addsOwed, added...)
+			}
+			for _, p := range by {
+				if !slices.Contains(w.addsBy, p) && len(w.addsBy) < 8 {
+					w.addsBy = append(w.addsBy, p)
+				}
+			}
+			if !w.undoOwed && len(added) > 0 {
+				w.undoOwed = true
+				s.log.Warn("firewall watch: someone added pinholes to pcpd's sets again; undoing when the gap since the last undo is up",
+					zap.Int("count", len(added)), zap.Uint32s("netlink_ports", by), zap.Duration("in", wait))
+				time.AfterFunc(wait, w.poke)
+			}
+			added = nil
+		} else {
+			added = append(w.addsOwed, added...)
+			by = append(w.addsBy, by...)
+			w.addsOwed, w.addsBy, w.undoOwed = nil, nil, false
+		}
+	}
 	audit := false
 	if lost != nil || overflow {
 		s.m.watchLost.Inc()
@@ -203,6 +252,10 @@ func (s *Server) watched(ctx context.Context) {
 	if len(deleted) > 0 && ctx.Err() == nil {
 		s.restoreDeleted(deleted, by)
 	}
+	if len(added) > 0 && ctx.Err() == nil {
+		w.lastUndo = time.Now()
+		s.undoAdds(added, by)
+	}
 	if watchPassHook != nil {
 		watchPassHook()
 	}
@@ -219,34 +272,17 @@ func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) {
 	s.expireLocked(now)
 	var ops []pinhole.Op
 	seen := make(map[pinhole.Pinhole]struct{}, len(ps))
-	var buf []store.Lease
-	var held []pinhole.Pinhole
+	var hs holders
+	defer hs.clear()
 	for _, p := range ps {
 		if _, ok := seen[p]; ok {
 			continue
 		}
 		seen[p] = struct{}{}
-		var until time.Time
-		buf = s.tab.onTupleInto(tuple{proto: p.Protocol, addr: p.InternalAddr, port: p.InternalPort}, buf)
-		for i := range buf {
-			l := &buf[i]
-			if !l.Expires.After(now) || !l.Expires.After(until) {
-				continue
-			}
-			held = appendPinholes(held[:0], l)
-			for _, h := range held {
-				if c, err := h.Canonical(); err == nil && c == p {
-					until = l.Expires
-					break
-				}
-			}
+		if until := hs.until(s, p, now); !until.IsZero() {
+			ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: until.Sub(now)})
 		}
-		if until.IsZero() {
-			continue
-		}
-		ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: until.Sub(now)})
 	}
-	clear(buf)
 	if len(ops) == 0 {
 		s.log.Debug("firewall watch: deleted pinholes no live lease holds", zap.Int("count", len(seen)))
 		return
@@ -263,4 +299,106 @@ func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) {
 	}
 	s.log.Warn("firewall watch: someone deleted pinholes of live leases from the kernel; put back with their leases' remaining lifetimes",
 		zap.Int("count", len(ops)), zap.Strings("first", first), zap.Uint32s("netlink_ports", by))
+}
+
+// holders finds the latest expiry among the live leases that hold a
+// pinhole (restoreDeleted, undoAdds), reusing its buffers. Under s.mu.
+type holders struct {
+	buf  []store.Lease
+	held []pinhole.Pinhole
+}
+
+// until is the latest expiry after now of the leases on p's tuple that
+// hold p, or zero if none does.
+func (h *holders) until(s *Server, p pinhole.Pinhole, now time.Time) time.Time {
+	var until time.Time
+	h.buf = s.tab.onTupleInto(tuple{proto: p.Protocol, addr: p.InternalAddr, port: p.InternalPort}, h.buf)
+	for i := range h.buf {
+		l := &h.buf[i]
+		if !l.Expires.After(now) || !l.Expires.After(until) {
+			continue
+		}
+		h.held = appendPinholes(h.held[:0], l)
+		for _, x := range h.held {
+			if c, err := x.Canonical(); err == nil && c == p {
+				until = l.Expires
+				break
+			}
+		}
+	}
+	return until
+}
+
+func (h *holders) clear() { clear(h.buf) }
+
+// undoAdds undoes the pinhole elements someone else added (ps, as the
+// kernel told them, with the expiry they were given): one no live lease
+// holds is deleted; one a live lease holds is installed again with the
+// latest expiry of its holders (as restoreDeleted), which cuts a longer
+// foreign timeout back to the lease (the kernel updates an element's
+// timeout in place) and never goes beyond it. Under s.mu, for the same
+// reason as restoreDeleted: a lease granted after the add holds its
+// pinhole by then and keeps it; one deleted since has left the table.
+//
+// An op the kernel refuses (someone changed that element again since:
+// its own notification follows) is left out and the rest applied, so
+// that one racing element cannot keep the others in place; what is left
+// is the audit's.
+func (s *Server) undoAdds(ps []pinhole.Entry, by []uint32) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	s.expireLocked(now)
+	var ops []pinhole.Op
+	seen := make(map[pinhole.Pinhole]struct{}, len(ps))
+	var hs holders
+	defer hs.clear()
+	var longer []string // held ones given more than their lease (for the log)
+	for _, e := range ps {
+		p := e.Pinhole
+		if _, ok := seen[p]; ok {
+			continue
+		}
+		seen[p] = struct{}{}
+		until := hs.until(s, p, now)
+		if until.IsZero() {
+			ops = append(ops, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
+			continue
+		}
+		if e.Remaining == 0 || e.Remaining > until.Sub(now) {
+			longer = append(longer, p.String())
+		}
+		ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: until.Sub(now)})
+	}
+	done := 0
+	var failed error
+	for len(ops) > 0 {
+		chunk := ops[:min(len(ops), pinhole.MaxBatch)]
+		err := s.fw.Apply(chunk)
+		var oe *pinhole.OpError
+		if err != nil && errors.As(err, &oe) && oe.Index >= 0 && oe.Index < len(chunk) {
+			s.log.Warn("firewall watch: cannot undo a pinhole someone added (changed again since?); the rest goes on, the audit sees to it",
+				zap.Stringer("pinhole", oe.Op.Pinhole), zap.Error(oe.Err))
+			failed = err
+			ops = slices.Delete(ops, oe.Index, oe.Index+1)
+			continue
+		}
+		if err != nil {
+			failed = err
+		} else {
+			done += len(chunk)
+		}
+		ops = ops[len(chunk):]
+	}
+	if failed != nil {
+		s.m.kernelErrors.Inc()
+	}
+	s.m.watchUndone.Add(float64(done))
+	first := make([]string, 0, 4)
+	for _, e := range ps[:min(len(ps), cap(first))] {
+		first = append(first, e.Pinhole.String())
+	}
+	s.log.Warn("firewall watch: someone added pinholes to pcpd's sets; removed those no live lease holds, the rest cut back to their leases' remaining lifetimes",
+		zap.Int("count", len(seen)), zap.Int("undone", done), zap.Strings("first", first),
+		zap.Strings("given_more_than_their_lease", longer[:min(len(longer), 4)]), zap.Uint32s("netlink_ports", by), zap.Error(failed))
 }

@@ -21,6 +21,7 @@ type metrics struct {
 	// The firewall watch's (fwwatch.go): pinholes put back, checks run
 	// at once, and losses of its notifications.
 	watchRestored prometheus.Counter
+	watchUndone   prometheus.Counter
 	watchChecks   prometheus.Counter
 	watchLost     prometheus.Counter
 	ctWalks       prometheus.Counter
@@ -52,6 +53,7 @@ func newMetrics(leases func() float64) *metrics {
 		revocations:   counterVec("pcpd_revocations_total", "Leases ended by the server, by cause (ownership, operator, policy).", "cause"),
 		restores:      counter("pcpd_firewall_restores_total", "Times the nftables objects were found damaged or incomplete and restored."),
 		watchRestored: counter("pcpd_firewall_watch_restored_total", "Pinholes of live leases someone else deleted from the kernel, put back as the kernel told of it (firewall watch)."),
+		watchUndone:   counter("pcpd_firewall_watch_undone_adds_total", "Pinhole elements someone else added to pcpd's sets, removed (no live lease holds them) or cut back to their lease's remaining lifetime as the kernel told of it (firewall watch)."),
 		watchChecks:   counter("pcpd_firewall_watch_checks_total", "Firewall checks run at once because the kernel told of someone else's change to pcpd's nftables objects, or of lost notifications."),
 		watchLost:     counter("pcpd_firewall_watch_lost_total", "Times the firewall watch's socket failed or the kernel dropped its notifications (ENOBUFS); each is a firewall check and an audit."),
 		ctWalks:       counter("pcpd_conntrack_flushes_total", "Walks of the conntrack table ending the connections of deleted, revoked or expired mappings (several mappings' flushes share one)."),
@@ -82,7 +84,7 @@ func histogram(name, help string, buckets []float64) prometheus.Histogram {
 
 func (m *metrics) collectors() []prometheus.Collector {
 	c := []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.latency, m.kernelSeconds, m.storeSeconds,
-		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.watchRestored, m.watchChecks, m.watchLost, m.ctWalks, m.ctFailures, m.leases,
+		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.watchRestored, m.watchUndone, m.watchChecks, m.watchLost, m.ctWalks, m.ctFailures, m.leases,
 		m.absorbed, m.flushLeases, m.flushSeconds, m.clockSteps}
 	if m.kernelDrops != nil {
 		c = append(c, m.meterErrors, m.kernelDrops)
