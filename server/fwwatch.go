@@ -268,23 +268,19 @@ func (s *Server) watched(ctx context.Context) {
 func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := s.now()
-	s.expireLocked(now)
-	var ops []pinhole.Op
-	seen := make(map[pinhole.Pinhole]struct{}, len(ps))
-	var hs holders
+	hs := s.holdersLocked(len(ps))
 	defer hs.clear()
+	var ops []pinhole.Op
 	for _, p := range ps {
-		if _, ok := seen[p]; ok {
+		if !hs.first(p) {
 			continue
 		}
-		seen[p] = struct{}{}
-		if until := hs.until(s, p, now); !until.IsZero() {
-			ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: until.Sub(now)})
+		if until := hs.until(p); !until.IsZero() {
+			ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: until.Sub(hs.now)})
 		}
 	}
 	if len(ops) == 0 {
-		s.log.Debug("firewall watch: deleted pinholes no live lease holds", zap.Int("count", len(seen)))
+		s.log.Debug("firewall watch: deleted pinholes no live lease holds", zap.Int("count", len(hs.seen)))
 		return
 	}
 	if err := s.applyAll(ops); err != nil {
@@ -301,21 +297,41 @@ func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) {
 		zap.Int("count", len(ops)), zap.Strings("first", first), zap.Uint32s("netlink_ports", by))
 }
 
-// holders finds the latest expiry among the live leases that hold a
-// pinhole (restoreDeleted, undoAdds), reusing its buffers. Under s.mu.
+// holders is what restoreDeleted and undoAdds decide by, under s.mu:
+// the live leases that hold a pinhole, at now, and the pinholes seen.
 type holders struct {
+	s    *Server
+	now  time.Time
+	seen map[pinhole.Pinhole]struct{}
 	buf  []store.Lease
 	held []pinhole.Pinhole
 }
 
+// holdersLocked expires what is due and returns the holders at now, for
+// n pinholes. Under s.mu.
+func (s *Server) holdersLocked(n int) *holders {
+	now := s.now()
+	s.expireLocked(now)
+	return &holders{s: s, now: now, seen: make(map[pinhole.Pinhole]struct{}, n)}
+}
+
+// first reports whether p is seen for the first time.
+func (h *holders) first(p pinhole.Pinhole) bool {
+	if _, ok := h.seen[p]; ok {
+		return false
+	}
+	h.seen[p] = struct{}{}
+	return true
+}
+
 // until is the latest expiry after now of the leases on p's tuple that
 // hold p, or zero if none does.
-func (h *holders) until(s *Server, p pinhole.Pinhole, now time.Time) time.Time {
+func (h *holders) until(p pinhole.Pinhole) time.Time {
 	var until time.Time
-	h.buf = s.tab.onTupleInto(tuple{proto: p.Protocol, addr: p.InternalAddr, port: p.InternalPort}, h.buf)
+	h.buf = h.s.tab.onTupleInto(tuple{proto: p.Protocol, addr: p.InternalAddr, port: p.InternalPort}, h.buf)
 	for i := range h.buf {
 		l := &h.buf[i]
-		if !l.Expires.After(now) || !l.Expires.After(until) {
+		if !l.Expires.After(h.now) || !l.Expires.After(until) {
 			continue
 		}
 		h.held = appendPinholes(h.held[:0], l)
@@ -347,28 +363,25 @@ func (h *holders) clear() { clear(h.buf) }
 func (s *Server) undoAdds(ps []pinhole.Entry, by []uint32) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := s.now()
-	s.expireLocked(now)
-	var ops []pinhole.Op
-	seen := make(map[pinhole.Pinhole]struct{}, len(ps))
-	var hs holders
+	hs := s.holdersLocked(len(ps))
 	defer hs.clear()
+	var ops []pinhole.Op
 	var longer []string // held ones given more than their lease (for the log)
 	for _, e := range ps {
 		p := e.Pinhole
-		if _, ok := seen[p]; ok {
+		if !hs.first(p) {
 			continue
 		}
-		seen[p] = struct{}{}
-		until := hs.until(s, p, now)
+		until := hs.until(p)
 		if until.IsZero() {
 			ops = append(ops, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
 			continue
 		}
-		if e.Remaining == 0 || e.Remaining > until.Sub(now) {
+		left := until.Sub(hs.now)
+		if e.Remaining == 0 || e.Remaining > left {
 			longer = append(longer, p.String())
 		}
-		ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: until.Sub(now)})
+		ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left})
 	}
 	done := 0
 	var failed error
@@ -399,6 +412,6 @@ func (s *Server) undoAdds(ps []pinhole.Entry, by []uint32) {
 		first = append(first, e.Pinhole.String())
 	}
 	s.log.Warn("firewall watch: someone added pinholes to pcpd's sets; removed those no live lease holds, the rest cut back to their leases' remaining lifetimes",
-		zap.Int("count", len(seen)), zap.Int("undone", done), zap.Strings("first", first),
+		zap.Int("count", len(hs.seen)), zap.Int("undone", done), zap.Strings("first", first),
 		zap.Strings("given_more_than_their_lease", longer[:min(len(longer), 4)]), zap.Uint32s("netlink_ports", by), zap.Error(failed))
 }
