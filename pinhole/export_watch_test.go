@@ -72,3 +72,18 @@ func UseCallersConn(b *Backend, conn *nftables.Conn) {
 	b.conn, b.ownConn, b.nl = conn, false, nil
 	b.mu.Unlock()
 }
+
+// CountWatchReceives counts the skbs the watchers' sockets read (each
+// one passed the socket filter: a wakeup of the watcher).
+func CountWatchReceives() (n *atomic.Int64, restore func()) {
+	old := receiveHook
+	n = new(atomic.Int64)
+	receiveHook = func(c *netlink.Conn) ([]netlink.Message, error) {
+		msgs, err := old(c)
+		if err == nil {
+			n.Add(1)
+		}
+		return msgs, err
+	}
+	return n, func() { receiveHook = old }
+}

@@ -18,8 +18,9 @@ type metrics struct {
 	storeErrors   prometheus.Counter
 	revocations   *prometheus.CounterVec // cause
 	restores      prometheus.Counter
-	// The firewall watch's (fwwatch.go): pinholes put back, checks run
-	// at once, and losses of its notifications.
+	// The firewall watch's (fwwatch.go): pinholes put back, someone
+	// else's added ones undone, checks run at once, and losses of its
+	// notifications.
 	watchRestored prometheus.Counter
 	watchUndone   prometheus.Counter
 	watchChecks   prometheus.Counter
