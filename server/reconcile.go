@@ -1056,10 +1056,13 @@ func (s *Server) armCut() bool {
 	return true
 }
 
-// auditMaxLeases: above this many leases the audit is skipped. The kernel's
-// dump of a hash set is quadratic in its size (~2-7 s of kernel CPU at
-// 100 000 pinholes, minutes at 1 000 000).
-const auditMaxLeases = 200_000
+// auditMaxLeases: above this many leases the audit does not dump the
+// kernel's sets, whose dump of a hash set is quadratic in its size (~2-7 s
+// of kernel CPU at 100 000 pinholes, minutes at 1 000 000): it installs
+// every live lease's pinholes again in steps instead (auditLarge,
+// auditbig.go), and orphans end with their kernel timeouts. A variable for
+// tests.
+var auditMaxLeases = 200_000
 
 // auditFirewall compares the kernel's pinholes with the lease table: it
 // re-installs pinholes no dump showed and removes pinholes of ours that no
@@ -1069,14 +1072,14 @@ const auditMaxLeases = 200_000
 // on its own socket without s.mu (the backend lets Apply go on meanwhile),
 // and only the comparison and the fix take the lock. A pinhole changed
 // while the dump ran may be seen as missing; re-installing it is harmless.
+// Above auditMaxLeases there is no dump: auditLarge.
 func (s *Server) auditFirewall(ctx context.Context) {
 	s.retryUndeleted() // also above auditMaxLeases
 	s.mu.Lock()
 	n := s.tab.len()
 	s.mu.Unlock()
 	if n > auditMaxLeases {
-		s.log.Info("firewall audit skipped: too many leases to dump the kernel's sets; orphan pinholes end with their timeouts",
-			zap.Int("leases", n), zap.Int("max", auditMaxLeases))
+		s.auditLarge(ctx, n)
 		return
 	}
 	start := time.Now()

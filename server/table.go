@@ -1054,6 +1054,35 @@ func (t *table) selectedBy(from uint32, n int, match func(*table, *rec) bool, ds
 	return dst, uint32(end)
 }
 
+// liveIn calls fn with each live lease in slots from..from+n-1, in slot
+// order, decoded into a scratch copy that fn must not keep, and returns
+// the slot to start the next step at (0: the walk reached the end), as
+// unowned does. fn returning false stops the walk before that lease: the
+// slot returned is its own, so the next step starts with it. fn must not
+// change the table; the table may change between steps (slots are not
+// moved: a lease added meanwhile in a slot already passed is not
+// yielded, one deleted meanwhile is not yielded).
+func (t *table) liveIn(from uint32, n int, fn func(l *store.Lease) bool) uint32 {
+	if from == 0 {
+		from = 1
+	}
+	end := min(uint64(from)+uint64(n), uint64(t.top)+1)
+	var l store.Lease
+	for ref := from; uint64(ref) < end; ref++ {
+		if t.rec(ref).flags&fLive == 0 {
+			continue
+		}
+		t.decode(ref, &l)
+		if !fn(&l) {
+			return ref
+		}
+	}
+	if end > uint64(t.top) {
+		return 0
+	}
+	return uint32(end)
+}
+
 // unowned appends to dst the keys of the leases in slots from..from+n-1
 // whose internal address own does not give to their owner, and returns the
 // slot to start the next step at (0: the walk reached the end). It reads

@@ -1,0 +1,205 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/store"
+)
+
+// The audit above auditMaxLeases (h/bigaudit, issue 9). There the kernel's
+// dump of the pinhole sets is quadratic (minutes at 1 000 000), so the
+// audit does not read the kernel at all: it installs every live lease's
+// pinholes again, a step at a time, each step one hold of s.mu and one
+// kernel transaction (at most pinhole.MaxBatch ops), as the start's
+// ownership sweep (sweepMore) and the operator's revoke chunk theirs. A
+// pinhole the kernel lacks (deleted by hand while the watch was off or
+// deaf) is added back; one it holds only has its timeout set again to
+// what it is (pinhole's Install: on Linux ≥ 6.10 an in-place update that
+// never lengthens beyond the timeout asked, before 6.10 the element is
+// re-created with exactly that timeout, in the same transaction). Before,
+// the audit was skipped above auditMaxLeases, and such a pinhole stayed
+// missing until the lease's renewal, while the client had been told
+// SUCCESS. Orphans (elements no lease explains) cannot be found without
+// the dump: above auditMaxLeases they end with their kernel timeouts,
+// which never exceed the lifetime of the lease that installed them.
+//
+// What is installed, and for how long (security: this path writes
+// pinholes without a request):
+//   - only the pinholes of leases in the table at the step's hold of
+//     s.mu, which is committed state (the engine changes table, kernel
+//     and store of a batch in one hold: fwwatch.go); a lease deleted,
+//     revoked, replaced or expired before the step is not in the table
+//     or is skipped as not live, and one deleted after the step deletes
+//     its pinholes itself, later, in its own hold;
+//   - never for a lease whose expiry is at or before the step's clock
+//     (s.now(), under s.mu, the clock expiry runs on);
+//   - a pinhole's timeout is the latest expiry, as the kernel should hold
+//     it, among the live leases on its tuple that hold it (a MAP and
+//     PEERs share one: table.installs, tx.diff), less the step's clock,
+//     rounded down to the millisecond: never beyond the lease's
+//     remaining lifetime. For a lease whose renewal was absorbed
+//     (absorb.go) that expiry is its synced one, what the kernel and the
+//     store hold (tx.diff computes shared elements the same way): the
+//     audit never writes the kernel beyond the stored lease, so a crash
+//     before the flush leaves no pinhole outliving what a restart
+//     restores.
+
+// auditStepSlots bounds the table slots one step of the audit above
+// auditMaxLeases reads when it finds fewer than pinhole.MaxBatch pinholes
+// (a sparse table), as sweepSlots does the ownership sweep's.
+const auditStepSlots = 8192
+
+// auditConflictRetries bounds how many times a step drops a conflicting op
+// (ErrConflict: the kernel holds another mapping under the external key,
+// which only a repair or an orphan's timeout clears) and applies the rest
+// again: the kernel discards a failed transaction whole.
+const auditConflictRetries = 4
+
+// kernelExpiry is when the kernel should end l's pinholes: its expiry, or
+// its synced one if its renewal was absorbed (absorb.go). Under s.mu.
+func (s *Server) kernelExpiry(l *store.Lease) time.Time {
+	if at, ok := s.dirty[l.Key]; ok && at.Before(l.Expires) {
+		return at
+	}
+	return l.Expires
+}
+
+// auditScratch is what the steps of one large audit reuse.
+type auditScratch struct {
+	ops  []pinhole.Op
+	held []pinhole.Pinhole
+	tup  []store.Lease
+	oth  []pinhole.Pinhole
+}
+
+// auditStepLocked appends to sc.ops the Install ops of the live leases'
+// pinholes in the table's slots from from on, until the next lease's would
+// take the ops past pinhole.MaxBatch or auditStepSlots slots are read,
+// and returns the slot to start the next step at (0: the end). Under s.mu.
+func (s *Server) auditStepLocked(from uint32, now time.Time, sc *auditScratch) uint32 {
+	sc.ops = sc.ops[:0]
+	return s.tab.liveIn(from, auditStepSlots, func(l *store.Lease) bool {
+		until := s.kernelExpiry(l)
+		if until.Sub(now) < time.Millisecond {
+			// Ended, or ends within a millisecond: nothing is installed
+			// for it. Another live lease holding one of its pinholes
+			// installs that on its own turn.
+			return true
+		}
+		sc.held = appendPinholes(sc.held[:0], l)
+		if len(sc.ops) > 0 && len(sc.ops)+len(sc.held) > pinhole.MaxBatch {
+			return false // the next step starts with l
+		}
+		sc.tup = s.tab.onTupleInto(tupleOf(l.Key), sc.tup)
+		for _, p := range sc.held {
+			at := until
+			for i := range sc.tup {
+				o := &sc.tup[i]
+				if o.Key == l.Key {
+					continue
+				}
+				if oat := s.kernelExpiry(o); oat.After(at) {
+					sc.oth = appendPinholes(sc.oth[:0], o)
+					for _, q := range sc.oth {
+						if q == p {
+							at = oat
+							break
+						}
+					}
+				}
+			}
+			// Rounded down: the kernel rounds a timeout up to the
+			// millisecond (pinhole's ceilMillis), so it ends no later
+			// than at.
+			sc.ops = append(sc.ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: at.Sub(now).Truncate(time.Millisecond)})
+		}
+		return true
+	})
+}
+
+// applyAuditStep applies a step's ops: one transaction (several only for
+// a lease with more than pinhole.MaxBatch pinholes). An op the kernel
+// refuses as a conflict is dropped and the rest applied again, up to
+// auditConflictRetries times. It returns how many ops were applied, how
+// many dropped, and the error that ended it (nil if applied). Under s.mu.
+func (s *Server) applyAuditStep(ops []pinhole.Op) (applied, dropped int, err error) {
+	for try := 0; ; try++ {
+		if len(ops) == 0 {
+			return 0, dropped, nil
+		}
+		if len(ops) > pinhole.MaxBatch {
+			if err := s.applyAll(ops); err != nil {
+				return 0, dropped, err
+			}
+			return len(ops), dropped, nil
+		}
+		err := s.fw.Apply(ops)
+		if err == nil {
+			return len(ops), dropped, nil
+		}
+		var oe *pinhole.OpError
+		if try >= auditConflictRetries || !errors.Is(err, pinhole.ErrConflict) || !errors.As(err, &oe) || oe.Index < 0 || oe.Index >= len(ops) {
+			return 0, dropped, err
+		}
+		s.log.Warn("firewall audit: the kernel holds another mapping under a lease's external key; its pinhole is left to the firewall check or the other element's timeout",
+			zap.Stringer("pinhole", ops[oe.Index].Pinhole), zap.Error(err))
+		ops = append(ops[:oe.Index], ops[oe.Index+1:]...)
+		dropped++
+	}
+}
+
+// auditLarge is the audit above auditMaxLeases (see above): every live
+// lease's pinholes installed again, a step at a time, on the caller's
+// goroutine (watchFirewall's). It ends early when ctx does, or when a set
+// is missing (the firewall check, run then, repairs and re-installs).
+func (s *Server) auditLarge(ctx context.Context, leases int) {
+	start := time.Now()
+	var sc auditScratch
+	var at uint32
+	var installed, dropped, steps, failed int
+	var longest time.Duration
+	var first error
+	for {
+		if ctx.Err() != nil {
+			s.log.Info("firewall audit above the dump limit stopped", zap.Int("pinholes_installed", installed), zap.Duration("took", time.Since(start)))
+			return
+		}
+		s.mu.Lock()
+		held := time.Now()
+		next := s.auditStepLocked(at, s.now(), &sc)
+		n, d, err := s.applyAuditStep(sc.ops)
+		hold := time.Since(held)
+		s.mu.Unlock()
+		steps++
+		installed += n
+		dropped += d
+		longest = max(longest, hold)
+		if errors.Is(err, pinhole.ErrMissing) {
+			s.log.Warn("firewall audit: a pinhole set is missing; checking the firewall now", zap.Error(err))
+			s.checkFirewall()
+			return
+		}
+		if err != nil {
+			s.m.kernelErrors.Inc()
+			failed++
+			if first == nil {
+				first = err
+			}
+		}
+		if next == 0 {
+			break
+		}
+		at = next
+	}
+	if failed > 0 {
+		s.log.Error("firewall audit: cannot install some leases' pinholes again; the next audit retries", zap.Int("failed_steps", failed), zap.Error(first))
+	}
+	s.log.Info("firewall audit: too many leases to dump the kernel's sets; installed every live lease's pinholes again (missing ones back, the rest's timeouts set to their leases' remaining lifetimes); orphan pinholes end with their timeouts",
+		zap.Int("leases", leases), zap.Int("max", auditMaxLeases), zap.Int("pinholes", installed), zap.Int("conflicts", dropped),
+		zap.Int("steps", steps), zap.Duration("longest_hold", longest), zap.Duration("took", time.Since(start)))
+}

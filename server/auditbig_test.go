@@ -1,0 +1,183 @@
+package server
+
+import (
+	"context"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/store"
+)
+
+// kernelView is, for each pinhole a live lease holds at now, when the
+// kernel should end it: the latest expiry among the live leases holding
+// it, a dirty lease's synced one (absorb.go). Computed apart from the
+// audit's code, from Leases() and the dirty map.
+func (h *harness) kernelView(now time.Time) map[pinhole.Pinhole]time.Time {
+	h.s.mu.Lock()
+	dirty := make(map[store.Key]time.Time, len(h.s.dirty))
+	for k, at := range h.s.dirty {
+		dirty[k] = at
+	}
+	h.s.mu.Unlock()
+	out := map[pinhole.Pinhole]time.Time{}
+	for _, l := range h.s.Leases() {
+		at := l.Expires
+		if s, ok := dirty[l.Key]; ok && s.Before(at) {
+			at = s
+		}
+		if !at.After(now) {
+			continue
+		}
+		for _, p := range pinholesOf(&l) {
+			if at.After(out[p]) {
+				out[p] = at
+			}
+		}
+	}
+	return out
+}
+
+// TestAuditAboveMaxInstalls (h/bigaudit): above auditMaxLeases (lowered
+// here to 3; 200 000 in pcpd) the audit, which main skipped, installs
+// every live lease's pinholes again, in steps of at most pinhole.MaxBatch
+// ops: the elements of live leases deleted unheard (watch off) are back,
+// each with exactly what the kernel should hold (the fake firewall's clock
+// is the engine's): a PEER and a filtered MAP sharing an element keep the
+// later expiry (the PEER made first, so a per-lease timeout would leave
+// the shorter MAP's), an absorbed renewal its synced expiry (not the
+// table's later one), an IPv4 NAPT mapping its own. Nothing is installed
+// for a lease past its expiry and not yet swept, and no op asks for more
+// than the kernel view of its pinhole. The orphan added by hand stays
+// (no dump: it ends with its timeout). On main: 'not back' for each
+// deleted element (the audit logged "skipped" and did nothing).
+func TestAuditAboveMaxInstalls(t *testing.T) {
+	defer func(n int) { auditMaxLeases = n }(auditMaxLeases)
+	auditMaxLeases = 3
+	h := newHarness(t)
+	own, err := policy.NewStatic(map[string][]netip.Prefix{
+		"a":     {netip.MustParsePrefix("2001:db8:a::/48"), netip.MustParsePrefix("10.0.0.0/28")},
+		"b":     {netip.MustParsePrefix("2001:db8:b::/48"), netip.MustParsePrefix("10.0.0.16/28")},
+		"bench": {netip.MustParsePrefix("2001:db8:2::/48")},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.own = own
+	const bench = 700 // > 2 × MaxBatch: three steps at least
+	if err := h.st.Commit(startLeases(bench, h.clock.Now()), nil); err != nil {
+		t.Fatal(err)
+	}
+	h.start()
+	if n := len(h.s.Leases()); n != bench {
+		t.Fatalf("%d leases restored, want %d", n, bench)
+	}
+	filtered := mapReq(addrA, pcp.ProtoTCP, 443, 443, time.Hour, 2)
+	filtered.Options.Filters = append(filtered.Options.Filters, pcp.Filter{Remote: netip.PrefixFrom(remote.Addr(), 128), RemotePort: remote.Port()})
+	h.expect(h.do(peerReq(addrA, pcp.ProtoTCP, 443, remote, 2*time.Hour, 1)), pcp.Success)
+	h.expect(h.do(filtered), pcp.Success)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 3)), pcp.Success)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoUDP, 53, 53, 5*time.Minute, 4)), pcp.Success)
+	if r := h.do(mapReq(v4A, pcp.ProtoTCP, 8080, 18080, 50*time.Minute, 5)); r.Result != pcp.Success || r.Map.ExternalPort != 18080 {
+		t.Fatalf("IPv4 MAP: %+v", r)
+	}
+	h.clock.Advance(time.Minute)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 3)), pcp.Success) // absorbed
+	h.s.mu.Lock()
+	_, dirty := h.s.dirty[store.Key{Owner: ownerA, Protocol: 6, InternalAddr: addrA, InternalPort: 80}]
+	h.s.mu.Unlock()
+	if !dirty {
+		t.Fatal("the renewal of port 80 was not absorbed")
+	}
+	// The 5 min lease past its expiry; no request runs the engine's
+	// expiry before the audit.
+	h.clock.Advance(5 * time.Minute)
+	now := h.clock.Now()
+
+	shared := pinhole.Pinhole{Protocol: 6, InternalAddr: addrA, InternalPort: 443, ExternalAddr: addrA, ExternalPort: 443,
+		RemotePrefix: netip.PrefixFrom(remote.Addr(), 128), RemotePort: remote.Port()}
+	absorbed := hole(6, addrA, 80, addrA, 80)
+	ended := hole(17, addrA, 53, addrA, 53)
+	napt := hole(6, v4A, 8080, ext4, 18080)
+	ls := startLeases(bench, time.Time{})
+	deleted := []pinhole.Pinhole{shared, absorbed, napt}
+	for _, i := range []int{0, 311, bench - 1} {
+		deleted = append(deleted, hole(6, ls[i].InternalAddr, 443, ls[i].InternalAddr, 443))
+	}
+	want := h.kernelView(now)
+	for _, p := range deleted {
+		if _, ok := want[p]; !ok {
+			t.Fatalf("%v: no live lease holds it (test setup)", p)
+		}
+	}
+	if _, ok := want[ended]; ok {
+		t.Fatal("the 5 min lease is still live (test setup)")
+	}
+	// Checks of the kernel view itself, apart from the leases' listing.
+	if at := want[shared]; !at.Equal(now.Add(2*time.Hour - 6*time.Minute)) {
+		t.Fatalf("shared element's view %v, want the PEER's expiry", at)
+	}
+	if at := want[absorbed]; !at.Equal(now.Add(time.Hour - 6*time.Minute)) {
+		t.Fatalf("absorbed lease's view %v, want its synced expiry (the first grant)", at)
+	}
+
+	// Deleted by hand, unheard; an orphan added by hand.
+	var dels []pinhole.Op
+	for _, p := range deleted {
+		dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
+	}
+	orphan := hole(6, netip.MustParseAddr("2001:db8:2::dead"), 443, netip.MustParseAddr("2001:db8:2::dead"), 443)
+	if err := h.fw.Apply(append(dels, pinhole.Op{Kind: pinhole.Install, Pinhole: orphan, Timeout: 10 * time.Minute})); err != nil {
+		t.Fatal(err)
+	}
+	var batches [][]pinhole.Op
+	h.fw.FailApply = func(ops []pinhole.Op) error {
+		batches = append(batches, slices.Clone(ops))
+		return nil
+	}
+	h.s.auditFirewall(context.Background())
+	h.fw.FailApply = nil
+
+	holes := h.fw.Holes()
+	for _, p := range deleted {
+		d, ok := holes[p]
+		if !ok {
+			t.Errorf("%v deleted by hand above auditMaxLeases: not back after the audit", p)
+			continue
+		}
+		if at := now.Add(d); !at.Equal(want[p]) {
+			t.Errorf("%v back until %v, want %v (what the kernel should hold)", p, at, want[p])
+		}
+	}
+	if _, ok := holes[orphan]; !ok {
+		t.Errorf("orphan removed: the audit above auditMaxLeases has no dump to find it")
+	}
+	installed := map[pinhole.Pinhole]bool{}
+	for i, b := range batches {
+		if len(b) > pinhole.MaxBatch {
+			t.Errorf("transaction %d: %d ops, want ≤ %d", i, len(b), pinhole.MaxBatch)
+		}
+		for _, op := range b {
+			at, ok := want[op.Pinhole]
+			switch {
+			case op.Kind != pinhole.Install:
+				t.Errorf("op %v %v: want installs only", op.Kind, op.Pinhole)
+			case !ok:
+				t.Errorf("installed %v, which no live lease holds", op.Pinhole)
+			case now.Add(op.Timeout).After(at):
+				t.Errorf("installed %v for %v, beyond %v", op.Pinhole, op.Timeout, at)
+			}
+			installed[op.Pinhole] = true
+		}
+	}
+	if len(installed) != len(want) {
+		t.Errorf("installed %d pinholes, want every live lease's %d", len(installed), len(want))
+	}
+	if len(batches) < 3 {
+		t.Errorf("%d transactions for %d pinholes, want steps of ≤ %d", len(batches), len(want), pinhole.MaxBatch)
+	}
+}
