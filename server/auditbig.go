@@ -60,6 +60,10 @@ const auditStepSlots = 8192
 // again: the kernel discards a failed transaction whole.
 const auditConflictRetries = 4
 
+// auditLargeHook, if set, is called at the end of each auditLarge that
+// walked the whole table (tests).
+var auditLargeHook func(installed int)
+
 // kernelExpiry is when the kernel should end l's pinholes: its expiry, or
 // its synced one if its renewal was absorbed (absorb.go). Under s.mu.
 func (s *Server) kernelExpiry(l *store.Lease) time.Time {
@@ -202,4 +206,7 @@ func (s *Server) auditLarge(ctx context.Context, leases int) {
 	s.log.Info("firewall audit: too many leases to dump the kernel's sets; installed every live lease's pinholes again (missing ones back, the rest's timeouts set to their leases' remaining lifetimes); orphan pinholes end with their timeouts",
 		zap.Int("leases", leases), zap.Int("max", auditMaxLeases), zap.Int("pinholes", installed), zap.Int("conflicts", dropped),
 		zap.Int("steps", steps), zap.Duration("longest_hold", longest), zap.Duration("took", time.Since(start)))
+	if auditLargeHook != nil {
+		auditLargeHook(installed)
+	}
 }
