@@ -126,6 +126,26 @@ func (s *Server) auditStepLocked(from uint32, now time.Time, sc *auditScratch) u
 	})
 }
 
+// lateBy shortens ops, timed from a clock read late ago (a step's
+// building of them), by late rounded up to the millisecond, and drops those
+// left with less than a millisecond: the kernel starts an element's
+// countdown at its commit, so it then ends no later than its lease but by
+// the transaction's own latency (and a jiffy's rounding), which every
+// write of the engine has too.
+func lateBy(ops []pinhole.Op, late time.Duration) []pinhole.Op {
+	if late <= 0 {
+		return ops
+	}
+	late = (late + time.Millisecond - 1).Truncate(time.Millisecond)
+	out := ops[:0]
+	for _, op := range ops {
+		if op.Timeout -= late; op.Timeout >= time.Millisecond {
+			out = append(out, op)
+		}
+	}
+	return out
+}
+
 // applyAuditStep applies a step's ops: one transaction (several only for
 // a lease with more than pinhole.MaxBatch pinholes). An op the kernel
 // refuses as a conflict is dropped and the rest applied again, up to
@@ -175,7 +195,9 @@ func (s *Server) auditLarge(ctx context.Context, leases int) {
 		}
 		s.mu.Lock()
 		held := time.Now()
-		next := s.auditStepLocked(at, s.now(), &sc)
+		now := s.now()
+		next := s.auditStepLocked(at, now, &sc)
+		sc.ops = lateBy(sc.ops, s.now().Sub(now))
 		n, d, err := s.applyAuditStep(sc.ops)
 		hold := time.Since(held)
 		s.mu.Unlock()

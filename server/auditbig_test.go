@@ -181,3 +181,17 @@ func TestAuditAboveMaxInstalls(t *testing.T) {
 		t.Errorf("%d transactions for %d pinholes, want steps of ≤ %d", len(batches), len(want), pinhole.MaxBatch)
 	}
 }
+
+// TestAuditLateBy: a step's ops are shortened by the time spent building
+// them, rounded up to the millisecond; those left under a millisecond go.
+func TestAuditLateBy(t *testing.T) {
+	ops := []pinhole.Op{{Timeout: time.Hour}, {Timeout: 3 * time.Millisecond}, {Timeout: 4 * time.Millisecond}}
+	got := lateBy(slices.Clone(ops), 2300*time.Microsecond)
+	want := []time.Duration{time.Hour - 3*time.Millisecond, time.Millisecond}
+	if len(got) != len(want) || got[0].Timeout != want[0] || got[1].Timeout != want[1] {
+		t.Fatalf("lateBy 2.3 ms: %v, want timeouts %v", got, want)
+	}
+	if got := lateBy(slices.Clone(ops), 0); !slices.Equal(got, ops) {
+		t.Fatalf("lateBy 0: %v", got)
+	}
+}
