@@ -15,6 +15,7 @@ import (
 
 	"github.com/mdlayher/netlink"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/netlab"
@@ -184,12 +185,17 @@ func TestAuditAboveMaxBig(t *testing.T) {
 		t.Fatalf("after nft delete element: %v %v, want both gone", errs, err)
 	}
 
+	core, logs := observer.New(zap.InfoLevel)
+	s.log = zap.New(core) // nothing runs beside: no Serve
 	endProbe := probeLockWait(s)
 	t0 := time.Now()
 	s.auditFirewall(context.Background())
 	took := time.Since(t0)
 	maxWait, probes := endProbe()
 	t.Logf("audit over %d leases (threshold %d): %v; engine's longest wait for s.mu %v (%d probes)", n, auditMaxLeases, took, maxWait, probes)
+	for _, e := range logs.All() {
+		t.Logf("log: %s %v", e.Message, e.ContextMap())
+	}
 
 	s.mu.Lock()
 	expires := make([]time.Time, len(picked))
