@@ -13,10 +13,12 @@ import (
 // TestRestoreRefusedRetryAboveAuditMax: a refused lease's pinhole whose
 // deletion fails at start is left to the first firewall audit
 // (TestRestartRevokeRetriedAfterFailure), but above auditMaxLeases the
-// audit is skipped and nothing else retries: the port the operator has
-// just denied stays open until the kernel times the element out (the
-// lease's remaining lifetime, 24 h by default), though every renewal is
-// refused. Here 200 001 owned leases are restored with it, the kernel
+// audit dumps nothing and finds no orphan (it only installs the live
+// leases' pinholes again, auditbig.go): without the retry of undeleted
+// pinholes (retryUndeleted, which every audit runs first) the port the
+// operator has just denied would stay open until the kernel timed the
+// element out (the lease's remaining lifetime, 24 h by default), though
+// every renewal is refused. Here 200 001 owned leases are restored with it, the kernel
 // refuses deletes during Start only, and Serve's start-up audit and 3
 // minutes of the periodic paths run.
 func TestRestoreRefusedRetryAboveAuditMax(t *testing.T) {
@@ -52,7 +54,7 @@ func TestRestoreRefusedRetryAboveAuditMax(t *testing.T) {
 	h.s.auditFirewall(context.Background()) // Serve's, at start
 	h.runPeriodic(3, 1)
 	if left, open := h.fw.Holes()[denied]; open {
-		t.Errorf("3 minutes after a failed revocation at start with %d leases (audit skipped above %d), port 22 (denied) is still open, %v left",
+		t.Errorf("3 minutes after a failed revocation at start with %d leases (no dump above %d), port 22 (denied) is still open, %v left",
 			auditMaxLeases+1, auditMaxLeases, left)
 	}
 }
