@@ -18,15 +18,18 @@ import (
 // kernel transaction (at most pinhole.MaxBatch ops), as the start's
 // ownership sweep (sweepMore) and the operator's revoke chunk theirs. A
 // pinhole the kernel lacks (deleted by hand while the watch was off or
-// deaf) is added back; one it holds only has its timeout set again to
-// what it is (pinhole's Install: on Linux ≥ 6.10 an in-place update that
-// never lengthens beyond the timeout asked, before 6.10 the element is
-// re-created with exactly that timeout, in the same transaction). Before,
+// deaf) is added back; one it holds has its timeout set again to what the
+// kernel should hold (pinhole's Install: on Linux ≥ 6.10 an in-place
+// update that ends with the timeout asked or 50 ms less, never more;
+// before 6.10 the element is re-created with exactly that timeout, in the
+// same transaction; pinhole's TestRefreshInPlace checks both). Before,
 // the audit was skipped above auditMaxLeases, and such a pinhole stayed
 // missing until the lease's renewal, while the client had been told
 // SUCCESS. Orphans (elements no lease explains) cannot be found without
-// the dump: above auditMaxLeases they end with their kernel timeouts,
-// which never exceed the lifetime of the lease that installed them.
+// the dump: above auditMaxLeases those pcpd installed end with their
+// kernel timeouts (never beyond the lease that installed them); one
+// someone added by hand without a timeout stays until the lease count
+// falls below auditMaxLeases and an audit dumps it.
 //
 // What is installed, and for how long (security: this path writes
 // pinholes without a request):
@@ -39,10 +42,12 @@ import (
 //   - never for a lease whose expiry is at or before the step's clock
 //     (s.now(), under s.mu, the clock expiry runs on);
 //   - a pinhole's timeout is the latest expiry, as the kernel should hold
-//     it, among the live leases on its tuple that hold it (a MAP and
-//     PEERs share one: table.installs, tx.diff), less the step's clock,
-//     rounded down to the millisecond: never beyond the lease's
-//     remaining lifetime. For a lease whose renewal was absorbed
+//     it, among the live leases on its tuple that hold it (a PEER and a
+//     filtered MAP to the same remote share one: table.installs,
+//     tx.diff), less the step's clock, rounded down to the millisecond
+//     and shortened by the time the step took to build its ops (lateBy):
+//     never beyond the lease's remaining lifetime but by the kernel's own
+//     commit latency and jiffy. For a lease whose renewal was absorbed
 //     (absorb.go) that expiry is its synced one, what the kernel and the
 //     store hold (tx.diff computes shared elements the same way): the
 //     audit never writes the kernel beyond the stored lease, so a crash
@@ -56,8 +61,9 @@ const auditStepSlots = 8192
 
 // auditConflictRetries bounds how many times a step drops a conflicting op
 // (ErrConflict: the kernel holds another mapping under the external key,
-// which only a repair or an orphan's timeout clears) and applies the rest
-// again: the kernel discards a failed transaction whole.
+// an element changed by hand; pcpd's own failed deletes are retried first,
+// retryUndeleted) and applies the rest again: the kernel discards a failed
+// transaction whole.
 const auditConflictRetries = 4
 
 // auditLargeHook, if set, is called at the end of each auditLarge that
@@ -170,7 +176,7 @@ func (s *Server) applyAuditStep(ops []pinhole.Op) (applied, dropped int, err err
 		if try >= auditConflictRetries || !errors.Is(err, pinhole.ErrConflict) || !errors.As(err, &oe) || oe.Index < 0 || oe.Index >= len(ops) {
 			return 0, dropped, err
 		}
-		s.log.Warn("firewall audit: the kernel holds another mapping under a lease's external key; its pinhole is left to the firewall check or the other element's timeout",
+		s.log.Warn("firewall audit: the kernel holds another mapping under a lease's external key (not pcpd's: an element changed by hand); the lease's pinhole waits for that element's timeout, no dump finds it above the audit's limit",
 			zap.Stringer("pinhole", ops[oe.Index].Pinhole), zap.Error(err))
 		ops = append(ops[:oe.Index], ops[oe.Index+1:]...)
 		dropped++

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"slices"
 	"testing"
@@ -193,5 +194,61 @@ func TestAuditLateBy(t *testing.T) {
 	}
 	if got := lateBy(slices.Clone(ops), 0); !slices.Equal(got, ops) {
 		t.Fatalf("lateBy 0: %v", got)
+	}
+}
+
+// TestAuditAboveMaxConflictAndMissing: above auditMaxLeases (lowered to
+// 3), a pinhole the kernel refuses as a conflict (another mapping under
+// its external key, changed by hand) is dropped from its step and the
+// rest of the step is applied: every other deleted pinhole is back. A
+// missing set (the table deleted) ends the audit with a firewall check,
+// whose repair puts every lease's pinholes back.
+func TestAuditAboveMaxConflictAndMissing(t *testing.T) {
+	defer func(n int) { auditMaxLeases = n }(auditMaxLeases)
+	auditMaxLeases = 3
+	h := newHarness(t)
+	var holes []pinhole.Pinhole
+	for port := uint16(7000); port < 7005; port++ {
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, port, time.Hour, 1)), pcp.Success)
+		holes = append(holes, hole(6, addrA, port, addrA, port))
+	}
+	var dels []pinhole.Op
+	for _, p := range holes {
+		dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
+	}
+	if err := h.fw.Apply(dels); err != nil {
+		t.Fatal(err)
+	}
+	conflict := holes[2]
+	h.fw.FailApply = func(ops []pinhole.Op) error {
+		for i, op := range ops {
+			if op.Pinhole == conflict {
+				return &pinhole.OpError{Index: i, Op: op, Err: fmt.Errorf("test: %w", pinhole.ErrConflict)}
+			}
+		}
+		return nil
+	}
+	h.s.auditFirewall(context.Background())
+	h.fw.FailApply = nil
+	got := h.fw.Holes()
+	for _, p := range holes {
+		if _, ok := got[p]; ok != (p != conflict) {
+			t.Errorf("%v in the kernel: %v, want %v", p, ok, p != conflict)
+		}
+	}
+	if n := h.logs.FilterMessageSnippet("another mapping under a lease's external key").Len(); n != 1 {
+		t.Errorf("%d conflict warnings, want 1", n)
+	}
+
+	h.fw.Tamper()
+	h.s.auditFirewall(context.Background())
+	got = h.fw.Holes()
+	for _, p := range holes {
+		if _, ok := got[p]; !ok {
+			t.Errorf("%v not back after the audit found the set missing", p)
+		}
+	}
+	if h.logs.FilterMessageSnippet("a pinhole set is missing").Len() != 1 {
+		t.Error("no warning of the missing set")
 	}
 }
