@@ -252,3 +252,66 @@ func TestAuditAboveMaxConflictAndMissing(t *testing.T) {
 		t.Error("no warning of the missing set")
 	}
 }
+
+// TestAuditAboveMaxBesideChurn: audits above auditMaxLeases (lowered to
+// 3; 3 000 leases, 12 steps each) run while MAPs are made, renewed
+// (absorbed) and deleted: afterwards the kernel holds exactly the live
+// leases' pinholes, none longer than the kernel view (a deleted lease's
+// pinhole is never put back by a step that read the table before the
+// delete: a step reads and applies in one hold of s.mu).
+func TestAuditAboveMaxBesideChurn(t *testing.T) {
+	defer func(n int) { auditMaxLeases = n }(auditMaxLeases)
+	auditMaxLeases = 3
+	h := newHarness(t)
+	own, err := policy.NewStatic(map[string][]netip.Prefix{
+		"a":     {netip.MustParsePrefix("2001:db8:a::/48"), netip.MustParsePrefix("10.0.0.0/28")},
+		"bench": {netip.MustParsePrefix("2001:db8:2::/48")},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.own = own
+	h.cfg.RateLimit, h.cfg.RateBurst = 1e12, 1<<30 // one source's churn
+	if err := h.st.Commit(startLeases(3000, h.clock.Now()), nil); err != nil {
+		t.Fatal(err)
+	}
+	h.start()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range 3 {
+			h.s.auditFirewall(context.Background())
+		}
+	}()
+	n := 0
+	for i := 0; ; i++ {
+		n++
+		port := uint16(8000 + i%50)
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, port, time.Hour, 1)), pcp.Success)
+		if i%3 != 0 {
+			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, port, 0, 1)), pcp.Success)
+		}
+		select {
+		case <-done:
+		default:
+			continue
+		}
+		break
+	}
+	t.Logf("%d MAPs during the audits", n)
+	want := h.kernelView(h.clock.Now())
+	got := h.fw.Holes()
+	for p, d := range got {
+		at, ok := want[p]
+		if !ok {
+			t.Errorf("kernel holds %v, which no live lease holds", p)
+		} else if h.clock.Now().Add(d).After(at) {
+			t.Errorf("kernel holds %v for %v, beyond %v", p, d, at)
+		}
+	}
+	for p := range want {
+		if _, ok := got[p]; !ok {
+			t.Errorf("live lease's %v missing from the kernel", p)
+		}
+	}
+}
