@@ -43,23 +43,15 @@ func (h *harness) kernelView(now time.Time) map[pinhole.Pinhole]time.Time {
 	return out
 }
 
-// TestAuditAboveMaxInstalls (h/bigaudit): above auditMaxLeases (lowered
-// here to 3; 200 000 in pcpd) the audit, which main skipped, installs
-// every live lease's pinholes again, in steps of at most pinhole.MaxBatch
-// ops: the elements of live leases deleted unheard (watch off) are back,
-// each with exactly what the kernel should hold (the fake firewall's clock
-// is the engine's): a PEER and a filtered MAP sharing an element keep the
-// later expiry (the PEER made first, so a per-lease timeout would leave
-// the shorter MAP's), an absorbed renewal its synced expiry (not the
-// table's later one), an IPv4 NAPT mapping its own. Nothing is installed
-// for a lease past its expiry and not yet swept, and no op asks for more
-// than the kernel view of its pinhole. The orphan added by hand stays
-// (no dump: it ends with its timeout). On main: 'not back' for each
-// deleted element (the audit logged "skipped" and did nothing).
-func TestAuditAboveMaxInstalls(t *testing.T) {
-	defer func(n int) { auditMaxLeases = n }(auditMaxLeases)
-	auditMaxLeases = 3
-	h := newHarness(t)
+// auditFixture starts a harness with 700 bench leases and a client's
+// PEER and filtered MAP sharing an element (the PEER made first, with the
+// later expiry), an absorbed renewal, an IPv4 NAPT mapping and a 5 min
+// lease past its expiry (not swept); then deletes by hand, unheard, the
+// shared, absorbed and NAPT elements and three bench leases' (deleted),
+// and adds an orphan no lease explains. want is the kernel view at now.
+func auditFixture(t *testing.T) (h *harness, now time.Time, deleted []pinhole.Pinhole, want map[pinhole.Pinhole]time.Time, orphan pinhole.Pinhole) {
+	t.Helper()
+	h = newHarness(t)
 	own, err := policy.NewStatic(map[string][]netip.Prefix{
 		"a":     {netip.MustParsePrefix("2001:db8:a::/48"), netip.MustParsePrefix("10.0.0.0/28")},
 		"b":     {netip.MustParsePrefix("2001:db8:b::/48"), netip.MustParsePrefix("10.0.0.16/28")},
@@ -97,7 +89,7 @@ func TestAuditAboveMaxInstalls(t *testing.T) {
 	// The 5 min lease past its expiry; no request runs the engine's
 	// expiry before the audit.
 	h.clock.Advance(5 * time.Minute)
-	now := h.clock.Now()
+	now = h.clock.Now()
 
 	shared := pinhole.Pinhole{Protocol: 6, InternalAddr: addrA, InternalPort: 443, ExternalAddr: addrA, ExternalPort: 443,
 		RemotePrefix: netip.PrefixFrom(remote.Addr(), 128), RemotePort: remote.Port()}
@@ -105,11 +97,11 @@ func TestAuditAboveMaxInstalls(t *testing.T) {
 	ended := hole(17, addrA, 53, addrA, 53)
 	napt := hole(6, v4A, 8080, ext4, 18080)
 	ls := startLeases(bench, time.Time{})
-	deleted := []pinhole.Pinhole{shared, absorbed, napt}
+	deleted = []pinhole.Pinhole{shared, absorbed, napt}
 	for _, i := range []int{0, 311, bench - 1} {
 		deleted = append(deleted, hole(6, ls[i].InternalAddr, 443, ls[i].InternalAddr, 443))
 	}
-	want := h.kernelView(now)
+	want = h.kernelView(now)
 	for _, p := range deleted {
 		if _, ok := want[p]; !ok {
 			t.Fatalf("%v: no live lease holds it (test setup)", p)
@@ -131,10 +123,30 @@ func TestAuditAboveMaxInstalls(t *testing.T) {
 	for _, p := range deleted {
 		dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
 	}
-	orphan := hole(6, netip.MustParseAddr("2001:db8:2::dead"), 443, netip.MustParseAddr("2001:db8:2::dead"), 443)
+	orphan = hole(6, netip.MustParseAddr("2001:db8:2::dead"), 443, netip.MustParseAddr("2001:db8:2::dead"), 443)
 	if err := h.fw.Apply(append(dels, pinhole.Op{Kind: pinhole.Install, Pinhole: orphan, Timeout: 10 * time.Minute})); err != nil {
 		t.Fatal(err)
 	}
+	return h, now, deleted, want, orphan
+}
+
+// TestAuditAboveMaxInstalls (h/bigaudit): above auditMaxLeases (lowered
+// here to 3; 200 000 in pcpd) the audit, which main skipped, installs
+// every live lease's pinholes again, in steps of at most pinhole.MaxBatch
+// ops: the elements of live leases deleted unheard (watch off) are back,
+// each with exactly what the kernel should hold (the fake firewall's clock
+// is the engine's): a PEER and a filtered MAP sharing an element keep the
+// later expiry (the PEER made first, so a per-lease timeout would leave
+// the shorter MAP's), an absorbed renewal its synced expiry (not the
+// table's later one), an IPv4 NAPT mapping its own. Nothing is installed
+// for a lease past its expiry and not yet swept, and no op asks for more
+// than the kernel view of its pinhole. The orphan added by hand stays
+// (no dump: it ends with its timeout). On main: 'not back' for each
+// deleted element (the audit logged "skipped" and did nothing).
+func TestAuditAboveMaxInstalls(t *testing.T) {
+	defer func(n int) { auditMaxLeases = n }(auditMaxLeases)
+	auditMaxLeases = 3
+	h, now, deleted, want, orphan := auditFixture(t)
 	var batches [][]pinhole.Op
 	h.fw.FailApply = func(ops []pinhole.Op) error {
 		batches = append(batches, slices.Clone(ops))
@@ -313,5 +325,33 @@ func TestAuditAboveMaxBesideChurn(t *testing.T) {
 		if _, ok := got[p]; !ok {
 			t.Errorf("live lease's %v missing from the kernel", p)
 		}
+	}
+}
+
+// TestAuditRestoresKernelView: below auditMaxLeases (the dump path) the
+// audit puts each missing pinhole back once, with what the kernel should
+// hold: the latest expiry among the live leases holding it, a dirty
+// lease's synced one; and removes the orphan. Before, it installed a
+// missing pinhole once per lease holding it, each with that lease's table
+// expiry: the element a PEER and a filtered MAP share kept whichever came
+// last (the MAP's, 1 h before the PEER it also serves, which then lived
+// on without its pinhole), and the absorbed lease's element was given the
+// table's later expiry, beyond what the store holds (absorb.go).
+func TestAuditRestoresKernelView(t *testing.T) {
+	h, now, deleted, want, orphan := auditFixture(t)
+	h.s.auditFirewall(context.Background())
+	holes := h.fw.Holes()
+	for _, p := range deleted {
+		d, ok := holes[p]
+		if !ok {
+			t.Errorf("%v deleted by hand: not back after the audit", p)
+			continue
+		}
+		if at := now.Add(d); !at.Equal(want[p]) {
+			t.Errorf("%v back until %v, want %v (what the kernel should hold)", p, at, want[p])
+		}
+	}
+	if _, ok := holes[orphan]; ok {
+		t.Errorf("orphan %v: still installed after the audit", orphan)
 	}
 }

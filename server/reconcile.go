@@ -1108,17 +1108,31 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	defer s.mu.Unlock()
 	now := s.now()
 	wanted := make(map[pinhole.Pinhole]struct{}, len(present))
-	var missing []pinhole.Op
+	// A missing pinhole goes back once, with what the kernel should hold:
+	// the latest expiry among the live leases holding it (a PEER and a
+	// filtered MAP share an element), a dirty lease's synced one
+	// (kernelExpiry), as tx.diff and auditLarge compute it. Before, it was
+	// installed once per holder with that lease's table expiry: the last
+	// holder's won (the shared element could end with the shorter lease,
+	// the other left without its pinhole), and an absorbed renewal's
+	// element got the table's expiry, beyond the stored lease
+	// (TestAuditRestoresKernelView).
+	missingUntil := make(map[pinhole.Pinhole]time.Time)
 	for _, l := range s.tab.all() {
 		if !l.Expires.After(now) {
 			continue
 		}
+		at := s.kernelExpiry(l)
 		for _, p := range pinholesOf(l) {
 			wanted[p] = struct{}{}
-			if _, ok := present[p]; !ok {
-				missing = append(missing, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: max(l.Expires.Sub(now), time.Millisecond)})
+			if _, ok := present[p]; !ok && at.After(missingUntil[p]) {
+				missingUntil[p] = at
 			}
 		}
+	}
+	missing := make([]pinhole.Op, 0, len(missingUntil))
+	for p, at := range missingUntil {
+		missing = append(missing, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: max(at.Sub(now).Truncate(time.Millisecond), time.Millisecond)})
 	}
 	var orphans []pinhole.Op
 	for _, e := range have {
