@@ -133,17 +133,7 @@ func TestAuditAboveMaxBig(t *testing.T) {
 	}
 	const k = 1000
 	dir := t.TempDir()
-	st, _, err := store.Open(dir, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ls := startLeases(n, time.Now())
-	for i := 0; i < n; i += 1 << 14 {
-		if err := st.Commit(ls[i:min(i+1<<14, n)], nil); err != nil {
-			t.Fatal(err)
-		}
-	}
-	st.Close()
+	ls := commitStartLeases(t, dir, n)
 	var picked []store.Key
 	for i := range k {
 		picked = append(picked, ls[i*(n/k)].Key)

@@ -155,17 +155,7 @@ func TestAuditAboveMaxInstalls(t *testing.T) {
 	h.s.auditFirewall(context.Background())
 	h.fw.FailApply = nil
 
-	holes := h.fw.Holes()
-	for _, p := range deleted {
-		d, ok := holes[p]
-		if !ok {
-			t.Errorf("%v deleted by hand above auditMaxLeases: not back after the audit", p)
-			continue
-		}
-		if at := now.Add(d); !at.Equal(want[p]) {
-			t.Errorf("%v back until %v, want %v (what the kernel should hold)", p, at, want[p])
-		}
-	}
+	holes := checkBack(t, h, now, deleted, want, "deleted by hand above auditMaxLeases")
 	if _, ok := holes[orphan]; !ok {
 		t.Errorf("orphan removed: the audit above auditMaxLeases has no dump to find it")
 	}
@@ -340,18 +330,26 @@ func TestAuditAboveMaxBesideChurn(t *testing.T) {
 func TestAuditRestoresKernelView(t *testing.T) {
 	h, now, deleted, want, orphan := auditFixture(t)
 	h.s.auditFirewall(context.Background())
+	holes := checkBack(t, h, now, deleted, want, "deleted by hand")
+	if _, ok := holes[orphan]; ok {
+		t.Errorf("orphan %v: still installed after the audit", orphan)
+	}
+}
+
+// checkBack checks that each of deleted is in the fake firewall, ending
+// exactly when want says (the kernel view at now), and returns its holes.
+func checkBack(t *testing.T, h *harness, now time.Time, deleted []pinhole.Pinhole, want map[pinhole.Pinhole]time.Time, how string) map[pinhole.Pinhole]time.Duration {
+	t.Helper()
 	holes := h.fw.Holes()
 	for _, p := range deleted {
 		d, ok := holes[p]
 		if !ok {
-			t.Errorf("%v deleted by hand: not back after the audit", p)
+			t.Errorf("%v %s: not back after the audit", p, how)
 			continue
 		}
 		if at := now.Add(d); !at.Equal(want[p]) {
 			t.Errorf("%v back until %v, want %v (what the kernel should hold)", p, at, want[p])
 		}
 	}
-	if _, ok := holes[orphan]; ok {
-		t.Errorf("orphan %v: still installed after the audit", orphan)
-	}
+	return holes
 }

@@ -160,12 +160,10 @@ func probeLockWait(s *Server) (end func() (time.Duration, int)) {
 	}
 }
 
-// storedLeasesServer is a Server over n leases committed to a real store
-// and read back by a fresh Open (as a start reads them), on a kernel
-// firewall in a namespace of its own named ns.
-func storedLeasesServer(t *testing.T, n int, ns string) *Server {
+// commitStartLeases commits n bench leases (startLeases, from now) to a
+// new store in dir, in chunks, closes it and returns the leases.
+func commitStartLeases(t testing.TB, dir string, n int) []store.Lease {
 	t.Helper()
-	dir := t.TempDir()
 	st, _, err := store.Open(dir, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
@@ -177,6 +175,16 @@ func storedLeasesServer(t *testing.T, n int, ns string) *Server {
 		}
 	}
 	st.Close()
+	return ls
+}
+
+// storedLeasesServer is a Server over n leases committed to a real store
+// and read back by a fresh Open (as a start reads them), on a kernel
+// firewall in a namespace of its own named ns.
+func storedLeasesServer(t *testing.T, n int, ns string) *Server {
+	t.Helper()
+	dir := t.TempDir()
+	commitStartLeases(t, dir, n)
 	st, state, err := store.Open(dir, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
