@@ -365,7 +365,7 @@ func (s *Server) undoAdds(ps []pinhole.Entry, by []uint32) {
 	defer s.mu.Unlock()
 	hs := s.holdersLocked(len(ps))
 	defer hs.clear()
-	var ops []pinhole.Op
+	var ops [][]pinhole.Op
 	var longer []string // held ones given more than their lease (for the log)
 	for _, e := range ps {
 		p := e.Pinhole
@@ -374,35 +374,24 @@ func (s *Server) undoAdds(ps []pinhole.Entry, by []uint32) {
 		}
 		until := hs.until(p)
 		if until.IsZero() {
-			ops = append(ops, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
+			// The live pinholes sharing an element's key with p (a NAPT
+			// mapping of the same internal endpoint: the SNAT companion;
+			// one whose map element p replaced) are taken out before and
+			// put back after p's delete, in the same transaction.
+			pre, post := hs.sharers(p)
+			ops = append(ops, slices.Concat(pre, []pinhole.Op{{Kind: pinhole.Delete, Pinhole: p}}, post))
 			continue
 		}
 		left := until.Sub(hs.now)
 		if e.Remaining == 0 || e.Remaining > left {
 			longer = append(longer, p.String())
 		}
-		ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left})
+		ops = append(ops, []pinhole.Op{{Kind: pinhole.Install, Pinhole: p, Timeout: left}})
 	}
-	done := 0
-	var failed error
-	for len(ops) > 0 {
-		chunk := ops[:min(len(ops), pinhole.MaxBatch)]
-		err := s.fw.Apply(chunk)
-		var oe *pinhole.OpError
-		if err != nil && errors.As(err, &oe) && oe.Index >= 0 && oe.Index < len(chunk) {
-			s.log.Warn("firewall watch: cannot undo a pinhole someone added (changed again since?); the rest goes on, the audit sees to it",
-				zap.Stringer("pinhole", oe.Op.Pinhole), zap.Error(oe.Err))
-			failed = err
-			ops = slices.Delete(ops, oe.Index, oe.Index+1)
-			continue
-		}
-		if err != nil {
-			failed = err
-		} else {
-			done += len(chunk)
-		}
-		ops = ops[len(chunk):]
-	}
+	done, failed := s.applyGroups(ops, func(op pinhole.Op, err error) {
+		s.log.Warn("firewall watch: cannot undo a pinhole someone added (changed again since?); the rest goes on, the audit sees to it",
+			zap.Stringer("pinhole", op.Pinhole), zap.Error(err))
+	})
 	if failed != nil {
 		s.m.kernelErrors.Inc()
 	}
@@ -414,4 +403,104 @@ func (s *Server) undoAdds(ps []pinhole.Entry, by []uint32) {
 	s.log.Warn("firewall watch: someone added pinholes to pcpd's sets; removed those no live lease holds, the rest cut back to their leases' remaining lifetimes",
 		zap.Int("count", len(hs.seen)), zap.Int("undone", done), zap.Strings("first", first),
 		zap.Strings("given_more_than_their_lease", longer[:min(len(longer), 4)]), zap.Uint32s("netlink_ports", by), zap.Error(failed))
+}
+
+// applyGroups applies groups of ops in transactions of at most
+// pinhole.MaxBatch ops, a group never split (its ops take effect together
+// or not at all); a group with an op the kernel refuses is left out
+// (refused is told) and the rest applied. It returns how many groups were
+// applied and the last error.
+func (s *Server) applyGroups(groups [][]pinhole.Op, refused func(pinhole.Op, error)) (done int, failed error) {
+	groups = slices.Clone(groups) // the caller's, left as they were
+	var batch []pinhole.Op
+	for len(groups) > 0 {
+		batch = batch[:0]
+		n := 0
+		for n < len(groups) && (n == 0 || len(batch)+len(groups[n]) <= pinhole.MaxBatch) {
+			batch = append(batch, groups[n]...)
+			n++
+		}
+		err := s.fw.Apply(batch)
+		var oe *pinhole.OpError
+		if err != nil && errors.As(err, &oe) && oe.Index >= 0 && oe.Index < len(batch) {
+			refused(oe.Op, oe.Err)
+			failed = err
+			for g, at := 0, 0; g < n; g++ {
+				if at += len(groups[g]); oe.Index < at {
+					groups = slices.Delete(groups, g, g+1)
+					break
+				}
+			}
+			continue
+		}
+		if err != nil {
+			failed = err
+		} else {
+			done += n
+		}
+		groups = groups[n:]
+	}
+	return done, failed
+}
+
+// sharers are the ops that let q, a NAPT mapping or IPv6 redirect no live
+// lease holds, be deleted without taking a live one's elements with it:
+// the live pinholes whose map element has q's key (q replaced it: put
+// back after) or, NAPT, whose SNAT companion has q's companion's key (the
+// same internal endpoint on another external port: q's Delete, which adds
+// its companion first, is refused while that is there; taken out before
+// and put back after). Before (review h/revfwadd), q's undo was refused
+// for ever (TestE2EWatchUndoesNAPTOnLiveEndpoint), and the live mapping
+// q replaced was left without its element (TestE2EWatchUndoesReplacedMapping).
+func (h *holders) sharers(q pinhole.Pinhole) (pre, post []pinhole.Op) {
+	if !q.InternalAddr.Is4() && q.ExternalPort == q.InternalPort {
+		return nil, nil // a plain pinhole: a set element, no data, no companion
+	}
+	tuples := []tuple{{proto: q.Protocol, addr: q.InternalAddr, port: q.InternalPort}}
+	if hd, ok := h.s.tab.holder(endpoint{addr: q.ExternalAddr, proto: q.Protocol, port: q.ExternalPort}); ok {
+		tuples = append(tuples, tuple{proto: q.Protocol, addr: hd.addr, port: hd.port})
+	}
+	var cands []pinhole.Pinhole
+	for _, tp := range tuples {
+		h.buf = h.s.tab.onTupleInto(tp, h.buf)
+		for i := range h.buf {
+			l := &h.buf[i]
+			if !l.Expires.After(h.now) {
+				continue
+			}
+			h.held = appendPinholes(h.held[:0], l)
+			for _, x := range h.held {
+				c, err := x.Canonical()
+				if err == nil && c != q && !slices.Contains(cands, c) && (sameMapKey(c, q) || sameSNATKey(c, q)) {
+					cands = append(cands, c)
+				}
+			}
+		}
+	}
+	for _, c := range cands {
+		until := h.until(c)
+		if until.IsZero() {
+			continue
+		}
+		if !sameMapKey(c, q) {
+			pre = append(pre, pinhole.Op{Kind: pinhole.Delete, Pinhole: c})
+		}
+		post = append(post, pinhole.Op{Kind: pinhole.Install, Pinhole: c, Timeout: until.Sub(h.now)})
+	}
+	return pre, post
+}
+
+// sameMapKey: a and b, NAPT mappings or IPv6 redirects, are elements of
+// one map with one key (external endpoint and filter).
+func sameMapKey(a, b pinhole.Pinhole) bool {
+	return a.InternalAddr.Is4() == b.InternalAddr.Is4() && a.ExternalAddr == b.ExternalAddr && a.Protocol == b.Protocol &&
+		a.ExternalPort == b.ExternalPort && a.RemotePrefix == b.RemotePrefix && a.RemotePort == b.RemotePort &&
+		(a.InternalAddr.Is4() || a.ExternalPort != a.InternalPort)
+}
+
+// sameSNATKey: a and b, NAPT mappings, have SNAT companions of one key
+// (internal endpoint and filter).
+func sameSNATKey(a, b pinhole.Pinhole) bool {
+	return a.InternalAddr.Is4() && b.InternalAddr.Is4() && a.InternalAddr == b.InternalAddr && a.Protocol == b.Protocol &&
+		a.InternalPort == b.InternalPort && a.RemotePrefix == b.RemotePrefix && a.RemotePort == b.RemotePort
 }
