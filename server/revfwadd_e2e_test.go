@@ -85,3 +85,41 @@ func TestE2EWatchUndoesNAPTOnLiveEndpoint(t *testing.T) {
 		t.Fatalf("live mapping held %v with %v left, want at most the lease's 1h", held, left)
 	}
 }
+
+// TestE2EWatchUndoesReplacedMapping (review h/revfwadd): one transaction
+// by hand replaces a live lease's NAPT element (pub:19090 -> c4:9090) with
+// another target (-> c4:9091, no lease). The watch tells the delete and
+// the add in one pass: restoreDeleted's Install of the live mapping was
+// refused (the key is taken by the foreign element) and, its whole batch
+// failed, waited for the audit; undoAdds then deleted the foreign element,
+// so the live lease was left with no DNAT until the audit or its renewal.
+// Another live lease's pin6 element deleted in the same transaction
+// waited for the audit too (the refused install failed restoreDeleted's
+// whole batch). Now both are back, the mapping passes traffic, the
+// foreign element is gone.
+func TestE2EWatchUndoesReplacedMapping(t *testing.T) {
+	l, c4, pub := napt4Lab(t)
+	c := l.topo.ClientV6
+	if resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); resp.Result != pcp.Success {
+		t.Fatalf("MAP: %+v", resp)
+	}
+	l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf("nft -f - <<'EOF'\ndelete element inet pcpd pin6 { %s . tcp . 443 }\ndelete element inet pcpd napt4 { %s . tcp . 19090 }\nadd element inet pcpd napt4 { %s . tcp . 19090 timeout 1h : %s . 9091 }\nEOF\n", c, pub, pub, c4))
+	l.marker(t, 7101)
+	if err := netlab.Eventually(watchBound, func() error {
+		if _, held := l.holds(6, c, 443); !held {
+			return errors.New("the other live lease's pin6 element, deleted in the same transaction, not back")
+		}
+		if _, held := l.holds(6, c4, 9091); held {
+			return errors.New("foreign c4:9091 still in napt4")
+		}
+		if left, held := l.holds(6, c4, 9090); !held || left > time.Hour {
+			return fmt.Errorf("live mapping held %v, %v left", held, left)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("live NAPT element replaced by hand: %v after %v", err, watchBound)
+	}
+	if !l.reach(netip.AddrPortFrom(pub, 19090)) {
+		t.Fatal("the live mapping passes no traffic after the undo")
+	}
+}
