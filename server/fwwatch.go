@@ -335,20 +335,34 @@ func (h *holders) first(p pinhole.Pinhole) bool {
 	return true
 }
 
-// until is the latest expiry after now of the leases on p's tuple that
-// hold p, or zero if none does.
+// until is what the kernel should hold for p: the latest expiry of the
+// live leases on p's tuple that hold p (an absorbed renewal's synced one:
+// kernelExpiry, as the audit), or zero if no live lease holds it. Before
+// (review h/revfwadd), the table's expiry: the watch put an absorbed
+// renewal's element back beyond the stored lease
+// (TestWatchRestoresKernelView).
 func (h *holders) until(p pinhole.Pinhole) time.Time {
 	var until time.Time
 	h.buf = h.s.tab.onTupleInto(tuple{proto: p.Protocol, addr: p.InternalAddr, port: p.InternalPort}, h.buf)
 	for i := range h.buf {
 		l := &h.buf[i]
-		if !l.Expires.After(h.now) || !l.Expires.After(until) {
+		if !l.Expires.After(h.now) {
+			continue
+		}
+		// Held by a live lease: never zero (a synced expiry already past
+		// is put back for a millisecond, as the audit does; the lease's
+		// flush raises it).
+		at := h.s.kernelExpiry(l)
+		if least := h.now.Add(time.Millisecond); at.Before(least) {
+			at = least
+		}
+		if !at.After(until) {
 			continue
 		}
 		h.held = appendPinholes(h.held[:0], l)
 		for _, x := range h.held {
 			if c, err := x.Canonical(); err == nil && c == p {
-				until = l.Expires
+				until = at
 				break
 			}
 		}
