@@ -72,7 +72,7 @@ type fwWatch struct {
 	damage   []string
 	by       []uint32
 	deleted  []pinhole.Pinhole
-	added    []pinhole.Entry
+	added    []toldAdd
 	overflow bool
 	lost     error
 	kick     chan struct{}
@@ -93,7 +93,7 @@ type fwWatch struct {
 	// within watchCheckGap of it wait in addsOwed, a kick comes when the
 	// gap is up (undoOwed) (watchFirewall's goroutine).
 	lastUndo time.Time
-	addsOwed []pinhole.Entry
+	addsOwed []toldAdd
 	addsBy   []uint32 // their committers' ports (for the log)
 	undoOwed bool
 }
@@ -133,7 +133,14 @@ func (w *fwWatch) note(ev pinhole.WatchEvent) {
 		w.overflow = true
 	} else {
 		w.deleted = append(w.deleted, ev.Deleted...)
-		w.added = append(w.added, ev.Added...)
+		now := time.Now()
+		for _, e := range ev.Added {
+			t := toldAdd{p: e.Pinhole}
+			if e.Remaining > 0 {
+				t.expires = now.Add(e.Remaining)
+			}
+			w.added = append(w.added, t)
+		}
 	}
 	if ev.Lost != nil {
 		w.lost = ev.Lost
@@ -385,19 +392,29 @@ func (h *holders) clear() { clear(h.buf) }
 // its own notification follows) is left out and the rest applied, so
 // that one racing element cannot keep the others in place; what is left
 // is the audit's.
-func (s *Server) undoAdds(ps []pinhole.Entry, by []uint32) {
+func (s *Server) undoAdds(ps []toldAdd, by []uint32) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	hs := s.holdersLocked(len(ps))
 	defer hs.clear()
 	var ops [][]pinhole.Op
 	var longer []string // held ones given more than their lease (for the log)
-	for _, e := range ps {
-		p := e.Pinhole
+	// The latest told add of an element is what the kernel holds: taken
+	// first (an own write told before someone's longer re-add must not
+	// hide it).
+	for i := len(ps) - 1; i >= 0; i-- {
+		e := ps[i]
+		p := e.p
 		if !hs.first(p) {
 			continue
 		}
 		until := hs.until(p)
+		if until.IsZero() && !e.expires.IsZero() && e.expires.Sub(hs.now) <= selfEnding {
+			// Ends by itself by the time a delete would (a delete's own
+			// guard add, told when pcpd's ports are unknown, is one:
+			// deleting it again would add and tell it again, for ever).
+			continue
+		}
 		if until.IsZero() {
 			// The live pinholes sharing an element's key with p (a NAPT
 			// mapping of the same internal endpoint: the SNAT companion;
@@ -408,7 +425,16 @@ func (s *Server) undoAdds(ps []pinhole.Entry, by []uint32) {
 			continue
 		}
 		left := until.Sub(hs.now)
-		if e.Remaining == 0 || e.Remaining > left {
+		if !e.expires.IsZero() && e.expires.Sub(until).Abs() <= addSlack {
+			// Already what the kernel should hold: nothing to cut back.
+			// Before (review h/revfwadd), re-installed all the same: when
+			// pcpd's own writes are told (its ports unknown: the main
+			// socket's redial failed, google/nftables dialling a socket
+			// per call), each re-install was told again and re-installed
+			// a gap later, for ever (TestWatchOwnAddNotReinstalled).
+			continue
+		}
+		if e.expires.IsZero() || e.expires.After(until) {
 			longer = append(longer, p.String())
 		}
 		ops = append(ops, []pinhole.Op{{Kind: pinhole.Install, Pinhole: p, Timeout: left}})
@@ -423,7 +449,7 @@ func (s *Server) undoAdds(ps []pinhole.Entry, by []uint32) {
 	s.m.watchUndone.Add(float64(done))
 	first := make([]string, 0, 4)
 	for _, e := range ps[:min(len(ps), cap(first))] {
-		first = append(first, e.Pinhole.String())
+		first = append(first, e.p.String())
 	}
 	s.log.Warn("firewall watch: someone added pinholes to pcpd's sets; removed those no live lease holds, the rest cut back to their leases' remaining lifetimes",
 		zap.Int("count", len(hs.seen)), zap.Int("undone", done), zap.Strings("first", first),
@@ -529,3 +555,21 @@ func sameSNATKey(a, b pinhole.Pinhole) bool {
 	return a.InternalAddr.Is4() && b.InternalAddr.Is4() && a.InternalAddr == b.InternalAddr && a.Protocol == b.Protocol &&
 		a.InternalPort == b.InternalPort && a.RemotePrefix == b.RemotePrefix && a.RemotePort == b.RemotePort
 }
+
+// toldAdd is an element someone added as the watch told it: its pinhole
+// and the expiry the kernel was given (zero: none, permanent).
+type toldAdd struct {
+	p       pinhole.Pinhole
+	expires time.Time
+}
+
+// addSlack is how far a told expiry may be from what the kernel should
+// hold and still be left as it is: the notification's expiry is the
+// kernel's at commit (in jiffies; a re-install's first add is nudged
+// 50 ms short), read here a little later.
+const addSlack = 250 * time.Millisecond
+
+// selfEnding: an element no lease holds told with at most this left is
+// not deleted: it ends by itself (pinhole's Delete adds its element for
+// a second first, deleteGuardTimeout).
+const selfEnding = time.Second + addSlack
