@@ -45,7 +45,8 @@ import (
 //     it, among the live leases on its tuple that hold it (a PEER and a
 //     filtered MAP to the same remote share one: table.installs,
 //     tx.diff), less the step's clock, rounded down to the millisecond
-//     and shortened by the time the step took to build its ops (lateBy):
+//     and shortened by the time the step took to build its ops and any
+//     try the kernel refused (lateBy, applyAuditStep):
 //     never beyond the lease's remaining lifetime but by the kernel's own
 //     commit latency and jiffy. For a lease whose renewal was absorbed
 //     (absorb.go) that expiry is its synced one, what the kernel and the
@@ -152,13 +153,26 @@ func lateBy(ops []pinhole.Op, late time.Duration) []pinhole.Op {
 	return out
 }
 
-// applyAuditStep applies a step's ops: one transaction (several only for
-// a lease with more than pinhole.MaxBatch pinholes). An op the kernel
-// refuses as a conflict is dropped and the rest applied again, up to
-// auditConflictRetries times. It returns how many ops were applied, how
-// many dropped, and the error that ended it (nil if applied). Under s.mu.
-func (s *Server) applyAuditStep(ops []pinhole.Op) (applied, dropped int, err error) {
+// applyAuditStep applies a step's ops, timed from the clock read timed:
+// one transaction (several only for a lease with more than
+// pinhole.MaxBatch pinholes). An op the kernel refuses as a conflict is
+// dropped and the rest applied again, up to auditConflictRetries times.
+// Before each try the ops are shortened by the time since timed (lateBy):
+// the step's build, and a refused try's transaction and blame (the
+// backend replays prefixes of the batch to find the op), which before
+// (review h/revbigaudit) the retried ops did not account for: each refused
+// try made every other pinhole of the step end that much after its lease
+// (TestAuditAboveMaxRetryNotLate). It returns how many ops were applied,
+// how many dropped, and the error that ended it (nil if applied). Under
+// s.mu.
+func (s *Server) applyAuditStep(ops []pinhole.Op, timed time.Time) (applied, dropped int, err error) {
+	var cut time.Duration // what ops were shortened by so far
 	for try := 0; ; try++ {
+		if late := s.now().Sub(timed); late > cut {
+			late = (late + time.Millisecond - 1).Truncate(time.Millisecond)
+			ops = lateBy(ops, late-cut)
+			cut = late
+		}
 		if len(ops) == 0 {
 			return 0, dropped, nil
 		}
@@ -203,8 +217,7 @@ func (s *Server) auditLarge(ctx context.Context, leases int) {
 		held := time.Now()
 		now := s.now()
 		next := s.auditStepLocked(at, now, &sc)
-		sc.ops = lateBy(sc.ops, s.now().Sub(now))
-		n, d, err := s.applyAuditStep(sc.ops)
+		n, d, err := s.applyAuditStep(sc.ops, now)
 		hold := time.Since(held)
 		s.mu.Unlock()
 		steps++
