@@ -606,7 +606,7 @@ func (s *Server) reconcile(ctx context.Context, gone []pinhole.Pinhole, now time
 			zap.Int("pinholes", len(s.undeleted)), zap.Int("beyond_retry_list", over), zap.Error(derr))
 	}
 	var err, stopErr error
-	s.tab.installs(now, func(op pinhole.Op) bool {
+	s.tab.installs(now, s.kernelExpiry, func(op pinhole.Op) bool {
 		ops = append(ops, op)
 		if len(ops) == pinhole.MaxBatch {
 			if stopErr = stop(); stopErr != nil {
@@ -945,7 +945,7 @@ func (s *Server) reinstallLocked(now time.Time) (int, error) {
 	ops := make([]pinhole.Op, 0, pinhole.MaxBatch)
 	n := 0
 	var err error
-	s.tab.installs(now, func(op pinhole.Op) bool {
+	s.tab.installs(now, s.kernelExpiry, func(op pinhole.Op) bool {
 		ops = append(ops, op)
 		n++
 		if len(ops) == pinhole.MaxBatch {

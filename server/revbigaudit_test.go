@@ -72,3 +72,34 @@ func TestAuditAboveMaxRetryNotLate(t *testing.T) {
 		t.Errorf("%d pinholes back, want %d", back, len(holes)-len(conflicts))
 	}
 }
+
+// TestRepairRestoresKernelView (review h/revbigaudit): the firewall
+// check's repair (the table deleted: every lease's pinholes re-installed,
+// table.installs) gives an absorbed renewal's element its synced expiry
+// (kernelExpiry), as the audits and the watch do (another lease its
+// own expiry). Before, the table's expiry: the absorbed lease's element went back until 10:01, a
+// minute beyond the stored lease ('back until ..., want ...').
+func TestRepairRestoresKernelView(t *testing.T) {
+	h := newHarness(t)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 3)), pcp.Success)
+	synced := h.clock.Now().Add(time.Hour)
+	h.clock.Advance(time.Minute)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 3)), pcp.Success) // absorbed
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 81, 81, 2*time.Hour, 4)), pcp.Success)
+	h.fw.Tamper()
+	h.s.checkFirewall()
+	holes := h.fw.Holes()
+	for p, want := range map[pinhole.Pinhole]time.Time{
+		hole(6, addrA, 80, addrA, 80): synced,
+		hole(6, addrA, 81, addrA, 81): h.clock.Now().Add(2 * time.Hour),
+	} {
+		d, ok := holes[p]
+		if !ok {
+			t.Errorf("%v not back after the repair", p)
+			continue
+		}
+		if end := h.clock.Now().Add(d); !end.Equal(want) {
+			t.Errorf("%v back until %v, want %v", p, end, want)
+		}
+	}
+}

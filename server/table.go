@@ -1175,10 +1175,18 @@ func (t *table) next() (time.Time, bool) {
 
 // installs emits an Install op for each pinhole of each lease, in no
 // particular order; a pinhole leases on one tuple share (a PEER and a
-// filtered MAP) once, with the latest expiry among them. It stops when emit
+// filtered MAP) once, with the latest expiry among them. A lease's expiry
+// is until(l) (nil: l.Expires): the server gives the kernel view
+// (kernelExpiry, an absorbed renewal's synced expiry). It stops when emit
 // returns false. emit must not change the table.
-func (t *table) installs(now time.Time, emit func(pinhole.Op) bool) {
+func (t *table) installs(now time.Time, until func(*store.Lease) time.Time, emit func(pinhole.Op) bool) {
 	left := func(at time.Time) time.Duration { return max(at.Sub(now), time.Millisecond) }
+	expiry := func(l *store.Lease) time.Time {
+		if until == nil {
+			return l.Expires
+		}
+		return until(l)
+	}
 	var l store.Lease
 	type shared struct {
 		p  pinhole.Pinhole
@@ -1194,7 +1202,7 @@ func (t *table) installs(now time.Time, emit func(pinhole.Op) bool) {
 			// Nearly always: one lease on the tuple.
 			t.decode(head, &l)
 			for _, p := range pinholesOf(&l) {
-				if !emit(pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left(l.Expires)}) {
+				if !emit(pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left(expiry(&l))}) {
 					return
 				}
 			}
@@ -1203,13 +1211,14 @@ func (t *table) installs(now time.Time, emit func(pinhole.Op) bool) {
 		sh = sh[:0]
 		for ref := head; ref != 0; ref = t.rec(ref).nextTup {
 			t.decode(ref, &l)
+			at := expiry(&l)
 			for _, p := range pinholesOf(&l) {
 				i := slices.IndexFunc(sh, func(s shared) bool { return s.p == p })
 				switch {
 				case i < 0:
-					sh = append(sh, shared{p, l.Expires})
-				case l.Expires.After(sh[i].at):
-					sh[i].at = l.Expires
+					sh = append(sh, shared{p, at})
+				case at.After(sh[i].at):
+					sh[i].at = at
 				}
 			}
 		}

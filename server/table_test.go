@@ -716,7 +716,7 @@ func TestTableIncrementalRehash(t *testing.T) {
 				check(i)
 			}
 			n := 0
-			tab.installs(tNow, func(op pinhole.Op) bool { n++; return true })
+			tab.installs(tNow, nil, func(op pinhole.Op) bool { n++; return true })
 			if n < len(liveList) {
 				t.Errorf("installs listed %d pinholes for %d leases", n, len(liveList))
 			}
