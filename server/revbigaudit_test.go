@@ -103,3 +103,32 @@ func TestRepairRestoresKernelView(t *testing.T) {
 		}
 	}
 }
+
+// TestAuditSkipsEndedKernelView (review h/revbigaudit): below
+// auditMaxLeases the audit puts back nothing for a lease whose kernel view
+// has ended: an absorbed renewal whose flush has not been written (a
+// failing store) past its synced expiry. The kernel ended its element
+// then, and what the store holds has ended too; auditLarge skips such a
+// lease (less than a millisecond left). Before (6296711), the dump's audit
+// installed it for a millisecond ('installed for 1ms').
+func TestAuditSkipsEndedKernelView(t *testing.T) {
+	h := newHarness(t)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 3)), pcp.Success)
+	h.clock.Advance(time.Minute)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 3)), pcp.Success) // absorbed
+	h.clock.Advance(59*time.Minute + 30*time.Second)                               // synced 10:00 passed, table 10:01
+	p := hole(6, addrA, 80, addrA, 80)
+	if d, ok := h.fw.Holes()[p]; ok {
+		t.Fatalf("%v still in the kernel for %v (test setup)", p, d)
+	}
+	h.s.mu.Lock()
+	n := len(h.s.dirty)
+	h.s.mu.Unlock()
+	if n != 1 || len(h.s.Leases()) != 1 {
+		t.Fatalf("%d dirty, %d leases: want the absorbed lease, live and dirty (test setup)", n, len(h.s.Leases()))
+	}
+	h.s.auditFirewall(context.Background())
+	if d, ok := h.fw.Holes()[p]; ok {
+		t.Errorf("%v installed for %v, after its kernel view ended", p, d)
+	}
+}
