@@ -110,7 +110,9 @@ func TestRepairRestoresKernelView(t *testing.T) {
 // failing store) past its synced expiry. The kernel ended its element
 // then, and what the store holds has ended too; auditLarge skips such a
 // lease (less than a millisecond left). Before (6296711), the dump's audit
-// installed it for a millisecond ('installed for 1ms').
+// installed it for a millisecond ('installed for 1ms'), and so did the
+// repair's re-install once it took the kernel view ('installed for 1ms by
+// the repair').
 func TestAuditSkipsEndedKernelView(t *testing.T) {
 	h := newHarness(t)
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 3)), pcp.Success)
@@ -130,5 +132,11 @@ func TestAuditSkipsEndedKernelView(t *testing.T) {
 	h.s.auditFirewall(context.Background())
 	if d, ok := h.fw.Holes()[p]; ok {
 		t.Errorf("%v installed for %v, after its kernel view ended", p, d)
+	}
+	// Nor the repair's re-install of every lease (table.installs).
+	h.fw.Tamper()
+	h.s.checkFirewall()
+	if d, ok := h.fw.Holes()[p]; ok {
+		t.Errorf("%v installed for %v by the repair, after its kernel view ended", p, d)
 	}
 }

@@ -1177,8 +1177,11 @@ func (t *table) next() (time.Time, bool) {
 // particular order; a pinhole leases on one tuple share (a PEER and a
 // filtered MAP) once, with the latest expiry among them. A lease's expiry
 // is until(l) (nil: l.Expires): the server gives the kernel view
-// (kernelExpiry, an absorbed renewal's synced expiry). It stops when emit
-// returns false. emit must not change the table.
+// (kernelExpiry, an absorbed renewal's synced expiry); nothing is emitted
+// for a pinhole whose expiry is less than a millisecond after now (before
+// review h/revbigaudit, one for a millisecond: an absorbed renewal not
+// flushed past its synced expiry got its element back, ended). It stops
+// when emit returns false. emit must not change the table.
 func (t *table) installs(now time.Time, until func(*store.Lease) time.Time, emit func(pinhole.Op) bool) {
 	left := func(at time.Time) time.Duration { return max(at.Sub(now), time.Millisecond) }
 	expiry := func(l *store.Lease) time.Time {
@@ -1201,8 +1204,12 @@ func (t *table) installs(now time.Time, until func(*store.Lease) time.Time, emit
 		if t.rec(head).nextTup == 0 {
 			// Nearly always: one lease on the tuple.
 			t.decode(head, &l)
+			at := expiry(&l)
+			if at.Sub(now) < time.Millisecond {
+				continue
+			}
 			for _, p := range pinholesOf(&l) {
-				if !emit(pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left(expiry(&l))}) {
+				if !emit(pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left(at)}) {
 					return
 				}
 			}
@@ -1223,6 +1230,9 @@ func (t *table) installs(now time.Time, until func(*store.Lease) time.Time, emit
 			}
 		}
 		for _, s := range sh {
+			if s.at.Sub(now) < time.Millisecond {
+				continue
+			}
 			if !emit(pinhole.Op{Kind: pinhole.Install, Pinhole: s.p, Timeout: left(s.at)}) {
 				return
 			}
