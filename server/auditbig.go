@@ -83,6 +83,7 @@ func (s *Server) kernelExpiry(l *store.Lease) time.Time {
 // auditScratch is what the steps of one large audit reuse.
 type auditScratch struct {
 	ops  []pinhole.Op
+	refs []uint32 // the slot of the lease each op of ops is for
 	held []pinhole.Pinhole
 	tup  []store.Lease
 	oth  []pinhole.Pinhole
@@ -93,8 +94,8 @@ type auditScratch struct {
 // take the ops past pinhole.MaxBatch or auditStepSlots slots are read,
 // and returns the slot to start the next step at (0: the end). Under s.mu.
 func (s *Server) auditStepLocked(from uint32, now time.Time, sc *auditScratch) uint32 {
-	sc.ops = sc.ops[:0]
-	return s.tab.liveIn(from, auditStepSlots, func(l *store.Lease) bool {
+	sc.ops, sc.refs = sc.ops[:0], sc.refs[:0]
+	return s.tab.liveIn(from, auditStepSlots, func(ref uint32, l *store.Lease) bool {
 		until := s.kernelExpiry(l)
 		if until.Sub(now) < time.Millisecond {
 			// Ended, or ends within a millisecond: nothing is installed
@@ -128,6 +129,7 @@ func (s *Server) auditStepLocked(from uint32, now time.Time, sc *auditScratch) u
 			// millisecond (pinhole's ceilMillis), so it ends no later
 			// than at.
 			sc.ops = append(sc.ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: at.Sub(now).Truncate(time.Millisecond)})
+			sc.refs = append(sc.refs, ref)
 		}
 		return true
 	})
@@ -138,19 +140,27 @@ func (s *Server) auditStepLocked(from uint32, now time.Time, sc *auditScratch) u
 // left with less than a millisecond: the kernel starts an element's
 // countdown at its commit, so it then ends no later than its lease but by
 // the transaction's own latency (and a jiffy's rounding), which every
-// write of the engine has too.
-func lateBy(ops []pinhole.Op, late time.Duration) []pinhole.Op {
+// write of the engine has too. refs, if not empty, is ops' lease slots:
+// what is dropped of ops is dropped of it too.
+func lateBy(ops []pinhole.Op, refs []uint32, late time.Duration) ([]pinhole.Op, []uint32) {
 	if late <= 0 {
-		return ops
+		return ops, refs
 	}
 	late = (late + time.Millisecond - 1).Truncate(time.Millisecond)
 	out := ops[:0]
-	for _, op := range ops {
+	var outRefs []uint32
+	if len(refs) > 0 {
+		outRefs = refs[:0]
+	}
+	for i, op := range ops {
 		if op.Timeout -= late; op.Timeout >= time.Millisecond {
 			out = append(out, op)
+			if len(refs) > 0 {
+				outRefs = append(outRefs, refs[i])
+			}
 		}
 	}
-	return out
+	return out, outRefs
 }
 
 // applyAuditStep applies a step's ops, timed from the clock read timed:
@@ -162,37 +172,62 @@ func lateBy(ops []pinhole.Op, late time.Duration) []pinhole.Op {
 // backend replays prefixes of the batch to find the op), which before
 // (review h/revbigaudit) the retried ops did not account for: each refused
 // try made every other pinhole of the step end that much after its lease
-// (TestAuditAboveMaxRetryNotLate). It returns how many ops were applied,
-// how many dropped, and the error that ended it (nil if applied). Under
-// s.mu.
-func (s *Server) applyAuditStep(ops []pinhole.Op, timed time.Time) (applied, dropped int, err error) {
+// (TestAuditAboveMaxRetryNotLate). refs is ops' lease slots.
+//
+// At a conflict past auditConflictRetries, the ops before it (which the
+// backend's blame applied in its replay) are applied and resume is the
+// slot of the conflicting op's lease: the walk goes on from there in the
+// next step, a hold of s.mu of its own. Before (review h/revbigaudit), the
+// step failed whole: none of its up to pinhole.MaxBatch pinholes went
+// back, at every audit alike while the elements changed by hand stayed
+// (TestAuditAboveMaxManyConflicts).
+//
+// It returns how many ops were applied, how many dropped, the slot to
+// resume at (0: the step's own end), and the error that ended it (nil if
+// applied). Under s.mu.
+func (s *Server) applyAuditStep(ops []pinhole.Op, refs []uint32, timed time.Time) (applied, dropped int, resume uint32, err error) {
 	var cut time.Duration // what ops were shortened by so far
 	for try := 0; ; try++ {
 		if late := s.now().Sub(timed); late > cut {
 			late = (late + time.Millisecond - 1).Truncate(time.Millisecond)
-			ops = lateBy(ops, late-cut)
+			ops, refs = lateBy(ops, refs, late-cut)
 			cut = late
 		}
 		if len(ops) == 0 {
-			return 0, dropped, nil
+			return 0, dropped, 0, nil
 		}
 		if len(ops) > pinhole.MaxBatch {
 			if err := s.applyAll(ops); err != nil {
-				return 0, dropped, err
+				return 0, dropped, 0, err
 			}
-			return len(ops), dropped, nil
+			return len(ops), dropped, 0, nil
 		}
 		err := s.fw.Apply(ops)
 		if err == nil {
-			return len(ops), dropped, nil
+			return len(ops), dropped, 0, nil
 		}
 		var oe *pinhole.OpError
-		if try >= auditConflictRetries || !errors.Is(err, pinhole.ErrConflict) || !errors.As(err, &oe) || oe.Index < 0 || oe.Index >= len(ops) {
-			return 0, dropped, err
+		if !errors.Is(err, pinhole.ErrConflict) || !errors.As(err, &oe) || oe.Index < 0 || oe.Index >= len(ops) {
+			return 0, dropped, 0, err
+		}
+		if try >= auditConflictRetries && len(refs) == len(ops) {
+			// The rest in the next step, from the conflicting op's lease.
+			if oe.Index > 0 {
+				if err := s.fw.Apply(ops[:oe.Index]); err != nil {
+					return 0, dropped, 0, err
+				}
+			}
+			return oe.Index, dropped, refs[oe.Index], nil
+		}
+		if try >= auditConflictRetries {
+			return 0, dropped, 0, err
 		}
 		s.log.Warn("firewall audit: the kernel holds another mapping under a lease's external key (not pcpd's: an element changed by hand); the lease's pinhole waits for that element's timeout, no dump finds it above the audit's limit",
 			zap.Stringer("pinhole", ops[oe.Index].Pinhole), zap.Error(err))
 		ops = append(ops[:oe.Index], ops[oe.Index+1:]...)
+		if len(refs) > 0 {
+			refs = append(refs[:oe.Index], refs[oe.Index+1:]...)
+		}
 		dropped++
 	}
 }
@@ -217,7 +252,12 @@ func (s *Server) auditLarge(ctx context.Context, leases int) {
 		held := time.Now()
 		now := s.now()
 		next := s.auditStepLocked(at, now, &sc)
-		n, d, err := s.applyAuditStep(sc.ops, now)
+		n, d, resume, err := s.applyAuditStep(sc.ops, sc.refs, now)
+		if resume != 0 {
+			// Past the step's first lease, so that the walk goes on
+			// (that lease's own conflicts are dropped for this audit).
+			next = max(resume, max(at, 1)+1)
+		}
 		hold := time.Since(held)
 		s.mu.Unlock()
 		steps++

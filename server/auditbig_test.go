@@ -189,12 +189,12 @@ func TestAuditAboveMaxInstalls(t *testing.T) {
 // them, rounded up to the millisecond; those left under a millisecond go.
 func TestAuditLateBy(t *testing.T) {
 	ops := []pinhole.Op{{Timeout: time.Hour}, {Timeout: 3 * time.Millisecond}, {Timeout: 4 * time.Millisecond}}
-	got := lateBy(slices.Clone(ops), 2300*time.Microsecond)
+	got, _ := lateBy(slices.Clone(ops), nil, 2300*time.Microsecond)
 	want := []time.Duration{time.Hour - 3*time.Millisecond, time.Millisecond}
 	if len(got) != len(want) || got[0].Timeout != want[0] || got[1].Timeout != want[1] {
 		t.Fatalf("lateBy 2.3 ms: %v, want timeouts %v", got, want)
 	}
-	if got := lateBy(slices.Clone(ops), 0); !slices.Equal(got, ops) {
+	if got, _ := lateBy(slices.Clone(ops), nil, 0); !slices.Equal(got, ops) {
 		t.Fatalf("lateBy 0: %v", got)
 	}
 }

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -138,5 +139,107 @@ func TestAuditSkipsEndedKernelView(t *testing.T) {
 	h.s.checkFirewall()
 	if d, ok := h.fw.Holes()[p]; ok {
 		t.Errorf("%v installed for %v by the repair, after its kernel view ended", p, d)
+	}
+}
+
+// TestAuditAboveMaxManyConflicts (review h/revbigaudit): a step that meets
+// more conflicts than auditConflictRetries (elements changed by hand under
+// 6 of 20 leases' external keys, all in one step) applies what precedes
+// the last conflict it was told of and goes on from that op's lease in the
+// next step (a hold of s.mu of its own), so every other deleted pinhole is
+// back. Before, the step failed whole at the 5th conflict: none of the 14
+// others was back ('not back after the audit'), at every audit alike.
+func TestAuditAboveMaxManyConflicts(t *testing.T) {
+	defer func(n int) { auditMaxLeases = n }(auditMaxLeases)
+	auditMaxLeases = 3
+	h := newHarness(t)
+	var holes []pinhole.Pinhole
+	for port := uint16(7000); port < 7020; port++ {
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, port, time.Hour, 1)), pcp.Success)
+		holes = append(holes, hole(6, addrA, port, addrA, port))
+	}
+	var dels []pinhole.Op
+	for _, p := range holes {
+		dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
+	}
+	if err := h.fw.Apply(dels); err != nil {
+		t.Fatal(err)
+	}
+	conflicts := map[pinhole.Pinhole]bool{}
+	for i := 2; i < len(holes); i += 3 {
+		conflicts[holes[i]] = true
+	}
+	if len(conflicts) <= auditConflictRetries {
+		t.Fatalf("%d conflicts, want more than auditConflictRetries (%d) (test setup)", len(conflicts), auditConflictRetries)
+	}
+	h.fw.FailApply = func(ops []pinhole.Op) error {
+		for i, op := range ops {
+			if conflicts[op.Pinhole] {
+				return &pinhole.OpError{Index: i, Op: op, Err: fmt.Errorf("test: %w", pinhole.ErrConflict)}
+			}
+		}
+		return nil
+	}
+	h.s.auditFirewall(context.Background())
+	h.fw.FailApply = nil
+	got := h.fw.Holes()
+	for _, p := range holes {
+		if _, ok := got[p]; ok != !conflicts[p] {
+			if ok {
+				t.Errorf("%v in the kernel: the fake refused it", p)
+			} else {
+				t.Errorf("%v not back after the audit", p)
+			}
+		}
+	}
+}
+
+// TestAuditAboveMaxConflictsFirstLease: more conflicts than
+// auditConflictRetries all in the step's first lease (a MAP with 6
+// FILTERs whose elements were all changed by hand) do not stop the walk
+// there: the step goes on past that lease, the others' deleted pinholes
+// are back, and the audit ends.
+func TestAuditAboveMaxConflictsFirstLease(t *testing.T) {
+	defer func(n int) { auditMaxLeases = n }(auditMaxLeases)
+	auditMaxLeases = 3
+	h := newHarness(t)
+	filtered := mapReq(addrA, pcp.ProtoTCP, 6999, 6999, time.Hour, 9)
+	for i := range 6 {
+		filtered.Options.Filters = append(filtered.Options.Filters, pcp.Filter{Remote: netip.PrefixFrom(remote.Addr(), 128), RemotePort: uint16(100 + i)})
+	}
+	h.expect(h.do(filtered), pcp.Success)
+	var holes []pinhole.Pinhole
+	for port := uint16(7000); port < 7010; port++ {
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, port, time.Hour, 1)), pcp.Success)
+		holes = append(holes, hole(6, addrA, port, addrA, port))
+	}
+	var dels []pinhole.Op
+	for _, p := range holes {
+		dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
+	}
+	if err := h.fw.Apply(dels); err != nil {
+		t.Fatal(err)
+	}
+	h.fw.FailApply = func(ops []pinhole.Op) error {
+		for i, op := range ops {
+			if op.Pinhole.InternalPort == 6999 {
+				return &pinhole.OpError{Index: i, Op: op, Err: fmt.Errorf("test: %w", pinhole.ErrConflict)}
+			}
+		}
+		return nil
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); h.s.auditFirewall(context.Background()) }()
+	select {
+	case <-done:
+	case <-time.After(time.Minute): // a hang, not a latency bound
+		t.Fatal("the audit did not end: the walk stays at the conflicting lease")
+	}
+	h.fw.FailApply = nil
+	got := h.fw.Holes()
+	for _, p := range holes {
+		if _, ok := got[p]; !ok {
+			t.Errorf("%v not back after the audit", p)
+		}
 	}
 }

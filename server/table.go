@@ -1054,15 +1054,15 @@ func (t *table) selectedBy(from uint32, n int, match func(*table, *rec) bool, ds
 	return dst, uint32(end)
 }
 
-// liveIn calls fn with each live lease in slots from..from+n-1, in slot
-// order, decoded into a scratch copy that fn must not keep, and returns
+// liveIn calls fn with each live lease in slots from..from+n-1 (and its
+// slot), in slot order, decoded into a scratch copy that fn must not keep, and returns
 // the slot to start the next step at (0: the walk reached the end), as
 // unowned does. fn returning false stops the walk before that lease: the
 // slot returned is its own, so the next step starts with it. fn must not
 // change the table; the table may change between steps (slots are not
 // moved: a lease added meanwhile in a slot already passed is not
 // yielded, one deleted meanwhile is not yielded).
-func (t *table) liveIn(from uint32, n int, fn func(l *store.Lease) bool) uint32 {
+func (t *table) liveIn(from uint32, n int, fn func(ref uint32, l *store.Lease) bool) uint32 {
 	if from == 0 {
 		from = 1
 	}
@@ -1073,7 +1073,7 @@ func (t *table) liveIn(from uint32, n int, fn func(l *store.Lease) bool) uint32 
 			continue
 		}
 		t.decode(ref, &l)
-		if !fn(&l) {
+		if !fn(ref, &l) {
 			return ref
 		}
 	}
