@@ -356,9 +356,12 @@ func (h *holders) until(p pinhole.Pinhole) time.Time {
 		if !l.Expires.After(h.now) {
 			continue
 		}
-		// Held by a live lease: never zero (a synced expiry already past
-		// is put back for a millisecond, as the audit does; the lease's
-		// flush raises it).
+		// Held by a live lease: never zero, so undoAdds never takes it
+		// for unheld (a synced expiry already past, an absorbed renewal
+		// not yet flushed, is put back for a millisecond and ends at
+		// once; the lease's flush raises it). The audits and the repair
+		// install nothing for such a lease instead: for them it only
+		// decides the timeout.
 		at := h.s.kernelExpiry(l)
 		if least := h.now.Add(time.Millisecond); at.Before(least) {
 			at = least
