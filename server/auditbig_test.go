@@ -209,27 +209,9 @@ func TestAuditAboveMaxConflictAndMissing(t *testing.T) {
 	defer func(n int) { auditMaxLeases = n }(auditMaxLeases)
 	auditMaxLeases = 3
 	h := newHarness(t)
-	var holes []pinhole.Pinhole
-	for port := uint16(7000); port < 7005; port++ {
-		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, port, time.Hour, 1)), pcp.Success)
-		holes = append(holes, hole(6, addrA, port, addrA, port))
-	}
-	var dels []pinhole.Op
-	for _, p := range holes {
-		dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
-	}
-	if err := h.fw.Apply(dels); err != nil {
-		t.Fatal(err)
-	}
+	holes := mapDeletedByHand(t, h, 5)
 	conflict := holes[2]
-	h.fw.FailApply = func(ops []pinhole.Op) error {
-		for i, op := range ops {
-			if op.Pinhole == conflict {
-				return &pinhole.OpError{Index: i, Op: op, Err: fmt.Errorf("test: %w", pinhole.ErrConflict)}
-			}
-		}
-		return nil
-	}
+	refuseAsConflict(h, func(p pinhole.Pinhole) bool { return p == conflict })
 	h.s.auditFirewall(context.Background())
 	h.fw.FailApply = nil
 	got := h.fw.Holes()
@@ -352,4 +334,37 @@ func checkBack(t *testing.T, h *harness, now time.Time, deleted []pinhole.Pinhol
 		}
 	}
 	return holes
+}
+
+// mapDeletedByHand maps n TCP ports of addrA from 7000 on for an hour and
+// deletes their elements from the fake firewall, unheard (the watch off):
+// the pinholes an audit should put back.
+func mapDeletedByHand(t *testing.T, h *harness, n int) []pinhole.Pinhole {
+	t.Helper()
+	var holes []pinhole.Pinhole
+	var dels []pinhole.Op
+	for port := uint16(7000); port < uint16(7000+n); port++ {
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, port, time.Hour, 1)), pcp.Success)
+		p := hole(6, addrA, port, addrA, port)
+		holes = append(holes, p)
+		dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
+	}
+	if err := h.fw.Apply(dels); err != nil {
+		t.Fatal(err)
+	}
+	return holes
+}
+
+// refuseAsConflict makes the fake firewall refuse a transaction at its
+// first op whose pinhole refused says is in conflict (another mapping
+// under its external key in the kernel), as the kernel does.
+func refuseAsConflict(h *harness, refused func(pinhole.Pinhole) bool) {
+	h.fw.FailApply = func(ops []pinhole.Op) error {
+		for i, op := range ops {
+			if refused(op.Pinhole) {
+				return &pinhole.OpError{Index: i, Op: op, Err: fmt.Errorf("test: %w", pinhole.ErrConflict)}
+			}
+		}
+		return nil
+	}
 }

@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"testing"
 	"time"
@@ -25,30 +24,17 @@ func TestAuditAboveMaxRetryNotLate(t *testing.T) {
 	defer func(n int) { auditMaxLeases = n }(auditMaxLeases)
 	auditMaxLeases = 3
 	h := newHarness(t)
-	var holes []pinhole.Pinhole
-	for port := uint16(7000); port < 7008; port++ {
-		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, port, time.Hour, 1)), pcp.Success)
-		holes = append(holes, hole(6, addrA, port, addrA, port))
-	}
+	holes := mapDeletedByHand(t, h, 8)
 	h.clock.Advance(time.Minute)
-	var dels []pinhole.Op
-	for _, p := range holes {
-		dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
-	}
-	if err := h.fw.Apply(dels); err != nil {
-		t.Fatal(err)
-	}
 	conflicts := map[pinhole.Pinhole]bool{holes[1]: true, holes[4]: true, holes[6]: true}
 	const blame = 40 * time.Millisecond
-	h.fw.FailApply = func(ops []pinhole.Op) error {
-		for i, op := range ops {
-			if conflicts[op.Pinhole] {
-				h.clock.Advance(blame)
-				return &pinhole.OpError{Index: i, Op: op, Err: fmt.Errorf("test: %w", pinhole.ErrConflict)}
-			}
+	refuseAsConflict(h, func(p pinhole.Pinhole) bool {
+		if conflicts[p] {
+			h.clock.Advance(blame) // the refused try's cost
+			return true
 		}
-		return nil
-	}
+		return false
+	})
 	h.s.auditFirewall(context.Background())
 	h.fw.FailApply = nil
 	now := h.clock.Now()
@@ -153,18 +139,7 @@ func TestAuditAboveMaxManyConflicts(t *testing.T) {
 	defer func(n int) { auditMaxLeases = n }(auditMaxLeases)
 	auditMaxLeases = 3
 	h := newHarness(t)
-	var holes []pinhole.Pinhole
-	for port := uint16(7000); port < 7020; port++ {
-		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, port, time.Hour, 1)), pcp.Success)
-		holes = append(holes, hole(6, addrA, port, addrA, port))
-	}
-	var dels []pinhole.Op
-	for _, p := range holes {
-		dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
-	}
-	if err := h.fw.Apply(dels); err != nil {
-		t.Fatal(err)
-	}
+	holes := mapDeletedByHand(t, h, 20)
 	conflicts := map[pinhole.Pinhole]bool{}
 	for i := 2; i < len(holes); i += 3 {
 		conflicts[holes[i]] = true
@@ -172,14 +147,7 @@ func TestAuditAboveMaxManyConflicts(t *testing.T) {
 	if len(conflicts) <= auditConflictRetries {
 		t.Fatalf("%d conflicts, want more than auditConflictRetries (%d) (test setup)", len(conflicts), auditConflictRetries)
 	}
-	h.fw.FailApply = func(ops []pinhole.Op) error {
-		for i, op := range ops {
-			if conflicts[op.Pinhole] {
-				return &pinhole.OpError{Index: i, Op: op, Err: fmt.Errorf("test: %w", pinhole.ErrConflict)}
-			}
-		}
-		return nil
-	}
+	refuseAsConflict(h, func(p pinhole.Pinhole) bool { return conflicts[p] })
 	h.s.auditFirewall(context.Background())
 	h.fw.FailApply = nil
 	got := h.fw.Holes()
@@ -208,26 +176,8 @@ func TestAuditAboveMaxConflictsFirstLease(t *testing.T) {
 		filtered.Options.Filters = append(filtered.Options.Filters, pcp.Filter{Remote: netip.PrefixFrom(remote.Addr(), 128), RemotePort: uint16(100 + i)})
 	}
 	h.expect(h.do(filtered), pcp.Success)
-	var holes []pinhole.Pinhole
-	for port := uint16(7000); port < 7010; port++ {
-		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, port, port, time.Hour, 1)), pcp.Success)
-		holes = append(holes, hole(6, addrA, port, addrA, port))
-	}
-	var dels []pinhole.Op
-	for _, p := range holes {
-		dels = append(dels, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
-	}
-	if err := h.fw.Apply(dels); err != nil {
-		t.Fatal(err)
-	}
-	h.fw.FailApply = func(ops []pinhole.Op) error {
-		for i, op := range ops {
-			if op.Pinhole.InternalPort == 6999 {
-				return &pinhole.OpError{Index: i, Op: op, Err: fmt.Errorf("test: %w", pinhole.ErrConflict)}
-			}
-		}
-		return nil
-	}
+	holes := mapDeletedByHand(t, h, 10)
+	refuseAsConflict(h, func(p pinhole.Pinhole) bool { return p.InternalPort == 6999 })
 	done := make(chan struct{})
 	go func() { defer close(done); h.s.auditFirewall(context.Background()) }()
 	select {
