@@ -52,15 +52,7 @@ func (h *harness) kernelView(now time.Time) map[pinhole.Pinhole]time.Time {
 func auditFixture(t *testing.T) (h *harness, now time.Time, deleted []pinhole.Pinhole, want map[pinhole.Pinhole]time.Time, orphan pinhole.Pinhole) {
 	t.Helper()
 	h = newHarness(t)
-	own, err := policy.NewStatic(map[string][]netip.Prefix{
-		"a":     {netip.MustParsePrefix("2001:db8:a::/48"), netip.MustParsePrefix("10.0.0.0/28")},
-		"b":     {netip.MustParsePrefix("2001:db8:b::/48"), netip.MustParsePrefix("10.0.0.16/28")},
-		"bench": {netip.MustParsePrefix("2001:db8:2::/48")},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.own = own
+	h.own = staticOwners(t, true)
 	const bench = 700 // > 2 × MaxBatch: three steps at least
 	if err := h.st.Commit(startLeases(bench, h.clock.Now()), nil); err != nil {
 		t.Fatal(err)

@@ -80,16 +80,27 @@ func newHarness(t testing.TB, opts ...option) *harness {
 	for _, o := range opts {
 		o(&h.cfg, &h.pcfg)
 	}
-	own, err := policy.NewStatic(map[string][]netip.Prefix{
+	h.own = staticOwners(t, false)
+	h.start()
+	return h
+}
+
+// staticOwners is the harness's ownership: clients a and b, and with bench
+// also the owner of startLeases' leases (2001:db8:2::/48).
+func staticOwners(t testing.TB, bench bool) policy.Ownership {
+	t.Helper()
+	m := map[string][]netip.Prefix{
 		"a": {netip.MustParsePrefix("2001:db8:a::/48"), netip.MustParsePrefix("10.0.0.0/28")},
 		"b": {netip.MustParsePrefix("2001:db8:b::/48"), netip.MustParsePrefix("10.0.0.16/28")},
-	})
+	}
+	if bench {
+		m["bench"] = []netip.Prefix{netip.MustParsePrefix("2001:db8:2::/48")}
+	}
+	own, err := policy.NewStatic(m)
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.own = own
-	h.start()
-	return h
+	return own
 }
 
 // start (re)builds the server on the harness's firewall and store, as a

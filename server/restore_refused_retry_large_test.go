@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"net/netip"
 	"testing"
 	"time"
 
@@ -26,15 +25,7 @@ func TestRestoreRefusedRetryAboveAuditMax(t *testing.T) {
 		t.Skip("200 001 leases")
 	}
 	h := newHarness(t)
-	own, err := policy.NewStatic(map[string][]netip.Prefix{
-		"a":     {netip.MustParsePrefix("2001:db8:a::/48"), netip.MustParsePrefix("10.0.0.0/28")},
-		"b":     {netip.MustParsePrefix("2001:db8:b::/48"), netip.MustParsePrefix("10.0.0.16/28")},
-		"bench": {netip.MustParsePrefix("2001:db8:2::/48")},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.own = own
+	h.own = staticOwners(t, true)
 	h.start()
 	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 22, 0, time.Hour, 1)), pcp.Success)
 	if err := h.st.Commit(startLeases(auditMaxLeases+1, h.clock.Now()), nil); err != nil {
