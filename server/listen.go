@@ -776,6 +776,9 @@ func (l *listener) read(c *udpConn) {
 			src, ok := sockaddrPort(&in.names[i], h.Hdr.Namelen, c)
 			h.Hdr.Namelen = unix.SizeofSockaddrInet6 // for the next call
 			if !ok {
+				if l.onDrop != nil {
+					l.onDrop("bad-source")
+				}
 				continue
 			}
 			b := bufs[i*readSize : i*readSize+int(h.Len)]
@@ -823,12 +826,21 @@ func (l *listener) read(c *udpConn) {
 	}
 }
 
-// sockaddrPort decodes a source address the kernel wrote, IPv4-mapped
-// sources unmapped, link-local ones zoned with c's interface.
+// sockaddrPort decodes a source address the kernel wrote, link-local ones
+// zoned with c's interface. An IPv4-mapped source on an IPv6 socket is
+// refused (false): every serving socket is bound to one address of its
+// own family, so real IPv4 never arrives as mapped; such a source is an
+// IPv6 datagram that claims it, which the kernel delivers and WireGuard
+// admits from a peer whose AllowedIPs cover ::ffff:0:0/96 (a full-tunnel
+// ::/0). Unmapped, it was taken as the IPv4 address's owner's request
+// (review h/revreq, TestE2EMappedSourceIsNotIPv4Owner).
 func sockaddrPort(sa *unix.RawSockaddrInet6, n uint32, c *udpConn) (netip.AddrPort, bool) {
 	switch {
 	case sa.Family == unix.AF_INET6 && n >= unix.SizeofSockaddrInet6:
-		a := netip.AddrFrom16(sa.Addr).Unmap()
+		a := netip.AddrFrom16(sa.Addr)
+		if a.Is4In6() {
+			return netip.AddrPort{}, false
+		}
 		if sa.Scope_id != 0 && a.Is6() {
 			zone := c.iface
 			if int(sa.Scope_id) != c.index {
