@@ -28,6 +28,9 @@ type Request struct {
 	Data  []byte
 	// admitted: the socket reader already ran admit.
 	admitted bool
+	// ifk is the arrival interface's key for the per-source bucket
+	// (ifaceKey: the reader's socket's index); 0: ifaceKey(0, Iface).
+	ifk uint32
 }
 
 // outcome is what handling one request produced.
@@ -282,6 +285,7 @@ type call struct {
 	src   netip.AddrPort
 	local netip.AddrPort
 	iface string // Request.Iface
+	ifk   uint32 // the per-source bucket's interface key (Request.ifk)
 	data  []byte
 	now   time.Time
 	epoch pcp.Epoch
@@ -301,9 +305,13 @@ func (s *Server) drop(reason string, src netip.AddrPort) outcome {
 func (s *Server) handle(t *tx, r *Request) outcome {
 	b := r.Data
 	src := netip.AddrPortFrom(r.Source.Addr().Unmap(), r.Source.Port())
-	c := &call{t: t, src: src, local: r.Local, iface: r.Iface, data: b, now: t.now, epoch: s.epoch.at(t.now)}
+	ifk := r.ifk
+	if ifk == 0 {
+		ifk = ifaceKey(0, r.Iface)
+	}
+	c := &call{t: t, src: src, local: r.Local, iface: r.Iface, ifk: ifk, data: b, now: t.now, epoch: s.epoch.at(t.now)}
 	if !r.admitted && !t.retry {
-		if reason := s.admit(b, src, ifaceKey(0, r.Iface), s.steadyAt(c.now)); reason != "" {
+		if reason := s.admit(b, src, ifk, s.steadyAt(c.now)); reason != "" {
 			return s.drop(reason, src)
 		}
 	}
@@ -413,9 +421,12 @@ func (s *Server) handlePCP(c *call) outcome {
 	if code == pcp.CannotProvideExternal && req.Options.PreferFailure && !c.t.retry {
 		// PF-06: failed PREFER_FAILURE requests probe which ports are in
 		// use; each costs extra tokens, so probing is throttled sooner
-		// than ordinary requests.
+		// than ordinary requests. The bucket is the one admit spends
+		// (the source's on its arrival interface): the interface-0 one
+		// no network request is admitted by made the penalty inert
+		// (review h/revreq, TestPF06ProbeThrottle).
 		for range pfPenalty {
-			s.rl.Allow(c.src.Addr(), s.steadyAt(c.now))
+			s.rl.AllowOn(c.src.Addr(), c.ifk, s.steadyAt(c.now))
 		}
 	}
 	if code != pcp.Success {

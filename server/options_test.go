@@ -342,21 +342,57 @@ func TestRestoreReconcile(t *testing.T) {
 }
 
 // TestPF06ProbeThrottle: failed PREFER_FAILURE requests use up a client's
-// rate budget faster than ordinary ones.
+// rate budget faster than ordinary ones, on the bucket the request is
+// admitted by: the per-source bucket is the source's on its arrival
+// interface (admit, AllowOn), and the penalty spent the interface-0 one,
+// which no request that names its interface (every one of the network
+// path, the readers' socket index) is ever admitted by: with an interface,
+// 19 of 40 probes were answered (review h/revreq). The row "socket"
+// is the readers' path: admitted already, by the socket's index.
 func TestPF06ProbeThrottle(t *testing.T) {
-	h := newHarness(t, func(c *Config, _ *policy.Config) { c.RateLimit, c.RateBurst = 0.001, 20 })
-	h.do(mapReq(addrA, pcp.ProtoTCP, 443, 80, time.Hour, 1))
-	r := mapReq(addrA, pcp.ProtoTCP, 444, 80, time.Hour, 2)
-	r.Options.PreferFailure = true
-	b := pcp.AppendRequest(nil, r)
-	answered := 0
-	for range 40 {
-		if h.raw(addrA, b) != nil {
-			answered++
-		}
-	}
-	if answered > 5 {
-		t.Fatalf("%d failed PREFER_FAILURE probes answered from a budget of 19", answered)
+	for _, tc := range []struct {
+		name  string
+		iface string
+		index int // the reader's socket's interface index; 0: none
+	}{
+		{"no interface", "", 0},
+		{"interface by name", "wg0", 0},
+		{"socket", "wg0", 7},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, func(c *Config, _ *policy.Config) { c.RateLimit, c.RateBurst = 0.001, 20 })
+			h.own = boundOwnership{own: h.own.(*policy.Static), on: map[policy.OwnerID]string{"static:a": tc.iface, "static:b": "wg1"}}
+			h.start()
+			send := func(b []byte) []byte {
+				src := netip.AddrPortFrom(addrA, 40000)
+				r := Request{Local: local6, Source: src, Iface: tc.iface, Data: b}
+				if tc.index != 0 {
+					// As the readers do: admit first, then the engine.
+					ifk := ifaceKey(tc.index, tc.iface)
+					if h.s.admit(b, src, ifk, h.s.steadyAt(h.clock.Now())) != "" {
+						return nil
+					}
+					r.admitted, r.ifk = true, ifk
+				}
+				return h.s.HandleBatch([]Request{r})[0]
+			}
+			var first pcp.Response
+			if err := pcp.ParseResponse(send(pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, 443, 80, time.Hour, 1))), &first); err != nil || first.Result != pcp.Success {
+				t.Fatalf("first MAP: %+v %v", first, err)
+			}
+			r := mapReq(addrA, pcp.ProtoTCP, 444, 80, time.Hour, 2)
+			r.Options.PreferFailure = true
+			b := pcp.AppendRequest(nil, r)
+			answered := 0
+			for range 40 {
+				if send(b) != nil {
+					answered++
+				}
+			}
+			if answered > 5 {
+				t.Fatalf("%d failed PREFER_FAILURE probes answered from a budget of 19", answered)
+			}
+		})
 	}
 }
 

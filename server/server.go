@@ -529,7 +529,8 @@ func (s *Server) serveBatch(batch []packet) {
 	e := &s.eng
 	reqs := slices.Grow(e.reqs[:0], len(batch))[:len(batch)]
 	for i, p := range batch {
-		reqs[i] = Request{Local: p.conn.local, Source: p.src, Iface: p.conn.kname, Data: p.b, admitted: true}
+		reqs[i] = Request{Local: p.conn.local, Source: p.src, Iface: p.conn.kname, Data: p.b, admitted: true,
+			ifk: ifaceKey(p.conn.index, p.conn.kname)}
 	}
 	defer func() {
 		// Keep the arrays, not what they point to (datagrams, replies).
