@@ -3,12 +3,14 @@ package server
 import (
 	"encoding/binary"
 	"fmt"
+	"net"
 	"net/netip"
 	"testing"
 	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
@@ -168,5 +170,132 @@ func TestSockaddrPortRefusesMapped(t *testing.T) {
 	putPort(&sa4.Port, 40000)
 	if got, ok := sockaddrPort((*unix.RawSockaddrInet6)(unsafe.Pointer(&sa4)), unix.SizeofSockaddrInet4, c); !ok || got.String() != "10.0.0.5:40000" {
 		t.Errorf("IPv4 socket's source: %v %v", got, ok)
+	}
+}
+
+// TestE2EHostileRequestsLeaveKernelEmpty (review h/revreq; no defect
+// found): a tunnel client's requests for what it does not own, for
+// addresses never openable, and every malformed class on the way to the
+// pinholes get their code and change nothing, in the kernel (every set of
+// pcpd's table empty) and in the lease table. Another peer of the same
+// interface owns 2001:db8:1:3::/64 and 10.100.0.77/32.
+func TestE2EHostileRequestsLeaveKernelEmpty(t *testing.T) {
+	l := newLab(t)
+	other, _ := wgtypes.GeneratePrivateKey()
+	other6, other4 := netip.MustParseAddr("2001:db8:1:3::10"), netip.MustParseAddr("10.100.0.77")
+	err := l.wgc.ConfigureDevice(l.topo.HostLANIf, wgtypes.Config{Peers: []wgtypes.PeerConfig{{
+		PublicKey: other.PublicKey(), AllowedIPs: []net.IPNet{
+			{IP: other6.AsSlice(), Mask: net.CIDRMask(64, 128)}, {IP: other4.AsSlice(), Mask: net.CIDRMask(32, 32)}},
+	}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlab.Eventually(3*time.Second, func() error {
+		if o, ok := l.wg.Lookup(other4); !ok || o.ID == "" {
+			return fmt.Errorf("second peer not seen yet")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	c6, c4 := l.topo.ClientV6, l.topo.ClientV4
+	opt := func(code byte, data ...byte) []byte {
+		o := append([]byte{code, 0, byte(len(data) >> 8), byte(len(data))}, data...)
+		for len(o)%4 != 0 {
+			o = append(o, 0)
+		}
+		return o
+	}
+	tpOf := func(a netip.Addr) []byte { b := a.As16(); return opt(1, b[:]...) }
+	filterOf := func(plen byte, a netip.Addr) []byte {
+		b := a.As16()
+		return opt(3, append([]byte{0, plen, 0, 0}, b[:]...)...)
+	}
+	mapOf := func(client netip.Addr, proto pcp.Protocol, port uint16, opts ...[]byte) []byte {
+		b := pcp.AppendRequest(nil, mapReq(client, proto, port, port, time.Hour, 3))
+		for _, o := range opts {
+			b = append(b, o...)
+		}
+		return b
+	}
+	peerOf := func(client netip.Addr, remote netip.AddrPort, opts ...[]byte) []byte {
+		b := pcp.AppendRequest(nil, peerReq(client, pcp.ProtoTCP, 2226, remote, time.Hour, 3))
+		for _, o := range opts {
+			b = append(b, o...)
+		}
+		return b
+	}
+	rem6, rem4 := netip.AddrPortFrom(l.topo.InternetV6, 80), netip.AddrPortFrom(l.topo.InternetV4, 80)
+	mapped := func(a netip.Addr) netip.Addr { return netip.AddrFrom16(a.As16()) }
+	for _, tc := range []struct {
+		name string
+		from netip.Addr
+		b    []byte
+		want pcp.ResultCode
+	}{
+		{"TP other peer's /64", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(other6)), pcp.NotAuthorized},
+		{"TP other peer's IPv4 from IPv6", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(other4)), pcp.NotAuthorized},
+		{"TP other peer's IPv4 from IPv4", c4, mapOf(c4, pcp.ProtoTCP, 2222, tpOf(other4)), pcp.NotAuthorized},
+		{"TP other peer, PEER", c6, peerOf(c6, rem6, tpOf(other6)), pcp.NotAuthorized},
+		{"TP other peer, IPv4 PEER", c4, peerOf(c4, rem4, tpOf(other4)), pcp.NotAuthorized},
+		{"TP other peer, FILTER", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(other6), filterOf(128, rem6.Addr())), pcp.NotAuthorized},
+		{"TP host's tunnel IPv6", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(l.topo.HostTunnelV6)), pcp.NotAuthorized},
+		{"TP host's tunnel IPv4", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(l.topo.HostTunnelV4)), pcp.NotAuthorized},
+		{"TP host's public IPv4", c4, mapOf(c4, pcp.ProtoTCP, 2222, tpOf(l.topo.HostPublicV4)), pcp.NotAuthorized},
+		{"TP link-local", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(netip.MustParseAddr("fe80::1"))), pcp.NotAuthorized},
+		{"TP multicast", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(netip.MustParseAddr("ff02::1"))), pcp.NotAuthorized},
+		{"TP loopback", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(netip.IPv6Loopback())), pcp.NotAuthorized},
+		{"TP unspecified", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(netip.IPv6Unspecified())), pcp.NotAuthorized},
+		{"TP IPv4 loopback", c4, mapOf(c4, pcp.ProtoTCP, 2222, tpOf(netip.MustParseAddr("127.0.0.1"))), pcp.NotAuthorized},
+		{"TP IPv4 0.0.0.0", c4, mapOf(c4, pcp.ProtoTCP, 2222, tpOf(netip.IPv4Unspecified())), pcp.NotAuthorized},
+		{"TP IPv4 broadcast", c4, mapOf(c4, pcp.ProtoTCP, 2222, tpOf(netip.MustParseAddr("255.255.255.255"))), pcp.NotAuthorized},
+		{"TP IPv4 multicast", c4, mapOf(c4, pcp.ProtoTCP, 2222, tpOf(netip.MustParseAddr("224.0.0.1"))), pcp.NotAuthorized},
+		{"TP IPv4-compatible form of own IPv4", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(netip.AddrFrom16([16]byte{12: 10, 13: 100, 14: 0, 15: 2}))), pcp.NotAuthorized},
+		{"TP NAT64 form of own IPv4", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(netip.MustParseAddr("64:ff9b::10.100.0.2"))), pcp.NotAuthorized},
+		{"TP own address (TP-01)", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(c6)), pcp.MalformedRequest},
+		{"TP twice", c6, mapOf(c6, pcp.ProtoTCP, 2222, tpOf(c6.Next()), tpOf(c6.Next())), pcp.MalformedOption},
+		{"TP short", c6, mapOf(c6, pcp.ProtoTCP, 2222, opt(1, 0, 0, 0, 0)), pcp.MalformedOption},
+		{"client IP other peer's", c6, mapOf(other6, pcp.ProtoTCP, 2222), pcp.AddressMismatch},
+		{"client IP mapped own IPv4 from IPv6", c6, mapOf(mapped(c4), pcp.ProtoTCP, 2222), pcp.AddressMismatch},
+		{"all ports TCP (off)", c6, mapOf(c6, pcp.ProtoTCP, 0), pcp.UnsuppProtocol},
+		{"all traffic", c6, mapOf(c6, 0, 0), pcp.UnsuppProtocol},
+		{"protocol 0 port 443", c6, mapOf(c6, 0, 443), pcp.MalformedRequest},
+		{"SCTP", c6, mapOf(c6, 132, 2222), pcp.UnsuppProtocol},
+		{"PEER remote loopback", c6, peerOf(c6, netip.AddrPortFrom(netip.IPv6Loopback(), 80)), pcp.MalformedRequest},
+		{"PEER remote mapped for IPv6", c6, peerOf(c6, rem4), pcp.MalformedRequest},
+		{"PEER remote multicast", c4, peerOf(c4, netip.MustParseAddrPort("224.0.0.1:80")), pcp.MalformedRequest},
+		{"PEER + PREFER_FAILURE", c6, peerOf(c6, rem6, opt(2)), pcp.MalformedRequest},
+		{"PEER + FILTER", c6, peerOf(c6, rem6, filterOf(128, rem6.Addr())), pcp.MalformedOption},
+		{"FILTER mapped /95", c4, mapOf(c4, pcp.ProtoTCP, 2222, filterOf(95, mapped(rem4.Addr()))), pcp.MalformedOption},
+		{"FILTER /129", c6, mapOf(c6, pcp.ProtoTCP, 2222, filterOf(129, rem6.Addr())), pcp.MalformedOption},
+		{"FILTER other family", c6, mapOf(c6, pcp.ProtoTCP, 2222, filterOf(128, mapped(rem4.Addr()))), pcp.MalformedOption},
+		{"FILTER past the end", c6, append(mapOf(c6, pcp.ProtoTCP, 2222), 3, 0, 0, 0x40, 0, 0, 0, 0), pcp.MalformedOption},
+		{"unknown mandatory option", c6, mapOf(c6, pcp.ProtoTCP, 2222, opt(4, 0, 0, 0, 0)), pcp.UnsuppOption},
+		{"unknown mandatory after a valid FILTER", c6, mapOf(c6, pcp.ProtoTCP, 2222, filterOf(128, rem6.Addr()), opt(127)), pcp.UnsuppOption},
+		{"PREFER_FAILURE twice", c6, mapOf(c6, pcp.ProtoTCP, 2222, opt(2), opt(2)), pcp.MalformedOption},
+		{"PREFER_FAILURE port 0", c6, mapOf(c6, pcp.ProtoTCP, 0, opt(2)), pcp.UnsuppProtocol},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dst := l.server6()
+			if tc.from.Is4() {
+				dst = l.server4()
+			}
+			out, err := l.exchange(netip.AddrPortFrom(tc.from, 0), dst, tc.b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(out) < 4 || pcp.ResultCode(out[3]) != tc.want {
+				t.Errorf("reply % x, want result %v", out[:min(len(out), 4)], tc.want)
+			}
+			if len(out) > (len(tc.b)+3)&^3 {
+				t.Errorf("reply of %d octets to a request of %d", len(out), len(tc.b))
+			}
+			if ls := l.srv.Leases(); len(ls) != 0 {
+				t.Errorf("leases: %+v", ls)
+			}
+			if es := l.kernelHoles(); len(es) != 0 {
+				t.Errorf("kernel entries: %+v", es)
+			}
+		})
 	}
 }
