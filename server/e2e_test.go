@@ -124,7 +124,12 @@ func (l *lab) start() {
 	if l.firewall != nil {
 		fw = l.firewall
 	}
-	srv, err := New(l.cfg, Deps{Firewall: fw, Store: st, State: state, Policy: l.pol, Changes: l.wg.Changes(), OwnershipSource: "wireguard", Now: l.now, Mono: l.mono, Boot: boot}, l.log)
+	var changes <-chan policy.Change
+	source := "static"
+	if l.wg != nil {
+		changes, source = l.wg.Changes(), "wireguard"
+	}
+	srv, err := New(l.cfg, Deps{Firewall: fw, Store: st, State: state, Policy: l.pol, Changes: changes, OwnershipSource: source, Now: l.now, Mono: l.mono, Boot: boot}, l.log)
 	if err != nil {
 		l.t.Fatal(err)
 	}

@@ -9,11 +9,15 @@ import (
 	"time"
 	"unsafe"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
 )
 
 // TestE2EMappedSourceIsNotIPv4Owner (review h/revreq, HIGH): the kernel
@@ -297,5 +301,61 @@ func TestE2EHostileRequestsLeaveKernelEmpty(t *testing.T) {
 				t.Errorf("kernel entries: %+v", es)
 			}
 		})
+	}
+}
+
+// TestE2EMappedSourceStaticLAN: the IPv4-mapped source of
+// TestE2EMappedSourceIsNotIPv4Owner needs no WireGuard peer at all where
+// ownership is static (a home router serving its LAN): any LAN host
+// sends IPv6 from ::ffff:a.b.c.d, nothing checks it (the kernel owner
+// meter's reverse-path rule covers owned IPv6 prefixes only), and pcpd
+// took it as the IPv4 address's owner's. Here client "c6" owns the LAN
+// client's IPv6 prefix, "c4" its IPv4 address; "c6"'s MAP from c4's
+// mapped address must make no lease and no NAPT mapping.
+func TestE2EMappedSourceStaticLAN(t *testing.T) {
+	netlab.RequireRoot(t)
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	l := &lab{t: t, topo: topo, dir: t.TempDir(), log: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))}
+	conn, err := topo.Host.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.fw, err = pinhole.New(conn, pinhole.Config{}); err != nil {
+		t.Fatal(err)
+	}
+	own, err := policy.NewStatic(map[string][]netip.Prefix{"c6": {topo.ClientPrefix6}, "c4": {topo.ClientPrefix4}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.pol, err = policy.New(policy.Config{}, own); err != nil {
+		t.Fatal(err)
+	}
+	ns, err := topo.Host.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Close() })
+	l.cfg.Interfaces, l.cfg.NetNS, l.cfg.ExternalIPv4 = []string{topo.HostLANIf}, ns, topo.HostPublicV4
+	l.start()
+	t.Cleanup(l.stop)
+
+	dst := netip.AddrPortFrom(topo.HostTunnelV6, Port)
+	mapped := netip.AddrFrom16(topo.ClientV4.As16())
+	b := pcp.AppendRequest(nil, mapReq(topo.ClientV4, pcp.ProtoTCP, 2222, 2222, time.Hour, 7))
+	for range 3 {
+		if err := topo.Client.Do(func() error { return sendRaw6(mapped, dst, 40000, b) }); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if ls := l.srv.Leases(); len(ls) != 0 {
+		t.Errorf("a LAN host's MAP from %v made leases: %+v", mapped, ls)
+	}
+	if es := l.kernelHoles(); len(es) != 0 {
+		t.Errorf("kernel entries after a LAN host's MAP from %v: %+v", mapped, es)
+	}
+	if n := counterValue(t, l.srv.lis.es.counter(l.srv.m, counterKey{res: "bad-source"})); n < 3 {
+		t.Errorf("dropped{reason=\"bad-source\"} %v, want the 3 sent", n)
 	}
 }
