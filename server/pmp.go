@@ -72,11 +72,7 @@ func (s *Server) servePMPMap(c *call, req *pcp.PMPRequest, o *outcome) (uint16, 
 		// client and protocol.
 		var gone []store.Lease
 		if req.InternalPort == 0 {
-			for _, l := range s.tab.all() {
-				if l.Owner == key.Owner && l.InternalAddr == internal && l.Protocol == proto && l.Kind != store.KindPeer {
-					gone = append(gone, *l)
-				}
-			}
+			gone = s.tab.mappingsOf(key.Owner, internal, proto, gone)
 			slices.SortFunc(gone, func(a, b store.Lease) int { return compareKeys(a.Key, b.Key) })
 		} else if l, ok := s.tab.get(key); ok {
 			gone = append(gone, *l)
