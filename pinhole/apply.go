@@ -130,7 +130,8 @@ func (b *Backend) flushOps(enc []encodedOp) error {
 // queueOps queues enc as few netlink messages as it can. Within a phase no
 // two ops touch the same element, so the phase can go as three grouped
 // steps (make sure it exists; delete; add with the new timeout) without
-// changing the outcome; a repeated element starts a new phase.
+// changing the outcome; a repeated element starts a new phase, and so does
+// an op marked After (overlapping ranges: Op).
 func (b *Backend) queueOps(enc []encodedOp) error {
 	if b.seen == nil {
 		b.seen = make(map[string]struct{}, len(enc))
@@ -143,7 +144,7 @@ func (b *Backend) queueOps(enc []encodedOp) error {
 		if !dup && e.sid != "" {
 			_, dup = seen[e.sid]
 		}
-		if dup {
+		if dup || (e.op.After && i > start) {
 			if err := b.queuePhase(enc[start:i]); err != nil {
 				return err
 			}

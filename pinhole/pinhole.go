@@ -246,10 +246,20 @@ func (k OpKind) String() string {
 // Op is one change in an Apply batch. Timeout is the remaining life of the
 // entry (Install and Refresh; at least 1 ms); the kernel removes the entry
 // when it runs out.
+//
+// After makes the op take effect after every earlier op of the batch, as if
+// sent in a transaction of its own after them (but within the batch's one
+// transaction). Apply otherwise lets the ops on distinct elements of one
+// phase go as grouped steps (every add first, then the deletes: queueOps),
+// which is the same outcome unless two of them touch overlapping elements of
+// a concatenated-range set: the kernel refuses an element whose range starts
+// or ends inside another's, so an element put back (or a Delete's guard add)
+// after the delete of one it overlaps needs After. Costs a message a step.
 type Op struct {
 	Kind    OpKind
 	Pinhole Pinhole
 	Timeout time.Duration
+	After   bool
 }
 
 // maxTimeout keeps timeouts far below what the kernel's jiffies conversion
