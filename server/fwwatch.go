@@ -419,12 +419,12 @@ func (s *Server) undoAdds(ps []toldAdd, by []uint32) {
 			continue
 		}
 		if until.IsZero() {
-			// The live pinholes sharing an element's key with p (a NAPT
-			// mapping of the same internal endpoint: the SNAT companion;
-			// one whose map element p replaced) are taken out before and
-			// put back after p's delete, in the same transaction.
-			pre, post := hs.sharers(p)
-			ops = append(ops, slices.Concat(pre, []pinhole.Op{{Kind: pinhole.Delete, Pinhole: p}}, post))
+			// The live pinholes sharing an element's key with p, or an
+			// overlapping range (a NAPT mapping of the same internal
+			// endpoint: the SNAT companion; one whose map element p
+			// replaced or covers) are taken out before and put back
+			// after p's delete, in the same transaction (deleteGroup).
+			ops = append(ops, hs.deleteGroup(p))
 			continue
 		}
 		left := until.Sub(hs.now)
@@ -497,22 +497,50 @@ func (s *Server) applyGroups(groups [][]pinhole.Op, refused func(pinhole.Op, err
 	return done, failed
 }
 
-// sharers are the ops that let q, a NAPT mapping or IPv6 redirect no live
-// lease holds, be deleted without taking a live one's elements with it:
-// the live pinholes whose map element has q's key (q replaced it: put
-// back after) or, NAPT, whose SNAT companion has q's companion's key (the
-// same internal endpoint on another external port: q's Delete, which adds
-// its companion first, is refused while that is there; taken out before
-// and put back after). Before (review h/revfwadd), q's undo was refused
-// for ever (TestE2EWatchUndoesNAPTOnLiveEndpoint), and the live mapping
-// q replaced was left without its element (TestE2EWatchUndoesReplacedMapping).
+// deleteGroup is q's Delete (q no live lease holds) with its sharers, one
+// group of ops (applyGroups: one transaction): taken out before, q's
+// Delete, put back after.
+func (h *holders) deleteGroup(q pinhole.Pinhole) []pinhole.Op {
+	pre, post := h.sharers(q)
+	del := pinhole.Op{Kind: pinhole.Delete, Pinhole: q, After: len(pre) > 0}
+	return slices.Concat(pre, []pinhole.Op{del}, post)
+}
+
+// sharers are the ops that let q, a NAPT mapping, IPv6 redirect or
+// filtered pinhole no live lease holds, be deleted without taking a live
+// one's elements with it: the live pinholes whose map or set element has
+// q's key or, filtered, a range overlapping q's (q replaced it, or covers
+// its start: put back after) or, NAPT, whose SNAT companion has q's
+// companion's key or an overlapping range (the same internal endpoint on
+// another external port: q's Delete, which adds its companion first, is
+// refused while that is there; taken out before and put back after).
+// Before (review h/revfwadd), q's undo was refused for ever
+// (TestE2EWatchUndoesNAPTOnLiveEndpoint), and the live mapping q replaced
+// was left without its element (TestE2EWatchUndoesReplacedMapping); with
+// ranges that overlap without being equal (h/watchleft), the same
+// (TestE2EWatchUndoesOverlappingFiltered): the kernel refuses a
+// concatenated-range element that starts or ends inside another one. The
+// ops after the first take-out and the put-backs are marked After: the
+// kernel must see them in order (pinhole.Op).
+//
+// Candidates are the live leases on q's tuple, on the tuple holding q's
+// external endpoint and, for a filtered IPv6 pinhole on one port, on the
+// all-ports tuple; a filtered IPv6 pinhole on all ports (by hand) overlaps
+// live ones on any port of its address, which the table does not index:
+// those are not put back with it (left: RELIABILITY.md, h/watchleft).
 func (h *holders) sharers(q pinhole.Pinhole) (pre, post []pinhole.Op) {
-	if !q.InternalAddr.Is4() && q.ExternalPort == q.InternalPort {
-		return nil, nil // a plain pinhole: a set element, no data, no companion
+	plain := !q.InternalAddr.Is4() && q.ExternalPort == q.InternalPort
+	if plain && !q.RemotePrefix.IsValid() {
+		return nil, nil // an unfiltered pinhole: a hash set element, no data, no companion
 	}
 	tuples := []tuple{{proto: q.Protocol, addr: q.InternalAddr, port: q.InternalPort}}
 	if hd, ok := h.s.tab.holder(endpoint{addr: q.ExternalAddr, proto: q.Protocol, port: q.ExternalPort}); ok {
-		tuples = append(tuples, tuple{proto: q.Protocol, addr: hd.addr, port: hd.port})
+		if tp := (tuple{proto: q.Protocol, addr: hd.addr, port: hd.port}); tp != tuples[0] {
+			tuples = append(tuples, tp)
+		}
+	}
+	if plain && q.InternalPort != 0 {
+		tuples = append(tuples, tuple{proto: q.Protocol, addr: q.InternalAddr})
 	}
 	var cands []pinhole.Pinhole
 	for _, tp := range tuples {
@@ -525,7 +553,7 @@ func (h *holders) sharers(q pinhole.Pinhole) (pre, post []pinhole.Op) {
 			h.held = appendPinholes(h.held[:0], l)
 			for _, x := range h.held {
 				c, err := x.Canonical()
-				if err == nil && c != q && !slices.Contains(cands, c) && (sameMapKey(c, q) || sameSNATKey(c, q)) {
+				if err == nil && c != q && !slices.Contains(cands, c) && (mapMeets(c, q) || snatMeets(c, q)) {
 					cands = append(cands, c)
 				}
 			}
@@ -536,12 +564,47 @@ func (h *holders) sharers(q pinhole.Pinhole) (pre, post []pinhole.Op) {
 		if until.IsZero() {
 			continue
 		}
-		if !sameMapKey(c, q) {
+		if !mapMeets(c, q) {
 			pre = append(pre, pinhole.Op{Kind: pinhole.Delete, Pinhole: c})
 		}
-		post = append(post, pinhole.Op{Kind: pinhole.Install, Pinhole: c, Timeout: until.Sub(h.now)})
+		post = append(post, pinhole.Op{Kind: pinhole.Install, Pinhole: c, Timeout: until.Sub(h.now), After: true})
 	}
 	return pre, post
+}
+
+// mapMeets: a and b are elements of one map or set (NAPT mappings, IPv6
+// redirects, filtered IPv6 pinholes) with one key (sameMapKey) or,
+// filtered, overlapping ranges: some packet matches both.
+func mapMeets(a, b pinhole.Pinhole) bool {
+	if sameMapKey(a, b) {
+		return true
+	}
+	if !filtersMeet(a, b) || a.InternalAddr.Is4() != b.InternalAddr.Is4() || a.Protocol != b.Protocol {
+		return false
+	}
+	if a.InternalAddr.Is4() || a.ExternalPort != a.InternalPort {
+		// napt4_filter, redir6_filter: keyed by the external endpoint.
+		return b.InternalAddr.Is4() == a.InternalAddr.Is4() && (b.InternalAddr.Is4() || b.ExternalPort != b.InternalPort) &&
+			a.ExternalAddr == b.ExternalAddr && a.ExternalPort == b.ExternalPort
+	}
+	// pin6_filter (a port range: one port or all) and pin6_addr_filter
+	// (protocol 0): keyed by the internal address.
+	return b.ExternalPort == b.InternalPort && a.InternalAddr == b.InternalAddr &&
+		(a.InternalPort == b.InternalPort || a.InternalPort == 0 || b.InternalPort == 0)
+}
+
+// snatMeets: a and b, NAPT mappings, have SNAT companions of one key
+// (sameSNATKey) or, filtered, of overlapping ranges.
+func snatMeets(a, b pinhole.Pinhole) bool {
+	return sameSNATKey(a, b) || (filtersMeet(a, b) && a.InternalAddr.Is4() && b.InternalAddr.Is4() &&
+		a.InternalAddr == b.InternalAddr && a.Protocol == b.Protocol && a.InternalPort == b.InternalPort)
+}
+
+// filtersMeet: a and b are both filtered and some remote passes both
+// filters (prefixes overlap, ports equal or either any).
+func filtersMeet(a, b pinhole.Pinhole) bool {
+	return a.RemotePrefix.IsValid() && b.RemotePrefix.IsValid() && a.RemotePrefix.Overlaps(b.RemotePrefix) &&
+		(a.RemotePort == 0 || b.RemotePort == 0 || a.RemotePort == b.RemotePort)
 }
 
 // sameMapKey: a and b, NAPT mappings or IPv6 redirects, are elements of

@@ -1164,8 +1164,7 @@ func (s *Server) auditFirewall(ctx context.Context) {
 		// after it, is refused if the kernel holds the new target (left
 		// out), and applied if p replaced the holder's element.
 		_, held := s.tab.holder(endpoint{addr: p.ExternalAddr, proto: p.Protocol, port: p.ExternalPort})
-		pre, post := hs.sharers(p)
-		fix = append(fix, slices.Concat(pre, []pinhole.Op{{Kind: pinhole.Delete, Pinhole: p}}, post))
+		fix = append(fix, hs.deleteGroup(p))
 		orphans++
 		if a := p.InternalAddr; !held && !slices.Contains(s.orphans, a) && len(s.orphans) < maxOrphanTargets {
 			s.orphans = append(s.orphans, a)
