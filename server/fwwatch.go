@@ -38,7 +38,9 @@ import (
 //     dropped by the kernel's filter besides (cost), but nothing rests on
 //     that. The kernel tells of no element its timeout removed (checked:
 //     Linux 6.18, hash and concatenated-range sets), and a lease past its
-//     expiry holds nothing;
+//     expiry holds nothing. At most one pass a watchCheckGap puts back
+//     (deletions told sooner are gathered and put back when the gap is
+//     up: a tool deleting in a loop is answered by a transaction a gap);
 //   - removes the pinhole elements someone else added (Added: "nft add
 //     element", another controller) that no live lease holds, and puts
 //     those a live lease holds back with the lease's remaining lifetime
@@ -50,7 +52,10 @@ import (
 //     one pass a watchCheckGap undoes adds (a tool adding in a loop is
 //     answered by a transaction a gap, not one per add); pcpd's own
 //     writes are never told as adds (the filter drops its ports'
-//     notifications, judge skips them besides);
+//     notifications, judge skips them besides). An element whose filtered
+//     range overlaps a live one's goes with it (holders.deleteGroup: the
+//     kernel refuses a concatenated-range element starting inside
+//     another);
 //   - after lost notifications (ENOBUFS, a failed socket: the watcher
 //     reopens it) runs the check and the audit (auditFirewall), at most
 //     once per lostAuditGap (one owed sooner deferred to the gap's end):
@@ -96,6 +101,13 @@ type fwWatch struct {
 	addsOwed []toldAdd
 	addsBy   []uint32 // their committers' ports (for the log)
 	undoOwed bool
+	// lastRestore is when a pass last put back pinholes someone deleted;
+	// deletions told within watchCheckGap of it wait in delOwed, a kick
+	// comes when the gap is up (restoreOwed) (watchFirewall's goroutine).
+	lastRestore time.Time
+	delOwed     []pinhole.Pinhole
+	delBy       []uint32 // their committers' ports (for the log)
+	restoreOwed bool
 }
 
 // watchCheckGap is the least time between two firewall checks the watch
@@ -174,6 +186,7 @@ func (s *Server) watched(ctx context.Context) {
 	damage, by, deleted, added, overflow, lost := w.damage, w.by, w.deleted, w.added, w.overflow, w.lost
 	w.damage, w.by, w.deleted, w.added, w.overflow, w.lost = nil, nil, nil, nil, false, nil
 	w.mu.Unlock()
+	delBy := by
 	// Adds told within watchCheckGap of the last pass that undid some
 	// wait for the gap's end, gathered (beyond maxWatchPending: the
 	// audit, which removes what no lease explains).
@@ -200,6 +213,37 @@ func (s *Server) watched(ctx context.Context) {
 			added = append(w.addsOwed, added...)
 			by = append(w.addsBy, by...)
 			w.addsOwed, w.addsBy, w.undoOwed = nil, nil, false
+		}
+	}
+	// Deletions told within watchCheckGap of the last pass that put some
+	// back wait for the gap's end, gathered, as adds do: a tool deleting
+	// a live lease's element in a loop is answered by a transaction a
+	// gap, not one per notification burst, and none waits longer than the
+	// gap. Before (h/watchleft), each burst was put back at once
+	// (TestE2EWatchRestoreGap).
+	if len(deleted) > 0 || w.restoreOwed {
+		if wait := watchCheckGap - time.Since(w.lastRestore); !w.lastRestore.IsZero() && wait > 0 {
+			if len(w.delOwed)+len(deleted) > maxWatchPending {
+				overflow = true
+			} else {
+				w.delOwed = append(w.delOwed, deleted...)
+			}
+			for _, p := range by {
+				if !slices.Contains(w.delBy, p) && len(w.delBy) < 8 {
+					w.delBy = append(w.delBy, p)
+				}
+			}
+			if !w.restoreOwed && len(deleted) > 0 {
+				w.restoreOwed = true
+				s.log.Warn("firewall watch: someone deleted pinholes from pcpd's sets again; putting back when the gap since the last put-back is up",
+					zap.Int("count", len(deleted)), zap.Uint32s("netlink_ports", by), zap.Duration("in", wait))
+				time.AfterFunc(wait, w.poke)
+			}
+			deleted = nil
+		} else {
+			deleted = append(w.delOwed, deleted...)
+			delBy = append(w.delBy, by...)
+			w.delOwed, w.delBy, w.restoreOwed = nil, nil, false
 		}
 	}
 	audit := false
@@ -237,6 +281,7 @@ func (s *Server) watched(ctx context.Context) {
 		s.checkFirewall()
 		if w.reinstalls.Load() != before {
 			deleted = nil // every lease's pinholes are back
+			w.delOwed, w.delBy = nil, nil
 		}
 	}
 	// The audit, at most once per lostAuditGap: one owed sooner is
@@ -256,8 +301,8 @@ func (s *Server) watched(ctx context.Context) {
 			time.AfterFunc(wait, w.poke)
 		}
 	}
-	if len(deleted) > 0 && ctx.Err() == nil {
-		s.restoreDeleted(deleted, by)
+	if len(deleted) > 0 && ctx.Err() == nil && s.restoreDeleted(deleted, delBy) {
+		w.lastRestore = time.Now()
 	}
 	if len(added) > 0 && ctx.Err() == nil {
 		w.lastUndo = time.Now()
@@ -272,7 +317,8 @@ func (s *Server) watched(ctx context.Context) {
 // that a live lease holds now, each with the latest expiry among the
 // leases on its tuple that hold it (as a re-install: table.installs),
 // never beyond. Under s.mu: the table is committed state (see above).
-func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) {
+// It reports whether it sent the kernel anything.
+func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) (wrote bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	hs := s.holdersLocked(len(ps))
@@ -288,7 +334,7 @@ func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) {
 	}
 	if len(ops) == 0 {
 		s.log.Debug("firewall watch: deleted pinholes no live lease holds", zap.Int("count", len(hs.seen)))
-		return
+		return false
 	}
 	// An install the kernel refuses (its key taken by an element someone
 	// added: undoAdds deletes that and puts this one back) is left out
@@ -304,7 +350,7 @@ func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) {
 		s.log.Error("firewall watch: cannot put back pinholes someone deleted; the next audit does", zap.Int("pinholes", len(ops)-done), zap.Error(err))
 	}
 	if done == 0 {
-		return
+		return true
 	}
 	s.m.watchRestored.Add(float64(done))
 	first := make([]string, 0, 4)
@@ -313,6 +359,7 @@ func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) {
 	}
 	s.log.Warn("firewall watch: someone deleted pinholes of live leases from the kernel; put back with their leases' remaining lifetimes",
 		zap.Int("count", done), zap.Strings("first", first), zap.Uint32s("netlink_ports", by))
+	return true
 }
 
 // holders is what restoreDeleted and undoAdds decide by, under s.mu:

@@ -177,3 +177,37 @@ func TestE2EAuditOverlappingFiltered(t *testing.T) {
 		t.Error("audit: the live filtered pinhole passes no traffic")
 	}
 }
+
+// TestE2EWatchRestoreGap (h/watchleft): deletions told within
+// watchCheckGap of the last put-back wait for the gap's end, gathered, as
+// adds do (TestE2EWatchAddGap): a tool deleting a live lease's element in
+// a loop for 3 s gets at most a put-back a gap (the passes are at least a
+// gap apart: at most elapsed/gap + 2 of them, elapsed from the loop's
+// start until the element is back), and the element is back once the loop
+// stops, with no more than the lease. Before, every notification burst
+// was put back at once: one transaction per deletion, as fast as the tool
+// deletes.
+func TestE2EWatchRestoreGap(t *testing.T) {
+	l := watchLab(t)
+	c := l.topo.ClientV6
+	if r := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); r.Result != pcp.Success {
+		t.Fatalf("%+v", r)
+	}
+	start := time.Now()
+	out := l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf(`n=0; end=$(( $(date +%%s) + 3 )); while [ $(date +%%s) -lt $end ]; do nft delete element inet pcpd pin6 '{ %s . tcp . 443 }' 2>/dev/null && n=$((n+1)); done; echo $n`, c))
+	left := l.waitHolds(t, "after the loop", 6, c, 443)
+	elapsed := time.Since(start)
+	if left > time.Hour {
+		t.Fatalf("put back with %v, beyond the lease", left)
+	}
+	var deletes int
+	if _, err := fmt.Sscan(out, &deletes); err != nil || deletes < 2 {
+		t.Fatalf("the loop deleted %q times, want at least 2 (else it shows nothing)", strings.TrimSpace(out))
+	}
+	restored := counterValue(t, l.srv.m.watchRestored)
+	if most := float64(elapsed/watchCheckGap) + 2; restored > most {
+		t.Fatalf("%d deletions by hand in %v: %v put-backs (pcpd_firewall_watch_restored_total), want at most %v (one a %v gap)",
+			deletes, elapsed.Round(time.Millisecond), restored, most, watchCheckGap)
+	}
+	t.Logf("%d deletions by hand, %v put-backs in %v", deletes, restored, elapsed.Round(time.Millisecond))
+}
