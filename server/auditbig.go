@@ -45,8 +45,11 @@ import (
 //     it, among the live leases on its tuple that hold it (a PEER and a
 //     filtered MAP to the same remote share one: table.installs,
 //     tx.diff), less the step's clock, rounded down to the millisecond
-//     and shortened by the time the step took to build its ops and any
-//     try the kernel refused (lateBy, applyAuditStep):
+//     and shortened by the time the step took to build its ops and, for
+//     the ops applied after a refused try in the same hold, that try
+//     (lateBy, applyAuditStep); a step the kernel refuses as a conflict
+//     is tried again in a hold of its own, read from the table anew:
+//     every try holds all of the above at its own hold and clock;
 //     never beyond the lease's remaining lifetime but by the kernel's own
 //     commit latency and jiffy. For a lease whose renewal was absorbed
 //     (absorb.go) that expiry is its synced one, what the kernel and the
@@ -71,6 +74,10 @@ const auditConflictRetries = 4
 // walked the whole table (tests).
 var auditLargeHook func(installed int)
 
+// auditHoldHook, if set, is called after each hold of s.mu of auditLarge
+// (tests).
+var auditHoldHook func()
+
 // kernelExpiry is when the kernel should end l's pinholes: its expiry, or
 // its synced one if its renewal was absorbed (absorb.go). Under s.mu.
 func (s *Server) kernelExpiry(l *store.Lease) time.Time {
@@ -87,10 +94,14 @@ type auditScratch struct {
 	held []pinhole.Pinhole
 	tup  []store.Lease
 	oth  []pinhole.Pinhole
+	// refused are the pinholes the kernel refused as conflicts in this
+	// audit: left out of its later steps and tries.
+	refused map[pinhole.Pinhole]struct{}
 }
 
 // auditStepLocked appends to sc.ops the Install ops of the live leases'
-// pinholes in the table's slots from from on, until the next lease's would
+// pinholes in the table's slots from from on (but those the kernel refused
+// as conflicts in this audit: sc.refused), until the next lease's would
 // take the ops past pinhole.MaxBatch or auditStepSlots slots are read,
 // and returns the slot to start the next step at (0: the end). Under s.mu.
 func (s *Server) auditStepLocked(from uint32, now time.Time, sc *auditScratch) uint32 {
@@ -109,6 +120,9 @@ func (s *Server) auditStepLocked(from uint32, now time.Time, sc *auditScratch) u
 		}
 		sc.tup = s.tab.onTupleInto(tupleOf(l.Key), sc.tup)
 		for _, p := range sc.held {
+			if _, no := sc.refused[p]; no {
+				continue
+			}
 			at := until
 			for i := range sc.tup {
 				o := &sc.tup[i]
@@ -165,71 +179,68 @@ func lateBy(ops []pinhole.Op, refs []uint32, late time.Duration) ([]pinhole.Op, 
 
 // applyAuditStep applies a step's ops, timed from the clock read timed:
 // one transaction (several only for a lease with more than
-// pinhole.MaxBatch pinholes). An op the kernel refuses as a conflict is
-// dropped and the rest applied again, up to auditConflictRetries times.
-// Before each try the ops are shortened by the time since timed (lateBy):
-// the step's build, and a refused try's transaction and blame (the
-// backend replays prefixes of the batch to find the op), which before
-// (review h/revbigaudit) the retried ops did not account for: each refused
-// try made every other pinhole of the step end that much after its lease
-// (TestAuditAboveMaxRetryNotLate). refs is ops' lease slots.
+// pinhole.MaxBatch pinholes), the ops first shortened by the time since
+// timed (lateBy: the step's build). An op the kernel refuses as a
+// conflict is returned (refused, ok) and nothing applied: auditLarge then
+// releases s.mu and tries the step again in a hold of its own, its ops
+// read from the table anew, without that pinhole, up to
+// auditConflictRetries times. Before (h/watchleft), the retries ran in
+// the step's one hold, each a refused transaction and the backend's blame
+// (it replays prefixes of the batch to find the op): the engine waited
+// for s.mu through all of them (36 ms at 1 000 000 leases with 6
+// conflicts in a step, BENCHMARKS.md item 60).
 //
-// At a conflict past auditConflictRetries, the ops before it (which the
-// backend's blame applied in its replay) are applied and resume is the
+// On the last try (last), a conflict applies the ops before it (which
+// the backend's blame applied in its replay), shortened again by the time
+// since timed (the refused transaction and its blame), and resume is the
 // slot of the conflicting op's lease: the walk goes on from there in the
-// next step, a hold of s.mu of its own. Before (review h/revbigaudit), the
+// next step, without that pinhole. Before (review h/revbigaudit), the
 // step failed whole: none of its up to pinhole.MaxBatch pinholes went
 // back, at every audit alike while the elements changed by hand stayed
 // (TestAuditAboveMaxManyConflicts).
 //
-// It returns how many ops were applied, how many dropped, the slot to
+// It returns how many ops were applied, the pinhole refused, the slot to
 // resume at (0: the step's own end), and the error that ended it (nil if
-// applied). Under s.mu.
-func (s *Server) applyAuditStep(ops []pinhole.Op, refs []uint32, timed time.Time) (applied, dropped int, resume uint32, err error) {
-	var cut time.Duration // what ops were shortened by so far
-	for try := 0; ; try++ {
-		if late := s.now().Sub(timed); late > cut {
-			late = (late + time.Millisecond - 1).Truncate(time.Millisecond)
-			ops, refs = lateBy(ops, refs, late-cut)
-			cut = late
-		}
-		if len(ops) == 0 {
-			return 0, dropped, 0, nil
-		}
-		if len(ops) > pinhole.MaxBatch {
-			if err := s.applyAll(ops); err != nil {
-				return 0, dropped, 0, err
-			}
-			return len(ops), dropped, 0, nil
-		}
-		err := s.fw.Apply(ops)
-		if err == nil {
-			return len(ops), dropped, 0, nil
-		}
-		var oe *pinhole.OpError
-		if !errors.Is(err, pinhole.ErrConflict) || !errors.As(err, &oe) || oe.Index < 0 || oe.Index >= len(ops) {
-			return 0, dropped, 0, err
-		}
-		if try >= auditConflictRetries && len(refs) == len(ops) {
-			// The rest in the next step, from the conflicting op's lease.
-			if oe.Index > 0 {
-				if err := s.fw.Apply(ops[:oe.Index]); err != nil {
-					return 0, dropped, 0, err
-				}
-			}
-			return oe.Index, dropped, refs[oe.Index], nil
-		}
-		if try >= auditConflictRetries {
-			return 0, dropped, 0, err
-		}
-		s.log.Warn("firewall audit: the kernel holds another mapping under a lease's external key (not pcpd's: an element changed by hand); the lease's pinhole waits for that element's timeout, no dump finds it above the audit's limit",
-			zap.Stringer("pinhole", ops[oe.Index].Pinhole), zap.Error(err))
-		ops = append(ops[:oe.Index], ops[oe.Index+1:]...)
-		if len(refs) > 0 {
-			refs = append(refs[:oe.Index], refs[oe.Index+1:]...)
-		}
-		dropped++
+// applied or refused). Under s.mu.
+func (s *Server) applyAuditStep(ops []pinhole.Op, refs []uint32, timed time.Time, last bool) (applied int, refused pinhole.Pinhole, ok bool, resume uint32, err error) {
+	cut := s.now().Sub(timed)
+	ops, refs = lateBy(ops, refs, cut)
+	cut = (cut + time.Millisecond - 1).Truncate(time.Millisecond) // as lateBy
+	if len(ops) == 0 {
+		return 0, refused, false, 0, nil
 	}
+	if len(ops) > pinhole.MaxBatch {
+		if err := s.applyAll(ops); err != nil {
+			return 0, refused, false, 0, err
+		}
+		return len(ops), refused, false, 0, nil
+	}
+	err = s.fw.Apply(ops)
+	if err == nil {
+		return len(ops), refused, false, 0, nil
+	}
+	var oe *pinhole.OpError
+	if !errors.Is(err, pinhole.ErrConflict) || !errors.As(err, &oe) || oe.Index < 0 || oe.Index >= len(ops) {
+		return 0, refused, false, 0, err
+	}
+	refused = ops[oe.Index].Pinhole
+	s.log.Warn("firewall audit: the kernel holds another mapping under a lease's external key (not pcpd's: an element changed by hand); the lease's pinhole waits for that element's timeout, no dump finds it above the audit's limit",
+		zap.Stringer("pinhole", refused), zap.Error(err))
+	if !last {
+		return 0, refused, true, 0, nil
+	}
+	if len(refs) != len(ops) {
+		return 0, refused, true, 0, err
+	}
+	// The rest in the next step, from the conflicting op's lease.
+	resume = refs[oe.Index]
+	before, _ := lateBy(ops[:oe.Index], nil, s.now().Sub(timed)-cut)
+	if len(before) > 0 {
+		if err := s.fw.Apply(before); err != nil {
+			return 0, refused, true, 0, err
+		}
+	}
+	return len(before), refused, true, resume, nil
 }
 
 // auditLarge is the audit above auditMaxLeases (see above): every live
@@ -238,9 +249,9 @@ func (s *Server) applyAuditStep(ops []pinhole.Op, refs []uint32, timed time.Time
 // is missing (the firewall check, run then, repairs and re-installs).
 func (s *Server) auditLarge(ctx context.Context, leases int) {
 	start := time.Now()
-	var sc auditScratch
+	sc := auditScratch{refused: make(map[pinhole.Pinhole]struct{})}
 	var at uint32
-	var installed, dropped, steps, failed int
+	var installed, dropped, steps, failed, tries int
 	var longest time.Duration
 	var first error
 	for {
@@ -252,18 +263,31 @@ func (s *Server) auditLarge(ctx context.Context, leases int) {
 		held := time.Now()
 		now := s.now()
 		next := s.auditStepLocked(at, now, &sc)
-		n, d, resume, err := s.applyAuditStep(sc.ops, sc.refs, now)
-		if resume != 0 {
-			// Past the step's first lease, so that the walk goes on
-			// (that lease's own conflicts are dropped for this audit).
-			next = max(resume, max(at, 1)+1)
-		}
+		n, refused, conflict, resume, err := s.applyAuditStep(sc.ops, sc.refs, now, tries >= auditConflictRetries)
 		hold := time.Since(held)
 		s.mu.Unlock()
-		steps++
-		installed += n
-		dropped += d
+		if auditHoldHook != nil {
+			auditHoldHook()
+		}
 		longest = max(longest, hold)
+		installed += n
+		if conflict {
+			sc.refused[refused] = struct{}{}
+			dropped++
+			if resume == 0 && err == nil {
+				// The same step again, in a hold of its own: the
+				// table read anew, without the refused pinhole.
+				tries++
+				continue
+			}
+			if resume != 0 {
+				// From the conflicting op's lease, without the
+				// refused pinhole: the walk always goes on.
+				next = resume
+			}
+		}
+		tries = 0
+		steps++
 		if errors.Is(err, pinhole.ErrMissing) {
 			s.log.Warn("firewall audit: a pinhole set is missing; checking the firewall now", zap.Error(err))
 			s.checkFirewall()
