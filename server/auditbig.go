@@ -15,7 +15,8 @@ import (
 // dump of the pinhole sets is quadratic (minutes at 1 000 000), so the
 // audit does not read the kernel at all: it installs every live lease's
 // pinholes again, a step at a time, each step one hold of s.mu and one
-// kernel transaction (at most pinhole.MaxBatch ops), as the start's
+// kernel transaction (at most pinhole.MaxBatch ops; a try the kernel
+// refuses as a conflict is retried in a hold of its own), as the start's
 // ownership sweep (sweepMore) and the operator's revoke chunk theirs. A
 // pinhole the kernel lacks (deleted by hand while the watch was off or
 // deaf) is added back; one it holds has its timeout set again to what the
