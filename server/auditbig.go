@@ -76,8 +76,8 @@ const auditConflictRetries = 4
 var auditLargeHook func(installed int)
 
 // auditHoldHook, if set, is called after each hold of s.mu of auditLarge
-// (tests).
-var auditHoldHook func()
+// with its length and whether the kernel refused a conflict in it (tests).
+var auditHoldHook func(hold time.Duration, conflict bool)
 
 // kernelExpiry is when the kernel should end l's pinholes: its expiry, or
 // its synced one if its renewal was absorbed (absorb.go). Under s.mu.
@@ -268,7 +268,7 @@ func (s *Server) auditLarge(ctx context.Context, leases int) {
 		hold := time.Since(held)
 		s.mu.Unlock()
 		if auditHoldHook != nil {
-			auditHoldHook()
+			auditHoldHook(hold, conflict)
 		}
 		longest = max(longest, hold)
 		installed += n

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -211,11 +213,24 @@ func TestAuditAboveMaxBig(t *testing.T) {
 
 	core, logs := observer.New(zap.InfoLevel)
 	s.log = zap.New(core) // nothing runs beside: no Serve
+	type holdAt struct {
+		d        time.Duration
+		conflict bool
+	}
+	var top []holdAt // the 5 longest holds of s.mu
+	auditHoldHook = func(d time.Duration, conflict bool) {
+		top = append(top, holdAt{d, conflict})
+		slices.SortFunc(top, func(a, b holdAt) int { return cmp.Compare(b.d, a.d) })
+		top = top[:min(len(top), 5)]
+	}
+	defer func() { auditHoldHook = nil }()
 	endProbe := probeLockWait(s)
 	t0 := time.Now()
 	s.auditFirewall(context.Background())
 	took := time.Since(t0)
 	maxWait, probes := endProbe()
+	auditHoldHook = nil
+	t.Logf("longest holds of s.mu (conflict refused in it): %+v", top)
 	t.Logf("audit over %d leases (threshold %d): %v; engine's longest wait for s.mu %v (%d probes)", n, auditMaxLeases, took, maxWait, probes)
 	for _, e := range logs.All() {
 		if e.Level == zap.WarnLevel && strings.Contains(e.Message, "another mapping") {

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"testing"
+	"time"
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
@@ -38,7 +39,7 @@ func TestAuditAboveMaxRetriesOwnHolds(t *testing.T) {
 	}
 	gone := holes[0] // not a conflict: in the step's every try
 	defer func() { auditHoldHook = nil }()
-	auditHoldHook = func() {
+	auditHoldHook = func(time.Duration, bool) {
 		holds++
 		most = max(most, applies)
 		applies = 0
