@@ -347,7 +347,7 @@ func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) (wrote bool) 
 	})
 	if err != nil {
 		s.m.kernelErrors.Inc()
-		s.log.Error("firewall watch: cannot put back pinholes someone deleted; the next audit does", zap.Int("pinholes", len(ops)-done), zap.Error(err))
+		s.log.Error("firewall watch: cannot put back pinholes someone deleted; the undo of what took their place (holders.deleteGroup) or the next audit does", zap.Int("pinholes", len(ops)-done), zap.Error(err))
 	}
 	if done == 0 {
 		return true
