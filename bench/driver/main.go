@@ -82,6 +82,12 @@ type options struct {
 	trace         time.Duration
 	cpuProfile    time.Duration
 	rounds        int // closed-loop rows measured in this many rounds (rounds.go)
+	// Restart-only mode (restarts.go).
+	restarts         int
+	prepared         string
+	preparedLifetime time.Duration
+	pcpdB            []string
+	restartKind      string
 }
 
 // want reports whether scenario key is to be run (--scenarios).
@@ -143,9 +149,16 @@ func run(ctx context.Context, args []string) error {
 	fs.DurationVar(&o.fifoLimit, "fifo-limit", 2*time.Minute, "with --fifo: the most any real-time process may live (at most 10m): then it is set back to SCHED_OTHER and killed, and the kernel kills it sooner once it has used that much CPU (RLIMIT_CPU), so a stuck run cannot hold the machine")
 	fs.DurationVar(&o.trace, "trace", 0, "pcpd open loop: take a Go execution trace of pcpd this long as the measured phase starts (pcpd-open80.trace; needs --metrics, sets PCPD_DEBUG_PPROF=1; view with go tool trace)")
 	fs.DurationVar(&o.cpuProfile, "cpuprofile", 0, "pcpd closed loop: take a Go CPU profile of pcpd this long as each scenario's measured phase starts (pcpd-<scenario>.pprof; needs --metrics, sets PCPD_DEBUG_PPROF=1; bench/pgo merges them into cmd/pcpd/default.pgo)")
+	var pcpdB listFlag
+	fs.IntVar(&o.restarts, "restarts", 0, "restart-only mode (restarts.go): time this many starts of each pcpd build (--pcpd, --pcpd-b) on a copy of the state in --prepared, alternating; nothing else is run")
+	fs.StringVar(&o.prepared, "prepared", "", "with --restarts: a state directory kept between runs; made (pcpd grown to --big-leases leases) when it holds no state file")
+	fs.DurationVar(&o.preparedLifetime, "prepared-lifetime", 6*time.Hour, "with --restarts: the lifetime of the leases a new --prepared state is grown with")
+	fs.Var(&pcpdB, "pcpd-b", "with --restarts: another pcpd build to time against --pcpd (repeatable)")
+	fs.StringVar(&o.restartKind, "restart-kind", "normal", "with --restarts: normal (startbig), backup (leases.db damaged: the backup copy restored) or readonly (the state directory mounted read-only)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	o.pcpdB = pcpdB
 	if err := o.checkFIFO(); err != nil {
 		return err
 	}
@@ -196,6 +209,9 @@ func run(ctx context.Context, args []string) error {
 	}
 	defer b.topo.Close()
 	go func() { <-ctx.Done(); b.topo.Close(); os.Exit(130) }()
+	if o.restarts > 0 {
+		return b.runRestarts(ctx)
+	}
 
 	// The closed loops of the floors and pcpd, in rounds (rounds.go).
 	inRounds := o.roundServers()
