@@ -197,7 +197,11 @@ type Deps struct {
 	Firewall Firewall
 	Store    LeaseStore
 	// State is what store.Open found: the leases and epoch to resume.
-	State  store.State
+	State store.State
+	// Census, if set, is the count of State's leases store.Open took as
+	// it checked them (store.WithCensus): a restore reading them through
+	// State.Stream is sized from it instead of reading them twice.
+	Census *Census
 	Policy Policy
 	// Changes, if set, delivers ownership losses ((*policy.WireGuard).Changes):
 	// the engine drains it and revokes at once the leases no longer owned,

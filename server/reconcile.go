@@ -57,11 +57,15 @@ func (s *Server) restore(ctx context.Context) error {
 	r := s.restoring(now)
 	r.ctx = ctx
 	if ls == nil && stream != nil {
-		// Two passes over the stored leases, each decoded into the
-		// store's scratch lease: one to size, one to add.
-		if err := r.presize(stream); err != nil {
+		// A pass over the stored leases, each decoded into the store's
+		// scratch lease, to add them; sized by the census store.Open
+		// took (Census), or else by a pass before it.
+		if c := s.deps.Census; c.fits(s, now) {
+			r.size(c.n, c.drops, c.ends)
+		} else if err := r.presize(stream); err != nil {
 			return r.readErr(err)
 		}
+		s.deps.Census = nil
 		n := 0
 		if err := stream(func(l *store.Lease) error {
 			if n++; n%stopCheck == 0 {
@@ -235,6 +239,14 @@ func (r *restoring) presize(each func(func(*store.Lease) error) error) error {
 	if err != nil {
 		return err
 	}
+	r.size(n, drops, ends)
+	return nil
+}
+
+// size sizes the table for n stored leases of which add drops drops, and
+// r.drop's first chunk and r.expEnds for those and their ends connection
+// filters (presize's counts, or a Census's).
+func (r *restoring) size(n, drops, ends int) {
 	r.s.tab.grow(n - drops)
 	if drops > 0 {
 		r.drop = keyChunks{make([]store.Key, 0, min(drops, dropChunk))}
@@ -242,13 +254,17 @@ func (r *restoring) presize(each func(func(*store.Lease) error) error) error {
 	if ends > 0 {
 		r.expEnds = make([]ctFilter, 0, ends)
 	}
-	return nil
 }
 
 // expiredOrMoved reports whether add drops l as expired, or as moved (its
 // external IPv4 no longer ours): those whose connections go to expEnds.
 func (r *restoring) expiredOrMoved(l *store.Lease) bool {
-	return !l.Expires.After(r.now) || l.ExternalAddr.Is4() && l.ExternalAddr != r.s.cfg.ExternalIPv4
+	return expiredOrMoved(l, r.now, r.s.cfg.ExternalIPv4)
+}
+
+// expiredOrMoved: l expired at now, or its external IPv4 is not ext4.
+func expiredOrMoved(l *store.Lease, now time.Time, ext4 netip.Addr) bool {
+	return !l.Expires.After(now) || l.ExternalAddr.Is4() && l.ExternalAddr != ext4
 }
 
 // add admits one stored lease: expired ones, IPv4 ones whose external

@@ -649,7 +649,7 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 		if err := o.stopped(); err != nil {
 			return err
 		}
-		ld, err = readTx(tx, drop, logDir, readMode{stream: o.stream, none: o.later && o.stream == nil, stop: o.stopped})
+		ld, err = readTx(tx, drop, logDir, readMode{stream: o.stream, none: o.later && o.stream == nil, stop: o.stopped, census: o.census})
 		drop()
 		ld.meta = shape.damagedMeta
 		return err
@@ -734,6 +734,9 @@ type readMode struct {
 	// stop, if set, is asked every stopEvery leases whether to give up
 	// (WithContext: its error, a streamError, ends the read).
 	stop func() error
+	// census, if set, gets each lease a none pass checks (WithCensus),
+	// and nil before the first.
+	census func(*Lease)
 }
 
 // readTx decodes the state (with logDir, the log's records applied on
@@ -866,7 +869,12 @@ func readTx(tx *bolt.Tx, drop func(), logDir string, mode readMode) (loaded, err
 	}
 	switch {
 	case mode.none:
-		if err := visit(next, func(*Lease) error { ld.nlater++; return nil }); err != nil {
+		census := mode.census
+		if census == nil {
+			census = func(*Lease) {}
+		}
+		census(nil)
+		if err := visit(next, func(l *Lease) error { ld.nlater++; census(l); return nil }); err != nil {
 			return ld, err
 		}
 		ld.later = true

@@ -194,8 +194,30 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	boot := bootclock.New(cfg.StateDir, bootclock.System())
 	// SIGTERM/SIGINT (ctx) while it reads the state (≈ 1 s at 1 000 000
 	// leases) ends it there (store.WithContext), as the restore below.
+	// Open's check of the stored leases counts them for the restore
+	// (server.Census): Start then reads them once, not twice.
+	scfg := server.Config{
+		Interfaces:       cfg.Interfaces,
+		Listen:           cfg.Listen,
+		NetNS:            netns.None(), // serve this process's namespace (the zero handle is fd 0)
+		ExternalIPv4:     cfg.ExternalIPv4,
+		IPv4Ports:        server.PortRange{First: cfg.IPv4PortLow, Last: cfg.IPv4PortHigh},
+		ReservedPorts:    cfg.ReservedPorts,
+		StrictNonce:      cfg.StrictNonce,
+		RateLimit:        float64(cfg.RateLimit),
+		RateBurst:        cfg.RateBurst,
+		OwnerBurst:       cfg.OwnerRateBurst,
+		TouchInterval:    cfg.TouchInterval,
+		SnapshotInterval: cfg.SnapshotInterval,
+		TamperInterval:   cfg.FirewallCheckInterval,
+		NoFirewallWatch:  !cfg.FirewallWatch,
+		DisableMap:       cfg.DisableMap,
+		DisablePeer:      cfg.DisablePeer,
+		DisableNATPMP:    cfg.DisableNATPMP,
+	}
+	census := server.NewCensus(scfg, time.Now())
 	st, state, err := store.Open(cfg.StateDir, log.Named("store"), store.WithLeasesLater(), store.WithUnseenStep(boot.Unseen),
-		store.WithContext(ctx))
+		store.WithContext(ctx), store.WithCensus(census.Add))
 	if errors.Is(err, store.ErrOpenStopped) {
 		log.Info("stopped while starting, reading the state", zap.Error(err))
 		return nil
@@ -220,28 +242,11 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	}
 	defer fw.Close()
 
-	srv, err := server.New(server.Config{
-		Interfaces:       cfg.Interfaces,
-		Listen:           cfg.Listen,
-		NetNS:            netns.None(), // serve this process's namespace (the zero handle is fd 0)
-		ExternalIPv4:     cfg.ExternalIPv4,
-		IPv4Ports:        server.PortRange{First: cfg.IPv4PortLow, Last: cfg.IPv4PortHigh},
-		ReservedPorts:    cfg.ReservedPorts,
-		StrictNonce:      cfg.StrictNonce,
-		RateLimit:        float64(cfg.RateLimit),
-		RateBurst:        cfg.RateBurst,
-		OwnerBurst:       cfg.OwnerRateBurst,
-		TouchInterval:    cfg.TouchInterval,
-		SnapshotInterval: cfg.SnapshotInterval,
-		TamperInterval:   cfg.FirewallCheckInterval,
-		NoFirewallWatch:  !cfg.FirewallWatch,
-		DisableMap:       cfg.DisableMap,
-		DisablePeer:      cfg.DisablePeer,
-		DisableNATPMP:    cfg.DisableNATPMP,
-	}, server.Deps{
+	srv, err := server.New(scfg, server.Deps{
 		Firewall:        fw,
 		Store:           st,
 		State:           state,
+		Census:          census,
 		Policy:          pol,
 		Changes:         changes,
 		OwnershipSource: ownSource,
