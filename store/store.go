@@ -115,7 +115,7 @@ type options struct {
 	ckptEvery   time.Duration
 	stream      func(*Lease) error
 	later       bool
-	census      func(*Lease) // WithCensus; nil: none
+	census      func(*Lease)                         // WithCensus; nil: none
 	unseen      func(origin time.Time) time.Duration // WithUnseenStep
 	ctx         context.Context                      // WithContext; nil: none
 }
