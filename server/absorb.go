@@ -29,9 +29,24 @@ import (
 //
 //   - Only a renewal that changes nothing but the expiry, and only to a
 //     later one, is absorbed (shortening renewals, a new nonce, other
-//     filters, another client port or description are written through):
-//     the kernel's pinholes and the stored lease are right but for the
-//     expiry.
+//     filters, another client address or description are written
+//     through): the kernel's pinholes and the stored lease are right but
+//     for the expiry, and the client's source port (below).
+//   - A renewal from another source port of the same client address is
+//     absorbed too (a client that opened a new socket; the benchmark's
+//     open-loop generator, whose one socket differs from its prefill's,
+//     so that every lease's first renewal of the measured phase was
+//     written through: BENCHMARKS.md item 61). The port is nothing the
+//     kernel holds: it is where the unsolicited ANNOUNCE of the next
+//     start goes (ANN-06, store.Lease.ClientAddr, read from the store
+//     only then). The table takes it at once (`pcpd leases`), the store
+//     with the flush, a later write-through, or shutdown. After a crash
+//     before that, the restart's unicast ANNOUNCE goes to the client's
+//     old port, as it does for every client that moved its port since
+//     its last written request; the lease is restored whole (the stored
+//     expiry covers the client's next renewal, below), and that renewal
+//     carries the epoch: the client learns of the restart then, and has
+//     lost no mapping. The multicast ANNOUNCE is unchanged.
 //   - The kernel never holds more than was promised: its element keeps
 //     the synced expiry, which some earlier SUCCESS promised, and the
 //     client was since promised more (LIFE-04 holds).
@@ -137,6 +152,9 @@ func (s *Server) absorb(t *tx, ex, next *store.Lease, grant time.Duration) bool 
 	if next.Nonce != ex.Nonce && s.bareReplacement(ex, next) {
 		same.Nonce, same.Created = ex.Nonce, ex.Created
 	}
+	if same.ClientAddr.Addr() == ex.ClientAddr.Addr() {
+		same.ClientAddr = ex.ClientAddr // a new source port only (see above)
+	}
 	if !leaseEqual(&same, ex) {
 		return false
 	}
@@ -163,10 +181,11 @@ func (s *Server) absorb(t *tx, ex, next *store.Lease, grant time.Duration) bool 
 	if !dirty && len(s.dirty) >= maxDirty {
 		return false // the flush's bound (above): written through
 	}
-	if next.Nonce != ex.Nonce || !next.Created.Equal(ex.Created) || !s.tab.extend(ex.Key, next.Expires) {
-		// A bare replacement's new nonce (or a pinned table): the whole
-		// lease goes in. Otherwise next is ex with a later expiry
-		// (leaseEqual above), and extend changes just that.
+	if next.Nonce != ex.Nonce || !next.Created.Equal(ex.Created) || next.ClientAddr != ex.ClientAddr || !s.tab.extend(ex.Key, next.Expires) {
+		// A bare replacement's new nonce, a new client port (or a
+		// pinned table): the whole lease goes in. Otherwise next is ex
+		// with a later expiry (leaseEqual above), and extend changes
+		// just that.
 		s.tab.put(*next)
 	}
 	if !dirty {

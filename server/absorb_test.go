@@ -73,7 +73,7 @@ func TestAbsorbedRenewal(t *testing.T) {
 		{"shortening MAP renewal", time.Minute, false, func(h *harness) {
 			h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant/2, 1)), pcp.Success)
 		}},
-		{"MAP renewal from another client port", time.Minute, false, func(h *harness) {
+		{"MAP renewal from another client port", time.Minute, true, func(h *harness) {
 			b := pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1))
 			if out := h.s.Handle(local6, netip.AddrPortFrom(addrA, 40001), b); out == nil || out[3] != 0 {
 				t.Fatalf("renewal: % x", out)
@@ -490,4 +490,88 @@ func TestAbsorbedReplacement(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestAbsorbClientPort: a renewal from another source port of the same
+// client address (a new socket; pcpload's open loop after its prefill,
+// BENCHMARKS.md item 61) is absorbed: the table takes the new port at
+// once, the store keeps the old one and the synced expiry until the
+// flush, which writes both; after a crash before the flush the lease is
+// restored whole with the old port and an expiry that covers the client's
+// next renewal (absorb.go). A renewal from another client address (a
+// third party's, same owner) is still written through. Fails before
+// item 61's change: the new port was written through.
+func TestAbsorbClientPort(t *testing.T) {
+	const grant = time.Hour
+	key := store.Key{Owner: ownerA, Protocol: 6, InternalAddr: addrA, InternalPort: 443}
+	renew := func(h *harness, port uint16) {
+		h.t.Helper()
+		b := pcp.AppendRequest(nil, mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1))
+		if out := h.s.Handle(local6, netip.AddrPortFrom(addrA, port), b); out == nil || out[3] != 0 {
+			h.t.Fatalf("renewal from port %d: % x", port, out)
+		}
+	}
+	setup := func(t *testing.T) (*harness, time.Time) {
+		h := newHarness(t)
+		h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1)), pcp.Success) // from port 40000
+		first := h.st.Leases()[key]
+		h.clock.Advance(time.Minute)
+		n := h.commits()
+		renew(h, 40001)
+		if stores, kernels := n(); stores != 0 || kernels != 0 {
+			t.Fatalf("renewal from a new port made %d store commits and %d kernel transactions, want none", stores, kernels)
+		}
+		h.s.mu.Lock()
+		l, _ := h.s.tab.get(key)
+		synced, dirty := h.s.dirty[key]
+		h.s.mu.Unlock()
+		if l.ClientAddr != netip.AddrPortFrom(addrA, 40001) || !l.Expires.Equal(h.clock.Now().Add(grant)) {
+			t.Fatalf("table holds client %v expiry %v, want [%v]:40001, %v", l.ClientAddr, l.Expires, addrA, h.clock.Now().Add(grant))
+		}
+		if !dirty || !synced.Equal(first.Expires) {
+			t.Fatalf("dirty %v synced %v, want dirty with %v", dirty, synced, first.Expires)
+		}
+		if st := h.st.Leases()[key]; st.ClientAddr.Port() != 40000 || !st.Expires.Equal(first.Expires) {
+			t.Fatalf("store changed before the flush: %v, %v", st.ClientAddr, st.Expires)
+		}
+		return h, first.Expires
+	}
+	t.Run("flush writes the port", func(t *testing.T) {
+		h, _ := setup(t)
+		told := h.clock.Now().Add(grant)
+		h.s.flushDirty("test")
+		if st := h.st.Leases()[key]; st.ClientAddr != netip.AddrPortFrom(addrA, 40001) || !st.Expires.Equal(told) {
+			t.Fatalf("stored after the flush: %v, %v; want [%v]:40001, %v", st.ClientAddr, st.Expires, addrA, told)
+		}
+	})
+	t.Run("crash before the flush", func(t *testing.T) {
+		h, _ := setup(t)
+		last := h.clock.Now()
+		h.start() // no Close, no flush: a crash
+		l, ok := h.s.tab.get(key)
+		if !ok || l.Expires.Before(last.Add(grant*5/8)) {
+			t.Fatalf("restored lease %+v, want an expiry ≥ %v", l, last.Add(grant*5/8))
+		}
+		if l.ClientAddr.Addr() != addrA {
+			t.Fatalf("restored client %v", l.ClientAddr)
+		}
+	})
+	t.Run("another client address", func(t *testing.T) {
+		h := newHarness(t)
+		tpKey := store.Key{Owner: ownerA, Protocol: 6, InternalAddr: addrA2, InternalPort: 443}
+		r := mapReq(addrA, pcp.ProtoTCP, 443, 443, grant, 1)
+		r.Options.ThirdParty = addrA2
+		h.expect(h.do(r), pcp.Success)
+		h.clock.Advance(time.Minute)
+		other := netip.MustParseAddr("2001:db8:a::12")
+		r.ClientAddr = other
+		n := h.commits()
+		h.expect(h.doFrom(other, r), pcp.Success)
+		if stores, _ := n(); stores != 1 {
+			t.Fatalf("renewal from another client address made %d store commits, want 1 (written through)", stores)
+		}
+		if st := h.st.Leases()[tpKey]; st.ClientAddr.Addr() != other {
+			t.Fatalf("stored client %v, want %v", st.ClientAddr, other)
+		}
+	})
 }
