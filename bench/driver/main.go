@@ -73,6 +73,7 @@ type options struct {
 	pcpdEnv       []string
 	scenarios     map[string]bool // nil: all
 	openRate      float64
+	steadyRate    float64 // --steady-rate: the steady rows' rate (0: 80 % of each kind's own)
 	openPre       time.Duration
 	timeline      time.Duration
 	metrics       string // pcpd --metrics ADDR (in the host namespace), scraped after each run
@@ -140,6 +141,7 @@ func run(ctx context.Context, args []string) error {
 	fs.BoolVar(&o.perfLoad, "perf-load", false, "profile pcpload itself in each closed-loop row: perf stat of its context switches and read, write, socket, poll and futex system calls from 0.5 to 1.5 s into the measured phase (N-<server>-<scenario>.load.stat.txt), then perf record -g -F 999 for 2 s (N-<server>-<scenario>.load.perf.data, kept); for where the client's CPU a request goes")
 	fs.BoolVar(&o.perf, "perf", false, "profile the server under test with perf(1) during each run (reports in the output directory)")
 	scenarios := fs.String("scenarios", "", "comma-separated scenarios to run (malformed,unauth,renew,renew-wt,mixed,new,open80, and the steady open-loop rows open80-renew,open80-malformed,open80-unauth,open80-churn); empty: all")
+	fs.Float64Var(&o.steadyRate, "steady-rate", 0, "run pcpd's steady open-loop rows (open80-renew, -malformed, -unauth, -churn) at this rate instead of 80 % of pcpd's closed-loop rate for the kind, without that closed loop (A/B pairs at one rate)")
 	fs.Float64Var(&o.openRate, "open-rate", 0, "open loop at this rate instead of 80 % of the closed-loop new-MAP rate (lets open80 run alone, or at the same rate before and after a change)")
 	fs.DurationVar(&o.openPre, "open-delay", 0, "open loop: wait this long after the fresh start before measuring (0: at once, as the table figure does; the start-up announcements then overlap the run)")
 	fs.StringVar(&o.metrics, "metrics", "", "pcpd only: serve metrics on `ADDR` in the host namespace (e.g. 127.0.0.1:9400) and keep a scrape after each run (<server>-<scenario>.metrics.txt)")

@@ -60,6 +60,9 @@ const steadyDelay = time.Second
 // steadyNeeds reports whether closed-loop scenario key must run for a
 // steady row asked for: each runs at 80 % of its own kind's rate.
 func (o *options) steadyNeeds(key string) bool {
+	if o.steadyRate > 0 {
+		return false // --steady-rate: no closed loop needed
+	}
 	for _, s := range steadyRows {
 		if s.kind == key && o.want(s.key) {
 			return true
@@ -91,6 +94,9 @@ func (b *bench) churnArgs(s steadyRow) []string {
 // steadyRateFor is 80 % of pcpd's closed-loop rate for the row's kind in
 // this run.
 func (b *bench) steadyRateFor(s steadyRow) (float64, error) {
+	if b.o.steadyRate > 0 {
+		return b.o.steadyRate, nil
+	}
 	f := b.get("pcpd", s.kind)
 	if f == nil || f.unit != "/s" || f.value < 1 {
 		return 0, fmt.Errorf("driver: no closed-loop %s rate for pcpd: no %s run", s.kind, s.key)
@@ -113,7 +119,7 @@ func (b *bench) openSteady(ctx context.Context, start func(fresh bool) (server, 
 }
 
 func (b *bench) openSteadyRow(ctx context.Context, s steadyRow, start func(fresh bool) (server, error)) error {
-	if s.kind == churnKind {
+	if s.kind == churnKind && b.o.steadyRate <= 0 {
 		if err := b.closedChurn(ctx, s, start); err != nil {
 			return err
 		}

@@ -61,6 +61,16 @@ func TestSteadyRate(t *testing.T) {
 			t.Errorf("%s: rate %v, %v; want %v", s.key, got, err, want[s.key])
 		}
 	}
+	// --steady-rate: every row at that rate, no closed loop needed.
+	fixed := &bench{res: results{}, o: options{steadyRate: 25000}}
+	for _, s := range steadyRows {
+		if got, err := fixed.steadyRateFor(s); err != nil || got != 25000 {
+			t.Errorf("--steady-rate 25000, %s: rate %v, %v", s.key, got, err)
+		}
+		if fixed.o.steadyNeeds(s.kind) {
+			t.Errorf("--steady-rate: closed loop %s still run for %s", s.kind, s.key)
+		}
+	}
 	for _, c := range []struct {
 		name string
 		res  results
