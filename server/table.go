@@ -216,10 +216,17 @@ func (t *table) enc(a netip.Addr, intern bool) (caddr, bool) {
 	}
 	n, ok := t.zoneNo[z]
 	if !ok {
-		if !intern || len(t.zones) >= maxZones {
+		if len(t.zones) >= maxZones {
 			// Past maxZones (interface names: never in practice) the
-			// zone is dropped rather than refusing the lease.
-			return c, !intern
+			// zone is dropped rather than refusing the lease, and a
+			// lookup drops it as the lease's was.
+			return c, true
+		}
+		if !intern {
+			// No lease has this zone. This returned true with the zone
+			// dropped: a lookup of fe80::1%eth1 found fe80::1's lease
+			// (review h/revrq2, TestMappingsOfMatchesWalk).
+			return c, false
 		}
 		t.zones = append(t.zones, z)
 		n = uint16(len(t.zones))
@@ -1041,7 +1048,13 @@ func (t *table) mappingsOf(owner string, a netip.Addr, proto uint8, dst []store.
 	if left <= 0 || !ok {
 		return dst
 	}
-	ca, _ := t.enc(a, false)
+	ca, ok := t.enc(a, false)
+	if !ok {
+		// A zone no lease has: with it dropped, ca was the unzoned
+		// address, and its leases were taken for a's (review h/revrq2,
+		// TestMappingsOfMatchesWalk).
+		return dst
+	}
 	for ref := uint32(1); ref <= t.top && left > 0; ref++ {
 		r := t.rec(ref)
 		if r.flags&fLive == 0 || r.owner != n {
