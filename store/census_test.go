@@ -1,6 +1,7 @@
 package store
 
 import (
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -64,4 +65,61 @@ func TestWithCensus(t *testing.T) {
 		wantLeases(t, counted, want)
 		wantLeases(t, streamOneAtATime(t, st), want)
 	})
+}
+
+// TestCensusPanicIsNotDamage: a panic of the WithCensus callback (the
+// server's counting code, server.Census.Add, run for every stored lease
+// inside Open's check) is the caller's bug, not bbolt faulting on a
+// damaged file: it goes on up as it is, and the state file and its backup
+// stay where they are, as a panic of State.Stream's fn does
+// (TestStreamCallbackPanicIsNotDamage, review h/revpeak). Before (review
+// h/revs1m), readState's recover took it for damage: the state file was
+// moved aside as corrupt, the backup restored, found "corrupt" the same
+// way and moved aside too, and Open started with no leases (epoch reset):
+// a census bug cost every stored lease.
+// WithStream's fn likewise.
+func TestCensusPanicIsNotDamage(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		opt  Option
+	}{
+		{"census", WithCensus(func(l *Lease) {
+			if l != nil {
+				panic("caller bug")
+			}
+		})},
+		{"stream", WithStream(func(*Lease) error { panic("caller bug") })},
+	} {
+		t.Run(c.name, func(t *testing.T) { callerPanicKeepsFiles(t, c.opt) })
+	}
+}
+
+func callerPanicKeepsFiles(t *testing.T, opt Option) {
+	dir, _ := backupImage(t)
+	var (
+		st  State
+		err error
+	)
+	got := func() (r any) {
+		defer func() { r = recover() }()
+		var s *Store
+		s, st, err = Open(dir, zap.NewNop(), WithLeasesLater(), WithoutOpenSnapshot(), opt)
+		if err == nil {
+			s.Close()
+		}
+		return nil
+	}()
+	if got != "caller bug" {
+		t.Errorf("Open with a panicking callback: panic %v, error %v, Recovered %q; want the panic \"caller bug\" to reach the caller",
+			got, err, st.Recovered)
+	}
+	aside, _ := filepath.Glob(filepath.Join(dir, "*.corrupt-*"))
+	if len(aside) > 0 {
+		t.Errorf("files moved aside as corrupt: %v; want none (nothing is damaged)", aside)
+	}
+	for _, f := range []string{DBName, BackupName} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			t.Errorf("%s: %v; want it in place", f, err)
+		}
+	}
 }

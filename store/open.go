@@ -586,6 +586,18 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 	if err != nil {
 		return nil, loaded{}, err
 	}
+	// A panic of the caller's callbacks (WithCensus, WithStream) is the
+	// caller's, not damage: it goes on up as it is, as in streamLeases.
+	// Taken for damage (review h/revs1m), a census bug moved the state
+	// file and then the backup aside, and Open started with no leases.
+	inFn := false
+	mode := readMode{stream: o.stream, none: o.later && o.stream == nil, stop: o.stopped}
+	if fn := o.census; fn != nil {
+		mode.census = func(l *Lease) { inFn = true; fn(l); inFn = false }
+	}
+	if fn := o.stream; fn != nil {
+		mode.stream = func(l *Lease) error { inFn = true; err := fn(l); inFn = false; return err }
+	}
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if r := recover(); r != nil {
@@ -594,6 +606,9 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 					defer func() { _ = recover() }()
 					_ = db.Close()
 				}()
+			}
+			if inFn {
+				panic(r)
 			}
 			db, ld, err = nil, loaded{}, fmt.Errorf("store: reading %s: bbolt panicked (%v): %w", filepath.Base(path), r, ErrCorrupt)
 		}
@@ -649,7 +664,7 @@ func readState(path string, o *options, readOnly bool, logDir string) (db *bolt.
 		if err := o.stopped(); err != nil {
 			return err
 		}
-		ld, err = readTx(tx, drop, logDir, readMode{stream: o.stream, none: o.later && o.stream == nil, stop: o.stopped, census: o.census})
+		ld, err = readTx(tx, drop, logDir, mode)
 		drop()
 		ld.meta = shape.damagedMeta
 		return err
