@@ -65,6 +65,21 @@ func TestWithCensus(t *testing.T) {
 		wantLeases(t, counted, want)
 		wantLeases(t, streamOneAtATime(t, st), want)
 	})
+	// Review h/revs1m (a guard): a read-only directory's state, read
+	// through the read-only handle after the writable open failed, with
+	// the log applied on top: the census has exactly what Stream hands
+	// out.
+	t.Run("read-only", func(t *testing.T) {
+		img, want := laterImage(t, 2)
+		dir := crashImage(t, img)
+		bindReadOnly(t, dir)
+		st, counted, _ := censusOpen(t, dir)
+		if !strings.Contains(st.Recovered, "read-only") {
+			t.Fatalf("Recovered = %q: want the read-only directory's state", st.Recovered)
+		}
+		wantLeases(t, counted, want)
+		wantLeases(t, streamOneAtATime(t, st), want)
+	})
 }
 
 // TestCensusPanicIsNotDamage: a panic of the WithCensus callback (the
