@@ -341,7 +341,7 @@ func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) (wrote bool) 
 	// and the rest put back. Before (review h/revfwadd), one refused op
 	// failed the whole batch: every other pinhole deleted with it waited
 	// for the audit (TestE2EWatchUndoesReplacedMapping).
-	done, err := s.applyGroups(ops, func(op pinhole.Op, err error) {
+	done, err := s.applyGroups(ops, hs.now, func(op pinhole.Op, err error) {
 		s.log.Warn("firewall watch: cannot put back a pinhole someone deleted (its element taken?); the rest goes on",
 			zap.Stringer("pinhole", op.Pinhole), zap.Error(err))
 	})
@@ -489,7 +489,7 @@ func (s *Server) undoAdds(ps []toldAdd, by []uint32) {
 		}
 		ops = append(ops, []pinhole.Op{{Kind: pinhole.Install, Pinhole: p, Timeout: left}})
 	}
-	done, failed := s.applyGroups(ops, func(op pinhole.Op, err error) {
+	done, failed := s.applyGroups(ops, hs.now, func(op pinhole.Op, err error) {
 		s.log.Warn("firewall watch: cannot undo a pinhole someone added (changed again since?); the rest goes on, the audit sees to it",
 			zap.Stringer("pinhole", op.Pinhole), zap.Error(err))
 	})
@@ -511,10 +511,28 @@ func (s *Server) undoAdds(ps []toldAdd, by []uint32) {
 // or not at all); a group with an op the kernel refuses is left out
 // (refused is told) and the rest applied. It returns how many groups were
 // applied and the last error.
-func (s *Server) applyGroups(groups [][]pinhole.Op, refused func(pinhole.Op, error)) (done int, failed error) {
+//
+// The ops' timeouts were computed at the clock read timed: before each
+// try they are shortened by the time since (rounded up to the
+// millisecond; an Install or Refresh left with less than a millisecond is
+// dropped, a group left empty too), so that a pinhole put back after
+// refused tries (each a transaction and the backend's blame) ends no
+// later than its lease, as auditLarge's steps (lateBy). Before (review
+// h/revwl), every refused try made the rest end that much after their
+// leases (TestApplyGroupsRetryNotLate).
+func (s *Server) applyGroups(groups [][]pinhole.Op, timed time.Time, refused func(pinhole.Op, error)) (done int, failed error) {
 	groups = slices.Clone(groups) // the caller's, left as they were
 	var batch []pinhole.Op
+	var cut time.Duration // what the groups were shortened by so far
 	for len(groups) > 0 {
+		if late := s.now().Sub(timed); late > cut {
+			late = (late + time.Millisecond - 1).Truncate(time.Millisecond)
+			groups = lateGroups(groups, late-cut)
+			cut = late
+			if len(groups) == 0 {
+				break
+			}
+		}
 		batch = batch[:0]
 		n := 0
 		for n < len(groups) && (n == 0 || len(batch)+len(groups[n]) <= pinhole.MaxBatch) {
@@ -542,6 +560,29 @@ func (s *Server) applyGroups(groups [][]pinhole.Op, refused func(pinhole.Op, err
 		groups = groups[n:]
 	}
 	return done, failed
+}
+
+// lateGroups shortens the Install and Refresh ops of groups by late (a
+// whole number of milliseconds), each group a copy (the caller's ops are
+// left as they were); an op left with less than a millisecond is dropped
+// (the kernel view ends by then), and a group left empty.
+func lateGroups(groups [][]pinhole.Op, late time.Duration) [][]pinhole.Op {
+	out := groups[:0]
+	for _, g := range groups {
+		ng := make([]pinhole.Op, 0, len(g))
+		for _, op := range g {
+			if op.Kind == pinhole.Install || op.Kind == pinhole.Refresh {
+				if op.Timeout -= late; op.Timeout < time.Millisecond {
+					continue
+				}
+			}
+			ng = append(ng, op)
+		}
+		if len(ng) > 0 {
+			out = append(out, ng)
+		}
+	}
+	return out
 }
 
 // deleteGroup is q's Delete (q no live lease holds) with its sharers, one

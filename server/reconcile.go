@@ -1240,7 +1240,7 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	for _, op := range missing {
 		fix = append(fix, []pinhole.Op{op})
 	}
-	if _, err := s.applyGroups(fix, func(op pinhole.Op, err error) {
+	if _, err := s.applyGroups(fix, now, func(op pinhole.Op, err error) {
 		s.log.Warn("firewall audit: the kernel refuses a fix (changed since the dump?); the rest goes on", zap.Stringer("pinhole", op.Pinhole), zap.Error(err))
 	}); err != nil {
 		s.log.Error("firewall audit: cannot fix the kernel's pinholes", zap.Error(err))

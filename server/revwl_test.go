@@ -1,0 +1,66 @@
+package server
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// TestApplyGroupsRetryNotLate (review h/revwl): the watch's put-backs
+// (restoreDeleted) and the audit below auditMaxLeases apply their groups
+// with applyGroups, which leaves a group the kernel refuses out and tries
+// the rest again; each refused try costs a transaction and the backend's
+// blame (replays of prefixes of the batch). The ops of the later tries
+// kept the timeouts computed at the pass's clock: every refused try made
+// every other pinhole end that much after its lease, as auditLarge's did
+// before review h/revbigaudit (TestAuditAboveMaxRetryNotLate). Fake
+// firewall: 8 MAPs deleted by hand, 3 of their put-backs refused as
+// conflicts, each refused try 40 ms of the clock. On main FAIL '... ends
+// 120ms after its lease' (watch) and '... 120ms ...' (audit).
+func TestApplyGroupsRetryNotLate(t *testing.T) {
+	for _, path := range []string{"restoreDeleted", "audit"} {
+		t.Run(path, func(t *testing.T) {
+			h := newHarness(t)
+			holes := mapDeletedByHand(t, h, 8)
+			h.clock.Advance(time.Minute)
+			conflicts := map[pinhole.Pinhole]bool{holes[1]: true, holes[4]: true, holes[6]: true}
+			const blame = 40 * time.Millisecond
+			refuseAsConflict(h, func(p pinhole.Pinhole) bool {
+				if conflicts[p] {
+					h.clock.Advance(blame) // the refused try's cost
+					return true
+				}
+				return false
+			})
+			if path == "audit" {
+				h.s.auditFirewall(context.Background())
+			} else {
+				h.s.restoreDeleted(holes, nil)
+			}
+			h.fw.FailApply = nil
+			now := h.clock.Now()
+			want := h.kernelView(now)
+			got := h.fw.Holes()
+			back := 0
+			for _, p := range holes {
+				if conflicts[p] {
+					continue
+				}
+				d, ok := got[p]
+				if !ok {
+					t.Errorf("%v not back", p)
+					continue
+				}
+				back++
+				if end := now.Add(d); end.After(want[p]) {
+					t.Errorf("%v ends %v after its lease (kernel view %v)", p, end.Sub(want[p]), want[p])
+				}
+			}
+			if back != len(holes)-len(conflicts) {
+				t.Errorf("%d pinholes back, want %d", back, len(holes)-len(conflicts))
+			}
+		})
+	}
+}
