@@ -93,3 +93,43 @@ func TestE2EWatchUndoesNarrowerOnLiveMapping(t *testing.T) {
 		t.Fatal("the live filtered mapping on 19092 passes no traffic after the undo")
 	}
 }
+
+// TestE2EWatchUndoesSplitFiltered (review h/revwl): one transaction by
+// hand deletes a live lease's pin6_filter element (c:443 from
+// 2001:db8:ffff::/48) and adds its two halves (the /49s, 1 h). Each half's
+// undo is its Delete with the live element put back After: the put-back
+// starts or ends inside the other half, still there, so the kernel
+// refused each group whole, at every undo and audit alike (each group
+// refused while the other's element stays): both foreign elements stayed,
+// the live one missing, until they ended. Now a refused put-back is left
+// out of its group (with its take-out) and the rest of the group tried
+// again: the first half goes, then the second with the put-back.
+func TestE2EWatchUndoesSplitFiltered(t *testing.T) {
+	l := watchLab(t)
+	c := l.topo.ClientV6
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 443).String())
+	live := netip.MustParsePrefix("2001:db8:ffff::/48")
+	if resp := l.pcp(mapFiltered(c, 443, 0, live, 1)); resp.Result != pcp.Success {
+		t.Fatalf("filtered MAP: %+v", resp)
+	}
+	p := pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 443, ExternalAddr: c, ExternalPort: 443, RemotePrefix: live}
+	halves := []netip.Prefix{netip.MustParsePrefix("2001:db8:ffff::/49"), netip.MustParsePrefix("2001:db8:ffff:8000::/49")}
+	l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf("nft -f - <<'EOF'\ndelete element inet pcpd pin6_filter { %s . tcp . 443 . %s . 0-65535 }\nadd element inet pcpd pin6_filter { %s . tcp . 443 . %s . 0-65535 timeout 1h, %s . tcp . 443 . %s . 0-65535 timeout 1h }\nEOF\n",
+		c, live, c, halves[0], c, halves[1]))
+	l.marker(t, 7212)
+	if err := netlab.Eventually(watchBound, func() error {
+		for _, h := range halves {
+			q := p
+			q.RemotePrefix = h
+			if _, held := l.kernelElem(q); held {
+				return fmt.Errorf("c:443 from %s (no lease) still in pin6_filter", h)
+			}
+		}
+		if left, held := l.kernelElem(p); !held || left > time.Hour {
+			return fmt.Errorf("the live filtered pinhole held %v, %v left (want held, at most 1h)", held, left)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("live filtered element split by hand into its two halves: %v after %v", err, watchBound)
+	}
+}
