@@ -94,20 +94,11 @@ type fwWatch struct {
 	// is up (watchFirewall's goroutine).
 	lastCheck time.Time
 	checkOwed bool
-	// lastUndo is when a pass last undid someone else's adds; adds told
-	// within watchCheckGap of it wait in addsOwed, a kick comes when the
-	// gap is up (undoOwed) (watchFirewall's goroutine).
-	lastUndo time.Time
-	addsOwed []toldAdd
-	addsBy   []uint32 // their committers' ports (for the log)
-	undoOwed bool
-	// lastRestore is when a pass last put back pinholes someone deleted;
-	// deletions told within watchCheckGap of it wait in delOwed, a kick
-	// comes when the gap is up (restoreOwed) (watchFirewall's goroutine).
-	lastRestore time.Time
-	delOwed     []pinhole.Pinhole
-	delBy       []uint32 // their committers' ports (for the log)
-	restoreOwed bool
+	// undo defers the undoing of someone else's adds, restore the
+	// putting back of deletions, each to the end of a watchCheckGap since
+	// the last pass that acted on its kind (watchFirewall's goroutine).
+	undo    gapped[toldAdd]
+	restore gapped[pinhole.Pinhole]
 }
 
 // watchCheckGap is the least time between two firewall checks the watch
@@ -118,6 +109,49 @@ type fwWatch struct {
 // notification, back to back without end; now at most one a gap
 // (TestE2EWatchCheckGap). A variable for tests only.
 var watchCheckGap = time.Second
+
+// gapped is what the watch defers of one kind (adds to undo, deletions
+// to put back): told within watchCheckGap of the last pass that acted on
+// that kind, it is gathered with its committers' ports until the gap is
+// up (watchFirewall's goroutine).
+type gapped[T any] struct {
+	last time.Time // when a pass last acted on this kind
+	owed []T
+	by   []uint32 // the owed ones' committers' ports (for the log)
+	due  bool     // a kick comes when the gap is up
+}
+
+// take is what a pass acts on now: told (by its committers' ports by)
+// after what was owed, once the gap since last is up. Within the gap told
+// is gathered instead (beyond maxWatchPending: overflow, the audit sees
+// to it), the first time with a kick at the gap's end (warn says so), and
+// nothing is returned.
+func (g *gapped[T]) take(told []T, by []uint32, poke func(), warn func(n int, wait time.Duration)) (now []T, nowBy []uint32, overflow bool) {
+	if len(told) == 0 && !g.due {
+		return told, by, false
+	}
+	if wait := watchCheckGap - time.Since(g.last); !g.last.IsZero() && wait > 0 {
+		if len(g.owed)+len(told) > maxWatchPending {
+			overflow = true
+		} else {
+			g.owed = append(g.owed, told...)
+		}
+		for _, p := range by {
+			if !slices.Contains(g.by, p) && len(g.by) < 8 {
+				g.by = append(g.by, p)
+			}
+		}
+		if !g.due && len(told) > 0 {
+			g.due = true
+			warn(len(told), wait)
+			time.AfterFunc(wait, poke)
+		}
+		return nil, nil, overflow
+	}
+	now, nowBy = append(g.owed, told...), append(g.by, by...)
+	g.owed, g.by, g.due = nil, nil, false
+	return now, nowBy, false
+}
 
 // watchPassHook, if set, is called at the end of each watched pass (tests).
 var watchPassHook func()
@@ -186,66 +220,23 @@ func (s *Server) watched(ctx context.Context) {
 	damage, by, deleted, added, overflow, lost := w.damage, w.by, w.deleted, w.added, w.overflow, w.lost
 	w.damage, w.by, w.deleted, w.added, w.overflow, w.lost = nil, nil, nil, nil, false, nil
 	w.mu.Unlock()
-	delBy := by
 	// Adds told within watchCheckGap of the last pass that undid some
 	// wait for the gap's end, gathered (beyond maxWatchPending: the
-	// audit, which removes what no lease explains).
-	if len(added) > 0 || w.undoOwed {
-		if wait := watchCheckGap - time.Since(w.lastUndo); !w.lastUndo.IsZero() && wait > 0 {
-			if len(w.addsOwed)+len(added) > maxWatchPending {
-				overflow = true
-			} else {
-				w.addsOwed = append(w.addsOwed, added...)
-			}
-			for _, p := range by {
-				if !slices.Contains(w.addsBy, p) && len(w.addsBy) < 8 {
-					w.addsBy = append(w.addsBy, p)
-				}
-			}
-			if !w.undoOwed && len(added) > 0 {
-				w.undoOwed = true
-				s.log.Warn("firewall watch: someone added pinholes to pcpd's sets again; undoing when the gap since the last undo is up",
-					zap.Int("count", len(added)), zap.Uint32s("netlink_ports", by), zap.Duration("in", wait))
-				time.AfterFunc(wait, w.poke)
-			}
-			added = nil
-		} else {
-			added = append(w.addsOwed, added...)
-			by = append(w.addsBy, by...)
-			w.addsOwed, w.addsBy, w.undoOwed = nil, nil, false
-		}
-	}
-	// Deletions told within watchCheckGap of the last pass that put some
-	// back wait for the gap's end, gathered, as adds do: a tool deleting
-	// a live lease's element in a loop is answered by a transaction a
-	// gap, not one per notification burst, and none waits longer than the
-	// gap. Before (h/watchleft), each burst was put back at once
-	// (TestE2EWatchRestoreGap).
-	if len(deleted) > 0 || w.restoreOwed {
-		if wait := watchCheckGap - time.Since(w.lastRestore); !w.lastRestore.IsZero() && wait > 0 {
-			if len(w.delOwed)+len(deleted) > maxWatchPending {
-				overflow = true
-			} else {
-				w.delOwed = append(w.delOwed, deleted...)
-			}
-			for _, p := range by {
-				if !slices.Contains(w.delBy, p) && len(w.delBy) < 8 {
-					w.delBy = append(w.delBy, p)
-				}
-			}
-			if !w.restoreOwed && len(deleted) > 0 {
-				w.restoreOwed = true
-				s.log.Warn("firewall watch: someone deleted pinholes from pcpd's sets again; putting back when the gap since the last put-back is up",
-					zap.Int("count", len(deleted)), zap.Uint32s("netlink_ports", by), zap.Duration("in", wait))
-				time.AfterFunc(wait, w.poke)
-			}
-			deleted = nil
-		} else {
-			deleted = append(w.delOwed, deleted...)
-			delBy = append(w.delBy, by...)
-			w.delOwed, w.delBy, w.restoreOwed = nil, nil, false
-		}
-	}
+	// audit, which removes what no lease explains). Deletions likewise:
+	// a tool deleting a live lease's element in a loop is answered by a
+	// transaction a gap, not one per notification burst, and none waits
+	// longer than the gap. Before (h/watchleft), each burst was put back
+	// at once (TestE2EWatchRestoreGap).
+	added, addBy, over := w.undo.take(added, by, w.poke, func(n int, wait time.Duration) {
+		s.log.Warn("firewall watch: someone added pinholes to pcpd's sets again; undoing when the gap since the last undo is up",
+			zap.Int("count", n), zap.Uint32s("netlink_ports", by), zap.Duration("in", wait))
+	})
+	overflow = overflow || over
+	deleted, delBy, over := w.restore.take(deleted, by, w.poke, func(n int, wait time.Duration) {
+		s.log.Warn("firewall watch: someone deleted pinholes from pcpd's sets again; putting back when the gap since the last put-back is up",
+			zap.Int("count", n), zap.Uint32s("netlink_ports", by), zap.Duration("in", wait))
+	})
+	overflow = overflow || over
 	audit := false
 	if lost != nil || overflow {
 		s.m.watchLost.Inc()
@@ -281,7 +272,7 @@ func (s *Server) watched(ctx context.Context) {
 		s.checkFirewall()
 		if w.reinstalls.Load() != before {
 			deleted = nil // every lease's pinholes are back
-			w.delOwed, w.delBy = nil, nil
+			w.restore.owed, w.restore.by = nil, nil
 		}
 	}
 	// The audit, at most once per lostAuditGap: one owed sooner is
@@ -302,11 +293,11 @@ func (s *Server) watched(ctx context.Context) {
 		}
 	}
 	if len(deleted) > 0 && ctx.Err() == nil && s.restoreDeleted(deleted, delBy) {
-		w.lastRestore = time.Now()
+		w.restore.last = time.Now()
 	}
 	if len(added) > 0 && ctx.Err() == nil {
-		w.lastUndo = time.Now()
-		s.undoAdds(added, by)
+		w.undo.last = time.Now()
+		s.undoAdds(added, addBy)
 	}
 	if watchPassHook != nil {
 		watchPassHook()

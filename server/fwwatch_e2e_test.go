@@ -453,9 +453,9 @@ func TestE2EWatchAddGap(t *testing.T) {
 	defer func(old time.Duration) { watchCheckGap = old }(watchCheckGap)
 	watchCheckGap = time.Hour
 	var l *lab
-	watchPassHook = func() { // the watch's goroutine: no race on lastUndo
+	watchPassHook = func() { // the watch's goroutine: no race on undo.last
 		if counterValue(t, l.srv.m.watchRestored) > 0 {
-			l.srv.watch.lastUndo = time.Time{} // the marker's pass: the gap is over
+			l.srv.watch.undo.last = time.Time{} // the marker's pass: the gap is over
 		}
 	}
 	defer func() { watchPassHook = nil }()
