@@ -328,6 +328,34 @@ func checkBack(t *testing.T, h *harness, now time.Time, deleted []pinhole.Pinhol
 	return holes
 }
 
+// checkBackNotLate checks that every one of holes but the conflicts is in
+// the fake firewall again and ends no later than the kernel view of its
+// lease now says.
+func checkBackNotLate(t *testing.T, h *harness, holes []pinhole.Pinhole, conflicts map[pinhole.Pinhole]bool) {
+	t.Helper()
+	now := h.clock.Now()
+	want := h.kernelView(now)
+	got := h.fw.Holes()
+	back := 0
+	for _, p := range holes {
+		if conflicts[p] {
+			continue
+		}
+		d, ok := got[p]
+		if !ok {
+			t.Errorf("%v not back", p)
+			continue
+		}
+		back++
+		if end := now.Add(d); end.After(want[p]) {
+			t.Errorf("%v ends %v after its lease (kernel view %v)", p, end.Sub(want[p]), want[p])
+		}
+	}
+	if back != len(holes)-len(conflicts) {
+		t.Errorf("%d pinholes back, want %d", back, len(holes)-len(conflicts))
+	}
+}
+
 // mapDeletedByHand maps n TCP ports of addrA from 7000 on for an hour and
 // deletes their elements from the fake firewall, unheard (the watch off):
 // the pinholes an audit should put back.

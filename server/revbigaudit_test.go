@@ -37,27 +37,7 @@ func TestAuditAboveMaxRetryNotLate(t *testing.T) {
 	})
 	h.s.auditFirewall(context.Background())
 	h.fw.FailApply = nil
-	now := h.clock.Now()
-	want := h.kernelView(now)
-	got := h.fw.Holes()
-	back := 0
-	for _, p := range holes {
-		if conflicts[p] {
-			continue
-		}
-		d, ok := got[p]
-		if !ok {
-			t.Errorf("%v not back after the audit", p)
-			continue
-		}
-		back++
-		if end := now.Add(d); end.After(want[p]) {
-			t.Errorf("%v ends %v after its lease (kernel view %v)", p, end.Sub(want[p]), want[p])
-		}
-	}
-	if back != len(holes)-len(conflicts) {
-		t.Errorf("%d pinholes back, want %d", back, len(holes)-len(conflicts))
-	}
+	checkBackNotLate(t, h, holes, conflicts)
 }
 
 // TestRepairRestoresKernelView (review h/revbigaudit): the firewall
