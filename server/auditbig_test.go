@@ -388,3 +388,15 @@ func refuseAsConflict(h *harness, refused func(pinhole.Pinhole) bool) {
 		return nil
 	}
 }
+
+// refuseConflictsCosting refuses, as a conflict, every try that installs
+// one of conflicts, each refused try costing blame on the test clock.
+func refuseConflictsCosting(h *harness, conflicts map[pinhole.Pinhole]bool, blame time.Duration) {
+	refuseAsConflict(h, func(p pinhole.Pinhole) bool {
+		if conflicts[p] {
+			h.clock.Advance(blame) // the refused try's cost
+			return true
+		}
+		return false
+	})
+}

@@ -112,19 +112,32 @@ func TestRestoreFromStream(t *testing.T) {
 	if !quarPorts(slice.s)[40001] { // 22 is denied: never handed out, so not quarantined
 		t.Fatalf("port 40001 (expired while down) not quarantined: %v", quarPorts(slice.s))
 	}
-	for _, c := range []struct {
-		what           string
-		slice, streamd any
-	}{
-		{"table", slice.s.Leases(), stream.s.Leases()},
-		{"store", slice.st.Leases(), stream.st.Leases()},
-		{"stored quarantines", slice.st.Quarantines(), stream.st.Quarantines()},
-		{"quarantined ports", quarPorts(slice.s), quarPorts(stream.s)},
-		{"pinholes", slice.fw.Holes(), stream.fw.Holes()},
-	} {
-		if d := cmp.Diff(c.slice, c.streamd, cmp.Comparer(func(a, b netip.Addr) bool { return a == b }),
-			cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }), cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); d != "" {
-			t.Errorf("%s differs (-State.Leases +State.Stream):\n%s", c.what, d)
+	sameRestart(t, slice, stream, "(-State.Leases +State.Stream)")
+}
+
+// restartPart is one part of a restarted server's state, as two restarts
+// compare it.
+type restartPart struct {
+	what string
+	a, b any
+}
+
+// sameRestart fails t for each part of a's and b's restarted state that
+// differs: the table, the store, the stored and the live MAP-22
+// quarantines, the kernel's pinholes, then any extra parts.
+func sameRestart(t *testing.T, a, b *harness, legend string, extra ...restartPart) {
+	t.Helper()
+	parts := append([]restartPart{
+		{"table", a.s.Leases(), b.s.Leases()},
+		{"store", a.st.Leases(), b.st.Leases()},
+		{"stored quarantines", a.st.Quarantines(), b.st.Quarantines()},
+		{"quarantined ports", quarPorts(a.s), quarPorts(b.s)},
+		{"pinholes", a.fw.Holes(), b.fw.Holes()},
+	}, extra...)
+	for _, p := range parts {
+		if d := cmp.Diff(p.a, p.b, cmp.Comparer(func(x, y netip.Addr) bool { return x == y }),
+			cmp.Comparer(func(x, y netip.Prefix) bool { return x == y }), cmp.Comparer(func(x, y netip.AddrPort) bool { return x == y })); d != "" {
+			t.Errorf("%s differs %s:\n%s", p.what, legend, d)
 		}
 	}
 }

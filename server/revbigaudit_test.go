@@ -27,14 +27,7 @@ func TestAuditAboveMaxRetryNotLate(t *testing.T) {
 	holes := mapDeletedByHand(t, h, 8)
 	h.clock.Advance(time.Minute)
 	conflicts := map[pinhole.Pinhole]bool{holes[1]: true, holes[4]: true, holes[6]: true}
-	const blame = 40 * time.Millisecond
-	refuseAsConflict(h, func(p pinhole.Pinhole) bool {
-		if conflicts[p] {
-			h.clock.Advance(blame) // the refused try's cost
-			return true
-		}
-		return false
-	})
+	refuseConflictsCosting(h, conflicts, 40*time.Millisecond)
 	h.s.auditFirewall(context.Background())
 	h.fw.FailApply = nil
 	checkBackNotLate(t, h, holes, conflicts)
