@@ -148,6 +148,12 @@ type Config struct {
 	// DenyDocumentation makes the documentation and benchmarking ranges
 	// never openable. Off by default: tests and labs use 2001:db8::/32.
 	DenyDocumentation bool
+	// TranslationPrefixes are IPv6 prefixes the host or its network
+	// translates to IPv4 (a network-specific NAT64 or SIIT prefix, RFC
+	// 6052 §2.2): their addresses stand for IPv4 hosts, and are never
+	// openable, as those of 64:ff9b::/96, 64:ff9b:1::/48 and ::/96 always
+	// are. IPv6 only.
+	TranslationPrefixes []netip.Prefix
 	// HostAddrs reports whether an address is one of the host's own; such
 	// addresses are never openable. Called on every request: it must be
 	// fast and safe for concurrent use. Nil: no host addresses.
@@ -182,6 +188,7 @@ type Policy struct {
 	ports     [65536 / 64]uint64 // bit set: port allowed
 	tp        ThirdPartyMode
 	denyDoc   bool
+	xlat      []netip.Prefix // Config.TranslationPrefixes, masked
 	host      func(netip.Addr) bool
 	hostRead  func() bool
 	hostGen   func() uint64
@@ -212,6 +219,12 @@ func New(cfg Config, own Ownership) (*Policy, error) {
 		host:      cfg.HostAddrs,
 		hostRead:  cfg.HostAddrsRead,
 		hostGen:   cfg.HostAddrsGen,
+	}
+	for _, t := range cfg.TranslationPrefixes {
+		if !t.IsValid() || !t.Addr().Is6() || t.Addr().Is4In6() || t.Addr().Zone() != "" {
+			return nil, fmt.Errorf("policy: translation prefix %v: want an IPv6 prefix: %w", t, ErrInvalidConfig)
+		}
+		p.xlat = append(p.xlat, t.Masked())
 	}
 	if ts, ok := own.(tableSource); ok {
 		p.fast = ts
@@ -461,8 +474,9 @@ func (p *Policy) MaxLifetime() time.Duration { return p.maxLife }
 func (p *Policy) MaxLeasesPerClient() int { return p.maxClient }
 
 // NeverOpenable reports whether no one may open a, whatever the
-// ownership says: its class, or the host reaches it (Config.HostAddrs, as
-// now read). The server's sweep revokes a lease whose target became one
+// ownership says: its class (a translation prefix's included,
+// Config.TranslationPrefixes), or the host reaches it (Config.HostAddrs,
+// as now read). The server's sweep revokes a lease whose target became one
 // (the host gained the address after the lease was granted).
 func (p *Policy) NeverOpenable(a netip.Addr) bool { return p.neverOpenable(a) }
 
@@ -482,6 +496,9 @@ func (p *Policy) neverOpenable(a netip.Addr) bool {
 		return true
 	}
 	if p.denyDoc && isDocumentation(a) {
+		return true
+	}
+	if len(p.xlat) != 0 && inPrefixes(a, p.xlat) {
 		return true
 	}
 	return p.host != nil && p.host(a)

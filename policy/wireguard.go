@@ -90,7 +90,8 @@ type WireGuard struct {
 	ifaces    []string
 	refresh   time.Duration
 	missEvery time.Duration
-	grace     time.Duration // WithGoneGrace; 0: a gone interface's peers own nothing at once
+	grace     time.Duration  // WithGoneGrace; 0: a gone interface's peers own nothing at once
+	xlat      []netip.Prefix // WithTranslationPrefixes
 	now       func() time.Time
 	log       *zap.Logger
 	labels    map[string]string
@@ -157,6 +158,13 @@ func WithMissInterval(d time.Duration) WireGuardOption {
 // at the first read that finds the interface gone.
 func WithGoneGrace(d time.Duration) WireGuardOption {
 	return func(w *WireGuard) { w.grace = max(d, 0) }
+}
+
+// WithTranslationPrefixes names the operator's translation prefixes
+// (Config.TranslationPrefixes) for the warning about AllowedIPs that
+// overlap one (OverlapsTranslation); the fixed ones are always checked.
+func WithTranslationPrefixes(ps []netip.Prefix) WireGuardOption {
+	return func(w *WireGuard) { w.xlat = slices.Clone(ps) }
 }
 
 // NewWireGuard reads the peers of ifaces once and returns their ownership.
@@ -618,6 +626,13 @@ func (w *WireGuard) buildLocked() *table {
 					continue
 				}
 				p = p.Masked()
+				if t, ok := OverlapsTranslation(p, w.xlat); ok {
+					// Still owned (the peer may be the NAT64 gateway, and
+					// its sources are its own), but no target there is
+					// openable: say so, once.
+					w.warnOnce(id, p, "AllowedIP overlaps an IPv6-to-IPv4 translation prefix; its addresses there are never openable",
+						fmt.Errorf("overlaps %s", t))
+				}
 				h := holder{i, ifi}
 				switch c := claims[p]; {
 				case c == nil:
