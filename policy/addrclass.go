@@ -23,7 +23,10 @@ func neverOpenable(a netip.Addr) bool {
 		// limited broadcast address.
 		return b[0] == 0 || b == [4]byte{255, 255, 255, 255}
 	}
-	return inPrefixes(a, translation)
+	// Every translation prefix lies in 0000::/8; global unicast
+	// (2000::/3) and ULAs (fc00::/7), the common targets, skip the
+	// search on their first octet.
+	return a.As16()[0] == 0 && inPrefixes(a, translation)
 }
 
 // translation holds the IPv6 prefixes whose addresses embed an IPv4
