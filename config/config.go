@@ -106,6 +106,10 @@ type Config struct {
 	// ownership comes from WireGuard on Interfaces.
 	Clients      map[string][]netip.Prefix
 	ExternalIPv4 netip.Addr // invalid (zero) when unset: IPv4 mappings refused
+	// NAT64Prefixes are the operator's IPv6-to-IPv4 translation prefixes
+	// (policy.Config.TranslationPrefixes), masked, IPv6, each of an RFC
+	// 6052 length.
+	NAT64Prefixes []netip.Prefix
 
 	NftTable  string // table (family inet) pcpd manages in standalone mode
 	NftAttach string // attached mode: the admin's existing inet table; "" = standalone

@@ -89,6 +89,7 @@ func TestFileAndFlags(t *testing.T) {
 interface = ["wg0", "wg1"]
 listen = ["2001:db8:1::1", "[2001:db8:1::2]:5351", "10.100.0.1:5351"]
 external-ipv4 = "198.51.100.1"
+nat64-prefix = ["2001:db8:64::/96", "2001:db8:ff00::1/56"]
 nft-attach = "filter"
 nft-notrack = false
 state-dir = "/srv/pcpd"
@@ -135,6 +136,7 @@ office = ["2001:db8:2::/48"]
 			"lab": {netip.MustParsePrefix("2001:db8:9::/48"), netip.MustParsePrefix("2001:db8:a::/64")},
 		},
 		ExternalIPv4:           netip.MustParseAddr("198.51.100.1"),
+		NAT64Prefixes:          []netip.Prefix{netip.MustParsePrefix("2001:db8:64::/96"), netip.MustParsePrefix("2001:db8:ff00::/56")},
 		NftTable:               "pcpd",
 		NftAttach:              "filter",
 		NftChain:               "pcpd",
@@ -214,6 +216,16 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{"overlaps client"}},
 		{name: "prefix too short", args: []string{"--client", "a=2001:db8::/16"},
 			want: []string{"shorter than /32"}},
+		{name: "nat64 prefix IPv4", args: []string{"--nat64-prefix", "10.64.0.0/16"},
+			want: []string{`--nat64-prefix: "10.64.0.0/16" is not an IPv6 prefix`}},
+		{name: "nat64 prefix mapped", args: []string{"--nat64-prefix", "::ffff:10.0.0.0/104"},
+			want: []string{`--nat64-prefix: "::ffff:10.0.0.0/104" is not an IPv6 prefix`}},
+		{name: "nat64 prefix length", args: []string{"--nat64-prefix", "2001:db8:64::/80"},
+			want: []string{`--nat64-prefix: "2001:db8:64::/80": a translation prefix is a /32, /40, /48, /56, /64 or /96 (RFC 6052)`}},
+		{name: "nat64 prefix twice", args: []string{"--nat64-prefix", "2001:db8:64::/96", "--nat64-prefix", "2001:db8:64::1/96"},
+			want: []string{`--nat64-prefix: "2001:db8:64::1/96" given twice`}},
+		{name: "nat64 prefix not a prefix", args: []string{"--nat64-prefix", "nat64"},
+			want: []string{`--nat64-prefix: "nat64" is not a prefix`}},
 		{name: "external not v4", args: []string{"--external-ipv4", "2001:db8::1"},
 			want: []string{`--external-ipv4: "2001:db8::1" is not an IPv4 address`}},
 		{name: "external loopback", args: []string{"--external-ipv4", "127.0.0.1"},

@@ -46,6 +46,8 @@ var settings = []setting{
 		usage: "explicit listen address `ADDR`, host or [host]:port (repeatable; default: every address of each --interface, port 5351)"},
 	{name: "client", kind: kClients,
 		usage: "static ownership, `NAME=PFX[,PFX]`: client NAME owns these prefixes (repeatable); with no --client, ownership is WireGuard's (peers' AllowedIPs on --interface)"},
+	{name: "nat64-prefix", kind: kList,
+		usage: "IPv6 prefix `PFX` this host or its network translates to IPv4 (repeatable): a network-specific NAT64 or SIIT prefix (RFC 6052: /32, /40, /48, /56, /64 or /96); its addresses stand for IPv4 hosts and are never opened (NOT_AUTHORIZED), as those of 64:ff9b::/96 (RFC 6052), 64:ff9b:1::/48 (RFC 8215) and ::/96 always are; a client prefix or AllowedIP overlapping one is logged once"},
 	{name: "external-ipv4", kind: kString,
 		usage: "public IPv4 address `ADDR` for IPv4 mappings (PCP over IPv4 and NAT-PMP); unset: IPv4 mappings are refused"},
 	{name: "nft-table", kind: kString, def: DefaultNftTable,

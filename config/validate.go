@@ -111,6 +111,26 @@ func validate(vals map[string]*value) (*Config, Errors) {
 		}
 	}
 
+	// Translation prefixes.
+	nv := vals["nat64-prefix"]
+	for _, s := range nv.list {
+		p, err := parsePrefix(s)
+		switch {
+		case err != nil:
+			fail(nv, "%v", err)
+		case !p.Addr().Is6() || p.Addr().Is4In6():
+			fail(nv, "%q is not an IPv6 prefix", s)
+		case !slices.Contains([]int{32, 40, 48, 56, 64, 96}, p.Bits()):
+			// RFC 6052 §2.2: where the IPv4 address goes depends on the
+			// length; no translator embeds it after another.
+			fail(nv, "%q: a translation prefix is a /32, /40, /48, /56, /64 or /96 (RFC 6052)", s)
+		case slices.Contains(c.NAT64Prefixes, p):
+			fail(nv, "%q given twice", s)
+		default:
+			c.NAT64Prefixes = append(c.NAT64Prefixes, p)
+		}
+	}
+
 	// External IPv4.
 	if ev := vals["external-ipv4"]; ev.str != "" {
 		a, err := netip.ParseAddr(ev.str)

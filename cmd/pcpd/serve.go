@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -134,13 +136,15 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 			return usage(err) // config.Load checked this already
 		}
 		own, ownSource = st, config.OwnershipStatic
+		warnTranslated(log.Named("policy"), cfg.Clients, cfg.NAT64Prefixes)
 	} else {
 		wg, err := wgctrl.New()
 		if err != nil {
 			return failure(fmt.Errorf("serve: open WireGuard control: %w", err))
 		}
 		defer wg.Close()
-		w, err := policy.NewWireGuard(wg, cfg.Interfaces, 0, log.Named("policy"), policy.WithGoneGrace(cfg.WireGuardGoneGrace))
+		w, err := policy.NewWireGuard(wg, cfg.Interfaces, 0, log.Named("policy"), policy.WithGoneGrace(cfg.WireGuardGoneGrace),
+			policy.WithTranslationPrefixes(cfg.NAT64Prefixes))
 		if err != nil {
 			return failure(fmt.Errorf("serve: %w (ownership comes from WireGuard unless --client is given)", err))
 		}
@@ -175,6 +179,8 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		AllowPorts:         portRanges(cfg.AllowPorts),
 		DenyPorts:          portRanges(cfg.DenyPorts),
 		AllowAllPorts:      cfg.AllowAllPorts,
+		// 64:ff9b::/96, 64:ff9b:1::/48 and ::/96 always.
+		TranslationPrefixes: cfg.NAT64Prefixes,
 	}, own)
 	if err != nil {
 		return usage(err)
@@ -489,6 +495,22 @@ func (c *limitedConn) Close() error {
 	err := c.Conn.Close()
 	c.once.Do(c.release)
 	return err
+}
+
+// warnTranslated warns, once at start, of each static client prefix that
+// overlaps an IPv6-to-IPv4 translation prefix (policy.OverlapsTranslation;
+// extra: --nat64-prefix): the client keeps it, but no address the two
+// share is ever opened for it (policy: never openable). A WireGuard
+// peer's AllowedIPs are checked as they are read (policy.WireGuard).
+func warnTranslated(log *zap.Logger, clients map[string][]netip.Prefix, extra []netip.Prefix) {
+	for _, name := range slices.Sorted(maps.Keys(clients)) {
+		for _, p := range clients[name] {
+			if t, ok := policy.OverlapsTranslation(p, extra); ok {
+				log.Warn("client prefix overlaps an IPv6-to-IPv4 translation prefix; its addresses there are never openable",
+					zap.String("client", name), zap.Stringer("prefix", p), zap.Stringer("translation", t))
+			}
+		}
+	}
 }
 
 // warnWildcardMetrics warns when the metrics address (config-validated
