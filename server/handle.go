@@ -142,7 +142,10 @@ func (s *Server) countRequest(proto, op, res string) {
 // (nil for a silent drop). Tests, fuzzing and benchmarks drive the engine
 // through it; the network path uses HandleBatch. It knows no arrival
 // interface (Request.Iface): sources owned by WireGuard peers are
-// nobody's here, static owners are served as on the network.
+// nobody's here, static owners are served as on the network. An
+// IPv4-mapped source (::ffff:a.b.c.d) is dropped, as on the network
+// (pcpd_requests_dropped_total{reason="bad-source"}): pass IPv4 sources
+// unmapped.
 func (s *Server) Handle(local, src netip.AddrPort, b []byte) []byte {
 	return s.HandleBatch([]Request{{Local: local, Source: src, Data: b}})[0]
 }
@@ -304,7 +307,15 @@ func (s *Server) drop(reason string, src netip.AddrPort) outcome {
 // handle runs the checks of PKT-09 in order and dispatches by version.
 func (s *Server) handle(t *tx, r *Request) outcome {
 	b := r.Data
-	src := netip.AddrPortFrom(r.Source.Addr().Unmap(), r.Source.Port())
+	src := r.Source
+	if src.Addr().Is4In6() {
+		// As the readers do (sockaddrPort): unmapped, such a source was
+		// taken as the IPv4 address's owner's (review h/revreq), and every
+		// serving socket is bound to an address of its own family, so no
+		// real IPv4 request arrives mapped. In-process callers (Handle,
+		// HandleBatch: tests, fuzzing) get the same drop.
+		return s.drop("bad-source", src)
+	}
 	ifk := r.ifk
 	if ifk == 0 {
 		ifk = ifaceKey(0, r.Iface)
