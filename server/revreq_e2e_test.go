@@ -203,32 +203,7 @@ func TestE2EHostileRequestsLeaveKernelEmpty(t *testing.T) {
 		t.Fatal(err)
 	}
 	c6, c4 := l.topo.ClientV6, l.topo.ClientV4
-	opt := func(code byte, data ...byte) []byte {
-		o := append([]byte{code, 0, byte(len(data) >> 8), byte(len(data))}, data...)
-		for len(o)%4 != 0 {
-			o = append(o, 0)
-		}
-		return o
-	}
-	tpOf := func(a netip.Addr) []byte { b := a.As16(); return opt(1, b[:]...) }
-	filterOf := func(plen byte, a netip.Addr) []byte {
-		b := a.As16()
-		return opt(3, append([]byte{0, plen, 0, 0}, b[:]...)...)
-	}
-	mapOf := func(client netip.Addr, proto pcp.Protocol, port uint16, opts ...[]byte) []byte {
-		b := pcp.AppendRequest(nil, mapReq(client, proto, port, port, time.Hour, 3))
-		for _, o := range opts {
-			b = append(b, o...)
-		}
-		return b
-	}
-	peerOf := func(client netip.Addr, remote netip.AddrPort, opts ...[]byte) []byte {
-		b := pcp.AppendRequest(nil, peerReq(client, pcp.ProtoTCP, 2226, remote, time.Hour, 3))
-		for _, o := range opts {
-			b = append(b, o...)
-		}
-		return b
-	}
+	opt, tpOf, filterOf, mapOf, peerOf := rawOpt, rawTP, rawFilter, rawMap, rawPeer
 	rem6, rem4 := netip.AddrPortFrom(l.topo.InternetV6, 80), netip.AddrPortFrom(l.topo.InternetV4, 80)
 	mapped := func(a netip.Addr) netip.Addr { return netip.AddrFrom16(a.As16()) }
 	for _, tc := range []struct {
@@ -279,29 +254,71 @@ func TestE2EHostileRequestsLeaveKernelEmpty(t *testing.T) {
 		{"PREFER_FAILURE twice", c6, mapOf(c6, pcp.ProtoTCP, 2222, opt(2), opt(2)), pcp.MalformedOption},
 		{"PREFER_FAILURE port 0", c6, mapOf(c6, pcp.ProtoTCP, 0, opt(2)), pcp.UnsuppProtocol},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			dst := l.server6()
-			if tc.from.Is4() {
-				dst = l.server4()
-			}
-			out, err := l.exchange(netip.AddrPortFrom(tc.from, 0), dst, tc.b)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if len(out) < 4 || pcp.ResultCode(out[3]) != tc.want {
-				t.Errorf("reply % x, want result %v", out[:min(len(out), 4)], tc.want)
-			}
-			if len(out) > (len(tc.b)+3)&^3 {
-				t.Errorf("reply of %d octets to a request of %d", len(out), len(tc.b))
-			}
-			if ls := l.srv.Leases(); len(ls) != 0 {
-				t.Errorf("leases: %+v", ls)
-			}
-			if es := l.kernelHoles(); len(es) != 0 {
-				t.Errorf("kernel entries: %+v", es)
-			}
-		})
+		t.Run(tc.name, func(t *testing.T) { l.refusedLeavesNothing(t, tc.from, tc.b, tc.want) })
 	}
+}
+
+// refusedLeavesNothing sends b from the client's address from (port 0:
+// any) to pcpd's address of its family and checks that it is answered
+// want, in no more octets than the request's padded to 4, and that pcpd
+// holds no lease and its table no element.
+func (l *lab) refusedLeavesNothing(t *testing.T, from netip.Addr, b []byte, want pcp.ResultCode) {
+	t.Helper()
+	dst := l.server6()
+	if from.Is4() {
+		dst = l.server4()
+	}
+	out, err := l.exchange(netip.AddrPortFrom(from, 0), dst, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) < 4 || pcp.ResultCode(out[3]) != want {
+		t.Errorf("reply % x, want result %v", out[:min(len(out), 4)], want)
+	}
+	if len(out) > (len(b)+3)&^3 {
+		t.Errorf("reply of %d octets to a request of %d", len(out), len(b))
+	}
+	if ls := l.srv.Leases(); len(ls) != 0 {
+		t.Errorf("leases: %+v", ls)
+	}
+	if es := l.kernelHoles(); len(es) != 0 {
+		t.Errorf("kernel entries: %+v", es)
+	}
+}
+
+// rawOpt is a PCP option of code with data, padded to 4 octets.
+func rawOpt(code byte, data ...byte) []byte {
+	o := append([]byte{code, 0, byte(len(data) >> 8), byte(len(data))}, data...)
+	for len(o)%4 != 0 {
+		o = append(o, 0)
+	}
+	return o
+}
+
+// rawTP is a THIRD_PARTY option naming a; rawFilter a FILTER of a/plen.
+func rawTP(a netip.Addr) []byte { b := a.As16(); return rawOpt(1, b[:]...) }
+
+func rawFilter(plen byte, a netip.Addr) []byte {
+	b := a.As16()
+	return rawOpt(3, append([]byte{0, plen, 0, 0}, b[:]...)...)
+}
+
+// rawMap is a one-hour MAP of client's port (external port suggested the
+// same) with opts appended; rawPeer a one-hour TCP PEER of client's port
+// 2226 to remote.
+func rawMap(client netip.Addr, proto pcp.Protocol, port uint16, opts ...[]byte) []byte {
+	return appendOpts(pcp.AppendRequest(nil, mapReq(client, proto, port, port, time.Hour, 3)), opts)
+}
+
+func rawPeer(client netip.Addr, remote netip.AddrPort, opts ...[]byte) []byte {
+	return appendOpts(pcp.AppendRequest(nil, peerReq(client, pcp.ProtoTCP, 2226, remote, time.Hour, 3)), opts)
+}
+
+func appendOpts(b []byte, opts [][]byte) []byte {
+	for _, o := range opts {
+		b = append(b, o...)
+	}
+	return b
 }
 
 // TestE2EMappedSourceStaticLAN: the IPv4-mapped source of
@@ -313,31 +330,10 @@ func TestE2EHostileRequestsLeaveKernelEmpty(t *testing.T) {
 // client's IPv6 prefix, "c4" its IPv4 address; "c6"'s MAP from c4's
 // mapped address must make no lease and no NAPT mapping.
 func TestE2EMappedSourceStaticLAN(t *testing.T) {
-	netlab.RequireRoot(t)
-	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-	l := &lab{t: t, topo: topo, dir: t.TempDir(), log: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))}
-	conn, err := topo.Host.NftConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if l.fw, err = pinhole.New(conn, pinhole.Config{}); err != nil {
-		t.Fatal(err)
-	}
-	own, err := policy.NewStatic(map[string][]netip.Prefix{"c6": {topo.ClientPrefix6}, "c4": {topo.ClientPrefix4}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if l.pol, err = policy.New(policy.Config{}, own); err != nil {
-		t.Fatal(err)
-	}
-	ns, err := topo.Host.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Close() })
-	l.cfg.Interfaces, l.cfg.NetNS, l.cfg.ExternalIPv4 = []string{topo.HostLANIf}, ns, topo.HostPublicV4
-	l.start()
-	t.Cleanup(l.stop)
+	l := newStaticLab(t, func(topo *netlab.Topology) (map[string][]netip.Prefix, policy.Config) {
+		return map[string][]netip.Prefix{"c6": {topo.ClientPrefix6}, "c4": {topo.ClientPrefix4}}, policy.Config{}
+	})
+	topo := l.topo
 
 	dst := netip.AddrPortFrom(topo.HostTunnelV6, Port)
 	mapped := netip.AddrFrom16(topo.ClientV4.As16())
@@ -358,4 +354,36 @@ func TestE2EMappedSourceStaticLAN(t *testing.T) {
 	if n := counterValue(t, l.srv.lis.es.counter(l.srv.m, counterKey{res: "bad-source"})); n < 3 {
 		t.Errorf("dropped{reason=\"bad-source\"} %v, want the 3 sent", n)
 	}
+}
+
+// newStaticLab is newLab without WireGuard: the client on a LAN (lan0 /
+// eth0), static ownership and the policy's rules as setup(topo) says.
+func newStaticLab(t *testing.T, setup func(*netlab.Topology) (map[string][]netip.Prefix, policy.Config)) *lab {
+	netlab.RequireRoot(t)
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	l := &lab{t: t, topo: topo, dir: t.TempDir(), log: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))}
+	conn, err := topo.Host.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.fw, err = pinhole.New(conn, pinhole.Config{}); err != nil {
+		t.Fatal(err)
+	}
+	clients, pcfg := setup(topo)
+	own, err := policy.NewStatic(clients)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.pol, err = policy.New(pcfg, own); err != nil {
+		t.Fatal(err)
+	}
+	ns, err := topo.Host.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Close() })
+	l.cfg.Interfaces, l.cfg.NetNS, l.cfg.ExternalIPv4 = []string{topo.HostLANIf}, ns, topo.HostPublicV4
+	l.start()
+	t.Cleanup(l.stop)
+	return l
 }
