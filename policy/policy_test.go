@@ -27,6 +27,18 @@ func hostAddrs(a netip.Addr) bool { return a == addr("2001:db8:a::1") || a == ad
 // exercised with the same table.
 type opaque struct{ Ownership }
 
+// namedOwnership is one of Authorize's paths over an ownership.
+type namedOwnership struct {
+	name string
+	o    Ownership
+}
+
+// bothPaths is st behind Authorize's fast path (this package's table)
+// and behind its generic one (opaque).
+func bothPaths(st *Static) []namedOwnership {
+	return []namedOwnership{{"fast", st}, {"generic", opaque{st}}}
+}
+
 // TestAuthorizeAddressClasses covers every address class × owner relation
 // (SEC-02, TP-03, PROTOCOL.md choices (a), (b)).
 func TestAuthorizeAddressClasses(t *testing.T) {
@@ -83,10 +95,7 @@ func TestAuthorizeAddressClasses(t *testing.T) {
 		{"never beats not-owned", tcp("2001:db8:a::10", "ff0e::1", true), a, NeverOpenable},
 	}
 	cfg := Config{HostAddrs: hostAddrs}
-	for _, own := range []struct {
-		name string
-		o    Ownership
-	}{{"fast", st}, {"generic", opaque{st}}} {
+	for _, own := range bothPaths(st) {
 		p, err := New(cfg, own.o)
 		if err != nil {
 			t.Fatal(err)

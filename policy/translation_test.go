@@ -56,10 +56,7 @@ func TestAuthorizeTranslationPrefixes(t *testing.T) {
 		if tc.nsp {
 			cfg.TranslationPrefixes = []netip.Prefix{nsp}
 		}
-		for _, own := range []struct {
-			name string
-			o    Ownership
-		}{{"fast", st}, {"generic", opaque{st}}} {
+		for _, own := range bothPaths(st) {
 			p, err := New(cfg, own.o)
 			if err != nil {
 				t.Fatal(err)
