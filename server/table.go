@@ -75,6 +75,12 @@ type table struct {
 	exp                 []hitem
 	extra               map[uint32]extra
 
+	// held4 has a bit set for each external IPv4 port with a holder (a
+	// byExt chain), per address and protocol; byIn4 the slots of each
+	// internal IPv4 address's leases (pool4.go: the IPv4 pool's scan).
+	held4 map[port4]*portBits
+	byIn4 map[[4]byte][]uint32
+
 	// byOwner counts leases per owner (quotas, Status).
 	byOwner map[string]int
 	owners  []string // owner number → ID; "" = free
@@ -159,6 +165,8 @@ const zeroTime = -1 << 63
 func newTable() *table {
 	return &table{
 		extra:   map[uint32]extra{},
+		held4:   map[port4]*portBits{},
+		byIn4:   map[[4]byte][]uint32{},
 		byOwner: map[string]int{},
 		ownerNo: map[string]uint32{},
 		zoneNo:  map[string]uint16{},
@@ -640,6 +648,9 @@ func (t *table) link(kind int, ref uint32) {
 	i := t.find(kind, r)
 	if i < 0 {
 		t.add(kind, ref)
+		if kind == ixExt {
+			t.held4Set(r)
+		}
 		return
 	}
 	p := t.rec(t.ix(kind).ref(i))
@@ -659,6 +670,9 @@ func (t *table) unlink(kind int, ref uint32) {
 			x.b[i] = nx | x.b[i]&^refMask // same key: same bucket, same tag
 		} else {
 			t.remove(kind, i)
+			if kind == ixExt {
+				t.held4Clear(r)
+			}
 		}
 		return
 	}
@@ -813,6 +827,7 @@ func (t *table) insert(l *store.Lease) {
 	t.add(ixKey, ref)
 	t.link(ixTup, ref)
 	t.link(ixExt, ref)
+	t.in4Add(ref)
 	t.exp = append(t.exp, hitem{at: r.exp, ref: ref})
 	t.hup(len(t.exp) - 1)
 	t.n++
@@ -861,6 +876,7 @@ func (t *table) delRef(ref uint32) {
 	t.remove(ixKey, t.bucket(ixKey, ref))
 	t.unlink(ixTup, ref)
 	t.unlink(ixExt, ref)
+	t.in4Del(ref)
 	t.hremove(int(r.hpos))
 	t.n--
 	id := t.owners[r.owner]

@@ -60,6 +60,7 @@ func checkTable(t testing.TB, tab *table) {
 			}
 		}
 	}
+	checkPool4(t, tab)
 	if live != tab.n {
 		t.Fatalf("%d live slots, n = %d", live, tab.n)
 	}
