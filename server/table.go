@@ -1064,6 +1064,20 @@ func (t *table) mappingsOf(owner string, a netip.Addr, proto uint8, dst []store.
 	if left <= 0 || !ok {
 		return dst
 	}
+	if a.Is4() {
+		// Only the address's own leases (byIn4, pool4.go), in slot order
+		// as the walk below gives them: 1 ms a request at 262 144 leases
+		// with the owner's last (BenchmarkPMPDeleteAll).
+		refs := t.byIn4[a.As4()]
+		slices.Sort(refs) // its order is not kept anyway
+		for _, ref := range refs {
+			if r := t.rec(ref); r.owner == n && r.proto == proto && store.Kind(r.kind) != store.KindPeer {
+				dst = append(dst, store.Lease{})
+				t.decode(ref, &dst[len(dst)-1])
+			}
+		}
+		return dst
+	}
 	ca, ok := t.enc(a, false)
 	if !ok {
 		// A zone no lease has: with it dropped, ca was the unzoned
