@@ -338,6 +338,7 @@ func (s *Server) rebase(d time.Duration) {
 		q.until = q.until.Add(d)
 		s.quar[e] = q
 	}
+	s.quar4.stale() // their ends moved
 	if hasOrigin {
 		// The stored origin is cleared until the rewrite is done (then
 		// rewriteStep stores the moved one, so the epoch continues

@@ -5,6 +5,7 @@ import (
 	"math/bits"
 	"net/netip"
 	"slices"
+	"time"
 )
 
 // The IPv4 pool's index (h/pool4). A new IPv4 mapping whose internal port
@@ -29,7 +30,9 @@ type port4 struct {
 	proto uint8
 }
 
-// portBits is a set of ports, one bit each, and how many it holds.
+// portBits is a set of ports, one bit each, and how many it holds. One
+// is made for each external IPv4 address and protocol a lease holds a
+// port of, and kept (the addresses are the host's own: a handful).
 type portBits struct {
 	w [1 << 10]uint64
 	n int
@@ -74,9 +77,7 @@ func (t *table) held4Clear(r *rec) {
 	k := port4{a: a, proto: r.proto}
 	b := t.held4[k]
 	b.w[r.eport>>6] &^= 1 << (r.eport & 63)
-	if b.n--; b.n == 0 {
-		delete(t.held4, k)
-	}
+	b.n-- // an empty one stays: a lone mapping made and deleted over and over allocated 8 KB each time
 }
 
 // in4Add and in4Del keep byIn4, the slots of the leases of each internal
@@ -110,18 +111,127 @@ func otherProto(proto uint8) uint8 {
 	return protoTCP
 }
 
+// quarBits are the ports of one external IPv4 address and protocol
+// quarantined (MAP-22) until min or later: usable refuses each to any
+// ask but one of its last holder's internal address until then. A zero
+// min asks for a rebuild (rebuilt, before the scan that finds it over).
+type quarBits struct {
+	portBits
+	min time.Time
+}
+
+// quar4 indexes the server's IPv4 quarantines (s.quar, kept in step by
+// quarPut and quarDel) for the pool's scan: per external address and
+// protocol the ports quarantined for a while yet, and per internal
+// address its quarantines' endpoints.
+type quar4 struct {
+	bits map[port4]*quarBits
+	byIn map[[4]byte][]endpoint
+}
+
+// quarSlack: a rebuild leaves out the quarantines ending within it, so a
+// rebuild comes at most this often while quarantines end one by one; a
+// port left out is only tried (usable judges it), not given away.
+const quarSlack = 30 * time.Second
+
+// farFuture is the min of a quarBits with no port set.
+var farFuture = time.Unix(1<<40, 0)
+
+func (q *quar4) put(e endpoint, v quarantine) {
+	if !e.addr.Is4() {
+		return
+	}
+	k := port4{a: e.addr.As4(), proto: e.proto}
+	b := q.bits[k]
+	if b == nil {
+		b = &quarBits{min: v.until}
+		q.bits[k] = b
+	}
+	if !b.has(e.port) {
+		b.w[e.port>>6] |= 1 << (e.port & 63)
+		b.n++
+	}
+	if v.until.Before(b.min) {
+		b.min = v.until
+	}
+	if v.addr.Is4() {
+		a := v.addr.As4()
+		q.byIn[a] = append(q.byIn[a], e)
+	}
+}
+
+func (q *quar4) del(e endpoint, old quarantine) {
+	if !e.addr.Is4() {
+		return
+	}
+	if b := q.bits[port4{a: e.addr.As4(), proto: e.proto}]; b.has(e.port) {
+		b.w[e.port>>6] &^= 1 << (e.port & 63)
+		b.n--
+	}
+	if old.addr.Is4() {
+		a := old.addr.As4()
+		l := q.byIn[a]
+		i := slices.Index(l, e)
+		l[i] = l[len(l)-1]
+		if l = l[:len(l)-1]; len(l) == 0 {
+			delete(q.byIn, a)
+		} else {
+			q.byIn[a] = l
+		}
+	}
+}
+
+// stale makes every quarBits rebuild before its next use (rebase moved
+// the quarantines' ends).
+func (q *quar4) stale() {
+	for _, b := range q.bits {
+		b.min = time.Time{}
+	}
+}
+
+// quarantined is the ports of ext and proto quarantined beyond now
+// (s.mu held), rebuilt from s.quar first if one of them may have ended.
+func (s *Server) quarantined(now time.Time, ext netip.Addr, proto uint8) *portBits {
+	b := s.quar4.bits[port4{a: ext.As4(), proto: proto}]
+	if b == nil {
+		return nil
+	}
+	if !now.Before(b.min) {
+		b.portBits = portBits{}
+		b.min = farFuture
+		soon := now.Add(quarSlack)
+		for e, q := range s.quar {
+			if e.addr == ext && e.proto == proto && q.until.After(soon) {
+				b.w[e.port>>6] |= 1 << (e.port & 63)
+				b.n++
+				b.min = minTime(b.min, q.until)
+			}
+		}
+	}
+	return &b.portBits
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
 // freePorts4 yields, lowest first, the ports of first..last on ext for
-// protocol proto that usable may accept for a mapping of internal address
-// in: those no lease holds in proto or in the other protocol (PMP-06),
-// and those a lease of in holds on ext (its own tuple's, MAP-08; the
-// other protocol's, PMP-06). Every port it leaves out usable refuses: a
-// holder in proto other than in's is not the ask's tuple, and a holder
-// in the other protocol other than in's is another client.
-func (t *table) freePorts4(ext netip.Addr, proto uint8, in netip.Addr, first, last uint16) iter.Seq[uint16] {
+// protocol proto that usable may accept at now for a mapping of internal
+// address in: those no lease holds in proto or in the other protocol
+// (PMP-06) and no quarantine keeps beyond now (MAP-22), and those a lease
+// or a quarantine of in's holds on ext. Every port it leaves out usable
+// refuses: a holder in proto other than in's is not the ask's tuple, one
+// in the other protocol other than in's is another client, and a port
+// quarantined beyond now for another address is not the ask's.
+func (s *Server) freePorts4(now time.Time, ext netip.Addr, proto uint8, in netip.Addr, first, last uint16) iter.Seq[uint16] {
 	return func(yield func(uint16) bool) {
 		if !ext.Is4() || first > last {
 			return
 		}
+		t := s.tab
 		ea := ext.As4()
 		var mine []uint16
 		if in.Is4() {
@@ -131,12 +241,18 @@ func (t *table) freePorts4(ext netip.Addr, proto uint8, in netip.Addr, first, la
 					mine = append(mine, r.eport)
 				}
 			}
+			for _, e := range s.quar4.byIn[in.As4()] {
+				if e.addr == ext && e.proto == proto {
+					mine = append(mine, e.port)
+				}
+			}
 			slices.Sort(mine)
 		}
 		held := t.held4[port4{a: ea, proto: proto}]
 		other := t.held4[port4{a: ea, proto: otherProto(proto)}]
+		quar := s.quarantined(now, ext, proto)
 		for w := int(first >> 6); w <= int(last>>6); w++ {
-			m := ^(held.word(w) | other.word(w))
+			m := ^(held.word(w) | other.word(w) | quar.word(w))
 			for len(mine) > 0 && int(mine[0]>>6) <= w {
 				if int(mine[0]>>6) == w {
 					m |= 1 << (mine[0] & 63)

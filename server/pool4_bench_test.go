@@ -28,9 +28,12 @@ func BenchmarkIPv4PoolScan(b *testing.B) {
 			if pmp {
 				name = "occupancy=" + occ.name + "%/natpmp"
 			}
-			b.Run(name, func(b *testing.B) { benchIPv4PoolScan(b, occ.n, pmp) })
+			b.Run(name, func(b *testing.B) { benchIPv4PoolScan(b, occ.n, pmp, false) })
 		}
 	}
+	// The pool's lowest 99 % quarantined (MAP-22) for other clients
+	// instead: no lease holds them, usable refuses each.
+	b.Run("quarantined=99%/pcp", func(b *testing.B) { benchIPv4PoolScan(b, pool*99/100, false, true) })
 }
 
 // poolLeases are n IPv4 TCP MAP leases of one owner on ext4, external
@@ -49,9 +52,19 @@ func poolLeases(n int, now time.Time) []store.Lease {
 	return out
 }
 
-func benchIPv4PoolScan(b *testing.B, n int, pmp bool) {
+func benchIPv4PoolScan(b *testing.B, n int, pmp, quar bool) {
 	h := newHarness(b, func(_ *Config, p *policy.Config) { p.MaxLeases = 1 << 22 })
-	putAll(h.s, poolLeases(n, h.clock.Now()))
+	if quar {
+		h.s.mu.Lock()
+		for _, l := range poolLeases(n, h.clock.Now()) {
+			e, q := quarantineOf(&l, h.clock.Now())
+			q.owner = "static:q" + itoa(int(l.ExternalPort)) // each its own client: no cap
+			h.s.quarPut(e, q)
+		}
+		h.s.mu.Unlock()
+	} else {
+		putAll(h.s, poolLeases(n, h.clock.Now()))
+	}
 	var add, del []byte
 	if pmp {
 		add = pcp.AppendPMPRequest(nil, &pcp.PMPRequest{Opcode: pcp.PMPOpMapTCP, InternalPort: 8080, Lifetime: time.Hour})

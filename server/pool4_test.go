@@ -22,6 +22,43 @@ func checkPool4(t testing.TB, tab *table) {
 	}
 }
 
+// checkQuar4 checks the quarantine side of the pool's index against
+// s.quar (s.mu held): each port marked is quarantined at least until its
+// bitmap's min, and byIn lists exactly each internal IPv4 address's
+// quarantined endpoints.
+func quar4Diff(s *Server) string {
+	for k, b := range s.quar4.bits {
+		for p := range 1 << 16 {
+			if !b.has(uint16(p)) {
+				continue
+			}
+			e := endpoint{addr: netip.AddrFrom4(k.a), proto: k.proto, port: uint16(p)}
+			if q, ok := s.quar[e]; !ok || q.until.Before(b.min) {
+				return fmt.Sprintf("quar4 marks %v, quarantined %v until %v, min %v", e, ok, q.until, b.min)
+			}
+		}
+	}
+	in := map[[4]byte][]endpoint{}
+	for e, q := range s.quar {
+		if e.addr.Is4() && q.addr.Is4() {
+			in[q.addr.As4()] = append(in[q.addr.As4()], e)
+		}
+	}
+	byEp := func(a, b endpoint) int { return int(a.port) - int(b.port) + 65536*(int(a.proto)-int(b.proto)) + 1<<25*a.addr.Compare(b.addr) }
+	if len(in) != len(s.quar4.byIn) {
+		return fmt.Sprintf("quar4.byIn has %d addresses, s.quar %d", len(s.quar4.byIn), len(in))
+	}
+	for a, l := range in {
+		got := slices.Clone(s.quar4.byIn[a])
+		slices.SortFunc(got, byEp)
+		slices.SortFunc(l, byEp)
+		if !slices.Equal(got, l) {
+			return fmt.Sprintf("quar4.byIn of %v is %v, s.quar's %v", netip.AddrFrom4(a), got, l)
+		}
+	}
+	return ""
+}
+
 func pool4Diff(tab *table) string {
 	held := map[port4]*portBits{}
 	in := map[[4]byte][]uint32{}
@@ -44,8 +81,10 @@ func pool4Diff(tab *table) string {
 			}
 		}
 	}
-	if len(held) != len(tab.held4) {
-		return fmt.Sprintf("held4 has %d address/protocol bitmaps, the table's IPv4 endpoints %d", len(tab.held4), len(held))
+	for k, b := range tab.held4 {
+		if held[k] == nil && *b != (portBits{}) {
+			return fmt.Sprintf("held4 of %v/%d holds ports no lease holds", netip.AddrFrom4(k.a), k.proto)
+		}
 	}
 	for k, b := range held {
 		got := tab.held4[k]
@@ -150,9 +189,22 @@ func (st *poolScanState) fill(n int) {
 				keys = slices.Delete(keys, i, i+1)
 			}
 			continue
-		case 2, 3:
+		case 2:
+			for e := range s.quar { // one, at random
+				s.quarDel(e)
+				break
+			}
+			continue
+		case 3, 4:
 			e := endpoint{addr: ext4, proto: st.protos[rng.IntN(len(st.protos))], port: st.port()}
-			until := now.Add(time.Duration(rng.IntN(120)-60) * time.Minute)
+			if rng.IntN(8) == 0 {
+				e.addr = ext2
+			}
+			// Ended, ending within quarSlack or a few minutes, or later.
+			until := now.Add([]time.Duration{-time.Minute, 0, time.Second, quarSlack, time.Minute}[rng.IntN(5)] + time.Duration(rng.IntN(240)-60)*time.Second)
+			if rng.IntN(3) == 0 {
+				until = now.Add(time.Duration(rng.IntN(120)-60) * time.Minute)
+			}
 			s.quarPut(e, quarantine{owner: "static:q", addr: st.pick(st.addrs), port: st.iport(), nonce: [12]byte{byte(rng.IntN(2))}, until: until})
 			continue
 		}
@@ -196,7 +248,7 @@ func (st *poolScanState) diff(a *ask) string {
 	var lin uint16
 	var linOK bool
 	offered := map[uint16]bool{}
-	for p := range s.tab.freePorts4(ext4, k.Protocol, k.InternalAddr, st.first, st.last) {
+	for p := range s.freePorts4(now, ext4, k.Protocol, k.InternalAddr, st.first, st.last) {
 		offered[p] = true
 	}
 	for p := int(st.first); p <= int(st.last); p++ {
@@ -209,7 +261,7 @@ func (st *poolScanState) diff(a *ask) string {
 			}
 		}
 	}
-	got, ok := s.lowestFree(k, ext4, st.first, st.last, try)
+	got, ok := s.lowestFree(now, k, ext4, st.first, st.last, try)
 	if got != lin || ok != linOK {
 		return fmt.Sprintf("%v (nonce %d): lowestFree %d %v, the linear scan %d %v", k, a.nonce[0], got, ok, lin, linOK)
 	}
@@ -239,12 +291,32 @@ func TestPoolScanMatchesLinear(t *testing.T) {
 			st.fill(20 + st.rng.IntN(int(st.last-st.first)+40))
 			st.h.s.mu.Lock()
 			checkTable(t, st.h.s.tab)
+			d := quar4Diff(st.h.s)
 			st.h.s.mu.Unlock()
+			if d != "" {
+				t.Fatalf("seed %d: %s", seed, d)
+			}
 			for range 40 {
 				if d := st.diff(st.ask()); d != "" {
 					t.Fatalf("seed %d, pool %d-%d: %s", seed, st.first, st.last, d)
 				}
 				asks++
+				if st.rng.IntN(8) == 0 {
+					// Quarantines end while their bitmaps stand.
+					st.h.clock.Advance(time.Duration(st.rng.IntN(90)) * time.Second)
+				}
+			}
+			if st.rng.IntN(4) == 0 {
+				// A wall-clock step moves the quarantines' ends (rebase).
+				s := st.h.s
+				d := time.Duration(st.rng.IntN(600)-300) * time.Second
+				s.mu.Lock()
+				for e, q := range s.quar {
+					q.until = q.until.Add(d)
+					s.quar[e] = q
+				}
+				s.quar4.stale()
+				s.mu.Unlock()
 			}
 		}
 	}
@@ -278,7 +350,9 @@ func TestPoolScanCatchesBrokenIndex(t *testing.T) {
 			a := &ask{kind: store.KindMap, key: store.Key{Owner: ownerA, Protocol: protoTCP, InternalAddr: v4A, InternalPort: 8080}}
 			other := netip.MustParseAddr("10.0.0.9")
 			s.mu.Lock()
-			clear(s.quar)
+			for e := range s.quar {
+				s.quarDel(e)
+			}
 			// first held by another client; first+1 by a's own tuple (a
 			// PEER beside it, say), the lowest port a may take.
 			for i, in := range []netip.Addr{other, v4A} {

@@ -93,15 +93,18 @@ func (t *tx) taken(l *store.Lease) {
 func (s *Server) quarPut(e endpoint, q quarantine) {
 	if old, ok := s.quar[e]; ok {
 		s.quarUnlist(old.owner, e)
+		s.quar4.del(e, old)
 	}
 	s.quar[e] = q
 	s.quarBy[q.owner] = append(s.quarBy[q.owner], e)
+	s.quar4.put(e, q)
 }
 
 // quarDel ends e's quarantine, keeping quarBy in step.
 func (s *Server) quarDel(e endpoint) {
 	if old, ok := s.quar[e]; ok {
 		s.quarUnlist(old.owner, e)
+		s.quar4.del(e, old)
 		delete(s.quar, e)
 	}
 }

@@ -62,6 +62,7 @@ type Server struct {
 	tab       *table
 	quar      map[endpoint]quarantine
 	quarBy    map[string][]endpoint // quar's endpoints per owner, oldest first (quarantine.go)
+	quar4     quar4                 // quar's IPv4 ports for the pool's scan (pool4.go)
 	hostPorts hostPorts
 	epoch     epochClock
 	started   time.Time
@@ -255,6 +256,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		tab:          newTable(),
 		quar:         map[endpoint]quarantine{},
 		quarBy:       map[string][]endpoint{},
+		quar4:        quar4{bits: map[port4]*quarBits{}, byIn: map[[4]byte][]endpoint{}},
 		storeDebt:    map[store.Key]struct{}{},
 		quarDebt:     map[endpoint]struct{}{},
 		dirty:        map[store.Key]time.Time{},
