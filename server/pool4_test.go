@@ -44,7 +44,9 @@ func quar4Diff(s *Server) string {
 			in[q.addr.As4()] = append(in[q.addr.As4()], e)
 		}
 	}
-	byEp := func(a, b endpoint) int { return int(a.port) - int(b.port) + 65536*(int(a.proto)-int(b.proto)) + 1<<25*a.addr.Compare(b.addr) }
+	byEp := func(a, b endpoint) int {
+		return int(a.port) - int(b.port) + 65536*(int(a.proto)-int(b.proto)) + 1<<25*a.addr.Compare(b.addr)
+	}
 	if len(in) != len(s.quar4.byIn) {
 		return fmt.Sprintf("quar4.byIn has %d addresses, s.quar %d", len(s.quar4.byIn), len(in))
 	}
