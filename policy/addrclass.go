@@ -23,9 +23,14 @@ func neverOpenable(a netip.Addr) bool {
 		// limited broadcast address.
 		return b[0] == 0 || b == [4]byte{255, 255, 255, 255}
 	}
-	// Every translation prefix lies in 0000::/8; global unicast
-	// (2000::/3) and ULAs (fc00::/7), the common targets, skip the
-	// search on their first octet.
+	return isTranslated(a)
+}
+
+// isTranslated reports whether a lies in one of the fixed translation
+// prefixes. Every one lies in 0000::/8; global unicast (2000::/3) and
+// ULAs (fc00::/7), the common addresses, skip the search on their first
+// octet.
+func isTranslated(a netip.Addr) bool {
 	return a.As16()[0] == 0 && inPrefixes(a, translation)
 }
 

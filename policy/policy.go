@@ -316,9 +316,13 @@ func (p *Policy) PortAllowed(port uint16) bool {
 // Requester returns the owner a request from src that arrived on the
 // interface whose kernel name is iface is taken as: Authorize's owner of
 // r.Source (InterfaceLookup.LookupOn when the ownership has it, else
-// Lookup). src is unmapped first.
+// Lookup). src is unmapped first. A source inside a translation prefix
+// is nobody's (translated).
 func (p *Policy) Requester(src netip.Addr, iface string) (Owner, bool) {
 	src = src.Unmap()
+	if p.translated(src) {
+		return Owner{}, false
+	}
 	if p.onIface != nil {
 		return p.onIface.LookupOn(src, iface)
 	}
@@ -346,6 +350,9 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		t := p.fast.current()
 		si := noOwner
 		if src.IsValid() && src.Zone() == "" {
+			if p.translated(src) {
+				return Owner{}, NoOwner // no re-read (miss) finds it an owner
+			}
 			si = t.findOn(src, r.Iface)
 		}
 		if si < 0 {
@@ -487,6 +494,19 @@ func (p *Policy) HostGen() uint64 {
 		return 0
 	}
 	return p.hostGen()
+}
+
+// translated reports whether a lies in a translation prefix, a fixed one
+// or Config.TranslationPrefixes: it stands for an IPv4 host on the far
+// side of a translator. As a target it is never openable; as a source it
+// is nobody's (Authorize, Requester), as an IPv4-mapped source is
+// dropped: the holder of the prefix (a client given 64:ff9b::/96, the
+// WireGuard peer that is the NAT64 gateway) is not the IPv4 host, and
+// taken as the holder's, a request from 64:ff9b::c633:6402 opened and
+// deleted the holder's mappings by THIRD_PARTY (review h/revp64,
+// TestAuthorizeTranslatedSource, TestTranslatedSourceIsNobodys).
+func (p *Policy) translated(a netip.Addr) bool {
+	return isTranslated(a) || len(p.xlat) != 0 && inPrefixes(a, p.xlat)
 }
 
 // neverOpenable reports whether a is in a class no one may open, whatever
