@@ -350,7 +350,10 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		t := p.fast.current()
 		si := noOwner
 		if src.IsValid() && src.Zone() == "" {
-			if p.translated(src) {
+			// translated, by hand: it is not inlined, and the common
+			// source (global unicast, no --nat64-prefix) pays one octet
+			// compare.
+			if (src.As16()[0] == 0 || len(p.xlat) != 0) && p.translatedSearch(src) {
 				return Owner{}, NoOwner // no re-read (miss) finds it an owner
 			}
 			si = t.findOn(src, r.Iface)
@@ -506,7 +509,11 @@ func (p *Policy) HostGen() uint64 {
 // deleted the holder's mappings by THIRD_PARTY (review h/revp64,
 // TestAuthorizeTranslatedSource, TestTranslatedSourceIsNobodys).
 func (p *Policy) translated(a netip.Addr) bool {
-	return isTranslated(a) || len(p.xlat) != 0 && inPrefixes(a, p.xlat)
+	return (a.As16()[0] == 0 || len(p.xlat) != 0) && p.translatedSearch(a)
+}
+
+func (p *Policy) translatedSearch(a netip.Addr) bool {
+	return isTranslated(a) || inPrefixes(a, p.xlat)
 }
 
 // neverOpenable reports whether a is in a class no one may open, whatever

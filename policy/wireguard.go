@@ -627,9 +627,10 @@ func (w *WireGuard) buildLocked() *table {
 				}
 				p = p.Masked()
 				if t, ok := OverlapsTranslation(p, w.xlat); ok {
-					// Still owned (the peer may be the NAT64 gateway, and
-					// its sources are its own), but no target there is
-					// openable: say so, once.
+					// Still owned (the peer may be the NAT64 gateway), but
+					// no target there is openable, and no request from
+					// there is the peer's (an IPv4 host's, through the
+					// translator: Policy.translated): say so, once.
 					w.warnOnce(id, p, "AllowedIP overlaps an IPv6-to-IPv4 translation prefix; its addresses there are never openable",
 						fmt.Errorf("overlaps %s", t))
 				}
