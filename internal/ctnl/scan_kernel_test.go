@@ -215,3 +215,50 @@ func TestDeleteMsgNeverFlushes(t *testing.T) {
 		t.Errorf("%d entries left, want %d", got, n-1)
 	}
 }
+
+// TestCountKernel (root, a namespace of its own): Count is the number of
+// conntrack entries of the socket's namespace: 0 in a new one, n once n
+// are made there, and still 0 in another new namespace (a dump walks
+// every namespace's entries; the count is the namespace's own); an
+// answer left queued by an earlier exchange on the socket is skipped.
+func TestCountKernel(t *testing.T) {
+	netlab.RequireRoot(t)
+	ns := netlab.NewNS(t, "ctcount")
+	h, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: int(h)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	count := func(c *netlink.Conn, want uint32) {
+		t.Helper()
+		if n, err := ctnl.Count(c); err != nil || n != want {
+			t.Fatalf("Count: %d, %v; want %d", n, err, want)
+		}
+	}
+	count(c, 0)
+	const n = 40
+	netlab.FillConntrack(t, ns, n, scanEntry)
+	count(c, n)
+	// A request answered but not read: Count reads past its answer.
+	if _, err := c.Send(ctnl.Request(ctnl.MsgStats, netlink.Request, unix.AF_UNSPEC, nil)); err != nil {
+		t.Fatal(err)
+	}
+	count(c, n)
+	other := netlab.NewNS(t, "ctcount2")
+	h2, err := other.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h2.Close()
+	c2, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: int(h2)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	count(c2, 0)
+}
