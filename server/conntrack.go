@@ -668,12 +668,6 @@ func (s *Server) walkCt(fs []ctFilter, admits ctAdmits, live bool) ([]ctFilter, 
 	// new deleter around it every walk: nothing else of the last walk's
 	// (what it spared, the host's addresses then) carries over.
 	c, err := s.ctSock.take(fd)
-	if err == nil {
-		c, err = s.ctEmpty(c, fd)
-	}
-	if errors.Is(err, errCtEmpty) {
-		return nil, nil
-	}
 	if err != nil {
 		s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))
 		return s.walkConntrackGeneric(fs, admits, live)

@@ -13,7 +13,6 @@ import (
 
 	"github.com/mdlayher/netlink"
 	vnl "github.com/vishvananda/netlink"
-	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/ctnl"
@@ -198,35 +197,6 @@ func (k *ctSocket) put(c *netlink.Conn, ok bool) {
 		return
 	}
 	k.c = c
-}
-
-// errCtEmpty: the namespace holds no conntrack entry (ctEmpty).
-var errCtEmpty = errors.New("conntrack table empty")
-
-// ctEmpty asks the kernel how many conntrack entries the namespace holds
-// (ctnl.Count) before a walk's dumps: with none there is no flow for them
-// to end, and errCtEmpty says so, c handed back. Each dump walks the
-// whole conntrack hash of every namespace (262 144 buckets here: ≈ 9 ms
-// of one of the two CPUs, which a PREEMPT_NONE kernel gives nobody else
-// meanwhile); at the walks' 100 ms spacing (ctWalkGap) they were the
-// churn row's tail (BENCHMARKS.md item 64). A count that fails leaves
-// c's state unknown: it is closed, and the walk goes on on a socket
-// taken anew (nsFd). The count is taken after the ended mappings'
-// pinholes left the kernel (the walk runs after their transaction), so
-// no flow they admitted can appear after it.
-func (s *Server) ctEmpty(c *netlink.Conn, nsFd int) (*netlink.Conn, error) {
-	n, err := ctnl.Count(c)
-	if err != nil {
-		s.log.Debug("conntrack count", zap.Error(err))
-		s.ctSock.put(c, false)
-		return s.ctSock.take(nsFd)
-	}
-	if n > 0 {
-		return c, nil
-	}
-	s.ctSock.put(c, true)
-	s.m.ctWalks.Inc()
-	return nil, errCtEmpty
 }
 
 // ctReadBuffer is the conntrack socket's receive buffer: 256 failed

@@ -25,7 +25,6 @@ const (
 	MsgNew    = 0 // IPCTNL_MSG_CT_NEW
 	MsgGet    = 1 // IPCTNL_MSG_CT_GET
 	MsgDelete = 2 // IPCTNL_MSG_CT_DELETE
-	MsgStats  = 5 // IPCTNL_MSG_CT_GET_STATS
 )
 
 // Attributes (enum ctattr_type, ctattr_tuple, ctattr_ip, ctattr_l4proto,
@@ -51,8 +50,6 @@ const (
 	ProtoNum     = 1 // CTA_PROTO_NUM
 	ProtoSrcPort = 2 // CTA_PROTO_SRC_PORT
 	ProtoDstPort = 3 // CTA_PROTO_DST_PORT
-
-	StatsEntries = 1 // CTA_STATS_GLOBAL_ENTRIES (enum ctattr_stats_global)
 
 	FilterOrigFlags  = 1 // CTA_FILTER_ORIG_FLAGS
 	FilterReplyFlags = 2 // CTA_FILTER_REPLY_FLAGS
@@ -442,77 +439,4 @@ func Messages(m []byte, seq uint32, f *Flow, fn func(*Flow) bool) (end, found bo
 		}
 	}
 	return false, false, nil
-}
-
-// Count is how many conntrack entries c's network namespace holds
-// (IPCTNL_MSG_CT_GET_STATS: CTA_STATS_GLOBAL_ENTRIES, the namespace's
-// nf_conntrack_count: every entry, confirmed or not, of every zone and
-// family). A dump walks the hash table of every namespace whatever this
-// one holds (≈ 9 ms at 262 144 buckets, without a reschedule on a
-// PREEMPT_NONE kernel: BENCHMARKS.md item 64); with no entry there is
-// nothing for one to find. What c reads with another sequence number
-// (left by an earlier exchange) is skipped; the read is bounded by
-// DumpTimeout and c's read deadline cleared on return.
-func Count(c *netlink.Conn) (uint32, error) {
-	sent, err := c.Send(Request(MsgStats, netlink.Request, unix.AF_UNSPEC, nil))
-	if err != nil {
-		return 0, fmt.Errorf("conntrack count: %w", err)
-	}
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	if err := c.SetReadDeadline(time.Now().Add(DumpTimeout)); err != nil {
-		return 0, err
-	}
-	defer c.SetReadDeadline(time.Time{})
-	buf := make([]byte, 8<<10)
-	for {
-		var n int
-		var rerr error
-		if err := raw.Read(func(fd uintptr) bool {
-			n, _, rerr = unix.Recvfrom(int(fd), buf, 0)
-			return rerr != unix.EAGAIN && rerr != unix.EWOULDBLOCK
-		}); err != nil {
-			return 0, fmt.Errorf("conntrack count: %w", err)
-		}
-		if rerr != nil {
-			return 0, fmt.Errorf("conntrack count: %w", rerr)
-		}
-		m := buf[:n]
-		for len(m) >= unix.NLMSG_HDRLEN {
-			l := int(binary.NativeEndian.Uint32(m))
-			if l < unix.NLMSG_HDRLEN || l > len(m) {
-				return 0, errors.New("conntrack count: malformed message")
-			}
-			typ, mseq := binary.NativeEndian.Uint16(m[4:]), binary.NativeEndian.Uint32(m[8:])
-			data := m[unix.NLMSG_HDRLEN:l]
-			m = m[min(nlAlign(l), len(m)):]
-			if mseq != sent.Header.Sequence {
-				continue
-			}
-			if typ == unix.NLMSG_ERROR {
-				if len(data) >= 4 {
-					if e := int32(binary.NativeEndian.Uint32(data)); e < 0 {
-						return 0, fmt.Errorf("conntrack count: %w", unix.Errno(-e))
-					}
-				}
-				return 0, errors.New("conntrack count: no statistics in the reply")
-			}
-			if typ != unix.NFNL_SUBSYS_CTNETLINK<<8|MsgStats || len(data) < 4 {
-				continue
-			}
-			var count uint32
-			found := false
-			ok := Attrs(data[4:], func(typ uint16, v []byte) {
-				if typ == StatsEntries && len(v) == 4 {
-					count, found = binary.BigEndian.Uint32(v), true
-				}
-			})
-			if !ok || !found {
-				return 0, errors.New("conntrack count: no entry count in the reply")
-			}
-			return count, nil
-		}
-	}
 }
