@@ -1,7 +1,6 @@
 package pinhole
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -97,10 +96,6 @@ func flushConn(c *nftables.Conn, nl *netlink.Conn) (inStep bool, err error) {
 	return true, nil
 }
 
-// slowReplyHook, when set (tests only), is told of every read readReplies
-// makes through nl.Receive (not of the acknowledgements acksPeeker takes).
-var slowReplyHook func()
-
 // sentHook, when set (tests only: CountSent), is told how many messages
 // each batch flushConn reads the replies of sent.
 var sentHook func(n int)
@@ -152,14 +147,7 @@ func unread(err error) (n int, sentOnly bool) {
 // of ReplaceRules reported failed (TestFlushConnEchoedRules).
 func readReplies(nl *netlink.Conn, n int) (ended bool, err error) {
 	var errs error
-	peek := acksPeeker(nl)
 	for read := 0; read < n; {
-		if errs == nil {
-			if k := peek(); k > 0 {
-				read += k
-				continue
-			}
-		}
 		if errs != nil && !queued(nl) {
 			// An error reply came and nothing follows it: an error for
 			// the whole batch, its only reply (the others are queued
@@ -167,9 +155,6 @@ func readReplies(nl *netlink.Conn, n int) (ended bool, err error) {
 			// message, a failed commit's has its acknowledgements after).
 			return true, fmt.Errorf("conn.Receive: %w", errors.Join(errs,
 				fmt.Errorf("%d of %d replies: %w", read, n, errBatchEnded)))
-		}
-		if slowReplyHook != nil {
-			slowReplyHook()
 		}
 		msgs, e := nl.Receive()
 		if e == nil {
@@ -194,78 +179,6 @@ func readReplies(nl *netlink.Conn, n int) (ended bool, err error) {
 		return false, fmt.Errorf("conn.Receive: %w", errs)
 	}
 	return false, nil
-}
-
-// acksPeeker returns a reader of the datagram queued first on nl when it
-// holds acknowledgements only (or them and notifications, which
-// readReplies skips): it takes the datagram and says how many; 0 when
-// nothing is queued, the socket has an error, the datagram holds an error
-// reply or anything else readReplies must judge, or is longer than a
-// small buffer. The datagram is then left for nl.Receive. A batch's
-// acknowledgements are queued by the time its send returns, one a
-// datagram (netlink_ack: 36 bytes each), so this is the common case, read
-// with a peek and a zero-length read through the socket's descriptor:
-// mdlayher/netlink's Receive does a page-sized allocation, a peek and a
-// read, each read starting a goroutine to watch a context and waking an
-// idle thread for it (mdlayher/socket rwT), ≈ 2.5 µs of CPU a new MAP at
-// 3.4 new MAPs a batch (BENCHMARKS.md item 64).
-func acksPeeker(nl *netlink.Conn) func() int {
-	rc, err := nl.SyscallConn()
-	if err != nil {
-		return func() int { return 0 }
-	}
-	var buf [512]byte
-	return func() int {
-		acks := 0
-		if err := rc.Control(func(fd uintptr) {
-			k, _, rerr := unix.Recvfrom(int(fd), buf[:], unix.MSG_PEEK|unix.MSG_DONTWAIT|unix.MSG_TRUNC)
-			if rerr != nil || k > len(buf) {
-				return
-			}
-			if acks = plainAcks(buf[:k]); acks > 0 {
-				// The same datagram (nothing else reads nl meanwhile),
-				// dropped.
-				if _, _, rerr := unix.Recvfrom(int(fd), nil, unix.MSG_DONTWAIT|unix.MSG_TRUNC); rerr != nil {
-					acks = 0
-				}
-			}
-		}); err != nil {
-			return 0
-		}
-		return acks
-	}
-}
-
-// plainAcks counts the acknowledgements (NLMSG_ERROR, errno 0) of the
-// netlink datagram b; 0 if it holds none, or anything readReplies must
-// see through nl.Receive: an error reply, an NLMSG_DONE with a payload
-// (an error number, as mdlayher/netlink checks), a malformed message.
-// Other messages (notifications a batch asked for) are skipped, as
-// readReplies skips them.
-func plainAcks(b []byte) int {
-	acks := 0
-	for len(b) >= unix.NLMSG_HDRLEN {
-		l := int(binary.NativeEndian.Uint32(b))
-		if l < unix.NLMSG_HDRLEN || l > len(b) {
-			return 0
-		}
-		typ := binary.NativeEndian.Uint16(b[4:])
-		data := b[unix.NLMSG_HDRLEN:l]
-		switch {
-		case typ == unix.NLMSG_ERROR:
-			if len(data) < 4 || binary.NativeEndian.Uint32(data) != 0 {
-				return 0
-			}
-			acks++
-		case typ == unix.NLMSG_DONE && len(data) > 0:
-			return 0
-		}
-		b = b[min((l+unix.NLMSG_ALIGNTO-1)&^(unix.NLMSG_ALIGNTO-1), len(b)):]
-	}
-	if len(b) != 0 {
-		return 0
-	}
-	return acks
 }
 
 // errBatchEnded marks a batch answered with fewer replies than messages,
