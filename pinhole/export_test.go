@@ -9,6 +9,9 @@ import (
 	"github.com/vishvananda/netlink"
 )
 
+// CmpOdd lets cmp compare Pinholes (their odd element).
+var CmpOdd = cmpOdd
+
 // SetUpdatesInPlace overrides what Setup's probe found, so a test on a
 // kernel with in-place updates can exercise the add, delete, add sequence
 // older kernels need.

@@ -1,9 +1,11 @@
 package pinhole
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"unique"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -117,6 +119,9 @@ func newSet(table *nftables.Table, prefix string, spec setSpec) *nftables.Set {
 
 // kindOf picks the set for a normalized Pinhole.
 func kindOf(p Pinhole) kind {
+	if p.Odd() {
+		return p.odd.Value().k
+	}
 	filtered := p.RemotePrefix.IsValid()
 	switch {
 	case p.InternalAddr.Is4():
@@ -202,6 +207,10 @@ func rangePrefix(first, last netip.Addr) (netip.Prefix, bool) {
 // element encodes a normalized Pinhole as an element of its set (timeout
 // left for the caller).
 func element(k kind, p Pinhole) nftables.SetElement {
+	if p.Odd() {
+		o := p.odd.Value()
+		return nftables.SetElement{Key: []byte(o.key), KeyEnd: bytesOrNil(o.end), Val: bytesOrNil(o.val)}
+	}
 	var key, end, val []byte
 	switch k {
 	case kindPort:
@@ -349,7 +358,27 @@ func decode(k kind, e nftables.SetElement) (Pinhole, error) {
 	if err != nil {
 		return Pinhole{}, fmt.Errorf("pinhole: %s: %s: %w", specs[k].name, p, err)
 	}
+	if kindOf(n) != k || !sameElement(element(k, n), e) {
+		// Not what pcpd writes for n (by hand): n keeps the element, so
+		// that its Delete removes this one. Before (h/redir6), a
+		// redir6_filter element from a port to itself or from every port
+		// was read as a pin6_filter pinhole: its undo went to pin6_filter
+		// and it stayed (TestE2EWatchUndoesOddRedir6Filter).
+		n.odd = unique.Make(oddElement{k: k, key: string(e.Key), end: string(e.KeyEnd), val: string(e.Val)})
+	}
 	return n, nil
+}
+
+// sameElement: a and b have the same key, key end and data.
+func sameElement(a, b nftables.SetElement) bool {
+	return bytes.Equal(a.Key, b.Key) && bytes.Equal(a.KeyEnd, b.KeyEnd) && bytes.Equal(a.Val, b.Val)
+}
+
+func bytesOrNil(s string) []byte {
+	if s == "" {
+		return nil
+	}
+	return []byte(s)
 }
 
 func firstErr(errs ...error) error {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/netip"
 	"testing"
+	"unique"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/nftables"
@@ -13,6 +14,9 @@ import (
 var (
 	cmpAddr   = cmp.Comparer(func(a, b netip.Addr) bool { return a == b })
 	cmpPrefix = cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })
+	// cmpOdd compares Pinhole.odd (a unique.Handle: equal handles, equal
+	// elements).
+	cmpOdd = cmp.Options{cmp.AllowUnexported(Pinhole{}), cmp.Comparer(func(a, b unique.Handle[oddElement]) bool { return a == b })}
 	pfx       = netip.MustParsePrefix
 	addr      = netip.MustParseAddr
 )
@@ -68,7 +72,7 @@ func TestNormalize(t *testing.T) {
 			if err != nil {
 				t.Fatalf("normalize: %v", err)
 			}
-			if diff := cmp.Diff(tc.want, got, cmpAddr, cmpPrefix); diff != "" {
+			if diff := cmp.Diff(tc.want, got, cmpAddr, cmpPrefix, cmpOdd); diff != "" {
 				t.Errorf("normalize (-want +got):\n%s", diff)
 			}
 			if k := kindOf(got); k != tc.kind {
@@ -82,7 +86,7 @@ func TestNormalize(t *testing.T) {
 			if err != nil {
 				t.Fatalf("decode: %v", err)
 			}
-			if diff := cmp.Diff(got, back, cmpAddr, cmpPrefix); diff != "" {
+			if diff := cmp.Diff(got, back, cmpAddr, cmpPrefix, cmpOdd); diff != "" {
 				t.Errorf("element round trip (-want +got):\n%s", diff)
 			}
 		})

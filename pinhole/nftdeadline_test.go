@@ -65,7 +65,7 @@ func TestApplyENOMEMMidBatch(t *testing.T) {
 			}
 			// The kernel aborted the batch: nothing of it applied.
 			got, _ := listPinholes(t, b)
-			if diff := cmp.Diff([]pinhole.Pinhole{kept}, got, cmpAddr, cmpPrefix); diff != "" {
+			if diff := cmp.Diff([]pinhole.Pinhole{kept}, got, cmpAddr, cmpPrefix, cmpOdd); diff != "" {
 				t.Errorf("kernel after the aborted batch (-want +got):\n%s", diff)
 			}
 			if err := b.Healthy(); err != nil {
@@ -77,7 +77,7 @@ func TestApplyENOMEMMidBatch(t *testing.T) {
 				t.Fatalf("Apply after the reset: %v", err)
 			}
 			got, _ = listPinholes(t, b)
-			if diff := cmp.Diff(want, got, cmpAddr, cmpPrefix); diff != "" {
+			if diff := cmp.Diff(want, got, cmpAddr, cmpPrefix, cmpOdd); diff != "" {
 				t.Errorf("kernel after the retried batch (-want +got):\n%s", diff)
 			}
 		})
@@ -115,7 +115,7 @@ func TestHealthySentinelENOMEM(t *testing.T) {
 		t.Errorf("Healthy after: %v", err)
 	}
 	got, _ := listPinholes(t, b)
-	if diff := cmp.Diff([]pinhole.Pinhole{p}, got, cmpAddr, cmpPrefix); diff != "" {
+	if diff := cmp.Diff([]pinhole.Pinhole{p}, got, cmpAddr, cmpPrefix, cmpOdd); diff != "" {
 		t.Errorf("kernel after (-want +got):\n%s", diff)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"net/netip"
 	"time"
+	"unique"
 )
 
 // Protocol numbers with a port field at the start of the transport header.
@@ -89,7 +90,26 @@ type Pinhole struct {
 	ExternalPort uint16     // IPv6: 0 means InternalPort
 	RemotePrefix netip.Prefix
 	RemotePort   uint16
+	// odd is, for a Pinhole List or the watcher read from an element
+	// pcpd never writes (by hand: one that element would not write back
+	// to the set it came from, such as an IPv6 redirect from a port to
+	// itself or from every port, which kindOf puts in another set), that
+	// element and its set: a Delete of this Pinhole removes exactly it.
+	// The zero Handle for every other Pinhole. Such a Pinhole equals no
+	// lease's, and Apply installs none (h/redir6).
+	odd unique.Handle[oddElement]
 }
+
+// oddElement is a Pinhole's odd element: its set and its bytes.
+type oddElement struct {
+	k             kind
+	key, end, val string
+}
+
+// Odd reports whether p was read from an element pcpd never writes (by
+// hand), which only a Delete of p removes; such a p is none of a lease's
+// pinholes.
+func (p Pinhole) Odd() bool { return p.odd != unique.Handle[oddElement]{} }
 
 // String is for logs and error messages.
 func (p Pinhole) String() string {
@@ -102,6 +122,10 @@ func (p Pinhole) String() string {
 		if p.RemotePort != 0 {
 			s += fmt.Sprintf(" port %d", p.RemotePort)
 		}
+	}
+	if p.Odd() {
+		o := p.odd.Value()
+		s += fmt.Sprintf(" (%s element pcpd never writes: %x . %x : %x)", specs[o.k].name, o.key, o.end, o.val)
 	}
 	return s
 }
@@ -269,6 +293,9 @@ const maxTimeout = 365 * 24 * time.Hour
 func (o Op) validate() (Op, error) {
 	switch o.Kind {
 	case Install, Refresh:
+		if o.Pinhole.Odd() {
+			return Op{}, fmt.Errorf("an element pcpd never writes (read by List or the watcher) can only be deleted: %w", ErrInvalid)
+		}
 		if o.Timeout < time.Millisecond || o.Timeout > maxTimeout {
 			return Op{}, fmt.Errorf("timeout %v out of range [1ms, %v]: %w", o.Timeout, maxTimeout, ErrInvalid)
 		}

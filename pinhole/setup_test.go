@@ -56,6 +56,7 @@ func listPinholes(t *testing.T, b *pinhole.Backend) ([]pinhole.Pinhole, []pinhol
 
 var cmpAddr = cmp.Comparer(func(a, b netip.Addr) bool { return a == b })
 var cmpPrefix = cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })
+var cmpOdd = pinhole.CmpOdd
 
 // TestListRoundTrip: every shape installed comes back from List unchanged,
 // with a remaining time that the kernel is counting down.
@@ -70,7 +71,7 @@ func TestListRoundTrip(t *testing.T) {
 	got, entries := listPinholes(t, b)
 	want := slices.Clone(everyShape)
 	slices.SortFunc(want, sortPinholes)
-	if diff := cmp.Diff(want, got, cmpAddr, cmpPrefix); diff != "" {
+	if diff := cmp.Diff(want, got, cmpAddr, cmpPrefix, cmpOdd); diff != "" {
 		t.Errorf("List (-want +got):\n%s", diff)
 	}
 	for _, e := range entries {
@@ -195,7 +196,7 @@ func TestApplyNamesFailingOp(t *testing.T) {
 			}
 			t.Logf("error: %v", err)
 			got, _ := listPinholes(t, b)
-			if diff := cmp.Diff([]pinhole.Pinhole{taken}, got, cmpAddr, cmpPrefix); diff != "" {
+			if diff := cmp.Diff([]pinhole.Pinhole{taken}, got, cmpAddr, cmpPrefix, cmpOdd); diff != "" {
 				t.Errorf("kernel state after failed batch (-want +got):\n%s", diff)
 			}
 		})
@@ -376,7 +377,7 @@ func TestOverlappingFilters(t *testing.T) {
 	got, _ := listPinholes(t, b)
 	want := []pinhole.Pinhole{outer, plain}
 	slices.SortFunc(want, sortPinholes)
-	if diff := cmp.Diff(want, got, cmpAddr, cmpPrefix); diff != "" {
+	if diff := cmp.Diff(want, got, cmpAddr, cmpPrefix, cmpOdd); diff != "" {
 		t.Errorf("after deleting the absent nested filter (-want +got):\n%s", diff)
 	}
 	// A present filtered mapping with other internal data is still a conflict.

@@ -1,0 +1,77 @@
+package pinhole
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+)
+
+// TestOddElementRoundTrip (h/redir6): an element pcpd never writes in
+// its set (by hand) decodes to an odd Pinhole that encodes back to that
+// very element of that very set, so that its Delete removes it; it is
+// no lease's pinhole (not equal to the plain one it reads like) and
+// cannot be installed. Before, a redir6_filter element from a port to
+// itself or from every port decoded as a pin6_filter pinhole (kindOf) and
+// its Delete went there: 'redir6_filter: decoded to pin6_filter'. Every
+// shape pcpd writes still decodes to a plain Pinhole (TestNormalize).
+func TestOddElementRoundTrip(t *testing.T) {
+	c := addr("2001:db8:1:2::10")
+	from := pfx("2001:db8:ffff::/48")
+	filtered := Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 443, ExternalAddr: c, ExternalPort: 443, RemotePrefix: from}
+	plain := Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 443, ExternalAddr: c, ExternalPort: 443}
+	allPorts := element(kindRedirect6Filter, filtered)
+	allPorts.Key = append([]byte{}, allPorts.Key...)
+	allPorts.KeyEnd = append([]byte{}, allPorts.KeyEnd...)
+	allPorts.Key[20], allPorts.Key[21] = 0, 0             // external ports 0 ..
+	allPorts.KeyEnd[20], allPorts.KeyEnd[21] = 0xff, 0xff // .. 65535
+	zeroRange := element(kindFilter, filtered)
+	zeroRange.Key = append([]byte{}, zeroRange.Key...)
+	zeroRange.KeyEnd = append([]byte{}, zeroRange.KeyEnd...)
+	zeroRange.Key[20], zeroRange.Key[21], zeroRange.KeyEnd[20], zeroRange.KeyEnd[21] = 0, 0, 0, 0 // port 0-0, not "any"
+	for _, tc := range []struct {
+		name  string
+		k     kind
+		e     nftables.SetElement
+		looks Pinhole // the plain Pinhole it reads like
+	}{
+		{"redir6_filter, a port to itself", kindRedirect6Filter, element(kindRedirect6Filter, filtered), filtered},
+		{"redir6_filter, every port to 443", kindRedirect6Filter, allPorts, filtered},
+		{"redir6, a port to itself", kindRedirect6, element(kindRedirect6, plain), plain},
+		{"pin6_filter, port range 0-0", kindFilter, zeroRange, Pinhole{Protocol: 6, InternalAddr: c, ExternalAddr: c, RemotePrefix: from}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, err := decode(tc.k, tc.e)
+			if err != nil {
+				t.Fatalf("decode: %v", err)
+			}
+			if k := kindOf(p); k != tc.k || !p.Odd() {
+				t.Fatalf("%s: decoded to %s (odd %v)", specs[tc.k].name, specs[k].name, p.Odd())
+			}
+			if p == tc.looks {
+				t.Errorf("equal to the plain pinhole %v: a lease holding that one would hold it", tc.looks)
+			}
+			if c, err := p.Canonical(); err != nil || c != p {
+				t.Errorf("Canonical: %v, %v; want it unchanged", c, err)
+			}
+			enc, err := encode(Op{Kind: Delete, Pinhole: p})
+			if err != nil {
+				t.Fatalf("encode Delete: %v", err)
+			}
+			if enc.k != tc.k || !sameElement(enc.elem, tc.e) {
+				t.Errorf("Delete goes to %s %x . %x : %x, want %s %x . %x : %x", specs[enc.k].name, enc.elem.Key, enc.elem.KeyEnd, enc.elem.Val,
+					specs[tc.k].name, tc.e.Key, tc.e.KeyEnd, tc.e.Val)
+			}
+			again, err := decode(tc.k, enc.elem)
+			if err != nil || again != p {
+				t.Errorf("decoded again: %v, %v; want %v", again, err, p)
+			}
+			for _, kind := range []OpKind{Install, Refresh} {
+				if _, err := encode(Op{Kind: kind, Pinhole: p, Timeout: time.Second}); !errors.Is(err, ErrInvalid) {
+					t.Errorf("%s of an odd pinhole: %v, want ErrInvalid", kind, err)
+				}
+			}
+		})
+	}
+}
