@@ -104,16 +104,22 @@ func (b *Backend) Apply(ops []Op) (err error) {
 // is nothing to delete. A present element with other mapping data is a
 // real conflict.
 func (b *Backend) absentDelete(e encodedOp, err error) (bool, error) {
-	if e.op.Kind != Delete || !specs[e.k].interval || !errors.Is(err, unix.EEXIST) {
+	set, elem, interval := b.sets[e.k], e.elem, specs[e.k].interval
+	if e.op.Companion {
+		// Its SNAT companion alone (validate: a NAPT mapping).
+		i, se, _ := snatElement(e.k, e.op.Pinhole)
+		set, elem, interval = b.snat[i], se, snatSpecs[i].interval
+	}
+	if e.op.Kind != Delete || !interval || !errors.Is(err, unix.EEXIST) {
 		return false, nil
 	}
-	elems, gerr := b.readConn().GetSetElements(b.sets[e.k])
+	elems, gerr := b.readConn().GetSetElements(set)
 	if gerr != nil {
 		b.resetConn() // a dump cut short may leave parts of it queued
 		return false, gerr
 	}
 	for _, x := range elems {
-		if bytes.Equal(x.Key, e.elem.Key) && bytes.Equal(x.KeyEnd, e.elem.KeyEnd) {
+		if bytes.Equal(x.Key, elem.Key) && bytes.Equal(x.KeyEnd, elem.KeyEnd) {
 			return false, nil
 		}
 	}
@@ -221,7 +227,9 @@ func (b *Backend) queuePhase(phase []encodedOp) error {
 		add[slot] = append(add[slot], el)
 	}
 	for _, e := range phase {
-		queue(int(e.k), e.elem, e.op)
+		if !e.op.Companion {
+			queue(int(e.k), e.elem, e.op)
+		}
 		if i, el, ok := snatElement(e.k, e.op.Pinhole); ok {
 			queue(int(numKinds)+i, el, e.op)
 		}

@@ -17,8 +17,8 @@ var (
 	// cmpOdd compares Pinhole.odd (a unique.Handle: equal handles, equal
 	// elements).
 	cmpOdd = cmp.Options{cmp.AllowUnexported(Pinhole{}), cmp.Comparer(func(a, b unique.Handle[oddElement]) bool { return a == b })}
-	pfx       = netip.MustParsePrefix
-	addr      = netip.MustParseAddr
+	pfx    = netip.MustParsePrefix
+	addr   = netip.MustParseAddr
 )
 
 // TestNormalize: what a Pinhole may be, and its canonical form.

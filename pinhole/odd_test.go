@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/google/nftables"
 )
 
@@ -73,5 +74,37 @@ func TestOddElementRoundTrip(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestApplyCompanionOnlyDelete (h/redir6): a Delete marked Companion
+// sends its NAPT mapping's SNAT companion alone (guard add, delete), the
+// map element untouched; Apply refuses it on anything but a NAPT
+// mapping's Delete.
+func TestApplyCompanionOnlyDelete(t *testing.T) {
+	f := &fakeKernel{}
+	b := fakeBackend(t, f)
+	napt := Pinhole{Protocol: 6, InternalAddr: addr("10.100.0.2"), InternalPort: 80, ExternalAddr: addr("198.51.100.1"), ExternalPort: 8080}
+	if err := b.Apply([]Op{{Kind: Delete, Pinhole: napt, Companion: true}}); err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+	snatKey := []byte{10, 100, 0, 2, 6, 0, 0, 0, 0, 80, 0, 0}
+	snatData := []byte{198, 51, 100, 1, 0x1f, 0x90, 0, 0}
+	want := [][]sentMsg{{
+		{Op: "begin"},
+		{Op: "newsetelem", Set: "snat4", Elems: []sentElem{{Key: snatKey, Data: snatData, TimeoutMs: 1000}}},
+		{Op: "delsetelem", Set: "snat4", Elems: []sentElem{{Key: snatKey, Data: snatData}}},
+		{Op: "end"},
+	}}
+	if diff := cmp.Diff(want, f.batches); diff != "" {
+		t.Errorf("batches (-want +got):\n%s", diff)
+	}
+	for _, op := range []Op{
+		{Kind: Install, Pinhole: napt, Timeout: time.Second, Companion: true},
+		{Kind: Delete, Pinhole: Pinhole{Protocol: 6, InternalAddr: tAddr, InternalPort: 443}, Companion: true},
+	} {
+		if err := b.Apply([]Op{op}); !errors.Is(err, ErrInvalid) {
+			t.Errorf("Apply(%+v): %v, want ErrInvalid", op, err)
+		}
 	}
 }

@@ -284,6 +284,14 @@ type Op struct {
 	Pinhole Pinhole
 	Timeout time.Duration
 	After   bool
+	// Companion, with Delete of a NAPT mapping: only its SNAT companion
+	// is deleted (guard add and delete), its map element left as it is.
+	// It takes a live mapping's companion out of the way of a foreign
+	// mapping's Delete (whose guard add of its own companion would start
+	// inside it) where the live one's own Delete would be refused, its
+	// guard add of the map element starting inside the foreign one (a
+	// narrower foreign filter from the same start: h/redir6).
+	Companion bool
 }
 
 // maxTimeout keeps timeouts far below what the kernel's jiffies conversion
@@ -302,6 +310,9 @@ func (o Op) validate() (Op, error) {
 	case Delete:
 	default:
 		return Op{}, fmt.Errorf("unknown op kind: %w", ErrInvalid)
+	}
+	if o.Companion && (o.Kind != Delete || !o.Pinhole.InternalAddr.Unmap().Is4()) {
+		return Op{}, fmt.Errorf("only a NAPT mapping's Delete can be of its SNAT companion alone: %w", ErrInvalid)
 	}
 	p, err := o.Pinhole.normalize()
 	if err != nil {

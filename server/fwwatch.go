@@ -681,8 +681,14 @@ func (h *holders) sharers(q pinhole.Pinhole) (pre, post []pinhole.Op) {
 		// (TestE2EWatchUndoesNarrowerOnLiveMapping). Not when q's filter
 		// covers c's (equal SNAT keys, or q wider: its guard add wraps
 		// c's companion, and c's own guard add could start inside q).
-		if !mapMeets(c, q) || (snatMeets(c, q) && !filterCovers(q, c)) {
-			pre = append(pre, pinhole.Op{Kind: pinhole.Delete, Pinhole: c})
+		// When the map elements meet, c's companion alone (Companion):
+		// c's Delete adds c's map element first, which the kernel refuses
+		// when c's range starts inside q's (q narrower from c's start, c
+		// deleted by hand). Before (h/redir6), that equal-edge form was
+		// refused either way, c's Delete or q's, by every undo and audit
+		// (TestE2EWatchUndoesEqualEdgeOnLiveMapping).
+		if meets := mapMeets(c, q); !meets || (snatMeets(c, q) && !filterCovers(q, c)) {
+			pre = append(pre, pinhole.Op{Kind: pinhole.Delete, Pinhole: c, Companion: meets})
 		}
 		post = append(post, pinhole.Op{Kind: pinhole.Install, Pinhole: c, Timeout: until.Sub(h.now), After: true})
 	}
