@@ -99,6 +99,15 @@ type fwWatch struct {
 	// the last pass that acted on its kind (watchFirewall's goroutine).
 	undo    gapped[toldAdd]
 	restore gapped[pinhole.Pinhole]
+	// refusedBack are the put-backs of restoreDeleted the kernel refused
+	// (at most maxWatchPending): their place taken by an element someone
+	// added that the undo's sharers do not find (an all-ports element
+	// over a live one on another port of its address: the table has no
+	// index by address). The next pass that undoes adds tries them once
+	// more after its undo, then forgets them. Before (h/redir6), they
+	// waited for the audit (TestE2EWatchPutsBackUnderAllPorts).
+	// watchFirewall's goroutine (restoreDeleted runs there).
+	refusedBack []pinhole.Pinhole
 }
 
 // watchCheckGap is the least time between two firewall checks the watch
@@ -272,7 +281,7 @@ func (s *Server) watched(ctx context.Context) {
 		s.checkFirewall()
 		if w.reinstalls.Load() != before {
 			deleted = nil // every lease's pinholes are back
-			w.restore.owed, w.restore.by = nil, nil
+			w.restore.owed, w.restore.by, w.refusedBack = nil, nil, nil
 		}
 	}
 	// The audit, at most once per lostAuditGap: one owed sooner is
@@ -298,6 +307,10 @@ func (s *Server) watched(ctx context.Context) {
 	if len(added) > 0 && ctx.Err() == nil {
 		w.undo.last = time.Now()
 		s.undoAdds(added, addBy)
+		if back := w.refusedBack; len(back) > 0 {
+			s.restoreDeleted(back, nil) // once: what was refused again waits for the audit
+			w.refusedBack = nil
+		}
 	}
 	if watchPassHook != nil {
 		watchPassHook()
@@ -335,10 +348,13 @@ func (s *Server) restoreDeleted(ps []pinhole.Pinhole, by []uint32) (wrote bool) 
 	done, err := s.applyGroups(ops, hs.now, func(op pinhole.Op, err error) {
 		s.log.Warn("firewall watch: cannot put back a pinhole someone deleted (its element taken?); the rest goes on",
 			zap.Stringer("pinhole", op.Pinhole), zap.Error(err))
+		if len(s.watch.refusedBack) < maxWatchPending {
+			s.watch.refusedBack = append(s.watch.refusedBack, op.Pinhole)
+		}
 	})
 	if err != nil {
 		s.m.kernelErrors.Inc()
-		s.log.Error("firewall watch: cannot put back pinholes someone deleted; the undo of what took their place (holders.deleteGroup) or the next audit does", zap.Int("pinholes", len(ops)-done), zap.Error(err))
+		s.log.Error("firewall watch: cannot put back pinholes someone deleted; the undo of what took their place (holders.deleteGroup, then a retry of these) or the next audit does", zap.Int("pinholes", len(ops)-done), zap.Error(err))
 	}
 	if done == 0 {
 		return true
