@@ -122,3 +122,146 @@ func TestE2EAuditOddRedir6Filter(t *testing.T) {
 		t.Fatal("audit: c:444 or c:9999 reachable from the internet after the audit")
 	}
 }
+
+// equalEdge is the setup of TestE2EWatchUndoesEqualEdgeOnLiveMapping and
+// TestE2EAuditEqualEdgeOnLiveMapping (h/redir6): the equal-edge form of
+// TestE2EWatchUndoesNarrowerOnLiveMapping. One transaction by hand
+// deletes a live filtered mapping's napt4_filter element (pub:19090 from
+// the internet's /24 -> c4:9090) and adds a narrower one on the same
+// endpoints that starts where it starts (the /24's first /25, permanent,
+// no SNAT companion). The live element's put-back starts inside the
+// foreign one (refused), and so does the foreign one's would-be SNAT
+// companion inside the live companion, which the hand left: the foreign
+// Delete's guard add is refused unless the live companion is taken out
+// first, and the live mapping's Delete (its take-out) is refused too, its
+// own guard add starting inside the foreign element. It returns the live
+// and the foreign pinholes.
+func equalEdge(t *testing.T, l *lab) (live, foreign pinhole.Pinhole) {
+	c4, pub, inet4 := l.topo.ClientV4, l.topo.HostPublicV4, l.topo.InternetV4
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c4, 9090).String())
+	wide := netip.PrefixFrom(inet4, 24).Masked()
+	if resp := l.pcp(mapFiltered(c4, 9090, 19090, wide, 1)); resp.Result != pcp.Success || resp.Map.ExternalPort != 19090 {
+		t.Fatalf("filtered MAP IPv4: %+v", resp)
+	}
+	narrow := netip.PrefixFrom(wide.Addr(), 25)
+	l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf("nft -f - <<'EOF'\ndelete element inet pcpd napt4_filter { %s . tcp . 19090 . %s . 0-65535 }\nadd element inet pcpd napt4_filter { %s . tcp . 19090 . %s . 0-65535 : %s . 9090 }\nEOF\n",
+		pub, wide, pub, narrow, c4))
+	live = pinhole.Pinhole{Protocol: 6, InternalAddr: c4, InternalPort: 9090, ExternalAddr: pub, ExternalPort: 19090, RemotePrefix: wide}
+	foreign = live
+	foreign.RemotePrefix = narrow
+	return live, foreign
+}
+
+// equalEdgeLeft says what is wrong after equalEdge's undo: the foreign
+// element still there, the live one missing or beyond its lease, its
+// companion not alone in snat4_filter (nil: all as it should be).
+func equalEdgeLeft(t *testing.T, l *lab, live, foreign pinhole.Pinhole) error {
+	if _, held := l.kernelElem(foreign); held {
+		return fmt.Errorf("pub:19090 from %s -> c4:9090 (no lease) still in napt4_filter", foreign.RemotePrefix)
+	}
+	if left, held := l.kernelElem(live); !held || left > time.Hour {
+		return fmt.Errorf("the live filtered mapping held %v, %v left (want held, at most 1h)", held, left)
+	}
+	out := l.topo.Host.MustRun(t, "nft", "list", "map", "inet", "pcpd", "snat4_filter")
+	if !strings.Contains(out, fmt.Sprintf("%s . tcp . 9090 . %s", live.InternalAddr, live.RemotePrefix)) || strings.Contains(out, foreign.RemotePrefix.String()) {
+		return fmt.Errorf("snat4_filter: want the live mapping's companion alone:\n%s", out)
+	}
+	return nil
+}
+
+// TestE2EWatchUndoesEqualEdgeOnLiveMapping (h/redir6): the watch removes
+// equalEdge's foreign element and puts the live one back, its companion
+// alone, and the mapping passes traffic. Before, 'pub:19090 from
+// 198.51.100.0/25 -> c4:9090 (no lease) still in napt4_filter' after 20s.
+func TestE2EWatchUndoesEqualEdgeOnLiveMapping(t *testing.T) {
+	l := watchLab(t)
+	live, foreign := equalEdge(t, l)
+	l.marker(t, 7240)
+	if err := netlab.Eventually(watchBound, func() error { return equalEdgeLeft(t, l, live, foreign) }); err != nil {
+		t.Fatalf("live filtered mapping replaced by hand by a narrower one from its start: %v after %v", err, watchBound)
+	}
+	if !l.reach(netip.AddrPortFrom(live.ExternalAddr, live.ExternalPort)) {
+		t.Fatal("the live filtered mapping passes no traffic after the undo")
+	}
+}
+
+// TestE2EAuditEqualEdgeOnLiveMapping (h/redir6): with the watch off, one
+// audit does the same.
+func TestE2EAuditEqualEdgeOnLiveMapping(t *testing.T) {
+	l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
+	live, foreign := equalEdge(t, l)
+	l.srv.auditFirewall(context.Background())
+	if err := equalEdgeLeft(t, l, live, foreign); err != nil {
+		t.Fatalf("audit: %v", err)
+	}
+	if !l.reach(netip.AddrPortFrom(live.ExternalAddr, live.ExternalPort)) {
+		t.Fatal("audit: the live filtered mapping passes no traffic")
+	}
+}
+
+// allPortsOver is the setup of TestE2EWatchPutsBackUnderAllPorts and
+// TestE2EAuditPutsBackUnderAllPorts (h/redir6): one transaction by hand
+// deletes a live lease's pin6_filter element (c:443 from
+// 2001:db8:ffff::/48) and adds an all-ports one on the same address
+// (c, every port, from ::/0, 1 h). The live element's put-back starts
+// inside the foreign one (refused); the foreign one's undo, its Delete,
+// did not put the live one back after it: the table has no index by
+// address, and sharers looks only at the all-ports tuple for it. It
+// returns the live and the foreign pinholes.
+func allPortsOver(t *testing.T, l *lab) (live, foreign pinhole.Pinhole) {
+	c := l.topo.ClientV6
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, 443).String())
+	from := netip.MustParsePrefix("2001:db8:ffff::/48")
+	if resp := l.pcp(mapFiltered(c, 443, 0, from, 1)); resp.Result != pcp.Success {
+		t.Fatalf("filtered MAP: %+v", resp)
+	}
+	l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf("nft -f - <<'EOF'\ndelete element inet pcpd pin6_filter { %s . tcp . 443 . %s . 0-65535 }\nadd element inet pcpd pin6_filter { %s . tcp . 0-65535 . ::/0 . 0-65535 timeout 1h }\nEOF\n",
+		c, from, c))
+	live = pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 443, ExternalAddr: c, ExternalPort: 443, RemotePrefix: from}
+	foreign = pinhole.Pinhole{Protocol: 6, InternalAddr: c, ExternalAddr: c, RemotePrefix: netip.MustParsePrefix("::/0")}
+	return live, foreign
+}
+
+// allPortsLeft says what is wrong after allPortsOver's undo (nil: all
+// as it should be).
+func allPortsLeft(l *lab, live, foreign pinhole.Pinhole) error {
+	if _, held := l.kernelElem(foreign); held {
+		return fmt.Errorf("c, every port, from ::/0 (no lease) still in pin6_filter")
+	}
+	if left, held := l.kernelElem(live); !held || left > time.Hour {
+		return fmt.Errorf("the live filtered pinhole held %v, %v left (want held, at most 1h)", held, left)
+	}
+	return nil
+}
+
+// TestE2EWatchPutsBackUnderAllPorts (h/redir6): the watch removes
+// allPortsOver's foreign element and puts the live one back. Before,
+// 'the live filtered pinhole held false' after 20s (until the audit).
+func TestE2EWatchPutsBackUnderAllPorts(t *testing.T) {
+	l := watchLab(t)
+	live, foreign := allPortsOver(t, l)
+	l.marker(t, 7250)
+	if err := netlab.Eventually(watchBound, func() error { return allPortsLeft(l, live, foreign) }); err != nil {
+		t.Fatalf("live filtered element replaced by hand by an all-ports one: %v after %v", err, watchBound)
+	}
+	if l.reach(netip.AddrPortFrom(live.InternalAddr, 444)) {
+		t.Fatal("c:444 reachable from the internet after the undo")
+	}
+	if !l.reach(netip.AddrPortFrom(live.InternalAddr, 443)) {
+		t.Fatal("the live filtered pinhole passes no traffic after the undo")
+	}
+}
+
+// TestE2EAuditPutsBackUnderAllPorts (h/redir6): with the watch off, one
+// audit does the same.
+func TestE2EAuditPutsBackUnderAllPorts(t *testing.T) {
+	l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
+	live, foreign := allPortsOver(t, l)
+	l.srv.auditFirewall(context.Background())
+	if err := allPortsLeft(l, live, foreign); err != nil {
+		t.Fatalf("audit: %v", err)
+	}
+	if !l.reach(netip.AddrPortFrom(live.InternalAddr, 443)) {
+		t.Fatal("audit: the live filtered pinhole passes no traffic")
+	}
+}
