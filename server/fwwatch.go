@@ -651,7 +651,12 @@ func (h *holders) deleteGroup(q pinhole.Pinhole) []pinhole.Op {
 // external endpoint and, for a filtered IPv6 pinhole on one port, on the
 // all-ports tuple; a filtered IPv6 pinhole on all ports (by hand) overlaps
 // live ones on any port of its address, which the table does not index:
-// those are not put back with it (left: RELIABILITY.md, h/watchleft).
+// those are not put back with it, but right after it (the watch's
+// refusedBack, the audit's missing pinholes after its deletes: h/redir6).
+// An odd q (pinhole.Pinhole.Odd: a shape pcpd never writes, such as a
+// redirect from every port) is judged by its fields as the shape it reads
+// like: the live elements of its own set that it overlaps on other ports
+// are put back the same way.
 func (h *holders) sharers(q pinhole.Pinhole) (pre, post []pinhole.Op) {
 	plain := !q.InternalAddr.Is4() && q.ExternalPort == q.InternalPort
 	if plain && !q.RemotePrefix.IsValid() {
