@@ -117,7 +117,9 @@ func TestOpValidate(t *testing.T) {
 
 // TestDecodeRejectsForeign: an element pcpd did not write (a remote range
 // that is not a prefix, a port range that is neither one port nor all)
-// is refused rather than misread.
+// is not misread: it decodes to an odd Pinhole whose Delete removes
+// exactly it (h/redir6; TestOddElementRoundTrip), and a key too short for
+// the set is refused.
 func TestDecodeRejectsForeign(t *testing.T) {
 	good, _ := Pinhole{Protocol: 6, InternalAddr: tAddr, InternalPort: 22, RemotePrefix: pfx("2001:db8:5::/48")}.normalize()
 	e := element(kindFilter, good)
@@ -130,8 +132,15 @@ func TestDecodeRejectsForeign(t *testing.T) {
 		"port range":          {Key: e.Key, KeyEnd: portRange},
 		"short key":           {Key: e.Key[:10], KeyEnd: e.KeyEnd},
 	} {
-		if p, err := decode(kindFilter, el); err == nil {
-			t.Errorf("%s: decoded as %v", name, p)
+		p, err := decode(kindFilter, el)
+		if name == "short key" {
+			if err == nil {
+				t.Errorf("%s: decoded as %v", name, p)
+			}
+			continue
+		}
+		if err != nil || !p.Odd() || p == good || !sameElement(element(kindOf(p), p), el) {
+			t.Errorf("%s: decoded as %v (odd %v), %v; want an odd Pinhole of exactly this element", name, p, p.Odd(), err)
 		}
 	}
 }

@@ -10,10 +10,11 @@ import (
 )
 
 // TestOddElementRoundTrip (h/redir6): an element pcpd never writes in
-// its set (by hand) decodes to an odd Pinhole that encodes back to that
-// very element of that very set, so that its Delete removes it; it is
-// no lease's pinhole (not equal to the plain one it reads like) and
-// cannot be installed. Before, a redir6_filter element from a port to
+// its set (by hand), even one whose fields no Pinhole has, decodes to an
+// odd Pinhole that encodes back to that very element of that very set,
+// so that its Delete removes it (and nothing else: no SNAT companion);
+// it is no lease's pinhole (not equal to the plain one it reads like)
+// and cannot be installed. Before, a redir6_filter element from a port to
 // itself or from every port decoded as a pin6_filter pinhole (kindOf) and
 // its Delete went there: 'redir6_filter: decoded to pin6_filter'. Every
 // shape pcpd writes still decodes to a plain Pinhole (TestNormalize).
@@ -27,6 +28,19 @@ func TestOddElementRoundTrip(t *testing.T) {
 	allPorts.KeyEnd = append([]byte{}, allPorts.KeyEnd...)
 	allPorts.Key[20], allPorts.Key[21] = 0, 0             // external ports 0 ..
 	allPorts.KeyEnd[20], allPorts.KeyEnd[21] = 0xff, 0xff // .. 65535
+	portRange := element(kindFilter, filtered)
+	portRange.KeyEnd = append([]byte{}, portRange.KeyEnd...)
+	portRange.KeyEnd[20], portRange.KeyEnd[21] = 0x01, 0xbc // ports 443-444
+	notPrefix := element(kindFilter, filtered)
+	notPrefix.KeyEnd = append([]byte{}, notPrefix.KeyEnd...)
+	notPrefix.KeyEnd[24+15] = 0x07 // remote range ends at ...::7
+	elsewhere := element(kindRedirect6, Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 22, ExternalAddr: c, ExternalPort: 8080})
+	elsewhere.Val = append([]byte{}, elsewhere.Val...)
+	elsewhere.Val[15] = 0x11 // DNAT to another address
+	napt := Pinhole{Protocol: 6, InternalAddr: addr("10.100.0.2"), InternalPort: 80, ExternalAddr: addr("198.51.100.1"), ExternalPort: 8080, RemotePrefix: pfx("198.51.100.0/24")}
+	naptZero := element(kindNAPT4Filter, napt)
+	naptZero.KeyEnd = append([]byte{}, naptZero.KeyEnd...)
+	naptZero.KeyEnd[16], naptZero.KeyEnd[17] = 0, 0 // remote port 0-0, not "any"
 	zeroRange := element(kindFilter, filtered)
 	zeroRange.Key = append([]byte{}, zeroRange.Key...)
 	zeroRange.KeyEnd = append([]byte{}, zeroRange.KeyEnd...)
@@ -41,6 +55,12 @@ func TestOddElementRoundTrip(t *testing.T) {
 		{"redir6_filter, every port to 443", kindRedirect6Filter, allPorts, filtered},
 		{"redir6, a port to itself", kindRedirect6, element(kindRedirect6, plain), plain},
 		{"pin6_filter, port range 0-0", kindFilter, zeroRange, Pinhole{Protocol: 6, InternalAddr: c, ExternalAddr: c, RemotePrefix: from}},
+		// No Pinhole has these: read as far as they go (before: a decode
+		// error; List failed, the watch told nothing).
+		{"pin6_filter, port range 443-444", kindFilter, portRange, filtered},
+		{"pin6_filter, remote range not a prefix", kindFilter, notPrefix, filtered},
+		{"redir6 to another address", kindRedirect6, elsewhere, Pinhole{}},
+		{"napt4_filter, remote port 0-0", kindNAPT4Filter, naptZero, napt},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p, err := decode(tc.k, tc.e)
@@ -53,12 +73,15 @@ func TestOddElementRoundTrip(t *testing.T) {
 			if p == tc.looks {
 				t.Errorf("equal to the plain pinhole %v: a lease holding that one would hold it", tc.looks)
 			}
-			if c, err := p.Canonical(); err != nil || c != p {
-				t.Errorf("Canonical: %v, %v; want it unchanged", c, err)
+			if c, err := p.Canonical(); err == nil && c != p {
+				t.Errorf("Canonical: %v; want it unchanged", c)
 			}
 			enc, err := encode(Op{Kind: Delete, Pinhole: p})
 			if err != nil {
 				t.Fatalf("encode Delete: %v", err)
+			}
+			if enc.sid != "" {
+				t.Errorf("Delete takes a SNAT companion with it (%q): not the element's", enc.sid)
 			}
 			if enc.k != tc.k || !sameElement(enc.elem, tc.e) {
 				t.Errorf("Delete goes to %s %x . %x : %x, want %s %x . %x : %x", specs[enc.k].name, enc.elem.Key, enc.elem.KeyEnd, enc.elem.Val,

@@ -93,10 +93,12 @@ type Pinhole struct {
 	// odd is, for a Pinhole List or the watcher read from an element
 	// pcpd never writes (by hand: one that element would not write back
 	// to the set it came from, such as an IPv6 redirect from a port to
-	// itself or from every port, which kindOf puts in another set), that
-	// element and its set: a Delete of this Pinhole removes exactly it.
-	// The zero Handle for every other Pinhole. Such a Pinhole equals no
-	// lease's, and Apply installs none (h/redir6).
+	// itself or from every port, which kindOf puts in another set, or one
+	// whose fields no Pinhole has, such as a port range 10-20, whose
+	// fields are then as far as they could be read), that element and its
+	// set: a Delete of this Pinhole removes exactly it (no SNAT companion
+	// with it). The zero Handle for every other Pinhole. Such a Pinhole
+	// equals no lease's, and Apply installs none (h/redir6).
 	odd unique.Handle[oddElement]
 }
 
@@ -311,8 +313,13 @@ func (o Op) validate() (Op, error) {
 	default:
 		return Op{}, fmt.Errorf("unknown op kind: %w", ErrInvalid)
 	}
-	if o.Companion && (o.Kind != Delete || !o.Pinhole.InternalAddr.Unmap().Is4()) {
+	if o.Companion && (o.Kind != Delete || !o.Pinhole.InternalAddr.Unmap().Is4() || o.Pinhole.Odd()) {
 		return Op{}, fmt.Errorf("only a NAPT mapping's Delete can be of its SNAT companion alone: %w", ErrInvalid)
+	}
+	if o.Pinhole.Odd() {
+		// A Delete of the element it was read from, whatever its fields
+		// (they may be none a Pinhole can have).
+		return o, nil
 	}
 	p, err := o.Pinhole.normalize()
 	if err != nil {

@@ -74,14 +74,8 @@ func oddRedir6(t *testing.T, l *lab) (live []pinhole.Pinhole, forged [][2]string
 // holds, and whether it lost the live redirect's element or the live
 // MAP's (nil: all as it should be).
 func oddRedir6Left(t *testing.T, l *lab, live []pinhole.Pinhole, forged [][2]string) error {
-	var left []string
-	for _, f := range forged {
-		if out := l.topo.Host.MustRun(t, "nft", "list", "map", "inet", "pcpd", f[0]); strings.Contains(out, f[1]) {
-			left = append(left, f[0]+" { "+f[1]+" }")
-		}
-	}
-	if len(left) > 0 {
-		return fmt.Errorf("still held (no lease): %q", left)
+	if err := byHandLeft(t, l, forged); err != nil {
+		return err
 	}
 	for _, p := range live {
 		if at, held := l.kernelElem(p); !held || at > time.Hour {
@@ -263,5 +257,98 @@ func TestE2EAuditPutsBackUnderAllPorts(t *testing.T) {
 	}
 	if !l.reach(netip.AddrPortFrom(live.InternalAddr, 443)) {
 		t.Fatal("audit: the live filtered pinhole passes no traffic")
+	}
+}
+
+// byHandLeft says which of forged (set: element, nft's syntax) the
+// kernel still holds (nil: none).
+func byHandLeft(t *testing.T, l *lab, forged [][2]string) error {
+	var left []string
+	for _, f := range forged {
+		what := "set"
+		if strings.Contains(f[1], " : ") {
+			what = "map"
+		}
+		if out := l.topo.Host.MustRun(t, "nft", "list", what, "inet", "pcpd", f[0]); strings.Contains(out, f[1]) {
+			left = append(left, f[0]+" { "+f[1]+" }")
+		}
+	}
+	if len(left) > 0 {
+		return fmt.Errorf("still held (no lease): %q", left)
+	}
+	return nil
+}
+
+// unreadable is the setup of TestE2EWatchUndoesUnreadable and
+// TestE2EAuditUndoesUnreadable (h/redir6): a live MAP (c:443) and three
+// elements added by hand that no Pinhole can read: c:1000-2000 from
+// everywhere (pin6_filter, a port range neither one port nor all), c:3000
+// from 2001:db8:ffff::1-2001:db8:ffff::5 (pin6_filter, a remote range that
+// is not a prefix), c:8080 -> another address's port 22 (redir6). Decode
+// failed on each: the watch did not tell them and List failed, so the
+// audit fixed nothing while they stayed. It returns the live pinhole and
+// the elements added (set: nft's syntax).
+func unreadable(t *testing.T, l *lab) (live pinhole.Pinhole, forged [][2]string) {
+	c := l.topo.ClientV6
+	for _, port := range []uint16{443, 1500} {
+		l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, port).String())
+	}
+	if resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); resp.Result != pcp.Success {
+		t.Fatalf("MAP: %+v", resp)
+	}
+	if l.reach(netip.AddrPortFrom(c, 1500)) {
+		t.Fatal("c:1500 reachable from the internet before any tampering")
+	}
+	other := netip.MustParseAddr("2001:db8:1:2::11")
+	forged = [][2]string{
+		{"pin6_filter", fmt.Sprintf("%s . tcp . 1000-2000 . ::/0 . 0-65535", c)},
+		{"pin6_filter", fmt.Sprintf("%s . tcp . 3000 . 2001:db8:ffff::1-2001:db8:ffff::5 . 0-65535", c)},
+		{"redir6", fmt.Sprintf("%s . tcp . 8080 : %s . 22", c, other)},
+	}
+	for _, f := range forged {
+		l.topo.Host.MustRun(t, "nft", "add", "element", "inet", "pcpd", f[0], "{ "+f[1]+" }")
+	}
+	if l.srv.cfg.NoFirewallWatch && !l.reach(netip.AddrPortFrom(c, 1500)) { // the watch may have undone it already
+		t.Fatal("c:1000-2000 added by hand admits nothing: the test proves nothing")
+	}
+	return pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 443, ExternalAddr: c, ExternalPort: 443}, forged
+}
+
+// TestE2EWatchUndoesUnreadable (h/redir6): the watch removes unreadable's
+// elements, the live MAP's kept, c:1500 refused. Before, 'still held (no
+// lease): [all three]' after 20s.
+func TestE2EWatchUndoesUnreadable(t *testing.T) {
+	l := watchLab(t)
+	live, forged := unreadable(t, l)
+	l.marker(t, 7260)
+	if err := netlab.Eventually(watchBound, func() error { return byHandLeft(t, l, forged) }); err != nil {
+		t.Fatalf("elements no Pinhole can read added by hand: %v after %v", err, watchBound)
+	}
+	if _, held := l.kernelElem(live); !held {
+		t.Fatal("the live MAP's element gone")
+	}
+	if l.reach(netip.AddrPortFrom(live.InternalAddr, 1500)) {
+		t.Fatal("c:1500 reachable from the internet after the undo")
+	}
+}
+
+// TestE2EAuditUndoesUnreadable (h/redir6): with the watch off, and the
+// live MAP's element deleted by hand as well, one audit removes
+// unreadable's elements and puts the live one back. Before, 'still held
+// (no lease): [all three]' and the live element missing: List failed
+// ('firewall audit: cannot list pinholes'), the audit fixed nothing.
+func TestE2EAuditUndoesUnreadable(t *testing.T) {
+	l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
+	live, forged := unreadable(t, l)
+	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", fmt.Sprintf("{ %s . tcp . 443 }", live.InternalAddr))
+	l.srv.auditFirewall(context.Background())
+	if err := byHandLeft(t, l, forged); err != nil {
+		t.Errorf("audit: %v", err)
+	}
+	if left, held := l.kernelElem(live); !held || left > time.Hour {
+		t.Errorf("audit: the live MAP's element held %v, %v left (want held, at most 1h)", held, left)
+	}
+	if l.reach(netip.AddrPortFrom(live.InternalAddr, 1500)) {
+		t.Error("audit: c:1500 reachable from the internet")
 	}
 }
