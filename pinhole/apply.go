@@ -357,7 +357,9 @@ func leafErrors(err error) []error {
 }
 
 // List returns every entry in pcpd's sets, with the time the kernel will
-// keep it. After a restart the daemon compares this with its leases.
+// keep it. After a restart the daemon compares this with its leases. An
+// element pcpd never writes (by hand) is an odd Pinhole (Pinhole.Odd):
+// equal to no lease's, its Delete removes exactly that element.
 //
 // The dump is slow for large sets (the kernel restarts its hash walk for
 // every dump message: ~2-7 s for 100 000 entries, growing quadratically),
