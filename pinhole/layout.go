@@ -213,19 +213,29 @@ func element(k kind, p Pinhole) nftables.SetElement {
 		o := p.odd.Value()
 		return nftables.SetElement{Key: []byte(o.key), KeyEnd: bytesOrNil(o.end), Val: bytesOrNil(o.val)}
 	}
-	var key, end, val []byte
+	var key []byte
+	if k == kindPort {
+		// The commonest shape (a new MAP), in one allocation.
+		key = make([]byte, 0, 24)
+	}
+	return appendElement(k, p, key, nil, nil)
+}
+
+// appendElement is element for a p that is not odd, its key, key end and
+// data appended to key, end and val (decode's check, with buffers on its
+// stack: no allocation).
+func appendElement(k kind, p Pinhole, key, end, val []byte) nftables.SetElement {
 	switch k {
 	case kindPort:
-		// The commonest shape (a new MAP), in one allocation.
-		key = putPort(putProto(putAddr(make([]byte, 0, 24), p.InternalAddr), p.Protocol), p.InternalPort)
+		key = putPort(putProto(putAddr(key, p.InternalAddr), p.Protocol), p.InternalPort)
 	case kindProto:
-		key = putProto(putAddr(nil, p.InternalAddr), p.Protocol)
+		key = putProto(putAddr(key, p.InternalAddr), p.Protocol)
 	case kindAddr:
-		key = putAddr(nil, p.InternalAddr)
+		key = putAddr(key, p.InternalAddr)
 	case kindAddrFilter:
 		rf, rl := prefixRange(p.RemotePrefix)
-		key = putAddr(putAddr(nil, p.InternalAddr), rf)
-		end = putAddr(putAddr(nil, p.InternalAddr), rl)
+		key = putAddr(putAddr(key, p.InternalAddr), rf)
+		end = putAddr(putAddr(end, p.InternalAddr), rl)
 	case kindFilter, kindRedirect6Filter, kindNAPT4Filter:
 		addr, port := p.InternalAddr, p.InternalPort
 		if k != kindFilter {
@@ -234,13 +244,13 @@ func element(k kind, p Pinhole) nftables.SetElement {
 		pf, pl := portRange(port)
 		rf, rl := prefixRange(p.RemotePrefix)
 		sf, sl := portRange(p.RemotePort)
-		key = putPort(putAddr(putPort(putProto(putAddr(nil, addr), p.Protocol), pf), rf), sf)
-		end = putPort(putAddr(putPort(putProto(putAddr(nil, addr), p.Protocol), pl), rl), sl)
+		key = putPort(putAddr(putPort(putProto(putAddr(key, addr), p.Protocol), pf), rf), sf)
+		end = putPort(putAddr(putPort(putProto(putAddr(end, addr), p.Protocol), pl), rl), sl)
 	case kindRedirect6, kindNAPT4:
-		key = putPort(putProto(putAddr(nil, p.ExternalAddr), p.Protocol), p.ExternalPort)
+		key = putPort(putProto(putAddr(key, p.ExternalAddr), p.Protocol), p.ExternalPort)
 	}
 	if k == kindRedirect6 || k == kindRedirect6Filter || k == kindNAPT4 || k == kindNAPT4Filter {
-		val = putPort(putAddr(nil, p.InternalAddr), p.InternalPort)
+		val = putPort(putAddr(val, p.InternalAddr), p.InternalPort)
 	}
 	return nftables.SetElement{Key: key, KeyEnd: end, Val: val}
 }
@@ -374,7 +384,8 @@ func decode(k kind, e nftables.SetElement) (Pinhole, error) {
 		// port 0): its fields as read.
 		return odd(p), nil
 	}
-	if kindOf(n) != k || !sameElement(element(k, n), e) {
+	var kb, eb, vb [48]byte // the longest key: 44 bytes (redir6_filter)
+	if kindOf(n) != k || !sameElement(appendElement(k, n, kb[:0], eb[:0], vb[:0]), e) {
 		// Not what pcpd writes for n (by hand): n keeps the element, so
 		// that its Delete removes this one. Before (h/redir6), a
 		// redir6_filter element from a port to itself or from every port
