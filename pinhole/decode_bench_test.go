@@ -8,7 +8,7 @@ import (
 
 // BenchmarkDecode: List's and the watcher's reading of one element, per
 // shape pcpd writes (h/redir6 added a check that it encodes back to the
-// very element: BENCHMARKS.md item 64).
+// very element: BENCHMARKS.md item 65).
 func BenchmarkDecode(b *testing.B) {
 	c := addr("2001:db8:1:2::10")
 	for _, tc := range []struct {
