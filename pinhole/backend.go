@@ -67,8 +67,7 @@ func (c *Config) fill() error {
 	if c.Meter.ReversePath > ReversePathOff {
 		return fmt.Errorf("pinhole: %v: %w", c.Meter.ReversePath, ErrInvalid)
 	}
-	c.Meter.fill()
-	return nil
+	return c.Meter.fill()
 }
 
 // Backend manages pcpd's nftables objects over one netlink connection. It
@@ -1664,6 +1663,7 @@ type healthWant struct {
 	meter                  bool // the owner meter is to hold owners and holes
 	owners                 []Owner
 	holes                  []netip.Prefix
+	unowned                []netip.Prefix // Meter.Unowned
 	owners6, owners4       nftables.Set
 	ownerRules             map[string][][]expr.Any // per owner chain
 	servedSets             bool                    // the served address sets exist (standalone mode)
@@ -1707,7 +1707,7 @@ func (b *Backend) healthWantLocked() *healthWant {
 	}
 	w.hasServed, w.servedIfs, w.servingIfs = b.hasServed, b.servedIfs, *b.servingIfs
 	if b.hasOwners && b.ownerMetering() {
-		w.meter, w.owners, w.holes = true, b.owners, b.holes
+		w.meter, w.owners, w.holes, w.unowned = true, b.owners, b.holes, b.cfg.Meter.Unowned
 		w.owners6, w.owners4 = *b.owners6, *b.owners4
 		w.ownerRules = map[string][][]expr.Any{}
 		for _, name := range OwnerChains(b.owners) {

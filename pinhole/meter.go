@@ -2,6 +2,7 @@ package pinhole
 
 import (
 	"fmt"
+	"net/netip"
 	"slices"
 	"time"
 
@@ -62,6 +63,17 @@ type Meter struct {
 	// ReversePath is the owner chains' reverse-path check (ownermeter.go,
 	// ownerRules); the zero value is ReversePathStrict.
 	ReversePath ReversePath
+	// Unowned are source prefixes no owner is charged for, whichever
+	// owner's prefix holds them: the owner maps (ownermeter.go) leave them
+	// out of every owner's range (cutSpans), so their datagrams miss the
+	// map and go to the unowned bucket (unownedChainRules), the per-packet
+	// lookup unchanged. pcpd gives the policy's translation prefixes
+	// (policy.Policy.TranslationPrefixes: 64:ff9b::/96, 64:ff9b:1::/48,
+	// ::/96 and --nat64-prefix), whose sources are IPv4 hosts reaching
+	// pcpd through a translator, nobody's (issue 9): an owner whose prefix
+	// encloses one (a WireGuard peer with ::/0, a client given
+	// 64:ff9b::/64, an NSP inside a client's /48) is not charged for them.
+	Unowned []netip.Prefix
 }
 
 // ReversePath says how an owner chain checks that a datagram from an
@@ -130,7 +142,13 @@ const (
 // same as pcpd's userspace limiter default.
 const meterPrefix6 = 64
 
-func (m *Meter) fill() {
+func (m *Meter) fill() error {
+	m.Unowned = slices.Clone(m.Unowned)
+	for _, p := range m.Unowned {
+		if !p.IsValid() || p.Addr().Zone() != "" {
+			return fmt.Errorf("pinhole: unowned prefix %v: %w", p, ErrInvalid)
+		}
+	}
 	if len(m.Ports) == 0 {
 		m.Ports = []uint16{DefaultMeterPort}
 	}
@@ -155,6 +173,7 @@ func (m *Meter) fill() {
 	if m.UnownedBurst == 0 {
 		m.UnownedBurst = m.OwnerBurst
 	}
+	return nil
 }
 
 // meterSets builds the two meter sets.

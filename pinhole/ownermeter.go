@@ -70,7 +70,14 @@ import (
 // match but get no element, so a hole inside an owner's prefix is not
 // that owner's here either, as in the policy (RELIABILITY.md known bug 4:
 // a peer on wg1 whose /48 lies in a wg0 peer's /32 drained that peer's
-// bucket). Their size and the number of owner chains are bounded by the
+// bucket). The prefixes of Meter.Unowned (pcpd: the translation
+// prefixes, whose sources are IPv4 hosts through a NAT64 or SIIT
+// translator, nobody's in the policy) are cut out of every owner's range
+// after the longest match (ownerMapSpans), more specific owners' too: an
+// IPv4 host reaching pcpd through the translator was charged to the
+// holder of an enclosing prefix (a WireGuard peer with ::/0, an NSP
+// inside a client's /48) and could use up its kernel budget (review
+// h/revp64, finding 3). Their size and the number of owner chains are bounded by the
 // configuration, never by traffic. An owner's chain is named after a hash
 // of its OwnerID (collisions moved on in ID order), so it, and its
 // bucket, survive other owners coming and going; SetOwners adds the
@@ -545,7 +552,7 @@ const ownerMapTxn = 1024
 // so its bucket, unless rewritten. A failure part way leaves chains no
 // map refers to, which the next call deletes.
 func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool) error {
-	v6, v4, err := ownedSpans(owners, holes)
+	v6, v4, err := ownerMapSpans(owners, holes, b.cfg.Meter.Unowned)
 	if err != nil {
 		return err
 	}
@@ -654,7 +661,7 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 		// odd length (a range open at the top) cannot shift the IPv4 cuts.
 		b.conn.FlushSet(x.s)
 		queued := 0
-		for elems := ownerElements(flattenOwned(x.spans)); len(elems) > 0; {
+		for elems := ownerElements(x.spans); len(elems) > 0; {
 			n := min(len(elems), ownerMapTxn-queued)
 			if err := b.queueAddElements(x.s, elems[:n]); err != nil {
 				return fmt.Errorf("pinhole: set %s: %w", x.s.Name, err)
@@ -707,6 +714,75 @@ func (b *Backend) writeOwners(owners []Owner, holes []netip.Prefix, rewrite bool
 		}
 	}
 	return nil
+}
+
+// ownerMapSpans are the ranges the owner maps hold for owners and holes
+// (SetOwners), one family each, disjoint and in address order: the
+// longest match of flattenOwned, less the Meter.Unowned prefixes
+// (cutSpans). A hole's range (no chain) is kept; ownerElements gives it no
+// element. Unlike a hole, an unowned prefix is nobody's whatever lies
+// inside it: an owner's prefix more specific than it is cut too (the
+// policy's translated sources are nobody's, however long the owner's
+// prefix: policy.Requester).
+func ownerMapSpans(owners []Owner, holes, unowned []netip.Prefix) (v6, v4 []ownedSpan, err error) {
+	v6, v4, err = ownedSpans(owners, holes)
+	if err != nil {
+		return nil, nil, err
+	}
+	c6, c4, err := ownedSpans(nil, unowned)
+	if err != nil {
+		return nil, nil, err
+	}
+	return cutSpans(flattenOwned(v6), c6), cutSpans(flattenOwned(v4), c4), nil
+}
+
+// cutSpans is spans (disjoint, in address order: flattenOwned's) less
+// every address of cuts (any ranges of the same family, in any order,
+// overlapping or not): each span's parts outside every cut, with its
+// chain, in address order. A span inside a cut is gone; a cut inside a
+// span splits it in two.
+func cutSpans(spans, cuts []ownedSpan) []ownedSpan {
+	if len(cuts) == 0 {
+		return spans
+	}
+	// The cuts, sorted and merged where they overlap: disjoint, in order.
+	cuts = slices.Clone(cuts)
+	slices.SortFunc(cuts, func(a, b ownedSpan) int { return a.first.Compare(b.first) })
+	merged := cuts[:1]
+	for _, c := range cuts[1:] {
+		if m := &merged[len(merged)-1]; c.first.Compare(m.last) <= 0 {
+			if c.last.Compare(m.last) > 0 {
+				m.last = c.last
+			}
+			continue
+		}
+		merged = append(merged, c)
+	}
+	var out []ownedSpan
+	i := 0 // the first cut not wholly before the span
+	for _, s := range spans {
+		for i < len(merged) && merged[i].last.Compare(s.first) < 0 {
+			i++
+		}
+		first, left := s.first, true // first: the span's next address not yet emitted or cut
+		for _, c := range merged[i:] {
+			if c.first.Compare(s.last) > 0 {
+				break
+			}
+			if c.first.Compare(first) > 0 {
+				out = append(out, ownedSpan{first, c.first.Prev(), s.chain})
+			}
+			if c.last.Compare(s.last) >= 0 {
+				left = false // the cut runs to the span's end (or past it)
+				break
+			}
+			first = c.last.Next()
+		}
+		if left {
+			out = append(out, ownedSpan{first, s.last, s.chain})
+		}
+	}
+	return out
 }
 
 // ownedSpans turns the owners' prefixes and the holes into the spans of
@@ -786,7 +862,7 @@ func (w *healthWant) checkOwnerChains(v kview, present map[string]bool, read map
 			return fmt.Errorf("pinhole: chain %s does not hold the owner meter's rules: %w", name, ErrUnhealthy)
 		}
 	}
-	v6, v4, err := ownedSpans(w.owners, w.holes)
+	v6, v4, err := ownerMapSpans(w.owners, w.holes, w.unowned)
 	if err != nil {
 		return err
 	}
@@ -795,7 +871,7 @@ func (w *healthWant) checkOwnerChains(v kview, present map[string]bool, read map
 		spans []ownedSpan
 	}{{&w.owners6, v6}, {&w.owners4, v4}} {
 		var want []ownedSpan
-		for _, sp := range flattenOwned(x.spans) {
+		for _, sp := range x.spans {
 			if sp.chain != "" {
 				want = append(want, sp)
 			}
