@@ -512,6 +512,16 @@ func (p *Policy) translated(a netip.Addr) bool {
 	return (a.As16()[0] == 0 || len(p.xlat) != 0) && p.translatedSearch(a)
 }
 
+// TranslationPrefixes returns every translation prefix the policy holds
+// (translated): the fixed ones (64:ff9b::/96, 64:ff9b:1::/48, ::/96),
+// then Config.TranslationPrefixes, masked; a new slice. A source inside
+// one is nobody's, so the kernel's owner meter is told to charge it to
+// the unowned bucket whatever owner's prefix encloses it
+// (pinhole.Meter.Unowned; issue 9, review h/revp64 finding 3).
+func (p *Policy) TranslationPrefixes() []netip.Prefix {
+	return append(slices.Clone(translation), p.xlat...)
+}
+
 func (p *Policy) translatedSearch(a netip.Addr) bool {
 	return isTranslated(a) || inPrefixes(a, p.xlat)
 }

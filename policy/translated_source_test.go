@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/netip"
+	"slices"
 	"testing"
 )
 
@@ -51,5 +52,47 @@ func TestAuthorizeTranslatedSource(t *testing.T) {
 				t.Errorf("%s: Authorize(%v → %v) = %q, %v; want static:gw, allowed", o.name, src, own, id.ID, got)
 			}
 		}
+	}
+}
+
+// TestTranslationPrefixesExposed: TranslationPrefixes (what pcpd gives
+// the kernel's owner meter, pinhole.Meter.Unowned) lists the fixed
+// prefixes and the configured ones, masked, and every address inside
+// them is a source Requester makes nobody's, though an owner holds a prefix
+// around each; a copy: changing it changes nothing.
+func TestTranslationPrefixesExposed(t *testing.T) {
+	st, err := NewStatic(map[string][]netip.Prefix{"all": {pfx("::/88"), pfx("64:ff9b::/32"), pfx("2001:db8::/32")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{TranslationPrefixes: []netip.Prefix{pfx("2001:db8:64::1/96")}}, st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := p.TranslationPrefixes()
+	want := []netip.Prefix{pfx("64:ff9b::/96"), pfx("64:ff9b:1::/48"), pfx("::/96"), pfx("2001:db8:64::/96")}
+	if !slices.Equal(got, want) {
+		t.Fatalf("TranslationPrefixes() = %v, want %v", got, want)
+	}
+	for _, t6 := range got {
+		last := t6.Addr().As16()
+		for i := t6.Bits() / 8; i < 16; i++ {
+			last[i] |= 0xff >> max(0, t6.Bits()-8*i)
+		}
+		for _, a := range []netip.Addr{t6.Addr(), t6.Addr().Next(), netip.AddrFrom16(last)} {
+			if id, ok := p.Requester(a, ""); ok {
+				t.Errorf("Requester(%v) = %q, but %v is listed as a translation prefix", a, id.ID, t6)
+			}
+		}
+		// Just past it: the /32's owner's, unless listed.
+		if a := netip.AddrFrom16(last).Next(); a.IsValid() {
+			if _, ok := p.Requester(a, ""); !ok && !slices.ContainsFunc(got, func(q netip.Prefix) bool { return q.Contains(a) }) {
+				t.Errorf("Requester(%v): no owner, but it is in no listed prefix", a)
+			}
+		}
+	}
+	got[0] = pfx("2001:db8::/32")
+	if p.TranslationPrefixes()[0] != want[0] {
+		t.Errorf("TranslationPrefixes shares its slice")
 	}
 }

@@ -241,8 +241,13 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 	if err != nil {
 		return failure(fmt.Errorf("serve: open nftables: %w", err))
 	}
+	// The kernel's owner meter charges a translated source (an IPv4 host
+	// through a NAT64 or SIIT translator) to the unowned bucket, as the
+	// policy makes it nobody's, not to the holder of an enclosing prefix.
+	meter := kernelMeter(cfg)
+	meter.Unowned = pol.TranslationPrefixes()
 	fw, err := pinhole.New(nft, pinhole.Config{Table: cfg.Table(), Attached: cfg.Attached(), Chain: cfg.NftChain,
-		Meter: kernelMeter(cfg), TrackControl: !cfg.NftNotrack, Routes: pinhole.NetlinkRoutes()})
+		Meter: meter, TrackControl: !cfg.NftNotrack, Routes: pinhole.NetlinkRoutes()})
 	if err != nil {
 		return failure(err)
 	}
