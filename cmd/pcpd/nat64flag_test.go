@@ -22,6 +22,9 @@ import (
 // nothing in the kernel, one for an address beside it is granted, and
 // the overlap is warned of once. The policy and config tests alone
 // passed with the flag parsed but not handed to policy.New (serve.go).
+// The kernel's owner meter gets the prefix too (h/meter64): a source
+// inside it misses owners6 (the unowned bucket), one beside it maps to
+// the client's chain.
 func TestServeNAT64PrefixFlag(t *testing.T) {
 	netlab.RequireRoot(t)
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
@@ -72,6 +75,21 @@ func TestServeNAT64PrefixFlag(t *testing.T) {
 	rules := topo.Host.MustRun(t, "nft", "list", "table", "inet", "pcpd")
 	if strings.Contains(rules, inside.String()) || !strings.Contains(rules, beside.String()) {
 		t.Errorf("kernel: want %v's pinhole and none for %v:\n%s", beside, inside, rules)
+	}
+	// The kernel's owner meter (serve: pinhole.Meter.Unowned, the
+	// policy's translation prefixes): a source inside the NSP misses
+	// owners6, so it draws on the unowned bucket, not home's; one beside
+	// maps to home's chain.
+	if err := netlab.Eventually(5*time.Second, func() error {
+		if out, err := topo.Host.Run("nft", "get", "element", "inet", "pcpd", "owners6", "{", beside.String(), "}"); err != nil || !strings.Contains(out, "jump owner_") {
+			return fmt.Errorf("owners6 lookup of %v: want home's chain, got %v:\n%s", beside, err, out)
+		}
+		return nil
+	}); err != nil {
+		t.Error(err)
+	}
+	if out, err := topo.Host.Run("nft", "get", "element", "inet", "pcpd", "owners6", "{", inside.String(), "}"); err == nil {
+		t.Errorf("owners6 holds %v, inside --nat64-prefix %v (want a miss: the unowned bucket):\n%s", inside, nsp, out)
 	}
 	if err := netlab.Eventually(5*time.Second, func() error {
 		if n := strings.Count(d.Log().String(), "client prefix overlaps an IPv6-to-IPv4 translation prefix"); n != 1 {
