@@ -98,6 +98,11 @@ func pool4Diff(tab *table) string {
 		return fmt.Sprintf("byIn4 has %d addresses, the table %d", len(tab.byIn4), len(in))
 	}
 	for a, refs := range in {
+		for i, ref := range tab.byIn4[a] {
+			if r := tab.rec(ref); r.in4 != uint32(i) {
+				return fmt.Sprintf("slot %d is at %d of byIn4 of %v, rec.in4 %d", ref, i, netip.AddrFrom4(a), r.in4)
+			}
+		}
 		got := slices.Clone(tab.byIn4[a])
 		slices.Sort(got)
 		if !slices.Equal(got, refs) {

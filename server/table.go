@@ -139,6 +139,7 @@ type rec struct {
 	proto        uint8
 	kind         uint8
 	flags        uint8
+	in4          uint32 // position in byIn4's list of its internal IPv4 address (pool4.go); in the padding: rec stays 136 B
 }
 
 const (
@@ -1070,7 +1071,8 @@ func (t *table) mappingsOf(owner string, a netip.Addr, proto uint8, dst []store.
 		// with the owner's last (BenchmarkPMPDeleteAll).
 		refs := t.byIn4[a.As4()]
 		slices.Sort(refs) // its order is not kept anyway
-		for _, ref := range refs {
+		for i, ref := range refs {
+			t.rec(ref).in4 = uint32(i) // moved by the sort (in4Del)
 			if r := t.rec(ref); r.owner == n && r.proto == proto && store.Kind(r.kind) != store.KindPeer {
 				dst = append(dst, store.Lease{})
 				t.decode(ref, &dst[len(dst)-1])
