@@ -159,9 +159,16 @@ func (st *revpoolState) step(t *testing.T) string {
 		_, _ = h.s.Revoke(t.Context(), f)
 		return fmt.Sprintf("revoke %+v", f)
 	default:
+		if rng.IntN(2) == 0 {
+			// The operator moved the pool: leases and quarantines
+			// restored outside it, ports of it nobody held.
+			st.first = uint16(int(st.first) + rng.IntN(11) - 5)
+			st.last = st.first + 20 + uint16(rng.IntN(40))
+			h.cfg.IPv4Ports = PortRange{st.first, st.last}
+		}
 		h.startWith(st.clk.deps, nil) // a crash: no flush
 		st.hostPortsReady()
-		return "restart"
+		return fmt.Sprintf("restart, pool %d-%d", st.first, st.last)
 	}
 }
 
