@@ -715,7 +715,7 @@ func (b *Backend) changedElements(set string, list []byte, verb string, sentinel
 
 // snatPinhole is the NAPT pinhole whose SNAT companion (snatElement) e is.
 func snatPinhole(i int, e nftables.SetElement) (Pinhole, bool) {
-	key, end, val := &decoder{b: e.Key}, &decoder{b: e.KeyEnd}, &decoder{b: e.Val}
+	key, end, val := &decoder{b: e.Key}, &decoder{b: keyEnd(snatSpecs[i], e)}, &decoder{b: e.Val}
 	var p Pinhole
 	p.InternalAddr, p.Protocol = key.addr(4), key.proto()
 	if i == snat4 {
