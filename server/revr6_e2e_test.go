@@ -118,3 +118,81 @@ func TestE2EAuditUndoesNoKeyEnd(t *testing.T) {
 		t.Error("audit: c:1500 reachable from the internet")
 	}
 }
+
+// rangeOverMapping is the setup of TestE2EWatchUndoesRangeOverMapping
+// and TestE2EAuditUndoesRangeOverMapping (review h/revr6): one
+// transaction by hand deletes a live filtered mapping's napt4_filter
+// element (pub:19090 from the internet's /24 -> c4:9090) and adds one
+// pcpd never writes over it: external ports 19000-19100, same filter and
+// target (permanent, no SNAT companion; an odd Pinhole). The live
+// element's put-back starts inside it (refused). The odd element's
+// Delete removes it alone, no companion; sharers still takes the live
+// mapping for one whose SNAT companion meets it (snatMeets) and puts the
+// live mapping's full Delete before, whose guard add starts inside the
+// odd element: Apply leaves that Delete out (absentDelete: the live
+// element is not there) and the rest goes. Coverage (passes on main): a
+// port range pcpd never writes over a live mapping. It returns the live
+// pinhole and the element added (nft's syntax).
+func rangeOverMapping(t *testing.T, l *lab) (live pinhole.Pinhole, forged [][2]string) {
+	c4, pub, inet4 := l.topo.ClientV4, l.topo.HostPublicV4, l.topo.InternetV4
+	l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c4, 9090).String())
+	wide := netip.PrefixFrom(inet4, 24).Masked()
+	if resp := l.pcp(mapFiltered(c4, 9090, 19090, wide, 1)); resp.Result != pcp.Success || resp.Map.ExternalPort != 19090 {
+		t.Fatalf("filtered MAP IPv4: %+v", resp)
+	}
+	forged = [][2]string{{"napt4_filter", fmt.Sprintf("%s . tcp . 19000-19100 . %s . 0-65535 : %s . 9090", pub, wide, c4)}}
+	l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf("nft -f - <<'EOF'\ndelete element inet pcpd napt4_filter { %s . tcp . 19090 . %s . 0-65535 }\nadd element inet pcpd napt4_filter { %s }\nEOF\n",
+		pub, wide, forged[0][1]))
+	live = pinhole.Pinhole{Protocol: 6, InternalAddr: c4, InternalPort: 9090, ExternalAddr: pub, ExternalPort: 19090, RemotePrefix: wide}
+	return live, forged
+}
+
+// rangeOverMappingLeft says what is wrong after rangeOverMapping's undo
+// (nil: all as it should be).
+func rangeOverMappingLeft(t *testing.T, l *lab, live pinhole.Pinhole, forged [][2]string) error {
+	if err := byHandLeft(t, l, forged); err != nil {
+		return err
+	}
+	if left, held := l.kernelElem(live); !held || left > time.Hour {
+		return fmt.Errorf("the live filtered mapping held %v, %v left (want held, at most 1h)", held, left)
+	}
+	return nil
+}
+
+// TestE2EWatchUndoesRangeOverMapping (review h/revr6): the watch removes
+// rangeOverMapping's element and puts the live one back; pub:19091 is
+// refused, pub:19090 passes.
+func TestE2EWatchUndoesRangeOverMapping(t *testing.T) {
+	l := watchLab(t)
+	live, forged := rangeOverMapping(t, l)
+	l.marker(t, 7280)
+	if err := netlab.Eventually(watchBound, func() error { return rangeOverMappingLeft(t, l, live, forged) }); err != nil {
+		t.Fatalf("live filtered mapping replaced by hand by a port range over it: %v after %v", err, watchBound)
+	}
+	if l.reach(netip.AddrPortFrom(live.ExternalAddr, 19091)) {
+		t.Fatal("pub:19091 reachable from the internet after the undo")
+	}
+	if !l.reach(netip.AddrPortFrom(live.ExternalAddr, live.ExternalPort)) {
+		t.Fatal("the live filtered mapping passes no traffic after the undo")
+	}
+}
+
+// TestE2EAuditUndoesRangeOverMapping (review h/revr6): with the watch
+// off, one audit does the same.
+func TestE2EAuditUndoesRangeOverMapping(t *testing.T) {
+	l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
+	live, forged := rangeOverMapping(t, l)
+	if !l.reach(netip.AddrPortFrom(live.ExternalAddr, 19091)) {
+		t.Fatal("the port range added by hand admits nothing: the test proves nothing")
+	}
+	l.srv.auditFirewall(context.Background())
+	if err := rangeOverMappingLeft(t, l, live, forged); err != nil {
+		t.Fatalf("audit: %v", err)
+	}
+	if l.reach(netip.AddrPortFrom(live.ExternalAddr, 19091)) {
+		t.Fatal("audit: pub:19091 reachable from the internet")
+	}
+	if !l.reach(netip.AddrPortFrom(live.ExternalAddr, live.ExternalPort)) {
+		t.Fatal("audit: the live filtered mapping passes no traffic")
+	}
+}
