@@ -115,6 +115,9 @@ func (p Pinhole) Odd() bool { return p.odd != unique.Handle[oddElement]{} }
 
 // String is for logs and error messages.
 func (p Pinhole) String() string {
+	if p.Odd() && p.odd.Value().key == "" {
+		return specs[p.odd.Value().k].name + " catch-all element (pcpd never writes one)"
+	}
 	s := fmt.Sprintf("proto %d %s", p.Protocol, netip.AddrPortFrom(p.InternalAddr, p.InternalPort))
 	if p.ExternalAddr.IsValid() && (p.ExternalAddr != p.InternalAddr || p.ExternalPort != p.InternalPort) {
 		s += fmt.Sprintf(" via %s", netip.AddrPortFrom(p.ExternalAddr, p.ExternalPort))

@@ -1233,7 +1233,7 @@ func (s *Server) auditFirewall(ctx context.Context) {
 		_, held := s.tab.holder(endpoint{addr: p.ExternalAddr, proto: p.Protocol, port: p.ExternalPort})
 		fix = append(fix, hs.deleteGroup(p))
 		orphans++
-		if a := p.InternalAddr; !held && !slices.Contains(s.orphans, a) && len(s.orphans) < maxOrphanTargets {
+		if a := p.InternalAddr; !held && a.IsValid() && !slices.Contains(s.orphans, a) && len(s.orphans) < maxOrphanTargets {
 			s.orphans = append(s.orphans, a)
 		}
 	}
