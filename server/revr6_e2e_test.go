@@ -196,3 +196,44 @@ func TestE2EAuditUndoesRangeOverMapping(t *testing.T) {
 		t.Fatal("audit: the live filtered mapping passes no traffic")
 	}
 }
+
+// TestE2EWatchUndoesSNATNoKeyEnd (review h/revr6): a snat4_filter
+// element added by hand without a key end (c4:9191 . the internet's
+// address . its port 5555 -> pub:29175, no map element) is told as the
+// NAPT mapping whose companion it would be and undone. Before, the watch
+// could not read it ('short element') and left it.
+func TestE2EWatchUndoesSNATNoKeyEnd(t *testing.T) {
+	l := watchLab(t)
+	c4, pub, inet4 := l.topo.ClientV4.As4(), l.topo.HostPublicV4.As4(), l.topo.InternetV4.As4()
+	key := append(append(append(append(c4[:], 6, 0, 0, 0), 0x23, 0xe7, 0, 0), inet4[:]...), 0x15, 0xb3, 0, 0)
+	val := append(pub[:], 0x71, 0xf7, 0, 0)
+	conn, err := l.topo.Host.NftConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	set, err := conn.GetSetByName(&nftables.Table{Name: "pcpd", Family: nftables.TableFamilyINet}, "snat4_filter")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.SetAddElements(set, []nftables.SetElement{{Key: key, Val: val}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.Flush(); err != nil {
+		t.Fatalf("add snat4_filter element without a key end: %v", err)
+	}
+	l.marker(t, 7300)
+	if err := netlab.Eventually(watchBound, func() error {
+		es, err := conn.GetSetElements(set)
+		if err != nil {
+			return err
+		}
+		for _, e := range es {
+			if bytes.Equal(e.Key, key) {
+				return fmt.Errorf("snat4_filter %x (no key end, no lease) still held", key)
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("%v after %v", err, watchBound)
+	}
+}
