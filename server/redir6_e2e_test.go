@@ -289,16 +289,8 @@ func byHandLeft(t *testing.T, l *lab, forged [][2]string) error {
 // audit fixed nothing while they stayed. It returns the live pinhole and
 // the elements added (set: nft's syntax).
 func unreadable(t *testing.T, l *lab) (live pinhole.Pinhole, forged [][2]string) {
-	c := l.topo.ClientV6
-	for _, port := range []uint16{443, 1500} {
-		l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, port).String())
-	}
-	if resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); resp.Result != pcp.Success {
-		t.Fatalf("MAP: %+v", resp)
-	}
-	if l.reach(netip.AddrPortFrom(c, 1500)) {
-		t.Fatal("c:1500 reachable from the internet before any tampering")
-	}
+	live = liveMAP443(t, l)
+	c := live.InternalAddr
 	other := netip.MustParseAddr("2001:db8:1:2::11")
 	forged = [][2]string{
 		{"pin6_filter", fmt.Sprintf("%s . tcp . 1000-2000 . ::/0 . 0-65535", c)},
@@ -311,7 +303,23 @@ func unreadable(t *testing.T, l *lab) (live pinhole.Pinhole, forged [][2]string)
 	if l.srv.cfg.NoFirewallWatch && !l.reach(netip.AddrPortFrom(c, 1500)) { // the watch may have undone it already
 		t.Fatal("c:1000-2000 added by hand admits nothing: the test proves nothing")
 	}
-	return pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 443, ExternalAddr: c, ExternalPort: 443}, forged
+	return live, forged
+}
+
+// liveMAP443 serves c:443 and c:1500, maps c:443 (the live MAP it
+// returns) and checks that the internet does not reach c:1500.
+func liveMAP443(t *testing.T, l *lab) pinhole.Pinhole {
+	c := l.topo.ClientV6
+	for _, port := range []uint16{443, 1500} {
+		l.topo.Client.ServeTCP(t, netip.AddrPortFrom(c, port).String())
+	}
+	if resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); resp.Result != pcp.Success {
+		t.Fatalf("MAP: %+v", resp)
+	}
+	if l.reach(netip.AddrPortFrom(c, 1500)) {
+		t.Fatal("c:1500 reachable from the internet before any tampering")
+	}
+	return pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 443, ExternalAddr: c, ExternalPort: 443}
 }
 
 // TestE2EWatchUndoesUnreadable (h/redir6): the watch removes unreadable's
