@@ -77,6 +77,20 @@ func (b *Backend) Apply(ops []Op) (err error) {
 		e.index = i
 		enc = append(enc, e)
 	}
+	if b.conn.TestDial == nil {
+		// A catch-all element's Delete goes first, each on a transaction
+		// of its own (deleteCatchAll): google/nftables cannot send it.
+		// One failing, the rest is not sent (a retry deletes again: no
+		// catch-all there is nothing to do).
+		for _, e := range enc {
+			if isCatchAll(e) {
+				if err := b.deleteCatchAll(b.sets[e.k].Name); err != nil {
+					return &OpError{Index: e.index, Op: e.orig, Err: err}
+				}
+			}
+		}
+		enc = slices.DeleteFunc(enc, isCatchAll)
+	}
 	for len(enc) > 0 {
 		err := b.flushOps(enc)
 		if err == nil {

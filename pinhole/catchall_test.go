@@ -1,0 +1,116 @@
+package pinhole_test
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// TestDeleteCatchAll (h/catchall, issue 9, review h/revr6 finding 2): a
+// catch-all element added by hand ('nft add element inet pcpd pin6 { *
+// }', a map's '{ * : data }') to each pinhole set and map, beside a live
+// element of pcpd's, is listed as an odd Pinhole whose Delete removes
+// exactly it (deleteCatchAll's raw transaction: NFTA_SET_ELEM_FLAGS
+// catch-all, no key); the live element stays; a second Delete (none
+// there) succeeds. Standalone table and attached mode (the admin's
+// table, prefixed sets). Before, every Delete failed: 'Apply: pinhole:
+// op 0 ...: invalid argument' (google/nftables sends an empty key, no
+// catch-all flag) and the catch-all stayed.
+func TestDeleteCatchAll(t *testing.T) {
+	c := netip.MustParseAddr("2001:db8:1:2::10")
+	from6 := netip.MustParsePrefix("2001:db8:ffff::/48")
+	c4, pub := netip.MustParseAddr("10.100.0.2"), netip.MustParseAddr("198.51.100.1")
+	from4 := netip.MustParsePrefix("203.0.113.0/24")
+	type kindSpec struct {
+		set  string
+		data string // a map's: the catch-all's data
+		live pinhole.Pinhole
+	}
+	kinds := []kindSpec{
+		{"pin6", "", pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 443}},
+		{"pin6_proto", "", pinhole.Pinhole{Protocol: 17, InternalAddr: c}},
+		{"pin6_addr", "", pinhole.Pinhole{InternalAddr: c}},
+		{"pin6_filter", "", pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 443, RemotePrefix: from6}},
+		{"pin6_addr_filter", "", pinhole.Pinhole{InternalAddr: c, RemotePrefix: from6}},
+		{"redir6", " : 2001:db8:1:2::10 . 22", pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 22, ExternalPort: 8022}},
+		{"redir6_filter", " : 2001:db8:1:2::10 . 22", pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 22, ExternalPort: 8022, RemotePrefix: from6}},
+		{"napt4", " : 10.100.0.2 . 80", pinhole.Pinhole{Protocol: 6, InternalAddr: c4, InternalPort: 80, ExternalAddr: pub, ExternalPort: 8080}},
+		{"napt4_filter", " : 10.100.0.2 . 80", pinhole.Pinhole{Protocol: 6, InternalAddr: c4, InternalPort: 80, ExternalAddr: pub, ExternalPort: 8080, RemotePrefix: from4}},
+	}
+	for _, mode := range []struct {
+		name, table, prefix string
+		cfg                 pinhole.Config
+	}{
+		{"standalone", "pcpd", "", pinhole.Config{Routes: noRoutes{}}},
+		{"attached", "filter", "pcpd_", pinhole.Config{Routes: noRoutes{}, Table: "filter", Attached: true, Chain: "pcpd"}},
+	} {
+		t.Run(mode.name, func(t *testing.T) {
+			ns := netlab.NewNS(t, "catchall")
+			if mode.cfg.Attached {
+				loadNft(t, ns, adminRuleset)
+			}
+			b := newBackend(t, ns, mode.cfg)
+			var live []pinhole.Pinhole
+			for _, k := range kinds {
+				p, err := k.live.Canonical()
+				if err != nil {
+					t.Fatal(err)
+				}
+				live = append(live, p)
+				apply(t, b, install(p, time.Hour))
+				ns.MustRun(t, "nft", "add", "element", "inet", mode.table, mode.prefix+k.set, "{ *"+k.data+" }")
+			}
+			es, err := b.List()
+			if err != nil {
+				t.Fatalf("List: %v", err)
+			}
+			var odd []pinhole.Pinhole
+			for _, e := range es {
+				if e.Pinhole.Odd() {
+					odd = append(odd, e.Pinhole)
+				}
+			}
+			if len(odd) != len(kinds) {
+				t.Fatalf("List: %d odd entries %v, want a catch-all of each of %d sets", len(odd), odd, len(kinds))
+			}
+			for _, p := range odd {
+				set := mode.prefix + strings.Fields(p.String())[0]
+				what := "set"
+				if i := slices.IndexFunc(kinds, func(k kindSpec) bool { return mode.prefix+k.set == set }); i >= 0 && kinds[i].data != "" {
+					what = "map"
+				}
+				if err := b.Apply([]pinhole.Op{{Kind: pinhole.Delete, Pinhole: p}}); err != nil {
+					t.Errorf("%s: Apply(Delete): %v", set, err)
+					continue
+				}
+				if out := nftList(t, ns, what, "inet", mode.table, set); strings.Contains(out, "*") {
+					t.Errorf("%s: the catch-all stayed after its Delete:\n%s", set, out)
+				}
+				if err := b.Apply([]pinhole.Op{{Kind: pinhole.Delete, Pinhole: p}}); err != nil {
+					t.Errorf("%s: Apply(Delete) again, none there: %v", set, err)
+				}
+			}
+			es, err = b.List()
+			if err != nil {
+				t.Fatalf("List after: %v", err)
+			}
+			var got []pinhole.Pinhole
+			for _, e := range es {
+				got = append(got, e.Pinhole)
+			}
+			for _, p := range live {
+				if !slices.Contains(got, p) {
+					t.Errorf("live %v gone (List: %v)", p, got)
+				}
+			}
+			if len(got) != len(live) {
+				t.Errorf("List after: %v, want exactly the live %v", got, live)
+			}
+		})
+	}
+}
