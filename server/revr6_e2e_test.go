@@ -282,7 +282,8 @@ func catchAllLeft(t *testing.T, l *lab) error {
 // hand, one audit puts the live element back. Before, List failed ('set
 // pin6 holds an element pcpd did not write: pinhole: short element'):
 // 'the live MAP's element held false' (no audit fixed anything while the
-// catch-all stayed). The catch-all itself stays (TestE2EUndoesCatchAll).
+// catch-all stayed). Since h/catchall the audit removes the catch-all
+// too (TestE2EUndoesCatchAll).
 func TestE2EAuditRepairsBesideCatchAll(t *testing.T) {
 	l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
 	c := catchAll(t, l)
@@ -300,18 +301,14 @@ func TestE2EAuditRepairsBesideCatchAll(t *testing.T) {
 	}
 }
 
-// TestE2EUndoesCatchAll (review h/revr6, a known gap: PCPD_KNOWN_BUGS=1
-// to run): the watch, and the audit, remove catchAll's element. Fails:
+// TestE2EUndoesCatchAll (review h/revr6; h/catchall): the watch, and the
+// audit, remove catchAll's element; c:1500 refused. Before h/catchall,
 // 'pin6 still holds a catch-all element' after 20s and after the audit,
-// c:1500 reachable from the internet. A catch-all is deleted by an
-// element with NFTA_SET_ELEM_FLAGS NFT_SET_ELEM_CATCHALL and no key,
-// which google/nftables v0.3.0 cannot send (makeElemList always sends a
-// key, and only the interval-end flag); pcpd's Delete of it (an empty
-// key) is refused.
+// c:1500 reachable from the internet: its Delete (an empty key through
+// google/nftables, which cannot send NFTA_SET_ELEM_FLAGS
+// NFT_SET_ELEM_CATCHALL) was refused. Now it goes on a raw transaction
+// of its own (pinhole's deleteCatchAll).
 func TestE2EUndoesCatchAll(t *testing.T) {
-	if os.Getenv("PCPD_KNOWN_BUGS") == "" {
-		t.Skip("known gap: a catch-all element by hand stays (RELIABILITY.md, review h/revr6); PCPD_KNOWN_BUGS=1 to run (fails)")
-	}
 	t.Run("watch", func(t *testing.T) {
 		l := watchLab(t)
 		c := catchAll(t, l)
