@@ -36,7 +36,11 @@ func encode(op Op) (encodedOp, error) {
 	}
 	k := kindOf(v.Pinhole)
 	e := element(k, v.Pinhole)
-	enc := encodedOp{orig: op, op: v, k: k, elem: e, id: specs[k].name + "|" + string(e.Key) + "|" + string(e.KeyEnd)}
+	name := specs[k].name
+	if v.Pinhole.Odd() {
+		name = v.Pinhole.odd.Value().setName() // a SNAT map's catch-all: not k's set
+	}
+	enc := encodedOp{orig: op, op: v, k: k, elem: e, id: name + "|" + string(e.Key) + "|" + string(e.KeyEnd)}
 	if i, se, ok := snatElement(k, v.Pinhole); ok {
 		// Two NAPT elements of one internal endpoint (a mapping moved to
 		// another external port) share their companion's key.
@@ -84,7 +88,7 @@ func (b *Backend) Apply(ops []Op) (err error) {
 		// catch-all there is nothing to do).
 		for _, e := range enc {
 			if isCatchAll(e) {
-				if err := b.deleteCatchAll(b.sets[e.k].Name); err != nil {
+				if err := b.deleteCatchAll(b.catchAllSet(e.op.Pinhole.odd.Value())); err != nil {
 					return &OpError{Index: e.index, Op: e.orig, Err: err}
 				}
 			}

@@ -114,3 +114,39 @@ func TestDeleteCatchAll(t *testing.T) {
 		})
 	}
 }
+
+// TestWatchSNATCatchAll (h/catchall): a catch-all added by hand to each
+// SNAT map ('{ * : a . p }': every new outbound IPv4 flow no other element
+// matches leaves from a:p), beside a live mapping's companion, is told by
+// the watch as an odd Pinhole added, whose Delete removes exactly it
+// (the live companion stays). Before, snatPinhole dropped it (no
+// companion has no key): 'no event from the watcher', and it stayed.
+func TestWatchSNATCatchAll(t *testing.T) {
+	c4, pub := netip.MustParseAddr("10.100.0.2"), netip.MustParseAddr("198.51.100.1")
+	ns := netlab.NewNS(t, "catchall")
+	b := newBackend(t, ns, pinhole.Config{Routes: noRoutes{}})
+	live := []pinhole.Pinhole{
+		{Protocol: 6, InternalAddr: c4, InternalPort: 80, ExternalAddr: pub, ExternalPort: 8080},
+		{Protocol: 6, InternalAddr: c4, InternalPort: 81, ExternalAddr: pub, ExternalPort: 8081, RemotePrefix: netip.MustParsePrefix("203.0.113.0/24")},
+	}
+	for _, p := range live {
+		apply(t, b, install(p, time.Hour))
+	}
+	evs := watching(t, b)
+	marker(t, ns, b, evs, 1000, "the start")
+	for _, set := range []string{"snat4", "snat4_filter"} {
+		ns.MustRun(t, "nft", "add", "element", "inet", "pcpd", set, "{ * : 198.51.100.9 . 9999 }")
+		ev := nextEvent(t, evs, set+" catch-all added")
+		if len(ev.Added) != 1 || !ev.Added[0].Pinhole.Odd() || !strings.HasPrefix(ev.Added[0].Pinhole.String(), set+" catch-all") {
+			t.Fatalf("%s catch-all added: told %+v, want one odd catch-all of %s", set, ev, set)
+		}
+		apply(t, b, del(ev.Added[0].Pinhole))
+		if out := nftList(t, ns, "map", "inet", "pcpd", set); strings.Contains(out, "*") || !strings.Contains(out, "10.100.0.2 . tcp . 8") {
+			t.Errorf("%s after the catch-all's Delete: want the live companion alone:\n%s", set, out)
+		}
+	}
+	es, err := b.List()
+	if err != nil || len(es) != len(live) {
+		t.Errorf("List: %v, %v; want the live %v", es, err, live)
+	}
+}

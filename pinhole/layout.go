@@ -308,13 +308,13 @@ func decode(k kind, e nftables.SetElement) (Pinhole, error) {
 	if len(e.Key) == 0 {
 		// A catch-all element (nft's "*", by hand): no key, it matches
 		// what no other element does (every packet the set's lookup
-		// sees, in a pinhole set). Odd, of no fields. Its Delete, an
-		// element without a key, the kernel refuses (it needs
-		// NFTA_SET_ELEM_FLAGS catch-all, which google/nftables cannot
-		// send): it stays, but List no longer fails on it. Before
-		// (review h/revr6), 'short element': List failed, so the audit
-		// fixed nothing while it stayed (TestE2EAuditRepairsBesideCatchAll;
-		// left: TestE2EUndoesCatchAll, RELIABILITY.md).
+		// sees, in a pinhole set). Odd, of no fields. Before (review
+		// h/revr6), 'short element': List failed, so the audit fixed
+		// nothing while it stayed (TestE2EAuditRepairsBesideCatchAll).
+		// Its Delete goes on a raw transaction of its own
+		// (deleteCatchAll: google/nftables cannot send
+		// NFTA_SET_ELEM_FLAGS catch-all); before h/catchall the kernel
+		// refused it (EINVAL) and it stayed (TestE2EUndoesCatchAll).
 		return Pinhole{odd: unique.Make(oddElement{k: k, end: string(e.KeyEnd), val: string(e.Val)})}, nil
 	}
 	alen := 16

@@ -106,6 +106,17 @@ type Pinhole struct {
 type oddElement struct {
 	k             kind
 	key, end, val string
+	// snat: a catch-all of k's SNAT map (kindNAPT4: snat4, kindNAPT4Filter:
+	// snat4_filter), which the watch tells (h/catchall); never else.
+	snat bool
+}
+
+// setName is the (unprefixed) name of o's set.
+func (o oddElement) setName() string {
+	if o.snat {
+		return snatSpecs[snatOf(o.k)].name
+	}
+	return specs[o.k].name
 }
 
 // Odd reports whether p was read from an element pcpd never writes (by
@@ -116,7 +127,7 @@ func (p Pinhole) Odd() bool { return p.odd != unique.Handle[oddElement]{} }
 // String is for logs and error messages.
 func (p Pinhole) String() string {
 	if p.Odd() && p.odd.Value().key == "" {
-		return specs[p.odd.Value().k].name + " catch-all element (pcpd never writes one)"
+		return p.odd.Value().setName() + " catch-all element (pcpd never writes one)"
 	}
 	s := fmt.Sprintf("proto %d %s", p.Protocol, netip.AddrPortFrom(p.InternalAddr, p.InternalPort))
 	if p.ExternalAddr.IsValid() && (p.ExternalAddr != p.InternalAddr || p.ExternalPort != p.InternalPort) {

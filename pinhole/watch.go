@@ -699,6 +699,10 @@ func (b *Backend) changedElements(set string, list []byte, verb string, sentinel
 				damage = flushed
 				continue
 			}
+			if len(e.Key) == 0 { // a catch-all, by hand
+				out = append(out, Entry{Pinhole: snatCatchAll(i, e), Remaining: e.Expires})
+				continue
+			}
 			if p, ok := snatPinhole(i, e); ok {
 				out = append(out, Entry{Pinhole: p, Remaining: e.Expires})
 			}
