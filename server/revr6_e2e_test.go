@@ -320,6 +320,24 @@ func TestE2EUndoesCatchAll(t *testing.T) {
 			t.Error("c:1500 reachable from the internet after the undo")
 		}
 	})
+	t.Run("watch snat4", func(t *testing.T) {
+		// h/catchall: a SNAT map's catch-all (every new outbound IPv4
+		// flow leaves from pub:9999); the watch only (List reads no
+		// SNAT map). Before, 'still holds a catch-all' after 20s.
+		l := watchLab(t)
+		liveMAP443(t, l)
+		l.topo.Host.MustRun(t, "nft", "add", "element", "inet", "pcpd", "snat4", fmt.Sprintf("{ * : %s . 9999 }", l.topo.HostPublicV4))
+		l.marker(t, 7291)
+		err := netlab.Eventually(watchBound, func() error {
+			if out := l.topo.Host.MustRun(t, "nft", "list", "map", "inet", "pcpd", "snat4"); strings.Contains(out, "*") {
+				return fmt.Errorf("snat4 still holds a catch-all (no lease):\n%s", out)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Errorf("%v after %v", err, watchBound)
+		}
+	})
 	t.Run("audit", func(t *testing.T) {
 		l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
 		c := catchAll(t, l)
