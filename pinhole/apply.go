@@ -53,6 +53,11 @@ func encode(op Op) (encodedOp, error) {
 // take effect, or none. When one fails, the error is an *OpError naming it
 // (found by replaying prefixes of the batch in transactions that are
 // always rolled back). Ops are validated before anything is sent.
+// Except: a catch-all element's Delete (an odd Pinhole of no key) goes
+// first, each on a transaction of its own (deleteCatchAll); one failing,
+// the error names it and nothing after is sent; the rest failing, the
+// catch-alls deleted before stay deleted (a retry finds none: nothing to
+// do). Only foreign elements go that way (pcpd never writes a catch-all).
 //
 // Install and Refresh set the entry's timeout to op.Timeout. Where the
 // kernel updates elements in place (Setup's probe, probe.go), the element

@@ -344,7 +344,8 @@ func (o Op) validate() (Op, error) {
 }
 
 // OpError is the error Apply returns when one Op fails. The whole batch is
-// then discarded by the kernel: nothing of it was applied.
+// then discarded by the kernel: nothing of it was applied, but for the
+// catch-all Deletes Apply sent first, each on its own (see Apply).
 type OpError struct {
 	Index int // position in the batch; -1 when no single op is to blame
 	Op    Op
