@@ -1,7 +1,10 @@
 package pinhole_test
 
 import (
+	"errors"
 	"net/netip"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -51,5 +54,62 @@ func TestCatchAllDeleteOwnAndRawShared(t *testing.T) {
 			port = pt
 		}
 		marker(t, ns, b, evs, uint16(1001+i), "pcpd's own "+set+" catch-all delete")
+	}
+}
+
+// TestApplyCatchAllMixedBatchBlame (review h/revca): a batch holding a
+// catch-all Delete beside ops the kernel refuses names the refused op by
+// its index in the caller's batch (the catch-all taken out of the rest
+// shifts nothing): op 2 ErrConflict, the catch-all at 0 or at 1; the
+// catch-all is gone (its own transaction) and nothing of the rest
+// applied; the batch again, the put-back After, succeeds (no catch-all
+// there: nothing to do).
+func TestApplyCatchAllMixedBatchBlame(t *testing.T) {
+	ns := netlab.NewNS(t, "revca")
+	b := newBackend(t, ns, pinhole.Config{})
+	filtered := func(pfx string) pinhole.Pinhole {
+		return pinhole.Pinhole{Protocol: tcp, InternalAddr: c6, InternalPort: 22, ExternalAddr: c6, ExternalPort: 22,
+			RemotePrefix: netip.MustParsePrefix(pfx)}
+	}
+	live, foreign := filtered("2001:db8:5::/48"), filtered("::/0")
+	for _, at := range []int{0, 1} {
+		apply(t, b, install(foreign, time.Minute))
+		ns.MustRun(t, "nft", "add", "element", "inet", "pcpd", "pin6", "{ * }")
+		es, err := b.List()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ca pinhole.Pinhole
+		for _, e := range es {
+			if e.Pinhole.Odd() {
+				ca = e.Pinhole
+			}
+		}
+		if !ca.Odd() {
+			t.Fatalf("List: no catch-all in %v", es)
+		}
+		ops := []pinhole.Op{del(foreign), install(live, time.Minute)}
+		ops = slices.Insert(ops, at, del(ca))
+		err = b.Apply(ops)
+		var oe *pinhole.OpError
+		if !errors.As(err, &oe) || oe.Index != 2 || oe.Op != ops[2] || !errors.Is(err, pinhole.ErrConflict) {
+			t.Fatalf("catch-all at %d: Apply: %v, want op 2 (the put-back) ErrConflict", at, err)
+		}
+		if out := nftList(t, ns, "set", "inet", "pcpd", "pin6"); strings.Contains(out, "*") {
+			t.Errorf("catch-all at %d: the catch-all stayed:\n%s", at, out)
+		}
+		got, _ := listPinholes(t, b)
+		if !slices.Contains(got, foreign) || slices.Contains(got, live) {
+			t.Errorf("catch-all at %d: after the refused batch %v, want the foreign one alone (nothing of the rest applied)", at, got)
+		}
+		ops[2].After = true
+		if err := b.Apply(ops); err != nil {
+			t.Fatalf("catch-all at %d: the batch again, put-back After: %v", at, err)
+		}
+		got, _ = listPinholes(t, b)
+		if !slices.Equal(got, []pinhole.Pinhole{live}) {
+			t.Errorf("catch-all at %d: after: %v, want the live one alone", at, got)
+		}
+		apply(t, b, del(live))
 	}
 }
