@@ -113,3 +113,36 @@ func TestApplyCatchAllMixedBatchBlame(t *testing.T) {
 		apply(t, b, del(live))
 	}
 }
+
+// TestWatchSNATCatchAllAttached (review h/revca): TestWatchSNATCatchAll in
+// attached mode (the admin's table, prefixed maps): the catch-all of
+// pcpd_snat4 and pcpd_snat4_filter is told and its Delete removes it
+// from the prefixed map of the admin's table, not told back as someone's;
+// the live companions stay.
+func TestWatchSNATCatchAllAttached(t *testing.T) {
+	c4, pub := netip.MustParseAddr("10.100.0.2"), netip.MustParseAddr("198.51.100.1")
+	ns := netlab.NewNS(t, "revca")
+	loadNft(t, ns, adminRuleset)
+	b := newBackend(t, ns, pinhole.Config{Routes: noRoutes{}, Table: "filter", Attached: true, Chain: "pcpd"})
+	live := []pinhole.Pinhole{
+		{Protocol: 6, InternalAddr: c4, InternalPort: 80, ExternalAddr: pub, ExternalPort: 8080},
+		{Protocol: 6, InternalAddr: c4, InternalPort: 81, ExternalAddr: pub, ExternalPort: 8081, RemotePrefix: netip.MustParsePrefix("203.0.113.0/24")},
+	}
+	for _, p := range live {
+		apply(t, b, install(p, time.Hour))
+	}
+	evs := watching(t, b)
+	markerIn(t, ns, b, evs, "filter", "pcpd_pin6", 1000, "the start")
+	for i, set := range []string{"pcpd_snat4", "pcpd_snat4_filter"} {
+		ns.MustRun(t, "nft", "add", "element", "inet", "filter", set, "{ * : 198.51.100.9 . 9999 }")
+		ev := nextEvent(t, evs, set+" catch-all added")
+		if len(ev.Added) != 1 || !ev.Added[0].Pinhole.Odd() {
+			t.Fatalf("%s catch-all added: told %+v, want one odd catch-all", set, ev)
+		}
+		apply(t, b, del(ev.Added[0].Pinhole))
+		if out := nftList(t, ns, "map", "inet", "filter", set); strings.Contains(out, "*") || !strings.Contains(out, "10.100.0.2 . tcp . 8") {
+			t.Errorf("%s after the catch-all's Delete: want the live companion alone:\n%s", set, out)
+		}
+		markerIn(t, ns, b, evs, "filter", "pcpd_pin6", uint16(1001+i), "pcpd's own "+set+" catch-all delete")
+	}
+}
