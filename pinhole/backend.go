@@ -567,6 +567,10 @@ func (b *Backend) setupLocked() (err error) {
 	b.owned = true
 	b.wrote = true
 	b.recheckFlows = false
+	// The lease sets' gc interval (setgc.go). Not fatal and not returned:
+	// a kernel that refuses it keeps its default (1 s), which every set
+	// had before; the next Setup (a repair) asks again.
+	_ = b.setLeaseGC()
 	b.cutting.Store(b.cutLabels && !b.unlabelled && !b.disarmed && !b.pinVerify)
 	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed && !b.natVerify)
 	// Not fatal: the layout is committed, and the owner meter's write

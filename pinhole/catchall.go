@@ -63,21 +63,15 @@ func (b *Backend) catchAllSet(o oddElement) string {
 // TestE2EUndoesCatchAll). No catch-all there (ENOENT): nothing to do.
 
 func (b *Backend) deleteCatchAll(set string) error {
-	if b.raw.c == nil {
-		c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: b.netns})
-		if err != nil {
-			return fmt.Errorf("pinhole: netlink: %w", err)
-		}
-		b.raw.c = c
+	c, err := b.rawConn()
+	if err != nil {
+		return err
 	}
-	// Its notification is pcpd's own (the watcher leaves it out): noted
-	// at every use, the socket (getRules' too) may have left the ring.
-	b.ports.note(b.raw.c)
 	msgs, err := catchAllBatch(byte(b.table.Family), b.table.Name, set)
 	if err != nil {
 		return err
 	}
-	err = sendCatchAll(b.raw.c, msgs)
+	err = sendCatchAll(c, msgs)
 	if errors.Is(err, unix.ENOENT) {
 		return nil
 	}
