@@ -12,28 +12,26 @@ import (
 )
 
 // LeaseSetGC is the garbage-collection interval Setup asks the kernel for
-// on pcpd's lease sets and maps (the pinhole sets, the redirect, NAPT and
-// SNAT maps; NFTA_SET_GC_INTERVAL). The kernel's default is 1 s: every
-// second a worker walks the whole set for expired elements (nft_rhash_gc)
-// in one RCU read-side section, 6-10 ms of one CPU at 100 000 elements on
-// the 2-core bench machine (a kernel without preemption: whatever waits for
-// that CPU waits those milliseconds), so the growth row had a cluster of
-// requests over 5 ms about every second (BENCHMARKS.md item 70). pcpd
-// deletes its elements itself at expiry; the kernel's timeouts are the
-// backstop for a pcpd that is not running, and an expired element matches
-// nothing whether or not it has been collected (nft_rhash_cmp, the
-// pipapo and rbtree lookups check the expiry), so a longer interval only
-// keeps an expired element's memory a while longer. The meters are left at
-// the default: a full meter refuses new sources until its expired ones are
-// collected.
+// on pcpd's pinhole sets (pin6, pin6_proto, pin6_addr, pin6_filter,
+// pin6_addr_filter; NFTA_SET_GC_INTERVAL). The kernel's default is 1 s:
+// every second a worker walks the whole set for expired elements
+// (nft_rhash_gc) in one RCU read-side section, 4-10 ms of one CPU at
+// 55 000-100 000 elements on the 2-core bench machine (a kernel without
+// preemption: whatever waits for that CPU waits those milliseconds;
+// BENCHMARKS.md item 70). pcpd deletes its elements itself at expiry; the
+// kernel's timeouts are the backstop for a pcpd that is not running, and
+// an expired element matches nothing whether or not it has been collected
+// (nft_rhash_cmp, the pipapo and rbtree lookups check the expiry), so a
+// longer interval only keeps an expired element's memory a while longer.
+//
+// Not the maps (redir6, napt4, snat4 and their filtered ones): nft 1.0.6
+// lists a map's gc-interval and cannot read it back ('syntax error,
+// unexpected gc-interval'), so an admin's 'nft list ruleset' would no
+// longer load (TestNATCutLayout). Not the meters: a full meter admits a
+// new source only once its expired ones are collected.
 var LeaseSetGC = 5 * time.Minute
 
-// leaseSets are the sets LeaseSetGC applies to.
-func (b *Backend) leaseSets() []*nftables.Set {
-	return append(b.sets[:len(b.sets):len(b.sets)], b.snat[:]...)
-}
-
-// setLeaseGC asks the kernel for LeaseSetGC on every lease set, one
+// setLeaseGC asks the kernel for LeaseSetGC on every pinhole set, one
 // transaction a set on the raw socket (b.raw, under mu): the NEWSET that
 // google/nftables sends for the set (its flags, types and description, so
 // the kernel takes it as the same set: nf_tables_newset's update path),
@@ -47,8 +45,8 @@ func (b *Backend) setLeaseGC() error {
 	if err != nil {
 		return err
 	}
-	for _, s := range b.leaseSets() {
-		if !s.HasTimeout {
+	for _, s := range b.sets {
+		if s.IsMap || !s.HasTimeout {
 			continue
 		}
 		msgs, err := setGCBatch(s, LeaseSetGC)
