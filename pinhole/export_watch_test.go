@@ -31,14 +31,6 @@ func SetWatchBuffer(n int) (restore func()) {
 	return func() { watchBuffer = old }
 }
 
-// Watchers is how many watchers of b are registered: Watch registers
-// one once its socket has joined the notification group.
-func (b *Backend) Watchers() int {
-	b.ports.mu.Lock()
-	defer b.ports.mu.Unlock()
-	return len(b.ports.watchers)
-}
-
 // errWatchForced is the error WatchFailNext's receive returns.
 var errWatchForced = errors.New("forced receive error (test)")
 
