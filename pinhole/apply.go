@@ -38,7 +38,7 @@ func encode(op Op) (encodedOp, error) {
 	e := element(k, v.Pinhole)
 	name := specs[k].name
 	if v.Pinhole.Odd() {
-		name = v.Pinhole.odd.Value().setName() // a SNAT map's catch-all: not k's set
+		name = v.Pinhole.odd.Value().setName() // a SNAT map's element: not k's set
 	}
 	enc := encodedOp{orig: op, op: v, k: k, elem: e, id: name + "|" + string(e.Key) + "|" + string(e.KeyEnd)}
 	if i, se, ok := snatElement(k, v.Pinhole); ok {
@@ -128,6 +128,11 @@ func (b *Backend) Apply(ops []Op) (err error) {
 // real conflict.
 func (b *Backend) absentDelete(e encodedOp, err error) (bool, error) {
 	set, elem, interval := b.sets[e.k], e.elem, specs[e.k].interval
+	if e.op.Pinhole.OddSNAT() {
+		// An element of a SNAT map (by hand), deleted exactly.
+		i := snatOf(e.k)
+		set, interval = b.snat[i], snatSpecs[i].interval
+	}
 	if e.op.Companion {
 		// Its SNAT companion alone (validate: a NAPT mapping).
 		i, se, _ := snatElement(e.k, e.op.Pinhole)
@@ -250,7 +255,12 @@ func (b *Backend) queuePhase(phase []encodedOp) error {
 		add[slot] = append(add[slot], el)
 	}
 	for _, e := range phase {
-		if !e.op.Companion {
+		switch {
+		case e.op.Pinhole.OddSNAT():
+			// An element of a SNAT map (by hand): its own slot, exactly
+			// (snatElement computes no companion for it).
+			queue(int(numKinds)+snatOf(e.k), e.elem, e.op)
+		case !e.op.Companion:
 			queue(int(e.k), e.elem, e.op)
 		}
 		if i, el, ok := snatElement(e.k, e.op.Pinhole); ok {
@@ -382,7 +392,14 @@ func leafErrors(err error) []error {
 // List returns every entry in pcpd's sets, with the time the kernel will
 // keep it. After a restart the daemon compares this with its leases. An
 // element pcpd never writes (by hand) is an odd Pinhole (Pinhole.Odd):
-// equal to no lease's, its Delete removes exactly that element.
+// equal to no lease's, its Delete removes exactly that element. The SNAT
+// maps are read too: their companions of NAPT mappings are not returned
+// (the mapping is, from its map element), their other elements are, as
+// odd Pinholes (Pinhole.OddSNAT: a catch-all, a port range, a mapping to
+// 0.0.0.0:0, by hand), so that the audit deletes them. Before
+// (h/oddsnat), no SNAT map was read: such an element, added while the
+// watch was off or deaf or whose undo failed, sent a client's new
+// outbound flows from wherever it said, for ever.
 //
 // The dump is slow for large sets (the kernel restarts its hash walk for
 // every dump message: ~2-7 s for 100 000 entries, growing quadratically),
@@ -398,9 +415,12 @@ func leafErrors(err error) []error {
 // another uses a socket of its own for its call.
 func (b *Backend) List() ([]Entry, error) {
 	b.mu.Lock()
-	var sets [numKinds]nftables.Set
+	var sets listedSets
 	for k := range numKinds {
-		sets[k] = *b.sets[k]
+		sets.pin[k] = *b.sets[k]
+	}
+	for i := range numSNAT {
+		sets.snat[i] = *b.snat[i]
 	}
 	if b.conn.TestDial != nil {
 		// A fake-dialled test connection, used as it is, under the lock.
@@ -428,13 +448,19 @@ func (b *Backend) List() ([]Entry, error) {
 	return out, err
 }
 
+// listedSets are the sets List reads (copies, read outside b.mu).
+type listedSets struct {
+	pin  [numKinds]nftables.Set
+	snat [numSNAT]nftables.Set
+}
+
 // listSets is List's reading of sets through conn.
-func listSets(conn *nftables.Conn, sets *[numKinds]nftables.Set) ([]Entry, error) {
+func listSets(conn *nftables.Conn, sets *listedSets) ([]Entry, error) {
 	var out []Entry
 	for k := range numKinds {
-		elems, err := conn.GetSetElements(&sets[k])
+		elems, err := conn.GetSetElements(&sets.pin[k])
 		if err != nil {
-			return nil, fmt.Errorf("pinhole: read set %s: %w", sets[k].Name, classify(err))
+			return nil, fmt.Errorf("pinhole: read set %s: %w", sets.pin[k].Name, classify(err))
 		}
 		for _, e := range elems {
 			if isSentinel(k, e) || isProbe(k, e) {
@@ -442,9 +468,27 @@ func listSets(conn *nftables.Conn, sets *[numKinds]nftables.Set) ([]Entry, error
 			}
 			p, err := decode(k, e)
 			if err != nil {
-				return nil, fmt.Errorf("pinhole: set %s holds an element pcpd did not write: %w", sets[k].Name, err)
+				return nil, fmt.Errorf("pinhole: set %s holds an element pcpd did not write: %w", sets.pin[k].Name, err)
 			}
 			out = append(out, Entry{Pinhole: p, Remaining: e.Expires})
+		}
+	}
+	for i := range numSNAT {
+		elems, err := conn.GetSetElements(&sets.snat[i])
+		if err != nil {
+			return nil, fmt.Errorf("pinhole: read map %s: %w", sets.snat[i].Name, classify(err))
+		}
+		for _, e := range elems {
+			if isSNATSentinel(i, e) {
+				continue
+			}
+			p, ok := decodeSNAT(i, e)
+			if !ok {
+				return nil, fmt.Errorf("pinhole: map %s holds an element pcpd did not write: short element: %w", sets.snat[i].Name, ErrInvalid)
+			}
+			if p.Odd() {
+				out = append(out, Entry{Pinhole: p, Remaining: e.Expires})
+			}
 		}
 	}
 	return out, nil

@@ -5,9 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"time"
-	"unique"
 
-	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -28,20 +26,6 @@ func snatOf(k kind) int {
 		return snat4Filter
 	}
 	return snat4
-}
-
-// snatCatchAll is the odd Pinhole of a catch-all element of SNAT map i
-// (by hand: 'nft add element inet pcpd snat4 { * : a . p }' makes every
-// new outbound IPv4 flow no other element matches leave from a:p). The
-// watch tells it (snatPinhole drops it: no companion has no key), so that
-// it is undone; List reads no SNAT map (RELIABILITY.md, review h/revr6
-// finding 3): no audit sees it.
-func snatCatchAll(i int, e nftables.SetElement) Pinhole {
-	k := kindNAPT4
-	if i == snat4Filter {
-		k = kindNAPT4Filter
-	}
-	return Pinhole{odd: unique.Make(oddElement{k: k, end: string(e.KeyEnd), val: string(e.Val), snat: true})}
 }
 
 // catchAllSet is the set of the catch-all element o (of b's table).

@@ -411,6 +411,75 @@ func decode(k kind, e nftables.SetElement) (Pinhole, error) {
 	return n, nil
 }
 
+// decodeSNAT turns an element of SNAT map i back into the NAPT Pinhole
+// whose companion (snatElement) it is, if it is byte for byte what pcpd
+// writes for that Pinhole; else into an odd Pinhole of that element
+// (oddElement.snat; its fields as far as they could be read: the
+// internal endpoint, the first port of a range, the remote prefix if its
+// range is one, the external endpoint its data names), whose Delete
+// removes exactly it and which equals no lease's pinhole: a catch-all
+// ('nft add element inet pcpd snat4 { * : a . p }': every new outbound
+// IPv4 flow no other element matches leaves from a:p), a snat4_filter
+// element with an internal port range (c4 . tcp . 1000-2000 . 0.0.0.0/0
+// . 0-65535 : pub . 29999: every new outbound flow of c4 from those
+// ports leaves from pub:29999), one without a key end, a snat4 element
+// to 0.0.0.0:0. Before (h/oddsnat), snatPinhole read only the shapes a
+// companion has and dropped the rest: the watch did not tell them and
+// List read no SNAT map, so no undo and no audit removed them
+// (TestE2EUndoesOddSNAT). ok is false only for a key too short for the
+// map (the kernel never holds one).
+func decodeSNAT(i int, e nftables.SetElement) (p Pinhole, ok bool) {
+	k := kindNAPT4
+	if i == snat4Filter {
+		k = kindNAPT4Filter
+	}
+	odd := func(p Pinhole) Pinhole {
+		p.odd = unique.Make(oddElement{k: k, key: string(e.Key), end: string(e.KeyEnd), val: string(e.Val), snat: true})
+		return p
+	}
+	if len(e.Key) == 0 { // a catch-all: no fields
+		return odd(Pinhole{}), true
+	}
+	key, end, val := &decoder{b: e.Key}, &decoder{b: keyEnd(snatSpecs[i], e)}, &decoder{b: e.Val}
+	p.InternalAddr, p.Protocol = key.addr(4), key.proto()
+	exact := true // fields a Pinhole has
+	if i == snat4 {
+		p.InternalPort = key.port()
+	} else {
+		end.addr(4)
+		end.proto()
+		first, last := key.port(), end.port()
+		p.InternalPort, exact = first, first == last
+		if pfx, isPfx := rangePrefix(key.addr(4), end.addr(4)); isPfx {
+			p.RemotePrefix = pfx
+		} else {
+			exact = false
+		}
+		switch sf, sl := key.port(), end.port(); {
+		case sf == sl:
+			p.RemotePort = sf
+		case sf == 0 && sl == 0xffff:
+		default:
+			exact = false
+		}
+	}
+	p.ExternalAddr, p.ExternalPort = val.addr(4), val.port()
+	if firstErr(key.err, end.err) != nil {
+		return Pinhole{}, false // not an element of map i at all
+	}
+	if val.err != nil || !exact {
+		return odd(p), true
+	}
+	n, err := p.normalize()
+	if err != nil {
+		return odd(p), true // a shape no Pinhole has (to 0.0.0.0:0, protocol 0)
+	}
+	if j, se, isNAPT := snatElement(kindOf(n), n); !isNAPT || j != i || !sameElement(se, e) {
+		return odd(n), true // not what pcpd writes for n (no key end, say)
+	}
+	return n, true
+}
+
 // keyEnd is where e's ranges end: its key end or, in a concatenated-range
 // set, its key when it has none. The kernel takes an element without
 // NFTA_SET_ELEM_KEY_END (nft always sends one; another netlink client by

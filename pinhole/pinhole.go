@@ -106,8 +106,9 @@ type Pinhole struct {
 type oddElement struct {
 	k             kind
 	key, end, val string
-	// snat: a catch-all of k's SNAT map (kindNAPT4: snat4, kindNAPT4Filter:
-	// snat4_filter), which the watch tells (h/catchall); never else.
+	// snat: an element of k's SNAT map (kindNAPT4: snat4,
+	// kindNAPT4Filter: snat4_filter) that is no companion pcpd writes
+	// (decodeSNAT: a catch-all, h/catchall; any other shape, h/oddsnat).
 	snat bool
 }
 
@@ -123,6 +124,18 @@ func (o oddElement) setName() string {
 // hand), which only a Delete of p removes; such a p is none of a lease's
 // pinholes.
 func (p Pinhole) Odd() bool { return p.odd != unique.Handle[oddElement]{} }
+
+// OddSNAT reports whether p was read from an element of a SNAT map
+// (snat4, snat4_filter) that is no companion pcpd writes (by hand): its
+// Delete removes exactly that element, no map element with it; its
+// fields are the internal endpoint (and filter) the element keys, as far
+// as they could be read, and the external endpoint it translates to.
+func (p Pinhole) OddSNAT() bool { return p.Odd() && p.odd.Value().snat }
+
+// CatchAll reports whether p was read from a catch-all element (nft's
+// "*", by hand) of a pinhole set or map or a SNAT map: an odd Pinhole of
+// no fields.
+func (p Pinhole) CatchAll() bool { return p.Odd() && p.odd.Value().key == "" }
 
 // String is for logs and error messages.
 func (p Pinhole) String() string {
@@ -141,7 +154,7 @@ func (p Pinhole) String() string {
 	}
 	if p.Odd() {
 		o := p.odd.Value()
-		s += fmt.Sprintf(" (%s element pcpd never writes: %x . %x : %x)", specs[o.k].name, o.key, o.end, o.val)
+		s += fmt.Sprintf(" (%s element pcpd never writes: %x . %x : %x)", o.setName(), o.key, o.end, o.val)
 	}
 	return s
 }

@@ -44,6 +44,13 @@ func isSentinel(k kind, e nftables.SetElement) bool {
 	return bytes.Equal(e.Key, s.Key) && (!specs[k].interval || bytes.Equal(e.KeyEnd, s.KeyEnd))
 }
 
+// isSNATSentinel reports whether e (as the kernel lists it) is SNAT map
+// i's sentinel.
+func isSNATSentinel(i int, e nftables.SetElement) bool {
+	s := sentinelOf(snatSpecs[i])
+	return bytes.Equal(e.Key, s.Key) && bytes.Equal(e.KeyEnd, s.KeyEnd)
+}
+
 // sentineled lists the sets that carry a sentinel, with its element: the
 // pinhole sets and their SNAT companions.
 func (b *Backend) sentineled() ([]*nftables.Set, []nftables.SetElement) {

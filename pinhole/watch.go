@@ -695,15 +695,16 @@ func (b *Backend) changedElements(set string, list []byte, verb string, sentinel
 			continue
 		}
 		for _, e := range elementsOf(list) {
-			if s := sentinelOf(snatSpecs[i]); string(e.Key) == string(s.Key) && string(e.KeyEnd) == string(s.KeyEnd) {
+			if isSNATSentinel(i, e) {
 				damage = flushed
 				continue
 			}
-			if len(e.Key) == 0 { // a catch-all, by hand
-				out = append(out, Entry{Pinhole: snatCatchAll(i, e), Remaining: e.Expires})
-				continue
-			}
-			if p, ok := snatPinhole(i, e); ok {
+			// A companion is told as its NAPT mapping; any other element
+			// (by hand: a catch-all, a port range, a mapping to
+			// 0.0.0.0:0) as an odd Pinhole, whose Delete removes exactly
+			// it (decodeSNAT). Before (h/oddsnat), those but the
+			// catch-all were dropped: never told, never undone.
+			if p, ok := decodeSNAT(i, e); ok {
 				out = append(out, Entry{Pinhole: p, Remaining: e.Expires})
 			}
 		}
@@ -715,44 +716,6 @@ func (b *Backend) changedElements(set string, list []byte, verb string, sentinel
 		}
 	}
 	return nil, ""
-}
-
-// snatPinhole is the NAPT pinhole whose SNAT companion (snatElement) e is.
-func snatPinhole(i int, e nftables.SetElement) (Pinhole, bool) {
-	key, end, val := &decoder{b: e.Key}, &decoder{b: keyEnd(snatSpecs[i], e)}, &decoder{b: e.Val}
-	var p Pinhole
-	p.InternalAddr, p.Protocol = key.addr(4), key.proto()
-	if i == snat4 {
-		p.InternalPort = key.port()
-	} else {
-		end.addr(4)
-		end.proto()
-		first, last := key.port(), end.port()
-		if first != last {
-			return Pinhole{}, false
-		}
-		p.InternalPort = first
-		rf, rl := key.addr(4), end.addr(4)
-		pfx, ok := rangePrefix(rf, rl)
-		if !ok {
-			return Pinhole{}, false
-		}
-		p.RemotePrefix = pfx
-		sf, sl := key.port(), end.port()
-		switch {
-		case sf == sl:
-			p.RemotePort = sf
-		case sf == 0 && sl == 0xffff:
-		default:
-			return Pinhole{}, false
-		}
-	}
-	p.ExternalAddr, p.ExternalPort = val.addr(4), val.port()
-	if firstErr(key.err, end.err, val.err) != nil {
-		return Pinhole{}, false
-	}
-	n, err := p.normalize()
-	return n, err == nil
 }
 
 // elementsOf decodes an NFTA_SET_ELEM_LIST_ELEMENTS attribute: each

@@ -99,6 +99,9 @@ type fwWatch struct {
 	// the last pass that acted on its kind (watchFirewall's goroutine).
 	undo    gapped[toldAdd]
 	restore gapped[pinhole.Pinhole]
+	// catchAllTries counts the passes in a row whose undo of a catch-all
+	// element failed (watchFirewall's goroutine): retryCatchAlls.
+	catchAllTries int
 	// refusedBack are the put-backs of restoreDeleted the kernel refused
 	// (at most maxWatchPending): their place taken by an element someone
 	// added that the undo's sharers do not find (an all-ports element
@@ -160,6 +163,36 @@ func (g *gapped[T]) take(told []T, by []uint32, poke func(), warn func(n int, wa
 	now, nowBy = append(g.owed, told...), append(g.by, by...)
 	g.owed, g.by, g.due = nil, nil, false
 	return now, nowBy, false
+}
+
+// catchAllRetries bounds how many passes in a row the watch tries again
+// the undo of catch-all elements whose Delete failed (deleteCatchAll's
+// transaction: no notification follows, nobody changed it), one a
+// watchCheckGap; then the audit (which lists the SNAT maps too since
+// h/oddsnat) sees to them. Before (review h/revca), a failed SNAT
+// catch-all undo was tried by nothing again, and no audit found it
+// (TestE2EWatchRetriesCatchAllUndo).
+const catchAllRetries = 5
+
+// retryCatchAlls owes the undo of failed (catch-all elements whose
+// Delete failed in this pass) to the pass a watchCheckGap later, at most
+// catchAllRetries passes in a row (watchFirewall's goroutine).
+func (w *fwWatch) retryCatchAlls(failed []toldAdd, log *zap.Logger) {
+	if len(failed) == 0 {
+		w.catchAllTries = 0
+		return
+	}
+	if w.catchAllTries++; w.catchAllTries > catchAllRetries {
+		log.Error("firewall watch: cannot undo catch-all elements someone added; left to the audit",
+			zap.Int("count", len(failed)), zap.Int("tries", w.catchAllTries))
+		w.catchAllTries = 0
+		return
+	}
+	w.undo.owed = append(w.undo.owed, failed...)
+	if !w.undo.due {
+		w.undo.due = true
+		time.AfterFunc(watchCheckGap, w.poke)
+	}
 }
 
 // watchPassHook, if set, is called at the end of each watched pass (tests).
@@ -306,7 +339,8 @@ func (s *Server) watched(ctx context.Context) {
 	}
 	if len(added) > 0 && ctx.Err() == nil {
 		w.undo.last = time.Now()
-		s.undoAdds(added, addBy)
+		retry := s.undoAdds(added, addBy)
+		w.retryCatchAlls(retry, s.log)
 		if back := w.refusedBack; len(back) > 0 {
 			s.restoreDeleted(back, nil) // once: what was refused again waits for the audit
 			w.refusedBack = nil
@@ -449,7 +483,7 @@ func (h *holders) clear() { clear(h.buf) }
 // its own notification follows) is left out and the rest applied, so
 // that one racing element cannot keep the others in place; what is left
 // is the audit's.
-func (s *Server) undoAdds(ps []toldAdd, by []uint32) {
+func (s *Server) undoAdds(ps []toldAdd, by []uint32) (retry []toldAdd) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	hs := s.holdersLocked(len(ps))
@@ -499,6 +533,12 @@ func (s *Server) undoAdds(ps []toldAdd, by []uint32) {
 	done, failed := s.applyGroups(ops, hs.now, func(op pinhole.Op, err error) {
 		s.log.Warn("firewall watch: cannot undo a pinhole someone added (changed again since?); the rest goes on, the audit sees to it",
 			zap.Stringer("pinhole", op.Pinhole), zap.Error(err))
+		if op.Kind == pinhole.Delete && op.Pinhole.CatchAll() && len(retry) < maxWatchPending {
+			// No notification follows (nobody changed it: its own
+			// transaction failed, deleteCatchAll): the watch tries it
+			// again (watched, catchAllRetries).
+			retry = append(retry, toldAdd{p: op.Pinhole})
+		}
 	})
 	if failed != nil {
 		s.m.kernelErrors.Inc()
@@ -511,6 +551,7 @@ func (s *Server) undoAdds(ps []toldAdd, by []uint32) {
 	s.log.Warn("firewall watch: someone added pinholes to pcpd's sets; removed those no live lease holds, the rest cut back to their leases' remaining lifetimes",
 		zap.Int("count", len(hs.seen)), zap.Int("undone", done), zap.Strings("first", first),
 		zap.Strings("given_more_than_their_lease", longer[:min(len(longer), 4)]), zap.Uint32s("netlink_ports", by), zap.Error(failed))
+	return retry
 }
 
 // applyGroups applies groups of ops in transactions of at most
@@ -658,6 +699,9 @@ func (h *holders) deleteGroup(q pinhole.Pinhole) []pinhole.Op {
 // like: the live elements of its own set that it overlaps on other ports
 // are put back the same way.
 func (h *holders) sharers(q pinhole.Pinhole) (pre, post []pinhole.Op) {
+	if q.OddSNAT() {
+		return nil, h.snatPutBacks(q)
+	}
 	plain := !q.InternalAddr.Is4() && q.ExternalPort == q.InternalPort
 	if plain && !q.RemotePrefix.IsValid() {
 		return nil, nil // an unfiltered pinhole: a hash set element, no data, no companion
@@ -714,6 +758,46 @@ func (h *holders) sharers(q pinhole.Pinhole) (pre, post []pinhole.Op) {
 		post = append(post, pinhole.Op{Kind: pinhole.Install, Pinhole: c, Timeout: until.Sub(h.now), After: true})
 	}
 	return pre, post
+}
+
+// snatPutBacks are the put-backs (Install, After) around the Delete of
+// q, an element of a SNAT map by hand (pinhole.Pinhole.OddSNAT), of the
+// live NAPT mappings on the internal tuple q keys (its first port, for a
+// port range): q may have taken the place of one's companion (deleted
+// and added in one transaction, the same key in snat4; a range over it
+// in snat4_filter, whose put-back starts inside q). No take-out before:
+// q's Delete is of its own bytes exactly (no companion computed, no map
+// element), which are no companion pcpd writes, so it never deletes a
+// live lease's companion (the guard add of q's bytes where a live
+// companion holds q's key with other data is refused, EBUSY, the whole
+// transaction with it: nothing of the live one's changes); a put-back
+// writes the lease's own elements with what the kernel should hold
+// (holders.until), as every put-back does. Before (h/oddsnat), such
+// elements were never told (snatPinhole dropped them) nor listed.
+func (h *holders) snatPutBacks(q pinhole.Pinhole) (post []pinhole.Op) {
+	if !q.InternalAddr.Is4() {
+		return nil // a catch-all: no fields
+	}
+	h.buf = h.s.tab.onTupleInto(tuple{proto: q.Protocol, addr: q.InternalAddr, port: q.InternalPort}, h.buf)
+	var cands []pinhole.Pinhole
+	for i := range h.buf {
+		l := &h.buf[i]
+		if !l.Expires.After(h.now) {
+			continue
+		}
+		h.held = appendPinholes(h.held[:0], l)
+		for _, x := range h.held {
+			if c, err := x.Canonical(); err == nil && c.InternalAddr.Is4() && !slices.Contains(cands, c) {
+				cands = append(cands, c)
+			}
+		}
+	}
+	for _, c := range cands {
+		if until := h.until(c); !until.IsZero() {
+			post = append(post, pinhole.Op{Kind: pinhole.Install, Pinhole: c, Timeout: until.Sub(h.now), After: true})
+		}
+	}
+	return post
 }
 
 // mapMeets: a and b are elements of one map or set (NAPT mappings, IPv6
