@@ -27,7 +27,7 @@ func TestDecodeSNATRoundTrip(t *testing.T) {
 		return nftables.SetElement{Key: append([]byte{}, e.Key...), KeyEnd: append([]byte(nil), e.KeyEnd...), Val: append([]byte{}, e.Val...)}
 	}
 	portRange := clone(plainF)
-	portRange.Key[8], portRange.Key[9] = 0x03, 0xe8        // internal ports 1000 ..
+	portRange.Key[8], portRange.Key[9] = 0x03, 0xe8       // internal ports 1000 ..
 	portRange.KeyEnd[8], portRange.KeyEnd[9] = 0x07, 0xd0 // .. 2000
 	notPrefix := clone(plainF)
 	notPrefix.KeyEnd[15] = 0x05 // remote range .0-.5
