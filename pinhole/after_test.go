@@ -34,17 +34,13 @@ import (
 func TestApplyAfterOverlapping(t *testing.T) {
 	ns := netlab.NewNS(t, "after")
 	b := newBackend(t, ns, pinhole.Config{})
-	filtered := func(pfx string) pinhole.Pinhole {
-		return pinhole.Pinhole{Protocol: tcp, InternalAddr: c6, InternalPort: 22, ExternalAddr: c6, ExternalPort: 22,
-			RemotePrefix: netip.MustParsePrefix(pfx)}
-	}
 	after := func(op pinhole.Op) pinhole.Op { op.After = true; return op }
 	conflict := func(err error, index int) bool {
 		var oe *pinhole.OpError
 		return errors.As(err, &oe) && oe.Index == index && errors.Is(err, pinhole.ErrConflict)
 	}
 	t.Run("pin6_filter", func(t *testing.T) {
-		live, foreign := filtered("2001:db8:5::/48"), filtered("::/0")
+		live, foreign := filtered22("2001:db8:5::/48"), filtered22("::/0")
 		apply(t, b, install(foreign, time.Minute))
 		if err := b.Apply([]pinhole.Op{del(foreign), install(live, time.Minute)}); !conflict(err, 1) {
 			t.Fatalf("put-back with the foreign delete, not After: %v, want op 1 ErrConflict", err)

@@ -136,6 +136,13 @@ func install(p pinhole.Pinhole, d time.Duration) pinhole.Op {
 
 func del(p pinhole.Pinhole) pinhole.Op { return pinhole.Op{Kind: pinhole.Delete, Pinhole: p} }
 
+// filtered22 is c6's TCP port 22 pinhole from the remote prefix pfx (a
+// pin6_filter element).
+func filtered22(pfx string) pinhole.Pinhole {
+	return pinhole.Pinhole{Protocol: tcp, InternalAddr: c6, InternalPort: 22, ExternalAddr: c6, ExternalPort: 22,
+		RemotePrefix: netip.MustParsePrefix(pfx)}
+}
+
 // reach tries one connection (TCP: connect and read the greeting; UDP: an
 // echo round trip) from ns to addr, optionally from a given source address.
 func reach(ns *netlab.NS, proto uint8, src netip.Addr, addr netip.AddrPort, timeout time.Duration) error {

@@ -67,11 +67,7 @@ func TestCatchAllDeleteOwnAndRawShared(t *testing.T) {
 func TestApplyCatchAllMixedBatchBlame(t *testing.T) {
 	ns := netlab.NewNS(t, "revca")
 	b := newBackend(t, ns, pinhole.Config{})
-	filtered := func(pfx string) pinhole.Pinhole {
-		return pinhole.Pinhole{Protocol: tcp, InternalAddr: c6, InternalPort: 22, ExternalAddr: c6, ExternalPort: 22,
-			RemotePrefix: netip.MustParsePrefix(pfx)}
-	}
-	live, foreign := filtered("2001:db8:5::/48"), filtered("::/0")
+	live, foreign := filtered22("2001:db8:5::/48"), filtered22("::/0")
 	for _, at := range []int{0, 1} {
 		apply(t, b, install(foreign, time.Minute))
 		ns.MustRun(t, "nft", "add", "element", "inet", "pcpd", "pin6", "{ * }")

@@ -363,11 +363,7 @@ func TestMaxBatchFits(t *testing.T) {
 func TestOverlappingFilters(t *testing.T) {
 	ns := netlab.NewNS(t, "ovl")
 	b := newBackend(t, ns, pinhole.Config{})
-	filtered := func(pfx string) pinhole.Pinhole {
-		return pinhole.Pinhole{Protocol: tcp, InternalAddr: c6, InternalPort: 22, ExternalAddr: c6, ExternalPort: 22,
-			RemotePrefix: netip.MustParsePrefix(pfx)}
-	}
-	outer, inner := filtered("2001:db8:5::/48"), filtered("2001:db8:5:1::/64")
+	outer, inner := filtered22("2001:db8:5::/48"), filtered22("2001:db8:5:1::/64")
 	apply(t, b, install(outer, time.Minute))
 	if err := b.Apply([]pinhole.Op{install(inner, time.Minute)}); !errors.Is(err, pinhole.ErrConflict) {
 		t.Fatalf("nested filter install: %v, want ErrConflict", err)
