@@ -61,7 +61,9 @@ var specs = [numKinds]setSpec{
 // external ones. Every napt4 / napt4_filter element has exactly one
 // companion here, keyed by the internal side, written and removed in the
 // same transaction with the same timeout; they are not Pinholes of their
-// own and List does not return them.
+// own and List does not return them. Any other element there (by hand)
+// is read as an odd Pinhole (decodeSNAT), which List and the watcher
+// return so that it is deleted.
 const (
 	snat4       = iota // int ipv4 . proto . int port → ext ipv4 . ext port
 	snat4Filter        // as snat4 plus remote-range . rport-range
