@@ -1233,7 +1233,9 @@ func (s *Server) auditFirewall(ctx context.Context) {
 		_, held := s.tab.holder(endpoint{addr: p.ExternalAddr, proto: p.Protocol, port: p.ExternalPort})
 		fix = append(fix, hs.deleteGroup(p))
 		orphans++
-		if a := p.InternalAddr; !held && a.IsValid() && !slices.Contains(s.orphans, a) && len(s.orphans) < maxOrphanTargets {
+		// No ANNOUNCE target from a SNAT element by hand (OddSNAT: no
+		// client's mapping, its address whatever the element says).
+		if a := p.InternalAddr; !held && !p.OddSNAT() && a.IsValid() && !slices.Contains(s.orphans, a) && len(s.orphans) < maxOrphanTargets {
 			s.orphans = append(s.orphans, a)
 		}
 	}
