@@ -717,20 +717,7 @@ func (h *holders) sharers(q pinhole.Pinhole) (pre, post []pinhole.Op) {
 	}
 	var cands []pinhole.Pinhole
 	for _, tp := range tuples {
-		h.buf = h.s.tab.onTupleInto(tp, h.buf)
-		for i := range h.buf {
-			l := &h.buf[i]
-			if !l.Expires.After(h.now) {
-				continue
-			}
-			h.held = appendPinholes(h.held[:0], l)
-			for _, x := range h.held {
-				c, err := x.Canonical()
-				if err == nil && c != q && !slices.Contains(cands, c) && (mapMeets(c, q) || snatMeets(c, q)) {
-					cands = append(cands, c)
-				}
-			}
-		}
+		cands = h.liveOn(tp, cands, func(c pinhole.Pinhole) bool { return c != q && (mapMeets(c, q) || snatMeets(c, q)) })
 	}
 	for _, c := range cands {
 		until := h.until(c)
@@ -778,8 +765,20 @@ func (h *holders) snatPutBacks(q pinhole.Pinhole) (post []pinhole.Op) {
 	if !q.InternalAddr.Is4() {
 		return nil // a catch-all: no fields
 	}
-	h.buf = h.s.tab.onTupleInto(tuple{proto: q.Protocol, addr: q.InternalAddr, port: q.InternalPort}, h.buf)
-	var cands []pinhole.Pinhole
+	cands := h.liveOn(tuple{proto: q.Protocol, addr: q.InternalAddr, port: q.InternalPort}, nil,
+		func(c pinhole.Pinhole) bool { return c.InternalAddr.Is4() })
+	for _, c := range cands {
+		if until := h.until(c); !until.IsZero() {
+			post = append(post, pinhole.Op{Kind: pinhole.Install, Pinhole: c, Timeout: until.Sub(h.now), After: true})
+		}
+	}
+	return post
+}
+
+// liveOn appends to cands the pinholes (canonical) of the live leases on
+// tp that keep takes and cands does not hold yet.
+func (h *holders) liveOn(tp tuple, cands []pinhole.Pinhole, keep func(pinhole.Pinhole) bool) []pinhole.Pinhole {
+	h.buf = h.s.tab.onTupleInto(tp, h.buf)
 	for i := range h.buf {
 		l := &h.buf[i]
 		if !l.Expires.After(h.now) {
@@ -787,17 +786,12 @@ func (h *holders) snatPutBacks(q pinhole.Pinhole) (post []pinhole.Op) {
 		}
 		h.held = appendPinholes(h.held[:0], l)
 		for _, x := range h.held {
-			if c, err := x.Canonical(); err == nil && c.InternalAddr.Is4() && !slices.Contains(cands, c) {
+			if c, err := x.Canonical(); err == nil && keep(c) && !slices.Contains(cands, c) {
 				cands = append(cands, c)
 			}
 		}
 	}
-	for _, c := range cands {
-		if until := h.until(c); !until.IsZero() {
-			post = append(post, pinhole.Op{Kind: pinhole.Install, Pinhole: c, Timeout: until.Sub(h.now), After: true})
-		}
-	}
-	return post
+	return cands
 }
 
 // mapMeets: a and b are elements of one map or set (NAPT mappings, IPv6
