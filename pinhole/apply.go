@@ -396,7 +396,8 @@ func leafErrors(err error) []error {
 // maps are read too: their companions of NAPT mappings are not returned
 // (the mapping is, from its map element), their other elements are, as
 // odd Pinholes (Pinhole.OddSNAT: a catch-all, a port range, a mapping to
-// 0.0.0.0:0, by hand), so that the audit deletes them. Before
+// 0.0.0.0:0, by hand; a companion of no mapping read:
+// Pinhole.SNATCompanionOf), so that the audit deletes them. Before
 // (h/oddsnat), no SNAT map was read: such an element, added while the
 // watch was off or deaf or whose undo failed, sent a client's new
 // outbound flows from wherever it said, for ever.
@@ -457,6 +458,9 @@ type listedSets struct {
 // listSets is List's reading of sets through conn.
 func listSets(conn *nftables.Conn, sets *listedSets) ([]Entry, error) {
 	var out []Entry
+	// The NAPT mappings read from their maps: a companion of one is not
+	// returned, one of none is (odd).
+	mapped := make(map[naptID]struct{})
 	for k := range numKinds {
 		elems, err := conn.GetSetElements(&sets.pin[k])
 		if err != nil {
@@ -471,6 +475,9 @@ func listSets(conn *nftables.Conn, sets *listedSets) ([]Entry, error) {
 				return nil, fmt.Errorf("pinhole: set %s holds an element pcpd did not write: %w", sets.pin[k].Name, err)
 			}
 			out = append(out, Entry{Pinhole: p, Remaining: e.Expires})
+			if (k == kindNAPT4 || k == kindNAPT4Filter) && !p.Odd() {
+				mapped[naptIDOf(p)] = struct{}{}
+			}
 		}
 	}
 	for i := range numSNAT {
@@ -486,9 +493,17 @@ func listSets(conn *nftables.Conn, sets *listedSets) ([]Entry, error) {
 			if !ok {
 				return nil, fmt.Errorf("pinhole: map %s holds an element pcpd did not write: short element: %w", sets.snat[i].Name, ErrInvalid)
 			}
-			if p.Odd() {
-				out = append(out, Entry{Pinhole: p, Remaining: e.Expires})
+			if !p.Odd() {
+				if _, ok := mapped[naptIDOf(p)]; ok {
+					continue // the companion of a mapping read
+				}
+				// A companion of no mapping read (by hand; or its map
+				// element deleted by hand): odd, so that the audit
+				// deletes it unless a live lease holds the mapping
+				// (SNATCompanionOf).
+				p = snatOdd(i, e, p)
 			}
+			out = append(out, Entry{Pinhole: p, Remaining: e.Expires})
 		}
 	}
 	return out, nil

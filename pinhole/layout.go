@@ -431,14 +431,7 @@ func decode(k kind, e nftables.SetElement) (Pinhole, error) {
 // (TestE2EUndoesOddSNAT). ok is false only for a key too short for the
 // map (the kernel never holds one).
 func decodeSNAT(i int, e nftables.SetElement) (p Pinhole, ok bool) {
-	k := kindNAPT4
-	if i == snat4Filter {
-		k = kindNAPT4Filter
-	}
-	odd := func(p Pinhole) Pinhole {
-		p.odd = unique.Make(oddElement{k: k, key: string(e.Key), end: string(e.KeyEnd), val: string(e.Val), snat: true})
-		return p
-	}
+	odd := func(p Pinhole) Pinhole { return snatOdd(i, e, p) }
 	if len(e.Key) == 0 { // a catch-all: no fields
 		return odd(Pinhole{}), true
 	}
@@ -480,6 +473,35 @@ func decodeSNAT(i int, e nftables.SetElement) (p Pinhole, ok bool) {
 		return odd(n), true // not what pcpd writes for n (no key end, say)
 	}
 	return n, true
+}
+
+// snatOdd is p keeping e, an element of SNAT map i, as its odd element.
+func snatOdd(i int, e nftables.SetElement, p Pinhole) Pinhole {
+	k := kindNAPT4
+	if i == snat4Filter {
+		k = kindNAPT4Filter
+	}
+	p.odd = unique.Make(oddElement{k: k, key: string(e.Key), end: string(e.KeyEnd), val: string(e.Val), snat: true})
+	return p
+}
+
+// naptID is a NAPT mapping's fields, compact (List's index of the
+// mappings it read from their maps: no allocation an entry).
+type naptID struct {
+	in, ext, remote          [4]byte
+	bits, proto              uint8
+	inPort, extPort, rmtPort uint16
+	filtered                 bool
+}
+
+// naptIDOf is p's naptID (p: a NAPT mapping, not odd).
+func naptIDOf(p Pinhole) naptID {
+	id := naptID{in: p.InternalAddr.As4(), ext: p.ExternalAddr.As4(), proto: p.Protocol,
+		inPort: p.InternalPort, extPort: p.ExternalPort, rmtPort: p.RemotePort}
+	if p.RemotePrefix.IsValid() {
+		id.remote, id.bits, id.filtered = p.RemotePrefix.Addr().As4(), uint8(p.RemotePrefix.Bits()), true
+	}
+	return id
 }
 
 // keyEnd is where e's ranges end: its key end or, in a concatenated-range

@@ -70,6 +70,9 @@ func TestDecodeSNATRoundTrip(t *testing.T) {
 			t.Errorf("%s: %v (odd SNAT %v), want an odd SNAT Pinhole", tc.name, p, p.OddSNAT())
 			continue
 		}
+		if n, ok := p.SNATCompanionOf(); ok {
+			t.Errorf("%s: taken for the companion of %v", tc.name, n)
+		}
 		if p.CatchAll() != (len(tc.e.Key) == 0) {
 			t.Errorf("%s: CatchAll %v", tc.name, p.CatchAll())
 		}
@@ -89,6 +92,21 @@ func TestDecodeSNATRoundTrip(t *testing.T) {
 		}
 		if _, err := (Op{Kind: Delete, Pinhole: p, Companion: true}).validate(); err == nil {
 			t.Errorf("%s: a Companion Delete of an odd SNAT Pinhole accepted", tc.name)
+		}
+	}
+	// A companion of no mapping List read (by hand, or its map element
+	// deleted): odd, and SNATCompanionOf names its mapping.
+	for _, tc := range []struct {
+		i int
+		e nftables.SetElement
+		n Pinhole
+	}{{snat4, plain4, napt}, {snat4Filter, plainF, filtered}} {
+		p := snatOdd(tc.i, tc.e, tc.n)
+		if n, ok := p.SNATCompanionOf(); !ok || n != tc.n || n.Odd() {
+			t.Errorf("%s companion alone: SNATCompanionOf %v, %v; want %v", snatSpecs[tc.i].name, n, ok, tc.n)
+		}
+		if enc, err := encode(Op{Kind: Delete, Pinhole: p}); err != nil || !sameElement(enc.elem, tc.e) {
+			t.Errorf("%s companion alone: Delete of %x, %v; want exactly the element read", snatSpecs[tc.i].name, enc.elem.Key, err)
 		}
 	}
 	if _, ok := decodeSNAT(snat4, nftables.SetElement{Key: plain4.Key[:6], Val: plain4.Val}); ok {

@@ -132,6 +132,29 @@ func (p Pinhole) Odd() bool { return p.odd != unique.Handle[oddElement]{} }
 // as they could be read, and the external endpoint it translates to.
 func (p Pinhole) OddSNAT() bool { return p.Odd() && p.odd.Value().snat }
 
+// SNATCompanionOf is, for an odd SNAT Pinhole that is byte for byte the
+// SNAT companion pcpd writes for a NAPT mapping (List returns one when it
+// read no map element for that mapping: added by hand, or the mapping's
+// map element deleted by hand), that mapping. The audit leaves it to a
+// live lease that holds the mapping (whose put-back writes the map
+// element): never deleted under it.
+func (p Pinhole) SNATCompanionOf() (Pinhole, bool) {
+	if !p.OddSNAT() {
+		return Pinhole{}, false
+	}
+	o := p.odd.Value()
+	n := p
+	n.odd = unique.Handle[oddElement]{}
+	if c, err := n.normalize(); err != nil || c != n {
+		return Pinhole{}, false
+	}
+	i, se, ok := snatElement(kindOf(n), n)
+	if !ok || i != snatOf(o.k) || string(se.Key) != o.key || string(se.KeyEnd) != o.end || string(se.Val) != o.val {
+		return Pinhole{}, false
+	}
+	return n, true
+}
+
 // CatchAll reports whether p was read from a catch-all element (nft's
 // "*", by hand) of a pinhole set or map or a SNAT map: an odd Pinhole of
 // no fields.

@@ -201,3 +201,32 @@ func TestE2EWatchRetriesCatchAllUndo(t *testing.T) {
 		t.Error("the live mapping's SNAT companion lost")
 	}
 }
+
+// TestE2EAuditUndoesSNATWithoutMapping (h/oddsnat): with the watch off,
+// two snat4 companions of pcpd's exact shape whose map elements are
+// gone: one added by hand for no mapping (c4:9191 -> pub:29175, no
+// lease: every new outbound flow of c4:9191 leaves from pub:29175), one
+// a live mapping's own (c4:9090), its napt4 element deleted by hand. One
+// audit deletes the former and leaves the latter as it is, putting the
+// map element back. Before, List dropped every companion: 'still held
+// (no lease)' after the audit.
+func TestE2EAuditUndoesSNATWithoutMapping(t *testing.T) {
+	l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
+	c4, pub := l.topo.ClientV4, l.topo.HostPublicV4
+	resp := l.pcp(mapReq(c4, pcp.ProtoTCP, 9090, 29090, time.Hour, 1))
+	if resp.Result != pcp.Success {
+		t.Fatalf("MAP: %+v", resp)
+	}
+	live := liveSNAT{p: pinhole.Pinhole{Protocol: 6, InternalAddr: c4, InternalPort: 9090, ExternalAddr: pub, ExternalPort: resp.Map.ExternalPort},
+		set: "snat4", key: fmt.Sprintf("%s . tcp . 9090 ", c4), data: fmt.Sprintf(": %s . %d", pub, resp.Map.ExternalPort)}
+	forged := [][2]string{{"snat4", fmt.Sprintf("%s . tcp . 9191 : %s . 29175", c4, pub)}}
+	l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf("nft -f - <<'EOF'\ndelete element inet pcpd napt4 { %s . tcp . %d }\nadd element inet pcpd snat4 { %s }\nEOF\n",
+		pub, live.p.ExternalPort, forged[0][1]))
+	if _, held := l.kernelElem(live.p); held {
+		t.Fatal("the live mapping's map element not deleted: the test proves nothing")
+	}
+	l.srv.auditFirewall(context.Background())
+	if err := oddSNATLeft(t, l, []liveSNAT{live}, forged); err != nil {
+		t.Errorf("audit: %v", err)
+	}
+}

@@ -1226,6 +1226,14 @@ func (s *Server) auditFirewall(ctx context.Context) {
 		if _, ok := wanted[p]; ok {
 			continue
 		}
+		if n, ok := p.SNATCompanionOf(); ok {
+			if _, live := wanted[n]; live {
+				// A live mapping's own companion, its map element gone
+				// (by hand): left as it is, the mapping's put-back
+				// (missing) writes the map element.
+				continue
+			}
+		}
 		// An external endpoint a lease holds now (a port handed out again
 		// since the dump): the delete, with the holder's pinhole put back
 		// after it, is refused if the kernel holds the new target (left
