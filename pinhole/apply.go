@@ -458,9 +458,10 @@ type listedSets struct {
 // listSets is List's reading of sets through conn.
 func listSets(conn *nftables.Conn, sets *listedSets) ([]Entry, error) {
 	var out []Entry
-	// The NAPT mappings read from their maps: a companion of one is not
-	// returned, one of none is (odd).
-	mapped := make(map[naptID]struct{})
+	// The NAPT mappings read from their maps (true: their companion
+	// read): a companion of one is not returned, one of none is (odd); a
+	// mapping whose companion is not read is NoCompanion.
+	mapped := make(map[naptID]bool)
 	for k := range numKinds {
 		elems, err := conn.GetSetElements(&sets.pin[k])
 		if err != nil {
@@ -476,7 +477,7 @@ func listSets(conn *nftables.Conn, sets *listedSets) ([]Entry, error) {
 			}
 			out = append(out, Entry{Pinhole: p, Remaining: e.Expires})
 			if (k == kindNAPT4 || k == kindNAPT4Filter) && !p.Odd() {
-				mapped[naptIDOf(p)] = struct{}{}
+				mapped[naptIDOf(p)] = false // its companion not read yet
 			}
 		}
 	}
@@ -494,7 +495,9 @@ func listSets(conn *nftables.Conn, sets *listedSets) ([]Entry, error) {
 				return nil, fmt.Errorf("pinhole: map %s holds an element pcpd did not write: short element: %w", sets.snat[i].Name, ErrInvalid)
 			}
 			if !p.Odd() {
-				if _, ok := mapped[naptIDOf(p)]; ok {
+				id := naptIDOf(p)
+				if _, ok := mapped[id]; ok {
+					mapped[id] = true
 					continue // the companion of a mapping read
 				}
 				// A companion of no mapping read (by hand; or its map
@@ -504,6 +507,11 @@ func listSets(conn *nftables.Conn, sets *listedSets) ([]Entry, error) {
 				p = snatOdd(i, e, p)
 			}
 			out = append(out, Entry{Pinhole: p, Remaining: e.Expires})
+		}
+	}
+	for i := range out {
+		if p := out[i].Pinhole; !p.Odd() && p.InternalAddr.Is4() && !mapped[naptIDOf(p)] {
+			out[i].NoCompanion = true
 		}
 	}
 	return out, nil

@@ -401,6 +401,14 @@ func (e *OpError) Unwrap() error { return e.Err }
 type Entry struct {
 	Pinhole   Pinhole
 	Remaining time.Duration
+	// NoCompanion: an IPv4 NAPT mapping List read from its map whose SNAT
+	// companion it did not read (deleted by hand while the watch was off
+	// or deaf; or the dump missed it): new outbound flows of the internal
+	// endpoint do not leave from the mapping's external one. An Install
+	// of the mapping writes both. Before (review h/revsnat), List said
+	// nothing of it and the audit left the companion missing
+	// (TestE2EAuditPutsBackDeletedCompanion).
+	NoCompanion bool
 }
 
 // Canonical is p as Apply sends it and List returns it (IPv6 external
