@@ -15,12 +15,19 @@ import (
 )
 
 // watching runs b.Watch until the end of t; its events arrive on the
-// returned channel.
+// returned channel. It returns once the watcher's socket has joined the
+// notification group: a change committed before is told to no one.
+// Before (review h/revsnat), it returned at once, and a test's first
+// change could commit before the goroutine had joined (late under
+// load): 'no event from the watcher' after 30 s (TestWatchSNATCatchAll,
+// TestWatchWithoutOwnConn, TestWatchTellsRangeElements; reproduced with
+// the goroutine's start delayed by 200 ms).
 func watching(t *testing.T, b *pinhole.Backend) <-chan pinhole.WatchEvent {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	evs := make(chan pinhole.WatchEvent, 1024)
 	done := make(chan error, 1)
+	open := b.WatchersOpen()
 	go func() { done <- b.Watch(ctx, func(ev pinhole.WatchEvent) { evs <- ev }) }()
 	t.Cleanup(func() {
 		cancel()
@@ -28,6 +35,18 @@ func watching(t *testing.T, b *pinhole.Backend) <-chan pinhole.WatchEvent {
 			t.Errorf("Watch: %v", err)
 		}
 	})
+	// A bound only so that a broken watcher cannot hang the test.
+	for deadline := time.Now().Add(30 * time.Second); b.WatchersOpen() <= open; time.Sleep(time.Millisecond) {
+		select {
+		case err := <-done:
+			done <- err
+			t.Fatalf("Watch ended before joining: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the watcher's socket never joined the notification group")
+		}
+	}
 	return evs
 }
 
