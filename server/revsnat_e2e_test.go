@@ -65,3 +65,49 @@ func TestE2EAuditPutsBackDeletedCompanion(t *testing.T) {
 		t.Errorf("second audit: %v", err)
 	}
 }
+
+// TestE2EAuditOddSNATShapes (review h/revsnat): with the watch off, SNAT
+// map elements by hand of every shape nft makes that pcpd never writes
+// beside a live mapping's companion (a timeout, expiry and comment; a
+// remote /0, a /32 with a port (a companion of no mapping), a remote
+// port range, a remote range that is no prefix, an internal address
+// range, a protocol range, a remote 0.0.0.0/32) are all listed (List
+// does not fail: the audit is not stopped) and one audit removes every
+// one, the live mapping and its companion kept. Passes on h/oddsnat
+// (checked by the review, no fix).
+func TestE2EAuditOddSNATShapes(t *testing.T) {
+	l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
+	c4, pub := l.topo.ClientV4, l.topo.HostPublicV4
+	resp := l.pcp(mapReq(c4, pcp.ProtoTCP, 9090, 29090, time.Hour, 1))
+	if resp.Result != pcp.Success {
+		t.Fatalf("MAP: %+v", resp)
+	}
+	live := liveSNAT{p: pinhole.Pinhole{Protocol: 6, InternalAddr: c4, InternalPort: 9090, ExternalAddr: pub, ExternalPort: resp.Map.ExternalPort},
+		set: "snat4", key: fmt.Sprintf("%s . tcp . 9090 ", c4), data: fmt.Sprintf(": %s . %d", pub, resp.Map.ExternalPort)}
+	forged := [][2]string{
+		{"snat4", fmt.Sprintf("%s . tcp . 7002 timeout 1h expires 10m comment \"x\" : %s . 7002", c4, pub)},
+		{"snat4_filter", fmt.Sprintf("%s . tcp . 7010 . 0.0.0.0/0 . 0-65535 : %s . 7010", c4, pub)},
+		{"snat4_filter", fmt.Sprintf("%s . tcp . 7011 . 203.0.113.5 . 443 : %s . 7011", c4, pub)},
+		{"snat4_filter", fmt.Sprintf("%s . tcp . 7012 . 203.0.113.0/24 . 1000-2000 : %s . 7012", c4, pub)},
+		{"snat4_filter", fmt.Sprintf("%s . tcp . 7013 . 203.0.113.1-203.0.113.9 . 0-65535 : %s . 7013", c4, pub)},
+		{"snat4_filter", fmt.Sprintf("10.100.0.0/24 . tcp . 7014 . 0.0.0.0/0 . 0-65535 : %s . 7014", pub)},
+		{"snat4_filter", fmt.Sprintf("%s . 0-255 . 7015 . 0.0.0.0/0 . 0-65535 : %s . 7015", c4, pub)},
+		{"snat4_filter", fmt.Sprintf("%s . tcp . 7017 . 0.0.0.0 . 0 : %s . 7017", c4, pub)},
+	}
+	for _, f := range forged {
+		l.topo.Host.MustRun(t, "nft", "add", "element", "inet", "pcpd", f[0], "{ "+f[1]+" }")
+	}
+	// nft lists the timeout and expiry of the first one's as they are
+	// now: byHandLeft looks for its key.
+	forged[0][1] = fmt.Sprintf("%s . tcp . 7002 ", c4)
+	if err := byHandLeft(t, l, forged); err == nil {
+		t.Fatal("no element added by hand: the test proves nothing")
+	}
+	if _, err := l.fw.List(); err != nil {
+		t.Fatalf("List: %v", err)
+	}
+	l.srv.auditFirewall(context.Background())
+	if err := oddSNATLeft(t, l, []liveSNAT{live}, forged); err != nil {
+		t.Errorf("audit: %v", err)
+	}
+}
