@@ -97,9 +97,9 @@ func TestE2EAuditOddSNATShapes(t *testing.T) {
 	for _, f := range forged {
 		l.topo.Host.MustRun(t, "nft", "add", "element", "inet", "pcpd", f[0], "{ "+f[1]+" }")
 	}
-	// nft lists the timeout and expiry of the first one's as they are
-	// now: byHandLeft looks for its key.
-	forged[0][1] = fmt.Sprintf("%s . tcp . 7002 ", c4)
+	// nft lists the first one's expiry as it is now: byHandLeft looks
+	// for its comment and data.
+	forged[0][1] = fmt.Sprintf("comment \"x\" : %s . 7002", pub)
 	if err := byHandLeft(t, l, forged); err == nil {
 		t.Fatal("no element added by hand: the test proves nothing")
 	}
