@@ -131,11 +131,18 @@ type Backend struct {
 	chainEntry             string
 	chainGuard6            string
 	chainGuard4            string
-	chainRecheck6          string // the re-check of labelled flows (cutflows.go; attached: attcut.go)
-	chainNATCut            string // the re-check of DNAT-ed flows, its base chain (natcut.go; attached, of both: attcut.go)
-	chainRecheckNAT        string
-	chainPrerouting        string
-	chainPostrouting       string
+	chainRecheck6          string        // the re-check of labelled flows (cutflows.go; attached: attcut.go)
+	chainAdmit6            string        // standalone only: the admission's record of the flow (flowed.go)
+	flowed6                *nftables.Set // standalone only: the addresses admitted flows went to (flowed.go)
+	// flowed: FlowedAddrs' connection and trust; unrecorded: a Setup or
+	// Healthy found flows may have been admitted unrecorded (flowed.go),
+	// sticky for the Backend's life. Under mu.
+	flowed           flowedState
+	unrecorded       bool
+	chainNATCut      string // the re-check of DNAT-ed flows, its base chain (natcut.go; attached, of both: attcut.go)
+	chainRecheckNAT  string
+	chainPrerouting  string
+	chainPostrouting string
 
 	// gen counts the writes that change what Healthy compares with
 	// (Setup, SetProtected, SetOwners, RepairOwners, Teardown; not Apply):
@@ -295,6 +302,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		b.owners6, b.owners4 = ownerMaps(b.table, prefix)
 		b.served6, b.served4 = servedSets(b.table)
 		b.chainRecheck6, b.cutLabels = "recheck6", true
+		b.chainAdmit6, b.flowed6 = "admit6", flowedSet(b.table)
 		b.chainNATCut, b.chainRecheckNAT, b.natCut = "natcut", "recheck_nat", true
 		b.natLabel = natLabelFor(cfg.Table)
 	}
@@ -327,6 +335,9 @@ func (b *Backend) allSets() []*nftables.Set {
 	}
 	if b.served6 != nil {
 		all = append(all, b.served6, b.served4)
+	}
+	if b.flowed6 != nil {
+		all = append(all, b.flowed6)
 	}
 	return append(all, b.servingIfs)
 }
@@ -466,6 +477,9 @@ func (b *Backend) setupLocked() (err error) {
 	// a layout an earlier Setup marked checked (checkedMark); again by the
 	// Setup after a Healthy found damage (recheckFlows).
 	existing, marked := b.existing, b.markTrusted
+	if b.recordsFlows() && !b.unrecorded && b.flowsUnrecorded() {
+		b.noteUnrecorded() // admit6's counter is written at 1 (flowed.go)
+	}
 	if b.cutLabels && !b.unlabelled {
 		b.unlabelled = b.admitsUnlabelled()
 		if !b.unlabelled && (!b.pinAsked || b.recheckFlows) {
@@ -572,6 +586,7 @@ func (b *Backend) setupLocked() (err error) {
 	// had before; the next Setup (a repair) asks again.
 	_ = b.setLeaseGC()
 	b.cutting.Store(b.cutLabels && !b.unlabelled && !b.disarmed && !b.pinVerify)
+	b.flowed.recorded.Store(b.recordsFlows() && !b.unrecorded)
 	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed && !b.natVerify)
 	// Not fatal: the layout is committed, and the owner meter's write
 	// below (or RepairOwners) rewrites the chains anyway.
@@ -701,6 +716,9 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 	}
 	if b.cutLabels {
 		m[b.chainRecheck6] = &nftables.Chain{Table: b.table, Name: b.chainRecheck6}
+	}
+	if b.recordsFlows() {
+		m[b.chainAdmit6] = &nftables.Chain{Table: b.table, Name: b.chainAdmit6}
 	}
 	if b.natCutting() {
 		m[b.chainRecheckNAT] = &nftables.Chain{Table: b.table, Name: b.chainRecheckNAT}
@@ -1233,6 +1251,9 @@ func (b *Backend) Close() {
 	b.healthMu.Unlock()
 	b.listMu.Lock()
 	b.listConn.close()
+	b.flowed.mu.Lock()
+	b.flowed.conn.close()
+	b.flowed.mu.Unlock()
 	b.listMu.Unlock()
 }
 
@@ -1832,6 +1853,7 @@ func (b *Backend) Healthy() error {
 // TestCutsFlowsFalseWhileDamaged). Caller holds b.mu.
 func (b *Backend) noteDamage(err error) {
 	if errors.Is(err, ErrUnhealthy) && !errors.Is(err, ErrProtected) && !errors.Is(err, ErrOwnerMeter) {
+		b.noteUnrecorded() // flows let in meanwhile may be unrecorded (flowed.go)
 		b.cutting.Store(false)
 		b.cuttingNAT.Store(false)
 		b.recheckFlows = true
@@ -1853,6 +1875,7 @@ func (b *Backend) noteDamage(err error) {
 			b.pinVerify = true
 			b.cutting.Store(false)
 		}
+		b.noteUnrecorded() // a flow let in unguarded is unrecorded too
 		if b.natCutting() && !b.natUnlabelled {
 			b.natVerify = true
 			b.cuttingNAT.Store(false)

@@ -297,11 +297,15 @@ func (b *Backend) layout() []chainRules {
 		// The nfproto match is implied by the jump here, but without it
 		// nft lists raw "@nh,192,128" instead of "ip6 daddr".
 		admit := rule(nfproto(unix.NFPROTO_IPV6), keyPacket6(k), x(lookup(b.sets[k], reg0)))
+		var verdict expr.Any = accept
 		if b.cutLabels {
 			recheck6 = append(recheck6, rule(admit, x(accept)))
 			admit = rule(admit, b.setFlowLabel())
+			if b.recordsFlows() {
+				verdict = goTo(b.chainAdmit6) // the record (flowed.go)
+			}
 		}
-		guard6 = append(guard6, rule(admit, x(accept)))
+		guard6 = append(guard6, rule(admit, x(verdict)))
 	}
 	if b.cutLabels && !b.cfg.Attached {
 		// An established flow a pinhole admitted (flowLabel), in its
@@ -415,6 +419,9 @@ func (b *Backend) layout() []chainRules {
 		{b.chainEntry, entry},
 		{b.chainPrerouting, prerouting},
 		{b.chainPostrouting, postrouting},
+	}
+	if b.recordsFlows() {
+		out = append(out, chainRules{b.chainAdmit6, b.admit6Rules()})
 	}
 	if b.cutLabels {
 		out = append(out, chainRules{b.chainRecheck6, recheck6})

@@ -97,6 +97,11 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 	for i := range ended {
 		n := len(fs)
 		fs = appendCtFilters(fs, &ended[i])
+		if s.recordsFlows(&ended[i]) {
+			for j := n; j < len(fs); j++ {
+				fs[j].flowed = true
+			}
+		}
 		if l := &ended[i]; len(fs) > n+1 && s.tab.getInto(l.Key, &cur) && endpointOf(&cur) == endpointOf(l) {
 			// The mapping lives on at its endpoint (its FILTERs
 			// narrowed, or deleted and made again in the batch):
@@ -110,6 +115,48 @@ func (s *Server) flushConntrack(ended []store.Lease) {
 	}
 	// After the add: its sequence number, or a later one (retarget.go).
 	s.noteNATEnded(ended, s.ct.seq())
+}
+
+// recordsFlows: l's flows are all admitted by the ruleset's admission
+// rules, which record their address (FlowRecorder.RecordsFlows: an IPv6
+// pinhole, not a redirect, the record trusted now). Not an IPv4 mapping
+// (its SNAT companion's and DNAT-ed flows are not recorded). Its filters
+// may be left out of a walk whose record lacks their address
+// (skipUnflowed).
+func (s *Server) recordsFlows(l *store.Lease) bool {
+	if s.recorder == nil || !l.ExternalAddr.Is6() || !l.InternalAddr.Is6() || l.ExternalAddr != l.InternalAddr {
+		return false
+	}
+	return s.recorder.RecordsFlows(pinhole.Pinhole{Protocol: l.Protocol, InternalAddr: l.InternalAddr, InternalPort: l.InternalPort,
+		ExternalAddr: l.ExternalAddr, ExternalPort: l.ExternalPort})
+}
+
+// skipUnflowed leaves out of fs the filters of recorded mappings
+// (ctFilter.flowed) whose address no admitted flow went to, as the
+// ruleset recorded it (FlowRecorder.FlowedAddrs, read now, after the
+// filters were queued: a flow admitted before its mapping ended is in the
+// record by then, its address added in the packet path before its
+// conntrack entry was confirmed). Those mappings can have no flow to end:
+// their walk would only lock the machine-wide conntrack hash for ≈ 9 ms
+// (BENCHMARKS.md items 64, 69). Any doubt (no recorder, the record
+// untrusted or unreadable) keeps every filter: the walk runs as before.
+// Filters not flowed (IPv4, redirects, SNAT companions, attached mode, a
+// kernel without labels, a mapping that ended while the record was not
+// trusted) always stay.
+func (s *Server) skipUnflowed(fs []ctFilter) []ctFilter {
+	if s.recorder == nil || !slices.ContainsFunc(fs, func(f ctFilter) bool { return f.flowed }) {
+		return fs
+	}
+	flowed, ok := s.recorder.FlowedAddrs()
+	if !ok {
+		return fs
+	}
+	n := len(fs)
+	fs = slices.DeleteFunc(fs, func(f ctFilter) bool { return f.flowed && !flowed(f.t.addr) })
+	if k := n - len(fs); k > 0 {
+		s.m.ctSkipped.Add(float64(k))
+	}
+	return fs
 }
 
 // mustWaitFlush reports whether a reply that ended these leases must wait
@@ -323,11 +370,14 @@ func appendCtFilters(dst []ctFilter, l *store.Lease) []ctFilter {
 // its mapping ended: the walk spares by what is live when it decides now,
 // spareLive.)
 type ctFilter struct {
-	v4    bool
-	nat   bool
-	sport uint16
-	src4  [4]byte
-	t     ctTarget
+	v4  bool
+	nat bool
+	// flowed: its mapping's admitted flows are recorded (recordsFlows);
+	// skipUnflowed may leave it out. In the padding too.
+	flowed bool
+	sport  uint16
+	src4   [4]byte
+	t      ctTarget
 }
 
 // source is the original source of a nat filter's flows.
@@ -656,6 +706,9 @@ func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, erro
 // stays is decided by the leases live once each dump's flows are read
 // (spareLive, which takes s.mu), not by a set of pinholes given.
 func (s *Server) walkLive(fs []ctFilter) ([]ctFilter, error) {
+	if fs = s.skipUnflowed(fs); len(fs) == 0 {
+		return nil, nil
+	}
 	return s.walkCt(fs, nil, true)
 }
 

@@ -99,6 +99,17 @@ type FlowCutter interface {
 	CutsFlows(p pinhole.Pinhole) bool
 }
 
+// FlowRecorder is an optional extra of a FlowCutter (*pinhole.Backend
+// has it: pinhole/flowed.go): RecordsFlows says whether the ruleset
+// records the addresses p's admitted flows went to, and FlowedAddrs
+// reads that record (ok false: untrusted, walk everything). The
+// conntrack flusher leaves out the filters of such mappings whose
+// address no flow went to (skipUnflowed).
+type FlowRecorder interface {
+	RecordsFlows(p pinhole.Pinhole) bool
+	FlowedAddrs() (flowed func(netip.Addr) bool, ok bool)
+}
+
 // NATLister is an optional extra of a FlowCutter (*pinhole.Backend has
 // it): NATEndpoints calls fn with the external endpoint of each NAT-ed
 // conntrack flow (a DNAT-ed one's original destination, a SNAT-ed one's

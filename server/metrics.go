@@ -26,6 +26,7 @@ type metrics struct {
 	watchChecks   prometheus.Counter
 	watchLost     prometheus.Counter
 	ctWalks       prometheus.Counter
+	ctSkipped     prometheus.Counter
 	ctFailures    prometheus.Counter
 	leases        prometheus.GaugeFunc
 	absorbed      prometheus.Counter
@@ -58,6 +59,7 @@ func newMetrics(leases func() float64) *metrics {
 		watchChecks:   counter("pcpd_firewall_watch_checks_total", "Firewall checks run at once because the kernel told of someone else's change to pcpd's nftables objects, or of lost notifications."),
 		watchLost:     counter("pcpd_firewall_watch_lost_total", "Times the firewall watch's socket failed or the kernel dropped its notifications (ENOBUFS); each is a firewall check and an audit."),
 		ctWalks:       counter("pcpd_conntrack_flushes_total", "Walks of the conntrack table ending the connections of deleted, revoked or expired mappings (several mappings' flushes share one)."),
+		ctSkipped:     counter("pcpd_conntrack_flush_filters_skipped_total", "Filters of ended IPv6 pinholes left out of a conntrack walk: the ruleset recorded no admitted flow to their address (a walk with none left is not run)."),
 		ctFailures:    counter("pcpd_conntrack_flush_failures_total", "Conntrack walks that may have left flows of ended mappings (a dump or its deletes failed); their filters are walked again after a backoff."),
 		leases: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "pcpd_leases", Help: "Live leases.",
@@ -85,7 +87,7 @@ func histogram(name, help string, buckets []float64) prometheus.Histogram {
 
 func (m *metrics) collectors() []prometheus.Collector {
 	c := []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.latency, m.kernelSeconds, m.storeSeconds,
-		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.watchRestored, m.watchUndone, m.watchChecks, m.watchLost, m.ctWalks, m.ctFailures, m.leases,
+		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.watchRestored, m.watchUndone, m.watchChecks, m.watchLost, m.ctWalks, m.ctSkipped, m.ctFailures, m.leases,
 		m.absorbed, m.flushLeases, m.flushSeconds, m.clockSteps}
 	if m.kernelDrops != nil {
 		c = append(c, m.meterErrors, m.kernelDrops)

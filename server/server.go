@@ -51,6 +51,9 @@ type Server struct {
 	// cutter, if fw has it, says which ended mappings' flows the ruleset
 	// cuts by itself: their replies do not wait for the conntrack walk.
 	cutter FlowCutter
+	// recorder, if fw has it, records where admitted flows went
+	// (FlowRecorder, skipUnflowed).
+	recorder FlowRecorder
 	// natLister, if fw has it, lists the NAT-ed flows' external
 	// endpoints (pruneNATPrior).
 	natLister NATLister
@@ -310,6 +313,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		s.lis.onRename = rf.InterfacesRenamed
 	}
 	s.cutter, _ = s.fw.(FlowCutter)
+	s.recorder, _ = s.fw.(FlowRecorder)
 	s.natLister, _ = s.fw.(NATLister)
 	if ss, ok := s.fw.(ServedSetter); ok {
 		s.lis.onServe = func(aps []netip.AddrPort, ifaces []string) { s.updateServed(ss, aps, ifaces) }

@@ -1,0 +1,211 @@
+package pinhole
+
+import (
+	"errors"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// Standalone, the ruleset also records where the flows it admits go, so
+// that the server's conntrack walk (a dump of the machine-wide table,
+// ≈ 9 ms of a core whatever the namespace holds: BENCHMARKS.md items 41,
+// 64, 69) runs only where a flow of an ended mapping could be. Each of
+// guard6's five admission rules goes, on its hit, to admit6:
+//
+//	ip6 daddr . meta l4proto . th dport @pin6 ct label set 127 goto admit6
+//
+// whose first rule adds the flow's destination to the dynamic set
+// flowed6 and accepts, and whose second accepts, counting:
+//
+//	ip6 daddr add @flowed6 { ip6 daddr } accept
+//	counter accept
+//
+// The add breaks its rule when it cannot insert (the set full, an atomic
+// allocation failed): the flow is still admitted (the second rule), and
+// that rule's counter tells the server that a flow may have gone
+// unrecorded: from then on FlowedAddrs says nothing (every walk runs, as
+// before). Only admitted flows are recorded (a new flow's packets before
+// the admission: once a flow, and its retransmissions), so every address
+// in flowed6 is a pinhole's address, and a remote cannot fill the set
+// with others.
+//
+// What it is trusted for (FlowedAddrs): a labelled layout in place
+// (cutting), written by a Setup that found no flow that may have gone
+// unrecorded: no guard6 yet (a fresh table), or one whose admission rules
+// already went to admit6 and whose counter was 0. An older layout (an
+// upgrade), damage a Healthy found (noteDamage), or a counter above 0
+// make it untrusted for the Backend's life (unrecorded), and Setup writes
+// the counter at 1 then, so that a later pcpd over the same table does
+// not trust it either: flows admitted before may still be there,
+// unrecorded. Attached, there is no flowed6 (the admin's chain accepts
+// established flows before pcpd's; attcut.go), and nothing is trusted.
+
+// flowedSize is flowed6's size: IPv6 addresses that had a flow admitted.
+// Past it, adds fail and the counter makes every walk run again.
+const flowedSize = 1 << 16
+
+// flowedSet is flowed6, standalone only.
+func flowedSet(table *nftables.Table) *nftables.Set {
+	return &nftables.Set{Table: table, Name: "flowed6", KeyType: nftables.TypeIP6Addr,
+		KeyByteOrder: binaryutil.BigEndian, Dynamic: true, Size: flowedSize,
+		Comment: "pcpd: IPv6 addresses pinholes admitted a flow to"}
+}
+
+// recordsFlows: the layout goes to admit6 from the admission rules.
+func (b *Backend) recordsFlows() bool { return b.flowed6 != nil && b.cutLabels && !b.cfg.Attached }
+
+// admit6Rules are admit6's two rules; unrecorded writes the counter at 1.
+func (b *Backend) admit6Rules() [][]expr.Any {
+	var n uint64
+	if b.unrecorded {
+		n = 1
+	}
+	return [][]expr.Any{
+		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6DstOff, 16, reg0),
+			&expr.Dynset{SrcRegKey: reg0, SetName: b.flowed6.Name, SetID: b.flowed6.ID, Operation: unix.NFT_DYNSET_OP_ADD},
+			accept)),
+		x(&expr.Counter{Packets: n}, accept),
+	}
+}
+
+// flowsUnrecorded reports whether guard6 and admit6 as they are in the
+// kernel, before Setup writes them, may have admitted flows flowed6 does
+// not hold: a guard6 whose admission rules do not go to admit6 (an older
+// layout, an altered one), an admit6 missing or whose counter is not 0,
+// or either unreadable. No guard6 (a fresh table): none. Caller holds
+// b.mu.
+func (b *Backend) flowsUnrecorded() bool {
+	c := b.readConn()
+	rules, err := c.GetRules(b.table, &nftables.Chain{Table: b.table, Name: b.chainGuard6})
+	if err != nil {
+		return !errors.Is(err, unix.ENOENT)
+	}
+	names := map[string]bool{}
+	for _, k := range cutKinds {
+		names[b.sets[k].Name] = true
+	}
+	for _, r := range rules {
+		admits, records := false, false
+		for _, e := range r.Exprs {
+			switch e := e.(type) {
+			case *expr.Lookup:
+				admits = admits || names[e.SetName]
+			case *expr.Verdict:
+				records = e.Kind == expr.VerdictGoto && e.Chain == b.chainAdmit6
+			}
+		}
+		if admits && !records {
+			return true
+		}
+	}
+	n, err := b.admit6Counter(c)
+	return err != nil || n > 0
+}
+
+// admit6Counter reads the packets of admit6's last rule's counter.
+func (b *Backend) admit6Counter(c *nftables.Conn) (uint64, error) {
+	rules, err := c.GetRules(b.table, &nftables.Chain{Table: b.table, Name: b.chainAdmit6})
+	if err != nil {
+		return 0, err
+	}
+	if len(rules) == 0 {
+		return 0, errors.New("pinhole: admit6 is empty")
+	}
+	for _, e := range rules[len(rules)-1].Exprs {
+		if ctr, ok := e.(*expr.Counter); ok {
+			return ctr.Packets, nil
+		}
+	}
+	return 0, errors.New("pinhole: admit6 has no counter")
+}
+
+// flowedState is FlowedAddrs' own: its kept connection, under mu.
+type flowedState struct {
+	mu   sync.Mutex
+	conn sideConn
+	// recorded: Setup trusted flowed6 (flowsUnrecorded false) and no
+	// damage or counter since (unrecorded). Read without b.mu.
+	recorded atomic.Bool
+}
+
+// noteUnrecorded: flows may have been admitted without their address in
+// flowed6, now or before (damage, the counter). Caller holds b.mu.
+func (b *Backend) noteUnrecorded() {
+	b.unrecorded = true
+	b.flowed.recorded.Store(false)
+}
+
+// FlowedAddrs returns whether an IPv6 pinhole's address may have had a
+// flow admitted to it (flowed6 holds it), for a server that walks
+// conntrack only where it may find such a flow; ok is false when the
+// record cannot be trusted (attached, no labels, an old or damaged
+// layout, a flow that may have gone unrecorded, any read failing, a
+// fake test connection): then every address may have flows. The set is
+// read before the counter, so a flow the set lacks because its add
+// failed before the read is counted by then. Only for the kinds CutsFlows
+// names and cutKinds holds (RecordsFlows). Not under b.mu.
+func (b *Backend) FlowedAddrs() (flowed func(netip.Addr) bool, ok bool) {
+	if !b.flowed.recorded.Load() || !b.cutting.Load() || b.conn.TestDial != nil {
+		return nil, false
+	}
+	f := &b.flowed
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c, err := f.conn.get(b.netns)
+	if err != nil {
+		return nil, false
+	}
+	elems, err := c.GetSetElements(b.flowed6)
+	if err != nil {
+		f.conn.close()
+		return nil, false
+	}
+	n, err := b.admit6Counter(c)
+	if err != nil {
+		f.conn.close()
+		return nil, false
+	}
+	if n > 0 {
+		b.mu.Lock()
+		b.noteUnrecorded()
+		b.mu.Unlock()
+		return nil, false
+	}
+	if !b.flowed.recorded.Load() || !b.cutting.Load() { // damage noted meanwhile
+		return nil, false
+	}
+	set := make(map[netip.Addr]struct{}, len(elems))
+	for _, e := range elems {
+		if a, ok := netip.AddrFromSlice(e.Key); ok && a.Is6() {
+			set[a] = struct{}{}
+		}
+	}
+	return func(a netip.Addr) bool { _, in := set[a]; return in }, true
+}
+
+// RecordsFlows reports whether p's admitted flows are recorded in
+// flowed6 (FlowedAddrs): an IPv6 pinhole of cutKinds (not a redirect,
+// whose flows natcut re-checks and guard6 accepts as DNAT-ed), the label
+// layout cutting them, the record trusted. Cheap and lock-free.
+func (b *Backend) RecordsFlows(p Pinhole) bool {
+	if !b.flowed.recorded.Load() || !b.cutting.Load() {
+		return false
+	}
+	n, err := p.normalize()
+	if err != nil {
+		return false
+	}
+	k := kindOf(n)
+	for _, c := range cutKinds {
+		if k == c {
+			return true
+		}
+	}
+	return false
+}
