@@ -78,8 +78,8 @@ func (b *Backend) admit6Rules() [][]expr.Any {
 // kernel, before Setup writes them, may have admitted flows flowed6 does
 // not hold: a guard6 whose admission rules do not go to admit6 (an older
 // layout, an altered one), an admit6 missing or whose counter is not 0,
-// or either unreadable. No guard6 (a fresh table): none. Caller holds
-// b.mu.
+// or either unreadable. No guard6 (a fresh table), or one without
+// admission rules: none. Caller holds b.mu.
 func (b *Backend) flowsUnrecorded() bool {
 	c := b.readConn()
 	rules, err := c.GetRules(b.table, &nftables.Chain{Table: b.table, Name: b.chainGuard6})
@@ -90,6 +90,7 @@ func (b *Backend) flowsUnrecorded() bool {
 	for _, k := range cutKinds {
 		names[b.sets[k].Name] = true
 	}
+	admitting := false
 	for _, r := range rules {
 		admits, records := false, false
 		for _, e := range r.Exprs {
@@ -103,6 +104,12 @@ func (b *Backend) flowsUnrecorded() bool {
 		if admits && !records {
 			return true
 		}
+		admitting = admitting || admits
+	}
+	if !admitting {
+		// No admission rule (as admitsUnlabelled: a guard6 Setup
+		// made and has not filled yet): nothing admitted by pcpd.
+		return false
 	}
 	n, err := b.admit6Counter(c)
 	return err != nil || n > 0
