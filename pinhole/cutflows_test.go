@@ -182,7 +182,7 @@ func TestGuardCutsRemovedPinholeFlows(t *testing.T) {
 func unlabelAdmission(t *testing.T, ns *netlab.NS, set string) {
 	t.Helper()
 	out := ns.MustRun(t, "nft", "-a", "list", "chain", "inet", "pcpd", "guard6")
-	m := regexp.MustCompile(`\n\s*(\S[^\n]*@` + set + `) ct label set 127 accept # handle (\d+)`).FindStringSubmatch(out)
+	m := regexp.MustCompile(`\n\s*(\S[^\n]*@` + set + `) ct label set 127 (?:accept|goto admit6) # handle (\d+)`).FindStringSubmatch(out)
 	if m == nil {
 		t.Fatalf("no labelling admission rule of %s in guard6:\n%s", set, out)
 	}
@@ -225,8 +225,11 @@ func TestCutLayoutListed(t *testing.T) {
 	out := nftList(t, topo.Host, "table", "inet", "pcpd")
 	for _, want := range []string{
 		"ct direction original ct state established ct label 127 goto recheck6",
-		"ip6 daddr . meta l4proto . th dport @pin6 ct label set 127 accept",
-		"ip6 daddr . ip6 saddr @pin6_addr_filter ct label set 127 accept",
+		"ip6 daddr . meta l4proto . th dport @pin6 ct label set 127 goto admit6",
+		"ip6 daddr . ip6 saddr @pin6_addr_filter ct label set 127 goto admit6",
+		"chain admit6 {", // flowed.go
+		"add @flowed6 { ip6 daddr } accept",
+		"counter packets 0 bytes 0 accept",
 		"chain recheck6 {",
 		"ip6 daddr @pin6_addr accept",
 	} {
@@ -260,7 +263,7 @@ func TestCutLayoutListed(t *testing.T) {
 	if !a.CutsFlows(v6) {
 		t.Error("attached: CutsFlows = false")
 	}
-	if out := nftList(t, topo.Host, "table", "inet", "filter"); strings.Contains(out, "ct label 127") || strings.Contains(out, "ct label set 127") {
+	if out := nftList(t, topo.Host, "table", "inet", "filter"); strings.Contains(out, "ct label 127") || strings.Contains(out, "ct label set 127") || strings.Contains(out, "flowed6") {
 		t.Errorf("attached: standalone's label bit written:\n%s", out)
 	}
 }

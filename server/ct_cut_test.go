@@ -368,7 +368,7 @@ func TestE2EUpgradeDeleteWaitsForWalk(t *testing.T) {
 		label            string // the label set as the rule has it
 		port, ext        uint16
 	}{
-		{"map6", "guard6", "pin6", " ct label set 127 accept", 9950, 9950},
+		{"map6", "guard6", "pin6", " ct label set 127 goto admit6", 9950, 9950},
 		// pinhole/natcut.go: a redirect's DNAT rule without its label
 		// (main's prerouting); without translatesUnlabelled the reply
 		// is sent with the walk held and the flow carries data after it.

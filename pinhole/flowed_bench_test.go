@@ -1,0 +1,71 @@
+package pinhole_test
+
+import (
+	"net"
+	"net/netip"
+	"regexp"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// BenchmarkFlowedAdmit: what the record of admitted flows (flowed.go:
+// the admission rule's goto admit6, admit6's "add @flowed6 { ip6 daddr }
+// accept") costs a new flow's packet. A one-way UDP stream from the
+// Internet to the client through a port pinhole: with no reply every
+// datagram is in state new, so each one takes the admission rule (as a
+// new flow's first packet does) and the record's add (a lookup hit after
+// the first). Rows: the layout as Setup writes it; "no record" (the
+// admission rule accepting itself, as before flowed.go); "record x9" (8
+// more copies of the add, without a verdict, at guard6's head: (x9 -
+// record) / 8 is one add's cost out of the noise). cpu-ns/datagram as
+// in BenchmarkGuardNewFlow: sender, host forwarding and receiver.
+func BenchmarkFlowedAdmit(b *testing.B) {
+	for _, tc := range []struct {
+		name   string
+		record bool
+		more   int
+	}{
+		{"record", true, 0},
+		{"no record", false, 0},
+		{"record x9", true, 8},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			topo, be := guardedTopology(b, pinhole.Config{})
+			dst := netip.AddrPortFrom(topo.ClientV6, 7000)
+			apply(b, be, install(pinhole.Pinhole{Protocol: udp, InternalAddr: dst.Addr(), InternalPort: dst.Port()}, time.Hour))
+			if !tc.record {
+				replaceAdmission(b, topo.Host)
+			}
+			for range tc.more {
+				topo.Host.MustRun(b, "nft", "insert", "rule", "inet", "pcpd", "guard6", "ip6", "daddr", "add", "@flowed6", "{", "ip6", "daddr", "}")
+			}
+			rx := listenUDP(b, topo.Client, dst)
+			rx.SetReadBuffer(1 << 20)
+			var tx *net.UDPConn
+			if err := topo.Internet.Do(func() (err error) {
+				tx, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
+				return err
+			}); err != nil {
+				b.Fatal(err)
+			}
+			defer tx.Close()
+			msg := make([]byte, 60)
+			reportBurstCPU(b, func() error { _, err := tx.Write(msg); return err }, rx)
+		})
+	}
+}
+
+// replaceAdmission makes guard6's port pinhole admission rule accept
+// itself, as the layout before flowed.go.
+func replaceAdmission(b testing.TB, host *netlab.NS) {
+	b.Helper()
+	out := host.MustRun(b, "nft", "-a", "list", "chain", "inet", "pcpd", "guard6")
+	m := regexp.MustCompile(`(?m)^\s*(.*@pin6 ct label set \S+) goto admit6 # handle (\d+)$`).FindStringSubmatch(out)
+	if m == nil {
+		b.Fatalf("no admission rule of pin6 in guard6:\n%s", out)
+	}
+	host.MustRun(b, "nft", "replace", "rule", "inet", "pcpd", "guard6", "handle", m[2], m[1]+" accept")
+}
