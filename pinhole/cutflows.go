@@ -148,33 +148,54 @@ func labelsRefusal(err error) bool {
 // up to ctWalkGap later (review h/revctcut). A guard6 that cannot be read
 // (no table yet: no flows) admits nothing. Caller holds b.mu.
 func (b *Backend) admitsUnlabelled() bool {
-	rules, err := b.readConn().GetRules(b.table, &nftables.Chain{Table: b.table, Name: b.chainGuard6})
+	rules, err := b.scanRules(b.readConn(), b.chainGuard6, cutKinds[:], isLabelSet)
 	if err != nil {
 		return !errors.Is(err, unix.ENOENT)
 	}
-	names := map[string]bool{}
-	for _, k := range cutKinds {
-		names[b.sets[k].Name] = true
-	}
 	labelled := false
 	for _, r := range rules {
-		admits, labels := false, false
-		for _, e := range r.Exprs {
-			switch e := e.(type) {
-			case *expr.Lookup:
-				admits = admits || names[e.SetName]
-			case *expr.Ct:
-				labels = labels || e.Key == expr.CtKeyLABELS
-			}
-		}
-		if admits && !labels {
+		if r.lookup && !r.found {
 			return true
 		}
-		labelled = labelled || labels
+		labelled = labelled || r.found
 	}
 	// A guard6 with rules but no label rule at all: a layout of a pcpd
 	// before the labels, whatever its sets were named.
 	return len(rules) > 0 && !labelled
+}
+
+// isLabelSet: e reads or sets the conntrack labels.
+func isLabelSet(e expr.Any) bool {
+	c, ok := e.(*expr.Ct)
+	return ok && c.Key == expr.CtKeyLABELS
+}
+
+// scanned is a rule as scanRules read it: whether it looks the packet up
+// in a set of the kinds asked for, and whether an expression of it is
+// what the caller looks for.
+type scanned struct{ lookup, found bool }
+
+// scanRules reads chain through c and scans each rule: its lookups in
+// kinds' sets, and found on each expression. Caller holds b.mu.
+func (b *Backend) scanRules(c *nftables.Conn, chain string, kinds []kind, found func(expr.Any) bool) ([]scanned, error) {
+	rules, err := c.GetRules(b.table, &nftables.Chain{Table: b.table, Name: chain})
+	if err != nil {
+		return nil, err
+	}
+	names := map[string]bool{}
+	for _, k := range kinds {
+		names[b.sets[k].Name] = true
+	}
+	out := make([]scanned, len(rules))
+	for i, r := range rules {
+		for _, e := range r.Exprs {
+			if l, ok := e.(*expr.Lookup); ok && names[l.SetName] {
+				out[i].lookup = true
+			}
+			out[i].found = out[i].found || found(e)
+		}
+	}
+	return out, nil
 }
 
 // localAddrs6 returns the IPv6 addresses of the Backend's namespace.

@@ -82,29 +82,19 @@ func (b *Backend) admit6Rules() [][]expr.Any {
 // admission rules: none. Caller holds b.mu.
 func (b *Backend) flowsUnrecorded() bool {
 	c := b.readConn()
-	rules, err := c.GetRules(b.table, &nftables.Chain{Table: b.table, Name: b.chainGuard6})
+	rules, err := b.scanRules(c, b.chainGuard6, cutKinds[:], func(e expr.Any) bool {
+		v, ok := e.(*expr.Verdict)
+		return ok && v.Kind == expr.VerdictGoto && v.Chain == b.chainAdmit6
+	})
 	if err != nil {
 		return !errors.Is(err, unix.ENOENT)
 	}
-	names := map[string]bool{}
-	for _, k := range cutKinds {
-		names[b.sets[k].Name] = true
-	}
 	admitting := false
 	for _, r := range rules {
-		admits, records := false, false
-		for _, e := range r.Exprs {
-			switch e := e.(type) {
-			case *expr.Lookup:
-				admits = admits || names[e.SetName]
-			case *expr.Verdict:
-				records = e.Kind == expr.VerdictGoto && e.Chain == b.chainAdmit6
-			}
-		}
-		if admits && !records {
+		if r.lookup && !r.found {
 			return true
 		}
-		admitting = admitting || admits
+		admitting = admitting || r.lookup
 	}
 	if !admitting {
 		// No admission rule (as admitsUnlabelled: a guard6 Setup

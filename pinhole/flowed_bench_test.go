@@ -1,7 +1,6 @@
 package pinhole_test
 
 import (
-	"net"
 	"net/netip"
 	"regexp"
 	"testing"
@@ -44,16 +43,7 @@ func BenchmarkFlowedAdmit(b *testing.B) {
 			}
 			rx := listenUDP(b, topo.Client, dst)
 			rx.SetReadBuffer(1 << 20)
-			var tx *net.UDPConn
-			if err := topo.Internet.Do(func() (err error) {
-				tx, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
-				return err
-			}); err != nil {
-				b.Fatal(err)
-			}
-			defer tx.Close()
-			msg := make([]byte, 60)
-			reportBurstCPU(b, func() error { _, err := tx.Write(msg); return err }, rx)
+			burstsFrom(b, topo.Internet, dst, rx)
 		})
 	}
 }

@@ -81,18 +81,24 @@ func BenchmarkGuardNewFlow(b *testing.B) {
 			}
 			rx := listenUDP(b, to, dst)
 			rx.SetReadBuffer(1 << 20)
-			var tx *net.UDPConn
-			if err := from.Do(func() (err error) {
-				tx, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
-				return err
-			}); err != nil {
-				b.Fatal(err)
-			}
-			defer tx.Close()
-			msg := make([]byte, 60)
-			reportBurstCPU(b, func() error { _, err := tx.Write(msg); return err }, rx)
+			burstsFrom(b, from, dst, rx)
 		})
 	}
+}
+
+// burstsFrom sends 60-byte datagrams from ns to dst in bursts and
+// reports their CPU (reportBurstCPU).
+func burstsFrom(b *testing.B, ns *netlab.NS, dst netip.AddrPort, rx *net.UDPConn) {
+	var tx *net.UDPConn
+	if err := ns.Do(func() (err error) {
+		tx, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	defer tx.Close()
+	msg := make([]byte, 60)
+	reportBurstCPU(b, func() error { _, err := tx.Write(msg); return err }, rx)
 }
 
 // reportBurstCPU is reportCPUPerDatagram over bursts of 32 datagrams,

@@ -136,29 +136,16 @@ func (b *Backend) natCutRules() (natcut, recheck [][]expr.Any) {
 // guard6). A chain that cannot be read (no table yet) translated nothing.
 // Caller holds b.mu.
 func (b *Backend) translatesUnlabelled() bool {
-	rules, err := b.readConn().GetRules(b.table, &nftables.Chain{Table: b.table, Name: b.chainPrerouting})
+	rules, err := b.scanRules(b.readConn(), b.chainPrerouting, natCutKinds[:], isLabelSet)
 	if err != nil {
 		return !errors.Is(err, unix.ENOENT)
 	}
-	names := map[string]bool{}
-	for _, k := range natCutKinds {
-		names[b.sets[k].Name] = true
-	}
 	labelled := false
 	for _, r := range rules {
-		maps, labels := false, false
-		for _, e := range r.Exprs {
-			switch e := e.(type) {
-			case *expr.Lookup:
-				maps = maps || names[e.SetName]
-			case *expr.Ct:
-				labels = labels || e.Key == expr.CtKeyLABELS
-			}
-		}
-		if maps && !labels {
+		if r.lookup && !r.found {
 			return true
 		}
-		labelled = labelled || labels
+		labelled = labelled || r.found
 	}
 	return len(rules) > 0 && !labelled
 }
