@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mdnl "github.com/mdlayher/netlink"
@@ -143,20 +144,93 @@ func (s *Server) recordsFlows(l *store.Lease) bool {
 // Filters not flowed (IPv4, redirects, SNAT companions, attached mode, a
 // kernel without labels, a mapping that ended while the record was not
 // trusted) always stay.
+//
+// What it leaves out is kept (unflowed) until a firewall check that
+// started after it found the layout intact: damage to the admission
+// rules not yet seen (a rule an admin made accept without the record)
+// lets flows in unrecorded, and the check that sees it walks everything
+// left out since (releaseUnflowed). Before that check, such a filter is
+// walked late, not never.
 func (s *Server) skipUnflowed(fs []ctFilter) []ctFilter {
-	if s.recorder == nil || !slices.ContainsFunc(fs, func(f ctFilter) bool { return f.flowed }) {
+	if s.recorder == nil {
+		return fs
+	}
+	u := &s.unflowed
+	if !slices.ContainsFunc(fs, func(f ctFilter) bool { return f.flowed }) {
 		return fs
 	}
 	flowed, ok := s.recorder.FlowedAddrs()
 	if !ok {
+		u.mu.Lock()
+		fs = append(fs, u.takeLocked()...) // walked now, with the rest
+		u.mu.Unlock()
 		return fs
 	}
+	gen := u.checks.Load()
 	n := len(fs)
-	fs = slices.DeleteFunc(fs, func(f ctFilter) bool { return f.flowed && !flowed(f.t.addr) })
+	u.mu.Lock()
+	fs = slices.DeleteFunc(fs, func(f ctFilter) bool {
+		if !f.flowed || flowed(f.t.addr) {
+			return false
+		}
+		f.flowed = false // walked as any other filter if ever walked
+		u.held = append(u.held, heldFilter{f: f, gen: gen})
+		return true
+	})
+	if len(u.held) > maxUnflowed {
+		fs = append(fs, u.takeLocked()...)
+	}
+	u.mu.Unlock()
 	if k := n - len(fs); k > 0 {
 		s.m.ctSkipped.Add(float64(k))
 	}
 	return fs
+}
+
+// maxUnflowed bounds the filters kept while no clean firewall check came
+// (checks off, or failing): past it they are walked.
+const maxUnflowed = 1 << 20
+
+// unflowed holds the filters skipUnflowed left out, each with the number
+// of firewall checks started before it was (checks).
+type unflowed struct {
+	checks atomic.Uint64
+	mu     sync.Mutex
+	held   []heldFilter
+}
+
+type heldFilter struct {
+	f   ctFilter
+	gen uint64
+}
+
+// takeLocked empties held and returns its filters. Caller holds u.mu.
+func (u *unflowed) takeLocked() []ctFilter {
+	out := make([]ctFilter, len(u.held))
+	for i := range u.held {
+		out[i] = u.held[i].f
+	}
+	u.held = nil
+	return out
+}
+
+// releaseUnflowed: firewall check number gen (unflowed.checks after its
+// start) found the layout intact (damaged false): the filters left out
+// before it started are done. Found damaged: every filter left out is
+// walked now (the record is untrusted from there on: FlowedAddrs).
+func (s *Server) releaseUnflowed(gen uint64, damaged bool) {
+	u := &s.unflowed
+	u.mu.Lock()
+	if damaged {
+		fs := u.takeLocked()
+		u.mu.Unlock()
+		if len(fs) > 0 {
+			s.ct.add(fs)
+		}
+		return
+	}
+	u.held = slices.DeleteFunc(u.held, func(h heldFilter) bool { return h.gen < gen })
+	u.mu.Unlock()
 }
 
 // mustWaitFlush reports whether a reply that ended these leases must wait

@@ -138,3 +138,41 @@ func TestE2EFlowedUntrustedWalks(t *testing.T) {
 		}
 	})
 }
+
+// TestE2EUnflowedWalkedAfterDamage (root, namespaces): damage not yet
+// seen lets a flow in unrecorded (pin6's admission rule accepting with no
+// label and no record, as an admin's edit); its mapping's delete leaves
+// the walk out (the record is still trusted: no check ran), and the
+// firewall check that finds the damage walks what was left out: the
+// flow's conntrack entry goes.
+func TestE2EUnflowedWalkedAfterDamage(t *testing.T) {
+	l := newLab(t, func(c *Config, p *policy.Config) {
+		p.MinLifetime = time.Second
+		c.TamperInterval = time.Hour
+		c.NoFirewallWatch = true
+	})
+	re := regexp.MustCompile(`(?m)^\s*(.*@pin6) ct label set \S+ goto admit6 # handle (\d+)$`)
+	m := re.FindStringSubmatch(l.nftIn(t, "-a", "list", "chain", "inet", "pcpd", "guard6"))
+	if m == nil {
+		t.Fatal("no admission rule of pin6 in guard6")
+	}
+	l.nftIn(t, "replace", "rule", "inet", "pcpd", "guard6", "handle", m[2], m[1]+" accept")
+	_, src, dst := l.inbound(t, "map6", 9750, time.Hour)
+	l.flushed(t)
+	before := counterValue(t, l.srv.m.ctWalks)
+	if r := l.pcp(mapReq(l.topo.ClientV6, pcp.ProtoTCP, 9750, 9750, 0, 1)); r.Result != pcp.Success {
+		t.Fatalf("delete: %+v", r)
+	}
+	l.flushed(t)
+	if w := counterValue(t, l.srv.m.ctWalks) - before; w != 0 {
+		t.Fatalf("%v walks with the damage unseen: nothing to test", w)
+	}
+	if l.ctFlowOf(t, protoTCP, src, dst) == nil {
+		t.Fatal("flow gone without a walk: nothing to test")
+	}
+	l.srv.checkFirewall() // finds the damage
+	l.flushed(t)
+	if f := l.ctFlowOf(t, protoTCP, src, dst); f != nil {
+		t.Errorf("flow let in unrecorded by damage still tracked after the check that found the damage: %s", f)
+	}
+}

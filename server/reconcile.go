@@ -911,7 +911,13 @@ func (s *Server) checkFirewall() {
 		}
 		s.noteRouteLookups()
 	}
+	gen := s.unflowed.checks.Add(1)
 	herr := s.fw.Healthy()
+	// Unless the check could not tell: the conntrack filters left out
+	// before it are done, or (damage) walked now (skipUnflowed).
+	if herr == nil || errors.Is(herr, pinhole.ErrUnhealthy) {
+		s.releaseUnflowed(gen, herr != nil)
+	}
 	if herr == nil {
 		s.rearmOwed()
 		s.verifySetup() // one a repair's could not finish (a Setup beside it)

@@ -54,6 +54,7 @@ type Server struct {
 	// recorder, if fw has it, records where admitted flows went
 	// (FlowRecorder, skipUnflowed).
 	recorder FlowRecorder
+	unflowed unflowed // filters skipUnflowed left out, until a clean firewall check
 	// natLister, if fw has it, lists the NAT-ed flows' external
 	// endpoints (pruneNATPrior).
 	natLister NATLister
