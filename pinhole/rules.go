@@ -462,6 +462,9 @@ func layoutRuleIs(r *nftables.Rule, want []expr.Any) (int, bool) {
 		switch v := e.(type) {
 		case *expr.Counter:
 			e = &expr.Counter{}
+			if _, ok := w.(*expr.Counter); ok {
+				w = e // admit6's, written at 1 (flowed.go)
+			}
 		case *expr.Lookup:
 			if wl, ok := w.(*expr.Lookup); ok {
 				c, d := *v, *wl
