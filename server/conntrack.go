@@ -86,8 +86,11 @@ import (
 // layout found unlabelled) wait for the walk (mustWaitFlush; serveBatch,
 // HandleBatch: waitConntrack). The walk runs for every ended mapping all
 // the same: it frees the entries and their TCP state, and spares and ends
-// exactly what it did before (a remade mapping spares nothing). Walks no
-// reply waits for start at least ctWalkGap apart.
+// exactly what it did before (a remade mapping spares nothing); but for
+// an IPv6 pinhole's whose address the ruleset recorded no admitted flow
+// to (skipUnflowed, pinhole/flowed.go: it can have none), until a
+// firewall check finds damage. Walks no reply waits for start at least
+// ctWalkGap apart.
 func (s *Server) flushConntrack(ended []store.Lease) {
 	if s.cfg.KeepConnections || len(ended) == 0 {
 		s.noteNATEnded(ended, 0)
