@@ -39,7 +39,7 @@ func BenchmarkFlowedAdmit(b *testing.B) {
 				replaceAdmission(b, topo.Host)
 			}
 			for range tc.more {
-				topo.Host.MustRun(b, "nft", "insert", "rule", "inet", "pcpd", "guard6", "ip6", "daddr", "add", "@flowed6", "{", "ip6", "daddr", "}")
+				topo.Host.MustRun(b, "nft", "insert", "rule", "inet", "pcpd", "guard6", "meta", "nfproto", "ipv6", "add", "@flowed6", "{", "ip6", "daddr", "}")
 			}
 			rx := listenUDP(b, topo.Client, dst)
 			rx.SetReadBuffer(1 << 20)
