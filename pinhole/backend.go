@@ -477,8 +477,12 @@ func (b *Backend) setupLocked() (err error) {
 	// a layout an earlier Setup marked checked (checkedMark); again by the
 	// Setup after a Healthy found damage (recheckFlows).
 	existing, marked := b.existing, b.markTrusted
-	if b.recordsFlows() && !b.unrecorded && b.flowsUnrecorded() {
-		b.noteUnrecorded() // admit6's counter is written at 1 (flowed.go)
+	unguarded := false
+	if b.recordsFlows() && !b.unrecorded {
+		var unrecorded bool
+		if unrecorded, unguarded = b.flowsUnrecorded(); unrecorded {
+			b.noteUnrecorded() // admit6's counter is written at 1 (flowed.go)
+		}
 	}
 	if b.cutLabels && !b.unlabelled {
 		b.unlabelled = b.admitsUnlabelled()
@@ -586,6 +590,9 @@ func (b *Backend) setupLocked() (err error) {
 	// had before; the next Setup (a repair) asks again.
 	_ = b.setLeaseGC()
 	b.cutting.Store(b.cutLabels && !b.unlabelled && !b.disarmed && !b.pinVerify)
+	if unguarded {
+		b.flowed.verify.Store(true) // until verifyFlowed (flowed.go)
+	}
 	b.flowed.recorded.Store(b.recordsFlows() && !b.unrecorded)
 	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed && !b.natVerify)
 	// Not fatal: the layout is committed, and the owner meter's write

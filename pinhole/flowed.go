@@ -80,29 +80,71 @@ func (b *Backend) admit6Rules() [][]expr.Any {
 // layout, an altered one), an admit6 missing or whose counter is not 0,
 // or either unreadable. No guard6 (a fresh table), or one without
 // admission rules: none. Caller holds b.mu.
-func (b *Backend) flowsUnrecorded() bool {
+//
+// unguarded: no guard6, or one without admission rules (nothing admitted
+// by pcpd): flows may have come in through no guard at all meanwhile
+// (the table deleted while pcpd was down, a first start over an open
+// forward path), unlabelled and unrecorded; the record is trusted only
+// once conntrack is read over the written layout (verifyFlowed).
+func (b *Backend) flowsUnrecorded() (unrecorded, unguarded bool) {
 	c := b.readConn()
 	rules, err := b.scanRules(c, b.chainGuard6, cutKinds[:], func(e expr.Any) bool {
 		v, ok := e.(*expr.Verdict)
 		return ok && v.Kind == expr.VerdictGoto && v.Chain == b.chainAdmit6
 	})
 	if err != nil {
-		return !errors.Is(err, unix.ENOENT)
+		return !errors.Is(err, unix.ENOENT), true
 	}
 	admitting := false
 	for _, r := range rules {
 		if r.lookup && !r.found {
-			return true
+			return true, false
 		}
 		admitting = admitting || r.lookup
 	}
 	if !admitting {
 		// No admission rule (as admitsUnlabelled: a guard6 Setup
 		// made and has not filled yet): nothing admitted by pcpd.
-		return false
+		return false, true
 	}
 	n, err := b.admit6Counter(c)
-	return err != nil || n > 0
+	return err != nil || n > 0, false
+}
+
+// verifyFlowed reads conntrack, over the layout Setup wrote, for a flow
+// let in before it by no guard (flowsUnrecorded's unguarded; as
+// pinFlowsUnlabelled's dump: an unlabelled IPv6 flow to a protected
+// address): one found makes the record untrusted for the Backend's life
+// (noteUnrecorded); none, trusted from here. Undecided (no protected
+// prefix yet, the layout or the prefixes written meanwhile), it is asked
+// again at the next FlowedAddrs. Before (review h/revflow,
+// TestE2EFlowLetInWhileTableGoneEndsWithMapping), a start over a table
+// deleted while pcpd was down trusted the fresh, empty record: a
+// connection let in meanwhile (unlabelled: the re-check never cuts it)
+// outlived its mapping's delete, its walk left out for good. Called
+// from FlowedAddrs (under b.flowed.mu, not b.mu): one dump, in place of
+// the walk its caller runs anyway while it is owed.
+func (b *Backend) verifyFlowed() bool {
+	b.mu.Lock()
+	gen := b.gen
+	in, decided, v := b.pinInputs()
+	b.mu.Unlock()
+	if decided {
+		return false // no protected prefix yet (or unreadable): asked again
+	}
+	v = in.scan(b)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if v {
+		b.noteUnrecorded()
+		b.writeUnrecorded()
+		return false
+	}
+	if b.gen != gen {
+		return false // a Setup or the prefixes meanwhile: asked again
+	}
+	b.flowed.verify.Store(false)
+	return true
 }
 
 // admit6Counter reads the packets of admit6's last rule's counter.
@@ -129,6 +171,22 @@ type flowedState struct {
 	// recorded: Setup trusted flowed6 (flowsUnrecorded false) and no
 	// damage or counter since (unrecorded). Read without b.mu.
 	recorded atomic.Bool
+	// verify: a Setup laid the record out over no guard (unguarded), and
+	// conntrack has not been read since (verifyFlowed); until then
+	// FlowedAddrs trusts nothing.
+	verify atomic.Bool
+}
+
+// writeUnrecorded writes admit6 again, its counter at 1 (admit6Rules):
+// a later pcpd over the table, which reads no conntrack over a layout as
+// this one (flowsUnrecorded), does not trust the record either while the
+// flow found may live. A failure leaves it at 0 (the Setup after a
+// Healthy that finds the layout damaged writes it). Caller holds b.mu.
+func (b *Backend) writeUnrecorded() {
+	var err error
+	defer b.dropUnsent(&err)
+	b.queueRewrite(&nftables.Chain{Table: b.table, Name: b.chainAdmit6}, chainRules{b.chainAdmit6, b.admit6Rules()}, true)
+	err = b.flush()
 }
 
 // noteUnrecorded: flows may have been admitted without their address in
@@ -154,6 +212,9 @@ func (b *Backend) FlowedAddrs() (flowed func(netip.Addr) bool, ok bool) {
 	f := &b.flowed
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.verify.Load() && !b.verifyFlowed() {
+		return nil, false
+	}
 	c, err := f.conn.get(b.netns)
 	if err != nil {
 		return nil, false
