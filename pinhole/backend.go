@@ -1260,6 +1260,7 @@ func (b *Backend) Close() {
 	b.listConn.close()
 	b.flowed.mu.Lock()
 	b.flowed.conn.close()
+	b.flowed.raw.close()
 	b.flowed.mu.Unlock()
 	b.listMu.Unlock()
 }

@@ -1,8 +1,12 @@
 package pinhole_test
 
 import (
+	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -58,4 +62,67 @@ func replaceAdmission(b testing.TB, host *netlab.NS) {
 		b.Fatalf("no admission rule of pin6 in guard6:\n%s", out)
 	}
 	host.MustRun(b, "nft", "replace", "rule", "inet", "pcpd", "guard6", "handle", m[2], m[1]+" accept")
+}
+
+// BenchmarkFlowedAddrsFull (review h/revflow): FlowedAddrs, read at
+// each conntrack walk that may leave filters out (server's
+// skipUnflowed), over flowed6 holding n addresses (its size, 65 536, at
+// the top): the set's dump, the counter's read and the map it builds.
+// ns/op is the flusher's cost per walk before it decides to skip.
+func BenchmarkFlowedAddrsFull(b *testing.B) {
+	for _, n := range []int{0, 4096, 65536} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			topo, be := guardedTopology(b, pinhole.Config{})
+			fillFlowed(b, topo.Host, n)
+			if _, ok := be.FlowedAddrs(); !ok {
+				b.Fatal("FlowedAddrs untrusted")
+			}
+			// As a walk asks: 16 ended pinholes' addresses, half of
+			// them in the set.
+			var asked []netip.Addr
+			for i := range 16 {
+				a := netip.MustParseAddr(fmt.Sprintf("2001:db8:ff00::%x:%x", i>>16, i&0xffff))
+				if i%2 == 1 {
+					a = netip.MustParseAddr(fmt.Sprintf("2001:db8:fe00::%x", i))
+				}
+				asked = append(asked, a)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				flowed, ok := be.FlowedAddrs()
+				if !ok {
+					b.Fatal("FlowedAddrs untrusted")
+				}
+				for i, a := range asked {
+					if got, want := flowed(a), i%2 == 0 && i < n; got != want {
+						b.Fatalf("flowed(%v) %v, want %v", a, got, want)
+					}
+				}
+			}
+		})
+	}
+}
+
+// fillFlowed adds n addresses of 2001:db8:ff00::/64 to flowed6.
+func fillFlowed(b testing.TB, host *netlab.NS, n int) {
+	b.Helper()
+	if n == 0 {
+		return
+	}
+	var sb strings.Builder
+	for i := 0; i < n; i += 1024 {
+		sb.WriteString("add element inet pcpd flowed6 { ")
+		for j := i; j < min(i+1024, n); j++ {
+			if j > i {
+				sb.WriteString(", ")
+			}
+			fmt.Fprintf(&sb, "2001:db8:ff00::%x:%x", j>>16, j&0xffff)
+		}
+		sb.WriteString(" }\n")
+	}
+	f := filepath.Join(b.TempDir(), "flowed.nft")
+	if err := os.WriteFile(f, []byte(sb.String()), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	host.MustRun(b, "nft", "-f", f)
 }
