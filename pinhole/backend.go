@@ -774,6 +774,13 @@ func (b *Backend) SetProtected(prefixes []netip.Prefix) (err error) {
 	defer b.mu.Unlock()
 	defer b.dropUnsent(&err)
 	b.gen++
+	if b.recordsFlows() && (!b.hasProtected || protects6More(b.protected, prefixes)) {
+		// Flows to the new addresses let in before, through no guard,
+		// are unrecorded: read conntrack first (verifyFlowed). The
+		// first call too: the prefixes may have changed while no pcpd
+		// ran (a start over the kernel's set).
+		b.flowed.verify.Store(true)
+	}
 	b.protected = slices.Clone(prefixes)
 	b.hasProtected = true
 	if err := b.writeProtected(b.protected); err != nil {

@@ -179,6 +179,30 @@ type flowedState struct {
 	verify atomic.Bool
 }
 
+// protects6More: next guards an IPv6 address prev did not (SetProtected:
+// flows to it may have come in before through no guard, unrecorded; the
+// record is read over again, verifyFlowed). Before (review h/revflow,
+// TestFlowedUntrustedAfterPrefixAddedWithFlow), such a flow outlived its
+// address's pinhole, its walk left out.
+func protects6More(prev, next []netip.Prefix) bool {
+	for _, p := range next {
+		if !p.Addr().Is6() || p.Addr().Is4In6() {
+			continue
+		}
+		covered := false
+		for _, q := range prev {
+			if q.Addr().Is6() && q.Bits() <= p.Bits() && q.Contains(p.Addr()) {
+				covered = true
+				break
+			}
+		}
+		if !covered {
+			return true
+		}
+	}
+	return false
+}
+
 // writeUnrecorded writes admit6 again, its counter at 1 (admit6Rules):
 // a later pcpd over the table, which reads no conntrack over a layout as
 // this one (flowsUnrecorded), does not trust the record either while the

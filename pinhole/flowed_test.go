@@ -99,3 +99,35 @@ func TestHealthyFlowedDamage(t *testing.T) {
 		t.Errorf("admit6's counter not written above 0 after damage:\n%s", out)
 	}
 }
+
+// TestFlowedUntrustedAfterPrefixAddedWithFlow (root, namespace; review
+// h/revflow): a prefix protected only from now on may hold flows let in
+// before, through no guard: unlabelled (the re-check never cuts them)
+// and unrecorded. Once its pinhole ends, such a flow ends only by the
+// server's walk (its entry deleted, the remote's next packet a new flow
+// guard6 judges), so the record is not trusted until conntrack is read
+// again: h/flowed trusted it, and the walk was left out.
+func TestFlowedUntrustedAfterPrefixAddedWithFlow(t *testing.T) {
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	be := newBackend(t, topo.Host, pinhole.Config{})
+	serveTunnel(t, be, topo)
+	other := netip.MustParsePrefix("2001:db8:aaaa::/64")
+	if err := be.SetProtected([]netip.Prefix{other, topo.ClientPrefix4}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := be.FlowedAddrs(); !ok {
+		t.Fatal("record untrusted before the prefix is added: nothing to test")
+	}
+	dst := netip.AddrPortFrom(topo.ClientV6, 7200)
+	serve(t, topo.Client, udp, dst)
+	if err := reach(topo.Internet, udp, netip.Addr{}, dst, 5*time.Second); err != nil {
+		t.Fatalf("to the client before its prefix is protected: %v", err)
+	}
+	if err := be.SetProtected([]netip.Prefix{other, topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, be, install(pinhole.Pinhole{Protocol: udp, InternalAddr: dst.Addr(), InternalPort: dst.Port()}, time.Hour))
+	if flowed, ok := be.FlowedAddrs(); ok && !flowed(dst.Addr()) {
+		t.Error("record trusted, the client's address unflowed, while a flow let in before its prefix was protected lives")
+	}
+}
