@@ -211,6 +211,7 @@ func protects6More(prev, next []netip.Prefix) bool {
 func (b *Backend) writeUnrecorded() {
 	var err error
 	defer b.dropUnsent(&err)
+	b.gen++ // new handles: a Healthy reading meanwhile reads again
 	b.queueRewrite(&nftables.Chain{Table: b.table, Name: b.chainAdmit6}, chainRules{b.chainAdmit6, b.admit6Rules()}, true)
 	err = b.flush()
 }
