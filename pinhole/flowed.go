@@ -38,8 +38,11 @@ import (
 //
 // What it is trusted for (FlowedAddrs): a labelled layout in place
 // (cutting), written by a Setup that found no flow that may have gone
-// unrecorded: no guard6 yet (a fresh table), or one whose admission rules
-// already went to admit6 and whose counter was 0. An older layout (an
+// unrecorded: no guard6 yet (a fresh table: then only once a read of
+// conntrack found no flow let in unguarded, verifyFlowed), or one whose
+// admission rules already went to admit6 and whose counter was 0; each
+// new IPv6 prefix protected (SetProtected) is read over the same way.
+// An older layout (an
 // upgrade), damage a Healthy found (noteDamage), or a counter above 0
 // make it untrusted for the Backend's life (unrecorded), and Setup writes
 // the counter at 1 then, so that a later pcpd over the same table does
