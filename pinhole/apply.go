@@ -462,6 +462,7 @@ func listSets(conn *nftables.Conn, sets *listedSets) ([]Entry, error) {
 	// read): a companion of one is not returned, one of none is (odd); a
 	// mapping whose companion is not read is NoCompanion.
 	mapped := make(map[naptID]bool)
+	companions := make(map[naptID]time.Duration) // their remaining time
 	for k := range numKinds {
 		elems, err := conn.GetSetElements(&sets.pin[k])
 		if err != nil {
@@ -498,6 +499,11 @@ func listSets(conn *nftables.Conn, sets *listedSets) ([]Entry, error) {
 				id := naptIDOf(p)
 				if _, ok := mapped[id]; ok {
 					mapped[id] = true
+					left := e.Expires
+					if e.Timeout == 0 && left == 0 {
+						left = NoTimeout
+					}
+					companions[id] = left
 					continue // the companion of a mapping read
 				}
 				// A companion of no mapping read (by hand; or its map
@@ -510,8 +516,10 @@ func listSets(conn *nftables.Conn, sets *listedSets) ([]Entry, error) {
 		}
 	}
 	for i := range out {
-		if p := out[i].Pinhole; !p.Odd() && p.InternalAddr.Is4() && !mapped[naptIDOf(p)] {
-			out[i].NoCompanion = true
+		if p := out[i].Pinhole; !p.Odd() && p.InternalAddr.Is4() {
+			id := naptIDOf(p)
+			out[i].NoCompanion = !mapped[id]
+			out[i].CompanionRemaining = companions[id]
 		}
 	}
 	return out, nil

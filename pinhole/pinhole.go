@@ -409,6 +409,27 @@ type Entry struct {
 	// nothing of it and the audit left the companion missing
 	// (TestE2EAuditPutsBackDeletedCompanion).
 	NoCompanion bool
+	// CompanionRemaining is, for an IPv4 NAPT mapping whose SNAT
+	// companion List read, the companion's remaining time (NoTimeout: it
+	// has none); zero otherwise. The mapping's Install writes both with
+	// one timeout: the audit compares the longer of Remaining and this
+	// with the lease (h/auditrem).
+	CompanionRemaining time.Duration
+}
+
+// NoTimeout is an Entry's CompanionRemaining for a companion that has no
+// timeout (it never ends by itself). A Remaining of 0 says the same of
+// the element itself.
+const NoTimeout time.Duration = -1
+
+// Longest is the longest the kernel holds any part of e (the element
+// and, for a NAPT mapping, its companion), and false when a part has no
+// timeout.
+func (e Entry) Longest() (time.Duration, bool) {
+	if e.Remaining <= 0 || e.CompanionRemaining < 0 {
+		return 0, false
+	}
+	return max(e.Remaining, e.CompanionRemaining), true
 }
 
 // Canonical is p as Apply sends it and List returns it (IPv6 external

@@ -1156,6 +1156,7 @@ func (s *Server) auditFirewall(ctx context.Context) {
 		return
 	}
 	start := time.Now()
+	listed := s.now() // each element's Remaining is from a read after it
 	have, err := s.fw.List()
 	if errors.Is(err, pinhole.ErrMissing) {
 		// A pinhole set gone (deleted by hand after the rules that use
@@ -1222,6 +1223,9 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	for p, at := range missingUntil {
 		missing = append(missing, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: at.Sub(now).Truncate(time.Millisecond)})
 	}
+	hs := &holders{s: s, now: now}
+	defer hs.clear()
+	longer := s.longerThanLeases(have, present, hs, listed)
 	// Each orphan's delete goes with the live pinholes sharing one of its
 	// elements' keys (holders.sharers: taken out before, put back after,
 	// in one transaction), and a fix the kernel refuses is left out, the
@@ -1232,8 +1236,6 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	// (TestE2EAuditNAPTOnLiveEndpoint); an orphan whose external endpoint
 	// a live lease holds was skipped, so the live lease's element it
 	// replaced stayed missing (its install refused, failing the batch).
-	hs := &holders{s: s, now: now}
-	defer hs.clear()
 	var fix [][]pinhole.Op
 	orphans := 0
 	for _, e := range have {
@@ -1269,8 +1271,11 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	// address) refuses its install in the same phase. Before (h/redir6),
 	// one batch: the install was refused and the live pinhole missing
 	// until the next audit (TestE2EAuditPutsBackUnderAllPorts).
-	back := make([][]pinhole.Op, 0, len(missing))
+	back := make([][]pinhole.Op, 0, len(missing)+len(longer))
 	for _, op := range missing {
+		back = append(back, []pinhole.Op{op})
+	}
+	for _, op := range longer {
 		back = append(back, []pinhole.Op{op})
 	}
 	refused := func(op pinhole.Op, err error) {
@@ -1289,7 +1294,54 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	if len(missing) > 0 {
 		s.log.Info("firewall audit: re-installed pinholes the dump did not show (changed during it, or deleted by hand)", zap.Int("count", len(missing)))
 	}
+	if len(longer) > 0 {
+		first := make([]string, 0, 4)
+		for _, op := range longer[:min(len(longer), cap(first))] {
+			first = append(first, op.Pinhole.String())
+		}
+		s.log.Warn("firewall audit: live leases' pinholes held longer than their leases (re-added by hand while the watch was off or deaf?); cut back to their leases' remaining lifetimes",
+			zap.Int("count", len(longer)), zap.Strings("first", first))
+	}
 	s.log.Debug("firewall audit done", zap.Int("pinholes", len(have)), zap.Duration("dump", dumped))
+}
+
+// longerThanLeases returns the Installs that cut back the elements of
+// have (listed: the clock read before the dump) held for a live lease
+// longer than the kernel should hold them: with no timeout, or ending
+// more than addSlack after the latest expiry of the live leases holding
+// them (holders.until: an absorbed renewal's synced one), a NAPT mapping
+// by the longer of its map element and its SNAT companion. Each is
+// installed again with exactly that expiry's remaining time: never below
+// the lease; the kernel updates the timeout in place (Linux ≥ 6.10) or
+// Install re-creates the element. An element within addSlack of it (the
+// audit's and the engine's own writes: a commit's latency, a jiffy, the
+// nudge) is left as it is: an intact table's audit writes nothing.
+// Before (h/auditrem, review h/revsnat finding 4), the audit ignored
+// Remaining: a live lease's element re-added by hand with a longer
+// timeout, or none, while the watch was off or deaf outlived its lease
+// (TestE2EAuditCutsBackLongerTimeouts). Under s.mu.
+func (s *Server) longerThanLeases(have []pinhole.Entry, present map[pinhole.Pinhole]struct{}, hs *holders, listed time.Time) []pinhole.Op {
+	var ops []pinhole.Op
+	seen := make(map[pinhole.Pinhole]struct{})
+	for _, e := range have {
+		p := e.Pinhole
+		if _, ok := present[p]; !ok {
+			continue // NoCompanion: re-installed whole as missing
+		}
+		if _, dup := seen[p]; dup {
+			continue
+		}
+		seen[p] = struct{}{}
+		until := hs.until(p)
+		if until.IsZero() {
+			continue // no live lease holds it: an orphan, deleted
+		}
+		if left, ok := e.Longest(); ok && !listed.Add(left).After(until.Add(addSlack)) {
+			continue
+		}
+		ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: until.Sub(hs.now).Truncate(time.Millisecond)})
+	}
+	return ops
 }
 
 // routeFollowDelay is how long after a change of the host's links,
