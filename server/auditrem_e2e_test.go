@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"regexp"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -30,7 +33,7 @@ func (c *countApplies) Apply(ops []pinhole.Op) error {
 // none: an IPv6 pinhole (pin6, 1d in place), a filtered one (pin6_filter,
 // deleted and added without timeout), a NAPT mapping's map element and
 // SNAT companion (both without timeout), and another mapping's companion
-// alone (1d). One audit cuts every one back: the kernel holds each part
+// alone (1d), a redirect (redir6, c:8445 -> c:445, 1d in place). One audit cuts every one back: the kernel holds each part
 // no longer than its lease's remaining lifetime (1 h) and every element
 // is still there, traffic passing. An audit of the intact table, before
 // and after, applies nothing. Before, the audit ignored the elements'
@@ -51,6 +54,7 @@ func TestE2EAuditCutsBackLongerTimeouts(t *testing.T) {
 		mapFiltered(c, 444, 0, wide, 2),
 		mapReq(c4, pcp.ProtoTCP, 9090, 19090, time.Hour, 3),
 		mapReq(c4, pcp.ProtoTCP, 9091, 19091, time.Hour, 4),
+		mapReq(c, pcp.ProtoTCP, 445, 8445, time.Hour, 5),
 	} {
 		resp := l.pcp(r)
 		if resp.Result != pcp.Success {
@@ -67,8 +71,8 @@ func TestE2EAuditCutsBackLongerTimeouts(t *testing.T) {
 		}
 		holes = append(holes, cp)
 	}
-	if holes[2].ExternalPort != 19090 || holes[3].ExternalPort != 19091 {
-		t.Fatalf("NAPT ports %d, %d, want 19090, 19091", holes[2].ExternalPort, holes[3].ExternalPort)
+	if holes[2].ExternalPort != 19090 || holes[3].ExternalPort != 19091 || holes[4].ExternalPort != 8445 {
+		t.Fatalf("ports %d, %d, %d, want 19090, 19091, 8445", holes[2].ExternalPort, holes[3].ExternalPort, holes[4].ExternalPort)
 	}
 	svc6, svc4 := netip.AddrPortFrom(c, 443), netip.AddrPortFrom(pub, 19090)
 	if !l.reach(svc6) || !l.reach(svc4) {
@@ -89,13 +93,27 @@ func TestE2EAuditCutsBackLongerTimeouts(t *testing.T) {
 		fmt.Sprintf("add element inet pcpd napt4 { %s . tcp . 19090 : %s . 9090 }\n", pub, c4) +
 		fmt.Sprintf("delete element inet pcpd snat4 { %s . tcp . 9090 }\n", c4) +
 		fmt.Sprintf("add element inet pcpd snat4 { %s . tcp . 9090 : %s . 19090 }\n", c4, pub) +
-		fmt.Sprintf("add element inet pcpd snat4 { %s . tcp . 9091 timeout 1d : %s . 19091 }\n", c4, pub)
+		fmt.Sprintf("add element inet pcpd snat4 { %s . tcp . 9091 timeout 1d : %s . 19091 }\n", c4, pub) +
+		fmt.Sprintf("add element inet pcpd redir6 { %s . tcp . 8445 timeout 1d : %s . 445 }\n", c, c)
 	l.topo.Host.MustRun(t, "sh", "-c", "nft -f - <<'EOF'\n"+script+"EOF\n")
-	// The kernel's view, read as the audit reads it.
+	// The kernel's view, read as the audit reads it, and the SNAT
+	// companions' as nft lists them (apart from List).
 	longest := func() map[pinhole.Pinhole]string {
 		got := make(map[pinhole.Pinhole]string)
+		snat := l.topo.Host.MustRun(t, "nft", "list", "map", "inet", "pcpd", "snat4")
 		for _, e := range l.kernelHoles() {
-			if left, ok := e.Longest(); !ok {
+			left, ok := e.Longest()
+			if p := e.Pinhole; ok && p.InternalAddr.Is4() {
+				var held bool
+				var comp time.Duration
+				comp, ok, held = nftExpires(t, snat, fmt.Sprintf("%s . tcp . %d ", p.InternalAddr, p.InternalPort))
+				if !held {
+					got[p] = "no companion"
+					continue
+				}
+				left = max(left, comp)
+			}
+			if !ok {
 				got[e.Pinhole] = "none"
 			} else if left > time.Hour+time.Second {
 				got[e.Pinhole] = left.Round(time.Second).String()
@@ -135,4 +153,37 @@ func TestE2EAuditCutsBackLongerTimeouts(t *testing.T) {
 	if n := audit("after"); n != 0 {
 		t.Errorf("an audit after the cut-back applied %d transactions, want 0", n)
 	}
+}
+
+var nftExpiresRe = regexp.MustCompile(`expires ((?:\d+ms|\d+[dhms])+)`)
+
+// nftExpires reads, in nft's listing of a set or map, the element whose
+// line holds key: its remaining time (ok false: it has none) and whether
+// it is listed.
+func nftExpires(t *testing.T, listing, key string) (left time.Duration, ok, held bool) {
+	t.Helper()
+	for _, line := range strings.Split(listing, "\n") {
+		i := strings.Index(line, key)
+		if i < 0 {
+			continue
+		}
+		line = line[i:]
+		if end := strings.IndexAny(line, ",}"); end >= 0 {
+			line = line[:end]
+		}
+		m := nftExpiresRe.FindStringSubmatch(line)
+		if m == nil {
+			return 0, false, true
+		}
+		for _, part := range regexp.MustCompile(`(\d+)(ms|[dhms])`).FindAllStringSubmatch(m[1], -1) {
+			n, err := strconv.Atoi(part[1])
+			if err != nil {
+				t.Fatal(err)
+			}
+			unit := map[string]time.Duration{"d": 24 * time.Hour, "h": time.Hour, "m": time.Minute, "s": time.Second, "ms": time.Millisecond}[part[2]]
+			left += time.Duration(n) * unit
+		}
+		return left, true, true
+	}
+	return 0, false, false
 }
