@@ -1190,7 +1190,9 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now()
-	wanted := make(map[pinhole.Pinhole]struct{}, len(present))
+	// wanted: the live leases' pinholes, each with the latest expiry the
+	// kernel should hold for it (as missingUntil).
+	wanted := make(map[pinhole.Pinhole]time.Time, len(present))
 	// A missing pinhole goes back once, with what the kernel should hold:
 	// the latest expiry among the live leases holding it (a PEER and a
 	// filtered MAP share an element), a dirty lease's synced one
@@ -1213,7 +1215,9 @@ func (s *Server) auditFirewall(ctx context.Context) {
 		at := s.kernelExpiry(l)
 		back := at.Sub(now) >= time.Millisecond
 		for _, p := range pinholesOf(l) {
-			wanted[p] = struct{}{}
+			if at.After(wanted[p]) {
+				wanted[p] = at
+			}
 			if _, ok := present[p]; !ok && back && at.After(missingUntil[p]) {
 				missingUntil[p] = at
 			}
@@ -1223,9 +1227,7 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	for p, at := range missingUntil {
 		missing = append(missing, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: at.Sub(now).Truncate(time.Millisecond)})
 	}
-	hs := &holders{s: s, now: now}
-	defer hs.clear()
-	longer := s.longerThanLeases(have, present, hs, listed)
+	longer := longerThanLeases(have, present, wanted, listed, now)
 	// Each orphan's delete goes with the live pinholes sharing one of its
 	// elements' keys (holders.sharers: taken out before, put back after,
 	// in one transaction), and a fix the kernel refuses is left out, the
@@ -1236,6 +1238,8 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	// (TestE2EAuditNAPTOnLiveEndpoint); an orphan whose external endpoint
 	// a live lease holds was skipped, so the live lease's element it
 	// replaced stayed missing (its install refused, failing the batch).
+	hs := &holders{s: s, now: now}
+	defer hs.clear()
 	var fix [][]pinhole.Op
 	orphans := 0
 	for _, e := range have {
@@ -1308,38 +1312,47 @@ func (s *Server) auditFirewall(ctx context.Context) {
 // longerThanLeases returns the Installs that cut back the elements of
 // have (listed: the clock read before the dump) held for a live lease
 // longer than the kernel should hold them: with no timeout, or ending
-// more than addSlack after the latest expiry of the live leases holding
-// them (holders.until: an absorbed renewal's synced one), a NAPT mapping
-// by the longer of its map element and its SNAT companion. Each is
-// installed again with exactly that expiry's remaining time: never below
-// the lease; the kernel updates the timeout in place (Linux ≥ 6.10) or
-// Install re-creates the element. An element within addSlack of it (the
+// more than addSlack after wanted's expiry (the latest expiry of the live
+// leases holding them, an absorbed renewal's synced one: kernelExpiry),
+// a NAPT mapping by the longer of its map element and its SNAT
+// companion. Each is installed again with that expiry's remaining time
+// at now (at least a millisecond, as holders.until: a synced expiry
+// already past ends it at once, the lease's flush raises it): never
+// below the lease; the kernel updates the timeout in place (Linux ≥
+// 6.10) or Install re-creates the element. An element within addSlack of it (the
 // audit's and the engine's own writes: a commit's latency, a jiffy, the
 // nudge) is left as it is: an intact table's audit writes nothing.
 // Before (h/auditrem, review h/revsnat finding 4), the audit ignored
 // Remaining: a live lease's element re-added by hand with a longer
 // timeout, or none, while the watch was off or deaf outlived its lease
-// (TestE2EAuditCutsBackLongerTimeouts). Under s.mu.
-func (s *Server) longerThanLeases(have []pinhole.Entry, present map[pinhole.Pinhole]struct{}, hs *holders, listed time.Time) []pinhole.Op {
+// (TestE2EAuditCutsBackLongerTimeouts). Its cost under s.mu is a map
+// look-up per element.
+func longerThanLeases(have []pinhole.Entry, present map[pinhole.Pinhole]struct{}, wanted map[pinhole.Pinhole]time.Time, listed, now time.Time) []pinhole.Op {
 	var ops []pinhole.Op
-	seen := make(map[pinhole.Pinhole]struct{})
+	var seen map[pinhole.Pinhole]struct{} // those cut back
 	for _, e := range have {
 		p := e.Pinhole
 		if _, ok := present[p]; !ok {
 			continue // NoCompanion: re-installed whole as missing
 		}
-		if _, dup := seen[p]; dup {
-			continue
-		}
-		seen[p] = struct{}{}
-		until := hs.until(p)
-		if until.IsZero() {
+		until, live := wanted[p]
+		if !live {
 			continue // no live lease holds it: an orphan, deleted
+		}
+		if least := now.Add(time.Millisecond); until.Before(least) {
+			until = least
 		}
 		if left, ok := e.Longest(); ok && !listed.Add(left).After(until.Add(addSlack)) {
 			continue
 		}
-		ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: until.Sub(hs.now).Truncate(time.Millisecond)})
+		if _, dup := seen[p]; dup {
+			continue
+		}
+		if seen == nil {
+			seen = make(map[pinhole.Pinhole]struct{})
+		}
+		seen[p] = struct{}{}
+		ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: until.Sub(now).Truncate(time.Millisecond)})
 	}
 	return ops
 }
