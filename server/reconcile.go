@@ -1227,7 +1227,6 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	for p, at := range missingUntil {
 		missing = append(missing, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: at.Sub(now).Truncate(time.Millisecond)})
 	}
-	longer := longerThanLeases(have, present, wanted, listed, now)
 	// Each orphan's delete goes with the live pinholes sharing one of its
 	// elements' keys (holders.sharers: taken out before, put back after,
 	// in one transaction), and a fix the kernel refuses is left out, the
@@ -1241,10 +1240,14 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	hs := &holders{s: s, now: now}
 	defer hs.clear()
 	var fix [][]pinhole.Op
+	var longer []pinhole.Op
 	orphans := 0
 	for _, e := range have {
 		p := e.Pinhole
-		if _, ok := wanted[p]; ok {
+		if until, ok := wanted[p]; ok {
+			if !e.NoCompanion { // else missing: re-installed whole
+				longer = cutBack(longer, e, until, listed, now)
+			}
 			continue
 		}
 		if n, ok := p.SNATCompanionOf(); ok {
@@ -1309,52 +1312,32 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	s.log.Debug("firewall audit done", zap.Int("pinholes", len(have)), zap.Duration("dump", dumped))
 }
 
-// longerThanLeases returns the Installs that cut back the elements of
-// have (listed: the clock read before the dump) held for a live lease
-// longer than the kernel should hold them: with no timeout, or ending
-// more than addSlack after wanted's expiry (the latest expiry of the live
-// leases holding them, an absorbed renewal's synced one: kernelExpiry),
-// a NAPT mapping by the longer of its map element and its SNAT
-// companion. Each is installed again with that expiry's remaining time
-// at now (at least a millisecond, as holders.until: a synced expiry
-// already past ends it at once, the lease's flush raises it): never
-// below the lease; the kernel updates the timeout in place (Linux ≥
-// 6.10) or Install re-creates the element. An element within addSlack of it (the
-// audit's and the engine's own writes: a commit's latency, a jiffy, the
-// nudge) is left as it is: an intact table's audit writes nothing.
-// Before (h/auditrem, review h/revsnat finding 4), the audit ignored
-// Remaining: a live lease's element re-added by hand with a longer
-// timeout, or none, while the watch was off or deaf outlived its lease
-// (TestE2EAuditCutsBackLongerTimeouts). Its cost under s.mu is a map
-// look-up per element.
-func longerThanLeases(have []pinhole.Entry, present map[pinhole.Pinhole]struct{}, wanted map[pinhole.Pinhole]time.Time, listed, now time.Time) []pinhole.Op {
-	var ops []pinhole.Op
-	var seen map[pinhole.Pinhole]struct{} // those cut back
-	for _, e := range have {
-		p := e.Pinhole
-		if _, ok := present[p]; !ok {
-			continue // NoCompanion: re-installed whole as missing
-		}
-		until, live := wanted[p]
-		if !live {
-			continue // no live lease holds it: an orphan, deleted
-		}
-		if least := now.Add(time.Millisecond); until.Before(least) {
-			until = least
-		}
-		if left, ok := e.Longest(); ok && !listed.Add(left).After(until.Add(addSlack)) {
-			continue
-		}
-		if _, dup := seen[p]; dup {
-			continue
-		}
-		if seen == nil {
-			seen = make(map[pinhole.Pinhole]struct{})
-		}
-		seen[p] = struct{}{}
-		ops = append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: until.Sub(now).Truncate(time.Millisecond)})
+// cutBack appends to ops the Install that cuts back e, an element held
+// for a live lease (listed: the clock read before the dump), if the
+// kernel holds it longer than it should: with no timeout, or ending more
+// than addSlack after until (the latest expiry of the live leases
+// holding it, an absorbed renewal's synced one: kernelExpiry), a NAPT
+// mapping by the longer of its map element and its SNAT companion. It is
+// installed again with until's remaining time at now (at least a
+// millisecond, as holders.until: a synced expiry already past ends it at
+// once, the lease's flush raises it): never below the lease; the kernel
+// updates the timeout in place (Linux ≥ 6.10) or Install re-creates the
+// element. An element within addSlack of until (the audit's and the
+// engine's own writes: a commit's latency, a jiffy, the nudge) is left
+// as it is: an intact table's audit writes nothing. It costs the audit's
+// hold of s.mu a comparison per element (the look-up is the orphan
+// check's). Before (h/auditrem, review h/revsnat finding 4), the audit
+// ignored Remaining: a live lease's element re-added by hand with a
+// longer timeout, or none, while the watch was off or deaf outlived its
+// lease (TestE2EAuditCutsBackLongerTimeouts).
+func cutBack(ops []pinhole.Op, e pinhole.Entry, until, listed, now time.Time) []pinhole.Op {
+	if least := now.Add(time.Millisecond); until.Before(least) {
+		until = least
 	}
-	return ops
+	if left, ok := e.Longest(); ok && !listed.Add(left).After(until.Add(addSlack)) {
+		return ops
+	}
+	return append(ops, pinhole.Op{Kind: pinhole.Install, Pinhole: e.Pinhole, Timeout: until.Sub(now).Truncate(time.Millisecond)})
 }
 
 // routeFollowDelay is how long after a change of the host's links,
