@@ -359,3 +359,77 @@ func (b *Backend) RecordsFlows(p Pinhole) bool {
 	}
 	return false
 }
+
+// ForgetFlowed deletes addrs from flowed6, in one transaction, for a
+// server whose conntrack walk ended every flow to them that no live lease
+// admits, and in which no lease holds them any longer (Server.pruneFlowed
+// argues the races). Without it the set never shrank: once 65 536
+// distinct addresses had had a flow (IPv6 temporary addresses rotate
+// daily, RFC 8981) the adds failed, the counter rose and every walk ran
+// again for the table's life (review h/revflow, finding 4;
+// TestE2EFlowedPrunedAfterWalk). It deletes nothing while the record is
+// not trusted (untrusted, owed its conntrack read, not cutting, a fake
+// connection): then FlowedAddrs says nothing anyway. False: nothing
+// deleted (a failure; the transaction is all or none): the set keeps
+// them, the safe side.
+func (b *Backend) ForgetFlowed(addrs []netip.Addr) bool {
+	return b.flowedElems(addrs, false) == nil
+}
+
+// Reflowed adds addrs back to flowed6 (a lease, or a filter, at them came
+// between ForgetFlowed's decision and its delete): a flow admitted to
+// them meanwhile is recorded again. Sent whatever the trust (an add is
+// the safe side). A failure makes the record untrusted (noteUnrecorded,
+// the counter written at 1), as a failed add in the ruleset does.
+func (b *Backend) Reflowed(addrs []netip.Addr) {
+	if err := b.flowedElems(addrs, true); err != nil && !errors.Is(err, errNotTrusted) {
+		b.mu.Lock()
+		b.noteUnrecorded()
+		if b.recordsFlows() {
+			b.writeUnrecorded()
+		}
+		b.mu.Unlock()
+	}
+}
+
+var errNotTrusted = errors.New("pinhole: flowed6 not trusted")
+
+// flowedElems adds (add) or deletes addrs in flowed6 in one transaction
+// on FlowedAddrs' kept connection; errNotTrusted when there is no
+// record (attached, no labels, a fake connection) or, for a delete, it
+// is not trusted now (nothing sent).
+func (b *Backend) flowedElems(addrs []netip.Addr, add bool) error {
+	f := &b.flowed
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if b.flowed6 == nil || b.cfg.Attached || b.conn.TestDial != nil ||
+		!add && (!f.recorded.Load() || f.verify.Load() || !b.cutting.Load()) {
+		return errNotTrusted
+	}
+	es := make([]nftables.SetElement, 0, len(addrs))
+	for _, a := range addrs {
+		if a.Is6() && !a.Is4In6() && a.Zone() == "" {
+			k := a.As16()
+			es = append(es, nftables.SetElement{Key: k[:]})
+		}
+	}
+	if len(es) == 0 {
+		return nil
+	}
+	c, err := f.conn.get(b.netns)
+	if err != nil {
+		return err
+	}
+	if add {
+		err = c.SetAddElements(b.flowed6, es)
+	} else {
+		err = c.SetDeleteElements(b.flowed6, es)
+	}
+	if err == nil {
+		err = c.Flush()
+	}
+	if err != nil {
+		f.conn.close()
+	}
+	return err
+}

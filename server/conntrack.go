@@ -782,11 +782,18 @@ func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, erro
 // walkLive is the flusher's walk (ctFlusher.walk): walkConntrack, but what
 // stays is decided by the leases live once each dump's flows are read
 // (spareLive, which takes s.mu), not by a set of pinholes given.
+// A walk that succeeded prunes the record of the addresses it covered
+// (pruneFlowed).
 func (s *Server) walkLive(fs []ctFilter) ([]ctFilter, error) {
 	if fs = s.skipUnflowed(fs); len(fs) == 0 {
 		return nil, nil
 	}
-	return s.walkCt(fs, nil, true)
+	as := flowedOf(fs) // before the walk sorts fs
+	left, err := s.walkCt(fs, nil, true)
+	if err == nil && len(left) == 0 {
+		s.pruneFlowed(as)
+	}
+	return left, err
 }
 
 func (s *Server) walkCt(fs []ctFilter, admits ctAdmits, live bool) ([]ctFilter, error) {

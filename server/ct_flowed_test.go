@@ -181,3 +181,66 @@ func TestE2EUnflowedWalkedAfterDamage(t *testing.T) {
 		t.Errorf("flow let in unrecorded by damage still tracked after the check that found the damage: %s", f)
 	}
 }
+
+// inFlowed reports whether flowed6 holds a (nft's listing).
+func (l *lab) inFlowed(t *testing.T, a string) bool {
+	t.Helper()
+	return regexp.MustCompile(`[\s{,]` + regexp.QuoteMeta(a) + `[\s},]`).MatchString(l.nftIn(t, "list", "set", "inet", "pcpd", "flowed6"))
+}
+
+// TestE2EFlowedPrunedAfterWalk (root, namespaces; review h/revflow,
+// finding 4): an address whose mappings all ended and whose flows a walk
+// ended leaves flowed6 (pruneFlowed); while a lease still holds it, it
+// stays; a flow to it after the prune is recorded again, and its
+// mapping's delete walks.
+func TestE2EFlowedPrunedAfterWalk(t *testing.T) {
+	l := newLab(t, func(_ *Config, p *policy.Config) { p.MinLifetime = time.Second })
+	if _, ok := l.fw.FlowedAddrs(); !ok {
+		t.Fatal("the record not trusted: nothing to test")
+	}
+	a := l.topo.ClientV6.String()
+	if r := l.pcp(mapReq(l.topo.ClientV6, pcp.ProtoTCP, 9761, 9761, time.Hour, 1)); r.Result != pcp.Success {
+		t.Fatalf("MAP 9761: %+v", r)
+	}
+	_, src, dst := l.inbound(t, "map6", 9762, time.Hour)
+	if !l.inFlowed(t, a) {
+		t.Fatal("the client's address not in flowed6 after a flow to it: nothing to test")
+	}
+	if r := l.pcp(mapReq(l.topo.ClientV6, pcp.ProtoTCP, 9762, 9762, 0, 1)); r.Result != pcp.Success {
+		t.Fatalf("delete 9762: %+v", r)
+	}
+	l.flushed(t)
+	if f := l.ctFlowOf(t, protoTCP, src, dst); f != nil {
+		t.Fatalf("flow of the deleted mapping still tracked after its walk: %s", f)
+	}
+	if !l.inFlowed(t, a) {
+		t.Fatal("the client's address left flowed6 while its MAP 9761 lives")
+	}
+	before := counterValue(t, l.srv.m.ctWalks)
+	if r := l.pcp(mapReq(l.topo.ClientV6, pcp.ProtoTCP, 9761, 9761, 0, 1)); r.Result != pcp.Success {
+		t.Fatalf("delete 9761: %+v", r)
+	}
+	l.flushed(t)
+	if w := counterValue(t, l.srv.m.ctWalks) - before; w < 1 {
+		t.Fatalf("%v walks after deleting 9761 (its address flowed): nothing to test", w)
+	}
+	if l.inFlowed(t, a) {
+		t.Fatal("the client's address still in flowed6 after its mappings ended and their flows were walked away")
+	}
+	// Recorded again: a new flow adds it, its mapping's delete walks.
+	_, src, dst = l.inbound(t, "map6", 9763, time.Hour)
+	if !l.inFlowed(t, a) {
+		t.Fatal("a flow after the prune not recorded in flowed6")
+	}
+	before = counterValue(t, l.srv.m.ctWalks)
+	if r := l.pcp(mapReq(l.topo.ClientV6, pcp.ProtoTCP, 9763, 9763, 0, 1)); r.Result != pcp.Success {
+		t.Fatalf("delete 9763: %+v", r)
+	}
+	l.flushed(t)
+	if w := counterValue(t, l.srv.m.ctWalks) - before; w < 1 {
+		t.Errorf("%v walks after deleting a mapping with a flow after the prune, want ≥ 1", w)
+	}
+	if f := l.ctFlowOf(t, protoTCP, src, dst); f != nil {
+		t.Errorf("flow after the prune still tracked after its mapping's walk: %s", f)
+	}
+}

@@ -104,10 +104,14 @@ type FlowCutter interface {
 // records the addresses p's admitted flows went to, and FlowedAddrs
 // reads that record (ok false: untrusted, walk everything). The
 // conntrack flusher leaves out the filters of such mappings whose
-// address no flow went to (skipUnflowed).
+// address no flow went to (skipUnflowed). ForgetFlowed deletes
+// addresses from the record (false: none deleted), Reflowed adds them
+// back (pruneFlowed).
 type FlowRecorder interface {
 	RecordsFlows(p pinhole.Pinhole) bool
 	FlowedAddrs() (flowed func(netip.Addr) bool, ok bool)
+	ForgetFlowed(addrs []netip.Addr) bool
+	Reflowed(addrs []netip.Addr)
 }
 
 // NATLister is an optional extra of a FlowCutter (*pinhole.Backend has

@@ -80,6 +80,9 @@ type table struct {
 	// internal IPv4 address's leases (pool4.go: the IPv4 pool's scan).
 	held4 map[port4]*portBits
 	byIn4 map[[4]byte][]uint32
+	// on6 counts the leases of each IPv6 address, internal or external
+	// (flowprune.go: pruneFlowed asks it under s.mu).
+	on6 map[[16]byte]int32
 
 	// byOwner counts leases per owner (quotas, Status).
 	byOwner map[string]int
@@ -168,6 +171,7 @@ func newTable() *table {
 		extra:   map[uint32]extra{},
 		held4:   map[port4]*portBits{},
 		byIn4:   map[[4]byte][]uint32{},
+		on6:     map[[16]byte]int32{},
 		byOwner: map[string]int{},
 		ownerNo: map[string]uint32{},
 		zoneNo:  map[string]uint16{},
@@ -829,6 +833,7 @@ func (t *table) insert(l *store.Lease) {
 	t.link(ixTup, ref)
 	t.link(ixExt, ref)
 	t.in4Add(ref)
+	t.on6Add(r)
 	t.exp = append(t.exp, hitem{at: r.exp, ref: ref})
 	t.hup(len(t.exp) - 1)
 	t.n++
@@ -878,6 +883,7 @@ func (t *table) delRef(ref uint32) {
 	t.unlink(ixTup, ref)
 	t.unlink(ixExt, ref)
 	t.in4Del(ref)
+	t.on6Del(r)
 	t.hremove(int(r.hpos))
 	t.n--
 	id := t.owners[r.owner]
