@@ -2,6 +2,7 @@ package server
 
 import (
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"reflect"
@@ -61,6 +62,23 @@ func checkTable(t testing.TB, tab *table) {
 		}
 	}
 	checkPool4(t, tab)
+	// on6 (flowprune.go): each IPv6 address's live leases, internal or
+	// external, once a lease.
+	on6 := map[[16]byte]int32{}
+	for ref := uint32(1); ref <= tab.top; ref++ {
+		r := tab.rec(ref)
+		if r.flags&fLive == 0 {
+			continue
+		}
+		for i, c := range []caddr{r.iaddr, r.eaddr} {
+			if c.m&3 == 2 && (i == 0 || c.a != r.iaddr.a) {
+				on6[c.a]++
+			}
+		}
+	}
+	if !maps.Equal(on6, tab.on6) {
+		t.Fatalf("on6 %v, want %v", tab.on6, on6)
+	}
 	if live != tab.n {
 		t.Fatalf("%d live slots, n = %d", live, tab.n)
 	}

@@ -1,0 +1,54 @@
+package server
+
+import (
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// pruneRecorder is a FlowRecorder that records what pruneFlowed asks;
+// during (if set) runs inside ForgetFlowed, between its decision and the
+// delete.
+type pruneRecorder struct {
+	forgot, back []netip.Addr
+	during       func()
+}
+
+func (*pruneRecorder) RecordsFlows(pinhole.Pinhole) bool { return true }
+func (*pruneRecorder) FlowedAddrs() (func(netip.Addr) bool, bool) {
+	return func(netip.Addr) bool { return true }, true
+}
+func (r *pruneRecorder) ForgetFlowed(as []netip.Addr) bool {
+	r.forgot = append(r.forgot, as...)
+	if r.during != nil {
+		r.during()
+	}
+	return true
+}
+func (r *pruneRecorder) Reflowed(as []netip.Addr) { r.back = append(r.back, as...) }
+
+// TestPruneFlowedKeepsHeldAndNamed: pruneFlowed deletes only the
+// addresses no lease in the table holds (internal or external), no filter
+// queued names and none kept back (undeletedEnds) names; one a lease took
+// between the decision and the delete is added back (Reflowed).
+func TestPruneFlowedKeepsHeldAndNamed(t *testing.T) {
+	a := func(s string) netip.Addr { return netip.MustParseAddr(s) }
+	held, redirected, queued, kept, free, late := a("2001:db8::1"), a("2001:db8::2"), a("2001:db8::3"), a("2001:db8::4"), a("2001:db8::5"), a("2001:db8::6")
+	rec := &pruneRecorder{}
+	s := &Server{tab: newTable(), recorder: rec}
+	s.tab.put(lease("o", held, 6, 80, held, 80, time.Hour))
+	s.tab.put(lease("o", a("2001:db8::99"), 6, 80, redirected, 8080, time.Hour)) // external only
+	s.ct.pending = []ctFilter{{t: ctTarget{addr: queued, proto: 6, port: 1}}}
+	s.undeletedEnds = []ctFilter{{t: ctTarget{addr: kept, proto: 6, port: 1}}}
+	rec.during = func() { s.tab.put(lease("o", late, 17, 53, late, 53, time.Hour)) }
+	s.pruneFlowed([]netip.Addr{held, redirected, queued, kept, free, late})
+	if want := []netip.Addr{free, late}; !slices.Equal(rec.forgot, want) {
+		t.Errorf("forgot %v, want %v (no lease, no filter)", rec.forgot, want)
+	}
+	if want := []netip.Addr{late}; !slices.Equal(rec.back, want) {
+		t.Errorf("added back %v, want %v (a lease made before the delete)", rec.back, want)
+	}
+}
