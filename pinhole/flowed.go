@@ -3,6 +3,7 @@ package pinhole
 import (
 	"errors"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -235,17 +236,19 @@ func (b *Backend) noteUnrecorded() {
 // the kinds CutsFlows names and cutKinds holds (RecordsFlows). Not under
 // b.mu.
 //
-// The counter is read first, then each address asked is looked up in
-// flowed6 alone (the kernel's get of one element, flowedHas), once a
-// call: a flow of a mapping whose filter the caller queued was admitted
-// before the filter was, its add done or counted by then. Before (review
+// The counter is read first, then the addresses asked (a walk's, given
+// up front) are looked up in flowed6, flowedBatch a round trip
+// (flowedLookup: the kernel's get of one element each), and any other
+// the returned func is asked alone (flowedHas), once a call: a flow of
+// a mapping whose filter the caller queued was admitted before the
+// filter was, its add done or counted by then. Before (review
 // h/revflow, BenchmarkFlowedAddrsFull), the whole set was dumped at each
 // walk: the kernel resumes a set's dump by skipping what it sent, so a
 // dump is quadratic in the set's size: 6.5 ms and 5.4 MB at 4 096
 // addresses, 405 ms and 101 MB at 65 536 (the set's size), against the
 // ≈ 9 ms walk it leaves out. An address whose lookup fails is taken as
 // flowed (walked).
-func (b *Backend) FlowedAddrs() (flowed func(netip.Addr) bool, ok bool) {
+func (b *Backend) FlowedAddrs(asked ...netip.Addr) (flowed func(netip.Addr) bool, ok bool) {
 	if !b.flowed.recorded.Load() || !b.cutting.Load() || b.conn.TestDial != nil {
 		return nil, false
 	}
@@ -273,7 +276,8 @@ func (b *Backend) FlowedAddrs() (flowed func(netip.Addr) bool, ok bool) {
 	if !b.flowed.recorded.Load() || !b.cutting.Load() { // damage noted meanwhile
 		return nil, false
 	}
-	seen := map[netip.Addr]bool{}
+	seen := make(map[netip.Addr]bool, len(asked))
+	b.flowedLookup(asked, seen)
 	return func(a netip.Addr) bool {
 		if v, ok := seen[a]; ok {
 			return v
@@ -290,17 +294,81 @@ func (b *Backend) FlowedAddrs() (flowed func(netip.Addr) bool, ok bool) {
 // lookup in the kernel, whatever the set holds): false only when the
 // kernel says it is not there (ENOENT). Caller holds b.flowed.mu.
 func (b *Backend) flowedHas(a netip.Addr) bool {
-	if !a.Is6() || a.Is4In6() || a.Zone() != "" {
-		return true
-	}
+	seen := map[netip.Addr]bool{}
+	b.flowedLookup([]netip.Addr{a}, seen)
+	v, ok := seen[a]
+	return v || !ok
+}
+
+// flowedBatch is how many lookups flowedLookup sends in one sendmsg: their
+// answers (one datagram each, ≈ 1 KB of receive buffer with its
+// overhead) wait in the socket's buffer until read, and must fit.
+const flowedBatch = 64
+
+// flowedLookup looks as up in flowed6 and sets seen[a] for those it got an
+// answer for: true (the element) or false (ENOENT). Each is one
+// NFT_MSG_GETSETELEM of one key, flowedBatch of them sent in one sendmsg
+// and their answers read in order (the kernel handles a datagram's
+// requests one after the other, each answered by one message: the
+// element, or, no ack asked, the error). One round trip a batch instead
+// of one an address (review h/revflow's ≈ 15 µs each; BENCHMARKS.md item
+// 74). An address not IPv6 (or zoned) is taken as flowed. Anything else
+// (a failed send, an answer out of order, another error) closes the
+// socket and leaves the rest unset: the caller takes them as flowed, or
+// asks again. Caller holds b.flowed.mu.
+func (b *Backend) flowedLookup(as []netip.Addr, seen map[netip.Addr]bool) {
 	r := &b.flowed.raw
-	if r.c == nil {
-		c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: b.netns})
-		if err != nil {
-			return true
+	var batch []netip.Addr
+	for len(as) > 0 {
+		batch = batch[:0]
+		for len(as) > 0 && len(batch) < flowedBatch {
+			a := as[0]
+			as = as[1:]
+			if _, ok := seen[a]; ok || slices.Contains(batch, a) {
+				continue
+			}
+			if !a.Is6() || a.Is4In6() || a.Zone() != "" {
+				seen[a] = true
+				continue
+			}
+			batch = append(batch, a)
 		}
-		r.c = c
+		if len(batch) == 0 {
+			continue
+		}
+		if r.c == nil {
+			c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: b.netns})
+			if err != nil {
+				return
+			}
+			r.c = c
+		}
+		msgs := make([]netlink.Message, len(batch))
+		for i, a := range batch {
+			msgs[i] = b.flowedGet(a)
+		}
+		msgs, err := r.c.SendMessages(msgs)
+		if err != nil {
+			r.close()
+			return
+		}
+		for i, a := range batch {
+			got, err := r.c.Receive()
+			switch {
+			case err == nil && len(got) == 1 && got[0].Header.Sequence == msgs[i].Header.Sequence:
+				seen[a] = true
+			case err != nil && errors.Is(err, unix.ENOENT):
+				seen[a] = false
+			default:
+				r.close() // dialled again next time
+				return
+			}
+		}
 	}
+}
+
+// flowedGet is the NFT_MSG_GETSETELEM of a's element in flowed6.
+func (b *Backend) flowedGet(a netip.Addr) netlink.Message {
 	key := a.As16()
 	ae := netlink.NewAttributeEncoder()
 	ae.String(unix.NFTA_SET_ELEM_LIST_TABLE, b.table.Name)
@@ -315,11 +383,8 @@ func (b *Backend) flowedHas(a netip.Addr) bool {
 		})
 		return nil
 	})
-	attrs, err := ae.Encode()
-	if err != nil {
-		return true
-	}
-	_, err = r.c.Execute(netlink.Message{
+	attrs, _ := ae.Encode() // fixed-size attributes: cannot fail
+	return netlink.Message{
 		Header: netlink.Header{
 			// No ack asked: a hit's answer is the element alone (with
 			// an ack too, Execute read one and left the other to the
@@ -328,15 +393,7 @@ func (b *Backend) flowedHas(a netip.Addr) bool {
 			Flags: netlink.Request,
 		},
 		Data: append([]byte{byte(b.table.Family), unix.NFNETLINK_V0, 0, 0}, attrs...),
-	})
-	if err == nil {
-		return true
 	}
-	if !errors.Is(err, unix.ENOENT) {
-		r.close() // dialled again next time
-		return true
-	}
-	return false
 }
 
 // RecordsFlows reports whether p's admitted flows are recorded in

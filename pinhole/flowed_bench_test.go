@@ -67,8 +67,10 @@ func replaceAdmission(b testing.TB, host *netlab.NS) {
 // BenchmarkFlowedAddrsFull (review h/revflow): FlowedAddrs, read at
 // each conntrack walk that may leave filters out (server's
 // skipUnflowed), over flowed6 holding n addresses (its size, 65 536, at
-// the top): the set's dump, the counter's read and the map it builds.
-// ns/op is the flusher's cost per walk before it decides to skip.
+// the top): the counter's read and the lookups of the 16 addresses asked,
+// given up front as skipUnflowed gives them (one round trip since
+// h/flowprune; one each before). ns/op is the flusher's cost per walk
+// before it decides to skip.
 func BenchmarkFlowedAddrsFull(b *testing.B) {
 	for _, n := range []int{0, 4096, 65536} {
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
@@ -89,7 +91,7 @@ func BenchmarkFlowedAddrsFull(b *testing.B) {
 			}
 			b.ReportAllocs()
 			for b.Loop() {
-				flowed, ok := be.FlowedAddrs()
+				flowed, ok := be.FlowedAddrs(asked...)
 				if !ok {
 					b.Fatal("FlowedAddrs untrusted")
 				}
@@ -125,4 +127,46 @@ func fillFlowed(b testing.TB, host *netlab.NS, n int) {
 		b.Fatal(err)
 	}
 	host.MustRun(b, "nft", "-f", f)
+}
+
+// BenchmarkFlowedLookups (h/flowprune): FlowedAddrs and 256 addresses
+// asked (half of them in flowed6, which holds 4 096), looked up alone
+// (each one round trip, as before h/flowprune) or given up front
+// (flowedBatch a round trip). ns/op over 256 is one lookup's cost.
+func BenchmarkFlowedLookups(b *testing.B) {
+	topo, be := guardedTopology(b, pinhole.Config{})
+	fillFlowed(b, topo.Host, 4096)
+	if _, ok := be.FlowedAddrs(); !ok {
+		b.Fatal("FlowedAddrs untrusted")
+	}
+	var asked []netip.Addr
+	for i := range 256 {
+		a := netip.MustParseAddr(fmt.Sprintf("2001:db8:ff00::%x:%x", i>>16, i&0xffff))
+		if i%2 == 1 {
+			a = netip.MustParseAddr(fmt.Sprintf("2001:db8:fe00::%x", i))
+		}
+		asked = append(asked, a)
+	}
+	for _, upFront := range []bool{false, true} {
+		b.Run(map[bool]string{false: "alone", true: "batched"}[upFront], func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				var flowed func(netip.Addr) bool
+				var ok bool
+				if upFront {
+					flowed, ok = be.FlowedAddrs(asked...)
+				} else {
+					flowed, ok = be.FlowedAddrs()
+				}
+				if !ok {
+					b.Fatal("FlowedAddrs untrusted")
+				}
+				for i, a := range asked {
+					if got, want := flowed(a), i%2 == 0; got != want {
+						b.Fatalf("flowed(%v) %v, want %v", a, got, want)
+					}
+				}
+			}
+		})
+	}
 }

@@ -162,7 +162,13 @@ func (s *Server) skipUnflowed(fs []ctFilter) []ctFilter {
 	if !slices.ContainsFunc(fs, func(f ctFilter) bool { return f.flowed }) {
 		return fs
 	}
-	flowed, ok := s.recorder.FlowedAddrs()
+	var asked []netip.Addr // looked up together (a batch a round trip)
+	for i := range fs {
+		if fs[i].flowed {
+			asked = append(asked, fs[i].t.addr)
+		}
+	}
+	flowed, ok := s.recorder.FlowedAddrs(asked...)
 	if !ok {
 		u.mu.Lock()
 		fs = append(fs, u.takeLocked()...) // walked now, with the rest

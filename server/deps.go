@@ -102,14 +102,15 @@ type FlowCutter interface {
 // FlowRecorder is an optional extra of a FlowCutter (*pinhole.Backend
 // has it: pinhole/flowed.go): RecordsFlows says whether the ruleset
 // records the addresses p's admitted flows went to, and FlowedAddrs
-// reads that record (ok false: untrusted, walk everything). The
+// reads that record (ok false: untrusted, walk everything; asked: the
+// addresses to be asked, looked up together). The
 // conntrack flusher leaves out the filters of such mappings whose
 // address no flow went to (skipUnflowed). ForgetFlowed deletes
 // addresses from the record (false: none deleted), Reflowed adds them
 // back (pruneFlowed).
 type FlowRecorder interface {
 	RecordsFlows(p pinhole.Pinhole) bool
-	FlowedAddrs() (flowed func(netip.Addr) bool, ok bool)
+	FlowedAddrs(asked ...netip.Addr) (flowed func(netip.Addr) bool, ok bool)
 	ForgetFlowed(addrs []netip.Addr) bool
 	Reflowed(addrs []netip.Addr)
 }

@@ -18,7 +18,7 @@ type pruneRecorder struct {
 }
 
 func (*pruneRecorder) RecordsFlows(pinhole.Pinhole) bool { return true }
-func (*pruneRecorder) FlowedAddrs() (func(netip.Addr) bool, bool) {
+func (*pruneRecorder) FlowedAddrs(...netip.Addr) (func(netip.Addr) bool, bool) {
 	return func(netip.Addr) bool { return true }, true
 }
 func (r *pruneRecorder) ForgetFlowed(as []netip.Addr) bool {
