@@ -170,3 +170,29 @@ func BenchmarkFlowedLookups(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkForgetFlowed (h/flowprune): what a walk's prune costs the
+// flusher: ForgetFlowed of 16 addresses of flowed6 (one transaction),
+// then Reflowed of them (one more: only when a lease came meanwhile, here
+// to put them back for the next op).
+func BenchmarkForgetFlowed(b *testing.B) {
+	topo, be := guardedTopology(b, pinhole.Config{})
+	fillFlowed(b, topo.Host, 16)
+	if _, ok := be.FlowedAddrs(); !ok {
+		b.Fatal("FlowedAddrs untrusted")
+	}
+	var as []netip.Addr
+	for i := range 16 {
+		as = append(as, netip.MustParseAddr(fmt.Sprintf("2001:db8:ff00::%x:%x", i>>16, i&0xffff)))
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if !be.ForgetFlowed(as) {
+			b.Fatal("ForgetFlowed failed")
+		}
+		be.Reflowed(as)
+	}
+	if flowed, ok := be.FlowedAddrs(as...); !ok || !flowed(as[0]) {
+		b.Fatal("not added back")
+	}
+}

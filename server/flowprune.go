@@ -82,8 +82,8 @@ func flowedOf(fs []ctFilter) []netip.Addr {
 //     admitted after its dump: admitted through some pinhole of a; its
 //     lease is in the table now (held: kept) or ended since, its filter
 //     queued (or kept back) under the same hold of s.mu that took it out
-//     of the table (tx, flushConntrack): kept. Asked under s.mu then the
-//     flusher's lock, the order flushConntrack takes them.
+//     of the table (tx, flushConntrack): kept. The table is asked
+//     first, under s.mu, then the queue (unheldFlowed).
 //   - A lease at a made after that decision, before the delete: a flow
 //     admitted through it finds a in the set (its add a no-op), and the
 //     delete would leave it unrecorded. After the delete the same
@@ -113,13 +113,16 @@ func (s *Server) pruneFlowed(as []netip.Addr) {
 	}
 }
 
-// unheldFlowed returns, under s.mu and the flusher's lock, the addresses
-// of as no lease in the table holds and no filter queued or kept back
-// names; with held, the others.
+// unheldFlowed returns the addresses of as no lease in the table holds
+// and no filter kept back (undeletedEnds, under s.mu) or queued (under
+// the flusher's lock, after: a lease that leaves the table once s.mu is
+// let go has its filter queued by then) names; with held, the others.
+// Past maxPruneScan queued filters, all are taken as named (no prune
+// this walk: the scan holds the lock every ended mapping's queueing
+// takes, under s.mu).
 func (s *Server) unheldFlowed(as []netip.Addr, held bool) []netip.Addr {
 	named := make(map[netip.Addr]bool, len(as))
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	for _, a := range as {
 		named[a] = s.tab.held6(a)
 	}
@@ -128,13 +131,22 @@ func (s *Server) unheldFlowed(as []netip.Addr, held bool) []netip.Addr {
 			named[s.undeletedEnds[i].t.addr] = true
 		}
 	}
+	s.mu.Unlock()
 	c := &s.ct
 	c.mu.Lock()
+	all := len(c.pending) > maxPruneScan
 	for i := range c.pending {
+		if all {
+			break
+		}
 		if _, ok := named[c.pending[i].t.addr]; ok {
 			named[c.pending[i].t.addr] = true
 		}
 	}
 	c.mu.Unlock()
-	return slices.DeleteFunc(slices.Clone(as), func(a netip.Addr) bool { return named[a] != held })
+	return slices.DeleteFunc(slices.Clone(as), func(a netip.Addr) bool { return (named[a] || all) != held })
 }
+
+// maxPruneScan bounds the queued filters unheldFlowed looks through
+// (≈ 20 ns each: ≤ 0.4 ms).
+const maxPruneScan = 1 << 14

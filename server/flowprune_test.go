@@ -52,3 +52,15 @@ func TestPruneFlowedKeepsHeldAndNamed(t *testing.T) {
 		t.Errorf("added back %v, want %v (a lease made before the delete)", rec.back, want)
 	}
 }
+
+// TestPruneFlowedQueueTooLong: past maxPruneScan queued filters nothing
+// is pruned (the queue is not looked through under the flusher's lock).
+func TestPruneFlowedQueueTooLong(t *testing.T) {
+	rec := &pruneRecorder{}
+	s := &Server{tab: newTable(), recorder: rec}
+	s.ct.pending = make([]ctFilter, maxPruneScan+1)
+	s.pruneFlowed([]netip.Addr{netip.MustParseAddr("2001:db8::5")})
+	if len(rec.forgot) != 0 {
+		t.Errorf("forgot %v with %d filters queued, want none", rec.forgot, len(s.ct.pending))
+	}
+}
