@@ -42,7 +42,7 @@ func TestAuditCutsBackLongerTimeouts(t *testing.T) {
 	}
 }
 
-// BenchmarkCutBack (h/auditrem, BENCHMARKS.md item 73): what the
+// BenchmarkCutBack (h/auditrem, BENCHMARKS.md item 72): what the
 // cut-back's check adds to the audit's hold of s.mu, at 200 000 intact
 // IPv6 elements (auditMaxLeases: the most the dumping audit sees), none
 // cut back: a comparison per element, the map look-up being the orphan
