@@ -42,19 +42,9 @@ func TestDeleteCatchAll(t *testing.T) {
 		{"napt4", " : 10.100.0.2 . 80", pinhole.Pinhole{Protocol: 6, InternalAddr: c4, InternalPort: 80, ExternalAddr: pub, ExternalPort: 8080}},
 		{"napt4_filter", " : 10.100.0.2 . 80", pinhole.Pinhole{Protocol: 6, InternalAddr: c4, InternalPort: 80, ExternalAddr: pub, ExternalPort: 8080, RemotePrefix: from4}},
 	}
-	for _, mode := range []struct {
-		name, table, prefix string
-		cfg                 pinhole.Config
-	}{
-		{"standalone", "pcpd", "", pinhole.Config{Routes: noRoutes{}}},
-		{"attached", "filter", "pcpd_", pinhole.Config{Routes: noRoutes{}, Table: "filter", Attached: true, Chain: "pcpd"}},
-	} {
+	for _, mode := range bothModes {
 		t.Run(mode.name, func(t *testing.T) {
-			ns := netlab.NewNS(t, "catchall")
-			if mode.cfg.Attached {
-				loadNft(t, ns, adminRuleset)
-			}
-			b := newBackend(t, ns, mode.cfg)
+			ns, b := backendIn(t, "catchall", mode)
 			var live []pinhole.Pinhole
 			for _, k := range kinds {
 				p, err := k.live.Canonical()

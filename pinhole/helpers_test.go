@@ -442,3 +442,27 @@ func tamperedThenRepaired(t *testing.T, b *pinhole.Backend, what string, list fu
 		}
 	}
 }
+
+// layoutMode is a layout a test runs a Backend in: standalone, or
+// attached to an admin's table (whose prefix its objects then carry).
+type layoutMode struct {
+	name, table, prefix string
+	cfg                 pinhole.Config
+}
+
+// bothModes are the standalone and attached layouts.
+var bothModes = []layoutMode{
+	{"standalone", "pcpd", "", pinhole.Config{Routes: noRoutes{}}},
+	{"attached", "filter", "pcpd_", pinhole.Config{Routes: noRoutes{}, Table: "filter", Attached: true, Chain: "pcpd"}},
+}
+
+// backendIn makes a namespace and a Backend in it laid out as mode (the
+// admin's ruleset loaded first when attached).
+func backendIn(t *testing.T, name string, mode layoutMode) (*netlab.NS, *pinhole.Backend) {
+	t.Helper()
+	ns := netlab.NewNS(t, name)
+	if mode.cfg.Attached {
+		loadNft(t, ns, adminRuleset)
+	}
+	return ns, newBackend(t, ns, mode.cfg)
+}

@@ -3,9 +3,6 @@ package pinhole_test
 import (
 	"regexp"
 	"testing"
-
-	"github.com/pcpd/pcpd/internal/netlab"
-	"github.com/pcpd/pcpd/pinhole"
 )
 
 // TestLeaseSetGC (h/burst49k, issue 8, BENCHMARKS.md item 70): after
@@ -20,19 +17,9 @@ import (
 func TestLeaseSetGC(t *testing.T) {
 	sets := []string{"pin6", "pin6_proto", "pin6_addr", "pin6_filter", "pin6_addr_filter"}
 	maps := []string{"redir6", "redir6_filter", "napt4", "napt4_filter", "snat4", "snat4_filter"}
-	for _, mode := range []struct {
-		name, table, prefix string
-		cfg                 pinhole.Config
-	}{
-		{"standalone", "pcpd", "", pinhole.Config{Routes: noRoutes{}}},
-		{"attached", "filter", "pcpd_", pinhole.Config{Routes: noRoutes{}, Table: "filter", Attached: true, Chain: "pcpd"}},
-	} {
+	for _, mode := range bothModes {
 		t.Run(mode.name, func(t *testing.T) {
-			ns := netlab.NewNS(t, "setgc")
-			if mode.cfg.Attached {
-				loadNft(t, ns, adminRuleset)
-			}
-			b := newBackend(t, ns, mode.cfg)
+			ns, b := backendIn(t, "setgc", mode)
 			check := func(when string) {
 				t.Helper()
 				for _, name := range sets {

@@ -24,23 +24,17 @@ type liveSNAT struct {
 	key, data string
 }
 
-// oddSNAT is the setup of TestE2EUndoesOddSNAT and
-// TestE2EAuditUndoesOddSNAT (h/oddsnat): three live IPv4 MAPs of c4
-// (3000 and 9090 unfiltered, 1500 from the internet's /24), then, by
-// hand, SNAT elements pcpd never writes beside their companions: a
-// snat4_filter port range over 1500's (c4:1000-2000 from everywhere ->
-// pub:29999), a catch-all in snat4 and in snat4_filter, and, in one
-// transaction, 3000's companion replaced by one to 0.0.0.0:0. Each sends
-// new outbound flows of c4 from where it says, for ever. It returns the
-// live mappings and the elements added (set: nft's syntax).
-func oddSNAT(t *testing.T, l *lab) (lives []liveSNAT, forged [][2]string) {
-	c4, pub, inet4 := l.topo.ClientV4, l.topo.HostPublicV4, l.topo.InternetV4
-	wide := netip.PrefixFrom(inet4, 24).Masked()
-	for i, r := range []*pcp.Request{
-		mapReq(c4, pcp.ProtoTCP, 3000, 23000, time.Hour, 1),
-		mapReq(c4, pcp.ProtoTCP, 9090, 29090, time.Hour, 2),
-		mapFiltered(c4, 1500, 21500, wide, 3),
-	} {
+// wideOf is the internet's /24, the remote prefix of the filtered MAPs
+// of these tests.
+func wideOf(l *lab) netip.Prefix { return netip.PrefixFrom(l.topo.InternetV4, 24).Masked() }
+
+// liveSNATs asks for the IPv4 MAPs reqs (of the lab's client c4; a
+// filtered one from wideOf) and returns them as the kernel should hold
+// them: the mapping and its SNAT companion's set, key and data.
+func liveSNATs(t *testing.T, l *lab, reqs []*pcp.Request) (lives []liveSNAT) {
+	t.Helper()
+	c4, pub, wide := l.topo.ClientV4, l.topo.HostPublicV4, wideOf(l)
+	for i, r := range reqs {
 		resp := l.pcp(r)
 		if resp.Result != pcp.Success {
 			t.Fatalf("MAP %d: %+v", i, resp)
@@ -55,6 +49,25 @@ func oddSNAT(t *testing.T, l *lab) (lives []liveSNAT, forged [][2]string) {
 		ls.data = fmt.Sprintf(": %s . %d", pub, p.ExternalPort)
 		lives = append(lives, ls)
 	}
+	return lives
+}
+
+// oddSNAT is the setup of TestE2EUndoesOddSNAT and
+// TestE2EAuditUndoesOddSNAT (h/oddsnat): three live IPv4 MAPs of c4
+// (3000 and 9090 unfiltered, 1500 from the internet's /24), then, by
+// hand, SNAT elements pcpd never writes beside their companions: a
+// snat4_filter port range over 1500's (c4:1000-2000 from everywhere ->
+// pub:29999), a catch-all in snat4 and in snat4_filter, and, in one
+// transaction, 3000's companion replaced by one to 0.0.0.0:0. Each sends
+// new outbound flows of c4 from where it says, for ever. It returns the
+// live mappings and the elements added (set: nft's syntax).
+func oddSNAT(t *testing.T, l *lab) (lives []liveSNAT, forged [][2]string) {
+	c4, pub := l.topo.ClientV4, l.topo.HostPublicV4
+	lives = liveSNATs(t, l, []*pcp.Request{
+		mapReq(c4, pcp.ProtoTCP, 3000, 23000, time.Hour, 1),
+		mapReq(c4, pcp.ProtoTCP, 9090, 29090, time.Hour, 2),
+		mapFiltered(c4, 1500, 21500, wideOf(l), 3),
+	})
 	forged = [][2]string{
 		{"snat4_filter", fmt.Sprintf("%s . tcp . 1000-2000 . 0.0.0.0/0 . 0-65535 : %s . 29999", c4, pub)},
 		{"snat4", fmt.Sprintf("* : %s . 29998", pub)},

@@ -3,7 +3,6 @@ package server
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"testing"
 	"time"
 
@@ -19,26 +18,11 @@ import (
 // replaced by a port range over it. It returns the live mappings and
 // the element added.
 func deletedCompanions(t *testing.T, l *lab) (lives []liveSNAT, forged [][2]string) {
-	c4, pub, inet4 := l.topo.ClientV4, l.topo.HostPublicV4, l.topo.InternetV4
-	wide := netip.PrefixFrom(inet4, 24).Masked()
-	for i, r := range []*pcp.Request{
+	c4, pub, wide := l.topo.ClientV4, l.topo.HostPublicV4, wideOf(l)
+	lives = liveSNATs(t, l, []*pcp.Request{
 		mapReq(c4, pcp.ProtoTCP, 9090, 29090, time.Hour, 1),
 		mapFiltered(c4, 1500, 21500, wide, 2),
-	} {
-		resp := l.pcp(r)
-		if resp.Result != pcp.Success {
-			t.Fatalf("MAP %d: %+v", i, resp)
-		}
-		p := pinhole.Pinhole{Protocol: 6, InternalAddr: c4, InternalPort: r.Map.InternalPort,
-			ExternalAddr: pub, ExternalPort: resp.Map.ExternalPort}
-		ls := liveSNAT{p: p, set: "snat4", key: fmt.Sprintf("%s . tcp . %d ", c4, p.InternalPort)}
-		if len(r.Options.Filters) > 0 {
-			p.RemotePrefix = wide
-			ls.p, ls.set, ls.key = p, "snat4_filter", fmt.Sprintf("%s . tcp . %d . %s . 0-65535 ", c4, p.InternalPort, wide)
-		}
-		ls.data = fmt.Sprintf(": %s . %d", pub, p.ExternalPort)
-		lives = append(lives, ls)
-	}
+	})
 	forged = [][2]string{{"snat4_filter", fmt.Sprintf("%s . tcp . 1000-2000 . 0.0.0.0/0 . 0-65535 : %s . 29999", c4, pub)}}
 	script := fmt.Sprintf("delete element inet pcpd snat4 { %s . tcp . 9090 }\n", c4) +
 		fmt.Sprintf("delete element inet pcpd snat4_filter { %s . tcp . 1500 . %s . 0-65535 }\n", c4, wide) +
