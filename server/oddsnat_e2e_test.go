@@ -226,12 +226,7 @@ func TestE2EWatchRetriesCatchAllUndo(t *testing.T) {
 func TestE2EAuditUndoesSNATWithoutMapping(t *testing.T) {
 	l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
 	c4, pub := l.topo.ClientV4, l.topo.HostPublicV4
-	resp := l.pcp(mapReq(c4, pcp.ProtoTCP, 9090, 29090, time.Hour, 1))
-	if resp.Result != pcp.Success {
-		t.Fatalf("MAP: %+v", resp)
-	}
-	live := liveSNAT{p: pinhole.Pinhole{Protocol: 6, InternalAddr: c4, InternalPort: 9090, ExternalAddr: pub, ExternalPort: resp.Map.ExternalPort},
-		set: "snat4", key: fmt.Sprintf("%s . tcp . 9090 ", c4), data: fmt.Sprintf(": %s . %d", pub, resp.Map.ExternalPort)}
+	live := liveSNATs(t, l, []*pcp.Request{mapReq(c4, pcp.ProtoTCP, 9090, 29090, time.Hour, 1)})[0]
 	forged := [][2]string{{"snat4", fmt.Sprintf("%s . tcp . 9191 : %s . 29175", c4, pub)}}
 	l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf("nft -f - <<'EOF'\ndelete element inet pcpd napt4 { %s . tcp . %d }\nadd element inet pcpd snat4 { %s }\nEOF\n",
 		pub, live.p.ExternalPort, forged[0][1]))

@@ -8,7 +8,6 @@ import (
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 )
 
@@ -84,12 +83,7 @@ func TestE2EWatchPutsBackDeletedCompanion(t *testing.T) {
 func TestE2EAuditOddSNATShapes(t *testing.T) {
 	l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
 	c4, pub := l.topo.ClientV4, l.topo.HostPublicV4
-	resp := l.pcp(mapReq(c4, pcp.ProtoTCP, 9090, 29090, time.Hour, 1))
-	if resp.Result != pcp.Success {
-		t.Fatalf("MAP: %+v", resp)
-	}
-	live := liveSNAT{p: pinhole.Pinhole{Protocol: 6, InternalAddr: c4, InternalPort: 9090, ExternalAddr: pub, ExternalPort: resp.Map.ExternalPort},
-		set: "snat4", key: fmt.Sprintf("%s . tcp . 9090 ", c4), data: fmt.Sprintf(": %s . %d", pub, resp.Map.ExternalPort)}
+	live := liveSNATs(t, l, []*pcp.Request{mapReq(c4, pcp.ProtoTCP, 9090, 29090, time.Hour, 1)})[0]
 	forged := [][2]string{
 		{"snat4", fmt.Sprintf("%s . tcp . 7002 timeout 1h expires 10m comment \"x\" : %s . 7002", c4, pub)},
 		{"snat4_filter", fmt.Sprintf("%s . tcp . 7010 . 0.0.0.0/0 . 0-65535 : %s . 7010", c4, pub)},
