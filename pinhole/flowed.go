@@ -1,6 +1,7 @@
 package pinhole
 
 import (
+	"cmp"
 	"errors"
 	"net/netip"
 	"slices"
@@ -426,11 +427,14 @@ func (b *Backend) RecordsFlows(p Pinhole) bool {
 // again for the table's life (review h/revflow, finding 4;
 // TestE2EFlowedPrunedAfterWalk). It deletes nothing while the record is
 // not trusted (untrusted, owed its conntrack read, not cutting, a fake
-// connection): then FlowedAddrs says nothing anyway. False: nothing
-// deleted (a failure; the transaction is all or none): the set keeps
-// them, the safe side.
+// connection): then FlowedAddrs says nothing anyway. Deleted in
+// transactions of at most flowedTxn addresses, each all or none: false
+// when none went through (the set keeps them, the safe side); true when
+// some did, the others kept (the caller adds back what a lease or filter
+// holds meanwhile whether or not it was deleted: Reflowed is idempotent).
 func (b *Backend) ForgetFlowed(addrs []netip.Addr) bool {
-	return b.flowedElems(addrs, false) == nil
+	n, err := b.flowedElems(addrs, false)
+	return err == nil || n > 0
 }
 
 // Reflowed adds addrs back to flowed6 (a lease, or a filter, at them came
@@ -439,7 +443,7 @@ func (b *Backend) ForgetFlowed(addrs []netip.Addr) bool {
 // the safe side). A failure makes the record untrusted (noteUnrecorded,
 // the counter written at 1), as a failed add in the ruleset does.
 func (b *Backend) Reflowed(addrs []netip.Addr) {
-	if err := b.flowedElems(addrs, true); err != nil && !errors.Is(err, errNotTrusted) {
+	if _, err := b.flowedElems(addrs, true); err != nil && !errors.Is(err, errNotTrusted) {
 		b.mu.Lock()
 		b.noteUnrecorded()
 		if b.recordsFlows() {
@@ -451,17 +455,27 @@ func (b *Backend) Reflowed(addrs []netip.Addr) {
 
 var errNotTrusted = errors.New("pinhole: flowed6 not trusted")
 
-// flowedElems adds (add) or deletes addrs in flowed6 in one transaction
-// on FlowedAddrs' kept connection; errNotTrusted when there is no
+// flowedElems adds (add) or deletes addrs in flowed6 on FlowedAddrs'
+// kept connection, in transactions of at most flowedTxn addresses
+// (messages of at most elemChunk), and returns how many addresses the
+// transactions that went through held; errNotTrusted when there is no
 // record (attached, no labels, a fake connection) or, for a delete, it
-// is not trusted now (nothing sent).
-func (b *Backend) flowedElems(addrs []netip.Addr, add bool) error {
+// is not trusted now (nothing sent). An add stops at its first failure,
+// a delete goes on past one (what it deletes is the safe side kept).
+// Before (review h/revrem, TestForgetFlowedMany), one message: past
+// ≈ 2 340 addresses its element list's 16-bit length wrapped and the
+// kernel took only the start (ForgetFlowed of 3 000 deleted 659 and
+// reported success; Reflowed left addresses of leases out of the
+// record), past ≈ 7 400 the transaction outgrew the socket's send buffer
+// (ForgetFlowed of 10 000 failed whole, Reflowed's failure untrusted the
+// record for good).
+func (b *Backend) flowedElems(addrs []netip.Addr, add bool) (int, error) {
 	f := &b.flowed
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if b.flowed6 == nil || b.cfg.Attached || b.conn.TestDial != nil ||
 		!add && (!f.recorded.Load() || f.verify.Load() || !b.cutting.Load()) {
-		return errNotTrusted
+		return 0, errNotTrusted
 	}
 	es := make([]nftables.SetElement, 0, len(addrs))
 	for _, a := range addrs {
@@ -470,23 +484,38 @@ func (b *Backend) flowedElems(addrs []netip.Addr, add bool) error {
 			es = append(es, nftables.SetElement{Key: k[:]})
 		}
 	}
-	if len(es) == 0 {
-		return nil
-	}
-	c, err := f.conn.get(b.netns)
-	if err != nil {
-		return err
-	}
+	op := (*nftables.Conn).SetDeleteElements
 	if add {
-		err = c.SetAddElements(b.flowed6, es)
-	} else {
-		err = c.SetDeleteElements(b.flowed6, es)
+		op = (*nftables.Conn).SetAddElements
 	}
-	if err == nil {
-		err = c.Flush()
-	}
-	if err != nil {
+	done := 0
+	var first error
+	for len(es) > 0 {
+		txn := es[:min(len(es), flowedTxn)]
+		es = es[len(txn):]
+		c, err := f.conn.get(b.netns)
+		if err == nil {
+			for m := txn; len(m) > 0 && err == nil; m = m[min(len(m), elemChunk):] {
+				err = op(c, b.flowed6, m[:min(len(m), elemChunk)])
+			}
+		}
+		if err == nil {
+			err = c.Flush()
+		}
+		if err == nil {
+			done += len(txn)
+			continue
+		}
 		f.conn.close()
+		first = cmp.Or(first, err)
+		if add {
+			break
+		}
 	}
-	return err
+	return done, first
 }
+
+// flowedTxn bounds the addresses of one transaction of flowedElems:
+// 16 messages of elemChunk (≈ 115 KiB) fit the netlink socket's default
+// send buffer (208 KiB; the whole transaction is one sendmsg).
+const flowedTxn = 16 * elemChunk

@@ -70,8 +70,8 @@ func flowedOf(fs []ctFilter) []netip.Addr {
 	return as
 }
 
-// pruneFlowed deletes from the record (FlowRecorder.ForgetFlowed, one
-// transaction) the addresses as, which a walk that succeeded covered
+// pruneFlowed deletes from the record (FlowRecorder.ForgetFlowed, in
+// transactions of up to 4 096) the addresses as, which a walk that succeeded covered
 // (their filters walked: every flow to them no lease admitted as the walk
 // decided has ended), but for those a lease in the table holds (table.on6)
 // and those a filter queued since (or kept back, undeletedEnds) names.
@@ -97,7 +97,8 @@ func flowedOf(fs []ctFilter) []netip.Addr {
 //     they go to admit6 (pinhole/rules.go): recheck6 cuts it at its next
 //     packet once its element is gone; only its entry waits for its
 //     timeout (as a flow recorded but admitted after its walk's dump).
-//   - A delete that fails: the set keeps a (the safe side). Nothing is
+//   - A delete that fails: the set keeps a (the safe side); one that
+//     went through in part is added back as a whole one is. Nothing is
 //     deleted while the record is untrusted or owes its conntrack read
 //     (ForgetFlowed).
 func (s *Server) pruneFlowed(as []netip.Addr) {
