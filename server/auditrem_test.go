@@ -6,7 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/server/servertest"
 )
 
 // TestAuditCutsBackLongerTimeouts (h/auditrem): with the watch off, live
@@ -69,5 +71,65 @@ func BenchmarkCutBack(b *testing.B) {
 		if len(ops) != 0 {
 			b.Fatalf("%d cut back, want 0", len(ops))
 		}
+	}
+}
+
+// steppingList is the fake firewall whose List first runs during (the
+// dump runs without s.mu: a sweep tick's rebase may come meanwhile).
+type steppingList struct {
+	*servertest.Firewall
+	during func()
+}
+
+func (f *steppingList) List() ([]pinhole.Entry, error) {
+	f.during()
+	return f.Firewall.List()
+}
+
+// TestAuditCutBackAcrossWallStep (review h/revrem): a wall-clock step
+// rebased while the audit dumps neither makes it cut back intact
+// elements nor hides one held longer than its lease. The audit read the
+// running clock before the dump (listed) and compared listed plus each
+// element's remaining time with the lease expiries under s.mu, which a
+// rebase had shifted by the step meanwhile: before, an hour's step back
+// made every intact element look an hour longer than its lease, each
+// re-installed under s.mu ('an audit with a step back during its dump
+// applied 1 transactions, want 0': two elements, 200 000 at the dump's bound, and a
+// false "re-added by hand" warning), and an hour forward hid an element
+// re-added with 30 minutes more ('... not cut back: 1h30m0s left').
+func TestAuditCutBackAcrossWallStep(t *testing.T) {
+	c := &stepClocks{}
+	c.wall.Store(time.Date(2026, 12, 7, 1, 0, 0, 0, time.UTC).UnixNano())
+	h := runClockHarness(t, c)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 1)), pcp.Success)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 81, 81, time.Hour, 2)), pcp.Success)
+	p80, p81 := hole(6, addrA, 80, addrA, 80), hole(6, addrA, 81, addrA, 81)
+	var step time.Duration
+	fw := &steppingList{Firewall: h.fw, during: func() {
+		c.step(step)
+		h.s.checkClock() // a sweep tick's rebase
+	}}
+	h.s.mu.Lock()
+	h.s.fw = fw
+	h.s.mu.Unlock()
+
+	step = -time.Hour
+	applies := h.fw.Applies
+	h.s.auditFirewall(context.Background())
+	if n := h.fw.Applies - applies; n != 0 {
+		t.Errorf("an audit with a step back during its dump applied %d transactions, want 0", n)
+	}
+
+	if err := h.fw.Apply([]pinhole.Op{{Kind: pinhole.Install, Pinhole: p81, Timeout: 90 * time.Minute}}); err != nil {
+		t.Fatal(err)
+	}
+	step = time.Hour
+	h.s.auditFirewall(context.Background())
+	holes := h.fw.Holes()
+	if d := holes[p81]; d != time.Hour {
+		t.Errorf("%v, re-added by hand 30 min past its lease, not cut back across a step forward: %v left, want 1h0m0s", p81, d)
+	}
+	if d := holes[p80]; d != time.Hour {
+		t.Errorf("%v: %v left, want 1h0m0s", p80, d)
 	}
 }

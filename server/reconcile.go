@@ -1156,7 +1156,10 @@ func (s *Server) auditFirewall(ctx context.Context) {
 		return
 	}
 	start := time.Now()
-	listed := s.now() // each element's Remaining is from a read after it
+	// Each element's Remaining is from a read after this one: on the
+	// steady clock, which no rebase moves, and put in the running
+	// clock's frame under s.mu (below).
+	listed := s.steady()
 	have, err := s.fw.List()
 	if errors.Is(err, pinhole.ErrMissing) {
 		// A pinhole set gone (deleted by hand after the rules that use
@@ -1190,6 +1193,14 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now()
+	// listed in the frame of now and the lease expiries: a rebase while
+	// the dump ran (a wall-clock step, clock.go) shifted them, not the
+	// kernel's timeouts. Before (review h/revrem,
+	// TestAuditCutBackAcrossWallStep), listed was the running clock's
+	// reading before the dump: after a step back every intact element
+	// looked longer than its lease by the step and was re-installed under
+	// s.mu, and a step forward hid those held longer by less than it.
+	listed = listed.Add(s.shifted())
 	// wanted: the live leases' pinholes, each with the latest expiry the
 	// kernel should hold for it (as missingUntil).
 	wanted := make(map[pinhole.Pinhole]time.Time, len(present))
