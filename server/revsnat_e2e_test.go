@@ -15,8 +15,11 @@ import (
 // and TestE2EWatchPutsBackDeletedCompanion: two live mappings of c4 and,
 // in one transaction by hand, 9090's companion deleted and 1500's
 // replaced by a port range over it. It returns the live mappings and
-// the element added.
-func deletedCompanions(t *testing.T, l *lab) (lives []liveSNAT, forged [][2]string) {
+// the element added. With watched (the watch on), the companions are not
+// checked deleted: the watch may have put them back by then (review
+// h/revrem: 'companion not deleted: the test proves nothing', once in
+// three runs of TestE2EWatchPutsBackDeletedCompanion).
+func deletedCompanions(t *testing.T, l *lab, watched bool) (lives []liveSNAT, forged [][2]string) {
 	c4, pub, wide := l.topo.ClientV4, l.topo.HostPublicV4, wideOf(l)
 	lives = liveSNATs(t, l, []*pcp.Request{
 		mapReq(c4, pcp.ProtoTCP, 9090, 29090, time.Hour, 1),
@@ -28,7 +31,7 @@ func deletedCompanions(t *testing.T, l *lab) (lives []liveSNAT, forged [][2]stri
 		fmt.Sprintf("add element inet pcpd %s { %s }\n", forged[0][0], forged[0][1])
 	l.topo.Host.MustRun(t, "sh", "-c", "nft -f - <<'EOF'\n"+script+"EOF\n")
 	for _, ls := range lives {
-		if companionHeld(t, l, ls) {
+		if !watched && companionHeld(t, l, ls) {
 			t.Fatalf("%s: companion not deleted: the test proves nothing", ls.p)
 		}
 	}
@@ -48,7 +51,7 @@ func deletedCompanions(t *testing.T, l *lab) (lives []liveSNAT, forged [][2]stri
 // held' after the audit).
 func TestE2EAuditPutsBackDeletedCompanion(t *testing.T) {
 	l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
-	lives, forged := deletedCompanions(t, l)
+	lives, forged := deletedCompanions(t, l, false)
 	l.srv.auditFirewall(context.Background())
 	if err := oddSNATLeft(t, l, lives, forged); err != nil {
 		t.Errorf("audit: %v", err)
@@ -65,7 +68,7 @@ func TestE2EAuditPutsBackDeletedCompanion(t *testing.T) {
 // range gone. Passes on h/oddsnat (checked, no fix).
 func TestE2EWatchPutsBackDeletedCompanion(t *testing.T) {
 	l := watchLab(t)
-	lives, forged := deletedCompanions(t, l)
+	lives, forged := deletedCompanions(t, l, true)
 	if err := netlab.Eventually(watchBound, func() error { return oddSNATLeft(t, l, lives, forged) }); err != nil {
 		t.Errorf("watch: %v after %v", err, watchBound)
 	}
