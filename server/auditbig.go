@@ -246,9 +246,11 @@ func (s *Server) applyAuditStep(ops []pinhole.Op, refs []uint32, timed time.Time
 
 // auditLarge is the audit above auditMaxLeases (see above): every live
 // lease's pinholes installed again, a step at a time, on the caller's
-// goroutine (watchFirewall's). It ends early when ctx does, or when a set
-// is missing (the firewall check, run then, repairs and re-installs).
-func (s *Server) auditLarge(ctx context.Context, leases int) {
+// goroutine (the audit's own: watchFirewall's auditRun). It ends early
+// when ctx does, or when a set is missing: it then reports that a
+// firewall check is owed (its repair re-installs every lease), which the
+// caller runs.
+func (s *Server) auditLarge(ctx context.Context, leases int) (checkOwed bool) {
 	start := time.Now()
 	sc := auditScratch{refused: make(map[pinhole.Pinhole]struct{})}
 	var at uint32
@@ -258,7 +260,7 @@ func (s *Server) auditLarge(ctx context.Context, leases int) {
 	for {
 		if ctx.Err() != nil {
 			s.log.Info("firewall audit above the dump limit stopped", zap.Int("pinholes_installed", installed), zap.Duration("took", time.Since(start)))
-			return
+			return false
 		}
 		s.mu.Lock()
 		held := time.Now()
@@ -291,8 +293,7 @@ func (s *Server) auditLarge(ctx context.Context, leases int) {
 		steps++
 		if errors.Is(err, pinhole.ErrMissing) {
 			s.log.Warn("firewall audit: a pinhole set is missing; checking the firewall now", zap.Error(err))
-			s.checkFirewall()
-			return
+			return true
 		}
 		if err != nil {
 			s.m.kernelErrors.Inc()
@@ -315,4 +316,5 @@ func (s *Server) auditLarge(ctx context.Context, leases int) {
 	if auditLargeHook != nil {
 		auditLargeHook(installed)
 	}
+	return false
 }

@@ -57,9 +57,12 @@ import (
 //     kernel refuses a concatenated-range element starting inside
 //     another);
 //   - after lost notifications (ENOBUFS, a failed socket: the watcher
-//     reopens it) runs the check and the audit (auditFirewall), at most
-//     once per lostAuditGap (one owed sooner deferred to the gap's end):
-//     a lost element's deletion shows only in a dump.
+//     reopens it) runs the check and asks for the audit (auditFirewall,
+//     on a goroutine of its own: auditRun), at most once per
+//     lostAuditGap (one owed sooner deferred to the gap's end): a lost
+//     element's deletion shows only in a dump. One asked for while an
+//     audit runs runs again after it: that one's dump may have read the
+//     kernel before the loss.
 // The periodic check and the hourly audit stay as the backstop.
 
 // maxWatchPending bounds the deleted pinholes gathered for one pass
@@ -85,7 +88,15 @@ type fwWatch struct {
 	// succeeded (repairLocked, rearmOwed): a pass whose check made one
 	// has nothing left to put back.
 	reinstalls atomic.Uint64
-	lastAudit  time.Time // the last audit for lost notifications (watchFirewall's goroutine)
+	// relaid counts the repairs that laid pcpd's objects out again or
+	// installed every lease again (repairLocked, rearmOwed), bumped at
+	// the end of their hold of s.mu: an audit whose dump one overlapped
+	// dumps again (auditStale).
+	relaid atomic.Uint64
+	// audits are the firewall audits watchFirewall runs off its own
+	// goroutine (auditRun; that goroutine's).
+	audits    auditRun
+	lastAudit time.Time // the last audit for lost notifications (watchFirewall's goroutine)
 	// auditOwed: notifications were lost within lostAuditGap of the last
 	// audit; a kick comes when the gap is up (watchFirewall's goroutine).
 	auditOwed bool
@@ -326,7 +337,7 @@ func (s *Server) watched(ctx context.Context) {
 		if wait := lostAuditGap - time.Since(w.lastAudit); w.lastAudit.IsZero() || wait <= 0 {
 			w.lastAudit = time.Now()
 			w.auditOwed = false
-			s.auditFirewall(ctx)
+			s.startAudit(ctx, true)
 		} else if !w.auditOwed {
 			w.auditOwed = true
 			s.log.Warn("firewall watch: audit for lost notifications deferred, one ran within the gap; it runs when the gap is up",

@@ -968,6 +968,7 @@ func (s *Server) verifySetup() {
 func (s *Server) repairLocked(herr error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	defer s.watch.relaid.Add(1) // at the end of the hold (auditStale)
 	now := s.now()
 	s.expireLocked(now)
 	s.log.Warn("firewall objects damaged or missing; restoring", zap.Error(herr))
@@ -1097,6 +1098,7 @@ func (s *Server) rearmOwed() {
 			return
 		}
 		n, err := s.reinstallLocked(now)
+		defer s.watch.relaid.Add(1) // at the end of the hold (auditStale)
 		s.armAfter(err == nil)
 		if err == nil {
 			s.watch.reinstalls.Add(1)
@@ -1141,42 +1143,80 @@ var auditMaxLeases = 200_000
 // re-installs pinholes no dump showed and removes pinholes of ours that no
 // lease explains (orphans: leases lost with the store, or ended while pcpd
 // was down, or elements someone deleted by hand). It runs rarely
-// (AuditInterval, and once after start), in the background: the dump goes
-// on its own socket without s.mu (the backend lets Apply go on meanwhile),
-// and only the comparison and the fix take the lock. A pinhole changed
-// while the dump ran may be seen as missing; re-installing it is harmless.
-// Above auditMaxLeases there is no dump: auditLarge.
+// (AuditInterval, once after start, after lost watch notifications), in
+// the background, on a goroutine of its own (watchFirewall's auditRun:
+// the watch's passes, the tamper check and the route follow go on
+// meanwhile): the dump goes on its own socket without s.mu (the backend
+// lets Apply go on meanwhile), and only the comparison and the fix take
+// the lock. A pinhole changed while the dump ran may be seen as missing;
+// re-installing it is harmless. Above auditMaxLeases there is no dump:
+// auditLarge. A pinhole set found missing is repaired by a firewall check
+// at once (audit reports it; watchFirewall runs the check on its own
+// goroutine).
 func (s *Server) auditFirewall(ctx context.Context) {
+	if s.audit(ctx) {
+		s.checkFirewall()
+	}
+}
+
+// auditStaleDumps bounds how many dumps in a row one audit discards
+// because a repair re-laid the firewall out while each ran (auditStale);
+// the last one is acted on all the same (see there: redundant, not wrong).
+const auditStaleDumps = 3
+
+// audit is auditFirewall but for the firewall check a missing pinhole set
+// asks for: it reports whether one is owed (pinhole.ErrMissing), and
+// never runs the check itself. It runs beside watchFirewall's goroutine
+// (auditRun), which runs that check: checkFirewall is that goroutine's
+// alone.
+func (s *Server) audit(ctx context.Context) (checkOwed bool) {
 	s.retryUndeleted() // also above auditMaxLeases
 	s.mu.Lock()
 	n := s.tab.len()
 	s.mu.Unlock()
 	if n > auditMaxLeases {
-		s.auditLarge(ctx, n)
-		return
+		return s.auditLarge(ctx, n)
 	}
-	start := time.Now()
-	// Each element's Remaining is from a read after this one: on the
-	// steady clock, which no rebase moves, and put in the running
-	// clock's frame under s.mu (below).
-	listed := s.steady()
-	have, err := s.fw.List()
-	if errors.Is(err, pinhole.ErrMissing) {
-		// A pinhole set gone (deleted by hand after the rules that use
-		// it): tampering, which the firewall check repairs now rather
-		// than at its next tick.
-		s.log.Warn("firewall audit: a pinhole set is missing; checking the firewall now", zap.Error(err))
-		s.checkFirewall()
-		return
+	for try := 1; ; try++ {
+		start := time.Now()
+		gen := s.watch.relaid.Load()
+		// Each element's Remaining is from a read after this one: on the
+		// steady clock, which no rebase moves, and put in the running
+		// clock's frame under s.mu (auditDumped).
+		listed := s.steady()
+		have, err := s.fw.List()
+		if errors.Is(err, pinhole.ErrMissing) {
+			// A pinhole set gone (deleted by hand after the rules that use
+			// it): tampering, which the firewall check repairs now rather
+			// than at its next tick.
+			s.log.Warn("firewall audit: a pinhole set is missing; checking the firewall now", zap.Error(err))
+			return true
+		}
+		if err != nil {
+			s.log.Warn("firewall audit: cannot list pinholes", zap.Error(err))
+			return false
+		}
+		dumped := time.Since(start)
+		if ctx.Err() != nil {
+			return false
+		}
+		if s.auditDumped(have, gen, listed, dumped, try < auditStaleDumps) {
+			return false
+		}
+		if auditStaleHook != nil {
+			auditStaleHook()
+		}
 	}
-	if err != nil {
-		s.log.Warn("firewall audit: cannot list pinholes", zap.Error(err))
-		return
-	}
-	dumped := time.Since(start)
-	if ctx.Err() != nil {
-		return
-	}
+}
+
+// auditStaleHook, if set, is called when an audit discards a stale dump (tests).
+var auditStaleHook func()
+
+// auditDumped is the audit's comparison and fix for the dump have (read
+// from listed on, gen the firewall's relaid count before it): false, and
+// nothing done, if a repair re-laid the firewall out since gen and redump
+// allows another dump (auditStale).
+func (s *Server) auditDumped(have []pinhole.Entry, gen uint64, listed time.Time, dumped time.Duration, redump bool) bool {
 	present := make(map[pinhole.Pinhole]struct{}, len(have))
 	for _, e := range have {
 		if e.NoCompanion {
@@ -1192,6 +1232,9 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.auditStale(gen, redump) {
+		return false
+	}
 	now := s.now()
 	// listed in the frame of now and the lease expiries: a rebase while
 	// the dump ran (a wall-clock step, clock.go) shifted them, not the
@@ -1299,7 +1342,7 @@ func (s *Server) auditFirewall(ctx context.Context) {
 	refused := func(op pinhole.Op, err error) {
 		s.log.Warn("firewall audit: the kernel refuses a fix (changed since the dump?); the rest goes on", zap.Stringer("pinhole", op.Pinhole), zap.Error(err))
 	}
-	_, err = s.applyGroups(fix, now, refused)
+	_, err := s.applyGroups(fix, now, refused)
 	if _, berr := s.applyGroups(back, now, refused); berr != nil {
 		err = berr
 	}
@@ -1321,6 +1364,36 @@ func (s *Server) auditFirewall(ctx context.Context) {
 			zap.Int("count", len(longer)), zap.Strings("first", first))
 	}
 	s.log.Debug("firewall audit done", zap.Int("pinholes", len(have)), zap.Duration("dump", dumped))
+	return true
+}
+
+// auditStale reports whether the audit's dump, begun when the firewall's
+// relaid count was gen, is to be discarded and read again (redump: the
+// audit may dump again): a firewall check re-laid pcpd's objects out and
+// installed every lease again (repairLocked, rearmOwed) since. Under s.mu,
+// which those hold throughout, so the count read here is exact. Before
+// (h/auditgo) the audit ran on the goroutine of the check and none could
+// overlap its dump; now one does, and its snapshot may be of the table
+// before the repair or of sets part way through its re-install. Acted
+// on, it is not wrong (the fix is computed from the table now: only live
+// leases' pinholes are written, only elements no live lease holds are
+// deleted, both what the repair did already), but redundant: every live
+// pinhole a part-filled set lacked installed a second time under s.mu
+// (≈ 0.4 s per 100 000 at the engine's cost) and logged as deleted by
+// hand, every orphan of a deleted table "removed" again
+// (TestE2EAuditRedumpsAfterRepair). A dump again costs kernel time
+// without s.mu instead; after auditStaleDumps in a row (someone
+// re-damaging the firewall each watchCheckGap) the last is acted on.
+func (s *Server) auditStale(gen uint64, redump bool) bool {
+	if s.watch.relaid.Load() == gen {
+		return false
+	}
+	if !redump {
+		s.log.Warn("firewall audit: the firewall was repaired during each of its dumps; acting on the last one")
+		return false
+	}
+	s.log.Info("firewall audit: the firewall was repaired while the dump ran; dumping again")
+	return true
 }
 
 // cutBack appends to ops the Install that cuts back e, an element held
@@ -1373,11 +1446,29 @@ const routeFollowGap = time.Second
 // the last follow) rather than at the next check: an interface gone and
 // its index reused by a device moved into the namespace passed the owner meter's reverse-path check unlooked
 // until then, up to TamperInterval (review of 2026-12-03).
+//
+// The audits run on a goroutine of their own, at most one at a time
+// (auditRun): the audit's dump takes 4.5-10 s at 100 000 IPv4 mappings
+// (BENCHMARKS.md item 68), the audit above auditMaxLeases ≈ 3.4 s at
+// 1 000 000 leases, and the watch's passes (an element added or deleted
+// by hand undone), the tamper check (a deleted table, a flushed set) and
+// the route follow go on meanwhile. Before (h/auditgo), the audit ran
+// here: all of them waited for it (TestE2EWatchServesDuringAudit).
+// What each side writes it decides under s.mu from the lease table of
+// that hold (the audit: its comparison and fix), so they serialise as
+// the engine and the audit always have; a repair overlapping the
+// audit's dump makes the audit dump again (auditStale). Only this
+// goroutine runs checkFirewall (an audit that finds a set missing asks
+// for it: auditEnded). It returns once the running audit has ended
+// (ctx ends it: auditLarge between steps, the dump at its end).
 func (s *Server) watchFirewall(ctx context.Context) {
-	// The watch first: what it tells during the start's audit waits on
-	// its channel (fwwatch.go).
+	// The watch first, then the start's audit: what the watch tells
+	// from then on is acted on by its passes, during the audit too.
 	watched := s.startWatch(ctx)
-	s.auditFirewall(ctx)
+	a := &s.watch.audits
+	a.done = make(chan bool, 1)
+	defer a.wait()
+	s.startAudit(ctx, false)
 	tamper := time.NewTicker(s.cfg.TamperInterval)
 	defer tamper.Stop()
 	audit := time.NewTicker(s.cfg.AuditInterval)
@@ -1397,7 +1488,9 @@ func (s *Server) watchFirewall(ctx context.Context) {
 			s.checkFirewall()
 			followed = time.Now()
 		case <-audit.C:
-			s.auditFirewall(ctx)
+			s.startAudit(ctx, false)
+		case checkOwed := <-a.done:
+			s.auditEnded(ctx, checkOwed)
 		case <-watched:
 			s.watched(ctx)
 		case <-changes:
@@ -1415,5 +1508,76 @@ func (s *Server) watchFirewall(ctx context.Context) {
 			}
 			s.noteRouteLookups()
 		}
+	}
+}
+
+// auditRun is the firewall audit watchFirewall runs off its goroutine:
+// at most one at a time. All but the audit itself is watchFirewall's
+// goroutine's.
+type auditRun struct {
+	running bool
+	// again: an audit was asked for that must read the kernel after the
+	// ask (lost notifications) while one ran: it runs when that ends.
+	again bool
+	// done gets the running audit's end: whether a firewall check is
+	// owed (a pinhole set missing).
+	done chan bool
+}
+
+// auditEndHook, if set, is called on watchFirewall's goroutine when an
+// audit it ran has ended (tests).
+var auditEndHook func()
+
+// startAudit starts an audit on a goroutine of its own, unless one runs:
+// then a periodic one (fresh false) is skipped, its next tick is an
+// AuditInterval away; one whose dump must come after now (fresh: lost
+// notifications) runs when the running one ends. Before (h/auditgo) the
+// audits ran one after the other on watchFirewall's goroutine, so a
+// second never overlapped the first; merged into the running one, an
+// element added while the watch was deaf after that one's dump had read
+// its set would wait for the next hourly audit
+// (TestE2EWatchLostAuditAfterRunning). On watchFirewall's goroutine.
+func (s *Server) startAudit(ctx context.Context, fresh bool) {
+	a := &s.watch.audits
+	if a.running {
+		if fresh && !a.again {
+			a.again = true
+			s.log.Info("firewall audit asked for while one runs (its dump may predate the ask): running again when it ends")
+		} else if !fresh {
+			s.log.Warn("firewall audit: the last one has not ended after an audit interval; skipping this one", zap.Duration("interval", s.cfg.AuditInterval))
+		}
+		return
+	}
+	if ctx.Err() != nil {
+		return
+	}
+	a.running = true
+	done := a.done
+	go func() { done <- s.audit(ctx) }()
+}
+
+// auditEnded is the end of the running audit, told on watchFirewall's
+// goroutine: the firewall check it asked for (a pinhole set missing) runs
+// here, then an audit owed since it started.
+func (s *Server) auditEnded(ctx context.Context, checkOwed bool) {
+	a := &s.watch.audits
+	a.running = false
+	if checkOwed {
+		s.checkFirewall()
+	}
+	if a.again && ctx.Err() == nil {
+		a.again = false
+		s.startAudit(ctx, false)
+	}
+	if auditEndHook != nil {
+		auditEndHook()
+	}
+}
+
+// wait waits for the running audit's end (watchFirewall's return).
+func (a *auditRun) wait() {
+	if a.running {
+		<-a.done
+		a.running = false
 	}
 }
