@@ -1203,14 +1203,8 @@ func (s *Server) audit(ctx context.Context) (checkOwed bool) {
 		if s.auditDumped(have, gen, listed, dumped, try < auditStaleDumps) {
 			return false
 		}
-		if auditStaleHook != nil {
-			auditStaleHook()
-		}
 	}
 }
-
-// auditStaleHook, if set, is called when an audit discards a stale dump (tests).
-var auditStaleHook func()
 
 // auditDumped is the audit's comparison and fix for the dump have (read
 // from listed on, gen the firewall's relaid count before it): false, and
