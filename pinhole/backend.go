@@ -283,6 +283,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 	b := &Backend{conn: conn, cfg: cfg, netns: conn.NetNS}
 	b.healthConn.note = func(nl *netlink.Conn) { b.ports.keep(keptHealth, nl) }
 	b.listConn.note = func(nl *netlink.Conn) { b.ports.keep(keptList, nl) }
+	b.flowed.conn.note = func(nl *netlink.Conn) { b.ports.keep(keptFlowed, nl) }
 	if conn.TestDial == nil {
 		if c, nl, err := dialConn(b.netns); err == nil {
 			b.conn, b.ownConn, b.nl = c, true, nl
@@ -594,6 +595,9 @@ func (b *Backend) setupLocked() (err error) {
 		b.flowed.verify.Store(true) // until verifyFlowed (flowed.go)
 	}
 	b.flowed.recorded.Store(b.recordsFlows() && !b.unrecorded)
+	if b.recordsFlows() && b.unrecorded {
+		b.writeMark() // the counter at 1 and the mark (flowedlife.go)
+	}
 	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed && !b.natVerify)
 	// Not fatal: the layout is committed, and the owner meter's write
 	// below (or RepairOwners) rewrites the chains anyway.

@@ -72,6 +72,11 @@ func (b *Backend) admit6Rules() [][]expr.Any {
 	if b.unrecorded {
 		n = 1
 	}
+	return b.admit6RulesAt(n)
+}
+
+// admit6RulesAt are admit6's two rules, the counter written at n.
+func (b *Backend) admit6RulesAt(n uint64) [][]expr.Any {
 	return [][]expr.Any{
 		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6DstOff, 16, reg0),
 			&expr.Dynset{SrcRegKey: reg0, SetName: b.flowed6.Name, SetID: b.flowed6.ID, Operation: unix.NFT_DYNSET_OP_ADD},
@@ -114,7 +119,7 @@ func (b *Backend) flowsUnrecorded() (unrecorded, unguarded bool) {
 		return false, true
 	}
 	n, err := b.admit6Counter(c)
-	return err != nil || n > 0, false
+	return err != nil || n > 0 || b.markedUnrecorded(), false
 }
 
 // verifyFlowed reads conntrack, over the layout Setup wrote, for a flow
@@ -182,6 +187,9 @@ type flowedState struct {
 	// conntrack has not been read since (verifyFlowed); until then
 	// FlowedAddrs trusts nothing.
 	verify atomic.Bool
+	// untrusts counts noteUnrecorded's calls (under the Backend's mu):
+	// a regain that saw it move does not trust (flowedlife.go).
+	untrusts uint64
 }
 
 // protects6More: next guards an IPv6 address prev did not (SetProtected:
@@ -219,6 +227,7 @@ func (b *Backend) writeUnrecorded() {
 	b.gen++ // new handles: a Healthy reading meanwhile reads again
 	b.queueRewrite(&nftables.Chain{Table: b.table, Name: b.chainAdmit6}, chainRules{b.chainAdmit6, b.admit6Rules()}, true)
 	err = b.flush()
+	b.writeMark() // flowedlife.go: apart, as the set may be full
 }
 
 // noteUnrecorded: flows may have been admitted without their address in
@@ -226,6 +235,7 @@ func (b *Backend) writeUnrecorded() {
 func (b *Backend) noteUnrecorded() {
 	b.unrecorded = true
 	b.flowed.recorded.Store(false)
+	b.flowed.untrusts++
 }
 
 // FlowedAddrs returns whether an IPv6 pinhole's address may have had a
@@ -471,12 +481,22 @@ var errNotTrusted = errors.New("pinhole: flowed6 not trusted")
 // record for good).
 func (b *Backend) flowedElems(addrs []netip.Addr, add bool) (int, error) {
 	f := &b.flowed
+	untrusted := func() bool { return !add && (!f.recorded.Load() || f.verify.Load() || !b.cutting.Load()) }
+	if untrusted() {
+		return 0, errNotTrusted // not waiting for a RegainFlowed (which holds f.mu) to say so
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if b.flowed6 == nil || b.cfg.Attached || b.conn.TestDial != nil ||
-		!add && (!f.recorded.Load() || f.verify.Load() || !b.cutting.Load()) {
+	if b.flowed6 == nil || b.cfg.Attached || b.conn.TestDial != nil || untrusted() {
 		return 0, errNotTrusted
 	}
+	return b.flowedElemsLocked(addrs, add)
+}
+
+// flowedElemsLocked is flowedElems' writes, whatever the trust (also
+// RegainFlowed's). Caller holds b.flowed.mu.
+func (b *Backend) flowedElemsLocked(addrs []netip.Addr, add bool) (int, error) {
+	f := &b.flowed
 	es := make([]nftables.SetElement, 0, len(addrs))
 	for _, a := range addrs {
 		if a.Is6() && !a.Is4In6() && a.Zone() == "" {

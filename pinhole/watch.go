@@ -93,6 +93,7 @@ const (
 	keptMain = iota
 	keptHealth
 	keptList
+	keptFlowed // flowed6's (ForgetFlowed, Reflowed, RegainFlowed)
 	numKeptPorts
 )
 
@@ -433,6 +434,7 @@ func (b *Backend) Watch(ctx context.Context, fn func(WatchEvent)) error {
 			continue
 		}
 		if lost != nil {
+			b.flowedTampered() // a flush of flowed6 may be among what was lost
 			fn(WatchEvent{Lost: lost})
 			lost = nil
 			continue
@@ -445,6 +447,9 @@ func (b *Backend) Watch(ctx context.Context, fn func(WatchEvent)) error {
 			w.close()
 			lost = fmt.Errorf("pinhole: watch: %w", err)
 			continue
+		}
+		if b.flowedChanged(msgs) {
+			b.flowedTampered() // flowedlife.go
 		}
 		if ev, ok := b.judge(msgs); ok {
 			fn(ev)

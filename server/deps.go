@@ -115,6 +115,15 @@ type FlowRecorder interface {
 	Reflowed(addrs []netip.Addr)
 }
 
+// FlowRegainer is an optional extra of a FlowRecorder (*pinhole.Backend
+// has it: pinhole/flowedlife.go): RegainFlowed rebuilds the record from
+// conntrack and trusts it again, when untrusted or (rebuild) anyway;
+// trusted says whether it is on return, pinhole.ErrRegainNotNow that
+// nothing was done (regainFlowed).
+type FlowRegainer interface {
+	RegainFlowed(rebuild bool) (trusted bool, err error)
+}
+
 // NATLister is an optional extra of a FlowCutter (*pinhole.Backend has
 // it): NATEndpoints calls fn with the external endpoint of each NAT-ed
 // conntrack flow (a DNAT-ed one's original destination, a SNAT-ed one's

@@ -921,6 +921,7 @@ func (s *Server) checkFirewall() {
 	if herr == nil {
 		s.rearmOwed()
 		s.verifySetup() // one a repair's could not finish (a Setup beside it)
+		s.regainFlowed()
 		return
 	}
 	if errors.Is(herr, pinhole.ErrCheckFailed) && !errors.Is(herr, pinhole.ErrUnhealthy) {

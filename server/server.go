@@ -55,6 +55,7 @@ type Server struct {
 	// (FlowRecorder, skipUnflowed).
 	recorder FlowRecorder
 	unflowed unflowed // filters skipUnflowed left out, until a clean firewall check
+	regain   regain   // the record's rebuilds (FlowRegainer, flowregain.go)
 	// natLister, if fw has it, lists the NAT-ed flows' external
 	// endpoints (pruneNATPrior).
 	natLister NATLister

@@ -1,0 +1,278 @@
+package pinhole
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/pcpd/pcpd/internal/ctnl"
+)
+
+// The record's life (h/flowedlife). Before, once untrusted (an upgrade,
+// admit6's counter above 0 once, damage a Healthy found) the record was
+// untrusted for the Backend's life, and Setup wrote the counter at 1 so
+// that every later pcpd over the table distrusted it too: one overflow of
+// flowed6 put every later delete back on the full conntrack walk until
+// someone deleted the table by hand. Addresses whose last lease ended
+// while untrusted never left the set (pruning follows walks of recorded
+// filters only), so it drifted to full; and a flush of flowed6 by hand
+// went unseen.
+//
+// RegainFlowed rebuilds the record and trusts it again. In one
+// transaction: flowed6 flushed, the mark (flowedMark) added, admit6
+// written with its counter at 0. Then, flowedSettle later, conntrack is
+// read once and the destination of every IPv6 flow to a protected address
+// (labelled or not: an unlabelled one, let in through no guard, is ended
+// only by a walk) or carrying this Backend's label (admitted by its guard,
+// its prefix since unprotected) is added to flowed6; then the counter is
+// read: 0, and nothing untrusted the record meanwhile (untrusts), the
+// mark is deleted and the record trusted. Why nothing is missed:
+//
+//   - A flow admitted after the transaction: its add recorded it, or
+//     failed and the counter (read after every add of ours) is above 0.
+//   - A flow admitted before it: in conntrack when the dump passes its
+//     bucket, so added, unless it ended (nothing to walk). A packet
+//     admitted before the commit and not yet confirmed (the same pass
+//     through the stack, microseconds) when the dump passed its bucket
+//     is missed: flowedSettle waits for it. Such a flow is labelled
+//     (admit6 is reached only after "ct label set"): recheck6 drops its
+//     packets once its pinhole is gone; only its entry would wait for its
+//     timeout.
+//   - A flow let in through no guard after the dump (protected6 damaged,
+//     the table gone): not while the layout is intact (RegainFlowed runs
+//     only while the layout cuts, no conntrack read owed: cutting,
+//     !pinVerify) and every such event (noteDamage) untrusts again.
+//   - A pcpd stopped part way: the mark is in flowed6 (with the counter
+//     at 0), and a Setup over the table reads it (flowsUnrecorded) as
+//     unrecorded. An older pcpd, which knows no mark, trusts a counter
+//     at 0: a downgrade is a table delete anyway (README).
+//
+// It also ends the drift: what it leaves in flowed6 is the addresses of
+// live flows, so a rebuild now and then (the server: hourly) drops the
+// leftovers; and the watch (judge) tells a change of flowed6 by another
+// process (nft flush set: one NFT_MSG_DELSETELEM an element on 6.18) and
+// a lost watch as untrusting (flowedTampered), regained the same way.
+// nft reset counters tells no one (no notification, no new generation):
+// a reset of admit6's counter between a failed add and the next
+// FlowedAddrs is not seen.
+
+// flowedMark is flowed6's element that says "untrusted" to a later pcpd
+// over the table: never a flow's destination.
+var flowedMark = netip.IPv6Unspecified()
+
+// flowedSettle is how long RegainFlowed waits between its transaction and
+// its read of conntrack (a packet admitted before the commit confirmed).
+const flowedSettle = 20 * time.Millisecond
+
+// ErrRegainNotNow: RegainFlowed cannot trust the record now (no record,
+// the layout not cutting, a read of conntrack owed); asked again later.
+var ErrRegainNotNow = errors.New("pinhole: flowed6: no regain now")
+
+func markElems() []nftables.SetElement {
+	k := flowedMark.As16()
+	return []nftables.SetElement{{Key: k[:]}}
+}
+
+// writeMark adds flowedMark to flowed6, alone (the set full: the counter
+// written at 1 says it). Caller holds b.mu.
+func (b *Backend) writeMark() {
+	var err error
+	defer b.dropUnsent(&err)
+	if err = b.conn.SetAddElements(b.flowed6, markElems()); err == nil {
+		err = b.flush()
+	}
+}
+
+// markedUnrecorded reports whether flowed6 holds flowedMark (or cannot
+// tell). Its own socket: the caller holds b.mu, not b.flowed.mu.
+func (b *Backend) markedUnrecorded() bool {
+	r := rawRules{}
+	defer r.close()
+	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: b.netns})
+	if err != nil {
+		return true
+	}
+	r.c = c
+	msgs, err := c.SendMessages([]netlink.Message{b.flowedGet(flowedMark)})
+	if err != nil {
+		return true
+	}
+	got, err := c.Receive()
+	switch {
+	case err == nil && len(got) == 1 && got[0].Header.Sequence == msgs[0].Header.Sequence:
+		return true
+	case err != nil && errors.Is(err, unix.ENOENT):
+		return false
+	}
+	return true
+}
+
+// RegainFlowed rebuilds flowed6 from conntrack and trusts it again (the
+// procedure above) when it is untrusted, or rebuild asks it anyway (the
+// leftovers); a read owed (verify) is done by the rebuild too. trusted: the
+// record is trusted on return. ErrRegainNotNow: nothing done. Another
+// error: the record stays untrusted (the caller backs off). Walks meanwhile
+// run in full (FlowedAddrs says nothing).
+func (b *Backend) RegainFlowed(rebuild bool) (trusted bool, err error) {
+	if b.conn.TestDial != nil {
+		return false, ErrRegainNotNow
+	}
+	f := &b.flowed
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	b.mu.Lock()
+	if !b.recordsFlows() || !b.cutting.Load() || b.pinVerify || b.disarmed {
+		b.mu.Unlock()
+		return false, ErrRegainNotNow
+	}
+	if !b.unrecorded && !rebuild {
+		// Trusted (a conntrack read owed, verify, is FlowedAddrs'
+		// verifyFlowed's, as before).
+		b.mu.Unlock()
+		return true, nil
+	}
+	wasVerify := f.verify.Swap(false)
+	b.noteUnrecorded()
+	epoch := f.untrusts
+	in, err := b.regainStart()
+	b.mu.Unlock()
+	defer func() {
+		if !trusted && wasVerify {
+			f.verify.Store(true)
+		}
+	}()
+	if err != nil {
+		return false, err
+	}
+	time.Sleep(flowedSettle)
+	live, err := b.liveDests(in)
+	if err != nil {
+		return false, err
+	}
+	if _, err := b.flowedElemsLocked(live, true); err != nil {
+		return false, fmt.Errorf("pinhole: flowed6 rebuild: %w", err)
+	}
+	c, err := f.conn.get(b.netns)
+	if err != nil {
+		return false, err
+	}
+	if n, err := b.admit6Counter(c); err != nil || n > 0 {
+		f.conn.close()
+		return false, fmt.Errorf("pinhole: flowed6 rebuild: admit6's counter %d after the read (%v)", n, err)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if f.untrusts != epoch || !b.recordsFlows() || !b.cutting.Load() || b.pinVerify || b.disarmed {
+		return false, fmt.Errorf("pinhole: flowed6 rebuild: %w (untrusted meanwhile)", ErrRegainNotNow)
+	}
+	if _, err := b.flowedElemsLocked([]netip.Addr{flowedMark}, false); err != nil {
+		return false, fmt.Errorf("pinhole: flowed6 rebuild: the mark: %w", err)
+	}
+	b.unrecorded = false
+	f.recorded.Store(true)
+	return true, nil
+}
+
+// regainStart is RegainFlowed's transaction (flowed6 flushed, the mark
+// added, admit6's counter written at 0), then its read of what the dump
+// needs. Caller holds b.mu.
+func (b *Backend) regainStart() (in pinCheck, err error) {
+	defer b.dropUnsent(&err)
+	b.gen++ // new handles: a Healthy reading meanwhile reads again
+	b.conn.FlushSet(b.flowed6)
+	if err = b.conn.SetAddElements(b.flowed6, markElems()); err != nil {
+		return in, err
+	}
+	b.queueRewrite(&nftables.Chain{Table: b.table, Name: b.chainAdmit6}, chainRules{b.chainAdmit6, b.admit6RulesAt(0)}, true)
+	if err = b.flush(); err != nil {
+		return in, fmt.Errorf("pinhole: flowed6 rebuild: %w", err)
+	}
+	in, decided, v := b.pinInputs()
+	if decided && v {
+		return in, errors.New("pinhole: flowed6 rebuild: protected6 or the host's addresses unreadable")
+	}
+	if decided { // no protected prefix: the labelled flows only
+		in.bit = b.cutLabelBit()
+	}
+	return in, nil
+}
+
+// liveDests is RegainFlowed's read of conntrack: the distinct destinations
+// of the IPv6 flows to a protected address, or labelled with in.bit.
+// More than flowed6 holds (the mark's place kept): an error.
+func (b *Backend) liveDests(in pinCheck) ([]netip.Addr, error) {
+	seen := map[netip.Addr]struct{}{}
+	var out []netip.Addr
+	intr := false
+	over, err := b.ctScan(unix.AF_INET6, 0, 0, func(fl *ctnl.Flow) bool {
+		intr = intr || fl.Interrupted
+		d := fl.Orig.Dst.WithZone("")
+		if _, ok := seen[d]; ok || !d.Is6() || !inRanges(in.prot, d) && !fl.Labelled(in.bit) {
+			return false
+		}
+		seen[d] = struct{}{}
+		out = append(out, d)
+		return len(out) >= flowedSize-1
+	})
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("pinhole: flowed6 rebuild: %w", err)
+	case over:
+		return nil, fmt.Errorf("pinhole: flowed6 rebuild: %d or more addresses with flows: more than flowed6 holds", len(out))
+	case intr:
+		return nil, errors.New("pinhole: flowed6 rebuild: conntrack's dump interrupted")
+	}
+	return out, nil
+}
+
+// flowedTampered: flowed6 changed by another process, or the watch lost
+// what it was told (Watch): flows admitted before may be unrecorded. The
+// record is untrusted, the mark written (a later pcpd too), until
+// RegainFlowed.
+func (b *Backend) flowedTampered() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.recordsFlows() {
+		return
+	}
+	b.noteUnrecorded()
+	b.writeMark()
+}
+
+// flowedChanged reports whether msgs tell elements of flowed6 deleted by
+// a socket not the Backend's own (nft flush set, nft delete element).
+// Adds are not: a larger record is only walked more.
+func (b *Backend) flowedChanged(msgs []netlink.Message) bool {
+	if b.flowed6 == nil || b.cfg.Attached {
+		return false
+	}
+	for _, m := range msgs {
+		typ := int(m.Header.Type & 0xff)
+		if m.Header.Type>>8 != unix.NFNL_SUBSYS_NFTABLES || len(m.Data) < 4 || m.Header.PID == 0 ||
+			typ != unix.NFT_MSG_DELSETELEM && typ != nftMsgDestroySetElem || b.ports.has(m.Header.PID) {
+			continue
+		}
+		ad, err := netlink.NewAttributeDecoder(m.Data[4:])
+		if err != nil {
+			continue
+		}
+		var table, set string
+		for ad.Next() {
+			switch ad.Type() {
+			case unix.NFTA_SET_ELEM_LIST_TABLE:
+				table = ad.String()
+			case unix.NFTA_SET_ELEM_LIST_SET:
+				set = ad.String()
+			}
+		}
+		if ad.Err() == nil && b.ours(table) && set == b.flowed6.Name {
+			return true
+		}
+	}
+	return false
+}
