@@ -276,3 +276,9 @@ func (b *Backend) flowedChanged(msgs []netlink.Message) bool {
 	}
 	return false
 }
+
+// FlowedTrusted reports whether FlowedAddrs would trust the record now
+// (a read owed, verify, aside). Lock-free.
+func (b *Backend) FlowedTrusted() bool {
+	return b.flowed.recorded.Load() && b.cutting.Load()
+}

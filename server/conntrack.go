@@ -226,8 +226,15 @@ func (u *unflowed) takeLocked() []ctFilter {
 // releaseUnflowed: firewall check number gen (unflowed.checks after its
 // start) found the layout intact (damaged false): the filters left out
 // before it started are done. Found damaged: every filter left out is
-// walked now (the record is untrusted from there on: FlowedAddrs).
+// walked now (the record is untrusted from there on: FlowedAddrs); so
+// too when the record is untrusted when the check ends.
 func (s *Server) releaseUnflowed(gen uint64, damaged bool) {
+	if g, ok := s.recorder.(FlowRegainer); ok && !damaged && !g.FlowedTrusted() {
+		// The record untrusted since (a flush of flowed6 told by the
+		// watch, a failed add): what was left out over it is walked,
+		// as after damage (h/flowedlife).
+		damaged = true
+	}
 	u := &s.unflowed
 	u.mu.Lock()
 	if damaged {

@@ -119,9 +119,11 @@ type FlowRecorder interface {
 // has it: pinhole/flowedlife.go): RegainFlowed rebuilds the record from
 // conntrack and trusts it again, when untrusted or (rebuild) anyway;
 // trusted says whether it is on return, pinhole.ErrRegainNotNow that
-// nothing was done (regainFlowed).
+// nothing was done (regainFlowed); FlowedTrusted says whether
+// FlowedAddrs would trust it now (cheap).
 type FlowRegainer interface {
 	RegainFlowed(rebuild bool) (trusted bool, err error)
+	FlowedTrusted() bool
 }
 
 // NATLister is an optional extra of a FlowCutter (*pinhole.Backend has
