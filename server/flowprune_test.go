@@ -64,3 +64,34 @@ func TestPruneFlowedQueueTooLong(t *testing.T) {
 		t.Errorf("forgot %v with %d filters queued, want none", rec.forgot, len(s.ct.pending))
 	}
 }
+
+// regainRecorder is a pruneRecorder with a FlowRegainer's trust.
+type regainRecorder struct {
+	pruneRecorder
+	trusted bool
+}
+
+func (r *regainRecorder) RegainFlowed(bool) (bool, error) { return r.trusted, nil }
+func (r *regainRecorder) FlowedTrusted() bool           { return r.trusted }
+
+// TestReleaseUnflowedUntrustedWalks (h/flowedlife): a clean firewall
+// check releases what skipUnflowed left out only while the record is
+// trusted; untrusted at the check's end (a flush of flowed6 the watch
+// told), what was left out over the erased record is queued for a walk.
+// Before, the clean check dropped it: its flows' entries lived on.
+func TestReleaseUnflowedUntrustedWalks(t *testing.T) {
+	for _, trusted := range []bool{true, false} {
+		s := &Server{tab: newTable(), recorder: &regainRecorder{trusted: trusted}}
+		f := ctFilter{t: ctTarget{addr: netip.MustParseAddr("2001:db8::7"), proto: 6, port: 80}}
+		s.unflowed.held = []heldFilter{{f: f, gen: 0}}
+		s.ct.running = true // queued, not walked: no flusher goroutine in this test
+		s.releaseUnflowed(1, false)
+		walked := slices.ContainsFunc(s.ct.pending, func(g ctFilter) bool { return g.t == f.t })
+		if walked == trusted {
+			t.Errorf("record trusted %v: left-out filter queued for a walk %v, want %v", trusted, walked, !trusted)
+		}
+		if len(s.unflowed.held) != 0 {
+			t.Errorf("record trusted %v: %d filters still held after the check", trusted, len(s.unflowed.held))
+		}
+	}
+}
