@@ -196,3 +196,37 @@ func BenchmarkForgetFlowed(b *testing.B) {
 		b.Fatal("not added back")
 	}
 }
+
+// BenchmarkRegainFlowed (h/flowedlife): what one rebuild of the record
+// costs (RegainFlowed(true): its transaction, flowedSettle's 20 ms wait,
+// one dump of conntrack, the adds, the counter's read, the mark's
+// delete): conntrack holding n unrelated entries (half IPv6) and k IPv6
+// flows to k distinct client addresses (added back to flowed6).
+func BenchmarkRegainFlowed(b *testing.B) {
+	for _, tc := range []struct{ n, k int }{{1000, 0}, {100000, 0}, {100000, 1000}, {100000, 20000}} {
+		b.Run(fmt.Sprintf("unrelated=%d/flows=%d", tc.n, tc.k), func(b *testing.B) {
+			topo, be := guardedTopology(b, pinhole.Config{})
+			netlab.FillConntrackUnrelated(b, topo.Host, tc.n+tc.k)
+			base := topo.ClientPrefix6.Addr().As16()
+			src := netip.AddrPortFrom(topo.InternetV6, 40000)
+			netlab.FillConntrack(b, topo.Host, tc.k, func(i int) netlab.ConntrackEntry {
+				a := base
+				a[12], a[13], a[14], a[15] = 0, byte(i>>16), byte(i>>8), byte(i)|1
+				return netlab.ConntrackEntry{Proto: 17, Src: src, Dst: netip.AddrPortFrom(netip.AddrFrom16(a), 7000), Status: 2 | 4}
+			})
+			b.ResetTimer()
+			for range b.N {
+				if ok, err := be.RegainFlowed(true); err != nil || !ok {
+					b.Fatalf("RegainFlowed: %v, %v", ok, err)
+				}
+			}
+			b.StopTimer()
+			flowed, ok := be.FlowedAddrs()
+			a := base
+			a[15] = 1
+			if tc.k > 0 && (!ok || !flowed(netip.AddrFrom16(a))) {
+				b.Fatal("a flow's address not recorded by the rebuild")
+			}
+		})
+	}
+}
