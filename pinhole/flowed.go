@@ -42,18 +42,22 @@ import (
 // (cutting), written by a Setup that found no flow that may have gone
 // unrecorded: no guard6 yet (a fresh table: then only once a read of
 // conntrack found no flow let in unguarded, verifyFlowed), or one whose
-// admission rules already went to admit6 and whose counter was 0; each
-// new IPv6 prefix protected (SetProtected) is read over the same way.
-// An older layout (an
-// upgrade), damage a Healthy found (noteDamage), or a counter above 0
-// make it untrusted for the Backend's life (unrecorded), and Setup writes
-// the counter at 1 then, so that a later pcpd over the same table does
-// not trust it either: flows admitted before may still be there,
-// unrecorded. Attached, there is no flowed6 (the admin's chain accepts
-// established flows before pcpd's; attcut.go), and nothing is trusted.
+// admission rules already went to admit6, whose counter was 0 and whose
+// flowed6 holds no mark (flowedMark, flowedlife.go); each new IPv6
+// prefix protected (SetProtected) is read over the same way. An older
+// layout (an upgrade), damage a Healthy found (noteDamage), a counter
+// above 0, or flowed6's elements deleted by another process (the watch)
+// make it untrusted (unrecorded) until RegainFlowed rebuilds it from
+// conntrack (flowedlife.go; the server asks at each firewall check that
+// finds the layout intact), and Setup writes the counter at 1 and the
+// mark meanwhile, so that a later pcpd over the same table does not
+// trust it either: flows admitted before may still be there, unrecorded.
+// Attached, there is no flowed6 (the admin's chain accepts established
+// flows before pcpd's; attcut.go), and nothing is trusted.
 
 // flowedSize is flowed6's size: IPv6 addresses that had a flow admitted.
-// Past it, adds fail and the counter makes every walk run again.
+// Past it, adds fail and the counter makes every walk run again, until
+// RegainFlowed empties the set of all but live flows' addresses.
 const flowedSize = 1 << 16
 
 // flowedSet is flowed6, standalone only.
@@ -125,7 +129,7 @@ func (b *Backend) flowsUnrecorded() (unrecorded, unguarded bool) {
 // verifyFlowed reads conntrack, over the layout Setup wrote, for a flow
 // let in before it by no guard (flowsUnrecorded's unguarded; as
 // pinFlowsUnlabelled's dump: an unlabelled IPv6 flow to a protected
-// address): one found makes the record untrusted for the Backend's life
+// address): one found makes the record untrusted until RegainFlowed
 // (noteUnrecorded); none, trusted from here. Undecided (no protected
 // prefix yet, the layout or the prefixes written meanwhile), it is asked
 // again at the next FlowedAddrs. Before (review h/revflow,
