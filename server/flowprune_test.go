@@ -72,7 +72,7 @@ type regainRecorder struct {
 }
 
 func (r *regainRecorder) RegainFlowed(bool) (bool, error) { return r.trusted, nil }
-func (r *regainRecorder) FlowedTrusted() bool           { return r.trusted }
+func (r *regainRecorder) FlowedTrusted() bool             { return r.trusted }
 
 // TestReleaseUnflowedUntrustedWalks (h/flowedlife): a clean firewall
 // check releases what skipUnflowed left out only while the record is
