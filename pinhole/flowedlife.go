@@ -209,8 +209,13 @@ func (b *Backend) liveDests(in pinCheck) ([]netip.Addr, error) {
 	seen := map[netip.Addr]struct{}{}
 	var out []netip.Addr
 	intr := false
-	over, err := b.ctScan(unix.AF_INET6, 0, 0, func(fl *ctnl.Flow) bool {
+	var unguarded netip.Addr // a flow's destination (its Flow is the dump's buffer)
+	stopped, err := b.ctScan(unix.AF_INET6, 0, 0, func(fl *ctnl.Flow) bool {
 		intr = intr || fl.Interrupted
+		if in.unguarded(fl) {
+			unguarded = fl.Orig.Dst
+			return true
+		}
 		d := fl.Orig.Dst.WithZone("")
 		if _, ok := seen[d]; ok || !d.Is6() || !inRanges(in.prot, d) && !fl.Labelled(in.bit) {
 			return false
@@ -222,7 +227,14 @@ func (b *Backend) liveDests(in pinCheck) ([]netip.Addr, error) {
 	switch {
 	case err != nil:
 		return nil, fmt.Errorf("pinhole: flowed6 rebuild: %w", err)
-	case over:
+	case unguarded.IsValid():
+		// verifyFlowed's finding (review h/revlife): recorded, its
+		// address could leave flowed6 at a prune (a walk of another
+		// port of it, no lease left there) while it lives, and a
+		// mapping of its port made and ended later would leave its
+		// walk out.
+		return nil, fmt.Errorf("pinhole: flowed6 rebuild: a flow to %v let in through no guard (unlabelled): not trusted while it lives", unguarded)
+	case stopped:
 		return nil, fmt.Errorf("pinhole: flowed6 rebuild: %d or more addresses with flows: more than flowed6 holds", len(out))
 	case intr:
 		return nil, errors.New("pinhole: flowed6 rebuild: conntrack's dump interrupted")

@@ -250,17 +250,22 @@ func (in pinCheck) scan(b *Backend) bool {
 	if testHookSetupRead != nil {
 		testHookSetupRead(b, "pin")
 	}
-	prot, local, bit := in.prot, in.local, in.bit
-	found, err := b.ctScan(unix.AF_INET6, ipsDstNAT|ipsExpected, 0, func(f *ctnl.Flow) bool {
-		if f.Orig.Proto == unix.IPPROTO_ICMPV6 || f.Status&(ipsDstNAT|ipsExpected) != 0 || f.DNATed() || f.Labelled(bit) {
-			return false // echo and errors, DNAT-ed (dnatFlowsUnlabelled's), helpers' expected flows, labelled
-		}
-		if !inRanges(prot, f.Orig.Dst) {
-			return false
-		}
-		_, fromHost := local[f.Orig.Src]
-		_, toHost := local[f.Orig.Dst]
-		return !fromHost && !toHost // the host's own connections, to or from a client
-	})
+	found, err := b.ctScan(unix.AF_INET6, ipsDstNAT|ipsExpected, 0, in.unguarded)
 	return err != nil || found
+}
+
+// unguarded reports whether f is a flow scan looks for: an IPv6 flow to
+// a protected address no admission rule labelled (let in through no
+// guard), but for echo and errors, DNAT-ed flows (dnatFlowsUnlabelled's),
+// helpers' expected flows and the host's own connections.
+func (in pinCheck) unguarded(f *ctnl.Flow) bool {
+	if f.Orig.Proto == unix.IPPROTO_ICMPV6 || f.Status&(ipsDstNAT|ipsExpected) != 0 || f.DNATed() || f.Labelled(in.bit) {
+		return false // echo and errors, DNAT-ed (dnatFlowsUnlabelled's), helpers' expected flows, labelled
+	}
+	if !inRanges(in.prot, f.Orig.Dst) {
+		return false
+	}
+	_, fromHost := in.local[f.Orig.Src]
+	_, toHost := in.local[f.Orig.Dst]
+	return !fromHost && !toHost // the host's own connections, to or from a client
 }
