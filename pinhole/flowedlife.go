@@ -141,9 +141,25 @@ func (b *Backend) RegainFlowed(rebuild bool) (trusted bool, err error) {
 	epoch := f.untrusts
 	in, err := b.regainStart()
 	b.mu.Unlock()
+	started := err == nil
 	defer func() {
-		if !trusted && wasVerify {
+		if trusted {
+			return
+		}
+		if wasVerify {
 			f.verify.Store(true)
+		}
+		if started {
+			// The transaction wrote admit6's counter at 0 beside
+			// the mark: at 1 again, as Setup writes it for an
+			// unrecorded record, so that a pcpd that knows no mark
+			// does not trust the emptied set either (review
+			// h/revlife).
+			b.mu.Lock()
+			if b.recordsFlows() && b.unrecorded {
+				b.writeUnrecorded()
+			}
+			b.mu.Unlock()
 		}
 	}()
 	if err != nil {

@@ -2,6 +2,7 @@ package server
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -48,6 +49,12 @@ func TestE2ERegainRefusesUnguardedFlow(t *testing.T) {
 		t.Fatal("record trusted over a flow let in unguarded: nothing to test")
 	}
 	l.srv.checkFirewall() // the rebuild's turn: trusted before the fix
+	// A rebuild that does not trust leaves admit6's counter at 1, not at
+	// the 0 its transaction wrote: a pcpd that knows no mark (flowed6's
+	// ::) distrusts the emptied set too.
+	if out := l.nftIn(t, "list", "chain", "inet", "pcpd", "admit6"); !strings.Contains(out, "counter packets 1 ") {
+		t.Errorf("admit6's counter not at 1 after a rebuild that left the record untrusted:\n%s", out)
+	}
 	// The other mapping's delete: walked (the address recorded, or the
 	// record untrusted), and pruned from flowed6 if trusted.
 	l.deleteMap(t, p2)
