@@ -235,18 +235,25 @@ func (s *Server) releaseUnflowed(gen uint64, damaged bool) {
 		// as after damage (h/flowedlife).
 		damaged = true
 	}
-	u := &s.unflowed
-	u.mu.Lock()
 	if damaged {
-		fs := u.takeLocked()
-		u.mu.Unlock()
-		if len(fs) > 0 {
-			s.ct.add(fs)
-		}
+		s.walkUnflowed()
 		return
 	}
+	u := &s.unflowed
+	u.mu.Lock()
 	u.held = slices.DeleteFunc(u.held, func(h heldFilter) bool { return h.gen < gen })
 	u.mu.Unlock()
+}
+
+// walkUnflowed queues every filter skipUnflowed left out for a walk.
+func (s *Server) walkUnflowed() {
+	u := &s.unflowed
+	u.mu.Lock()
+	fs := u.takeLocked()
+	u.mu.Unlock()
+	if len(fs) > 0 {
+		s.ct.add(fs)
+	}
 }
 
 // mustWaitFlush reports whether a reply that ended these leases must wait

@@ -48,6 +48,15 @@ func (s *Server) regainFlowed() {
 		r.last = time.Now() // the first rebuild of a trusted record an hour after the start
 	}
 	rebuild := time.Since(r.last) >= flowedRebuildEvery
+	if !g.FlowedTrusted() {
+		// Filters left out since this check started may have been
+		// left out over what made the record untrusted (a flush of
+		// flowed6 the watch told after their skip): a rebuild that
+		// trusts now would have the next check's release drop them
+		// unwalked (review h/revlife). Walked now, as release does
+		// for a record untrusted at a check's end.
+		s.walkUnflowed()
+	}
 	start := time.Now()
 	trusted, err := g.RegainFlowed(rebuild)
 	switch {
