@@ -47,10 +47,22 @@ import (
 //     the table gone): not while the layout is intact (RegainFlowed runs
 //     only while the layout cuts, no conntrack read owed: cutting,
 //     !pinVerify) and every such event (noteDamage) untrusts again.
+//   - A flow let in through no guard (unlabelled, to a protected
+//     address: the table gone while pcpd was down; pinCheck.unguarded,
+//     verifyFlowed's finding): the rebuild does not trust while one
+//     lives. Recorded, its address could leave flowed6 at a prune (a walk
+//     of another port of it, no lease left at it) while it lived, and a
+//     mapping of its port made and ended later would leave its walk out
+//     (review h/revlife, TestE2ERegainRefusesUnguardedFlow). Only flows
+//     a pinhole admitted (labelled) are recorded for a walk's sake; the
+//     unlabelled ones it adds (echo, DNAT-ed, the host's own) no walk of
+//     a pinhole's needs.
 //   - A pcpd stopped part way: the mark is in flowed6 (with the counter
 //     at 0), and a Setup over the table reads it (flowsUnrecorded) as
 //     unrecorded. An older pcpd, which knows no mark, trusts a counter
-//     at 0: a downgrade is a table delete anyway (README).
+//     at 0: a downgrade is a table delete anyway (README). A rebuild
+//     that does not trust writes the counter at 1 again (review
+//     h/revlife): only a pcpd stopped during one leaves it at 0.
 //
 // It also ends the drift: what it leaves in flowed6 is the addresses of
 // live flows, so a rebuild now and then (the server: hourly) drops the
