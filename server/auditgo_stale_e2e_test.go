@@ -26,16 +26,12 @@ func auditEnds(t *testing.T) <-chan struct{} {
 	return ends
 }
 
-// TestE2EAuditRedumpsAfterRepair (h/auditgo): a repair that overlaps the
-// audit's dump (here: pin6 flushed by hand while the watch was deaf, the
-// dump reading the flushed set, then the damage told and repaired while
-// the dump is held) makes the audit discard its snapshot and dump again:
-// it then installs nothing (the repair put every live lease back). On the
-// stale snapshot it would install the three live pinholes a second time
-// (under s.mu: a second full re-install, ≈ 0.4 s per 100 000 leases) and
-// log them as deleted by hand. Without the guard (auditStale):
-// 'the audit installed 3 pinholes after the repair, want 0'.
-func TestE2EAuditRedumpsAfterRepair(t *testing.T) {
+// heldAfterStartLab is a watchLab restarted over a heldList (unarmed, so
+// the start's audit runs through), returned once that audit has ended;
+// ends tells each later audit's end. The holds end at the test's end at
+// the latest, before the lab's stop and the hook's reset.
+func heldAfterStartLab(t *testing.T) (*lab, *heldList, <-chan struct{}) {
+	t.Helper()
 	l := watchLab(t)
 	l.stop()
 	ends := auditEnds(t) // the next start's audit first
@@ -56,6 +52,20 @@ func TestE2EAuditRedumpsAfterRepair(t *testing.T) {
 	case <-time.After(watchBound):
 		t.Fatal("the start's audit did not end")
 	}
+	return l, h, ends
+}
+
+// TestE2EAuditRedumpsAfterRepair (h/auditgo): a repair that overlaps the
+// audit's dump (here: pin6 flushed by hand while the watch was deaf, the
+// dump reading the flushed set, then the damage told and repaired while
+// the dump is held) makes the audit discard its snapshot and dump again:
+// it then installs nothing (the repair put every live lease back). On the
+// stale snapshot it would install the three live pinholes a second time
+// (under s.mu: a second full re-install, ≈ 0.4 s per 100 000 leases) and
+// log them as deleted by hand. Without the guard (auditStale):
+// 'the audit installed 3 pinholes after the repair, want 0'.
+func TestE2EAuditRedumpsAfterRepair(t *testing.T) {
+	l, h, ends := heldAfterStartLab(t)
 	c := l.topo.ClientV6
 	for _, port := range []uint16{443, 444, 445} {
 		if r := l.pcp(mapReq(c, pcp.ProtoTCP, port, 0, time.Hour, 1)); r.Result != pcp.Success {

@@ -21,26 +21,7 @@ import (
 // read before it) it would delete it, and the client, told SUCCESS, would
 // have no pinhole until its renewal.
 func TestE2EAuditStaleOrphanNowLive(t *testing.T) {
-	l := watchLab(t)
-	l.stop()
-	ends := auditEnds(t) // the next start's audit first
-	t.Cleanup(l.stop)    // before the hook's reset, after the holds end
-	h := newHeldList(l.fw)
-	l.firewall = h
-	t.Cleanup(h.let)
-	t.Cleanup(func() {
-		select {
-		case <-h.read:
-		default:
-			close(h.read)
-		}
-	})
-	l.start()
-	select { // the start's audit
-	case <-ends:
-	case <-time.After(watchBound):
-		t.Fatal("the start's audit did not end")
-	}
+	l, h, ends := heldAfterStartLab(t)
 	c := l.topo.ClientV6
 	h.before.Store(true)
 	h.armed.Store(true)
