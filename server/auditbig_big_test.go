@@ -154,18 +154,7 @@ func TestAuditAboveMaxBig(t *testing.T) {
 			conflicting = append(conflicting, ls[i].Key)
 		}
 	}
-	{
-		st, _, err := store.Open(dir, zap.NewNop())
-		if err != nil {
-			t.Fatal(err)
-		}
-		for i := 0; i < n; i += 1 << 14 {
-			if err := st.Commit(ls[i:min(i+1<<14, n)], nil); err != nil {
-				t.Fatal(err)
-			}
-		}
-		st.Close()
-	}
+	commitLeases(t, dir, ls)
 	var picked []store.Key
 	for i := range k {
 		picked = append(picked, ls[i*(n/k)].Key)

@@ -54,18 +54,7 @@ func TestAuditWatchBlockFigure(t *testing.T) {
 			Created: now, Expires: now.Add(time.Hour), Kind: store.KindMap, Nonce: [12]byte{byte(i)},
 		}
 	}
-	{
-		st, _, err := store.Open(dir, zap.NewNop())
-		if err != nil {
-			t.Fatal(err)
-		}
-		for i := 0; i < n; i += 1 << 14 {
-			if err := st.Commit(ls[i:min(i+1<<14, n)], nil); err != nil {
-				t.Fatal(err)
-			}
-		}
-		st.Close()
-	}
+	commitLeases(t, dir, ls)
 	ls = nil
 	st, state, err := store.Open(dir, zap.NewNop())
 	if err != nil {

@@ -164,18 +164,25 @@ func probeLockWait(s *Server) (end func() (time.Duration, int)) {
 // new store in dir, in chunks, closes it and returns the leases.
 func commitStartLeases(t testing.TB, dir string, n int) []store.Lease {
 	t.Helper()
+	ls := startLeases(n, time.Now())
+	commitLeases(t, dir, ls)
+	return ls
+}
+
+// commitLeases commits ls to a new store in dir, 16 384 a commit (one
+// commit of a million would hold them all in one write), and closes it.
+func commitLeases(t testing.TB, dir string, ls []store.Lease) {
+	t.Helper()
 	st, _, err := store.Open(dir, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}
-	ls := startLeases(n, time.Now())
-	for i := 0; i < n; i += 1 << 14 {
-		if err := st.Commit(ls[i:min(i+1<<14, n)], nil); err != nil {
+	for i := 0; i < len(ls); i += 1 << 14 {
+		if err := st.Commit(ls[i:min(i+1<<14, len(ls))], nil); err != nil {
 			t.Fatal(err)
 		}
 	}
 	st.Close()
-	return ls
 }
 
 // storedLeasesServer is a Server over n leases committed to a real store

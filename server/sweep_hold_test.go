@@ -22,20 +22,11 @@ import (
 // owned more that are static:other's.
 func sweepReal(t *testing.T, name, dir string, n, owned int) (*Server, *pinhole.Backend, *store.Store) {
 	t.Helper()
-	st, _, err := store.Open(dir, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
 	ls := startLeases(n+owned, time.Now())
 	for i := n; i < n+owned; i++ {
 		ls[i].Owner = "static:other"
 	}
-	for i := 0; i < len(ls); i += 1 << 14 {
-		if err := st.Commit(ls[i:min(i+1<<14, len(ls))], nil); err != nil {
-			t.Fatal(err)
-		}
-	}
-	st.Close()
+	commitLeases(t, dir, ls)
 	ls = nil
 	st, state, err := store.Open(dir, zap.NewNop())
 	if err != nil {
