@@ -163,7 +163,10 @@ func TestWatchTellsOthersChanges(t *testing.T) {
 func TestWatchReopensAfterError(t *testing.T) {
 	ns := netlab.NewNS(t, "watchlost")
 	b := newBackend(t, ns, pinhole.Config{})
-	defer pinhole.WatchFailNext()()
+	// Restored by a cleanup registered before watching's, so after the
+	// watcher has stopped reading receiveHook (a defer ran before it: a
+	// data race under -race).
+	t.Cleanup(pinhole.WatchFailNext())
 	evs := watching(t, b)
 	ns.MustRun(t, "nft", "add table inet other") // any notification wakes the receive that fails
 	if ev := nextEvent(t, evs, "forced error"); ev.Lost == nil {
