@@ -137,8 +137,14 @@ type Backend struct {
 	// flowed: FlowedAddrs' connection and trust; unrecorded: a Setup or
 	// Healthy found flows may have been admitted unrecorded (flowed.go),
 	// sticky for the Backend's life. Under mu.
-	flowed           flowedState
-	unrecorded       bool
+	flowed     flowedState
+	unrecorded bool
+	// witnessOwed: the record untrusted (noteUnrecorded) and what says so
+	// to a later pcpd over the table (admit6's counter at 1) not written
+	// since: a write failed, or none was tried yet. Written again at each
+	// Healthy that finds the layout intact and at Close (flowedlife.go:
+	// the witness).
+	witnessOwed      bool
 	chainNATCut      string // the re-check of DNAT-ed flows, its base chain (natcut.go; attached, of both: attcut.go)
 	chainRecheckNAT  string
 	chainPrerouting  string
@@ -596,7 +602,8 @@ func (b *Backend) setupLocked() (err error) {
 	}
 	b.flowed.recorded.Store(b.recordsFlows() && !b.unrecorded)
 	if b.recordsFlows() && b.unrecorded {
-		b.writeMark() // the counter at 1 and the mark (flowedlife.go)
+		b.witnessOwed = false // admit6 written with its counter at 1 above
+		b.writeMark()         // and the mark (flowedlife.go)
 	}
 	b.cuttingNAT.Store(b.natCutting() && !b.natUnlabelled && !b.disarmed && !b.natVerify)
 	// Not fatal: the layout is committed, and the owner meter's write
@@ -1258,6 +1265,7 @@ func rangePrefixes(first, last netip.Addr) []netip.Prefix {
 // later call would dial them again).
 func (b *Backend) Close() {
 	b.mu.Lock()
+	b.writeWitnessOwed() // a stop after a failed write (flowedlife.go)
 	b.raw.close()
 	if b.ownConn {
 		_ = b.conn.CloseLasting()
@@ -1790,6 +1798,19 @@ const healthTries = 3
 // each overlapped a write, is done under the lock, as before N3, so a
 // stream of writes delays a check but cannot hide damage from it.
 func (b *Backend) Healthy() error {
+	err := b.healthy()
+	if err == nil {
+		// The layout intact: a witness owed is written now (the
+		// repairing Setup writes it over a damaged one).
+		b.mu.Lock()
+		b.writeWitnessOwed()
+		b.mu.Unlock()
+	}
+	return err
+}
+
+// healthy is Healthy's check.
+func (b *Backend) healthy() error {
 	for try := 1; ; try++ {
 		b.mu.Lock()
 		w := b.healthWantLocked()

@@ -223,21 +223,46 @@ func protects6More(prev, next []netip.Prefix) bool {
 // writeUnrecorded writes admit6 again, its counter at 1 (admit6Rules):
 // a later pcpd over the table, which reads no conntrack over a layout as
 // this one (flowsUnrecorded), does not trust the record either while the
-// flow found may live. A failure leaves it at 0 (the Setup after a
-// Healthy that finds the layout damaged writes it). Caller holds b.mu.
+// flow found may live; then the mark. A failure of the counter's write
+// leaves the witness owed (witnessOwed: written again at the next Healthy
+// that finds the layout intact, or Close; flowedlife.go). Caller holds
+// b.mu.
 func (b *Backend) writeUnrecorded() {
-	var err error
-	defer b.dropUnsent(&err)
-	b.gen++ // new handles: a Healthy reading meanwhile reads again
-	b.queueRewrite(&nftables.Chain{Table: b.table, Name: b.chainAdmit6}, chainRules{b.chainAdmit6, b.admit6Rules()}, true)
-	err = b.flush()
+	b.witnessOwed = !b.writeCounterAt1()
 	b.writeMark() // flowedlife.go: apart, as the set may be full
 }
 
+// writeCounterAt1 is writeUnrecorded's write of admit6, its counter at 1;
+// whether it went through. Caller holds b.mu.
+func (b *Backend) writeCounterAt1() bool {
+	var err error
+	defer b.dropUnsent(&err)
+	b.gen++ // new handles: a Healthy reading meanwhile reads again
+	b.queueRewrite(&nftables.Chain{Table: b.table, Name: b.chainAdmit6}, chainRules{b.chainAdmit6, b.admit6RulesAt(1)}, true)
+	err = b.flush()
+	return err == nil
+}
+
+// writeWitnessOwed writes the witness (writeUnrecorded) if owed and the
+// record is still untrusted. Caller holds b.mu.
+func (b *Backend) writeWitnessOwed() {
+	if !b.witnessOwed {
+		return
+	}
+	if !b.recordsFlows() || !b.unrecorded {
+		b.witnessOwed = false // no record, or trusted again since (RegainFlowed)
+		return
+	}
+	b.writeUnrecorded()
+}
+
 // noteUnrecorded: flows may have been admitted without their address in
-// flowed6, now or before (damage, the counter). Caller holds b.mu.
+// flowed6, now or before (damage, the counter). The kernel's witness is
+// owed until a write of it (writeUnrecorded, a Setup's layout) goes
+// through. Caller holds b.mu.
 func (b *Backend) noteUnrecorded() {
 	b.unrecorded = true
+	b.witnessOwed = true
 	b.flowed.recorded.Store(false)
 	b.flowed.untrusts++
 }
@@ -285,6 +310,7 @@ func (b *Backend) FlowedAddrs(asked ...netip.Addr) (flowed func(netip.Addr) bool
 	if n > 0 {
 		b.mu.Lock()
 		b.noteUnrecorded()
+		b.witnessOwed = false // the counter is the witness
 		b.mu.Unlock()
 		return nil, false
 	}

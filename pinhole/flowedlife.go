@@ -64,6 +64,23 @@ import (
 //     that does not trust writes the counter at 1 again (review
 //     h/revlife): only a pcpd stopped during one leaves it at 0.
 //
+// The witness (h/flowtrust). What tells a later pcpd over the table that
+// this one knew the record incomplete is admit6's counter at 1 (also
+// read by a pcpd that knows no mark, and kept by a flush of flowed6 by
+// hand while pcpd is down) and the mark: every untrust (noteUnrecorded)
+// owes it (witnessOwed) until a write of the counter goes through
+// (writeUnrecorded; a Setup's layout; the counter above 0 already). A
+// write that fails (ENOMEM, a commit refused) is tried again at each
+// Healthy that finds the layout intact and at Close. Before,
+// flowedTampered wrote the mark alone, once, and writeUnrecorded's
+// failures were dropped: the kernel said "trusted" (counter at 0, no
+// mark) and a restart trusted a record the last pcpd knew incomplete
+// (TestFlowedWitnessAfterFailedWrite). Left: a pcpd killed between the
+// failed write and the next check (one check's interval; both writes
+// failed). While a rebuild runs the mark, written with the counter at 0
+// in one transaction, is the witness (the counter at 1 would only fail
+// it).
+//
 // It also ends the drift: what it leaves in flowed6 is the addresses of
 // live flows, so a rebuild now and then (the server: hourly) drops the
 // leftovers; and the watch (judge) tells a change of flowed6 by another
@@ -152,8 +169,14 @@ func (b *Backend) RegainFlowed(rebuild bool) (trusted bool, err error) {
 	b.noteUnrecorded()
 	epoch := f.untrusts
 	in, err := b.regainStart()
-	b.mu.Unlock()
 	started := err == nil
+	if started {
+		// The mark, in the same transaction as the counter at 0, is
+		// the witness while the rebuild runs: the counter at 1 written
+		// meanwhile would only fail it.
+		b.witnessOwed = false
+	}
+	b.mu.Unlock()
 	defer func() {
 		if trusted {
 			return
@@ -281,7 +304,7 @@ func (b *Backend) flowedTampered() {
 		return
 	}
 	b.noteUnrecorded()
-	b.writeMark()
+	b.writeUnrecorded() // the counter too (the witness, above)
 }
 
 // flowedChanged reports whether msgs tell elements of flowed6 deleted by

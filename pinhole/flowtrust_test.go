@@ -1,0 +1,69 @@
+package pinhole_test
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pinhole"
+)
+
+// flowThrough installs a UDP pinhole at the client's port and sends one
+// datagram through it (a labelled flow, its address recorded).
+func flowThrough(t *testing.T, topo *netlab.Topology, be *pinhole.Backend, port uint16) netip.AddrPort {
+	t.Helper()
+	client := netip.AddrPortFrom(topo.ClientV6, port)
+	rx := listenUDP(t, topo.Client, client)
+	apply(t, be, install(pinhole.Pinhole{Protocol: udp, InternalAddr: client.Addr(), InternalPort: client.Port()}, time.Hour))
+	sendUDPFrom(t, topo.Internet, client)
+	rx.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := rx.Read(make([]byte, 16)); err != nil {
+		t.Fatalf("datagram through the pinhole: %v", err)
+	}
+	return client
+}
+
+// TestFlowedWitnessAfterFailedWrite (root, namespace; h/flowtrust): the
+// watch sees flowed6 flushed by another process (flowedTampered): the
+// record is untrusted, and what says so to a later pcpd over the table
+// is written. Those writes failing (FailFlushes), the next firewall
+// check that finds the layout intact (Healthy), or a stop (Close),
+// writes them again: a later pcpd's Setup does not trust the record,
+// which lacks the address of a live flow. Before, flowedTampered wrote
+// the mark alone, once: failed, the kernel said "trusted" (admit6's
+// counter at 0, no mark) and a restart trusted the flushed record (the
+// delete of the flow's mapping would leave its walk out).
+func TestFlowedWitnessAfterFailedWrite(t *testing.T) {
+	for _, next := range []string{"check", "stop"} {
+		t.Run(next, func(t *testing.T) {
+			topo, be := guardedTopology(t, pinhole.Config{})
+			client := flowThrough(t, topo, be, 7500)
+			if flowed, ok := be.FlowedAddrs(client.Addr()); !ok || !flowed(client.Addr()) {
+				t.Fatal("the flow's address not recorded: nothing to test")
+			}
+			topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "flowed6")
+			pinhole.FailFlushes(be, 2) // the counter's write, the mark's
+			pinhole.FlowedTampered(be)
+			if _, ok := be.FlowedAddrs(); ok {
+				t.Fatal("record trusted after flowed6 was flushed")
+			}
+			switch next {
+			case "check":
+				if err := be.Healthy(); err != nil {
+					t.Fatalf("Healthy: %v", err)
+				}
+			case "stop":
+				be.Close()
+			}
+			later := newBackend(t, topo.Host, pinhole.Config{})
+			serveTunnel(t, later, topo)
+			if err := later.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+				t.Fatal(err)
+			}
+			if flowed, ok := later.FlowedAddrs(client.Addr()); ok && !flowed(client.Addr()) {
+				t.Errorf("a later Setup trusts the record the last pcpd knew incomplete (flowed6 flushed, its witness's write failed, then a %s): the address of a live flow unrecorded", next)
+			}
+		})
+	}
+}
