@@ -22,3 +22,11 @@ func FailFlushes(b *Backend, n int) {
 // FlowedTampered is what the watch does once it sees flowed6's elements
 // deleted by another process or loses what it was told (flowedlife.go).
 func FlowedTampered(b *Backend) { b.flowedTampered() }
+
+// SetFlowedSize sets flowed6's size for the sets Setups make from now on,
+// until restore is called; tests using it must not run in parallel.
+func SetFlowedSize(n int) (restore func()) {
+	old := flowedSize
+	flowedSize = n
+	return func() { flowedSize = old }
+}

@@ -58,12 +58,12 @@ import (
 // flowedSize is flowed6's size: IPv6 addresses that had a flow admitted.
 // Past it, adds fail and the counter makes every walk run again, until
 // RegainFlowed empties the set of all but live flows' addresses.
-const flowedSize = 1 << 16
+var flowedSize = 1 << 16 // a var for tests only (SetFlowedSize)
 
 // flowedSet is flowed6, standalone only.
 func flowedSet(table *nftables.Table) *nftables.Set {
 	return &nftables.Set{Table: table, Name: "flowed6", KeyType: nftables.TypeIP6Addr,
-		KeyByteOrder: binaryutil.BigEndian, Dynamic: true, Size: flowedSize,
+		KeyByteOrder: binaryutil.BigEndian, Dynamic: true, Size: uint32(flowedSize),
 		Comment: "pcpd: IPv6 addresses pinholes admitted a flow to"}
 }
 

@@ -26,17 +26,37 @@ import (
 // RegainFlowed rebuilds the record and trusts it again. In one
 // transaction: flowed6 flushed, the mark (flowedMark) added, admit6
 // written with its counter at 0. Then, flowedSettle later, conntrack is
-// read once and the destination of every IPv6 flow to a protected address
-// (labelled or not: an unlabelled one, let in through no guard, is ended
-// only by a walk) or carrying this Backend's label (admitted by its guard,
-// its prefix since unprotected) is added to flowed6; then the counter is
-// read: 0, and nothing untrusted the record meanwhile (untrusts), the
-// mark is deleted and the record trusted. Why nothing is missed:
+// read once and the destination of every IPv6 flow carrying this
+// Backend's label (admitted by a pinhole through admit6, its prefix
+// protected or since unprotected: what the ruleset records) is added to
+// flowed6; then the counter is read: 0, and nothing untrusted the record
+// meanwhile (untrusts), the mark is deleted and the record trusted.
+//
+// Only labelled flows (h/flowtrust). An unlabelled IPv6 flow to a
+// protected address is one of: let in through no guard (the rebuild does
+// not trust while one lives: below), an echo or ICMPv6 error (AllowEcho,
+// guard6's icmp rule), DNAT-ed (a redirect's), a helper's expected flow
+// (ct state related) or the host's own. None was admitted by a pinhole,
+// and the ruleset never records one (admit6 is reached only from the
+// admission rules, after "ct label set"): a record trusted between
+// rebuilds lacks them too. No walk left out has to end one: a pinhole's
+// delete does not govern a flow that passes without it (an echo is let
+// in again at its next packet; a related flow follows its master, which
+// is labelled and recorded); a DNAT-ed flow's walk is its redirect's,
+// never left out (RecordsFlows: not for redirects; natcut re-checks it);
+// the walk spares the host's own anyway (the server's ctDeleter.host).
+// Before, the rebuild recorded every IPv6 flow to a protected address:
+// echo requests to 65 535 addresses of a client's prefix (anyone on the
+// Internet, with AllowEcho; conntrack keeps each 30 s) made every
+// rebuild meanwhile fail ("more than flowed6 holds"), and every delete
+// walked conntrack again (TestRegainIgnoresEcho).
+//
+// Why nothing is missed:
 //
 //   - A flow admitted after the transaction: its add recorded it, or
 //     failed and the counter (read after every add of ours) is above 0.
-//   - A flow admitted before it: in conntrack when the dump passes its
-//     bucket, so added, unless it ended (nothing to walk). A packet
+//   - A flow admitted before it: in conntrack, labelled, when the dump
+//     passes its bucket, so added, unless it ended (nothing to walk). A packet
 //     admitted before the commit and not yet confirmed (the same pass
 //     through the stack, microseconds) when the dump passed its bucket
 //     is missed: flowedSettle waits for it. Such a flow is labelled
@@ -53,10 +73,7 @@ import (
 //     lives. Recorded, its address could leave flowed6 at a prune (a walk
 //     of another port of it, no lease left at it) while it lived, and a
 //     mapping of its port made and ended later would leave its walk out
-//     (review h/revlife, TestE2ERegainRefusesUnguardedFlow). Only flows
-//     a pinhole admitted (labelled) are recorded for a walk's sake; the
-//     unlabelled ones it adds (echo, DNAT-ed, the host's own) no walk of
-//     a pinhole's needs.
+//     (review h/revlife, TestE2ERegainRefusesUnguardedFlow).
 //   - A pcpd stopped part way: the mark is in flowed6 (with the counter
 //     at 0), and a Setup over the table reads it (flowsUnrecorded) as
 //     unrecorded. An older pcpd, which knows no mark, trusts a counter
@@ -254,8 +271,9 @@ func (b *Backend) regainStart() (in pinCheck, err error) {
 }
 
 // liveDests is RegainFlowed's read of conntrack: the distinct destinations
-// of the IPv6 flows to a protected address, or labelled with in.bit.
-// More than flowed6 holds (the mark's place kept): an error.
+// of the IPv6 flows labelled with in.bit (a pinhole's: only labelled,
+// above). More than flowed6 holds (the mark's place kept), or a flow let
+// in through no guard: an error.
 func (b *Backend) liveDests(in pinCheck) ([]netip.Addr, error) {
 	seen := map[netip.Addr]struct{}{}
 	var out []netip.Addr
@@ -268,8 +286,8 @@ func (b *Backend) liveDests(in pinCheck) ([]netip.Addr, error) {
 			return true
 		}
 		d := fl.Orig.Dst.WithZone("")
-		if _, ok := seen[d]; ok || !d.Is6() || !inRanges(in.prot, d) && !fl.Labelled(in.bit) {
-			return false
+		if _, ok := seen[d]; ok || !d.Is6() || !fl.Labelled(in.bit) {
+			return false // not a pinhole's (as admit6 records: recordedOnly)
 		}
 		seen[d] = struct{}{}
 		out = append(out, d)

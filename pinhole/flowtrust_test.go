@@ -1,9 +1,13 @@
 package pinhole_test
 
 import (
+	"net"
 	"net/netip"
 	"testing"
 	"time"
+
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv6"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
@@ -65,5 +69,65 @@ func TestFlowedWitnessAfterFailedWrite(t *testing.T) {
 				t.Errorf("a later Setup trusts the record the last pcpd knew incomplete (flowed6 flushed, its witness's write failed, then a %s): the address of a live flow unrecorded", next)
 			}
 		})
+	}
+}
+
+// pingMany sends one ICMPv6 echo request from Internet to each of n
+// distinct addresses of the client's prefix (n conntrack entries).
+func pingMany(t *testing.T, topo *netlab.Topology, n int) {
+	t.Helper()
+	if err := topo.Internet.Do(func() error {
+		tx, err := net.ListenPacket("ip6:ipv6-icmp", topo.InternetV6.String())
+		if err != nil {
+			return err
+		}
+		defer tx.Close()
+		for i := range n {
+			a := topo.ClientPrefix6.Addr().As16()
+			a[13], a[14], a[15] = 0xec, byte(i>>8), byte(i)
+			m := icmp.Message{Type: ipv6.ICMPTypeEchoRequest, Body: &icmp.Echo{ID: 7, Seq: i, Data: []byte("x")}}
+			b, err := m.Marshal(nil)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.WriteTo(b, &net.IPAddr{IP: netip.AddrFrom16(a).AsSlice()}); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRegainIgnoresEcho (root, namespace; h/flowtrust): echo requests to
+// more distinct addresses of a protected prefix than flowed6 holds
+// (AllowEcho: admitted unlabelled, by no pinhole; flowed6 made 64 large
+// here) do not stop a rebuild from trusting the record: only labelled
+// flows (a pinhole's admission) are recorded, as the ruleset records
+// them; a labelled flow's address is recorded, an echo's is not. Before,
+// the rebuild recorded every IPv6 flow to a protected address: "64 or
+// more addresses with flows: more than flowed6 holds", and anyone able
+// to ping a client's prefix kept every delete on the full walk.
+func TestRegainIgnoresEcho(t *testing.T) {
+	defer pinhole.SetFlowedSize(64)()
+	topo, be := guardedTopology(t, pinhole.Config{AllowEcho: true})
+	client := flowThrough(t, topo, be, 7600)
+	pingMany(t, topo, 100)
+	trusted, err := be.RegainFlowed(true)
+	if err != nil || !trusted {
+		t.Fatalf("RegainFlowed with echo flows to 100 addresses live: %v, %v", trusted, err)
+	}
+	echoed := topo.ClientPrefix6.Addr().As16()
+	echoed[13] = 0xec
+	flowed, ok := be.FlowedAddrs(client.Addr(), netip.AddrFrom16(echoed))
+	if !ok {
+		t.Fatal("record untrusted after RegainFlowed")
+	}
+	if !flowed(client.Addr()) {
+		t.Error("the address of a flow a pinhole admitted not recorded by the rebuild")
+	}
+	if flowed(netip.AddrFrom16(echoed)) {
+		t.Error("an echo's destination recorded by the rebuild")
 	}
 }
