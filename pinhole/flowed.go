@@ -85,9 +85,17 @@ func (b *Backend) admit6RulesAt(n uint64) [][]expr.Any {
 		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6DstOff, 16, reg0),
 			&expr.Dynset{SrcRegKey: reg0, SetName: b.flowed6.Name, SetID: b.flowed6.ID, Operation: unix.NFT_DYNSET_OP_ADD},
 			accept)),
-		x(&expr.Counter{Packets: n}, accept),
+		x(&expr.Counter{Packets: n, Bytes: counterBase}, accept),
 	}
 }
+
+// counterBase is what admit6's counter's bytes are written at: a reset of
+// the table's rule counters ("nft reset rules", nft 1.0.7 and later,
+// Linux 6.3; the kernel tells no one) brings them to 0, which
+// admit6Counter reads as "may have gone unrecorded" (h/flowtrust). Its
+// packets alone could not tell a reset from no failed add. Each failed
+// add's packet adds its length on top.
+const counterBase = 1 << 40
 
 // flowsUnrecorded reports whether guard6 and admit6 as they are in the
 // kernel, before Setup writes them, may have admitted flows flowed6 does
@@ -162,7 +170,8 @@ func (b *Backend) verifyFlowed() bool {
 	return true
 }
 
-// admit6Counter reads the packets of admit6's last rule's counter.
+// admit6Counter reads the packets of admit6's last rule's counter; its
+// bytes below counterBase (reset) read as one packet more.
 func (b *Backend) admit6Counter(c *nftables.Conn) (uint64, error) {
 	rules, err := c.GetRules(b.table, &nftables.Chain{Table: b.table, Name: b.chainAdmit6})
 	if err != nil {
@@ -173,6 +182,11 @@ func (b *Backend) admit6Counter(c *nftables.Conn) (uint64, error) {
 	}
 	for _, e := range rules[len(rules)-1].Exprs {
 		if ctr, ok := e.(*expr.Counter); ok {
+			if ctr.Bytes < counterBase {
+				// Reset since it was written (or written by a pcpd
+				// before h/flowtrust: one rebuild, then trusted).
+				return ctr.Packets + 1, nil
+			}
 			return ctr.Packets, nil
 		}
 	}

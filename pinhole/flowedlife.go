@@ -67,6 +67,23 @@ import (
 //     the table gone): not while the layout is intact (RegainFlowed runs
 //     only while the layout cuts, no conntrack read owed: cutting,
 //     !pinVerify) and every such event (noteDamage) untrusts again.
+//     Damage noticed is not lost to a rebuild (h/flowtrust): noticed
+//     before it, the rebuild does not start (noteDamage clears cutting
+//     or sets pinVerify, until a Setup that read conntrack for flows let
+//     in unlabelled, or VerifySetup); noticed during it, untrusts has
+//     moved and it does not trust (a Healthy overlapping it reads again:
+//     regainStart's gen); a repairing Setup meanwhile writes the counter
+//     at 1 (b.unrecorded), which the rebuild's read of it sees. Damage
+//     not yet noticed, begun before the dump: its flows are in
+//     conntrack, unlabelled, and the rebuild refuses (unguarded, below).
+//     Begun after the check's Healthy, with a flow let in after the dump
+//     passed: trusted until the next check, as a trusted record is
+//     without any rebuild; that check sees the damage (noteDamage) and
+//     walks the filters left out meanwhile (the server keeps each until
+//     a check started after it finds the layout intact: skipUnflowed),
+//     so their walks come late, not never. Damage undone before any
+//     check saw it goes unseen with or without a rebuild, but its flows
+//     make the next rebuild refuse.
 //   - A flow let in through no guard (unlabelled, to a protected
 //     address: the table gone while pcpd was down; pinCheck.unguarded,
 //     verifyFlowed's finding): the rebuild does not trust while one
@@ -103,9 +120,13 @@ import (
 // leftovers; and the watch (judge) tells a change of flowed6 by another
 // process (nft flush set: one NFT_MSG_DELSETELEM an element on 6.18) and
 // a lost watch as untrusting (flowedTampered), regained the same way.
-// nft reset counters tells no one (no notification, no new generation):
-// a reset of admit6's counter between a failed add and the next
-// FlowedAddrs is not seen.
+// A reset of admit6's counter tells no one either (no notification, no
+// new generation). "nft reset counters" resets named counter objects only
+// (nft 1.0.6: admit6's stays); "nft reset rules" (nft 1.0.7 and later,
+// Linux 6.3) resets rules' counters: its packets at 0 again would hide a
+// failed add. Its bytes are written at counterBase (h/flowtrust), so a
+// reset reads as untrusting (TestFlowedCounterReset). A table a pcpd
+// before h/flowtrust wrote (bytes at 0) is rebuilt once.
 
 // flowedMark is flowed6's element that says "untrusted" to a later pcpd
 // over the table: never a flow's destination.

@@ -1,13 +1,17 @@
 package pinhole_test
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
+	mdnetlink "github.com/mdlayher/netlink"
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv6"
+	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
@@ -129,5 +133,73 @@ func TestRegainIgnoresEcho(t *testing.T) {
 	}
 	if flowed(netip.AddrFrom16(echoed)) {
 		t.Error("an echo's destination recorded by the rebuild")
+	}
+}
+
+// resetRuleCounters resets the counters of chain's rules in inet table
+// as "nft reset rules inet TABLE CHAIN" does (NFT_MSG_GETRULE_RESET, nft
+// 1.0.7 and later; the CI's nft 1.0.6 has no such command).
+func resetRuleCounters(t *testing.T, ns *netlab.NS, table, chain string) {
+	t.Helper()
+	if err := ns.Do(func() error {
+		c, err := mdnetlink.Dial(unix.NETLINK_NETFILTER, nil)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		ae := mdnetlink.NewAttributeEncoder()
+		ae.String(unix.NFTA_RULE_TABLE, table)
+		ae.String(unix.NFTA_RULE_CHAIN, chain)
+		attrs, err := ae.Encode()
+		if err != nil {
+			return err
+		}
+		_, err = c.Execute(mdnetlink.Message{
+			Header: mdnetlink.Header{
+				Type:  mdnetlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETRULE_RESET),
+				Flags: mdnetlink.Request | mdnetlink.Dump,
+			},
+			Data: append([]byte{unix.NFPROTO_INET, unix.NFNETLINK_V0, 0, 0}, attrs...),
+		})
+		return err
+	}); err != nil {
+		t.Fatalf("reset of %s's rule counters: %v", chain, err)
+	}
+}
+
+// TestFlowedCounterReset (root, namespace; h/flowtrust): an add to a
+// full flowed6 fails (admit6's counter at 1: a flow's address
+// unrecorded), then someone resets the table's rule counters ("nft reset
+// rules", which the kernel tells no one): the counter's packets are 0
+// again. Neither the running Backend nor a later one over the table
+// trusts the record: admit6's counter is written with its bytes at a
+// base (counterBase), which the reset brings to 0. Before, both trusted
+// it, the flow's address missing.
+func TestFlowedCounterReset(t *testing.T) {
+	defer pinhole.SetFlowedSize(16)()
+	topo, be := guardedTopology(t, pinhole.Config{})
+	var b strings.Builder
+	for i := range 16 {
+		fmt.Fprintf(&b, "2001:db8:ffff::%x,", i)
+	}
+	topo.Host.MustRun(t, "nft", "add", "element", "inet", "pcpd", "flowed6", "{ "+b.String()+" }")
+	client := flowThrough(t, topo, be, 7700)
+	if out := topo.Host.MustRun(t, "nft", "list", "chain", "inet", "pcpd", "admit6"); !strings.Contains(out, "counter packets 1 ") {
+		t.Fatalf("admit6's counter not at 1 after an add to a full flowed6: nothing to test\n%s", out)
+	}
+	resetRuleCounters(t, topo.Host, "pcpd", "admit6")
+	if out := topo.Host.MustRun(t, "nft", "list", "chain", "inet", "pcpd", "admit6"); !strings.Contains(out, "counter packets 0 bytes 0 ") {
+		t.Fatalf("admit6's counter not reset: nothing to test\n%s", out)
+	}
+	if flowed, ok := be.FlowedAddrs(client.Addr()); ok && !flowed(client.Addr()) {
+		t.Error("record trusted after admit6's counter was reset, the address of a flow admitted unrecorded missing")
+	}
+	later := newBackend(t, topo.Host, pinhole.Config{})
+	serveTunnel(t, later, topo)
+	if err := later.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+		t.Fatal(err)
+	}
+	if flowed, ok := later.FlowedAddrs(client.Addr()); ok && !flowed(client.Addr()) {
+		t.Error("a later Setup trusts the record after admit6's counter was reset, the address of a flow admitted unrecorded missing")
 	}
 }
