@@ -258,9 +258,13 @@ func (b *Backend) writeCounterAt1() bool {
 }
 
 // writeWitnessOwed writes the witness (writeUnrecorded) if owed and the
-// record is still untrusted. Caller holds b.mu.
+// record is still untrusted. Not over damage a Healthy found (the
+// repairing Setup writes it in its layout): its rewrite of admit6 would
+// mend a flushed admit6 unseen (a Healthy that read before the damage
+// and returned after it; TestKeptSocketsTamperMidRead). Caller holds
+// b.mu.
 func (b *Backend) writeWitnessOwed() {
-	if !b.witnessOwed {
+	if !b.witnessOwed || b.recheckFlows {
 		return
 	}
 	if !b.recordsFlows() || !b.unrecorded {
