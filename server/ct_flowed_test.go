@@ -142,12 +142,13 @@ func TestE2EFlowedUntrustedWalks(t *testing.T) {
 // (flowed6 full) leaves it.
 func (l *lab) admitCounterAt1(t *testing.T) {
 	t.Helper()
-	re := regexp.MustCompile(`(?m)^\s*counter packets 0 bytes 0 accept # handle (\d+)$`)
+	re := regexp.MustCompile(`(?m)^\s*counter packets 0 bytes \d+ accept # handle (\d+)$`)
 	m := re.FindStringSubmatch(l.nftIn(t, "-a", "list", "chain", "inet", "pcpd", "admit6"))
 	if m == nil {
 		t.Fatal("no counter rule at 0 in admit6")
 	}
-	l.nftIn(t, "replace", "rule", "inet", "pcpd", "admit6", "handle", m[1], "counter packets 1 bytes 80 accept")
+	// Its bytes at pinhole's base (2^40, h/flowtrust) and one datagram's.
+	l.nftIn(t, "replace", "rule", "inet", "pcpd", "admit6", "handle", m[1], "counter packets 1 bytes 1099511627856 accept")
 }
 
 // TestE2EUnflowedWalkedAfterDamage (root, namespaces): damage not yet
