@@ -34,14 +34,7 @@ func TestFlowedRegainAfterOverflow(t *testing.T) {
 		t.Fatal(err)
 	}
 	topo.Host.MustRun(t, "nft", "-f", f)
-	client := netip.AddrPortFrom(topo.ClientV6, 7300)
-	rx := listenUDP(t, topo.Client, client)
-	apply(t, be, install(pinhole.Pinhole{Protocol: udp, InternalAddr: client.Addr(), InternalPort: client.Port()}, time.Hour))
-	sendUDPFrom(t, topo.Internet, client)
-	rx.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := rx.Read(make([]byte, 16)); err != nil {
-		t.Fatalf("datagram through the pinhole: %v", err)
-	}
+	client := flowThrough(t, topo, be, 7300)
 	if _, ok := be.FlowedAddrs(); ok {
 		t.Fatal("record trusted after an add to a full flowed6 failed: nothing to test")
 	}
