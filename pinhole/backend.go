@@ -1265,7 +1265,7 @@ func rangePrefixes(first, last netip.Addr) []netip.Prefix {
 // later call would dial them again).
 func (b *Backend) Close() {
 	b.mu.Lock()
-	b.writeWitnessOwed() // a stop after a failed write (flowedlife.go)
+	b.writeWitnessOwed(true) // a stop after a failed write (flowedlife.go)
 	b.raw.close()
 	if b.ownConn {
 		_ = b.conn.CloseLasting()
@@ -1803,7 +1803,7 @@ func (b *Backend) Healthy() error {
 		// The layout intact: a witness owed is written now (the
 		// repairing Setup writes it over a damaged one).
 		b.mu.Lock()
-		b.writeWitnessOwed()
+		b.writeWitnessOwed(false)
 		b.mu.Unlock()
 	}
 	return err

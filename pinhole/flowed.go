@@ -261,10 +261,13 @@ func (b *Backend) writeCounterAt1() bool {
 // record is still untrusted. Not over damage a Healthy found (the
 // repairing Setup writes it in its layout): its rewrite of admit6 would
 // mend a flushed admit6 unseen (a Healthy that read before the damage
-// and returned after it; TestKeptSocketsTamperMidRead). Caller holds
-// b.mu.
-func (b *Backend) writeWitnessOwed() {
-	if !b.witnessOwed || b.recheckFlows {
+// and returned after it; TestKeptSocketsTamperMidRead). But at a stop
+// (Close) all the same: no check follows that could miss the mend, and
+// a stop before the repair went through (none yet, or one that failed)
+// left the kernel saying "trusted" to the next pcpd (review h/revtrust,
+// TestFlowedWitnessAtStopAfterDamage). Caller holds b.mu.
+func (b *Backend) writeWitnessOwed(stopping bool) {
+	if !b.witnessOwed || b.recheckFlows && !stopping {
 		return
 	}
 	if !b.recordsFlows() || !b.unrecorded {
