@@ -41,8 +41,10 @@ import (
 // admission rules, after "ct label set"): a record trusted between
 // rebuilds lacks them too. No walk left out has to end one: a pinhole's
 // delete does not govern a flow that passes without it (an echo is let
-// in again at its next packet; a related flow follows its master, which
-// is labelled and recorded); a DNAT-ed flow's walk is its redirect's,
+// in again at its next packet, with AllowEcho: without it an unlabelled
+// echo was let in through no guard and its address is recorded, review
+// h/revtrust, unguardedEcho; a related flow passes "ct state related"
+// whatever the pinholes: the kernel does not end it with its master); a DNAT-ed flow's walk is its redirect's,
 // never left out (RecordsFlows: not for redirects; natcut re-checks it);
 // the walk spares the host's own anyway (the server's ctDeleter.host).
 // Before, the rebuild recorded every IPv6 flow to a protected address:
@@ -307,7 +309,7 @@ func (b *Backend) liveDests(in pinCheck) ([]netip.Addr, error) {
 			return true
 		}
 		d := fl.Orig.Dst.WithZone("")
-		if _, ok := seen[d]; ok || !d.Is6() || !fl.Labelled(in.bit) {
+		if _, ok := seen[d]; ok || !d.Is6() || !fl.Labelled(in.bit) && !b.unguardedEcho(in, fl) {
 			return false // not a pinhole's (as admit6 records: recordedOnly)
 		}
 		seen[d] = struct{}{}
@@ -330,6 +332,18 @@ func (b *Backend) liveDests(in pinCheck) ([]netip.Addr, error) {
 		return nil, errors.New("pinhole: flowed6 rebuild: conntrack's dump interrupted")
 	}
 	return out, nil
+}
+
+// unguardedEcho: f is an unlabelled ICMPv6 flow (an echo) to a protected
+// address while echo is not allowed: let in through no guard (without
+// AllowEcho only an all-protocols pinhole admits an echo, labelled), it
+// goes on as established whatever the pinholes and only a walk ends it.
+// The rebuild records its address (review h/revtrust,
+// TestRegainRecordsUnguardedEcho): unguarded exempts ICMPv6 (AllowEcho's
+// echo and the errors), and h/flowtrust's "labelled only" left it out.
+func (b *Backend) unguardedEcho(in pinCheck, f *ctnl.Flow) bool {
+	return !b.cfg.AllowEcho && f.Orig.Proto == unix.IPPROTO_ICMPV6 && f.Status&(ipsDstNAT|ipsExpected) == 0 &&
+		!f.DNATed() && inRanges(in.prot, f.Orig.Dst)
 }
 
 // flowedTampered: flowed6 changed by another process, or the watch lost
