@@ -19,18 +19,14 @@ import (
 	"github.com/pcpd/pcpd/store"
 )
 
-// TestAuditWatchBlockFigure (h/auditgo; root; PCPD_AUDIT_WATCH_N=N IPv4
-// NAPT mappings, at most auditMaxLeases: a figure, run it under the
-// bench lock) starts a server over N stored IPv4 mappings in a namespace
-// of its own, runs watchFirewall (the watch, then the start's audit,
-// whose dump reads every napt4 and snat4 element), adds a hole by hand
-// ("nft add element ... pin6", 1 h) 300 ms later, while the dump runs,
-// and logs how long until the watch has undone it (a per-element GET
-// every 2 ms) and when the audit ended. Before h/auditgo the watch's
-// pass waited for the audit: the undo came after the dump.
-func TestAuditWatchBlockFigure(t *testing.T) {
+// auditFigureServer is the figures' server (root; PCPD_AUDIT_WATCH_N=N
+// IPv4 NAPT mappings, skipped if unset): N stored mappings restored by
+// Start into a namespace of its own, TamperInterval and AuditInterval an
+// hour, its log observed (from after the start).
+func auditFigureServer(t *testing.T) (s *Server, ns *netlab.NS, logs *observer.ObservedLogs, n int) {
+	t.Helper()
 	netlab.RequireRoot(t)
-	n, _ := strconv.Atoi(os.Getenv("PCPD_AUDIT_WATCH_N"))
+	n, _ = strconv.Atoi(os.Getenv("PCPD_AUDIT_WATCH_N"))
 	if n == 0 {
 		t.Skip("PCPD_AUDIT_WATCH_N=N not set")
 	}
@@ -61,7 +57,7 @@ func TestAuditWatchBlockFigure(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	ns := netlab.NewNS(t, "auditgo-fig")
+	ns = netlab.NewNS(t, "auditgo-fig")
 	conn, _ := ns.LastingNftConn(t)
 	fw, err := pinhole.New(conn, pinhole.Config{})
 	if err != nil {
@@ -75,8 +71,12 @@ func TestAuditWatchBlockFigure(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := New(Config{RateLimit: 1e12, RateBurst: 1 << 30, KeepConnections: true, ExternalIPv4: benchExt4,
-		TamperInterval: time.Hour, AuditInterval: time.Hour}, Deps{Firewall: fw, Store: st, State: state, Policy: pol}, zap.NewNop())
+	nsh, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err = New(Config{RateLimit: 1e12, RateBurst: 1 << 30, KeepConnections: true, ExternalIPv4: benchExt4,
+		TamperInterval: time.Hour, AuditInterval: time.Hour, NetNS: nsh}, Deps{Firewall: fw, Store: st, State: state, Policy: pol}, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,6 +87,20 @@ func TestAuditWatchBlockFigure(t *testing.T) {
 	t.Logf("start over %d IPv4 mappings: %v (%d leases)", n, time.Since(t1), s.tab.len())
 	core, logs := observer.New(zap.DebugLevel)
 	s.log = zap.New(core)
+	return s, ns, logs, n
+}
+
+// TestAuditWatchBlockFigure (h/auditgo; root; PCPD_AUDIT_WATCH_N=N IPv4
+// NAPT mappings, at most auditMaxLeases: a figure, run it under the
+// bench lock) starts a server over N stored IPv4 mappings in a namespace
+// of its own, runs watchFirewall (the watch, then the start's audit,
+// whose dump reads every napt4 and snat4 element), adds a hole by hand
+// ("nft add element ... pin6", 1 h) 300 ms later, while the dump runs,
+// and logs how long until the watch has undone it (a per-element GET
+// every 2 ms) and when the audit ended. Before h/auditgo the watch's
+// pass waited for the audit: the undo came after the dump.
+func TestAuditWatchBlockFigure(t *testing.T) {
+	s, ns, logs, n := auditFigureServer(t)
 	nsh, err := ns.Handle()
 	if err != nil {
 		t.Fatal(err)
@@ -127,4 +141,29 @@ func TestAuditWatchBlockFigure(t *testing.T) {
 	<-done
 	t.Logf("N=%d: hole added %v after the watch started; undone %v after the add; the start's audit ended %v after the add (%v after the watch started)",
 		n, added.Sub(started).Round(time.Millisecond), undone.Round(10*time.Microsecond), auditEnd.Sub(added).Round(time.Millisecond), auditEnd.Sub(started).Round(time.Millisecond))
+}
+
+// TestAuditStopFigure (h/auditend; root; PCPD_AUDIT_WATCH_N=N IPv4 NAPT
+// mappings: a figure, run it under the bench lock) runs Serve over the
+// figures' server (auditFigureServer), cancels its ctx 1 s later, while
+// the start's audit dumps (4.5-10 s at 100 000), as SIGTERM does
+// (cmd/pcpd), and logs how long Serve took to return. Before h/auditend
+// Serve waited out the dump's rest.
+func TestAuditStopFigure(t *testing.T) {
+	s, _, logs, n := auditFigureServer(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	time.Sleep(time.Second)
+	if logs.FilterMessageSnippet("firewall audit done").Len() > 0 {
+		t.Fatal("the start's audit ended within 1 s: no dump to stop")
+	}
+	stopped := time.Now()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(stopped)
+	t.Logf("N=%d: Serve returned %v after its ctx ended 1 s into the start's audit (audit done logged: %d; audits running after: %d)",
+		n, took.Round(time.Millisecond), logs.FilterMessageSnippet("firewall audit done").Len(), auditGoroutines())
 }
