@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -41,14 +42,29 @@ func newHeldList(b *pinhole.Backend) *heldList {
 }
 
 func (h *heldList) List() ([]pinhole.Entry, error) {
+	return h.ListContext(context.Background())
+}
+
+// ListContext is the Backend's, held as List; a hold ends with ctx too
+// (then ctx's error, as the Backend's dump cut short: the held dump
+// stands for one in progress).
+func (h *heldList) ListContext(ctx context.Context) ([]pinhole.Entry, error) {
 	if h.before.CompareAndSwap(true, false) {
 		h.entered <- struct{}{}
-		<-h.read
+		select {
+		case <-h.read:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
-	es, err := h.Backend.List()
+	es, err := h.Backend.ListContext(ctx)
 	if h.armed.CompareAndSwap(true, false) {
 		h.dumped <- struct{}{}
-		<-h.release
+		select {
+		case <-h.release:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
 	return es, err
 }
