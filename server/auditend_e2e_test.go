@@ -1,10 +1,14 @@
 package server
 
 import (
+	"errors"
 	"runtime"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
 )
 
 // auditGoroutines counts the goroutines running an audit or its dump
@@ -69,5 +73,52 @@ func TestE2EStopDuringAuditDump(t *testing.T) {
 	}
 	if _, held := l.holds(6, l.topo.ClientV6, 444); !held {
 		t.Error("the element added by hand before the start is gone: the stopped audit acted on its dump")
+	}
+}
+
+// TestE2EAuditAfterStoppingRepair (h/auditend; review h/revgo LOW 1): an
+// audit stopped by a missing pinhole set (napt4 deleted by hand, its
+// rules flushed, while the audit for lost notifications was under way:
+// its dump held before reading, heldList.before) compares nothing; the
+// check it asks for repairs the layout and re-installs every lease but
+// removes nothing. A hole added by hand to pin6 meanwhile, while the
+// watch was deaf (an orphan only an audit finds), must then go: the
+// repair that follows a stopped audit runs another. Before, it stayed
+// until the next hourly audit.
+func TestE2EAuditAfterStoppingRepair(t *testing.T) {
+	l, h, ends := heldAfterStartLab(t)
+	c := l.topo.ClientV6
+	if r := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); r.Result != pcp.Success {
+		t.Fatalf("%+v", r)
+	}
+	h.before.Store(true)
+	h.lose() // the check (healthy), then an audit
+	select {
+	case <-h.entered:
+	case <-time.After(watchBound):
+		t.Fatal("no audit after lost notifications")
+	}
+	h.deaf.Store(true)
+	l.addByHand(t, 444)
+	l.topo.Host.MustRun(t, "nft", "flush chain inet pcpd recheck_nat; flush chain inet pcpd prerouting; delete set inet pcpd napt4")
+	close(h.read)
+	select {
+	case <-ends: // stopped by the missing set; its check repaired
+	case <-time.After(watchBound):
+		t.Fatal("the audit did not end")
+	}
+	if err := l.fw.Healthy(); err != nil {
+		t.Fatalf("not repaired after the stopped audit: %v", err)
+	}
+	if err := netlab.Eventually(watchBound, func() error {
+		if _, held := l.holds(6, c, 444); held {
+			return errors.New("port 444 in the kernel")
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("hole added by hand while an audit was stopped by a missing set still there %v after the repair (no audit after it): %v", watchBound, err)
+	}
+	if _, held := l.holds(6, c, 443); !held {
+		t.Error("the live lease's pinhole is gone")
 	}
 }

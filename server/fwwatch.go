@@ -327,6 +327,7 @@ func (s *Server) watched(ctx context.Context) {
 			deleted = nil // every lease's pinholes are back
 			w.restore.owed, w.restore.by, w.refusedBack = nil, nil, nil
 		}
+		s.auditAfterRepair(ctx)
 	}
 	// The audit, at most once per lostAuditGap: one owed sooner is
 	// deferred to the gap's end, not skipped. Before (review h/revnftmon),

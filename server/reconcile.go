@@ -1493,6 +1493,7 @@ func (s *Server) watchFirewall(ctx context.Context) {
 			return
 		case <-tamper.C:
 			s.checkFirewall()
+			s.auditAfterRepair(ctx)
 			followed = time.Now()
 		case <-audit.C:
 			s.startAudit(ctx, false)
@@ -1529,7 +1530,26 @@ type auditRun struct {
 	// done gets the running audit's end: whether a firewall check is
 	// owed (a pinhole set missing).
 	done chan bool
+	// began is the firewall's reinstalls count when the running audit
+	// started.
+	began uint64
+	// afterRepair: an audit was stopped by a missing pinhole set (it
+	// compared nothing) and no audit has started since: one starts once
+	// a repair has installed every lease again since that audit began
+	// (reinstalls past since), wherever the repair ran (auditAfterRepair).
+	// stopped counts such audits in a row: after auditStoppedRuns, the
+	// hourly audit is left to it.
+	afterRepair bool
+	since       uint64
+	stopped     int
 }
+
+// auditStoppedRuns bounds how many audits in a row stopped by a missing
+// pinhole set are each followed by another after the repair: someone
+// deleting a set again after every repair (another controller fighting
+// pcpd's layout) would otherwise make pcpd alternate repairs and dumps
+// without end. The check's repairs go on as before.
+const auditStoppedRuns = 3
 
 // auditEndHook, if set, is called on watchFirewall's goroutine when an
 // audit it ran has ended (tests).
@@ -1561,8 +1581,40 @@ func (s *Server) startAudit(ctx context.Context, fresh bool) {
 		return
 	}
 	a.running = true
+	a.began = s.watch.reinstalls.Load()
+	// This one reads the kernel after every ask so far.
+	a.afterRepair, a.again = false, false
 	done := a.done
 	go func() { done <- s.audit(ctx) }()
+}
+
+// auditAfterRepair starts the audit a missing pinhole set stopped, owed
+// (afterRepair) once a repair has installed every lease again since that
+// audit began: the repair (checkFirewall's, here after the stop, or the
+// watch's, told of the deletion while it dumped) lays the set out again
+// and puts the live leases back, but removes nothing: an element added by
+// hand to another set while the watch was off or deaf (an orphan) and a
+// live one deleted from one the repair did not touch waited for the
+// hourly audit (review h/revgo, LOW 1; TestE2EAuditAfterStoppingRepair).
+// A repair that failed leaves it owed to the next that succeeds (the
+// periodic check's, the watch's). After every checkFirewall on
+// watchFirewall's goroutine.
+func (s *Server) auditAfterRepair(ctx context.Context) {
+	a := &s.watch.audits
+	if !a.afterRepair || s.watch.reinstalls.Load() == a.since || ctx.Err() != nil {
+		return
+	}
+	if a.running {
+		// Begun after the stop, maybe before the repair: one more after
+		// it (again); afterRepair is cleared when that one starts.
+		if !a.again {
+			a.again = true
+			s.log.Info("firewall audit: the pinhole sets were repaired while one runs; running again when it ends")
+		}
+		return
+	}
+	s.log.Info("firewall audit: the pinhole set that stopped the last audit is repaired; auditing again")
+	s.startAudit(ctx, true)
 }
 
 // auditEnded is the end of the running audit, told on watchFirewall's
@@ -1571,8 +1623,18 @@ func (s *Server) startAudit(ctx context.Context, fresh bool) {
 func (s *Server) auditEnded(ctx context.Context, checkOwed bool) {
 	a := &s.watch.audits
 	a.running = false
+	if !checkOwed {
+		a.stopped = 0
+	} else if a.stopped++; a.stopped <= auditStoppedRuns {
+		a.afterRepair, a.since = true, a.began
+	} else {
+		a.stopped = 0
+		s.log.Warn("firewall audit: stopped by a missing pinhole set again after each repair; left to the next periodic audit",
+			zap.Int("in_a_row", auditStoppedRuns+1), zap.Duration("interval", s.cfg.AuditInterval))
+	}
 	if checkOwed {
 		s.checkFirewall()
+		s.auditAfterRepair(ctx)
 	}
 	if a.again && ctx.Err() == nil {
 		a.again = false
