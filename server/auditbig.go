@@ -250,6 +250,26 @@ func (s *Server) applyAuditStep(ops []pinhole.Op, refs []uint32, timed time.Time
 // when ctx does, or when a set is missing: it then reports that a
 // firewall check is owed (its repair re-installs every lease), which the
 // caller runs.
+//
+// No stale-snapshot guard like the dumping audit's (relaid, auditStale)
+// is needed, and none would change what it writes (checked for
+// h/auditend): that guard exists because the dump is read without s.mu
+// and compared later, so it may predate a repair. Here nothing is read
+// from the kernel, and each step's ops are built from the lease table and
+// applied to the kernel within one hold of s.mu (auditStepLocked, then
+// applyAuditStep, its refused-conflict retry and applyAll included), the
+// hold in which the engine, the watch and a repair (repairLocked) make
+// their writes too. What crosses holds is only the slot cursor (at,
+// resume), the refused pinholes (sc.refused) and the retry count, each
+// of which can only leave an Install out, never add one. So a lease
+// deleted, revoked, replaced or expired before a step is not in its
+// table (or not live): its pinholes are never re-added; one deleted
+// after it deletes its own pinholes in its later hold. A repair between
+// two steps installs every live lease itself; the steps after it
+// install the same live leases' pinholes with the same kernel view
+// (kernelExpiry): redundant, never an undo. A set missing at a step
+// fails it (ErrMissing): the audit stops, the check repairs, and an audit
+// follows the repair (auditAfterRepair).
 func (s *Server) auditLarge(ctx context.Context, leases int) (checkOwed bool) {
 	start := time.Now()
 	sc := auditScratch{refused: make(map[pinhole.Pinhole]struct{})}
