@@ -381,6 +381,16 @@ type watcher struct {
 // after fn's call is told. It returns
 // ctx's error, or the first error to open the socket.
 func (b *Backend) Watch(ctx context.Context, fn func(WatchEvent)) error {
+	return b.WatchJoined(ctx, fn, nil)
+}
+
+// WatchJoined is Watch, calling joined (if not nil) once its socket has
+// joined the notifications' group, before any fn: every change committed
+// after joined's call is told. A caller that dumps the sets (the audit)
+// after joined leaves no change unseen by both. Before (h/auditend), the
+// caller could not tell when Watch listened: the server's start audit
+// could dump a set, a change come, and the watch join after it.
+func (b *Backend) WatchJoined(ctx context.Context, fn func(WatchEvent), joined func()) error {
 	if b.conn.TestDial != nil {
 		return fmt.Errorf("pinhole: watch: %w: a fake-dialled connection", ErrInvalid)
 	}
@@ -401,6 +411,9 @@ func (b *Backend) Watch(ctx context.Context, fn func(WatchEvent)) error {
 	w := &watcher{b: b, fn: fn}
 	if err := w.open(); err != nil {
 		return err
+	}
+	if joined != nil {
+		joined()
 	}
 	b.ports.mu.Lock()
 	b.ports.watchers = append(b.ports.watchers, w)

@@ -1,14 +1,17 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
 )
 
 // auditGoroutines counts the goroutines running an audit or its dump
@@ -120,5 +123,68 @@ func TestE2EAuditAfterStoppingRepair(t *testing.T) {
 	}
 	if _, held := l.holds(6, c, 443); !held {
 		t.Error("the live lease's pinhole is gone")
+	}
+}
+
+// lateJoin is a deafWatch whose watch joins its group 200 ms after it is
+// started, and whose List records whether one was called before the join
+// (early; only the audit lists).
+type lateJoin struct {
+	*deafWatch
+	joined, early atomic.Bool
+}
+
+func (j *lateJoin) Watch(ctx context.Context, fn func(pinhole.WatchEvent)) error {
+	return j.WatchJoined(ctx, fn, nil)
+}
+
+func (j *lateJoin) WatchJoined(ctx context.Context, fn func(pinhole.WatchEvent), joined func()) error {
+	select {
+	case <-time.After(200 * time.Millisecond):
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return j.deafWatch.WatchJoined(ctx, fn, func() {
+		j.joined.Store(true)
+		if joined != nil {
+			joined()
+		}
+	})
+}
+
+func (j *lateJoin) List() ([]pinhole.Entry, error) { return j.ListContext(context.Background()) }
+
+func (j *lateJoin) ListContext(ctx context.Context) ([]pinhole.Entry, error) {
+	if !j.joined.Load() {
+		j.early.Store(true)
+	}
+	return j.Backend.ListContext(ctx)
+}
+
+// TestE2EStartAuditAfterJoin (h/auditend): the start's audit dumps only
+// once the firewall watch has joined its notifications' group (here
+// 200 ms after its start): a change committed after the dump had read its
+// set and before the join would be seen by neither until the next hourly
+// audit. Before, watchFirewall started the watch on a goroutine and the
+// audit at once: 'the start's audit dumped before the watch had joined
+// its group'.
+func TestE2EStartAuditAfterJoin(t *testing.T) {
+	l := watchLab(t)
+	l.stop()
+	ends := auditEnds(t)
+	t.Cleanup(l.stop) // before the hook's reset
+	j := &lateJoin{deafWatch: &deafWatch{Backend: l.fw}}
+	l.firewall = j
+	l.start()
+	select {
+	case <-ends:
+	case <-time.After(watchBound):
+		t.Fatal("the start's audit did not end")
+	}
+	if j.early.Load() {
+		t.Fatal("the start's audit dumped before the watch had joined its group (a change in between is seen by neither)")
+	}
+	if !j.joined.Load() {
+		t.Fatal("the start's audit ended and the watch has not joined")
 	}
 }

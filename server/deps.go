@@ -184,6 +184,13 @@ type FirewallWatcher interface {
 	Watch(ctx context.Context, fn func(pinhole.WatchEvent)) error
 }
 
+// JoinedWatcher is a FirewallWatcher that tells when its watch listens
+// (pinhole's WatchJoined: joined is called once its socket has joined the
+// notifications' group): the start's audit dumps only after it.
+type JoinedWatcher interface {
+	WatchJoined(ctx context.Context, fn func(pinhole.WatchEvent), joined func()) error
+}
+
 // LeaseStore is the durable lease store (*store.Store). Commit is one
 // transaction and one fsync.
 type LeaseStore interface {

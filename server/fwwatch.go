@@ -250,19 +250,40 @@ func (w *fwWatch) note(ev pinhole.WatchEvent) {
 
 // startWatch starts the firewall watch, if the firewall has one and it is
 // on: kicks then come on s.watch.kick (nil otherwise). It ends with ctx.
+// It returns once the watch listens (JoinedWatcher; or has failed to, or
+// ctx ended): the start's audit, which watchFirewall starts next, then
+// dumps after the join, so a change committed before the dump reads its
+// set is in the dump and one after the join is told. Before (h/auditend),
+// the watch joined its group on its own goroutine: a change committed
+// after the dump had read its set and before the join was seen by
+// neither, until the next hourly audit (TestE2EStartAuditAfterJoin).
 func (s *Server) startWatch(ctx context.Context) <-chan struct{} {
 	fw, ok := s.fw.(FirewallWatcher)
 	if !ok || s.cfg.NoFirewallWatch {
 		return nil
 	}
 	s.watch.kick = make(chan struct{}, 1)
+	joined, ended := make(chan struct{}), make(chan struct{})
 	go func() {
-		err := fw.Watch(ctx, s.watch.note)
+		defer close(ended)
+		var err error
+		if jw, ok := fw.(JoinedWatcher); ok {
+			err = jw.WatchJoined(ctx, s.watch.note, func() { close(joined) })
+		} else {
+			err = fw.Watch(ctx, s.watch.note) // cannot tell: not waited for
+		}
 		if err != nil && !errors.Is(err, context.Canceled) && ctx.Err() == nil {
 			s.log.Error("firewall watch: cannot read the kernel's nftables notifications; damage is noticed at the periodic firewall check only",
 				zap.Duration("check_interval", s.cfg.TamperInterval), zap.Error(err))
 		}
 	}()
+	if _, ok := fw.(JoinedWatcher); ok {
+		select {
+		case <-joined:
+		case <-ended:
+		case <-ctx.Done():
+		}
+	}
 	return s.watch.kick
 }
 

@@ -206,12 +206,18 @@ type deafWatch struct {
 }
 
 func (d *deafWatch) Watch(ctx context.Context, fn func(pinhole.WatchEvent)) error {
+	return d.WatchJoined(ctx, fn, nil)
+}
+
+// WatchJoined is the Backend's, deaf as Watch (else the Backend's,
+// promoted, would hear all).
+func (d *deafWatch) WatchJoined(ctx context.Context, fn func(pinhole.WatchEvent), joined func()) error {
 	d.fn.Store(&fn)
-	return d.Backend.Watch(ctx, func(ev pinhole.WatchEvent) {
+	return d.Backend.WatchJoined(ctx, func(ev pinhole.WatchEvent) {
 		if !d.deaf.Load() {
 			fn(ev)
 		}
-	})
+	}, joined)
 }
 
 func (d *deafWatch) lose() {

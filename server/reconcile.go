@@ -1471,6 +1471,8 @@ const routeFollowGap = time.Second
 func (s *Server) watchFirewall(ctx context.Context) {
 	// The watch first, then the start's audit: what the watch tells
 	// from then on is acted on by its passes, during the audit too.
+	// startWatch returns once the watch listens, so the dump begins after
+	// the join (h/auditend).
 	watched := s.startWatch(ctx)
 	a := &s.watch.audits
 	a.done = make(chan bool, 1)
