@@ -55,6 +55,20 @@ func heldAfterStartLab(t *testing.T) (*lab, *heldList, <-chan struct{}) {
 	return l, h, ends
 }
 
+// heldLost tells h's watcher of lost notifications (the check, healthy,
+// then an audit), waits until that audit's dump is held before reading
+// (h.before, set by the caller), and makes the watch deaf.
+func (h *heldList) heldLost(t *testing.T) {
+	t.Helper()
+	h.lose()
+	select {
+	case <-h.entered:
+	case <-time.After(watchBound):
+		t.Fatal("no audit after lost notifications")
+	}
+	h.deaf.Store(true)
+}
+
 // TestE2EAuditRedumpsAfterRepair (h/auditgo): a repair that overlaps the
 // audit's dump (here: pin6 flushed by hand while the watch was deaf, the
 // dump reading the flushed set, then the damage told and repaired while
@@ -74,13 +88,7 @@ func TestE2EAuditRedumpsAfterRepair(t *testing.T) {
 	}
 	h.before.Store(true)
 	h.armed.Store(true)
-	h.lose() // the check (healthy), then an audit
-	select {
-	case <-h.entered:
-	case <-time.After(watchBound):
-		t.Fatal("no audit after lost notifications")
-	}
-	h.deaf.Store(true)
+	h.heldLost(t)
 	l.topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
 	close(h.read)
 	select {

@@ -25,13 +25,7 @@ func TestE2EAuditStaleOrphanNowLive(t *testing.T) {
 	c := l.topo.ClientV6
 	h.before.Store(true)
 	h.armed.Store(true)
-	h.lose() // the check (healthy), then an audit, held before its dump
-	select {
-	case <-h.entered:
-	case <-time.After(watchBound):
-		t.Fatal("no audit after lost notifications")
-	}
-	h.deaf.Store(true)
+	h.heldLost(t)
 	l.addByHand(t, 443)
 	close(h.read)
 	select {
