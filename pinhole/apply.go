@@ -470,13 +470,22 @@ func (b *Backend) ListContext(ctx context.Context) ([]Entry, error) {
 // pinhole set (tests only: ListSetHookForTest).
 var listSetHook func(kind int)
 
+// listCutHook, if set, is called once listUntil has set the deadline
+// that cuts a dump (tests only: ListCutHookForTest).
+var listCutHook func()
+
 // listUntil is listSets through conn (whose socket is nl) until ctx
 // ends: then ctx's error (ListContext).
 func listUntil(ctx context.Context, conn *nftables.Conn, nl *netlink.Conn, sets *listedSets) ([]Entry, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("pinhole: list: %w", err)
 	}
-	stop := context.AfterFunc(ctx, func() { _ = nl.SetReadDeadline(time.Unix(1, 0)) })
+	stop := context.AfterFunc(ctx, func() {
+		_ = nl.SetReadDeadline(time.Unix(1, 0))
+		if listCutHook != nil {
+			listCutHook()
+		}
+	})
 	out, err := listSets(conn, sets)
 	if !stop() && ctx.Err() != nil {
 		// The deadline is set or being set: whatever listSets read, the

@@ -75,3 +75,43 @@ func TestListContextCutMidDump(t *testing.T) {
 		}
 	}
 }
+
+// TestListContextDeadlineStopsDump (review h/revend): once ListContext's
+// ctx has ended and its read deadline is set (ListCutHookForTest), the
+// next set's read fails and no set after it is read: the deadline, not
+// only the check of ctx after the whole dump, is what ends a dump in
+// progress. TestListContextCutMidDump passes without the deadline (its
+// ListContext reads every set and then returns ctx's error), so it could
+// not tell: without the SetReadDeadline this one fails with 'read sets
+// [2 3 ...] after its ctx ended and its deadline was set'.
+func TestListContextDeadlineStopsDump(t *testing.T) {
+	netlab.RequireRoot(t)
+	ns := netlab.NewNS(t, "listcut")
+	b := newBackend(t, ns, pinhole.Config{})
+	apply(t, b, install(benchPinhole(0), time.Hour))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cut := make(chan struct{})
+	var after []int
+	pinhole.ListCutHookForTest(func() { close(cut) })
+	pinhole.ListSetHookForTest(func(set int) {
+		switch {
+		case set == 1:
+			cancel()
+			<-cut
+		case set > 1:
+			after = append(after, set)
+		}
+	})
+	t.Cleanup(func() { pinhole.ListSetHookForTest(nil); pinhole.ListCutHookForTest(nil) })
+	es, err := b.ListContext(ctx)
+	if !errors.Is(err, context.Canceled) || es != nil {
+		t.Fatalf("ListContext returned %d entries, error %v; want context.Canceled and none", len(es), err)
+	}
+	if len(after) > 0 {
+		t.Fatalf("ListContext read sets %v after its ctx ended and its deadline was set: the deadline did not stop the dump", after)
+	}
+	if es, err := b.List(); err != nil || len(es) != 1 {
+		t.Fatalf("List after a cut one: %d entries, error %v; want 1", len(es), err)
+	}
+}
