@@ -249,7 +249,11 @@ func (w *fwWatch) note(ev pinhole.WatchEvent) {
 }
 
 // startWatch starts the firewall watch, if the firewall has one and it is
-// on: kicks then come on s.watch.kick (nil otherwise). It ends with ctx.
+// on: kicks then come on s.watch.kick (nil otherwise). It ends with ctx;
+// ended is closed once the watch's goroutine has returned (nil if none
+// started): watchFirewall waits for it, so nothing of the watch runs
+// after Serve returns. Before (review h/revend), Serve returned while the
+// watch could still run (TestE2EServeWaitsForWatch).
 // It returns once the watch listens (JoinedWatcher; or has failed to, or
 // ctx ended): the start's audit, which watchFirewall starts next, then
 // dumps after the join, so a change committed before the dump reads its
@@ -257,15 +261,15 @@ func (w *fwWatch) note(ev pinhole.WatchEvent) {
 // the watch joined its group on its own goroutine: a change committed
 // after the dump had read its set and before the join was seen by
 // neither, until the next hourly audit (TestE2EStartAuditAfterJoin).
-func (s *Server) startWatch(ctx context.Context) <-chan struct{} {
+func (s *Server) startWatch(ctx context.Context) (kick, ended <-chan struct{}) {
 	fw, ok := s.fw.(FirewallWatcher)
 	if !ok || s.cfg.NoFirewallWatch {
-		return nil
+		return nil, nil
 	}
 	s.watch.kick = make(chan struct{}, 1)
-	joined, ended := make(chan struct{}), make(chan struct{})
+	joined, end := make(chan struct{}), make(chan struct{})
 	go func() {
-		defer close(ended)
+		defer close(end)
 		var err error
 		if jw, ok := fw.(JoinedWatcher); ok {
 			err = jw.WatchJoined(ctx, s.watch.note, func() { close(joined) })
@@ -280,11 +284,11 @@ func (s *Server) startWatch(ctx context.Context) <-chan struct{} {
 	if _, ok := fw.(JoinedWatcher); ok {
 		select {
 		case <-joined:
-		case <-ended:
+		case <-end:
 		case <-ctx.Done():
 		}
 	}
-	return s.watch.kick
+	return s.watch.kick, end
 }
 
 // watched is watchFirewall's pass over what the watch gathered.

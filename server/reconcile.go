@@ -1473,7 +1473,10 @@ func (s *Server) watchFirewall(ctx context.Context) {
 	// from then on is acted on by its passes, during the audit too.
 	// startWatch returns once the watch listens, so the dump begins after
 	// the join (h/auditend).
-	watched := s.startWatch(ctx)
+	watched, watchEnded := s.startWatch(ctx)
+	if watchEnded != nil {
+		defer func() { <-watchEnded }()
+	}
 	a := &s.watch.audits
 	a.done = make(chan bool, 1)
 	defer a.wait()
