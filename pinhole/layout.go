@@ -25,7 +25,8 @@ const (
 	kindRedirect6Filter             // redir6_filter: as redir6 plus remote-range . rport-range
 	kindNAPT4                       // napt4: ext ipv4 . proto . ext port → int ipv4 . int port
 	kindNAPT4Filter                 // napt4_filter: as napt4 plus remote-range . rport-range
-	numKinds
+	kindPort1                       // pin6_1 .. pin6_7: pin6's further shards (shard.go)
+	numKinds            = kindPort1 + portShards - 1
 )
 
 // setSpec describes one of pcpd's pinhole sets.
@@ -148,7 +149,8 @@ func kindOf(p Pinhole) kind {
 	case p.InternalPort == 0:
 		return kindProto
 	default:
-		return kindPort
+		var b [24]byte
+		return portShard(putPort(putProto(putAddr(b[:0], p.InternalAddr), p.Protocol), p.InternalPort))
 	}
 }
 
@@ -216,7 +218,7 @@ func element(k kind, p Pinhole) nftables.SetElement {
 		return nftables.SetElement{Key: []byte(o.key), KeyEnd: bytesOrNil(o.end), Val: bytesOrNil(o.val)}
 	}
 	var key []byte
-	if k == kindPort {
+	if base(k) == kindPort {
 		// The commonest shape (a new MAP), in one allocation.
 		key = make([]byte, 0, 24)
 	}
@@ -227,7 +229,7 @@ func element(k kind, p Pinhole) nftables.SetElement {
 // data appended to key, end and val (decode's check, with buffers on its
 // stack: no allocation).
 func appendElement(k kind, p Pinhole, key, end, val []byte) nftables.SetElement {
-	switch k {
+	switch base(k) {
 	case kindPort:
 		key = putPort(putProto(putAddr(key, p.InternalAddr), p.Protocol), p.InternalPort)
 	case kindProto:
@@ -346,7 +348,7 @@ func decode(k kind, e nftables.SetElement) (Pinhole, error) {
 		return 0, fmt.Errorf("pinhole: %s: port range %d-%d: %w", specs[k].name, first, last, ErrInvalid)
 	}
 	var err error
-	switch k {
+	switch base(k) {
 	case kindPort:
 		p.InternalAddr, p.Protocol, p.InternalPort = key.addr(16), key.proto(), key.port()
 	case kindProto:

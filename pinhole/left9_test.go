@@ -39,7 +39,9 @@ func TestSetupReadsConntrackUnlocked(t *testing.T) {
 			locked = append(locked, what)
 		}
 	})()
-	flush := func() { topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6") }
+	flush := func() {
+		topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", pinhole.PortSetName(pin.InternalAddr, tcp, 80))
+	}
 	want := map[string]int{}
 	check := func(step string) {
 		t.Helper()

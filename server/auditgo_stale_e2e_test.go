@@ -3,6 +3,9 @@ package server
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -89,7 +92,12 @@ func TestE2EAuditRedumpsAfterRepair(t *testing.T) {
 	h.before.Store(true)
 	h.armed.Store(true)
 	h.heldLost(t)
-	l.topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
+	// The sets of the three (pin6's shards), in one transaction.
+	flush := map[string]bool{}
+	for _, port := range []uint16{443, 444, 445} {
+		flush["flush set inet pcpd "+pinhole.PortSetName(c, 6, port)] = true
+	}
+	l.topo.Host.MustRun(t, "nft", strings.Join(slices.Sorted(maps.Keys(flush)), "; "))
 	close(h.read)
 	select {
 	case <-h.dumped:
