@@ -10,7 +10,7 @@ import (
 // packet for set k (rules.go: keyPacket6, keyPacket4), in the layout
 // element uses.
 func packetKey(k kind, proto uint8, src, dst netip.AddrPort) []byte {
-	switch base(k) {
+	switch k {
 	case kindPort, kindRedirect6, kindNAPT4:
 		return putPort(putProto(putAddr(nil, dst.Addr()), proto), dst.Port())
 	case kindProto:

@@ -180,7 +180,7 @@ func TestCutSetFlushedWindow(t *testing.T) {
 	topo, b := guardedTopology(t, pinhole.Config{})
 	pin, napt, flows := pinAndNAPT(t, topo, b, 7970)
 	checkAttFlows(t, topo.Host, "live", flows)
-	topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", pinhole.PortSetName(pin.InternalAddr, pin.Protocol, pin.InternalPort))
+	topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
 	topo.Host.MustRun(t, "nft", "flush", "map", "inet", "pcpd", "napt4")
 	if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
 		t.Fatalf("Healthy after the flush: %v", err)

@@ -119,7 +119,6 @@ type Backend struct {
 
 	table                  *nftables.Table
 	sets                   [numKinds]*nftables.Set
-	shardsRead, unsharded  bool // shard.go: pin6 looked for at the first Setup; present (it may hold other shards' elements)
 	snat                   [numSNAT]*nftables.Set
 	protected6, protected4 *nftables.Set
 	meter6, meter4         *nftables.Set // standalone only (meter.go)
@@ -468,9 +467,6 @@ func (b *Backend) setupLocked() (err error) {
 	if err := b.checkLabelBit(); err != nil {
 		return err
 	}
-	if err := b.checkUnsharded(); err != nil {
-		return err
-	}
 	// Before the layout makes the sets: a cut over sets made now is laid
 	// out disarmed while labelled flows live (arm.go).
 	b.checkDisarm()
@@ -600,13 +596,6 @@ func (b *Backend) setupLocked() (err error) {
 	// a kernel that refuses it keeps its default (1 s), which every set
 	// had before; the next Setup (a repair) asks again.
 	_ = b.setLeaseGC()
-	if b.unsharded {
-		// An earlier pcpd's table: its port pinholes to their shards
-		// (shard.go). Not fatal: the elements left in pin6 still pass
-		// their traffic (guard6 looks pin6 up too), and the next Setup
-		// moves them.
-		_ = b.movePortShards()
-	}
 	b.cutting.Store(b.cutLabels && !b.unlabelled && !b.disarmed && !b.pinVerify)
 	if unguarded {
 		b.flowed.verify.Store(true) // until verifyFlowed (flowed.go)

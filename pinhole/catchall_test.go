@@ -33,7 +33,6 @@ func TestDeleteCatchAll(t *testing.T) {
 	}
 	kinds := []kindSpec{
 		{"pin6", "", pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 443}},
-		{"pin6_7", "", pinhole.Pinhole{Protocol: 17, InternalAddr: c, InternalPort: 53}}, // a shard of pin6 (shard.go)
 		{"pin6_proto", "", pinhole.Pinhole{Protocol: 17, InternalAddr: c}},
 		{"pin6_addr", "", pinhole.Pinhole{InternalAddr: c}},
 		{"pin6_filter", "", pinhole.Pinhole{Protocol: 6, InternalAddr: c, InternalPort: 443, RemotePrefix: from6}},

@@ -67,13 +67,7 @@ const flowLabel = 127
 // cutKinds are the sets whose elements admit a flow in guard6's admission
 // rules, as the packet keys them (keyPacket6): their flows are labelled
 // and re-checked.
-var cutKinds = func() []kind {
-	ks := []kind{kindPort}
-	for k := kindPort1; k < numKinds; k++ {
-		ks = append(ks, k)
-	}
-	return append(ks, kindProto, kindAddr, kindFilter, kindAddrFilter)
-}()
+var cutKinds = [...]kind{kindPort, kindProto, kindAddr, kindFilter, kindAddrFilter}
 
 // natLabel is the conntrack label bit pcpd's own DNAT rules set on the
 // flows they translate (IPv4 NAPT, IPv6 port redirects): the re-check of

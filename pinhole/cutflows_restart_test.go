@@ -39,7 +39,7 @@ func TestCutsFlowsRestartAfterUpgrade(t *testing.T) {
 					t.Errorf("%s: CutsFlows = %v, want %v", step, got, want)
 				}
 			}
-			unlabelAdmission(t, topo.Host, pinhole.PortSetName(p.InternalAddr, p.Protocol, p.InternalPort)) // the table as main laid it out
+			unlabelAdmission(t, topo.Host, "pin6") // the table as main laid it out
 			apply(t, b, install(p, time.Hour))
 			f := openEcho(t, proto, topo.Client, topo.Internet, remote, client)
 			cuts("upgrade", newBackend(t, topo.Host, pinhole.Config{}), false)

@@ -154,7 +154,7 @@ func TestGuardCutsRemovedPinholeFlows(t *testing.T) {
 			}
 			apply(t, b, ops...)
 			if tc.unlabelled {
-				unlabelAdmission(t, topo.Host, pinhole.PortSetName(p.InternalAddr, p.Protocol, p.InternalPort))
+				unlabelAdmission(t, topo.Host, "pin6")
 			}
 			var f *echoFlow
 			if tc.outbound {
@@ -312,7 +312,7 @@ func TestCutsFlowsAfterUnlabelledLayout(t *testing.T) {
 			}},
 		{name: "upgrade: table laid out without the labels",
 			then: func(t *testing.T, topo *netlab.Topology, _ *pinhole.Backend) *pinhole.Backend {
-				unlabelAdmission(t, topo.Host, pinhole.PortSetName(topo.ClientV6, tcp, 7300))
+				unlabelAdmission(t, topo.Host, "pin6")
 				return nil // the flow is opened unlabelled below
 			}},
 		{name: "upgrade: table laid out with no label rule (fallback layout)",

@@ -25,8 +25,7 @@ const (
 	kindRedirect6Filter             // redir6_filter: as redir6 plus remote-range . rport-range
 	kindNAPT4                       // napt4: ext ipv4 . proto . ext port → int ipv4 . int port
 	kindNAPT4Filter                 // napt4_filter: as napt4 plus remote-range . rport-range
-	kindPort1                       // pin6_1 .. pin6_7: pin6's further shards (shard.go)
-	numKinds            = kindPort1 + portShards - 1
+	numKinds
 )
 
 // setSpec describes one of pcpd's pinhole sets.
@@ -149,8 +148,7 @@ func kindOf(p Pinhole) kind {
 	case p.InternalPort == 0:
 		return kindProto
 	default:
-		var b [24]byte
-		return portShard(putPort(putProto(putAddr(b[:0], p.InternalAddr), p.Protocol), p.InternalPort))
+		return kindPort
 	}
 }
 
@@ -218,7 +216,7 @@ func element(k kind, p Pinhole) nftables.SetElement {
 		return nftables.SetElement{Key: []byte(o.key), KeyEnd: bytesOrNil(o.end), Val: bytesOrNil(o.val)}
 	}
 	var key []byte
-	if base(k) == kindPort {
+	if k == kindPort {
 		// The commonest shape (a new MAP), in one allocation.
 		key = make([]byte, 0, 24)
 	}
@@ -229,7 +227,7 @@ func element(k kind, p Pinhole) nftables.SetElement {
 // data appended to key, end and val (decode's check, with buffers on its
 // stack: no allocation).
 func appendElement(k kind, p Pinhole, key, end, val []byte) nftables.SetElement {
-	switch base(k) {
+	switch k {
 	case kindPort:
 		key = putPort(putProto(putAddr(key, p.InternalAddr), p.Protocol), p.InternalPort)
 	case kindProto:
@@ -348,7 +346,7 @@ func decode(k kind, e nftables.SetElement) (Pinhole, error) {
 		return 0, fmt.Errorf("pinhole: %s: port range %d-%d: %w", specs[k].name, first, last, ErrInvalid)
 	}
 	var err error
-	switch base(k) {
+	switch k {
 	case kindPort:
 		p.InternalAddr, p.Protocol, p.InternalPort = key.addr(16), key.proto(), key.port()
 	case kindProto:

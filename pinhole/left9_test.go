@@ -39,9 +39,7 @@ func TestSetupReadsConntrackUnlocked(t *testing.T) {
 			locked = append(locked, what)
 		}
 	})()
-	flush := func() {
-		topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", pinhole.PortSetName(pin.InternalAddr, tcp, 80))
-	}
+	flush := func() { topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6") }
 	want := map[string]int{}
 	check := func(step string) {
 		t.Helper()

@@ -203,14 +203,14 @@ func TestApplyOneTransaction(t *testing.T) {
 	snatData := []byte{198, 51, 100, 1, 0x1f, 0x90, 0, 0}     // ip saddr . th sport after SNAT
 	want := [][]sentMsg{{
 		{Op: "begin"},
+		{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: webKey, TimeoutMs: 89950}, {Key: goneKey, TimeoutMs: 1000}}},
 		{Op: "newsetelem", Set: "napt4", Elems: []sentElem{{Key: naptKey, Data: naptData, TimeoutMs: 2}}},
-		{Op: "newsetelem", Set: PortSetName(tAddr, 6, 443), Elems: []sentElem{{Key: webKey, TimeoutMs: 89950}, {Key: goneKey, TimeoutMs: 1000}}},
 		{Op: "newsetelem", Set: "snat4", Elems: []sentElem{{Key: snatKey, Data: snatData, TimeoutMs: 2}}},
+		{Op: "delsetelem", Set: "pin6", Elems: []sentElem{{Key: goneKey}}},
 		{Op: "delsetelem", Set: "napt4", Elems: []sentElem{{Key: naptKey, Data: naptData}}},
-		{Op: "delsetelem", Set: PortSetName(tAddr, 6, 443), Elems: []sentElem{{Key: goneKey}}},
 		{Op: "delsetelem", Set: "snat4", Elems: []sentElem{{Key: snatKey, Data: snatData}}},
+		{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: webKey, TimeoutMs: 90000}}},
 		{Op: "newsetelem", Set: "napt4", Elems: []sentElem{{Key: naptKey, Data: naptData, TimeoutMs: 2}}},
-		{Op: "newsetelem", Set: PortSetName(tAddr, 6, 443), Elems: []sentElem{{Key: webKey, TimeoutMs: 90000}}},
 		{Op: "newsetelem", Set: "snat4", Elems: []sentElem{{Key: snatKey, Data: snatData, TimeoutMs: 2}}},
 		{Op: "end"},
 	}}
@@ -238,9 +238,9 @@ func TestApplyRecreateWithoutInPlace(t *testing.T) {
 	}
 	want := [][]sentMsg{{
 		{Op: "begin"},
-		{Op: "newsetelem", Set: PortSetName(tAddr, 6, 443), Elems: []sentElem{{Key: key, TimeoutMs: 90000}}},
-		{Op: "delsetelem", Set: PortSetName(tAddr, 6, 443), Elems: []sentElem{{Key: key}}},
-		{Op: "newsetelem", Set: PortSetName(tAddr, 6, 443), Elems: []sentElem{{Key: key, TimeoutMs: 90000}}},
+		{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: key, TimeoutMs: 90000}}},
+		{Op: "delsetelem", Set: "pin6", Elems: []sentElem{{Key: key}}},
+		{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: key, TimeoutMs: 90000}}},
 		{Op: "end"},
 	}}
 	if diff := cmp.Diff(want, f.batches); diff != "" {
@@ -300,11 +300,11 @@ func TestApplyMergedAdds(t *testing.T) {
 		},
 		want: []sentMsg{
 			{Op: "begin"},
-			{Op: "newsetelem", Set: "napt4", Elems: []sentElem{
-				{Key: naptKey, Data: naptData, TimeoutMs: 59950}, {Key: naptKey, Data: naptData, TimeoutMs: 60000}}},
-			{Op: "newsetelem", Set: PortSetName(tAddr, 6, 443), Elems: []sentElem{
+			{Op: "newsetelem", Set: "pin6", Elems: []sentElem{
 				{Key: key(443), TimeoutMs: 89950}, {Key: key(80), TimeoutMs: 3599950},
 				{Key: key(443), TimeoutMs: 90000}, {Key: key(80), TimeoutMs: 3600000}}},
+			{Op: "newsetelem", Set: "napt4", Elems: []sentElem{
+				{Key: naptKey, Data: naptData, TimeoutMs: 59950}, {Key: naptKey, Data: naptData, TimeoutMs: 60000}}},
 			{Op: "newsetelem", Set: "snat4", Elems: []sentElem{
 				{Key: snatKey, Data: snatData, TimeoutMs: 59950}, {Key: snatKey, Data: snatData, TimeoutMs: 60000}}},
 			{Op: "end"},
@@ -318,13 +318,13 @@ func TestApplyMergedAdds(t *testing.T) {
 		},
 		want: []sentMsg{
 			{Op: "begin"},
+			{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: key(443), TimeoutMs: 89950}, {Key: key(80), TimeoutMs: 1000}}},
 			{Op: "newsetelem", Set: "napt4", Elems: []sentElem{
 				{Key: naptKey, Data: naptData, TimeoutMs: 59950}, {Key: naptKey, Data: naptData, TimeoutMs: 60000}}},
-			{Op: "newsetelem", Set: PortSetName(tAddr, 6, 443), Elems: []sentElem{{Key: key(443), TimeoutMs: 89950}, {Key: key(80), TimeoutMs: 1000}}},
 			{Op: "newsetelem", Set: "snat4", Elems: []sentElem{
 				{Key: snatKey, Data: snatData, TimeoutMs: 59950}, {Key: snatKey, Data: snatData, TimeoutMs: 60000}}},
-			{Op: "delsetelem", Set: PortSetName(tAddr, 6, 443), Elems: []sentElem{{Key: key(80)}}},
-			{Op: "newsetelem", Set: PortSetName(tAddr, 6, 443), Elems: []sentElem{{Key: key(443), TimeoutMs: 90000}}},
+			{Op: "delsetelem", Set: "pin6", Elems: []sentElem{{Key: key(80)}}},
+			{Op: "newsetelem", Set: "pin6", Elems: []sentElem{{Key: key(443), TimeoutMs: 90000}}},
 			{Op: "end"},
 		},
 	}} {

@@ -128,7 +128,7 @@ func TestWatchSNATCatchAllAttached(t *testing.T) {
 		apply(t, b, install(p, time.Hour))
 	}
 	evs := watching(t, b)
-	markerIn(t, ns, b, evs, "filter", "pcpd_", 1000, "the start")
+	markerIn(t, ns, b, evs, "filter", "pcpd_pin6", 1000, "the start")
 	for i, set := range []string{"pcpd_snat4", "pcpd_snat4_filter"} {
 		ns.MustRun(t, "nft", "add", "element", "inet", "filter", set, "{ * : 198.51.100.9 . 9999 }")
 		ev := nextEvent(t, evs, set+" catch-all added")
@@ -139,6 +139,6 @@ func TestWatchSNATCatchAllAttached(t *testing.T) {
 		if out := nftList(t, ns, "map", "inet", "filter", set); strings.Contains(out, "*") || !strings.Contains(out, "10.100.0.2 . tcp . 8") {
 			t.Errorf("%s after the catch-all's Delete: want the live companion alone:\n%s", set, out)
 		}
-		markerIn(t, ns, b, evs, "filter", "pcpd_", uint16(1001+i), "pcpd's own "+set+" catch-all delete")
+		markerIn(t, ns, b, evs, "filter", "pcpd_pin6", uint16(1001+i), "pcpd's own "+set+" catch-all delete")
 	}
 }

@@ -69,9 +69,7 @@ func TestPreparedSetupSparesFlowLabelledDuringWait(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			topo, b, client, p := guardedPinhole(t, 7392)
-			flush := func() {
-				topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", pinhole.PortSetName(p.InternalAddr, p.Protocol, p.InternalPort))
-			}
+			flush := func() { topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6") }
 			flush()
 			if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
 				t.Fatalf("Healthy after the flush of pin6: %v", err)

@@ -120,7 +120,7 @@ func repairProtected6(t *testing.T, b *pinhole.Backend) {
 func TestPreparedSetupVoidedSparesLabelledFlow(t *testing.T) {
 	topo, b, client, p := guardedPinhole(t, 7400)
 	f := openEcho(t, tcp, topo.Client, topo.Internet, netip.AddrPortFrom(topo.InternetV6, 47400), client)
-	topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", pinhole.PortSetName(p.InternalAddr, p.Protocol, p.InternalPort))
+	topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
 	if err := b.Healthy(); !errors.Is(err, pinhole.ErrUnhealthy) {
 		t.Fatalf("Healthy after the flush of pin6: %v", err)
 	}

@@ -89,7 +89,7 @@ func x(e ...expr.Any) []expr.Any { return e }
 
 // Lookup keys built from the packet, as the guard (forward) sees it.
 func keyPacket6(k kind) []expr.Any {
-	switch base(k) {
+	switch k {
 	case kindPort:
 		return x(loadNet(ip6DstOff, 16, reg0), loadMeta(expr.MetaKeyL4PROTO, reg0+4), loadTh(thDstOff, reg0+5))
 	case kindProto:

@@ -1,7 +1,6 @@
 package pinhole_test
 
 import (
-	"net/netip"
 	"regexp"
 	"slices"
 	"sync"
@@ -97,7 +96,7 @@ func TestKeptSocketsTamperMidRead(t *testing.T) {
 		if got, err := b.List(); err != nil || len(got) != len(ops) {
 			t.Errorf("%v: List after the repair: %d entries (%v), want %d", tp, len(got), err, len(ops))
 		}
-		ns.MustRun(t, "nft", "delete", "element", "inet", "pcpd", pinhole.PortSetName(netip.MustParseAddr("2001:db8:1:2::7"), tcp, 443), "{", "2001:db8:1:2::7", ".", "tcp", ".", "443", "}")
+		ns.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", "{", "2001:db8:1:2::7", ".", "tcp", ".", "443", "}")
 		if got, err := b.List(); err != nil || len(got) != len(ops)-1 {
 			t.Errorf("%v: List after an element deleted by hand: %d entries (%v), want %d", tp, len(got), err, len(ops)-1)
 		}

@@ -70,15 +70,13 @@ func nextEvent(t *testing.T, evs <-chan pinhole.WatchEvent, what string) pinhole
 // reached the watcher.
 func marker(t *testing.T, ns *netlab.NS, b *pinhole.Backend, evs <-chan pinhole.WatchEvent, port uint16, after string) {
 	t.Helper()
-	markerIn(t, ns, b, evs, "pcpd", "", port, after)
+	markerIn(t, ns, b, evs, "pcpd", "pin6", port, after)
 }
 
-// markerIn: in table, whose set names begin with prefix ("pcpd_" attached).
-func markerIn(t *testing.T, ns *netlab.NS, b *pinhole.Backend, evs <-chan pinhole.WatchEvent, table, prefix string, port uint16, after string) {
+func markerIn(t *testing.T, ns *netlab.NS, b *pinhole.Backend, evs <-chan pinhole.WatchEvent, table, set string, port uint16, after string) {
 	t.Helper()
 	p := pinhole.Pinhole{Protocol: tcp, InternalAddr: netip.MustParseAddr("2001:db8::99"), InternalPort: port}
 	apply(t, b, install(p, time.Hour))
-	set := prefix + pinhole.PortSetName(p.InternalAddr, tcp, port)
 	ns.MustRun(t, "nft", "delete", "element", "inet", table, set, "{ 2001:db8::99 . tcp . "+itoa(port)+" }")
 	ev := nextEvent(t, evs, after)
 	want, _ := p.Canonical()
@@ -133,10 +131,9 @@ func TestWatchTellsOthersChanges(t *testing.T) {
 	// A flushed set: its sentinel and every element told.
 	p := pinhole.Pinhole{Protocol: udp, InternalAddr: a, InternalPort: 53}
 	apply(t, b, install(p, time.Hour))
-	set := pinhole.PortSetName(a, udp, 53)
-	ns.MustRun(t, "nft", "flush", "set", "inet", "pcpd", set)
+	ns.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
 	ev = nextEvent(t, evs, "flush set")
-	if want, _ := p.Canonical(); !strings.Contains(ev.Damage, set+" flushed") || !slices.Contains(ev.Deleted, want) {
+	if want, _ := p.Canonical(); !strings.Contains(ev.Damage, "pin6 flushed") || !slices.Contains(ev.Deleted, want) {
 		t.Fatalf("flush set: %+v", ev)
 	}
 	if err := b.Setup(); err != nil { // pcpd's repair: not told
@@ -194,7 +191,7 @@ func TestWatchOverflow(t *testing.T) {
 	var script strings.Builder
 	for port := uint16(1); port <= 200; port++ {
 		apply(t, b, install(pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: port}, time.Hour))
-		script.WriteString("delete element inet pcpd " + pinhole.PortSetName(a, tcp, port) + " { 2001:db8::7 . tcp . " + itoa(port) + " }\n")
+		script.WriteString("delete element inet pcpd pin6 { 2001:db8::7 . tcp . " + itoa(port) + " }\n")
 	}
 	// One transaction per element, so each is a notification of its own.
 	for _, line := range strings.Split(strings.TrimSpace(script.String()), "\n") {
@@ -226,7 +223,7 @@ func TestWatchAttachedJudgesOnlyPcpd(t *testing.T) {
 	h = strings.TrimSpace(h[:strings.IndexByte(h, '\n')])
 	ns.MustRun(t, "nft", "delete", "rule", "inet", "filter", "forward", "handle", h)
 	ns.MustRun(t, "sh", "-c", "nft add element inet filter admin6 '{ ::5 }' && nft delete element inet filter admin6 '{ ::5 }' && nft add chain inet filter mine && nft delete chain inet filter mine && nft flush set inet filter admin6")
-	markerIn(t, ns, b, evs, "filter", "pcpd_", 2000, "the admin's own changes")
+	markerIn(t, ns, b, evs, "filter", "pcpd_pin6", 2000, "the admin's own changes")
 
 	ns.MustRun(t, "nft", "flush", "chain", "inet", "filter", "pcpd")
 	if ev := nextEvent(t, evs, "entry chain flushed"); !strings.Contains(ev.Damage, "chain pcpd") {
@@ -235,7 +232,7 @@ func TestWatchAttachedJudgesOnlyPcpd(t *testing.T) {
 	if err := b.Setup(); err != nil {
 		t.Fatal(err)
 	}
-	markerIn(t, ns, b, evs, "filter", "pcpd_", 2001, "Setup")
+	markerIn(t, ns, b, evs, "filter", "pcpd_pin6", 2001, "Setup")
 	ns.MustRun(t, "nft", "delete", "table", "inet", "filter")
 	if ev := nextEvent(t, evs, "table deleted"); ev.Damage == "" {
 		t.Fatalf("table deleted: %+v", ev)
@@ -291,7 +288,7 @@ func TestWatchLostTellsAfterRejoin(t *testing.T) {
 		b.Watch(ctx, func(ev pinhole.WatchEvent) {
 			if ev.Lost != nil {
 				// Someone deletes an element while the caller handles Lost.
-				_, err := ns.Run("nft", "delete", "element", "inet", "pcpd", pinhole.PortSetName(p.InternalAddr, tcp, 80), "{ 2001:db8::8 . tcp . 80 }")
+				_, err := ns.Run("nft", "delete", "element", "inet", "pcpd", "pin6", "{ 2001:db8::8 . tcp . 80 }")
 				errs <- err
 			}
 			evs <- ev
@@ -309,7 +306,7 @@ func TestWatchLostTellsAfterRejoin(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	// A later deletion: the next event is the one made during Lost.
-	ns.MustRun(t, "nft", "delete", "element", "inet", "pcpd", pinhole.PortSetName(later.InternalAddr, tcp, 81), "{ 2001:db8::8 . tcp . 81 }")
+	ns.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", "{ 2001:db8::8 . tcp . 81 }")
 	want, _ := p.Canonical()
 	if ev := nextEvent(t, evs, "delete during Lost"); !slices.Equal(ev.Deleted, []pinhole.Pinhole{want}) {
 		t.Fatalf("after Lost: %+v, want the deletion of %v made while Lost was handled", ev, want)
@@ -395,9 +392,9 @@ func TestWatchTellsAdds(t *testing.T) {
 		p       pinhole.Pinhole
 		expires time.Duration
 	}{
-		{"add element inet pcpd " + pinhole.PortSetName(a, tcp, 80) + " { 2001:db8::5 . tcp . 80 timeout 1h }", pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 80}, time.Hour},
-		{"add element inet pcpd " + pinhole.PortSetName(a, tcp, 443) + " { 2001:db8::5 . tcp . 443 timeout 1h }", own, time.Hour}, // a live one's timeout raised
-		{"add element inet pcpd " + pinhole.PortSetName(a, udp, 53) + " { 2001:db8::5 . udp . 53 }", pinhole.Pinhole{Protocol: udp, InternalAddr: a, InternalPort: 53}, 0},
+		{"add element inet pcpd pin6 { 2001:db8::5 . tcp . 80 timeout 1h }", pinhole.Pinhole{Protocol: tcp, InternalAddr: a, InternalPort: 80}, time.Hour},
+		{"add element inet pcpd pin6 { 2001:db8::5 . tcp . 443 timeout 1h }", own, time.Hour}, // a live one's timeout raised
+		{"add element inet pcpd pin6 { 2001:db8::5 . udp . 53 }", pinhole.Pinhole{Protocol: udp, InternalAddr: a, InternalPort: 53}, 0},
 		{"add element inet pcpd napt4 { 192.0.2.1 . udp . 6000 timeout 1h : 10.0.0.2 . 5000 }", napt, time.Hour},
 		{"add element inet pcpd pin6_filter { 2001:db8::5 . tcp . 81 . 2001:db8:9::/48 . 0-65535 timeout 1h }", f48, time.Hour},
 	} {

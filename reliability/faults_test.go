@@ -22,7 +22,6 @@ import (
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/internal/tmpfs"
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -60,7 +59,7 @@ func TestTamperRestore(t *testing.T) {
 		cmd  string
 	}{
 		{"delete table", "nft delete table inet pcpd"},
-		{"flush pinhole set", "nft flush set inet pcpd " + pinhole.PortSetName(cli, 6, servicePort)}, // the service's set: pin6 or a shard
+		{"flush pinhole set", "nft flush set inet pcpd pin6"},
 		{"flush forward chain", "nft flush chain inet pcpd forward"},
 		{"flush guard chain", "nft flush chain inet pcpd guard6"},
 	} {
@@ -110,7 +109,7 @@ func TestTamperRestore(t *testing.T) {
 	// tells of the delete, with no renewal. Before it, only the client's
 	// next renewal did (or the audit).
 	t.Run("delete the element, put back unrenewed", func(t *testing.T) {
-		l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf("nft delete element inet pcpd %s '{ %s . tcp . %d }'", pinhole.PortSetName(cli, 6, servicePort), cli, servicePort))
+		l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf("nft delete element inet pcpd pin6 '{ %s . tcp . %d }'", cli, servicePort))
 		took, ok := waitFor(restoreBound, func() bool { return l.kernelHas(cli, pcp.ProtoTCP, servicePort) })
 		if !ok {
 			t.Fatalf("deleted element not back after %v without a renewal", restoreBound)

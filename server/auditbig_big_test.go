@@ -50,7 +50,7 @@ func pin6Ends(ns int, addrs []netip.Addr, port uint16) ([]time.Time, []error, er
 		binary.BigEndian.PutUint16(key[20:], port)
 		ae := netlink.NewAttributeEncoder()
 		ae.String(unix.NFTA_SET_ELEM_LIST_TABLE, "pcpd")
-		ae.String(unix.NFTA_SET_ELEM_LIST_SET, pinhole.PortSetName(a, unix.IPPROTO_TCP, port))
+		ae.String(unix.NFTA_SET_ELEM_LIST_SET, "pin6")
 		ae.Nested(unix.NFTA_SET_ELEM_LIST_ELEMENTS, func(ae *netlink.AttributeEncoder) error {
 			ae.Nested(unix.NFTA_LIST_ELEM, func(ae *netlink.AttributeEncoder) error {
 				ae.Nested(unix.NFTA_SET_ELEM_KEY, func(ae *netlink.AttributeEncoder) error {
@@ -175,16 +175,13 @@ func TestAuditAboveMaxBig(t *testing.T) {
 	s := benchServerCfg(t, fw, st, state, Config{})
 	t.Logf("start over %d leases: %v", n, time.Since(t1))
 
-	elems := map[string][]string{} // by set: pin6's shards
-	for _, key := range picked {
-		set := pinhole.PortSetName(key.InternalAddr, unix.IPPROTO_TCP, 443)
-		elems[set] = append(elems[set], fmt.Sprintf("%s . tcp . 443", key.InternalAddr))
+	elems := make([]string, len(picked))
+	for i, key := range picked {
+		elems[i] = fmt.Sprintf("%s . tcp . 443", key.InternalAddr)
 	}
+	set := "{ " + strings.Join(elems, ", ") + " }"
 	script := filepath.Join(t.TempDir(), "del.nft")
-	body := ""
-	for set, es := range elems {
-		body += "delete element inet pcpd " + set + " { " + strings.Join(es, ", ") + " }\n"
-	}
+	body := "delete element inet pcpd pin6 " + set + "\n"
 	for _, key := range conflicting {
 		body += fmt.Sprintf("delete element inet pcpd pin6_filter { %s . tcp . 443 . 2001:db8:99::/48 . 0-65535 }\nadd element inet pcpd pin6_filter { %s . tcp . 443 . ::/0 . 0-65535 timeout 1h }\n", key.InternalAddr, key.InternalAddr)
 	}

@@ -11,7 +11,6 @@ import (
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 )
 
@@ -67,9 +66,7 @@ func TestE2EAuditAboveMaxRestores(t *testing.T) {
 	}
 
 	h := l.topo.Host
-	for _, port := range []uint16{443, 7002} {
-		h.MustRun(t, "nft", "delete", "element", "inet", "pcpd", pinhole.PortSetName(c, 6, port), fmt.Sprintf("{ %s . tcp . %d }", c, port))
-	}
+	h.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", fmt.Sprintf("{ %s . tcp . 443, %s . tcp . 7002 }", c, c))
 	h.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "napt4", fmt.Sprintf("{ %s . tcp . 19090 }", pub))
 	h.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "snat4", fmt.Sprintf("{ %s . tcp . 9090 }", c4))
 	// Two audits that began after the deletes.

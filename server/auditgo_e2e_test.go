@@ -134,7 +134,7 @@ func TestE2EWatchServesDuringAudit(t *testing.T) {
 		}
 		return nil
 	})
-	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", pinhole.PortSetName(c, 6, 443), fmt.Sprintf("{ %s . tcp . 443 }", c))
+	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", fmt.Sprintf("{ %s . tcp . 443 }", c))
 	during("live lease's element deleted by hand not put back", func() error {
 		if _, held := l.holds(6, c, 443); !held {
 			return errors.New("port 443 not back")

@@ -118,7 +118,7 @@ func TestAuditWatchBlockFigure(t *testing.T) {
 	started := time.Now()
 	go func() { defer close(done); s.watchFirewall(ctx) }()
 	time.Sleep(300 * time.Millisecond)
-	ns.MustRun(t, "nft", "add", "element", "inet", "pcpd", pinhole.PortSetName(hole, 6, 443), "{ "+hole.String()+" . tcp . 443 timeout 1h }")
+	ns.MustRun(t, "nft", "add", "element", "inet", "pcpd", "pin6", "{ "+hole.String()+" . tcp . 443 timeout 1h }")
 	added := time.Now()
 	for !gone() {
 		if time.Since(added) > 5*time.Minute {

@@ -98,7 +98,7 @@ func (ll *longerLab) relengthen(t *testing.T) {
 	t.Helper()
 	c, c4, pub := ll.topo.ClientV6, ll.topo.ClientV4, ll.topo.HostPublicV4
 	wide := ll.holes[1].RemotePrefix
-	script := fmt.Sprintf("add element inet pcpd %s { %s . tcp . 443 timeout 1d }\n", pinhole.PortSetName(c, 6, 443), c) +
+	script := fmt.Sprintf("add element inet pcpd pin6 { %s . tcp . 443 timeout 1d }\n", c) +
 		fmt.Sprintf("delete element inet pcpd pin6_filter { %s . tcp . 444 . %s . 0-65535 }\n", c, wide) +
 		fmt.Sprintf("add element inet pcpd pin6_filter { %s . tcp . 444 . %s . 0-65535 }\n", c, wide) +
 		fmt.Sprintf("delete element inet pcpd napt4 { %s . tcp . 19090 }\n", pub) +

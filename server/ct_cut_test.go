@@ -383,9 +383,6 @@ func TestE2EUpgradeDeleteWaitsForWalk(t *testing.T) {
 			})
 			l.restartWith(gate.tweak)
 			// The rule of the set as a pcpd before the labels wrote it.
-			if c.kind == "map6" {
-				c.set = pinhole.PortSetName(l.topo.ClientV6, 6, c.port) // pin6's shard (pinhole/shard.go)
-			}
 			out := l.topo.Host.MustRun(t, "nft", "-a", "list", "chain", "inet", "pcpd", c.chain)
 			m := regexp.MustCompile(`\n\s*(\S[^\n]*@` + c.set + `)` + regexp.QuoteMeta(c.label) + `([^\n]*) # handle (\d+)`).FindStringSubmatch(out)
 			if m == nil {

@@ -18,7 +18,6 @@ import (
 	"github.com/pcpd/pcpd/internal/ctnl"
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 )
 
@@ -71,7 +70,7 @@ func TestE2ERenewalDuringReinstallBackoff(t *testing.T) {
 			if counterValue(t, l.srv.m.absorbed) != a0+1 {
 				t.Fatal("an early renewal of a healthy lease was not absorbed: nothing to test")
 			}
-			failReinstallAfterFlush(t, l, f, pinhole.PortSetName(svc.Addr(), 6, svc.Port()), svc)
+			failReinstallAfterFlush(t, l, f, "pin6", svc)
 			f.set(c.applyFail, 0)
 			a1 := counterValue(t, l.srv.m.absorbed)
 			r := renew()

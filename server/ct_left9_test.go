@@ -351,7 +351,7 @@ func TestRepairStallFigure(t *testing.T) {
 		time.Sleep(300 * time.Millisecond)
 		close(stop)
 		<-done
-		l.topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", pinhole.PortSetName(l.topo.ClientV6, 6, 9890))
+		l.topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
 		stop, done = make(chan struct{}), make(chan struct{})
 		go func() { defer close(done); during = takeLock(t, &l.srv.mu, stop) }()
 		time.Sleep(50 * time.Millisecond)

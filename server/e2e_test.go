@@ -579,7 +579,7 @@ func TestE2ETamper(t *testing.T) {
 		t.Fatal("restored pinhole does not pass traffic")
 	}
 	t.Run("flushed set", func(t *testing.T) {
-		l.topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", pinhole.PortSetName(c, 6, 443))
+		l.topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "pin6")
 		if err := netlab.Eventually(5*time.Second, func() error {
 			if es, err := l.fw.List(); err != nil || len(es) != 1 {
 				return errors.New("not restored")

@@ -348,7 +348,7 @@ func TestE2EWatchUndoesUnreadable(t *testing.T) {
 func TestE2EAuditUndoesUnreadable(t *testing.T) {
 	l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
 	live, forged := unreadable(t, l)
-	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", pinhole.PortSetName(live.InternalAddr, 6, 443), fmt.Sprintf("{ %s . tcp . 443 }", live.InternalAddr))
+	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", fmt.Sprintf("{ %s . tcp . 443 }", live.InternalAddr))
 	l.srv.auditFirewall(context.Background())
 	if err := byHandLeft(t, l, forged); err != nil {
 		t.Errorf("audit: %v", err)

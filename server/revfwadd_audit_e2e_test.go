@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 )
 
@@ -31,7 +30,7 @@ func TestE2EAuditNAPTOnLiveEndpoint(t *testing.T) {
 		t.Fatalf("MAP: %+v", resp)
 	}
 	l.topo.Host.MustRun(t, "nft", "add", "element", "inet", "pcpd", "napt4", fmt.Sprintf("{ %s . tcp . 19091 : %s . 9090 }", pub, c4))
-	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", pinhole.PortSetName(c, 6, 443), fmt.Sprintf("{ %s . tcp . 443 }", c))
+	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", fmt.Sprintf("{ %s . tcp . 443 }", c))
 	l.srv.auditFirewall(context.Background())
 	if l.napt4Has(t, pub, 19091) {
 		t.Error("audit: pub:19091 -> c4:9090 (no lease) still in napt4")

@@ -10,7 +10,6 @@ import (
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
-	"github.com/pcpd/pcpd/pinhole"
 )
 
 // napt4Lab is a watch lab with a live IPv4 NAPT mapping c4:9090 <- pub:19090
@@ -104,7 +103,7 @@ func TestE2EWatchUndoesReplacedMapping(t *testing.T) {
 	if resp := l.pcp(mapReq(c, pcp.ProtoTCP, 443, 0, time.Hour, 1)); resp.Result != pcp.Success {
 		t.Fatalf("MAP: %+v", resp)
 	}
-	l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf("nft -f - <<'EOF'\ndelete element inet pcpd %s { %s . tcp . 443 }\ndelete element inet pcpd napt4 { %s . tcp . 19090 }\nadd element inet pcpd napt4 { %s . tcp . 19090 timeout 1h : %s . 9091 }\nEOF\n", pinhole.PortSetName(c, 6, 443), c, pub, pub, c4))
+	l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf("nft -f - <<'EOF'\ndelete element inet pcpd pin6 { %s . tcp . 443 }\ndelete element inet pcpd napt4 { %s . tcp . 19090 }\nadd element inet pcpd napt4 { %s . tcp . 19090 timeout 1h : %s . 9091 }\nEOF\n", c, pub, pub, c4))
 	l.marker(t, 7101)
 	if err := netlab.Eventually(watchBound, func() error {
 		if _, held := l.holds(6, c, 443); !held {

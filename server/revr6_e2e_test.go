@@ -101,7 +101,7 @@ func TestE2EWatchUndoesNoKeyEnd(t *testing.T) {
 func TestE2EAuditUndoesNoKeyEnd(t *testing.T) {
 	l := watchLab(t, func(c *Config, _ *policy.Config) { c.NoFirewallWatch = true })
 	live, key := noKeyEnd(t, l)
-	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", pinhole.PortSetName(live.InternalAddr, 6, 443), fmt.Sprintf("{ %s . tcp . 443 }", live.InternalAddr))
+	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", fmt.Sprintf("{ %s . tcp . 443 }", live.InternalAddr))
 	l.srv.auditFirewall(context.Background())
 	if err := noKeyEndLeft(t, l, key); err != nil {
 		t.Errorf("audit: %v", err)
@@ -257,7 +257,7 @@ func TestE2EAuditRepairsBesideCatchAll(t *testing.T) {
 	if !l.reach(netip.AddrPortFrom(c, 1500)) {
 		t.Fatal("the catch-all element admits nothing: the test proves nothing")
 	}
-	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", pinhole.PortSetName(c, 6, 443), fmt.Sprintf("{ %s . tcp . 443 }", c))
+	l.topo.Host.MustRun(t, "nft", "delete", "element", "inet", "pcpd", "pin6", fmt.Sprintf("{ %s . tcp . 443 }", c))
 	l.srv.auditFirewall(context.Background())
 	if _, err := l.fw.List(); err != nil {
 		t.Errorf("audit: List: %v", err)

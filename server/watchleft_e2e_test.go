@@ -194,7 +194,7 @@ func TestE2EWatchRestoreGap(t *testing.T) {
 		t.Fatalf("%+v", r)
 	}
 	start := time.Now()
-	out := l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf(`n=0; end=$(( $(date +%%s) + 3 )); while [ $(date +%%s) -lt $end ]; do nft delete element inet pcpd %s '{ %s . tcp . 443 }' 2>/dev/null && n=$((n+1)); done; echo $n`, pinhole.PortSetName(c, 6, 443), c))
+	out := l.topo.Host.MustRun(t, "sh", "-c", fmt.Sprintf(`n=0; end=$(( $(date +%%s) + 3 )); while [ $(date +%%s) -lt $end ]; do nft delete element inet pcpd pin6 '{ %s . tcp . 443 }' 2>/dev/null && n=$((n+1)); done; echo $n`, c))
 	left := l.waitHolds(t, "after the loop", 6, c, 443)
 	elapsed := time.Since(start)
 	if left > time.Hour {
