@@ -1606,16 +1606,10 @@ func (s *Server) startAudit(ctx context.Context, fresh bool) {
 // watchFirewall's goroutine.
 func (s *Server) auditAfterRepair(ctx context.Context) {
 	a := &s.watch.audits
+	// No audit runs while afterRepair is set: auditEnded sets it as one
+	// ends, and every start (startAudit) clears it (review h/revend: a
+	// branch for a running audit here could never run).
 	if !a.afterRepair || s.watch.reinstalls.Load() == a.since || ctx.Err() != nil {
-		return
-	}
-	if a.running {
-		// Begun after the stop, maybe before the repair: one more after
-		// it (again); afterRepair is cleared when that one starts.
-		if !a.again {
-			a.again = true
-			s.log.Info("firewall audit: the pinhole sets were repaired while one runs; running again when it ends")
-		}
 		return
 	}
 	s.log.Info("firewall audit: the pinhole set that stopped the last audit is repaired; auditing again")
