@@ -23,13 +23,8 @@ func TestListContextCutMidDump(t *testing.T) {
 	netlab.RequireRoot(t)
 	ns := netlab.NewNS(t, "listctx")
 	b := newBackend(t, ns, pinhole.Config{})
-	var ops []pinhole.Op
-	for i := range 2000 {
-		ops = append(ops, install(benchPinhole(i), time.Hour))
-	}
-	for i := 0; i < len(ops); i += pinhole.MaxBatch {
-		apply(t, b, ops[i:min(i+pinhole.MaxBatch, len(ops))]...)
-	}
+	const n = 2000
+	prefill(t, b, n)
 	for _, concurrent := range []bool{false, true} {
 		ctx, cancel := context.WithCancel(context.Background())
 		var once sync.Once
@@ -70,8 +65,8 @@ func TestListContextCutMidDump(t *testing.T) {
 		if !errors.Is(err, context.Canceled) || es != nil {
 			t.Fatalf("concurrent %v: ListContext returned %d entries, error %v after its ctx ended mid-dump; want context.Canceled and none", concurrent, len(es), err)
 		}
-		if es, err := b.List(); err != nil || len(es) != len(ops) {
-			t.Fatalf("concurrent %v: List after a cut one: %d entries, error %v; want %d", concurrent, len(es), err, len(ops))
+		if es, err := b.List(); err != nil || len(es) != n {
+			t.Fatalf("concurrent %v: List after a cut one: %d entries, error %v; want %d", concurrent, len(es), err, n)
 		}
 	}
 }
