@@ -297,3 +297,63 @@ func TestNAPTBesideAdminPortForwardReserved(t *testing.T) {
 	}
 	t.Logf("NAT-PMP TCP suggesting the reserved, admin-forwarded %d: granted %v; the forward kept its traffic", port, got)
 }
+
+// TestOwnershipAttacksMoreForms: address forms and endpoint collisions
+// TestOwnershipAttacksSEC02 leaves out (h/attack), in the static lab. The
+// host's lan0 holds 2001:db8:1:2::1/64 inside client cli's /64, so its
+// subnet-router anycast address 2001:db8:1:2:: (which a forwarding Linux
+// host answers for) is cli's by ownership and refused only as the host's
+// own: by THIRD_PARTY for MAP, PEER and an all-ports MAP. A suggested
+// external address or port another client holds opens nothing of
+// theirs: cli's IPv6 MAP suggesting the victim's address and mapped port
+// is granted on cli's own address (choice (d)), and cli's NAT-PMP request
+// suggesting the flood client's external port gets another. The kernel
+// then holds exactly cli's two new elements; the others' are unchanged.
+func TestOwnershipAttacksMoreForms(t *testing.T) {
+	l := newLab(t, labOptions{})
+	l.start()
+	cli, cli4 := l.topo.ClientV6, l.topo.ClientV4
+	l.mustMap(l.pcpClient(victimAddr6), victimAddr6, pcp.ProtoTCP, servicePort, time.Hour)
+	flood4 := netip.MustParseAddr("10.100.1.5")
+	floodExt := l.mustPMP(l.pcpClient(flood4), pcp.PMPOpMapTCP, 9400, time.Hour)
+	before := kernelSet(l.kernel())
+
+	anycast := netip.PrefixFrom(l.topo.HostTunnelV6, 64).Masked().Addr()
+	remote := netip.AddrPortFrom(l.topo.InternetV6, 443)
+	allPorts := pcp.NewMap(cli, pcp.ProtoTCP, 0, time.Hour)
+	l.sendAttacks(t, []attackCase{
+		{"THIRD_PARTY the host's subnet-router anycast " + anycast.String(), cli, mapNonce(cli, 9300, time.Hour, 1, anycast), int(pcp.NotAuthorized)},
+		{"PEER with THIRD_PARTY the subnet-router anycast", cli, cat(pcp.AppendRequest(nil, pcp.NewPeer(cli, pcp.ProtoTCP, 9301, remote, time.Hour)), tpOpt(anycast)), int(pcp.NotAuthorized)},
+		{"all-ports MAP with THIRD_PARTY the subnet-router anycast", cli, cat(pcp.AppendRequest(nil, allPorts), tpOpt(anycast)), int(pcp.NotAuthorized)},
+		{"THIRD_PARTY delete of the subnet-router anycast", cli, mapNonce(cli, 9300, 0, 1, anycast), wantNotSuccess},
+	})
+	if appeared, vanished := kernelDiff(before, kernelSet(l.kernel())); len(appeared)+len(vanished) > 0 {
+		t.Fatalf("kernel changed by refused attacks: appeared %v, vanished %v", appeared, vanished)
+	}
+
+	// Suggestions naming another client's endpoint.
+	r := pcp.NewMap(cli, pcp.ProtoTCP, 9302, time.Hour)
+	r.Map.ExternalAddr, r.Map.ExternalPort = victimAddr6, servicePort
+	resp, err := do(l.pcpClient(cli), r)
+	if err != nil || resp.Result != pcp.Success || resp.Map.ExternalAddr != cli {
+		t.Fatalf("MAP suggesting the victim's [%s]:%d: %+v %v", victimAddr6, servicePort, resp, err)
+	}
+	got := l.mustPMPSuggest(l.pcpClient(cli4), pcp.PMPOpMapTCP, 9401, floodExt.Port(), time.Hour)
+	if got == floodExt {
+		t.Fatalf("NAT-PMP suggesting the flood client's %v was granted it", floodExt)
+	}
+	appeared, vanished := kernelDiff(before, kernelSet(l.kernel()))
+	if len(vanished) != 0 || len(appeared) != 2 {
+		t.Fatalf("kernel after the suggestions: appeared %v, vanished %v; want only cli's two", appeared, vanished)
+	}
+	for _, p := range appeared {
+		if p.InternalAddr != cli && p.InternalAddr != cli4 {
+			t.Fatalf("a suggestion opened %v, not cli's", p)
+		}
+		if p.InternalAddr == cli && (p.ExternalAddr.IsValid() && p.ExternalAddr != cli) {
+			t.Fatalf("cli's IPv6 MAP installed on another external address: %v", p)
+		}
+	}
+	t.Logf("4 anycast attacks refused, 0 pinholes changed; suggestions of the victim's [%s]:%d and the flood client's %v gave cli [%s]:%d and %v",
+		victimAddr6, servicePort, floodExt, resp.Map.ExternalAddr, resp.Map.ExternalPort, got)
+}

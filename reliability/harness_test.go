@@ -317,12 +317,18 @@ func (l *lab) mustMapTo(c *pcp.Client, src netip.Addr, proto pcp.Protocol, port,
 // with the lifetime asked; it returns the external endpoint.
 func (l *lab) mustPMP(c *pcp.Client, op pcp.PMPOpcode, port uint16, life time.Duration) netip.AddrPort {
 	l.t.Helper()
+	return l.mustPMPSuggest(c, op, port, port, life)
+}
+
+// mustPMPSuggest is mustPMP suggesting external port sugg.
+func (l *lab) mustPMPSuggest(c *pcp.Client, op pcp.PMPOpcode, port, sugg uint16, life time.Duration) netip.AddrPort {
+	l.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var r pcp.PMPResponse
-	err := c.DoPMP(ctx, &pcp.PMPRequest{Opcode: op, InternalPort: port, SuggestedExternalPort: port, Lifetime: life}, &r)
+	err := c.DoPMP(ctx, &pcp.PMPRequest{Opcode: op, InternalPort: port, SuggestedExternalPort: sugg, Lifetime: life}, &r)
 	if err != nil || r.Result != pcp.PMPSuccess || r.Lifetime != life {
-		l.t.Fatalf("NAT-PMP %v of %d for %v: %v, lifetime %v, %v", op, port, life, r.Result, r.Lifetime, err)
+		l.t.Fatalf("NAT-PMP %v of %d (suggesting %d) for %v: %v, lifetime %v, %v", op, port, sugg, life, r.Result, r.Lifetime, err)
 	}
 	return netip.AddrPortFrom(l.topo.HostPublicV4, r.ExternalPort)
 }
