@@ -38,7 +38,7 @@ func (l *lab) sendAttacks(t *testing.T, attacks []attackCase) {
 		}
 		wait := 3 * time.Second
 		if a.want == wantDrop {
-			wait = time.Second
+			wait = 2 * time.Second
 		}
 		reply, err := rawExchange(conn, l.serverFor(a.src), a.pkt, wait)
 		conn.Close()
