@@ -287,6 +287,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		return nil, err
 	}
 	b := &Backend{conn: conn, cfg: cfg, netns: conn.NetNS}
+	b.healthConn.batches, b.flowed.conn.batches = true, true
 	b.healthConn.note = func(nl *netlink.Conn) { b.ports.keep(keptHealth, nl) }
 	b.listConn.note = func(nl *netlink.Conn) { b.ports.keep(keptList, nl) }
 	b.flowed.conn.note = func(nl *netlink.Conn) { b.ports.keep(keptFlowed, nl) }
@@ -1296,6 +1297,9 @@ type sideConn struct {
 	// note, if set, is told of each socket dialled (ownPorts.note: the
 	// watcher leaves out what the Backend's own sockets commit).
 	note func(*netlink.Conn)
+	// batches: c sends transactions (Healthy's sentinels, flowed6's
+	// writes), so its socket caps its error replies (capAck).
+	batches bool
 }
 
 // get returns the kept connection, dialled into namespace netns (conn's)
@@ -1305,6 +1309,9 @@ func (s *sideConn) get(netns int) (*nftables.Conn, error) {
 		c, nl, err := dialSide(netns)
 		if err != nil {
 			return nil, err
+		}
+		if s.batches {
+			capAck(nl)
 		}
 		s.c, s.nl = c, nl
 		if s.note != nil {
@@ -1325,6 +1332,24 @@ func dialSide(netns int) (*nftables.Conn, *netlink.Conn, error) {
 	}
 	return c, nl, nil
 }
+
+// capAck sets NETLINK_CAP_ACK on nl, a socket that sends transactions:
+// the kernel then quotes only a failing message's header in its error
+// reply, not the whole message (netlink_ack). An acknowledgement quotes
+// only the header whatever the option (36 bytes, a NEWSETELEM of 256
+// elements with or without it), so a committed batch reads the same; a
+// refused one (a conflict, blame's replays of it, a sentinel missing)
+// no longer has each failing message copied back (a delete of 256
+// absent elements: 4 168 -> 36 bytes, read by mdlayher/netlink in three
+// syscalls and 12 KiB of buffers -> two and 4 KiB; BENCHMARKS.md item
+// 79). The errno, the reply's first field, is all readReplies reads.
+// Not with NETLINK_EXT_ACK (google/nftables does not set it): an error
+// reply then carries the failing element's offset (nf_tables'
+// NL_SET_BAD_ATTR), and mdlayher/netlink looks for it past the quoted
+// header's nlmsg_len, beyond the capped reply's end: "not enough data
+// for netlink error code" in place of the errno. Best effort: without
+// it (kernels before 4.3) the replies are as before.
+func capAck(nl *netlink.Conn) { _ = nl.SetOption(netlink.CapAcknowledge, true) }
 
 // close closes the socket; the next get dials another. Its users call it
 // after any error of a read on it, so that a socket an error may have left
@@ -1488,6 +1513,7 @@ func dialConn(netns int) (*nftables.Conn, *netlink.Conn, error) {
 	c, err := nftables.New(nftables.WithNetNSFd(netns), nftables.AsLasting(),
 		nftables.WithSockOptions(func(c *netlink.Conn) error {
 			nl = c
+			capAck(c)
 			rc, err := c.SyscallConn()
 			if err != nil {
 				return err
@@ -1858,6 +1884,7 @@ func (b *Backend) healthy() error {
 			if derr != nil {
 				return fmt.Errorf("pinhole: health check: %w", derr)
 			}
+			capAck(nl) // its sentinels' transaction
 			b.ports.note(nl)
 			raw := &rawRules{}
 			read, err = w.check(kview{conn: conn, table: &w.table, raw: raw, nl: nl})
