@@ -1506,8 +1506,8 @@ var replyBuffer = 8 << 20 // a variable for tests only: SetReplyBuffer
 
 // dialConn dials a lasting connection in namespace netns with a receive
 // buffer of replyBuffer (SO_RCVBUFFORCE: pcpd has CAP_NET_ADMIN; else
-// SO_RCVBUF, capped by net.core.rmem_max), and returns its netlink socket
-// too (flush's read deadline).
+// SO_RCVBUF, capped by net.core.rmem_max) and NETLINK_CAP_ACK (capAck),
+// and returns its netlink socket too (flush's read deadline).
 func dialConn(netns int) (*nftables.Conn, *netlink.Conn, error) {
 	var nl *netlink.Conn
 	c, err := nftables.New(nftables.WithNetNSFd(netns), nftables.AsLasting(),

@@ -134,11 +134,13 @@ func unread(err error) (n int, sentOnly bool) {
 // (no reply at all). ended: it stopped early, nl is out of step.
 //
 // A reply is an NLMSG_ERROR message (an acknowledgement, errno 0, or an
-// error), each in a datagram of its own (netlink_ack). Anything else is a
-// notification the batch asked for: google/nftables sets NLM_F_ECHO on
-// every rule it adds or replaces, so a committed batch's replies start
-// with its rules' NEWRULE (and, for a replaced one, DELRULE) coalesced
-// into datagrams of about a page (nft_commit_notify), and a NEWGEN when
+// error), each in a datagram of its own (netlink_ack), quoting only its
+// message's header (an error too on the Backend's sockets: capAck); only
+// its errno is read. Anything else is a notification the batch asked
+// for: google/nftables sets NLM_F_ECHO on every rule it adds or
+// replaces, so a committed batch's replies start with its rules' NEWRULE
+// (and, for a replaced one, DELRULE) coalesced into datagrams of about a
+// page (nft_commit_notify), and a NEWGEN when
 // its first message asked for an echo. They are skipped, however they are
 // split: google/nftables' receiveAckAware, which flushConn mirrored until
 // review h/revenomem, skipped a datagram of them only when its last
