@@ -1178,9 +1178,13 @@ func (s *Server) audit(ctx context.Context) (checkOwed bool) {
 	if n > auditMaxLeases {
 		return s.auditLarge(ctx, n)
 	}
+	defer s.watch.takePutBacks() // the record ends with the audit
 	for try := 1; ; try++ {
 		start := time.Now()
 		gen := s.watch.relaid.Load()
+		// The watch's put-backs from here on are not re-installed
+		// (trackPutBacks, fwwatch.go).
+		s.watch.trackPutBacks()
 		// Each element's Remaining is from a read after this one: on the
 		// steady clock, which no rebase moves, and put in the running
 		// clock's frame under s.mu (auditDumped).
@@ -1241,6 +1245,18 @@ func (s *Server) auditDumped(have []pinhole.Entry, gen uint64, listed time.Time,
 	defer s.mu.Unlock()
 	if s.auditStale(gen, redump) {
 		return false
+	}
+	// What the watch put back since the dump began, not told deleted
+	// again since, is in the kernel: not missing. Before (h/auditlife), a
+	// live lease's element a tool deleted during the dump (one by one: no
+	// repair) was put back by the watch and re-installed here again, under
+	// s.mu (TestAuditLeavesWatchPutBacks).
+	putBack := 0
+	for p := range s.watch.takePutBacks() {
+		if _, ok := present[p]; !ok {
+			present[p] = struct{}{}
+			putBack++
+		}
 	}
 	now := s.now()
 	// listed in the frame of now and the lease expiries: a rebase while
@@ -1370,7 +1386,7 @@ func (s *Server) auditDumped(have []pinhole.Entry, gen uint64, listed time.Time,
 		s.log.Warn("firewall audit: live leases' pinholes held longer than their leases (re-added by hand while the watch was off or deaf?); cut back to their leases' remaining lifetimes",
 			zap.Int("count", len(longer)), zap.Strings("first", first))
 	}
-	s.log.Debug("firewall audit done", zap.Int("pinholes", len(have)), zap.Duration("dump", dumped))
+	s.log.Debug("firewall audit done", zap.Int("pinholes", len(have)), zap.Duration("dump", dumped), zap.Int("put_back_by_the_watch", putBack))
 	return true
 }
 
