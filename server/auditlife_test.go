@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"testing"
+	"time"
 
+	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/server/servertest"
 )
@@ -163,5 +165,44 @@ func mapDeletedByHandAgain(t *testing.T, h *harness, holes []pinhole.Pinhole) {
 	}
 	if err := h.fw.Apply(dels); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestWatchLostAuditFoldsOwed (h/auditlife; issue 9): a watch pass for
+// lost notifications whose check repairs the firewall, while an audit is
+// owed after a repair (auditAfterRepair: the last one stopped by a
+// missing set, that check's repair failed), runs one audit, one dump:
+// the lost notifications' audit reads the kernel after the repair and
+// the ask both. Before, the owed audit started first and the lost
+// notifications' ask, finding it running, ran a second after it ('2
+// dumps, want 1').
+func TestWatchLostAuditFoldsOwed(t *testing.T) {
+	h := newHarness(t)
+	h.expect(h.do(mapReq(addrA, pcp.ProtoTCP, 80, 80, time.Hour, 1)), pcp.Success)
+	fw := &dumpThenList{Firewall: h.fw}
+	useFirewall(h, fw)
+	s, ctx := h.s, context.Background()
+	a := &s.watch.audits
+	a.done = make(chan bool, 1) // as watchFirewall
+	// Owed as auditEnded leaves it when the check after a stopped audit
+	// failed to repair.
+	a.afterRepair, a.since = true, s.watch.reinstalls.Load()
+	h.fw.Tamper() // the check of this pass repairs (re-installs every lease)
+	s.watch.note(pinhole.WatchEvent{Lost: errors.New("test: ENOBUFS")})
+	s.watched(ctx)
+	if s.watch.reinstalls.Load() == a.since {
+		t.Fatal("the pass's check did not repair (test setup)")
+	}
+	for a.running {
+		s.auditEnded(ctx, <-a.done)
+	}
+	if fw.lists != 1 {
+		t.Errorf("%d dumps, want 1: the owed audit and the lost notifications' one are one", fw.lists)
+	}
+	if a.afterRepair || a.again {
+		t.Errorf("afterRepair %v, again %v after the audit: want neither owed", a.afterRepair, a.again)
+	}
+	if _, ok := h.fw.Holes()[hole(6, addrA, 80, addrA, 80)]; !ok {
+		t.Error("the lease's pinhole missing after the repair and the audit")
 	}
 }
