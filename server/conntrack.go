@@ -568,12 +568,18 @@ type ctFlusher struct {
 	// report is told of every failed walk (attempt ≥ 1) and of the
 	// success that ends a run of them (left 0).
 	report func(attempt, left int, err error)
+	// settle, if set, runs after a walk that left no filter, once its
+	// waiters are released, before the next walk (Server.pruneAfterWalk);
+	// settled is the last filters set whose walk's release (and settle)
+	// are done.
+	settle func()
 	// Backoff between retries of a failing walk (0: the defaults).
 	retryFirst, retryMax time.Duration
 	mu                   sync.Mutex
 	pending              []ctFilter
 	queued               uint64 // filters sets queued so far
 	done                 uint64 // all sets up to this one are flushed
+	settled              uint64 // ... and settle has run after their walk
 	clean                uint64 // ... and walked without a filter left (cleanSeq)
 	running              bool
 	closed               bool // Serve returned: no more retries (close)
@@ -740,12 +746,19 @@ func (c *ctFlusher) run() {
 		if attempt > 0 && c.isClosed() {
 			// Serve returned: no retries (close).
 			c.release(upTo)
+			c.settledTo(upTo)
 			attempt, retry = 0, nil
 			continue
 		}
 
 		if attempt == 0 || attempt >= ctHoldAttempts {
 			c.release(upTo)
+		}
+		if attempt == 0 && c.settle != nil {
+			c.settle() // after the release: nobody waits for it
+		}
+		if attempt == 0 || attempt >= ctHoldAttempts {
+			c.settledTo(upTo)
 		}
 		if attempt > 0 {
 			t := time.NewTimer(backoff)
@@ -757,10 +770,26 @@ func (c *ctFlusher) run() {
 			backoff = min(2*backoff, cmp.Or(c.retryMax, ctRetryMax))
 			if c.isClosed() {
 				c.release(upTo)
+				c.settledTo(upTo)
 				attempt, retry = 0, nil
 			}
 		}
 	}
+}
+
+// settledTo marks every set up to upTo settled (settledSeq).
+func (c *ctFlusher) settledTo(upTo uint64) {
+	c.mu.Lock()
+	c.settled = max(c.settled, upTo)
+	c.mu.Unlock()
+}
+
+// settledSeq is the last filters set released with the settle after its
+// walk done (tests: after waits for the release alone).
+func (c *ctFlusher) settledSeq() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.settled
 }
 
 // release marks every set up to upTo flushed and calls their waiters.
@@ -802,18 +831,34 @@ func (s *Server) walkConntrack(fs []ctFilter, admits ctAdmits) ([]ctFilter, erro
 // walkLive is the flusher's walk (ctFlusher.walk): walkConntrack, but what
 // stays is decided by the leases live once each dump's flows are read
 // (spareLive, which takes s.mu), not by a set of pinholes given.
-// A walk that succeeded prunes the record of the addresses it covered
-// (pruneFlowed).
+// A walk that succeeded leaves the addresses it covered to prune from the
+// record (pruneFlowed) once the flusher has released the replies waiting
+// for it (ctFlusher.settle: pruneAfterWalk). Before (h/auditlife, review
+// h/revrem), the prune ran here: an IPv4 NAPT delete's reply waited for
+// its two holds of s.mu and its transaction besides the walk
+// (TestE2EFlowedPruneAfterRelease).
 func (s *Server) walkLive(fs []ctFilter) ([]ctFilter, error) {
+	s.flowedPrune = nil
 	if fs = s.skipUnflowed(fs); len(fs) == 0 {
 		return nil, nil
 	}
 	as := flowedOf(fs) // before the walk sorts fs
 	left, err := s.walkCt(fs, nil, true)
 	if err == nil && len(left) == 0 {
-		s.pruneFlowed(as)
+		s.flowedPrune = as
 	}
 	return left, err
+}
+
+// pruneAfterWalk prunes what the last walk that succeeded left to prune
+// (walkLive): the flusher's settle, after its release and before its next
+// walk, on its goroutine, which pruneFlowed's argument rests on (no other
+// walk runs meanwhile; a lease made and ended since has its filter
+// queued, walked next).
+func (s *Server) pruneAfterWalk() {
+	as := s.flowedPrune
+	s.flowedPrune = nil
+	s.pruneFlowed(as)
 }
 
 func (s *Server) walkCt(fs []ctFilter, admits ctAdmits, live bool) ([]ctFilter, error) {

@@ -18,12 +18,17 @@ import (
 // mappings nobody connected through runs no conntrack dump.
 
 // flushed waits until the flusher has handled every filter set queued so
-// far (no time bound of its own: the test's).
+// far, the flowed6 prune after their walk included (it runs after the
+// release: settledSeq; no time bound of its own: the test's).
 func (l *lab) flushed(t *testing.T) {
 	t.Helper()
 	done := make(chan struct{})
-	l.srv.ct.after(l.srv.ct.seq(), func() { close(done) })
+	seq := l.srv.ct.seq()
+	l.srv.ct.after(seq, func() { close(done) })
 	<-done
+	for l.srv.ct.settledSeq() < seq {
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // churnNoFlows makes and deletes n IPv6 TCP MAPs of the client from port0

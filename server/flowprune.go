@@ -106,6 +106,9 @@ func (s *Server) pruneFlowed(as []netip.Addr) {
 		return
 	}
 	as = s.unheldFlowed(as, false)
+	if len(as) > 0 && pruneFlowedHook != nil {
+		pruneFlowedHook(as)
+	}
 	if len(as) == 0 || !s.recorder.ForgetFlowed(as) {
 		return
 	}
@@ -113,6 +116,10 @@ func (s *Server) pruneFlowed(as []netip.Addr) {
 		s.recorder.Reflowed(back)
 	}
 }
+
+// pruneFlowedHook, if set, is called by pruneFlowed with the addresses
+// it is about to delete from the record, before its transaction (tests).
+var pruneFlowedHook func(as []netip.Addr)
 
 // unheldFlowed returns the addresses of as no lease in the table holds
 // and no filter kept back (undeletedEnds, under s.mu) or queued (under

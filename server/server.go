@@ -169,6 +169,10 @@ type Server struct {
 	in  chan packet
 	lis *listener
 	ct  ctFlusher
+	// flowedPrune: the addresses the flusher's last walk covered, pruned
+	// from the record once its waiters are released (walkLive,
+	// pruneAfterWalk; the flusher's goroutine only).
+	flowedPrune []netip.Addr
 	// natPrior: external endpoints whose flows may be DNAT-ed elsewhere
 	// than their live mappings deliver (retarget.go). Under mu.
 	natPrior map[ctTarget]natPrior
@@ -278,6 +282,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	s.plog = packetLogger(log, s.steady, time.Now)
 	s.hostPorts.s = s
 	s.ct.walk = s.walkLive
+	s.ct.settle = s.pruneAfterWalk
 	s.ct.report = s.reportCtWalk
 	s.m = newMetrics(func() float64 {
 		s.mu.Lock()
