@@ -480,16 +480,23 @@ func listUntil(ctx context.Context, conn *nftables.Conn, nl *netlink.Conn, sets 
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("pinhole: list: %w", err)
 	}
+	cut := make(chan struct{})
 	stop := context.AfterFunc(ctx, func() {
+		defer close(cut)
 		_ = nl.SetReadDeadline(time.Unix(1, 0))
 		if listCutHook != nil {
 			listCutHook()
 		}
 	})
 	out, err := listSets(conn, sets)
-	if !stop() && ctx.Err() != nil {
-		// The deadline is set or being set: whatever listSets read, the
-		// caller closes the socket.
+	if !stop() {
+		// ctx ended: the deadline is set or being set. Waited for, so
+		// that nothing of the dump outlives the call (the caller closes
+		// the socket next). Before (h/auditlife), the goroutine setting
+		// it could still run after the return
+		// (TestListContextWaitsForCut). Whatever listSets read is
+		// dropped.
+		<-cut
 		return nil, fmt.Errorf("pinhole: list: %w", ctx.Err())
 	}
 	return out, err

@@ -110,3 +110,45 @@ func TestListContextDeadlineStopsDump(t *testing.T) {
 		t.Fatalf("List after a cut one: %d entries, error %v; want 1", len(es), err)
 	}
 }
+
+// TestListContextWaitsForCut (h/auditlife): the goroutine that cuts a
+// ListContext whose ctx ended (its read deadline, ListCutHookForTest)
+// has ended by the time ListContext returns: nothing of the dump outlives
+// the call. Here the cut is held in the hook until ListContext returns,
+// or a second at most (a bound, not an assertion: with the wait,
+// ListContext returns only after it). Before, ListContext returned with
+// the cut still running ('ListContext returned while its cut's goroutine
+// still ran').
+func TestListContextWaitsForCut(t *testing.T) {
+	netlab.RequireRoot(t)
+	ns := netlab.NewNS(t, "listwait")
+	b := newBackend(t, ns, pinhole.Config{})
+	apply(t, b, install(benchPinhole(0), time.Hour))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	returned, cutDone := make(chan struct{}), make(chan struct{})
+	var outlived atomic.Bool
+	pinhole.ListCutHookForTest(func() {
+		defer close(cutDone)
+		select {
+		case <-returned:
+			outlived.Store(true)
+		case <-time.After(time.Second):
+		}
+	})
+	pinhole.ListSetHookForTest(func(set int) {
+		if set == 1 {
+			cancel()
+		}
+	})
+	t.Cleanup(func() { pinhole.ListSetHookForTest(nil); pinhole.ListCutHookForTest(nil) })
+	es, err := b.ListContext(ctx)
+	close(returned)
+	<-cutDone
+	if !errors.Is(err, context.Canceled) || es != nil {
+		t.Fatalf("ListContext returned %d entries, error %v; want context.Canceled and none", len(es), err)
+	}
+	if outlived.Load() {
+		t.Fatal("ListContext returned while its cut's goroutine still ran")
+	}
+}
