@@ -80,12 +80,7 @@ func TestListContextCutMidDump(t *testing.T) {
 // not tell: without the SetReadDeadline this one fails with 'read sets
 // [2 3 ...] after its ctx ended and its deadline was set'.
 func TestListContextDeadlineStopsDump(t *testing.T) {
-	netlab.RequireRoot(t)
-	ns := netlab.NewNS(t, "listcut")
-	b := newBackend(t, ns, pinhole.Config{})
-	apply(t, b, install(benchPinhole(0), time.Hour))
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	b, ctx, cancel := oneElementList(t, "listcut")
 	cut := make(chan struct{})
 	var after []int
 	pinhole.ListCutHookForTest(func() { close(cut) })
@@ -120,12 +115,7 @@ func TestListContextDeadlineStopsDump(t *testing.T) {
 // the cut still running ('ListContext returned while its cut's goroutine
 // still ran').
 func TestListContextWaitsForCut(t *testing.T) {
-	netlab.RequireRoot(t)
-	ns := netlab.NewNS(t, "listwait")
-	b := newBackend(t, ns, pinhole.Config{})
-	apply(t, b, install(benchPinhole(0), time.Hour))
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	b, ctx, cancel := oneElementList(t, "listwait")
 	returned, cutDone := make(chan struct{}), make(chan struct{})
 	var outlived atomic.Bool
 	pinhole.ListCutHookForTest(func() {
@@ -151,4 +141,17 @@ func TestListContextWaitsForCut(t *testing.T) {
 	if outlived.Load() {
 		t.Fatal("ListContext returned while its cut's goroutine still ran")
 	}
+}
+
+// oneElementList is a Backend in a namespace of its own (named name)
+// holding one element, and a ctx for a ListContext of it (cancelled at
+// the test's end at the latest).
+func oneElementList(t *testing.T, name string) (*pinhole.Backend, context.Context, context.CancelFunc) {
+	t.Helper()
+	netlab.RequireRoot(t)
+	b := newBackend(t, netlab.NewNS(t, name), pinhole.Config{})
+	apply(t, b, install(benchPinhole(0), time.Hour))
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	return b, ctx, cancel
 }
