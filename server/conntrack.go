@@ -584,6 +584,7 @@ type ctFlusher struct {
 	running              bool
 	closed               bool // Serve returned: no more retries (close)
 	waiters              []ctWaiter
+	settleWaiters        []ctWaiter    // afterSettled's
 	wake                 chan struct{} // an add cuts a retry's backoff short
 
 	// gap spaces walks nobody waits for (0: ctWalkGap; negative: none);
@@ -777,19 +778,40 @@ func (c *ctFlusher) run() {
 	}
 }
 
-// settledTo marks every set up to upTo settled (settledSeq).
+// settledTo marks every set up to upTo settled and calls
+// their afterSettled waiters.
 func (c *ctFlusher) settledTo(upTo uint64) {
 	c.mu.Lock()
 	c.settled = max(c.settled, upTo)
+	var ready []func()
+	kept := c.settleWaiters[:0]
+	for _, w := range c.settleWaiters {
+		if w.seq <= c.settled {
+			ready = append(ready, w.fn)
+		} else {
+			kept = append(kept, w)
+		}
+	}
+	c.settleWaiters = kept
 	c.mu.Unlock()
+	for _, fn := range ready {
+		fn()
+	}
 }
 
-// settledSeq is the last filters set released with the settle after its
-// walk done (tests: after waits for the release alone).
-func (c *ctFlusher) settledSeq() uint64 {
+// afterSettled is after, but fn is called once the settle after the walk
+// (Server.pruneAfterWalk) has run too: nothing of the flusher's work for
+// every set up to seq is left (endConntrack). Unlike after, it does not
+// cut a spaced walk's gap short (endConntrack's close does).
+func (c *ctFlusher) afterSettled(seq uint64, fn func()) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.settled
+	if c.settled >= seq {
+		c.mu.Unlock()
+		fn()
+		return
+	}
+	c.settleWaiters = append(c.settleWaiters, ctWaiter{seq: seq, fn: fn})
+	c.mu.Unlock()
 }
 
 // release marks every set up to upTo flushed and calls their waiters.
@@ -1292,7 +1314,13 @@ func (s *Server) endConntrack() {
 	s.mu.Unlock()
 	s.ct.close()
 	done := make(chan struct{})
-	s.ct.after(s.ct.seq(), func() { close(done) })
+	// Until the flowed6 prune after the last walk is done too: it runs
+	// after the walk's release (pruneAfterWalk), and the caller closes the
+	// firewall once Serve returns. Before (review h/revlife), the wait
+	// ended with the release, and the prune (two holds of s.mu and a
+	// transaction) ran after Serve had returned
+	// (TestEndConntrackWaitsForSettle).
+	s.ct.afterSettled(s.ct.seq(), func() { close(done) })
 	t := time.NewTimer(ctEndWait)
 	defer t.Stop()
 	select {

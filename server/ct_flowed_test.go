@@ -19,16 +19,12 @@ import (
 
 // flushed waits until the flusher has handled every filter set queued so
 // far, the flowed6 prune after their walk included (it runs after the
-// release: settledSeq; no time bound of its own: the test's).
+// release: afterSettled; no time bound of its own: the test's).
 func (l *lab) flushed(t *testing.T) {
 	t.Helper()
 	done := make(chan struct{})
-	seq := l.srv.ct.seq()
-	l.srv.ct.after(seq, func() { close(done) })
+	l.srv.ct.afterSettled(l.srv.ct.seq(), func() { close(done) })
 	<-done
-	for l.srv.ct.settledSeq() < seq {
-		time.Sleep(time.Millisecond)
-	}
 }
 
 // churnNoFlows makes and deletes n IPv6 TCP MAPs of the client from port0
