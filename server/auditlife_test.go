@@ -20,6 +20,9 @@ type dumpThenList struct {
 	after    func()
 	lists    int
 	installs int // Install ops applied
+	// applied, if set, is called after each Apply that succeeded (under
+	// the caller's s.mu, as the kernel's commit is before its return).
+	applied func(ops []pinhole.Op)
 }
 
 func (f *dumpThenList) Apply(ops []pinhole.Op) error {
@@ -29,6 +32,9 @@ func (f *dumpThenList) Apply(ops []pinhole.Op) error {
 			if op.Kind == pinhole.Install {
 				f.installs++
 			}
+		}
+		if f.applied != nil {
+			f.applied(ops)
 		}
 	}
 	return err
