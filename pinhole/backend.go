@@ -719,6 +719,38 @@ func (b *Backend) queueMisshapenChainRemoval(chains map[string]*nftables.Chain) 
 	return nil
 }
 
+// dnatPriority is pcpd's DNAT chain's (prerouting, standalone and
+// attached): one after dstnat (-100), where every other DNAT of the host
+// sits (nft's "priority dstnat", iptables' nat PREROUTING, Docker,
+// kube-proxy, CNI hostPort). Security (issue 9, h/natprio): the kernel
+// runs the NAT chains of a hook in priority order and stops at the first
+// that binds a new connection (nf_nat_inet_fn), and chains of EQUAL
+// priority newest-registered first (nf_hook_entries_grow). At dstnat
+// pcpd's chain, registered after a firewall loaded at boot, ran before
+// the admin's own port forwards: a client granted a public port that the
+// admin forwards with a DNAT rule of their own (no socket holds it, so
+// the host port scan cannot see it) took its new connections
+// (TestNAPTBesideAdminPortForward). One later, every DNAT at the
+// standard priority is consulted first, whatever the load order: the
+// admin's forward keeps its traffic, and pcpd's translates only what no
+// such rule took (a NAT chain's accept without a binding passes on to
+// the next). The client is still told SUCCESS (pcpd cannot read other
+// tables' rules); README's --reserved-ports says to list such ports.
+//
+// Nothing else's order changes: natcut (-150, natCutPriority) and
+// attached pcpd_cut still run before it, on established packets that
+// the NAT hook (registered at -100 whatever its chains' priorities)
+// translates by their binding without any chain; the guards
+// (forward, filter) run after prerouting as before; the SNAT chain
+// (postrouting, srcnat - 1) is another hook. pcpd has no output-hook
+// NAT chain (the host's own connections to a mapped endpoint are not
+// translated), so none to move. A table laid out by an older pcpd, its
+// chain at dstnat, is re-made at Setup in its one transaction
+// (queueMisshapenChainRemoval: chainShapeIs compares the priority); the
+// maps keep their elements and conntrack its bindings, so mappings and
+// their connections carry on (TestSetupMovesDNATChainPriority).
+var dnatPriority = *nftables.ChainPriorityNATDest + 1
+
 // chains returns pcpd's chain objects, regular chains first so jumps to
 // them resolve within the batch.
 func (b *Backend) chains() map[string]*nftables.Chain {
@@ -726,7 +758,7 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 		b.chainGuard6: {Table: b.table, Name: b.chainGuard6},
 		b.chainGuard4: {Table: b.table, Name: b.chainGuard4},
 		b.chainPrerouting: {Table: b.table, Name: b.chainPrerouting, Type: nftables.ChainTypeNAT,
-			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest},
+			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(dnatPriority)},
 		// One below srcnat: the kernel takes the first NAT binding a
 		// chain at the hook sets up, so pcpd's SNAT of a mapped internal
 		// port wins over the host's general masquerade at srcnat.
