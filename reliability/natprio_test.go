@@ -2,13 +2,9 @@ package reliability
 
 import (
 	"fmt"
-	"net"
 	"net/netip"
-	"strings"
 	"testing"
 	"time"
-
-	"github.com/google/nftables"
 
 	"github.com/pcpd/pcpd/pcp"
 )
@@ -82,90 +78,4 @@ func naptBesideAdminForward(t *testing.T, adminFirst bool) {
 	if admin.Load() != 2 || client.Load() != 0 {
 		t.Fatalf("pcpd's own mapping's connection reached the admin backend (%d) or the forwarded port's (%d)", admin.Load(), client.Load())
 	}
-}
-
-// TestNAPTDNATChainPriorityUpgrade: a table laid out by a pcpd before
-// h/natprio has its DNAT chain (prerouting) at dstnat. The new pcpd's
-// Setup re-makes it at dstnat + 1 in its one transaction (the chain's
-// shape differs: queueMisshapenChainRemoval), its rules and map references
-// intact: connections DNAT-ed before (IPv4 NAPT and IPv6 port redirect,
-// TCP and UDP) keep passing, and new ones through the same mappings pass.
-// (Without the fix there is nothing to move: the test fails at once,
-// "pcpd's prerouting chain is not at dstnat + 1".)
-func TestNAPTDNATChainPriorityUpgrade(t *testing.T) {
-	l := newLab(t, labOptions{})
-	l.start()
-	flows := l.openLifeFlows(t, l.pcpClient(l.topo.ClientV4), 40200, time.Hour)
-	l.kill9()
-
-	// The old layout: the same chain and rules, at dstnat (-100), in one
-	// nft transaction, as the older pcpd made it.
-	chain := l.topo.Host.MustRun(t, "nft", "list", "chain", "inet", "pcpd", "prerouting")
-	if !strings.Contains(chain, "priority dstnat + 1;") {
-		t.Fatalf("pcpd's prerouting chain is not at dstnat + 1:\n%s", chain)
-	}
-	// (Through netlink: nft cannot read its own listing of the DNAT
-	// rules back, "transport protocol mapping is only valid after
-	// transport protocol match".)
-	conn, err := l.topo.Host.NftConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	table := &nftables.Table{Family: nftables.TableFamilyINet, Name: "pcpd"}
-	pre := &nftables.Chain{Table: table, Name: "prerouting"}
-	rules, err := conn.GetRules(table, pre)
-	if err != nil || len(rules) != 4 {
-		t.Fatalf("pcpd's DNAT rules: %d, %v", len(rules), err)
-	}
-	conn.FlushChain(pre)
-	conn.DelChain(pre)
-	accept := nftables.ChainPolicyAccept
-	oldChain := conn.AddChain(&nftables.Chain{Table: table, Name: "prerouting", Type: nftables.ChainTypeNAT,
-		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest, Policy: &accept})
-	for _, r := range rules {
-		conn.AddRule(&nftables.Rule{Table: table, Chain: oldChain, Exprs: r.Exprs})
-	}
-	if err := conn.Flush(); err != nil {
-		t.Fatalf("laying the old DNAT chain out: %v", err)
-	}
-	if c := l.topo.Host.MustRun(t, "nft", "list", "chain", "inet", "pcpd", "prerouting"); !strings.Contains(c, "priority dstnat;") || strings.Count(c, " dnat ") != 4 {
-		t.Fatalf("old layout not made:\n%s", c)
-	}
-	for i, f := range flows {
-		if err := echoRound(f.c, byte(10+i), time.Second); err != nil {
-			t.Fatalf("%s: no echo over the old layout: %v", f.name, err)
-		}
-	}
-
-	l.start()
-	c := l.topo.Host.MustRun(t, "nft", "list", "chain", "inet", "pcpd", "prerouting")
-	if !strings.Contains(c, "priority dstnat + 1;") || strings.Count(c, " dnat ") != 4 {
-		t.Fatalf("prerouting not moved:\n%s", c)
-	}
-	for i, f := range flows {
-		if err := echoRound(f.c, byte(20+i), time.Second); err != nil {
-			t.Fatalf("%s: the connection DNAT-ed before the upgrade no longer passes: %v", f.name, err)
-		}
-	}
-	// New connections through the same mappings (TCP ones: a new UDP
-	// socket to the same endpoint would need a reply path of its own).
-	for _, f := range flows {
-		if f.c.RemoteAddr().Network() != "tcp" {
-			continue
-		}
-		dst := f.c.RemoteAddr().String()
-		var nc net.Conn
-		if err := l.topo.Internet.Do(func() (err error) {
-			nc, err = net.DialTimeout("tcp", dst, time.Second)
-			return err
-		}); err != nil {
-			t.Fatalf("%s: new connection to %s after the upgrade: %v", f.name, dst, err)
-		}
-		err := echoRound(nc, 1, time.Second)
-		nc.Close()
-		if err != nil {
-			t.Fatalf("%s: new connection to %s after the upgrade: no echo: %v", f.name, dst, err)
-		}
-	}
-	t.Logf("prerouting re-made at dstnat + 1; %d connections DNAT-ed before the upgrade and new TCP ones pass:\n%s", len(flows), c)
 }
