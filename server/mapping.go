@@ -164,6 +164,10 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response, o *outcome) (pc
 	ex := &c.ex
 	found := s.tab.getInto(a.key, ex)
 	nonced := a.kind == store.KindMap && found && ex.Kind == store.KindMap
+	if s.cfg.StrictNonce && a.kind == store.KindNATPMP && found && pmpCannotTouch(*ex) {
+		code, err := fail(errPMPNoNonce) // NAT-PMP renewing a MAP (pmp.go)
+		return code, err
+	}
 	if nonced && ex.Nonce != a.nonce && s.cfg.StrictNonce {
 		resp.Lifetime = remaining(ex, now)
 		code, err := fail(errNonce) // MAP-14

@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"runtime"
 	"slices"
@@ -33,14 +34,21 @@ func (s *Server) handlePMP(c *call) outcome {
 		o.reply = pcp.AppendPMPAddressResponse(nil, pcp.PMPSuccess, c.epoch, s.cfg.ExternalIPv4)
 		return o
 	}
+	mark := c.t.mark()
 	ext, lt, code, err := s.servePMPMap(c, &req, &o)
 	res := pmpResult(code)
 	o.res = res.String()
 	if res != pcp.PMPSuccess {
 		// PMP-09: the full reply, internal port copied, nothing mapped.
 		s.plog.Debug("refused", zap.Stringer("from", c.src), zap.Stringer("result", res), zap.Error(err))
-		o.after, o.log.msg = nil, ""
 		o.reply = pcp.AppendPMPMapResponse(nil, req.Opcode, res, c.epoch, req.InternalPort, 0, 0)
+		if c.t.mark() != mark {
+			// A partial delete-all (PMP-08, strict nonces): what it
+			// deleted is logged and committed, its reply a failure's.
+			o.fail = failReply{kind: failPMP, epoch: c.epoch, pmpOp: req.Opcode, port: req.InternalPort}
+			return o
+		}
+		o.after, o.log.msg = nil, ""
 		return o
 	}
 	o.reply = pcp.AppendPMPMapResponse(nil, req.Opcode, res, c.epoch, req.InternalPort, ext, lt)
@@ -71,10 +79,20 @@ func (s *Server) servePMPMap(c *call, req *pcp.PMPRequest, o *outcome) (uint16, 
 		// nothing existed. Internal port 0 deletes every mapping of this
 		// client and protocol.
 		var gone []store.Lease
+		kept := 0 // PCP MAPs a delete-all leaves (strict nonces)
 		if req.InternalPort == 0 {
 			gone = s.tab.mappingsOf(key.Owner, internal, proto, gone)
+			if s.cfg.StrictNonce {
+				n := len(gone)
+				gone = slices.DeleteFunc(gone, pmpCannotTouch)
+				kept = n - len(gone)
+			}
 			slices.SortFunc(gone, func(a, b store.Lease) int { return compareKeys(a.Key, b.Key) })
 		} else if l, ok := s.tab.get(key); ok {
+			if s.cfg.StrictNonce && pmpCannotTouch(*l) {
+				code, err := fail(errPMPNoNonce) // as MAP-19 refuses another nonce
+				return 0, 0, code, err
+			}
 			gone = append(gone, *l)
 		}
 		for _, l := range gone {
@@ -92,6 +110,14 @@ func (s *Server) servePMPMap(c *call, req *pcp.PMPRequest, o *outcome) (uint16, 
 				}
 			}
 		}
+		if kept > 0 {
+			// RFC 6886 §3.4: a delete-all that cannot delete every
+			// mapping deletes the rest and answers a non-zero code
+			// (PMP-08): NOT_AUTHORIZED/REFUSED (§3.5, 2), as for a
+			// mapping it may not delete.
+			code, err := fail(fmt.Errorf("delete-all left %d PCP mapping(s): %w", kept, errPMPNoNonce))
+			return 0, 0, code, err
+		}
 		return 0, 0, pcp.Success, nil
 	}
 	a := ask{kind: store.KindNATPMP, key: key, suggPort: req.SuggestedExternalPort, grant: s.pol.ClampLifetime(req.Lifetime)}
@@ -102,6 +128,23 @@ func (s *Server) servePMPMap(c *call, req *pcp.PMPRequest, o *outcome) (uint16, 
 	}
 	return o.log.lease.ExternalPort, a.grant, pcp.Success, nil
 }
+
+// errPMPNoNonce refuses, with strict nonces, a NAT-PMP request that would
+// delete, renew or take over a mapping PCP made (NOT_AUTHORIZED; NAT-PMP
+// result 2, RFC 6886 §3.5).
+var errPMPNoNonce = fmt.Errorf("NAT-PMP request (no nonce) for a mapping PCP created: %w", errNonce)
+
+// pmpCannotTouch: with strict nonces, a NAT-PMP request may not delete,
+// renew or replace l. Security (issue 9, found by h/attack): NAT-PMP
+// carries no nonce, so strict mode's promise (MAP-14, MAP-19: only the
+// holder of a MAP's nonce changes it; another process or host behind the
+// same address, or a client after a reboot, cannot) held for PCP alone:
+// from the MAP's own address a NAT-PMP delete removed it, a mapping
+// request renewed it into a NAT-PMP lease with a zero nonce (which any
+// PCP nonce then replaced or deleted), and a delete-all took it too. So
+// only mappings NAT-PMP made are NAT-PMP's to change; without strict
+// nonces (choice (c)) the owner's address may change any, as before.
+func pmpCannotTouch(l store.Lease) bool { return l.Kind == store.KindMap }
 
 // announceYield is how many leases announceTargets copies per hold of s.mu.
 const announceYield = 512
