@@ -9,6 +9,7 @@ import (
 
 	"github.com/google/nftables"
 
+	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
 )
 
@@ -20,13 +21,32 @@ import (
 // references intact: the connections DNAT-ed before (IPv4 NAPT TCP and
 // UDP, an IPv6 port redirect) keep passing, new ones through the same
 // elements pass, and Healthy holds. Without the move (the chain check
-// ignoring the priority) the chain stays at "priority dstnat;" and the
-// first check fails.
+// ignoring the priority) the kernel refuses the second Setup's chain
+// (EOPNOTSUPP: a base chain's priority cannot change) and Setup fails:
+// "Setup: pinhole: inet table "pcpd" exists and pcpd did not create it
+// (it holds chain "natcut")" (its retry without labels). Attached mode's
+// pcpd_prerouting, in the admin's table, the same.
 func TestSetupMovesDNATChainPriority(t *testing.T) {
+	t.Run("standalone", func(t *testing.T) { setupMovesDNATChain(t, pinhole.Config{}, "pcpd", "prerouting") })
+	t.Run("attached", func(t *testing.T) {
+		setupMovesDNATChain(t, pinhole.Config{Table: "filter", Attached: true, Chain: "pcpd"}, "filter", "pcpd_prerouting")
+	})
+}
+
+// setupMovesDNATChain is TestSetupMovesDNATChainPriority for cfg, whose
+// DNAT chain is table's chain (attached: beneath README's adminRuleset).
+func setupMovesDNATChain(t *testing.T, cfg pinhole.Config, table, chain string) {
 	restore := pinhole.SetDNATPriority(*nftables.ChainPriorityNATDest)
-	topo, old := guardedTopology(t, pinhole.Config{})
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	if cfg.Attached {
+		loadNft(t, topo.Host, adminRuleset)
+	}
+	old := newBackend(t, topo.Host, cfg)
 	restore()
-	list := func() string { return nftList(t, topo.Host, "chain", "inet", "pcpd", "prerouting") }
+	if err := old.SetProtected([]netip.Prefix{topo.ClientPrefix6, topo.ClientPrefix4}); err != nil {
+		t.Fatal(err)
+	}
+	list := func() string { return nftList(t, topo.Host, "chain", "inet", table, chain) }
 	if l := list(); !strings.Contains(l, "priority dstnat;") {
 		t.Fatalf("the old layout is not at dstnat:\n%s", l)
 	}
@@ -52,7 +72,7 @@ func TestSetupMovesDNATChainPriority(t *testing.T) {
 		m.flow = openEchoVia(t, m.proto, topo.Client, m.svc, topo.Internet, src, m.pub)
 	}
 
-	b := newBackend(t, topo.Host, pinhole.Config{}) // Setup over the old layout
+	b := newBackend(t, topo.Host, cfg) // Setup over the old layout
 	l := list()
 	if !strings.Contains(l, "priority dstnat + 1;") || strings.Count(l, " dnat ") != 4 {
 		t.Fatalf("Setup did not re-make the DNAT chain at dstnat + 1 with its 4 rules:\n%s", l)
