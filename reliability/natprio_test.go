@@ -2,6 +2,7 @@ package reliability
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -77,5 +78,45 @@ func naptBesideAdminForward(t *testing.T, adminFirst bool) {
 	}
 	if admin.Load() != 2 || client.Load() != 0 {
 		t.Fatalf("pcpd's own mapping's connection reached the admin backend (%d) or the forwarded port's (%d)", admin.Load(), client.Load())
+	}
+}
+
+// TestNAPTBesideAdminPortForwardEndKeepsAdminFlows: a client's mapping of
+// a port the admin forwards (granted: pcpd cannot see the forward) ends;
+// the conntrack walk that ends its connections (PMP-12) must spare the
+// admin's forwarded connection to the same public endpoint, which the
+// mapping never translated.
+func TestNAPTBesideAdminPortForwardEndKeepsAdminFlows(t *testing.T) {
+	l := newLab(t, labOptions{})
+	const port = 40080
+	public := netip.AddrPortFrom(l.topo.HostPublicV4, port)
+	backend := netip.AddrPortFrom(netip.MustParseAddr("10.100.2.7"), 80)
+	l.topo.Host.MustRun(t, "nft", "add table ip admin")
+	l.topo.Host.MustRun(t, "nft", "add chain ip admin pre { type nat hook prerouting priority dstnat; }")
+	l.topo.Host.MustRun(t, "nft", "add rule ip admin pre ip daddr "+l.topo.HostPublicV4.String()+" tcp dport "+fmt.Sprint(port)+" dnat to "+backend.String())
+	// A flushed entry is not picked up again mid-stream: the
+	// connection then breaks, and the test sees the flush.
+	l.topo.Host.MustRun(t, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0")
+	l.start()
+	l.topo.Client.ServeTCPEcho(t, backend.String())
+	var c net.Conn
+	if err := l.topo.Internet.Do(func() (err error) {
+		c, err = net.DialTimeout("tcp", public.String(), time.Second)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := echoRound(c, 1, time.Second); err != nil {
+		t.Fatalf("the admin's forward: %v", err)
+	}
+	pmpc := l.pcpClient(l.topo.ClientV4)
+	got := l.mustPMP(pmpc, pcp.PMPOpMapTCP, port, time.Hour)
+	if err := echoRound(c, 2, time.Second); err != nil {
+		t.Fatalf("the admin's forwarded connection after the client's mapping %v: %v", got, err)
+	}
+	l.mustPMP(pmpc, pcp.PMPOpMapTCP, port, 0) // delete: its connections are ended before the reply
+	if err := echoRound(c, 3, time.Second); err != nil {
+		t.Fatalf("the admin's forwarded connection after the client's mapping %v ended: %v", got, err)
 	}
 }

@@ -448,15 +448,70 @@ func appendCtFilters(dst []ctFilter, l *store.Lease) []ctFilter {
 	if t.wild() {
 		return append(dst, ctFilter{t: t})
 	}
-	dst = append(dst, ctFilter{v4: l.ExternalAddr.Is4(), t: t})
+	dst = append(dst, inboundFilter(t, netip.AddrPortFrom(l.InternalAddr.Unmap(), l.InternalPort)))
 	if snatFlows(l) {
 		dst = append(dst, ctFilter{v4: true, t: t, nat: true, src4: l.InternalAddr.As4(), sport: l.InternalPort})
 	}
 	return dst
 }
 
+// inboundFilter is the filter of the inbound flows to t that its mapping
+// delivered at to (ctFilter.delivered): to's port in sport, its address,
+// IPv4, in src4 (IPv6: t's own address, as pcpd never translates an IPv6
+// address). One whose to cannot be kept so (another family, another IPv6
+// address, port 0) matches wherever a flow to t was delivered.
+func inboundFilter(t ctTarget, to netip.AddrPort) ctFilter {
+	f := ctFilter{v4: t.addr.Is4(), t: t}
+	switch a := to.Addr().Unmap(); {
+	case to.Port() == 0 || a.Is4() != t.addr.Is4() || !a.Is4() && a != t.addr:
+	case a.Is4():
+		f.src4, f.sport = a.As4(), to.Port()
+	default:
+		f.sport = to.Port()
+	}
+	return f
+}
+
+// delivered reports whether the inbound filter f's mapping delivered a
+// flow to f.t at to, the flow's reply source: its internal endpoint (an
+// IPv4 NAPT mapping's, an IPv6 redirect's; an IPv6 pinhole's is its
+// external one, untranslated). Security (issue 9, h/revprio): an admin's
+// own DNAT of a public endpoint (a port forward, which wins over pcpd's
+// DNAT since h/natprio) makes flows whose original destination is that
+// of a client's mapping there (granted: pcpd cannot see other tables'
+// rules); matched by original destination alone, the walk of the
+// mapping's end deleted them, and with nf_conntrack_tcp_loose=0 the
+// admin's forwarded connections were reset, as often as a client mapped
+// and deleted the port (TestNAPTBesideAdminPortForwardEndKeepsAdminFlows).
+// A filter without one (sport 0: a wildcard, a retarget walk's of an
+// endpoint with several former targets, tests) matches wherever the
+// kernel delivered the flow.
+func (f ctFilter) delivered(to netip.AddrPort) bool {
+	if f.nat || f.sport == 0 {
+		return true
+	}
+	a := f.t.addr
+	if a.Is4() {
+		a = netip.AddrFrom4(f.src4)
+	}
+	return to.Port() == f.sport && to.Addr().Unmap() == a
+}
+
+// deliveredBy reports whether an inbound filter of fs (sorted by
+// cmpCtFilter) of exactly t's flows matches a flow delivered at to.
+func deliveredBy(fs []ctFilter, t ctTarget, to netip.AddrPort) bool {
+	i, _ := slices.BinarySearchFunc(fs, ctFilter{t: t}, cmpCtTarget)
+	for ; i < len(fs) && !fs[i].nat && fs[i].t == t; i++ {
+		if fs[i].delivered(to) {
+			return true
+		}
+	}
+	return false
+}
+
 // ctFilter is one ended mapping's flows: those whose original destination
-// is t or, with nat, those whose reply destination is t and original
+// is t, delivered where its mapping delivered them (src4:sport, see
+// inboundFilter; none: anywhere) or, with nat, those whose reply destination is t and original
 // source src4:sport (SNAT-ed to t; IPv4 only, so 6 bytes in the padding
 // beside the flags: 40 bytes a filter, as before the SNAT filters, where a
 // netip.AddrPort made it 72). The generic walk's netlink filter is made
@@ -528,7 +583,23 @@ func (f ctFilter) netlinkFilter() netlink.CustomConntrackFilter {
 		!f.t.wild() && nf.AddPort(netlink.ConntrackOrigDstPort, f.t.port) != nil {
 		return nil
 	}
+	if f.sport != 0 {
+		return deliveredFilter{nf: nf, f: f}
+	}
 	return nf
+}
+
+// deliveredFilter is a generic walk's inbound filter of the flows its
+// mapping delivered (ctFilter.delivered): not an admin's own DNAT-ed ones
+// to the same endpoint.
+type deliveredFilter struct {
+	nf netlink.CustomConntrackFilter
+	f  ctFilter
+}
+
+func (d deliveredFilter) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
+	to, _ := netip.AddrFromSlice(fl.Reverse.SrcIP)
+	return d.nf.MatchConntrackFlow(fl) && d.f.delivered(netip.AddrPortFrom(to.Unmap(), fl.Reverse.SrcPort))
 }
 
 // natFlowFilter matches the flows of a SNAT filter (netlink's own filter

@@ -325,7 +325,7 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 				to = r.src
 			}
 			w := ctFilter{t: ctTarget{addr: k.t.addr, proto: g.proto}}
-			_, exact := slices.BinarySearchFunc(fs, k, cmpCtFilter)
+			exact := deliveredBy(fs, k.t, to)
 			if _, ok := slices.BinarySearchFunc(fs, w, cmpCtTarget); ok && (d.live || !(exact && !d.admits.admitted(k.t, o.src, to))) {
 				if d.host.has(o.src.Addr()) {
 					return // the host's own (Server.hostAddrs)
@@ -342,7 +342,14 @@ func (d *ctDeleter) end(g ctGroup, fs []ctFilter) (int, error) {
 			k.t = ctTarget{addr: r.dst.Addr(), proto: r.proto, port: r.dst.Port()}
 			k.src4, k.sport = o.src.Addr().As4(), o.src.Port()
 		}
-		if _, want := slices.BinarySearchFunc(fs, k, cmpCtFilter); !want {
+		if g.nat {
+			if _, want := slices.BinarySearchFunc(fs, k, cmpCtFilter); !want {
+				return
+			}
+		} else if r, _ := ctTupleOf(reply, g.v4); !deliveredBy(fs, k.t, r.src) {
+			// Not delivered where an ended mapping delivered its
+			// flows (none if unread): an admin's own DNAT-ed flow
+			// (ctFilter.delivered).
 			return
 		}
 		if d.live {

@@ -262,6 +262,38 @@ func appendSNATCuts(fs []ctFilter, t ctTarget, prior natPrior, havePrior bool, n
 	return fs
 }
 
+// appendRetargetCuts appends, for an IPv4 or IPv6 endpoint t that an
+// install retakes, the filters of the inbound flows its old targets were
+// delivered: prior's, and those of the NAT mappings ended (in the batch)
+// there; one of every flow to t, wherever delivered, when prior recorded
+// several. Not those an admin's own DNAT of t delivered elsewhere
+// (ctFilter.delivered; h/revprio: before, a client retaking the endpoint
+// of a port the admin forwards deleted the forward's connections). A
+// live lease's flows are spared (ctAdmits).
+func appendRetargetCuts(fs []ctFilter, t ctTarget, prior natPrior, havePrior bool, ended []store.Lease) []ctFilter {
+	add := func(to netip.AddrPort) {
+		if f := inboundFilter(t, to); !slices.Contains(fs, f) {
+			fs = append(fs, f)
+		}
+	}
+	n := len(fs)
+	if havePrior {
+		if prior.many {
+			return append(fs, ctFilter{v4: t.addr.Is4(), t: t})
+		}
+		add(prior.to)
+	}
+	for i := range ended {
+		if et, eto, ok := dnatOfLease(&ended[i]); ok && et == t {
+			add(eto)
+		}
+	}
+	if len(fs) == n {
+		add(netip.AddrPort{}) // none known: every flow to t
+	}
+	return fs
+}
+
 // natRetargets is the external endpoints t's installs retake (and the
 // internal endpoint each is retaken for): a NAT
 // pinhole whose endpoint's flows may go elsewhere (natPrior, or a NAT
@@ -314,8 +346,8 @@ func (s *Server) cutRetargeted(ts []ctTarget, tos []netip.AddrPort, ended []stor
 	var buf []store.Lease
 	now := s.now()
 	for i, t := range ts {
-		fs = append(fs, ctFilter{v4: t.addr.Is4(), t: t})
 		e, ok := s.natPrior[t]
+		fs = appendRetargetCuts(fs, t, e, ok, ended)
 		fs = appendSNATCuts(fs, t, e, ok, tos[i], ended)
 		var live []pinhole.Pinhole
 		live, buf = s.liveAdmits(nil, t, now, buf)
