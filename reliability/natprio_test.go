@@ -120,3 +120,31 @@ func TestNAPTBesideAdminPortForwardEndKeepsAdminFlows(t *testing.T) {
 		t.Fatalf("the admin's forwarded connection after the client's mapping %v ended: %v", got, err)
 	}
 }
+
+// TestNAPTBesideAdminDMZHost (review h/revprio): a catch-all DNAT of the
+// admin's (a router's "DMZ" or exposed host: every inbound connection
+// nothing else claims) at the standard dstnat runs before pcpd's chain
+// (dstnat + 1) and takes every port it matches, the clients' mappings'
+// too (granted SUCCESS: pcpd cannot read it); README's --reserved-ports
+// says to hook it after pcpd's, at dstnat + 2 or later, as here: the
+// client's mapping then gets its connections, and the DMZ host the rest.
+// With the rule at dstnat the mapping received none: "the client's
+// NAT-PMP mapping 198.51.100.1:40081 (SUCCESS) received 0 connections,
+// the DMZ host 1" (/tmp/revprio-dmz-test.go.txt).
+func TestNAPTBesideAdminDMZHost(t *testing.T) {
+	l := newLab(t, labOptions{})
+	const port, other = 40081, 40082
+	dmz := netip.MustParseAddr("10.100.2.7")
+	l.topo.Host.MustRun(t, "nft", "add table ip admin")
+	l.topo.Host.MustRun(t, "nft", "add chain ip admin pre { type nat hook prerouting priority dstnat + 2; }")
+	l.topo.Host.MustRun(t, "nft", "add rule ip admin pre ip daddr "+l.topo.HostPublicV4.String()+" tcp dport 1024-65535 dnat to "+dmz.String())
+	l.start()
+	dmzN := acceptCounter(t, l.topo.Client, netip.AddrPortFrom(dmz, other).String())
+	client := acceptCounter(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV4, port).String())
+	ext := l.mustPMP(l.pcpClient(l.topo.ClientV4), pcp.PMPOpMapTCP, port, time.Hour)
+	l.topo.Internet.DialTCP(ext.String(), time.Second)
+	l.topo.Internet.DialTCP(netip.AddrPortFrom(l.topo.HostPublicV4, other).String(), time.Second)
+	if client.Load() != 1 || dmzN.Load() != 1 {
+		t.Fatalf("the client's NAT-PMP mapping %v received %d connections (want 1), the DMZ host %d of an unmapped port (want 1)", ext, client.Load(), dmzN.Load())
+	}
+}
