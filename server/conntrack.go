@@ -854,20 +854,26 @@ func (c *ctFlusher) run() {
 func (c *ctFlusher) settledTo(upTo uint64) {
 	c.mu.Lock()
 	c.settled = max(c.settled, upTo)
-	var ready []func()
-	kept := c.settleWaiters[:0]
-	for _, w := range c.settleWaiters {
-		if w.seq <= c.settled {
+	ready := takeReady(&c.settleWaiters, c.settled)
+	c.mu.Unlock()
+	for _, fn := range ready {
+		fn()
+	}
+}
+
+// takeReady removes from *ws the waiters for sets up to upTo and returns
+// their functions, for the caller to call once it has let go of c.mu.
+func takeReady(ws *[]ctWaiter, upTo uint64) (ready []func()) {
+	kept := (*ws)[:0]
+	for _, w := range *ws {
+		if w.seq <= upTo {
 			ready = append(ready, w.fn)
 		} else {
 			kept = append(kept, w)
 		}
 	}
-	c.settleWaiters = kept
-	c.mu.Unlock()
-	for _, fn := range ready {
-		fn()
-	}
+	*ws = kept
+	return ready
 }
 
 // afterSettled is after, but fn is called once the settle after the walk
@@ -889,16 +895,7 @@ func (c *ctFlusher) afterSettled(seq uint64, fn func()) {
 func (c *ctFlusher) release(upTo uint64) {
 	c.mu.Lock()
 	c.done = max(c.done, upTo)
-	var ready []func()
-	kept := c.waiters[:0]
-	for _, w := range c.waiters {
-		if w.seq <= c.done {
-			ready = append(ready, w.fn)
-		} else {
-			kept = append(kept, w)
-		}
-	}
-	c.waiters = kept
+	ready := takeReady(&c.waiters, c.done)
 	c.mu.Unlock()
 	for _, fn := range ready {
 		fn()
