@@ -174,6 +174,11 @@ type Config struct {
 	// ownership sweep (policy.WithGoneGrace); 0: none.
 	WireGuardGoneGrace time.Duration
 
+	// WireGuardFresh: how old a read of the WireGuard peers a
+	// THIRD_PARTY target may be judged by (policy.WithFreshBound); 0:
+	// a read begun after the request.
+	WireGuardFresh time.Duration
+
 	// TouchInterval: how often the store records that the daemon is
 	// alive (EPO-04 clock-doubt detection at the next start).
 	// SnapshotInterval: how often the state's backup copy is written.

@@ -68,6 +68,7 @@ func TestDefaults(t *testing.T) {
 		IPv4PortLow:            1024,
 		IPv4PortHigh:           65535,
 		WireGuardGoneGrace:     time.Minute,
+		WireGuardFresh:         time.Second,
 		TouchInterval:          time.Minute,
 		SnapshotInterval:       time.Hour,
 		FirewallCheckInterval:  5 * time.Second,
@@ -113,6 +114,7 @@ reserved-ports = "8080,9000-9002"
 touch-interval = "30s"
 snapshot-interval = "6h"
 wireguard-gone-grace = "0"
+wireguard-fresh = "0"
 
 [client]
 home = ["2001:db8:1:2::/64", "10.100.0.2"]
@@ -168,6 +170,7 @@ office = ["2001:db8:2::/48"]
 		FirewallCheckInterval:  5 * time.Second,
 		FirewallWatch:          true,
 		WireGuardGoneGrace:     0, // "0" in the file: no grace
+		WireGuardFresh:         0, // "0" in the file: a read per THIRD_PARTY request
 		Metrics:                "127.0.0.1:9351",
 		LogLevel:               zapcore.DebugLevel,
 		StrictNonce:            true,
@@ -304,6 +307,10 @@ func TestValidationErrors(t *testing.T) {
 			want: []string{"--snapshot-interval: -1h0m0s is shorter than one second"}},
 		{name: "snapshot interval as a number", file: "snapshot-interval = 3600\n",
 			want: []string{`snapshot-interval: want a duration string such as "90s" or "2h", got integer 3600`}},
+		{name: "wireguard fresh over 5s", args: []string{"--wireguard-fresh", "6s"},
+			want: []string{"--wireguard-fresh: 6s is longer than 5s"}},
+		{name: "wireguard fresh sub-second", args: []string{"--wireguard-fresh", "500ms"},
+			want: []string{"--wireguard-fresh: 500ms is shorter than one second"}},
 		{name: "wireguard gone grace", args: []string{"--wireguard-gone-grace", "soon"},
 			want: []string{`--wireguard-gone-grace: "soon" is not a duration`}},
 		{name: "wireguard gone grace sub-second", args: []string{"--wireguard-gone-grace", "500ms"},

@@ -342,6 +342,18 @@ func validate(vals map[string]*value) (*Config, Errors) {
 		}
 	}
 
+	// WireGuard: 0 (a read per THIRD_PARTY request) or whole seconds up
+	// to the periodic read's 5 s, beyond which it changes nothing.
+	fv := vals["wireguard-fresh"]
+	if d, err := time.ParseDuration(fv.str); err != nil || d != 0 {
+		if d, ok := parseDuration(fv, fail); ok {
+			if d > 5*time.Second {
+				fail(fv, "%v is longer than 5s (the periodic read's interval)", d)
+			}
+			c.WireGuardFresh = d
+		}
+	}
+
 	// Store housekeeping.
 	c.TouchInterval, _ = parseDuration(vals["touch-interval"], fail)
 	c.SnapshotInterval, _ = parseDuration(vals["snapshot-interval"], fail)

@@ -176,8 +176,9 @@ type Config struct {
 // concurrent use.
 type Policy struct {
 	own       Ownership
-	onIface   InterfaceLookup // own, when it is one (nil: own.Lookup, interfaces unknown)
-	fast      tableSource     // own, when it exposes its table (no interface copies of Owner)
+	onIface   InterfaceLookup             // own, when it is one (nil: own.Lookup, interfaces unknown)
+	fast      tableSource                 // own, when it exposes its table (no interface copies of Owner)
+	fresher   interface{ Freshen() bool } // own, when its view may lag (WireGuard)
 	minLife   time.Duration
 	maxLife   time.Duration
 	maxClient int
@@ -231,6 +232,9 @@ func New(cfg Config, own Ownership) (*Policy, error) {
 	}
 	if il, ok := own.(InterfaceLookup); ok {
 		p.onIface = il
+	}
+	if f, ok := own.(interface{ Freshen() bool }); ok {
+		p.fresher = f
 	}
 	if p.minLife == 0 {
 		p.minLife = DefaultMinLifetime
@@ -311,6 +315,18 @@ func (p *Policy) ThirdPartyMode() ThirdPartyMode { return p.tp }
 // The engine uses it to skip unusable suggested external ports (MAP-09).
 func (p *Policy) PortAllowed(port uint16) bool {
 	return p.ports[port/64]&(1<<(port%64)) != 0
+}
+
+// Freshen makes the ownership's view fresh enough to judge a THIRD_PARTY
+// target by, when it is one that lags (WireGuard: re-read when older
+// than its fresh bound, one read for all callers, WireGuard.Freshen);
+// it does nothing for others. The socket readers call it before
+// Authorize of a THIRD_PARTY request that opens something, never the
+// engine: it may block for a read and the delivery of its Changes.
+func (p *Policy) Freshen() {
+	if p.fresher != nil {
+		p.fresher.Freshen()
+	}
 }
 
 // Requester returns the owner a request from src that arrived on the

@@ -26,7 +26,10 @@ import (
 const (
 	DefaultRefresh      = 5 * time.Second // periodic re-read of every serving interface
 	DefaultMissInterval = time.Second     // at most one on-demand re-read per interval
-	changeBuffer        = 1024
+	// DefaultFreshBound is how old a view a THIRD_PARTY target may be
+	// judged by (Freshen): older, it is re-read first.
+	DefaultFreshBound = time.Second
+	changeBuffer      = 1024
 )
 
 // Change reports ownership an owner lost: its peer was removed (or its
@@ -91,6 +94,7 @@ type WireGuard struct {
 	refresh   time.Duration
 	missEvery time.Duration
 	grace     time.Duration  // WithGoneGrace; 0: a gone interface's peers own nothing at once
+	freshness time.Duration  // WithFreshBound
 	xlat      []netip.Prefix // WithTranslationPrefixes
 	now       func() time.Time
 	log       *zap.Logger
@@ -101,8 +105,13 @@ type WireGuard struct {
 	missCh  chan struct{}
 	changes chan Change
 
+	// readAt is when the read whose view w.t holds began (mono), for
+	// Freshen; stored before the view's Changes are sent.
+	readAt atomic.Int64
+
 	mu       sync.Mutex // serialises refreshes; guards the fields below
 	last     time.Time
+	runCtx   context.Context // Run's, for the Changes of Freshen's reads
 	lastGood map[string][]wgtypes.Peer
 	// kname is the kernel name each configured name was last read by:
 	// two configured names of one interface (its kernel name and an
@@ -152,6 +161,18 @@ func WithMissInterval(d time.Duration) WireGuardOption {
 	}
 }
 
+// WithFreshBound sets how old a view Freshen accepts (DefaultFreshBound);
+// 0: only one whose read began after Freshen was called (a read for
+// every call but those that arrive while a read is under way). A
+// negative d is ignored.
+func WithFreshBound(d time.Duration) WireGuardOption {
+	return func(w *WireGuard) {
+		if d >= 0 {
+			w.freshness = d
+		}
+	}
+}
+
 // WithGoneGrace keeps a gone interface's last peers owning their
 // AllowedIPs for d (for Lookup, not for requests: WireGuard's doc) before
 // they own nothing and lose their leases; d ≤ 0 (the default) loses them
@@ -192,6 +213,7 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 		ifaces:    slices.Clone(ifaces),
 		refresh:   refresh,
 		missEvery: DefaultMissInterval,
+		freshness: DefaultFreshBound,
 		now:       time.Now,
 		log:       log,
 		missCh:    make(chan struct{}, 1),
@@ -205,6 +227,7 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 	for _, o := range opts {
 		o(w)
 	}
+	began := mono()
 	for _, name := range w.ifaces {
 		d, k, err := w.device(name)
 		if err != nil {
@@ -216,6 +239,7 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 	w.mu.Lock()
 	w.t.Store(w.buildLocked())
 	w.last = time.Now()
+	w.readAt.Store(began)
 	w.mu.Unlock()
 	return w, nil
 }
@@ -338,6 +362,9 @@ func (w *WireGuard) Changes() <-chan Change { return w.changes }
 // ctx ends; it then returns nil.
 // Read errors are logged, not returned: ownership keeps its last good view.
 func (w *WireGuard) Run(ctx context.Context) error {
+	w.mu.Lock()
+	w.runCtx = ctx
+	w.mu.Unlock()
 	tick := time.NewTicker(w.refresh)
 	defer tick.Stop()
 	var delayed, graceEnd <-chan time.Time
@@ -411,6 +438,50 @@ func (w *WireGuard) graceEnd() (time.Time, bool) {
 func (w *WireGuard) Refresh(ctx context.Context) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	return w.refreshLocked(ctx)
+}
+
+// Freshen makes sure the view is one whose read began no more than the
+// fresh bound (WithFreshBound, DefaultFreshBound) ago, re-reading every
+// interface first if it is older, and returns whether it re-read. It is
+// for THIRD_PARTY targets (Policy.Freshen): a requester's own source
+// WireGuard checks per packet, but a target lying in a prefix just
+// carved out of the requester's for another peer was judged by the view
+// of up to a refresh interval before (h/tpfresh). Concurrent callers
+// share one read: those that find it under way wait for it and take its
+// view, so a flood of them causes at most one read per bound. A read in
+// which some interface failed counts too (its last good peers stay, as
+// in any read). It may block for a read (and for the delivery of its
+// Changes, which the engine drains): never call it from the goroutine
+// that drains Changes.
+func (w *WireGuard) Freshen() bool {
+	now := mono()
+	if now-w.readAt.Load() <= int64(w.freshness) {
+		return false
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if now-w.readAt.Load() <= int64(w.freshness) {
+		return false // a read that began since served it
+	}
+	ctx := w.runCtx
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	if err := w.refreshLocked(ctx); err != nil && ctx.Err() == nil {
+		w.log.Warn("refreshing WireGuard ownership for a THIRD_PARTY target", zap.Error(err))
+	}
+	return true
+}
+
+// monoStart anchors mono.
+var monoStart = time.Now()
+
+// mono is a monotonic clock reading in nanoseconds.
+func mono() int64 { return int64(time.Since(monoStart)) }
+
+func (w *WireGuard) refreshLocked(ctx context.Context) error {
+	began := mono()
 	// This read serves the renames so far; later ones stay marked.
 	w.rmu.Lock()
 	pending := w.renamed
@@ -504,6 +575,7 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 	}
 	if !changed {
 		// The common periodic case: one wgctrl read, no rebuild.
+		w.readAt.Store(began)
 		return errors.Join(errs...)
 	}
 	old := w.t.Load()
@@ -533,6 +605,7 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 		nt = nt.without(w.renamed)
 	}
 	w.t.Store(nt)
+	w.readAt.Store(began)
 	w.rmu.Unlock()
 	for _, c := range diff(old, nt) {
 		w.log.Info("WireGuard ownership lost",

@@ -98,9 +98,13 @@ func mapNonce(src netip.Addr, port uint16, life time.Duration, n byte, tp netip.
 // part to B, and pcpd must agree:
 //
 //   - A's THIRD_PARTY lease inside the carved-out part, made before B
-//     appeared, is revoked from the kernel, and so is one A asks for just
-//     after B appeared, which pcpd grants until its next WireGuard read
-//     (up to 5 s: the window in which ownership lags WireGuard);
+//     appeared, is revoked from the kernel; one A asks for just after B
+//     appeared is refused (NOT_AUTHORIZED, no kernel element): a
+//     THIRD_PARTY target is judged by a WireGuard read no older than
+//     --wireguard-fresh (0 here: a read begun after the request, so the
+//     test does not depend on when pcpd last read; 1 s by default).
+//     Before h/tpfresh pcpd judged it by its last periodic read (every
+//     5 s) and granted it: its pinhole lived until that read, 4.8 s;
 //   - A cannot open, renew (same nonce), delete, or PEER-open anything
 //     there by THIRD_PARTY (from its IPv6 or IPv4 address), nor name it
 //     as its Client IP; A's packets from B's addresses (IPv6 and IPv4,
@@ -112,7 +116,7 @@ func mapNonce(src netip.Addr, port uint16, life time.Duration, n byte, tp netip.
 //     renew it nor open its former IPv6 address by THIRD_PARTY;
 //   - A (peer) removed: its NAT-PMP mapping's DNAT element is revoked.
 func TestOwnershipAttacksWireGuardPeers(t *testing.T) {
-	l := newLab(t, labOptions{wireGuard: true})
+	l := newLab(t, labOptions{wireGuard: true, extra: []string{"--wireguard-fresh", "0"}})
 	l.start()
 	cli, cli4 := l.topo.ClientV6, l.topo.ClientV4
 	nested := netip.MustParsePrefix("2001:db8:1:2:ff00::/72")
@@ -146,23 +150,25 @@ func TestOwnershipAttacksWireGuardPeers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// At once, before pcpd's next WireGuard read (every 5 s; a lookup
-	// that finds A the owner triggers none): a THIRD_PARTY MAP there is
-	// still judged by the old view and may be granted. Whatever it is
-	// answered, its pinhole must go with the rest of A's leases there.
+	// At once, before pcpd's next periodic WireGuard read (every 5 s; a
+	// lookup that finds A the owner triggers none): a THIRD_PARTY MAP
+	// there is judged by a read begun after it (--wireguard-fresh 0),
+	// which sees B: refused, nothing in the kernel (h/tpfresh; before,
+	// the old view granted it).
 	r, err := rawExchange(conn, l.server6(), mapNonce(cli, 9111, time.Hour, 17, inNested), 3*time.Second)
 	if err != nil || r == nil {
 		t.Fatalf("THIRD_PARTY MAP just after B appeared: %x %v", r, err)
 	}
-	stale := resultOf(r) == 0
-	took, ok := waitFor(15*time.Second, func() bool {
-		return !l.kernelHas(inNested, pcp.ProtoTCP, 9100) && !l.kernelHas(inNested, pcp.ProtoTCP, 9111)
-	})
-	if !ok {
-		t.Fatalf("A's leases inside B's more-specific prefix still in the kernel 15 s after B got it; log:\n%s", l.log.tail(10))
+	if got := resultOf(r); got != int(pcp.NotAuthorized) || l.kernelHas(inNested, pcp.ProtoTCP, 9111) {
+		t.Fatalf("THIRD_PARTY MAP into B's new prefix just after B appeared: result %d (want %d, NOT_AUTHORIZED), kernel element %v (want none)",
+			got, pcp.NotAuthorized, l.kernelHas(inNested, pcp.ProtoTCP, 9111))
 	}
-	t.Logf("A's leases inside B's new /72 revoked from the kernel %v after B appeared (the MAP sent just after B appeared: granted by the old view %v)",
-		took.Round(time.Millisecond), stale)
+	took, ok := waitFor(15*time.Second, func() bool { return !l.kernelHas(inNested, pcp.ProtoTCP, 9100) })
+	if !ok {
+		t.Fatalf("A's lease inside B's more-specific prefix still in the kernel 15 s after B got it; log:\n%s", l.log.tail(10))
+	}
+	t.Logf("A's lease inside B's new /72 revoked from the kernel %v after B appeared; the MAP sent just after B appeared was refused",
+		took.Round(time.Millisecond))
 	for _, ls := range l.leases() {
 		if ls.InternalAddress == inNested {
 			t.Fatalf("kernel element gone but the lease is still listed: %+v", ls)

@@ -96,6 +96,15 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface
 	// Server.authorize, without its error value (one allocation per
 	// refusal): the same policy call and the same leniency for deletes.
 	deleting := req.Opcode == pcp.OpMap && req.Lifetime == 0
+	if tp && !deleting && internal != src.Addr().Unmap() {
+		// A THIRD_PARTY target is judged by a view no older than the
+		// ownership's fresh bound (WireGuard: re-read at most once a
+		// second for all readers, h/tpfresh), here, outside the engine:
+		// the engine's Authorize then sees the same view or a newer one.
+		if f, ok := s.pol.(interface{ Freshen() }); ok {
+			f.Freshen()
+		}
+	}
 	owner, reason := s.pol.Authorize(policy.Request{
 		Source: src.Addr(), Iface: iface, Target: internal, ThirdParty: tp, Delete: deleting, Protocol: uint8(req.Map.Protocol), InternalPort: req.Map.InternalPort,
 	})

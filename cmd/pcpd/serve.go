@@ -144,6 +144,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		}
 		defer wg.Close()
 		w, err := policy.NewWireGuard(wg, cfg.Interfaces, 0, log.Named("policy"), policy.WithGoneGrace(cfg.WireGuardGoneGrace),
+			policy.WithFreshBound(cfg.WireGuardFresh),
 			policy.WithTranslationPrefixes(cfg.NAT64Prefixes))
 		if err != nil {
 			return failure(fmt.Errorf("serve: %w (ownership comes from WireGuard unless --client is given)", err))
