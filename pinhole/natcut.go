@@ -79,6 +79,21 @@ import (
 // Caller holds b.mu (or is New).
 func (b *Backend) natCutting() bool { return b.cutLabels && b.natCut }
 
+// NATLabel is the conntrack label bit this Backend's DNAT rules set on
+// the flows they translate (natLabelFor; attached, its own bit), and
+// whether its layout sets one (natCutting: not once the kernel refused
+// labels or natcut's lookups, and then CutsFlows is false for the DNAT
+// kinds for the Backend's life). The rules set it on the same lookup's
+// hit as their dnat, so every flow pcpd's DNAT translated carries it; an
+// admin's own DNAT (a port forward in another table, which binds first:
+// dnatPriority) and another table's pcpd never set it. The server tells
+// its own DNAT-ed flows from others' by it (seedNATPrior).
+func (b *Backend) NATLabel() (bit int, ok bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.natLabel, b.natCutting()
+}
+
 // natCutRefusal: Setup's layout transaction failed (err) with natcut's
 // rules in it as on a kernel before 6.5, which refuses a lookup into a
 // map without a destination register (EINVAL; TestLayoutLookupsLinux61):

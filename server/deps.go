@@ -143,6 +143,17 @@ type NATLister interface {
 	NATEndpoints(fn func(proto uint8, ext netip.AddrPort)) error
 }
 
+// NATLabeller is an optional extra of a FlowCutter (*pinhole.Backend has
+// it: pinhole/natcut.go): NATLabel is the conntrack label bit the
+// firewall's DNAT rules set on every flow they translate, and whether
+// they set one (false: CutsFlows is false for the DNAT kinds for good).
+// A start with KeepConnections records the former targets of DNAT-ed
+// flows carrying it only (seedNATPrior): an admin's own DNAT-ed flows
+// are not pcpd's to end.
+type NATLabeller interface {
+	NATLabel() (bit int, ok bool)
+}
+
 // CutArmer is an optional extra of a FlowCutter (*pinhole.Backend has
 // it): a Setup that made the re-checked sets anew while labelled flows
 // lived (an admin's "flush ruleset", a crash and a reload before the

@@ -36,8 +36,8 @@ import (
 // outbound flows SNAT-ed to it (appendSNATCuts: conntrack's reply binding
 // sent the endpoint's packets from their remotes to the old target). Only when the endpoint may have such flows
 // (natPrior): a NAT mapping ended there with another target and no walk
-// has ended its flows since; with KeepConnections, also the flows found
-// at the start (seedNATPrior). Only where the ruleset cuts the kind
+// has ended its flows since; with KeepConnections, also the flows of
+// pcpd's DNAT found at the start (seedNATPrior). Only where the ruleset cuts the kind
 // (FlowCutter): elsewhere established flows pass the guard anyway until
 // the walk.
 
@@ -380,10 +380,27 @@ func (s *Server) cutRetargeted(ts []ctTarget, tos []netip.AddrPort, ended []stor
 // may have skipped flows) is made again, at most seedTries in all; one
 // that still fails is logged as an error (before h/left10 a warning, and
 // the flows skipped went unrecorded: TestSeedNATPriorResizedRetried).
+// Only the flows pcpd's own DNAT rules translated: those carrying the
+// firewall's label (NATLabeller; a firewall that cannot tell: every
+// DNAT-ed flow). Before (review h/revprio, left), an admin's own DNAT-ed
+// flows were recorded too (a port forward in another table, at dstnat,
+// which binds before pcpd's chain), and a client granted that public
+// port later (pcpd cannot see the forward) had the retarget walk end
+// the admin's connections (TestE2ESeedSparesAdminDNAT). A firewall whose
+// DNAT rules set no label never cuts the DNAT kinds' flows (CutsFlows
+// false for good): no retarget walk would ask, nothing is read.
 // Under s.mu.
 func (s *Server) seedNATPrior() {
 	if !s.cfg.KeepConnections || s.cutter == nil {
 		return
+	}
+	label := -1 // every DNAT-ed flow
+	if nl, ok := s.cutter.(NATLabeller); ok {
+		bit, labels := nl.NATLabel()
+		if !labels {
+			return
+		}
+		label = bit
 	}
 	ns := 0 // the caller's
 	if nsSet(s.cfg.NetNS) {
@@ -396,6 +413,9 @@ func (s *Server) seedNATPrior() {
 			r := netip.AddrPortFrom(f.Reply.Src.Unmap(), f.Reply.Sport)
 			if !f.Reply.HasAddrs() || d == r || d.Port() == 0 || r.Port() == 0 {
 				return false // not DNAT-ed, or no ports
+			}
+			if label >= 0 && !f.Labelled(label) {
+				return false // not pcpd's DNAT: an admin's, another pcpd's
 			}
 			s.notePrior(ctTarget{addr: d.Addr(), proto: f.Orig.Proto, port: d.Port()}, r, 0)
 			return false
