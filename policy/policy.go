@@ -24,6 +24,7 @@ const (
 	ClientQuota                      // per-client lease limit reached (USER_EX_QUOTA, MAP-15)
 	GlobalQuota                      // global lease limit reached (NO_RESOURCES, MAP-15)
 	HostUnread                       // the host's addresses not read yet (NO_RESOURCES): Config.HostAddrsRead
+	PeersUnread                      // a THIRD_PARTY target while WireGuard's peers cannot be read fresh (NO_RESOURCES): WireGuard.Unsure
 	numReasons
 )
 
@@ -40,6 +41,7 @@ var reasonNames = [numReasons]string{
 	ClientQuota:        "client-quota",
 	GlobalQuota:        "global-quota",
 	HostUnread:         "host-addresses-unread",
+	PeersUnread:        "peers-unread",
 }
 
 func (r Reason) String() string {
@@ -176,9 +178,9 @@ type Config struct {
 // concurrent use.
 type Policy struct {
 	own       Ownership
-	onIface   InterfaceLookup             // own, when it is one (nil: own.Lookup, interfaces unknown)
-	fast      tableSource                 // own, when it exposes its table (no interface copies of Owner)
-	fresher   interface{ Freshen() bool } // own, when its view may lag (WireGuard)
+	onIface   InterfaceLookup // own, when it is one (nil: own.Lookup, interfaces unknown)
+	fast      tableSource     // own, when it exposes its table (no interface copies of Owner)
+	fresher   freshener       // own, when its view may lag (WireGuard)
 	minLife   time.Duration
 	maxLife   time.Duration
 	maxClient int
@@ -233,7 +235,7 @@ func New(cfg Config, own Ownership) (*Policy, error) {
 	if il, ok := own.(InterfaceLookup); ok {
 		p.onIface = il
 	}
-	if f, ok := own.(interface{ Freshen() bool }); ok {
+	if f, ok := own.(freshener); ok {
 		p.fresher = f
 	}
 	if p.minLife == 0 {
@@ -317,12 +319,21 @@ func (p *Policy) PortAllowed(port uint16) bool {
 	return p.ports[port/64]&(1<<(port%64)) != 0
 }
 
+// freshener is an ownership whose view may lag (WireGuard): Freshen
+// re-reads it when older than its bound, Unsure says it could not.
+type freshener interface {
+	Freshen() bool
+	Unsure() bool
+}
+
 // Freshen makes the ownership's view fresh enough to judge a THIRD_PARTY
 // target by, when it is one that lags (WireGuard: re-read when older
 // than its fresh bound, one read for all callers, WireGuard.Freshen);
 // it does nothing for others. The socket readers call it before
 // Authorize of a THIRD_PARTY request that opens something, never the
-// engine: it may block for a read and the delivery of its Changes.
+// engine: it may wait for a read (at most the ownership's fresh wait).
+// When no fresh view could be had (the read failed, or still runs after
+// the wait), Authorize refuses THIRD_PARTY targets with PeersUnread.
 func (p *Policy) Freshen() {
 	if p.fresher != nil {
 		p.fresher.Freshen()
@@ -405,6 +416,13 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		if to, ok := p.own.Lookup(r.Target); !ok || to.ID != o.ID {
 			return o, NotOwned
 		}
+	}
+	if r.Target != src && !r.Delete && p.fresher != nil && p.fresher.Unsure() {
+		// A THIRD_PARTY target judged by a view that may lag by more
+		// than the fresh bound (a failed or hung read: WireGuard.Unsure)
+		// could lie in a prefix carved out for another peer since:
+		// refused, as a short error the client retries (review h/revtp).
+		return o, PeersUnread
 	}
 	return o, p.readHost(p.rules(&r))
 }

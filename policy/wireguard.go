@@ -29,7 +29,13 @@ const (
 	// DefaultFreshBound is how old a view a THIRD_PARTY target may be
 	// judged by (Freshen): older, it is re-read first.
 	DefaultFreshBound = time.Second
-	changeBuffer      = 1024
+	// DefaultFreshWait is how long Freshen waits for a read it needs
+	// (WithFreshWait): a read that takes longer (a userspace WireGuard
+	// daemon stopped or stuck: wgctrl's UAPI read has no deadline) is
+	// not waited for, and THIRD_PARTY targets are refused (PeersUnread)
+	// until a read ends cleanly.
+	DefaultFreshWait = time.Second
+	changeBuffer     = 1024
 )
 
 // Change reports ownership an owner lost: its peer was removed (or its
@@ -95,6 +101,7 @@ type WireGuard struct {
 	missEvery time.Duration
 	grace     time.Duration  // WithGoneGrace; 0: a gone interface's peers own nothing at once
 	freshness time.Duration  // WithFreshBound
+	freshWait time.Duration  // WithFreshWait
 	xlat      []netip.Prefix // WithTranslationPrefixes
 	now       func() time.Time
 	log       *zap.Logger
@@ -108,6 +115,16 @@ type WireGuard struct {
 	// readAt is when the read whose view w.t holds began (mono), for
 	// Freshen; stored before the view's Changes are sent.
 	readAt atomic.Int64
+	// unsure: the view may lag by more than the fresh bound, as the
+	// last read failed for some interface (its last good peers stay)
+	// or Freshen gave up waiting for a read that hangs; THIRD_PARTY
+	// targets are then refused (Unsure, Policy.Authorize: PeersUnread)
+	// until a read ends cleanly. Stored with readAt.
+	unsure atomic.Bool
+	// fmu guards inflight: Freshen's read under way, shared by every
+	// caller that needs one meanwhile.
+	fmu      sync.Mutex
+	inflight *freshRead
 
 	mu       sync.Mutex // serialises refreshes; guards the fields below
 	last     time.Time
@@ -173,6 +190,16 @@ func WithFreshBound(d time.Duration) WireGuardOption {
 	}
 }
 
+// WithFreshWait sets how long Freshen waits for a read (DefaultFreshWait);
+// d ≤ 0 is ignored.
+func WithFreshWait(d time.Duration) WireGuardOption {
+	return func(w *WireGuard) {
+		if d > 0 {
+			w.freshWait = d
+		}
+	}
+}
+
 // WithGoneGrace keeps a gone interface's last peers owning their
 // AllowedIPs for d (for Lookup, not for requests: WireGuard's doc) before
 // they own nothing and lose their leases; d ≤ 0 (the default) loses them
@@ -214,6 +241,7 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 		refresh:   refresh,
 		missEvery: DefaultMissInterval,
 		freshness: DefaultFreshBound,
+		freshWait: DefaultFreshWait,
 		now:       time.Now,
 		log:       log,
 		missCh:    make(chan struct{}, 1),
@@ -443,36 +471,89 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 
 // Freshen makes sure the view is one whose read began no more than the
 // fresh bound (WithFreshBound, DefaultFreshBound) ago, re-reading every
-// interface first if it is older, and returns whether it re-read. It is
-// for THIRD_PARTY targets (Policy.Freshen): a requester's own source
-// WireGuard checks per packet, but a target lying in a prefix just
-// carved out of the requester's for another peer was judged by the view
-// of up to a refresh interval before (h/tpfresh). Concurrent callers
-// share one read: those that find it under way wait for it and take its
-// view, so a flood of them causes at most one read per bound. A read in
-// which some interface failed counts too (its last good peers stay, as
-// in any read). It may block for a read (and for the delivery of its
-// Changes, which the engine drains): never call it from the goroutine
-// that drains Changes.
+// interface first if it is older, and reports whether THIRD_PARTY targets
+// may be judged by it (not Unsure). It is for THIRD_PARTY targets
+// (Policy.Freshen): a requester's own source WireGuard checks per
+// packet, but a target lying in a prefix just carved out of the
+// requester's for another peer was judged by the view of up to a refresh
+// interval before (h/tpfresh). Concurrent callers share one read: those
+// that find it under way wait for it and take its view, so a flood of
+// them causes at most one read per bound (with a bound of 0, one per
+// caller that arrives before the read under way began). The read runs in
+// a goroutine of its own, and no caller waits for it longer than the
+// fresh wait (WithFreshWait) from its start: a read that hangs (a stopped
+// userspace WireGuard daemon: wgctrl's read has no deadline) blocked the
+// socket reader that called, and every other one at its next THIRD_PARTY
+// request, for as long as it hung (review h/revtp); it now makes the view
+// Unsure, which refuses THIRD_PARTY targets (fail closed), and the
+// callers after the first return at once. So does a read in which some
+// interface failed (its last good peers stay, of any age): before, it
+// counted as fresh. The read delivers its Changes itself (the engine
+// drains them).
 func (w *WireGuard) Freshen() bool {
 	now := mono()
-	if now-w.readAt.Load() <= int64(w.freshness) {
+	for {
+		if now-w.readAt.Load() <= int64(w.freshness) {
+			return !w.unsure.Load()
+		}
+		w.fmu.Lock()
+		if now-w.readAt.Load() <= int64(w.freshness) {
+			w.fmu.Unlock()
+			continue // a read that began since served it
+		}
+		r := w.inflight
+		if r == nil {
+			r = &freshRead{began: mono(), done: make(chan struct{})}
+			w.inflight = r
+			go w.freshRead(r)
+		}
+		w.fmu.Unlock()
+		if wait := time.Duration(r.began + int64(w.freshWait) - mono()); wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-r.done:
+				t.Stop()
+				continue // its view, or (bound 0) one more read
+			case <-t.C:
+			}
+		}
+		w.fmu.Lock()
+		if w.inflight == r && !w.unsure.Swap(true) {
+			w.log.Warn("WireGuard read for a THIRD_PARTY target still under way after the wait; THIRD_PARTY targets are refused until a read ends cleanly",
+				zap.Duration("wait", w.freshWait))
+		}
+		w.fmu.Unlock()
 		return false
 	}
+}
+
+// freshRead is a read Freshen started: when (mono), and closed when done.
+type freshRead struct {
+	began int64
+	done  chan struct{}
+}
+
+func (w *WireGuard) freshRead(r *freshRead) {
 	w.mu.Lock()
-	defer w.mu.Unlock()
-	if now-w.readAt.Load() <= int64(w.freshness) {
-		return false // a read that began since served it
-	}
 	ctx := w.runCtx
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	if err := w.refreshLocked(ctx); err != nil && ctx.Err() == nil {
+	err := w.refreshLocked(ctx)
+	w.mu.Unlock()
+	if err != nil && ctx.Err() == nil {
 		w.log.Warn("refreshing WireGuard ownership for a THIRD_PARTY target", zap.Error(err))
 	}
-	return true
+	w.fmu.Lock()
+	w.inflight = nil
+	w.fmu.Unlock()
+	close(r.done)
 }
+
+// Unsure reports whether the view may lag by more than the fresh bound:
+// the last read failed for some interface, or Freshen gave up waiting
+// for one. Policy.Authorize refuses THIRD_PARTY targets meanwhile.
+func (w *WireGuard) Unsure() bool { return w.unsure.Load() }
 
 // monoStart anchors mono.
 var monoStart = time.Now()
@@ -575,6 +656,7 @@ func (w *WireGuard) refreshLocked(ctx context.Context) error {
 	}
 	if !changed {
 		// The common periodic case: one wgctrl read, no rebuild.
+		w.unsure.Store(len(errs) > 0) // before readAt: a view fresh by readAt is judged by its read's outcome
 		w.readAt.Store(began)
 		return errors.Join(errs...)
 	}
@@ -605,6 +687,7 @@ func (w *WireGuard) refreshLocked(ctx context.Context) error {
 		nt = nt.without(w.renamed)
 	}
 	w.t.Store(nt)
+	w.unsure.Store(len(errs) > 0)
 	w.readAt.Store(began)
 	w.rmu.Unlock()
 	for _, c := range diff(old, nt) {

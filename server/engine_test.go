@@ -36,6 +36,7 @@ func TestResultCode(t *testing.T) {
 		{&policyError{policy.ClientQuota}, pcp.UserExQuota},
 		{&policyError{policy.GlobalQuota}, pcp.NoResources},
 		{&policyError{policy.HostUnread}, pcp.NoResources},
+		{&policyError{policy.PeersUnread}, pcp.NoResources},
 		{errHostPortsUnread, pcp.NoResources},
 		{fmt.Errorf("x: %w", errDisabled), pcp.NotAuthorized},
 		{errNoExternalIPv4, pcp.NotAuthorized},

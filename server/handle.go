@@ -522,7 +522,7 @@ func resultCode(err error) pcp.ResultCode {
 			return pcp.UnsuppProtocol
 		case policy.ClientQuota:
 			return pcp.UserExQuota
-		case policy.GlobalQuota, policy.HostUnread:
+		case policy.GlobalQuota, policy.HostUnread, policy.PeersUnread:
 			return pcp.NoResources
 		}
 		return pcp.NotAuthorized // NoOwner, NotOwned, NeverOpenable, PortDenied
