@@ -489,11 +489,21 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 // callers after the first return at once. So does a read in which some
 // interface failed (its last good peers stay, of any age): before, it
 // counted as fresh. The read delivers its Changes itself (the engine
-// drains them).
+// drains them). A view read before the call (within the bound) asks Run
+// for a re-read (miss, at most one per miss interval): a target it
+// allowed in a prefix carved out since is revoked by that read, about a
+// second later, where it lived until the periodic one (review h/revtp).
 func (w *WireGuard) Freshen() bool {
 	now := mono()
 	for {
-		if now-w.readAt.Load() <= int64(w.freshness) {
+		if age := now - w.readAt.Load(); age <= int64(w.freshness) {
+			if age >= 0 {
+				// Read before the call: what this view allows may
+				// lie in a prefix carved out since. Run re-reads
+				// within the miss interval, and that read's Changes
+				// revoke it then, not at the periodic read.
+				w.miss()
+			}
 			return !w.unsure.Load()
 		}
 		w.fmu.Lock()

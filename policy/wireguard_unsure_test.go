@@ -151,3 +151,25 @@ func TestWireGuardFreshenReadHangs(t *testing.T) {
 		t.Errorf("THIRD_PARTY %s once the hung read ended: %v, want %v", tp.Target, r, NotOwned)
 	}
 }
+
+// TestWireGuardFreshenAsksRead (review h/revtp): a THIRD_PARTY target
+// judged by a view within the fresh bound but read before the request
+// (the lag the bound allows: up to 1 s by default) may lie in a prefix
+// carved out for another peer since. The bound let it be opened; its
+// pinhole then lived until some later read, which with no other
+// THIRD_PARTY request is the periodic one (up to 5 s). Freshen now asks
+// Run for a re-read (a miss: at most one a second), whose Changes revoke
+// it about a second later.
+func TestWireGuardFreshenAsksRead(t *testing.T) {
+	d := &devices{}
+	w, p, tp, _ := carvedLab(t, d, d.set)
+	p.Freshen()
+	if _, r := p.Authorize(tp); r != Allowed {
+		t.Fatalf("THIRD_PARTY %s by the view read before peer 2 came, within the bound: %v, want %v (the lag the bound allows)", tp.Target, r, Allowed)
+	}
+	select {
+	case <-w.missCh:
+	default:
+		t.Fatalf("THIRD_PARTY %s allowed by a view read before the request, and no re-read asked for: a pinhole it opens in peer 2's new /56 lives until the periodic read (5 s), not about the bound", tp.Target)
+	}
+}
