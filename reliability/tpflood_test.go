@@ -1,0 +1,169 @@
+package reliability
+
+import (
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+)
+
+// TestThirdPartyFloodFreshCost (review h/revtp; figures, not a bound:
+// PCPD_TPFLOOD=1): what a THIRD_PARTY flood costs another client's
+// requests on the same socket when every THIRD_PARTY MAP must be judged
+// by a WireGuard read no older than --wireguard-fresh (1s, the default,
+// and 0), each read made in the socket reader (WireGuard.Freshen). The
+// host's WireGuard interface has 1000 peers (the client and 999 others,
+// a /64 each), so that a read costs what it does on a real tunnel host
+// (8 ms: BenchmarkWireGuardReadPeers); the client also holds a /56 of
+// flood sources and sends, from its 256 /64s (a per-source bucket each),
+// THIRD_PARTY MAPs naming another peer's address: each makes the socket
+// reader re-read (if its view is older than the bound) before Authorize
+// refuses it, and none reaches the engine. The control flood is the same
+// MAPs without THIRD_PARTY, for all ports (refused early: no read). The
+// flood is paced at PCPD_TPFLOOD_RATE a second (300 by default: with the
+// victim's 40/s, under the kernel's owner meter, 400/s for one client);
+// 0 sends at full speed with the owner meter raised (several clients
+// flooding together). The victim, the client's own address, sends 120
+// ANNOUNCEs at 40/s (answered by the same socket's readers); their p50
+// and p99 (a lost one counts 500 ms), pcpd's WireGuard reads per second
+// and the flood's rate are logged, idle, under the control and under the
+// THIRD_PARTY flood.
+//
+//	sudo PCPD_TPFLOOD=1 go test ./reliability -run TestThirdPartyFloodFreshCost -v
+func TestThirdPartyFloodFreshCost(t *testing.T) {
+	if os.Getenv("PCPD_TPFLOOD") == "" {
+		t.Skip("figures only: PCPD_TPFLOOD=1")
+	}
+	requireRoot(t)
+	rate := 300 // per second, under the default owner meter's 400/s with the victim's 40/s
+	if v := os.Getenv("PCPD_TPFLOOD_RATE"); v != "" {
+		var err error
+		if rate, err = strconv.Atoi(v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, fresh := range []string{"1s", "0"} {
+		t.Run("fresh="+fresh, func(t *testing.T) {
+			extra := []string{"--wireguard-fresh", fresh}
+			if rate == 0 {
+				extra = append(extra, "--kernel-owner-rate-limit", "1000000")
+			}
+			l := newLab(t, labOptions{wireGuard: true, extra: extra})
+			l.start()
+			wg, err := wgctrl.New()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer wg.Close()
+			floodNet := netip.MustParsePrefix("2001:db8:1:100::/56")
+			peers := []wgtypes.PeerConfig{{PublicKey: l.topo.ClientKey.PublicKey(), AllowedIPs: []net.IPNet{ipnet(floodNet)}}}
+			for i := range 999 {
+				k, err := wgtypes.GeneratePrivateKey()
+				if err != nil {
+					t.Fatal(err)
+				}
+				p := netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0xf0, 0, byte(i >> 8), byte(i)}), 64)
+				peers = append(peers, wgtypes.PeerConfig{PublicKey: k.PublicKey(), AllowedIPs: []net.IPNet{ipnet(p)}})
+			}
+			if err := wg.ConfigureDevice(l.topo.HostLANIf, wgtypes.Config{Peers: peers}); err != nil {
+				t.Fatal(err)
+			}
+			l.topo.Host.MustRun(t, "ip", "-6", "route", "add", floodNet.String(), "dev", l.topo.HostLANIf)
+			time.Sleep(6 * time.Second) // pcpd's periodic read (5 s) takes the new peers
+			other := netip.MustParseAddr("2001:db8:f000::5")
+			src := func(i int) netip.Addr {
+				a := floodNet.Addr().As16()
+				a[7] = byte(i)
+				a[15] = 1
+				return netip.AddrFrom16(a)
+			}
+			cli := l.topo.ClientV6
+			conn := l.clientSocket(cli)
+			ann := announceBytes(cli)
+			// victim: 120 ANNOUNCEs at 40/s, a lost one counted as the
+			// 500 ms it was waited for.
+			victim := func() (p50, p99 time.Duration, lost int) {
+				var rtts []time.Duration
+				next := time.Now()
+				for range 120 {
+					time.Sleep(time.Until(next))
+					next = next.Add(25 * time.Millisecond)
+					start := time.Now()
+					reply, err := rawExchange(conn, l.server6(), ann, 500*time.Millisecond)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if reply == nil {
+						lost++
+						rtts = append(rtts, 500*time.Millisecond)
+						continue
+					}
+					rtts = append(rtts, time.Since(start))
+				}
+				slices.Sort(rtts)
+				return percentile(rtts, 50), percentile(rtts, 99), lost
+			}
+			refreshes := func() float64 {
+				m, err := l.metrics()
+				if err != nil {
+					t.Fatal(err)
+				}
+				return m["pcpd_ownership_refreshes_total"]
+			}
+			sp := newSpoofer(t, l.topo.Client, l.server6())
+			// flood sends req(source) from the 256 /64s at full speed
+			// while the victim measures.
+			flood := func(name string, req func(s netip.Addr) []byte) {
+				var sent atomic.Int64
+				done := make(chan struct{})
+				var wgr sync.WaitGroup
+				wgr.Add(1)
+				go func() {
+					defer wgr.Done()
+					next := time.Now()
+					for i := 0; ; i++ {
+						select {
+						case <-done:
+							return
+						default:
+						}
+						if rate > 0 {
+							time.Sleep(time.Until(next))
+							next = next.Add(time.Second / time.Duration(rate))
+						}
+						s := src(i % 256)
+						if err := sp.send(s, req(s)); err != nil {
+							t.Error(err)
+							return
+						}
+						sent.Add(1)
+					}
+				}()
+				time.Sleep(300 * time.Millisecond)
+				r0, began := refreshes(), time.Now()
+				p50, p99, lost := victim()
+				secs := time.Since(began).Seconds()
+				reads := (refreshes() - r0) / secs
+				close(done)
+				wgr.Wait()
+				t.Logf("--wireguard-fresh %s, 1000 peers, %s: victim ANNOUNCE p50 %v p99 %v lost %d/120; flood sent %.0f/s; pcpd read WireGuard %.1f times/s",
+					fresh, name, p50.Round(10*time.Microsecond), p99.Round(10*time.Microsecond), lost, float64(sent.Load())/(secs+0.3), reads)
+				time.Sleep(500 * time.Millisecond)
+			}
+			p50, p99, lost := victim()
+			t.Logf("--wireguard-fresh %s, 1000 peers, idle: victim ANNOUNCE p50 %v p99 %v lost %d/120", fresh, p50.Round(10*time.Microsecond), p99.Round(10*time.Microsecond), lost)
+			// Control: the same MAPs without THIRD_PARTY, for all ports
+			// (refused early, AllPortsDenied: no read, no engine).
+			flood("control flood (MAP port 0, no THIRD_PARTY)", func(s netip.Addr) []byte { return mapNonce(s, 0, time.Hour, 1, netip.Addr{}) })
+			flood("THIRD_PARTY flood (another peer's address)", func(s netip.Addr) []byte { return mapNonce(s, 9000, time.Hour, 1, other) })
+		})
+	}
+}
