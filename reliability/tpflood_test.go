@@ -13,6 +13,8 @@ import (
 
 	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/pcpd/pcpd/pcp"
 )
 
 // TestThirdPartyFloodFreshCost (review h/revtp; figures, not a bound:
@@ -166,4 +168,72 @@ func TestThirdPartyFloodFreshCost(t *testing.T) {
 			flood("THIRD_PARTY flood (another peer's address)", func(s netip.Addr) []byte { return mapNonce(s, 9000, time.Hour, 1, other) })
 		})
 	}
+}
+
+// TestThirdPartyLagPinholeLife (review h/revtp; figures, not a bound:
+// PCPD_TPFLOOD=1): with the default --wireguard-fresh 1s, peer B is given
+// a /72 carved out of the client's /64 and the client at once sends
+// THIRD_PARTY MAPs into it, one every 100 ms, three, and no more (a
+// later THIRD_PARTY request would make the re-read itself): judged by the
+// view read just before B came (the lag the bound allows), they are
+// granted. Logged: how many were granted, and how long after B appeared
+// the last of their pinholes left the kernel (the read that revokes them:
+// the periodic one, up to 5 s, before Freshen asked for a re-read).
+//
+//	sudo PCPD_TPFLOOD=1 go test ./reliability -run TestThirdPartyLagPinholeLife -v -count 3
+func TestThirdPartyLagPinholeLife(t *testing.T) {
+	if os.Getenv("PCPD_TPFLOOD") == "" {
+		t.Skip("figures only: PCPD_TPFLOOD=1")
+	}
+	l := newLab(t, labOptions{wireGuard: true})
+	l.start()
+	cli := l.topo.ClientV6
+	nested := netip.MustParsePrefix("2001:db8:1:2:ff00::/72")
+	inNested := netip.MustParseAddr("2001:db8:1:2:ff00::5")
+	wg, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wg.Close()
+	conn := l.clientSocket(cli)
+	// A THIRD_PARTY MAP elsewhere in the /64 first: pcpd's view is then
+	// a fresh read (a Freshen), as on a busy server.
+	if r, err := rawExchange(conn, l.server6(), mapNonce(cli, 9099, time.Hour, 6, netip.MustParseAddr("2001:db8:1:2::77")), 3*time.Second); err != nil || resultOf(r) != 0 {
+		t.Fatalf("THIRD_PARTY MAP in the /64: %x %v", r, err)
+	}
+	bKey, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := wg.ConfigureDevice(l.topo.HostLANIf, wgtypes.Config{Peers: []wgtypes.PeerConfig{{
+		PublicKey: bKey.PublicKey(), AllowedIPs: []net.IPNet{ipnet(nested)},
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+	began := time.Now()
+	var granted []uint16
+	for i := range 3 {
+		port := uint16(9100 + i)
+		r, err := rawExchange(conn, l.server6(), mapNonce(cli, port, time.Hour, byte(10+i), inNested), 3*time.Second)
+		if err != nil || r == nil {
+			t.Fatalf("THIRD_PARTY MAP %d: %x %v", i, r, err)
+		}
+		if resultOf(r) == 0 {
+			granted = append(granted, port)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	_, ok := waitFor(15*time.Second, func() bool {
+		for _, p := range granted {
+			if l.kernelHas(inNested, pcp.ProtoTCP, p) {
+				return false
+			}
+		}
+		return true
+	})
+	if !ok {
+		t.Fatalf("pinholes into B's /72 still in the kernel 15 s after B appeared")
+	}
+	t.Logf("--wireguard-fresh 1s: %d of 3 THIRD_PARTY MAPs into B's new /72 (one per 100 ms from B's arrival) granted (ports %v); their pinholes gone %v after B appeared",
+		len(granted), granted, time.Since(began).Round(10*time.Millisecond))
 }
