@@ -30,6 +30,7 @@ import (
 	"github.com/pcpd/pcpd/config"
 	"github.com/pcpd/pcpd/control"
 	"github.com/pcpd/pcpd/internal/bootclock"
+	"github.com/pcpd/pcpd/internal/ifname"
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/server"
@@ -137,6 +138,7 @@ func serve(ctx context.Context, cfg *config.Config, stderr io.Writer) (err error
 		}
 		own, ownSource = st, config.OwnershipStatic
 		warnTranslated(log.Named("policy"), cfg.Clients, cfg.NAT64Prefixes)
+		warnStaticOnWireGuard(log.Named("policy"), wireGuardInterfaces(cfg.Interfaces))
 	} else {
 		wg, err := wgctrl.New()
 		if err != nil {
@@ -517,6 +519,53 @@ func warnTranslated(log *zap.Logger, clients map[string][]netip.Prefix, extra []
 			}
 		}
 	}
+}
+
+// warnStaticOnWireGuard warns, once at start, that static ownership
+// (--client) serves the WireGuard interfaces wg (configured names): the
+// clients' prefixes alone decide who owns what there, and the peers'
+// AllowedIPs are not read. A --client prefix spanning two peers'
+// AllowedIPs lets either open the other's addresses; a peer removed, or
+// whose AllowedIPs shrink, keeps its leases until they expire or are
+// revoked. Not refused: the list is the operator's explicit choice, it
+// works where pcpd may not read WireGuard (kernel WireGuard's genetlink
+// and wireguard-go's socket need CAP_NET_ADMIN and root's socket
+// directory), and WireGuard still checks every request's source against
+// its peer's AllowedIPs. Before (h/putback), nothing was said: an
+// operator who added --client to a WireGuard setup lost WireGuard
+// ownership silently.
+func warnStaticOnWireGuard(log *zap.Logger, wg []string) {
+	if len(wg) == 0 {
+		return
+	}
+	log.Warn("ownership comes from the --client list: the peers' AllowedIPs on these WireGuard interfaces are not consulted (leave out --client for WireGuard ownership)",
+		zap.Strings("interfaces", wg))
+}
+
+// wireGuardInterfaces are the names of names (as configured) that are
+// WireGuard interfaces in this namespace now: wgctrl reads them by their
+// kernel names (ifname.Kernel: userspace WireGuard's control socket is
+// /var/run/wireguard/KERNELNAME.sock). A name no interface here answers
+// to is left out (a userspace device's socket is seen from every
+// namespace), as is everything when wgctrl cannot be opened (nothing to
+// say then).
+func wireGuardInterfaces(names []string) []string {
+	wg, err := wgctrl.New()
+	if err != nil {
+		return nil
+	}
+	defer wg.Close()
+	var out []string
+	for _, name := range names {
+		k, found, err := ifname.Kernel(name)
+		if err != nil || !found {
+			continue
+		}
+		if _, err := wg.Device(k); err == nil {
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 // warnWildcardMetrics warns when the metrics address (config-validated
