@@ -67,13 +67,7 @@ func useFirewall(h *harness, fw Firewall) {
 // dump, want 0').
 func TestAuditLeavesWatchPutBacks(t *testing.T) {
 	const n = 40
-	setup := func(t *testing.T) (*harness, *dumpThenList, []pinhole.Pinhole) {
-		h := newHarness(t)
-		holes := mapDeletedByHand(t, h, n)
-		fw := &dumpThenList{Firewall: h.fw}
-		useFirewall(h, fw)
-		return h, fw, holes
-	}
+	setup := func(t *testing.T) (*harness, *dumpThenList, []pinhole.Pinhole) { return deletedBeforeDump(t, n) }
 	allBack := func(t *testing.T, h *harness, holes []pinhole.Pinhole) {
 		t.Helper()
 		got := h.fw.Holes()
@@ -160,6 +154,16 @@ func TestAuditLeavesWatchPutBacks(t *testing.T) {
 		}
 		allBack(t, h, holes)
 	})
+}
+
+// deletedBeforeDump is a harness with n live leases whose elements were
+// deleted by hand (mapDeletedByHand), on a dumpThenList firewall.
+func deletedBeforeDump(t *testing.T, n int) (*harness, *dumpThenList, []pinhole.Pinhole) {
+	h := newHarness(t)
+	holes := mapDeletedByHand(t, h, n)
+	fw := &dumpThenList{Firewall: h.fw}
+	useFirewall(h, fw)
+	return h, fw, holes
 }
 
 // mapDeletedByHandAgain deletes holes from the fake firewall (by hand).

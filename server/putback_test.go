@@ -27,13 +27,7 @@ func TestAuditPutBackRecordDropped(t *testing.T) {
 	defer func(p, c int, gap time.Duration) { maxWatchPending, maxPutBackDuring, watchCheckGap = p, c, gap }(maxWatchPending, maxPutBackDuring, watchCheckGap)
 	maxWatchPending = 4
 	watchCheckGap = time.Hour // no pass of the test's acts on deletions at once but the first
-	setup := func(t *testing.T) (*harness, *dumpThenList, []pinhole.Pinhole) {
-		h := newHarness(t)
-		holes := mapDeletedByHand(t, h, n)
-		fw := &dumpThenList{Firewall: h.fw}
-		useFirewall(h, fw)
-		return h, fw, holes
-	}
+	setup := func(t *testing.T) (*harness, *dumpThenList, []pinhole.Pinhole) { return deletedBeforeDump(t, n) }
 	// foreign are deletions told that are no lease's (another
 	// controller's elements), enough to overflow what a pass gathers.
 	foreign := func(k int) []pinhole.Pinhole {
