@@ -112,6 +112,10 @@ type Backend struct {
 	// listMu.
 	listConn sideConn
 	listMu   sync.Mutex
+	// foreignConn is ForeignDNAT's connection (foreign.go), kept for the
+	// same reason; under foreignMu.
+	foreignConn sideConn
+	foreignMu   sync.Mutex
 	// ports are the netlink port ids of the Backend's own sockets, the
 	// recent ones (watch.go): what they commit is not someone else's
 	// change.
@@ -1315,6 +1319,9 @@ func (b *Backend) Close() {
 	b.flowed.raw.close()
 	b.flowed.mu.Unlock()
 	b.listMu.Unlock()
+	b.foreignMu.Lock()
+	b.foreignConn.close()
+	b.foreignMu.Unlock()
 }
 
 // sideConn is an nftables connection of the Backend's own beside conn (for

@@ -154,6 +154,15 @@ type NATLabeller interface {
 	NATLabel() (bit int, ok bool)
 }
 
+// ForeignDNATReader is an optional extra of a Firewall (*pinhole.Backend
+// has it): ForeignDNAT reads the ports that the host's own DNAT and
+// redirect rules, outside pcpd's chains, translate on the external IPv4
+// address ext; first..last is the port range, for the rules that take
+// all of it (pinhole/foreign.go). hostPorts reserves the ports.
+type ForeignDNATReader interface {
+	ForeignDNAT(ext netip.Addr, first, last uint16) (*pinhole.ForeignDNAT, error)
+}
+
 // CutArmer is an optional extra of a FlowCutter (*pinhole.Backend has
 // it): a Setup that made the re-checked sets anew while labelled flows
 // lived (an admin's "flush ruleset", a crash and a reload before the

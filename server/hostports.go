@@ -13,6 +13,7 @@ import (
 
 	"github.com/pcpd/pcpd/internal/ifname"
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
 )
 
 // hostPortsTTL is how long a scan of the host's ports is trusted. A port
@@ -29,7 +30,9 @@ const tcpListen = 10
 // away). Reserved are pcpd's own 5350/5351, Config.ReservedPorts, the
 // listen port of every WireGuard interface among Config.Interfaces, and
 // every port with a listening TCP or a bound UDP socket on the host, any
-// address, either family (an IPv6 wildcard socket takes IPv4 too).
+// address, either family (an IPv6 wildcard socket takes IPv4 too), and
+// every port the host's own DNAT rules forward on the external address
+// (dnatTCP, dnatUDP: read with the sockets, at the same times).
 //
 // It fails closed, each protocol on its own: until a dump of a protocol's
 // sockets succeeds, none of its ports is known free (ready is false,
@@ -62,7 +65,29 @@ type hostPorts struct {
 	// handful of sockets (wgctrl's probe is most of it), every 2 s.
 	lastUse    time.Time
 	background bool
+
+	// dnatTCP and dnatUDP are the ports the host's own DNAT and redirect
+	// rules translate on the external IPv4 address (another table's port
+	// forward, a container runtime's or CNI hostPort's DNAT, iptables-nft:
+	// s.foreign, pinhole/foreign.go), read with the sockets, reserved
+	// like them. Such a port holds no socket: before, a client was granted
+	// it, told SUCCESS, and got nothing (the admin's chain at dstnat runs
+	// before pcpd's) or took the admin's forward (a chain after pcpd's).
+	// nil until a read succeeds; a failed read keeps the last good ports.
+	// A first read that fails reserves none of them (as before this
+	// read existed, logged), unlike the sockets' fail-closed: it
+	// refines what --reserved-ports (the authoritative list) leaves out,
+	// and a ruleset pcpd cannot parse must not refuse every IPv4 mapping
+	// of the host; no read failing while pcpd's own nftables writes work
+	// has been seen.
+	dnatTCP, dnatUDP *portSet
+	dnatFailed       bool                // the last read failed (logged)
+	dnatSum          string              // the last read's summary, logged when it changes
+	dnatLogged       map[string]struct{} // rules logged once (catch-all, undecoded)
 }
+
+// dnatLoggedMax bounds dnatLogged: past it the rules are logged again.
+const dnatLoggedMax = 4096
 
 // hostPortsIdle: the background rescans stop this long after the last
 // allocation asked; the next one scans inline again.
@@ -139,7 +164,11 @@ func (h *hostPorts) reserved(proto uint8, port uint16) bool {
 	if set == nil {
 		return true // fail closed: nothing known free
 	}
-	return set.has(port)
+	dnat := h.dnatTCP
+	if proto != protoTCP {
+		dnat = h.dnatUDP
+	}
+	return set.has(port) || (dnat != nil && dnat.has(port))
 }
 
 // fresh rescans unless the sets are fresh enough (h.mu held), and marks
@@ -173,9 +202,11 @@ func (h *hostPorts) refresh() {
 		return
 	}
 	tcp, udp, tcpErr, udpErr := h.dump()
+	f, err := h.readDNAT()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.store(tcp, udp, tcpErr, udpErr)
+	h.storeDNAT(f, err)
 }
 
 // scan refreshes the sets (h.mu held). On failure the previous ones are
@@ -183,6 +214,77 @@ func (h *hostPorts) refresh() {
 // installed: a scan that fails must not open the host's ports.
 func (h *hostPorts) scan() {
 	h.store(h.dump())
+	h.storeDNAT(h.readDNAT())
+}
+
+// readDNAT reads the host's other DNAT rules: nil, nil without a reader
+// (a Firewall without ForeignDNAT) or an external IPv4 address.
+func (h *hostPorts) readDNAT() (*pinhole.ForeignDNAT, error) {
+	if h.s.foreign == nil || !h.s.cfg.ExternalIPv4.IsValid() {
+		return nil, nil
+	}
+	return h.s.foreign.ForeignDNAT(h.s.cfg.ExternalIPv4, h.s.cfg.IPv4Ports.First, h.s.cfg.IPv4Ports.Last)
+}
+
+// storeDNAT installs a read of the host's other DNAT rules (h.mu held):
+// on failure the last good ports stay (none before a first success), and
+// the failure is logged once until a read succeeds again. Each catch-all
+// and each rule whose ports could not be read is logged once.
+func (h *hostPorts) storeDNAT(f *pinhole.ForeignDNAT, err error) {
+	log := h.s.log
+	if err != nil {
+		if !h.dnatFailed {
+			if h.dnatTCP == nil {
+				log.Warn("cannot read the host's DNAT rules; the ports they forward are not reserved until a read succeeds (list them in --reserved-ports)", zap.Error(err))
+			} else {
+				log.Warn("cannot read the host's DNAT rules; keeping the last read's ports reserved", zap.Error(err))
+			}
+			h.dnatFailed = true
+		}
+		return
+	}
+	if f == nil {
+		return
+	}
+	if h.dnatFailed {
+		log.Info("read the host's DNAT rules again")
+		h.dnatFailed = false
+	}
+	h.dnatTCP, h.dnatUDP = (*portSet)(&f.TCP), (*portSet)(&f.UDP)
+	tcp, udp := f.TCP.String(), f.UDP.String()
+	if sum := fmt.Sprint(f.Rules, tcp, "/", udp); sum != h.dnatSum {
+		log.Info("read the host's DNAT rules: the ports they forward on the external address are reserved",
+			zap.Int("rules", f.Rules), zap.String("tcp", tcp), zap.String("udp", udp))
+		h.dnatSum = sum
+	}
+	if h.dnatLogged == nil || len(h.dnatLogged) > dnatLoggedMax {
+		h.dnatLogged = map[string]struct{}{}
+	}
+	once := func(r pinhole.ForeignRule) bool {
+		k := r.String() + r.Why
+		if _, ok := h.dnatLogged[k]; ok {
+			return false
+		}
+		h.dnatLogged[k] = struct{}{}
+		return true
+	}
+	for _, r := range f.CatchAll {
+		switch {
+		case !once(r):
+		case r.Before:
+			log.Warn("a DNAT rule of the host's forwards every port of the external address before pcpd's chain: it takes the connections of every client's IPv4 mapping; hook its chain after pcpd's, at priority dstnat + 2 or later (README, --reserved-ports)",
+				zap.Stringer("rule", r))
+		default:
+			log.Info("a DNAT rule of the host's forwards every port of the external address after pcpd's chain: clients' mappings come first, it takes the rest",
+				zap.Stringer("rule", r))
+		}
+	}
+	for _, r := range f.Undecoded {
+		if once(r) {
+			log.Warn("cannot read which ports a DNAT rule of the host's forwards: they are not reserved; list them in --reserved-ports",
+				zap.Stringer("rule", r), zap.String("why", r.Why))
+		}
+	}
 }
 
 // store installs a dump's sets (h.mu held), each protocol on its own:

@@ -59,6 +59,8 @@ type Server struct {
 	// natLister, if fw has it, lists the NAT-ed flows' external
 	// endpoints (pruneNATPrior).
 	natLister NATLister
+	// foreign, if fw has it, reads the host's other DNAT rules (hostPorts).
+	foreign ForeignDNATReader
 
 	// watch is the firewall watch's state (fwwatch.go).
 	watch fwWatch
@@ -322,6 +324,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	s.cutter, _ = s.fw.(FlowCutter)
 	s.recorder, _ = s.fw.(FlowRecorder)
 	s.natLister, _ = s.fw.(NATLister)
+	s.foreign, _ = s.fw.(ForeignDNATReader)
 	if ss, ok := s.fw.(ServedSetter); ok {
 		s.lis.onServe = func(aps []netip.AddrPort, ifaces []string) { s.updateServed(ss, aps, ifaces) }
 	}

@@ -1,0 +1,850 @@
+package pinhole
+
+import (
+	"bytes"
+	"cmp"
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/xt"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Foreign DNAT (issue 9, h/adminports): the host's admin may forward a
+// public IPv4 port with a DNAT rule of their own, in another table (a port
+// forward, a container runtime publishing a port without a proxy socket,
+// CNI hostPort, iptables-nft's nat PREROUTING). No socket holds the port,
+// so the server's host port scan cannot see it, and a client granted it
+// gets nothing: the kernel stops at the first NAT chain that binds a new
+// connection, and the admin's chain at dstnat runs before pcpd's (at
+// dstnat + 1, dnatPriority). Or, with the admin's chain hooked after
+// pcpd's, the client takes the admin's forward. ForeignDNAT reads those
+// rules so that the server reserves their ports at allocation time as it
+// does the host's listening ports.
+
+// PortSet is a set of ports, one bit each: 8 KiB for all 65 536.
+type PortSet [1 << 16 / 64]uint64
+
+// Add adds port.
+func (p *PortSet) Add(port uint16) { p[port/64] |= 1 << (port % 64) }
+
+// Has reports whether port is in the set.
+func (p *PortSet) Has(port uint16) bool { return p[port/64]&(1<<(port%64)) != 0 }
+
+// String lists the ports as "a,b-c" ("" if none).
+func (p *PortSet) String() string {
+	var b strings.Builder
+	for v := 0; v < 1<<16; v++ {
+		if p[v/64] == 0 && v%64 == 0 {
+			v += 63 // an empty word
+			continue
+		}
+		if !p.Has(uint16(v)) {
+			continue
+		}
+		lo := v
+		for v+1 < 1<<16 && p.Has(uint16(v+1)) {
+			v++
+		}
+		if b.Len() > 0 {
+			b.WriteByte(',')
+		}
+		if lo == v {
+			fmt.Fprint(&b, lo)
+		} else {
+			fmt.Fprintf(&b, "%d-%d", lo, v)
+		}
+	}
+	return b.String()
+}
+
+// addRange adds lo..hi (inclusive; nothing if lo > hi), a word at a time.
+func (p *PortSet) addRange(lo, hi uint16) {
+	for v := int(lo); v <= int(hi); {
+		w, bit := v/64, v%64
+		n := min(64-bit, int(hi)-v+1)
+		if n == 64 {
+			p[w] = ^uint64(0)
+		} else {
+			p[w] |= (uint64(1)<<n - 1) << bit
+		}
+		v += n
+	}
+}
+
+// ForeignDNAT is what the host's DNAT and redirect rules outside pcpd's
+// own chains take of pcpd's external IPv4 address (Backend.ForeignDNAT).
+type ForeignDNAT struct {
+	// TCP and UDP are the ports a rule translates by destination port.
+	TCP, UDP PortSet
+	// CatchAll are the rules that translate every port of pcpd's range
+	// (no destination port condition, or one that leaves none of it out:
+	// a "DMZ" host). Their ports are not in TCP and UDP: reserving them
+	// would leave no port to map.
+	CatchAll []ForeignRule
+	// Undecoded are the DNAT rules whose ports could not be read (a
+	// concatenation, a set not found, an iptables multiport match): not
+	// reserved; the operator lists them in --reserved-ports.
+	Undecoded []ForeignRule
+	// Rules counts the DNAT and redirect rules found that may translate
+	// connections to pcpd's address (decoded or not).
+	Rules int
+}
+
+// ForeignRule names a rule of another table's for the log.
+type ForeignRule struct {
+	Family string // "ip" or "inet"
+	Table  string
+	Chain  string // the chain holding the rule
+	Handle uint64
+	// Base is the base chain it is reached from, hooked at Priority.
+	Base     string
+	Priority int32
+	// Before: Base runs before pcpd's DNAT chain (or at its priority, in
+	// an order the kernel keeps by registration): it takes the
+	// connections of the ports it translates from pcpd's mappings.
+	Before bool
+	Why    string // Undecoded's reason
+}
+
+// String is "family table chain handle N (from base at priority P)".
+func (r ForeignRule) String() string {
+	s := fmt.Sprintf("%s %s %s handle %d", r.Family, r.Table, r.Chain, r.Handle)
+	if r.Base != r.Chain {
+		s += " (from " + r.Base + ")"
+	}
+	return s + fmt.Sprintf(" at priority %d", r.Priority)
+}
+
+// ForeignDNAT reads the host's nftables ruleset (families ip and inet:
+// IPv4 DNAT only) for the DNAT and redirect rules of nat chains hooked at
+// prerouting outside pcpd's own objects (standalone: pcpd's table;
+// attached: pcpd's chains in the admin's table), and the regular chains
+// they jump or go to, that may translate connections to ext: the ports
+// they match by destination port, per protocol. first..last is pcpd's
+// port range, for CatchAll. A read that fails returns the error and
+// nothing else. Its reads go over a kept connection of their own (a
+// closed NETLINK_NETFILTER socket costs the engine's transactions a
+// commit-lock wait: sideConn); calls are serialised.
+func (b *Backend) ForeignDNAT(ext netip.Addr, first, last uint16) (*ForeignDNAT, error) {
+	b.foreignMu.Lock()
+	defer b.foreignMu.Unlock()
+	c, err := b.foreignConn.get(b.netns)
+	if err != nil {
+		return nil, err
+	}
+	f, err := readForeign(&nftSource{c: c}, b.ownChain, ext, first, last)
+	if err != nil {
+		b.foreignConn.close()
+		return nil, fmt.Errorf("pinhole: reading the host's DNAT rules: %w", err)
+	}
+	return f, nil
+}
+
+// ownChain reports whether chain of table t is pcpd's: standalone, every
+// chain of its table; attached, its entry chain and those named with its
+// prefix in the admin's table.
+func (b *Backend) ownChain(t *nftables.Table, chain string) bool {
+	if t.Family != nftables.TableFamilyINet || t.Name != b.cfg.Table {
+		return false
+	}
+	return !b.cfg.Attached || chain == b.cfg.Chain || strings.HasPrefix(chain, b.cfg.Chain+"_")
+}
+
+// ruleSource is the ruleset readForeign reads (the kernel's: nftSource;
+// tests give rules built of expr values).
+type ruleSource interface {
+	chains() ([]*nftables.Chain, error)
+	rules(t *nftables.Table, chain string) ([]*nftables.Rule, error)
+	// set returns table t's set name and its elements; nil, nil if none.
+	set(t *nftables.Table, name string) (*nftables.Set, []nftables.SetElement, error)
+}
+
+// nftSource reads the kernel's ruleset over c, each set once a read.
+type nftSource struct {
+	c    *nftables.Conn
+	sets map[tableKey][]*nftables.Set
+}
+
+func (n *nftSource) chains() ([]*nftables.Chain, error) { return n.c.ListChains() }
+
+func (n *nftSource) rules(t *nftables.Table, chain string) ([]*nftables.Rule, error) {
+	return n.c.GetRules(t, &nftables.Chain{Table: t, Name: chain})
+}
+
+func (n *nftSource) set(t *nftables.Table, name string) (*nftables.Set, []nftables.SetElement, error) {
+	if n.sets == nil {
+		n.sets = map[tableKey][]*nftables.Set{}
+	}
+	ss, ok := n.sets[keyOf(t)]
+	if !ok {
+		var err error
+		if ss, err = n.c.GetSets(t); err != nil {
+			return nil, nil, err
+		}
+		n.sets[keyOf(t)] = ss
+	}
+	for _, s := range ss {
+		if s.Name == name {
+			els, err := n.c.GetSetElements(s)
+			return s, els, err
+		}
+	}
+	return nil, nil, nil
+}
+
+// maxJumps bounds the chains followed from a base chain (the kernel's own
+// limit is 16 levels).
+const maxJumps = 16
+
+// readForeign is ForeignDNAT over src.
+func readForeign(src ruleSource, own func(*nftables.Table, string) bool, ext netip.Addr, first, last uint16) (*ForeignDNAT, error) {
+	chains, err := src.chains()
+	if err != nil {
+		return nil, err
+	}
+	w := &foreignWalk{src: src, own: own, ext: ext, first: first, last: last, f: &ForeignDNAT{},
+		rules: map[chainKey][]*nftables.Rule{}}
+	// Base chains in a fixed order, so the log's lists are stable.
+	slices.SortFunc(chains, func(a, b *nftables.Chain) int {
+		return cmp.Or(cmp.Compare(a.Table.Family, b.Table.Family), strings.Compare(a.Table.Name, b.Table.Name), strings.Compare(a.Name, b.Name))
+	})
+	for _, c := range chains {
+		fam := c.Table.Family
+		if (fam != nftables.TableFamilyIPv4 && fam != nftables.TableFamilyINet) || c.Type != nftables.ChainTypeNAT ||
+			c.Hooknum == nil || *c.Hooknum != *nftables.ChainHookPrerouting || c.Priority == nil || own(c.Table, c.Name) {
+			continue
+		}
+		w.base, w.prio = c.Name, int32(*c.Priority)
+		if err := w.chain(c.Table, c.Name, newCond(), 0); err != nil {
+			return nil, err
+		}
+	}
+	return w.f, nil
+}
+
+// tableKey names a table (the kernel's listings give each chain a Table
+// of its own).
+type tableKey struct {
+	fam  nftables.TableFamily
+	name string
+}
+
+func keyOf(t *nftables.Table) tableKey { return tableKey{t.Family, t.Name} }
+
+// chainKey names a chain of a table.
+type chainKey struct {
+	t    tableKey
+	name string
+}
+
+// foreignWalk is one read's state.
+type foreignWalk struct {
+	src         ruleSource
+	own         func(*nftables.Table, string) bool // pcpd's chains
+	ext         netip.Addr
+	first, last uint16
+	f           *ForeignDNAT
+	base        string // the base chain being walked
+	prio        int32  // its priority
+	rules       map[chainKey][]*nftables.Rule
+}
+
+// chain walks the rules of t's chain name reached with c.
+func (w *foreignWalk) chain(t *nftables.Table, name string, c cond, depth int) error {
+	if depth > maxJumps || w.own(t, name) {
+		return nil
+	}
+	k := chainKey{keyOf(t), name}
+	rs, ok := w.rules[k]
+	if !ok {
+		var err error
+		if rs, err = w.src.rules(t, name); err != nil {
+			return err
+		}
+		w.rules[k] = rs
+	}
+	for _, r := range rs {
+		if err := w.rule(t, name, r, c, depth); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// note records a rule's outcome.
+func (w *foreignWalk) note(t *nftables.Table, chain string, r *nftables.Rule, why string) ForeignRule {
+	fam := "inet"
+	if t.Family == nftables.TableFamilyIPv4 {
+		fam = "ip"
+	}
+	return ForeignRule{Family: fam, Table: t.Name, Chain: chain, Handle: r.Handle, Base: w.base, Priority: w.prio,
+		Before: w.prio <= int32(dnatPriority), Why: why}
+}
+
+// translated records a DNAT or redirect of r under c.
+func (w *foreignWalk) translated(t *nftables.Table, chain string, r *nftables.Rule, c cond) {
+	if c.skip || (!c.tcp && !c.udp) {
+		return
+	}
+	w.f.Rules++
+	switch {
+	case c.why != "":
+		w.f.Undecoded = append(w.f.Undecoded, w.note(t, chain, r, c.why))
+	case !c.portCond || c.ports.covers(w.first, w.last):
+		w.f.CatchAll = append(w.f.CatchAll, w.note(t, chain, r, ""))
+	default:
+		if c.tcp {
+			c.ports.addTo(&w.f.TCP)
+		}
+		if c.udp {
+			c.ports.addTo(&w.f.UDP)
+		}
+	}
+}
+
+// rule reads r's expressions in order, with the conditions c of the
+// chains that led to it, up to its DNAT, redirect, jump or goto.
+func (w *foreignWalk) rule(t *nftables.Table, chain string, r *nftables.Rule, c cond, depth int) error {
+	regs := registers{}
+	for _, e := range r.Exprs {
+		if c.skip {
+			return nil // cannot match a connection to ext
+		}
+		switch e := e.(type) {
+		case *expr.Payload:
+			if e.OperationType != expr.PayloadLoad {
+				continue
+			}
+			regs.load(e.DestRegister, payloadKind(e), int(e.Len))
+		case *expr.Meta:
+			if e.SourceRegister {
+				continue
+			}
+			k := ldOther
+			switch e.Key {
+			case expr.MetaKeyL4PROTO:
+				k = ldL4proto
+			case expr.MetaKeyNFPROTO:
+				k = ldNfproto
+			case expr.MetaKeyPROTOCOL:
+				k = ldEthertype
+			}
+			regs.load(e.Register, k, 4)
+		case *expr.Bitwise:
+			l := regs.get(e.SourceRegister)
+			if l.kind == ldDaddr && int(e.Len) == 4 && len(e.Mask) == 4 && !slices.ContainsFunc(e.Xor, func(b byte) bool { return b != 0 }) {
+				regs.set(e.DestRegister, load{kind: ldDaddr, n: 4, mask: append([]byte(nil), e.Mask...)})
+				continue
+			}
+			regs.load(e.DestRegister, ldOther, int(e.Len))
+		case *expr.Immediate:
+			if e.Register != unix.NFT_REG_VERDICT {
+				regs.load(e.Register, ldOther, len(e.Data))
+			}
+		case *expr.Ct:
+			if !e.SourceRegister {
+				regs.load(e.Register, ldOther, 16)
+			}
+		case *expr.Fib:
+			regs.load(e.Register, ldOther, 16)
+		case *expr.Rt:
+			regs.load(e.Register, ldOther, 16)
+		case *expr.Numgen:
+			regs.load(e.Register, ldOther, 4)
+		case *expr.Hash:
+			regs.load(e.DestRegister, ldOther, 4)
+		case *expr.Exthdr:
+			regs.load(e.DestRegister, ldOther, int(e.Len))
+		case *expr.Socket:
+			regs.load(e.Register, ldOther, 4)
+		case *expr.Cmp:
+			c.compare(regs.get(e.Register), cmpMatcher(e.Op, e.Data), w.ext)
+		case *expr.Range:
+			n := len(e.FromData)
+			c.compare(regs.get(e.Register), matcher{n: n, ivs: []interval{{lo: e.FromData, hi: e.ToData, n: n}},
+				invert: e.Op == expr.CmpOpNeq, known: e.Op == expr.CmpOpEq || e.Op == expr.CmpOpNeq}, w.ext)
+		case *expr.Lookup:
+			jumped, err := w.lookup(t, chain, r, e, &c, regs, depth)
+			if err != nil || jumped {
+				return err
+			}
+		case *expr.Match:
+			c.xtMatch(e)
+		case *expr.NAT:
+			if e.Type == expr.NATTypeDestNAT && e.Family != unix.NFPROTO_IPV6 {
+				w.translated(t, chain, r, c)
+			}
+			return nil
+		case *expr.Redir:
+			w.translated(t, chain, r, c)
+			return nil
+		case *expr.Target:
+			if (e.Name == "DNAT" || e.Name == "REDIRECT") && t.Family == nftables.TableFamilyIPv4 {
+				w.translated(t, chain, r, c)
+			}
+			return nil
+		case *expr.Verdict:
+			if e.Kind == expr.VerdictJump || e.Kind == expr.VerdictGoto {
+				return w.chain(t, e.Chain, c, depth+1)
+			}
+			return nil
+		}
+	}
+	return nil
+}
+
+// loadKind is what a register holds.
+type loadKind uint8
+
+const (
+	ldOther     loadKind = iota // not modelled: its conditions are ignored (may match)
+	ldDport                     // the transport header's destination port
+	ldPortish                   // other transport bytes that hold the port (a concatenation)
+	ldDaddr                     // the IPv4 destination address (mask: after a bitwise)
+	ldL4proto                   // meta l4proto, ip protocol
+	ldNfproto                   // meta nfproto
+	ldEthertype                 // meta protocol
+)
+
+// payloadKind is what a payload load of e reads.
+func payloadKind(e *expr.Payload) loadKind {
+	switch {
+	case e.Base == expr.PayloadBaseTransportHeader && e.Offset == 2 && e.Len == 2:
+		return ldDport
+	case e.Base == expr.PayloadBaseTransportHeader && e.Offset < 4 && e.Offset+e.Len > 2:
+		return ldPortish
+	case e.Base == expr.PayloadBaseNetworkHeader && e.Offset == 16 && e.Len == 4:
+		return ldDaddr // IPv4 (an inet rule reading it checks nfproto first)
+	case e.Base == expr.PayloadBaseNetworkHeader && e.Offset == 9 && e.Len == 1:
+		return ldL4proto
+	}
+	return ldOther
+}
+
+// load is a register's content.
+type load struct {
+	kind loadKind
+	n    int    // bytes loaded
+	mask []byte // ldDaddr: a prefix's mask, nil: none
+}
+
+// registers maps nftables' 32-bit register slots to what was loaded at
+// each (the 16-byte NFT_REG_1..4 are four slots each).
+type registers map[int]load
+
+// slot is reg's first 32-bit slot.
+func slot(reg uint32) int {
+	if reg < unix.NFT_REG_1 {
+		return -1 // the verdict register: no data
+	}
+	if reg >= unix.NFT_REG32_00 {
+		return int(reg - unix.NFT_REG32_00)
+	}
+	return int(reg-unix.NFT_REG_1) * 4
+}
+
+// set records l at reg, clearing what it overwrites.
+func (r registers) set(reg uint32, l load) {
+	s := slot(reg)
+	words := max(1, (l.n+3)/4)
+	for k, v := range r {
+		if k < s+words && s < k+max(1, (v.n+3)/4) {
+			delete(r, k)
+		}
+	}
+	r[s] = l
+}
+
+// load records a load of n bytes of kind k at reg.
+func (r registers) load(reg uint32, k loadKind, n int) { r.set(reg, load{kind: k, n: n}) }
+
+// concat reports whether an n-byte key read from reg spans more than
+// reg's load and takes a destination port with it (a concatenation).
+func (r registers) concat(reg uint32, n int) bool {
+	s := slot(reg)
+	if n <= max(4, r[s].n) {
+		return false
+	}
+	for k := s; k < s+(n+3)/4; k++ {
+		if l, ok := r[k]; ok && (l.kind == ldDport || l.kind == ldPortish) {
+			return true
+		}
+	}
+	return false
+}
+
+// get is what reg holds (ldOther if unknown).
+func (r registers) get(reg uint32) load { return r[slot(reg)] }
+
+// cond is what a path through the ruleset requires of a connection.
+// Its ports are immutable (conditions make new ones), so copies share them.
+type cond struct {
+	ports    spans // the destination ports it may have; nil with !portCond: any
+	portCond bool  // ports is a condition (nil then: none)
+	tcp, udp bool  // the protocols it may be
+	skip     bool  // it cannot be IPv4 to the external address
+	why      string
+}
+
+func newCond() cond { return cond{tcp: true, udp: true} }
+
+// undecoded marks c's ports as unknown (the first reason kept).
+func (c *cond) undecoded(why string) {
+	if c.why == "" {
+		c.why = why
+	}
+}
+
+// restrict keeps the ports of s.
+func (c *cond) restrict(s spans) {
+	if !c.portCond {
+		c.ports, c.portCond = s, true
+		return
+	}
+	c.ports = c.ports.intersect(s)
+}
+
+// matcher is a condition on a register: its value (n bytes, network
+// order) in one of ivs, or (invert) in none.
+type matcher struct {
+	n      int
+	ivs    []interval
+	invert bool
+	known  bool // false: a condition not understood
+}
+
+func (m matcher) holds(v []byte) bool {
+	return slices.ContainsFunc(m.ivs, func(iv interval) bool { return iv.contains(v) }) != m.invert
+}
+
+// cmpMatcher is a cmp expression's condition.
+func cmpMatcher(op expr.CmpOp, data []byte) matcher {
+	n := len(data)
+	zero, top := make([]byte, n), bytes.Repeat([]byte{0xff}, n)
+	m := matcher{n: n, known: true}
+	one := func(lo, hi []byte) []interval { return []interval{{lo: lo, hi: hi, n: n}} }
+	switch op {
+	case expr.CmpOpEq, expr.CmpOpNeq:
+		m.ivs, m.invert = one(data, data), op == expr.CmpOpNeq
+	case expr.CmpOpLt:
+		if !bytes.Equal(data, zero) {
+			m.ivs = one(zero, before(data))
+		}
+	case expr.CmpOpLte:
+		m.ivs = one(zero, data)
+	case expr.CmpOpGt:
+		if !bytes.Equal(data, top) {
+			m.ivs = one(after(data), top)
+		}
+	case expr.CmpOpGte:
+		m.ivs = one(data, top)
+	default:
+		m.known = false
+	}
+	return m
+}
+
+// portSpans is m's ports (m on 2-byte values).
+func (m matcher) portSpans() spans {
+	var s spans
+	for _, iv := range m.ivs {
+		s = append(s, span{binary.BigEndian.Uint16(iv.lo), binary.BigEndian.Uint16(iv.hi)})
+	}
+	s = s.normal()
+	if m.invert {
+		s = s.complement()
+	}
+	return s
+}
+
+// compare applies m on what l holds.
+func (c *cond) compare(l load, m matcher, ext netip.Addr) {
+	switch l.kind {
+	case ldDport:
+		if !m.known || m.n != 2 {
+			c.undecoded("a destination port condition")
+			return
+		}
+		c.restrict(m.portSpans())
+	case ldPortish:
+		c.undecoded("a destination port in a concatenation")
+	case ldDaddr:
+		if !m.known || m.n != 4 {
+			return // may match: reserve rather than miss
+		}
+		a := ext.As4()
+		if l.mask != nil {
+			for i := range a {
+				a[i] &= l.mask[i]
+			}
+		}
+		if !m.holds(a[:]) {
+			c.skip = true
+		}
+	case ldL4proto:
+		if !m.known || m.n != 1 {
+			return
+		}
+		c.tcp = c.tcp && m.holds([]byte{unix.IPPROTO_TCP})
+		c.udp = c.udp && m.holds([]byte{unix.IPPROTO_UDP})
+	case ldNfproto:
+		if m.known && m.n == 1 && !m.holds([]byte{unix.NFPROTO_IPV4}) {
+			c.skip = true
+		}
+	case ldEthertype:
+		if m.known && m.n == 2 && !m.holds([]byte{0x08, 0x00}) {
+			c.skip = true
+		}
+	}
+}
+
+// xtMatch applies an iptables-nft match (a compat expression): tcp and
+// udp name the protocol and their destination port range; multiport's
+// ports are not decoded.
+func (c *cond) xtMatch(m *expr.Match) {
+	s := spans{{0, 0xffff}}
+	var inv bool
+	switch info := m.Info.(type) {
+	case *xt.Tcp:
+		c.udp = false
+		s[0], inv = span{info.DstPorts[0], info.DstPorts[1]}, info.InvFlags&xt.TcpInvDestPorts != 0
+	case *xt.Udp:
+		c.tcp = false
+		s[0], inv = span{info.DstPorts[0], info.DstPorts[1]}, info.InvFlags&xt.UdpInvDestPorts != 0
+	default:
+		if m.Name == "multiport" {
+			c.undecoded("an iptables multiport match")
+		}
+		return
+	}
+	if s[0].lo > s[0].hi {
+		s = nil
+	}
+	if inv {
+		s = s.complement()
+	}
+	c.restrict(s)
+}
+
+// span is the ports lo..hi.
+type span struct{ lo, hi uint16 }
+
+// spans is a sorted list of disjoint, non-adjacent spans.
+type spans []span
+
+// normal sorts s and merges what overlaps or touches.
+func (s spans) normal() spans {
+	s = slices.Clone(s)
+	slices.SortFunc(s, func(a, b span) int { return cmp.Compare(a.lo, b.lo) })
+	var out spans
+	for _, x := range s {
+		if n := len(out); n > 0 && int(x.lo) <= int(out[n-1].hi)+1 {
+			out[n-1].hi = max(out[n-1].hi, x.hi)
+			continue
+		}
+		out = append(out, x)
+	}
+	return out
+}
+
+// complement is every port not in s.
+func (s spans) complement() spans {
+	var out spans
+	next := 0
+	for _, x := range s {
+		if int(x.lo) > next {
+			out = append(out, span{uint16(next), x.lo - 1})
+		}
+		next = int(x.hi) + 1
+	}
+	if next <= 0xffff {
+		out = append(out, span{uint16(next), 0xffff})
+	}
+	return out
+}
+
+// intersect is the ports in both s and o.
+func (s spans) intersect(o spans) spans {
+	var out spans
+	for i, j := 0, 0; i < len(s) && j < len(o); {
+		lo, hi := max(s[i].lo, o[j].lo), min(s[i].hi, o[j].hi)
+		if lo <= hi {
+			out = append(out, span{lo, hi})
+		}
+		if s[i].hi < o[j].hi {
+			i++
+		} else {
+			j++
+		}
+	}
+	return out
+}
+
+// covers reports whether s holds every port of lo..hi.
+func (s spans) covers(lo, hi uint16) bool {
+	return len(spans{{lo, hi}}.intersect(s.complement())) == 0
+}
+
+// addTo adds s's ports to p.
+func (s spans) addTo(p *PortSet) {
+	for _, x := range s {
+		p.addRange(x.lo, x.hi)
+	}
+}
+
+// interval is a set element's key range (inclusive, network order), with
+// a verdict map's verdict.
+type interval struct {
+	lo, hi  []byte
+	n       int
+	verdict *expr.Verdict
+}
+
+func (iv interval) contains(v []byte) bool {
+	return len(v) == iv.n && bytes.Compare(v, iv.lo) >= 0 && bytes.Compare(v, iv.hi) <= 0
+}
+
+// setIntervals is s's elements as key ranges. An interval set holds each
+// range as its start and, flagged IntervalEnd, the key after its end
+// (nft's encoding); a concatenated range carries its end (KeyEnd).
+func setIntervals(s *nftables.Set, els []nftables.SetElement) []interval {
+	var out []interval
+	if !s.Interval {
+		for _, e := range els {
+			out = append(out, interval{lo: e.Key, hi: e.Key, n: len(e.Key), verdict: verdictOf(e)})
+		}
+		return out
+	}
+	els = slices.Clone(els)
+	slices.SortStableFunc(els, func(a, b nftables.SetElement) int { return bytes.Compare(a.Key, b.Key) })
+	for i, e := range els {
+		if e.IntervalEnd {
+			continue
+		}
+		iv := interval{lo: e.Key, n: len(e.Key), verdict: verdictOf(e)}
+		switch {
+		case len(e.KeyEnd) == len(e.Key):
+			iv.hi = e.KeyEnd
+		case i+1 < len(els):
+			iv.hi = before(els[i+1].Key)
+		default:
+			iv.hi = bytes.Repeat([]byte{0xff}, len(e.Key))
+		}
+		out = append(out, iv)
+	}
+	return out
+}
+
+// after is the big-endian number k + 1 (k not all ones).
+func after(k []byte) []byte {
+	out := slices.Clone(k)
+	for i := len(out) - 1; i >= 0; i-- {
+		out[i]++
+		if out[i] != 0 {
+			break
+		}
+	}
+	return out
+}
+
+// verdictOf is a verdict map element's verdict (nil: none). The library
+// (v0.3.0) does not decode it when it lists elements: Val holds the
+// NFTA_DATA_VERDICT nest's attributes (code, chain).
+func verdictOf(e nftables.SetElement) *expr.Verdict {
+	if e.VerdictData != nil || len(e.Val) == 0 {
+		return e.VerdictData
+	}
+	ad, err := netlink.NewAttributeDecoder(e.Val)
+	if err != nil {
+		return nil
+	}
+	ad.ByteOrder = binary.BigEndian
+	v := &expr.Verdict{}
+	code := false
+	for ad.Next() {
+		switch ad.Type() {
+		case unix.NFTA_VERDICT_CODE:
+			v.Kind, code = expr.VerdictKind(int32(ad.Uint32())), true
+		case unix.NFTA_VERDICT_CHAIN:
+			v.Chain = ad.String()
+		}
+	}
+	if ad.Err() != nil || !code {
+		return nil
+	}
+	return v
+}
+
+// before is the big-endian number k - 1 (k > 0).
+func before(k []byte) []byte {
+	out := slices.Clone(k)
+	for i := len(out) - 1; i >= 0; i-- {
+		out[i]--
+		if out[i] != 0xff {
+			break
+		}
+	}
+	return out
+}
+
+// lookup applies a set lookup e to c: a condition on its key, also for a
+// map whose data the rule uses (dnat to a map's address: the key must
+// match). A verdict map is walked: each element's chain, reached with
+// c and its key (jumped: r ends here).
+func (w *foreignWalk) lookup(t *nftables.Table, chain string, r *nftables.Rule, e *expr.Lookup, c *cond, regs registers, depth int) (jumped bool, err error) {
+	l := regs.get(e.SourceRegister)
+	s, els, err := w.src.set(t, e.SetName)
+	if err != nil {
+		return false, err
+	}
+	n := 0
+	if len(els) > 0 {
+		n = len(els[0].Key)
+	}
+	concat := regs.concat(e.SourceRegister, n)
+	if concat {
+		c.undecoded("a destination port in a concatenation")
+	}
+	if e.IsDestRegSet && e.DestRegister == unix.NFT_REG_VERDICT {
+		if s == nil {
+			c.undecoded("verdict map " + e.SetName + " not found")
+			w.translated(t, chain, r, *c)
+			return true, nil
+		}
+		for _, iv := range setIntervals(s, els) {
+			v := iv.verdict
+			if v == nil || (v.Kind != expr.VerdictJump && v.Kind != expr.VerdictGoto) {
+				continue
+			}
+			ec := *c
+			ec.compare(l, matcher{n: iv.n, ivs: []interval{iv}, known: true}, w.ext)
+			if err := w.chain(t, v.Chain, ec, depth+1); err != nil {
+				return true, err
+			}
+		}
+		return true, nil
+	}
+	defer func() {
+		if e.IsDestRegSet {
+			regs.load(e.DestRegister, ldOther, 16)
+		}
+	}()
+	switch {
+	case s == nil:
+		if l.kind == ldDport {
+			c.undecoded("set " + e.SetName + " not found")
+		}
+	case len(els) == 0:
+		c.skip = c.skip || !e.Invert // matches nothing
+	case !concat:
+		c.compare(l, matcher{n: n, ivs: setIntervals(s, els), invert: e.Invert, known: true}, w.ext)
+	}
+	return false, nil
+}

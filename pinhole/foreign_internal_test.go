@@ -1,0 +1,303 @@
+package pinhole
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/xt"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// fakeRules is a ruleSource of chains, rules and sets built in the test.
+type fakeRules struct {
+	chainList []*nftables.Chain
+	rulesOf   map[string][]*nftables.Rule // by table name/chain name
+	setsOf    map[string]fakeSet          // by table name/set name
+}
+
+type fakeSet struct {
+	s   *nftables.Set
+	els []nftables.SetElement
+}
+
+func (f *fakeRules) chains() ([]*nftables.Chain, error) { return f.chainList, nil }
+
+func (f *fakeRules) rules(t *nftables.Table, chain string) ([]*nftables.Rule, error) {
+	return f.rulesOf[t.Name+"/"+chain], nil
+}
+
+func (f *fakeRules) set(t *nftables.Table, name string) (*nftables.Set, []nftables.SetElement, error) {
+	s, ok := f.setsOf[t.Name+"/"+name]
+	if !ok {
+		return nil, nil, nil
+	}
+	return s.s, s.els, nil
+}
+
+var (
+	fExt    = netip.MustParseAddr("198.51.100.1")
+	fAdmin  = &nftables.Table{Family: nftables.TableFamilyIPv4, Name: "admin"}
+	fInet   = &nftables.Table{Family: nftables.TableFamilyINet, Name: "fw"}
+	fPcpd   = &nftables.Table{Family: nftables.TableFamilyINet, Name: "pcpd"}
+	fIP6    = &nftables.Table{Family: nftables.TableFamilyIPv6, Name: "six"}
+	fNAT    = nftables.ChainTypeNAT
+	fFilter = nftables.ChainTypeFilter
+)
+
+// Expression builders, as nft compiles the rules named.
+func l4(proto byte) []expr.Any { // meta l4proto PROTO
+	return []expr.Any{&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}}}
+}
+func ipProto(proto byte) []expr.Any { // ip protocol PROTO
+	return []expr.Any{&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 9, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}}}
+}
+func be16(p uint16) []byte { return binary.BigEndian.AppendUint16(nil, p) }
+func loadDport() expr.Any {
+	return &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2}
+}
+func dportCmp(op expr.CmpOp, p uint16) []expr.Any { // th dport OP P
+	return []expr.Any{loadDport(), &expr.Cmp{Op: op, Register: 1, Data: be16(p)}}
+}
+func dportRange(lo, hi uint16) []expr.Any { // th dport LO-HI
+	return []expr.Any{loadDport(), &expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: be16(lo), ToData: be16(hi)}}
+}
+func dportSet(name string, invert bool) []expr.Any { // th dport [!=] @name
+	return []expr.Any{loadDport(), &expr.Lookup{SourceRegister: 1, SetName: name, Invert: invert}}
+}
+func daddr(prefix string) []expr.Any { // ip daddr PREFIX
+	p := netip.MustParsePrefix(prefix)
+	a := p.Addr().As4()
+	out := []expr.Any{&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4}}
+	if p.Bits() < 32 {
+		mask := binary.BigEndian.AppendUint32(nil, ^uint32(0)<<(32-p.Bits()))
+		out = append(out, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask, Xor: make([]byte, 4)})
+	}
+	return append(out, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: a[:]})
+}
+func nfprotoIs(fam byte) []expr.Any { // meta nfproto FAM
+	return []expr.Any{&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{fam}}}
+}
+func dnat(fam uint32) []expr.Any { // dnat to 10.100.2.7
+	return []expr.Any{&expr.Immediate{Register: 1, Data: []byte{10, 100, 2, 7}},
+		&expr.NAT{Type: expr.NATTypeDestNAT, Family: fam, RegAddrMin: 1, Specified: true}}
+}
+func dnat4() []expr.Any { return dnat(unix.NFPROTO_IPV4) }
+func jump(kind expr.VerdictKind, chain string) []expr.Any {
+	return []expr.Any{&expr.Verdict{Kind: kind, Chain: chain}}
+}
+func cat(parts ...[]expr.Any) []expr.Any {
+	var out []expr.Any
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}
+
+// listedVerdict is a verdict map element's Val as the library lists it:
+// the NFTA_DATA_VERDICT nest's attributes.
+func listedVerdict(kind expr.VerdictKind, chain string) []byte {
+	attrs := []netlink.Attribute{{Type: unix.NFTA_VERDICT_CODE, Data: binary.BigEndian.AppendUint32(nil, uint32(int32(kind)))}}
+	if chain != "" {
+		attrs = append(attrs, netlink.Attribute{Type: unix.NFTA_VERDICT_CHAIN, Data: []byte(chain + "\x00")})
+	}
+	b, err := netlink.MarshalAttributes(attrs)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+func portSet(ports ...uint16) fakeSet {
+	s := &nftables.Set{Name: "ports", KeyType: nftables.TypeInetService}
+	var els []nftables.SetElement
+	for _, p := range ports {
+		els = append(els, nftables.SetElement{Key: be16(p)})
+	}
+	return fakeSet{s: s, els: els}
+}
+
+// intervalSet is nft's encoding of the ranges [lo, hi]: each start, and
+// hi + 1 flagged IntervalEnd (none after 65535), listed in reverse as
+// the kernel's rbtree dumps them.
+func intervalSet(ranges ...[2]uint16) fakeSet {
+	s := &nftables.Set{Name: "ranges", KeyType: nftables.TypeInetService, Interval: true}
+	var els []nftables.SetElement
+	for _, r := range ranges {
+		els = append([]nftables.SetElement{{Key: be16(r[0])}}, els...)
+		if r[1] < 0xffff {
+			els = append([]nftables.SetElement{{Key: be16(r[1] + 1), IntervalEnd: true}}, els...)
+		}
+	}
+	return fakeSet{s: s, els: els}
+}
+
+func prio(p nftables.ChainPriority) *nftables.ChainPriority { return &p }
+
+func baseChain(t *nftables.Table, name string, typ nftables.ChainType, hook *nftables.ChainHook, p nftables.ChainPriority) *nftables.Chain {
+	return &nftables.Chain{Table: t, Name: name, Type: typ, Hooknum: hook, Priority: prio(p)}
+}
+
+// TestForeignDNATDecode: which ports of the external address the host's
+// DNAT rules take, rule shape by rule shape (h/adminports), with rules
+// built of google/nftables expressions as nft and iptables-nft compile
+// them. Without the reading (before h/adminports) nothing was reserved.
+func TestForeignDNATDecode(t *testing.T) {
+	dstnat := *nftables.ChainPriorityNATDest
+	pre := nftables.ChainHookPrerouting
+	type want struct {
+		tcp, udp  string // ports as "a,b-c"; "" none
+		catchAll  int
+		before    bool // the catch-all's Before
+		undecoded string
+	}
+	for _, tc := range []struct {
+		name   string
+		table  *nftables.Table
+		chain  *nftables.Chain // nil: admin's pre at dstnat in table
+		rule   []expr.Any
+		others map[string][]expr.Any // more chains of table: name -> one rule
+		sets   map[string]fakeSet
+		want   want
+	}{
+		{name: "tcp dport eq", rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{tcp: "443"}},
+		{name: "ip protocol udp", rule: cat(ipProto(unix.IPPROTO_UDP), dportCmp(expr.CmpOpEq, 500), dnat4()), want: want{udp: "500"}},
+		{name: "th dport: both protocols", rule: cat(dportCmp(expr.CmpOpEq, 8080), dnat4()), want: want{tcp: "8080", udp: "8080"}},
+		{name: "sctp only", rule: cat(l4(unix.IPPROTO_SCTP), dportCmp(expr.CmpOpEq, 9), dnat4()), want: want{}},
+		{name: "daddr is ours", rule: cat(daddr("198.51.100.1/32"), l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{tcp: "443"}},
+		{name: "daddr prefix holds ours", rule: cat(daddr("198.51.100.0/24"), l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{tcp: "443"}},
+		{name: "daddr another address", rule: cat(daddr("203.0.113.9/32"), l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{}},
+		{name: "daddr another prefix", rule: cat(daddr("10.0.0.0/8"), l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{}},
+		{name: "daddr set without ours", sets: map[string]fakeSet{"addrs": {s: &nftables.Set{Name: "addrs", KeyType: nftables.TypeIPAddr}, els: []nftables.SetElement{{Key: []byte{203, 0, 113, 9}}}}},
+			rule: cat([]expr.Any{&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4}, &expr.Lookup{SourceRegister: 1, SetName: "addrs"}},
+				l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{}},
+		{name: "range", rule: cat(l4(unix.IPPROTO_TCP), dportRange(8000, 8010), dnat4()), want: want{tcp: "8000-8010"}},
+		{name: "gt", rule: cat(l4(unix.IPPROTO_UDP), dportCmp(expr.CmpOpGt, 65000), dnat4()), want: want{udp: "65001-65535"}},
+		{name: "anonymous set", sets: map[string]fakeSet{"__set0": portSet(9000, 9443)},
+			rule: cat(l4(unix.IPPROTO_TCP), dportSet("__set0", false), dnat4()), want: want{tcp: "9000,9443"}},
+		{name: "named interval set", sets: map[string]fakeSet{"fwd": intervalSet([2]uint16{7000, 7005}, [2]uint16{7100, 7100}, [2]uint16{65530, 65535})},
+			rule: cat(l4(unix.IPPROTO_TCP), dportSet("fwd", false), dnat4()), want: want{tcp: "7000-7005,7100,65530-65535"}},
+		{name: "empty set", sets: map[string]fakeSet{"none": {s: &nftables.Set{Name: "none", KeyType: nftables.TypeInetService}}},
+			rule: cat(l4(unix.IPPROTO_TCP), dportSet("none", false), dnat4()), want: want{}},
+		{name: "dnat map", sets: map[string]fakeSet{"__map0": portSet(8081)},
+			rule: cat(l4(unix.IPPROTO_TCP), []expr.Any{loadDport(), &expr.Lookup{SourceRegister: 1, SetName: "__map0", DestRegister: 1, IsDestRegSet: true},
+				&expr.NAT{Type: expr.NATTypeDestNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1}}), want: want{tcp: "8081"}},
+		{name: "redirect", rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 80), []expr.Any{&expr.Redir{}}), want: want{tcp: "80"}},
+		{name: "inet: ipv4", table: fInet, rule: cat(nfprotoIs(unix.NFPROTO_IPV4), daddr("198.51.100.1/32"), l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 25), dnat4()), want: want{tcp: "25"}},
+		{name: "inet: ipv6 only", table: fInet, rule: cat(nfprotoIs(unix.NFPROTO_IPV6), l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 25), dnat(unix.NFPROTO_IPV6)), want: want{}},
+		{name: "inet: dnat ip6", table: fInet, rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 25), dnat(unix.NFPROTO_IPV6)), want: want{}},
+		{name: "jump", rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), jump(expr.VerdictJump, "fwd")),
+			others: map[string][]expr.Any{"fwd": dnat4()}, want: want{tcp: "443"}},
+		{name: "goto, narrowed there", rule: cat(l4(unix.IPPROTO_TCP), jump(expr.VerdictGoto, "fwd")),
+			others: map[string][]expr.Any{"fwd": cat(dportRange(20, 21), dnat4())}, want: want{tcp: "20-21"}},
+		{name: "jump with another daddr", rule: cat(daddr("203.0.113.9/32"), jump(expr.VerdictJump, "fwd")),
+			others: map[string][]expr.Any{"fwd": cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4())}, want: want{}},
+		{name: "verdict map", sets: map[string]fakeSet{"__map1": {s: &nftables.Set{Name: "__map1", KeyType: nftables.TypeInetService, IsMap: true},
+			els: []nftables.SetElement{{Key: be16(80), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: "web"}},
+				{Key: be16(81), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: "plain"}}}}},
+			rule:   cat(l4(unix.IPPROTO_TCP), []expr.Any{loadDport(), &expr.Lookup{SourceRegister: 1, SetName: "__map1", DestRegister: unix.NFT_REG_VERDICT, IsDestRegSet: true}}),
+			others: map[string][]expr.Any{"web": dnat4(), "plain": jump(expr.VerdictAccept, "")}, want: want{tcp: "80"}},
+		{name: "verdict map as listed", sets: map[string]fakeSet{"__map1": {s: &nftables.Set{Name: "__map1", KeyType: nftables.TypeInetService, IsMap: true},
+			els: []nftables.SetElement{{Key: be16(82), Val: listedVerdict(expr.VerdictGoto, "web")}, {Key: be16(83), Val: listedVerdict(expr.VerdictDrop, "")}}}},
+			rule:   cat(l4(unix.IPPROTO_TCP), []expr.Any{loadDport(), &expr.Lookup{SourceRegister: 1, SetName: "__map1", DestRegister: unix.NFT_REG_VERDICT, IsDestRegSet: true}}),
+			others: map[string][]expr.Any{"web": dnat4()}, want: want{tcp: "82"}},
+		{name: "catch-all at dstnat", rule: cat(daddr("198.51.100.1/32"), dnat4()), want: want{catchAll: 1, before: true}},
+		{name: "catch-all but 22", rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpNeq, 22), dnat4()), want: want{catchAll: 1, before: true}},
+		{name: "DMZ after pcpd's chain", chain: baseChain(fAdmin, "pre", fNAT, pre, dstnat+2),
+			rule: cat(daddr("198.51.100.1/32"), l4(unix.IPPROTO_TCP), dportRange(1024, 65535), dnat4()), want: want{catchAll: 1}},
+		{name: "forward after pcpd's chain", chain: baseChain(fAdmin, "pre", fNAT, pre, dstnat+2),
+			rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{tcp: "443"}},
+		{name: "concatenation", sets: map[string]fakeSet{"__set1": {s: &nftables.Set{Name: "__set1", Concatenation: true},
+			els: []nftables.SetElement{{Key: []byte{198, 51, 100, 1, 0x01, 0xbb, 0, 0}}}}},
+			rule: cat(l4(unix.IPPROTO_TCP), []expr.Any{&expr.Payload{DestRegister: unix.NFT_REG32_00, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+				&expr.Payload{DestRegister: unix.NFT_REG32_01, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+				&expr.Lookup{SourceRegister: unix.NFT_REG32_00, SetName: "__set1"}}, dnat4()), want: want{undecoded: "concatenation"}},
+		{name: "set not found", rule: cat(l4(unix.IPPROTO_TCP), dportSet("gone", false), dnat4()), want: want{undecoded: "not found"}},
+		{name: "iptables-nft tcp match, DNAT target", rule: []expr.Any{&expr.Match{Name: "tcp", Info: &xt.Tcp{SrcPorts: [2]uint16{0, 0xffff}, DstPorts: [2]uint16{2222, 2222}}},
+			&expr.Target{Name: "DNAT", Info: &xt.NatRange{}}}, want: want{tcp: "2222"}},
+		{name: "iptables-nft udp match", rule: []expr.Any{&expr.Match{Name: "udp", Info: &xt.Udp{SrcPorts: [2]uint16{0, 0xffff}, DstPorts: [2]uint16{6000, 6010}}},
+			&expr.Target{Name: "REDIRECT", Info: &xt.NatRange{}}}, want: want{udp: "6000-6010"}},
+		{name: "iptables-nft multiport", rule: cat(ipProto(unix.IPPROTO_TCP), []expr.Any{&expr.Match{Name: "multiport", Info: &xt.Unknown{}},
+			&expr.Target{Name: "DNAT", Info: &xt.NatRange{}}}), want: want{undecoded: "multiport"}},
+		{name: "pcpd's own table", table: fPcpd, chain: baseChain(fPcpd, "prerouting", fNAT, pre, dstnat+1),
+			rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{}},
+		{name: "filter chain", chain: baseChain(fAdmin, "pre", fFilter, pre, dstnat),
+			rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{}},
+		{name: "output hook", chain: baseChain(fAdmin, "pre", fNAT, nftables.ChainHookOutput, dstnat),
+			rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{}},
+		{name: "ip6 table", table: fIP6, chain: baseChain(fIP6, "pre", fNAT, pre, dstnat),
+			rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			table := tc.table
+			if table == nil {
+				table = fAdmin
+			}
+			c := tc.chain
+			if c == nil {
+				c = baseChain(table, "pre", fNAT, pre, dstnat)
+			}
+			src := &fakeRules{chainList: []*nftables.Chain{c}, rulesOf: map[string][]*nftables.Rule{
+				table.Name + "/" + c.Name: {{Table: table, Chain: c, Handle: 7, Exprs: tc.rule}}}, setsOf: map[string]fakeSet{}}
+			for name, e := range tc.others {
+				ch := &nftables.Chain{Table: table, Name: name}
+				src.chainList = append(src.chainList, ch)
+				src.rulesOf[table.Name+"/"+name] = []*nftables.Rule{{Table: table, Chain: ch, Handle: 9, Exprs: e}}
+			}
+			for name, s := range tc.sets {
+				src.setsOf[table.Name+"/"+name] = s
+			}
+			own := func(t *nftables.Table, _ string) bool {
+				return t.Family == nftables.TableFamilyINet && t.Name == "pcpd"
+			}
+			f, err := readForeign(src, own, fExt, 1024, 65535)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := f.TCP.String(); got != tc.want.tcp {
+				t.Errorf("TCP ports %q, want %q", got, tc.want.tcp)
+			}
+			if got := f.UDP.String(); got != tc.want.udp {
+				t.Errorf("UDP ports %q, want %q", got, tc.want.udp)
+			}
+			if len(f.CatchAll) != tc.want.catchAll || (len(f.CatchAll) > 0 && f.CatchAll[0].Before != tc.want.before) {
+				t.Errorf("catch-alls %+v, want %d (before pcpd's chain: %v)", f.CatchAll, tc.want.catchAll, tc.want.before)
+			}
+			switch {
+			case tc.want.undecoded == "" && len(f.Undecoded) > 0:
+				t.Errorf("undecoded %+v, want none", f.Undecoded)
+			case tc.want.undecoded != "" && (len(f.Undecoded) != 1 || !strings.Contains(f.Undecoded[0].Why, tc.want.undecoded)):
+				t.Errorf("undecoded %+v, want one: %q", f.Undecoded, tc.want.undecoded)
+			}
+		})
+	}
+}
+
+// TestSpans: the port-list algebra the conditions use.
+func TestSpans(t *testing.T) {
+	s := spans{{5, 9}, {1, 3}, {4, 4}, {20, 30}}.normal()
+	if fmt.Sprint(s) != "[{1 9} {20 30}]" {
+		t.Fatalf("normal: %v", s)
+	}
+	if c := s.complement(); fmt.Sprint(c) != "[{0 0} {10 19} {31 65535}]" {
+		t.Fatalf("complement: %v", c)
+	}
+	if i := s.intersect(spans{{8, 25}}); fmt.Sprint(i) != "[{8 9} {20 25}]" {
+		t.Fatalf("intersect: %v", i)
+	}
+	if !s.covers(2, 9) || s.covers(2, 10) || (spans{{0, 65535}}).complement() != nil {
+		t.Fatal("covers / complement of everything")
+	}
+	var p PortSet
+	p.addRange(60, 200)
+	p.addRange(65535, 65535)
+	if got := p.String(); got != "60-200,65535" {
+		t.Fatalf("addRange: %s", got)
+	}
+}
