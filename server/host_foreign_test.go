@@ -9,6 +9,7 @@ import (
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
 )
 
 // fakeForeign is a ForeignDNATReader whose answer the test sets.
@@ -42,7 +43,7 @@ func (ff *fakeForeign) set(f *pinhole.ForeignDNAT, err error) {
 // suggesting the forwarded 443: SUCCESS, external port 443".
 func TestHostPortsForeignDNAT(t *testing.T) {
 	ff := &fakeForeign{err: errors.New("injected: cannot read")}
-	h := newHarness(t)
+	h := newHarness(t, func(c *Config, _ *policy.Config) { c.IPv4Ports = PortRange{First: 400, Last: 65535} })
 	h.startWith(nil, func(s *Server) { s.foreign = ff })
 	n := byte(0)
 	pcpMap := func(proto pcp.Protocol, port, sugg uint16, pf bool) pcp.Response {
