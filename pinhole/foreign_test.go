@@ -15,7 +15,7 @@ import (
 // them (h/adminports): the ports noted are those ForeignDNAT must find
 // on 198.51.100.1.
 const foreignRuleset = `table ip admin {
-	set fwd {
+	set fwdports {
 		type inet_service; flags interval
 		elements = { 7000-7005, 7100 }
 	}
@@ -24,17 +24,17 @@ const foreignRuleset = `table ip admin {
 		ip daddr 198.51.100.1 tcp dport 443 dnat to 10.100.2.7
 		tcp dport 8000-8010 dnat to 10.100.2.7
 		tcp dport { 9000, 9443 } dnat to 10.100.2.7
-		udp dport @fwd dnat to 10.100.2.7
+		udp dport @fwdports dnat to 10.100.2.7
 		ip daddr 203.0.113.9 tcp dport 444 dnat to 10.100.2.7
 		ip daddr 198.51.100.0/24 udp dport 5000 dnat to 10.100.2.7
 		tcp dport 80 redirect to :8080
-		meta l4proto tcp th dport 81 jump fwd
-		tcp dport vmap { 82 : jump fwd }
+		meta l4proto tcp th dport 81 jump tohost
+		tcp dport vmap { 82 : jump tohost }
 		dnat to tcp dport map { 8081 : 10.100.2.7 }
 		ip daddr . tcp dport { 198.51.100.1 . 8443 } dnat to 10.100.2.7
 		ip daddr 198.51.100.1 dnat to 10.100.2.8
 	}
-	chain fwd {
+	chain tohost {
 		dnat to 10.100.2.7
 	}
 }

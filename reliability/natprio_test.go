@@ -160,11 +160,11 @@ func TestNAPTBesideAdminPortForwardSeen(t *testing.T) {
 	lanHost := netip.AddrPortFrom(netip.MustParseAddr("10.100.2.7"), 80) // answered in the client namespace
 	for _, cmd := range []string{
 		"add table ip admin",
-		"add set ip admin fwd { type inet_service; elements = { 9443, 9444 }; }",
+		"add set ip admin fwdports { type inet_service; elements = { 9443, 9444 }; }",
 		"add chain ip admin pre { type nat hook prerouting priority dstnat; }",
 		"add rule ip admin pre ip daddr " + pub.String() + " tcp dport 443 dnat to " + lanHost.String(),
 		"add rule ip admin pre ip daddr " + pub.String() + " tcp dport 8440-8450 dnat to " + lanHost.String(),
-		"add rule ip admin pre ip daddr " + pub.String() + " tcp dport @fwd dnat to " + lanHost.String(),
+		"add rule ip admin pre ip daddr " + pub.String() + " tcp dport @fwdports dnat to " + lanHost.String(),
 	} {
 		l.topo.Host.MustRun(t, "nft", cmd)
 	}
@@ -174,7 +174,7 @@ func TestNAPTBesideAdminPortForwardSeen(t *testing.T) {
 	for i, tc := range []struct {
 		form string
 		port uint16
-	}{{"tcp dport 443", 443}, {"tcp dport 8440-8450", 8443}, {"tcp dport @fwd", 9443}} {
+	}{{"tcp dport 443", 443}, {"tcp dport 8440-8450", 8443}, {"tcp dport @fwdports", 9443}} {
 		svc := acceptCounter(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV4, tc.port).String())
 		got := l.mustMapTo(c, l.topo.ClientV4, pcp.ProtoTCP, tc.port, tc.port, time.Hour).Map.ExternalPort
 		if got == tc.port {
