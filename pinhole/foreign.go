@@ -312,7 +312,7 @@ func (w *foreignWalk) translated(t *nftables.Table, chain string, r *nftables.Ru
 // rule reads r's expressions in order, with the conditions c of the
 // chains that led to it, up to its DNAT, redirect, jump or goto.
 func (w *foreignWalk) rule(t *nftables.Table, chain string, r *nftables.Rule, c cond, depth int) error {
-	regs := registers{}
+	var regs registers
 	for _, e := range r.Exprs {
 		if c.skip {
 			return nil // cannot match a connection to ext
@@ -371,7 +371,7 @@ func (w *foreignWalk) rule(t *nftables.Table, chain string, r *nftables.Rule, c 
 			c.compare(regs.get(e.Register), matcher{n: n, ivs: []interval{{lo: e.FromData, hi: e.ToData, n: n}},
 				invert: e.Op == expr.CmpOpNeq, known: e.Op == expr.CmpOpEq || e.Op == expr.CmpOpNeq}, w.ext)
 		case *expr.Lookup:
-			jumped, err := w.lookup(t, chain, r, e, &c, regs, depth)
+			jumped, err := w.lookup(t, chain, r, e, &c, &regs, depth)
 			if err != nil || jumped {
 				return err
 			}
@@ -435,45 +435,51 @@ type load struct {
 	mask []byte // ldDaddr: a prefix's mask, nil: none
 }
 
-// registers maps nftables' 32-bit register slots to what was loaded at
-// each (the 16-byte NFT_REG_1..4 are four slots each).
-type registers map[int]load
+// registers is what was loaded at each of nftables' sixteen 32-bit
+// register slots (the 16-byte NFT_REG_1..4 are four slots each).
+type registers [16]load
 
-// slot is reg's first 32-bit slot.
+// slot is reg's first 32-bit slot, -1 for none (the verdict register).
 func slot(reg uint32) int {
-	if reg < unix.NFT_REG_1 {
-		return -1 // the verdict register: no data
-	}
-	if reg >= unix.NFT_REG32_00 {
+	switch {
+	case reg >= unix.NFT_REG32_00 && reg <= unix.NFT_REG32_15:
 		return int(reg - unix.NFT_REG32_00)
+	case reg >= unix.NFT_REG_1 && reg <= unix.NFT_REG_4:
+		return int(reg-unix.NFT_REG_1) * 4
 	}
-	return int(reg-unix.NFT_REG_1) * 4
+	return -1
 }
 
+// words is how many slots n bytes take.
+func words(n int) int { return max(1, (n+3)/4) }
+
 // set records l at reg, clearing what it overwrites.
-func (r registers) set(reg uint32, l load) {
+func (r *registers) set(reg uint32, l load) {
 	s := slot(reg)
-	words := max(1, (l.n+3)/4)
-	for k, v := range r {
-		if k < s+words && s < k+max(1, (v.n+3)/4) {
-			delete(r, k)
+	if s < 0 {
+		return
+	}
+	for k := range r {
+		if r[k].n > 0 && k < s+words(l.n) && s < k+words(r[k].n) {
+			r[k] = load{}
 		}
 	}
 	r[s] = l
+	r[s].n = max(l.n, 1)
 }
 
 // load records a load of n bytes of kind k at reg.
-func (r registers) load(reg uint32, k loadKind, n int) { r.set(reg, load{kind: k, n: n}) }
+func (r *registers) load(reg uint32, k loadKind, n int) { r.set(reg, load{kind: k, n: n}) }
 
 // concat reports whether an n-byte key read from reg spans more than
 // reg's load and takes a destination port with it (a concatenation).
-func (r registers) concat(reg uint32, n int) bool {
+func (r *registers) concat(reg uint32, n int) bool {
 	s := slot(reg)
-	if n <= max(4, r[s].n) {
+	if s < 0 || n <= max(4, r[s].n) {
 		return false
 	}
-	for k := s; k < s+(n+3)/4; k++ {
-		if l, ok := r[k]; ok && (l.kind == ldDport || l.kind == ldPortish) {
+	for k := s; k < min(len(r), s+words(n)); k++ {
+		if r[k].kind == ldDport || r[k].kind == ldPortish {
 			return true
 		}
 	}
@@ -481,7 +487,12 @@ func (r registers) concat(reg uint32, n int) bool {
 }
 
 // get is what reg holds (ldOther if unknown).
-func (r registers) get(reg uint32) load { return r[slot(reg)] }
+func (r *registers) get(reg uint32) load {
+	if s := slot(reg); s >= 0 {
+		return r[s]
+	}
+	return load{}
+}
 
 // cond is what a path through the ruleset requires of a connection.
 // Its ports are immutable (conditions make new ones), so copies share them.
@@ -527,12 +538,14 @@ func (m matcher) holds(v []byte) bool {
 // cmpMatcher is a cmp expression's condition.
 func cmpMatcher(op expr.CmpOp, data []byte) matcher {
 	n := len(data)
-	zero, top := make([]byte, n), bytes.Repeat([]byte{0xff}, n)
 	m := matcher{n: n, known: true}
 	one := func(lo, hi []byte) []interval { return []interval{{lo: lo, hi: hi, n: n}} }
-	switch op {
-	case expr.CmpOpEq, expr.CmpOpNeq:
+	if op == expr.CmpOpEq || op == expr.CmpOpNeq {
 		m.ivs, m.invert = one(data, data), op == expr.CmpOpNeq
+		return m
+	}
+	zero, top := make([]byte, n), bytes.Repeat([]byte{0xff}, n)
+	switch op {
 	case expr.CmpOpLt:
 		if !bytes.Equal(data, zero) {
 			m.ivs = one(zero, before(data))
@@ -553,11 +566,13 @@ func cmpMatcher(op expr.CmpOp, data []byte) matcher {
 
 // portSpans is m's ports (m on 2-byte values).
 func (m matcher) portSpans() spans {
-	var s spans
+	s := make(spans, 0, len(m.ivs))
 	for _, iv := range m.ivs {
 		s = append(s, span{binary.BigEndian.Uint16(iv.lo), binary.BigEndian.Uint16(iv.hi)})
 	}
-	s = s.normal()
+	if len(s) > 1 {
+		s = s.normal()
+	}
 	if m.invert {
 		s = s.complement()
 	}
@@ -798,7 +813,7 @@ func before(k []byte) []byte {
 // map whose data the rule uses (dnat to a map's address: the key must
 // match). A verdict map is walked: each element's chain, reached with
 // c and its key (jumped: r ends here).
-func (w *foreignWalk) lookup(t *nftables.Table, chain string, r *nftables.Rule, e *expr.Lookup, c *cond, regs registers, depth int) (jumped bool, err error) {
+func (w *foreignWalk) lookup(t *nftables.Table, chain string, r *nftables.Rule, e *expr.Lookup, c *cond, regs *registers, depth int) (jumped bool, err error) {
 	l := regs.get(e.SourceRegister)
 	s, els, err := w.src.set(t, e.SetName)
 	if err != nil {

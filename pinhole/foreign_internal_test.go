@@ -301,3 +301,24 @@ func TestSpans(t *testing.T) {
 		t.Fatalf("addRange: %s", got)
 	}
 }
+
+// BenchmarkReadForeignDecode: readForeign's own work (no kernel) over n
+// rules of one port each, "tcp dport N dnat to A" as nft compiles it.
+func BenchmarkReadForeignDecode(b *testing.B) {
+	for _, n := range []int{10, 1000} {
+		b.Run(fmt.Sprintf("rules=%d", n), func(b *testing.B) {
+			c := baseChain(fAdmin, "pre", fNAT, nftables.ChainHookPrerouting, *nftables.ChainPriorityNATDest)
+			src := &fakeRules{chainList: []*nftables.Chain{c}, rulesOf: map[string][]*nftables.Rule{}}
+			for i := range n {
+				src.rulesOf["admin/pre"] = append(src.rulesOf["admin/pre"], &nftables.Rule{Table: fAdmin, Chain: c, Handle: uint64(i),
+					Exprs: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, uint16(20000+i)), dnat4())})
+			}
+			own := func(*nftables.Table, string) bool { return false }
+			for b.Loop() {
+				if f, err := readForeign(src, own, fExt, 1024, 65535); err != nil || f.Rules != n {
+					b.Fatal(f, err)
+				}
+			}
+		})
+	}
+}
