@@ -122,7 +122,7 @@ func priorsString(m map[ctTarget]natPrior) string {
 // local service (a DNAT rule of their own at dstnat, another table) and a
 // connection from the Internet goes through it; pcpd, with
 // KeepConnections, restarts, and a client is then granted that public
-// port by NAT-PMP (pcpd cannot see the forward). The admin's connection
+// port by NAT-PMP (pcpd cannot read the forward's rule). The admin's connection
 // must survive: the start's seed recorded only pcpd's own DNAT-ed flows
 // (labelled), so the install's retarget walk has nothing of the admin's
 // to end. With nf_conntrack_tcp_loose=0 an ended entry is not picked up
@@ -140,7 +140,10 @@ func TestE2ESeedSparesAdminDNAT(t *testing.T) {
 	h.MustRun(t, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0")
 	h.MustRun(t, "nft", "add table ip admin")
 	h.MustRun(t, "nft", "add chain ip admin pre { type nat hook prerouting priority dstnat; }")
-	h.MustRun(t, "nft", fmt.Sprintf("add rule ip admin pre ip daddr %s tcp dport %d dnat to %s", pub, port, svc))
+	// A concatenation: since h/adminports pcpd reserves the ports of the
+	// forwards it can read, and a client is granted only what it cannot
+	// (README --reserved-ports).
+	h.MustRun(t, "nft", fmt.Sprintf("add rule ip admin pre ip daddr . tcp dport { %s . %d } dnat to %s", pub, port, svc))
 	serveEcho(t, h, svc)
 	src := netip.AddrPortFrom(l.topo.InternetV4, 47080)
 	c := dialIn(t, l.topo.Internet, src, public)
