@@ -323,6 +323,8 @@ func (p *Policy) PortAllowed(port uint16) bool {
 // re-reads it when older than its bound, Unsure says it could not.
 type freshener interface {
 	Freshen() bool
+	FreshenAt(at time.Time) bool
+	Stale() bool
 	Unsure() bool
 }
 
@@ -339,6 +341,23 @@ func (p *Policy) Freshen() {
 		p.fresher.Freshen()
 	}
 }
+
+// FreshenAt is Freshen for a request that arrived at at (time.Now's
+// reading when it was received): any read begun within the fresh bound
+// before at serves it (WireGuard.FreshenAt), one begun while the request
+// waited in a queue included. The server's THIRD_PARTY queue calls it,
+// not the socket readers.
+func (p *Policy) FreshenAt(at time.Time) {
+	if p.fresher != nil {
+		p.fresher.FreshenAt(at)
+	}
+}
+
+// Stale reports, without waiting, whether a THIRD_PARTY target judged now
+// needs Freshen first (WireGuard.Stale): the socket readers then hand the
+// request to the server's THIRD_PARTY queue rather than wait for the read
+// themselves. False for an ownership that does not lag.
+func (p *Policy) Stale() bool { return p.fresher != nil && p.fresher.Stale() }
 
 // Requester returns the owner a request from src that arrived on the
 // interface whose kernel name is iface is taken as: Authorize's owner of

@@ -493,8 +493,34 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 // for a re-read (miss, at most one per miss interval): a target it
 // allowed in a prefix carved out since is revoked by that read, about a
 // second later, where it lived until the periodic one (review h/revtp).
-func (w *WireGuard) Freshen() bool {
-	now := mono()
+func (w *WireGuard) Freshen() bool { return w.freshenSince(mono()) }
+
+// FreshenAt is Freshen for a request that arrived at at (a reading of
+// time.Now, with its monotonic clock): the view must be one whose read
+// began no more than the fresh bound before at (bound 0: after at), so a
+// request that waited in a queue (the server's THIRD_PARTY queue) is
+// served by any read begun since it arrived, not only by one begun
+// after this call.
+func (w *WireGuard) FreshenAt(at time.Time) bool {
+	return w.freshenSince(int64(at.Sub(monoStart)))
+}
+
+// Stale reports, without waiting, whether a THIRD_PARTY target judged
+// now needs a fresher view first (Freshen would re-read): the view's read
+// began more than the fresh bound ago. A view within the bound but read
+// before the call asks Run for a re-read, as Freshen's does.
+func (w *WireGuard) Stale() bool {
+	age := mono() - w.readAt.Load()
+	if age > int64(w.freshness) {
+		return true
+	}
+	if age >= 0 {
+		w.miss()
+	}
+	return false
+}
+
+func (w *WireGuard) freshenSince(now int64) bool {
 	for {
 		if age := now - w.readAt.Load(); age <= int64(w.freshness) {
 			if age >= 0 {

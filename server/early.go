@@ -46,9 +46,40 @@ func (s *Server) early(dst, b []byte, src netip.AddrPort, now time.Time) (reply 
 // earlyTallied is early counting its answers in t (a socket reader's, nil:
 // count each at once), for a request that arrived on the interface whose
 // kernel name is iface (Request.Iface).
+//
+// A THIRD_PARTY target is judged by a view fresh enough for the request
+// (--wireguard-fresh), waited for here: earlyTallied is for callers that
+// may wait; the socket readers call earlyRead, which hands such a request
+// to the THIRD_PARTY queue instead.
 func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface string, now time.Time) (reply []byte, handled bool) {
+	reply, v := s.earlyIn(t, dst, b, src, iface, now, time.Time{}, false)
+	return reply, v == earlyAnswered
+}
+
+// earlyVerdict is what earlyIn decided for a request.
+type earlyVerdict uint8
+
+const (
+	earlyEngine   earlyVerdict = iota // for the engine: the caller queues it
+	earlyAnswered                     // answered: the reply (nil: a silent drop)
+	earlyDeferred                     // THIRD_PARTY needing a fresher view: the THIRD_PARTY queue's (tpQueue)
+)
+
+// earlyRead is the socket readers' earlyTallied: it never waits for a
+// WireGuard read. A THIRD_PARTY request that needs a fresher view, and
+// every THIRD_PARTY request whose target is not its source while the
+// THIRD_PARTY queue is busy (its order), is earlyDeferred: the reader
+// hands it to Server.deferThirdParty.
+func (s *Server) earlyRead(t *tally, dst, b []byte, src netip.AddrPort, iface string, now time.Time) ([]byte, earlyVerdict) {
+	return s.earlyIn(t, dst, b, src, iface, now, time.Time{}, true)
+}
+
+// earlyIn is earlyTallied and earlyRead: arrived is when the request was
+// received (zero: now, at the call), for the view a THIRD_PARTY target
+// is judged by; reader says the caller is a socket reader (earlyRead).
+func (s *Server) earlyIn(t *tally, dst, b []byte, src netip.AddrPort, iface string, now, arrived time.Time, reader bool) ([]byte, earlyVerdict) {
 	if len(b) < 2 {
-		return nil, false
+		return nil, earlyEngine
 	}
 	if b[0] == pcp.PMPVersion && s.natpmpOn(src.Addr()) {
 		return s.toEngine(src, iface, policy.Owner{}, false, now) // NAT-PMP: the engine's (handle's dispatch)
@@ -66,13 +97,13 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface
 		pe, ok := err.(*pcp.ParseError)
 		if !ok || pe.Silent {
 			s.dropEarly("malformed", src)
-			return nil, true
+			return nil, earlyAnswered
 		}
 		s.lis.es.count(t, s.m, opName(b), pe.Result)
 		if ce := s.plog.Check(zap.DebugLevel, "refused"); ce != nil {
 			ce.Write(zap.Stringer("from", src), zap.Stringer("result", pe.Result), zap.Error(err))
 		}
-		return pcp.AppendErrorResponse(dst, b, pe.Result, pe.Result.ErrorLifetime(), s.epochAt(now)), true
+		return pcp.AppendErrorResponse(dst, b, pe.Result, pe.Result.ErrorLifetime(), s.epochAt(now)), earlyAnswered
 	}
 	switch {
 	case req.Opcode == pcp.OpAnnounce:
@@ -83,7 +114,7 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface
 		// per-source bucket (admit) already ran, as for every early
 		// answer; it spends no owner token, as no engine work is done.
 		s.lis.es.count(t, s.m, req.Opcode.String(), pcp.Success)
-		return pcp.AppendResponse(dst, &pcp.Response{Opcode: pcp.OpAnnounce, Result: pcp.Success, Epoch: s.epochAt(now)}), true
+		return pcp.AppendResponse(dst, &pcp.Response{Opcode: pcp.OpAnnounce, Result: pcp.Success, Epoch: s.epochAt(now)}), earlyAnswered
 	case req.Opcode == pcp.OpMap && !s.cfg.DisableMap, req.Opcode == pcp.OpPeer && !s.cfg.DisablePeer:
 	default:
 		return s.toEngine(src, iface, policy.Owner{}, false, now) // refused by the engine's earlier step
@@ -96,13 +127,23 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface
 	// Server.authorize, without its error value (one allocation per
 	// refusal): the same policy call and the same leniency for deletes.
 	deleting := req.Opcode == pcp.OpMap && req.Lifetime == 0
-	if tp && !deleting && internal != src.Addr().Unmap() {
+	if tp && internal != src.Addr().Unmap() && s.fresh != nil {
 		// A THIRD_PARTY target is judged by a view no older than the
-		// ownership's fresh bound (WireGuard: re-read at most once a
-		// second for all readers, h/tpfresh), here, outside the engine:
-		// the engine's Authorize then sees the same view or a newer one.
-		if f, ok := s.pol.(interface{ Freshen() }); ok {
-			f.Freshen()
+		// ownership's fresh bound at the request's arrival (WireGuard:
+		// one read for all requests that arrived before it began,
+		// h/tpfresh), here, outside the engine: the engine's Authorize
+		// then sees the same view or a newer one. A socket reader does
+		// not wait for the read: the THIRD_PARTY queue does (tpQueue),
+		// and while it holds anything it takes every such request,
+		// deletes too, so that none overtakes one queued before it.
+		switch {
+		case reader && (s.tpq.busy.Load() > 0 || !deleting && s.fresh.Stale()):
+			return nil, earlyDeferred
+		case reader, deleting:
+		case arrived.IsZero():
+			s.fresh.FreshenAt(time.Now())
+		default:
+			s.fresh.FreshenAt(arrived)
 		}
 	}
 	owner, reason := s.pol.Authorize(policy.Request{
@@ -122,7 +163,7 @@ func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface
 	if ce := s.plog.Check(zap.DebugLevel, "refused"); ce != nil {
 		ce.Write(zap.Stringer("from", src), zap.Stringer("opcode", req.Opcode), zap.Stringer("result", code), zap.Stringer("reason", reason))
 	}
-	return pcp.AppendErrorResponse(dst, b, code, code.ErrorLifetime(), s.epochAt(now)), true
+	return pcp.AppendErrorResponse(dst, b, code, code.ErrorLifetime(), s.epochAt(now)), earlyAnswered
 }
 
 // reqPool holds the decoded requests of early: the parser's result escapes
@@ -144,7 +185,7 @@ var policyCodes = func() (t [256]pcp.ResultCode) {
 // The owner is the one the request is taken as on its interface
 // (Policy.Requester): a peer of another interface sending from an
 // owner's address spends the unowned bucket, not that owner's.
-func (s *Server) toEngine(src netip.AddrPort, iface string, o policy.Owner, known bool, now time.Time) ([]byte, bool) {
+func (s *Server) toEngine(src netip.AddrPort, iface string, o policy.Owner, known bool, now time.Time) ([]byte, earlyVerdict) {
 	if !known {
 		o, _ = s.pol.Requester(src.Addr(), iface)
 	}
@@ -156,10 +197,10 @@ func (s *Server) toEngine(src netip.AddrPort, iface string, o policy.Owner, know
 	// bucket is spent even while it does not bind.
 	contended := s.lis.es.gate.contended(k, now, len(s.in), cap(s.in))
 	if s.orl.AllowKey(k, now) || !contended {
-		return nil, false
+		return nil, earlyEngine
 	}
 	s.dropEarly("owner-rate-limit", src)
-	return nil, true
+	return nil, earlyAnswered
 }
 
 // ownerGate decides when the per-owner bucket binds (PKT-08, SEC-04). The

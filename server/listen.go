@@ -269,10 +269,15 @@ type listener struct {
 	// nil: the wall clock), read once per batch.
 	clock func() time.Time
 	// early, if set, answers requests that need no engine
-	// (Server.earlyTallied), given the socket's interface (kernel name):
-	// handled means the reader sends reply (nil: nothing) itself. The reply is appended to the dst it is given; the
-	// answers are counted in the reader's tally.
-	early func(t *tally, dst, b []byte, src netip.AddrPort, iface string, now time.Time) (reply []byte, handled bool)
+	// (Server.earlyRead), given the socket's interface (kernel name):
+	// earlyAnswered means the reader sends reply (nil: nothing) itself. The reply is appended to the dst it is given; the
+	// answers are counted in the reader's tally. earlyDeferred: the
+	// request is thirdParty's.
+	early func(t *tally, dst, b []byte, src netip.AddrPort, iface string, now time.Time) (reply []byte, v earlyVerdict)
+	// thirdParty takes a THIRD_PARTY request early deferred, to be
+	// judged once a fresh enough WireGuard view is read, without the
+	// reader waiting (Server.deferThirdParty); p.b is the reader's copy.
+	thirdParty func(p packet)
 	// es is the readers' state for Server.early.
 	es earlyState
 	// onServe, if set, gets the serving addresses (and each socket's
@@ -792,13 +797,16 @@ func (l *listener) read(c *udpConn) {
 			}
 			if l.early != nil {
 				before := len(arena)
-				r, ok := l.early(&counts, arena, b, src, c.kname, steady)
-				if ok {
+				switch r, v := l.early(&counts, arena, b, src, c.kname, steady); v {
+				case earlyAnswered:
 					if len(r) > before {
 						arena = r
 						ends = append(ends, len(arena))
 						tos = append(tos, src)
 					}
+					continue
+				case earlyDeferred:
+					l.thirdParty(packet{conn: c, src: src, b: append([]byte(nil), b...), at: now})
 					continue
 				}
 			}

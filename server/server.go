@@ -170,7 +170,12 @@ type Server struct {
 
 	in  chan packet
 	lis *listener
-	ct  ctFlusher
+	// tpq holds THIRD_PARTY requests waiting for a fresh enough
+	// WireGuard view (--wireguard-fresh), off the socket readers.
+	tpq *tpQueue
+	// fresh is pol when its view may lag (freshPolicy), else nil.
+	fresh freshPolicy
+	ct    ctFlusher
 	// flowedPrune: the addresses the flusher's last walk covered, pruned
 	// from the record once its waiters are released (walkLive,
 	// pruneAfterWalk; the flusher's goroutine only).
@@ -316,8 +321,11 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		onDrop: func(reason string) { s.lis.es.counter(s.m, counterKey{res: reason}).Inc() },
 		admit:  s.admit,
 		clock:  s.steady,
-		early:  s.earlyTallied,
+		early:  s.earlyRead,
 	}
+	s.tpq = newTPQueue()
+	s.lis.thirdParty = s.deferThirdParty
+	s.fresh, _ = s.pol.(freshPolicy)
 	if rf, ok := s.pol.Ownership().(policy.RenameFollower); ok {
 		s.lis.onRename = rf.InterfacesRenamed
 	}
@@ -417,6 +425,11 @@ func (s *Server) Serve(ctx context.Context) error {
 	defer cancel()
 	lisErr := make(chan error, 1)
 	go func() { lisErr <- s.lis.run(ctx) }()
+	// The THIRD_PARTY queue's goroutine ends before Serve returns (it
+	// waits for a read at most the ownership's fresh wait).
+	tpDone := make(chan struct{})
+	go func() { defer close(tpDone); s.serveThirdParty(ctx) }()
+	defer func() { cancel(); <-tpDone }()
 	go s.announce(ctx)
 	// Housekeeping ends after the last flush of absorbed renewals (below),
 	// so its shutdown snapshot has them.

@@ -1,0 +1,198 @@
+package server
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"runtime"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
+	"github.com/pcpd/pcpd/server/servertest"
+)
+
+// hangingFresh is a policy whose ownership view always needs a re-read
+// for a THIRD_PARTY target (--wireguard-fresh 0) and whose re-reads hang
+// until release is closed: a stopped wireguard-go, with a fresh wait
+// longer than the test (the real one gives up after 1 s and refuses,
+// TestWireGuardFreshenReadHangs). It answers both the readers' former
+// call (Freshen, in the socket reader) and the THIRD_PARTY queue's.
+type hangingFresh struct {
+	*policy.Policy
+	entered atomic.Int64 // re-reads begun
+	release chan struct{}
+}
+
+func (h *hangingFresh) Stale() bool { return true }
+
+func (h *hangingFresh) Freshen() { h.entered.Add(1); <-h.release }
+
+func (h *hangingFresh) FreshenAt(time.Time) { h.Freshen() }
+
+// TestThirdPartyReadHangsReaderAnswers (h/tpqueue, review h/revtp's
+// MEDIUM left): a THIRD_PARTY MAP whose WireGuard re-read hangs does not
+// stop its socket's reader: an ANNOUNCE sent after it on the same socket
+// is answered while the read hangs. Before, the reader made the read
+// itself (Freshen) and answered nobody until it ended (at most the fresh
+// wait, 1 s, per read; with --wireguard-fresh 0, 8 ms a request at 1000
+// peers: one client's THIRD_PARTY flood took every reader). The test
+// serves with one reader per socket (GOMAXPROCS 1): with more, a hung
+// request holds only one of them until each has taken one. Then, while
+// the read still hangs, the client deletes the mapping (THIRD_PARTY,
+// lifetime 0: no re-read needed); once the read ends, the MAP is
+// answered SUCCESS and the delete after it, in that order: no lease is
+// left (the delete did not overtake the queued MAP).
+func TestThirdPartyReadHangsReaderAnswers(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	ns := netlab.NewNS(t, "tpq")
+	srvAddr := netip.MustParseAddr("2001:db8::1")
+	a, target := addrA, netip.MustParseAddr("2001:db8:a::77")
+	for _, x := range []netip.Addr{srvAddr, a} {
+		ns.MustRun(t, "ip", "addr", "add", x.String()+"/128", "dev", "lo")
+	}
+	h, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	own, _ := policy.NewStatic(map[string][]netip.Prefix{"a": {netip.MustParsePrefix("2001:db8:a::/48")}})
+	pol, err := policy.New(policy.Config{}, own)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hp := &hangingFresh{Policy: pol, release: make(chan struct{})}
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			close(hp.release)
+		}
+	}
+	defer release()
+	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
+	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(srvAddr, 0)}, NetNS: h, KeepConnections: true},
+		Deps{Firewall: fw, Store: st, State: st.State(), Policy: hp}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	defer func() { release(); cancel(); <-done }()
+	if err := netlab.Eventually(3*time.Second, func() error {
+		if len(s.Status().Listen) == 0 {
+			return context.DeadlineExceeded
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var c *net.UDPConn
+	if err := ns.Do(func() (err error) {
+		c, err = net.DialUDP("udp6", &net.UDPAddr{IP: a.AsSlice()}, net.UDPAddrFromAddrPort(netip.AddrPortFrom(srvAddr, Port)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const deadman = 20 * time.Second // a hang detector, not a timing bound
+	read := func() (pcp.Response, bool) {
+		buf := make([]byte, 1100)
+		c.SetReadDeadline(time.Now().Add(deadman))
+		n, err := c.Read(buf)
+		if err != nil {
+			return pcp.Response{}, false
+		}
+		var r pcp.Response
+		if err := pcp.ParseResponse(buf[:n], &r); err != nil {
+			t.Fatalf("parse reply % x: %v", buf[:n], err)
+		}
+		return r, true
+	}
+	tpMap := func(life time.Duration) []byte {
+		r := mapReq(a, pcp.ProtoTCP, 8443, 8443, life, 7)
+		r.Options.ThirdParty = target
+		return pcp.AppendRequest(nil, r)
+	}
+	if _, err := c.Write(tpMap(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	for end := time.Now().Add(deadman); hp.entered.Load() == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("no WireGuard re-read begun for the THIRD_PARTY MAP")
+		}
+	}
+	if _, err := c.Write(pcp.AppendRequest(nil, pcp.NewAnnounce(a))); err != nil {
+		t.Fatal(err)
+	}
+	r, ok := read()
+	if !ok {
+		t.Fatalf("ANNOUNCE on the socket of a THIRD_PARTY MAP whose WireGuard re-read hangs: not answered in %v; the socket reader waits for the read, and answers no client meanwhile", deadman)
+	}
+	if r.Opcode != pcp.OpAnnounce || r.Result != pcp.Success {
+		t.Fatalf("first answer while the re-read hangs: %v %v, want the ANNOUNCE's SUCCESS (the THIRD_PARTY MAP must wait for the read)", r.Opcode, r.Result)
+	}
+	if _, err := c.Write(tpMap(0)); err != nil {
+		t.Fatal(err)
+	}
+	// Let the reader take the delete before the read ends (no timing
+	// bound: a delete taken after would be judged after the MAP anyway).
+	time.Sleep(50 * time.Millisecond)
+	release()
+	for i, want := range []uint32{uint32(time.Hour / time.Second), 0} {
+		r, ok := read()
+		if !ok {
+			t.Fatalf("answer %d of the THIRD_PARTY MAP and its delete: none %v after the re-read ended", i+1, deadman)
+		}
+		if r.Opcode != pcp.OpMap || r.Result != pcp.Success || (r.Lifetime == 0) != (want == 0) {
+			t.Fatalf("answer %d after the re-read ended: %v %v lifetime %d; want MAP SUCCESS, the MAP's (lifetime > 0) then the delete's (0)", i+1, r.Opcode, r.Result, r.Lifetime)
+		}
+	}
+	for k := range st.Leases() {
+		if k.InternalAddr == target {
+			t.Errorf("lease %+v left: the delete overtook the queued THIRD_PARTY MAP", k)
+		}
+	}
+}
+
+// TestThirdPartyQueueOwnerShare: one owner fills at most its share of the
+// THIRD_PARTY queue; another's request still gets in, and the share
+// frees as its requests are judged.
+func TestThirdPartyQueueOwnerShare(t *testing.T) {
+	q := newTPQueue()
+	flooder, other := policy.OwnerKey{Hi: 1}, policy.OwnerKey{Hi: 2}
+	n := 0
+	for q.push(packet{}, flooder) {
+		n++
+	}
+	if n != tpQueueOwnerCap {
+		t.Fatalf("one owner queued %d THIRD_PARTY requests, want its share %d", n, tpQueueOwnerCap)
+	}
+	if !q.push(packet{}, other) {
+		t.Fatal("another owner's THIRD_PARTY request refused while one owner filled its share")
+	}
+	if got := q.busy.Load(); got != int64(n+1) {
+		t.Fatalf("busy %d, want %d", got, n+1)
+	}
+	batch := q.take(nil)
+	q.done(batch[0].k)
+	if !q.push(packet{}, flooder) {
+		t.Fatal("the owner's share not freed by a judged request")
+	}
+	for _, it := range batch[1:] {
+		q.done(it.k)
+	}
+	q.done(flooder)
+	if got := q.busy.Load(); got != 0 || len(q.byOwner) != 0 {
+		t.Fatalf("after all judged: busy %d, %d owners counted; want 0, 0", got, len(q.byOwner))
+	}
+}
