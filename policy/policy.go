@@ -331,9 +331,10 @@ type freshener interface {
 // Freshen makes the ownership's view fresh enough to judge a THIRD_PARTY
 // target by, when it is one that lags (WireGuard: re-read when older
 // than its fresh bound, one read for all callers, WireGuard.Freshen);
-// it does nothing for others. The socket readers call it before
-// Authorize of a THIRD_PARTY request that opens something, never the
-// engine: it may wait for a read (at most the ownership's fresh wait).
+// it does nothing for others. It is called before Authorize of a
+// THIRD_PARTY request that opens something, never by the engine nor the
+// socket readers (the server's THIRD_PARTY queue calls FreshenAt): it may
+// wait for a read (at most the ownership's fresh wait).
 // When no fresh view could be had (the read failed, or still runs after
 // the wait), Authorize refuses THIRD_PARTY targets with PeersUnread.
 func (p *Policy) Freshen() {

@@ -488,8 +488,10 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 // Unsure, which refuses THIRD_PARTY targets (fail closed), and the
 // callers after the first return at once. So does a read in which some
 // interface failed (its last good peers stay, of any age): before, it
-// counted as fresh. The read delivers its Changes itself (the engine
-// drains them). A view read before the call (within the bound) asks Run
+// counted as fresh. The server calls it (FreshenAt) from a goroutine of
+// its own, never from a socket reader (h/tpqueue): the readers ask Stale
+// and hand a request that needs a read to it. The read delivers its
+// Changes itself (the engine drains them). A view read before the call (within the bound) asks Run
 // for a re-read (miss, at most one per miss interval): a target it
 // allowed in a prefix carved out since is revoked by that read, about a
 // second later, where it lived until the periodic one (review h/revtp).
