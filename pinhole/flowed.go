@@ -170,6 +170,28 @@ func (b *Backend) verifyFlowed() bool {
 	return true
 }
 
+// VerifyFlowed runs verifyFlowed now if it is owed (a Setup over no guard,
+// new protected prefixes), instead of at the next FlowedAddrs: the server
+// calls it once before serving (Serve). Lazily, the first walk after a
+// start paid it while the engine committed: its conntrack dump holds a CPU
+// ≈ 9 ms, and closing the dump's NETLINK_NETFILTER socket waits, under
+// the namespace's nftables commit_mutex, for the destroy work of the
+// deletes just committed and an RCU grace period, ≈ 25 ms in which every
+// nftables transaction of the engine waited (BENCHMARKS.md item 81: the
+// churn row's first 40 ms, ≈ 1 % of its requests over 5 ms). Undecided or
+// failed, it is owed still and FlowedAddrs asks again, as before.
+func (b *Backend) VerifyFlowed() {
+	if !b.flowed.verify.Load() || !b.flowed.recorded.Load() || !b.cutting.Load() || b.conn.TestDial != nil {
+		return
+	}
+	f := &b.flowed
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.verify.Load() {
+		b.verifyFlowed()
+	}
+}
+
 // admit6Counter reads the packets of admit6's last rule's counter; its
 // bytes below counterBase (reset) read as one packet more.
 func (b *Backend) admit6Counter(c *nftables.Conn) (uint64, error) {

@@ -134,6 +134,14 @@ type FlowRegainer interface {
 	FlowedTrusted() bool
 }
 
+// FlowVerifier is an optional extra of a FlowRecorder (*pinhole.Backend
+// has it): VerifyFlowed reads conntrack for flows let in through no guard
+// now, if the record owes that read, rather than at the next walk
+// (FlowedAddrs). Serve calls it before serving.
+type FlowVerifier interface {
+	VerifyFlowed()
+}
+
 // NATLister is an optional extra of a FlowCutter (*pinhole.Backend has
 // it): NATEndpoints calls fn with the external endpoint of each NAT-ed
 // conntrack flow (a DNAT-ed one's original destination, a SNAT-ed one's

@@ -416,6 +416,14 @@ func (s *Server) Serve(ctx context.Context) error {
 	// between requests (sweepMore). Its first step here, before serving,
 	// guards the owned prefixes (updateProtected).
 	sweeping := s.beginSweep()
+	// The record's conntrack read owed since the start's Setup and
+	// SetProtected (beginSweep), done before the first request: lazily,
+	// the first delete's walk did it while the engine committed, and its
+	// socket's close held nftables' commit_mutex ≈ 25 ms (BENCHMARKS.md
+	// item 81).
+	if v, ok := s.recorder.(FlowVerifier); ok {
+		v.VerifyFlowed()
+	}
 	// Last: failed conntrack walks are not retried once Serve returns,
 	// and the walk's socket is closed (a walk in flight closes its own).
 	s.ctSock.open()
