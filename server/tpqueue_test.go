@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -35,6 +36,80 @@ func (h *hangingFresh) Freshen() { h.entered.Add(1); <-h.release }
 
 func (h *hangingFresh) FreshenAt(time.Time) { h.Freshen() }
 
+// tpQueueServe serves on lo of a new namespace (owner "a":
+// 2001:db8:a::/48) with a hangingFresh policy, its release closed at
+// cleanup (or by the returned release, once), and returns the policy, a
+// client socket from addrA, the reply reader (false: none within
+// tpDeadman) and the store.
+func tpQueueServe(t *testing.T) (hp *hangingFresh, release func(), c *net.UDPConn, read func() (pcp.Response, bool), st *servertest.Store) {
+	t.Helper()
+	ns := netlab.NewNS(t, "tpq")
+	srvAddr := netip.MustParseAddr("2001:db8::1")
+	for _, x := range []netip.Addr{srvAddr, addrA} {
+		ns.MustRun(t, "ip", "addr", "add", x.String()+"/128", "dev", "lo")
+	}
+	h, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	own, _ := policy.NewStatic(map[string][]netip.Prefix{"a": {netip.MustParsePrefix("2001:db8:a::/48")}})
+	pol, err := policy.New(policy.Config{}, own)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hp = &hangingFresh{Policy: pol, release: make(chan struct{})}
+	var once sync.Once
+	release = func() { once.Do(func() { close(hp.release) }) }
+	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
+	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(srvAddr, 0)}, NetNS: h, KeepConnections: true},
+		Deps{Firewall: fw, Store: st, State: st.State(), Policy: hp}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	t.Cleanup(func() { release(); cancel(); <-done })
+	if err := netlab.Eventually(3*time.Second, func() error {
+		if len(s.Status().Listen) == 0 {
+			return context.DeadlineExceeded
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ns.Do(func() (err error) {
+		c, err = net.DialUDP("udp6", &net.UDPAddr{IP: addrA.AsSlice()}, net.UDPAddrFromAddrPort(netip.AddrPortFrom(srvAddr, Port)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	read = func() (pcp.Response, bool) {
+		buf := make([]byte, 1100)
+		c.SetReadDeadline(time.Now().Add(tpDeadman))
+		n, err := c.Read(buf)
+		if err != nil {
+			return pcp.Response{}, false
+		}
+		var r pcp.Response
+		if err := pcp.ParseResponse(buf[:n], &r); err != nil {
+			t.Errorf("parse reply % x: %v", buf[:n], err)
+			return pcp.Response{}, false
+		}
+		return r, true
+	}
+	return hp, release, c, read, st
+}
+
+// tpDeadman is the THIRD_PARTY queue tests' hang detector, not a timing
+// bound.
+const tpDeadman = 20 * time.Second
+
 // TestThirdPartyReadHangsReaderAnswers (h/tpqueue, review h/revtp's
 // MEDIUM left): a THIRD_PARTY MAP whose WireGuard re-read hangs does not
 // stop its socket's reader: an ANNOUNCE sent after it on the same socket
@@ -50,74 +125,9 @@ func (h *hangingFresh) FreshenAt(time.Time) { h.Freshen() }
 // left (the delete did not overtake the queued MAP).
 func TestThirdPartyReadHangsReaderAnswers(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
-	ns := netlab.NewNS(t, "tpq")
-	srvAddr := netip.MustParseAddr("2001:db8::1")
+	hp, release, c, read, st := tpQueueServe(t)
 	a, target := addrA, netip.MustParseAddr("2001:db8:a::77")
-	for _, x := range []netip.Addr{srvAddr, a} {
-		ns.MustRun(t, "ip", "addr", "add", x.String()+"/128", "dev", "lo")
-	}
-	h, err := ns.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	own, _ := policy.NewStatic(map[string][]netip.Prefix{"a": {netip.MustParsePrefix("2001:db8:a::/48")}})
-	pol, err := policy.New(policy.Config{}, own)
-	if err != nil {
-		t.Fatal(err)
-	}
-	hp := &hangingFresh{Policy: pol, release: make(chan struct{})}
-	released := false
-	release := func() {
-		if !released {
-			released = true
-			close(hp.release)
-		}
-	}
-	defer release()
-	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
-	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(srvAddr, 0)}, NetNS: h, KeepConnections: true},
-		Deps{Firewall: fw, Store: st, State: st.State(), Policy: hp}, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ctx) }()
-	defer func() { release(); cancel(); <-done }()
-	if err := netlab.Eventually(3*time.Second, func() error {
-		if len(s.Status().Listen) == 0 {
-			return context.DeadlineExceeded
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	var c *net.UDPConn
-	if err := ns.Do(func() (err error) {
-		c, err = net.DialUDP("udp6", &net.UDPAddr{IP: a.AsSlice()}, net.UDPAddrFromAddrPort(netip.AddrPortFrom(srvAddr, Port)))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	const deadman = 20 * time.Second // a hang detector, not a timing bound
-	read := func() (pcp.Response, bool) {
-		buf := make([]byte, 1100)
-		c.SetReadDeadline(time.Now().Add(deadman))
-		n, err := c.Read(buf)
-		if err != nil {
-			return pcp.Response{}, false
-		}
-		var r pcp.Response
-		if err := pcp.ParseResponse(buf[:n], &r); err != nil {
-			t.Fatalf("parse reply % x: %v", buf[:n], err)
-		}
-		return r, true
-	}
+	const deadman = tpDeadman
 	tpMap := func(life time.Duration) []byte {
 		r := mapReq(a, pcp.ProtoTCP, 8443, 8443, life, 7)
 		r.Options.ThirdParty = target
@@ -194,5 +204,123 @@ func TestThirdPartyQueueOwnerShare(t *testing.T) {
 	q.done(flooder)
 	if got := q.busy.Load(); got != 0 || len(q.byOwner) != 0 {
 		t.Fatalf("after all judged: busy %d, %d owners counted; want 0, 0", got, len(q.byOwner))
+	}
+}
+
+// TestThirdPartyQueueSharesReturnUnderLoad (review h/revtpq, area 4):
+// readers pushing concurrently (several owners and the unowned zero key,
+// each past its share) while one goroutine drains as serveThirdParty
+// does leave no share counted: every pushed request is judged once and
+// given back, refused pushes are never counted, and the queue ends idle
+// (busy 0), so no owner is locked out afterwards. Run with -race.
+func TestThirdPartyQueueSharesReturnUnderLoad(t *testing.T) {
+	q := newTPQueue()
+	keys := []policy.OwnerKey{{}, {Hi: 1}, {Hi: 2}, {Lo: 3}}
+	const perReader = 4 * tpQueueOwnerCap
+	var pushed, judged atomic.Int64
+	stop := make(chan struct{})
+	drained := make(chan struct{})
+	go func() {
+		defer close(drained)
+		var batch []tpItem
+		for {
+			select {
+			case <-q.wake:
+			case <-stop:
+				return
+			}
+			for batch = q.take(batch); len(batch) > 0; batch = q.take(batch) {
+				for i := range batch {
+					judged.Add(1)
+					q.done(batch[i].k)
+				}
+			}
+		}
+	}()
+	done := make(chan struct{})
+	for r := range 4 {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for i := range perReader {
+				if q.push(packet{b: []byte{byte(i)}}, keys[(r+i)%len(keys)]) {
+					pushed.Add(1)
+				}
+			}
+		}()
+	}
+	for range 4 {
+		<-done
+	}
+	for q.busy.Load() != 0 {
+		runtime.Gosched()
+	}
+	close(stop)
+	<-drained
+	q.mu.Lock()
+	owners := len(q.byOwner)
+	q.mu.Unlock()
+	if owners != 0 || judged.Load() != pushed.Load() {
+		t.Fatalf("after the drain: %d owners still counted, %d judged of %d queued; want 0 and all", owners, judged.Load(), pushed.Load())
+	}
+	for _, k := range keys {
+		for range tpQueueOwnerCap {
+			if !q.push(packet{}, k) {
+				t.Fatalf("owner %v refused after the load: its share leaked", k)
+			}
+		}
+	}
+}
+
+// TestThirdPartyQueuedRequestsKeepTheirBytes (review h/revtpq, area 5):
+// THIRD_PARTY MAPs queued while the re-read hangs are judged from their
+// own bytes, not the socket reader's recvmmsg buffers, which the
+// ANNOUNCEs sent between them reuse: once the read ends each MAP is
+// answered with its own nonce and internal port, and a lease holds each
+// port. Run with -race (a queued request aliasing a reader's buffer is a
+// data race there, and a garbled MAP here).
+func TestThirdPartyQueuedRequestsKeepTheirBytes(t *testing.T) {
+	hp, release, c, read, st := tpQueueServe(t)
+	target := netip.MustParseAddr("2001:db8:a::77")
+	const n = 40 // with the ANNOUNCEs, within one source's burst (100)
+	for i := range n {
+		r := mapReq(addrA, pcp.ProtoTCP, uint16(20000+i), 0, time.Hour, byte(i))
+		r.Options.ThirdParty = target
+		if _, err := c.Write(pcp.AppendRequest(nil, r)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write(pcp.AppendRequest(nil, pcp.NewAnnounce(addrA))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range n {
+		r, ok := read()
+		if !ok || r.Opcode != pcp.OpAnnounce {
+			t.Fatalf("answer %d while the re-read hangs: %v %v (ok %v), want ANNOUNCE", i+1, r.Opcode, r.Result, ok)
+		}
+	}
+	if hp.entered.Load() == 0 {
+		t.Fatal("no THIRD_PARTY MAP waited for a re-read")
+	}
+	release()
+	seen := make(map[byte]bool)
+	for i := range n {
+		r, ok := read()
+		if !ok {
+			t.Fatalf("THIRD_PARTY MAP answer %d of %d: none after the re-read ended", i+1, n)
+		}
+		k := r.Map.Nonce[0]
+		if r.Opcode != pcp.OpMap || r.Result != pcp.Success || r.Map.InternalPort != uint16(20000+int(k)) || seen[k] {
+			t.Fatalf("queued THIRD_PARTY MAP answered %v %v nonce %d internal port %d (seen %v); want SUCCESS for port 20000+nonce, once each: the queued bytes were not its own", r.Opcode, r.Result, k, r.Map.InternalPort, seen[k])
+		}
+		seen[k] = true
+	}
+	ports := 0
+	for k := range st.Leases() {
+		if k.InternalAddr == target && k.InternalPort >= 20000 && k.InternalPort < 20000+n {
+			ports++
+		}
+	}
+	if ports != n {
+		t.Fatalf("%d leases of the %d queued THIRD_PARTY MAPs, want all", ports, n)
 	}
 }
