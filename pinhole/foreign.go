@@ -744,11 +744,20 @@ func setIntervals(s *nftables.Set, els []nftables.SetElement) []interval {
 			continue
 		}
 		iv := interval{lo: e.Key, n: len(e.Key), verdict: verdictOf(e)}
+		// The range ends before the next key above its start: an
+		// adjacent range's start and this one's end share a key (80-90,
+		// 91-100: end 91 and start 91, in the kernel's order), and taking
+		// the next element whatever its key ended 91-100 at 90 (review
+		// h/revadmin).
+		j := i + 1
+		for j < len(els) && bytes.Compare(els[j].Key, e.Key) <= 0 {
+			j++
+		}
 		switch {
 		case len(e.KeyEnd) == len(e.Key):
 			iv.hi = e.KeyEnd
-		case i+1 < len(els):
-			iv.hi = before(els[i+1].Key)
+		case j < len(els):
+			iv.hi = before(els[j].Key)
 		default:
 			iv.hi = bytes.Repeat([]byte{0xff}, len(e.Key))
 		}

@@ -183,6 +183,8 @@ func TestForeignDNATDecode(t *testing.T) {
 			rule: cat(l4(unix.IPPROTO_TCP), dportSet("__set0", false), dnat4()), want: want{tcp: "9000,9443"}},
 		{name: "named interval set", sets: map[string]fakeSet{"fwd": intervalSet([2]uint16{7000, 7005}, [2]uint16{7100, 7100}, [2]uint16{65530, 65535})},
 			rule: cat(l4(unix.IPPROTO_TCP), dportSet("fwd", false), dnat4()), want: want{tcp: "7000-7005,7100,65530-65535"}},
+		{name: "named interval set, adjacent ranges", sets: map[string]fakeSet{"fwd": intervalSet([2]uint16{80, 90}, [2]uint16{91, 100}, [2]uint16{200, 300})},
+			rule: cat(l4(unix.IPPROTO_TCP), dportSet("fwd", false), dnat4()), want: want{tcp: "80-100,200-300"}},
 		{name: "empty set", sets: map[string]fakeSet{"none": {s: &nftables.Set{Name: "none", KeyType: nftables.TypeInetService}}},
 			rule: cat(l4(unix.IPPROTO_TCP), dportSet("none", false), dnat4()), want: want{}},
 		{name: "dnat map", sets: map[string]fakeSet{"__map0": portSet(8081)},

@@ -17,7 +17,7 @@ import (
 const foreignRuleset = `table ip admin {
 	set fwdports {
 		type inet_service; flags interval
-		elements = { 7000-7005, 7100 }
+		elements = { 7000-7005, 7006-7010, 7100 }
 	}
 	chain pre {
 		type nat hook prerouting priority dstnat;
@@ -78,7 +78,7 @@ func TestForeignDNATKernel(t *testing.T) {
 	if got, want := f.TCP.String(), "26,80-82,443,8000-8010,8081,9000,9443"; got != want {
 		t.Errorf("TCP ports %s, want %s", got, want)
 	}
-	if got, want := f.UDP.String(), "5000,7000-7005,7100"; got != want {
+	if got, want := f.UDP.String(), "5000,7000-7010,7100"; got != want {
 		t.Errorf("UDP ports %s, want %s", got, want)
 	}
 	if len(f.Undecoded) != 1 || !strings.Contains(f.Undecoded[0].Why, "concatenation") {
