@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -266,7 +267,17 @@ func (w *foreignWalk) chain(t *nftables.Table, name string, c cond, depth int) e
 	if !ok {
 		var err error
 		if rs, err = w.src.rules(t, name); err != nil {
-			return err
+			if !undecodable(err) {
+				return err
+			}
+			// The library cannot parse one of its rules (v0.3.0 reads
+			// ct's direction, a u8, as a u32: "ct original proto-dst
+			// 443" fails the dump): the chain is reported undecoded, the
+			// rest of the ruleset read. Failing the read instead left
+			// every other forward unreserved (a first read) or frozen at
+			// the last good read (review h/revadmin).
+			w.translated(t, name, &nftables.Rule{}, c.withWhy("its rules cannot be parsed: "+err.Error()))
+			rs = nil
 		}
 		w.rules[k] = rs
 	}
@@ -276,6 +287,22 @@ func (w *foreignWalk) chain(t *nftables.Table, name string, c cond, depth int) e
 		}
 	}
 	return nil
+}
+
+// undecodable reports whether err, from listing a chain's rules, is the
+// library's failure to parse an attribute (a plain error) rather than
+// the kernel's or the socket's (*netlink.OpError, an errno: the chain
+// gone mid-read, a dump interrupted), which fails the read.
+func undecodable(err error) bool {
+	var op *netlink.OpError
+	var errno unix.Errno
+	return !errors.As(err, &op) && !errors.As(err, &errno)
+}
+
+// withWhy is c with its ports unknown for why.
+func (c cond) withWhy(why string) cond {
+	c.undecoded(why)
+	return c
 }
 
 // note records a rule's outcome.

@@ -19,6 +19,7 @@ type fakeRules struct {
 	chainList []*nftables.Chain
 	rulesOf   map[string][]*nftables.Rule // by table name/chain name
 	setsOf    map[string]fakeSet          // by table name/set name
+	errs      map[string]error            // rules' error, by table name/chain name
 }
 
 type fakeSet struct {
@@ -29,6 +30,9 @@ type fakeSet struct {
 func (f *fakeRules) chains() ([]*nftables.Chain, error) { return f.chainList, nil }
 
 func (f *fakeRules) rules(t *nftables.Table, chain string) ([]*nftables.Rule, error) {
+	if err := f.errs[t.Name+"/"+chain]; err != nil {
+		return nil, err
+	}
 	return f.rulesOf[t.Name+"/"+chain], nil
 }
 
@@ -278,6 +282,36 @@ func TestForeignDNATDecode(t *testing.T) {
 				t.Errorf("undecoded %+v, want one: %q", f.Undecoded, tc.want.undecoded)
 			}
 		})
+	}
+}
+
+// TestForeignDNATUnparsedChain: a chain whose rules the library cannot
+// parse (google/nftables v0.3.0 reads ct's u8 direction as a u32:
+// "ct original proto-dst 3003" fails its dump) is reported undecoded and
+// the rest of the ruleset is read (review h/revadmin); a netlink error
+// (the kernel's) still fails the read. Before, any such rule failed the
+// whole read: nothing reserved at all.
+func TestForeignDNATUnparsedChain(t *testing.T) {
+	pre := baseChain(fAdmin, "pre", fNAT, nftables.ChainHookPrerouting, *nftables.ChainPriorityNATDest)
+	odd := &nftables.Chain{Table: fAdmin, Name: "odd"}
+	src := &fakeRules{chainList: []*nftables.Chain{pre, odd}, rulesOf: map[string][]*nftables.Rule{"admin/pre": {
+		{Table: fAdmin, Chain: pre, Handle: 1, Exprs: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4())},
+		{Table: fAdmin, Chain: pre, Handle: 2, Exprs: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 84), jump(expr.VerdictJump, "odd"))},
+	}}, errs: map[string]error{"admin/odd": fmt.Errorf("netlink: attribute 3 is not a uint32; length: 1")}}
+	own := func(*nftables.Table, string) bool { return false }
+	f, err := readForeign(src, own, fExt, 1024, 65535)
+	if err != nil {
+		t.Fatalf("a chain the library cannot parse failed the whole read: %v", err)
+	}
+	if got := f.TCP.String(); got != "443" {
+		t.Errorf("TCP ports %q, want 443", got)
+	}
+	if len(f.Undecoded) != 1 || f.Undecoded[0].Chain != "odd" || !strings.Contains(f.Undecoded[0].Why, "cannot be parsed") {
+		t.Errorf("undecoded %+v, want chain odd's", f.Undecoded)
+	}
+	src.errs["admin/odd"] = &netlink.OpError{Op: "receive", Err: unix.ENOENT}
+	if _, err := readForeign(src, own, fExt, 1024, 65535); err == nil {
+		t.Error("a netlink error did not fail the read")
 	}
 }
 
