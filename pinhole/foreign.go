@@ -204,6 +204,17 @@ func (n *nftSource) set(t *nftables.Table, name string) (*nftables.Set, []nftabl
 // limit is 16 levels).
 const maxJumps = 16
 
+// maxVisits bounds the rules a read walks (a rule reached by several
+// paths counts each time): a ruleset whose jumps branch under different
+// conditions at every level has exponentially many paths. Past it the
+// read fails (the last good ports stay reserved). A kube-proxy-sized
+// ruleset, 10 000 services each through a verdict map to a chain or two,
+// is some 50 000.
+const maxVisits = 1 << 18
+
+// errTooBranched is a read that reached maxVisits.
+var errTooBranched = fmt.Errorf("more than %d rule visits: the jumps branch too much to follow", maxVisits)
+
 // readForeign is ForeignDNAT over src.
 func readForeign(src ruleSource, own func(*nftables.Table, string) bool, ext netip.Addr, first, last uint16) (*ForeignDNAT, error) {
 	chains, err := src.chains()
@@ -211,7 +222,8 @@ func readForeign(src ruleSource, own func(*nftables.Table, string) bool, ext net
 		return nil, err
 	}
 	w := &foreignWalk{src: src, own: own, ext: ext, first: first, last: last, f: &ForeignDNAT{},
-		rules: map[chainKey][]*nftables.Rule{}}
+		rules: map[chainKey][]*nftables.Rule{}, seen: map[string]struct{}{}, noted: map[string]struct{}{},
+		counted: map[string]struct{}{}}
 	// Base chains in a fixed order, so the log's lists are stable.
 	slices.SortFunc(chains, func(a, b *nftables.Chain) int {
 		return cmp.Or(cmp.Compare(a.Table.Family, b.Table.Family), strings.Compare(a.Table.Name, b.Table.Name), strings.Compare(a.Name, b.Name))
@@ -223,6 +235,7 @@ func readForeign(src ruleSource, own func(*nftables.Table, string) bool, ext net
 			continue
 		}
 		w.base, w.prio = c.Name, int32(*c.Priority)
+		clear(w.seen)
 		if err := w.chain(c.Table, c.Name, newCond(), 0); err != nil {
 			return nil, err
 		}
@@ -255,6 +268,17 @@ type foreignWalk struct {
 	base        string // the base chain being walked
 	prio        int32  // its priority
 	rules       map[chainKey][]*nftables.Rule
+	// seen are the chains walked from the base chain, each with the
+	// condition it was reached with (chainKey and cond's text): reached
+	// again the same way, a chain adds nothing. Without it a chain
+	// jumped to by k rules of a chain jumped to by k rules ... was walked
+	// k^depth times, each DNAT recorded as often (3 rules, 10 levels:
+	// 59 049 catch-all records of one rule; 8 rules, 16 levels: never
+	// done, under the engine lock; review h/revadmin).
+	seen    map[string]struct{}
+	visits  int                 // rules walked this read (maxVisits)
+	noted   map[string]struct{} // rules recorded (once each, per base chain and outcome)
+	counted map[string]struct{} // rules counted in f.Rules
 }
 
 // chain walks the rules of t's chain name reached with c.
@@ -263,6 +287,11 @@ func (w *foreignWalk) chain(t *nftables.Table, name string, c cond, depth int) e
 		return nil
 	}
 	k := chainKey{keyOf(t), name}
+	sk := fmt.Sprint(k, c.tcp, c.udp, c.skip, c.portCond, c.ports, c.why)
+	if _, ok := w.seen[sk]; ok {
+		return nil
+	}
+	w.seen[sk] = struct{}{}
 	rs, ok := w.rules[k]
 	if !ok {
 		var err error
@@ -282,6 +311,9 @@ func (w *foreignWalk) chain(t *nftables.Table, name string, c cond, depth int) e
 		w.rules[k] = rs
 	}
 	for _, r := range rs {
+		if w.visits++; w.visits > maxVisits {
+			return errTooBranched
+		}
 		if err := w.rule(t, name, r, c, depth); err != nil {
 			return err
 		}
@@ -320,12 +352,30 @@ func (w *foreignWalk) translated(t *nftables.Table, chain string, r *nftables.Ru
 	if c.skip || (!c.tcp && !c.udp) {
 		return
 	}
-	w.f.Rules++
+	id := fmt.Sprint(keyOf(t), chain, r.Handle)
+	if _, ok := w.counted[id]; !ok {
+		w.counted[id] = struct{}{}
+		w.f.Rules++
+	}
+	// once: a rule reached by several paths is recorded once per base
+	// chain and outcome.
+	once := func(kind string) bool {
+		k := id + " " + w.base + " " + kind + c.why
+		if _, ok := w.noted[k]; ok {
+			return false
+		}
+		w.noted[k] = struct{}{}
+		return true
+	}
 	switch {
 	case c.why != "":
-		w.f.Undecoded = append(w.f.Undecoded, w.note(t, chain, r, c.why))
+		if once("u") {
+			w.f.Undecoded = append(w.f.Undecoded, w.note(t, chain, r, c.why))
+		}
 	case !c.portCond || c.ports.covers(w.first, w.last):
-		w.f.CatchAll = append(w.f.CatchAll, w.note(t, chain, r, ""))
+		if once("c") {
+			w.f.CatchAll = append(w.f.CatchAll, w.note(t, chain, r, ""))
+		}
 	default:
 		if c.tcp {
 			c.ports.addTo(&w.f.TCP)

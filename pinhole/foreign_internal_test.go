@@ -2,6 +2,7 @@ package pinhole
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -312,6 +313,59 @@ func TestForeignDNATUnparsedChain(t *testing.T) {
 	src.errs["admin/odd"] = &netlink.OpError{Op: "receive", Err: unix.ENOENT}
 	if _, err := readForeign(src, own, fExt, 1024, 65535); err == nil {
 		t.Error("a netlink error did not fail the read")
+	}
+}
+
+// branching is a base chain c0 and chains c1..cDepth, each of c0..c(depth-1)
+// with fanout rules jumping to the next, rule(level, j) the j-th's
+// expressions before its jump; cDepth holds "tcp dport 443 dnat" and a
+// catch-all "dnat".
+func branching(depth, fanout int, rule func(level, j int) []expr.Any) *fakeRules {
+	base := baseChain(fAdmin, "c0", fNAT, nftables.ChainHookPrerouting, *nftables.ChainPriorityNATDest)
+	src := &fakeRules{chainList: []*nftables.Chain{base}, rulesOf: map[string][]*nftables.Rule{}}
+	for i := 0; i <= depth; i++ {
+		ch := base
+		if i > 0 {
+			ch = &nftables.Chain{Table: fAdmin, Name: fmt.Sprint("c", i)}
+			src.chainList = append(src.chainList, ch)
+		}
+		var rs []*nftables.Rule
+		if i == depth {
+			rs = []*nftables.Rule{{Table: fAdmin, Chain: ch, Handle: 1, Exprs: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4())},
+				{Table: fAdmin, Chain: ch, Handle: 2, Exprs: dnat4()}}
+		}
+		for j := 0; i < depth && j < fanout; j++ {
+			rs = append(rs, &nftables.Rule{Table: fAdmin, Chain: ch, Handle: uint64(j + 1),
+				Exprs: cat(rule(i, j), jump(expr.VerdictJump, fmt.Sprint("c", i+1)))})
+		}
+		src.rulesOf["admin/"+ch.Name] = rs
+	}
+	return src
+}
+
+// TestForeignDNATBranchingJumps: a chain reached by many paths is walked
+// once per condition and its DNATs recorded once (review h/revadmin).
+// Before, every path was walked: 3 jumps a level over 10 levels recorded
+// the catch-all 59 049 times, 8 over 16 (8^16 paths) never ended, under
+// the engine lock. Paths whose conditions all differ (a distinct port
+// excluded at every branch) are cut at maxVisits: the read fails.
+func TestForeignDNATBranchingJumps(t *testing.T) {
+	own := func(*nftables.Table, string) bool { return false }
+	iif := func(level, j int) []expr.Any { // iifname "ethJ" (not modelled: may match)
+		return []expr.Any{&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte(fmt.Sprint("eth", j, "\x00"))}}
+	}
+	for _, tc := range []struct{ depth, fanout int }{{10, 3}, {16, 8}} {
+		f, err := readForeign(branching(tc.depth, tc.fanout, iif), own, fExt, 1024, 65535)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(f.CatchAll) != 1 || f.Rules != 2 || f.TCP.String() != "443" {
+			t.Fatalf("%d levels of %d jumps: %d catch-all records, %d rules, TCP %q; want 1, 2, 443", tc.depth, tc.fanout, len(f.CatchAll), f.Rules, f.TCP.String())
+		}
+	}
+	distinct := func(level, j int) []expr.Any { return dportCmp(expr.CmpOpNeq, uint16(10000+level*100+j)) }
+	if _, err := readForeign(branching(16, 4, distinct), own, fExt, 1024, 65535); !errors.Is(err, errTooBranched) {
+		t.Fatalf("4^16 distinct paths: %v, want errTooBranched", err)
 	}
 }
 
