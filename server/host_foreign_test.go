@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"sync"
 	"testing"
@@ -103,5 +104,39 @@ func TestHostPortsForeignDNAT(t *testing.T) {
 	h.s.hostPorts.refresh()
 	if got := h.logs.FilterMessageSnippet("cannot read which ports a DNAT rule").Len(); got != 1 {
 		t.Fatalf("the undecoded rule logged %d times, want once", got)
+	}
+}
+
+// BenchmarkMapPastForwardedRange (review h/revadmin): a MAP whose
+// internal port the admin forwards, with the admin forwarding TCP
+// 1024-60000 (not a catch-all: 60001-65535 of pcpd's range are left), so
+// the search tries every forwarded port before 60001, each through
+// usable and hostPorts.reserved. Each MAP takes a new internal port (the
+// same grant otherwise) and is deleted after (the pool stays as it was).
+func BenchmarkMapPastForwardedRange(b *testing.B) {
+	for _, fwd := range []bool{false, true} {
+		b.Run(fmt.Sprintf("forwarded=%v", fwd), func(b *testing.B) {
+			ff := &fakeForeign{}
+			var f pinhole.ForeignDNAT
+			if fwd {
+				for p := 1024; p <= 60000; p++ {
+					f.TCP.Add(uint16(p))
+				}
+			}
+			ff.set(&f, nil)
+			h := newHarness(b)
+			h.startWith(nil, func(s *Server) { s.foreign = ff })
+			n := byte(0)
+			for b.Loop() {
+				n++
+				r := h.do(mapReq(v4A, pcp.ProtoTCP, 2000, 0, time.Hour, n))
+				if r.Result != pcp.Success || (fwd && r.Map.ExternalPort <= 60000) {
+					b.Fatalf("MAP: %v, external port %d", r.Result, r.Map.ExternalPort)
+				}
+				if r := h.do(mapReq(v4A, pcp.ProtoTCP, 2000, 0, 0, n)); r.Result != pcp.Success {
+					b.Fatalf("delete: %v", r.Result)
+				}
+			}
+		})
 	}
 }

@@ -171,6 +171,30 @@ func (h *hostPorts) reserved(proto uint8, port uint16) bool {
 	return set.has(port) || (dnat != nil && dnat.has(port))
 }
 
+// snapshot is a copy of every port reserved for proto now (what reserved
+// says port by port), nil while none is known free (fail closed: reserved
+// says every port). For a search over many ports: one lock, one copy.
+func (h *hostPorts) snapshot(proto uint8) *portSet {
+	static := h.staticSet()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.fresh()
+	set := h.set(proto)
+	if set == nil {
+		return nil
+	}
+	out := *set
+	out.union(static)
+	dnat := h.dnatTCP
+	if proto != protoTCP {
+		dnat = h.dnatUDP
+	}
+	if dnat != nil {
+		out.union(dnat)
+	}
+	return &out
+}
+
 // fresh rescans unless the sets are fresh enough (h.mu held), and marks
 // the sets as in use (the background refresher keeps them fresh while
 // they are).
