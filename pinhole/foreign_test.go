@@ -106,17 +106,18 @@ func TestForeignDNATKernel(t *testing.T) {
 // server's host port scan does every 2 s while ports are allocated, with
 // n admin rules (one port each) in one chain.
 func BenchmarkForeignDNAT(b *testing.B) {
-	for _, n := range []int{10, 1000} {
+	for _, n := range []int{10, 1000, 10000} {
 		b.Run(fmt.Sprintf("rules=%d", n), func(b *testing.B) {
 			ns := netlab.NewNS(b, "fdnatb")
 			be := newBackend(b, ns, pinhole.Config{})
-			var rs strings.Builder
-			rs.WriteString("table ip admin {\n\tchain pre {\n\t\ttype nat hook prerouting priority dstnat;\n")
-			for i := range n {
-				fmt.Fprintf(&rs, "\t\ttcp dport %d dnat to 10.100.2.7\n", 20000+i)
+			loadNft(b, ns, "table ip admin {\n\tchain pre {\n\t\ttype nat hook prerouting priority dstnat;\n\t}\n}\n")
+			for i := 0; i < n; i += 1000 { // a shell argument's size
+				var rs strings.Builder
+				for j := i; j < min(n, i+1000); j++ {
+					fmt.Fprintf(&rs, "add rule ip admin pre tcp dport %d dnat to 10.100.2.7\n", 20000+j)
+				}
+				loadNft(b, ns, rs.String())
 			}
-			rs.WriteString("\t}\n}\n")
-			loadNft(b, ns, rs.String())
 			ext := netip.MustParseAddr("198.51.100.1")
 			b.ResetTimer()
 			for b.Loop() {
