@@ -140,3 +140,29 @@ func BenchmarkMapPastForwardedRange(b *testing.B) {
 		})
 	}
 }
+
+// TestHostPortsForeignLogBounded (review h/revadmin): more undecoded
+// rules than dnatLoggedMax are logged once each up to the bound, then
+// one line, and not again at the next read. Before, the map of logged
+// rules was emptied past the bound, so every read logged them all again:
+// "second read of the same 5000 undecoded rules: 5000 warnings, want 0".
+func TestHostPortsForeignLogBounded(t *testing.T) {
+	h := newHarness(t)
+	h.startWith(nil, nil)
+	var f pinhole.ForeignDNAT
+	for i := range dnatLoggedMax + 904 {
+		f.Undecoded = append(f.Undecoded, pinhole.ForeignRule{Family: "ip", Table: "admin", Chain: "pre", Base: "pre", Handle: uint64(i), Why: "a destination port in a concatenation"})
+	}
+	warned := func() int { return h.logs.FilterMessageSnippet("cannot read which ports a DNAT rule").Len() }
+	h.s.hostPorts.mu.Lock()
+	h.s.hostPorts.storeDNAT(&f, nil)
+	first := warned()
+	h.s.hostPorts.storeDNAT(&f, nil)
+	h.s.hostPorts.mu.Unlock()
+	if again := warned() - first; again != 0 {
+		t.Fatalf("second read of the same %d undecoded rules: %d warnings, want 0", len(f.Undecoded), again)
+	}
+	if first != dnatLoggedMax || h.logs.FilterMessageSnippet("not logging the rest").Len() != 1 {
+		t.Fatalf("first read: %d warnings, want %d and one line for the rest", first, dnatLoggedMax)
+	}
+}

@@ -84,9 +84,10 @@ type hostPorts struct {
 	dnatFailed       bool                // the last read failed (logged)
 	dnatSum          string              // the last read's summary, logged when it changes
 	dnatLogged       map[string]struct{} // rules logged once (catch-all, undecoded)
+	dnatLoggedFull   bool                // dnatLogged reached dnatLoggedMax (logged)
 }
 
-// dnatLoggedMax bounds dnatLogged: past it the rules are logged again.
+// dnatLoggedMax bounds dnatLogged: past it no more rules are logged.
 const dnatLoggedMax = 4096
 
 // hostPortsIdle: the background rescans stop this long after the last
@@ -281,12 +282,22 @@ func (h *hostPorts) storeDNAT(f *pinhole.ForeignDNAT, err error) {
 			zap.Int("rules", f.Rules), zap.String("tcp", tcp), zap.String("udp", udp))
 		h.dnatSum = sum
 	}
-	if h.dnatLogged == nil || len(h.dnatLogged) > dnatLoggedMax {
+	if h.dnatLogged == nil {
 		h.dnatLogged = map[string]struct{}{}
 	}
+	// Past dnatLoggedMax rules logged, the rest are not, said once:
+	// emptying the map instead logged them all again at every read (5 000
+	// undecoded rules: 5 000 warnings every 2 s; review h/revadmin).
 	once := func(r pinhole.ForeignRule) bool {
 		k := r.String() + r.Why
 		if _, ok := h.dnatLogged[k]; ok {
+			return false
+		}
+		if len(h.dnatLogged) >= dnatLoggedMax {
+			if !h.dnatLoggedFull {
+				log.Warn("more of the host's DNAT rules are catch-alls or undecoded than are logged; not logging the rest", zap.Int("logged", len(h.dnatLogged)))
+				h.dnatLoggedFull = true
+			}
 			return false
 		}
 		h.dnatLogged[k] = struct{}{}
