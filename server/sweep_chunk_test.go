@@ -55,24 +55,14 @@ func sweepServe(t *testing.T, name string, unowned, owned int, hook func(s *Serv
 // none) between New and Start.
 func sweepServeWith(t *testing.T, name string, unowned, owned int, hook func(s *Server, ops []pinhole.Op), tweak func(*Server)) (*net.UDPConn, *Server, *servertest.Firewall, *servertest.Store, context.CancelFunc, chan error) {
 	t.Helper()
-	ns := netlab.NewNS(t, name)
-	srvAddr := netip.MustParseAddr("2001:db8::1")
-	for _, x := range []netip.Addr{srvAddr, addrA} {
-		ns.MustRun(t, "ip", "addr", "add", x.String()+"/128", "dev", "lo")
-	}
-	nh, err := ns.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { nh.Close() })
-	own, _ := policy.NewStatic(map[string][]netip.Prefix{"a": {netip.MustParsePrefix("2001:db8:a::/48")}})
+	ns, nh, own := loopbackNS(t, name)
 	pol, err := policy.New(policy.Config{MaxLeasesPerClient: 1 << 20, MaxLeases: 1 << 21}, own)
 	if err != nil {
 		t.Fatal(err)
 	}
 	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
 	sweepLeases(t, st, unowned, owned)
-	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(srvAddr, 0)}, NetNS: nh,
+	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(loopbackSrv, 0)}, NetNS: nh,
 		RateLimit: 1e6, RateBurst: 1e6, KeepConnections: true}, Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
@@ -87,14 +77,7 @@ func sweepServeWith(t *testing.T, name string, unowned, owned int, hook func(s *
 		t.Fatalf("restored: %d pinholes, want %d", got, unowned+owned)
 	}
 	fw.FailApply = func(ops []pinhole.Op) error { hook(s, ops); return nil }
-	var c *net.UDPConn
-	if err := ns.Do(func() (err error) {
-		c, err = net.DialUDP("udp6", &net.UDPAddr{IP: addrA.AsSlice()}, net.UDPAddrFromAddrPort(netip.AddrPortFrom(srvAddr, Port)))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c := dialLoopback(t, ns)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Serve(ctx) }()

@@ -43,17 +43,7 @@ func (h *hangingFresh) FreshenAt(time.Time) { h.Freshen() }
 // tpDeadman) and the store.
 func tpQueueServe(t *testing.T) (hp *hangingFresh, release func(), c *net.UDPConn, read func() (pcp.Response, bool), st *servertest.Store) {
 	t.Helper()
-	ns := netlab.NewNS(t, "tpq")
-	srvAddr := netip.MustParseAddr("2001:db8::1")
-	for _, x := range []netip.Addr{srvAddr, addrA} {
-		ns.MustRun(t, "ip", "addr", "add", x.String()+"/128", "dev", "lo")
-	}
-	h, err := ns.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { h.Close() })
-	own, _ := policy.NewStatic(map[string][]netip.Prefix{"a": {netip.MustParsePrefix("2001:db8:a::/48")}})
+	ns, h, own := loopbackNS(t, "tpq")
 	pol, err := policy.New(policy.Config{}, own)
 	if err != nil {
 		t.Fatal(err)
@@ -62,7 +52,7 @@ func tpQueueServe(t *testing.T) (hp *hangingFresh, release func(), c *net.UDPCon
 	var once sync.Once
 	release = func() { once.Do(func() { close(hp.release) }) }
 	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
-	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(srvAddr, 0)}, NetNS: h, KeepConnections: true},
+	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(loopbackSrv, 0)}, NetNS: h, KeepConnections: true},
 		Deps{Firewall: fw, Store: st, State: st.State(), Policy: hp}, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
@@ -82,13 +72,7 @@ func tpQueueServe(t *testing.T) (hp *hangingFresh, release func(), c *net.UDPCon
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := ns.Do(func() (err error) {
-		c, err = net.DialUDP("udp6", &net.UDPAddr{IP: addrA.AsSlice()}, net.UDPAddrFromAddrPort(netip.AddrPortFrom(srvAddr, Port)))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c = dialLoopback(t, ns)
 	read = func() (pcp.Response, bool) {
 		buf := make([]byte, 1100)
 		c.SetReadDeadline(time.Now().Add(tpDeadman))
