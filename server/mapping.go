@@ -221,6 +221,14 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response, o *outcome) (pc
 	if a.hasDesc {
 		next.Description = truncateUTF8(a.desc, s.cfg.DescriptionCap) // OPT-09
 	}
+	var prev *store.Lease
+	if found {
+		prev = ex
+	}
+	if s.overlapsHeld(now, prev, &next) {
+		code, err := fail(errKernelOverlap)
+		return code, err
+	}
 	msg := msgMapped
 	if renew {
 		msg = msgRenewed
@@ -511,6 +519,9 @@ func (s *Server) servePeer(c *call, req *pcp.Request, resp *pcp.Response, o *out
 		Key: key, Kind: store.KindPeer, Nonce: m.Nonce,
 		ExternalAddr: ext.Addr(), ExternalPort: ext.Port(),
 		ClientAddr: c.src, ServerAddr: c.local, Created: now, Expires: now.Add(clamped), ThirdParty: tp,
+	}
+	if s.overlapsHeld(now, nil, &next) {
+		return fail(errKernelOverlap)
 	}
 	if req.Options.HasDescription {
 		next.Description = truncateUTF8(req.Options.Description, s.cfg.DescriptionCap)

@@ -1066,6 +1066,12 @@ func (t *table) all() iter.Seq2[store.Key, *store.Lease] {
 // 65 536 leases, which a client sending them at its rate limit made the
 // engine's whole time (review h/revreq, BenchmarkPMPDeleteAll).
 func (t *table) mappingsOf(owner string, a netip.Addr, proto uint8, dst []store.Lease) []store.Lease {
+	return t.leasesAt(owner, a, proto, false, dst)
+}
+
+// leasesAt is mappingsOf, with the PEER leases too when peers is set
+// (overlapsHeld: every element on the address).
+func (t *table) leasesAt(owner string, a netip.Addr, proto uint8, peers bool, dst []store.Lease) []store.Lease {
 	left := t.byOwner[owner]
 	n, ok := t.ownerNo[owner]
 	if left <= 0 || !ok {
@@ -1079,7 +1085,7 @@ func (t *table) mappingsOf(owner string, a netip.Addr, proto uint8, dst []store.
 		slices.Sort(refs) // its order is not kept anyway
 		for i, ref := range refs {
 			t.rec(ref).in4 = uint32(i) // moved by the sort (in4Del)
-			if r := t.rec(ref); r.owner == n && r.proto == proto && store.Kind(r.kind) != store.KindPeer {
+			if r := t.rec(ref); r.owner == n && r.proto == proto && (peers || store.Kind(r.kind) != store.KindPeer) {
 				dst = append(dst, store.Lease{})
 				t.decode(ref, &dst[len(dst)-1])
 			}
@@ -1099,7 +1105,7 @@ func (t *table) mappingsOf(owner string, a netip.Addr, proto uint8, dst []store.
 			continue
 		}
 		left--
-		if r.proto != proto || r.iaddr != ca || store.Kind(r.kind) == store.KindPeer {
+		if r.proto != proto || r.iaddr != ca || (!peers && store.Kind(r.kind) == store.KindPeer) {
 			continue
 		}
 		var l store.Lease
