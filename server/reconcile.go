@@ -1016,25 +1016,36 @@ func (s *Server) repairLocked(herr error) {
 // batches as they are made (a list of every op would be ≈ 120 MB at
 // 1 000 000 leases), and returns how many and the first error. Under
 // s.mu.
+//
+// A batch the kernel refuses is applied again op by op, so that one
+// element it will not take (a conflicting pair of intervals held since
+// before overlapsHeld, or anything else) costs its own pinhole, not every
+// other client's in the same transaction: before, the whole batch (up to
+// pinhole.MaxBatch elements, other clients' included) stayed out of the
+// kernel at every retry (issue 9, h/hunt, TestReinstallFailedBatchOpByOp).
 func (s *Server) reinstallLocked(now time.Time) (int, error) {
 	ops := make([]pinhole.Op, 0, pinhole.MaxBatch)
 	n := 0
 	var err error
+	apply := func() {
+		if e := s.fw.Apply(ops); e != nil {
+			err = cmp.Or(err, e)
+			for i := range ops {
+				s.fw.Apply(ops[i : i+1])
+			}
+		}
+		ops = ops[:0]
+	}
 	s.tab.installs(now, s.kernelExpiry, func(op pinhole.Op) bool {
 		ops = append(ops, op)
 		n++
 		if len(ops) == pinhole.MaxBatch {
-			if e := s.fw.Apply(ops); e != nil && err == nil {
-				err = e
-			}
-			ops = ops[:0]
+			apply()
 		}
 		return true
 	})
 	if len(ops) > 0 {
-		if e := s.fw.Apply(ops); e != nil && err == nil {
-			err = e
-		}
+		apply()
 	}
 	return n, err
 }
