@@ -189,3 +189,46 @@ func TestFilterPeerOverlapReinstall(t *testing.T) {
 		})
 	}
 }
+
+// TestFilterNarrowedKernel (h/hunt): replacing a mapping's FILTER by one
+// inside it (FLT-03's [0, new]) is granted and leaves the new element
+// alone in the kernel. Before, the new element went in before the old
+// one's delete (Apply sends a phase's adds first), inside it: the kernel
+// refused it and the client got NO_RESOURCES for a legitimate request.
+func TestFilterNarrowedKernel(t *testing.T) {
+	b := newOverlapBed(t, "narrow", policy.Config{})
+	pf := netip.MustParsePrefix
+	for i, tc := range []struct {
+		name     string
+		from, to pcp.Filter
+	}{
+		{"/48 to a /64 inside", pcp.Filter{Remote: wide6}, pcp.Filter{Remote: narrow6}},
+		{"/48 to its first /64", pcp.Filter{Remote: wide6}, pcp.Filter{Remote: pf("2001:db8:5::/64")}},
+		{"any port to one", pcp.Filter{Remote: wide6}, pcp.Filter{Remote: wide6, RemotePort: 80}},
+		{"/64 to the /48 around it", pcp.Filter{Remote: narrow6}, pcp.Filter{Remote: wide6}},
+	} {
+		port := uint16(8000 + i)
+		if got := b.do(filteredMap(port, tc.from)); got != pcp.Success {
+			t.Fatalf("%s: MAP with FILTER %v: %v", tc.name, tc.from.Remote, got)
+		}
+		if got := b.do(filteredMap(port, pcp.Filter{}, tc.to)); got != pcp.Success {
+			t.Errorf("%s: FILTER replaced by %v/%d: %v, want SUCCESS", tc.name, tc.to.Remote, tc.to.RemotePort, got)
+			continue
+		}
+		want := hole(protoTCP, addrA, port, addrA, port)
+		want.RemotePrefix, want.RemotePort = tc.to.Remote, tc.to.RemotePort
+		es, err := b.fw.List()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []pinhole.Pinhole
+		for _, e := range es {
+			if e.Pinhole.InternalPort == port {
+				got = append(got, e.Pinhole)
+			}
+		}
+		if len(got) != 1 || got[0] != want {
+			t.Errorf("%s: kernel holds %v for the mapping, want only %v", tc.name, got, want)
+		}
+	}
+}

@@ -41,6 +41,7 @@ type tx struct {
 
 	// Scratch space of diff and commit, kept for the next batch.
 	old, neu, tmp []pinhole.Pinhole
+	dropped       []int       // diff's: indexes in inv of the elements it deleted
 	kprev         store.Lease // set's kernel view of a dirty lease
 	others        []*store.Lease
 	tup           []store.Lease // diff's copies of a tuple's leases; others points into it
@@ -316,6 +317,15 @@ func (t *tx) diff(key store.Key, prev, next *store.Lease) {
 		return a
 	}
 	left := func(at time.Time) time.Duration { return max(at.Sub(t.now), time.Millisecond) }
+	// dropped: the inverse ops (installs) of the elements deleted here. A
+	// new element that overlaps one of them in part (pinhole.Conflicts:
+	// a FILTER replaced by a narrower one, FLT-03's [0, new]) is
+	// installed After the deletes, and the undo's re-install After the
+	// new element's delete: Apply sends a phase's adds before its
+	// deletes, and the kernel refused the new element while the old one
+	// was there, NO_RESOURCES for a legitimate replacement (h/hunt,
+	// TestFilterNarrowedKernel).
+	dropped := t.dropped[:0]
 	for _, p := range old {
 		if slices.Contains(neu, p) {
 			continue
@@ -326,11 +336,13 @@ func (t *tx) diff(key store.Key, prev, next *store.Lease) {
 		case !ok:
 			t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
 			t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left(before)})
+			dropped = append(dropped, len(t.inv)-1)
 		case !at.Equal(before):
 			t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: left(at)})
 			t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: left(before)})
 		}
 	}
+	t.dropped = dropped
 	for _, p := range neu {
 		at, ok := held(p)
 		after := later(at, next)
@@ -351,7 +363,13 @@ func (t *tx) diff(key store.Key, prev, next *store.Lease) {
 				t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: left(before)})
 			}
 		default:
-			t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left(after)})
+			op := pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left(after)}
+			for _, i := range dropped {
+				if pinhole.Conflicts(p, t.inv[i].Pinhole) {
+					op.After, t.inv[i].After = true, true
+				}
+			}
+			t.ops = append(t.ops, op)
 			t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
 		}
 	}
