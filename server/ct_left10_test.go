@@ -373,11 +373,8 @@ func (e *errTB) Fatalf(f string, args ...any) {
 func failReinstallAfterFlush(t *testing.T, l *lab, f *rearmFault, set string, svc netip.AddrPort) {
 	t.Helper()
 	l.topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", set)
-	// The repair's re-install fails: its batch and the op-by-op retry of
-	// a refused batch (h/hunt, reinstallLocked).
-	f.set(1<<20, 0)
+	f.set(1, 0) // the repair's re-install fails
 	l.srv.checkFirewall()
-	f.set(0, 0)
 	l.srv.mu.Lock()
 	owed := l.srv.reinstallOwed
 	l.srv.mu.Unlock()

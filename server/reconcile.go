@@ -1017,8 +1017,9 @@ func (s *Server) repairLocked(herr error) {
 // 1 000 000 leases), and returns how many and the first error. Under
 // s.mu.
 //
-// A batch the kernel refuses is applied again op by op, so that one
-// element it will not take (a conflicting pair of intervals held since
+// A batch the kernel refuses for one of its ops (ErrConflict,
+// ErrInvalid) is applied again op by op, so that one element it will not
+// take (a conflicting pair of intervals held since
 // before overlapsHeld, or anything else) costs its own pinhole, not every
 // other client's in the same transaction: before, the whole batch (up to
 // pinhole.MaxBatch elements, other clients' included) stayed out of the
@@ -1030,8 +1031,13 @@ func (s *Server) reinstallLocked(now time.Time) (int, error) {
 	apply := func() {
 		if e := s.fw.Apply(ops); e != nil {
 			err = cmp.Or(err, e)
-			for i := range ops {
-				s.fw.Apply(ops[i : i+1])
+			if errors.Is(e, pinhole.ErrConflict) || errors.Is(e, pinhole.ErrInvalid) {
+				// One op's refusal; not a table gone or memory
+				// short, which every op would meet again (a million
+				// leases: a million transactions under s.mu).
+				for i := range ops {
+					s.fw.Apply(ops[i : i+1])
+				}
 			}
 		}
 		ops = ops[:0]

@@ -2,10 +2,12 @@ package server
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
 )
 
 // TestReinstallFailedBatchOpByOp (issue 9, h/hunt): a re-install of every
@@ -20,7 +22,12 @@ func TestReinstallFailedBatchOpByOp(t *testing.T) {
 		h.do(mapReq(addrB.Next(), pcp.ProtoTCP, uint16(1000+i), 0, time.Hour, 1))
 	}
 	h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1))
-	h.fw.FailApply = failOnPinhole(bad)
+	h.fw.FailApply = func(ops []pinhole.Op) error {
+		if slices.ContainsFunc(ops, func(op pinhole.Op) bool { return op.Pinhole == bad }) {
+			return fmt.Errorf("injected: %w", pinhole.ErrConflict) // the kernel's refusal of one element
+		}
+		return nil
+	}
 	h.fw.Tamper()
 	h.s.checkFirewall()
 	holes := h.fw.Holes()
