@@ -100,13 +100,13 @@ func TestE2EFlowedFlushNoticed(t *testing.T) {
 	}
 	// The watch untrusts the record first (what FlowedAddrs reads: the
 	// safe side at once), then writes the witness for a later pcpd:
-	// admit6's counter at 1, then the mark, two commits that wait for the
-	// namespace's nftables commit mutex (0.2 to 20 ms seen). So the
-	// witness is waited for too, not read once at the untrust. Before
-	// (h/flushflake), a listing right after the untrust raced the writes:
-	// "no untrusted mark" in about 1 run of 40, traced as the untrust seen
-	// at 11.3 ms after the watch's, the listing done at 19.1, the counter
-	// written at 19.7 and the mark at 19.8.
+	// admit6's counter at 1, then the mark, two commits done 0.2 to 20 ms
+	// after the untrust (traced). So the witness is waited for too, not
+	// read once at the untrust. Before (h/flushflake), a listing right
+	// after the untrust raced the writes: "no untrusted mark" in about 1
+	// run of 60, traced as the untrust seen 11.3 ms after the watch's,
+	// the listing done at 19.1, the counter written at 19.7, the mark at
+	// 19.8.
 	if !eventually(func() bool { return l.inFlowed(t, "::") }) {
 		t.Error("no untrusted mark (::) in flowed6 after the flush was told (10 s)")
 	} else if n := l.admitCounter(t); n < 1 {
