@@ -207,3 +207,30 @@ func laterTrustsWithout(t *testing.T, topo *netlab.Topology, a netip.Addr) bool 
 	flowed, ok := later.FlowedAddrs(a)
 	return ok && !flowed(a)
 }
+
+// TestWatchFlowedFlushDamage (root, namespace): someone's flush of
+// flowed6 is told as damage naming the set, so that the server's watch
+// logs it and checks the firewall at once (the check rebuilds the record
+// from conntrack); and by the time it is told the record is untrusted and
+// its witness written (a later Setup does not trust it either). Before
+// (h/flushflake's left item), the flush was told as nothing: logged
+// nowhere, and the record stayed untrusted until the periodic check.
+func TestWatchFlowedFlushDamage(t *testing.T) {
+	topo, be := guardedTopology(t, pinhole.Config{})
+	client := flowThrough(t, topo, be, 7700)
+	if flowed, ok := be.FlowedAddrs(client.Addr()); !ok || !flowed(client.Addr()) {
+		t.Fatal("the flow's address not recorded: nothing to test")
+	}
+	evs := watching(t, be)
+	topo.Host.MustRun(t, "nft", "flush", "set", "inet", "pcpd", "flowed6")
+	ev := nextEvent(t, evs, "nft flush set of flowed6")
+	if !strings.Contains(ev.Damage, "flowed6") {
+		t.Errorf("told %+v after nft flush set inet pcpd flowed6, want damage naming flowed6", ev)
+	}
+	if _, ok := be.FlowedAddrs(); ok {
+		t.Error("record trusted when the flush of flowed6 was told")
+	}
+	if laterTrustsWithout(t, topo, client.Addr()) {
+		t.Error("a later Setup trusts the record flushed by hand: its witness not written before the flush was told")
+	}
+}

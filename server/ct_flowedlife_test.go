@@ -82,42 +82,42 @@ func TestE2EFlowedRegainedAfterCounter(t *testing.T) {
 
 // TestE2EFlowedFlushNoticed (root, namespaces): "nft flush set inet pcpd
 // flowed6" (one NFT_MSG_DELSETELEM an element on 6.18) erases the record
-// of a live flow; the watch tells it, the record is untrusted (and marked
-// so for a later pcpd), the flow's mapping's delete walks and ends it;
-// the next check rebuilds and trusts the record. Before, the flush went
-// unseen: the delete left the walk out and the flow's entry lived on.
+// of a live flow; the watch untrusts the record (and marks it so for a
+// later pcpd: pinhole's TestWatchFlowedFlushDamage) and tells the flush
+// as damage, so its pass logs it and checks the firewall at once; the
+// check rebuilds the record from conntrack, the live flow's address in
+// it, and the flow's mapping's delete walks and ends the flow. Before,
+// the flush went unseen: the delete left the walk out and the flow's
+// entry lived on; then (h/flushflake) it was seen but logged nowhere,
+// the record untrusted until the periodic check (an hour here).
 func TestE2EFlowedFlushNoticed(t *testing.T) {
 	l := noChecksLab(t, true)
 	_, src, dst := l.inbound(t, "map6", 9790, time.Hour)
-	if !l.inFlowed(t, l.topo.ClientV6.String()) {
+	a := l.topo.ClientV6.String()
+	if !l.inFlowed(t, a) {
 		t.Fatal("the client's address not in flowed6 after a flow to it: nothing to test")
 	}
+	checks := counterValue(t, l.srv.m.watchChecks)
 	l.nftIn(t, "flush", "set", "inet", "pcpd", "flowed6")
 	// The watch is told asynchronously: its state, not a time, asserted
-	// (the bound only ends a test that would never pass).
-	if !eventually(func() bool { _, ok := l.fw.FlowedAddrs(); return !ok }) {
-		t.Fatal("record still trusted after nft flush set of flowed6 (10 s)")
+	// (the bound only ends a test that would never pass). The check is
+	// counted as it starts; the record is trusted again once its rebuild
+	// is done.
+	if !eventually(func() bool { return counterValue(t, l.srv.m.watchChecks) > checks }) {
+		t.Fatal("no firewall check after nft flush set of flowed6 (10 s): the flush not told as damage")
 	}
-	// The watch untrusts the record first (what FlowedAddrs reads: the
-	// safe side at once), then writes the witness for a later pcpd:
-	// admit6's counter at 1, then the mark, two commits done 0.2 to 20 ms
-	// after the untrust (traced). So the witness is waited for too, not
-	// read once at the untrust. Before (h/flushflake), a listing right
-	// after the untrust raced the writes: "no untrusted mark" in 5 of 390
-	// runs, traced as the untrust seen 11.3 ms after the watch's, the
-	// listing done at 19.1, the counter written at 19.7, the mark at 19.8.
-	if !eventually(func() bool { return l.inFlowed(t, "::") }) {
-		t.Error("no untrusted mark (::) in flowed6 after the flush was told (10 s)")
-	} else if n := l.admitCounter(t); n < 1 {
-		t.Errorf("admit6's counter at %d beside the mark, want ≥ 1 (the witness for a pcpd that knows no mark)", n)
+	if !eventually(func() bool { _, ok := l.fw.FlowedAddrs(); return ok }) {
+		t.Fatal("record still untrusted after the check that follows the flush (10 s)")
+	}
+	if !l.inFlowed(t, a) {
+		t.Error("the live flow's address not in flowed6 after the check's rebuild")
+	}
+	if l.inFlowed(t, "::") {
+		t.Error("the untrusted mark (::) still in flowed6 after the check's rebuild")
 	}
 	l.deleteMap(t, 9790)
 	if f := l.ctFlowOf(t, protoTCP, src, dst); f != nil {
 		t.Errorf("flow still tracked after its mapping's delete, its record flushed by hand: %s", f)
-	}
-	l.srv.checkFirewall()
-	if _, ok := l.fw.FlowedAddrs(); !ok {
-		t.Error("record still untrusted after the check that follows the flush")
 	}
 }
 
