@@ -116,6 +116,9 @@ type Backend struct {
 	// same reason; under foreignMu.
 	foreignConn sideConn
 	foreignMu   sync.Mutex
+	// foreignGen tells ForeignDNAT whether its last read still holds
+	// (foreigngen.go); under foreignMu.
+	foreignGen foreignGen
 	// ports are the netlink port ids of the Backend's own sockets, the
 	// recent ones (watch.go): what they commit is not someone else's
 	// change.
@@ -291,6 +294,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		return nil, err
 	}
 	b := &Backend{conn: conn, cfg: cfg, netns: conn.NetNS}
+	b.ports.gen = &b.foreignGen
 	b.healthConn.batches, b.flowed.conn.batches = true, true
 	b.healthConn.note = func(nl *netlink.Conn) { b.ports.keep(keptHealth, nl) }
 	b.listConn.note = func(nl *netlink.Conn) { b.ports.keep(keptList, nl) }
@@ -1321,6 +1325,9 @@ func (b *Backend) Close() {
 	b.listMu.Unlock()
 	b.foreignMu.Lock()
 	b.foreignConn.close()
+	b.foreignGen.mu.Lock()
+	b.foreignGen.close()
+	b.foreignGen.mu.Unlock()
 	b.foreignMu.Unlock()
 }
 

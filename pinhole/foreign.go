@@ -140,11 +140,28 @@ func (b *Backend) ForeignDNAT(ext netip.Addr, first, last uint16) (*ForeignDNAT,
 	if err != nil {
 		return nil, err
 	}
-	f, err := readForeign(&nftSource{c: c}, b.ownChain, ext, first, last)
+	// Unless something may have changed it since, the last read's answer
+	// (foreigngen.go): told no other socket's commit, its sets the same.
+	g := &b.foreignGen
+	args := foreignArgs{ext: ext.As4(), valid: ext.Is4(), first: first, last: last}
+	if g.unchanged(b, c, args) {
+		g.skips.Add(1)
+		f := *g.last
+		return &f, nil
+	}
+	g.last, g.sets = nil, nil
+	g.reads.Add(1)
+	src := &nftSource{c: c}
+	f, err := readForeign(src, b.ownChain, ext, first, last)
 	if err != nil {
 		b.foreignConn.close()
 		return nil, fmt.Errorf("pinhole: reading the host's DNAT rules: %w", err)
 	}
+	g.mu.Lock()
+	g.clean = g.c != nil // drained by unchanged right before the read
+	g.mu.Unlock()
+	kept := *f
+	g.last, g.args, g.sets = &kept, args, src.looked
 	return f, nil
 }
 
@@ -171,6 +188,10 @@ type ruleSource interface {
 type nftSource struct {
 	c    *nftables.Conn
 	sets map[tableKey][]*nftables.Set
+	// looked are the non-constant sets whose elements were read, as read
+	// (foreigngen.go: the packet path or a timeout may change them
+	// without a commit).
+	looked []setPrint
 }
 
 func (n *nftSource) chains() ([]*nftables.Chain, error) { return n.c.ListChains() }
@@ -194,6 +215,9 @@ func (n *nftSource) set(t *nftables.Table, name string) (*nftables.Set, []nftabl
 	for _, s := range ss {
 		if s.Name == name {
 			els, err := n.c.GetSetElements(s)
+			if err == nil && !s.Constant && !slices.ContainsFunc(n.looked, func(p setPrint) bool { return p.set == s }) {
+				n.looked = append(n.looked, setPrint{set: s, print: printOf(els)})
+			}
 			return s, els, err
 		}
 	}
@@ -212,6 +236,10 @@ const maxJumps = 16
 // is some 50 000.
 const maxVisits = 1 << 18
 
+// foreignReadHook, if set, runs in each read once it has listed the
+// chains (tests only: SetForeignReadHook).
+var foreignReadHook func()
+
 // errTooBranched is a read that reached maxVisits.
 var errTooBranched = fmt.Errorf("more than %d rule visits: the jumps branch too much to follow", maxVisits)
 
@@ -220,6 +248,9 @@ func readForeign(src ruleSource, own func(*nftables.Table, string) bool, ext net
 	chains, err := src.chains()
 	if err != nil {
 		return nil, err
+	}
+	if h := foreignReadHook; h != nil {
+		h() // tests: a commit while a read goes on
 	}
 	w := &foreignWalk{src: src, own: own, ext: ext, first: first, last: last, f: &ForeignDNAT{},
 		rules: map[chainKey][]*nftables.Rule{}, seen: map[string]struct{}{}, noted: map[string]struct{}{},

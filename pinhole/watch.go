@@ -82,8 +82,10 @@ type ownPorts struct {
 	ring []uint32
 	next int
 	cur  atomic.Pointer[[]uint32]
-	// watchers are told of a new list (their filters).
+	// watchers are told of a new list (their filters), and gen of the
+	// kept ports (ForeignDNAT's generation socket's filter: foreigngen.go).
 	watchers []*watcher
+	gen      *foreignGen
 }
 
 const ownPortsKept = 16
@@ -134,10 +136,32 @@ func (o *ownPorts) record(slot int, nl *netlink.Conn) {
 	}
 	o.cur.Store(&list)
 	ws := slices.Clone(o.watchers)
+	kept := o.keptLocked()
 	o.mu.Unlock()
 	for _, w := range ws {
 		w.refilter(list)
 	}
+	if o.gen != nil && slot >= 0 {
+		o.gen.refilter(kept)
+	}
+}
+
+// keptList is the port ids of the Backend's kept connections: live
+// sockets (ForeignDNAT trusts only these as its own: foreigngen.go).
+func (o *ownPorts) keptList() []uint32 {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.keptLocked()
+}
+
+func (o *ownPorts) keptLocked() []uint32 {
+	var out []uint32
+	for _, p := range o.kept {
+		if p != 0 {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // list is the port ids known.
