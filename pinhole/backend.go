@@ -294,7 +294,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 		return nil, err
 	}
 	b := &Backend{conn: conn, cfg: cfg, netns: conn.NetNS}
-	b.ports.gen = &b.foreignGen
+	b.ports.gen, b.foreignGen.fake = &b.foreignGen, conn.TestDial != nil
 	b.healthConn.batches, b.flowed.conn.batches = true, true
 	b.healthConn.note = func(nl *netlink.Conn) { b.ports.keep(keptHealth, nl) }
 	b.listConn.note = func(nl *netlink.Conn) { b.ports.keep(keptList, nl) }

@@ -69,6 +69,8 @@ type foreignGen struct {
 	sets  []setPrint // the non-constant named sets the last read looked into
 	reads atomic.Uint64
 	skips atomic.Uint64
+	fake  bool   // the Backend's connection is fake-dialled (tests): no socket, every call reads
+	buf   []byte // drain's, under mu
 }
 
 // foreignArgs are ForeignDNAT's arguments: a read is kept for the same.
@@ -116,13 +118,16 @@ func (g *foreignGen) drain(b *Backend) bool {
 	defer g.mu.Unlock()
 	if g.c == nil {
 		g.clean = false
-		if b.conn.TestDial != nil || g.open(b) != nil {
+		if g.fake || g.open(b) != nil {
 			return false
 		}
 		return false // opened now: what came before is unknown
 	}
 	own := b.ports.keptList()
-	buf := make([]byte, 8192)
+	if g.buf == nil {
+		g.buf = make([]byte, 8192)
+	}
+	buf := g.buf
 	for {
 		var n int
 		var rerr error
