@@ -219,7 +219,8 @@ func (b *Backend) admit6Counter(c *nftables.Conn) (uint64, error) {
 type flowedState struct {
 	mu   sync.Mutex
 	conn sideConn
-	raw  rawRules // flowedHas' socket
+	raw  rawRules      // flowedHas' socket
+	rd   *flowedReader // its answers' buffers (flowedread.go)
 	// recorded: Setup trusted flowed6 (flowsUnrecorded false) and no
 	// damage or counter since (unrecorded). Read without b.mu.
 	recorded atomic.Bool
@@ -394,9 +395,9 @@ const flowedBatch = 64
 // NFT_MSG_GETSETELEM of one key, flowedBatch of them sent in one sendmsg
 // and their answers read in order (the kernel handles a datagram's
 // requests one after the other, each answered by one message: the
-// element, or, no ack asked, the error). One round trip a batch instead
-// of one an address (review h/revflow's ≈ 15 µs each; BENCHMARKS.md item
-// 74). An address not IPv6 (or zoned) is taken as flowed. Anything else
+// element, or, no ack asked, the error), read in one recvmmsg
+// (flowedReader). One round trip a batch instead of one an address
+// (review h/revflow's ≈ 15 µs each; BENCHMARKS.md items 73, 82). An address not IPv6 (or zoned) is taken as flowed. Anything else
 // (a failed send, an answer out of order, another error) closes the
 // socket and leaves the rest unset: the caller takes them as flowed, or
 // asks again. Caller holds b.flowed.mu.
@@ -436,17 +437,12 @@ func (b *Backend) flowedLookup(as []netip.Addr, seen map[netip.Addr]bool) {
 			r.close()
 			return
 		}
-		for i, a := range batch {
-			got, err := r.c.Receive()
-			switch {
-			case err == nil && len(got) == 1 && got[0].Header.Sequence == msgs[i].Header.Sequence:
-				seen[a] = true
-			case err != nil && errors.Is(err, unix.ENOENT):
-				seen[a] = false
-			default:
-				r.close() // dialled again next time
-				return
-			}
+		if b.flowed.rd == nil {
+			b.flowed.rd = new(flowedReader)
+		}
+		if !b.flowed.rd.answers(r.c, msgs, func(i int, present bool) { seen[batch[i]] = present }) {
+			r.close() // dialled again next time
+			return
 		}
 	}
 }

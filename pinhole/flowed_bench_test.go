@@ -239,3 +239,32 @@ func BenchmarkRegainFlowed(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkFlowedAddrsWalk (h/flushdump): FlowedAddrs as the churn row's
+// flusher calls it every 100 ms (BENCHMARKS.md items 81, 82): ≈ 900
+// distinct ended pinholes' addresses asked up front, none of them in
+// flowed6, which holds n others. The "ns/addr" metric is one lookup's
+// cost (the counter's read, ≈ 0.15 ms, spread over them).
+func BenchmarkFlowedAddrsWalk(b *testing.B) {
+	for _, n := range []int{0, 4096} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			topo, be := guardedTopology(b, pinhole.Config{})
+			fillFlowed(b, topo.Host, n)
+			var asked []netip.Addr
+			for i := range 900 {
+				asked = append(asked, netip.MustParseAddr(fmt.Sprintf("2001:db8:fe00::%x", i)))
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				flowed, ok := be.FlowedAddrs(asked...)
+				if !ok {
+					b.Fatal("FlowedAddrs untrusted")
+				}
+				if flowed(asked[0]) {
+					b.Fatalf("flowed(%v) true, want false", asked[0])
+				}
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(asked)), "ns/addr")
+		})
+	}
+}
