@@ -22,7 +22,9 @@ func TestFlowedAnswer(t *testing.T) {
 		}
 		return b
 	}
-	errno := func(e int32) []byte { return append(binary.NativeEndian.AppendUint32(nil, uint32(e)), make([]byte, 16)...) }
+	errno := func(e int32) []byte {
+		return append(binary.NativeEndian.AppendUint32(nil, uint32(e)), make([]byte, 16)...)
+	}
 	const newElem = unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWSETELEM
 	elem := msg(newElem, 7, 10, 0, 0, 0, 1, 2, 3)
 	for _, tc := range []struct {
