@@ -395,10 +395,12 @@ const flowedBatch = 64
 // NFT_MSG_GETSETELEM of one key, flowedBatch of them sent in one sendmsg
 // and their answers read in order (the kernel handles a datagram's
 // requests one after the other, each answered by one message: the
-// element, or, no ack asked, the error), read in one recvmmsg
-// (flowedReader). One round trip a batch instead of one an address
-// (review h/revflow's ≈ 15 µs each; BENCHMARKS.md items 73, 82). An address not IPv6 (or zoned) is taken as flowed. Anything else
-// (a failed send, an answer out of order, another error) closes the
+// element, or, no ack asked, the error), sent and read through the
+// socket's descriptor (flowedReader: one sendmsg, one recvmmsg). One round
+// trip a batch instead of one an address (review h/revflow's ≈ 15 µs
+// each; BENCHMARKS.md items 73, 82). An address not IPv6 (or zoned) is
+// taken as flowed. Anything else (a failed send, an answer out of order,
+// another error) closes the
 // socket and leaves the rest unset: the caller takes them as flowed, or
 // asks again. Caller holds b.flowed.mu.
 func (b *Backend) flowedLookup(as []netip.Addr, seen map[netip.Addr]bool) {
@@ -428,26 +430,18 @@ func (b *Backend) flowedLookup(as []netip.Addr, seen map[netip.Addr]bool) {
 			}
 			r.c = c
 		}
-		msgs := make([]netlink.Message, len(batch))
-		for i, a := range batch {
-			msgs[i] = b.flowedGet(a)
-		}
-		msgs, err := r.c.SendMessages(msgs)
-		if err != nil {
-			r.close()
-			return
-		}
 		if b.flowed.rd == nil {
-			b.flowed.rd = new(flowedReader)
+			b.flowed.rd = newFlowedReader(b.flowedGet(netip.IPv6Unspecified()))
 		}
-		if !b.flowed.rd.answers(r.c, msgs, func(i int, present bool) { seen[batch[i]] = present }) {
+		if !b.flowed.rd.lookup(r.c, batch, func(i int, present bool) { seen[batch[i]] = present }) {
 			r.close() // dialled again next time
 			return
 		}
 	}
 }
 
-// flowedGet is the NFT_MSG_GETSETELEM of a's element in flowed6.
+// flowedGet is the NFT_MSG_GETSETELEM of a's element in flowed6 (its
+// key the message's last 16 bytes: flowedReader's template).
 func (b *Backend) flowedGet(a netip.Addr) netlink.Message {
 	key := a.As16()
 	ae := netlink.NewAttributeEncoder()

@@ -2,6 +2,8 @@ package pinhole
 
 import (
 	"encoding/binary"
+	"net/netip"
+	"syscall"
 	"unsafe"
 
 	"github.com/mdlayher/netlink"
@@ -15,41 +17,96 @@ import (
 // (MSG_TRUNC) and the batch fails: its addresses are taken as flowed.
 const flowedAnswerLen = 512
 
-// flowedReader reads a lookup batch's answers through the socket's
-// descriptor, flowedBatch datagrams in one recvmmsg into buffers kept
-// from batch to batch. Before (BENCHMARKS.md item 82), each answer was
-// one mdlayher/netlink Receive: a page-sized allocation, a peek and a
-// read, each read starting a goroutine to watch a context (mdlayher/socket
-// rwT), ≈ 7-9 µs of the ≈ 9.7 µs an address (items 73, 79, 81), which
-// at ≈ 900 addresses a walk was ≈ 8 ms of the flusher's CPU every 100 ms
-// in the churn row. Only what flowedLookup asked is taken as an answer;
-// anything else fails the batch (the safe side).
+// flowedReader sends a batch of lookups (flowedLookup) and reads their
+// answers through the socket's descriptor: the requests written from one
+// encoded template, its key patched, in one sendmsg; the answers,
+// flowedBatch datagrams, in one recvmmsg into buffers kept from batch to
+// batch. Before (BENCHMARKS.md item 82), each answer was one
+// mdlayher/netlink Receive (a page-sized allocation, a peek and a read,
+// each read starting a goroutine to watch a context: mdlayher/socket
+// rwT) and each request encoded by an AttributeEncoder and marshalled
+// again by SendMessages: ≈ 9.7-12 µs an address (items 73, 79, 81),
+// which at ≈ 900 addresses a walk was ≈ 8 ms of the flusher's CPU every
+// 100 ms in the churn row. Only what it asked is taken as an answer;
+// anything else fails the batch (the safe side). The socket is its own
+// (flowedState.raw): the sequence numbers are its.
 type flowedReader struct {
+	req    []byte // one request, its key zero (flowedGet)
+	keyOff int    // where its key is
+	out    []byte // a batch's requests
+	seq    uint32 // the last sequence number sent
+
 	hdrs  [flowedBatch]unix.Mmsghdr
 	iovs  [flowedBatch]unix.Iovec
 	names [flowedBatch]unix.RawSockaddrNetlink
 	bufs  [flowedBatch][flowedAnswerLen]byte
 }
 
+// newFlowedReader makes m, a lookup of the unspecified address (its key
+// zero, the message's last 16 bytes), the template of every request.
+func newFlowedReader(m netlink.Message) *flowedReader {
+	l := nlmsgAlign(unix.NLMSG_HDRLEN + len(m.Data))
+	req := make([]byte, l)
+	binary.NativeEndian.PutUint32(req, uint32(l))
+	binary.NativeEndian.PutUint16(req[4:], uint16(m.Header.Type))
+	binary.NativeEndian.PutUint16(req[6:], uint16(m.Header.Flags))
+	copy(req[unix.NLMSG_HDRLEN:], m.Data)
+	return &flowedReader{req: req, keyOff: unix.NLMSG_HDRLEN + len(m.Data) - 16}
+}
+
+func nlmsgAlign(n int) int { return (n + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
+
 // flowedRecvHook, when set (tests only), is told of each batch of answers
 // read: how many datagrams, through which path ("mmsg").
 var flowedRecvHook func(path string, n int)
 
-// answers reads the answers to msgs, sent on c (the kernel queues them
-// within the send: a GETSETELEM is answered synchronously, one datagram
-// each), and calls set(i, present) for each in order: present for
-// msgs[i]'s element (a NEWSETELEM of its sequence), absent for the
-// kernel's ENOENT to it. false, with set called for a prefix only, when
-// anything else came, an answer is missing or a read failed: the caller
-// closes the socket and takes the rest as flowed.
-func (r *flowedReader) answers(c *netlink.Conn, msgs []netlink.Message, set func(i int, present bool)) bool {
+// lookup sends a lookup of each of batch (at most flowedBatch IPv6
+// addresses) on c and calls set(i, present) for each answer in order:
+// present for batch[i]'s element (a NEWSETELEM of its sequence), absent
+// for the kernel's ENOENT to it. The kernel answers a GETSETELEM
+// synchronously, one datagram each, queued by the send's return. false,
+// with set called for a prefix only, when the send failed, anything else
+// came, an answer is missing or a read failed: the caller closes the
+// socket and takes the rest as flowed.
+func (r *flowedReader) lookup(c *netlink.Conn, batch []netip.Addr, set func(i int, present bool)) bool {
 	rc, err := c.SyscallConn()
-	if err != nil {
+	if err != nil || len(batch) > flowedBatch {
 		return false
 	}
+	first := r.seq + 1
+	r.out = r.out[:0]
+	for i, a := range batch {
+		r.appendRequest(a, first+uint32(i))
+	}
+	r.seq += uint32(len(batch))
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		var n int
+		n, serr = unix.SendmsgN(int(fd), r.out, nil, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}, 0)
+		if serr == nil && n != len(r.out) {
+			serr = unix.EMSGSIZE
+		}
+	}); err != nil || serr != nil {
+		return false
+	}
+	return r.answers(rc, first, len(batch), set)
+}
+
+// appendRequest adds the lookup of a, of sequence seq, to r.out.
+func (r *flowedReader) appendRequest(a netip.Addr, seq uint32) {
+	k := len(r.out)
+	r.out = append(r.out, r.req...)
+	binary.NativeEndian.PutUint32(r.out[k+8:], seq)
+	key := a.As16()
+	copy(r.out[k+r.keyOff:], key[:])
+}
+
+// answers reads the n answers to the requests of sequence first on: see
+// lookup.
+func (r *flowedReader) answers(rc syscall.RawConn, first uint32, n int, set func(i int, present bool)) bool {
 	next := 0
-	for next < len(msgs) {
-		want := len(msgs) - next
+	for next < n {
+		want := n - next
 		for i := range want {
 			r.iovs[i] = unix.Iovec{Base: &r.bufs[i][0]}
 			r.iovs[i].SetLen(flowedAnswerLen)
@@ -59,8 +116,8 @@ func (r *flowedReader) answers(c *netlink.Conn, msgs []netlink.Message, set func
 		var got int
 		var errno unix.Errno
 		if err := rc.Control(func(fd uintptr) {
-			n, _, e := unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])), uintptr(want), unix.MSG_DONTWAIT, 0, 0)
-			got, errno = int(n), e
+			k, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])), uintptr(want), unix.MSG_DONTWAIT, 0, 0)
+			got, errno = int(k), e
 		}); err != nil || errno != 0 || got <= 0 || got > want {
 			return false // EAGAIN too: every answer is queued by the send's return
 		}
@@ -72,7 +129,7 @@ func (r *flowedReader) answers(c *netlink.Conn, msgs []netlink.Message, set func
 			if h.Hdr.Flags&unix.MSG_TRUNC != 0 || r.names[i].Pid != 0 {
 				return false // too long for an answer, or not the kernel's
 			}
-			present, ok := flowedAnswer(r.bufs[i][:h.Len], msgs[next].Header.Sequence)
+			present, ok := flowedAnswer(r.bufs[i][:h.Len], first+uint32(next))
 			if !ok {
 				return false
 			}

@@ -1,9 +1,12 @@
 package pinhole
 
 import (
+	"bytes"
 	"encoding/binary"
+	"net/netip"
 	"testing"
 
+	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
 )
 
@@ -50,5 +53,34 @@ func TestFlowedAnswer(t *testing.T) {
 		if present != tc.present || ok != tc.isOK {
 			t.Errorf("%s: present %v ok %v, want %v %v", tc.name, present, ok, tc.present, tc.isOK)
 		}
+	}
+}
+
+// TestFlowedRequests (h/flushdump): flowedReader's requests, written
+// from its template with the key and the sequence patched, are the bytes
+// mdlayher/netlink would send for flowedGet's message of that address.
+func TestFlowedRequests(t *testing.T) {
+	tbl := &nftables.Table{Family: nftables.TableFamilyINet, Name: "pcpd"}
+	b := &Backend{table: tbl, flowed6: flowedSet(tbl)}
+	r := newFlowedReader(b.flowedGet(netip.IPv6Unspecified()))
+	r.seq = 41
+	batch := []netip.Addr{netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("fe80::ffff:1234")}
+	r.out = r.out[:0]
+	for i, a := range batch {
+		r.appendRequest(a, r.seq+1+uint32(i))
+	}
+	var want []byte
+	for i, a := range batch {
+		m := b.flowedGet(a)
+		m.Header.Length = uint32(nlmsgAlign(unix.NLMSG_HDRLEN + len(m.Data)))
+		m.Header.Sequence = 42 + uint32(i)
+		w, err := m.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, w...)
+	}
+	if !bytes.Equal(r.out, want) {
+		t.Errorf("requests\n%x\nwant\n%x", r.out, want)
 	}
 }
