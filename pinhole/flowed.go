@@ -428,6 +428,12 @@ func (b *Backend) flowedLookup(as []netip.Addr, seen map[netip.Addr]bool) {
 			if err != nil {
 				return
 			}
+			// An ENOENT's acknowledgement names the attribute not
+			// found: the element, or the table or set (flowedAnswer).
+			if err := c.SetOption(netlink.ExtendedAcknowledge, true); err != nil {
+				c.Close()
+				return
+			}
 			r.c = c
 		}
 		if b.flowed.rd == nil {

@@ -31,10 +31,11 @@ const flowedAnswerLen = 512
 // anything else fails the batch (the safe side). The socket is its own
 // (flowedState.raw): the sequence numbers are its.
 type flowedReader struct {
-	req    []byte // one request, its key zero (flowedGet)
-	keyOff int    // where its key is
-	out    []byte // a batch's requests
-	seq    uint32 // the last sequence number sent
+	req     []byte // one request, its key zero (flowedGet)
+	keyOff  int    // where its key is
+	elemOff int    // where its NFTA_LIST_ELEM is (flowedAnswer)
+	out     []byte // a batch's requests
+	seq     uint32 // the last sequence number sent
 
 	hdrs  [flowedBatch]unix.Mmsghdr
 	iovs  [flowedBatch]unix.Iovec
@@ -51,7 +52,10 @@ func newFlowedReader(m netlink.Message) *flowedReader {
 	binary.NativeEndian.PutUint16(req[4:], uint16(m.Header.Type))
 	binary.NativeEndian.PutUint16(req[6:], uint16(m.Header.Flags))
 	copy(req[unix.NLMSG_HDRLEN:], m.Data)
-	return &flowedReader{req: req, keyOff: unix.NLMSG_HDRLEN + len(m.Data) - 16}
+	// The key is NFTA_DATA_VALUE's, in NFTA_SET_ELEM_KEY, in the one
+	// NFTA_LIST_ELEM: three attribute headers before it.
+	keyOff := unix.NLMSG_HDRLEN + len(m.Data) - 16
+	return &flowedReader{req: req, keyOff: keyOff, elemOff: keyOff - 3*unix.NLA_HDRLEN}
 }
 
 func nlmsgAlign(n int) int { return (n + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
@@ -126,10 +130,10 @@ func (r *flowedReader) answers(rc syscall.RawConn, first uint32, n int, set func
 		}
 		for i := range got {
 			h := &r.hdrs[i]
-			if h.Hdr.Flags&unix.MSG_TRUNC != 0 || r.names[i].Pid != 0 {
+			if h.Hdr.Flags&unix.MSG_TRUNC != 0 || h.Len > flowedAnswerLen || r.names[i].Pid != 0 {
 				return false // too long for an answer, or not the kernel's
 			}
-			present, ok := flowedAnswer(r.bufs[i][:h.Len], first+uint32(next))
+			present, ok := flowedAnswer(r.bufs[i][:h.Len], first+uint32(next), uint32(r.elemOff))
 			if !ok {
 				return false
 			}
@@ -142,8 +146,13 @@ func (r *flowedReader) answers(rc syscall.RawConn, first uint32, n int, set func
 
 // flowedAnswer judges the datagram b as the answer to the lookup of
 // sequence seq: one message, a NEWSETELEM (present) or an NLMSG_ERROR of
-// ENOENT (absent) of that sequence; ok false for anything else.
-func flowedAnswer(b []byte, seq uint32) (present, ok bool) {
+// ENOENT (absent) of that sequence whose extended acknowledgement names
+// the element as the attribute not found (NLMSGERR_ATTR_OFFS at elemOff,
+// the offset of the request's NFTA_LIST_ELEM: nf_tables' NL_SET_BAD_ATTR);
+// ok false for anything else. The kernel answers ENOENT also for a
+// missing table or set, the offset then its name's attribute: not
+// absent (TestFlowedLookupWhereNoSet).
+func flowedAnswer(b []byte, seq uint32, elemOff uint32) (present, ok bool) {
 	if len(b) < unix.NLMSG_HDRLEN {
 		return false, false
 	}
@@ -158,8 +167,27 @@ func flowedAnswer(b []byte, seq uint32) (present, ok bool) {
 	case unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWSETELEM:
 		return true, true
 	case unix.NLMSG_ERROR:
-		if l >= unix.NLMSG_HDRLEN+4 && int32(binary.NativeEndian.Uint32(b[unix.NLMSG_HDRLEN:])) == -int32(unix.ENOENT) {
-			return false, true
+		flags := binary.NativeEndian.Uint16(b[6:])
+		p := b[unix.NLMSG_HDRLEN:l]
+		if len(p) < 4+unix.NLMSG_HDRLEN || int32(binary.NativeEndian.Uint32(p)) != -int32(unix.ENOENT) || flags&unix.NLM_F_ACK_TLVS == 0 {
+			return false, false
+		}
+		quoted := unix.NLMSG_HDRLEN // capped: the request's header only
+		if flags&unix.NLM_F_CAPPED == 0 {
+			quoted = nlmsgAlign(int(binary.NativeEndian.Uint32(p[4:])))
+		}
+		if quoted < unix.NLMSG_HDRLEN || 4+quoted > len(p) {
+			return false, false
+		}
+		for tlv := p[4+quoted:]; len(tlv) >= 4; {
+			n := int(binary.NativeEndian.Uint16(tlv))
+			if n < 4 || n > len(tlv) {
+				return false, false
+			}
+			if binary.NativeEndian.Uint16(tlv[2:])&^(unix.NLA_F_NESTED|unix.NLA_F_NET_BYTEORDER) == unix.NLMSGERR_ATTR_OFFS {
+				return false, n == 8 && binary.NativeEndian.Uint32(tlv[4:]) == elemOff
+			}
+			tlv = tlv[min(nlmsgAlign(n), len(tlv)):]
 		}
 	}
 	return false, false

@@ -13,10 +13,10 @@ import (
 // TestFlowedAnswer (h/flushdump): what flowedReader takes as a lookup's
 // answer, and what fails the batch (its addresses then taken as flowed).
 func TestFlowedAnswer(t *testing.T) {
-	msg := func(typ uint16, seq uint32, data ...byte) []byte {
+	msg := func(typ, flags uint16, seq uint32, data ...byte) []byte {
 		b := binary.NativeEndian.AppendUint32(nil, uint32(unix.NLMSG_HDRLEN+len(data)))
 		b = binary.NativeEndian.AppendUint16(b, typ)
-		b = binary.NativeEndian.AppendUint16(b, 0)
+		b = binary.NativeEndian.AppendUint16(b, flags)
 		b = binary.NativeEndian.AppendUint32(b, seq)
 		b = binary.NativeEndian.AppendUint32(b, 0) // port id
 		b = append(b, data...)
@@ -25,31 +25,57 @@ func TestFlowedAnswer(t *testing.T) {
 		}
 		return b
 	}
-	errno := func(e int32) []byte {
-		return append(binary.NativeEndian.AppendUint32(nil, uint32(e)), make([]byte, 16)...)
-	}
 	const newElem = unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWSETELEM
-	elem := msg(newElem, 7, 10, 0, 0, 0, 1, 2, 3)
+	const elemOff = 60
+	req := msg(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_GETSETELEM, unix.NLM_F_REQUEST, 7, make([]byte, 64)...)
+	// err is the kernel's error reply to req: errno e, the request quoted
+	// whole (or its header, capped), then TLVs.
+	err := func(e int32, flags uint16, capped bool, tlvs ...byte) []byte {
+		p := binary.NativeEndian.AppendUint32(nil, uint32(e))
+		if capped {
+			flags |= unix.NLM_F_CAPPED
+			p = append(p, req[:unix.NLMSG_HDRLEN]...)
+		} else {
+			p = append(p, req...)
+		}
+		return msg(unix.NLMSG_ERROR, flags, 7, append(p, tlvs...)...)
+	}
+	offs := func(off uint32) []byte {
+		b := binary.NativeEndian.AppendUint16(nil, 8)
+		b = binary.NativeEndian.AppendUint16(b, unix.NLMSGERR_ATTR_OFFS)
+		return binary.NativeEndian.AppendUint32(b, off)
+	}
+	other := append(binary.NativeEndian.AppendUint16(nil, 6), 1, 0, 'x', 0, 0, 0) // NLMSGERR_ATTR_MSG "x"
+	enoent := -int32(unix.ENOENT)
+	elem := msg(newElem, 0, 7, 10, 0, 0, 0, 1, 2, 3)
 	for _, tc := range []struct {
 		name          string
 		b             []byte
 		present, isOK bool
 	}{
 		{"the element", elem, true, true},
-		{"ENOENT", msg(unix.NLMSG_ERROR, 7, errno(-int32(unix.ENOENT))...), false, true},
-		{"the element, another sequence", msg(newElem, 8, 10, 0, 0, 0), false, false},
-		{"ENOENT, another sequence", msg(unix.NLMSG_ERROR, 6, errno(-int32(unix.ENOENT))...), false, false},
-		{"another error", msg(unix.NLMSG_ERROR, 7, errno(-int32(unix.EPERM))...), false, false},
-		{"an acknowledgement", msg(unix.NLMSG_ERROR, 7, errno(0)...), false, false},
-		{"a short error", msg(unix.NLMSG_ERROR, 7, 0xfe), false, false},
-		{"another type", msg(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_NEWSET, 7, 1, 2, 3, 4), false, false},
-		{"a done", msg(unix.NLMSG_DONE, 7, 0, 0, 0, 0), false, false},
+		{"ENOENT of the element", err(enoent, unix.NLM_F_ACK_TLVS, false, offs(elemOff)...), false, true},
+		{"ENOENT of the element, capped", err(enoent, unix.NLM_F_ACK_TLVS, true, offs(elemOff)...), false, true},
+		{"ENOENT of the element after a message", err(enoent, unix.NLM_F_ACK_TLVS, false, append(other, offs(elemOff)...)...), false, true},
+		{"ENOENT of the table", err(enoent, unix.NLM_F_ACK_TLVS, false, offs(20)...), false, false},
+		{"ENOENT of the set", err(enoent, unix.NLM_F_ACK_TLVS, false, offs(32)...), false, false},
+		{"ENOENT, no offset", err(enoent, unix.NLM_F_ACK_TLVS, false, other...), false, false},
+		{"ENOENT, no TLVs", err(enoent, 0, false), false, false},
+		{"ENOENT, TLVs flagged, none", err(enoent, unix.NLM_F_ACK_TLVS, false), false, false},
+		{"ENOENT, offset cut", err(enoent, unix.NLM_F_ACK_TLVS, false, offs(elemOff)[:6]...), false, false},
+		{"ENOENT, another sequence", msg(unix.NLMSG_ERROR, 0, 6, err(enoent, unix.NLM_F_ACK_TLVS, false, offs(elemOff)...)[unix.NLMSG_HDRLEN:]...), false, false},
+		{"the element, another sequence", msg(newElem, 0, 8, 10, 0, 0, 0), false, false},
+		{"another error", err(-int32(unix.EPERM), unix.NLM_F_ACK_TLVS, false, offs(elemOff)...), false, false},
+		{"an acknowledgement", err(0, unix.NLM_F_ACK_TLVS, false), false, false},
+		{"a short error", msg(unix.NLMSG_ERROR, 0, 7, 0xfe), false, false},
+		{"another type", msg(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_NEWSET, 0, 7, 1, 2, 3, 4), false, false},
+		{"a done", msg(unix.NLMSG_DONE, 0, 7, 0, 0, 0, 0), false, false},
 		{"two messages", append(append([]byte{}, elem...), elem...), false, false},
 		{"a length past the datagram", elem[:len(elem)-4], false, false},
 		{"a header only, cut", elem[:12], false, false},
 		{"nothing", nil, false, false},
 	} {
-		present, ok := flowedAnswer(tc.b, 7)
+		present, ok := flowedAnswer(tc.b, 7, elemOff)
 		if present != tc.present || ok != tc.isOK {
 			t.Errorf("%s: present %v ok %v, want %v %v", tc.name, present, ok, tc.present, tc.isOK)
 		}
@@ -82,5 +108,11 @@ func TestFlowedRequests(t *testing.T) {
 	}
 	if !bytes.Equal(r.out, want) {
 		t.Errorf("requests\n%x\nwant\n%x", r.out, want)
+	}
+	// The element's attribute, where flowedAnswer looks for it: a nest
+	// of NFTA_LIST_ELEM holding the key's two headers and 16 bytes.
+	e := r.req[r.elemOff:]
+	if l, typ := binary.NativeEndian.Uint16(e), binary.NativeEndian.Uint16(e[2:]); l != 3*unix.NLA_HDRLEN+16 || typ&^unix.NLA_F_NESTED != unix.NFTA_LIST_ELEM {
+		t.Errorf("at elemOff %d: attribute of length %d type %#x, want %d, NFTA_LIST_ELEM", r.elemOff, l, typ, 3*unix.NLA_HDRLEN+16)
 	}
 }
