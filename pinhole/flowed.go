@@ -220,7 +220,7 @@ type flowedState struct {
 	mu   sync.Mutex
 	conn sideConn
 	raw  rawRules      // flowedHas' socket
-	rd   *flowedReader // its answers' buffers (flowedread.go)
+	rd   *flowedReader // its requests' and answers' buffers (flowedread.go)
 	// recorded: Setup trusted flowed6 (flowsUnrecorded false) and no
 	// damage or counter since (unrecorded). Read without b.mu.
 	recorded atomic.Bool
