@@ -2,7 +2,6 @@ package pinhole_test
 
 import (
 	"fmt"
-	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -96,17 +95,7 @@ func TestForeignDNATSkipsUnchanged(t *testing.T) {
 	check("a map element added by nft", true, "443-444,6000-6001", "")
 
 	// The packet path adds 7500 to dyn: no commit, no notification.
-	if err := ns.Do(func() error {
-		c, err := net.Dial("udp", "127.0.0.1:7500")
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		_, err = c.Write([]byte("x"))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	sendUDPFrom(t, ns, netip.MustParseAddrPort("127.0.0.1:7500"))
 	if out := ns.MustRun(t, "nft", "list set ip admin dyn"); !strings.Contains(out, "7500") {
 		t.Fatalf("the datagram did not reach learn: %s", out)
 	}
