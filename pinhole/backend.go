@@ -1689,15 +1689,20 @@ func (v kview) tableState() (exists, dormant bool, err error) {
 	t, err := v.conn.ListTableOfFamily(v.table.Name, nftables.TableFamilyINet)
 	switch {
 	case err == nil:
-		// The library decodes NFTA_TABLE_FLAGS in host order; the kernel
-		// sends it in network order.
-		var f [4]byte
-		binary.NativeEndian.PutUint32(f[:], t.Flags)
-		return true, binary.BigEndian.Uint32(f[:])&unix.NFT_TABLE_F_DORMANT != 0, nil
+		return true, tableFlags(t)&unix.NFT_TABLE_F_DORMANT != 0, nil
 	case errors.Is(err, unix.ENOENT):
 		return false, false, nil
 	}
 	return false, false, fmt.Errorf("pinhole: look up inet %s: %w", v.table.Name, err)
+}
+
+// tableFlags are t's NFTA_TABLE_FLAGS as the kernel sent them: the
+// library decodes them in host order, the kernel sends them in network
+// order.
+func tableFlags(t *nftables.Table) uint32 {
+	var f [4]byte
+	binary.NativeEndian.PutUint32(f[:], t.Flags)
+	return binary.BigEndian.Uint32(f[:])
 }
 
 // presentChains returns the names of the chains in pcpd's table; an absent

@@ -151,8 +151,13 @@ func (b *Backend) ForeignDNAT(ext netip.Addr, first, last uint16) (*ForeignDNAT,
 	}
 	g.last, g.sets = nil, nil
 	g.reads.Add(1)
+	// Before the read: a table gone since is told at the next check.
+	owned, err := ownedTables(c)
+	var f *ForeignDNAT
 	src := &nftSource{c: c}
-	f, err := readForeign(src, b.ownChain, ext, first, last)
+	if err == nil {
+		f, err = readForeign(src, b.ownChain, ext, first, last)
+	}
 	if err != nil {
 		b.foreignConn.close()
 		return nil, fmt.Errorf("pinhole: reading the host's DNAT rules: %w", err)
@@ -161,7 +166,7 @@ func (b *Backend) ForeignDNAT(ext netip.Addr, first, last uint16) (*ForeignDNAT,
 	g.clean = g.c != nil // drained by unchanged right before the read
 	g.mu.Unlock()
 	kept := *f
-	g.last, g.args, g.sets = &kept, args, src.looked
+	g.last, g.args, g.sets, g.owned = &kept, args, src.looked, owned
 	return f, nil
 }
 

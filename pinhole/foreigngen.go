@@ -39,6 +39,14 @@ import (
 //     elements time out. Each such set (not a constant one: anonymous
 //     sets are) is dumped again at the check and compared with what the
 //     read saw (setPrint): a dump per set, not the ruleset's.
+//   - a table with the owner flag (NFT_TABLE_F_OWNER: a daemon's, bound
+//     to its netlink socket) there at the last read and gone: the kernel
+//     destroys it when its owner's socket closes (the daemon exits or
+//     crashes) without a commit, a notification or a new generation
+//     (nft_rcv_nl_event; checked, Linux 6.18). The tables are dumped
+//     again at the check only while the last read saw such a table
+//     (review h/revgen: before, its forwards stayed reserved until
+//     another process committed, on a quiet host for good).
 //   - anything unknown: the socket just opened, failed or overran (any
 //     error on it), the read failed, other arguments. Then it reads.
 //
@@ -67,6 +75,9 @@ type foreignGen struct {
 	last  *ForeignDNAT
 	args  foreignArgs
 	sets  []setPrint // the non-constant named sets the last read looked into
+	// owned are the ip and inet tables with the owner flag when the last
+	// read began (ownedTables): the kernel destroys one without a commit.
+	owned []tableKey
 	reads atomic.Uint64
 	skips atomic.Uint64
 	fake  bool   // the Backend's connection is fake-dialled (tests): no socket, every call reads
@@ -101,6 +112,11 @@ func (g *foreignGen) unchanged(b *Backend, c *nftables.Conn, args foreignArgs) b
 	if !g.drain(b) || g.last == nil || g.args != args {
 		return false
 	}
+	if len(g.owned) > 0 {
+		if now, err := ownedTables(c); err != nil || !slices.Equal(now, g.owned) {
+			return false
+		}
+	}
 	for _, s := range g.sets {
 		els, err := c.GetSetElements(s.set)
 		if err != nil || printOf(els) != s.print {
@@ -108,6 +124,25 @@ func (g *foreignGen) unchanged(b *Backend, c *nftables.Conn, args foreignArgs) b
 		}
 	}
 	return true
+}
+
+// tableFlagOwner is NFT_TABLE_F_OWNER.
+const tableFlagOwner = 0x2
+
+// ownedTables are the ip and inet tables (those the read reads) with the
+// owner flag, in the kernel's order.
+func ownedTables(c *nftables.Conn) ([]tableKey, error) {
+	ts, err := c.ListTables()
+	if err != nil {
+		return nil, err
+	}
+	var out []tableKey
+	for _, t := range ts {
+		if tableFlags(t)&tableFlagOwner != 0 && (t.Family == nftables.TableFamilyIPv4 || t.Family == nftables.TableFamilyINet) {
+			out = append(out, keyOf(t))
+		}
+	}
+	return out, nil
 }
 
 // drain reads what the socket was told (opening it first: then nothing
