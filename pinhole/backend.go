@@ -296,9 +296,10 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 	b := &Backend{conn: conn, cfg: cfg, netns: conn.NetNS}
 	b.ports.gen, b.foreignGen.fake = &b.foreignGen, conn.TestDial != nil
 	b.healthConn.batches, b.flowed.conn.batches = true, true
-	b.healthConn.note = func(nl *netlink.Conn) { b.ports.keep(keptHealth, nl) }
-	b.listConn.note = func(nl *netlink.Conn) { b.ports.keep(keptList, nl) }
-	b.flowed.conn.note = func(nl *netlink.Conn) { b.ports.keep(keptFlowed, nl) }
+	for slot, s := range map[int]*sideConn{keptHealth: &b.healthConn, keptList: &b.listConn, keptFlowed: &b.flowed.conn} {
+		s.note = func(nl *netlink.Conn) { b.ports.keep(slot, nl) }
+		s.forget = func(nl *netlink.Conn) { b.ports.forget(slot, nl) }
+	}
 	if conn.TestDial == nil {
 		if c, nl, err := dialConn(b.netns); err == nil {
 			b.conn, b.ownConn, b.nl = c, true, nl
@@ -1341,8 +1342,9 @@ type sideConn struct {
 	c  *nftables.Conn
 	nl *netlink.Conn // c's socket, for checkSentinels' read deadline
 	// note, if set, is told of each socket dialled (ownPorts.note: the
-	// watcher leaves out what the Backend's own sockets commit).
-	note func(*netlink.Conn)
+	// watcher leaves out what the Backend's own sockets commit), and
+	// forget of each before it is closed (ownPorts.forget).
+	note, forget func(*netlink.Conn)
 	// batches: c sends transactions (Healthy's sentinels, flowed6's
 	// writes), so its socket caps its error replies (capAck).
 	batches bool
@@ -1403,6 +1405,9 @@ func capAck(nl *netlink.Conn) { _ = nl.SetOption(netlink.CapAcknowledge, true) }
 // (a damaged firewall), a dial is cheap beside them.
 func (s *sideConn) close() {
 	if s.c != nil {
+		if s.forget != nil {
+			s.forget(s.nl)
+		}
 		_ = s.c.CloseLasting()
 		s.c, s.nl = nil, nil
 	}
@@ -1529,6 +1534,7 @@ func (b *Backend) resetConn() {
 	if b.conn.TestDial != nil {
 		return
 	}
+	b.ports.forget(keptMain, b.nl)
 	_ = b.conn.CloseLasting()
 	b.nl = nil
 	c, nl, err := dialConn(b.netns)

@@ -238,13 +238,16 @@ func (g *foreignGen) open(b *Backend) error {
 }
 
 // refilter sets the socket's filter for the Backend's kept ports anew
-// (ownPorts.record). A failure leaves the old one: what it passes is
-// judged again by drain.
-func (g *foreignGen) refilter(kept []uint32) {
+// (ownPorts.set), as they are now, read under g.mu: of two refilters run
+// out of order the last sets the latest list (review h/revgen: each set
+// the list it was given, and the last could be an older one, with a
+// closed socket's port id). A failure closes the socket: the old filter
+// may drop a closed socket's id, and the next call reads.
+func (g *foreignGen) refilter(o *ownPorts) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.c != nil {
-		_ = genFilter(g.c, kept)
+	if g.c != nil && genFilter(g.c, o.keptList()) != nil {
+		g.close()
 	}
 }
 

@@ -2,10 +2,17 @@ package pinhole_test
 
 import (
 	"io"
+	"net"
 	"net/netip"
 	"os/exec"
 	"strings"
 	"testing"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
@@ -68,4 +75,83 @@ func TestForeignDNATOwnedTableReleased(t *testing.T) {
 	}
 	foreignCheck(t, b, "after the owner exited", true, "")
 	foreignCheck(t, b, "nothing changed", false, "")
+}
+
+// TestForeignDNATKeptPortReused (root, review h/revgen): the generation
+// socket's filter drops the NEWGENs of the Backend's kept sockets' port
+// ids. A kept socket closed (Healthy's, after a check that failed, until
+// the next check dials another; List's and flowed6's likewise; the main
+// one between resetConn's close and dial) left its port id in the filter,
+// and a netlink port id is free for another socket once its socket is
+// closed (an explicit bind: libnl's pid + n<<22 scheme; autobind: a
+// process's tgid, another pid namespace's). That process's commits were
+// dropped as pcpd's own: its forward was never reserved. Here a socket
+// bound to Healthy's closed port adds "tcp dport 444 dnat" to the
+// admin's chain (a rule: an element of a set the read looked into is
+// caught by the set's dump whatever the filter drops).
+// Before: "another socket's commit on the closed port id: read false
+// (reads 1, skipped 2), TCP "443,6000"; want read true, TCP
+// "443-444,6000"".
+func TestForeignDNATKeptPortReused(t *testing.T) {
+	ns := netlab.NewNS(t, "fport")
+	b := newBackend(t, ns, pinhole.Config{})
+	loadNft(t, ns, genRuleset)
+	if err := b.Healthy(); err != nil { // dials Healthy's kept socket
+		t.Fatal(err)
+	}
+	foreignCheck(t, b, "first", true, "443,6000")
+	foreignCheck(t, b, "nothing changed", false, "443,6000")
+	port := pinhole.CloseHealthConn(b)
+	if port == 0 {
+		t.Fatal("Healthy kept no socket")
+	}
+	h, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	other, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: int(h), PID: port})
+	if err != nil {
+		t.Fatalf("bind to the closed socket's port id %d: %v", port, err)
+	}
+	defer other.Close()
+	// The batch google/nftables encodes for the element, sent over other.
+	var batch []netlink.Message
+	enc, err := nftables.New(nftables.WithTestDial(func(req []netlink.Message) ([]netlink.Message, error) {
+		batch = append(batch, req...)
+		return req, nil
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: "admin"}
+	enc.AddRule(&nftables.Rule{Table: admin, Chain: &nftables.Chain{Table: admin, Name: "pre"}, Exprs: []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(444)},
+		&expr.Immediate{Register: 1, Data: net.ParseIP("10.100.2.7").To4()},
+		&expr.NAT{Type: expr.NATTypeDestNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1},
+	}})
+	if err := enc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for i := range batch {
+		batch[i].Header.Length, batch[i].Header.Sequence, batch[i].Header.PID = 0, 0, 0
+	}
+	if _, err := other.SendMessages(batch); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Receive(); err != nil {
+		t.Fatalf("the element's commit: %v", err)
+	}
+	if out := ns.MustRun(t, "nft", "list chain ip admin pre"); !strings.Contains(out, "444") {
+		t.Fatalf("the rule is not in the chain: %s", out)
+	}
+	foreignCheck(t, b, "another socket's commit on the closed port id", true, "443-444,6000")
+	// Healthy's next check dials its socket again: its commits are pcpd's.
+	if err := b.Healthy(); err != nil {
+		t.Fatal(err)
+	}
+	foreignCheck(t, b, "after Healthy's socket dialled again", false, "443-444,6000")
 }

@@ -107,6 +107,21 @@ func (o *ownPorts) note(nl *netlink.Conn) { o.record(-1, nl) }
 // ...), in place of the one before, which goes to the ring.
 func (o *ownPorts) keep(slot int, nl *netlink.Conn) { o.record(slot, nl) }
 
+// forget moves the port id of nl, the kept connection of slot about to
+// be closed, from kept to the ring, before the close (review h/revgen):
+// ForeignDNAT's generation filter trusts only live sockets' ids, and a
+// closed socket's id is free for another process's socket; until the
+// slot's next dial (Healthy's after a failed check: the next check) the
+// filter dropped that process's commits as pcpd's own.
+func (o *ownPorts) forget(slot int, nl *netlink.Conn) {
+	if nl == nil {
+		return
+	}
+	if port, ok := portOf(nl); ok {
+		o.set(slot, port, true)
+	}
+}
+
 func (o *ownPorts) record(slot int, nl *netlink.Conn) {
 	if nl == nil {
 		return
@@ -115,9 +130,22 @@ func (o *ownPorts) record(slot int, nl *netlink.Conn) {
 	if !ok {
 		return
 	}
+	o.set(slot, port, false)
+}
+
+// set records port: in the ring (slot -1), as slot's kept port (the one
+// before to the ring), or, forget, out of slot if it is slot's (to the
+// ring); then the filters are set anew.
+func (o *ownPorts) set(slot int, port uint32, forget bool) {
 	o.mu.Lock()
 	push := port
-	if slot >= 0 {
+	switch {
+	case forget && o.kept[slot] != port:
+		o.mu.Unlock()
+		return
+	case forget:
+		o.kept[slot] = 0
+	case slot >= 0:
 		push, o.kept[slot] = o.kept[slot], port
 	}
 	if push != 0 && !slices.Contains(o.ring, push) {
@@ -136,13 +164,12 @@ func (o *ownPorts) record(slot int, nl *netlink.Conn) {
 	}
 	o.cur.Store(&list)
 	ws := slices.Clone(o.watchers)
-	kept := o.keptLocked()
 	o.mu.Unlock()
 	for _, w := range ws {
 		w.refilter(list)
 	}
 	if o.gen != nil && slot >= 0 {
-		o.gen.refilter(kept)
+		o.gen.refilter(o)
 	}
 }
 
