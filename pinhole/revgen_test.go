@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -154,4 +155,40 @@ func TestForeignDNATKeptPortReused(t *testing.T) {
 		t.Fatal(err)
 	}
 	foreignCheck(t, b, "after Healthy's socket dialled again", false, "443-444,6000")
+}
+
+// TestForeignDNATGenFilterInKernel (root, review h/revgen): the
+// generation socket's filter drops pcpd's own commits' NEWGENs in the
+// kernel (pcpd commits per MAP: queued, they would fill the socket's
+// buffer between reads, an overrun, a read each time), and passes
+// another process's. drain's own check (othersGen) drops them too, so
+// no other test tells a filter that passes them. Mutant (genFilter's
+// port comparison on the port ids as the host stores them, not as BPF
+// loads them): "queued after pcpd's own transactions".
+func TestForeignDNATGenFilterInKernel(t *testing.T) {
+	ns := netlab.NewNS(t, "fgenf")
+	b := newBackend(t, ns, pinhole.Config{})
+	loadNft(t, ns, genRuleset)
+	foreignCheck(t, b, "first", true, "443,6000")
+	ext := netip.MustParseAddr("198.51.100.1")
+	for i := range 10 {
+		p := pinhole.Pinhole{Protocol: tcp, ExternalAddr: ext, ExternalPort: uint16(8500 + i),
+			InternalAddr: netip.MustParseAddr("10.100.2.9"), InternalPort: 8500}
+		for _, k := range []pinhole.OpKind{pinhole.Install, pinhole.Delete} {
+			if err := b.Apply([]pinhole.Op{{Kind: k, Timeout: time.Hour, Pinhole: p}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := b.Healthy(); err != nil {
+		t.Fatal(err)
+	}
+	if pinhole.ForeignGenQueued(b) {
+		t.Fatal("queued after pcpd's own transactions")
+	}
+	ns.MustRun(t, "nft", "add table ip other")
+	if !pinhole.ForeignGenQueued(b) {
+		t.Fatal("nothing queued after nft's commit")
+	}
+	foreignCheck(t, b, "after nft's commit", true, "443,6000")
 }
