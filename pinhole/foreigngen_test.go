@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pinhole"
@@ -73,18 +72,7 @@ func TestForeignDNATSkipsUnchanged(t *testing.T) {
 	check("first", true, "443,6000", "")
 
 	// pcpd's own transactions: 20 installs and 20 deletes, a check.
-	for i := range 20 {
-		p := pinhole.Pinhole{Protocol: tcp, ExternalAddr: ext, ExternalPort: uint16(8500 + i),
-			InternalAddr: netip.MustParseAddr("10.100.2.9"), InternalPort: 8500}
-		for _, k := range []pinhole.OpKind{pinhole.Install, pinhole.Delete} {
-			if err := b.Apply([]pinhole.Op{{Kind: k, Timeout: time.Hour, Pinhole: p}}); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	if err := b.Healthy(); err != nil {
-		t.Fatal(err)
-	}
+	ownTransactions(t, b, ext, 20)
 	check("after pcpd's own transactions", false, "443,6000", "")
 	check("nothing changed", false, "443,6000", "")
 

@@ -171,7 +171,22 @@ func TestForeignDNATGenFilterInKernel(t *testing.T) {
 	loadNft(t, ns, genRuleset)
 	foreignCheck(t, b, "first", true, "443,6000")
 	ext := netip.MustParseAddr("198.51.100.1")
-	for i := range 10 {
+	ownTransactions(t, b, ext, 10)
+	if pinhole.ForeignGenQueued(b) {
+		t.Fatal("queued after pcpd's own transactions")
+	}
+	ns.MustRun(t, "nft", "add table ip other")
+	if !pinhole.ForeignGenQueued(b) {
+		t.Fatal("nothing queued after nft's commit")
+	}
+	foreignCheck(t, b, "after nft's commit", true, "443,6000")
+}
+
+// ownTransactions makes n installs and n deletes of pinholes on ext, each
+// a transaction of pcpd's own, and a health check.
+func ownTransactions(t *testing.T, b *pinhole.Backend, ext netip.Addr, n int) {
+	t.Helper()
+	for i := range n {
 		p := pinhole.Pinhole{Protocol: tcp, ExternalAddr: ext, ExternalPort: uint16(8500 + i),
 			InternalAddr: netip.MustParseAddr("10.100.2.9"), InternalPort: 8500}
 		for _, k := range []pinhole.OpKind{pinhole.Install, pinhole.Delete} {
@@ -183,12 +198,4 @@ func TestForeignDNATGenFilterInKernel(t *testing.T) {
 	if err := b.Healthy(); err != nil {
 		t.Fatal(err)
 	}
-	if pinhole.ForeignGenQueued(b) {
-		t.Fatal("queued after pcpd's own transactions")
-	}
-	ns.MustRun(t, "nft", "add table ip other")
-	if !pinhole.ForeignGenQueued(b) {
-		t.Fatal("nothing queued after nft's commit")
-	}
-	foreignCheck(t, b, "after nft's commit", true, "443,6000")
 }
