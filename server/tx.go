@@ -41,7 +41,7 @@ type tx struct {
 
 	// Scratch space of diff and commit, kept for the next batch.
 	old, neu, tmp []pinhole.Pinhole
-	dropped       []int       // diff's: indexes in inv of the elements it deleted
+	dropped       []int       // indexes in inv of the filtered elements the tx deleted (diff)
 	kprev         store.Lease // set's kernel view of a dirty lease
 	others        []*store.Lease
 	tup           []store.Lease // diff's copies of a tuple's leases; others points into it
@@ -139,6 +139,7 @@ func (t *tx) reset() {
 	t.absorbs = 0
 	t.undo, t.qund, t.ops, t.inv, t.ended = t.undo[:0], t.qund[:0], t.ops[:0], t.inv[:0], t.ended[:0]
 	t.put, t.del = t.put[:0], t.del[:0]
+	t.dropped = t.dropped[:0]
 }
 
 // staged reports whether the tx changed the lease at key already (it has
@@ -317,15 +318,20 @@ func (t *tx) diff(key store.Key, prev, next *store.Lease) {
 		return a
 	}
 	left := func(at time.Time) time.Duration { return max(at.Sub(t.now), time.Millisecond) }
-	// dropped: the inverse ops (installs) of the elements deleted here. A
-	// new element that overlaps one of them in part (pinhole.Conflicts:
-	// a FILTER replaced by a narrower one, FLT-03's [0, new]) is
-	// installed After the deletes, and the undo's re-install After the
-	// new element's delete: Apply sends a phase's adds before its
-	// deletes, and the kernel refused the new element while the old one
-	// was there, NO_RESOURCES for a legitimate replacement (h/hunt,
-	// TestFilterNarrowedKernel).
-	dropped := t.dropped[:0]
+	// dropped: the inverse ops (installs) of the filtered elements this
+	// tx deleted, in this diff or an earlier one of the batch. A new
+	// element that overlaps one of them in part (pinhole.Conflicts: a
+	// FILTER replaced by a narrower one, FLT-03's [0, new]; a mapping
+	// deleted and a PEER or a narrower MAP inside its FILTER in the same
+	// batch) is installed After the deletes, and the undo's re-install
+	// After the new element's delete: Apply sends a phase's adds before
+	// its deletes, and the kernel refused the new element while the old
+	// one was there, NO_RESOURCES for a legitimate replacement (h/hunt,
+	// TestFilterNarrowedKernel) or, across requests, a rolled-back batch
+	// whose every request was handled again alone (review h/revhunt,
+	// TestBatchDeleteThenOverlapKernel). Only filtered elements (interval
+	// sets) can overlap.
+	dropped := t.dropped
 	for _, p := range old {
 		if slices.Contains(neu, p) {
 			continue
@@ -336,7 +342,9 @@ func (t *tx) diff(key store.Key, prev, next *store.Lease) {
 		case !ok:
 			t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Delete, Pinhole: p})
 			t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Install, Pinhole: p, Timeout: left(before)})
-			dropped = append(dropped, len(t.inv)-1)
+			if p.RemotePrefix.IsValid() {
+				dropped = append(dropped, len(t.inv)-1)
+			}
 		case !at.Equal(before):
 			t.ops = append(t.ops, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: left(at)})
 			t.inv = append(t.inv, pinhole.Op{Kind: pinhole.Refresh, Pinhole: p, Timeout: left(before)})
