@@ -55,34 +55,71 @@ func (s *Server) overlapsHeld(now time.Time, prev, next *store.Lease) bool {
 	if len(fresh) == 0 {
 		return false
 	}
-	held := mine
-	add := func(l *store.Lease) {
-		if l.Key != next.Key && l.Expires.After(now) {
-			held = appendPinholes(held, l)
+	// Every fresh element one key (a PEER's, a FILTER of one remote and
+	// port): two different one-key elements never overlap in part, so the
+	// tuple's other PEERs are passed over undecoded. Before (review
+	// h/revhunt, BenchmarkOverlapsHeld), each was decoded into a fresh
+	// lease and compared: a new PEER's request on a tuple of 255 PEERs
+	// cost 405-605 µs against 156-177 µs without the check.
+	points := true
+	for _, p := range fresh {
+		points = points && onePoint(p)
+	}
+	conflicts := func(held []pinhole.Pinhole) bool {
+		for _, p := range fresh {
+			for _, q := range held {
+				if pinhole.Conflicts(p, q) {
+					return true
+				}
+			}
 		}
+		return false
+	}
+	if conflicts(mine) {
+		return true
+	}
+	var held []pinhole.Pinhole
+	other := func(l *store.Lease) bool {
+		if l.Key == next.Key || !l.Expires.After(now) {
+			return false
+		}
+		held = appendPinholes(held[:0], l)
+		return conflicts(held)
+	}
+	var l store.Lease
+	onTuple := func(tp tuple) bool {
+		for ref := range s.tab.tupleRefs(tp) {
+			if r := s.tab.rec(ref); points && store.Kind(r.kind) == store.KindPeer && r.rport != 0 && r.iport != 0 && r.eport != 0 {
+				continue
+			}
+			s.tab.decode(ref, &l)
+			if other(&l) {
+				return true
+			}
+		}
+		return false
 	}
 	k := next.Key
 	switch {
 	case k.InternalPort == 0 && k.Protocol != 0:
 		for _, l := range s.tab.leasesAt(k.Owner, k.InternalAddr, k.Protocol, true, nil) {
-			add(&l)
-		}
-	default:
-		for _, l := range s.tab.onTuple(tupleOf(k)) {
-			add(l)
-		}
-		if k.InternalAddr.Is6() && k.InternalPort != 0 {
-			for _, l := range s.tab.onTuple(tuple{proto: k.Protocol, addr: k.InternalAddr}) {
-				add(l)
-			}
-		}
-	}
-	for _, p := range fresh {
-		for _, q := range held {
-			if pinhole.Conflicts(p, q) {
+			if other(&l) {
 				return true
 			}
 		}
+	default:
+		if onTuple(tupleOf(k)) {
+			return true
+		}
+		if k.InternalAddr.Is6() && k.InternalPort != 0 && onTuple(tuple{proto: k.Protocol, addr: k.InternalAddr}) {
+			return true
+		}
 	}
 	return false
+}
+
+// onePoint reports whether p's element is one key: one port, one remote
+// address and one remote port.
+func onePoint(p pinhole.Pinhole) bool {
+	return p.RemotePrefix.IsSingleIP() && p.RemotePort != 0 && p.InternalPort != 0 && p.ExternalPort != 0
 }
