@@ -99,6 +99,22 @@ func (b *overlapBed) missing() (missing []pinhole.Pinhole, want int) {
 	return missing, len(all)
 }
 
+// heldAt lists the kernel's elements for client a's port.
+func (b *overlapBed) heldAt(port uint16) []pinhole.Pinhole {
+	b.t.Helper()
+	es, err := b.fw.List()
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	var got []pinhole.Pinhole
+	for _, e := range es {
+		if e.Pinhole.InternalPort == port && e.Pinhole.InternalAddr == addrA {
+			got = append(got, e.Pinhole)
+		}
+	}
+	return got
+}
+
 // TestFilterPeerOverlapReinstall (issue 9, h/hunt): a client cannot hold
 // two elements of one address that the kernel takes in one order only
 // (pinhole.Conflicts), whichever it asks for first. Before, a PEER to
@@ -217,17 +233,7 @@ func TestFilterNarrowedKernel(t *testing.T) {
 		}
 		want := hole(protoTCP, addrA, port, addrA, port)
 		want.RemotePrefix, want.RemotePort = tc.to.Remote, tc.to.RemotePort
-		es, err := b.fw.List()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var got []pinhole.Pinhole
-		for _, e := range es {
-			if e.Pinhole.InternalPort == port {
-				got = append(got, e.Pinhole)
-			}
-		}
-		if len(got) != 1 || got[0] != want {
+		if got := b.heldAt(port); len(got) != 1 || got[0] != want {
 			t.Errorf("%s: kernel holds %v for the mapping, want only %v", tc.name, got, want)
 		}
 	}

@@ -65,17 +65,7 @@ func TestBatchDeleteThenOverlapKernel(t *testing.T) {
 		}
 		want := hole(protoTCP, addrA, port, addrA, port)
 		want.RemotePrefix, want.RemotePort = tc.want.RemotePrefix, tc.want.RemotePort
-		es, err := b.fw.List()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var got []pinhole.Pinhole
-		for _, e := range es {
-			if e.Pinhole.InternalPort == port && e.Pinhole.InternalAddr == addrA {
-				got = append(got, e.Pinhole)
-			}
-		}
-		if len(got) != 1 || got[0] != want {
+		if got := b.heldAt(port); len(got) != 1 || got[0] != want {
 			t.Errorf("%s: kernel holds %v for client a's port, want only %v", tc.name, got, want)
 		}
 	}

@@ -29,15 +29,7 @@ func BenchmarkOverlapsHeld(b *testing.B) {
 				Key:  store.Key{Owner: ownerA, Protocol: protoUDP, InternalAddr: addrA, InternalPort: 5000, Remote: netip.MustParseAddrPort("[2001:db8:98::1]:1")},
 				Kind: store.KindPeer, ExternalAddr: addrA, ExternalPort: 5000, Expires: now.Add(time.Hour),
 			}
-			h.s.mu.Lock()
-			defer h.s.mu.Unlock()
-			b.ReportAllocs()
-			b.ResetTimer()
-			for range b.N {
-				if h.s.overlapsHeld(now, nil, &next) {
-					b.Fatal("refused")
-				}
-			}
+			benchOverlapsHeld(b, h.s, now, &next)
 		})
 	}
 	for _, n := range []int{16, 255, 4095} {
@@ -71,15 +63,7 @@ func BenchmarkOverlapsHeld(b *testing.B) {
 				Kind: store.KindMap, ExternalAddr: addrA, Expires: now.Add(time.Hour),
 				Filters: []store.Filter{{Prefix: wide6}},
 			}
-			h.s.mu.Lock()
-			defer h.s.mu.Unlock()
-			b.ReportAllocs()
-			b.ResetTimer()
-			for range b.N {
-				if h.s.overlapsHeld(now, nil, &next) {
-					b.Fatal("refused")
-				}
-			}
+			benchOverlapsHeld(b, h.s, now, &next)
 		})
 	}
 }
@@ -134,6 +118,20 @@ func TestOverlapsHeldAmongPeers(t *testing.T) {
 	} {
 		if got := do(tc.r); got != tc.want {
 			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+// benchOverlapsHeld times s.overlapsHeld(now, nil, next), granted, under
+// s.mu.
+func benchOverlapsHeld(b *testing.B, s *Server, now time.Time, next *store.Lease) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		if s.overlapsHeld(now, nil, next) {
+			b.Fatal("refused")
 		}
 	}
 }
