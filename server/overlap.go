@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"net/netip"
 	"slices"
 	"time"
 
@@ -36,7 +37,8 @@ var errKernelOverlap = errors.New("a FILTER or PEER element would overlap anothe
 // nothing, and an unfiltered MAP or NAT-PMP mapping (hash sets only)
 // returns at once. Candidates are the leases on next's tuple and, on
 // IPv6, its protocol's all-ports tuple (whose element spans every port);
-// an all-ports lease's are every lease of its owner on the address.
+// an all-ports lease's are its owner's leases with interval elements on
+// the address (table.ival6).
 func (s *Server) overlapsHeld(now time.Time, prev, next *store.Lease) bool {
 	if next.Kind != store.KindPeer && len(next.Filters) == 0 {
 		return false
@@ -102,7 +104,12 @@ func (s *Server) overlapsHeld(now time.Time, prev, next *store.Lease) bool {
 	k := next.Key
 	switch {
 	case k.InternalPort == 0 && k.Protocol != 0:
-		for _, l := range s.tab.leasesAt(k.Owner, k.InternalAddr, k.Protocol, true, nil) {
+		// The owner's IPv6 leases with interval elements (ival6): before
+		// (review h/revhunt, BenchmarkOverlapsHeld), every lease of the
+		// owner on the address, found by a walk of the table's slots up
+		// to the owner's last (table.leasesAt): 6.8-11.2 ms a request at
+		// 1 048 576 leases.
+		for _, l := range s.tab.ivalAt(k.Owner, k.InternalAddr, k.Protocol, nil) {
 			if other(&l) {
 				return true
 			}
@@ -122,4 +129,58 @@ func (s *Server) overlapsHeld(now time.Time, prev, next *store.Lease) bool {
 // address and one remote port.
 func onePoint(p pinhole.Pinhole) bool {
 	return p.RemotePrefix.IsSingleIP() && p.RemotePort != 0 && p.InternalPort != 0 && p.ExternalPort != 0
+}
+
+// ivalAdd and ivalDel keep ival6: the owner's IPv6 leases with interval
+// elements (pin6_filter, redir6_filter: a PEER, a MAP with FILTERs). Cost:
+// 4 bytes such a lease; a filtered all-ports MAP reads its owner's list
+// (ivalAt) where it walked the table.
+func (t *table) ivalAdd(ref uint32, l *store.Lease) {
+	r := t.rec(ref)
+	if _, ok := as6(r.iaddr); !ok || (l.Kind != store.KindPeer && len(l.Filters) == 0) {
+		return
+	}
+	r.flags |= fIval
+	r.in4 = uint32(len(t.ival6[r.owner]))
+	t.ival6[r.owner] = append(t.ival6[r.owner], ref)
+}
+
+func (t *table) ivalDel(ref uint32) {
+	r := t.rec(ref)
+	if r.flags&fIval == 0 {
+		return
+	}
+	r.flags &^= fIval
+	l := t.ival6[r.owner]
+	i, last := r.in4, l[len(l)-1]
+	l[i] = last
+	t.rec(last).in4 = i
+	if l = l[:len(l)-1]; len(l) == 0 {
+		delete(t.ival6, r.owner)
+	} else {
+		t.ival6[r.owner] = l
+	}
+}
+
+// ivalAt appends to dst owner's IPv6 leases with interval elements on
+// address a and protocol proto (IPv4: leasesAt's, PEERs included).
+func (t *table) ivalAt(owner string, a netip.Addr, proto uint8, dst []store.Lease) []store.Lease {
+	if !a.Is6() {
+		return t.leasesAt(owner, a, proto, true, dst)
+	}
+	n, ok := t.ownerNo[owner]
+	if !ok {
+		return dst
+	}
+	ca, ok := t.enc(a, false)
+	if !ok {
+		return dst
+	}
+	for _, ref := range t.ival6[n] {
+		if r := t.rec(ref); r.proto == proto && r.iaddr == ca {
+			dst = append(dst, store.Lease{})
+			t.decode(ref, &dst[len(dst)-1])
+		}
+	}
+	return dst
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -132,6 +133,63 @@ func benchOverlapsHeld(b *testing.B, s *Server, now time.Time, next *store.Lease
 	for range b.N {
 		if s.overlapsHeld(now, nil, next) {
 			b.Fatal("refused")
+		}
+	}
+}
+
+// TestIvalAtMatchesWalk (review h/revhunt): ivalAt gives what a walk of
+// the owner's leases on the address (leasesAt) gives but its plain MAPs,
+// through makes, renewals that add or drop FILTERs, and deletes.
+func TestIvalAtMatchesWalk(t *testing.T) {
+	tab := newTable()
+	now := time.Date(2026, 12, 7, 13, 0, 0, 0, time.UTC)
+	lease := func(owner string, a netip.Addr, port uint16, peer, filtered bool) store.Lease {
+		l := store.Lease{Key: store.Key{Owner: owner, Protocol: protoTCP, InternalAddr: a, InternalPort: port},
+			Kind: store.KindMap, ExternalAddr: a, ExternalPort: port, Expires: now.Add(time.Hour)}
+		if peer {
+			l.Kind, l.Key.Remote = store.KindPeer, netip.AddrPortFrom(netip.MustParseAddr("2001:db8:99::1"), port)
+		}
+		if filtered {
+			l.Filters = []store.Filter{{Prefix: wide6}}
+		}
+		return l
+	}
+	addrs := []netip.Addr{addrA, addrA2, addrB, v4A}
+	var keys []store.Key
+	for i := range 300 {
+		a := addrs[i%len(addrs)]
+		owner := ownerA
+		if a == addrB {
+			owner = ownerB
+		}
+		l := lease(owner, a, uint16(1000+i%37), i%5 == 0, i%3 == 0)
+		tab.put(l)
+		keys = append(keys, l.Key)
+		if i%7 == 0 { // a renewal that drops or adds the FILTERs
+			l.Filters = map[bool][]store.Filter{true: nil, false: {{Prefix: narrow6}}}[len(l.Filters) > 0]
+			tab.put(l)
+		}
+		if i%4 == 1 {
+			tab.del(keys[i/2])
+		}
+		for _, a := range addrs[:3] {
+			for _, o := range []string{ownerA, ownerB} {
+				var want []store.Key
+				for _, l := range tab.leasesAt(o, a, protoTCP, true, nil) {
+					if l.Kind == store.KindPeer || len(l.Filters) > 0 {
+						want = append(want, l.Key)
+					}
+				}
+				var got []store.Key
+				for _, l := range tab.ivalAt(o, a, protoTCP, nil) {
+					got = append(got, l.Key)
+				}
+				slices.SortFunc(want, compareKeys)
+				slices.SortFunc(got, compareKeys)
+				if !slices.Equal(got, want) {
+					t.Fatalf("step %d, %s on %v: ivalAt %v, the walk %v", i, o, a, got, want)
+				}
+			}
 		}
 	}
 }

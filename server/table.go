@@ -83,6 +83,11 @@ type table struct {
 	// on6 counts the leases of each IPv6 address, internal or external
 	// (flowprune.go: pruneFlowed asks it under s.mu).
 	on6 map[[16]byte]int32
+	// ival6 lists, per owner number, the slots of the owner's IPv6 leases
+	// with interval elements (a PEER, a MAP with FILTERs; rec.in4 is the
+	// position, unused by IPv6 leases): what a filtered all-ports MAP's
+	// element may overlap (overlapsHeld, ivalAt).
+	ival6 map[uint32][]uint32
 
 	// byOwner counts leases per owner (quotas, Status).
 	byOwner map[string]int
@@ -150,6 +155,7 @@ const (
 	fExtra              // extra[slot] exists
 	fThird              // ThirdParty
 	fPrefer             // PreferFailure
+	fIval               // in ival6
 )
 
 // extra is the variable part of a lease, kept only when not empty.
@@ -172,6 +178,7 @@ func newTable() *table {
 		held4:   map[port4]*portBits{},
 		byIn4:   map[[4]byte][]uint32{},
 		on6:     map[[16]byte]int32{},
+		ival6:   map[uint32][]uint32{},
 		byOwner: map[string]int{},
 		ownerNo: map[string]uint32{},
 		zoneNo:  map[string]uint16{},
@@ -834,6 +841,7 @@ func (t *table) insert(l *store.Lease) {
 	t.link(ixExt, ref)
 	t.in4Add(ref)
 	t.on6Add(r)
+	t.ivalAdd(ref, l)
 	t.exp = append(t.exp, hitem{at: r.exp, ref: ref})
 	t.hup(len(t.exp) - 1)
 	t.n++
@@ -884,6 +892,7 @@ func (t *table) delRef(ref uint32) {
 	t.unlink(ixExt, ref)
 	t.in4Del(ref)
 	t.on6Del(r)
+	t.ivalDel(ref)
 	t.hremove(int(r.hpos))
 	t.n--
 	id := t.owners[r.owner]
