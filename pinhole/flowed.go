@@ -361,6 +361,13 @@ func (b *Backend) FlowedAddrs(asked ...netip.Addr) (flowed func(netip.Addr) bool
 	if !b.flowed.recorded.Load() || !b.cutting.Load() { // damage noted meanwhile
 		return nil, false
 	}
+	return b.flowedFunc(asked), true
+}
+
+// flowedFunc is FlowedAddrs' answer: asked looked up in flowed6 now, any
+// other address when asked. Caller holds b.flowed.mu.
+func (b *Backend) flowedFunc(asked []netip.Addr) func(netip.Addr) bool {
+	f := &b.flowed
 	seen := make(map[netip.Addr]bool, len(asked))
 	b.flowedLookup(asked, seen)
 	return func(a netip.Addr) bool {
@@ -372,7 +379,7 @@ func (b *Backend) FlowedAddrs(asked ...netip.Addr) (flowed func(netip.Addr) bool
 		f.mu.Unlock()
 		seen[a] = v
 		return v
-	}, true
+	}
 }
 
 // flowedHas looks a up in flowed6 (NFT_MSG_GETSETELEM of one key: a hash
