@@ -60,6 +60,8 @@ func TestFollowRoutesWatched(t *testing.T) {
 		t.Fatal(err)
 	}
 	chain := pinhole.OwnerChains(owners)["static:w"]
+	// calm is the watch's generation when quiet last returned.
+	var calm uint64
 	quiet := func() {
 		// Until the watch has seen nothing for 300 ms (the namespace's
 		// own late notifications, DAD and the like, pass first).
@@ -74,6 +76,7 @@ func TestFollowRoutesWatched(t *testing.T) {
 				for len(r.Changes()) > 0 {
 					<-r.Changes()
 				}
+				calm = g
 				return
 			}
 		}
@@ -81,12 +84,26 @@ func TestFollowRoutesWatched(t *testing.T) {
 	}
 	follow := func(what string, wantAsks bool, wantIf string) {
 		t.Helper()
-		before := routes.n.Load()
-		if err := b.FollowRoutes(); err != nil {
-			t.Fatalf("%s: FollowRoutes: %v", what, err)
-		}
-		if asked := routes.n.Load() - before; asked > 0 != wantAsks {
-			t.Errorf("%s: FollowRoutes asked %d routes, want asks %v", what, asked, wantAsks)
+		for late := 0; ; late++ {
+			before := routes.n.Load()
+			if err := b.FollowRoutes(); err != nil {
+				t.Fatalf("%s: FollowRoutes: %v", what, err)
+			}
+			asked := routes.n.Load() - before
+			// Asks where none were wanted, the watch having told a
+			// change since the namespace was last quiet: a late
+			// notification of the namespace's own (CI 41: the move's,
+			// past the 300 ms quiet), not FollowRoutes asking with
+			// nothing told; wait for quiet again (at most 5 times).
+			// With nothing told since, asks are a failure.
+			if g, _ := r.Generation(); asked > 0 && !wantAsks && g != calm && late < 5 {
+				quiet()
+				continue
+			}
+			if asked > 0 != wantAsks {
+				t.Errorf("%s: FollowRoutes asked %d routes, want asks %v", what, asked, wantAsks)
+			}
+			break
 		}
 		out := nftList(t, topo.Host, "chain", "inet", "pcpd", chain)
 		if wantIf == "" && strings.Contains(out, "iif !=") || wantIf != "" && !strings.Contains(out, `iif != "`+wantIf+`"`) {
