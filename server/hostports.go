@@ -172,6 +172,23 @@ func (h *hostPorts) reserved(proto uint8, port uint16) bool {
 	return set.has(port) || (dnat != nil && dnat.has(port))
 }
 
+// forwarded reports whether the last read of the host's own DNAT rules
+// has them forward port of protocol proto on the external address. For a
+// lease already held (Server.mapInbound's renewal): unlike reserved it
+// neither scans nor counts the host's sockets, whose ephemeral UDP ports
+// would move held mappings at random; a forward is the admin's choice.
+// The rules are read again every hostPortsTTL, allocating or not
+// (refresh).
+func (h *hostPorts) forwarded(proto uint8, port uint16) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	dnat := h.dnatTCP
+	if proto != protoTCP {
+		dnat = h.dnatUDP
+	}
+	return dnat != nil && dnat.has(port)
+}
+
 // snapshot is a copy of every port reserved for proto now (what reserved
 // says port by port), nil while none is known free (fail closed: reserved
 // says every port). For a search over many ports: one lock, one copy.
@@ -224,6 +241,16 @@ func (h *hostPorts) refresh() {
 	active := !h.lastUse.IsZero() && time.Since(h.lastUse) < hostPortsIdle
 	h.mu.Unlock()
 	if !active {
+		// The host's DNAT rules are read while idle too (a read finds
+		// them unchanged at the cost of a look at its generation
+		// listener: pinhole/foreigngen.go), so that a renewal moves a
+		// mapping off a port the admin has forwarded since (forwarded;
+		// h/hunt2: before, a renewal kept it as long as its client
+		// renewed, with no new allocation to read the rules again).
+		f, err := h.readDNAT()
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		h.storeDNAT(f, err)
 		return
 	}
 	tcp, udp, tcpErr, udpErr := h.dump()

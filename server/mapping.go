@@ -180,6 +180,15 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response, o *outcome) (pc
 	// the configuration forbids are never in the table (restore drops
 	// them, configForbids), and the host's socket scan counts ephemeral
 	// UDP sockets, so re-checking it here would move mappings at random.
+	// But an IPv4 port the host's own DNAT rules forward now (the admin
+	// added a port forward after the mapping) is the admin's: the
+	// mapping moves, as a replacement would (h/hunt2). Kept, the admin's
+	// forward at dstnat took every connection of a mapping renewed with
+	// SUCCESS, or one hooked after pcpd's never got any while the client
+	// renewed (TestNAPTAdminForwardAddedAfterMapping).
+	if renew && ex.ExternalAddr.Is4() && s.hostPorts.forwarded(ex.Protocol, ex.ExternalPort) {
+		renew = false
+	}
 	var next store.Lease
 	if renew {
 		if a.pf && (a.suggPort != ex.ExternalPort || (specified(a.suggAddr) && a.suggAddr != ex.ExternalAddr)) {
