@@ -1,6 +1,7 @@
 package server
 
 import (
+	"net/netip"
 	"testing"
 	"time"
 
@@ -49,7 +50,17 @@ func TestRenewalMovesOffForwardedPort(t *testing.T) {
 			return pcp.Success, r.ExternalPort
 		}
 	}
+	filtered := func() (pcp.ResultCode, uint16) {
+		r := mapReq(v4A, pcp.ProtoTCP, 1447, 1447, time.Hour, 9)
+		r.Map.ExternalAddr = ext4
+		if _, ok := h.lease(ownerA, protoTCP, v4A, 1447); !ok {
+			r.Options.Filters = []pcp.Filter{{Remote: netip.MustParsePrefix("192.0.2.0/24")}} // only the first request
+		}
+		resp := h.do(r)
+		return resp.Result, resp.Map.ExternalPort
+	}
 	rows := []row{
+		{"PCP MAP with a FILTER, renewed without", protoTCP, 1447, filtered, true},
 		{"NAT-PMP TCP", protoTCP, 1443, pmp(pcp.PMPOpMapTCP, 1443), true},
 		{"PCP MAP, same nonce", protoTCP, 1444, pcpMap(1444, 7, false), true},
 		{"PCP MAP, PREFER_FAILURE", protoTCP, 1445, pcpMap(1445, 8, true), false},
@@ -77,15 +88,18 @@ func TestRenewalMovesOffForwardedPort(t *testing.T) {
 		case !r.moves && r.proto == protoUDP && (code != pcp.Success || ext != r.port):
 			t.Errorf("%s renewal: %v, external port %d: want SUCCESS on %d", r.name, code, ext, r.port)
 		}
-		l, ok := h.lease("static:a", r.proto, v4A, r.port)
+		l, ok := h.lease(ownerA, r.proto, v4A, r.port)
 		if !ok {
 			t.Fatalf("%s: no lease after the renewal", r.name)
+		}
+		if r.port == 1447 && (len(l.Filters) != 1 || l.Filters[0].Prefix != netip.MustParsePrefix("192.0.2.0/24")) {
+			t.Errorf("%s: the moved lease's FILTERs: %v, want 192.0.2.0/24 kept", r.name, l.Filters)
 		}
 		held := false
 		for p := range h.fw.Holes() {
 			if p.Protocol == r.proto && p.InternalPort == r.port && p.ExternalAddr == ext4 {
 				held = held || p.ExternalPort == r.port
-				if p.ExternalPort != l.ExternalPort {
+				if p.ExternalPort != l.ExternalPort || (r.port == 1447 && !p.RemotePrefix.IsValid()) {
 					t.Errorf("%s: kernel element on %d, the lease on %d", r.name, p.ExternalPort, l.ExternalPort)
 				}
 			}

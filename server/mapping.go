@@ -186,7 +186,11 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response, o *outcome) (pc
 	// forward at dstnat took every connection of a mapping renewed with
 	// SUCCESS, or one hooked after pcpd's never got any while the client
 	// renewed (TestNAPTAdminForwardAddedAfterMapping).
-	if renew && ex.ExternalAddr.Is4() && s.hostPorts.forwarded(ex.Protocol, ex.ExternalPort) {
+	// It stays the same mapping otherwise: its FILTERs and description
+	// are kept (a new lease would drop a FILTER the renewal does not
+	// repeat, opening the new port to every remote).
+	moved := renew && ex.ExternalAddr.Is4() && s.hostPorts.forwarded(ex.Protocol, ex.ExternalPort)
+	if moved {
 		renew = false
 	}
 	var next store.Lease
@@ -213,7 +217,13 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response, o *outcome) (pc
 				return code, err
 			}
 		}
-		next = store.Lease{Key: a.key, Created: now, ExternalAddr: ext.Addr(), ExternalPort: ext.Port()}
+		if moved {
+			next = *ex
+			next.Filters = slices.Clone(ex.Filters)
+			next.ExternalAddr, next.ExternalPort = ext.Addr(), ext.Port()
+		} else {
+			next = store.Lease{Key: a.key, Created: now, ExternalAddr: ext.Addr(), ExternalPort: ext.Port()}
+		}
 	}
 	next.Filters = applyFilters(next.Filters, a.filters)
 	if len(next.Filters) > s.cfg.MaxFilters {
