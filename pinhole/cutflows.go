@@ -148,7 +148,17 @@ func labelsRefusal(err error) bool {
 // up to ctWalkGap later (review h/revctcut). A guard6 that cannot be read
 // (no table yet: no flows) admits nothing. Caller holds b.mu.
 func (b *Backend) admitsUnlabelled() bool {
-	rules, err := b.scanRules(b.readConn(), b.chainGuard6, cutKinds[:], isLabelSet)
+	return b.looksUpUnlabelled(b.chainGuard6, cutKinds[:])
+}
+
+// looksUpUnlabelled reports whether chain as it is in the kernel has a
+// rule looking the packet up in a set or map of kinds that does not set a
+// label (scanRules, isLabelSet), or has rules but no label rule at all: a
+// layout of a pcpd before the labels, whatever its sets were named. A
+// chain that cannot be read for want of the table (ENOENT) has none; one
+// that cannot be read otherwise is taken to have one. Caller holds b.mu.
+func (b *Backend) looksUpUnlabelled(chain string, kinds []kind) bool {
+	rules, err := b.scanRules(b.readConn(), chain, kinds, isLabelSet)
 	if err != nil {
 		return !errors.Is(err, unix.ENOENT)
 	}
@@ -159,8 +169,6 @@ func (b *Backend) admitsUnlabelled() bool {
 		}
 		labelled = labelled || r.found
 	}
-	// A guard6 with rules but no label rule at all: a layout of a pcpd
-	// before the labels, whatever its sets were named.
 	return len(rules) > 0 && !labelled
 }
 

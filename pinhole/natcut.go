@@ -151,18 +151,7 @@ func (b *Backend) natCutRules() (natcut, recheck [][]expr.Any) {
 // guard6). A chain that cannot be read (no table yet) translated nothing.
 // Caller holds b.mu.
 func (b *Backend) translatesUnlabelled() bool {
-	rules, err := b.scanRules(b.readConn(), b.chainPrerouting, natCutKinds[:], isLabelSet)
-	if err != nil {
-		return !errors.Is(err, unix.ENOENT)
-	}
-	labelled := false
-	for _, r := range rules {
-		if r.lookup && !r.found {
-			return true
-		}
-		labelled = labelled || r.found
-	}
-	return len(rules) > 0 && !labelled
+	return b.looksUpUnlabelled(b.chainPrerouting, natCutKinds[:])
 }
 
 // dnatFlowsUnlabelled reports whether conntrack holds a flow DNAT-ed
