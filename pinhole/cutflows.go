@@ -4,6 +4,7 @@ import (
 	"errors"
 	"hash/fnv"
 	"net/netip"
+	"slices"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -255,18 +256,8 @@ func (b *Backend) CutsFlows(p Pinhole) bool {
 		return false
 	}
 	k := kindOf(n)
-	for _, c := range natCutKinds {
-		if k == c {
-			return b.cuttingNAT.Load()
-		}
+	if slices.Contains(natCutKinds[:], k) {
+		return b.cuttingNAT.Load()
 	}
-	if !b.cutting.Load() {
-		return false
-	}
-	for _, c := range cutKinds {
-		if k == c {
-			return true
-		}
-	}
-	return false
+	return b.cutting.Load() && slices.Contains(cutKinds[:], k)
 }

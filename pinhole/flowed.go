@@ -524,13 +524,7 @@ func (b *Backend) RecordsFlows(p Pinhole) bool {
 	if err != nil {
 		return false
 	}
-	k := kindOf(n)
-	for _, c := range cutKinds {
-		if k == c {
-			return true
-		}
-	}
-	return false
+	return slices.Contains(cutKinds[:], kindOf(n))
 }
 
 // ForgetFlowed deletes addrs from flowed6, in one transaction, for a
