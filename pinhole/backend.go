@@ -425,24 +425,27 @@ func (b *Backend) setupWith(pre *setupReads, prepared bool) error {
 	defer func() { b.preReads = nil }()
 	err := b.setupLocked()
 	if b.labelsRefusal(err) {
-		b.cutLabels = false
-		err2 := b.setupLocked()
-		if labelsRefusal(err2) {
-			// Refused without the labels too: not them.
-			b.cutLabels = true
-			return err
-		}
-		err = err2
-	} else if b.natCutRefusal(err) {
-		b.natCut = false
-		err2 := b.setupLocked()
-		if natCutRefusal(err2) {
-			b.natCut = true
-			return err
-		}
-		err = err2
+		return b.setupWithout(&b.cutLabels, labelsRefusal, err)
+	}
+	if b.natCutRefusal(err) {
+		return b.setupWithout(&b.natCut, natCutRefusal, err)
 	}
 	return err
+}
+
+// setupWithout: Setup's layout was refused (err) as a kernel without a
+// feature refuses it (refused: labelsRefusal, natCutRefusal); it is
+// written again with the feature off (*on false), which stays off. Refused
+// the same way without it too, the feature was not the cause: *on is set
+// again and err returned. Caller holds b.mu.
+func (b *Backend) setupWithout(on *bool, refused func(error) bool, err error) error {
+	*on = false
+	err2 := b.setupLocked()
+	if refused(err2) {
+		*on = true
+		return err
+	}
+	return err2
 }
 
 // layoutError is Setup's layout transaction failing: labelsRefusal looks
