@@ -126,21 +126,11 @@ func appendQuarValue(b, key []byte, q *Quarantine) []byte {
 }
 
 func appendQuarDelEntry(b []byte, e *Endpoint) []byte {
-	b, ks := beginField(append(b, entryQDel))
-	b = appendQuarKey(b, e)
-	endField(b, ks)
-	return b
+	return appendKeyEntry(b, entryQDel, e, appendQuarKey)
 }
 
 func appendQuarPutEntry(b []byte, q *Quarantine) []byte {
-	b, ks := beginField(append(b, entryQPut))
-	b = appendQuarKey(b, &q.Endpoint)
-	ke := len(b)
-	endField(b, ks)
-	b, vs := beginField(b)
-	b = appendQuarValue(b, b[ks:ke], q)
-	endField(b, vs)
-	return b
+	return appendKeyValueEntry(b, entryQPut, &q.Endpoint, q, appendQuarKey, appendQuarValue)
 }
 
 // decodeQuarantine parses one stored quarantine record. It never panics and

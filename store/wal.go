@@ -219,22 +219,34 @@ func walkEntries(p []byte, fn func(op byte, key, val []byte) error) error {
 
 // appendDelEntry / appendPutEntry encode one change. The lease must have
 // passed validate, so lengths fit their fields.
-func appendDelEntry(b []byte, k *Key) []byte {
-	b, ks := beginField(append(b, entryDel))
-	b = appendKey(b, k)
+func appendDelEntry(b []byte, k *Key) []byte { return appendKeyEntry(b, entryDel, k, appendKey) }
+
+func appendPutEntry(b []byte, l *Lease) []byte {
+	return appendKeyValueEntry(b, entryPut, &l.Key, l, appendKey, appendValue)
+}
+
+// appendKeyEntry appends an entry of op with a key field alone, k as
+// appendK encodes it: a delete (entryDel, entryQDel).
+func appendKeyEntry[K any](b []byte, op byte, k *K, appendK func([]byte, *K) []byte) []byte {
+	b, ks := beginField(append(b, op))
+	b = appendK(b, k)
 	endField(b, ks)
 	return b
 }
 
-func appendPutEntry(b []byte, l *Lease) []byte {
-	b, ks := beginField(append(b, entryPut))
-	b = appendKey(b, &l.Key)
+// appendKeyValueEntry appends an entry of op with a key field, k as
+// appendK encodes it, and a value field, v as appendV encodes it given
+// the key's octets (they go into its checksum): a put (entryPut,
+// entryQPut).
+func appendKeyValueEntry[K, V any](b []byte, op byte, k *K, v *V, appendK func([]byte, *K) []byte, appendV func(b, key []byte, v *V) []byte) []byte {
+	b, ks := beginField(append(b, op))
+	b = appendK(b, k)
 	ke := len(b)
 	endField(b, ks)
 	b, vs := beginField(b)
 	// key aliases b; if this append moves b, key still reads the old copy,
 	// which holds the same octets.
-	b = appendValue(b, b[ks:ke], l)
+	b = appendV(b, b[ks:ke], v)
 	endField(b, vs)
 	return b
 }
