@@ -598,8 +598,14 @@ type deliveredFilter struct {
 }
 
 func (d deliveredFilter) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
-	to, _ := netip.AddrFromSlice(fl.Reverse.SrcIP)
-	return d.nf.MatchConntrackFlow(fl) && d.f.delivered(netip.AddrPortFrom(to.Unmap(), fl.Reverse.SrcPort))
+	return d.nf.MatchConntrackFlow(fl) && d.f.delivered(ctEnd(fl.Reverse.SrcIP, fl.Reverse.SrcPort))
+}
+
+// ctEnd is the endpoint ip:port of a generic walk's flow tuple, the
+// address unmapped (the zero address if ip is none).
+func ctEnd(ip net.IP, port uint16) netip.AddrPort {
+	a, _ := netip.AddrFromSlice(ip)
+	return netip.AddrPortFrom(a.Unmap(), port)
 }
 
 // natFlowFilter matches the flows of a SNAT filter (netlink's own filter
@@ -1047,10 +1053,8 @@ type keepAdmitted struct {
 }
 
 func (k keepAdmitted) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
-	src, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
-	to, _ := netip.AddrFromSlice(fl.Reverse.SrcIP)
 	return k.nf.MatchConntrackFlow(fl) &&
-		!k.admits.admitted(k.t, netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), netip.AddrPortFrom(to.Unmap(), fl.Reverse.SrcPort))
+		!k.admits.admitted(k.t, ctEnd(fl.Forward.SrcIP, fl.Forward.SrcPort), ctEnd(fl.Reverse.SrcIP, fl.Reverse.SrcPort))
 }
 
 // snatted reports whether a pinhole a[t] SNATs a new outbound flow from
@@ -1074,18 +1078,13 @@ func snattedBy(ps []pinhole.Pinhole, t ctTarget, src, dst netip.AddrPort) bool {
 }
 
 // keepSNATted is a generic walk's SNAT filter that spares the flows a
-// live lease's SNAT companion covers (ctAdmits.snatted).
-type keepSNATted struct {
-	nf     netlink.CustomConntrackFilter
-	t      ctTarget
-	admits ctAdmits
-}
+// live lease's SNAT companion covers (ctAdmits.snatted): keepAdmitted's
+// fields, for the outbound flows.
+type keepSNATted keepAdmitted
 
 func (k keepSNATted) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
-	src, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
-	dst, _ := netip.AddrFromSlice(fl.Forward.DstIP)
 	return k.nf.MatchConntrackFlow(fl) &&
-		!k.admits.snatted(k.t, netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), netip.AddrPortFrom(dst.Unmap(), fl.Forward.DstPort))
+		!k.admits.snatted(k.t, ctEnd(fl.Forward.SrcIP, fl.Forward.SrcPort), ctEnd(fl.Forward.DstIP, fl.Forward.DstPort))
 }
 
 // keepLive is a generic walk's filter that spares the flows a lease live
@@ -1101,19 +1100,17 @@ func (k keepLive) MatchConntrackFlow(fl *netlink.ConntrackFlow) bool {
 	if !k.nf.MatchConntrackFlow(fl) {
 		return false
 	}
-	src, _ := netip.AddrFromSlice(fl.Forward.SrcIP)
-	dst, _ := netip.AddrFromSlice(fl.Forward.DstIP)
-	h := ctHit{t: ctTarget{addr: dst.Unmap(), proto: fl.Forward.Protocol, port: fl.Forward.DstPort},
-		src: netip.AddrPortFrom(src.Unmap(), fl.Forward.SrcPort), nat: k.nat}
+	dst := ctEnd(fl.Forward.DstIP, fl.Forward.DstPort)
+	h := ctHit{t: ctTarget{addr: dst.Addr(), proto: fl.Forward.Protocol, port: dst.Port()},
+		src: ctEnd(fl.Forward.SrcIP, fl.Forward.SrcPort), nat: k.nat}
 	if k.nat {
 		// Its reply destination is the target; the remote its
 		// original destination.
-		rd, _ := netip.AddrFromSlice(fl.Reverse.DstIP)
-		h.t = ctTarget{addr: rd.Unmap(), proto: fl.Forward.Protocol, port: fl.Reverse.DstPort}
-		h.to = netip.AddrPortFrom(dst.Unmap(), fl.Forward.DstPort)
+		rd := ctEnd(fl.Reverse.DstIP, fl.Reverse.DstPort)
+		h.t = ctTarget{addr: rd.Addr(), proto: fl.Forward.Protocol, port: rd.Port()}
+		h.to = dst
 	} else {
-		to, _ := netip.AddrFromSlice(fl.Reverse.SrcIP)
-		h.to = netip.AddrPortFrom(to.Unmap(), fl.Reverse.SrcPort)
+		h.to = ctEnd(fl.Reverse.SrcIP, fl.Reverse.SrcPort)
 	}
 	hs := []ctHit{h}
 	k.s.spareLive(hs)

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"net"
 	"net/netip"
 	"sync"
 	"testing"
@@ -216,6 +217,26 @@ func TestCtKeepAdmittedGeneric(t *testing.T) {
 		fl.Reverse = vnetlink.IPTuple{Protocol: protoTCP, SrcIP: a6.AsSlice(), SrcPort: c.to, DstIP: rem6.Addr().AsSlice(), DstPort: rem6.Port()}
 		if got := k.MatchConntrackFlow(fl); got != c.ended {
 			t.Errorf("flow delivered at port %d: ended %v, want %v", c.to, got, c.ended)
+		}
+	}
+}
+
+// TestCtEnd: a generic walk's flow tuple read as an endpoint, IPv4-mapped
+// addresses unmapped as the kernel-filtered walk's (ctnl) are, a missing
+// address the zero one.
+func TestCtEnd(t *testing.T) {
+	for _, c := range []struct {
+		ip   net.IP
+		port uint16
+		want netip.AddrPort
+	}{
+		{net.IP{192, 0, 2, 7}, 80, netip.MustParseAddrPort("192.0.2.7:80")},
+		{net.ParseIP("192.0.2.7"), 443, netip.MustParseAddrPort("192.0.2.7:443")}, // 16-octet form
+		{net.ParseIP("2001:db8::2"), 8080, netip.MustParseAddrPort("[2001:db8::2]:8080")},
+		{nil, 53, netip.AddrPortFrom(netip.Addr{}, 53)},
+	} {
+		if got := ctEnd(c.ip, c.port); got != c.want {
+			t.Errorf("ctEnd(%v, %d) = %v, want %v", c.ip, c.port, got, c.want)
 		}
 	}
 }
