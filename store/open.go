@@ -501,19 +501,26 @@ func copyFile(from, to string) error {
 		return err
 	}
 	defer in.Close()
-	out, err := os.OpenFile(to, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	return writeSynced(to, in)
+}
+
+// writeSynced writes what src writes (io.Copy's first choice) into a new
+// or truncated file at path, mode 0600, then syncs and closes it; a
+// failed write or sync closes it and leaves it as it is.
+func writeSynced(path string, src io.WriterTo) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
 	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
+	if _, err := src.WriteTo(f); err != nil {
+		f.Close()
 		return err
 	}
-	if err := out.Sync(); err != nil {
-		out.Close()
+	if err := f.Sync(); err != nil {
+		f.Close()
 		return err
 	}
-	return out.Close()
+	return f.Close()
 }
 
 // createEmpty writes a new, empty state file through a temporary file and

@@ -877,21 +877,7 @@ func (s *Store) snapshot(db *bolt.DB) error {
 	defer s.snapMu.Unlock()
 	bak := filepath.Join(s.dir, BackupName)
 	tmp := bak + tmpSuffix
-	err := db.View(func(tx *bolt.Tx) error {
-		f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
-		if err != nil {
-			return err
-		}
-		if _, err := tx.WriteTo(f); err != nil {
-			f.Close()
-			return err
-		}
-		if err := f.Sync(); err != nil {
-			f.Close()
-			return err
-		}
-		return f.Close()
-	})
+	err := db.View(func(tx *bolt.Tx) error { return writeSynced(tmp, tx) })
 	if err == nil {
 		err = os.Rename(tmp, bak)
 	}
