@@ -119,11 +119,7 @@ func (s *Server) earlyIn(t *tally, dst, b []byte, src netip.AddrPort, iface stri
 	default:
 		return s.toEngine(src, iface, policy.Owner{}, false, now) // refused by the engine's earlier step
 	}
-	internal := src.Addr()
-	tp := req.Options.ThirdParty.IsValid()
-	if tp {
-		internal = req.Options.ThirdParty.Unmap()
-	}
+	internal, tp := requestInternal(src, req)
 	// Server.authorize, without its error value (one allocation per
 	// refusal): the same policy call and the same leniency for deletes.
 	deleting := req.Opcode == pcp.OpMap && req.Lifetime == 0

@@ -558,3 +558,24 @@ func TestMAP05Wildcard(t *testing.T) {
 		}
 	})
 }
+
+// TestRequestInternal: a MAP or PEER is for its THIRD_PARTY address,
+// unmapped (TP-04), when it has one; else for its source's address.
+func TestRequestInternal(t *testing.T) {
+	src := netip.MustParseAddrPort("[2001:db8::2]:5350")
+	for _, c := range []struct {
+		tp     netip.Addr
+		want   netip.Addr
+		wantTP bool
+	}{
+		{netip.Addr{}, src.Addr(), false},
+		{netip.MustParseAddr("2001:db8::9"), netip.MustParseAddr("2001:db8::9"), true},
+		{netip.MustParseAddr("::ffff:192.0.2.9"), netip.MustParseAddr("192.0.2.9"), true},
+	} {
+		req := &pcp.Request{}
+		req.Options.ThirdParty = c.tp
+		if got, tp := requestInternal(src, req); got != c.want || tp != c.wantTP {
+			t.Errorf("THIRD_PARTY %v: requestInternal = %v, %v; want %v, %v", c.tp, got, tp, c.want, c.wantTP)
+		}
+	}
+}

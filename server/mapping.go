@@ -59,16 +59,22 @@ func (s *Server) authorize(c *call, addr netip.Addr, tp bool, proto uint8, port 
 	return owner, nil
 }
 
+// requestInternal is the internal address a MAP or PEER request from src
+// is for: its THIRD_PARTY address, unmapped, when it has one (tp; TP-04),
+// else the request's source address.
+func requestInternal(src netip.AddrPort, req *pcp.Request) (internal netip.Addr, tp bool) {
+	if a := req.Options.ThirdParty; a.IsValid() {
+		return a.Unmap(), true
+	}
+	return src.Addr(), false
+}
+
 // serveMap is MAP (RFC 6887 §11, §15), steps in MAP-01's order.
 func (s *Server) serveMap(c *call, req *pcp.Request, resp *pcp.Response, o *outcome) (pcp.ResultCode, error) {
 	if s.cfg.DisableMap {
 		return fail(errDisabled) // MAP-23
 	}
-	internal := c.src.Addr()
-	tp := req.Options.ThirdParty.IsValid()
-	if tp {
-		internal = req.Options.ThirdParty.Unmap() // TP-04
-	}
+	internal, tp := requestInternal(c.src, req)
 	m := &req.Map
 	proto := uint8(m.Protocol)
 	deleting := req.Lifetime == 0
@@ -456,11 +462,7 @@ func (s *Server) servePeer(c *call, req *pcp.Request, resp *pcp.Response, o *out
 	if s.cfg.DisablePeer {
 		return fail(errDisabled) // PEER-08
 	}
-	internal := c.src.Addr()
-	tp := req.Options.ThirdParty.IsValid()
-	if tp {
-		internal = req.Options.ThirdParty.Unmap()
-	}
+	internal, tp := requestInternal(c.src, req)
 	m := &req.Map
 	proto := uint8(m.Protocol)
 	owner, err := s.authorize(c, internal, tp, proto, m.InternalPort, false)
