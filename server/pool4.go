@@ -52,14 +52,20 @@ func as4(c caddr) ([4]byte, bool) {
 	return [4]byte(c.a[:4]), c.m&3 == 1
 }
 
+// extPort4 is the held4 key of slot r: its external IPv4 address and
+// protocol; false for an IPv6 one.
+func extPort4(r *rec) (port4, bool) {
+	a, ok := as4(r.eaddr)
+	return port4{a: a, proto: r.proto}, ok
+}
+
 // held4Set records that the endpoint of slot r has a holder now (its
 // byExt chain was made); held4Clear that it has none (its chain is gone).
 func (t *table) held4Set(r *rec) {
-	a, ok := as4(r.eaddr)
+	k, ok := extPort4(r)
 	if !ok {
 		return
 	}
-	k := port4{a: a, proto: r.proto}
 	b := t.held4[k]
 	if b == nil {
 		b = new(portBits)
@@ -70,11 +76,10 @@ func (t *table) held4Set(r *rec) {
 }
 
 func (t *table) held4Clear(r *rec) {
-	a, ok := as4(r.eaddr)
+	k, ok := extPort4(r)
 	if !ok {
 		return
 	}
-	k := port4{a: a, proto: r.proto}
 	b := t.held4[k]
 	b.w[r.eport>>6] &^= 1 << (r.eport & 63)
 	b.n-- // an empty one stays: a lone mapping made and deleted over and over allocated 8 KB each time
