@@ -957,15 +957,21 @@ func (s *Server) pruneAfterWalk() {
 	s.pruneFlowed(as)
 }
 
-func (s *Server) walkCt(fs []ctFilter, admits ctAdmits, live bool) ([]ctFilter, error) {
+// takeCtSock takes a walk's conntrack socket (ctSock.take) in
+// Config.NetNS, or in pcpd's own namespace when none is set.
+func (s *Server) takeCtSock() (*mdnl.Conn, error) {
 	fd := 0
 	if nsSet(s.cfg.NetNS) {
 		fd = int(s.cfg.NetNS)
 	}
+	return s.ctSock.take(fd)
+}
+
+func (s *Server) walkCt(fs []ctFilter, admits ctAdmits, live bool) ([]ctFilter, error) {
 	// The socket kept from the last walk while serving (ctSocket); a
 	// new deleter around it every walk: nothing else of the last walk's
 	// (what it spared, the host's addresses then) carries over.
-	c, err := s.ctSock.take(fd)
+	c, err := s.takeCtSock()
 	if err != nil {
 		s.log.Debug("conntrack flush (kernel filter)", zap.Error(err))
 		return s.walkConntrackGeneric(fs, admits, live)
@@ -1235,11 +1241,7 @@ func routeHandle(ns netns.NsHandle) (*netlink.Handle, error) {
 // by reply tuple and CTA_ID, pipelined), on the walk's socket (ctSocket).
 // It returns the filters of the families whose walk failed.
 func (s *Server) walkConntrackGeneric(fs []ctFilter, admits ctAdmits, live bool) ([]ctFilter, error) {
-	fd := 0
-	if nsSet(s.cfg.NetNS) {
-		fd = int(s.cfg.NetNS)
-	}
-	c, err := s.ctSock.take(fd)
+	c, err := s.takeCtSock()
 	if err != nil {
 		s.log.Debug("conntrack flush", zap.Error(err))
 		return fs, err
