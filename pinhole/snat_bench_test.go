@@ -6,7 +6,6 @@ import (
 	"net/netip"
 	"regexp"
 	"strconv"
-	"syscall"
 	"testing"
 	"time"
 
@@ -105,20 +104,7 @@ func BenchmarkSNATNewFlow(b *testing.B) {
 					}
 				}
 			}
-			for range 100 {
-				send()
-			}
-			var before, after syscall.Rusage
-			syscall.Getrusage(syscall.RUSAGE_SELF, &before)
-			b.ResetTimer()
-			for b.Loop() {
-				send()
-			}
-			b.StopTimer()
-			syscall.Getrusage(syscall.RUSAGE_SELF, &after)
-			cpu := time.Duration(syscall.TimevalToNsec(after.Utime) - syscall.TimevalToNsec(before.Utime) +
-				syscall.TimevalToNsec(after.Stime) - syscall.TimevalToNsec(before.Stime))
-			b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N*burst), "cpu-ns/datagram")
+			reportCPUPerDatagram(b, burst, send)
 			time.Sleep(100 * time.Millisecond)
 			out := nftList(b, sink, "chain", "inet", "sink", "pre")
 			c := regexp.MustCompile(`counter packets (\d+)`).FindAllStringSubmatch(out, -1)
