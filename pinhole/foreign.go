@@ -87,7 +87,12 @@ type ForeignDNAT struct {
 	// CatchAll are the rules that translate every port of pcpd's range
 	// (no destination port condition, or one that leaves none of it out:
 	// a "DMZ" host). Their ports are not in TCP and UDP: reserving them
-	// would leave no port to map.
+	// would leave no port to map. One whose Why is empty takes every new
+	// connection of its protocols to the external address: each
+	// condition on its path was read (address, protocol, port); Why
+	// names a condition that was not (an interface, a source address, a
+	// mark, an expression the library drops), which may leave some
+	// connections to pcpd's mappings.
 	CatchAll []ForeignRule
 	// Undecoded are the DNAT rules whose ports could not be read (a
 	// concatenation, a set not found, an iptables multiport match): not
@@ -111,7 +116,11 @@ type ForeignRule struct {
 	// an order the kernel keeps by registration): it takes the
 	// connections of the ports it translates from pcpd's mappings.
 	Before bool
-	Why    string // Undecoded's reason
+	// TCP and UDP are the protocols it may translate (CatchAll).
+	TCP, UDP bool
+	// Why is Undecoded's reason; a CatchAll's condition not read ("":
+	// none, it takes every connection of its protocols).
+	Why string
 }
 
 // String is "family table chain handle N (from base at priority P)".
@@ -154,7 +163,7 @@ func (b *Backend) ForeignDNAT(ext netip.Addr, first, last uint16) (*ForeignDNAT,
 	// Before the read: a table gone since is told at the next check.
 	owned, err := ownedTables(c)
 	var f *ForeignDNAT
-	src := &nftSource{c: c}
+	src := &nftSource{c: c, nl: b.foreignConn.nl}
 	if err == nil {
 		f, err = readForeign(src, b.ownChain, ext, first, last)
 	}
@@ -187,11 +196,17 @@ type ruleSource interface {
 	rules(t *nftables.Table, chain string) ([]*nftables.Rule, error)
 	// set returns table t's set name and its elements; nil, nil if none.
 	set(t *nftables.Table, name string) (*nftables.Set, []nftables.SetElement, error)
+	// exprCount is how many expressions the kernel holds in rule handle
+	// of t's chain (-1: not found): more than the library listed is an
+	// expression it dropped (one it has no type for).
+	exprCount(t *nftables.Table, chain string, handle uint64) (int, error)
 }
 
 // nftSource reads the kernel's ruleset over c, each set once a read.
 type nftSource struct {
 	c    *nftables.Conn
+	nl   *netlink.Conn // c's socket, for exprCount's raw dump
+	cnt  map[chainKey]map[uint64]int
 	sets map[tableKey][]*nftables.Set
 	// looked are the non-constant sets whose elements were read, as read
 	// (foreigngen.go: the packet path or a timeout may change them
@@ -203,6 +218,33 @@ func (n *nftSource) chains() ([]*nftables.Chain, error) { return n.c.ListChains(
 
 func (n *nftSource) rules(t *nftables.Table, chain string) ([]*nftables.Rule, error) {
 	return n.c.GetRules(t, &nftables.Chain{Table: t, Name: chain})
+}
+
+func (n *nftSource) exprCount(t *nftables.Table, chain string, handle uint64) (int, error) {
+	k := chainKey{keyOf(t), chain}
+	counts, ok := n.cnt[k]
+	if !ok {
+		if n.nl == nil {
+			return -1, errors.New("no socket")
+		}
+		msgs, err := dumpRuleMsgs(n.nl, t, chain)
+		if err != nil {
+			return -1, err
+		}
+		all, err := countExprs(msgs)
+		if err != nil {
+			return -1, err
+		}
+		if n.cnt == nil {
+			n.cnt = map[chainKey]map[uint64]int{}
+		}
+		counts = all[chain]
+		n.cnt[k] = counts
+	}
+	if c, ok := counts[handle]; ok {
+		return c, nil
+	}
+	return -1, nil
 }
 
 func (n *nftSource) set(t *nftables.Table, name string) (*nftables.Set, []nftables.SetElement, error) {
@@ -314,6 +356,7 @@ type foreignWalk struct {
 	seen    map[string]struct{}
 	visits  int                 // rules walked this read (maxVisits)
 	noted   map[string]struct{} // rules recorded (once each, per base chain and outcome)
+	caught  map[string]int      // catch-alls recorded: their index in f.CatchAll
 	counted map[string]struct{} // rules counted in f.Rules
 }
 
@@ -409,9 +452,25 @@ func (w *foreignWalk) translated(t *nftables.Table, chain string, r *nftables.Ru
 			w.f.Undecoded = append(w.f.Undecoded, w.note(t, chain, r, c.why))
 		}
 	case !c.portCond || c.ports.covers(w.first, w.last):
-		if once("c") {
-			w.f.CatchAll = append(w.f.CatchAll, w.note(t, chain, r, ""))
+		why := c.unsure
+		if why == "" && w.prio <= int32(dnatPriority) {
+			why = w.hidden(t, chain, r)
 		}
+		// Once per base chain and condition read or not; the protocols
+		// of every path so.
+		k := id + " " + w.base + " c" + why
+		if i, ok := w.caught[k]; ok {
+			w.f.CatchAll[i].TCP = w.f.CatchAll[i].TCP || c.tcp
+			w.f.CatchAll[i].UDP = w.f.CatchAll[i].UDP || c.udp
+			return
+		}
+		if w.caught == nil {
+			w.caught = map[string]int{}
+		}
+		w.caught[k] = len(w.f.CatchAll)
+		n := w.note(t, chain, r, why)
+		n.TCP, n.UDP = c.tcp, c.udp
+		w.f.CatchAll = append(w.f.CatchAll, n)
 	default:
 		if c.tcp {
 			c.ports.addTo(&w.f.TCP)
@@ -420,6 +479,22 @@ func (w *foreignWalk) translated(t *nftables.Table, chain string, r *nftables.Ru
 			c.ports.addTo(&w.f.UDP)
 		}
 	}
+}
+
+// hidden is why catch-all r, every condition of its path read, may still
+// not take every connection: the kernel holds more expressions in it
+// than the library listed (google/nftables v0.3.0 drops those it has no
+// type for: rt, socket, osf, xfrm, byteorder, ...; a condition among
+// them), or they could not be counted. "" if none.
+func (w *foreignWalk) hidden(t *nftables.Table, chain string, r *nftables.Rule) string {
+	n, err := w.src.exprCount(t, chain, r.Handle)
+	switch {
+	case err != nil:
+		return "its expressions could not be counted: " + err.Error()
+	case n != len(r.Exprs):
+		return "an expression the nftables library does not read"
+	}
+	return ""
 }
 
 // rule reads r's expressions in order, with the conditions c of the
@@ -490,6 +565,12 @@ func (w *foreignWalk) rule(t *nftables.Table, chain string, r *nftables.Rule, c 
 			}
 		case *expr.Match:
 			c.xtMatch(e)
+		case *expr.Limit, *expr.Quota, *expr.Connlimit:
+			c.notRead(fmt.Sprintf("%T", e))
+		case *expr.Objref:
+			if e.Type != unix.NFT_OBJECT_COUNTER {
+				c.notRead("a stateful object")
+			}
 		case *expr.NAT:
 			if e.Type == expr.NATTypeDestNAT && e.Family != unix.NFPROTO_IPV6 {
 				w.translated(t, chain, r, c)
@@ -615,6 +696,10 @@ type cond struct {
 	tcp, udp bool  // the protocols it may be
 	skip     bool  // it cannot be IPv4 to the external address
 	why      string
+	// unsure is the first condition on the path not read (one that may
+	// leave some connections out whatever their port: an interface, a
+	// source address, a mark, a limit); "" if none.
+	unsure string
 }
 
 func newCond() cond { return cond{tcp: true, udp: true} }
@@ -623,6 +708,13 @@ func newCond() cond { return cond{tcp: true, udp: true} }
 func (c *cond) undecoded(why string) {
 	if c.why == "" {
 		c.why = why
+	}
+}
+
+// notRead records a condition on the path that was not read.
+func (c *cond) notRead(what string) {
+	if c.unsure == "" {
+		c.unsure = "a condition not read: " + what
 	}
 }
 
@@ -711,6 +803,7 @@ func (c *cond) compare(l load, m matcher, ext netip.Addr) {
 		c.undecoded("a destination port in a concatenation")
 	case ldDaddr:
 		if !m.known || m.n != 4 {
+			c.notRead("a destination address condition")
 			return // may match: reserve rather than miss
 		}
 		a := ext.As4()
@@ -724,18 +817,27 @@ func (c *cond) compare(l load, m matcher, ext netip.Addr) {
 		}
 	case ldL4proto:
 		if !m.known || m.n != 1 {
+			c.notRead("a protocol condition")
 			return
 		}
 		c.tcp = c.tcp && m.holds([]byte{unix.IPPROTO_TCP})
 		c.udp = c.udp && m.holds([]byte{unix.IPPROTO_UDP})
 	case ldNfproto:
-		if m.known && m.n == 1 && !m.holds([]byte{unix.NFPROTO_IPV4}) {
+		if !m.known || m.n != 1 {
+			c.notRead("a family condition")
+		} else if !m.holds([]byte{unix.NFPROTO_IPV4}) {
 			c.skip = true
 		}
 	case ldEthertype:
-		if m.known && m.n == 2 && !m.holds([]byte{0x08, 0x00}) {
+		if !m.known || m.n != 2 {
+			c.notRead("an ethertype condition")
+		} else if !m.holds([]byte{0x08, 0x00}) {
 			c.skip = true
 		}
+	default:
+		// An interface, a source address, a mark, conntrack's state,
+		// fib, a set of those: not modelled (may match).
+		c.notRead("one on what pcpd does not model (an interface, a source address, a mark, ...)")
 	}
 }
 
@@ -753,8 +855,12 @@ func (c *cond) xtMatch(m *expr.Match) {
 		c.tcp = false
 		s[0], inv = span{info.DstPorts[0], info.DstPorts[1]}, info.InvFlags&xt.UdpInvDestPorts != 0
 	default:
-		if m.Name == "multiport" {
+		switch m.Name {
+		case "multiport":
 			c.undecoded("an iptables multiport match")
+		case "comment":
+		default:
+			c.notRead("an iptables " + m.Name + " match")
 		}
 		return
 	}
@@ -984,6 +1090,7 @@ func (w *foreignWalk) lookup(t *nftables.Table, chain string, r *nftables.Rule, 
 		if l.kind == ldDport {
 			c.undecoded("set " + e.SetName + " not found")
 		}
+		c.notRead("set " + e.SetName + " not found")
 	case len(els) == 0:
 		c.skip = c.skip || !e.Invert // matches nothing
 	case !concat:

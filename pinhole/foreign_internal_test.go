@@ -21,6 +21,19 @@ type fakeRules struct {
 	rulesOf   map[string][]*nftables.Rule // by table name/chain name
 	setsOf    map[string]fakeSet          // by table name/set name
 	errs      map[string]error            // rules' error, by table name/chain name
+	counts    map[string]int              // the kernel's expression count, by table name/chain name/handle (default: as listed)
+}
+
+func (f *fakeRules) exprCount(t *nftables.Table, chain string, handle uint64) (int, error) {
+	if n, ok := f.counts[fmt.Sprintf("%s/%s/%d", t.Name, chain, handle)]; ok {
+		return n, nil
+	}
+	for _, r := range f.rulesOf[t.Name+"/"+chain] {
+		if r.Handle == handle {
+			return len(r.Exprs), nil
+		}
+	}
+	return -1, nil
 }
 
 type fakeSet struct {
@@ -159,7 +172,9 @@ func TestForeignDNATDecode(t *testing.T) {
 	type want struct {
 		tcp, udp  string // ports as "a,b-c"; "" none
 		catchAll  int
-		before    bool // the catch-all's Before
+		before    bool   // the catch-all's Before
+		protos    string // the catch-all's protocols: "tcp", "udp", "tcp,udp"
+		unsure    string // in the catch-all's Why ("": none, it takes every connection)
 		undecoded string
 	}
 	for _, tc := range []struct {
@@ -169,6 +184,7 @@ func TestForeignDNATDecode(t *testing.T) {
 		rule   []expr.Any
 		others map[string][]expr.Any // more chains of table: name -> one rule
 		sets   map[string]fakeSet
+		count  int // the kernel's expression count of the rule (0: as listed)
 		want   want
 	}{
 		{name: "tcp dport eq", rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{tcp: "443"}},
@@ -214,10 +230,30 @@ func TestForeignDNATDecode(t *testing.T) {
 			els: []nftables.SetElement{{Key: be16(82), Val: listedVerdict(expr.VerdictGoto, "web")}, {Key: be16(83), Val: listedVerdict(expr.VerdictDrop, "")}}}},
 			rule:   cat(l4(unix.IPPROTO_TCP), []expr.Any{loadDport(), &expr.Lookup{SourceRegister: 1, SetName: "__map1", DestRegister: unix.NFT_REG_VERDICT, IsDestRegSet: true}}),
 			others: map[string][]expr.Any{"web": dnat4()}, want: want{tcp: "82"}},
-		{name: "catch-all at dstnat", rule: cat(daddr("198.51.100.1/32"), dnat4()), want: want{catchAll: 1, before: true}},
-		{name: "catch-all but 22", rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpNeq, 22), dnat4()), want: want{catchAll: 1, before: true}},
+		{name: "catch-all at dstnat", rule: cat(daddr("198.51.100.1/32"), dnat4()), want: want{catchAll: 1, before: true, protos: "tcp,udp"}},
+		{name: "catch-all but 22", rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpNeq, 22), dnat4()), want: want{catchAll: 1, before: true, protos: "tcp"}},
 		{name: "DMZ after pcpd's chain", chain: baseChain(fAdmin, "pre", fNAT, pre, dstnat+2),
-			rule: cat(daddr("198.51.100.1/32"), l4(unix.IPPROTO_TCP), dportRange(1024, 65535), dnat4()), want: want{catchAll: 1}},
+			rule: cat(daddr("198.51.100.1/32"), l4(unix.IPPROTO_TCP), dportRange(1024, 65535), dnat4()), want: want{catchAll: 1, protos: "tcp"}},
+		// h/left9 (issue 9): a catch-all before pcpd's chain with every
+		// condition read takes every connection of its protocols (the
+		// server refuses new IPv4 mappings then); one whose path holds a
+		// condition not read may leave some (Why says which).
+		{name: "catch-all udp through a jump", rule: cat(l4(unix.IPPROTO_UDP), jump(expr.VerdictJump, "dmz")),
+			others: map[string][]expr.Any{"dmz": cat(daddr("198.51.100.0/24"), dnat4())}, want: want{catchAll: 1, before: true, protos: "udp"}},
+		{name: "catch-all from some sources", rule: cat([]expr.Any{&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{192, 168, 1, 5}}}, daddr("198.51.100.1/32"), dnat4()),
+			want: want{catchAll: 1, before: true, protos: "tcp,udp", unsure: "not read"}},
+		{name: "catch-all on an interface", rule: cat([]expr.Any{&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte("lan0\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")}}, dnat4()),
+			want: want{catchAll: 1, before: true, protos: "tcp,udp", unsure: "not read"}},
+		{name: "catch-all with a limit", rule: cat(daddr("198.51.100.1/32"), []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: 10, Unit: expr.LimitTimeSecond}}, dnat4()),
+			want: want{catchAll: 1, before: true, protos: "tcp,udp", unsure: "Limit"}},
+		{name: "catch-all with an expression the library drops", count: 5, rule: cat(daddr("198.51.100.1/32"), dnat4()),
+			want: want{catchAll: 1, before: true, protos: "tcp,udp", unsure: "does not read"}},
+		{name: "catch-all with an iptables comment", rule: cat(daddr("198.51.100.1/32"), []expr.Any{&expr.Match{Name: "comment", Info: &xt.Unknown{}}},
+			[]expr.Any{&expr.Target{Name: "DNAT", Info: &xt.NatRange{}}}), want: want{catchAll: 1, before: true, protos: "tcp,udp"}},
+		{name: "catch-all with an iptables conntrack match", rule: cat(daddr("198.51.100.1/32"), []expr.Any{&expr.Match{Name: "conntrack", Info: &xt.Unknown{}}},
+			[]expr.Any{&expr.Target{Name: "DNAT", Info: &xt.NatRange{}}}), want: want{catchAll: 1, before: true, protos: "tcp,udp", unsure: "conntrack"}},
 		{name: "forward after pcpd's chain", chain: baseChain(fAdmin, "pre", fNAT, pre, dstnat+2),
 			rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{tcp: "443"}},
 		{name: "concatenation", sets: map[string]fakeSet{"__set1": {s: &nftables.Set{Name: "__set1", Concatenation: true},
@@ -260,6 +296,9 @@ func TestForeignDNATDecode(t *testing.T) {
 			for name, s := range tc.sets {
 				src.setsOf[table.Name+"/"+name] = s
 			}
+			if tc.count != 0 {
+				src.counts = map[string]int{table.Name + "/" + c.Name + "/7": tc.count}
+			}
 			own := func(t *nftables.Table, _ string) bool {
 				return t.Family == nftables.TableFamilyINet && t.Name == "pcpd"
 			}
@@ -275,6 +314,22 @@ func TestForeignDNATDecode(t *testing.T) {
 			}
 			if len(f.CatchAll) != tc.want.catchAll || (len(f.CatchAll) > 0 && f.CatchAll[0].Before != tc.want.before) {
 				t.Errorf("catch-alls %+v, want %d (before pcpd's chain: %v)", f.CatchAll, tc.want.catchAll, tc.want.before)
+			}
+			if len(f.CatchAll) > 0 {
+				r := f.CatchAll[0]
+				var protos []string
+				if r.TCP {
+					protos = append(protos, "tcp")
+				}
+				if r.UDP {
+					protos = append(protos, "udp")
+				}
+				if got := strings.Join(protos, ","); got != tc.want.protos {
+					t.Errorf("catch-all's protocols %q, want %q", got, tc.want.protos)
+				}
+				if (tc.want.unsure == "") != (r.Why == "") || !strings.Contains(r.Why, tc.want.unsure) {
+					t.Errorf("catch-all's condition not read %q, want %q", r.Why, tc.want.unsure)
+				}
 			}
 			switch {
 			case tc.want.undecoded == "" && len(f.Undecoded) > 0:

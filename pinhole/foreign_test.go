@@ -95,6 +95,12 @@ func TestForeignDNATKernel(t *testing.T) {
 	before := map[string]bool{}
 	for _, r := range f.CatchAll {
 		before[r.Table] = r.Before
+		// h/left9: admin's takes every connection (each condition
+		// read, as many expressions listed as the kernel holds); fw's
+		// is TCP only.
+		if (r.Table == "admin" && (r.Why != "" || !r.TCP || !r.UDP)) || (r.Table == "fw" && (!r.TCP || r.UDP)) {
+			t.Errorf("catch-all %v: TCP %v, UDP %v, condition not read %q", r, r.TCP, r.UDP, r.Why)
+		}
 	}
 	if len(f.CatchAll) != 2 || !before["admin"] || before["fw"] {
 		t.Errorf("catch-alls: %+v, want admin's (before pcpd's chain) and fw's (after)", f.CatchAll)

@@ -82,6 +82,17 @@ func (r *rawRules) exprCounts(netns int, table *nftables.Table, name string) (ma
 		}
 		r.c = c
 	}
+	msgs, err := dumpRuleMsgs(r.c, table, name)
+	if err != nil {
+		r.close() // dialled again next time
+		return nil, err
+	}
+	return countExprs(msgs)
+}
+
+// dumpRuleMsgs is the kernel's NEWRULE messages of chain name of table
+// ("": every chain), dumped on c.
+func dumpRuleMsgs(c *netlink.Conn, table *nftables.Table, name string) ([]netlink.Message, error) {
 	ae := netlink.NewAttributeEncoder()
 	ae.String(unix.NFTA_RULE_TABLE, table.Name)
 	if name != "" {
@@ -91,7 +102,7 @@ func (r *rawRules) exprCounts(netns int, table *nftables.Table, name string) (ma
 	if err != nil {
 		return nil, err
 	}
-	msgs, err := r.c.Execute(netlink.Message{
+	msgs, err := c.Execute(netlink.Message{
 		Header: netlink.Header{
 			Type:  netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETRULE),
 			Flags: netlink.Request | netlink.Dump,
@@ -99,9 +110,14 @@ func (r *rawRules) exprCounts(netns int, table *nftables.Table, name string) (ma
 		Data: append([]byte{byte(table.Family), unix.NFNETLINK_V0, 0, 0}, attrs...),
 	})
 	if err != nil {
-		r.close() // dialled again next time
 		return nil, fmt.Errorf("pinhole: rules of %s: %w", name, classify(err))
 	}
+	return msgs, nil
+}
+
+// countExprs is, per chain and rule handle, how many expressions msgs
+// (dumpRuleMsgs) list.
+func countExprs(msgs []netlink.Message) (map[string]map[uint64]int, error) {
 	out := map[string]map[uint64]int{}
 	for _, m := range msgs {
 		if len(m.Data) < 4 {

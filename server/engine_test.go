@@ -38,6 +38,7 @@ func TestResultCode(t *testing.T) {
 		{&policyError{policy.HostUnread}, pcp.NoResources},
 		{&policyError{policy.PeersUnread}, pcp.NoResources},
 		{errHostPortsUnread, pcp.NoResources},
+		{errDNATCatchAll, pcp.NoResources},
 		{fmt.Errorf("x: %w", errDisabled), pcp.NotAuthorized},
 		{errNoExternalIPv4, pcp.NotAuthorized},
 		{errNonce, pcp.NotAuthorized},

@@ -494,6 +494,7 @@ var (
 	errCannotProvide    = errors.New("suggested external address or port not available")
 	errNoPorts          = errors.New("no external port free")
 	errHostPortsUnread  = errors.New("the host's sockets not listed yet")
+	errDNATCatchAll     = errors.New("a DNAT rule of the host's before pcpd's chain takes every connection to the external address")
 	errTooManyFilters   = errors.New("too many filters for one mapping")
 	errUnsuppProtocol   = errors.New("protocol not supported")
 	errInternalPortZero = errors.New("internal port 0 with a lifetime")
@@ -540,7 +541,7 @@ func resultCode(err error) pcp.ResultCode {
 	case errors.Is(err, errInternalPortZero):
 		return pcp.NotAuthorized
 	}
-	return pcp.NoResources // errNoPorts, errHostPortsUnread and anything unforeseen: the catch-all
+	return pcp.NoResources // errNoPorts, errHostPortsUnread, errDNATCatchAll and anything unforeseen: the catch-all
 }
 
 // pmpResult maps a PCP result code to NAT-PMP's (RFC 6886 §3.5).

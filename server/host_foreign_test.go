@@ -67,7 +67,9 @@ func TestHostPortsForeignDNAT(t *testing.T) {
 	f.TCP.Add(1443) // forwarded after the mapping above: it keeps it
 	f.UDP.Add(5353)
 	f.Rules = 4
-	f.CatchAll = []pinhole.ForeignRule{{Family: "ip", Table: "admin", Chain: "pre", Base: "pre", Handle: 9, Priority: -100, Before: true}}
+	// A catch-all after pcpd's chain (one before it refuses every new
+	// IPv4 mapping since h/left9: TestHostPortsDNATCatchAllRefuses).
+	f.CatchAll = []pinhole.ForeignRule{{Family: "ip", Table: "admin", Chain: "pre", Base: "pre", Handle: 9, Priority: -98, TCP: true, UDP: true}}
 	f.Undecoded = []pinhole.ForeignRule{{Family: "ip", Table: "admin", Chain: "pre", Base: "pre", Handle: 10, Priority: -100, Before: true, Why: "a destination port in a concatenation"}}
 	ff.set(&f, nil)
 	h.s.hostPorts.refresh()
@@ -84,7 +86,7 @@ func TestHostPortsForeignDNAT(t *testing.T) {
 	if r := pcpMap(pcp.ProtoTCP, 5353, 5353, false); r.Result != pcp.Success || r.Map.ExternalPort != 5353 {
 		t.Fatalf("MAP TCP 5353 (only UDP 5353 forwarded): %v, external port %d", r.Result, r.Map.ExternalPort)
 	}
-	for _, want := range []string{"before pcpd's chain: it takes the connections of every client's IPv4 mapping", "cannot read which ports a DNAT rule"} {
+	for _, want := range []string{"after pcpd's chain: clients' mappings come first", "cannot read which ports a DNAT rule"} {
 		if got := h.logs.FilterMessageSnippet(want).Len(); got != 1 {
 			t.Fatalf("%d logs %q, want 1: %v", got, want, h.logs.All())
 		}
@@ -164,5 +166,78 @@ func TestHostPortsForeignLogBounded(t *testing.T) {
 	}
 	if first != dnatLoggedMax || h.logs.FilterMessageSnippet("not logging the rest").Len() != 1 {
 		t.Fatalf("first read: %d warnings, want %d and one line for the rest", first, dnatLoggedMax)
+	}
+}
+
+// TestHostPortsDNATCatchAllRefuses_6887_7_4 (h/left9, issue 9): while a
+// catch-all DNAT of the host's runs before pcpd's chain and takes every
+// new connection of a protocol to the external address (every condition
+// on its path read), a new IPv4 mapping of that protocol could carry
+// nothing: PCP MAP gets NO_RESOURCES (RFC 6887 §7.4: a temporary,
+// system-wide condition; CANNOT_PROVIDE_EXTERNAL is only for
+// PREFER_FAILURE, SCTP and PEER), NAT-PMP "out of resources" (RFC 6886
+// §3.5), and nothing is staged. The other protocol, IPv6, PEER (the
+// client's own outbound flow) and renewals of mappings held are served.
+// A catch-all with a condition not read (here a source address) only
+// warns; one after pcpd's chain changes nothing. When the rule goes, new
+// mappings are granted again, said in the log. Before: "MAP TCP with the
+// catch-all before pcpd's chain: SUCCESS, want NO_RESOURCES".
+func TestHostPortsDNATCatchAllRefuses_6887_7_4(t *testing.T) {
+	ff := &fakeForeign{f: &pinhole.ForeignDNAT{}}
+	h := newHarness(t, func(*Config, *policy.Config) {})
+	h.startWith(nil, func(s *Server) { s.foreign = ff })
+	n := byte(0)
+	pcpMap := func(src netip.Addr, proto pcp.Protocol, port uint16) pcp.Response {
+		n++
+		return h.do(mapReq(src, proto, port, 0, time.Hour, n))
+	}
+	h.expect(pcpMap(v4A, pcp.ProtoTCP, 2000), pcp.Success) // held before the rule
+	held := len(h.fw.Holes())
+
+	rule := pinhole.ForeignRule{Family: "ip", Table: "admin", Chain: "pre", Base: "pre", Handle: 4, Priority: -100, Before: true, TCP: true}
+	ff.set(&pinhole.ForeignDNAT{Rules: 1, CatchAll: []pinhole.ForeignRule{rule}}, nil)
+	h.s.hostPorts.refresh()
+	if r := pcpMap(v4A, pcp.ProtoTCP, 2001); r.Result != pcp.NoResources {
+		t.Fatalf("MAP TCP with the catch-all before pcpd's chain: %v (external %v:%d), want NO_RESOURCES", r.Result, r.Map.ExternalAddr, r.Map.ExternalPort)
+	}
+	if r := h.pmp(v4A, pcp.PMPOpMapTCP, 2002, 2002, time.Hour); r.Result != pcp.PMPOutOfResources {
+		t.Fatalf("NAT-PMP TCP with the catch-all before pcpd's chain: %v (external %d), want OUT_OF_RESOURCES", r.Result, r.ExternalPort)
+	}
+	if got := len(h.fw.Holes()); got != held {
+		t.Fatalf("the refusals staged pinholes: %d, want %d", got, held)
+	}
+	h.expect(pcpMap(v4A, pcp.ProtoUDP, 2003), pcp.Success)   // a TCP-only rule
+	h.expect(pcpMap(addrA, pcp.ProtoTCP, 2004), pcp.Success) // IPv6: no NAT
+	h.expect(h.do(peerReq(v4A, pcp.ProtoTCP, 2005, netip.MustParseAddrPort("203.0.113.5:80"), time.Hour, 99)), pcp.Success)
+	n = 0
+	h.expect(pcpMap(v4A, pcp.ProtoTCP, 2000), pcp.Success) // the held mapping renewed (same nonce)
+	if got := h.logs.FilterMessageSnippet("new IPv4 mappings (PCP MAP, NAT-PMP) of its protocols are refused (NO_RESOURCES) while it is there").Len(); got != 1 {
+		t.Fatalf("%d warnings of the refusal, want 1: %v", got, h.logs.All())
+	}
+	n = 10
+
+	// A condition not read, or after pcpd's chain: served, warned.
+	unsure := rule
+	unsure.Handle, unsure.Why = 5, "a condition not read: a source address"
+	after := rule
+	after.Handle, after.Before, after.Priority = 6, false, -98
+	ff.set(&pinhole.ForeignDNAT{Rules: 2, CatchAll: []pinhole.ForeignRule{unsure, after}}, nil)
+	h.s.hostPorts.refresh()
+	h.expect(pcpMap(v4A, pcp.ProtoTCP, 2011), pcp.Success)
+	for _, want := range []string{"new IPv4 mappings are granted again", "may forward every port of the external address before pcpd's chain", "after pcpd's chain"} {
+		if got := h.logs.FilterMessageSnippet(want).Len(); got != 1 {
+			t.Fatalf("%d logs %q, want 1: %v", got, want, h.logs.All())
+		}
+	}
+	// The rule back: refused again, warned again; a failed read keeps it.
+	ff.set(&pinhole.ForeignDNAT{Rules: 1, CatchAll: []pinhole.ForeignRule{rule}}, nil)
+	h.s.hostPorts.refresh()
+	ff.set(nil, errors.New("injected: cannot read"))
+	h.s.hostPorts.refresh()
+	if r := pcpMap(v4A, pcp.ProtoTCP, 2012); r.Result != pcp.NoResources {
+		t.Fatalf("MAP TCP with the rule back, after a failed read: %v, want NO_RESOURCES", r.Result)
+	}
+	if got := h.logs.FilterMessageSnippet("of its protocols are refused (NO_RESOURCES)").Len(); got != 2 {
+		t.Fatalf("%d warnings of the refusal, want 2", got)
 	}
 }

@@ -85,6 +85,14 @@ type hostPorts struct {
 	dnatSum          string              // the last read's summary, logged when it changes
 	dnatLogged       map[string]struct{} // rules logged once (catch-all, undecoded)
 	dnatLoggedFull   bool                // dnatLogged reached dnatLoggedMax (logged)
+	// dnatAllTCP and dnatAllUDP: the last good read found a catch-all
+	// DNAT of the host's before pcpd's chain that takes every new
+	// connection of the protocol to the external address (ForeignRule
+	// with Before and no Why). A client's new IPv4 mapping of it could
+	// carry nothing: it is refused (errDNATCatchAll) while the rule is
+	// there. dnatAllSum is what was last logged of them ("": none).
+	dnatAllTCP, dnatAllUDP bool
+	dnatAllSum             string
 }
 
 // dnatLoggedMax bounds dnatLogged: past it no more rules are logged.
@@ -187,6 +195,20 @@ func (h *hostPorts) forwarded(proto uint8, port uint16) bool {
 		dnat = h.dnatUDP
 	}
 	return dnat != nil && dnat.has(port)
+}
+
+// takenWhole reports whether a catch-all DNAT rule of the host's before
+// pcpd's chain takes every new connection of protocol proto to the
+// external address (the last good read's), scanning first as reserved
+// does when the read is not fresh.
+func (h *hostPorts) takenWhole(proto uint8) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.fresh()
+	if proto == protoTCP {
+		return h.dnatAllTCP
+	}
+	return h.dnatAllUDP
 }
 
 // snapshot is a copy of every port reserved for proto now (what reserved
@@ -330,17 +352,44 @@ func (h *hostPorts) storeDNAT(f *pinhole.ForeignDNAT, err error) {
 		h.dnatLogged[k] = struct{}{}
 		return true
 	}
+	// The catch-alls before pcpd's chain whose every condition was read
+	// take every new connection of their protocols: a new mapping's
+	// SUCCESS would be a lie, so new IPv4 mappings are refused
+	// (Server.external) while one is there, and told when that changes.
+	var allTCP, allUDP bool
+	var whole []string
 	for _, r := range f.CatchAll {
+		if r.Before && r.Why == "" {
+			allTCP, allUDP = allTCP || r.TCP, allUDP || r.UDP
+			if len(whole) < 8 {
+				whole = append(whole, r.String())
+			}
+			continue
+		}
 		switch {
 		case !once(r):
 		case r.Before:
-			log.Warn("a DNAT rule of the host's forwards every port of the external address before pcpd's chain: it takes the connections of every client's IPv4 mapping; hook its chain after pcpd's, at priority dstnat + 2 or later (README, --reserved-ports)",
-				zap.Stringer("rule", r))
+			log.Warn("a DNAT rule of the host's may forward every port of the external address before pcpd's chain (a condition on its path is not read): the connections it matches are taken from clients' IPv4 mappings; hook its chain after pcpd's, at priority dstnat + 2 or later (README, --reserved-ports)",
+				zap.Stringer("rule", r), zap.String("why", r.Why))
 		default:
 			log.Info("a DNAT rule of the host's forwards every port of the external address after pcpd's chain: clients' mappings come first, it takes the rest",
 				zap.Stringer("rule", r))
 		}
 	}
+	sum := ""
+	if allTCP || allUDP {
+		sum = fmt.Sprint(allTCP, allUDP, whole)
+	}
+	if sum != h.dnatAllSum {
+		if sum != "" {
+			log.Warn("a DNAT rule of the host's forwards every port of the external address before pcpd's chain: it takes the connections of every client's IPv4 mapping; new IPv4 mappings (PCP MAP, NAT-PMP) of its protocols are refused (NO_RESOURCES) while it is there, mappings held are kept; hook its chain after pcpd's, at priority dstnat + 2 or later (README, --reserved-ports)",
+				zap.Strings("rules", whole), zap.Bool("tcp", allTCP), zap.Bool("udp", allUDP))
+		} else {
+			log.Info("no DNAT rule of the host's before pcpd's chain forwards every port of the external address now: new IPv4 mappings are granted again")
+		}
+		h.dnatAllSum = sum
+	}
+	h.dnatAllTCP, h.dnatAllUDP = allTCP, allUDP
 	for _, r := range f.Undecoded {
 		if once(r) {
 			log.Warn("cannot read which ports a DNAT rule of the host's forwards: they are not reserved; list them in --reserved-ports",

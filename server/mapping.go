@@ -314,6 +314,13 @@ func filterCovered(fs []store.Filter, i int) bool {
 func (s *Server) external(c *call, a *ask) (netip.AddrPort, time.Duration, error) {
 	k := a.key
 	tp := tupleOf(k)
+	// A catch-all DNAT of the host's before pcpd's chain takes every new
+	// connection to the external IPv4 address: a new inbound mapping
+	// there would receive nothing (hostPorts.takenWhole). A PEER's flow
+	// is the client's own, outbound: the DNAT does not see it.
+	if k.InternalAddr.Is4() && a.kind != store.KindPeer && s.hostPorts.takenWhole(k.Protocol) {
+		return netip.AddrPort{}, 0, errDNATCatchAll
+	}
 	// One tuple, one external endpoint: a MAP next to a PEER (MAP-08), or
 	// a PEER next to a MAP (PEER-05: the suggestion is ignored and the
 	// mapping's current external returned, RFC 6887 §12.3), takes over
