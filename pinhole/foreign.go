@@ -200,6 +200,10 @@ type ruleSource interface {
 	// of t's chain (-1: not found): more than the library listed is an
 	// expression it dropped (one it has no type for).
 	exprCount(t *nftables.Table, chain string, handle uint64) (int, error)
+	// rawRules is t's chain's rules read from the kernel's messages by
+	// pcpd's own decoder (foreignraw.go), for a chain the library cannot
+	// parse.
+	rawRules(t *nftables.Table, chain string) ([]*nftables.Rule, error)
 }
 
 // nftSource reads the kernel's ruleset over c, each set once a read.
@@ -380,12 +384,17 @@ func (w *foreignWalk) chain(t *nftables.Table, name string, c cond, depth int) e
 			}
 			// The library cannot parse one of its rules (v0.3.0 reads
 			// ct's direction, a u8, as a u32: "ct original proto-dst
-			// 443" fails the dump): the chain is reported undecoded, the
-			// rest of the ruleset read. Failing the read instead left
-			// every other forward unreserved (a first read) or frozen at
-			// the last good read (review h/revadmin).
-			w.translated(t, name, &nftables.Rule{}, c.withWhy("its rules cannot be parsed: "+err.Error()))
-			rs = nil
+			// 443" fails the dump): read from the kernel's messages by
+			// pcpd's decoder (h/left9). If that fails too, the chain is
+			// reported undecoded, the rest of the ruleset read. Failing
+			// the read instead left every other forward unreserved (a
+			// first read) or frozen at the last good read (review
+			// h/revadmin).
+			raw, rerr := w.src.rawRules(t, name)
+			if rerr != nil {
+				w.translated(t, name, &nftables.Rule{}, c.withWhy("its rules cannot be parsed: "+err.Error()))
+			}
+			rs = raw
 		}
 		w.rules[k] = rs
 	}
@@ -537,7 +546,23 @@ func (w *foreignWalk) rule(t *nftables.Table, chain string, r *nftables.Rule, c 
 				regs.load(e.Register, ldOther, len(e.Data))
 			}
 		case *expr.Ct:
-			if !e.SourceRegister {
+			if e.SourceRegister {
+				continue
+			}
+			// A new connection's original tuple is its first packet's:
+			// "ct original proto-dst" is its destination port, "ct
+			// original ip daddr" its destination address; "ct protocol"
+			// its transport protocol, either direction (h/left9). The
+			// kernel requires a direction for these keys but protocol
+			// (IP_CT_DIR_ORIGINAL: 0).
+			switch {
+			case e.Key == expr.CtKeyPROTODST && e.Direction == 0:
+				regs.load(e.Register, ldDport, 2)
+			case e.Key == unix.NFT_CT_DST_IP && e.Direction == 0:
+				regs.load(e.Register, ldDaddr, 4)
+			case e.Key == expr.CtKeyPROTOCOL:
+				regs.load(e.Register, ldL4proto, 1)
+			default:
 				regs.load(e.Register, ldOther, 16)
 			}
 		case *expr.Fib:

@@ -22,6 +22,14 @@ type fakeRules struct {
 	setsOf    map[string]fakeSet          // by table name/set name
 	errs      map[string]error            // rules' error, by table name/chain name
 	counts    map[string]int              // the kernel's expression count, by table name/chain name/handle (default: as listed)
+	raw       map[string][]*nftables.Rule // pcpd's own decoding of a chain the library cannot parse, by table name/chain name
+}
+
+func (f *fakeRules) rawRules(t *nftables.Table, chain string) ([]*nftables.Rule, error) {
+	if rs, ok := f.raw[t.Name+"/"+chain]; ok {
+		return rs, nil
+	}
+	return nil, errors.New("no raw rules")
 }
 
 func (f *fakeRules) exprCount(t *nftables.Table, chain string, handle uint64) (int, error) {
@@ -109,6 +117,9 @@ func dnat(fam uint32) []expr.Any { // dnat to 10.100.2.7
 func dnat4() []expr.Any { return dnat(unix.NFPROTO_IPV4) }
 func jump(kind expr.VerdictKind, chain string) []expr.Any {
 	return []expr.Any{&expr.Verdict{Kind: kind, Chain: chain}}
+}
+func ctLoad(key expr.CtKey, dir uint32) []expr.Any { // ct [original|reply] KEY
+	return []expr.Any{&expr.Ct{Key: key, Register: 1, Direction: dir}}
 }
 func cat(parts ...[]expr.Any) []expr.Any {
 	var out []expr.Any
@@ -256,6 +267,21 @@ func TestForeignDNATDecode(t *testing.T) {
 			[]expr.Any{&expr.Target{Name: "DNAT", Info: &xt.NatRange{}}}), want: want{catchAll: 1, before: true, protos: "tcp,udp", unsure: "conntrack"}},
 		{name: "forward after pcpd's chain", chain: baseChain(fAdmin, "pre", fNAT, pre, dstnat+2),
 			rule: cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{tcp: "443"}},
+		// h/left9: conntrack's original tuple (a chain holding one is read
+		// by pcpd's own decoder: TestDecodeRuleMsgsCt).
+		{name: "ct original proto-dst", rule: cat(l4(unix.IPPROTO_TCP), ctLoad(expr.CtKeyPROTODST, 0), []expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: be16(8080)}}, dnat4()),
+			want: want{tcp: "8080"}},
+		{name: "ct original proto-dst in a set", sets: map[string]fakeSet{"__set2": portSet(53, 5353)},
+			rule: cat(l4(unix.IPPROTO_UDP), ctLoad(expr.CtKeyPROTODST, 0), []expr.Any{&expr.Lookup{SourceRegister: 1, SetName: "__set2"}}, dnat4()),
+			want: want{udp: "53,5353"}},
+		{name: "ct protocol, th dport", rule: cat(ctLoad(expr.CtKeyPROTOCOL, 0), []expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_UDP}}},
+			dportCmp(expr.CmpOpEq, 500), dnat4()), want: want{udp: "500"}},
+		{name: "ct original ip daddr another address", rule: cat(ctLoad(unix.NFT_CT_DST_IP, 0), []expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{203, 0, 113, 9}}},
+			l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{}},
+		{name: "ct original ip daddr ours", rule: cat(ctLoad(unix.NFT_CT_DST_IP, 0), []expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{198, 51, 100, 1}}},
+			l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 443), dnat4()), want: want{tcp: "443"}},
+		{name: "ct reply proto-dst: the source port", rule: cat(l4(unix.IPPROTO_TCP), ctLoad(expr.CtKeyPROTODST, 1), []expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: be16(8080)}}, dnat4()),
+			want: want{catchAll: 1, before: true, protos: "tcp", unsure: "not read"}},
 		{name: "concatenation", sets: map[string]fakeSet{"__set1": {s: &nftables.Set{Name: "__set1", Concatenation: true},
 			els: []nftables.SetElement{{Key: []byte{198, 51, 100, 1, 0x01, 0xbb, 0, 0}}}}},
 			rule: cat(l4(unix.IPPROTO_TCP), []expr.Any{&expr.Payload{DestRegister: unix.NFT_REG32_00, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},

@@ -34,6 +34,9 @@ const foreignRuleset = `table ip admin {
 		ip daddr . tcp dport { 198.51.100.1 . 8443 } dnat to 10.100.2.7
 		ip daddr 198.51.100.1 dnat to 10.100.2.8
 		tcp dport 84 jump odd
+		meta l4proto tcp ct original proto-dst 3004 dnat to 10.100.2.7
+		meta l4proto udp ct original proto-dst { 53, 5353-5360 } dnat to 10.100.2.7
+		ct original ip daddr 203.0.113.9 meta l4proto tcp ct original proto-dst 3005 dnat to 10.100.2.7
 	}
 	chain odd {
 		meta l4proto tcp ct original proto-dst 3003 dnat to 10.100.2.7
@@ -79,18 +82,18 @@ func TestForeignDNATKernel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, want := f.TCP.String(), "26,80-82,443,8000-8010,8081,9000,9443"; got != want {
+	// Chains pre and odd hold "ct original ..." rules, which
+	// google/nftables v0.3.0 cannot parse: read by pcpd's own decoder
+	// (h/left9; before, each chain was one undecoded record, its ports
+	// not reserved). Odd's 3003 is reached only with tcp dport 84: none.
+	if got, want := f.TCP.String(), "26,80-82,443,3004,8000-8010,8081,9000,9443"; got != want {
 		t.Errorf("TCP ports %s, want %s", got, want)
 	}
-	if got, want := f.UDP.String(), "5000,7000-7010,7100"; got != want {
+	if got, want := f.UDP.String(), "53,5000,5353-5360,7000-7010,7100"; got != want {
 		t.Errorf("UDP ports %s, want %s", got, want)
 	}
-	why := map[string]string{}
-	for _, r := range f.Undecoded {
-		why[r.Chain] = r.Why
-	}
-	if len(f.Undecoded) != 2 || !strings.Contains(why["pre"], "concatenation") || !strings.Contains(why["odd"], "cannot be parsed") {
-		t.Errorf("undecoded: %+v, want the concatenation and chain odd (a ct direction the library cannot parse)", f.Undecoded)
+	if len(f.Undecoded) != 1 || f.Undecoded[0].Chain != "pre" || !strings.Contains(f.Undecoded[0].Why, "concatenation") {
+		t.Errorf("undecoded: %+v, want the concatenation alone", f.Undecoded)
 	}
 	before := map[string]bool{}
 	for _, r := range f.CatchAll {
