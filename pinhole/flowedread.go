@@ -2,6 +2,7 @@ package pinhole
 
 import (
 	"encoding/binary"
+	"errors"
 	"net/netip"
 	"syscall"
 	"unsafe"
@@ -36,6 +37,7 @@ type flowedReader struct {
 	elemOff int    // where its NFTA_LIST_ELEM is (flowedAnswer)
 	out     []byte // a batch's requests
 	seq     uint32 // the last sequence number sent
+	last    answer // what the last datagram read was (FlowedMissNamed)
 
 	hdrs  [flowedBatch]unix.Mmsghdr
 	iovs  [flowedBatch]unix.Iovec
@@ -133,62 +135,126 @@ func (r *flowedReader) answers(rc syscall.RawConn, first uint32, n int, set func
 			if h.Hdr.Flags&unix.MSG_TRUNC != 0 || h.Len > flowedAnswerLen || r.names[i].Pid != 0 {
 				return false // too long for an answer, or not the kernel's
 			}
-			present, ok := flowedAnswer(r.bufs[i][:h.Len], first+uint32(next), uint32(r.elemOff))
-			if !ok {
+			r.last = flowedVerdict(r.bufs[i][:h.Len], first+uint32(next), uint32(r.elemOff))
+			if r.last != answerPresent && r.last != answerAbsent {
 				return false
 			}
-			set(next, present)
+			set(next, r.last == answerPresent)
 			next++
 		}
 	}
 	return true
 }
 
-// flowedAnswer judges the datagram b as the answer to the lookup of
+// answer is what a datagram is to a lookup (flowedVerdict).
+type answer uint8
+
+const (
+	answerOther   answer = iota // not an answer to it: fails the batch
+	answerPresent               // its element
+	answerAbsent                // ENOENT naming the element
+	// answerUnnamed is an ENOENT that names no attribute: the element,
+	// the set or the table missing, not told. Kernels before Linux
+	// 5.19's b53c116642502 (and its stable backports) answer every
+	// missing element so: every lookup fails, every address is taken as
+	// flowed (FlowedMissNamed tells).
+	answerUnnamed
+)
+
+// flowedAnswer is flowedVerdict as present and ok (an answer: present
+// or absent).
+func flowedAnswer(b []byte, seq uint32, elemOff uint32) (present, ok bool) {
+	v := flowedVerdict(b, seq, elemOff)
+	return v == answerPresent, v == answerPresent || v == answerAbsent
+}
+
+// flowedVerdict judges the datagram b as the answer to the lookup of
 // sequence seq: one message, a NEWSETELEM (present) or an NLMSG_ERROR of
 // ENOENT (absent) of that sequence whose extended acknowledgement names
 // the element as the attribute not found (NLMSGERR_ATTR_OFFS at elemOff,
 // the offset of the request's NFTA_LIST_ELEM: nf_tables' NL_SET_BAD_ATTR);
-// ok false for anything else. The kernel answers ENOENT also for a
-// missing table or set, the offset then its name's attribute: not
-// absent (TestFlowedLookupWhereNoSet).
-func flowedAnswer(b []byte, seq uint32, elemOff uint32) (present, ok bool) {
+// an ENOENT naming no attribute is answerUnnamed; anything else is
+// answerOther. The kernel answers ENOENT also for a missing table or set,
+// the offset then its name's attribute: not absent
+// (TestFlowedLookupWhereNoSet).
+func flowedVerdict(b []byte, seq uint32, elemOff uint32) answer {
 	if len(b) < unix.NLMSG_HDRLEN {
-		return false, false
+		return answerOther
 	}
 	l := int(binary.NativeEndian.Uint32(b))
 	if l < unix.NLMSG_HDRLEN || l > len(b) || len(b)-l >= unix.NLMSG_ALIGNTO {
-		return false, false // short, or a second message after it
+		return answerOther // short, or a second message after it
 	}
 	if binary.NativeEndian.Uint32(b[8:]) != seq {
-		return false, false
+		return answerOther
 	}
 	switch binary.NativeEndian.Uint16(b[4:]) {
 	case unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWSETELEM:
-		return true, true
+		return answerPresent
 	case unix.NLMSG_ERROR:
 		flags := binary.NativeEndian.Uint16(b[6:])
 		p := b[unix.NLMSG_HDRLEN:l]
-		if len(p) < 4+unix.NLMSG_HDRLEN || int32(binary.NativeEndian.Uint32(p)) != -int32(unix.ENOENT) || flags&unix.NLM_F_ACK_TLVS == 0 {
-			return false, false
+		if len(p) < 4+unix.NLMSG_HDRLEN || int32(binary.NativeEndian.Uint32(p)) != -int32(unix.ENOENT) {
+			return answerOther
+		}
+		if flags&unix.NLM_F_ACK_TLVS == 0 {
+			return answerUnnamed
 		}
 		quoted := unix.NLMSG_HDRLEN // capped: the request's header only
 		if flags&unix.NLM_F_CAPPED == 0 {
 			quoted = nlmsgAlign(int(binary.NativeEndian.Uint32(p[4:])))
 		}
 		if quoted < unix.NLMSG_HDRLEN || 4+quoted > len(p) {
-			return false, false
+			return answerOther
 		}
-		for tlv := p[4+quoted:]; len(tlv) >= 4; {
+		tlv := p[4+quoted:]
+		for len(tlv) >= 4 {
 			n := int(binary.NativeEndian.Uint16(tlv))
 			if n < 4 || n > len(tlv) {
-				return false, false
+				return answerOther
 			}
 			if binary.NativeEndian.Uint16(tlv[2:])&^(unix.NLA_F_NESTED|unix.NLA_F_NET_BYTEORDER) == unix.NLMSGERR_ATTR_OFFS {
-				return false, n == 8 && binary.NativeEndian.Uint32(tlv[4:]) == elemOff
+				if n == 8 && binary.NativeEndian.Uint32(tlv[4:]) == elemOff {
+					return answerAbsent
+				}
+				return answerOther
 			}
 			tlv = tlv[min(nlmsgAlign(n), len(tlv)):]
 		}
+		if len(tlv) == 0 {
+			return answerUnnamed // no offset among the TLVs
+		}
 	}
-	return false, false
+	return answerOther
+}
+
+// FlowedMissNamed asks the kernel once, now, for an element that cannot
+// be in flowed6 (the unspecified address: no flow goes to it) and
+// reports whether its ENOENT names the element (NLMSGERR_ATTR_OFFS), as
+// FlowedAddrs needs to tell "absent" from "the set or table missing".
+// false, nil: the kernel names nothing (before Linux 5.19's
+// b53c116642502 and its stable backports): every lookup then fails and
+// every IPv6 address is taken as flowed (safe: its connections are
+// walked), so every IPv6 delete walks conntrack. An error: no flowed6
+// here (attached mode, an older layout) or the lookup got no judged
+// answer.
+func (b *Backend) FlowedMissNamed() (bool, error) {
+	f := &b.flowed
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !b.recordsFlows() {
+		return false, errors.New("pinhole: flowed6 not in use")
+	}
+	if f.rd != nil {
+		f.rd.last = answerOther
+	}
+	seen := map[netip.Addr]bool{}
+	b.flowedLookup([]netip.Addr{netip.IPv6Unspecified()}, seen)
+	switch _, ok := seen[netip.IPv6Unspecified()]; {
+	case ok:
+		return true, nil
+	case f.rd != nil && f.rd.last == answerUnnamed:
+		return false, nil
+	}
+	return false, errors.New("pinhole: the flowed6 lookup got no answer")
 }

@@ -3,7 +3,9 @@ package pinhole
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/hex"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/google/nftables"
@@ -114,5 +116,65 @@ func TestFlowedRequests(t *testing.T) {
 	e := r.req[r.elemOff:]
 	if l, typ := binary.NativeEndian.Uint16(e), binary.NativeEndian.Uint16(e[2:]); l != 3*unix.NLA_HDRLEN+16 || typ&^unix.NLA_F_NESTED != unix.NFTA_LIST_ELEM {
 		t.Errorf("at elemOff %d: attribute of length %d type %#x, want %d, NFTA_LIST_ELEM", r.elemOff, l, typ, 3*unix.NLA_HDRLEN+16)
+	}
+}
+
+// oldKernelENOENT is the answer a kernel before Linux 5.19 (b53c116642502
+// and its stable backports: nf_tables_getsetelem sets no bad attribute)
+// gives to flowedReader's lookup of :: in inet pcpd's flowed6, sequence 1,
+// with NETLINK_EXT_ACK on: an NLMSG_ERROR of ENOENT, no NLM_F_ACK_TLVS,
+// the request quoted whole (little-endian host). Its NFTA_LIST_ELEM is at
+// offset 48 of the request.
+const oldKernelENOENT = "6000000002000000010000000000000" + "0" +
+	"feffffff" + // -ENOENT
+	"4c0000000d0a010001000000e8030000" + // the request's header
+	"01000000" + // nfgenmsg: inet
+	"0900010070637064000000000c000200666c6f776564360020000380" +
+	"1c000180180001801400010000000000000000000000000000000000"
+
+// TestFlowedVerdictOldKernel (h/left9, issue 9): the classification
+// FlowedMissNamed reads: an old kernel's ENOENT that names no attribute
+// is answerUnnamed ("not named": the lookups fail, every address taken
+// as flowed), the same answer from Linux 5.19 on (NLMSGERR_ATTR_OFFS at
+// the element) answerAbsent, the offset of the table or set
+// answerOther. Before, all three were one "not an answer".
+func TestFlowedVerdictOldKernel(t *testing.T) {
+	if binary.NativeEndian.Uint16([]byte{1, 0}) != 1 {
+		t.Skip("the recorded answer is little-endian")
+	}
+	old, err := hex.DecodeString(oldKernelENOENT)
+	if err != nil {
+		t.Fatal(err)
+	}
+	named := func(off uint32) []byte {
+		b := append([]byte{}, old...)
+		b = binary.NativeEndian.AppendUint16(b, 8)
+		b = binary.NativeEndian.AppendUint16(b, unix.NLMSGERR_ATTR_OFFS)
+		b = binary.NativeEndian.AppendUint32(b, off)
+		binary.NativeEndian.PutUint32(b, uint32(len(b)))
+		binary.NativeEndian.PutUint16(b[6:], unix.NLM_F_ACK_TLVS)
+		return b
+	}
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		want answer
+	}{
+		{"before 5.19: no offset", old, answerUnnamed},
+		{"5.19 on: the element", named(48), answerAbsent},
+		{"5.19 on: the set's name", named(32), answerOther},
+		{"before 5.19, another sequence", old, answerOther},
+	} {
+		seq := uint32(1)
+		if strings.Contains(tc.name, "another sequence") {
+			seq = 2
+		}
+		if got := flowedVerdict(tc.b, seq, 48); got != tc.want {
+			t.Errorf("%s: %d, want %d", tc.name, got, tc.want)
+		}
+		present, ok := flowedAnswer(tc.b, seq, 48)
+		if present || ok != (tc.want == answerAbsent) {
+			t.Errorf("%s: flowedAnswer present %v ok %v", tc.name, present, ok)
+		}
 	}
 }

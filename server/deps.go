@@ -78,6 +78,17 @@ type RouteFollower interface {
 	FollowRoutes() error
 }
 
+// FlowedChecker is an optional extra of a Firewall (*pinhole.Backend has
+// it): FlowedMissNamed asks the kernel once whether its answer to a
+// lookup of a missing flowed6 element names the element (Linux 5.19's
+// b53c116642502 on). A kernel that does not makes every such lookup fail,
+// every IPv6 address is taken as flowed and every IPv6 delete walks
+// conntrack: safe, and told once (Server.checkFlowedMisses). An error:
+// no flowed6 here, or no answer.
+type FlowedChecker interface {
+	FlowedMissNamed() (bool, error)
+}
+
 // RouteLookups is an optional extra of an OwnerMeter (*pinhole.Backend
 // has it): RouteLookupOwners are the owners each of whose requests costs
 // the kernel a route lookup (their prefixes are not routed as one through

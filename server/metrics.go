@@ -39,6 +39,9 @@ type metrics struct {
 	// The owners whose every request costs a route lookup, when the
 	// firewall tells (RouteLookups).
 	lookupOwners prometheus.Collector
+	// 1 when the kernel does not name a missing flowed6 element
+	// (FlowedChecker), when the firewall tells.
+	flowedUnnamed prometheus.Collector
 }
 
 func newMetrics(leases func() float64) *metrics {
@@ -94,6 +97,9 @@ func (m *metrics) collectors() []prometheus.Collector {
 	}
 	if m.lookupOwners != nil {
 		c = append(c, m.lookupOwners)
+	}
+	if m.flowedUnnamed != nil {
+		c = append(c, m.flowedUnnamed)
 	}
 	return c
 }

@@ -47,6 +47,7 @@ func (s *Server) restore(ctx context.Context) error {
 		return fmt.Errorf("server: firewall setup: %w", err)
 	}
 	s.updateProtected()
+	s.checkFlowedMisses()
 	// The server's reference goes now, and each stored lease is cleared
 	// once the table has it (the caller's slice too: Start consumes it),
 	// so the stored leases' strings and FILTERs are garbage as restore
@@ -1682,5 +1683,25 @@ func (a *auditRun) wait() {
 	if a.running {
 		<-a.done
 		a.running = false
+	}
+}
+
+// checkFlowedMisses asks the firewall once (at start, after Setup)
+// whether the kernel names a missing flowed6 element in its answer
+// (FlowedChecker); one that does not is logged once and shown by
+// pcpd_conntrack_flowed_lookups_unnamed. Nothing else changes: the
+// lookups fail safe, every address taken as flowed.
+func (s *Server) checkFlowedMisses() {
+	fc, ok := s.fw.(FlowedChecker)
+	if !ok {
+		return
+	}
+	named, err := fc.FlowedMissNamed()
+	switch {
+	case err != nil:
+		s.log.Debug("cannot tell whether the kernel names a missing flowed6 element", zap.Error(err))
+	case !named:
+		s.flowedUnnamed.Store(true)
+		s.log.Warn("this kernel does not name a missing element in its answer to a set lookup (Linux before 5.19, commit b53c116642502): pcpd cannot tell which IPv6 addresses had no admitted flows, so every IPv6 mapping's end walks the conntrack table (a dump of all of it per flush) instead of being skipped; safe, no connection is left, only more CPU (pcpd_conntrack_flowed_lookups_unnamed)")
 	}
 }

@@ -55,7 +55,10 @@ type Server struct {
 	// (FlowRecorder, skipUnflowed).
 	recorder FlowRecorder
 	unflowed unflowed // filters skipUnflowed left out, until a clean firewall check
-	regain   regain   // the record's rebuilds (FlowRegainer, flowregain.go)
+	// flowedUnnamed: the kernel does not name a missing flowed6 element
+	// (checkFlowedMisses): every IPv6 delete walks conntrack.
+	flowedUnnamed atomic.Bool
+	regain        regain // the record's rebuilds (FlowRegainer, flowregain.go)
 	// natLister, if fw has it, lists the NAT-ed flows' external
 	// endpoints (pruneNATPrior).
 	natLister NATLister
@@ -301,6 +304,17 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		if rl, ok := om.(RouteLookups); ok {
 			s.m.lookupOwners = newLookupOwners(rl)
 		}
+	}
+	if _, ok := s.fw.(FlowedChecker); ok {
+		s.m.flowedUnnamed = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "pcpd_conntrack_flowed_lookups_unnamed",
+			Help: "1 when the kernel's answer to a lookup of a missing flowed6 element does not name the element (Linux before 5.19): every IPv6 delete then walks conntrack (safe, costlier); checked once at start.",
+		}, func() float64 {
+			if s.flowedUnnamed.Load() {
+				return 1
+			}
+			return 0
+		})
 	}
 	if deps.Registerer != nil {
 		for _, c := range s.m.collectors() {
