@@ -592,6 +592,10 @@ func (w *foreignWalk) rule(t *nftables.Table, chain string, r *nftables.Rule, c 
 			c.xtMatch(e)
 		case *expr.Limit, *expr.Quota, *expr.Connlimit:
 			c.notRead(fmt.Sprintf("%T", e))
+		case *expr.Dynset:
+			// A set update breaks the rule when the set is full, or
+			// when its per-element expressions (a meter's limit) do.
+			c.notRead("a set update")
 		case *expr.Objref:
 			if e.Type != unix.NFT_OBJECT_COUNTER {
 				c.notRead("a stateful object")

@@ -259,6 +259,8 @@ func TestForeignDNATDecode(t *testing.T) {
 			want: want{catchAll: 1, before: true, protos: "tcp,udp", unsure: "not read"}},
 		{name: "catch-all with a limit", rule: cat(daddr("198.51.100.1/32"), []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: 10, Unit: expr.LimitTimeSecond}}, dnat4()),
 			want: want{catchAll: 1, before: true, protos: "tcp,udp", unsure: "Limit"}},
+		{name: "catch-all with a meter", rule: cat(daddr("198.51.100.1/32"), []expr.Any{&expr.Dynset{SetName: "m", Operation: 1, SrcRegKey: 1}}, dnat4()),
+			want: want{catchAll: 1, before: true, protos: "tcp,udp", unsure: "set update"}},
 		{name: "catch-all with an expression the library drops", count: 5, rule: cat(daddr("198.51.100.1/32"), dnat4()),
 			want: want{catchAll: 1, before: true, protos: "tcp,udp", unsure: "does not read"}},
 		{name: "catch-all with an iptables comment", rule: cat(daddr("198.51.100.1/32"), []expr.Any{&expr.Match{Name: "comment", Info: &xt.Unknown{}}},
