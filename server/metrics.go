@@ -145,3 +145,19 @@ func newLookupOwners(rl RouteLookups) prometheus.GaugeFunc {
 		Help: "Clients each of whose requests costs the kernel a route lookup (the owner meter's reverse-path check): their prefixes are not routed as one through one interface. Route each such client's prefix through its interface (pcpd logs their names). Updated whenever pcpd reads the routes (owners changed, a route change, each firewall check).",
 	}, func() float64 { return float64(len(rl.RouteLookupOwners())) })
 }
+
+// newFlowedUnnamed is 1 while unnamed says the kernel's answer to a
+// lookup of a missing flowed6 element does not name the element
+// (FlowedChecker; named here with the engine's other metrics, where the
+// README's test finds every metric pcpd serves).
+func newFlowedUnnamed(unnamed func() bool) prometheus.GaugeFunc {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "pcpd_conntrack_flowed_lookups_unnamed",
+		Help: "1 when the kernel's answer to a lookup of a missing flowed6 element does not name the element (Linux before 5.19): every IPv6 delete then walks conntrack (safe, costlier); checked once at start.",
+	}, func() float64 {
+		if unnamed() {
+			return 1
+		}
+		return 0
+	})
+}

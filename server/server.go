@@ -306,15 +306,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		}
 	}
 	if _, ok := s.fw.(FlowedChecker); ok {
-		s.m.flowedUnnamed = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "pcpd_conntrack_flowed_lookups_unnamed",
-			Help: "1 when the kernel's answer to a lookup of a missing flowed6 element does not name the element (Linux before 5.19): every IPv6 delete then walks conntrack (safe, costlier); checked once at start.",
-		}, func() float64 {
-			if s.flowedUnnamed.Load() {
-				return 1
-			}
-			return 0
-		})
+		s.m.flowedUnnamed = newFlowedUnnamed(s.flowedUnnamed.Load)
 	}
 	if deps.Registerer != nil {
 		for _, c := range s.m.collectors() {
