@@ -370,7 +370,11 @@ func (w *foreignWalk) chain(t *nftables.Table, name string, c cond, depth int) e
 		return nil
 	}
 	k := chainKey{keyOf(t), name}
-	sk := fmt.Sprint(k, c.tcp, c.udp, c.skip, c.portCond, c.ports, c.why)
+	// With c.unsure: a chain reached first under a condition not read
+	// (an interface) and then with none was walked once, its catch-all
+	// recorded only as not sure, and new mappings were granted beside it
+	// (review h/revl9).
+	sk := fmt.Sprint(k, c.tcp, c.udp, c.skip, c.portCond, c.ports, c.why, c.unsure)
 	if _, ok := w.seen[sk]; ok {
 		return nil
 	}
