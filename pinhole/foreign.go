@@ -317,6 +317,7 @@ func readForeign(src ruleSource, own func(*nftables.Table, string) bool, ext net
 			continue
 		}
 		w.base, w.prio = c.Name, int32(*c.Priority)
+		w.passTCP, w.passUDP = false, false
 		clear(w.seen)
 		if err := w.chain(c.Table, c.Name, newCond(), 0); err != nil {
 			return nil, err
@@ -362,6 +363,11 @@ type foreignWalk struct {
 	noted   map[string]struct{} // rules recorded (once each, per base chain and outcome)
 	caught  map[string]int      // catch-alls recorded: their index in f.CatchAll
 	counted map[string]struct{} // rules counted in f.Rules
+	// passTCP and passUDP: a rule walked so far from the base chain lets
+	// some new connections of the protocol to ports of pcpd's range on
+	// past the rules after it (accept, return, a goto): a catch-all after
+	// it does not take every connection (passes).
+	passTCP, passUDP bool
 }
 
 // chain walks the rules of t's chain name reached with c.
@@ -469,21 +475,26 @@ func (w *foreignWalk) translated(t *nftables.Table, chain string, r *nftables.Ru
 		if why == "" && w.prio <= int32(dnatPriority) {
 			why = w.hidden(t, chain, r)
 		}
-		// Once per base chain and condition read or not; the protocols
-		// of every path so.
-		k := id + " " + w.base + " c" + why
-		if i, ok := w.caught[k]; ok {
-			w.f.CatchAll[i].TCP = w.f.CatchAll[i].TCP || c.tcp
-			w.f.CatchAll[i].UDP = w.f.CatchAll[i].UDP || c.udp
-			return
+		// Each protocol's: an earlier rule that let some of its
+		// connections past leaves them to pcpd's chain (review h/revl9:
+		// "tcp dport 5000-5999 accept" before a DMZ host refused every
+		// TCP mapping, 5000-5999's too).
+		tcpWhy, udpWhy := why, why
+		if why == "" && w.prio <= int32(dnatPriority) {
+			const passed = "an earlier rule lets some connections past it (accept, return, goto)"
+			if w.passTCP {
+				tcpWhy = passed
+			}
+			if w.passUDP {
+				udpWhy = passed
+			}
 		}
-		if w.caught == nil {
-			w.caught = map[string]int{}
+		if c.tcp {
+			w.catchAll(id, t, chain, r, tcpWhy, true, false)
 		}
-		w.caught[k] = len(w.f.CatchAll)
-		n := w.note(t, chain, r, why)
-		n.TCP, n.UDP = c.tcp, c.udp
-		w.f.CatchAll = append(w.f.CatchAll, n)
+		if c.udp {
+			w.catchAll(id, t, chain, r, udpWhy, false, true)
+		}
 	default:
 		if c.tcp {
 			c.ports.addTo(&w.f.TCP)
@@ -492,6 +503,37 @@ func (w *foreignWalk) translated(t *nftables.Table, chain string, r *nftables.Ru
 			c.ports.addTo(&w.f.UDP)
 		}
 	}
+}
+
+// catchAll records catch-all r for protocols tcp, udp with why: once per
+// base chain and condition read or not, the protocols of every path so.
+func (w *foreignWalk) catchAll(id string, t *nftables.Table, chain string, r *nftables.Rule, why string, tcp, udp bool) {
+	k := id + " " + w.base + " c" + why
+	if i, ok := w.caught[k]; ok {
+		w.f.CatchAll[i].TCP = w.f.CatchAll[i].TCP || tcp
+		w.f.CatchAll[i].UDP = w.f.CatchAll[i].UDP || udp
+		return
+	}
+	if w.caught == nil {
+		w.caught = map[string]int{}
+	}
+	w.caught[k] = len(w.f.CatchAll)
+	n := w.note(t, chain, r, why)
+	n.TCP, n.UDP = tcp, udp
+	w.f.CatchAll = append(w.f.CatchAll, n)
+}
+
+// passes records that the connections of c go on past the rules after
+// this one (an accept or a return ends the chain for them, a goto's
+// chain may not translate them): a catch-all after it leaves them to
+// pcpd's chain. Not if c cannot be a connection to a port of pcpd's
+// range on the external address ("tcp dport 22 accept", another
+// address's).
+func (w *foreignWalk) passes(c cond) {
+	if c.skip || (c.why == "" && c.portCond && len(c.ports.intersect(spans{{w.first, w.last}})) == 0) {
+		return
+	}
+	w.passTCP, w.passUDP = w.passTCP || c.tcp, w.passUDP || c.udp
 }
 
 // hidden is why catch-all r, every condition of its path read, may still
@@ -618,8 +660,15 @@ func (w *foreignWalk) rule(t *nftables.Table, chain string, r *nftables.Rule, c 
 			}
 			return nil
 		case *expr.Verdict:
-			if e.Kind == expr.VerdictJump || e.Kind == expr.VerdictGoto {
+			switch e.Kind {
+			case expr.VerdictJump:
 				return w.chain(t, e.Chain, c, depth+1)
+			case expr.VerdictGoto:
+				err := w.chain(t, e.Chain, c, depth+1)
+				w.passes(c)
+				return err
+			case expr.VerdictAccept, expr.VerdictReturn:
+				w.passes(c)
 			}
 			return nil
 		}
@@ -1102,13 +1151,21 @@ func (w *foreignWalk) lookup(t *nftables.Table, chain string, r *nftables.Rule, 
 		}
 		for _, iv := range setIntervals(s, els) {
 			v := iv.verdict
-			if v == nil || (v.Kind != expr.VerdictJump && v.Kind != expr.VerdictGoto) {
+			if v == nil {
 				continue
 			}
 			ec := *c
 			ec.compare(l, matcher{n: iv.n, ivs: []interval{iv}, known: true}, w.ext)
-			if err := w.chain(t, v.Chain, ec, depth+1); err != nil {
-				return true, err
+			switch v.Kind {
+			case expr.VerdictJump, expr.VerdictGoto:
+				if err := w.chain(t, v.Chain, ec, depth+1); err != nil {
+					return true, err
+				}
+				if v.Kind == expr.VerdictGoto {
+					w.passes(ec)
+				}
+			case expr.VerdictAccept, expr.VerdictReturn:
+				w.passes(ec)
 			}
 		}
 		return true, nil

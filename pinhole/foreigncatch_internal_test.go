@@ -23,13 +23,19 @@ func refusing(f *ForeignDNAT) (tcp, udp bool) {
 
 // TestForeignCatchAllPath (review h/revl9, issue 9): a catch-all DNAT
 // before pcpd's chain refuses new IPv4 mappings only if it takes every
-// new connection of its protocols to the external address. A chain
-// reached first under a condition not read (an interface) and then with
-// none was walked once (foreignWalk.seen did not hold the condition not
-// read), its catch-all recorded only as not sure: 'refusing TCP false,
-// UDP false; want TCP true, UDP true'. An accept that cannot match
-// pcpd's connections (another address, ssh's port outside pcpd's range)
-// or comes after the catch-all changes nothing.
+// new connection of its protocols to the external address, so the rules
+// on its path before it count too: an earlier accept (or a return, a
+// goto, a verdict map's accept) of some connections to ports of pcpd's
+// range lets them through to pcpd's chain, where a mapping works ("tcp
+// dport 5000-5999 accept" then a DMZ host: pcpd's mappings of
+// 5000-5999 carry). Before, every such catch-all was read as taking
+// everything: the server refused every IPv4 mapping of the protocol
+// ('refusing TCP true, UDP true; want TCP false, UDP false'). An accept
+// that cannot match pcpd's connections (another address, ssh's port
+// outside pcpd's range) changes nothing. And a chain reached first
+// under a condition not read and then with none was walked once, its
+// catch-all recorded only as not sure: 'refusing TCP false, UDP false;
+// want TCP true, UDP true'.
 func TestForeignCatchAllPath(t *testing.T) {
 	pre := nftables.ChainHookPrerouting
 	dstnat := *nftables.ChainPriorityNATDest
@@ -47,11 +53,26 @@ func TestForeignCatchAllPath(t *testing.T) {
 		want   want // refusing
 	}{
 		{name: "the DMZ alone", chains: map[string][][]expr.Any{"pre": {dmz}}, want: want{true, true}},
+		{name: "ports of pcpd's range accepted first", chains: map[string][][]expr.Any{"pre": {
+			cat(l4(unix.IPPROTO_TCP), dportRange(5000, 5999), accept), dmz}}, want: want{false, true}},
+		{name: "some sources accepted first", chains: map[string][][]expr.Any{"pre": {cat(saddr, accept), dmz}}},
+		{name: "an interface returned first", chains: map[string][][]expr.Any{"pre": {cat(iif, jump(expr.VerdictReturn, "")), dmz}}},
 		{name: "ssh accepted first (outside pcpd's range)", chains: map[string][][]expr.Any{"pre": {
 			cat(l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 22), accept), dmz}}, want: want{true, true}},
 		{name: "another address accepted first", chains: map[string][][]expr.Any{"pre": {
 			cat(daddr("203.0.113.9/32"), accept), dmz}}, want: want{true, true}},
 		{name: "the accept after the DMZ", chains: map[string][][]expr.Any{"pre": {dmz, cat(saddr, accept)}}, want: want{true, true}},
+		{name: "a jumped chain accepts some first", chains: map[string][][]expr.Any{"pre": {jump(expr.VerdictJump, "acc"), dmz},
+			"acc": {cat(saddr, accept)}}},
+		{name: "a goto first, its chain not translating", chains: map[string][][]expr.Any{"pre": {cat(saddr, jump(expr.VerdictGoto, "log")), dmz},
+			"log": {{&expr.Counter{}}}}},
+		{name: "a verdict map accepts a port of pcpd's range", sets: map[string]fakeSet{"__map1": {s: &nftables.Set{Name: "__map1", IsMap: true},
+			els: []nftables.SetElement{{Key: be16(6000), Val: listedVerdict(expr.VerdictAccept, "")}}}},
+			chains: map[string][][]expr.Any{"pre": {cat(l4(unix.IPPROTO_UDP), []expr.Any{loadDport(),
+				&expr.Lookup{SourceRegister: 1, SetName: "__map1", DestRegister: unix.NFT_REG_VERDICT, IsDestRegSet: true}}), dmz}},
+			want: want{true, false}},
+		{name: "a chain's return before its DMZ", chains: map[string][][]expr.Any{"pre": {jump(expr.VerdictJump, "dmz")},
+			"dmz": {cat(saddr, jump(expr.VerdictReturn, "")), dmz}}},
 		{name: "a chain reached under a condition not read, then with none", chains: map[string][][]expr.Any{
 			"pre": {cat(iif, jump(expr.VerdictJump, "dmz")), jump(expr.VerdictJump, "dmz")}, "dmz": {dmz}}, want: want{true, true}},
 	} {
