@@ -600,11 +600,19 @@ func (w *foreignWalk) rule(t *nftables.Table, chain string, r *nftables.Rule, c 
 			// original ip daddr" its destination address; "ct protocol"
 			// its transport protocol, either direction (h/left9). The
 			// kernel requires a direction for these keys but protocol
-			// (IP_CT_DIR_ORIGINAL: 0).
+			// (IP_CT_DIR_ORIGINAL: 0). Its reply tuple is the original
+			// inverted until a NAT binding, and a NAT chain that binds
+			// ends the hook's NAT chains: "ct reply proto-src" is the
+			// destination port too, "ct reply ip saddr" the address;
+			// read as other conditions, a forward by them went
+			// unreserved (review h/revl9). "ct original daddr" is the
+			// address (4 bytes) in an ip table.
+			orig, reply := e.Direction == 0, e.Direction == 1
 			switch {
-			case e.Key == expr.CtKeyPROTODST && e.Direction == 0:
+			case (e.Key == expr.CtKeyPROTODST && orig) || (e.Key == expr.CtKeyPROTOSRC && reply):
 				regs.load(e.Register, ldDport, 2)
-			case e.Key == unix.NFT_CT_DST_IP && e.Direction == 0:
+			case (e.Key == unix.NFT_CT_DST_IP && orig) || (e.Key == unix.NFT_CT_SRC_IP && reply),
+				t.Family == nftables.TableFamilyIPv4 && ((e.Key == expr.CtKeyDST && orig) || (e.Key == expr.CtKeySRC && reply)):
 				regs.load(e.Register, ldDaddr, 4)
 			case e.Key == expr.CtKeyPROTOCOL:
 				regs.load(e.Register, ldL4proto, 1)

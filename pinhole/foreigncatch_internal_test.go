@@ -115,3 +115,47 @@ func catchAlls(f *ForeignDNAT) string {
 	}
 	return s
 }
+
+// TestForeignCtTuple (review h/revl9, issue 9): a new connection's reply
+// tuple at prerouting is its original inverted (a NAT chain that binds
+// ends the hook's NAT chains), so "ct reply proto-src" is its
+// destination port and "ct reply ip saddr" its destination address, as
+// "ct original proto-dst" and "ct original ip daddr" are; in an ip table
+// "ct original daddr" is the 4-byte address. Before, each was read as a
+// condition not modelled: 'ct reply proto-src 4002' reserved nothing
+// (TCP ports "", want "4002": a forward pcpd could hand out), and the
+// rules for another address reserved their port ('TCP ports "4006",
+// want ""'). The source port ("ct original proto-src", "ct reply
+// proto-dst") stays a condition not read.
+func TestForeignCtTuple(t *testing.T) {
+	cmpEq := func(b ...byte) []expr.Any { return []expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: b}} }
+	for _, tc := range []struct {
+		name     string
+		rule     []expr.Any
+		tcp      string
+		catchAll bool
+	}{
+		{name: "ct reply proto-src", rule: cat(l4(unix.IPPROTO_TCP), ctLoad(expr.CtKeyPROTOSRC, 1), cmpEq(be16(4002)...), dnat4()), tcp: "4002"},
+		{name: "ct reply ip saddr ours", rule: cat(ctLoad(unix.NFT_CT_SRC_IP, 1), cmpEq(198, 51, 100, 1), l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 4010), dnat4()), tcp: "4010"},
+		{name: "ct reply ip saddr another", rule: cat(ctLoad(unix.NFT_CT_SRC_IP, 1), cmpEq(203, 0, 113, 9), l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 4010), dnat4())},
+		{name: "ct original daddr another", rule: cat(ctLoad(expr.CtKeyDST, 0), cmpEq(203, 0, 113, 9), l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 4006), dnat4())},
+		{name: "ct original daddr ours", rule: cat(ctLoad(expr.CtKeyDST, 0), cmpEq(198, 51, 100, 1), l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 4001), dnat4()), tcp: "4001"},
+		{name: "ct original ip saddr", rule: cat(ctLoad(unix.NFT_CT_SRC_IP, 0), cmpEq(198, 51, 100, 1), l4(unix.IPPROTO_TCP), dportCmp(expr.CmpOpEq, 4005), dnat4()), tcp: "4005"},
+		{name: "ct original proto-src", rule: cat(l4(unix.IPPROTO_TCP), ctLoad(expr.CtKeyPROTOSRC, 0), cmpEq(be16(4003)...), dnat4()), catchAll: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pc := baseChain(fAdmin, "pre", fNAT, nftables.ChainHookPrerouting, *nftables.ChainPriorityNATDest)
+			src := &fakeRules{chainList: []*nftables.Chain{pc}, rulesOf: map[string][]*nftables.Rule{"admin/pre": {{Table: fAdmin, Chain: pc, Handle: 1, Exprs: tc.rule}}}}
+			f, err := readForeign(src, func(*nftables.Table, string) bool { return false }, fExt, 1024, 65535)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := f.TCP.String(); got != tc.tcp {
+				t.Errorf("TCP ports %q, want %q", got, tc.tcp)
+			}
+			if got := len(f.CatchAll) > 0; got != tc.catchAll || (got && f.CatchAll[0].Why == "") {
+				t.Errorf("catch-alls %s, want one not sure: %v", catchAlls(f), tc.catchAll)
+			}
+		})
+	}
+}
