@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,12 +16,14 @@ import (
 
 // fakeForeign is a ForeignDNATReader whose answer the test sets.
 type fakeForeign struct {
-	mu  sync.Mutex
-	f   *pinhole.ForeignDNAT
-	err error
+	mu    sync.Mutex
+	f     *pinhole.ForeignDNAT
+	err   error
+	reads atomic.Int32 // calls of ForeignDNAT
 }
 
 func (ff *fakeForeign) ForeignDNAT(ext netip.Addr, first, last uint16) (*pinhole.ForeignDNAT, error) {
+	ff.reads.Add(1)
 	ff.mu.Lock()
 	defer ff.mu.Unlock()
 	return ff.f, ff.err
@@ -30,6 +33,18 @@ func (ff *fakeForeign) set(f *pinhole.ForeignDNAT, err error) {
 	ff.mu.Lock()
 	defer ff.mu.Unlock()
 	ff.f, ff.err = f, err
+}
+
+// forwardHarness is a harness whose server reads the host's DNAT rules
+// from the returned fakeForeign (forwarding nothing until the test sets
+// it), pcpd's IPv4 ports 400-65535.
+func forwardHarness(t *testing.T) (*harness, *fakeForeign) {
+	t.Helper()
+	ff := &fakeForeign{}
+	ff.set(&pinhole.ForeignDNAT{}, nil)
+	h := newHarness(t, func(c *Config, _ *policy.Config) { c.IPv4Ports = PortRange{First: 400, Last: 65535} })
+	h.startWith(nil, func(s *Server) { s.foreign = ff })
+	return h, ff
 }
 
 // TestHostPortsForeignDNAT (h/adminports): a port the host's own DNAT

@@ -7,7 +7,6 @@ import (
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
-	"github.com/pcpd/pcpd/policy"
 )
 
 // TestRenewalMovesOffForwardedPort (h/hunt2): an IPv4 mapping granted a
@@ -20,10 +19,7 @@ import (
 // fake kernel's elements too. Before, every renewal kept the forwarded
 // port: "NAT-PMP renewal: SUCCESS, external port 1443 (forwarded since)".
 func TestRenewalMovesOffForwardedPort(t *testing.T) {
-	ff := &fakeForeign{}
-	ff.set(&pinhole.ForeignDNAT{}, nil)
-	h := newHarness(t, func(c *Config, _ *policy.Config) { c.IPv4Ports = PortRange{First: 400, Last: 65535} })
-	h.startWith(nil, func(s *Server) { s.foreign = ff })
+	h, ff := forwardHarness(t)
 
 	type row struct {
 		name  string
