@@ -185,8 +185,8 @@ func (h *hostPorts) reserved(proto uint8, port uint16) bool {
 // lease already held (Server.mapInbound's renewal): unlike reserved it
 // neither scans nor counts the host's sockets, whose ephemeral UDP ports
 // would move held mappings at random; a forward is the admin's choice.
-// The rules are read again every hostPortsTTL, allocating or not
-// (refresh).
+// The rules are read again every hostPortsTTL, allocating or not, while
+// an IPv4 lease is held (refresh).
 func (h *hostPorts) forwarded(proto uint8, port uint16) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -269,6 +269,15 @@ func (h *hostPorts) refresh() {
 		// mapping off a port the admin has forwarded since (forwarded;
 		// h/hunt2: before, a renewal kept it as long as its client
 		// renewed, with no new allocation to read the rules again).
+		// Only while an IPv4 lease is held, the only kind forwarded is
+		// asked for: a read is the whole ruleset's whenever another
+		// process committed since the last (139-144 ms at 10 000 rules,
+		// BENCHMARKS.md item 83), every 2 s on an idle pcpd with no IPv4
+		// mapping otherwise (review h/revh2). One made later asks
+		// reserved, which reads them inline when stale (fresh).
+		if t := h.s.tab; t == nil || t.held4n.Load() == 0 {
+			return
+		}
 		f, err := h.readDNAT()
 		h.mu.Lock()
 		defer h.mu.Unlock()

@@ -73,6 +73,7 @@ func (t *table) held4Set(r *rec) {
 	}
 	b.w[r.eport>>6] |= 1 << (r.eport & 63)
 	b.n++
+	t.held4n.Add(1)
 }
 
 func (t *table) held4Clear(r *rec) {
@@ -83,6 +84,7 @@ func (t *table) held4Clear(r *rec) {
 	b := t.held4[k]
 	b.w[r.eport>>6] &^= 1 << (r.eport & 63)
 	b.n-- // an empty one stays: a lone mapping made and deleted over and over allocated 8 KB each time
+	t.held4n.Add(-1)
 }
 
 // in4Add and in4Del keep byIn4, the slots of the leases of each internal

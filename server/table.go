@@ -5,6 +5,7 @@ import (
 	"iter"
 	"net/netip"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/pcpd/pcpd/pinhole"
@@ -80,6 +81,11 @@ type table struct {
 	// internal IPv4 address's leases (pool4.go: the IPv4 pool's scan).
 	held4 map[port4]*portBits
 	byIn4 map[[4]byte][]uint32
+	// held4n counts the external IPv4 endpoints with a holder (held4's
+	// bits, all addresses and protocols), atomic: housekeep reads it
+	// without s.mu (hostPorts.refresh: the idle read of the host's DNAT
+	// rules is made only while an IPv4 lease may be renewed).
+	held4n atomic.Int64
 	// on6 counts the leases of each IPv6 address, internal or external
 	// (flowprune.go: pruneFlowed asks it under s.mu).
 	on6 map[[16]byte]int32
