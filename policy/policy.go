@@ -354,10 +354,13 @@ func (p *Policy) FreshenAt(at time.Time) {
 	}
 }
 
-// Stale reports, without waiting, whether a THIRD_PARTY target judged now
-// needs Freshen first (WireGuard.Stale): the socket readers then hand the
-// request to the server's THIRD_PARTY queue rather than wait for the read
-// themselves. False for an ownership that does not lag.
+// Stale reports, without waiting, whether a request that opens or
+// extends a pinhole (since h/fresh every one, THIRD_PARTY or not) judged
+// now needs Freshen first (WireGuard.Stale): the socket readers then hand
+// the request to the server's THIRD_PARTY queue rather than wait for the
+// read themselves. Each call counts as such a request: while they come,
+// the ownership keeps its view fresh itself (WireGuard.keepFresh). False
+// for an ownership that does not lag.
 func (p *Policy) Stale() bool { return p.fresher != nil && p.fresher.Stale() }
 
 // Requester returns the owner a request from src that arrived on the

@@ -35,7 +35,13 @@ const (
 	// not waited for, and THIRD_PARTY targets are refused (PeersUnread)
 	// until a read ends cleanly.
 	DefaultFreshWait = time.Second
-	changeBuffer     = 1024
+	// KeepFreshWindow is how long after the last request that opens a
+	// pinhole (Stale's caller) Run keeps the view within half the fresh
+	// bound by reading it again (Run, keepFresh): a busy server's
+	// requests then find a fresh view and wait for no read, an idle one
+	// reads nothing more than its periodic refresh.
+	KeepFreshWindow = time.Second
+	changeBuffer    = 1024
 )
 
 // Change reports ownership an owner lost: its peer was removed (or its
@@ -125,6 +131,13 @@ type WireGuard struct {
 	// caller that needs one meanwhile.
 	fmu      sync.Mutex
 	inflight *freshRead
+	// demand is when (mono) Stale was last called, to a millisecond:
+	// Run reads again every half fresh bound while it is within
+	// KeepFreshWindow (keepFresh). keeping says Run is doing so; a
+	// Stale that finds it not asks Run to start (keepCh).
+	demand  atomic.Int64
+	keeping atomic.Bool
+	keepCh  chan struct{}
 
 	mu       sync.Mutex // serialises refreshes; guards the fields below
 	last     time.Time
@@ -246,6 +259,7 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 		log:       log,
 		missCh:    make(chan struct{}, 1),
 		renewCh:   make(chan struct{}, 1),
+		keepCh:    make(chan struct{}, 1),
 		changes:   make(chan Change, changeBuffer),
 		lastGood:  make(map[string][]wgtypes.Peer),
 		kname:     make(map[string]string),
@@ -397,10 +411,12 @@ func (w *WireGuard) Run(ctx context.Context) error {
 	defer tick.Stop()
 	var delayed, graceEnd <-chan time.Time
 	var graceTimer *time.Timer
+	var keep keepTimer
 	defer func() {
 		if graceTimer != nil {
 			graceTimer.Stop()
 		}
+		keep.stop()
 	}()
 	for {
 		select {
@@ -410,6 +426,14 @@ func (w *WireGuard) Run(ctx context.Context) error {
 		case <-graceEnd:
 		case <-delayed:
 		case <-w.renewCh: // a served interface renamed: at once
+		case <-w.keepCh: // requests after a quiet spell
+			if !w.keepFresh(&keep) {
+				continue
+			}
+		case <-keep.c:
+			if !w.keepFresh(&keep) {
+				continue
+			}
 		case <-w.missCh:
 			w.mu.Lock()
 			wait := w.missEvery - time.Since(w.last)
@@ -443,7 +467,58 @@ func (w *WireGuard) Run(ctx context.Context) error {
 			graceTimer = time.NewTimer(d)
 			graceEnd = graceTimer.C
 		}
+		if w.keeping.Load() {
+			w.keepFresh(&keep) // the next keeping read, from this one's start
+		}
 	}
+}
+
+// keepTimer is Run's timer of the next keeping read (keepFresh).
+type keepTimer struct {
+	t *time.Timer
+	c <-chan time.Time
+}
+
+func (k *keepTimer) stop() {
+	if k.t != nil {
+		k.t.Stop()
+	}
+	k.t, k.c = nil, nil
+}
+
+// keepFresh decides Run's next keeping read: while a request that opens
+// a pinhole came (Stale) within KeepFreshWindow, the view is read again
+// once its read began half the fresh bound ago, so such requests find a
+// view within the bound and wait for no read (under load, about two
+// reads a bound; a read that takes longer than half the bound is
+// followed by the next at once). With no such request in the window it
+// stops (keeping false: idle costs no read but the periodic one), until
+// Stale finds it stopped. With a bound of 0 there is none: no read begun
+// before a request serves it. It reports whether Run should read now,
+// else arms k (or leaves it stopped).
+func (w *WireGuard) keepFresh(k *keepTimer) bool {
+	k.stop()
+	half := int64(w.freshness / 2)
+	now := mono()
+	if half <= 0 || now-w.demand.Load() > int64(KeepFreshWindow) {
+		w.keeping.Store(false)
+		// A Stale that stored its demand before the store above may
+		// have found keeping true and not asked: look once more.
+		if half <= 0 || now-w.demand.Load() > int64(KeepFreshWindow) {
+			return false
+		}
+		w.keeping.Store(true)
+	}
+	d := w.readAt.Load() + half - now
+	if d <= 0 {
+		// Older than the bound too after a quiet spell: the request
+		// that found it so waits for a Freshen read as well (one
+		// more read at the change from idle to busy, at most).
+		return true
+	}
+	k.t = time.NewTimer(time.Duration(d))
+	k.c = k.t.C
+	return false
 }
 
 // graceEnd is when the first grace of a held interface ends.
@@ -507,12 +582,26 @@ func (w *WireGuard) FreshenAt(at time.Time) bool {
 	return w.freshenSince(int64(at.Sub(monoStart)))
 }
 
-// Stale reports, without waiting, whether a THIRD_PARTY target judged
-// now needs a fresher view first (Freshen would re-read): the view's read
-// began more than the fresh bound ago. A view within the bound but read
-// before the call asks Run for a re-read, as Freshen's does.
+// Stale reports, without waiting, whether a request that opens or
+// extends a pinhole (a THIRD_PARTY target, and since h/fresh every MAP,
+// PEER and NAT-PMP mapping but deletes) judged now needs a fresher view
+// first (Freshen would re-read): the view's read began more than the
+// fresh bound ago. A view within the bound but read before the call asks
+// Run for a re-read, as Freshen's does. Each call is a request: Run keeps
+// the view within the bound while they come (keepFresh), so that under
+// load they seldom find it stale.
 func (w *WireGuard) Stale() bool {
-	age := mono() - w.readAt.Load()
+	now := mono()
+	if now-w.demand.Load() > int64(time.Millisecond) {
+		w.demand.Store(now)
+	}
+	if !w.keeping.Load() && w.freshness > 0 && w.keeping.CompareAndSwap(false, true) {
+		select {
+		case w.keepCh <- struct{}{}:
+		default:
+		}
+	}
+	age := now - w.readAt.Load()
 	if age > int64(w.freshness) {
 		return true
 	}

@@ -82,6 +82,9 @@ func (s *Server) earlyIn(t *tally, dst, b []byte, src netip.AddrPort, iface stri
 		return nil, earlyEngine
 	}
 	if b[0] == pcp.PMPVersion && s.natpmpOn(src.Addr()) {
+		if s.freshFirst(reader, pmpOpens(b), arrived) {
+			return nil, earlyDeferred
+		}
 		return s.toEngine(src, iface, policy.Owner{}, false, now) // NAT-PMP: the engine's (handle's dispatch)
 	}
 	p := pcp.Parser{
@@ -123,24 +126,8 @@ func (s *Server) earlyIn(t *tally, dst, b []byte, src netip.AddrPort, iface stri
 	// Server.authorize, without its error value (one allocation per
 	// refusal): the same policy call and the same leniency for deletes.
 	deleting := req.Opcode == pcp.OpMap && req.Lifetime == 0
-	if tp && internal != src.Addr().Unmap() && s.fresh != nil {
-		// A THIRD_PARTY target is judged by a view no older than the
-		// ownership's fresh bound at the request's arrival (WireGuard:
-		// one read for all requests that arrived before it began,
-		// h/tpfresh), here, outside the engine: the engine's Authorize
-		// then sees the same view or a newer one. A socket reader does
-		// not wait for the read: the THIRD_PARTY queue does (tpQueue),
-		// and while it holds anything it takes every such request,
-		// deletes too, so that none overtakes one queued before it.
-		switch {
-		case reader && (s.tpq.busy.Load() > 0 || !deleting && s.fresh.Stale()):
-			return nil, earlyDeferred
-		case reader, deleting:
-		case arrived.IsZero():
-			s.fresh.FreshenAt(time.Now())
-		default:
-			s.fresh.FreshenAt(arrived)
-		}
+	if s.freshFirst(reader, req.Lifetime != 0, arrived) {
+		return nil, earlyDeferred
 	}
 	owner, reason := s.pol.Authorize(policy.Request{
 		Source: src.Addr(), Iface: iface, Target: internal, ThirdParty: tp, Delete: deleting, Protocol: uint8(req.Map.Protocol), InternalPort: req.Map.InternalPort,
@@ -160,6 +147,49 @@ func (s *Server) earlyIn(t *tally, dst, b []byte, src netip.AddrPort, iface stri
 		ce.Write(zap.Stringer("from", src), zap.Stringer("opcode", req.Opcode), zap.Stringer("result", code), zap.Stringer("reason", reason))
 	}
 	return pcp.AppendErrorResponse(dst, b, code, code.ErrorLifetime(), s.epochAt(now)), earlyAnswered
+}
+
+// freshFirst applies the freshness rule to a request for the engine
+// (PCP MAP or PEER, NAT-PMP) when the ownership's view may lag (s.fresh,
+// WireGuard): one that opens or extends a pinhole (opens: not a delete)
+// is judged by a view whose read began no more than the fresh bound
+// before it arrived (one read for all requests that arrived before it
+// began), here, outside the engine: the engine's Authorize then sees the
+// same view or a newer one. Before h/fresh only THIRD_PARTY targets were
+// (h/tpfresh): a request whose source the held view found was judged by
+// it however old, so a device swapped by the admin (old peer removed, a
+// new key with the same AllowedIPs) had its first mapping granted in the
+// old peer's name and revoked by the next read
+// (TestWireGuardDeviceSwapFirstMapping). A socket reader (reader) does
+// not wait for the read: it is told to hand the request to the
+// THIRD_PARTY queue (tpQueue), which waits for it; while the queue holds
+// anything, every request for the engine goes there too, deletes
+// included, so that none overtakes one of its client's queued before it.
+// Under load the ownership keeps its view fresh itself (WireGuard.Stale,
+// keepFresh), so the readers seldom hand anything over. Others (the
+// queue, earlyTallied) wait here for the view a request arrived at
+// (zero arrived: now). Static ownership: nothing (s.fresh nil).
+func (s *Server) freshFirst(reader, opens bool, arrived time.Time) (deferred bool) {
+	switch {
+	case s.fresh == nil:
+	case reader:
+		return s.tpq.busy.Load() > 0 || opens && s.fresh.Stale()
+	case !opens:
+	case arrived.IsZero():
+		s.fresh.FreshenAt(time.Now())
+	default:
+		s.fresh.FreshenAt(arrived)
+	}
+	return false
+}
+
+// pmpOpens reports whether the NAT-PMP request b opens or extends a
+// mapping: a mapping request (UDP, TCP) of a lifetime other than 0.
+// Anything else (the address request, a delete, one the engine refuses
+// as malformed) opens nothing.
+func pmpOpens(b []byte) bool {
+	var r pcp.PMPRequest
+	return pcp.ParsePMPRequest(b, &r) == nil && r.Opcode != pcp.PMPOpAddress && r.Lifetime != 0
 }
 
 // reqPool holds the decoded requests of early: the parser's result escapes

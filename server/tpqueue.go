@@ -12,10 +12,12 @@ import (
 )
 
 // freshPolicy is a Policy whose ownership view may lag (policy.Policy
-// over WireGuard: --wireguard-fresh): a THIRD_PARTY target is judged by a
-// view read no earlier than the fresh bound before the request arrived.
+// over WireGuard: --wireguard-fresh): a request that opens or extends a
+// pinhole (a THIRD_PARTY target since h/tpfresh, every MAP, PEER and
+// NAT-PMP mapping since h/fresh: Server.freshFirst) is judged by a view
+// read no earlier than the fresh bound before the request arrived.
 type freshPolicy interface {
-	// Stale: a THIRD_PARTY target judged now needs a re-read first.
+	// Stale: such a request judged now needs a re-read first.
 	Stale() bool
 	// FreshenAt waits (at most the ownership's fresh wait) for a view
 	// fresh enough for a request that arrived at at; when none could be
@@ -23,8 +25,10 @@ type freshPolicy interface {
 	FreshenAt(at time.Time)
 }
 
-// tpQueue holds the THIRD_PARTY requests that wait for a fresher
-// WireGuard view, so that no socket reader waits for a read (review
+// tpQueue holds the requests that wait for a fresher WireGuard view (its
+// name is of when only THIRD_PARTY ones did: since h/fresh, any request
+// that opens or extends a pinhole and finds the view older than the
+// bound, Server.freshFirst), so that no socket reader waits for a read (review
 // h/revtp's MEDIUM left: with --wireguard-fresh 0 each such request made
 // its reader read WireGuard, 8 ms at 1000 peers, and every request behind
 // it waited; with 1s every reader waited one read a second). The readers
@@ -36,10 +40,9 @@ type freshPolicy interface {
 // out of the socket it came in on, or the engine's queue).
 //
 // While anything is queued or being judged (busy), the readers hand over
-// every THIRD_PARTY request whose target is not its source, deletes and
-// fresh ones too: a client's THIRD_PARTY requests reach the engine in the
-// order its socket received them (a delete never overtakes the MAP it
-// undoes).
+// every request for the engine (PCP MAP and PEER, NAT-PMP), deletes and
+// fresh ones too: a client's requests reach the engine in the order its
+// socket received them (a delete never overtakes the MAP it undoes).
 //
 // It is bounded: tpQueueCap requests, tpQueueOwnerCap of them any one
 // owner's (the readers' owner key; unowned sources share one), so a
