@@ -63,26 +63,8 @@ func TestThirdPartyFloodFreshCost(t *testing.T) {
 			}
 			l := newLab(t, labOptions{wireGuard: true, extra: extra})
 			l.start()
-			wg, err := wgctrl.New()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer wg.Close()
 			floodNet := netip.MustParsePrefix("2001:db8:1:100::/56")
-			peers := []wgtypes.PeerConfig{{PublicKey: l.topo.ClientKey.PublicKey(), AllowedIPs: []net.IPNet{ipnet(floodNet)}}}
-			for i := range 999 {
-				k, err := wgtypes.GeneratePrivateKey()
-				if err != nil {
-					t.Fatal(err)
-				}
-				p := netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0xf0, 0, byte(i >> 8), byte(i)}), 64)
-				peers = append(peers, wgtypes.PeerConfig{PublicKey: k.PublicKey(), AllowedIPs: []net.IPNet{ipnet(p)}})
-			}
-			if err := wg.ConfigureDevice(l.topo.HostLANIf, wgtypes.Config{Peers: peers}); err != nil {
-				t.Fatal(err)
-			}
-			l.topo.Host.MustRun(t, "ip", "-6", "route", "add", floodNet.String(), "dev", l.topo.HostLANIf)
-			time.Sleep(6 * time.Second) // pcpd's periodic read (5 s) takes the new peers
+			addLoadPeers(t, l, floodNet, 999)
 			other := netip.MustParseAddr("2001:db8:f000::5")
 			src := func(i int) netip.Addr {
 				a := floodNet.Addr().As16()
@@ -95,27 +77,7 @@ func TestThirdPartyFloodFreshCost(t *testing.T) {
 			ann := announceBytes(cli)
 			// victim: 120 ANNOUNCEs at 40/s, a lost one counted as the
 			// 500 ms it was waited for.
-			victim := func() (p50, p99 time.Duration, lost int) {
-				var rtts []time.Duration
-				next := time.Now()
-				for range 120 {
-					time.Sleep(time.Until(next))
-					next = next.Add(25 * time.Millisecond)
-					start := time.Now()
-					reply, err := rawExchange(conn, l.server6(), ann, 500*time.Millisecond)
-					if err != nil {
-						t.Fatal(err)
-					}
-					if reply == nil {
-						lost++
-						rtts = append(rtts, 500*time.Millisecond)
-						continue
-					}
-					rtts = append(rtts, time.Since(start))
-				}
-				slices.Sort(rtts)
-				return percentile(rtts, 50), percentile(rtts, 99), lost
-			}
+			victim := func() (p50, p99 time.Duration, lost int) { return victimRTTs(t, conn, l.server6(), ann) }
 			refreshes := func() float64 {
 				m, err := l.metrics()
 				if err != nil {
@@ -239,4 +201,57 @@ func TestThirdPartyLagPinholeLife(t *testing.T) {
 	}
 	t.Logf("--wireguard-fresh 1s: %d of 3 THIRD_PARTY MAPs into B's new /72 (one per 100 ms from B's arrival) granted (ports %v); their pinholes gone %v after B appeared",
 		len(granted), granted, time.Since(began).Round(10*time.Millisecond))
+}
+
+// addLoadPeers gives the client's peer loadNet (a load's sources) and the
+// host's WireGuard interface others more peers (a /64 each in
+// 2001:db8:f000::/48), routes loadNet to it and waits for pcpd's
+// periodic read to take them.
+func addLoadPeers(t *testing.T, l *lab, loadNet netip.Prefix, others int) {
+	t.Helper()
+	wg, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wg.Close()
+	peers := []wgtypes.PeerConfig{{PublicKey: l.topo.ClientKey.PublicKey(), AllowedIPs: []net.IPNet{ipnet(loadNet)}}}
+	for i := range others {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0xf0, 0, byte(i >> 8), byte(i)}), 64)
+		peers = append(peers, wgtypes.PeerConfig{PublicKey: k.PublicKey(), AllowedIPs: []net.IPNet{ipnet(p)}})
+	}
+	if err := wg.ConfigureDevice(l.topo.HostLANIf, wgtypes.Config{Peers: peers}); err != nil {
+		t.Fatal(err)
+	}
+	l.topo.Host.MustRun(t, "ip", "-6", "route", "add", loadNet.String(), "dev", l.topo.HostLANIf)
+	time.Sleep(6 * time.Second) // pcpd's periodic read (5 s) takes the new peers
+}
+
+// victimRTTs sends req 120 times at 40/s on conn to server and returns
+// the round trips' p50 and p99, a lost one counted as the 500 ms it was
+// waited for.
+func victimRTTs(t *testing.T, conn *net.UDPConn, server netip.AddrPort, req []byte) (p50, p99 time.Duration, lost int) {
+	t.Helper()
+	var rtts []time.Duration
+	next := time.Now()
+	for range 120 {
+		time.Sleep(time.Until(next))
+		next = next.Add(25 * time.Millisecond)
+		start := time.Now()
+		reply, err := rawExchange(conn, server, req, 500*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if reply == nil {
+			lost++
+			rtts = append(rtts, 500*time.Millisecond)
+			continue
+		}
+		rtts = append(rtts, time.Since(start))
+	}
+	slices.Sort(rtts)
+	return percentile(rtts, 50), percentile(rtts, 99), lost
 }
