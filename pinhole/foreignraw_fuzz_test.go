@@ -80,8 +80,11 @@ func FuzzDecodeRuleMsgs(f *testing.F) {
 		if len(elem) > 0 {
 			return // the fuzzed expression may load or compare anything
 		}
+		// The destination port of a new connection: the original
+		// tuple's, or the reply tuple's source (its inverse), as
+		// TestForeignCtTuple and the real kernel's TestForeignDNATCtKernel.
 		want := ""
-		if key == unix.NFT_CT_PROTO_DST && wantDir == 0 {
+		if key == unix.NFT_CT_PROTO_DST && wantDir == 0 || key == unix.NFT_CT_PROTO_SRC && wantDir == 1 {
 			want = "8080"
 		}
 		if got := fd.TCP.String(); got != want || fd.UDP.String() != "" {
