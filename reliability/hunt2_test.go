@@ -36,14 +36,9 @@ func TestNAPTAdminForwardAddedAfterMapping(t *testing.T) {
 		{"PCP MAP, admin at dstnat + 2", "dstnat + 2", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			l := newLab(t, labOptions{})
-			l.start()
 			const port, other = 40080, 40090
-			pub := l.topo.HostPublicV4
-			backend := netip.AddrPortFrom(netip.MustParseAddr("10.100.2.7"), 80)
-			admin := acceptCounter(t, l.topo.Client, backend.String())
-			client := acceptCounter(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV4, port).String())
-			c := l.pcpClient(l.topo.ClientV4)
+			f := newForwardLab(t, port)
+			l, pub, admin, client, c := f.lab, f.lab.topo.HostPublicV4, f.admin, f.client, f.c
 			req := pcp.NewMap(l.topo.ClientV4, pcp.ProtoTCP, port, time.Hour)
 			req.Map.ExternalPort = port
 			renew := func() netip.AddrPort {
@@ -60,9 +55,7 @@ func TestNAPTAdminForwardAddedAfterMapping(t *testing.T) {
 			if got := renew(); got.Port() != port {
 				t.Fatalf("first mapping: granted %v, want port %d", got, port)
 			}
-			l.topo.Host.MustRun(t, "nft", "add table ip admin")
-			l.topo.Host.MustRun(t, "nft", "add chain ip admin pre { type nat hook prerouting priority "+tc.prio+"; }")
-			l.topo.Host.MustRun(t, "nft", adminForward(pub, port, backend, false))
+			f.forward(tc.prio)
 			time.Sleep(2500 * time.Millisecond) // past hostPortsTTL: the next allocation reads the rules again
 			l.mustPMP(c, pcp.PMPOpMapTCP, other, time.Hour)
 

@@ -81,10 +81,14 @@ type hostPorts struct {
 	// of the host; no read failing while pcpd's own nftables writes work
 	// has been seen.
 	dnatTCP, dnatUDP *portSet
-	dnatFailed       bool                // the last read failed (logged)
-	dnatSum          string              // the last read's summary, logged when it changes
-	dnatLogged       map[string]struct{} // rules logged once (catch-all, undecoded)
-	dnatLoggedFull   bool                // dnatLogged reached dnatLoggedMax (logged)
+	dnatFailed       bool   // the last read failed (logged)
+	dnatSum          string // the last read's summary, logged when it changes
+	// dnatNews: a read found the forwarded ports other than the one
+	// before (the first read too), and Server.endForwarded has not yet
+	// looked at them (forwardNews).
+	dnatNews       bool
+	dnatLogged     map[string]struct{} // rules logged once (catch-all, undecoded)
+	dnatLoggedFull bool                // dnatLogged reached dnatLoggedMax (logged)
 	// dnatAllTCP and dnatAllUDP: the last good read found a catch-all
 	// DNAT of the host's before pcpd's chain that takes every new
 	// connection of the protocol to the external address (ForeignRule
@@ -195,6 +199,29 @@ func (h *hostPorts) forwarded(proto uint8, port uint16) bool {
 		dnat = h.dnatUDP
 	}
 	return dnat != nil && dnat.has(port)
+}
+
+// forwardNews returns the forwarded TCP and UDP ports of the last read
+// of the host's DNAT rules, if that read found them changed since the
+// last call (the first read counts), and forgets the change; ok false
+// otherwise. For Server.endForwarded: a read made inline by an
+// allocation (fresh, under the engine's lock) is looked at by the next
+// housekeeping tick. forwardAgain puts the change back (a sweep that
+// could not commit).
+func (h *hostPorts) forwardNews() (tcp, udp portSet, ok bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.dnatNews || h.dnatTCP == nil || h.dnatUDP == nil {
+		return tcp, udp, false
+	}
+	h.dnatNews = false
+	return *h.dnatTCP, *h.dnatUDP, true
+}
+
+func (h *hostPorts) forwardAgain() {
+	h.mu.Lock()
+	h.dnatNews = true
+	h.mu.Unlock()
 }
 
 // takenWhole reports whether a catch-all DNAT rule of the host's before
@@ -339,6 +366,7 @@ func (h *hostPorts) storeDNAT(f *pinhole.ForeignDNAT, err error) {
 		log.Info("read the host's DNAT rules: the ports they forward on the external address are reserved",
 			zap.Int("rules", f.Rules), zap.String("tcp", tcp), zap.String("udp", udp))
 		h.dnatSum = sum
+		h.dnatNews = true
 	}
 	if h.dnatLogged == nil {
 		h.dnatLogged = map[string]struct{}{}

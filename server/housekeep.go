@@ -63,6 +63,7 @@ func (s *Server) housekeep(ctx context.Context) {
 			return
 		case <-ports.C:
 			s.hostPorts.refresh()
+			s.endForwarded() // PREFER_FAILURE MAPs and PEERs off forwarded ports (forwardend.go)
 		case <-debt.C:
 			s.payStoreDebt()
 			s.pruneNATPrior()

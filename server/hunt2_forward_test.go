@@ -14,7 +14,8 @@ import (
 // admin forwards it (pcpd's read of their rules: hostPorts.forwarded),
 // moves to another port, as a replacement does: NAT-PMP, a PCP MAP with
 // its nonce, and with PREFER_FAILURE the renewal is refused
-// (CANNOT_PROVIDE_EXTERNAL, PF-03) and the mapping kept as it is. The
+// (CANNOT_PROVIDE_EXTERNAL, PF-03) and the mapping kept as it is (until
+// housekeeping's sweep ends it: TestForwardedPortEndsUnmovable). The
 // other protocol's same port is not the forward's: kept. Judged by the
 // fake kernel's elements too. Before, every renewal kept the forwarded
 // port: "NAT-PMP renewal: SUCCESS, external port 1443 (forwarded since)".

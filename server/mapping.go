@@ -502,6 +502,14 @@ func (s *Server) servePeer(c *call, req *pcp.Request, resp *pcp.Response, o *out
 			resp.Lifetime = remaining(ex, now)
 			return fail(errNonce) // PEER-06
 		}
+		if ex.ExternalAddr.Is4() && s.hostPorts.forwarded(ex.Protocol, ex.ExternalPort) {
+			// The host's own DNAT rules forward its external port now:
+			// a PEER cannot move (its remote peer knows that port), so
+			// it is not renewed; endForwarded ends it (forwardend.go).
+			// Before, it was renewed there for as long as its client
+			// asked (h/fwd4).
+			return fail(errCannotProvide) // PEER-04
+		}
 		// PEER-07: never shortens; lifetime 0 is a query.
 		rem := remaining(ex, now)
 		grant := max(clamped, rem)

@@ -55,7 +55,7 @@ func newMetrics(leases func() float64) *metrics {
 		storeSeconds:  histogram("pcpd_store_commit_seconds", "Latency of one durable store commit (fsync).", prometheus.ExponentialBuckets(0.0001, 2, 14)),
 		kernelErrors:  counter("pcpd_kernel_errors_total", "Failed nftables transactions."),
 		storeErrors:   counter("pcpd_store_errors_total", "Failed store commits."),
-		revocations:   counterVec("pcpd_revocations_total", "Leases ended by the server, by cause (ownership, operator, policy).", "cause"),
+		revocations:   counterVec("pcpd_revocations_total", "Leases ended by the server, by cause (ownership, operator, policy, forwarded).", "cause"),
 		restores:      counter("pcpd_firewall_restores_total", "Times the nftables objects were found damaged or incomplete and restored."),
 		watchRestored: counter("pcpd_firewall_watch_restored_total", "Pinholes of live leases someone else deleted from the kernel, put back as the kernel told of it (firewall watch)."),
 		watchUndone:   counter("pcpd_firewall_watch_undone_adds_total", "Pinhole elements someone else added to pcpd's sets, removed (no live lease holds them) or cut back to their lease's remaining lifetime as the kernel told of it (firewall watch)."),

@@ -1,0 +1,156 @@
+package server
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/store"
+)
+
+// TestForwardedPortEndsUnmovable (h/fwd4): the IPv4 leases that cannot
+// move off a port the host's own DNAT rules forward since they were
+// granted (a PREFER_FAILURE MAP: RFC 6887 §13.2; a PEER: its remote
+// peer knows its port, §12) are ended by housekeeping's read that finds
+// the forward (endForwarded, after refresh): out of the store and the
+// fake kernel, logged. The rest stay: a plain MAP (moved at its renewal,
+// h/hunt2), a PREFER_FAILURE MAP on a port not forwarded, the other
+// protocol's same port. Before the sweep a PEER renewal on the forwarded
+// port is refused CANNOT_PROVIDE_EXTERNAL with nothing changed (HDR-06);
+// after it both renewals are CANNOT_PROVIDE_EXTERNAL and make nothing
+// (PF-04, PEER-04). Judged by the store, the fake kernel's elements and
+// the log. Before h/fwd4 (on main: the PREFER_FAILURE mapping refused
+// but kept until it expired, the PEER renewed on the forwarded port):
+// 'PEER renewal before the sweep: SUCCESS, external port 1446: want
+// CANNOT_PROVIDE_EXTERNAL' and, with endForwarded's body removed,
+// 'PREFER_FAILURE MAP TCP 1445: lease present true, kernel element true
+// after the sweep; want false, false'.
+func TestForwardedPortEndsUnmovable(t *testing.T) {
+	h, ff := forwardHarness(t)
+	rem := netip.MustParseAddrPort("203.0.113.9:5000")
+	pfMap := func(proto pcp.Protocol, port uint16, n byte) pcp.Response {
+		r := mapReq(v4A, proto, port, port, time.Hour, n)
+		r.Map.ExternalAddr = ext4
+		r.Options.PreferFailure = true
+		return h.do(r)
+	}
+	peer := func() pcp.Response {
+		r := peerReq(v4A, pcp.ProtoTCP, 1446, rem, time.Hour, 9)
+		r.Map.ExternalAddr, r.Map.ExternalPort = ext4, 1446
+		return h.do(r)
+	}
+	plain := func() pcp.Response {
+		r := mapReq(v4A, pcp.ProtoTCP, 1447, 1447, time.Hour, 10)
+		r.Map.ExternalAddr = ext4
+		return h.do(r)
+	}
+	type row struct {
+		name  string
+		proto uint8
+		port  uint16 // internal = external
+		peer  bool
+		ends  bool
+	}
+	rows := []row{
+		{"PREFER_FAILURE MAP TCP 1445", protoTCP, 1445, false, true},
+		{"PEER TCP 1446", protoTCP, 1446, true, false /* set below */},
+		{"plain MAP TCP 1447", protoTCP, 1447, false, false},
+		{"PREFER_FAILURE MAP TCP 1448, not forwarded", protoTCP, 1448, false, false},
+		{"PREFER_FAILURE MAP UDP 1445, only TCP forwarded", protoUDP, 1445, false, false},
+	}
+	rows[1].ends = true
+	for _, r := range []pcp.Response{
+		pfMap(pcp.ProtoTCP, 1445, 8), peer(), plain(), pfMap(pcp.ProtoTCP, 1448, 11), pfMap(pcp.ProtoUDP, 1445, 12),
+	} {
+		if r.Result != pcp.Success || r.Map.ExternalPort < 1445 || r.Map.ExternalPort > 1448 {
+			t.Fatalf("first mappings: %v, external port %d", r.Result, r.Map.ExternalPort)
+		}
+	}
+	state := func(r row) (leased, element bool) {
+		for k, l := range h.st.Leases() {
+			if k.Protocol == r.proto && k.InternalAddr == v4A && k.InternalPort == r.port && (l.Kind == store.KindPeer) == r.peer {
+				leased = l.ExternalPort == r.port
+			}
+		}
+		for p := range h.fw.Holes() {
+			if p.Protocol == r.proto && p.ExternalAddr == ext4 && p.ExternalPort == r.port && (p.RemotePort == rem.Port()) == r.peer {
+				element = true
+			}
+		}
+		return leased, element
+	}
+
+	var f pinhole.ForeignDNAT
+	for _, p := range []uint16{1445, 1446, 1447} {
+		f.TCP.Add(p)
+	}
+	ff.set(&f, nil)
+	h.s.hostPorts.refresh()
+
+	// Read, not yet swept: the PEER's renewal is refused, nothing changes.
+	before := h.snap()
+	if r := peer(); r.Result != pcp.CannotProvideExternal {
+		t.Errorf("PEER renewal before the sweep: %v, external port %d: want CANNOT_PROVIDE_EXTERNAL", r.Result, r.Map.ExternalPort)
+	}
+	h.unchanged(before)
+
+	h.s.endForwarded() // housekeeping's step after the read
+	for _, r := range rows {
+		leased, element := state(r)
+		if leased == r.ends || element == r.ends {
+			t.Errorf("%s: lease present %v, kernel element %v after the sweep; want %v, %v", r.name, leased, element, !r.ends, !r.ends)
+		}
+	}
+	if n := h.logs.FilterMessage("revoked: the host's own DNAT rules forward its external port now").Len(); n != 2 {
+		t.Errorf("%d leases logged as ended by the forward, want 2", n)
+	}
+
+	// Their renewals now: refused, nothing made; the plain MAP moves.
+	before = h.snap()
+	if r := pfMap(pcp.ProtoTCP, 1445, 8); r.Result != pcp.CannotProvideExternal {
+		t.Errorf("PREFER_FAILURE renewal after the sweep: %v, external port %d: want CANNOT_PROVIDE_EXTERNAL", r.Result, r.Map.ExternalPort)
+	}
+	if r := peer(); r.Result != pcp.CannotProvideExternal {
+		t.Errorf("PEER renewal after the sweep: %v, external port %d: want CANNOT_PROVIDE_EXTERNAL", r.Result, r.Map.ExternalPort)
+	}
+	h.unchanged(before)
+	if r := plain(); r.Result != pcp.Success || r.Map.ExternalPort == 1447 {
+		t.Errorf("plain MAP renewal: %v, external port %d: want SUCCESS on another port", r.Result, r.Map.ExternalPort)
+	}
+
+	// A second sweep with the same read does nothing (no news).
+	h.s.endForwarded()
+	if n := h.logs.FilterMessage("revoked: the host's own DNAT rules forward its external port now").Len(); n != 2 {
+		t.Errorf("after a second sweep: %d leases logged as ended, want 2", n)
+	}
+}
+
+// TestForwardedWhileDownEndsUnmovable (h/fwd4): a PREFER_FAILURE MAP
+// restored on a port the admin forwarded while pcpd was down is ended by
+// the first read's sweep after the start (the first read is news).
+func TestForwardedWhileDownEndsUnmovable(t *testing.T) {
+	h, ff := forwardHarness(t)
+	r := mapReq(v4A, pcp.ProtoTCP, 1500, 1500, time.Hour, 3)
+	r.Map.ExternalAddr = ext4
+	r.Options.PreferFailure = true
+	if resp := h.do(r); resp.Result != pcp.Success || resp.Map.ExternalPort != 1500 {
+		t.Fatalf("first mapping: %v, external port %d", resp.Result, resp.Map.ExternalPort)
+	}
+	var f pinhole.ForeignDNAT
+	f.TCP.Add(1500)
+	ff.set(&f, nil)
+	h.start() // a restart on the same store and kernel
+	h.s.foreign = ff
+	h.s.hostPorts.refresh()
+	h.s.endForwarded()
+	if _, ok := h.lease(ownerA, protoTCP, v4A, 1500); ok {
+		t.Errorf("the restored PREFER_FAILURE mapping on the forwarded 1500 is still leased after the first read's sweep")
+	}
+	for p := range h.fw.Holes() {
+		if p.ExternalAddr == ext4 && p.ExternalPort == 1500 {
+			t.Errorf("kernel element still on the forwarded 1500: %v", p)
+		}
+	}
+}
