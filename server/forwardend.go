@@ -40,37 +40,55 @@ import (
 // endForwarded ends the PREFER_FAILURE MAPs and PEERs on a port of the
 // external IPv4 address the last read of the host's DNAT rules forwards,
 // when that read changed what they forward (housekeep, after each
-// refresh). A commit that fails is retried at the next tick.
+// refresh). They are found under s.mu and ended revokeChunk at a time,
+// s.mu taken again for each (a forwarded range may hold thousands), each
+// lease only if it still holds a forwarded port. A commit that fails is
+// retried at the next tick.
 func (s *Server) endForwarded() {
 	tcp, udp, ok := s.hostPorts.forwardNews()
 	if !ok {
 		return
 	}
+	ext := s.cfg.ExternalIPv4
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.serveEnded || s.tab == nil {
-		return
+	var keys []store.Key
+	if !s.serveEnded && s.tab != nil {
+		keys = s.tab.cannotMove(ext, &tcp, &udp)
 	}
-	keys := s.tab.cannotMove(s.cfg.ExternalIPv4, &tcp, &udp)
-	if len(keys) == 0 {
-		return
-	}
+	s.mu.Unlock()
 	slices.SortFunc(keys, compareKeys)
-	gone, err := s.revokeKeysLocked(keys, nil)
-	if err != nil {
-		s.hostPorts.forwardAgain()
-		s.log.Error("cannot end the mappings on ports the host's DNAT rules forward now; retrying", zap.Error(err))
-		return
-	}
-	for i := range gone {
-		l := &gone[i]
-		s.m.revocations.WithLabelValues("forwarded").Inc()
-		why := "a PEER keeps its external port"
-		if l.Kind != store.KindPeer {
-			why = "PREFER_FAILURE: no other port"
+	still := func(l *store.Lease) bool {
+		set := &tcp
+		if l.Protocol != protoTCP {
+			set = &udp
 		}
-		s.log.Info("revoked: the host's own DNAT rules forward its external port now",
-			append(leaseFields(l, l.ClientAddr), zap.String("why", why))...)
+		return l.ExternalAddr == ext && set.has(l.ExternalPort) && (l.Kind == store.KindPeer || l.PreferFailure)
+	}
+	for len(keys) > 0 {
+		chunk := keys[:min(len(keys), revokeChunk)]
+		keys = keys[len(chunk):]
+		s.mu.Lock()
+		if s.serveEnded {
+			s.mu.Unlock()
+			return
+		}
+		gone, err := s.revokeKeysLocked(chunk, still)
+		s.mu.Unlock()
+		if err != nil {
+			s.hostPorts.forwardAgain()
+			s.log.Error("cannot end the mappings on ports the host's DNAT rules forward now; retrying", zap.Error(err))
+			return
+		}
+		for i := range gone {
+			l := &gone[i]
+			s.m.revocations.WithLabelValues("forwarded").Inc()
+			why := "a PEER keeps its external port"
+			if l.Kind != store.KindPeer {
+				why = "PREFER_FAILURE: no other port"
+			}
+			s.log.Info("revoked: the host's own DNAT rules forward its external port now",
+				append(leaseFields(l, l.ClientAddr), zap.String("why", why))...)
+		}
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -151,6 +152,56 @@ func TestForwardedWhileDownEndsUnmovable(t *testing.T) {
 	for p := range h.fw.Holes() {
 		if p.ExternalAddr == ext4 && p.ExternalPort == 1500 {
 			t.Errorf("kernel element still on the forwarded 1500: %v", p)
+		}
+	}
+}
+
+// TestForwardedRangeEndsInChunks (h/fwd4): an admin's forward of a range
+// holding more PEERs than one sweep transaction ends (revokeChunk) ends
+// them all, each logged once, the other protocol's kept.
+func TestForwardedRangeEndsInChunks(t *testing.T) {
+	const n = revokeChunk + 44
+	ff := &fakeForeign{}
+	ff.set(&pinhole.ForeignDNAT{}, nil)
+	h := newHarness(t, func(c *Config, p *policy.Config) {
+		c.IPv4Ports = PortRange{First: 400, Last: 65535}
+		c.RateLimit, c.RateBurst, c.OwnerBurst = 1e12, 1<<30, 1<<30
+		p.MaxLeasesPerClient = 4 * n
+	})
+	h.startWith(nil, func(s *Server) { s.foreign = ff })
+	rem := netip.MustParseAddrPort("203.0.113.9:5000")
+	for i := range n {
+		for _, proto := range []pcp.Protocol{pcp.ProtoTCP, pcp.ProtoUDP} {
+			port := uint16(42000 + i)
+			r := peerReq(v4A, proto, port, rem, time.Hour, byte(i))
+			r.Map.ExternalAddr, r.Map.ExternalPort = ext4, port
+			if resp := h.do(r); resp.Result != pcp.Success || resp.Map.ExternalPort != port {
+				t.Fatalf("PEER %v %d: %v, external port %d", proto, port, resp.Result, resp.Map.ExternalPort)
+			}
+		}
+	}
+	var f pinhole.ForeignDNAT
+	for p := uint16(1024); p < 60000; p++ {
+		f.TCP.Add(p)
+	}
+	ff.set(&f, nil)
+	h.s.hostPorts.refresh()
+	h.s.endForwarded()
+	tcp, udp := 0, 0
+	for _, l := range h.st.Leases() {
+		if l.Protocol == protoTCP {
+			tcp++
+		} else {
+			udp++
+		}
+	}
+	logged := h.logs.FilterMessage("revoked: the host's own DNAT rules forward its external port now").Len()
+	if tcp != 0 || udp != n || logged != n {
+		t.Errorf("after the sweep: %d TCP PEERs leased (want 0), %d UDP (want %d); %d logged as ended (want %d)", tcp, udp, n, logged, n)
+	}
+	for p := range h.fw.Holes() {
+		if p.Protocol == protoTCP {
+			t.Fatalf("kernel element left on a forwarded TCP port: %v", p)
 		}
 	}
 }
