@@ -79,16 +79,22 @@ func (s *Server) endForwarded() {
 			s.log.Error("cannot end the mappings on ports the host's DNAT rules forward now; retrying", zap.Error(err))
 			return
 		}
-		for i := range gone {
-			l := &gone[i]
-			s.m.revocations.WithLabelValues("forwarded").Inc()
-			why := "a PEER keeps its external port"
-			if l.Kind != store.KindPeer {
-				why = "PREFER_FAILURE: no other port"
-			}
-			s.log.Info("revoked: the host's own DNAT rules forward its external port now",
-				append(leaseFields(l, l.ClientAddr), zap.String("why", why))...)
+		s.logForwardedEnds(gone)
+	}
+}
+
+// logForwardedEnds logs and counts leases ended because the host's own
+// DNAT rules forward their external port.
+func (s *Server) logForwardedEnds(gone []store.Lease) {
+	for i := range gone {
+		l := &gone[i]
+		s.m.revocations.WithLabelValues("forwarded").Inc()
+		why := "a PEER keeps its external port"
+		if l.Kind != store.KindPeer {
+			why = "PREFER_FAILURE: no other port"
 		}
+		s.log.Info("revoked: the host's own DNAT rules forward its external port now",
+			append(leaseFields(l, l.ClientAddr), zap.String("why", why))...)
 	}
 }
 

@@ -205,3 +205,64 @@ func TestForwardedRangeEndsInChunks(t *testing.T) {
 		}
 	}
 }
+
+// TestForwardedTupleSharing (h/fwd4): one internal tuple has one external
+// endpoint, a MAP and a PEER on it share it (MAP-08, PEER-05). Once the
+// host's own DNAT rules forward that endpoint: a MAP renewed there moves
+// to another port and the tuple's PEER, which cannot move, ends with it
+// in the same commit (logged), instead of the MAP taking the PEER's
+// forwarded port again; a new PEER next to a MAP still on a forwarded port
+// is refused CANNOT_PROVIDE_EXTERNAL with nothing changed. Before (main,
+// and ce73124): 'MAP renewed next to a PEER on the forwarded 1446:
+// SUCCESS, external port 1446: want another port', and 'new PEER next to
+// a MAP on the forwarded 1450: SUCCESS, external port 1450'.
+func TestForwardedTupleSharing(t *testing.T) {
+	h, ff := forwardHarness(t)
+	rem := netip.MustParseAddrPort("203.0.113.9:5000")
+	peer := func(port, sugg uint16) pcp.Response {
+		r := peerReq(v4A, pcp.ProtoTCP, port, rem, time.Hour, 9)
+		r.Map.ExternalAddr, r.Map.ExternalPort = ext4, sugg
+		return h.do(r)
+	}
+	mapping := func(port uint16) pcp.Response {
+		r := mapReq(v4A, pcp.ProtoTCP, port, 0, time.Hour, 10)
+		r.Map.ExternalAddr = ext4
+		return h.do(r)
+	}
+	h.expect(peer(1446, 1446), pcp.Success)
+	if r := mapping(1446); r.Result != pcp.Success || r.Map.ExternalPort != 1446 {
+		t.Fatalf("MAP next to the PEER: %v, external port %d: want the PEER's 1446", r.Result, r.Map.ExternalPort)
+	}
+	if r := mapping(1450); r.Result != pcp.Success || r.Map.ExternalPort != 1450 {
+		t.Fatalf("MAP of 1450: %v, external port %d", r.Result, r.Map.ExternalPort)
+	}
+	var f pinhole.ForeignDNAT
+	f.TCP.Add(1446)
+	f.TCP.Add(1450)
+	ff.set(&f, nil)
+	h.s.hostPorts.refresh() // read, not swept
+
+	r := mapping(1446)
+	if r.Result != pcp.Success || r.Map.ExternalPort == 1446 {
+		t.Errorf("MAP renewed next to a PEER on the forwarded 1446: %v, external port %d: want another port", r.Result, r.Map.ExternalPort)
+	}
+	for k, l := range h.st.Leases() {
+		if l.Kind == store.KindPeer && k.InternalPort == 1446 {
+			t.Errorf("the tuple's PEER on the forwarded 1446 is still leased (on %d)", l.ExternalPort)
+		}
+	}
+	for p := range h.fw.Holes() {
+		if p.ExternalPort == 1446 {
+			t.Errorf("kernel element still on the forwarded 1446: %v", p)
+		}
+	}
+	if n := h.logs.FilterMessage("revoked: the host's own DNAT rules forward its external port now").Len(); n != 1 {
+		t.Errorf("%d leases logged as ended by the forward, want 1 (the PEER)", n)
+	}
+
+	before := h.snap()
+	if r := peer(1450, 0); r.Result != pcp.CannotProvideExternal {
+		t.Errorf("new PEER next to a MAP on the forwarded 1450: %v, external port %d: want CANNOT_PROVIDE_EXTERNAL", r.Result, r.Map.ExternalPort)
+	}
+	h.unchanged(before)
+}

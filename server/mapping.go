@@ -262,8 +262,35 @@ func (s *Server) mapInbound(c *call, a *ask, resp *pcp.Response, o *outcome) (pc
 	if found && s.absorb(c.t, ex, &o.log.lease, a.grant) {
 		return pcp.Success, nil // an early renewal or bare replacement: no commit needed (absorb.go)
 	}
+	if !renew {
+		s.endForwardedPeers(c, o, &next) // external chose the endpoint: it may have passed a forwarded one over
+	}
 	c.t.set(a.key, &o.log.lease, true)
 	return pcp.Success, nil
+}
+
+// endForwardedPeers stages the end of the PEERs on next's tuple that hold
+// an IPv4 endpoint other than next's which the host's own DNAT rules
+// forward (external gave next another): one tuple, one external
+// endpoint, and a PEER cannot move (forwardend.go). Each is logged after
+// the commit. Only on a path that answers SUCCESS (HDR-06).
+func (s *Server) endForwardedPeers(c *call, o *outcome, next *store.Lease) {
+	if !next.ExternalAddr.Is4() {
+		return
+	}
+	var gone []store.Lease
+	for _, other := range s.tab.onTuple(tupleOf(next.Key)) {
+		if other.Kind != store.KindPeer || !other.ExternalAddr.Is4() ||
+			(other.ExternalAddr == next.ExternalAddr && other.ExternalPort == next.ExternalPort) ||
+			!s.hostPorts.forwarded(other.Protocol, other.ExternalPort) {
+			continue
+		}
+		c.t.set(other.Key, nil, true)
+		gone = append(gone, *other)
+	}
+	if len(gone) > 0 {
+		o.after = func() { s.logForwardedEnds(gone) }
+	}
 }
 
 // applyFilters adds the request's FILTERs to a mapping's in order
@@ -329,6 +356,18 @@ func (s *Server) external(c *call, a *ask) (netip.AddrPort, time.Duration, error
 	// pinhole admits the remote on, the MAP's external port.
 	for _, other := range s.tab.onTuple(tp) {
 		if other.Key == k || other.ExternalAddr.Is4() != k.InternalAddr.Is4() {
+			continue
+		}
+		if other.ExternalAddr.Is4() && s.hostPorts.forwarded(other.Protocol, other.ExternalPort) {
+			// The host's own DNAT rules forward that endpoint now: it is
+			// the admin's, not the tuple's to share. A PEER cannot have
+			// another (PEER-04); a MAP gets one of its own, and the
+			// tuple's PEERs on the old one end with it (mapInbound).
+			// Before, a MAP renewed next to such a PEER kept the
+			// forwarded port (h/fwd4).
+			if a.kind == store.KindPeer {
+				return netip.AddrPort{}, 0, errCannotProvide
+			}
 			continue
 		}
 		ext := netip.AddrPortFrom(other.ExternalAddr, other.ExternalPort)
