@@ -81,6 +81,20 @@ type RenameFollower interface {
 	InterfacesRenamed(knames []string)
 }
 
+// DeviceFollower is an optional extra of an Ownership read from devices
+// that may be swapped under a name (*WireGuard has it). The server's
+// listener, which follows the kernel's link events to keep its sockets
+// (one per interface index), calls DevicesChanged with the kernel names
+// of served interfaces whose device is not the one it served before:
+// deleted (gone true), created again under the name (a new index), or
+// renamed; it does so before it serves the new device, so the new
+// device's first request meets the ownership told. A view read before
+// the call then judges no request that opens a pinhole: the device it
+// read may be gone, and its peers' AllowedIPs with it.
+type DeviceFollower interface {
+	DevicesChanged(knames []string, gone bool)
+}
+
 // Errors returned by constructors; match with errors.Is.
 var (
 	ErrInvalidConfig = errors.New("invalid configuration")

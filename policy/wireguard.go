@@ -165,6 +165,17 @@ type WireGuard struct {
 	renamed map[string]bool
 	renewCh chan struct{}   // InterfacesRenamed's re-read now, not rate-limited
 	stuck   map[string]bool // renamed userspace ones, logged (guarded by mu)
+	// replaced is, like renamed, the kernel names whose device is not
+	// the one the last read found (DevicesChanged: re-created, deleted,
+	// renamed) since the last re-read began; cleared by a clean read
+	// (no userspace exception: a re-created wireguard-go makes its
+	// socket under the name). Guarded by rmu.
+	replaced map[string]bool
+	// swapAt is when (mono) DevicesChanged was last called: a view whose
+	// read began no later (readAt ≤ swapAt) may be the old device's, and
+	// judges no request that opens a pinhole, however young (Stale,
+	// Freshen). 0: never.
+	swapAt atomic.Int64
 }
 
 var (
@@ -172,6 +183,7 @@ var (
 	_ Holes           = (*WireGuard)(nil)
 	_ InterfaceLookup = (*WireGuard)(nil)
 	_ RenameFollower  = (*WireGuard)(nil)
+	_ DeviceFollower  = (*WireGuard)(nil)
 )
 
 // WireGuardOption adjusts NewWireGuard.
@@ -345,20 +357,87 @@ func (w *WireGuard) InterfacesRenamed(knames []string) {
 	if len(knames) == 0 {
 		return
 	}
+	w.unserve(&w.renamed, knames, false)
+	w.log.Info("served interface renamed; its peers own nothing there until the next read", zap.Strings("kernel_names", knames))
+	w.renew()
+}
+
+// DevicesChanged implements DeviceFollower: the devices now under knames
+// (kernel names) are not the ones the last read found there: the
+// interface was deleted, created again (a new index under the name, as
+// wg-quick down/up or systemctl restart wg-quick@ makes it), or renamed;
+// the listener sees it in the kernel's link events, before it serves the
+// new device. From now on no view read before this call judges a request
+// that opens a pinhole, however young (Stale, Freshen: such a request
+// waits for a read), and requests arriving under knames are nobody's
+// (their per-interface tables are dropped, as InterfacesRenamed's)
+// until a read that ends cleanly rebuilds them. Before (h/fresh), a view
+// read up to the fresh bound before a swap judged the new device's first
+// requests by the old device's peers: a source the old device gave to
+// its peer was that peer's, even from a new peer that owns nothing
+// (TestE2EWireGuardDeviceSwapWithinBound). A device still there asks Run
+// for a re-read at once, so that the next request waits little; a
+// deleted one does not (the first read that finds it gone starts its
+// grace, as before). It does not wait for the re-read.
+func (w *WireGuard) DevicesChanged(knames []string, gone bool) {
+	if len(knames) == 0 {
+		return
+	}
+	w.unserve(&w.replaced, knames, true)
+	w.log.Info("served WireGuard interface changed; no request that opens a pinhole is judged by a view read before it",
+		zap.Strings("kernel_names", knames), zap.Bool("gone", gone))
+	if !gone {
+		w.renew()
+	}
+}
+
+// unserve marks knames in *set (w.renamed or w.replaced) and drops their
+// per-interface tables from the view; swap also makes every view read
+// so far serve no request that opens a pinhole (swapAt).
+func (w *WireGuard) unserve(set *map[string]bool, knames []string, swap bool) {
 	w.rmu.Lock()
-	if w.renamed == nil {
-		w.renamed = make(map[string]bool)
+	defer w.rmu.Unlock()
+	if *set == nil {
+		*set = make(map[string]bool)
 	}
 	for _, k := range knames {
-		w.renamed[k] = true
+		(*set)[k] = true
 	}
-	w.t.Store(w.t.Load().without(w.renamed))
-	w.rmu.Unlock()
-	w.log.Info("served interface renamed; its peers own nothing there until the next read", zap.Strings("kernel_names", knames))
+	if swap {
+		w.swapAt.Store(mono())
+	}
+	w.t.Store(w.t.Load().without(w.unservedLocked()))
+}
+
+// renew asks Run for a re-read at once (not rate-limited).
+func (w *WireGuard) renew() {
 	select {
 	case w.renewCh <- struct{}{}:
 	default:
 	}
+}
+
+// unservedLocked is the kernel names whose per-interface tables the view
+// lacks (renamed and replaced); w.rmu is held.
+func (w *WireGuard) unservedLocked() map[string]bool {
+	if len(w.replaced) == 0 {
+		return w.renamed
+	}
+	u := maps.Clone(w.replaced)
+	maps.Copy(u, w.renamed)
+	return u
+}
+
+// serves reports whether a view whose read began at read (mono) may judge
+// a request that opens a pinhole and arrived at now (mono): the read
+// began no more than the fresh bound before now (bound 0: not before),
+// and after the last DevicesChanged (before it, it may have read a
+// device that is gone).
+func (w *WireGuard) serves(now, read int64) bool {
+	if at := w.swapAt.Load(); at != 0 && read <= at {
+		return false
+	}
+	return now-read <= int64(w.freshness)
 }
 
 // Owners implements Ownership.
@@ -545,8 +624,9 @@ func (w *WireGuard) Refresh(ctx context.Context) error {
 }
 
 // Freshen makes sure the view is one whose read began no more than the
-// fresh bound (WithFreshBound, DefaultFreshBound) ago, re-reading every
-// interface first if it is older, and reports whether THIRD_PARTY targets
+// fresh bound (WithFreshBound, DefaultFreshBound) ago, and after the last
+// DevicesChanged, re-reading every interface first if it is older (or
+// began before), and reports whether THIRD_PARTY targets
 // may be judged by it (not Unsure). It is for THIRD_PARTY targets
 // (Policy.Freshen): a requester's own source WireGuard checks per
 // packet, but a target lying in a prefix just carved out of the
@@ -586,7 +666,8 @@ func (w *WireGuard) FreshenAt(at time.Time) bool {
 // extends a pinhole (a THIRD_PARTY target, and since h/fresh every MAP,
 // PEER and NAT-PMP mapping but deletes) judged now needs a fresher view
 // first (Freshen would re-read): the view's read began more than the
-// fresh bound ago. A view within the bound but read before the call asks
+// fresh bound ago, or before the last DevicesChanged (the device it read
+// may be gone). A view within the bound but read before the call asks
 // Run for a re-read, as Freshen's does. Each call is a request: Run keeps
 // the view within the bound while they come (keepFresh), so that under
 // load they seldom find it stale.
@@ -601,11 +682,11 @@ func (w *WireGuard) Stale() bool {
 		default:
 		}
 	}
-	age := now - w.readAt.Load()
-	if age > int64(w.freshness) {
+	read := w.readAt.Load()
+	if !w.serves(now, read) {
 		return true
 	}
-	if age >= 0 {
+	if now-read >= 0 {
 		w.miss()
 	}
 	return false
@@ -613,8 +694,8 @@ func (w *WireGuard) Stale() bool {
 
 func (w *WireGuard) freshenSince(now int64) bool {
 	for {
-		if age := now - w.readAt.Load(); age <= int64(w.freshness) {
-			if age >= 0 {
+		if read := w.readAt.Load(); w.serves(now, read) {
+			if now-read >= 0 {
 				// Read before the call: what this view allows may
 				// lie in a prefix carved out since. Run re-reads
 				// within the miss interval, and that read's Changes
@@ -624,7 +705,7 @@ func (w *WireGuard) freshenSince(now int64) bool {
 			return !w.unsure.Load()
 		}
 		w.fmu.Lock()
-		if now-w.readAt.Load() <= int64(w.freshness) {
+		if w.serves(now, w.readAt.Load()) {
 			w.fmu.Unlock()
 			continue // a read that began since served it
 		}
@@ -692,11 +773,11 @@ func (w *WireGuard) refreshLocked(ctx context.Context) error {
 	began := mono()
 	// This read serves the renames so far; later ones stay marked.
 	w.rmu.Lock()
-	pending := w.renamed
-	w.renamed = nil
+	pending, replaced := w.renamed, w.replaced
+	w.renamed, w.replaced = nil, nil
 	w.rmu.Unlock()
 	var errs []error
-	changed := len(pending) > 0 // the view lacks their tables: rebuild
+	changed := len(pending) > 0 || len(replaced) > 0 // the view lacks their tables: rebuild
 	// userspace is the renamed kernel names read from a userspace device
 	// (wireguard-go, boringtun): wgctrl finds one by the name its UAPI
 	// socket was made with, which a rename does not change, so the name
@@ -793,8 +874,15 @@ func (w *WireGuard) refreshLocked(ctx context.Context) error {
 	keep := userspace
 	if len(errs) > 0 {
 		// Some interface kept its last good peers, maybe read by its
-		// old name: the renamed ones wait for a clean read.
+		// old name: the renamed ones wait for a clean read. So do the
+		// replaced ones: the last good peers may be the old device's.
 		keep = slices.Collect(maps.Keys(pending))
+		if len(replaced) > 0 {
+			if w.replaced == nil {
+				w.replaced = make(map[string]bool)
+			}
+			maps.Copy(w.replaced, replaced)
+		}
 	}
 	for _, k := range keep {
 		if w.renamed == nil {
@@ -810,8 +898,8 @@ func (w *WireGuard) refreshLocked(ctx context.Context) error {
 		}
 		w.renamed[k] = true
 	}
-	if len(w.renamed) > 0 {
-		nt = nt.without(w.renamed)
+	if len(w.renamed) > 0 || len(w.replaced) > 0 {
+		nt = nt.without(w.unservedLocked())
 	}
 	w.t.Store(nt)
 	w.unsure.Store(len(errs) > 0)

@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/pcpd/pcpd/control"
@@ -568,38 +567,13 @@ func recreateWireGuard(t *testing.T, l *lab) {
 func recreateWireGuardPeer(t *testing.T, l *lab, peer wgtypes.Key) {
 	t.Helper()
 	topo := l.topo
-	ifc := topo.HostLANIf
-	os.Remove(filepath.Join(netlab.SocketDir, ifc+".sock"))
-	cmd, err := netlab.DefaultWGCommand()
-	if err != nil {
+	if err := topo.RecreateHostWireGuard(wgtypes.PeerConfig{
+		PublicKey:         peer,
+		ReplaceAllowedIPs: true,
+		AllowedIPs:        []net.IPNet{ipnet(topo.ClientPrefix6), ipnet(topo.ClientPrefix4)},
+	}, topo.HostWGPort); err != nil {
 		t.Fatal(err)
 	}
-	if err := netlab.StartWireGuardDevice(topo.Host, ifc, cmd); err != nil {
-		t.Fatal(err)
-	}
-	wg, err := wgctrl.New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer wg.Close()
-	port := topo.HostWGPort
-	err = wg.ConfigureDevice(ifc, wgtypes.Config{
-		PrivateKey: &topo.HostKey,
-		ListenPort: &port,
-		Peers: []wgtypes.PeerConfig{{
-			PublicKey:         peer,
-			ReplaceAllowedIPs: true,
-			AllowedIPs:        []net.IPNet{ipnet(topo.ClientPrefix6), ipnet(topo.ClientPrefix4)},
-		}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	h := topo.Host
-	h.MustRun(t, "ip", "link", "set", ifc, "mtu", "1420", "up")
-	h.MustRun(t, "ip", "addr", "add", topo.HostTunnelV6.String()+"/128", "dev", ifc, "nodad")
-	h.MustRun(t, "ip", "addr", "add", topo.HostTunnelV4.String()+"/24", "dev", ifc)
-	h.MustRun(t, "ip", "-6", "route", "add", topo.ClientPrefix6.String(), "dev", ifc)
 }
 
 func ipnet(p netip.Prefix) net.IPNet {

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"context"
 	"errors"
 	"net"
 	"net/netip"
@@ -95,20 +94,7 @@ func (l *lab) serveSecondWGWith(t *testing.T, tag string, port int, refresh time
 		t.Fatal(err)
 	}
 	l.topo.Host.MustRun(t, "ip", "link", "set", second, "up")
-	l.stop()
-	wg, err := policy.NewWireGuard(l.wgc, []string{l.topo.HostLANIf, second}, refresh, l.log.Named("wg2"), opts...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	go wg.Run(ctx)
-	l.wg = wg
-	if l.pol, err = policy.New(policy.Config{}, wg); err != nil {
-		t.Fatal(err)
-	}
-	l.cfg.Interfaces = []string{l.topo.HostLANIf, second}
-	l.start()
+	l.useWireGuard(t, []string{l.topo.HostLANIf, second}, refresh, opts...)
 	return second
 }
 

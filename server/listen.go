@@ -289,6 +289,12 @@ type listener struct {
 	// interface concerns (renames; policy.RenameFollower), before sockets
 	// under them are opened. Called from the run goroutine, under mu.
 	onRename func(knames []string)
+	// onDevice, if set, gets the kernel names of served interfaces whose
+	// device is not the one served before (renames; policy.DeviceFollower):
+	// created again under the name, renamed, or first served after the
+	// first pass (gone false), before sockets under them are opened; or
+	// deleted (gone true). Called from the run goroutine, under mu.
+	onDevice func(knames []string, gone bool)
 	// byName and byIndex are the kernel name ↔ index pairs served so far
 	// (resync; nil before the first pass): those whose interface exists
 	// and the last maxGonePairs of those whose index was found gone
@@ -594,22 +600,42 @@ func (l *listener) resync(h *netlink.Handle) {
 // ownership has just read the interfaces itself. An interface never
 // served before renamed to a served name is caught only by the second
 // rule (the served name's old index still exists).
+//
+// To onDevice it reports every name served on an index it was not
+// served on before (renamed, re-created, or not served since the first
+// pass), and every served pair whose index is gone (deleted), once
+// (h/swapev): the ownership's view, however young, may be of the device
+// that was there, and a re-created WireGuard interface's first requests
+// were judged by the old device's peers (TestE2EWireGuardDeviceSwapWithinBound).
+// Both come from the link events run follows, before any socket of the
+// new device is opened.
 func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 	first := l.byName == nil
 	if first {
 		l.byName, l.byIndex = map[string]int{}, map[int]string{}
 	}
-	var changed []string
+	var changed, devs, deleted []string
+	dev := func(k string) {
+		if !first && !slices.Contains(devs, k) {
+			devs = append(devs, k)
+		}
+	}
 	add := func(k string) {
 		if !first && !slices.Contains(changed, k) {
 			changed = append(changed, k)
 		}
+		dev(k)
 	}
 	for _, w := range want {
 		idx, had := l.byName[w.kname]
 		if had && idx == w.index {
 			continue
 		}
+		// Served on an index it was not served on before: whatever
+		// else it is (a rename, below), its device is not the one the
+		// ownership may have read under the name (a re-created
+		// WireGuard interface: new peers, maybe).
+		dev(w.kname)
 		if name, ok := l.byIndex[w.index]; ok && name != w.kname {
 			add(w.kname)
 			add(name)
@@ -644,6 +670,9 @@ func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 			if _, ok := l.gone[k]; !ok {
 				l.goneSeq++
 				l.gone[k] = l.goneSeq
+				if l.byIndex[i] == k { // its last served name, not one renamed away
+					deleted = append(deleted, k)
+				}
 			}
 		} else {
 			delete(l.gone, k)
@@ -662,6 +691,17 @@ func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 	for i, k := range l.byIndex {
 		if l.byName[k] != i {
 			delete(l.byIndex, i)
+		}
+	}
+	if l.onDevice != nil {
+		for _, d := range []struct {
+			ks   []string
+			gone bool
+		}{{deleted, true}, {devs, false}} {
+			if len(d.ks) > 0 {
+				slices.Sort(d.ks)
+				l.onDevice(d.ks, d.gone)
+			}
 		}
 	}
 	if len(changed) > 0 {

@@ -335,6 +335,9 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	if rf, ok := s.pol.Ownership().(policy.RenameFollower); ok {
 		s.lis.onRename = rf.InterfacesRenamed
 	}
+	if df, ok := s.pol.Ownership().(policy.DeviceFollower); ok {
+		s.lis.onDevice = df.DevicesChanged
+	}
 	s.cutter, _ = s.fw.(FlowCutter)
 	s.recorder, _ = s.fw.(FlowRecorder)
 	s.natLister, _ = s.fw.(NATLister)

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -272,6 +274,43 @@ func (topo *Topology) Close() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// RecreateHostWireGuard creates the host's WireGuard interface again
+// after it was deleted, as wg-quick up does: a new device under
+// HostLANIf (the old one's control socket removed first), the host's
+// key, listening on port, with peer as its one peer; then the link up,
+// its addresses and the route to the client's IPv6 prefix. It does not
+// wait for the tunnel.
+func (topo *Topology) RecreateHostWireGuard(peer wgtypes.PeerConfig, port int) error {
+	ifc := topo.HostLANIf
+	os.Remove(filepath.Join(SocketDir, ifc+".sock"))
+	cmd, err := DefaultWGCommand()
+	if err != nil {
+		return err
+	}
+	if err := StartWireGuardDevice(topo.Host, ifc, cmd); err != nil {
+		return err
+	}
+	wg, err := wgctrl.New()
+	if err != nil {
+		return fmt.Errorf("netlab: wgctrl: %w", err)
+	}
+	defer wg.Close()
+	if err := wg.ConfigureDevice(ifc, wgtypes.Config{PrivateKey: &topo.HostKey, ListenPort: &port, Peers: []wgtypes.PeerConfig{peer}}); err != nil {
+		return fmt.Errorf("netlab: configure %s: %w", ifc, err)
+	}
+	for _, args := range [][]string{
+		{"ip", "link", "set", ifc, "mtu", "1420", "up"},
+		{"ip", "addr", "add", topo.HostTunnelV6.String() + "/128", "dev", ifc, "nodad"},
+		{"ip", "addr", "add", topo.HostTunnelV4.String() + "/24", "dev", ifc},
+		{"ip", "-6", "route", "add", topo.ClientPrefix6.String(), "dev", ifc},
+	} {
+		if _, err := topo.Host.Run(args...); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func ipnet(p netip.Prefix) net.IPNet {
