@@ -377,6 +377,7 @@ func (b *Backend) FlowedAddrs(asked ...netip.Addr) (flowed func(netip.Addr) bool
 func (b *Backend) flowedFunc(asked []netip.Addr) func(netip.Addr) bool {
 	f := &b.flowed
 	seen := make(map[netip.Addr]bool, len(asked))
+	b.flowedFromDump(asked, seen) // a small set read whole (flowedsmall.go)
 	b.flowedLookup(asked, seen)
 	failed := len(seen) < len(asked) && b.flowedUnanswered(asked, seen)
 	if failed {
@@ -459,23 +460,11 @@ func (b *Backend) flowedLookup(as []netip.Addr, seen map[netip.Addr]bool) {
 		if len(batch) == 0 {
 			continue
 		}
-		if r.c == nil {
-			c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: b.netns})
-			if err != nil {
-				return
-			}
-			// An ENOENT's acknowledgement names the attribute not
-			// found: the element, or the table or set (flowedAnswer).
-			if err := c.SetOption(netlink.ExtendedAcknowledge, true); err != nil {
-				c.Close()
-				return
-			}
-			r.c = c
+		c := b.flowedConn()
+		if c == nil {
+			return
 		}
-		if b.flowed.rd == nil {
-			b.flowed.rd = newFlowedReader(b.flowedGet(netip.IPv6Unspecified()))
-		}
-		if !b.flowed.rd.lookup(r.c, batch, func(i int, present bool) { seen[batch[i]] = present }) {
+		if !b.flowedReaderOf().lookup(c, batch, func(i int, present bool) { seen[batch[i]] = present }) {
 			r.close() // dialled again next time
 			return
 		}

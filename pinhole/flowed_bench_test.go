@@ -108,13 +108,20 @@ func BenchmarkFlowedAddrsFull(b *testing.B) {
 // fillFlowed adds n addresses of 2001:db8:ff00::/64 to flowed6.
 func fillFlowed(b testing.TB, host *netlab.NS, n int) {
 	b.Helper()
-	if n == 0 {
+	fillFlowedFrom(b, host, 0, n)
+}
+
+// fillFlowedFrom adds the addresses from to to (not included) of
+// 2001:db8:ff00::/64 to flowed6, fillFlowed's numbering.
+func fillFlowedFrom(b testing.TB, host *netlab.NS, from, to int) {
+	b.Helper()
+	if to <= from {
 		return
 	}
 	var sb strings.Builder
-	for i := 0; i < n; i += 1024 {
+	for i := from; i < to; i += 1024 {
 		sb.WriteString("add element inet pcpd flowed6 { ")
-		for j := i; j < min(i+1024, n); j++ {
+		for j := i; j < min(i+1024, to); j++ {
 			if j > i {
 				sb.WriteString(", ")
 			}
@@ -243,28 +250,35 @@ func BenchmarkRegainFlowed(b *testing.B) {
 // BenchmarkFlowedAddrsWalk (h/flushdump): FlowedAddrs as the churn row's
 // flusher calls it every 100 ms (BENCHMARKS.md items 81, 82): ≈ 900
 // distinct ended pinholes' addresses asked up front, none of them in
-// flowed6, which holds n others. The "ns/addr" metric is one lookup's
-// cost (the counter's read, ≈ 0.15 ms, spread over them).
+// flowed6, which holds n others. The "ns/addr" metric is one address's
+// cost (the counter's read, ≈ 0.15 ms, spread over them). "read" is as
+// FlowedAddrs chooses (since h/flushone a set this small is read whole:
+// flowedsmall.go), "lookups" the lookups alone (flowedDumpMax -1).
 func BenchmarkFlowedAddrsWalk(b *testing.B) {
-	for _, n := range []int{0, 4096} {
-		b.Run(fmt.Sprint(n), func(b *testing.B) {
-			topo, be := guardedTopology(b, pinhole.Config{})
-			fillFlowed(b, topo.Host, n)
-			var asked []netip.Addr
-			for i := range 900 {
-				asked = append(asked, netip.MustParseAddr(fmt.Sprintf("2001:db8:fe00::%x", i)))
-			}
-			b.ReportAllocs()
-			for b.Loop() {
-				flowed, ok := be.FlowedAddrs(asked...)
-				if !ok {
-					b.Fatal("FlowedAddrs untrusted")
+	for _, n := range []int{0, 128, 512, 4096} {
+		for _, mode := range []string{"read", "lookups"} {
+			b.Run(fmt.Sprintf("%d/%s", n, mode), func(b *testing.B) {
+				if mode == "lookups" {
+					defer pinhole.SetFlowedDumpMax(-1)()
 				}
-				if flowed(asked[0]) {
-					b.Fatalf("flowed(%v) true, want false", asked[0])
+				topo, be := guardedTopology(b, pinhole.Config{})
+				fillFlowed(b, topo.Host, n)
+				var asked []netip.Addr
+				for i := range 900 {
+					asked = append(asked, netip.MustParseAddr(fmt.Sprintf("2001:db8:fe00::%x", i)))
 				}
-			}
-			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(asked)), "ns/addr")
-		})
+				b.ReportAllocs()
+				for b.Loop() {
+					flowed, ok := be.FlowedAddrs(asked...)
+					if !ok {
+						b.Fatal("FlowedAddrs untrusted")
+					}
+					if flowed(asked[0]) {
+						b.Fatalf("flowed(%v) true, want false", asked[0])
+					}
+				}
+				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(asked)), "ns/addr")
+			})
+		}
 	}
 }

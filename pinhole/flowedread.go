@@ -38,6 +38,7 @@ type flowedReader struct {
 	out     []byte // a batch's requests
 	seq     uint32 // the last sequence number sent
 	last    answer // what the last datagram read was (FlowedMissNamed)
+	big     []byte // a dump's datagrams (flowedsmall.go), made when first read
 
 	hdrs  [flowedBatch]unix.Mmsghdr
 	iovs  [flowedBatch]unix.Iovec
