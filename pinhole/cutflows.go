@@ -207,15 +207,18 @@ func (b *Backend) scanRules(c *nftables.Conn, chain string, kinds []kind, found 
 	return out, nil
 }
 
+// routeHandle opens a route socket in the Backend's namespace (a route
+// socket only: see NetlinkRoutesAt).
+func (b *Backend) routeHandle() (*netlink.Handle, error) {
+	if b.netns > 0 {
+		return netlink.NewHandleAt(netns.NsHandle(b.netns), unix.NETLINK_ROUTE)
+	}
+	return netlink.NewHandle(unix.NETLINK_ROUTE)
+}
+
 // localAddrs6 returns the IPv6 addresses of the Backend's namespace.
 func (b *Backend) localAddrs6() (map[netip.Addr]struct{}, error) {
-	var h *netlink.Handle
-	var err error
-	if b.netns > 0 {
-		h, err = netlink.NewHandleAt(netns.NsHandle(b.netns), unix.NETLINK_ROUTE)
-	} else {
-		h, err = netlink.NewHandle(unix.NETLINK_ROUTE)
-	}
+	h, err := b.routeHandle()
 	if err != nil {
 		return nil, err
 	}

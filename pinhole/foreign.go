@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/xt"
 	"github.com/mdlayher/netlink"
+	vnl "github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -152,7 +154,11 @@ func (b *Backend) ForeignDNAT(ext netip.Addr, first, last uint16) (*ForeignDNAT,
 	// Unless something may have changed it since, the last read's answer
 	// (foreigngen.go): told no other socket's commit, its sets the same.
 	g := &b.foreignGen
-	args := foreignArgs{ext: ext.As4(), valid: ext.Is4(), first: first, last: last}
+	at := target{ext: ext}
+	if ext.Is4() {
+		at.ifs, at.ifsKnown = b.extInterfaces(ext)
+	}
+	args := foreignArgs{ext: ext.As4(), valid: ext.Is4(), first: first, last: last, ifs: fmt.Sprint(at.ifsKnown, at.ifs)}
 	if g.unchanged(b, c, args) {
 		g.skips.Add(1)
 		f := *g.last
@@ -165,7 +171,7 @@ func (b *Backend) ForeignDNAT(ext netip.Addr, first, last uint16) (*ForeignDNAT,
 	var f *ForeignDNAT
 	src := &nftSource{c: c, nl: b.foreignConn.nl}
 	if err == nil {
-		f, err = readForeign(src, b.ownChain, ext, first, last)
+		f, err = readForeignAt(src, b.ownChain, at, first, last)
 	}
 	if err != nil {
 		b.foreignConn.close()
@@ -177,6 +183,42 @@ func (b *Backend) ForeignDNAT(ext netip.Addr, first, last uint16) (*ForeignDNAT,
 	kept := *f
 	g.last, g.args, g.sets, g.owned = &kept, args, src.looked, owned
 	return f, nil
+}
+
+// extInterfaces are the interfaces of the Backend's namespace holding
+// ext, where pcpd's mapped IPv4 connections arrive; known is false if
+// none does, if one is a loopback or dummy interface (the address's
+// traffic then comes in through other interfaces), or they cannot be
+// listed. A route socket opened for the call (an address dump and a link
+// lookup each: some 100 µs, at each ForeignDNAT call, read or not: a
+// moved address is another read).
+func (b *Backend) extInterfaces(ext netip.Addr) (ifs []extIf, known bool) {
+	h, err := b.routeHandle()
+	if err != nil {
+		return nil, false
+	}
+	defer h.Close()
+	addrs, err := h.AddrList(nil, vnl.FAMILY_V4)
+	if err != nil {
+		return nil, false
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); !ok || ip.Unmap() != ext {
+			continue
+		}
+		l, err := h.LinkByIndex(a.LinkIndex)
+		if err != nil {
+			return nil, false
+		}
+		at := l.Attrs()
+		if at.Flags&net.FlagLoopback != 0 || l.Type() == "dummy" {
+			return nil, false
+		}
+		if !slices.ContainsFunc(ifs, func(i extIf) bool { return i.index == uint32(at.Index) }) {
+			ifs = append(ifs, extIf{name: at.Name, index: uint32(at.Index)})
+		}
+	}
+	return ifs, len(ifs) > 0
 }
 
 // ownChain reports whether chain of table t is pcpd's: standalone, every
@@ -296,6 +338,39 @@ var errTooBranched = fmt.Errorf("more than %d rule visits: the jumps branch too 
 
 // readForeign is ForeignDNAT over src.
 func readForeign(src ruleSource, own func(*nftables.Table, string) bool, ext netip.Addr, first, last uint16) (*ForeignDNAT, error) {
+	return readForeignAt(src, own, target{ext: ext}, first, last)
+}
+
+// target is where pcpd's mapped IPv4 connections arrive: the external
+// address, and the interfaces that hold it (extIfs; ifsKnown false: not
+// known, an interface condition is then not read).
+type target struct {
+	ext      netip.Addr
+	ifs      []extIf
+	ifsKnown bool
+}
+
+// extIf is an interface holding the external address: its name (what
+// "meta iifname" compares, NUL-padded to IFNAMSIZ) and index ("meta iif",
+// a u32 in the host's order).
+type extIf struct {
+	name  string
+	index uint32
+}
+
+// key is what a rule's interface load of kind k reads for i.
+func (i extIf) key(k loadKind) []byte {
+	if k == ldIif {
+		return binary.NativeEndian.AppendUint32(nil, i.index)
+	}
+	v := make([]byte, unix.IFNAMSIZ)
+	copy(v, i.name)
+	return v
+}
+
+// readForeignAt is readForeign for connections to at.
+func readForeignAt(src ruleSource, own func(*nftables.Table, string) bool, at target, first, last uint16) (*ForeignDNAT, error) {
+	ext := at.ext
 	chains, err := src.chains()
 	if err != nil {
 		return nil, err
@@ -303,7 +378,7 @@ func readForeign(src ruleSource, own func(*nftables.Table, string) bool, ext net
 	if h := foreignReadHook; h != nil {
 		h() // tests: a commit while a read goes on
 	}
-	w := &foreignWalk{src: src, own: own, ext: ext, first: first, last: last, f: &ForeignDNAT{},
+	w := &foreignWalk{src: src, own: own, ext: ext, at: at, first: first, last: last, f: &ForeignDNAT{},
 		rules: map[chainKey][]*nftables.Rule{}, seen: map[string]struct{}{}, noted: map[string]struct{}{},
 		counted: map[string]struct{}{}}
 	// Base chains in a fixed order, so the log's lists are stable.
@@ -346,6 +421,7 @@ type foreignWalk struct {
 	src         ruleSource
 	own         func(*nftables.Table, string) bool // pcpd's chains
 	ext         netip.Addr
+	at          target // ext and its interfaces
 	first, last uint16
 	f           *ForeignDNAT
 	base        string // the base chain being walked
@@ -578,6 +654,11 @@ func (w *foreignWalk) rule(t *nftables.Table, chain string, r *nftables.Rule, c 
 				k = ldNfproto
 			case expr.MetaKeyPROTOCOL:
 				k = ldEthertype
+			case expr.MetaKeyIIFNAME:
+				regs.load(e.Register, ldIifname, unix.IFNAMSIZ)
+				continue
+			case expr.MetaKeyIIF:
+				k = ldIif
 			}
 			regs.load(e.Register, k, 4)
 		case *expr.Bitwise:
@@ -632,11 +713,11 @@ func (w *foreignWalk) rule(t *nftables.Table, chain string, r *nftables.Rule, c 
 		case *expr.Socket:
 			regs.load(e.Register, ldOther, 4)
 		case *expr.Cmp:
-			c.compare(regs.get(e.Register), cmpMatcher(e.Op, e.Data), w.ext)
+			c.compare(regs.get(e.Register), cmpMatcher(e.Op, e.Data), w.at)
 		case *expr.Range:
 			n := len(e.FromData)
 			c.compare(regs.get(e.Register), matcher{n: n, ivs: []interval{{lo: e.FromData, hi: e.ToData, n: n}},
-				invert: e.Op == expr.CmpOpNeq, known: e.Op == expr.CmpOpEq || e.Op == expr.CmpOpNeq}, w.ext)
+				invert: e.Op == expr.CmpOpNeq, known: e.Op == expr.CmpOpEq || e.Op == expr.CmpOpNeq}, w.at)
 		case *expr.Lookup:
 			jumped, err := w.lookup(t, chain, r, e, &c, &regs, depth)
 			if err != nil || jumped {
@@ -695,6 +776,8 @@ const (
 	ldL4proto                   // meta l4proto, ip protocol
 	ldNfproto                   // meta nfproto
 	ldEthertype                 // meta protocol
+	ldIifname                   // meta iifname: the input interface's name (16 bytes)
+	ldIif                       // meta iif: its index (u32, host order)
 )
 
 // payloadKind is what a payload load of e reads.
@@ -875,7 +958,8 @@ func (m matcher) portSpans() spans {
 }
 
 // compare applies m on what l holds.
-func (c *cond) compare(l load, m matcher, ext netip.Addr) {
+func (c *cond) compare(l load, m matcher, at target) {
+	ext := at.ext
 	if slices.ContainsFunc(m.ivs, func(iv interval) bool { return len(iv.lo) != m.n || len(iv.hi) != m.n }) {
 		// Operands of unequal lengths (a range's from and to, set keys):
 		// the kernel refuses them; not understood rather than a panic
@@ -924,10 +1008,44 @@ func (c *cond) compare(l load, m matcher, ext netip.Addr) {
 		} else if !m.holds([]byte{0x08, 0x00}) {
 			c.skip = true
 		}
+	case ldIifname, ldIif:
+		c.inputInterface(l.kind, m, at)
 	default:
-		// An interface, a source address, a mark, conntrack's state,
-		// fib, a set of those: not modelled (may match).
+		// A source address, a mark, conntrack's state, fib, a set of
+		// those: not modelled (may match).
 		c.notRead("one on what pcpd does not model (an interface, a source address, a mark, ...)")
+	}
+}
+
+// inputInterface applies a condition on the input interface ("iifname
+// "wan"", "iifname "wan*"" (a cmp of the prefix's bytes only), a set of
+// names or patterns (an interval set of 16-byte keys), "iif", "!=") to c:
+// pcpd's mapped connections arrive on the interfaces holding the external
+// address (at.ifs). A condition every one of them meets leaves them all
+// to the rule (read: a catch-all behind it takes every connection); one
+// none of them meets leaves the rule to other interfaces' connections
+// (skip: not pcpd's, as another address's); one some meet, or any while
+// those interfaces are not known (the address on none, or on a loopback
+// or dummy interface, whose traffic comes in through others), is not
+// read (h/prio; before, every interface condition was not read: a DMZ
+// rule "iifname "wan" dnat to ..." was only warned about, and clients
+// were granted mappings that carried nothing).
+func (c *cond) inputInterface(k loadKind, m matcher, at target) {
+	if !m.known || !at.ifsKnown || len(at.ifs) == 0 || (k == ldIif && m.n != 4) || m.n > unix.IFNAMSIZ || m.n < 1 {
+		c.notRead("an input interface condition")
+		return
+	}
+	hit := 0
+	for _, i := range at.ifs {
+		if m.holds(i.key(k)[:m.n]) {
+			hit++
+		}
+	}
+	switch {
+	case hit == 0:
+		c.skip = true
+	case hit < len(at.ifs):
+		c.notRead("an input interface condition some of the external address's interfaces meet")
 	}
 }
 
@@ -1163,7 +1281,7 @@ func (w *foreignWalk) lookup(t *nftables.Table, chain string, r *nftables.Rule, 
 				continue
 			}
 			ec := *c
-			ec.compare(l, matcher{n: iv.n, ivs: []interval{iv}, known: true}, w.ext)
+			ec.compare(l, matcher{n: iv.n, ivs: []interval{iv}, known: true}, w.at)
 			switch v.Kind {
 			case expr.VerdictJump, expr.VerdictGoto:
 				if err := w.chain(t, v.Chain, ec, depth+1); err != nil {
@@ -1192,7 +1310,7 @@ func (w *foreignWalk) lookup(t *nftables.Table, chain string, r *nftables.Rule, 
 	case len(els) == 0:
 		c.skip = c.skip || !e.Invert // matches nothing
 	case !concat:
-		c.compare(l, matcher{n: n, ivs: setIntervals(s, els), invert: e.Invert, known: true}, w.ext)
+		c.compare(l, matcher{n: n, ivs: setIntervals(s, els), invert: e.Invert, known: true}, w.at)
 	}
 	return false, nil
 }

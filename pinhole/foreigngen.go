@@ -89,6 +89,7 @@ type foreignArgs struct {
 	ext         [4]byte
 	valid       bool
 	first, last uint16
+	ifs         string // the external address's interfaces (extInterfaces)
 }
 
 // setPrint is a named set as a read saw it: a fingerprint of its

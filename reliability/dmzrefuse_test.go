@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -26,22 +27,11 @@ import (
 // catch-all at dstnat: SUCCESS (external 40082), want OUT_OF_RESOURCES;
 // a connection to it reached the client 0 times, the DMZ host 1".
 func TestNAPTRefusedBesideAdminDMZHostFirst(t *testing.T) {
-	l := newLab(t, labOptions{})
 	const held, next = 40081, 40082
-	pub := l.topo.HostPublicV4
-	dmz := netip.MustParseAddr("10.100.2.7")
-	l.topo.Host.MustRun(t, "nft", "add table ip admin")
-	l.topo.Host.MustRun(t, "nft", "add chain ip admin pre { type nat hook prerouting priority dstnat; }")
-	l.start()
-	c := l.pcpClient(l.topo.ClientV4)
-	dmzHeld := acceptCounter(t, l.topo.Client, netip.AddrPortFrom(dmz, held).String())
+	d := newDMZLab(t, held)
+	l, c, pub, dmz, extHeld, dmzHeld, cliHeld := d.l, d.c, d.l.topo.HostPublicV4, d.dmz, d.extHeld, d.dmzHeld, d.cliHeld
 	dmzNext := acceptCounter(t, l.topo.Client, netip.AddrPortFrom(dmz, next).String())
-	cliHeld := acceptCounter(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV4, held).String())
 	cliNext := acceptCounter(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV4, next).String())
-	extHeld := l.mustPMP(c, pcp.PMPOpMapTCP, held, time.Hour)
-	if err := l.topo.Internet.DialTCP(extHeld.String(), time.Second); err != nil || cliHeld.Load() != 1 {
-		t.Fatalf("the held mapping %v before the rule: %v, the client accepted %d", extHeld, err, cliHeld.Load())
-	}
 
 	// The admin's DMZ rule; pcpd reads it within its 2 s background read
 	// (allocations were asked in the last 10 s).
@@ -106,4 +96,33 @@ func TestNAPTRefusedBesideAdminDMZHostFirst(t *testing.T) {
 	if dmzNext.Load() != 0 {
 		t.Fatalf("the DMZ host accepted %d connections to %d, want 0", dmzNext.Load(), next)
 	}
+}
+
+// dmzLab is a lab with the admin's empty nat chain at dstnat (table ip
+// admin, chain pre) and a NAT-PMP TCP mapping of port held made and
+// reached from the Internet before any rule of the admin's; dmz is the
+// DMZ host's address (on Client), dmzHeld and cliHeld count the
+// connections to held each accepted.
+type dmzLab struct {
+	l                *lab
+	c                *pcp.Client
+	dmz              netip.Addr
+	extHeld          netip.AddrPort
+	dmzHeld, cliHeld *atomic.Int64
+}
+
+func newDMZLab(t *testing.T, held uint16) *dmzLab {
+	l := newLab(t, labOptions{})
+	d := &dmzLab{l: l, dmz: netip.MustParseAddr("10.100.2.7")}
+	l.topo.Host.MustRun(t, "nft", "add table ip admin")
+	l.topo.Host.MustRun(t, "nft", "add chain ip admin pre { type nat hook prerouting priority dstnat; }")
+	l.start()
+	d.c = l.pcpClient(l.topo.ClientV4)
+	d.dmzHeld = acceptCounter(t, l.topo.Client, netip.AddrPortFrom(d.dmz, held).String())
+	d.cliHeld = acceptCounter(t, l.topo.Client, netip.AddrPortFrom(l.topo.ClientV4, held).String())
+	d.extHeld = l.mustPMP(d.c, pcp.PMPOpMapTCP, held, time.Hour)
+	if err := l.topo.Internet.DialTCP(d.extHeld.String(), time.Second); err != nil || d.cliHeld.Load() != 1 {
+		t.Fatalf("the held mapping %v before any rule: %v, the client accepted %d", d.extHeld, err, d.cliHeld.Load())
+	}
+	return d
 }
