@@ -252,6 +252,16 @@ func (g *foreignGen) refilter(o *ownPorts) {
 	}
 }
 
+// taint makes the next ForeignDNAT read: the watcher was told another
+// process's change of a table, chain, rule or set (WatchEvent.Foreign),
+// which the generation socket may not have been told yet (each socket is
+// queued its copy in turn).
+func (g *foreignGen) taint() {
+	g.mu.Lock()
+	g.clean = false
+	g.mu.Unlock()
+}
+
 // close closes the socket (g.mu held).
 func (g *foreignGen) close() {
 	if g.c != nil {

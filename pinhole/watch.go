@@ -51,6 +51,14 @@ type WatchEvent struct {
 	Added []Entry
 	// By are the netlink port ids that committed them (for logs).
 	By []uint32
+	// Foreign: someone else added, changed or deleted a table, chain,
+	// rule or set of the ip or inet family that is not pcpd's (a host
+	// DNAT rule may have come or gone): the caller reads the host's DNAT
+	// rules again now rather than at its next periodic read (h/prio).
+	// The next ForeignDNAT reads (its last answer is not kept). Element
+	// changes do not set it (the periodic read looks at the sets it
+	// read).
+	Foreign bool
 	// Lost: the watcher's socket failed (ENOBUFS: the kernel dropped
 	// notifications it had no room for); anything may have been missed.
 	// The watcher has reopened its socket.
@@ -516,6 +524,9 @@ func (b *Backend) WatchJoined(ctx context.Context, fn func(WatchEvent), joined f
 			b.flowedTampered() // flowedlife.go
 		}
 		if ev, ok := b.judge(msgs); ok {
+			if ev.Foreign {
+				b.foreignGen.taint()
+			}
 			fn(ev)
 		}
 	}
@@ -614,7 +625,8 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 		if m.Header.PID == 0 || own && filterOwn {
 			continue
 		}
-		if m.Data[0] != unix.NFPROTO_INET {
+		fam := m.Data[0]
+		if fam != unix.NFPROTO_INET && fam != unix.NFPROTO_IPV4 {
 			continue
 		}
 		typ := int(m.Header.Type & 0xff)
@@ -650,7 +662,13 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 				elems = attrs.Bytes()
 			}
 		}
-		if attrs.Err() != nil || !b.ours(table) || own && typ != unix.NFT_MSG_DELSETELEM && typ != nftMsgDestroySetElem {
+		if attrs.Err() != nil {
+			continue
+		}
+		if !own && foreignKind(typ) && (fam != unix.NFPROTO_INET || !b.ours(table) || (nameAttr != 0 && !b.ownName(name))) {
+			ev.Foreign = true
+		}
+		if fam != unix.NFPROTO_INET || !b.ours(table) || own && typ != unix.NFT_MSG_DELSETELEM && typ != nftMsgDestroySetElem {
 			continue
 		}
 		what := ""
@@ -710,7 +728,21 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 		}
 	}
 	ev.Damage = summary(damage)
-	return ev, ev.Damage != "" || len(ev.Deleted) > 0 || len(ev.Added) > 0
+	return ev, ev.Damage != "" || len(ev.Deleted) > 0 || len(ev.Added) > 0 || ev.Foreign
+}
+
+// foreignKind reports whether a notification of type typ, of another
+// table's, may change what ForeignDNAT reads: a table, chain, rule or set
+// added, changed or deleted.
+func foreignKind(typ int) bool {
+	switch typ {
+	case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE, nftMsgDestroyTable,
+		unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN, nftMsgDestroyChain,
+		unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, nftMsgDestroyRule,
+		unix.NFT_MSG_DELSET, nftMsgDestroySet:
+		return true
+	}
+	return false
 }
 
 // deletedElements judges elements deleted from set: a pinhole set's (or

@@ -85,6 +85,9 @@ type fwWatch struct {
 	overflow bool
 	lost     error
 	kick     chan struct{}
+	// foreign is called when the watch is told another table's change
+	// (WatchEvent.Foreign): hostPorts.kickDNAT.
+	foreign func()
 	// reinstalls counts the re-installs of every lease's pinholes that
 	// succeeded (repairLocked, rearmOwed): a pass whose check made one
 	// has nothing left to put back.
@@ -319,6 +322,12 @@ func (w *fwWatch) poke() {
 
 // note is the watch's callback: it gathers ev for watchFirewall.
 func (w *fwWatch) note(ev pinhole.WatchEvent) {
+	if ev.Foreign && w.foreign != nil {
+		w.foreign() // another table's change: read the host's DNAT rules now
+	}
+	if ev.Damage == "" && len(ev.Deleted) == 0 && len(ev.Added) == 0 && ev.Lost == nil {
+		return // only Foreign: nothing of pcpd's for the pass
+	}
 	w.mu.Lock()
 	if w.backOn {
 		// Deleted again since a put-back: not the audit's to leave out

@@ -64,6 +64,11 @@ func (s *Server) housekeep(ctx context.Context) {
 		case <-ports.C:
 			s.hostPorts.refresh()
 			s.endForwarded() // PREFER_FAILURE MAPs and PEERs off forwarded ports (forwardend.go)
+		case <-s.hostPorts.kick:
+			if wait := s.hostPorts.kickedDNAT(); wait > 0 {
+				time.AfterFunc(wait, s.hostPorts.kickDNAT)
+			}
+			s.endForwarded() // the kicked read may have found a new forward
 		case <-debt.C:
 			s.payStoreDebt()
 			s.pruneNATPrior()
