@@ -119,6 +119,8 @@ type Backend struct {
 	// foreignGen tells ForeignDNAT whether its last read still holds
 	// (foreigngen.go); under foreignMu.
 	foreignGen foreignGen
+	// onForeign is OnForeignChange's function (nil: none).
+	onForeign atomic.Pointer[func()]
 	// ports are the netlink port ids of the Backend's own sockets, the
 	// recent ones (watch.go): what they commit is not someone else's
 	// change.

@@ -51,14 +51,6 @@ type WatchEvent struct {
 	Added []Entry
 	// By are the netlink port ids that committed them (for logs).
 	By []uint32
-	// Foreign: someone else added, changed or deleted a table, chain,
-	// rule or set of the ip or inet family that is not pcpd's (a host
-	// DNAT rule may have come or gone): the caller reads the host's DNAT
-	// rules again now rather than at its next periodic read (h/prio).
-	// The next ForeignDNAT reads (its last answer is not kept). Element
-	// changes do not set it (the periodic read looks at the sets it
-	// read).
-	Foreign bool
 	// Lost: the watcher's socket failed (ENOBUFS: the kernel dropped
 	// notifications it had no room for); anything may have been missed.
 	// The watcher has reopened its socket.
@@ -523,10 +515,14 @@ func (b *Backend) WatchJoined(ctx context.Context, fn func(WatchEvent), joined f
 		if b.flowedChanged(msgs) {
 			b.flowedTampered() // flowedlife.go
 		}
-		if ev, ok := b.judge(msgs); ok {
-			if ev.Foreign {
-				b.foreignGen.taint()
+		ev, foreign, ok := b.judge(msgs)
+		if foreign {
+			b.foreignGen.taint()
+			if h := b.onForeign.Load(); h != nil {
+				(*h)()
 			}
+		}
+		if ok {
 			fn(ev)
 		}
 	}
@@ -614,7 +610,11 @@ func (b *Backend) ownName(name string) bool {
 
 // judge turns the messages of one read into a WatchEvent (ok false:
 // nothing of pcpd's).
-func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
+// foreign is whether someone else added, changed or deleted a table,
+// chain, rule or set of the ip or inet family that is not pcpd's
+// (foreignKind: a host DNAT rule may have come or gone; element changes
+// are not, the periodic read looks at the sets it read).
+func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, foreign, ok bool) {
 	var damage []string
 	filterOwn := watchOwnPorts.Load()
 	for _, m := range msgs {
@@ -666,7 +666,7 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 			continue
 		}
 		if !own && foreignKind(typ) && (fam != unix.NFPROTO_INET || !b.ours(table) || (nameAttr != 0 && !b.ownName(name))) {
-			ev.Foreign = true
+			foreign = true
 		}
 		if fam != unix.NFPROTO_INET || !b.ours(table) || own && typ != unix.NFT_MSG_DELSETELEM && typ != nftMsgDestroySetElem {
 			continue
@@ -728,7 +728,22 @@ func (b *Backend) judge(msgs []netlink.Message) (ev WatchEvent, ok bool) {
 		}
 	}
 	ev.Damage = summary(damage)
-	return ev, ev.Damage != "" || len(ev.Deleted) > 0 || len(ev.Added) > 0 || ev.Foreign
+	return ev, foreign, ev.Damage != "" || len(ev.Deleted) > 0 || len(ev.Added) > 0
+}
+
+// OnForeignChange sets fn (nil: none) to be called, on Watch's goroutine,
+// whenever a watch is told someone else's change of a table, chain, rule
+// or set of the ip or inet family that is not pcpd's: a DNAT rule of the
+// host's may have come or gone, and the next ForeignDNAT reads (its last
+// answer is not kept). The server reads the host's DNAT rules at once
+// (h/prio: before, at its next background read, up to 2.5 s later).
+// WatchEvent, which tells only pcpd's objects, is not sent for them.
+func (b *Backend) OnForeignChange(fn func()) {
+	if fn == nil {
+		b.onForeign.Store(nil)
+		return
+	}
+	b.onForeign.Store(&fn)
 }
 
 // foreignKind reports whether a notification of type typ, of another

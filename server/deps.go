@@ -173,6 +173,14 @@ type NATLabeller interface {
 	NATLabel() (bit int, ok bool)
 }
 
+// ForeignChangeWatcher is an optional extra of a FirewallWatcher
+// (*pinhole.Backend has it): fn is called when its watch is told someone
+// else's change of a table, chain, rule or set not pcpd's (a DNAT rule of
+// the host's may have come or gone); nil unsets it.
+type ForeignChangeWatcher interface {
+	OnForeignChange(fn func())
+}
+
 // ForeignDNATReader is an optional extra of a Firewall (*pinhole.Backend
 // has it): ForeignDNAT reads the ports that the host's own DNAT and
 // redirect rules, outside pcpd's chains, translate on the external IPv4

@@ -85,9 +85,6 @@ type fwWatch struct {
 	overflow bool
 	lost     error
 	kick     chan struct{}
-	// foreign is called when the watch is told another table's change
-	// (WatchEvent.Foreign): hostPorts.kickDNAT.
-	foreign func()
 	// reinstalls counts the re-installs of every lease's pinholes that
 	// succeeded (repairLocked, rearmOwed): a pass whose check made one
 	// has nothing left to put back.
@@ -322,12 +319,6 @@ func (w *fwWatch) poke() {
 
 // note is the watch's callback: it gathers ev for watchFirewall.
 func (w *fwWatch) note(ev pinhole.WatchEvent) {
-	if ev.Foreign && w.foreign != nil {
-		w.foreign() // another table's change: read the host's DNAT rules now
-	}
-	if ev.Damage == "" && len(ev.Deleted) == 0 && len(ev.Added) == 0 && ev.Lost == nil {
-		return // only Foreign: nothing of pcpd's for the pass
-	}
 	w.mu.Lock()
 	if w.backOn {
 		// Deleted again since a put-back: not the audit's to leave out
@@ -387,9 +378,17 @@ func (s *Server) startWatch(ctx context.Context) (kick, ended <-chan struct{}) {
 		return nil, nil
 	}
 	s.watch.kick = make(chan struct{}, 1)
+	if fc, ok := fw.(ForeignChangeWatcher); ok {
+		// Another table's change told: read the host's DNAT rules now
+		// (h/prio), undone when the watch ends.
+		fc.OnForeignChange(s.hostPorts.kickDNAT)
+	}
 	joined, end := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(end)
+		if fc, ok := fw.(ForeignChangeWatcher); ok {
+			defer fc.OnForeignChange(nil)
+		}
 		var err error
 		if jw, ok := fw.(JoinedWatcher); ok {
 			err = jw.WatchJoined(ctx, s.watch.note, func() { close(joined) })

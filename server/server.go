@@ -292,7 +292,6 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 	s.plog = packetLogger(log, s.steady, time.Now)
 	s.hostPorts.s = s
 	s.hostPorts.kick = make(chan struct{}, 1)
-	s.watch.foreign = s.hostPorts.kickDNAT
 	s.ct.walk = s.walkLive
 	s.ct.settle = s.pruneAfterWalk
 	s.ct.report = s.reportCtWalk
