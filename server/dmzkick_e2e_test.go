@@ -27,9 +27,12 @@ func TestE2EWatchReadsDMZRuleNow(t *testing.T) {
 	}
 	l.topo.Host.MustRun(t, "nft", "add table ip admin")
 	l.topo.Host.MustRun(t, "nft", "add chain ip admin pre { type nat hook prerouting priority dstnat; }")
+	added := time.Now()
 	l.topo.Host.MustRun(t, "nft", "add rule ip admin pre ip daddr "+l.topo.HostPublicV4.String()+" dnat to 10.100.2.7")
+	tries := 0
 	err := netlab.Eventually(10*time.Second, func() error {
 		n++
+		tries++
 		if r := l.pcp(mapReq(l.topo.ClientV4, pcp.ProtoTCP, 9480+uint16(n), 19480+uint16(n), time.Hour, n)); r.Result != pcp.NoResources {
 			return fmt.Errorf("a MAP after the admin's DMZ rule: %v, want NO_RESOURCES", r.Result)
 		}
@@ -38,6 +41,7 @@ func TestE2EWatchReadsDMZRuleNow(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("refused %v after the rule's nft command began, at MAP %d (a figure: nft's own run included)", time.Since(added), tries)
 	// And back when it goes.
 	l.topo.Host.MustRun(t, "nft", "flush chain ip admin pre")
 	if err := netlab.Eventually(10*time.Second, func() error {
