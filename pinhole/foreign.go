@@ -114,9 +114,11 @@ type ForeignRule struct {
 	// Base is the base chain it is reached from, hooked at Priority.
 	Base     string
 	Priority int32
-	// Before: Base runs before pcpd's DNAT chain (or at its priority, in
-	// an order the kernel keeps by registration): it takes the
-	// connections of the ports it translates from pcpd's mappings.
+	// Before: Base runs before pcpd's DNAT chain, or may: at its
+	// priority the kernel runs the chain registered last first (made, or
+	// its table woken from dormant), which no listing tells (h/prio,
+	// TestNAPTDMZAtPcpdPriority): it takes the connections of the ports
+	// it translates from pcpd's mappings.
 	Before bool
 	// TCP and UDP are the protocols it may translate (CatchAll).
 	TCP, UDP bool
