@@ -86,6 +86,15 @@ func (p *PortSet) addRange(lo, hi uint16) {
 type ForeignDNAT struct {
 	// TCP and UDP are the ports a rule translates by destination port.
 	TCP, UDP PortSet
+	// GuessTCP and GuessUDP are the ports of TCP and UDP that only rules
+	// with a condition on their path not read (an interface, a source
+	// address, a mark, a limit: cond.unsure) translate: reserved like the
+	// rest ("reserve rather than miss"), but a connection to them from
+	// where pcpd's mappings are used may never be translated ('iifname
+	// "lan0" ... dnat': NAT reflection for the LAN only). Not proof
+	// enough to end a lease that cannot move (review h/revf4: a PEER to
+	// an internet peer was ended by such a forward).
+	GuessTCP, GuessUDP PortSet
 	// CatchAll are the rules that translate every port of pcpd's range
 	// (no destination port condition, or one that leaves none of it out:
 	// a "DMZ" host). Their ports are not in TCP and UDP: reserving them
@@ -400,6 +409,10 @@ func readForeignAt(src ruleSource, own func(*nftables.Table, string) bool, at ta
 			return nil, err
 		}
 	}
+	for i := range w.f.TCP {
+		w.f.GuessTCP[i] = w.f.TCP[i] &^ w.sureTCP[i]
+		w.f.GuessUDP[i] = w.f.UDP[i] &^ w.sureUDP[i]
+	}
 	return w.f, nil
 }
 
@@ -446,6 +459,9 @@ type foreignWalk struct {
 	// past the rules after it (accept, return, a goto): a catch-all after
 	// it does not take every connection (passes).
 	passTCP, passUDP bool
+	// sureTCP and sureUDP: the ports a rule with every condition on its
+	// path read translates (ForeignDNAT.GuessTCP is TCP's others).
+	sureTCP, sureUDP PortSet
 }
 
 // chain walks the rules of t's chain name reached with c.
@@ -579,6 +595,14 @@ func (w *foreignWalk) translated(t *nftables.Table, chain string, r *nftables.Ru
 		}
 		if c.udp {
 			c.ports.addTo(&w.f.UDP)
+		}
+		if c.unsure == "" {
+			if c.tcp {
+				c.ports.addTo(&w.sureTCP)
+			}
+			if c.udp {
+				c.ports.addTo(&w.sureUDP)
+			}
 		}
 	}
 }

@@ -81,8 +81,12 @@ type hostPorts struct {
 	// of the host; no read failing while pcpd's own nftables writes work
 	// has been seen.
 	dnatTCP, dnatUDP *portSet
-	dnatFailed       bool   // the last read failed (logged)
-	dnatSum          string // the last read's summary, logged when it changes
+	// dnatGuessTCP and dnatGuessUDP: those of them that only rules with a
+	// condition not read forward (pinhole.ForeignDNAT.GuessTCP): reserved,
+	// but no proof to end a lease (forwardedSure; review h/revf4).
+	dnatGuessTCP, dnatGuessUDP *portSet
+	dnatFailed                 bool   // the last read failed (logged)
+	dnatSum                    string // the last read's summary, logged when it changes
 	// dnatNews: a read found the forwarded ports other than the one
 	// before (the first read too), and Server.endForwarded has not yet
 	// looked at them (forwardNews).
@@ -277,9 +281,26 @@ func (h *hostPorts) forwarded(proto uint8, port uint16) bool {
 	return dnat != nil && dnat.has(port)
 }
 
-// forwardNews returns the forwarded TCP and UDP ports of the last read
-// of the host's DNAT rules, if that read found them changed since the
-// last call (the first read counts), and forgets the change; ok false
+// forwardedSure is forwarded for a port a rule with every condition on
+// its path read forwards: one pcpd may end a lease that cannot move for
+// (servePeer, external, endForwardedPeers). A forward under a condition
+// not read ('iifname "lan0"': NAT reflection for the LAN only) may never
+// see the connections of the lease, a PEER's internet peer's: it is only
+// reserved (review h/revf4; before, it ended the PEER).
+func (h *hostPorts) forwardedSure(proto uint8, port uint16) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	dnat, guess := h.dnatTCP, h.dnatGuessTCP
+	if proto != protoTCP {
+		dnat, guess = h.dnatUDP, h.dnatGuessUDP
+	}
+	return dnat != nil && dnat.has(port) && (guess == nil || !guess.has(port))
+}
+
+// forwardNews returns the TCP and UDP ports the last read of the host's
+// DNAT rules forwards for sure (forwardedSure), if that read found them
+// changed since the last call (the first read counts), and forgets the
+// change; ok false
 // otherwise. For Server.endForwarded: a read made inline by an
 // allocation (fresh, under the engine's lock) is looked at by the next
 // housekeeping tick. forwardAgain puts the change back (a sweep that
@@ -291,7 +312,14 @@ func (h *hostPorts) forwardNews() (tcp, udp portSet, ok bool) {
 		return tcp, udp, false
 	}
 	h.dnatNews = false
-	return *h.dnatTCP, *h.dnatUDP, true
+	tcp, udp = *h.dnatTCP, *h.dnatUDP
+	if h.dnatGuessTCP != nil {
+		for i := range tcp {
+			tcp[i] &^= h.dnatGuessTCP[i]
+			udp[i] &^= h.dnatGuessUDP[i]
+		}
+	}
+	return tcp, udp, true
 }
 
 func (h *hostPorts) forwardAgain() {
@@ -435,8 +463,11 @@ func (h *hostPorts) storeDNAT(f *pinhole.ForeignDNAT, err error) {
 		h.dnatFailed = false
 	}
 	h.dnatTCP, h.dnatUDP = (*portSet)(&f.TCP), (*portSet)(&f.UDP)
+	h.dnatGuessTCP, h.dnatGuessUDP = (*portSet)(&f.GuessTCP), (*portSet)(&f.GuessUDP)
 	tcp, udp := f.TCP.String(), f.UDP.String()
-	if sum := fmt.Sprint(f.Rules, tcp, "/", udp); sum != h.dnatSum {
+	// The guessed ports in the sum: a forward's condition read or not
+	// since is news for endForwarded too.
+	if sum := fmt.Sprint(f.Rules, tcp, "/", udp, " ", f.GuessTCP.String(), "/", f.GuessUDP.String()); sum != h.dnatSum {
 		log.Info("read the host's DNAT rules: the ports they forward on the external address are reserved",
 			zap.Int("rules", f.Rules), zap.String("tcp", tcp), zap.String("udp", udp))
 		h.dnatSum = sum

@@ -282,7 +282,7 @@ func (s *Server) endForwardedPeers(c *call, o *outcome, next *store.Lease) {
 	for _, other := range s.tab.onTuple(tupleOf(next.Key)) {
 		if other.Kind != store.KindPeer || !other.ExternalAddr.Is4() ||
 			(other.ExternalAddr == next.ExternalAddr && other.ExternalPort == next.ExternalPort) ||
-			!s.hostPorts.forwarded(other.Protocol, other.ExternalPort) {
+			!s.hostPorts.forwardedSure(other.Protocol, other.ExternalPort) {
 			continue
 		}
 		c.t.set(other.Key, nil, true)
@@ -358,7 +358,7 @@ func (s *Server) external(c *call, a *ask) (netip.AddrPort, time.Duration, error
 		if other.Key == k || other.ExternalAddr.Is4() != k.InternalAddr.Is4() {
 			continue
 		}
-		if other.ExternalAddr.Is4() && s.hostPorts.forwarded(other.Protocol, other.ExternalPort) {
+		if other.ExternalAddr.Is4() && s.hostPorts.forwardedSure(other.Protocol, other.ExternalPort) {
 			// The host's own DNAT rules forward that endpoint now: it is
 			// the admin's, not the tuple's to share. A PEER cannot have
 			// another (PEER-04); a MAP gets one of its own, and the
@@ -541,7 +541,7 @@ func (s *Server) servePeer(c *call, req *pcp.Request, resp *pcp.Response, o *out
 			resp.Lifetime = remaining(ex, now)
 			return fail(errNonce) // PEER-06
 		}
-		if ex.ExternalAddr.Is4() && s.hostPorts.forwarded(ex.Protocol, ex.ExternalPort) {
+		if ex.ExternalAddr.Is4() && s.hostPorts.forwardedSure(ex.Protocol, ex.ExternalPort) {
 			// The host's own DNAT rules forward its external port now:
 			// a PEER cannot move (its remote peer knows that port), so
 			// it is not renewed; endForwarded ends it (forwardend.go).
