@@ -19,6 +19,7 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"go.uber.org/zap"
+	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
 )
 
@@ -559,7 +560,7 @@ func (l *listener) resync(h *netlink.Handle) {
 		if _, ok := l.conns[ap]; ok {
 			continue
 		}
-		pc, err := l.open(w.kname, ap)
+		pc, err := l.open(w.kname, w.index, ap)
 		if err != nil {
 			l.log.Warn("cannot serve address", zap.String("interface", w.name), zap.Stringer("address", ap), zap.Error(err))
 			continue
@@ -727,7 +728,9 @@ func servedPair(want map[netip.AddrPort]link, kname string, index int) bool {
 	return false
 }
 
-func (l *listener) open(ifc string, ap netip.AddrPort) (*net.UDPConn, error) {
+// open binds a serving socket to ap on the interface ifc (kernel name,
+// index index).
+func (l *listener) open(ifc string, index int, ap netip.AddrPort) (*net.UDPConn, error) {
 	network := "udp6"
 	if ap.Addr().Is4() {
 		network = "udp4"
@@ -738,6 +741,12 @@ func (l *listener) open(ifc string, ap netip.AddrPort) (*net.UDPConn, error) {
 			if serr = unix.SetsockoptString(int(fd), unix.SOL_SOCKET, unix.SO_BINDTODEVICE, ifc); serr != nil {
 				serr = fmt.Errorf("SO_BINDTODEVICE %s: %w", ifc, serr)
 				return
+			}
+			if index != loopbackIndex {
+				if serr = unix.SetsockoptSockFprog(int(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, hostOwnFilter(ap.Addr().Is4())); serr != nil {
+					serr = fmt.Errorf("SO_ATTACH_FILTER: %w", serr)
+					return
+				}
 			}
 			// A large receive buffer absorbs bursts while the reader sheds
 			// a flooding source (FORCE passes rmem_max; needs CAP_NET_ADMIN,
@@ -768,6 +777,75 @@ func (l *listener) open(ifc string, ap netip.AddrPort) (*net.UDPConn, error) {
 		return nil, fmt.Errorf("server: listen %s on %s: %w", ap, ifc, err)
 	}
 	return pc.(*net.UDPConn), nil
+}
+
+// loopbackIndex is the loopback interface's index, the same in every
+// network namespace (LOOPBACK_IFINDEX).
+const loopbackIndex = 1
+
+// hostOwnFilter is the socket filter (SO_ATTACH_FILTER) of a socket
+// serving an interface other than loopback: a datagram the kernel
+// delivered through loopback is taken only when its source is the
+// address it was sent to; every other datagram is taken.
+//
+// Security (issue 9, h/hunt3, HIGH): a datagram a process of this host
+// sends to an address of the serving interface goes through loopback,
+// and the kernel hands it to a socket bound to that interface
+// (SO_BINDTODEVICE) as though it had arrived there: IPv6 counts it as
+// received on the address's interface (ip6_rcv_core), IPv4 takes the
+// local route's device for it (__mkroute_output's orig_oif). Any local
+// user may bind an IPv6 socket to any address (IPV6_FREEBIND needs no
+// privilege) and send from it. So user nobody on the host, sending from a
+// WireGuard peer's address, was that peer to pcpd, whose ownership rests
+// on WireGuard having checked every source (PROTOCOL.md choice (a)):
+// it opened the peer's ports to the internet, IPv4 ones too through
+// THIRD_PARTY, and deleted the peer's mappings
+// (TestLocalUserCannotSpeakForPeer). A datagram from the host itself
+// keeps the source the kernel chooses for a local destination, the
+// destination itself (RFC 6724 rule 1; IPv4's local routes carry it as
+// their source), so the host's own requests still arrive; one bound to
+// another source does not. IPv4 cannot be sent from an address that is
+// not the host's without IP_TRANSPARENT (CAP_NET_ADMIN), IPv6 can.
+//
+// A socket filter, not an nftables rule: it holds in every mode (attached
+// mode and --nft-notrack=false install no control chains), and the
+// arrival device is known only to the kernel (the socket's interface
+// index in IPV6_PKTINFO is the one it counts the datagram as received
+// on). It costs a datagram from the serving interface one load and one
+// comparison. A datagram it drops is counted in the socket's drops
+// (/proc/net/udp6, Udp6InErrors), not in pcpd's metrics.
+func hostOwnFilter(v4 bool) *unix.SockFprog {
+	// Offsets from the network header (SKF_NET_OFF) of the source and
+	// destination addresses, and their length in 4-octet words.
+	const netOff = 0xfff00000
+	src, dst, words := uint32(8), uint32(24), uint32(4)
+	if v4 {
+		src, dst, words = 12, 16, 1
+	}
+	// The arrival device (skb->dev): not loopback, take it; else compare
+	// the addresses word by word.
+	prog := []bpf.Instruction{
+		bpf.LoadExtension{Num: bpf.ExtInterfaceIndex},
+		bpf.JumpIf{Cond: bpf.JumpNotEqual, Val: loopbackIndex, SkipTrue: uint8(4 * words)},
+	}
+	for i := range words {
+		prog = append(prog,
+			bpf.LoadAbsolute{Off: netOff + src + 4*i, Size: 4},
+			bpf.TAX{},
+			bpf.LoadAbsolute{Off: netOff + dst + 4*i, Size: 4},
+			bpf.JumpIfX{Cond: bpf.JumpNotEqual, SkipTrue: uint8(4*(words-1-i) + 1)}, // to the drop
+		)
+	}
+	prog = append(prog, bpf.RetConstant{Val: 0xffffffff}, bpf.RetConstant{Val: 0}) // take, drop
+	raw, err := bpf.Assemble(prog)
+	if err != nil {
+		panic(err) // a fixed program
+	}
+	fs := make([]unix.SockFilter, len(raw))
+	for i, r := range raw {
+		fs[i] = unix.SockFilter{Code: r.Op, Jt: r.Jt, Jf: r.Jf, K: r.K}
+	}
+	return &unix.SockFprog{Len: uint16(len(fs)), Filter: &fs[0]}
 }
 
 func (l *listener) read(c *udpConn) {
