@@ -421,6 +421,9 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		// that is there (ownsOnSome), not merely in the table: a gone
 		// interface's held prefixes count for no request but a delete of
 		// the requester's own lease.
+		if r.Target != src && p.hostSource(src) {
+			return Owner{}, NoOwner
+		}
 		if r.Target != src && (t.find(r.Target) != si || !r.Delete && !t.ownsOnSome(r.Target, si, r.Iface)) {
 			p.fast.miss()
 			return o, NotOwned
@@ -432,6 +435,9 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		}
 		if p.neverOpenable(r.Target) {
 			return o, NeverOpenable
+		}
+		if r.Target != src && p.hostSource(src) {
+			return Owner{}, NoOwner
 		}
 		// An ownership that is not this package's knows no held
 		// interface, and LookupOn cannot say on which other interface
@@ -449,6 +455,19 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 	}
 	return o, p.readHost(p.rules(&r))
 }
+
+// hostSource reports whether src, a THIRD_PARTY requester's source, is
+// one of the host's own addresses (Config.HostAddrs): such a request
+// comes from the host itself (its own addresses reach pcpd only over
+// loopback: the served-source rules and the serving sockets' filter drop
+// them from elsewhere), which any local user may send, and an owner's
+// prefix holding the host's address (a static client given the whole LAN
+// /64) made every local user that owner: user nobody's THIRD_PARTY MAP of
+// the client's address from the host's served address opened it
+// (TestLocalUserHostAddressInOwnerPrefix, h/hunt3). The host's own
+// address is never openable, so only a THIRD_PARTY target needs asking:
+// Target == Source is refused by neverOpenable already.
+func (p *Policy) hostSource(src netip.Addr) bool { return p.host != nil && p.host(src) }
 
 // readHost is r, or HostUnread when r allows and the host's addresses
 // have not been read yet: a first read that failed left HostAddrs empty,

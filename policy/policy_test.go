@@ -93,6 +93,12 @@ func TestAuthorizeAddressClasses(t *testing.T) {
 		{"never: host's own address as source", tcp("2001:db8:a::1", "2001:db8:a::1", false), a, NeverOpenable},
 		{"never: host's own IPv4", tcp("10.0.1.5", "10.0.1.1", true), a, NeverOpenable},
 		{"never beats not-owned", tcp("2001:db8:a::10", "ff0e::1", true), a, NeverOpenable},
+		// The host's own address inside an owner's prefix is nobody's as a
+		// THIRD_PARTY requester: only the host sends from it, over
+		// loopback, and any local user may (h/hunt3).
+		{"host's own address as THIRD_PARTY requester", tcp("2001:db8:a::1", "2001:db8:a::10", true), "", NoOwner},
+		{"host's own address, THIRD_PARTY delete", Request{Source: addr("2001:db8:a::1"), Target: addr("2001:db8:a::10"), ThirdParty: true, Delete: true, Protocol: 6, InternalPort: 443}, "", NoOwner},
+		{"host's own IPv4 as THIRD_PARTY requester", tcp("10.0.1.1", "10.0.1.5", true), "", NoOwner},
 	}
 	cfg := Config{HostAddrs: hostAddrs}
 	for _, own := range bothPaths(st) {

@@ -1,13 +1,12 @@
 package reliability
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
-	"runtime"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/pcpd/pcpd/internal/netlab"
@@ -17,30 +16,32 @@ import (
 // nobody is the unprivileged local user of the loopback tests.
 const nobody = 65534
 
-// asUserIn runs fn on a thread of its own in ns's network namespace with
+// asUserIn runs fn on a thread in ns's network namespace (NS.Do) with
 // the effective uid uid, and returns once fn has. asuser.Do cannot enter
-// a namespace: setns needs the capabilities the uid change drops, so it
-// comes first. The thread stays locked and exits with its goroutine.
+// a namespace (setns needs the capabilities the uid change drops), and
+// it lets its thread exit: a thread that exits kills the children it
+// started with a parent-death signal (pcpdtest's pcpd, the lab's
+// WireGuard devices, which the runtime may have started from it), as
+// the first form of this helper did now and then (the host's WireGuard
+// interface gone mid-test). So the thread gets euid 0 back (its real
+// and saved uids stayed 0) before Do restores its namespace.
 func asUserIn(ns *netlab.NS, uid int, fn func() error) error {
-	h, err := ns.Handle()
-	if err != nil {
-		return err
+	setEUID := func(id int) error {
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, ^uintptr(0), uintptr(id), ^uintptr(0)); e != 0 {
+			return fmt.Errorf("setresuid %d: %w", id, e)
+		}
+		return nil
 	}
-	defer h.Close()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread exits with us
-		if err := netns.Set(h); err != nil {
-			errc <- fmt.Errorf("setns: %w", err)
-			return
+	return ns.Do(func() error {
+		if err := setEUID(uid); err != nil {
+			return err
 		}
-		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, ^uintptr(0), uintptr(uid), ^uintptr(0)); e != 0 {
-			errc <- fmt.Errorf("setresuid %d: %w", uid, e)
-			return
+		ferr := fn()
+		if err := setEUID(0); err != nil {
+			return errors.Join(ferr, err) // Do's setns fails: the thread is discarded
 		}
-		errc <- fn()
-	}()
-	return <-errc
+		return ferr
+	})
 }
 
 // sendAsNobody sends each of pkts from src (any IPv6 address: the
@@ -66,13 +67,17 @@ func sendAsNobody(ns *netlab.NS, src netip.Addr, server netip.AddrPort, wait tim
 			return err
 		}
 		to := &unix.SockaddrInet6{Port: int(server.Port()), Addr: server.Addr().As16()}
-		for _, b := range pkts {
-			if err := unix.Sendto(fd, b, 0, to); err != nil {
-				return fmt.Errorf("send from %s: %w", src, err)
+		for i, b := range pkts {
+			err := unix.Sendto(fd, b, 0, to)
+			if err != nil {
+				return fmt.Errorf("send %d of %d from %s: %w", i+1, len(pkts), src, err)
 			}
 		}
 		buf := make([]byte, 2048)
 		n, _, err := unix.Recvfrom(fd, buf, 0)
+		for err == unix.EINTR { // the runtime's preemption signals
+			n, _, err = unix.Recvfrom(fd, buf, 0)
+		}
 		if err == unix.EAGAIN {
 			return nil
 		}
@@ -172,5 +177,36 @@ func TestLocalUserCannotSpeakForPeer(t *testing.T) {
 	}
 	if r == nil || resultOf(r) != 0 {
 		t.Errorf("the host's own ANNOUNCE from %s: reply %x, want SUCCESS", server.Addr(), r)
+	}
+}
+
+// TestLocalUserHostAddressInOwnerPrefix (h/hunt3): the same local user
+// as TestLocalUserCannotSpeakForPeer, sending from the served address
+// itself (the host's own source, which the socket filter lets through):
+// in the static lab the host's LAN address 2001:db8:1:2::1 lies inside
+// client cli's /64 (an operator giving a LAN client its whole prefix), so
+// pcpd took the host's own request as cli's, and a THIRD_PARTY MAP of
+// cli's address opened it. The host's own address is never openable; as
+// a requester it is nobody's either.
+func TestLocalUserHostAddressInOwnerPrefix(t *testing.T) {
+	l := newLab(t, labOptions{})
+	l.start()
+	server := l.server6()
+	host, cli := server.Addr(), l.topo.ClientV6
+	if !l.topo.ClientPrefix6.Contains(host) {
+		t.Fatalf("the lab changed: the host's %s is not in the client's %s", host, l.topo.ClientPrefix6)
+	}
+	before := kernelSet(l.kernel())
+	r, err := sendAsNobody(l.topo.Host, host, server, 3*time.Second, mapNonce(host, 9310, time.Hour, 1, cli))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if appeared, vanished := kernelDiff(before, kernelSet(l.kernel())); len(appeared)+len(vanished) > 0 || resultOf(r) == 0 {
+		t.Errorf("user nobody, from the host's own %s, THIRD_PARTY MAP of the client's %s: result %d, kernel appeared %v, vanished %v; want a refusal, no change",
+			host, cli, resultOf(r), appeared, vanished)
+	}
+	// Still answered: the host's own ANNOUNCE.
+	if r, err = sendAsNobody(l.topo.Host, host, server, 3*time.Second, announceBytes(host)); err != nil || r == nil || resultOf(r) != 0 {
+		t.Errorf("the host's own ANNOUNCE: reply %x, %v; want SUCCESS", r, err)
 	}
 }
