@@ -786,6 +786,10 @@ func (w *WireGuard) refreshLocked(ctx context.Context) error {
 	var userspace []string
 	now := w.now()
 	readNow := make(map[string]bool, len(w.ifaces)) // kernel names read now
+	// failed is the kernel names whose read failed ("": one whose name
+	// could not be resolved), whose last good peers stay: only a
+	// replaced one among them may still be judged by the old device's.
+	failed := make(map[string]bool)
 	for _, name := range w.ifaces {
 		d, k, err := w.device(name)
 		switch {
@@ -840,6 +844,7 @@ func (w *WireGuard) refreshLocked(ctx context.Context) error {
 			}
 		default:
 			errs = append(errs, fmt.Errorf("policy: reading WireGuard interface %q: %w", name, err))
+			failed[k], failed[w.kname[name]] = true, true
 		}
 	}
 	// A held name whose kernel name was read now under another configured
@@ -875,13 +880,19 @@ func (w *WireGuard) refreshLocked(ctx context.Context) error {
 	if len(errs) > 0 {
 		// Some interface kept its last good peers, maybe read by its
 		// old name: the renamed ones wait for a clean read. So do the
-		// replaced ones: the last good peers may be the old device's.
+		// replaced ones that failed: their last good peers may be the
+		// old device's. One read cleanly is served by what was read,
+		// whatever another interface's failure (review h/revsw: before,
+		// a re-created wg0 was nobody's for as long as wg1 failed,
+		// TestWireGuardDevicesChangedOtherFails).
 		keep = slices.Collect(maps.Keys(pending))
-		if len(replaced) > 0 {
-			if w.replaced == nil {
-				w.replaced = make(map[string]bool)
+		for k := range replaced {
+			if failed[k] || failed[""] {
+				if w.replaced == nil {
+					w.replaced = make(map[string]bool)
+				}
+				w.replaced[k] = true
 			}
-			maps.Copy(w.replaced, replaced)
 		}
 	}
 	for _, k := range keep {
