@@ -1049,8 +1049,9 @@ func (c *cond) compare(l load, m matcher, at target) {
 // pcpd's mapped connections arrive on the interfaces holding the external
 // address (at.ifs). A condition every one of them meets leaves them all
 // to the rule (read: a catch-all behind it takes every connection); one
-// none of them meets leaves the rule to other interfaces' connections
-// (skip: not pcpd's, as another address's); one some meet, or any while
+// none of them meets still takes the hairpinned connections of the hosts
+// behind the interfaces it names (not read: a forward's port stays
+// reserved, a catch-all is warned about); one some meet, or any while
 // those interfaces are not known (the address on none, or on a loopback
 // or dummy interface, whose traffic comes in through others), is not
 // read (h/prio; before, every interface condition was not read: a DMZ
@@ -1069,7 +1070,12 @@ func (c *cond) inputInterface(k loadKind, m matcher, at target) {
 	}
 	switch {
 	case hit == 0:
-		c.skip = true
+		// Not skipped: the LAN's hosts reach pcpd's mappings on the
+		// external address through their own interface (pcpd hairpins),
+		// so a forward limited to it still takes their connections to its
+		// port (review h/revpr: skipped, its port was granted to a client
+		// too, two owners of one port; TestForeignForwardOtherInterfaceReserved).
+		c.notRead("an input interface condition none of the external address's interfaces meet (hairpinned connections from it)")
 	case hit < len(at.ifs):
 		c.notRead("an input interface condition some of the external address's interfaces meet")
 	}

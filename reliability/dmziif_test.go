@@ -19,7 +19,8 @@ import (
 // a wildcard ("wa*"), by a set, by index (iif) or by "!=" another
 // interface, takes them all and refuses new IPv4 mappings as an
 // unconditional one does; one limited to another interface (lan0) takes
-// none of them: granted, and the Internet's connection reaches the
+// none of the Internet's (only the LAN's hairpinned ones: warned about,
+// review h/revpr): granted, and the Internet's connection reaches the
 // client. Each row is judged by where a real connection from the
 // Internet lands. Before, every interface condition was only warned
 // about ("a condition on its path is not read") and mappings were
