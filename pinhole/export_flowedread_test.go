@@ -41,5 +41,6 @@ func FlowedSetCount(b *Backend) (int, bool) {
 	if err != nil {
 		return 0, false
 	}
-	return b.flowedReaderOf().setCount(rc, b.flowedSetRequest(unix.NFT_MSG_GETSET, unix.NFTA_SET_TABLE, unix.NFTA_SET_NAME, 0))
+	n, _, ok := b.flowedReaderOf().setCount(rc, b.flowedSetRequest(unix.NFT_MSG_GETSET, unix.NFTA_SET_TABLE, unix.NFTA_SET_NAME, 0))
+	return n, ok
 }

@@ -32,13 +32,14 @@ const flowedAnswerLen = 512
 // anything else fails the batch (the safe side). The socket is its own
 // (flowedState.raw): the sequence numbers are its.
 type flowedReader struct {
-	req     []byte // one request, its key zero (flowedGet)
-	keyOff  int    // where its key is
-	elemOff int    // where its NFTA_LIST_ELEM is (flowedAnswer)
-	out     []byte // a batch's requests
-	seq     uint32 // the last sequence number sent
-	last    answer // what the last datagram read was (FlowedMissNamed)
-	big     []byte // a dump's datagrams (flowedsmall.go), made when first read
+	req     []byte                // one request, its key zero (flowedGet)
+	keyOff  int                   // where its key is
+	elemOff int                   // where its NFTA_LIST_ELEM is (flowedAnswer)
+	out     []byte                // a batch's requests
+	seq     uint32                // the last sequence number sent
+	last    answer                // what the last datagram read was (FlowedMissNamed)
+	big     []byte                // a dump's datagrams (flowedsmall.go), made when first read
+	dumped  map[[16]byte]struct{} // a dump's distinct keys (flowedsmall.go)
 
 	hdrs  [flowedBatch]unix.Mmsghdr
 	iovs  [flowedBatch]unix.Iovec

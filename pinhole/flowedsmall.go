@@ -29,6 +29,19 @@ import (
 // every element came in its first datagram (nothing after it but the
 // end); an address present in any datagram is present (walked, the safe
 // side); anything else leaves the addresses unanswered, for the lookups.
+// Nothing after the first datagram does not tell that the first walk
+// reached the end, though: one that filled its datagram leaves the rest
+// to the next walk, which, when elements left the set meanwhile (another
+// writer's delete; an aborted add), counts no more than it skips and
+// sends nothing (review h/revfo, TestFlowedDumpShrunkBetweenWalks: 1 100
+// addresses in the set all along, 200 others coming and going, some of
+// the 1 100 answered absent). So the set is asked again after the dump:
+// the first datagram was the whole set only if no commit came meanwhile
+// (the generation, the answers' nfgenmsg res_id, the same: a commit
+// moves it before it changes anything) and the set counts no more
+// elements than that datagram held distinct (an aborted add, which
+// moves no generation, was counted while it was in the set: a walk cut
+// short leaves at least one element unseen that is still counted).
 
 // flowedDumpMax is the most elements flowed6 may count for a walk to read
 // it whole (≈ 28 bytes an element: ≈ 1 150 fit the 32 KiB datagram the
@@ -79,7 +92,8 @@ func (b *Backend) flowedFromDump(asked []netip.Addr, seen map[netip.Addr]bool) {
 	if err != nil {
 		return
 	}
-	n, ok := rd.setCount(rc, b.flowedSetRequest(unix.NFT_MSG_GETSET, unix.NFTA_SET_TABLE, unix.NFTA_SET_NAME, 0))
+	countReq := b.flowedSetRequest(unix.NFT_MSG_GETSET, unix.NFTA_SET_TABLE, unix.NFTA_SET_NAME, 0)
+	n, gen, ok := rd.setCount(rc, countReq)
 	if !ok {
 		b.flowed.raw.close()
 		return
@@ -87,8 +101,13 @@ func (b *Backend) flowedFromDump(asked []netip.Addr, seen map[netip.Addr]bool) {
 	if n < 0 || n > flowedDumpMax || n > flowedDumpPer*len(want) {
 		return // no count (an older kernel), or too many: the lookups
 	}
+	if rd.dumped == nil {
+		rd.dumped = make(map[[16]byte]struct{}, n)
+	}
+	clear(rd.dumped)
 	whole, ok := rd.dumpElems(rc, b.flowedSetRequest(unix.NFT_MSG_GETSETELEM, unix.NFTA_SET_ELEM_LIST_TABLE, unix.NFTA_SET_ELEM_LIST_SET, unix.NLM_F_DUMP),
 		func(key [16]byte) {
+			rd.dumped[key] = struct{}{}
 			if a := netip.AddrFrom16(key); a.IsValid() {
 				if _, ok := want[a]; ok {
 					seen[a] = true
@@ -98,6 +117,15 @@ func (b *Backend) flowedFromDump(asked []netip.Addr, seen map[netip.Addr]bool) {
 	if !ok {
 		b.flowed.raw.close()
 		return
+	}
+	if whole {
+		// Nothing left the set while the dump ran (see above).
+		n2, gen2, ok := rd.setCount(rc, countReq)
+		if !ok {
+			b.flowed.raw.close()
+			return
+		}
+		whole = gen2 == gen && n2 >= 0 && n2 <= len(rd.dumped)
 	}
 	if flowedDumpHook != nil {
 		flowedDumpHook(n, whole)
@@ -203,20 +231,24 @@ func (r *flowedReader) recvBig(rc syscall.RawConn) ([]byte, bool) {
 
 // setCount sends req (a GETSET of flowed6) and reads its answer: the
 // set's NFTA_SET_COUNT, -1 when the kernel gives none (before Linux
-// 6.16). false for anything but one NEWSET of its sequence.
-func (r *flowedReader) setCount(rc syscall.RawConn, req []byte) (int, bool) {
+// 6.16), and the ruleset's generation as the answer tells it (its
+// nfgenmsg res_id: the low 16 bits of nf_tables' base_seq, which every
+// commit moves before it changes anything). false for anything but one
+// NEWSET of its sequence.
+func (r *flowedReader) setCount(rc syscall.RawConn, req []byte) (int, uint16, bool) {
 	seq, ok := r.send(rc, req)
 	if !ok {
-		return 0, false
+		return 0, 0, false
 	}
 	d, ok := r.recvBig(rc)
 	if !ok {
-		return 0, false
+		return 0, 0, false
 	}
 	typ, _, payload, rest, ok := nlMessage(d, seq)
 	if !ok || len(rest) != 0 || typ != unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_NEWSET || len(payload) < 4 {
-		return 0, false
+		return 0, 0, false
 	}
+	gen := binary.BigEndian.Uint16(payload[2:])
 	n := -1
 	ok = nlAttrs(payload[4:], func(t uint16, v []byte) bool {
 		if t == nftaSetCount {
@@ -227,7 +259,7 @@ func (r *flowedReader) setCount(rc syscall.RawConn, req []byte) (int, bool) {
 		}
 		return true
 	})
-	return n, ok
+	return n, gen, ok
 }
 
 // dumpElems sends req (a GETSETELEM dump of flowed6) and reads the dump
