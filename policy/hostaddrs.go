@@ -22,7 +22,8 @@ import (
 //
 // Until a read succeeds, the set is empty and Read is false: a failed
 // first read must not let a client open the host (Config.HostAddrsRead,
-// Authorize refuses with HostUnread meanwhile). A later failure keeps the
+// Authorize refuses with HostUnread meanwhile, and every THIRD_PARTY
+// request, deletes too, with HostSourceUnread). A later failure keeps the
 // last good set. Log, if set before the first Refresh, is told of a
 // failure while unread (once) and of the first read after it.
 // TestAuthorizeRefusedUntilHostRead, server TestMapRefusedUntilHostRead.

@@ -74,7 +74,10 @@ func TestHostReached(t *testing.T) {
 // a later failed read keeps that last good set. Without the check
 // (readHost returning its reason) the first step grants the MAP to the
 // host's 10.0.1.1 and to 10.0.1.255: before, a failed first read failed
-// open until a later read succeeded.
+// open until a later read succeeded. Those two are THIRD_PARTY targets:
+// refused earlier, HostSourceUnread (the requester may be the host
+// itself; NO_RESOURCES too, and deletes as well:
+// server TestThirdPartyDeleteFromHostUntilHostRead).
 func TestAuthorizeRefusedUntilHostRead(t *testing.T) {
 	st, err := NewStatic(testClients())
 	if err != nil {
@@ -105,8 +108,8 @@ func TestAuthorizeRefusedUntilHostRead(t *testing.T) {
 			fail                 bool
 			own, host, bcast, pd Reason
 		}{
-			{"first read fails", true, HostUnread, HostUnread, HostUnread, PortDenied},
-			{"first read fails again", true, HostUnread, HostUnread, HostUnread, PortDenied},
+			{"first read fails", true, HostUnread, HostSourceUnread, HostSourceUnread, PortDenied},
+			{"first read fails again", true, HostUnread, HostSourceUnread, HostSourceUnread, PortDenied},
 			{"a read succeeds", false, Allowed, NeverOpenable, NeverOpenable, PortDenied},
 			{"a later read fails", true, Allowed, NeverOpenable, NeverOpenable, PortDenied},
 		} {

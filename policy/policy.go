@@ -25,6 +25,7 @@ const (
 	GlobalQuota                      // global lease limit reached (NO_RESOURCES, MAP-15)
 	HostUnread                       // the host's addresses not read yet (NO_RESOURCES): Config.HostAddrsRead
 	PeersUnread                      // a THIRD_PARTY target while WireGuard's peers cannot be read fresh (NO_RESOURCES): WireGuard.Unsure
+	HostSourceUnread                 // a THIRD_PARTY request, a delete too, while the host's addresses are unread: its source may be the host's (NO_RESOURCES)
 	numReasons
 )
 
@@ -42,6 +43,7 @@ var reasonNames = [numReasons]string{
 	GlobalQuota:        "global-quota",
 	HostUnread:         "host-addresses-unread",
 	PeersUnread:        "peers-unread",
+	HostSourceUnread:   "host-source-unread",
 }
 
 func (r Reason) String() string {
@@ -164,8 +166,11 @@ type Config struct {
 	// (HostSet.Read: a read has succeeded). Until it does, an empty set
 	// would let a client open the host itself, so Authorize refuses what
 	// it would otherwise allow with HostUnread (NO_RESOURCES, a short
-	// error: the client retries). Called on every request allowed so far:
-	// fast and safe for concurrent use. Nil: always read.
+	// error: the client retries); every THIRD_PARTY request, a delete
+	// too, it refuses with HostSourceUnread (its source may be the
+	// host's: hostSource). Called on every request allowed so far and
+	// every THIRD_PARTY one: fast and safe for concurrent use. Nil:
+	// always read.
 	HostAddrsRead func() bool
 	// HostAddrsGen changes whenever HostAddrs' answers may have
 	// (HostSet.Gen): the server's sweep then checks every lease's
@@ -421,8 +426,10 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		// that is there (ownsOnSome), not merely in the table: a gone
 		// interface's held prefixes count for no request but a delete of
 		// the requester's own lease.
-		if r.Target != src && p.hostSource(src) {
-			return Owner{}, NoOwner
+		if r.Target != src {
+			if rs := p.hostSource(src); rs != Allowed {
+				return Owner{}, rs
+			}
 		}
 		if r.Target != src && (t.find(r.Target) != si || !r.Delete && !t.ownsOnSome(r.Target, si, r.Iface)) {
 			p.fast.miss()
@@ -436,8 +443,10 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 		if p.neverOpenable(r.Target) {
 			return o, NeverOpenable
 		}
-		if r.Target != src && p.hostSource(src) {
-			return Owner{}, NoOwner
+		if r.Target != src {
+			if rs := p.hostSource(src); rs != Allowed {
+				return Owner{}, rs
+			}
 		}
 		// An ownership that is not this package's knows no held
 		// interface, and LookupOn cannot say on which other interface
@@ -467,7 +476,24 @@ func (p *Policy) Authorize(r Request) (Owner, Reason) {
 // (TestLocalUserHostAddressInOwnerPrefix, h/hunt3). The host's own
 // address is never openable, so only a THIRD_PARTY target needs asking:
 // Target == Source is refused by neverOpenable already.
-func (p *Policy) hostSource(src netip.Addr) bool { return p.host != nil && p.host(src) }
+//
+// It answers NoOwner for a host address, HostSourceUnread while the
+// host's addresses have not been read (Config.HostAddrsRead: the set is
+// empty, and any source may be the host's), else Allowed. Before (review
+// of h/hunt3), an unread set let a host address through as its owner's,
+// and the server's leniency for deletes (HostUnread: a delete opens
+// nothing) then let any local user delete the owner's leases by
+// THIRD_PARTY (TestThirdPartyDeleteFromHostUntilHostRead): unlike
+// HostUnread, HostSourceUnread is about who asks, and refuses deletes too.
+func (p *Policy) hostSource(src netip.Addr) Reason {
+	switch {
+	case p.host != nil && p.host(src):
+		return NoOwner
+	case p.hostRead != nil && !p.hostRead():
+		return HostSourceUnread
+	}
+	return Allowed
+}
 
 // readHost is r, or HostUnread when r allows and the host's addresses
 // have not been read yet: a first read that failed left HostAddrs empty,

@@ -37,6 +37,7 @@ func TestResultCode(t *testing.T) {
 		{&policyError{policy.GlobalQuota}, pcp.NoResources},
 		{&policyError{policy.HostUnread}, pcp.NoResources},
 		{&policyError{policy.PeersUnread}, pcp.NoResources},
+		{&policyError{policy.HostSourceUnread}, pcp.NoResources},
 		{errHostPortsUnread, pcp.NoResources},
 		{errDNATCatchAll, pcp.NoResources},
 		{fmt.Errorf("x: %w", errDisabled), pcp.NotAuthorized},

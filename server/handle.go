@@ -523,7 +523,7 @@ func resultCode(err error) pcp.ResultCode {
 			return pcp.UnsuppProtocol
 		case policy.ClientQuota:
 			return pcp.UserExQuota
-		case policy.GlobalQuota, policy.HostUnread, policy.PeersUnread:
+		case policy.GlobalQuota, policy.HostUnread, policy.PeersUnread, policy.HostSourceUnread:
 			return pcp.NoResources
 		}
 		return pcp.NotAuthorized // NoOwner, NotOwned, NeverOpenable, PortDenied

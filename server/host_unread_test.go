@@ -205,3 +205,75 @@ func TestMapRefusedUntilHostPortsRead(t *testing.T) {
 		}
 	})
 }
+
+// TestThirdPartyDeleteFromHostUntilHostRead (issue 9, h/hunt3's window):
+// a THIRD_PARTY request whose source is one of the host's own addresses
+// comes from a local user, and is nobody's (b5f494b), even where the
+// address lies inside an owner's prefix (the host's 2001:db8:a::1 in
+// client a's 2001:db8:a::/48). While the host's addresses have not been
+// read (HostAddrsRead false: the set is empty) that source could not be
+// told from the owner's, and the server's leniency for deletes while
+// unread (HostUnread: a delete opens nothing) let the local user delete
+// a's lease: SUCCESS, the pinhole gone. Now every THIRD_PARTY request is
+// refused until the read (HostSourceUnread, NO_RESOURCES: a short error,
+// the client retries), by the socket readers' early check and the
+// engine alike, and nothing changes; a's own delete is still answered
+// SUCCESS. After the read, the host's delete is NOT_AUTHORIZED.
+func TestThirdPartyDeleteFromHostUntilHostRead(t *testing.T) {
+	hostAddr := netip.MustParseAddr("2001:db8:a::1")
+	var unread atomic.Bool
+	h := newHarness(t, func(_ *Config, pc *policy.Config) {
+		pc.HostAddrs = func(a netip.Addr) bool { return !unread.Load() && a == hostAddr }
+		pc.HostAddrsRead = func() bool { return !unread.Load() }
+	})
+	if r := h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, time.Hour, 1)); r.Result != pcp.Success {
+		t.Fatalf("a's MAP: %v", r.Result)
+	}
+	tp := func(src, target netip.Addr, port uint16, life time.Duration, n byte) *pcp.Request {
+		r := mapReq(src, pcp.ProtoTCP, port, 0, life, n)
+		r.Options.ThirdParty = target
+		return r
+	}
+	type row struct {
+		what string
+		r    *pcp.Request
+		want pcp.ResultCode
+	}
+	for _, step := range []struct {
+		name   string
+		unread bool
+		rows   []row
+	}{
+		{"host addresses unread", true, []row{
+			{"THIRD_PARTY delete of a's lease from the host's address", tp(hostAddr, addrA, 443, 0, 2), pcp.NoResources},
+			{"THIRD_PARTY delete of a's lease from the host's address, a's nonce", tp(hostAddr, addrA, 443, 0, 1), pcp.NoResources},
+			{"THIRD_PARTY MAP of a's address from the host's address", tp(hostAddr, addrA, 8080, time.Hour, 3), pcp.NoResources},
+		}},
+		{"host addresses read", false, []row{
+			{"THIRD_PARTY delete of a's lease from the host's address", tp(hostAddr, addrA, 443, 0, 2), pcp.NotAuthorized},
+		}},
+	} {
+		unread.Store(step.unread)
+		for _, c := range step.rows {
+			before := h.snap()
+			b := pcp.AppendRequest(nil, c.r)
+			early, handled := h.s.early(nil, b, netip.AddrPortFrom(hostAddr, 40000), h.clock.Now())
+			if handled {
+				var er pcp.Response
+				if err := pcp.ParseResponse(early, &er); err != nil || er.Result != c.want {
+					t.Errorf("%s, %s: the early check answered %v (%v), want %v", step.name, c.what, er.Result, err, c.want)
+				}
+			}
+			resp := h.doFrom(hostAddr, c.r)
+			after := h.snap()
+			if resp.Result != c.want || len(after.leases) != len(before.leases) || len(after.holes) != len(before.holes) {
+				t.Errorf("%s, %s: %v, a's leases %d, pinholes %d (were %d, %d); want %v, nothing changed", step.name, c.what, resp.Result,
+					len(after.leases), len(after.holes), len(before.leases), len(before.holes), c.want)
+			}
+		}
+	}
+	unread.Store(true)
+	if r := h.do(mapReq(addrA, pcp.ProtoTCP, 443, 0, 0, 1)); r.Result != pcp.Success || len(h.fw.Holes()) != 0 {
+		t.Errorf("a's own delete while unread: %v, pinholes %d; want SUCCESS, 0", r.Result, len(h.fw.Holes()))
+	}
+}
