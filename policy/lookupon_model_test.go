@@ -76,7 +76,7 @@ func TestLookupOnMatchesWireGuardSourceCheck(t *testing.T) {
 		// still own in Lookup, but for no request.
 		grace := time.Duration(r.IntN(2)) * time.Hour
 		w, err := newWireGuard(d, ifaces[:nIf], time.Hour, nil, func(w *WireGuard) {
-			w.kernel = func(name string) (string, bool, error) { return name, true, nil }
+			w.kernel = func(name string) (string, int, bool, error) { return name, 0, true, nil }
 		}, WithGoneGrace(grace))
 		if err != nil {
 			t.Fatal(err)

@@ -91,8 +91,20 @@ type RenameFollower interface {
 // device's first request meets the ownership told. A view read before
 // the call then judges no request that opens a pinhole: the device it
 // read may be gone, and its peers' AllowedIPs with it.
+//
+// FirstIndex closes the start-up window (review h/revsw): the listener's
+// first pass reports no change of its own (it served nothing before),
+// so a device swapped between the ownership's first read and that pass
+// was judged, within the fresh bound of that read, by the old device's
+// peers. On its first pass the listener asks FirstIndex for every served
+// kernel name and calls DevicesChanged with those whose index differs
+// or is unknown (ok false).
 type DeviceFollower interface {
 	DevicesChanged(knames []string, gone bool)
+	// FirstIndex is the interface index kname had at the ownership's
+	// first read (resolved before the device was read), ok false if
+	// it does not know it.
+	FirstIndex(kname string) (index int, ok bool)
 }
 
 // Errors returned by constructors; match with errors.Is.

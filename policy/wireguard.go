@@ -98,20 +98,23 @@ type deviceReader interface {
 // is lost at once, as any change.
 type WireGuard struct {
 	dev deviceReader
-	// kernel resolves a configured name to the kernel's (ifname.Kernel):
-	// wgctrl finds a userspace device by its kernel name only, and kernel
-	// WireGuard takes no name over 15 bytes.
-	kernel    func(name string) (kname string, found bool, err error)
-	ifaces    []string
-	refresh   time.Duration
-	missEvery time.Duration
-	grace     time.Duration  // WithGoneGrace; 0: a gone interface's peers own nothing at once
-	freshness time.Duration  // WithFreshBound
-	freshWait time.Duration  // WithFreshWait
-	xlat      []netip.Prefix // WithTranslationPrefixes
-	now       func() time.Time
-	log       *zap.Logger
-	labels    map[string]string
+	// kernel resolves a configured name to the kernel's, and its index
+	// (ifname.Lookup; 0: unknown): wgctrl finds a userspace device by its
+	// kernel name only, and kernel WireGuard takes no name over 15 bytes.
+	kernel func(name string) (kname string, index int, found bool, err error)
+	// firstIndex is the index of each kernel name NewWireGuard read,
+	// resolved before its device was read (FirstIndex); set once.
+	firstIndex map[string]int
+	ifaces     []string
+	refresh    time.Duration
+	missEvery  time.Duration
+	grace      time.Duration  // WithGoneGrace; 0: a gone interface's peers own nothing at once
+	freshness  time.Duration  // WithFreshBound
+	freshWait  time.Duration  // WithFreshWait
+	xlat       []netip.Prefix // WithTranslationPrefixes
+	now        func() time.Time
+	log        *zap.Logger
+	labels     map[string]string
 
 	t       atomic.Pointer[table]
 	stats   wgCounters
@@ -260,34 +263,38 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 		log = zap.NewNop()
 	}
 	w := &WireGuard{
-		dev:       dev,
-		kernel:    ifname.Kernel,
-		ifaces:    slices.Clone(ifaces),
-		refresh:   refresh,
-		missEvery: DefaultMissInterval,
-		freshness: DefaultFreshBound,
-		freshWait: DefaultFreshWait,
-		now:       time.Now,
-		log:       log,
-		missCh:    make(chan struct{}, 1),
-		renewCh:   make(chan struct{}, 1),
-		keepCh:    make(chan struct{}, 1),
-		changes:   make(chan Change, changeBuffer),
-		lastGood:  make(map[string][]wgtypes.Peer),
-		kname:     make(map[string]string),
-		gone:      make(map[string]time.Time),
-		warned:    make(map[string]bool),
+		dev:        dev,
+		kernel:     ifname.Lookup,
+		ifaces:     slices.Clone(ifaces),
+		refresh:    refresh,
+		missEvery:  DefaultMissInterval,
+		freshness:  DefaultFreshBound,
+		freshWait:  DefaultFreshWait,
+		now:        time.Now,
+		log:        log,
+		missCh:     make(chan struct{}, 1),
+		renewCh:    make(chan struct{}, 1),
+		keepCh:     make(chan struct{}, 1),
+		changes:    make(chan Change, changeBuffer),
+		lastGood:   make(map[string][]wgtypes.Peer),
+		kname:      make(map[string]string),
+		firstIndex: make(map[string]int),
+		gone:       make(map[string]time.Time),
+		warned:     make(map[string]bool),
 	}
 	for _, o := range opts {
 		o(w)
 	}
 	began := mono()
 	for _, name := range w.ifaces {
-		d, k, err := w.device(name)
+		d, k, idx, err := w.device(name)
 		if err != nil {
 			return nil, fmt.Errorf("policy: reading WireGuard interface %q: %w", name, err)
 		}
 		w.kname[name] = k
+		if idx > 0 {
+			w.firstIndex[k] = idx
+		}
 		w.lastGood[name] = d.Peers
 	}
 	w.mu.Lock()
@@ -308,22 +315,34 @@ func newWireGuard(dev deviceReader, ifaces []string, refresh time.Duration, log 
 // (a userspace device's socket is seen from every namespace), and is then
 // gone if wgctrl knows no such device either; one over 15 bytes, which
 // can be no kernel name, is gone at once (kernel WireGuard would refuse
-// it, EINVAL: a failed read, which keeps the peers).
-func (w *WireGuard) device(name string) (*wgtypes.Device, string, error) {
-	k, found, err := w.kernel(name)
+// it, EINVAL: a failed read, which keeps the peers). index is the
+// interface's index as resolved before the read (0: not found).
+func (w *WireGuard) device(name string) (d *wgtypes.Device, kname string, index int, err error) {
+	k, idx, found, err := w.kernel(name)
 	switch {
 	case err != nil:
 		// Not wrapped: a failed resolution is a failed read (the last
 		// good peers stay), never "gone" (os.ErrNotExist), which
 		// revokes.
-		return nil, "", fmt.Errorf("resolving the interface name: %v", err)
+		return nil, "", 0, fmt.Errorf("resolving the interface name: %v", err)
 	case !found && len(name) >= syscall.IFNAMSIZ:
-		return nil, "", fmt.Errorf("no interface answers to the alternative name: %w", os.ErrNotExist)
+		return nil, "", 0, fmt.Errorf("no interface answers to the alternative name: %w", os.ErrNotExist)
 	case !found:
-		k = name
+		k, idx = name, 0
 	}
-	d, err := w.dev.Device(k)
-	return d, k, err
+	d, err = w.dev.Device(k)
+	return d, k, idx, err
+}
+
+// FirstIndex implements DeviceFollower: the interface index kname had
+// when NewWireGuard read it, resolved before its device was read (so a
+// device swapped under kname after the resolution has another index).
+// ok is false for a kernel name NewWireGuard did not read, or read as
+// given (no interface answered to it in this thread's namespace: a
+// userspace device's socket is seen from every namespace).
+func (w *WireGuard) FirstIndex(kname string) (index int, ok bool) {
+	index, ok = w.firstIndex[kname]
+	return index, ok
 }
 
 // Lookup implements Ownership. A miss asks Run for a re-read.
@@ -791,7 +810,7 @@ func (w *WireGuard) refreshLocked(ctx context.Context) error {
 	// replaced one among them may still be judged by the old device's.
 	failed := make(map[string]bool)
 	for _, name := range w.ifaces {
-		d, k, err := w.device(name)
+		d, k, _, err := w.device(name)
 		switch {
 		case err == nil:
 			if pending[k] && d.Type == wgtypes.Userspace {

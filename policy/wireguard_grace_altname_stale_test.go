@@ -25,7 +25,7 @@ func TestWireGuardGoneGraceAltnameStale(t *testing.T) {
 	peers := []wgtypes.Peer{peer(1, "2001:db8::/48"), peer(2, "2001:db8:0:1::/64")}
 	d := &devices{}
 	wg0There, altThere, resolve := altnamedWG0(d, alt, peers...)
-	w, err := newWireGuard(d, []string{"wg0", alt}, time.Hour, nil, WithGoneGrace(time.Minute), func(w *WireGuard) { w.kernel = resolve })
+	w, err := newWireGuard(d, []string{"wg0", alt}, time.Hour, nil, WithGoneGrace(time.Minute), func(w *WireGuard) { w.kernel = noIndex(resolve) })
 	if err != nil {
 		t.Fatal(err)
 	}

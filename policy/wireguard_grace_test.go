@@ -169,7 +169,7 @@ func TestWireGuardGoneGraceAltname(t *testing.T) {
 	d := &devices{}
 	wg0There, altThere, resolve := altnamedWG0(d, alt, peers...)
 	for _, ifaces := range [][]string{{"wg0", alt}, {alt, "wg0"}} {
-		w, err := newWireGuard(d, ifaces, time.Hour, nil, WithGoneGrace(time.Minute), func(w *WireGuard) { w.kernel = resolve })
+		w, err := newWireGuard(d, ifaces, time.Hour, nil, WithGoneGrace(time.Minute), func(w *WireGuard) { w.kernel = noIndex(resolve) })
 		if err != nil {
 			t.Fatal(err)
 		}

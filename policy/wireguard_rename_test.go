@@ -53,7 +53,7 @@ func TestWireGuardInterfacesRenamed(t *testing.T) {
 			d.set("wg1", peer(2, "2001:db8:b::/48"))
 			w, err := newWireGuard(typedDevices{d, tc.typ}, []string{"wg0", "wg1"}, time.Hour, nil,
 				WithMissInterval(time.Hour), func(w *WireGuard) {
-					w.kernel = func(name string) (string, bool, error) { return name, true, nil }
+					w.kernel = func(name string) (string, int, bool, error) { return name, 0, true, nil }
 				})
 			if err != nil {
 				t.Fatal(err)

@@ -84,6 +84,15 @@ func altnamedWG0(d *devices, alt string, peers ...wgtypes.Peer) (wg0There, altTh
 	return wg0There, altThere, resolve
 }
 
+// noIndex is resolve as WireGuard's kernel lookup, which knows no
+// interface index (FirstIndex reports none).
+func noIndex(resolve func(string) (string, bool, error)) func(string) (string, int, bool, error) {
+	return func(name string) (string, int, bool, error) {
+		k, found, err := resolve(name)
+		return k, 0, found, err
+	}
+}
+
 func ipnets(ps ...string) []net.IPNet {
 	var out []net.IPNet
 	for _, s := range ps {
@@ -548,7 +557,7 @@ func TestWireGuardAltname(t *testing.T) {
 		}
 		return kname, kname != "", resolveErr
 	}
-	w, err := newWireGuard(d, []string{long}, time.Hour, zap.NewNop(), func(w *WireGuard) { w.kernel = resolve })
+	w, err := newWireGuard(d, []string{long}, time.Hour, zap.NewNop(), func(w *WireGuard) { w.kernel = noIndex(resolve) })
 	if err != nil {
 		t.Fatalf("interface configured by an altname: %v", err)
 	}
@@ -619,7 +628,7 @@ func TestWireGuardAltnameTwoNames(t *testing.T) {
 		return "", false, nil
 	}
 	for _, ifaces := range [][]string{{"wg0"}, {"wg0", alt}, {alt, "wg0"}} {
-		w, err := newWireGuard(d, ifaces, time.Hour, zap.NewNop(), func(w *WireGuard) { w.kernel = resolve })
+		w, err := newWireGuard(d, ifaces, time.Hour, zap.NewNop(), func(w *WireGuard) { w.kernel = noIndex(resolve) })
 		if err != nil {
 			t.Fatalf("%q: %v", ifaces, err)
 		}

@@ -48,78 +48,92 @@ func TestE2EWireGuardDeviceSwapWithinBound(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			l := newLab(t)
 			l.useWireGuard(t, []string{l.topo.HostLANIf}, time.Hour, policy.WithMissInterval(time.Hour), policy.WithFreshBound(time.Hour))
-			cli6, cli4 := l.topo.ClientV6, l.topo.ClientV4
-			newKey, err := wgtypes.GeneratePrivateKey()
-			if err != nil {
-				t.Fatal(err)
-			}
-			allowed := []net.IPNet{ipnet(l.topo.ClientPrefix6), ipnet(l.topo.ClientPrefix4)}
-			if tc.full {
-				allowed = []net.IPNet{ipnet(netip.MustParsePrefix("::/0")), ipnet(netip.MustParsePrefix("0.0.0.0/0"))}
-			}
-			port := l.recreateHostWireGuard(t, wgtypes.PeerConfig{PublicKey: newKey.PublicKey(), ReplaceAllowedIPs: true, AllowedIPs: allowed})
-			// The client's device takes the new key and the new device's
-			// port.
-			if err := l.wgc.ConfigureDevice(l.topo.ClientIf, wgtypes.Config{PrivateKey: &newKey, Peers: []wgtypes.PeerConfig{{
-				PublicKey: l.topo.HostKey.PublicKey(), UpdateOnly: true,
-				Endpoint: &net.UDPAddr{IP: net.ParseIP("10.99.0.1"), Port: port},
-			}}}); err != nil {
-				t.Fatal(err)
-			}
-			// Served again (an ANNOUNCE is answered with no ownership
-			// read): the new device's sockets are open and its tunnel up.
-			ann := pcp.AppendRequest(nil, pcp.NewAnnounce(cli6))
-			if err := netlab.Eventually(20*time.Second, func() error {
-				_, err := l.exchangeTries(netip.AddrPortFrom(cli6, 0), l.server6(), ann, 1)
-				return err
-			}); err != nil {
-				t.Fatalf("the new device is not served: ANNOUNCE: %v", err)
-			}
-
-			resp := l.pcp(mapReq(cli6, pcp.ProtoTCP, 8080, 0, time.Hour, 1))
-			out, err := l.exchangeTries(netip.AddrPort{}, l.server4(), pcp.AppendPMPRequest(nil, &pcp.PMPRequest{
-				Opcode: pcp.PMPOpMapTCP, InternalPort: 9300, Lifetime: time.Hour,
-			}), pcpTries)
-			if err != nil {
-				t.Fatalf("NAT-PMP: %v", err)
-			}
-			var pr pcp.PMPResponse
-			if err := pcp.ParsePMPResponse(out, &pr); err != nil {
-				t.Fatalf("NAT-PMP reply % x: %v", out, err)
-			}
-
-			wantPCP, wantPMP, wantOwner := pcp.NotAuthorized, pcp.PMPNotAuthorized, ""
+			newKey := l.swapHostWireGuard(t, tc.full)
+			wantOwner := ""
 			if tc.owned {
-				wantPCP, wantPMP, wantOwner = pcp.Success, pcp.PMPSuccess, "wg:"+newKey.PublicKey().String()
+				wantOwner = "wg:" + newKey.PublicKey().String()
 			}
-			pinholes := map[netip.AddrPort]int{}
-			for _, e := range l.kernelHoles() {
-				pinholes[netip.AddrPortFrom(e.Pinhole.InternalAddr, e.Pinhole.InternalPort)]++
-			}
-			owners := map[netip.AddrPort]string{}
-			for _, le := range l.srv.Leases() {
-				owners[netip.AddrPortFrom(le.InternalAddr, le.InternalPort)] = le.Owner
-			}
-			for _, c := range []struct {
-				what     string
-				ap       netip.AddrPort
-				got      string
-				want     string
-				gotOwner string
-			}{
-				{"PCP MAP", netip.AddrPortFrom(cli6, 8080), resp.Result.String(), wantPCP.String(), owners[netip.AddrPortFrom(cli6, 8080)]},
-				{"NAT-PMP TCP mapping", netip.AddrPortFrom(cli4, 9300), pr.Result.String(), wantPMP.String(), owners[netip.AddrPortFrom(cli4, 9300)]},
-			} {
-				wantHoles := 0
-				if tc.owned {
-					wantHoles = 1
-				}
-				if c.got != c.want || pinholes[c.ap] != wantHoles || c.gotOwner != wantOwner {
-					t.Errorf("%s of %v from the new device, judged by the view read before the swap: %s, kernel pinholes %d, lease owner %q; want %s, %d, %q",
-						c.what, c.ap, c.got, pinholes[c.ap], c.gotOwner, c.want, wantHoles, wantOwner)
-				}
-			}
+			l.checkNewDevice(t, "from the new device, judged by the view read before the swap", wantOwner)
 		})
+	}
+}
+
+// swapHostWireGuard re-creates the host's WireGuard interface
+// (recreateHostWireGuard) with one new peer, whose AllowedIPs are a full
+// tunnel (full: it owns nothing) or the client's prefixes, and gives the
+// client's device the new peer's key, which it returns, and the new
+// device's port.
+func (l *lab) swapHostWireGuard(t *testing.T, full bool) wgtypes.Key {
+	t.Helper()
+	newKey, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	allowed := []net.IPNet{ipnet(l.topo.ClientPrefix6), ipnet(l.topo.ClientPrefix4)}
+	if full {
+		allowed = []net.IPNet{ipnet(netip.MustParsePrefix("::/0")), ipnet(netip.MustParsePrefix("0.0.0.0/0"))}
+	}
+	port := l.recreateHostWireGuard(t, wgtypes.PeerConfig{PublicKey: newKey.PublicKey(), ReplaceAllowedIPs: true, AllowedIPs: allowed})
+	if err := l.wgc.ConfigureDevice(l.topo.ClientIf, wgtypes.Config{PrivateKey: &newKey, Peers: []wgtypes.PeerConfig{{
+		PublicKey: l.topo.HostKey.PublicKey(), UpdateOnly: true,
+		Endpoint: &net.UDPAddr{IP: net.ParseIP("10.99.0.1"), Port: port},
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+	return newKey
+}
+
+// checkNewDevice waits until the host's WireGuard interface is served
+// and its tunnel up (an ANNOUNCE is answered with no ownership read),
+// then asks, from the client, a PCP MAP of [ClientV6]:8080 and a NAT-PMP
+// TCP mapping of port 9300 (from ClientV4): with wantOwner "" both must
+// be refused, NOT_AUTHORIZED, with no kernel pinhole; else granted, one
+// pinhole each, leases in wantOwner's name. what says when.
+func (l *lab) checkNewDevice(t *testing.T, what, wantOwner string) {
+	t.Helper()
+	cli6, cli4 := l.topo.ClientV6, l.topo.ClientV4
+	ann := pcp.AppendRequest(nil, pcp.NewAnnounce(cli6))
+	if err := netlab.Eventually(20*time.Second, func() error {
+		_, err := l.exchangeTries(netip.AddrPortFrom(cli6, 0), l.server6(), ann, 1)
+		return err
+	}); err != nil {
+		t.Fatalf("the device is not served: ANNOUNCE: %v", err)
+	}
+	resp := l.pcp(mapReq(cli6, pcp.ProtoTCP, 8080, 0, time.Hour, 1))
+	out, err := l.exchangeTries(netip.AddrPort{}, l.server4(), pcp.AppendPMPRequest(nil, &pcp.PMPRequest{
+		Opcode: pcp.PMPOpMapTCP, InternalPort: 9300, Lifetime: time.Hour,
+	}), pcpTries)
+	if err != nil {
+		t.Fatalf("NAT-PMP: %v", err)
+	}
+	var pr pcp.PMPResponse
+	if err := pcp.ParsePMPResponse(out, &pr); err != nil {
+		t.Fatalf("NAT-PMP reply % x: %v", out, err)
+	}
+	wantPCP, wantPMP, wantHoles := pcp.Success, pcp.PMPSuccess, 1
+	if wantOwner == "" {
+		wantPCP, wantPMP, wantHoles = pcp.NotAuthorized, pcp.PMPNotAuthorized, 0
+	}
+	pinholes := map[netip.AddrPort]int{}
+	for _, e := range l.kernelHoles() {
+		pinholes[netip.AddrPortFrom(e.Pinhole.InternalAddr, e.Pinhole.InternalPort)]++
+	}
+	owners := map[netip.AddrPort]string{}
+	for _, le := range l.srv.Leases() {
+		owners[netip.AddrPortFrom(le.InternalAddr, le.InternalPort)] = le.Owner
+	}
+	for _, c := range []struct {
+		what      string
+		ap        netip.AddrPort
+		got, want string
+	}{
+		{"PCP MAP", netip.AddrPortFrom(cli6, 8080), resp.Result.String(), wantPCP.String()},
+		{"NAT-PMP TCP mapping", netip.AddrPortFrom(cli4, 9300), pr.Result.String(), wantPMP.String()},
+	} {
+		if c.got != c.want || pinholes[c.ap] != wantHoles || owners[c.ap] != wantOwner {
+			t.Errorf("%s of %v %s: %s, kernel pinholes %d, lease owner %q; want %s, %d, %q",
+				c.what, c.ap, what, c.got, pinholes[c.ap], owners[c.ap], c.want, wantHoles, wantOwner)
+		}
 	}
 }
 

@@ -296,6 +296,12 @@ type listener struct {
 	// first pass (gone false), before sockets under them are opened; or
 	// deleted (gone true). Called from the run goroutine, under mu.
 	onDevice func(knames []string, gone bool)
+	// firstIndex, if set, is the index the ownership's first read found
+	// under a kernel name (policy.DeviceFollower.FirstIndex): on the
+	// first pass, every served name whose index differs or is unknown
+	// goes to onDevice, as a swap after that read and before the pass
+	// (review h/revsw: the start-up window) is seen by no event.
+	firstIndex func(kname string) (index int, ok bool)
 	// byName and byIndex are the kernel name ↔ index pairs served so far
 	// (resync; nil before the first pass): those whose interface exists
 	// and the last maxGonePairs of those whose index was found gone
@@ -597,8 +603,8 @@ func (l *listener) resync(h *netlink.Handle) {
 // served before under another name (that name too), or a name served
 // before on another index that still exists (renamed away: a re-created
 // interface, whose old index is gone, is no rename; its device is new,
-// and read by its name). Before the first pass nothing is reported: the
-// ownership has just read the interfaces itself. An interface never
+// and read by its name). Before the first pass nothing is reported to
+// onRename: the ownership has just read the interfaces itself. An interface never
 // served before renamed to a served name is caught only by the second
 // rule (the served name's old index still exists).
 //
@@ -609,13 +615,24 @@ func (l *listener) resync(h *netlink.Handle) {
 // that was there, and a re-created WireGuard interface's first requests
 // were judged by the old device's peers (TestE2EWireGuardDeviceSwapWithinBound).
 // Both come from the link events run follows, before any socket of the
-// new device is opened.
+// new device is opened. On the first pass it reports every served name
+// whose index is not the one the ownership's first read found there
+// (firstIndex; unknown too): a device swapped between that read and
+// this pass, within the fresh bound, was judged by the old device's
+// peers (review h/revsw, TestE2EWireGuardDeviceSwapBeforeServing).
 func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 	first := l.byName == nil
 	if first {
 		l.byName, l.byIndex = map[string]int{}, map[int]string{}
 	}
 	var changed, devs, deleted []string
+	if first && l.firstIndex != nil {
+		for _, w := range want {
+			if i, ok := l.firstIndex(w.kname); (!ok || i != w.index) && !slices.Contains(devs, w.kname) {
+				devs = append(devs, w.kname)
+			}
+		}
+	}
 	dev := func(k string) {
 		if !first && !slices.Contains(devs, k) {
 			devs = append(devs, k)

@@ -337,7 +337,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		s.lis.onRename = rf.InterfacesRenamed
 	}
 	if df, ok := s.pol.Ownership().(policy.DeviceFollower); ok {
-		s.lis.onDevice = df.DevicesChanged
+		s.lis.onDevice, s.lis.firstIndex = df.DevicesChanged, df.FirstIndex
 	}
 	s.cutter, _ = s.fw.(FlowCutter)
 	s.recorder, _ = s.fw.(FlowRecorder)

@@ -22,12 +22,19 @@ import (
 // IFLA_ALT_IFNAME for names over 15 bytes). found is false, with a nil
 // error, when no interface there answers to name.
 func Kernel(name string) (kname string, found bool, err error) {
+	kname, _, found, err = Lookup(name)
+	return kname, found, err
+}
+
+// Lookup is Kernel that also returns the interface's index (0 when not
+// found), from the same answer of the kernel.
+func Lookup(name string) (kname string, index int, found bool, err error) {
 	lnk, err := netlink.LinkByName(name)
 	if err != nil {
 		if _, ok := errors.AsType[netlink.LinkNotFoundError](err); ok {
-			return "", false, nil
+			return "", 0, false, nil
 		}
-		return "", false, err
+		return "", 0, false, err
 	}
-	return lnk.Attrs().Name, true, nil
+	return lnk.Attrs().Name, lnk.Attrs().Index, true, nil
 }
