@@ -112,6 +112,13 @@ type ForeignDNAT struct {
 	// Rules counts the DNAT and redirect rules found that may translate
 	// connections to pcpd's address (decoded or not).
 	Rules int
+	// Unsettled: another process committed during each of foreignTries
+	// reads (readForeignAt), so this, the last, may mix two generations
+	// of the ruleset (chains listed before a commit, their rules read
+	// after): a forward it reports may exist in none. Its ports may be
+	// reserved ("reserve rather than miss"), but no lease is ended for
+	// them (server/forwardend.go).
+	Unsettled bool
 }
 
 // ForeignRule names a rule of another table's for the log.
@@ -180,7 +187,7 @@ func (b *Backend) ForeignDNAT(ext netip.Addr, first, last uint16) (*ForeignDNAT,
 	// Before the read: a table gone since is told at the next check.
 	owned, err := ownedTables(c)
 	var f *ForeignDNAT
-	src := &nftSource{c: c, nl: b.foreignConn.nl}
+	src := &nftSource{c: c, nl: b.foreignConn.nl, told: func() (bool, bool) { return g.toldSince(b) }}
 	if err == nil {
 		f, err = readForeignAt(src, b.ownChain, at, first, last)
 	}
@@ -188,8 +195,15 @@ func (b *Backend) ForeignDNAT(ext netip.Addr, first, last uint16) (*ForeignDNAT,
 		b.foreignConn.close()
 		return nil, fmt.Errorf("pinhole: reading the host's DNAT rules: %w", err)
 	}
+	if f.Unsettled {
+		// Not one generation's: not kept, the next call reads again.
+		g.taint()
+		return f, nil
+	}
 	g.mu.Lock()
-	g.clean = g.c != nil // drained by unchanged right before the read
+	// Drained right before the (last) try began, and nothing told since
+	// (toldSince drained again after it).
+	g.clean = g.c != nil && !g.told
 	g.mu.Unlock()
 	kept := *f
 	g.last, g.args, g.sets, g.owned = &kept, args, src.looked, owned
@@ -257,6 +271,18 @@ type ruleSource interface {
 	// pcpd's own decoder (foreignraw.go), for a chain the library cannot
 	// parse.
 	rawRules(t *nftables.Table, chain string) ([]*nftables.Rule, error)
+	// begin starts a try of a read: it forgets what the source cached of
+	// the ruleset (sets, expression counts) and returns a mark of the
+	// ruleset's generation now; moved reports whether the ruleset may
+	// have changed since (readForeignAt reads again if so).
+	begin() genMark
+	moved(m genMark) bool
+}
+
+// genMark is a ruleset generation as begin saw it (ok false: unknown).
+type genMark struct {
+	gen uint32
+	ok  bool
 }
 
 // nftSource reads the kernel's ruleset over c, each set once a read.
@@ -269,6 +295,41 @@ type nftSource struct {
 	// (foreigngen.go: the packet path or a timeout may change them
 	// without a commit).
 	looked []setPrint
+	// told, if set, drains the generation listener (foreignGen.toldSince):
+	// known, whether it was open since begin; told, whether another
+	// socket's commit (or an overrun) was told since.
+	told func() (known, told bool)
+}
+
+func (n *nftSource) begin() genMark {
+	n.cnt, n.sets, n.looked = nil, nil, nil
+	if n.told != nil {
+		n.told() // what came before the try is not its
+	}
+	if n.nl == nil {
+		return genMark{}
+	}
+	g, err := ruleGen(n.nl)
+	return genMark{gen: g, ok: err == nil}
+}
+
+// moved: the generation listener, where open, tells another process's
+// commit during the try (its NEWGEN is queued once its changes are
+// visible), and leaves out pcpd's own, which move the generation (every
+// MAP: under load nearly every read's) but write only pcpd's table and
+// chains, which the read leaves out. Without the listener, the
+// generation before and after (NFT_MSG_GETGEN).
+func (n *nftSource) moved(m genMark) bool {
+	if n.told != nil {
+		if known, told := n.told(); known {
+			return told
+		}
+	}
+	if !m.ok || n.nl == nil {
+		return true
+	}
+	g, err := ruleGen(n.nl)
+	return err != nil || g != m.gen
 }
 
 func (n *nftSource) chains() ([]*nftables.Chain, error) { return n.c.ListChains() }
@@ -379,8 +440,35 @@ func (i extIf) key(k loadKind) []byte {
 	return v
 }
 
-// readForeignAt is readForeign for connections to at.
+// foreignTries bounds the reads readForeignAt makes while the ruleset
+// moves under them.
+const foreignTries = 3
+
+// readForeignAt is readForeign for connections to at. A read whose
+// ruleset moved during it (src.moved: another process committed between
+// the listing of the chains and the last rule read) is made again, up to
+// foreignTries reads; the last is then returned Unsettled (review h/revf4:
+// chains listed before a commit and rules read after are no one
+// generation's, and since h/fwd4 a forward found ends leases for good).
 func readForeignAt(src ruleSource, own func(*nftables.Table, string) bool, at target, first, last uint16) (*ForeignDNAT, error) {
+	for try := 1; ; try++ {
+		m := src.begin()
+		f, err := readForeignOnce(src, own, at, first, last)
+		if err != nil {
+			return nil, err
+		}
+		if !src.moved(m) {
+			return f, nil
+		}
+		if try == foreignTries {
+			f.Unsettled = true
+			return f, nil
+		}
+	}
+}
+
+// readForeignOnce is one try of readForeignAt.
+func readForeignOnce(src ruleSource, own func(*nftables.Table, string) bool, at target, first, last uint16) (*ForeignDNAT, error) {
 	ext := at.ext
 	chains, err := src.chains()
 	if err != nil {

@@ -51,6 +51,10 @@ type fakeSet struct {
 
 func (f *fakeRules) chains() ([]*nftables.Chain, error) { return f.chainList, nil }
 
+// A fakeRules ruleset never moves.
+func (f *fakeRules) begin() genMark     { return genMark{ok: true} }
+func (f *fakeRules) moved(genMark) bool { return false }
+
 func (f *fakeRules) rules(t *nftables.Table, chain string) ([]*nftables.Rule, error) {
 	if err := f.errs[t.Name+"/"+chain]; err != nil {
 		return nil, err

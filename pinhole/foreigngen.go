@@ -51,8 +51,9 @@ import (
 //     error on it), the read failed, other arguments. Then it reads.
 //
 // The socket is drained (without blocking) right before a read begins, so
-// a commit that completes during the read is told after it and makes the
-// next call read again. Not the generation id (NFT_MSG_GETGEN): pcpd's own
+// a commit that completes during the read is told after it: the read is
+// made again at once (readForeignAt, review h/revf4: it may mix two
+// generations), up to foreignTries times, and the next call reads again. Not the generation id (NFT_MSG_GETGEN): pcpd's own
 // commits move it (every MAP), so it would rarely stay still under load;
 // and GETGEN reads it without the commit lock, while the kernel moves it
 // before the commit's changes are visible (nf_tables_commit: base_seq,
@@ -72,9 +73,12 @@ type foreignGen struct {
 	// clean: c was open and drained right before the last read began,
 	// that read succeeded, and nothing told since.
 	clean bool
-	last  *ForeignDNAT
-	args  foreignArgs
-	sets  []setPrint // the non-constant named sets the last read looked into
+	// told: another socket's commit, an overrun, an error or a taint
+	// since the last toldSince (readForeignAt's tries).
+	told bool
+	last *ForeignDNAT
+	args foreignArgs
+	sets []setPrint // the non-constant named sets the last read looked into
 	// owned are the ip and inet tables with the owner flag when the last
 	// read began (ownedTables): the kernel destroys one without a commit.
 	owned []tableKey
@@ -177,14 +181,60 @@ func (g *foreignGen) drain(b *Backend) bool {
 		case errors.Is(rerr, unix.EAGAIN):
 			return g.clean
 		case rerr != nil: // ENOBUFS (overrun, a notification the kernel could not send), EINTR
-			g.clean = false
+			g.clean, g.told = false, true
 			continue
 		}
 		if !othersGen(buf[:n], own) {
 			continue
 		}
-		g.clean = false
+		g.clean, g.told = false, true
 	}
+}
+
+// toldSince drains the socket (without opening it) and reports whether it
+// was open (known) and told another socket's commit, an overrun or a
+// taint since the last call (told), forgetting it: readForeignAt's check
+// that no other process committed during a try.
+func (g *foreignGen) toldSince(b *Backend) (known, told bool) {
+	g.mu.Lock()
+	open := g.c != nil
+	g.mu.Unlock()
+	if open {
+		g.drain(b)
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	known, told = open && g.c != nil, g.told
+	g.told = false
+	return known, told
+}
+
+// ruleGen is the ruleset's generation (NFT_MSG_GETGEN's NFTA_GEN_ID: the
+// kernel's base_seq). The library (v0.3.0) has no call for it.
+func ruleGen(c *netlink.Conn) (uint32, error) {
+	msgs, err := c.Execute(netlink.Message{
+		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETGEN), Flags: netlink.Request},
+		Data:   []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, 0},
+	})
+	if err != nil {
+		return 0, err
+	}
+	for _, m := range msgs {
+		if len(m.Data) < 4 {
+			continue
+		}
+		ad, err := netlink.NewAttributeDecoder(m.Data[4:])
+		if err != nil {
+			return 0, err
+		}
+		ad.ByteOrder = binary.BigEndian
+		for ad.Next() {
+			if ad.Type() == unix.NFTA_GEN_ID {
+				return ad.Uint32(), nil
+			}
+		}
+	}
+	return 0, errors.New("pinhole: no generation in the answer")
 }
 
 // othersGen reports whether the messages in p tell a commit of a socket
@@ -258,7 +308,7 @@ func (g *foreignGen) refilter(o *ownPorts) {
 // queued its copy in turn).
 func (g *foreignGen) taint() {
 	g.mu.Lock()
-	g.clean = false
+	g.clean, g.told = false, true
 	g.mu.Unlock()
 }
 
@@ -268,7 +318,7 @@ func (g *foreignGen) close() {
 		_ = g.c.Close()
 		g.c = nil
 	}
-	g.clean = false
+	g.clean, g.told = false, true
 }
 
 // genFilter sets c's socket filter: it passes an nftables NEWGEN whose

@@ -266,3 +266,60 @@ func TestForwardedTupleSharing(t *testing.T) {
 	}
 	h.unchanged(before)
 }
+
+// TestForwardedUnsettledEndsNothing (review h/revf4): a read of the
+// host's DNAT rules that another process's commits moved under each try
+// (pinhole.ForeignDNAT.Unsettled: it may report a forward that exists in
+// no generation of the ruleset, TestForeignReadAcrossCommit) ends no
+// lease: its ports are reserved, guessed (a new mapping does not get the
+// port, the PEER and the PREFER_FAILURE MAP on it stay), and the next
+// read that holds still ends them if the forward is real. Before (the
+// answer installed as any other) the sweep ended both on the phantom
+// forward; on main the test does not build (no Unsettled).
+func TestForwardedUnsettledEndsNothing(t *testing.T) {
+	h, ff := forwardHarness(t)
+	rem := netip.MustParseAddrPort("203.0.113.9:5000")
+	pf := mapReq(v4A, pcp.ProtoTCP, 1445, 1445, time.Hour, 1)
+	pf.Map.ExternalAddr = ext4
+	pf.Options.PreferFailure = true
+	peer := peerReq(v4A, pcp.ProtoTCP, 1446, rem, time.Hour, 2)
+	peer.Map.ExternalAddr, peer.Map.ExternalPort = ext4, 1446
+	for _, r := range []pcp.Response{h.do(pf), h.do(peer)} {
+		if r.Result != pcp.Success {
+			t.Fatalf("first mappings: %v, external port %d", r.Result, r.Map.ExternalPort)
+		}
+	}
+	held := func() (n int) {
+		for _, l := range h.st.Leases() {
+			if l.ExternalPort == 1445 || l.ExternalPort == 1446 {
+				n++
+			}
+		}
+		return n
+	}
+	var f pinhole.ForeignDNAT
+	f.TCP.Add(1445)
+	f.TCP.Add(1446)
+	f.TCP.Add(1447)
+	f.Unsettled = true
+	ff.set(&f, nil)
+	h.s.hostPorts.refresh()
+	h.s.endForwarded()
+	if n := held(); n != 2 {
+		t.Errorf("%d of the PREFER_FAILURE MAP and the PEER left after the sweep of an unsettled read, want both", n)
+	}
+	if !h.s.hostPorts.forwarded(protoTCP, 1447) || h.s.hostPorts.forwardedSure(protoTCP, 1447) {
+		t.Errorf("1447 of the unsettled read: forwarded %v, sure %v; want reserved, not sure", h.s.hostPorts.forwarded(protoTCP, 1447), h.s.hostPorts.forwardedSure(protoTCP, 1447))
+	}
+	if r := h.do(mapReq(v4B, pcp.ProtoTCP, 1447, 1447, time.Hour, 3)); r.Result != pcp.Success || r.Map.ExternalPort == 1447 {
+		t.Errorf("MAP suggesting 1447: %v, external port %d; want another port", r.Result, r.Map.ExternalPort)
+	}
+	// The same forward read holding still: now they end.
+	f.Unsettled = false
+	ff.set(&f, nil)
+	h.s.hostPorts.refresh()
+	h.s.endForwarded()
+	if n := held(); n != 0 {
+		t.Errorf("%d of them left after a settled read's sweep, want 0", n)
+	}
+}

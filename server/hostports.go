@@ -458,6 +458,10 @@ func (h *hostPorts) storeDNAT(f *pinhole.ForeignDNAT, err error) {
 	if f == nil {
 		return
 	}
+	if f.Unsettled {
+		h.storeUnsettled(f)
+		return
+	}
 	if h.dnatFailed {
 		log.Info("read the host's DNAT rules again")
 		h.dnatFailed = false
@@ -538,6 +542,32 @@ func (h *hostPorts) storeDNAT(f *pinhole.ForeignDNAT, err error) {
 				zap.Stringer("rule", r), zap.String("why", r.Why))
 		}
 	}
+}
+
+// storeUnsettled installs a read another process's commits moved under
+// each try (pinhole.ForeignDNAT.Unsettled: it may mix two generations of
+// the ruleset, a forward in none of them; review h/revf4) (h.mu held):
+// its ports are reserved beside the last good read's ("reserve rather
+// than miss"), those only it forwards as guesses (forwardedSure false),
+// and nothing else changes: no news, so endForwarded ends no lease for
+// it; the catch-alls, the summary and the log stay the last good read's.
+// The next read that holds still replaces it all.
+func (h *hostPorts) storeUnsettled(f *pinhole.ForeignDNAT) {
+	tcp, udp, gTCP, gUDP := new(portSet), new(portSet), new(portSet), new(portSet)
+	for _, p := range []struct{ dst, src *portSet }{{tcp, h.dnatTCP}, {udp, h.dnatUDP}, {gTCP, h.dnatGuessTCP}, {gUDP, h.dnatGuessUDP}} {
+		if p.src != nil {
+			*p.dst = *p.src
+		}
+	}
+	for i := range tcp {
+		gTCP[i] |= f.TCP[i] &^ tcp[i]
+		gUDP[i] |= f.UDP[i] &^ udp[i]
+		tcp[i] |= f.TCP[i]
+		udp[i] |= f.UDP[i]
+	}
+	h.dnatTCP, h.dnatUDP, h.dnatGuessTCP, h.dnatGuessUDP = tcp, udp, gTCP, gUDP
+	h.s.log.Debug("the host's DNAT rules changed during each read: their ports reserved, no mapping ended for them until a read holds still",
+		zap.String("tcp", f.TCP.String()), zap.String("udp", f.UDP.String()))
 }
 
 // store installs a dump's sets (h.mu held), each protocol on its own:
