@@ -118,6 +118,10 @@ type Config struct {
 	// leases; ≈ 3.4 s at 1 000 000, the engine waiting ≤ 20 ms), and
 	// orphans end with their kernel timeouts (auditbig.go).
 	AuditInterval time.Duration
+	// HostPortsTTL is how long a scan of the host's ports and read of its
+	// DNAT rules is trusted, and how often housekeeping makes them while
+	// they are used (default 2 s: hostPortsTTL). For tests.
+	HostPortsTTL time.Duration
 	// TouchInterval is how often the store is told the daemon is alive
 	// (store.Touch), so a clock that went backwards while pcpd was down is
 	// noticed at the next start (EPO-04). Default 1 minute.
@@ -203,7 +207,7 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("server: bad rate limit: %w", ErrInvalidConfig)
 	case c.AnnounceGap < 250*time.Millisecond:
 		return fmt.Errorf("server: announce gap %v below 250ms (RFC 6887 §14.1.3): %w", c.AnnounceGap, ErrInvalidConfig)
-	case c.MaxBatch < 1 || c.QueueLen < 1 || c.TamperInterval < 0 || c.AuditInterval < 0 || c.TouchInterval < 0 || c.SnapshotInterval < 0:
+	case c.MaxBatch < 1 || c.QueueLen < 1 || c.TamperInterval < 0 || c.AuditInterval < 0 || c.HostPortsTTL < 0 || c.TouchInterval < 0 || c.SnapshotInterval < 0:
 		return fmt.Errorf("server: bad batch, queue or tamper settings: %w", ErrInvalidConfig)
 	}
 	c.ExternalIPv4 = c.ExternalIPv4.Unmap()

@@ -7,6 +7,7 @@ import (
 
 	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
+	"github.com/pcpd/pcpd/policy"
 )
 
 // TestE2EWatchReadsDMZRuleNow (root, namespaces; h/prio, issue 9, left of
@@ -14,13 +15,11 @@ import (
 // chain) is read when the firewall watch tells the commit, not at the
 // next background read of the host's DNAT rules (every hostPortsTTL, 2 s
 // + 0.5 s slack: the ~2.5 s before new mappings were refused). Here the
-// background read never comes (hostPortsTTL an hour): only the watch's
+// background read never comes (Config.HostPortsTTL an hour): only the watch's
 // kick can make pcpd refuse. Before: "a MAP after the admin's DMZ rule:
 // SUCCESS, want NO_RESOURCES" for the whole 10 s.
 func TestE2EWatchReadsDMZRuleNow(t *testing.T) {
-	defer func(old time.Duration) { hostPortsTTL = old }(hostPortsTTL)
-	hostPortsTTL = time.Hour
-	l := watchLab(t)
+	l := watchLab(t, func(c *Config, _ *policy.Config) { c.HostPortsTTL = time.Hour })
 	n := byte(1)
 	if r := l.pcp(mapReq(l.topo.ClientV4, pcp.ProtoTCP, 9480, 19480, time.Hour, n)); r.Result != pcp.Success {
 		t.Fatalf("a MAP before any rule: %v", r.Result)

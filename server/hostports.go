@@ -16,10 +16,20 @@ import (
 	"github.com/pcpd/pcpd/pinhole"
 )
 
-// hostPortsTTL is how long a scan of the host's ports is trusted. A port
-// opened by a service is protected from new mappings within this time; the
-// scan is a netlink dump, cheap enough for the rare allocation.
-var hostPortsTTL = 2 * time.Second // a variable for tests
+// hostPortsTTL is how long a scan of the host's ports is trusted, unless
+// Config.HostPortsTTL says otherwise (tests; review h/revpr: a package
+// variable a test rewrote raced with any other server of the binary). A
+// port opened by a service is protected from new mappings within this
+// time; the scan is a netlink dump, cheap enough for the rare allocation.
+const hostPortsTTL = 2 * time.Second
+
+// ttl is the server's hostPortsTTL.
+func (h *hostPorts) ttl() time.Duration {
+	if t := h.s.cfg.HostPortsTTL; t > 0 {
+		return t
+	}
+	return hostPortsTTL
+}
 
 // tcpListen is TCP_LISTEN in sock_diag's state field.
 const tcpListen = 10
@@ -113,6 +123,11 @@ type hostPorts struct {
 	dnatReadAt          time.Time
 	dnatReadTook        time.Duration
 	dnatSeq, dnatStored uint64
+	// kickPending: a timer is set to kick again once the gap has passed
+	// (onKick): one for all the kicks of the gap (review h/revpr: each
+	// set its own). afterFunc starts it (nil: time.AfterFunc; tests).
+	kickPending bool
+	afterFunc   func(time.Duration, func())
 }
 
 // dnatKickGap is the least time between the end of a kicked read of the
@@ -159,6 +174,33 @@ func (h *hostPorts) kickedDNAT() (wait time.Duration) {
 	h.dnatReadAt, h.dnatReadTook = time.Now(), time.Since(start)
 	h.mu.Unlock()
 	return 0
+}
+
+// onKick is housekeep's step for a kick: the kicked read now, or, in the
+// gap after the last, one timer to kick again when it has passed, however
+// many kicks come meanwhile.
+func (h *hostPorts) onKick() {
+	wait := h.kickedDNAT()
+	if wait <= 0 {
+		return
+	}
+	h.mu.Lock()
+	if h.kickPending {
+		h.mu.Unlock()
+		return
+	}
+	h.kickPending = true
+	after := h.afterFunc
+	h.mu.Unlock()
+	if after == nil {
+		after = func(d time.Duration, f func()) { time.AfterFunc(d, f) }
+	}
+	after(wait, func() {
+		h.mu.Lock()
+		h.kickPending = false
+		h.mu.Unlock()
+		h.kickDNAT()
+	})
 }
 
 // dnatRead reads the host's DNAT rules without h.mu and stores the
@@ -376,7 +418,7 @@ func (h *hostPorts) fresh() {
 	// fresh: it does not run, has not started yet (first allocation after
 	// an idle spell) or has fallen behind. Either way the sets are never
 	// older than hostPortsTTL (+ hostPortsSlack) when asked.
-	ttl := hostPortsTTL
+	ttl := h.ttl()
 	if h.background {
 		ttl += hostPortsSlack
 	}

@@ -31,7 +31,7 @@ func (s *Server) housekeep(ctx context.Context) {
 	snap, _ := s.st.(Snapshotter)
 	s.hostPorts.setBackground(true)
 	defer s.hostPorts.setBackground(false)
-	ports := time.NewTicker(hostPortsTTL)
+	ports := time.NewTicker(s.hostPorts.ttl())
 	defer ports.Stop()
 	debt := time.NewTicker(storeDebtRetry)
 	defer debt.Stop()
@@ -65,9 +65,7 @@ func (s *Server) housekeep(ctx context.Context) {
 			s.hostPorts.refresh()
 			s.endForwarded() // PREFER_FAILURE MAPs and PEERs off forwarded ports (forwardend.go)
 		case <-s.hostPorts.kick:
-			if wait := s.hostPorts.kickedDNAT(); wait > 0 {
-				time.AfterFunc(wait, s.hostPorts.kickDNAT)
-			}
+			s.hostPorts.onKick()
 			s.endForwarded() // the kicked read may have found a new forward
 		case <-debt.C:
 			s.payStoreDebt()
