@@ -128,6 +128,10 @@ type hostPorts struct {
 	// set its own). afterFunc starts it (nil: time.AfterFunc; tests).
 	kickPending bool
 	afterFunc   func(time.Duration, func())
+	// sockSeq and sockStored order the socket dumps' stores as dnatSeq
+	// and dnatStored the reads': refresh dumps without h.mu, and an
+	// inline scan begun after its dump may store first.
+	sockSeq, sockStored uint64
 }
 
 // dnatKickGap is the least time between the end of a kicked read of the
@@ -434,6 +438,8 @@ func (h *hostPorts) fresh() {
 func (h *hostPorts) refresh() {
 	h.mu.Lock()
 	active := !h.lastUse.IsZero() && time.Since(h.lastUse) < hostPortsIdle
+	h.sockSeq++
+	seq := h.sockSeq
 	h.mu.Unlock()
 	if !active {
 		// The host's DNAT rules are read while idle too (a read finds
@@ -456,7 +462,13 @@ func (h *hostPorts) refresh() {
 	}
 	tcp, udp, tcpErr, udpErr := h.dump()
 	h.mu.Lock()
-	h.store(tcp, udp, tcpErr, udpErr)
+	// Unless an inline scan begun since has stored its own (newer) sets:
+	// before, this older dump replaced them, a service's port opened
+	// meanwhile unreserved until the next scan.
+	if seq > h.sockStored {
+		h.sockStored = seq
+		h.store(tcp, udp, tcpErr, udpErr)
+	}
 	h.mu.Unlock()
 	h.dnatRead()
 }
@@ -465,6 +477,8 @@ func (h *hostPorts) refresh() {
 // kept (and logged once), or, before any scan succeeded, none are
 // installed: a scan that fails must not open the host's ports.
 func (h *hostPorts) scan() {
+	h.sockSeq++
+	h.sockStored = h.sockSeq
 	h.store(h.dump())
 	h.dnatSeq++
 	h.dnatStored = h.dnatSeq

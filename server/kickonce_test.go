@@ -5,7 +5,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 )
 
 // TestKickGapOneTimer (review h/revpr of h/prio): kicks that come in the
@@ -53,5 +55,48 @@ func TestKickGapOneTimer(t *testing.T) {
 	}
 	if len(timers) != 2 {
 		t.Errorf("10 kicks after the timer fired: %d timers in all, want 2", len(timers))
+	}
+}
+
+// TestRefreshOlderDumpNotStored (issue 9, h/revf4's "every path" check
+// of the stores' order): a background refresh dumps the host's sockets
+// without the lock; an inline scan (an allocation finding the sets stale)
+// that begins during that dump and sees a service's new listening port
+// stores first; the refresh's older dump, which did not see it, must not
+// replace it. The DNAT reads were ordered (dnatSeq); the socket dumps
+// were not: before, "port 40001 the inline scan found listening is not
+// reserved after the older background dump stored".
+func TestRefreshOlderDumpNotStored(t *testing.T) {
+	oldTCP, oldUDP := socketDiagTCP, socketDiagUDP
+	t.Cleanup(func() { socketDiagTCP, socketDiagUDP = oldTCP, oldUDP })
+	s := &Server{log: zap.NewNop()}
+	h := &s.hostPorts
+	h.s = s
+	h.lastUse = time.Now() // in use: refresh dumps
+	const port = 40001
+	inline, scanned := false, false
+	socketDiagUDP = func(uint8) ([]*netlink.Socket, error) { return nil, nil }
+	socketDiagTCP = func(fam uint8) ([]*netlink.Socket, error) {
+		if inline {
+			// The inline scan's dump: the service listens now.
+			sk := &netlink.Socket{State: tcpListen}
+			sk.ID.SourcePort = port
+			return []*netlink.Socket{sk}, nil
+		}
+		if fam == unix.AF_INET && !scanned {
+			// The background dump has read the (old) IPv4 list; the
+			// service listens, an allocation scans inline.
+			inline, scanned = true, true
+			ok := h.reserved(protoTCP, port)
+			inline = false
+			if !ok {
+				t.Error("the inline scan did not see the new listener")
+			}
+		}
+		return nil, nil // the background's: as before the listener
+	}
+	h.refresh() // the background's step: its dump begun before the inline scan
+	if !h.reserved(protoTCP, port) {
+		t.Errorf("port %d the inline scan found listening is not reserved after the older background dump stored", port)
 	}
 }
