@@ -304,7 +304,11 @@ type nftSource struct {
 func (n *nftSource) begin() genMark {
 	n.cnt, n.sets, n.looked = nil, nil, nil
 	if n.told != nil {
-		n.told() // what came before the try is not its
+		// What came before the try is not its; with the listener open,
+		// moved asks only it (no generation needed).
+		if known, _ := n.told(); known {
+			return genMark{}
+		}
 	}
 	if n.nl == nil {
 		return genMark{}
