@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -333,6 +335,54 @@ func TestRouteLookupOwnersReported(t *testing.T) {
 		}
 		if !slices.Equal(named, step.logged) || more != step.more {
 			t.Errorf("%s: logged owners %v and %d more, want %v and %d more", step.name, named, more, step.logged, step.more)
+		}
+	}
+}
+
+// Every metric metrics.go names is one the engine registers, and the
+// reverse: cmd/pcpd's TestReadmeNamesRealFlagsAndMetrics finds the
+// metrics pcpd serves by their names in metrics.go, so a collector built
+// there but left out of collectors(), or one named elsewhere, would pass
+// it documented but not served, or served undocumented. The optional
+// collectors are built as New builds them for a firewall that has them
+// (an owner meter with route lookups, the flowed6 check).
+func TestMetricsNamedInMetricsGo(t *testing.T) {
+	src, err := os.ReadFile("metrics.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	named := map[string]bool{}
+	for _, m := range regexp.MustCompile(`"(pcpd_[a-z0-9_]+)"`).FindAllStringSubmatch(string(src), -1) {
+		named[m[1]] = true
+	}
+	m := newMetrics(func() float64 { return 0 })
+	fw := servertest.NewFirewall(time.Now)
+	m.kernelDrops = newKernelDrops(fw.MeterDrops)
+	m.lookupOwners = newLookupOwners(fw)
+	m.flowedUnnamed = newFlowedUnnamed(func() bool { return false })
+	reg := prometheus.NewRegistry()
+	registered := map[string]bool{}
+	for _, c := range m.collectors() {
+		reg.MustRegister(c)
+		ch := make(chan *prometheus.Desc, 4)
+		c.Describe(ch)
+		close(ch)
+		for d := range ch {
+			name := regexp.MustCompile(`fqName: "([a-z0-9_]+)"`).FindStringSubmatch(d.String())
+			if name == nil {
+				t.Fatalf("no name in %v", d)
+			}
+			registered[name[1]] = true
+		}
+	}
+	for n := range named {
+		if !registered[n] {
+			t.Errorf("metrics.go names %s, which the engine does not register (collectors())", n)
+		}
+	}
+	for n := range registered {
+		if !named[n] {
+			t.Errorf("the engine registers %s, which metrics.go does not name in full", n)
 		}
 	}
 }
