@@ -174,9 +174,10 @@ type Config struct {
 	// ownership sweep (policy.WithGoneGrace); 0: none.
 	WireGuardGoneGrace time.Duration
 
-	// WireGuardFresh: how old a read of the WireGuard peers a
-	// THIRD_PARTY target may be judged by (policy.WithFreshBound); 0:
-	// a read begun after the request.
+	// WireGuardFresh: how old a read of the WireGuard peers a request
+	// that opens or extends a pinhole may be judged by
+	// (policy.WithFreshBound; THIRD_PARTY targets only before h/fresh);
+	// 0: a read begun after the request.
 	WireGuardFresh time.Duration
 
 	// TouchInterval: how often the store records that the daemon is

@@ -61,7 +61,7 @@ var settings = []setting{
 	{name: "wireguard-gone-grace", kind: kDuration, def: "1m",
 		usage: "WireGuard ownership: how long a served interface that disappeared (wg-quick down/up, systemctl restart wg-quick@wg0) keeps its last peers owning their AllowedIPs for the ownership sweep, a `DURATION` (0: none); their leases and pinholes are revoked only when it is still gone after that (it serves no request meanwhile); back with other peers or AllowedIPs, what changed is revoked at once"},
 	{name: "wireguard-fresh", kind: kDuration, def: "1s",
-		usage: "WireGuard ownership: a THIRD_PARTY MAP or PEER is judged by a read of the peers no older than this `DURATION` (re-read first if older, at most one read per DURATION for all requests), so a peer cannot open a prefix just carved out of its AllowedIPs for another peer; 0: a read begun after the request, every THIRD_PARTY request (whole seconds, at most 5s, the periodic read's interval)"},
+		usage: "WireGuard ownership: every request that opens or extends a pinhole (PCP MAP and PEER, THIRD_PARTY or not, renewals, NAT-PMP mappings) is judged by a read of the peers begun no more than this `DURATION` before it arrived (while such requests come, pcpd re-reads every half DURATION; one that finds the view older waits for a read in a bounded queue), so a peer cannot open a prefix just carved out of its AllowedIPs, or a removed peer's, in its own name; 0: a read begun after each such request (whole seconds, at most 5s, the periodic read's interval)"},
 	{name: "state-dir", kind: kString, def: DefaultStateDir,
 		usage: "directory `DIR` for durable state (leases, epoch)"},
 	{name: "socket", kind: kString, def: DefaultSocket,
