@@ -5,8 +5,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -25,36 +23,14 @@ import (
 //
 //	sudo PCPD_FRESHCOST=1 go test ./reliability -run TestWireGuardFreshLoadCost -v
 func TestWireGuardFreshLoadCost(t *testing.T) {
-	if os.Getenv("PCPD_FRESHCOST") == "" {
-		t.Skip("figures only: PCPD_FRESHCOST=1")
-	}
-	requireRoot(t)
-	rate := 300
-	if v := os.Getenv("PCPD_FRESHCOST_RATE"); v != "" {
-		var err error
-		if rate, err = strconv.Atoi(v); err != nil {
-			t.Fatal(err)
-		}
-	}
+	figuresOnly(t, "PCPD_FRESHCOST")
+	rate := envRate(t, "PCPD_FRESHCOST_RATE", 300)
 	for _, npeers := range []int{1, 1000} {
 		t.Run(strconv.Itoa(npeers)+" peers", func(t *testing.T) {
 			l := newLab(t, labOptions{wireGuard: true})
 			l.start()
 			loadNet := netip.MustParsePrefix("2001:db8:1:100::/56")
 			addLoadPeers(t, l, loadNet, npeers-1)
-			src := func(i int) netip.Addr {
-				a := loadNet.Addr().As16()
-				a[7] = byte(i)
-				a[15] = 1
-				return netip.AddrFrom16(a)
-			}
-			refreshes := func() float64 {
-				m, err := l.metrics()
-				if err != nil {
-					t.Fatal(err)
-				}
-				return m["pcpd_ownership_refreshes_total"]
-			}
 			cpu := func() float64 { // seconds of user and system time
 				b, err := os.ReadFile("/proc/" + strconv.Itoa(l.pid()) + "/stat")
 				if err != nil {
@@ -65,46 +41,23 @@ func TestWireGuardFreshLoadCost(t *testing.T) {
 				s, _ := strconv.ParseFloat(f[12], 64)
 				return (u + s) / 100
 			}
-			r0, began := refreshes(), time.Now()
+			r0, began := l.ownershipRefreshes(t), time.Now()
 			time.Sleep(5 * time.Second)
-			idle := (refreshes() - r0) / time.Since(began).Seconds()
+			idle := (l.ownershipRefreshes(t) - r0) / time.Since(began).Seconds()
 
 			cli := l.topo.ClientV6
 			conn := l.clientSocket(cli)
 			victimReq := mapNonce(cli, 7000, time.Hour, 1, netip.Addr{})
 			sp := newSpoofer(t, l.topo.Client, l.server6())
-			var sent atomic.Int64
-			done := make(chan struct{})
-			var wgr sync.WaitGroup
-			wgr.Add(1)
-			go func() {
-				defer wgr.Done()
-				next := time.Now()
-				for i := 0; ; i++ {
-					select {
-					case <-done:
-						return
-					default:
-					}
-					time.Sleep(time.Until(next))
-					next = next.Add(time.Second / time.Duration(rate))
-					s := src(i % 256)
-					if err := sp.send(s, mapNonce(s, 9000, time.Hour, 2, netip.Addr{})); err != nil {
-						t.Error(err)
-						return
-					}
-					sent.Add(1)
-				}
-			}()
+			sent, stop := sendLoad(t, sp, loadNet, rate, func(s netip.Addr) []byte { return mapNonce(s, 9000, time.Hour, 2, netip.Addr{}) })
 			time.Sleep(time.Second) // the 256 leases made; renewals from here
-			r0, c0, s0, began := refreshes(), cpu(), sent.Load(), time.Now()
+			r0, c0, s0, began := l.ownershipRefreshes(t), cpu(), sent.Load(), time.Now()
 			p50, p99, lost := victimRTTs(t, conn, l.server6(), victimReq)
 			secs := time.Since(began).Seconds()
-			reads := (refreshes() - r0) / secs
+			reads := (l.ownershipRefreshes(t) - r0) / secs
 			used := cpu() - c0
 			n := sent.Load() - s0 + 120
-			close(done)
-			wgr.Wait()
+			stop()
 			t.Logf("%d peers: WireGuard reads/s idle %.2f, under load %.2f; load %.0f/s; victim MAP p50 %v p99 %v lost %d/120; pcpd CPU %.1f µs a request (%.3f s for %d)",
 				npeers, idle, reads, float64(sent.Load()-s0)/secs, p50.Round(10*time.Microsecond), p99.Round(10*time.Microsecond), lost,
 				used/float64(n)*1e6, used, n)

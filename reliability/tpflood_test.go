@@ -44,17 +44,8 @@ import (
 //
 //	sudo PCPD_TPFLOOD=1 go test ./reliability -run TestThirdPartyFloodFreshCost -v
 func TestThirdPartyFloodFreshCost(t *testing.T) {
-	if os.Getenv("PCPD_TPFLOOD") == "" {
-		t.Skip("figures only: PCPD_TPFLOOD=1")
-	}
-	requireRoot(t)
-	rate := 300 // per second, under the default owner meter's 400/s with the victim's 40/s
-	if v := os.Getenv("PCPD_TPFLOOD_RATE"); v != "" {
-		var err error
-		if rate, err = strconv.Atoi(v); err != nil {
-			t.Fatal(err)
-		}
-	}
+	figuresOnly(t, "PCPD_TPFLOOD")
+	rate := envRate(t, "PCPD_TPFLOOD_RATE", 300) // per second, under the default owner meter's 400/s with the victim's 40/s
 	for _, fresh := range []string{"1s", "0"} {
 		t.Run("fresh="+fresh, func(t *testing.T) {
 			extra := []string{"--wireguard-fresh", fresh}
@@ -66,61 +57,23 @@ func TestThirdPartyFloodFreshCost(t *testing.T) {
 			floodNet := netip.MustParsePrefix("2001:db8:1:100::/56")
 			addLoadPeers(t, l, floodNet, 999)
 			other := netip.MustParseAddr("2001:db8:f000::5")
-			src := func(i int) netip.Addr {
-				a := floodNet.Addr().As16()
-				a[7] = byte(i)
-				a[15] = 1
-				return netip.AddrFrom16(a)
-			}
 			cli := l.topo.ClientV6
 			conn := l.clientSocket(cli)
 			ann := announceBytes(cli)
 			// victim: 120 ANNOUNCEs at 40/s, a lost one counted as the
 			// 500 ms it was waited for.
 			victim := func() (p50, p99 time.Duration, lost int) { return victimRTTs(t, conn, l.server6(), ann) }
-			refreshes := func() float64 {
-				m, err := l.metrics()
-				if err != nil {
-					t.Fatal(err)
-				}
-				return m["pcpd_ownership_refreshes_total"]
-			}
 			sp := newSpoofer(t, l.topo.Client, l.server6())
-			// flood sends req(source) from the 256 /64s at full speed
+			// flood sends req(source) from the 256 /64s at the rate
 			// while the victim measures.
 			flood := func(name string, req func(s netip.Addr) []byte) {
-				var sent atomic.Int64
-				done := make(chan struct{})
-				var wgr sync.WaitGroup
-				wgr.Add(1)
-				go func() {
-					defer wgr.Done()
-					next := time.Now()
-					for i := 0; ; i++ {
-						select {
-						case <-done:
-							return
-						default:
-						}
-						if rate > 0 {
-							time.Sleep(time.Until(next))
-							next = next.Add(time.Second / time.Duration(rate))
-						}
-						s := src(i % 256)
-						if err := sp.send(s, req(s)); err != nil {
-							t.Error(err)
-							return
-						}
-						sent.Add(1)
-					}
-				}()
+				sent, stop := sendLoad(t, sp, floodNet, rate, req)
 				time.Sleep(300 * time.Millisecond)
-				r0, began := refreshes(), time.Now()
+				r0, began := l.ownershipRefreshes(t), time.Now()
 				p50, p99, lost := victim()
 				secs := time.Since(began).Seconds()
-				reads := (refreshes() - r0) / secs
-				close(done)
-				wgr.Wait()
+				reads := (l.ownershipRefreshes(t) - r0) / secs
+				stop()
 				t.Logf("--wireguard-fresh %s, 1000 peers, %s: victim ANNOUNCE p50 %v p99 %v lost %d/120; flood sent %.0f/s; pcpd read WireGuard %.1f times/s",
 					fresh, name, p50.Round(10*time.Microsecond), p99.Round(10*time.Microsecond), lost, float64(sent.Load())/(secs+0.3), reads)
 				time.Sleep(500 * time.Millisecond)
@@ -147,9 +100,7 @@ func TestThirdPartyFloodFreshCost(t *testing.T) {
 //
 //	sudo PCPD_TPFLOOD=1 go test ./reliability -run TestThirdPartyLagPinholeLife -v -count 3
 func TestThirdPartyLagPinholeLife(t *testing.T) {
-	if os.Getenv("PCPD_TPFLOOD") == "" {
-		t.Skip("figures only: PCPD_TPFLOOD=1")
-	}
+	figuresOnly(t, "PCPD_TPFLOOD")
 	l := newLab(t, labOptions{wireGuard: true})
 	l.start()
 	cli := l.topo.ClientV6
@@ -228,6 +179,87 @@ func addLoadPeers(t *testing.T, l *lab, loadNet netip.Prefix, others int) {
 	}
 	l.topo.Host.MustRun(t, "ip", "-6", "route", "add", loadNet.String(), "dev", l.topo.HostLANIf)
 	time.Sleep(6 * time.Second) // pcpd's periodic read (5 s) takes the new peers
+}
+
+// figuresOnly skips a test that measures and asserts nothing (figures,
+// not a bound) unless the environment variable env is set, and without
+// root.
+func figuresOnly(t *testing.T, env string) {
+	t.Helper()
+	if os.Getenv(env) == "" {
+		t.Skip("figures only: " + env + "=1")
+	}
+	requireRoot(t)
+}
+
+// envRate is a figure test's pace: the integer in the environment
+// variable name, else def.
+func envRate(t *testing.T, name string, def int) int {
+	t.Helper()
+	v := os.Getenv(name)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// loadSource is the address ::1 of the (i mod 256)th /64 of the /56
+// loadNet: a load's sources, a per-source bucket each.
+func loadSource(loadNet netip.Prefix, i int) netip.Addr {
+	a := loadNet.Addr().As16()
+	a[7] = byte(i)
+	a[15] = 1
+	return netip.AddrFrom16(a)
+}
+
+// ownershipRefreshes is pcpd's count of its WireGuard reads
+// (pcpd_ownership_refreshes_total).
+func (l *lab) ownershipRefreshes(t *testing.T) float64 {
+	t.Helper()
+	m, err := l.metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m["pcpd_ownership_refreshes_total"]
+}
+
+// sendLoad sends req(source) through sp from loadNet's 256 /64s in turn
+// (loadSource), rate a second (0: at full speed), until stop is called;
+// stop returns once the sender has. sent counts the requests sent.
+func sendLoad(t *testing.T, sp *spoofer, loadNet netip.Prefix, rate int, req func(src netip.Addr) []byte) (sent *atomic.Int64, stop func()) {
+	sent = new(atomic.Int64)
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		next := time.Now()
+		for i := 0; ; i++ {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			if rate > 0 {
+				time.Sleep(time.Until(next))
+				next = next.Add(time.Second / time.Duration(rate))
+			}
+			s := loadSource(loadNet, i)
+			if err := sp.send(s, req(s)); err != nil {
+				t.Error(err)
+				return
+			}
+			sent.Add(1)
+		}
+	}()
+	return sent, func() {
+		close(done)
+		wg.Wait()
+	}
 }
 
 // victimRTTs sends req 120 times at 40/s on conn to server and returns
