@@ -1,18 +1,28 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"io"
+	"maps"
+	"net"
+	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
 	"github.com/pcpd/pcpd/config"
+	"github.com/pcpd/pcpd/internal/netlab"
+	"github.com/pcpd/pcpd/internal/pcpdtest"
+	"github.com/pcpd/pcpd/pcp"
 )
 
 // docCmdRe finds a pcpd command line in documentation: "pcpd SUB" and what
@@ -264,5 +274,92 @@ func TestReadmeTestCommandIsCIs(t *testing.T) {
 	r, c := args("README.md", readme), args(".ci/run", string(ci))
 	if r != c {
 		t.Errorf("README.md runs\n  go %s\n.ci/run runs\n  go %s", r, c)
+	}
+}
+
+// Every metric README.md names is one a running pcpd serves on /metrics,
+// and every pcpd_* metric it serves is in README.md: scraped from pcpd
+// serve in a namespace (standalone, WireGuard ownership, the kernel meter
+// on), after a MAP, a datagram too short to read and a revoke, so that the
+// labelled counters, which appear with their first count, are there too.
+// TestReadmeNamesRealFlagsAndMetrics reads the names from the source;
+// this asks the binary, registration in serve.go included.
+func TestReadmeMetricsServed(t *testing.T) {
+	netlab.RequireRoot(t)
+	b, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	documented := map[string]bool{}
+	for _, m := range regexp.MustCompile(`pcpd_[a-z0-9_]+`).FindAllString(string(b), -1) {
+		documented[m] = true
+	}
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{WireGuard: true})
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "pcpd.sock")
+	const metricsAddr = "127.0.0.1:9351"
+	server := netip.AddrPortFrom(topo.HostTunnelV6, pcp.Port)
+	d := pcpdtest.Start(t, pcpdtest.Config{
+		NS: topo.Host,
+		Args: []string{"serve", "--interface", topo.HostLANIf, "--metrics", metricsAddr,
+			"--state-dir", filepath.Join(dir, "state"), "--socket", sock},
+		Ready: pcpdtest.Announce(topo.Client, topo.ClientV6, server),
+	})
+	if out, err := topo.Client.Run(d.Bin(), "map", "--server", topo.HostTunnelV6.String(), "--port", "8080"); err != nil {
+		t.Fatalf("map: %v\n%s", err, out)
+	}
+	if err := topo.Client.Do(func() error { // one octet: dropped, "short"
+		c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(server))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = c.Write([]byte{2})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := topo.Host.Run(d.Bin(), "revoke", "--socket", sock, "--all"); err != nil {
+		t.Fatalf("revoke: %v\n%s", err, out)
+	}
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, addr string) (c net.Conn, err error) {
+			err = topo.Host.Do(func() (err error) {
+				c, err = (&net.Dialer{}).DialContext(ctx, network, addr)
+				return err
+			})
+			return c, err
+		},
+	}}
+	served := map[string]bool{}
+	err = netlab.Eventually(5*time.Second, func() error {
+		resp, err := hc.Get("http://" + metricsAddr + "/metrics")
+		if err != nil {
+			return err
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			return err
+		}
+		clear(served)
+		for _, m := range regexp.MustCompile(`(?m)^# TYPE (pcpd_[a-z0-9_]+) `).FindAllStringSubmatch(string(body), -1) {
+			served[m[1]] = true
+		}
+		for m := range documented {
+			if !served[m] {
+				return fmt.Errorf("README.md names metric %s, which pcpd does not serve", m)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Errorf("%v (served: %v)", err, slices.Sorted(maps.Keys(served)))
+	}
+	for m := range served {
+		if !documented[m] {
+			t.Errorf("pcpd serves metric %s, which README.md does not document", m)
+		}
 	}
 }
