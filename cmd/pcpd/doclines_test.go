@@ -363,3 +363,43 @@ func TestReadmeMetricsServed(t *testing.T) {
 		}
 	}
 }
+
+// The systemd settings README.md's "Install with systemd" says
+// dist/pcpd.service has (`DynamicUser=yes`, `StateDirectory`, …) are in
+// the unit, with the value README.md gives.
+func TestReadmeUnitDirectives(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	i := strings.Index(s, "runs pcpd with least privilege")
+	j := strings.Index(s, "**Userspace WireGuard**")
+	if i < 0 || j < i {
+		t.Fatal("README.md's list of the unit's settings not found")
+	}
+	unit, err := os.ReadFile(filepath.Join("..", "..", "dist", "pcpd.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(unit), "\n")
+	directive := regexp.MustCompile("`([A-Z][a-z]+[A-Za-z]*=[^`\\s]+|[A-Z][a-z]+[A-Z][A-Za-z]*)`")
+	n := 0
+	for _, m := range directive.FindAllStringSubmatch(s[i:j], -1) {
+		want := m[1]
+		if strings.HasPrefix(want, "Test") { // a test's name
+			continue
+		}
+		if !strings.Contains(want, "=") {
+			want += "="
+		}
+		n++
+		t.Logf("checked %s", want)
+		if !slices.ContainsFunc(lines, func(l string) bool { return strings.HasPrefix(l, want) }) {
+			t.Errorf("README.md says dist/pcpd.service has `%s`; it has no line %s…", m[1], want)
+		}
+	}
+	if n < 6 {
+		t.Errorf("found only %d unit settings in README.md's list", n)
+	}
+}
