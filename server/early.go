@@ -208,17 +208,9 @@ var policyCodes = func() (t [256]pcp.ResultCode) {
 // toEngine decides whether a request that needs the engine is queued: its
 // owner (known is false when the caller has not looked it up yet) spends
 // a token, and is held to its bucket when it is not alone (ownerGate).
-// The owner is the one the request is taken as on its interface
-// (Policy.Requester): a peer of another interface sending from an
-// owner's address spends the unowned bucket, not that owner's.
+// The bucket is bucketOwner's.
 func (s *Server) toEngine(src netip.AddrPort, iface string, o policy.Owner, known bool, now time.Time) ([]byte, earlyVerdict) {
-	if !known {
-		o, _ = s.pol.Requester(src.Addr(), iface)
-	}
-	var k policy.OwnerKey // the zero key: every unowned source together
-	if o.ID != "" {
-		k = s.orl.Key(o.ID)
-	}
+	k := s.bucketOwner(src.Addr(), iface, o, known)
 	// Both run for every request: the gate must see every owner, and the
 	// bucket is spent even while it does not bind.
 	contended := s.lis.es.gate.contended(k, now, len(s.in), cap(s.in))
@@ -227,6 +219,47 @@ func (s *Server) toEngine(src netip.AddrPort, iface string, o policy.Owner, know
 	}
 	s.dropEarly("owner-rate-limit", src)
 	return nil, earlyAnswered
+}
+
+// hostOwner is the owner bucket (and THIRD_PARTY queue share) of the
+// requests from the host's own addresses (bucketOwner). No ownership
+// makes it: owners are "wg:..." and "static:...".
+const hostOwner policy.OwnerID = "host"
+
+// bucketOwner is the key of the owner bucket, and of the THIRD_PARTY
+// queue's share, a request from src that arrived on the interface whose
+// kernel name is iface spends: o's, the owner Authorize allowed it as
+// (known), else the one it is taken as on its interface
+// (Policy.Requester), so that a peer of another interface sending from
+// an owner's address spends the unowned bucket (the zero key), not that
+// owner's. A request from one of the host's own addresses
+// (Policy.HostSource) spends the host's bucket (hostOwner), whatever
+// owner's prefix holds the address.
+//
+// Security (issue 9, review h/revh3, LOW): any local user may send from
+// the host's served address (the serving sockets' filter takes the
+// host's own requests through loopback: source = the served address),
+// and when that address lies in an owner's prefix (a static client given
+// the LAN's /64 or 10.0.0.0/24, a WireGuard peer with ::/0), its requests
+// were taken as that owner's: Authorize finds them nobody's or never
+// openable, yet a flood of NAT-PMP requests from the host's IPv4
+// address, or of deferred ones, spent the owner's bucket and queue
+// share, and the owner's own requests were dropped "owner-rate-limit"
+// (TestHostSourceOwnBuckets). An allowed request (known) is never the
+// host's: its own address is never openable and its THIRD_PARTY
+// requests are nobody's, so only the lookup a caller has not made pays
+// the host check.
+func (s *Server) bucketOwner(src netip.Addr, iface string, o policy.Owner, known bool) policy.OwnerKey {
+	if !known {
+		if s.pol.HostSource(src) {
+			return s.hostKey
+		}
+		o, _ = s.pol.Requester(src, iface)
+	}
+	if o.ID == "" {
+		return policy.OwnerKey{} // every unowned source together
+	}
+	return s.orl.Key(o.ID)
 }
 
 // ownerGate decides when the per-owner bucket binds (PKT-08, SEC-04). The

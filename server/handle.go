@@ -29,7 +29,8 @@ type Request struct {
 	// admitted: the socket reader already ran admit.
 	admitted bool
 	// ifk is the arrival interface's key for the per-source bucket
-	// (ifaceKey: the reader's socket's index); 0: ifaceKey(0, Iface).
+	// (sourceKey of ifaceKey: the reader's socket's index); 0:
+	// sourceKey of ifaceKey(0, Iface).
 	ifk uint32
 }
 
@@ -318,7 +319,7 @@ func (s *Server) handle(t *tx, r *Request) outcome {
 	}
 	ifk := r.ifk
 	if ifk == 0 {
-		ifk = ifaceKey(0, r.Iface)
+		ifk = sourceKey(ifaceKey(0, r.Iface), src.Addr(), r.Local.Addr())
 	}
 	c := &call{t: t, src: src, local: r.Local, iface: r.Iface, ifk: ifk, data: b, now: t.now, epoch: s.epoch.at(t.now)}
 	if !r.admitted && !t.retry {
@@ -382,6 +383,34 @@ func ifaceKey(index int, name string) uint32 {
 		h = (h ^ uint32(name[i])) * 16777619
 	}
 	return 1<<31 | h&(1<<30-1)
+}
+
+// hostIfaceKey is the per-source bucket's interface key (ifaceKey) of the
+// host's own requests (sourceKey): loopback's index, as they come through
+// loopback.
+const hostIfaceKey = loopbackIndex
+
+// sourceKey is the per-source bucket's interface key for a request from
+// src to the serving address local that arrived on the interface keyed
+// ifk: ifk, or hostIfaceKey when src is local itself, the host's own
+// request. The serving sockets' filter (hostOwnFilter) takes nothing else
+// through loopback, so every request a process of this host sends, any
+// local user's, has that source; one from the link with the served
+// address as its source is the host's too (the standalone rules drop it
+// before, servedSourceRules).
+//
+// Security (issue 9, review h/revh3, LOW): IPv6 sources share a bucket
+// per /64 (--rate-limit, Config.RatePrefix6), and the host's served
+// address lies in its LAN's /64: a local user's flood from it (ANNOUNCEs
+// will do) spent the bucket of every client of that /64 on that
+// interface, and their requests were dropped "rate-limit"
+// (TestHostSourceOwnBuckets). One comparison, no lookup: it runs for
+// every datagram.
+func sourceKey(ifk uint32, src, local netip.Addr) uint32 {
+	if src.WithZone("") == local.WithZone("") {
+		return hostIfaceKey
+	}
+	return ifk
 }
 
 // natpmpOn reports whether NAT-PMP is served to src (PMP-01): it needs an

@@ -263,7 +263,8 @@ type listener struct {
 	// admit decides, before a packet is queued, whether it is worth the
 	// engine's time ("" = yes).
 	// now is the time of the batch the packet came in (clock's).
-	// iface is the socket's interface (ifaceKey).
+	// iface is the per-source bucket's key of the socket's interface
+	// (sourceKey of ifaceKey).
 	admit func(b []byte, src netip.AddrPort, iface uint32, now time.Time) string
 	// clock is admit's and early's clock (the Server's steady one, which
 	// no wall-clock step or rebase moves: they measure durations only;
@@ -923,7 +924,7 @@ func (l *listener) read(c *udpConn) {
 			}
 			b := bufs[i*readSize : i*readSize+int(h.Len)]
 			if l.admit != nil {
-				if reason := l.admit(b, src, ifk, steady); reason != "" {
+				if reason := l.admit(b, src, sourceKey(ifk, src.Addr(), c.local.Addr()), steady); reason != "" {
 					if l.onDrop != nil {
 						l.onDrop(reason)
 					}

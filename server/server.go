@@ -47,7 +47,10 @@ type Server struct {
 	m      *metrics
 	rl     *policy.RateLimiter
 	orl    *policy.OwnerRateLimiter // per owner, when the queue fills (admit)
-	deps   Deps
+	// hostKey is orl's key of hostOwner: the owner bucket of the host's
+	// own addresses (bucketOwner).
+	hostKey policy.OwnerKey
+	deps    Deps
 	// cutter, if fw has it, says which ended mappings' flows the ruleset
 	// cuts by itself: their replies do not wait for the conntrack walk.
 	cutter FlowCutter
@@ -330,6 +333,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		clock:  s.steady,
 		early:  s.earlyRead,
 	}
+	s.hostKey = s.orl.Key(hostOwner)
 	s.tpq = newTPQueue()
 	s.lis.thirdParty = s.deferThirdParty
 	s.fresh, _ = s.pol.(freshPolicy)
@@ -577,7 +581,7 @@ func (s *Server) serveBatch(batch []packet) {
 	reqs := slices.Grow(e.reqs[:0], len(batch))[:len(batch)]
 	for i, p := range batch {
 		reqs[i] = Request{Local: p.conn.local, Source: p.src, Iface: p.conn.kname, Data: p.b, admitted: true,
-			ifk: ifaceKey(p.conn.index, p.conn.kname)}
+			ifk: sourceKey(ifaceKey(p.conn.index, p.conn.kname), p.src.Addr(), p.conn.local.Addr())}
 	}
 	defer func() {
 		// Keep the arrays, not what they point to (datagrams, replies).

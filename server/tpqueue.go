@@ -121,11 +121,10 @@ func (q *tpQueue) done(k policy.OwnerKey) {
 // early path found needing a fresher view (earlyDeferred); p.b is the
 // reader's copy.
 func (s *Server) deferThirdParty(p packet) {
-	var k policy.OwnerKey // the zero key: every unowned source together, as toEngine's
-	if o, ok := s.pol.Requester(p.src.Addr(), p.conn.kname); ok && o.ID != "" {
-		k = s.orl.Key(o.ID)
-	}
-	if !s.tpq.push(p, k) {
+	// toEngine's bucket: the unowned sources share one, the host's own
+	// addresses have theirs (a local user's flood from the host's
+	// address in an owner's prefix filled that owner's share).
+	if !s.tpq.push(p, s.bucketOwner(p.src.Addr(), p.conn.kname, policy.Owner{}, false)) {
 		s.dropEarly("thirdparty-queue-full", p.src)
 	}
 }
