@@ -136,6 +136,12 @@ type Config struct {
 	// QueueLen bounds the packets waiting for the engine (default 4096);
 	// beyond it packets are dropped (PKT-08).
 	QueueLen int
+
+	// loopbackLab leaves a socket serving loopback without the host-own
+	// filter (hostOwnFilter), as before h/local9: this package's tests
+	// serve their clients, addresses on the namespace's lo, there.
+	// Nothing outside the package can set it.
+	loopbackLab bool
 }
 
 // PortRange is the closed range [First, Last].

@@ -222,11 +222,27 @@ type serving struct {
 	stop func() error // ends Serve and returns its error
 }
 
+// listening waits until the server listens (3 s at most).
+func (sv *serving) listening() error {
+	return netlab.Eventually(3*time.Second, func() error {
+		if len(sv.s.Status().Listen) == 0 {
+			return context.DeadlineExceeded
+		}
+		return nil
+	})
+}
+
 // startServing creates a server with cfg and pol on a fake firewall and
 // store, starts it and runs Serve until stop.
 func startServing(t testing.TB, cfg Config, pol *policy.Policy, log *zap.Logger) *serving {
 	t.Helper()
-	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
+	return startServingOn(t, cfg, servertest.NewFirewall(time.Now), pol, log)
+}
+
+// startServingOn is startServing on the firewall fw.
+func startServingOn(t testing.TB, cfg Config, fw Firewall, pol *policy.Policy, log *zap.Logger) *serving {
+	t.Helper()
+	st := servertest.NewStore()
 	s, err := New(cfg, Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, log)
 	if err != nil {
 		t.Fatal(err)
@@ -247,15 +263,10 @@ func startServing(t testing.TB, cfg Config, pol *policy.Policy, log *zap.Logger)
 func serveOnLoopback(t *testing.T, h netns.NsHandle, srvAddr netip.Addr, own *policy.Static, rate float64, burst int) (stop func()) {
 	t.Helper()
 	pol, _ := policy.New(policy.Config{}, own)
-	sv := startServing(t, Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(srvAddr, 0)}, NetNS: h,
+	sv := startServing(t, Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(srvAddr, 0)}, NetNS: h, loopbackLab: true,
 		RateLimit: rate, RateBurst: burst, KeepConnections: true}, pol, zap.NewNop())
 	stop = func() { sv.stop() }
-	if err := netlab.Eventually(3*time.Second, func() error {
-		if len(sv.s.Status().Listen) == 0 {
-			return context.DeadlineExceeded
-		}
-		return nil
-	}); err != nil {
+	if err := sv.listening(); err != nil {
 		stop()
 		t.Fatal(err)
 	}

@@ -19,7 +19,8 @@ import (
 // interface, judged by what the socket receives: from another address
 // through loopback, bound to the served interface or not (dropped), from
 // the served address itself (taken), IPv4 too (the filter's other
-// offsets). A VRF, whose loop back goes through the VRF device and not
+// offsets); on sockets serving loopback itself, only the served
+// address's own (h/local9). A VRF, whose loop back goes through the VRF device and not
 // loopback, is not tried: this kernel has no VRF.
 func TestHostOwnFilterDeliveryPaths(t *testing.T) {
 	ns := netlab.NewNS(t, "hof")
@@ -57,6 +58,10 @@ func TestHostOwnFilterDeliveryPaths(t *testing.T) {
 	}
 	s0 := open("d0", netip.MustParseAddrPort("[2001:db8:5::1]:5351"))
 	s4 := open("d0", netip.MustParseAddrPort("10.5.0.1:5351"))
+	// Sockets serving loopback itself (--interface lo): every datagram
+	// came through it (h/local9: before, they had no filter).
+	sl6 := open("lo", netip.MustParseAddrPort("[::1]:5351"))
+	sl4 := open("lo", netip.MustParseAddrPort("127.0.0.1:5351"))
 	got := func(fd int) bool {
 		buf := make([]byte, 64)
 		n, _, err := unix.Recvfrom(fd, buf, unix.MSG_DONTWAIT)
@@ -110,6 +115,10 @@ func TestHostOwnFilterDeliveryPaths(t *testing.T) {
 		{"the host's own IPv4", "10.5.0.1", "10.5.0.1", "", s4, true},
 		{"another host IPv4 address, through loopback", "10.5.0.2", "10.5.0.1", "", s4, false},
 		{"spoofed IPv4 (IP_FREEBIND)", "10.5.0.10", "10.5.0.1", "", s4, false},
+		{"loopback socket: spoofed IPv6", "2001:db8:5::10", "::1", "", sl6, false},
+		{"loopback socket: the host's own IPv6", "::1", "::1", "", sl6, true},
+		{"loopback socket: another 127/8 address (no privilege needed)", "127.0.0.2", "127.0.0.1", "", sl4, false},
+		{"loopback socket: the host's own IPv4", "127.0.0.1", "127.0.0.1", "", sl4, true},
 	} {
 		err := send(netip.MustParseAddr(tc.src), netip.MustParseAddr(tc.dst), tc.dev)
 		time.Sleep(50 * time.Millisecond)

@@ -258,6 +258,7 @@ type listener struct {
 	explicit []netip.AddrPort
 	port     uint16
 	ns       netns.NsHandle
+	lab      bool // Config.loopbackLab: no filter on a loopback socket
 	out      chan<- packet
 	onDrop   func(reason string)
 	// admit decides, before a packet is queued, whether it is worth the
@@ -760,7 +761,7 @@ func (l *listener) open(ifc string, index int, ap netip.AddrPort) (*net.UDPConn,
 				serr = fmt.Errorf("SO_BINDTODEVICE %s: %w", ifc, serr)
 				return
 			}
-			if index != loopbackIndex {
+			if index != loopbackIndex || !l.lab {
 				if serr = unix.SetsockoptSockFprog(int(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, hostOwnFilter(ap.Addr().Is4())); serr != nil {
 					serr = fmt.Errorf("SO_ATTACH_FILTER: %w", serr)
 					return
@@ -801,10 +802,12 @@ func (l *listener) open(ifc string, index int, ap netip.AddrPort) (*net.UDPConn,
 // network namespace (LOOPBACK_IFINDEX).
 const loopbackIndex = 1
 
-// hostOwnFilter is the socket filter (SO_ATTACH_FILTER) of a socket
-// serving an interface other than loopback: a datagram the kernel
-// delivered through loopback is taken only when its source is the
-// address it was sent to; every other datagram is taken.
+// hostOwnFilter is the socket filter (SO_ATTACH_FILTER) of every serving
+// socket: a datagram the kernel delivered through loopback is taken only
+// when its source is the address it was sent to; every other datagram is
+// taken. On a socket serving loopback itself (--interface lo) every
+// datagram came through loopback: only the host's own requests are taken
+// there (h/local9, below).
 //
 // Security (issue 9, h/hunt3, HIGH): a datagram a process of this host
 // sends to an address of the serving interface goes through loopback,
@@ -824,6 +827,15 @@ const loopbackIndex = 1
 // their source), so the host's own requests still arrive; one bound to
 // another source does not. IPv4 cannot be sent from an address that is
 // not the host's without IP_TRANSPARENT (CAP_NET_ADMIN), IPv6 can.
+//
+// Loopback (issue 9, review h/revh3, LOW): a socket serving lo had no
+// filter, and every datagram there is one a process of this host sent, from
+// any address it bound (IPV6_FREEBIND; any of 127.0.0.0/8 needs nothing):
+// with static ownership (no interface checked) any local user spoke for
+// any client, and opened its ports (TestLoopbackServesOnlyHost). Serving
+// loopback now serves only the host, whose own address is never openable:
+// a lab whose clients are addresses on lo must serve them from another
+// interface (this package's tests: Config.loopbackLab).
 //
 // A socket filter, not an nftables rule: it holds in every mode (attached
 // mode and --nft-notrack=false install no control chains), and the

@@ -325,6 +325,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		explicit: cfg.Listen,
 		port:     Port,
 		ns:       cfg.NetNS,
+		lab:      cfg.loopbackLab,
 		out:      s.in,
 		// The readers' counter cache: WithLabelValues hashed the label
 		// and took a lock per dropped packet, i.e. per packet of a flood.

@@ -62,7 +62,7 @@ func sweepServeWith(t *testing.T, name string, unowned, owned int, hook func(s *
 	}
 	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
 	sweepLeases(t, st, unowned, owned)
-	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(loopbackSrv, 0)}, NetNS: nh,
+	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(loopbackSrv, 0)}, NetNS: nh, loopbackLab: true,
 		RateLimit: 1e6, RateBurst: 1e6, KeepConnections: true}, Deps{Firewall: fw, Store: st, State: st.State(), Policy: pol}, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)

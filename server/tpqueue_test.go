@@ -52,7 +52,7 @@ func tpQueueServe(t *testing.T) (hp *hangingFresh, release func(), c *net.UDPCon
 	var once sync.Once
 	release = func() { once.Do(func() { close(hp.release) }) }
 	fw, st := servertest.NewFirewall(time.Now), servertest.NewStore()
-	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(loopbackSrv, 0)}, NetNS: h, KeepConnections: true},
+	s, err := New(Config{Interfaces: []string{"lo"}, Listen: []netip.AddrPort{netip.AddrPortFrom(loopbackSrv, 0)}, NetNS: h, KeepConnections: true, loopbackLab: true},
 		Deps{Firewall: fw, Store: st, State: st.State(), Policy: hp}, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
