@@ -60,27 +60,48 @@ func (f *clientFlags) dial() (*pcp.Client, netip.Addr, error) {
 	if err != nil {
 		return nil, netip.Addr{}, usage(err)
 	}
+	// A connected UDP socket sends nothing; it only asks the routing
+	// table which source address it would use.
 	var local netip.Addr
-	if f.clientIP != "" {
+	probe, perr := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(server))
+	if perr == nil {
+		local = probe.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Unmap()
+		probe.Close()
+	}
+	switch {
+	case f.clientIP == "" && perr != nil:
+		return nil, netip.Addr{}, failure(fmt.Errorf("no route to %s: %w", server, perr))
+	case f.clientIP != "":
+		// The source for a destination of this host's own is the
+		// destination itself (RFC 6724 rule 1; IPv4's local routes):
+		// the request goes through loopback.
+		own := perr == nil && local.WithZone("") == server.Addr().WithZone("")
 		if local, err = netip.ParseAddr(f.clientIP); err != nil {
 			return nil, netip.Addr{}, usage(fmt.Errorf("--client-ip %q is not an IP address", f.clientIP))
 		}
-	} else {
-		// A connected UDP socket sends nothing; it only asks the
-		// routing table which source address it would use.
-		probe, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(server))
-		if err != nil {
-			return nil, netip.Addr{}, failure(fmt.Errorf("no route to %s: %w", server, err))
+		local = local.Unmap()
+		if own && local.WithZone("") != server.Addr().WithZone("") {
+			return nil, netip.Addr{}, usage(hostOwnClientIP(local, server.Addr()))
 		}
-		local = probe.LocalAddr().(*net.UDPAddr).AddrPort().Addr()
-		probe.Close()
 	}
-	local = local.Unmap()
 	conn, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(local, 0)))
 	if err != nil {
 		return nil, netip.Addr{}, failure(fmt.Errorf("bind %s: %w", local, err))
 	}
 	return &pcp.Client{Conn: conn, Server: server}, local, nil
+}
+
+// hostOwnClientIP is the error of a --client-ip other than --server's
+// address when that address is this host's own (issue 9, review h/revh3):
+// such a request goes through loopback, where pcpd's serving sockets take
+// only requests whose source is the served address itself (any local user
+// can send from any address there: server.hostOwnFilter), so it was
+// dropped without a word and the command timed out.
+func hostOwnClientIP(client, server netip.Addr) error {
+	return fmt.Errorf("--client-ip %s: the server address %s is this host's own, so the request would go through loopback, "+
+		"where pcpd takes only requests sent from %s itself (any local user could send from any address there) and drops this one unanswered; "+
+		"run the command on the client that has %s (or in its network namespace: ip netns exec NS pcpd map ...), "+
+		"or leave --client-ip out to ask as this host", client, server, server, client)
 }
 
 // parseServer accepts ADDRESS, [ADDRESS]:PORT or a.b.c.d:PORT.

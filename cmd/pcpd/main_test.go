@@ -377,6 +377,13 @@ func TestLeasesJSON100k(t *testing.T) {
 // checked without a server (the lab test checks the client against pcpd).
 func respond(t *testing.T, result pcp.ResultCode) string {
 	t.Helper()
+	return respondFrom(t, result, nil)
+}
+
+// respondFrom is respond answering only the sources from allows (nil:
+// every one); the others are dropped unanswered.
+func respondFrom(t *testing.T, result pcp.ResultCode, from func(netip.Addr) bool) string {
+	t.Helper()
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -385,11 +392,14 @@ func respond(t *testing.T, result pcp.ResultCode) string {
 	go func() {
 		buf := make([]byte, 1100)
 		for {
-			n, from, err := pc.ReadFrom(buf)
+			n, sender, err := pc.ReadFrom(buf)
 			if err != nil {
 				return
 			}
-			src := from.(*net.UDPAddr).AddrPort().Addr().Unmap()
+			src := sender.(*net.UDPAddr).AddrPort().Addr().Unmap()
+			if from != nil && !from(src) {
+				continue
+			}
 			var req pcp.Request
 			if err := pcp.ParseRequest(buf[:n], src, &req); err != nil {
 				continue
@@ -400,7 +410,7 @@ func respond(t *testing.T, result pcp.ResultCode) string {
 			} else {
 				resp.Lifetime = 30 * time.Second
 			}
-			pc.WriteTo(pcp.AppendResponse(nil, &resp), from)
+			pc.WriteTo(pcp.AppendResponse(nil, &resp), sender)
 		}
 	}()
 	return pc.LocalAddr().String()
@@ -431,7 +441,7 @@ func TestMapClient(t *testing.T) {
 	// Nobody answers: a clear failure within --timeout.
 	silentAddr := respond(t, pcp.Success)
 	silentAddr = strings.Replace(silentAddr, "127.0.0.1", "127.0.0.2", 1)
-	code, _, errOut = pcpd(t, "map", "--server", silentAddr, "--client-ip", "127.0.0.1", "--port", "22", "--timeout", "500ms")
+	code, _, errOut = pcpd(t, "map", "--server", silentAddr, "--client-ip", "127.0.0.2", "--port", "22", "--timeout", "500ms")
 	if code != exitFailure || !strings.Contains(errOut, "no answer") {
 		t.Errorf("no answer: exit %d, %q", code, errOut)
 	}
