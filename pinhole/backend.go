@@ -158,6 +158,9 @@ type Backend struct {
 	chainRecheckNAT  string
 	chainPrerouting  string
 	chainPostrouting string
+	// chainLocalOut drops what the host's own processes send from a
+	// protected address that is not the host's (rules.go: localOut).
+	chainLocalOut string
 
 	// gen counts the writes that change what Healthy compares with
 	// (Setup, SetProtected, SetOwners, RepairOwners, Teardown; not Apply):
@@ -330,6 +333,7 @@ func New(conn *nftables.Conn, cfg Config) (*Backend, error) {
 	b.chainGuard4 = prefix + "guard4"
 	b.chainPrerouting = prefix + "prerouting"
 	b.chainPostrouting = prefix + "postrouting"
+	b.chainLocalOut = prefix + "local_out"
 	for k := range numKinds {
 		b.sets[k] = newSet(b.table, prefix, specs[k])
 	}
@@ -768,6 +772,7 @@ var dnatPriority = *nftables.ChainPriorityNATDest + 1
 // chains returns pcpd's chain objects, regular chains first so jumps to
 // them resolve within the batch.
 func (b *Backend) chains() map[string]*nftables.Chain {
+	outAccept := nftables.ChainPolicyAccept
 	m := map[string]*nftables.Chain{
 		b.chainGuard6: {Table: b.table, Name: b.chainGuard6},
 		b.chainGuard4: {Table: b.table, Name: b.chainGuard4},
@@ -778,6 +783,8 @@ func (b *Backend) chains() map[string]*nftables.Chain {
 		// port wins over the host's general masquerade at srcnat.
 		b.chainPostrouting: {Table: b.table, Name: b.chainPostrouting, Type: nftables.ChainTypeNAT,
 			Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityRef(*nftables.ChainPriorityNATSource - 1)},
+		b.chainLocalOut: {Table: b.table, Name: b.chainLocalOut, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityFilter, Policy: &outAccept},
 	}
 	if b.cutLabels {
 		m[b.chainRecheck6] = &nftables.Chain{Table: b.table, Name: b.chainRecheck6}
@@ -1621,7 +1628,7 @@ func (b *Backend) Teardown() (err error) {
 	if present[b.chainEntry] {
 		b.conn.FlushChain(&nftables.Chain{Table: b.table, Name: b.chainEntry})
 	}
-	for _, name := range append([]string{b.chainGuard6, b.chainGuard4, b.chainPrerouting, b.chainPostrouting}, b.attCutChainNames()...) {
+	for _, name := range append([]string{b.chainGuard6, b.chainGuard4, b.chainPrerouting, b.chainPostrouting, b.chainLocalOut}, b.attCutChainNames()...) {
 		if present[name] {
 			b.conn.DelChain(&nftables.Chain{Table: b.table, Name: name})
 		}

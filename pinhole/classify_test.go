@@ -55,12 +55,12 @@ func TestHealthySetGoneDuringRead(t *testing.T) {
 	}
 	// chains: every chain whose rules refer to the set (emptied first, so
 	// that the kernel lets it go): guard6's reverse-path rule looks up
-	// protected6 too.
+	// protected6 too, and local_out's forged-source drop (h/hunt4).
 	for _, tc := range []struct {
 		chains    []string
 		set, kind string
 	}{
-		{[]string{"forward", "guard6"}, "protected6", "set"},
+		{[]string{"forward", "guard6", "local_out"}, "protected6", "set"},
 		{[]string{"control_local"}, "owners6", "map"},
 	} {
 		for _, c := range tc.chains {

@@ -33,7 +33,7 @@ import (
 func (b *Backend) ownChainNames() map[string]bool {
 	m := map[string]bool{}
 	for _, n := range []string{b.chainEntry, b.chainGuard6, b.chainGuard4, b.chainPrerouting, b.chainPostrouting,
-		b.chainRecheck6, b.chainNATCut, b.chainRecheckNAT} {
+		b.chainLocalOut, b.chainRecheck6, b.chainNATCut, b.chainRecheckNAT} {
 		if n != "" {
 			m[n] = true
 		}

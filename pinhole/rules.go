@@ -413,12 +413,48 @@ func (b *Backend) layout() []chainRules {
 			loadNet(ip4DstOff, 4, reg0+3), loadTh(thDstOff, reg0+4)), b.snat[snat4Filter]),
 	}
 
+	// The host's own processes must not send from a protected address
+	// that is not one of the host's (h/hunt4, issue 9). An unprivileged
+	// process may bind an IPv6 socket to any address (IPV6_FREEBIND) and
+	// send from it: from a client's address and port to an internet host,
+	// conntrack records a flow at the output hook, and the remote's
+	// datagrams to the client's port then pass the guards above as that
+	// flow's replies (established): a hole in front of the client that no
+	// lease made. To another client, the datagram passes for the first
+	// client's own. So, at the output hook, a datagram of a local socket
+	// whose source lies in a protected prefix but is not local (nor
+	// anycast: the route lookup fib does for the source, as localSource
+	// above) is dropped:
+	//
+	//	ip6 saddr @protected6 meta skuid >= 0 fib saddr type != local-anycast counter drop
+	//
+	// "meta skuid" holds for a packet with a full socket only: what the
+	// kernel sends for no socket (a reject's TCP reset to an inbound
+	// connection, which carries the client's address as its source) is
+	// left alone. IPv4 the same, though IPv4 has no unprivileged way to
+	// send from an address not the host's (no IP_TRANSPARENT).
+	forged := func(fam byte, src []expr.Any, s *nftables.Set) []expr.Any {
+		return rule(nfproto(fam), src, x(lookup(s, reg0),
+			loadMeta(expr.MetaKeySKUID, reg0),
+			&expr.Cmp{Op: expr.CmpOpGte, Register: reg0, Data: make([]byte, 4)},
+			&expr.Fib{Register: reg0, FlagSADDR: true, ResultADDRTYPE: true},
+			&expr.Range{Op: expr.CmpOpNeq, Register: reg0,
+				FromData: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL),
+				ToData:   binaryutil.NativeEndian.PutUint32(unix.RTN_ANYCAST)},
+			&expr.Counter{}, drop))
+	}
+	localOut := [][]expr.Any{
+		forged(unix.NFPROTO_IPV6, x(loadNet(ip6SrcOff, 16, reg0)), b.protected6),
+		forged(unix.NFPROTO_IPV4, x(loadNet(ip4SrcOff, 4, reg0)), b.protected4),
+	}
+
 	out := []chainRules{
 		{b.chainGuard6, guard6},
 		{b.chainGuard4, guard4},
 		{b.chainEntry, entry},
 		{b.chainPrerouting, prerouting},
 		{b.chainPostrouting, postrouting},
+		{b.chainLocalOut, localOut},
 	}
 	if b.recordsFlows() {
 		out = append(out, chainRules{b.chainAdmit6, b.admit6Rules()})

@@ -136,7 +136,11 @@ func TestLocalUserCannotSpeakForPeer(t *testing.T) {
 		{"THIRD_PARTY MAP of the peer's IPv4", mapNonce(cli, 9301, time.Hour, 2, cli4)},
 		{"delete of the peer's mapping", mapNonce(cli, 9302, 0, 3, netip.Addr{})},
 	} {
-		if _, err := sendAsNobody(l.topo.Host, cli, server, 300*time.Millisecond, tc.pkt, tc.pkt, tc.pkt); err != nil {
+		// EPERM: pcpd's local_out chain dropped it at the output hook
+		// (h/hunt4), before the socket filter could.
+		if _, err := sendAsNobody(l.topo.Host, cli, server, 300*time.Millisecond, tc.pkt, tc.pkt, tc.pkt); errors.Is(err, unix.EPERM) {
+			t.Logf("%s: %v", tc.name, err)
+		} else if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
 	}
