@@ -63,8 +63,10 @@ func TestSetDeletedUnderUs(t *testing.T) {
 				topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "recheck_nat")
 			}
 			if tc.set == "protected6" {
-				// guard6's reverse-path rule looks it up too.
+				// guard6's reverse-path rule looks it up too, and
+				// local_out's forged-source drop (h/hunt4).
 				topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "guard6")
+				topo.Host.MustRun(t, "nft", "flush", "chain", "inet", "pcpd", "local_out")
 			}
 			topo.Host.MustRun(t, "nft", "delete", tc.kind, "inet", "pcpd", tc.set)
 			if _, err := b.List(); tc.list && !errors.Is(err, pinhole.ErrMissing) {
