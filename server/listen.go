@@ -295,7 +295,8 @@ type listener struct {
 	// onDevice, if set, gets the kernel names of served interfaces whose
 	// device is not the one served before (renames; policy.DeviceFollower):
 	// created again under the name, renamed, or first served after the
-	// first pass (gone false), before sockets under them are opened; or
+	// first pass (gone false), before sockets under them are opened
+	// (bound by index: the device reported); or
 	// deleted (gone true). Called from the run goroutine, under mu.
 	onDevice func(knames []string, gone bool)
 	// firstIndex, if set, is the index the ownership's first read found
@@ -317,6 +318,10 @@ type listener struct {
 	// oldest.
 	gone    map[string]uint64
 	goneSeq uint64
+	// hook, if set (tests), runs in resync under mu with the pass's
+	// wanted addresses: at "open", after renames reported the pass's
+	// device changes and before its sockets open; at "opened", after.
+	hook func(stage string, want map[netip.AddrPort]link)
 
 	// pass is how often the interfaces are read whatever the
 	// notifications say (0: every 2 s; tests set it long, to see that a
@@ -555,6 +560,10 @@ func (l *listener) resync(h *netlink.Handle) {
 		l.conns = map[netip.AddrPort]*udpConn{}
 	}
 	l.renames(h, want)
+	if l.hook != nil {
+		l.hook("open", want)
+		defer l.hook("opened", want)
+	}
 	for ap, c := range l.conns {
 		// SO_BINDTODEVICE holds the interface index: an interface deleted
 		// and re-created under the same name needs a new socket.
@@ -757,8 +766,16 @@ func (l *listener) open(ifc string, index int, ap netip.AddrPort) (*net.UDPConn,
 	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
 		var serr error
 		err := rc.Control(func(fd uintptr) {
-			if serr = unix.SetsockoptString(int(fd), unix.SOL_SOCKET, unix.SO_BINDTODEVICE, ifc); serr != nil {
-				serr = fmt.Errorf("SO_BINDTODEVICE %s: %w", ifc, serr)
+			// Bound by the index want read, not by the name: the
+			// kernel resolves a name when the option is set, and a
+			// device swapped under it again after want (two swaps
+			// inside one pass) was served on the socket as the device
+			// renames reported, judged by the view of the one it
+			// replaced (TestE2EWireGuardTwoSwapsInOnePass). A gone
+			// index fails (ENODEV); the pass its link events ask for
+			// reports the newer device first.
+			if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_BINDTOIFINDEX, index); serr != nil {
+				serr = fmt.Errorf("SO_BINDTOIFINDEX %s (%d): %w", ifc, index, serr)
 				return
 			}
 			if index != loopbackIndex || !l.lab {
