@@ -294,9 +294,10 @@ type listener struct {
 	onRename func(knames []string)
 	// onDevice, if set, gets the kernel names of served interfaces whose
 	// device is not the one served before (renames; policy.DeviceFollower):
-	// created again under the name, renamed, or first served after the
-	// first pass (gone false), before sockets under them are opened
-	// (bound by index: the device reported); or
+	// created again under the name, renamed, first served after the
+	// first pass, or served again after it was found deleted (moved
+	// to another namespace and back) (gone false), before sockets under
+	// them are opened (bound by index: the device reported); or
 	// deleted (gone true). Called from the run goroutine, under mu.
 	onDevice func(knames []string, gone bool)
 	// firstIndex, if set, is the index the ownership's first read found
@@ -318,6 +319,11 @@ type listener struct {
 	// oldest.
 	gone    map[string]uint64
 	goneSeq uint64
+	// away is byName's names reported deleted (onDevice, gone) and not
+	// served since: the next pass that serves one reports it again,
+	// its index the same or not (renames).
+	away map[string]bool
+
 	// hook, if set (tests), runs in resync under mu with the pass's
 	// wanted addresses: at "open", after renames reported the pass's
 	// device changes and before its sockets open; at "opened", after.
@@ -621,8 +627,9 @@ func (l *listener) resync(h *netlink.Handle) {
 //
 // To onDevice it reports every name served on an index it was not
 // served on before (renamed, re-created, or not served since the first
-// pass), and every served pair whose index is gone (deleted), once
-// (h/swapev): the ownership's view, however young, may be of the device
+// pass), every served pair whose index is gone (deleted), once, and a
+// name reported deleted that is served again on its old index (moved to
+// another namespace and back: away; h/swap2) (h/swapev): the ownership's view, however young, may be of the device
 // that was there, and a re-created WireGuard interface's first requests
 // were judged by the old device's peers (TestE2EWireGuardDeviceSwapWithinBound).
 // Both come from the link events run follows, before any socket of the
@@ -658,8 +665,20 @@ func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 	for _, w := range want {
 		idx, had := l.byName[w.kname]
 		if had && idx == w.index {
+			if l.away[w.kname] {
+				// Served again on its index after a pass found it
+				// gone: moved to another namespace and back (ip
+				// link set DEV netns X; the index is kept), where
+				// anything may have configured it, or another
+				// device moved in on the free index. Not the
+				// device the ownership last read, whatever the
+				// index says (TestE2EWireGuardDeviceBackFromNamespace).
+				delete(l.away, w.kname)
+				dev(w.kname)
+			}
 			continue
 		}
+		delete(l.away, w.kname)
 		// Served on an index it was not served on before: whatever
 		// else it is (a rename, below), its device is not the one the
 		// ownership may have read under the name (a re-created
@@ -701,6 +720,10 @@ func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 				l.gone[k] = l.goneSeq
 				if l.byIndex[i] == k { // its last served name, not one renamed away
 					deleted = append(deleted, k)
+					if l.away == nil {
+						l.away = map[string]bool{}
+					}
+					l.away[k] = true
 				}
 			}
 		} else {
@@ -716,6 +739,7 @@ func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 		}
 		delete(l.gone, oldest)
 		delete(l.byName, oldest)
+		delete(l.away, oldest)
 	}
 	for i, k := range l.byIndex {
 		if l.byName[k] != i {

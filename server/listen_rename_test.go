@@ -22,6 +22,7 @@ import (
 func TestListenerRenames(t *testing.T) {
 	netlab.RequireRoot(t)
 	ns := netlab.NewNS(t, "fo2r")
+	away := netlab.NewNS(t, "fo2x")
 	_, nh := nsHandles(t, ns)
 	a, b, c := netlab.UniqueIfName("fo2a"), netlab.UniqueIfName("fo2b"), netlab.UniqueIfName("fo2c")
 	tmp := netlab.UniqueIfName("fo2t")
@@ -84,6 +85,13 @@ func TestListenerRenames(t *testing.T) {
 		{"a deleted", [][]string{{"ip", "link", "del", a}}, nil, nil, nil, []string{a}},
 		{"a still gone", nil, nil, nil, nil, nil},
 		{"a created again", [][]string{veth(a)}, []string{a}, nil, []string{a}, nil},
+		// h/swap2: a served name found deleted and served again on the
+		// same index (moved to another namespace and back) is reported
+		// again; before, only deleted (TestE2EWireGuardDeviceBackFromNamespace).
+		{"a moved to another namespace", [][]string{{"ip", "link", "set", a, "netns", away.Name}}, nil, nil, nil, []string{a}},
+		{"a back on its index, down", [][]string{{"ip", "-n", away.Name, "link", "set", a, "netns", ns.Name}}, nil, nil, nil, nil},
+		{"a served again on its index", [][]string{{"ip", "link", "set", a, "up"}}, []string{a}, nil, []string{a}, nil},
+		{"unchanged after the return", nil, []string{a}, nil, nil, nil},
 	} {
 		for _, cmd := range step.do {
 			ns.MustRun(t, cmd...)

@@ -300,6 +300,15 @@ func (topo *Topology) RecreateHostWireGuard(peer wgtypes.PeerConfig, port int) e
 	if err := wg.ConfigureDevice(ifc, wgtypes.Config{PrivateKey: &topo.HostKey, ListenPort: &port, Peers: []wgtypes.PeerConfig{peer}}); err != nil {
 		return fmt.Errorf("netlab: configure %s: %w", ifc, err)
 	}
+	return topo.UpHostWireGuard()
+}
+
+// UpHostWireGuard sets the host's WireGuard interface up as wg-quick
+// does: the link up, its addresses and the route to the client's IPv6
+// prefix (after RecreateHostWireGuard, or its return from another
+// namespace, which took them).
+func (topo *Topology) UpHostWireGuard() error {
+	ifc := topo.HostLANIf
 	for _, args := range [][]string{
 		{"ip", "link", "set", ifc, "mtu", "1420", "up"},
 		{"ip", "addr", "add", topo.HostTunnelV6.String() + "/128", "dev", ifc, "nodad"},
