@@ -6,6 +6,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/pcp"
@@ -52,8 +53,9 @@ func (s *Server) announce(ctx context.Context) {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+	via := map[netip.Addr]int{}
 	announceRounds(ctx, s.cfg.AnnounceGap, announceSends, time.Now, sleepCtx, func() {
-		s.announceOnce(ctx, pcpT, pmpT)
+		s.announceOnce(ctx, pcpT, pmpT, via)
 	})
 }
 
@@ -105,8 +107,9 @@ func announceRounds(ctx context.Context, first time.Duration, n int, now func() 
 }
 
 // announceOnce sends one round of unsolicited announcements from every
-// serving socket, to pcpT and pmpT (announceTargets) and the orphans.
-func (s *Server) announceOnce(ctx context.Context, pcpT, pmpT map[netip.AddrPort][]netip.AddrPort) {
+// serving socket, to pcpT and pmpT (announceTargets) and the orphans
+// (orphanSocket; via is its cache, kept across rounds).
+func (s *Server) announceOnce(ctx context.Context, pcpT, pmpT map[netip.AddrPort][]netip.AddrPort, via map[netip.Addr]int) {
 	s.mu.Lock()
 	epoch := s.epoch.at(s.now())
 	s.mu.Unlock()
@@ -120,21 +123,24 @@ func (s *Server) announceOnce(ctx context.Context, pcpT, pmpT map[netip.AddrPort
 	s.mu.Unlock()
 	socks := s.lis.sockets()
 	// Clients known only from orphan pinholes get it on the clients' port
-	// (5350), from the first serving address of their family.
+	// (5350), from a serving address of the interface they are reached
+	// through.
+	var h *netlink.Handle
 	for _, a := range orphans {
-		i := slices.IndexFunc(socks, func(c *udpConn) bool {
-			return c.local.Addr().Is4() == a.Is4() && !c.local.Addr().IsLinkLocalUnicast()
-		})
-		if i < 0 {
+		c := s.orphanSocket(&h, via, socks, a)
+		if c == nil {
 			continue
 		}
 		to := netip.AddrPortFrom(a, pcp.ClientPort)
-		if err := socks[i].send(ann, to); err != nil {
+		if err := c.send(ann, to); err != nil {
 			s.plog.Debug("announce", zap.Stringer("to", to), zap.Error(err))
 		}
 		if pmp != nil && a.Is4() {
-			socks[i].send(pmp, to)
+			c.send(pmp, to)
 		}
+	}
+	if h != nil {
+		h.Close()
 	}
 	var rs []reply
 	for _, c := range socks {
@@ -181,4 +187,44 @@ func (s *Server) announceOnce(ctx context.Context, pcpT, pmpT map[netip.AddrPort
 			send(ann, netip.AddrPortFrom(allHosts6.WithZone(c.iface), pcp.ClientPort))
 		}
 	}
+}
+
+// orphanSocket is the socket an orphan client a is announced from: one
+// of a's family, not link-local, on the interface the kernel routes a
+// out of (RouteGet in the serving namespace, looked up once per start,
+// cached in via; 0: through no interface, or the look-up failed), nil if
+// none is served. Before (h/swap2) it was the first serving socket of
+// a's family, whatever its interface: with two served interfaces, a
+// client of the second was sent its ANNOUNCE out of the first, bound
+// there (SO_BINDTOIFINDEX), where it never arrives (IPv4 takes the
+// client for on-link there and asks ARP for it on the wrong link), and
+// from an address that is not its server's (ANN-03, ANN-04: every
+// serving path, from the address the client sends its requests to;
+// TestE2EOrphanAnnouncedOnItsInterface). An orphan routed through no
+// served interface is not announced: none of its servers is there. *h
+// is the round's route handle, opened on first need.
+func (s *Server) orphanSocket(h **netlink.Handle, via map[netip.Addr]int, socks []*udpConn, a netip.Addr) *udpConn {
+	index, ok := via[a]
+	if !ok {
+		if *h == nil {
+			var err error
+			if *h, err = routeHandle(s.lis.ns); err != nil {
+				s.plog.Debug("announce: route handle", zap.Error(err))
+				via[a] = 0
+				return nil
+			}
+		}
+		if rs, err := (*h).RouteGet(a.AsSlice()); err == nil && len(rs) > 0 {
+			index = rs[0].LinkIndex
+		} else if err != nil {
+			s.plog.Debug("announce: no route", zap.Stringer("to", a), zap.Error(err))
+		}
+		via[a] = index
+	}
+	for _, c := range socks {
+		if index != 0 && c.index == index && c.local.Addr().Is4() == a.Is4() && !c.local.Addr().IsLinkLocalUnicast() {
+			return c
+		}
+	}
+	return nil
 }
