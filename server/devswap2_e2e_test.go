@@ -218,3 +218,59 @@ func (l *lab) waitHoleGone(t *testing.T, what string, ap netip.AddrPort) {
 	}
 	t.Logf("%s: pinholes of %v gone %v after the check began", what, ap, time.Since(start).Round(time.Millisecond))
 }
+
+// TestE2EWireGuardLinkLocalServedAfterSwap (h/swap2): the served
+// WireGuard interface created again under its name (wg-quick down/up)
+// has a new link-local address; the first listener pass that wants it
+// must serve it. Its socket was bound with the address's zone as the
+// interface name, which Go resolves in a process-wide cache refreshed
+// at most once a minute while the name is in it: the old device's
+// index, gone, so the bind failed (ENODEV) at every pass until the
+// cache's minute was over, and clients reaching pcpd at the link-local
+// address (an IPv6 default router's) got nothing meanwhile. Judged in
+// the listener's own sockets at the end of each pass (its test hook).
+func TestE2EWireGuardLinkLocalServedAfterSwap(t *testing.T) {
+	l := newLab(t)
+	host := l.topo.HostLANIf
+	first := hostIndex(t, l, host)
+	var (
+		mu     sync.Mutex
+		passes []string // per pass wanting the new link-local address: "served" or "not served"
+	)
+	l.restartWith(func(s *Server) {
+		s.lis.hook = func(stage string, want map[netip.AddrPort]link) {
+			if stage != "opened" {
+				return
+			}
+			for ap, w := range want {
+				if w.kname != host || w.index == first || !ap.Addr().IsLinkLocalUnicast() {
+					continue
+				}
+				c, ok := s.lis.conns[ap] // the hook runs under the listener's mu
+				mu.Lock()
+				if ok && c.index == w.index {
+					passes = append(passes, "served")
+				} else {
+					passes = append(passes, "not served")
+				}
+				mu.Unlock()
+			}
+		}
+	})
+	l.swapHostWireGuard(t, false)
+	if err := netlab.Eventually(10*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(passes) == 0 {
+			return errNotYet
+		}
+		return nil
+	}); err != nil {
+		t.Fatal("no pass wanted the new device's link-local address")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if passes[0] != "served" {
+		t.Errorf("the first pass that wanted the new device's link-local address: %s (passes so far: %v)", passes[0], passes)
+	}
+}

@@ -827,10 +827,20 @@ func (l *listener) open(ifc string, index int, ap netip.AddrPort) (*net.UDPConn,
 		}
 		return serr
 	}}
+	// A link-local address's zone is given as the index, not the name:
+	// Go resolves a name in its process-wide cache, refreshed at most
+	// once a minute while the name is in it, so a served interface
+	// created again under its name (wg-quick down/up) had its new
+	// link-local address bound to the old index (ENODEV) at every pass
+	// for up to a minute (TestE2EWireGuardLinkLocalServedAfterSwap).
+	bind := ap
+	if ap.Addr().Zone() != "" {
+		bind = netip.AddrPortFrom(ap.Addr().WithZone(strconv.Itoa(index)), ap.Port())
+	}
 	var pc net.PacketConn
 	err := inNS(l.ns, func() error {
 		var err error
-		pc, err = lc.ListenPacket(context.Background(), network, ap.String())
+		pc, err = lc.ListenPacket(context.Background(), network, bind.String())
 		return err
 	})
 	if err != nil {
