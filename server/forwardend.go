@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -31,8 +32,8 @@ import (
 // mapping was dead. So the read of the rules that finds the forward ends
 // them, as LIFE-05 ends a lease whose address is no longer owned: out of
 // the kernel and the store in one transaction, logged and counted
-// (pcpd_revocations_total{cause="forwarded"}); nothing is sent to the
-// client (pcpd sends no unsolicited mapping updates, UPD-01). Their
+// (pcpd_revocations_total{cause="forwarded"}), and the client is sent an
+// unsolicited CANNOT_PROVIDE_EXTERNAL for it (UPD-02, updates.go). Their
 // renewals, until then and after, are refused CANNOT_PROVIDE_EXTERNAL
 // with no change (HDR-06): the PREFER_FAILURE one by mapInbound (the
 // suggested port is the host's), the PEER by servePeer.
@@ -73,6 +74,9 @@ func (s *Server) endForwarded() {
 			return
 		}
 		gone, err := s.revokeKeysLocked(chunk, still)
+		if err == nil {
+			s.queueUpdates(gone, pcp.CannotProvideExternal) // UPD-02 (updates.go)
+		}
 		s.mu.Unlock()
 		if err != nil {
 			s.hostPorts.forwardAgain()

@@ -103,6 +103,7 @@ func (s *Server) serveMap(c *call, req *pcp.Request, resp *pcp.Response, o *outc
 		return fail(err)
 	}
 	key := store.Key{Owner: string(owner.ID), Protocol: proto, InternalAddr: internal, InternalPort: m.InternalPort}
+	s.updateAnswered(key) // it gets its answer now (updates.go)
 	sugg := m.ExternalAddr.Unmap()
 	// MAP-13: the suggested address's family picks the mapping; pcpd maps
 	// each family to itself only.
@@ -289,7 +290,10 @@ func (s *Server) endForwardedPeers(c *call, o *outcome, next *store.Lease) {
 		gone = append(gone, *other)
 	}
 	if len(gone) > 0 {
-		o.after = func() { s.logForwardedEnds(gone) }
+		o.after = func() {
+			s.logForwardedEnds(gone)
+			s.queueUpdates(gone, pcp.CannotProvideExternal) // UPD-02 (updates.go)
+		}
 	}
 }
 
@@ -526,6 +530,7 @@ func (s *Server) servePeer(c *call, req *pcp.Request, resp *pcp.Response, o *out
 	}
 	remote := netip.AddrPortFrom(req.Peer.RemoteAddr.Unmap(), req.Peer.RemotePort)
 	key := store.Key{Owner: string(owner.ID), Protocol: proto, InternalAddr: internal, InternalPort: m.InternalPort, Remote: remote}
+	s.updateAnswered(key) // it gets its answer now (updates.go)
 	resp.Map = req.Map
 	resp.Peer = req.Peer
 	resp.Options = req.Options

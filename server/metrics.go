@@ -17,7 +17,11 @@ type metrics struct {
 	kernelErrors  prometheus.Counter
 	storeErrors   prometheus.Counter
 	revocations   *prometheus.CounterVec // cause
-	restores      prometheus.Counter
+	// Unsolicited mapping updates (updates.go): datagrams sent, and
+	// updates not (or no longer) sent, by reason.
+	updatesSent    prometheus.Counter
+	updatesDropped *prometheus.CounterVec
+	restores       prometheus.Counter
 	// The firewall watch's (fwwatch.go): pinholes put back, someone
 	// else's added ones undone, checks run at once, and losses of its
 	// notifications.
@@ -46,24 +50,26 @@ type metrics struct {
 
 func newMetrics(leases func() float64) *metrics {
 	return &metrics{
-		meterErrors:   counter("pcpd_owner_meter_errors_total", "Failed writes of the kernel's owner meter (its chains and maps); retried at the next ownership pass or firewall check."),
-		requests:      counterVec("pcpd_requests_total", "Requests answered, by protocol (pcp, natpmp), opcode and result.", "protocol", "opcode", "result"),
-		dropped:       counterVec("pcpd_requests_dropped_total", "Requests dropped without an answer, by reason.", "reason"),
-		batchSize:     histogram("pcpd_batch_requests", "Requests handled together in one kernel transaction and one fsync.", []float64{1, 2, 4, 8, 16, 32, 64, 128, 256}),
-		latency:       histogram("pcpd_request_seconds", "Time from a request's arrival to its reply being sent.", prometheus.ExponentialBuckets(0.0001, 2, 16)),
-		kernelSeconds: histogram("pcpd_kernel_apply_seconds", "Latency of one nftables transaction.", prometheus.ExponentialBuckets(0.0001, 2, 14)),
-		storeSeconds:  histogram("pcpd_store_commit_seconds", "Latency of one durable store commit (fsync).", prometheus.ExponentialBuckets(0.0001, 2, 14)),
-		kernelErrors:  counter("pcpd_kernel_errors_total", "Failed nftables transactions."),
-		storeErrors:   counter("pcpd_store_errors_total", "Failed store commits."),
-		revocations:   counterVec("pcpd_revocations_total", "Leases ended by the server, by cause (ownership, operator, policy, forwarded).", "cause"),
-		restores:      counter("pcpd_firewall_restores_total", "Times the nftables objects were found damaged or incomplete and restored."),
-		watchRestored: counter("pcpd_firewall_watch_restored_total", "Pinholes of live leases someone else deleted from the kernel, put back as the kernel told of it (firewall watch)."),
-		watchUndone:   counter("pcpd_firewall_watch_undone_adds_total", "Pinhole elements someone else added to pcpd's sets, removed (no live lease holds them) or cut back to their lease's remaining lifetime as the kernel told of it (firewall watch)."),
-		watchChecks:   counter("pcpd_firewall_watch_checks_total", "Firewall checks run at once because the kernel told of someone else's change to pcpd's nftables objects, or of lost notifications."),
-		watchLost:     counter("pcpd_firewall_watch_lost_total", "Times the firewall watch's socket failed or the kernel dropped its notifications (ENOBUFS); each is a firewall check and an audit."),
-		ctWalks:       counter("pcpd_conntrack_flushes_total", "Walks of the conntrack table ending the connections of deleted, revoked or expired mappings (several mappings' flushes share one)."),
-		ctSkipped:     counter("pcpd_conntrack_flush_filters_skipped_total", "Filters of ended IPv6 pinholes left out of a conntrack walk: the ruleset recorded no admitted flow to their address (a walk with none left is not run)."),
-		ctFailures:    counter("pcpd_conntrack_flush_failures_total", "Conntrack walks that may have left flows of ended mappings (a dump or its deletes failed); their filters are walked again after a backoff."),
+		meterErrors:    counter("pcpd_owner_meter_errors_total", "Failed writes of the kernel's owner meter (its chains and maps); retried at the next ownership pass or firewall check."),
+		requests:       counterVec("pcpd_requests_total", "Requests answered, by protocol (pcp, natpmp), opcode and result.", "protocol", "opcode", "result"),
+		dropped:        counterVec("pcpd_requests_dropped_total", "Requests dropped without an answer, by reason.", "reason"),
+		batchSize:      histogram("pcpd_batch_requests", "Requests handled together in one kernel transaction and one fsync.", []float64{1, 2, 4, 8, 16, 32, 64, 128, 256}),
+		latency:        histogram("pcpd_request_seconds", "Time from a request's arrival to its reply being sent.", prometheus.ExponentialBuckets(0.0001, 2, 16)),
+		kernelSeconds:  histogram("pcpd_kernel_apply_seconds", "Latency of one nftables transaction.", prometheus.ExponentialBuckets(0.0001, 2, 14)),
+		storeSeconds:   histogram("pcpd_store_commit_seconds", "Latency of one durable store commit (fsync).", prometheus.ExponentialBuckets(0.0001, 2, 14)),
+		kernelErrors:   counter("pcpd_kernel_errors_total", "Failed nftables transactions."),
+		storeErrors:    counter("pcpd_store_errors_total", "Failed store commits."),
+		revocations:    counterVec("pcpd_revocations_total", "Leases ended by the server, by cause (ownership, operator, policy, forwarded).", "cause"),
+		updatesSent:    counter("pcpd_mapping_updates_sent_total", "Unsolicited MAP/PEER responses sent to clients whose mapping the server ended (RFC 6887 §14.2: up to 3 per mapping)."),
+		updatesDropped: counterVec("pcpd_mapping_updates_dropped_total", "Unsolicited mapping updates not sent or stopped, by reason: queue_full (more than 4096 waiting; that client learns at its renewal), unserved (its address no longer its owner's), no_socket (its serving address gone), answered (the client asked about the mapping or re-mapped it).", "reason"),
+		restores:       counter("pcpd_firewall_restores_total", "Times the nftables objects were found damaged or incomplete and restored."),
+		watchRestored:  counter("pcpd_firewall_watch_restored_total", "Pinholes of live leases someone else deleted from the kernel, put back as the kernel told of it (firewall watch)."),
+		watchUndone:    counter("pcpd_firewall_watch_undone_adds_total", "Pinhole elements someone else added to pcpd's sets, removed (no live lease holds them) or cut back to their lease's remaining lifetime as the kernel told of it (firewall watch)."),
+		watchChecks:    counter("pcpd_firewall_watch_checks_total", "Firewall checks run at once because the kernel told of someone else's change to pcpd's nftables objects, or of lost notifications."),
+		watchLost:      counter("pcpd_firewall_watch_lost_total", "Times the firewall watch's socket failed or the kernel dropped its notifications (ENOBUFS); each is a firewall check and an audit."),
+		ctWalks:        counter("pcpd_conntrack_flushes_total", "Walks of the conntrack table ending the connections of deleted, revoked or expired mappings (several mappings' flushes share one)."),
+		ctSkipped:      counter("pcpd_conntrack_flush_filters_skipped_total", "Filters of ended IPv6 pinholes left out of a conntrack walk: the ruleset recorded no admitted flow to their address (a walk with none left is not run)."),
+		ctFailures:     counter("pcpd_conntrack_flush_failures_total", "Conntrack walks that may have left flows of ended mappings (a dump or its deletes failed); their filters are walked again after a backoff."),
 		leases: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "pcpd_leases", Help: "Live leases.",
 		}, leases),
@@ -90,7 +96,7 @@ func histogram(name, help string, buckets []float64) prometheus.Histogram {
 
 func (m *metrics) collectors() []prometheus.Collector {
 	c := []prometheus.Collector{m.requests, m.dropped, m.batchSize, m.latency, m.kernelSeconds, m.storeSeconds,
-		m.kernelErrors, m.storeErrors, m.revocations, m.restores, m.watchRestored, m.watchUndone, m.watchChecks, m.watchLost, m.ctWalks, m.ctSkipped, m.ctFailures, m.leases,
+		m.kernelErrors, m.storeErrors, m.revocations, m.updatesSent, m.updatesDropped, m.restores, m.watchRestored, m.watchUndone, m.watchChecks, m.watchLost, m.ctWalks, m.ctSkipped, m.ctFailures, m.leases,
 		m.absorbed, m.flushLeases, m.flushSeconds, m.clockSteps}
 	if m.kernelDrops != nil {
 		c = append(c, m.meterErrors, m.kernelDrops)

@@ -229,7 +229,8 @@ func openingMatch(ops []Opening) func(t *table, r *rec) bool {
 const revokeChunk = 256
 
 // revokeKeys ends, in one transaction under s.mu, the leases at keys that
-// are still live, and returns them (to log).
+// are still live, queues their clients' unsolicited NOT_AUTHORIZED
+// (UPD-03, updates.go), and returns them (to log).
 //
 // Once Serve has returned (stopServing) it ends nothing: errServeEnded.
 // Its conntrack flushes would go to the flusher Serve's end closed (no
@@ -240,7 +241,11 @@ func (s *Server) revokeKeys(keys []store.Key) ([]store.Lease, error) {
 	if s.serveEnded {
 		return nil, errServeEnded
 	}
-	return s.revokeKeysLocked(keys, nil)
+	gone, err := s.revokeKeysLocked(keys, nil)
+	if err == nil {
+		s.queueUpdates(gone, pcp.NotAuthorized) // UPD-03 (updates.go)
+	}
+	return gone, err
 }
 
 // revokeKeysLocked is revokeKeys under s.mu held by the caller; with

@@ -218,6 +218,10 @@ type Server struct {
 	// revokeStepHook, if set, runs after each chunk Revoke ended,
 	// outside mu, with how many it ended so far (tests).
 	revokeStepHook func(done int)
+	// upd is the queue of unsolicited mapping updates (updates.go), under
+	// mu; updateSend, if set, sends instead of the serving sockets (tests).
+	upd        updates
+	updateSend func(from netip.AddrPort, rs []reply) error
 
 	// Engine-loop scratch, under mu: the last finished tx (its buffers
 	// are reused), the decoded request and the reply being built (a
@@ -286,6 +290,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		in:           make(chan packet, cfg.QueueLen),
 		rebased:      make(chan struct{}, 1),
 		announceDone: make(chan struct{}),
+		upd:          updates{wake: make(chan struct{}, 1)},
 		// A request changes at most one lease: its old and new pinholes.
 		opsBudget: pinhole.MaxBatch - 2*(cfg.MaxFilters+1),
 	}
@@ -454,6 +459,9 @@ func (s *Server) Serve(ctx context.Context) error {
 	go func() { defer close(tpDone); s.serveThirdParty(ctx) }()
 	defer func() { cancel(); <-tpDone }()
 	go s.announce(ctx)
+	updDone := make(chan struct{})
+	go func() { defer close(updDone); s.sendUpdates(ctx) }()
+	defer func() { cancel(); <-updDone }()
 	// Housekeeping ends after the last flush of absorbed renewals (below),
 	// so its shutdown snapshot has them.
 	hkCtx, hkCancel := context.WithCancel(context.WithoutCancel(ctx))
@@ -770,6 +778,7 @@ func (s *Server) sweepMore() bool {
 		more = s.endSweepLocked()
 	} else {
 		f.keys = f.keys[len(chunk):]
+		s.queueUpdates(gone, pcp.NotAuthorized) // UPD-03 (updates.go)
 	}
 	s.mu.Unlock()
 	if err != nil {
@@ -891,6 +900,7 @@ func (s *Server) revokeUnowned(keys []store.Key) bool {
 		return false
 	}
 	s.release(t)
+	s.queueUpdates(gone, pcp.NotAuthorized) // UPD-03 (updates.go)
 	never := make([]bool, len(gone))
 	for i := range gone {
 		never[i] = s.pol.NeverOpenable(gone[i].InternalAddr)
