@@ -35,8 +35,8 @@ import (
 // be answered now, RFC 6887 §8's identical responses), the epoch of its
 // send, the mapping's nonce, protocol, internal port, assigned external
 // port and address (PEER: remote port and address too), THIRD_PARTY when
-// the mapping was made with it (§14.2 MUST), the MAP's FILTERs, no other
-// option. It goes to the address:port the mapping's last reply went to
+// the mapping was made with it (§14.2 MUST), the MAP's FILTERs (none if
+// they do not all fit in pcp.MaxMessageSize), no other option. It goes to the address:port the mapping's last reply went to
 // (Lease.ClientAddr, stored since the first store format), from the
 // serving address that reply left from (Lease.ServerAddr): that
 // interface's socket, bound to it (SO_BINDTODEVICE), so nothing leaves
@@ -108,6 +108,13 @@ func updateMessage(l *store.Lease, code pcp.ResultCode) []byte {
 			fs[i] = pcp.Filter{Remote: f.Prefix, RemotePort: f.Port}
 		}
 		r.Options.Filters = fs
+		if r.Len() > pcp.MaxMessageSize {
+			// FILTERs add up over renewals (FLT-04) to more than one
+			// message holds (--max-filters 64: 1616 octets): none then,
+			// rather than a part of them, and the result kept (the
+			// encoder's guard would make it MALFORMED_REQUEST).
+			r.Options.Filters = nil
+		}
 	}
 	return pcp.AppendResponse(nil, &r)
 }

@@ -62,6 +62,20 @@ func TestUpdateMessageGolden(t *testing.T) {
 			}
 		})
 	}
+	// 64 FILTERs (--max-filters' most, gathered over renewals) do not fit
+	// in one message: none are sent, the result stays (the encoder's
+	// guard made it MALFORMED_REQUEST without options).
+	l := rows[2].l
+	l.Filters = nil
+	for i := range 64 {
+		l.Filters = append(l.Filters, store.Filter{Prefix: netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x99, byte(i)}), 56)})
+	}
+	b := updateMessage(&l, pcp.NotAuthorized)
+	var resp pcp.Response
+	if err := pcp.ParseResponse(b, &resp); err != nil || resp.Result != pcp.NotAuthorized || len(resp.Options.Filters) != 0 ||
+		resp.Options.ThirdParty != tpAddr || len(b) > pcp.MaxMessageSize {
+		t.Errorf("64 FILTERs: %d octets, %v, %d filters, THIRD_PARTY %v (%v); want NOT_AUTHORIZED, none, %v", len(b), resp.Result, len(resp.Options.Filters), resp.Options.ThirdParty, err, tpAddr)
+	}
 }
 
 // sent is one datagram an update round handed over.
