@@ -335,3 +335,34 @@ func TestUpdateNotForNATPMP(t *testing.T) {
 		t.Errorf("%d updates queued for a NAT-PMP lease", q)
 	}
 }
+
+// BenchmarkQueueUpdates is what queueing a revocation chunk's updates
+// (revokeChunk leases, under the engine lock) adds to its hold: with room
+// in the queue, and with the queue full (each lease only counted).
+func BenchmarkQueueUpdates(b *testing.B) {
+	for _, full := range []bool{false, true} {
+		name := "room"
+		if full {
+			name = "full"
+		}
+		b.Run(name, func(b *testing.B) {
+			s := &Server{m: newMetrics(func() float64 { return 0 }), steady: time.Now}
+			gone := make([]store.Lease, revokeChunk)
+			for i := range gone {
+				gone[i] = store.Lease{Key: store.Key{Owner: ownerA, InternalAddr: addrA, InternalPort: uint16(1024 + i), Protocol: 6},
+					ExternalAddr: addrA, ExternalPort: uint16(1024 + i), Kind: store.KindMap, Nonce: [12]byte{1},
+					ClientAddr: netip.AddrPortFrom(addrA, 40000), ServerAddr: local6}
+			}
+			fill := make([]*update, maxUpdates)
+			b.ReportAllocs()
+			for b.Loop() {
+				s.upd = updates{}
+				if full {
+					s.upd.q = fill
+				}
+				s.queueUpdates(gone, pcp.NotAuthorized)
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/1000, "µs/chunk")
+		})
+	}
+}
