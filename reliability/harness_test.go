@@ -350,10 +350,26 @@ func rawExchange(conn *net.UDPConn, server netip.AddrPort, b []byte, wait time.D
 			}
 			return nil, err
 		}
-		if netip.AddrPortFrom(from.Addr().Unmap(), from.Port()) == server {
+		if netip.AddrPortFrom(from.Addr().Unmap(), from.Port()) == server && !otherMapping(b, buf[:n]) {
 			return append([]byte(nil), buf[:n]...), nil
 		}
 	}
+}
+
+// otherMapping reports whether reply is a PCP MAP or PEER response for
+// another mapping than request's (another nonce): an unsolicited update
+// (RFC 6887 §14.2, since h/upd: a revoked mapping's NOT_AUTHORIZED comes
+// to the socket that made it), which a client matches by nonce and does
+// not take for its answer (§11.4, §12.4). Every solicited reply echoes the
+// request's nonce (a success copies it, an error the request's octets).
+func otherMapping(request, reply []byte) bool {
+	const nonceEnd = 36
+	if len(request) < nonceEnd || len(reply) < nonceEnd || request[0] != pcp.Version || reply[0] != pcp.Version ||
+		request[1]&0x80 != 0 || reply[1]&0x80 == 0 {
+		return false
+	}
+	op := pcp.Opcode(reply[1] & 0x7f)
+	return (op == pcp.OpMap || op == pcp.OpPeer) && op == pcp.Opcode(request[1]) && string(request[24:nonceEnd]) != string(reply[24:nonceEnd])
 }
 
 // kernel lists pcpd's pinholes as the kernel holds them.
