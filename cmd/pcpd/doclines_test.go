@@ -322,6 +322,11 @@ func TestReadmeMetricsServed(t *testing.T) {
 	if out, err := topo.Host.Run(d.Bin(), "revoke", "--socket", sock, "--all"); err != nil {
 		t.Fatalf("revoke: %v\n%s", err, out)
 	}
+	// Mapped again at once: the revoke's NOT_AUTHORIZED updates still to
+	// come are dropped as answered (pcpd_mapping_updates_dropped_total).
+	if out, err := topo.Client.Run(d.Bin(), "map", "--server", topo.HostTunnelV6.String(), "--port", "8080"); err != nil {
+		t.Fatalf("map after the revoke: %v\n%s", err, out)
+	}
 	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 		DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, network, addr string) (c net.Conn, err error) {
