@@ -495,16 +495,6 @@ func (p *Policy) hostSource(src netip.Addr) Reason {
 	return Allowed
 }
 
-// HostSource reports whether src (unmapped first) is one of the host's
-// own addresses (Config.HostAddrs): a request from it is the host's,
-// sent by any local user, whatever owner's prefix holds the address
-// (hostSource). The server charges such a request to a rate-limit bucket
-// of the host's own, not to that owner's (issue 9, review h/revh3). False
-// while the host's addresses are unread (the set is empty).
-func (p *Policy) HostSource(src netip.Addr) bool {
-	return p.host != nil && p.host(src.Unmap())
-}
-
 // readHost is r, or HostUnread when r allows and the host's addresses
 // have not been read yet: a first read that failed left HostAddrs empty,
 // and a MAP to the host's own address, or its subnet's broadcast, would

@@ -264,10 +264,6 @@ type Policy interface {
 	// Requester is the owner a request from src arriving on iface
 	// (kernel name) is taken as, as Authorize takes it.
 	Requester(src netip.Addr, iface string) (policy.Owner, bool)
-	// HostSource: src is one of the host's own addresses (a request from
-	// it is the host's, any local user's, whatever owner's prefix holds
-	// it): it spends the host's rate-limit buckets (Server.bucketOwner).
-	HostSource(src netip.Addr) bool
 	// Rules is Authorize without ownership (for restored leases).
 	Rules(policy.Request) policy.Reason
 	// NeverOpenable: no one may open the address (the host's own, as

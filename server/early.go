@@ -52,7 +52,7 @@ func (s *Server) early(dst, b []byte, src netip.AddrPort, now time.Time) (reply 
 // may wait; the socket readers call earlyRead, which hands such a request
 // to the THIRD_PARTY queue instead.
 func (s *Server) earlyTallied(t *tally, dst, b []byte, src netip.AddrPort, iface string, now time.Time) (reply []byte, handled bool) {
-	reply, v := s.earlyIn(t, dst, b, src, iface, now, time.Time{}, false)
+	reply, v := s.earlyIn(t, dst, b, src, netip.Addr{}, iface, now, time.Time{}, false)
 	return reply, v == earlyAnswered
 }
 
@@ -69,15 +69,19 @@ const (
 // WireGuard read. A THIRD_PARTY request that needs a fresher view, and
 // every THIRD_PARTY request whose target is not its source while the
 // THIRD_PARTY queue is busy (its order), is earlyDeferred: the reader
-// hands it to Server.deferThirdParty.
-func (s *Server) earlyRead(t *tally, dst, b []byte, src netip.AddrPort, iface string, now time.Time) ([]byte, earlyVerdict) {
-	return s.earlyIn(t, dst, b, src, iface, now, time.Time{}, true)
+// hands it to Server.deferThirdParty. local is the serving address the
+// request was sent to (the socket's).
+func (s *Server) earlyRead(t *tally, dst, b []byte, src netip.AddrPort, local netip.Addr, iface string, now time.Time) ([]byte, earlyVerdict) {
+	return s.earlyIn(t, dst, b, src, local, iface, now, time.Time{}, true)
 }
 
 // earlyIn is earlyTallied and earlyRead: arrived is when the request was
 // received (zero: now, at the call), for the view a THIRD_PARTY target
-// is judged by; reader says the caller is a socket reader (earlyRead).
-func (s *Server) earlyIn(t *tally, dst, b []byte, src netip.AddrPort, iface string, now, arrived time.Time, reader bool) ([]byte, earlyVerdict) {
+// is judged by; reader says the caller is a socket reader (earlyRead);
+// local is the serving address the request was sent to (invalid: not
+// known, as for Handle's callers), which tells the host's own requests
+// (bucketOwner).
+func (s *Server) earlyIn(t *tally, dst, b []byte, src netip.AddrPort, local netip.Addr, iface string, now, arrived time.Time, reader bool) ([]byte, earlyVerdict) {
 	if len(b) < 2 {
 		return nil, earlyEngine
 	}
@@ -85,7 +89,7 @@ func (s *Server) earlyIn(t *tally, dst, b []byte, src netip.AddrPort, iface stri
 		if s.freshFirst(reader, pmpOpens(b), arrived) {
 			return nil, earlyDeferred
 		}
-		return s.toEngine(src, iface, policy.Owner{}, false, now) // NAT-PMP: the engine's (handle's dispatch)
+		return s.toEngine(src, local, iface, policy.Owner{}, false, now) // NAT-PMP: the engine's (handle's dispatch)
 	}
 	p := pcp.Parser{
 		DisableThirdParty: s.pol.ThirdPartyMode() == policy.ThirdPartyOff,
@@ -120,7 +124,7 @@ func (s *Server) earlyIn(t *tally, dst, b []byte, src netip.AddrPort, iface stri
 		return pcp.AppendResponse(dst, &pcp.Response{Opcode: pcp.OpAnnounce, Result: pcp.Success, Epoch: s.epochAt(now)}), earlyAnswered
 	case req.Opcode == pcp.OpMap && !s.cfg.DisableMap, req.Opcode == pcp.OpPeer && !s.cfg.DisablePeer:
 	default:
-		return s.toEngine(src, iface, policy.Owner{}, false, now) // refused by the engine's earlier step
+		return s.toEngine(src, local, iface, policy.Owner{}, false, now) // refused by the engine's earlier step
 	}
 	internal, tp := requestInternal(src, req)
 	// Server.authorize, without its error value (one allocation per
@@ -139,7 +143,7 @@ func (s *Server) earlyIn(t *tally, dst, b []byte, src netip.AddrPort, iface stri
 		}
 	}
 	if reason == policy.Allowed {
-		return s.toEngine(src, iface, owner, true, now)
+		return s.toEngine(src, local, iface, owner, true, now)
 	}
 	code := policyCodes[reason]
 	s.lis.es.count(t, s.m, req.Opcode.String(), code)
@@ -209,8 +213,8 @@ var policyCodes = func() (t [256]pcp.ResultCode) {
 // owner (known is false when the caller has not looked it up yet) spends
 // a token, and is held to its bucket when it is not alone (ownerGate).
 // The bucket is bucketOwner's.
-func (s *Server) toEngine(src netip.AddrPort, iface string, o policy.Owner, known bool, now time.Time) ([]byte, earlyVerdict) {
-	k := s.bucketOwner(src.Addr(), iface, o, known)
+func (s *Server) toEngine(src netip.AddrPort, local netip.Addr, iface string, o policy.Owner, known bool, now time.Time) ([]byte, earlyVerdict) {
+	k := s.bucketOwner(src.Addr(), local, iface, o, known)
 	// Both run for every request: the gate must see every owner, and the
 	// bucket is spent even while it does not bind.
 	contended := s.lis.es.gate.contended(k, now, len(s.in), cap(s.in))
@@ -227,14 +231,14 @@ func (s *Server) toEngine(src netip.AddrPort, iface string, o policy.Owner, know
 const hostOwner policy.OwnerID = "host"
 
 // bucketOwner is the key of the owner bucket, and of the THIRD_PARTY
-// queue's share, a request from src that arrived on the interface whose
-// kernel name is iface spends: o's, the owner Authorize allowed it as
-// (known), else the one it is taken as on its interface
-// (Policy.Requester), so that a peer of another interface sending from
-// an owner's address spends the unowned bucket (the zero key), not that
-// owner's. A request from one of the host's own addresses
-// (Policy.HostSource) spends the host's bucket (hostOwner), whatever
-// owner's prefix holds the address.
+// queue's share, a request from src to the serving address local that
+// arrived on the interface whose kernel name is iface spends: o's, the
+// owner Authorize allowed it as (known), else the one it is taken as on
+// its interface (Policy.Requester), so that a peer of another interface
+// sending from an owner's address spends the unowned bucket (the zero
+// key), not that owner's. The host's own request (hostOwn: its source is
+// local itself) spends the host's bucket (hostOwner), whatever owner's
+// prefix holds the address.
 //
 // Security (issue 9, review h/revh3, LOW): any local user may send from
 // the host's served address (the serving sockets' filter takes the
@@ -249,9 +253,24 @@ const hostOwner policy.OwnerID = "host"
 // host's: its own address is never openable and its THIRD_PARTY
 // requests are nobody's, so only the lookup a caller has not made pays
 // the host check.
-func (s *Server) bucketOwner(src netip.Addr, iface string, o policy.Owner, known bool) policy.OwnerKey {
+//
+// The host's own request is told by the serving address, not by the
+// host's address set (review h/revl9, LOW): a source that is one of the
+// host's addresses but not local came from a link, as the serving
+// sockets' filter takes a loopback datagram only from the address it was
+// sent to: client a sending from the host's other address in its prefix
+// (its WAN or another interface's address, or one the host has just
+// given up: the set lags), or a WireGuard peer whose AllowedIPs hold it
+// (IPv6 has no martian-source check). Judged by the set (h/local9's
+// Policy.HostSource), such requests spent the host's bucket and queue
+// share, not the sender's: a escaped its own owner bucket and THIRD_PARTY
+// share by sending from that address, and its flood spent the bucket of
+// the host's own requests (TestLinkSourceHostAddressOwnersBucket). The
+// lag the other way (a served address not yet in the set) charged the
+// host's own requests from it to the owner. One comparison, no lookup.
+func (s *Server) bucketOwner(src, local netip.Addr, iface string, o policy.Owner, known bool) policy.OwnerKey {
 	if !known {
-		if s.pol.HostSource(src) {
+		if hostOwn(src, local) {
 			return s.hostKey
 		}
 		o, _ = s.pol.Requester(src, iface)

@@ -106,13 +106,13 @@ func TestFreshViewForEveryOpeningRequest(t *testing.T) {
 					local = local4
 				}
 				sent := time.Now()
-				_, verdict := h.s.earlyIn(nil, nil, tc.b, src, "", h.clock.Now(), time.Time{}, true)
+				_, verdict := h.s.earlyIn(nil, nil, tc.b, src, netip.Addr{}, "", h.clock.Now(), time.Time{}, true)
 				if want := stale && tc.opens; (verdict == earlyDeferred) != want {
 					t.Fatalf("stale view %v: the socket reader's verdict %v, want handed to the queue %v", stale, verdict, want)
 				}
 				if verdict == earlyDeferred {
 					// The queue's judging (judgeQueued), arrived = sent.
-					if _, v := h.s.earlyIn(nil, nil, tc.b, src, "", h.clock.Now(), sent, false); v != earlyEngine {
+					if _, v := h.s.earlyIn(nil, nil, tc.b, src, netip.Addr{}, "", h.clock.Now(), sent, false); v != earlyEngine {
 						t.Fatalf("stale view: the queue's verdict %v, want for the engine", v)
 					}
 				}

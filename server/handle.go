@@ -407,10 +407,17 @@ const hostIfaceKey = loopbackIndex
 // (TestHostSourceOwnBuckets). One comparison, no lookup: it runs for
 // every datagram.
 func sourceKey(ifk uint32, src, local netip.Addr) uint32 {
-	if src.WithZone("") == local.WithZone("") {
+	if hostOwn(src, local) {
 		return hostIfaceKey
 	}
 	return ifk
+}
+
+// hostOwn reports whether a request from src to the serving address local
+// is the host's own: its source is local itself (sourceKey, bucketOwner).
+// False when local is not known (invalid).
+func hostOwn(src, local netip.Addr) bool {
+	return local.IsValid() && src.WithZone("") == local.WithZone("")
 }
 
 // natpmpOn reports whether NAT-PMP is served to src (PMP-01): it needs an

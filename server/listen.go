@@ -276,7 +276,7 @@ type listener struct {
 	// earlyAnswered means the reader sends reply (nil: nothing) itself. The reply is appended to the dst it is given; the
 	// answers are counted in the reader's tally. earlyDeferred: the
 	// request is thirdParty's.
-	early func(t *tally, dst, b []byte, src netip.AddrPort, iface string, now time.Time) (reply []byte, v earlyVerdict)
+	early func(t *tally, dst, b []byte, src netip.AddrPort, local netip.Addr, iface string, now time.Time) (reply []byte, v earlyVerdict)
 	// thirdParty takes a THIRD_PARTY request early deferred, to be
 	// judged once a fresh enough WireGuard view is read, without the
 	// reader waiting (Server.deferThirdParty); p.b is the reader's copy.
@@ -996,7 +996,7 @@ func (l *listener) read(c *udpConn) {
 			}
 			if l.early != nil {
 				before := len(arena)
-				switch r, v := l.early(&counts, arena, b, src, c.kname, steady); v {
+				switch r, v := l.early(&counts, arena, b, src, c.local.Addr(), c.kname, steady); v {
 				case earlyAnswered:
 					if len(r) > before {
 						arena = r

@@ -122,9 +122,9 @@ func (q *tpQueue) done(k policy.OwnerKey) {
 // reader's copy.
 func (s *Server) deferThirdParty(p packet) {
 	// toEngine's bucket: the unowned sources share one, the host's own
-	// addresses have theirs (a local user's flood from the host's
+	// requests have theirs (a local user's flood from the host's
 	// address in an owner's prefix filled that owner's share).
-	if !s.tpq.push(p, s.bucketOwner(p.src.Addr(), p.conn.kname, policy.Owner{}, false)) {
+	if !s.tpq.push(p, s.bucketOwner(p.src.Addr(), p.conn.local.Addr(), p.conn.kname, policy.Owner{}, false)) {
 		s.dropEarly("thirdparty-queue-full", p.src)
 	}
 }
@@ -153,7 +153,7 @@ func (s *Server) serveThirdParty(ctx context.Context) {
 // judgeQueued passes p on as its socket reader would have, with a view
 // fresh enough for when it arrived (earlyIn waits for it).
 func (s *Server) judgeQueued(p packet, buf []byte) {
-	reply, v := s.earlyIn(nil, buf[:0], p.b, p.src, p.conn.kname, s.steady(), p.at, false)
+	reply, v := s.earlyIn(nil, buf[:0], p.b, p.src, p.conn.local.Addr(), p.conn.kname, s.steady(), p.at, false)
 	switch v {
 	case earlyAnswered:
 		if len(reply) > 0 {
