@@ -37,10 +37,16 @@ import (
 //
 //	set pcpd_meter6 { type ipv6_addr; size 65536; flags dynamic,timeout; timeout 10s; }
 //	set pcpd_meter4 { type ipv4_addr; size 65536; flags dynamic,timeout; timeout 10s; }
+//	udp dport 5351 iif "lo" limit rate over 200/second burst 400 packets drop
+//	udp dport 5351 iif "lo" accept
 //	udp dport 5351 update @pcpd_meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: timeout 10s limit rate over 200/second burst 400 packets } drop
 //	udp dport 5351 update @pcpd_meter4 { ip saddr timeout 10s limit rate over 200/second burst 400 packets } drop
 //
-// (nft lists pcpd's own rules the same way: meta nfproto is implied.)
+// (nft lists pcpd's own rules the same way: meta nfproto is implied.) The
+// two loopback rules give the host's own datagrams (any local user's) a
+// bucket of their own, as pcpd's table does (notrack.go, loopbackRules):
+// without them a local flood from the host's address fills the per-source
+// element of the /64 the host shares with its LAN's clients.
 
 // Meter configures the request meter. Rate 0 installs no meter rules.
 type Meter struct {

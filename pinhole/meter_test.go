@@ -113,7 +113,9 @@ func TestRequestMeterPKT08(t *testing.T) {
 		"chain control_in {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tudp dport 5351 ip6 daddr @served6 iifname @serving_ifs goto control_local\n\t\tudp dport 5351 ip daddr @served4 iifname @serving_ifs goto control_local\n\t}",
 		"chain control_local {\n\t\tip6 saddr @served6 ip6 saddr != fe80::/10 iif != \"lo\" counter packets 0 bytes 0 drop\n" +
 			"\t\tip6 saddr @served6 iif != \"lo\" fib saddr . iif type local counter packets 0 bytes 0 drop\n" +
-			"\t\tip saddr @served4 iif != \"lo\" counter packets 0 bytes 0 drop\n\t\tip6 saddr vmap @owners6\n" +
+			"\t\tip saddr @served4 iif != \"lo\" counter packets 0 bytes 0 drop\n" +
+			"\t\tiif \"lo\" limit rate over 20/second burst 40 packets counter packets 0 bytes 0 drop\n" +
+			"\t\tiif \"lo\" notrack accept\n\t\tip6 saddr vmap @owners6\n" +
 			"\t\tip saddr vmap @owners4\n\t\tgoto unowned\n\t}",
 		"chain control_meter {\n" +
 			"\t\tupdate @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: timeout 10s limit rate over 20/second burst 40 packets } drop\n" +

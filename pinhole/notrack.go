@@ -43,6 +43,8 @@ import (
 //		ip6 saddr @served6 ip6 saddr != fe80::/10 iif != "lo" counter drop	(servedSourceRules)
 //		ip6 saddr @served6 iif != "lo" fib saddr . iif type local counter drop
 //		ip saddr @served4 iif != "lo" counter drop
+//		iif "lo" limit rate over 200/second burst 400 packets counter drop	(loopbackRules)
+//		iif "lo" notrack accept
 //		udp dport 5351 update @meter6 { ip6 saddr & ffff:ffff:ffff:ffff:: ... } drop
 //		udp dport 5351 update @meter4 { ip saddr ... } drop
 //		notrack
@@ -173,8 +175,9 @@ import (
 // meter): a downgrade needs "nft delete table inet pcpd" first.
 
 // controlRules are the rules of the control chains: control_in's, one per
-// served port and family, control_local's (the served-source drops, then
-// the meter's and notrack, or with the owner meter its map lookups, and
+// served port and family, control_local's (the served-source drops, the
+// host's loopback bucket, then the meter's and notrack, or with the owner
+// meter its map lookups, and
 // control_meter's the per-source rules and notrack: ownerMeterRules), and
 // notrack_out's, one per served port. Any may be empty.
 func (b *Backend) controlRules() (in, local, meter, out [][]expr.Any) {
@@ -199,7 +202,7 @@ func (b *Backend) controlRules() (in, local, meter, out [][]expr.Any) {
 			rule(udpPort(thDstOff, port), served(unix.NFPROTO_IPV6, ip6DstOff, 16, b.served6), serving(), x(goTo(b.chainControlLocal))),
 			rule(udpPort(thDstOff, port), served(unix.NFPROTO_IPV4, ip4DstOff, 4, b.served4), serving(), x(goTo(b.chainControlLocal))))
 	}
-	local = b.servedSourceRules()
+	local = append(b.servedSourceRules(), b.loopbackRules()...)
 	last := &local // where notrack goes: after the per-source rules
 	if b.ownerLayout() {
 		local = append(local, b.ownerMeterRules()...)
@@ -284,6 +287,67 @@ func (b *Backend) servedSourceRules() [][]expr.Any {
 		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6SrcOff, 16, reg0), lookup(b.served6, reg0)), notLinkLocal, notLoopback(), x(&expr.Counter{}, drop)),
 		rule(nfproto(unix.NFPROTO_IPV6), x(loadNet(ip6SrcOff, 16, reg0), lookup(b.served6, reg0)), notLoopback(), ownOfArrival, x(&expr.Counter{}, drop)),
 		rule(nfproto(unix.NFPROTO_IPV4), x(loadNet(ip4SrcOff, 4, reg0), lookup(b.served4, reg0)), notLoopback(), x(&expr.Counter{}, drop)),
+	}
+}
+
+// loopbackRules give the datagrams that came in over loopback (a process
+// of this host's, any local user's, sending to a served address) a bucket
+// of their own, the host's, in control_local right after the served-source
+// drops, when the layout has the meter:
+//
+//	iif "lo" limit rate over 200/second burst 400 packets counter drop
+//	iif "lo" notrack accept		("iif "lo" accept" with TrackControl)
+//
+// Before (h/local9's finding, RELIABILITY.md), they went on to the owner
+// maps like any other: a served address inside an owner's prefix (a
+// static client's LAN /64 holds the host's LAN address; the host's
+// 10.0.0.1 in a client's 10.0.0.0/28) sent them to that owner's chain,
+// whose reverse-path rule passes them (nft_fib answers loopback itself for
+// a packet that arrived on it: oif is never 0), so the owner's limit and
+// then its per-source /64 in meter6 counted them: a local user's flood of
+// ANNOUNCEs above the owner's rate left the owner's own requests to
+// nothing in the kernel, before pcpd's buckets (which give the host its
+// own: sourceKey and bucketOwner in server) ever saw them. A local user binding any address
+// (IPV6_FREEBIND needs no privilege) could pick the owner outright.
+// Sources outside every prefix went to the unowned bucket, shared with
+// the translated IPv4 hosts and every stranger.
+//
+// Nothing from elsewhere arrives on loopback (the kernel gives iif lo
+// only to packets this host sent itself), so the bucket is the host's
+// alone, both families and every served port together. Its rate is the
+// per-source meter's (Meter.Rate, Burst): pcpd takes a loopback request
+// only from the served address it was sent to, and counts it in that
+// address's per-source bucket under the loopback interface's key, so
+// the host's requests from one served address get what a client's source
+// gets, with the same margin over pcpd's own limit, and the rest of a
+// local flood is shed before the socket. (Several served addresses
+// share it: a host sending from more of them at once, each at pcpd's
+// full per-source rate, than the meter's margin over that rate (4 × by
+// default) would lose some here that pcpd would take; the host's own
+// requests are ANNOUNCEs and the odd refused MAP, far below.) The accept keeps them out
+// of the owner maps, the unowned bucket and the per-source sets (whose
+// /64 the host's address may share with a client). Every other datagram
+// pays two comparisons of its arrival interface (BENCHMARKS.md item 89).
+// The served-source drops come first, but pass loopback anyway (their
+// "iif != lo"). Without the meter there is nothing to keep loopback from
+// and no rule: notrack treats it as any other request.
+func (b *Backend) loopbackRules() [][]expr.Any {
+	if !b.metering() {
+		return nil
+	}
+	m := b.cfg.Meter
+	// Loopback is interface 1 in every namespace (LOOPBACK_IFINDEX).
+	isLoopback := func() []expr.Any {
+		return x(loadMeta(expr.MetaKeyIIF, reg0), eq(reg0, binaryutil.NativeEndian.PutUint32(1)...))
+	}
+	pass := x(accept)
+	if b.notracking() {
+		pass = x(&expr.Notrack{}, accept)
+	}
+	return [][]expr.Any{
+		rule(isLoopback(), x(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(m.Rate), Over: true,
+			Unit: expr.LimitTimeSecond, Burst: m.Burst}, &expr.Counter{}, drop)),
+		rule(isLoopback(), pass),
 	}
 }
 

@@ -38,7 +38,7 @@ import (
 //		goto control_meter
 //	}
 //	chain control_local {
-//		... (the served-source drops, notrack.go)
+//		... (the served-source drops, the host's loopback bucket: notrack.go)
 //		ip6 saddr vmap @owners6
 //		ip saddr vmap @owners4
 //		goto unowned
@@ -127,7 +127,9 @@ func ownerMaps(table *nftables.Table, prefix string) (six, four *nftables.Set) {
 }
 
 // ownerMeterRules are the owner meter's rules in control_local, after the
-// served-source drops (notrack.go), when the layout has the owner meter
+// served-source drops and the host's loopback bucket (notrack.go:
+// loopbackRules, which accepts what came over loopback, so no owner is
+// charged for a local user's datagrams), when the layout has the owner meter
 // (ownerLayout):
 //
 //	ip6 saddr vmap @owners6

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -78,31 +79,39 @@ func TestServedSourceDropped(t *testing.T) {
 }
 
 // sentFrom sends n datagrams of 60 octets from src (bound with
-// IPV6_FREEBIND if freebind: an address that is not ns's) to dst inside
-// ns, and returns how many more srv saw.
+// IPV6_FREEBIND or IP_FREEBIND if freebind: an address that is not ns's)
+// to dst inside ns, paced as sendRoundRobin (no socket buffer overflows),
+// and returns how many more srv saw.
 func sentFrom(t *testing.T, ns *netlab.NS, src netip.Addr, dst netip.AddrPort, n int, freebind bool, srv *udpCounter) int64 {
 	t.Helper()
 	before := srv.settle()
+	network, level, opt := "udp6", unix.SOL_IPV6, unix.IPV6_FREEBIND
+	if src.Is4() {
+		network, level, opt = "udp4", unix.SOL_IP, unix.IP_FREEBIND
+	}
 	if err := ns.Do(func() error {
 		lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
 			var serr error
 			if err := rc.Control(func(fd uintptr) {
 				if freebind {
-					serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_FREEBIND, 1)
+					serr = unix.SetsockoptInt(int(fd), level, opt, 1)
 				}
 			}); err != nil {
 				return err
 			}
 			return serr
 		}}
-		pc, err := lc.ListenPacket(context.Background(), "udp6", netip.AddrPortFrom(src, 0).String())
+		pc, err := lc.ListenPacket(context.Background(), network, netip.AddrPortFrom(src, 0).String())
 		if err != nil {
 			return err
 		}
 		defer pc.Close()
-		for range n {
+		for i := range n {
 			if _, err := pc.WriteTo(make([]byte, 60), net.UDPAddrFromAddrPort(dst)); err != nil {
 				return err
+			}
+			if i%8 == 7 {
+				time.Sleep(time.Millisecond)
 			}
 		}
 		return nil

@@ -3,8 +3,6 @@ package pinhole_test
 import (
 	"fmt"
 	"net/netip"
-	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -16,13 +14,7 @@ import (
 // unownedDrops reads the unowned chain's drop counter from nft.
 func unownedDrops(t *testing.T, ns *netlab.NS) int64 {
 	t.Helper()
-	out := nftList(t, ns, "chain", "inet", "pcpd", "unowned")
-	m := regexp.MustCompile(`counter packets (\d+) `).FindStringSubmatch(out)
-	if m == nil {
-		t.Fatalf("no counter in the unowned chain:\n%s", out)
-	}
-	n, _ := strconv.ParseInt(m[1], 10, 64)
-	return n
+	return chainCounter(t, ns, "unowned", "limit rate over")
 }
 
 // TestUnownedMeterS4 (review S4): the sources no owner holds (outside
@@ -159,6 +151,8 @@ func TestUnownedMeterS4(t *testing.T) {
 			{"add", "rule", "inet", "pcpd", "control_local", "ip6", "saddr", "@served6", "ip6", "saddr", "!=", "fe80::/10", "iif", "!=", "lo", "counter", "drop"},
 			{"add", "rule", "inet", "pcpd", "control_local", "ip6", "saddr", "@served6", "iif", "!=", "lo", "fib", "saddr", ".", "iif", "type", "local", "counter", "drop"},
 			{"add", "rule", "inet", "pcpd", "control_local", "ip", "saddr", "@served4", "iif", "!=", "lo", "counter", "drop"},
+			{"add", "rule", "inet", "pcpd", "control_local", "iif", "lo", "limit", "rate", "over", "20/second", "burst", "40", "packets", "counter", "drop"},
+			{"add", "rule", "inet", "pcpd", "control_local", "iif", "lo", "notrack", "accept"},
 			{"add", "rule", "inet", "pcpd", "control_local", "ip6", "saddr", "vmap", "@owners6"},
 			{"add", "rule", "inet", "pcpd", "control_local", "ip", "saddr", "vmap", "@owners4"}}},
 	} {
@@ -173,6 +167,8 @@ func TestUnownedMeterS4(t *testing.T) {
 		{"add", "rule", "inet", "pcpd", "control_local", "ip6", "saddr", "@served6", "ip6", "saddr", "!=", "fe80::/10", "iif", "!=", "lo", "counter", "drop"},
 		{"add", "rule", "inet", "pcpd", "control_local", "ip6", "saddr", "@served6", "iif", "!=", "lo", "fib", "saddr", ".", "iif", "type", "local", "counter", "drop"},
 		{"add", "rule", "inet", "pcpd", "control_local", "ip", "saddr", "@served4", "iif", "!=", "lo", "counter", "drop"},
+		{"add", "rule", "inet", "pcpd", "control_local", "iif", "lo", "limit", "rate", "over", "20/second", "burst", "40", "packets", "counter", "drop"},
+		{"add", "rule", "inet", "pcpd", "control_local", "iif", "lo", "notrack", "accept"},
 		{"add", "rule", "inet", "pcpd", "control_local", "ip6", "saddr", "vmap", "@owners6"},
 		{"add", "rule", "inet", "pcpd", "control_local", "ip", "saddr", "vmap", "@owners4"},
 		{"add", "rule", "inet", "pcpd", "control_local", "goto", "unowned"}} {
