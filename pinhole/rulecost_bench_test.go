@@ -16,8 +16,9 @@ import (
 // rules or lookups removed or rewritten by nft after Setup (BENCHMARKS.md
 // item 34). The variants are for attribution under perf (nft_do_chain's
 // samples a datagram), not layouts pcpd uses; "one served lookup" is the
-// candidate for servedSourceRules. OWNER in a variant's script is the
-// owner chain's name.
+// candidate for servedSourceRules; "no loopback rules" is control_local
+// before loopbackRules (BENCHMARKS.md item 89). OWNER in a variant's
+// script is the owner chain's name.
 func BenchmarkControlRuleCost(b *testing.B) {
 	const (
 		local  = `add rule inet pcpd control_local ip6 saddr vmap @owners6; add rule inet pcpd control_local ip saddr vmap @owners4; add rule inet pcpd control_local goto unowned`
@@ -72,6 +73,12 @@ func BenchmarkControlRuleCost(b *testing.B) {
 		{"x8 served rule 2 link-local first", true, x8(`ip6 saddr fe80::/10 ip6 saddr @served6 iif != "lo" fib saddr . iif type local counter drop`)},
 		{"x8 IPv4 rule", true, x8(`ip saddr @served4 iif != "lo" counter drop`)},
 		{"x8 owner limit", true, x8(limit)},
+		// control_local as before the host's loopback bucket (item 89):
+		// the served-source drops, then the owner maps.
+		{"no loopback rules", true, `flush chain inet pcpd control_local; ` + served + local},
+		// Eight more copies of both loopback rules: a request from the
+		// LAN fails their interface comparison sixteen times more.
+		{"x8 loopback rules", true, x8(`iif "lo" notrack accept`) + x8(`iif "lo" limit rate over 1048576/second burst 1048576 packets counter drop`)},
 		{"no reverse-path rule", true, `flush chain inet pcpd OWNER; add rule inet pcpd OWNER ` + limit + `; add rule inet pcpd OWNER goto control_meter`},
 		{"no owner limit", true, `flush chain inet pcpd OWNER; add rule inet pcpd OWNER ` + rpf + `; add rule inet pcpd OWNER goto control_meter`},
 		{"no per-source meter", true, `flush chain inet pcpd control_meter; add rule inet pcpd control_meter notrack; add rule inet pcpd control_meter accept`},
