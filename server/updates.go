@@ -264,6 +264,12 @@ func (s *Server) updateRound(ctx context.Context) (time.Time, bool) {
 		s.mu.Lock()
 		after := s.steady()
 		for _, o := range batch {
+			if o.p.sent == 0 {
+				// Ended again while this send was in flight
+				// (queueUpdates restarted it, due now): its
+				// three sends start over.
+				continue
+			}
 			if o.p.sent < updateSends {
 				// The next send at least the gap after this one has left.
 				o.p.due = after.Add(updateFirstGap << (o.p.sent - 1))

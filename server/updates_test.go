@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/hex"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -364,5 +365,57 @@ func BenchmarkQueueUpdates(b *testing.B) {
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/1000, "µs/chunk")
 		})
+	}
+}
+
+// TestUpdateEndedAgainWhileSending: a mapping ended again while its
+// update's send is in flight (queueUpdates' "ended again" branch runs
+// between updateRound's check and its send, the engine lock free then)
+// restarts its three sends; the round's bookkeeping after the send must
+// not take the restarted count for a sent one. Before h/revsu it
+// computed the next gap as updateFirstGap << (sent-1) with sent 0: a
+// negative shift, a runtime panic on the update goroutine, which ends
+// pcpd.
+func TestUpdateEndedAgainWhileSending(t *testing.T) {
+	h := newHarness(t)
+	h.start()
+	l := store.Lease{Key: store.Key{Owner: ownerA, InternalAddr: addrA, InternalPort: 443, Protocol: 6},
+		ExternalAddr: addrA, ExternalPort: 443, Kind: store.KindMap, Nonce: [12]byte{7},
+		ClientAddr: netip.AddrPortFrom(addrA, 40000), ServerAddr: local6}
+	var sends []pcp.ResultCode
+	h.s.updateSend = func(from netip.AddrPort, rs []reply) error {
+		for _, r := range rs {
+			var resp pcp.Response
+			if err := pcp.ParseResponse(r.b, &resp); err != nil {
+				t.Fatalf("unsolicited % x: %v", r.b, err)
+			}
+			sends = append(sends, resp.Result)
+		}
+		if len(sends) == 1 {
+			// Ended again, its first send leaving.
+			h.s.mu.Lock()
+			h.s.queueUpdates([]store.Lease{l}, pcp.CannotProvideExternal)
+			h.s.mu.Unlock()
+		}
+		return nil
+	}
+	h.s.mu.Lock()
+	h.s.queueUpdates([]store.Lease{l}, pcp.NotAuthorized)
+	h.s.mu.Unlock()
+	func() {
+		defer func() {
+			if r := recover(); r != nil {
+				t.Fatalf("updateRound with the mapping ended again during its send: panic %v", r)
+			}
+		}()
+		ctx := context.Background()
+		for range 8 {
+			h.s.updateRound(ctx)
+			h.clock.Advance(time.Second)
+		}
+	}()
+	want := []pcp.ResultCode{pcp.NotAuthorized, pcp.CannotProvideExternal, pcp.CannotProvideExternal, pcp.CannotProvideExternal}
+	if !slices.Equal(sends, want) {
+		t.Errorf("sent %v, want %v (the first end's first send, then the second end's three)", sends, want)
 	}
 }
