@@ -1,6 +1,7 @@
 package server
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"regexp"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pcpd/pcpd/internal/netlab"
 	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
@@ -361,7 +363,13 @@ func TestEndConntrackRunsSpacedWalk(t *testing.T) {
 // gone: that flow is unlabelled, the re-check never drops it. With
 // h/ctcut's Setup (CutsFlows true whatever the table held before) the
 // delete was answered with the walk held back, and the flow carried data
-// after it.
+// after it. The delete is sent once the restarted server's view of the
+// client's owner is read (waitOwnerServed) and its reply must be a
+// SUCCESS: sent before, under load, it was refused NOT_AUTHORIZED (no
+// owner yet, nothing deleted, the flow rightly alive), and the test took
+// that refusal for the delete's answer (CI run 50: "delete answered while
+// its conntrack walk was held back", 2-4 of 30-40 runs beside two busy
+// cores, h/flake).
 func TestE2EUpgradeDeleteWaitsForWalk(t *testing.T) {
 	for _, c := range []struct {
 		kind, chain, set string
@@ -396,6 +404,7 @@ func TestE2EUpgradeDeleteWaitsForWalk(t *testing.T) {
 			conn, src, dst := l.inbound(t, c.kind, c.port, time.Hour)
 			l.stop()
 			l.start() // the upgraded pcpd: its Setup writes the labelled layout
+			l.waitOwnerServed(t, l.topo.ClientV6)
 			gate.hold()
 			held := true
 			defer func() {
@@ -407,7 +416,8 @@ func TestE2EUpgradeDeleteWaitsForWalk(t *testing.T) {
 				pcp.AppendRequest(nil, mapReq(l.topo.ClientV6, pcp.ProtoTCP, c.port, c.ext, 0, 1)))
 			buf := make([]byte, 1100)
 			rc.SetReadDeadline(time.Now().Add(700 * time.Millisecond))
-			if _, err := rc.Read(buf); err == nil {
+			if n, err := rc.Read(buf); err == nil {
+				mustDeleted(t, buf[:n])
 				if err := echoOnce(conn); err == nil {
 					t.Error("the flow (opened before the upgrade) carries data after its delete was answered")
 				}
@@ -416,9 +426,11 @@ func TestE2EUpgradeDeleteWaitsForWalk(t *testing.T) {
 			gate.release()
 			held = false
 			rc.SetReadDeadline(time.Now().Add(ctFlushBound))
-			if _, err := rc.Read(buf); err != nil {
+			n, err := rc.Read(buf)
+			if err != nil {
 				t.Fatalf("no reply to the delete after the walk: %v", err)
 			}
+			mustDeleted(t, buf[:n])
 			if f := l.ctFlowOf(t, protoTCP, src, dst); f != nil {
 				t.Errorf("flow still tracked after the answered delete: %s", f)
 			}
@@ -426,5 +438,38 @@ func TestE2EUpgradeDeleteWaitsForWalk(t *testing.T) {
 				t.Error("the flow carries data after its delete was answered")
 			}
 		})
+	}
+}
+
+// waitOwnerServed waits until the ownership's view has an owner for a
+// request from a arriving on the lab's served interface. Each start of
+// the lab's server has its listener report that interface as a changed
+// device (policy.WireGuard.DevicesChanged: the lab's WireGuard reads the
+// device from outside the Host namespace, so FirstIndex does not know
+// it), which drops the interface's peers from the view until a re-read;
+// a request that opens a pinhole waits for that read (freshFirst), a
+// delete does not and is refused NOT_AUTHORIZED (no owner) meanwhile.
+func (l *lab) waitOwnerServed(t *testing.T, a netip.Addr) {
+	t.Helper()
+	if err := netlab.Eventually(5*time.Second, func() error {
+		if _, ok := l.wg.LookupOn(a, l.topo.HostLANIf); !ok {
+			return fmt.Errorf("%v has no owner on %s", a, l.topo.HostLANIf)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// mustDeleted fails t unless b is a PCP MAP reply of SUCCESS: a delete
+// refused deleted nothing, and its mapping's flow rightly lives on.
+func mustDeleted(t *testing.T, b []byte) {
+	t.Helper()
+	var r pcp.Response
+	if err := pcp.ParseResponse(b, &r); err != nil {
+		t.Fatalf("reply to the delete % x: %v", b, err)
+	}
+	if r.Opcode != pcp.OpMap || r.Result != pcp.Success {
+		t.Fatalf("delete refused (%v %v, lifetime %v): nothing deleted, nothing to test", r.Opcode, r.Result, r.Lifetime)
 	}
 }
