@@ -433,8 +433,21 @@ func (b *Backend) layout() []chainRules {
 	// connection, which carries the client's address as its source) is
 	// left alone. IPv4 the same, though IPv4 has no unprivileged way to
 	// send from an address not the host's (no IP_TRANSPARENT).
-	forged := func(fam byte, src []expr.Any, s *nftables.Set) []expr.Any {
-		return rule(nfproto(fam), src, x(lookup(s, reg0),
+	//
+	// The same flow can be begun from its other end (h/revh4): a process
+	// bound (IPV6_FREEBIND) to an internet host's address and port sends
+	// to a client's service; conntrack records the remote as the flow's
+	// original side, the client's answer is forwarded out as its reply,
+	// and the remote's own datagrams to the client are then established
+	// in the original direction. So a packet of a local socket to a
+	// protected address, from a source that is not the host's, is dropped
+	// too when it would make a flow (ct state new); within a flow that is
+	// already there (a transparent proxy answering a client as the server
+	// it asked) it passes:
+	//
+	//	ip6 daddr @protected6 ct state new meta skuid >= 0 fib saddr type != local-anycast counter drop
+	forged := func(fam byte, addr []expr.Any, s *nftables.Set, cond ...[]expr.Any) []expr.Any {
+		return rule(nfproto(fam), addr, x(lookup(s, reg0)), rule(cond...), x(
 			loadMeta(expr.MetaKeySKUID, reg0),
 			&expr.Cmp{Op: expr.CmpOpGte, Register: reg0, Data: make([]byte, 4)},
 			&expr.Fib{Register: reg0, FlagSADDR: true, ResultADDRTYPE: true},
@@ -446,6 +459,8 @@ func (b *Backend) layout() []chainRules {
 	localOut := [][]expr.Any{
 		forged(unix.NFPROTO_IPV6, x(loadNet(ip6SrcOff, 16, reg0)), b.protected6),
 		forged(unix.NFPROTO_IPV4, x(loadNet(ip4SrcOff, 4, reg0)), b.protected4),
+		forged(unix.NFPROTO_IPV6, x(loadNet(ip6DstOff, 16, reg0)), b.protected6, ctNew),
+		forged(unix.NFPROTO_IPV4, x(loadNet(ip4DstOff, 4, reg0)), b.protected4, ctNew),
 	}
 
 	out := []chainRules{

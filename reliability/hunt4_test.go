@@ -75,6 +75,17 @@ func udpIn(t *testing.T, ns *netlab.NS, ap netip.AddrPort, n *atomic.Int32) *net
 	return c
 }
 
+// sendInbound sends n datagrams "inbound" from c to to, 20 ms apart.
+func sendInbound(t *testing.T, c *net.UDPConn, to netip.AddrPort, n int) {
+	t.Helper()
+	for range n {
+		if _, err := c.WriteToUDPAddrPort([]byte("inbound"), to); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // TestLocalUserForgesFlowToClient (h/hunt4, issue 9: a local
 // unprivileged user on the tunnel host). pcpd's standalone guard admits
 // to a client's prefix what a pinhole admits, or an established flow. An
@@ -101,15 +112,7 @@ func TestLocalUserForgesFlowToClient(t *testing.T) {
 	var atClient, atRemote atomic.Int32
 	udpIn(t, l.topo.Client, client, &atClient)
 	in := udpIn(t, l.topo.Internet, remote, &atRemote)
-	inbound := func(n int) {
-		t.Helper()
-		for range n {
-			if _, err := in.WriteToUDPAddrPort([]byte("inbound"), client); err != nil {
-				t.Fatal(err)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
+	inbound := func(n int) { t.Helper(); sendInbound(t, in, client, n) }
 
 	// Control: unsolicited, the internet's datagrams are dropped.
 	inbound(5)
