@@ -52,14 +52,7 @@ func eachLocalOutMode(t *testing.T, fn func(t *testing.T, topo *netlab.Topology)
 // and returns whether a datagram arrives within 500 ms, each call.
 func listenOnce(t *testing.T, ns *netlab.NS, ap netip.AddrPort) (got func() bool) {
 	t.Helper()
-	var c *net.UDPConn
-	if err := ns.Do(func() (err error) {
-		c, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(ap))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c := ns.MustListenUDP(t, ap)
 	return func() bool {
 		c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
 		_, _, err := c.ReadFromUDPAddrPort(make([]byte, 64))

@@ -50,14 +50,7 @@ func sendFromAsNobody(ns *netlab.NS, src, dst netip.AddrPort, payload []byte) er
 // datagrams it receives until the test ends.
 func udpIn(t *testing.T, ns *netlab.NS, ap netip.AddrPort, n *atomic.Int32) *net.UDPConn {
 	t.Helper()
-	var c *net.UDPConn
-	if err := ns.Do(func() (err error) {
-		c, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(ap))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c := ns.MustListenUDP(t, ap)
 	if n != nil {
 		go func() {
 			buf := make([]byte, 1500)

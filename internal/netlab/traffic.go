@@ -174,6 +174,21 @@ func (n *NS) startUDP(addr string, reply func(b []byte, from netip.AddrPort) []b
 // ServeUDPEcho is StartUDPEcho for tests.
 func (n *NS) ServeUDPEcho(t testing.TB, addr string) { t.Helper(); serve(t, n.StartUDPEcho, addr) }
 
+// MustListenUDP opens a UDP socket bound to ap inside the namespace,
+// closed when the test ends; a failure ends the test.
+func (n *NS) MustListenUDP(t testing.TB, ap netip.AddrPort) *net.UDPConn {
+	t.Helper()
+	var c *net.UDPConn
+	if err := n.Do(func() (err error) {
+		c, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(ap))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 // ProbeUDP sends one datagram from inside the namespace and waits for the
 // echo. nil means the round trip worked.
 func (n *NS) ProbeUDP(addr string, timeout time.Duration) error {
