@@ -173,8 +173,21 @@ func (s *Server) HandleBatch(reqs []Request) [][]byte {
 // handleBatch is HandleBatch without waiting for the conntrack flush; ends
 // marks the requests whose replies must wait for it (nil: none). The
 // replies go into dst's array when it has room (the engine's, reused from
-// batch to batch).
+// batch to batch). A batch that answered an unsolicited update whose
+// send is in flight returns once that send has ended: its SUCCESS for a
+// re-map never leaves before the stale update of the same nonce
+// (updates.go).
 func (s *Server) handleBatch(reqs []Request, dst [][]byte) (replies [][]byte, ends []bool) {
+	replies, ends, behind := s.handleBatchLocked(reqs, dst)
+	if behind {
+		s.awaitUpdateSends()
+	}
+	return replies, ends
+}
+
+// handleBatchLocked is handleBatch's part under s.mu; behind reports a
+// request answering an update in flight (updateBehind).
+func (s *Server) handleBatchLocked(reqs []Request, dst [][]byte) (replies [][]byte, ends []bool, behind bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now() // under s.mu: a rebase (clock.go) moves the table's times
@@ -200,7 +213,7 @@ func (s *Server) handleBatch(reqs []Request, dst [][]byte) (replies [][]byte, en
 		}
 	}
 	clear(outs) // the buffer is kept: drop its references to replies and leases
-	return replies, ends
+	return replies, ends, s.updateBehind()
 }
 
 // handleTx handles reqs in as few transactions as fit (see the cut below)

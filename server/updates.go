@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/netip"
 	"slices"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -50,6 +51,14 @@ import (
 // route it to another peer, or to none; the host's own address) or its
 // serving socket is gone.
 //
+// A request never overtakes the update it answers (review h/revsu,
+// left 1): the round checks each update under s.mu, then sends with the
+// lock free, the updates in flight marked; a MAP or PEER request of
+// such a mapping handled meanwhile (updateAnswered) has its batch's
+// replies wait for that send to end (awaitUpdateSends), so its client
+// never gets the fresh mapping's SUCCESS and then the stale update of
+// the same nonce. Only such a batch waits (one sendmmsg), no other.
+//
 // Bounded (PROTOCOL.md (f)): at most maxUpdates mappings wait at a time;
 // the ends beyond are not told (their clients learn at their renewal)
 // and counted, pcpd_mapping_updates_dropped_total{reason="queue_full"}.
@@ -74,6 +83,8 @@ type update struct {
 	from netip.AddrPort
 	sent int
 	due  time.Time // s.steady's
+	// inflight: picked by a round whose send has not ended (under s.mu).
+	inflight bool
 }
 
 // updates is the queue of unsolicited updates, under s.mu.
@@ -81,6 +92,13 @@ type updates struct {
 	q     []*update
 	byKey map[store.Key]*update
 	wake  chan struct{}
+	// behind: a request answered an update in flight (updateAnswered);
+	// its batch's replies wait for the send (handleBatch takes it).
+	behind bool
+	// sending is held by a round from its pick (under s.mu) to the end
+	// of its send: awaitUpdateSends waits for it. Taken under s.mu, never
+	// waited for while holding s.mu by anyone else.
+	sending sync.Mutex
 }
 
 // updateMessage is the unsolicited response telling l's client of its
@@ -163,10 +181,29 @@ func (s *Server) updateAnswered(key store.Key) {
 		return
 	}
 	if p, ok := s.upd.byKey[key]; ok {
+		if p.inflight {
+			s.upd.behind = true
+		}
 		p.sent = updateSends
 		delete(s.upd.byKey, key)
 		s.m.updatesDropped.WithLabelValues("answered").Inc()
 	}
+}
+
+// updateBehind reports (and forgets) whether the requests handled since
+// its last call answered an update whose send was in flight: their
+// replies must wait for it (awaitUpdateSends). The caller holds s.mu.
+func (s *Server) updateBehind() bool {
+	b := s.upd.behind
+	s.upd.behind = false
+	return b
+}
+
+// awaitUpdateSends returns once the update send in flight, if any, has
+// ended. The caller does not hold s.mu.
+func (s *Server) awaitUpdateSends() {
+	s.upd.sending.Lock()
+	s.upd.sending.Unlock()
 }
 
 // sendUpdates sends the queued updates until ctx ends (Serve's
@@ -238,11 +275,16 @@ func (s *Server) updateRound(ctx context.Context) (time.Time, bool) {
 			batch = append(batch, out{p, reply{b: slices.Clone(p.msg), to: p.to}})
 			p.sent++
 			p.due = time.Time{} // set once sent
+			p.inflight = true
 		}
-		s.mu.Unlock()
 		if len(batch) == 0 {
+			s.mu.Unlock()
 			break
 		}
+		// From here to the end of the send, a request answering one of
+		// these (updateAnswered) has its replies wait (awaitUpdateSends).
+		s.upd.sending.Lock()
+		s.mu.Unlock()
 		slices.SortFunc(batch, func(a, b out) int { return a.p.from.Compare(b.p.from) })
 		for i := 0; i < len(batch); {
 			j := i
@@ -261,9 +303,11 @@ func (s *Server) updateRound(ctx context.Context) (time.Time, bool) {
 			}
 			i = j
 		}
+		s.upd.sending.Unlock()
 		s.mu.Lock()
 		after := s.steady()
 		for _, o := range batch {
+			o.p.inflight = false
 			if o.p.sent == 0 {
 				// Ended again while this send was in flight
 				// (queueUpdates restarted it, due now): its
