@@ -204,27 +204,36 @@ func (s *Server) announceOnce(ctx context.Context, pcpT, pmpT map[netip.AddrPort
 // served interface is not announced: none of its servers is there. *h
 // is the round's route handle, opened on first need.
 func (s *Server) orphanSocket(h **netlink.Handle, via map[netip.Addr]int, socks []*udpConn, a netip.Addr) *udpConn {
-	index, ok := via[a]
-	if !ok {
-		if *h == nil {
-			var err error
-			if *h, err = routeHandle(s.lis.ns); err != nil {
-				s.plog.Debug("announce: route handle", zap.Error(err))
-				via[a] = 0
-				return nil
-			}
-		}
-		if rs, err := (*h).RouteGet(a.AsSlice()); err == nil && len(rs) > 0 {
-			index = rs[0].LinkIndex
-		} else if err != nil {
-			s.plog.Debug("announce: no route", zap.Stringer("to", a), zap.Error(err))
-		}
-		via[a] = index
-	}
+	index := s.routeIndex(h, via, a)
 	for _, c := range socks {
 		if index != 0 && c.index == index && c.local.Addr().Is4() == a.Is4() && !c.local.Addr().IsLinkLocalUnicast() {
 			return c
 		}
 	}
 	return nil
+}
+
+// routeIndex is the index of the interface the kernel routes a out of
+// (RouteGet in the serving namespace), 0 through none or if the look-up
+// failed; cached in via, *h the handle, opened on first need.
+func (s *Server) routeIndex(h **netlink.Handle, via map[netip.Addr]int, a netip.Addr) int {
+	index, ok := via[a]
+	if ok {
+		return index
+	}
+	if *h == nil {
+		var err error
+		if *h, err = routeHandle(s.lis.ns); err != nil {
+			s.plog.Debug("route handle", zap.Error(err))
+			via[a] = 0
+			return 0
+		}
+	}
+	if rs, err := (*h).RouteGet(a.AsSlice()); err == nil && len(rs) > 0 {
+		index = rs[0].LinkIndex
+	} else if err != nil {
+		s.plog.Debug("no route", zap.Stringer("to", a), zap.Error(err))
+	}
+	via[a] = index
+	return index
 }

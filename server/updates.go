@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/pcp"
@@ -40,16 +41,19 @@ import (
 // they do not all fit in pcp.MaxMessageSize), no other option. It goes to the address:port the mapping's last reply went to
 // (Lease.ClientAddr, stored since the first store format), from the
 // serving address that reply left from (Lease.ServerAddr): that
-// interface's socket, bound to it (SO_BINDTODEVICE), so nothing leaves
-// on another interface. Three sends: at once, then ≥ 250 ms, then ≥
-// 500 ms after the send before (§14.2 SHOULD), each gap measured from
+// address's socket, bound to its interface (SO_BINDTOIFINDEX), and only
+// while that interface is the one the kernel routes the client out of
+// (updateSocket: a reply goes out of the socket its request came in on;
+// an address the admin moved to another served interface would make the
+// send leave on a link the client is not on). Three sends: at once,
+// then ≥ 250 ms, then ≥ 500 ms after the send before (§14.2 SHOULD), each gap measured from
 // the end of the send before. A send is skipped, and the update dropped,
 // when the client has re-mapped (a lease with the key again) or asked
 // about that mapping meanwhile (its MAP or PEER request: it has an
 // answer), when the destination address is no longer the mapping
 // owner's (a peer whose AllowedIPs lost the address: WireGuard would
 // route it to another peer, or to none; the host's own address) or its
-// serving socket is gone.
+// serving socket is gone or no longer on the client's route.
 //
 // A request never overtakes the update it answers (review h/revsu,
 // left 1): the round checks each update under s.mu, then sends with the
@@ -236,9 +240,17 @@ func (s *Server) updateRound(ctx context.Context) (time.Time, bool) {
 			socks[c.local] = c
 		}
 	}
+	var h *netlink.Handle // the round's route handle (updateSocket)
+	defer func() {
+		if h != nil {
+			h.Close()
+		}
+	}()
+	via := map[netip.Addr]int{}
 	type out struct {
 		p  *update
 		rs reply
+		c  *udpConn // nil: no socket on the client's route (updateSocket)
 	}
 	var batch []out
 	for first := true; ; first = false {
@@ -272,7 +284,7 @@ func (s *Server) updateRound(ctx context.Context) (time.Time, bool) {
 				continue
 			}
 			p.msg[8], p.msg[9], p.msg[10], p.msg[11] = byte(epoch>>24), byte(epoch>>16), byte(epoch>>8), byte(epoch)
-			batch = append(batch, out{p, reply{b: slices.Clone(p.msg), to: p.to}})
+			batch = append(batch, out{p: p, rs: reply{b: slices.Clone(p.msg), to: p.to}})
 			p.sent++
 			p.due = time.Time{} // set once sent
 			p.inflight = true
@@ -285,17 +297,25 @@ func (s *Server) updateRound(ctx context.Context) (time.Time, bool) {
 		// these (updateAnswered) has its replies wait (awaitUpdateSends).
 		s.upd.sending.Lock()
 		s.mu.Unlock()
+		if s.updateSend == nil {
+			for i := range batch {
+				batch[i].c = s.updateSocket(&h, via, socks[batch[i].p.from], batch[i].p.to.Addr())
+			}
+		}
 		slices.SortFunc(batch, func(a, b out) int { return a.p.from.Compare(b.p.from) })
 		for i := 0; i < len(batch); {
 			j := i
 			var rs []reply
 			for ; j < len(batch) && batch[j].p.from == batch[i].p.from; j++ {
-				rs = append(rs, batch[j].rs)
+				if s.updateSend != nil || batch[j].c != nil {
+					rs = append(rs, batch[j].rs)
+				}
 			}
 			var err error
 			if s.updateSend != nil {
 				err = s.updateSend(batch[i].p.from, rs)
-			} else {
+			} else if len(rs) > 0 {
+				// Every c of the group is nil or its address's socket.
 				err = socks[batch[i].p.from].sendBatch(rs)
 			}
 			if err != nil {
@@ -306,12 +326,27 @@ func (s *Server) updateRound(ctx context.Context) (time.Time, bool) {
 		s.upd.sending.Unlock()
 		s.mu.Lock()
 		after := s.steady()
+		sent := 0
 		for _, o := range batch {
 			o.p.inflight = false
+			left := o.c != nil || s.updateSend != nil
+			if left {
+				sent++
+			}
 			if o.p.sent == 0 {
 				// Ended again while this send was in flight
 				// (queueUpdates restarted it, due now): its
 				// three sends start over.
+				continue
+			}
+			if !left {
+				// Not sent: its serving address is on another
+				// interface than the client's route.
+				s.m.updatesDropped.WithLabelValues("no_socket").Inc()
+				o.p.sent = updateSends
+				if s.upd.byKey[o.p.key] == o.p {
+					delete(s.upd.byKey, o.p.key)
+				}
 				continue
 			}
 			if o.p.sent < updateSends {
@@ -319,7 +354,7 @@ func (s *Server) updateRound(ctx context.Context) (time.Time, bool) {
 				o.p.due = after.Add(updateFirstGap << (o.p.sent - 1))
 			}
 		}
-		s.m.updatesSent.Add(float64(len(batch)))
+		s.m.updatesSent.Add(float64(sent))
 		s.mu.Unlock()
 	}
 	s.mu.Lock()
@@ -341,4 +376,24 @@ func (s *Server) updateRound(ctx context.Context) (time.Time, bool) {
 	clear(s.upd.q[len(q):])
 	s.upd.q = q
 	return next, len(q) > 0
+}
+
+// updateSocket is the socket an update from c (the lease's serving
+// address's socket, nil if none) to the client address a leaves by: c,
+// if the kernel routes a out of c's interface (routeIndex; via its cache,
+// *h its handle), else nil. c is bound to its interface: an address the
+// admin moved to another served interface while the client stays
+// routed through the first would have the update leave on a link the
+// client is not on (IPv4 asks ARP for it there, and whoever answers
+// gets its nonce), the orphan ANNOUNCE's defect h/swap2 fixed
+// (orphanSocket). No other address's socket stands in: a client takes
+// responses only from the address it sends its requests to.
+func (s *Server) updateSocket(h **netlink.Handle, via map[netip.Addr]int, c *udpConn, a netip.Addr) *udpConn {
+	if c == nil {
+		return nil
+	}
+	if index := s.routeIndex(h, via, a.Unmap()); index == 0 || index != c.index {
+		return nil
+	}
+	return c
 }
