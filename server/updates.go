@@ -46,8 +46,8 @@ import (
 // (updateSocket: a reply goes out of the socket its request came in on;
 // an address the admin moved to another served interface would make the
 // send leave on a link the client is not on). Three sends: at once,
-// then ≥ 250 ms, then ≥ 500 ms after the send before (§14.2 SHOULD), each gap measured from
-// the end of the send before. A send is skipped, and the update dropped,
+// then ≥ 250 ms, then ≥ 500 ms after the send before (§14.2 SHOULD),
+// each gap measured from the end of the send before. A send is skipped, and the update dropped,
 // when the client has re-mapped (a lease with the key again) or asked
 // about that mapping meanwhile (its MAP or PEER request: it has an
 // answer), when the destination address is no longer the mapping

@@ -103,3 +103,45 @@ func TestUpdateNeverAfterRemapReply(t *testing.T) {
 		t.Errorf("after the re-map: %+v, want nothing", out)
 	}
 }
+
+// TestLinkLocalSourceHasNoUpdate (issue 9, review h/revsu left 3): a
+// client asking from a link-local source (zoned, as the serving sockets'
+// reader decodes it), for its own global address by THIRD_PARTY or for
+// the link-local address itself, is refused: a zoned source has no owner
+// (policy: the ownership tables never match a zone), so no lease is made
+// and no update can ever be owed to it. The refusal's reply is its
+// answer. Passes on main too: evidence for the decision, not a fix.
+func TestLinkLocalSourceHasNoUpdate(t *testing.T) {
+	ll := netip.MustParseAddr("fe80::10").WithZone("pcp0")
+	rows := []struct {
+		name string
+		tp   netip.Addr
+	}{
+		{"THIRD_PARTY for its global address", addrA},
+		{"its own link-local address", netip.Addr{}},
+	}
+	for _, r := range rows {
+		t.Run(r.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.start()
+			req := mapReq(ll.WithZone(""), pcp.ProtoTCP, 443, 0, time.Hour, 5)
+			if r.tp.IsValid() {
+				req.Options.ThirdParty = r.tp
+			}
+			b := h.s.Handle(local6, netip.AddrPortFrom(ll, 40000), pcp.AppendRequest(nil, req))
+			var resp pcp.Response
+			if b != nil {
+				if err := pcp.ParseResponse(b, &resp); err != nil {
+					t.Fatalf("reply % x: %v", b, err)
+				}
+			}
+			if b != nil && resp.Result == pcp.Success {
+				t.Fatalf("MAP from %v granted: %+v", ll, resp.Map)
+			}
+			if ls := h.s.Leases(); len(ls) != 0 {
+				t.Fatalf("leases after a request from %v: %+v", ll, ls)
+			}
+			t.Logf("answered %v (nil reply: %v)", resp.Result, b == nil)
+		})
+	}
+}
