@@ -119,24 +119,7 @@ func TestWireGuardDeviceSwapFirstMapping(t *testing.T) {
 			l.start()
 			cli4 := l.topo.ClientV4
 			l.mustPMP(l.pcpClient(cli4), pcp.PMPOpMapTCP, 9300, time.Hour) // the old device's
-			wg, err := wgctrl.New()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer wg.Close()
-			newKey, err := wgtypes.GeneratePrivateKey()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := wg.ConfigureDevice(l.topo.HostLANIf, wgtypes.Config{Peers: []wgtypes.PeerConfig{
-				{PublicKey: l.topo.ClientKey.PublicKey(), Remove: true},
-				{PublicKey: newKey.PublicKey(), AllowedIPs: []net.IPNet{ipnet(l.topo.ClientPrefix6), ipnet(l.topo.ClientPrefix4)}},
-			}}); err != nil {
-				t.Fatal(err)
-			}
-			if err := wg.ConfigureDevice(l.topo.ClientIf, wgtypes.Config{PrivateKey: &newKey}); err != nil {
-				t.Fatal(err)
-			}
+			newKey := l.swapDevice()
 			swapped := time.Now()
 			time.Sleep(tc.after)
 			ext := l.mustPMP(l.pcpClient(cli4), pcp.PMPOpMapTCP, 9301, time.Hour) // the new device's first request
@@ -154,4 +137,30 @@ func TestWireGuardDeviceSwapFirstMapping(t *testing.T) {
 			}
 		})
 	}
+}
+
+// swapDevice replaces the WireGuard lab's client device as an admin does:
+// the old peer removed from the host, a new key with the same AllowedIPs,
+// the client's interface given the new private key. It returns the key.
+func (l *lab) swapDevice() wgtypes.Key {
+	l.t.Helper()
+	wg, err := wgctrl.New()
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	defer wg.Close()
+	newKey, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	if err := wg.ConfigureDevice(l.topo.HostLANIf, wgtypes.Config{Peers: []wgtypes.PeerConfig{
+		{PublicKey: l.topo.ClientKey.PublicKey(), Remove: true},
+		{PublicKey: newKey.PublicKey(), AllowedIPs: []net.IPNet{ipnet(l.topo.ClientPrefix6), ipnet(l.topo.ClientPrefix4)}},
+	}}); err != nil {
+		l.t.Fatal(err)
+	}
+	if err := wg.ConfigureDevice(l.topo.ClientIf, wgtypes.Config{PrivateKey: &newKey}); err != nil {
+		l.t.Fatal(err)
+	}
+	return newKey
 }

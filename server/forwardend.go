@@ -73,7 +73,7 @@ func (s *Server) endForwarded() {
 			s.mu.Unlock()
 			return
 		}
-		gone, err := s.revokeKeysLocked(chunk, still)
+		gone, err := s.revokeKeysLocked(chunk, still, false)
 		if err == nil {
 			s.queueUpdates(gone, pcp.CannotProvideExternal) // UPD-02 (updates.go)
 		}

@@ -241,7 +241,7 @@ func (s *Server) revokeKeys(keys []store.Key) ([]store.Lease, error) {
 	if s.serveEnded {
 		return nil, errServeEnded
 	}
-	gone, err := s.revokeKeysLocked(keys, nil)
+	gone, err := s.revokeKeysLocked(keys, nil, false)
 	if err == nil {
 		s.queueUpdates(gone, pcp.NotAuthorized) // UPD-03 (updates.go)
 	}
@@ -250,8 +250,11 @@ func (s *Server) revokeKeys(keys []store.Key) ([]store.Lease, error) {
 
 // revokeKeysLocked is revokeKeys under s.mu held by the caller; with
 // still, only the leases it still selects are ended (the ownership
-// sweep: those still unowned).
-func (s *Server) revokeKeysLocked(keys []store.Key, still func(*store.Lease) bool) ([]store.Lease, error) {
+// sweep: those still unowned). unowned: the ownership sweep's, whose
+// kernel deletes stand if the store fails (tx.revoking); an operator's
+// revoke is refused then, as before (its leases are still owned: a
+// restart would restore them, and nothing would revoke them again).
+func (s *Server) revokeKeysLocked(keys []store.Key, still func(*store.Lease) bool, unowned bool) ([]store.Lease, error) {
 	now := s.now()
 	s.expireLocked(now)
 	var gone []store.Lease
@@ -263,6 +266,7 @@ func (s *Server) revokeKeysLocked(keys []store.Key, still func(*store.Lease) boo
 		}
 		if t == nil {
 			t = s.begin(now)
+			t.revoking = unowned
 		}
 		gone = append(gone, *l)
 		t.set(k, nil, true)

@@ -767,7 +767,7 @@ func (s *Server) sweepMore() bool {
 	gone, err := s.revokeKeysLocked(chunk, func(l *store.Lease) bool {
 		o, ok := own.Lookup(l.InternalAddr)
 		return !ok || string(o.ID) != l.Owner
-	})
+	}, true)
 	never := make([]bool, len(gone))
 	for i := range gone {
 		never[i] = s.pol.NeverOpenable(gone[i].InternalAddr)
@@ -887,6 +887,7 @@ func (s *Server) revokeUnowned(keys []store.Key) bool {
 	slices.SortFunc(keys, compareKeys)
 	gone := make([]store.Lease, 0, len(keys))
 	t := s.begin(s.now())
+	t.revoking = true // its deletes stand if the store fails (tx.commit)
 	for _, k := range keys {
 		if l, ok := s.tab.get(k); ok {
 			gone = append(gone, *l)

@@ -30,6 +30,11 @@ type tx struct {
 	qund []quarUndo
 	// retry: the request is handled again alone after its batch failed.
 	retry bool
+	// revoking: the tx ends leases whose owner no longer owns them
+	// (revokeKeysLocked for the ownership sweep, revokeUnowned). Its
+	// kernel changes stand if the store fails (commit): the store is owed
+	// them (storeDebt), as an expiry's are.
+	revoking bool
 	// ended are leases removed for good (delete, revocation, expiry),
 	// moved, or whose FILTERs narrowed (filtersNarrowed), as they were:
 	// their connections are flushed after the commit, but for those a
@@ -88,7 +93,7 @@ func (s *Server) begin(now time.Time) *tx {
 func (s *Server) release(t *tx) {
 	t.shrink()
 	t.reset()
-	t.retry = false
+	t.retry, t.revoking = false, false
 	s.spare = t
 }
 
@@ -608,6 +613,23 @@ func (t *tx) commit() error {
 			t.s.log.Error("cannot undo store changes after a kernel failure; the next store commit writes them back", zap.Int("leases", len(t.s.storeDebt)), zapErr(uerr))
 		}
 		return fmt.Errorf("server: kernel: %w", kerr)
+	case serr != nil && t.revoking:
+		// A revocation is not a request: no reply waits for it to be
+		// durable, and undone it left the pinholes of an address its
+		// owner lost open (into the address's new owner, or to the host's
+		// own) for as long as the store refused writes: a state directory
+		// remounted read-only after an I/O error, a full disk (h/hunt6,
+		// TestRevokeUnownedWhileStoreFails, TestRevokeWhileStateReadOnly).
+		// So the kernel's deletes stand and the store is owed them: the
+		// next commit or housekeep's payStoreDebt writes them, and a
+		// restart before that restores the leases and its sweep revokes
+		// them again.
+		t.s.m.storeErrors.Inc()
+		t.owe()
+		t.s.flushConntrack(t.ended)
+		t.s.log.Warn("cannot record revoked leases; they are out of the kernel, and the store is written when it takes writes again",
+			zap.Int("leases", len(t.undo)), zapErr(serr))
+		return nil
 	case serr != nil:
 		t.s.m.storeErrors.Inc()
 		if err := t.s.applyAll(reversed(t.inv)); err != nil {
