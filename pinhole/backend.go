@@ -201,6 +201,14 @@ type Backend struct {
 		at          time.Time
 	}
 	drops [3]atomic.Uint64
+	// loopDrops is the host's loopback bucket's drops (loopbackRules),
+	// MeterDrops.Loopback: what control_local's loopback limit counted
+	// since this Backend wrote or first read the chain; loopCount its
+	// counter as last read, loopSeen whether there is one to compare
+	// (foldLoopbackCounter).
+	loopDrops atomic.Uint64
+	loopCount uint64
+	loopSeen  bool
 	// lookedUp is the owners whose chain's reverse-path rule has no
 	// interfaces, as of the last SetOwners or FollowRoutes
 	// (RouteLookupOwners); read without b.mu.
@@ -593,6 +601,9 @@ func (b *Backend) setupLocked() (err error) {
 		// counted since its last read (MeterDrops).
 		b.readOwnerCounters(unownedChain)
 	}
+	if b.metering() {
+		b.readLoopbackCounter() // control_local too: its loopback bucket's
+	}
 	if err := b.queueMisshapenChainRemoval(chains); err != nil {
 		return err
 	}
@@ -639,6 +650,9 @@ func (b *Backend) setupLocked() (err error) {
 		}
 		b.ownerCounts[unownedChain] = [3]uint64{}
 	}
+	// control_local written anew: the loopback bucket's drops count from
+	// 0, also those before the first Healthy.
+	b.loopSeen, b.loopCount = b.metering(), 0
 	// Now the guard's prefixes, in transactions of at most protectedTxn
 	// elements (writeProtected). Between them the sets hold, for every
 	// address, either what they held before or what they must hold, and
@@ -1819,6 +1833,10 @@ type healthWant struct {
 	served6, served4       nftables.Set
 	servedIfs              []string
 	servingIfs             nftables.Set
+	// loopback is the chain holding the host's loopback bucket
+	// (control_local, when the layout has the meter; "" none): its
+	// rules go to read, for the bucket's drop counter.
+	loopback string
 }
 
 // healthWantLocked copies what Healthy compares the kernel with. The
@@ -1853,6 +1871,9 @@ func (b *Backend) healthWantLocked() *healthWant {
 		w.served6, w.served4 = *b.served6, *b.served4
 	}
 	w.hasServed, w.servedIfs, w.servingIfs = b.hasServed, b.servedIfs, *b.servingIfs
+	if b.metering() {
+		w.loopback = b.chainControlLocal
+	}
 	if b.hasOwners && b.ownerMetering() {
 		w.meter, w.owners, w.holes, w.unowned = true, b.owners, b.holes, b.cfg.Meter.Unowned
 		w.owners6, w.owners4 = *b.owners6, *b.owners4
@@ -2042,6 +2063,10 @@ func (b *Backend) unmarkOwed() bool {
 // counts (MeterDrops). Caller holds b.mu.
 func (b *Backend) foldOwnerReads(read map[string][]*nftables.Rule) {
 	for name, rules := range read {
+		if b.metering() && name == b.chainControlLocal {
+			b.foldLoopbackCounter(rules)
+			continue
+		}
 		b.foldOwnerCounters(name, rules)
 	}
 }
@@ -2148,8 +2173,8 @@ func (w *healthWant) checkLayout(v kview, chains map[string]*nftables.Chain, pre
 		if err != nil {
 			return fmt.Errorf("pinhole: rules of %s: %w: %w", cr.name, ErrUnhealthy, err)
 		}
-		if cr.name == unownedChain {
-			read[cr.name] = rules // its drop counter (MeterDrops)
+		if cr.name == unownedChain || cr.name == w.loopback {
+			read[cr.name] = rules // their drop counters (MeterDrops)
 		}
 		if len(rules) != len(cr.rules) {
 			return fmt.Errorf("pinhole: chain %s has %d rules, want %d: %w", cr.name, len(rules), len(cr.rules), ErrUnhealthy)

@@ -111,6 +111,31 @@ func TestLoopbackHostBucket(t *testing.T) {
 			if err := b.Healthy(); err != nil {
 				t.Fatalf("Healthy: %v", err)
 			}
+			// Its drops are the meter's (pcpd_kernel_requests_dropped_total
+			// {reason="loopback-rate-limit"}), apart from the owner
+			// chains' (h/lodrop): read by Healthy, and by a Setup before
+			// it writes control_local again (its counter from 0), which
+			// neither loses nor repeats them.
+			want := pinhole.MeterDrops{Loopback: uint64(flood - got)}
+			if d := b.MeterDrops(); d != want {
+				t.Errorf("after %d from %v over loopback (socket got %d), MeterDrops %+v, want %+v", flood, src, got, d, want)
+			}
+			got2 := sentFrom(t, topo.Host, src, dst, flood, tc.freebind, srv)
+			want.Loopback += uint64(flood - got2)
+			if err := b.Setup(); err != nil {
+				t.Fatalf("Setup again: %v", err)
+			}
+			if n := chainCounter(t, topo.Host, "control_local", `iif "lo" limit`); n != 0 {
+				t.Fatalf("control_local written again, its loopback counter is %d, not 0: nothing to check", n)
+			}
+			for _, when := range []string{"after a second flood (socket got %d) and a Setup", "after another Healthy (second flood: socket got %d)"} {
+				if err := b.Healthy(); err != nil {
+					t.Fatalf("Healthy: %v", err)
+				}
+				if d := b.MeterDrops(); d != want {
+					t.Errorf(when+": MeterDrops %+v, want %+v", got2, d, want)
+				}
+			}
 		})
 	}
 }

@@ -351,6 +351,53 @@ func (b *Backend) loopbackRules() [][]expr.Any {
 	}
 }
 
+// foldLoopbackCounter adds what control_local's loopback bucket (its
+// listed rules: the one with a limit, loopbackRules; the per-source
+// meter's limits are inside its set updates, not rules' own) counted
+// since its last read to MeterDrops.Loopback. Without a read or write
+// before (loopSeen), it sets the base; a counter below the last read was
+// zeroed by a rewrite nobody reported, and counts from 0. Caller holds
+// b.mu.
+func (b *Backend) foldLoopbackCounter(rules []*nftables.Rule) {
+	var now uint64
+	for _, r := range rules {
+		limited, n := false, uint64(0)
+		for _, e := range r.Exprs {
+			switch e := e.(type) {
+			case *expr.Limit:
+				limited = true
+			case *expr.Counter:
+				n += e.Packets
+			}
+		}
+		if limited {
+			now += n
+		}
+	}
+	last, seen := b.loopCount, b.loopSeen
+	b.loopCount, b.loopSeen = now, true
+	if !seen {
+		return
+	}
+	if now >= last {
+		now -= last
+	}
+	b.loopDrops.Add(now)
+}
+
+// readLoopbackCounter folds control_local's loopback drops in before
+// Setup rewrites the chain. Best effort, as readOwnerCounters: a failed
+// read loses at most what it dropped since its last read. Caller holds
+// b.mu.
+func (b *Backend) readLoopbackCounter() {
+	if !b.loopSeen {
+		return
+	}
+	if rules, err := b.readConn().GetRules(b.table, &nftables.Chain{Table: b.table, Name: b.chainControlLocal}); err == nil {
+		b.foldLoopbackCounter(rules)
+	}
+}
+
 // controlChains are the control chains' objects (none when controlling is
 // false). Priority raw (-300) runs before conntrack's own hook (-200),
 // which is what lets notrack work.

@@ -388,6 +388,11 @@ type MeterDrops struct {
 	// UnownedRate: dropped by the shared limit of the sources no owner
 	// holds (Meter.UnownedRate, unownedChain; read by Healthy only).
 	UnownedRate uint64
+	// Loopback: dropped by the host's loopback bucket (loopbackRules:
+	// what the host's own processes, any local user's, send to a served
+	// address, over Meter.Rate together; read by Healthy and before
+	// Setup rewrites control_local). With the meter on, owners or not.
+	Loopback uint64
 }
 
 // MeterDrops returns the owner chains' drop counters, added up per rule
@@ -399,7 +404,8 @@ type MeterDrops struct {
 // this Backend first read it (a previous pcpd's) are not included; drops
 // between a chain's last read and its loss to tampering are lost.
 func (b *Backend) MeterDrops() MeterDrops {
-	return MeterDrops{ReversePath: b.drops[0].Load(), OwnerRate: b.drops[1].Load(), UnownedRate: b.drops[2].Load()}
+	return MeterDrops{ReversePath: b.drops[0].Load(), OwnerRate: b.drops[1].Load(), UnownedRate: b.drops[2].Load(),
+		Loopback: b.loopDrops.Load()}
 }
 
 // foldOwnerCounters adds what owner chain name's counters (its listed

@@ -110,13 +110,16 @@ func (m *metrics) collectors() []prometheus.Collector {
 	return c
 }
 
-// kernelDrops reports the owner meter's drops (pinhole.MeterDrops) by
+// kernelDrops reports the kernel meter's drops (pinhole.MeterDrops) by
 // rule: reverse-path (a source in a client's prefix arriving where the
 // host does not route that prefix: spoofed, or a multipath route under
-// strict) apart from owner-rate-limit (the client over its rate) and
-// unowned-rate-limit (the sources no client owns, together, over theirs), the
-// reason names of pcpd_requests_dropped_total. Reading them asks the
-// kernel nothing: the backend gathers them at each health check.
+// strict) apart from owner-rate-limit (the client over its rate),
+// unowned-rate-limit (the sources no client owns, together, over theirs),
+// the reason names of pcpd_requests_dropped_total, and
+// loopback-rate-limit (the host's own requests, any local user's, sent
+// over loopback, together over --kernel-rate-limit: the host's bucket in
+// control_local, h/lometer). Reading them asks the kernel nothing: the
+// backend gathers them at each health check.
 type kernelDrops struct {
 	desc  *prometheus.Desc
 	drops func() pinhole.MeterDrops
@@ -124,7 +127,7 @@ type kernelDrops struct {
 
 func newKernelDrops(drops func() pinhole.MeterDrops) *kernelDrops {
 	return &kernelDrops{drops: drops, desc: prometheus.NewDesc("pcpd_kernel_requests_dropped_total",
-		"Requests the kernel's owner meter dropped before they reached pcpd, by reason (reverse-path, owner-rate-limit, unowned-rate-limit); updated at each firewall check.",
+		"Requests the kernel's meter dropped before they reached pcpd, by reason (reverse-path, owner-rate-limit, unowned-rate-limit, loopback-rate-limit: the host's own over loopback); updated at each firewall check.",
 		[]string{"reason"}, nil)}
 }
 
@@ -135,6 +138,7 @@ func (k *kernelDrops) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(k.desc, prometheus.CounterValue, float64(d.ReversePath), "reverse-path")
 	ch <- prometheus.MustNewConstMetric(k.desc, prometheus.CounterValue, float64(d.OwnerRate), "owner-rate-limit")
 	ch <- prometheus.MustNewConstMetric(k.desc, prometheus.CounterValue, float64(d.UnownedRate), "unowned-rate-limit")
+	ch <- prometheus.MustNewConstMetric(k.desc, prometheus.CounterValue, float64(d.Loopback), "loopback-rate-limit")
 }
 
 // newLookupOwners counts the owners each of whose requests costs the

@@ -128,12 +128,13 @@ func TestOwnerMeterFailure(t *testing.T) {
 		t.Errorf("%d pinholes, want 2", n)
 	}
 
-	h.fw.Drops = pinhole.MeterDrops{ReversePath: 7, OwnerRate: 11, UnownedRate: 13}
+	h.fw.Drops = pinhole.MeterDrops{ReversePath: 7, OwnerRate: 11, UnownedRate: 13, Loopback: 17}
 	got := gather(t, reg)
 	for k, v := range map[string]float64{
-		"pcpd_kernel_requests_dropped_total,reason=reverse-path":       7,
-		"pcpd_kernel_requests_dropped_total,reason=owner-rate-limit":   11,
-		"pcpd_kernel_requests_dropped_total,reason=unowned-rate-limit": 13,
+		"pcpd_kernel_requests_dropped_total,reason=reverse-path":        7,
+		"pcpd_kernel_requests_dropped_total,reason=owner-rate-limit":    11,
+		"pcpd_kernel_requests_dropped_total,reason=unowned-rate-limit":  13,
+		"pcpd_kernel_requests_dropped_total,reason=loopback-rate-limit": 17,
 	} {
 		if got[k] != v {
 			t.Errorf("%s = %v, want %v", k, got[k], v)

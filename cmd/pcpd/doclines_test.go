@@ -338,12 +338,13 @@ func TestReadmeMetricsServed(t *testing.T) {
 		},
 	}}
 	served := map[string]bool{}
+	var body []byte
 	err = netlab.Eventually(5*time.Second, func() error {
 		resp, err := hc.Get("http://" + metricsAddr + "/metrics")
 		if err != nil {
 			return err
 		}
-		body, err := io.ReadAll(resp.Body)
+		body, err = io.ReadAll(resp.Body)
 		resp.Body.Close()
 		if err != nil {
 			return err
@@ -365,6 +366,24 @@ func TestReadmeMetricsServed(t *testing.T) {
 	for m := range served {
 		if !documented[m] {
 			t.Errorf("pcpd serves metric %s, which README.md does not document", m)
+		}
+	}
+	// The kernel meter's drop reasons, each served from the start, are
+	// each named in README.md's row of the metric (h/lodrop:
+	// loopback-rate-limit).
+	row := ""
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "| `pcpd_kernel_requests_dropped_total") {
+			row = l
+		}
+	}
+	reasons := regexp.MustCompile(`(?m)^pcpd_kernel_requests_dropped_total\{reason="([^"]+)"\} `).FindAllStringSubmatch(string(body), -1)
+	if len(reasons) < 4 {
+		t.Errorf("pcpd serves %d reasons of pcpd_kernel_requests_dropped_total, want at least 4:\n%s", len(reasons), body)
+	}
+	for _, r := range reasons {
+		if !strings.Contains(row, "`"+r[1]+"`") {
+			t.Errorf("pcpd serves pcpd_kernel_requests_dropped_total{reason=%q}, which README.md's row of the metric does not name:\n%s", r[1], row)
 		}
 	}
 }

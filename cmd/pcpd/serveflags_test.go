@@ -304,6 +304,87 @@ func TestServeKernelUnownedRateLimit(t *testing.T) {
 	}
 }
 
+// The host's loopback bucket (pinhole's loopbackRules, h/lometer) drops
+// what the host's own processes send to a served address over
+// --kernel-rate-limit, and those drops reach /metrics as
+// pcpd_kernel_requests_dropped_total{reason="loopback-rate-limit"}: 1000
+// ANNOUNCEs back to back from the host's served address, then the metric
+// (read at a firewall check) equals control_local's loopback counter,
+// which is not 0. Before (h/lodrop), only "nft list chain inet pcpd
+// control_local" showed them; the metric had no such reason.
+func TestServeKernelLoopbackDrops(t *testing.T) {
+	netlab.RequireRoot(t)
+	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
+	const metricsAddr = "127.0.0.1:9357"
+	dir := t.TempDir()
+	server := netip.AddrPortFrom(topo.HostTunnelV6, pcp.Port)
+	d := pcpdtest.Start(t, pcpdtest.Config{NS: topo.Host, Args: []string{"serve", "--interface", topo.HostLANIf,
+		"--client", "home=" + topo.ClientPrefix6.String(),
+		"--state-dir", filepath.Join(dir, "state"), "--socket", filepath.Join(dir, "pcpd.sock"),
+		"--metrics", metricsAddr},
+		Ready: pcpdtest.Announce(topo.Client, topo.ClientV6, server)})
+	defer d.Stop()
+	req := make([]byte, 24)
+	req[0], req[1] = 2, 0 // version 2, ANNOUNCE
+	const flood = 1000
+	if err := topo.Host.Do(func() error {
+		// From the served address itself (the host's own requests): the
+		// socket filter takes them, so what pcpd does not get is the
+		// loopback rule's.
+		c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(topo.HostTunnelV6, 0)))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		for range flood {
+			if _, err := c.WriteToUDPAddrPort(req, server); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	kernel := func() int {
+		out := topo.Host.MustRun(t, "nft", "list", "chain", "inet", "pcpd", "control_local")
+		for _, l := range strings.Split(out, "\n") {
+			if !strings.Contains(l, `iif "lo" limit rate over`) {
+				continue
+			}
+			f := strings.Fields(l[strings.Index(l, "counter packets"):])
+			n, err := strconv.Atoi(f[2])
+			if err != nil {
+				t.Fatalf("control_local's loopback rule: %q", l)
+			}
+			return n
+		}
+		t.Fatalf("control_local has no loopback bucket:\n%s", out)
+		return 0
+	}
+	dropped := kernel()
+	if dropped == 0 {
+		t.Fatalf("%d ANNOUNCEs over loopback back to back: the loopback rule dropped none (--kernel-rate-limit's burst is 400)", flood)
+	}
+	// The figures follow the firewall check (every 5 s).
+	want := fmt.Sprintf("pcpd_kernel_requests_dropped_total{reason=\"loopback-rate-limit\"} %d\n", dropped)
+	var body string
+	if err := netlab.Eventually(12*time.Second, func() (err error) {
+		body, err = scrape(topo.Host, metricsAddr)
+		if err == nil && !strings.Contains(body, want) {
+			err = fmt.Errorf("no %q", strings.TrimSpace(want))
+		}
+		return err
+	}); err != nil {
+		t.Errorf("/metrics after %d ANNOUNCEs over loopback, %d dropped by control_local's loopback rule: %v\n%s",
+			flood, dropped, err, grepLines(body, "pcpd_kernel_requests_dropped_total"))
+	}
+	for _, r := range []string{"owner-rate-limit", "unowned-rate-limit", "reverse-path"} {
+		if !strings.Contains(body, fmt.Sprintf("pcpd_kernel_requests_dropped_total{reason=%q} 0\n", r)) {
+			t.Errorf("/metrics: the loopback flood counted as %s:\n%s", r, grepLines(body, "pcpd_kernel_requests_dropped_total"))
+		}
+	}
+}
+
 // scrape fetches http://addr/metrics from inside ns (the socket is made
 // in ns; a plain HTTP/1.0 GET).
 func scrape(ns *netlab.NS, addr string) (string, error) {
