@@ -334,6 +334,10 @@ type listener struct {
 	// notification alone is followed).
 	pass time.Duration
 
+	// bindIndex, if set (tests), stands for setsockopt SO_BINDTOIFINDEX
+	// on fd (bindToIndex).
+	bindIndex func(fd, index int) error
+
 	mu    sync.Mutex
 	conns map[netip.AddrPort]*udpConn
 	wg    sync.WaitGroup
@@ -420,6 +424,9 @@ func (l *listener) run(ctx context.Context) error {
 	}
 	tick := time.NewTicker(every)
 	defer tick.Stop()
+	if err := l.probeBindToIndex(); err != nil {
+		return err
+	}
 	l.resync(h)
 	for {
 		select {
@@ -798,7 +805,7 @@ func (l *listener) open(ifc string, index int, ap netip.AddrPort) (*net.UDPConn,
 			// replaced (TestE2EWireGuardTwoSwapsInOnePass). A gone
 			// index fails (ENODEV); the pass its link events ask for
 			// reports the newer device first.
-			if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_BINDTOIFINDEX, index); serr != nil {
+			if serr = l.bindToIndex(int(fd), index); serr != nil {
 				serr = fmt.Errorf("SO_BINDTOIFINDEX %s (%d): %w", ifc, index, serr)
 				return
 			}
@@ -847,6 +854,43 @@ func (l *listener) open(ifc string, index int, ap netip.AddrPort) (*net.UDPConn,
 		return nil, fmt.Errorf("server: listen %s on %s: %w", ap, ifc, err)
 	}
 	return pc.(*net.UDPConn), nil
+}
+
+// bindToIndex binds socket fd to interface index (0: to none) with
+// SO_BINDTOIFINDEX (Linux 5.1), or bindIndex.
+func (l *listener) bindToIndex(fd, index int) error {
+	if l.bindIndex != nil {
+		return l.bindIndex(fd, index)
+	}
+	return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_BINDTOIFINDEX, index)
+}
+
+// probeBindToIndex asks the kernel, on a socket of its own, whether the
+// serving sockets can be bound by index (bindToIndex to none, which a
+// kernel with the option takes from any socket since 5.7), so that a
+// kernel that cannot stops pcpd at start with what it needs rather than
+// leave it serving nothing, every bind failing at every pass with a bare
+// errno (h/lodrop; README.md, Requirements). No fallback to binding by
+// name (SO_BINDTODEVICE): the kernel resolves the name when the option
+// is set, and a device swapped under the name since want read it would
+// get the socket (TestE2EWireGuardTwoSwapsInOnePass), its requests judged
+// as the old device's. Any other failure is left to the binds, which
+// log theirs.
+func (l *listener) probeBindToIndex() error {
+	return inNS(l.ns, func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return nil // the binds will say
+		}
+		defer unix.Close(fd)
+		switch err := l.bindToIndex(fd, 0); {
+		case errors.Is(err, unix.ENOPROTOOPT):
+			return fmt.Errorf("server: this kernel has no SO_BINDTOIFINDEX (Linux 5.1), which binds the serving sockets to their interface; pcpd needs Linux 5.6 or later (README.md, Requirements): %w", err)
+		case errors.Is(err, unix.EPERM):
+			return fmt.Errorf("server: binding a socket to an interface (SO_BINDTOIFINDEX) needs CAP_NET_RAW before Linux 5.7: give pcpd CAP_NET_RAW (AmbientCapabilities, CapabilityBoundingSet) or run Linux 5.7 or later (README.md, Requirements): %w", err)
+		}
+		return nil
+	})
 }
 
 // loopbackIndex is the loopback interface's index, the same in every
