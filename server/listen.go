@@ -338,6 +338,13 @@ type listener struct {
 	// on fd (bindToIndex).
 	bindIndex func(fd, index int) error
 
+	// left is the links the kernel told deleted or moved out of the
+	// namespace (RTM_DELLINK, noteLeft) since a pass last took them
+	// (takeLeft), under leftMu (not mu: follow records them while a
+	// pass runs).
+	leftMu sync.Mutex
+	left   leftLinks
+
 	mu    sync.Mutex
 	conns map[netip.AddrPort]*udpConn
 	wg    sync.WaitGroup
@@ -448,7 +455,7 @@ func (l *listener) run(ctx context.Context) error {
 // sock after it, which ends the Receive in progress).
 func (l *listener) follow(sock *nl.NetlinkSocket, done <-chan struct{}, poke func()) {
 	for {
-		_, from, err := sock.Receive()
+		msgs, from, err := sock.Receive()
 		select {
 		case <-done:
 			return
@@ -456,6 +463,9 @@ func (l *listener) follow(sock *nl.NetlinkSocket, done <-chan struct{}, poke fun
 		}
 		if err == nil && from.Pid != nl.PidKernel || err != nil && malformed(err) {
 			continue
+		}
+		if err == nil {
+			l.noteLeft(msgs) // before the pass it asks for
 		}
 		poke()
 		if err != nil && !errors.Is(err, unix.ENOBUFS) {
@@ -550,6 +560,10 @@ func (l *listener) want(h *netlink.Handle) map[netip.AddrPort]link {
 }
 
 func (l *listener) resync(h *netlink.Handle) {
+	// The links gone since the last pass, taken before the interfaces
+	// are read: one that leaves after this is left for the next pass
+	// (its event asks for one), which reports it if served.
+	left := l.takeLeft()
 	want := l.want(h)
 	if l.onServe != nil {
 		// Deferred before the lock's: runs after the unlock, with the
@@ -572,7 +586,7 @@ func (l *listener) resync(h *netlink.Handle) {
 	if l.conns == nil {
 		l.conns = map[netip.AddrPort]*udpConn{}
 	}
-	l.renames(h, want)
+	l.renamesLeft(h, want, left)
 	if l.hook != nil {
 		l.hook("open", want)
 		defer l.hook("opened", want)
@@ -645,15 +659,34 @@ func (l *listener) resync(h *netlink.Handle) {
 // (firstIndex; unknown too): a device swapped between that read and
 // this pass, within the fresh bound, was judged by the old device's
 // peers (review h/revsw, TestE2EWireGuardDeviceSwapBeforeServing).
+//
+// And to onDevice every served name whose index or name left lists: an
+// interface deleted or moved out of the namespace since the last pass,
+// whatever is under the name now (h/lodrop). Without it a device moved
+// out and back (or another moved in on its index, or one deleted and
+// created again with "ip link add ... index N") between two passes was
+// reported by nothing: the pass saw the name on its index as before
+// (TestListenerLeftWithinOnePass).
 func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
+	l.renamesLeft(h, want, l.takeLeft())
+}
+
+// renamesLeft is renames with the links gone since the last pass, as
+// taken before want was read.
+func (l *listener) renamesLeft(h *netlink.Handle, want map[netip.AddrPort]link, left leftLinks) {
 	first := l.byName == nil
 	if first {
 		l.byName, l.byIndex = map[string]int{}, map[int]string{}
 	}
 	var changed, devs, deleted []string
-	if first && l.firstIndex != nil {
+	if first {
 		for _, w := range want {
-			if i, ok := l.firstIndex(w.kname); (!ok || i != w.index) && !slices.Contains(devs, w.kname) {
+			var differs bool
+			if l.firstIndex != nil {
+				i, ok := l.firstIndex(w.kname)
+				differs = !ok || i != w.index
+			}
+			if (differs || left.has(w.index, w.kname)) && !slices.Contains(devs, w.kname) {
 				devs = append(devs, w.kname)
 			}
 		}
@@ -672,6 +705,13 @@ func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 	for _, w := range want {
 		idx, had := l.byName[w.kname]
 		if had && idx == w.index {
+			if left.has(w.index, w.kname) {
+				// Gone and back within one pass (its RTM_DELLINK):
+				// as below, but no pass found it gone.
+				delete(l.away, w.kname)
+				dev(w.kname)
+				continue
+			}
 			if l.away[w.kname] {
 				// Served again on its index after a pass found it
 				// gone: moved to another namespace and back (ip
@@ -771,6 +811,77 @@ func (l *listener) renames(h *netlink.Handle, want map[netip.AddrPort]link) {
 			l.onRename(changed)
 		}
 	}
+}
+
+// leftLinks is the links the kernel told deleted or moved out of the
+// listener's namespace (RTM_DELLINK) since the last pass: by index and
+// by name, each as the kernel named it then; all, once more than maxLeft
+// were told (every served name then counts as gone and back).
+type leftLinks struct {
+	index map[int]bool
+	name  map[string]bool
+	all   bool
+}
+
+// maxLeft bounds leftLinks between two passes (links of containers coming
+// and going, say); beyond it every served name is reported, which is
+// safe: the ownership reads its devices again.
+const maxLeft = 256
+
+// has reports whether a link of index or kname left.
+func (k leftLinks) has(index int, kname string) bool {
+	return k.all || k.index[index] || k.name[kname]
+}
+
+// noteLeft records the links msgs tell deleted or moved out of the
+// namespace: RTM_DELLINK of family AF_UNSPEC (a bridge port's removal
+// is an RTM_DELLINK of AF_BRIDGE, its device staying). The kernel sends
+// one when a device is deleted and when it moves to another namespace
+// (dev_change_net_namespace), and none when it is renamed, goes down or
+// loses its addresses.
+func (l *listener) noteLeft(msgs []syscall.NetlinkMessage) {
+	for _, m := range msgs {
+		if m.Header.Type != unix.RTM_DELLINK || len(m.Data) < unix.SizeofIfInfomsg {
+			continue
+		}
+		ifi := nl.DeserializeIfInfomsg(m.Data)
+		if ifi.Family != unix.AF_UNSPEC {
+			continue
+		}
+		name := ""
+		if attrs, err := nl.ParseRouteAttr(m.Data[unix.SizeofIfInfomsg:]); err == nil {
+			for _, a := range attrs {
+				if a.Attr.Type == unix.IFLA_IFNAME {
+					name = strings.TrimRight(string(a.Value), "\x00")
+				}
+			}
+		}
+		l.leftMu.Lock()
+		k := &l.left
+		switch {
+		case k.all:
+		case len(k.index) >= maxLeft || len(k.name) >= maxLeft:
+			*k = leftLinks{all: true}
+		default:
+			if k.index == nil {
+				k.index, k.name = map[int]bool{}, map[string]bool{}
+			}
+			k.index[int(ifi.Index)] = true
+			if name != "" {
+				k.name[name] = true
+			}
+		}
+		l.leftMu.Unlock()
+	}
+}
+
+// takeLeft returns the links gone since the last call and forgets them.
+func (l *listener) takeLeft() leftLinks {
+	l.leftMu.Lock()
+	defer l.leftMu.Unlock()
+	k := l.left
+	l.left = leftLinks{}
+	return k
 }
 
 // maxGonePairs bounds the name ↔ index pairs the listener keeps of
