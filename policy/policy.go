@@ -330,6 +330,7 @@ type freshener interface {
 	Freshen() bool
 	FreshenAt(at time.Time) bool
 	Stale() bool
+	SwapPending() bool
 	Unsure() bool
 }
 
@@ -367,6 +368,15 @@ func (p *Policy) FreshenAt(at time.Time) {
 // the ownership keeps its view fresh itself (WireGuard.keepFresh). False
 // for an ownership that does not lag.
 func (p *Policy) Stale() bool { return p.fresher != nil && p.fresher.Stale() }
+
+// SwapPending reports, without waiting, whether the ownership's view
+// was read before its last device change (WireGuard.SwapPending: a
+// served WireGuard interface swapped, back from another namespace, or
+// not the one the listener first served) and so takes no request
+// arriving there as anybody's until the next read: the server then has
+// a delete wait for that read (FreshenAt) as Stale has a request that
+// opens a pinhole. False for an ownership that does not lag.
+func (p *Policy) SwapPending() bool { return p.fresher != nil && p.fresher.SwapPending() }
 
 // Requester returns the owner a request from src that arrived on the
 // interface whose kernel name is iface is taken as: Authorize's owner of

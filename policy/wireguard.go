@@ -711,6 +711,24 @@ func (w *WireGuard) Stale() bool {
 	return false
 }
 
+// SwapPending reports, without waiting, whether the view was read no
+// later than the last DevicesChanged: it lacks the changed interfaces'
+// peers (DevicesChanged dropped their tables) until a read that began
+// after the change, so a request arriving there is nobody's by it, a
+// delete included. A request that opens a pinhole waits for that read
+// (Stale, Freshen); the server has a delete (and a PEER query) wait for
+// it too when this says so (FreshenAt: the read serves every request
+// that arrived before it began), and only then: an ordinary delete
+// costs these loads and no read, and counts as no request for the
+// keeping reads (Stale's demand). Before (h/delwait), a delete sent
+// between a device change and the read was refused NOT_AUTHORIZED,
+// with a 30-minute error lifetime, though the fresh view held its
+// owner (h/flake's left).
+func (w *WireGuard) SwapPending() bool {
+	at := w.swapAt.Load()
+	return at != 0 && w.readAt.Load() <= at
+}
+
 func (w *WireGuard) freshenSince(now int64) bool {
 	for {
 		if read := w.readAt.Load(); w.serves(now, read) {

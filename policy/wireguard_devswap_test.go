@@ -45,7 +45,10 @@ func (g *gatedDevices) Device(name string) (*wgtypes.Device, error) {
 //   - a read that fails keeps wg0's requests nobody's (the last good
 //     peers are the old device's) until one ends cleanly;
 //   - a device still there asks Run for a read at once; a deleted one
-//     does not (the read that finds it gone starts its grace, as before).
+//     does not (the read that finds it gone starts its grace, as before);
+//   - SwapPending (h/delwait) is true from the change until a read that
+//     began after it (a read across it included): the server has a
+//     delete wait for that read, which finds its owner.
 func TestWireGuardDevicesChanged(t *testing.T) {
 	a := netip.MustParseAddr("2001:db8:a::5")
 	for _, tc := range []struct {
@@ -84,8 +87,8 @@ func TestWireGuardDevicesChanged(t *testing.T) {
 				}
 				return o.ID
 			}
-			if w.Stale() || judged(own) != wgID(1) {
-				t.Fatalf("before: stale %v, %s's request judged %q; want false, peer 1", w.Stale(), a, judged(own))
+			if w.Stale() || w.SwapPending() || judged(own) != wgID(1) {
+				t.Fatalf("before: stale %v, swap pending %v, %s's request judged %q; want false, false, peer 1", w.Stale(), w.SwapPending(), a, judged(own))
 			}
 
 			var ended chan error
@@ -111,6 +114,9 @@ func TestWireGuardDevicesChanged(t *testing.T) {
 			}
 			if !w.Stale() {
 				t.Errorf("after the change: Stale false, want true (a view read before it, within the bound)")
+			}
+			if !w.SwapPending() || !p.SwapPending() {
+				t.Errorf("after the change: SwapPending %v (Policy's %v), want true (the view has no wg0 peers till a read: a delete waits for it)", w.SwapPending(), p.SwapPending())
 			}
 			for _, r := range []Request{own, del} {
 				if got := judged(r); got != "" {
@@ -148,8 +154,11 @@ func TestWireGuardDevicesChanged(t *testing.T) {
 					t.Fatalf("Freshen after the change: %d reads, want 1", n)
 				}
 			}
-			if w.Stale() {
-				t.Errorf("after a read begun after the change: Stale true, want false")
+			if w.Stale() || w.SwapPending() {
+				t.Errorf("after a read begun after the change: Stale %v, SwapPending %v, want false", w.Stale(), w.SwapPending())
+			}
+			if got := judged(del); got != tc.owner {
+				t.Errorf("after a read of the new device: %s's delete judged %q, want %q", a, got, tc.owner)
 			}
 			if got := judged(own); got != tc.owner {
 				t.Errorf("after a read of the new device: %s's request judged %q, want %q", a, got, tc.owner)

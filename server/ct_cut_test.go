@@ -447,8 +447,11 @@ func TestE2EUpgradeDeleteWaitsForWalk(t *testing.T) {
 // device (policy.WireGuard.DevicesChanged: the lab's WireGuard reads the
 // device from outside the Host namespace, so FirstIndex does not know
 // it), which drops the interface's peers from the view until a re-read;
-// a request that opens a pinhole waits for that read (freshFirst), a
-// delete does not and is refused NOT_AUTHORIZED (no owner) meanwhile.
+// a request that opens a pinhole waits for that read (freshFirst), and
+// so, since h/delwait, does a delete (before, it was refused
+// NOT_AUTHORIZED, no owner, meanwhile: TestE2EDeleteAfterDeviceChange).
+// A test that wants its delete to meet the read view at once (not
+// deferred to the THIRD_PARTY queue) still waits here.
 func (l *lab) waitOwnerServed(t *testing.T, a netip.Addr) {
 	t.Helper()
 	if err := netlab.Eventually(5*time.Second, func() error {

@@ -173,12 +173,29 @@ func (s *Server) earlyIn(t *tally, dst, b []byte, src netip.AddrPort, local neti
 // keepFresh), so the readers seldom hand anything over. Others (the
 // queue, earlyTallied) wait here for the view a request arrived at
 // (zero arrived: now). Static ownership: nothing (s.fresh nil).
+//
+// A request that opens nothing (a delete, a PEER query, a NAT-PMP
+// delete or address request) needs no fresh view, but it needs one read
+// after the last device change (SwapPending: the listener reported the
+// served WireGuard device swapped, back from another namespace, or not
+// the one the ownership read at the start): till then the view has no
+// peers on that interface, and a delete judged by it found no owner and
+// was refused NOT_AUTHORIZED with a 30-minute error lifetime (RFC 6887:
+// the client backs off that long, and its mapping lives to its expiry),
+// though the read would have found the owner (h/flake's left;
+// TestE2EDeleteAfterDeviceChange). Such a request goes the opening
+// requests' way (the queue, FreshenAt), and so keeps its place behind
+// its client's queued MAP. The read serves every request that arrived
+// before it began, so a flood of deletes (from unowned sources too)
+// costs the one read the change asked for, not one each; once it is
+// read, a delete the view finds nobody's is refused as before. With no
+// change pending a delete costs two atomic loads and no read.
 func (s *Server) freshFirst(reader, opens bool, arrived time.Time) (deferred bool) {
 	switch {
 	case s.fresh == nil:
 	case reader:
-		return s.tpq.busy.Load() > 0 || opens && s.fresh.Stale()
-	case !opens:
+		return s.tpq.busy.Load() > 0 || opens && s.fresh.Stale() || !opens && s.fresh.SwapPending()
+	case !opens && !s.fresh.SwapPending():
 	case arrived.IsZero():
 		s.fresh.FreshenAt(time.Now())
 	default:

@@ -23,12 +23,17 @@ type freshPolicy interface {
 	// fresh enough for a request that arrived at at; when none could be
 	// had, Authorize refuses THIRD_PARTY targets (PeersUnread).
 	FreshenAt(at time.Time)
+	// SwapPending: the view was read before the last device change and
+	// takes no request arriving there as anybody's: a delete judged now
+	// needs a re-read first (Server.freshFirst).
+	SwapPending() bool
 }
 
 // tpQueue holds the requests that wait for a fresher WireGuard view (its
 // name is of when only THIRD_PARTY ones did: since h/fresh, any request
 // that opens or extends a pinhole and finds the view older than the
-// bound, Server.freshFirst), so that no socket reader waits for a read (review
+// bound, and since h/delwait a delete while a device change is not yet
+// read, Server.freshFirst), so that no socket reader waits for a read (review
 // h/revtp's MEDIUM left: with --wireguard-fresh 0 each such request made
 // its reader read WireGuard, 8 ms at 1000 peers, and every request behind
 // it waited; with 1s every reader waited one read a second). The readers
