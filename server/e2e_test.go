@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -52,6 +51,10 @@ type lab struct {
 	// wrapper of it).
 	firewall Firewall
 
+	// ring keeps the end of the log, Debug included, for the report of
+	// a request that got no reply (explainNoReply).
+	ring *logRing
+
 	st     *store.Store
 	srv    *Server
 	cancel context.CancelFunc
@@ -61,7 +64,8 @@ type lab struct {
 func newLab(t *testing.T, mod ...func(*Config, *policy.Config)) *lab {
 	netlab.RequireRoot(t)
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{WireGuard: true})
-	l := &lab{t: t, topo: topo, dir: t.TempDir(), log: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))}
+	ring := newLogRing(logRingLines)
+	l := &lab{t: t, topo: topo, dir: t.TempDir(), log: labLogger(t, ring), ring: ring}
 	conn, err := topo.Host.NftConn()
 	if err != nil {
 		t.Fatal(err)
@@ -190,10 +194,21 @@ func (l *lab) exchange(laddr, dst netip.AddrPort, b []byte) ([]byte, error) {
 // retransmission comes after 3 s, would still be waiting. Nothing is timed.
 const pcpTries = 60
 
-// exchangeTries is exchange sending b up to tries times.
+// exchangeTries is exchange sending b up to tries times. Its 'no reply'
+// is a *noReplyError.
 func (l *lab) exchangeTries(laddr, dst netip.AddrPort, b []byte, tries int) ([]byte, error) {
-	var c *net.UDPConn
-	err := l.topo.Client.Do(func() (err error) {
+	c, err := l.dialClient(laddr, dst)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return roundTrip(c, b, tries)
+}
+
+// dialClient is a UDP socket of the Client namespace (bound to laddr, if
+// valid) connected to dst.
+func (l *lab) dialClient(laddr, dst netip.AddrPort) (c *net.UDPConn, err error) {
+	err = l.topo.Client.Do(func() (err error) {
 		var la *net.UDPAddr
 		if laddr.IsValid() {
 			la = net.UDPAddrFromAddrPort(laddr)
@@ -201,27 +216,36 @@ func (l *lab) exchangeTries(laddr, dst netip.AddrPort, b []byte, tries int) ([]b
 		c, err = net.DialUDP("udp", la, net.UDPAddrFromAddrPort(dst))
 		return err
 	})
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
+	return c, err
+}
+
+// roundTrip sends b on c every 500 ms, up to tries times, and returns the
+// first reply that is not to another opcode (otherOpcode); none: a
+// *noReplyError.
+func roundTrip(c *net.UDPConn, b []byte, tries int) ([]byte, error) {
+	nr := &noReplyError{local: c.LocalAddr().(*net.UDPAddr).AddrPort()}
 	buf := make([]byte, 2048)
 	for range tries {
 		if _, err := c.Write(b); err != nil {
 			return nil, err
 		}
+		nr.sent++
 		c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
 		for {
 			n, err := c.Read(buf)
 			if err != nil {
+				if e := readFailure(err); e != nil {
+					nr.lastErr = e
+				}
 				break
 			}
 			if !otherOpcode(b, buf[:n]) {
 				return buf[:n], nil
 			}
+			nr.others++
 		}
 	}
-	return nil, errors.New("no reply")
+	return nil, nr
 }
 
 // otherOpcode reports whether reply is a PCP response to another opcode
@@ -244,8 +268,18 @@ func (l *lab) pcp(r *pcp.Request) pcp.Response {
 		dst = l.server4()
 	}
 	// Send from the Client IP, as a PCP client does.
-	out, err := l.exchangeTries(netip.AddrPortFrom(r.ClientAddr, 0), dst, pcp.AppendRequest(nil, r), pcpTries)
+	b := pcp.AppendRequest(nil, r)
+	c, err := l.dialClient(netip.AddrPortFrom(r.ClientAddr, 0), dst)
 	if err != nil {
+		l.t.Fatalf("PCP %v: %v", r.Opcode, err)
+	}
+	defer c.Close()
+	out, err := roundTrip(c, b, pcpTries)
+	if err != nil {
+		var nr *noReplyError
+		if errors.As(err, &nr) {
+			l.t.Log(l.explainNoReply(c, dst, b, nr))
+		}
 		l.t.Fatalf("PCP %v: %v", r.Opcode, err)
 	}
 	var resp pcp.Response

@@ -9,8 +9,6 @@ import (
 	"time"
 	"unsafe"
 
-	"go.uber.org/zap"
-	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
@@ -361,7 +359,8 @@ func TestE2EMappedSourceStaticLAN(t *testing.T) {
 func newStaticLab(t *testing.T, setup func(*netlab.Topology) (map[string][]netip.Prefix, policy.Config)) *lab {
 	netlab.RequireRoot(t)
 	topo := netlab.NewTopology(t, netlab.TopologyOptions{})
-	l := &lab{t: t, topo: topo, dir: t.TempDir(), log: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))}
+	ring := newLogRing(logRingLines)
+	l := &lab{t: t, topo: topo, dir: t.TempDir(), log: labLogger(t, ring), ring: ring}
 	conn, err := topo.Host.NftConn()
 	if err != nil {
 		t.Fatal(err)

@@ -66,14 +66,17 @@ func DefaultWGCommand() ([]string, error) {
 // StartWireGuardDevice starts a userspace WireGuard interface named ifname
 // inside ns with cmd (the interface name is appended to it) and waits for
 // its control socket, so wgctrl can configure it at once. The process is
-// stopped when ns is closed.
+// stopped when ns is closed. Its log (LOG_LEVEL=verbose: handshakes,
+// keepalives, errors; no line per data packet) is kept, the last
+// wgLogKeep bytes of it, for WireGuardLog.
 func StartWireGuardDevice(ns *NS, ifname string, cmd []string) error {
 	sock := filepath.Join(SocketDir, ifname+".sock")
-	var stderr syncBuffer
+	stderr := &syncBuffer{keep: wgLogKeep}
+	wgLogs.Store(ifname, stderr)
 	_, err := ns.Start(func(c *exec.Cmd) {
-		c.Stderr = &stderr
-		c.Stdout = &stderr
-		c.Env = append(os.Environ(), "LOG_LEVEL=error", "WG_PROCESS_FOREGROUND=1")
+		c.Stderr = stderr
+		c.Stdout = stderr
+		c.Env = append(os.Environ(), "LOG_LEVEL=verbose", "WG_PROCESS_FOREGROUND=1")
 	}, append(append([]string{}, cmd...), ifname)...)
 	if err != nil {
 		return err
@@ -98,15 +101,48 @@ func StartWireGuard(t testing.TB, ns *NS, ifname, bin string) {
 	}
 }
 
-// syncBuffer collects a child's output while the parent may read it.
+// wgLogKeep is how much of each WireGuard device's log StartWireGuardDevice
+// keeps (its end).
+const wgLogKeep = 32 << 10
+
+// wgLogs holds each started WireGuard device's log by interface name
+// (*syncBuffer).
+var wgLogs sync.Map
+
+// WireGuardLog returns the end of the log of the WireGuard device
+// StartWireGuardDevice last started as ifname in this process ("" if
+// none): what a test that lost traffic through the tunnel prints (a
+// handshake retried, a packet it could not write to its TUN device).
+func WireGuardLog(ifname string) string {
+	if b, ok := wgLogs.Load(ifname); ok {
+		return b.(*syncBuffer).String()
+	}
+	return ""
+}
+
+// syncBuffer collects a child's output while the parent may read it;
+// with keep > 0, only about its last keep bytes.
 type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
+	mu   sync.Mutex
+	b    bytes.Buffer
+	keep int
 }
 
 func (s *syncBuffer) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.keep > 0 && s.b.Len()+len(p) > 2*s.keep {
+		// Drop the oldest, keeping the last keep bytes (a copy at
+		// most every keep bytes written).
+		old := s.b.Bytes()
+		if cut := len(old) + len(p) - s.keep; cut < len(old) {
+			tail := bytes.Clone(old[cut:])
+			s.b.Reset()
+			s.b.Write(tail)
+		} else {
+			s.b.Reset()
+		}
+	}
 	return s.b.Write(p)
 }
 
