@@ -6,9 +6,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // SocketDir is where userspace WireGuard devices put their control sockets
@@ -85,7 +89,7 @@ func StartWireGuardDevice(ns *NS, ifname string, cmd []string) error {
 	for time.Now().Before(deadline) {
 		if _, err := os.Stat(sock); err == nil {
 			if _, err := ns.Run("ip", "link", "show", ifname); err == nil {
-				return nil
+				return txChecksumOff(ns, ifname)
 			}
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -150,4 +154,71 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// txChecksumOff turns off the transmit checksum offload of the WireGuard
+// device ifname in ns (ethtool -K IFNAME tx off), so that the kernel
+// completes every checksum before the device reads the packet.
+//
+// wireguard-go offers its TUN device checksum offload (TUNSETOFFLOAD
+// TUN_F_CSUM), and the kernel then hands it datagrams whose checksum is
+// left for the device to complete (CHECKSUM_PARTIAL). wireguard-go
+// completes it (tun/offload_linux.go gsoNoneChecksum) without turning a
+// computed 0 into 0xffff, which UDP requires (RFC 768; RFC 8200 §8.1): the
+// far side's kernel drops such an IPv6 datagram (Udp6InCsumErrors), one
+// in 65 536, and drops it again at every resend of the same bytes. So a
+// lab request or answer got no reply however often it was sent
+// (TestE2ENATPriorPruned in CI, h/flake2; TestWireGuardZeroChecksumUDP).
+// The kernel's own completion (skb_checksum_help) writes 0xffff. Off,
+// the device also loses TSO and UDP segmentation offload, which depend
+// on it: the tunnel's bulk TCP is segmented by the kernel, at a cost
+// the lab's few-packet exchanges do not feel.
+func txChecksumOff(ns *NS, ifname string) error {
+	return ns.Do(func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("netlab: ethtool socket: %w", err)
+		}
+		defer unix.Close(fd)
+		if err := ethtoolValueCall(fd, ifname, unix.ETHTOOL_STXCSUM, 0); err != nil {
+			return err
+		}
+		var v uint32
+		if err := ethtoolValueCall(fd, ifname, unix.ETHTOOL_GTXCSUM, 0, &v); err != nil {
+			return err
+		}
+		if v != 0 {
+			return fmt.Errorf("netlab: %s: transmit checksum offload still on after turning it off", ifname)
+		}
+		return nil
+	})
+}
+
+// ethtoolValue is the kernel's struct ethtool_value.
+type ethtoolValue struct{ cmd, data uint32 }
+
+// ifreqData is the kernel's struct ifreq (40 octets) with ifr_data set.
+type ifreqData struct {
+	name [unix.IFNAMSIZ]byte
+	data unsafe.Pointer
+	_    [24 - unsafe.Sizeof(uintptr(0))]byte
+}
+
+// ethtoolValueCall runs the SIOCETHTOOL command cmd, a struct
+// ethtool_value one, with data on ifname through the socket fd; the
+// value the kernel leaves is stored in *out, if given.
+func ethtoolValueCall(fd int, ifname string, cmd, data uint32, out ...*uint32) error {
+	v := ethtoolValue{cmd: cmd, data: data}
+	var ifr ifreqData
+	copy(ifr.name[:], ifname)
+	ifr.data = unsafe.Pointer(&v)
+	_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(&ifr)))
+	runtime.KeepAlive(&v)
+	if e != 0 {
+		return fmt.Errorf("netlab: %s: ethtool command %#x: %w", ifname, cmd, e)
+	}
+	for _, o := range out {
+		*o = v.data
+	}
+	return nil
 }
