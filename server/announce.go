@@ -53,7 +53,7 @@ func (s *Server) announce(ctx context.Context) {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	via := map[netip.Addr]int{}
+	via := map[routeFrom]int{}
 	announceRounds(ctx, s.cfg.AnnounceGap, announceSends, time.Now, sleepCtx, func() {
 		s.announceOnce(ctx, pcpT, pmpT, via)
 	})
@@ -109,7 +109,7 @@ func announceRounds(ctx context.Context, first time.Duration, n int, now func() 
 // announceOnce sends one round of unsolicited announcements from every
 // serving socket, to pcpT and pmpT (announceTargets) and the orphans
 // (orphanSocket; via is its cache, kept across rounds).
-func (s *Server) announceOnce(ctx context.Context, pcpT, pmpT map[netip.AddrPort][]netip.AddrPort, via map[netip.Addr]int) {
+func (s *Server) announceOnce(ctx context.Context, pcpT, pmpT map[netip.AddrPort][]netip.AddrPort, via map[routeFrom]int) {
 	s.mu.Lock()
 	epoch := s.epoch.at(s.now())
 	s.mu.Unlock()
@@ -203,8 +203,8 @@ func (s *Server) announceOnce(ctx context.Context, pcpT, pmpT map[netip.AddrPort
 // TestE2EOrphanAnnouncedOnItsInterface). An orphan routed through no
 // served interface is not announced: none of its servers is there. *h
 // is the round's route handle, opened on first need.
-func (s *Server) orphanSocket(h **netlink.Handle, via map[netip.Addr]int, socks []*udpConn, a netip.Addr) *udpConn {
-	index := s.routeIndex(h, via, a)
+func (s *Server) orphanSocket(h **netlink.Handle, via map[routeFrom]int, socks []*udpConn, a netip.Addr) *udpConn {
+	index := s.routeIndex(h, via, netip.Addr{}, a)
 	for _, c := range socks {
 		if index != 0 && c.index == index && c.local.Addr().Is4() == a.Is4() && !c.local.Addr().IsLinkLocalUnicast() {
 			return c
@@ -213,11 +213,17 @@ func (s *Server) orphanSocket(h **netlink.Handle, via map[netip.Addr]int, socks 
 	return nil
 }
 
-// routeIndex is the index of the interface the kernel routes a out of
+// routeIndex is the index of the interface the kernel routes to out of
 // (RouteGet in the serving namespace), 0 through none or if the look-up
-// failed; cached in via, *h the handle, opened on first need.
-func (s *Server) routeIndex(h **netlink.Handle, via map[netip.Addr]int, a netip.Addr) int {
-	index, ok := via[a]
+// failed; cached in via, *h the handle, opened on first need. from, if
+// valid, is the source the datagram will carry (a serving address): the
+// look-up is the one the kernel makes for it, rules and routes that
+// match by source included (ip rule from, IPv6 "from" routes); without
+// it, a source rule routing the client elsewhere is not seen (review
+// h/revu2).
+func (s *Server) routeIndex(h **netlink.Handle, via map[routeFrom]int, from, to netip.Addr) int {
+	k := routeFrom{from, to}
+	index, ok := via[k]
 	if ok {
 		return index
 	}
@@ -225,15 +231,23 @@ func (s *Server) routeIndex(h **netlink.Handle, via map[netip.Addr]int, a netip.
 		var err error
 		if *h, err = routeHandle(s.lis.ns); err != nil {
 			s.plog.Debug("route handle", zap.Error(err))
-			via[a] = 0
+			via[k] = 0
 			return 0
 		}
 	}
-	if rs, err := (*h).RouteGet(a.AsSlice()); err == nil && len(rs) > 0 {
+	var opts *netlink.RouteGetOptions
+	if from.IsValid() {
+		opts = &netlink.RouteGetOptions{SrcAddr: from.AsSlice()}
+	}
+	if rs, err := (*h).RouteGetWithOptions(to.AsSlice(), opts); err == nil && len(rs) > 0 {
 		index = rs[0].LinkIndex
 	} else if err != nil {
-		s.plog.Debug("no route", zap.Stringer("to", a), zap.Error(err))
+		s.plog.Debug("no route", zap.Stringer("from", from), zap.Stringer("to", to), zap.Error(err))
 	}
-	via[a] = index
+	via[k] = index
 	return index
 }
+
+// routeFrom is a route look-up's key: the source (invalid: any) and the
+// destination.
+type routeFrom struct{ from, to netip.Addr }

@@ -246,7 +246,7 @@ func (s *Server) updateRound(ctx context.Context) (time.Time, bool) {
 			h.Close()
 		}
 	}()
-	via := map[netip.Addr]int{}
+	via := map[routeFrom]int{}
 	type out struct {
 		p  *update
 		rs reply
@@ -380,19 +380,20 @@ func (s *Server) updateRound(ctx context.Context) (time.Time, bool) {
 
 // updateSocket is the socket an update from c (the lease's serving
 // address's socket, nil if none) to the client address a leaves by: c,
-// if the kernel routes a out of c's interface (routeIndex; via its cache,
-// *h its handle), else nil. c is bound to its interface: an address the
+// if the kernel routes a datagram from c's address to a out of c's
+// interface (routeIndex, with the source: a rule "from" that address
+// counts; via its cache, *h its handle), else nil. c is bound to its interface: an address the
 // admin moved to another served interface while the client stays
 // routed through the first would have the update leave on a link the
 // client is not on (IPv4 asks ARP for it there, and whoever answers
 // gets its nonce), the orphan ANNOUNCE's defect h/swap2 fixed
 // (orphanSocket). No other address's socket stands in: a client takes
 // responses only from the address it sends its requests to.
-func (s *Server) updateSocket(h **netlink.Handle, via map[netip.Addr]int, c *udpConn, a netip.Addr) *udpConn {
+func (s *Server) updateSocket(h **netlink.Handle, via map[routeFrom]int, c *udpConn, a netip.Addr) *udpConn {
 	if c == nil {
 		return nil
 	}
-	if index := s.routeIndex(h, via, a.Unmap()); index == 0 || index != c.index {
+	if index := s.routeIndex(h, via, c.local.Addr().WithZone(""), a.Unmap()); index == 0 || index != c.index {
 		return nil
 	}
 	return c
