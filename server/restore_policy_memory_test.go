@@ -4,11 +4,9 @@ import (
 	"fmt"
 	"net/netip"
 	"testing"
-	"time"
 
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
-	"github.com/pcpd/pcpd/store"
 )
 
 // TestRestartRevokeKeepsNoBuffers: Start revoked the restored leases the
@@ -30,16 +28,7 @@ import (
 func TestRestartRevokeKeepsNoBuffers(t *testing.T) {
 	const n = 20_000
 	h := newHarness(t)
-	now := h.clock.Now()
-	ls := make([]store.Lease, n)
-	for i := range ls {
-		a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0xa, 0, 0, 0, 0, 0, 0, 0, 1, byte(i >> 8), byte(i)})
-		ls[i] = store.Lease{
-			Key:          store.Key{Owner: ownerA, Protocol: 6, InternalAddr: a, InternalPort: 22},
-			ExternalAddr: a, ExternalPort: 22, ClientAddr: netip.AddrPortFrom(a, 5350), ServerAddr: local6,
-			Created: now, Expires: now.Add(time.Hour), Kind: store.KindMap, Nonce: [12]byte{byte(i)},
-		}
-	}
+	ls := ownerALeases(h.clock.Now(), n)
 	if err := h.st.Commit(ls, nil); err != nil {
 		t.Fatal(err)
 	}

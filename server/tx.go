@@ -1,6 +1,7 @@
 package server
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -551,14 +552,25 @@ func (t *tx) commit() error {
 	if len(t.undo) == 0 && len(t.qund) == 0 {
 		return nil
 	}
-	t.changes(false)
-	t.qcp = t.quarChanges(false)
+	// owing: a revocation while the store refuses writes (its last
+	// refusal not followed by a commit that succeeded: debtWarn) is owed
+	// at once, the store not tried. Its commit would carry every key owed
+	// before it (changes adds the debt) and fail again: the full sweep's
+	// chunks handed a refusing store O(n²/revokeChunk) keys, each
+	// encoded under s.mu, and logged a warning a chunk (review h/revh6,
+	// TestRevokeSweepOwesStoreOnce). housekeep's payStoreDebt, or the
+	// next request's commit, writes the debt.
+	owing := t.revoking && t.s.debtWarn.failing()
+	if !owing {
+		t.changes(false)
+		t.qcp = t.quarChanges(false)
+	}
 	// The store commit runs beside the kernel transaction; the engine
 	// waits for both below. Without kernel ops there is nothing to
 	// overlap. A retry (one request of a failed batch, alone) goes kernel
 	// first, store second: it is the likeliest to fail in the kernel
 	// again, and then it costs no store commit and no write-back.
-	overlap := len(t.ops) > 0 && !t.retry
+	overlap := len(t.ops) > 0 && !t.retry && !owing
 	if overlap {
 		go t.storeCommit()
 	}
@@ -578,6 +590,8 @@ func (t *tx) commit() error {
 	switch {
 	case overlap:
 		serr = <-t.storeErr
+	case kerr == nil && owing:
+		serr = errStoreOwing
 	case kerr == nil:
 		t.storeCommit()
 		serr = <-t.storeErr
@@ -624,11 +638,15 @@ func (t *tx) commit() error {
 		// next commit or housekeep's payStoreDebt writes them, and a
 		// restart before that restores the leases and its sweep revokes
 		// them again.
-		t.s.m.storeErrors.Inc()
 		t.owe()
 		t.s.flushConntrack(t.ended)
-		t.s.log.Warn("cannot record revoked leases; they are out of the kernel, and the store is written when it takes writes again",
-			zap.Int("leases", len(t.undo)), zapErr(serr))
+		if serr != errStoreOwing {
+			// One line per run of refusals, as the debt's retries
+			// (repeatWarn), ended by the commit that pays the debt.
+			t.s.m.storeErrors.Inc()
+			t.s.debtWarn.warn(t.s.log, t.s.steady(), "cannot record revoked leases; they are out of the kernel, and the store is written when it takes writes again",
+				serr, zap.Int("leases", len(t.undo)), zap.Int("owed", len(t.s.storeDebt)))
+		}
 		return nil
 	case serr != nil:
 		t.s.m.storeErrors.Inc()
@@ -643,6 +661,10 @@ func (t *tx) commit() error {
 	t.s.m.storeSeconds.Observe(sdur.Seconds())
 	return nil
 }
+
+// errStoreOwing stands for the store commit a revoking tx does not try
+// while the store refuses writes (tx.commit's owing).
+var errStoreOwing = errors.New("server: store refusing writes; owed")
 
 // storeCommit writes t.put and t.del and reports on t.storeErr (its
 // duration in t.storeDur, valid once the error is received).
