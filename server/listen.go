@@ -449,7 +449,7 @@ func (l *listener) run(ctx context.Context) error {
 
 // follow pokes a pass for every notification of sock, and for every
 // receive error too: an overrun (ENOBUFS) means some were lost, which the
-// pass makes good. Messages from other processes (any may send to the
+// pass makes good (a lost departure too: noteOverrun). Messages from other processes (any may send to the
 // socket's port id) are not notifications and ask nothing, as netlink's
 // subscriptions skipped them. It returns once done is closed (run closes
 // sock after it, which ends the Receive in progress).
@@ -464,8 +464,11 @@ func (l *listener) follow(sock *nl.NetlinkSocket, done <-chan struct{}, poke fun
 		if err == nil && from.Pid != nl.PidKernel || err != nil && malformed(err) {
 			continue
 		}
-		if err == nil {
+		switch {
+		case err == nil:
 			l.noteLeft(msgs) // before the pass it asks for
+		case errors.Is(err, unix.ENOBUFS):
+			l.noteOverrun()
 		}
 		poke()
 		if err != nil && !errors.Is(err, unix.ENOBUFS) {
@@ -873,6 +876,19 @@ func (l *listener) noteLeft(msgs []syscall.NetlinkMessage) {
 		}
 		l.leftMu.Unlock()
 	}
+}
+
+// noteOverrun records that the subscription lost notifications
+// (ENOBUFS): an RTM_DELLINK among them is unknown, so every served name
+// counts as gone and back at the next pass, as beyond maxLeft (the
+// ownership reads its devices again). Before (review h/revdw), a served
+// device deleted and created again on its index during a link storm
+// that overran the subscription was reported by nothing
+// (TestListenerLeftOverrun).
+func (l *listener) noteOverrun() {
+	l.leftMu.Lock()
+	l.left = leftLinks{all: true}
+	l.leftMu.Unlock()
 }
 
 // takeLeft returns the links gone since the last call and forgets them.

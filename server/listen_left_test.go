@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"go.uber.org/zap/zaptest"
@@ -45,11 +46,7 @@ func TestListenerLeftWithinOnePass(t *testing.T) {
 	srv4, srv6 := netip.MustParseAddr("10.77.0.1"), netip.MustParseAddr("2001:db8:77::1")
 	cli4, cli6 := netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("2001:db8:77::2")
 	ns.MustRun(t, "ip", "link", "add", a, "type", "veth", "peer", "name", p, "netns", cli.Name)
-	lnk, err := nh.LinkByName(a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	index := lnk.Attrs().Index
+	index := linkIndex(t, nh, a)
 	addrs := func() {
 		t.Helper()
 		ns.MustRun(t, "ip", "addr", "replace", srv4.String()+"/24", "dev", a)
@@ -72,17 +69,7 @@ func TestListenerLeftWithinOnePass(t *testing.T) {
 			}
 		}}
 	t.Cleanup(l.closeAll)
-	sock, err := nl.SubscribeAt(h, netns.None(), unix.NETLINK_ROUTE, unix.RTNLGRP_LINK, unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV6_IFADDR)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done, ended := make(chan struct{}), make(chan struct{})
-	go func() { defer close(ended); l.follow(sock, done, func() {}) }()
-	t.Cleanup(func() {
-		close(done)
-		sock.Close()
-		<-ended
-	})
+	l.followBy(t, subscribeLinks(t, h))
 	conn := func(addr netip.Addr) *udpConn {
 		l.mu.Lock()
 		defer l.mu.Unlock()
@@ -144,20 +131,7 @@ func TestListenerLeftWithinOnePass(t *testing.T) {
 		if lnk, err := nh.LinkByName(a); err != nil || lnk.Attrs().Index != index {
 			t.Fatalf("%s: %s is not back on index %d: %v %v", step.name, a, index, lnk, err)
 		}
-		// A link added and deleted after the step: once its departure is
-		// recorded, follow has read every message of the step before it
-		// (one socket, in order).
-		marker := netlab.UniqueIfName("lo1m")
-		ns.MustRun(t, "ip", "link", "add", marker, "type", "veth", "peer", "name", netlab.UniqueIfName("lo1q"))
-		ns.MustRun(t, "ip", "link", "del", marker)
-		if err := netlab.Eventually(followNever, func() error {
-			l.leftMu.Lock()
-			defer l.leftMu.Unlock()
-			if !l.left.has(0, marker) {
-				return fmt.Errorf("%s's departure not recorded", marker)
-			}
-			return nil
-		}); err != nil {
+		if err := l.followedUpTo(ns); err != nil {
 			t.Fatalf("%s: %v", step.name, err)
 		}
 		devs, gone = nil, nil
@@ -179,4 +153,57 @@ func TestListenerLeftWithinOnePass(t *testing.T) {
 			}
 		}
 	}
+}
+
+// subscribeLinks subscribes, in h's namespace, to the notifications the
+// listener follows (run's).
+func subscribeLinks(t *testing.T, h netns.NsHandle) *nl.NetlinkSocket {
+	t.Helper()
+	sock, err := nl.SubscribeAt(h, netns.None(), unix.NETLINK_ROUTE, unix.RTNLGRP_LINK, unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV6_IFADDR)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sock
+}
+
+// followBy has l follow sock (as run does, no pass poked) until t ends.
+func (l *listener) followBy(t *testing.T, sock *nl.NetlinkSocket) {
+	done, ended := make(chan struct{}), make(chan struct{})
+	go func() { defer close(ended); l.follow(sock, done, func() {}) }()
+	t.Cleanup(func() {
+		close(done)
+		sock.Close()
+		<-ended
+	})
+}
+
+// followedUpTo adds and deletes a link in ns and waits until follow has
+// recorded its departure: it has then read every message before it (one
+// socket, in order).
+func (l *listener) followedUpTo(ns *netlab.NS) error {
+	marker := netlab.UniqueIfName("lo1m")
+	if out, err := ns.Run("ip", "link", "add", marker, "type", "veth", "peer", "name", netlab.UniqueIfName("lo1q")); err != nil {
+		return fmt.Errorf("%w: %s", err, out)
+	}
+	if out, err := ns.Run("ip", "link", "del", marker); err != nil {
+		return fmt.Errorf("%w: %s", err, out)
+	}
+	return netlab.Eventually(followNever, func() error {
+		l.leftMu.Lock()
+		defer l.leftMu.Unlock()
+		if !l.left.has(0, marker) {
+			return fmt.Errorf("%s's departure not recorded", marker)
+		}
+		return nil
+	})
+}
+
+// linkIndex is the index of the link named name in h's namespace.
+func linkIndex(t *testing.T, h *netlink.Handle, name string) int {
+	t.Helper()
+	lnk, err := h.LinkByName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lnk.Attrs().Index
 }
