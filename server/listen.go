@@ -1014,10 +1014,22 @@ func (l *listener) probeBindToIndex() error {
 		case errors.Is(err, unix.ENOPROTOOPT):
 			return fmt.Errorf("server: this kernel has no SO_BINDTOIFINDEX (Linux 5.1), which binds the serving sockets to their interface; pcpd needs Linux 5.6 or later (README.md, Requirements): %w", err)
 		case errors.Is(err, unix.EPERM):
-			return fmt.Errorf("server: binding a socket to an interface (SO_BINDTOIFINDEX) needs CAP_NET_RAW before Linux 5.7: give pcpd CAP_NET_RAW (AmbientCapabilities, CapabilityBoundingSet) or run Linux 5.7 or later (README.md, Requirements): %w", err)
+			// The kernel's release is named: on 5.7 or later the
+			// refusal is not the capability's (seccomp, an LSM), and
+			// the advice below would mislead (review h/revdw).
+			return fmt.Errorf("server: binding a socket to an interface (SO_BINDTOIFINDEX) was refused on kernel %s; before Linux 5.7 it needs CAP_NET_RAW: give pcpd CAP_NET_RAW (AmbientCapabilities, CapabilityBoundingSet) or run Linux 5.7 or later; on a later kernel a seccomp filter or security module refused it (README.md, Requirements): %w", kernelRelease(), err)
 		}
 		return nil
 	})
+}
+
+// kernelRelease is the running kernel's release (uname -r), or "unknown".
+func kernelRelease() string {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return "unknown"
+	}
+	return unix.ByteSliceToString(u.Release[:])
 }
 
 // loopbackIndex is the loopback interface's index, the same in every
