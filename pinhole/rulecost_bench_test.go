@@ -85,6 +85,13 @@ func BenchmarkControlRuleCost(b *testing.B) {
 		{"meter add, not update", true, `flush chain inet pcpd control_meter; ` + meter("add") + `add rule inet pcpd control_meter notrack; add rule inet pcpd control_meter accept`},
 		{"no vmap", true, `flush chain inet pcpd control_local; ` + served + `add rule inet pcpd control_local goto OWNER`},
 		{"notrack only", true, `flush chain inet pcpd control_local; add rule inet pcpd control_local notrack; add rule inet pcpd control_local accept`},
+		// local_out (BENCHMARKS.md item 91), which the echo's answer
+		// passes: without its rules; and written again by nft in either
+		// order of the destination rules' ct state and set lookup (main's
+		// before item 91: the lookup first; layout()'s: ct state first).
+		{"no local_out rules", true, `flush chain inet pcpd local_out`},
+		{"local_out lookup first", true, localOutScript(false)},
+		{"local_out ct state first", true, localOutScript(true)},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			topo := netlab.NewTopology(b, netlab.TopologyOptions{})
@@ -106,4 +113,21 @@ func BenchmarkControlRuleCost(b *testing.B) {
 			measureControlEcho(b, topo)
 		})
 	}
+}
+
+// localOutScript writes local_out's four rules again by nft, the
+// destination rules' ct state before or after their set lookup.
+func localOutScript(ctFirst bool) string {
+	const tail = ` meta skuid >= 0 fib saddr type != local - anycast counter drop; `
+	dst := func(fam, set string) string {
+		if ctFirst {
+			return `ct state new ` + fam + ` daddr @` + set
+		}
+		return fam + ` daddr @` + set + ` ct state new`
+	}
+	return `flush chain inet pcpd local_out; ` +
+		`add rule inet pcpd local_out ip6 saddr @protected6` + tail +
+		`add rule inet pcpd local_out ip saddr @protected4` + tail +
+		`add rule inet pcpd local_out meta nfproto ipv6 ` + dst("ip6", "protected6") + tail +
+		`add rule inet pcpd local_out meta nfproto ipv4 ` + dst("ip", "protected4") + tail
 }

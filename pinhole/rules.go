@@ -445,9 +445,20 @@ func (b *Backend) layout() []chainRules {
 	// already there (a transparent proxy answering a client as the server
 	// it asked) it passes:
 	//
-	//	ip6 daddr @protected6 ct state new meta skuid >= 0 fib saddr type != local-anycast counter drop
+	//	ct state new ip6 daddr @protected6 meta skuid >= 0 fib saddr type != local-anycast counter drop
+	//
+	// Every packet the host sends passes this chain, so each rule tests
+	// its cheapest field first: nfproto, then ct state (a load from the
+	// packet's conntrack entry), the set lookup after it (an interval
+	// set's tree walk), fib last (a route lookup). pcpd's own answers
+	// (untracked, notrack_out) and the host's established flows leave
+	// the destination rules at the ct state compare instead of after a
+	// lookup in protected6/protected4: ≈ 115 ns a datagram less, while
+	// a new flow's pays one ct compare more, within the spread
+	// (BENCHMARKS.md item 91). The expressions only match, so their
+	// order changes no verdict.
 	forged := func(fam byte, addr []expr.Any, s *nftables.Set, cond ...[]expr.Any) []expr.Any {
-		return rule(nfproto(fam), addr, x(lookup(s, reg0)), rule(cond...), x(
+		return rule(nfproto(fam), rule(cond...), addr, x(lookup(s, reg0)), x(
 			loadMeta(expr.MetaKeySKUID, reg0),
 			&expr.Cmp{Op: expr.CmpOpGte, Register: reg0, Data: make([]byte, 4)},
 			&expr.Fib{Register: reg0, FlagSADDR: true, ResultADDRTYPE: true},
