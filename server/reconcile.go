@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/pcpd/pcpd/pinhole"
+	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/store"
 )
 
@@ -156,6 +157,16 @@ type restoring struct {
 	logs    []refusedLog
 	ends    []ctFilter
 	freed   []freedPort
+	// Stored leases whose address the ownership does not give their
+	// owner now (restore_policy.go, owned): how many, and the last
+	// address looked up with its answer (a client's leases sit
+	// together, as table.unowned's walk counts on).
+	unowned int
+	ulogs   int
+	own     policy.Ownership
+	last    netip.Addr
+	lastOwn policy.Owner
+	lastOK  bool
 	// qtouched are the endpoints whose quarantine restore set or ended:
 	// written to the store with the drops (quarChange).
 	qtouched []endpoint
@@ -174,7 +185,7 @@ type restoring struct {
 }
 
 func (s *Server) restoring(now time.Time) *restoring {
-	return &restoring{s: s, now: now}
+	return &restoring{s: s, now: now, own: s.pol.Ownership()}
 }
 
 // dropChunk is how many keys one chunk of restoring.drop holds, and so
@@ -269,8 +280,9 @@ func expiredOrMoved(l *store.Lease, now time.Time, ext4 netip.Addr) bool {
 }
 
 // add admits one stored lease: expired ones, IPv4 ones whose external
-// address is no longer ours and ones the rules refuse now
-// (restore_policy.go) are dropped, the rest clamped and put in the
+// address is no longer ours, ones the rules refuse now and ones whose
+// address the ownership no longer gives their owner (restore_policy.go)
+// are dropped, the rest clamped and put in the
 // table. l may be reused by the caller afterwards (a streaming store
 // decoding into one Lease): the table copies the lease and gets its own
 // FILTER slice (strings are immutable).
@@ -298,6 +310,10 @@ func (r *restoring) add(l *store.Lease) {
 	default:
 		if why := r.s.restoreRefusal(l); why != "" {
 			r.refuse(l, why)
+			return
+		}
+		if !r.owned(l) {
+			r.refuse(l, whyUnowned)
 			return
 		}
 		if r.s.clampRestored(l, r.now) {

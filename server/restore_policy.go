@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/pcpd/pcpd/pcp"
 	"github.com/pcpd/pcpd/pinhole"
 	"github.com/pcpd/pcpd/policy"
 	"github.com/pcpd/pcpd/store"
@@ -22,9 +23,8 @@ import (
 // pinhole until it expired: up to the max lifetime of what the operator
 // had just closed. Start revokes them instead
 // (TestRestartDropsLeasesPolicyRefuses, TestRestartDropsLeasesOfDisabledOpcode),
-// as the ownership sweep revokes leases no longer owned (LIFE-05);
-// ownership itself (NoOwner, and an owner other than the lease's) is left
-// to that sweep, which runs when serving starts. A lease whose external
+// as the ownership sweep revokes leases no longer owned (LIFE-05). A
+// lease whose external
 // IPv4 port the server's configuration now reserves (configForbids) is
 // revoked in the same pass, although before this its renewals were
 // granted and kept the port.
@@ -43,6 +43,37 @@ import (
 // (TestRestoreRefusedFlushAfterDelete). Beyond maxUndeleted failed
 // pinholes, the rest are left to the first audit (above auditMaxLeases
 // leases, to their kernel timeouts) and their connections flushed at once.
+
+//
+// Ownership too (owned): a lease whose address the ownership (WireGuard
+// peers as read at start, the static clients) does not give its owner
+// now is revoked here, as the ownership sweep revokes it (its log line,
+// pcpd_revocations_total{cause="ownership"}, the UPD-03 update queued,
+// sent once serving), not installed first. Before (h/hunt6, issue 9), a
+// device swapped while pcpd was down (old peer removed, its AllowedIPs
+// given to a new one) and the table gone (a reboot): the start put the
+// old peer's pinholes and DNATs into the new owner's address back into
+// the kernel, and only the sweep, once serving, deleted them, 13-49 ms
+// later (TestRestartUnownedWindow). The ownership is the sweep's
+// (Policy.Ownership's Lookup): a gone interface's peers held for
+// --wireguard-gone-grace still own their AllowedIPs, and keep their
+// leases, as at the sweep. A failed WireGuard read at start fails
+// NewWireGuard and pcpd's start (nothing restored); one failing later
+// keeps the last good peers, which both this and the sweep go by.
+
+// whyUnowned is refuse's reason for a lease its owner no longer owns.
+const whyUnowned = "unowned"
+
+// owned reports whether the ownership gives l's address to l's owner, as
+// the sweep asks (table.unowned): one Lookup per run of leases on one
+// address.
+func (r *restoring) owned(l *store.Lease) bool {
+	if !r.last.IsValid() || r.last != l.InternalAddr {
+		r.last = l.InternalAddr
+		r.lastOwn, r.lastOK = r.own.Lookup(l.InternalAddr)
+	}
+	return r.lastOK && string(r.lastOwn.ID) == l.Owner
+}
 
 // refusedNow is what the current rules answer a renewal of l (Allowed if
 // they grant it; ownership is sweepOwnership's). Policy.Rules, not
@@ -116,18 +147,31 @@ type freedPort struct {
 	q quarantine
 }
 
-// refuse takes out the stored lease l, which the rules refuse now (why):
-// out of the store and the kernel as a moved lease (finish), its
-// connections flushed and its IPv4 port quarantined (MAP-22) as a
-// revocation's (tx.set), counted and logged by revoked.
+// refuse takes out the stored lease l, which the rules refuse now (why),
+// or whose address its owner no longer owns (whyUnowned): out of the
+// store and the kernel as a moved lease (finish), its connections
+// flushed and its IPv4 port quarantined (MAP-22) as a revocation's
+// (tx.set), counted and logged by revoked. An unowned one's client is
+// told as the sweep tells it (UPD-03, queueUpdates: sent once serving).
 func (r *restoring) refuse(l *store.Lease, why string) {
 	r.drop.add(l.Key)
 	r.gone = appendPinholes(r.gone, l)
-	r.refused++
-	if len(r.logs) < maxRefusedLogs {
+	logged := len(r.logs) - r.ulogs
+	if why == whyUnowned {
+		r.unowned++
+		logged = r.ulogs
+		one := [1]store.Lease{*l}
+		r.s.queueUpdates(one[:], pcp.NotAuthorized)
+	} else {
+		r.refused++
+	}
+	if logged < maxRefusedLogs {
 		g := refusedLog{*l, why}
 		g.l.Filters = slices.Clone(l.Filters) // l may be reused
 		r.logs = append(r.logs, g)
+		if why == whyUnowned {
+			r.ulogs++
+		}
 	}
 	if !r.s.cfg.KeepConnections {
 		r.ends = appendCtFilters(r.ends, l)
@@ -177,10 +221,12 @@ func (r *restoring) quarChange() *store.QuarChange {
 // revoked finishes the refused leases once reconcile has deleted their
 // pinholes: their connections flushed (those whose pinhole deletion
 // failed once retryUndeleted deletes it), the count in
-// pcpd_revocations_total{cause="policy"}, and the log. Their IPv4 ports
-// were quarantined before (quarantineRefused).
+// pcpd_revocations_total{cause="policy"} (the unowned ones':
+// cause="ownership"), and the log (the unowned ones' line the sweep's,
+// logUnowned's). Their IPv4 ports were quarantined before
+// (quarantineRefused).
 func (r *restoring) revoked() {
-	if r.refused == 0 {
+	if r.refused == 0 && r.unowned == 0 {
 		return
 	}
 	s := r.s
@@ -190,9 +236,18 @@ func (r *restoring) revoked() {
 		s.ct.add(ends)
 	}
 	r.ends = nil
-	s.m.revocations.WithLabelValues("policy").Add(float64(r.refused))
+	if r.refused > 0 {
+		s.m.revocations.WithLabelValues("policy").Add(float64(r.refused))
+	}
+	if r.unowned > 0 {
+		s.m.revocations.WithLabelValues("ownership").Add(float64(r.unowned))
+	}
 	for _, g := range r.logs {
 		l := &g.l
+		if g.reason == whyUnowned {
+			s.logRevokedUnowned(l)
+			continue
+		}
 		s.log.Info("revoked at start: the rules refuse this lease now",
 			zap.String("peer", l.Owner), zap.Stringer("address", l.InternalAddr),
 			zap.Uint16("port", l.InternalPort), zap.String("protocol", protoName(l.Protocol)),
@@ -200,7 +255,12 @@ func (r *restoring) revoked() {
 			zap.String("reason", g.reason))
 	}
 	r.logs = nil
-	s.log.Warn("restored leases the rules refuse now were revoked", zap.Int("count", r.refused))
+	if r.refused > 0 {
+		s.log.Warn("restored leases the rules refuse now were revoked", zap.Int("count", r.refused))
+	}
+	if r.unowned > 0 {
+		s.log.Warn("restored leases whose addresses their clients no longer own were revoked", zap.Int("count", r.unowned))
+	}
 }
 
 // comparePinholes orders pinholes by internal tuple first (reconcile reads

@@ -431,10 +431,11 @@ func (s *Server) Serve(ctx context.Context) error {
 	if !started {
 		return fmt.Errorf("server: Serve before Start: %w", ErrInvalidConfig)
 	}
-	// Leases restored from disk may belong to peers removed while pcpd
-	// was down (LIFE-05): a full sweep, its steps run by the loop below
-	// between requests (sweepMore). Its first step here, before serving,
-	// guards the owned prefixes (updateProtected).
+	// Leases restored from disk whose peers were removed while pcpd was
+	// down were revoked by the start (restoring.owned); the ownership may
+	// have changed since (LIFE-05): a full sweep, its steps run by the
+	// loop below between requests (sweepMore). Its first step here,
+	// before serving, guards the owned prefixes (updateProtected).
 	sweeping := s.beginSweep()
 	// The record's conntrack read owed since the start's Setup and
 	// SetProtected (beginSweep), done before the first request: lazily,
@@ -924,11 +925,17 @@ func (s *Server) logUnowned(gone []store.Lease, never []bool) {
 			continue
 		}
 		s.m.revocations.WithLabelValues("ownership").Inc()
-		s.log.Info("revoked: address no longer owned by the client",
-			zap.String("peer", l.Owner), zap.Stringer("address", l.InternalAddr),
-			zap.Uint16("port", l.InternalPort), zap.String("protocol", protoName(l.Protocol)),
-			zap.Stringer("external", netip.AddrPortFrom(l.ExternalAddr, l.ExternalPort)))
+		s.logRevokedUnowned(l)
 	}
+}
+
+// logRevokedUnowned is the log line of a lease revoked as no longer
+// owned (the sweep's, and the start's: restoring.revoked).
+func (s *Server) logRevokedUnowned(l *store.Lease) {
+	s.log.Info("revoked: address no longer owned by the client",
+		zap.String("peer", l.Owner), zap.Stringer("address", l.InternalAddr),
+		zap.Uint16("port", l.InternalPort), zap.String("protocol", protoName(l.Protocol)),
+		zap.Stringer("external", netip.AddrPortFrom(l.ExternalAddr, l.ExternalPort)))
 }
 
 // updateProtected tells the firewall which prefixes to guard: every owned

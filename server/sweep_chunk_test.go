@@ -18,8 +18,8 @@ import (
 	"github.com/pcpd/pcpd/store"
 )
 
-// sweepLeases are unowned leases of static:gone (its addresses now in
-// static:a's prefix) and owned ones of static:a, stored in st.
+// sweepLeases are leases of static:gone (its addresses in static:a's
+// prefix once it is lost: sweepServeWith) and of static:a, stored in st.
 func sweepLeases(t *testing.T, st *servertest.Store, unowned, owned int) {
 	t.Helper()
 	now := time.Now()
@@ -43,7 +43,8 @@ func sweepLeases(t *testing.T, st *servertest.Store, unowned, owned int) {
 }
 
 // sweepServe serves, in a namespace of its own on its loopback, a
-// server restored from unowned+owned leases (sweepLeases) on a fake
+// server restored from unowned+owned leases (sweepLeases, the unowned
+// ones lost after the start) on a fake
 // firewall whose every transaction first calls hook, and returns a
 // client socket from addrA, the firewall, the store and Serve's stop.
 func sweepServe(t *testing.T, name string, unowned, owned int, hook func(s *Server, ops []pinhole.Op)) (*net.UDPConn, *Server, *servertest.Firewall, *servertest.Store, context.CancelFunc, chan error) {
@@ -55,7 +56,13 @@ func sweepServe(t *testing.T, name string, unowned, owned int, hook func(s *Serv
 // none) between New and Start.
 func sweepServeWith(t *testing.T, name string, unowned, owned int, hook func(s *Server, ops []pinhole.Op), tweak func(*Server)) (*net.UDPConn, *Server, *servertest.Firewall, *servertest.Store, context.CancelFunc, chan error) {
 	t.Helper()
-	ns, nh, own := loopbackNS(t, name)
+	ns, nh, after := loopbackNS(t, name)
+	// static:gone owns its leases' addresses when they are restored, and
+	// loses them to static:a before Serve's sweep.
+	own := &lossOwnership{after: after, before: &mutableOwnership{owners: map[policy.OwnerID][]netip.Prefix{
+		"static:a":    {netip.MustParsePrefix("2001:db8:a::/48")},
+		"static:gone": {netip.MustParsePrefix("2001:db8:a:0:1::/80")},
+	}}}
 	pol, err := policy.New(policy.Config{MaxLeasesPerClient: 1 << 20, MaxLeases: 1 << 21}, own)
 	if err != nil {
 		t.Fatal(err)
@@ -76,6 +83,7 @@ func sweepServeWith(t *testing.T, name string, unowned, owned int, hook func(s *
 	if got := len(fw.Holes()); got != unowned+owned {
 		t.Fatalf("restored: %d pinholes, want %d", got, unowned+owned)
 	}
+	own.lost.Store(true)
 	fw.FailApply = func(ops []pinhole.Op) error { hook(s, ops); return nil }
 	c := dialLoopback(t, ns)
 	ctx, cancel := context.WithCancel(context.Background())

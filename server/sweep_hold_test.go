@@ -19,7 +19,9 @@ import (
 // sweepReal is a server started on a real store in dir and a real kernel
 // (a namespace of its own) from n stored leases no longer owned
 // (static:bench's, startLeases; their prefix now static:other's) and
-// owned more that are static:other's.
+// owned more that are static:other's. The first n are static:bench's
+// while the start restores them, lost once it is done (a start revokes
+// what is unowned already: restoring.owned).
 func sweepReal(t *testing.T, name, dir string, n, owned int) (*Server, *pinhole.Backend, *store.Store) {
 	t.Helper()
 	ls := startLeases(n+owned, time.Now())
@@ -34,10 +36,17 @@ func sweepReal(t *testing.T, name, dir string, n, owned int) (*Server, *pinhole.
 	}
 	t.Cleanup(func() { st.Close() })
 	fw := lastingFirewall(t, name)
-	own, err := policy.NewStatic(map[string][]netip.Prefix{"other": {netip.MustParsePrefix("2001:db8::/32")}})
+	after, err := policy.NewStatic(map[string][]netip.Prefix{"other": {netip.MustParsePrefix("2001:db8::/32")}})
 	if err != nil {
 		t.Fatal(err)
 	}
+	own := &lossOwnership{after: after, before: ownershipFunc(func(a netip.Addr) (policy.Owner, bool) {
+		b := a.As16()
+		if i := int(b[12])<<24 | int(b[13])<<16 | int(b[14])<<8 | int(b[15]); i < n {
+			return policy.Owner{ID: "static:bench"}, true
+		}
+		return after.Lookup(a)
+	})}
 	pol, err := policy.New(policy.Config{MaxLeasesPerClient: 1 << 21, MaxLeases: 1 << 21}, own)
 	if err != nil {
 		t.Fatal(err)
@@ -51,6 +60,7 @@ func sweepReal(t *testing.T, name, dir string, n, owned int) (*Server, *pinhole.
 		t.Fatal(err)
 	}
 	t.Logf("start (restore of %d leases): %v", len(s.Leases()), time.Since(t1))
+	own.lost.Store(true)
 	return s, fw, st
 }
 
