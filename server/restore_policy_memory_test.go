@@ -96,8 +96,11 @@ func TestRestartRevokeKeepsNoBuffers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.own = own
+	// Lost once started (a start revokes what is unowned already).
+	lo := &lossOwnership{before: h.own, after: own}
+	h.own = lo
 	h.start()
+	lo.lost.Store(true)
 	h.s.sweepOwnership()
 	if got := h.s.tab.len(); got != 0 {
 		t.Fatalf("%d leases left after the ownership sweep, want 0", got)
