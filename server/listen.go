@@ -69,6 +69,17 @@ type udpConn struct {
 	local netip.AddrPort
 	pc    *net.UDPConn
 	rc    syscall.RawConn // pc's, for recvmmsg and sendmmsg
+	// full, if set, counts datagrams dropped because the socket's send
+	// buffer was full (see sendmmsg).
+	full func(n int)
+}
+
+// dropFull counts n datagrams the full send buffer refused.
+func (c *udpConn) dropFull(n int) error {
+	if c.full != nil {
+		c.full(n)
+	}
+	return fmt.Errorf("server: send buffer of %s full: %d datagrams dropped", c.local, n)
 }
 
 // reply is one datagram to send.
@@ -116,8 +127,31 @@ func (c *udpConn) send(b []byte, to netip.AddrPort) error {
 		// as sendmmsg's c.index does, with no cache in between.
 		to = netip.AddrPortFrom(to.Addr().WithZone(""), to.Port())
 	}
-	_, err := c.pc.WriteToUDPAddrPort(b, to)
-	return err
+	// Never waits for a full send buffer (see sendmmsg): the datagram
+	// is dropped instead, as WriteToUDPAddrPort would not.
+	var sa unix.Sockaddr
+	if a := to.Addr(); c.local.Addr().Is4() {
+		if !a.Is4() {
+			return fmt.Errorf("server: send to %s from %s: not an IPv4 address", to, c.local)
+		}
+		sa = &unix.SockaddrInet4{Port: int(to.Port()), Addr: a.As4()}
+	} else {
+		sa = &unix.SockaddrInet6{Port: int(to.Port()), Addr: a.As16()}
+	}
+	var serr error
+	if err := c.rc.Write(func(fd uintptr) bool {
+		serr = unix.Sendto(int(fd), b, unix.MSG_DONTWAIT, sa)
+		return serr != unix.EINTR
+	}); err != nil {
+		return err // the socket is closed
+	}
+	if serr == unix.EAGAIN {
+		return c.dropFull(1)
+	}
+	if serr != nil {
+		return fmt.Errorf("server: send to %s from %s: %w", to, c.local, serr)
+	}
+	return nil
 }
 
 // mmsg is the arrays one recvmmsg or sendmmsg call hands the kernel,
@@ -169,7 +203,7 @@ func newMmsg(n int) *mmsg {
 // and pcpd's CPU per request fell (BENCHMARKS.md item 25).
 func (m *mmsg) call(trap, fd uintptr) bool {
 	r, _, e := unix.RawSyscall6(trap, fd, uintptr(unsafe.Pointer(&m.hdrs[m.off])), uintptr(m.cnt), unix.MSG_DONTWAIT, 0, 0)
-	if e == unix.EAGAIN || e == unix.EINTR {
+	if e == unix.EINTR || e == unix.EAGAIN && trap == unix.SYS_RECVMMSG {
 		return false
 	}
 	m.r, m.errno = int(r), e
@@ -216,12 +250,23 @@ func (m *mmsg) release(n int) {
 
 // sendmmsg sends entries [0, n) of m. A datagram the kernel refuses is
 // skipped (its error returned if it is the first) and the rest still go.
+//
+// It never waits for the socket: a full send buffer (EAGAIN) drops the
+// datagram that met it and every one after it, counted (c.full). Waiting
+// parked the caller, and the engine sends every client's replies:
+// datagrams to IPv4 LAN addresses that never answer ARP stay charged to
+// the socket in the neighbour queue, and 256 of them kept its buffer
+// full for 3 s (review h/revu2, TestE2EFullSendBufferDrops). UDP: the
+// client retransmits; an update or ANNOUNCE is lost as on the wire.
 func (c *udpConn) sendmmsg(m *mmsg, n int) error {
 	var first error
 	for m.off = 0; m.off < n; {
 		m.cnt = n - m.off
 		if err := c.rc.Write(m.sendF); err != nil {
 			return err // the socket is closed
+		}
+		if m.errno == unix.EAGAIN {
+			return c.dropFull(n - m.off)
 		}
 		if m.errno != 0 {
 			if first == nil {
@@ -281,6 +326,9 @@ type listener struct {
 	// judged once a fresh enough WireGuard view is read, without the
 	// reader waiting (Server.deferThirdParty); p.b is the reader's copy.
 	thirdParty func(p packet)
+	// onFull, if set, counts datagrams a socket's full send buffer
+	// refused (udpConn.full).
+	onFull func(n int)
 	// es is the readers' state for Server.early.
 	es earlyState
 	// onServe, if set, gets the serving addresses (and each socket's
@@ -618,7 +666,7 @@ func (l *listener) resync(h *netlink.Handle) {
 			l.log.Warn("cannot serve address", zap.String("interface", w.name), zap.Stringer("address", ap), zap.Error(err))
 			continue
 		}
-		c := &udpConn{iface: w.name, kname: w.kname, index: w.index, local: ap, pc: pc, rc: rc}
+		c := &udpConn{iface: w.name, kname: w.kname, index: w.index, local: ap, pc: pc, rc: rc, full: l.onFull}
 		l.conns[ap] = c
 		// One reader per core: the readers answer malformed and refused
 		// requests themselves (Server.early), and one goroutine reading,

@@ -52,7 +52,7 @@ func newMetrics(leases func() float64) *metrics {
 	return &metrics{
 		meterErrors:    counter("pcpd_owner_meter_errors_total", "Failed writes of the kernel's owner meter (its chains and maps); retried at the next ownership pass or firewall check."),
 		requests:       counterVec("pcpd_requests_total", "Requests answered, by protocol (pcp, natpmp), opcode and result.", "protocol", "opcode", "result"),
-		dropped:        counterVec("pcpd_requests_dropped_total", "Requests dropped without an answer, by reason.", "reason"),
+		dropped:        counterVec("pcpd_requests_dropped_total", "Requests dropped without an answer, by reason (send-buffer-full: answered, but the socket's send buffer was full; unsolicited ANNOUNCEs and updates count there too).", "reason"),
 		batchSize:      histogram("pcpd_batch_requests", "Requests handled together in one kernel transaction and one fsync.", []float64{1, 2, 4, 8, 16, 32, 64, 128, 256}),
 		latency:        histogram("pcpd_request_seconds", "Time from a request's arrival to its reply being sent.", prometheus.ExponentialBuckets(0.0001, 2, 16)),
 		kernelSeconds:  histogram("pcpd_kernel_apply_seconds", "Latency of one nftables transaction.", prometheus.ExponentialBuckets(0.0001, 2, 14)),

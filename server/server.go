@@ -335,6 +335,7 @@ func New(cfg Config, deps Deps, log *zap.Logger) (*Server, error) {
 		// The readers' counter cache: WithLabelValues hashed the label
 		// and took a lock per dropped packet, i.e. per packet of a flood.
 		onDrop: func(reason string) { s.lis.es.counter(s.m, counterKey{res: reason}).Inc() },
+		onFull: func(n int) { s.lis.es.counter(s.m, counterKey{res: "send-buffer-full"}).Add(float64(n)) },
 		admit:  s.admit,
 		clock:  s.steady,
 		early:  s.earlyRead,
